@@ -1,0 +1,1 @@
+"""HTTP layer: parse, call the engine, encode. Nothing here touches torch optimizers."""

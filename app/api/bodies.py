@@ -1,0 +1,177 @@
+"""Request bodies in (JSON or safetensors, size-limited) and responses out (per ``Accept``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio.to_thread
+import orjson
+import torch
+from fastapi import Request
+from starlette.responses import Response
+
+from app.errors import BadRequest, Invalid, NotAcceptable, PayloadTooLarge, UnsupportedMedia
+from app.wire.json_tensor import decode_json_tensor, encode_json_tensor
+from app.wire.safetensors_body import read_safetensors, write_safetensors
+
+JSON = "application/json"
+BINARY = "application/octet-stream"
+OFFLOAD_BYTES = 256 * 1024  # bodies larger than this are decoded/encoded off the event loop
+T = TypeVar("T")
+
+
+async def offload(fn: Callable[[], T], size: int) -> T:
+    if size > OFFLOAD_BYTES:
+        return await anyio.to_thread.run_sync(fn)
+    return fn()
+
+
+async def read_body(request: Request, max_bytes: int) -> bytearray:
+    """The whole body in a fresh writable buffer; 413 as soon as it passes ``max_bytes``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise BadRequest("Content-Length is not a number") from None
+        if size > max_bytes:
+            raise PayloadTooLarge(f"body of {size} bytes exceeds the limit of {max_bytes}",
+                                  limit=max_bytes)
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > max_bytes:
+            raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes", limit=max_bytes)
+    return buf
+
+
+def body_kind(request: Request) -> str:
+    ctype = request.headers.get("content-type", JSON).split(";")[0].strip().lower()
+    if ctype in (JSON, "application/problem+json", "text/json") or ctype.endswith("+json"):
+        return "json"
+    if ctype in (BINARY, "application/safetensors", "application/x-safetensors"):
+        return "binary"
+    raise UnsupportedMedia(f"Content-Type {ctype!r:.60} is not supported; send {JSON} or "
+                           f"{BINARY} (safetensors)", field="content-type")
+
+
+def wants_binary(request: Request) -> bool:
+    """True for safetensors, False for JSON; 406 when neither is acceptable."""
+    accept = request.headers.get("accept")
+    if not accept:
+        return False
+    types = []
+    for part in accept.split(","):
+        pieces = [p.strip() for p in part.split(";")]
+        q = 1.0
+        for p in pieces[1:]:
+            if p.startswith("q="):
+                try:
+                    q = float(p[2:])
+                except ValueError:
+                    q = 0.0
+        if q > 0:
+            types.append((q, pieces[0].lower()))
+    types.sort(key=lambda x: -x[0])
+    for _, t in types:
+        if t in (BINARY, "application/safetensors"):
+            return True
+        if t in (JSON, "application/*", "*/*", "application/problem+json"):
+            return False
+    raise NotAcceptable(f"cannot answer with {accept!r:.80}; this endpoint speaks {JSON} and "
+                        f"{BINARY}", field="accept")
+
+
+def parse_json(buf: bytes | bytearray, field: str = "body") -> Any:
+    if not buf:
+        raise BadRequest("the request body is empty; expected a JSON object", field=field,
+                         code="invalid_json")
+    try:
+        return orjson.loads(buf)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}", code="invalid_json",
+                         field=field) from None
+
+
+def json_object(buf: bytes | bytearray) -> dict[str, Any]:
+    obj = parse_json(buf)
+    if not isinstance(obj, dict):
+        raise BadRequest("the body must be a JSON object", code="invalid_json", field="body")
+    return obj
+
+
+def tensor_map(obj: object, field: str) -> dict[str, torch.Tensor]:
+    """``{name: JSON tensor}`` to ``{name: tensor}``."""
+    if not isinstance(obj, dict):
+        raise Invalid(f"{field} must be an object mapping parameter names to tensors",
+                      code="invalid_body", field=field)
+    return {name: decode_json_tensor(t, f"{field}.{name}") for name, t in obj.items()}
+
+
+def only_keys(obj: dict[str, Any], allowed: set[str], where: str = "") -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        path = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise Invalid(f"unknown field {unknown[0]!r:.60}; expected {sorted(allowed)}",
+                      code="unknown_field", field=path)
+
+
+async def read_tensors(request: Request, max_bytes: int, key: str) -> dict[str, torch.Tensor]:
+    """A body of named tensors: ``{key: {name: tensor}}`` as JSON, or a safetensors file."""
+    buf = await read_body(request, max_bytes)
+    if body_kind(request) == "binary":
+        def decode_binary() -> dict[str, torch.Tensor]:
+            tensors, _ = read_safetensors(buf)
+            return tensors
+        return await offload(decode_binary, len(buf))
+
+    def decode_json() -> dict[str, torch.Tensor]:
+        obj = json_object(buf)
+        only_keys(obj, {key})
+        return tensor_map(obj.get(key, {}), key)
+    return await offload(decode_json, len(buf))
+
+
+def version_headers(version: int, step: int) -> dict[str, str]:
+    return {"ETag": f'"{version}"', "X-Optserve-Version": str(version),
+            "X-Optserve-Step": str(step)}
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    content = orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+    return Response(content, status_code=status, media_type=JSON, headers=headers)
+
+
+def tensor_encoding(request: Request) -> bool:
+    """True when the client asks for base64 tensors in JSON (``?encoding=b64``)."""
+    value = request.query_params.get("encoding", "data")
+    if value not in ("data", "b64"):
+        raise Invalid("encoding must be data or b64", code="invalid_query", field="encoding")
+    return value == "b64"
+
+
+async def tensors_response(
+    binary: bool,
+    b64: bool,
+    scalars: dict[str, Any],
+    tensors: dict[str, torch.Tensor] | None,
+    headers: dict[str, str],
+) -> Response:
+    """Scalars plus named tensors, as JSON (``params`` key) or safetensors.
+
+    Callers decide ``binary``/``b64`` before doing any work, so a 406 changes nothing."""
+    size = sum(t.numel() * t.element_size() for t in (tensors or {}).values())
+    if binary:
+        meta = {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in
+                scalars.items()}
+        content = await offload(lambda: write_safetensors(tensors or {}, meta), size)
+        return Response(content, media_type=BINARY, headers=headers)
+
+    def encode() -> bytes:
+        body = dict(scalars)
+        if tensors is not None:
+            body["params"] = {n: encode_json_tensor(t, b64=b64) for n, t in tensors.items()}
+        return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    content = await offload(encode, size)
+    return Response(content, media_type=JSON, headers=headers)

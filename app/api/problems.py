@@ -1,0 +1,66 @@
+"""RFC 9457 problem+json for every error, mapped in one place."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from app.errors import OptserveError
+
+log = logging.getLogger("optserve.api")
+PROBLEM = "application/problem+json"
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
+               405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> Response:
+    body: dict[str, Any] = {"type": f"urn:optserve:problem:{code}", "title": title,
+                            "status": status, "detail": detail, "code": code}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM)
+
+
+async def _optserve_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, OptserveError)
+    if exc.status >= 500:
+        log.error("internal error: %s", exc.detail)
+    return problem(exc.status, exc.code, exc.title, exc.detail, field=exc.field, **exc.extra)
+
+
+async def _validation_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    field = ".".join(loc) or None
+    detail = f"{field}: {first.get('msg', 'invalid')}" if field else str(first.get("msg"))
+    return problem(422, "invalid", "Invalid input", detail, field=field)
+
+
+async def _http_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    title = code.replace("_", " ").capitalize()
+    response = problem(exc.status_code, code, title, str(exc.detail))
+    for k, v in (exc.headers or {}).items():
+        response.headers[k] = v
+    return response
+
+
+async def _unexpected(_: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return problem(500, "internal_error", "Internal error",
+                   "the server failed to handle this request; it has been logged")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(OptserveError, _optserve_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,129 @@
+"""Request bodies to engine inputs (CreateSpec, GroupSpec, state trees). HTTP-free parsing."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import orjson
+import torch
+
+from app.api.bodies import only_keys, parse_json, tensor_map
+from app.engine.interface import CreateSpec, GroupSpec
+from app.errors import BadRequest, Invalid
+from app.wire.safetensors_body import read_safetensors
+from app.wire.tree import tree_from_json
+
+_CREATE_KEYS = {"optimizer", "options", "params", "param_groups", "scheduler", "id", "nonfinite"}
+_NONFINITE = ("reject", "skip", "allow")
+
+
+def _group(obj: object, field: str, tensors: dict[str, torch.Tensor] | None) -> GroupSpec:
+    if not isinstance(obj, dict):
+        raise Invalid("a param group must be an object {\"params\": {...}, ...options}",
+                      code="invalid_body", field=field)
+    if "params" not in obj:
+        raise Invalid("a param group needs params", code="missing_field", field=f"{field}.params")
+    options = {k: v for k, v in obj.items() if k != "params"}
+    if tensors is None:
+        return GroupSpec(tensor_map(obj["params"], f"{field}.params"), options)
+    names = obj["params"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise Invalid("in a safetensors body, a group's params is a list of tensor names",
+                      code="invalid_body", field=f"{field}.params")
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise Invalid(f"tensor {missing[0]!r:.60} is not in the body", code="unknown_parameter",
+                      field=f"{field}.params")
+    return GroupSpec({n: tensors[n] for n in names}, options)
+
+
+def create_spec(obj: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> CreateSpec:
+    """The create body (JSON, or safetensors metadata plus its tensors) to a CreateSpec."""
+    only_keys(obj, _CREATE_KEYS)
+    if "optimizer" not in obj:
+        raise Invalid("optimizer is required (e.g. \"SGD\", \"Adam\")", code="missing_field",
+                      field="optimizer")
+    options = obj.get("options", {})
+    if not isinstance(options, dict):
+        raise Invalid("options must be an object", code="invalid_option", field="options")
+    if "params" in obj and "param_groups" in obj:
+        raise Invalid("give params or param_groups, not both", code="invalid_body",
+                      field="params")
+    groups: list[GroupSpec]
+    if "param_groups" in obj:
+        raw = obj["param_groups"]
+        if not isinstance(raw, list) or not raw:
+            raise Invalid("param_groups must be a non-empty list", code="invalid_body",
+                          field="param_groups")
+        groups = [_group(g, f"param_groups.{i}", tensors) for i, g in enumerate(raw)]
+        if tensors is not None:
+            used = {n for g in groups for n in g.params}
+            unused = sorted(set(tensors) - used)
+            if unused:
+                raise Invalid(f"tensor {unused[0]!r:.60} is in no param group",
+                              code="invalid_body", field="param_groups")
+    elif tensors is not None:
+        groups = [GroupSpec(dict(tensors), {})]
+    elif "params" in obj:
+        groups = [GroupSpec(tensor_map(obj["params"], "params"), {})]
+    else:
+        raise Invalid("params (or param_groups) is required", code="missing_field",
+                      field="params")
+    nonfinite = obj.get("nonfinite")
+    if nonfinite is not None and nonfinite not in _NONFINITE:
+        raise Invalid(f"nonfinite must be one of {list(_NONFINITE)}", code="invalid_body",
+                      field="nonfinite")
+    scheduler = obj.get("scheduler")
+    session_id = obj.get("id")
+    if session_id is not None and not isinstance(session_id, str):
+        raise Invalid("id must be a string", code="invalid_id", field="id")
+    return CreateSpec(optimizer=obj["optimizer"], groups=groups, options=options,
+                      scheduler=scheduler, id=session_id, nonfinite=nonfinite)
+
+
+def metadata_fields(metadata: dict[str, str]) -> dict[str, Any]:
+    """safetensors ``__metadata__``: each value a JSON text, or a bare word taken as a string."""
+    out: dict[str, Any] = {}
+    for key, text in metadata.items():
+        try:
+            out[key] = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            out[key] = text
+    return out
+
+
+def group_spec(obj: dict[str, Any]) -> GroupSpec:
+    return _group(obj, "param_group", None)
+
+
+def group_spec_binary(buf: bytearray) -> GroupSpec:
+    tensors, metadata = read_safetensors(buf)
+    return GroupSpec(tensors, metadata_fields(metadata))
+
+
+def state_from_json(buf: bytes | bytearray) -> Any:
+    obj = parse_json(buf)
+    if not isinstance(obj, dict):
+        raise BadRequest("the state dict must be a JSON object", code="invalid_json")
+    return tree_from_json(obj, "state_dict")
+
+
+def state_from_safetensors(buf: bytearray) -> Any:
+    tensors, metadata = read_safetensors(buf)
+    if "optserve_state" not in metadata:
+        raise Invalid("safetensors state dict lacks __metadata__.optserve_state (the JSON "
+                      "skeleton of the state dict)", code="invalid_state",
+                      field="__metadata__.optserve_state")
+    skeleton = parse_json(metadata["optserve_state"].encode(), "__metadata__.optserve_state")
+    return tree_from_json(skeleton, "state_dict", tensors)
+
+
+def state_from_torch(buf: bytearray) -> Any:
+    """A ``torch.save`` file, loaded only with ``weights_only=True`` (never plain unpickling)."""
+    try:
+        return torch.load(io.BytesIO(bytes(buf)), map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure to read a client's file is the client's 422
+        raise Invalid(f"not a torch.save file loadable with weights_only=True: "
+                      f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}",
+                      code="invalid_torch_file", field="body") from None

@@ -1,0 +1,219 @@
+"""Session routes: parse, call the engine, encode. Each reads like a table of contents."""
+
+from __future__ import annotations
+
+import io
+from typing import Annotated, Any
+
+import orjson
+import torch
+from fastapi import APIRouter, Path, Query, Request
+from starlette.responses import Response
+
+from app.api import requests as parse
+from app.api.bodies import (
+    BINARY,
+    body_kind,
+    json_object,
+    json_response,
+    offload,
+    only_keys,
+    read_body,
+    read_tensors,
+    tensor_encoding,
+    tensors_response,
+    version_headers,
+    wants_binary,
+)
+from app.api.deps import EngineDep, SettingsDep
+from app.errors import Invalid
+from app.wire.safetensors_body import read_safetensors, write_safetensors
+from app.wire.tree import tree_to_json, tree_to_safetensors
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+SessionId = Annotated[str, Path(description="session id", max_length=200)]
+
+
+def _max_bytes(settings: Any) -> int:
+    return int(settings.max_body_mb * 1024 * 1024)
+
+
+def _described(desc: dict[str, Any], status: int = 200) -> Response:
+    return json_response(desc, status, version_headers(desc["version"], desc["step"]))
+
+
+@router.post("", status_code=201, summary="Create a session")
+async def create_session(request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
+    buf = await read_body(request, _max_bytes(settings))
+    if body_kind(request) == "binary":
+        def decode_binary() -> Any:
+            tensors, metadata = read_safetensors(buf)
+            return parse.create_spec(parse.metadata_fields(metadata), tensors)
+        spec = await offload(decode_binary, len(buf))
+    else:
+        spec = await offload(lambda: parse.create_spec(json_object(buf)), len(buf))
+    desc = await engine.create(spec)
+    response = _described(desc, 201)
+    response.headers["Location"] = f"/v1/sessions/{desc['id']}"
+    return response
+
+
+@router.get("", summary="List sessions")
+async def list_sessions(engine: EngineDep) -> Response:
+    return json_response({"sessions": await engine.list()})
+
+
+@router.get("/{session_id}", summary="Describe a session")
+async def get_session(session_id: SessionId, engine: EngineDep) -> Response:
+    return _described(await engine.describe(session_id))
+
+
+@router.delete("/{session_id}", status_code=204, summary="Delete a session")
+async def delete_session(session_id: SessionId, engine: EngineDep) -> Response:
+    await engine.delete(session_id)
+    return Response(status_code=204)
+
+
+@router.post("/{session_id}/step", summary="Apply gradients (plus any accumulated) and step")
+async def step(
+    session_id: SessionId,
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    return_: Annotated[str, Query(alias="return", pattern="^(params|none)$")] = "params",
+) -> Response:
+    binary, b64 = wants_binary(request), tensor_encoding(request)
+    grads = await read_tensors(request, _max_bytes(settings), "grads")
+    result = await engine.step(session_id, grads, return_params=return_ == "params")
+    scalars: dict[str, Any] = {"version": result.version, "step": result.step, "lr": result.lr,
+                               "skipped": result.skipped}
+    if result.nonfinite:
+        scalars["nonfinite"] = result.nonfinite
+    return await tensors_response(binary, b64, scalars, result.params,
+                                  version_headers(result.version, result.step))
+
+
+@router.post("/{session_id}/grads", summary="Accumulate gradients for the next step")
+async def push_grads(
+    session_id: SessionId, request: Request, engine: EngineDep, settings: SettingsDep
+) -> Response:
+    grads = await read_tensors(request, _max_bytes(settings), "grads")
+    out = await engine.push(session_id, grads)
+    return json_response(out, headers=version_headers(out["version"], out["step"]))
+
+
+@router.post("/{session_id}/zero_grad", summary="Clear accumulated gradients")
+async def zero_grad(session_id: SessionId, engine: EngineDep) -> Response:
+    out = await engine.zero_grad(session_id)
+    return json_response(out, headers=version_headers(out["version"], out["step"]))
+
+
+@router.get("/{session_id}/params", summary="Pull parameters")
+async def get_params(
+    session_id: SessionId,
+    request: Request,
+    engine: EngineDep,
+    names: Annotated[list[str] | None, Query(description="names, repeated or comma-separated")]
+    = None,
+) -> Response:
+    binary, b64 = wants_binary(request), tensor_encoding(request)
+    wanted = [n for item in names for n in item.split(",") if n] if names else None
+    result = await engine.pull(session_id, wanted)
+    return await tensors_response(binary, b64, {"version": result.version, "step": result.step},
+                                  result.params, version_headers(result.version, result.step))
+
+
+@router.put("/{session_id}/params", summary="Overwrite parameters")
+async def put_params(
+    session_id: SessionId, request: Request, engine: EngineDep, settings: SettingsDep
+) -> Response:
+    binary, b64 = wants_binary(request), tensor_encoding(request)
+    params = await read_tensors(request, _max_bytes(settings), "params")
+    result = await engine.overwrite(session_id, params)
+    return await tensors_response(binary, b64, {"version": result.version, "step": result.step},
+                                  result.params, version_headers(result.version, result.step))
+
+
+@router.post("/{session_id}/param_groups", status_code=201, summary="add_param_group")
+async def add_param_group(
+    session_id: SessionId, request: Request, engine: EngineDep, settings: SettingsDep
+) -> Response:
+    buf = await read_body(request, _max_bytes(settings))
+    if body_kind(request) == "binary":
+        group = await offload(lambda: parse.group_spec_binary(buf), len(buf))
+    else:
+        group = await offload(lambda: parse.group_spec(json_object(buf)), len(buf))
+    return _described(await engine.add_param_group(session_id, group), 201)
+
+
+@router.patch("/{session_id}/param_groups/{index}", summary="Change a group's options")
+async def update_param_group(
+    session_id: SessionId,
+    index: Annotated[int, Path(ge=0, le=1_000_000)],
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+) -> Response:
+    options = json_object(await read_body(request, _max_bytes(settings)))
+    return _described(await engine.update_param_group(session_id, index, options))
+
+
+@router.post("/{session_id}/scheduler/step", summary="Step the scheduler by hand")
+async def scheduler_step(
+    session_id: SessionId, request: Request, engine: EngineDep, settings: SettingsDep
+) -> Response:
+    buf = await read_body(request, _max_bytes(settings))
+    obj = json_object(buf) if buf.strip() else {}
+    only_keys(obj, {"metric"})
+    metric = obj.get("metric")
+    if metric is not None and type(metric) not in (int, float):
+        raise Invalid("metric must be a number", code="invalid_metric", field="metric")
+    out = await engine.scheduler_step(session_id, None if metric is None else float(metric))
+    return json_response(out, headers=version_headers(out["version"], out["step"]))
+
+
+def _state_format(request: Request, default: str) -> str:
+    fmt = request.query_params.get("format", default)
+    if fmt not in ("json", "safetensors", "torch"):
+        raise Invalid("format must be json, safetensors or torch", code="invalid_query",
+                      field="format")
+    return fmt
+
+
+@router.get("/{session_id}/state_dict", summary="Export optimizer and scheduler state")
+async def export_state(session_id: SessionId, request: Request, engine: EngineDep) -> Response:
+    default = "safetensors" if wants_binary(request) else "json"
+    fmt = _state_format(request, default)
+    b64 = tensor_encoding(request)
+    out = await engine.export_state(session_id)
+    headers = version_headers(out["version"], out["step"])
+    sd = out["state_dict"]
+
+    def encode() -> bytes:
+        if fmt == "torch":
+            f = io.BytesIO()
+            torch.save(sd, f)
+            return f.getvalue()
+        if fmt == "safetensors":
+            skeleton, tensors = tree_to_safetensors(sd)
+            return write_safetensors(tensors, {"optserve_state": orjson.dumps(skeleton).decode()})
+        return orjson.dumps(tree_to_json(sd, b64=b64), option=orjson.OPT_SERIALIZE_NUMPY)
+    content = await offload(encode, 1 << 30)
+    media = "application/json" if fmt == "json" else BINARY
+    return Response(content, media_type=media, headers=headers)
+
+
+@router.put("/{session_id}/state_dict", summary="Import optimizer and scheduler state")
+async def import_state(
+    session_id: SessionId, request: Request, engine: EngineDep, settings: SettingsDep
+) -> Response:
+    buf = await read_body(request, _max_bytes(settings))
+    kind = body_kind(request)
+    fmt = _state_format(request, "safetensors" if kind == "binary" else "json")
+    if fmt == "torch":
+        state = await offload(lambda: parse.state_from_torch(buf), len(buf))
+    elif fmt == "safetensors":
+        state = await offload(lambda: parse.state_from_safetensors(buf), len(buf))
+    else:
+        state = await offload(lambda: parse.state_from_json(buf), len(buf))
+    return _described(await engine.import_state(session_id, state))

@@ -1,0 +1,80 @@
+"""The engine interface: plain data and CPU tensors in and out, no state outside it.
+
+The embedded engine (one worker thread per device, in-process) implements it; a later engine
+may place each session in a remote actor behind the same HTTP front, so callers must not
+assume the session lives in their process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+
+NonFinitePolicy = Literal["reject", "skip", "allow"]
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class GroupSpec:
+    """One param group: named CPU tensors plus the group's own options (JSON values)."""
+
+    params: Tensors
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CreateSpec:
+    optimizer: str
+    groups: list[GroupSpec]
+    options: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] | None = None
+    id: str | None = None
+    nonfinite: NonFinitePolicy | None = None
+
+
+@dataclass
+class StepResult:
+    version: int
+    step: int
+    lr: list[float]
+    skipped: bool = False
+    nonfinite: list[str] = field(default_factory=list)
+    params: Tensors | None = None
+
+
+@dataclass
+class ParamsResult:
+    version: int
+    step: int
+    lr: list[float]
+    params: Tensors
+
+
+class Engine(Protocol):
+    device: str
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def ready(self) -> bool: ...
+
+    async def create(self, spec: CreateSpec) -> dict[str, Any]: ...
+    async def describe(self, session_id: str) -> dict[str, Any]: ...
+    async def list(self) -> list[dict[str, Any]]: ...
+    async def delete(self, session_id: str) -> None: ...
+
+    async def step(self, session_id: str, grads: Tensors, *, return_params: bool) -> StepResult: ...
+    async def push(self, session_id: str, grads: Tensors) -> dict[str, Any]: ...
+    async def zero_grad(self, session_id: str) -> dict[str, Any]: ...
+    async def pull(self, session_id: str, names: list[str] | None) -> ParamsResult: ...
+    async def overwrite(self, session_id: str, params: Tensors) -> ParamsResult: ...
+
+    async def add_param_group(self, session_id: str, group: GroupSpec) -> dict[str, Any]: ...
+    async def update_param_group(
+        self, session_id: str, index: int, options: dict[str, Any]
+    ) -> dict[str, Any]: ...
+    async def scheduler_step(self, session_id: str, metric: float | None) -> dict[str, Any]: ...
+
+    async def export_state(self, session_id: str) -> dict[str, Any]: ...
+    async def import_state(self, session_id: str, state: dict[str, Any]) -> dict[str, Any]: ...

@@ -1,0 +1,199 @@
+"""The optimizers a session can run (real ``torch.optim`` classes), their default options,
+and the checks that turn JSON options into constructor arguments.
+
+Validation reuses torch's own: options are tried on a throwaway optimizer over tiny tensors
+(constructed and stepped once) before a session is touched, so torch's ``ValueError`` becomes a
+422 and the session stays as it was.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from typing import Any
+
+import torch
+
+from app.errors import Invalid
+from app.wire.json_tensor import decode_json_tensor, is_json_tensor
+
+SUPPORTED = (
+    "Adafactor", "Adadelta", "Adagrad", "Adam", "Adamax", "AdamW", "ASGD", "Muon",
+    "NAdam", "RAdam", "RMSprop", "Rprop", "SGD",
+)
+UNSUPPORTED = {
+    "LBFGS": "LBFGS re-evaluates the loss through a closure several times per step; a closure "
+             "cannot travel over HTTP, so optserve does not offer LBFGS (yet)",
+    "SparseAdam": "SparseAdam needs sparse gradients, which optserve's wire formats do not "
+                  "carry (yet); use Adam or AdamW with dense gradients",
+}
+# Options whose default is None, and the type they take when given.
+_NONE_DEFAULT_TYPES: dict[str, tuple[type, ...]] = {
+    "foreach": (bool,),
+    "fused": (bool,),
+    "adjust_lr_fn": (str,),
+}
+# Words in torch's messages that point at an option.
+_MESSAGE_HINTS = (
+    ("learning rate", "lr"), ("beta", "betas"), ("epsilon", "eps"), ("eps", "eps"),
+    ("weight_decay", "weight_decay"), ("weight decay", "weight_decay"),
+    ("momentum", "momentum"), ("nesterov", "nesterov"), ("dampening", "dampening"),
+)
+
+
+def optimizer_class(name: object) -> type[torch.optim.Optimizer]:
+    if not isinstance(name, str):
+        raise Invalid("optimizer must be a string naming a torch.optim class",
+                      code="unknown_optimizer", field="optimizer")
+    if name in UNSUPPORTED:
+        raise Invalid(UNSUPPORTED[name], code="unsupported_optimizer", field="optimizer")
+    if name not in SUPPORTED or not hasattr(torch.optim, name):
+        raise Invalid(f"unknown optimizer {name!r:.60}; supported: {', '.join(SUPPORTED)}",
+                      code="unknown_optimizer", field="optimizer")
+    cls: type[torch.optim.Optimizer] = getattr(torch.optim, name)
+    return cls
+
+
+def default_options(cls: type[torch.optim.Optimizer]) -> dict[str, Any]:
+    sig = inspect.signature(cls.__init__)
+    return {
+        n: p.default for n, p in sig.parameters.items()
+        if n not in ("self", "params") and p.default is not inspect.Parameter.empty
+    }
+
+
+def catalogue() -> dict[str, Any]:
+    """What ``GET /v1/optimizers`` lists."""
+    return {
+        "optimizers": [
+            {"name": n, "defaults": default_options(getattr(torch.optim, n))}
+            for n in SUPPORTED if hasattr(torch.optim, n)
+        ],
+        "unsupported": [{"name": n, "reason": r} for n, r in UNSUPPORTED.items()],
+    }
+
+
+def _is_number(x: object) -> bool:
+    return type(x) in (int, float)
+
+
+def _option_value(name: str, value: Any, default: Any, field: str) -> Any:
+    """One JSON option value to what the torch constructor takes, type-checked by its default."""
+    if isinstance(value, dict) and value.keys() == {"$float"}:
+        tags = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+        if value["$float"] not in tags:
+            raise Invalid("$float must be inf, -inf or nan", code="invalid_option", field=field)
+        value = tags[value["$float"]]
+    if is_json_tensor(value) or isinstance(value, torch.Tensor):
+        tensor = value if isinstance(value, torch.Tensor) else decode_json_tensor(value, field)
+        if name != "lr" or tensor.numel() != 1 or not tensor.is_floating_point():
+            raise Invalid(f"only lr may be given as a tensor, and only as a one-element "
+                          f"floating tensor", code="invalid_option", field=field)
+        return tensor.detach().clone()
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise Invalid(f"{name} must be true or false, got {value!r:.40}",
+                          code="invalid_option", field=field)
+        return value
+    if _is_number(default):
+        if not _is_number(value):
+            raise Invalid(f"{name} must be a number, got {value!r:.40}",
+                          code="invalid_option", field=field)
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(default):
+            raise Invalid(f"{name} must be a list of {len(default)} values, got {value!r:.60}",
+                          code="invalid_option", field=field)
+        items = []
+        for i, (v, d) in enumerate(zip(value, default, strict=True)):
+            if not (_is_number(v) or (v is None and d is None)):
+                raise Invalid(f"{name}[{i}] must be a number, got {v!r:.40}",
+                              code="invalid_option", field=f"{field}.{i}")
+            items.append(v)
+        return tuple(items)
+    if default is None:
+        allowed = _NONE_DEFAULT_TYPES.get(name, (bool, int, float, str))
+        if value is not None and (type(value) not in allowed):
+            kinds = " or ".join(t.__name__ for t in allowed)
+            raise Invalid(f"{name} must be null or {kinds}, got {value!r:.40}",
+                          code="invalid_option", field=field)
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise Invalid(f"{name} must be a string", code="invalid_option", field=field)
+        return value
+    raise Invalid(f"option {name} cannot be set over the wire", code="invalid_option",
+                  field=field)
+
+
+def normalize_options(
+    cls: type[torch.optim.Optimizer],
+    options: object,
+    field: str,
+    extra_keys: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """JSON options to constructor keyword arguments; unknown names and wrong types are 422."""
+    if not isinstance(options, dict):
+        raise Invalid("options must be a JSON object", code="invalid_option", field=field)
+    defaults = default_options(cls)
+    known = dict(defaults)
+    if extra_keys:
+        known.update(extra_keys)
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        where = f"{field}.{key}"
+        if key in ("params", "param_names"):
+            raise Invalid(f"{key} is not an option", code="unknown_option", field=where)
+        if key not in known:
+            raise Invalid(f"{cls.__name__} has no option {key!r:.60}; its options are: "
+                          f"{', '.join(defaults)}", code="unknown_option", field=where)
+        out[key] = _option_value(key, value, known[key], where)
+    return out
+
+
+def blame(message: str, fields: dict[str, str], fallback: str) -> str:
+    """Which option a torch error message is about (best effort), as a field path.
+
+    ``fields`` maps each option name the client gave to where it gave it."""
+    lowered = message.lower()
+    for name in sorted(fields, key=len, reverse=True):
+        if re.search(rf"\b{re.escape(name.lower())}\b", lowered):
+            return fields[name]
+    for words, name in _MESSAGE_HINTS:
+        if words in lowered and name in fields:
+            return fields[name]
+    if len(fields) == 1:
+        return next(iter(fields.values()))
+    return fallback
+
+
+TORCH_ERRORS = (ValueError, TypeError, RuntimeError, KeyError, IndexError, AssertionError,
+                NotImplementedError, ZeroDivisionError, OverflowError)
+
+
+def probe(
+    cls: type[torch.optim.Optimizer],
+    defaults: dict[str, Any],
+    groups: list[dict[str, Any]],
+    dtypes: list[torch.dtype],
+    device: torch.device,
+    fields: dict[str, str],
+    fallback: str = "options",
+) -> None:
+    """Construct and step a throwaway optimizer with these options over tiny tensors, so that
+    torch's own validation (at construction and at step) speaks before any session changes."""
+    tiny_groups = []
+    tensors = []
+    for opts, dtype in zip(groups, dtypes, strict=True):
+        t = torch.full((2, 2), 0.5, dtype=dtype, device=device)
+        tensors.append(t)
+        tiny_groups.append({"params": [t], **opts})
+    try:
+        opt = cls(tiny_groups, **defaults)
+        for t in tensors:
+            t.grad = torch.full_like(t, 0.25)
+        opt.step()
+    except TORCH_ERRORS as exc:
+        raise Invalid(str(exc) or type(exc).__name__, code="invalid_option",
+                      field=blame(str(exc), fields, fallback)) from None

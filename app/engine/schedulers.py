@@ -1,0 +1,228 @@
+"""``torch.optim.lr_scheduler`` classes built from JSON specs.
+
+A spec is ``{"name": "StepLR", "options": {...}, "step_on": "optimizer" | "manual"}``;
+SequentialLR and ChainedScheduler take ``options.schedulers`` as a list of nested specs.
+Options are type-checked against torch's own annotations, then tried on a throwaway optimizer
+(built and stepped once) before the real scheduler is made.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch.optim import lr_scheduler
+
+from app.errors import Conflict, Invalid
+from app.engine.optimizers import TORCH_ERRORS, blame
+
+SUPPORTED = (
+    "StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "PolynomialLR",
+    "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR",
+    "ReduceLROnPlateau", "SequentialLR", "ChainedScheduler",
+)
+UNSUPPORTED = {
+    "LambdaLR": "LambdaLR needs lr_lambda, a Python callable, which cannot travel as JSON; "
+                "use a built-in schedule, or run LambdaLR in the client against the SDK's "
+                "RemoteOptimizer",
+    "MultiplicativeLR": "MultiplicativeLR needs lr_lambda, a Python callable, which cannot "
+                        "travel as JSON; use ExponentialLR, or run it in the client against the "
+                        "SDK's RemoteOptimizer",
+}
+NESTED = ("SequentialLR", "ChainedScheduler")
+StepOn = Literal["optimizer", "manual"]
+Scheduler = Any  # LRScheduler | ReduceLROnPlateau
+
+
+@dataclass
+class SchedulerSpec:
+    name: str
+    options: dict[str, Any]
+    step_on: StepOn
+    children: list[SchedulerSpec]
+
+    def to_json(self) -> dict[str, Any]:
+        options = dict(self.options)
+        if self.children:
+            options["schedulers"] = [c.to_json() for c in self.children]
+        return {"name": self.name, "options": _tag_floats(options), "step_on": self.step_on}
+
+
+def _tag_floats(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"$float": "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")}
+    if isinstance(obj, dict):
+        return {k: _tag_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_tag_floats(v) for v in obj]
+    return obj
+
+
+def _signature(name: str) -> dict[str, inspect.Parameter]:
+    params = inspect.signature(getattr(lr_scheduler, name).__init__).parameters
+    return {k: p for k, p in params.items() if k not in ("self", "optimizer")}
+
+
+def catalogue() -> dict[str, Any]:
+    out = []
+    for name in SUPPORTED:
+        sig = _signature(name)
+        out.append({
+            "name": name,
+            "required": [k for k, p in sig.items() if p.default is inspect.Parameter.empty],
+            "defaults": {k: _tag_floats(p.default) for k, p in sig.items()
+                         if p.default is not inspect.Parameter.empty},
+            "default_step_on": "manual" if name == "ReduceLROnPlateau" else "optimizer",
+        })
+    unsupported = [{"name": n, "reason": r} for n, r in UNSUPPORTED.items()]
+    return {"schedulers": out, "unsupported": unsupported}
+
+
+def _is_num(x: object) -> bool:
+    return type(x) in (int, float)
+
+
+def _check_value(annotation: str, value: Any, name: str, field: str) -> Any:
+    if isinstance(value, dict) and value.keys() == {"$float"}:
+        tags = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+        if value["$float"] not in tags:
+            raise Invalid("$float must be inf, -inf or nan", code="invalid_option", field=field)
+        value = tags[value["$float"]]
+    if "Callable" in annotation:
+        raise Invalid(f"{name} is a Python callable and cannot travel as JSON",
+                      code="unsupported_option", field=field)
+    literal = re.match(r"Literal\[(.*)\]", annotation)
+    if literal:
+        choices = re.findall(r"'([^']*)'", literal.group(1))
+        if value not in choices:
+            raise Invalid(f"{name} must be one of {choices}, got {value!r:.40}",
+                          code="invalid_option", field=field)
+        return value
+    alternatives = [a.strip() for a in annotation.split("|")]
+    for alt in alternatives:
+        if alt == "None" and value is None:
+            return value
+        if alt == "int" and type(value) is int:
+            return value
+        if alt == "float" and _is_num(value):
+            return value
+        if alt == "bool" and type(value) is bool:
+            return value
+        if alt in ("list[float]",) and isinstance(value, list) and all(map(_is_num, value)):
+            return value
+        if alt in ("list[int]", "Iterable[int]") and isinstance(value, list) and all(
+            type(v) is int for v in value
+        ):
+            return value
+    raise Invalid(f"{name} must be {annotation}, got {value!r:.60}", code="invalid_option",
+                  field=field)
+
+
+def parse_spec(spec: object, field: str = "scheduler", nested: bool = False) -> SchedulerSpec:
+    if not isinstance(spec, dict):
+        raise Invalid("a scheduler must be an object {\"name\", \"options\", \"step_on\"}",
+                      code="invalid_scheduler", field=field)
+    unknown = spec.keys() - {"name", "options", "step_on"}
+    if unknown:
+        raise Invalid(f"unknown scheduler key(s) {sorted(unknown)}", code="invalid_scheduler",
+                      field=f"{field}.{sorted(unknown)[0]}")
+    name = spec.get("name")
+    if name in UNSUPPORTED:
+        raise Invalid(UNSUPPORTED[str(name)], code="unsupported_scheduler", field=f"{field}.name")
+    if not isinstance(name, str) or name not in SUPPORTED:
+        raise Invalid(f"unknown scheduler {name!r:.60}; supported: {', '.join(SUPPORTED)}",
+                      code="unknown_scheduler", field=f"{field}.name")
+    options = spec.get("options", {})
+    if not isinstance(options, dict):
+        raise Invalid("options must be a JSON object", code="invalid_option",
+                      field=f"{field}.options")
+    default_step_on = "manual" if name == "ReduceLROnPlateau" else "optimizer"
+    step_on = spec.get("step_on", default_step_on)
+    if step_on not in ("optimizer", "manual"):
+        raise Invalid("step_on must be \"optimizer\" or \"manual\"", code="invalid_scheduler",
+                      field=f"{field}.step_on")
+    if name == "ReduceLROnPlateau" and step_on == "optimizer":
+        raise Invalid("ReduceLROnPlateau steps on a metric, so it can only be stepped by hand "
+                      "(POST .../scheduler/step with {\"metric\": x}); use step_on \"manual\"",
+                      code="invalid_scheduler", field=f"{field}.step_on")
+    if nested and "step_on" in spec:
+        raise Invalid("a nested scheduler steps with its parent; step_on belongs on the parent",
+                      code="invalid_scheduler", field=f"{field}.step_on")
+    sig = _signature(name)
+    checked: dict[str, Any] = {}
+    children: list[SchedulerSpec] = []
+    for key, value in options.items():
+        where = f"{field}.options.{key}"
+        if key not in sig:
+            raise Invalid(f"{name} has no option {key!r:.60}; its options are: "
+                          f"{', '.join(sig)}", code="unknown_option", field=where)
+        if key == "schedulers" and name in NESTED:
+            if not isinstance(value, list) or not value:
+                raise Invalid("schedulers must be a non-empty list of scheduler specs",
+                              code="invalid_scheduler", field=where)
+            children = [parse_spec(v, f"{where}.{i}", nested=True) for i, v in enumerate(value)]
+            continue
+        checked[key] = _check_value(str(sig[key].annotation), value, key, where)
+    missing = [k for k, p in sig.items()
+               if p.default is inspect.Parameter.empty and k not in options]
+    if missing:
+        raise Invalid(f"{name} needs option(s) {', '.join(missing)}", code="invalid_option",
+                      field=f"{field}.options.{missing[0]}")
+    return SchedulerSpec(name, checked, step_on, children)
+
+
+def _construct(spec: SchedulerSpec, optimizer: torch.optim.Optimizer) -> Scheduler:
+    cls = getattr(lr_scheduler, spec.name)
+    if spec.name == "ChainedScheduler":
+        kids = [_construct(c, optimizer) for c in spec.children]
+        return cls(kids, optimizer=optimizer)
+    if spec.name == "SequentialLR":
+        kids = [_construct(c, optimizer) for c in spec.children]
+        return cls(optimizer, schedulers=kids, **spec.options)
+    return cls(optimizer, **spec.options)
+
+
+def build(spec: SchedulerSpec, optimizer: torch.optim.Optimizer, field: str) -> Scheduler:
+    """Make the scheduler on ``optimizer``; torch's errors become 422 naming the option."""
+    fields = {k: f"{field}.options.{k}" for k in spec.options}
+    try:
+        return _construct(spec, optimizer)
+    except TORCH_ERRORS as exc:
+        raise Invalid(str(exc) or type(exc).__name__, code="invalid_option",
+                      field=blame(str(exc), fields, f"{field}.options")) from None
+
+
+def probe(spec: SchedulerSpec, make_optimizer: Any, field: str) -> None:
+    """Build the scheduler on a throwaway optimizer and step both once."""
+    opt = make_optimizer()
+    sched = build(spec, opt, field)
+    fields = {k: f"{field}.options.{k}" for k in spec.options}
+    try:
+        opt.step()
+        if spec.name == "ReduceLROnPlateau":
+            sched.step(1.0)
+        else:
+            sched.step()
+    except TORCH_ERRORS as exc:
+        raise Invalid(str(exc) or type(exc).__name__, code="invalid_option",
+                      field=blame(str(exc), fields, f"{field}.options")) from None
+
+
+def _leaves(sched: Scheduler) -> list[Scheduler]:
+    kids = getattr(sched, "_schedulers", None)
+    if isinstance(kids, list):
+        return [leaf for k in kids for leaf in _leaves(k)]
+    return [sched]
+
+
+def check_can_step(sched: Scheduler) -> None:
+    """Refuse before anything changes when stepping would make torch raise (OneCycleLR past
+    its total_steps)."""
+    for leaf in _leaves(sched):
+        if isinstance(leaf, lr_scheduler.OneCycleLR) and leaf.last_epoch + 1 > leaf.total_steps:
+            raise Conflict(f"OneCycleLR has run its {leaf.total_steps} total_steps; it cannot "
+                           "step again", code="scheduler_exhausted", field="scheduler")

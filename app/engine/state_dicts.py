@@ -1,0 +1,213 @@
+"""Export and import of optimizer + scheduler state in torch's own ``state_dict`` shape.
+
+An import is checked completely before anything is loaded: group count and sizes (as torch
+checks), every group option (through a throwaway optimizer), every state tensor's shape against
+what the optimizer itself makes for these parameters, and the scheduler's state against the
+session's scheduler. A mismatch is a 422 at import time, even where torch would only fail at
+the next step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from app.engine import optimizers
+from app.errors import Invalid
+from app.wire.tree import tree_to_json
+
+if TYPE_CHECKING:
+    from app.engine.session import Session
+
+# Keys that torch's schedulers add to param groups; a state dict may carry them.
+SCHEDULER_GROUP_KEYS = {"initial_lr": 0.0, "max_lr": 0.0, "min_lr": 0.0,
+                        "base_momentum": 0.0, "max_momentum": 0.0}
+_TOP_KEYS = {"state", "param_groups", "scheduler"}
+
+
+def detach_tree(obj: Any) -> Any:
+    """Deep copy with every tensor copied to the CPU (later steps cannot change the copy)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone() if obj.device.type == "cpu" else obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: detach_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [detach_tree(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(detach_tree(v) for v in obj)
+    return obj
+
+
+def jsonable_options(options: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = tree_to_json(detach_tree(options))
+    return out
+
+
+@dataclass
+class PreparedImport:
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None
+    names: list[list[str]]
+
+
+def _state_id(key: object, field: str) -> int:
+    if type(key) is int:
+        return key
+    if isinstance(key, str) and key.isdigit() and len(key) < 19:
+        return int(key)
+    raise Invalid(f"state keys must be integer parameter ids, got {key!r:.40}",
+                  code="state_mismatch", field=field)
+
+
+def _is_num(x: object) -> bool:
+    return type(x) in (int, float)
+
+
+def same_structure(expected: Any, got: Any, field: str) -> None:
+    """``got`` must have the shape of ``expected``: keys, lengths, tensor shapes, scalar kinds."""
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(got, torch.Tensor):
+            raise Invalid(f"expected a tensor of shape {list(expected.shape)}",
+                          code="state_mismatch", field=field)
+        if got.shape != expected.shape:
+            raise Invalid(f"tensor has shape {list(got.shape)}, expected "
+                          f"{list(expected.shape)}", code="state_mismatch", field=field)
+        if got.is_floating_point() != expected.is_floating_point() or got.is_complex():
+            raise Invalid(f"tensor has dtype {got.dtype}, expected {expected.dtype}",
+                          code="state_mismatch", field=field)
+        return
+    if isinstance(expected, dict):
+        if not isinstance(got, dict):
+            raise Invalid("expected an object", code="state_mismatch", field=field)
+        exp_keys = {str(k) for k in expected}
+        got_keys = {str(k) for k in got}
+        if exp_keys != got_keys:
+            missing, extra = sorted(exp_keys - got_keys), sorted(got_keys - exp_keys)
+            raise Invalid(f"keys differ: missing {missing[:10]}, unexpected {extra[:10]}",
+                          code="state_mismatch", field=field)
+        by_str = {str(k): v for k, v in got.items()}
+        for k, v in expected.items():
+            same_structure(v, by_str[str(k)], f"{field}.{k}")
+        return
+    if isinstance(expected, (list, tuple)):
+        if not isinstance(got, (list, tuple)) or len(got) != len(expected):
+            raise Invalid(f"expected a list of {len(expected)} items", code="state_mismatch",
+                          field=field)
+        for i, (e, g) in enumerate(zip(expected, got, strict=True)):
+            same_structure(e, g, f"{field}.{i}")
+        return
+    if isinstance(expected, bool):
+        ok = isinstance(got, bool)
+    elif isinstance(expected, int):
+        ok = type(got) is int
+    elif isinstance(expected, float):
+        ok = _is_num(got)
+    elif expected is None:
+        ok = got is None
+    elif isinstance(expected, str):
+        ok = isinstance(got, str)
+    else:
+        ok = type(got) is type(expected)
+    if not ok:
+        raise Invalid(f"expected {type(expected).__name__}, got {got!r:.40}",
+                      code="state_mismatch", field=field)
+
+
+def _expected_state(
+    session: Session, group_opts: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """What the optimizer itself keeps per parameter (after one step), in parameter order."""
+    scratch_groups = []
+    scratch: list[torch.Tensor] = []
+    for g, opts in zip(session.optimizer.param_groups, group_opts, strict=True):
+        ts = [torch.zeros_like(p) for p in g["params"]]
+        for t in ts:
+            t.grad = torch.zeros_like(t)
+        scratch.extend(ts)
+        scratch_groups.append({"params": ts, **opts})
+    opt = session.cls(scratch_groups, **session.defaults)
+    opt.step()
+    return [dict(opt.state[t]) for t in scratch]
+
+
+def prepare_import(session: Session, state: object) -> PreparedImport:
+    if not isinstance(state, dict):
+        raise Invalid("a state dict must be an object with state and param_groups",
+                      code="state_mismatch", field="state_dict")
+    unknown = {str(k) for k in state} - _TOP_KEYS
+    if unknown:
+        raise Invalid(f"unknown key(s) {sorted(unknown)}; a state dict has state, param_groups "
+                      "and optionally scheduler", code="state_mismatch",
+                      field=f"state_dict.{sorted(unknown)[0]}")
+    groups = state.get("param_groups")
+    current = session.optimizer.param_groups
+    if not isinstance(groups, list) or len(groups) != len(current):
+        have = len(groups) if isinstance(groups, list) else "no"
+        raise Invalid(f"the state has {have} param groups; this session has {len(current)}",
+                      code="state_mismatch", field="state_dict.param_groups")
+    new_groups: list[dict[str, Any]] = []
+    group_opts: list[dict[str, Any]] = []
+    order: list[int] = []
+    fields: dict[str, str] = {}
+    for i, (g, cur) in enumerate(zip(groups, current, strict=True)):
+        where = f"state_dict.param_groups.{i}"
+        if not isinstance(g, dict):
+            raise Invalid("a param group must be an object", code="state_mismatch", field=where)
+        ids = g.get("params")
+        if not isinstance(ids, list) or not all(type(x) is int for x in ids):
+            raise Invalid("params must be a list of integer ids", code="state_mismatch",
+                          field=f"{where}.params")
+        if len(ids) != len(cur["params"]):
+            raise Invalid(f"group {i} has {len(ids)} parameters in the state but "
+                          f"{len(cur['params'])} in this session", code="state_mismatch",
+                          field=f"{where}.params")
+        names = g.get("param_names")
+        if names is not None and (not isinstance(names, list) or len(names) != len(ids)
+                                  or not all(isinstance(n, str) for n in names)):
+            raise Invalid("param_names must list one name per parameter",
+                          code="state_mismatch", field=f"{where}.param_names")
+        extra = {**SCHEDULER_GROUP_KEYS,
+                 **{k: v for k, v in cur.items() if k not in ("params", "param_names")}}
+        raw = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+        opts = optimizers.normalize_options(session.cls, raw, where, extra)
+        fields.update({k: f"{where}.{k}" for k in opts})
+        group_opts.append(opts)
+        new_groups.append({**opts, "params": list(ids)})
+        order.extend(ids)
+    if len(set(order)) != len(order):
+        raise Invalid("a parameter id appears twice in param_groups", code="state_mismatch",
+                      field="state_dict.param_groups")
+    dtypes = [g["params"][0].dtype for g in current]
+    optimizers.probe(session.cls, session.defaults, group_opts, dtypes, session.device, fields,
+                     "state_dict.param_groups")
+
+    raw_state = state.get("state", {})
+    if not isinstance(raw_state, dict):
+        raise Invalid("state must be an object of per-parameter states", code="state_mismatch",
+                      field="state_dict.state")
+    position = {pid: i for i, pid in enumerate(order)}
+    expected = _expected_state(session, group_opts)
+    new_state: dict[int, Any] = {}
+    for key, entry in raw_state.items():
+        where = f"state_dict.state.{key}"
+        pid = _state_id(key, where)
+        if pid not in position:
+            raise Invalid(f"state for parameter id {pid}, which no param group lists",
+                          code="state_mismatch", field=where)
+        if not isinstance(entry, dict):
+            raise Invalid("a parameter's state must be an object", code="state_mismatch",
+                          field=where)
+        if entry:
+            same_structure(expected[position[pid]], entry, where)
+        new_state[pid] = entry
+
+    sched_state = state.get("scheduler")
+    if sched_state is not None:
+        if session.scheduler is None:
+            raise Invalid("the state carries a scheduler but this session has none",
+                          code="state_mismatch", field="state_dict.scheduler")
+        same_structure(session.scheduler.state_dict(), sched_state, "state_dict.scheduler")
+    names = [list(g["param_names"]) for g in current]
+    return PreparedImport({"state": new_state, "param_groups": new_groups}, sched_state, names)

@@ -1,0 +1,82 @@
+"""One worker thread per device, fed by a FIFO queue.
+
+All torch work for a device runs on this thread, so the event loop never blocks on a step and
+operations on a session apply in the order they were submitted. Results come back to the event
+loop through futures (torch releases the GIL inside its kernels).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+log = logging.getLogger("optserve.worker")
+T = TypeVar("T")
+_Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+class DeviceWorker:
+    def __init__(self, device: torch.device, torch_threads: int = 0) -> None:
+        self.device = device
+        self.torch_threads = torch_threads
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"optserve-{device}", daemon=True)
+        self._started = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._started.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=60)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the worker thread, after everything submitted before it."""
+        if not self._thread.is_alive():
+            raise RuntimeError("device worker is not running")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put((fn, loop, fut))
+        return await fut
+
+    def _run(self) -> None:
+        if self.torch_threads > 0:
+            torch.set_num_threads(self.torch_threads)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self._started.set()
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            fn, loop, fut = job
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = fn()
+            except BaseException as exc:  # handed to the awaiting coroutine
+                error = exc
+            try:
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+            except RuntimeError:  # the loop has closed; nobody is waiting
+                log.debug("result dropped: event loop closed")

@@ -1,0 +1,74 @@
+"""The project's exception family. The engine and codecs raise these; the HTTP layer maps
+them to RFC 9457 problem+json in one place (``app.api.problems``).
+
+    OptserveError
+    ├── BadRequest          400  body is not JSON / safetensors / an object
+    ├── NotFound            404  unknown session
+    ├── Conflict            409  id taken, scheduler exhausted
+    ├── PayloadTooLarge     413  body over the limit
+    ├── UnsupportedMedia    415  content type not understood
+    ├── NotAcceptable       406  Accept not satisfiable
+    └── Invalid             422  anything else the client got wrong
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OptserveError(Exception):
+    status = 500
+    code = "internal_error"
+    title = "Internal error"
+
+    def __init__(
+        self, detail: str, *, code: str | None = None, field: str | None = None, **extra: Any
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code
+        self.field = field
+        self.extra = extra
+
+
+class BadRequest(OptserveError):
+    status = 400
+    code = "bad_request"
+    title = "Malformed request body"
+
+
+class NotFound(OptserveError):
+    status = 404
+    code = "not_found"
+    title = "Not found"
+
+
+class Conflict(OptserveError):
+    status = 409
+    code = "conflict"
+    title = "Conflict"
+
+
+class PayloadTooLarge(OptserveError):
+    status = 413
+    code = "payload_too_large"
+    title = "Request body too large"
+
+
+class UnsupportedMedia(OptserveError):
+    status = 415
+    code = "unsupported_media_type"
+    title = "Unsupported media type"
+
+
+class NotAcceptable(OptserveError):
+    status = 406
+    code = "not_acceptable"
+    title = "Not acceptable"
+
+
+class Invalid(OptserveError):
+    status = 422
+    code = "invalid"
+    title = "Invalid input"

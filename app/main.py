@@ -1,0 +1,47 @@
+"""The ASGI entry point (``app.main:app``): one engine, made in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api import meta, problems, sessions
+from app.config import Settings, get_settings
+from app.engine import EmbeddedEngine
+from app.runtime import tune_allocator
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tune_allocator()
+        engine = EmbeddedEngine(settings.device, settings.torch_threads,
+                                settings.default_nonfinite)
+        await engine.start()
+        app.state.engine = engine
+        app.state.settings = settings
+        logging.getLogger("optserve").info("optserve ready on device %s", engine.device)
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = FastAPI(
+        title="optserve",
+        version=__version__,
+        summary="PyTorch's torch.optim as a network service",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    app.include_router(meta.router)
+    app.include_router(sessions.router)
+    return app
+
+
+app = create_app()

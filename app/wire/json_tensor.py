@@ -1,0 +1,166 @@
+"""JSON tensors: ``{"dtype", "shape", "data": [flat]}`` or ``{"dtype", "shape", "b64"}``.
+
+Decoding is strict: every malformed input raises :class:`app.errors.Invalid` naming the
+field; nothing is ever cast silently.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.errors import Invalid
+from app.wire.dtypes import DTYPE_NAMES, MAX_DIMS, NUMPY_FOR_LIST, TORCH_DTYPES
+
+_NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_TENSOR_KEYS = frozenset({"dtype", "shape", "data", "b64"})
+
+
+def is_json_tensor(obj: object) -> bool:
+    return (
+        isinstance(obj, dict)
+        and "dtype" in obj
+        and "shape" in obj
+        and ("data" in obj or "b64" in obj)
+        and obj.keys() <= _TENSOR_KEYS
+    )
+
+
+def parse_shape(shape: object, field: str) -> tuple[int, ...]:
+    if not isinstance(shape, list):
+        raise Invalid(f"shape must be a list of non-negative integers, got {shape!r:.80}",
+                      code="invalid_tensor", field=f"{field}.shape")
+    if len(shape) > MAX_DIMS:
+        raise Invalid(f"shape has {len(shape)} dimensions; at most {MAX_DIMS} are allowed",
+                      code="invalid_tensor", field=f"{field}.shape")
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise Invalid(f"shape must be a list of non-negative integers, got {shape!r:.80}",
+                          code="invalid_tensor", field=f"{field}.shape")
+    return tuple(shape)
+
+
+def _from_list(data: list[Any], dtype: str, numel: int, field: str) -> np.ndarray:
+    if len(data) != numel:
+        raise Invalid(f"data has {len(data)} values but shape holds {numel}",
+                      code="invalid_tensor", field=f"{field}.data")
+    kinds = set(map(type, data))
+    if dtype == "bool":
+        if not kinds <= {bool}:
+            raise Invalid("a bool tensor's data must be true/false values",
+                          code="invalid_tensor", field=f"{field}.data")
+        return np.array(data, dtype=np.bool_)
+    if not kinds <= {float, int}:
+        if bool in kinds:
+            raise Invalid("data holds true/false where numbers are expected",
+                          code="invalid_tensor", field=f"{field}.data")
+        if kinds <= {float, int, str} and dtype in ("float16", "bfloat16", "float32", "float64"):
+            converted = []
+            for i, x in enumerate(data):
+                if type(x) is str:
+                    if x not in _NONFINITE_IN:
+                        raise Invalid(f"data[{i}] is the string {x!r:.40}; only \"NaN\", "
+                                      "\"Infinity\" and \"-Infinity\" stand for numbers",
+                                      code="invalid_tensor", field=f"{field}.data")
+                    converted.append(_NONFINITE_IN[x])
+                else:
+                    converted.append(x)
+            data = converted
+        else:
+            bad = next(x for x in data if type(x) not in (float, int))
+            raise Invalid(f"data must be a flat list of numbers; found {type(bad).__name__} "
+                          f"{bad!r:.40}", code="invalid_tensor", field=f"{field}.data")
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            arr = np.array(data, dtype=NUMPY_FOR_LIST[dtype])
+    except (OverflowError, FloatingPointError, ValueError) as exc:
+        raise Invalid(f"data does not fit dtype {dtype}: {exc}",
+                      code="invalid_tensor", field=f"{field}.data") from None
+    if dtype.startswith("int") or dtype == "uint8":
+        if not kinds <= {int}:
+            raise Invalid(f"an {dtype} tensor's data must be integers",
+                          code="invalid_tensor", field=f"{field}.data")
+    elif dtype != "bool" and not np.isfinite(arr).all():
+        big = np.isinf(arr) & np.isfinite(np.array(data, dtype=np.float64))
+        if big.any():
+            raise Invalid(f"data holds values out of range for {dtype}",
+                          code="invalid_tensor", field=f"{field}.data")
+    return arr
+
+
+def decode_json_tensor(obj: object, field: str) -> torch.Tensor:
+    """A JSON tensor object to a CPU tensor (owning its memory)."""
+    if not isinstance(obj, dict):
+        raise Invalid("a tensor must be an object {\"dtype\", \"shape\", \"data\" | \"b64\"}",
+                      code="invalid_tensor", field=field)
+    extra = obj.keys() - _TENSOR_KEYS
+    if extra:
+        raise Invalid(f"unknown tensor key(s) {sorted(extra)}; expected dtype, shape and "
+                      "one of data/b64", code="invalid_tensor", field=field)
+    dtype = obj.get("dtype")
+    if not isinstance(dtype, str) or dtype not in TORCH_DTYPES:
+        raise Invalid(f"unknown dtype {dtype!r:.40}; one of {sorted(TORCH_DTYPES)}",
+                      code="invalid_tensor", field=f"{field}.dtype")
+    if "shape" not in obj:
+        raise Invalid("missing shape", code="invalid_tensor", field=f"{field}.shape")
+    shape = parse_shape(obj["shape"], field)
+    numel = math.prod(shape)
+    has_data, has_b64 = "data" in obj, "b64" in obj
+    if has_data == has_b64:
+        raise Invalid("give exactly one of data or b64", code="invalid_tensor", field=field)
+    torch_dtype = TORCH_DTYPES[dtype]
+    if has_b64:
+        text = obj["b64"]
+        if not isinstance(text, str):
+            raise Invalid("b64 must be a base64 string", code="invalid_tensor",
+                          field=f"{field}.b64")
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise Invalid("b64 is not valid base64", code="invalid_tensor",
+                          field=f"{field}.b64") from None
+        itemsize = torch.empty((), dtype=torch_dtype).element_size()
+        if len(raw) != numel * itemsize:
+            raise Invalid(f"b64 holds {len(raw)} bytes but shape {list(shape)} of {dtype} needs "
+                          f"{numel * itemsize}", code="invalid_tensor", field=f"{field}.b64")
+        if numel == 0:
+            return torch.empty(shape, dtype=torch_dtype)
+        return torch.frombuffer(bytearray(raw), dtype=torch_dtype).reshape(shape)
+    data = obj["data"]
+    if not isinstance(data, list):
+        raise Invalid("data must be a flat list of numbers", code="invalid_tensor",
+                      field=f"{field}.data")
+    arr = _from_list(data, dtype, numel, field)
+    tensor = torch.from_numpy(arr)
+    if torch_dtype == torch.bfloat16:
+        tensor = tensor.to(torch.bfloat16)
+    return tensor.reshape(shape)
+
+
+def tensor_values(t: torch.Tensor) -> Any:
+    """The flat values of a CPU tensor, ready for orjson (numpy array when all finite)."""
+    flat = t.detach().reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        flat = flat.float()
+    arr = flat.numpy()
+    if flat.is_floating_point() and not bool(torch.isfinite(flat).all()):
+        return [x if math.isfinite(x) else ("NaN" if math.isnan(x) else
+                ("Infinity" if x > 0 else "-Infinity")) for x in arr.tolist()]
+    return arr
+
+
+def encode_json_tensor(t: torch.Tensor, *, b64: bool = False) -> dict[str, Any]:
+    """A CPU tensor to a JSON tensor object (values as a numpy array orjson serializes)."""
+    t = t.detach()
+    out: dict[str, Any] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)}
+    if b64:
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        out["b64"] = base64.b64encode(raw).decode("ascii")
+    else:
+        out["data"] = tensor_values(t)
+    return out

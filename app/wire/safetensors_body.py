@@ -1,0 +1,104 @@
+"""Safetensors bodies: a strict reader (hostile input gives :class:`Invalid`/:class:`BadRequest`,
+never an exception escaping) and a writer.
+
+The reader returns tensors that are views into the given buffer where alignment allows
+(no copy), so pass a ``bytearray`` that nothing else will write to.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import torch
+from safetensors.torch import save as _st_save
+
+from app.errors import BadRequest, Invalid
+from app.wire.dtypes import SAFETENSORS_NAMES, TORCH_DTYPES
+from app.wire.json_tensor import parse_shape
+
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors(
+    buf: bytes | bytearray, field: str = "body"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Parse a safetensors file held in memory: (tensors by name, ``__metadata__``)."""
+    if len(buf) < 8:
+        raise BadRequest("body is not a safetensors file: shorter than its 8-byte header length",
+                         code="invalid_safetensors", field=field)
+    n = int.from_bytes(buf[:8], "little")
+    if n > len(buf) - 8 or n > MAX_HEADER:
+        raise BadRequest(f"safetensors header claims {n} bytes but the body has {len(buf) - 8}",
+                         code="invalid_safetensors", field=field)
+    try:
+        header = json.loads(bytes(buf[8 : 8 + n]))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadRequest("safetensors header is not valid JSON", code="invalid_safetensors",
+                         field=field) from None
+    if not isinstance(header, dict):
+        raise BadRequest("safetensors header must be a JSON object", code="invalid_safetensors",
+                         field=field)
+    metadata_raw = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata_raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()
+    ):
+        raise BadRequest("safetensors __metadata__ must map strings to strings",
+                         code="invalid_safetensors", field=f"{field}.__metadata__")
+    data_start = 8 + n
+    data_len = len(buf) - data_start
+    view = memoryview(buf)[data_start:]
+    spans: list[tuple[int, int, str]] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        where = f"{field}.{name}"
+        if not isinstance(info, dict) or info.keys() != {"dtype", "shape", "data_offsets"}:
+            raise BadRequest(f"safetensors entry {name!r:.60} must have dtype, shape and "
+                             "data_offsets", code="invalid_safetensors", field=where)
+        st_dtype = info["dtype"]
+        if not isinstance(st_dtype, str) or st_dtype not in SAFETENSORS_NAMES:
+            raise Invalid(f"unsupported dtype {st_dtype!r:.20}; one of {sorted(SAFETENSORS_NAMES)}",
+                          code="invalid_tensor", field=f"{where}.dtype")
+        shape = parse_shape(info["shape"], where)
+        offsets = info["data_offsets"]
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int for o in offsets)):
+            raise BadRequest("data_offsets must be [begin, end]", code="invalid_safetensors",
+                             field=f"{where}.data_offsets")
+        begin, end = offsets
+        dtype = TORCH_DTYPES[SAFETENSORS_NAMES[st_dtype]]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        numel = math.prod(shape)
+        if not 0 <= begin <= end <= data_len:
+            raise BadRequest(f"data_offsets [{begin}, {end}] fall outside the {data_len} data "
+                             "bytes (truncated file?)", code="invalid_safetensors",
+                             field=f"{where}.data_offsets")
+        if end - begin != numel * itemsize:
+            raise BadRequest(f"{end - begin} bytes do not hold shape {list(shape)} of "
+                             f"{SAFETENSORS_NAMES[st_dtype]}", code="invalid_safetensors",
+                             field=f"{where}.data_offsets")
+        spans.append((begin, end, name))
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        elif begin % itemsize == 0 and isinstance(buf, bytearray):
+            tensors[name] = torch.frombuffer(view[begin:end], dtype=dtype).reshape(shape)
+        else:
+            chunk = bytearray(view[begin:end])
+            tensors[name] = torch.frombuffer(chunk, dtype=dtype).reshape(shape)
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            raise BadRequest(f"tensor {name!r:.60} overlaps another or leaves a gap",
+                             code="invalid_safetensors", field=f"{field}.{name}")
+        pos = end
+    if pos != data_len:
+        raise BadRequest(f"{data_len - pos} bytes after the last tensor",
+                         code="invalid_safetensors", field=field)
+    return tensors, dict(metadata_raw)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
+    """Serialize CPU tensors (any layout) and string metadata to safetensors bytes."""
+    ready = {k: v.detach().contiguous() for k, v in tensors.items()}
+    return bytes(_st_save(ready, metadata=metadata))
+

@@ -1,0 +1,84 @@
+"""State-dict trees (nested dicts/lists of numbers, strings and tensors) to and from JSON.
+
+- tensors become JSON tensors (or ``{"$tensor": key}`` references in safetensors mode);
+- tuples become lists; non-finite floats become ``{"$float": "inf" | "-inf" | "nan"}``;
+- dict keys become strings (torch's integer state ids are restored by the engine).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from app.errors import Invalid
+from app.wire.json_tensor import decode_json_tensor, encode_json_tensor, is_json_tensor
+
+_FLOAT_TAGS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def _float_tag(x: float) -> dict[str, str]:
+    return {"$float": "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")}
+
+
+def to_jsonable(obj: Any, on_tensor: Callable[[torch.Tensor, str], Any], path: str = "") -> Any:
+    if isinstance(obj, torch.Tensor):
+        return on_tensor(obj, path)
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v, on_tensor, f"{path}.{k}" if path else str(k))
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v, on_tensor, f"{path}.{i}" if path else str(i))
+                for i, v in enumerate(obj)]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return _float_tag(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot put {type(obj).__name__} on the wire at {path}")
+
+
+def tree_to_json(obj: Any, *, b64: bool = False) -> Any:
+    """A tree with tensors to plain JSON values (tensors as JSON tensor objects)."""
+    return to_jsonable(obj, lambda t, _p: encode_json_tensor(t.detach().cpu(), b64=b64))
+
+
+def tree_to_safetensors(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A tree with tensors to (JSON with ``{"$tensor": key}`` refs, tensors by key)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def put(t: torch.Tensor, path: str) -> dict[str, str]:
+        tensors[path] = t.detach().cpu()
+        return {"$tensor": path}
+
+    return to_jsonable(obj, put), tensors
+
+
+def tree_from_json(
+    obj: Any, field: str = "", tensors: dict[str, torch.Tensor] | None = None, depth: int = 0
+) -> Any:
+    """Plain JSON (from :func:`tree_to_json` or :func:`tree_to_safetensors`) back to a tree."""
+    if depth > 64:
+        raise Invalid("state is nested too deeply", code="invalid_state", field=field)
+    if isinstance(obj, dict):
+        if obj.keys() == {"$float"}:
+            tag = obj["$float"]
+            if tag not in _FLOAT_TAGS:
+                raise Invalid(f"$float must be one of {sorted(_FLOAT_TAGS)}",
+                              code="invalid_state", field=field)
+            return _FLOAT_TAGS[tag]
+        if obj.keys() == {"$tensor"}:
+            key = obj["$tensor"]
+            if tensors is None or not isinstance(key, str) or key not in tensors:
+                raise Invalid(f"$tensor reference {key!r:.60} names no tensor in the body",
+                              code="invalid_state", field=field)
+            return tensors[key]
+        if is_json_tensor(obj):
+            return decode_json_tensor(obj, field)
+        return {k: tree_from_json(v, f"{field}.{k}" if field else str(k), tensors, depth + 1)
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [tree_from_json(v, f"{field}.{i}" if field else str(i), tensors, depth + 1)
+                for i, v in enumerate(obj)]
+    return obj

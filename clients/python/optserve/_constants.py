@@ -1,0 +1,24 @@
+"""Defaults shared by :class:`optserve.Client` and :class:`optserve.AsyncClient`."""
+
+from __future__ import annotations
+
+BASE_URL_ENV = "OPTSERVE_BASE_URL"
+API_KEY_ENV = "OPTSERVE_API_KEY"
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+
+DEFAULT_TIMEOUT = 60.0  # seconds, for connect, read, write and pool alike
+DEFAULT_MAX_RETRIES = 2
+
+# Retry delay: INITIAL_RETRY_DELAY * 2**attempt, capped at MAX_RETRY_DELAY, then scaled by a
+# random factor in [1 - RETRY_JITTER, 1] so that many workers do not retry in lockstep.
+INITIAL_RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 8.0
+RETRY_JITTER = 0.25
+
+JSON = "application/json"
+PROBLEM_JSON = "application/problem+json"
+OCTET_STREAM = "application/octet-stream"
+
+REQUEST_ID_HEADER = "X-Request-Id"
+VERSION_HEADER = "X-Optserve-Version"
+STEP_HEADER = "X-Optserve-Step"

@@ -1,0 +1,202 @@
+"""Every error the SDK raises on purpose derives from :class:`OptserveError`.
+
+Our exception hierarchy::
+
+    OptserveError
+    ├── APIConnectionError             the request did not get an HTTP response
+    │   └── APITimeoutError            ... because it timed out
+    ├── APIResponseValidationError     the server answered something the SDK cannot decode
+    └── APIStatusError                 the server answered 4xx/5xx (an RFC 9457 problem)
+        ├── BadRequestError            400  body is not JSON / safetensors / an object
+        ├── AuthenticationError        401
+        ├── PermissionDeniedError      403
+        ├── NotFoundError              404  unknown session (or route)
+        ├── ConflictError              409  session id taken, scheduler exhausted
+        ├── PayloadTooLargeError       413  body over the server's limit
+        ├── ValidationError            422  bad option, shape/dtype mismatch, unknown name, ...
+        ├── RateLimitError             429
+        └── InternalServerError        5xx
+
+Statuses without a class of their own (405, 406, 415, ...) raise :class:`APIStatusError`.
+Bad arguments caught before anything is sent raise the built-in ``TypeError``/``ValueError``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from ._constants import REQUEST_ID_HEADER
+
+__all__ = [
+    "OptserveError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "APIResponseValidationError",
+    "APIStatusError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "ConflictError",
+    "PayloadTooLargeError",
+    "ValidationError",
+    "RateLimitError",
+    "InternalServerError",
+]
+
+
+class OptserveError(Exception):
+    """Base class of every error the SDK raises on purpose."""
+
+    message: str
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class APIConnectionError(OptserveError):
+    """No HTTP response came back (connection refused or reset, DNS failure, ...)."""
+
+    request: httpx.Request
+
+    def __init__(self, *, request: httpx.Request, message: str = "Connection error.") -> None:
+        super().__init__(message)
+        self.request = request
+
+
+class APITimeoutError(APIConnectionError):
+    """The request timed out (connect, write, read or waiting for a pooled connection)."""
+
+    def __init__(self, *, request: httpx.Request, message: str = "Request timed out.") -> None:
+        super().__init__(request=request, message=message)
+
+
+class APIResponseValidationError(OptserveError):
+    """A 2xx response whose body the SDK could not decode (not the documented shape)."""
+
+    response: httpx.Response
+    request_id: str | None
+
+    def __init__(self, message: str, *, response: httpx.Response) -> None:
+        super().__init__(message)
+        self.response = response
+        self.request_id = response.headers.get(REQUEST_ID_HEADER)
+
+
+class APIStatusError(OptserveError):
+    """The server answered with a 4xx/5xx status and (usually) a problem+json body.
+
+    Attributes:
+        status_code: the HTTP status.
+        code: the problem's machine-readable ``code`` (``"shape_mismatch"``, ...), if any.
+        detail: the problem's human-readable ``detail`` (or the body text).
+        field: the offending input as a dotted path (``"grads.w"``, ``"options.lr"``), if any.
+        problem: the whole problem object (``{}`` when the body was not JSON).
+        request_id: the ``X-Request-Id`` response header, if present.
+        response: the :class:`httpx.Response` itself.
+    """
+
+    status_code: int
+    code: str | None
+    detail: str | None
+    field: str | None
+    problem: dict[str, Any]
+    request_id: str | None
+    response: httpx.Response
+
+    def __init__(
+        self, message: str, *, response: httpx.Response, problem: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.response = response
+        self.status_code = response.status_code
+        self.problem = dict(problem or {})
+        code = self.problem.get("code")
+        detail = self.problem.get("detail")
+        field = self.problem.get("field")
+        self.code = code if isinstance(code, str) else None
+        self.detail = detail if isinstance(detail, str) else None
+        self.field = field if isinstance(field, str) else None
+        self.request_id = response.headers.get(REQUEST_ID_HEADER)
+
+
+class BadRequestError(APIStatusError):
+    """400: the body is not JSON, not safetensors, or not an object."""
+
+
+class AuthenticationError(APIStatusError):
+    """401: missing or wrong API key."""
+
+
+class PermissionDeniedError(APIStatusError):
+    """403: the key may not do this."""
+
+
+class NotFoundError(APIStatusError):
+    """404: unknown session (or route)."""
+
+
+class ConflictError(APIStatusError):
+    """409: the session id already exists, or the scheduler is exhausted."""
+
+
+class PayloadTooLargeError(APIStatusError):
+    """413: the body is larger than the server accepts."""
+
+
+class ValidationError(APIStatusError):
+    """422: anything else the client got wrong; :attr:`field` names the input."""
+
+
+class RateLimitError(APIStatusError):
+    """429: too many requests."""
+
+
+class InternalServerError(APIStatusError):
+    """5xx: the server failed (503 from ``/readyz`` when it is not ready)."""
+
+
+_BY_STATUS: dict[int, type[APIStatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: PayloadTooLargeError,
+    422: ValidationError,
+    429: RateLimitError,
+}
+
+
+def status_error_class(status_code: int) -> type[APIStatusError]:
+    """The exception class for an HTTP error status."""
+    if status_code >= 500:
+        return InternalServerError
+    return _BY_STATUS.get(status_code, APIStatusError)
+
+
+def make_status_error(response: httpx.Response) -> APIStatusError:
+    """Build the typed exception for an error response (problem+json or anything else)."""
+    problem: dict[str, Any] = {}
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        problem = body
+    detail = problem.get("detail")
+    title = problem.get("title")
+    if isinstance(detail, str) and detail:
+        text = detail
+    elif isinstance(title, str) and title:
+        text = title
+    else:
+        text = response.text[:500] or response.reason_phrase
+    message = f"{response.status_code} {text}"
+    field = problem.get("field")
+    if isinstance(field, str) and field:
+        message += f" (field: {field})"
+    return status_error_class(response.status_code)(message, response=response, problem=problem)

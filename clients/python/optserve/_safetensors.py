@@ -1,0 +1,143 @@
+"""The safetensors format, in memory, without the ``safetensors`` package.
+
+A safetensors file is an 8-byte little-endian header length ``N``, ``N`` bytes of JSON
+(``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``,
+padded with spaces to a multiple of 8) and then the raw little-endian tensor bytes.
+
+Why not the ``safetensors`` package: its low-level ``serialize`` changed shape between
+releases (0.8 takes raw pointers), and its numpy front end cannot carry bfloat16. Writing the
+format directly keeps the SDK independent of the installed version and lets bfloat16 travel
+without torch. The unit tests check both directions against the ``safetensors`` package.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# wire dtype name -> (safetensors dtype, bytes per element)
+DTYPES: dict[str, tuple[str, int]] = {
+    "float16": ("F16", 2),
+    "bfloat16": ("BF16", 2),
+    "float32": ("F32", 4),
+    "float64": ("F64", 8),
+    "int8": ("I8", 1),
+    "int16": ("I16", 2),
+    "int32": ("I32", 4),
+    "int64": ("I64", 8),
+    "uint8": ("U8", 1),
+    "bool": ("BOOL", 1),
+}
+_FROM_CODE: dict[str, str] = {code: name for name, (code, _) in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class WireTensor:
+    """A tensor as it travels: dtype name, shape and C-order little-endian bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unsupported dtype {self.dtype!r}; one of {sorted(DTYPES)}")
+        expected = math.prod(self.shape) * DTYPES[self.dtype][1]
+        if self.data.nbytes != expected:
+            raise ValueError(
+                f"{self.data.nbytes} bytes cannot hold shape {list(self.shape)} of {self.dtype}"
+            )
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][1]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def dumps(tensors: Mapping[str, WireTensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialize tensors (and string metadata) to the bytes of a safetensors file.
+
+    Tensors are laid out widest element first, so every tensor's data is aligned to its
+    element size when the file is loaded at an aligned address.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError("safetensors metadata must map strings to strings")
+        header["__metadata__"] = dict(metadata)
+    order = sorted(tensors.items(), key=lambda kv: -kv[1].itemsize)
+    offset = 0
+    for name, t in order:
+        if name == "__metadata__":
+            raise ValueError("'__metadata__' cannot name a tensor")
+        n = t.data.nbytes
+        header[name] = {
+            "dtype": DTYPES[t.dtype][0],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    chunks: list[bytes | memoryview] = [struct.pack("<Q", len(head)), head]
+    chunks.extend(t.data for _, t in order)
+    return b"".join(chunks)
+
+
+def loads(body: bytes | bytearray | memoryview) -> tuple[dict[str, WireTensor], dict[str, str]]:
+    """Parse a safetensors file: (tensors by name, ``__metadata__``). Raises ``ValueError``.
+
+    The returned tensors' ``data`` are writable views into one private copy of ``body``
+    (or into a fresh copy where a tensor is not aligned to its element size).
+    """
+    buf = bytearray(body)
+    if len(buf) < 8:
+        raise ValueError("not a safetensors file: shorter than its 8-byte header length")
+    (n,) = struct.unpack_from("<Q", buf, 0)
+    if n > len(buf) - 8 or n > _MAX_HEADER:
+        raise ValueError(f"safetensors header claims {n} bytes but the body has {len(buf) - 8}")
+    try:
+        header = json.loads(bytes(buf[8 : 8 + n]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header must be a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise ValueError("safetensors __metadata__ must map strings to strings")
+    start = 8 + n
+    size = len(buf) - start
+    view = memoryview(buf)
+    tensors: dict[str, WireTensor] = {}
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise ValueError(f"safetensors entry {name!r} is not an object")
+        code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(code, str) or code not in _FROM_CODE:
+            raise ValueError(f"tensor {name!r}: unsupported safetensors dtype {code!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name!r}: bad shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= size
+        ):
+            raise ValueError(f"tensor {name!r}: bad data_offsets {offsets!r}")
+        dtype = _FROM_CODE[code]
+        begin, end = start + offsets[0], start + offsets[1]
+        chunk = view[begin:end]
+        if begin % DTYPES[dtype][1]:
+            chunk = memoryview(bytearray(chunk))
+        tensors[name] = WireTensor(dtype, tuple(shape), chunk)
+    return tensors, dict(metadata)

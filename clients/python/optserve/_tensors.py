@@ -1,0 +1,444 @@
+"""Tensors and trees of values to and from the wire (no HTTP here).
+
+In: ``torch.Tensor`` (any device; detached and copied to the CPU), ``numpy.ndarray``, or plain
+(nested) Python numbers, which become float32 / int64 / bool as ``torch.tensor`` would make them.
+Out: ``torch.Tensor`` on the CPU when torch is importable, else ``numpy.ndarray`` (bfloat16 then
+raises, numpy having no such dtype).
+
+JSON tensors are ``{"dtype", "shape", "data": [flat]}`` (non-finite values as the strings
+``"NaN"``, ``"Infinity"``, ``"-Infinity"``) or ``{"dtype", "shape", "b64"}``. Inside trees
+(options, state dicts) tuples become lists, non-finite floats ``{"$float": "inf"|"-inf"|"nan"}``
+and, in safetensors bodies, tensors ``{"$tensor": key}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _safetensors
+from ._safetensors import DTYPES, WireTensor
+
+try:
+    import torch
+except ImportError:  # pragma: no cover - exercised only where torch is missing
+    torch = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    import torch as _torch_t
+
+    TensorLike: TypeAlias = "_torch_t.Tensor | npt.NDArray[Any] | list[Any] | float | int | bool"
+else:
+    TensorLike = Any
+
+#: What the SDK returns for a tensor: ``torch.Tensor`` when torch is importable, else
+#: ``numpy.ndarray``.
+Tensor: TypeAlias = Any
+
+HAS_TORCH = torch is not None
+#: Return torch tensors (True) or numpy arrays (False). Tests flip it to exercise numpy.
+USE_TORCH = HAS_TORCH
+
+STATE_METADATA_KEY = "optserve_state"
+
+_NUMPY: dict[str, str] = {
+    "float16": "<f2",
+    "float32": "<f4",
+    "float64": "<f8",
+    "int8": "i1",
+    "int16": "<i2",
+    "int32": "<i4",
+    "int64": "<i8",
+    "uint8": "u1",
+    "bool": "?",
+}
+_NUMPY_NAMES: dict[tuple[str, int], str] = {
+    ("f", 2): "float16",
+    ("f", 4): "float32",
+    ("f", 8): "float64",
+    ("i", 1): "int8",
+    ("i", 2): "int16",
+    ("i", 4): "int32",
+    ("i", 8): "int64",
+    ("u", 1): "uint8",
+    ("b", 1): "bool",
+}
+FLOATING = frozenset({"float16", "bfloat16", "float32", "float64"})
+_NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_FLOAT_TAGS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+_JSON_TENSOR_KEYS = frozenset({"dtype", "shape", "data", "b64"})
+
+
+def _torch_dtypes() -> dict[str, Any]:
+    assert torch is not None
+    return {
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "float32": torch.float32,
+        "float64": torch.float64,
+        "int8": torch.int8,
+        "int16": torch.int16,
+        "int32": torch.int32,
+        "int64": torch.int64,
+        "uint8": torch.uint8,
+        "bool": torch.bool,
+    }
+
+
+_TORCH_DTYPES: dict[str, Any] = _torch_dtypes() if torch is not None else {}
+_TORCH_NAMES: dict[Any, str] = {v: k for k, v in _TORCH_DTYPES.items()}
+
+
+def is_torch_tensor(x: object) -> bool:
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def is_tensor(x: object) -> bool:
+    """A torch tensor or a numpy array (what trees carry as tensors)."""
+    return isinstance(x, np.ndarray) or is_torch_tensor(x)
+
+
+# --------------------------------------------------------------------------- to the wire
+def to_wire(x: TensorLike, what: str = "tensor") -> WireTensor:
+    """Any accepted tensor input to a :class:`WireTensor` (C order, little-endian)."""
+    if torch is not None and isinstance(x, torch.Tensor):
+        return _from_torch(x, what)
+    if isinstance(x, np.ndarray):
+        return _from_numpy(x, what)
+    if isinstance(x, np.generic):
+        return _from_numpy(np.asarray(x), what)
+    if isinstance(x, (list, tuple, float, int, bool)):
+        arr = np.asarray(x)
+        if arr.dtype.kind == "f":
+            arr = arr.astype(np.float32)
+        elif arr.dtype.kind in "iu":
+            arr = arr.astype(np.int64)
+        elif arr.dtype.kind != "b":
+            raise TypeError(f"{what}: a list of numbers was expected, got {arr.dtype} values")
+        return _from_numpy(arr, what)
+    raise TypeError(
+        f"{what}: expected a torch.Tensor, numpy.ndarray or (nested) list of numbers, "
+        f"got {type(x).__name__}"
+    )
+
+
+def _from_torch(t: Any, what: str) -> WireTensor:
+    assert torch is not None
+    if t.layout != torch.strided:
+        raise TypeError(f"{what}: only dense (strided) tensors can be sent, got {t.layout}")
+    name = _TORCH_NAMES.get(t.dtype)
+    if name is None:
+        raise TypeError(f"{what}: dtype {t.dtype} cannot be sent; one of {sorted(DTYPES)}")
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg().contiguous()
+    shape = tuple(int(d) for d in t.shape)
+    if t.numel() == 0:
+        return WireTensor(name, shape, memoryview(b""))
+    raw = t.reshape(-1).view(torch.uint8).numpy()
+    return WireTensor(name, shape, memoryview(raw))
+
+
+def _from_numpy(a: npt.NDArray[Any], what: str) -> WireTensor:
+    name = _NUMPY_NAMES.get((a.dtype.kind, a.dtype.itemsize))
+    if name is None:
+        raise TypeError(f"{what}: numpy dtype {a.dtype} cannot be sent; one of {sorted(_NUMPY)}")
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    a = np.ascontiguousarray(a)
+    shape = tuple(int(d) for d in a.shape)
+    return WireTensor(name, shape, memoryview(a.reshape(-1).view(np.uint8)))
+
+
+def _bf16_to_f32(data: memoryview) -> npt.NDArray[np.float32]:
+    bits = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
+    return bits.view(np.float32)
+
+
+def _f32_to_bf16(values: npt.NDArray[Any]) -> npt.NDArray[np.uint16]:
+    """Round float32 values to bfloat16 bit patterns (nearest, ties to even; NaN stays NaN)."""
+    f = np.ascontiguousarray(values, dtype=np.float32)
+    bits = f.view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(f)
+    if nan.any():
+        rounded[nan] = ((bits[nan] >> 16).astype(np.uint16)) | np.uint16(0x0040)
+    return rounded
+
+
+def wire_values(w: WireTensor) -> npt.NDArray[Any]:
+    """The flat values as a numpy array (bfloat16 widened to float32)."""
+    if w.dtype == "bfloat16":
+        return _bf16_to_f32(w.data)
+    return np.frombuffer(w.data, dtype=_NUMPY[w.dtype])
+
+
+def encode_json_tensor(w: WireTensor, *, b64: bool = False) -> dict[str, Any]:
+    """A :class:`WireTensor` to a JSON tensor object."""
+    out: dict[str, Any] = {"dtype": w.dtype, "shape": list(w.shape)}
+    if b64:
+        out["b64"] = base64.b64encode(w.data).decode("ascii")
+        return out
+    values = wire_values(w)
+    data: list[Any] = values.tolist()
+    if w.dtype in FLOATING and not bool(np.isfinite(values).all()):
+        data = [
+            x if math.isfinite(x) else ("NaN" if math.isnan(x) else
+                                        ("Infinity" if x > 0 else "-Infinity"))
+            for x in data
+        ]
+    out["data"] = data
+    return out
+
+
+# --------------------------------------------------------------------------- from the wire
+def is_json_tensor(obj: object) -> bool:
+    return (
+        isinstance(obj, dict)
+        and "dtype" in obj
+        and "shape" in obj
+        and ("data" in obj or "b64" in obj)
+        and obj.keys() <= _JSON_TENSOR_KEYS
+    )
+
+
+def decode_json_tensor(obj: object) -> WireTensor:
+    """A JSON tensor object to a :class:`WireTensor`. Raises ``ValueError``."""
+    if not is_json_tensor(obj):
+        raise ValueError(f"not a JSON tensor: {str(obj)[:80]}")
+    assert isinstance(obj, dict)
+    dtype, shape = obj["dtype"], obj["shape"]
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"bad shape {shape!r}")
+    numel = math.prod(shape)
+    if "b64" in obj:
+        try:
+            raw = base64.b64decode(obj["b64"], validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise ValueError("b64 is not valid base64") from None
+        return WireTensor(dtype, tuple(shape), memoryview(bytearray(raw)))
+    data = obj["data"]
+    if not isinstance(data, list) or len(data) != numel:
+        raise ValueError(f"data must be a flat list of {numel} values")
+    if dtype in FLOATING and any(isinstance(x, str) for x in data):
+        try:
+            data = [_NONFINITE_IN[x] if isinstance(x, str) else x for x in data]
+        except KeyError as exc:
+            raise ValueError(f"unexpected string {exc.args[0]!r} in data") from None
+    if dtype == "bfloat16":
+        arr: npt.NDArray[Any] = _f32_to_bf16(np.array(data, dtype=np.float32))
+    else:
+        arr = np.array(data, dtype=_NUMPY[dtype])
+    return WireTensor(dtype, tuple(shape), memoryview(arr.reshape(-1).view(np.uint8)))
+
+
+def from_wire(w: WireTensor) -> Tensor:
+    """A :class:`WireTensor` to a CPU ``torch.Tensor`` (or ``numpy.ndarray`` without torch)."""
+    if USE_TORCH and torch is not None:
+        dtype = _TORCH_DTYPES[w.dtype]
+        if w.numel == 0:
+            return torch.empty(w.shape, dtype=dtype)
+        data: memoryview | bytearray = w.data
+        if w.data.readonly:
+            data = bytearray(w.data)
+        return torch.frombuffer(data, dtype=dtype).reshape(w.shape)
+    if w.dtype == "bfloat16":
+        raise TypeError(
+            "a bfloat16 tensor came back but numpy has no bfloat16: install torch "
+            "(pip install 'optserve[torch]')"
+        )
+    arr = np.frombuffer(w.data, dtype=_NUMPY[w.dtype])
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    return arr.reshape(w.shape)
+
+
+# --------------------------------------------------------------------------- tensor maps
+def encode_tensor_map(tensors: Mapping[str, TensorLike], what: str) -> dict[str, WireTensor]:
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"{what} must be a mapping of names to tensors, got "
+                        f"{type(tensors).__name__}")
+    out: dict[str, WireTensor] = {}
+    for name, t in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{what}: names must be strings, got {name!r}")
+        out[name] = to_wire(t, f"{what}[{name!r}]")
+    return out
+
+
+def json_tensor_map(tensors: Mapping[str, WireTensor]) -> dict[str, Any]:
+    return {name: encode_json_tensor(w) for name, w in tensors.items()}
+
+
+def decode_json_tensor_map(obj: object) -> dict[str, Tensor]:
+    if not isinstance(obj, dict):
+        raise ValueError("expected an object of named tensors")
+    return {str(name): from_wire(decode_json_tensor(t)) for name, t in obj.items()}
+
+
+# --------------------------------------------------------------------------- trees
+def _float_tag(x: float) -> dict[str, str]:
+    return {"$float": "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")}
+
+
+def tree_to_wire(obj: Any, on_tensor: Callable[[WireTensor, str], Any], path: str = "") -> Any:
+    """A tree of values and tensors to JSON values; ``on_tensor(w, dotted_path)`` encodes
+    each tensor (as a JSON tensor or a ``{"$tensor": key}`` reference)."""
+    if is_tensor(obj):
+        return on_tensor(to_wire(obj, path or "tensor"), path)
+    if isinstance(obj, Mapping):
+        return {
+            str(k): tree_to_wire(v, on_tensor, f"{path}.{k}" if path else str(k))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return [
+            tree_to_wire(v, on_tensor, f"{path}.{i}" if path else str(i))
+            for i, v in enumerate(obj)
+        ]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return _float_tag(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot send a {type(obj).__name__} (at {path or 'top level'!r})")
+
+
+def tree_to_json(obj: Any) -> Any:
+    """A tree to plain JSON values with tensors as JSON tensors."""
+    return tree_to_wire(obj, lambda w, _path: encode_json_tensor(w))
+
+
+def tree_from_wire(
+    obj: Any,
+    tensors: Mapping[str, Tensor] | None = None,
+    referenced: set[str] | None = None,
+) -> Any:
+    """JSON values back to a tree: ``$float`` tags, JSON tensors and ``$tensor`` references
+    (looked up in ``tensors``; their keys are added to ``referenced``) become values."""
+    if isinstance(obj, dict):
+        if obj.keys() == {"$float"} and obj["$float"] in _FLOAT_TAGS:
+            return _FLOAT_TAGS[obj["$float"]]
+        if obj.keys() == {"$tensor"}:
+            key = obj["$tensor"]
+            if tensors is None or key not in tensors:
+                raise ValueError(f"$tensor reference {key!r} names no tensor in the body")
+            if referenced is not None:
+                referenced.add(key)
+            return tensors[key]
+        if is_json_tensor(obj):
+            return from_wire(decode_json_tensor(obj))
+        return {k: tree_from_wire(v, tensors, referenced) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [tree_from_wire(v, tensors, referenced) for v in obj]
+    return obj
+
+
+def json_dumps(obj: Any) -> bytes:
+    """Compact JSON bytes; refuses NaN/Infinity literals (they must be encoded first)."""
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
+
+
+# --------------------------------------------------------------------------- state dicts
+_NOT_OPTIONS = ("params", "param_names")
+
+
+def _tupleize(v: Any) -> Any:
+    """torch keeps pairs such as Adam's ``betas`` as tuples; JSON made them lists."""
+    if (
+        isinstance(v, list)
+        and v
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    ):
+        return tuple(v)
+    return v
+
+
+def options_from_wire(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Decoded optimizer options as torch holds them (number lists back to tuples)."""
+    return {
+        k: (v if k in _NOT_OPTIONS else _tupleize(tree_from_wire(v))) for k, v in options.items()
+    }
+
+
+def state_dict_to_torch_format(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A decoded state tree to torch's shape: integer state ids, tuple options."""
+    out: dict[str, Any] = {}
+    state = tree.get("state", {})
+    if not isinstance(state, dict):
+        raise ValueError("state_dict.state must be an object")
+    out["state"] = {(int(k) if isinstance(k, str) and k.isdigit() else k): v
+                    for k, v in state.items()}
+    groups = tree.get("param_groups", [])
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise ValueError("state_dict.param_groups must be a list of objects")
+    out["param_groups"] = [
+        {k: (v if k in _NOT_OPTIONS else _tupleize(v)) for k, v in g.items()} for g in groups
+    ]
+    for k, v in tree.items():
+        if k not in out:
+            out[k] = v
+    return out
+
+
+def encode_state_safetensors(state_dict: Mapping[str, Any]) -> bytes:
+    """A torch-format state dict to a safetensors body: every tensor under its dotted path
+    (``state.<id>.<key>``, ...), the rest as JSON in ``__metadata__["optserve_state"]`` with
+    ``{"$tensor": path}`` where each tensor was."""
+    tensors: dict[str, WireTensor] = {}
+
+    def put(w: WireTensor, path: str) -> dict[str, str]:
+        tensors[path] = w
+        return {"$tensor": path}
+
+    tree = tree_to_wire(state_dict, put)
+    return _safetensors.dumps(tensors, {STATE_METADATA_KEY: json.dumps(tree, allow_nan=False)})
+
+
+def decode_state_safetensors(body: bytes) -> dict[str, Any]:
+    """A safetensors state body to a torch-format state dict. Raises ``ValueError``."""
+    wires, metadata = _safetensors.loads(body)
+    raw = metadata.get(STATE_METADATA_KEY)
+    if raw is None:
+        raise ValueError(f"safetensors state has no __metadata__[{STATE_METADATA_KEY!r}]")
+    tensors = {k: from_wire(w) for k, w in wires.items()}
+    referenced: set[str] = set()
+    tree = tree_from_wire(json.loads(raw), tensors, referenced)
+    if not isinstance(tree, dict):
+        raise ValueError("optserve_state must be a JSON object")
+    state = tree.setdefault("state", {})
+    for key, t in tensors.items():
+        if key in referenced:
+            continue
+        parts = key.split(".", 2)
+        if len(parts) != 3 or parts[0] != "state":
+            raise ValueError(f"tensor {key!r} is neither referenced nor a state.<id>.<key>")
+        state.setdefault(parts[1], {})[parts[2]] = t
+    return state_dict_to_torch_format(tree)
+
+
+def encode_state_json(state_dict: Mapping[str, Any]) -> bytes:
+    return json_dumps(tree_to_json(state_dict))
+
+
+def decode_state_json(obj: object) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise ValueError("a state dict must be a JSON object")
+    tree = tree_from_wire(obj)
+    assert isinstance(tree, dict)
+    return state_dict_to_torch_format(tree)
+
+
+def flatten_names(groups: Iterable[Iterable[str]]) -> list[str]:
+    return [n for g in groups for n in g]

@@ -1,0 +1,161 @@
+"""Result types. Tensors are ``torch.Tensor`` (CPU) when torch is importable, else numpy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._tensors import Tensor, options_from_wire
+
+__all__ = [
+    "SessionInfo",
+    "ParamGroupInfo",
+    "ParamInfo",
+    "StepResult",
+    "ParamsResult",
+    "VersionInfo",
+    "SchedulerStepResult",
+    "OptimizerInfo",
+    "SchedulerInfo",
+]
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """A parameter's dtype name and shape as the server holds it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ParamGroupInfo:
+    """One param group: its parameter names (in order) and its options (``lr``, ...)."""
+
+    params: list[str]
+    options: dict[str, Any]
+
+    @property
+    def lr(self) -> Any:
+        return self.options.get("lr")
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A session's description (``POST /v1/sessions``, ``GET /v1/sessions/{id}``).
+
+    ``defaults`` and each group's ``options`` are decoded as torch holds them (``betas``
+    is a tuple, infinities are floats, tensor options are tensors).
+    """
+
+    id: str
+    optimizer: str
+    device: str
+    version: int
+    step: int
+    defaults: dict[str, Any]
+    param_groups: list[ParamGroupInfo]
+    scheduler: dict[str, Any] | None
+    lr: list[float] = field(default_factory=list)
+    params: dict[str, ParamInfo] = field(default_factory=dict)
+    nonfinite: str | None = None
+    accumulated: list[str] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def param_names(self) -> list[str]:
+        """Every parameter name, in torch's order (groups in order, params in order)."""
+        return [n for g in self.param_groups for n in g.params]
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> SessionInfo:
+        groups = []
+        for g in obj.get("param_groups") or []:
+            names = [str(n) for n in g.get("params", [])]
+            options = options_from_wire({k: v for k, v in g.items() if k != "params"})
+            groups.append(ParamGroupInfo(params=names, options=options))
+        params = {
+            str(name): ParamInfo(str(p.get("dtype")), tuple(p.get("shape", ())))
+            for name, p in (obj.get("params") or {}).items()
+            if isinstance(p, dict)
+        }
+        lr = obj.get("lr")
+        if not isinstance(lr, list):
+            lr = [g.options.get("lr") for g in groups]
+        return cls(
+            id=str(obj["id"]),
+            optimizer=str(obj["optimizer"]),
+            device=str(obj.get("device", "")),
+            version=int(obj.get("version", 0)),
+            step=int(obj.get("step", 0)),
+            defaults=options_from_wire(obj.get("defaults") or {}),
+            param_groups=groups,
+            scheduler=obj.get("scheduler"),
+            lr=list(lr),
+            params=params,
+            nonfinite=obj.get("nonfinite"),
+            accumulated=list(obj.get("accumulated") or []),
+            raw=obj,
+        )
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """``POST .../step``: the new version and step count, per-group learning rates after the
+    step (and its scheduler step), whether it was skipped (non-finite gradient under the
+    ``skip`` policy), which gradients were non-finite, and the updated parameters (``None``
+    when asked for ``return_params=False``)."""
+
+    version: int
+    step: int
+    lr: list[float]
+    skipped: bool
+    params: dict[str, Tensor] | None
+    nonfinite: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ParamsResult:
+    """``GET``/``PUT .../params``: parameters with the version and step they belong to."""
+
+    version: int
+    step: int
+    params: dict[str, Tensor]
+    lr: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """The session's version and step after a call that returns no tensors."""
+
+    version: int
+    step: int
+
+
+@dataclass(frozen=True)
+class SchedulerStepResult:
+    """``POST .../scheduler/step``: learning rates after the scheduler step."""
+
+    lr: list[float]
+    version: int | None = None
+    step: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """An entry of ``GET /v1/optimizers``: a ``torch.optim`` class and its default options."""
+
+    name: str
+    defaults: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SchedulerInfo:
+    """An entry of ``GET /v1/schedulers``: a ``torch.optim.lr_scheduler`` class, its default
+    options, the options it requires, and whether it steps with the optimizer by default."""
+
+    name: str
+    defaults: dict[str, Any]
+    required: list[str] = field(default_factory=list)
+    default_step_on: str = "optimizer"
