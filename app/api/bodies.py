@@ -38,6 +38,18 @@ async def read_body(request: Request, max_bytes: int) -> bytearray:
         if size > max_bytes:
             raise PayloadTooLarge(f"body of {size} bytes exceeds the limit of {max_bytes}",
                                   limit=max_bytes)
+        if size > OFFLOAD_BYTES:  # one copy into a buffer of the announced size
+            out = bytearray(size)
+            view, pos = memoryview(out), 0
+            async for chunk in request.stream():
+                end = pos + len(chunk)
+                if end > size:
+                    raise BadRequest("body is longer than its Content-Length")
+                view[pos:end] = chunk
+                pos = end
+            if pos != size:
+                raise BadRequest("body is shorter than its Content-Length")
+            return out
     buf = bytearray()
     async for chunk in request.stream():
         buf += chunk

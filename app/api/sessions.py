@@ -60,7 +60,7 @@ async def create_session(request: Request, engine: EngineDep, settings: Settings
 
 @router.get("", summary="List sessions")
 async def list_sessions(engine: EngineDep) -> Response:
-    return json_response({"sessions": await engine.list()})
+    return json_response({"sessions": await engine.list_sessions()})
 
 
 @router.get("/{session_id}", summary="Describe a session")

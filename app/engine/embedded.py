@@ -75,7 +75,7 @@ class EmbeddedEngine:
     async def describe(self, session_id: str) -> dict[str, Any]:
         return await self._worker.run(lambda: self._get(session_id).describe())
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def list_sessions(self) -> list[dict[str, Any]]:
         return await self._worker.run(lambda: [s.describe() for s in self._sessions.values()])
 
     async def delete(self, session_id: str) -> None:

@@ -88,8 +88,8 @@ def _option_value(name: str, value: Any, default: Any, field: str) -> Any:
     if is_json_tensor(value) or isinstance(value, torch.Tensor):
         tensor = value if isinstance(value, torch.Tensor) else decode_json_tensor(value, field)
         if name != "lr" or tensor.numel() != 1 or not tensor.is_floating_point():
-            raise Invalid(f"only lr may be given as a tensor, and only as a one-element "
-                          f"floating tensor", code="invalid_option", field=field)
+            raise Invalid("only lr may be given as a tensor, and only as a one-element "
+                          "floating tensor", code="invalid_option", field=field)
         return tensor.detach().clone()
     if isinstance(default, bool):
         if not isinstance(value, bool):

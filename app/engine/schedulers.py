@@ -17,8 +17,8 @@ from typing import Any, Literal
 import torch
 from torch.optim import lr_scheduler
 
-from app.errors import Conflict, Invalid
 from app.engine.optimizers import TORCH_ERRORS, blame
+from app.errors import Conflict, Invalid
 
 SUPPORTED = (
     "StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "PolynomialLR",

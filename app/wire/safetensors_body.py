@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+
 import torch
 from safetensors.torch import save as _st_save
 

@@ -1,0 +1,493 @@
+"""One function per endpoint, building an :class:`APICall`: the request to send and how to
+read its response. No I/O here, so :class:`optserve.Client` and :class:`optserve.AsyncClient`
+share every line of it and differ only in how they send.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from . import _safetensors
+from . import _tensors as T
+from ._constants import JSON, OCTET_STREAM, STEP_HEADER, VERSION_HEADER
+from ._tensors import Tensor, TensorLike, WireTensor
+from ._types import (
+    OptimizerInfo,
+    ParamsResult,
+    SchedulerInfo,
+    SchedulerStepResult,
+    SessionInfo,
+    StepResult,
+    VersionInfo,
+)
+
+R = TypeVar("R")
+StateFormat = Literal["safetensors", "json", "torch"]
+NonFinitePolicy = Literal["reject", "skip", "allow"]
+#: A param group for :meth:`Client.create_session`: ``{"params": {name: tensor} | [tensor, ...],
+#: **options}``.
+ParamGroup = Mapping[str, Any]
+ParamsArg = Mapping[str, TensorLike] | Sequence[TensorLike]
+
+
+@dataclass(frozen=True)
+class APICall(Generic[R]):
+    """A request (method, path, query, body) and the function that reads its response."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], R]
+    params: list[tuple[str, str]] = field(default_factory=list)
+    content: bytes | None = None
+    content_type: str | None = None
+    accept: str = JSON
+    #: Safe to send twice. Only idempotent calls are retried after the request may have
+    #: reached the server (read errors, read timeouts); others only when it surely did not.
+    idempotent: bool = True
+
+
+def _sid(session_id: str) -> str:
+    if not isinstance(session_id, str) or not session_id:
+        raise TypeError(f"session id must be a non-empty string, got {session_id!r}")
+    return "/v1/sessions/" + quote(session_id, safe="")
+
+
+# --------------------------------------------------------------------------- response readers
+def _is_binary(response: httpx.Response) -> bool:
+    ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    return ctype == OCTET_STREAM
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise ValueError(f"response is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValueError("response is not a JSON object")
+    return body
+
+
+def _header_int(response: httpx.Response, name: str) -> int | None:
+    value = response.headers.get(name)
+    return int(value) if value is not None else None
+
+
+def _version_step(response: httpx.Response, body: Mapping[str, Any]) -> tuple[int, int]:
+    version = body.get("version", _header_int(response, VERSION_HEADER))
+    step = body.get("step", _header_int(response, STEP_HEADER))
+    if version is None or step is None:
+        raise ValueError("response carries no version/step")
+    return int(version), int(step)
+
+
+def _tensor_response(response: httpx.Response) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
+    """(scalars, params) from a JSON body or a safetensors body with scalars in metadata."""
+    if _is_binary(response):
+        wires, metadata = _safetensors.loads(response.content)
+        scalars = {}
+        for k, v in metadata.items():
+            try:
+                scalars[k] = json.loads(v)
+            except ValueError:
+                scalars[k] = v
+        return scalars, {name: T.from_wire(w) for name, w in wires.items()}
+    body = _json(response)
+    params = body.pop("params", None)
+    return body, (T.decode_json_tensor_map(params) if params is not None else None)
+
+
+def _parse_session(response: httpx.Response) -> SessionInfo:
+    return SessionInfo.from_json(_json(response))
+
+
+def _parse_sessions(response: httpx.Response) -> list[SessionInfo]:
+    body = _json(response)
+    return [SessionInfo.from_json(s) for s in body["sessions"]]
+
+
+def _parse_dict(response: httpx.Response) -> dict[str, Any]:
+    return _json(response)
+
+
+def _parse_none(response: httpx.Response) -> None:
+    return None
+
+
+def _parse_version(response: httpx.Response) -> VersionInfo:
+    body = _json(response) if response.content else {}
+    return VersionInfo(*_version_step(response, body))
+
+
+def _parse_step(response: httpx.Response) -> StepResult:
+    scalars, params = _tensor_response(response)
+    version, step = _version_step(response, scalars)
+    return StepResult(
+        version=version,
+        step=step,
+        lr=[float(x) for x in scalars.get("lr", [])],
+        skipped=bool(scalars.get("skipped", False)),
+        params=params,
+        nonfinite=list(scalars.get("nonfinite", [])),
+    )
+
+
+def _parse_step_no_params(response: httpx.Response) -> StepResult:
+    result = _parse_step(response)
+    if result.params:
+        raise ValueError("asked for no params but the step response carries some")
+    return StepResult(result.version, result.step, result.lr, result.skipped, None,
+                      result.nonfinite)
+
+
+def _parse_params(response: httpx.Response) -> ParamsResult:
+    scalars, params = _tensor_response(response)
+    version, step = _version_step(response, scalars)
+    lr = scalars.get("lr", [])
+    return ParamsResult(version=version, step=step, params=params or {},
+                        lr=[float(x) for x in lr] if isinstance(lr, list) else [])
+
+
+def _parse_optimizers(response: httpx.Response) -> list[OptimizerInfo]:
+    body = _json(response)
+    return [
+        OptimizerInfo(name=str(o["name"]), defaults=T.options_from_wire(o.get("defaults") or {}))
+        for o in body["optimizers"]
+    ]
+
+
+def _parse_schedulers(response: httpx.Response) -> list[SchedulerInfo]:
+    body = _json(response)
+    return [
+        SchedulerInfo(
+            name=str(s["name"]),
+            defaults=T.options_from_wire(s.get("defaults") or {}),
+            required=[str(r) for r in s.get("required", [])],
+            default_step_on=str(s.get("default_step_on", "optimizer")),
+        )
+        for s in body["schedulers"]
+    ]
+
+
+def _parse_scheduler_step(response: httpx.Response) -> SchedulerStepResult:
+    body = _json(response)
+    version, step = _version_step(response, body)
+    return SchedulerStepResult(
+        lr=[float(x) for x in body.get("lr", [])], version=version, step=step, raw=body
+    )
+
+
+# --------------------------------------------------------------------------- request bodies
+def _json_body(obj: Any) -> tuple[bytes, str]:
+    return T.json_dumps(obj), JSON
+
+
+def _tensor_body(
+    tensors: Mapping[str, WireTensor], key: str, binary: bool
+) -> tuple[bytes, str]:
+    if binary:
+        return _safetensors.dumps(tensors), OCTET_STREAM
+    return _json_body({key: T.json_tensor_map(tensors)})
+
+
+def _options_json(options: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(f"{what} must be a mapping, got {type(options).__name__}")
+    encoded = T.tree_to_json(dict(options))
+    assert isinstance(encoded, dict)
+    return encoded
+
+
+def _named(
+    params: ParamsArg | Iterable[tuple[str, TensorLike]], start: int, what: str
+) -> dict[str, WireTensor]:
+    """``{name: tensor}``, ``[(name, tensor), ...]`` or ``[tensor, ...]`` (named by position
+    from ``start``) to wire tensors."""
+    if T.is_tensor(params):
+        raise TypeError(f"{what} must be a mapping or a list of tensors, not a single tensor")
+    if isinstance(params, Mapping):
+        return T.encode_tensor_map(params, what)
+    if isinstance(params, (str, bytes)) or not isinstance(params, Iterable):
+        raise TypeError(f"{what} must be a mapping or a list of tensors, got "
+                        f"{type(params).__name__}")
+    out: dict[str, WireTensor] = {}
+    for i, item in enumerate(params, start):
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            name, tensor = item
+        else:
+            name, tensor = str(i), item
+        if name in out:
+            raise ValueError(f"{what}: parameter name {name!r} appears twice")
+        out[name] = T.to_wire(tensor, f"{what}[{name!r}]")
+    return out
+
+
+def _groups(
+    params: ParamsArg | None, param_groups: Sequence[ParamGroup] | None
+) -> list[tuple[dict[str, WireTensor], dict[str, Any]]]:
+    if (params is None) == (param_groups is None):
+        raise ValueError("give params or param_groups (exactly one of them)")
+    raw_groups: Sequence[ParamGroup] = (
+        [{"params": params}] if param_groups is None else param_groups
+    )
+    if isinstance(raw_groups, Mapping) or not raw_groups:
+        raise TypeError("param_groups must be a non-empty list of dicts")
+    out: list[tuple[dict[str, WireTensor], dict[str, Any]]] = []
+    seen: set[str] = set()
+    for i, group in enumerate(raw_groups):
+        if not isinstance(group, Mapping) or "params" not in group:
+            raise TypeError(f"param_groups[{i}] must be a dict with 'params'")
+        tensors = _named(group["params"], len(seen), f"param_groups[{i}].params")
+        dup = seen.intersection(tensors)
+        if dup:
+            raise ValueError(f"parameter name {sorted(dup)[0]!r} appears in two groups")
+        seen.update(tensors)
+        options = _options_json({k: v for k, v in group.items() if k != "params"},
+                                f"param_groups[{i}]")
+        out.append((tensors, options))
+    return out
+
+
+def _scheduler_json(scheduler: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if scheduler is None:
+        return None
+    if isinstance(scheduler, str):
+        return {"name": scheduler}
+    return _options_json(scheduler, "scheduler")
+
+
+# --------------------------------------------------------------------------- endpoints
+def health() -> APICall[dict[str, Any]]:
+    return APICall("GET", "/healthz", _parse_dict)
+
+
+def ready() -> APICall[dict[str, Any]]:
+    return APICall("GET", "/readyz", _parse_dict)
+
+
+def list_optimizers() -> APICall[list[OptimizerInfo]]:
+    return APICall("GET", "/v1/optimizers", _parse_optimizers)
+
+
+def list_schedulers() -> APICall[list[SchedulerInfo]]:
+    return APICall("GET", "/v1/schedulers", _parse_schedulers)
+
+
+def create_session(
+    optimizer: str,
+    params: ParamsArg | None,
+    *,
+    param_groups: Sequence[ParamGroup] | None,
+    options: Mapping[str, Any] | None,
+    scheduler: str | Mapping[str, Any] | None,
+    id: str | None,
+    nonfinite: NonFinitePolicy | None,
+    binary: bool,
+) -> APICall[SessionInfo]:
+    if not isinstance(optimizer, str):
+        raise TypeError(f"optimizer must be a torch.optim class name, got {optimizer!r}")
+    groups = _groups(params, param_groups)
+    fields: dict[str, Any] = {"optimizer": optimizer}
+    if options:
+        fields["options"] = _options_json(options, "options")
+    sched = _scheduler_json(scheduler)
+    if sched is not None:
+        fields["scheduler"] = sched
+    if id is not None:
+        fields["id"] = id
+    if nonfinite is not None:
+        fields["nonfinite"] = nonfinite
+    if binary:
+        tensors = {name: w for g, _ in groups for name, w in g.items()}
+        fields["param_groups"] = [{"params": list(g), **opts} for g, opts in groups]
+        metadata = {k: json.dumps(v, allow_nan=False) for k, v in fields.items()}
+        content, ctype = _safetensors.dumps(tensors, metadata), OCTET_STREAM
+    else:
+        fields["param_groups"] = [
+            {"params": T.json_tensor_map(g), **opts} for g, opts in groups
+        ]
+        content, ctype = _json_body(fields)
+    return APICall("POST", "/v1/sessions", _parse_session, content=content, content_type=ctype,
+                   idempotent=False)
+
+
+def list_sessions() -> APICall[list[SessionInfo]]:
+    return APICall("GET", "/v1/sessions", _parse_sessions)
+
+
+def get_session(session_id: str) -> APICall[SessionInfo]:
+    return APICall("GET", _sid(session_id), _parse_session)
+
+
+def delete_session(session_id: str) -> APICall[None]:
+    return APICall("DELETE", _sid(session_id), _parse_none)
+
+
+def step(
+    session_id: str,
+    grads: Mapping[str, TensorLike] | None,
+    *,
+    return_params: bool,
+    binary: bool,
+) -> APICall[StepResult]:
+    wires = T.encode_tensor_map(grads or {}, "grads")
+    content, ctype = _tensor_body(wires, "grads", binary)
+    if return_params:
+        return APICall("POST", _sid(session_id) + "/step", _parse_step, content=content,
+                       content_type=ctype, accept=OCTET_STREAM if binary else JSON,
+                       idempotent=False)
+    return APICall("POST", _sid(session_id) + "/step", _parse_step_no_params,
+                   params=[("return", "none")], content=content, content_type=ctype,
+                   idempotent=False)
+
+
+def push_grads(
+    session_id: str, grads: Mapping[str, TensorLike], *, binary: bool
+) -> APICall[VersionInfo]:
+    content, ctype = _tensor_body(T.encode_tensor_map(grads, "grads"), "grads", binary)
+    return APICall("POST", _sid(session_id) + "/grads", _parse_version, content=content,
+                   content_type=ctype, idempotent=False)
+
+
+def zero_grad(session_id: str) -> APICall[VersionInfo]:
+    return APICall("POST", _sid(session_id) + "/zero_grad", _parse_version)
+
+
+def get_params(
+    session_id: str, names: Iterable[str] | None, *, binary: bool
+) -> APICall[ParamsResult]:
+    query: list[tuple[str, str]] = []
+    if names is not None:
+        if isinstance(names, str):
+            names = [names]
+        for n in names:
+            if not isinstance(n, str) or "," in n:
+                raise ValueError(f"cannot ask for parameter {n!r} by name (a comma separates "
+                                 "names in ?names=); pull all parameters instead")
+            query.append(("names", n))
+    return APICall("GET", _sid(session_id) + "/params", _parse_params, params=query,
+                   accept=OCTET_STREAM if binary else JSON)
+
+
+def put_params(
+    session_id: str, params: Mapping[str, TensorLike], *, binary: bool
+) -> APICall[ParamsResult]:
+    content, ctype = _tensor_body(T.encode_tensor_map(params, "params"), "params", binary)
+    return APICall("PUT", _sid(session_id) + "/params", _parse_params, content=content,
+                   content_type=ctype, accept=OCTET_STREAM if binary else JSON)
+
+
+def add_param_group(
+    session_id: str,
+    params: ParamsArg | Iterable[tuple[str, TensorLike]],
+    options: Mapping[str, Any],
+    *,
+    start: int,
+    binary: bool,
+) -> APICall[SessionInfo]:
+    tensors = _named(params, start, "params")
+    opts = _options_json(options, "options")
+    if binary:
+        metadata = {k: json.dumps(v, allow_nan=False) for k, v in opts.items()}
+        content, ctype = _safetensors.dumps(tensors, metadata), OCTET_STREAM
+    else:
+        content, ctype = _json_body({"params": T.json_tensor_map(tensors), **opts})
+    return APICall("POST", _sid(session_id) + "/param_groups", _parse_session, content=content,
+                   content_type=ctype, idempotent=False)
+
+
+def update_param_group(
+    session_id: str, index: int, options: Mapping[str, Any]
+) -> APICall[SessionInfo]:
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise ValueError(f"param group index must be a non-negative int, got {index!r}")
+    content, ctype = _json_body(_options_json(options, "options"))
+    return APICall("PATCH", f"{_sid(session_id)}/param_groups/{index}", _parse_session,
+                   content=content, content_type=ctype)
+
+
+def _check_format(format: str) -> None:
+    if format not in ("safetensors", "json", "torch"):
+        raise ValueError(f"format must be 'safetensors', 'json' or 'torch', got {format!r}")
+
+
+def export_state(session_id: str, *, format: StateFormat) -> APICall[dict[str, Any]]:
+    _check_format(format)
+
+    def parse(response: httpx.Response) -> dict[str, Any]:
+        if format == "torch":
+            return _load_torch(response.content)
+        if format == "safetensors":
+            if not _is_binary(response):
+                raise ValueError("asked for a safetensors state dict, got "
+                                 f"{response.headers.get('content-type')!r}")
+            return T.decode_state_safetensors(response.content)
+        return T.decode_state_json(_json(response))
+
+    accept = JSON if format == "json" else OCTET_STREAM
+    return APICall("GET", _sid(session_id) + "/state_dict", parse,
+                   params=[("format", format)], accept=accept)
+
+
+def _load_torch(content: bytes) -> dict[str, Any]:
+    try:
+        import io
+
+        import torch
+    except ImportError as exc:  # pragma: no cover - needs an environment without torch
+        raise TypeError("format='torch' needs torch (pip install 'optserve[torch]')") from exc
+    sd = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict):
+        raise ValueError("the torch.save file does not hold a dict")
+    return sd
+
+
+def import_state(
+    session_id: str, state_dict: Mapping[str, Any] | bytes, *, format: StateFormat
+) -> APICall[SessionInfo]:
+    _check_format(format)
+    if isinstance(state_dict, (bytes, bytearray, memoryview)):
+        if format != "torch":
+            raise TypeError("raw bytes are accepted only with format='torch' (a torch.save file)")
+        content, ctype = bytes(state_dict), OCTET_STREAM
+    elif not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+    elif format == "torch":
+        content, ctype = _torch_save(state_dict), OCTET_STREAM
+    elif format == "safetensors":
+        content, ctype = T.encode_state_safetensors(state_dict), OCTET_STREAM
+    else:
+        content, ctype = T.encode_state_json(state_dict), JSON
+    return APICall("PUT", _sid(session_id) + "/state_dict", _parse_session,
+                   params=[("format", format)], content=content, content_type=ctype)
+
+
+def _torch_save(state_dict: Mapping[str, Any]) -> bytes:
+    try:
+        import io
+
+        import torch
+    except ImportError as exc:  # pragma: no cover - needs an environment without torch
+        raise TypeError("format='torch' needs torch (pip install 'optserve[torch]')") from exc
+    f = io.BytesIO()
+    torch.save(dict(state_dict), f)
+    return f.getvalue()
+
+
+def scheduler_step(session_id: str, metric: float | None) -> APICall[SchedulerStepResult]:
+    body: dict[str, Any] = {}
+    if metric is not None:
+        if isinstance(metric, bool):
+            raise TypeError("metric must be a number")
+        body["metric"] = float(metric)
+    content, ctype = _json_body(body)
+    return APICall("POST", _sid(session_id) + "/scheduler/step", _parse_scheduler_step,
+                   content=content, content_type=ctype, idempotent=False)

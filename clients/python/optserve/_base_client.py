@@ -1,0 +1,208 @@
+"""What :class:`optserve.Client` and :class:`optserve.AsyncClient` share: configuration
+(base URL and API key with environment fallbacks, timeout, retries), request building, the retry
+policy and the mapping of responses to results or typed errors. Only sending differs.
+
+Retry policy: only when no HTTP response came back, never on an HTTP error status. A request
+that surely never reached the server (connection refused, connect timeout, no pooled connection)
+is retried whatever it does; one that may have reached it (read error or timeout) is retried
+only when sending it twice is harmless (GET, PUT, DELETE, PATCH, zero_grad), so a step or a
+gradient push is never applied twice. The delay grows exponentially from
+``INITIAL_RETRY_DELAY``, is capped at ``MAX_RETRY_DELAY`` and carries random jitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from typing import Any, Generic, TypeVar
+
+import httpx
+
+from . import _constants
+from ._api import APICall
+from ._constants import (
+    API_KEY_ENV,
+    BASE_URL_ENV,
+    DEFAULT_BASE_URL,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    OCTET_STREAM,
+)
+from ._exceptions import (
+    APIConnectionError,
+    APIResponseValidationError,
+    APITimeoutError,
+    make_status_error,
+)
+from ._version import __version__
+
+R = TypeVar("R")
+HttpxClientT = TypeVar("HttpxClientT", httpx.Client, httpx.AsyncClient)
+
+# Transport errors raised before any byte of the request could reach the server.
+_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+class BaseClient(Generic[HttpxClientT]):
+    """Configuration and the I/O-free half of every request."""
+
+    base_url: str
+    api_key: str | None
+    timeout: httpx.Timeout
+    max_retries: int
+    _client: HttpxClientT
+    _owns_client: bool
+
+    def __init__(
+        self,
+        base_url: str | None,
+        api_key: str | None,
+        timeout: float | httpx.Timeout | None,
+        max_retries: int,
+    ) -> None:
+        url = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+        self.base_url = str(url).rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+        if isinstance(timeout, httpx.Timeout):
+            self.timeout = timeout
+        else:
+            self.timeout = httpx.Timeout(DEFAULT_TIMEOUT if timeout is None else timeout)
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be a non-negative int, got {max_retries!r}")
+        self.max_retries = max_retries
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    @property
+    def default_headers(self) -> dict[str, str]:
+        headers = {"User-Agent": f"optserve-python/{__version__}"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def _build_request(self, call: APICall[Any]) -> httpx.Request:
+        headers = dict(self.default_headers)
+        headers["Accept"] = call.accept
+        if call.content_type is not None:
+            headers["Content-Type"] = call.content_type
+        return self._client.build_request(
+            call.method,
+            self.base_url + call.path,
+            params=call.params or None,
+            content=call.content,
+            headers=headers,
+            timeout=self.timeout,
+        )
+
+    def _should_retry(self, call: APICall[Any], exc: httpx.TransportError, attempt: int) -> bool:
+        if attempt >= self.max_retries:
+            return False
+        return isinstance(exc, _NEVER_SENT) or call.idempotent
+
+    @staticmethod
+    def _retry_delay(attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt + 1`` (capped, with jitter)."""
+        delay = min(_constants.INITIAL_RETRY_DELAY * 2.0**attempt, _constants.MAX_RETRY_DELAY)
+        return float(delay * (1.0 - _constants.RETRY_JITTER * random.random()))
+
+    @staticmethod
+    def _connection_error(request: httpx.Request, exc: httpx.TransportError) -> Exception:
+        if isinstance(exc, httpx.TimeoutException):
+            return APITimeoutError(request=request, message=f"Request timed out: {exc}")
+        return APIConnectionError(request=request, message=f"Connection error: {exc}")
+
+    @staticmethod
+    def _process_response(call: APICall[R], response: httpx.Response) -> R:
+        if response.is_error:
+            raise make_status_error(response)
+        try:
+            return call.parse(response)
+        except (ValueError, KeyError) as exc:
+            raise APIResponseValidationError(
+                f"cannot read the response to {call.method} {call.path}: {exc}",
+                response=response,
+            ) from exc
+
+
+class SyncAPIClient(BaseClient[httpx.Client]):
+    def __init__(
+        self,
+        base_url: str | None,
+        api_key: str | None,
+        timeout: float | httpx.Timeout | None,
+        max_retries: int,
+        http_client: httpx.Client | None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries)
+        self._owns_client = http_client is None
+        self._client = http_client if http_client is not None else httpx.Client(
+            timeout=self.timeout, follow_redirects=False
+        )
+
+    def _request(self, call: APICall[R]) -> R:
+        attempt = 0
+        while True:
+            request = self._build_request(call)
+            try:
+                response = self._client.send(request)
+            except httpx.TransportError as exc:
+                if self._should_retry(call, exc, attempt):
+                    time.sleep(self._retry_delay(attempt))
+                    attempt += 1
+                    continue
+                raise self._connection_error(request, exc) from exc
+            return self._process_response(call, response)
+
+    def close(self) -> None:
+        """Close the underlying HTTP connections (not a client passed in as ``http_client``)."""
+        if self._owns_client:
+            self._client.close()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._client.is_closed
+
+
+class AsyncAPIClient(BaseClient[httpx.AsyncClient]):
+    def __init__(
+        self,
+        base_url: str | None,
+        api_key: str | None,
+        timeout: float | httpx.Timeout | None,
+        max_retries: int,
+        http_client: httpx.AsyncClient | None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries)
+        self._owns_client = http_client is None
+        self._client = http_client if http_client is not None else httpx.AsyncClient(
+            timeout=self.timeout, follow_redirects=False
+        )
+
+    async def _request(self, call: APICall[R]) -> R:
+        attempt = 0
+        while True:
+            request = self._build_request(call)
+            try:
+                response = await self._client.send(request)
+            except httpx.TransportError as exc:
+                if self._should_retry(call, exc, attempt):
+                    await asyncio.sleep(self._retry_delay(attempt))
+                    attempt += 1
+                    continue
+                raise self._connection_error(request, exc) from exc
+            return self._process_response(call, response)
+
+    async def close(self) -> None:
+        """Close the underlying HTTP connections (not a client passed in as ``http_client``)."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._client.is_closed
+
+
+__all__ = ["BaseClient", "SyncAPIClient", "AsyncAPIClient", "OCTET_STREAM"]
