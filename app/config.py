@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -23,6 +24,17 @@ class Settings(BaseSettings):
         default=0, ge=0, description="torch intra-op threads on the worker (0: torch's default)"
     )
     default_nonfinite: Literal["reject", "skip", "allow"] = "reject"
+    data_dir: Path = Field(default=Path("data"), description="where sessions are persisted")
+    durability: Literal["step", "interval", "memory"] = Field(
+        default="step",
+        description="default for sessions: step (fsync before acknowledging), interval "
+        "(fsync every fsync_interval_ms), memory (no disk)",
+    )
+    fsync_interval_ms: float = Field(default=50.0, gt=0, le=60_000)
+    snapshot_every_steps: int = Field(default=1000, ge=1)
+    snapshot_every_s: float = Field(default=300.0, gt=0)
+    max_sessions: int = Field(default=0, ge=0, description="per tenant; 0 = unlimited")
+    max_session_elements: int = Field(default=0, ge=0, description="0 = unlimited")
     log_level: str = "info"
 
 

@@ -8,6 +8,7 @@ them to RFC 9457 problem+json in one place (``app.api.problems``).
     ├── PayloadTooLarge     413  body over the limit
     ├── UnsupportedMedia    415  content type not understood
     ├── NotAcceptable       406  Accept not satisfiable
+    ├── TooMany             429  a per-tenant limit is reached
     └── Invalid             422  anything else the client got wrong
 """
 
@@ -66,6 +67,12 @@ class NotAcceptable(OptserveError):
     status = 406
     code = "not_acceptable"
     title = "Not acceptable"
+
+
+class TooMany(OptserveError):
+    status = 429
+    code = "too_many"
+    title = "Limit reached"
 
 
 class Invalid(OptserveError):

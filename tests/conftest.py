@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,7 +18,9 @@ from app.main import create_app
 
 
 def _test_settings(**overrides: object) -> Settings:
-    values: dict[str, object] = {"device": "cpu", "max_body_mb": 64.0}
+    """CPU, a 64 MB body limit and a fresh data directory of its own."""
+    values: dict[str, object] = {"device": "cpu", "max_body_mb": 64.0,
+                                 "data_dir": Path(tempfile.mkdtemp(prefix="optserve-test-"))}
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
 

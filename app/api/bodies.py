@@ -68,6 +68,12 @@ def body_kind(request: Request) -> str:
                            f"{BINARY} (safetensors)", field="content-type")
 
 
+def require_json(request: Request) -> None:
+    """415 unless the body is JSON (for endpoints that take no safetensors body)."""
+    if body_kind(request) != "json":
+        raise UnsupportedMedia(f"this endpoint takes a {JSON} body", field="content-type")
+
+
 def wants_binary(request: Request) -> bool:
     """True for safetensors, False for JSON; 406 when neither is acceptable."""
     accept = request.headers.get("accept")

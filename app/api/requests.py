@@ -14,7 +14,9 @@ from app.errors import BadRequest, Invalid
 from app.wire.safetensors_body import read_safetensors
 from app.wire.tree import tree_from_json
 
-_CREATE_KEYS = {"optimizer", "options", "params", "param_groups", "scheduler", "id", "nonfinite"}
+_CREATE_KEYS = {"optimizer", "options", "params", "param_groups", "scheduler", "id", "nonfinite",
+                "durability"}
+_DURABILITY = ("step", "interval", "memory")
 _NONFINITE = ("reject", "skip", "allow")
 
 
@@ -74,12 +76,17 @@ def create_spec(obj: dict[str, Any], tensors: dict[str, torch.Tensor] | None = N
     if nonfinite is not None and nonfinite not in _NONFINITE:
         raise Invalid(f"nonfinite must be one of {list(_NONFINITE)}", code="invalid_body",
                       field="nonfinite")
+    durability = obj.get("durability")
+    if durability is not None and durability not in _DURABILITY:
+        raise Invalid(f"durability must be one of {list(_DURABILITY)}", code="invalid_body",
+                      field="durability")
     scheduler = obj.get("scheduler")
     session_id = obj.get("id")
     if session_id is not None and not isinstance(session_id, str):
         raise Invalid("id must be a string", code="invalid_id", field="id")
     return CreateSpec(optimizer=obj["optimizer"], groups=groups, options=options,
-                      scheduler=scheduler, id=session_id, nonfinite=nonfinite)
+                      scheduler=scheduler, id=session_id, nonfinite=nonfinite,
+                      durability=durability)
 
 
 def metadata_fields(metadata: dict[str, str]) -> dict[str, Any]:
@@ -116,7 +123,27 @@ def state_from_safetensors(buf: bytearray) -> Any:
                       "skeleton of the state dict)", code="invalid_state",
                       field="__metadata__.optserve_state")
     skeleton = parse_json(metadata["optserve_state"].encode(), "__metadata__.optserve_state")
+    unused = sorted(set(tensors) - _tensor_refs(skeleton))
+    if unused:
+        raise Invalid(f"tensor {unused[0]!r:.80} is in the body but the optserve_state skeleton "
+                      "does not reference it (write {\"$tensor\": key} where it belongs)",
+                      code="invalid_state", field=unused[0])
     return tree_from_json(skeleton, "state_dict", tensors)
+
+
+def _tensor_refs(obj: Any) -> set[str]:
+    found: set[str] = set()
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.keys() == {"$tensor"} and isinstance(item["$tensor"], str):
+                found.add(item["$tensor"])
+            else:
+                stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
 
 
 def state_from_torch(buf: bytearray) -> Any:

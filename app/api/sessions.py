@@ -20,6 +20,7 @@ from app.api.bodies import (
     only_keys,
     read_body,
     read_tensors,
+    require_json,
     tensor_encoding,
     tensors_response,
     version_headers,
@@ -119,8 +120,9 @@ async def get_params(
     binary, b64 = wants_binary(request), tensor_encoding(request)
     wanted = [n for item in names for n in item.split(",") if n] if names else None
     result = await engine.pull(session_id, wanted)
-    return await tensors_response(binary, b64, {"version": result.version, "step": result.step},
-                                  result.params, version_headers(result.version, result.step))
+    scalars = {"version": result.version, "step": result.step, "lr": result.lr}
+    headers = version_headers(result.version, result.step)
+    return await tensors_response(binary, b64, scalars, result.params, headers)
 
 
 @router.put("/{session_id}/params", summary="Overwrite parameters")
@@ -130,8 +132,9 @@ async def put_params(
     binary, b64 = wants_binary(request), tensor_encoding(request)
     params = await read_tensors(request, _max_bytes(settings), "params")
     result = await engine.overwrite(session_id, params)
-    return await tensors_response(binary, b64, {"version": result.version, "step": result.step},
-                                  result.params, version_headers(result.version, result.step))
+    scalars = {"version": result.version, "step": result.step, "lr": result.lr}
+    headers = version_headers(result.version, result.step)
+    return await tensors_response(binary, b64, scalars, result.params, headers)
 
 
 @router.post("/{session_id}/param_groups", status_code=201, summary="add_param_group")
@@ -154,7 +157,9 @@ async def update_param_group(
     engine: EngineDep,
     settings: SettingsDep,
 ) -> Response:
-    options = json_object(await read_body(request, _max_bytes(settings)))
+    buf = await read_body(request, _max_bytes(settings))
+    require_json(request)
+    options = json_object(buf)
     return _described(await engine.update_param_group(session_id, index, options))
 
 
@@ -163,6 +168,8 @@ async def scheduler_step(
     session_id: SessionId, request: Request, engine: EngineDep, settings: SettingsDep
 ) -> Response:
     buf = await read_body(request, _max_bytes(settings))
+    if buf.strip():
+        require_json(request)
     obj = json_object(buf) if buf.strip() else {}
     only_keys(obj, {"metric"})
     metric = obj.get("metric")

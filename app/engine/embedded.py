@@ -1,14 +1,30 @@
-"""The embedded engine: sessions in this process, one worker thread per device."""
+"""The embedded engine: sessions in this process, one worker thread per device, persisted by
+the embedded store (snapshot + write-ahead log per session).
+
+Every mutation runs on the worker thread; when it succeeds, its log record is appended there
+too (so the log holds updates in exactly the order they were applied), and the caller awaits
+the record's durability before answering. On start every stored session is rebuilt: its
+snapshot, then a replay of its log through the same session methods.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
+from app.engine import optimizers, persist
 from app.engine.interface import (
     CreateSpec,
+    Durability,
     GroupSpec,
     NonFinitePolicy,
     ParamsResult,
@@ -16,8 +32,13 @@ from app.engine.interface import (
     Tensors,
 )
 from app.engine.session import Session, check_session_id
+from app.engine.store import Store, StoreCorrupt
 from app.engine.worker import DeviceWorker
-from app.errors import Conflict, NotFound
+from app.errors import Conflict, Invalid, NotFound, OptserveError, TooMany
+
+log = logging.getLogger("optserve.engine")
+T = TypeVar("T")
+DEFAULT_TENANT = "default"
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -31,115 +52,303 @@ def resolve_device(setting: str) -> torch.device:
     return device
 
 
+@dataclass
+class Limits:
+    max_sessions: int = 0  # per tenant; 0 = unlimited
+    max_session_elements: int = 0  # parameter elements per session; 0 = unlimited
+
+
 class EmbeddedEngine:
     def __init__(
-        self, device: str = "auto", torch_threads: int = 0,
+        self,
+        device: str = "auto",
+        torch_threads: int = 0,
         default_nonfinite: NonFinitePolicy = "reject",
+        data_dir: Path | None = None,
+        durability: Durability = "memory",
+        snapshot_every_steps: int = 1000,
+        snapshot_every_s: float = 300.0,
+        fsync_interval_s: float = 0.05,
+        limits: Limits | None = None,
     ) -> None:
         self._device = resolve_device(device)
         self.device = str(self._device)
         self._worker = DeviceWorker(self._device, torch_threads)
         self._sessions: dict[str, Session] = {}
         self._default_nonfinite: NonFinitePolicy = default_nonfinite
+        self._store = Store(data_dir, fsync_interval_s) if data_dir is not None else None
+        self._default_durability: Durability = durability if self._store else "memory"
+        self._snapshot_every_steps = snapshot_every_steps
+        self._snapshot_every_s = snapshot_every_s
+        self._limits = limits or Limits()
+        self.refused: dict[str, str] = {}
+        self._snapshotter: asyncio.Task[None] | None = None
 
+    # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._worker.start()
+        await self._worker.run(self._warm_up)
+        if self._store is not None:
+            self._store.open()
+            await self._worker.run(self._restore_all)
+            self._snapshotter = asyncio.create_task(self._snapshot_periodically())
 
     async def stop(self) -> None:
+        """Snapshot every session (so the next start replays nothing), then stop."""
+        if self._snapshotter is not None:
+            self._snapshotter.cancel()
+        if self._store is not None and self._worker.alive():
+            await self._worker.run(lambda: self._snapshot_all(force=True))
+            self._store.close()
         self._worker.stop()
 
     def ready(self) -> bool:
-        return self._worker.alive()
+        return self._worker.alive() and (self._store is None or self._store.writable())
 
-    def _get(self, session_id: str) -> Session:
-        session = self._sessions.get(session_id)
+    def _warm_up(self) -> None:
+        """Load torch's lazily imported kernels before readiness, so the first client
+        request does not pay for them."""
+        for name in optimizers.SUPPORTED:
+            cls = optimizers.optimizer_class(name)
+            optimizers.probe(cls, {}, [{}], [torch.float32], self._device, {})
+
+    # ------------------------------------------------------------------ persistence
+    def _restore_all(self) -> None:
+        assert self._store is not None
+        for key in self._store.session_ids():
+            started = time.perf_counter()
+            try:
+                session, replayed, torn = self._restore(key)
+            except (StoreCorrupt, OptserveError, Exception) as exc:  # refuse, serve the rest
+                reason = f"{type(exc).__name__}: {exc}"
+                self.refused[key] = reason
+                log.error("refusing stored session %s: %s", key, reason)
+                continue
+            self._sessions[key] = session
+            log.info("restored session %s at version %d (%d logged updates replayed%s) in "
+                     "%.2f s", key, session.version, replayed,
+                     ", torn last record dropped" if torn else "",
+                     time.perf_counter() - started)
+
+    def _restore(self, key: str) -> tuple[Session, int, bool]:
+        assert self._store is not None
+        payload, records, torn = self._store.read(key)
+        tree = persist.decode_tree(payload, persist.SNAPSHOT_KEY)
+        session = Session.restore(tree, self._device)
+        replayed = 0
+        for record in records:
+            op, args, version, seq = persist.decode_record(record)
+            if seq <= session.seq:
+                continue  # already in the snapshot (crash between snapshot and truncate)
+            if seq != session.seq + 1:
+                raise StoreCorrupt(f"log record {seq} follows {session.seq}: a record is missing")
+            session.apply(op, args)
+            session.seq = seq
+            if session.version != version:
+                raise StoreCorrupt(f"replay of record {seq} ({op}) reached version "
+                                   f"{session.version}, the log says {version}")
+            replayed += 1
+        return session, replayed, torn
+
+    def _snapshot(self, key: str, session: Session) -> None:
+        if self._store is None or session.durability == "memory":
+            return
+        payload = persist.encode_tree(session.snapshot_tree(), persist.SNAPSHOT_KEY)
+        self._store.write_snapshot(key, payload)
+        session.seq_at_snapshot = session.seq
+        session.snapshot_time = time.monotonic()
+
+    def _snapshot_all(self, force: bool = False) -> None:
+        now = time.monotonic()
+        for key, session in list(self._sessions.items()):
+            due = session.seq > session.seq_at_snapshot and (
+                force or now - session.snapshot_time >= self._snapshot_every_s)
+            if due:
+                try:
+                    self._snapshot(key, session)
+                except OSError as exc:
+                    log.error("snapshot of %s failed: %s (its log still holds every update)",
+                              key, exc)
+
+    async def _snapshot_periodically(self) -> None:
+        period = max(0.5, min(self._snapshot_every_s, 60.0) / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self._worker.run(self._snapshot_all)
+            except RuntimeError:
+                return
+
+    def _logged(self, key: str, session: Session, op: str, args: dict[str, Any]) -> Future[None]:
+        """Append the record of an update that just succeeded; snapshot when one is due."""
+        done: Future[None] = Future()
+        if self._store is None or session.durability == "memory":
+            done.set_result(None)
+            return done
+        session.seq += 1
+        payload = persist.encode_record(op, args, session.version, session.seq)
+        done = self._store.append(key, payload, session.durability)
+        if session.seq - session.seq_at_snapshot >= self._snapshot_every_steps:
+            self._snapshot(key, session)
+        return done
+
+    async def _mutate(
+        self, tenant: str, session_id: str, op: str, args: dict[str, Any],
+        fn: Callable[[Session], T],
+    ) -> T:
+        def run() -> tuple[T, Future[None]]:
+            key = self._key(tenant, session_id)
+            session = self._get(key, session_id)
+            result = fn(session)
+            return result, self._logged(key, session, op, args)
+        result, durable = await self._worker.run(run)
+        await asyncio.wrap_future(durable)
+        return result
+
+    # ------------------------------------------------------------------ lookup
+    @staticmethod
+    def _key(tenant: str, session_id: str) -> str:
+        return f"{tenant}~{session_id}"
+
+    def _get(self, key: str, session_id: str) -> Session:
+        session = self._sessions.get(key)
         if session is None:
             raise NotFound(f"no session {session_id!r:.140}", code="session_not_found",
                            field="session_id")
         return session
 
-    # All of the below run on the worker thread, in submission order.
-    async def create(self, spec: CreateSpec) -> dict[str, Any]:
+    # ------------------------------------------------------------------ sessions
+    async def create(self, spec: CreateSpec, *, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
         def op() -> dict[str, Any]:
             session_id = check_session_id(spec.id) if spec.id is not None else uuid.uuid4().hex
-            if session_id in self._sessions:
+            key = self._key(tenant, session_id)
+            if key in self._sessions or key in self.refused:
                 raise Conflict(f"a session with id {session_id!r} already exists",
                                code="session_exists", field="id")
+            self._check_limits(tenant, spec)
             nonfinite = spec.nonfinite or self._default_nonfinite
             session = Session.create(session_id, spec.optimizer, spec.groups, spec.options,
                                      spec.scheduler, nonfinite, self._device)
-            self._sessions[session_id] = session
+            durability = spec.durability or self._default_durability
+            if self._store is None and durability != "memory":
+                durability = "memory"
+            session.durability = durability
+            self._snapshot(key, session)
+            self._sessions[key] = session
             return session.describe()
         return await self._worker.run(op)
 
-    async def describe(self, session_id: str) -> dict[str, Any]:
-        return await self._worker.run(lambda: self._get(session_id).describe())
+    def _check_limits(self, tenant: str, spec: CreateSpec) -> None:
+        lim = self._limits
+        if lim.max_sessions:
+            mine = sum(1 for k in self._sessions if k.startswith(f"{tenant}~"))
+            if mine >= lim.max_sessions:
+                raise TooMany(f"this tenant already has {mine} sessions; the limit "
+                              f"(OPTSERVE_MAX_SESSIONS) is {lim.max_sessions}",
+                              code="too_many_sessions", field="id", limit=lim.max_sessions)
+        if lim.max_session_elements:
+            n = sum(t.numel() for g in spec.groups for t in g.params.values())
+            if n > lim.max_session_elements:
+                raise Invalid(f"the session would hold {n} parameter elements; the limit "
+                              f"(OPTSERVE_MAX_SESSION_ELEMENTS) is {lim.max_session_elements}",
+                              code="session_too_large", field="params",
+                              limit=lim.max_session_elements)
 
-    async def list_sessions(self) -> list[dict[str, Any]]:
-        return await self._worker.run(lambda: [s.describe() for s in self._sessions.values()])
+    async def describe(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        key = self._key(tenant, session_id)
+        return await self._worker.run(lambda: self._get(key, session_id).describe())
 
-    async def delete(self, session_id: str) -> None:
+    async def list_sessions(self, *, tenant: str = DEFAULT_TENANT) -> list[dict[str, Any]]:
+        prefix = f"{tenant}~"
+        return await self._worker.run(
+            lambda: [s.describe() for k, s in self._sessions.items() if k.startswith(prefix)])
+
+    async def delete(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> None:
+        key = self._key(tenant, session_id)
+
         def op() -> None:
-            self._get(session_id)
-            del self._sessions[session_id]
+            self._get(key, session_id)
+            del self._sessions[key]
+            if self._store is not None:
+                self._store.delete(key)
         await self._worker.run(op)
 
-    async def step(self, session_id: str, grads: Tensors, *, return_params: bool) -> StepResult:
-        return await self._worker.run(lambda: self._get(session_id).step(grads, return_params))
+    # ------------------------------------------------------------------ updates
+    async def step(
+        self, session_id: str, grads: Tensors, *, return_params: bool,
+        tenant: str = DEFAULT_TENANT,
+    ) -> StepResult:
+        return await self._mutate(tenant, session_id, "step", {"grads": grads},
+                                  lambda s: s.step(grads, return_params))
 
-    async def push(self, session_id: str, grads: Tensors) -> dict[str, Any]:
-        def op() -> dict[str, Any]:
-            s = self._get(session_id)
+    async def push(
+        self, session_id: str, grads: Tensors, *, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        def op(s: Session) -> dict[str, Any]:
             s.push(grads)
             return {"version": s.version, "step": s.step_count, "accumulated": sorted(s.accum)}
-        return await self._worker.run(op)
+        return await self._mutate(tenant, session_id, "push", {"grads": grads}, op)
 
-    async def zero_grad(self, session_id: str) -> dict[str, Any]:
-        def op() -> dict[str, Any]:
-            s = self._get(session_id)
+    async def zero_grad(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        def op(s: Session) -> dict[str, Any]:
             s.zero_grad()
             return {"version": s.version, "step": s.step_count, "accumulated": []}
-        return await self._worker.run(op)
+        return await self._mutate(tenant, session_id, "zero_grad", {}, op)
 
-    async def pull(self, session_id: str, names: list[str] | None) -> ParamsResult:
-        return await self._worker.run(lambda: self._get(session_id).pull(names))
+    async def pull(
+        self, session_id: str, names: list[str] | None, *, tenant: str = DEFAULT_TENANT
+    ) -> ParamsResult:
+        key = self._key(tenant, session_id)
+        return await self._worker.run(lambda: self._get(key, session_id).pull(names))
 
-    async def overwrite(self, session_id: str, params: Tensors) -> ParamsResult:
-        return await self._worker.run(lambda: self._get(session_id).overwrite(params))
+    async def overwrite(
+        self, session_id: str, params: Tensors, *, tenant: str = DEFAULT_TENANT
+    ) -> ParamsResult:
+        return await self._mutate(tenant, session_id, "overwrite", {"params": params},
+                                  lambda s: s.overwrite(params))
 
-    async def add_param_group(self, session_id: str, group: GroupSpec) -> dict[str, Any]:
-        def op() -> dict[str, Any]:
-            s = self._get(session_id)
+    async def add_param_group(
+        self, session_id: str, group: GroupSpec, *, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        def op(s: Session) -> dict[str, Any]:
             s.add_param_group(group)
             return s.describe()
-        return await self._worker.run(op)
+        args = {"params": group.params, "options": group.options}
+        return await self._mutate(tenant, session_id, "add_group", args, op)
 
     async def update_param_group(
-        self, session_id: str, index: int, options: dict[str, Any]
+        self, session_id: str, index: int, options: dict[str, Any], *,
+        tenant: str = DEFAULT_TENANT,
     ) -> dict[str, Any]:
-        def op() -> dict[str, Any]:
-            s = self._get(session_id)
+        def op(s: Session) -> dict[str, Any]:
             s.update_param_group(index, options)
             return s.describe()
-        return await self._worker.run(op)
+        args = {"index": index, "options": options}
+        return await self._mutate(tenant, session_id, "update_group", args, op)
 
-    async def scheduler_step(self, session_id: str, metric: float | None) -> dict[str, Any]:
-        def op() -> dict[str, Any]:
-            s = self._get(session_id)
+    async def scheduler_step(
+        self, session_id: str, metric: float | None, *, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        def op(s: Session) -> dict[str, Any]:
             s.scheduler_step(metric)
             return {"version": s.version, "step": s.step_count, "lr": s.lrs(),
                     "last_epoch": getattr(s.scheduler, "last_epoch", None)}
-        return await self._worker.run(op)
+        return await self._mutate(tenant, session_id, "scheduler_step", {"metric": metric}, op)
 
-    async def export_state(self, session_id: str) -> dict[str, Any]:
+    async def export_state(
+        self, session_id: str, *, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        key = self._key(tenant, session_id)
+
         def op() -> dict[str, Any]:
-            s = self._get(session_id)
+            s = self._get(key, session_id)
             return {"state_dict": s.export_state(), "version": s.version, "step": s.step_count}
         return await self._worker.run(op)
 
-    async def import_state(self, session_id: str, state: dict[str, Any]) -> dict[str, Any]:
-        def op() -> dict[str, Any]:
-            s = self._get(session_id)
+    async def import_state(
+        self, session_id: str, state: dict[str, Any], *, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        def op(s: Session) -> dict[str, Any]:
             s.import_state(state)
             return s.describe()
-        return await self._worker.run(op)
+        return await self._mutate(tenant, session_id, "import", {"state": state}, op)

@@ -39,6 +39,7 @@ _MESSAGE_HINTS = (
     ("learning rate", "lr"), ("beta", "betas"), ("epsilon", "eps"), ("eps", "eps"),
     ("weight_decay", "weight_decay"), ("weight decay", "weight_decay"),
     ("momentum", "momentum"), ("nesterov", "nesterov"), ("dampening", "dampening"),
+    ("eta values", "etas"),
 )
 
 
@@ -87,9 +88,10 @@ def _option_value(name: str, value: Any, default: Any, field: str) -> Any:
         value = tags[value["$float"]]
     if is_json_tensor(value) or isinstance(value, torch.Tensor):
         tensor = value if isinstance(value, torch.Tensor) else decode_json_tensor(value, field)
-        if name != "lr" or tensor.numel() != 1 or not tensor.is_floating_point():
-            raise Invalid("only lr may be given as a tensor, and only as a one-element "
-                          "floating tensor", code="invalid_option", field=field)
+        if name != "lr" or not tensor.is_floating_point():
+            raise Invalid("only lr may be given as a tensor, and only as a floating tensor",
+                          code="invalid_option", field=field)
+        # Its size is torch's to check ("Tensor lr must be 1-element"), in the probe.
         return tensor.detach().clone()
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -189,8 +191,16 @@ def probe(
         t = torch.full((2, 2), 0.5, dtype=dtype, device=device)
         tensors.append(t)
         tiny_groups.append({"params": [t], **opts})
+    ctor_keys = default_options(cls).keys()
     try:
         opt = cls(tiny_groups, **defaults)
+        # torch validates only its constructor's arguments, never a group's own options: try
+        # each group's options as constructor arguments too, so torch's checks cover them.
+        for opts, dtype in zip(groups, dtypes, strict=True):
+            own = {k: v for k, v in opts.items() if k in ctor_keys}
+            if own:
+                cls([torch.full((2, 2), 0.5, dtype=dtype, device=device)],
+                    **{**defaults, **own})
         for t in tensors:
             t.grad = torch.full_like(t, 0.25)
         opt.step()

@@ -8,6 +8,7 @@ Options are type-checked against torch's own annotations, then tried on a throwa
 
 from __future__ import annotations
 
+import bisect
 import inspect
 import math
 import re
@@ -210,19 +211,48 @@ def probe(spec: SchedulerSpec, make_optimizer: Any, field: str) -> None:
     except TORCH_ERRORS as exc:
         raise Invalid(str(exc) or type(exc).__name__, code="invalid_option",
                       field=blame(str(exc), fields, f"{field}.options")) from None
+    _probe_restarts(spec, sched, field)
 
 
-def _leaves(sched: Scheduler) -> list[Scheduler]:
+def _probe_restarts(spec: SchedulerSpec, sched: Scheduler, field: str) -> None:
+    """At each milestone SequentialLR restarts its next child with ``_update_lr(0)``; do that
+    on the throwaway now, so a child torch cannot restart (a nested ChainedScheduler or
+    SequentialLR raises NotImplementedError) is refused here, not after an optimizer step."""
+    kids = getattr(sched, "_schedulers", None)
+    if spec.name not in NESTED or not isinstance(kids, list):
+        return
+    for i, (child_spec, child) in enumerate(zip(spec.children, kids, strict=True)):
+        where = f"{field}.options.schedulers.{i}"
+        if spec.name == "SequentialLR" and i > 0:
+            try:
+                child._update_lr(0)
+            except TORCH_ERRORS as exc:
+                raise Invalid(f"SequentialLR cannot switch to {child_spec.name} at its "
+                              f"milestone: torch raises {type(exc).__name__}"
+                              f"{': ' + str(exc) if str(exc) else ''} when it restarts it",
+                              code="invalid_scheduler", field=where) from None
+        _probe_restarts(child_spec, child, where)
+
+
+def _stepped_leaves(sched: Scheduler) -> list[Scheduler]:
+    """The leaf schedulers that ``sched.step()`` will step next. A SequentialLR steps only its
+    current child, and at a milestone restarts the next child at epoch 0 instead."""
+    if isinstance(sched, lr_scheduler.SequentialLR):
+        upcoming = sched.last_epoch + 1
+        idx = bisect.bisect_right(sched._milestones, upcoming)
+        if idx > 0 and sched._milestones[idx - 1] == upcoming:
+            return []
+        return _stepped_leaves(sched._schedulers[idx])
     kids = getattr(sched, "_schedulers", None)
     if isinstance(kids, list):
-        return [leaf for k in kids for leaf in _leaves(k)]
+        return [leaf for k in kids for leaf in _stepped_leaves(k)]
     return [sched]
 
 
 def check_can_step(sched: Scheduler) -> None:
     """Refuse before anything changes when stepping would make torch raise (OneCycleLR past
     its total_steps)."""
-    for leaf in _leaves(sched):
+    for leaf in _stepped_leaves(sched):
         if isinstance(leaf, lr_scheduler.OneCycleLR) and leaf.last_epoch + 1 > leaf.total_steps:
             raise Conflict(f"OneCycleLR has run its {leaf.total_steps} total_steps; it cannot "
                            "step again", code="scheduler_exhausted", field="scheduler")

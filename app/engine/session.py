@@ -12,7 +12,14 @@ from typing import Any
 import torch
 
 from app.engine import optimizers, schedulers, state_dicts
-from app.engine.interface import GroupSpec, NonFinitePolicy, ParamsResult, StepResult, Tensors
+from app.engine.interface import (
+    Durability,
+    GroupSpec,
+    NonFinitePolicy,
+    ParamsResult,
+    StepResult,
+    Tensors,
+)
 from app.errors import Invalid
 from app.wire.dtypes import DTYPE_NAMES
 
@@ -68,6 +75,10 @@ class Session:
         self.accum: dict[str, torch.Tensor] = {}
         self.version = 0
         self.step_count = 0
+        self.durability: Durability = "memory"
+        self.seq = 0  # records logged for this session, ever (persistence)
+        self.seq_at_snapshot = 0
+        self.snapshot_time = 0.0
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -166,6 +177,7 @@ class Session:
             "step": self.step_count,
             "lr": self.lrs(),
             "nonfinite": self.nonfinite,
+            "durability": self.durability,
             "defaults": state_dicts.jsonable_options(self.optimizer.defaults),
             "param_groups": groups,
             "params": {n: {"dtype": DTYPE_NAMES[p.dtype], "shape": list(p.shape)}
@@ -382,3 +394,68 @@ class Session:
         if prepared.scheduler is not None and self.scheduler is not None:
             self.scheduler.load_state_dict(prepared.scheduler)
         self.version += 1
+
+    # ----------------------------------------------------------------- persistence
+    def snapshot_tree(self) -> dict[str, Any]:
+        """Everything needed to rebuild this session exactly (tensors by reference: encode it
+        before anything else runs on the worker)."""
+        sd: dict[str, Any] = dict(self.optimizer.state_dict())
+        if self.scheduler is not None:
+            sd["scheduler"] = self.scheduler.state_dict()
+        return {
+            "meta": {
+                "id": self.id,
+                "optimizer": self.optimizer_name,
+                "defaults": self.defaults,
+                "groups": [list(g["param_names"]) for g in self.optimizer.param_groups],
+                "scheduler": self.scheduler_spec.to_json() if self.scheduler_spec else None,
+                "nonfinite": self.nonfinite,
+                "durability": self.durability,
+                "version": self.version,
+                "step": self.step_count,
+                "seq": self.seq,
+            },
+            "state_dict": sd,
+            "params": dict(self.params),
+            "accum": dict(self.accum),
+        }
+
+    @classmethod
+    def restore(cls_, tree: dict[str, Any], device: torch.device) -> Session:
+        """Rebuild a session from :meth:`snapshot_tree` (decoded)."""
+        meta, sd = tree["meta"], tree["state_dict"]
+        groups = []
+        for names, g in zip(meta["groups"], sd["param_groups"], strict=True):
+            opts = {k: v for k, v in g.items() if k not in ("params", "param_names")
+                    and k not in state_dicts.SCHEDULER_GROUP_KEYS}
+            groups.append(GroupSpec({n: tree["params"][n] for n in names}, opts))
+        session = cls_.create(meta["id"], meta["optimizer"], groups, meta["defaults"],
+                              meta["scheduler"], meta["nonfinite"], device)
+        session.import_state(sd)
+        session.durability = meta["durability"]
+        session.version = int(meta["version"])
+        session.step_count = int(meta["step"])
+        session.seq = session.seq_at_snapshot = int(meta["seq"])
+        session.accum = {n: t.to(device=device, copy=True) for n, t in tree["accum"].items()}
+        return session
+
+    def apply(self, op: str, args: dict[str, Any]) -> None:
+        """Replay one logged update (the same method the original request ran)."""
+        if op == "step":
+            self.step(args["grads"], False)
+        elif op == "push":
+            self.push(args["grads"])
+        elif op == "zero_grad":
+            self.zero_grad()
+        elif op == "overwrite":
+            self.overwrite(args["params"])
+        elif op == "add_group":
+            self.add_param_group(GroupSpec(args["params"], args["options"]))
+        elif op == "update_group":
+            self.update_param_group(int(args["index"]), args["options"])
+        elif op == "scheduler_step":
+            self.scheduler_step(args["metric"])
+        elif op == "import":
+            self.import_state(args["state"])
+        else:
+            raise ValueError(f"unknown logged operation {op!r}")

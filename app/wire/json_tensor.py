@@ -19,6 +19,9 @@ from app.wire.dtypes import DTYPE_NAMES, MAX_DIMS, NUMPY_FOR_LIST, TORCH_DTYPES
 
 _NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data", "b64"})
+# Bound on the product of a shape's dimensions (zeros counted as ones): torch overflows computing
+# strides for shapes such as [0, 2**62, 4] even though they hold no elements.
+MAX_EXTENT = 2**48
 
 
 def is_json_tensor(obj: object) -> bool:
@@ -42,6 +45,9 @@ def parse_shape(shape: object, field: str) -> tuple[int, ...]:
         if type(d) is not int or d < 0:
             raise Invalid(f"shape must be a list of non-negative integers, got {shape!r:.80}",
                           code="invalid_tensor", field=f"{field}.shape")
+    if math.prod(max(d, 1) for d in shape) > MAX_EXTENT:
+        raise Invalid(f"shape {shape!r:.80} is too large", code="invalid_tensor",
+                      field=f"{field}.shape")
     return tuple(shape)
 
 
@@ -138,7 +144,12 @@ def decode_json_tensor(obj: object, field: str) -> torch.Tensor:
     arr = _from_list(data, dtype, numel, field)
     tensor = torch.from_numpy(arr)
     if torch_dtype == torch.bfloat16:
-        tensor = tensor.to(torch.bfloat16)
+        # numpy has no bfloat16: values finite in float32 may still round past bfloat16's range
+        converted = tensor.to(torch.bfloat16)
+        if bool((torch.isinf(converted) & torch.isfinite(tensor)).any()):
+            raise Invalid("data holds values out of range for bfloat16",
+                          code="invalid_tensor", field=f"{field}.data")
+        tensor = converted
     return tensor.reshape(shape)
 
 

@@ -39,7 +39,7 @@ def read_safetensors(
     if not isinstance(header, dict):
         raise BadRequest("safetensors header must be a JSON object", code="invalid_safetensors",
                          field=field)
-    metadata_raw = header.pop("__metadata__", None) or {}
+    metadata_raw = header.pop("__metadata__", {})
     if not isinstance(metadata_raw, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()
     ):

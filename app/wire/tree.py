@@ -64,7 +64,7 @@ def tree_from_json(
     if isinstance(obj, dict):
         if obj.keys() == {"$float"}:
             tag = obj["$float"]
-            if tag not in _FLOAT_TAGS:
+            if not isinstance(tag, str) or tag not in _FLOAT_TAGS:
                 raise Invalid(f"$float must be one of {sorted(_FLOAT_TAGS)}",
                               code="invalid_state", field=field)
             return _FLOAT_TAGS[tag]

@@ -16,7 +16,8 @@ import httpx
 from . import _safetensors
 from . import _tensors as T
 from ._constants import JSON, OCTET_STREAM, STEP_HEADER, VERSION_HEADER
-from ._tensors import Tensor, TensorLike, WireTensor
+from ._safetensors import WireTensor
+from ._tensors import Tensor, TensorLike
 from ._types import (
     OptimizerInfo,
     ParamsResult,
@@ -60,8 +61,8 @@ def _sid(session_id: str) -> str:
 
 # --------------------------------------------------------------------------- response readers
 def _is_binary(response: httpx.Response) -> bool:
-    ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
-    return ctype == OCTET_STREAM
+    ctype = str(response.headers.get("content-type", ""))
+    return ctype.split(";")[0].strip().lower() == OCTET_STREAM
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

@@ -26,9 +26,7 @@ from ._constants import (
     API_KEY_ENV,
     BASE_URL_ENV,
     DEFAULT_BASE_URL,
-    DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
-    OCTET_STREAM,
 )
 from ._exceptions import (
     APIConnectionError,
@@ -43,6 +41,17 @@ HttpxClientT = TypeVar("HttpxClientT", httpx.Client, httpx.AsyncClient)
 
 # Transport errors raised before any byte of the request could reach the server.
 _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+_jitter = random.random  # module-level hooks, so tests can make retries instant and exact
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+async def _async_sleep(seconds: float) -> None:
+    await asyncio.sleep(seconds)
 
 
 class BaseClient(Generic[HttpxClientT]):
@@ -91,7 +100,7 @@ class BaseClient(Generic[HttpxClientT]):
         return self._client.build_request(
             call.method,
             self.base_url + call.path,
-            params=call.params or None,
+            params=tuple(call.params),
             content=call.content,
             headers=headers,
             timeout=self.timeout,
@@ -106,7 +115,7 @@ class BaseClient(Generic[HttpxClientT]):
     def _retry_delay(attempt: int) -> float:
         """Seconds to wait before retry number ``attempt + 1`` (capped, with jitter)."""
         delay = min(_constants.INITIAL_RETRY_DELAY * 2.0**attempt, _constants.MAX_RETRY_DELAY)
-        return float(delay * (1.0 - _constants.RETRY_JITTER * random.random()))
+        return float(delay * (1.0 - _constants.RETRY_JITTER * _jitter()))
 
     @staticmethod
     def _connection_error(request: httpx.Request, exc: httpx.TransportError) -> Exception:
@@ -150,7 +159,7 @@ class SyncAPIClient(BaseClient[httpx.Client]):
                 response = self._client.send(request)
             except httpx.TransportError as exc:
                 if self._should_retry(call, exc, attempt):
-                    time.sleep(self._retry_delay(attempt))
+                    _sleep(self._retry_delay(attempt))
                     attempt += 1
                     continue
                 raise self._connection_error(request, exc) from exc
@@ -189,7 +198,7 @@ class AsyncAPIClient(BaseClient[httpx.AsyncClient]):
                 response = await self._client.send(request)
             except httpx.TransportError as exc:
                 if self._should_retry(call, exc, attempt):
-                    await asyncio.sleep(self._retry_delay(attempt))
+                    await _async_sleep(self._retry_delay(attempt))
                     attempt += 1
                     continue
                 raise self._connection_error(request, exc) from exc
@@ -205,4 +214,4 @@ class AsyncAPIClient(BaseClient[httpx.AsyncClient]):
         return self._client.is_closed
 
 
-__all__ = ["BaseClient", "SyncAPIClient", "AsyncAPIClient", "OCTET_STREAM"]
+__all__ = ["BaseClient", "SyncAPIClient", "AsyncAPIClient"]

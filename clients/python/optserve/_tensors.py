@@ -17,7 +17,7 @@ import base64
 import binascii
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
@@ -144,7 +144,7 @@ def _from_torch(t: Any, what: str) -> WireTensor:
     if t.numel() == 0:
         return WireTensor(name, shape, memoryview(b""))
     raw = t.reshape(-1).view(torch.uint8).numpy()
-    return WireTensor(name, shape, memoryview(raw))
+    return WireTensor(name, shape, raw.data)
 
 
 def _from_numpy(a: npt.NDArray[Any], what: str) -> WireTensor:
@@ -153,9 +153,9 @@ def _from_numpy(a: npt.NDArray[Any], what: str) -> WireTensor:
         raise TypeError(f"{what}: numpy dtype {a.dtype} cannot be sent; one of {sorted(_NUMPY)}")
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
-    a = np.ascontiguousarray(a)
     shape = tuple(int(d) for d in a.shape)
-    return WireTensor(name, shape, memoryview(a.reshape(-1).view(np.uint8)))
+    a = np.ascontiguousarray(a)  # (makes a 0-d array 1-d: the shape is taken before)
+    return WireTensor(name, shape, a.reshape(-1).view(np.uint8).data)
 
 
 def _bf16_to_f32(data: memoryview) -> npt.NDArray[np.float32]:
@@ -239,7 +239,7 @@ def decode_json_tensor(obj: object) -> WireTensor:
         arr: npt.NDArray[Any] = _f32_to_bf16(np.array(data, dtype=np.float32))
     else:
         arr = np.array(data, dtype=_NUMPY[dtype])
-    return WireTensor(dtype, tuple(shape), memoryview(arr.reshape(-1).view(np.uint8)))
+    return WireTensor(dtype, tuple(shape), arr.reshape(-1).view(np.uint8).data)
 
 
 def from_wire(w: WireTensor) -> Tensor:
@@ -438,7 +438,3 @@ def decode_state_json(obj: object) -> dict[str, Any]:
     tree = tree_from_wire(obj)
     assert isinstance(tree, dict)
     return state_dict_to_torch_format(tree)
-
-
-def flatten_names(groups: Iterable[Iterable[str]]) -> list[str]:
-    return [n for g in groups for n in g]

@@ -1,0 +1,100 @@
+# optserve: torch.optim as an HTTP service, one uvicorn process per container.
+#
+# Default build (NVIDIA GPU capable):
+#   docker build -t optserve:cuda .
+# python:3.11-slim-bookworm + torch==2.13.0 from PyPI, which is the CUDA 13.0 build: its wheels
+# carry the CUDA runtime, cuDNN, cuBLAS and NCCL, so the base image needs no CUDA toolkit. The
+# host needs only an NVIDIA driver (>= 580 for CUDA 13) and the NVIDIA Container Toolkit
+# (docker-compose.yml reserves the GPU). About 6 GB.
+#
+# CPU-only build (about 1 GB): take torch's CPU wheel (torch==2.13.0+cpu satisfies the lock's
+# torch==2.13.0 and sorts above the PyPI build):
+#   docker build -t optserve:cpu \
+#     --build-arg PIP_EXTRA_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu" .
+#
+# Any Debian/Ubuntu base works too (e.g. BASE_IMAGE=debian:bookworm-slim or an
+# nvidia/cuda:*-ubuntu24.04 image): when the base has no python3 with venv, the first stage
+# installs the distribution's python3 + python3-venv with apt (Python >= 3.11 is required).
+#
+# With podman/buildah, build with `--format docker` (the OCI format drops HEALTHCHECK).
+
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+# ---- python-base: the base image plus a Python >= 3.11 with venv, and the service user ----
+FROM ${BASE_IMAGE} AS python-base
+# A base may end on a non-root USER; installing needs root (the runtime stage drops it again).
+# hadolint ignore=DL3002,DL3066
+USER root
+# Distribution python3 only when the base lacks one; versions follow the base's release.
+# hadolint ignore=DL3008
+RUN if python3 -m venv /tmp/venv-probe >/dev/null 2>&1; then \
+        echo "python-base: using $(command -v python3)"; \
+    elif command -v apt-get >/dev/null 2>&1; then \
+        apt-get update \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+            python3 python3-venv ca-certificates \
+        && rm -rf /var/lib/apt/lists/*; \
+    else \
+        echo "python-base: BASE_IMAGE has no python3 with venv and no apt-get to install one" >&2; \
+        exit 1; \
+    fi \
+    && rm -rf /tmp/venv-probe \
+    && python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "python-base: optserve needs Python >= 3.11, the base has " + sys.version)' \
+    && groupadd --system --gid 10001 optserve \
+    && useradd --system --no-log-init --uid 10001 --gid optserve \
+        --home-dir /home/optserve --create-home --shell /usr/sbin/nologin optserve
+
+# ---- build: a venv with the locked runtime dependencies and the project ----
+FROM python-base AS build
+# Extra pip options, split on spaces: an index for torch's CPU wheel, or find-links to local
+# wheels (scripts/test-image passes `--find-links /wheels` with the wheel folder mounted there).
+ARG PIP_EXTRA_ARGS=""
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY pyproject.toml requirements-lock.txt ./
+COPY deploy/lock-runtime.py /usr/local/bin/lock-runtime
+# The dependencies first (one cached layer holding torch): every pin of requirements-lock.txt
+# except the dev-only tools (pytest, ruff, mypy, ...); lock-runtime fails the build when a
+# runtime dependency of pyproject.toml is not pinned there.
+# hadolint ignore=SC2086
+RUN python3 -m venv /opt/venv \
+    && python3 /usr/local/bin/lock-runtime pyproject.toml requirements-lock.txt > /tmp/runtime-lock.txt \
+    && /opt/venv/bin/pip install --no-cache-dir $PIP_EXTRA_ARGS -r /tmp/runtime-lock.txt \
+    && rm /tmp/runtime-lock.txt
+COPY README.md ./
+COPY app ./app
+COPY clients/python ./clients/python
+# hadolint ignore=SC2086
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps $PIP_EXTRA_ARGS . \
+    && /opt/venv/bin/pip check \
+    && /opt/venv/bin/python -c 'import app.main, torch; print("build: torch", torch.__version__, "cuda", torch.version.cuda)'
+
+# ---- runtime ----
+FROM python-base AS runtime
+LABEL org.opencontainers.image.title="optserve" \
+      org.opencontainers.image.description="PyTorch's torch.optim as an HTTP service" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /opt/venv /opt/venv
+COPY --chmod=0755 deploy/healthcheck.py /usr/local/bin/optserve-healthcheck
+# /data is reserved for the persistent session store; it must belong to the service user
+# before VOLUME so that a fresh named volume is created writable for it.
+RUN mkdir -p /data \
+    && chown optserve:optserve /data \
+    && chmod 0750 /data
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    OPTSERVE_HOST=0.0.0.0 \
+    OPTSERVE_PORT=8000 \
+    OPTSERVE_DATA_DIR=/data \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+WORKDIR /home/optserve
+USER 10001:10001
+VOLUME ["/data"]
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["optserve-healthcheck"]
+# uvicorn drains for up to 30 s on SIGTERM (give `docker stop` / compose a longer grace period).
+STOPSIGNAL SIGTERM
+CMD ["python", "-m", "app"]

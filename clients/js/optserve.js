@@ -1,0 +1,782 @@
+// optserve JavaScript client: torch.optim as an HTTP service.
+// A dependency-free ES module for Node 18+ and browsers, built on fetch.
+// Wire details: docs/protocol.md (JSON tensors, safetensors bodies, problem+json errors).
+
+// ---------------------------------------------------------------------------------- dtypes
+
+/** dtype name -> {itemsize, array constructor, safetensors name}. */
+export const DTYPES = Object.freeze({
+  float16: { itemsize: 2, array: Uint16Array, st: "F16" }, // raw IEEE half bits
+  bfloat16: { itemsize: 2, array: Uint16Array, st: "BF16" }, // raw bfloat16 bits
+  float32: { itemsize: 4, array: Float32Array, st: "F32" },
+  float64: { itemsize: 8, array: Float64Array, st: "F64" },
+  int8: { itemsize: 1, array: Int8Array, st: "I8" },
+  int16: { itemsize: 2, array: Int16Array, st: "I16" },
+  int32: { itemsize: 4, array: Int32Array, st: "I32" },
+  int64: { itemsize: 8, array: BigInt64Array, st: "I64" },
+  uint8: { itemsize: 1, array: Uint8Array, st: "U8" },
+  bool: { itemsize: 1, array: Uint8Array, st: "BOOL" }, // 0 / 1
+});
+
+const FROM_ST = Object.freeze(
+  Object.fromEntries(Object.entries(DTYPES).map(([name, d]) => [d.st, name])),
+);
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+
+function dtypeInfo(dtype) {
+  const info = Object.prototype.hasOwnProperty.call(DTYPES, dtype) ? DTYPES[dtype] : undefined;
+  if (!info) throw new TypeError(`unknown dtype ${JSON.stringify(dtype)}; one of ${Object.keys(DTYPES).join(", ")}`);
+  return info;
+}
+
+// ------------------------------------------------------------------ float16 / bfloat16 bits
+
+const f32 = new Float32Array(1);
+const u32 = new Uint32Array(f32.buffer);
+
+/** IEEE half bits (0..65535) to a number. */
+export function float16ToNumber(h) {
+  const sign = h & 0x8000 ? -1 : 1;
+  const exp = (h >> 10) & 0x1f;
+  const frac = h & 0x3ff;
+  if (exp === 0) return sign * frac * 2 ** -24;
+  if (exp === 0x1f) return frac ? NaN : sign * Infinity;
+  return sign * (1 + frac / 1024) * 2 ** (exp - 15);
+}
+
+/** A number to IEEE half bits, rounding to nearest even (as torch does). */
+export function numberToFloat16(x) {
+  if (Number.isNaN(x)) return 0x7e00;
+  const sign = x < 0 || Object.is(x, -0) ? 0x8000 : 0;
+  let a = Math.abs(x);
+  if (a === Infinity) return sign | 0x7c00;
+  if (a >= 65520) return sign | 0x7c00; // rounds past the largest half (65504)
+  if (a < 2 ** -14) {
+    // subnormal: units of 2^-24, round half to even
+    const q = a / 2 ** -24;
+    let n = Math.floor(q);
+    const r = q - n;
+    if (r > 0.5 || (r === 0.5 && n % 2 === 1)) n += 1;
+    return sign | n; // n === 1024 lands exactly on the smallest normal's bits
+  }
+  let e = Math.floor(Math.log2(a));
+  if (2 ** e > a) e -= 1; // guard log2 rounding
+  if (2 ** (e + 1) <= a) e += 1;
+  const q = (a / 2 ** e - 1) * 1024; // exact: a has at most 53 significant bits
+  let m = Math.floor(q);
+  const r = q - m;
+  if (r > 0.5 || (r === 0.5 && m % 2 === 1)) m += 1;
+  if (m === 1024) { m = 0; e += 1; }
+  if (e > 15) return sign | 0x7c00;
+  return sign | ((e + 15) << 10) | m;
+}
+
+/** bfloat16 bits to a number. */
+export function bfloat16ToNumber(h) {
+  u32[0] = (h & 0xffff) << 16;
+  return f32[0];
+}
+
+/** A number to bfloat16 bits, rounding (via float32) to nearest even. */
+export function numberToBfloat16(x) {
+  f32[0] = x;
+  const bitsF = u32[0];
+  if ((bitsF & 0x7f800000) === 0x7f800000 && (bitsF & 0x7fffff)) return ((bitsF >>> 16) | 0x40) & 0xffff;
+  const rounded = bitsF + 0x7fff + ((bitsF >>> 16) & 1);
+  return (rounded >>> 16) & 0xffff;
+}
+
+// ------------------------------------------------------------------------------ Tensor
+
+function prod(shape) {
+  return shape.reduce((a, b) => a * b, 1);
+}
+
+/**
+ * A tensor on the wire: dtype name, shape and a flat row-major TypedArray.
+ * float16/bfloat16 data are Uint16Array raw bits, int64 is BigInt64Array, bool is Uint8Array.
+ */
+export class Tensor {
+  constructor(dtype, shape, data) {
+    const info = dtypeInfo(dtype);
+    if (!Array.isArray(shape) || !shape.every((d) => Number.isInteger(d) && d >= 0)) {
+      throw new TypeError(`shape must be a list of non-negative integers, got ${JSON.stringify(shape)}`);
+    }
+    if (!(data instanceof info.array)) {
+      throw new TypeError(`${dtype} data must be a ${info.array.name}, got ${data?.constructor?.name}`);
+    }
+    if (data.length !== prod(shape)) {
+      throw new RangeError(`data has ${data.length} values but shape ${JSON.stringify(shape)} holds ${prod(shape)}`);
+    }
+    this.dtype = dtype;
+    this.shape = shape.slice();
+    this.data = data;
+  }
+
+  /** Build from plain numbers (or bigints / booleans), converting to the dtype's storage. */
+  static from(values, { dtype = "float32", shape } = {}) {
+    const info = dtypeInfo(dtype);
+    const flat = ArrayBuffer.isView(values) ? Array.from(values) : flatten(values);
+    const shp = shape ?? (ArrayBuffer.isView(values) ? [values.length] : inferShape(values));
+    let data;
+    if (dtype === "float16") data = Uint16Array.from(flat, (v) => numberToFloat16(Number(v)));
+    else if (dtype === "bfloat16") data = Uint16Array.from(flat, (v) => numberToBfloat16(Number(v)));
+    else if (dtype === "int64") data = BigInt64Array.from(flat, (v) => BigInt(v));
+    else if (dtype === "bool") data = Uint8Array.from(flat, (v) => (v ? 1 : 0));
+    else data = info.array.from(flat, (v) => Number(v));
+    return new Tensor(dtype, shp, data);
+  }
+
+  /** A 0-d (scalar) tensor. */
+  static scalar(value, dtype = "float32") {
+    return Tensor.from([value], { dtype, shape: [] });
+  }
+
+  get numel() {
+    return this.data.length;
+  }
+
+  get itemsize() {
+    return DTYPES[this.dtype].itemsize;
+  }
+
+  /** Values as plain numbers (float16/bfloat16 decoded; int64 as BigInt; bool as boolean). */
+  toArray() {
+    if (this.dtype === "float16") return Array.from(this.data, float16ToNumber);
+    if (this.dtype === "bfloat16") return Array.from(this.data, bfloat16ToNumber);
+    if (this.dtype === "bool") return Array.from(this.data, (v) => v !== 0);
+    return Array.from(this.data);
+  }
+
+  /** The single value of a one-element tensor. */
+  item() {
+    if (this.numel !== 1) throw new RangeError(`item() needs one element, tensor has ${this.numel}`);
+    return this.toArray()[0];
+  }
+
+  /** Raw little-endian bytes (a fresh copy). */
+  toBytes() {
+    return typedToBytes(this.data);
+  }
+
+  /** A tensor from raw little-endian bytes. */
+  static fromBytes(dtype, shape, bytes) {
+    return new Tensor(dtype, shape, bytesToTyped(dtype, bytes));
+  }
+
+  /** Bitwise equality (NaNs with the same bits are equal; -0 differs from 0). */
+  equals(other) {
+    if (!(other instanceof Tensor) || other.dtype !== this.dtype) return false;
+    if (other.shape.length !== this.shape.length || other.shape.some((d, i) => d !== this.shape[i])) return false;
+    const a = this.toBytes();
+    const b = other.toBytes();
+    return a.length === b.length && a.every((v, i) => v === b[i]);
+  }
+}
+
+function flatten(values) {
+  if (!Array.isArray(values)) return [values];
+  return values.flat(Infinity);
+}
+
+function inferShape(values) {
+  const shape = [];
+  let v = values;
+  while (Array.isArray(v)) {
+    shape.push(v.length);
+    v = v[0];
+  }
+  return shape;
+}
+
+/** Convenience: a value given where a tensor is expected (Tensor, Float32Array, Float64Array, numbers). */
+export function asTensor(x) {
+  if (x instanceof Tensor) return x;
+  if (x instanceof Float32Array) return new Tensor("float32", [x.length], x);
+  if (x instanceof Float64Array) return new Tensor("float64", [x.length], x);
+  if (typeof x === "number" || Array.isArray(x)) return Tensor.from(x, { shape: typeof x === "number" ? [] : undefined });
+  if (x && typeof x === "object" && "dtype" in x && "shape" in x && ("data" in x || "b64" in x)) {
+    return ArrayBuffer.isView(x.data) ? new Tensor(x.dtype, x.shape, x.data) : decodeJsonTensor(x);
+  }
+  throw new TypeError(`not a tensor: ${Object.prototype.toString.call(x)}`);
+}
+
+function tensorMap(obj) {
+  const out = {};
+  for (const [name, t] of Object.entries(obj ?? {})) out[name] = asTensor(t);
+  return out;
+}
+
+// --------------------------------------------------------------------- bytes and base64
+
+function typedToBytes(typed) {
+  const n = typed.BYTES_PER_ELEMENT;
+  const out = new Uint8Array(typed.byteLength);
+  out.set(new Uint8Array(typed.buffer, typed.byteOffset, typed.byteLength));
+  if (!LITTLE_ENDIAN && n > 1) swapInPlace(out, n);
+  return out;
+}
+
+function bytesToTyped(dtype, bytes) {
+  const info = dtypeInfo(dtype);
+  if (bytes.byteLength % info.itemsize !== 0) {
+    throw new RangeError(`${bytes.byteLength} bytes is not a whole number of ${dtype} values`);
+  }
+  const copy = new Uint8Array(bytes.byteLength);
+  copy.set(toBytes(bytes));
+  if (!LITTLE_ENDIAN && info.itemsize > 1) swapInPlace(copy, info.itemsize);
+  return new info.array(copy.buffer, 0, copy.byteLength / info.itemsize);
+}
+
+function swapInPlace(bytes, n) {
+  for (let i = 0; i < bytes.length; i += n) bytes.subarray(i, i + n).reverse();
+}
+
+const hasBuffer = typeof globalThis.Buffer === "function";
+
+export function bytesToBase64(bytes) {
+  if (hasBuffer) return globalThis.Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString("base64");
+  let s = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(s);
+}
+
+export function base64ToBytes(text) {
+  if (typeof text !== "string" || !/^[A-Za-z0-9+/]*={0,2}$/.test(text) || text.length % 4 !== 0) {
+    throw new TypeError("b64 is not valid base64");
+  }
+  if (hasBuffer) return new Uint8Array(globalThis.Buffer.from(text, "base64"));
+  const s = atob(text);
+  const out = new Uint8Array(s.length);
+  for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
+  return out;
+}
+
+// ------------------------------------------------------------------------- JSON tensors
+
+const NONFINITE_IN = { NaN: NaN, Infinity: Infinity, "-Infinity": -Infinity };
+// strings starting with RAW_MARK are written by stringify() as bare JSON (exact int64, -0.0)
+const RAW_MARK = "\u0000optserve-raw:";
+
+function jsonNumber(x) {
+  if (Object.is(x, -0)) return RAW_MARK + "-0.0"; // JSON.stringify(-0) would write 0
+  if (Number.isFinite(x)) return x;
+  return Number.isNaN(x) ? "NaN" : x > 0 ? "Infinity" : "-Infinity";
+}
+
+/** A Tensor to a JSON tensor object: `data` (non-finite as "NaN"/"Infinity"/"-Infinity") or `b64`. */
+export function encodeJsonTensor(t, { b64 = false } = {}) {
+  t = asTensor(t);
+  const out = { dtype: t.dtype, shape: t.shape.slice() };
+  if (b64) {
+    out.b64 = bytesToBase64(t.toBytes());
+  } else if (t.dtype === "int64") {
+    // exact: serialized as bare integers by stringify() below
+    out.data = Array.from(t.data, (v) => (Number.isSafeInteger(Number(v)) ? Number(v) : RAW_MARK + v.toString()));
+  } else if (t.dtype === "bool") {
+    out.data = Array.from(t.data, (v) => v !== 0);
+  } else {
+    out.data = t.toArray().map(jsonNumber);
+  }
+  return out;
+}
+
+/** A JSON tensor object ({dtype, shape, data | b64}) to a Tensor. */
+export function decodeJsonTensor(obj) {
+  if (!isJsonTensor(obj)) throw new TypeError("not a JSON tensor {dtype, shape, data | b64}");
+  const { dtype, shape } = obj;
+  const info = dtypeInfo(dtype);
+  if ("b64" in obj) {
+    const bytes = base64ToBytes(obj.b64);
+    if (bytes.length !== prod(shape) * info.itemsize) {
+      throw new RangeError(`b64 holds ${bytes.length} bytes, shape ${JSON.stringify(shape)} of ${dtype} needs ${prod(shape) * info.itemsize}`);
+    }
+    return Tensor.fromBytes(dtype, shape, bytes);
+  }
+  const values = obj.data.map((v) => (typeof v === "string" && v in NONFINITE_IN ? NONFINITE_IN[v] : v));
+  // int64 beyond 2^53 loses precision in JSON.parse; ask for encoding "b64" when that matters
+  return Tensor.from(values, { dtype, shape });
+}
+
+export function isJsonTensor(obj) {
+  if (!obj || typeof obj !== "object" || Array.isArray(obj) || obj instanceof Tensor) return false;
+  const keys = Object.keys(obj);
+  return "dtype" in obj && "shape" in obj && ("data" in obj) !== ("b64" in obj) &&
+    keys.every((k) => k === "dtype" || k === "shape" || k === "data" || k === "b64");
+}
+
+/**
+ * JSON.stringify for request bodies: BigInts and the int64 / -0.0 values marked by
+ * encodeJsonTensor become bare JSON numbers (plain JSON.stringify would fail or lose them).
+ */
+export function stringify(value) {
+  const text = JSON.stringify(value, (_k, v) => (typeof v === "bigint" ? RAW_MARK + v.toString() : v));
+  return text.replace(/"\\u0000optserve-raw:(-?[0-9][0-9.]*)"/g, "$1");
+}
+
+// ------------------------------------------------------------------- state-dict trees
+
+/** A tree (state dict) with Tensors to plain JSON (tensors as JSON tensors, non-finite floats tagged). */
+export function treeToJson(obj, { b64 = false } = {}) {
+  return mapTree(obj, (t) => encodeJsonTensor(t, { b64 }));
+}
+
+/** Plain JSON (from the server) back to a tree with Tensors and non-finite numbers. */
+export function treeFromJson(obj, tensors) {
+  if (Array.isArray(obj)) return obj.map((v) => treeFromJson(v, tensors));
+  if (obj && typeof obj === "object") {
+    const keys = Object.keys(obj);
+    if (keys.length === 1 && keys[0] === "$float") {
+      const tags = { inf: Infinity, "-inf": -Infinity, nan: NaN };
+      if (!(obj.$float in tags)) throw new TypeError(`bad $float tag ${obj.$float}`);
+      return tags[obj.$float];
+    }
+    if (keys.length === 1 && keys[0] === "$tensor") {
+      if (!tensors || !(obj.$tensor in tensors)) throw new TypeError(`$tensor ${obj.$tensor} names no tensor`);
+      return tensors[obj.$tensor];
+    }
+    if (isJsonTensor(obj)) return decodeJsonTensor(obj);
+    return Object.fromEntries(Object.entries(obj).map(([k, v]) => [k, treeFromJson(v, tensors)]));
+  }
+  return obj;
+}
+
+/** A tree with Tensors to (JSON skeleton with {"$tensor": key} refs, tensors keyed by path). */
+export function treeToSafetensors(obj) {
+  const tensors = {};
+  const skeleton = mapTree(obj, (t, path) => {
+    tensors[path] = t;
+    return { $tensor: path };
+  });
+  return { skeleton, tensors };
+}
+
+function mapTree(obj, onTensor, path = "") {
+  const sub = (k) => (path ? `${path}.${k}` : String(k));
+  if (obj instanceof Tensor) return onTensor(obj, path);
+  if (Array.isArray(obj)) return obj.map((v, i) => mapTree(v, onTensor, sub(i)));
+  if (typeof obj === "number" && !Number.isFinite(obj)) {
+    return { $float: Number.isNaN(obj) ? "nan" : obj > 0 ? "inf" : "-inf" };
+  }
+  if (obj && typeof obj === "object") {
+    return Object.fromEntries(Object.entries(obj).map(([k, v]) => [k, mapTree(v, onTensor, sub(k))]));
+  }
+  return obj;
+}
+
+// ---------------------------------------------------------------------------- safetensors
+
+const textEncoder = new TextEncoder();
+const textDecoder = new TextDecoder("utf-8", { fatal: true });
+
+/**
+ * Write a safetensors file: tensors by name plus string `__metadata__` (non-string values are
+ * written as JSON text). Returns a Uint8Array.
+ */
+export function writeSafetensors(tensors, metadata) {
+  const entries = Object.entries(tensors).map(([name, t]) => [name, asTensor(t)]);
+  // larger items first, then by name: every tensor's offset is aligned to its itemsize
+  entries.sort(([na, a], [nb, b]) => b.itemsize - a.itemsize || (na < nb ? -1 : na > nb ? 1 : 0));
+  const header = {};
+  if (metadata && Object.keys(metadata).length) {
+    header.__metadata__ = Object.fromEntries(
+      Object.entries(metadata).map(([k, v]) => [k, typeof v === "string" ? v : stringify(v)]),
+    );
+  }
+  let offset = 0;
+  const chunks = [];
+  for (const [name, t] of entries) {
+    const bytes = t.toBytes();
+    header[name] = { dtype: DTYPES[t.dtype].st, shape: t.shape, data_offsets: [offset, offset + bytes.length] };
+    chunks.push(bytes);
+    offset += bytes.length;
+  }
+  let headerBytes = textEncoder.encode(JSON.stringify(header));
+  const pad = (8 - (headerBytes.length % 8)) % 8; // data starts 8-byte aligned, as safetensors does
+  if (pad) {
+    const padded = new Uint8Array(headerBytes.length + pad).fill(0x20);
+    padded.set(headerBytes);
+    headerBytes = padded;
+  }
+  const out = new Uint8Array(8 + headerBytes.length + offset);
+  new DataView(out.buffer).setBigUint64(0, BigInt(headerBytes.length), true);
+  out.set(headerBytes, 8);
+  let pos = 8 + headerBytes.length;
+  for (const c of chunks) {
+    out.set(c, pos);
+    pos += c.length;
+  }
+  return out;
+}
+
+/** Read a safetensors file (ArrayBuffer or Uint8Array): {tensors: {name: Tensor}, metadata: {key: string}}. */
+export function readSafetensors(buf) {
+  const bytes = buf instanceof Uint8Array ? buf : new Uint8Array(buf);
+  if (bytes.length < 8) throw new TypeError("not a safetensors file: shorter than 8 bytes");
+  const n = Number(new DataView(bytes.buffer, bytes.byteOffset, 8).getBigUint64(0, true));
+  if (n > bytes.length - 8) throw new TypeError(`safetensors header claims ${n} bytes, file has ${bytes.length - 8}`);
+  const header = JSON.parse(textDecoder.decode(bytes.subarray(8, 8 + n)));
+  const metadata = header.__metadata__ ?? {};
+  delete header.__metadata__;
+  const data = bytes.subarray(8 + n);
+  const tensors = {};
+  for (const [name, info] of Object.entries(header)) {
+    const dtype = FROM_ST[info.dtype];
+    if (!dtype) throw new TypeError(`unsupported safetensors dtype ${info.dtype} for ${name}`);
+    const [begin, end] = info.data_offsets;
+    if (!(begin >= 0 && begin <= end && end <= data.length)) throw new RangeError(`${name}: data_offsets out of range`);
+    if (end - begin !== prod(info.shape) * DTYPES[dtype].itemsize) throw new RangeError(`${name}: size mismatch`);
+    tensors[name] = Tensor.fromBytes(dtype, info.shape, data.subarray(begin, end));
+  }
+  return { tensors, metadata };
+}
+
+/** `__metadata__` values are JSON texts, except bare words (strings). */
+export function parseMetadata(metadata) {
+  const out = {};
+  for (const [k, v] of Object.entries(metadata)) {
+    try {
+      out[k] = JSON.parse(v);
+    } catch {
+      out[k] = v;
+    }
+  }
+  return out;
+}
+
+// --------------------------------------------------------------------------------- errors
+
+/** An error answer (RFC 9457 problem+json) or a failure to reach the server (status 0). */
+export class OptserveError extends Error {
+  constructor(message, { status = 0, code = "error", detail = message, field, problem, title, type, cause } = {}) {
+    super(message, cause ? { cause } : undefined);
+    this.name = new.target.name;
+    this.status = status;
+    this.code = code;
+    this.detail = detail;
+    this.field = field;
+    this.title = title;
+    this.type = type;
+    this.problem = problem;
+  }
+}
+export class BadRequestError extends OptserveError {} // 400
+export class NotFoundError extends OptserveError {} // 404
+export class ConflictError extends OptserveError {} // 409
+export class PayloadTooLargeError extends OptserveError {} // 413
+export class ValidationError extends OptserveError {} // 422
+/** The server could not be reached, or did not answer within timeoutMs (status 0). */
+export class ConnectionError extends OptserveError {}
+
+const ERROR_CLASSES = { 400: BadRequestError, 404: NotFoundError, 409: ConflictError, 413: PayloadTooLargeError, 422: ValidationError };
+
+/** The typed error for an HTTP status and a parsed problem+json body (or null). */
+export function errorFromProblem(status, problem, fallbackText = "") {
+  const Cls = ERROR_CLASSES[status] ?? OptserveError;
+  const p = problem && typeof problem === "object" ? problem : null;
+  const detail = p?.detail ?? (fallbackText || `HTTP ${status}`);
+  const message = `${status} ${p?.code ?? "http_error"}: ${detail}${p?.field ? ` (field ${p.field})` : ""}`;
+  return new Cls(message, {
+    status, code: p?.code ?? "http_error", detail, field: p?.field ?? undefined,
+    title: p?.title, type: p?.type, problem: p ?? undefined,
+  });
+}
+
+// --------------------------------------------------------------------------------- client
+
+const JSON_TYPE = "application/json";
+const BINARY = "application/octet-stream";
+
+function toBytes(body) {
+  if (body instanceof Uint8Array) return body;
+  if (body instanceof ArrayBuffer) return new Uint8Array(body);
+  if (ArrayBuffer.isView(body)) return new Uint8Array(body.buffer, body.byteOffset, body.byteLength);
+  throw new TypeError("expected a Uint8Array or ArrayBuffer");
+}
+
+function versionFromHeaders(res) {
+  const v = res.headers.get("x-optserve-version");
+  const s = res.headers.get("x-optserve-step");
+  return { version: v === null ? undefined : Number(v), step: s === null ? undefined : Number(s) };
+}
+
+/**
+ * The optserve HTTP client. Every method returns a Promise and throws a typed OptserveError
+ * for problem+json answers.
+ *
+ *   const c = new OptserveClient({ baseUrl: "http://127.0.0.1:8000" });
+ *   await c.createSession({ optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) } });
+ *   const { params } = await c.step(id, { x: Tensor.from([16]) });
+ */
+export class OptserveClient {
+  constructor({ baseUrl = "http://127.0.0.1:8000", apiKey, timeoutMs = 30000, fetch: fetchImpl, binary = false } = {}) {
+    this.baseUrl = String(baseUrl).replace(/\/+$/, "");
+    this.apiKey = apiKey;
+    this.timeoutMs = timeoutMs;
+    this.binary = binary; // default for step / grads / params calls
+    this._fetch = fetchImpl ?? globalThis.fetch.bind(globalThis);
+  }
+
+  /** One HTTP exchange. Returns the Response; throws typed errors for non-2xx answers. */
+  async request(method, path, { query, json, body, contentType, accept = JSON_TYPE } = {}) {
+    let url = this.baseUrl + path;
+    if (query) {
+      const qs = new URLSearchParams();
+      for (const [k, v] of Object.entries(query)) {
+        if (v === undefined || v === null) continue;
+        for (const item of Array.isArray(v) ? v : [v]) qs.append(k, String(item));
+      }
+      const s = qs.toString();
+      if (s) url += `?${s}`;
+    }
+    const headers = { Accept: accept };
+    if (this.apiKey) headers.Authorization = `Bearer ${this.apiKey}`;
+    if (json !== undefined) {
+      body = stringify(json);
+      headers["Content-Type"] = JSON_TYPE;
+    } else if (body !== undefined) {
+      headers["Content-Type"] = contentType ?? BINARY;
+    }
+    const controller = new AbortController();
+    const timer = this.timeoutMs ? setTimeout(() => controller.abort(), this.timeoutMs) : null;
+    let res;
+    try {
+      res = await this._fetch(url, { method, headers, body, signal: controller.signal });
+      if (!res.ok) {
+        const text = await res.text();
+        let problem = null;
+        try {
+          problem = JSON.parse(text);
+        } catch { /* not JSON: keep the text */ }
+        throw errorFromProblem(res.status, problem, text.slice(0, 500));
+      }
+      // read the body before the timer stops, so a stalled body also times out
+      const buf = new Uint8Array(await res.arrayBuffer());
+      return { res, buf };
+    } catch (err) {
+      if (err instanceof OptserveError) throw err;
+      const timedOut = controller.signal.aborted;
+      throw new ConnectionError(
+        timedOut ? `${method} ${path}: no answer within ${this.timeoutMs} ms` : `${method} ${path}: ${err?.message ?? err}`,
+        { status: 0, code: timedOut ? "timeout" : "connection_error", cause: err },
+      );
+    } finally {
+      if (timer) clearTimeout(timer);
+    }
+  }
+
+  async _json(method, path, opts) {
+    const { buf } = await this.request(method, path, opts);
+    return buf.length ? JSON.parse(textDecoder.decode(buf)) : undefined;
+  }
+
+  _sid(id) {
+    if (typeof id !== "string" || !id) throw new TypeError("session id must be a non-empty string");
+    return `/v1/sessions/${encodeURIComponent(id)}`;
+  }
+
+  /** Tensors out of a step / params answer, JSON or safetensors. */
+  async _tensorsCall(method, path, { tensors, key, binary, encoding, query = {} }) {
+    binary = binary ?? this.binary;
+    const q = { ...query };
+    if (!binary && encoding && encoding !== "data") q.encoding = encoding;
+    const opts = { query: q, accept: binary ? BINARY : JSON_TYPE };
+    if (tensors !== undefined) {
+      const map = tensorMap(tensors);
+      if (binary) opts.body = writeSafetensors(map);
+      else {
+        const enc = {};
+        for (const [n, t] of Object.entries(map)) enc[n] = encodeJsonTensor(t, { b64: encoding === "b64" });
+        opts.json = { [key]: enc };
+      }
+    }
+    const { res, buf } = await this.request(method, path, opts);
+    const headerInfo = versionFromHeaders(res);
+    const etag = res.headers.get("etag") ?? undefined;
+    if ((res.headers.get("content-type") ?? "").startsWith(BINARY)) {
+      const { tensors: out, metadata } = readSafetensors(buf);
+      const meta = parseMetadata(metadata);
+      const result = { ...headerInfo, ...meta, etag };
+      if (query.return !== "none") result.params = out;
+      return result;
+    }
+    const obj = JSON.parse(textDecoder.decode(buf));
+    if (obj.params) obj.params = Object.fromEntries(Object.entries(obj.params).map(([n, t]) => [n, decodeJsonTensor(t)]));
+    obj.etag = etag;
+    return obj;
+  }
+
+  // ------------------------------------------------------------------- health, catalogue
+
+  /** GET /healthz */
+  health() {
+    return this._json("GET", "/healthz");
+  }
+
+  /** GET /readyz: {status: "ready", device}; throws OptserveError (status 503) when not ready. */
+  ready() {
+    return this._json("GET", "/readyz");
+  }
+
+  /** GET /v1/optimizers: {optimizers: [{name, defaults}], unsupported: [...]} */
+  listOptimizers() {
+    return this._json("GET", "/v1/optimizers");
+  }
+
+  /** GET /v1/schedulers: {schedulers: [{name, required, defaults, default_step_on}], unsupported} */
+  listSchedulers() {
+    return this._json("GET", "/v1/schedulers");
+  }
+
+  // ------------------------------------------------------------------------------ sessions
+
+  /**
+   * POST /v1/sessions. spec: {optimizer, options?, params?: {name: tensor}, paramGroups?:
+   * [{params: {name: tensor}, ...options}], scheduler?: {name, options, step_on?}, id?, nonfinite?}.
+   * With {binary: true} the tensors travel as a safetensors body. Returns the session description.
+   */
+  createSession(spec, { binary = false } = {}) {
+    const { paramGroups, param_groups: pg, params, ...rest } = spec;
+    const groups = paramGroups ?? pg;
+    if (binary) {
+      const tensors = {};
+      const meta = {};
+      // every value as JSON text, so an id such as "123" stays a string
+      for (const [k, v] of Object.entries(rest)) if (v !== undefined) meta[k] = stringify(v);
+      if (groups) {
+        meta.param_groups = stringify(groups.map(({ params: gp, ...opts }) => {
+          const m = tensorMap(gp);
+          Object.assign(tensors, m);
+          return { ...opts, params: Object.keys(m) };
+        }));
+      } else {
+        Object.assign(tensors, tensorMap(params));
+      }
+      return this._json("POST", "/v1/sessions", { body: writeSafetensors(tensors, meta) });
+    }
+    const body = {};
+    for (const [k, v] of Object.entries(rest)) if (v !== undefined) body[k] = v;
+    if (groups) body.param_groups = groups.map(({ params: gp, ...opts }) => ({ ...opts, params: encodeMap(gp) }));
+    else body.params = encodeMap(params);
+    return this._json("POST", "/v1/sessions", { json: body });
+  }
+
+  /** GET /v1/sessions: the list of session descriptions. */
+  async listSessions() {
+    return (await this._json("GET", "/v1/sessions")).sessions;
+  }
+
+  /** GET /v1/sessions/{id}: the session description. */
+  getSession(id) {
+    return this._json("GET", this._sid(id));
+  }
+
+  /** DELETE /v1/sessions/{id} */
+  async deleteSession(id) {
+    await this.request("DELETE", this._sid(id));
+  }
+
+  /**
+   * POST /v1/sessions/{id}/step with grads {name: tensor}. Options: binary (safetensors both ways),
+   * encoding ("data" | "b64" for JSON), returnParams (false: only version/step/lr).
+   * Returns {version, step, lr, skipped, nonfinite?, params?: {name: Tensor}, etag}.
+   */
+  step(id, grads = {}, { binary, encoding, returnParams = true } = {}) {
+    return this._tensorsCall("POST", `${this._sid(id)}/step`, {
+      tensors: grads, key: "grads", binary, encoding, query: returnParams ? {} : { return: "none" },
+    });
+  }
+
+  /** POST /v1/sessions/{id}/grads: accumulate for the next step. Returns {version, step, accumulated}. */
+  pushGrads(id, grads, { binary } = {}) {
+    binary = binary ?? this.binary;
+    const map = tensorMap(grads);
+    if (binary) return this._json("POST", `${this._sid(id)}/grads`, { body: writeSafetensors(map) });
+    return this._json("POST", `${this._sid(id)}/grads`, { json: { grads: encodeMap(map) } });
+  }
+
+  /** POST /v1/sessions/{id}/zero_grad: clear the accumulated gradients. */
+  zeroGrad(id) {
+    return this._json("POST", `${this._sid(id)}/zero_grad`);
+  }
+
+  /** GET /v1/sessions/{id}/params (names: optional list). Returns {version, step, params, etag}. */
+  getParams(id, { names, binary, encoding } = {}) {
+    return this._tensorsCall("GET", `${this._sid(id)}/params`, {
+      binary, encoding, query: names ? { names: names.join(",") } : {},
+    });
+  }
+
+  /** PUT /v1/sessions/{id}/params: overwrite. Returns {version, step, params, etag}. */
+  putParams(id, params, { binary, encoding } = {}) {
+    return this._tensorsCall("PUT", `${this._sid(id)}/params`, { tensors: params, key: "params", binary, encoding });
+  }
+
+  /** POST /v1/sessions/{id}/param_groups: group = {params: {name: tensor}, ...options}. Returns the description. */
+  addParamGroup(id, group, { binary = false } = {}) {
+    const { params, ...options } = group;
+    if (binary) {
+      const meta = Object.fromEntries(Object.entries(options).map(([k, v]) => [k, stringify(v)]));
+      return this._json("POST", `${this._sid(id)}/param_groups`, { body: writeSafetensors(tensorMap(params), meta) });
+    }
+    return this._json("POST", `${this._sid(id)}/param_groups`, { json: { ...options, params: encodeMap(params) } });
+  }
+
+  /** PATCH /v1/sessions/{id}/param_groups/{index}: change a group's options. Returns the description. */
+  updateParamGroup(id, index, options) {
+    return this._json("PATCH", `${this._sid(id)}/param_groups/${Number(index)}`, { json: options });
+  }
+
+  /**
+   * GET /v1/sessions/{id}/state_dict. format "json" (default) or "safetensors" both return torch's
+   * tree with Tensors ({state: {"0": {...}}, param_groups: [...], scheduler?}); "torch" returns the
+   * torch.save file as a Uint8Array. raw: true returns the body bytes for any format.
+   */
+  async exportState(id, { format = "json", encoding, raw = false } = {}) {
+    const query = { format };
+    if (format === "json" && encoding && encoding !== "data") query.encoding = encoding;
+    const { buf } = await this.request("GET", `${this._sid(id)}/state_dict`, {
+      query, accept: format === "json" ? JSON_TYPE : BINARY,
+    });
+    if (raw || format === "torch") return buf;
+    if (format === "safetensors") {
+      const { tensors, metadata } = readSafetensors(buf);
+      if (!("optserve_state" in metadata)) throw new TypeError("safetensors state lacks __metadata__.optserve_state");
+      return treeFromJson(JSON.parse(metadata.optserve_state), tensors);
+    }
+    return treeFromJson(JSON.parse(textDecoder.decode(buf)));
+  }
+
+  /**
+   * PUT /v1/sessions/{id}/state_dict. state: a tree with Tensors (as exportState returns), sent as
+   * JSON (format "json", default) or safetensors (format "safetensors"); or bytes (Uint8Array /
+   * ArrayBuffer) of a file in the given format ("json" | "safetensors" | "torch").
+   * Returns the session description.
+   */
+  importState(id, state, { format = "json", encoding } = {}) {
+    const path = `${this._sid(id)}/state_dict`;
+    if (state instanceof Uint8Array || state instanceof ArrayBuffer) {
+      const ctype = format === "json" ? JSON_TYPE : BINARY;
+      return this._json("PUT", path, { query: { format }, body: toBytes(state), contentType: ctype });
+    }
+    if (format === "safetensors") {
+      const { skeleton, tensors } = treeToSafetensors(state);
+      return this._json("PUT", path, { query: { format }, body: writeSafetensors(tensors, { optserve_state: stringify(skeleton) }) });
+    }
+    if (format !== "json") throw new TypeError(`format ${format} needs the file's bytes`);
+    return this._json("PUT", path, { json: treeToJson(state, { b64: encoding === "b64" }) });
+  }
+
+  /** POST /v1/sessions/{id}/scheduler/step ({metric} for ReduceLROnPlateau). */
+  schedulerStep(id, { metric } = {}) {
+    return this._json("POST", `${this._sid(id)}/scheduler/step`, { json: metric === undefined ? {} : { metric } });
+  }
+}
+
+function encodeMap(tensors, opts) {
+  const out = {};
+  for (const [name, t] of Object.entries(tensors ?? {})) out[name] = encodeJsonTensor(t, opts);
+  return out;
+}
+
+export default OptserveClient;

@@ -1,0 +1,40 @@
+// Adam (float32) and AdamW/amsgrad (float64) against in-process torch, bit for bit,
+// including the optimizer state they export.
+import assert from "node:assert/strict";
+import { after, describe, test } from "node:test";
+
+import { NO_SERVER, assertBits, client, ref, refTensor, uid } from "./helpers.js";
+
+describe("Adam family vs torch.optim", { skip: NO_SERVER }, () => {
+  const c = client();
+  const made = [];
+  after(async () => {
+    for (const id of made) await c.deleteSession(id).catch(() => {});
+  });
+
+  for (const [key, mode] of [["adam", {}], ["adam", { binary: true }], ["adamw_f64", {}], ["adamw_f64", { encoding: "b64" }]]) {
+    const r = ref[key];
+    test(`${r.optimizer} ${JSON.stringify(r.options)} ${Object.keys(r.params0)} ${JSON.stringify(mode)}`, async () => {
+      const id = uid(key);
+      made.push(id);
+      const params = Object.fromEntries(Object.entries(r.params0).map(([n, v]) => [n, refTensor(v)]));
+      const desc = await c.createSession({ id, optimizer: r.optimizer, options: r.options, params });
+      assert.equal(desc.optimizer, r.optimizer);
+      assert.equal(desc.defaults.lr, r.options.lr);
+      for (const [i, s] of r.steps.entries()) {
+        const grads = Object.fromEntries(Object.entries(s.grads).map(([n, v]) => [n, refTensor(v)]));
+        const out = await c.step(id, grads, mode);
+        assert.equal(out.step, i + 1);
+        for (const n of Object.keys(r.params0)) assertBits(out.params[n], s.params[n], `${n} after step ${i + 1}`);
+      }
+      const sd = await c.exportState(id);
+      assert.deepEqual(sd.param_groups[0].params, Object.keys(r.params0).map((_, i) => i));
+      assert.deepEqual(sd.param_groups[0].param_names, Object.keys(r.params0));
+      for (const [i, n] of Object.keys(r.params0).entries()) {
+        const st = sd.state[String(i)];
+        assert.deepEqual(Object.keys(st).sort(), Object.keys(r.final_state[n]).sort(), `state keys of ${n}`);
+        for (const [k, v] of Object.entries(r.final_state[n])) assertBits(st[k], v, `state ${n}.${k}`);
+      }
+    });
+  }
+});

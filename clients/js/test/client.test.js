@@ -1,0 +1,98 @@
+// Client behaviour against a stub HTTP server (no optserve needed): headers, timeouts, error mapping.
+import assert from "node:assert/strict";
+import { createServer } from "node:http";
+import { after, before, describe, test } from "node:test";
+
+import {
+  BadRequestError, ConflictError, ConnectionError, NotFoundError, OptserveClient, OptserveError,
+  PayloadTooLargeError, Tensor, ValidationError, readSafetensors,
+} from "../optserve.js";
+
+describe("client against a stub server", () => {
+  let server;
+  let baseUrl;
+  const seen = [];
+  before(async () => {
+    server = createServer((req, res) => {
+      const chunks = [];
+      req.on("data", (c) => chunks.push(c));
+      req.on("end", () => {
+        seen.push({ method: req.method, url: req.url, headers: req.headers, body: Buffer.concat(chunks) });
+        const m = req.url.match(/^\/status\/(\d+)/);
+        if (req.url.startsWith("/hang")) return; // never answers
+        if (m) {
+          const status = Number(m[1]);
+          res.writeHead(status, { "Content-Type": "application/problem+json" });
+          res.end(JSON.stringify({ type: "urn:optserve:problem:x", title: "T", status, detail: "went wrong", code: "x", field: "a.b" }));
+          return;
+        }
+        if (req.url.startsWith("/text")) {
+          res.writeHead(502, { "Content-Type": "text/plain" });
+          res.end("bad gateway");
+          return;
+        }
+        res.writeHead(200, { "Content-Type": "application/json", "X-Optserve-Version": "7", "X-Optserve-Step": "3", ETag: '"7"' });
+        res.end(JSON.stringify({ version: 7, step: 3, lr: [0.1], skipped: false, params: { x: { dtype: "float32", shape: [1], data: ["NaN"] } } }));
+      });
+    });
+    await new Promise((r) => server.listen(0, "127.0.0.1", r));
+    baseUrl = `http://127.0.0.1:${server.address().port}/`;
+  });
+  after(() => {
+    server.closeAllConnections?.();
+    server.close();
+  });
+
+  test("api key, JSON bodies, session ids in the path", async () => {
+    const c = new OptserveClient({ baseUrl, apiKey: "secret" });
+    const out = await c.step("a b/c", { x: Tensor.from([1, -0]) }, { encoding: "b64" });
+    const req = seen.at(-1);
+    assert.equal(req.method, "POST");
+    assert.equal(req.url, "/v1/sessions/a%20b%2Fc/step?encoding=b64");
+    assert.equal(req.headers.authorization, "Bearer secret");
+    assert.equal(req.headers["content-type"], "application/json");
+    assert.deepEqual(JSON.parse(req.body), { grads: { x: { dtype: "float32", shape: [2], b64: "AACAPwAAAIA=" } } });
+    assert.ok(Number.isNaN(out.params.x.data[0]));
+    assert.equal(out.etag, '"7"');
+    await c.step("s", { x: Tensor.from([-0, 2]) });
+    assert.equal(seen.at(-1).body.toString(), '{"grads":{"x":{"dtype":"float32","shape":[2],"data":[-0.0,2]}}}');
+    await c.getParams("s", { names: ["a", "b"] });
+    assert.equal(seen.at(-1).url, "/v1/sessions/s/params?names=a%2Cb");
+  });
+
+  test("binary requests are safetensors", async () => {
+    const c = new OptserveClient({ baseUrl });
+    await c.createSession({ id: "123", optimizer: "Adam", options: { lr: 0.5 }, param_groups: [{ params: { w: Tensor.from([1, 2]) }, lr: 0.1 }] }, { binary: true }).catch(() => {});
+    const req = seen.at(-1);
+    assert.equal(req.headers["content-type"], "application/octet-stream");
+    const { tensors, metadata } = readSafetensors(new Uint8Array(req.body));
+    assert.deepEqual(Array.from(tensors.w.data), [1, 2]);
+    assert.deepEqual(metadata, { id: '"123"', optimizer: '"Adam"', options: '{"lr":0.5}', param_groups: '[{"lr":0.1,"params":["w"]}]' });
+  });
+
+  test("problem+json to typed errors", async () => {
+    const c = new OptserveClient({ baseUrl });
+    const classes = { 400: BadRequestError, 404: NotFoundError, 409: ConflictError, 413: PayloadTooLargeError, 422: ValidationError, 503: OptserveError };
+    for (const [status, Cls] of Object.entries(classes)) {
+      const err = await c.request("GET", `/status/${status}`).catch((e) => e);
+      assert.equal(err.constructor, Cls, `status ${status}`);
+      assert.ok(err instanceof OptserveError);
+      assert.equal(err.status, Number(status));
+      assert.equal(err.code, "x");
+      assert.equal(err.field, "a.b");
+      assert.equal(err.detail, "went wrong");
+      assert.equal(err.problem.title, "T");
+    }
+    const text = await c.request("GET", "/text").catch((e) => e);
+    assert.equal(text.status, 502);
+    assert.equal(text.detail, "bad gateway");
+  });
+
+  test("timeoutMs gives a ConnectionError with code timeout", async () => {
+    const c = new OptserveClient({ baseUrl, timeoutMs: 200 });
+    const err = await c.request("GET", "/hang").catch((e) => e);
+    assert.ok(err instanceof ConnectionError, String(err));
+    assert.equal(err.code, "timeout");
+    assert.equal(err.status, 0);
+  });
+});

@@ -1,0 +1,113 @@
+"""Expected values for the JS client tests and the curl examples, from in-process torch.optim.
+
+Run:  .venv/bin/python clients/js/test/make_reference.py > clients/js/test/reference.json
+
+Every float is written twice: as a JSON number (the exact value of the float32/float64, which
+a JS Float32Array/Float64Array stores back bit for bit) and as its raw bits in hex, so a test
+can compare bit-exactly. Gradients that do not depend on the parameters are in the fixture too,
+so the tests send exactly what torch saw.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+
+import torch
+
+
+def bits(t: torch.Tensor) -> list[str]:
+    flat = t.detach().reshape(-1)
+    if flat.dtype == torch.float32:
+        return [f"{struct.unpack('<I', struct.pack('<f', v))[0]:08x}" for v in flat.tolist()]
+    if flat.dtype == torch.float64:
+        return [f"{struct.unpack('<Q', struct.pack('<d', v))[0]:016x}" for v in flat.tolist()]
+    raise TypeError(flat.dtype)
+
+
+def vec(t: torch.Tensor) -> dict:
+    t = t.detach()
+    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+            "data": t.reshape(-1).tolist(), "bits": bits(t)}
+
+
+def seed_lr1() -> dict:
+    """f(x) = 4x^2, x0 = 2, SGD lr=1: x1 = -14, x2 = 98."""
+    x = torch.tensor([2.0], requires_grad=True)
+    opt = torch.optim.SGD([x], lr=1)
+    xs = []
+    for _ in range(2):
+        opt.zero_grad()
+        (4 * x**2).sum().backward()
+        opt.step()
+        xs.append(vec(x))
+    return {"x0": 2.0, "steps": xs}
+
+
+def seed_momentum(steps: int = 12) -> dict:
+    """f(x) = 4x^2, x0 = 2, SGD lr=0.1 momentum=0.9, StepLR(step_size=10, gamma=0.1).
+
+    The gradient 8x is exact in float32 (a power-of-two scaling), so a client computing it
+    as Math.fround(8 * x) sends exactly what autograd gave torch."""
+    x = torch.tensor([2.0], requires_grad=True)
+    opt = torch.optim.SGD([x], lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.1)
+    out = []
+    for _ in range(steps):
+        opt.zero_grad()
+        (4 * x**2).sum().backward()
+        assert torch.equal(x.grad, 8 * x.detach())
+        opt.step()
+        sched.step()
+        out.append({"x": vec(x), "lr": opt.param_groups[0]["lr"]})
+    return {"x0": 2.0, "optimizer": "SGD", "options": {"lr": 0.1, "momentum": 0.9},
+            "scheduler": {"name": "StepLR", "options": {"step_size": 10, "gamma": 0.1}},
+            "steps": out}
+
+
+def run_fixed(opt_name: str, options: dict, params: dict[str, torch.Tensor], n: int,
+              seed: int) -> dict:
+    """An optimizer over named params fed fixed (recorded) gradients for n steps."""
+    gen = torch.Generator().manual_seed(seed)
+    live = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = getattr(torch.optim, opt_name)(list(live.values()), **options)
+    steps = []
+    for _ in range(n):
+        grads = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in live.items()}
+        for k, p in live.items():
+            p.grad = grads[k].clone()
+        opt.step()
+        steps.append({"grads": {k: vec(g) for k, g in grads.items()},
+                      "params": {k: vec(p) for k, p in live.items()}})
+    sd = opt.state_dict()
+    state = {}
+    for i, name in enumerate(live):
+        state[name] = {k: vec(v) for k, v in sd["state"][i].items() if torch.is_tensor(v)}
+    return {"optimizer": opt_name, "options": options,
+            "params0": {k: vec(v) for k, v in params.items()}, "steps": steps,
+            "final_state": state}
+
+
+def main() -> None:
+    torch.use_deterministic_algorithms(True)
+    ref = {
+        "torch": torch.__version__,
+        "seed_lr1": seed_lr1(),
+        "seed_momentum": seed_momentum(),
+        "adam": run_fixed(
+            "Adam", {"lr": 0.01, "betas": [0.9, 0.999], "weight_decay": 0.01},
+            {"w": torch.tensor([[0.5, -1.25, 2.0], [0.1, 0.0, -3.0]], dtype=torch.float32),
+             "b": torch.tensor([0.25, -0.5, 1.0], dtype=torch.float32)},
+            n=5, seed=0),
+        "adamw_f64": run_fixed(
+            "AdamW", {"lr": 0.05, "weight_decay": 0.1, "amsgrad": True},
+            {"v": torch.tensor([1.0, -2.0, 0.3, 4.5], dtype=torch.float64)},
+            n=4, seed=1),
+    }
+    json.dump(ref, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""optserve: PyTorch's ``torch.optim`` as an HTTP service. The Python SDK.
+
+- :class:`Client` / :class:`AsyncClient`: one method per endpoint.
+- :class:`RemoteOptimizer`: a ``torch.optim.Optimizer`` backed by a server session (needs
+  torch).
+- Errors: :class:`OptserveError` and its subclasses (see :mod:`optserve._exceptions`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._client import AsyncClient, Client
+from ._constants import DEFAULT_BASE_URL, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
+from ._exceptions import (
+    APIConnectionError,
+    APIResponseValidationError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    InternalServerError,
+    NotFoundError,
+    OptserveError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RateLimitError,
+    ValidationError,
+)
+from ._tensors import Tensor, TensorLike
+from ._types import (
+    OptimizerInfo,
+    ParamGroupInfo,
+    ParamInfo,
+    ParamsResult,
+    SchedulerInfo,
+    SchedulerStepResult,
+    SessionInfo,
+    StepResult,
+    VersionInfo,
+)
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from ._optimizer import RemoteOptimizer
+
+__all__ = [
+    "__version__",
+    "Client",
+    "AsyncClient",
+    "RemoteOptimizer",
+    "DEFAULT_BASE_URL",
+    "DEFAULT_MAX_RETRIES",
+    "DEFAULT_TIMEOUT",
+    "Tensor",
+    "TensorLike",
+    "SessionInfo",
+    "ParamGroupInfo",
+    "ParamInfo",
+    "StepResult",
+    "ParamsResult",
+    "VersionInfo",
+    "SchedulerStepResult",
+    "OptimizerInfo",
+    "SchedulerInfo",
+    "OptserveError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "APIResponseValidationError",
+    "APIStatusError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "ConflictError",
+    "PayloadTooLargeError",
+    "ValidationError",
+    "RateLimitError",
+    "InternalServerError",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # RemoteOptimizer subclasses torch.optim.Optimizer: import torch only when it is asked for.
+    if name == "RemoteOptimizer":
+        try:
+            from ._optimizer import RemoteOptimizer
+        except ImportError as exc:  # pragma: no cover - needs an environment without torch
+            raise ImportError(
+                "optserve.RemoteOptimizer needs torch: pip install 'optserve[torch]'"
+            ) from exc
+        return RemoteOptimizer
+    raise AttributeError(f"module 'optserve' has no attribute {name!r}")

@@ -1,0 +1,364 @@
+"""``optserve.Client`` and ``optserve.AsyncClient``: one method per endpoint.
+
+Tensors in: ``torch.Tensor``, ``numpy.ndarray`` or nested lists of numbers. Tensors out:
+``torch.Tensor`` on the CPU when torch is importable, else ``numpy.ndarray``. Tensor traffic is
+safetensors (``binary=True``, the default) or JSON (``binary=False``); both carry the same bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from . import _api
+from ._api import NonFinitePolicy, ParamGroup, ParamsArg, StateFormat
+from ._base_client import AsyncAPIClient, SyncAPIClient
+from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
+from ._tensors import TensorLike
+from ._types import (
+    OptimizerInfo,
+    ParamsResult,
+    SchedulerInfo,
+    SchedulerStepResult,
+    SessionInfo,
+    StepResult,
+    VersionInfo,
+)
+
+__all__ = ["Client", "AsyncClient"]
+
+AddParams = ParamsArg | Iterable[tuple[str, TensorLike]]
+
+
+def _needs_count(params: AddParams) -> bool:
+    """True when some tensor in ``params`` is unnamed (named by its position in the session)."""
+    if isinstance(params, Mapping):
+        return False
+    if isinstance(params, Sequence):
+        return any(not (isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str))
+                   for p in params)
+    return True
+
+
+class Client(SyncAPIClient):
+    """A synchronous optserve client.
+
+    Args:
+        base_url: the server, e.g. ``"http://127.0.0.1:8000"``; default: env
+            ``OPTSERVE_BASE_URL``, then ``http://127.0.0.1:8000``.
+        api_key: sent as ``Authorization: Bearer <key>``; default: env ``OPTSERVE_API_KEY``.
+        timeout: seconds (or an ``httpx.Timeout``) for each request.
+        max_retries: retries after connection errors (never after an HTTP error status; see
+            :mod:`optserve._base_client` for which requests are retried).
+        http_client: an ``httpx.Client`` to send with (e.g. with a custom transport); it is not
+            closed by :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        *,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, http_client)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ service
+    def health(self) -> dict[str, Any]:
+        """``GET /healthz``: liveness (``{"status": "ok"}``)."""
+        return self._request(_api.health())
+
+    def ready(self) -> dict[str, Any]:
+        """``GET /readyz``: readiness; raises :class:`InternalServerError` (503) when not
+        ready."""
+        return self._request(_api.ready())
+
+    def list_optimizers(self) -> list[OptimizerInfo]:
+        """``GET /v1/optimizers``: the supported optimizers and their default options."""
+        return self._request(_api.list_optimizers())
+
+    def list_schedulers(self) -> list[SchedulerInfo]:
+        """``GET /v1/schedulers``: the supported schedulers and their default options."""
+        return self._request(_api.list_schedulers())
+
+    # ------------------------------------------------------------------ sessions
+    def create_session(
+        self,
+        optimizer: str,
+        params: ParamsArg | None = None,
+        *,
+        param_groups: Sequence[ParamGroup] | None = None,
+        options: Mapping[str, Any] | None = None,
+        scheduler: str | Mapping[str, Any] | None = None,
+        id: str | None = None,
+        nonfinite: NonFinitePolicy | None = None,
+        binary: bool = True,
+    ) -> SessionInfo:
+        """``POST /v1/sessions``: create a session.
+
+        Args:
+            optimizer: a ``torch.optim`` class name (``"SGD"``, ``"Adam"``, ...).
+            params: one group's parameters: ``{name: tensor}`` or ``[tensor, ...]`` (named
+                ``"0"``, ``"1"``, ... by position).
+            param_groups: instead of ``params``: ``[{"params": {...} | [...], **options}]``;
+                unnamed tensors are named by position across groups.
+            options: the optimizer's options (``{"lr": 0.1, "momentum": 0.9}``).
+            scheduler: ``{"name": "StepLR", "options": {...}, "step_on": "optimizer"}`` or a
+                name.
+            id: the session id (default: the server picks one); a taken id is a
+                :class:`ConflictError`.
+            nonfinite: the policy for non-finite gradients: ``"reject"``, ``"skip"``,
+                ``"allow"``.
+            binary: send the tensors as safetensors (default) or JSON.
+        """
+        return self._request(_api.create_session(
+            optimizer, params, param_groups=param_groups, options=options,
+            scheduler=scheduler, id=id, nonfinite=nonfinite, binary=binary,
+        ))
+
+    def list_sessions(self) -> list[SessionInfo]:
+        """``GET /v1/sessions``."""
+        return self._request(_api.list_sessions())
+
+    def get_session(self, id: str) -> SessionInfo:
+        """``GET /v1/sessions/{id}``: the session's description."""
+        return self._request(_api.get_session(id))
+
+    def delete_session(self, id: str) -> None:
+        """``DELETE /v1/sessions/{id}``."""
+        self._request(_api.delete_session(id))
+
+    # ------------------------------------------------------------------ training
+    def step(
+        self,
+        id: str,
+        grads: Mapping[str, TensorLike] | None = None,
+        *,
+        return_params: bool = True,
+        binary: bool = True,
+    ) -> StepResult:
+        """``POST .../step``: apply ``grads`` (plus anything accumulated) and step.
+
+        A parameter missing from ``grads`` (and from the accumulator) has grad ``None`` and is
+        skipped, as torch skips it. With ``return_params=False`` only version, step and lr
+        come back.
+        """
+        return self._request(_api.step(id, grads, return_params=return_params, binary=binary))
+
+    def push_grads(
+        self, id: str, grads: Mapping[str, TensorLike], *, binary: bool = True
+    ) -> VersionInfo:
+        """``POST .../grads``: add ``grads`` into the session's accumulator."""
+        return self._request(_api.push_grads(id, grads, binary=binary))
+
+    def zero_grad(self, id: str) -> VersionInfo:
+        """``POST .../zero_grad``: clear the accumulator."""
+        return self._request(_api.zero_grad(id))
+
+    def get_params(
+        self, id: str, names: Iterable[str] | None = None, *, binary: bool = True
+    ) -> ParamsResult:
+        """``GET .../params``: the parameters (all, or only ``names``)."""
+        return self._request(_api.get_params(id, names, binary=binary))
+
+    def put_params(
+        self, id: str, params: Mapping[str, TensorLike], *, binary: bool = True
+    ) -> ParamsResult:
+        """``PUT .../params``: overwrite some or all parameters."""
+        return self._request(_api.put_params(id, params, binary=binary))
+
+    def add_param_group(
+        self, id: str, params: AddParams, *, binary: bool = True, **options: Any
+    ) -> SessionInfo:
+        """``POST .../param_groups``: torch's ``add_param_group``.
+
+        ``params`` is ``{name: tensor}``, ``[(name, tensor), ...]`` or ``[tensor, ...]``
+        (unnamed tensors continue the positional names: the session's parameter count, ...).
+        """
+        start = len(self.get_session(id).param_names) if _needs_count(params) else 0
+        return self._request(_api.add_param_group(id, params, options, start=start,
+                                                  binary=binary))
+
+    def update_param_group(self, id: str, index: int, **options: Any) -> SessionInfo:
+        """``PATCH .../param_groups/{index}``: change a group's options (``lr=0.01``, ...)."""
+        return self._request(_api.update_param_group(id, index, options))
+
+    def scheduler_step(self, id: str, metric: float | None = None) -> SchedulerStepResult:
+        """``POST .../scheduler/step``: step the session's scheduler by hand (``metric`` for
+        ReduceLROnPlateau)."""
+        return self._request(_api.scheduler_step(id, metric))
+
+    # ------------------------------------------------------------------ state
+    def export_state(self, id: str, format: StateFormat = "safetensors") -> dict[str, Any]:
+        """``GET .../state_dict``: torch's ``{"state": {int: {...}}, "param_groups": [...]}``
+        (plus ``"scheduler"`` when the session has one), tensors as torch tensors (numpy
+        without torch).
+
+        ``format`` is only how it travels: ``"safetensors"`` (default), ``"json"``, or
+        ``"torch"`` (a ``torch.save`` file, loaded here with ``weights_only=True``; needs
+        torch). All three return the same dict.
+        """
+        return self._request(_api.export_state(id, format=format))
+
+    def import_state(
+        self,
+        id: str,
+        state_dict: Mapping[str, Any] | bytes,
+        format: StateFormat = "safetensors",
+    ) -> SessionInfo:
+        """``PUT .../state_dict``: load a torch-format state dict (e.g. a local optimizer's
+        ``state_dict()``) into the session. With ``format="torch"``, ``state_dict`` may also be
+        the bytes of a ``torch.save`` file."""
+        return self._request(_api.import_state(id, state_dict, format=format))
+
+
+class AsyncClient(AsyncAPIClient):
+    """An asyncio optserve client: the same methods as :class:`Client`, as coroutines."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        *,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, http_client)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /healthz``."""
+        return await self._request(_api.health())
+
+    async def ready(self) -> dict[str, Any]:
+        """``GET /readyz``."""
+        return await self._request(_api.ready())
+
+    async def list_optimizers(self) -> list[OptimizerInfo]:
+        """``GET /v1/optimizers``."""
+        return await self._request(_api.list_optimizers())
+
+    async def list_schedulers(self) -> list[SchedulerInfo]:
+        """``GET /v1/schedulers``."""
+        return await self._request(_api.list_schedulers())
+
+    async def create_session(
+        self,
+        optimizer: str,
+        params: ParamsArg | None = None,
+        *,
+        param_groups: Sequence[ParamGroup] | None = None,
+        options: Mapping[str, Any] | None = None,
+        scheduler: str | Mapping[str, Any] | None = None,
+        id: str | None = None,
+        nonfinite: NonFinitePolicy | None = None,
+        binary: bool = True,
+    ) -> SessionInfo:
+        """``POST /v1/sessions``: see :meth:`Client.create_session`."""
+        return await self._request(_api.create_session(
+            optimizer, params, param_groups=param_groups, options=options,
+            scheduler=scheduler, id=id, nonfinite=nonfinite, binary=binary,
+        ))
+
+    async def list_sessions(self) -> list[SessionInfo]:
+        """``GET /v1/sessions``."""
+        return await self._request(_api.list_sessions())
+
+    async def get_session(self, id: str) -> SessionInfo:
+        """``GET /v1/sessions/{id}``."""
+        return await self._request(_api.get_session(id))
+
+    async def delete_session(self, id: str) -> None:
+        """``DELETE /v1/sessions/{id}``."""
+        await self._request(_api.delete_session(id))
+
+    async def step(
+        self,
+        id: str,
+        grads: Mapping[str, TensorLike] | None = None,
+        *,
+        return_params: bool = True,
+        binary: bool = True,
+    ) -> StepResult:
+        """``POST .../step``: see :meth:`Client.step`."""
+        return await self._request(
+            _api.step(id, grads, return_params=return_params, binary=binary)
+        )
+
+    async def push_grads(
+        self, id: str, grads: Mapping[str, TensorLike], *, binary: bool = True
+    ) -> VersionInfo:
+        """``POST .../grads``."""
+        return await self._request(_api.push_grads(id, grads, binary=binary))
+
+    async def zero_grad(self, id: str) -> VersionInfo:
+        """``POST .../zero_grad``."""
+        return await self._request(_api.zero_grad(id))
+
+    async def get_params(
+        self, id: str, names: Iterable[str] | None = None, *, binary: bool = True
+    ) -> ParamsResult:
+        """``GET .../params``."""
+        return await self._request(_api.get_params(id, names, binary=binary))
+
+    async def put_params(
+        self, id: str, params: Mapping[str, TensorLike], *, binary: bool = True
+    ) -> ParamsResult:
+        """``PUT .../params``."""
+        return await self._request(_api.put_params(id, params, binary=binary))
+
+    async def add_param_group(
+        self, id: str, params: AddParams, *, binary: bool = True, **options: Any
+    ) -> SessionInfo:
+        """``POST .../param_groups``: see :meth:`Client.add_param_group`."""
+        start = len((await self.get_session(id)).param_names) if _needs_count(params) else 0
+        return await self._request(_api.add_param_group(id, params, options, start=start,
+                                                        binary=binary))
+
+    async def update_param_group(self, id: str, index: int, **options: Any) -> SessionInfo:
+        """``PATCH .../param_groups/{index}``."""
+        return await self._request(_api.update_param_group(id, index, options))
+
+    async def scheduler_step(self, id: str, metric: float | None = None) -> SchedulerStepResult:
+        """``POST .../scheduler/step``."""
+        return await self._request(_api.scheduler_step(id, metric))
+
+    async def export_state(self, id: str, format: StateFormat = "safetensors") -> dict[str, Any]:
+        """``GET .../state_dict``: see :meth:`Client.export_state`."""
+        return await self._request(_api.export_state(id, format=format))
+
+    async def import_state(
+        self,
+        id: str,
+        state_dict: Mapping[str, Any] | bytes,
+        format: StateFormat = "safetensors",
+    ) -> SessionInfo:
+        """``PUT .../state_dict``: see :meth:`Client.import_state`."""
+        return await self._request(_api.import_state(id, state_dict, format=format))

@@ -1,0 +1,362 @@
+"""``RemoteOptimizer``: a ``torch.optim.Optimizer`` whose update runs in an optserve session.
+
+Swap ``torch.optim.Adam(model.parameters(), lr=1e-3)`` for
+``optserve.RemoteOptimizer(model.parameters(), "Adam", lr=1e-3)`` and keep the rest of the
+training loop: ``zero_grad``, ``backward``, ``step``, gradient clipping, any
+``torch.optim.lr_scheduler`` running locally, ``state_dict``/``load_state_dict`` checkpoints.
+
+How it maps onto the service:
+
+- construction creates a session from the parameters' current values (names: the given
+  ``(name, tensor)`` pairs, else ``"0"``, ``"1"``, ... by position across groups);
+- ``step()`` first sends any parameter changed locally in place since the last step (e.g. by
+  ``module.load_state_dict`` or an ``nn.init`` function: anything that bumps the tensor's
+  version counter; edits through ``.data`` are invisible, call :meth:`push_params` after them)
+  and any param-group option changed locally (``group["lr"]`` set by a scheduler, ...), then
+  sends every ``p.grad`` that is not ``None`` and copies the returned values into the
+  parameters in place;
+- ``zero_grad()`` is torch's own (local gradients; the server clears its own after each step);
+- ``state_dict()`` fetches the session's state in torch's format, ``load_state_dict()`` imports
+  one (from a ``RemoteOptimizer`` or a local optimizer of the same class);
+- ``self.state`` stays empty: the optimizer state lives on the server.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from copy import deepcopy
+from typing import Any, overload
+
+import torch
+from torch.optim.optimizer import ParamsT
+
+from ._client import Client
+from ._tensors import Tensor
+from ._types import SessionInfo
+
+__all__ = ["RemoteOptimizer"]
+
+_NOT_OPTIONS = ("params", "param_names")
+
+
+def _norm(value: Any) -> Any:
+    """A comparable form of an option value (tensors to numbers, tuples to lists)."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_norm(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _norm(v) for k, v in value.items()}
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal option values (NaN equals NaN; a bool equals only a bool)."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return bool(a == b)
+
+
+class RemoteOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` backed by an optserve session.
+
+    Args:
+        params: an iterable of tensors, of dicts (param groups with their own options), or of
+            ``(name, tensor)`` pairs (e.g. ``model.named_parameters()``), as torch takes.
+        optimizer: the ``torch.optim`` class the server runs (``"Adam"``, ``"SGD"``, ...).
+        client: the :class:`optserve.Client` to use (default: ``Client()`` from the
+            environment, closed by :meth:`close`).
+        session_id: the id for the new session (default: the server picks one); an existing
+            id raises :class:`optserve.ConflictError`.
+        scheduler: a scheduler for the server to run (``{"name": "StepLR", "options":
+            {...}}``); the learning rates it sets come back after each step. A torch
+            ``lr_scheduler`` running locally against this optimizer works too.
+        binary: tensors travel as safetensors (default) or JSON.
+        **options: the optimizer's options (``lr=1e-3``, ``betas=(0.9, 0.99)``, ...).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        optimizer: str = "Adam",
+        client: Client | None = None,
+        *,
+        session_id: str | None = None,
+        scheduler: str | Mapping[str, Any] | None = None,
+        binary: bool = True,
+        **options: Any,
+    ) -> None:
+        if client is not None and not isinstance(client, Client):
+            raise TypeError(
+                f"client must be an optserve.Client (not {type(client).__name__}); "
+                "RemoteOptimizer steps synchronously"
+            )
+        if isinstance(params, torch.Tensor):
+            raise TypeError(
+                "params argument given to the optimizer should be an iterable of Tensors or "
+                "dicts, but got " + torch.typename(params)
+            )
+        self._initializing = True
+        items: list[Any] = list(params)
+        # Each group's own options, before torch fills in the defaults.
+        explicit: list[dict[str, Any]] = [{}]
+        if items and isinstance(items[0], dict):
+            explicit = [
+                {k: v for k, v in g.items() if k not in _NOT_OPTIONS}
+                for g in items
+                if isinstance(g, dict)
+            ]
+        super().__init__(items, dict(options))
+        self._initializing = False
+
+        self._owns_client = client is None
+        self._client: Client = client if client is not None else Client()
+        self._binary = binary
+        self._optimizer_name = optimizer
+        self._param_names: list[list[str]] = []
+        self._by_name: dict[str, torch.Tensor] = {}
+        self._seen_version: dict[str, int] = {}
+        self._synced: list[dict[str, Any]] = []
+
+        groups = []
+        for group, opts in zip(self.param_groups, explicit, strict=True):
+            names = self._names_for(group)
+            self._remember(names, group["params"])
+            groups.append({"params": dict(zip(names, group["params"], strict=True)), **opts})
+        try:
+            info = self._client.create_session(
+                optimizer, param_groups=groups, options=options, scheduler=scheduler,
+                id=session_id, binary=binary,
+            )
+        except BaseException:
+            if self._owns_client:
+                self._client.close()
+            raise
+        self._session_id = info.id
+        self.defaults = {**info.defaults, **options}
+        self._adopt(info)
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def session_id(self) -> str:
+        """The id of the server session this optimizer steps."""
+        return self._session_id
+
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    def _names_for(self, group: dict[str, Any]) -> list[str]:
+        if "param_names" in group:
+            return [str(n) for n in group["param_names"]]
+        start = sum(len(n) for n in self._param_names)
+        return [str(i) for i in range(start, start + len(group["params"]))]
+
+    def _remember(self, names: list[str], params: list[torch.Tensor]) -> None:
+        self._param_names.append(names)
+        for name, p in zip(names, params, strict=True):
+            self._by_name[name] = p
+            self._seen_version[name] = p._version
+
+    def _adopt(self, info: SessionInfo) -> None:
+        """Take the server's view of every group's options: fill in what the local groups
+        lack (torch's defaults) and remember what the server holds, to send only changes."""
+        if len(info.param_groups) != len(self.param_groups):
+            raise RuntimeError(
+                f"session {info.id!r} has {len(info.param_groups)} param groups, this optimizer "
+                f"{len(self.param_groups)}"
+            )
+        for group, server in zip(self.param_groups, info.param_groups, strict=True):
+            for k, v in server.options.items():
+                group.setdefault(k, v)
+        self._synced = [
+            {k: _norm(v) for k, v in g.options.items()} for g in info.param_groups
+        ]
+
+    def _sync_param_groups(self) -> None:
+        """PATCH every option changed locally since the server last saw it."""
+        for index, group in enumerate(self.param_groups):
+            synced = self._synced[index]
+            changed = {
+                k: group[k]
+                for k, v in synced.items()
+                if k in group and not _same(_norm(group[k]), v)
+            }
+            if changed:
+                self._adopt(self._client.update_param_group(self._session_id, index, **changed))
+
+    def _locally_edited(self) -> dict[str, torch.Tensor]:
+        return {
+            name: p for name, p in self._by_name.items() if p._version != self._seen_version[name]
+        }
+
+    def _copy_in(self, params: Mapping[str, Tensor]) -> None:
+        with torch.no_grad():
+            for name, value in params.items():
+                p = self._by_name.get(name)
+                if p is None:
+                    continue
+                p.copy_(value)
+                self._seen_version[name] = p._version
+
+    def _take_lrs(self, lrs: list[float]) -> None:
+        """Learning rates the server set (its own scheduler) become the local ones."""
+        for group, synced, lr in zip(self.param_groups, self._synced, lrs, strict=False):
+            if "lr" in synced and not _same(synced["lr"], lr):
+                if isinstance(group.get("lr"), torch.Tensor):
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
+                synced["lr"] = lr
+
+    # ------------------------------------------------------------------ torch API
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Evaluate ``closure`` (if given, with grad enabled), send the gradients, step on the
+        server and copy the updated values into the parameters. Returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.push_params(only_edited=True)
+        self._sync_param_groups()
+        grads: dict[str, torch.Tensor] = {}
+        for names, group in zip(self._param_names, self.param_groups, strict=True):
+            for name, p in zip(names, group["params"], strict=True):
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError("RemoteOptimizer does not support sparse gradients")
+                    grads[name] = p.grad
+        result = self._client.step(self._session_id, grads, return_params=True,
+                                   binary=self._binary)
+        if result.params is not None:
+            self._copy_in(result.params)
+        self._take_lrs(result.lr)
+        return loss
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, on the server too."""
+        if getattr(self, "_initializing", True):
+            super().add_param_group(param_group)
+            return
+        explicit = {k: v for k, v in param_group.items() if k not in _NOT_OPTIONS}
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        names = self._names_for(group)
+        try:
+            info = self._client.add_param_group(
+                self._session_id, list(zip(names, group["params"], strict=True)),
+                binary=self._binary, **explicit,
+            )
+        except BaseException:
+            self.param_groups.pop()
+            raise
+        self._remember(names, group["params"])
+        self._adopt(info)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The session's state in torch's format (fetched from the server)::
+
+            {"state": {0: {"step": tensor(...), "exp_avg": tensor(...), ...}, ...},
+             "param_groups": [{"lr": ..., ..., "params": [0, 1, ...]}, ...]}
+
+        ``torch.save`` it, or load it into a local optimizer of the same class. When the
+        session runs a scheduler, its state comes along under ``"scheduler"`` (local torch
+        optimizers ignore that key)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        self.push_params(only_edited=True)
+        self._sync_param_groups()
+        sd = self._client.export_state(
+            self._session_id, format="safetensors" if self._binary else "json"
+        )
+        groups = []
+        for local, server in zip(self.param_groups, sd["param_groups"], strict=True):
+            packed = {k: v for k, v in server.items() if k not in _NOT_OPTIONS}
+            packed.update(
+                {k: v for k, v in local.items() if k not in _NOT_OPTIONS and k not in packed}
+            )
+            packed["params"] = list(server["params"])
+            if "param_names" in local:
+                packed["param_names"] = list(local["param_names"])
+            groups.append(packed)
+        state_dict: dict[str, Any] = {"state": sd["state"], "param_groups": groups}
+        if "scheduler" in sd:
+            state_dict["scheduler"] = sd["scheduler"]
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Import a state dict into the session (one from :meth:`state_dict`, a ``torch.load``
+        of it, or a local optimizer's of the same class) and take its group options locally,
+        as torch does."""
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(self.param_groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for group, saved in zip(self.param_groups, saved_groups, strict=True):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    "loaded state dict contains a parameter group "
+                    "that doesn't match the size of optimizer's group"
+                )
+        self.push_params(only_edited=True)
+        info = self._client.import_state(
+            self._session_id, state_dict, format="safetensors" if self._binary else "json"
+        )
+        new_groups = []
+        for group, saved in zip(self.param_groups, saved_groups, strict=True):
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+            new_groups.append(saved)
+        self.param_groups = new_groups
+        self._adopt(info)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    # ------------------------------------------------------------------ extras
+    def push_params(self, *, only_edited: bool = False) -> None:
+        """Send the local parameter values to the session (``PUT .../params``); with
+        ``only_edited``, only those changed in place since the last step."""
+        params = self._locally_edited() if only_edited else dict(self._by_name)
+        if not params:
+            return
+        self._client.put_params(self._session_id, params, binary=self._binary)
+        for name, p in params.items():
+            self._seen_version[name] = p._version
+
+    def pull_params(self) -> None:
+        """Copy the session's current parameter values into the local tensors (e.g. after
+        other workers stepped the same session)."""
+        self._copy_in(self._client.get_params(self._session_id, binary=self._binary).params)
+
+    def close(self, *, delete_session: bool = False) -> None:
+        """Optionally delete the server session, then close the client if this optimizer made
+        it."""
+        try:
+            if delete_session:
+                self._client.delete_session(self._session_id)
+        finally:
+            if self._owns_client:
+                self._client.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("a RemoteOptimizer cannot be pickled; save its state_dict() instead")

@@ -1,0 +1,945 @@
+"""Hostile and malformed input against a real server.
+
+Every case asserts the exact 4xx status, an RFC 9457 ``application/problem+json`` body (``type``,
+``title``, ``status``, ``detail``, ``code`` and, where it applies, ``field``), and that the
+session is exactly as it was: params bitwise, version, step, the accumulated gradients and the
+exported state_dict. The accumulator is checked by effect: after the bad request, a step with no
+body gradients must equal an in-process ``torch.optim.Adam`` that stepped on what was
+accumulated before the bad request.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from conftest import LiveServer, _test_settings
+
+pytestmark = pytest.mark.integration
+
+PROBLEM = "application/problem+json"
+JSON_CT = {"content-type": "application/json"}
+BIN_CT = {"content-type": "application/octet-stream"}
+NAMES = ("w", "b", "s")
+DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+          torch.bfloat16: "bfloat16", torch.int32: "int32"}
+ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.int32: "I32", torch.uint8: "U8"}
+
+
+# --------------------------------------------------------------------------- the session
+
+def p0() -> dict[str, torch.Tensor]:
+    return {
+        "w": torch.tensor([[0.5, -1.0, 2.0], [0.25, 3.0, -0.75]]),
+        "b": torch.tensor([0.1, 0.2, -0.3]),
+        "s": torch.tensor(1.5),  # a 0-d parameter
+    }
+
+
+G1 = {
+    "w": torch.tensor([[0.1, -0.2, 0.3], [0.4, -0.5, 0.6]]),
+    "b": torch.tensor([1.0, -2.0, 0.5]),
+    "s": torch.tensor(-0.25),
+}
+G2_W = torch.tensor([[0.05, 0.01, -0.02], [0.3, 0.2, -0.1]])  # accumulated before the bad request
+LR = 0.1
+
+
+def jt(t: torch.Tensor) -> dict[str, Any]:
+    """A JSON tensor (``data`` form), written by the test itself, not by the server's codec."""
+    return {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data": t.reshape(-1).tolist()}
+
+
+def jt_b64(t: torch.Tensor) -> dict[str, Any]:
+    raw = t.contiguous().numpy().tobytes()
+    return {"dtype": DTYPES[t.dtype], "shape": list(t.shape),
+            "b64": base64.b64encode(raw).decode()}
+
+
+def from_jt(obj: dict[str, Any]) -> torch.Tensor:
+    dtype = {v: k for k, v in DTYPES.items()}[obj["dtype"]]
+    raw = base64.b64decode(obj["b64"])
+    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(obj["shape"]).clone()
+
+
+def st_file(header: dict[str, Any], data: bytes, header_len: int | None = None) -> bytes:
+    """A safetensors file from a raw header dict and data bytes (no validation at all)."""
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    n = len(text) if header_len is None else header_len
+    return struct.pack("<Q", n) + text + data
+
+
+def st_of(tensors: dict[str, torch.Tensor]) -> bytes:
+    header: dict[str, Any] = {}
+    data = b""
+    for name, t in tensors.items():
+        raw = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    return st_file(header, data)
+
+
+def reference_params() -> dict[str, torch.Tensor]:
+    """In-process torch: Adam over P0, a step on G1, then a step with only w's accumulated G2."""
+    params = {n: t.clone() for n, t in p0().items()}
+    opt = torch.optim.Adam([params[n] for n in NAMES], lr=LR)
+    for n in NAMES:
+        params[n].grad = G1[n].clone()
+    opt.step()
+    for n in NAMES:
+        params[n].grad = None
+    params["w"].grad = G2_W.clone()
+    opt.step()
+    return params
+
+
+@dataclass
+class Snapshot:
+    describe: dict[str, Any]
+    params: dict[str, Any]
+    state_dict: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def snapshot(http: httpx.Client, sid: str) -> Snapshot:
+    d = http.get(f"/v1/sessions/{sid}")
+    p = http.get(f"/v1/sessions/{sid}/params", params={"encoding": "b64"})
+    sd = http.get(f"/v1/sessions/{sid}/state_dict", params={"encoding": "b64"})
+    for r in (d, p, sd):
+        assert r.status_code == 200, r.text
+    return Snapshot(d.json(), p.json(), sd.json(),
+                    {k: p.headers[k] for k in ("etag", "x-optserve-version", "x-optserve-step")})
+
+
+@dataclass
+class Sess:
+    http: httpx.Client
+    id: str
+    before: Snapshot
+
+    @property
+    def url(self) -> str:
+        return f"/v1/sessions/{self.id}"
+
+    def assert_unchanged(self, *, check_accumulator: bool = True) -> None:
+        after = snapshot(self.http, self.id)
+        assert after.describe == self.before.describe
+        assert after.params == self.before.params  # b64: bitwise
+        assert after.state_dict == self.before.state_dict  # b64: bitwise
+        assert after.headers == self.before.headers
+        assert after.describe["version"] == 1 and after.describe["step"] == 1
+        assert after.describe["accumulated"] == ["w"]
+        if not check_accumulator:
+            return
+        # the accumulator still holds exactly G2_W: a step with no body grads applies it
+        r = self.http.post(f"{self.url}/step", params={"encoding": "b64"}, json={"grads": {}})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["version"], body["step"], body["skipped"]) == (2, 2, False)
+        expected = reference_params()
+        for n in NAMES:
+            got = from_jt(body["params"][n])
+            assert torch.equal(got.view(torch.int32), expected[n].detach().view(torch.int32)), n
+
+
+def new_session(http: httpx.Client, optimizer: str = "Adam", **extra: Any) -> str:
+    sid = f"bad-{uuid.uuid4().hex[:12]}"
+    body = {"optimizer": optimizer, "options": {"lr": LR}, "id": sid,
+            "params": {n: jt(t) for n, t in p0().items()}, **extra}
+    r = http.post("/v1/sessions", json=body)
+    assert r.status_code == 201, r.text
+    return sid
+
+
+@pytest.fixture
+def sess(http: httpx.Client) -> Sess:
+    """An Adam session that has stepped once on G1 and accumulated G2 for ``w``."""
+    sid = new_session(http)
+    r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {n: jt(t) for n, t in G1.items()}})
+    assert r.status_code == 200, r.text
+    r = http.post(f"/v1/sessions/{sid}/grads", json={"grads": {"w": jt(G2_W)}})
+    assert r.status_code == 200, r.text
+    return Sess(http, sid, snapshot(http, sid))
+
+
+def assert_problem(
+    r: httpx.Response, status: int, code: str | None = None, field: str | None = None,
+    detail: str | None = None,
+) -> dict[str, Any]:
+    assert r.status_code == status, f"{r.status_code} {r.text[:500]}"
+    assert r.headers["content-type"].split(";")[0].strip() == PROBLEM
+    body: dict[str, Any] = r.json()
+    assert body["status"] == status
+    assert isinstance(body["code"], str) and body["code"]
+    assert body["type"] == f"urn:optserve:problem:{body['code']}"
+    assert isinstance(body["title"], str) and body["title"]
+    assert isinstance(body["detail"], str) and body["detail"]
+    if code is not None:
+        assert body["code"] == code, body
+    if field is not None:
+        assert body.get("field") == field, body
+    if detail is not None:
+        assert detail in body["detail"], body
+    return body
+
+
+# --------------------------------------------------------------------------- step: JSON bodies
+
+def _w(**over: Any) -> dict[str, Any]:
+    """A JSON tensor for ``w`` with some keys replaced (or removed when the value is ...)."""
+    base: dict[str, Any] = jt(G1["w"])
+    for k, v in over.items():
+        if v is ...:
+            base.pop(k)
+        else:
+            base[k] = v
+    return base
+
+
+def _grads(**tensors: Any) -> bytes:
+    return json.dumps({"grads": tensors}).encode()
+
+
+@dataclass
+class Case:
+    id: str
+    body: bytes | Callable[[], bytes]
+    status: int
+    code: str
+    field: str | None
+    headers: dict[str, str] = field(default_factory=lambda: dict(JSON_CT))
+    params: dict[str, str] = field(default_factory=dict)
+    detail: str | None = None
+
+
+def _f64_w() -> dict[str, Any]:
+    return jt(G1["w"].double())
+
+
+STEP_CASES = [
+    # shapes, dtypes, names
+    Case("wrong-shape", _grads(w=_w(shape=[3, 2])), 422, "shape_mismatch", "grads.w"),
+    Case("float64-grad-for-float32", _grads(w=_f64_w()), 422, "dtype_mismatch", "grads.w",
+         detail="float64"),
+    Case("int32-grad", _grads(w=_w(dtype="int32", data=[1, 2, 3, 4, 5, 6])), 422,
+         "dtype_mismatch", "grads.w"),
+    Case("float16-grad", _grads(w=_w(dtype="float16")), 422, "dtype_mismatch", "grads.w"),
+    Case("unknown-param", _grads(zzz=jt(G1["b"])), 422, "unknown_parameter", "grads.zzz"),
+    Case("unknown-param-beside-good", _grads(w=jt(G1["w"]), q=jt(G1["b"])), 422,
+         "unknown_parameter", "grads.q"),
+    Case("0d-param-shape-1", _grads(s=jt(torch.tensor([0.5]))), 422, "shape_mismatch",
+         "grads.s"),
+    Case("shape-[]-for-2d", _grads(w=_w(shape=[], data=[1.0])), 422, "shape_mismatch",
+         "grads.w"),
+    Case("0d-with-no-value", _grads(s={"dtype": "float32", "shape": [], "data": []}), 422,
+         "invalid_tensor", "grads.s.data"),
+    # the tensor object itself
+    Case("data-too-short", _grads(w=_w(data=[1.0] * 5)), 422, "invalid_tensor", "grads.w.data",
+         detail="5 values"),
+    Case("data-too-long", _grads(w=_w(data=[1.0] * 7)), 422, "invalid_tensor", "grads.w.data"),
+    Case("invalid-base64", _grads(w=_w(data=..., b64="@@not base64@@")), 422, "invalid_tensor",
+         "grads.w.b64"),
+    Case("b64-byte-count", _grads(w=_w(data=..., b64=base64.b64encode(b"\0" * 20).decode())),
+         422, "invalid_tensor", "grads.w.b64", detail="20 bytes"),
+    Case("b64-not-string", _grads(w=_w(data=..., b64=[1, 2])), 422, "invalid_tensor",
+         "grads.w.b64"),
+    Case("string-in-data", _grads(w=_w(data=[1.0, "abc", 3.0, 4.0, 5.0, 6.0])), 422,
+         "invalid_tensor", "grads.w.data"),
+    Case("lowercase-nan-string", _grads(w=_w(data=[1.0, "nan", 3.0, 4.0, 5.0, 6.0])), 422,
+         "invalid_tensor", "grads.w.data"),
+    Case("nested-list-in-data", _grads(w=_w(data=[[1.0], 2.0, 3.0, 4.0, 5.0, 6.0])), 422,
+         "invalid_tensor", "grads.w.data"),
+    Case("unflattened-data", _grads(w=_w(data=[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])), 422,
+         "invalid_tensor", "grads.w.data"),
+    Case("bools-in-data", _grads(w=_w(data=[True, False, True, 1.0, 2.0, 3.0])), 422,
+         "invalid_tensor", "grads.w.data"),
+    Case("null-in-data", _grads(w=_w(data=[None, 1.0, 2.0, 3.0, 4.0, 5.0])), 422,
+         "invalid_tensor", "grads.w.data"),
+    Case("object-in-data", _grads(w=_w(data=[{}, 1.0, 2.0, 3.0, 4.0, 5.0])), 422,
+         "invalid_tensor", "grads.w.data"),
+    Case("data-not-list", _grads(w=_w(data="1,2,3,4,5,6")), 422, "invalid_tensor",
+         "grads.w.data"),
+    Case("out-of-range-float32", _grads(w=_w(data=[1e39, 1.0, 2.0, 3.0, 4.0, 5.0])), 422,
+         "invalid_tensor", "grads.w.data"),
+    Case("deeply-nested-data", lambda: (b'{"grads": {"w": {"dtype": "float32", "shape": [6], '
+                                        b'"data": ' + b"[" * 900 + b"]" * 900 + b"}}}"),
+         422, "invalid_tensor", "grads.w.data"),
+    Case("unknown-dtype", _grads(w=_w(dtype="float8")), 422, "invalid_tensor", "grads.w.dtype"),
+    Case("missing-shape", _grads(w=_w(shape=...)), 422, "invalid_tensor", "grads.w.shape"),
+    Case("negative-dim", _grads(w=_w(shape=[-2, -3])), 422, "invalid_tensor", "grads.w.shape"),
+    Case("float-dim", _grads(w=_w(shape=[2.0, 3])), 422, "invalid_tensor", "grads.w.shape"),
+    Case("huge-empty-shape", _grads(w=_w(shape=[0, 2**62, 4], data=[])), 422, "invalid_tensor",
+         "grads.w.shape"),
+    Case("data-and-b64", _grads(w=_w(b64="")), 422, "invalid_tensor", "grads.w"),
+    Case("extra-tensor-key", _grads(w=_w(device="cuda")), 422, "invalid_tensor", "grads.w"),
+    Case("tensor-is-a-list", _grads(w=[1.0, 2.0]), 422, "invalid_tensor", "grads.w"),
+    Case("grads-is-a-list", json.dumps({"grads": [1, 2]}).encode(), 422, "invalid_body",
+         "grads"),
+    Case("unknown-top-level-key", json.dumps({"gradients": {}}).encode(), 422, "unknown_field",
+         "gradients"),
+    # non-finite values under the default policy (reject)
+    Case("nan-grad", _grads(w=_w(data=[1.0, "NaN", 3.0, 4.0, 5.0, 6.0])), 422,
+         "nonfinite_gradient", "grads.w"),
+    Case("infinity-grad", _grads(b=jt(G1["b"]), w=_w(data=[1.0, 2.0, 3.0, 4.0, 5.0, "Infinity"])),
+         422, "nonfinite_gradient", "grads.w"),
+    Case("minus-infinity-b64", _grads(
+        b=jt_b64(torch.tensor([1.0, float("-inf"), 0.0]))), 422, "nonfinite_gradient", "grads.b"),
+    Case("nan-plus-accumulated", _grads(w=jt_b64(torch.full((2, 3), float("nan")))), 422,
+         "nonfinite_gradient", "grads.w"),
+    # not JSON / not an object
+    Case("malformed-json", b'{"grads": {"w": ', 400, "invalid_json", "body"),
+    Case("trailing-garbage", b'{"grads": {}} x', 400, "invalid_json", "body"),
+    Case("invalid-utf8", b'{"grads": {"\xff\xfe": 1}}', 400, "invalid_json", "body"),
+    Case("json-array-body", b"[1, 2, 3]", 400, "invalid_json", "body"),
+    Case("json-null-body", b"null", 400, "invalid_json", "body"),
+    Case("json-string-body", b'"grads"', 400, "invalid_json", "body"),
+    Case("nan-literal-json", b'{"grads": {"w": {"dtype": "float32", "shape": [], "data": [NaN]}}}',
+         400, "invalid_json", "body"),
+    Case("100000-brackets", lambda: b"[" * 100_000, 400, "invalid_json", "body"),
+    Case("100000-objects", lambda: b'{"a":' * 100_000 + b"1" + b"}" * 100_000, 400,
+         "invalid_json", "body"),
+    Case("empty-body", b"", 400, "invalid_json", "body"),
+    # transport
+    Case("text-plain", _grads(w=jt(G1["w"])), 415, "unsupported_media_type", "content-type",
+         headers={"content-type": "text/plain"}),
+    Case("form-urlencoded", b"grads=1", 415, "unsupported_media_type", "content-type",
+         headers={"content-type": "application/x-www-form-urlencoded"}),
+    Case("accept-html", _grads(w=jt(G1["w"])), 406, "not_acceptable", "accept",
+         headers={**JSON_CT, "accept": "text/html"}),
+    Case("accept-json-q0", _grads(w=jt(G1["w"])), 406, "not_acceptable", "accept",
+         headers={**JSON_CT, "accept": "application/json;q=0"}),
+    Case("return-bogus", _grads(w=jt(G1["w"])), 422, "invalid", "return",
+         params={"return": "bogus"}),
+    Case("encoding-bogus", _grads(w=jt(G1["w"])), 422, "invalid_query", "encoding",
+         params={"encoding": "hex"}),
+]
+
+# --------------------------------------------------------------------------- step: safetensors
+
+_W_RAW = G1["w"].numpy().tobytes()
+_B_RAW = G1["b"].numpy().tobytes()
+_GOOD_ST = st_of({"w": G1["w"], "b": G1["b"]})
+_W_HDR = {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}
+_B_HDR = {"dtype": "F32", "shape": [3], "data_offsets": [24, 36]}
+
+
+def _st(**hdr: Any) -> bytes:
+    return st_file(hdr, _W_RAW + _B_RAW)
+
+
+ST_CASES = [
+    Case("st-truncated", _GOOD_ST[:-5], 400, "invalid_safetensors", "body.b.data_offsets",
+         headers=BIN_CT),
+    Case("st-shorter-than-8", b"\x10\0\0", 400, "invalid_safetensors", "body", headers=BIN_CT),
+    Case("st-header-longer-than-body", st_file({"w": _W_HDR}, _W_RAW, header_len=10_000), 400,
+         "invalid_safetensors", "body", headers=BIN_CT),
+    Case("st-header-length-2**64-1", b"\xff" * 8 + b"{}", 400, "invalid_safetensors", "body",
+         headers=BIN_CT),
+    Case("st-header-not-json", struct.pack("<Q", 8) + b"{nope!!}", 400, "invalid_safetensors",
+         "body", headers=BIN_CT),
+    Case("st-header-a-list", struct.pack("<Q", 8) + b"[1,2,3] ", 400, "invalid_safetensors",
+         "body", headers=BIN_CT),
+    Case("st-header-nested-100000", lambda: struct.pack("<Q", 200_000) + b"[" * 100_000
+         + b"]" * 100_000, 400, "invalid_safetensors", "body", headers=BIN_CT),
+    Case("st-overlapping-offsets", _st(w=_W_HDR, b={**_B_HDR, "data_offsets": [12, 24]}), 400,
+         "invalid_safetensors", "body.b", headers=BIN_CT),
+    Case("st-trailing-bytes", st_file({"w": _W_HDR}, _W_RAW + b"\0" * 8), 400,
+         "invalid_safetensors", "body", headers=BIN_CT),
+    Case("st-offsets-past-end", _st(w=_W_HDR, b={**_B_HDR, "data_offsets": [24, 48]}), 400,
+         "invalid_safetensors", "body.b.data_offsets", headers=BIN_CT),
+    Case("st-offsets-reversed", _st(w=_W_HDR, b={**_B_HDR, "data_offsets": [36, 24]}), 400,
+         "invalid_safetensors", "body.b.data_offsets", headers=BIN_CT),
+    Case("st-bytes-do-not-fit-shape", _st(w={**_W_HDR, "shape": [2, 2]}, b=_B_HDR), 400,
+         "invalid_safetensors", "body.w.data_offsets", headers=BIN_CT),
+    Case("st-entry-missing-offsets", _st(w={"dtype": "F32", "shape": [2, 3]}), 400,
+         "invalid_safetensors", "body.w", headers=BIN_CT),
+    Case("st-metadata-not-strings", st_file({"__metadata__": {"a": 1}, "w": _W_HDR}, _W_RAW), 400,
+         "invalid_safetensors", "body.__metadata__", headers=BIN_CT),
+    Case("st-unsupported-dtype", _st(w={**_W_HDR, "dtype": "F8_E4M3"}, b=_B_HDR), 422,
+         "invalid_tensor", "body.w.dtype", headers=BIN_CT),
+    Case("st-complex-dtype", _st(w={**_W_HDR, "dtype": "C64", "shape": [3]}, b=_B_HDR), 422,
+         "invalid_tensor", "body.w.dtype", headers=BIN_CT),
+    Case("st-float64-grad", st_of({"w": G1["w"].double()}), 422, "dtype_mismatch", "grads.w",
+         headers=BIN_CT),
+    Case("st-wrong-shape", st_of({"w": G1["w"].reshape(3, 2).contiguous()}), 422,
+         "shape_mismatch", "grads.w", headers=BIN_CT),
+    Case("st-unknown-param", st_of({"w": G1["w"], "nope": G1["b"]}), 422, "unknown_parameter",
+         "grads.nope", headers=BIN_CT),
+    Case("st-nan-grad", st_of({"b": torch.tensor([0.0, float("nan"), 1.0])}), 422,
+         "nonfinite_gradient", "grads.b", headers=BIN_CT),
+    Case("st-empty-body", b"", 400, "invalid_safetensors", "body", headers=BIN_CT),
+    Case("st-json-sent-as-binary", _grads(w=jt(G1["w"])), 400, "invalid_safetensors", "body",
+         headers=BIN_CT),
+]
+
+
+@pytest.mark.parametrize("case", STEP_CASES + ST_CASES, ids=lambda c: c.id)
+def test_step_rejects(sess: Sess, case: Case) -> None:
+    body = case.body() if callable(case.body) else case.body
+    r = sess.http.post(f"{sess.url}/step", content=body, headers=case.headers,
+                       params=case.params)
+    assert_problem(r, case.status, case.code, case.field, case.detail)
+    sess.assert_unchanged()
+
+
+@pytest.mark.parametrize("case", [c for c in STEP_CASES + ST_CASES
+                                  if c.code not in ("not_acceptable", "invalid")
+                                  and c.id != "encoding-bogus"],
+                         ids=lambda c: c.id)
+def test_grads_push_rejects(sess: Sess, case: Case) -> None:
+    """POST .../grads reads the same bodies: the same refusals, and nothing accumulated."""
+    body = case.body() if callable(case.body) else case.body
+    r = sess.http.post(f"{sess.url}/grads", content=body, headers=case.headers)
+    assert_problem(r, case.status, case.code, case.field, case.detail)
+    sess.assert_unchanged()
+
+
+def test_nonfinite_error_names_every_bad_parameter(sess: Sess) -> None:
+    b = {"dtype": "float32", "shape": [3], "data": ["Infinity", 0.0, "-Infinity"]}
+    r = sess.http.post(f"{sess.url}/step", content=_grads(
+        w=_w(data=["NaN"] * 6), b=b, s=jt(torch.tensor(0.5))), headers=JSON_CT)
+    body = assert_problem(r, 422, "nonfinite_gradient")
+    assert sorted(body["names"]) == ["b", "w"]
+    assert body["field"] in ("grads.w", "grads.b")
+    sess.assert_unchanged()
+
+
+# --------------------------------------------------------------------------- other session routes
+
+def test_unknown_session(http: httpx.Client) -> None:
+    for method, path, kwargs in [
+        ("POST", "/v1/sessions/no-such-session/step", {"json": {"grads": {}}}),
+        ("POST", "/v1/sessions/no-such-session/grads", {"json": {"grads": {}}}),
+        ("POST", "/v1/sessions/no-such-session/zero_grad", {}),
+        ("GET", "/v1/sessions/no-such-session", {}),
+        ("GET", "/v1/sessions/no-such-session/params", {}),
+        ("PUT", "/v1/sessions/no-such-session/params", {"json": {"params": {}}}),
+        ("GET", "/v1/sessions/no-such-session/state_dict", {}),
+        ("PATCH", "/v1/sessions/no-such-session/param_groups/0", {"json": {"lr": 0.1}}),
+        ("DELETE", "/v1/sessions/no-such-session", {}),
+    ]:
+        r = http.request(method, path, **kwargs)
+        assert_problem(r, 404, "session_not_found", "session_id", "no-such-session")
+
+
+def test_unknown_route_and_wrong_method(sess: Sess) -> None:
+    assert_problem(sess.http.get("/v1/nothing-here"), 404, "not_found")
+    assert_problem(sess.http.get(f"{sess.url}/step"), 405, "method_not_allowed")
+    sess.assert_unchanged()
+
+
+def test_session_id_too_long_in_path(sess: Sess) -> None:
+    r = sess.http.get(f"/v1/sessions/{'x' * 201}")
+    assert_problem(r, 422, "invalid", "session_id")
+    sess.assert_unchanged()
+
+
+def test_put_params_rejects(sess: Sess) -> None:
+    cases: list[tuple[bytes, dict[str, str], int, str, str]] = [
+        (json.dumps({"params": {"w": _w(data=[1.0, "NaN", 3.0, 4.0, 5.0, 6.0])}}).encode(),
+         JSON_CT, 422, "nonfinite_parameter", "params.w"),
+        (json.dumps({"params": {"w": _w(shape=[6])}}).encode(), JSON_CT, 422, "shape_mismatch",
+         "params.w"),
+        (json.dumps({"params": {"b": jt(G1["b"].double())}}).encode(), JSON_CT, 422,
+         "dtype_mismatch", "params.b"),
+        (json.dumps({"params": {"b": jt(G1["b"]), "x": jt(G1["b"])}}).encode(), JSON_CT, 422,
+         "unknown_parameter", "params.x"),
+        (json.dumps({"params": {}}).encode(), JSON_CT, 422, "invalid_params", "params"),
+        (json.dumps({"grads": {}}).encode(), JSON_CT, 422, "unknown_field", "grads"),
+        (b"", JSON_CT, 400, "invalid_json", "body"),
+        (b"not json", JSON_CT, 400, "invalid_json", "body"),
+        (_GOOD_ST[:-1], BIN_CT, 400, "invalid_safetensors", "body.b.data_offsets"),
+        (b"{}", {"content-type": "text/csv"}, 415, "unsupported_media_type", "content-type"),
+    ]
+    for body, headers, status, code, fld in cases:
+        r = sess.http.put(f"{sess.url}/params", content=body, headers=headers)
+        assert_problem(r, status, code, fld)
+    r = sess.http.put(f"{sess.url}/params", json={"params": {"b": jt(G1["b"])}},
+                      headers={"accept": "image/png"})
+    assert_problem(r, 406, "not_acceptable", "accept")
+    sess.assert_unchanged()
+
+
+def test_get_params_rejects(sess: Sess) -> None:
+    r = sess.http.get(f"{sess.url}/params", params={"names": "w,nope"})
+    assert_problem(r, 422, "unknown_parameter", "names.nope")
+    r = sess.http.get(f"{sess.url}/params", headers={"accept": "text/plain"})
+    assert_problem(r, 406, "not_acceptable", "accept")
+    r = sess.http.get(f"{sess.url}/state_dict", params={"format": "pickle"})
+    assert_problem(r, 422, "invalid_query", "format")
+    sess.assert_unchanged()
+
+
+# --------------------------------------------------------------------------- PATCH param_groups
+
+def _torch_error(make: Callable[[], object]) -> str:
+    with pytest.raises(ValueError) as info:
+        make()
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("index", "body", "status", "code", "fld"),
+    [
+        (7, {"lr": 0.5}, 422, "unknown_param_group", "index"),
+        (0, {"momentum": 0.9}, 422, "unknown_option", "param_groups.0.momentum"),
+        (0, {"lr": "fast"}, 422, "invalid_option", "param_groups.0.lr"),
+        (0, {"lr": True}, 422, "invalid_option", "param_groups.0.lr"),
+        (0, {"betas": [0.9]}, 422, "invalid_option", "param_groups.0.betas"),
+        (0, {"amsgrad": 1}, 422, "invalid_option", "param_groups.0.amsgrad"),
+        (0, {"params": ["w"]}, 422, "unknown_option", "param_groups.0.params"),
+        (0, [0.5], 400, "invalid_json", "body"),
+    ],
+    ids=["unknown-index", "unknown-option", "lr-string", "lr-bool", "betas-length",
+         "amsgrad-int", "params-key", "not-an-object"],
+)
+def test_patch_rejects(sess: Sess, index: int, body: Any, status: int, code: str,
+                       fld: str) -> None:
+    r = sess.http.patch(f"{sess.url}/param_groups/{index}", json=body)
+    assert_problem(r, status, code, fld)
+    sess.assert_unchanged()
+
+
+def test_patch_bad_index_and_content_type(sess: Sess) -> None:
+    assert_problem(sess.http.patch(f"{sess.url}/param_groups/-1", json={"lr": 1.0}), 422,
+                   "invalid", "index")
+    assert_problem(sess.http.patch(f"{sess.url}/param_groups/x", json={"lr": 1.0}), 422,
+                   "invalid", "index")
+    r = sess.http.patch(f"{sess.url}/param_groups/0", content=b'{"lr": 0.5}',
+                        headers={"content-type": "text/plain"})
+    assert_problem(r, 415, "unsupported_media_type", "content-type")
+    r = sess.http.patch(f"{sess.url}/param_groups/0", content=_GOOD_ST, headers=BIN_CT)
+    assert_problem(r, 415, "unsupported_media_type", "content-type")
+    sess.assert_unchanged()
+
+
+@pytest.mark.parametrize("option", [{"lr": -1}, {"eps": -1.0}, {"weight_decay": -0.5},
+                                    {"betas": [1.5, 0.999]}],
+                         ids=["lr", "eps", "weight_decay", "betas"])
+def test_patch_invalid_value_leaves_group_unchanged(sess: Sess, option: dict[str, Any]) -> None:
+    (name, value), = option.items()
+    local = tuple(value) if isinstance(value, list) else value
+    message = _torch_error(lambda: torch.optim.Adam([torch.zeros(1)], **{name: local}))
+    r = sess.http.patch(f"{sess.url}/param_groups/0", json=option)
+    body = assert_problem(r, 422, "invalid_option", f"param_groups.0.{name}")
+    assert body["detail"] == message
+    sess.assert_unchanged()
+
+
+def test_add_param_group_invalid_value(sess: Sess) -> None:
+    message = _torch_error(lambda: torch.optim.Adam([torch.zeros(1)], lr=-0.5))
+    r = sess.http.post(f"{sess.url}/param_groups", json={"params": {"c": jt(G1["b"])},
+                                                         "lr": -0.5})
+    body = assert_problem(r, 422, "invalid_option", "param_groups.1.lr")
+    assert body["detail"] == message
+    sess.assert_unchanged()
+
+
+def test_create_group_invalid_value(sess: Sess) -> None:
+    message = _torch_error(lambda: torch.optim.SGD([torch.zeros(1)], lr=0.1, momentum=-1.0))
+    r = sess.http.post("/v1/sessions", json={"optimizer": "SGD", "options": {"lr": 0.1},
+                                             "param_groups": [{"params": {"x": jt(G1["b"])},
+                                                               "momentum": -1.0}]})
+    body = assert_problem(r, 422, "invalid_option", "param_groups.0.momentum")
+    assert body["detail"] == message
+    sess.assert_unchanged()
+
+
+# --------------------------------------------------------------------------- POST param_groups
+
+def test_add_param_group_rejects(sess: Sess) -> None:
+    url = f"{sess.url}/param_groups"
+    cases: list[tuple[Any, int, str, str]] = [
+        ({"params": {"w": jt(G1["w"])}}, 422, "invalid_params", "param_groups.1.params.w"),
+        ({"params": {"i": {"dtype": "int32", "shape": [2], "data": [1, 2]}}}, 422,
+         "invalid_dtype", "param_groups.1.params.i"),
+        ({"params": {"c": jt(G1["b"])}, "momentum": 0.9}, 422, "unknown_option",
+         "param_groups.1.momentum"),
+        ({"params": {"c": jt(G1["b"])}, "betas": [0.9]}, 422, "invalid_option",
+         "param_groups.1.betas"),
+        ({"params": {}}, 422, "invalid_params", "param_groups.1.params"),
+        ({"lr": 0.1}, 422, "missing_field", "param_group.params"),
+        ({"params": {"c": _w(data=[1.0])}}, 422, "invalid_tensor", "param_group.params.c.data"),
+    ]
+    for body, status, code, fld in cases:
+        assert_problem(sess.http.post(url, json=body), status, code, fld)
+    sess.assert_unchanged()
+
+
+# --------------------------------------------------------------------------- create
+
+def _create_body(**over: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"optimizer": "Adam", "options": {"lr": 0.01},
+                            "params": {"x": jt(torch.tensor([1.0, 2.0]))}}
+    body.update(over)
+    return body
+
+
+CREATE_CASES: list[tuple[str, Any, int, str, str | None, str | None]] = [
+    ("unknown-optimizer", _create_body(optimizer="Adamm"), 422, "unknown_optimizer",
+     "optimizer", "Adamm"),
+    ("optimizer-not-string", _create_body(optimizer=["Adam"]), 422, "unknown_optimizer",
+     "optimizer", None),
+    ("missing-optimizer", {"params": {"x": jt(torch.tensor([1.0]))}}, 422, "missing_field",
+     "optimizer", None),
+    ("lbfgs", _create_body(optimizer="LBFGS"), 422, "unsupported_optimizer", "optimizer",
+     "closure"),
+    ("sparse-adam", _create_body(optimizer="SparseAdam"), 422, "unsupported_optimizer",
+     "optimizer", "sparse"),
+    ("unknown-option", _create_body(options={"lrr": 0.1}), 422, "unknown_option", "options.lrr",
+     "lrr"),
+    ("option-wrong-type", _create_body(options={"lr": "fast"}), 422, "invalid_option",
+     "options.lr", None),
+    ("options-not-object", _create_body(options=[0.1]), 422, "invalid_option", "options", None),
+    ("group-unknown-option", _create_body(params=None) | {"param_groups": [
+        {"params": {"x": jt(torch.tensor([1.0]))}, "nesterov": True}]}, 422, "unknown_option",
+     "param_groups.0.nesterov", None),
+    ("unknown-scheduler", _create_body(scheduler={"name": "FancyLR"}), 422, "unknown_scheduler",
+     "scheduler.name", "FancyLR"),
+    ("lambda-scheduler", _create_body(scheduler={"name": "LambdaLR",
+                                                 "options": {"lr_lambda": "x"}}),
+     422, "unsupported_scheduler", "scheduler.name", "callable"),
+    ("scheduler-unknown-option", _create_body(scheduler={"name": "StepLR", "options": {
+        "step_size": 2, "gama": 0.5}}), 422, "unknown_option", "scheduler.options.gama", None),
+    ("scheduler-missing-option", _create_body(scheduler={"name": "StepLR"}), 422,
+     "invalid_option", "scheduler.options.step_size", "step_size"),
+    ("bad-id-space", _create_body(id="bad id!"), 422, "invalid_id", "id", None),
+    ("bad-id-slash", _create_body(id="../etc/passwd"), 422, "invalid_id", "id", None),
+    ("bad-id-empty", _create_body(id=""), 422, "invalid_id", "id", None),
+    ("bad-id-leading-dot", _create_body(id=".hidden"), 422, "invalid_id", "id", None),
+    ("bad-id-unicode", _create_body(id="sess\u00e9"), 422, "invalid_id", "id", None),
+    ("bad-id-too-long", _create_body(id="a" * 129), 422, "invalid_id", "id", None),
+    ("bad-id-number", _create_body(id=12), 422, "invalid_id", "id", None),
+    ("int-params", _create_body(params={"x": {"dtype": "int64", "shape": [1], "data": [1]}}),
+     422, "invalid_dtype", "param_groups.0.params.x", None),
+    ("no-params", {"optimizer": "SGD"}, 422, "missing_field", "params", None),
+    ("empty-params", _create_body(params={}), 422, "invalid_params", "param_groups.0.params",
+     None),
+    ("params-and-groups", _create_body(param_groups=[{"params": {}}]), 422, "invalid_body",
+     "params", None),
+    ("empty-param-groups", _create_body(params=None) | {"param_groups": []}, 422,
+     "invalid_body", "param_groups", None),
+    ("bad-nonfinite-policy", _create_body(nonfinite="ignore"), 422, "invalid_body", "nonfinite",
+     None),
+    ("unknown-field", _create_body(optimiser="SGD"), 422, "unknown_field", "optimiser", None),
+    ("bad-tensor", _create_body(params={"x": {"dtype": "float32", "shape": [2],
+                                              "data": [1.0]}}), 422, "invalid_tensor",
+     "params.x.data", None),
+]
+
+
+def _drop_none(body: Any) -> Any:
+    return {k: v for k, v in body.items() if v is not None} if isinstance(body, dict) else body
+
+
+@pytest.mark.parametrize(("name", "body", "status", "code", "fld", "detail"), CREATE_CASES,
+                         ids=[c[0] for c in CREATE_CASES])
+def test_create_rejects(sess: Sess, name: str, body: Any, status: int, code: str,
+                        fld: str | None, detail: str | None) -> None:
+    before = sess.http.get("/v1/sessions").json()
+    body = _drop_none(body)
+    attempted = f"never-{uuid.uuid4().hex[:8]}"
+    if "id" not in body:
+        body = {**body, "id": attempted}
+    r = sess.http.post("/v1/sessions", json=body)
+    assert_problem(r, status, code, fld, detail)
+    assert sess.http.get("/v1/sessions").json() == before
+    assert sess.http.get(f"/v1/sessions/{attempted}").status_code == 404
+    sess.assert_unchanged()
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "options"),
+    [("Adam", {"lr": -1.0}), ("Adam", {"betas": [0.9, 1.0]}), ("SGD", {"momentum": -0.5}),
+     ("SGD", {"lr": 0.1, "nesterov": True}), ("AdamW", {"eps": -1e-8}),
+     ("RMSprop", {"alpha": -0.1}), ("Adagrad", {"lr_decay": -1.0})],
+    ids=["adam-lr", "adam-beta2", "sgd-momentum", "sgd-nesterov", "adamw-eps", "rmsprop-alpha",
+         "adagrad-lr_decay"],
+)
+def test_create_invalid_hyperparameter_has_torch_message(
+    sess: Sess, optimizer: str, options: dict[str, Any]
+) -> None:
+    cls = getattr(torch.optim, optimizer)
+    local = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    message = _torch_error(lambda: cls([torch.zeros(1)], **local))
+    r = sess.http.post("/v1/sessions", json=_create_body(optimizer=optimizer, options=options))
+    body = assert_problem(r, 422, "invalid_option")
+    assert body["detail"] == message
+    assert body["field"].startswith("options.")
+    sess.assert_unchanged()
+
+
+def test_create_non_object_and_empty_bodies(sess: Sess) -> None:
+    before = sess.http.get("/v1/sessions").json()
+    for content, headers, status, code in [
+        (b"", JSON_CT, 400, "invalid_json"),
+        (b"[]", JSON_CT, 400, "invalid_json"),
+        (b"42", JSON_CT, 400, "invalid_json"),
+        (b"{", JSON_CT, 400, "invalid_json"),
+        (b"[" * 100_000, JSON_CT, 400, "invalid_json"),
+        (b"optimizer=SGD", {"content-type": "application/x-www-form-urlencoded"}, 415,
+         "unsupported_media_type"),
+        (b"", BIN_CT, 400, "invalid_safetensors"),
+    ]:
+        r = sess.http.post("/v1/sessions", content=content, headers=headers)
+        assert_problem(r, status, code, "content-type" if status == 415 else "body")
+    assert sess.http.get("/v1/sessions").json() == before
+    sess.assert_unchanged()
+
+
+def test_create_safetensors_bad_metadata(sess: Sess) -> None:
+    before = sess.http.get("/v1/sessions").json()
+    x = torch.tensor([1.0, 2.0])
+    good = {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    raw = x.numpy().tobytes()
+    for metadata, code, fld in [
+        ({"optimizer": "Nope"}, "unknown_optimizer", "optimizer"),
+        ({"optimizer": "Adam", "options": '{"lr": -1}'}, "invalid_option", "options.lr"),
+        ({"optimizer": "Adam", "param_groups": '[{"params": ["y"]}]'}, "unknown_parameter",
+         "param_groups.0.params"),
+        ({"optimizer": "Adam", "param_groups": '[{"params": []}]'}, "invalid_body",
+         "param_groups"),
+        ({"optimizer": "Adam", "param_groups": '{"params": ["x"]}'}, "invalid_body",
+         "param_groups"),
+        ({"optimizer": "Adam", "id": "no good"}, "invalid_id", "id"),
+        ({"optimizer": "Adam", "colour": "red"}, "unknown_field", "colour"),
+    ]:
+        r = sess.http.post("/v1/sessions", content=st_file({"__metadata__": metadata, **good}, raw),
+                           headers=BIN_CT)
+        assert_problem(r, 422, code, fld)
+    assert sess.http.get("/v1/sessions").json() == before
+    sess.assert_unchanged()
+
+
+def test_duplicate_id_is_409(sess: Sess) -> None:
+    r = sess.http.post("/v1/sessions", json=_create_body(id=sess.id, optimizer="SGD"))
+    assert_problem(r, 409, "session_exists", "id", sess.id)
+    sess.assert_unchanged()  # the original (Adam, its state) is untouched
+
+
+# --------------------------------------------------------------------------- state_dict import
+
+def test_import_state_rejects(sess: Sess) -> None:
+    url = f"{sess.url}/state_dict"
+    good = sess.before.state_dict
+    bad_shape = json.loads(json.dumps(good))
+    bad_shape["state"]["0"]["exp_avg"] = jt(torch.zeros(3, 2))
+    extra_group = json.loads(json.dumps(good))
+    extra_group["param_groups"].append(extra_group["param_groups"][0])
+    bad_lr = json.loads(json.dumps(good))
+    bad_lr["param_groups"][0]["lr"] = "big"
+    bad_float = json.loads(json.dumps(good))
+    bad_float["param_groups"][0]["eps"] = {"$float": [1]}
+    for body, status, code, fld in [
+        (bad_shape, 422, "state_mismatch", "state_dict.state.0.exp_avg"),
+        (extra_group, 422, "state_mismatch", "state_dict.param_groups"),
+        (bad_lr, 422, "invalid_option", "state_dict.param_groups.0.lr"),
+        (bad_float, 422, "invalid_state", "state_dict.param_groups.0.eps"),
+        ({"state": {}, "param_groups": [], "extra": 1}, 422, "state_mismatch",
+         "state_dict.extra"),
+        ([1, 2], 400, "invalid_json", None),
+    ]:
+        assert_problem(sess.http.put(url, json=body), status, code, fld)
+    r = sess.http.put(url, params={"format": "torch"}, content=b"PK\x03\x04 not a zip",
+                      headers=BIN_CT)
+    assert_problem(r, 422, "invalid_torch_file", "body")
+    r = sess.http.put(url, content=st_of({"state.0.exp_avg": torch.zeros(2, 3)}), headers=BIN_CT)
+    assert_problem(r, 422, "invalid_state", "__metadata__.optserve_state")
+    sess.assert_unchanged()
+
+
+# --------------------------------------------------------------------------- nonfinite policies
+
+def _nonfinite_session(http: httpx.Client, policy: str) -> str:
+    sid = new_session(http, nonfinite=policy)
+    r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {n: jt(t) for n, t in G1.items()}})
+    assert r.status_code == 200, r.text
+    return sid
+
+
+def test_skip_policy_skips_the_step(http: httpx.Client) -> None:
+    sid = _nonfinite_session(http, "skip")
+    before = snapshot(http, sid)
+    grads = {"w": _w(data=[1.0, "NaN", 3.0, 4.0, 5.0, 6.0]), "b": jt(G1["b"])}
+    r = http.post(f"/v1/sessions/{sid}/step", params={"encoding": "b64"},
+                  json={"grads": grads})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["skipped"] is True
+    assert body["nonfinite"] == ["w"]
+    assert (body["version"], body["step"]) == (1, 1)
+    assert body["params"] == before.params["params"]
+    assert r.headers["x-optserve-version"] == "1" and r.headers["x-optserve-step"] == "1"
+    after = snapshot(http, sid)
+    assert after.params == before.params
+    assert after.state_dict == before.state_dict
+    assert after.describe == before.describe
+    # and through safetensors
+    r = http.post(f"/v1/sessions/{sid}/step", content=st_of(
+        {"s": torch.tensor(float("inf"))}), headers={**BIN_CT, "accept": BIN_CT["content-type"]})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-optserve-version"] == "1"
+    assert snapshot(http, sid).state_dict == before.state_dict
+
+
+def test_allow_policy_steps_like_torch(http: httpx.Client) -> None:
+    sid = _nonfinite_session(http, "allow")
+    g = G1["w"].clone()
+    g[0, 1] = float("nan")
+    g[1, 2] = float("inf")
+    r = http.post(f"/v1/sessions/{sid}/step", params={"encoding": "b64"},
+                  json={"grads": {"w": jt_b64(g), "b": jt(G1["b"])}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["skipped"] is False and body["nonfinite"] == ["w"]
+    assert (body["version"], body["step"]) == (2, 2)
+    params = {n: t.clone() for n, t in p0().items()}
+    opt = torch.optim.Adam([params[n] for n in NAMES], lr=LR)
+    for n in NAMES:
+        params[n].grad = G1[n].clone()
+    opt.step()
+    params["w"].grad, params["b"].grad, params["s"].grad = g.clone(), G1["b"].clone(), None
+    opt.step()
+    for n in NAMES:
+        got = from_jt(body["params"][n])
+        assert torch.equal(got.view(torch.int32), params[n].detach().view(torch.int32)), n
+    assert bool(torch.isnan(from_jt(body["params"]["w"])).any())
+
+
+# --------------------------------------------------------------------------- scheduler exhausted
+
+def test_exhausted_one_cycle_is_409(http: httpx.Client) -> None:
+    sid = new_session(http, optimizer="SGD", scheduler={"name": "OneCycleLR", "options": {
+        "max_lr": 0.5, "total_steps": 2}})
+    for _ in range(2):
+        r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {"b": jt(G1["b"])}})
+        assert r.status_code == 200, r.text
+    before = snapshot(http, sid)
+    r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {"b": jt(G1["b"])}})
+    assert_problem(r, 409, "scheduler_exhausted", "scheduler")
+    r = http.post(f"/v1/sessions/{sid}/scheduler/step")
+    assert_problem(r, 409, "scheduler_exhausted", "scheduler")
+    r = http.post(f"/v1/sessions/{sid}/scheduler/step", json={"metric": 1.0})
+    assert_problem(r, 422, "invalid_metric", "metric")
+    after = snapshot(http, sid)
+    assert (after.describe, after.params, after.state_dict) == (
+        before.describe, before.params, before.state_dict)
+
+
+# --------------------------------------------------------------------------- 413
+
+@pytest.fixture(scope="module")
+def small_server() -> Iterator[str]:
+    server = LiveServer(_test_settings(max_body_mb=0.002))  # 2097 bytes
+    url = server.start()
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+def test_body_over_limit_is_413(small_server: str) -> None:
+    limit = int(0.002 * 1024 * 1024)
+    with httpx.Client(base_url=small_server, timeout=60) as http:
+        sid = new_session(http)
+        before = snapshot(http, sid)
+        big = jt(torch.zeros(2, 3))
+        big["data"] = [0.0] * 6
+        padding = " " * limit
+        body = b'{"grads": {"w": ' + json.dumps(big).encode() + padding.encode() + b"}}"
+        assert len(body) > limit
+        # declared in Content-Length
+        r = http.post(f"/v1/sessions/{sid}/step", content=body, headers=JSON_CT)
+        problem = assert_problem(r, 413, "payload_too_large", None, str(limit))
+        assert problem["limit"] == limit
+        # streamed (chunked, no Content-Length): refused once it passes the limit
+
+        def chunks() -> Iterator[bytes]:
+            for i in range(0, len(body), 512):
+                yield body[i:i + 512]
+
+        r = http.post(f"/v1/sessions/{sid}/step", content=chunks(), headers=JSON_CT)
+        assert_problem(r, 413, "payload_too_large")
+        r = http.post("/v1/sessions", content=b"{" + b" " * (limit + 10) + b"}",
+                      headers=JSON_CT)
+        assert_problem(r, 413, "payload_too_large")
+        r = http.put(f"/v1/sessions/{sid}/params", content=b"\0" * (limit + 1), headers=BIN_CT)
+        assert_problem(r, 413, "payload_too_large")
+        after = snapshot(http, sid)
+        assert (after.describe, after.params, after.state_dict) == (
+            before.describe, before.params, before.state_dict)
+        assert [s["id"] for s in http.get("/v1/sessions").json()["sessions"]] == [sid]
+        # a body just under the limit still works
+        r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {"b": jt(G1["b"])}})
+        assert r.status_code == 200
+
+
+# --------------------------------------------------------------------------- engine gaps
+# These fail against the engine as committed; each names what the engine should do.
+
+@pytest.mark.parametrize(
+    ("path", "body", "fld"),
+    [("/v1/sessions", _create_body(options={"lr": {"$float": []}}), "options.lr"),
+     ("/v1/sessions", _create_body(scheduler={"name": "StepLR", "options": {
+         "step_size": 1, "gamma": {"$float": {}}}}), "scheduler.options.gamma"),
+     ("PATCH", {"eps": {"$float": [1]}}, "param_groups.0.eps")],
+    ids=["option", "scheduler-option", "patch"],
+)
+def test_unhashable_float_tag_is_422(sess: Sess, path: str, body: Any, fld: str) -> None:
+    """``{"$float": <list or object>}`` must be a 422, not a TypeError (unhashable) and a 500."""
+    if path == "PATCH":
+        r = sess.http.patch(f"{sess.url}/param_groups/0", json=body)
+    else:
+        r = sess.http.post(path, json=body)
+    assert_problem(r, 422, "invalid_option", fld)
+    sess.assert_unchanged()
+
+
+def test_import_group_missing_an_option_is_422(sess: Sess) -> None:
+    """A param group without ``lr`` must be refused before loading (torch would load it and the
+    session would answer 500 to everything after)."""
+    bad = json.loads(json.dumps(sess.before.state_dict))
+    del bad["param_groups"][0]["lr"]
+    r = sess.http.put(f"{sess.url}/state_dict", json=bad)
+    assert_problem(r, 422, "state_mismatch")
+    sess.assert_unchanged()
+
+
+def test_import_empty_adagrad_state_entry_is_422(http: httpx.Client) -> None:
+    """Adagrad's __setstate__ needs ``step`` in every entry: an empty entry is a 422, not a
+    KeyError raised inside load_state_dict."""
+    sid = new_session(http, optimizer="Adagrad")
+    assert http.post(f"/v1/sessions/{sid}/step", json={"grads": {"b": jt(G1["b"])}}).status_code \
+        == 200
+    before = snapshot(http, sid)
+    bad = json.loads(json.dumps(before.state_dict))
+    bad["state"]["0"] = {}
+    r = http.put(f"/v1/sessions/{sid}/state_dict", json=bad)
+    assert_problem(r, 422, "state_mismatch", "state_dict.state.0")
+    after = snapshot(http, sid)
+    assert (after.describe, after.params, after.state_dict) == (
+        before.describe, before.params, before.state_dict)
+
+
+def test_step_torch_cannot_take_is_not_500(http: httpx.Client) -> None:
+    """StepLR(gamma=1e308) drives lr past float32 on the second step, where SGD's
+    ``param.add_(grad, alpha=-lr)`` raises RuntimeError: that is the client's 422, not a 500."""
+    sid = new_session(http, optimizer="SGD", scheduler={"name": "StepLR", "options": {
+        "step_size": 1, "gamma": 1e308}})
+    assert http.post(f"/v1/sessions/{sid}/step", json={"grads": {"b": jt(G1["b"])}}).status_code \
+        == 200
+    before = snapshot(http, sid)
+    r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {"b": jt(G1["b"])}})
+    assert_problem(r, 422)
+    after = snapshot(http, sid)
+    assert (after.params, after.describe["version"]) == (before.params, 1)

@@ -1,0 +1,348 @@
+"""``optserve.RemoteOptimizer`` as a drop-in for ``torch.optim`` against a real server: the
+same training loop with a local optimizer and with the remote one gives bitwise the same
+losses and parameters (CPU, same torch build), schedulers and checkpoints included."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import optserve
+
+pytestmark = pytest.mark.integration
+
+Sched = Callable[[torch.optim.Optimizer], Any]
+
+
+@pytest.fixture
+def client(live_server: str) -> Iterator[optserve.Client]:
+    with optserve.Client(live_server, max_retries=0) as c:
+        yield c
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(32, 8, generator=g), torch.randn(32, 4, generator=g)
+
+
+def train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    steps: int,
+    make_sched: Sched | None = None,
+    clip: float | None = None,
+) -> list[torch.Tensor]:
+    x, y = batch()
+    sched = make_sched(opt) if make_sched is not None else None
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.detach().clone())
+    return losses
+
+
+def assert_same_params(a: nn.Module, b: nn.Module) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def step_lr(opt: torch.optim.Optimizer) -> Any:
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+
+
+def cosine(opt: torch.optim.Optimizer) -> Any:
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=7, eta_min=1e-4)
+
+
+# --------------------------------------------------------------------------- the drop-in
+@pytest.fixture
+def sent(live_server: str) -> Iterator[tuple[optserve.Client, list[str]]]:
+    """A client and the list of requests it sends ("METHOD last-path-segment")."""
+    log: list[str] = []
+    hook = lambda r: log.append(f"{r.method} {r.url.path.rsplit('/', 1)[-1]}")  # noqa: E731
+    with httpx.Client(event_hooks={"request": [hook]}) as http:
+        yield optserve.Client(live_server, http_client=http), log
+
+
+def test_drop_in_adam_with_local_steplr(sent: tuple[optserve.Client, list[str]]) -> None:
+    client, requests = sent
+    local_model, remote_model = mlp(), mlp()
+    assert_same_params(local_model, remote_model)
+    local = torch.optim.Adam(local_model.parameters(), lr=1e-2)
+    remote = optserve.RemoteOptimizer(remote_model.parameters(), optimizer="Adam",
+                                      client=client, lr=1e-2)
+    assert isinstance(remote, torch.optim.Optimizer)
+    assert remote.defaults == local.defaults
+    local_losses = train(local_model, local, 20, step_lr)
+    remote_losses = train(remote_model, remote, 20, step_lr)
+    assert torch.equal(torch.stack(local_losses), torch.stack(remote_losses))
+    assert_same_params(local_model, remote_model)
+    assert remote.param_groups[0]["lr"] == local.param_groups[0]["lr"] == 1e-2 * 0.5**4
+    # one request per step, plus a PATCH before the steps after each of StepLR's 3 changes
+    assert requests[0] == "POST sessions"
+    assert requests.count("POST step") == 20 and requests.count("PATCH 0") == 3
+    assert len(requests) == 24
+    # the lr the local StepLR set after the last step travels lazily: before the next step
+    # (or state_dict); the server still holds the lr that step 20 used
+    info = client.get_session(remote.session_id)
+    assert info.step == 20 and info.lr == [1e-2 * 0.5**3]
+    assert remote.state_dict()["param_groups"][0]["lr"] == 1e-2 * 0.5**4
+    assert client.get_session(remote.session_id).lr == [1e-2 * 0.5**4]
+
+
+def test_drop_in_sgd_with_cosine_annealing_and_clipping(client: optserve.Client) -> None:
+    local_model, remote_model = mlp(), mlp()
+    opts = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}
+    local = torch.optim.SGD(local_model.parameters(), **opts)
+    remote = optserve.RemoteOptimizer(remote_model.parameters(), "SGD", client, binary=False,
+                                      **opts)
+    local_losses = train(local_model, local, 15, cosine, clip=0.5)
+    remote_losses = train(remote_model, remote, 15, cosine, clip=0.5)
+    assert torch.equal(torch.stack(local_losses), torch.stack(remote_losses))
+    assert_same_params(local_model, remote_model)
+    assert remote.param_groups[0]["lr"] == local.param_groups[0]["lr"]
+
+
+def test_param_groups_named_params_and_closure(client: optserve.Client) -> None:
+    local_model, remote_model = mlp(), mlp()
+
+    def groups(model: nn.Module) -> list[dict[str, Any]]:
+        named = list(model.named_parameters())
+        return [{"params": named[:2], "lr": 0.05}, {"params": named[2:], "weight_decay": 0.1}]
+
+    local = torch.optim.AdamW(groups(local_model), lr=0.01, betas=(0.85, 0.99))
+    remote = optserve.RemoteOptimizer(groups(remote_model), "AdamW", client,
+                                      lr=0.01, betas=(0.85, 0.99))
+    assert [g["param_names"] for g in remote.param_groups] == [
+        ["0.weight", "0.bias"], ["2.weight", "2.bias"]]
+    assert client.get_session(remote.session_id).param_names == [
+        "0.weight", "0.bias", "2.weight", "2.bias"]
+    for key in ("lr", "weight_decay", "betas", "eps", "amsgrad"):
+        assert [g[key] for g in remote.param_groups] == [g[key] for g in local.param_groups]
+    x, y = batch()
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        def closure(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> float:
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            return float(loss.detach())
+
+        with torch.no_grad():  # torch's step re-enables grad for the closure
+            first = opt.step(closure)
+        assert isinstance(first, float)
+        for _ in range(4):
+            opt.step(closure)
+    assert_same_params(local_model, remote_model)
+    sd = remote.state_dict()
+    assert [g["param_names"] for g in sd["param_groups"]] == [
+        g["param_names"] for g in local.state_dict()["param_groups"]]
+
+
+def test_frozen_param_and_add_param_group(client: optserve.Client) -> None:
+    local_model, remote_model = mlp(), mlp()
+    local_first, local_rest = list(local_model.parameters())[:2], list(
+        local_model.parameters())[2:]
+    remote_first, remote_rest = list(remote_model.parameters())[:2], list(
+        remote_model.parameters())[2:]
+    local = torch.optim.Adam(local_first, lr=0.01)
+    remote = optserve.RemoteOptimizer(remote_first, "Adam", client, lr=0.01)
+    for model, opt, rest in ((local_model, local, local_rest), (remote_model, remote,
+                                                                 remote_rest)):
+        train(model, opt, 3)
+        opt.add_param_group({"params": rest, "lr": 0.02, "amsgrad": True})
+        # the bias of the first layer gets no gradient for a while: torch skips it
+        model[0].bias.requires_grad_(False)
+        train(model, opt, 3)
+        model[0].bias.requires_grad_(True)
+        train(model, opt, 2)
+    assert_same_params(local_model, remote_model)
+    assert [len(g["params"]) for g in remote.param_groups] == [2, 2]
+    assert remote.param_groups[1]["amsgrad"] is True
+    info = client.get_session(remote.session_id)
+    assert [g.params for g in info.param_groups] == [["0", "1"], ["2", "3"]]
+    local_sd, remote_sd = local.state_dict(), remote.state_dict()
+    assert local_sd["param_groups"] == remote_sd["param_groups"]
+    assert local_sd["state"].keys() == remote_sd["state"].keys()
+
+
+def test_server_side_scheduler_lr_is_mirrored(client: optserve.Client) -> None:
+    local_model, remote_model = mlp(), mlp()
+    local = torch.optim.SGD(local_model.parameters(), lr=0.2)
+    remote = optserve.RemoteOptimizer(
+        remote_model.parameters(), "SGD", client, lr=0.2,
+        scheduler={"name": "StepLR", "options": {"step_size": 3, "gamma": 0.1}},
+    )
+    sched = step_lr_3 = torch.optim.lr_scheduler.StepLR(local, step_size=3, gamma=0.1)
+    assert sched is step_lr_3
+    x, y = batch()
+    for _ in range(7):
+        for model, opt in ((local_model, local), (remote_model, remote)):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+        sched.step()
+        assert remote.param_groups[0]["lr"] == local.param_groups[0]["lr"]
+    assert_same_params(local_model, remote_model)
+    assert "scheduler" in remote.state_dict()
+
+
+def test_local_parameter_edits_are_sent_before_the_step(client: optserve.Client) -> None:
+    local_model, remote_model = mlp(), mlp()
+    local = torch.optim.Adam(local_model.parameters(), lr=0.01)
+    remote = optserve.RemoteOptimizer(remote_model.parameters(), "Adam", client, lr=0.01)
+    train(local_model, local, 2)
+    train(remote_model, remote, 2)
+    # a checkpoint restored into the model after the optimizer was made, and an in-place edit
+    torch.manual_seed(3)
+    fresh = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).state_dict()
+    for model in (local_model, remote_model):
+        model.load_state_dict(fresh)
+        with torch.no_grad():
+            model[2].weight.mul_(0.5)
+    train(local_model, local, 3)
+    train(remote_model, remote, 3)
+    assert_same_params(local_model, remote_model)
+    pulled = client.get_params(remote.session_id).params
+    for name, p in zip(["0", "1", "2", "3"], remote_model.parameters(), strict=True):
+        assert torch.equal(pulled[name], p.detach())
+
+
+def test_pull_and_push_params_for_shared_sessions(client: optserve.Client) -> None:
+    model = mlp()
+    remote = optserve.RemoteOptimizer(model.parameters(), "SGD", client, lr=0.5)
+    # another worker steps the same session
+    grads = {name: torch.ones_like(p) for name, p in zip("0123", model.parameters(),
+                                                           strict=True)}
+    stepped = client.step(remote.session_id, grads).params
+    assert stepped is not None
+    remote.pull_params()
+    for name, p in zip("0123", model.parameters(), strict=True):
+        assert torch.equal(p.detach(), stepped[name])
+    # an edit through .data is invisible to the version counter: push it by hand
+    model[0].bias.data.fill_(7.0)
+    remote.push_params()
+    assert client.get_params(remote.session_id, names=["1"]).params["1"].eq(7.0).all()
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_torch_save_of_remote_state_continues_in_local_adam(client: optserve.Client) -> None:
+    remote_model = mlp()
+    remote = optserve.RemoteOptimizer(remote_model.parameters(), "Adam", client, lr=1e-2,
+                                      betas=(0.8, 0.99))
+    train(remote_model, remote, 6, step_lr)
+    buf = io.BytesIO()
+    torch.save(remote.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert list(loaded["state"]) == [0, 1, 2, 3]
+    assert loaded["param_groups"][0]["params"] == [0, 1, 2, 3]
+    assert loaded["param_groups"][0]["initial_lr"] == 1e-2  # the local StepLR's key
+    assert loaded["param_groups"][0]["betas"] == (0.8, 0.99)
+
+    local_model = mlp()
+    local_model.load_state_dict(remote_model.state_dict())
+    local = torch.optim.Adam(local_model.parameters())
+    local.load_state_dict(loaded)
+    for key in ("lr", "betas", "eps", "weight_decay", "amsgrad"):
+        assert local.param_groups[0][key] == remote.param_groups[0][key]
+    local_losses = train(local_model, local, 5)
+    remote_losses = train(remote_model, remote, 5)
+    assert torch.equal(torch.stack(local_losses), torch.stack(remote_losses))
+    assert_same_params(local_model, remote_model)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["safetensors", "json"])
+def test_local_adam_state_loads_into_remote_and_continues(
+    client: optserve.Client, binary: bool
+) -> None:
+    local_model = mlp()
+    local = torch.optim.Adam(local_model.parameters(), lr=3e-3, amsgrad=True)
+    train(local_model, local, 4, step_lr)
+    buf = io.BytesIO()
+    torch.save(local.state_dict(), buf)
+    buf.seek(0)
+
+    remote_model = mlp()
+    remote_model.load_state_dict(local_model.state_dict())
+    remote = optserve.RemoteOptimizer(remote_model.parameters(), "Adam", client, lr=1.0,
+                                      amsgrad=True, binary=binary)
+    remote.load_state_dict(torch.load(buf, weights_only=True))
+    assert remote.param_groups[0]["lr"] == local.param_groups[0]["lr"]
+    assert remote.param_groups[0]["initial_lr"] == 3e-3
+    assert client.get_session(remote.session_id).param_groups[0].options["lr"] == \
+        local.param_groups[0]["lr"]
+    local_losses = train(local_model, local, 5)
+    remote_losses = train(remote_model, remote, 5)
+    assert torch.equal(torch.stack(local_losses), torch.stack(remote_losses))
+    assert_same_params(local_model, remote_model)
+    # and round trip: the remote's state equals the local one, tensor for tensor
+    local_sd, remote_sd = local.state_dict(), remote.state_dict()
+    assert local_sd["param_groups"] == remote_sd["param_groups"]
+    for pid, entry in local_sd["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(remote_sd["state"][pid][key], value), (pid, key)
+
+
+def test_load_state_dict_checks_group_sizes_like_torch(client: optserve.Client) -> None:
+    model = mlp()
+    remote = optserve.RemoteOptimizer(model.parameters(), "Adam", client)
+    local = torch.optim.Adam(list(model.parameters())[:2])
+    with pytest.raises(ValueError, match="doesn't match the size"):
+        remote.load_state_dict(local.state_dict())
+
+
+def test_scheduler_state_dicts_work_with_remote(client: optserve.Client) -> None:
+    """Resuming a local scheduler together with a remote optimizer, the torch way."""
+    model = mlp()
+    remote = optserve.RemoteOptimizer(model.parameters(), "SGD", client, lr=0.1)
+    sched = cosine(remote)
+    train(model, remote, 3, lambda _opt: None)
+    for _ in range(3):
+        sched.step()
+    opt_sd, sched_sd = remote.state_dict(), sched.state_dict()
+
+    model2 = mlp()
+    remote2 = optserve.RemoteOptimizer(model2.parameters(), "SGD", client, lr=0.1)
+    sched2 = cosine(remote2)
+    sched2.load_state_dict(sched_sd)
+    remote2.load_state_dict(opt_sd)
+    assert remote2.param_groups[0]["lr"] == remote.param_groups[0]["lr"]
+    assert client.get_session(remote2.session_id).lr == [remote.param_groups[0]["lr"]]
+
+
+def test_constructor_errors(client: optserve.Client) -> None:
+    with pytest.raises(TypeError, match="iterable of Tensors"):
+        optserve.RemoteOptimizer(torch.zeros(2, requires_grad=True), client=client)
+    with pytest.raises(ValueError, match="empty parameter list"):
+        optserve.RemoteOptimizer([], client=client)
+    with pytest.raises(optserve.ValidationError) as info:
+        optserve.RemoteOptimizer(mlp().parameters(), "Adam", client, lr=-1.0)
+    assert info.value.field == "options.lr"
+    with pytest.raises(optserve.ValidationError):
+        optserve.RemoteOptimizer(mlp().parameters(), "LBFGS", client)
+    model = mlp()
+    remote = optserve.RemoteOptimizer(model.parameters(), "SGD", client, session_id="sdk-dup")
+    with pytest.raises(optserve.ConflictError):
+        optserve.RemoteOptimizer(model.parameters(), "SGD", client, session_id="sdk-dup")
+    remote.close(delete_session=True)
+    with pytest.raises(optserve.NotFoundError):
+        client.get_session("sdk-dup")

@@ -1,0 +1,165 @@
+"""Retries: only when no response came back, with capped exponential backoff and jitter."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+import optserve
+from optserve import _base_client, _constants
+
+
+class Script:
+    """A MockTransport handler that raises or answers per call, and counts calls."""
+
+    def __init__(self, *outcomes: Exception | Callable[[], httpx.Response]) -> None:
+        self.outcomes = list(outcomes)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        outcome = self.outcomes[min(len(self.requests), len(self.outcomes)) - 1]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome()
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    recorded: list[float] = []
+    monkeypatch.setattr(_base_client, "_sleep", recorded.append)
+
+    async def fake_async_sleep(delay: float) -> None:
+        recorded.append(delay)
+
+    monkeypatch.setattr(_base_client, "_async_sleep", fake_async_sleep)
+    return recorded
+
+
+def client(script: Script, max_retries: int = 2) -> optserve.Client:
+    return optserve.Client("http://test", max_retries=max_retries,
+                           http_client=httpx.Client(transport=httpx.MockTransport(script)))
+
+
+def OK_HEALTH() -> httpx.Response:
+    return httpx.Response(200, json={"status": "ok"})
+
+
+def STEP_OK() -> httpx.Response:
+    return httpx.Response(200, json={"version": 1, "step": 1, "lr": [0.1], "skipped": False},
+                          headers={"X-Optserve-Version": "1", "X-Optserve-Step": "1"})
+
+
+def test_connection_errors_are_retried_then_raised(sleeps: list[float]) -> None:
+    script = Script(httpx.ConnectError("refused"))
+    with client(script, max_retries=2) as c, pytest.raises(optserve.APIConnectionError) as info:
+        c.health()
+    assert not isinstance(info.value, optserve.APITimeoutError)
+    assert len(script.requests) == 3
+    assert len(sleeps) == 2
+    assert 0.5 * 0.75 <= sleeps[0] <= 0.5
+    assert 1.0 * 0.75 <= sleeps[1] <= 1.0
+    assert info.value.request.url == "http://test/healthz"
+
+
+def test_a_connection_error_then_success(sleeps: list[float]) -> None:
+    script = Script(httpx.ConnectError("refused"), OK_HEALTH)
+    with client(script) as c:
+        assert c.health() == {"status": "ok"}
+    assert len(script.requests) == 2
+    assert len(sleeps) == 1
+
+
+@pytest.mark.parametrize("status", [400, 404, 409, 422, 429, 500, 503])
+def test_http_errors_are_never_retried(status: int, sleeps: list[float]) -> None:
+    script = Script(lambda: httpx.Response(status, json={"detail": "no", "code": "x"}))
+    with client(script) as c, pytest.raises(optserve.APIStatusError) as info:
+        c.get_session("s")
+    assert info.value.status_code == status
+    assert len(script.requests) == 1
+    assert sleeps == []
+
+
+def test_zero_retries(sleeps: list[float]) -> None:
+    script = Script(httpx.ConnectError("refused"))
+    with client(script, max_retries=0) as c, pytest.raises(optserve.APIConnectionError):
+        c.health()
+    assert len(script.requests) == 1
+    assert sleeps == []
+
+
+def test_read_timeout_retried_for_idempotent_requests(sleeps: list[float]) -> None:
+    script = Script(httpx.ReadTimeout("slow"), OK_HEALTH)
+    with client(script) as c:
+        assert c.health() == {"status": "ok"}
+    assert len(script.requests) == 2
+
+
+def test_a_step_that_may_have_reached_the_server_is_not_resent(sleeps: list[float]) -> None:
+    """A read timeout on POST .../step may mean the step was applied: never step twice."""
+    script = Script(httpx.ReadTimeout("slow"), STEP_OK)
+    with client(script) as c, pytest.raises(optserve.APITimeoutError):
+        c.step("s", {"w": [1.0]}, return_params=False)
+    assert len(script.requests) == 1
+    script = Script(httpx.RemoteProtocolError("server disconnected"), STEP_OK)
+    with client(script) as c, pytest.raises(optserve.APIConnectionError):
+        c.push_grads("s", {"w": [1.0]})
+    assert len(script.requests) == 1
+
+
+def test_a_step_that_never_left_is_retried(sleeps: list[float]) -> None:
+    script = Script(httpx.ConnectTimeout("connect"), httpx.ConnectError("refused"), STEP_OK)
+    with client(script) as c:
+        result = c.step("s", {"w": [1.0]}, return_params=False)
+    assert (result.version, result.step, result.lr) == (1, 1, [0.1])
+    assert len(script.requests) == 3
+    # the same body went out every time
+    assert script.requests[0].content == script.requests[2].content
+
+
+def test_timeout_error_type(sleeps: list[float]) -> None:
+    script = Script(httpx.ConnectTimeout("connect"))
+    with client(script, max_retries=1) as c, pytest.raises(optserve.APITimeoutError):
+        c.health()
+    assert len(script.requests) == 2
+
+
+def test_backoff_is_capped_with_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
+    for attempt in range(12):
+        delay = _base_client.BaseClient._retry_delay(attempt)
+        full = min(_constants.INITIAL_RETRY_DELAY * 2**attempt, _constants.MAX_RETRY_DELAY)
+        assert full * (1 - _constants.RETRY_JITTER) <= delay <= full
+    monkeypatch.setattr(_base_client, "_jitter", lambda: 0.0)
+    assert _base_client.BaseClient._retry_delay(30) == _constants.MAX_RETRY_DELAY
+
+
+def test_async_client_retries_connection_errors(sleeps: list[float]) -> None:
+    script = Script(httpx.ConnectError("refused"), httpx.ConnectError("refused"), OK_HEALTH)
+
+    async def main() -> None:
+        async with optserve.AsyncClient(
+            "http://test", http_client=httpx.AsyncClient(transport=httpx.MockTransport(script))
+        ) as c:
+            assert await c.health() == {"status": "ok"}
+
+    asyncio.run(main())
+    assert len(script.requests) == 3
+    assert len(sleeps) == 2
+
+
+def test_async_client_does_not_retry_http_errors(sleeps: list[float]) -> None:
+    script = Script(lambda: httpx.Response(422, json={"detail": "bad", "code": "invalid"}))
+
+    async def main() -> None:
+        async with optserve.AsyncClient(
+            "http://test", http_client=httpx.AsyncClient(transport=httpx.MockTransport(script))
+        ) as c:
+            with pytest.raises(optserve.ValidationError):
+                await c.zero_grad("s")
+
+    asyncio.run(main())
+    assert len(script.requests) == 1
+    assert sleeps == []
