@@ -44,38 +44,51 @@ RUN if python3 -m venv /tmp/venv-probe >/dev/null 2>&1; then \
     && useradd --system --no-log-init --uid 10001 --gid optserve \
         --home-dir /home/optserve --create-home --shell /usr/sbin/nologin optserve
 
-# ---- build: a venv with the locked runtime dependencies and the project ----
-FROM python-base AS build
-# Extra pip options, split on spaces: an index for torch's CPU wheel, or find-links to local
-# wheels (scripts/test-image passes `--find-links /wheels` with the wheel folder mounted there).
-ARG PIP_EXTRA_ARGS=""
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_CACHE_DIR=1
+# ---- lock: the runtime part of requirements-lock.txt ----
+# Every pin of the lock except the dev-only tools (pytest, ruff, mypy, ...); lock-runtime fails
+# the build when a runtime dependency of pyproject.toml is not pinned there. A stage of its own,
+# so that edits to pyproject.toml that leave this list alone keep the torch layer cached.
+FROM python-base AS lock
 WORKDIR /src
 COPY pyproject.toml requirements-lock.txt ./
 COPY deploy/lock-runtime.py /usr/local/bin/lock-runtime
-# The dependencies first (one cached layer holding torch): every pin of requirements-lock.txt
-# except the dev-only tools (pytest, ruff, mypy, ...); lock-runtime fails the build when a
-# runtime dependency of pyproject.toml is not pinned there.
+RUN python3 /usr/local/bin/lock-runtime pyproject.toml requirements-lock.txt > /runtime-lock.txt
+
+# ---- deps: a venv with the locked runtime dependencies (the big, rarely rebuilt layer) ----
+FROM python-base AS deps
+# Extra pip options, split on spaces: an index for torch's CPU wheel, or find-links to local
+# wheels (scripts/test-image passes `--find-links /wheels` with the wheel folder mounted there).
+# Used in the deps and wheel stages only, so they stay out of the final image's history.
+ARG PIP_EXTRA_ARGS=""
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+COPY --from=lock /runtime-lock.txt /tmp/runtime-lock.txt
 # hadolint ignore=SC2086
 RUN python3 -m venv /opt/venv \
-    && python3 /usr/local/bin/lock-runtime pyproject.toml requirements-lock.txt > /tmp/runtime-lock.txt \
     && /opt/venv/bin/pip install --no-cache-dir $PIP_EXTRA_ARGS -r /tmp/runtime-lock.txt \
     && rm /tmp/runtime-lock.txt
-COPY README.md ./
+
+# ---- wheel: the project (server package `app`, SDK package `optserve`) as a wheel ----
+FROM deps AS wheel
+ARG PIP_EXTRA_ARGS=""
+WORKDIR /src
+COPY pyproject.toml README.md ./
 COPY app ./app
 COPY clients/python ./clients/python
 # hadolint ignore=SC2086
-RUN /opt/venv/bin/pip install --no-cache-dir --no-deps $PIP_EXTRA_ARGS . \
-    && /opt/venv/bin/pip check \
-    && /opt/venv/bin/python -c 'import app.main, torch; print("build: torch", torch.__version__, "cuda", torch.version.cuda)'
+RUN /opt/venv/bin/pip wheel --no-cache-dir --no-deps $PIP_EXTRA_ARGS --wheel-dir /dist .
 
 # ---- runtime ----
 FROM python-base AS runtime
 LABEL org.opencontainers.image.title="optserve" \
       org.opencontainers.image.description="PyTorch's torch.optim as an HTTP service" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build /opt/venv /opt/venv
+COPY --from=deps /opt/venv /opt/venv
+# The project on top, from local files only, then a check that the environment is whole.
+RUN --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \
+    /opt/venv/bin/pip install --no-cache-dir --no-index --no-deps /tmp/dist/*.whl \
+    && /opt/venv/bin/pip check \
+    && /opt/venv/bin/python -c 'import app.main, torch; print("build: torch", torch.__version__, "cuda", torch.version.cuda)'
 COPY --chmod=0755 deploy/healthcheck.py /usr/local/bin/optserve-healthcheck
 # /data is reserved for the persistent session store; it must belong to the service user
 # before VOLUME so that a fresh named volume is created writable for it.

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     fsync_interval_ms: float = Field(default=50.0, gt=0, le=60_000)
     snapshot_every_steps: int = Field(default=1000, ge=1)
     snapshot_every_s: float = Field(default=300.0, gt=0)
+    api_keys: str = Field(default="", description="key:tenant pairs, comma-separated")
+    api_keys_file: Path | None = Field(default=None, description="file of key:tenant lines")
+    allow_open: bool = Field(default=False, description="allow a non-loopback bind without keys")
     max_sessions: int = Field(default=0, ge=0, description="per tenant; 0 = unlimited")
     max_session_elements: int = Field(default=0, ge=0, description="0 = unlimited")
     log_level: str = "info"

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api import meta, problems, sessions
+from app.api.auth import AuthMiddleware, parse_keys
 from app.config import Settings, get_settings
 from app.engine import EmbeddedEngine
 from app.engine.embedded import Limits
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
+    app.add_middleware(AuthMiddleware, keys=parse_keys(settings.api_keys, settings.api_keys_file))
     app.include_router(meta.router)
     app.include_router(sessions.router)
     return app

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.api.auth import tenant_of
 from app.config import Settings
 from app.engine.interface import Engine
 
@@ -20,5 +21,10 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
+def get_tenant(request: Request) -> str:
+    return tenant_of(request.scope)
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
+TenantDep = Annotated[str, Depends(get_tenant)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

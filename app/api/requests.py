@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 import orjson
@@ -152,5 +153,17 @@ def state_from_torch(buf: bytearray) -> Any:
         return torch.load(io.BytesIO(bytes(buf)), map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure to read a client's file is the client's 422
         raise Invalid(f"not a torch.save file loadable with weights_only=True: "
-                      f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}",
-                      code="invalid_torch_file", field="body") from None
+                      f"{_torch_reason(exc)}", code="invalid_torch_file", field="body") from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _torch_reason(exc: Exception) -> str:
+    """The informative line of torch.load's message (it can span paragraphs with colour codes
+    and advice to turn weights_only off, which the server never does)."""
+    lines = [ln.strip() for ln in _ANSI.sub("", str(exc)).splitlines() if ln.strip()]
+    for ln in lines:
+        if "WeightsUnpickler error" in ln or "Unsupported" in ln:
+            return ln[:300]
+    return lines[0][:300] if lines else type(exc).__name__

@@ -26,7 +26,7 @@ from app.api.bodies import (
     version_headers,
     wants_binary,
 )
-from app.api.deps import EngineDep, SettingsDep
+from app.api.deps import EngineDep, SettingsDep, TenantDep
 from app.errors import Invalid
 from app.wire.safetensors_body import read_safetensors, write_safetensors
 from app.wire.tree import tree_to_json, tree_to_safetensors
@@ -44,7 +44,9 @@ def _described(desc: dict[str, Any], status: int = 200) -> Response:
 
 
 @router.post("", status_code=201, summary="Create a session")
-async def create_session(request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
+async def create_session(
+    request: Request, engine: EngineDep, tenant: TenantDep, settings: SettingsDep
+) -> Response:
     buf = await read_body(request, _max_bytes(settings))
     if body_kind(request) == "binary":
         def decode_binary() -> Any:
@@ -53,25 +55,25 @@ async def create_session(request: Request, engine: EngineDep, settings: Settings
         spec = await offload(decode_binary, len(buf))
     else:
         spec = await offload(lambda: parse.create_spec(json_object(buf)), len(buf))
-    desc = await engine.create(spec)
+    desc = await engine.create(spec, tenant=tenant)
     response = _described(desc, 201)
     response.headers["Location"] = f"/v1/sessions/{desc['id']}"
     return response
 
 
 @router.get("", summary="List sessions")
-async def list_sessions(engine: EngineDep) -> Response:
-    return json_response({"sessions": await engine.list_sessions()})
+async def list_sessions(engine: EngineDep, tenant: TenantDep) -> Response:
+    return json_response({"sessions": await engine.list_sessions(tenant=tenant)})
 
 
 @router.get("/{session_id}", summary="Describe a session")
-async def get_session(session_id: SessionId, engine: EngineDep) -> Response:
-    return _described(await engine.describe(session_id))
+async def get_session(session_id: SessionId, engine: EngineDep, tenant: TenantDep) -> Response:
+    return _described(await engine.describe(session_id, tenant=tenant))
 
 
 @router.delete("/{session_id}", status_code=204, summary="Delete a session")
-async def delete_session(session_id: SessionId, engine: EngineDep) -> Response:
-    await engine.delete(session_id)
+async def delete_session(session_id: SessionId, engine: EngineDep, tenant: TenantDep) -> Response:
+    await engine.delete(session_id, tenant=tenant)
     return Response(status_code=204)
 
 
@@ -79,13 +81,14 @@ async def delete_session(session_id: SessionId, engine: EngineDep) -> Response:
 async def step(
     session_id: SessionId,
     request: Request,
-    engine: EngineDep,
+    engine: EngineDep, tenant: TenantDep,
     settings: SettingsDep,
     return_: Annotated[str, Query(alias="return", pattern="^(params|none)$")] = "params",
 ) -> Response:
     binary, b64 = wants_binary(request), tensor_encoding(request)
     grads = await read_tensors(request, _max_bytes(settings), "grads")
-    result = await engine.step(session_id, grads, return_params=return_ == "params")
+    result = await engine.step(session_id, grads, return_params=return_ == "params",
+                               tenant=tenant)
     scalars: dict[str, Any] = {"version": result.version, "step": result.step, "lr": result.lr,
                                "skipped": result.skipped}
     if result.nonfinite:
@@ -96,16 +99,20 @@ async def step(
 
 @router.post("/{session_id}/grads", summary="Accumulate gradients for the next step")
 async def push_grads(
-    session_id: SessionId, request: Request, engine: EngineDep, settings: SettingsDep
+    session_id: SessionId,
+    request: Request,
+    engine: EngineDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
 ) -> Response:
     grads = await read_tensors(request, _max_bytes(settings), "grads")
-    out = await engine.push(session_id, grads)
+    out = await engine.push(session_id, grads, tenant=tenant)
     return json_response(out, headers=version_headers(out["version"], out["step"]))
 
 
 @router.post("/{session_id}/zero_grad", summary="Clear accumulated gradients")
-async def zero_grad(session_id: SessionId, engine: EngineDep) -> Response:
-    out = await engine.zero_grad(session_id)
+async def zero_grad(session_id: SessionId, engine: EngineDep, tenant: TenantDep) -> Response:
+    out = await engine.zero_grad(session_id, tenant=tenant)
     return json_response(out, headers=version_headers(out["version"], out["step"]))
 
 
@@ -113,13 +120,13 @@ async def zero_grad(session_id: SessionId, engine: EngineDep) -> Response:
 async def get_params(
     session_id: SessionId,
     request: Request,
-    engine: EngineDep,
+    engine: EngineDep, tenant: TenantDep,
     names: Annotated[list[str] | None, Query(description="names, repeated or comma-separated")]
     = None,
 ) -> Response:
     binary, b64 = wants_binary(request), tensor_encoding(request)
     wanted = [n for item in names for n in item.split(",") if n] if names else None
-    result = await engine.pull(session_id, wanted)
+    result = await engine.pull(session_id, wanted, tenant=tenant)
     scalars = {"version": result.version, "step": result.step, "lr": result.lr}
     headers = version_headers(result.version, result.step)
     return await tensors_response(binary, b64, scalars, result.params, headers)
@@ -127,11 +134,15 @@ async def get_params(
 
 @router.put("/{session_id}/params", summary="Overwrite parameters")
 async def put_params(
-    session_id: SessionId, request: Request, engine: EngineDep, settings: SettingsDep
+    session_id: SessionId,
+    request: Request,
+    engine: EngineDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
 ) -> Response:
     binary, b64 = wants_binary(request), tensor_encoding(request)
     params = await read_tensors(request, _max_bytes(settings), "params")
-    result = await engine.overwrite(session_id, params)
+    result = await engine.overwrite(session_id, params, tenant=tenant)
     scalars = {"version": result.version, "step": result.step, "lr": result.lr}
     headers = version_headers(result.version, result.step)
     return await tensors_response(binary, b64, scalars, result.params, headers)
@@ -139,14 +150,18 @@ async def put_params(
 
 @router.post("/{session_id}/param_groups", status_code=201, summary="add_param_group")
 async def add_param_group(
-    session_id: SessionId, request: Request, engine: EngineDep, settings: SettingsDep
+    session_id: SessionId,
+    request: Request,
+    engine: EngineDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
 ) -> Response:
     buf = await read_body(request, _max_bytes(settings))
     if body_kind(request) == "binary":
         group = await offload(lambda: parse.group_spec_binary(buf), len(buf))
     else:
         group = await offload(lambda: parse.group_spec(json_object(buf)), len(buf))
-    return _described(await engine.add_param_group(session_id, group), 201)
+    return _described(await engine.add_param_group(session_id, group, tenant=tenant), 201)
 
 
 @router.patch("/{session_id}/param_groups/{index}", summary="Change a group's options")
@@ -154,18 +169,23 @@ async def update_param_group(
     session_id: SessionId,
     index: Annotated[int, Path(ge=0, le=1_000_000)],
     request: Request,
-    engine: EngineDep,
+    engine: EngineDep, tenant: TenantDep,
     settings: SettingsDep,
 ) -> Response:
     buf = await read_body(request, _max_bytes(settings))
     require_json(request)
     options = json_object(buf)
-    return _described(await engine.update_param_group(session_id, index, options))
+    return _described(await engine.update_param_group(session_id, index, options,
+                                                           tenant=tenant))
 
 
 @router.post("/{session_id}/scheduler/step", summary="Step the scheduler by hand")
 async def scheduler_step(
-    session_id: SessionId, request: Request, engine: EngineDep, settings: SettingsDep
+    session_id: SessionId,
+    request: Request,
+    engine: EngineDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
 ) -> Response:
     buf = await read_body(request, _max_bytes(settings))
     if buf.strip():
@@ -175,7 +195,8 @@ async def scheduler_step(
     metric = obj.get("metric")
     if metric is not None and type(metric) not in (int, float):
         raise Invalid("metric must be a number", code="invalid_metric", field="metric")
-    out = await engine.scheduler_step(session_id, None if metric is None else float(metric))
+    out = await engine.scheduler_step(
+        session_id, None if metric is None else float(metric), tenant=tenant)
     return json_response(out, headers=version_headers(out["version"], out["step"]))
 
 
@@ -188,11 +209,13 @@ def _state_format(request: Request, default: str) -> str:
 
 
 @router.get("/{session_id}/state_dict", summary="Export optimizer and scheduler state")
-async def export_state(session_id: SessionId, request: Request, engine: EngineDep) -> Response:
+async def export_state(
+    session_id: SessionId, request: Request, engine: EngineDep, tenant: TenantDep
+) -> Response:
     default = "safetensors" if wants_binary(request) else "json"
     fmt = _state_format(request, default)
     b64 = tensor_encoding(request)
-    out = await engine.export_state(session_id)
+    out = await engine.export_state(session_id, tenant=tenant)
     headers = version_headers(out["version"], out["step"])
     sd = out["state_dict"]
 
@@ -212,7 +235,11 @@ async def export_state(session_id: SessionId, request: Request, engine: EngineDe
 
 @router.put("/{session_id}/state_dict", summary="Import optimizer and scheduler state")
 async def import_state(
-    session_id: SessionId, request: Request, engine: EngineDep, settings: SettingsDep
+    session_id: SessionId,
+    request: Request,
+    engine: EngineDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
 ) -> Response:
     buf = await read_body(request, _max_bytes(settings))
     kind = body_kind(request)
@@ -223,4 +250,4 @@ async def import_state(
         state = await offload(lambda: parse.state_from_safetensors(buf), len(buf))
     else:
         state = await offload(lambda: parse.state_from_json(buf), len(buf))
-    return _described(await engine.import_state(session_id, state))
+    return _described(await engine.import_state(session_id, state, tenant=tenant))

@@ -9,7 +9,6 @@ Validation reuses torch's own: options are tried on a throwaway optimizer over t
 from __future__ import annotations
 
 import inspect
-import math
 import re
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 
 from app.errors import Invalid
 from app.wire.json_tensor import decode_json_tensor, is_json_tensor
+from app.wire.tree import is_float_tag, untag_float
 
 SUPPORTED = (
     "Adafactor", "Adadelta", "Adagrad", "Adam", "Adamax", "AdamW", "ASGD", "Muon",
@@ -81,11 +81,8 @@ def _is_number(x: object) -> bool:
 
 def _option_value(name: str, value: Any, default: Any, field: str) -> Any:
     """One JSON option value to what the torch constructor takes, type-checked by its default."""
-    if isinstance(value, dict) and value.keys() == {"$float"}:
-        tags = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
-        if value["$float"] not in tags:
-            raise Invalid("$float must be inf, -inf or nan", code="invalid_option", field=field)
-        value = tags[value["$float"]]
+    if is_float_tag(value):
+        value = untag_float(value, field, "invalid_option")
     if is_json_tensor(value) or isinstance(value, torch.Tensor):
         tensor = value if isinstance(value, torch.Tensor) else decode_json_tensor(value, field)
         if name != "lr" or not tensor.is_floating_point():

@@ -20,6 +20,7 @@ from torch.optim import lr_scheduler
 
 from app.engine.optimizers import TORCH_ERRORS, blame
 from app.errors import Conflict, Invalid
+from app.wire.tree import is_float_tag, untag_float
 
 SUPPORTED = (
     "StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "PolynomialLR",
@@ -88,11 +89,8 @@ def _is_num(x: object) -> bool:
 
 
 def _check_value(annotation: str, value: Any, name: str, field: str) -> Any:
-    if isinstance(value, dict) and value.keys() == {"$float"}:
-        tags = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
-        if value["$float"] not in tags:
-            raise Invalid("$float must be inf, -inf or nan", code="invalid_option", field=field)
-        value = tags[value["$float"]]
+    if is_float_tag(value):
+        value = untag_float(value, field, "invalid_option")
     if "Callable" in annotation:
         raise Invalid(f"{name} is a Python callable and cannot travel as JSON",
                       code="unsupported_option", field=field)

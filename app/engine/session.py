@@ -256,10 +256,16 @@ class Session:
             return StepResult(self.version, self.step_count, self.lrs(), skipped=True,
                               nonfinite=bad,
                               params=self._snapshot_params(None) if return_params else None)
+        self._check_group_scalars()
         for name, p in self.params.items():
             p.grad = total.get(name)
         try:
             self.optimizer.step()
+        except optimizers.TORCH_ERRORS as exc:
+            # Unreachable for inputs the checks above know of; torch may still refuse a
+            # combination nobody foresaw. Say so as the client's problem, not a crash.
+            raise Invalid(f"torch refused this step: {exc}", code="step_failed",
+                          field="param_groups") from None
         finally:
             for p in self.params.values():
                 p.grad = None
@@ -271,6 +277,21 @@ class Session:
         self.step_count += 1
         return StepResult(self.version, self.step_count, self.lrs(), nonfinite=bad,
                           params=self._snapshot_params(None) if return_params else None)
+
+    def _check_group_scalars(self) -> None:
+        """Every numeric group option must fit the dtype of the group's parameters (torch
+        raises "value cannot be converted ... without overflow" mid-step otherwise, e.g. when
+        a scheduler has driven lr past float32)."""
+        for i, g in enumerate(self.optimizer.param_groups):
+            finfo = torch.finfo(g["params"][0].dtype)
+            for key, value in g.items():
+                values = value if isinstance(value, tuple) else (value,)
+                for v in values:
+                    if type(v) is float and math.isfinite(v) and abs(v) > finfo.max:
+                        raise Invalid(f"param group {i}'s {key} is {v!r}, beyond the range of "
+                                      f"its parameters' dtype ({finfo.dtype}); the step would "
+                                      "overflow", code="option_overflow",
+                                      field=f"param_groups.{i}.{key}")
 
     # ----------------------------------------------------------------- parameters
     def _snapshot_params(self, names: list[str] | None) -> Tensors:

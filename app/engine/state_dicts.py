@@ -117,8 +117,10 @@ def same_structure(expected: Any, got: Any, field: str) -> None:
 
 def _expected_state(
     session: Session, group_opts: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """What the optimizer itself keeps per parameter (after one step), in parameter order."""
+) -> tuple[list[dict[str, Any]], bool]:
+    """What the optimizer itself keeps per parameter (after one step), in parameter order, and
+    whether it makes that state eagerly at construction (Adagrad) rather than at first step:
+    then every parameter's state must be present in an import."""
     scratch_groups = []
     scratch: list[torch.Tensor] = []
     for g, opts in zip(session.optimizer.param_groups, group_opts, strict=True):
@@ -128,8 +130,9 @@ def _expected_state(
         scratch.extend(ts)
         scratch_groups.append({"params": ts, **opts})
     opt = session.cls(scratch_groups, **session.defaults)
+    eager = any(len(opt.state[t]) > 0 for t in scratch)
     opt.step()
-    return [dict(opt.state[t]) for t in scratch]
+    return [dict(opt.state[t]) for t in scratch], eager
 
 
 def prepare_import(session: Session, state: object) -> PreparedImport:
@@ -171,6 +174,13 @@ def prepare_import(session: Session, state: object) -> PreparedImport:
         extra = {**SCHEDULER_GROUP_KEYS,
                  **{k: v for k, v in cur.items() if k not in ("params", "param_names")}}
         raw = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+        required = [k for k in cur if k not in ("params", "param_names")
+                    and k not in SCHEDULER_GROUP_KEYS]
+        missing = [k for k in required if k not in raw]
+        if missing:
+            raise Invalid(f"param group {i} lacks option(s) {', '.join(missing)}; a state dict's "
+                          "groups carry every option", code="state_mismatch",
+                          field=f"{where}.{missing[0]}")
         opts = optimizers.normalize_options(session.cls, raw, where, extra)
         fields.update({k: f"{where}.{k}" for k in opts})
         group_opts.append(opts)
@@ -188,7 +198,7 @@ def prepare_import(session: Session, state: object) -> PreparedImport:
         raise Invalid("state must be an object of per-parameter states", code="state_mismatch",
                       field="state_dict.state")
     position = {pid: i for i, pid in enumerate(order)}
-    expected = _expected_state(session, group_opts)
+    expected, eager = _expected_state(session, group_opts)
     new_state: dict[int, Any] = {}
     for key, entry in raw_state.items():
         where = f"state_dict.state.{key}"
@@ -199,9 +209,15 @@ def prepare_import(session: Session, state: object) -> PreparedImport:
         if not isinstance(entry, dict):
             raise Invalid("a parameter's state must be an object", code="state_mismatch",
                           field=where)
-        if entry:
+        if entry or eager:
             same_structure(expected[position[pid]], entry, where)
         new_state[pid] = entry
+    if eager:
+        absent = [pid for pid in order if pid not in new_state]
+        if absent:
+            raise Invalid(f"{session.optimizer_name} keeps state for every parameter from the "
+                          f"start; the state lacks parameter id {absent[0]}",
+                          code="state_mismatch", field=f"state_dict.state.{absent[0]}")
 
     sched_state = state.get("scheduler")
     if sched_state is not None:

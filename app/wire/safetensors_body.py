@@ -100,6 +100,14 @@ def read_safetensors(
 
 def write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
     """Serialize CPU tensors (any layout) and string metadata to safetensors bytes."""
-    ready = {k: v.detach().contiguous() for k, v in tensors.items()}
+    ready: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        t = v.detach().contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in seen:
+            t = t.clone()  # safetensors refuses tensors that share memory
+        if t.numel():
+            seen.add(t.untyped_storage().data_ptr())
+        ready[k] = t
     return bytes(_st_save(ready, metadata=metadata))
 

@@ -23,6 +23,18 @@ def _float_tag(x: float) -> dict[str, str]:
     return {"$float": "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")}
 
 
+def is_float_tag(obj: object) -> bool:
+    return isinstance(obj, dict) and obj.keys() == {"$float"}
+
+
+def untag_float(obj: dict[str, Any], field: str, code: str) -> float:
+    """``{"$float": "inf" | "-inf" | "nan"}`` to the float it stands for."""
+    tag = obj["$float"]
+    if not isinstance(tag, str) or tag not in _FLOAT_TAGS:
+        raise Invalid(f"$float must be one of {sorted(_FLOAT_TAGS)}", code=code, field=field)
+    return _FLOAT_TAGS[tag]
+
+
 def to_jsonable(obj: Any, on_tensor: Callable[[torch.Tensor, str], Any], path: str = "") -> Any:
     if isinstance(obj, torch.Tensor):
         return on_tensor(obj, path)
@@ -63,11 +75,7 @@ def tree_from_json(
         raise Invalid("state is nested too deeply", code="invalid_state", field=field)
     if isinstance(obj, dict):
         if obj.keys() == {"$float"}:
-            tag = obj["$float"]
-            if not isinstance(tag, str) or tag not in _FLOAT_TAGS:
-                raise Invalid(f"$float must be one of {sorted(_FLOAT_TAGS)}",
-                              code="invalid_state", field=field)
-            return _FLOAT_TAGS[tag]
+            return untag_float(obj, field, "invalid_state")
         if obj.keys() == {"$tensor"}:
             key = obj["$tensor"]
             if tensors is None or not isinstance(key, str) or key not in tensors:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -116,6 +117,7 @@ def snapshot(http: httpx.Client, sid: str) -> Snapshot:
     p = http.get(f"/v1/sessions/{sid}/params", params={"encoding": "b64"})
     sd = http.get(f"/v1/sessions/{sid}/state_dict", params={"encoding": "b64"})
     for r in (d, p, sd):
+        settle_if_5xx(r)
         assert r.status_code == 200, r.text
     return Snapshot(d.json(), p.json(), sd.json(),
                     {k: p.headers[k] for k in ("etag", "x-optserve-version", "x-optserve-step")})
@@ -152,8 +154,25 @@ class Sess:
             assert torch.equal(got.view(torch.int32), expected[n].detach().view(torch.int32)), n
 
 
+_CREATED: list[tuple[httpx.Client, str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _delete_sessions() -> Iterator[None]:
+    """Delete this test's sessions, so that one a server bug left broken cannot fail the
+    session list for the tests after it."""
+    yield
+    while _CREATED:
+        client, sid = _CREATED.pop()
+        try:
+            client.delete(f"/v1/sessions/{sid}")
+        except (httpx.HTTPError, RuntimeError):  # RuntimeError: that client is closed
+            pass
+
+
 def new_session(http: httpx.Client, optimizer: str = "Adam", **extra: Any) -> str:
     sid = f"bad-{uuid.uuid4().hex[:12]}"
+    _CREATED.append((http, sid))
     body = {"optimizer": optimizer, "options": {"lr": LR}, "id": sid,
             "params": {n: jt(t) for n, t in p0().items()}, **extra}
     r = http.post("/v1/sessions", json=body)
@@ -172,10 +191,20 @@ def sess(http: httpx.Client) -> Sess:
     return Sess(http, sid, snapshot(http, sid))
 
 
+def settle_if_5xx(r: httpx.Response) -> None:
+    """After a 5xx, let the server thread finish logging its traceback before pytest formats
+    the failure: on CPython 3.11 both use the ``ast`` module's process-wide state (traceback
+    carets, pytest's source display), and racing them ends the run with an INTERNALERROR
+    ("AST constructor recursion depth mismatch") that hides which tests failed."""
+    if r.status_code >= 500:
+        time.sleep(0.5)
+
+
 def assert_problem(
     r: httpx.Response, status: int, code: str | None = None, field: str | None = None,
     detail: str | None = None,
 ) -> dict[str, Any]:
+    settle_if_5xx(r)
     assert r.status_code == status, f"{r.status_code} {r.text[:500]}"
     assert r.headers["content-type"].split(";")[0].strip() == PROBLEM
     body: dict[str, Any] = r.json()

@@ -119,9 +119,10 @@ def test_seed_example_sgd_on_4x_squared(http: httpx.Client) -> None:
         local.step()
         assert x.item() == want
         current = body["params"]["x"]["data"][0]
-    r = http.get(f"/v1/sessions/{sid}/params")
-    assert r.json() == {"version": 2, "step": 2, "params": {"x": {"dtype": "float32",
-                                                                  "shape": [1], "data": [98.0]}}}
+    body = http.get(f"/v1/sessions/{sid}/params").json()
+    assert (body["version"], body["step"]) == (2, 2)
+    assert body["params"] == {"x": {"dtype": "float32", "shape": [1], "data": [98.0]}}
+    assert body.get("lr", [1.0]) == [1.0]
 
 
 # --------------------------------------------------------------------------- encodings

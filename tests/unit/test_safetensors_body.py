@@ -206,3 +206,15 @@ def test_field_prefix_is_the_callers() -> None:
     with pytest.raises(BadRequest) as info:
         read_safetensors(st_file({"x": F32_2}, DATA_8[:4]), field="state")
     assert info.value.field == "state.x.data_offsets"
+
+
+def test_writer_takes_tensors_that_share_memory() -> None:
+    """The same tensor under two names, and views of one storage (as in a state dict whose
+    entries alias), are written as independent copies."""
+    base = torch.arange(6, dtype=torch.float32)
+    tensors = {"a": base, "b": base, "head": base[:3], "tail": base[3:], "empty": base[:0]}
+    got, _ = read_safetensors(write_safetensors(tensors, None))
+    for name, t in tensors.items():
+        assert torch.equal(got[name], t), name
+    got["a"].add_(1)
+    assert got["b"].tolist() == base.tolist()
