@@ -1,26 +1,80 @@
-"""``python -m app``: run uvicorn with the settings from ``OPTSERVE_*``."""
+"""``python -m app``: serve with the settings from ``OPTSERVE_*``.
+
+SIGTERM drains: uvicorn stops accepting, in-flight requests finish, readiness turns false, the
+lifespan snapshots every session, and the process exits 0 (uvicorn alone would re-raise the
+signal and exit 143). Without API keys the server refuses a non-loopback bind unless
+``OPTSERVE_ALLOW_OPEN=1``.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import signal
 import sys
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
-from app.config import get_settings
+from app.api.auth import parse_keys
+from app.config import Settings, get_settings
+from app.main import create_app
+
+log = logging.getLogger("optserve")
 
 
-def main(argv: list[str]) -> None:
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.optserve_app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.optserve_app.state.draining = True
+        super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM and sig in self._captured_signals:
+            self._captured_signals.remove(sig)  # a drained SIGTERM is a clean exit
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: Settings) -> str | None:
+    """Why this configuration must not start, or None."""
+    keys = parse_keys(settings.api_keys, settings.api_keys_file)
+    if keys:
+        return None
+    if not is_loopback(settings.host) and not settings.allow_open:
+        return (f"refusing to serve on {settings.host} without API keys: anyone who can reach "
+                "it could read and change every session. Set OPTSERVE_API_KEYS (or "
+                "OPTSERVE_API_KEYS_FILE), bind to 127.0.0.1, or set OPTSERVE_ALLOW_OPEN=1.")
+    return None
+
+
+def main() -> int:
     settings = get_settings()
-    uvicorn.run(
-        "app.main:app",
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        workers=1,
-        timeout_graceful_shutdown=30,
-    )
-    del argv
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    problem = check_exposure(settings)
+    if problem:
+        print(f"optserve: {problem}", file=sys.stderr)
+        return 2
+    keys = parse_keys(settings.api_keys, settings.api_keys_file)
+    log.info("optserve on %s:%d, authentication %s", settings.host, settings.port,
+             f"on ({len(keys)} keys)" if keys else "OFF (no OPTSERVE_API_KEYS)")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level, timeout_graceful_shutdown=30)
+    server = DrainingServer(config, app)
+    server.run()
+    return 0 if server.started else 1
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.api.bodies import json_response
@@ -21,9 +21,12 @@ async def healthz() -> dict[str, Any]:
 
 
 @router.get("/readyz", tags=["health"], summary="Readiness: the device worker is up")
-async def readyz(engine: EngineDep) -> Response:
+async def readyz(request: Request, engine: EngineDep) -> Response:
+    if getattr(request.app.state, "draining", False):
+        return problem(503, "draining", "Draining", "the server is shutting down")
     if not engine.ready():
-        return problem(503, "not_ready", "Not ready", "the device worker is not running")
+        return problem(503, "not_ready", "Not ready",
+                       "the device worker is not running or the data directory is not writable")
     return json_response({"status": "ready", "device": engine.device})
 
 
