@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from app.api.auth import parse_keys
 from app.config import Settings, get_settings
 from app.main import create_app
+from app.observability import configure_logging
 
 log = logging.getLogger("optserve")
 
@@ -59,8 +60,7 @@ def check_exposure(settings: Settings) -> str | None:
 
 def main() -> int:
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     problem = check_exposure(settings)
     if problem:
         print(f"optserve: {problem}", file=sys.stderr)
@@ -70,7 +70,8 @@ def main() -> int:
              f"on ({len(keys)} keys)" if keys else "OFF (no OPTSERVE_API_KEYS)")
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            log_level=settings.log_level, timeout_graceful_shutdown=30)
+                            log_level=settings.log_level, timeout_graceful_shutdown=30,
+                            access_log=False, log_config=None)
     server = DrainingServer(config, app)
     server.run()
     return 0 if server.started else 1

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     max_sessions: int = Field(default=0, ge=0, description="per tenant; 0 = unlimited")
     max_session_elements: int = Field(default=0, ge=0, description="0 = unlimited")
     log_level: str = "info"
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one JSON object per line, with request ids")
 
 
 def get_settings() -> Settings:

@@ -14,11 +14,13 @@ from app.api.auth import AuthMiddleware, parse_keys
 from app.config import Settings, get_settings
 from app.engine import EmbeddedEngine
 from app.engine.embedded import Limits
+from app.observability import Metrics, RequestContextMiddleware
 from app.runtime import tune_allocator
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -33,10 +35,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             snapshot_every_s=settings.snapshot_every_s,
             fsync_interval_s=settings.fsync_interval_ms / 1000,
             limits=Limits(settings.max_sessions, settings.max_session_elements),
+            observer=metrics.observe_worker,
         )
         await engine.start()
         app.state.engine = engine
         app.state.settings = settings
+        app.state.metrics = metrics
         logging.getLogger("optserve").info("optserve ready on device %s", engine.device)
         try:
             yield
@@ -51,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     problems.install(app)
     app.add_middleware(AuthMiddleware, keys=parse_keys(settings.api_keys, settings.api_keys_file))
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.include_router(meta.router)
     app.include_router(sessions.router)
     return app

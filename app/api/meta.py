@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from app.api.bodies import json_response
@@ -38,3 +39,11 @@ async def list_optimizers() -> Response:
 @router.get("/v1/schedulers", tags=["catalogue"], summary="Schedulers and their defaults")
 async def list_schedulers() -> Response:
     return json_response(schedulers.catalogue())
+
+
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics")
+async def metrics(request: Request, engine: EngineDep) -> Response:
+    registry = request.app.state.metrics
+    registry.sessions.set(engine.session_count())
+    registry.device_memory.set(engine.memory_bytes())
+    return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)

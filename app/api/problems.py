@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from app.errors import OptserveError
+from app.observability import request_id_var
 
 log = logging.getLogger("optserve.api")
 PROBLEM = "application/problem+json"
@@ -23,6 +24,9 @@ def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> Re
     body: dict[str, Any] = {"type": f"urn:optserve:problem:{code}", "title": title,
                             "status": status, "detail": detail, "code": code}
     body.update({k: v for k, v in extra.items() if v is not None})
+    rid = request_id_var.get()
+    if rid:
+        body["request_id"] = rid
     return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM)
 
 

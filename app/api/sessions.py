@@ -27,6 +27,7 @@ from app.api.bodies import (
     wants_binary,
 )
 from app.api.deps import EngineDep, SettingsDep, TenantDep
+from app.api.instrument import metrics_of, outcome, phase
 from app.errors import Invalid
 from app.wire.safetensors_body import read_safetensors, write_safetensors
 from app.wire.tree import tree_to_json, tree_to_safetensors
@@ -85,16 +86,21 @@ async def step(
     settings: SettingsDep,
     return_: Annotated[str, Query(alias="return", pattern="^(params|none)$")] = "params",
 ) -> Response:
-    binary, b64 = wants_binary(request), tensor_encoding(request)
-    grads = await read_tensors(request, _max_bytes(settings), "grads")
-    result = await engine.step(session_id, grads, return_params=return_ == "params",
-                               tenant=tenant)
-    scalars: dict[str, Any] = {"version": result.version, "step": result.step, "lr": result.lr,
-                               "skipped": result.skipped}
-    if result.nonfinite:
-        scalars["nonfinite"] = result.nonfinite
-    return await tensors_response(binary, b64, scalars, result.params,
-                                  version_headers(result.version, result.step))
+    with outcome(metrics_of(request).steps, session_id) as counted:
+        binary, b64 = wants_binary(request), tensor_encoding(request)
+        with phase(request, "decode"):
+            grads = await read_tensors(request, _max_bytes(settings), "grads")
+        result = await engine.step(session_id, grads, return_params=return_ == "params",
+                                   tenant=tenant)
+        scalars: dict[str, Any] = {"version": result.version, "step": result.step,
+                                   "lr": result.lr, "skipped": result.skipped}
+        if result.nonfinite:
+            scalars["nonfinite"] = result.nonfinite
+        if result.skipped:
+            counted["outcome"] = "skipped"
+        with phase(request, "encode"):
+            return await tensors_response(binary, b64, scalars, result.params,
+                                          version_headers(result.version, result.step))
 
 
 @router.post("/{session_id}/grads", summary="Accumulate gradients for the next step")
@@ -105,8 +111,9 @@ async def push_grads(
     tenant: TenantDep,
     settings: SettingsDep,
 ) -> Response:
-    grads = await read_tensors(request, _max_bytes(settings), "grads")
-    out = await engine.push(session_id, grads, tenant=tenant)
+    with outcome(metrics_of(request).pushes, session_id):
+        grads = await read_tensors(request, _max_bytes(settings), "grads")
+        out = await engine.push(session_id, grads, tenant=tenant)
     return json_response(out, headers=version_headers(out["version"], out["step"]))
 
 

@@ -33,7 +33,7 @@ from app.engine.interface import (
 )
 from app.engine.session import Session, check_session_id
 from app.engine.store import Store, StoreCorrupt
-from app.engine.worker import DeviceWorker
+from app.engine.worker import DeviceWorker, Observer
 from app.errors import Conflict, Invalid, NotFound, OptserveError, TooMany
 
 log = logging.getLogger("optserve.engine")
@@ -70,10 +70,11 @@ class EmbeddedEngine:
         snapshot_every_s: float = 300.0,
         fsync_interval_s: float = 0.05,
         limits: Limits | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self._device = resolve_device(device)
         self.device = str(self._device)
-        self._worker = DeviceWorker(self._device, torch_threads)
+        self._worker = DeviceWorker(self._device, torch_threads, observer)
         self._sessions: dict[str, Session] = {}
         self._default_nonfinite: NonFinitePolicy = default_nonfinite
         self._store = Store(data_dir, fsync_interval_s) if data_dir is not None else None
@@ -101,6 +102,22 @@ class EmbeddedEngine:
             await self._worker.run(lambda: self._snapshot_all(force=True))
             self._store.close()
         self._worker.stop()
+
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    def memory_bytes(self) -> int:
+        """Bytes of tensors the sessions hold (CUDA: what torch's allocator has handed out)."""
+        if self._device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self._device))
+        total = 0
+        for s in list(self._sessions.values()):
+            total += sum(p.numel() * p.element_size() for p in s.params.values())
+            total += sum(a.numel() * a.element_size() for a in s.accum.values())
+            for st in list(s.optimizer.state.values()):
+                total += sum(v.numel() * v.element_size() for v in st.values()
+                             if isinstance(v, torch.Tensor))
+        return total
 
     def ready(self) -> bool:
         return self._worker.alive() and (self._store is None or self._store.writable())
@@ -201,7 +218,7 @@ class EmbeddedEngine:
             session = self._get(key, session_id)
             result = fn(session)
             return result, self._logged(key, session, op, args)
-        result, durable = await self._worker.run(run)
+        result, durable = await self._worker.run(run, op)
         await asyncio.wrap_future(durable)
         return result
 

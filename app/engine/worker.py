@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -18,7 +19,9 @@ import torch
 
 log = logging.getLogger("optserve.worker")
 T = TypeVar("T")
-_Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+_Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]", str, float]
+# Called on the worker thread after each job: (operation, seconds queued, seconds running).
+Observer = Callable[[str, float, float], None]
 
 
 def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
@@ -31,8 +34,11 @@ def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) ->
 
 
 class DeviceWorker:
-    def __init__(self, device: torch.device, torch_threads: int = 0) -> None:
+    def __init__(
+        self, device: torch.device, torch_threads: int = 0, observer: Observer | None = None
+    ) -> None:
         self.device = device
+        self.observer = observer
         self.torch_threads = torch_threads
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"optserve-{device}", daemon=True)
@@ -50,13 +56,13 @@ class DeviceWorker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    async def run(self, fn: Callable[[], T]) -> T:
+    async def run(self, fn: Callable[[], T], op: str = "other") -> T:
         """Run ``fn`` on the worker thread, after everything submitted before it."""
         if not self._thread.is_alive():
             raise RuntimeError("device worker is not running")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put((fn, loop, fut))
+        self._queue.put((fn, loop, fut, op, time.perf_counter()))
         return await fut
 
     def _run(self) -> None:
@@ -69,13 +75,19 @@ class DeviceWorker:
             job = self._queue.get()
             if job is None:
                 return
-            fn, loop, fut = job
+            fn, loop, fut, op, submitted = job
             result: Any = None
             error: BaseException | None = None
+            started = time.perf_counter()
             try:
                 result = fn()
             except BaseException as exc:  # handed to the awaiting coroutine
                 error = exc
+            if self.observer is not None:
+                try:
+                    self.observer(op, started - submitted, time.perf_counter() - started)
+                except Exception:  # metrics must never break a step
+                    log.exception("worker observer failed")
             try:
                 loop.call_soon_threadsafe(_settle, fut, result, error)
             except RuntimeError:  # the loop has closed; nobody is waiting

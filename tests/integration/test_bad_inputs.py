@@ -972,3 +972,46 @@ def test_step_torch_cannot_take_is_not_500(http: httpx.Client) -> None:
     assert_problem(r, 422)
     after = snapshot(http, sid)
     assert (after.params, after.describe["version"]) == (before.params, 1)
+
+
+def test_own_state_reimports_after_linear_decay_to_zero(http: httpx.Client) -> None:
+    """LinearLR(end_factor=0) ends at lr = -1.48e-18 in torch's own arithmetic (in-process
+    torch gives the same). The session's exported state must import back into it, as torch's
+    load_state_dict accepts it: the constructor's lr >= 0 check is not for state dicts."""
+    sid = new_session(http, optimizer="SGD", options={"lr": 0.1, "momentum": 0.9},
+                      scheduler={"name": "LinearLR", "options": {"end_factor": 0.0}})
+    params = {n: t.clone() for n, t in p0().items()}
+    opt = torch.optim.SGD([params[n] for n in NAMES], lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, end_factor=0.0)
+    for _ in range(6):
+        r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {"b": jt(G1["b"])}})
+        assert r.status_code == 200, r.text
+        params["b"].grad = G1["b"].clone()
+        opt.step()
+        sched.step()
+    assert r.json()["lr"] == [opt.param_groups[0]["lr"]] and r.json()["lr"][0] < 0
+    exported = http.get(f"/v1/sessions/{sid}/state_dict")
+    r = http.put(f"/v1/sessions/{sid}/state_dict", content=exported.content, headers=JSON_CT)
+    assert r.status_code == 200, r.text
+    r = http.post(f"/v1/sessions/{sid}/step", params={"encoding": "b64"},
+                  json={"grads": {"b": jt(G1["b"])}})
+    params["b"].grad = G1["b"].clone()
+    opt.step()
+    assert torch.equal(from_jt(r.json()["params"]["b"]), params["b"].detach())
+
+
+def test_group_changes_after_linear_decay_to_zero(http: httpx.Client) -> None:
+    """Same session state as above: changing another option of the group, or adding a group,
+    must not be refused because a scheduler left the group's lr at -1.48e-18."""
+    sid = new_session(http, optimizer="SGD", options={"lr": 0.1, "momentum": 0.9},
+                      scheduler={"name": "LinearLR", "options": {"end_factor": 0.0}})
+    for _ in range(6):
+        r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {"b": jt(G1["b"])}})
+        assert r.status_code == 200, r.text
+    r = http.patch(f"/v1/sessions/{sid}/param_groups/0", json={"momentum": 0.5})
+    assert r.status_code == 200, r.text
+    assert r.json()["param_groups"][0]["momentum"] == 0.5
+    r = http.post(f"/v1/sessions/{sid}/param_groups", json={"params": {"c": jt(G1["b"])},
+                                                            "lr": 0.1})
+    assert r.status_code == 201, r.text
+    assert r.json()["lr"][1] == 0.1

@@ -1,0 +1,154 @@
+"""What an operator sees: Prometheus metrics, request ids and structured JSON logs.
+
+- ``Metrics``: one registry per app (so several apps can live in one process), fed by the
+  routes (decode/encode time, outcomes, bytes) and by the device worker through a plain
+  callback (queue wait and device time), so the engine knows nothing of Prometheus.
+- ``RequestContextMiddleware``: a request id per request (the client's ``X-Request-Id`` when
+  it is sane, else a new one), echoed in the response header and in every problem+json body,
+  and one structured access-log line per request.
+- ``JsonFormatter``: log records as one JSON object per line, carrying the request id.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "optserve_request_id", default=None)
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+access_log = logging.getLogger("optserve.access")
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.steps = Counter("optserve_steps", "Optimizer step requests by session and outcome",
+                             ["session", "outcome"], registry=r)
+        self.pushes = Counter("optserve_pushes", "Gradient pushes (/grads) by session and outcome",
+                              ["session", "outcome"], registry=r)
+        self.step_phase = Histogram("optserve_step_phase_seconds",
+                                    "Step latency split: decode, queue, device, encode",
+                                    ["phase"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.worker = Histogram("optserve_worker_seconds",
+                                "Device worker time per operation: queue wait and run",
+                                ["op", "phase"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.bytes_in = Counter("optserve_request_bytes", "Request body bytes received",
+                                registry=r)
+        self.bytes_out = Counter("optserve_response_bytes", "Response body bytes sent",
+                                 registry=r)
+        self.requests = Counter("optserve_http_requests", "HTTP requests by method and status",
+                                ["method", "status"], registry=r)
+        self.sessions = Gauge("optserve_sessions", "Sessions held", registry=r)
+        self.device_memory = Gauge("optserve_device_memory_bytes",
+                                   "Bytes of tensors the sessions hold on the device "
+                                   "(CUDA: torch.cuda.memory_allocated)", registry=r)
+
+    def observe_worker(self, op: str, queue_s: float, run_s: float) -> None:
+        """The device worker's callback (runs on the worker thread)."""
+        self.worker.labels(op, "queue").observe(queue_s)
+        self.worker.labels(op, "run").observe(run_s)
+        if op == "step":
+            self.step_phase.labels("queue").observe(queue_s)
+            self.step_phase.labels("device").observe(run_s)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        rid = request_id_var.get()
+        if rid:
+            out["request_id"] = rid
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, dict):
+            out.update(extra)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error"):
+        lg = logging.getLogger(name)
+        lg.handlers = []
+        lg.propagate = True
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+                break
+        rid = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        token = request_id_var.set(rid)
+        started = time.perf_counter()
+        sizes = {"in": 0, "out": 0}
+        status = {"code": 500}
+
+        async def counting_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                sizes["in"] += len(message.get("body", b""))
+            return message
+
+        async def tagging_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", rid.encode()))
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body":
+                sizes["out"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tagging_send)
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.bytes_in.inc(sizes["in"])
+            self.metrics.bytes_out.inc(sizes["out"])
+            self.metrics.requests.labels(scope["method"], str(status["code"])).inc()
+            access_log.info(
+                "%s %s %d", scope["method"], scope["path"], status["code"],
+                extra={"fields": {"method": scope["method"], "path": scope["path"],
+                                  "status": status["code"], "ms": round(elapsed * 1e3, 3),
+                                  "bytes_in": sizes["in"], "bytes_out": sizes["out"]}})
+            request_id_var.reset(token)
+
+
+WorkerObserver = Callable[[str, float, float], None]
