@@ -75,8 +75,11 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY clients/python ./clients/python
+# Built with the venv's own setuptools (torch depends on it; installed here when missing) and
+# no build isolation: pip would not hand options such as --cert to an isolated build env.
 # hadolint ignore=SC2086
-RUN /opt/venv/bin/pip wheel --no-cache-dir --no-deps $PIP_EXTRA_ARGS --wheel-dir /dist .
+RUN /opt/venv/bin/pip install --no-cache-dir $PIP_EXTRA_ARGS "setuptools>=68" \
+    && /opt/venv/bin/pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /dist .
 
 # ---- runtime ----
 FROM python-base AS runtime

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import meta, problems, sessions
+from app.api import meta, openapi_docs, problems, sessions
 from app.api.auth import AuthMiddleware, parse_keys
 from app.config import Settings, get_settings
 from app.engine import EmbeddedEngine
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
+    openapi_docs.install(app)
     app.add_middleware(AuthMiddleware, keys=parse_keys(settings.api_keys, settings.api_keys_file))
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.include_router(meta.router)

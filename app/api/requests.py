@@ -16,7 +16,8 @@ from app.wire.safetensors_body import read_safetensors
 from app.wire.tree import tree_from_json
 
 _CREATE_KEYS = {"optimizer", "options", "params", "param_groups", "scheduler", "id", "nonfinite",
-                "durability"}
+                "durability", "sync", "max_staleness", "staleness_lr"}
+_PS_KEYS = ("sync", "max_staleness", "staleness_lr")  # checked by the engine (app.engine.ps)
 _DURABILITY = ("step", "interval", "memory")
 _NONFINITE = ("reject", "skip", "allow")
 
@@ -87,7 +88,8 @@ def create_spec(obj: dict[str, Any], tensors: dict[str, torch.Tensor] | None = N
         raise Invalid("id must be a string", code="invalid_id", field="id")
     return CreateSpec(optimizer=obj["optimizer"], groups=groups, options=options,
                       scheduler=scheduler, id=session_id, nonfinite=nonfinite,
-                      durability=durability)
+                      durability=durability,
+                      ps_options={k: obj[k] for k in _PS_KEYS if k in obj})
 
 
 def metadata_fields(metadata: dict[str, str]) -> dict[str, Any]:

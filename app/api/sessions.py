@@ -10,6 +10,7 @@ import torch
 from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
+from app.api import conditions
 from app.api import requests as parse
 from app.api.bodies import (
     BINARY,
@@ -72,6 +73,20 @@ async def get_session(session_id: SessionId, engine: EngineDep, tenant: TenantDe
     return _described(await engine.describe(session_id, tenant=tenant))
 
 
+@router.patch("/{session_id}", summary="Change parameter-server options")
+async def configure_session(
+    session_id: SessionId,
+    request: Request,
+    engine: EngineDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+) -> Response:
+    buf = await read_body(request, _max_bytes(settings))
+    require_json(request)
+    options = json_object(buf)
+    return _described(await engine.configure(session_id, options, tenant=tenant))
+
+
 @router.delete("/{session_id}", status_code=204, summary="Delete a session")
 async def delete_session(session_id: SessionId, engine: EngineDep, tenant: TenantDep) -> Response:
     await engine.delete(session_id, tenant=tenant)
@@ -85,17 +100,25 @@ async def step(
     engine: EngineDep, tenant: TenantDep,
     settings: SettingsDep,
     return_: Annotated[str, Query(alias="return", pattern="^(params|none)$")] = "params",
+    base_version: Annotated[int | None, Query(ge=0, description="version the gradients were "
+                                              "computed from (or If-Match)")] = None,
 ) -> Response:
     with outcome(metrics_of(request).steps, session_id) as counted:
         binary, b64 = wants_binary(request), tensor_encoding(request)
+        worker = conditions.worker_id(request)
+        base = conditions.base_version(request, base_version)
         with phase(request, "decode"):
             grads = await read_tensors(request, _max_bytes(settings), "grads")
         result = await engine.step(session_id, grads, return_params=return_ == "params",
-                                   tenant=tenant)
+                                   worker=worker, base_version=base, tenant=tenant)
         scalars: dict[str, Any] = {"version": result.version, "step": result.step,
                                    "lr": result.lr, "skipped": result.skipped}
         if result.nonfinite:
             scalars["nonfinite"] = result.nonfinite
+        if result.sync is not None:
+            scalars["sync"] = result.sync
+        if result.staleness is not None:
+            scalars["staleness"] = result.staleness
         if result.skipped:
             counted["outcome"] = "skipped"
         with phase(request, "encode"):
@@ -130,12 +153,22 @@ async def get_params(
     engine: EngineDep, tenant: TenantDep,
     names: Annotated[list[str] | None, Query(description="names, repeated or comma-separated")]
     = None,
+    min_version: Annotated[int | None, Query(ge=0, description="long-poll until this version")]
+    = None,
+    wait_s: Annotated[float, Query(ge=0, le=1e9, description="long-poll for at most this "
+                                   "long (capped at 60 s)")] = 0.0,
 ) -> Response:
     binary, b64 = wants_binary(request), tensor_encoding(request)
     wanted = [n for item in names for n in item.split(",") if n] if names else None
-    result = await engine.pull(session_id, wanted, tenant=tenant)
-    scalars = {"version": result.version, "step": result.step, "lr": result.lr}
+    held = conditions.none_match_versions(request)
+    if min_version is None and wait_s > 0 and held:
+        min_version = max(held) + 1  # If-None-Match + wait_s: wait for anything newer
+    result = await engine.pull(session_id, wanted, min_version=min_version, wait_s=wait_s,
+                               unless_versions=held, tenant=tenant)
     headers = version_headers(result.version, result.step)
+    if result.not_modified:
+        return Response(status_code=304, headers=headers)
+    scalars = {"version": result.version, "step": result.step, "lr": result.lr}
     return await tensors_response(binary, b64, scalars, result.params, headers)
 
 

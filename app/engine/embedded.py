@@ -10,6 +10,7 @@ snapshot, then a replay of its log through the same session methods.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from app.engine import optimizers, persist
+from app.engine import optimizers, persist, ps
 from app.engine.interface import (
     CreateSpec,
     Durability,
@@ -84,6 +85,11 @@ class EmbeddedEngine:
         self._limits = limits or Limits()
         self.refused: dict[str, str] = {}
         self._snapshotter: asyncio.Task[None] | None = None
+        # Parameter-server mode, all on the event loop: open sync rounds per session key,
+        # events set when a session's version may have changed (long polls), round tasks.
+        self._sync: dict[str, ps.SyncState] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+        self._round_tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -93,11 +99,38 @@ class EmbeddedEngine:
             self._store.open()
             await self._worker.run(self._restore_all)
             self._snapshotter = asyncio.create_task(self._snapshot_periodically())
+        for key, session in list(self._sessions.items()):
+            self._set_sync(key, session.ps.sync)
+
+    def _set_sync(self, key: str, config: ps.SyncConfig | None) -> None:
+        """Take a session's sync configuration on the loop (create, restore, configure)."""
+        state = self._sync.get(key)
+        if config is None:
+            if state is not None:
+                del self._sync[key]
+                if state.round is not None and state.round.pushes:
+                    self._close_round(state, partial=True)  # sync turned off: nothing lost
+            return
+        if state is None:
+            tenant, session_id = key.split("~", 1)
+            self._sync[key] = ps.SyncState(tenant, session_id, config)
+            return
+        state.config = config
+        rnd = state.round
+        if rnd is not None and len(rnd.pushes) >= config.workers:
+            self._close_round(state, partial=False)  # K lowered: the round is complete
 
     async def stop(self) -> None:
         """Snapshot every session (so the next start replays nothing), then stop."""
         if self._snapshotter is not None:
             self._snapshotter.cancel()
+        for state in self._sync.values():
+            if state.round is not None:
+                state.round.fail(Conflict("the server is shutting down; this round's gradients "
+                                          "were discarded", code="round_aborted"))
+                state.round = None
+        if self._round_tasks:
+            await asyncio.gather(*self._round_tasks, return_exceptions=True)
         if self._store is not None and self._worker.alive():
             await self._worker.run(lambda: self._snapshot_all(force=True))
             self._store.close()
@@ -134,6 +167,11 @@ class EmbeddedEngine:
         assert self._store is not None
         for key in self._store.session_ids():
             started = time.perf_counter()
+            if self._store.incomplete(key):  # a create cut short: never acknowledged
+                log.warning("discarding %s: a create that a crash interrupted (no snapshot, "
+                            "nothing logged)", key)
+                self._store.discard(key)
+                continue
             try:
                 session, replayed, torn = self._restore(key)
             except (StoreCorrupt, OptserveError, Exception) as exc:  # refuse, serve the rest
@@ -204,9 +242,22 @@ class EmbeddedEngine:
             return done
         session.seq += 1
         payload = persist.encode_record(op, args, session.version, session.seq)
-        done = self._store.append(key, payload, session.durability)
-        if session.seq - session.seq_at_snapshot >= self._snapshot_every_steps:
+        try:
+            done = self._store.append(key, payload, session.durability)
+        except OSError as exc:
+            # Applied in memory but not logged: only a snapshot (which holds it) keeps the disk
+            # in step with memory; if that fails too, the client hears of it.
+            log.error("logging %s on %s failed (%s); taking a snapshot instead", op, key, exc)
             self._snapshot(key, session)
+            done = Future()
+            done.set_result(None)
+            return done
+        if session.seq - session.seq_at_snapshot >= self._snapshot_every_steps:
+            try:
+                self._snapshot(key, session)
+            except OSError as exc:  # the update is in the log; the next one tries again
+                log.error("snapshot of %s failed: %s (its log still holds every update)",
+                          key, exc)
         return done
 
     async def _mutate(
@@ -219,8 +270,15 @@ class EmbeddedEngine:
             result = fn(session)
             return result, self._logged(key, session, op, args)
         result, durable = await self._worker.run(run, op)
+        self._version_changed(self._key(tenant, session_id))
         await asyncio.wrap_future(durable)
         return result
+
+    def _version_changed(self, key: str) -> None:
+        """Wake the long polls on this session (they check the version again)."""
+        event = self._changed.pop(key, None)
+        if event is not None:
+            event.set()
 
     # ------------------------------------------------------------------ lookup
     @staticmethod
@@ -244,8 +302,10 @@ class EmbeddedEngine:
                                code="session_exists", field="id")
             self._check_limits(tenant, spec)
             nonfinite = spec.nonfinite or self._default_nonfinite
+            ps_config = ps.parse(spec.ps_options)
             session = Session.create(session_id, spec.optimizer, spec.groups, spec.options,
                                      spec.scheduler, nonfinite, self._device)
+            session.ps = ps_config
             durability = spec.durability or self._default_durability
             if self._store is None and durability != "memory":
                 durability = "memory"
@@ -253,7 +313,10 @@ class EmbeddedEngine:
             self._snapshot(key, session)
             self._sessions[key] = session
             return session.describe()
-        return await self._worker.run(op)
+        desc = await self._worker.run(op)
+        key = self._key(tenant, desc["id"])
+        self._set_sync(key, ps.parse({"sync": desc["sync"]}).sync)
+        return desc
 
     def _check_limits(self, tenant: str, spec: CreateSpec) -> None:
         lim = self._limits
@@ -273,7 +336,16 @@ class EmbeddedEngine:
 
     async def describe(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
         key = self._key(tenant, session_id)
-        return await self._worker.run(lambda: self._get(key, session_id).describe())
+        return self._with_round(key, await self._worker.run(
+            lambda: self._get(key, session_id).describe()))
+
+    def _with_round(self, key: str, desc: dict[str, Any]) -> dict[str, Any]:
+        """A description plus the workers that have pushed to the open sync round."""
+        state = self._sync.get(key)
+        if state is not None and isinstance(desc.get("sync"), dict):
+            rnd = state.round
+            desc["sync"] = {**desc["sync"], "pending": sorted(rnd.pushes) if rnd else []}
+        return desc
 
     async def list_sessions(self, *, tenant: str = DEFAULT_TENANT) -> list[dict[str, Any]]:
         prefix = f"{tenant}~"
@@ -289,14 +361,145 @@ class EmbeddedEngine:
             if self._store is not None:
                 self._store.delete(key)
         await self._worker.run(op)
+        state = self._sync.pop(key, None)
+        if state is not None and state.round is not None:
+            state.round.fail(NotFound(f"session {session_id!r:.140} was deleted during the "
+                                      "round", code="session_not_found", field="session_id"))
+        self._version_changed(key)
 
     # ------------------------------------------------------------------ updates
     async def step(
         self, session_id: str, grads: Tensors, *, return_params: bool,
+        worker: str | None = None, base_version: int | None = None,
         tenant: str = DEFAULT_TENANT,
     ) -> StepResult:
-        return await self._mutate(tenant, session_id, "step", {"grads": grads},
-                                  lambda s: s.step(grads, return_params))
+        """One step now (async mode), or this worker's push into the open sync round, waiting
+        for the round's step."""
+        if worker is not None:
+            ps.check_worker(worker)
+        key = self._key(tenant, session_id)
+        state = self._sync.get(key)
+        if state is not None:
+            return await self._sync_push(state, key, grads, worker, base_version, return_params)
+        args: dict[str, Any] = {"grads": grads}
+
+        def op(s: Session) -> StepResult:
+            staleness, lr_div = None, None
+            if base_version is not None:
+                staleness = s.staleness(base_version)
+                if s.ps.staleness_lr == "inverse" and staleness > 0:
+                    lr_div = 1.0 + staleness
+                    args["lr_div"] = lr_div  # logged after this returns, replayed by apply
+            result = s.step(grads, return_params, lr_div)
+            result.staleness = staleness
+            return result
+        return await self._mutate(tenant, session_id, "step", args, op)
+
+    # ------------------------------------------------------------------ sync rounds
+    async def _sync_push(
+        self, state: ps.SyncState, key: str, grads: Tensors, worker: str | None,
+        base_version: int | None, return_params: bool,
+    ) -> StepResult:
+        if worker is None:
+            raise Invalid("this session steps in synchronous rounds: name the worker in the "
+                          "X-Optserve-Worker header", code="missing_worker",
+                          field="X-Optserve-Worker")
+        rnd = state.open_round()
+        if worker in rnd.pushes or worker in rnd.reserved:
+            raise Conflict(f"worker {worker!r} already pushed to this round; wait for its step",
+                           code="duplicate_push", field="X-Optserve-Worker", worker=worker)
+        rnd.reserved.add(worker)
+        try:
+            def check() -> Tensors:
+                s = self._get(key, state.session_id)
+                if base_version is not None:
+                    s.staleness(base_version)
+                return s.check_grads(grads)
+            checked = await self._worker.run(check, "sync_push")
+        finally:
+            rnd.reserved.discard(worker)
+        if self._sync.get(key) is not state:  # sync turned off (or deleted) meanwhile
+            return await self.step(state.session_id, grads, return_params=return_params,
+                                   worker=worker, base_version=base_version,
+                                   tenant=state.tenant)
+        rnd = state.open_round()  # the same one unless it closed (timeout) meanwhile
+        if worker in rnd.pushes:
+            raise Conflict(f"worker {worker!r} already pushed to this round; wait for its step",
+                           code="duplicate_push", field="X-Optserve-Worker", worker=worker)
+        waiter: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        rnd.pushes[worker] = checked
+        rnd.waiters[worker] = waiter
+        rnd.want_params = rnd.want_params or return_params
+        if rnd.timer is None:
+            rnd.timer = asyncio.get_running_loop().call_later(
+                state.config.timeout_s, self._round_timeout, state, rnd)
+        if len(rnd.pushes) >= state.config.workers:
+            self._close_round(state, partial=False)
+        result = await waiter
+        if not return_params and result.params is not None:
+            result = dataclasses.replace(result, params=None)
+        return result
+
+    def _close_round(self, state: ps.SyncState, *, partial: bool) -> None:
+        """Take the open round out (new pushes start the next one) and step it."""
+        rnd = state.round
+        assert rnd is not None
+        state.round = None
+        rnd.cancel_timer()
+        task = asyncio.create_task(self._apply_round(state, rnd, partial))
+        self._round_tasks.add(task)
+        task.add_done_callback(self._round_tasks.discard)
+
+    async def _apply_round(self, state: ps.SyncState, rnd: ps.Round, partial: bool) -> None:
+        """One step with the round's reduced gradients, logged as one ordinary ``step``
+        record (replay knows nothing of rounds); every waiter gets the same result."""
+        config = state.config
+        args: dict[str, Any] = {}
+
+        def op(s: Session) -> StepResult:
+            reduced = ps.reduce(rnd.pushes, config.reduce)
+            args["grads"] = reduced  # logged after this returns
+            return s.step(reduced, rnd.want_params)
+        try:
+            result = await self._mutate(state.tenant, state.session_id, "step", args, op)
+        except BaseException as exc:
+            rnd.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        result.sync = {"workers": sorted(rnd.pushes), "expected": config.workers,
+                       "partial": partial}
+        rnd.settle(result)
+
+    def _round_timeout(self, state: ps.SyncState, rnd: ps.Round) -> None:
+        if state.round is not rnd:
+            return
+        rnd.timer = None
+        config = state.config
+        if config.on_timeout == "apply_partial":
+            self._close_round(state, partial=True)
+            return
+        state.round = None
+        arrived = sorted(rnd.pushes)
+        rnd.fail(Conflict(f"the round timed out after {config.timeout_s:g} s with "
+                          f"{len(arrived)} of {config.workers} workers ({', '.join(arrived)}); "
+                          "its gradients were discarded (on_timeout: fail)",
+                          code="round_timeout", workers=arrived, expected=config.workers,
+                          timeout_s=config.timeout_s))
+
+    async def configure(
+        self, session_id: str, options: dict[str, Any], *, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        """Change parameter-server options (sync rounds: K, reduce, timeout; max_staleness,
+        staleness_lr); a new K applies to the open round."""
+        def op(s: Session) -> tuple[dict[str, Any], ps.SyncConfig | None]:
+            s.configure(options)
+            return s.describe(), s.ps.sync
+        desc, sync = await self._mutate(tenant, session_id, "configure", {"options": options},
+                                        op)
+        key = self._key(tenant, session_id)
+        self._set_sync(key, sync)
+        return self._with_round(key, desc)
 
     async def push(
         self, session_id: str, grads: Tensors, *, tenant: str = DEFAULT_TENANT
@@ -313,10 +516,36 @@ class EmbeddedEngine:
         return await self._mutate(tenant, session_id, "zero_grad", {}, op)
 
     async def pull(
-        self, session_id: str, names: list[str] | None, *, tenant: str = DEFAULT_TENANT
+        self, session_id: str, names: list[str] | None, *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        tenant: str = DEFAULT_TENANT,
     ) -> ParamsResult:
+        """The parameters; first waiting up to ``wait_s`` (capped) for ``min_version``.
+        ``not_modified`` (no tensors) when the version is one of ``unless_versions``."""
         key = self._key(tenant, session_id)
-        return await self._worker.run(lambda: self._get(key, session_id).pull(names))
+        if min_version is not None and wait_s > 0:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + min(wait_s, ps.MAX_WAIT_S)
+            while True:
+                # Registered before the version is read: a step in between still wakes us.
+                changed = self._changed.setdefault(key, asyncio.Event())
+                version = await self._worker.run(
+                    lambda: self._get(key, session_id).version, "version")
+                remaining = deadline - loop.time()
+                if version >= min_version or remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(changed.wait(), remaining)
+                except TimeoutError:
+                    pass
+
+        def op() -> ParamsResult:
+            s = self._get(key, session_id)
+            s.check_names(names)
+            if s.version in unless_versions:
+                return ParamsResult(s.version, s.step_count, s.lrs(), {}, not_modified=True)
+            return s.pull(names)
+        return await self._worker.run(op)
 
     async def overwrite(
         self, session_id: str, params: Tensors, *, tenant: str = DEFAULT_TENANT

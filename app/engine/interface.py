@@ -34,6 +34,8 @@ class CreateSpec:
     id: str | None = None
     nonfinite: NonFinitePolicy | None = None
     durability: Durability | None = None
+    #: parameter-server options (``sync``, ``max_staleness``, ``staleness_lr``), as JSON values
+    ps_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -44,6 +46,10 @@ class StepResult:
     skipped: bool = False
     nonfinite: list[str] = field(default_factory=list)
     params: Tensors | None = None
+    #: sync rounds: ``{"workers": [ids that contributed], "expected": K, "partial": bool}``
+    sync: dict[str, Any] | None = None
+    #: async pushes that named their base version: how many versions old they were
+    staleness: int | None = None
 
 
 @dataclass
@@ -52,6 +58,8 @@ class ParamsResult:
     step: int
     lr: list[float]
     params: Tensors
+    #: the caller already holds this version (``If-None-Match``): ``params`` is empty
+    not_modified: bool = False
 
 
 class Engine(Protocol):
@@ -69,14 +77,19 @@ class Engine(Protocol):
     async def delete(self, session_id: str, *, tenant: str = ...) -> None: ...
 
     async def step(
-        self, session_id: str, grads: Tensors, *, return_params: bool, tenant: str = ...
+        self, session_id: str, grads: Tensors, *, return_params: bool,
+        worker: str | None = ..., base_version: int | None = ..., tenant: str = ...,
     ) -> StepResult: ...
+    async def configure(
+        self, session_id: str, options: dict[str, Any], *, tenant: str = ...
+    ) -> dict[str, Any]: ...
     async def push(
         self, session_id: str, grads: Tensors, *, tenant: str = ...
     ) -> dict[str, Any]: ...
     async def zero_grad(self, session_id: str, *, tenant: str = ...) -> dict[str, Any]: ...
     async def pull(
-        self, session_id: str, names: list[str] | None, *, tenant: str = ...
+        self, session_id: str, names: list[str] | None, *, min_version: int | None = ...,
+        wait_s: float = ..., unless_versions: frozenset[int] = ..., tenant: str = ...,
     ) -> ParamsResult: ...
     async def overwrite(
         self, session_id: str, params: Tensors, *, tenant: str = ...

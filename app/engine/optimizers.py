@@ -171,6 +171,18 @@ TORCH_ERRORS = (ValueError, TypeError, RuntimeError, KeyError, IndexError, Asser
                 NotImplementedError, ZeroDivisionError, OverflowError)
 
 
+def _constructs(
+    cls: type[torch.optim.Optimizer], defaults: dict[str, Any], opts: dict[str, Any],
+    dtype: torch.dtype, device: torch.device,
+) -> bool:
+    own = {k: v for k, v in opts.items() if k in default_options(cls)}
+    try:
+        cls([torch.full((2, 2), 0.5, dtype=dtype, device=device)], **{**defaults, **own})
+    except TORCH_ERRORS:
+        return False
+    return True
+
+
 def probe(
     cls: type[torch.optim.Optimizer],
     defaults: dict[str, Any],
@@ -179,9 +191,14 @@ def probe(
     device: torch.device,
     fields: dict[str, str],
     fallback: str = "options",
+    baseline: list[dict[str, Any]] | None = None,
 ) -> None:
     """Construct and step a throwaway optimizer with these options over tiny tensors, so that
-    torch's own validation (at construction and at step) speaks before any session changes."""
+    torch's own validation (at construction and at step) speaks before any session changes.
+
+    ``baseline`` holds the groups' options before this request (PATCH, import): a group whose
+    options torch's constructor already refused before (say an lr a scheduler drove a hair
+    below zero, which torch itself accepts in a running optimizer) is not refused for it now."""
     tiny_groups = []
     tensors = []
     for opts, dtype in zip(groups, dtypes, strict=True):
@@ -193,11 +210,14 @@ def probe(
         opt = cls(tiny_groups, **defaults)
         # torch validates only its constructor's arguments, never a group's own options: try
         # each group's options as constructor arguments too, so torch's checks cover them.
-        for opts, dtype in zip(groups, dtypes, strict=True):
+        for i, (opts, dtype) in enumerate(zip(groups, dtypes, strict=True)):
             own = {k: v for k, v in opts.items() if k in ctor_keys}
-            if own:
-                cls([torch.full((2, 2), 0.5, dtype=dtype, device=device)],
-                    **{**defaults, **own})
+            if not own:
+                continue
+            before = baseline[i] if baseline is not None and i < len(baseline) else None
+            if before is not None and not _constructs(cls, defaults, before, dtype, device):
+                continue
+            cls([torch.full((2, 2), 0.5, dtype=dtype, device=device)], **{**defaults, **own})
         for t in tensors:
             t.grad = torch.full_like(t, 0.25)
         opt.step()

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from app.engine import optimizers, schedulers, state_dicts
+from app.engine import optimizers, ps, schedulers, state_dicts
 from app.engine.interface import (
     Durability,
     GroupSpec,
@@ -20,7 +20,7 @@ from app.engine.interface import (
     StepResult,
     Tensors,
 )
-from app.errors import Invalid
+from app.errors import Conflict, Invalid
 from app.wire.dtypes import DTYPE_NAMES
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -76,6 +76,7 @@ class Session:
         self.version = 0
         self.step_count = 0
         self.durability: Durability = "memory"
+        self.ps = ps.PsConfig()  # parameter-server options (sync rounds, bounded staleness)
         self.seq = 0  # records logged for this session, ever (persistence)
         self.seq_at_snapshot = 0
         self.snapshot_time = 0.0
@@ -184,6 +185,7 @@ class Session:
                        for n, p in self.params.items()},
             "accumulated": sorted(self.accum),
             "scheduler": sched,
+            **self.ps.to_json(),
         }
 
     # ----------------------------------------------------------------- gradients
@@ -213,8 +215,9 @@ class Session:
     def _on_device(self, tensors: Tensors) -> Tensors:
         return {n: t.to(self.device, non_blocking=False) for n, t in tensors.items()}
 
-    def push(self, grads: Tensors) -> None:
-        """Add gradients into the accumulator (several pushes make one step)."""
+    def check_grads(self, grads: Tensors) -> Tensors:
+        """Gradients checked (names, dtypes, shapes, the non-finite policy) and on the device;
+        changes nothing."""
         self._check_tensors(grads, "grads")
         grads = self._on_device(grads)
         bad = self._nonfinite(grads)
@@ -222,6 +225,11 @@ class Session:
             raise Invalid(f"non-finite gradient values in {', '.join(map(repr, bad[:20]))}; "
                           "this session rejects them (nonfinite: reject)",
                           code="nonfinite_gradient", field=f"grads.{bad[0]}", names=bad)
+        return grads
+
+    def push(self, grads: Tensors) -> None:
+        """Add gradients into the accumulator (several pushes make one step)."""
+        grads = self.check_grads(grads)
         for name, g in grads.items():
             if name in self.accum:
                 self.accum[name].add_(g)
@@ -231,7 +239,34 @@ class Session:
     def zero_grad(self) -> None:
         self.accum.clear()
 
-    def step(self, grads: Tensors, return_params: bool) -> StepResult:
+    def staleness(self, base_version: int) -> int:
+        """How many versions old gradients computed at ``base_version`` are; 409 past
+        ``max_staleness``."""
+        if not 0 <= base_version <= self.version:
+            raise Invalid(f"base version {base_version} is not a version of this session "
+                          f"(it is at version {self.version})", code="invalid_base_version",
+                          field="base_version", current_version=self.version)
+        staleness = self.version - base_version
+        bound = self.ps.max_staleness
+        if bound is not None and staleness > bound:
+            note = ps.staleness_note(base_version, self.version, bound)
+            raise Conflict(f"stale gradients refused: {note}; pull the parameters and push again",
+                           code="stale_gradient", field="base_version",
+                           current_version=self.version, base_version=base_version,
+                           staleness=staleness, max_staleness=bound)
+        return staleness
+
+    def configure(self, options: dict[str, Any]) -> None:
+        """Change parameter-server options (``sync``, ``max_staleness``, ``staleness_lr``)."""
+        self.ps = ps.parse(options, self.ps)
+
+    def step(self, grads: Tensors, return_params: bool, lr_div: float | None = None
+             ) -> StepResult:
+        """One optimizer step. ``lr_div`` divides every group's lr for this step only (the
+        staleness scaling); the groups' own values are put back right after ``step()``."""
+        if lr_div is not None and not (math.isfinite(lr_div) and lr_div >= 1.0):
+            raise Invalid("lr_div must be a finite number >= 1", code="invalid_option",
+                          field="lr_div")
         self._check_tensors(grads, "grads")
         if self.scheduler is not None and self.scheduler_spec is not None \
                 and self.scheduler_spec.step_on == "optimizer":
@@ -259,7 +294,11 @@ class Session:
         self._check_group_scalars()
         for name, p in self.params.items():
             p.grad = total.get(name)
+        saved_lrs = [group["lr"] for group in self.optimizer.param_groups]
         try:
+            if lr_div is not None:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = group["lr"] / lr_div
             self.optimizer.step()
         except optimizers.TORCH_ERRORS as exc:
             # Unreachable for inputs the checks above know of; torch may still refuse a
@@ -267,6 +306,8 @@ class Session:
             raise Invalid(f"torch refused this step: {exc}", code="step_failed",
                           field="param_groups") from None
         finally:
+            for group, lr in zip(self.optimizer.param_groups, saved_lrs, strict=True):
+                group["lr"] = lr
             for p in self.params.values():
                 p.grad = None
         if self.scheduler is not None and self.scheduler_spec is not None \
@@ -298,12 +339,15 @@ class Session:
         chosen = self.params if names is None else {n: self.params[n] for n in names}
         return {n: _snapshot(p) for n, p in chosen.items()}
 
-    def pull(self, names: list[str] | None) -> ParamsResult:
+    def check_names(self, names: list[str] | None) -> None:
         if names is not None:
             for n in names:
                 if n not in self.params:
                     raise Invalid(f"unknown parameter {n!r:.80}", code="unknown_parameter",
                                   field=f"names.{n}")
+
+    def pull(self, names: list[str] | None) -> ParamsResult:
+        self.check_names(names)
         return ParamsResult(self.version, self.step_count, self.lrs(),
                             self._snapshot_params(names))
 
@@ -349,8 +393,10 @@ class Session:
                               code="invalid_dtype", field=f"{where}.params.{name}")
         dtype = next(iter(group.params.values())).dtype
         fields = {k: f"{where}.{k}" for k in opts}
-        optimizers.probe(self.cls, self.defaults, [*self._group_options(), opts],
-                         [*self._group_dtypes(), dtype], self.device, fields, where)
+        current = self._group_options()
+        optimizers.probe(self.cls, self.defaults, [*current, opts],
+                         [*self._group_dtypes(), dtype], self.device, fields, where,
+                         baseline=current)
         named = []
         new_params = {}
         for name, t in group.params.items():
@@ -376,7 +422,7 @@ class Session:
         proposed[index].update(opts)
         fields = {k: f"param_groups.{index}.{k}" for k in opts}
         optimizers.probe(self.cls, self.defaults, proposed, self._group_dtypes(), self.device,
-                         fields, f"param_groups.{index}")
+                         fields, f"param_groups.{index}", baseline=current)
         groups[index].update(opts)
 
     # ----------------------------------------------------------------- scheduler
@@ -435,6 +481,7 @@ class Session:
                 "version": self.version,
                 "step": self.step_count,
                 "seq": self.seq,
+                "ps": self.ps.to_json(),
             },
             "state_dict": sd,
             "params": dict(self.params),
@@ -457,13 +504,15 @@ class Session:
         session.version = int(meta["version"])
         session.step_count = int(meta["step"])
         session.seq = session.seq_at_snapshot = int(meta["seq"])
+        session.ps = ps.parse(meta.get("ps") or {})
         session.accum = {n: t.to(device=device, copy=True) for n, t in tree["accum"].items()}
         return session
 
     def apply(self, op: str, args: dict[str, Any]) -> None:
         """Replay one logged update (the same method the original request ran)."""
         if op == "step":
-            self.step(args["grads"], False)
+            lr_div = args.get("lr_div")
+            self.step(args["grads"], False, None if lr_div is None else float(lr_div))
         elif op == "push":
             self.push(args["grads"])
         elif op == "zero_grad":
@@ -478,5 +527,7 @@ class Session:
             self.scheduler_step(args["metric"])
         elif op == "import":
             self.import_state(args["state"])
+        elif op == "configure":
+            self.configure(args["options"])
         else:
             raise ValueError(f"unknown logged operation {op!r}")

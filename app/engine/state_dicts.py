@@ -191,7 +191,9 @@ def prepare_import(session: Session, state: object) -> PreparedImport:
                       field="state_dict.param_groups")
     dtypes = [g["params"][0].dtype for g in current]
     optimizers.probe(session.cls, session.defaults, group_opts, dtypes, session.device, fields,
-                     "state_dict.param_groups")
+                     "state_dict.param_groups",
+                     baseline=[{k: v for k, v in g.items() if k not in ("params", "param_names")}
+                               for g in current])
 
     raw_state = state.get("state", {})
     if not isinstance(raw_state, dict):

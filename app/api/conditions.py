@@ -1,0 +1,50 @@
+"""Versions in request headers and query parameters: ``If-Match`` / ``?base_version=`` on a
+push (the version its gradients were computed from), ``If-None-Match`` on a pull (versions the
+client already holds), ``X-Optserve-Worker`` (which worker of a sync round is pushing)."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from app.errors import Invalid
+
+WORKER_HEADER = "x-optserve-worker"
+
+
+def _tag_version(tag: str) -> int | None:
+    """``"5"``, ``W/"5"`` or a bare ``5`` to 5; anything else to None."""
+    tag = tag.strip()
+    if tag.startswith("W/"):
+        tag = tag[2:]
+    if len(tag) >= 2 and tag[0] == tag[-1] == '"':
+        tag = tag[1:-1]
+    return int(tag) if tag.isdigit() and len(tag) <= 18 else None
+
+
+def none_match_versions(request: Request) -> frozenset[int]:
+    """The versions named by ``If-None-Match`` (tags that are not versions are ignored)."""
+    header = request.headers.get("if-none-match")
+    if not header:
+        return frozenset()
+    found = (_tag_version(t) for t in header.split(","))
+    return frozenset(v for v in found if v is not None)
+
+
+def base_version(request: Request, query: int | None) -> int | None:
+    """``?base_version=`` or ``If-Match: "<version>"`` (both: they must agree)."""
+    header = request.headers.get("if-match")
+    from_header = None
+    if header is not None:
+        from_header = _tag_version(header)
+        if from_header is None:
+            raise Invalid("If-Match must carry one version, as the ETag gives it (\"5\")",
+                          code="invalid_base_version", field="If-Match")
+    if query is not None and from_header is not None and query != from_header:
+        raise Invalid(f"?base_version={query} and If-Match {header!r:.40} disagree",
+                      code="invalid_base_version", field="base_version")
+    return query if query is not None else from_header
+
+
+def worker_id(request: Request) -> str | None:
+    value = request.headers.get(WORKER_HEADER)
+    return value.strip() if value is not None else None

@@ -1,0 +1,205 @@
+"""Parameter-server mode: many workers, one session.
+
+- :class:`PsConfig`: the session options ``sync`` (synchronous rounds of K workers),
+  ``max_staleness`` and ``staleness_lr`` (asynchronous pushes with bounded staleness), parsed
+  and validated here for both creation and ``configure`` (PATCH), persisted with the session.
+- :func:`reduce`: a round's gradients to one gradient per tensor, exactly and deterministically:
+  per tensor, over the workers that sent it, summed in ascending order of worker id (one
+  ``add_`` after another, never a tree or a kernel-chosen order), then for ``mean`` divided
+  once by the number of those workers. Runs on the device worker.
+- :class:`Round` / :class:`SyncState`: the event-loop side of a round (pushes validated and
+  waiting, their futures, the timeout). Rounds are not persisted: only the one step a round
+  applies is, as an ordinary ``step`` record holding the reduced gradients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from app.engine.interface import StepResult, Tensors
+from app.errors import Invalid
+
+Reduce = Literal["mean", "sum"]
+OnTimeout = Literal["fail", "apply_partial"]
+StalenessLr = Literal["none", "inverse"]
+
+PS_KEYS = ("sync", "max_staleness", "staleness_lr")
+SYNC_KEYS = ("workers", "reduce", "timeout_s", "on_timeout")
+MAX_WORKERS = 10_000
+MAX_TIMEOUT_S = 86_400.0
+DEFAULT_TIMEOUT_S = 60.0
+MAX_WAIT_S = 60.0  # long-poll cap for GET .../params?wait_s=
+_WORKER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    workers: int
+    reduce: Reduce = "mean"
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    on_timeout: OnTimeout = "fail"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"workers": self.workers, "reduce": self.reduce, "timeout_s": self.timeout_s,
+                "on_timeout": self.on_timeout}
+
+
+@dataclass(frozen=True)
+class PsConfig:
+    sync: SyncConfig | None = None
+    max_staleness: int | None = None
+    staleness_lr: StalenessLr = "none"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sync": self.sync.to_json() if self.sync else None,
+                "max_staleness": self.max_staleness, "staleness_lr": self.staleness_lr}
+
+
+def _int(value: object, field: str, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise Invalid(f"{field} must be an integer from {low} to {high}", code="invalid_option",
+                      field=field)
+    return value
+
+
+def _choice(value: object, field: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise Invalid(f"{field} must be one of {list(choices)}", code="invalid_option",
+                      field=field)
+    assert isinstance(value, str)
+    return value
+
+
+def _parse_sync(obj: object, base: SyncConfig | None) -> SyncConfig | None:
+    if obj is None:
+        return None
+    if not isinstance(obj, Mapping):
+        raise Invalid("sync must be an object {\"workers\": K, \"reduce\": \"mean\" | \"sum\", "
+                      "\"timeout_s\": T, \"on_timeout\": \"fail\" | \"apply_partial\"} or null",
+                      code="invalid_option", field="sync")
+    unknown = sorted(set(obj) - set(SYNC_KEYS))
+    if unknown:
+        raise Invalid(f"unknown sync option {unknown[0]!r:.60}; expected {list(SYNC_KEYS)}",
+                      code="unknown_option", field=f"sync.{unknown[0]}")
+    if base is None and "workers" not in obj:
+        raise Invalid("sync needs workers (how many distinct workers make a round)",
+                      code="missing_field", field="sync.workers")
+    cfg = base or SyncConfig(workers=1)
+    if "workers" in obj:
+        cfg = replace(cfg, workers=_int(obj["workers"], "sync.workers", 1, MAX_WORKERS))
+    if "reduce" in obj:
+        reduce = _choice(obj["reduce"], "sync.reduce", ("mean", "sum"))
+        cfg = replace(cfg, reduce="mean" if reduce == "mean" else "sum")
+    if "timeout_s" in obj:
+        t = obj["timeout_s"]
+        if type(t) not in (int, float) or not math.isfinite(t) or not 0 < t <= MAX_TIMEOUT_S:
+            raise Invalid(f"sync.timeout_s must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]",
+                          code="invalid_option", field="sync.timeout_s")
+        cfg = replace(cfg, timeout_s=float(t))
+    if "on_timeout" in obj:
+        on = _choice(obj["on_timeout"], "sync.on_timeout", ("fail", "apply_partial"))
+        cfg = replace(cfg, on_timeout="fail" if on == "fail" else "apply_partial")
+    return cfg
+
+
+def parse(obj: Mapping[str, Any], base: PsConfig | None = None) -> PsConfig:
+    """Validated parameter-server options. Keys absent from ``obj`` keep ``base``'s values;
+    ``sync`` merges field by field into ``base.sync`` (``null`` turns sync rounds off)."""
+    base = base or PsConfig()
+    unknown = sorted(set(obj) - set(PS_KEYS))
+    if unknown:
+        raise Invalid(f"unknown field {unknown[0]!r:.60}; expected {list(PS_KEYS)}",
+                      code="unknown_field", field=unknown[0])
+    cfg = base
+    if "sync" in obj:
+        cfg = replace(cfg, sync=_parse_sync(obj["sync"], base.sync))
+    if "max_staleness" in obj:
+        s = obj["max_staleness"]
+        cfg = replace(cfg, max_staleness=None if s is None
+                      else _int(s, "max_staleness", 0, 2**62))
+    if "staleness_lr" in obj:
+        rule = "none" if obj["staleness_lr"] is None else obj["staleness_lr"]
+        rule = _choice(rule, "staleness_lr", ("none", "inverse"))
+        cfg = replace(cfg, staleness_lr="inverse" if rule == "inverse" else "none")
+    return cfg
+
+
+def check_worker(worker: str) -> str:
+    if not _WORKER_RE.match(worker):
+        raise Invalid("a worker id (X-Optserve-Worker) is 1-128 characters of letters, digits, "
+                      "'.', '_', ':', '@' or '-', starting with a letter or digit",
+                      code="invalid_worker", field="X-Optserve-Worker")
+    return worker
+
+
+def reduce(pushes: Mapping[str, Tensors], how: Reduce) -> Tensors:
+    """Per tensor, over the workers that sent it: the sum in ascending worker-id order, divided
+    by their number for ``mean``. Deterministic: the same pushes give the same bits."""
+    order = sorted(pushes)
+    names: list[str] = []
+    for worker in order:
+        names.extend(n for n in pushes[worker] if n not in names)
+    out: Tensors = {}
+    for name in names:
+        senders = [w for w in order if name in pushes[w]]
+        acc = pushes[senders[0]][name].clone()
+        for w in senders[1:]:
+            acc.add_(pushes[w][name])
+        if how == "mean" and len(senders) > 1:
+            acc.div_(len(senders))
+        out[name] = acc
+    return out
+
+
+@dataclass(eq=False)
+class Round:
+    """Pushes gathered for the next synchronous step, and the requests waiting for it."""
+
+    pushes: dict[str, Tensors] = field(default_factory=dict)
+    waiters: dict[str, asyncio.Future[StepResult]] = field(default_factory=dict)
+    reserved: set[str] = field(default_factory=set)  # pushes being validated
+    want_params: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def fail(self, exc: BaseException) -> None:
+        self.cancel_timer()
+        for fut in self.waiters.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def settle(self, result: StepResult) -> None:
+        for fut in self.waiters.values():
+            if not fut.done():
+                fut.set_result(result)
+
+
+@dataclass(eq=False)
+class SyncState:
+    """The event-loop side of one sync session: its configuration and the open round."""
+
+    tenant: str
+    session_id: str
+    config: SyncConfig
+    round: Round | None = None
+
+    def open_round(self) -> Round:
+        if self.round is None:
+            self.round = Round()
+        return self.round
+
+
+def staleness_note(base_version: int, version: int, max_staleness: int | None) -> str:
+    bound = f"max_staleness {max_staleness}" if max_staleness is not None else "no bound"
+    return (f"gradients computed at version {base_version} are {version - base_version} "
+            f"versions old; the session is at version {version} ({bound})")
+
