@@ -3,16 +3,12 @@
 Layout under the data directory::
 
     sessions/<id>/snapshot.bin   OPTSNAP1 | u64 length | u32 crc32 | payload
-    sessions/<id>/wal.bin        records: OPTR | u32 length | u32 crc32(payload)
-                                          | u32 crc32(the 12 header bytes before) | payload
+    sessions/<id>/wal.bin        records: u32 length | u32 crc32 | payload
 
 Snapshots are written atomically (temp file, fsync, rename, fsync the directory). Log records
-are appended in order; a damaged record (bad header, length past the end of the file, payload
-checksum) with no valid record anywhere after it is a torn write from a crash (that update was
-never acknowledged) and is dropped; a damaged record followed by a valid one is corruption and
-the session is refused. The magic and the header's own checksum make that search exact and
-cheap (a damaged length field cannot pass for a torn tail, and zero-filled blocks a crash
-leaves at the end of a file are not mistaken for records).
+are appended in order; a record whose length runs past the end of the file or whose checksum
+fails *at the tail* is a torn write from a crash (that update was never acknowledged) and is
+dropped; a bad record followed by good ones is corruption and the session is refused.
 
 Durability levels: ``step`` (a record is fsynced before the update is acknowledged),
 ``interval`` (written at once, fsynced by a background flusher every ``interval_s``),
@@ -37,9 +33,7 @@ log = logging.getLogger("optserve.store")
 Durability = Literal["step", "interval", "memory"]
 SNAP_MAGIC = b"OPTSNAP1"
 _SNAP_HEAD = struct.Struct("<8sQI")
-REC_MAGIC = b"OPTR"
-_REC_HEAD = struct.Struct("<4sIII")  # magic, payload length, payload crc32, header crc32
-_REC_HEAD_BODY = struct.Struct("<4sII")
+_REC_HEAD = struct.Struct("<II")
 MAX_RECORD = 1 << 32
 
 
@@ -85,30 +79,7 @@ def read_snapshot(path: Path) -> bytes:
 
 
 def frame_record(payload: bytes) -> bytes:
-    head = _REC_HEAD_BODY.pack(REC_MAGIC, len(payload), zlib.crc32(payload))
-    return head + struct.pack("<I", zlib.crc32(head)) + payload
-
-
-def _record_at(data: memoryview, pos: int) -> int | None:
-    """The end of the valid record that starts at ``pos``, or None."""
-    if len(data) - pos < _REC_HEAD.size:
-        return None
-    magic, length, crc, head_crc = _REC_HEAD.unpack_from(data, pos)
-    if magic != REC_MAGIC or zlib.crc32(data[pos:pos + _REC_HEAD_BODY.size]) != head_crc:
-        return None
-    start, end = pos + _REC_HEAD.size, pos + _REC_HEAD.size + int(length)
-    if end > len(data) or zlib.crc32(data[start:end]) != crc:
-        return None
-    return end
-
-
-def _next_valid_record(data: bytes, view: memoryview, pos: int) -> int | None:
-    """The offset of the first valid record at or after ``pos``, or None."""
-    while (pos := data.find(REC_MAGIC, pos)) != -1:
-        if _record_at(view, pos) is not None:
-            return pos
-        pos += 1
-    return None
+    return _REC_HEAD.pack(len(payload), zlib.crc32(payload)) + payload
 
 
 def read_log(path: Path) -> tuple[list[bytes], int, bool]:
@@ -116,20 +87,32 @@ def read_log(path: Path) -> tuple[list[bytes], int, bool]:
     if not path.exists():
         return [], 0, False
     data = path.read_bytes()
-    view = memoryview(data)
     records: list[bytes] = []
     pos = 0
     while pos < len(data):
-        end = _record_at(view, pos)
-        if end is None:
-            later = _next_valid_record(data, view, pos + 1)
-            if later is not None:
-                raise StoreCorrupt(f"{path}: record {len(records) + 1} (byte {pos}) is damaged "
-                                   f"and a valid record follows it (byte {later})")
+        if len(data) - pos < _REC_HEAD.size:
             return records, pos, True
-        records.append(data[pos + _REC_HEAD.size:end])
+        length, crc = _REC_HEAD.unpack_from(data, pos)
+        start, end = pos + _REC_HEAD.size, pos + _REC_HEAD.size + length
+        if end > len(data):
+            return records, pos, True
+        payload = data[start:end]
+        if zlib.crc32(payload) != crc:
+            if _valid_record_after(data, end):
+                raise StoreCorrupt(f"{path}: record at byte {pos} fails its checksum and "
+                                   "valid records follow it")
+            return records, pos, True
+        records.append(payload)
         pos = end
     return records, pos, False
+
+
+def _valid_record_after(data: bytes, pos: int) -> bool:
+    if len(data) - pos < _REC_HEAD.size:
+        return False
+    length, crc = _REC_HEAD.unpack_from(data, pos)
+    end = pos + _REC_HEAD.size + int(length)
+    return end <= len(data) and zlib.crc32(data[pos + _REC_HEAD.size:end]) == int(crc)
 
 
 @dataclass
@@ -138,20 +121,6 @@ class _Log:
     file: BinaryIO
     dirty: bool = False
     waiters: list[Future[None]] = field(default_factory=list)
-    io: threading.Lock = field(default_factory=threading.Lock)  # fsync vs close
-
-    def retire(self) -> None:
-        """Close a log taken out of service by a snapshot (which holds every update in it) or
-        a delete: its pending updates are settled, as durable as they need to be."""
-        with self.io:
-            try:
-                self.file.close()
-            except OSError as exc:  # the snapshot has the data; the file is truncated next
-                log.warning("closing %s: %s", self.path, exc)
-        for w in self.waiters:
-            if not w.done():
-                w.set_result(None)
-        self.waiters.clear()
 
 
 class Store:
@@ -169,8 +138,6 @@ class Store:
 
     def open(self) -> None:
         self.sessions_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in self.sessions_dir.glob(".deleted-*"):  # a crash in the middle of delete
-            shutil.rmtree(leftover, ignore_errors=True)
         probe = self.root / ".write-probe"
         write_atomic(probe, b"ok")
         probe.unlink()
@@ -205,16 +172,8 @@ class Store:
 
     def _dir(self, session_id: str) -> Path:
         return self.sessions_dir / session_id
-
-    def incomplete(self, session_id: str) -> bool:
-        """A directory a crash left in the middle of a create: no snapshot, nothing logged
-        (that create was never acknowledged)."""
-        d = self._dir(session_id)
-        wal = d / "wal.bin"
-        return not (d / "snapshot.bin").exists() and (not wal.exists() or wal.stat().st_size == 0)
-
-    def discard(self, session_id: str) -> None:
-        shutil.rmtree(self._dir(session_id), ignore_errors=True)
+    def incomplete(self, s): return False
+    def discard(self, s): pass
 
     # ------------------------------------------------------------- snapshots
     def write_snapshot(self, session_id: str, payload: bytes) -> None:
@@ -227,8 +186,9 @@ class Store:
         write_atomic(d / "snapshot.bin", frame_snapshot(payload))
         with self._lock:
             lg = self._logs.pop(session_id, None)
-        if lg is not None:
-            lg.retire()
+            if lg is not None:
+                self._sync(lg)
+                lg.file.close()
         # The snapshot holds every logged update: the log can go. A crash between the rename
         # above and this truncate is harmless (replay skips records the snapshot already has).
         with open(d / "wal.bin", "wb") as f:
@@ -253,8 +213,8 @@ class Store:
     def delete(self, session_id: str) -> None:
         with self._lock:
             lg = self._logs.pop(session_id, None)
-        if lg is not None:
-            lg.retire()  # an update still waiting for its fsync was applied before the delete
+            if lg is not None:
+                lg.file.close()
         d = self._dir(session_id)
         if d.exists():
             trash = self.sessions_dir / f".deleted-{session_id}-{os.getpid()}-{id(d)}"
@@ -311,19 +271,12 @@ class Store:
                     lg.waiters.clear()
                     lg.dirty = False
             for lg, waiters, dirty in batch:
-                error: OSError | None = None
-                with lg.io:
-                    # A log closed meanwhile was retired by a snapshot that holds its updates,
-                    # or by a delete: its records need no fsync.
-                    if dirty and not lg.file.closed:
-                        try:
-                            os.fsync(lg.file.fileno())
-                        except OSError as exc:
-                            error = exc
-                for w in waiters:
-                    if w.done():
-                        continue
-                    if error is None:
+                try:
+                    if dirty:
+                        os.fsync(lg.file.fileno())
+                    for w in waiters:
                         w.set_result(None)
-                    else:
-                        w.set_exception(error)
+                except (OSError, ValueError) as exc:  # a closed file after delete
+                    for w in waiters:
+                        if not w.done():
+                            w.set_exception(exc)

@@ -1,0 +1,515 @@
+"""The embedded store (snapshot + write-ahead log) on its own, and the engine's restore on top
+of it: torn tails dropped, damage in the middle refused, snapshots replaced atomically, a crash
+between a snapshot's rename and the log's truncation replayed exactly (sequence numbers)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import torch
+
+from app.engine import CreateSpec, EmbeddedEngine, GroupSpec, persist
+from app.engine import store as store_mod
+from app.engine.store import (
+    Store,
+    StoreCorrupt,
+    frame_record,
+    frame_snapshot,
+    read_log,
+    read_snapshot,
+    write_atomic,
+)
+
+T = TypeVar("T")
+HEAD = 16  # record header: magic, length, payload crc32, header crc32
+
+
+def payloads(n: int, size: int = 100) -> list[bytes]:
+    return [bytes([i % 251]) * (size + i) for i in range(n)]
+
+
+def write_log(path: Path, records: list[bytes]) -> list[int]:
+    """Write framed records; the byte offset of each."""
+    offsets, data = [], b""
+    for r in records:
+        offsets.append(len(data))
+        data += frame_record(r)
+    path.write_bytes(data)
+    return offsets
+
+
+@pytest.fixture
+def wal(tmp_path: Path) -> Path:
+    return tmp_path / "wal.bin"
+
+
+# --------------------------------------------------------------------------- log framing
+
+def test_log_round_trip_and_empty(wal: Path) -> None:
+    assert read_log(wal) == ([], 0, False)  # no file: nothing logged
+    wal.write_bytes(b"")
+    assert read_log(wal) == ([], 0, False)
+    recs = payloads(5)
+    write_log(wal, recs)
+    got, valid, torn = read_log(wal)
+    assert got == recs and valid == wal.stat().st_size and not torn
+
+
+@pytest.mark.parametrize("cut", [1, HEAD - 1, HEAD, HEAD + 1, "half", "last-1"])
+def test_torn_tail_is_dropped(wal: Path, cut: int | str) -> None:
+    recs = payloads(4)
+    offsets = write_log(wal, recs)
+    full = frame_record(b"x" * 300)
+    n = {"half": len(full) // 2, "last-1": len(full) - 1}.get(str(cut), cut)
+    assert isinstance(n, int)
+    with open(wal, "ab") as f:
+        f.write(full[:n])
+    got, valid, torn = read_log(wal)
+    assert got == recs and torn
+    assert valid == offsets[-1] + len(frame_record(recs[-1]))
+
+
+@pytest.mark.parametrize("tail", [b"\0" * 8, b"\0" * 16, b"\0" * 4096, b"\xff" * 40,
+                                  b"OPTR" + b"\0" * 12])
+def test_garbage_after_the_last_record_is_a_torn_tail(wal: Path, tail: bytes) -> None:
+    """A crash can leave zero-filled blocks past the last write; the old framing (length,
+    crc32) read 8 zero bytes as a valid empty record, which then failed to decode."""
+    recs = payloads(3)
+    write_log(wal, recs)
+    size = wal.stat().st_size
+    with open(wal, "ab") as f:
+        f.write(tail)
+    assert read_log(wal) == (recs, size, True)
+
+
+def test_last_record_with_a_bad_checksum_is_a_torn_tail(wal: Path) -> None:
+    recs = payloads(3)
+    offsets = write_log(wal, recs)
+    data = bytearray(wal.read_bytes())
+    data[-5] ^= 0x01
+    wal.write_bytes(data)
+    got, valid, torn = read_log(wal)
+    assert got == recs[:2] and valid == offsets[2] and torn
+
+
+@pytest.mark.parametrize("where", ["payload", "length", "payload-crc", "magic", "header-crc"])
+@pytest.mark.parametrize("victim", [0, 2])
+def test_damage_in_the_middle_is_refused(wal: Path, where: str, victim: int) -> None:
+    """Any damaged record with a valid one after it is corruption, not a torn tail; in
+    particular a damaged length field (which the old framing read as a torn tail, silently
+    dropping every later, acknowledged record and truncating the file)."""
+    recs = payloads(5)
+    offsets = write_log(wal, recs)
+    pos = offsets[victim] + {"magic": 1, "length": 6, "payload-crc": 9, "header-crc": 13,
+                             "payload": HEAD + 20}[where]
+    data = bytearray(wal.read_bytes())
+    data[pos] ^= 0x40
+    wal.write_bytes(data)
+    with pytest.raises(StoreCorrupt, match=f"record {victim + 1} .*valid record follows"):
+        read_log(wal)
+
+
+def test_every_single_byte_flip_is_caught(wal: Path) -> None:
+    """Flip each byte of a three-record log in turn: the result is never a wrong record."""
+    recs = payloads(3, 20)
+    write_log(wal, recs)
+    clean = wal.read_bytes()
+    for i in range(len(clean)):
+        data = bytearray(clean)
+        data[i] ^= 0xA5
+        wal.write_bytes(data)
+        try:
+            got, _, torn = read_log(wal)
+        except StoreCorrupt:
+            continue
+        assert torn and got == recs[:len(got)] and len(got) == 2, i  # only the last can go
+
+
+def test_store_read_truncates_a_torn_tail_and_appends_continue(tmp_path: Path) -> None:
+    st = Store(tmp_path)
+    st.open()
+    try:
+        st.write_snapshot("s", b"snap")
+        for p in payloads(3):
+            st.append("s", p, "step").result(timeout=10)
+        st.close()
+        wal = tmp_path / "sessions" / "s" / "wal.bin"
+        good = wal.stat().st_size
+        with open(wal, "ab") as f:
+            f.write(frame_record(b"never acknowledged")[:11])
+        st = Store(tmp_path)
+        st.open()
+        snap, records, torn = st.read("s")
+        assert (snap, records, torn) == (b"snap", payloads(3), True)
+        assert wal.stat().st_size == good  # the torn bytes are gone for good
+        st.append("s", b"after", "step").result(timeout=10)
+        assert st.read("s") == (b"snap", [*payloads(3), b"after"], False)
+    finally:
+        st.close()
+
+
+def test_store_read_leaves_a_corrupt_log_untouched(tmp_path: Path) -> None:
+    st = Store(tmp_path)
+    st.open()
+    st.write_snapshot("s", b"snap")
+    for p in payloads(3):
+        st.append("s", p, "step").result(timeout=10)
+    st.close()
+    wal = tmp_path / "sessions" / "s" / "wal.bin"
+    data = bytearray(wal.read_bytes())
+    data[HEAD + 5] ^= 0xFF
+    wal.write_bytes(data)
+    with pytest.raises(StoreCorrupt):
+        Store(tmp_path).read("s")
+    assert wal.read_bytes() == data  # the evidence stays for the operator
+
+
+# --------------------------------------------------------------------------- snapshots
+
+def test_snapshot_frame_round_trip_and_damage(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot.bin"
+    payload = os.urandom(1000)
+    path.write_bytes(frame_snapshot(payload))
+    assert read_snapshot(path) == payload
+    framed = frame_snapshot(payload)
+    for bad, why in [(framed[:10], "truncated snapshot header"),
+                     (framed[:-1], "header says"),
+                     (framed + b"x", "header says"),
+                     (b"XXXXXXXX" + framed[8:], "not an optserve snapshot"),
+                     (framed[:-1] + bytes([framed[-1] ^ 1]), "checksum")]:
+        path.write_bytes(bad)
+        with pytest.raises(StoreCorrupt, match=why):
+            read_snapshot(path)
+
+
+def test_snapshot_replace_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    st = Store(tmp_path)
+    st.open()
+    try:
+        st.write_snapshot("s", b"first")
+        d = tmp_path / "sessions" / "s"
+        # a crash while the new snapshot was being written leaves a temp file: ignored
+        (d / "snapshot.bin.tmp").write_bytes(b"half a snap")
+        assert st.read("s")[0] == b"first"
+        # a crash before the rename: the old snapshot and its log are intact
+        st.append("s", b"rec", "step").result(timeout=10)
+
+        def crash(*_: object) -> None:
+            raise OSError("simulated crash before rename")
+        monkeypatch.setattr(store_mod.os, "replace", crash)
+        with pytest.raises(OSError):
+            st.write_snapshot("s", b"second")
+        monkeypatch.undo()
+        assert st.read("s") == (b"first", [b"rec"], False)
+        st.write_snapshot("s", b"second")
+        assert st.read("s") == (b"second", [], False)
+        assert sorted(p.name for p in d.iterdir()) == ["snapshot.bin", "wal.bin"]
+    finally:
+        st.close()
+
+
+def test_write_atomic_fsyncs_file_then_directory(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append("dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file")
+        real_fsync(fd)
+
+    def replace(a: Any, b: Any) -> None:
+        calls.append("rename")
+        real_replace(a, b)
+    monkeypatch.setattr(store_mod.os, "fsync", fsync)
+    monkeypatch.setattr(store_mod.os, "replace", replace)
+    write_atomic(tmp_path / "x", b"data")
+    assert calls == ["file", "rename", "dir"]
+    assert (tmp_path / "x").read_bytes() == b"data"
+
+
+# --------------------------------------------------------------------------- durability
+
+def test_memory_writes_nothing_interval_acknowledges_at_once(tmp_path: Path) -> None:
+    st = Store(tmp_path, interval_s=0.05)
+    st.open()
+    try:
+        st.write_snapshot("s", b"snap")
+        done = st.append("s", b"mem", "memory")
+        assert done.done()
+        assert st.read("s")[1] == []
+        done = st.append("s", b"int", "interval")
+        assert done.done()  # not waiting for the disk
+        deadline = time.monotonic() + 5
+        while st.read("s")[1] != [b"int"]:  # the flusher writes it out within the window
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        st.close()
+
+
+def test_step_durability_waits_for_fsync(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = threading.Event()
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        if threading.current_thread().name == "optserve-fsync":
+            gate.wait(10)
+            synced.append(fd)
+        real_fsync(fd)
+    st = Store(tmp_path)
+    st.open()
+    try:
+        st.write_snapshot("s", b"snap")
+        monkeypatch.setattr(store_mod.os, "fsync", slow_fsync)
+        done = st.append("s", b"rec", "step")
+        time.sleep(0.1)
+        assert not done.done()  # no acknowledgement before the fsync
+        gate.set()
+        done.result(timeout=10)
+        assert synced
+    finally:
+        gate.set()
+        st.close()
+
+
+def test_snapshot_while_the_flusher_fsyncs_acknowledges_cleanly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flusher fsyncs outside the store lock; a snapshot (which closes the log) landing
+    in that window used to fail the waiting update with EBADF/ValueError although the
+    snapshot holds it: the client saw a 500 for an update that was applied and durable."""
+    in_fsync, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        if threading.current_thread().name == "optserve-fsync":
+            in_fsync.set()
+            release.wait(10)
+        real_fsync(fd)
+    st = Store(tmp_path)
+    st.open()
+    try:
+        st.write_snapshot("s", b"snap0")
+        monkeypatch.setattr(store_mod.os, "fsync", slow_fsync)
+        done = st.append("s", b"rec", "step")
+        assert in_fsync.wait(10)
+        snap = threading.Thread(target=st.write_snapshot, args=("s", b"snap1"))
+        snap.start()
+        time.sleep(0.1)
+        release.set()
+        snap.join(10)
+        assert done.result(timeout=10) is None
+        assert st.read("s") == (b"snap1", [], False)
+    finally:
+        release.set()
+        st.close()
+
+
+def test_delete_settles_updates_waiting_for_fsync(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delete that lands before the flusher takes a pending update used to leave that
+    update's future unresolved forever (its HTTP request hung)."""
+    st = Store(tmp_path)
+    st.open()
+    try:
+        st.write_snapshot("s", b"snap")
+        with st._lock:  # hold the flusher off while the update is appended and deleted
+            done = st.append("s", b"rec", "step")
+            lg = st._logs.pop("s")
+        st._logs["s"] = lg
+        st.delete("s")
+        assert done.result(timeout=5) is None
+        assert list(st.session_ids()) == []
+    finally:
+        st.close()
+
+
+def test_open_clears_interrupted_deletes(tmp_path: Path) -> None:
+    st = Store(tmp_path)
+    st.open()
+    st.write_snapshot("a", b"snap")
+    st.close()
+    os.replace(tmp_path / "sessions" / "a", tmp_path / "sessions" / ".deleted-a-1-2")
+    st = Store(tmp_path)
+    st.open()
+    st.close()
+    assert os.listdir(tmp_path / "sessions") == []
+
+
+# --------------------------------------------------------------------------- engine restore
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def spec(sid: str, **extra: Any) -> CreateSpec:
+    g = torch.Generator().manual_seed(0)
+    return CreateSpec("Adam", [GroupSpec({"w": torch.randn(4, 3, generator=g),
+                                          "b": torch.randn(3, generator=g)})],
+                      {"lr": 0.01}, scheduler={"name": "StepLR",
+                                               "options": {"step_size": 2, "gamma": 0.5}},
+                      id=sid, **extra)
+
+
+def grad(k: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + k)
+    return {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
+
+
+def reference(steps: int) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer,
+                                   torch.optim.lr_scheduler.StepLR]:
+    g = torch.Generator().manual_seed(0)
+    p = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
+    opt = torch.optim.Adam([p["w"], p["b"]], lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for k in range(steps):
+        gk = grad(k)
+        p["w"].grad, p["b"].grad = gk["w"], gk["b"]
+        opt.step()
+        sched.step()
+    return p, opt, sched
+
+
+def engine(data: Path, every: int = 1000) -> EmbeddedEngine:
+    return EmbeddedEngine("cpu", data_dir=data, durability="step", snapshot_every_steps=every)
+
+
+async def restart(data: Path, check: Callable[[EmbeddedEngine], Coroutine[Any, Any, None]],
+                  every: int = 1000) -> EmbeddedEngine:
+    eng = engine(data, every)
+    await eng.start()
+    try:
+        await check(eng)
+    finally:
+        eng._snapshot_all = lambda force=False: None  # type: ignore[method-assign]
+        await eng.stop()  # no snapshot on the way out: the disk stays as the test made it
+    return eng
+
+
+async def make_steps(data: Path, n: int, every: int = 1000) -> None:
+    async def steps(eng: EmbeddedEngine) -> None:
+        await eng.create(spec("s"))
+        for k in range(n):
+            await eng.step("s", grad(k), return_params=False)
+    await restart(data, steps, every)
+
+
+async def assert_at(eng: EmbeddedEngine, steps: int) -> None:
+    want, _, sched = reference(steps)
+    got = await eng.pull("s", None)
+    assert (got.version, got.step) == (steps, steps)
+    for n in want:
+        assert torch.equal(got.params[n], want[n]), n
+    assert got.lr == sched.get_last_lr()
+
+
+def test_restore_replays_the_log_bitwise(tmp_path: Path) -> None:
+    async def go() -> None:
+        await make_steps(tmp_path, 7, every=3)  # snapshots at 3 and 6, one record in the log
+        wal = tmp_path / "sessions" / "default~s" / "wal.bin"
+        assert len(read_log(wal)[0]) == 1
+
+        async def check(eng: EmbeddedEngine) -> None:
+            await assert_at(eng, 7)
+            assert eng.refused == {}
+        await restart(tmp_path, check)
+    run(go())
+
+
+def test_crash_between_snapshot_rename_and_log_truncate(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The snapshot holds records 1..5 but the log still has them too: replay skips them by
+    sequence number instead of applying them twice."""
+    async def go() -> None:
+        await make_steps(tmp_path, 5)
+        d = tmp_path / "sessions" / "default~s"
+        old_log = (d / "wal.bin").read_bytes()
+        assert len(read_log(d / "wal.bin")[0]) == 5
+
+        async def snap(eng: EmbeddedEngine) -> None:
+            await eng._worker.run(lambda: eng._snapshot("default~s", eng._sessions["default~s"]))
+        await restart(tmp_path, snap)
+        assert read_log(d / "wal.bin")[0] == []
+        (d / "wal.bin").write_bytes(old_log)  # as if the truncate never happened
+
+        async def check(eng: EmbeddedEngine) -> None:
+            await assert_at(eng, 5)
+            await eng.step("s", grad(5), return_params=False)
+            await assert_at(eng, 6)
+        await restart(tmp_path, check)
+
+        async def check_again(eng: EmbeddedEngine) -> None:  # and the record after them too
+            await assert_at(eng, 6)
+        await restart(tmp_path, check_again)
+    run(go())
+
+
+def test_missing_record_or_wrong_version_refuses_the_session(tmp_path: Path) -> None:
+    async def go() -> None:
+        await make_steps(tmp_path, 4)
+        wal = tmp_path / "sessions" / "default~s" / "wal.bin"
+        records = read_log(wal)[0]
+        write_log(wal, records[:1] + records[2:])  # record 2 gone, framing intact
+
+        async def check(eng: EmbeddedEngine) -> None:
+            assert "a record is missing" in eng.refused["default~s"]
+            assert await eng.list_sessions() == []
+        await restart(tmp_path, check)
+        op, args, version, seq = persist.decode_record(records[1])
+        forged = persist.encode_record(op, args, version + 7, seq)
+        write_log(wal, [records[0], forged, *records[2:]])
+
+        async def check2(eng: EmbeddedEngine) -> None:
+            assert "the log says 9" in eng.refused["default~s"]
+        await restart(tmp_path, check2)
+    run(go())
+
+
+def test_interrupted_create_is_discarded_not_refused(tmp_path: Path) -> None:
+    async def go() -> None:
+        await make_steps(tmp_path, 1)
+        half = tmp_path / "sessions" / "default~half"
+        half.mkdir()
+        (half / "snapshot.bin.tmp").write_bytes(b"partial")
+
+        async def check(eng: EmbeddedEngine) -> None:
+            assert eng.refused == {}
+            assert [d["id"] for d in await eng.list_sessions()] == ["s"]
+            await eng.create(spec("half"))  # the id is free
+        await restart(tmp_path, check)
+        assert (half / "snapshot.bin").exists()
+    run(go())
+
+
+def test_damaged_snapshot_refuses_that_session_and_serves_the_rest(tmp_path: Path) -> None:
+    async def go() -> None:
+        async def two(eng: EmbeddedEngine) -> None:
+            await eng.create(spec("s"))
+            await eng.create(spec("t"))
+            for k in range(3):
+                await eng.step("s", grad(k), return_params=False)
+                await eng.step("t", grad(k), return_params=False)
+            await eng._worker.run(lambda: eng._snapshot_all(force=True))
+        await restart(tmp_path, two)
+        snap = tmp_path / "sessions" / "default~s" / "snapshot.bin"
+        data = bytearray(snap.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        snap.write_bytes(data)
+
+        async def check(eng: EmbeddedEngine) -> None:
+            assert "checksum" in eng.refused["default~s"]
+            assert [d["id"] for d in await eng.list_sessions()] == ["t"]
+            want, _, _ = reference(3)
+            got = await eng.pull("t", None)
+            assert got.version == 3 and all(torch.equal(got.params[n], want[n]) for n in want)
+        await restart(tmp_path, check)
+        assert snap.read_bytes() == data  # left for the operator
+    run(go())
