@@ -9,6 +9,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from app.errors import OptserveError
@@ -57,6 +58,12 @@ async def _http_error(_: Request, exc: Exception) -> Response:
     return response
 
 
+async def _client_gone(_: Request, exc: Exception) -> Response:
+    log.info("client disconnected before its request body arrived; nothing was applied")
+    return problem(400, "client_disconnected", "Client disconnected",
+                   "the client went away before sending its whole body")
+
+
 async def _unexpected(_: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
     return problem(500, "internal_error", "Internal error",
@@ -67,4 +74,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(OptserveError, _optserve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected)

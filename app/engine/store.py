@@ -3,12 +3,16 @@
 Layout under the data directory::
 
     sessions/<id>/snapshot.bin   OPTSNAP1 | u64 length | u32 crc32 | payload
-    sessions/<id>/wal.bin        records: u32 length | u32 crc32 | payload
+    sessions/<id>/wal.bin        records: OPTR | u32 length | u32 crc32(payload)
+                                          | u32 crc32(the 12 header bytes before) | payload
 
 Snapshots are written atomically (temp file, fsync, rename, fsync the directory). Log records
-are appended in order; a record whose length runs past the end of the file or whose checksum
-fails *at the tail* is a torn write from a crash (that update was never acknowledged) and is
-dropped; a bad record followed by good ones is corruption and the session is refused.
+are appended in order; a damaged record (bad header, length past the end of the file, payload
+checksum) with no valid record anywhere after it is a torn write from a crash (that update was
+never acknowledged) and is dropped; a damaged record followed by a valid one is corruption and
+the session is refused. The magic and the header's own checksum make that search exact and
+cheap (a damaged length field cannot pass for a torn tail, and zero-filled blocks a crash
+leaves at the end of a file are not mistaken for records).
 
 Durability levels: ``step`` (a record is fsynced before the update is acknowledged),
 ``interval`` (written at once, fsynced by a background flusher every ``interval_s``),
@@ -33,7 +37,9 @@ log = logging.getLogger("optserve.store")
 Durability = Literal["step", "interval", "memory"]
 SNAP_MAGIC = b"OPTSNAP1"
 _SNAP_HEAD = struct.Struct("<8sQI")
-_REC_HEAD = struct.Struct("<II")
+REC_MAGIC = b"OPTR"
+_REC_HEAD = struct.Struct("<4sIII")  # magic, payload length, payload crc32, header crc32
+_REC_HEAD_BODY = struct.Struct("<4sII")
 MAX_RECORD = 1 << 32
 
 
@@ -79,7 +85,30 @@ def read_snapshot(path: Path) -> bytes:
 
 
 def frame_record(payload: bytes) -> bytes:
-    return _REC_HEAD.pack(len(payload), zlib.crc32(payload)) + payload
+    head = _REC_HEAD_BODY.pack(REC_MAGIC, len(payload), zlib.crc32(payload))
+    return head + struct.pack("<I", zlib.crc32(head)) + payload
+
+
+def _record_at(data: memoryview, pos: int) -> int | None:
+    """The end of the valid record that starts at ``pos``, or None."""
+    if len(data) - pos < _REC_HEAD.size:
+        return None
+    magic, length, crc, head_crc = _REC_HEAD.unpack_from(data, pos)
+    if magic != REC_MAGIC or zlib.crc32(data[pos:pos + _REC_HEAD_BODY.size]) != head_crc:
+        return None
+    start, end = pos + _REC_HEAD.size, pos + _REC_HEAD.size + int(length)
+    if end > len(data) or zlib.crc32(data[start:end]) != crc:
+        return None
+    return end
+
+
+def _next_valid_record(data: bytes, view: memoryview, pos: int) -> int | None:
+    """The offset of the first valid record at or after ``pos``, or None."""
+    while (pos := data.find(REC_MAGIC, pos)) != -1:
+        if _record_at(view, pos) is not None:
+            return pos
+        pos += 1
+    return None
 
 
 def read_log(path: Path) -> tuple[list[bytes], int, bool]:
@@ -87,32 +116,20 @@ def read_log(path: Path) -> tuple[list[bytes], int, bool]:
     if not path.exists():
         return [], 0, False
     data = path.read_bytes()
+    view = memoryview(data)
     records: list[bytes] = []
     pos = 0
     while pos < len(data):
-        if len(data) - pos < _REC_HEAD.size:
+        end = _record_at(view, pos)
+        if end is None:
+            later = _next_valid_record(data, view, pos + 1)
+            if later is not None:
+                raise StoreCorrupt(f"{path}: record {len(records) + 1} (byte {pos}) is damaged "
+                                   f"and a valid record follows it (byte {later})")
             return records, pos, True
-        length, crc = _REC_HEAD.unpack_from(data, pos)
-        start, end = pos + _REC_HEAD.size, pos + _REC_HEAD.size + length
-        if end > len(data):
-            return records, pos, True
-        payload = data[start:end]
-        if zlib.crc32(payload) != crc:
-            if _valid_record_after(data, end):
-                raise StoreCorrupt(f"{path}: record at byte {pos} fails its checksum and "
-                                   "valid records follow it")
-            return records, pos, True
-        records.append(payload)
+        records.append(data[pos + _REC_HEAD.size:end])
         pos = end
     return records, pos, False
-
-
-def _valid_record_after(data: bytes, pos: int) -> bool:
-    if len(data) - pos < _REC_HEAD.size:
-        return False
-    length, crc = _REC_HEAD.unpack_from(data, pos)
-    end = pos + _REC_HEAD.size + int(length)
-    return end <= len(data) and zlib.crc32(data[pos + _REC_HEAD.size:end]) == int(crc)
 
 
 @dataclass
@@ -121,6 +138,20 @@ class _Log:
     file: BinaryIO
     dirty: bool = False
     waiters: list[Future[None]] = field(default_factory=list)
+    io: threading.Lock = field(default_factory=threading.Lock)  # fsync vs close
+
+    def retire(self) -> None:
+        """Close a log taken out of service by a snapshot (which holds every update in it) or
+        a delete: its pending updates are settled, as durable as they need to be."""
+        with self.io:
+            try:
+                self.file.close()
+            except OSError as exc:  # the snapshot has the data; the file is truncated next
+                log.warning("closing %s: %s", self.path, exc)
+        for w in self.waiters:
+            if not w.done():
+                w.set_result(None)
+        self.waiters.clear()
 
 
 class Store:
@@ -138,6 +169,8 @@ class Store:
 
     def open(self) -> None:
         self.sessions_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in self.sessions_dir.glob(".deleted-*"):  # a crash in the middle of delete
+            shutil.rmtree(leftover, ignore_errors=True)
         probe = self.root / ".write-probe"
         write_atomic(probe, b"ok")
         probe.unlink()
@@ -172,8 +205,16 @@ class Store:
 
     def _dir(self, session_id: str) -> Path:
         return self.sessions_dir / session_id
-    def incomplete(self, s): return False
-    def discard(self, s): pass
+
+    def incomplete(self, session_id: str) -> bool:
+        """A directory a crash left in the middle of a create: no snapshot, nothing logged
+        (that create was never acknowledged)."""
+        d = self._dir(session_id)
+        wal = d / "wal.bin"
+        return not (d / "snapshot.bin").exists() and (not wal.exists() or wal.stat().st_size == 0)
+
+    def discard(self, session_id: str) -> None:
+        shutil.rmtree(self._dir(session_id), ignore_errors=True)
 
     # ------------------------------------------------------------- snapshots
     def write_snapshot(self, session_id: str, payload: bytes) -> None:
@@ -186,9 +227,8 @@ class Store:
         write_atomic(d / "snapshot.bin", frame_snapshot(payload))
         with self._lock:
             lg = self._logs.pop(session_id, None)
-            if lg is not None:
-                self._sync(lg)
-                lg.file.close()
+        if lg is not None:
+            lg.retire()
         # The snapshot holds every logged update: the log can go. A crash between the rename
         # above and this truncate is harmless (replay skips records the snapshot already has).
         with open(d / "wal.bin", "wb") as f:
@@ -213,8 +253,8 @@ class Store:
     def delete(self, session_id: str) -> None:
         with self._lock:
             lg = self._logs.pop(session_id, None)
-            if lg is not None:
-                lg.file.close()
+        if lg is not None:
+            lg.retire()  # an update still waiting for its fsync was applied before the delete
         d = self._dir(session_id)
         if d.exists():
             trash = self.sessions_dir / f".deleted-{session_id}-{os.getpid()}-{id(d)}"
@@ -271,12 +311,19 @@ class Store:
                     lg.waiters.clear()
                     lg.dirty = False
             for lg, waiters, dirty in batch:
-                try:
-                    if dirty:
-                        os.fsync(lg.file.fileno())
-                    for w in waiters:
+                error: OSError | None = None
+                with lg.io:
+                    # A log closed meanwhile was retired by a snapshot that holds its updates,
+                    # or by a delete: its records need no fsync.
+                    if dirty and not lg.file.closed:
+                        try:
+                            os.fsync(lg.file.fileno())
+                        except OSError as exc:
+                            error = exc
+                for w in waiters:
+                    if w.done():
+                        continue
+                    if error is None:
                         w.set_result(None)
-                except (OSError, ValueError) as exc:  # a closed file after delete
-                    for w in waiters:
-                        if not w.done():
-                            w.set_exception(exc)
+                    else:
+                        w.set_exception(error)
