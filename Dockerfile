@@ -88,8 +88,10 @@ LABEL org.opencontainers.image.title="optserve" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=deps /opt/venv /opt/venv
 # The project on top, from local files only, then a check that the environment is whole.
-RUN --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \
-    /opt/venv/bin/pip install --no-cache-dir --no-index --no-deps /tmp/dist/*.whl \
+# (COPY, not RUN --mount=from=wheel: buildah's layer cache ignores what a mount holds.)
+COPY --from=wheel /dist/ /tmp/dist/
+RUN /opt/venv/bin/pip install --no-cache-dir --no-index --no-deps /tmp/dist/*.whl \
+    && rm -rf /tmp/dist \
     && /opt/venv/bin/pip check \
     && /opt/venv/bin/python -c 'import app.main, torch; print("build: torch", torch.__version__, "cuda", torch.version.cuda)'
 COPY --chmod=0755 deploy/healthcheck.py /usr/local/bin/optserve-healthcheck

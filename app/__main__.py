@@ -33,8 +33,8 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.optserve_app.state.draining = True
         super().handle_exit(sig, frame)
-        if sig == signal.SIGTERM and sig in self._captured_signals:
-            self._captured_signals.remove(sig)  # a drained SIGTERM is a clean exit
+        if sig == signal.SIGTERM:  # a drained SIGTERM (even a repeated one) is a clean exit
+            self._captured_signals[:] = [s for s in self._captured_signals if s != sig]
 
 
 def is_loopback(host: str) -> bool:
@@ -59,15 +59,22 @@ def check_exposure(settings: Settings) -> str | None:
 
 
 def main() -> int:
-    settings = get_settings()
+    try:
+        settings = get_settings()
+        keys = parse_keys(settings.api_keys, settings.api_keys_file)
+    except (ValueError, OSError) as exc:  # pydantic's ValidationError is a ValueError
+        print(f"optserve: invalid configuration: {exc}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level, settings.log_format)
     problem = check_exposure(settings)
     if problem:
         print(f"optserve: {problem}", file=sys.stderr)
         return 2
-    keys = parse_keys(settings.api_keys, settings.api_keys_file)
     log.info("optserve on %s:%d, authentication %s", settings.host, settings.port,
              f"on ({len(keys)} keys)" if keys else "OFF (no OPTSERVE_API_KEYS)")
+    if not keys and not is_loopback(settings.host):
+        log.warning("serving %s WITHOUT authentication (OPTSERVE_ALLOW_OPEN=1): anyone who can "
+                    "reach it can read and change every session", settings.host)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, timeout_graceful_shutdown=30,

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
         default="auto", description="auto | cpu | cuda | cuda:N (auto: cuda when available)"
     )
     max_body_mb: float = Field(default=512.0, gt=0, description="largest accepted request body")
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="408 when a request body stalls this long (no bytes)"
+    )
     torch_threads: int = Field(
         default=0, ge=0, description="torch intra-op threads on the worker (0: torch's default)"
     )

@@ -19,7 +19,9 @@ from app.api.problems import problem
 from app.engine.embedded import DEFAULT_TENANT
 
 OPEN_PATHS = frozenset({"/healthz"})
-_TENANT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Not starting with '.' or '-': a session's directory is "<tenant>~<id>", and the store skips
+# names starting with '.' (its own temporary and deleted directories).
+_TENANT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
 def parse_keys(spec: str, file: Path | None) -> dict[str, str]:
@@ -38,7 +40,10 @@ def parse_keys(spec: str, file: Path | None) -> dict[str, str]:
         if len(key) < 16:
             raise ValueError("API keys must be at least 16 characters")
         if not _TENANT_RE.match(tenant):
-            raise ValueError(f"tenant names are 1-64 of [A-Za-z0-9_.-], got {tenant!r}")
+            raise ValueError(f"tenant names are 1-64 of [A-Za-z0-9_.-], not starting with '.' "
+                             f"or '-', got {tenant!r}")
+        if keys.get(key, tenant) != tenant:
+            raise ValueError("one API key is given for two tenants")
         keys[key] = tenant
     return keys
 

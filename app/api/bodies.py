@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import anyio.to_thread
@@ -11,7 +12,14 @@ import torch
 from fastapi import Request
 from starlette.responses import Response
 
-from app.errors import BadRequest, Invalid, NotAcceptable, PayloadTooLarge, UnsupportedMedia
+from app.errors import (
+    BadRequest,
+    Invalid,
+    NotAcceptable,
+    OptserveError,
+    PayloadTooLarge,
+    UnsupportedMedia,
+)
 from app.wire.json_tensor import decode_json_tensor, encode_json_tensor
 from app.wire.safetensors_body import read_safetensors, write_safetensors
 
@@ -27,8 +35,33 @@ async def offload(fn: Callable[[], T], size: int) -> T:
     return fn()
 
 
+class BodyTimeout(OptserveError):
+    status = 408
+    code = "body_timeout"
+    title = "Request body timeout"
+
+
+async def _chunks(request: Request) -> AsyncIterator[bytes]:
+    """The body's chunks; 408 when none arrives for ``OPTSERVE_BODY_TIMEOUT_S`` (a stalled or
+    trickling client must not hold a connection and a buffer forever)."""
+    settings = getattr(request.app.state, "settings", None)
+    timeout: float | None = getattr(settings, "body_timeout_s", None)
+    stream = request.stream()
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                chunk = await anext(stream, None)
+        except TimeoutError:
+            raise BodyTimeout(f"no request body bytes for {timeout:g} s "
+                              "(OPTSERVE_BODY_TIMEOUT_S)", field="body", limit=timeout) from None
+        if chunk is None:
+            return
+        yield chunk
+
+
 async def read_body(request: Request, max_bytes: int) -> bytearray:
-    """The whole body in a fresh writable buffer; 413 as soon as it passes ``max_bytes``."""
+    """The whole body in a fresh writable buffer; 413 as soon as it passes ``max_bytes``;
+    408 when it stalls (see ``_chunks``)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -41,7 +74,7 @@ async def read_body(request: Request, max_bytes: int) -> bytearray:
         if size > OFFLOAD_BYTES:  # one copy into a buffer of the announced size
             out = bytearray(size)
             view, pos = memoryview(out), 0
-            async for chunk in request.stream():
+            async for chunk in _chunks(request):
                 end = pos + len(chunk)
                 if end > size:
                     raise BadRequest("body is longer than its Content-Length")
@@ -51,7 +84,7 @@ async def read_body(request: Request, max_bytes: int) -> bytearray:
                 raise BadRequest("body is shorter than its Content-Length")
             return out
     buf = bytearray()
-    async for chunk in request.stream():
+    async for chunk in _chunks(request):
         buf += chunk
         if len(buf) > max_bytes:
             raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes", limit=max_bytes)

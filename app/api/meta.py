@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from app.api.bodies import json_response
-from app.api.deps import EngineDep
+from app.api.deps import EngineDep, TenantDep
 from app.api.problems import problem
 from app.engine import optimizers, schedulers
 
@@ -22,13 +22,21 @@ async def healthz() -> dict[str, Any]:
 
 
 @router.get("/readyz", tags=["health"], summary="Readiness: the device worker is up")
-async def readyz(request: Request, engine: EngineDep) -> Response:
+async def readyz(request: Request, engine: EngineDep, tenant: TenantDep) -> Response:
     if getattr(request.app.state, "draining", False):
         return problem(503, "draining", "Draining", "the server is shutting down")
     if not engine.ready():
         return problem(503, "not_ready", "Not ready",
                        "the device worker is not running or the data directory is not writable")
-    return json_response({"status": "ready", "device": engine.device})
+    body: dict[str, Any] = {"status": "ready", "device": engine.device}
+    # Stored sessions of this tenant that failed their checks at start and are not served
+    # (the server log names every one with its reason; the files are left for an operator).
+    refused: dict[str, str] = getattr(engine, "refused", {})
+    mine = [{"id": key.split("~", 1)[1], "reason": reason}
+            for key, reason in sorted(refused.items()) if key.split("~", 1)[0] == tenant]
+    if mine:
+        body["refused"] = mine
+    return json_response(body)
 
 
 @router.get("/v1/optimizers", tags=["catalogue"], summary="Optimizers and their defaults")

@@ -316,7 +316,7 @@ class EmbeddedEngine:
         desc = await self._worker.run(op)
         key = self._key(tenant, desc["id"])
         self._set_sync(key, ps.parse({"sync": desc["sync"]}).sync)
-        return desc
+        return self._with_round(key, desc)
 
     def _check_limits(self, tenant: str, spec: CreateSpec) -> None:
         lim = self._limits

@@ -237,7 +237,6 @@ def test_import_makes_a_session_continue_identically(
     p = ok(cli("import", b, str(path), url=live_server))  # format from the extension
     assert out(p).startswith(f"imported {path} [{fmt}, {path.stat().st_size} bytes] "
                              f"into session {b!r}")
-    assert client.get_session(b).step == 3
     continue_both(client, a, b)
 
 
@@ -380,14 +379,16 @@ def test_serve_maps_flags_and_sigterm_exits_0(tmp_path: Path) -> None:
     data = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")}
     env["OPTSERVE_API_KEYS"] = f"{key}:team"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "optserve.cli", "serve", "--port", str(port), "--host",
-         "127.0.0.1", "--data-dir", str(data), "--device", "cpu", "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = tmp_path / "server.log"
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "optserve.cli", "serve", "--port", str(port), "--host",
+             "127.0.0.1", "--data-dir", str(data), "--device", "cpu", "--log-level", "warning"],
+            env=env, stdout=subprocess.DEVNULL, stderr=log_file)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while True:
-            assert proc.poll() is None, proc.communicate()[1].decode()
+            assert proc.poll() is None, log.read_text()
             try:
                 if httpx.get(url + "/healthz", timeout=1).status_code == 200:
                     break
@@ -412,4 +413,4 @@ def test_serve_maps_flags_and_sigterm_exits_0(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-    assert code == 0, proc.communicate()[1].decode()
+    assert code == 0, log.read_text()

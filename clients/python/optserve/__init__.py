@@ -2,7 +2,8 @@
 
 - :class:`Client` / :class:`AsyncClient`: one method per endpoint.
 - :class:`RemoteOptimizer`: a ``torch.optim.Optimizer`` backed by a server session (needs
-  torch).
+  torch); with ``worker=...`` one of many workers of a parameter-server session.
+- :func:`pull_params`: copy a session's current parameters into a module (needs torch).
 - Errors: :class:`OptserveError` and its subclasses (see :mod:`optserve._exceptions`).
 """
 
@@ -44,12 +45,14 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from ._optimizer import RemoteOptimizer
+    from ._pull import pull_params
 
 __all__ = [
     "__version__",
     "Client",
     "AsyncClient",
     "RemoteOptimizer",
+    "pull_params",
     "DEFAULT_BASE_URL",
     "DEFAULT_MAX_RETRIES",
     "DEFAULT_TIMEOUT",
@@ -91,4 +94,12 @@ def __getattr__(name: str) -> Any:
                 "optserve.RemoteOptimizer needs torch: pip install 'optserve[torch]'"
             ) from exc
         return RemoteOptimizer
+    if name == "pull_params":
+        try:
+            from ._pull import pull_params
+        except ImportError as exc:  # pragma: no cover - needs an environment without torch
+            raise ImportError(
+                "optserve.pull_params needs torch: pip install 'optserve[torch]'"
+            ) from exc
+        return pull_params
     raise AttributeError(f"module 'optserve' has no attribute {name!r}")

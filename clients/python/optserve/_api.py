@@ -15,7 +15,14 @@ import httpx
 
 from . import _safetensors
 from . import _tensors as T
-from ._constants import JSON, OCTET_STREAM, STEP_HEADER, VERSION_HEADER
+from ._constants import (
+    JSON,
+    MAX_WAIT_S,
+    OCTET_STREAM,
+    STEP_HEADER,
+    VERSION_HEADER,
+    WORKER_HEADER,
+)
 from ._safetensors import WireTensor
 from ._tensors import Tensor, TensorLike
 from ._types import (
@@ -51,6 +58,10 @@ class APICall(Generic[R]):
     #: Safe to send twice. Only idempotent calls are retried after the request may have
     #: reached the server (read errors, read timeouts); others only when it surely did not.
     idempotent: bool = True
+    headers: dict[str, str] = field(default_factory=dict)
+    #: How long the server may legitimately hold the request before answering (a long poll,
+    #: a sync round): added to the client's read timeout; ``None``: no read timeout.
+    wait_s: float | None = 0.0
 
 
 def _sid(session_id: str) -> str:
@@ -136,6 +147,8 @@ def _parse_step(response: httpx.Response) -> StepResult:
         skipped=bool(scalars.get("skipped", False)),
         params=params,
         nonfinite=list(scalars.get("nonfinite", [])),
+        sync=scalars.get("sync"),
+        staleness=scalars.get("staleness"),
     )
 
 
@@ -144,7 +157,7 @@ def _parse_step_no_params(response: httpx.Response) -> StepResult:
     if result.params:
         raise ValueError("asked for no params but the step response carries some")
     return StepResult(result.version, result.step, result.lr, result.skipped, None,
-                      result.nonfinite)
+                      result.nonfinite, result.sync, result.staleness)
 
 
 def _parse_params(response: httpx.Response) -> ParamsResult:
@@ -292,6 +305,7 @@ def create_session(
     id: str | None,
     nonfinite: NonFinitePolicy | None,
     binary: bool,
+    ps_options: Mapping[str, Any] | None = None,
 ) -> APICall[SessionInfo]:
     if not isinstance(optimizer, str):
         raise TypeError(f"optimizer must be a torch.optim class name, got {optimizer!r}")
@@ -306,6 +320,7 @@ def create_session(
         fields["id"] = id
     if nonfinite is not None:
         fields["nonfinite"] = nonfinite
+    fields.update({k: v for k, v in (ps_options or {}).items() if v is not None})
     if binary:
         tensors = {name: w for g, _ in groups for name, w in g.items()}
         fields["param_groups"] = [{"params": list(g), **opts} for g, opts in groups]
@@ -338,16 +353,32 @@ def step(
     *,
     return_params: bool,
     binary: bool,
+    worker: str | None = None,
+    base_version: int | None = None,
 ) -> APICall[StepResult]:
     wires = T.encode_tensor_map(grads or {}, "grads")
     content, ctype = _tensor_body(wires, "grads", binary)
+    query: list[tuple[str, str]] = []
+    headers: dict[str, str] = {}
+    if base_version is not None:
+        if not isinstance(base_version, int) or isinstance(base_version, bool) \
+                or base_version < 0:
+            raise ValueError(f"base_version must be a non-negative int, got {base_version!r}")
+        query.append(("base_version", str(base_version)))
+    if worker is not None:
+        if not isinstance(worker, str) or not worker:
+            raise ValueError(f"worker must be a non-empty string, got {worker!r}")
+        headers[WORKER_HEADER] = worker
+    # A sync-round push waits for the other workers; the server's round timeout bounds it.
+    wait_s = None if worker is not None else 0.0
     if return_params:
-        return APICall("POST", _sid(session_id) + "/step", _parse_step, content=content,
-                       content_type=ctype, accept=OCTET_STREAM if binary else JSON,
-                       idempotent=False)
+        return APICall("POST", _sid(session_id) + "/step", _parse_step, params=query,
+                       content=content, content_type=ctype,
+                       accept=OCTET_STREAM if binary else JSON, idempotent=False,
+                       headers=headers, wait_s=wait_s)
     return APICall("POST", _sid(session_id) + "/step", _parse_step_no_params,
-                   params=[("return", "none")], content=content, content_type=ctype,
-                   idempotent=False)
+                   params=[("return", "none"), *query], content=content, content_type=ctype,
+                   idempotent=False, headers=headers, wait_s=wait_s)
 
 
 def push_grads(
@@ -363,9 +394,20 @@ def zero_grad(session_id: str) -> APICall[VersionInfo]:
 
 
 def get_params(
-    session_id: str, names: Iterable[str] | None, *, binary: bool
+    session_id: str, names: Iterable[str] | None, *, binary: bool,
+    min_version: int | None = None, wait_s: float | None = None,
 ) -> APICall[ParamsResult]:
     query: list[tuple[str, str]] = []
+    held = 0.0
+    if min_version is not None:
+        if not isinstance(min_version, int) or isinstance(min_version, bool) or min_version < 0:
+            raise ValueError(f"min_version must be a non-negative int, got {min_version!r}")
+        query.append(("min_version", str(min_version)))
+    if wait_s is not None:
+        if isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)) or not wait_s >= 0:
+            raise ValueError(f"wait_s must be a non-negative number, got {wait_s!r}")
+        query.append(("wait_s", repr(float(wait_s))))
+        held = min(float(wait_s), MAX_WAIT_S)
     if names is not None:
         if isinstance(names, str):
             names = [names]
@@ -375,7 +417,15 @@ def get_params(
                                  "names in ?names=); pull all parameters instead")
             query.append(("names", n))
     return APICall("GET", _sid(session_id) + "/params", _parse_params, params=query,
-                   accept=OCTET_STREAM if binary else JSON)
+                   accept=OCTET_STREAM if binary else JSON, wait_s=held)
+
+
+def configure_session(session_id: str, options: Mapping[str, Any]) -> APICall[SessionInfo]:
+    if not isinstance(options, Mapping):
+        raise TypeError(f"options must be a mapping, got {type(options).__name__}")
+    content, ctype = _json_body(dict(options))
+    return APICall("PATCH", _sid(session_id), _parse_session, content=content,
+                   content_type=ctype)
 
 
 def put_params(

@@ -97,13 +97,19 @@ class BaseClient(Generic[HttpxClientT]):
         headers["Accept"] = call.accept
         if call.content_type is not None:
             headers["Content-Type"] = call.content_type
+        headers.update(call.headers)
+        timeout = self.timeout
+        if call.wait_s != 0.0 and timeout.read is not None:
+            read = None if call.wait_s is None else timeout.read + call.wait_s
+            timeout = httpx.Timeout(connect=timeout.connect, read=read, write=timeout.write,
+                                    pool=timeout.pool)
         return self._client.build_request(
             call.method,
             self.base_url + call.path,
             params=tuple(call.params),
             content=call.content,
             headers=headers,
-            timeout=self.timeout,
+            timeout=timeout,
         )
 
     def _should_retry(self, call: APICall[Any], exc: httpx.TransportError, attempt: int) -> bool:

@@ -109,6 +109,9 @@ class Client(SyncAPIClient):
         id: str | None = None,
         nonfinite: NonFinitePolicy | None = None,
         binary: bool = True,
+        sync: Mapping[str, Any] | None = None,
+        max_staleness: int | None = None,
+        staleness_lr: str | None = None,
     ) -> SessionInfo:
         """``POST /v1/sessions``: create a session.
 
@@ -126,10 +129,19 @@ class Client(SyncAPIClient):
             nonfinite: the policy for non-finite gradients: ``"reject"``, ``"skip"``,
                 ``"allow"``.
             binary: send the tensors as safetensors (default) or JSON.
+            sync: synchronous rounds (parameter-server mode): ``{"workers": K, "reduce":
+                "mean" | "sum", "timeout_s": T, "on_timeout": "fail" | "apply_partial"}``;
+                each step waits until K distinct workers (``step(..., worker=...)``) pushed,
+                then one step with the reduced gradients answers them all.
+            max_staleness: refuse (409) an async push whose ``base_version`` is more than
+                this many versions old.
+            staleness_lr: ``"inverse"``: scale an async push's step lr by 1/(1+staleness).
         """
         return self._request(_api.create_session(
             optimizer, params, param_groups=param_groups, options=options,
             scheduler=scheduler, id=id, nonfinite=nonfinite, binary=binary,
+            ps_options={"sync": sync, "max_staleness": max_staleness,
+                        "staleness_lr": staleness_lr},
         ))
 
     def list_sessions(self) -> list[SessionInfo]:
@@ -152,14 +164,24 @@ class Client(SyncAPIClient):
         *,
         return_params: bool = True,
         binary: bool = True,
+        worker: str | None = None,
+        base_version: int | None = None,
     ) -> StepResult:
         """``POST .../step``: apply ``grads`` (plus anything accumulated) and step.
 
         A parameter missing from ``grads`` (and from the accumulator) has grad ``None`` and is
         skipped, as torch skips it. With ``return_params=False`` only version, step and lr
         come back.
+
+        Parameter-server mode: ``worker`` (header ``X-Optserve-Worker``) names this worker of
+        a sync session; the call returns when its round has stepped (no client read timeout:
+        the session's round timeout bounds the wait). ``base_version`` is the version the
+        gradients were computed from (``?base_version=``), checked against the session's
+        ``max_staleness`` (a :class:`ConflictError` with ``code == "stale_gradient"`` and
+        ``problem["current_version"]``) and used for ``staleness_lr``.
         """
-        return self._request(_api.step(id, grads, return_params=return_params, binary=binary))
+        return self._request(_api.step(id, grads, return_params=return_params, binary=binary,
+                                       worker=worker, base_version=base_version))
 
     def push_grads(
         self, id: str, grads: Mapping[str, TensorLike], *, binary: bool = True
@@ -172,10 +194,21 @@ class Client(SyncAPIClient):
         return self._request(_api.zero_grad(id))
 
     def get_params(
-        self, id: str, names: Iterable[str] | None = None, *, binary: bool = True
+        self, id: str, names: Iterable[str] | None = None, *, binary: bool = True,
+        min_version: int | None = None, wait_s: float | None = None,
     ) -> ParamsResult:
-        """``GET .../params``: the parameters (all, or only ``names``)."""
-        return self._request(_api.get_params(id, names, binary=binary))
+        """``GET .../params``: the parameters (all, or only ``names``). With ``min_version``
+        and ``wait_s``: wait (at most ``wait_s``, which the server caps at 60 s) until the
+        session reaches ``min_version``, then return the current state (check its
+        ``version``: after a timeout it may still be older)."""
+        return self._request(_api.get_params(id, names, binary=binary,
+                                             min_version=min_version, wait_s=wait_s))
+
+    def configure_session(self, id: str, **options: Any) -> SessionInfo:
+        """``PATCH /v1/sessions/{id}``: change parameter-server options between rounds:
+        ``sync={"workers": K2}`` (merged into the current sync options; ``sync=None`` turns
+        rounds off), ``max_staleness=S``, ``staleness_lr="inverse" | "none"``."""
+        return self._request(_api.configure_session(id, options))
 
     def put_params(
         self, id: str, params: Mapping[str, TensorLike], *, binary: bool = True
@@ -280,11 +313,16 @@ class AsyncClient(AsyncAPIClient):
         id: str | None = None,
         nonfinite: NonFinitePolicy | None = None,
         binary: bool = True,
+        sync: Mapping[str, Any] | None = None,
+        max_staleness: int | None = None,
+        staleness_lr: str | None = None,
     ) -> SessionInfo:
         """``POST /v1/sessions``: see :meth:`Client.create_session`."""
         return await self._request(_api.create_session(
             optimizer, params, param_groups=param_groups, options=options,
             scheduler=scheduler, id=id, nonfinite=nonfinite, binary=binary,
+            ps_options={"sync": sync, "max_staleness": max_staleness,
+                        "staleness_lr": staleness_lr},
         ))
 
     async def list_sessions(self) -> list[SessionInfo]:
@@ -306,10 +344,14 @@ class AsyncClient(AsyncAPIClient):
         *,
         return_params: bool = True,
         binary: bool = True,
+        worker: str | None = None,
+        base_version: int | None = None,
     ) -> StepResult:
-        """``POST .../step``: see :meth:`Client.step`."""
+        """``POST .../step``: see :meth:`Client.step`. Safe to await from many coroutines at
+        once (e.g. one per worker of a sync round)."""
         return await self._request(
-            _api.step(id, grads, return_params=return_params, binary=binary)
+            _api.step(id, grads, return_params=return_params, binary=binary, worker=worker,
+                      base_version=base_version)
         )
 
     async def push_grads(
@@ -323,10 +365,16 @@ class AsyncClient(AsyncAPIClient):
         return await self._request(_api.zero_grad(id))
 
     async def get_params(
-        self, id: str, names: Iterable[str] | None = None, *, binary: bool = True
+        self, id: str, names: Iterable[str] | None = None, *, binary: bool = True,
+        min_version: int | None = None, wait_s: float | None = None,
     ) -> ParamsResult:
-        """``GET .../params``."""
-        return await self._request(_api.get_params(id, names, binary=binary))
+        """``GET .../params``: see :meth:`Client.get_params`."""
+        return await self._request(_api.get_params(id, names, binary=binary,
+                                                   min_version=min_version, wait_s=wait_s))
+
+    async def configure_session(self, id: str, **options: Any) -> SessionInfo:
+        """``PATCH /v1/sessions/{id}``: see :meth:`Client.configure_session`."""
+        return await self._request(_api.configure_session(id, options))
 
     async def put_params(
         self, id: str, params: Mapping[str, TensorLike], *, binary: bool = True

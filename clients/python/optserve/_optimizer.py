@@ -19,6 +19,15 @@ How it maps onto the service:
 - ``state_dict()`` fetches the session's state in torch's format, ``load_state_dict()`` imports
   one (from a ``RemoteOptimizer`` or a local optimizer of the same class);
 - ``self.state`` stays empty: the optimizer state lives on the server.
+
+Parameter-server mode: ``RemoteOptimizer(params, client=c, session_id="ps", worker="w3")``
+does not create a session but joins the existing one as worker ``"w3"``: the session's group
+options become the local ones, its current parameter values are copied into the local tensors,
+and every ``step()`` pushes as that worker (``X-Optserve-Worker``) with the version its
+gradients were computed from (``base_version``). In a sync session ``step()`` returns when the
+round has stepped; in an async session with ``max_staleness`` a too-stale push raises
+:class:`optserve.ConflictError` (``code == "stale_gradient"``): call :meth:`pull_params` and go
+on with the next batch.
 """
 
 from __future__ import annotations
@@ -77,6 +86,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
             {...}}``); the learning rates it sets come back after each step. A torch
             ``lr_scheduler`` running locally against this optimizer works too.
         binary: tensors travel as safetensors (default) or JSON.
+        worker: join the existing session ``session_id`` as this worker (parameter-server
+            mode) instead of creating one; its parameter names must be the ones this
+            optimizer gives (``(name, tensor)`` pairs, else ``"0"``, ``"1"``, ...), group by
+            group, with the same shapes. Takes no ``optimizer`` options or ``scheduler``: the
+            session's are used.
         **options: the optimizer's options (``lr=1e-3``, ``betas=(0.9, 0.99)``, ...).
     """
 
@@ -89,6 +103,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         session_id: str | None = None,
         scheduler: str | Mapping[str, Any] | None = None,
         binary: bool = True,
+        worker: str | None = None,
         **options: Any,
     ) -> None:
         if client is not None and not isinstance(client, Client):
@@ -101,6 +116,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 "params argument given to the optimizer should be an iterable of Tensors or "
                 "dicts, but got " + torch.typename(params)
             )
+        if worker is not None:
+            if session_id is None:
+                raise ValueError("worker=... joins an existing session: give its session_id")
+            if options or scheduler is not None:
+                raise ValueError("a worker joining a session takes the session's options and "
+                                 "scheduler; pass neither")
         self._initializing = True
         items: list[Any] = list(params)
         # Each group's own options, before torch fills in the defaults.
@@ -122,12 +143,23 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._by_name: dict[str, torch.Tensor] = {}
         self._seen_version: dict[str, int] = {}
         self._synced: list[dict[str, Any]] = []
+        self._worker = worker
+        self._version = 0  # the session version the local parameter values belong to
 
         groups = []
         for group, opts in zip(self.param_groups, explicit, strict=True):
             names = self._names_for(group)
             self._remember(names, group["params"])
             groups.append({"params": dict(zip(names, group["params"], strict=True)), **opts})
+        if worker is not None:
+            assert session_id is not None
+            try:
+                self._join(session_id)
+            except BaseException:
+                if self._owns_client:
+                    self._client.close()
+                raise
+            return
         try:
             info = self._client.create_session(
                 optimizer, param_groups=groups, options=options, scheduler=scheduler,
@@ -138,6 +170,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 self._client.close()
             raise
         self._session_id = info.id
+        self._version = info.version
         self.defaults = {**info.defaults, **options}
         self._adopt(info)
 
@@ -150,6 +183,36 @@ class RemoteOptimizer(torch.optim.Optimizer):
     @property
     def client(self) -> Client:
         return self._client
+
+    @property
+    def worker(self) -> str | None:
+        """The worker id this optimizer pushes as (``None``: it owns its session)."""
+        return self._worker
+
+    @property
+    def version(self) -> int:
+        """The session version the local parameter values come from."""
+        return self._version
+
+    def _join(self, session_id: str) -> None:
+        info = self._client.get_session(session_id)
+        local = [list(n) for n in self._param_names]
+        remote = [list(g.params) for g in info.param_groups]
+        if local != remote:
+            raise ValueError(f"session {session_id!r} holds parameters {remote}; this optimizer "
+                             f"names its parameters {local} (pass model.named_parameters() "
+                             "or the same tensors in the same order as the session's creator)")
+        for name, p in self._by_name.items():
+            shape = info.params.get(name)
+            if shape is not None and tuple(shape.shape) != tuple(p.shape):
+                raise ValueError(f"parameter {name!r} has shape {tuple(p.shape)} here but "
+                                 f"{tuple(shape.shape)} in session {session_id!r}")
+        self._session_id = info.id
+        self.defaults = dict(info.defaults)
+        for group, server in zip(self.param_groups, info.param_groups, strict=True):
+            group.update(server.options)
+        self._adopt(info)
+        self.pull_params()
 
     def _names_for(self, group: dict[str, Any]) -> list[str]:
         if "param_names" in group:
@@ -237,10 +300,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     if p.grad.is_sparse:
                         raise RuntimeError("RemoteOptimizer does not support sparse gradients")
                     grads[name] = p.grad
+        base = self._version if self._worker is not None else None
         result = self._client.step(self._session_id, grads, return_params=True,
-                                   binary=self._binary)
+                                   binary=self._binary, worker=self._worker, base_version=base)
         if result.params is not None:
             self._copy_in(result.params)
+        self._version = result.version
         self._take_lrs(result.lr)
         return loss
 
@@ -339,14 +404,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
         params = self._locally_edited() if only_edited else dict(self._by_name)
         if not params:
             return
-        self._client.put_params(self._session_id, params, binary=self._binary)
+        self._version = self._client.put_params(self._session_id, params,
+                                                binary=self._binary).version
         for name, p in params.items():
             self._seen_version[name] = p._version
 
     def pull_params(self) -> None:
         """Copy the session's current parameter values into the local tensors (e.g. after
         other workers stepped the same session)."""
-        self._copy_in(self._client.get_params(self._session_id, binary=self._binary).params)
+        result = self._client.get_params(self._session_id, binary=self._binary)
+        self._copy_in(result.params)
+        self._version = result.version
 
     def close(self, *, delete_session: bool = False) -> None:
         """Optionally delete the server session, then close the client if this optimizer made

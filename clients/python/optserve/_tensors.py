@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import importlib.util
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -26,10 +29,25 @@ import numpy.typing as npt
 from . import _safetensors
 from ._safetensors import DTYPES, WireTensor
 
-try:
-    import torch
-except ImportError:  # pragma: no cover - exercised only where torch is missing
-    torch = None  # type: ignore[assignment]
+
+class _LazyTorch:
+    """``torch``, imported the first time something of it is used: the SDK (and the CLI)
+    start in a fraction of a second when no tensor needs torch."""
+
+    def __getattr__(self, name: str) -> Any:
+        import torch as module
+
+        return getattr(module, name)
+
+
+# Only the presence of torch is checked here; importing it waits for first use.
+torch: Any = _LazyTorch() if importlib.util.find_spec("torch") is not None else None
+
+
+def _torch_loaded() -> Any:
+    """The torch module if something already imported it (a tensor from it can exist only
+    then), else None; never imports it."""
+    return sys.modules.get("torch")
 
 if TYPE_CHECKING:
     import torch as _torch_t
@@ -92,12 +110,12 @@ def _torch_dtypes() -> dict[str, Any]:
     }
 
 
-_TORCH_DTYPES: dict[str, Any] = _torch_dtypes() if torch is not None else {}
-_TORCH_NAMES: dict[Any, str] = {v: k for k, v in _TORCH_DTYPES.items()}
+_torch_dtypes = functools.cache(_torch_dtypes)
 
 
 def is_torch_tensor(x: object) -> bool:
-    return torch is not None and isinstance(x, torch.Tensor)
+    loaded = _torch_loaded()
+    return loaded is not None and isinstance(x, loaded.Tensor)
 
 
 def is_tensor(x: object) -> bool:
@@ -108,7 +126,8 @@ def is_tensor(x: object) -> bool:
 # --------------------------------------------------------------------------- to the wire
 def to_wire(x: TensorLike, what: str = "tensor") -> WireTensor:
     """Any accepted tensor input to a :class:`WireTensor` (C order, little-endian)."""
-    if torch is not None and isinstance(x, torch.Tensor):
+    loaded = _torch_loaded()
+    if loaded is not None and isinstance(x, loaded.Tensor):
         return _from_torch(x, what)
     if isinstance(x, np.ndarray):
         return _from_numpy(x, what)
@@ -133,7 +152,7 @@ def _from_torch(t: Any, what: str) -> WireTensor:
     assert torch is not None
     if t.layout != torch.strided:
         raise TypeError(f"{what}: only dense (strided) tensors can be sent, got {t.layout}")
-    name = _TORCH_NAMES.get(t.dtype)
+    name = {v: k for k, v in _torch_dtypes().items()}.get(t.dtype)
     if name is None:
         raise TypeError(f"{what}: dtype {t.dtype} cannot be sent; one of {sorted(DTYPES)}")
     t = t.detach()
@@ -245,7 +264,7 @@ def decode_json_tensor(obj: object) -> WireTensor:
 def from_wire(w: WireTensor) -> Tensor:
     """A :class:`WireTensor` to a CPU ``torch.Tensor`` (or ``numpy.ndarray`` without torch)."""
     if USE_TORCH and torch is not None:
-        dtype = _TORCH_DTYPES[w.dtype]
+        dtype = _torch_dtypes()[w.dtype]
         if w.numel == 0:
             return torch.empty(w.shape, dtype=dtype)
         data: memoryview | bytearray = w.data

@@ -60,6 +60,10 @@ class SessionInfo:
     params: dict[str, ParamInfo] = field(default_factory=dict)
     nonfinite: str | None = None
     accumulated: list[str] = field(default_factory=list)
+    #: sync rounds: ``{"workers": K, "reduce", "timeout_s", "on_timeout", "pending": [ids]}``
+    sync: dict[str, Any] | None = None
+    max_staleness: int | None = None
+    staleness_lr: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -95,6 +99,9 @@ class SessionInfo:
             params=params,
             nonfinite=obj.get("nonfinite"),
             accumulated=list(obj.get("accumulated") or []),
+            sync=obj.get("sync"),
+            max_staleness=obj.get("max_staleness"),
+            staleness_lr=obj.get("staleness_lr"),
             raw=obj,
         )
 
@@ -104,7 +111,9 @@ class StepResult:
     """``POST .../step``: the new version and step count, per-group learning rates after the
     step (and its scheduler step), whether it was skipped (non-finite gradient under the
     ``skip`` policy), which gradients were non-finite, and the updated parameters (``None``
-    when asked for ``return_params=False``)."""
+    when asked for ``return_params=False``). Parameter-server extras: ``sync`` for a step of
+    a synchronous round (``{"workers": [ids that contributed], "expected": K, "partial":
+    bool}``), ``staleness`` for an async push that named its base version."""
 
     version: int
     step: int
@@ -112,6 +121,8 @@ class StepResult:
     skipped: bool
     params: dict[str, Tensor] | None
     nonfinite: list[str] = field(default_factory=list)
+    sync: dict[str, Any] | None = None
+    staleness: int | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Parameter-server training with optserve; run ``python -m examples.parameter_server``."""

@@ -1,0 +1,635 @@
+"""Durability against real servers: ``kill -9`` mid-run loses no acknowledged step, damaged files
+are refused (and the rest served), SIGTERM drains, durability levels behave as documented.
+
+The crash test runs ``python -m app`` as a subprocess with ``OPTSERVE_DURABILITY=step``. Four
+client threads push deterministic gradients (Adam + StepLR) and record the version each
+response acknowledged; the server is killed with SIGKILL mid-run and restarted on the same
+data directory. The applied order is rebuilt from the acknowledged versions: every version up
+to the restored one is either acknowledged (its gradient is known) or was a request in flight
+when the server died (its response lost; at most one per client). The params must equal,
+bitwise, a local ``torch.optim`` replay of exactly that order for exactly one assignment of
+the in-flight gradients to the unacknowledged versions; then the exported optimizer state and
+the scheduler must match and 3 more steps must continue identically. Each restart is the next
+run's server, so one chain covers kills at random points, with a snapshot every step, with a
+log torn by hand, and finally with a damaged snapshot (refused, the other session served).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import safetensors.torch
+import torch
+
+from app.engine import persist
+from app.engine.store import frame_record, read_log, read_snapshot
+from app.wire.tree import tree_from_json
+from tests.conftest import LiveServer, _test_settings
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+BINARY = "application/octet-stream"
+SHAPES = {"w": (48,), "b": (8,)}
+LR, STEP_SIZE, GAMMA = 0.01, 40, 0.9  # lr must not vanish over ~1,500 steps
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def grad_for(key: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    seed = 0
+    for k in key:
+        seed = seed * 1_000_003 + k + 7
+    g = torch.Generator().manual_seed(seed % (2**62))
+    return {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+
+
+def params0(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+
+
+def jt(t: torch.Tensor) -> dict[str, Any]:
+    return {"dtype": "float32", "shape": list(t.shape), "data": t.double().reshape(-1).tolist()}
+
+
+def create_body(sid: str, seed: int = 0, **extra: Any) -> dict[str, Any]:
+    return {"id": sid, "optimizer": "Adam", "options": {"lr": LR},
+            "params": {n: jt(t) for n, t in params0(seed).items()},
+            "scheduler": {"name": "StepLR", "options": {"step_size": STEP_SIZE,
+                                                        "gamma": GAMMA}}, **extra}
+
+
+def bitwise(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+class Reference:
+    """Local torch Adam + StepLR; cloned through state dicts (never deepcopy: the scheduler's
+    wrapper around ``optimizer.step`` would keep stepping the original)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.params = params0(seed)
+        self.opt = torch.optim.Adam(list(self.params.values()), lr=LR)
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, STEP_SIZE, GAMMA)
+        self.version = 0
+
+    def clone(self) -> Reference:
+        new = Reference()
+        for n, p in self.params.items():
+            new.params[n].data.copy_(p.data)
+        # load_state_dict keeps tensors that already have the right dtype and device: copy
+        new.opt.load_state_dict(copy.deepcopy(self.opt.state_dict()))
+        new.sched.load_state_dict(copy.deepcopy(self.sched.state_dict()))
+        new.version = self.version
+        return new
+
+    def step(self, g: dict[str, torch.Tensor]) -> None:
+        for n, p in self.params.items():
+            p.grad = g[n].clone()
+        self.opt.step()
+        self.sched.step()
+        for p in self.params.values():
+            p.grad = None
+        self.version += 1
+
+    def same_params(self, got: dict[str, torch.Tensor]) -> bool:
+        return set(got) == set(self.params) and all(
+            bitwise(got[n], p.detach()) for n, p in self.params.items())
+
+
+# --------------------------------------------------------------------------- the subprocess
+
+@dataclass
+class Proc:
+    data_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, **env: str) -> Proc:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")}
+        full = {**base, "OPTSERVE_HOST": "127.0.0.1", "OPTSERVE_PORT": str(self.port),
+                "OPTSERVE_DATA_DIR": str(self.data_dir), "OPTSERVE_DEVICE": "cpu",
+                "OPTSERVE_DURABILITY": "step", "OPTSERVE_TORCH_THREADS": "1",
+                "OPTSERVE_LOG_FORMAT": "text", "OPTSERVE_LOG_LEVEL": "info",
+                **self.env, **env}
+        self.log_path = self.data_dir.parent / f"server-{self.port}-{time.monotonic_ns()}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=full,
+                                         stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{self.log()}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        assert self.proc.wait(30) == -signal.SIGKILL
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+@pytest.fixture
+def proc(tmp_path: Path) -> Iterator[Proc]:
+    p = Proc(tmp_path / "data")
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+# --------------------------------------------------------------------------- the crash chain
+
+@dataclass
+class Run:
+    acked: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    inflight: list[tuple[int, ...]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def push_until_dead(url: str, run_no: int, t: int, run: Run, stop: threading.Event) -> None:
+    headers = {"Content-Type": BINARY}
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for i in itertools.count():
+            if stop.is_set():
+                return
+            key = (run_no, t, i)
+            body = safetensors.torch.save(grad_for(key))
+            try:
+                r = client.post("/v1/sessions/crash/step?return=none", content=body,
+                                headers=headers)
+            except httpx.ConnectError:  # never sent
+                return
+            except httpx.TransportError:  # sent; applied or not, nobody heard back
+                with run.lock:
+                    run.inflight.append(key)
+                return
+            if r.status_code != 200:
+                with run.lock:
+                    run.errors.append(f"{r.status_code} {r.text}")
+                return
+            version = r.json()["version"]
+            with run.lock:
+                assert version not in run.acked, "two steps acknowledged at one version"
+                run.acked[version] = key
+
+
+def pull(client: httpx.Client, sid: str) -> tuple[int, dict[str, torch.Tensor]]:
+    r = client.get(f"/v1/sessions/{sid}/params", headers={"Accept": BINARY})
+    assert r.status_code == 200, r.text
+    return int(r.headers["X-Optserve-Version"]), safetensors.torch.load(r.content)
+
+
+def reconcile(client: httpx.Client, ref: Reference, run: Run) -> Reference:
+    """The reference advanced by exactly what the restarted server holds (see module doc)."""
+    desc = client.get("/v1/sessions/crash")
+    assert desc.status_code == 200, desc.text
+    restored = desc.json()["version"]
+    assert desc.json()["step"] == restored
+    max_ack = max(run.acked, default=ref.version)
+    assert restored >= max_ack, f"acknowledged steps lost: restored {restored} < {max_ack}"
+    versions = range(ref.version + 1, restored + 1)
+    assert set(run.acked) <= set(versions)
+    missing = [v for v in versions if v not in run.acked]
+    assert len(missing) <= len(run.inflight), (missing, run.inflight)
+    version, got = pull(client, "crash")
+    assert version == restored
+    # replay the acknowledged prefix once, then each candidate assignment for the rest
+    first_gap = missing[0] if missing else restored + 1
+    prefix = ref.clone()
+    for v in range(ref.version + 1, first_gap):
+        prefix.step(grad_for(run.acked[v]))
+    matches = []
+    for chosen in itertools.permutations(run.inflight, len(missing)):
+        cand = prefix.clone()
+        fill = dict(zip(missing, chosen, strict=True))
+        for v in range(first_gap, restored + 1):
+            cand.step(grad_for(run.acked[v] if v in run.acked else fill[v]))
+        if cand.same_params(got):
+            matches.append(cand)
+    assert len(matches) == 1, (f"{len(matches)} replays match the restored params (acked up "
+                               f"to {max_ack}, restored {restored}, missing {missing}, "
+                               f"in flight {run.inflight})")
+    return matches[0]
+
+
+def check_state_and_continue(client: httpx.Client, ref: Reference, tag: int) -> None:
+    """Exported optimizer + scheduler state equal the reference's, then 3 identical steps."""
+    r = client.get("/v1/sessions/crash/state_dict", params={"encoding": "b64"})
+    assert r.status_code == 200, r.text
+    sd = tree_from_json(r.json())
+    want = ref.opt.state_dict()
+    assert sd["param_groups"][0]["param_names"] == list(SHAPES)
+    for pid, name in enumerate(SHAPES):
+        for k, v in want["state"][pid].items():
+            assert bitwise(sd["state"][str(pid)][k], v), (name, k)
+    for k in ("lr", "initial_lr", "betas", "eps", "weight_decay", "amsgrad"):
+        expected = want["param_groups"][0][k]
+        assert sd["param_groups"][0][k] == (list(expected) if isinstance(expected, tuple)
+                                            else expected), k
+    sched = ref.sched.state_dict()
+    for k in ("last_epoch", "_step_count", "_last_lr", "base_lrs", "step_size", "gamma"):
+        assert sd["scheduler"][k] == sched[k], k
+    for j in range(3):
+        g = grad_for((tag, 99, j))
+        r = client.post("/v1/sessions/crash/step", content=safetensors.torch.save(g),
+                        headers={"Content-Type": BINARY, "Accept": BINARY})
+        assert r.status_code == 200, r.text
+        ref.step(g)
+        assert int(r.headers["X-Optserve-Version"]) == ref.version
+        assert ref.same_params(safetensors.torch.load(r.content)), f"continued step {j}"
+    desc = client.get("/v1/sessions/crash").json()
+    assert desc["lr"] == ref.sched.get_last_lr() and desc["version"] == ref.version
+
+
+def session_dir(data: Path, sid: str) -> Path:
+    return data / "sessions" / f"default~{sid}"
+
+
+def test_kill9_loses_no_acknowledged_step(proc: Proc) -> None:
+    rng = random.Random(20260501)
+    runs: list[dict[str, Any]] = [
+        {"every": "5", "delay": rng.uniform(0.4, 1.2)},
+        {"every": "5", "delay": rng.uniform(0.1, 0.6)},
+        {"every": "1", "delay": rng.uniform(0.4, 1.0)},  # a snapshot after every step
+        {"every": "5", "delay": rng.uniform(0.4, 1.0), "damage": "tear"},
+        {"every": "5", "delay": rng.uniform(0.2, 0.8), "damage": "snapshot"},
+    ]
+    proc.start(OPTSERVE_SNAPSHOT_EVERY_STEPS="5")
+    ref, bystander = Reference(), Reference(seed=5)
+    with httpx.Client(base_url=proc.url, timeout=30) as c:
+        assert c.post("/v1/sessions", json=create_body("crash")).status_code == 201
+        assert c.post("/v1/sessions", json=create_body("bystander", seed=5)).status_code == 201
+        for k in range(4):
+            g = grad_for((1000, k))
+            assert c.post("/v1/sessions/bystander/step", content=safetensors.torch.save(g),
+                          headers={"Content-Type": BINARY}).status_code == 200
+            bystander.step(g)
+    crash_dir = session_dir(proc.data_dir, "crash")
+    for run_no, plan in enumerate(runs):
+        run, stop = Run(), threading.Event()
+        threads = [threading.Thread(target=push_until_dead, args=(proc.url, run_no, t, run, stop))
+                   for t in range(4)]
+        for th in threads:
+            th.start()
+        time.sleep(plan["delay"])
+        proc.kill9()
+        stop.set()
+        for th in threads:
+            th.join(30)
+        assert not run.errors, run.errors
+        assert len(run.acked) >= 10, f"run {run_no}: only {len(run.acked)} steps before the kill"
+        records, _, torn = read_log(crash_dir / "wal.bin")
+        every = int(plan["every"])
+        assert len(records) <= every, "no snapshot was taken during the run"
+        if plan.get("damage") == "tear":
+            # half of the next record: as if the server died in the middle of writing it
+            g = grad_for((run_no, 77))
+            half = frame_record(persist.encode_record("step", {"grads": g}, 10**6, 10**6))
+            with open(crash_dir / "wal.bin", "ab") as f:
+                f.write(half[: len(half) // 2])
+        if plan.get("damage") == "snapshot":
+            snap = crash_dir / "snapshot.bin"
+            data = bytearray(snap.read_bytes())
+            data[len(data) * 2 // 3] ^= 0x04
+            snap.write_bytes(data)
+        next_every = runs[run_no + 1]["every"] if run_no + 1 < len(runs) else "5"
+        proc.start(OPTSERVE_SNAPSHOT_EVERY_STEPS=next_every)
+        with httpx.Client(base_url=proc.url, timeout=30) as c:
+            if plan.get("damage") == "snapshot":
+                # refused, reported, not served; the other session is
+                assert c.get("/v1/sessions/crash").status_code == 404
+                assert [d["id"] for d in c.get("/v1/sessions").json()["sessions"]] == \
+                    ["bystander"]
+                ready = c.get("/readyz").json()
+                assert [r["id"] for r in ready["refused"]] == ["crash"]
+                assert "checksum" in ready["refused"][0]["reason"]
+                assert "refusing stored session default~crash" in proc.log()
+                r = c.post("/v1/sessions", json=create_body("crash"))
+                assert r.status_code == 409  # the id stays taken until an operator acts
+                version, got = pull(c, "bystander")
+                assert version == bystander.version and bystander.same_params(got)
+                assert snap.read_bytes() == data  # the evidence is left in place
+                break
+            if plan.get("damage") == "tear":
+                assert "torn last record dropped" in proc.log()
+            ref = reconcile(c, ref, run)
+            check_state_and_continue(c, ref, tag=run_no)
+    else:
+        pytest.fail("the chain must end with the damaged snapshot")
+
+
+# --------------------------------------------------------------------------- damage at start
+
+def crash_image(server: LiveServer, data: Path, dest: Path) -> None:
+    """Copy the data directory of a running server between requests: what ``kill -9`` would
+    leave (with ``durability: step`` everything acknowledged is on disk)."""
+    del server
+    shutil.copytree(data, dest)
+
+
+def test_damaged_files_are_refused_and_the_rest_served(tmp_path: Path) -> None:
+    data, image = tmp_path / "data", tmp_path / "image"
+    live = LiveServer(_test_settings(data_dir=data))
+    url = live.start()
+    names = ["good", "torn", "zeros", "mid-payload", "mid-length", "bad-snap", "short-snap",
+             "no-snap"]
+    refs: dict[str, Reference] = {}
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            for i, sid in enumerate(names):
+                assert c.post("/v1/sessions", json=create_body(sid, seed=i)).status_code == 201
+                refs[sid] = Reference(seed=i)
+                for k in range(4):
+                    g = grad_for((i, k))
+                    r = c.post(f"/v1/sessions/{sid}/step?return=none",
+                               content=safetensors.torch.save(g), headers={"Content-Type": BINARY})
+                    assert r.status_code == 200
+                    refs[sid].step(g)
+            crash_image(live, data, image)
+    finally:
+        live.stop()
+
+    def sdir(sid: str) -> Path:
+        return session_dir(image, sid)
+
+    for sid in names:
+        assert len(read_log(sdir(sid) / "wal.bin")[0]) == 4  # everything is in the log
+    with open(sdir("torn") / "wal.bin", "ab") as f:
+        f.write(frame_record(b"x" * 1000)[:500])
+    with open(sdir("zeros") / "wal.bin", "ab") as f:
+        f.write(b"\0" * 4096)  # blocks a crash left allocated but unwritten
+    for sid, offset in (("mid-payload", 200), ("mid-length", 5)):
+        wal = sdir(sid) / "wal.bin"
+        raw = bytearray(wal.read_bytes())
+        second = len(frame_record(read_log(wal)[0][0]))  # the second record starts here
+        raw[second + offset] ^= 0x20
+        wal.write_bytes(raw)
+    raw = bytearray((sdir("bad-snap") / "snapshot.bin").read_bytes())
+    raw[-100] ^= 0x01
+    (sdir("bad-snap") / "snapshot.bin").write_bytes(raw)
+    snap = sdir("short-snap") / "snapshot.bin"
+    snap.write_bytes(snap.read_bytes()[:-1000])
+    (sdir("no-snap") / "snapshot.bin").unlink()  # a log but no snapshot: not a torn create
+    before = {p: p.read_bytes() for p in image.rglob("*.bin")}
+
+    live = LiveServer(_test_settings(data_dir=image))
+    url = live.start()
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            listed = sorted(d["id"] for d in c.get("/v1/sessions").json()["sessions"])
+            assert listed == ["good", "torn", "zeros"]
+            for sid in listed:
+                version, got = pull(c, sid)
+                assert version == 4 and refs[sid].same_params(got), sid
+            refused = {r["id"]: r["reason"] for r in c.get("/readyz").json()["refused"]}
+            assert set(refused) == {"mid-payload", "mid-length", "bad-snap", "short-snap",
+                                    "no-snap"}
+            assert "valid record follows" in refused["mid-payload"]
+            assert "valid record follows" in refused["mid-length"]
+            assert "checksum" in refused["bad-snap"]
+            assert "header says" in refused["short-snap"]
+            assert "missing snapshot" in refused["no-snap"]
+            for sid in refused:
+                r = c.get(f"/v1/sessions/{sid}")
+                assert r.status_code == 404 and r.json()["code"] == "session_not_found"
+                assert c.post(f"/v1/sessions/{sid}/step", json={"grads": {}}).status_code \
+                    == 404
+    finally:
+        live.stop()
+    for p, content in before.items():
+        if p.parent.name.split("~")[1] in refused:
+            assert p.read_bytes() == content, f"{p} was changed"
+
+
+# --------------------------------------------------------------------------- SIGTERM
+
+def test_sigterm_drains_in_flight_then_snapshots_and_exits_0(proc: Proc, tmp_path: Path) -> None:
+    """Also: OPTSERVE_ALLOW_OPEN=1 lets a keyless server bind 0.0.0.0 (with a warning)."""
+    proc.env = {"OPTSERVE_HOST": "0.0.0.0", "OPTSERVE_ALLOW_OPEN": "1",
+                "OPTSERVE_SNAPSHOT_EVERY_STEPS": "100000"}
+    proc.start()
+    assert "WITHOUT authentication" in proc.log()
+    n = 1_000_000
+    g0 = torch.Generator().manual_seed(3)
+    p0 = torch.randn(n, generator=g0)
+    with httpx.Client(base_url=proc.url, timeout=60) as c:
+        meta = {"optimizer": "SGD", "options": '{"lr": 0.1, "momentum": 0.9}'}
+        r = c.post("/v1/sessions", content=safetensors.torch.save({"p": p0}, metadata=meta),
+                   headers={"Content-Type": BINARY})
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+        grads = [torch.randn(n, generator=g0) for _ in range(3)]
+        assert c.patch(f"/v1/sessions/{sid}/param_groups/0", json={"lr": 0.05}).status_code \
+            == 200
+        for g in grads[:2]:
+            assert c.post(f"/v1/sessions/{sid}/step?return=none",
+                          content=safetensors.torch.save({"p": g}),
+                          headers={"Content-Type": BINARY}).status_code == 200
+    wal = session_dir(proc.data_dir, sid) / "wal.bin"
+    assert len(read_log(wal)[0]) == 3  # the option change and two steps, not yet snapshotted
+
+    # a slow upload is in flight when SIGTERM arrives
+    payload = safetensors.torch.save({"p": grads[2]})
+    sent = threading.Event()
+
+    def slow_body() -> Iterator[bytes]:
+        step = len(payload) // 10
+        for i in range(0, len(payload), step):
+            yield payload[i:i + step]
+            sent.set()
+            time.sleep(0.1)
+    result: dict[str, Any] = {}
+
+    def request() -> None:
+        with httpx.Client(base_url=proc.url, timeout=60) as c:
+            result["r"] = c.post(f"/v1/sessions/{sid}/step", content=slow_body(),
+                                 headers={"Content-Type": BINARY, "Accept": BINARY,
+                                          "Content-Length": str(len(payload))})
+    th = threading.Thread(target=request)
+    th.start()
+    assert sent.wait(30)
+    assert proc.proc is not None
+    proc.proc.send_signal(signal.SIGTERM)
+    th.join(60)
+    assert proc.proc.wait(60) == 0, proc.log()
+    r = result["r"]
+    assert r.status_code == 200 and r.headers["X-Optserve-Version"] == "3"
+
+    p = p0.clone()
+    ref = torch.optim.SGD([p], lr=0.05, momentum=0.9)
+    for g in grads:
+        p.grad = g
+        ref.step()
+    assert bitwise(safetensors.torch.load(r.content)["p"], p)
+    # on disk: a snapshot holding everything, an empty log
+    assert wal.stat().st_size == 0
+    tree = persist.decode_tree(read_snapshot(wal.parent / "snapshot.bin"), persist.SNAPSHOT_KEY)
+    assert tree["meta"]["version"] == 3 and bitwise(tree["params"]["p"], p)
+    log = proc.log()
+    assert "Shutting down" in log and "Traceback" not in log
+
+    # and a restart serves it (nothing to replay)
+    proc.env = {}
+    proc.start()
+    with httpx.Client(base_url=proc.url, timeout=60) as c:
+        r = c.get(f"/v1/sessions/{sid}/params", headers={"Accept": BINARY})
+        assert r.headers["X-Optserve-Version"] == "3"
+        assert bitwise(safetensors.torch.load(r.content)["p"], p)
+    assert "0 logged updates replayed" in proc.log()
+
+
+def test_readyz_is_false_while_draining() -> None:
+    live = LiveServer(_test_settings())
+    url = live.start()
+    try:
+        with httpx.Client(base_url=url) as c:
+            assert c.get("/readyz").status_code == 200
+            live.app.state.draining = True
+            r = c.get("/readyz")
+            assert r.status_code == 503 and r.json()["code"] == "draining"
+    finally:
+        live.stop()
+
+
+# --------------------------------------------------------------------------- levels
+
+def step_n(c: httpx.Client, sid: str, ref: Reference, n: int, tag: int) -> None:
+    for k in range(n):
+        g = grad_for((tag, k))
+        r = c.post(f"/v1/sessions/{sid}/step?return=none", content=safetensors.torch.save(g),
+                   headers={"Content-Type": BINARY})
+        assert r.status_code == 200, r.text
+        ref.step(g)
+
+
+def test_durability_levels_per_session_and_server_default(tmp_path: Path) -> None:
+    data, image = tmp_path / "data", tmp_path / "image"
+    live = LiveServer(_test_settings(data_dir=data, fsync_interval_ms=20.0))  # default: step
+    url = live.start()
+    refs: dict[str, Reference] = {}
+    levels = {"default": None, "step": "step", "interval": "interval", "memory": "memory"}
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            for i, (sid, level) in enumerate(levels.items()):
+                extra = {"durability": level} if level else {}
+                r = c.post("/v1/sessions", json=create_body(sid, seed=i, **extra))
+                assert r.status_code == 201 and r.json()["durability"] == (level or "step")
+                refs[sid] = Reference(seed=i)
+                step_n(c, sid, refs[sid], 3, i)
+            assert not session_dir(data, "memory").exists()  # no disk at all
+            time.sleep(0.2)  # past the interval window
+            crash_image(live, data, image)
+    finally:
+        live.stop()  # clean: snapshots every persisted session
+
+    for where in (data, image):  # a clean restart, and what kill -9 would have left
+        live = LiveServer(_test_settings(data_dir=where))
+        url = live.start()
+        try:
+            with httpx.Client(base_url=url, timeout=30) as c:
+                listed = sorted(d["id"] for d in c.get("/v1/sessions").json()["sessions"])
+                assert listed == ["default", "interval", "step"], where
+                for sid in listed:
+                    version, got = pull(c, sid)
+                    assert version == 3 and refs[sid].same_params(got), (where, sid)
+                    assert c.get(f"/v1/sessions/{sid}").json()["durability"] == \
+                        (levels[sid] or "step")
+                assert c.get("/v1/sessions/memory").status_code == 404
+        finally:
+            live.stop()
+
+    # server default memory; a session asking for step is persisted, the others are not
+    data2 = tmp_path / "data2"
+    for _ in range(2):
+        live = LiveServer(_test_settings(data_dir=data2, durability="memory"))
+        url = live.start()
+        try:
+            with httpx.Client(base_url=url, timeout=30) as c:
+                listed = [d["id"] for d in c.get("/v1/sessions").json()["sessions"]]
+                if not listed:  # first run
+                    r = c.post("/v1/sessions", json=create_body("d"))
+                    assert r.json()["durability"] == "memory"
+                    r = c.post("/v1/sessions", json=create_body("p", durability="step"))
+                    assert r.json()["durability"] == "step"
+                    step_n(c, "p", Reference(), 2, 9)
+                    step_n(c, "d", Reference(), 2, 9)
+                else:
+                    assert listed == ["p"]
+                    ref = Reference()
+                    for k in range(2):
+                        ref.step(grad_for((9, k)))
+                    version, got = pull(c, "p")
+                    assert version == 2 and ref.same_params(got)
+        finally:
+            live.stop()
+
+
+def test_scheduler_driven_to_zero_lr_survives_restart(tmp_path: Path) -> None:
+    """LinearLR to end_factor 0 leaves lr a hair below zero in floating point; the session
+    serves fine and must restore after a restart too (not be refused as invalid)."""
+    data = tmp_path / "data"
+    body = {"id": "decay", "optimizer": "SGD", "options": {"lr": 0.1, "momentum": 0.9},
+            "params": {"w": jt(params0()["w"])},
+            "scheduler": {"name": "LinearLR", "options": {"start_factor": 1.0,
+                                                          "end_factor": 0.0,
+                                                          "total_iters": 5}}}
+    for restart in range(2):
+        live = LiveServer(_test_settings(data_dir=data))
+        url = live.start()
+        try:
+            with httpx.Client(base_url=url, timeout=30) as c:
+                if restart == 0:
+                    assert c.post("/v1/sessions", json=body).status_code == 201
+                    for k in range(6):
+                        r = c.post("/v1/sessions/decay/step",
+                                   json={"grads": {"w": jt(grad_for((k,))["w"])}})
+                        assert r.status_code == 200, r.text
+                    lr = r.json()["lr"]
+                else:
+                    assert c.get("/readyz").json().get("refused") is None
+                    assert c.get("/v1/sessions/decay").json()["lr"] == lr
+        finally:
+            live.stop()

@@ -1,0 +1,152 @@
+"""Parameter-server mode in the engine, without HTTP: option parsing, the exact reduction, and
+a crash (no snapshot on the way out) replayed from the log bitwise: sync rounds are logged as
+single ``step`` records with the reduced gradients, staleness-scaled steps with their divisor,
+option changes as ``configure`` records."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from app.engine import persist, ps
+from app.engine.embedded import EmbeddedEngine
+from app.engine.interface import CreateSpec, GroupSpec
+from app.errors import Conflict, Invalid
+
+
+def test_parse_validates_and_merges() -> None:
+    cfg = ps.parse({"sync": {"workers": 4}})
+    assert cfg.sync == ps.SyncConfig(4, "mean", ps.DEFAULT_TIMEOUT_S, "fail")
+    cfg = ps.parse({"sync": {"workers": 2, "timeout_s": 3}, "max_staleness": 0}, cfg)
+    assert cfg.sync == ps.SyncConfig(2, "mean", 3.0, "fail") and cfg.max_staleness == 0
+    assert ps.parse({"sync": None}, cfg).sync is None
+    assert ps.parse(cfg.to_json()) == cfg
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"sync": {}}, "sync.workers"),
+        ({"sync": {"workers": 0}}, "sync.workers"),
+        ({"sync": {"workers": True}}, "sync.workers"),
+        ({"sync": {"workers": 2, "reduce": "max"}}, "sync.reduce"),
+        ({"sync": {"workers": 2, "timeout_s": 0}}, "sync.timeout_s"),
+        ({"sync": {"workers": 2, "on_timeout": "wait"}}, "sync.on_timeout"),
+        ({"sync": {"workers": 2, "k": 1}}, "sync.k"),
+        ({"sync": 3}, "sync"),
+        ({"max_staleness": -1}, "max_staleness"),
+        ({"staleness_lr": "sqrt"}, "staleness_lr"),
+        ({"lr": 1}, "lr"),
+    ]
+    for obj, field in bad:
+        with pytest.raises(Invalid) as err:
+            ps.parse(obj)
+        assert err.value.field == field, obj
+
+
+def test_reduce_is_per_tensor_ordered_and_deterministic() -> None:
+    g = torch.Generator().manual_seed(0)
+    pushes = {w: {"a": torch.randn(1000, generator=g)} for w in ["w3", "w1", "w2", "w0"]}
+    pushes["w1"]["b"] = torch.ones(2)
+    pushes["w2"]["b"] = torch.full((2,), 3.0)
+    out = ps.reduce(pushes, "mean")
+    want = pushes["w0"]["a"].clone()
+    for w in ["w1", "w2", "w3"]:
+        want.add_(pushes[w]["a"])
+    assert torch.equal(out["a"], want / 4)
+    assert out["b"].tolist() == [2.0, 2.0]  # over the two that sent it
+    shuffled = {w: pushes[w] for w in ["w2", "w0", "w3", "w1"]}
+    assert torch.equal(ps.reduce(shuffled, "mean")["a"], out["a"])
+    assert ps.reduce(pushes, "sum")["b"].tolist() == [4.0, 4.0]
+    assert pushes["w1"]["b"].tolist() == [1.0, 1.0]  # inputs untouched
+
+
+def engine(data: Path) -> EmbeddedEngine:
+    return EmbeddedEngine("cpu", data_dir=data, durability="step")
+
+
+def spec() -> CreateSpec:
+    g = torch.Generator().manual_seed(0)
+    return CreateSpec("Adam", [GroupSpec({"w": torch.randn(5, generator=g),
+                                          "b": torch.randn(2, generator=g)})],
+                      {"lr": 0.05}, id="s",
+                      ps_options={"sync": {"workers": 3, "timeout_s": 30},
+                                  "max_staleness": 4, "staleness_lr": "inverse"})
+
+
+def grads(seed: int, names: tuple[str, ...] = ("w", "b")) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(5 if n == "w" else 2, generator=g) for n in names}
+
+
+def test_rounds_and_scaled_steps_replay_bitwise_after_a_crash(tmp_path: Path) -> None:
+    async def train(eng: EmbeddedEngine) -> tuple[Any, dict[str, Any]]:
+        await eng.create(spec())
+        for r in range(3):  # full rounds, one worker sending only "w"
+            results = await asyncio.gather(
+                eng.step("s", grads(10 * r), return_params=True, worker="a"),
+                eng.step("s", grads(10 * r + 1, ("w",)), return_params=False, worker="b"),
+                eng.step("s", grads(10 * r + 2), return_params=True, worker="c"))
+            assert [x.version for x in results] == [r + 1] * 3
+            assert results[1].params is None and results[0].params is not None
+        with pytest.raises(Conflict) as err:  # duplicate push while the round is open
+            await asyncio.gather(eng.step("s", grads(1), return_params=False, worker="a"),
+                                 eng.step("s", grads(2), return_params=False, worker="a"))
+        assert err.value.code == "duplicate_push"
+        await eng.configure("s", {"sync": {"workers": 1}})  # the open round ("a") completes
+        await asyncio.sleep(0.05)
+        await eng.configure("s", {"sync": None})
+        stepped = await eng.step("s", grads(99), return_params=False, base_version=2)
+        assert stepped.staleness == 2
+        with pytest.raises(Conflict) as err:
+            await eng.step("s", grads(98), return_params=False, base_version=0)
+        assert err.value.code == "stale_gradient" and err.value.extra["current_version"] == 5
+        return await eng.pull("s", None), await eng.describe("s")
+
+    async def crash_and_restore() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        before, desc = await train(eng)
+        eng._snapshot_all = lambda force=False: None  # type: ignore[method-assign]
+        await eng.stop()  # only the create-time snapshot on disk: everything else replays
+        records = [persist.decode_record(r)
+                   for r in eng._store.read("default~s")[1]]  # type: ignore[union-attr]
+        ops = [op for op, *_ in records]
+        assert ops == ["step"] * 3 + ["configure", "step", "configure", "step"]
+        assert "lr_div" in records[-1][1] and records[-1][1]["lr_div"] == 3.0
+        assert set(records[0][1]["grads"]) == {"w", "b"}  # reduced, not per worker
+
+        again = engine(tmp_path)
+        await again.start()
+        try:
+            after, desc2 = await again.pull("s", None), await again.describe("s")
+        finally:
+            await again.stop()
+        assert (after.version, after.step, after.lr) == (before.version, before.step,
+                                                         before.lr) == (5, 5, [0.05])
+        for n in before.params:
+            assert torch.equal(after.params[n], before.params[n]), n
+        assert desc2["sync"] is None and desc["sync"] is None
+        assert (desc2["max_staleness"], desc2["staleness_lr"]) == (4, "inverse")
+    asyncio.run(crash_and_restore())
+
+
+def test_long_poll_and_not_modified_in_the_engine() -> None:
+    async def go() -> None:
+        eng = EmbeddedEngine("cpu")
+        await eng.start()
+        try:
+            await eng.create(CreateSpec("SGD", [GroupSpec({"x": torch.zeros(2)})], {"lr": 1.0},
+                                        id="s"))
+            assert (await eng.pull("s", None, unless_versions=frozenset({0}))).not_modified
+            poll = asyncio.create_task(eng.pull("s", ["x"], min_version=1, wait_s=10))
+            await asyncio.sleep(0.05)
+            assert not poll.done()
+            await eng.step("s", {"x": torch.ones(2)}, return_params=False)
+            got = await asyncio.wait_for(poll, 5)
+            assert got.version == 1 and got.params["x"].tolist() == [-1.0, -1.0]
+            with pytest.raises(Invalid):
+                await eng.pull("s", ["nope"], unless_versions=frozenset({1}))
+        finally:
+            await eng.stop()
+    asyncio.run(go())
