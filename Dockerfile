@@ -5,9 +5,9 @@
 # python:3.11-slim-bookworm + torch==2.13.0 from PyPI, which is the CUDA 13.0 build: its wheels
 # carry the CUDA runtime, cuDNN, cuBLAS and NCCL, so the base image needs no CUDA toolkit. The
 # host needs only an NVIDIA driver (>= 580 for CUDA 13) and the NVIDIA Container Toolkit
-# (docker-compose.yml reserves the GPU). About 6 GB.
+# (docker-compose.yml reserves the GPU). About 5.3 GB.
 #
-# CPU-only build (about 1 GB): take torch's CPU wheel (torch==2.13.0+cpu satisfies the lock's
+# CPU-only build (about 1.3 GB): take torch's CPU wheel (torch==2.13.0+cpu satisfies the lock's
 # torch==2.13.0 and sorts above the PyPI build):
 #   docker build -t optserve:cpu \
 #     --build-arg PIP_EXTRA_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu" .

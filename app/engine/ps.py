@@ -147,10 +147,13 @@ def reduce(pushes: Mapping[str, Tensors], how: Reduce) -> Tensors:
     out: Tensors = {}
     for name in names:
         senders = [w for w in order if name in pushes[w]]
+        if len(senders) == 1:  # nothing to reduce (and nothing is changed: no copy needed)
+            out[name] = pushes[senders[0]][name]
+            continue
         acc = pushes[senders[0]][name].clone()
         for w in senders[1:]:
             acc.add_(pushes[w][name])
-        if how == "mean" and len(senders) > 1:
+        if how == "mean":
             acc.div_(len(senders))
         out[name] = acc
     return out

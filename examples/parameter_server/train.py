@@ -161,7 +161,7 @@ class Workers:
                 refused += extra
                 continue
             by_step.setdefault(i, []).append(loss)
-            if len(by_step[i]) == WORKERS and (i % 5 == 0 or i == steps - 1):
+            if len(by_step[i]) == WORKERS and (i % 10 == 0 or i == steps - 1):
                 mean = sum(by_step[i]) / WORKERS
                 what = "round" if label == "sync" else "step "
                 print(f"  [{label}] {what} {i + 1:3d}: mean worker loss {mean:.4f} (session "
@@ -225,7 +225,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--url", help="a running optserve server (default: start a local one)")
     ap.add_argument("--mode", choices=["sync", "async", "both"], default="both")
-    ap.add_argument("--rounds", type=int, default=30, help="steps per worker")
+    ap.add_argument("--rounds", type=int, default=100, help="steps per worker")
     ap.add_argument("--max-staleness", type=int, default=2)
     args = ap.parse_args()
     workers = Workers()  # first: forked before this process runs any torch op
