@@ -12,6 +12,7 @@ orjson's encode+decode of the same floats.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -100,16 +101,17 @@ def main() -> None:
                 reps = reps_for(n, args.quick)
                 sid = f"bench-{label}-{n}"
                 client.create_session(opt_name, {"w": torch.randn(n)}, options=options, id=sid)
-                echo = median_ms(lambda: raw.post(
-                    "/_bench/echo", content=body,
-                    headers={"content-type": "application/octet-stream"}).content, reps)
+                echo = median_ms(functools.partial(
+                    raw.post, "/_bench/echo", content=body,
+                    headers={"content-type": "application/octet-stream"}), reps)
                 local = inprocess_ms(opt_name, options, n, reps)
-                binary = median_ms(lambda: client.step(sid, {"w": g}, binary=True), reps)
+                binary = median_ms(functools.partial(client.step, sid, {"w": g}, binary=True),
+                                   reps)
                 js = jref = float("nan")
                 if json_n:
                     jreps = max(3, reps // 4) if n >= 1_000_000 else reps
-                    js = median_ms(lambda: client.step(sid, {"w": g}, binary=False), jreps,
-                                   warmup=1)
+                    js = median_ms(functools.partial(client.step, sid, {"w": g}, binary=False),
+                                   jreps, warmup=1)
                     jref = orjson_roundtrip_ms(n, jreps)
                 client.delete_session(sid)
                 rows.append((label, n, local, echo, binary, binary / (echo + local), js, jref,
