@@ -20,7 +20,8 @@ from app.runtime import tune_allocator
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    metrics = Metrics()
+    keys = parse_keys(settings.api_keys, settings.api_keys_file)
+    metrics = Metrics(per_session=not keys)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -55,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     problems.install(app)
     openapi_docs.install(app)
-    app.add_middleware(AuthMiddleware, keys=parse_keys(settings.api_keys, settings.api_keys_file))
+    app.add_middleware(AuthMiddleware, keys=keys)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.include_router(meta.router)
     app.include_router(sessions.router)

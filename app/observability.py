@@ -32,7 +32,10 @@ _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, per_session: bool = True) -> None:
+        # With API keys (several tenants) every key can read /metrics: then no series names a
+        # session, so one tenant cannot learn another's session ids.
+        self.per_session = per_session
         self.registry = CollectorRegistry()
         r = self.registry
         self.steps = Counter("optserve_steps", "Optimizer step requests by session and outcome",

@@ -11,7 +11,8 @@ parameters back, as ``RemoteOptimizer.step()`` does).
   ``w<k>``; a round = one step. steps/s = rounds/s, pushes/s = K x rounds/s.
 - async: no ``sync``; every push is one step. steps/s = pushes/s.
 
-Rates are totals over the wall time from the first push to the last answer. The server runs in
+Rates are totals over the wall time from the first push to the last answer; each case runs
+three times (``--repeat``) and the median run is reported. The server runs in
 its own process (uvicorn, httptools, uvloop, ``OPTSERVE_DURABILITY=memory`` by default, so the
 disk is not measured), the workers in processes of their own with one torch thread each, all on
 the same machine: on a 2-core box they compete with the server for the cores.
@@ -31,6 +32,7 @@ import os
 import pstats
 import queue
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -48,6 +50,7 @@ import optserve
 from benchmarks._server import free_port
 
 SIZES = (100_000, 1_000_000)
+SERVER_PIDS: dict[str, int] = {}
 WORKER_COUNTS = (1, 2, 4, 8)
 
 
@@ -83,7 +86,7 @@ class Pool:
     """Worker processes started once (forked before any torch op here) and reused."""
 
     def __init__(self, size: int) -> None:
-        ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+        ctx: Any = mp.get_context("fork" if sys.platform == "linux" else "spawn")
         self.out: Any = ctx.Queue()
         self.jobs = [ctx.Queue() for _ in range(size)]
         self.procs = [ctx.Process(target=_worker_process, args=(q, self.out), daemon=True)
@@ -94,7 +97,7 @@ class Pool:
     def run(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for q, job in zip(self.jobs, jobs, strict=False):
             q.put(job)
-        results = []
+        results: list[dict[str, Any]] = []
         while len(results) < len(jobs):
             try:
                 r = self.out.get(timeout=5)
@@ -116,10 +119,12 @@ class Pool:
 
 # --------------------------------------------------------------------------- the server
 @contextmanager
-def server(profile_dir: str | None = None, durability: str = "memory") -> Iterator[str]:
+def server(profile_dir: str | None = None, durability: str = "memory",
+           torch_threads: int = 0) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "OPTSERVE_DEVICE": os.environ.get("OPTSERVE_DEVICE", "cpu"),
            "OPTSERVE_MAX_BODY_MB": "2048", "OPTSERVE_DURABILITY": durability,
+           "OPTSERVE_TORCH_THREADS": str(torch_threads),
            "OPTSERVE_DATA_DIR": tempfile.mkdtemp(prefix="optserve-bench-ps-"),
            "OPTSERVE_LOG_LEVEL": "warning"}
     if profile_dir is not None:
@@ -131,6 +136,7 @@ def server(profile_dir: str | None = None, durability: str = "memory") -> Iterat
                "--http", "httptools"]
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
+    SERVER_PIDS[url] = proc.pid
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -149,27 +155,40 @@ def server(profile_dir: str | None = None, durability: str = "memory") -> Iterat
 
 
 def serve_profiled(port: int, out_dir: str) -> None:
-    """The server under cProfile: one profile for the event-loop thread, one for the device
-    worker thread, written to ``out_dir`` when uvicorn exits (SIGTERM)."""
+    """The server with two cProfiles, off until SIGUSR1 and written to ``out_dir`` at SIGUSR2
+    (so only the measured window is profiled): one for the event-loop thread, one for the jobs
+    of the device-worker thread."""
+    import signal
+
     import uvicorn
 
     from app.engine import worker as worker_mod
     from app.main import create_app
 
-    profiles: dict[str, cProfile.Profile] = {}
-    original = worker_mod.DeviceWorker._run
+    loop_prof, worker_prof = cProfile.Profile(), cProfile.Profile()
+    active = [False]
+    original = worker_mod.DeviceWorker.run
 
-    def profiled_run(self: Any) -> None:
-        prof = profiles.setdefault("device_worker", cProfile.Profile())
-        prof.runcall(original, self)
-    worker_mod.DeviceWorker._run = profiled_run  # type: ignore[method-assign]
-    app = create_app()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+    async def run(self: Any, fn: Any, op: str = "other") -> Any:
+        def job() -> Any:
+            return worker_prof.runcall(fn) if active[0] else fn()
+        return await original(self, job, op)
+    worker_mod.DeviceWorker.run = run  # type: ignore[method-assign]
+
+    def start(*_: Any) -> None:
+        active[0] = True
+        loop_prof.enable()  # signal handlers run on the main thread: the event loop's
+
+    def stop(*_: Any) -> None:
+        loop_prof.disable()
+        active[0] = False
+        loop_prof.dump_stats(os.path.join(out_dir, "event_loop.pstats"))
+        worker_prof.dump_stats(os.path.join(out_dir, "device_worker.pstats"))
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+    config = uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning",
                             loop="uvloop", http="httptools")
-    loop_prof = profiles.setdefault("event_loop", cProfile.Profile())
-    loop_prof.runcall(uvicorn.Server(config).run)
-    for name, prof in profiles.items():
-        prof.dump_stats(os.path.join(out_dir, f"{name}.pstats"))
+    uvicorn.Server(config).run()
 
 
 # --------------------------------------------------------------------------- one case
@@ -185,8 +204,8 @@ class Case:
 
 
 def reps_for(n: int, workers: int, quick: bool) -> int:
-    per_worker = {100_000: 80, 1_000_000: 24}[n] // max(1, workers // 2)
-    per_worker = max(8, per_worker)
+    per_worker = {100_000: 240, 1_000_000: 60}[n] // max(1, workers // 2)
+    per_worker = max(16, per_worker)
     return max(4, per_worker // 3) if quick else per_worker
 
 
@@ -222,13 +241,17 @@ def scrape(url: str) -> dict[tuple[str, str, str], float]:
     return out
 
 
-def where_time_goes(pool: Pool, mode: str, n: int, k: int, reps: int, top: int) -> None:
+def where_time_goes(pool: Pool, mode: str, n: int, k: int, reps: int, top: int,
+                    durability: str, torch_threads: int) -> None:
     with tempfile.TemporaryDirectory() as prof_dir:
-        with server(profile_dir=prof_dir) as url:
+        with server(prof_dir, durability, torch_threads) as url:
             run_case(pool, url, mode, n, k, max(4, reps // 4))  # warm up
             before = scrape(url)
-            case = run_case(pool, url, mode, n, k, reps)
+            os.kill(SERVER_PIDS[url], signal.SIGUSR1)
+            case = run_case(pool, url, mode, n, k, 2 * reps)
+            os.kill(SERVER_PIDS[url], signal.SIGUSR2)
             after = scrape(url)
+            time.sleep(0.5)  # the dump
         delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
         pushes = case.pushes_per_s * case.wall_s
         steps = case.steps_per_s * case.wall_s
@@ -257,8 +280,8 @@ def where_time_goes(pool: Pool, mode: str, n: int, k: int, reps: int, top: int) 
             path = os.path.join(prof_dir, f"{name}.pstats")
             if not os.path.exists(path):
                 continue
-            print(f"\n#### cProfile, server {name.replace('_', ' ')} thread (whole run, top "
-                  f"{top} by own time)\n```")
+            print(f"\n#### cProfile, server {name.replace('_', ' ')} thread (the measured "
+                  f"run, top {top} by own time)\n```")
             stats = pstats.Stats(path)
             stats.sort_stats("tottime").print_stats(top)
             print("```")
@@ -283,28 +306,32 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--profile-case", default="sync,1e6,4", help="mode,N,workers")
     ap.add_argument("--top", type=int, default=12)
-    ap.add_argument("--repeat", type=int, default=2, help="runs per case; the best is kept")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per case; the median is kept")
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="the server's OPTSERVE_TORCH_THREADS (0: torch's default)")
     ap.add_argument("--durability", default="memory", choices=["memory", "interval", "step"])
     args = ap.parse_args()
     counts = [int(c) for c in args.workers.split(",")]
     pool = Pool(max(counts))  # before any torch op in this process
     rows: list[Case] = []
     try:
-        with server(durability=args.durability) as url:
+        with server(durability=args.durability, torch_threads=args.torch_threads) as url:
             spin(3.0)
             for n in (s for s in SIZES if s <= args.max_n):
                 for mode in ("async", "sync"):
                     for k in counts:
                         reps = reps_for(n, k, args.quick)
                         run_case(pool, url, mode, n, k, 2)  # warm up
-                        case = max((run_case(pool, url, mode, n, k, reps)
-                                    for _ in range(args.repeat)), key=lambda c: c.steps_per_s)
+                        runs = sorted((run_case(pool, url, mode, n, k, reps)
+                                       for _ in range(args.repeat)),
+                                      key=lambda c: c.steps_per_s)
+                        case = runs[len(runs) // 2]  # the median run
                         rows.append(case)
                         print(f"  measured {mode} N={n:.0e} workers={k}: "
                               f"{case.steps_per_s:.1f} steps/s", flush=True)
         print(f"\ntorch {torch.__version__}, {os.cpu_count()} cores, server durability "
-              f"{args.durability}; Adam; each push = N float32 up + N float32 back "
-              "(safetensors)\n")
+              f"{args.durability}, server torch threads {args.torch_threads} (0: torch's "
+              "default); Adam; each push = N float32 up + N float32 back (safetensors)\n")
         print("| mode | N | workers | steps/s | pushes/s | pushes/s vs 1 worker | "
               "median push round trip ms |")
         print("|---|---|---|---|---|---|---|")
@@ -317,7 +344,8 @@ def main() -> None:
         if not args.no_profile:
             mode, n_text, k_text = args.profile_case.split(",")
             n, k = int(float(n_text)), int(k_text)
-            where_time_goes(pool, mode, n, k, reps_for(n, k, args.quick), args.top)
+            where_time_goes(pool, mode, n, k, reps_for(n, k, args.quick), args.top,
+                            args.durability, args.torch_threads)
     finally:
         pool.close()
 

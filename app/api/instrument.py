@@ -17,7 +17,7 @@ def metrics_of(request: Request) -> Any:
 
 
 @contextmanager
-def outcome(counter: Any, session_id: str) -> Iterator[dict[str, str]]:
+def outcome(metrics: Any, counter: Any, session_id: str) -> Iterator[dict[str, str]]:
     """Count one request under its outcome: ``ok``, a problem ``code``, or whatever the
     route sets in the yielded dict's ``outcome`` (e.g. ``skipped``)."""
     result = {"outcome": "ok"}
@@ -32,7 +32,8 @@ def outcome(counter: Any, session_id: str) -> Iterator[dict[str, str]]:
     finally:
         # Unknown ids get no series of their own: a client must not be able to grow the
         # metrics without bound by inventing session ids.
-        label = "" if result["outcome"] == "session_not_found" else session_id
+        known = result["outcome"] != "session_not_found"
+        label = session_id if known and metrics.per_session else ""
         counter.labels(label, result["outcome"]).inc()
 
 

@@ -75,11 +75,40 @@ SCHEMAS: dict[str, Any] = {
             "id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
             "nonfinite": {"type": "string", "enum": ["reject", "skip", "allow"]},
             "durability": {"type": "string", "enum": ["step", "interval", "memory"]},
+            "sync": {"oneOf": [_ref("SyncOptions"), {"type": "null"}]},
+            "max_staleness": {"type": ["integer", "null"], "minimum": 0},
+            "staleness_lr": {"type": ["string", "null"], "enum": ["none", "inverse", None]},
         },
         "additionalProperties": True,
         "example": {"id": "seed", "optimizer": "SGD", "options": {"lr": 0.1, "momentum": 0.9},
                     "params": {"x": TENSOR_EXAMPLE},
                     "scheduler": {"name": "StepLR", "options": {"step_size": 10, "gamma": 0.1}}},
+    },
+    "SyncOptions": {
+        "type": "object",
+        "description": "Synchronous rounds (parameter-server mode): each step waits for K "
+                       "distinct workers (X-Optserve-Worker), then one step with the reduced "
+                       "gradients answers them all. In a PATCH, fields merge into the current "
+                       "ones.",
+        "properties": {
+            "workers": {"type": "integer", "minimum": 1, "maximum": 10000},
+            "reduce": {"type": "string", "enum": ["mean", "sum"]},
+            "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400},
+            "on_timeout": {"type": "string", "enum": ["fail", "apply_partial"]},
+        },
+        "additionalProperties": False,
+        "example": {"workers": 4, "reduce": "mean", "timeout_s": 30, "on_timeout": "fail"},
+    },
+    "PsOptions": {
+        "type": "object",
+        "description": "Parameter-server options to change (absent fields keep their value).",
+        "properties": {
+            "sync": {"oneOf": [_ref("SyncOptions"), {"type": "null"}]},
+            "max_staleness": {"type": ["integer", "null"], "minimum": 0},
+            "staleness_lr": {"type": ["string", "null"], "enum": ["none", "inverse", None]},
+        },
+        "additionalProperties": False,
+        "example": {"sync": {"workers": 2}},
     },
     "Session": {
         "type": "object",
@@ -105,6 +134,9 @@ SCHEMAS: dict[str, Any] = {
                        "lr": {"type": "array", "items": {"type": "number"}},
                        "skipped": {"type": "boolean"},
                        "nonfinite": {"type": "array", "items": {"type": "string"}},
+                       "sync": {"type": "object", "description": "a sync round's step: "
+                                "workers that contributed, expected K, partial"},
+                       "staleness": {"type": "integer"},
                        "params": _ref("Tensors")},
         "additionalProperties": True,
         "example": {"version": 1, "step": 1, "lr": [0.1], "skipped": False,
@@ -128,7 +160,8 @@ _ERRORS = {
     "401": "Missing or wrong API key",
     "404": "Unknown session",
     "406": "Accept names neither JSON nor octet-stream",
-    "409": "Conflict (id taken, scheduler exhausted, duplicate push)",
+    "409": "Conflict (id taken, scheduler exhausted, duplicate push, round timeout, stale "
+           "gradient)",
     "413": "Body larger than OPTSERVE_MAX_BODY_MB",
     "415": "Content-Type neither JSON nor octet-stream",
     "422": "Invalid input (shape, dtype, option, state...)",
@@ -158,6 +191,7 @@ OPERATIONS: dict[tuple[str, str], tuple[str, str | None, str | None, bool]] = {
     ("post", "/v1/sessions"): ("createSession", "CreateSession", "Session", False),
     ("get", "/v1/sessions/{session_id}"): ("getSession", None, "Session", False),
     ("delete", "/v1/sessions/{session_id}"): ("deleteSession", None, None, False),
+    ("patch", "/v1/sessions/{session_id}"): ("configureSession", "PsOptions", "Session", False),
     ("post", "/v1/sessions/{session_id}/step"): ("step", "Grads", "StepResult", True),
     ("post", "/v1/sessions/{session_id}/grads"): ("pushGrads", "Grads", "Object", False),
     ("post", "/v1/sessions/{session_id}/zero_grad"): ("zeroGrad", None, "Object", False),
@@ -172,6 +206,25 @@ OPERATIONS: dict[tuple[str, str], tuple[str, str | None, str | None, bool]] = {
     ("get", "/v1/sessions/{session_id}/state_dict"): ("exportState", None, "StateDict", True),
     ("put", "/v1/sessions/{session_id}/state_dict"): ("importState", "StateDict", "Session",
                                                       False),
+}
+
+
+_VERSION_TAG = {"type": "string", "pattern": '^(W/)?"?[0-9]{1,18}"?$', "example": '"5"'}
+# Headers the routes read from the request directly (so FastAPI cannot list them).
+HEADERS: dict[tuple[str, str], list[dict[str, Any]]] = {
+    ("post", "/v1/sessions/{session_id}/step"): [
+        {"name": "X-Optserve-Worker", "in": "header", "required": False,
+         "description": "the pushing worker's id; required by sessions with sync rounds",
+         "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"}},
+        {"name": "If-Match", "in": "header", "required": False,
+         "description": "the version the gradients were computed from (as ?base_version=)",
+         "schema": _VERSION_TAG},
+    ],
+    ("get", "/v1/sessions/{session_id}/params"): [
+        {"name": "If-None-Match", "in": "header", "required": False,
+         "description": "304 when the current version is one of these",
+         "schema": {"type": "string", "example": '"5"'}},
+    ],
 }
 
 
@@ -206,6 +259,14 @@ def install(app: FastAPI) -> None:
                     code = next(iter(k for k in responses if k.startswith("2")), "200")
                     if ok is not None:
                         responses[code] = _ok(ok, binary_out)
+                if (method, path) in HEADERS:
+                    op.setdefault("parameters", []).extend(HEADERS[(method, path)])
+                if (method, path) == ("get", "/v1/sessions/{session_id}/params"):
+                    responses["304"] = {"description": "Not modified (If-None-Match names the "
+                                                       "current version)"}
+                if path == "/metrics":
+                    responses["200"] = {"description": "Prometheus text exposition format",
+                                        "content": {"text/plain": {"schema": {"type": "string"}}}}
                 if path != "/healthz":
                     op["security"] = [{"bearer": []}, {}]
                 for status, text in _ERRORS.items():

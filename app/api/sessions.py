@@ -103,7 +103,7 @@ async def step(
     base_version: Annotated[int | None, Query(ge=0, description="version the gradients were "
                                               "computed from (or If-Match)")] = None,
 ) -> Response:
-    with outcome(metrics_of(request).steps, session_id) as counted:
+    with outcome(metrics_of(request), metrics_of(request).steps, session_id) as counted:
         binary, b64 = wants_binary(request), tensor_encoding(request)
         worker = conditions.worker_id(request)
         base = conditions.base_version(request, base_version)
@@ -134,7 +134,7 @@ async def push_grads(
     tenant: TenantDep,
     settings: SettingsDep,
 ) -> Response:
-    with outcome(metrics_of(request).pushes, session_id):
+    with outcome(metrics_of(request), metrics_of(request).pushes, session_id):
         grads = await read_tensors(request, _max_bytes(settings), "grads")
         out = await engine.push(session_id, grads, tenant=tenant)
     return json_response(out, headers=version_headers(out["version"], out["step"]))

@@ -175,7 +175,9 @@ class EmbeddedEngine:
             try:
                 session, replayed, torn = self._restore(key)
             except (StoreCorrupt, OptserveError, Exception) as exc:  # refuse, serve the rest
-                reason = f"{type(exc).__name__}: {exc}"
+                # relative to the sessions directory: /readyz shows it to the tenant
+                reason = f"{type(exc).__name__}: {exc}".replace(
+                    f"{self._store.sessions_dir}/", "")
                 self.refused[key] = reason
                 log.error("refusing stored session %s: %s", key, reason)
                 continue
@@ -557,6 +559,14 @@ class EmbeddedEngine:
         self, session_id: str, group: GroupSpec, *, tenant: str = DEFAULT_TENANT
     ) -> dict[str, Any]:
         def op(s: Session) -> dict[str, Any]:
+            limit = self._limits.max_session_elements
+            if limit:
+                have = sum(p.numel() for p in s.params.values())
+                more = sum(t.numel() for t in group.params.values())
+                if have + more > limit:
+                    raise Invalid(f"the session would hold {have + more} parameter elements; "
+                                  f"the limit (OPTSERVE_MAX_SESSION_ELEMENTS) is {limit}",
+                                  code="session_too_large", field="params", limit=limit)
             s.add_param_group(group)
             return s.describe()
         args = {"params": group.params, "options": group.options}

@@ -84,9 +84,13 @@ def read_snapshot(path: Path) -> bytes:
     return payload
 
 
-def frame_record(payload: bytes) -> bytes:
+def record_head(payload: bytes) -> bytes:
     head = _REC_HEAD_BODY.pack(REC_MAGIC, len(payload), zlib.crc32(payload))
-    return head + struct.pack("<I", zlib.crc32(head)) + payload
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def frame_record(payload: bytes) -> bytes:
+    return record_head(payload) + payload
 
 
 def _record_at(data: memoryview, pos: int) -> int | None:
@@ -269,14 +273,15 @@ class Store:
         if durability == "memory":
             done.set_result(None)
             return done
-        frame = frame_record(payload)
+        head = record_head(payload)  # written apart from the payload: no copy of a large one
         with self._lock:
             lg = self._logs.get(session_id)
             if lg is None:
                 path = self._dir(session_id) / "wal.bin"
                 lg = _Log(path, open(path, "ab"))  # noqa: SIM115 - kept open for appends
                 self._logs[session_id] = lg
-            lg.file.write(frame)
+            lg.file.write(head)
+            lg.file.write(payload)
             lg.dirty = True
             if durability == "step":
                 lg.waiters.append(done)

@@ -240,10 +240,6 @@ def test_tenants_cannot_touch_each_others_sessions(server: tuple[str, FastAPI],
     assert client.delete("/v1/sessions/b-only", headers=B).status_code == 204
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (app/api/instrument.py, not ours): step/push "
-                   "counters are labelled with the bare session id, so any tenant's /metrics "
-                   "lists every tenant's session ids (and same ids in two tenants share a "
-                   "series)")
 def test_metrics_do_not_reveal_other_tenants_sessions(client: httpx.Client) -> None:
     assert client.post("/v1/sessions", json=create_body("bobs-secret-run"),
                        headers=B).status_code == 201
@@ -335,9 +331,6 @@ def test_sessions_per_tenant_and_elements_per_session(client: httpx.Client) -> N
         {"b0", "edge"}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (app/engine/embedded.py add_param_group, not "
-                   "ours): OPTSERVE_MAX_SESSION_ELEMENTS is checked at create only, so "
-                   "add_param_group grows a session past it")
 @server_settings(max_session_elements=100)
 def test_add_param_group_respects_the_element_limit(client: httpx.Client) -> None:
     assert client.post("/v1/sessions", json=create_body("s", n=60), headers=A).status_code == 201

@@ -20,6 +20,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
@@ -40,6 +41,10 @@ SESSION = {"id": "fuzz", "optimizer": "Adam", "options": {"lr": 0.01},
            "params": {"w": {"dtype": "float32", "shape": [2, 2], "data": [1, 2, 3, 4]},
                       "b": {"dtype": "float32", "shape": [2], "data": [0.5, -0.5]}},
            "scheduler": {"name": "StepLR", "options": {"step_size": 2}}}
+
+# Known schema deviations outside this suite's files: (failure type, reason). The check still
+# runs; only exactly this failure is reported as an expected failure, anything else fails.
+KNOWN: dict[str, tuple[str, str]] = {}
 
 schema = schemathesis.openapi.from_dict(
     create_app(Settings(device="cpu", data_dir=Path("unused"))).openapi())
@@ -67,6 +72,10 @@ def ensure_session(base_url: str) -> None:
         assert httpx.post(f"{base_url}/v1/sessions", json=SESSION).status_code == 201
 
 
+# torch warns (e.g. a scheduler stepped before the optimizer) on the server's worker thread,
+# which shares this process's warning filters: under pytest's "error" they would become 500s
+# that production (warnings printed) never shows.
+@pytest.mark.filterwarnings("ignore::UserWarning")
 @schema.parametrize()
 @settings(max_examples=MAX_EXAMPLES, derandomize=True, database=None, deadline=None,
           phases=[Phase.explicit, Phase.generate],
@@ -74,16 +83,26 @@ def ensure_session(base_url: str) -> None:
 def test_api_never_fails_and_matches_its_schema(case: Any, base_url: str,
                                                 http_session: requests.Session) -> None:
     generated["cases"] += 1
-    generated["operations"].add(f"{case.method} {case.path}")
+    generated["operations"].add(case.operation.label)
     if "session_id" in (case.path_parameters or {}):
         digest = hashlib.sha256(repr((SEED, case.path_parameters, case.body, case.query))
                                 .encode()).digest()
         if digest[0] % 2 == 0:
             ensure_session(base_url)
             case.path_parameters["session_id"] = "fuzz"
+    if case.query and isinstance(case.query.get("wait_s"), int | float):
+        case.query["wait_s"] = min(case.query["wait_s"], 0.05)  # long polls: bounded time
     response = case.call(base_url=base_url, session=http_session, timeout=30)
+    if case.method == "PATCH" and case.path == "/v1/sessions/{session_id}":
+        httpx.delete(f"{base_url}/v1/sessions/fuzz")  # no sync rounds left waiting for workers
     assert response.status_code < 500, (case.method, case.formatted_path, response.text)
-    case.validate_response(response, checks=CHECKS)
+    try:
+        case.validate_response(response, checks=CHECKS)
+    except FailureGroup as exc:
+        if case.operation.label in KNOWN and all(
+                type(f).__name__ == KNOWN[case.operation.label][0] for f in exc.exceptions):
+            pytest.xfail(KNOWN[case.operation.label][1])
+        raise
 
 
 def test_zz_report_generated_cases(capsys: pytest.CaptureFixture[str]) -> None:
