@@ -1,4 +1,5 @@
-"""Start benchmarks.bench_app in a uvicorn subprocess on a free loopback port."""
+"""Start an optserve server (by default benchmarks.bench_app, which adds a raw echo route) in a
+uvicorn subprocess on a free loopback port, and wait until it is ready."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
+
+#: base URL -> pid of the server process serving it (for signalling a profiled server)
+PIDS: dict[str, int] = {}
 
 
 def free_port() -> int:
@@ -20,18 +25,31 @@ def free_port() -> int:
         return port
 
 
+def uvicorn_command(app: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "warning", "--loop", "uvloop", "--http", "httptools"]
+
+
 @contextmanager
-def server(env: dict[str, str] | None = None) -> Iterator[str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "uvicorn", "benchmarks.bench_app:app", "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning", "--loop", "uvloop",
-           "--http", "httptools"]
+def server(
+    env: dict[str, str] | None = None,
+    command: list[str] | None = None,
+    port: int | None = None,
+    app: str = "benchmarks.bench_app:app",
+) -> Iterator[str]:
+    """Yield the base URL of a ready server; ``command`` replaces the uvicorn command line
+    (it must serve on ``port``). CPU, a 2 GB body limit and a fresh data directory unless
+    ``env`` says otherwise."""
+    port = port or free_port()
+    cmd = command or uvicorn_command(app, port)
     full_env = {**os.environ, "OPTSERVE_DEVICE": "cpu", "OPTSERVE_MAX_BODY_MB": "2048",
-                **(env or {})}
+                "OPTSERVE_DATA_DIR": tempfile.mkdtemp(prefix="optserve-bench-"),
+                "OPTSERVE_LOG_LEVEL": "warning", **(env or {})}
     proc = subprocess.Popen(cmd, env=full_env)
     url = f"http://127.0.0.1:{port}"
+    PIDS[url] = proc.pid
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while True:
             try:
                 if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
@@ -44,4 +62,5 @@ def server(env: dict[str, str] | None = None) -> Iterator[str]:
         yield url
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
+        PIDS.pop(url, None)

@@ -34,7 +34,6 @@ import queue
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,10 +46,11 @@ import httpx
 import torch
 
 import optserve
+from benchmarks._server import PIDS as SERVER_PIDS
 from benchmarks._server import free_port
+from benchmarks._server import server as bench_server
 
 SIZES = (100_000, 1_000_000)
-SERVER_PIDS: dict[str, int] = {}
 WORKER_COUNTS = (1, 2, 4, 8)
 
 
@@ -122,36 +122,14 @@ class Pool:
 def server(profile_dir: str | None = None, durability: str = "memory",
            torch_threads: int = 0) -> Iterator[str]:
     port = free_port()
-    env = {**os.environ, "OPTSERVE_DEVICE": os.environ.get("OPTSERVE_DEVICE", "cpu"),
-           "OPTSERVE_MAX_BODY_MB": "2048", "OPTSERVE_DURABILITY": durability,
-           "OPTSERVE_TORCH_THREADS": str(torch_threads),
-           "OPTSERVE_DATA_DIR": tempfile.mkdtemp(prefix="optserve-bench-ps-"),
-           "OPTSERVE_LOG_LEVEL": "warning"}
+    env = {"OPTSERVE_DEVICE": os.environ.get("OPTSERVE_DEVICE", "cpu"),
+           "OPTSERVE_DURABILITY": durability, "OPTSERVE_TORCH_THREADS": str(torch_threads)}
+    cmd = None
     if profile_dir is not None:
         cmd = [sys.executable, "-m", "benchmarks.parameter_server", "--serve-profiled",
                str(port), profile_dir]
-    else:
-        cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", "warning", "--loop", "uvloop",
-               "--http", "httptools"]
-    proc = subprocess.Popen(cmd, env=env)
-    url = f"http://127.0.0.1:{port}"
-    SERVER_PIDS[url] = proc.pid
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("benchmark server did not start")
-            time.sleep(0.1)
+    with bench_server(env, cmd, port, app="app.main:app") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def serve_profiled(port: int, out_dir: str) -> None:
