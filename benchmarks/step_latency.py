@@ -81,6 +81,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-n", type=float, default=1e7)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--durability", choices=["memory", "interval", "step"], default="memory",
+                    help="the server's OPTSERVE_DURABILITY (memory: the step path alone; "
+                    "benchmarks/durability.py measures the levels)")
     ap.add_argument("--json-max-n", type=float, default=1e7,
                     help="largest N for the (slow) JSON column")
     args = ap.parse_args()
@@ -90,7 +93,8 @@ def main() -> None:
         torch.set_num_threads(int(threads))
 
     rows = []
-    with server() as url, httpx.Client(base_url=url, timeout=600) as raw, \
+    env = {"OPTSERVE_DURABILITY": args.durability, "OPTSERVE_TORCH_THREADS": threads}
+    with server(env) as url, httpx.Client(base_url=url, timeout=600) as raw, \
             optserve.Client(url, timeout=600) as client:
         spin(3.0)
         for n in sizes:
@@ -120,7 +124,7 @@ def main() -> None:
 
     print()
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, server torch threads "
-          f"{threads} (0 = torch default)")
+          f"{threads} (0 = torch default), durability {args.durability}")
     head = ("| optimizer | N | in-process step ms | echo ms | SDK binary ms | "
             "binary / (echo+step) | SDK JSON ms | orjson enc+dec ms | JSON / orjson |")
     print(head)

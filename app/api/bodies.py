@@ -11,6 +11,7 @@ import orjson
 import torch
 from fastapi import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from app.errors import (
     BadRequest,
@@ -21,7 +22,12 @@ from app.errors import (
     UnsupportedMedia,
 )
 from app.wire.json_tensor import decode_json_tensor, encode_json_tensor
-from app.wire.safetensors_body import read_safetensors, write_safetensors
+from app.wire.safetensors_body import (
+    PackedTensors,
+    packed_header,
+    read_safetensors,
+    write_safetensors,
+)
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
@@ -184,6 +190,27 @@ async def read_tensors(request: Request, max_bytes: int, key: str) -> dict[str, 
     return await offload(decode_json, len(buf))
 
 
+class PartsResponse(Response):
+    """A body sent as several buffers (a header and a large payload) without joining them."""
+
+    def __init__(self, parts: list[bytes | bytearray], media_type: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(b"", media_type=media_type, headers=headers)
+        self.parts = parts
+        self.headers["content-length"] = str(sum(len(p) for p in parts))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        if scope.get("method") == "HEAD":
+            await send({"type": "http.response.body", "body": b""})
+            return
+        for i, part in enumerate(self.parts):
+            await send({"type": "http.response.body", "body": bytes(part) if
+                        isinstance(part, bytearray) and len(part) < 65536 else part,
+                        "more_body": i < len(self.parts) - 1})
+
+
 def version_headers(version: int, step: int) -> dict[str, str]:
     return {"ETag": f'"{version}"', "X-Optserve-Version": str(version),
             "X-Optserve-Step": str(step)}
@@ -216,6 +243,9 @@ async def tensors_response(
     if binary:
         meta = {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in
                 scalars.items()}
+        if isinstance(tensors, PackedTensors):
+            return PartsResponse([packed_header(tensors, meta), tensors.buffer],
+                                 media_type=BINARY, headers=headers)
         content = await offload(lambda: write_safetensors(tensors or {}, meta), size)
         return Response(content, media_type=BINARY, headers=headers)
 

@@ -22,6 +22,7 @@ from app.engine.interface import (
 )
 from app.errors import Conflict, Invalid
 from app.wire.dtypes import DTYPE_NAMES
+from app.wire.safetensors_body import pack
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_NAME = 512
@@ -43,11 +44,6 @@ def check_param_name(name: object, field: str) -> str:
 
 def _lr_value(lr: Any) -> float:
     return float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
-
-
-def _snapshot(t: torch.Tensor) -> torch.Tensor:
-    """A CPU copy that later steps cannot change."""
-    return t.detach().clone() if t.device.type == "cpu" else t.detach().cpu()
 
 
 class Session:
@@ -343,8 +339,10 @@ class Session:
 
     # ----------------------------------------------------------------- parameters
     def _snapshot_params(self, names: list[str] | None) -> Tensors:
+        """CPU copies later steps cannot change, packed in one buffer (one copy in all, and
+        none more to send them as safetensors)."""
         chosen = self.params if names is None else {n: self.params[n] for n in names}
-        return {n: _snapshot(p) for n, p in chosen.items()}
+        return pack(chosen)
 
     def check_names(self, names: list[str] | None) -> None:
         if names is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import torch
 from safetensors.torch import save as _st_save
@@ -111,3 +112,51 @@ def write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         ready[k] = t
     return bytes(_st_save(ready, metadata=metadata))
 
+
+
+class PackedTensors(dict[str, torch.Tensor]):
+    """Tensors that are views into one buffer laid out as a safetensors data section (in this
+    dict's order), so a safetensors body is just a header plus ``buffer``: no further copy."""
+
+    buffer: bytearray
+
+
+_ST_DTYPE = {TORCH_DTYPES[v]: k for k, v in SAFETENSORS_NAMES.items()}
+
+
+def pack(tensors: dict[str, torch.Tensor]) -> PackedTensors:
+    """Copy tensors (any device) into one CPU buffer, widest dtypes first so every view is
+    naturally aligned. One copy, and the result can be sent without another."""
+    order = sorted(tensors, key=lambda n: -tensors[n].element_size())
+    total = sum(tensors[n].numel() * tensors[n].element_size() for n in order)
+    buffer = bytearray(total)
+    base = (torch.frombuffer(buffer, dtype=torch.uint8) if total
+            else torch.empty(0, dtype=torch.uint8))
+    out = PackedTensors()
+    pos = 0
+    for name in order:
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        view = base[pos:pos + n].view(t.dtype).view(t.shape)
+        with torch.no_grad():
+            view.copy_(t.detach())
+        out[name] = view
+        pos += n
+    out.buffer = buffer
+    return out
+
+
+def packed_header(packed: PackedTensors, metadata: dict[str, str] | None) -> bytes:
+    """The safetensors header (length prefix included) for ``packed``'s buffer."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    pos = 0
+    for name, t in packed.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPE[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw

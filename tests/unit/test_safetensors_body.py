@@ -218,3 +218,27 @@ def test_writer_takes_tensors_that_share_memory() -> None:
         assert torch.equal(got[name], t), name
     got["a"].add_(1)
     assert got["b"].tolist() == base.tolist()
+
+
+def test_packed_tensors_are_one_copy_and_a_valid_safetensors_body() -> None:
+    """pack(): every view aligned (widest dtypes first), the values equal, later changes to
+    the source do not reach the copy, and header + buffer is a file both readers accept."""
+    import safetensors.torch
+
+    from app.wire.safetensors_body import pack, packed_header
+
+    src = {"h": torch.arange(3, dtype=torch.float16), "w": torch.randn(2, 3),
+           "d": torch.randn(5, dtype=torch.float64), "e": torch.empty(0, 4)}
+    packed = pack(src)
+    assert list(packed) == ["d", "w", "e", "h"]
+    for name, t in packed.items():
+        assert torch.equal(t, src[name]) and t.dtype == src[name].dtype
+        assert t.data_ptr() % t.element_size() == 0
+    src["w"].add_(1.0)
+    assert not torch.equal(packed["w"], src["w"])
+    body = packed_header(packed, {"version": "3"}) + bytes(packed.buffer)
+    theirs = safetensors.torch.load(body)
+    ours, meta = read_safetensors(bytearray(body))
+    assert meta == {"version": "3"}
+    for name in src:
+        assert torch.equal(theirs[name], packed[name]) and torch.equal(ours[name], packed[name])

@@ -78,7 +78,7 @@ def _is_binary(response: httpx.Response) -> bool:
 
 def _json(response: httpx.Response) -> dict[str, Any]:
     try:
-        body = response.json()
+        body = T.json_loads(response.content)
     except ValueError as exc:
         raise ValueError(f"response is not JSON: {exc}") from None
     if not isinstance(body, dict):

@@ -29,6 +29,11 @@ import numpy.typing as npt
 from . import _safetensors
 from ._safetensors import DTYPES, WireTensor
 
+try:
+    import orjson
+except ImportError:  # pragma: no cover - orjson is a dependency; the stdlib still works
+    orjson = None  # type: ignore[assignment]
+
 
 class _LazyTorch:
     """``torch``, imported the first time something of it is used: the SDK (and the CLI)
@@ -200,21 +205,24 @@ def wire_values(w: WireTensor) -> npt.NDArray[Any]:
     return np.frombuffer(w.data, dtype=_NUMPY[w.dtype])
 
 
-def encode_json_tensor(w: WireTensor, *, b64: bool = False) -> dict[str, Any]:
-    """A :class:`WireTensor` to a JSON tensor object."""
+def encode_json_tensor(
+    w: WireTensor, *, b64: bool = False, as_numpy: bool = False
+) -> dict[str, Any]:
+    """A :class:`WireTensor` to a JSON tensor object. ``as_numpy`` leaves finite ``data`` as
+    a numpy array for :func:`json_dumps` to write directly (no Python list in between)."""
     out: dict[str, Any] = {"dtype": w.dtype, "shape": list(w.shape)}
     if b64:
         out["b64"] = base64.b64encode(w.data).decode("ascii")
         return out
     values = wire_values(w)
-    data: list[Any] = values.tolist()
     if w.dtype in FLOATING and not bool(np.isfinite(values).all()):
-        data = [
+        out["data"] = [
             x if math.isfinite(x) else ("NaN" if math.isnan(x) else
                                         ("Infinity" if x > 0 else "-Infinity"))
-            for x in data
+            for x in values.tolist()
         ]
-    out["data"] = data
+    else:
+        out["data"] = values if as_numpy else values.tolist()
     return out
 
 
@@ -296,7 +304,8 @@ def encode_tensor_map(tensors: Mapping[str, TensorLike], what: str) -> dict[str,
 
 
 def json_tensor_map(tensors: Mapping[str, WireTensor]) -> dict[str, Any]:
-    return {name: encode_json_tensor(w) for name, w in tensors.items()}
+    """Request-body tensors: numpy ``data`` that :func:`json_dumps` writes directly."""
+    return {name: encode_json_tensor(w, as_numpy=True) for name, w in tensors.items()}
 
 
 def decode_json_tensor_map(obj: object) -> dict[str, Tensor]:
@@ -364,9 +373,30 @@ def tree_from_wire(
     return obj
 
 
+def _numpy_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
 def json_dumps(obj: Any) -> bytes:
-    """Compact JSON bytes; refuses NaN/Infinity literals (they must be encoded first)."""
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
+    """Compact JSON bytes (numpy arrays as lists); refuses NaN/Infinity literals (they must
+    be encoded first). orjson when installed: 10-15x faster than the standard library."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY, default=_numpy_default)
+        except TypeError:  # e.g. a non-string key: the standard library's message is clearer
+            pass
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=False,
+                      default=_numpy_default).encode()
+
+
+def json_loads(raw: bytes | str) -> Any:
+    if orjson is not None:
+        return orjson.loads(raw)
+    return json.loads(raw)
 
 
 # --------------------------------------------------------------------------- state dicts
