@@ -518,7 +518,7 @@ export class OptserveClient {
   }
 
   /** One HTTP exchange. Returns the Response; throws typed errors for non-2xx answers. */
-  async request(method, path, { query, json, body, contentType, accept = JSON_TYPE } = {}) {
+  async request(method, path, { query, json, body, contentType, accept = JSON_TYPE, headers: extra } = {}) {
     let url = this.baseUrl + path;
     if (query) {
       const qs = new URLSearchParams();
@@ -529,7 +529,7 @@ export class OptserveClient {
       const s = qs.toString();
       if (s) url += `?${s}`;
     }
-    const headers = { Accept: accept };
+    const headers = { Accept: accept, ...(extra ?? {}) };
     if (this.apiKey) headers.Authorization = `Bearer ${this.apiKey}`;
     if (json !== undefined) {
       body = stringify(json);
@@ -542,6 +542,7 @@ export class OptserveClient {
     let res;
     try {
       res = await this._fetch(url, { method, headers, body, signal: controller.signal });
+      if (res.status === 304) return { res, buf: new Uint8Array(0) };
       if (!res.ok) {
         const text = await res.text();
         let problem = null;
@@ -576,11 +577,11 @@ export class OptserveClient {
   }
 
   /** Tensors out of a step / params answer, JSON or safetensors. */
-  async _tensorsCall(method, path, { tensors, key, binary, encoding, query = {} }) {
+  async _tensorsCall(method, path, { tensors, key, binary, encoding, query = {}, headers }) {
     binary = binary ?? this.binary;
     const q = { ...query };
     if (!binary && encoding && encoding !== "data") q.encoding = encoding;
-    const opts = { query: q, accept: binary ? BINARY : JSON_TYPE };
+    const opts = { query: q, accept: binary ? BINARY : JSON_TYPE, headers };
     if (tensors !== undefined) {
       const map = tensorMap(tensors);
       if (binary) opts.body = writeSafetensors(map);
@@ -593,6 +594,7 @@ export class OptserveClient {
     const { res, buf } = await this.request(method, path, opts);
     const headerInfo = versionFromHeaders(res);
     const etag = res.headers.get("etag") ?? undefined;
+    if (res.status === 304) return { ...headerInfo, etag, notModified: true };
     if ((res.headers.get("content-type") ?? "").startsWith(BINARY)) {
       const { tensors: out, metadata } = readSafetensors(buf);
       const meta = parseMetadata(metadata);
@@ -681,10 +683,23 @@ export class OptserveClient {
    * encoding ("data" | "b64" for JSON), returnParams (false: only version/step/lr).
    * Returns {version, step, lr, skipped, nonfinite?, params?: {name: Tensor}, etag}.
    */
-  step(id, grads = {}, { binary, encoding, returnParams = true } = {}) {
+  step(id, grads = {}, { binary, encoding, returnParams = true, worker, baseVersion } = {}) {
+    // worker: this push's worker id in a sync (parameter-server) session (X-Optserve-Worker);
+    // baseVersion: the version the gradients were computed from (bounded staleness).
+    const query = returnParams ? {} : { return: "none" };
+    if (baseVersion !== undefined) query.base_version = baseVersion;
+    const headers = worker !== undefined ? { "X-Optserve-Worker": String(worker) } : undefined;
     return this._tensorsCall("POST", `${this._sid(id)}/step`, {
-      tensors: grads, key: "grads", binary, encoding, query: returnParams ? {} : { return: "none" },
+      tensors: grads, key: "grads", binary, encoding, query, headers,
     });
+  }
+
+  /**
+   * PATCH /v1/sessions/{id}: parameter-server options ({sync: {workers, reduce, timeout_s,
+   * on_timeout} | null, max_staleness, staleness_lr}); absent fields keep their value.
+   */
+  configureSession(id, options) {
+    return this._json("PATCH", this._sid(id), { json: options });
   }
 
   /** POST /v1/sessions/{id}/grads: accumulate for the next step. Returns {version, step, accumulated}. */
@@ -701,10 +716,14 @@ export class OptserveClient {
   }
 
   /** GET /v1/sessions/{id}/params (names: optional list). Returns {version, step, params, etag}. */
-  getParams(id, { names, binary, encoding } = {}) {
-    return this._tensorsCall("GET", `${this._sid(id)}/params`, {
-      binary, encoding, query: names ? { names: names.join(",") } : {},
-    });
+  getParams(id, { names, binary, encoding, ifNoneMatch, minVersion, waitS } = {}) {
+    // ifNoneMatch: a version; {notModified: true} comes back while it is current.
+    // minVersion + waitS: long-poll until the session reaches minVersion (or waitS passes).
+    const query = names ? { names: names.join(",") } : {};
+    if (minVersion !== undefined) query.min_version = minVersion;
+    if (waitS !== undefined) query.wait_s = waitS;
+    const headers = ifNoneMatch !== undefined ? { "If-None-Match": `"${ifNoneMatch}"` } : undefined;
+    return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers });
   }
 
   /** PUT /v1/sessions/{id}/params: overwrite. Returns {version, step, params, etag}. */

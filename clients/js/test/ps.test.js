@@ -1,0 +1,72 @@
+// Parameter-server features from JS: sync rounds with named workers, bounded staleness,
+// conditional and long-polled pulls, PATCH of the session's options. Values checked exactly
+// (SGD lr=1 keeps the arithmetic exact in float32).
+import assert from "node:assert/strict";
+import { after, describe, test } from "node:test";
+
+import { ConflictError, Tensor } from "../optserve.js";
+import { NO_SERVER, client, uid } from "./helpers.js";
+
+const grad = (v) => new Tensor("float32", [1], Float32Array.of(v));
+
+describe("parameter-server mode", { skip: NO_SERVER }, () => {
+  const c = client();
+  const made = [];
+  after(async () => {
+    for (const id of made) await c.deleteSession(id).catch(() => {});
+  });
+
+  test("sync round of 2 workers: mean of their gradients, stepped once, same answer to both", async () => {
+    const id = uid("ps-sync");
+    made.push(id);
+    await c.createSession({
+      id, optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) },
+      sync: { workers: 2, reduce: "mean", timeout_s: 30, on_timeout: "fail" },
+    });
+    const [a, b] = await Promise.all([
+      c.step(id, { x: grad(2) }, { worker: "w0" }),
+      c.step(id, { x: grad(4) }, { worker: "w1" }),
+    ]);
+    // x = 2 - 1 * mean(2, 4) = -1
+    assert.equal(a.params.x.data[0], -1);
+    assert.equal(b.params.x.data[0], -1);
+    assert.equal(a.version, 1);
+    assert.equal(b.version, 1);
+    // K changed to 1 between rounds: the next push steps alone
+    await c.configureSession(id, { sync: { workers: 1 } });
+    const solo = await c.step(id, { x: grad(3) }, { worker: "w0" });
+    assert.equal(solo.params.x.data[0], -4);
+    assert.equal(solo.version, 2);
+  });
+
+  test("a push older than max_staleness is refused and changes nothing", async () => {
+    const id = uid("ps-stale");
+    made.push(id);
+    await c.createSession({ id, optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) }, max_staleness: 0 });
+    const first = await c.step(id, { x: grad(1) }, { baseVersion: 0 });
+    assert.equal(first.params.x.data[0], 1);
+    await assert.rejects(c.step(id, { x: grad(1) }, { baseVersion: 0 }), (err) => {
+      assert.ok(err instanceof ConflictError);
+      assert.equal(err.code, "stale_gradient");
+      return true;
+    });
+    const now = await c.getParams(id);
+    assert.equal(now.version, 1);
+    assert.equal(now.params.x.data[0], 1);
+  });
+
+  test("304 while the version is current; a long poll returns once a step lands", async () => {
+    const id = uid("ps-poll");
+    made.push(id);
+    await c.createSession({ id, optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) } });
+    const same = await c.getParams(id, { ifNoneMatch: 0 });
+    assert.equal(same.notModified, true);
+    assert.equal(same.version, 0);
+    const polled = c.getParams(id, { minVersion: 1, waitS: 10 });
+    await new Promise((r) => setTimeout(r, 100));
+    await c.step(id, { x: grad(5) });
+    const got = await polled;
+    assert.equal(got.version, 1);
+    assert.equal(got.params.x.data[0], -3);
+  });
+});
