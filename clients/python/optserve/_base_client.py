@@ -19,6 +19,7 @@ import time
 from typing import Any, Generic, TypeVar
 
 import httpx
+import numpy as np
 
 from . import _constants
 from ._api import APICall
@@ -162,7 +163,16 @@ class SyncAPIClient(BaseClient[httpx.Client]):
         while True:
             request = self._build_request(call)
             try:
-                response = self._client.send(request)
+                response = self._client.send(request, stream=True)
+                try:
+                    target = _large_binary_target(response)
+                    if target is None:
+                        response.read()
+                    else:
+                        _fill(target, response.iter_raw())
+                        response._content = target  # type: ignore[assignment]
+                finally:
+                    response.close()
             except httpx.TransportError as exc:
                 if self._should_retry(call, exc, attempt):
                     _sleep(self._retry_delay(attempt))
@@ -179,6 +189,41 @@ class SyncAPIClient(BaseClient[httpx.Client]):
     @property
     def is_closed(self) -> bool:
         return self._client.is_closed
+
+
+_LARGE = 256 * 1024
+
+
+def _large_binary_target(response: httpx.Response) -> memoryview | None:
+    """For a large uncompressed safetensors body: a fresh, uninitialized, writable buffer of
+    its announced size to read it into, so the tensors decoded from it need no copy of their
+    own (about one 40 MB copy less per 1e7-parameter step). Else None: read as usual."""
+    ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    length = response.headers.get("content-length", "")
+    if (ctype != "application/octet-stream" or response.headers.get("content-encoding")
+            or not length.isdigit() or int(length) <= _LARGE):
+        return None
+    return np.empty(int(length), dtype=np.uint8).data
+
+
+def _put(target: memoryview, pos: int, chunk: bytes) -> int:
+    end = pos + len(chunk)
+    if end > len(target):
+        raise httpx.RemoteProtocolError("response body longer than its Content-Length")
+    target[pos:end] = chunk
+    return end
+
+
+def _check_full(target: memoryview, pos: int) -> None:
+    if pos != len(target):
+        raise httpx.RemoteProtocolError("response body shorter than its Content-Length")
+
+
+def _fill(target: memoryview, chunks: Any) -> None:
+    pos = 0
+    for chunk in chunks:
+        pos = _put(target, pos, chunk)
+    _check_full(target, pos)
 
 
 class AsyncAPIClient(BaseClient[httpx.AsyncClient]):
@@ -201,7 +246,19 @@ class AsyncAPIClient(BaseClient[httpx.AsyncClient]):
         while True:
             request = self._build_request(call)
             try:
-                response = await self._client.send(request)
+                response = await self._client.send(request, stream=True)
+                try:
+                    target = _large_binary_target(response)
+                    if target is None:
+                        await response.aread()
+                    else:
+                        pos = 0
+                        async for chunk in response.aiter_raw():
+                            pos = _put(target, pos, chunk)
+                        _check_full(target, pos)
+                        response._content = target  # type: ignore[assignment]
+                finally:
+                    await response.aclose()
             except httpx.TransportError as exc:
                 if self._should_retry(call, exc, attempt):
                     await _async_sleep(self._retry_delay(attempt))

@@ -98,7 +98,8 @@ def loads(body: bytes | bytearray | memoryview) -> tuple[dict[str, WireTensor], 
     The returned tensors' ``data`` are writable views into one private copy of ``body``
     (or into a fresh copy where a tensor is not aligned to its element size).
     """
-    buf = bytearray(body)
+    # A writable memoryview is a buffer the client filled for this call alone: use it as is.
+    buf = body if isinstance(body, memoryview) and not body.readonly else bytearray(body)
     if len(buf) < 8:
         raise ValueError("not a safetensors file: shorter than its 8-byte header length")
     (n,) = struct.unpack_from("<Q", buf, 0)
