@@ -243,7 +243,7 @@ class EmbeddedEngine:
             done.set_result(None)
             return done
         session.seq += 1
-        payload = persist.encode_record(op, args, session.version, session.seq)
+        payload = persist.encode_record_parts(op, args, session.version, session.seq)
         try:
             done = self._store.append(key, payload, session.durability)
         except OSError as exc:

@@ -27,7 +27,7 @@ import shutil
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,8 +84,13 @@ def read_snapshot(path: Path) -> bytes:
     return payload
 
 
-def record_head(payload: bytes) -> bytes:
-    head = _REC_HEAD_BODY.pack(REC_MAGIC, len(payload), zlib.crc32(payload))
+def record_head(payload: bytes | Sequence[bytes | memoryview]) -> bytes:
+    """The framing header of a record whose payload is ``payload`` (or these pieces of it)."""
+    parts = [payload] if isinstance(payload, bytes) else payload
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    head = _REC_HEAD_BODY.pack(REC_MAGIC, sum(len(p) for p in parts), crc)
     return head + struct.pack("<I", zlib.crc32(head))
 
 
@@ -267,8 +272,12 @@ class Store:
             shutil.rmtree(trash, ignore_errors=True)
 
     # ------------------------------------------------------------- log
-    def append(self, session_id: str, payload: bytes, durability: Durability) -> Future[None]:
-        """Write one record; the future resolves when it is as durable as asked."""
+    def append(
+        self, session_id: str, payload: bytes | Sequence[bytes | memoryview],
+        durability: Durability,
+    ) -> Future[None]:
+        """Write one record (given whole or in pieces, which are written without being
+        joined); the future resolves when it is as durable as asked."""
         done: Future[None] = Future()
         if durability == "memory":
             done.set_result(None)
@@ -281,7 +290,8 @@ class Store:
                 lg = _Log(path, open(path, "ab"))  # noqa: SIM115 - kept open for appends
                 self._logs[session_id] = lg
             lg.file.write(head)
-            lg.file.write(payload)
+            for part in [payload] if isinstance(payload, bytes) else payload:
+                lg.file.write(part)
             lg.dirty = True
             if durability == "step":
                 lg.waiters.append(done)

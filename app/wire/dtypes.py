@@ -51,6 +51,3 @@ NUMPY_FOR_LIST: dict[str, type[np.generic]] = {
 FLOATING = frozenset({"float16", "bfloat16", "float32", "float64"})
 MAX_DIMS = 32
 
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return DTYPE_NAMES[dtype]

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from safetensors.torch import save as _st_save
 
 from app.errors import BadRequest, Invalid
 from app.wire.dtypes import SAFETENSORS_NAMES, TORCH_DTYPES
@@ -100,19 +100,43 @@ def read_safetensors(
     return tensors, dict(metadata_raw)
 
 
+def safetensors_header(
+    tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None
+) -> bytes:
+    """The safetensors header (length prefix included) for ``tensors`` laid out one after
+    another in this mapping's order."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    pos = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPE[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def safetensors_parts(
+    tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None
+) -> list[bytes | memoryview]:
+    """A safetensors file as pieces: the header, then each CPU tensor's own bytes (no copy of
+    contiguous ones), widest dtypes first so that every tensor is naturally aligned."""
+    order = sorted(tensors, key=lambda n: -tensors[n].element_size())
+    ready = {n: tensors[n].detach().contiguous() for n in order}
+    parts: list[bytes | memoryview] = [safetensors_header(ready, metadata)]
+    parts += [t.reshape(-1).view(torch.uint8).numpy().data for t in ready.values() if t.numel()]
+    return parts
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
     """Serialize CPU tensors (any layout) and string metadata to safetensors bytes."""
-    ready: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for k, v in tensors.items():
-        t = v.detach().contiguous()
-        if t.numel() and t.untyped_storage().data_ptr() in seen:
-            t = t.clone()  # safetensors refuses tensors that share memory
-        if t.numel():
-            seen.add(t.untyped_storage().data_ptr())
-        ready[k] = t
-    return bytes(_st_save(ready, metadata=metadata))
+    return b"".join(safetensors_parts(tensors, metadata))
 
+
+_ST_DTYPE = {TORCH_DTYPES[v]: k for k, v in SAFETENSORS_NAMES.items()}
 
 
 class PackedTensors(dict[str, torch.Tensor]):
@@ -122,7 +146,6 @@ class PackedTensors(dict[str, torch.Tensor]):
     buffer: memoryview
 
 
-_ST_DTYPE = {TORCH_DTYPES[v]: k for k, v in SAFETENSORS_NAMES.items()}
 
 
 def pack(tensors: dict[str, torch.Tensor]) -> PackedTensors:
@@ -149,15 +172,4 @@ def pack(tensors: dict[str, torch.Tensor]) -> PackedTensors:
 
 def packed_header(packed: PackedTensors, metadata: dict[str, str] | None) -> bytes:
     """The safetensors header (length prefix included) for ``packed``'s buffer."""
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = metadata
-    pos = 0
-    for name, t in packed.items():
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPE[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [pos, pos + n]}
-        pos += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
+    return safetensors_header(packed, metadata)
