@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     allow_open: bool = Field(default=False, description="allow a non-loopback bind without keys")
     max_sessions: int = Field(default=0, ge=0, description="per tenant; 0 = unlimited")
     max_session_elements: int = Field(default=0, ge=0, description="0 = unlimited")
+    idempotency_window: int = Field(
+        default=1000, ge=1, le=1_000_000,
+        description="Idempotency-Key answers each session remembers (its last N keys)")
     log_level: str = "info"
     log_format: Literal["json", "text"] = Field(
         default="json", description="json: one JSON object per line, with request ids")

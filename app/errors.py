@@ -9,7 +9,10 @@ them to RFC 9457 problem+json in one place (``app.api.problems``).
     ├── UnsupportedMedia    415  content type not understood
     ├── NotAcceptable       406  Accept not satisfiable
     ├── TooMany             429  a per-tenant limit is reached
-    └── Invalid             422  anything else the client got wrong
+    ├── Invalid             422  anything else the client got wrong
+    ├── StorageFull         507  the data directory is full: nothing was applied
+    └── Unavailable         503  retry later (``retry_after`` seconds): a storage error, a
+                                 session host restarting, a damaged session being restored
 """
 
 from __future__ import annotations
@@ -79,3 +82,24 @@ class Invalid(OptserveError):
     status = 422
     code = "invalid"
     title = "Invalid input"
+
+
+class StorageFull(OptserveError):
+    """The write the operation needed found no space (ENOSPC, EDQUOT): nothing was applied."""
+
+    status = 507
+    code = "storage_full"
+    title = "Insufficient storage"
+
+
+class Unavailable(OptserveError):
+    """The server cannot take this operation now; nothing was applied. ``retry_after`` (seconds)
+    becomes the ``Retry-After`` header."""
+
+    status = 503
+    code = "unavailable"
+    title = "Service unavailable"
+
+    def __init__(self, detail: str, *, retry_after: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(detail, **kwargs)
+        self.retry_after = retry_after

@@ -12,8 +12,7 @@ from app import __version__
 from app.api import meta, openapi_docs, problems, sessions
 from app.api.auth import AuthMiddleware, parse_keys
 from app.config import Settings, get_settings
-from app.engine import EmbeddedEngine
-from app.engine.embedded import Limits
+from app.engine import make_engine
 from app.observability import Metrics, RequestContextMiddleware
 from app.runtime import tune_allocator
 
@@ -26,18 +25,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tune_allocator()
-        engine = EmbeddedEngine(
-            settings.device,
-            settings.torch_threads,
-            settings.default_nonfinite,
-            data_dir=settings.data_dir,
-            durability=settings.durability,
-            snapshot_every_steps=settings.snapshot_every_steps,
-            snapshot_every_s=settings.snapshot_every_s,
-            fsync_interval_s=settings.fsync_interval_ms / 1000,
-            limits=Limits(settings.max_sessions, settings.max_session_elements),
-            observer=metrics.observe_worker,
-        )
+        engine = make_engine(settings, observer=metrics.observe_worker)
         await engine.start()
         app.state.engine = engine
         app.state.settings = settings

@@ -59,6 +59,23 @@ class Metrics:
                                    "Bytes of tensors the sessions hold on the device "
                                    "(CUDA: torch.cuda.memory_allocated)", registry=r)
 
+        # the (counter, outcome) series each session has, so a deleted session's go with it
+        self._series: dict[str, set[tuple[Counter, str]]] = {}
+
+    def count(self, counter: Counter, session: str, outcome: str) -> None:
+        """One request of ``session`` (``""``: not named) under ``outcome``."""
+        counter.labels(session, outcome).inc()
+        if session:
+            self._series.setdefault(session, set()).add((counter, outcome))
+
+    def forget_session(self, session: str) -> None:
+        """Remove every series that names a deleted session."""
+        for counter, outcome in self._series.pop(session, ()):
+            try:
+                counter.remove(session, outcome)
+            except KeyError:
+                pass
+
     def observe_worker(self, op: str, queue_s: float, run_s: float) -> None:
         """The device worker's callback (runs on the worker thread)."""
         self.worker.labels(op, "queue").observe(queue_s)

@@ -16,7 +16,7 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.problems import problem
-from app.engine.embedded import DEFAULT_TENANT
+from app.engine.front import DEFAULT_TENANT
 
 OPEN_PATHS = frozenset({"/healthz"})
 # Not starting with '.' or '-': a session's directory is "<tenant>~<id>", and the store skips

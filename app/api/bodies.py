@@ -186,20 +186,23 @@ def only_keys(obj: dict[str, Any], allowed: set[str], where: str = "") -> None:
                       code="unknown_field", field=path)
 
 
-async def read_tensors(request: Request, max_bytes: int, key: str) -> dict[str, torch.Tensor]:
-    """A body of named tensors: ``{key: {name: tensor}}`` as JSON, or a safetensors file."""
+async def read_tensors(
+    request: Request, max_bytes: int, key: str
+) -> tuple[dict[str, torch.Tensor], bytearray | memoryview]:
+    """A body of named tensors: ``{key: {name: tensor}}`` as JSON, or a safetensors file; and
+    the body itself (its tensors may be views into it)."""
     buf = await _read_body(request, max_bytes, raw=True)
     if body_kind(request) == "binary":
         def decode_binary() -> dict[str, torch.Tensor]:
             tensors, _ = read_safetensors(buf)
             return tensors
-        return await offload(decode_binary, len(buf))
+        return await offload(decode_binary, len(buf)), buf
 
     def decode_json() -> dict[str, torch.Tensor]:
         obj = json_object(buf)
         only_keys(obj, {key})
         return tensor_map(obj.get(key, {}), key)
-    return await offload(decode_json, len(buf))
+    return await offload(decode_json, len(buf)), buf
 
 
 class PartsResponse(Response):

@@ -1,14 +1,37 @@
-"""Versions in request headers and query parameters: ``If-Match`` / ``?base_version=`` on a
+"""Conditions in request headers and query parameters: ``If-Match`` / ``?base_version=`` on a
 push (the version its gradients were computed from), ``If-None-Match`` on a pull (versions the
-client already holds), ``X-Optserve-Worker`` (which worker of a sync round is pushing)."""
+client already holds), ``X-Optserve-Worker`` (which worker of a sync round is pushing), and
+``Idempotency-Key`` on any mutation (a retry with the same key is answered, not re-applied)."""
 
 from __future__ import annotations
 
+import crc32c
 from fastapi import Request
 
+from app.api.bodies import offload
+from app.engine.idempotency import check_key
+from app.engine.interface import IdemKey
 from app.errors import Invalid
 
 WORKER_HEADER = "x-optserve-worker"
+IDEMPOTENCY_HEADER = "idempotency-key"
+#: request headers that change what a mutation does (part of its fingerprint)
+_MEANINGFUL = ("content-type", "if-match", "x-optserve-worker")
+
+
+async def idempotency(request: Request, body: bytes | bytearray | memoryview = b""
+                      ) -> IdemKey | None:
+    """The request's ``Idempotency-Key`` with the fingerprint of what it asks (method, path,
+    query, the headers that matter, the body), or None without the header."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    check_key(key)
+    checksum = await offload(lambda: crc32c.crc32c(body), len(body))
+    headers = ";".join(f"{h}={request.headers.get(h, '')}" for h in _MEANINGFUL)
+    fingerprint = (f"{request.method} {request.url.path}?{request.url.query} {headers} "
+                   f"{len(body)}:{checksum:08x}")
+    return IdemKey(key, fingerprint)
 
 
 def _tag_version(tag: str) -> int | None:

@@ -34,7 +34,7 @@ def outcome(metrics: Any, counter: Any, session_id: str) -> Iterator[dict[str, s
         # metrics without bound by inventing session ids.
         known = result["outcome"] != "session_not_found"
         label = session_id if known and metrics.per_session else ""
-        counter.labels(label, result["outcome"]).inc()
+        metrics.count(counter, label, result["outcome"])
 
 
 @contextmanager

@@ -25,15 +25,16 @@ async def healthz() -> dict[str, Any]:
 async def readyz(request: Request, engine: EngineDep, tenant: TenantDep) -> Response:
     if getattr(request.app.state, "draining", False):
         return problem(503, "draining", "Draining", "the server is shutting down")
-    if not engine.ready():
-        return problem(503, "not_ready", "Not ready",
-                       "the device worker is not running or the data directory is not writable")
+    status = await engine.status()
+    if not status.ready:
+        response = problem(503, "not_ready", "Not ready", status.reason or "not ready")
+        response.headers["Retry-After"] = "5"
+        return response
     body: dict[str, Any] = {"status": "ready", "device": engine.device}
     # Stored sessions of this tenant that failed their checks at start and are not served
     # (the server log names every one with its reason; the files are left for an operator).
-    refused: dict[str, str] = getattr(engine, "refused", {})
-    mine = [{"id": key.split("~", 1)[1], "reason": reason}
-            for key, reason in sorted(refused.items()) if key.split("~", 1)[0] == tenant]
+    mine = [{"id": session_id, "reason": reason}
+            for session_id, reason in (await engine.refused(tenant=tenant)).items()]
     if mine:
         body["refused"] = mine
     return json_response(body)
@@ -52,6 +53,7 @@ async def list_schedulers() -> Response:
 @router.get("/metrics", tags=["health"], summary="Prometheus metrics")
 async def metrics(request: Request, engine: EngineDep) -> Response:
     registry = request.app.state.metrics
-    registry.sessions.set(engine.session_count())
-    registry.device_memory.set(engine.memory_bytes())
+    status = await engine.status(memory=True)
+    registry.sessions.set(status.sessions)
+    registry.device_memory.set(status.memory_bytes)
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)

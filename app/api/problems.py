@@ -34,8 +34,12 @@ def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> Re
 async def _optserve_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, OptserveError)
     if exc.status >= 500:
-        log.error("internal error: %s", exc.detail)
-    return problem(exc.status, exc.code, exc.title, exc.detail, field=exc.field, **exc.extra)
+        log.error("%s: %s", exc.code, exc.detail)
+    response = problem(exc.status, exc.code, exc.title, exc.detail, field=exc.field, **exc.extra)
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, round(retry_after)))
+    return response
 
 
 async def _validation_error(_: Request, exc: Exception) -> Response:

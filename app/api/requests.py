@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import io
+import math
 import re
+import zipfile
 from typing import Any
 
 import orjson
 import torch
 
 from app.api.bodies import only_keys, parse_json, tensor_map
-from app.engine.interface import CreateSpec, GroupSpec
+from app.engine.interface import CreateSpec, GroupSpec, SessionInfo
 from app.errors import BadRequest, Invalid
 from app.wire.safetensors_body import read_safetensors
 from app.wire.tree import tree_from_json
@@ -19,6 +21,7 @@ _CREATE_KEYS = {"optimizer", "options", "params", "param_groups", "scheduler", "
                 "durability", "sync", "max_staleness", "staleness_lr"}
 _PS_KEYS = ("sync", "max_staleness", "staleness_lr")  # checked by the engine (app.engine.ps)
 _DURABILITY = ("step", "interval", "memory")
+TORCH_FILE_SLACK = 16 * 1024 * 1024
 _NONFINITE = ("reject", "skip", "allow")
 
 
@@ -149,10 +152,41 @@ def _tensor_refs(obj: Any) -> set[str]:
     return found
 
 
-def state_from_torch(buf: bytearray) -> Any:
-    """A ``torch.save`` file, loaded only with ``weights_only=True`` (never plain unpickling)."""
+def torch_file_limit(info: SessionInfo) -> int:
+    """How many bytes a session's ``torch.save`` state may expand to: four times its
+    parameters (no torch optimizer keeps that much per parameter) plus 16 MiB for the rest."""
+    sizes = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+    params = sum(math.prod(p["shape"]) * sizes.get(str(p["dtype"]), 8)
+                 for p in info.params.values())
+    return int(4 * params + TORCH_FILE_SLACK)
+
+
+def _check_zip(data: bytes, limit: int) -> None:
+    """Bound what a ``torch.save`` file expands to before torch reads it: every entry's
+    declared size (torch's reader allocates that much and refuses a stream that inflates
+    past it), summed, against ``limit``."""
     try:
-        return torch.load(io.BytesIO(bytes(buf)), map_location="cpu", weights_only=True)
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            entries = zf.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+        raise Invalid("not a torch.save file: only the zip format (torch.save's default since "
+                      "torch 1.6) is accepted", code="invalid_torch_file", field="body") from None
+    total = 0
+    for entry in entries:
+        total += max(entry.file_size, 0)
+        if total > limit:
+            raise Invalid(f"the torch.save file expands to more than {limit} bytes, more than "
+                          "this session's state can hold", code="torch_file_too_large",
+                          field="body", limit=limit)
+
+
+def state_from_torch(buf: bytearray, limit: int) -> Any:
+    """A ``torch.save`` file, loaded only with ``weights_only=True`` (never plain unpickling),
+    and only after its zip entries are bounded by ``limit`` bytes."""
+    data = bytes(buf)
+    _check_zip(data, limit)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure to read a client's file is the client's 422
         raise Invalid(f"not a torch.save file loadable with weights_only=True: "
                       f"{_torch_reason(exc)}", code="invalid_torch_file", field="body") from None

@@ -27,11 +27,15 @@ from app.api.bodies import (
     version_headers,
     wants_binary,
 )
+from app.api.conditions import idempotency
 from app.api.deps import EngineDep, SettingsDep, TenantDep
 from app.api.instrument import metrics_of, outcome, phase
+from app.engine.interface import SessionInfo
 from app.errors import Invalid
 from app.wire.safetensors_body import read_safetensors, write_safetensors
 from app.wire.tree import tree_to_json, tree_to_safetensors
+
+REPLAYED_HEADER = "Idempotent-Replayed"
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 SessionId = Annotated[str, Path(description="session id", max_length=200)]
@@ -41,8 +45,15 @@ def _max_bytes(settings: Any) -> int:
     return int(settings.max_body_mb * 1024 * 1024)
 
 
-def _described(desc: dict[str, Any], status: int = 200) -> Response:
-    return json_response(desc, status, version_headers(desc["version"], desc["step"]))
+def _described(info: SessionInfo, status: int = 200) -> Response:
+    return json_response(info.to_json(), status, _headers(info.version, info.step, info.replayed))
+
+
+def _headers(version: int, step: int, replayed: bool = False) -> dict[str, str]:
+    headers = version_headers(version, step)
+    if replayed:
+        headers[REPLAYED_HEADER] = "true"
+    return headers
 
 
 @router.post("", status_code=201, summary="Create a session")
@@ -50,6 +61,7 @@ async def create_session(
     request: Request, engine: EngineDep, tenant: TenantDep, settings: SettingsDep
 ) -> Response:
     buf = await read_body(request, _max_bytes(settings))
+    idem = await idempotency(request, buf)
     if body_kind(request) == "binary":
         def decode_binary() -> Any:
             tensors, metadata = read_safetensors(buf)
@@ -57,15 +69,16 @@ async def create_session(
         spec = await offload(decode_binary, len(buf))
     else:
         spec = await offload(lambda: parse.create_spec(json_object(buf)), len(buf))
-    desc = await engine.create(spec, tenant=tenant)
-    response = _described(desc, 201)
-    response.headers["Location"] = f"/v1/sessions/{desc['id']}"
+    info = await engine.create(spec, tenant=tenant, idem=idem)
+    response = _described(info, 201)
+    response.headers["Location"] = f"/v1/sessions/{info.id}"
     return response
 
 
 @router.get("", summary="List sessions")
 async def list_sessions(engine: EngineDep, tenant: TenantDep) -> Response:
-    return json_response({"sessions": await engine.list_sessions(tenant=tenant)})
+    infos = await engine.list_sessions(tenant=tenant)
+    return json_response({"sessions": [info.to_json() for info in infos]})
 
 
 @router.get("/{session_id}", summary="Describe a session")
@@ -84,12 +97,16 @@ async def configure_session(
     buf = await read_body(request, _max_bytes(settings))
     require_json(request)
     options = json_object(buf)
-    return _described(await engine.configure(session_id, options, tenant=tenant))
+    idem = await idempotency(request, buf)
+    return _described(await engine.configure(session_id, options, tenant=tenant, idem=idem))
 
 
 @router.delete("/{session_id}", status_code=204, summary="Delete a session")
-async def delete_session(session_id: SessionId, engine: EngineDep, tenant: TenantDep) -> Response:
-    await engine.delete(session_id, tenant=tenant)
+async def delete_session(
+    session_id: SessionId, request: Request, engine: EngineDep, tenant: TenantDep
+) -> Response:
+    await engine.delete(session_id, tenant=tenant, idem=await idempotency(request))
+    metrics_of(request).forget_session(session_id)
     return Response(status_code=204)
 
 
@@ -108,22 +125,16 @@ async def step(
         worker = conditions.worker_id(request)
         base = conditions.base_version(request, base_version)
         with phase(request, "decode"):
-            grads = await read_tensors(request, _max_bytes(settings), "grads")
+            grads, buf = await read_tensors(request, _max_bytes(settings), "grads")
+            idem = await idempotency(request, buf)
         result = await engine.step(session_id, grads, return_params=return_ == "params",
-                                   worker=worker, base_version=base, tenant=tenant)
-        scalars: dict[str, Any] = {"version": result.version, "step": result.step,
-                                   "lr": result.lr, "skipped": result.skipped}
-        if result.nonfinite:
-            scalars["nonfinite"] = result.nonfinite
-        if result.sync is not None:
-            scalars["sync"] = result.sync
-        if result.staleness is not None:
-            scalars["staleness"] = result.staleness
+                                   worker=worker, base_version=base, tenant=tenant, idem=idem)
         if result.skipped:
             counted["outcome"] = "skipped"
         with phase(request, "encode"):
-            return await tensors_response(binary, b64, scalars, result.params,
-                                          version_headers(result.version, result.step))
+            return await tensors_response(
+                binary, b64, result.scalars(), result.params,
+                _headers(result.version, result.step, result.replayed))
 
 
 @router.post("/{session_id}/grads", summary="Accumulate gradients for the next step")
@@ -135,15 +146,18 @@ async def push_grads(
     settings: SettingsDep,
 ) -> Response:
     with outcome(metrics_of(request), metrics_of(request).pushes, session_id):
-        grads = await read_tensors(request, _max_bytes(settings), "grads")
-        out = await engine.push(session_id, grads, tenant=tenant)
-    return json_response(out, headers=version_headers(out["version"], out["step"]))
+        grads, buf = await read_tensors(request, _max_bytes(settings), "grads")
+        idem = await idempotency(request, buf)
+        out = await engine.push(session_id, grads, tenant=tenant, idem=idem)
+    return json_response(out.to_json(), headers=_headers(out.version, out.step, out.replayed))
 
 
 @router.post("/{session_id}/zero_grad", summary="Clear accumulated gradients")
-async def zero_grad(session_id: SessionId, engine: EngineDep, tenant: TenantDep) -> Response:
-    out = await engine.zero_grad(session_id, tenant=tenant)
-    return json_response(out, headers=version_headers(out["version"], out["step"]))
+async def zero_grad(
+    session_id: SessionId, request: Request, engine: EngineDep, tenant: TenantDep
+) -> Response:
+    out = await engine.zero_grad(session_id, tenant=tenant, idem=await idempotency(request))
+    return json_response(out.to_json(), headers=_headers(out.version, out.step, out.replayed))
 
 
 @router.get("/{session_id}/params", summary="Pull parameters")
@@ -168,8 +182,7 @@ async def get_params(
     headers = version_headers(result.version, result.step)
     if result.not_modified:
         return Response(status_code=304, headers=headers)
-    scalars = {"version": result.version, "step": result.step, "lr": result.lr}
-    return await tensors_response(binary, b64, scalars, result.params, headers)
+    return await tensors_response(binary, b64, result.scalars(), result.params, headers)
 
 
 @router.put("/{session_id}/params", summary="Overwrite parameters")
@@ -181,11 +194,11 @@ async def put_params(
     settings: SettingsDep,
 ) -> Response:
     binary, b64 = wants_binary(request), tensor_encoding(request)
-    params = await read_tensors(request, _max_bytes(settings), "params")
-    result = await engine.overwrite(session_id, params, tenant=tenant)
-    scalars = {"version": result.version, "step": result.step, "lr": result.lr}
-    headers = version_headers(result.version, result.step)
-    return await tensors_response(binary, b64, scalars, result.params, headers)
+    params, buf = await read_tensors(request, _max_bytes(settings), "params")
+    idem = await idempotency(request, buf)
+    result = await engine.overwrite(session_id, params, tenant=tenant, idem=idem)
+    headers = _headers(result.version, result.step, result.replayed)
+    return await tensors_response(binary, b64, result.scalars(), result.params, headers)
 
 
 @router.post("/{session_id}/param_groups", status_code=201, summary="add_param_group")
@@ -197,11 +210,13 @@ async def add_param_group(
     settings: SettingsDep,
 ) -> Response:
     buf = await read_body(request, _max_bytes(settings))
+    idem = await idempotency(request, buf)
     if body_kind(request) == "binary":
         group = await offload(lambda: parse.group_spec_binary(buf), len(buf))
     else:
         group = await offload(lambda: parse.group_spec(json_object(buf)), len(buf))
-    return _described(await engine.add_param_group(session_id, group, tenant=tenant), 201)
+    return _described(await engine.add_param_group(session_id, group, tenant=tenant,
+                                                    idem=idem), 201)
 
 
 @router.patch("/{session_id}/param_groups/{index}", summary="Change a group's options")
@@ -215,8 +230,9 @@ async def update_param_group(
     buf = await read_body(request, _max_bytes(settings))
     require_json(request)
     options = json_object(buf)
+    idem = await idempotency(request, buf)
     return _described(await engine.update_param_group(session_id, index, options,
-                                                           tenant=tenant))
+                                                      tenant=tenant, idem=idem))
 
 
 @router.post("/{session_id}/scheduler/step", summary="Step the scheduler by hand")
@@ -236,8 +252,9 @@ async def scheduler_step(
     if metric is not None and type(metric) not in (int, float):
         raise Invalid("metric must be a number", code="invalid_metric", field="metric")
     out = await engine.scheduler_step(
-        session_id, None if metric is None else float(metric), tenant=tenant)
-    return json_response(out, headers=version_headers(out["version"], out["step"]))
+        session_id, None if metric is None else float(metric), tenant=tenant,
+        idem=await idempotency(request, buf))
+    return json_response(out.to_json(), headers=_headers(out.version, out.step, out.replayed))
 
 
 def _state_format(request: Request, default: str) -> str:
@@ -256,8 +273,8 @@ async def export_state(
     fmt = _state_format(request, default)
     b64 = tensor_encoding(request)
     out = await engine.export_state(session_id, tenant=tenant)
-    headers = version_headers(out["version"], out["step"])
-    sd = out["state_dict"]
+    headers = version_headers(out.version, out.step)
+    sd = out.state_dict
 
     def encode() -> bytes:
         if fmt == "torch":
@@ -284,10 +301,12 @@ async def import_state(
     buf = await read_body(request, _max_bytes(settings))
     kind = body_kind(request)
     fmt = _state_format(request, "safetensors" if kind == "binary" else "json")
+    idem = await idempotency(request, buf)
     if fmt == "torch":
-        state = await offload(lambda: parse.state_from_torch(buf), len(buf))
+        limit = parse.torch_file_limit(await engine.describe(session_id, tenant=tenant))
+        state = await offload(lambda: parse.state_from_torch(buf, limit), len(buf))
     elif fmt == "safetensors":
         state = await offload(lambda: parse.state_from_safetensors(buf), len(buf))
     else:
         state = await offload(lambda: parse.state_from_json(buf), len(buf))
-    return _described(await engine.import_state(session_id, state, tenant=tenant))
+    return _described(await engine.import_state(session_id, state, tenant=tenant, idem=idem))

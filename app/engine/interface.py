@@ -1,12 +1,13 @@
 """The engine interface: plain data and CPU tensors in and out, no state outside it.
 
-The embedded engine (one worker thread per device, in-process) implements it; a later engine
-may place each session in a remote actor behind the same HTTP front, so callers must not
-assume the session lives in their process.
+The routes talk to an :class:`Engine` (the front: tenancy, limits, readiness) and get typed
+results back; the front drives session hosts (in-process, or Ray actors) with operation values
+(:mod:`app.engine.ops`). Nothing here may assume a session lives in the caller's process.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -15,6 +16,28 @@ import torch
 NonFinitePolicy = Literal["reject", "skip", "allow"]
 Durability = Literal["step", "interval", "memory"]
 Tensors = dict[str, torch.Tensor]
+
+
+def session_key(tenant: str, session_id: str) -> str:
+    """The key a host stores a session under (also its directory name): ``tenant~id``."""
+    return f"{tenant}~{session_id}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(tenant, session id) of a session key."""
+    tenant, _, session_id = key.partition("~")
+    return tenant, session_id
+
+
+def json_float(x: float) -> float | dict[str, str]:
+    """A float for JSON: finite as is, else the service's ``{"$float": "inf"}`` encoding."""
+    if math.isfinite(x):
+        return x
+    return {"$float": "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")}
+
+
+def json_floats(xs: list[float]) -> list[Any]:
+    return [json_float(x) for x in xs]
 
 
 @dataclass
@@ -38,6 +61,51 @@ class CreateSpec:
     ps_options: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class IdemKey:
+    """A request's ``Idempotency-Key`` and the fingerprint of the request that carried it (a
+    repeat of the key must carry the same fingerprint)."""
+
+    key: str
+    fingerprint: str = ""
+
+
+@dataclass
+class SessionInfo:
+    """A session's description, JSON-ready (``to_json``)."""
+
+    id: str
+    optimizer: str
+    device: str
+    version: int
+    step: int
+    lr: list[float]
+    nonfinite: str
+    durability: str
+    defaults: dict[str, Any]
+    param_groups: list[dict[str, Any]]
+    params: dict[str, dict[str, Any]]
+    accumulated: list[str]
+    scheduler: dict[str, Any] | None
+    ps: dict[str, Any]
+    #: workers that have pushed to the open sync round (sync sessions only)
+    pending: list[str] | None = None
+    replayed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "id": self.id, "optimizer": self.optimizer, "device": self.device,
+            "version": self.version, "step": self.step, "lr": json_floats(self.lr),
+            "nonfinite": self.nonfinite, "durability": self.durability,
+            "defaults": self.defaults, "param_groups": self.param_groups,
+            "params": self.params, "accumulated": self.accumulated,
+            "scheduler": self.scheduler, **self.ps,
+        }
+        if self.pending is not None and isinstance(out.get("sync"), dict):
+            out["sync"] = {**out["sync"], "pending": self.pending}
+        return out
+
+
 @dataclass
 class StepResult:
     version: int
@@ -50,6 +118,25 @@ class StepResult:
     sync: dict[str, Any] | None = None
     #: async pushes that named their base version: how many versions old they were
     staleness: int | None = None
+    #: the answer to a repeated idempotency key (nothing was applied again)
+    replayed: bool = False
+    #: a replayed answer's params are the current ones; this is their version
+    params_version: int | None = None
+
+    def scalars(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.version, "step": self.step,
+                               "lr": json_floats(self.lr), "skipped": self.skipped}
+        if self.nonfinite:
+            out["nonfinite"] = self.nonfinite
+        if self.sync is not None:
+            out["sync"] = self.sync
+        if self.staleness is not None:
+            out["staleness"] = self.staleness
+        if self.replayed:
+            out["replayed"] = True
+        if self.params_version is not None and self.params_version != self.version:
+            out["params_version"] = self.params_version
+        return out
 
 
 @dataclass
@@ -60,6 +147,67 @@ class ParamsResult:
     params: Tensors
     #: the caller already holds this version (``If-None-Match``): ``params`` is empty
     not_modified: bool = False
+    replayed: bool = False
+
+    def scalars(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.version, "step": self.step,
+                               "lr": json_floats(self.lr)}
+        if self.replayed:
+            out["replayed"] = True
+        return out
+
+
+@dataclass
+class GradsResult:
+    """The answer to a push (``/grads``) or ``zero_grad``."""
+
+    version: int
+    step: int
+    accumulated: list[str]
+    replayed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.version, "step": self.step,
+                               "accumulated": self.accumulated}
+        if self.replayed:
+            out["replayed"] = True
+        return out
+
+
+@dataclass
+class SchedulerResult:
+    version: int
+    step: int
+    lr: list[float]
+    last_epoch: int | None
+    replayed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.version, "step": self.step,
+                               "lr": json_floats(self.lr), "last_epoch": self.last_epoch}
+        if self.replayed:
+            out["replayed"] = True
+        return out
+
+
+@dataclass
+class StateExport:
+    state_dict: dict[str, Any]
+    version: int
+    step: int
+
+
+@dataclass
+class EngineStatus:
+    """Whether a session host (or the engine as a whole) takes operations, and why not."""
+
+    ready: bool
+    reason: str | None
+    device: str
+    sessions: int
+    memory_bytes: int
+    #: stored sessions refused at start, by session key, with the reason
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 class Engine(Protocol):
@@ -67,45 +215,44 @@ class Engine(Protocol):
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
-    def ready(self) -> bool: ...
-    def session_count(self) -> int: ...
-    def memory_bytes(self) -> int: ...
+    async def status(self, *, memory: bool = ...) -> EngineStatus: ...
+    async def refused(self, *, tenant: str = ...) -> dict[str, str]: ...
 
-    async def create(self, spec: CreateSpec, *, tenant: str = ...) -> dict[str, Any]: ...
-    async def describe(self, session_id: str, *, tenant: str = ...) -> dict[str, Any]: ...
-    async def list_sessions(self, *, tenant: str = ...) -> list[dict[str, Any]]: ...
-    async def delete(self, session_id: str, *, tenant: str = ...) -> None: ...
+    async def create(self, spec: CreateSpec, *, tenant: str = ...,
+                     idem: IdemKey | None = ...) -> SessionInfo: ...
+    async def describe(self, session_id: str, *, tenant: str = ...) -> SessionInfo: ...
+    async def list_sessions(self, *, tenant: str = ...) -> list[SessionInfo]: ...
+    async def delete(self, session_id: str, *, tenant: str = ...,
+                     idem: IdemKey | None = ...) -> None: ...
 
     async def step(
         self, session_id: str, grads: Tensors, *, return_params: bool,
         worker: str | None = ..., base_version: int | None = ..., tenant: str = ...,
+        idem: IdemKey | None = ...,
     ) -> StepResult: ...
-    async def configure(
-        self, session_id: str, options: dict[str, Any], *, tenant: str = ...
-    ) -> dict[str, Any]: ...
-    async def push(
-        self, session_id: str, grads: Tensors, *, tenant: str = ...
-    ) -> dict[str, Any]: ...
-    async def zero_grad(self, session_id: str, *, tenant: str = ...) -> dict[str, Any]: ...
+    async def configure(self, session_id: str, options: dict[str, Any], *, tenant: str = ...,
+                        idem: IdemKey | None = ...) -> SessionInfo: ...
+    async def push(self, session_id: str, grads: Tensors, *, tenant: str = ...,
+                   idem: IdemKey | None = ...) -> GradsResult: ...
+    async def zero_grad(self, session_id: str, *, tenant: str = ...,
+                        idem: IdemKey | None = ...) -> GradsResult: ...
     async def pull(
         self, session_id: str, names: list[str] | None, *, min_version: int | None = ...,
         wait_s: float = ..., unless_versions: frozenset[int] = ..., tenant: str = ...,
     ) -> ParamsResult: ...
-    async def overwrite(
-        self, session_id: str, params: Tensors, *, tenant: str = ...
-    ) -> ParamsResult: ...
+    async def overwrite(self, session_id: str, params: Tensors, *, tenant: str = ...,
+                        idem: IdemKey | None = ...) -> ParamsResult: ...
 
-    async def add_param_group(
-        self, session_id: str, group: GroupSpec, *, tenant: str = ...
-    ) -> dict[str, Any]: ...
+    async def add_param_group(self, session_id: str, group: GroupSpec, *, tenant: str = ...,
+                              idem: IdemKey | None = ...) -> SessionInfo: ...
     async def update_param_group(
-        self, session_id: str, index: int, options: dict[str, Any], *, tenant: str = ...
-    ) -> dict[str, Any]: ...
-    async def scheduler_step(
-        self, session_id: str, metric: float | None, *, tenant: str = ...
-    ) -> dict[str, Any]: ...
+        self, session_id: str, index: int, options: dict[str, Any], *, tenant: str = ...,
+        idem: IdemKey | None = ...,
+    ) -> SessionInfo: ...
+    async def scheduler_step(self, session_id: str, metric: float | None, *,
+                             tenant: str = ..., idem: IdemKey | None = ...
+                             ) -> SchedulerResult: ...
 
-    async def export_state(self, session_id: str, *, tenant: str = ...) -> dict[str, Any]: ...
-    async def import_state(
-        self, session_id: str, state: dict[str, Any], *, tenant: str = ...
-    ) -> dict[str, Any]: ...
+    async def export_state(self, session_id: str, *, tenant: str = ...) -> StateExport: ...
+    async def import_state(self, session_id: str, state: dict[str, Any], *, tenant: str = ...,
+                           idem: IdemKey | None = ...) -> SessionInfo: ...

@@ -9,6 +9,7 @@ Validation reuses torch's own: options are tried on a throwaway optimizer over t
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from typing import Any
 
@@ -136,9 +137,9 @@ def normalize_options(
     if not isinstance(options, dict):
         raise Invalid("options must be a JSON object", code="invalid_option", field=field)
     defaults = default_options(cls)
-    known = dict(defaults)
-    if extra_keys:
-        known.update(extra_keys)
+    # the constructor's defaults say what type an option takes; other keys a group may hold
+    # (a scheduler's initial_lr, ...) take the type of their current value
+    known = {**(extra_keys or {}), **defaults}
     out: dict[str, Any] = {}
     for key, value in options.items():
         where = f"{field}.{key}"
@@ -171,16 +172,19 @@ TORCH_ERRORS = (ValueError, TypeError, RuntimeError, KeyError, IndexError, Asser
                 NotImplementedError, ZeroDivisionError, OverflowError)
 
 
-def _constructs(
-    cls: type[torch.optim.Optimizer], defaults: dict[str, Any], opts: dict[str, Any],
-    dtype: torch.dtype, device: torch.device,
-) -> bool:
-    own = {k: v for k, v in opts.items() if k in default_options(cls)}
-    try:
-        cls([torch.full((2, 2), 0.5, dtype=dtype, device=device)], **{**defaults, **own})
-    except TORCH_ERRORS:
-        return False
-    return True
+def check_overflow(options: dict[str, Any], dtype: torch.dtype, where: str) -> None:
+    """Every float option must fit the parameters' dtype: torch raises "value cannot be
+    converted ... without overflow" in the middle of a step otherwise."""
+    if not dtype.is_floating_point:
+        return
+    finfo = torch.finfo(dtype)
+    for key, value in options.items():
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if type(v) is float and math.isfinite(v) and abs(v) > finfo.max:
+                raise Invalid(f"{key} is {v!r}, beyond the range of the parameters' dtype "
+                              f"({finfo.dtype}); a step would overflow",
+                              code="option_overflow", field=f"{where}.{key}")
 
 
 def probe(
@@ -191,14 +195,15 @@ def probe(
     device: torch.device,
     fields: dict[str, str],
     fallback: str = "options",
-    baseline: list[dict[str, Any]] | None = None,
+    check: list[int] | None = None,
 ) -> None:
     """Construct and step a throwaway optimizer with these options over tiny tensors, so that
     torch's own validation (at construction and at step) speaks before any session changes.
 
-    ``baseline`` holds the groups' options before this request (PATCH, import): a group whose
-    options torch's constructor already refused before (say an lr a scheduler drove a hair
-    below zero, which torch itself accepts in a running optimizer) is not refused for it now."""
+    torch validates only its constructor's arguments, never a group's own options: the options
+    of each group in ``check`` (default: all) are also tried as constructor arguments, whatever
+    the other groups hold (a running group may hold a value a scheduler drove where torch's
+    constructor would not go, e.g. an lr a hair below zero)."""
     tiny_groups = []
     tensors = []
     for opts, dtype in zip(groups, dtypes, strict=True):
@@ -208,16 +213,11 @@ def probe(
     ctor_keys = default_options(cls).keys()
     try:
         opt = cls(tiny_groups, **defaults)
-        # torch validates only its constructor's arguments, never a group's own options: try
-        # each group's options as constructor arguments too, so torch's checks cover them.
-        for i, (opts, dtype) in enumerate(zip(groups, dtypes, strict=True)):
-            own = {k: v for k, v in opts.items() if k in ctor_keys}
-            if not own:
-                continue
-            before = baseline[i] if baseline is not None and i < len(baseline) else None
-            if before is not None and not _constructs(cls, defaults, before, dtype, device):
-                continue
-            cls([torch.full((2, 2), 0.5, dtype=dtype, device=device)], **{**defaults, **own})
+        for i in range(len(groups)) if check is None else check:
+            own = {k: v for k, v in groups[i].items() if k in ctor_keys}
+            if own:
+                cls([torch.full((2, 2), 0.5, dtype=dtypes[i], device=device)],
+                    **{**defaults, **own})
         for t in tensors:
             t.grad = torch.full_like(t, 0.25)
         opt.step()

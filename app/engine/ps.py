@@ -7,21 +7,18 @@
   per tensor, over the workers that sent it, summed in ascending order of worker id (one
   ``add_`` after another, never a tree or a kernel-chosen order), then for ``mean`` divided
   once by the number of those workers. Runs on the device worker.
-- :class:`Round` / :class:`SyncState`: the event-loop side of a round (pushes validated and
-  waiting, their futures, the timeout). Rounds are not persisted: only the one step a round
-  applies is, as an ordinary ``step`` record holding the reduced gradients.
+- the rounds themselves live in the session host (:mod:`app.engine.rounds`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from app.engine.interface import StepResult, Tensors
+from app.engine.interface import Tensors
 from app.errors import Invalid
 
 Reduce = Literal["mean", "sum"]
@@ -157,48 +154,6 @@ def reduce(pushes: Mapping[str, Tensors], how: Reduce) -> Tensors:
             acc.div_(len(senders))
         out[name] = acc
     return out
-
-
-@dataclass(eq=False)
-class Round:
-    """Pushes gathered for the next synchronous step, and the requests waiting for it."""
-
-    pushes: dict[str, Tensors] = field(default_factory=dict)
-    waiters: dict[str, asyncio.Future[StepResult]] = field(default_factory=dict)
-    reserved: set[str] = field(default_factory=set)  # pushes being validated
-    want_params: bool = False
-    timer: asyncio.TimerHandle | None = None
-
-    def cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def fail(self, exc: BaseException) -> None:
-        self.cancel_timer()
-        for fut in self.waiters.values():
-            if not fut.done():
-                fut.set_exception(exc)
-
-    def settle(self, result: StepResult) -> None:
-        for fut in self.waiters.values():
-            if not fut.done():
-                fut.set_result(result)
-
-
-@dataclass(eq=False)
-class SyncState:
-    """The event-loop side of one sync session: its configuration and the open round."""
-
-    tenant: str
-    session_id: str
-    config: SyncConfig
-    round: Round | None = None
-
-    def open_round(self) -> Round:
-        if self.round is None:
-            self.round = Round()
-        return self.round
 
 
 def staleness_note(base_version: int, version: int, max_staleness: int | None) -> str:

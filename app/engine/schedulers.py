@@ -9,9 +9,11 @@ Options are type-checked against torch's own annotations, then tried on a throwa
 from __future__ import annotations
 
 import bisect
+import copy
 import inspect
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,11 +49,16 @@ class SchedulerSpec:
     step_on: StepOn
     children: list[SchedulerSpec]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, nested: bool = False) -> dict[str, Any]:
+        """The spec as :func:`parse_spec` accepts it back (a nested scheduler steps with its
+        parent, so only the top level carries ``step_on``)."""
         options = dict(self.options)
         if self.children:
-            options["schedulers"] = [c.to_json() for c in self.children]
-        return {"name": self.name, "options": _tag_floats(options), "step_on": self.step_on}
+            options["schedulers"] = [c.to_json(nested=True) for c in self.children]
+        out = {"name": self.name, "options": _tag_floats(options)}
+        if not nested:
+            out["step_on"] = self.step_on
+        return out
 
 
 def _tag_floats(obj: Any) -> Any:
@@ -245,6 +252,48 @@ def _stepped_leaves(sched: Scheduler) -> list[Scheduler]:
     if isinstance(kids, list):
         return [leaf for k in kids for leaf in _stepped_leaves(k)]
     return [sched]
+
+
+def capture(optimizer: torch.optim.Optimizer, sched: Scheduler | None) -> Any:
+    """The small state a scheduler step changes: every group's options (tensor values cloned:
+    torch fills a tensor lr in place) and the scheduler's own state."""
+    groups = [{k: copy.deepcopy(v) for k, v in g.items() if k not in ("params", "param_names")}
+              for g in optimizer.param_groups]
+    return groups, None if sched is None else copy.deepcopy(sched.state_dict())
+
+
+def restore(optimizer: torch.optim.Optimizer, sched: Scheduler | None, saved: Any) -> None:
+    """Put back what :func:`capture` saved (the group options and the scheduler's state)."""
+    groups, sched_state = saved
+    for group, options in zip(optimizer.param_groups, groups, strict=True):
+        for key in [k for k in group if k not in ("params", "param_names") and k not in options]:
+            del group[key]
+        group.update(copy.deepcopy(options))
+    if sched is not None and sched_state is not None:
+        sched.load_state_dict(copy.deepcopy(sched_state))
+
+
+def dry_run(optimizer: torch.optim.Optimizer, sched: Scheduler, metric: float | None,
+            field: str = "scheduler") -> None:
+    """Step the scheduler once and put everything back: a scheduler that would raise is refused
+    here, before the optimizer or anything else has changed (torch steps the scheduler after
+    the optimizer, when a failure could no longer be undone cheaply)."""
+    check_can_step(sched)
+    saved = capture(optimizer, sched)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if isinstance(sched, lr_scheduler.ReduceLROnPlateau):
+                sched.step(1.0 if metric is None else metric)
+            else:
+                sched.step()
+    except TORCH_ERRORS as exc:
+        name = type(sched).__name__
+        raise Invalid(f"the scheduler cannot step: {name}.step() raises "
+                      f"{type(exc).__name__}{': ' + str(exc) if str(exc) else ''}; nothing "
+                      "was changed", code="scheduler_failed", field=field) from None
+    finally:
+        restore(optimizer, sched, saved)
 
 
 def check_can_step(sched: Scheduler) -> None:

@@ -9,6 +9,7 @@ the next step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,17 @@ def _is_num(x: object) -> bool:
     return type(x) in (int, float)
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b)))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and bool(a == b)
+
+
 def same_structure(expected: Any, got: Any, field: str) -> None:
     """``got`` must have the shape of ``expected``: keys, lengths, tensor shapes, scalar kinds."""
     if isinstance(expected, torch.Tensor):
@@ -74,8 +86,9 @@ def same_structure(expected: Any, got: Any, field: str) -> None:
         if got.shape != expected.shape:
             raise Invalid(f"tensor has shape {list(got.shape)}, expected "
                           f"{list(expected.shape)}", code="state_mismatch", field=field)
-        if got.is_floating_point() != expected.is_floating_point() or got.is_complex():
-            raise Invalid(f"tensor has dtype {got.dtype}, expected {expected.dtype}",
+        if got.dtype != expected.dtype:
+            raise Invalid(f"tensor has dtype {str(got.dtype).removeprefix('torch.')}, expected "
+                          f"{str(expected.dtype).removeprefix('torch.')} (no silent casts)",
                           code="state_mismatch", field=field)
         return
     if isinstance(expected, dict):
@@ -135,6 +148,56 @@ def _expected_state(
     return [dict(opt.state[t]) for t in scratch], eager
 
 
+def own_tensors(obj: Any, field: str) -> Any:
+    """A copy of a client's tree in which every tensor is a plain dense CPU tensor owning its
+    memory (contiguous, no stride-0 expansion, no two entries sharing storage): sparse, meta,
+    quantized and complex tensors are refused."""
+    if isinstance(obj, torch.Tensor):
+        if obj.layout != torch.strided or obj.device.type != "cpu" or obj.is_quantized \
+                or obj.is_complex():
+            kind = "meta" if obj.device.type == "meta" else str(obj.layout).removeprefix("torch.")
+            raise Invalid(f"a state tensor must be a dense CPU tensor, got {kind} "
+                          f"{str(obj.dtype).removeprefix('torch.')}", code="state_mismatch",
+                          field=field)
+        return obj.detach().clone(memory_format=torch.contiguous_format)
+    if isinstance(obj, dict):
+        return {k: own_tensors(v, f"{field}.{k}") for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [own_tensors(v, f"{field}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return tuple(own_tensors(v, f"{field}.{i}") for i, v in enumerate(obj))
+    return obj
+
+
+def _check_step(value: Any, field: str) -> None:
+    """A per-parameter ``step`` counts steps: a finite integral number >= 0."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            return  # not a step counter torch keeps; the structure check spoke already
+        number = float(value.item())
+    elif type(value) in (int, float):
+        number = float(value)
+    else:
+        return
+    if not math.isfinite(number) or number < 0 or number != math.floor(number):
+        raise Invalid(f"step must be a whole number of steps >= 0, got {number!r}",
+                      code="state_mismatch", field=field)
+
+
+def _check_finite(obj: Any, field: str) -> None:
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all()):
+            raise Invalid("non-finite values in the state; this session rejects them "
+                          "(nonfinite: reject)", code="nonfinite_state", field=field)
+    elif isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise Invalid("non-finite value in the state; this session rejects them "
+                          "(nonfinite: reject)", code="nonfinite_state", field=field)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_finite(v, f"{field}.{k}")
+
+
 def prepare_import(session: Session, state: object) -> PreparedImport:
     if not isinstance(state, dict):
         raise Invalid("a state dict must be an object with state and param_groups",
@@ -190,10 +253,16 @@ def prepare_import(session: Session, state: object) -> PreparedImport:
         raise Invalid("a parameter id appears twice in param_groups", code="state_mismatch",
                       field="state_dict.param_groups")
     dtypes = [g["params"][0].dtype for g in current]
+    # torch's constructor checks for every group whose options change (a running group may
+    # hold a value a scheduler drove where the constructor would not go: importing it back
+    # unchanged is fine)
+    before = session.group_options()
+    changed = [i for i, (new, old) in enumerate(zip(group_opts, before, strict=True))
+               if any(k not in old or not _same_value(v, old[k]) for k, v in new.items())]
     optimizers.probe(session.cls, session.defaults, group_opts, dtypes, session.device, fields,
-                     "state_dict.param_groups",
-                     baseline=[{k: v for k, v in g.items() if k not in ("params", "param_names")}
-                               for g in current])
+                     "state_dict.param_groups", check=changed)
+    for i, (opts, dtype) in enumerate(zip(group_opts, dtypes, strict=True)):
+        optimizers.check_overflow(opts, dtype, f"state_dict.param_groups.{i}")
 
     raw_state = state.get("state", {})
     if not isinstance(raw_state, dict):
@@ -213,6 +282,11 @@ def prepare_import(session: Session, state: object) -> PreparedImport:
                           field=where)
         if entry or eager:
             same_structure(expected[position[pid]], entry, where)
+        entry = own_tensors(entry, where)
+        if "step" in entry:
+            _check_step(entry["step"], f"{where}.step")
+        if session.nonfinite == "reject":
+            _check_finite(entry, where)
         new_state[pid] = entry
     if eager:
         absent = [pid for pid in order if pid not in new_state]
@@ -227,5 +301,6 @@ def prepare_import(session: Session, state: object) -> PreparedImport:
             raise Invalid("the state carries a scheduler but this session has none",
                           code="state_mismatch", field="state_dict.scheduler")
         same_structure(session.scheduler.state_dict(), sched_state, "state_dict.scheduler")
+        sched_state = own_tensors(sched_state, "state_dict.scheduler")
     names = [list(g["param_names"]) for g in current]
     return PreparedImport({"state": new_state, "param_groups": new_groups}, sched_state, names)

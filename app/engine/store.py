@@ -2,71 +2,162 @@
 
 Layout under the data directory::
 
-    sessions/<id>/snapshot.bin   OPTSNAP1 | u64 length | u32 crc32 | payload
-    sessions/<id>/wal.bin        records: OPTR | u32 length | u32 crc32(payload)
-                                          | u32 crc32(the 12 header bytes before) | payload
+    sessions/<key>/snapshot.bin   OPTSNAP2 | u64 length | u32 crc32c | payload
+    sessions/<key>/wal.bin        records: OPR2 | u64 length | u32 crc32c(payload)
+                                          | u32 crc32c(the 16 header bytes before) | payload
 
-Snapshots are written atomically (temp file, fsync, rename, fsync the directory). Log records
-are appended in order; a damaged record (bad header, length past the end of the file, payload
-checksum) with no valid record anywhere after it is a torn write from a crash (that update was
-never acknowledged) and is dropped; a damaged record followed by a valid one is corruption and
-the session is refused. The magic and the header's own checksum make that search exact and
-cheap (a damaged length field cannot pass for a torn tail, and zero-filled blocks a crash
-leaves at the end of a file are not mistaken for records).
+(The first format, ``OPTSNAP1``/``OPTR`` with zlib's crc32 and a u32 length, is still read.)
 
-Durability levels: ``step`` (a record is fsynced before the update is acknowledged),
-``interval`` (written at once, fsynced by a background flusher every ``interval_s``),
-``memory`` (nothing on disk). Payloads are opaque bytes here.
+The log is written ahead: a record reaches the file (and, for durability ``step``, the disk)
+before its operation touches the session, so a failed write or fsync leaves nothing applied.
+A failed append truncates the file back to its last good length; when even that fails, the
+log is marked for repair, every later append to it first retries the truncate, and
+:meth:`Store.health` names the problem until it succeeds. The interval flusher never dies: a
+failed background fsync marks the log *suspect* (the kernel may have dropped pages it could not
+write), and the engine heals such a log by writing a fresh snapshot from memory.
+
+Snapshots are written atomically (temp file, fsync, rename, fsync the directory). On reading, a
+damaged record (bad header, length past the end of the file, payload checksum) with no valid
+record anywhere after it is a torn write from a crash (never acknowledged) and is dropped; a
+damaged record followed by a valid one is corruption and the session is refused. The magic and
+the header's own checksum make that search exact and cheap.
+
+Durability levels: ``step`` (a record is fsynced before the operation is applied and
+acknowledged), ``interval`` (written at once, fsynced by a background flusher every
+``interval_s``), ``memory`` (nothing on disk). Payloads are opaque bytes here. All file system
+calls go through :class:`Files`, which tests replace to inject faults (EIO, ENOSPC).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
+
+import crc32c
+
+from app.errors import OptserveError, StorageFull, Unavailable
 
 log = logging.getLogger("optserve.store")
 Durability = Literal["step", "interval", "memory"]
-SNAP_MAGIC = b"OPTSNAP1"
+Buffer = bytes | bytearray | memoryview
+SNAP_MAGIC = b"OPTSNAP2"
 _SNAP_HEAD = struct.Struct("<8sQI")
-REC_MAGIC = b"OPTR"
-_REC_HEAD = struct.Struct("<4sIII")  # magic, payload length, payload crc32, header crc32
-_REC_HEAD_BODY = struct.Struct("<4sII")
-MAX_RECORD = 1 << 32
+SNAP_MAGIC_V1 = b"OPTSNAP1"
+REC_MAGIC = b"OPR2"
+_REC_HEAD = struct.Struct("<4sQII")  # magic, payload length, payload crc32c, header crc32c
+_REC_HEAD_BODY = struct.Struct("<4sQI")
+REC_MAGIC_V1 = b"OPTR"
+_REC_HEAD_V1 = struct.Struct("<4sIII")  # magic, length, zlib crc32(payload), crc32(head)
+_REC_HEAD_BODY_V1 = struct.Struct("<4sII")
+_IOV_MAX = 512
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class StoreCorrupt(Exception):
     """A snapshot or log that cannot be trusted; the session is refused, not guessed at."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
+def storage_failure(exc: OSError, what: str) -> OptserveError:
+    """The client's answer for a store error: 507 when the disk is full, else 503."""
+    reason = f"{what}: {os.strerror(exc.errno) if exc.errno else exc}"
+    if exc.errno in _FULL:
+        return StorageFull(f"nothing was applied: {reason}; free space in the data directory "
+                           "and retry", code="storage_full")
+    return Unavailable(f"nothing was applied: {reason}; retry later", code="storage_error",
+                       retry_after=5.0)
+
+
+class Files:
+    """The file system calls the store makes (tests inject faults by overriding these)."""
+
+    def open_append(self, path: Path) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+
+    def pwritev(self, fd: int, parts: Sequence[Buffer], offset: int) -> int:
+        return os.pwritev(fd, parts, offset)
+
+    def fsync(self, fd: int) -> None:
         os.fsync(fd)
-    finally:
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        os.ftruncate(fd, length)
+
+    def close(self, fd: int) -> None:
         os.close(fd)
 
+    def replace(self, src: Path, dst: Path) -> None:
+        os.replace(src, dst)
 
-def write_atomic(path: Path, data: bytes | bytearray | memoryview) -> None:
+    def fsync_dir(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def mkdir(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+
+
+def _write_all(files: Files, fd: int, parts: Sequence[Buffer], offset: int) -> int:
+    """Write every part at ``offset`` (no joined copy); the bytes written."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    total = 0
+    while views:
+        batch = views[:_IOV_MAX]
+        n = files.pwritev(fd, batch, offset + total)
+        if n <= 0:
+            raise OSError(errno.EIO, "write returned no progress")
+        total += n
+        while n and views:  # drop what was written, keep the rest of a partly written part
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+    return total
+
+
+def write_atomic(path: Path, parts: Sequence[Buffer], files: Files | None = None) -> None:
+    """Replace ``path`` with these bytes, or leave it as it was (temp file, fsync, rename)."""
+    files = files or Files()
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        try:
+            _write_all(files, fd, parts, 0)
+            files.fsync(fd)
+        finally:
+            os.close(fd)
+        files.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    files.fsync_dir(path.parent)
 
 
-def frame_snapshot(payload: bytes) -> bytes:
-    return _SNAP_HEAD.pack(SNAP_MAGIC, len(payload), zlib.crc32(payload)) + payload
+def _crc(parts: Sequence[Buffer]) -> int:
+    value = 0
+    for part in parts:
+        value = crc32c.crc32c(part, value)
+    return value
+
+
+def frame_snapshot(payload: Buffer | Sequence[Buffer]) -> list[Buffer]:
+    parts = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else list(payload)
+    head = _SNAP_HEAD.pack(SNAP_MAGIC, sum(len(p) for p in parts), _crc(parts))
+    return [head, *parts]
 
 
 def read_snapshot(path: Path) -> bytes:
@@ -75,49 +166,66 @@ def read_snapshot(path: Path) -> bytes:
         raise StoreCorrupt(f"{path}: truncated snapshot header")
     magic, length, crc = _SNAP_HEAD.unpack_from(data)
     payload = data[_SNAP_HEAD.size:]
-    if magic != SNAP_MAGIC:
+    if magic not in (SNAP_MAGIC, SNAP_MAGIC_V1):
         raise StoreCorrupt(f"{path}: not an optserve snapshot")
     if len(payload) != length:
         raise StoreCorrupt(f"{path}: snapshot holds {len(payload)} bytes, header says {length}")
-    if zlib.crc32(payload) != crc:
+    actual = crc32c.crc32c(payload) if magic == SNAP_MAGIC else zlib.crc32(payload)
+    if actual != crc:
         raise StoreCorrupt(f"{path}: snapshot checksum mismatch")
     return payload
 
 
-def record_head(payload: bytes | Sequence[bytes | memoryview]) -> bytes:
+def record_head(payload: Buffer | Sequence[Buffer]) -> bytes:
     """The framing header of a record whose payload is ``payload`` (or these pieces of it)."""
-    parts = [payload] if isinstance(payload, bytes) else payload
-    crc = 0
-    for part in parts:
-        crc = zlib.crc32(part, crc)
-    head = _REC_HEAD_BODY.pack(REC_MAGIC, sum(len(p) for p in parts), crc)
-    return head + struct.pack("<I", zlib.crc32(head))
+    parts = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
+    head = _REC_HEAD_BODY.pack(REC_MAGIC, sum(len(p) for p in parts), _crc(parts))
+    return head + struct.pack("<I", crc32c.crc32c(head))
 
 
 def frame_record(payload: bytes) -> bytes:
     return record_head(payload) + payload
 
 
-def _record_at(data: memoryview, pos: int) -> int | None:
-    """The end of the valid record that starts at ``pos``, or None."""
-    if len(data) - pos < _REC_HEAD.size:
-        return None
-    magic, length, crc, head_crc = _REC_HEAD.unpack_from(data, pos)
-    if magic != REC_MAGIC or zlib.crc32(data[pos:pos + _REC_HEAD_BODY.size]) != head_crc:
-        return None
-    start, end = pos + _REC_HEAD.size, pos + _REC_HEAD.size + int(length)
-    if end > len(data) or zlib.crc32(data[start:end]) != crc:
-        return None
-    return end
+def _record_at(data: memoryview, pos: int) -> tuple[int, int] | None:
+    """(payload start, end) of the valid record that starts at ``pos``, or None."""
+    magic = bytes(data[pos:pos + 4])
+    if magic == REC_MAGIC:
+        if len(data) - pos < _REC_HEAD.size:
+            return None
+        _, length, crc, head_crc = _REC_HEAD.unpack_from(data, pos)
+        if crc32c.crc32c(data[pos:pos + _REC_HEAD_BODY.size]) != head_crc:
+            return None
+        start = pos + _REC_HEAD.size
+        end = start + int(length)
+        if end > len(data) or crc32c.crc32c(data[start:end]) != crc:
+            return None
+        return start, end
+    if magic == REC_MAGIC_V1:
+        if len(data) - pos < _REC_HEAD_V1.size:
+            return None
+        _, length, crc, head_crc = _REC_HEAD_V1.unpack_from(data, pos)
+        if zlib.crc32(data[pos:pos + _REC_HEAD_BODY_V1.size]) != head_crc:
+            return None
+        start = pos + _REC_HEAD_V1.size
+        end = start + int(length)
+        if end > len(data) or zlib.crc32(data[start:end]) != crc:
+            return None
+        return start, end
+    return None
 
 
 def _next_valid_record(data: bytes, view: memoryview, pos: int) -> int | None:
     """The offset of the first valid record at or after ``pos``, or None."""
-    while (pos := data.find(REC_MAGIC, pos)) != -1:
-        if _record_at(view, pos) is not None:
-            return pos
-        pos += 1
-    return None
+    found: list[int] = []
+    for magic in (REC_MAGIC, REC_MAGIC_V1):
+        p = pos
+        while (p := data.find(magic, p)) != -1:
+            if _record_at(view, p) is not None:
+                found.append(p)
+                break
+            p += 1
+    return min(found) if found else None
 
 
 def read_log(path: Path) -> tuple[list[bytes], int, bool]:
@@ -129,60 +237,53 @@ def read_log(path: Path) -> tuple[list[bytes], int, bool]:
     records: list[bytes] = []
     pos = 0
     while pos < len(data):
-        end = _record_at(view, pos)
-        if end is None:
+        span = _record_at(view, pos)
+        if span is None:
             later = _next_valid_record(data, view, pos + 1)
             if later is not None:
                 raise StoreCorrupt(f"{path}: record {len(records) + 1} (byte {pos}) is damaged "
                                    f"and a valid record follows it (byte {later})")
             return records, pos, True
-        records.append(data[pos + _REC_HEAD.size:end])
-        pos = end
+        records.append(data[span[0]:span[1]])
+        pos = span[1]
     return records, pos, False
 
 
-@dataclass
+@dataclass(eq=False)
 class _Log:
     path: Path
-    file: BinaryIO
-    dirty: bool = False
-    waiters: list[Future[None]] = field(default_factory=list)
-    io: threading.Lock = field(default_factory=threading.Lock)  # fsync vs close
-
-    def retire(self) -> None:
-        """Close a log taken out of service by a snapshot (which holds every update in it) or
-        a delete: its pending updates are settled, as durable as they need to be."""
-        with self.io:
-            try:
-                self.file.close()
-            except OSError as exc:  # the snapshot has the data; the file is truncated next
-                log.warning("closing %s: %s", self.path, exc)
-        for w in self.waiters:
-            if not w.done():
-                w.set_result(None)
-        self.waiters.clear()
+    fd: int
+    good: int  # bytes of whole records: everything past this is not part of the log
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    dirty: bool = False  # written since the last fsync (durability interval)
+    repair: bool = False  # a failed append left bytes past ``good`` that a truncate must drop
+    suspect: str | None = None  # a background fsync failed: heal with a fresh snapshot
+    closed: bool = False
 
 
 class Store:
-    """Snapshots and logs for every session, with a background fsync thread."""
+    """Snapshots and logs for every session, with a background fsync thread (``interval``)."""
 
-    def __init__(self, root: Path, interval_s: float = 0.05) -> None:
+    def __init__(self, root: Path, interval_s: float = 0.05, files: Files | None = None) -> None:
         self.root = root
         self.sessions_dir = root / "sessions"
         self.interval_s = interval_s
+        self.files = files or Files()
         self._logs: dict[str, _Log] = {}
         self._lock = threading.Condition()
         self._stop = False
         self._flusher = threading.Thread(target=self._flush_loop, name="optserve-fsync",
                                          daemon=True)
+        self._error: str | None = None  # the last storage failure, until a write succeeds
 
+    # ------------------------------------------------------------- lifecycle and health
     def open(self) -> None:
         self.sessions_dir.mkdir(parents=True, exist_ok=True)
         for leftover in self.sessions_dir.glob(".deleted-*"):  # a crash in the middle of delete
             shutil.rmtree(leftover, ignore_errors=True)
-        probe = self.root / ".write-probe"
-        write_atomic(probe, b"ok")
-        probe.unlink()
+        for tmp in self.sessions_dir.glob("*/*.tmp"):  # a snapshot a crash cut short
+            tmp.unlink(missing_ok=True)
+        self.probe()
         self._flusher.start()
 
     def close(self) -> None:
@@ -192,20 +293,57 @@ class Store:
         if self._flusher.is_alive():
             self._flusher.join(timeout=30)
         with self._lock:
-            for lg in self._logs.values():
-                self._sync(lg)
-                lg.file.close()
+            logs = list(self._logs.values())
             self._logs.clear()
+        for lg in logs:
+            with lg.lock:
+                if lg.dirty:
+                    try:
+                        self.files.fsync(lg.fd)
+                    except OSError as exc:
+                        log.error("fsync of %s at close failed: %s", lg.path, exc)
+                self._close(lg)
 
-    def writable(self) -> bool:
+    def probe(self) -> None:
+        """Write, fsync and remove a small file; raise OSError when the directory cannot."""
+        probe = self.root / ".write-probe"
+        write_atomic(probe, [b"ok"], self.files)
+        probe.unlink()
+
+    def health(self) -> str | None:
+        """Why the store cannot write now (readiness answers 503 with it), or None."""
+        with self._lock:
+            broken = [lg.path for lg in self._logs.values() if lg.repair]
+            error = self._error
+        if error is None and not broken:
+            return None
         try:
-            probe = self.root / ".ready-probe"
-            probe.write_bytes(b"ok")
-            probe.unlink()
-            return True
-        except OSError:
-            return False
+            self.probe()
+        except OSError as exc:
+            return f"the data directory cannot be written: {os.strerror(exc.errno or 0)}"
+        if broken:
+            return f"{len(broken)} session log(s) await repair after a failed write: {error}"
+        with self._lock:
+            self._error = None  # the disk takes writes again
+        return None
 
+    def _failed(self, what: str, exc: OSError) -> None:
+        reason = f"{what}: {os.strerror(exc.errno) if exc.errno else exc}"
+        log.error("storage failure: %s", reason)
+        with self._lock:
+            self._error = reason
+
+    def _succeeded(self) -> None:
+        if self._error is not None:
+            with self._lock:
+                self._error = None
+
+    def suspects(self) -> list[str]:
+        """Sessions whose log a failed background fsync left in doubt (heal by snapshot)."""
+        with self._lock:
+            return [k for k, lg in self._logs.items() if lg.suspect is not None]
+
+    # ------------------------------------------------------------- sessions
     def session_ids(self) -> Iterator[str]:
         if not self.sessions_dir.exists():
             return iter(())
@@ -215,8 +353,11 @@ class Store:
     def _dir(self, session_id: str) -> Path:
         return self.sessions_dir / session_id
 
+    def exists(self, session_id: str) -> bool:
+        return self._dir(session_id).exists()
+
     def incomplete(self, session_id: str) -> bool:
-        """A directory a crash left in the middle of a create: no snapshot, nothing logged
+        """A directory a crash left in the middle of a create: no snapshot, no log record
         (that create was never acknowledged)."""
         d = self._dir(session_id)
         wal = d / "wal.bin"
@@ -225,32 +366,23 @@ class Store:
     def discard(self, session_id: str) -> None:
         shutil.rmtree(self._dir(session_id), ignore_errors=True)
 
-    # ------------------------------------------------------------- snapshots
-    def write_snapshot(self, session_id: str, payload: bytes) -> None:
-        """Atomically replace the session's snapshot, then start an empty log."""
+    def create(self, session_id: str, parts: Sequence[Buffer], durability: Durability) -> None:
+        """A new session's directory with its first record (the create), or nothing at all."""
         d = self._dir(session_id)
-        new = not d.exists()
-        d.mkdir(parents=True, exist_ok=True)
-        if new:
-            _fsync_dir(self.sessions_dir)
-        write_atomic(d / "snapshot.bin", frame_snapshot(payload))
-        with self._lock:
-            lg = self._logs.pop(session_id, None)
-        if lg is not None:
-            lg.retire()
-        # The snapshot holds every logged update: the log can go. A crash between the rename
-        # above and this truncate is harmless (replay skips records the snapshot already has).
-        with open(d / "wal.bin", "wb") as f:
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            self.files.mkdir(d)
+            self.files.fsync_dir(self.sessions_dir)
+            self.append(session_id, parts, durability)
+        except BaseException:
+            self.forget(session_id)
+            shutil.rmtree(d, ignore_errors=True)
+            raise
 
-    def read(self, session_id: str) -> tuple[bytes, list[bytes], bool]:
-        """(snapshot payload, log records, torn tail dropped)."""
+    def read(self, session_id: str) -> tuple[bytes | None, list[bytes], bool]:
+        """(snapshot payload or None, log records, torn tail dropped)."""
         d = self._dir(session_id)
         snap = d / "snapshot.bin"
-        if not snap.exists():
-            raise StoreCorrupt(f"{snap}: missing snapshot")
-        payload = read_snapshot(snap)
+        payload = read_snapshot(snap) if snap.exists() else None
         records, valid, torn = read_log(d / "wal.bin")
         if torn:
             with open(d / "wal.bin", "r+b") as f:
@@ -260,85 +392,169 @@ class Store:
         return payload, records, torn
 
     def delete(self, session_id: str) -> None:
+        self.forget(session_id)
+        d = self._dir(session_id)
+        if d.exists():
+            trash = self.sessions_dir / f".deleted-{session_id}-{os.getpid()}-{time.time_ns()}"
+            try:
+                self.files.replace(d, trash)
+                self.files.fsync_dir(self.sessions_dir)
+            except OSError as exc:
+                self._failed(f"deleting {session_id}", exc)
+                raise storage_failure(exc, "deleting the session's files") from None
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def forget(self, session_id: str) -> None:
+        """Close the session's log (its records stay on disk)."""
         with self._lock:
             lg = self._logs.pop(session_id, None)
         if lg is not None:
-            lg.retire()  # an update still waiting for its fsync was applied before the delete
+            with lg.lock:
+                self._close(lg)
+
+    def _close(self, lg: _Log) -> None:
+        if not lg.closed:
+            lg.closed = True
+            try:
+                self.files.close(lg.fd)
+            except OSError as exc:
+                log.warning("closing %s: %s", lg.path, exc)
+
+    # ------------------------------------------------------------- snapshots
+    def write_snapshot(self, session_id: str, payload: Buffer | Sequence[Buffer]) -> None:
+        """Atomically replace the session's snapshot, then empty its log (the snapshot holds
+        every record in it). Raises :class:`OptserveError` (507/503) when the disk refuses."""
         d = self._dir(session_id)
-        if d.exists():
-            trash = self.sessions_dir / f".deleted-{session_id}-{os.getpid()}-{id(d)}"
-            os.replace(d, trash)
-            _fsync_dir(self.sessions_dir)
-            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            if not d.exists():
+                self.files.mkdir(d)
+                self.files.fsync_dir(self.sessions_dir)
+            write_atomic(d / "snapshot.bin", frame_snapshot(payload), self.files)
+        except OSError as exc:
+            self._failed(f"snapshot of {session_id}", exc)
+            raise storage_failure(exc, "writing a snapshot") from None
+        self._succeeded()
+        lg = self._log(session_id)
+        with lg.lock:
+            # A crash between the rename above and this truncate is harmless: replay skips the
+            # records the snapshot already holds. A truncate that fails leaves them for the
+            # same reason, and a suspect log is healed: the snapshot holds everything.
+            try:
+                self.files.ftruncate(lg.fd, 0)
+                self.files.fsync(lg.fd)
+                lg.good, lg.repair, lg.dirty = 0, False, False
+            except OSError as exc:
+                log.warning("emptying %s after a snapshot failed: %s (its records are skipped "
+                            "at replay)", lg.path, exc)
+                lg.repair = True
+            lg.suspect = None
 
     # ------------------------------------------------------------- log
-    def append(
-        self, session_id: str, payload: bytes | Sequence[bytes | memoryview],
-        durability: Durability,
-    ) -> Future[None]:
-        """Write one record (given whole or in pieces, which are written without being
-        joined); the future resolves when it is as durable as asked."""
-        done: Future[None] = Future()
-        if durability == "memory":
-            done.set_result(None)
-            return done
-        head = record_head(payload)  # written apart from the payload: no copy of a large one
+    def _log(self, session_id: str) -> _Log:
         with self._lock:
             lg = self._logs.get(session_id)
             if lg is None:
                 path = self._dir(session_id) / "wal.bin"
-                lg = _Log(path, open(path, "ab"))  # noqa: SIM115 - kept open for appends
+                fd = self.files.open_append(path)
+                lg = _Log(path, fd, os.fstat(fd).st_size)
                 self._logs[session_id] = lg
-            lg.file.write(head)
-            for part in [payload] if isinstance(payload, bytes) else payload:
-                lg.file.write(part)
-            lg.dirty = True
-            if durability == "step":
-                lg.waiters.append(done)
-                self._lock.notify_all()
-            else:
-                done.set_result(None)
-        return done
+            return lg
 
-    def _sync(self, lg: _Log) -> None:
-        if lg.dirty:
-            lg.file.flush()
-            os.fsync(lg.file.fileno())
-            lg.dirty = False
-        for w in lg.waiters:
-            if not w.done():
-                w.set_result(None)
-        lg.waiters.clear()
+    def append(self, session_id: str, payload: Buffer | Sequence[Buffer],
+               durability: Durability) -> int:
+        """Write one record (given whole or in pieces, written without being joined), and for
+        ``step`` fsync it, before returning its end offset. On failure the log is left as it
+        was and :class:`OptserveError` (507 ``storage_full`` or 503 ``storage_error``) says why."""
+        parts = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
+        head = record_head(parts)
+        try:
+            lg = self._log(session_id)
+        except OSError as exc:
+            self._failed(f"opening the log of {session_id}", exc)
+            raise storage_failure(exc, "opening the session's log") from None
+        with lg.lock:
+            if lg.closed:
+                raise Unavailable("the session's log was closed (deleted or shutting down)",
+                                  code="storage_error")
+            try:
+                if lg.repair:
+                    self.files.ftruncate(lg.fd, lg.good)
+                    self.files.fsync(lg.fd)
+                    lg.repair = False
+                n = _write_all(self.files, lg.fd, [head, *parts], lg.good)
+                if durability == "step":
+                    self.files.fsync(lg.fd)
+            except OSError as exc:
+                self._undo(lg)
+                self._failed(f"log of {session_id}", exc)
+                raise storage_failure(exc, "writing the operation's log record") from None
+            lg.good += n
+            if durability == "interval":
+                lg.dirty = True
+            self._succeeded()
+            return lg.good
+
+    def _undo(self, lg: _Log) -> None:
+        try:
+            self.files.ftruncate(lg.fd, lg.good)
+            lg.repair = False
+        except OSError as exc:
+            log.error("truncating %s back to %d bytes failed: %s (retried before its next "
+                      "write)", lg.path, lg.good, exc)
+            lg.repair = True
+
+    def truncate(self, session_id: str, length: int) -> None:
+        """Drop the records past ``length`` (an operation that was logged but could not be
+        applied). Raises OSError when the file cannot be cut (the log is then marked for repair
+        and cut before its next write)."""
+        lg = self._log(session_id)
+        with lg.lock:
+            lg.good = min(lg.good, length)
+            try:
+                self.files.ftruncate(lg.fd, lg.good)
+                self.files.fsync(lg.fd)
+                lg.repair = False
+            except OSError:
+                lg.repair = True
+                raise
+
+    def repair(self) -> None:
+        """Retry cutting every log a failed write left long (readiness waits for it)."""
+        with self._lock:
+            logs = [lg for lg in self._logs.values() if lg.repair]
+        for lg in logs:
+            with lg.lock:
+                try:
+                    self.files.ftruncate(lg.fd, lg.good)
+                    self.files.fsync(lg.fd)
+                    lg.repair = False
+                except OSError:
+                    continue
+
+    def log_length(self, session_id: str) -> int:
+        return self._log(session_id).good
 
     def _flush_loop(self) -> None:
-        """Group commit: fsync every log with waiters at once; the rest every interval."""
+        """Every ``interval_s``: fsync the logs written since their last fsync. Never dies: a
+        failure marks the log suspect (the engine heals it with a snapshot) and is reported by
+        :meth:`health`."""
         while True:
             with self._lock:
-                if not self._stop and not any(lg.waiters for lg in self._logs.values()):
+                if not self._stop:
                     self._lock.wait(timeout=self.interval_s)
                 if self._stop:
                     return
-                pending = [lg for lg in self._logs.values() if lg.dirty or lg.waiters]
-                for lg in pending:
-                    lg.file.flush()
-                batch = [(lg, lg.waiters[:], lg.dirty) for lg in pending]
-                for lg in pending:
-                    lg.waiters.clear()
-                    lg.dirty = False
-            for lg, waiters, dirty in batch:
-                error: OSError | None = None
-                with lg.io:
-                    # A log closed meanwhile was retired by a snapshot that holds its updates,
-                    # or by a delete: its records need no fsync.
-                    if dirty and not lg.file.closed:
-                        try:
-                            os.fsync(lg.file.fileno())
-                        except OSError as exc:
-                            error = exc
-                for w in waiters:
-                    if w.done():
-                        continue
-                    if error is None:
-                        w.set_result(None)
-                    else:
-                        w.set_exception(error)
+                pending = [lg for lg in self._logs.values() if lg.dirty]
+            for lg in pending:
+                try:
+                    with lg.lock:
+                        if lg.closed or not lg.dirty:
+                            continue
+                        lg.dirty = False
+                        self.files.fsync(lg.fd)
+                    self._succeeded()
+                except OSError as exc:
+                    lg.suspect = os.strerror(exc.errno) if exc.errno else str(exc)
+                    self._failed(f"background fsync of {lg.path.parent.name}", exc)
+                except Exception:  # never let the flusher die
+                    log.exception("fsync loop")

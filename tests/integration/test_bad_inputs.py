@@ -1001,14 +1001,21 @@ def test_own_state_reimports_after_linear_decay_to_zero(http: httpx.Client) -> N
 
 
 def test_group_changes_after_linear_decay_to_zero(http: httpx.Client) -> None:
-    """Same session state as above: changing another option of the group, or adding a group,
-    must not be refused because a scheduler left the group's lr at -1.48e-18."""
+    """Same session state as above. A PATCH is checked with torch's constructor checks on the
+    whole resulting group, whatever the group held before: changing only the momentum of a
+    group whose lr a scheduler left at -1.48e-18 is refused (naming lr, unchanged), changing
+    both is accepted; adding another group is not refused for the first group's lr."""
     sid = new_session(http, optimizer="SGD", options={"lr": 0.1, "momentum": 0.9},
                       scheduler={"name": "LinearLR", "options": {"end_factor": 0.0}})
     for _ in range(6):
         r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {"b": jt(G1["b"])}})
         assert r.status_code == 200, r.text
+    before = http.get(f"/v1/sessions/{sid}").json()
     r = http.patch(f"/v1/sessions/{sid}/param_groups/0", json={"momentum": 0.5})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "param_groups.0.lr" and "learning rate" in r.json()["detail"]
+    assert http.get(f"/v1/sessions/{sid}").json() == before
+    r = http.patch(f"/v1/sessions/{sid}/param_groups/0", json={"momentum": 0.5, "lr": 0.0})
     assert r.status_code == 200, r.text
     assert r.json()["param_groups"][0]["momentum"] == 0.5
     r = http.post(f"/v1/sessions/{sid}/param_groups", json={"params": {"c": jt(G1["b"])},

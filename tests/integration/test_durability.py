@@ -38,6 +38,7 @@ import safetensors.torch
 import torch
 
 from app.engine import persist
+from app.engine.ops import Step
 from app.engine.store import frame_record, read_log, read_snapshot
 from app.wire.tree import tree_from_json
 from tests.conftest import LiveServer, _test_settings
@@ -335,7 +336,7 @@ def test_kill9_loses_no_acknowledged_step(proc: Proc) -> None:
         if plan.get("damage") == "tear":
             # half of the next record: as if the server died in the middle of writing it
             g = grad_for((run_no, 77))
-            half = frame_record(persist.encode_record("step", {"grads": g}, 10**6, 10**6))
+            half = frame_record(persist.encode_record(persist.Record(Step(g), 10**6, 10**6, [])))
             with open(crash_dir / "wal.bin", "ab") as f:
                 f.write(half[: len(half) // 2])
         if plan.get("damage") == "snapshot":
@@ -380,7 +381,8 @@ def crash_image(server: LiveServer, data: Path, dest: Path) -> None:
 
 def test_damaged_files_are_refused_and_the_rest_served(tmp_path: Path) -> None:
     data, image = tmp_path / "data", tmp_path / "image"
-    live = LiveServer(_test_settings(data_dir=data))
+    # the create and 7 steps: a snapshot after record 5, records 6-8 in the log
+    live = LiveServer(_test_settings(data_dir=data, snapshot_every_steps=5))
     url = live.start()
     names = ["good", "torn", "zeros", "mid-payload", "mid-length", "bad-snap", "short-snap",
              "no-snap"]
@@ -390,7 +392,7 @@ def test_damaged_files_are_refused_and_the_rest_served(tmp_path: Path) -> None:
             for i, sid in enumerate(names):
                 assert c.post("/v1/sessions", json=create_body(sid, seed=i)).status_code == 201
                 refs[sid] = Reference(seed=i)
-                for k in range(4):
+                for k in range(7):
                     g = grad_for((i, k))
                     r = c.post(f"/v1/sessions/{sid}/step?return=none",
                                content=safetensors.torch.save(g), headers={"Content-Type": BINARY})
@@ -404,7 +406,7 @@ def test_damaged_files_are_refused_and_the_rest_served(tmp_path: Path) -> None:
         return session_dir(image, sid)
 
     for sid in names:
-        assert len(read_log(sdir(sid) / "wal.bin")[0]) == 4  # everything is in the log
+        assert len(read_log(sdir(sid) / "wal.bin")[0]) == 3  # the steps after the snapshot
     with open(sdir("torn") / "wal.bin", "ab") as f:
         f.write(frame_record(b"x" * 1000)[:500])
     with open(sdir("zeros") / "wal.bin", "ab") as f:
@@ -420,7 +422,7 @@ def test_damaged_files_are_refused_and_the_rest_served(tmp_path: Path) -> None:
     (sdir("bad-snap") / "snapshot.bin").write_bytes(raw)
     snap = sdir("short-snap") / "snapshot.bin"
     snap.write_bytes(snap.read_bytes()[:-1000])
-    (sdir("no-snap") / "snapshot.bin").unlink()  # a log but no snapshot: not a torn create
+    (sdir("no-snap") / "snapshot.bin").unlink()  # a log without its start: not a torn create
     before = {p: p.read_bytes() for p in image.rglob("*.bin")}
 
     live = LiveServer(_test_settings(data_dir=image))
@@ -431,7 +433,7 @@ def test_damaged_files_are_refused_and_the_rest_served(tmp_path: Path) -> None:
             assert listed == ["good", "torn", "zeros"]
             for sid in listed:
                 version, got = pull(c, sid)
-                assert version == 4 and refs[sid].same_params(got), sid
+                assert version == 7 and refs[sid].same_params(got), sid
             refused = {r["id"]: r["reason"] for r in c.get("/readyz").json()["refused"]}
             assert set(refused) == {"mid-payload", "mid-length", "bad-snap", "short-snap",
                                     "no-snap"}
@@ -439,7 +441,7 @@ def test_damaged_files_are_refused_and_the_rest_served(tmp_path: Path) -> None:
             assert "valid record follows" in refused["mid-length"]
             assert "checksum" in refused["bad-snap"]
             assert "header says" in refused["short-snap"]
-            assert "missing snapshot" in refused["no-snap"]
+            assert "not the session's create" in refused["no-snap"]
             for sid in refused:
                 r = c.get(f"/v1/sessions/{sid}")
                 assert r.status_code == 404 and r.json()["code"] == "session_not_found"
@@ -477,7 +479,7 @@ def test_sigterm_drains_in_flight_then_snapshots_and_exits_0(proc: Proc, tmp_pat
                           content=safetensors.torch.save({"p": g}),
                           headers={"Content-Type": BINARY}).status_code == 200
     wal = session_dir(proc.data_dir, sid) / "wal.bin"
-    assert len(read_log(wal)[0]) == 3  # the option change and two steps, not yet snapshotted
+    assert len(read_log(wal)[0]) == 4  # the create, the option change, two steps
 
     # a slow upload is in flight when SIGTERM arrives
     payload = safetensors.torch.save({"p": grads[2]})
@@ -533,7 +535,7 @@ def test_sigterm_drains_in_flight_then_snapshots_and_exits_0(proc: Proc, tmp_pat
         r = c.get(f"/v1/sessions/{sid}/params", headers={"Accept": BINARY})
         assert r.headers["X-Optserve-Version"] == "3"
         assert bitwise(safetensors.torch.load(r.content)["p"], p)
-    assert "0 logged updates replayed" in proc.log()
+    assert "0 logged operations replayed" in proc.log()
 
 
 def test_readyz_is_false_while_draining() -> None:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
-from app.engine import CreateSpec, EmbeddedEngine, GroupSpec
+from app.engine import CreateSpec, Front, GroupSpec, embedded_engine
 from app.errors import Conflict, Invalid, NotFound
 
 T = TypeVar("T")
@@ -23,8 +23,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 @pytest.fixture
-def engine() -> Iterator[EmbeddedEngine]:
-    eng = EmbeddedEngine("cpu")
+def engine() -> Iterator[Front]:
+    eng = embedded_engine("cpu")
     run(eng.start())
     try:
         yield eng
@@ -100,33 +100,33 @@ def torch_step(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor],
     opt.step()
 
 
-def test_ready_and_device(engine: EmbeddedEngine) -> None:
-    assert engine.ready() and engine.device == "cpu"
+def test_ready_and_device(engine: Front) -> None:
+    assert run(engine.status()).ready and engine.device == "cpu"
 
 
-def test_create_describe_list_delete(engine: EmbeddedEngine) -> None:
+def test_create_describe_list_delete(engine: Front) -> None:
     desc = run(engine.create(two_group_spec(id="one")))
-    assert desc["id"] == "one" and desc["optimizer"] == "Adam" and desc["device"] == "cpu"
-    assert (desc["version"], desc["step"], desc["lr"]) == (0, 0, [0.01, 0.03])
-    assert [g["params"] for g in desc["param_groups"]] == [["w", "b"], ["h"]]
-    assert desc["param_groups"][1]["weight_decay"] == 0.01
-    assert desc["params"]["w"] == {"dtype": "float32", "shape": [3, 2]}
-    assert desc["nonfinite"] == "reject" and desc["scheduler"] is None
+    assert desc.id == "one" and desc.optimizer == "Adam" and desc.device == "cpu"
+    assert (desc.version, desc.step, desc.lr) == (0, 0, [0.01, 0.03])
+    assert [g["params"] for g in desc.param_groups] == [["w", "b"], ["h"]]
+    assert desc.param_groups[1]["weight_decay"] == 0.01
+    assert desc.params["w"] == {"dtype": "float32", "shape": [3, 2]}
+    assert desc.nonfinite == "reject" and desc.scheduler is None
     other = run(engine.create(CreateSpec("SGD", [GroupSpec({"x": torch.zeros(1)})])))
-    assert len(other["id"]) == 32  # a generated id
+    assert len(other.id) == 32  # a generated id
     assert run(engine.describe("one")) == desc
-    assert {d["id"] for d in run(engine.list_sessions())} == {"one", other["id"]}
+    assert {d.id for d in run(engine.list_sessions())} == {"one", other.id}
     run(engine.delete("one"))
     with pytest.raises(NotFound):
         run(engine.describe("one"))
     with pytest.raises(NotFound):
         run(engine.delete("one"))
-    assert [d["id"] for d in run(engine.list_sessions())] == [other["id"]]
+    assert [d.id for d in run(engine.list_sessions())] == [other.id]
 
 
-def test_create_copies_the_callers_tensors(engine: EmbeddedEngine) -> None:
+def test_create_copies_the_callers_tensors(engine: Front) -> None:
     x = torch.ones(3)
-    sid = run(engine.create(CreateSpec("SGD", [GroupSpec({"x": x})], {"lr": 1.0})))["id"]
+    sid = run(engine.create(CreateSpec("SGD", [GroupSpec({"x": x})], {"lr": 1.0}))).id
     x.fill_(7.0)
     result = run(engine.step(sid, {"x": torch.ones(3)}, return_params=True))
     assert result.params is not None and result.params["x"].tolist() == [0.0, 0.0, 0.0]
@@ -136,8 +136,8 @@ def test_create_copies_the_callers_tensors(engine: EmbeddedEngine) -> None:
 
 @pytest.mark.parametrize("optimizer", ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "NAdam",
                                        "RAdam", "Adamax", "ASGD", "Rprop", "Adadelta"])
-def test_steps_match_torch(engine: EmbeddedEngine, optimizer: str) -> None:
-    sid = run(engine.create(two_group_spec(optimizer)))["id"]
+def test_steps_match_torch(engine: Front, optimizer: str) -> None:
+    sid = run(engine.create(two_group_spec(optimizer))).id
     local, opt = local_two_group(getattr(torch.optim, optimizer))
     plan: list[tuple[str, ...]] = [("w", "b", "h"), ("w",), ("b", "h"), ("w", "b", "h")]
     for k, names in enumerate(plan, start=1):
@@ -149,14 +149,15 @@ def test_steps_match_torch(engine: EmbeddedEngine, optimizer: str) -> None:
         assert result.params is not None
         for n in PARAMS:
             assert_bitwise(result.params[n], local[n], f"{optimizer} step {k} {n}")
-    assert_tree_bitwise(run(engine.export_state(sid))["state_dict"], opt.state_dict())
+    assert_tree_bitwise(run(engine.export_state(sid)).state_dict, opt.state_dict())
 
 
-def test_push_accumulates_and_zero_grad_clears(engine: EmbeddedEngine) -> None:
-    sid = run(engine.create(two_group_spec("SGD")))["id"]
+def test_push_accumulates_and_zero_grad_clears(engine: Front) -> None:
+    sid = run(engine.create(two_group_spec("SGD"))).id
     local, opt = local_two_group(torch.optim.SGD)
     g1, g2, g3 = grads(1), grads(2, ("w",)), grads(3, ("w", "h"))
-    assert run(engine.push(sid, g1)) == {"version": 0, "step": 0, "accumulated": ["b", "h", "w"]}
+    pushed = run(engine.push(sid, g1)).to_json()
+    assert pushed == {"version": 0, "step": 0, "accumulated": ["b", "h", "w"]}
     run(engine.push(sid, g2))
     result = run(engine.step(sid, g3, return_params=True))
     torch_step(opt, local, {"w": g1["w"] + g2["w"] + g3["w"], "b": g1["b"],
@@ -165,7 +166,7 @@ def test_push_accumulates_and_zero_grad_clears(engine: EmbeddedEngine) -> None:
     for n in PARAMS:
         assert_bitwise(result.params[n], local[n], n)
     run(engine.push(sid, grads(4)))
-    assert run(engine.zero_grad(sid)) == {"version": 1, "step": 1, "accumulated": []}
+    assert run(engine.zero_grad(sid)).to_json() == {"version": 1, "step": 1, "accumulated": []}
     result = run(engine.step(sid, {}, return_params=False))
     assert result.params is None and (result.version, result.step) == (2, 2)
     torch_step(opt, local, {})
@@ -174,9 +175,9 @@ def test_push_accumulates_and_zero_grad_clears(engine: EmbeddedEngine) -> None:
         assert_bitwise(pulled[n], local[n], n)
 
 
-def test_pushes_apply_in_submission_order(engine: EmbeddedEngine) -> None:
+def test_pushes_apply_in_submission_order(engine: Front) -> None:
     sid = run(engine.create(CreateSpec("SGD", [GroupSpec({"x": torch.zeros(64)})],
-                                       {"lr": 1.0})))["id"]
+                                       {"lr": 1.0}))).id
     parts = [seeded((64,), 500 + i) * 10.0 ** (i % 7) for i in range(24)]
 
     async def many() -> None:
@@ -191,8 +192,8 @@ def test_pushes_apply_in_submission_order(engine: EmbeddedEngine) -> None:
     assert_bitwise(result.params["x"], -total)
 
 
-def test_pull_and_overwrite(engine: EmbeddedEngine) -> None:
-    sid = run(engine.create(two_group_spec()))["id"]
+def test_pull_and_overwrite(engine: Front) -> None:
+    sid = run(engine.create(two_group_spec())).id
     pulled = run(engine.pull(sid, ["h", "w"]))
     assert list(pulled.params) == ["h", "w"] and (pulled.version, pulled.step) == (0, 0)
     assert_bitwise(pulled.params["h"], params0()["h"])
@@ -210,9 +211,9 @@ def test_pull_and_overwrite(engine: EmbeddedEngine) -> None:
         assert_bitwise(result.params[n], local[n], n)
 
 
-def test_param_groups_add_and_update(engine: EmbeddedEngine) -> None:
+def test_param_groups_add_and_update(engine: Front) -> None:
     sid = run(engine.create(CreateSpec("SGD", [GroupSpec({"w": params0()["w"]})],
-                                       {"lr": 0.1, "momentum": 0.9})))["id"]
+                                       {"lr": 0.1, "momentum": 0.9}))).id
     w, c = params0()["w"].clone(), seeded((5,), 77)
     opt = torch.optim.SGD([("w", w)], lr=0.1, momentum=0.9)
     gw = grads(1, ("w",))["w"]
@@ -221,11 +222,11 @@ def test_param_groups_add_and_update(engine: EmbeddedEngine) -> None:
     opt.step()
     desc = run(engine.add_param_group(sid, GroupSpec({"c": c.clone()}, {"lr": 0.02})))
     opt.add_param_group({"params": [("c", c)], "lr": 0.02})
-    assert [g["params"] for g in desc["param_groups"]] == [["w"], ["c"]]
+    assert [g["params"] for g in desc.param_groups] == [["w"], ["c"]]
     desc = run(engine.update_param_group(sid, 0, {"lr": 0.05, "momentum": 0.3,
                                                   "nesterov": True}))
     opt.param_groups[0].update(lr=0.05, momentum=0.3, nesterov=True)
-    assert desc["lr"] == [0.05, 0.02] and desc["param_groups"][0]["nesterov"] is True
+    assert desc.lr == [0.05, 0.02] and desc.param_groups[0]["nesterov"] is True
     for k in range(2, 4):
         gw, gc = seeded((3, 2), 10 * k), seeded((5,), 10 * k + 1)
         result = run(engine.step(sid, {"w": gw, "c": gc}, return_params=True))
@@ -236,10 +237,10 @@ def test_param_groups_add_and_update(engine: EmbeddedEngine) -> None:
         assert_bitwise(result.params["c"], c)
 
 
-def test_scheduler_steps_with_the_optimizer(engine: EmbeddedEngine) -> None:
+def test_scheduler_steps_with_the_optimizer(engine: Front) -> None:
     spec = two_group_spec("SGD", scheduler={"name": "StepLR",
                                             "options": {"step_size": 2, "gamma": 0.5}})
-    sid = run(engine.create(spec))["id"]
+    sid = run(engine.create(spec)).id
     local, opt = local_two_group(torch.optim.SGD)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     for k in range(1, 6):
@@ -251,34 +252,34 @@ def test_scheduler_steps_with_the_optimizer(engine: EmbeddedEngine) -> None:
         assert result.params is not None
         for n in PARAMS:
             assert_bitwise(result.params[n], local[n], f"{k} {n}")
-    exported = run(engine.export_state(sid))["state_dict"]
+    exported = run(engine.export_state(sid)).state_dict
     assert exported["scheduler"] == sched.state_dict()
 
 
-def test_manual_plateau_scheduler(engine: EmbeddedEngine) -> None:
+def test_manual_plateau_scheduler(engine: Front) -> None:
     spec = CreateSpec("SGD", [GroupSpec({"x": torch.ones(2)})], {"lr": 1.0},
                       scheduler={"name": "ReduceLROnPlateau",
                                  "options": {"patience": 0, "factor": 0.5}})
-    sid = run(engine.create(spec))["id"]
+    sid = run(engine.create(spec)).id
     opt = torch.optim.SGD([torch.ones(2)], lr=1.0)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
     for metric in (3.0, 2.0, 2.5, 2.6, 1.0):
         out = run(engine.scheduler_step(sid, metric))
         sched.step(metric)
-        assert out["lr"] == [opt.param_groups[0]["lr"]]
+        assert out.lr == [opt.param_groups[0]["lr"]]
     with pytest.raises(Invalid) as info:
         run(engine.scheduler_step(sid, None))
     assert info.value.code == "missing_metric"
 
 
-def test_export_loads_into_torch_and_continues(engine: EmbeddedEngine) -> None:
-    sid = run(engine.create(two_group_spec("Adam")))["id"]
+def test_export_loads_into_torch_and_continues(engine: Front) -> None:
+    sid = run(engine.create(two_group_spec("Adam"))).id
     for k in range(1, 4):
         run(engine.step(sid, grads(k, ("w", "h") if k == 2 else tuple(PARAMS)),
                         return_params=False))
     exported = run(engine.export_state(sid))
-    assert (exported["version"], exported["step"]) == (3, 3)
-    sd = exported["state_dict"]
+    assert (exported.version, exported.step) == (3, 3)
+    sd = exported.state_dict
     assert sd["param_groups"][0]["param_names"] == ["w", "b"]
     local = {n: t.clone() for n, t in run(engine.pull(sid, None)).params.items()}
     opt = torch.optim.Adam([{"params": [("w", local["w"]), ("b", local["b"])]},
@@ -295,11 +296,11 @@ def test_export_loads_into_torch_and_continues(engine: EmbeddedEngine) -> None:
     assert sd["state"][0]["step"].item() == 3.0
 
 
-def test_import_from_torch_continues(engine: EmbeddedEngine) -> None:
+def test_import_from_torch_continues(engine: Front) -> None:
     local, opt = local_two_group(torch.optim.Adam)
     for k in range(1, 4):
         torch_step(opt, local, grads(k))
-    sid = run(engine.create(two_group_spec("Adam")))["id"]
+    sid = run(engine.create(two_group_spec("Adam"))).id
     run(engine.overwrite(sid, {n: t.detach().clone() for n, t in local.items()}))
     sd = opt.state_dict()
     for group in sd["param_groups"]:
@@ -307,9 +308,9 @@ def test_import_from_torch_continues(engine: EmbeddedEngine) -> None:
     # torch's load_state_dict keeps references to tensors of the right dtype/device: give the
     # engine its own copy so that the local optimizer and the session do not share state
     desc = run(engine.import_state(sid, copy.deepcopy(sd)))
-    assert desc["version"] == 2 and [g["params"] for g in desc["param_groups"]] == [
+    assert desc.version == 2 and [g["params"] for g in desc.param_groups] == [
         ["w", "b"], ["h"]]
-    assert_tree_bitwise(run(engine.export_state(sid))["state_dict"]["state"],
+    assert_tree_bitwise(run(engine.export_state(sid)).state_dict["state"],
                         opt.state_dict()["state"])
     for k in range(4, 6):
         g = grads(k)
@@ -320,32 +321,32 @@ def test_import_from_torch_continues(engine: EmbeddedEngine) -> None:
             assert_bitwise(result.params[n], local[n], f"{k} {n}")
 
 
-def test_nonfinite_policies(engine: EmbeddedEngine) -> None:
+def test_nonfinite_policies(engine: Front) -> None:
     bad = {"b": torch.tensor([1.0, float("nan")])}
-    sid = run(engine.create(two_group_spec()))["id"]
+    sid = run(engine.create(two_group_spec())).id
     with pytest.raises(Invalid) as info:
         run(engine.step(sid, bad, return_params=False))
     assert info.value.code == "nonfinite_gradient" and info.value.field == "grads.b"
     with pytest.raises(Invalid):
         run(engine.push(sid, bad))
-    assert run(engine.describe(sid))["accumulated"] == []
-    skip = run(engine.create(two_group_spec(nonfinite="skip")))["id"]
+    assert run(engine.describe(sid)).accumulated == []
+    skip = run(engine.create(two_group_spec(nonfinite="skip"))).id
     result = run(engine.step(skip, {**grads(1, ("w",)), **bad}, return_params=True))
     assert (result.skipped, result.nonfinite, result.version, result.step) == (True, ["b"], 0, 0)
     assert result.params is not None
     for n, t in params0().items():
         assert_bitwise(result.params[n], t, n)
-    assert run(engine.export_state(skip))["state_dict"]["state"] == {}
-    default_skip = EmbeddedEngine("cpu", default_nonfinite="skip")
+    assert run(engine.export_state(skip)).state_dict["state"] == {}
+    default_skip = embedded_engine("cpu", default_nonfinite="skip")
     run(default_skip.start())
     try:
-        assert run(default_skip.create(two_group_spec()))["nonfinite"] == "skip"
+        assert run(default_skip.create(two_group_spec())).nonfinite == "skip"
     finally:
         run(default_skip.stop())
 
 
-def test_refusals_leave_the_session_unchanged(engine: EmbeddedEngine) -> None:
-    sid = run(engine.create(two_group_spec("Adam", id="keep")))["id"]
+def test_refusals_leave_the_session_unchanged(engine: Front) -> None:
+    sid = run(engine.create(two_group_spec("Adam", id="keep"))).id
     run(engine.step(sid, grads(1), return_params=False))
     run(engine.push(sid, grads(2, ("w",))))
     before = run(engine.export_state(sid))
@@ -375,7 +376,7 @@ def test_refusals_leave_the_session_unchanged(engine: EmbeddedEngine) -> None:
         (Invalid, engine.scheduler_step(sid, None)),
         (Invalid, engine.import_state(sid, {"state": {}, "param_groups": []})),
         (Invalid, engine.import_state(sid, {"state": {"0": {"step": torch.tensor(1.0)}},
-                                            "param_groups": before["state_dict"][
+                                            "param_groups": before.state_dict[
                                                 "param_groups"]})),
     ]
     for error, coro in refusals:
@@ -383,8 +384,8 @@ def test_refusals_leave_the_session_unchanged(engine: EmbeddedEngine) -> None:
             run(coro)
     assert run(engine.describe(sid)) == desc
     after = run(engine.export_state(sid))
-    assert (after["version"], after["step"]) == (before["version"], before["step"])
-    assert_tree_bitwise(after["state_dict"], before["state_dict"])
+    assert (after.version, after.step) == (before.version, before.step)
+    assert_tree_bitwise(after.state_dict, before.state_dict)
     for n, t in run(engine.pull(sid, None)).params.items():
         assert_bitwise(t, params[n], n)
     # and the accumulator still holds grads(2, ("w",)): the next step applies it

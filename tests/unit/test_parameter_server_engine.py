@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from app.engine import persist, ps
-from app.engine.embedded import EmbeddedEngine
+from app.engine import Front, embedded_engine, persist, ps
 from app.engine.interface import CreateSpec, GroupSpec
+from app.engine.ops import Step
+from app.engine.store import read_log
 from app.errors import Conflict, Invalid
 
 
@@ -61,8 +62,8 @@ def test_reduce_is_per_tensor_ordered_and_deterministic() -> None:
     assert pushes["w1"]["b"].tolist() == [1.0, 1.0]  # inputs untouched
 
 
-def engine(data: Path) -> EmbeddedEngine:
-    return EmbeddedEngine("cpu", data_dir=data, durability="step")
+def engine(data: Path) -> Front:
+    return embedded_engine("cpu", data_dir=data, durability="step")
 
 
 def spec() -> CreateSpec:
@@ -80,7 +81,7 @@ def grads(seed: int, names: tuple[str, ...] = ("w", "b")) -> dict[str, torch.Ten
 
 
 def test_rounds_and_scaled_steps_replay_bitwise_after_a_crash(tmp_path: Path) -> None:
-    async def train(eng: EmbeddedEngine) -> tuple[Any, dict[str, Any]]:
+    async def train(eng: Front) -> tuple[Any, dict[str, Any]]:
         await eng.create(spec())
         for r in range(3):  # full rounds, one worker sending only "w"
             results = await asyncio.gather(
@@ -107,14 +108,16 @@ def test_rounds_and_scaled_steps_replay_bitwise_after_a_crash(tmp_path: Path) ->
         eng = engine(tmp_path)
         await eng.start()
         before, desc = await train(eng)
-        eng._snapshot_all = lambda force=False: None  # type: ignore[method-assign]
-        await eng.stop()  # only the create-time snapshot on disk: everything else replays
-        records = [persist.decode_record(r)
-                   for r in eng._store.read("default~s")[1]]  # type: ignore[union-attr]
-        ops = [op for op, *_ in records]
-        assert ops == ["step"] * 3 + ["configure", "step", "configure", "step"]
-        assert "lr_div" in records[-1][1] and records[-1][1]["lr_div"] == 3.0
-        assert set(records[0][1]["grads"]) == {"w", "b"}  # reduced, not per worker
+        await eng.stop(snapshot=False)  # no snapshot on disk: everything replays
+        wal = tmp_path / "sessions" / "default~s" / "wal.bin"
+        records = [persist.decode_record(r) for r in read_log(wal)[0]]
+        ops = [r.op.kind for r in records]
+        assert ops == ["create"] + ["step"] * 3 + ["configure", "step", "configure", "step"]
+        last = records[-1].op
+        assert isinstance(last, Step) and last.base_version == 2  # staleness 2: lr / 3
+        first = records[1].op
+        assert isinstance(first, Step) and set(first.grads) == {"w", "b"}  # reduced
+        assert records[1].sync == {"workers": ["a", "b", "c"], "expected": 3, "partial": False}
 
         again = engine(tmp_path)
         await again.start()
@@ -126,14 +129,14 @@ def test_rounds_and_scaled_steps_replay_bitwise_after_a_crash(tmp_path: Path) ->
                                                          before.lr) == (5, 5, [0.05])
         for n in before.params:
             assert torch.equal(after.params[n], before.params[n]), n
-        assert desc2["sync"] is None and desc["sync"] is None
-        assert (desc2["max_staleness"], desc2["staleness_lr"]) == (4, "inverse")
+        assert desc2.ps["sync"] is None and desc.ps["sync"] is None
+        assert (desc2.ps["max_staleness"], desc2.ps["staleness_lr"]) == (4, "inverse")
     asyncio.run(crash_and_restore())
 
 
 def test_long_poll_and_not_modified_in_the_engine() -> None:
     async def go() -> None:
-        eng = EmbeddedEngine("cpu")
+        eng = embedded_engine("cpu")
         await eng.start()
         try:
             await eng.create(CreateSpec("SGD", [GroupSpec({"x": torch.zeros(2)})], {"lr": 1.0},

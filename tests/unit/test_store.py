@@ -5,9 +5,9 @@ between a snapshot's rename and the log's truncation replayed exactly (sequence 
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 import os
-import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
-from app.engine import CreateSpec, EmbeddedEngine, GroupSpec, persist
-from app.engine import store as store_mod
+from app.engine import CreateSpec, Front, GroupSpec, embedded_engine, persist
 from app.engine.store import (
+    Files,
     Store,
     StoreCorrupt,
     frame_record,
@@ -27,9 +27,10 @@ from app.engine.store import (
     read_snapshot,
     write_atomic,
 )
+from app.errors import OptserveError
 
 T = TypeVar("T")
-HEAD = 16  # record header: magic, length, payload crc32, header crc32
+HEAD = 20  # record header: magic, u64 length, payload crc32c, header crc32c
 
 
 def payloads(n: int, size: int = 100) -> list[bytes]:
@@ -139,7 +140,7 @@ def test_store_read_truncates_a_torn_tail_and_appends_continue(tmp_path: Path) -
     try:
         st.write_snapshot("s", b"snap")
         for p in payloads(3):
-            st.append("s", p, "step").result(timeout=10)
+            st.append("s", p, "step")
         st.close()
         wal = tmp_path / "sessions" / "s" / "wal.bin"
         good = wal.stat().st_size
@@ -150,7 +151,7 @@ def test_store_read_truncates_a_torn_tail_and_appends_continue(tmp_path: Path) -
         snap, records, torn = st.read("s")
         assert (snap, records, torn) == (b"snap", payloads(3), True)
         assert wal.stat().st_size == good  # the torn bytes are gone for good
-        st.append("s", b"after", "step").result(timeout=10)
+        st.append("s", b"after", "step")
         assert st.read("s") == (b"snap", [*payloads(3), b"after"], False)
     finally:
         st.close()
@@ -161,7 +162,7 @@ def test_store_read_leaves_a_corrupt_log_untouched(tmp_path: Path) -> None:
     st.open()
     st.write_snapshot("s", b"snap")
     for p in payloads(3):
-        st.append("s", p, "step").result(timeout=10)
+        st.append("s", p, "step")
     st.close()
     wal = tmp_path / "sessions" / "s" / "wal.bin"
     data = bytearray(wal.read_bytes())
@@ -172,14 +173,38 @@ def test_store_read_leaves_a_corrupt_log_untouched(tmp_path: Path) -> None:
     assert wal.read_bytes() == data  # the evidence stays for the operator
 
 
+def test_first_format_logs_and_snapshots_are_still_read(tmp_path: Path) -> None:
+    """Data directories written by the first release (OPTSNAP1 / OPTR framing, zlib crc32)."""
+    import struct
+    import zlib
+
+    def v1_record(payload: bytes) -> bytes:
+        head = struct.pack("<4sII", b"OPTR", len(payload), zlib.crc32(payload))
+        return head + struct.pack("<I", zlib.crc32(head)) + payload
+    d = tmp_path / "sessions" / "s"
+    d.mkdir(parents=True)
+    snap = b"old snapshot"
+    (d / "snapshot.bin").write_bytes(struct.pack("<8sQI", b"OPTSNAP1", len(snap),
+                                                 zlib.crc32(snap)) + snap)
+    (d / "wal.bin").write_bytes(v1_record(b"one") + v1_record(b"two"))
+    st = Store(tmp_path)
+    st.open()
+    try:
+        assert st.read("s") == (snap, [b"one", b"two"], False)
+        st.append("s", b"three", "step")  # new records follow old ones
+        assert st.read("s") == (snap, [b"one", b"two", b"three"], False)
+    finally:
+        st.close()
+
+
 # --------------------------------------------------------------------------- snapshots
 
 def test_snapshot_frame_round_trip_and_damage(tmp_path: Path) -> None:
     path = tmp_path / "snapshot.bin"
     payload = os.urandom(1000)
-    path.write_bytes(frame_snapshot(payload))
+    framed = b"".join(frame_snapshot(payload))
+    path.write_bytes(framed)
     assert read_snapshot(path) == payload
-    framed = frame_snapshot(payload)
     for bad, why in [(framed[:10], "truncated snapshot header"),
                      (framed[:-1], "header says"),
                      (framed + b"x", "header says"),
@@ -190,7 +215,12 @@ def test_snapshot_frame_round_trip_and_damage(tmp_path: Path) -> None:
             read_snapshot(path)
 
 
-def test_snapshot_replace_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+class CrashOnReplace(Files):
+    def replace(self, src: Path, dst: Path) -> None:
+        raise OSError(errno.EIO, "simulated crash before rename")
+
+
+def test_snapshot_replace_is_atomic(tmp_path: Path) -> None:
     st = Store(tmp_path)
     st.open()
     try:
@@ -199,16 +229,14 @@ def test_snapshot_replace_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         # a crash while the new snapshot was being written leaves a temp file: ignored
         (d / "snapshot.bin.tmp").write_bytes(b"half a snap")
         assert st.read("s")[0] == b"first"
-        # a crash before the rename: the old snapshot and its log are intact
-        st.append("s", b"rec", "step").result(timeout=10)
-
-        def crash(*_: object) -> None:
-            raise OSError("simulated crash before rename")
-        monkeypatch.setattr(store_mod.os, "replace", crash)
-        with pytest.raises(OSError):
+        # a failure before the rename: the old snapshot and its log are intact
+        st.append("s", b"rec", "step")
+        st.files = CrashOnReplace()
+        with pytest.raises(OptserveError):
             st.write_snapshot("s", b"second")
-        monkeypatch.undo()
+        st.files = Files()
         assert st.read("s") == (b"first", [b"rec"], False)
+        assert not (d / "snapshot.bin.tmp").exists()
         st.write_snapshot("s", b"second")
         assert st.read("s") == (b"second", [], False)
         assert sorted(p.name for p in d.iterdir()) == ["snapshot.bin", "wal.bin"]
@@ -216,119 +244,72 @@ def test_snapshot_replace_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         st.close()
 
 
-def test_write_atomic_fsyncs_file_then_directory(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
+class Recording(Files):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
 
-    def fsync(fd: int) -> None:
-        calls.append("dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file")
-        real_fsync(fd)
+    def fsync(self, fd: int) -> None:
+        self.calls.append("file")
+        super().fsync(fd)
 
-    def replace(a: Any, b: Any) -> None:
-        calls.append("rename")
-        real_replace(a, b)
-    monkeypatch.setattr(store_mod.os, "fsync", fsync)
-    monkeypatch.setattr(store_mod.os, "replace", replace)
-    write_atomic(tmp_path / "x", b"data")
-    assert calls == ["file", "rename", "dir"]
+    def replace(self, src: Path, dst: Path) -> None:
+        self.calls.append("rename")
+        super().replace(src, dst)
+
+    def fsync_dir(self, path: Path) -> None:
+        self.calls.append("dir")
+        super().fsync_dir(path)
+
+
+def test_write_atomic_fsyncs_file_then_directory(tmp_path: Path) -> None:
+    files = Recording()
+    write_atomic(tmp_path / "x", [b"da", b"ta"], files)
+    assert files.calls == ["file", "rename", "dir"]
     assert (tmp_path / "x").read_bytes() == b"data"
 
 
 # --------------------------------------------------------------------------- durability
 
-def test_memory_writes_nothing_interval_acknowledges_at_once(tmp_path: Path) -> None:
-    st = Store(tmp_path, interval_s=0.05)
+def test_interval_writes_at_once_and_fsyncs_in_the_background(tmp_path: Path) -> None:
+    files = Recording()
+    st = Store(tmp_path, interval_s=0.02, files=files)
     st.open()
     try:
         st.write_snapshot("s", b"snap")
-        done = st.append("s", b"mem", "memory")
-        assert done.done()
-        assert st.read("s")[1] == []
-        done = st.append("s", b"int", "interval")
-        assert done.done()  # not waiting for the disk
+        files.calls.clear()
+        st.append("s", b"int", "interval")
+        assert st.read("s")[1] == [b"int"]  # in the file at once
         deadline = time.monotonic() + 5
-        while st.read("s")[1] != [b"int"]:  # the flusher writes it out within the window
+        while "file" not in files.calls:  # the flusher fsyncs it within the window
             assert time.monotonic() < deadline
             time.sleep(0.01)
     finally:
         st.close()
 
 
-def test_step_durability_waits_for_fsync(tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    gate = threading.Event()
-    synced: list[int] = []
-    real_fsync = os.fsync
+def test_step_durability_fsyncs_before_returning(tmp_path: Path) -> None:
+    files = Recording()
+    st = Store(tmp_path, files=files)
+    st.open()
+    try:
+        st.write_snapshot("s", b"snap")
+        files.calls.clear()
+        st.append("s", b"rec", "step")
+        assert files.calls == ["file"]
+    finally:
+        st.close()
 
-    def slow_fsync(fd: int) -> None:
-        if threading.current_thread().name == "optserve-fsync":
-            gate.wait(10)
-            synced.append(fd)
-        real_fsync(fd)
+
+def test_delete_removes_the_session_and_closes_its_log(tmp_path: Path) -> None:
     st = Store(tmp_path)
     st.open()
     try:
         st.write_snapshot("s", b"snap")
-        monkeypatch.setattr(store_mod.os, "fsync", slow_fsync)
-        done = st.append("s", b"rec", "step")
-        time.sleep(0.1)
-        assert not done.done()  # no acknowledgement before the fsync
-        gate.set()
-        done.result(timeout=10)
-        assert synced
-    finally:
-        gate.set()
-        st.close()
-
-
-def test_snapshot_while_the_flusher_fsyncs_acknowledges_cleanly(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The flusher fsyncs outside the store lock; a snapshot (which closes the log) landing
-    in that window used to fail the waiting update with EBADF/ValueError although the
-    snapshot holds it: the client saw a 500 for an update that was applied and durable."""
-    in_fsync, release = threading.Event(), threading.Event()
-    real_fsync = os.fsync
-
-    def slow_fsync(fd: int) -> None:
-        if threading.current_thread().name == "optserve-fsync":
-            in_fsync.set()
-            release.wait(10)
-        real_fsync(fd)
-    st = Store(tmp_path)
-    st.open()
-    try:
-        st.write_snapshot("s", b"snap0")
-        monkeypatch.setattr(store_mod.os, "fsync", slow_fsync)
-        done = st.append("s", b"rec", "step")
-        assert in_fsync.wait(10)
-        snap = threading.Thread(target=st.write_snapshot, args=("s", b"snap1"))
-        snap.start()
-        time.sleep(0.1)
-        release.set()
-        snap.join(10)
-        assert done.result(timeout=10) is None
-        assert st.read("s") == (b"snap1", [], False)
-    finally:
-        release.set()
-        st.close()
-
-
-def test_delete_settles_updates_waiting_for_fsync(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A delete that lands before the flusher takes a pending update used to leave that
-    update's future unresolved forever (its HTTP request hung)."""
-    st = Store(tmp_path)
-    st.open()
-    try:
-        st.write_snapshot("s", b"snap")
-        with st._lock:  # hold the flusher off while the update is appended and deleted
-            done = st.append("s", b"rec", "step")
-            lg = st._logs.pop("s")
-        st._logs["s"] = lg
+        st.append("s", b"rec", "interval")
         st.delete("s")
-        assert done.result(timeout=5) is None
         assert list(st.session_ids()) == []
+        with pytest.raises(OptserveError):  # its log is gone with it
+            st.append("s", b"more", "step")
     finally:
         st.close()
 
@@ -379,31 +360,32 @@ def reference(steps: int) -> tuple[dict[str, torch.Tensor], torch.optim.Optimize
     return p, opt, sched
 
 
-def engine(data: Path, every: int = 1000) -> EmbeddedEngine:
-    return EmbeddedEngine("cpu", data_dir=data, durability="step", snapshot_every_steps=every)
+def engine(data: Path, every: int = 1000) -> Front:
+    return embedded_engine("cpu", data_dir=data, durability="step", snapshot_every_steps=every)
 
 
-async def restart(data: Path, check: Callable[[EmbeddedEngine], Coroutine[Any, Any, None]],
-                  every: int = 1000) -> EmbeddedEngine:
+async def restart(data: Path, check: Callable[[Front], Coroutine[Any, Any, None]],
+                  every: int = 1000, graceful: bool = False) -> Front:
+    """Start an engine on ``data``, run ``check``, stop it: ``graceful`` snapshots every
+    session on the way out, else the disk stays as the test made it."""
     eng = engine(data, every)
     await eng.start()
     try:
         await check(eng)
     finally:
-        eng._snapshot_all = lambda force=False: None  # type: ignore[method-assign]
-        await eng.stop()  # no snapshot on the way out: the disk stays as the test made it
+        await eng.stop(snapshot=graceful)
     return eng
 
 
 async def make_steps(data: Path, n: int, every: int = 1000) -> None:
-    async def steps(eng: EmbeddedEngine) -> None:
+    async def steps(eng: Front) -> None:
         await eng.create(spec("s"))
         for k in range(n):
             await eng.step("s", grad(k), return_params=False)
     await restart(data, steps, every)
 
 
-async def assert_at(eng: EmbeddedEngine, steps: int) -> None:
+async def assert_at(eng: Front, steps: int) -> None:
     want, _, sched = reference(steps)
     got = await eng.pull("s", None)
     assert (got.version, got.step) == (steps, steps)
@@ -414,13 +396,14 @@ async def assert_at(eng: EmbeddedEngine, steps: int) -> None:
 
 def test_restore_replays_the_log_bitwise(tmp_path: Path) -> None:
     async def go() -> None:
-        await make_steps(tmp_path, 7, every=3)  # snapshots at 3 and 6, one record in the log
+        # create + 7 steps = 8 records: snapshots after records 3 and 6, two left in the log
+        await make_steps(tmp_path, 7, every=3)
         wal = tmp_path / "sessions" / "default~s" / "wal.bin"
-        assert len(read_log(wal)[0]) == 1
+        assert len(read_log(wal)[0]) == 2
 
-        async def check(eng: EmbeddedEngine) -> None:
+        async def check(eng: Front) -> None:
             await assert_at(eng, 7)
-            assert eng.refused == {}
+            assert await eng.refused() == {}
         await restart(tmp_path, check)
     run(go())
 
@@ -433,21 +416,21 @@ def test_crash_between_snapshot_rename_and_log_truncate(tmp_path: Path,
         await make_steps(tmp_path, 5)
         d = tmp_path / "sessions" / "default~s"
         old_log = (d / "wal.bin").read_bytes()
-        assert len(read_log(d / "wal.bin")[0]) == 5
+        assert len(read_log(d / "wal.bin")[0]) == 6  # the create and 5 steps
 
-        async def snap(eng: EmbeddedEngine) -> None:
-            await eng._worker.run(lambda: eng._snapshot("default~s", eng._sessions["default~s"]))
-        await restart(tmp_path, snap)
+        async def nothing(eng: Front) -> None:
+            pass
+        await restart(tmp_path, nothing, graceful=True)  # snapshots
         assert read_log(d / "wal.bin")[0] == []
         (d / "wal.bin").write_bytes(old_log)  # as if the truncate never happened
 
-        async def check(eng: EmbeddedEngine) -> None:
+        async def check(eng: Front) -> None:
             await assert_at(eng, 5)
             await eng.step("s", grad(5), return_params=False)
             await assert_at(eng, 6)
         await restart(tmp_path, check)
 
-        async def check_again(eng: EmbeddedEngine) -> None:  # and the record after them too
+        async def check_again(eng: Front) -> None:  # and the record after them too
             await assert_at(eng, 6)
         await restart(tmp_path, check_again)
     run(go())
@@ -460,16 +443,17 @@ def test_missing_record_or_wrong_version_refuses_the_session(tmp_path: Path) -> 
         records = read_log(wal)[0]
         write_log(wal, records[:1] + records[2:])  # record 2 gone, framing intact
 
-        async def check(eng: EmbeddedEngine) -> None:
-            assert "a record is missing" in eng.refused["default~s"]
+        async def check(eng: Front) -> None:
+            assert "a record is missing" in (await eng.refused())["s"]
             assert await eng.list_sessions() == []
         await restart(tmp_path, check)
-        op, args, version, seq = persist.decode_record(records[1])
-        forged = persist.encode_record(op, args, version + 7, seq)
+        record = persist.decode_record(records[1])
+        record.version += 7
+        forged = b"".join(persist.encode_record_parts(record))
         write_log(wal, [records[0], forged, *records[2:]])
 
-        async def check2(eng: EmbeddedEngine) -> None:
-            assert "the log says 9" in eng.refused["default~s"]
+        async def check2(eng: Front) -> None:
+            assert "the log says 8" in (await eng.refused())["s"]
         await restart(tmp_path, check2)
     run(go())
 
@@ -481,33 +465,32 @@ def test_interrupted_create_is_discarded_not_refused(tmp_path: Path) -> None:
         half.mkdir()
         (half / "snapshot.bin.tmp").write_bytes(b"partial")
 
-        async def check(eng: EmbeddedEngine) -> None:
-            assert eng.refused == {}
-            assert [d["id"] for d in await eng.list_sessions()] == ["s"]
+        async def check(eng: Front) -> None:
+            assert await eng.refused() == {}
+            assert [d.id for d in await eng.list_sessions()] == ["s"]
             await eng.create(spec("half"))  # the id is free
         await restart(tmp_path, check)
-        assert (half / "snapshot.bin").exists()
+        assert len(read_log(half / "wal.bin")[0]) == 1  # its create record
     run(go())
 
 
 def test_damaged_snapshot_refuses_that_session_and_serves_the_rest(tmp_path: Path) -> None:
     async def go() -> None:
-        async def two(eng: EmbeddedEngine) -> None:
+        async def two(eng: Front) -> None:
             await eng.create(spec("s"))
             await eng.create(spec("t"))
             for k in range(3):
                 await eng.step("s", grad(k), return_params=False)
                 await eng.step("t", grad(k), return_params=False)
-            await eng._worker.run(lambda: eng._snapshot_all(force=True))
-        await restart(tmp_path, two)
+        await restart(tmp_path, two, graceful=True)  # snapshots both
         snap = tmp_path / "sessions" / "default~s" / "snapshot.bin"
         data = bytearray(snap.read_bytes())
         data[len(data) // 2] ^= 0x10
         snap.write_bytes(data)
 
-        async def check(eng: EmbeddedEngine) -> None:
-            assert "checksum" in eng.refused["default~s"]
-            assert [d["id"] for d in await eng.list_sessions()] == ["t"]
+        async def check(eng: Front) -> None:
+            assert "checksum" in (await eng.refused())["s"]
+            assert [d.id for d in await eng.list_sessions()] == ["t"]
             want, _, _ = reference(3)
             got = await eng.pull("t", None)
             assert got.version == 3 and all(torch.equal(got.params[n], want[n]) for n in want)
@@ -551,7 +534,7 @@ def replay_every_optimizer(tmp_path: Path, names: list[str]) -> None:
     live: dict[str, Any] = {}
 
     async def go() -> None:
-        async def work(eng: EmbeddedEngine) -> None:
+        async def work(eng: Front) -> None:
             for sid, opts in cases:
                 w0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
                 name = next(n for n in optimizers.SUPPORTED if n.lower() == sid.split("-")[0])
@@ -565,14 +548,15 @@ def replay_every_optimizer(tmp_path: Path, names: list[str]) -> None:
                 live[sid] = (await eng.pull(sid, None), await eng.export_state(sid))
         await restart(tmp_path, work)
 
-        async def check(eng: EmbeddedEngine) -> None:
-            assert eng.refused == {}
+        async def check(eng: Front) -> None:
+            assert await eng.refused() == {}
             for sid, _ in cases:
                 want_params, want_state = live[sid]
                 got = await eng.pull(sid, None)
                 assert got.version == want_params.version == 4, sid
                 assert_tree_bitwise(got.params, want_params.params, sid)
-                assert_tree_bitwise(await eng.export_state(sid), want_state, sid)
+                assert_tree_bitwise((await eng.export_state(sid)).state_dict, want_state.state_dict,
+                                    sid)
         await restart(tmp_path, check)
     run(go())
 
@@ -587,7 +571,7 @@ def test_replay_of_every_logged_operation(tmp_path: Path) -> None:
         return torch.randn(n, generator=torch.Generator().manual_seed(k))
 
     async def go() -> None:
-        async def work(eng: EmbeddedEngine) -> None:
+        async def work(eng: Front) -> None:
             await eng.create(CreateSpec(
                 "SGD", [GroupSpec({"a": g(0)})], {"lr": 0.1, "momentum": 0.9}, id="s",
                 scheduler={"name": "ReduceLROnPlateau", "step_on": "manual",
@@ -603,7 +587,7 @@ def test_replay_of_every_logged_operation(tmp_path: Path) -> None:
             await eng.step("s", {"a": g(7)}, return_params=False)
             state = await eng.export_state("s")
             await eng.step("s", {"a": g(8), "b": g(9, 2)}, return_params=False)
-            await eng.import_state("s", state["state_dict"])  # back to the earlier state
+            await eng.import_state("s", state.state_dict)  # back to the earlier state
             await eng.update_param_group("s", 1, {"momentum": 0.5})
             await eng.step("s", {"a": g(10), "b": g(11, 2)}, return_params=False)
             live["params"] = await eng.pull("s", None)
@@ -611,16 +595,16 @@ def test_replay_of_every_logged_operation(tmp_path: Path) -> None:
             live["desc"] = await eng.describe("s")
         await restart(tmp_path, work)
         wal = tmp_path / "sessions" / "default~s" / "wal.bin"
-        ops = [persist.decode_record(r)[0] for r in read_log(wal)[0]]
-        assert ops == ["step", "scheduler_step", "scheduler_step", "overwrite", "add_group",
-                       "push", "zero_grad", "push", "step", "step", "import", "update_group",
-                       "step"]
+        ops = [persist.decode_record(r).op.kind for r in read_log(wal)[0]]
+        assert ops == ["create", "step", "scheduler_step", "scheduler_step", "overwrite",
+                       "add_group", "push", "zero_grad", "push", "step", "step", "import",
+                       "update_group", "step"]
 
-        async def check(eng: EmbeddedEngine) -> None:
+        async def check(eng: Front) -> None:
             got = await eng.pull("s", None)
             assert got.version == live["params"].version
             assert_tree_bitwise(got.params, live["params"].params)
-            assert_tree_bitwise(await eng.export_state("s"), live["state"])
+            assert_tree_bitwise((await eng.export_state("s")).state_dict, live["state"].state_dict)
             assert await eng.describe("s") == live["desc"]
         await restart(tmp_path, check)
     run(go())

@@ -5,6 +5,7 @@ share every line of it and differ only in how they send.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -140,15 +141,18 @@ def _parse_version(response: httpx.Response) -> VersionInfo:
 def _parse_step(response: httpx.Response) -> StepResult:
     scalars, params = _tensor_response(response)
     version, step = _version_step(response, scalars)
+    params_version = scalars.get("params_version")
     return StepResult(
         version=version,
         step=step,
-        lr=[float(x) for x in scalars.get("lr", [])],
+        lr=[T.number_from_wire(x) for x in scalars.get("lr", [])],
         skipped=bool(scalars.get("skipped", False)),
         params=params,
         nonfinite=list(scalars.get("nonfinite", [])),
         sync=scalars.get("sync"),
         staleness=scalars.get("staleness"),
+        replayed=bool(scalars.get("replayed", False)),
+        params_version=None if params_version is None else int(params_version),
     )
 
 
@@ -156,8 +160,7 @@ def _parse_step_no_params(response: httpx.Response) -> StepResult:
     result = _parse_step(response)
     if result.params:
         raise ValueError("asked for no params but the step response carries some")
-    return StepResult(result.version, result.step, result.lr, result.skipped, None,
-                      result.nonfinite, result.sync, result.staleness)
+    return dataclasses.replace(result, params=None)
 
 
 def _parse_params(response: httpx.Response) -> ParamsResult:
@@ -165,7 +168,7 @@ def _parse_params(response: httpx.Response) -> ParamsResult:
     version, step = _version_step(response, scalars)
     lr = scalars.get("lr", [])
     return ParamsResult(version=version, step=step, params=params or {},
-                        lr=[float(x) for x in lr] if isinstance(lr, list) else [])
+                        lr=[T.number_from_wire(x) for x in lr] if isinstance(lr, list) else [])
 
 
 def _parse_optimizers(response: httpx.Response) -> list[OptimizerInfo]:

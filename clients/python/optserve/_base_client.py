@@ -2,20 +2,25 @@
 (base URL and API key with environment fallbacks, timeout, retries), request building, the retry
 policy and the mapping of responses to results or typed errors. Only sending differs.
 
-Retry policy: only when no HTTP response came back, never on an HTTP error status. A request
-that surely never reached the server (connection refused, connect timeout, no pooled connection)
-is retried whatever it does; one that may have reached it (read error or timeout) is retried
-only when sending it twice is harmless (GET, PUT, DELETE, PATCH, zero_grad), so a step or a
-gradient push is never applied twice. The delay grows exponentially from
-``INITIAL_RETRY_DELAY``, is capped at ``MAX_RETRY_DELAY`` and carries random jitter.
+Exactly once: every mutating call (anything but GET) carries an ``Idempotency-Key`` made
+fresh for that call and kept for its retries, so the server answers a retry of an operation it
+already applied with the original answer instead of applying it again (also after a restart).
+
+Retry policy: when no HTTP response came back (connection refused or dropped, timeouts), and
+when the server answers 503 (it could not take the operation now and applied nothing: a storage
+error, a session host restarting; its ``Retry-After`` is honoured up to ``MAX_RETRY_DELAY``).
+Never on other statuses. The delay grows exponentially from ``INITIAL_RETRY_DELAY``, is capped
+at ``MAX_RETRY_DELAY`` and carries random jitter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import time
+import uuid
 from typing import Any, Generic, TypeVar
 
 import httpx
@@ -42,6 +47,11 @@ HttpxClientT = TypeVar("HttpxClientT", httpx.Client, httpx.AsyncClient)
 
 # Transport errors raised before any byte of the request could reach the server.
 _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def _has_key(call: APICall[Any]) -> bool:
+    return any(k.lower() == IDEMPOTENCY_HEADER.lower() for k in call.headers)
 
 
 _jitter = random.random  # module-level hooks, so tests can make retries instant and exact
@@ -113,10 +123,34 @@ class BaseClient(Generic[HttpxClientT]):
             timeout=timeout,
         )
 
+    @staticmethod
+    def _keyed(call: APICall[R]) -> APICall[R]:
+        """The call with an ``Idempotency-Key`` of its own when it changes anything (the same
+        key for all its retries)."""
+        if call.method == "GET" or any(k.lower() == IDEMPOTENCY_HEADER.lower()
+                                       for k in call.headers):
+            return call
+        return dataclasses.replace(
+            call, headers={**call.headers, IDEMPOTENCY_HEADER: uuid.uuid4().hex})
+
     def _should_retry(self, call: APICall[Any], exc: httpx.TransportError, attempt: int) -> bool:
         if attempt >= self.max_retries:
             return False
-        return isinstance(exc, _NEVER_SENT) or call.idempotent
+        return isinstance(exc, _NEVER_SENT) or call.idempotent or _has_key(call)
+
+    def _retry_status(self, call: APICall[Any], response: httpx.Response,
+                      attempt: int) -> float | None:
+        """Seconds to wait before retrying this answer, or None: only a 503 (nothing was
+        applied) of a call that is safe to send again."""
+        if response.status_code != 503 or attempt >= self.max_retries:
+            return None
+        if not (call.idempotent or _has_key(call)):
+            return None
+        delay = self._retry_delay(attempt)
+        after = response.headers.get("retry-after", "")
+        if after.isdigit():
+            delay = max(delay, min(float(after), _constants.MAX_RETRY_DELAY))
+        return delay
 
     @staticmethod
     def _retry_delay(attempt: int) -> float:
@@ -159,6 +193,7 @@ class SyncAPIClient(BaseClient[httpx.Client]):
         )
 
     def _request(self, call: APICall[R]) -> R:
+        call = self._keyed(call)
         attempt = 0
         while True:
             request = self._build_request(call)
@@ -179,6 +214,11 @@ class SyncAPIClient(BaseClient[httpx.Client]):
                     attempt += 1
                     continue
                 raise self._connection_error(request, exc) from exc
+            delay = self._retry_status(call, response, attempt)
+            if delay is not None:
+                _sleep(delay)
+                attempt += 1
+                continue
             return self._process_response(call, response)
 
     def close(self) -> None:
@@ -242,6 +282,7 @@ class AsyncAPIClient(BaseClient[httpx.AsyncClient]):
         )
 
     async def _request(self, call: APICall[R]) -> R:
+        call = self._keyed(call)
         attempt = 0
         while True:
             request = self._build_request(call)
@@ -265,6 +306,11 @@ class AsyncAPIClient(BaseClient[httpx.AsyncClient]):
                     attempt += 1
                     continue
                 raise self._connection_error(request, exc) from exc
+            delay = self._retry_status(call, response, attempt)
+            if delay is not None:
+                await _async_sleep(delay)
+                attempt += 1
+                continue
             return self._process_response(call, response)
 
     async def close(self) -> None:

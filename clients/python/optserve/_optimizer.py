@@ -305,7 +305,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                    binary=self._binary, worker=self._worker, base_version=base)
         if result.params is not None:
             self._copy_in(result.params)
-        self._version = result.version
+        self._version = result.params_at if result.params is not None else result.version
         self._take_lrs(result.lr)
         return loss
 

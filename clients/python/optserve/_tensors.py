@@ -348,6 +348,13 @@ def tree_to_json(obj: Any) -> Any:
     return tree_to_wire(obj, lambda w, _path: encode_json_tensor(w))
 
 
+def number_from_wire(x: Any) -> float:
+    """A JSON number, or the service's ``{"$float": "inf"}`` encoding of a non-finite one."""
+    if isinstance(x, dict) and x.keys() == {"$float"} and x["$float"] in _FLOAT_TAGS:
+        return float(_FLOAT_TAGS[x["$float"]])
+    return float(x)
+
+
 def tree_from_wire(
     obj: Any,
     tensors: Mapping[str, Tensor] | None = None,

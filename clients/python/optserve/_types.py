@@ -123,6 +123,15 @@ class StepResult:
     nonfinite: list[str] = field(default_factory=list)
     sync: dict[str, Any] | None = None
     staleness: int | None = None
+    #: the answer to a retry the server had already applied (nothing was applied again)
+    replayed: bool = False
+    #: the version ``params`` belong to (a replayed answer carries the current parameters)
+    params_version: int | None = None
+
+    @property
+    def params_at(self) -> int:
+        """The session version of ``params``."""
+        return self.version if self.params_version is None else self.params_version
 
 
 @dataclass(frozen=True)

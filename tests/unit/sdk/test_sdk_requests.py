@@ -354,6 +354,9 @@ def test_async_client_sends_what_the_sync_client_sends() -> None:
 
     got = asyncio.run(main())
     assert async_rec.last.content == sync_rec.last.content
-    assert dict(async_rec.last.headers) == dict(sync_rec.last.headers)
+    sent, sent_async = dict(sync_rec.last.headers), dict(async_rec.last.headers)
+    # both carry a fresh Idempotency-Key of their own
+    assert len(sent.pop("idempotency-key")) == len(sent_async.pop("idempotency-key")) == 32
+    assert sent_async == sent
     assert got.params is not None and expected.params is not None
     assert torch.equal(got.params["x"], expected.params["x"])

@@ -73,7 +73,7 @@ def test_a_connection_error_then_success(sleeps: list[float]) -> None:
     assert len(sleeps) == 1
 
 
-@pytest.mark.parametrize("status", [400, 404, 409, 422, 429, 500, 503])
+@pytest.mark.parametrize("status", [400, 404, 409, 422, 429, 500, 507])
 def test_http_errors_are_never_retried(status: int, sleeps: list[float]) -> None:
     script = Script(lambda: httpx.Response(status, json={"detail": "no", "code": "x"}))
     with client(script) as c, pytest.raises(optserve.APIStatusError) as info:
@@ -98,16 +98,53 @@ def test_read_timeout_retried_for_idempotent_requests(sleeps: list[float]) -> No
     assert len(script.requests) == 2
 
 
-def test_a_step_that_may_have_reached_the_server_is_not_resent(sleeps: list[float]) -> None:
-    """A read timeout on POST .../step may mean the step was applied: never step twice."""
+def test_a_step_that_may_have_reached_the_server_is_resent_with_its_key(
+        sleeps: list[float]) -> None:
+    """A read timeout on POST .../step may mean the step was applied: the retry carries the
+    same Idempotency-Key, so the server answers it instead of stepping twice."""
     script = Script(httpx.ReadTimeout("slow"), STEP_OK)
-    with client(script) as c, pytest.raises(optserve.APITimeoutError):
-        c.step("s", {"w": [1.0]}, return_params=False)
-    assert len(script.requests) == 1
+    with client(script) as c:
+        result = c.step("s", {"w": [1.0]}, return_params=False)
+    assert (result.version, result.step) == (1, 1)
+    assert len(script.requests) == 2
+    keys = [r.headers["idempotency-key"] for r in script.requests]
+    assert keys[0] == keys[1] and len(keys[0]) == 32
+    assert script.requests[0].content == script.requests[1].content
     script = Script(httpx.RemoteProtocolError("server disconnected"), STEP_OK)
-    with client(script) as c, pytest.raises(optserve.APIConnectionError):
+    with client(script) as c:
         c.push_grads("s", {"w": [1.0]})
-    assert len(script.requests) == 1
+    assert len(script.requests) == 2
+    assert script.requests[0].headers["idempotency-key"] == \
+        script.requests[1].headers["idempotency-key"]
+
+
+def test_every_mutation_gets_its_own_key_and_reads_none(sleeps: list[float]) -> None:
+    script = Script(STEP_OK, STEP_OK, OK_HEALTH)
+    with client(script) as c:
+        c.step("s", {"w": [1.0]}, return_params=False)
+        c.step("s", {"w": [1.0]}, return_params=False)
+        c.health()
+    first, second, read = script.requests
+    assert first.headers["idempotency-key"] != second.headers["idempotency-key"]
+    assert "idempotency-key" not in read.headers
+
+
+def test_503_is_retried_after_its_retry_after(sleeps: list[float]) -> None:
+    """503: the server applied nothing (a storage error, a host restarting): retried, the
+    mutation with the same key, after Retry-After (capped)."""
+    def unavailable() -> httpx.Response:
+        return httpx.Response(503, headers={"Retry-After": "3"},
+                              json={"detail": "later", "code": "storage_error"})
+    script = Script(unavailable, STEP_OK)
+    with client(script) as c:
+        c.step("s", {"w": [1.0]}, return_params=False)
+    assert len(script.requests) == 2 and sleeps[0] >= 3.0
+    assert script.requests[0].headers["idempotency-key"] == \
+        script.requests[1].headers["idempotency-key"]
+    script = Script(*[unavailable] * 5)
+    with client(script) as c, pytest.raises(optserve.APIStatusError) as info:
+        c.get_session("s")
+    assert info.value.status_code == 503 and len(script.requests) == 3  # max_retries=2
 
 
 def test_a_step_that_never_left_is_retried(sleeps: list[float]) -> None:

@@ -1,0 +1,54 @@
+"""One engine factory: the settings say which engine, and everything it needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from app.engine.front import Front, Limits
+from app.engine.host import EmbeddedHost, HostConfig
+from app.engine.interface import Durability, NonFinitePolicy
+from app.engine.store import Files
+from app.engine.worker import Observer
+
+
+def make_engine(settings: Any, observer: Observer | None = None) -> Front:
+    """The engine ``settings`` (an :class:`app.config.Settings`) describe."""
+    return embedded_engine(
+        settings.device,
+        torch_threads=settings.torch_threads,
+        default_nonfinite=settings.default_nonfinite,
+        data_dir=settings.data_dir,
+        durability=settings.durability,
+        snapshot_every_steps=settings.snapshot_every_steps,
+        snapshot_every_s=settings.snapshot_every_s,
+        fsync_interval_s=settings.fsync_interval_ms / 1000,
+        idempotency_window=settings.idempotency_window,
+        limits=Limits(settings.max_sessions, settings.max_session_elements),
+        observer=observer,
+    )
+
+
+def embedded_engine(
+    device: str = "auto",
+    *,
+    torch_threads: int = 0,
+    default_nonfinite: NonFinitePolicy = "reject",
+    data_dir: Path | None = None,
+    durability: Durability = "memory",
+    snapshot_every_steps: int = 1000,
+    snapshot_every_s: float = 300.0,
+    fsync_interval_s: float = 0.05,
+    idempotency_window: int = 1000,
+    limits: Limits | None = None,
+    observer: Observer | None = None,
+    files: Files | None = None,
+    warm_up: bool = True,
+) -> Front:
+    """The embedded engine: sessions in this process, one worker thread for the device."""
+    host = EmbeddedHost(HostConfig(
+        device=device, torch_threads=torch_threads, default_nonfinite=default_nonfinite,
+        data_dir=data_dir, durability=durability, snapshot_every_steps=snapshot_every_steps,
+        snapshot_every_s=snapshot_every_s, fsync_interval_s=fsync_interval_s,
+        idempotency_window=idempotency_window, files=files, warm_up=warm_up), observer)
+    return Front(host, limits)

@@ -1,0 +1,654 @@
+"""The embedded session host: the sessions of one device, its worker thread, and its store.
+
+A front (:mod:`app.engine.front`) drives it with operation values (:mod:`app.engine.ops`) and
+gets typed results back; nothing here knows of HTTP or tenants beyond the session key.
+
+Every operation on a session runs under that session's lock, in four stages:
+
+1. ``check`` on the worker thread: every validation, nothing changed;
+2. the operation's log record is written ahead (durability ``step``: written and fsynced on an
+   I/O thread, so the worker steps other sessions meanwhile; ``interval``: written at once);
+   a failed write leaves nothing applied (507 ``storage_full`` / 503 ``storage_error``);
+3. ``apply`` on the worker thread; an apply that fails after touching tensors it cannot put
+   back cheaply is cut from the log and the session is rebuilt from its store, through the
+   same replay a restart runs (a session that keeps nothing on disk is then taken out of
+   service: 503 ``session_damaged``);
+4. the idempotency keys are remembered with the answer, and the answer is returned.
+
+On start every stored session is rebuilt: its snapshot (if any), then a replay of its log
+through the same ``check`` and ``apply`` (the first record of a log without a snapshot is the
+session's create).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from app.engine import optimizers, persist, ps, state_dicts
+from app.engine.interface import (
+    CreateSpec,
+    Durability,
+    EngineStatus,
+    GradsResult,
+    IdemKey,
+    NonFinitePolicy,
+    ParamsResult,
+    SchedulerResult,
+    SessionInfo,
+    StateExport,
+    StepResult,
+    Tensors,
+    split_key,
+)
+from app.engine.ops import (
+    ApplyFailed,
+    Configure,
+    CreateSession,
+    Operation,
+    Overwrite,
+    Step,
+)
+from app.engine.ops.gradients import staleness_of
+from app.engine.rounds import SyncRounds
+from app.engine.session import Session
+from app.engine.store import Files, Store, StoreCorrupt
+from app.engine.worker import DeviceWorker, Observer
+from app.errors import Conflict, Invalid, NotFound, OptserveError, Unavailable
+
+log = logging.getLogger("optserve.engine")
+T = TypeVar("T")
+MAX_WAIT_S = ps.MAX_WAIT_S
+_TOMBSTONES = 10_000
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"OPTSERVE_DEVICE={setting} but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"OPTSERVE_DEVICE={setting}: only auto, cpu, cuda, cuda:N")
+    return device
+
+
+@dataclass
+class HostConfig:
+    device: str = "auto"
+    torch_threads: int = 0
+    default_nonfinite: NonFinitePolicy = "reject"
+    data_dir: Path | None = None
+    durability: Durability = "memory"
+    snapshot_every_steps: int = 1000
+    snapshot_every_s: float = 300.0
+    fsync_interval_s: float = 0.05
+    idempotency_window: int = 1000
+    #: load torch's lazily imported kernels before readiness (tests that restart often skip it)
+    warm_up: bool = True
+    #: the store's file system calls (tests inject faults here)
+    files: Files | None = None
+
+
+class EmbeddedHost:
+    def __init__(self, config: HostConfig | None = None, observer: Observer | None = None
+                 ) -> None:
+        self.config = config = config or HostConfig()
+        self._device = resolve_device(config.device)
+        self.device = str(self._device)
+        self._worker = DeviceWorker(self._device, config.torch_threads, observer)
+        self._store = (Store(config.data_dir, config.fsync_interval_s, config.files)
+                       if config.data_dir is not None else None)
+        self._default_durability: Durability = (config.durability if self._store is not None
+                                                else "memory")
+        self._sessions: dict[str, Session] = {}
+        self._refused: dict[str, str] = {}
+        self._damaged: dict[str, str] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+        self._rounds = SyncRounds(self._apply_round, self._check_push)
+        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="optserve-io")
+        # tenant-wide idempotency: creates (by the session they made) and deletes
+        self._tombstones: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()
+        self._snapshotter: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._worker.start()
+        if self.config.warm_up:
+            await self._worker.run(self._warm_up)
+        if self._store is not None:
+            self._store.open()
+            await self._worker.run(self._restore_all)
+            self._snapshotter = asyncio.create_task(self._maintain())
+        for key, session in self._sessions.items():
+            self._rounds.set(key, session.ps.sync)
+
+    async def stop(self, *, snapshot: bool = True) -> None:
+        """Snapshot every session (so the next start replays nothing), then stop. Without
+        ``snapshot`` the disk stays as the operations left it (what a crash leaves, minus the
+        torn write: tests use it)."""
+        if self._snapshotter is not None:
+            self._snapshotter.cancel()
+        await self._rounds.stop()
+        if self._store is not None and self._worker.alive() and snapshot:
+            for key in list(self._sessions):
+                async with self._lock(key):
+                    session = self._sessions.get(key)
+                    if session is not None and session.seq > session.seq_at_snapshot:
+                        await self._snapshot(key, session)
+        if self._store is not None:
+            self._store.close()
+        self._worker.stop()
+        self._io.shutdown(wait=True)
+
+    async def status(self, *, memory: bool = False) -> EngineStatus:
+        reason = None
+        if not self._worker.alive():
+            reason = "the device worker is not running"
+        elif self._store is not None:
+            reason = await self._in_io(self._store.health)
+        used = await self._worker.run(self._memory_bytes, "status") if memory else 0
+        return EngineStatus(reason is None, reason, self.device, len(self._sessions), used,
+                            dict(self._refused))
+
+    def _memory_bytes(self) -> int:
+        """Bytes of tensors the sessions hold (CUDA: what torch's allocator has handed out)."""
+        if self._device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self._device))
+        return sum(s.memory_bytes() for s in list(self._sessions.values()))
+
+    def _warm_up(self) -> None:
+        """Load torch's lazily imported kernels before readiness, so the first client
+        request does not pay for them."""
+        for name in optimizers.SUPPORTED:
+            cls = optimizers.optimizer_class(name)
+            optimizers.probe(cls, {}, [{}], [torch.float32], self._device, {})
+
+    async def _in_io(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn)
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+    def _get(self, key: str) -> Session:
+        damaged = self._damaged.get(key)
+        if damaged is not None:
+            raise Unavailable(f"session {split_key(key)[1]!r:.140} is out of service: {damaged}; "
+                              "delete it or restart the server", code="session_damaged",
+                              retry_after=30.0)
+        session = self._sessions.get(key)
+        if session is None:
+            raise NotFound(f"no session {split_key(key)[1]!r:.140}", code="session_not_found",
+                           field="session_id")
+        return session
+
+    def _version_changed(self, key: str) -> None:
+        """Wake the long polls on this session (they check the version again)."""
+        event = self._changed.pop(key, None)
+        if event is not None:
+            event.set()
+
+    # ------------------------------------------------------------------ queries
+    def keys(self, prefix: str = "") -> list[str]:
+        return [k for k in self._sessions if k.startswith(prefix)]
+
+    def refused(self) -> dict[str, str]:
+        return dict(self._refused)
+
+    async def describe(self, key: str) -> SessionInfo:
+        info = await self._worker.run(lambda: self._get(key).describe())
+        info.pending = self._rounds.pending(key)
+        return info
+
+    async def list_sessions(self, prefix: str) -> list[SessionInfo]:
+        def describe_all() -> list[SessionInfo]:
+            return [s.describe() for k, s in self._sessions.items()
+                    if k.startswith(prefix) and k not in self._damaged]
+        infos = await self._worker.run(describe_all)
+        for info in infos:
+            info.pending = self._rounds.pending(f"{prefix}{info.id}")
+        return infos
+
+    async def pull(
+        self, key: str, names: list[str] | None, *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+    ) -> ParamsResult:
+        """The parameters; first waiting up to ``wait_s`` (capped) for ``min_version``.
+        ``not_modified`` (no tensors) when the version is one of ``unless_versions``."""
+        if min_version is not None and wait_s > 0:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + min(wait_s, MAX_WAIT_S)
+            while True:
+                # Registered before the version is read: a step in between still wakes us.
+                changed = self._changed.setdefault(key, asyncio.Event())
+                version = await self._worker.run(lambda: self._get(key).version, "version")
+                remaining = deadline - loop.time()
+                if version >= min_version or remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(changed.wait(), remaining)
+                except TimeoutError:
+                    pass
+
+        def read() -> ParamsResult:
+            s = self._get(key)
+            s.check_names(names)
+            if s.version in unless_versions:
+                return ParamsResult(s.version, s.step_count, s.lrs(), {}, not_modified=True)
+            return ParamsResult(s.version, s.step_count, s.lrs(), s.pack_params(names))
+        return await self._worker.run(read)
+
+    async def export_state(self, key: str) -> StateExport:
+        def read() -> StateExport:
+            s = self._get(key)
+            sd = export_state_dict(s)
+            return StateExport(sd, s.version, s.step_count)
+        return await self._worker.run(read)
+
+    # ------------------------------------------------------------------ create and delete
+    def find_create(self, tenant: str, idem: IdemKey) -> str | None:
+        """The session a create with this idempotency key made (422 when the key came with
+        another request), or None."""
+        for key, s in self._sessions.items():
+            if s.created_by is not None and s.created_by[0] == idem.key \
+                    and split_key(key)[0] == tenant:
+                if s.created_by[1] != idem.fingerprint:
+                    raise Invalid("this Idempotency-Key was already used for a different "
+                                  "request; use a fresh key for every new operation",
+                                  code="idempotency_key_reused", field="Idempotency-Key")
+                return key
+        return None
+
+    async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None
+                     ) -> SessionInfo:
+        tenant, session_id = split_key(key)
+        if idem is not None:
+            made = self.find_create(tenant, idem)
+            if made is not None:
+                info = await self.describe(made)
+                info.replayed = True
+                return info
+        async with self._lock(key):
+            if key in self._sessions or key in self._refused or key in self._damaged \
+                    or (self._store is not None and self._store.exists(key)):
+                raise Conflict(f"a session with id {session_id!r} already exists",
+                               code="session_exists", field="id")
+            durability = spec.durability or self._default_durability
+            if self._store is None:
+                durability = "memory"
+            op = CreateSession.from_spec(spec, session_id,
+                                         spec.nonfinite or self.config.default_nonfinite,
+                                         durability)
+            keys = [(idem.key, idem.fingerprint)] if idem is not None else []
+            session = await self._worker.run(lambda: self._build(op, keys), "create")
+            if self._store is not None and durability != "memory":
+                parts = persist.encode_record_parts(persist.Record(op, 1, 0, keys))
+                store = self._store
+                await self._in_io(lambda: store.create(key, parts, durability))
+                session.seq = 1
+            self._sessions[key] = session
+            self._rounds.set(key, session.ps.sync)
+            info = await self._worker.run(session.describe)
+        info.pending = self._rounds.pending(key)
+        return info
+
+    def _build(self, op: CreateSession, keys: list[tuple[str, str]]) -> Session:
+        session = op.build(self._device)
+        session.idem.window = self.config.idempotency_window
+        session.created_by = keys[0] if keys else None
+        return session
+
+    async def delete(self, key: str, *, idem: IdemKey | None = None) -> None:
+        tenant, session_id = split_key(key)
+        if idem is not None:
+            gone = self._tombstones.get((tenant, idem.key))
+            if gone is not None:
+                if gone[0] != idem.fingerprint:
+                    raise Invalid("this Idempotency-Key was already used for a different "
+                                  "request; use a fresh key for every new operation",
+                                  code="idempotency_key_reused", field="Idempotency-Key")
+                return
+        async with self._lock(key):
+            if key not in self._damaged:
+                self._get(key)
+            if self._store is not None:
+                store = self._store
+                await self._in_io(lambda: store.delete(key))
+            self._sessions.pop(key, None)
+            self._damaged.pop(key, None)
+            self._locks.pop(key, None)
+            if idem is not None:
+                self._tombstones[(tenant, idem.key)] = (idem.fingerprint, session_id)
+                while len(self._tombstones) > _TOMBSTONES:
+                    self._tombstones.popitem(last=False)
+        self._rounds.drop(key, NotFound(f"session {session_id!r:.140} was deleted during the "
+                                        "round", code="session_not_found", field="session_id"))
+        self._version_changed(key)
+
+    # ------------------------------------------------------------------ operations
+    async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
+                      want_params: bool = False) -> Any:
+        """Apply one operation to the session, all or nothing; a repeated idempotency key is
+        answered from the session's table without applying anything."""
+        async with self._lock(key):
+            session = self._get(key)
+            if idem is not None:
+                hit = session.idem.lookup(idem.key, idem.fingerprint)
+                if hit is not None:
+                    return await self._worker.run(
+                        lambda: replay_answer(session, op, hit, want_params))
+            result = await self._run(key, session, op, [idem] if idem else [], want_params)
+            if isinstance(op, Configure):
+                self._rounds.set(key, self._sessions[key].ps.sync)
+        self._version_changed(key)
+        return result
+
+    async def step(
+        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        base_version: int | None = None, idem: IdemKey | None = None,
+    ) -> StepResult:
+        """One step now (async mode), or this worker's push into the open sync round."""
+        if worker is not None:
+            ps.check_worker(worker)
+        if self._rounds.config(key) is not None:
+            if idem is not None:  # a retry of a push whose round already stepped
+                session = self._get(key)
+                hit = session.idem.lookup(idem.key, idem.fingerprint)
+                if hit is not None:
+                    op = Step(grads)
+                    result: StepResult = await self._worker.run(
+                        lambda: replay_answer(session, op, hit, want_params))
+                    return result
+            return await self._rounds.push(key, worker, grads, base_version, idem, want_params)
+        out: StepResult = await self.execute(key, Step(grads, base_version), idem=idem,
+                                             want_params=want_params)
+        return out
+
+    async def _check_push(self, key: str, grads: Tensors, base_version: int | None
+                          ) -> Tensors:
+        def check() -> Tensors:
+            s = self._get(key)
+            if base_version is not None:
+                staleness_of(s, base_version)
+            return s.check_grads(grads)
+        return await self._worker.run(check, "sync_push")
+
+    async def _apply_round(self, key: str, pushes: dict[str, Tensors], how: ps.Reduce,
+                           keys: list[IdemKey], want_params: bool, sync: dict[str, Any]
+                           ) -> StepResult:
+        """One step with the round's reduced gradients, logged as one ordinary ``step``
+        record answering every worker's idempotency key; every waiter gets the same result."""
+        async with self._lock(key):
+            session = self._get(key)
+            reduced = await self._worker.run(lambda: ps.reduce(pushes, how), "reduce")
+            result: StepResult = await self._run(key, session, Step(reduced), keys, want_params,
+                                                 sync)
+        self._version_changed(key)
+        return result
+
+    async def _run(self, key: str, s: Session, op: Operation, keys: list[IdemKey],
+                   want_params: bool, sync: dict[str, Any] | None = None) -> Any:
+        """check, log ahead, apply (the caller holds the session's lock)."""
+        store = self._store if s.durability != "memory" else None
+        record_keys = [(k.key, k.fingerprint) for k in keys]
+
+        def check_and_encode() -> tuple[Any, list[bytes | memoryview], int]:
+            plan = op.check(s)
+            assert store is not None
+            record = persist.Record(op, s.seq + 1, op.version_after(s, plan), record_keys, sync)
+            return plan, persist.encode_record_parts(record), store.log_length(key)
+
+        if store is not None and s.durability == "step":
+            plan, parts, before = await self._worker.run(check_and_encode, f"{op.kind}_check")
+            await self._in_io(lambda: store.append(key, parts, "step"))
+            result = await self._worker.run(
+                lambda: self._apply(key, s, op, plan, keys, want_params, before, sync), op.kind)
+        else:
+            def all_at_once() -> Any:
+                if store is None:
+                    plan, before = op.check(s), None
+                else:  # interval: written now, fsynced by the store's flusher
+                    plan, parts, before = check_and_encode()
+                    store.append(key, parts, "interval")
+                return self._apply(key, s, op, plan, keys, want_params, before, sync)
+            result = await self._worker.run(all_at_once, op.kind)
+        session = self._sessions.get(key)
+        if session is not None and self._snapshot_due(session):
+            await self._snapshot(key, session)
+        return result
+
+    def _apply(self, key: str, s: Session, op: Operation, plan: Any, keys: list[IdemKey],
+               want_params: bool, before: int | None, sync: dict[str, Any] | None) -> Any:
+        """Apply on the worker thread; on failure leave the session and its log as they were."""
+        try:
+            result = op.apply(s, plan)
+        except ApplyFailed as exc:
+            self._recover(key, op, before, exc)
+        except BaseException:
+            if before is not None:  # refused cleanly (the session is unchanged): unlog it
+                self._cut(key, before)
+            raise
+        if before is not None:
+            s.seq += 1
+        if sync is not None:
+            result.sync = sync
+        answer = op.result_json(result)
+        for k in keys:
+            s.idem.remember(k.key, k.fingerprint, answer)
+        if want_params and isinstance(result, StepResult):
+            result.params = s.pack_params()
+        return result
+
+    def _cut(self, key: str, before: int) -> None:
+        assert self._store is not None
+        try:
+            self._store.truncate(key, before)
+        except OSError as exc:  # the store retries before its next write; replay skips it
+            log.error("could not cut a refused operation's record from %s: %s", key, exc)
+
+    def _recover(self, key: str, op: Operation, before: int | None, exc: ApplyFailed
+                 ) -> None:
+        """An apply failed half-way: rebuild the session from its store without the
+        operation, or take it out of service. Always raises."""
+        cause = exc.__cause__
+        log.error("%s on %s failed after it changed the session: %s", op.kind, key, exc)
+        if before is None:
+            self._damaged[key] = (f"a {op.kind} failed half-way ({exc}) and this session keeps "
+                                  "nothing on disk to restore it from")
+            raise Unavailable(f"the {op.kind} failed and the session could not be restored: "
+                              f"{exc}", code="session_damaged", retry_after=30.0) from None
+        try:
+            assert self._store is not None
+            self._store.truncate(key, before)
+            self._sessions[key] = self._restore(key)[0]
+        except Exception as again:  # noqa: BLE001 - any failure here takes it out of service
+            self._damaged[key] = f"a {op.kind} failed half-way and its restore failed: {again}"
+            raise Unavailable(f"the {op.kind} failed and the session could not be restored: "
+                              f"{again}", code="session_damaged", retry_after=30.0) from None
+        if isinstance(cause, (ValueError, TypeError)):
+            raise Invalid(f"torch refused this {op.kind}: {cause}; the session is as it was",
+                          code=f"{op.kind}_failed", field="param_groups") from None
+        raise OptserveError(f"the {op.kind} failed on the server ({exc}); the session was "
+                            "restored to its state before it", code="apply_failed") from None
+
+    # ------------------------------------------------------------------ persistence
+    def _restore_all(self) -> None:
+        assert self._store is not None
+        for key in self._store.session_ids():
+            started = time.perf_counter()
+            if self._store.incomplete(key):  # a create cut short: never acknowledged
+                log.warning("discarding %s: a create that a crash interrupted", key)
+                self._store.discard(key)
+                continue
+            try:
+                session, replayed, torn = self._restore(key)
+            except Exception as exc:  # noqa: BLE001 - refuse this one, serve the rest
+                # relative to the sessions directory: /readyz shows it to the tenant
+                reason = f"{type(exc).__name__}: {exc}".replace(
+                    f"{self._store.sessions_dir}/", "")
+                self._refused[key] = reason
+                log.error("refusing stored session %s: %s", key, reason)
+                continue
+            self._sessions[key] = session
+            log.info("restored session %s at version %d (%d logged operations replayed%s) in "
+                     "%.2f s", key, session.version, replayed,
+                     ", torn last record dropped" if torn else "",
+                     time.perf_counter() - started)
+
+    def _restore(self, key: str) -> tuple[Session, int, bool]:
+        """The session as its snapshot and log make it: the snapshot, then each record through
+        the operation's own ``check`` and ``apply``."""
+        assert self._store is not None
+        payload, records, torn = self._store.read(key)
+        session = (Session.restore(persist.decode_tree(payload, persist.SNAPSHOT_KEY),
+                                   self._device) if payload is not None else None)
+        replayed = 0
+        for i, raw in enumerate(records):
+            record = persist.decode_record(raw)
+            if session is not None and record.seq <= session.seq:
+                continue  # already in the snapshot (a crash between snapshot and truncate)
+            if session is None:
+                if not isinstance(record.op, CreateSession) or record.seq != 1:
+                    raise StoreCorrupt(f"{key}: the log starts with {record.op.kind} record "
+                                       f"{record.seq}, not the session's create")
+                session = self._build(record.op, record.keys)
+                session.seq = 1
+                replayed += 1
+                continue
+            if record.seq != session.seq + 1:
+                raise StoreCorrupt(f"log record {record.seq} follows {session.seq}: a record "
+                                   "is missing")
+            try:
+                plan = record.op.check(session)
+            except OptserveError as exc:
+                # An acknowledged operation replays exactly as it ran; one that is refused was
+                # never acknowledged: a record whose apply was refused and whose cut failed.
+                if i != len(records) - 1:
+                    raise StoreCorrupt(f"log record {record.seq} ({record.op.kind}) is refused "
+                                       f"at replay ({exc.detail}) and records follow it"
+                                       ) from None
+                log.warning("%s: dropping the last log record (%s), refused at replay: %s",
+                            key, record.op.kind, exc.detail)
+                break
+            result = record.op.apply(session, plan)
+            session.seq = record.seq
+            if session.version != record.version:
+                raise StoreCorrupt(f"replay of record {record.seq} ({record.op.kind}) reached "
+                                   f"version {session.version}, the log says {record.version}")
+            if record.sync is not None and isinstance(result, StepResult):
+                result.sync = record.sync
+            answer = record.op.result_json(result)
+            for k, fp in record.keys:
+                session.idem.remember(k, fp, answer)
+            replayed += 1
+        if session is None:
+            raise StoreCorrupt(f"{key}: no snapshot and no create record")
+        session.idem.window = self.config.idempotency_window
+        return session, replayed, torn
+
+    def _snapshot_due(self, s: Session) -> bool:
+        return self._store is not None and s.durability != "memory" and \
+            s.seq - s.seq_at_snapshot >= self.config.snapshot_every_steps
+
+    async def _snapshot(self, key: str, s: Session) -> None:
+        """Write the session's snapshot (the caller holds its lock: nothing changes it
+        meanwhile, so the encoding may reference its tensors)."""
+        store = self._store
+        if store is None or s.durability == "memory":
+            return
+        seq = s.seq
+
+        def write() -> None:
+            parts = persist.encode_tree_parts(s.snapshot_tree(), persist.SNAPSHOT_KEY)
+            store.write_snapshot(key, parts)
+        try:
+            await self._in_io(write)
+        except OptserveError as exc:
+            log.error("snapshot of %s failed: %s (its log still holds every operation)", key,
+                      exc.detail)
+            return
+        s.seq_at_snapshot = seq
+        s.snapshot_time = time.monotonic()
+
+    async def _maintain(self) -> None:
+        """Snapshot sessions that have logged operations for a while, heal logs a failed
+        background fsync left in doubt, and retry cutting logs a failed write left long."""
+        assert self._store is not None
+        period = max(0.5, min(self.config.snapshot_every_s, 60.0) / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                suspects = set(self._store.suspects())
+                now = time.monotonic()
+                for key in list(self._sessions):
+                    s = self._sessions.get(key)
+                    if s is None:
+                        continue
+                    due = s.seq > s.seq_at_snapshot and \
+                        now - s.snapshot_time >= self.config.snapshot_every_s
+                    if due or key in suspects:
+                        async with self._lock(key):
+                            if self._sessions.get(key) is s:
+                                await self._snapshot(key, s)
+                await self._in_io(self._store.repair)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let maintenance die
+                log.exception("store maintenance")
+
+
+def export_state_dict(s: Session) -> dict[str, Any]:
+    """The session's state dict in torch's format, copied (later steps cannot change it)."""
+    sd = state_dicts.detach_tree(s.optimizer.state_dict())
+    if s.scheduler is not None:
+        sd["scheduler"] = state_dicts.detach_tree(s.scheduler.state_dict())
+    return dict(sd)
+
+
+def replay_answer(s: Session, op: Operation, hit: dict[str, Any], want_params: bool) -> Any:
+    """The answer to a repeated idempotency key, from what the table kept (no tensors): a step
+    returns the session's current parameters (with their version), other operations the
+    session as it is now."""
+    if isinstance(op, Step):
+        result = StepResult(int(hit["version"]), int(hit["step"]),
+                            [_float(x) for x in hit["lr"]], skipped=bool(hit.get("skipped")),
+                            nonfinite=list(hit.get("nonfinite", [])), sync=hit.get("sync"),
+                            staleness=hit.get("staleness"), replayed=True,
+                            params_version=s.version)
+        if want_params:
+            result.params = s.pack_params()
+        return result
+    if op.kind in ("push", "zero_grad"):
+        return GradsResult(int(hit["version"]), int(hit["step"]), list(hit["accumulated"]),
+                           replayed=True)
+    if op.kind == "scheduler_step":
+        return SchedulerResult(int(hit["version"]), int(hit["step"]),
+                               [_float(x) for x in hit["lr"]], hit.get("last_epoch"),
+                               replayed=True)
+    if isinstance(op, Overwrite):
+        names = [n for n in op.params if n in s.params]
+        return ParamsResult(s.version, s.step_count, s.lrs(), s.pack_params(names),
+                            replayed=True)
+    info = s.describe()
+    info.replayed = True
+    return info
+
+
+def _float(x: Any) -> float:
+    if isinstance(x, dict):
+        return {"inf": float("inf"), "-inf": float("-inf")}.get(x.get("$float", ""),
+                                                                 float("nan"))
+    return float(x)

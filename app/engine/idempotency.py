@@ -1,0 +1,70 @@
+"""Exactly-once under retries: a session remembers the ``Idempotency-Key`` of its last
+operations with the answer each got.
+
+A key travels in the operation's log record, so the table is rebuilt by replay (and kept in
+snapshots): a repeat is answered, not applied again, also after a restart. The answer kept is
+the operation's scalar result (never tensors: a replayed step returns the session's current
+parameters, with their version). A repeat with another request fingerprint is a 422.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Any
+
+from app.errors import Invalid
+
+KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
+DEFAULT_WINDOW = 1000
+
+
+def check_key(key: str) -> str:
+    if not KEY_RE.fullmatch(key):
+        raise Invalid("Idempotency-Key must be 1-255 printable ASCII characters without spaces",
+                      code="invalid_idempotency_key", field="Idempotency-Key")
+    return key
+
+
+class IdempotencyTable:
+    """The last ``window`` keys of one session: key -> (fingerprint, result as JSON)."""
+
+    def __init__(self, window: int = DEFAULT_WINDOW) -> None:
+        self.window = window
+        self._entries: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, key: str, fingerprint: str) -> dict[str, Any] | None:
+        """The recorded answer of ``key``, or None; 422 when the key came with another
+        request."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] != fingerprint:
+            raise Invalid("this Idempotency-Key was already used for a different request; use "
+                          "a fresh key for every new operation",
+                          code="idempotency_key_reused", field="Idempotency-Key")
+        return entry[1]
+
+    def remember(self, key: str, fingerprint: str, result: dict[str, Any]) -> None:
+        self._entries[key] = (fingerprint, result)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.window:
+            self._entries.popitem(last=False)
+
+    def to_json(self) -> list[list[Any]]:
+        return [[k, fp, result] for k, (fp, result) in self._entries.items()]
+
+    @classmethod
+    def from_json(cls, data: Any, window: int = DEFAULT_WINDOW) -> IdempotencyTable:
+        table = cls(window)
+        for k, fp, result in data or []:
+            table.remember(str(k), str(fp), dict(result))
+        return table
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IdempotencyTable) and self._entries == other._entries
+
+    __hash__ = None  # type: ignore[assignment]

@@ -1,0 +1,71 @@
+"""The operation model: every mutation of a session is one typed value.
+
+An :class:`Operation` holds its arguments as plain data and tensors, and in one place:
+
+- ``check(session)``: every validation, touching nothing; returns a *plan* for ``apply``;
+- ``apply(session, plan)``: the change itself; when it raises, the session is as it was
+  (cheap undo of small state), or the op raises :class:`ApplyFailed` and the host restores the
+  session from its store;
+- ``to_tree()`` / ``from_tree()``: its log record (the arguments, nothing computed).
+
+The write-ahead log is a sequence of these values; replay at start decodes each and runs the
+same ``check`` and ``apply`` the live request ran. A remote session host receives the same
+values. :data:`REGISTRY` maps each ``kind`` to its class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from app.engine.session import Session
+
+REGISTRY: dict[str, type[Operation]] = {}
+
+
+class ApplyFailed(Exception):
+    """``apply`` failed after it had changed tensors it cannot put back cheaply: the host
+    restores the session from its store (and cuts the operation's record from the log)."""
+
+
+@dataclass
+class Operation:
+    kind: ClassVar[str]
+    #: whether a successful apply bumps the session's version (predicted in the log record)
+    bumps_version: ClassVar[bool] = False
+
+    def check(self, session: Session) -> Any:
+        """Validate against the session as it is; change nothing. Returns the plan."""
+        return None
+
+    def apply(self, session: Session, plan: Any) -> Any:
+        raise NotImplementedError
+
+    def version_after(self, session: Session, plan: Any) -> int:
+        """The version the session will have after ``apply`` (written in the record)."""
+        return session.version + (1 if self.bumps_version else 0)
+
+    def to_tree(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_tree(cls, tree: dict[str, Any]) -> Operation:
+        raise NotImplementedError
+
+    def result_json(self, result: Any) -> dict[str, Any]:
+        """What a repeated idempotency key is answered with (no tensors)."""
+        to_json = getattr(result, "to_json", None) or getattr(result, "scalars", None)
+        return dict(to_json()) if to_json is not None else {}
+
+
+def register(cls: type[Operation]) -> type[Operation]:
+    REGISTRY[cls.kind] = cls
+    return cls
+
+
+def decode(kind: str, tree: dict[str, Any]) -> Operation:
+    cls = REGISTRY.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown logged operation {kind!r}")
+    return cls.from_tree(tree)

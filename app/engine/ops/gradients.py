@@ -1,0 +1,185 @@
+"""Operations on gradients: ``step``, ``push`` (accumulate) and ``zero_grad``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from app.engine import ps, schedulers
+from app.engine.interface import GradsResult, StepResult, Tensors
+from app.engine.ops.base import ApplyFailed, Operation, register
+from app.engine.session import Session
+from app.errors import Conflict, Invalid
+
+
+def staleness_of(s: Session, base_version: int) -> int:
+    """How many versions old gradients computed at ``base_version`` are; 409 past
+    ``max_staleness``."""
+    if not 0 <= base_version <= s.version:
+        raise Invalid(f"base version {base_version} is not a version of this session "
+                      f"(it is at version {s.version})", code="invalid_base_version",
+                      field="base_version", current_version=s.version)
+    staleness = s.version - base_version
+    bound = s.ps.max_staleness
+    if bound is not None and staleness > bound:
+        note = ps.staleness_note(base_version, s.version, bound)
+        raise Conflict(f"stale gradients refused: {note}; pull the parameters and push again",
+                       code="stale_gradient", field="base_version",
+                       current_version=s.version, base_version=base_version,
+                       staleness=staleness, max_staleness=bound)
+    return staleness
+
+
+@dataclass
+class StepPlan:
+    total: Tensors
+    nonfinite: list[str]
+    skip: bool
+    staleness: int | None
+    lr_div: float | None
+
+
+@register
+@dataclass
+class Step(Operation):
+    """Set each parameter's ``.grad`` to the pushed gradient plus anything accumulated, call
+    ``optimizer.step()``, step the scheduler when it steps per optimizer step, clear the
+    gradients, bump the version."""
+
+    kind = "step"
+    bumps_version = True
+    grads: Tensors
+    #: the version the gradients were computed from (async parameter server)
+    base_version: int | None = None
+    #: first-format records only: the staleness divisor they logged
+    lr_div: float | None = None
+
+    def check(self, s: Session) -> StepPlan:
+        s.check_tensors(self.grads, "grads")
+        staleness, lr_div = None, self.lr_div
+        if self.base_version is not None:
+            staleness = staleness_of(s, self.base_version)
+            if lr_div is None and s.ps.staleness_lr == "inverse" and staleness > 0:
+                lr_div = 1.0 + staleness
+        if lr_div is not None and not (math.isfinite(lr_div) and lr_div >= 1.0):
+            raise Invalid("lr_div must be a finite number >= 1", code="invalid_option",
+                          field="lr_div")
+        grads = s.on_device(self.grads)
+        total: Tensors = {}
+        for name in s.params:
+            a, g = s.accum.get(name), grads.get(name)
+            if a is not None and g is not None:
+                total[name] = a + g
+            elif a is not None:
+                total[name] = a
+            elif g is not None:
+                total[name] = g
+        bad = s.nonfinite_names(total)
+        if bad and s.nonfinite == "reject":
+            s.reject_nonfinite(bad, "grads")
+        skip = bool(bad) and s.nonfinite == "skip"
+        if not skip:
+            s.check_group_scalars()
+            if s.steps_scheduler():
+                assert s.scheduler is not None
+                schedulers.dry_run(s.optimizer, s.scheduler, None)
+        return StepPlan(total, bad, skip, staleness, lr_div)
+
+    def version_after(self, s: Session, plan: StepPlan) -> int:
+        return s.version if plan.skip else s.version + 1
+
+    def apply(self, s: Session, plan: StepPlan) -> StepResult:
+        if plan.skip:
+            s.accum.clear()
+            return StepResult(s.version, s.step_count, s.lrs(), skipped=True,
+                              nonfinite=plan.nonfinite, staleness=plan.staleness)
+        groups = s.optimizer.param_groups
+        for name, p in s.params.items():
+            p.grad = plan.total.get(name)
+        saved_lrs = [group["lr"] for group in groups]
+        try:
+            if plan.lr_div is not None:
+                for group in groups:
+                    group["lr"] = group["lr"] / plan.lr_div
+            s.optimizer.step()
+        except BaseException as exc:
+            raise ApplyFailed(f"optimizer.step() raised {type(exc).__name__}: {exc}") from exc
+        finally:
+            for group, lr in zip(groups, saved_lrs, strict=True):
+                group["lr"] = lr
+            for p in s.params.values():
+                p.grad = None
+        if s.steps_scheduler():
+            assert s.scheduler is not None
+            try:
+                s.scheduler.step()
+            except BaseException as exc:
+                raise ApplyFailed(f"the scheduler's step() raised {type(exc).__name__}: "
+                                  f"{exc}") from exc
+        s.accum.clear()
+        s.version += 1
+        s.step_count += 1
+        return StepResult(s.version, s.step_count, s.lrs(), nonfinite=plan.nonfinite,
+                          staleness=plan.staleness)
+
+    def to_tree(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"grads": self.grads}
+        if self.base_version is not None:
+            out["base_version"] = self.base_version
+        if self.lr_div is not None:
+            out["lr_div"] = self.lr_div
+        return out
+
+    @classmethod
+    def from_tree(cls, tree: dict[str, Any]) -> Step:
+        base = tree.get("base_version")
+        lr_div = tree.get("lr_div")
+        return cls(dict(tree["grads"]), None if base is None else int(base),
+                   None if lr_div is None else float(lr_div))
+
+
+@register
+@dataclass
+class Push(Operation):
+    """Add gradients into the accumulator (several pushes make one step)."""
+
+    kind = "push"
+    grads: Tensors
+
+    def check(self, s: Session) -> Tensors:
+        return s.check_grads(self.grads)
+
+    def apply(self, s: Session, plan: Tensors) -> GradsResult:
+        # out of place: a failure half-way leaves the accumulator as it was
+        summed = {n: (s.accum[n] + g if n in s.accum else g) for n, g in plan.items()}
+        s.accum.update(summed)
+        return GradsResult(s.version, s.step_count, sorted(s.accum))
+
+    def to_tree(self) -> dict[str, Any]:
+        return {"grads": self.grads}
+
+    @classmethod
+    def from_tree(cls, tree: dict[str, Any]) -> Push:
+        return cls(dict(tree["grads"]))
+
+
+@register
+@dataclass
+class ZeroGrad(Operation):
+    """Clear the accumulator."""
+
+    kind = "zero_grad"
+
+    def apply(self, s: Session, plan: Any) -> GradsResult:
+        s.accum.clear()
+        return GradsResult(s.version, s.step_count, [])
+
+    def to_tree(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_tree(cls, tree: dict[str, Any]) -> ZeroGrad:
+        return cls()
+
+

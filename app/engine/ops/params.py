@@ -1,0 +1,171 @@
+"""Operations on parameters and param groups: ``overwrite``, ``add_group``, ``update_group``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from app.engine import optimizers, schedulers
+from app.engine.interface import GroupSpec, ParamsResult, SessionInfo, Tensors
+from app.engine.ops.base import Operation, register
+from app.engine.session import Session, check_param_name, check_param_tensor
+from app.errors import Invalid
+
+_PROBE_NAME = "__optserve_probe__"
+
+
+@register
+@dataclass
+class Overwrite(Operation):
+    """Copy new values into parameters (``PUT .../params``)."""
+
+    kind = "overwrite"
+    bumps_version = True
+    params: Tensors
+
+    def check(self, s: Session) -> Tensors:
+        if not self.params:
+            raise Invalid("give at least one parameter", code="invalid_params", field="params")
+        s.check_tensors(self.params, "params")
+        on_device = s.on_device(self.params)
+        bad = s.nonfinite_names(on_device)
+        if bad and s.nonfinite != "allow":
+            raise Invalid(f"non-finite values in {', '.join(map(repr, bad[:20]))}",
+                          code="nonfinite_parameter", field=f"params.{bad[0]}", names=bad)
+        return on_device
+
+    def apply(self, s: Session, plan: Tensors) -> ParamsResult:
+        with torch.no_grad():
+            for name, t in plan.items():
+                s.params[name].copy_(t)
+        s.version += 1
+        return ParamsResult(s.version, s.step_count, s.lrs(), s.pack_params(list(plan)))
+
+    def to_tree(self) -> dict[str, Any]:
+        return {"params": self.params}
+
+    @classmethod
+    def from_tree(cls, tree: dict[str, Any]) -> Overwrite:
+        return cls(dict(tree["params"]))
+
+
+@dataclass
+class GroupPlan:
+    options: dict[str, Any]
+    params: Tensors
+
+
+@register
+@dataclass
+class AddParamGroup(Operation):
+    """``optimizer.add_param_group``: new named parameters with options of their own."""
+
+    kind = "add_group"
+    params: Tensors
+    options: dict[str, Any]
+
+    def check(self, s: Session) -> GroupPlan:
+        index = len(s.optimizer.param_groups)
+        where = f"param_groups.{index}"
+        opts = optimizers.normalize_options(s.cls, self.options, where)
+        if not self.params:
+            raise Invalid("a param group needs at least one parameter", code="invalid_params",
+                          field=f"{where}.params")
+        for name, t in self.params.items():
+            check_param_name(name, f"{where}.params")
+            if name in s.params:
+                raise Invalid(f"parameter {name!r:.60} is already in this session",
+                              code="invalid_params", field=f"{where}.params.{name}")
+            check_param_tensor(name, t, f"{where}.params.{name}")
+        dtype = next(iter(self.params.values())).dtype
+        fields = {k: f"{where}.{k}" for k in opts}
+        optimizers.probe(s.cls, s.defaults, [*s.group_options(), opts],
+                         [*s.group_dtypes(), dtype], s.device, fields, where, check=[index])
+        optimizers.check_overflow({**s.defaults, **opts}, dtype, where)
+        if s.scheduler is not None:
+            _scheduler_takes_group(s, opts, dtype, where)
+        tensors = {n: t.detach().to(device=s.device, copy=True).contiguous()
+                   for n, t in self.params.items()}
+        return GroupPlan(opts, tensors)
+
+    def apply(self, s: Session, plan: GroupPlan) -> SessionInfo:
+        named = list(plan.params.items())
+        try:
+            s.optimizer.add_param_group({"params": named, **plan.options})
+        except optimizers.TORCH_ERRORS as exc:  # torch checks before it appends anything
+            raise Invalid(str(exc), code="invalid_option",
+                          field=f"param_groups.{len(s.optimizer.param_groups)}") from None
+        s.params.update(plan.params)
+        s.group_spec_options.append(dict(self.options))
+        return s.describe()
+
+    def to_tree(self) -> dict[str, Any]:
+        return {"params": self.params, "options": self.options}
+
+    @classmethod
+    def from_tree(cls, tree: dict[str, Any]) -> AddParamGroup:
+        return cls(dict(tree["params"]), dict(tree["options"]))
+
+    def group(self) -> GroupSpec:
+        return GroupSpec(self.params, self.options)
+
+
+def _scheduler_takes_group(s: Session, opts: dict[str, Any], dtype: torch.dtype,
+                           where: str) -> None:
+    """Refuse a group the session's scheduler could not step with (CyclicLR, OneCycleLR and
+    others keep per-group lists sized at construction: torch would raise at the next step)."""
+    assert s.scheduler is not None
+    placeholder = torch.zeros(1, dtype=dtype, device=s.device)
+    groups = s.optimizer.param_groups
+    groups.append({**s.defaults, **opts, "params": [placeholder], "param_names": [_PROBE_NAME]})
+    try:
+        schedulers.dry_run(s.optimizer, s.scheduler, None, field=where)
+    except Invalid as exc:
+        raise Invalid(f"the session's scheduler ({type(s.scheduler).__name__}) cannot take a "
+                      f"new param group: {exc.detail}", code="scheduler_incompatible",
+                      field=where) from None
+    finally:
+        groups.pop()
+        s.optimizer.state.pop(placeholder, None)
+
+
+@register
+@dataclass
+class UpdateParamGroup(Operation):
+    """Change one group's options (``PATCH .../param_groups/{i}``), validated with torch's own
+    constructor checks on the whole resulting group."""
+
+    kind = "update_group"
+    index: int
+    options: dict[str, Any]
+
+    def check(self, s: Session) -> dict[str, Any]:
+        groups = s.optimizer.param_groups
+        if not 0 <= self.index < len(groups):
+            raise Invalid(f"param group {self.index} does not exist; this session has "
+                          f"{len(groups)}", code="unknown_param_group", field="index")
+        where = f"param_groups.{self.index}"
+        current = s.group_options()
+        opts = optimizers.normalize_options(s.cls, self.options, where, current[self.index])
+        proposed = [dict(g) for g in current]
+        proposed[self.index].update(opts)
+        # the whole resulting group is checked: name the option given, else the one torch names
+        fields = {k: f"{where}.{k}" for k in proposed[self.index]}
+        fields.update({k: f"{where}.{k}" for k in opts})
+        optimizers.probe(s.cls, s.defaults, proposed, s.group_dtypes(), s.device, fields, where,
+                         check=[self.index])
+        optimizers.check_overflow(proposed[self.index], s.group_dtypes()[self.index], where)
+        return opts
+
+    def apply(self, s: Session, plan: dict[str, Any]) -> SessionInfo:
+        s.optimizer.param_groups[self.index].update(plan)
+        return s.describe()
+
+    def to_tree(self) -> dict[str, Any]:
+        return {"index": self.index, "options": self.options}
+
+    @classmethod
+    def from_tree(cls, tree: dict[str, Any]) -> UpdateParamGroup:
+        return cls(int(tree["index"]), dict(tree["options"]))

@@ -1,0 +1,121 @@
+"""Operations on optimizer and scheduler state: ``import`` and ``scheduler_step``."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from app.engine import optimizers, schedulers, state_dicts
+from app.engine.interface import SchedulerResult, SessionInfo
+from app.engine.ops.base import Operation, register
+from app.engine.session import Session
+from app.errors import Invalid
+
+
+@register
+@dataclass
+class ImportState(Operation):
+    """Load a state dict in torch's format (optimizer state, group options, and the
+    scheduler's state), checked completely first: shapes, dtypes, every tensor owning its
+    memory, step counters, the non-finite policy, and the scheduler stepped on a copy."""
+
+    kind = "import"
+    bumps_version = True
+    state: dict[str, Any]
+
+    def check(self, s: Session) -> state_dicts.PreparedImport:
+        prepared = state_dicts.prepare_import(s, self.state)
+        if s.scheduler is not None:
+            saved = schedulers.capture(s.optimizer, s.scheduler)
+            try:
+                for group, new in zip(s.optimizer.param_groups,
+                                      prepared.optimizer["param_groups"], strict=True):
+                    group.update({k: copy.deepcopy(v) for k, v in new.items() if k != "params"})
+                if prepared.scheduler is not None:
+                    try:
+                        s.scheduler.load_state_dict(copy.deepcopy(prepared.scheduler))
+                    except optimizers.TORCH_ERRORS as exc:
+                        raise Invalid(f"the scheduler state does not load: {exc}",
+                                      code="state_mismatch",
+                                      field="state_dict.scheduler") from None
+                schedulers.dry_run(s.optimizer, s.scheduler, None, "state_dict.scheduler")
+            finally:
+                schedulers.restore(s.optimizer, s.scheduler, saved)
+        return prepared
+
+    def apply(self, s: Session, plan: state_dicts.PreparedImport) -> SessionInfo:
+        opt = s.optimizer
+        old_state, old_groups = opt.state, opt.param_groups
+        old_sched = (copy.deepcopy(s.scheduler.state_dict()) if s.scheduler is not None
+                     else None)
+        try:
+            opt.load_state_dict(plan.optimizer)
+            for group, names in zip(opt.param_groups, plan.names, strict=True):
+                group["param_names"] = names
+            if plan.scheduler is not None and s.scheduler is not None:
+                s.scheduler.load_state_dict(plan.scheduler)
+        except optimizers.TORCH_ERRORS as exc:
+            opt.state, opt.param_groups = old_state, old_groups
+            if s.scheduler is not None and old_sched is not None:
+                s.scheduler.load_state_dict(old_sched)
+            raise Invalid(f"torch refused the state dict: {exc}", code="state_mismatch",
+                          field="state_dict") from None
+        s.version += 1
+        return s.describe()
+
+    def to_tree(self) -> dict[str, Any]:
+        return {"state": self.state}
+
+    @classmethod
+    def from_tree(cls, tree: dict[str, Any]) -> ImportState:
+        return cls(dict(tree["state"]))
+
+
+@register
+@dataclass
+class SchedulerStep(Operation):
+    """Step the scheduler by hand (with a metric for ReduceLROnPlateau)."""
+
+    kind = "scheduler_step"
+    metric: float | None = None
+
+    def check(self, s: Session) -> None:
+        if s.scheduler is None or s.scheduler_spec is None:
+            raise Invalid("this session has no scheduler", code="no_scheduler",
+                          field="scheduler")
+        is_plateau = s.scheduler_spec.name == "ReduceLROnPlateau"
+        if is_plateau and self.metric is None:
+            raise Invalid("ReduceLROnPlateau steps on a metric: send {\"metric\": x}",
+                          code="missing_metric", field="metric")
+        if not is_plateau and self.metric is not None:
+            raise Invalid(f"{s.scheduler_spec.name} takes no metric", code="invalid_metric",
+                          field="metric")
+        if self.metric is not None and not math.isfinite(self.metric):
+            raise Invalid("metric must be a finite number", code="invalid_metric",
+                          field="metric")
+        schedulers.dry_run(s.optimizer, s.scheduler, self.metric)
+
+    def apply(self, s: Session, plan: None) -> SchedulerResult:
+        assert s.scheduler is not None
+        saved = schedulers.capture(s.optimizer, s.scheduler)
+        try:
+            if self.metric is not None:
+                s.scheduler.step(self.metric)
+            else:
+                s.scheduler.step()
+        except optimizers.TORCH_ERRORS as exc:  # the dry run makes this unreachable
+            schedulers.restore(s.optimizer, s.scheduler, saved)
+            raise Invalid(f"the scheduler cannot step: {exc}", code="scheduler_failed",
+                          field="scheduler") from None
+        return SchedulerResult(s.version, s.step_count, s.lrs(),
+                               getattr(s.scheduler, "last_epoch", None))
+
+    def to_tree(self) -> dict[str, Any]:
+        return {"metric": self.metric}
+
+    @classmethod
+    def from_tree(cls, tree: dict[str, Any]) -> SchedulerStep:
+        metric = tree.get("metric")
+        return cls(None if metric is None else float(metric))

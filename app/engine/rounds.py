@@ -1,0 +1,194 @@
+"""Synchronous rounds of a parameter-server session, kept by the session's host.
+
+Each worker's push is checked against the session, then waits in the open round; when K
+distinct workers have pushed (or the timeout applies the partial round), the host reduces the
+pushes (:func:`app.engine.ps.reduce`) and applies ONE ``step`` operation with the reduced
+gradients; every waiter gets its result. Rounds live where the session lives (not in an HTTP
+front), so workers of one round may talk to different fronts. Rounds are not persisted: a round
+open at a crash was never acknowledged, and its workers' retries (same idempotency keys) form
+the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.engine import ps
+from app.engine.interface import IdemKey, StepResult, Tensors
+from app.errors import Conflict, Invalid, OptserveError
+
+
+@dataclass(eq=False)
+class Round:
+    """Pushes gathered for the next synchronous step, and the requests waiting for it."""
+
+    pushes: dict[str, Tensors] = field(default_factory=dict)
+    waiters: dict[str, asyncio.Future[StepResult]] = field(default_factory=dict)
+    keys: dict[str, IdemKey] = field(default_factory=dict)  # worker -> its idempotency key
+    reserved: set[str] = field(default_factory=set)  # pushes being checked
+    want_params: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def fail(self, exc: BaseException) -> None:
+        self.cancel_timer()
+        for fut in self.waiters.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def settle(self, result: StepResult) -> None:
+        for fut in self.waiters.values():
+            if not fut.done():
+                fut.set_result(result)
+
+
+#: applies a closed round on the device: (session key, the pushes by worker, how to reduce
+#: them, the workers' idempotency keys, want params, the round's ``sync`` answer)
+ApplyRound = Callable[[str, dict[str, Tensors], ps.Reduce, list[IdemKey], bool,
+                       dict[str, Any]], Awaitable[StepResult]]
+#: checks one push against the session: (key, grads, base version) -> grads on the device
+CheckPush = Callable[[str, Tensors, int | None], Awaitable[Tensors]]
+
+
+class SyncRounds:
+    """The open rounds of every sync session of one host."""
+
+    def __init__(self, apply_round: ApplyRound, check_push: CheckPush) -> None:
+        self._apply_round = apply_round
+        self._check_push = check_push
+        self._configs: dict[str, ps.SyncConfig] = {}
+        self._rounds: dict[str, Round] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def config(self, key: str) -> ps.SyncConfig | None:
+        return self._configs.get(key)
+
+    def pending(self, key: str) -> list[str] | None:
+        if key not in self._configs:
+            return None
+        rnd = self._rounds.get(key)
+        return sorted(rnd.pushes) if rnd else []
+
+    def set(self, key: str, config: ps.SyncConfig | None) -> None:
+        """Take a session's sync configuration (create, restore, configure)."""
+        if config is None:
+            self._configs.pop(key, None)
+            rnd = self._rounds.get(key)
+            if rnd is not None and rnd.pushes:
+                self._close(key, partial=True)  # sync turned off: nothing lost
+            return
+        self._configs[key] = config
+        rnd = self._rounds.get(key)
+        if rnd is not None and len(rnd.pushes) >= config.workers:
+            self._close(key, partial=False)  # K lowered: the round is complete
+
+    def drop(self, key: str, exc: OptserveError) -> None:
+        """The session is gone: fail its open round."""
+        self._configs.pop(key, None)
+        rnd = self._rounds.pop(key, None)
+        if rnd is not None:
+            rnd.fail(exc)
+
+    async def stop(self) -> None:
+        for rnd in self._rounds.values():
+            rnd.fail(Conflict("the server is shutting down; this round's gradients were "
+                              "discarded", code="round_aborted"))
+        self._rounds.clear()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def push(self, key: str, worker: str | None, grads: Tensors, base_version: int | None,
+                   idem: IdemKey | None, want_params: bool) -> StepResult:
+        """This worker's push into the open round; waits for the round's step."""
+        config = self._configs[key]
+        if worker is None:
+            raise Invalid("this session steps in synchronous rounds: name the worker in the "
+                          "X-Optserve-Worker header", code="missing_worker",
+                          field="X-Optserve-Worker")
+        rnd = self._rounds.setdefault(key, Round())
+        if worker in rnd.pushes or worker in rnd.reserved:
+            joined = rnd.keys.get(worker)
+            if idem is not None and joined == idem and worker in rnd.waiters:
+                # a retry of this very push: wait for the same step
+                return _for(await asyncio.shield(rnd.waiters[worker]), want_params)
+            raise Conflict(f"worker {worker!r} already pushed to this round; wait for its step",
+                           code="duplicate_push", field="X-Optserve-Worker", worker=worker)
+        rnd.reserved.add(worker)
+        try:
+            checked = await self._check_push(key, grads, base_version)
+        finally:
+            rnd.reserved.discard(worker)
+        config = self._configs.get(key) or config
+        if key not in self._configs:  # sync turned off (or deleted) meanwhile
+            raise Conflict("the session left synchronous mode while this push was checked; "
+                           "push again", code="round_aborted")
+        rnd = self._rounds.setdefault(key, Round())  # the same one unless it closed meanwhile
+        if worker in rnd.pushes:
+            raise Conflict(f"worker {worker!r} already pushed to this round; wait for its step",
+                           code="duplicate_push", field="X-Optserve-Worker", worker=worker)
+        waiter: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        rnd.pushes[worker] = checked
+        rnd.waiters[worker] = waiter
+        if idem is not None:
+            rnd.keys[worker] = idem
+        rnd.want_params = rnd.want_params or want_params
+        if rnd.timer is None:
+            rnd.timer = asyncio.get_running_loop().call_later(
+                config.timeout_s, self._timeout, key, rnd)
+        if len(rnd.pushes) >= config.workers:
+            self._close(key, partial=False)
+        return _for(await asyncio.shield(waiter), want_params)
+
+    def _close(self, key: str, *, partial: bool) -> None:
+        """Take the open round out (new pushes start the next one) and step it."""
+        rnd = self._rounds.pop(key)
+        rnd.cancel_timer()
+        task = asyncio.create_task(self._apply(key, rnd, partial))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _apply(self, key: str, rnd: Round, partial: bool) -> None:
+        config = self._configs.get(key)
+        expected = config.workers if config else len(rnd.pushes)
+        reduce = config.reduce if config else "mean"
+        sync = {"workers": sorted(rnd.pushes), "expected": expected, "partial": partial}
+        try:
+            result = await self._apply_round(key, rnd.pushes, reduce, list(rnd.keys.values()),
+                                             rnd.want_params, sync)
+        except BaseException as exc:
+            rnd.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        rnd.settle(result)
+
+    def _timeout(self, key: str, rnd: Round) -> None:
+        if self._rounds.get(key) is not rnd:
+            return
+        rnd.timer = None
+        config = self._configs[key]
+        if config.on_timeout == "apply_partial":
+            self._close(key, partial=True)
+            return
+        del self._rounds[key]
+        arrived = sorted(rnd.pushes)
+        rnd.fail(Conflict(f"the round timed out after {config.timeout_s:g} s with "
+                          f"{len(arrived)} of {config.workers} workers ({', '.join(arrived)}); "
+                          "its gradients were discarded (on_timeout: fail)",
+                          code="round_timeout", workers=arrived, expected=config.workers,
+                          timeout_s=config.timeout_s))
+
+
+def _for(result: StepResult, want_params: bool) -> StepResult:
+    """The round's result as one worker asked for it (with or without the parameters)."""
+    if not want_params and result.params is not None:
+        return dataclasses.replace(result, params=None)
+    return result

@@ -1,0 +1,486 @@
+"""Random sequences of every operation, with restarts, checked after every step.
+
+A hypothesis ``RuleBasedStateMachine`` drives one session through three hands at once:
+
+- the **engine** under test: durability ``step`` on a data directory, restarted at random
+  points, gracefully (snapshot on the way out) or by a simulated crash (nothing snapshotted,
+  sometimes with a torn record left at the end of the log), snapshotting every few records;
+- a **twin**: the same engine kind that keeps everything in memory and never restarts;
+- a **mirror**: a plain in-process ``torch.optim`` optimizer and ``lr_scheduler`` to which
+  every operation the engine accepted is applied by hand.
+
+Rules cover every operation (step, push, zero_grad, overwrite, add_param_group,
+update_param_group, scheduler_step, import_state, configure), including inputs that must be
+refused. After every rule: engine and twin agree bitwise (params, state dict, description) and
+with the mirror (params, optimizer state, lr, version, step); a refused operation changed
+nothing. Every optimizer is run with sampled schedulers and every scheduler (nested ones
+included) with sampled optimizers.
+
+The CI run is bounded and reproducible (derandomized, a fixed number of examples); a longer run::
+
+    OPTSERVE_STATEFUL_EXAMPLES=200 .venv/bin/python -m pytest \
+        tests/unit/test_operations_stateful.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from app.engine import CreateSpec, Front, GroupSpec, embedded_engine, optimizers, persist
+from app.engine.ops import Step
+from app.engine.store import frame_record
+from app.errors import OptserveError
+
+T = TypeVar("T")
+EXAMPLES = int(os.environ.get("OPTSERVE_STATEFUL_EXAMPLES", "3"))
+STEPS = int(os.environ.get("OPTSERVE_STATEFUL_STEPS", "18"))
+#: what the runs covered, printed at the end of the test session (tests/conftest.py)
+STATS: Counter[str] = Counter()
+
+SHAPES = {"w": (3, 2), "b": (2, 2)}
+EXTRA_SHAPE = (2, 3)
+SCHEDULERS: dict[str, dict[str, Any] | None] = {
+    "none": None,
+    "StepLR": {"name": "StepLR", "options": {"step_size": 2, "gamma": 0.5}},
+    "MultiStepLR": {"name": "MultiStepLR", "options": {"milestones": [2, 4], "gamma": 0.5}},
+    "ConstantLR": {"name": "ConstantLR", "options": {"factor": 0.5, "total_iters": 3}},
+    "LinearLR": {"name": "LinearLR", "options": {"start_factor": 0.5, "total_iters": 3}},
+    "ExponentialLR": {"name": "ExponentialLR", "options": {"gamma": 0.9}},
+    "PolynomialLR": {"name": "PolynomialLR", "options": {"total_iters": 4, "power": 2.0}},
+    "CosineAnnealingLR": {"name": "CosineAnnealingLR", "options": {"T_max": 5}},
+    "CosineAnnealingWarmRestarts": {"name": "CosineAnnealingWarmRestarts",
+                                    "options": {"T_0": 3}},
+    "CyclicLR": {"name": "CyclicLR", "options": {"base_lr": 0.001, "max_lr": 0.01,
+                                                 "step_size_up": 2, "cycle_momentum": False}},
+    "OneCycleLR": {"name": "OneCycleLR", "options": {"max_lr": 0.01, "total_steps": 5,
+                                                     "cycle_momentum": False}},
+    "ReduceLROnPlateau": {"name": "ReduceLROnPlateau", "step_on": "manual",
+                          "options": {"patience": 0, "factor": 0.5}},
+    "SequentialLR": {"name": "SequentialLR", "options": {"milestones": [2], "schedulers": [
+        {"name": "LinearLR", "options": {"start_factor": 0.5, "total_iters": 2}},
+        {"name": "CosineAnnealingLR", "options": {"T_max": 4}}]}},
+    "ChainedScheduler": {"name": "ChainedScheduler", "options": {"schedulers": [
+        {"name": "ExponentialLR", "options": {"gamma": 0.9}},
+        {"name": "StepLR", "options": {"step_size": 2, "gamma": 0.5}}]}},
+}
+
+
+def seeded(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def torch_scheduler(spec: dict[str, Any], opt: torch.optim.Optimizer) -> Any:
+    """The mirror's scheduler, made with torch's own classes."""
+    cls = getattr(torch.optim.lr_scheduler, spec["name"])
+    options = dict(spec.get("options", {}))
+    if spec["name"] == "SequentialLR":
+        kids = [torch_scheduler(k, opt) for k in options.pop("schedulers")]
+        return cls(opt, schedulers=kids, **options)
+    if spec["name"] == "ChainedScheduler":
+        kids = [torch_scheduler(k, opt) for k in options.pop("schedulers")]
+        return cls(kids, optimizer=opt)
+    return cls(opt, **options)
+
+
+def same_tree(a: Any, b: Any, path: str = "") -> None:
+    """Bitwise for tensors; tuples and lists alike; NaN equals NaN."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), path
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), (
+            path, a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict), path
+        assert {str(k) for k in a} == {str(k) for k in b}, (path, a.keys(), b.keys())
+        bs = {str(k): v for k, v in b.items()}
+        for k, v in a.items():
+            same_tree(v, bs[str(k)], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), (path, a, b)
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            same_tree(x, y, f"{path}.{i}")
+    elif isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        assert math.isnan(b), path
+    else:
+        assert a == b, (path, a, b)
+
+
+class Mirror:
+    """The session as a plain in-process torch optimizer (and scheduler) sees it."""
+
+    def __init__(self, optimizer: str, options: dict[str, Any], params: dict[str, torch.Tensor],
+                 scheduler: dict[str, Any] | None) -> None:
+        self.params = {n: t.clone() for n, t in params.items()}
+        cls = getattr(torch.optim, optimizer)
+        self.opt = cls([{"params": list(self.params.items())}], **options)
+        self.spec = scheduler
+        self.sched = torch_scheduler(scheduler, self.opt) if scheduler else None
+        self.accum: dict[str, torch.Tensor] = {}
+        self.version = 0
+        self.step_count = 0
+
+    def steps_scheduler(self) -> bool:
+        return self.sched is not None and self.spec is not None and \
+            self.spec.get("step_on", "optimizer") == "optimizer"
+
+    def step(self, grads: dict[str, torch.Tensor], skipped: bool) -> None:
+        total = {}
+        for n in self.params:
+            a, g = self.accum.get(n), grads.get(n)
+            total[n] = a + g if a is not None and g is not None else (a if a is not None else g)
+        self.accum.clear()
+        if skipped:
+            return
+        for n, p in self.params.items():
+            p.grad = total[n]
+        self.opt.step()
+        for p in self.params.values():
+            p.grad = None
+        if self.steps_scheduler():
+            self.sched.step()
+        self.version += 1
+        self.step_count += 1
+
+    def push(self, grads: dict[str, torch.Tensor]) -> None:
+        for n, g in grads.items():
+            self.accum[n] = self.accum[n] + g if n in self.accum else g.clone()
+
+    def lrs(self) -> list[float]:
+        return [float(g["lr"]) for g in self.opt.param_groups]
+
+
+def run(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    return loop.run_until_complete(coro)
+
+
+class SessionMachine(RuleBasedStateMachine):
+    optimizer_choices: list[str] = list(optimizers.SUPPORTED)
+    scheduler_choices: list[str] = list(SCHEDULERS)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.dir = Path(tempfile.mkdtemp(prefix="optserve-stateful-"))
+        self.engine: Front | None = None
+        self.twin: Front | None = None
+        self.mirror: Mirror | None = None
+        self.sid = "m"
+        self.extra_groups = 0
+        self.seed = 0
+
+    # ------------------------------------------------------------------ plumbing
+    def _start_engine(self) -> Front:
+        eng = embedded_engine("cpu", data_dir=self.dir, durability="step",
+                              snapshot_every_steps=4, warm_up=False)
+        run(self.loop, eng.start())
+        return eng
+
+    def teardown(self) -> None:
+        for eng in (self.engine, self.twin):
+            if eng is not None:
+                run(self.loop, eng.stop(snapshot=False))
+        self.loop.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def both(self, call: Any) -> tuple[Any, Any]:
+        """Run ``call(engine)`` and ``call(twin)``: both succeed (results returned) or both
+        fail with the same code (the error returned twice); a refusal changes nothing."""
+        assert self.engine is not None and self.twin is not None
+        before = self.snapshot(self.engine)
+        results: list[Any] = []
+        for eng in (self.engine, self.twin):
+            try:
+                results.append(run(self.loop, call(eng)))
+            except OptserveError as exc:
+                results.append(exc)
+        a, b = results
+        if isinstance(a, OptserveError) or isinstance(b, OptserveError):
+            assert isinstance(a, OptserveError) and isinstance(b, OptserveError), (a, b)
+            assert (a.code, a.status) == (b.code, b.status), (a.detail, b.detail)
+            assert a.status < 500, a.detail
+            same_tree(self.snapshot(self.engine), before, "refused")
+            STATS[f"refused {a.code}"] += 1
+        return a, b
+
+    def snapshot(self, eng: Front) -> dict[str, Any]:
+        params = run(self.loop, eng.pull(self.sid, None))
+        state = run(self.loop, eng.export_state(self.sid))
+        info = run(self.loop, eng.describe(self.sid)).to_json()
+        info.pop("durability")
+        return {"params": dict(params.params), "state": state.state_dict, "info": info}
+
+    def grads(self, names: list[str], seed: int, nan: bool) -> dict[str, torch.Tensor]:
+        assert self.mirror is not None
+        out = {n: seeded(tuple(self.mirror.params[n].shape), seed + i)
+               for i, n in enumerate(names)}
+        if nan and names:
+            out[names[0]][0, 0] = float("nan")
+        return out
+
+    # ------------------------------------------------------------------ create
+    @initialize(data=st.data())
+    def create(self, data: st.DataObject) -> None:
+        optimizer = data.draw(st.sampled_from(self.optimizer_choices), "optimizer")
+        sched_name = data.draw(st.sampled_from(self.scheduler_choices), "scheduler")
+        nonfinite = data.draw(st.sampled_from(["reject", "skip"]), "nonfinite")
+        scheduler = SCHEDULERS[sched_name]
+        params = {n: seeded(s, i) for i, (n, s) in enumerate(SHAPES.items())}
+        options = {"lr": 0.01}
+        self.engine = self._start_engine()
+        self.twin = embedded_engine("cpu", warm_up=False)
+        run(self.loop, self.twin.start())
+        spec = CreateSpec(optimizer, [GroupSpec(dict(params))], dict(options),
+                          scheduler=copy.deepcopy(scheduler), id=self.sid, nonfinite=nonfinite)
+        for eng in (self.engine, self.twin):
+            run(self.loop, eng.create(copy.deepcopy(spec)))
+        self.mirror = Mirror(optimizer, options, params, scheduler)
+        STATS["sessions"] += 1
+        STATS[f"optimizer {optimizer}"] += 1
+        STATS[f"scheduler {sched_name}"] += 1
+
+    # ------------------------------------------------------------------ gradients
+    @rule(names=st.lists(st.sampled_from(list(SHAPES)), unique=True), seed=st.integers(0, 999),
+          nan=st.booleans())
+    def step(self, names: list[str], seed: int, nan: bool) -> None:
+        assert self.mirror is not None
+        names = [n for n in names if n in self.mirror.params]
+        g = self.grads(names, seed, nan)
+        a, _ = self.both(lambda e: e.step(self.sid, {k: v.clone() for k, v in g.items()},
+                                          return_params=True))
+        STATS["op step"] += 1
+        if not isinstance(a, OptserveError):
+            self.mirror.step(g, a.skipped)
+            same_tree(a.lr, self.mirror.lrs(), "step lr")
+            same_tree(dict(a.params), self.mirror.params, "step params")
+
+    @rule(names=st.lists(st.sampled_from(list(SHAPES)), min_size=1, unique=True),
+          seed=st.integers(0, 999), nan=st.booleans())
+    def push(self, names: list[str], seed: int, nan: bool) -> None:
+        assert self.mirror is not None
+        g = self.grads(names, seed, nan)
+        a, _ = self.both(lambda e: e.push(self.sid, {k: v.clone() for k, v in g.items()}))
+        STATS["op push"] += 1
+        if not isinstance(a, OptserveError):
+            self.mirror.push(g)
+
+    @rule()
+    def zero_grad(self) -> None:
+        assert self.mirror is not None
+        self.both(lambda e: e.zero_grad(self.sid))
+        self.mirror.accum.clear()
+        STATS["op zero_grad"] += 1
+
+    # ------------------------------------------------------------------ parameters and groups
+    @rule(name=st.sampled_from(list(SHAPES)), seed=st.integers(0, 999),
+          bad=st.sampled_from(["", "", "shape", "nan", "unknown"]))
+    def overwrite(self, name: str, seed: int, bad: str) -> None:
+        assert self.mirror is not None
+        value = seeded(tuple(self.mirror.params[name].shape), seed)
+        if bad == "shape":
+            value = seeded((7,), seed)
+        elif bad == "nan":
+            value[0, 0] = float("nan")
+        target = "nope" if bad == "unknown" else name
+        a, _ = self.both(lambda e: e.overwrite(self.sid, {target: value.clone()}))
+        STATS["op overwrite"] += 1
+        if bad:
+            assert isinstance(a, OptserveError)
+        if not isinstance(a, OptserveError):
+            with torch.no_grad():
+                self.mirror.params[name].copy_(value)
+            self.mirror.version += 1
+
+    @precondition(lambda self: self.extra_groups < 2)
+    @rule(seed=st.integers(0, 999), lr=st.sampled_from([0.02, 0.005, -1.0]))
+    def add_group(self, seed: int, lr: float) -> None:
+        assert self.mirror is not None
+        name = f"g{self.extra_groups}"
+        value = seeded(EXTRA_SHAPE, seed)
+        a, _ = self.both(lambda e: e.add_param_group(self.sid, GroupSpec({name: value.clone()},
+                                                                         {"lr": lr})))
+        STATS["op add_group"] += 1
+        if lr < 0:
+            assert isinstance(a, OptserveError) and a.code == "invalid_option"
+        if isinstance(a, OptserveError):
+            if a.code == "scheduler_incompatible":  # torch itself would fail at the next step
+                probe = copy.deepcopy(self.mirror)
+                probe.params[name] = value.clone()
+                probe.opt.add_param_group({"params": [(name, probe.params[name])], "lr": lr})
+                with pytest.raises(Exception):  # noqa: B017 - whatever torch raises
+                    probe.sched.step()
+            return
+        self.mirror.params[name] = value.clone()
+        self.mirror.opt.add_param_group({"params": [(name, self.mirror.params[name])],
+                                         "lr": lr})
+        self.extra_groups += 1
+
+    @rule(index=st.integers(0, 2), lr=st.sampled_from([0.05, 0.001, -0.5, 1e39, math.inf]))
+    def patch_group(self, index: int, lr: float) -> None:
+        assert self.mirror is not None
+        value: Any = {"$float": "inf"} if math.isinf(lr) else lr
+        a, _ = self.both(lambda e: e.update_param_group(self.sid, index, {"lr": value}))
+        STATS["op update_group"] += 1
+        if index >= len(self.mirror.opt.param_groups) or lr < 0 or lr == 1e39:
+            assert isinstance(a, OptserveError), lr  # 1e39 overflows float32
+            return
+        if not isinstance(a, OptserveError):
+            self.mirror.opt.param_groups[index]["lr"] = lr
+
+    # ------------------------------------------------------------------ scheduler and state
+    @rule(metric=st.sampled_from([None, 1.0, 2.0, 0.5]))
+    def scheduler_step(self, metric: float | None) -> None:
+        assert self.mirror is not None
+        a, _ = self.both(lambda e: e.scheduler_step(self.sid, metric))
+        STATS["op scheduler_step"] += 1
+        if not isinstance(a, OptserveError):
+            assert self.mirror.sched is not None
+            if metric is not None:
+                self.mirror.sched.step(metric)
+            else:
+                self.mirror.sched.step()
+            same_tree(a.lr, self.mirror.lrs(), "scheduler lr")
+
+    @rule(damage=st.sampled_from(["", "", "negative-step", "nan", "shape", "step-size-0",
+                                  "fractional-step", "alias"]))
+    def import_state(self, damage: str) -> None:
+        assert self.mirror is not None and self.engine is not None
+        sd = copy.deepcopy(self.mirror.opt.state_dict())
+        if self.mirror.sched is not None:
+            sd["scheduler"] = copy.deepcopy(self.mirror.sched.state_dict())
+        state = sd["state"]
+        tensors = [(pid, k) for pid, entry in state.items() for k, v in entry.items()
+                   if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 1]
+        expect_refusal = False
+        if damage in ("negative-step", "fractional-step"):
+            steps = [(pid, k) for pid, entry in state.items() for k in entry if k == "step"]
+            if steps:
+                pid, k = steps[0]
+                value = -1.0 if damage == "negative-step" else 0.5
+                state[pid][k] = (torch.tensor(value) if isinstance(state[pid][k], torch.Tensor)
+                                 else value)
+                expect_refusal = True
+        elif damage == "nan" and tensors:
+            pid, k = tensors[0]
+            state[pid][k] = state[pid][k].clone()
+            state[pid][k].view(-1)[0] = float("nan")
+            described = run(self.loop, self.engine.describe(self.sid))
+            expect_refusal = described.nonfinite == "reject"
+        elif damage == "shape" and tensors:
+            pid, k = tensors[0]
+            state[pid][k] = torch.zeros(9)
+            expect_refusal = True
+        elif damage == "step-size-0" and sd.get("scheduler", {}).get("step_size") is not None:
+            sd["scheduler"]["step_size"] = 0
+            expect_refusal = True
+        elif damage == "alias" and len(tensors) >= 2 and tensors[0][0] == tensors[1][0]:
+            # two state tensors of one parameter sharing memory: accepted as copies
+            (pid, k1), (_, k2) = tensors[0], tensors[1]
+            state[pid][k2] = state[pid][k1]
+        a, _ = self.both(lambda e: e.import_state(self.sid, copy.deepcopy(sd)))
+        STATS["op import"] += 1
+        if expect_refusal:
+            assert isinstance(a, OptserveError), damage
+            return
+        if isinstance(a, OptserveError):
+            return
+        mirror_sd = copy.deepcopy(sd)
+        if damage == "alias" and len(tensors) >= 2:
+            pid, k2 = tensors[1]
+            mirror_sd["state"][pid][k2] = mirror_sd["state"][pid][k2].clone()  # owned copies
+        sched_sd = mirror_sd.pop("scheduler", None)
+        self.mirror.opt.load_state_dict(mirror_sd)
+        if sched_sd is not None and self.mirror.sched is not None:
+            self.mirror.sched.load_state_dict(sched_sd)
+        self.mirror.version += 1
+
+    @rule(bound=st.sampled_from([None, 3, 100]))
+    def configure(self, bound: int | None) -> None:
+        self.both(lambda e: e.configure(self.sid, {"max_staleness": bound}))
+        STATS["op configure"] += 1
+
+    # ------------------------------------------------------------------ restarts
+    @rule(torn=st.booleans())
+    def crash(self, torn: bool) -> None:
+        """Everything in memory is dropped; the data directory is reopened (a torn, never
+        acknowledged record at the end of the log when ``torn``)."""
+        assert self.engine is not None and self.mirror is not None
+        run(self.loop, self.engine.stop(snapshot=False))
+        if torn:
+            wal = self.dir / "sessions" / f"default~{self.sid}" / "wal.bin"
+            g = {n: seeded(tuple(p.shape), 4242) for n, p in self.mirror.params.items()}
+            record = frame_record(persist.encode_record(persist.Record(Step(g), 10**6, 10**6,
+                                                                       [])))
+            with open(wal, "ab") as f:
+                f.write(record[: len(record) // 2])
+        self.engine = self._start_engine()
+        assert run(self.loop, self.engine.refused()) == {}
+        STATS["restart crash" + (" torn" if torn else "")] += 1
+
+    @rule()
+    def graceful_restart(self) -> None:
+        assert self.engine is not None
+        run(self.loop, self.engine.stop())
+        self.engine = self._start_engine()
+        assert run(self.loop, self.engine.refused()) == {}
+        STATS["restart graceful"] += 1
+
+    # ------------------------------------------------------------------ the invariant
+    @invariant()
+    def agree(self) -> None:
+        if self.engine is None or self.twin is None or self.mirror is None:
+            return
+        mine, twin = self.snapshot(self.engine), self.snapshot(self.twin)
+        same_tree(mine, twin, "engine vs twin")
+        same_tree(mine["params"], self.mirror.params, "params vs torch")
+        same_tree(mine["state"]["state"], self.mirror.opt.state_dict()["state"],
+                  "optimizer state vs torch")
+        if self.mirror.sched is not None:
+            same_tree(mine["state"]["scheduler"], self.mirror.sched.state_dict(),
+                      "scheduler state vs torch")
+        info = mine["info"]
+        assert (info["version"], info["step"]) == (self.mirror.version, self.mirror.step_count)
+        same_tree([_float(x) for x in info["lr"]], self.mirror.lrs(), "lr")
+        assert info["accumulated"] == sorted(self.mirror.accum)
+        STATS["checks"] += 1
+
+
+def _float(x: Any) -> float:
+    if isinstance(x, dict):
+        return {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}[x["$float"]]
+    return float(x)
+
+
+def _machine(optimizers_: list[str], schedulers_: list[str]) -> type[SessionMachine]:
+    class Machine(SessionMachine):
+        optimizer_choices = optimizers_
+        scheduler_choices = schedulers_
+    Machine.TestCase.settings = settings(
+        max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, derandomize=True,
+        suppress_health_check=list(HealthCheck))
+    return Machine
+
+
+@pytest.mark.parametrize("optimizer", optimizers.SUPPORTED)
+def test_every_optimizer(optimizer: str) -> None:
+    _machine([optimizer], list(SCHEDULERS)).TestCase().runTest()
+
+
+@pytest.mark.parametrize("scheduler", [s for s in SCHEDULERS if s != "none"])
+def test_every_scheduler(scheduler: str) -> None:
+    _machine(list(optimizers.SUPPORTED), [scheduler]).TestCase().runTest()
+
