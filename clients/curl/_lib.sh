@@ -1,13 +1,16 @@
 # Shared by the curl examples (sourced, not run). Needs bash, curl and python3 (no jq).
 # OPTSERVE_BASE_URL: the server (default http://127.0.0.1:8000).
+# OPTSERVE_REFERENCE: the expected values (clients/js/test/make_reference.py's output, written by
+# the server's torch on this machine); unset, `reference` computes them with OPTSERVE_PYTHON
+# (default: the repository's .venv/bin/python).
 # OPTSERVE_KEEP=1 keeps the sessions the example created (deleted on exit otherwise);
 # OPTSERVE_DEBUG_KEEP_WORK=1 keeps the temporary folder of bodies and headers.
 
 BASE="${OPTSERVE_BASE_URL:-http://127.0.0.1:8000}"
 BASE="${BASE%/}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REF="${OPTSERVE_REFERENCE:-$HERE/../js/test/reference.json}"
 WORK="$(mktemp -d)"
+REF="" # the reference file, once `reference` has run
 BODY="$WORK/body"       # the last response body
 HEADERS="$WORK/headers" # the last response headers
 SESSIONS=()
@@ -43,8 +46,23 @@ call() {
   fi
 }
 
-# py CODE [args...]: run python3 with d = the last JSON body, ref = reference.json,
-# and f32bits(x) = the float32 bits of x in hex. Its stdout is the result.
+# reference: set REF to the expected values computed by in-process torch on this machine (never a
+# committed file: floats differ between CPUs): the file OPTSERVE_REFERENCE names, else a fresh run
+# of make_reference.py with the server's python. Call it before `py` code that reads `ref`.
+reference() {
+  if [[ -n "${OPTSERVE_REFERENCE:-}" ]]; then
+    [[ -s "$OPTSERVE_REFERENCE" ]] || fail "OPTSERVE_REFERENCE=$OPTSERVE_REFERENCE is not a non-empty file"
+    REF=$OPTSERVE_REFERENCE
+    return
+  fi
+  local python="${OPTSERVE_PYTHON:-$HERE/../../.venv/bin/python}"
+  REF="$WORK/expected.json"
+  "$python" "$HERE/../js/test/make_reference.py" >"$REF" \
+    || fail "cannot compute the expected values with $python (run scripts/bootstrap, or set OPTSERVE_PYTHON to the server's python or OPTSERVE_REFERENCE to a file it wrote)"
+}
+
+# py CODE [args...]: run python3 with d = the last JSON body, ref = the expected values (after
+# `reference`; None before), and f32bits(x) = the float32 bits of x in hex. Its stdout is the result.
 py() {
   local code=$1
   shift
@@ -52,7 +70,7 @@ py() {
 import json, struct, sys
 import os
 d = json.load(open(sys.argv[1])) if os.path.exists(sys.argv[1]) and os.path.getsize(sys.argv[1]) else None
-ref = json.load(open(sys.argv[2]))
+ref = json.load(open(sys.argv[2])) if sys.argv[2] else None
 args = sys.argv[3:]
 def f32bits(x): return "%08x" % struct.unpack("<I", struct.pack("<f", x))[0]
 def fail(msg): sys.exit("FAIL: " + msg)

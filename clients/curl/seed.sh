@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The seed example over plain REST: f(x) = 4x^2 from x0 = 2 with SGD(lr=0.1, momentum=0.9)
 # and StepLR(step_size=10, gamma=0.1); the client computes the gradient 8x and steps 10 times.
-# Checks every x bit for bit against in-process torch (clients/js/test/reference.json) and the
-# learning rate after 10 steps: 0.1 * 0.1 = 0.010000000000000002.
+# Checks every x bit for bit against in-process torch (clients/js/test/make_reference.py, run on
+# this machine by the server's python; see _lib.sh) and the learning rate after 10 steps:
+# 0.1 * 0.1 = 0.010000000000000002.
 #   OPTSERVE_BASE_URL=http://127.0.0.1:8000 clients/curl/seed.sh
 set -euo pipefail
 source "$(dirname "$0")/_lib.sh"
+reference
 
 ID="curl-seed-$$-$RANDOM"
 SESSIONS+=("$ID")

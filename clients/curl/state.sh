@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Export an optimizer's state as JSON and as a torch.save file, re-import each into the same
 # (live, never deleted) session, and check the session then steps exactly as it did after the
-# export, and exactly as in-process torch.optim.Adam (clients/js/test/reference.json, "adam").
+# export, and exactly as in-process torch.optim.Adam ("adam" of clients/js/test/make_reference.py,
+# run on this machine by the server's python; see _lib.sh).
 #   OPTSERVE_BASE_URL=http://127.0.0.1:8000 clients/curl/state.sh
 set -euo pipefail
 source "$(dirname "$0")/_lib.sh"
+reference
 
 ID="curl-state-$$-$RANDOM"
 SESSIONS+=("$ID")

@@ -494,6 +494,27 @@ function toBytes(body) {
   throw new TypeError("expected a Uint8Array or ArrayBuffer");
 }
 
+/**
+ * Why a fetch failed, from its cause: Node's fetch throws a bare TypeError("fetch failed") whose
+ * cause is the system error ("connect ECONNREFUSED"; an AggregateError when several addresses
+ * were tried) or undici's own ("other side closed"). Browsers give only their own message.
+ */
+function networkReason(err) {
+  let c = err?.cause ?? err;
+  if (c instanceof AggregateError && c.errors?.length) c = c.errors[0];
+  if (c?.code && c?.syscall) return { reason: `${c.syscall} ${c.code}`, code: c.code };
+  return { reason: String(c?.message || c?.code || err?.message || err), code: c?.code };
+}
+
+/** The ConnectionError message for a request that got no answer at all. */
+function unreachableMessage(url, err) {
+  const { reason, code } = networkReason(err);
+  let hint = "is the server running?";
+  if (code === "ENOTFOUND" || code === "EAI_AGAIN") hint = "is the host name right?";
+  else if (reason === "bad port") hint = "fetch refuses this port; run the server on another";
+  return `cannot reach optserve at ${url}: ${reason} (${hint})`;
+}
+
 function versionFromHeaders(res) {
   const v = res.headers.get("x-optserve-version");
   const s = res.headers.get("x-optserve-step");
@@ -557,10 +578,11 @@ export class OptserveClient {
     } catch (err) {
       if (err instanceof OptserveError) throw err;
       const timedOut = controller.signal.aborted;
-      throw new ConnectionError(
-        timedOut ? `${method} ${path}: no answer within ${this.timeoutMs} ms` : `${method} ${path}: ${err?.message ?? err}`,
-        { status: 0, code: timedOut ? "timeout" : "connection_error", cause: err },
-      );
+      let message;
+      if (timedOut) message = `${method} ${url}: no answer from optserve within ${this.timeoutMs} ms`;
+      else if (res) message = `${method} ${url}: the connection to optserve broke while reading the answer: ${networkReason(err).reason}`;
+      else message = unreachableMessage(url, err);
+      throw new ConnectionError(message, { status: 0, code: timedOut ? "timeout" : "connection_error", cause: err });
     } finally {
       if (timer) clearTimeout(timer);
     }

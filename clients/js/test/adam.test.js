@@ -3,10 +3,11 @@
 import assert from "node:assert/strict";
 import { after, describe, test } from "node:test";
 
-import { NO_SERVER, assertBits, client, ref, refTensor, uid } from "./helpers.js";
+import { NO_SERVER, assertBits, client, reference, refTensor, uid } from "./helpers.js";
 
 describe("Adam family vs torch.optim", { skip: NO_SERVER }, () => {
   const c = client();
+  const ref = reference(); // computed by this machine's torch
   const made = [];
   after(async () => {
     for (const id of made) await c.deleteSession(id).catch(() => {});

@@ -20,6 +20,12 @@ describe("client against a stub server", () => {
         seen.push({ method: req.method, url: req.url, headers: req.headers, body: Buffer.concat(chunks) });
         const m = req.url.match(/^\/status\/(\d+)/);
         if (req.url.startsWith("/hang")) return; // never answers
+        if (req.url.startsWith("/cut")) {
+          // promises 100 bytes, sends 10, hangs up
+          res.writeHead(200, { "Content-Type": "application/json", "Content-Length": "100" });
+          res.write('{"version"', () => setTimeout(() => res.socket.destroy(), 20));
+          return;
+        }
         if (m) {
           const status = Number(m[1]);
           res.writeHead(status, { "Content-Type": "application/problem+json" });
@@ -94,5 +100,15 @@ describe("client against a stub server", () => {
     assert.ok(err instanceof ConnectionError, String(err));
     assert.equal(err.code, "timeout");
     assert.equal(err.status, 0);
+    assert.equal(err.message, `GET ${baseUrl.replace(/\/$/, "")}/hang: no answer from optserve within 200 ms`);
+  });
+
+  test("a connection that breaks mid-answer is a ConnectionError, not 'cannot reach'", async () => {
+    const c = new OptserveClient({ baseUrl, timeoutMs: 5000 });
+    const err = await c.request("GET", "/cut").catch((e) => e);
+    assert.ok(err instanceof ConnectionError, String(err));
+    assert.equal(err.code, "connection_error");
+    assert.equal(err.status, 0);
+    assert.match(err.message, new RegExp(`^GET ${baseUrl.replace(/\/$/, "")}/cut: the connection to optserve broke while reading the answer: \\S`));
   });
 });

@@ -1,5 +1,6 @@
 // problem+json answers become typed errors; a rejected request leaves the session unchanged.
 import assert from "node:assert/strict";
+import { createServer } from "node:net";
 import { after, describe, test } from "node:test";
 
 import {
@@ -93,12 +94,42 @@ describe("errors", { skip: NO_SERVER }, () => {
     assert.ok(err instanceof PayloadTooLargeError, String(err));
     assert.equal(err.status, 413);
   });
+});
 
-  test("no server: ConnectionError with status 0", async () => {
-    const dead = new OptserveClient({ baseUrl: "http://127.0.0.1:9", timeoutMs: 5000 });
-    const err = await dead.health().catch((e) => e);
-    assert.ok(err instanceof ConnectionError);
+// needs no optserve: a port nobody listens on
+describe("no server", () => {
+  /** A loopback port that was just free (bound, then closed again). */
+  async function closedPort() {
+    const srv = createServer();
+    await new Promise((resolve) => srv.listen(0, "127.0.0.1", resolve));
+    const { port } = srv.address();
+    await new Promise((resolve) => srv.close(resolve));
+    return port;
+  }
+
+  test("ConnectionError naming the URL, the reason and the likely cause", async () => {
+    const port = await closedPort();
+    const baseUrl = `http://127.0.0.1:${port}`;
+    const dead = new OptserveClient({ baseUrl, timeoutMs: 5000 });
+    const err = await dead.createSession({ optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) } }).catch((e) => e);
+    assert.ok(err instanceof ConnectionError, String(err));
+    assert.ok(err instanceof OptserveError);
+    assert.equal(err.name, "ConnectionError");
     assert.equal(err.status, 0);
     assert.equal(err.code, "connection_error");
+    assert.equal(err.message, `cannot reach optserve at ${baseUrl}/v1/sessions: connect ECONNREFUSED (is the server running?)`);
+    assert.equal(err.detail, err.message);
+    assert.ok(err.cause instanceof Error, "the fetch error is kept as the cause");
+
+    const health = await dead.health().catch((e) => e);
+    assert.ok(health instanceof ConnectionError, String(health));
+    assert.equal(health.message, `cannot reach optserve at ${baseUrl}/healthz: connect ECONNREFUSED (is the server running?)`);
+  });
+
+  test("a port fetch refuses (9, discard) says so", async () => {
+    const err = await new OptserveClient({ baseUrl: "http://127.0.0.1:9" }).health().catch((e) => e);
+    assert.ok(err instanceof ConnectionError, String(err));
+    assert.equal(err.code, "connection_error");
+    assert.equal(err.message, "cannot reach optserve at http://127.0.0.1:9/healthz: bad port (fetch refuses this port; run the server on another)");
   });
 });

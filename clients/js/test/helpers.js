@@ -1,6 +1,8 @@
 // Shared by the tests (node --test also loads this file on its own; it defines no tests).
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
+import { fileURLToPath } from "node:url";
 import { randomBytes } from "node:crypto";
 
 import { OptserveClient, Tensor } from "../optserve.js";
@@ -9,7 +11,34 @@ export const BASE_URL = process.env.OPTSERVE_BASE_URL;
 /** Pass as the `skip` option of a describe(): these tests need a live server. */
 export const NO_SERVER = BASE_URL ? false : "OPTSERVE_BASE_URL is not set (scripts/test-clients starts a server)";
 
-export const ref = JSON.parse(readFileSync(new URL("./reference.json", import.meta.url), "utf8"));
+let refCache;
+/**
+ * The expected values (make_reference.py's output), computed at test time by the server's torch
+ * on this machine, never committed (floats differ between CPUs). Read from the file that
+ * OPTSERVE_REFERENCE names (scripts/test-clients writes it once per run), else generated now with
+ * OPTSERVE_PYTHON (default: the repository's .venv/bin/python), which must be the server's torch.
+ */
+export function reference() {
+  if (refCache) return refCache;
+  const file = process.env.OPTSERVE_REFERENCE;
+  let text;
+  if (file) {
+    text = readFileSync(file, "utf8");
+  } else {
+    const python = process.env.OPTSERVE_PYTHON || fileURLToPath(new URL("../../../.venv/bin/python", import.meta.url));
+    const script = fileURLToPath(new URL("./make_reference.py", import.meta.url));
+    try {
+      text = execFileSync(python, [script], { encoding: "utf8", maxBuffer: 64 * 1024 * 1024, stdio: ["ignore", "pipe", "pipe"] });
+    } catch (err) {
+      throw new Error(
+        `cannot compute the expected values: ${python} ${script} failed (${err.stderr?.trim() || err.message}); ` +
+        "run scripts/bootstrap, or set OPTSERVE_PYTHON to the server's python or OPTSERVE_REFERENCE to a file it wrote",
+      );
+    }
+  }
+  refCache = JSON.parse(text);
+  return refCache;
+}
 
 export function client(opts = {}) {
   return new OptserveClient({ baseUrl: BASE_URL, timeoutMs: 20000, ...opts });

@@ -1,11 +1,17 @@
 """Expected values for the JS client tests and the curl examples, from in-process torch.optim.
 
-Run:  .venv/bin/python clients/js/test/make_reference.py > clients/js/test/reference.json
+Never committed: floats depend on the CPU torch runs on (its kernel choice, see
+ATEN_CPU_CAPABILITY), so expected values are computed at test time by the server's torch on the
+machine that runs the tests. scripts/test-clients runs this once per run into a temporary file
+and names it in OPTSERVE_REFERENCE; without that variable the JS test helper and the curl
+examples run it themselves (with OPTSERVE_PYTHON, default .venv/bin/python).
+
+Run:  .venv/bin/python clients/js/test/make_reference.py > /tmp/expected.json
 
 Every float is written twice: as a JSON number (the exact value of the float32/float64, which
 a JS Float32Array/Float64Array stores back bit for bit) and as its raw bits in hex, so a test
 can compare bit-exactly. Gradients that do not depend on the parameters are in the fixture too,
-so the tests send exactly what torch saw.
+so the tests send exactly what torch saw. "cpu_capability" records the kernels torch used.
 """
 
 from __future__ import annotations
@@ -93,6 +99,7 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     ref = {
         "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "seed_lr1": seed_lr1(),
         "seed_momentum": seed_momentum(),
         "adam": run_fixed(

@@ -1,12 +1,13 @@
-// The seed example, number for number against in-process torch (reference.json).
+// The seed example, number for number against in-process torch (make_reference.py, run on this machine).
 import assert from "node:assert/strict";
 import { after, describe, test } from "node:test";
 
 import { Tensor } from "../optserve.js";
-import { NO_SERVER, assertBits, client, ref, uid } from "./helpers.js";
+import { NO_SERVER, assertBits, client, reference, uid } from "./helpers.js";
 
 describe("seed example: f(x) = 4x^2, x0 = 2", { skip: NO_SERVER }, () => {
   const c = client();
+  const ref = reference(); // computed by this machine's torch
   const made = [];
   after(async () => {
     for (const id of made) await c.deleteSession(id).catch(() => {});
