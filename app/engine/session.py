@@ -128,9 +128,9 @@ class Session:
         fields = {k: f"options.{k}" for k in defaults}
         for i, g in enumerate(group_opts):
             fields.update({k: f"param_groups.{i}.{k}" for k in g})
-        optimizers.probe(cls, defaults, group_opts, dtypes, device, fields)
         for i, g in enumerate(group_opts):
             optimizers.check_overflow({**defaults, **g}, dtypes[i], f"param_groups.{i}")
+        optimizers.probe(cls, defaults, group_opts, dtypes, device, fields)
         sched_spec = schedulers.parse_spec(scheduler) if scheduler is not None else None
         if sched_spec is not None:
             def make_probe() -> torch.optim.Optimizer:
@@ -304,6 +304,9 @@ class Session:
                 "idempotency": self.idem.to_json(),
                 "created_by": list(self.created_by) if self.created_by else None,
                 "group_options": self.group_spec_options,
+                # torch's load_state_dict adds keys to optimizer.defaults (differentiable):
+                # a restore puts back exactly the keys the running optimizer had
+                "defaults_keys": list(self.optimizer.defaults),
             },
             "state_dict": sd,
             "params": dict(self.params),
@@ -332,6 +335,10 @@ class Session:
         session.optimizer.load_state_dict({"state": state, "param_groups": groups})
         for group, names in zip(session.optimizer.param_groups, meta["groups"], strict=True):
             group["param_names"] = list(names)
+        if meta.get("defaults_keys") is not None:
+            keep = set(meta["defaults_keys"])
+            for key in [k for k in session.optimizer.defaults if k not in keep]:
+                del session.optimizer.defaults[key]
         if session.scheduler is not None and sd.get("scheduler") is not None:
             session.scheduler.load_state_dict(sd["scheduler"])
         session.durability = meta["durability"]

@@ -259,10 +259,10 @@ def prepare_import(session: Session, state: object) -> PreparedImport:
     before = session.group_options()
     changed = [i for i, (new, old) in enumerate(zip(group_opts, before, strict=True))
                if any(k not in old or not _same_value(v, old[k]) for k, v in new.items())]
-    optimizers.probe(session.cls, session.defaults, group_opts, dtypes, session.device, fields,
-                     "state_dict.param_groups", check=changed)
     for i, (opts, dtype) in enumerate(zip(group_opts, dtypes, strict=True)):
         optimizers.check_overflow(opts, dtype, f"state_dict.param_groups.{i}")
+    optimizers.probe(session.cls, session.defaults, group_opts, dtypes, session.device, fields,
+                     "state_dict.param_groups", check=changed)
 
     raw_state = state.get("state", {})
     if not isinstance(raw_state, dict):

@@ -81,9 +81,9 @@ class AddParamGroup(Operation):
             check_param_tensor(name, t, f"{where}.params.{name}")
         dtype = next(iter(self.params.values())).dtype
         fields = {k: f"{where}.{k}" for k in opts}
+        optimizers.check_overflow({**s.defaults, **opts}, dtype, where)
         optimizers.probe(s.cls, s.defaults, [*s.group_options(), opts],
                          [*s.group_dtypes(), dtype], s.device, fields, where, check=[index])
-        optimizers.check_overflow({**s.defaults, **opts}, dtype, where)
         if s.scheduler is not None:
             _scheduler_takes_group(s, opts, dtype, where)
         tensors = {n: t.detach().to(device=s.device, copy=True).contiguous()
@@ -154,9 +154,9 @@ class UpdateParamGroup(Operation):
         # the whole resulting group is checked: name the option given, else the one torch names
         fields = {k: f"{where}.{k}" for k in proposed[self.index]}
         fields.update({k: f"{where}.{k}" for k in opts})
+        optimizers.check_overflow(proposed[self.index], s.group_dtypes()[self.index], where)
         optimizers.probe(s.cls, s.defaults, proposed, s.group_dtypes(), s.device, fields, where,
                          check=[self.index])
-        optimizers.check_overflow(proposed[self.index], s.group_dtypes()[self.index], where)
         return opts
 
     def apply(self, s: Session, plan: dict[str, Any]) -> SessionInfo:
