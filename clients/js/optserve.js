@@ -465,10 +465,22 @@ export class NotFoundError extends OptserveError {} // 404
 export class ConflictError extends OptserveError {} // 409
 export class PayloadTooLargeError extends OptserveError {} // 413
 export class ValidationError extends OptserveError {} // 422
+/** 503: nothing was applied; retry after `retryAfter` seconds (storage_error, session_damaged). */
+export class UnavailableError extends OptserveError {}
+/** 507 storage_full: the operation did not fit on the server's disk; nothing was applied. */
+export class StorageFullError extends OptserveError {}
 /** The server could not be reached, or did not answer within timeoutMs (status 0). */
 export class ConnectionError extends OptserveError {}
 
-const ERROR_CLASSES = { 400: BadRequestError, 404: NotFoundError, 409: ConflictError, 413: PayloadTooLargeError, 422: ValidationError };
+const ERROR_CLASSES = {
+  400: BadRequestError, 404: NotFoundError, 409: ConflictError, 413: PayloadTooLargeError,
+  422: ValidationError, 503: UnavailableError, 507: StorageFullError,
+};
+const MAX_RETRY_DELAY_MS = 8000;
+
+function newIdempotencyKey() {
+  return globalThis.crypto.randomUUID().replaceAll("-", "");
+}
 
 /** The typed error for an HTTP status and a parsed problem+json body (or null). */
 export function errorFromProblem(status, problem, fallbackText = "") {
@@ -530,16 +542,42 @@ function versionFromHeaders(res) {
  *   const { params } = await c.step(id, { x: Tensor.from([16]) });
  */
 export class OptserveClient {
-  constructor({ baseUrl = "http://127.0.0.1:8000", apiKey, timeoutMs = 30000, fetch: fetchImpl, binary = false } = {}) {
+  constructor({ baseUrl = "http://127.0.0.1:8000", apiKey, timeoutMs = 30000, fetch: fetchImpl, binary = false, maxRetries = 2, retryDelayMs = 500 } = {}) {
     this.baseUrl = String(baseUrl).replace(/\/+$/, "");
     this.apiKey = apiKey;
     this.timeoutMs = timeoutMs;
     this.binary = binary; // default for step / grads / params calls
+    this.maxRetries = maxRetries;
+    this.retryDelayMs = retryDelayMs;
     this._fetch = fetchImpl ?? globalThis.fetch.bind(globalThis);
   }
 
+  /**
+   * One call, exactly once: a mutating call (anything but GET) carries a fresh Idempotency-Key,
+   * kept for its retries, so the server answers a retry of what it already applied instead of
+   * applying it again. Retried (up to maxRetries, exponential delay): no answer at all
+   * (ConnectionError), and 503 after its Retry-After (the server applied nothing).
+   */
+  async request(method, path, opts = {}) {
+    const headers = { ...(opts.headers ?? {}) };
+    if (method !== "GET" && !Object.keys(headers).some((h) => h.toLowerCase() === "idempotency-key")) {
+      headers["Idempotency-Key"] = newIdempotencyKey();
+    }
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this._attempt(method, path, { ...opts, headers });
+      } catch (err) {
+        const retryable = err instanceof ConnectionError || err instanceof UnavailableError;
+        if (!retryable || attempt >= this.maxRetries) throw err;
+        let delay = Math.min(this.retryDelayMs * 2 ** attempt, MAX_RETRY_DELAY_MS);
+        if (err.retryAfter !== undefined) delay = Math.max(delay, Math.min(err.retryAfter * 1000, MAX_RETRY_DELAY_MS));
+        await new Promise((resolve) => setTimeout(resolve, delay));
+      }
+    }
+  }
+
   /** One HTTP exchange. Returns the Response; throws typed errors for non-2xx answers. */
-  async request(method, path, { query, json, body, contentType, accept = JSON_TYPE, headers: extra } = {}) {
+  async _attempt(method, path, { query, json, body, contentType, accept = JSON_TYPE, headers: extra } = {}) {
     let url = this.baseUrl + path;
     if (query) {
       const qs = new URLSearchParams();
@@ -570,7 +608,10 @@ export class OptserveClient {
         try {
           problem = JSON.parse(text);
         } catch { /* not JSON: keep the text */ }
-        throw errorFromProblem(res.status, problem, text.slice(0, 500));
+        const error = errorFromProblem(res.status, problem, text.slice(0, 500));
+        const after = Number(res.headers.get("retry-after"));
+        if (Number.isFinite(after) && after >= 0) error.retryAfter = after;
+        throw error;
       }
       // read the body before the timer stops, so a stalled body also times out
       const buf = new Uint8Array(await res.arrayBuffer());

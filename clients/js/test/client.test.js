@@ -5,7 +5,7 @@ import { after, before, describe, test } from "node:test";
 
 import {
   BadRequestError, ConflictError, ConnectionError, NotFoundError, OptserveClient, OptserveError,
-  PayloadTooLargeError, Tensor, ValidationError, readSafetensors,
+  PayloadTooLargeError, StorageFullError, Tensor, UnavailableError, ValidationError, readSafetensors,
 } from "../optserve.js";
 
 describe("client against a stub server", () => {
@@ -78,7 +78,7 @@ describe("client against a stub server", () => {
 
   test("problem+json to typed errors", async () => {
     const c = new OptserveClient({ baseUrl });
-    const classes = { 400: BadRequestError, 404: NotFoundError, 409: ConflictError, 413: PayloadTooLargeError, 422: ValidationError, 503: OptserveError };
+    const classes = { 400: BadRequestError, 404: NotFoundError, 409: ConflictError, 413: PayloadTooLargeError, 422: ValidationError, 500: OptserveError, 503: UnavailableError, 507: StorageFullError };
     for (const [status, Cls] of Object.entries(classes)) {
       const err = await c.request("GET", `/status/${status}`).catch((e) => e);
       assert.equal(err.constructor, Cls, `status ${status}`);
@@ -95,7 +95,7 @@ describe("client against a stub server", () => {
   });
 
   test("timeoutMs gives a ConnectionError with code timeout", async () => {
-    const c = new OptserveClient({ baseUrl, timeoutMs: 200 });
+    const c = new OptserveClient({ baseUrl, timeoutMs: 200, maxRetries: 0 });
     const err = await c.request("GET", "/hang").catch((e) => e);
     assert.ok(err instanceof ConnectionError, String(err));
     assert.equal(err.code, "timeout");
@@ -103,8 +103,25 @@ describe("client against a stub server", () => {
     assert.equal(err.message, `GET ${baseUrl.replace(/\/$/, "")}/hang: no answer from optserve within 200 ms`);
   });
 
+  test("no answer is retried (maxRetries, same key); a 503 after its Retry-After", async () => {
+    const c = new OptserveClient({ baseUrl, timeoutMs: 200, maxRetries: 2, retryDelayMs: 1 });
+    const before = seen.length;
+    const err = await c.request("POST", "/hang", { json: {} }).catch((e) => e);
+    assert.ok(err instanceof ConnectionError, String(err));
+    const tries = seen.slice(before);
+    assert.equal(tries.length, 3);
+    assert.equal(new Set(tries.map((r) => r.headers["idempotency-key"])).size, 1);
+    const again = seen.length;
+    const unavailable = await c.request("GET", "/status/503").catch((e) => e);
+    assert.equal(unavailable.status, 503);
+    assert.equal(seen.length - again, 3);
+    const refused = seen.length;
+    await c.request("GET", "/status/422").catch((e) => e);
+    assert.equal(seen.length - refused, 1); // never retried
+  });
+
   test("a connection that breaks mid-answer is a ConnectionError, not 'cannot reach'", async () => {
-    const c = new OptserveClient({ baseUrl, timeoutMs: 5000 });
+    const c = new OptserveClient({ baseUrl, timeoutMs: 5000, maxRetries: 0 });
     const err = await c.request("GET", "/cut").catch((e) => e);
     assert.ok(err instanceof ConnectionError, String(err));
     assert.equal(err.code, "connection_error");

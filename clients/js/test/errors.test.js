@@ -110,7 +110,7 @@ describe("no server", () => {
   test("ConnectionError naming the URL, the reason and the likely cause", async () => {
     const port = await closedPort();
     const baseUrl = `http://127.0.0.1:${port}`;
-    const dead = new OptserveClient({ baseUrl, timeoutMs: 5000 });
+    const dead = new OptserveClient({ baseUrl, timeoutMs: 5000, maxRetries: 0 });
     const err = await dead.createSession({ optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) } }).catch((e) => e);
     assert.ok(err instanceof ConnectionError, String(err));
     assert.ok(err instanceof OptserveError);
