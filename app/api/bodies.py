@@ -187,22 +187,28 @@ def only_keys(obj: dict[str, Any], allowed: set[str], where: str = "") -> None:
 
 
 async def read_tensors(
-    request: Request, max_bytes: int, key: str
-) -> tuple[dict[str, torch.Tensor], bytearray | memoryview]:
-    """A body of named tensors: ``{key: {name: tensor}}`` as JSON, or a safetensors file; and
-    the body itself (its tensors may be views into it)."""
+    request: Request, max_bytes: int, key: str, extra: frozenset[str] = frozenset()
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], bytearray | memoryview]:
+    """A body of named tensors: ``{key: {name: tensor}, ...extra}`` as JSON, or a safetensors
+    file (``extra`` fields as JSON texts in its ``__metadata__``); the ``extra`` fields given;
+    and the body itself (its tensors may be views into it)."""
     buf = await _read_body(request, max_bytes, raw=True)
     if body_kind(request) == "binary":
-        def decode_binary() -> dict[str, torch.Tensor]:
-            tensors, _ = read_safetensors(buf)
-            return tensors
-        return await offload(decode_binary, len(buf)), buf
+        def decode_binary() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            tensors, metadata = read_safetensors(buf)
+            fields = {}
+            for name in sorted(set(metadata) & extra):
+                fields[name] = parse_json(metadata[name].encode(), f"__metadata__.{name}")
+            return tensors, fields
+        tensors, fields = await offload(decode_binary, len(buf))
+        return tensors, fields, buf
 
-    def decode_json() -> dict[str, torch.Tensor]:
+    def decode_json() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         obj = json_object(buf)
-        only_keys(obj, {key})
-        return tensor_map(obj.get(key, {}), key)
-    return await offload(decode_json, len(buf)), buf
+        only_keys(obj, {key, *extra})
+        return tensor_map(obj.get(key, {}), key), {k: obj[k] for k in extra if k in obj}
+    tensors, fields = await offload(decode_json, len(buf))
+    return tensors, fields, buf
 
 
 class PartsResponse(Response):

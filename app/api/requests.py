@@ -203,3 +203,31 @@ def _torch_reason(exc: Exception) -> str:
         if "WeightsUnpickler error" in ln or "Unsupported" in ln:
             return ln[:300]
     return lines[0][:300] if lines else type(exc).__name__
+
+
+def step_options(value: object) -> dict[int, dict[str, Any]] | None:
+    """A step's ``param_groups``: option changes per group, as a list (``null`` or ``{}`` for
+    groups left alone) or an object keyed by group index."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        items = [(i, v) for i, v in enumerate(value) if v]
+    elif isinstance(value, dict):
+        items = []
+        for k, v in value.items():
+            if not (isinstance(k, str) and k.isdigit() and len(k) < 7):
+                raise Invalid(f"param_groups keys are group indexes, got {k!r:.40}",
+                              code="invalid_body", field=f"param_groups.{k}")
+            items.append((int(k), v))
+    else:
+        raise Invalid("param_groups must be a list (one entry per group) or an object keyed by "
+                      "group index, each an object of options", code="invalid_body",
+                      field="param_groups")
+    out: dict[int, dict[str, Any]] = {}
+    for index, options in items:
+        if not isinstance(options, dict):
+            raise Invalid("each param group's changes must be an object of options",
+                          code="invalid_body", field=f"param_groups.{index}")
+        if options:
+            out[index] = options
+    return out or None

@@ -36,6 +36,8 @@ from app.wire.safetensors_body import read_safetensors, write_safetensors
 from app.wire.tree import tree_to_json, tree_to_safetensors
 
 REPLAYED_HEADER = "Idempotent-Replayed"
+#: what a step body may carry besides its gradients
+STEP_FIELDS = frozenset({"param_groups"})
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 SessionId = Annotated[str, Path(description="session id", max_length=200)]
@@ -125,10 +127,13 @@ async def step(
         worker = conditions.worker_id(request)
         base = conditions.base_version(request, base_version)
         with phase(request, "decode"):
-            grads, buf = await read_tensors(request, _max_bytes(settings), "grads")
+            grads, fields, buf = await read_tensors(request, _max_bytes(settings), "grads",
+                                                    STEP_FIELDS)
+            options = parse.step_options(fields.get("param_groups"))
             idem = await idempotency(request, buf)
         result = await engine.step(session_id, grads, return_params=return_ == "params",
-                                   worker=worker, base_version=base, tenant=tenant, idem=idem)
+                                   worker=worker, base_version=base, tenant=tenant, idem=idem,
+                                   options=options)
         if result.skipped:
             counted["outcome"] = "skipped"
         with phase(request, "encode"):
@@ -146,7 +151,7 @@ async def push_grads(
     settings: SettingsDep,
 ) -> Response:
     with outcome(metrics_of(request), metrics_of(request).pushes, session_id):
-        grads, buf = await read_tensors(request, _max_bytes(settings), "grads")
+        grads, _, buf = await read_tensors(request, _max_bytes(settings), "grads")
         idem = await idempotency(request, buf)
         out = await engine.push(session_id, grads, tenant=tenant, idem=idem)
     return json_response(out.to_json(), headers=_headers(out.version, out.step, out.replayed))
@@ -194,7 +199,7 @@ async def put_params(
     settings: SettingsDep,
 ) -> Response:
     binary, b64 = wants_binary(request), tensor_encoding(request)
-    params, buf = await read_tensors(request, _max_bytes(settings), "params")
+    params, _, buf = await read_tensors(request, _max_bytes(settings), "params")
     idem = await idempotency(request, buf)
     result = await engine.overwrite(session_id, params, tenant=tenant, idem=idem)
     headers = _headers(result.version, result.step, result.replayed)

@@ -121,10 +121,11 @@ class Front:
         self, session_id: str, grads: Tensors, *, return_params: bool,
         worker: str | None = None, base_version: int | None = None,
         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
+        options: dict[int, dict[str, Any]] | None = None,
     ) -> StepResult:
         return await self.host.step(session_key(tenant, session_id), grads,
                                     want_params=return_params, worker=worker,
-                                    base_version=base_version, idem=idem)
+                                    base_version=base_version, idem=idem, options=options)
 
     async def push(self, session_id: str, grads: Tensors, *, tenant: str = DEFAULT_TENANT,
                    idem: IdemKey | None = None) -> GradsResult:

@@ -359,11 +359,16 @@ class EmbeddedHost:
     async def step(
         self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
+        options: dict[int, dict[str, Any]] | None = None,
     ) -> StepResult:
         """One step now (async mode), or this worker's push into the open sync round."""
         if worker is not None:
             ps.check_worker(worker)
         if self._rounds.config(key) is not None:
+            if options:
+                raise Invalid("option changes travel with a step only in sessions without sync "
+                              "rounds (a round's step is every worker's); PATCH the group "
+                              "between rounds", code="invalid_body", field="param_groups")
             if idem is not None:  # a retry of a push whose round already stepped
                 session = self._get(key)
                 hit = session.idem.lookup(idem.key, idem.fingerprint)
@@ -373,8 +378,8 @@ class EmbeddedHost:
                         lambda: replay_answer(session, op, hit, want_params))
                     return result
             return await self._rounds.push(key, worker, grads, base_version, idem, want_params)
-        out: StepResult = await self.execute(key, Step(grads, base_version), idem=idem,
-                                             want_params=want_params)
+        out: StepResult = await self.execute(key, Step(grads, base_version, options=options),
+                                             idem=idem, want_params=want_params)
         return out
 
     async def _check_push(self, key: str, grads: Tensors, base_version: int | None

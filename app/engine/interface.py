@@ -228,7 +228,7 @@ class Engine(Protocol):
     async def step(
         self, session_id: str, grads: Tensors, *, return_params: bool,
         worker: str | None = ..., base_version: int | None = ..., tenant: str = ...,
-        idem: IdemKey | None = ...,
+        idem: IdemKey | None = ..., options: dict[int, dict[str, Any]] | None = ...,
     ) -> StepResult: ...
     async def configure(self, session_id: str, options: dict[str, Any], *, tenant: str = ...,
                         idem: IdemKey | None = ...) -> SessionInfo: ...

@@ -330,9 +330,9 @@ class Session:
         state = {int(k): v for k, v in sd["state"].items()}
         tuples = {k for k, v in optimizers.default_options(session.cls).items()
                   if isinstance(v, tuple)}
-        groups = [{k: tuple(v) if k in tuples and isinstance(v, list) else v
-                   for k, v in g.items()} for g in sd["param_groups"]]
-        session.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        saved_groups = [{k: tuple(v) if k in tuples and isinstance(v, list) else v
+                         for k, v in g.items()} for g in sd["param_groups"]]
+        session.optimizer.load_state_dict({"state": state, "param_groups": saved_groups})
         for group, names in zip(session.optimizer.param_groups, meta["groups"], strict=True):
             group["param_names"] = list(names)
         if meta.get("defaults_keys") is not None:

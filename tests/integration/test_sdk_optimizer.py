@@ -97,16 +97,47 @@ def test_drop_in_adam_with_local_steplr(sent: tuple[optserve.Client, list[str]])
     assert torch.equal(torch.stack(local_losses), torch.stack(remote_losses))
     assert_same_params(local_model, remote_model)
     assert remote.param_groups[0]["lr"] == local.param_groups[0]["lr"] == 1e-2 * 0.5**4
-    # one request per step, plus a PATCH before the steps after each of StepLR's 3 changes
+    # one request per step: StepLR's 3 lr changes ride with the steps after them
     assert requests[0] == "POST sessions"
-    assert requests.count("POST step") == 20 and requests.count("PATCH 0") == 3
-    assert len(requests) == 24
+    assert requests.count("POST step") == 20 and requests.count("PATCH 0") == 0
+    assert len(requests) == 21
     # the lr the local StepLR set after the last step travels lazily: before the next step
     # (or state_dict); the server still holds the lr that step 20 used
     info = client.get_session(remote.session_id)
     assert info.step == 20 and info.lr == [1e-2 * 0.5**3]
     assert remote.state_dict()["param_groups"][0]["lr"] == 1e-2 * 0.5**4
     assert client.get_session(remote.session_id).lr == [1e-2 * 0.5**4]
+
+
+def test_local_one_cycle_over_two_groups_is_one_request_per_step(
+        sent: tuple[optserve.Client, list[str]]) -> None:
+    """OneCycleLR changes lr and betas of every group at every step: the changes travel
+    inside the step request, applied atomically with it, and the run equals local torch."""
+    client, requests = sent
+
+    def groups(model: nn.Module) -> list[dict[str, Any]]:
+        first, second = model[0], model[2]  # type: ignore[index]
+        return [{"params": list(first.parameters())},
+                {"params": list(second.parameters()), "lr": 3e-3}]
+
+    def one_cycle(opt: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[1e-2, 5e-3], total_steps=12)
+    local_model, remote_model = mlp(), mlp()
+    local = torch.optim.Adam(groups(local_model), lr=1e-3)
+    remote = optserve.RemoteOptimizer(groups(remote_model), optimizer="Adam", client=client,
+                                      lr=1e-3)
+    local_losses = train(local_model, local, 12, one_cycle)
+    remote_losses = train(remote_model, remote, 12, one_cycle)
+    assert torch.equal(torch.stack(local_losses), torch.stack(remote_losses))
+    assert_same_params(local_model, remote_model)
+    assert requests.count("POST step") == 12 and len(requests) == 13  # create + 12 steps
+    # a refused option fails the whole step and changes nothing
+    before = client.get_session(remote.session_id)
+    with pytest.raises(optserve.ValidationError) as info:
+        client.step(remote.session_id, {}, param_groups={0: {"lr": 0.5},
+                                                         1: {"betas": (0.9, 1.5)}})
+    assert info.value.field == "param_groups.1.betas"
+    assert client.get_session(remote.session_id) == before
 
 
 def test_drop_in_sgd_with_cosine_annealing_and_clipping(client: optserve.Client) -> None:

@@ -255,15 +255,22 @@ class SessionMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ gradients
     @rule(names=st.lists(st.sampled_from(list(SHAPES)), unique=True), seed=st.integers(0, 999),
-          nan=st.booleans())
-    def step(self, names: list[str], seed: int, nan: bool) -> None:
+          nan=st.booleans(), lr=st.sampled_from([None, None, 0.02, 0.003, -1.0]))
+    def step(self, names: list[str], seed: int, nan: bool, lr: float | None) -> None:
+        """A step, sometimes with a group option change riding with it (refused whole when the
+        option is invalid)."""
         assert self.mirror is not None
         names = [n for n in names if n in self.mirror.params]
         g = self.grads(names, seed, nan)
+        options = {0: {"lr": lr}} if lr is not None else None
         a, _ = self.both(lambda e: e.step(self.sid, {k: v.clone() for k, v in g.items()},
-                                          return_params=True))
-        STATS["op step"] += 1
+                                          return_params=True, options=copy.deepcopy(options)))
+        STATS["op step" + (" with options" if options else "")] += 1
+        if lr is not None and lr < 0:
+            assert isinstance(a, OptserveError) and a.field == "param_groups.0.lr"
         if not isinstance(a, OptserveError):
+            if lr is not None:
+                self.mirror.opt.param_groups[0]["lr"] = lr
             self.mirror.step(g, a.skipped)
             same_tree(a.lr, self.mirror.lrs(), "step lr")
             same_tree(dict(a.params), self.mirror.params, "step params")

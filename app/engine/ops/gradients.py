@@ -9,6 +9,7 @@ from typing import Any
 from app.engine import ps, schedulers
 from app.engine.interface import GradsResult, StepResult, Tensors
 from app.engine.ops.base import ApplyFailed, Operation, register
+from app.engine.ops.params import check_group_changes
 from app.engine.session import Session
 from app.errors import Conflict, Invalid
 
@@ -38,6 +39,8 @@ class StepPlan:
     skip: bool
     staleness: int | None
     lr_div: float | None
+    #: group option changes to make before the optimizer steps, by group index
+    changes: dict[int, dict[str, Any]]
 
 
 @register
@@ -54,9 +57,13 @@ class Step(Operation):
     base_version: int | None = None
     #: first-format records only: the staleness divisor they logged
     lr_div: float | None = None
+    #: per-group option changes made with this step, atomically (validated like a PATCH): the
+    #: one round trip per step a local scheduler changing lr and betas needs
+    options: dict[int, dict[str, Any]] | None = None
 
     def check(self, s: Session) -> StepPlan:
         s.check_tensors(self.grads, "grads")
+        changes = check_group_changes(s, self.options) if self.options else {}
         staleness, lr_div = None, self.lr_div
         if self.base_version is not None:
             staleness = staleness_of(s, self.base_version)
@@ -80,21 +87,31 @@ class Step(Operation):
             s.reject_nonfinite(bad, "grads")
         skip = bool(bad) and s.nonfinite == "skip"
         if not skip:
-            s.check_group_scalars()
-            if s.steps_scheduler():
-                assert s.scheduler is not None
-                schedulers.dry_run(s.optimizer, s.scheduler, None)
-        return StepPlan(total, bad, skip, staleness, lr_div)
+            # the checks see the groups as the step will: with this step's option changes
+            saved = schedulers.capture(s.optimizer, None) if changes else None
+            try:
+                for index, opts in changes.items():
+                    s.optimizer.param_groups[index].update(opts)
+                s.check_group_scalars()
+                if s.steps_scheduler():
+                    assert s.scheduler is not None
+                    schedulers.dry_run(s.optimizer, s.scheduler, None)
+            finally:
+                if saved is not None:
+                    schedulers.restore(s.optimizer, None, saved)
+        return StepPlan(total, bad, skip, staleness, lr_div, changes)
 
     def version_after(self, s: Session, plan: StepPlan) -> int:
         return s.version if plan.skip else s.version + 1
 
     def apply(self, s: Session, plan: StepPlan) -> StepResult:
+        groups = s.optimizer.param_groups
+        for index, opts in plan.changes.items():  # made even when the step is skipped
+            groups[index].update(opts)
         if plan.skip:
             s.accum.clear()
             return StepResult(s.version, s.step_count, s.lrs(), skipped=True,
                               nonfinite=plan.nonfinite, staleness=plan.staleness)
-        groups = s.optimizer.param_groups
         for name, p in s.params.items():
             p.grad = plan.total.get(name)
         saved_lrs = [group["lr"] for group in groups]
@@ -129,14 +146,18 @@ class Step(Operation):
             out["base_version"] = self.base_version
         if self.lr_div is not None:
             out["lr_div"] = self.lr_div
+        if self.options:
+            out["options"] = {str(i): opts for i, opts in self.options.items()}
         return out
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> Step:
         base = tree.get("base_version")
         lr_div = tree.get("lr_div")
+        options = tree.get("options")
         return cls(dict(tree["grads"]), None if base is None else int(base),
-                   None if lr_div is None else float(lr_div))
+                   None if lr_div is None else float(lr_div),
+                   {int(i): dict(o) for i, o in options.items()} if options else None)
 
 
 @register

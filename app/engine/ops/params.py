@@ -142,22 +142,7 @@ class UpdateParamGroup(Operation):
     options: dict[str, Any]
 
     def check(self, s: Session) -> dict[str, Any]:
-        groups = s.optimizer.param_groups
-        if not 0 <= self.index < len(groups):
-            raise Invalid(f"param group {self.index} does not exist; this session has "
-                          f"{len(groups)}", code="unknown_param_group", field="index")
-        where = f"param_groups.{self.index}"
-        current = s.group_options()
-        opts = optimizers.normalize_options(s.cls, self.options, where, current[self.index])
-        proposed = [dict(g) for g in current]
-        proposed[self.index].update(opts)
-        # the whole resulting group is checked: name the option given, else the one torch names
-        fields = {k: f"{where}.{k}" for k in proposed[self.index]}
-        fields.update({k: f"{where}.{k}" for k in opts})
-        optimizers.check_overflow(proposed[self.index], s.group_dtypes()[self.index], where)
-        optimizers.probe(s.cls, s.defaults, proposed, s.group_dtypes(), s.device, fields, where,
-                         check=[self.index])
-        return opts
+        return check_group_changes(s, {self.index: self.options})[self.index]
 
     def apply(self, s: Session, plan: dict[str, Any]) -> SessionInfo:
         s.optimizer.param_groups[self.index].update(plan)
@@ -169,3 +154,32 @@ class UpdateParamGroup(Operation):
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> UpdateParamGroup:
         return cls(int(tree["index"]), dict(tree["options"]))
+
+
+def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
+                        prefix: str = "param_groups") -> dict[int, dict[str, Any]]:
+    """Option changes for some groups (by index), validated with torch's own constructor
+    checks on each whole resulting group, whatever it held before, and against the dtype of
+    its parameters; the constructor values to set, by index."""
+    groups = s.optimizer.param_groups
+    current = s.group_options()
+    proposed = [dict(g) for g in current]
+    out: dict[int, dict[str, Any]] = {}
+    fields: dict[str, str] = {}
+    for index, options in changes.items():
+        if type(index) is not int or not 0 <= index < len(groups):
+            raise Invalid(f"param group {index} does not exist; this session has "
+                          f"{len(groups)}", code="unknown_param_group",
+                          field=f"{prefix}.{index}")
+        where = f"{prefix}.{index}"
+        opts = optimizers.normalize_options(s.cls, options, where, current[index])
+        proposed[index].update(opts)
+        out[index] = opts
+        # the whole resulting group is checked: name the option given, else the one torch names
+        fields.update({k: f"{where}.{k}" for k in proposed[index]})
+        fields.update({k: f"{where}.{k}" for k in opts})
+        optimizers.check_overflow(proposed[index], s.group_dtypes()[index], where)
+    if out:
+        optimizers.probe(s.cls, s.defaults, proposed, s.group_dtypes(), s.device, fields,
+                         f"{prefix}.{next(iter(out))}", check=sorted(out))
+    return out

@@ -350,6 +350,17 @@ def delete_session(session_id: str) -> APICall[None]:
     return APICall("DELETE", _sid(session_id), _parse_none)
 
 
+def _group_changes(param_groups: Mapping[int, Mapping[str, Any]] | None) -> dict[str, Any]:
+    """Per-group option changes for a step body: ``{"<index>": {option: value}}``."""
+    out: dict[str, Any] = {}
+    for index, options in (param_groups or {}).items():
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise ValueError(f"param group index must be a non-negative int, got {index!r}")
+        if options:
+            out[str(index)] = _options_json(options, f"param_groups[{index}]")
+    return out
+
+
 def step(
     session_id: str,
     grads: Mapping[str, TensorLike] | None,
@@ -358,9 +369,19 @@ def step(
     binary: bool,
     worker: str | None = None,
     base_version: int | None = None,
+    param_groups: Mapping[int, Mapping[str, Any]] | None = None,
 ) -> APICall[StepResult]:
     wires = T.encode_tensor_map(grads or {}, "grads")
-    content, ctype = _tensor_body(wires, "grads", binary)
+    changes = _group_changes(param_groups)
+    if not changes:
+        content, ctype = _tensor_body(wires, "grads", binary)
+    elif binary:
+        content = _safetensors.dumps(wires, {"param_groups": json.dumps(changes,
+                                                                        allow_nan=False)})
+        ctype = OCTET_STREAM
+    else:
+        content, ctype = _json_body({"grads": T.json_tensor_map(wires),
+                                     "param_groups": changes})
     query: list[tuple[str, str]] = []
     headers: dict[str, str] = {}
     if base_version is not None:

@@ -166,8 +166,14 @@ class Client(SyncAPIClient):
         binary: bool = True,
         worker: str | None = None,
         base_version: int | None = None,
+        param_groups: Mapping[int, Mapping[str, Any]] | None = None,
     ) -> StepResult:
         """``POST .../step``: apply ``grads`` (plus anything accumulated) and step.
+
+        ``param_groups`` changes group options with the step, atomically (``{0: {"lr": 1e-3,
+        "betas": (0.9, 0.99)}}``): validated like :meth:`update_param_group`, a refused option
+        fails the whole step and changes nothing (one round trip even when a local scheduler
+        changes lr and betas every step).
 
         A parameter missing from ``grads`` (and from the accumulator) has grad ``None`` and is
         skipped, as torch skips it. With ``return_params=False`` only version, step and lr
@@ -181,7 +187,8 @@ class Client(SyncAPIClient):
         ``problem["current_version"]``) and used for ``staleness_lr``.
         """
         return self._request(_api.step(id, grads, return_params=return_params, binary=binary,
-                                       worker=worker, base_version=base_version))
+                                       worker=worker, base_version=base_version,
+                                       param_groups=param_groups))
 
     def push_grads(
         self, id: str, grads: Mapping[str, TensorLike], *, binary: bool = True
@@ -346,12 +353,13 @@ class AsyncClient(AsyncAPIClient):
         binary: bool = True,
         worker: str | None = None,
         base_version: int | None = None,
+        param_groups: Mapping[int, Mapping[str, Any]] | None = None,
     ) -> StepResult:
         """``POST .../step``: see :meth:`Client.step`. Safe to await from many coroutines at
         once (e.g. one per worker of a sync round)."""
         return await self._request(
             _api.step(id, grads, return_params=return_params, binary=binary, worker=worker,
-                      base_version=base_version)
+                      base_version=base_version, param_groups=param_groups)
         )
 
     async def push_grads(

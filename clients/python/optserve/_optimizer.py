@@ -241,8 +241,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
             {k: _norm(v) for k, v in g.options.items()} for g in info.param_groups
         ]
 
-    def _sync_param_groups(self) -> None:
-        """PATCH every option changed locally since the server last saw it."""
+    def _changed_options(self) -> dict[int, dict[str, Any]]:
+        """Every option changed locally since the server last saw it, by group index."""
+        out: dict[int, dict[str, Any]] = {}
         for index, group in enumerate(self.param_groups):
             synced = self._synced[index]
             changed = {
@@ -251,7 +252,18 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 if k in group and not _same(_norm(group[k]), v)
             }
             if changed:
-                self._adopt(self._client.update_param_group(self._session_id, index, **changed))
+                out[index] = changed
+        return out
+
+    def _sent(self, changes: dict[int, dict[str, Any]]) -> None:
+        """The server now holds these option values."""
+        for index, changed in changes.items():
+            self._synced[index].update({k: _norm(v) for k, v in changed.items()})
+
+    def _sync_param_groups(self) -> None:
+        """PATCH every option changed locally since the server last saw it."""
+        for index, changed in self._changed_options().items():
+            self._adopt(self._client.update_param_group(self._session_id, index, **changed))
 
     def _locally_edited(self) -> dict[str, torch.Tensor]:
         return {
@@ -292,7 +304,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.push_params(only_edited=True)
-        self._sync_param_groups()
+        # options changed locally (by hand or by any torch scheduler) ride with the step: one
+        # round trip, applied atomically with it (a sync round's step is every worker's: there
+        # they are PATCHed first)
+        changes = self._changed_options()
+        if changes and self._worker is not None:
+            self._sync_param_groups()
+            changes = {}
         grads: dict[str, torch.Tensor] = {}
         for names, group in zip(self._param_names, self.param_groups, strict=True):
             for name, p in zip(names, group["params"], strict=True):
@@ -302,7 +320,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     grads[name] = p.grad
         base = self._version if self._worker is not None else None
         result = self._client.step(self._session_id, grads, return_params=True,
-                                   binary=self._binary, worker=self._worker, base_version=base)
+                                   binary=self._binary, worker=self._worker, base_version=base,
+                                   param_groups=changes or None)
+        self._sent(changes)
         if result.params is not None:
             self._copy_in(result.params)
         self._version = result.params_at if result.params is not None else result.version
