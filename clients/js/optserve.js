@@ -640,18 +640,21 @@ export class OptserveClient {
   }
 
   /** Tensors out of a step / params answer, JSON or safetensors. */
-  async _tensorsCall(method, path, { tensors, key, binary, encoding, query = {}, headers }) {
+  async _tensorsCall(method, path, { tensors, key, binary, encoding, query = {}, headers, extra }) {
+    // extra: more top-level body fields (JSON), or safetensors __metadata__ entries (JSON texts)
     binary = binary ?? this.binary;
     const q = { ...query };
     if (!binary && encoding && encoding !== "data") q.encoding = encoding;
     const opts = { query: q, accept: binary ? BINARY : JSON_TYPE, headers };
     if (tensors !== undefined) {
       const map = tensorMap(tensors);
-      if (binary) opts.body = writeSafetensors(map);
-      else {
+      if (binary) {
+        const meta = extra ? Object.fromEntries(Object.entries(extra).map(([k, v]) => [k, stringify(v)])) : undefined;
+        opts.body = writeSafetensors(map, meta);
+      } else {
         const enc = {};
         for (const [n, t] of Object.entries(map)) enc[n] = encodeJsonTensor(t, { b64: encoding === "b64" });
-        opts.json = { [key]: enc };
+        opts.json = { [key]: enc, ...(extra ?? {}) };
       }
     }
     const { res, buf } = await this.request(method, path, opts);
@@ -744,16 +747,19 @@ export class OptserveClient {
   /**
    * POST /v1/sessions/{id}/step with grads {name: tensor}. Options: binary (safetensors both ways),
    * encoding ("data" | "b64" for JSON), returnParams (false: only version/step/lr).
+   * paramGroups: option changes made atomically with the step, by group index
+   * ({0: {lr: 1e-3, betas: [0.9, 0.99]}}, or an array); a refused option fails the whole step.
    * Returns {version, step, lr, skipped, nonfinite?, params?: {name: Tensor}, etag}.
    */
-  step(id, grads = {}, { binary, encoding, returnParams = true, worker, baseVersion } = {}) {
+  step(id, grads = {}, { binary, encoding, returnParams = true, worker, baseVersion, paramGroups } = {}) {
     // worker: this push's worker id in a sync (parameter-server) session (X-Optserve-Worker);
     // baseVersion: the version the gradients were computed from (bounded staleness).
     const query = returnParams ? {} : { return: "none" };
     if (baseVersion !== undefined) query.base_version = baseVersion;
     const headers = worker !== undefined ? { "X-Optserve-Worker": String(worker) } : undefined;
+    const extra = paramGroups === undefined ? undefined : { param_groups: treeToJson(paramGroups) };
     return this._tensorsCall("POST", `${this._sid(id)}/step`, {
-      tensors: grads, key: "grads", binary, encoding, query, headers,
+      tensors: grads, key: "grads", binary, encoding, query, headers, extra,
     });
   }
 

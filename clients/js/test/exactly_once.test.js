@@ -66,3 +66,25 @@ describe("exactly once", { skip: NO_SERVER }, () => {
     assert.ok(!(new UnavailableError("x") instanceof ConflictError));
   });
 });
+
+describe("options ride with the step", { skip: NO_SERVER }, () => {
+  for (const binary of [false, true]) {
+    test(`lr changed inside the step request (${binary ? "safetensors" : "JSON"})`, async () => {
+      // x0 = 2, gradient 16; with lr 0.5 set in the same request: x1 = 2 - 0.5 * 16 = -6
+      const c = new OptserveClient({ baseUrl: BASE_URL });
+      const id = uid("opts");
+      await c.createSession({ id, optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) } });
+      const out = await c.step(id, { x: Tensor.from([16]) }, { binary, paramGroups: { 0: { lr: 0.5 } } });
+      assert.deepEqual([out.version, out.lr], [1, [0.5]]);
+      assert.deepEqual(Array.from(out.params.x.data), [-6]);
+      // a refused option fails the whole step: nothing changes
+      await assert.rejects(
+        c.step(id, { x: Tensor.from([1]) }, { binary, paramGroups: [{ lr: -1 }] }),
+        (err) => err instanceof ValidationError && err.field === "param_groups.0.lr",
+      );
+      const info = await c.getSession(id);
+      assert.deepEqual([info.version, info.lr], [1, [0.5]]);
+      await c.deleteSession(id);
+    });
+  }
+});
