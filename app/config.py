@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     idempotency_window: int = Field(
         default=1000, ge=1, le=1_000_000,
         description="Idempotency-Key answers each session remembers (its last N keys)")
+    local_transport: bool = Field(
+        default=True, description="offer clients on this machine the shared-memory transport "
+        "(a Unix socket in a private directory; GET /v1/transport tells loopback clients where)")
+    local_dir: Path | None = Field(
+        default=None, description="where the same-host transport's private socket directory is "
+        "made (default: the system's temporary directory)")
     log_level: str = "info"
     log_format: Literal["json", "text"] = Field(
         default="json", description="json: one JSON object per line, with request ids")

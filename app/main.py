@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,9 +13,10 @@ from app import __version__
 from app.api import meta, openapi_docs, problems, sessions
 from app.api.auth import AuthMiddleware, parse_keys
 from app.config import Settings, get_settings
-from app.engine import make_engine
+from app.engine import DEFAULT_TENANT, make_engine
 from app.observability import Metrics, RequestContextMiddleware
 from app.runtime import tune_allocator
+from app.transport.local import LocalTransport
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -30,10 +32,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.settings = settings
         app.state.metrics = metrics
+        local = None
+        if settings.local_transport:
+            local = LocalTransport(engine, keys, DEFAULT_TENANT, settings.local_dir)
+            local.start(asyncio.get_running_loop())
+        app.state.local_transport = local
         logging.getLogger("optserve").info("optserve ready on device %s", engine.device)
         try:
             yield
         finally:
+            if local is not None:
+                local.stop()
             await engine.stop()
 
     app = FastAPI(

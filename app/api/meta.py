@@ -40,6 +40,20 @@ async def readyz(request: Request, engine: EngineDep, tenant: TenantDep) -> Resp
     return json_response(body)
 
 
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@router.get("/v1/transport", tags=["catalogue"], summary="Transports besides HTTP")
+async def transport(request: Request) -> Response:
+    """The same-host transport's socket, told only to clients on this machine (a remote client
+    never learns the path); ``{"local": null}`` otherwise."""
+    local = getattr(request.app.state, "local_transport", None)
+    client = request.client.host if request.client is not None else ""
+    if local is None or local.path is None or client not in _LOOPBACK:
+        return json_response({"local": None})
+    return json_response({"local": {"socket": str(local.path), "protocol": 1}})
+
+
 @router.get("/v1/optimizers", tags=["catalogue"], summary="Optimizers and their defaults")
 async def list_optimizers() -> Response:
     return json_response(optimizers.catalogue())

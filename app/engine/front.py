@@ -121,11 +121,12 @@ class Front:
         self, session_id: str, grads: Tensors, *, return_params: bool,
         worker: str | None = None, base_version: int | None = None,
         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
-        options: dict[int, dict[str, Any]] | None = None,
+        options: dict[int, dict[str, Any]] | None = None, params_into: Tensors | None = None,
     ) -> StepResult:
         return await self.host.step(session_key(tenant, session_id), grads,
                                     want_params=return_params, worker=worker,
-                                    base_version=base_version, idem=idem, options=options)
+                                    base_version=base_version, idem=idem, options=options,
+                                    params_into=params_into)
 
     async def push(self, session_id: str, grads: Tensors, *, tenant: str = DEFAULT_TENANT,
                    idem: IdemKey | None = None) -> GradsResult:
@@ -143,11 +144,11 @@ class Front:
     async def pull(
         self, session_id: str, names: list[str] | None, *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
-        tenant: str = DEFAULT_TENANT,
+        tenant: str = DEFAULT_TENANT, params_into: Tensors | None = None,
     ) -> ParamsResult:
         return await self.host.pull(session_key(tenant, session_id), names,
                                     min_version=min_version, wait_s=wait_s,
-                                    unless_versions=unless_versions)
+                                    unless_versions=unless_versions, params_into=params_into)
 
     async def overwrite(self, session_id: str, params: Tensors, *,
                         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None

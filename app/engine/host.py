@@ -225,6 +225,7 @@ class EmbeddedHost:
     async def pull(
         self, key: str, names: list[str] | None, *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_into: Tensors | None = None,
     ) -> ParamsResult:
         """The parameters; first waiting up to ``wait_s`` (capped) for ``min_version``.
         ``not_modified`` (no tensors) when the version is one of ``unless_versions``."""
@@ -248,7 +249,9 @@ class EmbeddedHost:
             s.check_names(names)
             if s.version in unless_versions:
                 return ParamsResult(s.version, s.step_count, s.lrs(), {}, not_modified=True)
-            return ParamsResult(s.version, s.step_count, s.lrs(), s.pack_params(names))
+            params = (s.copy_params_into(params_into) if params_into is not None
+                      else s.pack_params(names))
+            return ParamsResult(s.version, s.step_count, s.lrs(), params)
         return await self._worker.run(read)
 
     async def export_state(self, key: str) -> StateExport:
@@ -340,17 +343,20 @@ class EmbeddedHost:
 
     # ------------------------------------------------------------------ operations
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
-                      want_params: bool = False) -> Any:
+                      want_params: bool = False, params_into: Tensors | None = None) -> Any:
         """Apply one operation to the session, all or nothing; a repeated idempotency key is
-        answered from the session's table without applying anything."""
+        answered from the session's table without applying anything. A step's parameters come
+        back packed in a new buffer (``want_params``), or copied into ``params_into`` (views a
+        caller owns, e.g. a shared-memory segment of the same-host transport)."""
         async with self._lock(key):
             session = self._get(key)
             if idem is not None:
                 hit = session.idem.lookup(idem.key, idem.fingerprint)
                 if hit is not None:
                     return await self._worker.run(
-                        lambda: replay_answer(session, op, hit, want_params))
-            result = await self._run(key, session, op, [idem] if idem else [], want_params)
+                        lambda: replay_answer(session, op, hit, want_params, params_into))
+            result = await self._run(key, session, op, [idem] if idem else [], want_params,
+                                     params_into=params_into)
             if isinstance(op, Configure):
                 self._rounds.set(key, self._sessions[key].ps.sync)
         self._version_changed(key)
@@ -359,9 +365,10 @@ class EmbeddedHost:
     async def step(
         self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
-        options: dict[int, dict[str, Any]] | None = None,
+        options: dict[int, dict[str, Any]] | None = None, params_into: Tensors | None = None,
     ) -> StepResult:
-        """One step now (async mode), or this worker's push into the open sync round."""
+        """One step now (async mode), or this worker's push into the open sync round (whose
+        parameters come back packed, ``want_params``, whatever ``params_into`` says)."""
         if worker is not None:
             ps.check_worker(worker)
         if self._rounds.config(key) is not None:
@@ -375,11 +382,14 @@ class EmbeddedHost:
                 if hit is not None:
                     op = Step(grads)
                     result: StepResult = await self._worker.run(
-                        lambda: replay_answer(session, op, hit, want_params))
+                        lambda: replay_answer(session, op, hit,
+                                              want_params or params_into is not None))
                     return result
-            return await self._rounds.push(key, worker, grads, base_version, idem, want_params)
+            return await self._rounds.push(key, worker, grads, base_version, idem,
+                                           want_params or params_into is not None)
         out: StepResult = await self.execute(key, Step(grads, base_version, options=options),
-                                             idem=idem, want_params=want_params)
+                                             idem=idem, want_params=want_params,
+                                             params_into=params_into)
         return out
 
     async def _check_push(self, key: str, grads: Tensors, base_version: int | None
@@ -405,7 +415,8 @@ class EmbeddedHost:
         return result
 
     async def _run(self, key: str, s: Session, op: Operation, keys: list[IdemKey],
-                   want_params: bool, sync: dict[str, Any] | None = None) -> Any:
+                   want_params: bool, sync: dict[str, Any] | None = None,
+                   params_into: Tensors | None = None) -> Any:
         """check, log ahead, apply (the caller holds the session's lock)."""
         store = self._store if s.durability != "memory" else None
         record_keys = [(k.key, k.fingerprint) for k in keys]
@@ -420,7 +431,8 @@ class EmbeddedHost:
             plan, parts, before = await self._worker.run(check_and_encode, f"{op.kind}_check")
             await self._in_io(lambda: store.append(key, parts, "step"))
             result = await self._worker.run(
-                lambda: self._apply(key, s, op, plan, keys, want_params, before, sync), op.kind)
+                lambda: self._apply(key, s, op, plan, keys, want_params, before, sync,
+                                    params_into), op.kind)
         else:
             def all_at_once() -> Any:
                 if store is None:
@@ -428,7 +440,8 @@ class EmbeddedHost:
                 else:  # interval: written now, fsynced by the store's flusher
                     plan, parts, before = check_and_encode()
                     store.append(key, parts, "interval")
-                return self._apply(key, s, op, plan, keys, want_params, before, sync)
+                return self._apply(key, s, op, plan, keys, want_params, before, sync,
+                                   params_into)
             result = await self._worker.run(all_at_once, op.kind)
         session = self._sessions.get(key)
         if session is not None and self._snapshot_due(session):
@@ -436,7 +449,8 @@ class EmbeddedHost:
         return result
 
     def _apply(self, key: str, s: Session, op: Operation, plan: Any, keys: list[IdemKey],
-               want_params: bool, before: int | None, sync: dict[str, Any] | None) -> Any:
+               want_params: bool, before: int | None, sync: dict[str, Any] | None,
+               params_into: Tensors | None = None) -> Any:
         """Apply on the worker thread; on failure leave the session and its log as they were."""
         try:
             result = op.apply(s, plan)
@@ -453,8 +467,11 @@ class EmbeddedHost:
         answer = op.result_json(result)
         for k in keys:
             s.idem.remember(k.key, k.fingerprint, answer)
-        if want_params and isinstance(result, StepResult):
-            result.params = s.pack_params()
+        if isinstance(result, StepResult):
+            if params_into is not None:
+                result.params = s.copy_params_into(params_into)
+            elif want_params:
+                result.params = s.pack_params()
         return result
 
     def _cut(self, key: str, before: int) -> None:
@@ -623,7 +640,8 @@ def export_state_dict(s: Session) -> dict[str, Any]:
     return dict(sd)
 
 
-def replay_answer(s: Session, op: Operation, hit: dict[str, Any], want_params: bool) -> Any:
+def replay_answer(s: Session, op: Operation, hit: dict[str, Any], want_params: bool,
+                  params_into: Tensors | None = None) -> Any:
     """The answer to a repeated idempotency key, from what the table kept (no tensors): a step
     returns the session's current parameters (with their version), other operations the
     session as it is now."""
@@ -633,7 +651,9 @@ def replay_answer(s: Session, op: Operation, hit: dict[str, Any], want_params: b
                             nonfinite=list(hit.get("nonfinite", [])), sync=hit.get("sync"),
                             staleness=hit.get("staleness"), replayed=True,
                             params_version=s.version)
-        if want_params:
+        if params_into is not None:
+            result.params = s.copy_params_into(params_into)
+        elif want_params:
             result.params = s.pack_params()
         return result
     if op.kind in ("push", "zero_grad"):

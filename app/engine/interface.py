@@ -229,6 +229,7 @@ class Engine(Protocol):
         self, session_id: str, grads: Tensors, *, return_params: bool,
         worker: str | None = ..., base_version: int | None = ..., tenant: str = ...,
         idem: IdemKey | None = ..., options: dict[int, dict[str, Any]] | None = ...,
+        params_into: Tensors | None = ...,
     ) -> StepResult: ...
     async def configure(self, session_id: str, options: dict[str, Any], *, tenant: str = ...,
                         idem: IdemKey | None = ...) -> SessionInfo: ...
@@ -239,6 +240,7 @@ class Engine(Protocol):
     async def pull(
         self, session_id: str, names: list[str] | None, *, min_version: int | None = ...,
         wait_s: float = ..., unless_versions: frozenset[int] = ..., tenant: str = ...,
+        params_into: Tensors | None = ...,
     ) -> ParamsResult: ...
     async def overwrite(self, session_id: str, params: Tensors, *, tenant: str = ...,
                         idem: IdemKey | None = ...) -> ParamsResult: ...

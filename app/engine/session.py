@@ -275,6 +275,13 @@ class Session:
                     raise Invalid(f"unknown parameter {n!r:.80}", code="unknown_parameter",
                                   field=f"names.{n}")
 
+    def copy_params_into(self, dest: Tensors) -> Tensors:
+        """Copy parameters into tensors the caller owns (same dtypes and shapes)."""
+        with torch.no_grad():
+            for name, view in dest.items():
+                view.copy_(self.params[name])
+        return dest
+
     def pack_params(self, names: list[str] | None = None) -> PackedTensors:
         """CPU copies later steps cannot change, packed in one buffer (one copy in all, and
         none more to send them as safetensors)."""

@@ -156,6 +156,28 @@ def _parse_step(response: httpx.Response) -> StepResult:
     )
 
 
+def step_result(scalars: Mapping[str, Any], params: Mapping[str, Any] | None, *,
+                copy: bool) -> StepResult:
+    """A step's answer that came another way than HTTP (the same-host transport): its
+    scalars, and its parameters (copied out of the shared slots unless ``copy`` is False)."""
+    out = None
+    if params is not None:
+        out = {n: (t.clone() if hasattr(t, "clone") else t.copy()) if copy else t
+               for n, t in params.items()}
+    params_version = scalars.get("params_version")
+    return StepResult(
+        version=int(scalars["version"]), step=int(scalars["step"]),
+        lr=[T.number_from_wire(x) for x in scalars.get("lr", [])],
+        skipped=bool(scalars.get("skipped", False)), params=out,
+        nonfinite=list(scalars.get("nonfinite", [])), sync=scalars.get("sync"),
+        staleness=scalars.get("staleness"), replayed=bool(scalars.get("replayed", False)),
+        params_version=None if params_version is None else int(params_version))
+
+
+def transport() -> APICall[dict[str, Any]]:
+    return APICall("GET", "/v1/transport", _json)
+
+
 def _parse_step_no_params(response: httpx.Response) -> StepResult:
     result = _parse_step(response)
     if result.params:
@@ -350,7 +372,7 @@ def delete_session(session_id: str) -> APICall[None]:
     return APICall("DELETE", _sid(session_id), _parse_none)
 
 
-def _group_changes(param_groups: Mapping[int, Mapping[str, Any]] | None) -> dict[str, Any]:
+def group_changes(param_groups: Mapping[int, Mapping[str, Any]] | None) -> dict[str, Any]:
     """Per-group option changes for a step body: ``{"<index>": {option: value}}``."""
     out: dict[str, Any] = {}
     for index, options in (param_groups or {}).items():
@@ -372,7 +394,7 @@ def step(
     param_groups: Mapping[int, Mapping[str, Any]] | None = None,
 ) -> APICall[StepResult]:
     wires = T.encode_tensor_map(grads or {}, "grads")
-    changes = _group_changes(param_groups)
+    changes = group_changes(param_groups)
     if not changes:
         content, ctype = _tensor_body(wires, "grads", binary)
     elif binary:

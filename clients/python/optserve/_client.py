@@ -7,6 +7,7 @@ safetensors (``binary=True``, the default) or JSON (``binary=False``); both carr
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -17,6 +18,7 @@ from . import _api
 from ._api import NonFinitePolicy, ParamGroup, ParamsArg, StateFormat
 from ._base_client import AsyncAPIClient, SyncAPIClient
 from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
+from ._local import LocalChannel, LocalUnavailable
 from ._tensors import TensorLike
 from ._types import (
     OptimizerInfo,
@@ -55,6 +57,10 @@ class Client(SyncAPIClient):
             :mod:`optserve._base_client` for which requests are retried).
         http_client: an ``httpx.Client`` to send with (e.g. with a custom transport); it is not
             closed by :meth:`close`.
+        transport: how steps travel: ``"auto"`` (the default) uses the server's same-host
+            shared-memory transport when the server runs on this machine (a loopback
+            ``base_url`` whose ``GET /v1/transport`` names a socket this process can open),
+            else HTTP; ``"http"`` always HTTP; ``"local"`` requires the same-host transport.
     """
 
     def __init__(
@@ -65,8 +71,74 @@ class Client(SyncAPIClient):
         max_retries: int = DEFAULT_MAX_RETRIES,
         *,
         http_client: httpx.Client | None = None,
+        transport: str = "auto",
     ) -> None:
         super().__init__(base_url, api_key, timeout, max_retries, http_client)
+        if transport not in ("auto", "http", "local"):
+            raise ValueError(f"transport must be 'auto', 'http' or 'local', got {transport!r}")
+        self.transport = transport
+        self._local: LocalChannel | None = None
+        self._local_checked = transport == "http"
+
+    def _local_channel(self) -> LocalChannel | None:
+        """The same-host channel, set up on first use; None when it cannot be used."""
+        if self._local is not None or self._local_checked:
+            return self._local
+        self._local_checked = True
+        host = httpx.URL(self.base_url).host
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            if self.transport == "local":
+                raise LocalUnavailable(f"{self.base_url} is not on this machine")
+            return None
+        try:
+            advertised = self._request(_api.transport()).get("local")
+            if not advertised:
+                raise LocalUnavailable("the server offers no same-host transport")
+            channel = LocalChannel(str(advertised["socket"]), self.api_key,
+                                   self.timeout.read)
+            channel.connect()
+        except (LocalUnavailable, OSError, KeyError, TypeError) as exc:
+            if self.transport == "local":
+                raise LocalUnavailable(f"the same-host transport is not available: {exc}"
+                                       ) from None
+            return None
+        self._local = channel
+        return channel
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+        super().close()
+
+    def _step_local(self, id: str, grads: Mapping[str, TensorLike], *, return_params: bool,
+                    worker: str | None, base_version: int | None,
+                    param_groups: Mapping[int, Mapping[str, Any]] | None,
+                    views: bool) -> StepResult | None:
+        """A step through shared memory, retried with its idempotency key after a broken
+        connection; None when this step must go over HTTP instead."""
+        channel = self._local_channel()
+        if channel is None:
+            return None
+        changes = _api.group_changes(param_groups) or None
+        key = uuid.uuid4().hex
+        for attempt in range(self.max_retries + 1):
+            try:
+                answer, params = channel.step(id, grads, return_params=return_params,
+                                              base_version=base_version, worker=worker,
+                                              param_groups=changes, key=key)
+            except LocalUnavailable:
+                if self.transport == "local":
+                    raise
+                return None
+            except OSError:
+                channel.close()
+                if attempt == self.max_retries:
+                    raise
+                channel.connect()
+                continue
+            return _api.step_result(answer, params, copy=not views)
+        return None  # unreachable
 
     def __enter__(self) -> Client:
         return self
@@ -186,6 +258,12 @@ class Client(SyncAPIClient):
         ``max_staleness`` (a :class:`ConflictError` with ``code == "stale_gradient"`` and
         ``problem["current_version"]``) and used for ``staleness_lr``.
         """
+        if self.transport != "http" and grads is not None:
+            local = self._step_local(id, grads, return_params=return_params, worker=worker,
+                                     base_version=base_version, param_groups=param_groups,
+                                     views=False)
+            if local is not None:
+                return local
         return self._request(_api.step(id, grads, return_params=return_params, binary=binary,
                                        worker=worker, base_version=base_version,
                                        param_groups=param_groups))

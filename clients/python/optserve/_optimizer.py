@@ -319,9 +319,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
                         raise RuntimeError("RemoteOptimizer does not support sparse gradients")
                     grads[name] = p.grad
         base = self._version if self._worker is not None else None
-        result = self._client.step(self._session_id, grads, return_params=True,
-                                   binary=self._binary, worker=self._worker, base_version=base,
-                                   param_groups=changes or None)
+        result = None
+        if self._client.transport != "http":
+            # same host: gradients and new values through shared memory; the values are
+            # copied from the shared slots straight into the parameters
+            result = self._client._step_local(
+                self._session_id, grads, return_params=True, worker=self._worker,
+                base_version=base, param_groups=changes or None, views=True)
+        if result is None:
+            result = self._client.step(self._session_id, grads, return_params=True,
+                                       binary=self._binary, worker=self._worker,
+                                       base_version=base, param_groups=changes or None)
         self._sent(changes)
         if result.params is not None:
             self._copy_in(result.params)

@@ -1,0 +1,1 @@
+"""Transports besides HTTP: the same-host shared-memory path (:mod:`app.transport.local`)."""

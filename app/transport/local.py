@@ -1,0 +1,377 @@
+"""The same-host transport: gradients and parameters through shared memory, not the socket.
+
+A client on the server's machine connects to a Unix domain socket, authenticates (its API key,
+as over HTTP), and *binds* a session: the server creates an anonymous shared-memory segment
+(``memfd_create``: no path anywhere) laid out as one gradient slot and one parameter slot per
+parameter, and hands its file descriptor over the connection (``SCM_RIGHTS``). Each step is
+then a small message: the client has written its gradients into their slots, the server steps
+on views of them (no copy) and writes the new parameters into the parameter slots, the answer
+carries only version, step and lr.
+
+Security: the socket lives in a directory only the server's user can enter (0700), every
+connection's peer is checked to be that user (``SO_PEERCRED``), and a segment is shared only
+with the authenticated connection that bound it, for a session of its tenant: no other local
+user and no other tenant can read or write it. A client that crashes closes its connection;
+its segments go with it at once. The socket's path is told only to loopback clients
+(``GET /v1/transport``); remote clients never see it and keep to HTTP, as do other languages.
+
+Messages are frames: a little-endian u32 length, then a JSON object. Requests: ``hello``
+(``key``), ``bind`` (``session``), ``step`` (``binding``, ``grads``: the names whose slots hold
+gradients, ``return``: params or none, ``idempotency_key``, ``base_version``, ``worker``,
+``param_groups``), ``pull`` (``binding``), ``unbind`` (``binding``). Answers: ``{"ok": true,
+...}`` or ``{"ok": false, "problem": {problem+json fields}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import mmap
+import os
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import torch
+
+from app.api.conditions import body_digest
+from app.api.requests import step_options
+from app.engine.idempotency import check_key
+from app.engine.interface import Engine, IdemKey, SessionInfo, json_floats
+from app.engine.session import check_session_id
+from app.errors import BadRequest, Invalid, NotFound, OptserveError
+from app.wire.dtypes import TORCH_DTYPES
+
+log = logging.getLogger("optserve.local")
+T = TypeVar("T")
+PROTOCOL = 1
+_HEAD = struct.Struct("<I")
+MAX_FRAME = 16 * 1024 * 1024
+ALIGN = 64
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass
+class Slot:
+    name: str
+    dtype: str
+    shape: list[int]
+    grad: int  # byte offset of the gradient slot
+    param: int  # byte offset of the parameter slot
+    nbytes: int
+
+
+class Binding:
+    """One session's shared segment on one connection."""
+
+    def __init__(self, session_id: str, info: SessionInfo) -> None:
+        self.session_id = session_id
+        self.slots: list[Slot] = []
+        pos = 0
+        sizes = [(n, p["dtype"], list(p["shape"])) for n, p in info.params.items()]
+        grad_offsets = []
+        for _, dtype, shape in sizes:
+            grad_offsets.append(pos)
+            pos += _aligned(_nbytes(dtype, shape))
+        for (name, dtype, shape), grad in zip(sizes, grad_offsets, strict=True):
+            n = _nbytes(dtype, shape)
+            self.slots.append(Slot(name, dtype, shape, grad, pos, n))
+            pos += _aligned(n)
+        self.size = max(pos, ALIGN)
+        self.fd = os.memfd_create(f"optserve-{session_id}"[:200], os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.size)
+        self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE)
+        base = torch.frombuffer(self.map, dtype=torch.uint8)
+        self.grads: dict[str, torch.Tensor] = {}
+        self.params: dict[str, torch.Tensor] = {}
+        for s in self.slots:
+            dtype = TORCH_DTYPES[s.dtype]
+            self.grads[s.name] = base[s.grad:s.grad + s.nbytes].view(dtype).view(s.shape)
+            self.params[s.name] = base[s.param:s.param + s.nbytes].view(dtype).view(s.shape)
+        self.layout = {"size": self.size, "params": [
+            {"name": s.name, "dtype": s.dtype, "shape": s.shape, "grad": s.grad,
+             "param": s.param, "nbytes": s.nbytes} for s in self.slots]}
+
+    def close(self) -> None:
+        self.grads.clear()
+        self.params.clear()
+        try:
+            self.map.close()
+        except BufferError:  # a view is still referenced somewhere: the GC frees it later
+            pass
+        os.close(self.fd)
+
+
+def _nbytes(dtype: str, shape: list[int]) -> int:
+    n = torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+    for d in shape:
+        n *= d
+    return n
+
+
+def problem_of(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, OptserveError):
+        out: dict[str, Any] = {"type": f"urn:optserve:problem:{exc.code}", "title": exc.title,
+                               "status": exc.status, "detail": exc.detail, "code": exc.code}
+        if exc.field is not None:
+            out["field"] = exc.field
+        out.update(exc.extra)
+        retry = getattr(exc, "retry_after", None)
+        if retry is not None:
+            out["retry_after"] = retry
+        return out
+    log.exception("local transport: unexpected error", exc_info=exc)
+    return {"type": "urn:optserve:problem:internal_error", "title": "Internal error",
+            "status": 500, "detail": "the server failed to handle this request; it has been "
+            "logged", "code": "internal_error"}
+
+
+class LocalTransport:
+    """The Unix-socket listener and its connections (a thread each; the engine runs on the
+    event loop, called with ``run_coroutine_threadsafe``)."""
+
+    def __init__(self, engine: Engine, keys: dict[str, str], default_tenant: str,
+                 parent: Path | None = None) -> None:
+        self.engine = engine
+        self.keys = [(k.encode(), t) for k, t in keys.items()]
+        self.default_tenant = default_tenant
+        self.parent = parent
+        self.dir: Path | None = None
+        self.path: Path | None = None
+        self._listener: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conns: set[_Connection] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        if self.parent is not None:
+            self.parent.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="optserve-local-", dir=self.parent))
+        os.chmod(self.dir, 0o700)
+        self.path = self.dir / "optserve.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.path))
+        os.chmod(self.path, 0o600)
+        listener.listen(64)
+        self._listener = listener
+        self._thread = threading.Thread(target=self._accept, name="optserve-local",
+                                        daemon=True)
+        self._thread.start()
+        log.info("same-host transport on %s", self.path)
+
+    def stop(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            conn.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                      struct.calcsize("3i")))[1]
+            if uid != os.getuid():
+                sock.close()  # the directory's mode makes this unreachable; belt and braces
+                continue
+            conn = _Connection(self, sock)
+            with self._lock:
+                self._conns.add(conn)
+            conn.start()
+
+    def forget(self, conn: _Connection) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+
+    def tenant_for(self, key: object) -> str | None:
+        if not self.keys:
+            return self.default_tenant
+        if not isinstance(key, str):
+            return None
+        found = None
+        for k, tenant in self.keys:  # no early exit: constant time
+            if hmac.compare_digest(k, key.encode()):
+                found = tenant
+        return found
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+
+class _Connection(threading.Thread):
+    def __init__(self, transport: LocalTransport, sock: socket.socket) -> None:
+        super().__init__(name="optserve-local-conn", daemon=True)
+        self.transport = transport
+        self.sock = sock
+        self.tenant: str | None = None
+        self.bindings: dict[int, Binding] = {}
+        self.next_binding = 1
+
+    def shutdown(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        try:
+            while True:
+                message = self._read()
+                if message is None:
+                    return
+                fds: list[int] = []
+                try:
+                    answer = self._handle(message, fds)
+                except Exception as exc:  # every failure is an answer, never a dead thread
+                    answer, fds = {"ok": False, "problem": problem_of(exc)}, []
+                self._send(answer, fds)
+        except OSError:
+            return
+        finally:
+            for binding in self.bindings.values():
+                binding.close()
+            self.bindings.clear()
+            self.sock.close()
+            self.transport.forget(self)
+
+    # ------------------------------------------------------------------ framing
+    def _recv_exact(self, n: int) -> bytes | None:
+        chunks, got = [], 0
+        while got < n:
+            chunk = self.sock.recv(n - got)
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    def _read(self) -> dict[str, Any] | None:
+        head = self._recv_exact(_HEAD.size)
+        if head is None:
+            return None
+        (length,) = _HEAD.unpack(head)
+        if length > MAX_FRAME:
+            raise OSError("frame too large")
+        body = self._recv_exact(length)
+        if body is None:
+            return None
+        try:
+            message = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise OSError("not JSON") from None
+        if not isinstance(message, dict):
+            raise OSError("not an object")
+        return message
+
+    def _send(self, answer: dict[str, Any], fds: list[int]) -> None:
+        body = orjson.dumps(answer)
+        frame = _HEAD.pack(len(body)) + body
+        if fds:
+            socket.send_fds(self.sock, [frame], fds)
+        else:
+            self.sock.sendall(frame)
+
+    # ------------------------------------------------------------------ operations
+    def _handle(self, m: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        op = m.get("op")
+        if op == "hello":
+            tenant = self.transport.tenant_for(m.get("key"))
+            if tenant is None:
+                raise OptserveError("the API key is not valid", code="unauthorized",
+                                    field="key")
+            self.tenant = tenant
+            return {"ok": True, "protocol": PROTOCOL}
+        if self.tenant is None:
+            raise OptserveError("say hello (with the API key) first", code="unauthorized")
+        engine, tenant = self.transport.engine, self.tenant
+        if op == "bind":
+            session_id = check_session_id(m.get("session"))
+            info = self.transport.call(engine.describe(session_id, tenant=tenant))
+            binding = Binding(session_id, info)
+            number = self.next_binding
+            self.next_binding += 1
+            self.bindings[number] = binding
+            fds.append(binding.fd)
+            return {"ok": True, "binding": number, **binding.layout}
+        binding = self._binding(m.get("binding"))
+        if op == "unbind":
+            self.bindings.pop(int(m["binding"])).close()
+            return {"ok": True}
+        if op == "step":
+            return self._step(binding, m)
+        if op == "pull":
+            result = self.transport.call(engine.pull(binding.session_id, None, tenant=tenant,
+                                                     params_into=binding.params))
+            return {"ok": True, **result.scalars()}
+        raise BadRequest(f"unknown operation {op!r:.40}", code="invalid_message", field="op")
+
+    def _binding(self, number: object) -> Binding:
+        binding = self.bindings.get(number) if type(number) is int else None
+        if binding is None:
+            raise NotFound("no such binding on this connection", code="unknown_binding",
+                           field="binding")
+        return binding
+
+    def _step(self, binding: Binding, m: dict[str, Any]) -> dict[str, Any]:
+        names = m.get("grads", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise Invalid("grads must list the names whose slots hold gradients",
+                          code="invalid_message", field="grads")
+        unknown = [n for n in names if n not in binding.grads]
+        if unknown:
+            raise Invalid(f"{unknown[0]!r:.80} has no slot in this binding (bind again after "
+                          "add_param_group)", code="unknown_parameter", field="grads")
+        grads = {n: binding.grads[n] for n in names}
+        want = m.get("return", "params") == "params"
+        idem = None
+        key = m.get("idempotency_key")
+        if key is not None:
+            check_key(str(key))
+            digest = ";".join(f"{n}={body_digest(grads[n].view(-1).view(torch.uint8).numpy().data)}"
+                              for n in names)
+            meta = orjson.dumps({k: m.get(k) for k in ("base_version", "worker",
+                                                       "param_groups")}).decode()
+            idem = IdemKey(str(key), f"local step {binding.session_id} {meta} {digest}")
+        options = step_options(m.get("param_groups"))
+        worker = m.get("worker")
+        base = m.get("base_version")
+        result = self.transport.call(self.transport.engine.step(
+            binding.session_id, grads, return_params=want, tenant=self.tenant or "",
+            worker=None if worker is None else str(worker),
+            base_version=None if base is None else int(base), idem=idem, options=options,
+            params_into=binding.params if want else None))
+        if want and result.params is not None and result.params is not binding.params:
+            with torch.no_grad():  # a sync round's parameters come back packed
+                for name, view in binding.params.items():
+                    view.copy_(result.params[name])
+        answer = {"ok": True, **result.scalars()}
+        answer["lr"] = json_floats(result.lr)
+        return answer

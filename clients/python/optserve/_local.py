@@ -1,0 +1,228 @@
+"""The same-host transport's client side: gradients and parameters through shared memory.
+
+When the server runs on this machine (a loopback base URL), ``GET /v1/transport`` names a Unix
+socket. The client connects, authenticates with its API key, and binds a session: the server
+hands over an anonymous shared-memory segment holding a gradient slot and a parameter slot per
+parameter. A step writes the gradients into their slots (one copy), sends a small message, and
+finds the new parameters in their slots (written there by the server: no socket transfer, no
+serialization). Only the connection that bound a segment holds it; a crashed client's
+segments go with its connection. The server's own docs: ``app/transport/local.py``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import struct
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+from ._exceptions import make_status_error
+from ._tensors import TensorLike
+
+_HEAD = struct.Struct("<I")
+PROTOCOL = 1
+_NUMPY = {"float16": np.float16, "float32": np.float32, "float64": np.float64,
+          "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
+          "uint8": np.uint8, "bool": np.bool_}
+
+
+class LocalUnavailable(Exception):
+    """The same-host transport cannot be used (the caller falls back to HTTP)."""
+
+
+@dataclass
+class Binding:
+    number: int
+    map: mmap.mmap
+    layout: list[dict[str, Any]]
+    grads: dict[str, Any] = field(default_factory=dict)  # writable views (torch or numpy)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.grads.clear()
+        self.params.clear()
+        try:
+            self.map.close()
+        except BufferError:
+            pass
+
+
+def _views(buf: mmap.mmap, layout: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Tensors (torch when importable, else numpy) over one kind of slot."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - exercised by the no-torch tests
+        torch = None  # type: ignore[assignment]
+    out: dict[str, Any] = {}
+    base = np.frombuffer(buf, dtype=np.uint8)
+    for slot in layout:
+        start, n = int(slot[key]), int(slot["nbytes"])
+        raw = base[start:start + n]
+        shape = tuple(slot["shape"])
+        if torch is not None:
+            dtype = getattr(torch, slot["dtype"])
+            out[slot["name"]] = torch.from_numpy(raw).view(dtype).view(shape)
+        elif slot["dtype"] in _NUMPY:
+            out[slot["name"]] = raw.view(_NUMPY[slot["dtype"]]).reshape(shape)
+        else:
+            raise LocalUnavailable(f"{slot['dtype']} needs torch on the client")
+    return out
+
+
+class LocalChannel:
+    """One connection to the server's same-host socket, and the sessions bound on it."""
+
+    def __init__(self, path: str, api_key: str | None, timeout: float | None) -> None:
+        self.path = path
+        self.api_key = api_key
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._bindings: dict[str, Binding] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ connection
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise LocalUnavailable(f"cannot connect to {self.path}: {exc}") from None
+        self._sock = sock
+        answer, _ = self._exchange({"op": "hello", "key": self.api_key,
+                                    "protocol": PROTOCOL})
+        if not answer.get("ok"):
+            self.close()
+            raise LocalUnavailable(f"the server refused the connection: {answer}")
+
+    def close(self) -> None:
+        for binding in self._bindings.values():
+            binding.close()
+        self._bindings.clear()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _recv_exact(self, n: int, fds: list[int]) -> bytes:
+        assert self._sock is not None
+        chunks, got = [], 0
+        while got < n:
+            data, new_fds, _, _ = socket.recv_fds(self._sock, n - got, 4)
+            fds.extend(new_fds)
+            if not data:
+                raise ConnectionError("the server closed the connection")
+            chunks.append(data)
+            got += len(data)
+        return b"".join(chunks)
+
+    def _exchange(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        import json
+
+        if self._sock is None:
+            raise ConnectionError("not connected")
+        body = json.dumps(message, allow_nan=False).encode()
+        self._sock.sendall(_HEAD.pack(len(body)) + body)
+        fds: list[int] = []
+        (length,) = _HEAD.unpack(self._recv_exact(_HEAD.size, fds))
+        answer = json.loads(self._recv_exact(length, fds))
+        return answer, fds
+
+    def call(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        """One request; the typed SDK error for a problem answer."""
+        answer, fds = self._exchange(message)
+        if not answer.get("ok"):
+            for fd in fds:
+                os.close(fd)
+            problem = dict(answer.get("problem") or {})
+            status = int(problem.get("status", 500))
+            response = httpx.Response(status, json=problem,
+                                      request=httpx.Request("POST", f"local:{self.path}"))
+            raise make_status_error(response)
+        return answer, fds
+
+    # ------------------------------------------------------------------ sessions
+    def binding(self, session_id: str) -> Binding:
+        found = self._bindings.get(session_id)
+        if found is not None:
+            return found
+        answer, fds = self.call({"op": "bind", "session": session_id})
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise LocalUnavailable("the server sent no shared segment")
+        try:
+            buf = mmap.mmap(fds[0], int(answer["size"]), mmap.MAP_SHARED,
+                            mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fds[0])
+        layout = list(answer["params"])
+        binding = Binding(int(answer["binding"]), buf, layout, _views(buf, layout, "grad"),
+                          _views(buf, layout, "param"))
+        self._bindings[session_id] = binding
+        return binding
+
+    def forget(self, session_id: str) -> None:
+        binding = self._bindings.pop(session_id, None)
+        if binding is not None:
+            try:
+                self.call({"op": "unbind", "binding": binding.number})
+            except Exception:  # noqa: BLE001 - the connection may be gone; nothing to free
+                pass
+            binding.close()
+
+    def step(self, session_id: str, grads: Mapping[str, TensorLike], *, return_params: bool,
+             base_version: int | None, worker: str | None,
+             param_groups: dict[str, Any] | None, key: str) -> tuple[dict[str, Any],
+                                                                     dict[str, Any] | None]:
+        """Write the gradients into their slots, step, and return (the answer's scalars, the
+        parameter slots' views or None). The views hold the new values until the next call."""
+        with self._lock:
+            binding = self.binding(session_id)
+            for name, grad in grads.items():
+                slot = binding.grads.get(name)
+                if slot is None:  # a parameter added after binding: bind again, once
+                    self.forget(session_id)
+                    binding = self.binding(session_id)
+                    slot = binding.grads.get(name)
+                    if slot is None:
+                        raise LocalUnavailable(f"no slot for {name!r}")
+                _copy(slot, grad)
+            message: dict[str, Any] = {
+                "op": "step", "binding": binding.number, "grads": list(grads),
+                "return": "params" if return_params else "none", "idempotency_key": key}
+            if base_version is not None:
+                message["base_version"] = base_version
+            if worker is not None:
+                message["worker"] = worker
+            if param_groups:
+                message["param_groups"] = param_groups
+            answer, _ = self.call(message)
+            return answer, binding.params if return_params else None
+
+
+def _copy(dest: Any, src: Any) -> None:
+    """Copy a gradient (torch tensor, numpy array or nested list) into its slot, checking
+    dtype and shape as the server would (no silent casts)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None  # type: ignore[assignment]
+    if torch is not None and isinstance(dest, torch.Tensor):
+        value = src if isinstance(src, torch.Tensor) else torch.as_tensor(np.asarray(src))
+        if value.dtype != dest.dtype or tuple(value.shape) != tuple(dest.shape):
+            raise LocalUnavailable("dtype or shape differ: let the server say which")
+        with torch.no_grad():
+            dest.copy_(value.detach())
+        return
+    arr = np.asarray(src)
+    if arr.dtype != dest.dtype or arr.shape != dest.shape:
+        raise LocalUnavailable("dtype or shape differ: let the server say which")
+    np.copyto(dest, arr)
