@@ -1,0 +1,219 @@
+"""The same-host transport against a real server: steps through shared memory equal
+in-process torch bitwise (SDK ``Client`` and ``RemoteOptimizer``); the socket's path is told
+only to loopback clients; only the server's user can reach it; keys and tenants hold; a crashed
+client's segments are freed; a broken connection is retried with the step's key and applied
+once; and ``transport="http"`` never uses it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import LiveServer, _test_settings
+from fastapi.testclient import TestClient
+
+import optserve
+from app.main import create_app
+
+pytestmark = pytest.mark.integration
+KEY_A, KEY_B = "a" * 24, "b" * 24
+
+
+@pytest.fixture(scope="module")
+def keyed_server() -> Iterator[str]:
+    live = LiveServer(_test_settings(api_keys=f"{KEY_A}:alpha,{KEY_B}:beta",
+                                     durability="memory"))
+    url = live.start()
+    try:
+        yield url
+    finally:
+        live.stop()
+
+
+def socket_path(url: str, key: str = KEY_A) -> str:
+    with optserve.Client(url, api_key=key, transport="http") as c:
+        local = c._request(optserve._api.transport())["local"]
+    assert local is not None
+    return str(local["socket"])
+
+
+def local_adam(p0: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+    p = p0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=1e-2)
+    for g in grads:
+        p.grad = g
+        opt.step()
+    return p.detach()
+
+
+def test_steps_through_shared_memory_equal_torch(keyed_server: str) -> None:
+    p0 = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    grads = [torch.randn(5, 3, generator=torch.Generator().manual_seed(k)) for k in range(4)]
+    with optserve.Client(keyed_server, api_key=KEY_A) as c:
+        info = c.create_session(optimizer="Adam", options={"lr": 1e-2},
+                                params={"w": p0, "b": torch.zeros(2)})
+        results = [c.step(info.id, {"w": g}) for g in grads]
+        assert c._local is not None, "a loopback client uses the same-host transport"
+        assert [r.version for r in results] == [1, 2, 3, 4]
+        assert torch.equal(results[-1].params["w"], local_adam(p0, grads))
+        # each result owns its values (the shared slots are overwritten by the next step)
+        assert not torch.equal(results[0].params["w"], results[-1].params["w"])
+        over_http = c._request(optserve._api.get_params(info.id, None, binary=True))
+        assert torch.equal(over_http.params["w"], results[-1].params["w"])
+
+
+def test_remote_optimizer_over_shared_memory_equals_local_training(keyed_server: str) -> None:
+    torch.manual_seed(0)
+    local_model = torch.nn.Linear(6, 2)
+    remote_model = torch.nn.Linear(6, 2)
+    remote_model.load_state_dict(local_model.state_dict())
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    with optserve.Client(keyed_server, api_key=KEY_A) as c:
+        local = torch.optim.AdamW(local_model.parameters(), lr=1e-2)
+        remote = optserve.RemoteOptimizer(remote_model.parameters(), optimizer="AdamW",
+                                          client=c, lr=1e-2)
+        sched = torch.optim.lr_scheduler.StepLR(remote, 2, 0.5)
+        local_sched = torch.optim.lr_scheduler.StepLR(local, 2, 0.5)
+        for _ in range(6):
+            for model, opt, s in ((local_model, local, local_sched),
+                                  (remote_model, remote, sched)):
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+                s.step()
+        assert c._local is not None
+        for p, q in zip(local_model.parameters(), remote_model.parameters(), strict=True):
+            assert torch.equal(p, q)
+
+
+def test_the_path_is_told_only_to_loopback_clients() -> None:
+    settings = _test_settings(durability="memory")
+    app = create_app(settings)
+    with TestClient(app, client=("10.1.2.3", 5000)) as remote:
+        assert remote.get("/v1/transport").json() == {"local": None}
+    with TestClient(create_app(settings), client=("127.0.0.1", 5000)) as near:
+        local = near.get("/v1/transport").json()["local"]
+        path = Path(local["socket"])
+        assert local["protocol"] == 1 and path.name == "optserve.sock"
+        mode = stat.S_IMODE(path.parent.stat().st_mode)
+        assert mode == 0o700, oct(mode)  # no other local user can enter the directory
+
+
+def frames(sock: socket.socket, message: dict[str, object]) -> dict[str, object]:
+    body = json.dumps(message).encode()
+    sock.sendall(struct.pack("<I", len(body)) + body)
+    data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 4)
+    for fd in fds:
+        os.close(fd)
+    (n,) = struct.unpack("<I", data[:4])
+    while len(data) < 4 + n:
+        data += sock.recv(4 + n - len(data))
+    return dict(json.loads(data[4:4 + n]))
+
+
+def test_keys_and_tenants_hold_on_the_socket(keyed_server: str) -> None:
+    path = socket_path(keyed_server)
+    with optserve.Client(keyed_server, api_key=KEY_A, transport="http") as a:
+        sid = a.create_session(optimizer="SGD", options={"lr": 1.0},
+                               params={"x": torch.tensor([2.0])}).id
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        answer = frames(s, {"op": "hello", "key": "wrong" * 5})
+        assert answer["ok"] is False and answer["problem"]["code"] == "unauthorized"  # type: ignore[index]
+        answer = frames(s, {"op": "bind", "session": sid})
+        assert answer["ok"] is False  # nothing before a valid hello
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:  # another tenant
+        s.connect(path)
+        assert frames(s, {"op": "hello", "key": KEY_B})["ok"] is True
+        answer = frames(s, {"op": "bind", "session": sid})
+        assert answer["ok"] is False
+        assert answer["problem"]["code"] == "session_not_found"  # type: ignore[index]
+        answer = frames(s, {"op": "step", "binding": 1, "grads": []})
+        assert answer["problem"]["code"] == "unknown_binding"  # type: ignore[index]
+
+
+def open_fds() -> set[str]:
+    return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")}
+
+
+def test_a_crashed_client_leaks_no_segment(keyed_server: str) -> None:
+    """The server holds a bound segment only while the binding connection lives: a client
+    killed with SIGKILL takes its segments with it (their memfds close at once)."""
+    path = socket_path(keyed_server)
+    with optserve.Client(keyed_server, api_key=KEY_A, transport="http") as a:
+        sid = a.create_session(optimizer="SGD", options={"lr": 1.0},
+                               params={"x": torch.zeros(1000)}).id
+    segment = f"memfd:optserve-{sid}"
+    assert not any(segment in fd for fd in open_fds())
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import json, socket, struct, sys, time
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.connect({path!r})
+        def call(m):
+            b = json.dumps(m).encode(); s.sendall(struct.pack("<I", len(b)) + b)
+            data, fds, _, _ = socket.recv_fds(s, 1 << 20, 4); return data
+        call({{"op": "hello", "key": {KEY_A!r}}}); call({{"op": "bind", "session": {sid!r}}})
+        print("bound", flush=True); time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "bound"
+        assert any(segment in fd for fd in open_fds())  # the server holds it
+        child.kill()
+        child.wait(10)
+        deadline = time.monotonic() + 10
+        while any(segment in fd for fd in open_fds()):
+            assert time.monotonic() < deadline, "the segment outlived its client"
+            time.sleep(0.05)
+    finally:
+        child.kill()
+        child.wait(10)
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+def test_a_broken_connection_is_retried_with_the_steps_key(keyed_server: str) -> None:
+    """The connection dies after the server applied the step (we close it under the client):
+    the client reconnects, binds again, resends with the same key, and the server answers
+    from its table: one step, not two."""
+    with optserve.Client(keyed_server, api_key=KEY_A) as c:
+        sid = c.create_session(optimizer="SGD", options={"lr": 1.0},
+                               params={"x": torch.tensor([2.0])}).id
+        assert c.step(sid, {"x": torch.tensor([16.0])}).params["x"].tolist() == [-14.0]
+        channel = c._local
+        assert channel is not None
+        real = channel._exchange
+        calls = {"n": 0}
+
+        def flaky(message: dict[str, object]) -> tuple[dict[str, object], list[int]]:
+            answer = real(message)
+            if message.get("op") == "step" and calls["n"] == 0:
+                calls["n"] += 1
+                assert channel._sock is not None
+                channel._sock.close()  # the answer is lost with the connection
+                raise ConnectionResetError("simulated")
+            return answer
+        channel._exchange = flaky  # type: ignore[method-assign]
+        out = c.step(sid, {"x": torch.tensor([-112.0])})
+        assert out.replayed and out.version == 2 and out.params["x"].tolist() == [98.0]
+        assert c.get_session(sid).version == 2
+
+
+def test_transport_http_never_uses_the_socket(keyed_server: str) -> None:
+    with optserve.Client(keyed_server, api_key=KEY_A, transport="http") as c:
+        sid = c.create_session(optimizer="SGD", options={"lr": 1.0},
+                               params={"x": torch.tensor([2.0])}).id
+        assert c.step(sid, {"x": torch.tensor([16.0])}).params["x"].tolist() == [-14.0]
+        assert c._local is None
+    with pytest.raises(ValueError):
+        optserve.Client(keyed_server, transport="carrier-pigeon")
