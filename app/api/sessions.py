@@ -32,6 +32,7 @@ from app.api.deps import EngineDep, SettingsDep, TenantDep
 from app.api.instrument import metrics_of, outcome, phase
 from app.engine.interface import SessionInfo
 from app.errors import Invalid
+from app.wire.dtypes import TORCH_DTYPES
 from app.wire.safetensors_body import read_safetensors, write_safetensors
 from app.wire.tree import tree_to_json, tree_to_safetensors
 
@@ -121,6 +122,11 @@ async def step(
     return_: Annotated[str, Query(alias="return", pattern="^(params|none)$")] = "params",
     base_version: Annotated[int | None, Query(ge=0, description="version the gradients were "
                                               "computed from (or If-Match)")] = None,
+    upcast: Annotated[bool, Query(description="accept float16/bfloat16 gradients for "
+                                  "float32/float64 parameters (widened on the device)")] = False,
+    params_dtype: Annotated[str | None, Query(pattern="^(float16|bfloat16)$",
+                                              description="send the parameters back narrowed "
+                                              "to this dtype")] = None,
 ) -> Response:
     with outcome(metrics_of(request), metrics_of(request).steps, session_id) as counted:
         binary, b64 = wants_binary(request), tensor_encoding(request)
@@ -133,7 +139,9 @@ async def step(
             idem = await idempotency(request, buf)
         result = await engine.step(session_id, grads, return_params=return_ == "params",
                                    worker=worker, base_version=base, tenant=tenant, idem=idem,
-                                   options=options)
+                                   options=options, upcast=upcast,
+                                   params_dtype=TORCH_DTYPES[params_dtype] if params_dtype
+                                   else None)
         if result.skipped:
             counted["outcome"] = "skipped"
         with phase(request, "encode"):
@@ -149,11 +157,13 @@ async def push_grads(
     engine: EngineDep,
     tenant: TenantDep,
     settings: SettingsDep,
+    upcast: Annotated[bool, Query(description="accept float16/bfloat16 gradients for "
+                                  "float32/float64 parameters (widened on the device)")] = False,
 ) -> Response:
     with outcome(metrics_of(request), metrics_of(request).pushes, session_id):
         grads, _, buf = await read_tensors(request, _max_bytes(settings), "grads")
         idem = await idempotency(request, buf)
-        out = await engine.push(session_id, grads, tenant=tenant, idem=idem)
+        out = await engine.push(session_id, grads, tenant=tenant, idem=idem, upcast=upcast)
     return json_response(out.to_json(), headers=_headers(out.version, out.step, out.replayed))
 
 

@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from app.engine.host import EmbeddedHost
 from app.engine.interface import (
     CreateSpec,
@@ -122,16 +124,18 @@ class Front:
         worker: str | None = None, base_version: int | None = None,
         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, params_into: Tensors | None = None,
+        upcast: bool = False, params_dtype: torch.dtype | None = None,
     ) -> StepResult:
         return await self.host.step(session_key(tenant, session_id), grads,
                                     want_params=return_params, worker=worker,
                                     base_version=base_version, idem=idem, options=options,
-                                    params_into=params_into)
+                                    params_into=params_into, upcast=upcast,
+                                    params_dtype=params_dtype)
 
     async def push(self, session_id: str, grads: Tensors, *, tenant: str = DEFAULT_TENANT,
-                   idem: IdemKey | None = None) -> GradsResult:
+                   idem: IdemKey | None = None, upcast: bool = False) -> GradsResult:
         out: GradsResult = await self.host.execute(session_key(tenant, session_id),
-                                                   Push(grads), idem=idem)
+                                                   Push(grads, upcast), idem=idem)
         return out
 
     async def zero_grad(self, session_id: str, *, tenant: str = DEFAULT_TENANT,

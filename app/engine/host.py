@@ -23,6 +23,7 @@ session's create).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -64,6 +65,7 @@ from app.engine.session import Session
 from app.engine.store import Files, Store, StoreCorrupt
 from app.engine.worker import DeviceWorker, Observer
 from app.errors import Conflict, Invalid, NotFound, OptserveError, Unavailable
+from app.wire.safetensors_body import pack
 
 log = logging.getLogger("optserve.engine")
 T = TypeVar("T")
@@ -343,7 +345,8 @@ class EmbeddedHost:
 
     # ------------------------------------------------------------------ operations
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
-                      want_params: bool = False, params_into: Tensors | None = None) -> Any:
+                      want_params: bool = False, params_into: Tensors | None = None,
+                      params_dtype: torch.dtype | None = None) -> Any:
         """Apply one operation to the session, all or nothing; a repeated idempotency key is
         answered from the session's table without applying anything. A step's parameters come
         back packed in a new buffer (``want_params``), or copied into ``params_into`` (views a
@@ -354,9 +357,10 @@ class EmbeddedHost:
                 hit = session.idem.lookup(idem.key, idem.fingerprint)
                 if hit is not None:
                     return await self._worker.run(
-                        lambda: replay_answer(session, op, hit, want_params, params_into))
+                        lambda: replay_answer(session, op, hit, want_params, params_into,
+                                              params_dtype))
             result = await self._run(key, session, op, [idem] if idem else [], want_params,
-                                     params_into=params_into)
+                                     params_into=params_into, params_dtype=params_dtype)
             if isinstance(op, Configure):
                 self._rounds.set(key, self._sessions[key].ps.sync)
         self._version_changed(key)
@@ -366,9 +370,12 @@ class EmbeddedHost:
         self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, params_into: Tensors | None = None,
+        upcast: bool = False, params_dtype: torch.dtype | None = None,
     ) -> StepResult:
         """One step now (async mode), or this worker's push into the open sync round (whose
-        parameters come back packed, ``want_params``, whatever ``params_into`` says)."""
+        parameters come back packed, ``want_params``, whatever ``params_into`` says).
+        ``upcast`` widens float16/bfloat16 gradients of wider parameters on the device;
+        ``params_dtype`` narrows the parameters sent back (the session keeps its own)."""
         if worker is not None:
             ps.check_worker(worker)
         if self._rounds.config(key) is not None:
@@ -385,11 +392,17 @@ class EmbeddedHost:
                         lambda: replay_answer(session, op, hit,
                                               want_params or params_into is not None))
                     return result
-            return await self._rounds.push(key, worker, grads, base_version, idem,
-                                           want_params or params_into is not None)
-        out: StepResult = await self.execute(key, Step(grads, base_version, options=options),
-                                             idem=idem, want_params=want_params,
-                                             params_into=params_into)
+            if upcast:
+                grads = await self._worker.run(lambda: self._widen(key, grads), "upcast")
+            result = await self._rounds.push(key, worker, grads, base_version, idem,
+                                             want_params or params_into is not None)
+            if params_dtype is not None and result.params is not None:
+                result = dataclasses.replace(result, params=pack(
+                    {n: t.to(params_dtype) for n, t in result.params.items()}))
+            return result
+        out: StepResult = await self.execute(
+            key, Step(grads, base_version, options=options, upcast=upcast), idem=idem,
+            want_params=want_params, params_into=params_into, params_dtype=params_dtype)
         return out
 
     async def _check_push(self, key: str, grads: Tensors, base_version: int | None
@@ -416,7 +429,8 @@ class EmbeddedHost:
 
     async def _run(self, key: str, s: Session, op: Operation, keys: list[IdemKey],
                    want_params: bool, sync: dict[str, Any] | None = None,
-                   params_into: Tensors | None = None) -> Any:
+                   params_into: Tensors | None = None,
+                   params_dtype: torch.dtype | None = None) -> Any:
         """check, log ahead, apply (the caller holds the session's lock)."""
         store = self._store if s.durability != "memory" else None
         record_keys = [(k.key, k.fingerprint) for k in keys]
@@ -432,7 +446,7 @@ class EmbeddedHost:
             await self._in_io(lambda: store.append(key, parts, "step"))
             result = await self._worker.run(
                 lambda: self._apply(key, s, op, plan, keys, want_params, before, sync,
-                                    params_into), op.kind)
+                                    params_into, params_dtype), op.kind)
         else:
             def all_at_once() -> Any:
                 if store is None:
@@ -441,7 +455,7 @@ class EmbeddedHost:
                     plan, parts, before = check_and_encode()
                     store.append(key, parts, "interval")
                 return self._apply(key, s, op, plan, keys, want_params, before, sync,
-                                   params_into)
+                                   params_into, params_dtype)
             result = await self._worker.run(all_at_once, op.kind)
         session = self._sessions.get(key)
         if session is not None and self._snapshot_due(session):
@@ -450,7 +464,8 @@ class EmbeddedHost:
 
     def _apply(self, key: str, s: Session, op: Operation, plan: Any, keys: list[IdemKey],
                want_params: bool, before: int | None, sync: dict[str, Any] | None,
-               params_into: Tensors | None = None) -> Any:
+               params_into: Tensors | None = None,
+               params_dtype: torch.dtype | None = None) -> Any:
         """Apply on the worker thread; on failure leave the session and its log as they were."""
         try:
             result = op.apply(s, plan)
@@ -471,8 +486,13 @@ class EmbeddedHost:
             if params_into is not None:
                 result.params = s.copy_params_into(params_into)
             elif want_params:
-                result.params = s.pack_params()
+                result.params = s.pack_params(dtype=params_dtype)
         return result
+
+    def _widen(self, key: str, grads: Tensors) -> Tensors:
+        s = self._get(key)
+        s.check_tensors(grads, "grads", upcast=True)
+        return s.on_device(grads)
 
     def _cut(self, key: str, before: int) -> None:
         assert self._store is not None
@@ -641,7 +661,8 @@ def export_state_dict(s: Session) -> dict[str, Any]:
 
 
 def replay_answer(s: Session, op: Operation, hit: dict[str, Any], want_params: bool,
-                  params_into: Tensors | None = None) -> Any:
+                  params_into: Tensors | None = None,
+                  params_dtype: torch.dtype | None = None) -> Any:
     """The answer to a repeated idempotency key, from what the table kept (no tensors): a step
     returns the session's current parameters (with their version), other operations the
     session as it is now."""
@@ -654,7 +675,7 @@ def replay_answer(s: Session, op: Operation, hit: dict[str, Any], want_params: b
         if params_into is not None:
             result.params = s.copy_params_into(params_into)
         elif want_params:
-            result.params = s.pack_params()
+            result.params = s.pack_params(dtype=params_dtype)
         return result
     if op.kind in ("push", "zero_grad"):
         return GradsResult(int(hit["version"]), int(hit["step"]), list(hit["accumulated"]),

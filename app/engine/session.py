@@ -212,17 +212,21 @@ class Session:
         return total
 
     # ----------------------------------------------------------------- shared checks
-    def check_tensors(self, tensors: Tensors, field: str) -> None:
-        """Names, dtypes and shapes of tensors sent for this session's parameters."""
+    def check_tensors(self, tensors: Tensors, field: str, upcast: bool = False) -> None:
+        """Names, dtypes and shapes of tensors sent for this session's parameters. With
+        ``upcast``, a float16/bfloat16 tensor is also accepted for a wider floating parameter
+        (the caller asked for the widening: never a silent cast, never a narrowing)."""
         for name, t in tensors.items():
             p = self.params.get(name)
             if p is None:
                 raise Invalid(f"unknown parameter {name!r:.80}; this session has "
                               f"{', '.join(repr(n) for n in list(self.params)[:20])}",
                               code="unknown_parameter", field=f"{field}.{name}")
-            if t.dtype != p.dtype:
+            if t.dtype != p.dtype and not (upcast and widens(t.dtype, p.dtype)):
+                hint = (" (send ?upcast=true to widen float16/bfloat16 gradients)"
+                        if widens(t.dtype, p.dtype) else " (no silent casts)")
                 raise Invalid(f"{name!r:.80} is {DTYPE_NAMES[p.dtype]} but the tensor sent is "
-                              f"{DTYPE_NAMES.get(t.dtype, str(t.dtype))} (no silent casts)",
+                              f"{DTYPE_NAMES.get(t.dtype, str(t.dtype))}{hint}",
                               code="dtype_mismatch", field=f"{field}.{name}")
             if t.shape != p.shape:
                 raise Invalid(f"{name!r:.80} has shape {list(p.shape)} but the tensor sent has "
@@ -249,12 +253,19 @@ class Session:
                       code=f"nonfinite_{what}", field=f"{field}.{bad[0]}", names=bad)
 
     def on_device(self, tensors: Tensors) -> Tensors:
-        return {n: t.to(self.device, non_blocking=False) for n, t in tensors.items()}
+        """The tensors on the session's device, each in its parameter's dtype (a widening the
+        caller asked for happens here, once, on the device)."""
+        out = {}
+        for n, t in tensors.items():
+            t = t.to(self.device, non_blocking=False)
+            dtype = self.params[n].dtype if n in self.params else t.dtype
+            out[n] = t if t.dtype == dtype else t.to(dtype)
+        return out
 
-    def check_grads(self, grads: Tensors) -> Tensors:
+    def check_grads(self, grads: Tensors, upcast: bool = False) -> Tensors:
         """Gradients checked (names, dtypes, shapes, the non-finite policy) and on the device;
         changes nothing."""
-        self.check_tensors(grads, "grads")
+        self.check_tensors(grads, "grads", upcast)
         grads = self.on_device(grads)
         bad = self.nonfinite_names(grads)
         if bad and self.nonfinite == "reject":
@@ -282,10 +293,15 @@ class Session:
                 view.copy_(self.params[name])
         return dest
 
-    def pack_params(self, names: list[str] | None = None) -> PackedTensors:
+    def pack_params(self, names: list[str] | None = None,
+                    dtype: torch.dtype | None = None) -> PackedTensors:
         """CPU copies later steps cannot change, packed in one buffer (one copy in all, and
-        none more to send them as safetensors)."""
+        none more to send them as safetensors); narrowed to ``dtype`` where asked (floating
+        parameters only, never widened)."""
         chosen = self.params if names is None else {n: self.params[n] for n in names}
+        if dtype is not None:
+            chosen = {n: p.to(dtype) if p.element_size() > dtype.itemsize else p
+                      for n, p in chosen.items()}
         return pack(chosen)
 
     # ----------------------------------------------------------------- persistence
@@ -358,6 +374,14 @@ class Session:
         session.created_by = (str(created[0]), str(created[1])) if created else None
         session.accum = {n: t.to(device=device, copy=True) for n, t in tree["accum"].items()}
         return session
+
+
+_NARROW = (torch.float16, torch.bfloat16)
+
+
+def widens(sent: torch.dtype, param: torch.dtype) -> bool:
+    """A float16/bfloat16 tensor for a float32/float64 parameter (an exact widening)."""
+    return sent in _NARROW and param in (torch.float32, torch.float64)
 
 
 def check_param_tensor(name: str, t: torch.Tensor, field: str) -> None:

@@ -404,3 +404,32 @@ def test_list_and_delete_sessions(client: optserve.Client) -> None:
     assert sid not in {s.id for s in client.list_sessions()}
     with pytest.raises(optserve.NotFoundError):
         client.delete_session(sid)
+
+
+def test_narrow_gradients_are_widened_on_request_and_params_narrowed(live_server: str) -> None:
+    """bfloat16 gradients for float32 parameters: refused without ``upcast`` (no silent
+    casts), with it the session equals a local run on the widened gradients, and
+    ``params_dtype`` narrows only the answer."""
+    import optserve
+
+    p0 = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    grads = [torch.randn(64, generator=torch.Generator().manual_seed(k)).bfloat16()
+             for k in range(3)]
+    local = p0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([local], lr=1e-2)
+    with optserve.Client(live_server, transport="http") as c:
+        sid = c.create_session(optimizer="Adam", options={"lr": 1e-2}, params={"p": p0}).id
+        with pytest.raises(optserve.ValidationError) as info:
+            c.step(sid, {"p": grads[0]})
+        assert info.value.code == "dtype_mismatch" and "upcast" in (info.value.detail or "")
+        for binary in (True, False):
+            for g in grads:
+                out = c.step(sid, {"p": g}, upcast=True, params_dtype="bfloat16",
+                             binary=binary)
+                local.grad = g.float()
+                opt.step()
+                assert out.params is not None and out.params["p"].dtype == torch.bfloat16
+                assert torch.equal(out.params["p"], local.detach().bfloat16())
+        master = c.get_params(sid).params["p"]
+        assert master.dtype == torch.float32 and torch.equal(master, local.detach())
+        c.delete_session(sid)

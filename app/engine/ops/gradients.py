@@ -60,9 +60,12 @@ class Step(Operation):
     #: per-group option changes made with this step, atomically (validated like a PATCH): the
     #: one round trip per step a local scheduler changing lr and betas needs
     options: dict[int, dict[str, Any]] | None = None
+    #: float16/bfloat16 gradients for wider parameters are widened on the device (the record
+    #: keeps the narrow ones; replay widens them the same way)
+    upcast: bool = False
 
     def check(self, s: Session) -> StepPlan:
-        s.check_tensors(self.grads, "grads")
+        s.check_tensors(self.grads, "grads", self.upcast)
         changes = check_group_changes(s, self.options) if self.options else {}
         staleness, lr_div = None, self.lr_div
         if self.base_version is not None:
@@ -148,6 +151,8 @@ class Step(Operation):
             out["lr_div"] = self.lr_div
         if self.options:
             out["options"] = {str(i): opts for i, opts in self.options.items()}
+        if self.upcast:
+            out["upcast"] = True
         return out
 
     @classmethod
@@ -157,7 +162,8 @@ class Step(Operation):
         options = tree.get("options")
         return cls(dict(tree["grads"]), None if base is None else int(base),
                    None if lr_div is None else float(lr_div),
-                   {int(i): dict(o) for i, o in options.items()} if options else None)
+                   {int(i): dict(o) for i, o in options.items()} if options else None,
+                   bool(tree.get("upcast", False)))
 
 
 @register
@@ -167,9 +173,10 @@ class Push(Operation):
 
     kind = "push"
     grads: Tensors
+    upcast: bool = False
 
     def check(self, s: Session) -> Tensors:
-        return s.check_grads(self.grads)
+        return s.check_grads(self.grads, self.upcast)
 
     def apply(self, s: Session, plan: Tensors) -> GradsResult:
         # out of place: a failure half-way leaves the accumulator as it was
@@ -178,11 +185,11 @@ class Push(Operation):
         return GradsResult(s.version, s.step_count, sorted(s.accum))
 
     def to_tree(self) -> dict[str, Any]:
-        return {"grads": self.grads}
+        return {"grads": self.grads, **({"upcast": True} if self.upcast else {})}
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> Push:
-        return cls(dict(tree["grads"]))
+        return cls(dict(tree["grads"]), bool(tree.get("upcast", False)))
 
 
 @register

@@ -392,6 +392,8 @@ def step(
     worker: str | None = None,
     base_version: int | None = None,
     param_groups: Mapping[int, Mapping[str, Any]] | None = None,
+    upcast: bool = False,
+    params_dtype: str | None = None,
 ) -> APICall[StepResult]:
     wires = T.encode_tensor_map(grads or {}, "grads")
     changes = group_changes(param_groups)
@@ -406,6 +408,12 @@ def step(
                                      "param_groups": changes})
     query: list[tuple[str, str]] = []
     headers: dict[str, str] = {}
+    if upcast:
+        query.append(("upcast", "true"))
+    if params_dtype is not None:
+        if params_dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"params_dtype must be 'float16' or 'bfloat16', got {params_dtype!r}")
+        query.append(("params_dtype", params_dtype))
     if base_version is not None:
         if not isinstance(base_version, int) or isinstance(base_version, bool) \
                 or base_version < 0:

@@ -239,8 +239,15 @@ class Client(SyncAPIClient):
         worker: str | None = None,
         base_version: int | None = None,
         param_groups: Mapping[int, Mapping[str, Any]] | None = None,
+        upcast: bool = False,
+        params_dtype: str | None = None,
     ) -> StepResult:
         """``POST .../step``: apply ``grads`` (plus anything accumulated) and step.
+
+        Narrower wires: with ``upcast=True`` float16/bfloat16 gradients are accepted for
+        float32/float64 parameters (the server widens them once on its device and keeps its
+        own precision); ``params_dtype="bfloat16"`` (or ``"float16"``) sends the parameters
+        back narrowed.
 
         ``param_groups`` changes group options with the step, atomically (``{0: {"lr": 1e-3,
         "betas": (0.9, 0.99)}}``): validated like :meth:`update_param_group`, a refused option
@@ -258,7 +265,8 @@ class Client(SyncAPIClient):
         ``max_staleness`` (a :class:`ConflictError` with ``code == "stale_gradient"`` and
         ``problem["current_version"]``) and used for ``staleness_lr``.
         """
-        if self.transport != "http" and grads is not None:
+        if self.transport != "http" and grads is not None and not upcast \
+                and params_dtype is None:
             local = self._step_local(id, grads, return_params=return_params, worker=worker,
                                      base_version=base_version, param_groups=param_groups,
                                      views=False)
@@ -266,7 +274,8 @@ class Client(SyncAPIClient):
                 return local
         return self._request(_api.step(id, grads, return_params=return_params, binary=binary,
                                        worker=worker, base_version=base_version,
-                                       param_groups=param_groups))
+                                       param_groups=param_groups, upcast=upcast,
+                                       params_dtype=params_dtype))
 
     def push_grads(
         self, id: str, grads: Mapping[str, TensorLike], *, binary: bool = True

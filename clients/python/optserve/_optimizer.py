@@ -86,6 +86,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
             {...}}``); the learning rates it sets come back after each step. A torch
             ``lr_scheduler`` running locally against this optimizer works too.
         binary: tensors travel as safetensors (default) or JSON.
+        wire_dtype: ``"bfloat16"`` or ``"float16"``: gradients travel narrowed and the new
+            parameters come back narrowed (half the bytes each way); the server keeps its
+            master weights and optimizer state in the parameters' own dtype and widens the
+            gradients on its device, so the local parameters hold the narrowed values of the
+            server's (mixed-precision training with the master copy on the server).
         worker: join the existing session ``session_id`` as this worker (parameter-server
             mode) instead of creating one; its parameter names must be the ones this
             optimizer gives (``(name, tensor)`` pairs, else ``"0"``, ``"1"``, ...), group by
@@ -103,6 +108,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         session_id: str | None = None,
         scheduler: str | Mapping[str, Any] | None = None,
         binary: bool = True,
+        wire_dtype: str | None = None,
         worker: str | None = None,
         **options: Any,
     ) -> None:
@@ -137,7 +143,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
         self._owns_client = client is None
         self._client: Client = client if client is not None else Client()
+        if wire_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"wire_dtype must be None, 'bfloat16' or 'float16', got "
+                             f"{wire_dtype!r}")
         self._binary = binary
+        self._wire_dtype = getattr(torch, wire_dtype) if wire_dtype else None
         self._optimizer_name = optimizer
         self._param_names: list[list[str]] = []
         self._by_name: dict[str, torch.Tensor] = {}
@@ -320,7 +330,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     grads[name] = p.grad
         base = self._version if self._worker is not None else None
         result = None
-        if self._client.transport != "http":
+        wire = self._wire_dtype
+        if wire is not None:  # narrower gradients on the wire; the server widens them
+            grads = {n: g.to(wire) if g.is_floating_point() and g.element_size() >
+                     wire.itemsize else g for n, g in grads.items()}
+        if self._client.transport != "http" and wire is None:
             # same host: gradients and new values through shared memory; the values are
             # copied from the shared slots straight into the parameters
             result = self._client._step_local(
@@ -329,7 +343,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if result is None:
             result = self._client.step(self._session_id, grads, return_params=True,
                                        binary=self._binary, worker=self._worker,
-                                       base_version=base, param_groups=changes or None)
+                                       base_version=base, param_groups=changes or None,
+                                       upcast=wire is not None,
+                                       params_dtype=str(wire).removeprefix("torch.")
+                                       if wire is not None else None)
         self._sent(changes)
         if result.params is not None:
             self._copy_in(result.params)
