@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.settings = settings
         app.state.metrics = metrics
+        app.state.pin_bodies = engine.device.startswith("cuda")
         local = None
         if settings.local_transport:
             local = LocalTransport(engine, keys, DEFAULT_TENANT, settings.local_dir)

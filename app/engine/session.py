@@ -257,7 +257,9 @@ class Session:
         caller asked for happens here, once, on the device)."""
         out = {}
         for n, t in tensors.items():
-            t = t.to(self.device, non_blocking=False)
+            # from pinned host memory (request bodies when the device is a GPU) the copy is
+            # asynchronous; the step's kernels run after it on the same stream
+            t = t.to(self.device, non_blocking=self.device.type == "cuda" and t.is_pinned())
             dtype = self.params[n].dtype if n in self.params else t.dtype
             out[n] = t if t.dtype == dtype else t.to(dtype)
         return out
