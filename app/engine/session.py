@@ -142,15 +142,10 @@ class Session:
                 return cls(tiny, **defaults)
             schedulers.probe(sched_spec, make_probe, "scheduler")
 
-        params: dict[str, torch.Tensor] = {}
+        params = flat_block({n: t for g in groups for n, t in g.params.items()}, device)
         torch_groups = []
         for group, opts in zip(groups, group_opts, strict=True):
-            named = []
-            for name, t in group.params.items():
-                p = t.detach().to(device=device, copy=True).contiguous()
-                params[name] = p
-                named.append((name, p))
-            torch_groups.append({"params": named, **opts})
+            torch_groups.append({"params": [(n, params[n]) for n in group.params], **opts})
         try:
             optimizer = cls(torch_groups, **defaults)
         except optimizers.TORCH_ERRORS as exc:
@@ -239,9 +234,30 @@ class Session:
         # A sum is finite only when every element is (NaN and infinities propagate), and it
         # costs a fraction of isfinite().all() (no N-element mask; ~40x less on a CPU). A
         # non-finite sum may also be a finite overflow: those tensors get the exact test.
-        names = list(tensors)
-        sums = torch.stack([t.sum().isfinite() for t in tensors.values()]).cpu().tolist()
-        suspects = [n for n, ok in zip(names, sums, strict=True) if not ok]
+        # Tensors that tile one span of one storage (the gradients of one request body) are
+        # summed as that one span first: one reduction instead of one per tensor.
+        spans: dict[tuple[int, torch.dtype, str], list[str]] = {}
+        for name, t in tensors.items():
+            if t.numel() and t.is_contiguous():
+                key = (t.untyped_storage().data_ptr(), t.dtype, str(t.device))
+                spans.setdefault(key, []).append(name)
+        suspects: list[str] = []
+        checked: set[str] = set()
+        for group in spans.values():
+            if len(group) < 2:
+                continue
+            ts = [tensors[n] for n in group]
+            lo = min(t.storage_offset() for t in ts)
+            hi = max(t.storage_offset() + t.numel() for t in ts)
+            if hi - lo == sum(t.numel() for t in ts):
+                span = ts[0].new_empty(0).set_(ts[0].untyped_storage(), lo, (hi - lo,), (1,))
+                checked.update(group)
+                if not bool(span.sum().isfinite()):
+                    suspects.extend(group)
+        rest = [n for n in tensors if n not in checked]
+        if rest:
+            sums = torch.stack([tensors[n].sum().isfinite() for n in rest]).cpu().tolist()
+            suspects.extend(n for n, ok in zip(rest, sums, strict=True) if not ok)
         if not suspects:
             return []
         flags = torch.stack([torch.isfinite(tensors[n]).all() for n in suspects]).cpu().tolist()
@@ -300,6 +316,10 @@ class Session:
         """CPU copies later steps cannot change, packed in one buffer (one copy in all, and
         none more to send them as safetensors); narrowed to ``dtype`` where asked (floating
         parameters only, never widened)."""
+        if names is None and dtype is None:
+            whole = pack_block(self.params)
+            if whole is not None:
+                return whole
         chosen = self.params if names is None else {n: self.params[n] for n in names}
         if dtype is not None:
             chosen = {n: p.to(dtype) if p.element_size() > dtype.itemsize else p
@@ -376,6 +396,60 @@ class Session:
         session.created_by = (str(created[0]), str(created[1])) if created else None
         session.accum = {n: t.to(device=device, copy=True) for n, t in tree["accum"].items()}
         return session
+
+
+def flat_block(tensors: Tensors, device: torch.device) -> Tensors:
+    """Copies of ``tensors`` on ``device`` as views into one buffer, laid out as :func:`pack`
+    lays them out (widest dtype first): every parameter of a session is its own tensor to
+    torch, and the whole session can be copied out at once (:func:`pack_block`)."""
+    order = sorted(tensors, key=lambda n: -tensors[n].element_size())
+    total = sum(tensors[n].numel() * tensors[n].element_size() for n in order)
+    block = torch.empty(total, dtype=torch.uint8, device=device)
+    out: Tensors = {}
+    pos = 0
+    with torch.no_grad():
+        for name in order:
+            t = tensors[name].detach()
+            n = t.numel() * t.element_size()
+            view = block[pos:pos + n].view(t.dtype).view(t.shape)
+            view.copy_(t)
+            out[name] = view
+            pos += n
+    return {name: out[name] for name in tensors}
+
+
+def pack_block(params: Tensors) -> PackedTensors | None:
+    """All of ``params`` copied out with one copy, when they tile one :func:`flat_block` in
+    :func:`pack`'s order; else None."""
+    order = sorted(params, key=lambda n: -params[n].element_size())
+    if not order:
+        return None
+    first = params[order[0]]
+    storage = first.untyped_storage()
+    pos = first.storage_offset() * first.element_size()
+    start = pos
+    for name in order:
+        t = params[name]
+        if t.untyped_storage().data_ptr() != storage.data_ptr() or not t.is_contiguous() \
+                or t.storage_offset() * t.element_size() != pos:
+            return None
+        pos += t.numel() * t.element_size()
+    cuda = first.is_cuda
+    base = torch.empty(pos - start, dtype=torch.uint8, pin_memory=cuda)
+    flat = torch.empty(0, dtype=torch.uint8, device=first.device).set_(
+        storage, start, (pos - start,), (1,))
+    base.copy_(flat, non_blocking=cuda)
+    if cuda:
+        torch.cuda.current_stream().synchronize()
+    out = PackedTensors()
+    at = 0
+    for name in order:
+        t = params[name]
+        n = t.numel() * t.element_size()
+        out[name] = base[at:at + n].view(t.dtype).view(t.shape)
+        at += n
+    out.buffer = base.numpy().data
+    return out
 
 
 _NARROW = (torch.float16, torch.bfloat16)

@@ -7,11 +7,11 @@ The reader returns tensors that are views into the given buffer where alignment 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
 import torch
 
 from app.errors import BadRequest, Invalid
@@ -33,8 +33,8 @@ def read_safetensors(
         raise BadRequest(f"safetensors header claims {n} bytes but the body has {len(buf) - 8}",
                          code="invalid_safetensors", field=field)
     try:
-        header = json.loads(bytes(buf[8 : 8 + n]))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        header = orjson.loads(bytes(buf[8 : 8 + n]))
+    except (UnicodeDecodeError, ValueError, RecursionError, orjson.JSONDecodeError):
         raise BadRequest("safetensors header is not valid JSON", code="invalid_safetensors",
                          field=field) from None
     if not isinstance(header, dict):
@@ -50,6 +50,8 @@ def read_safetensors(
     data_start = 8 + n
     data_len = len(buf) - data_start
     view = memoryview(buf)[data_start:]
+    # one tensor over the whole data section; each tensor is a view of a slice of it (no copy)
+    base = torch.frombuffer(view, dtype=torch.uint8) if writable and data_len else None
     spans: list[tuple[int, int, str]] = []
     tensors: dict[str, torch.Tensor] = {}
     for name, info in header.items():
@@ -69,7 +71,7 @@ def read_safetensors(
                              field=f"{where}.data_offsets")
         begin, end = offsets
         dtype = TORCH_DTYPES[SAFETENSORS_NAMES[st_dtype]]
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         numel = math.prod(shape)
         if not 0 <= begin <= end <= data_len:
             raise BadRequest(f"data_offsets [{begin}, {end}] fall outside the {data_len} data "
@@ -82,8 +84,8 @@ def read_safetensors(
         spans.append((begin, end, name))
         if numel == 0:
             tensors[name] = torch.empty(shape, dtype=dtype)
-        elif begin % itemsize == 0 and writable:
-            tensors[name] = torch.frombuffer(view[begin:end], dtype=dtype).reshape(shape)
+        elif base is not None and begin % itemsize == 0:
+            tensors[name] = base[begin:end].view(dtype).view(shape)
         else:
             chunk = bytearray(view[begin:end])
             tensors[name] = torch.frombuffer(chunk, dtype=dtype).reshape(shape)
@@ -114,7 +116,7 @@ def safetensors_header(
         header[name] = {"dtype": _ST_DTYPE[t.dtype], "shape": list(t.shape),
                         "data_offsets": [pos, pos + n]}
         pos += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw = orjson.dumps(header)
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw
 

@@ -10,7 +10,7 @@ import torch
 from app.engine import optimizers, schedulers
 from app.engine.interface import GroupSpec, ParamsResult, SessionInfo, Tensors
 from app.engine.ops.base import Operation, register
-from app.engine.session import Session, check_param_name, check_param_tensor
+from app.engine.session import Session, check_param_name, check_param_tensor, flat_block
 from app.errors import Invalid
 
 _PROBE_NAME = "__optserve_probe__"
@@ -86,9 +86,7 @@ class AddParamGroup(Operation):
                          [*s.group_dtypes(), dtype], s.device, fields, where, check=[index])
         if s.scheduler is not None:
             _scheduler_takes_group(s, opts, dtype, where)
-        tensors = {n: t.detach().to(device=s.device, copy=True).contiguous()
-                   for n, t in self.params.items()}
-        return GroupPlan(opts, tensors)
+        return GroupPlan(opts, flat_block(self.params, s.device))
 
     def apply(self, s: Session, plan: GroupPlan) -> SessionInfo:
         named = list(plan.params.items())
