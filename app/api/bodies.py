@@ -219,6 +219,40 @@ async def read_tensors(
     return tensors, fields, buf
 
 
+def answer_in_place(tensors: dict[str, torch.Tensor],
+                    buf: bytearray | memoryview) -> PackedTensors | None:
+    """The gradients of a safetensors body as the buffer its answer can be written into: when
+    every tensor is a view into the body and together they tile its data section, the new
+    parameters (same names, dtypes, shapes) are copied over the spent gradients and the same
+    bytes go back with a new header: no 40 MB allocation and no page faults per 1e7 step."""
+    if not tensors or len(buf) < 8:
+        return None
+    header_len = int.from_bytes(bytes(buf[:8]), "little")
+    data = memoryview(buf)[8 + header_len:]
+    if not len(data):
+        return None
+    start = np.frombuffer(data, dtype=np.uint8).ctypes.data
+    spans = []
+    for name, t in tensors.items():
+        if not t.is_contiguous() or t.device.type != "cpu":
+            return None
+        offset = t.data_ptr() - start
+        spans.append((offset, name, t.numel() * t.element_size()))
+    spans.sort()
+    pos = 0
+    for offset, _, nbytes in spans:
+        if offset != pos:
+            return None
+        pos += nbytes
+    if pos != len(data):
+        return None
+    out = PackedTensors()
+    for _, name, _ in spans:
+        out[name] = tensors[name]
+    out.buffer = data
+    return out
+
+
 class PartsResponse(Response):
     """A body sent as several buffers (a header and a large payload) without joining them."""
 

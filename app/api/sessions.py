@@ -14,6 +14,7 @@ from app.api import conditions
 from app.api import requests as parse
 from app.api.bodies import (
     BINARY,
+    answer_in_place,
     body_kind,
     json_object,
     json_response,
@@ -137,11 +138,15 @@ async def step(
                                                     STEP_FIELDS)
             options = parse.step_options(fields.get("param_groups"))
             idem = await idempotency(request, buf)
+            # a binary answer of every parameter can be written over the spent gradients
+            in_place = (answer_in_place(grads, buf) if binary and return_ == "params"
+                        and body_kind(request) == "binary" and not upcast
+                        and params_dtype is None else None)
         result = await engine.step(session_id, grads, return_params=return_ == "params",
                                    worker=worker, base_version=base, tenant=tenant, idem=idem,
                                    options=options, upcast=upcast,
                                    params_dtype=TORCH_DTYPES[params_dtype] if params_dtype
-                                   else None)
+                                   else None, params_into=in_place)
         if result.skipped:
             counted["outcome"] = "skipped"
         with phase(request, "encode"):

@@ -483,9 +483,9 @@ class EmbeddedHost:
         for k in keys:
             s.idem.remember(k.key, k.fingerprint, answer)
         if isinstance(result, StepResult):
-            if params_into is not None:
+            if params_into is not None and params_into.keys() == s.params.keys():
                 result.params = s.copy_params_into(params_into)
-            elif want_params:
+            elif want_params or params_into is not None:
                 result.params = s.pack_params(dtype=params_dtype)
         return result
 
@@ -672,9 +672,9 @@ def replay_answer(s: Session, op: Operation, hit: dict[str, Any], want_params: b
                             nonfinite=list(hit.get("nonfinite", [])), sync=hit.get("sync"),
                             staleness=hit.get("staleness"), replayed=True,
                             params_version=s.version)
-        if params_into is not None:
+        if params_into is not None and params_into.keys() == s.params.keys():
             result.params = s.copy_params_into(params_into)
-        elif want_params:
+        elif want_params or params_into is not None:
             result.params = s.pack_params(dtype=params_dtype)
         return result
     if op.kind in ("push", "zero_grad"):

@@ -79,8 +79,9 @@ def sent(live_server: str) -> Iterator[tuple[optserve.Client, list[str]]]:
     """A client and the list of requests it sends ("METHOD last-path-segment")."""
     log: list[str] = []
     hook = lambda r: log.append(f"{r.method} {r.url.path.rsplit('/', 1)[-1]}")  # noqa: E731
-    with httpx.Client(event_hooks={"request": [hook]}) as http:
-        yield optserve.Client(live_server, http_client=http), log
+    with httpx.Client(event_hooks={"request": [hook]}) as http, \
+            optserve.Client(live_server, http_client=http, transport="http") as client:
+        yield client, log
 
 
 def test_drop_in_adam_with_local_steplr(sent: tuple[optserve.Client, list[str]]) -> None:

@@ -186,15 +186,15 @@ class LocalChannel:
         parameter slots' views or None). The views hold the new values until the next call."""
         with self._lock:
             binding = self.binding(session_id)
+            if any(name not in binding.grads for name in grads):
+                # parameters added since binding (add_param_group): bind again, once
+                self.forget(session_id)
+                binding = self.binding(session_id)
+                missing = [name for name in grads if name not in binding.grads]
+                if missing:
+                    raise LocalUnavailable(f"no slot for {missing[0]!r}")
             for name, grad in grads.items():
-                slot = binding.grads.get(name)
-                if slot is None:  # a parameter added after binding: bind again, once
-                    self.forget(session_id)
-                    binding = self.binding(session_id)
-                    slot = binding.grads.get(name)
-                    if slot is None:
-                        raise LocalUnavailable(f"no slot for {name!r}")
-                _copy(slot, grad)
+                _copy(binding.grads[name], grad)
             message: dict[str, Any] = {
                 "op": "step", "binding": binding.number, "grads": list(grads),
                 "return": "params" if return_params else "none", "idempotency_key": key}
