@@ -536,16 +536,22 @@ class Store:
             log.error("truncating %s back to %d bytes failed: %s (retried before its next "
                       "write)", lg.path, lg.good, exc)
             lg.repair = True
-            try:
-                self.files.pwritev(lg.fd, [bytes(_REC_HEAD.size)], lg.good)
-                self.files.fsync(lg.fd)
-            except OSError as again:
-                log.error("zeroing the failed record's header in %s: %s", lg.path, again)
+            self._spoil(lg)
+
+    def _spoil(self, lg: _Log) -> None:
+        """Zero the header of the record at ``lg.good`` (one that could not be cut off): a
+        crash before the repair then leaves a torn tail, which restart drops."""
+        try:
+            self.files.pwritev(lg.fd, [bytes(_REC_HEAD.size)], lg.good)
+            self.files.fsync(lg.fd)
+        except OSError as exc:
+            log.error("zeroing the header of the record at byte %d of %s: %s", lg.good,
+                      lg.path, exc)
 
     def truncate(self, session_id: str, length: int) -> None:
         """Drop the records past ``length`` (an operation that was logged but could not be
         applied). Raises OSError when the file cannot be cut (the log is then marked for repair
-        and cut before its next write)."""
+        and cut before its next write, and the record's header is zeroed meanwhile)."""
         lg = self._log(session_id)
         with lg.lock:
             lg.good = min(lg.good, length)
@@ -555,6 +561,7 @@ class Store:
                 lg.repair = False
             except OSError:
                 lg.repair = True
+                self._spoil(lg)
                 raise
 
     def repair(self) -> None:

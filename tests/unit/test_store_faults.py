@@ -502,3 +502,46 @@ def test_create_that_cannot_be_stored_leaves_nothing(tmp_path: Path, call: str,
         finally:
             await eng.stop(snapshot=False)
     run(go())
+
+
+@pytest.mark.parametrize("then", ["next-append-repairs", "crash-before-repair"])
+def test_refused_apply_whose_cut_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       then: str) -> None:
+    """The record is written and fsynced, then the apply refuses cleanly (torch raising before
+    it changed anything, simulated) and the cut of the record fails too: the log is marked
+    for repair; a crash before the repair must not replay the refused step."""
+    from app.engine.ops import Step
+
+    files = FaultyFiles()
+    real_apply = Step.apply
+    refuse = {"next": False}
+
+    def apply(self: Step, s: Any, plan: Any) -> Any:
+        if refuse["next"]:
+            refuse["next"] = False
+            raise ValueError("simulated: torch refused the step")
+        return real_apply(self, s, plan)
+    monkeypatch.setattr(Step, "apply", apply)
+
+    async def go() -> None:
+        pair = Pair(engine(tmp_path, files, "step"))
+        await pair.start()
+        await pair.step()
+        wal = wal_of(tmp_path)
+        before = read_log(wal)
+        refuse["next"] = True
+        cut = files.arm("ftruncate", errno.EIO)
+        with pytest.raises(ValueError, match="simulated"):
+            await pair.eng.step(SID, grad(pair.k), return_params=False)
+        assert cut.hits == 1
+        assert wal.stat().st_size > before[1]
+        await pair.assert_same()
+        status = await pair.eng.status()
+        assert not status.ready and status.reason is not None and "repair" in status.reason
+        if then == "next-append-repairs":
+            await pair.step()
+            assert len(read_log(wal)[0]) == len(before[0]) + 1
+            assert (await pair.eng.status()).ready
+        await pair.stop()
+        await pair.assert_restart_same(tmp_path)
+    run(go())
