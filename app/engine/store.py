@@ -11,10 +11,13 @@ Layout under the data directory::
 The log is written ahead: a record reaches the file (and, for durability ``step``, the disk)
 before its operation touches the session, so a failed write or fsync leaves nothing applied.
 A failed append truncates the file back to its last good length; when even that fails, the
-log is marked for repair, every later append to it first retries the truncate, and
-:meth:`Store.health` names the problem until it succeeds. The interval flusher never dies: a
-failed background fsync marks the log *suspect* (the kernel may have dropped pages it could not
-write), and the engine heals such a log by writing a fresh snapshot from memory.
+log is marked for repair, the failed record's header is zeroed (so a crash before the repair
+leaves a torn tail, never a refused operation), every later append to it first retries the
+truncate, and :meth:`Store.health` names the problem until it succeeds. The interval flusher
+never dies: a failed background fsync marks the log *suspect* (the kernel may have dropped
+pages it could not write), health reports it, and the engine heals such a log by writing a
+fresh snapshot from memory. After ENOSPC, health reports the full disk until the free space
+would take the write that failed (a small probe may fit where a large record does not).
 
 Snapshots are written atomically (temp file, fsync, rename, fsync the directory). On reading, a
 damaged record (bad header, length past the end of the file, payload checksum) with no valid
@@ -461,7 +464,8 @@ class Store:
         try:
             lg = self._log(session_id)
         except OSError as exc:  # its records stay: replay skips what the snapshot holds
-            log.warning("opening the log of %s after a snapshot failed: %s", session_id, exc)
+            log.warning("opening the log of %s after its snapshot: %s (its records stay and "
+                        "are skipped at replay)", session_id, exc)
             return
         with lg.lock:
             # A crash between the rename above and this truncate is harmless: replay skips the
