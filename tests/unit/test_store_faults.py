@@ -309,8 +309,9 @@ def test_failed_fsync_of_a_step_record_applies_nothing(tmp_path: Path, err: int)
 
 # --------------------------------------------------------------------------- background fsync
 
+@pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC])
 def test_failed_background_fsync_marks_the_log_suspect_and_maintenance_heals_it(
-        tmp_path: Path) -> None:
+        tmp_path: Path, err: int) -> None:
     """Durability ``interval``: the flusher's fsync fails. The step was acknowledged already
     (that is what ``interval`` means); the flusher lives on, marks the log suspect, health
     (readiness) reports it until the engine's maintenance writes a fresh snapshot from memory
@@ -326,7 +327,7 @@ def test_failed_background_fsync_marks_the_log_suspect_and_maintenance_heals_it(
         assert store is not None
         flusher = store._flusher
         blocked = files.arm("replace", errno.EIO, target="other", times=-1, dst="snapshot.bin")
-        fsync_fault = files.arm("fsync", errno.EIO)
+        fsync_fault = files.arm("fsync", err)
         await pair.step()  # acknowledged at once; its background fsync fails
 
         async def suspect() -> bool:
@@ -335,7 +336,7 @@ def test_failed_background_fsync_marks_the_log_suspect_and_maintenance_heals_it(
         assert fsync_fault.hits == 1 and flusher.is_alive()
         status = await eng.status()
         assert not status.ready and status.reason is not None
-        assert "Input/output error" in status.reason, status.reason
+        assert os.strerror(err) in status.reason, status.reason
 
         async def tried_to_heal() -> bool:
             return blocked.hits >= 1
