@@ -11,10 +11,13 @@ Layout under the data directory::
 The log is written ahead: a record reaches the file (and, for durability ``step``, the disk)
 before its operation touches the session, so a failed write or fsync leaves nothing applied.
 A failed append truncates the file back to its last good length; when even that fails, the
-log is marked for repair, every later append to it first retries the truncate, and
-:meth:`Store.health` names the problem until it succeeds. The interval flusher never dies: a
-failed background fsync marks the log *suspect* (the kernel may have dropped pages it could not
-write), and the engine heals such a log by writing a fresh snapshot from memory.
+log is marked for repair, the failed record's header is zeroed (so a crash before the repair
+leaves a torn tail, never a refused operation), every later append to it first retries the
+truncate, and :meth:`Store.health` names the problem until it succeeds. The interval flusher
+never dies: a failed background fsync marks the log *suspect* (the kernel may have dropped
+pages it could not write), health reports it, and the engine heals such a log by writing a
+fresh snapshot from memory. After ENOSPC, health reports the full disk until the free space
+would take the write that failed (a small probe may fit where a large record does not).
 
 Snapshots are written atomically (temp file, fsync, rename, fsync the directory). On reading, a
 damaged record (bad header, length past the end of the file, payload checksum) with no valid
@@ -107,6 +110,10 @@ class Files:
 
     def mkdir(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
+
+    def free_bytes(self, path: Path) -> int:
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize
 
 
 def _write_all(files: Files, fd: int, parts: Sequence[Buffer], offset: int) -> int:
@@ -275,6 +282,7 @@ class Store:
         self._flusher = threading.Thread(target=self._flush_loop, name="optserve-fsync",
                                          daemon=True)
         self._error: str | None = None  # the last storage failure, until a write succeeds
+        self._need = 0  # bytes the last write that found no space needed (0: not ENOSPC)
 
     # ------------------------------------------------------------- lifecycle and health
     def open(self) -> None:
@@ -314,29 +322,43 @@ class Store:
         """Why the store cannot write now (readiness answers 503 with it), or None."""
         with self._lock:
             broken = [lg.path for lg in self._logs.values() if lg.repair]
-            error = self._error
-        if error is None and not broken:
+            suspect = [lg.suspect for lg in self._logs.values() if lg.suspect is not None]
+            error, need = self._error, self._need
+        if error is None and not broken and not suspect:
             return None
         try:
             self.probe()
         except OSError as exc:
             return f"the data directory cannot be written: {os.strerror(exc.errno or 0)}"
+        if need:  # a small probe fits where the record that failed does not
+            try:
+                free = self.files.free_bytes(self.root)
+            except OSError:
+                free = need
+            if free < need:
+                return (f"the data directory is full: {error} (that write needs {need} bytes, "
+                        f"{free} are free)")
         if broken:
             return f"{len(broken)} session log(s) await repair after a failed write: {error}"
+        if suspect:
+            return (f"{len(suspect)} session log(s) could not be synced to disk ({suspect[0]}); "
+                    "a fresh snapshot will replace them")
         with self._lock:
-            self._error = None  # the disk takes writes again
+            self._error, self._need = None, 0  # the disk takes writes again
         return None
 
-    def _failed(self, what: str, exc: OSError) -> None:
+    def _failed(self, what: str, exc: OSError, size: int = 0) -> None:
+        """Remember a failed write (``size``: the bytes it tried to write) for :meth:`health`."""
         reason = f"{what}: {os.strerror(exc.errno) if exc.errno else exc}"
         log.error("storage failure: %s", reason)
         with self._lock:
             self._error = reason
+            self._need = size if exc.errno in _FULL else 0
 
     def _succeeded(self) -> None:
         if self._error is not None:
             with self._lock:
-                self._error = None
+                self._error, self._need = None, 0
 
     def suspects(self) -> list[str]:
         """Sessions whose log a failed background fsync left in doubt (heal by snapshot)."""
@@ -370,8 +392,12 @@ class Store:
         """A new session's directory with its first record (the create), or nothing at all."""
         d = self._dir(session_id)
         try:
-            self.files.mkdir(d)
-            self.files.fsync_dir(self.sessions_dir)
+            try:
+                self.files.mkdir(d)
+                self.files.fsync_dir(self.sessions_dir)
+            except OSError as exc:
+                self._failed(f"creating {session_id}", exc)
+                raise storage_failure(exc, "creating the session's directory") from None
             self.append(session_id, parts, durability)
         except BaseException:
             self.forget(session_id)
@@ -425,16 +451,22 @@ class Store:
         """Atomically replace the session's snapshot, then empty its log (the snapshot holds
         every record in it). Raises :class:`OptserveError` (507/503) when the disk refuses."""
         d = self._dir(session_id)
+        framed = frame_snapshot(payload)
         try:
             if not d.exists():
                 self.files.mkdir(d)
                 self.files.fsync_dir(self.sessions_dir)
-            write_atomic(d / "snapshot.bin", frame_snapshot(payload), self.files)
+            write_atomic(d / "snapshot.bin", framed, self.files)
         except OSError as exc:
-            self._failed(f"snapshot of {session_id}", exc)
+            self._failed(f"snapshot of {session_id}", exc, sum(len(p) for p in framed))
             raise storage_failure(exc, "writing a snapshot") from None
         self._succeeded()
-        lg = self._log(session_id)
+        try:
+            lg = self._log(session_id)
+        except OSError as exc:  # its records stay: replay skips what the snapshot holds
+            log.warning("opening the log of %s after its snapshot: %s (its records stay and "
+                        "are skipped at replay)", session_id, exc)
+            return
         with lg.lock:
             # A crash between the rename above and this truncate is harmless: replay skips the
             # records the snapshot already holds. A truncate that fails leaves them for the
@@ -486,7 +518,8 @@ class Store:
                     self.files.fsync(lg.fd)
             except OSError as exc:
                 self._undo(lg)
-                self._failed(f"log of {session_id}", exc)
+                self._failed(f"log of {session_id}", exc,
+                             len(head) + sum(len(p) for p in parts))
                 raise storage_failure(exc, "writing the operation's log record") from None
             lg.good += n
             if durability == "interval":
@@ -495,18 +528,34 @@ class Store:
             return lg.good
 
     def _undo(self, lg: _Log) -> None:
+        """Cut a failed record off the log. When that fails, the log is marked for repair and
+        the record's header is zeroed (best effort): the record may be whole (its fsync
+        failed), and a crash before the repair must leave a torn tail that restart drops,
+        never an operation that was refused."""
         try:
             self.files.ftruncate(lg.fd, lg.good)
+            self.files.fsync(lg.fd)
             lg.repair = False
         except OSError as exc:
             log.error("truncating %s back to %d bytes failed: %s (retried before its next "
                       "write)", lg.path, lg.good, exc)
             lg.repair = True
+            self._spoil(lg)
+
+    def _spoil(self, lg: _Log) -> None:
+        """Zero the header of the record at ``lg.good`` (one that could not be cut off): a
+        crash before the repair then leaves a torn tail, which restart drops."""
+        try:
+            self.files.pwritev(lg.fd, [bytes(_REC_HEAD.size)], lg.good)
+            self.files.fsync(lg.fd)
+        except OSError as exc:
+            log.error("zeroing the header of the record at byte %d of %s: %s", lg.good,
+                      lg.path, exc)
 
     def truncate(self, session_id: str, length: int) -> None:
         """Drop the records past ``length`` (an operation that was logged but could not be
         applied). Raises OSError when the file cannot be cut (the log is then marked for repair
-        and cut before its next write)."""
+        and cut before its next write, and the record's header is zeroed meanwhile)."""
         lg = self._log(session_id)
         with lg.lock:
             lg.good = min(lg.good, length)
@@ -516,6 +565,7 @@ class Store:
                 lg.repair = False
             except OSError:
                 lg.repair = True
+                self._spoil(lg)
                 raise
 
     def repair(self) -> None:
@@ -532,7 +582,11 @@ class Store:
                     continue
 
     def log_length(self, session_id: str) -> int:
-        return self._log(session_id).good
+        try:
+            return self._log(session_id).good
+        except OSError as exc:
+            self._failed(f"opening the log of {session_id}", exc)
+            raise storage_failure(exc, "opening the session's log") from None
 
     def _flush_loop(self) -> None:
         """Every ``interval_s``: fsync the logs written since their last fsync. Never dies: a
@@ -551,10 +605,12 @@ class Store:
                         if lg.closed or not lg.dirty:
                             continue
                         lg.dirty = False
-                        self.files.fsync(lg.fd)
-                    self._succeeded()
+                        try:
+                            self.files.fsync(lg.fd)
+                        except OSError as exc:
+                            lg.suspect = os.strerror(exc.errno) if exc.errno else str(exc)
+                            raise
                 except OSError as exc:
-                    lg.suspect = os.strerror(exc.errno) if exc.errno else str(exc)
                     self._failed(f"background fsync of {lg.path.parent.name}", exc)
                 except Exception:  # never let the flusher die
                     log.exception("fsync loop")

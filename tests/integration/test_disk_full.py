@@ -1,0 +1,408 @@
+"""A data directory on a real, small file system that fills up (a tmpfs mounted for the test,
+so this needs root, as CI has): the operation that needed the write fails with 507
+``storage_full`` and is not applied, the log stays valid, readiness answers 503 while the disk
+is full, and once space returns the same server carries on; restarts (SIGTERM and ``kill -9``)
+restore exactly the acknowledged operations.
+
+tmpfs takes the place of a disk here: like ext4 it refuses a write that finds no free block
+with ENOSPC after writing what fits (a short write), and frees a truncated file's blocks at
+once; unlike a disk its fsync cannot fail, so the failing fsync paths (and the background
+flusher's) are covered by injected faults in ``tests/unit/test_store_faults.py``.
+
+Every value is checked against an in-process ``torch.optim`` replay of exactly the operations
+the server acknowledged.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import safetensors.torch
+import torch
+
+from app.engine import persist
+from app.engine.store import read_log, read_snapshot
+from tests.conftest import LiveServer, _test_settings
+from tests.integration.test_durability import (
+    BINARY,
+    Proc,
+    Reference,
+    bitwise,
+    create_body,
+    grad_for,
+    pull,
+    session_dir,
+    step_n,
+)
+
+pytestmark = pytest.mark.integration
+
+MB = 1_000_000
+MiB = 1 << 20
+PROBLEM = "application/problem+json"
+Mount = Callable[[int], Path]
+
+
+# --------------------------------------------------------------------------- the small disk
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Mount]:
+    """``mount(mib)``: a fresh tmpfs of that size under ``tmp_path`` (unmounted afterwards)."""
+    if os.geteuid() != 0:
+        pytest.fail("test_disk_full mounts a small tmpfs to fill it for real: run it as root "
+                    "(CI does); it is not skipped, so that CI cannot lose it silently")
+    mounted: list[Path] = []
+
+    def mount(mib: int) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0700", "tmpfs",
+                        str(where)], check=True)
+        mounted.append(where)
+        return where
+    try:
+        yield mount
+    finally:
+        for where in mounted:
+            if subprocess.run(["umount", str(where)]).returncode != 0:
+                subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def fill(disk: Path, leave: int = 0) -> Path:
+    """A filler file that leaves about ``leave`` bytes free (0: until the disk refuses)."""
+    filler = disk / "filler.bin"
+    chunk = b"\xa5" * MiB
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while (room := free_bytes(disk) - leave) > 0:
+            try:
+                os.write(fd, chunk[:room])
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
+    finally:
+        os.close(fd)
+    assert free_bytes(disk) <= leave + 4096
+    return filler
+
+
+def assert_storage_full(r: httpx.Response) -> None:
+    assert r.status_code == 507, r.text
+    assert r.headers["content-type"].startswith(PROBLEM)
+    body = r.json()
+    assert body["code"] == "storage_full" and body["status"] == 507
+    assert "nothing was applied" in body["detail"], body
+
+
+def assert_not_ready(c: httpx.Client, *words: str) -> str:
+    r = c.get("/readyz")
+    assert r.status_code == 503, r.text
+    assert r.headers["content-type"].startswith(PROBLEM)
+    detail: str = r.json()["detail"]
+    assert r.json()["code"] == "not_ready"
+    for w in words:
+        assert w in detail, detail
+    return detail
+
+
+def assert_ready(c: httpx.Client) -> None:
+    r = c.get("/readyz")
+    assert r.status_code == 200 and r.json()["status"] == "ready", r.text
+
+
+def assert_valid_log(wal: Path) -> list[bytes]:
+    """A whole log: no torn or damaged record, nothing past the last one."""
+    records, valid, torn = read_log(wal)
+    assert not torn and valid == wal.stat().st_size, (valid, wal.stat().st_size)
+    assert not list(wal.parent.glob("*.tmp"))
+    return records
+
+
+# --------------------------------------------------------------------------- large sessions
+
+class Big:
+    """A session of ``n`` float32 parameters with Adam, created and stepped with safetensors
+    bodies, and its in-process torch twin."""
+
+    def __init__(self, sid: str, n: int, lr: float = 1e-3) -> None:
+        self.sid, self.n, self.lr = sid, n, lr
+        self.p = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        self.p0 = self.p.clone()
+        self.opt = torch.optim.Adam([self.p], lr=lr)
+        self.version = 0
+
+    def create(self, c: httpx.Client) -> httpx.Response:
+        meta = {"id": self.sid, "optimizer": "Adam", "options": f'{{"lr": {self.lr}}}'}
+        return c.post("/v1/sessions", content=safetensors.torch.save({"p": self.p0}, meta),
+                      headers={"Content-Type": BINARY})
+
+    def grad(self, k: int) -> torch.Tensor:
+        return torch.randn(self.n, generator=torch.Generator().manual_seed(10_000 + k))
+
+    def post_step(self, c: httpx.Client, k: int) -> httpx.Response:
+        return c.post(f"/v1/sessions/{self.sid}/step?return=none",
+                      content=safetensors.torch.save({"p": self.grad(k)}),
+                      headers={"Content-Type": BINARY})
+
+    def acknowledged(self, k: int) -> None:
+        self.p.grad = self.grad(k)
+        self.opt.step()
+        self.p.grad = None
+        self.version += 1
+
+    def set_lr(self, c: httpx.Client, lr: float) -> httpx.Response:
+        return c.patch(f"/v1/sessions/{self.sid}/param_groups/0", json={"lr": lr})
+
+    def lr_acknowledged(self, lr: float) -> None:
+        self.opt.param_groups[0]["lr"] = lr
+
+    def assert_same(self, c: httpx.Client, state: bool = False) -> None:
+        version, got = pull(c, self.sid)
+        assert version == self.version and bitwise(got["p"], self.p.detach()), version
+        desc = c.get(f"/v1/sessions/{self.sid}").json()
+        assert desc["lr"] == [self.opt.param_groups[0]["lr"]]
+        if state:  # the optimizer state too
+            r = c.get(f"/v1/sessions/{self.sid}/state_dict", headers={"Accept": BINARY})
+            assert r.status_code == 200, r.text
+            sd = persist.decode_tree(r.content, "optserve_state")
+            want = self.opt.state_dict()["state"][0]
+            assert set(sd["state"]["0"]) == set(want)
+            for k, v in want.items():
+                assert bitwise(sd["state"]["0"][k], v), k
+
+
+def step_until_full(c: httpx.Client, big: Big, k: int, limit: int = 20) -> int:
+    """Step with gradients ``k, k+1, ...`` until the disk refuses one; the refused k."""
+    for _ in range(limit):
+        r = big.post_step(c, k)
+        if r.status_code != 200:
+            assert_storage_full(r)
+            return k
+        big.acknowledged(k)
+        k += 1
+    pytest.fail(f"{limit} steps of {big.n * 4} bytes never filled the disk")
+
+
+def test_large_records_fill_the_disk(tmpfs: Mount) -> None:
+    """1 M float32 parameters (4 MB records, durability ``step``) on a 48 MiB disk: step until
+    a record does not fit. That step answers 507 and is not applied; the log is whole;
+    readiness answers 503 (a small probe would still fit, the failed record does not). With
+    the filler removed the same server takes the step. Then a graceful restart and a
+    ``kill -9`` of a server process each restore every acknowledged step, bitwise, optimizer
+    state too."""
+    disk = tmpfs(48)
+    big = Big("big", MB)
+    wal = session_dir(disk, big.sid) / "wal.bin"
+    live = LiveServer(_test_settings(data_dir=disk, snapshot_every_steps=100_000))
+    url = live.start()
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            assert big.create(c).status_code == 201
+            filler = fill(disk, leave=10 * MB)  # room for two more 4 MB records, not three
+            refused = step_until_full(c, big, 0)
+            assert refused >= 2
+            big.assert_same(c)
+            records = assert_valid_log(wal)
+            assert persist.decode_record(records[-1]).version == big.version
+            assert_not_ready(c, "full", "No space left on device")
+            assert_storage_full(big.post_step(c, refused))  # still full: still refused
+            big.assert_same(c)
+
+            filler.unlink()  # space returns: the same server carries on
+            assert_ready(c)
+            r = c.post(f"/v1/sessions/{big.sid}/step",
+                       content=safetensors.torch.save({"p": big.grad(refused)}),
+                       headers={"Content-Type": BINARY, "Accept": BINARY})
+            assert r.status_code == 200, r.text
+            big.acknowledged(refused)
+            assert bitwise(safetensors.torch.load(r.content)["p"], big.p.detach())
+            k = refused + 1
+            assert_valid_log(wal)
+    finally:
+        live.stop()  # graceful: a snapshot on the way out
+    assert read_log(wal)[0] == []
+
+    proc = Proc(disk)  # a server process to kill; its log goes next to the mount, not on it
+    try:
+        proc.start(OPTSERVE_SNAPSHOT_EVERY_STEPS="100000")
+        with httpx.Client(base_url=proc.url, timeout=60) as c:
+            big.assert_same(c, state=True)
+            for _ in range(2):
+                assert big.post_step(c, k).status_code == 200
+                big.acknowledged(k)
+                k += 1
+        proc.kill9()  # the two steps are only in the log
+    finally:
+        proc.stop()
+    assert len(assert_valid_log(wal)) == 2
+    live = LiveServer(_test_settings(data_dir=disk))
+    url = live.start()
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            assert c.get("/readyz").json().get("refused") is None
+            big.assert_same(c, state=True)
+    finally:
+        live.stop()
+
+
+def test_create_that_does_not_fit(tmpfs: Mount) -> None:
+    """A 4 MB create on a disk with 1 MB free: 507, no session and no directory left, the id
+    free; after space returns the same create succeeds and steps like torch."""
+    disk = tmpfs(8)
+    live = LiveServer(_test_settings(data_dir=disk))
+    url = live.start()
+    big = Big("big", MB)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            filler = fill(disk, leave=MB)
+            assert_storage_full(big.create(c))
+            assert not session_dir(disk, big.sid).exists()
+            assert [p.name for p in (disk / "sessions").iterdir()] == []
+            assert c.get(f"/v1/sessions/{big.sid}").status_code == 404
+            assert c.get("/v1/sessions").json()["sessions"] == []
+            assert_not_ready(c, "full", "No space left on device")
+            filler.unlink()
+            assert_ready(c)
+            r = big.create(c)
+            assert r.status_code == 201, r.text
+            big.assert_same(c)
+            assert big.post_step(c, 0).status_code == 200
+            big.acknowledged(0)
+            big.assert_same(c, state=True)
+            assert len(assert_valid_log(session_dir(disk, big.sid) / "wal.bin")) == 2
+    finally:
+        live.stop()
+
+
+# --------------------------------------------------------------------------- small records
+
+def test_small_records_on_a_full_disk(tmpfs: Mount) -> None:
+    """Small sessions, durability ``step`` and ``interval`` (background fsync): the disk is
+    filled to the last block. Steps answer 507 promptly (a client timeout catches a hang);
+    readiness names the full disk; the fsync thread lives on; with space back the same server
+    steps both sessions again, and a restart holds every acknowledged step."""
+    disk = tmpfs(8)
+    settings = _test_settings(data_dir=disk, fsync_interval_ms=20.0,
+                              snapshot_every_steps=100_000)
+    live = LiveServer(settings)
+    url = live.start()
+    store = live.app.state.engine.host._store
+    refs = {"st": Reference(seed=1), "iv": Reference(seed=2)}
+    try:
+        with httpx.Client(base_url=url, timeout=10) as c:  # the timeout only detects a hang
+            for i, (sid, level) in enumerate((("st", "step"), ("iv", "interval"))):
+                r = c.post("/v1/sessions", json=create_body(sid, seed=i + 1, durability=level))
+                assert r.status_code == 201 and r.json()["durability"] == level
+                step_n(c, sid, refs[sid], 3, tag=i)
+            filler = fill(disk)
+            assert free_bytes(disk) == 0
+            for i, sid in enumerate(refs):
+                # a record may still fit in the slack of its log's last block: step until not
+                for k in range(40):
+                    g = grad_for((i, 100 + k))
+                    r = c.post(f"/v1/sessions/{sid}/step?return=none",
+                               content=safetensors.torch.save(g),
+                               headers={"Content-Type": BINARY})
+                    if r.status_code != 200:
+                        break
+                    refs[sid].step(g)
+                assert_storage_full(r)
+                for _ in range(2):  # and again: refused, not hung
+                    assert_storage_full(c.post(f"/v1/sessions/{sid}/step?return=none",
+                                               content=safetensors.torch.save(g),
+                                               headers={"Content-Type": BINARY}))
+                assert_valid_log(session_dir(disk, sid) / "wal.bin")
+            assert_not_ready(c, "No space left on device")
+            assert store._flusher.is_alive()
+            for sid, ref in refs.items():
+                version, got = pull(c, sid)
+                assert version == ref.version and ref.same_params(got), sid
+
+            filler.unlink()
+            assert_ready(c)
+            for i, (sid, ref) in enumerate(refs.items()):
+                step_n(c, sid, ref, 3, tag=10 + i)
+                version, got = pull(c, sid)
+                assert version == ref.version and ref.same_params(got), sid
+            assert store._flusher.is_alive()
+            assert_ready(c)
+    finally:
+        live.stop()
+    live = LiveServer(_test_settings(data_dir=disk))
+    url = live.start()
+    try:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            assert c.get("/readyz").json().get("refused") is None
+            for sid, ref in refs.items():
+                version, got = pull(c, sid)
+                assert version == ref.version and ref.same_params(got), sid
+    finally:
+        live.stop()
+
+
+# --------------------------------------------------------------------------- snapshots
+
+def test_snapshots_without_space(tmpfs: Mount) -> None:
+    """Adam with 250 k parameters (1 MB records, 3 MB snapshots), a snapshot due every 2
+    records, 2.5 MB free: the snapshots fail, the operations go on being acknowledged while
+    their records fit (then 507), the old snapshot and the log keep everything; with space
+    back the next operation's snapshot is written and holds it all."""
+    disk = tmpfs(16)
+    live = LiveServer(_test_settings(data_dir=disk, snapshot_every_steps=2))
+    url = live.start()
+    big = Big("snap", 250_000)
+    d = session_dir(disk, big.sid)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            assert big.create(c).status_code == 201
+            assert big.post_step(c, 0).status_code == 200  # record 2: the first snapshot
+            big.acknowledged(0)
+            old = (d / "snapshot.bin").read_bytes()
+            assert assert_valid_log(d / "wal.bin") == []
+            filler = fill(disk, leave=2_500_000)
+
+            # records 3-6 fit (two 1 MB steps, two small option changes); each snapshot due
+            # after them needs 3 MB and fails
+            for k, lr in ((1, 5e-4), (2, 2.5e-4)):
+                assert big.post_step(c, k).status_code == 200
+                big.acknowledged(k)
+                r = big.set_lr(c, lr)
+                assert r.status_code == 200, r.text
+                big.lr_acknowledged(lr)
+            assert_storage_full(big.post_step(c, 3))  # the next 1 MB record does not fit
+            big.assert_same(c)
+            assert (d / "snapshot.bin").read_bytes() == old
+            records = assert_valid_log(d / "wal.bin")
+            assert [persist.decode_record(r).seq for r in records] == [3, 4, 5, 6]
+            assert_not_ready(c, "full", "No space left on device")
+
+            filler.unlink()
+            assert_ready(c)
+            assert big.post_step(c, 3).status_code == 200  # record 7, and the snapshot
+            big.acknowledged(3)
+            tree = persist.decode_tree(read_snapshot(d / "snapshot.bin"), persist.SNAPSHOT_KEY)
+            assert tree["meta"]["seq"] == 7 and tree["meta"]["version"] == big.version == 4
+            assert bitwise(tree["params"]["p"], big.p.detach())
+            assert assert_valid_log(d / "wal.bin") == []
+            big.assert_same(c, state=True)
+    finally:
+        live.stop()
+    live = LiveServer(_test_settings(data_dir=disk))
+    url = live.start()
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            big.assert_same(c, state=True)
+    finally:
+        live.stop()

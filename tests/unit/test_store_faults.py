@@ -1,0 +1,548 @@
+"""Storage faults injected under the engine (a :class:`Files` that fails on cue): a failed
+write or fsync fails the operation that needed it and applies nothing, the log stays valid,
+the flusher survives a failed background fsync (the log is marked suspect, health says so, and
+maintenance heals it with a snapshot), a failed truncate is repaired before the next write (or
+dropped at restart), a snapshot that finds no space leaves the old snapshot and the log intact.
+
+Every scenario runs the same acknowledged operations on a twin engine that never sees a fault
+(durability ``memory``) and asserts the faulty engine's session equals it bitwise (parameters,
+optimizer and scheduler state), then again after a restart on the same directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import pytest
+import torch
+
+from app.engine import CreateSpec, Front, GroupSpec, embedded_engine, persist
+from app.engine.store import Buffer, Files, read_log, read_snapshot
+from app.errors import OptserveError, StorageFull, Unavailable
+from tests.unit.test_engine import assert_tree_bitwise
+
+T = TypeVar("T")
+Target = Literal["wal", "other"]
+SID = "s"
+KEY = f"default~{SID}"
+
+
+# --------------------------------------------------------------------------- the fault layer
+
+@dataclass
+class Fault:
+    call: str  # "pwritev", "fsync", "ftruncate", "replace", "mkdir" or "fsync_dir"
+    err: int
+    target: Target = "wal"  # "wal": session logs; "other": snapshot temp files, probes
+    times: int = 1  # calls that fail before the fault is spent (-1: until disarmed)
+    partial: bool = False  # pwritev: write half of the bytes, then fail
+    dst: str | None = None  # replace: only renames onto a file of this name
+    hits: int = 0
+
+
+class FaultyFiles(Files):
+    """Fails the calls armed faults name; the rest go to the real file system. Log fds are
+    told apart from other fds (snapshot temp files, the write probe) by ``open_append``."""
+
+    def __init__(self) -> None:
+        self.faults: list[Fault] = []
+        self.wal_fds: set[int] = set()
+        self.partial_bytes = 0
+        self.wal_fsyncs = 0
+        self.free: int | None = None  # what free_bytes reports (None: the real figure)
+        self._lock = threading.Lock()
+
+    def arm(self, call: str, err: int, **kw: Any) -> Fault:
+        fault = Fault(call, err, **kw)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def disarm(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def _trip(self, call: str, fd: int | None = None, dst: Path | None = None) -> Fault | None:
+        with self._lock:
+            for f in self.faults:
+                if f.call != call or f.times == 0:
+                    continue
+                if fd is not None and (fd in self.wal_fds) != (f.target == "wal"):
+                    continue
+                if f.dst is not None and (dst is None or dst.name != f.dst):
+                    continue
+                f.hits += 1
+                if f.times > 0:
+                    f.times -= 1
+                return f
+        return None
+
+    def open_append(self, path: Path) -> int:
+        fd = super().open_append(path)
+        with self._lock:
+            self.wal_fds.add(fd)
+        return fd
+
+    def close(self, fd: int) -> None:
+        with self._lock:
+            self.wal_fds.discard(fd)
+        super().close(fd)
+
+    def pwritev(self, fd: int, parts: Sequence[Buffer], offset: int) -> int:
+        fault = self._trip("pwritev", fd)
+        if fault is None:
+            return super().pwritev(fd, parts, offset)
+        if fault.partial:
+            data = b"".join(bytes(p) for p in parts)
+            half = data[: max(1, len(data) // 2)]
+            self.partial_bytes += os.pwrite(fd, half, offset)
+        raise OSError(fault.err, os.strerror(fault.err))
+
+    def fsync(self, fd: int) -> None:
+        fault = self._trip("fsync", fd)
+        if fault is not None:
+            raise OSError(fault.err, os.strerror(fault.err))
+        if fd in self.wal_fds:
+            self.wal_fsyncs += 1
+        super().fsync(fd)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        fault = self._trip("ftruncate", fd)
+        if fault is not None:
+            raise OSError(fault.err, os.strerror(fault.err))
+        super().ftruncate(fd, length)
+
+    def replace(self, src: Path, dst: Path) -> None:
+        fault = self._trip("replace", dst=dst)
+        if fault is not None:
+            raise OSError(fault.err, os.strerror(fault.err))
+        super().replace(src, dst)
+
+    def mkdir(self, path: Path) -> None:
+        fault = self._trip("mkdir")
+        if fault is not None:
+            raise OSError(fault.err, os.strerror(fault.err))
+        super().mkdir(path)
+
+    def fsync_dir(self, path: Path) -> None:
+        fault = self._trip("fsync_dir")
+        if fault is not None:
+            raise OSError(fault.err, os.strerror(fault.err))
+        super().fsync_dir(path)
+
+    def free_bytes(self, path: Path) -> int:
+        return super().free_bytes(path) if self.free is None else self.free
+
+
+# --------------------------------------------------------------------------- helpers
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def spec(**extra: Any) -> CreateSpec:
+    g = torch.Generator().manual_seed(0)
+    return CreateSpec("Adam", [GroupSpec({"w": torch.randn(4, 3, generator=g),
+                                          "b": torch.randn(3, generator=g)})],
+                      {"lr": 0.01, "weight_decay": 0.01},
+                      scheduler={"name": "StepLR", "options": {"step_size": 2, "gamma": 0.5}},
+                      id=SID, **extra)
+
+
+def grad(k: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + k)
+    return {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
+
+
+def engine(data: Path, files: Files | None = None, durability: str = "step",
+           every: int = 1000, snapshot_every_s: float = 300.0) -> Front:
+    return embedded_engine("cpu", data_dir=data, durability=durability,  # type: ignore[arg-type]
+                           snapshot_every_steps=every, snapshot_every_s=snapshot_every_s,
+                           fsync_interval_s=0.01, files=files, warm_up=False)
+
+
+class Pair:
+    """The engine under test and its twin (memory only, never faulted): an operation goes to
+    the twin only when the engine acknowledged it."""
+
+    def __init__(self, eng: Front) -> None:
+        self.eng = eng
+        self.twin = embedded_engine("cpu", warm_up=False)
+        self.k = 0  # the next gradient
+
+    async def start(self) -> None:
+        await self.eng.start()
+        await self.twin.start()
+        await self.eng.create(spec())
+        await self.twin.create(spec())
+
+    async def stop(self, *, snapshot: bool = False) -> None:
+        await self.eng.stop(snapshot=snapshot)
+
+    async def step(self) -> None:
+        """A step both take (must succeed)."""
+        await self.eng.step(SID, grad(self.k), return_params=False)
+        await self.twin.step(SID, grad(self.k), return_params=False)
+        self.k += 1
+
+    async def refused_step(self) -> OptserveError:
+        """A step the engine must refuse (the twin does not take it; its gradient is
+        retried next)."""
+        with pytest.raises(OptserveError) as info:
+            await asyncio.wait_for(self.eng.step(SID, grad(self.k), return_params=False), 30)
+        return info.value
+
+    async def assert_same(self, eng: Front | None = None) -> None:
+        eng = eng or self.eng
+        got, want = await eng.pull(SID, None), await self.twin.pull(SID, None)
+        assert (got.version, got.step, got.lr) == (want.version, want.step, want.lr)
+        assert_tree_bitwise(got.params, want.params, "params")
+        assert_tree_bitwise((await eng.export_state(SID)).state_dict,
+                            (await self.twin.export_state(SID)).state_dict, "state")
+
+    async def assert_restart_same(self, data: Path) -> None:
+        """A fresh engine on the same directory (plain files) holds the twin's session, and
+        takes one more step to the same bits."""
+        again = engine(data)
+        await again.start()
+        try:
+            assert await again.refused() == {}
+            await self.assert_same(again)
+            await again.step(SID, grad(self.k), return_params=False)
+            await self.twin.step(SID, grad(self.k), return_params=False)
+            self.k += 1
+            await self.assert_same(again)
+        finally:
+            await again.stop(snapshot=False)
+        await self.twin.stop()
+
+
+def wal_of(data: Path) -> Path:
+    return data / "sessions" / KEY / "wal.bin"
+
+
+def assert_refusal(exc: OptserveError, err: int) -> None:
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        assert isinstance(exc, StorageFull) and exc.status == 507
+        assert exc.code == "storage_full"
+    else:
+        assert isinstance(exc, Unavailable) and exc.status == 503
+        assert exc.code == "storage_error" and exc.retry_after > 0
+    assert "nothing was applied" in exc.detail
+
+
+async def wait_for(cond: Callable[[], Awaitable[bool]], what: str, timeout: float = 20) -> None:
+    """Poll ``cond`` until true (the timeout only detects a hang)."""
+    deadline = time.monotonic() + timeout
+    while not await cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- failed writes
+
+@pytest.mark.parametrize("durability", ["step", "interval"])
+@pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC])
+def test_partial_log_write_then_error_applies_nothing(tmp_path: Path, err: int,
+                                                      durability: str) -> None:
+    """The write stores half the record, then fails: the operation is refused (507 for
+    ENOSPC, 503 for EIO), the half record is truncated away, the session is untouched; the
+    same step succeeds once the fault is gone, and a restart reproduces it."""
+    files = FaultyFiles()
+
+    async def go() -> None:
+        pair = Pair(engine(tmp_path, files, durability))
+        await pair.start()
+        for _ in range(2):
+            await pair.step()
+        wal = wal_of(tmp_path)
+        before = read_log(wal)
+        assert len(before[0]) == 3 and before[1] == wal.stat().st_size
+        fault = files.arm("pwritev", err, partial=True)
+        assert_refusal(await pair.refused_step(), err)
+        assert fault.hits == 1 and files.partial_bytes > 0  # half a record did reach the file
+        assert read_log(wal) == before  # cut back: no torn or extra record
+        assert wal.stat().st_size == before[1]
+        await pair.assert_same()
+        # the store can write again (the fault is spent): ready, and the step goes through
+        assert (await pair.eng.status()).ready
+        await pair.step()
+        await pair.step()
+        await pair.assert_same()
+        assert len(read_log(wal)[0]) == 5
+        await pair.stop()  # as a crash leaves it (no snapshot on the way out)
+        await pair.assert_restart_same(tmp_path)
+    run(go())
+
+
+@pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC])
+def test_failed_fsync_of_a_step_record_applies_nothing(tmp_path: Path, err: int) -> None:
+    """Durability ``step``: the record is written whole but its fsync fails: refused, nothing
+    applied, the record cut from the log."""
+    files = FaultyFiles()
+
+    async def go() -> None:
+        pair = Pair(engine(tmp_path, files, "step"))
+        await pair.start()
+        await pair.step()
+        wal = wal_of(tmp_path)
+        before = read_log(wal)
+        fault = files.arm("fsync", err)
+        assert_refusal(await pair.refused_step(), err)
+        assert fault.hits == 1
+        assert read_log(wal) == before and wal.stat().st_size == before[1]
+        await pair.assert_same()
+        await pair.step()
+        await pair.assert_same()
+        await pair.stop()
+        await pair.assert_restart_same(tmp_path)
+    run(go())
+
+
+# --------------------------------------------------------------------------- background fsync
+
+@pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC])
+def test_failed_background_fsync_marks_the_log_suspect_and_maintenance_heals_it(
+        tmp_path: Path, err: int) -> None:
+    """Durability ``interval``: the flusher's fsync fails. The step was acknowledged already
+    (that is what ``interval`` means); the flusher lives on, marks the log suspect, health
+    (readiness) reports it until the engine's maintenance writes a fresh snapshot from memory
+    (held back here by failing the snapshot's rename, so the report can be seen), then clears.
+    """
+    files = FaultyFiles()
+
+    async def go() -> None:
+        eng = engine(tmp_path, files, "interval", snapshot_every_s=0.5)
+        pair = Pair(eng)
+        await pair.start()
+        store = eng.host._store
+        assert store is not None
+        flusher = store._flusher
+        blocked = files.arm("replace", errno.EIO, target="other", times=-1, dst="snapshot.bin")
+        fsync_fault = files.arm("fsync", err)
+        await pair.step()  # acknowledged at once; its background fsync fails
+
+        async def suspect() -> bool:
+            return store.suspects() == [KEY]
+        await wait_for(suspect, "the flusher to mark the log suspect")
+        assert fsync_fault.hits == 1 and flusher.is_alive()
+        status = await eng.status()
+        assert not status.ready and status.reason is not None
+        assert os.strerror(err) in status.reason, status.reason
+
+        async def tried_to_heal() -> bool:
+            return blocked.hits >= 1
+        await wait_for(tried_to_heal, "maintenance to try a healing snapshot")
+        status = await eng.status()
+        assert not status.ready and store.suspects() == [KEY], status
+        await pair.assert_same()  # meanwhile the session serves on, unchanged
+        files.disarm()
+
+        async def healed() -> bool:
+            return not store.suspects() and (await eng.status()).ready
+        await wait_for(healed, "maintenance to heal the log")
+        snap = wal_of(tmp_path).parent / "snapshot.bin"
+        tree = persist.decode_tree(read_snapshot(snap), persist.SNAPSHOT_KEY)
+        assert tree["meta"]["version"] == 1
+        # the flusher still works: the next interval record gets its fsync
+        synced = files.wal_fsyncs
+        await pair.step()
+
+        async def fsynced() -> bool:
+            return files.wal_fsyncs > synced
+        await wait_for(fsynced, "the flusher to fsync the next record")
+        assert flusher.is_alive()
+        await pair.assert_same()
+        await pair.stop()
+        await pair.assert_restart_same(tmp_path)
+    run(go())
+
+
+# --------------------------------------------------------------------------- failed truncate
+
+@pytest.mark.parametrize("then", ["next-append-repairs", "crash-before-repair"])
+@pytest.mark.parametrize("failure", ["partial-write", "fsync"])
+def test_failed_truncate_after_a_failed_write(tmp_path: Path, failure: str, then: str) -> None:
+    """The write (half a record) or the fsync (a whole record) fails, and so does the truncate
+    that should cut it: the log is marked for repair and health says so; the next append cuts
+    it first; a crash before that leaves the unacknowledged record in the file, and the
+    restart must not apply it."""
+    files = FaultyFiles()
+
+    async def go() -> None:
+        pair = Pair(engine(tmp_path, files, "step"))
+        await pair.start()
+        for _ in range(2):
+            await pair.step()
+        wal = wal_of(tmp_path)
+        before = read_log(wal)
+        if failure == "partial-write":
+            files.arm("pwritev", errno.EIO, partial=True)
+        else:
+            files.arm("fsync", errno.EIO)
+        cut = files.arm("ftruncate", errno.EIO)
+        assert_refusal(await pair.refused_step(), errno.EIO)
+        assert cut.hits == 1
+        assert wal.stat().st_size > before[1]  # the failed record's bytes are still there
+        await pair.assert_same()
+        status = await pair.eng.status()
+        assert not status.ready and status.reason is not None and "repair" in status.reason
+        if then == "next-append-repairs":
+            await pair.step()
+            assert read_log(wal) == (before[0] + read_log(wal)[0][-1:], wal.stat().st_size,
+                                     False)
+            assert len(read_log(wal)[0]) == len(before[0]) + 1
+            assert (await pair.eng.status()).ready
+            await pair.assert_same()
+        await pair.stop()  # a crash: nothing cut on the way out
+        if then == "crash-before-repair":
+            assert wal.stat().st_size > before[1]
+        await pair.assert_restart_same(tmp_path)
+    run(go())
+
+
+# --------------------------------------------------------------------------- snapshots
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_snapshot_without_space_keeps_the_old_snapshot_and_the_log(tmp_path: Path,
+                                                                   partial: bool) -> None:
+    """Snapshots every 3 records; the second finds no space (ENOSPC on its temp file):
+    operations are still acknowledged (their records fit), the old snapshot and the log are
+    left intact, readiness reports the full disk; once space returns the next snapshot is
+    written and holds everything."""
+    files = FaultyFiles()
+
+    async def go() -> None:
+        pair = Pair(engine(tmp_path, files, "step", every=3))
+        await pair.start()
+        for _ in range(2):  # create + 2 steps = 3 records: the first snapshot
+            await pair.step()
+        d = wal_of(tmp_path).parent
+        old = (d / "snapshot.bin").read_bytes()
+        assert read_log(d / "wal.bin")[0] == []
+        full = files.arm("pwritev", errno.ENOSPC, target="other", times=-1, partial=partial)
+        for _ in range(4):  # records 4..7: a snapshot is due after 6 and 7, and fails
+            await pair.step()
+        assert full.hits >= 2
+        assert (d / "snapshot.bin").read_bytes() == old
+        assert not (d / "snapshot.bin.tmp").exists()
+        assert len(read_log(d / "wal.bin")[0]) == 4
+        status = await pair.eng.status()
+        assert not status.ready and status.reason is not None
+        assert "No space left on device" in status.reason
+        await pair.assert_same()
+        files.disarm()
+        assert (await pair.eng.status()).ready  # space is back
+        await pair.step()  # record 8: the snapshot is due and is written now
+        tree = persist.decode_tree(read_snapshot(d / "snapshot.bin"), persist.SNAPSHOT_KEY)
+        assert tree["meta"]["version"] == 7 and tree["meta"]["seq"] == 8
+        assert read_log(d / "wal.bin")[0] == []
+        await pair.assert_same()
+        await pair.stop()
+        await pair.assert_restart_same(tmp_path)
+    run(go())
+
+
+# --------------------------------------------------------------------------- readiness, creates
+
+def test_readiness_waits_for_room_for_the_write_that_failed(tmp_path: Path) -> None:
+    """A large record finds no space, yet a small probe still fits: readiness reports the full
+    disk until the free space would take that record (or a write succeeds)."""
+    files = FaultyFiles()
+
+    async def go() -> None:
+        pair = Pair(engine(tmp_path, files, "step"))
+        await pair.start()
+        await pair.step()
+        files.arm("pwritev", errno.ENOSPC, partial=True)
+        files.free = 100
+        assert_refusal(await pair.refused_step(), errno.ENOSPC)
+        status = await pair.eng.status()
+        assert not status.ready and status.reason is not None
+        assert "full" in status.reason and "No space left on device" in status.reason
+        assert "100 are free" in status.reason
+        files.free = None  # space is back
+        assert (await pair.eng.status()).ready
+        await pair.step()
+        await pair.assert_same()
+        await pair.stop()
+        await pair.assert_restart_same(tmp_path)
+    run(go())
+
+
+@pytest.mark.parametrize("call,err", [("mkdir", errno.ENOSPC), ("fsync_dir", errno.EIO),
+                                      ("pwritev", errno.ENOSPC), ("fsync", errno.EIO)])
+def test_create_that_cannot_be_stored_leaves_nothing(tmp_path: Path, call: str,
+                                                     err: int) -> None:
+    """Whichever call of a create fails: 507/503, no session, no directory, the id free."""
+    files = FaultyFiles()
+
+    async def go() -> None:
+        eng = engine(tmp_path, files, "step")
+        await eng.start()
+        try:
+            files.arm(call, err, partial=call == "pwritev")
+            with pytest.raises(OptserveError) as info:
+                await eng.create(spec())
+            assert_refusal(info.value, err)
+            assert not (tmp_path / "sessions" / KEY).exists()
+            assert await eng.list_sessions() == []
+            with pytest.raises(OptserveError, match="no session"):
+                await eng.pull(SID, None)
+            info2 = await eng.create(spec())  # the id is free
+            assert info2.id == SID and info2.version == 0
+            assert len(read_log(wal_of(tmp_path))[0]) == 1
+        finally:
+            await eng.stop(snapshot=False)
+    run(go())
+
+
+@pytest.mark.parametrize("then", ["next-append-repairs", "crash-before-repair"])
+def test_refused_apply_whose_cut_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       then: str) -> None:
+    """The record is written and fsynced, then the apply refuses cleanly (torch raising before
+    it changed anything, simulated) and the cut of the record fails too: the log is marked
+    for repair; a crash before the repair must not replay the refused step."""
+    from app.engine.ops import Step
+
+    files = FaultyFiles()
+    real_apply = Step.apply
+    refuse = {"next": False}
+
+    def apply(self: Step, s: Any, plan: Any) -> Any:
+        if refuse["next"]:
+            refuse["next"] = False
+            raise ValueError("simulated: torch refused the step")
+        return real_apply(self, s, plan)
+    monkeypatch.setattr(Step, "apply", apply)
+
+    async def go() -> None:
+        pair = Pair(engine(tmp_path, files, "step"))
+        await pair.start()
+        await pair.step()
+        wal = wal_of(tmp_path)
+        before = read_log(wal)
+        refuse["next"] = True
+        cut = files.arm("ftruncate", errno.EIO)
+        with pytest.raises(ValueError, match="simulated"):
+            await pair.eng.step(SID, grad(pair.k), return_params=False)
+        assert cut.hits == 1
+        assert wal.stat().st_size > before[1]
+        await pair.assert_same()
+        status = await pair.eng.status()
+        assert not status.ready and status.reason is not None and "repair" in status.reason
+        if then == "next-append-repairs":
+            await pair.step()
+            assert len(read_log(wal)[0]) == len(before[0]) + 1
+            assert (await pair.eng.status()).ready
+        await pair.stop()
+        await pair.assert_restart_same(tmp_path)
+    run(go())
