@@ -314,6 +314,7 @@ class EmbeddedHost:
         session = op.build(self._device)
         session.idem.window = self.config.idempotency_window
         session.created_by = keys[0] if keys else None
+        session.snapshot_time = time.monotonic()  # the time-based snapshot counts from now
         return session
 
     async def delete(self, key: str, *, idem: IdemKey | None = None) -> None:
@@ -599,6 +600,7 @@ class EmbeddedHost:
         if session is None:
             raise StoreCorrupt(f"{key}: no snapshot and no create record")
         session.idem.window = self.config.idempotency_window
+        session.snapshot_time = time.monotonic()
         return session, replayed, torn
 
     def _snapshot_due(self, s: Session) -> bool:
