@@ -273,6 +273,17 @@ def restore(optimizer: torch.optim.Optimizer, sched: Scheduler | None, saved: An
         sched.load_state_dict(copy.deepcopy(sched_state))
 
 
+def step(sched: Scheduler, metric: float | None = None) -> None:
+    """Step a session's scheduler. torch's advice about call order (a manual step before any
+    optimizer step) is a warning for a training script's author, not for a service's log."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if metric is not None or isinstance(sched, lr_scheduler.ReduceLROnPlateau):
+            sched.step(metric)
+        else:
+            sched.step()
+
+
 def dry_run(optimizer: torch.optim.Optimizer, sched: Scheduler, metric: float | None,
             field: str = "scheduler") -> None:
     """Step the scheduler once and put everything back: a scheduler that would raise is refused
@@ -281,12 +292,8 @@ def dry_run(optimizer: torch.optim.Optimizer, sched: Scheduler, metric: float | 
     check_can_step(sched)
     saved = capture(optimizer, sched)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if isinstance(sched, lr_scheduler.ReduceLROnPlateau):
-                sched.step(1.0 if metric is None else metric)
-            else:
-                sched.step()
+        is_plateau = isinstance(sched, lr_scheduler.ReduceLROnPlateau)
+        step(sched, 1.0 if is_plateau and metric is None else metric)
     except TORCH_ERRORS as exc:
         name = type(sched).__name__
         raise Invalid(f"the scheduler cannot step: {name}.step() raises "

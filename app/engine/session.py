@@ -385,7 +385,8 @@ class Session:
             for key in [k for k in session.optimizer.defaults if k not in keep]:
                 del session.optimizer.defaults[key]
         if session.scheduler is not None and sd.get("scheduler") is not None:
-            session.scheduler.load_state_dict(sd["scheduler"])
+            live = session.scheduler.state_dict()
+            session.scheduler.load_state_dict(state_dicts.conform(live, sd["scheduler"]))
         session.durability = meta["durability"]
         session.version = int(meta["version"])
         session.step_count = int(meta["step"])

@@ -148,6 +148,30 @@ def _expected_state(
     return [dict(opt.state[t]) for t in scratch], eager
 
 
+def conform(template: Any, value: Any) -> Any:
+    """``value`` (a tree that went through JSON: string keys, lists) in the types of
+    ``template`` (the live object's state): integer keys back to integers, ``Counter`` and
+    other dict kinds back to their kind, lists back to tuples. MultiStepLR keeps its milestones
+    in a ``Counter`` of ints: with string keys it would never decay again."""
+    if isinstance(template, dict) and isinstance(value, dict):
+        int_keys = bool(template) and all(type(k) is int for k in template)
+        sample = next(iter(template.values())) if template else None
+        out = {}
+        for k, v in value.items():
+            key: Any = k
+            if int_keys and isinstance(k, str) and k.lstrip("-").isdigit():
+                key = int(k)
+            out[key] = conform(template.get(key, sample), v)
+        kind = type(template)
+        return kind(out) if kind is not dict else out
+    if isinstance(template, (list, tuple)) and isinstance(value, (list, tuple)):
+        items = [conform(template[i] if i < len(template) else (template[0] if template
+                                                                 else None), v)
+                 for i, v in enumerate(value)]
+        return tuple(items) if isinstance(template, tuple) else items
+    return value
+
+
 def own_tensors(obj: Any, field: str) -> Any:
     """A copy of a client's tree in which every tensor is a plain dense CPU tensor owning its
     memory (contiguous, no stride-0 expansion, no two entries sharing storage): sparse, meta,
@@ -300,7 +324,8 @@ def prepare_import(session: Session, state: object) -> PreparedImport:
         if session.scheduler is None:
             raise Invalid("the state carries a scheduler but this session has none",
                           code="state_mismatch", field="state_dict.scheduler")
-        same_structure(session.scheduler.state_dict(), sched_state, "state_dict.scheduler")
-        sched_state = own_tensors(sched_state, "state_dict.scheduler")
+        live = session.scheduler.state_dict()
+        same_structure(live, sched_state, "state_dict.scheduler")
+        sched_state = conform(live, own_tensors(sched_state, "state_dict.scheduler"))
     names = [list(g["param_names"]) for g in current]
     return PreparedImport({"state": new_state, "param_groups": new_groups}, sched_state, names)

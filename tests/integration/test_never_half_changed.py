@@ -492,3 +492,34 @@ def test_an_apply_that_fails_half_way_is_rolled_back_from_the_store(
         finally:
             await eng.stop()
     asyncio.run(go())
+
+
+def test_multisteplr_keeps_its_milestones_through_json_and_restarts() -> None:
+    """MultiStepLR keeps its milestones in a Counter of ints; through JSON (an export/import,
+    a snapshot) they became string keys and the schedule never decayed again."""
+    data = Path(tempfile.mkdtemp(prefix="optserve-multistep-"))
+    spec = {"name": "MultiStepLR", "options": {"milestones": [2, 4], "gamma": 0.5}}
+    mirror = Mirror(lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [2, 4], 0.5))
+    live, c = restarted(data)
+    try:
+        create(c, "ms", spec)
+        assert step(c, "ms", 0).status_code == 200
+        mirror.step(0)
+        exported = c.get("/v1/sessions/ms/state_dict").json()
+        assert c.put("/v1/sessions/ms/state_dict", json=exported).status_code == 200
+        assert step(c, "ms", 1).status_code == 200  # the milestone at 2: lr halves
+        mirror.step(1)
+        same_as(c, "ms", mirror)
+    finally:
+        c.close()
+        live.stop()
+    live, c = restarted(data)
+    try:
+        for k in (2, 3):  # and at 4 after the restart
+            assert step(c, "ms", k).status_code == 200
+            mirror.step(k)
+        same_as(c, "ms", mirror)
+        assert c.get("/v1/sessions/ms").json()["lr"] == [0.025]
+    finally:
+        c.close()
+        live.stop()

@@ -133,7 +133,7 @@ class Step(Operation):
         if s.steps_scheduler():
             assert s.scheduler is not None
             try:
-                s.scheduler.step()
+                schedulers.step(s.scheduler)
             except BaseException as exc:
                 raise ApplyFailed(f"the scheduler's step() raised {type(exc).__name__}: "
                                   f"{exc}") from exc

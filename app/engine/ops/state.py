@@ -101,10 +101,7 @@ class SchedulerStep(Operation):
         assert s.scheduler is not None
         saved = schedulers.capture(s.optimizer, s.scheduler)
         try:
-            if self.metric is not None:
-                s.scheduler.step(self.metric)
-            else:
-                s.scheduler.step()
+            schedulers.step(s.scheduler, self.metric)
         except optimizers.TORCH_ERRORS as exc:  # the dry run makes this unreachable
             schedulers.restore(s.optimizer, s.scheduler, saved)
             raise Invalid(f"the scheduler cannot step: {exc}", code="scheduler_failed",
