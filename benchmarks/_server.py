@@ -36,10 +36,11 @@ def server(
     command: list[str] | None = None,
     port: int | None = None,
     app: str = "benchmarks.bench_app:app",
+    start_timeout_s: float = 90,
 ) -> Iterator[str]:
     """Yield the base URL of a ready server; ``command`` replaces the uvicorn command line
     (it must serve on ``port``). CPU, a 2 GB body limit and a fresh data directory unless
-    ``env`` says otherwise."""
+    ``env`` says otherwise; ``start_timeout_s`` bounds the wait for ``/readyz``."""
     port = port or free_port()
     cmd = command or uvicorn_command(app, port)
     full_env = {**os.environ, "OPTSERVE_DEVICE": "cpu", "OPTSERVE_MAX_BODY_MB": "2048",
@@ -49,7 +50,7 @@ def server(
     url = f"http://127.0.0.1:{port}"
     PIDS[url] = proc.pid
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + start_timeout_s
         while True:
             try:
                 if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
