@@ -1,0 +1,216 @@
+"""The run: one process per system, then per (N, optimizer) a case: set every system up,
+spin the CPU, take untimed warm-up steps, time interleaved rounds, check every system's
+result bitwise against an in-process replay of the same steps, tear down."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks._peers import pyspy
+from benchmarks._peers.base import REGISTRY, RunConfig, System, instance_id
+from benchmarks._peers.cases import Case, bitwise_diff, fmt_n, replay
+from benchmarks._peers.proc import SystemFailed, SystemProcess
+from benchmarks._peers.timing import interleaved, reps_for, spin
+
+
+@dataclass
+class Plan:
+    sizes: list[int]
+    optimizers: list[str]
+    systems: list[str]  # registry names, in table order
+    durabilities: list[str]
+    rounds: int
+    reps: int | None  # per round; None: timing.reps_for(N)
+    warmup: int
+    spin_s: float
+    case_spin_s: float
+    config: RunConfig
+    seed: int = 0
+    py_spy_dir: Path | None = None
+    py_spy_native: bool = False
+
+
+@dataclass
+class Cell:
+    system: str  # instance id
+    optimizer: str
+    n: int
+    samples: list[float]  # seconds per step
+    steps: int  # steps taken since setup (warm-up included)
+    check: str  # "ok", "-" (not checked), or what went wrong
+
+
+@dataclass
+class Result:
+    plan: Plan
+    instances: list[str]
+    facts: dict[str, dict[str, Any]] = field(default_factory=dict)  # instance -> facts
+    skipped: dict[str, str] = field(default_factory=dict)  # system -> why
+    cells: list[Cell] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    load: dict[str, list[float]] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and all(c.check in ("ok", "-") for c in self.cells)
+
+
+def _available(cls: type[System]) -> str | None:
+    if cls.requires is None:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec(cls.requires) is None:
+        return (f"{cls.requires} is not installed: skipping the {cls.name} column "
+                f"({cls.install_hint or 'pip install ' + cls.requires})")
+    return None
+
+
+class Driver:
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.procs: dict[str, SystemProcess] = {}
+        self.classes: dict[str, type[System]] = {}
+        self.result = Result(plan, [])
+
+    # ------------------------------------------------------------------ processes
+    def _fail(self, instance: str, exc: BaseException) -> None:
+        self.result.failures.append(f"{instance}: {exc}")
+        print(f"!! {instance} failed and is dropped from the rest of the run:\n{exc}",
+              flush=True)
+        proc = self.procs.pop(instance, None)
+        if proc is not None:
+            proc.close()
+
+    def _all(self, command: str, arg: Any = None, only: list[str] | None = None
+             ) -> dict[str, Any]:
+        """Send ``command`` to every live system (or ``only``) at once, then collect."""
+        targets = [i for i in (only if only is not None else list(self.procs))
+                   if i in self.procs]
+        sent = []
+        for instance in targets:
+            try:
+                self.procs[instance].send(command, arg)
+                sent.append(instance)
+            except OSError as exc:
+                self._fail(instance, exc)
+        out = {}
+        for instance in sent:
+            try:
+                out[instance] = self.procs[instance].recv()
+            except SystemFailed as exc:
+                self._fail(instance, exc)
+        return out
+
+    def start(self) -> None:
+        for name in self.plan.systems:
+            cls = REGISTRY[name]
+            why = _available(cls)
+            if why:
+                print(f"** {why}", flush=True)
+                self.result.skipped[name] = why
+                continue
+            for level in (self.plan.durabilities if cls.per_durability else [None]):
+                # one at a time: ten processes importing torch and starting servers at once
+                # on a loaded 2-core machine take longer in total, and time out
+                instance = instance_id(name, level)
+                t0 = time.perf_counter()
+                self.classes[instance] = cls
+                self.procs[instance] = SystemProcess(name, level, self.plan.config)
+                self.result.instances.append(instance)
+                facts = self._all("start", only=[instance]).get(instance)
+                self.result.facts[instance] = dict(facts or {})
+                print(f"started {instance} in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    def stop(self) -> None:
+        for instance in list(self.procs):
+            self.procs.pop(instance).close()
+
+    # ------------------------------------------------------------------ one case
+    def _runner(self, instance: str) -> Any:
+        def run(k: int) -> list[float]:
+            if instance not in self.procs:
+                return []
+            try:
+                times: list[float] = self.procs[instance].call("run", k)
+                return times
+            except SystemFailed as exc:
+                self._fail(instance, exc)
+                return []
+        return run
+
+    def _profiled(self, case: Case, active: list[str]) -> Any:
+        if self.plan.py_spy_dir is None:
+            return contextlib.nullcontext()
+        pids = {i: self.result.facts[i]["server_pid"] for i in active
+                if i.startswith("optserve") and "server_pid" in self.result.facts.get(i, {})}
+        return pyspy.record(pids, self.plan.py_spy_dir, f"{case.optimizer}-{fmt_n(case.n)}",
+                            native=self.plan.py_spy_native)
+
+    def run_case(self, case: Case) -> None:
+        plan = self.plan
+        active = [i for i in self.procs if self.classes[i].supports(case, plan.config)]
+        self._all("setup", case, only=active)
+        active = [i for i in active if i in self.procs]
+        reps = plan.reps or reps_for(case.n)
+        spin(plan.case_spin_s)
+        runners = {i: self._runner(i) for i in active}
+        with self._profiled(case, active):
+            samples = interleaved(runners, plan.rounds, reps, warmup=plan.warmup)
+        steps = plan.warmup + plan.rounds * reps
+        infos = self._all("info", only=active)
+        for instance, info in infos.items():
+            self.result.facts.setdefault(instance, {}).update(info or {})
+        checks = self._check(case, [i for i in active if i in self.procs], steps)
+        for instance in active:
+            check = checks.get(instance, "FAILED (system dropped)")
+            self.result.cells.append(Cell(instance, case.optimizer, case.n,
+                                          samples.get(instance, []), steps, check))
+        self._all("teardown", only=active)
+
+    def _check(self, case: Case, instances: list[str], steps: int) -> dict[str, str]:
+        out: dict[str, str] = {}
+        refs: dict[str, Any] = {}
+        for instance in instances:
+            cls = self.classes[instance]
+            try:
+                if cls.check == "none":
+                    out[instance] = "-"
+                elif cls.check == "self":
+                    problem = self.procs[instance].call("self_check")
+                    out[instance] = "ok" if problem is None else f"MISMATCH: {problem}"
+                else:
+                    if cls.grad_transform not in refs:
+                        refs[cls.grad_transform] = replay(case, steps, cls.grad_transform)
+                    got = self.procs[instance].call("params")
+                    problem = bitwise_diff(got, refs[cls.grad_transform])
+                    out[instance] = "ok" if problem is None else f"MISMATCH: {problem}"
+            except SystemFailed as exc:
+                self._fail(instance, exc)
+        return out
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> Result:
+        t0 = time.perf_counter()
+        self.result.load["start"] = list(os.getloadavg())
+        try:
+            self.start()
+            spin(self.plan.spin_s)
+            for n in self.plan.sizes:
+                for optimizer in self.plan.optimizers:
+                    case = Case(optimizer, n, self.plan.seed)
+                    c0 = time.perf_counter()
+                    self.run_case(case)
+                    print(f"  {optimizer} N={fmt_n(n)}: {time.perf_counter() - c0:.1f} s, load "
+                          f"{os.getloadavg()[0]:.1f}", flush=True)
+        finally:
+            self.stop()
+        self.result.load["end"] = list(os.getloadavg())
+        self.result.wall_s = time.perf_counter() - t0
+        return self.result
