@@ -67,7 +67,8 @@ class Case:
 def fmt_n(n: int) -> str:
     """1000 -> "1e3" (the tables' N)."""
     mantissa, exp = f"{n:.0e}".split("e")
-    return f"{mantissa}e{int(exp)}"
+    short = f"{mantissa}e{int(exp)}"
+    return short if float(short) == n else str(n)
 
 
 def replay(case: Case, steps: int, transform: str = "none") -> npt.NDArray[np.float32]:

@@ -72,6 +72,20 @@ def _available(cls: type[System]) -> str | None:
     return None
 
 
+class _Phases:
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.laps: list[str] = []
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps.append(f"{name} {now - self.t:.1f}")
+        self.t = now
+
+    def __str__(self) -> str:
+        return ", ".join(self.laps)
+
+
 class Driver:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
@@ -109,6 +123,10 @@ class Driver:
         return out
 
     def start(self) -> None:
+        """Spawn every system's process and start them all at once (on a loaded 2-core
+        machine that is what gets the most CPU for the imports and server starts), then warm
+        torch's optimizer path in this process (the first ``step()`` imports a lot) while
+        they start."""
         for name in self.plan.systems:
             cls = REGISTRY[name]
             why = _available(cls)
@@ -117,20 +135,31 @@ class Driver:
                 self.result.skipped[name] = why
                 continue
             for level in (self.plan.durabilities if cls.per_durability else [None]):
-                # one at a time: ten processes importing torch and starting servers at once
-                # on a loaded 2-core machine take longer in total, and time out
                 instance = instance_id(name, level)
-                t0 = time.perf_counter()
                 self.classes[instance] = cls
                 self.procs[instance] = SystemProcess(name, level, self.plan.config)
                 self.result.instances.append(instance)
-                facts = self._all("start", only=[instance]).get(instance)
+        t0 = time.perf_counter()
+        targets = list(self.procs)
+        for instance in targets:
+            self.procs[instance].send("start")
+        for optimizer in self.plan.optimizers:
+            replay(Case(optimizer, 16), 2)
+        for instance in targets:
+            try:
+                facts = self.procs[instance].recv()
                 self.result.facts[instance] = dict(facts or {})
-                print(f"started {instance} in {time.perf_counter() - t0:.1f} s", flush=True)
+                print(f"started {instance} ({time.perf_counter() - t0:.1f} s)", flush=True)
+            except SystemFailed as exc:
+                self._fail(instance, exc)
 
     def stop(self) -> None:
-        for instance in list(self.procs):
-            self.procs.pop(instance).close()
+        procs = [self.procs.pop(instance) for instance in list(self.procs)]
+        for proc in procs:
+            with contextlib.suppress(OSError):
+                proc.send("stop")
+        for proc in procs:
+            proc.close(stop_sent=True)
 
     # ------------------------------------------------------------------ one case
     def _runner(self, instance: str) -> Any:
@@ -153,16 +182,20 @@ class Driver:
         return pyspy.record(pids, self.plan.py_spy_dir, f"{case.optimizer}-{fmt_n(case.n)}",
                             native=self.plan.py_spy_native)
 
-    def run_case(self, case: Case) -> None:
+    def run_case(self, case: Case) -> str:
+        """Run one case; returns how long its phases took."""
         plan = self.plan
+        clock = _Phases()
         active = [i for i in self.procs if self.classes[i].supports(case, plan.config)]
         self._all("setup", case, only=active)
         active = [i for i in active if i in self.procs]
+        clock.lap("setup")
         reps = plan.reps or reps_for(case.n)
         spin(plan.case_spin_s)
         runners = {i: self._runner(i) for i in active}
         with self._profiled(case, active):
             samples = interleaved(runners, plan.rounds, reps, warmup=plan.warmup)
+        clock.lap("steps")
         steps = plan.warmup + plan.rounds * reps
         infos = self._all("info", only=active)
         for instance, info in infos.items():
@@ -172,7 +205,10 @@ class Driver:
             check = checks.get(instance, "FAILED (system dropped)")
             self.result.cells.append(Cell(instance, case.optimizer, case.n,
                                           samples.get(instance, []), steps, check))
+        clock.lap("check")
         self._all("teardown", only=active)
+        clock.lap("teardown")
+        return str(clock)
 
     def _check(self, case: Case, instances: list[str], steps: int) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -206,11 +242,13 @@ class Driver:
                 for optimizer in self.plan.optimizers:
                     case = Case(optimizer, n, self.plan.seed)
                     c0 = time.perf_counter()
-                    self.run_case(case)
-                    print(f"  {optimizer} N={fmt_n(n)}: {time.perf_counter() - c0:.1f} s, load "
-                          f"{os.getloadavg()[0]:.1f}", flush=True)
+                    phases = self.run_case(case)
+                    print(f"  {optimizer} N={fmt_n(n)}: {time.perf_counter() - c0:.1f} s "
+                          f"({phases}), load {os.getloadavg()[0]:.1f}", flush=True)
         finally:
+            s0 = time.perf_counter()
             self.stop()
+            print(f"stopped every system in {time.perf_counter() - s0:.1f} s", flush=True)
         self.result.load["end"] = list(os.getloadavg())
         self.result.wall_s = time.perf_counter() - t0
         return self.result

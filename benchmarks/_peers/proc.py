@@ -87,10 +87,11 @@ class SystemProcess:
         self.send(command, arg)
         return self.recv()
 
-    def close(self) -> None:
+    def close(self, stop_sent: bool = False) -> None:
         try:
             if self.proc.is_alive():
-                self.send("stop")
+                if not stop_sent:
+                    self.send("stop")
                 self.recv(timeout=120)
         except (SystemFailed, OSError, EOFError):
             pass
