@@ -6,7 +6,9 @@ momentum, each system in its own process with torch on one intra-op thread:
   optserve's heap reuse (mallopt);
 - ``echo``: the same safetensors bytes posted to a raw ASGI echo under uvicorn (the HTTP floor);
 - ``ray``: a Ray actor parameter server (numpy in, numpy out) -- needs ``.[bench]``;
-- ``torch-rpc``: a torch RPC parameter server (TensorPipe, ``rref.rpc_sync().step(grad)``);
+- ``torch-rpc``: a torch RPC parameter server (TensorPipe over TCP,
+  ``rref.rpc_sync().step(grad)``); ``torch-rpc-shm`` (TensorPipe's shared-memory transport)
+  on request only: it busy-polls and would slow the others;
 - ``optserve-binary``, ``optserve-json``: ``python -m app`` as ``scripts/serve`` starts it,
   stepped by a plain httpx client with safetensors or JSON bodies;
 - ``disk-fsync``: ``os.write`` + ``os.fsync`` of a 4N-byte record in the data directory (what
@@ -69,8 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--peer-heap-reuse", action="store_true",
                     help="apply optserve's mallopt tuning in the Ray actor and torch RPC server "
                     "too (off: the peers as a user would run them)")
-    ap.add_argument("--rpc-transports", default=None,
-                    help="TensorPipe transports for torch-rpc, e.g. uv (TCP only) or shm,uv")
+    ap.add_argument("--rpc-transports", default="uv",
+                    help="TensorPipe transports for torch-rpc (default uv: TCP; shm busy-polls, "
+                    "see torch-rpc-shm)")
+    ap.add_argument("--rpc-channels", default=None,
+                    help="TensorPipe channels for torch-rpc (default: TensorPipe's; basic = "
+                    "tensors over the transport too)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write the full record here")
     ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
@@ -100,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds, reps=args.reps, warmup=args.warmup,
         spin_s=args.spin, case_spin_s=args.case_spin,
         config=RunConfig(str(root), int(args.json_max_n), args.peer_heap_reuse,
-                         tuple(_list(args.rpc_transports)) if args.rpc_transports else None),
+                         tuple(_list(args.rpc_transports)) or None,
+                         tuple(_list(args.rpc_channels or "")) or None),
         seed=args.seed, py_spy_dir=args.py_spy, py_spy_native=args.py_spy_native,
     )
     command = "python -m benchmarks.peers " + shlex.join(argv if argv is not None

@@ -36,7 +36,12 @@ class RunConfig:
     data_dir: str  # root for servers' data directories and the disk probe
     json_max_n: int  # optserve-json skips larger N
     peer_heap_reuse: bool = False  # apply optserve's mallopt tuning in the peers' servers too
-    rpc_transports: tuple[str, ...] | None = None  # TensorPipe transports (None: its default)
+    #: TensorPipe transports and channels for torch-rpc (None: TensorPipe's default). "uv"
+    #: (TCP) by default: TensorPipe's default picks its shm transport on one host, whose
+    #: reactor busy-polls (about 0.7 of a core per process, idle or not), which would slow
+    #: every other system in an interleaved run; torch-rpc-shm measures it on request.
+    rpc_transports: tuple[str, ...] | None = ("uv",)
+    rpc_channels: tuple[str, ...] | None = None
 
 
 class System(ABC):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks._peers import pyspy
+from benchmarks._peers import cpu, pyspy
 from benchmarks._peers.base import REGISTRY, RunConfig, System, instance_id
 from benchmarks._peers.cases import Case, bitwise_diff, fmt_n, replay
 from benchmarks._peers.proc import SystemFailed, SystemProcess
@@ -43,6 +43,7 @@ class Cell:
     samples: list[float]  # seconds per step
     steps: int  # steps taken since setup (warm-up included)
     check: str  # "ok", "-" (not checked), or what went wrong
+    usage: cpu.Usage | None = None  # CPU and run-queue wait per timed step
 
 
 @dataclass
@@ -174,6 +175,14 @@ class Driver:
                 return []
         return run
 
+    def _pids(self, instance: str) -> tuple[int, list[int]]:
+        """The system's worker process and its server processes (main server first)."""
+        facts = self.result.facts.get(instance, {})
+        servers = facts.get("server_pids") or (
+            [facts["server_pid"]] if "server_pid" in facts else [])
+        pid = self.procs[instance].proc.pid
+        return (pid or 0), [int(p) for p in servers]
+
     def _profiled(self, case: Case, active: list[str]) -> Any:
         if self.plan.py_spy_dir is None:
             return contextlib.nullcontext()
@@ -194,7 +203,11 @@ class Driver:
         spin(plan.case_spin_s)
         runners = {i: self._runner(i) for i in active}
         with self._profiled(case, active):
-            samples = interleaved(runners, plan.rounds, reps, warmup=plan.warmup)
+            interleaved(runners, 0, 0, warmup=plan.warmup)
+            pids = {i: self._pids(i) for i in active}
+            before = cpu.take([p for w, ss in pids.values() for p in [w, *ss]])
+            samples = interleaved(runners, plan.rounds, reps)
+            after = cpu.take([p for w, ss in pids.values() for p in [w, *ss]])
         clock.lap("steps")
         steps = plan.warmup + plan.rounds * reps
         infos = self._all("info", only=active)
@@ -203,8 +216,10 @@ class Driver:
         checks = self._check(case, [i for i in active if i in self.procs], steps)
         for instance in active:
             check = checks.get(instance, "FAILED (system dropped)")
+            worker, servers = pids[instance]
+            use = cpu.usage(worker, servers, before, after, len(samples.get(instance, [])))
             self.result.cells.append(Cell(instance, case.optimizer, case.n,
-                                          samples.get(instance, []), steps, check))
+                                          samples.get(instance, []), steps, check, use))
         clock.lap("check")
         self._all("teardown", only=active)
         clock.lap("teardown")

@@ -25,15 +25,17 @@ def py_spy() -> str | None:
 @contextmanager
 def record(pids: dict[str, int], out_dir: Path, tag: str, native: bool = False) -> Iterator[None]:
     """py-spy record every pid (label -> pid) into ``out_dir/<label>-<tag>.txt`` (raw
-    collapsed stacks, one per thread) for the duration of the block."""
+    collapsed stacks per thread, active samples only: a thread waiting is not sampled) for
+    the duration of the block."""
     exe = py_spy()
     if exe is None:
         raise RuntimeError("py-spy is not installed (pip install py-spy, or -e '.[bench]')")
     out_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for label, pid in pids.items():
-        cmd = [exe, "record", "--pid", str(pid), "--format", "raw", "--threads", "--idle",
-               "--rate", "200", "-o", str(out_dir / f"{label}-{tag}.txt")]
+        name = f"{label}-{tag}".replace("[", "-").replace("]", "")
+        cmd = [exe, "record", "--pid", str(pid), "--format", "raw", "--threads",
+               "--rate", "200", "-o", str(out_dir / f"{name}.txt")]
         if native:
             cmd.append("--native")
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))

@@ -51,6 +51,22 @@ class ParameterServer:
     def step_threads(self) -> int:
         return torch.get_num_threads()
 
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _daemon_pids() -> list[int]:
+    """The local raylet's and GCS server's pids (private Ray API; none if it moved)."""
+    try:
+        from ray._private import worker
+
+        node: Any = worker._global_node
+        procs = node.all_processes
+        return [info.process.pid for kind in ("raylet", "gcs_server")
+                for info in procs.get(kind, [])]
+    except Exception:
+        return []
+
 
 @register
 class RayActor(GradSystem):
@@ -68,8 +84,13 @@ class RayActor(GradSystem):
 
         self.ray: Any = ray
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        self.actor: Any = ray.remote(ParameterServer).remote(self.config.peer_heap_reuse)
-        return {"ray": ray.__version__, "heap_reuse": self.config.peer_heap_reuse}
+        actor: Any = ray.remote(ParameterServer).remote(self.config.peer_heap_reuse)
+        self.actor = actor
+        # for the CPU accounting: the actor first, then the raylet (it holds the object
+        # store) and the GCS
+        pids = [ray.get(self.actor.pid.remote()), *_daemon_pids()]
+        return {"ray": ray.__version__, "heap_reuse": self.config.peer_heap_reuse,
+                "server_pids": pids}
 
     def prepare(self, case: Case, initial: torch.Tensor) -> None:
         self.arrays = [g.numpy() for g in self.grads]

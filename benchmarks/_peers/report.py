@@ -62,6 +62,12 @@ def header(result: Result, command: str) -> list[str]:
     for instance, f in facts.items():
         if "command" in f:
             lines.append(f"{instance}: `{f['command']}`")
+        if "transports" in f:
+            lines.append(f"{instance}: TensorPipe transports {f['transports']}, channels "
+                         f"{f['channels']}")
+        if "heap_reuse" in f:
+            lines.append(f"{instance}: optserve's heap reuse (mallopt) "
+                         f"{'on' if f['heap_reuse'] else 'off'}")
     for why in result.skipped.values():
         lines.append(f"skipped: {why}")
     return lines
@@ -132,6 +138,29 @@ def disk_table(result: Result) -> list[str]:
     return lines
 
 
+def cpu_table(result: Result) -> list[str]:
+    """CPU ms per step by process (and the run-queue wait) for every system."""
+    plan = result.plan
+    cells = _cells(result)
+    cols = result.instances
+    lines = [f"| optimizer | N | {' | '.join(cols)} |", "|---|---|" + "---|" * len(cols)]
+    for optimizer in plan.optimizers:
+        for n in plan.sizes:
+            row = []
+            for col in cols:
+                cell = cells.get((col, optimizer, n))
+                u = cell.usage if cell else None
+                if u is None:
+                    row.append("-")
+                    continue
+                text = fmt_ms(u.worker_cpu)
+                if u.server_main_cpu or u.server_other_cpu:
+                    text += f" + {fmt_ms(u.server_main_cpu)}/{fmt_ms(u.server_other_cpu)}"
+                row.append(f"{text} (wait {fmt_ms(u.wait)})")
+            lines.append(f"| {optimizer} | {fmt_n(n)} | {' | '.join(row)} |")
+    return lines
+
+
 def markdown(result: Result, command: str) -> str:
     out = ["### optserve beside Ray and torch RPC: median ms per optimizer step", ""]
     out += [f"- {line}" for line in header(result, command)]
@@ -141,6 +170,10 @@ def markdown(result: Result, command: str) -> str:
     if any(c.system == "disk-fsync" for c in result.cells):
         out += ["", "#### disk: write + fsync of one 4N-byte record (in the data directory)", ""]
         out += disk_table(result)
+    if any(c.usage for c in result.cells):
+        out += ["", "#### CPU ms per step: worker process + server main thread / other server "
+                "threads and processes (run-queue wait of all of them)", ""]
+        out += cpu_table(result)
     return "\n".join(out)
 
 
@@ -161,6 +194,7 @@ def to_json(result: Result, command: str) -> dict[str, Any]:
             "p10_ms": quantile_ms(c.samples, 0.1) if c.samples else None,
             "p90_ms": quantile_ms(c.samples, 0.9) if c.samples else None,
             "mean_ms": statistics.fmean(c.samples) * 1e3 if c.samples else None,
+            "cpu_ms": c.usage.as_dict() if c.usage else None,
             "samples_ms": [s * 1e3 for s in c.samples],
         } for c in result.cells],
     }
