@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="record every optserve server with py-spy per case into DIR (raw "
                     "collapsed stacks; perturbs the timings)")
     ap.add_argument("--py-spy-native", action="store_true", help="py-spy --native")
+    ap.add_argument("--py-spy-workers", action="store_true",
+                    help="also record every system's worker (client) process")
     return ap.parse_args(argv)
 
 
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                          tuple(_list(args.rpc_transports)) or None,
                          tuple(_list(args.rpc_channels or "")) or None),
         seed=args.seed, py_spy_dir=args.py_spy, py_spy_native=args.py_spy_native,
+        py_spy_workers=args.py_spy_workers,
     )
     command = "python -m benchmarks.peers " + shlex.join(argv if argv is not None
                                                          else sys.argv[1:])

@@ -33,6 +33,7 @@ class Plan:
     seed: int = 0
     py_spy_dir: Path | None = None
     py_spy_native: bool = False
+    py_spy_workers: bool = False  # also record every system's worker process
 
 
 @dataclass
@@ -186,12 +187,16 @@ class Driver:
         return (pid or 0), [int(p) for p in servers]
 
     def _profiled(self, case: Case, active: list[str]) -> Any:
-        if self.plan.py_spy_dir is None:
+        plan = self.plan
+        if plan.py_spy_dir is None:
             return contextlib.nullcontext()
         pids = {i: self.result.facts[i]["server_pid"] for i in active
                 if i.startswith("optserve") and "server_pid" in self.result.facts.get(i, {})}
-        return pyspy.record(pids, self.plan.py_spy_dir, f"{case.optimizer}-{fmt_n(case.n)}",
-                            native=self.plan.py_spy_native)
+        if plan.py_spy_workers:
+            pids.update({f"{i}-worker": self.procs[i].proc.pid or 0 for i in active
+                         if i in self.procs})
+        return pyspy.record(pids, plan.py_spy_dir, f"{case.optimizer}-{fmt_n(case.n)}",
+                            native=plan.py_spy_native)
 
     def run_case(self, case: Case) -> str:
         """Run one case; returns how long its phases took."""
@@ -206,7 +211,7 @@ class Driver:
         runners = {i: self._runner(i) for i in active}
         with self._profiled(case, active):
             interleaved(runners, 0, 0, warmup=plan.warmup)
-            pids = {i: self._pids(i) for i in active}
+            pids = {i: self._pids(i) for i in active if i in self.procs}
             before = cpu.take([p for w, ss in pids.values() for p in [w, *ss]])
             samples = interleaved(runners, plan.rounds, reps)
             after = cpu.take([p for w, ss in pids.values() for p in [w, *ss]])
@@ -218,8 +223,10 @@ class Driver:
         checks = self._check(case, [i for i in active if i in self.procs], steps)
         for instance in active:
             check = checks.get(instance, "FAILED (system dropped)")
-            worker, servers = pids[instance]
-            use = cpu.usage(worker, servers, before, after, len(samples.get(instance, [])))
+            use = None
+            if instance in pids and instance in self.procs:
+                worker, servers = pids[instance]
+                use = cpu.usage(worker, servers, before, after, len(samples.get(instance, [])))
             self.result.cells.append(Cell(instance, case.optimizer, case.n,
                                           samples.get(instance, []), steps, check, use))
         clock.lap("check")

@@ -20,7 +20,7 @@ from safetensors.torch import save as st_save
 
 from benchmarks._peers.base import GradSystem, RunConfig, System, register
 from benchmarks._peers.cases import Case
-from benchmarks._server import PIDS, free_port, server
+from benchmarks._server import PIDS, PROCS, free_port, server
 from benchmarks.echo_app import ECHO_PATH
 
 BINARY = "application/octet-stream"
@@ -34,8 +34,26 @@ class HttpSystem(System):
     def start(self) -> dict[str, Any]:
         self._stack = ExitStack()
         url = self._stack.enter_context(self.serve())
+        self.url = url
         self.http = self._stack.enter_context(httpx.Client(base_url=url, timeout=600))
-        return {"server_pid": PIDS[url], **self.server_facts()}
+        return {"server_pid": PIDS[url], "server_log": str(self.log_path()),
+                **self.server_facts()}
+
+    def log_path(self) -> Path:
+        folder = Path(self.config.data_dir) / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{self.name}-{self.durability or 'server'}.log"
+
+    def post(self, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
+        """POST, and when the server is gone say how it ended and what it logged."""
+        try:
+            return self.http.post(path, content=content, headers=headers)
+        except httpx.TransportError as exc:
+            proc = PROCS.get(self.url)
+            code = proc.poll() if proc else None
+            tail = self.log_path().read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{exc!r}; server exit status {code}; its log ends:\n"
+                               f"{tail}") from exc
 
     def serve(self) -> Any:
         raise NotImplementedError
@@ -57,7 +75,8 @@ class Echo(HttpSystem, GradSystem):
     check = "self"
 
     def serve(self) -> Any:
-        return server(app="benchmarks.echo_app:app", start_timeout_s=START_TIMEOUT_S)
+        return server(app="benchmarks.echo_app:app", start_timeout_s=START_TIMEOUT_S,
+                      log=self.log_path())
 
     def server_facts(self) -> dict[str, Any]:
         return {"command": "uvicorn benchmarks.echo_app:app --loop uvloop --http httptools"}
@@ -68,7 +87,7 @@ class Echo(HttpSystem, GradSystem):
 
     def exchange(self, grad_index: int) -> None:
         body = self.bodies[grad_index]
-        r = self.http.post(ECHO_PATH, content=body, headers={"Content-Type": BINARY})
+        r = self.post(ECHO_PATH, body, {"Content-Type": BINARY})
         if r.status_code != 200:
             raise RuntimeError(f"echo answered {r.status_code}")
         self.last_sent, self.last = body, r.content
@@ -95,7 +114,7 @@ class Optserve(HttpSystem, GradSystem):
                     "OPTSERVE_DATA_DIR": str(data_dir),
                     "OPTSERVE_DURABILITY": str(self.durability)}
         return server(self.env, command=[sys.executable, "-m", "app"], port=port,
-                      start_timeout_s=START_TIMEOUT_S)
+                      start_timeout_s=START_TIMEOUT_S, log=self.log_path())
 
     def server_facts(self) -> dict[str, Any]:
         env = " ".join(f"{k}={v}" for k, v in self.env.items() if k != "OPTSERVE_DATA_DIR")
@@ -107,8 +126,7 @@ class Optserve(HttpSystem, GradSystem):
         body = {"id": self.sid, "optimizer": case.spec.name, "options": case.spec.options,
                 "params": {"w": {"dtype": "float32", "shape": [case.n],
                                  "b64": base64.b64encode(initial.numpy().tobytes()).decode()}}}
-        r = self.http.post("/v1/sessions", content=orjson.dumps(body),
-                           headers={"Content-Type": "application/json"})
+        r = self.post("/v1/sessions", orjson.dumps(body), {"Content-Type": "application/json"})
         if r.status_code != 201:
             raise RuntimeError(f"create session: {r.status_code} {r.text[:500]}")
         self.path = f"/v1/sessions/{self.sid}/step"
@@ -123,9 +141,8 @@ class Optserve(HttpSystem, GradSystem):
         raise NotImplementedError
 
     def exchange(self, grad_index: int) -> None:
-        r = self.http.post(self.path, content=self.encode(self.grads[grad_index]),
-                           headers={"Content-Type": self.content_type,
-                                    "Accept": self.content_type})
+        r = self.post(self.path, self.encode(self.grads[grad_index]),
+                      {"Content-Type": self.content_type, "Accept": self.content_type})
         if r.status_code != 200:
             raise RuntimeError(f"step: {r.status_code} {r.text[:500]}")
         self.last = self.decode(r.content)
