@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rpc-channels", default=None,
                     help="TensorPipe channels for torch-rpc (default: TensorPipe's; basic = "
                     "tensors over the transport too)")
+    ap.add_argument("--parallel-start", action="store_true",
+                    help="start every system at once (quicker for a few light systems; Ray's "
+                    "start timed out that way on a busy 2-core machine)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write the full record here")
     ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                          tuple(_list(args.rpc_transports)) or None,
                          tuple(_list(args.rpc_channels or "")) or None),
         seed=args.seed, py_spy_dir=args.py_spy, py_spy_native=args.py_spy_native,
-        py_spy_workers=args.py_spy_workers,
+        py_spy_workers=args.py_spy_workers, parallel_start=args.parallel_start,
     )
     command = "python -m benchmarks.peers " + shlex.join(argv if argv is not None
                                                          else sys.argv[1:])

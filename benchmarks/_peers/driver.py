@@ -34,6 +34,7 @@ class Plan:
     py_spy_dir: Path | None = None
     py_spy_native: bool = False
     py_spy_workers: bool = False  # also record every system's worker process
+    parallel_start: bool = False
 
 
 @dataclass
@@ -125,9 +126,13 @@ class Driver:
         return out
 
     def start(self) -> None:
-        """Spawn and start the systems one at a time: started all at once on a loaded 2-core
-        machine, Ray's GCS timed out and the whole start took no less time. Torch's optimizer
-        path is warmed in this process first (the first ``step()`` imports a lot)."""
+        """Spawn and start the systems one at a time (``parallel_start``: all at once, which
+        is quicker for a few light systems but on a loaded 2-core machine timed Ray's GCS
+        out). Torch's optimizer path is warmed in this process first (the first ``step()``
+        imports a lot)."""
+        if self.plan.parallel_start:
+            self._start_all()
+            return
         for optimizer in self.plan.optimizers:
             replay(Case(optimizer, 16), 2)
         for name in self.plan.systems:
@@ -156,6 +161,32 @@ class Driver:
                     self.result.facts[instance] = dict(facts or {})
                     print(f"started {instance} in {time.perf_counter() - t0:.1f} s", flush=True)
                     break
+
+    def _start_all(self) -> None:
+        for name in self.plan.systems:
+            cls = REGISTRY[name]
+            why = _available(cls)
+            if why:
+                print(f"** {why}", flush=True)
+                self.result.skipped[name] = why
+                continue
+            for level in (self.plan.durabilities if cls.per_durability else [None]):
+                instance = instance_id(name, level)
+                self.classes[instance] = cls
+                self.procs[instance] = SystemProcess(name, level, self.plan.config)
+                self.result.instances.append(instance)
+        t0 = time.perf_counter()
+        targets = list(self.procs)
+        for instance in targets:
+            self.procs[instance].send("start")
+        for optimizer in self.plan.optimizers:  # while they start
+            replay(Case(optimizer, 16), 2)
+        for instance in targets:
+            try:
+                self.result.facts[instance] = dict(self.procs[instance].recv() or {})
+                print(f"started {instance} ({time.perf_counter() - t0:.1f} s)", flush=True)
+            except SystemFailed as exc:
+                self._fail(instance, exc)
 
     def stop(self) -> None:
         procs = [self.procs.pop(instance) for instance in list(self.procs)]

@@ -139,7 +139,8 @@ def disk_table(result: Result) -> list[str]:
 
 
 def cpu_table(result: Result) -> list[str]:
-    """CPU ms per step by process (and the run-queue wait) for every system."""
+    """CPU ms per step by process for every system (Ray: its actor, then its raylet and GCS
+    as "other"; torch-rpc: the "ps" process, whose work runs on RPC threads, so "other")."""
     plan = result.plan
     cells = _cells(result)
     cols = result.instances
@@ -156,7 +157,7 @@ def cpu_table(result: Result) -> list[str]:
                 text = fmt_ms(u.worker_cpu)
                 if u.server_main_cpu or u.server_other_cpu:
                     text += f" + {fmt_ms(u.server_main_cpu)}/{fmt_ms(u.server_other_cpu)}"
-                row.append(f"{text} (wait {fmt_ms(u.wait)})")
+                row.append(text)
             lines.append(f"| {optimizer} | {fmt_n(n)} | {' | '.join(row)} |")
     return lines
 
@@ -172,7 +173,7 @@ def markdown(result: Result, command: str) -> str:
         out += disk_table(result)
     if any(c.usage for c in result.cells):
         out += ["", "#### CPU ms per step: worker process + server main thread / other server "
-                "threads and processes (run-queue wait of all of them)", ""]
+                "threads and processes (run-queue wait: in --json)", ""]
         out += cpu_table(result)
     return "\n".join(out)
 
