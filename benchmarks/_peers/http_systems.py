@@ -191,23 +191,31 @@ class OptserveJson(Optserve):
 
 
 # ------------------------------------------------------------------ extension points
-# Two optserve variants planned next; each is a few lines here once the server has the
-# feature (and a row in the README). Left unregistered until then.
+# Two optserve variants, each a few lines once this branch has the server features (main has
+# both since ea225fe: the same-host transport, app/transport/local.py, and ?upcast=true for
+# float16/bfloat16 gradients). Left unregistered here; add them to systems.DEFAULT_ORDER too.
 #
 # @register
-# class OptserveShm(OptserveBinary):
-#     """Same-host shared memory: the gradient written into a segment both processes map,
-#     the request carrying only its name; parameters read back from the segment."""
+# class OptserveShm(Optserve):
+#     """Same-host shared memory: the SDK binds the session to an anonymous shared segment
+#     over a Unix socket (automatic for a loopback server); a step writes the gradient into
+#     its slot and finds the parameters in theirs."""
 #     name = "optserve-shm"
-#     def prepare(self, case, initial):
-#         super().prepare(case, initial)   # + map the segment the session advertises
+#     def start(self):
+#         facts = super().start()
+#         self.client = optserve.Client(self.url)   # local transport chosen by the SDK
+#         return facts
 #     def exchange(self, grad_index):
-#         ...  # copy self.grads[grad_index] into the segment, POST a small JSON, read params
+#         out = self.client.step(self.sid, {"w": self.grads[grad_index]})
+#         self.last = out.params["w"].numpy()       # whatever the SDK's step returns
 #
 # @register
 # class OptserveBf16(OptserveBinary):
-#     """bf16 gradients on the wire (half the bytes); the server widens them to float32."""
+#     """bf16 gradients on the wire (half the bytes), widened to float32 by the server."""
 #     name = "optserve-bf16"
 #     grad_transform = "bf16"   # the replay rounds gradients the same way
+#     def prepare(self, case, initial):
+#         super().prepare(case, initial)
+#         self.path += "?upcast=true"
 #     def encode(self, grad):
 #         return st_save({"w": grad.to(torch.bfloat16)})

@@ -1,6 +1,7 @@
 """``benchmarks/peers.py`` end to end at N = 1e3 (in-process, echo, optserve-binary, torch
 RPC; 2 rounds): every system's result must equal in-process torch bitwise. No timing asserts.
-About 30 s on a quiet 2-core machine (seven processes import torch), 60-70 s on a busy one."""
+About 30 s of CPU (seven processes import torch): 60-70 s at load 5 on a 2-core machine, up to
+3 min at load 10."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ def test_peers_smoke_bitwise(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.peers", "--sizes", "1e3", "--systems",
          ",".join(SYSTEMS), "--durability", "memory", "--rounds", "2", "--reps", "5",
-         "--warmup", "2", "--spin", "0", "--case-spin", "0", "--parallel-start", "--json", str(out),
+         "--warmup", "2", "--spin", "0", "--case-spin", "0", "--json", str(out),
          "--data-dir", str(tmp_path / "data")],
-        cwd=REPO, capture_output=True, text=True, timeout=240)
+        cwd=REPO, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = orjson.loads(out.read_bytes())
     assert record["ok"] is True
