@@ -11,11 +11,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
 #: base URL -> pid of the server process serving it (for signalling a profiled server)
 PIDS: dict[str, int] = {}
+#: base URL -> the server process (to tell a dead server from a slow one)
+PROCS: dict[str, subprocess.Popen[bytes]] = {}
 
 
 def free_port() -> int:
@@ -36,20 +39,26 @@ def server(
     command: list[str] | None = None,
     port: int | None = None,
     app: str = "benchmarks.bench_app:app",
+    start_timeout_s: float = 90,
+    log: Path | None = None,
 ) -> Iterator[str]:
     """Yield the base URL of a ready server; ``command`` replaces the uvicorn command line
     (it must serve on ``port``). CPU, a 2 GB body limit and a fresh data directory unless
-    ``env`` says otherwise."""
+    ``env`` says otherwise; ``start_timeout_s`` bounds the wait for ``/readyz``; ``log``
+    takes the server's stdout and stderr (default: this process's)."""
     port = port or free_port()
     cmd = command or uvicorn_command(app, port)
     full_env = {**os.environ, "OPTSERVE_DEVICE": "cpu", "OPTSERVE_MAX_BODY_MB": "2048",
                 "OPTSERVE_DATA_DIR": tempfile.mkdtemp(prefix="optserve-bench-"),
                 "OPTSERVE_LOG_LEVEL": "warning", **(env or {})}
-    proc = subprocess.Popen(cmd, env=full_env)
+    out = open(log, "ab") if log else None  # closed in the finally below
+    proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT if out
+                            else None)
     url = f"http://127.0.0.1:{port}"
     PIDS[url] = proc.pid
+    PROCS[url] = proc
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + start_timeout_s
         while True:
             try:
                 if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
@@ -64,3 +73,6 @@ def server(
         proc.terminate()
         proc.wait(timeout=60)
         PIDS.pop(url, None)
+        PROCS.pop(url, None)
+        if out:
+            out.close()

@@ -6,22 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from app.main import create_app
+from benchmarks.echo_app import ECHO_PATH, echo
 
 _optserve = create_app()
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] == "http" and scope["path"] == "/_bench/echo":
-        chunks = []
-        more = True
-        while more:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/octet-stream"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    if scope["type"] == "http" and scope["path"] == ECHO_PATH:
+        await echo(receive, send)
         return
     await _optserve(scope, receive, send)

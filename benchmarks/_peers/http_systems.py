@@ -1,0 +1,221 @@
+"""Systems reached over HTTP with a plain ``httpx.Client``: the raw echo (the TCP floor) and
+optserve started as ``scripts/serve`` starts it (``python -m app``), stepped with safetensors
+or JSON bodies."""
+
+from __future__ import annotations
+
+import base64
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+import orjson
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from benchmarks._peers.base import GradSystem, RunConfig, System, register
+from benchmarks._peers.cases import Case
+from benchmarks._server import PIDS, PROCS, free_port, server
+from benchmarks.echo_app import ECHO_PATH
+
+BINARY = "application/octet-stream"
+#: a loaded 2-core machine can take a minute or more to import torch and start a server
+START_TIMEOUT_S = 300.0
+
+
+class HttpSystem(System):
+    """Owns one server process (started in ``start``) and one ``httpx.Client`` to it."""
+
+    def start(self) -> dict[str, Any]:
+        self._stack = ExitStack()
+        url = self._stack.enter_context(self.serve())
+        self.url = url
+        self.http = self._stack.enter_context(httpx.Client(base_url=url, timeout=600))
+        return {"server_pid": PIDS[url], "server_log": str(self.log_path()),
+                **self.server_facts()}
+
+    def log_path(self) -> Path:
+        folder = Path(self.config.data_dir) / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{self.name}-{self.durability or 'server'}.log"
+
+    def post(self, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
+        """POST, and when the server is gone say how it ended and what it logged."""
+        try:
+            return self.http.post(path, content=content, headers=headers)
+        except httpx.TransportError as exc:
+            proc = PROCS.get(self.url)
+            code = proc.poll() if proc else None
+            tail = self.log_path().read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{exc!r}; server exit status {code}; its log ends:\n"
+                               f"{tail}") from exc
+
+    def serve(self) -> Any:
+        raise NotImplementedError
+
+    def server_facts(self) -> dict[str, Any]:
+        return {}
+
+    def stop(self) -> None:
+        self._stack.close()
+
+
+@register
+class Echo(HttpSystem, GradSystem):
+    """The same safetensors bytes optserve-binary sends, posted and read back unchanged from a
+    minimal ASGI app (``benchmarks/echo_app.py``) under uvicorn: no encoding, no decoding, no
+    optimizer. Checked by comparing the bytes that came back."""
+
+    name = "echo"
+    check = "self"
+
+    def serve(self) -> Any:
+        return server(app="benchmarks.echo_app:app", start_timeout_s=START_TIMEOUT_S,
+                      log=self.log_path())
+
+    def server_facts(self) -> dict[str, Any]:
+        return {"command": "uvicorn benchmarks.echo_app:app --loop uvloop --http httptools"}
+
+    def prepare(self, case: Case, initial: torch.Tensor) -> None:
+        self.bodies = [st_save({"w": g}) for g in self.grads]
+        self.last_sent = self.last = b""
+
+    def exchange(self, grad_index: int) -> None:
+        body = self.bodies[grad_index]
+        r = self.post(ECHO_PATH, body, {"Content-Type": BINARY})
+        if r.status_code != 200:
+            raise RuntimeError(f"echo answered {r.status_code}")
+        self.last_sent, self.last = body, r.content
+
+    def self_check(self) -> str | None:
+        if not self.last_sent:
+            return "no step was taken"
+        return None if self.last == self.last_sent else "echoed bytes differ from those sent"
+
+
+class Optserve(HttpSystem, GradSystem):
+    """optserve as a user starts it: ``python -m app`` with ``OPTSERVE_TORCH_THREADS=1``, a
+    fresh ``OPTSERVE_DATA_DIR`` and ``OPTSERVE_DURABILITY`` set to the run's level; one
+    session per case, created over JSON (the parameters as base64)."""
+
+    per_durability = True
+    #: the step request's content type
+    content_type: ClassVar[str] = BINARY
+
+    def serve(self) -> Any:
+        port = free_port()
+        data_dir = Path(self.config.data_dir) / f"{self.name}-{self.durability}"
+        self.env = {"OPTSERVE_PORT": str(port), "OPTSERVE_TORCH_THREADS": "1",
+                    "OPTSERVE_DATA_DIR": str(data_dir),
+                    "OPTSERVE_DURABILITY": str(self.durability)}
+        return server(self.env, command=[sys.executable, "-m", "app"], port=port,
+                      start_timeout_s=START_TIMEOUT_S, log=self.log_path())
+
+    def server_facts(self) -> dict[str, Any]:
+        env = " ".join(f"{k}={v}" for k, v in self.env.items() if k != "OPTSERVE_DATA_DIR")
+        return {"command": f"{env} .venv/bin/python -m app", "data_dir": self.env[
+            "OPTSERVE_DATA_DIR"]}
+
+    def prepare(self, case: Case, initial: torch.Tensor) -> None:
+        self.sid = f"peers-{case.optimizer}-{case.n}"
+        body = {"id": self.sid, "optimizer": case.spec.name, "options": case.spec.options,
+                "params": {"w": {"dtype": "float32", "shape": [case.n],
+                                 "b64": base64.b64encode(initial.numpy().tobytes()).decode()}}}
+        r = self.post("/v1/sessions", orjson.dumps(body), {"Content-Type": "application/json"})
+        if r.status_code != 201:
+            raise RuntimeError(f"create session: {r.status_code} {r.text[:500]}")
+        self.path = f"/v1/sessions/{self.sid}/step"
+        self.last: npt.NDArray[np.float32] | None = None
+
+    def encode(self, grad: torch.Tensor) -> bytes:
+        """The step request body for one gradient (timed: the worker pays it)."""
+        raise NotImplementedError
+
+    def decode(self, body: bytes) -> npt.NDArray[np.float32]:
+        """The updated parameters from the step response (timed)."""
+        raise NotImplementedError
+
+    def exchange(self, grad_index: int) -> None:
+        r = self.post(self.path, self.encode(self.grads[grad_index]),
+                      {"Content-Type": self.content_type, "Accept": self.content_type})
+        if r.status_code != 200:
+            raise RuntimeError(f"step: {r.status_code} {r.text[:500]}")
+        self.last = self.decode(r.content)
+
+    def params(self) -> npt.NDArray[np.float32]:
+        if self.last is None:
+            raise RuntimeError("no step was taken")
+        return self.last
+
+    def teardown(self) -> None:
+        self.http.delete(f"/v1/sessions/{self.sid}")
+
+
+@register
+class OptserveBinary(Optserve):
+    """Safetensors both ways (``safetensors.torch.save`` / ``load``, as a user would)."""
+
+    name = "optserve-binary"
+
+    def encode(self, grad: torch.Tensor) -> bytes:
+        return st_save({"w": grad})
+
+    def decode(self, body: bytes) -> npt.NDArray[np.float32]:
+        out: npt.NDArray[np.float32] = st_load(body)["w"].numpy()
+        return out
+
+
+@register
+class OptserveJson(Optserve):
+    """JSON tensors both ways (``{"dtype", "shape", "data": [...]}``, orjson with numpy)."""
+
+    name = "optserve-json"
+    content_type = "application/json"
+
+    @classmethod
+    def supports(cls, case: Case, config: RunConfig) -> bool:
+        return case.n <= config.json_max_n
+
+    def encode(self, grad: torch.Tensor) -> bytes:
+        return orjson.dumps({"grads": {"w": {"dtype": "float32", "shape": [grad.numel()],
+                                             "data": grad.numpy()}}},
+                            option=orjson.OPT_SERIALIZE_NUMPY)
+
+    def decode(self, body: bytes) -> npt.NDArray[np.float32]:
+        return np.asarray(orjson.loads(body)["params"]["w"]["data"], dtype=np.float32)
+
+
+# ------------------------------------------------------------------ extension points
+# Two optserve variants, each a few lines once this branch has the server features (main has
+# both since ea225fe: the same-host transport, app/transport/local.py, and ?upcast=true for
+# float16/bfloat16 gradients). Left unregistered here; add them to systems.DEFAULT_ORDER too.
+#
+# @register
+# class OptserveShm(Optserve):
+#     """Same-host shared memory: the SDK binds the session to an anonymous shared segment
+#     over a Unix socket (automatic for a loopback server); a step writes the gradient into
+#     its slot and finds the parameters in theirs."""
+#     name = "optserve-shm"
+#     def start(self):
+#         facts = super().start()
+#         self.client = optserve.Client(self.url)   # local transport chosen by the SDK
+#         return facts
+#     def exchange(self, grad_index):
+#         out = self.client.step(self.sid, {"w": self.grads[grad_index]})
+#         self.last = out.params["w"].numpy()       # whatever the SDK's step returns
+#
+# @register
+# class OptserveBf16(OptserveBinary):
+#     """bf16 gradients on the wire (half the bytes), widened to float32 by the server."""
+#     name = "optserve-bf16"
+#     grad_transform = "bf16"   # the replay rounds gradients the same way
+#     def prepare(self, case, initial):
+#         super().prepare(case, initial)
+#         self.path += "?upcast=true"
+#     def encode(self, grad):
+#         return st_save({"w": grad.to(torch.bfloat16)})

@@ -1,0 +1,45 @@
+"""``benchmarks/peers.py`` end to end at N = 1e3 (in-process, echo, optserve-binary, torch
+RPC; 2 rounds): every system's result must equal in-process torch bitwise. No timing asserts.
+About 30 s of CPU (seven processes import torch): 60-70 s at load 5 on a 2-core machine, up to
+3 min at load 10."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEMS = ["in-process", "echo", "torch-rpc", "optserve-binary"]
+
+
+def test_peers_smoke_bitwise(tmp_path: Path) -> None:
+    out = tmp_path / "peers.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.peers", "--sizes", "1e3", "--systems",
+         ",".join(SYSTEMS), "--durability", "memory", "--rounds", "2", "--reps", "5",
+         "--warmup", "2", "--spin", "0", "--case-spin", "0", "--json", str(out),
+         "--data-dir", str(tmp_path / "data")],
+        cwd=REPO, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = orjson.loads(out.read_bytes())
+    assert record["ok"] is True
+    assert record["failures"] == []
+    cells = {(c["system"], c["optimizer"]): c for c in record["cells"]}
+    want = {s if s != "optserve-binary" else "optserve-binary[memory]" for s in SYSTEMS}
+    assert {s for s, _ in cells} == want
+    for (system, optimizer), cell in cells.items():
+        assert cell["check"] == "ok", (system, optimizer, cell["check"])
+        assert len(cell["samples_ms"]) == 2 * 5
+        assert cell["steps"] == 2 + 2 * 5
+    # the step table says ok in every system's cell
+    table = proc.stdout.split("#### optserve durability `memory`")[1].split("####")[0]
+    rows = [line for line in table.splitlines() if line.startswith(("| Adam", "| SGD"))]
+    assert len(rows) == 2
+    for row in rows:
+        assert row.count(" ok |") == len(SYSTEMS), row

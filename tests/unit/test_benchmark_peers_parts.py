@@ -1,0 +1,67 @@
+"""The pure parts of ``benchmarks/peers.py``: bitwise comparison, replay, interleaving, the
+skip of a system whose dependency is missing."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks._peers.base import System
+from benchmarks._peers.cases import Case, bitwise_diff, fmt_n, replay
+from benchmarks._peers.driver import _available
+from benchmarks._peers.timing import interleaved
+
+
+def test_bitwise_diff_sees_one_ulp() -> None:
+    a = np.arange(5, dtype=np.float32)
+    assert bitwise_diff(a.copy(), a) is None
+    b = a.copy()
+    b[3] = np.nextafter(b[3], np.float32(10))
+    problem = bitwise_diff(b, a)
+    assert problem is not None and "1 of 5" in problem and "at 3" in problem
+    assert bitwise_diff(a.astype(np.float64), a) is not None
+    # -0.0 and 0.0 compare equal as floats but not as bits
+    z = np.zeros(1, dtype=np.float32)
+    assert bitwise_diff(-z, z) is not None
+
+
+def test_replay_is_deterministic_and_depends_on_steps() -> None:
+    case = Case("Adam", 100)
+    assert bitwise_diff(replay(case, 7), replay(case, 7)) is None
+    assert bitwise_diff(replay(case, 7), replay(case, 6)) is not None
+    assert case.grad_count == 3 and Case("Adam", 10_000_000).grad_count == 2
+
+
+def test_interleaved_rotates_and_counts() -> None:
+    calls: list[tuple[str, int]] = []
+
+    def runner(name: str):  # type: ignore[no-untyped-def]
+        def run(k: int) -> list[float]:
+            calls.append((name, k))
+            return [0.001] * k
+        return run
+
+    samples = interleaved({"a": runner("a"), "b": runner("b"), "c": runner("c")}, rounds=3,
+                          reps={"a": 2, "b": 1, "c": 1}, warmup=1)
+    assert calls[:3] == [("a", 1), ("b", 1), ("c", 1)]  # warm-up, untimed
+    order = [name for name, _ in calls[3:]]
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {k: len(v) for k, v in samples.items()} == {"a": 6, "b": 3, "c": 3}
+
+
+def test_missing_dependency_skips_with_a_hint() -> None:
+    class Needs(System):
+        name = "needs"
+        requires = "no_such_module_for_peers"
+        install_hint = "pip install -e '.[bench]'"
+
+        def setup(self, case: Case) -> None: ...
+
+        def step(self) -> None: ...
+
+    why = _available(Needs)
+    assert why is not None and "not installed" in why and ".[bench]" in why
+
+
+def test_fmt_n() -> None:
+    assert [fmt_n(n) for n in (1_000, 10_000_000, 20_000, 25_000)] == ["1e3", "1e7", "2e4",
+                                                                "25000"]
