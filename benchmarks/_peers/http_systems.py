@@ -190,32 +190,50 @@ class OptserveJson(Optserve):
         return np.asarray(orjson.loads(body)["params"]["w"]["data"], dtype=np.float32)
 
 
-# ------------------------------------------------------------------ extension points
-# Two optserve variants, each a few lines once this branch has the server features (main has
-# both since ea225fe: the same-host transport, app/transport/local.py, and ?upcast=true for
-# float16/bfloat16 gradients). Left unregistered here; add them to systems.DEFAULT_ORDER too.
-#
-# @register
-# class OptserveShm(Optserve):
-#     """Same-host shared memory: the SDK binds the session to an anonymous shared segment
-#     over a Unix socket (automatic for a loopback server); a step writes the gradient into
-#     its slot and finds the parameters in theirs."""
-#     name = "optserve-shm"
-#     def start(self):
-#         facts = super().start()
-#         self.client = optserve.Client(self.url)   # local transport chosen by the SDK
-#         return facts
-#     def exchange(self, grad_index):
-#         out = self.client.step(self.sid, {"w": self.grads[grad_index]})
-#         self.last = out.params["w"].numpy()       # whatever the SDK's step returns
-#
-# @register
-# class OptserveBf16(OptserveBinary):
-#     """bf16 gradients on the wire (half the bytes), widened to float32 by the server."""
-#     name = "optserve-bf16"
-#     grad_transform = "bf16"   # the replay rounds gradients the same way
-#     def prepare(self, case, initial):
-#         super().prepare(case, initial)
-#         self.path += "?upcast=true"
-#     def encode(self, grad):
-#         return st_save({"w": grad.to(torch.bfloat16)})
+@register
+class OptserveShm(Optserve):
+    """The same-host transport: the SDK (``optserve.Client``, transport chosen automatically
+    for a loopback server) binds the session to an anonymous shared segment over a Unix
+    socket; a step writes the gradient into its slot, sends a small message and copies the
+    new parameters out of theirs. No HTTP on the step path."""
+
+    name = "optserve-shm"
+
+    def start(self) -> dict[str, Any]:
+        facts = super().start()
+        import optserve
+
+        self.client = self._stack.enter_context(optserve.Client(self.url, transport="local"))
+        return facts
+
+    def exchange(self, grad_index: int) -> None:
+        out = self.client.step(self.sid, {"w": self.grads[grad_index]})
+        assert out.params is not None
+        self.last = out.params["w"].numpy()
+
+
+@register
+class OptserveBf16(OptserveBinary):
+    """bfloat16 gradients and parameters on the wire (half the bytes each way: ``?upcast=true``
+    widens the gradients on the server, ``?params_dtype=bfloat16`` narrows the answer); the
+    session keeps float32 master weights and state. The replay rounds the gradients the same
+    way; the bitwise check reads the float32 parameters after the timed steps."""
+
+    name = "optserve-bf16"
+    grad_transform = "bf16"
+
+    def prepare(self, case: Case, initial: torch.Tensor) -> None:
+        super().prepare(case, initial)
+        self.path += "?upcast=true&params_dtype=bfloat16"
+
+    def encode(self, grad: torch.Tensor) -> bytes:
+        return st_save({"w": grad.to(torch.bfloat16)})
+
+    def decode(self, body: bytes) -> npt.NDArray[np.float32]:
+        out: npt.NDArray[np.float32] = st_load(body)["w"].float().numpy()
+        return out
+
+    def params(self) -> npt.NDArray[np.float32]:
+        r = self.http.get(f"/v1/sessions/{self.sid}/params", headers={"Accept": BINARY})
+        out: npt.NDArray[np.float32] = st_load(r.content)["w"].numpy()
+        return out
