@@ -199,6 +199,10 @@ class Front:
                            ) -> StateExport:
         return await self.host.export_state(session_key(tenant, session_id))
 
+    async def trim(self) -> None:
+        """Return free heap pages to the OS (after a large one-off answer was sent)."""
+        await self.host.trim()
+
     async def import_state(self, session_id: str, state: dict[str, Any], *,
                            tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                            ) -> SessionInfo:

@@ -52,9 +52,11 @@ from app.engine.interface import (
     split_key,
 )
 from app.engine.ops import (
+    AddParamGroup,
     ApplyFailed,
     Configure,
     CreateSession,
+    ImportState,
     Operation,
     Overwrite,
     Step,
@@ -65,6 +67,7 @@ from app.engine.session import Session
 from app.engine.store import Files, Store, StoreCorrupt
 from app.engine.worker import DeviceWorker, Observer
 from app.errors import Conflict, Invalid, NotFound, OptserveError, Unavailable
+from app.runtime import release_memory
 from app.wire.safetensors_body import pack
 
 log = logging.getLogger("optserve.engine")
@@ -122,6 +125,8 @@ class EmbeddedHost:
         # tenant-wide idempotency: creates (by the session they made) and deletes
         self._tombstones: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()
         self._snapshotter: asyncio.Task[None] | None = None
+        self._trimmer: asyncio.Task[None] | None = None
+        self._busy_since_trim = False
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -134,13 +139,15 @@ class EmbeddedHost:
             self._snapshotter = asyncio.create_task(self._maintain())
         for key, session in self._sessions.items():
             self._rounds.set(key, session.ps.sync)
+        self._trimmer = asyncio.create_task(self._trim_when_idle())
 
     async def stop(self, *, snapshot: bool = True) -> None:
         """Snapshot every session (so the next start replays nothing), then stop. Without
         ``snapshot`` the disk stays as the operations left it (what a crash leaves, minus the
         torn write: tests use it)."""
-        if self._snapshotter is not None:
-            self._snapshotter.cancel()
+        for task in (self._snapshotter, self._trimmer):
+            if task is not None:
+                task.cancel()
         await self._rounds.stop()
         if self._store is not None and self._worker.alive() and snapshot:
             for key in list(self._sessions):
@@ -263,6 +270,30 @@ class EmbeddedHost:
             return StateExport(sd, s.version, s.step_count)
         return await self._worker.run(read)
 
+    async def _trim_when_idle(self, idle_s: float = 2.0) -> None:
+        """Once the host has been idle for ``idle_s`` after operations, give the heap's free
+        pages back (a training loop stepping without pause keeps its per-step blocks for
+        reuse; a session at rest holds only its parameters and state)."""
+        last = 0
+        while True:
+            await asyncio.sleep(idle_s)
+            ops = self._worker.jobs
+            if ops != last:
+                last = ops
+                self._busy_since_trim = True
+                continue
+            if self._busy_since_trim:
+                self._busy_since_trim = False
+                try:
+                    await self._worker.run(release_memory, "trim")
+                except RuntimeError:
+                    return
+                last = self._worker.jobs
+
+    async def trim(self) -> None:
+        """Return the heap's free pages to the OS (after large one-off operations)."""
+        await self._worker.run(release_memory, "trim")
+
     # ------------------------------------------------------------------ create and delete
     def find_create(self, tenant: str, idem: IdemKey) -> str | None:
         """The session a create with this idempotency key made (422 when the key came with
@@ -307,6 +338,7 @@ class EmbeddedHost:
             self._sessions[key] = session
             self._rounds.set(key, session.ps.sync)
             info = await self._worker.run(session.describe)
+        await self._worker.run(release_memory, "trim")
         info.pending = self._rounds.pending(key)
         return info
 
@@ -365,6 +397,8 @@ class EmbeddedHost:
             if isinstance(op, Configure):
                 self._rounds.set(key, self._sessions[key].ps.sync)
         self._version_changed(key)
+        if isinstance(op, (ImportState, AddParamGroup, Overwrite)):
+            await self._worker.run(release_memory, "trim")
         return result
 
     async def step(
@@ -626,6 +660,7 @@ class EmbeddedHost:
             return
         s.seq_at_snapshot = seq
         s.snapshot_time = time.monotonic()
+        await self._in_io(release_memory)
 
     async def _maintain(self) -> None:
         """Snapshot sessions that have logged operations for a while, heal logs a failed

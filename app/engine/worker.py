@@ -43,6 +43,8 @@ class DeviceWorker:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"optserve-{device}", daemon=True)
         self._started = threading.Event()
+        #: jobs submitted so far (idle detection)
+        self.jobs = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -62,6 +64,7 @@ class DeviceWorker:
             raise RuntimeError("device worker is not running")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
+        self.jobs += 1
         self._queue.put((fn, loop, fut, op, time.perf_counter()))
         return await fut
 

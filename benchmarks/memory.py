@@ -1,0 +1,87 @@
+"""Server memory for one Adam session: resident memory above the idle process after steps,
+against the budget of 1.2x (parameters + optimizer state + one gradient buffer).
+
+    python -m benchmarks.memory --n 1e7 --steps 15
+
+Starts the server as ``scripts/serve`` does (``python -m app``, ``OPTSERVE_TORCH_THREADS=1``,
+durability ``memory`` unless ``--durability``), reads its ``VmRSS``/``VmHWM`` from ``/proc``,
+creates the session over JSON and steps it with safetensors bodies from a plain httpx client.
+Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import statistics
+import sys
+import tempfile
+import time
+
+import httpx
+import torch
+from safetensors.torch import save
+
+from benchmarks._server import PIDS, free_port, server
+
+
+def memory_mb(pid: int) -> tuple[float, float]:
+    status = open(f"/proc/{pid}/status").read()
+    rss = int(status.split("VmRSS:")[1].split()[0]) / 1024
+    hwm = int(status.split("VmHWM:")[1].split()[0]) / 1024
+    return rss, hwm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", default="1e7")
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--durability", default="memory")
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--rest-s", type=float, default=5.0,
+                        help="seconds at rest after the steps before the last reading")
+    args = parser.parse_args()
+    n = int(float(args.n))
+    port = free_port()
+    env = {"OPTSERVE_PORT": str(port), "OPTSERVE_TORCH_THREADS": "1",
+           "OPTSERVE_DURABILITY": args.durability,
+           "OPTSERVE_DATA_DIR": tempfile.mkdtemp(prefix="optserve-mem-")}
+    with server(env, command=[sys.executable, "-m", "app"], port=port) as url, \
+            httpx.Client(base_url=url, timeout=600) as c:
+        pid = PIDS[url]
+        time.sleep(1.0)
+        idle, _ = memory_mb(pid)
+        p0 = torch.zeros(n)
+        r = c.post("/v1/sessions", json={
+            "optimizer": "Adam", "options": {"lr": 1e-3},
+            "params": {"p": {"dtype": "float32", "shape": [n],
+                             "b64": base64.b64encode(p0.numpy().tobytes()).decode()}}})
+        r.raise_for_status()
+        sid = r.json()["id"]
+        created, _ = memory_mb(pid)
+        body = save({"p": torch.randn(n)})
+        times = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            r = c.post(f"/v1/sessions/{sid}/step", content=body,
+                       headers={"Content-Type": "application/octet-stream",
+                                "Accept": "application/octet-stream"})
+            r.raise_for_status()
+            times.append(time.perf_counter() - t)
+            if args.verbose:
+                print(f"step {len(times)}: RSS above idle {memory_mb(pid)[0] - idle:.0f} MB",
+                      file=sys.stderr)
+        stepping, _ = memory_mb(pid)
+        time.sleep(args.rest_s)  # the server gives back free heap pages once idle
+        rss, hwm = memory_mb(pid)
+    budget = 4 * n * 4 / 2**20  # params + exp_avg + exp_avg_sq + one gradient, float32
+    print("| N | steps | idle RSS MB | above idle after the last step MB | above idle at rest "
+          "MB | peak above idle MB | params+state+grad MB | at rest / that | median step ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| {n:.0e} | {args.steps} | {idle:.0f} | {stepping - idle:.0f} | {rss - idle:.0f} | "
+          f"{hwm - idle:.0f} | {budget:.0f} | {(rss - idle) / budget:.2f} | "
+          f"{statistics.median(times) * 1e3:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
