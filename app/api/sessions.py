@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import orjson
 import torch
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
 
 from app.api import conditions
@@ -15,6 +15,7 @@ from app.api import requests as parse
 from app.api.bodies import (
     BINARY,
     body_kind,
+    check_accept,
     json_object,
     json_response,
     offload,
@@ -33,7 +34,8 @@ from app.errors import Invalid
 from app.wire.safetensors_body import read_safetensors, write_safetensors
 from app.wire.tree import tree_to_json, tree_to_safetensors
 
-router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"],
+                   dependencies=[Depends(check_accept)])  # 406 before any work
 SessionId = Annotated[str, Path(description="session id", max_length=200)]
 
 
