@@ -111,6 +111,8 @@ CASES: list[tuple[str, str, str, Any, bool, dict[str, Any]]] = [
     ("create: scheduler extra key", "post", "/v1/sessions",
      {"optimizer": "SGD", "params": {"w": T},
       "scheduler": {"name": "StepLR", "options": {"step_size": 2}, "every": 3}}, False, {}),
+    ("create: scheduler name not a string", "post", "/v1/sessions",
+     {"optimizer": "SGD", "params": {"w": T}, "scheduler": {"name": {"x": 1}}}, False, {}),
     # step and grads
     ("step: grads", "post", "/v1/sessions/{id}/step", {"grads": {"w": T}}, True, {}),
     ("step: b64 grads", "post", "/v1/sessions/{id}/step", {"grads": {"w": B64}}, True, {}),
@@ -211,3 +213,13 @@ def test_schema_examples_validate() -> None:
         if "example" in schema:
             errors = [e.message for e in validator(name).iter_errors(schema["example"])]
             assert not errors, (name, errors)
+
+
+def test_a_nested_scheduler_name_must_be_a_string(app_client: TestClient) -> None:
+    """Beyond what the schema can say (scheduler options are free-form): a 422, not a 500."""
+    r = app_client.post("/v1/sessions", json={
+        "optimizer": "SGD", "params": {"w": T}, "scheduler": {
+            "name": "SequentialLR", "options": {"schedulers": [{"name": ["StepLR"]}],
+                                                "milestones": []}}})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "scheduler.options.schedulers.0.name"
