@@ -1,4 +1,5 @@
 """``python -m app``: serve with the settings from ``OPTSERVE_*``.
+``python -m app --check-config``: only check them (exit 0 or 2; compose runs it first).
 
 A configuration that cannot work (a port that is not a number, an API key under 16 characters,
 ``OPTSERVE_DEVICE=cuda`` where torch sees no CUDA, an unknown durability, ...) ends the process
@@ -74,7 +75,13 @@ def check_data_dir(settings: Settings) -> str | None:
     return None
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args != ["--check-config"] or "-h" in args or "--help" in args:
+        print("usage: python -m app [--check-config]\n\nServe optserve with the settings from "
+              "OPTSERVE_* (or .env). --check-config: check them, print one line and exit: 0 "
+              "when the server would start, 2 when not.", file=sys.stderr)
+        return 0 if "-h" in args or "--help" in args else EXIT_CONFIG
     try:
         settings = load_settings()
         keys = parse_keys(settings.api_keys, settings.api_keys_file)
@@ -90,6 +97,11 @@ def main() -> int:
     if unwritable:
         print(f"optserve: invalid configuration: {unwritable}", file=sys.stderr)
         return EXIT_CONFIG
+    if args == ["--check-config"]:
+        print(f"optserve: configuration OK: {settings.host}:{settings.port}, device "
+              f"{settings.device}, {len(keys)} API key(s), data in {settings.data_dir}, "
+              f"durability {settings.durability}")
+        return 0
     log.info("optserve on %s:%d, authentication %s", settings.host, settings.port,
              f"on ({len(keys)} keys)" if keys else "OFF (no OPTSERVE_API_KEYS)")
     if not keys and not is_loopback(settings.host):
