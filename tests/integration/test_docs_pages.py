@@ -36,6 +36,8 @@ def test_docs_pages_load_only_same_origin_assets(app_client: TestClient, page: s
                                                  needs: set[str]) -> None:
     r = app_client.get(page)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    # and the browser may load nothing from elsewhere (ReDoc's CDN logo, anything injected)
+    assert "default-src 'self'" in r.headers["content-security-policy"]
     html = r.text
     assert "cdn.jsdelivr.net" not in html and "fonts.googleapis.com" not in html
     urls = _urls(html)
