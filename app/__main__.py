@@ -76,7 +76,7 @@ def check_data_dir(settings: Settings) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    args = argv or []
     if args and args != ["--check-config"] or "-h" in args or "--help" in args:
         print("usage: python -m app [--check-config]\n\nServe optserve with the settings from "
               "OPTSERVE_* (or .env). --check-config: check them, print one line and exit: 0 "
@@ -119,4 +119,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -45,10 +45,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The app for ``settings``. Without them (``uvicorn --factory app.main:create_app``) they
     come from the environment, and a bad one ends the process: one line, exit code 2. With
     them, a bad API key configuration raises :class:`ConfigError`."""
+    from_environment = settings is None
     try:
         settings = settings if settings is not None else load_settings()
         keys = parse_keys(settings.api_keys, settings.api_keys_file)
     except ConfigError as exc:
+        if not from_environment:
+            raise
         exit_on_config_error(exc)
         raise  # not reached
     metrics = Metrics(per_session=not keys)

@@ -111,3 +111,12 @@ def test_api_key_errors_never_show_the_key(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_the_default_tenant_is_the_engines() -> None:
     assert DEFAULT_TENANT == embedded.DEFAULT_TENANT
+
+
+def test_create_app_with_bad_keys_raises_rather_than_exits() -> None:
+    """Only the factory called without settings (uvicorn --factory) ends the process."""
+    from app.main import create_app
+    from tests.conftest import _test_settings
+
+    with pytest.raises(ConfigError, match="OPTSERVE_API_KEYS"):
+        create_app(_test_settings(api_keys="too-short"))
