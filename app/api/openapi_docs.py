@@ -292,9 +292,11 @@ PROBLEMS: dict[str, str] = {
 }
 
 # --------------------------------------------- what every mutating operation shares (1 line)
-#: request headers every POST/PUT/PATCH/DELETE reads (parameter objects)
+#: request headers every POST/PUT/PATCH/DELETE reads (parameter objects), e.g.
+#:   {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {...}}
 MUTATING_HEADERS: list[dict[str, Any]] = []
-#: problem statuses every POST/PUT/PATCH/DELETE may answer: {status: description}
+#: problem statuses every POST/PUT/PATCH/DELETE may answer: {status: description}, e.g.
+#:   "507": "The data directory is full"
 MUTATING_PROBLEMS: dict[str, str] = {}
 
 
