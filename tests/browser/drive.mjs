@@ -21,9 +21,18 @@ try {
     const page = await browser.newPage();
     const requests = [];
     const errors = [];
-    const failed = {};
-    page.on("request", (r) => requests.push({ url: r.url(), method: r.method() }));
-    page.on("requestfailed", (r) => { failed[r.url()] = r.failure()?.errorText ?? "failed"; });
+    const pending = new Map(); // request -> its entry in requests, until it ends
+    page.on("request", (r) => {
+      const entry = { url: r.url(), method: r.method() };
+      requests.push(entry);
+      pending.set(r, entry);
+    });
+    page.on("requestfinished", (r) => pending.delete(r));
+    page.on("requestfailed", (r) => {
+      const entry = pending.get(r);
+      if (entry) entry.failure = r.failure()?.errorText ?? "failed";
+      pending.delete(r);
+    });
     page.on("pageerror", (e) => errors.push(String(e)));
     page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
     let value;
@@ -43,7 +52,11 @@ try {
     } catch (e) {
       value = { driverError: String(e) };
     }
-    for (const r of requests) if (r.url in failed) r.failure = failed[r.url];
+    // every request the page made has ended (finished or failed) before we report it
+    for (let waited = 0; pending.size && waited < 15000; waited += 50) {
+      await new Promise((done) => setTimeout(done, 50));
+    }
+    for (const entry of pending.values()) entry.failure = "still pending";
     out.push({ url: visit.url, value, requests, errors });
     await page.close();
   }
