@@ -93,7 +93,8 @@ COPY --from=wheel /dist/ /tmp/dist/
 RUN /opt/venv/bin/pip install --no-cache-dir --no-index --no-deps /tmp/dist/*.whl \
     && rm -rf /tmp/dist \
     && /opt/venv/bin/pip check \
-    && /opt/venv/bin/python -c 'import app.main, torch; print("build: torch", torch.__version__, "cuda", torch.version.cuda)'
+    && /opt/venv/bin/python -c 'import app.main, torch; print("build: torch", torch.__version__, "cuda", torch.version.cuda)' \
+    && /opt/venv/bin/python -c 'from app.api.docs_pages import STATIC_DIR as d; assert (d / "swagger-ui/swagger-ui-bundle.js").is_file() and (d / "redoc/redoc.standalone.js").is_file(), "docs assets missing from the wheel"'
 COPY --chmod=0755 deploy/healthcheck.py /usr/local/bin/optserve-healthcheck
 # /data is reserved for the persistent session store; it must belong to the service user
 # before VOLUME so that a fresh named volume is created writable for it.
@@ -114,5 +115,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["optserve-healthcheck"]
 # uvicorn drains for up to 30 s on SIGTERM (give `docker stop` / compose a longer grace period).
+# Exit code 2 = a configuration error (one line on stderr): restarting cannot fix it. Compose
+# runs `python -m app --check-config` first (docker-compose.yml), so it never restart-loops.
 STOPSIGNAL SIGTERM
 CMD ["python", "-m", "app"]

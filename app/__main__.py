@@ -1,4 +1,10 @@
 """``python -m app``: serve with the settings from ``OPTSERVE_*``.
+``python -m app --check-config``: only check them (exit 0 or 2; compose runs it first).
+
+A configuration that cannot work (a port that is not a number, an API key under 16 characters,
+``OPTSERVE_DEVICE=cuda`` where torch sees no CUDA, an unknown durability, ...) ends the process
+before anything starts: one line on stderr naming the variable, exit code 2. Exit code 2 means
+"fix the configuration": a supervisor should not restart the process (see docs/docker.md).
 
 SIGTERM drains: uvicorn stops accepting, in-flight requests finish, readiness turns false, the
 lifespan snapshots every session, and the process exits 0 (uvicorn alone would re-raise the
@@ -12,14 +18,13 @@ import ipaddress
 import logging
 import signal
 import sys
+import tempfile
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
-from app.api.auth import parse_keys
-from app.config import Settings, get_settings
-from app.main import create_app
+from app.config import EXIT_CONFIG, ConfigError, Settings, load_settings, parse_keys
 from app.observability import configure_logging
 
 log = logging.getLogger("optserve")
@@ -58,23 +63,52 @@ def check_exposure(settings: Settings) -> str | None:
     return None
 
 
-def main() -> int:
+def check_data_dir(settings: Settings) -> str | None:
+    """Why the data directory cannot hold sessions (it is made when missing), or None."""
+    path = settings.data_dir
     try:
-        settings = get_settings()
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        return f"OPTSERVE_DATA_DIR={str(path)!r:.200}: cannot write there: {exc.strerror or exc}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argv or []
+    if args and args != ["--check-config"] or "-h" in args or "--help" in args:
+        print("usage: python -m app [--check-config]\n\nServe optserve with the settings from "
+              "OPTSERVE_* (or .env). --check-config: check them, print one line and exit: 0 "
+              "when the server would start, 2 when not.", file=sys.stderr)
+        return 0 if "-h" in args or "--help" in args else EXIT_CONFIG
+    try:
+        settings = load_settings()
         keys = parse_keys(settings.api_keys, settings.api_keys_file)
-    except (ValueError, OSError) as exc:  # pydantic's ValidationError is a ValueError
+    except ConfigError as exc:
         print(f"optserve: invalid configuration: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     configure_logging(settings.log_level, settings.log_format)
     problem = check_exposure(settings)
     if problem:
         print(f"optserve: {problem}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    unwritable = check_data_dir(settings)
+    if unwritable:
+        print(f"optserve: invalid configuration: {unwritable}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args == ["--check-config"]:
+        print(f"optserve: configuration OK: {settings.host}:{settings.port}, device "
+              f"{settings.device}, {len(keys)} API key(s), data in {settings.data_dir}, "
+              f"durability {settings.durability}")
+        return 0
     log.info("optserve on %s:%d, authentication %s", settings.host, settings.port,
              f"on ({len(keys)} keys)" if keys else "OFF (no OPTSERVE_API_KEYS)")
     if not keys and not is_loopback(settings.host):
         log.warning("serving %s WITHOUT authentication (OPTSERVE_ALLOW_OPEN=1): anyone who can "
                     "reach it can read and change every session", settings.host)
+    from app.main import create_app  # torch and the engine: only once the settings are sound
+
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, timeout_graceful_shutdown=30,
@@ -85,4 +119,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

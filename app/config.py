@@ -1,12 +1,53 @@
-"""One settings object, read from ``OPTSERVE_*`` environment variables (or ``.env``)."""
+"""One settings object, read from ``OPTSERVE_*`` environment variables (or ``.env``).
+
+A setting that cannot work is a :class:`ConfigError` whose message is one line naming the
+variable (``OPTSERVE_PORT: ...``); ``python -m app`` prints it and exits 2, before anything
+else starts.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "OPTSERVE_"
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]{1,3})?)$")
+#: the exit code of a process that refuses its configuration (as sysexits' EX_USAGE family)
+EXIT_CONFIG = 2
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message is one line naming the variable."""
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a settings field (``port`` -> ``OPTSERVE_PORT``)."""
+    return ENV_PREFIX + field.upper()
+
+
+def check_device(value: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``cuda`` only where torch sees CUDA."""
+    value = value.strip().lower()
+    if not _DEVICE_RE.match(value):
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N, not {value!r:.40}")
+    if value.startswith("cuda"):
+        import torch  # only here: the other settings are checked without loading torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"{value} was asked for but torch sees no CUDA device here "
+                             f"(torch {torch.__version__}, CUDA build: "
+                             f"{torch.version.cuda or 'no'}); use auto or cpu")
+        index = int(value.partition(":")[2] or 0)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(f"{value} was asked for but there {'is' if count == 1 else 'are'} "
+                             f"only {count} CUDA device{'' if count == 1 else 's'} "
+                             f"(cuda:0..cuda:{count - 1})")
+    return value
 
 
 class Settings(BaseSettings):
@@ -14,8 +55,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="OPTSERVE_", env_file=".env", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8000, ge=0, le=65535)
     device: str = Field(
         default="auto", description="auto | cpu | cuda | cuda:N (auto: cuda when available)"
     )
@@ -50,10 +91,108 @@ class Settings(BaseSettings):
     local_dir: Path | None = Field(
         default=None, description="where the same-host transport's private socket directory is "
         "made (default: the system's temporary directory)")
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     log_format: Literal["json", "text"] = Field(
         default="json", description="json: one JSON object per line, with request ids")
 
 
+    cors_origins: str = Field(
+        default="", description="origins allowed to call the API from a browser, "
+        "comma-separated (https://app.example.com); empty: no CORS headers")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return check_device(value)
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _cors(cls, value: str) -> str:
+        for origin in (o.strip() for o in value.split(",") if o.strip()):
+            if origin != "*" and not re.match(r"^https?://[^/\s]+/?$", origin):
+                raise ValueError(f"{origin!r:.80} is not an origin; write scheme://host[:port] "
+                                 "(https://app.example.com), comma-separated, or *")
+        return value
+
+
+# Not starting with '.' or '-': a session's directory is "<tenant>~<id>", and the store skips
+# names starting with '.' (its own temporary and deleted directories).
+_TENANT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+#: the tenant of a bare key and of every request without keys (the engine's DEFAULT_TENANT)
+DEFAULT_TENANT = "default"
+
+
+def parse_keys(spec: str, file: Path | None) -> dict[str, str]:
+    """``key:tenant`` pairs separated by commas or newlines (a bare key is the default
+    tenant), from the variable and/or a file. Lines starting with # are ignored.
+
+    A bad entry is a :class:`ConfigError` naming the variable (and the file's line), never
+    the key itself."""
+    sources = [(spec, "OPTSERVE_API_KEYS")]
+    if file is not None:
+        try:
+            text = file.read_text()
+        except OSError as exc:
+            raise ConfigError(f"OPTSERVE_API_KEYS_FILE: cannot read {str(file)!r:.200}: "
+                              f"{exc.strerror or exc}") from None
+        sources.append((text, "OPTSERVE_API_KEYS_FILE"))
+    keys: dict[str, str] = {}
+    for text, variable in sources:
+        for number, line in enumerate(text.split("\n"), 1):
+            where = f"{variable} line {number}" if variable.endswith("FILE") else variable
+            for raw in line.split(","):
+                _add_key(keys, raw, where)
+    return keys
+
+
+def _add_key(keys: dict[str, str], raw: str, where: str) -> None:
+    item = raw.strip()
+    if not item or item.startswith("#"):
+        return
+    key, _, tenant = item.partition(":")
+    key, tenant = key.strip(), (tenant.strip() or DEFAULT_TENANT)
+    if len(key) < 16:
+        raise ConfigError(f"{where}: API keys must be at least 16 characters (one has "
+                          f"{len(key)}); make one with: python3 -c 'import secrets; "
+                          "print(secrets.token_urlsafe(32))'")
+    if not _TENANT_RE.match(tenant):
+        raise ConfigError(f"{where}: tenant names are 1-64 of [A-Za-z0-9_.-], not starting "
+                          f"with '.' or '-', got {tenant!r:.80}")
+    if keys.get(key, tenant) != tenant:
+        raise ConfigError(f"{where}: one API key is given for two tenants")
+    keys[key] = tenant
+
+
+def describe(exc: ValidationError) -> str:
+    """pydantic's multi-line report as one line: ``OPTSERVE_X='bad': why; OPTSERVE_Y=...``."""
+    parts = []
+    for err in exc.errors():
+        loc = err.get("loc") or ()
+        name = env_name(str(loc[0])) if loc else "settings"
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        value = err.get("input")
+        shown = f"={value!r:.60}" if isinstance(value, str | int | float) and \
+            name not in (env_name("api_keys"),) else ""
+        parts.append(f"{name}{shown}: {msg}")
+    return "; ".join(parts)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """The settings from the environment (and ``.env``); :class:`ConfigError` (one line naming
+    each bad variable) instead of pydantic's report."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None
+
+
 def get_settings() -> Settings:
-    return Settings()
+    return load_settings()

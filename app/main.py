@@ -1,27 +1,60 @@
-"""The ASGI entry point (``app.main:app``): one engine, made in the lifespan."""
+"""The app factory: ``create_app(settings)`` builds the ASGI app; one engine, made in the
+lifespan.
+
+Nothing is built at import time. ``python -m app`` (``scripts/serve``, the Docker image) reads
+the settings, refuses a bad one with one line and exit code 2, then serves
+``create_app(settings)``. Under another ASGI server use the factory:
+``uvicorn --factory app.main:create_app`` (settings from the environment; a bad one also ends
+the process with one line and exit code 2).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api import meta, openapi_docs, problems, sessions
+from app.api import docs_pages, meta, openapi_docs, problems, sessions
 from app.api.auth import AuthMiddleware, parse_keys
-from app.config import Settings, get_settings
+from app.config import EXIT_CONFIG, ConfigError, Settings, load_settings
 from app.engine import DEFAULT_TENANT, make_engine
 from app.observability import Metrics, RequestContextMiddleware
 from app.runtime import tune_allocator
 from app.transport.local import LocalTransport
 
+#: what a browser page on an allowed origin may send and read (OPTSERVE_CORS_ORIGINS)
+CORS_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+CORS_REQUEST_HEADERS = ["Authorization", "Content-Type", "Accept", "Idempotency-Key", "If-Match",
+                        "If-None-Match", "X-Optserve-Worker", "X-Request-Id"]
+CORS_EXPOSED_HEADERS = ["ETag", "X-Optserve-Version", "X-Optserve-Step", "X-Request-Id",
+                        "Location", "Retry-After"]
+
+
+def exit_on_config_error(exc: ConfigError) -> None:
+    """One line on stderr and exit code 2 (what ``python -m app`` does too)."""
+    print(f"optserve: invalid configuration: {exc}", file=sys.stderr)
+    raise SystemExit(EXIT_CONFIG)
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
-    keys = parse_keys(settings.api_keys, settings.api_keys_file)
+    """The app for ``settings``. Without them (``uvicorn --factory app.main:create_app``) they
+    come from the environment, and a bad one ends the process: one line, exit code 2. With
+    them, a bad API key configuration raises :class:`ConfigError`."""
+    from_environment = settings is None
+    try:
+        settings = settings if settings is not None else load_settings()
+        keys = parse_keys(settings.api_keys, settings.api_keys_file)
+    except ConfigError as exc:
+        if not from_environment:
+            raise
+        exit_on_config_error(exc)
+        raise  # not reached
     metrics = Metrics(per_session=not keys)
 
     @asynccontextmanager
@@ -51,14 +84,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="PyTorch's torch.optim as a network service",
         lifespan=lifespan,
+        docs_url=None,  # self-hosted below (app/static): no CDN
+        redoc_url=None,
     )
     problems.install(app)
     openapi_docs.install(app)
+    docs_pages.install(app)
     app.add_middleware(AuthMiddleware, keys=keys)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    origins = settings.cors_origin_list()
+    if origins:  # outermost: preflights need no key, and 401s carry the CORS headers too
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=CORS_METHODS,
+                           allow_headers=CORS_REQUEST_HEADERS,
+                           expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
     app.include_router(meta.router)
     app.include_router(sessions.router)
     return app
-
-
-app = create_app()

@@ -37,7 +37,7 @@ import orjson
 import torch
 from safetensors.torch import save as st_save
 
-from app.engine import CreateSpec, EmbeddedEngine, GroupSpec
+from app.engine import CreateSpec, GroupSpec, embedded_engine
 from benchmarks._server import free_port, server
 
 LEVELS = ("memory", "interval", "step")
@@ -85,18 +85,20 @@ def step_round_trips(sizes: list[int], data_dir: Path) -> list[tuple[int, str, f
 
 
 async def _snapshot_ms(n: int, data_dir: Path) -> float:
-    eng = EmbeddedEngine("cpu", data_dir=data_dir, durability="step")
+    eng = embedded_engine("cpu", data_dir=data_dir, durability="step")
     await eng.start()
     try:
         await eng.create(CreateSpec("Adam", [GroupSpec({"w": torch.randn(n)})], {"lr": 1e-3},
                                     id="snap"))
         await eng.step("snap", {"w": torch.randn(n)}, return_params=False)
         key = "default~snap"
-        session = eng._sessions[key]
+        host = eng.host
         times = []
         for _ in range(5):
+            session = host._sessions[key]
+            session.seq_at_snapshot = -1  # due
             t0 = time.perf_counter()
-            await eng._worker.run(lambda: eng._snapshot(key, session))
+            await host._snapshot(key, session)
             times.append(time.perf_counter() - t0)
         return statistics.median(times) * 1e3
     finally:
@@ -107,8 +109,8 @@ async def _snapshot_ms(n: int, data_dir: Path) -> float:
 async def _write_logs(data_dir: Path, sessions: int, n: int, steps_each: int) -> None:
     """Sessions with ``steps_each`` logged steps each and no snapshot since creation, as
     ``kill -9`` would leave them (records written through the engine's own path)."""
-    eng = EmbeddedEngine("cpu", data_dir=data_dir, durability="step",
-                         snapshot_every_steps=10**9, snapshot_every_s=1e9)
+    eng = embedded_engine("cpu", data_dir=data_dir, durability="step",
+                          snapshot_every_steps=10**9, snapshot_every_s=1e9)
     await eng.start()
     g = torch.randn(n)
     for i in range(sessions):
@@ -116,8 +118,7 @@ async def _write_logs(data_dir: Path, sessions: int, n: int, steps_each: int) ->
                                     id=f"s{i}", durability="interval"))
         for _ in range(steps_each):
             await eng.step(f"s{i}", {"w": g}, return_params=False)
-    eng._snapshot_all = lambda force=False: None  # type: ignore[method-assign]
-    await eng.stop()  # the store fsyncs every log on close; no snapshot is taken
+    await eng.stop(snapshot=False)  # the store fsyncs every log on close; no snapshot
 
 
 def _start(data_dir: Path) -> tuple[subprocess.Popen[bytes], float, str, Path]:

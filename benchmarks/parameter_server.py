@@ -128,7 +128,7 @@ def server(profile_dir: str | None = None, durability: str = "memory",
     if profile_dir is not None:
         cmd = [sys.executable, "-m", "benchmarks.parameter_server", "--serve-profiled",
                str(port), profile_dir]
-    with bench_server(env, cmd, port, app="app.main:app") as url:
+    with bench_server(env, cmd, port) as url:  # benchmarks.bench_app: the app plus an echo
         yield url
 
 

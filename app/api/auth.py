@@ -9,43 +9,16 @@ the ``default`` tenant.
 from __future__ import annotations
 
 import hmac
-import re
-from pathlib import Path
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.problems import problem
+from app.config import parse_keys
 from app.engine.front import DEFAULT_TENANT
 
 OPEN_PATHS = frozenset({"/healthz"})
-# Not starting with '.' or '-': a session's directory is "<tenant>~<id>", and the store skips
-# names starting with '.' (its own temporary and deleted directories).
-_TENANT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-
-
-def parse_keys(spec: str, file: Path | None) -> dict[str, str]:
-    """``key:tenant`` pairs separated by commas or newlines (a bare key is the default
-    tenant), from the variable and/or a file. Lines starting with # are ignored."""
-    text = spec
-    if file is not None:
-        text += "\n" + file.read_text()
-    keys: dict[str, str] = {}
-    for raw in re.split(r"[,\n]", text):
-        item = raw.strip()
-        if not item or item.startswith("#"):
-            continue
-        key, _, tenant = item.partition(":")
-        key, tenant = key.strip(), (tenant.strip() or DEFAULT_TENANT)
-        if len(key) < 16:
-            raise ValueError("API keys must be at least 16 characters")
-        if not _TENANT_RE.match(tenant):
-            raise ValueError(f"tenant names are 1-64 of [A-Za-z0-9_.-], not starting with '.' "
-                             f"or '-', got {tenant!r}")
-        if keys.get(key, tenant) != tenant:
-            raise ValueError("one API key is given for two tenants")
-        keys[key] = tenant
-    return keys
+__all__ = ["AuthMiddleware", "parse_keys", "tenant_of"]  # parse_keys lives in app.config
 
 
 def tenant_of(scope: Scope) -> str:

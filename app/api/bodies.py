@@ -14,6 +14,7 @@ from fastapi import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from app.api.openapi_docs import OPERATIONS
 from app.errors import (
     BadRequest,
     Invalid,
@@ -133,13 +134,13 @@ def require_json(request: Request) -> None:
         raise UnsupportedMedia(f"this endpoint takes a {JSON} body", field="content-type")
 
 
-def wants_binary(request: Request) -> bool:
-    """True for safetensors, False for JSON; 406 when neither is acceptable."""
-    accept = request.headers.get("accept")
-    if not accept:
-        return False
-    types = []
-    for part in accept.split(","):
+_ALIASES = {"application/safetensors": BINARY, "application/problem+json": JSON}
+
+
+def _accepted(accept: str) -> list[str]:
+    """The media ranges of an ``Accept`` header with q > 0, most preferred first."""
+    ranges: list[tuple[float, int, str]] = []
+    for i, part in enumerate(accept.split(",")):
         pieces = [p.strip() for p in part.split(";")]
         q = 1.0
         for p in pieces[1:]:
@@ -148,16 +149,42 @@ def wants_binary(request: Request) -> bool:
                     q = float(p[2:])
                 except ValueError:
                     q = 0.0
-        if q > 0:
-            types.append((q, pieces[0].lower()))
-    types.sort(key=lambda x: -x[0])
-    for _, t in types:
-        if t in (BINARY, "application/safetensors"):
-            return True
-        if t in (JSON, "application/*", "*/*", "application/problem+json"):
-            return False
-    raise NotAcceptable(f"cannot answer with {accept!r:.80}; this endpoint speaks {JSON} and "
-                        f"{BINARY}", field="accept")
+        if q > 0 and pieces[0]:
+            ranges.append((-q, i, pieces[0].lower()))
+    return [t for _, _, t in sorted(ranges)]
+
+
+def negotiate(request: Request, offered: tuple[str, ...]) -> str:
+    """The first of ``offered`` the client's ``Accept`` takes (no header: the first offered);
+    406 when it takes none. ``application/safetensors`` stands for octet-stream and
+    ``application/problem+json`` for JSON."""
+    accept = request.headers.get("accept")
+    if not accept:
+        return offered[0]
+    for wanted in _accepted(accept):
+        wanted = _ALIASES.get(wanted, wanted)
+        kind = wanted.split("/", 1)[0]
+        for media in offered:
+            if wanted in (media, "*/*") or wanted == f"{kind}/*" == f"{media.split('/')[0]}/*":
+                return media
+    names = " and ".join(offered)
+    raise NotAcceptable(f"cannot answer with {accept!r:.80}; this endpoint answers {names}",
+                        field="accept")
+
+
+def check_accept(request: Request) -> None:
+    """A router dependency: 406 before any work when ``Accept`` takes none of the media types
+    the matched operation answers with (``app.api.openapi_docs.OPERATIONS``: JSON, or JSON and
+    safetensors, ...). Problem+json errors go out whatever ``Accept`` says."""
+    route = request.scope.get("route")
+    op = OPERATIONS.get((request.method.lower(), getattr(route, "path", "")))
+    if op is not None and op.produces:
+        negotiate(request, op.produces)
+
+
+def wants_binary(request: Request) -> bool:
+    """True for safetensors, False for JSON; 406 when neither is acceptable."""
+    return negotiate(request, (JSON, BINARY)) == BINARY
 
 
 def parse_json(buf: bytes | bytearray | memoryview, field: str = "body") -> Any:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
-from app.api.bodies import json_response
+from app.api.bodies import check_accept, json_response
 from app.api.deps import EngineDep, TenantDep
 from app.api.problems import problem
 from app.engine import optimizers, schedulers
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(check_accept)])
 
 
 @router.get("/healthz", tags=["health"], summary="Liveness")

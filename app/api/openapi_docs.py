@@ -1,48 +1,87 @@
 """The OpenAPI document as a contract: request bodies (JSON and safetensors), responses in
-both content types, and problem+json for every error. Routes read raw bodies for speed, so
-their schemas are declared here and merged into FastAPI's generated document."""
+both content types with their headers, and problem+json for every error.
+
+Routes read raw bodies for speed, so their schemas are declared here (``SCHEMAS``) and merged
+into FastAPI's generated document; ``tests/unit/test_openapi_schemas.py`` checks them against
+bodies the server really accepts and refuses. Everything per operation comes from one table,
+``OPERATIONS``; what every mutating operation shares is one list each
+(``MUTATING_HEADERS``, ``MUTATING_PROBLEMS``), so adding a header or a problem status to all
+of them is one line.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
 
 JSON, BINARY, PROBLEM = "application/json", "application/octet-stream", "application/problem+json"
+TEXT = "text/plain"
+MUTATING = frozenset({"post", "put", "patch", "delete"})
+MAX_NAME = 512  # app.engine.session.MAX_NAME: a parameter name's length
+MAX_DIMS = 32  # app.wire.dtypes.MAX_DIMS
+MAX_EXTENT = 2**48  # app.wire.json_tensor.MAX_EXTENT: a shape's product bound
+MAX_STALENESS = 2**62  # app.engine.ps: max_staleness range
+SESSION_ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+WORKER_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
+def _ref(name: str, kind: str = "schemas") -> dict[str, str]:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"oneOf": [schema, {"type": "null"}]}
 
 
 TENSOR_EXAMPLE = {"dtype": "float32", "shape": [1], "data": [2.0]}
+_TENSOR_MAP = {"type": "object", "additionalProperties": _ref("Tensor"),
+               "propertyNames": {"minLength": 1, "maxLength": MAX_NAME}}
+_PS_PROPERTIES: dict[str, Any] = {
+    "max_staleness": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_STALENESS,
+                      "description": "asynchronous pushes: refuse (409 stale_gradient) a "
+                                     "gradient computed more than this many versions ago"},
+    "staleness_lr": {"type": ["string", "null"], "enum": ["none", "inverse", None],
+                     "description": "inverse: scale a stale gradient by 1/(1+staleness)"},
+}
+
 SCHEMAS: dict[str, Any] = {
     "Tensor": {
         "type": "object",
-        "description": "A JSON tensor: raw little-endian bytes in b64, or flat row-major data.",
+        "description": "A JSON tensor: flat row-major `data` (exactly prod(shape) values) or "
+                       "raw little-endian bytes in `b64`, never both. Non-finite values in "
+                       "`data` are the strings \"NaN\", \"Infinity\", \"-Infinity\". Parameters "
+                       "and gradients are floating point; the other dtypes appear in state "
+                       "dicts.",
         "required": ["dtype", "shape"],
         "properties": {
             "dtype": {"type": "string", "enum": ["float16", "bfloat16", "float32", "float64",
                                                  "int8", "int16", "int32", "int64", "uint8",
                                                  "bool"]},
-            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0},
-                      "maxItems": 32},
+            "shape": {"type": "array", "maxItems": MAX_DIMS,
+                      "items": {"type": "integer", "minimum": 0, "maximum": MAX_EXTENT}},
             "data": {"type": "array", "items": {"oneOf": [
                 {"type": "number"}, {"type": "boolean"},
                 {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}]}},
-            "b64": {"type": "string", "format": "byte"},
+            "b64": {"type": "string", "format": "byte",
+                    "pattern": "^[A-Za-z0-9+/]*={0,2}$"},
         },
+        "oneOf": [{"required": ["data"]}, {"required": ["b64"]}],
+        "additionalProperties": False,
         "example": TENSOR_EXAMPLE,
     },
-    "Tensors": {"type": "object", "additionalProperties": _ref("Tensor"),
-                "description": "Tensors by parameter name."},
+    "Tensors": {**_TENSOR_MAP, "description": "Tensors by parameter name."},
+    "ParamTensors": {**_TENSOR_MAP, "minProperties": 1,
+                     "description": "Tensors by parameter name, at least one."},
     "Problem": {
         "type": "object",
         "description": "RFC 9457 problem details.",
         "required": ["type", "title", "status", "detail", "code"],
         "properties": {
             "type": {"type": "string"}, "title": {"type": "string"},
-            "status": {"type": "integer"}, "detail": {"type": "string"},
+            "status": {"type": "integer", "minimum": 400, "maximum": 599},
+            "detail": {"type": "string"},
             "code": {"type": "string", "description": "machine-readable reason"},
             "field": {"type": "string", "description": "the offending input, dotted path"},
             "request_id": {"type": "string"},
@@ -56,30 +95,40 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["name"],
         "properties": {"name": {"type": "string"}, "options": {"type": "object"},
                        "step_on": {"type": "string", "enum": ["optimizer", "manual"]}},
+        "additionalProperties": False,
         "example": {"name": "StepLR", "options": {"step_size": 10, "gamma": 0.1}},
     },
     "ParamGroup": {
         "type": "object", "required": ["params"],
-        "properties": {"params": _ref("Tensors")},
+        "properties": {"params": _ref("ParamTensors")},
         "additionalProperties": True,
         "description": "A param group: its tensors plus any optimizer options of its own.",
+        "example": {"params": {"y": TENSOR_EXAMPLE}, "lr": 0.01},
+    },
+    "GroupOptions": {
+        "type": "object",
+        "description": "Optimizer options of one param group to change (lr, momentum, ...).",
+        "not": {"required": ["params"]},
+        "example": {"lr": 0.05},
     },
     "CreateSession": {
         "type": "object", "required": ["optimizer"],
+        "description": "Exactly one of params (one param group) and param_groups.",
         "properties": {
             "optimizer": {"type": "string", "example": "SGD"},
             "options": {"type": "object"},
-            "params": _ref("Tensors"),
-            "param_groups": {"type": "array", "items": _ref("ParamGroup")},
-            "scheduler": _ref("SchedulerSpec"),
-            "id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
-            "nonfinite": {"type": "string", "enum": ["reject", "skip", "allow"]},
-            "durability": {"type": "string", "enum": ["step", "interval", "memory"]},
-            "sync": {"oneOf": [_ref("SyncOptions"), {"type": "null"}]},
-            "max_staleness": {"type": ["integer", "null"], "minimum": 0},
-            "staleness_lr": {"type": ["string", "null"], "enum": ["none", "inverse", None]},
+            "params": _ref("ParamTensors"),
+            "param_groups": {"type": "array", "minItems": 1, "items": _ref("ParamGroup")},
+            "scheduler": _nullable(_ref("SchedulerSpec")),
+            "id": {"type": ["string", "null"], "pattern": SESSION_ID_PATTERN},
+            "nonfinite": {"type": ["string", "null"], "enum": ["reject", "skip", "allow", None]},
+            "durability": {"type": ["string", "null"],
+                           "enum": ["step", "interval", "memory", None]},
+            "sync": _nullable({"allOf": [_ref("SyncOptions")], "required": ["workers"]}),
+            **_PS_PROPERTIES,
         },
-        "additionalProperties": True,
+        "oneOf": [{"required": ["params"]}, {"required": ["param_groups"]}],
+        "additionalProperties": False,
         "example": {"id": "seed", "optimizer": "SGD", "options": {"lr": 0.1, "momentum": 0.9},
                     "params": {"x": TENSOR_EXAMPLE},
                     "scheduler": {"name": "StepLR", "options": {"step_size": 10, "gamma": 0.1}}},
@@ -102,11 +151,7 @@ SCHEMAS: dict[str, Any] = {
     "PsOptions": {
         "type": "object",
         "description": "Parameter-server options to change (absent fields keep their value).",
-        "properties": {
-            "sync": {"oneOf": [_ref("SyncOptions"), {"type": "null"}]},
-            "max_staleness": {"type": ["integer", "null"], "minimum": 0},
-            "staleness_lr": {"type": ["string", "null"], "enum": ["none", "inverse", None]},
-        },
+        "properties": {"sync": _nullable(_ref("SyncOptions")), **_PS_PROPERTIES},
         "additionalProperties": False,
         "example": {"sync": {"workers": 2}},
     },
@@ -123,11 +168,31 @@ SCHEMAS: dict[str, Any] = {
         },
         "additionalProperties": True,
     },
+    "SessionList": {
+        "type": "object", "required": ["sessions"],
+        "properties": {"sessions": {"type": "array", "items": _ref("Session")}},
+    },
     "Grads": {"type": "object", "properties": {"grads": _ref("Tensors")},
-              "additionalProperties": True,
+              "additionalProperties": False,
+              "description": "Gradients by parameter name; a parameter left out has no "
+                             "gradient this step (torch skips it).",
               "example": {"grads": {"x": {"dtype": "float32", "shape": [1], "data": [16.0]}}}},
-    "Params": {"type": "object", "properties": {"params": _ref("Tensors")},
+    "ParamsBody": {"type": "object", "required": ["params"],
+                   "properties": {"params": _ref("ParamTensors")},
+                   "additionalProperties": False,
+                   "example": {"params": {"x": TENSOR_EXAMPLE}}},
+    "Params": {"type": "object", "required": ["version", "step", "lr", "params"],
+               "properties": {"version": {"type": "integer"}, "step": {"type": "integer"},
+                              "lr": {"type": "array", "items": {"type": "number"}},
+                              "params": _ref("Tensors")},
                "additionalProperties": True},
+    "Version": {"type": "object", "required": ["version", "step"],
+                "properties": {"version": {"type": "integer"}, "step": {"type": "integer"}},
+                "additionalProperties": True},
+    "SchedulerStep": {"type": "object",
+                      "properties": {"metric": {"type": ["number", "null"],
+                                                "description": "ReduceLROnPlateau's metric"}},
+                      "additionalProperties": False, "example": {"metric": 0.5}},
     "StepResult": {
         "type": "object", "required": ["version", "step", "lr"],
         "properties": {"version": {"type": "integer"}, "step": {"type": "integer"},
@@ -147,19 +212,72 @@ SCHEMAS: dict[str, Any] = {
         "description": "torch's state_dict shape with JSON tensors; optional scheduler state.",
         "properties": {"state": {"type": "object"},
                        "param_groups": {"type": "array", "items": {"type": "object"}},
-                       "scheduler": {"type": "object"}},
+                       "scheduler": {"type": ["object", "null"]}},
         "additionalProperties": True,
     },
+    "Health": {"type": "object", "required": ["status"],
+               "properties": {"status": {"type": "string", "enum": ["ok"]}}},
+    "Ready": {"type": "object", "required": ["status", "device"],
+              "properties": {"status": {"type": "string", "enum": ["ready"]},
+                             "device": {"type": "string"},
+                             "refused": {"type": "array", "items": {"type": "object"}}}},
     "Object": {"type": "object", "additionalProperties": True},
 }
 
-_SAFETENSORS = {"schema": {"type": "string", "format": "binary"},
-                "description": "a safetensors file (see docs/protocol.md)"}
-_ERRORS = {
+# ----------------------------------------------------------------------------- headers
+_VERSION_TAG = {"type": "string", "pattern": '^(W/)?"?[0-9]{1,18}"?$', "example": '"5"'}
+# (each is required where an answer lists it: the server always sends it there)
+RESPONSE_HEADERS: dict[str, Any] = {
+    "X-Request-Id": {"description": "this request's id (the client's own X-Request-Id when it "
+                                    "is 1-128 of [A-Za-z0-9._:-], else a new one); also in "
+                                    "problem bodies and the server log",
+                     "schema": {"type": "string"}},
+    "ETag": {"description": "the session's version, quoted (\"5\"): send it back in "
+                            "If-None-Match or If-Match", "schema": _VERSION_TAG},
+    "X-Optserve-Version": {"description": "the session's version (rises with every applied "
+                                          "step or overwrite)",
+                           "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+    "X-Optserve-Step": {"description": "optimizer steps taken (torch's step count)",
+                        "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+    "Location": {"description": "the new session's URL path",
+                 "schema": {"type": "string", "example": "/v1/sessions/seed"}},
+}
+_VERSION_HEADERS = ("ETag", "X-Optserve-Version", "X-Optserve-Step")
+
+# Request headers the routes read themselves (FastAPI cannot list them).
+HEADERS: dict[str, dict[str, Any]] = {
+    "X-Optserve-Worker": {
+        "name": "X-Optserve-Worker", "in": "header", "required": False,
+        "description": "the pushing worker's id; required by sessions with sync rounds",
+        "schema": {"type": "string", "pattern": WORKER_PATTERN}},
+    "If-Match": {
+        "name": "If-Match", "in": "header", "required": False,
+        "description": "the version the gradients were computed from (as ?base_version=)",
+        "schema": _VERSION_TAG},
+    "If-None-Match": {
+        "name": "If-None-Match", "in": "header", "required": False,
+        "description": "304 when the current version is one of these",
+        "schema": {"type": "string", "example": '"5"'}},
+}
+# Query parameters the routes read themselves.
+QUERY: dict[str, dict[str, Any]] = {
+    "encoding": {
+        "name": "encoding", "in": "query", "required": False,
+        "description": "tensors in a JSON answer: flat `data` lists (default) or base64 `b64`",
+        "schema": {"type": "string", "enum": ["data", "b64"], "default": "data"}},
+    "format": {
+        "name": "format", "in": "query", "required": False,
+        "description": "json, safetensors (default when the body or Accept is "
+                       "application/octet-stream) or torch (a torch.save file, loaded only "
+                       "with weights_only=True)",
+        "schema": {"type": "string", "enum": ["json", "safetensors", "torch"]}},
+}
+
+# ----------------------------------------------------------------------------- problems
+COMMON_PROBLEMS: dict[str, str] = {
     "400": "Malformed body (not JSON / not safetensors)",
     "401": "Missing or wrong API key",
     "404": "Unknown session",
-    "406": "Accept names neither JSON nor octet-stream",
     "409": "Conflict (id taken, scheduler exhausted, duplicate push, round timeout, stale "
            "gradient)",
     "413": "Body larger than OPTSERVE_MAX_BODY_MB",
@@ -167,65 +285,159 @@ _ERRORS = {
     "422": "Invalid input (shape, dtype, option, state...)",
     "429": "A per-tenant limit is reached",
 }
-
-
-def _body(schema: str, binary: bool = True) -> dict[str, Any]:
-    content: dict[str, Any] = {JSON: {"schema": _ref(schema)}}
-    if binary:
-        content[BINARY] = _SAFETENSORS
-    return {"required": False, "content": content}
-
-
-def _ok(schema: str, binary: bool = False) -> dict[str, Any]:
-    content: dict[str, Any] = {JSON: {"schema": _ref(schema)}}
-    if binary:
-        content[BINARY] = _SAFETENSORS
-    return {"description": "OK", "content": content}
-
-
-# (method, path) -> (operationId, request body schema or None, success schema, binary out)
-OPERATIONS: dict[tuple[str, str], tuple[str, str | None, str | None, bool]] = {
-    ("get", "/v1/optimizers"): ("listOptimizers", None, "Object", False),
-    ("get", "/v1/schedulers"): ("listSchedulers", None, "Object", False),
-    ("get", "/v1/sessions"): ("listSessions", None, "Object", False),
-    ("post", "/v1/sessions"): ("createSession", "CreateSession", "Session", False),
-    ("get", "/v1/sessions/{session_id}"): ("getSession", None, "Session", False),
-    ("delete", "/v1/sessions/{session_id}"): ("deleteSession", None, None, False),
-    ("patch", "/v1/sessions/{session_id}"): ("configureSession", "PsOptions", "Session", False),
-    ("post", "/v1/sessions/{session_id}/step"): ("step", "Grads", "StepResult", True),
-    ("post", "/v1/sessions/{session_id}/grads"): ("pushGrads", "Grads", "Object", False),
-    ("post", "/v1/sessions/{session_id}/zero_grad"): ("zeroGrad", None, "Object", False),
-    ("get", "/v1/sessions/{session_id}/params"): ("getParams", None, "Params", True),
-    ("put", "/v1/sessions/{session_id}/params"): ("putParams", "Params", "Params", True),
-    ("post", "/v1/sessions/{session_id}/param_groups"): ("addParamGroup", "ParamGroup",
-                                                         "Session", False),
-    ("patch", "/v1/sessions/{session_id}/param_groups/{index}"): ("updateParamGroup", "Object",
-                                                                  "Session", False),
-    ("post", "/v1/sessions/{session_id}/scheduler/step"): ("schedulerStep", "Object", "Object",
-                                                           False),
-    ("get", "/v1/sessions/{session_id}/state_dict"): ("exportState", None, "StateDict", True),
-    ("put", "/v1/sessions/{session_id}/state_dict"): ("importState", "StateDict", "Session",
-                                                      False),
+PROBLEMS: dict[str, str] = {
+    "406": "Accept names no media type this operation answers with",
+    "408": "The request body stalled for OPTSERVE_BODY_TIMEOUT_S",
+    "503": "Not ready (device worker down, data directory not writable, or draining)",
 }
 
+# --------------------------------------------- what every mutating operation shares (1 line)
+#: request headers every POST/PUT/PATCH/DELETE reads (parameter objects), e.g.
+#:   {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {...}}
+MUTATING_HEADERS: list[dict[str, Any]] = []
+#: problem statuses every POST/PUT/PATCH/DELETE may answer: {status: description}, e.g.
+#:   "507": "The data directory is full"
+MUTATING_PROBLEMS: dict[str, str] = {}
 
-_VERSION_TAG = {"type": "string", "pattern": '^(W/)?"?[0-9]{1,18}"?$', "example": '"5"'}
-# Headers the routes read from the request directly (so FastAPI cannot list them).
-HEADERS: dict[tuple[str, str], list[dict[str, Any]]] = {
-    ("post", "/v1/sessions/{session_id}/step"): [
-        {"name": "X-Optserve-Worker", "in": "header", "required": False,
-         "description": "the pushing worker's id; required by sessions with sync rounds",
-         "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"}},
-        {"name": "If-Match", "in": "header", "required": False,
-         "description": "the version the gradients were computed from (as ?base_version=)",
-         "schema": _VERSION_TAG},
-    ],
-    ("get", "/v1/sessions/{session_id}/params"): [
-        {"name": "If-None-Match", "in": "header", "required": False,
-         "description": "304 when the current version is one of these",
-         "schema": {"type": "string", "example": '"5"'}},
-    ],
+
+@dataclass(frozen=True)
+class Op:
+    """One operation's contract beyond what FastAPI sees in its signature."""
+
+    id: str
+    body: str | None = None  # request body schema (JSON)
+    body_binary: bool = False  # also takes a safetensors body
+    body_optional: bool = False  # an empty body is accepted
+    ok: str | None = "Object"  # success body schema; None: no body
+    ok_binary: bool = False  # also answers safetensors (per Accept)
+    ok_media: str | None = None  # the one media type of a non-JSON answer (metrics)
+    versioned: bool = False  # success carries ETag / X-Optserve-Version / X-Optserve-Step
+    query: tuple[str, ...] = ()  # keys of QUERY
+    headers: tuple[str, ...] = ()  # keys of HEADERS
+    problems: tuple[str, ...] = ()  # keys of PROBLEMS, beyond COMMON_PROBLEMS
+    links: bool = False  # the created session's operations, linked by its id
+
+    @property
+    def produces(self) -> tuple[str, ...]:
+        """The media types a success answers with, preferred first (Accept is checked against
+        them: 406 before any work)."""
+        if self.ok_media is not None:
+            return (self.ok_media,)
+        if self.ok is None:
+            return ()
+        return (JSON, BINARY) if self.ok_binary else (JSON,)
+
+
+S = "/v1/sessions/{session_id}"
+OPERATIONS: dict[tuple[str, str], Op] = {
+    ("get", "/healthz"): Op("health", ok="Health"),
+    ("get", "/readyz"): Op("ready", ok="Ready", problems=("503",)),
+    ("get", "/metrics"): Op("metrics", ok=None, ok_media=TEXT),
+    ("get", "/v1/optimizers"): Op("listOptimizers"),
+    ("get", "/v1/schedulers"): Op("listSchedulers"),
+    ("get", "/v1/sessions"): Op("listSessions", ok="SessionList"),
+    ("post", "/v1/sessions"): Op("createSession", "CreateSession", body_binary=True,
+                                 ok="Session", versioned=True, links=True),
+    ("get", S): Op("getSession", ok="Session", versioned=True),
+    ("delete", S): Op("deleteSession", ok=None),
+    ("patch", S): Op("configureSession", "PsOptions", ok="Session", versioned=True),
+    ("post", f"{S}/step"): Op("step", "Grads", body_binary=True, ok="StepResult",
+                              ok_binary=True, versioned=True, query=("encoding",),
+                              headers=("X-Optserve-Worker", "If-Match")),
+    ("post", f"{S}/grads"): Op("pushGrads", "Grads", body_binary=True, ok="Version",
+                               versioned=True),
+    ("post", f"{S}/zero_grad"): Op("zeroGrad", ok="Version", versioned=True),
+    ("get", f"{S}/params"): Op("getParams", ok="Params", ok_binary=True, versioned=True,
+                               query=("encoding",), headers=("If-None-Match",)),
+    ("put", f"{S}/params"): Op("putParams", "ParamsBody", body_binary=True, ok="Params",
+                               ok_binary=True, versioned=True, query=("encoding",)),
+    ("post", f"{S}/param_groups"): Op("addParamGroup", "ParamGroup", body_binary=True,
+                                      ok="Session", versioned=True),
+    ("patch", f"{S}/param_groups/{{index}}"): Op("updateParamGroup", "GroupOptions",
+                                                 ok="Session", versioned=True),
+    ("post", f"{S}/scheduler/step"): Op("schedulerStep", "SchedulerStep", body_optional=True,
+                                        ok="Version", versioned=True),
+    ("get", f"{S}/state_dict"): Op("exportState", ok="StateDict", ok_binary=True,
+                                   versioned=True, query=("format", "encoding")),
+    ("put", f"{S}/state_dict"): Op("importState", "StateDict", body_binary=True, ok="Session",
+                                   versioned=True, query=("format",)),
 }
+#: the operations a created session's id leads to (OpenAPI links from createSession)
+SESSION_LINKS = ("getSession", "configureSession", "deleteSession", "step", "pushGrads",
+                 "zeroGrad", "getParams", "putParams", "addParamGroup", "schedulerStep",
+                 "exportState", "importState")
+
+_BINARY_BODY = {"schema": {"type": "string", "format": "binary"},
+                "description": "a safetensors file (see docs/protocol.md)"}
+
+
+def _headers(names: tuple[str, ...]) -> dict[str, Any]:
+    return {n: _ref(n, "headers") for n in names}
+
+
+def _request_body(op: Op) -> dict[str, Any]:
+    assert op.body is not None
+    content: dict[str, Any] = {JSON: {"schema": _ref(op.body)}}
+    if op.body_binary:
+        content[BINARY] = _BINARY_BODY
+    return {"required": not op.body_optional, "content": content}
+
+
+def _success(op: Op) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": "OK"}
+    if op.ok is not None:
+        content: dict[str, Any] = {JSON: {"schema": _ref(op.ok)}}
+        if op.ok_binary:
+            content[BINARY] = _BINARY_BODY
+        out["content"] = content
+    elif op.ok_media is not None:
+        out["content"] = {op.ok_media: {"schema": {"type": "string"}}}
+    names = ("X-Request-Id",) + (_VERSION_HEADERS if op.versioned else ())
+    if op.id == "createSession":
+        names += ("Location",)
+    out["headers"] = _headers(names)
+    if op.links:
+        out["links"] = {target: {"operationId": target,
+                                 "parameters": {"session_id": "$response.body#/id"}}
+                        for target in SESSION_LINKS}
+    return out
+
+
+def _problem(text: str) -> dict[str, Any]:
+    return {"description": text, "content": {PROBLEM: {"schema": _ref("Problem")}},
+            "headers": _headers(("X-Request-Id",))}
+
+
+def _document(op: Op, method: str, path: str, doc_op: dict[str, Any]) -> None:
+    doc_op["operationId"] = op.id
+    responses: dict[str, Any] = doc_op.setdefault("responses", {})
+    responses.pop("422", None)  # FastAPI's HTTPValidationError: ours is a Problem
+    code = next((k for k in responses if k.startswith("2")), "200")
+    responses[code] = _success(op)
+    params: list[dict[str, Any]] = doc_op.setdefault("parameters", [])
+    params.extend(QUERY[q] for q in op.query)
+    params.extend(HEADERS[h] for h in op.headers)
+    if op.body is not None:
+        doc_op["requestBody"] = _request_body(op)
+    problems = dict(COMMON_PROBLEMS)
+    problems.update({s: PROBLEMS[s] for s in op.problems})
+    if op.produces:
+        problems["406"] = PROBLEMS["406"]
+    if op.body is not None:
+        problems["408"] = PROBLEMS["408"]
+    if method in MUTATING:
+        params.extend(MUTATING_HEADERS)
+        problems.update(MUTATING_PROBLEMS)
+    for status, text in sorted(problems.items()):
+        responses.setdefault(status, _problem(text))
+    if op.id == "getParams":
+        responses["304"] = {"description": "Not modified (If-None-Match names the current "
+                                           "version)",
+                            "headers": _headers(("X-Request-Id",) + _VERSION_HEADERS)}
+    if path != "/healthz":
+        doc_op["security"] = [{"bearer": []}, {}]
+    if not params:
+        doc_op.pop("parameters")
 
 
 def install(app: FastAPI) -> None:
@@ -236,43 +448,22 @@ def install(app: FastAPI) -> None:
 
         doc = get_openapi(title=app.title, version=app.version, summary=app.summary,
                           description=app.description, routes=app.routes)
-        components = doc.setdefault("components", {}).setdefault("schemas", {})
+        components = doc.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
         for unused in ("HTTPValidationError", "ValidationError"):
-            components.pop(unused, None)
-        components.update(SCHEMAS)
-        doc["components"]["securitySchemes"] = {
+            schemas.pop(unused, None)
+        schemas.update(SCHEMAS)
+        components["headers"] = RESPONSE_HEADERS
+        components["securitySchemes"] = {
             "bearer": {"type": "http", "scheme": "bearer",
                        "description": "OPTSERVE_API_KEYS; absent keys = open server"}}
         for path, methods in doc.get("paths", {}).items():
-            for method, op in methods.items():
-                spec = OPERATIONS.get((method, path))
-                responses = op.setdefault("responses", {})
-                responses.pop("422", None)
-                if spec is not None:
-                    op_id, body, ok, binary_out = spec
-                    op["operationId"] = op_id
-                    if body is not None:
-                        op["requestBody"] = _body(body, binary=body in ("Grads", "Params",
-                                                                          "CreateSession",
-                                                                          "ParamGroup",
-                                                                          "StateDict"))
-                    code = next(iter(k for k in responses if k.startswith("2")), "200")
-                    if ok is not None:
-                        responses[code] = _ok(ok, binary_out)
-                if (method, path) in HEADERS:
-                    op.setdefault("parameters", []).extend(HEADERS[(method, path)])
-                if (method, path) == ("get", "/v1/sessions/{session_id}/params"):
-                    responses["304"] = {"description": "Not modified (If-None-Match names the "
-                                                       "current version)"}
-                if path == "/metrics":
-                    responses["200"] = {"description": "Prometheus text exposition format",
-                                        "content": {"text/plain": {"schema": {"type": "string"}}}}
-                if path != "/healthz":
-                    op["security"] = [{"bearer": []}, {}]
-                for status, text in _ERRORS.items():
-                    responses.setdefault(status, {
-                        "description": text,
-                        "content": {PROBLEM: {"schema": _ref("Problem")}}})
+            for method, doc_op in methods.items():
+                op = OPERATIONS.get((method, path))
+                if op is None:
+                    raise RuntimeError(f"{method.upper()} {path} is not in "
+                                       "app.api.openapi_docs.OPERATIONS")
+                _document(op, method, path, doc_op)
         app.openapi_schema = doc
         return doc
 

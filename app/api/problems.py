@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+from starlette.routing import Match, Mount
 
 from app.errors import OptserveError
 from app.observability import request_id_var
@@ -52,12 +53,35 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
     return problem(422, "invalid", "Invalid input", detail, field=field)
 
 
-async def _http_error(_: Request, exc: Exception) -> Response:
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app answers at this request's path, asked of the routes
+    themselves (``route.matches``), included routers too. Starlette's own 405 names only the
+    methods of the first route whose path matched."""
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(not isinstance(route, Mount) and route.matches(scope)[0] == Match.FULL
+               for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     title = code.replace("_", " ").capitalize()
-    response = problem(exc.status_code, code, title, str(exc.detail))
-    for k, v in (exc.headers or {}).items():
+    headers = dict(exc.headers or {})
+    detail = str(exc.detail)
+    if exc.status_code == 405:
+        allowed = allowed_methods(request) or headers.get("Allow", "").split(", ")
+        headers["Allow"] = ", ".join(allowed)
+        detail = f"{request.method} is not allowed here; allowed: {headers['Allow']}"
+    response = problem(exc.status_code, code, title, detail, field="method"
+                       if exc.status_code == 405 else None)
+    for k, v in headers.items():
         response.headers[k] = v
     return response
 

@@ -86,6 +86,7 @@ def create_spec(obj: dict[str, Any], tensors: dict[str, torch.Tensor] | None = N
         raise Invalid(f"durability must be one of {list(_DURABILITY)}", code="invalid_body",
                       field="durability")
     scheduler = obj.get("scheduler")
+    _check_scheduler_names(scheduler, "scheduler")
     session_id = obj.get("id")
     if session_id is not None and not isinstance(session_id, str):
         raise Invalid("id must be a string", code="invalid_id", field="id")
@@ -93,6 +94,23 @@ def create_spec(obj: dict[str, Any], tensors: dict[str, torch.Tensor] | None = N
                       scheduler=scheduler, id=session_id, nonfinite=nonfinite,
                       durability=durability,
                       ps_options={k: obj[k] for k in _PS_KEYS if k in obj})
+
+
+def _check_scheduler_names(spec: object, field: str) -> None:
+    """422 for a scheduler ``name`` (nested ones too) that is not a string. The engine's
+    scheduler parser looks names up in dicts first, so a JSON object or list as a name would
+    be an unhashable-type 500 there (reported to the engine's owner; this guard can go once
+    ``app.engine.schedulers.parse_spec`` checks the type first)."""
+    if not isinstance(spec, dict):
+        return
+    if "name" in spec and not isinstance(spec["name"], str):
+        raise Invalid("a scheduler's name must be a string (e.g. \"StepLR\")",
+                      code="unknown_scheduler", field=f"{field}.name")
+    options = spec.get("options")
+    children = options.get("schedulers") if isinstance(options, dict) else None
+    if isinstance(children, list):
+        for i, child in enumerate(children):
+            _check_scheduler_names(child, f"{field}.options.schedulers.{i}")
 
 
 def metadata_fields(metadata: dict[str, str]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import orjson
 import torch
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
 
 from app.api import conditions
@@ -16,6 +16,7 @@ from app.api.bodies import (
     BINARY,
     answer_in_place,
     body_kind,
+    check_accept,
     json_object,
     json_response,
     offload,
@@ -41,7 +42,8 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 #: what a step body may carry besides its gradients
 STEP_FIELDS = frozenset({"param_groups"})
 
-router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"],
+                   dependencies=[Depends(check_accept)])  # 406 before any work
 SessionId = Annotated[str, Path(description="session id", max_length=200)]
 
 

@@ -283,7 +283,7 @@ def test_exposure_rules(host: str, keys: str, allow: bool, refused: bool) -> Non
     ({"OPTSERVE_API_KEYS": f"{KEY_A}:.hidden"}, "not starting with '.'"),
     ({"OPTSERVE_API_KEYS": f"{KEY_A}:alice,{KEY_A}:bob"}, "two tenants"),
     ({"OPTSERVE_API_KEYS_FILE": "/nonexistent/keys"}, "No such file"),
-    ({"OPTSERVE_PORT": "not-a-port"}, "port"),
+    ({"OPTSERVE_PORT": "not-a-port"}, "OPTSERVE_PORT"),
 ])
 def test_bad_configuration_exits_2_with_a_message(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

@@ -378,3 +378,33 @@ def test_constructor_errors(client: optserve.Client) -> None:
     remote.close(delete_session=True)
     with pytest.raises(optserve.NotFoundError):
         client.get_session("sdk-dup")
+
+
+def test_with_block_deletes_the_session_it_created(live_server: str) -> None:
+    """``with RemoteOptimizer(...)``: the session lives for the block (README quickstart)."""
+    w = torch.nn.Parameter(torch.tensor([2.0]))
+    client = optserve.Client(live_server)
+    with optserve.RemoteOptimizer([w], "SGD", client, lr=1.0) as opt:
+        sid = opt.session_id
+        w.grad = torch.tensor([16.0])
+        opt.step()
+        assert client.get_session(sid).version == 1
+    assert w.detach().item() == -14.0
+    with pytest.raises(optserve.NotFoundError):
+        client.get_session(sid)
+    assert not client.is_closed  # a client passed in stays open for its owner
+    # an error inside the block propagates, and the session is still deleted
+    with pytest.raises(ZeroDivisionError), optserve.RemoteOptimizer([w], "SGD", client,
+                                                                    lr=1.0) as opt:
+        sid = opt.session_id
+        1 / 0  # noqa: B018
+    with pytest.raises(optserve.NotFoundError):
+        client.get_session(sid)
+    # a worker that joined a session leaves it be
+    client.create_session("SGD", {"0": torch.tensor([1.0])}, id="with-kept", options={"lr": 1})
+    with optserve.RemoteOptimizer([torch.nn.Parameter(torch.tensor([1.0]))], client=client,
+                                  session_id="with-kept", worker="w0"):
+        pass
+    assert client.get_session("with-kept").id == "with-kept"
+    client.delete_session("with-kept")
+    client.close()

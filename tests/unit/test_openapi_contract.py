@@ -66,3 +66,24 @@ def test_schema_examples_are_valid_requests(app_client: object) -> None:
     r = app_client.post("/v1/sessions/seed/step", json=schemas["Grads"]["example"])
     assert r.status_code == 200, r.text
     assert r.json()["params"] == schemas["StepResult"]["example"]["params"]
+
+
+def test_a_header_or_status_for_every_mutating_route_is_one_line(
+        monkeypatch: Any) -> None:
+    """What every POST/PUT/PATCH/DELETE shares comes from two lists in app.api.openapi_docs."""
+    from app.api import openapi_docs
+
+    header = {"name": "Idempotency-Key", "in": "header", "required": False,
+              "schema": {"type": "string", "maxLength": 200}}
+    monkeypatch.setattr(openapi_docs, "MUTATING_HEADERS", [header])
+    monkeypatch.setattr(openapi_docs, "MUTATING_PROBLEMS", {"507": "Storage full"})
+    doc = create_app().openapi()
+    for path, methods in doc["paths"].items():
+        for method, op in methods.items():
+            mutating = method in ("post", "put", "patch", "delete")
+            assert (header in op.get("parameters", [])) == mutating, (method, path)
+            assert ("507" in op["responses"]) == mutating, (method, path)
+            if mutating:
+                assert op["responses"]["507"]["content"] == {
+                    "application/problem+json": {"schema": {
+                        "$ref": "#/components/schemas/Problem"}}}

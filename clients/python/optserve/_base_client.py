@@ -35,9 +35,8 @@ from ._constants import (
     DEFAULT_TIMEOUT,
 )
 from ._exceptions import (
-    APIConnectionError,
     APIResponseValidationError,
-    APITimeoutError,
+    connection_error,
     make_status_error,
 )
 from ._version import __version__
@@ -160,9 +159,8 @@ class BaseClient(Generic[HttpxClientT]):
 
     @staticmethod
     def _connection_error(request: httpx.Request, exc: httpx.TransportError) -> Exception:
-        if isinstance(exc, httpx.TimeoutException):
-            return APITimeoutError(request=request, message=f"Request timed out: {exc}")
-        return APIConnectionError(request=request, message=f"Connection error: {exc}")
+        """One line naming the URL; raise it ``from None`` (the cause stays in ``.cause``)."""
+        return connection_error(request, exc, never_sent=isinstance(exc, _NEVER_SENT))
 
     @staticmethod
     def _process_response(call: APICall[R], response: httpx.Response) -> R:
@@ -213,7 +211,7 @@ class SyncAPIClient(BaseClient[httpx.Client]):
                     _sleep(self._retry_delay(attempt))
                     attempt += 1
                     continue
-                raise self._connection_error(request, exc) from exc
+                raise self._connection_error(request, exc) from None
             delay = self._retry_status(call, response, attempt)
             if delay is not None:
                 _sleep(delay)
@@ -305,7 +303,7 @@ class AsyncAPIClient(BaseClient[httpx.AsyncClient]):
                     await _async_sleep(self._retry_delay(attempt))
                     attempt += 1
                     continue
-                raise self._connection_error(request, exc) from exc
+                raise self._connection_error(request, exc) from None
             delay = self._retry_status(call, response, attempt)
             if delay is not None:
                 await _async_sleep(delay)

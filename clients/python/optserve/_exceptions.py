@@ -58,20 +58,80 @@ class OptserveError(Exception):
 
 
 class APIConnectionError(OptserveError):
-    """No HTTP response came back (connection refused or reset, DNS failure, ...)."""
+    """No HTTP response came back (connection refused or reset, DNS failure, ...).
+
+    The message names the URL and, when nothing could be sent, says the server may not be
+    running. It is raised without the transport's chained traceback; the transport's own
+    exception is kept in :attr:`cause`.
+
+    Attributes:
+        request: the :class:`httpx.Request` that failed.
+        url: the server's URL (scheme, host and port) the request went to.
+        reason: the transport's one-line reason (``"[Errno 111] Connection refused"``).
+        cause: the transport exception itself (an :class:`httpx.TransportError`), if any.
+    """
 
     request: httpx.Request
+    url: str
+    reason: str | None
+    cause: BaseException | None
 
-    def __init__(self, *, request: httpx.Request, message: str = "Connection error.") -> None:
+    def __init__(
+        self,
+        *,
+        request: httpx.Request,
+        message: str = "Connection error.",
+        reason: str | None = None,
+        cause: BaseException | None = None,
+    ) -> None:
         super().__init__(message)
         self.request = request
+        self.url = server_url(request)
+        self.reason = reason
+        self.cause = cause
 
 
 class APITimeoutError(APIConnectionError):
     """The request timed out (connect, write, read or waiting for a pooled connection)."""
 
-    def __init__(self, *, request: httpx.Request, message: str = "Request timed out.") -> None:
-        super().__init__(request=request, message=message)
+    def __init__(
+        self,
+        *,
+        request: httpx.Request,
+        message: str = "Request timed out.",
+        reason: str | None = None,
+        cause: BaseException | None = None,
+    ) -> None:
+        super().__init__(request=request, message=message, reason=reason, cause=cause)
+
+
+def server_url(request: httpx.Request) -> str:
+    """``scheme://host:port`` of a request: the server it was meant for."""
+    return str(request.url.copy_with(path="/", query=None, fragment=None)).rstrip("/")
+
+
+#: what a connection that never got through most often means, and what to do about it
+NOT_RUNNING_HINT = ("Is the optserve server running there? Start one with `optserve serve` (or "
+                    "scripts/serve in the repository), or point the client at yours with "
+                    "base_url= or OPTSERVE_BASE_URL.")
+
+
+def connection_error(request: httpx.Request, exc: httpx.TransportError,
+                     never_sent: bool) -> APIConnectionError:
+    """The SDK's error for a transport failure: one line naming the URL (raise it ``from
+    None``: the transport's chain stays in ``.cause``)."""
+    url = server_url(request)
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = f"({request.method} {request.url.path})"
+    if isinstance(exc, httpx.TimeoutException):
+        return APITimeoutError(request=request, reason=reason, cause=exc,
+                               message=f"timed out talking to {url}: {reason} {where}")
+    if never_sent:
+        return APIConnectionError(request=request, reason=reason, cause=exc,
+                                  message=f"cannot connect to {url}: {reason} {where}. "
+                                          + NOT_RUNNING_HINT)
+    return APIConnectionError(request=request, reason=reason, cause=exc,
+                              message=f"connection to {url} failed: {reason} {where}")
 
 
 class APIResponseValidationError(OptserveError):

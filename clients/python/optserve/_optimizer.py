@@ -18,7 +18,9 @@ How it maps onto the service:
 - ``zero_grad()`` is torch's own (local gradients; the server clears its own after each step);
 - ``state_dict()`` fetches the session's state in torch's format, ``load_state_dict()`` imports
   one (from a ``RemoteOptimizer`` or a local optimizer of the same class);
-- ``self.state`` stays empty: the optimizer state lives on the server.
+- ``self.state`` stays empty: the optimizer state lives on the server;
+- ``with RemoteOptimizer(...) as opt:`` deletes the session it created at the end of the block
+  (``close(delete_session=True)``); without ``with``, ``close()`` keeps it.
 
 Parameter-server mode: ``RemoteOptimizer(params, client=c, session_id="ps", worker="w3")``
 does not create a session but joins the existing one as worker ``"w3"``: the session's group
@@ -35,12 +37,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from copy import deepcopy
+from types import TracebackType
 from typing import Any, overload
 
 import torch
 from torch.optim.optimizer import ParamsT
 
 from ._client import Client
+from ._exceptions import OptserveError
 from ._tensors import Tensor
 from ._types import SessionInfo
 
@@ -470,6 +474,27 @@ class RemoteOptimizer(torch.optim.Optimizer):
         finally:
             if self._owns_client:
                 self._client.close()
+
+    def __enter__(self) -> RemoteOptimizer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Leaving a ``with`` block deletes the session this optimizer created (a worker that
+        joined a session leaves it be) and closes the client it made. To keep the session,
+        call :meth:`close` yourself instead. When the block already raised, a failure to
+        delete (say, the server went away) does not hide that exception."""
+        if exc is None:
+            self.close(delete_session=self._worker is None)
+            return
+        try:
+            self.close(delete_session=self._worker is None)
+        except OptserveError:
+            pass
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError("a RemoteOptimizer cannot be pickled; save its state_dict() instead")

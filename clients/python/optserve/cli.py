@@ -194,13 +194,13 @@ def _send_streaming(
                 time.sleep(client._retry_delay(attempt))
                 attempt += 1
                 continue
-            raise client._connection_error(request, exc) from exc
+            raise client._connection_error(request, exc) from None
         if response.is_error:
             try:
                 response.read()
             except httpx.TransportError as exc:
                 response.close()
-                raise client._connection_error(request, exc) from exc
+                raise client._connection_error(request, exc) from None
             response.close()
             raise make_status_error(response)
         return response
@@ -351,8 +351,8 @@ def cmd_export(ns: argparse.Namespace) -> int:
                 raise
             bar.close()
         except httpx.TransportError as exc:
-            raise APIConnectionError(request=response.request,
-                                     message=f"download interrupted: {exc}") from exc
+            raise APIConnectionError(request=response.request, reason=str(exc), cause=exc,
+                                     message=f"download interrupted: {exc}") from None
         finally:
             response.close()
     version = _header_int(response, VERSION_HEADER)
@@ -417,8 +417,8 @@ def cmd_import(ns: argparse.Namespace) -> int:
             try:
                 response.read()
             except httpx.TransportError as exc:
-                raise APIConnectionError(request=response.request,
-                                         message=f"connection lost: {exc}") from exc
+                raise APIConnectionError(request=response.request, reason=str(exc), cause=exc,
+                                         message=f"connection lost: {exc}") from None
             finally:
                 response.close()
     except BaseException:
@@ -633,10 +633,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_api_error(exc), file=sys.stderr)
         return EXIT_API_ERROR
     except APITimeoutError as exc:
-        print(f"error: timed out talking to {ns.url}: {_one_line(exc.message)}", file=sys.stderr)
+        print(f"error: timed out talking to {ns.url}: {_one_line(exc.reason or exc.message)}",
+              file=sys.stderr)
         return EXIT_CONNECTION
     except APIConnectionError as exc:
-        print(f"error: cannot connect to {ns.url}: {_one_line(exc.message)}", file=sys.stderr)
+        print(f"error: cannot connect to {ns.url}: {_one_line(exc.reason or exc.message)}",
+              file=sys.stderr)
         return EXIT_CONNECTION
     except (APIResponseValidationError, OptserveError) as exc:
         print(f"error: {_one_line(exc.message)}", file=sys.stderr)

@@ -1,0 +1,122 @@
+"""A configuration that cannot work ends ``python -m app`` (and ``uvicorn --factory
+app.main:create_app``) with exit code 2 and ONE line on stderr naming the variable: no
+traceback, nothing started."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.__main__ import main as app_main
+from app.config import DEFAULT_TENANT, ConfigError, load_settings
+from app.engine import embedded
+
+pytestmark = pytest.mark.integration
+
+BAD: list[tuple[dict[str, str], str, str]] = [
+    ({"OPTSERVE_PORT": "abc"}, "OPTSERVE_PORT", "valid integer"),
+    ({"OPTSERVE_PORT": "70000"}, "OPTSERVE_PORT", "65535"),
+    ({"OPTSERVE_API_KEYS": "short-key:alice"}, "OPTSERVE_API_KEYS", "at least 16 characters"),
+    ({"OPTSERVE_API_KEYS_FILE": "/nonexistent/keys"}, "OPTSERVE_API_KEYS_FILE",
+     "No such file"),
+    ({"OPTSERVE_DEVICE": "tpu"}, "OPTSERVE_DEVICE", "auto, cpu, cuda or cuda:N"),
+    ({"OPTSERVE_DEVICE": "cuda:99"}, "OPTSERVE_DEVICE", "cuda:99 was asked for"),
+    ({"OPTSERVE_DURABILITY": "sometimes"}, "OPTSERVE_DURABILITY", "'step', 'interval' or"),
+    ({"OPTSERVE_LOG_LEVEL": "loud"}, "OPTSERVE_LOG_LEVEL", "'info'"),
+    ({"OPTSERVE_CORS_ORIGINS": "example.com"}, "OPTSERVE_CORS_ORIGINS", "not an origin"),
+    ({"OPTSERVE_DATA_DIR": "/proc/optserve-cannot-be-here"}, "OPTSERVE_DATA_DIR",
+     "cannot write there"),
+]
+if not torch.cuda.is_available():  # the plain case a laptop user meets
+    BAD.append(({"OPTSERVE_DEVICE": "cuda"}, "OPTSERVE_DEVICE", "torch sees no CUDA device"))
+# a real process for the variables the issue names (import-time failures show only there); the
+# rest in-process through the same main(), which is much faster on a small machine
+IN_A_PROCESS = {"OPTSERVE_PORT=abc", "OPTSERVE_API_KEYS=short-key:alice",
+                "OPTSERVE_DEVICE=cuda", "OPTSERVE_DURABILITY=sometimes"}
+IDS = ["=".join(next(iter(e.items()))) for e, _, _ in BAD]
+
+
+def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")}
+    # cwd has no .env; port 0 so that a wrongly accepted configuration cannot collide
+    clean.update({"OPTSERVE_PORT": "0", "OPTSERVE_DATA_DIR": str(cwd / "data"), **env})
+    return subprocess.run(args, env=clean, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def _assert_one_line(proc: subprocess.CompletedProcess[str], variable: str, words: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"optserve: invalid configuration: {variable}"), lines[0]
+    assert words in lines[0], lines[0]
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("env,variable,words", BAD, ids=IDS)
+def test_python_m_app_refuses_a_bad_setting_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        env: dict[str, str], variable: str, words: str) -> None:
+    if "=".join(next(iter(env.items()))) in IN_A_PROCESS:
+        _assert_one_line(_run([sys.executable, "-m", "app"], env, tmp_path), variable, words)
+        return
+    for k in [k for k in os.environ if k.startswith("OPTSERVE_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.chdir(tmp_path)
+    for k, v in {"OPTSERVE_PORT": "0", "OPTSERVE_DATA_DIR": str(tmp_path / "data"),
+                 **env}.items():
+        monkeypatch.setenv(k, v)
+    code = app_main()
+    captured = capsys.readouterr()
+    _assert_one_line(subprocess.CompletedProcess([], code, captured.out, captured.err),
+                     variable, words)
+
+
+def test_uvicorn_factory_refuses_a_bad_setting_in_one_line(tmp_path: Path) -> None:
+    proc = _run([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
+                 "--port", "0"], {"OPTSERVE_DURABILITY": "sometimes"}, tmp_path)
+    _assert_one_line(proc, "OPTSERVE_DURABILITY", "'step', 'interval' or 'memory'")
+
+
+def test_several_bad_settings_are_named_on_the_same_line(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    monkeypatch.setenv("OPTSERVE_PORT", "x")
+    monkeypatch.setenv("OPTSERVE_DURABILITY", "y")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith("OPTSERVE_PORT='x': ") and "; OPTSERVE_DURABILITY='y': " in text
+
+
+def test_device_values_that_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, expected in [("auto", "auto"), ("CPU", "cpu"), (" cpu ", "cpu")]:
+        monkeypatch.setenv("OPTSERVE_DEVICE", value)
+        assert load_settings().device == expected
+
+
+def test_api_key_errors_never_show_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPTSERVE_API_KEYS", "secret-but-short")  # 16 chars: fine
+    assert load_settings().api_keys == "secret-but-short"
+    from app.config import parse_keys
+    with pytest.raises(ConfigError) as info:
+        parse_keys("tiny-secret:alice", None)
+    assert "tiny-secret" not in str(info.value) and "OPTSERVE_API_KEYS" in str(info.value)
+
+
+def test_the_default_tenant_is_the_engines() -> None:
+    assert DEFAULT_TENANT == embedded.DEFAULT_TENANT
+
+
+def test_create_app_with_bad_keys_raises_rather_than_exits() -> None:
+    """Only the factory called without settings (uvicorn --factory) ends the process."""
+    from app.main import create_app
+    from tests.conftest import _test_settings
+
+    with pytest.raises(ConfigError, match="OPTSERVE_API_KEYS"):
+        create_app(_test_settings(api_keys="too-short"))
