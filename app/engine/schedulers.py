@@ -137,6 +137,9 @@ def parse_spec(spec: object, field: str = "scheduler", nested: bool = False) -> 
         raise Invalid(f"unknown scheduler key(s) {sorted(unknown)}", code="invalid_scheduler",
                       field=f"{field}.{sorted(unknown)[0]}")
     name = spec.get("name")
+    if not isinstance(name, str):
+        raise Invalid(f"a scheduler's name must be a string, one of {', '.join(SUPPORTED)}",
+                      code="unknown_scheduler", field=f"{field}.name")
     if name in UNSUPPORTED:
         raise Invalid(UNSUPPORTED[str(name)], code="unsupported_scheduler", field=f"{field}.name")
     if not isinstance(name, str) or name not in SUPPORTED:
