@@ -327,9 +327,9 @@ class Session:
         state = {int(k): v for k, v in sd["state"].items()}
         tuples = {k for k, v in optimizers.default_options(session.cls).items()
                   if isinstance(v, tuple)}
-        groups = [{k: tuple(v) if k in tuples and isinstance(v, list) else v
+        loaded = [{k: tuple(v) if k in tuples and isinstance(v, list) else v
                    for k, v in g.items()} for g in sd["param_groups"]]
-        session.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        session.optimizer.load_state_dict({"state": state, "param_groups": loaded})
         for group, names in zip(session.optimizer.param_groups, meta["groups"], strict=True):
             group["param_names"] = list(names)
         if session.scheduler is not None and sd.get("scheduler") is not None:
