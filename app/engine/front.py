@@ -178,8 +178,10 @@ class Front:
                         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                         ) -> SessionInfo:
         key = session_key(tenant, session_id)
-        await self.host.execute(key, Configure(options), idem=idem)
-        return await self.host.describe(key)
+        done: SessionInfo = await self.host.execute(key, Configure(options), idem=idem)
+        info = await self.host.describe(key)  # with the open sync round's pending workers
+        info.replayed = done.replayed
+        return info
 
     # ------------------------------------------------------------------ state
     async def scheduler_step(self, session_id: str, metric: float | None, *,
