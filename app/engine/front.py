@@ -113,8 +113,8 @@ class Front:
         return await self.host.list_sessions(session_key(tenant, ""))
 
     async def delete(self, session_id: str, *, tenant: str = DEFAULT_TENANT,
-                     idem: IdemKey | None = None) -> None:
-        await self.host.delete(session_key(tenant, session_id), idem=idem)
+                     idem: IdemKey | None = None) -> bool:
+        return await self.host.delete(session_key(tenant, session_id), idem=idem)
 
     # ------------------------------------------------------------------ gradients and steps
     async def step(

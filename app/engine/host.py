@@ -127,7 +127,10 @@ class EmbeddedHost:
         if self.config.warm_up:
             await self._worker.run(self._warm_up)
         if self._store is not None:
-            self._store.open()
+            store = self._store
+            store.open()
+            for t in await self._in_io(lambda: store.tombstones(_TOMBSTONES)):
+                self._tombstones[(t["tenant"], t["key"])] = (t["fingerprint"], t["id"])
             await self._worker.run(self._restore_all)
             self._snapshotter = asyncio.create_task(self._maintain())
         for key, session in self._sessions.items():
@@ -311,7 +314,8 @@ class EmbeddedHost:
         session.created_by = keys[0] if keys else None
         return session
 
-    async def delete(self, key: str, *, idem: IdemKey | None = None) -> None:
+    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
+        """Delete the session; True when this was a retry of a delete already done."""
         tenant, session_id = split_key(key)
         if idem is not None:
             gone = self._tombstones.get((tenant, idem.key))
@@ -320,13 +324,16 @@ class EmbeddedHost:
                     raise Invalid("this Idempotency-Key was already used for a different "
                                   "request; use a fresh key for every new operation",
                                   code="idempotency_key_reused", field="Idempotency-Key")
-                return
+                return True
         async with self._lock(key):
             if key not in self._damaged:
                 self._get(key)
             if self._store is not None:
                 store = self._store
-                await self._in_io(lambda: store.delete(key))
+                stone = None if idem is None else {"tenant": tenant, "key": idem.key,
+                                                   "fingerprint": idem.fingerprint,
+                                                   "id": session_id}
+                await self._in_io(lambda: store.delete(key, stone))
             self._sessions.pop(key, None)
             self._damaged.pop(key, None)
             self._locks.pop(key, None)
@@ -337,6 +344,7 @@ class EmbeddedHost:
         self._rounds.drop(key, NotFound(f"session {session_id!r:.140} was deleted during the "
                                         "round", code="session_not_found", field="session_id"))
         self._version_changed(key)
+        return False
 
     # ------------------------------------------------------------------ operations
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
