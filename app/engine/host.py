@@ -23,12 +23,13 @@ session's create).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -114,6 +115,7 @@ class EmbeddedHost:
         self._refused: dict[str, str] = {}
         self._damaged: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._key_locks: dict[tuple[str, str], _KeyLock] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._rounds = SyncRounds(self._apply_round, self._check_push)
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="optserve-io")
@@ -275,8 +277,29 @@ class EmbeddedHost:
                 return key
         return None
 
+    @contextlib.asynccontextmanager
+    async def _keyed(self, tenant: str, idem: IdemKey | None) -> AsyncIterator[None]:
+        """Hold a tenant-wide idempotency key (creates, deletes): a retry that runs alongside
+        its original waits for it, then finds what it did."""
+        if idem is None:
+            yield
+            return
+        entry = self._key_locks.setdefault((tenant, idem.key), _KeyLock())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._key_locks[(tenant, idem.key)]
+
     async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None
                      ) -> SessionInfo:
+        async with self._keyed(split_key(key)[0], idem):
+            return await self._create(key, spec, idem)
+
+    async def _create(self, key: str, spec: CreateSpec, idem: IdemKey | None) -> SessionInfo:
         tenant, session_id = split_key(key)
         if idem is not None:
             made = self.find_create(tenant, idem)
@@ -316,6 +339,10 @@ class EmbeddedHost:
 
     async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
         """Delete the session; True when this was a retry of a delete already done."""
+        async with self._keyed(split_key(key)[0], idem):
+            return await self._delete(key, idem)
+
+    async def _delete(self, key: str, idem: IdemKey | None) -> bool:
         tenant, session_id = split_key(key)
         if idem is not None:
             gone = self._tombstones.get((tenant, idem.key))
@@ -616,6 +643,12 @@ class EmbeddedHost:
                 raise
             except Exception:  # never let maintenance die
                 log.exception("store maintenance")
+
+
+@dataclass(eq=False)
+class _KeyLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 def export_state_dict(s: Session) -> dict[str, Any]:
