@@ -656,6 +656,7 @@ def peak_increase_mib(server: Proc, request: Any) -> tuple[httpx.Response, float
     pid = server.proc.pid
     Path(f"/proc/{pid}/clear_refs").write_text("5")
     before = memory_kib(pid)
+    assert before["VmHWM"] - before["VmRSS"] < 8 * 1024, ("the peak was not reset", before)
     r = request()
     after = memory_kib(pid)
     return r, (after["VmHWM"] - before["VmRSS"]) / 1024
