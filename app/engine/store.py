@@ -426,10 +426,17 @@ class Store:
         if stone.exists():
             try:
                 line = stone.read_bytes().strip() + b"\n"
-                with open(self.root / TOMBSTONES, "ab") as f:
+                path = self.root / TOMBSTONES
+                new = not path.exists()
+                with open(path, "a+b") as f:
+                    size = f.seek(0, os.SEEK_END)
+                    if size and os.pread(f.fileno(), 1, size - 1) != b"\n":
+                        line = b"\n" + line  # after a line a crash tore
                     f.write(line)
                     f.flush()
                     os.fsync(f.fileno())
+                if new:
+                    self.files.fsync_dir(self.root)
             except OSError as exc:
                 log.error("could not log the tombstone of %s: %s", trash.name, exc)
                 return

@@ -355,6 +355,11 @@ def test_a_keyed_delete_keeps_its_tombstone_whenever_the_delete_happened(tmp_pat
             st.delete(f"x{i}", stone(f"x{i}", f"x{i}"))
         assert [t["key"] for t in st.tombstones(3)] == ["x2", "x3", "x4"]
         assert len((tmp_path / "tombstones.jsonl").read_bytes().splitlines()) == 3
+        with open(tmp_path / "tombstones.jsonl", "ab") as f:
+            f.write(b'{"tenant": "t", "ke')  # an append a crash tore
+        st.write_snapshot("y", b"snap")
+        st.delete("y", stone("y", "y"))
+        assert [t["key"] for t in st.tombstones(10)] == ["x2", "x3", "x4", "y"]
     finally:
         st.close()
 
