@@ -111,9 +111,9 @@ async def configure_session(
 async def delete_session(
     session_id: SessionId, request: Request, engine: EngineDep, tenant: TenantDep
 ) -> Response:
-    await engine.delete(session_id, tenant=tenant, idem=await idempotency(request))
+    replayed = await engine.delete(session_id, tenant=tenant, idem=await idempotency(request))
     metrics_of(request).forget_session(session_id)
-    return Response(status_code=204)
+    return Response(status_code=204, headers={REPLAYED_HEADER: "true"} if replayed else None)
 
 
 @router.post("/{session_id}/step", summary="Apply gradients (plus any accumulated) and step")

@@ -115,8 +115,8 @@ class Front:
         return await self.host.list_sessions(session_key(tenant, ""))
 
     async def delete(self, session_id: str, *, tenant: str = DEFAULT_TENANT,
-                     idem: IdemKey | None = None) -> None:
-        await self.host.delete(session_key(tenant, session_id), idem=idem)
+                     idem: IdemKey | None = None) -> bool:
+        return await self.host.delete(session_key(tenant, session_id), idem=idem)
 
     # ------------------------------------------------------------------ gradients and steps
     async def step(
@@ -184,8 +184,10 @@ class Front:
                         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                         ) -> SessionInfo:
         key = session_key(tenant, session_id)
-        await self.host.execute(key, Configure(options), idem=idem)
-        return await self.host.describe(key)
+        done: SessionInfo = await self.host.execute(key, Configure(options), idem=idem)
+        info = await self.host.describe(key)  # with the open sync round's pending workers
+        info.replayed = done.replayed
+        return info
 
     # ------------------------------------------------------------------ state
     async def scheduler_step(self, session_id: str, metric: float | None, *,

@@ -23,13 +23,14 @@ session's create).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -119,6 +120,7 @@ class EmbeddedHost:
         self._refused: dict[str, str] = {}
         self._damaged: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._key_locks: dict[tuple[str, str], _KeyLock] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._rounds = SyncRounds(self._apply_round, self._check_push)
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="optserve-io")
@@ -134,7 +136,10 @@ class EmbeddedHost:
         if self.config.warm_up:
             await self._worker.run(self._warm_up)
         if self._store is not None:
-            self._store.open()
+            store = self._store
+            store.open()
+            for t in await self._in_io(lambda: store.tombstones(_TOMBSTONES)):
+                self._tombstones[(t["tenant"], t["key"])] = (t["fingerprint"], t["id"])
             await self._worker.run(self._restore_all)
             self._snapshotter = asyncio.create_task(self._maintain())
         for key, session in self._sessions.items():
@@ -308,8 +313,29 @@ class EmbeddedHost:
                 return key
         return None
 
+    @contextlib.asynccontextmanager
+    async def _keyed(self, tenant: str, idem: IdemKey | None) -> AsyncIterator[None]:
+        """Hold a tenant-wide idempotency key (creates, deletes): a retry that runs alongside
+        its original waits for it, then finds what it did."""
+        if idem is None:
+            yield
+            return
+        entry = self._key_locks.setdefault((tenant, idem.key), _KeyLock())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._key_locks[(tenant, idem.key)]
+
     async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None
                      ) -> SessionInfo:
+        async with self._keyed(split_key(key)[0], idem):
+            return await self._create(key, spec, idem)
+
+    async def _create(self, key: str, spec: CreateSpec, idem: IdemKey | None) -> SessionInfo:
         tenant, session_id = split_key(key)
         if idem is not None:
             made = self.find_create(tenant, idem)
@@ -349,7 +375,12 @@ class EmbeddedHost:
         session.snapshot_time = time.monotonic()  # the time-based snapshot counts from now
         return session
 
-    async def delete(self, key: str, *, idem: IdemKey | None = None) -> None:
+    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
+        """Delete the session; True when this was a retry of a delete already done."""
+        async with self._keyed(split_key(key)[0], idem):
+            return await self._delete(key, idem)
+
+    async def _delete(self, key: str, idem: IdemKey | None) -> bool:
         tenant, session_id = split_key(key)
         if idem is not None:
             gone = self._tombstones.get((tenant, idem.key))
@@ -358,13 +389,16 @@ class EmbeddedHost:
                     raise Invalid("this Idempotency-Key was already used for a different "
                                   "request; use a fresh key for every new operation",
                                   code="idempotency_key_reused", field="Idempotency-Key")
-                return
+                return True
         async with self._lock(key):
             if key not in self._damaged:
                 self._get(key)
             if self._store is not None:
                 store = self._store
-                await self._in_io(lambda: store.delete(key))
+                stone = None if idem is None else {"tenant": tenant, "key": idem.key,
+                                                   "fingerprint": idem.fingerprint,
+                                                   "id": session_id}
+                await self._in_io(lambda: store.delete(key, stone))
             self._sessions.pop(key, None)
             self._damaged.pop(key, None)
             self._locks.pop(key, None)
@@ -375,6 +409,7 @@ class EmbeddedHost:
         self._rounds.drop(key, NotFound(f"session {session_id!r:.140} was deleted during the "
                                         "round", code="session_not_found", field="session_id"))
         self._version_changed(key)
+        return False
 
     # ------------------------------------------------------------------ operations
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
@@ -687,6 +722,12 @@ class EmbeddedHost:
                 raise
             except Exception:  # never let maintenance die
                 log.exception("store maintenance")
+
+
+@dataclass(eq=False)
+class _KeyLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 def export_state_dict(s: Session) -> dict[str, Any]:

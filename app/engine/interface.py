@@ -223,7 +223,8 @@ class Engine(Protocol):
     async def describe(self, session_id: str, *, tenant: str = ...) -> SessionInfo: ...
     async def list_sessions(self, *, tenant: str = ...) -> list[SessionInfo]: ...
     async def delete(self, session_id: str, *, tenant: str = ...,
-                     idem: IdemKey | None = ...) -> None: ...
+                     idem: IdemKey | None = ...) -> bool:
+        """True when a repeated idempotency key was answered (the session was gone)."""
 
     async def step(
         self, session_id: str, grads: Tensors, *, return_params: bool,

@@ -6,7 +6,8 @@ pushes (:func:`app.engine.ps.reduce`) and applies ONE ``step`` operation with th
 gradients; every waiter gets its result. Rounds live where the session lives (not in an HTTP
 front), so workers of one round may talk to different fronts. Rounds are not persisted: a round
 open at a crash was never acknowledged, and its workers' retries (same idempotency keys) form
-the next one.
+the next one. A retry of a push still in flight (being checked, waiting in its round, or in the
+round's step) gets that push's answer; once answered, the session's idempotency table has it.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class SyncRounds:
         self._configs: dict[str, ps.SyncConfig] = {}
         self._rounds: dict[str, Round] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: pushes with an idempotency key, from their arrival until their round's step is
+        #: answered (after that the session's idempotency table answers a retry)
+        self._in_flight: dict[tuple[str, str], tuple[IdemKey, asyncio.Future[StepResult]]] = {}
 
     def config(self, key: str) -> ps.SyncConfig | None:
         return self._configs.get(key)
@@ -113,28 +117,44 @@ class SyncRounds:
             raise Invalid("this session steps in synchronous rounds: name the worker in the "
                           "X-Optserve-Worker header", code="missing_worker",
                           field="X-Optserve-Worker")
+        pending = self._in_flight.get((key, idem.key)) if idem is not None else None
+        if pending is not None:
+            if pending[0] != idem:
+                raise Invalid("this Idempotency-Key was already used for a different request; "
+                              "use a fresh key for every new operation",
+                              code="idempotency_key_reused", field="Idempotency-Key")
+            # a retry of a push still being checked, waiting in its round or being stepped:
+            # the same answer (or error) as the push itself
+            return _for(await asyncio.shield(pending[1]), want_params)
         rnd = self._rounds.setdefault(key, Round())
         if worker in rnd.pushes or worker in rnd.reserved:
-            joined = rnd.keys.get(worker)
-            if idem is not None and joined == idem and worker in rnd.waiters:
-                # a retry of this very push: wait for the same step
-                return _for(await asyncio.shield(rnd.waiters[worker]), want_params)
-            raise Conflict(f"worker {worker!r} already pushed to this round; wait for its step",
-                           code="duplicate_push", field="X-Optserve-Worker", worker=worker)
-        rnd.reserved.add(worker)
-        try:
-            checked = await self._check_push(key, grads, base_version)
-        finally:
-            rnd.reserved.discard(worker)
-        config = self._configs.get(key) or config
-        if key not in self._configs:  # sync turned off (or deleted) meanwhile
-            raise Conflict("the session left synchronous mode while this push was checked; "
-                           "push again", code="round_aborted")
-        rnd = self._rounds.setdefault(key, Round())  # the same one unless it closed meanwhile
-        if worker in rnd.pushes:
             raise Conflict(f"worker {worker!r} already pushed to this round; wait for its step",
                            code="duplicate_push", field="X-Optserve-Worker", worker=worker)
         waiter: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        if idem is not None:
+            self._in_flight[(key, idem.key)] = (idem, waiter)
+            waiter.add_done_callback(lambda done: self._landed(key, idem.key, done))
+        try:
+            rnd.reserved.add(worker)
+            try:
+                checked = await self._check_push(key, grads, base_version)
+            finally:
+                rnd.reserved.discard(worker)
+            config = self._configs.get(key) or config
+            if key not in self._configs:  # sync turned off (or deleted) meanwhile
+                raise Conflict("the session left synchronous mode while this push was checked; "
+                               "push again", code="round_aborted")
+            rnd = self._rounds.setdefault(key, Round())  # the same one unless it closed
+            if worker in rnd.pushes:
+                raise Conflict(f"worker {worker!r} already pushed to this round; wait for its "
+                               "step", code="duplicate_push", field="X-Optserve-Worker",
+                               worker=worker)
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                waiter.set_exception(exc)
+            else:
+                waiter.cancel()
+            raise
         rnd.pushes[worker] = checked
         rnd.waiters[worker] = waiter
         if idem is not None:
@@ -146,6 +166,13 @@ class SyncRounds:
         if len(rnd.pushes) >= config.workers:
             self._close(key, partial=False)
         return _for(await asyncio.shield(waiter), want_params)
+
+    def _landed(self, key: str, idem_key: str, done: asyncio.Future[StepResult]) -> None:
+        entry = self._in_flight.get((key, idem_key))
+        if entry is not None and entry[1] is done:
+            del self._in_flight[(key, idem_key)]
+        if not done.cancelled():
+            done.exception()  # retrieved: an error nobody else awaits is not logged as lost
 
     def _close(self, key: str, *, partial: bool) -> None:
         """Take the open round out (new pushes start the next one) and step it."""

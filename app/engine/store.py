@@ -5,6 +5,7 @@ Layout under the data directory::
     sessions/<key>/snapshot.bin   OPTSNAP2 | u64 length | u32 crc32c | payload
     sessions/<key>/wal.bin        records: OPR2 | u64 length | u32 crc32c(payload)
                                           | u32 crc32c(the 16 header bytes before) | payload
+    tombstones.jsonl              one JSON line per delete that came with an idempotency key
 
 (The first format, ``OPTSNAP1``/``OPTR`` with zlib's crc32 and a u32 length, is still read.)
 
@@ -34,6 +35,7 @@ calls go through :class:`Files`, which tests replace to inject faults (EIO, ENOS
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -64,6 +66,8 @@ _REC_HEAD_V1 = struct.Struct("<4sIII")  # magic, length, zlib crc32(payload), cr
 _REC_HEAD_BODY_V1 = struct.Struct("<4sII")
 _IOV_MAX = 512
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+TOMBSTONE = "tombstone"  # in a session directory being deleted: the delete's idempotency key
+TOMBSTONES = "tombstones.jsonl"  # under the data directory: the keys of past deletes
 
 
 class StoreCorrupt(Exception):
@@ -288,7 +292,10 @@ class Store:
     def open(self) -> None:
         self.sessions_dir.mkdir(parents=True, exist_ok=True)
         for leftover in self.sessions_dir.glob(".deleted-*"):  # a crash in the middle of delete
-            shutil.rmtree(leftover, ignore_errors=True)
+            self._bury(leftover)
+        for stray in self.sessions_dir.glob(f"*/{TOMBSTONE}"):  # a delete that never happened
+            if not stray.parent.name.startswith("."):
+                stray.unlink(missing_ok=True)
         for tmp in self.sessions_dir.glob("*/*.tmp"):  # a snapshot a crash cut short
             tmp.unlink(missing_ok=True)
         self.probe()
@@ -417,18 +424,70 @@ class Store:
                 os.fsync(f.fileno())
         return payload, records, torn
 
-    def delete(self, session_id: str) -> None:
+    def delete(self, session_id: str, tombstone: dict[str, str] | None = None) -> None:
+        """Remove the session's files (the rename into ``.deleted-*`` is the commit point).
+        A ``tombstone`` (the delete's idempotency key) is written into the directory before
+        that rename, so it is durable exactly when the delete is; it then moves to the
+        tombstone log (:meth:`tombstones`), where a retry after a restart finds it."""
         self.forget(session_id)
         d = self._dir(session_id)
         if d.exists():
             trash = self.sessions_dir / f".deleted-{session_id}-{os.getpid()}-{time.time_ns()}"
             try:
+                if tombstone is not None:
+                    write_atomic(d / TOMBSTONE, [json.dumps(tombstone).encode()], self.files)
+                else:
+                    (d / TOMBSTONE).unlink(missing_ok=True)
                 self.files.replace(d, trash)
                 self.files.fsync_dir(self.sessions_dir)
             except OSError as exc:
                 self._failed(f"deleting {session_id}", exc)
                 raise storage_failure(exc, "deleting the session's files") from None
-            shutil.rmtree(trash, ignore_errors=True)
+            self._bury(trash)
+
+    def _bury(self, trash: Path) -> None:
+        """Append a deleted session's tombstone (if any) to the tombstone log, then remove
+        its files; when the append fails they stay for the next :meth:`open` to retry."""
+        stone = trash / TOMBSTONE
+        if stone.exists():
+            try:
+                line = stone.read_bytes().strip() + b"\n"
+                path = self.root / TOMBSTONES
+                new = not path.exists()
+                with open(path, "a+b") as f:
+                    size = f.seek(0, os.SEEK_END)
+                    if size and os.pread(f.fileno(), 1, size - 1) != b"\n":
+                        line = b"\n" + line  # after a line a crash tore
+                    f.write(line)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if new:
+                    self.files.fsync_dir(self.root)
+            except OSError as exc:
+                log.error("could not log the tombstone of %s: %s", trash.name, exc)
+                return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def tombstones(self, keep: int) -> list[dict[str, str]]:
+        """The last ``keep`` tombstones of deletes (oldest first); the log is cut to them when
+        it holds more than twice as many. A line a crash tore is skipped."""
+        path = self.root / TOMBSTONES
+        try:
+            lines = path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return []
+        if len(lines) > 2 * keep:
+            lines = lines[-keep:]
+            write_atomic(path, [b"".join(ln + b"\n" for ln in lines)], self.files)
+        out = []
+        for line in lines[-keep:]:
+            try:
+                stone = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(stone, dict):
+                out.append({str(k): str(v) for k, v in stone.items()})
+        return out
 
     def forget(self, session_id: str) -> None:
         """Close the session's log (its records stay on disk)."""

@@ -130,6 +130,8 @@ class Proc:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    #: importing torch and warming up takes a few seconds, a minute on a loaded machine
+    ready_timeout_s: float = 180.0
 
     @property
     def url(self) -> str:
@@ -146,7 +148,7 @@ class Proc:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=full,
                                          stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + self.ready_timeout_s
         while True:
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:

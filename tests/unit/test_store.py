@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import inspect
+import json
 import os
 import time
 from collections.abc import Callable, Coroutine
@@ -324,6 +325,43 @@ def test_open_clears_interrupted_deletes(tmp_path: Path) -> None:
     st.open()
     st.close()
     assert os.listdir(tmp_path / "sessions") == []
+
+
+def test_a_keyed_delete_keeps_its_tombstone_whenever_the_delete_happened(tmp_path: Path
+                                                                        ) -> None:
+    def stone(key: str, sid: str) -> dict[str, str]:
+        return {"tenant": "t", "key": key, "fingerprint": "DELETE", "id": sid}
+
+    sessions = tmp_path / "sessions"
+    st = Store(tmp_path)
+    st.open()
+    for sid in ("a", "b", "c"):
+        st.write_snapshot(sid, b"snap")
+    st.delete("a", stone("k1", "a"))
+    st.close()
+    # a crash after the rename that deleted b, before its tombstone reached the log
+    (sessions / "b" / "tombstone").write_text(json.dumps(stone("k2", "b")))
+    os.replace(sessions / "b", sessions / ".deleted-b-1-2")
+    # a crash before the rename: c was not deleted, its tombstone means nothing
+    (sessions / "c" / "tombstone").write_text(json.dumps(stone("k3", "c")))
+    st = Store(tmp_path)
+    st.open()
+    try:
+        assert [t["key"] for t in st.tombstones(10)] == ["k1", "k2"]
+        assert st.tombstones(10)[0] == stone("k1", "a")
+        assert list(st.session_ids()) == ["c"] and not (sessions / "c" / "tombstone").exists()
+        for i in range(5):  # the log keeps the last ones
+            st.write_snapshot(f"x{i}", b"snap")
+            st.delete(f"x{i}", stone(f"x{i}", f"x{i}"))
+        assert [t["key"] for t in st.tombstones(3)] == ["x2", "x3", "x4"]
+        assert len((tmp_path / "tombstones.jsonl").read_bytes().splitlines()) == 3
+        with open(tmp_path / "tombstones.jsonl", "ab") as f:
+            f.write(b'{"tenant": "t", "ke')  # an append a crash tore
+        st.write_snapshot("y", b"snap")
+        st.delete("y", stone("y", "y"))
+        assert [t["key"] for t in st.tombstones(10)] == ["x2", "x3", "x4", "y"]
+    finally:
+        st.close()
 
 
 # --------------------------------------------------------------------------- engine restore

@@ -1,0 +1,548 @@
+"""Exactly once under retries, against a real ``python -m app`` on 127.0.0.1.
+
+- A sync round open when the server is killed: its waiting pushes fail, nothing was applied;
+  after the restart the same workers push again with the same ``Idempotency-Key``s, a third
+  worker joins, and exactly one step happens (torch with the mean of the three gradients); a
+  further retry of a key is answered (``replayed``) without stepping.
+- The SDK behind a TCP proxy that forwards a request, reads the server's whole answer and then
+  closes the client's connection without it: ``optserve.Client.step`` and
+  ``RemoteOptimizer.step`` retry with the same key and get the replayed answer (one step, equal
+  to torch after one step), also when the server is killed and restarted between the apply and
+  the retry; a cut create (no id given) makes one session, a cut delete answers without error.
+- A key repeated with another body is a 422 ``idempotency_key_reused``.
+- A retry that reaches the server while its original still runs (after a client-side timeout):
+  create (with and without an id), step and delete happen once and the retry gets the answer;
+  a sync push's retry joins its round, also when it arrives while that round's step is being
+  logged and applied.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import safetensors.torch
+import torch
+
+import optserve
+from tests.integration.test_durability import Proc, pull
+from tests.torch_reference import assert_tensors_equal
+
+pytestmark = pytest.mark.integration
+
+BINARY = "application/octet-stream"
+SHAPES = {"w": (3, 4), "b": (4,)}
+LR = 0.01
+Tensors = dict[str, torch.Tensor]
+
+
+def tensors(seed: int) -> Tensors:
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=gen) for n, s in SHAPES.items()}
+
+
+def adam_after(params: Tensors, *grads: Tensors) -> Tensors:
+    """``params`` after one torch Adam step per gradient."""
+    local = {n: t.clone() for n, t in params.items()}
+    opt = torch.optim.Adam(list(local.values()), lr=LR)
+    for g in grads:
+        for n, p in local.items():
+            p.grad = g[n].clone()
+        opt.step()
+    return local
+
+
+def sessions(c: httpx.Client) -> list[str]:
+    return sorted(s["id"] for s in c.get("/v1/sessions").json()["sessions"])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    p = Proc(tmp_path_factory.mktemp("once") / "data")
+    try:
+        yield p.start()
+    finally:
+        p.stop()
+
+
+def running(server: Proc) -> Proc:
+    if server.proc is None or server.proc.poll() is not None:  # a test before failed mid-kill
+        server.start()
+    return server
+
+
+# --------------------------------------------------------------------------- sync round at kill
+
+def push(url: str, sid: str, worker: str, key: str, grads: Tensors) -> httpx.Response:
+    with httpx.Client(base_url=url, timeout=120) as c:
+        return c.post(f"/v1/sessions/{sid}/step", content=safetensors.torch.save(grads),
+                      headers={"Content-Type": BINARY, "Accept": BINARY,
+                               "X-Optserve-Worker": worker, "Idempotency-Key": key})
+
+
+def push_all(url: str, sid: str, pushes: list[tuple[str, str, Tensors]]
+             ) -> list[httpx.Response | Exception]:
+    out: list[httpx.Response | Exception] = [RuntimeError("no answer")] * len(pushes)
+
+    def run(i: int) -> None:
+        try:
+            out[i] = push(url, sid, *pushes[i])
+        except httpx.TransportError as exc:
+            out[i] = exc
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(pushes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return out
+
+
+def test_a_sync_round_open_at_kill9_steps_once_after_the_restart(server: Proc) -> None:
+    server = running(server)
+    sid, p0 = "round", tensors(1)
+    g = {w: tensors(10 + i) for i, w in enumerate(("w1", "w2", "w3"))}
+    keys = {w: f"round-{w}-{time.time_ns()}" for w in g}
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        body = {"id": sid, "optimizer": "Adam", "options": {"lr": LR}, "sync": {"workers": 3},
+                "params": {n: {"dtype": "float32", "shape": list(t.shape),
+                               "data": t.reshape(-1).tolist()} for n, t in p0.items()}}
+        assert c.post("/v1/sessions", json=body).status_code == 201
+
+        # two of three workers push; their requests wait for the round
+        answers: list[httpx.Response | Exception] = []
+        waiting = threading.Thread(target=lambda: answers.extend(push_all(
+            server.url, sid, [(w, keys[w], g[w]) for w in ("w1", "w2")])))
+        waiting.start()
+        while c.get(f"/v1/sessions/{sid}").json()["sync"].get("pending") != ["w1", "w2"]:
+            assert waiting.is_alive(), answers
+            time.sleep(0.02)
+        server.kill9()
+        waiting.join(60)
+        assert len(answers) == 2 and all(isinstance(a, httpx.TransportError) for a in answers), \
+            answers
+
+    server.start()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        desc = c.get(f"/v1/sessions/{sid}").json()
+        assert (desc["version"], desc["sync"]["pending"]) == (0, [])  # never acknowledged
+        # the same two pushes again, same keys, and the third worker
+        answers = push_all(server.url, sid, [(w, keys[w], g[w]) for w in ("w1", "w2", "w3")])
+        mean = {n: g["w1"][n].clone().add_(g["w2"][n]).add_(g["w3"][n]).div_(3) for n in p0}
+        want = adam_after(p0, mean)
+        for a in answers:
+            assert isinstance(a, httpx.Response) and a.status_code == 200, a
+            assert a.headers["X-Optserve-Version"] == "1"
+            assert_tensors_equal(safetensors.torch.load(a.content), want, "round answer")
+        version, got = pull(c, sid)
+        assert version == 1
+        assert_tensors_equal(got, want, "after the round")
+
+        # a third retry of a key after the round: the same result, nothing stepped
+        again = push(server.url, sid, "w1", keys["w1"], g["w1"])
+        assert again.status_code == 200, again.text
+        assert again.headers["Idempotent-Replayed"] == "true"
+        assert again.headers["X-Optserve-Version"] == "1"
+        assert_tensors_equal(safetensors.torch.load(again.content), want, "replayed answer")
+        assert c.get(f"/v1/sessions/{sid}").json()["sync"]["pending"] == []
+        version, got = pull(c, sid)
+        assert version == 1
+        assert_tensors_equal(got, want, "after the replay")
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
+# --------------------------------------------------------------------------- the cutting proxy
+
+Cut = Callable[[bytes], bool]
+
+
+class CuttingProxy:
+    """A TCP proxy in front of the server, one request per connection (sent upstream with
+    ``Connection: close``, its whole answer relayed), except for the first request whose
+    request line matches what :meth:`arm` was given, and that request's retry:
+
+    - ``cut``: the request is forwarded, its answer read to the end, ``on_cut`` runs, and the
+      client's connection is closed without a byte of the answer; the retry is relayed;
+    - ``overlap``: the request is forwarded but for its last byte and the client's connection
+      closed; its retry likewise; then both last bytes go at once, so the server runs the two
+      at the same time (as after a client-side timeout); the retry's answer is relayed;
+    - ``late``: the request is forwarded and the client's connection closed at once (its answer
+      is read and dropped); the retry is held back but for its last byte until
+      :attr:`release` is set (:attr:`retry_held` says it is there)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = upstream_port
+        self.arm("relay", lambda _line: False)
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, mode: str, target: Cut, on_cut: Callable[[], None] | None = None) -> None:
+        self.mode, self.target, self.on_cut = mode, target, on_cut
+        self.seen: list[tuple[bytes, str | None]] = []  # request line, Idempotency-Key
+        self.answers_dropped: list[bytes] = []
+        self.held: socket.socket | None = None
+        self.retry_held, self.release = threading.Event(), threading.Event()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            request = _read_request(conn)
+            if request is None:
+                return
+            head, body = request
+            line, _, rest = head.partition(b"\r\n")
+            headers = [h for h in rest.split(b"\r\n")
+                       if h and not h.lower().startswith(b"connection:")]
+            key = next((h.split(b":", 1)[1].strip().decode() for h in headers
+                        if h.lower().startswith(b"idempotency-key:")), None)
+            self.seen.append((line, key))
+            upstream = b"\r\n".join([line, *headers, b"Connection: close"]) + b"\r\n\r\n" + body
+            if self.mode != "relay" and self.target(line):
+                {"cut": self._cut, "overlap": self._overlap, "late": self._late}[self.mode](
+                    conn, upstream)
+                return
+            with socket.create_connection(("127.0.0.1", self.upstream)) as up:
+                up.sendall(upstream)
+                conn.sendall(_read_to_end(up))
+
+    def _cut(self, conn: socket.socket, upstream: bytes) -> None:
+        self.mode = "relay"
+        with socket.create_connection(("127.0.0.1", self.upstream)) as up:
+            up.sendall(upstream)
+            self.answers_dropped.append(_read_to_end(up))
+        if self.on_cut is not None:
+            self.on_cut()
+
+    def _overlap(self, conn: socket.socket, upstream: bytes) -> None:
+        up = socket.create_connection(("127.0.0.1", self.upstream))
+        up.sendall(upstream[:-1])
+        if self.held is None:  # the original: held back, its client left without an answer
+            self.held = up
+            return
+        self.mode, held = "relay", self.held
+        with held, up:
+            held.sendall(upstream[-1:])
+            up.sendall(upstream[-1:])
+            self.answers_dropped.append(_read_to_end(held))
+            conn.sendall(_read_to_end(up))
+
+    def _late(self, conn: socket.socket, upstream: bytes) -> None:
+        up = socket.create_connection(("127.0.0.1", self.upstream))
+        if self.held is None:  # the original: its answer is read in the background, dropped
+            self.held = up
+            up.sendall(upstream)
+
+            def drop() -> None:
+                with up:
+                    self.answers_dropped.append(_read_to_end(up))
+            threading.Thread(target=drop, daemon=True).start()
+            return
+        self.mode = "relay"
+        with up:
+            up.sendall(upstream[:-1])
+            self.retry_held.set()
+            self.release.wait(300)
+            up.sendall(upstream[-1:])
+            conn.sendall(_read_to_end(up))
+
+
+def _read_request(conn: socket.socket) -> tuple[bytes, bytes] | None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for h in head.split(b"\r\n")[1:]:
+        name, _, value = h.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        body += chunk
+    return head, body
+
+
+def _read_to_end(sock: socket.socket) -> bytes:
+    parts = []
+    while chunk := sock.recv(65536):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def is_step(line: bytes) -> bool:
+    return line.startswith(b"POST ") and b"/step" in line
+
+
+def is_create(line: bytes) -> bool:
+    return line.startswith(b"POST /v1/sessions ")
+
+
+def is_delete(line: bytes) -> bool:
+    return line.startswith(b"DELETE ")
+
+
+@pytest.fixture
+def proxy(server: Proc) -> Iterator[CuttingProxy]:
+    p = CuttingProxy(running(server).port)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def assert_retried_once_with_the_same_key(proxy: CuttingProxy, what: Cut) -> None:
+    """The cut request went twice, with one key, and its first answer was a success."""
+    hits = [key for line, key in proxy.seen if what(line)]
+    assert len(hits) == 2 and hits[0] is not None and hits[0] == hits[1], proxy.seen
+    assert len(proxy.answers_dropped) == 1
+    assert proxy.answers_dropped[0].split(b" ", 2)[1].startswith(b"2"), proxy.answers_dropped
+
+
+# --------------------------------------------------------------------------- SDK retries
+
+def test_sdk_step_cut_after_the_apply_is_answered_not_applied_again(
+        server: Proc, proxy: CuttingProxy) -> None:
+    p0, g = tensors(2), tensors(3)
+    with optserve.Client(proxy.url, timeout=60) as client:
+        sid = client.create_session("Adam", dict(p0), options={"lr": LR}).id
+        proxy.arm("cut", is_step)
+        result = client.step(sid, g)
+        assert_retried_once_with_the_same_key(proxy, is_step)
+        assert (result.version, result.step, result.replayed) == (1, 1, True)
+        want = adam_after(p0, g)
+        assert result.params is not None
+        assert_tensors_equal(dict(result.params), want, "SDK step answer")
+        info = client.get_session(sid)
+        assert (info.version, info.step) == (1, 1)
+        assert_tensors_equal(dict(client.get_params(sid).params), want, "server params")
+        client.delete_session(sid)
+
+
+def test_remote_optimizer_step_cut_after_the_apply_steps_once(
+        server: Proc, proxy: CuttingProxy) -> None:
+    p0, g = tensors(4), tensors(5)
+    model = {n: t.clone().requires_grad_() for n, t in p0.items()}
+    with optserve.Client(proxy.url, timeout=60) as client:
+        opt = optserve.RemoteOptimizer(list(model.items()), "Adam", client=client, lr=LR)
+        for n, p in model.items():
+            p.grad = g[n].clone()
+        proxy.arm("cut", is_step)
+        opt.step()
+        assert_retried_once_with_the_same_key(proxy, is_step)
+        want = adam_after(p0, g)
+        assert_tensors_equal({n: p.detach() for n, p in model.items()}, want, "local params")
+        assert opt.version == 1
+        info = client.get_session(opt.session_id)
+        assert (info.version, info.step) == (1, 1)
+        opt.close(delete_session=True)
+
+
+def test_sdk_step_retried_after_a_kill9_and_restart_is_answered(
+        server: Proc, proxy: CuttingProxy) -> None:
+    p0, g = tensors(6), tensors(7)
+
+    def restart() -> None:
+        server.kill9()
+        server.start()
+    # the client waits while the server restarts: a minute on a loaded machine
+    with optserve.Client(proxy.url, timeout=300) as client:
+        sid = client.create_session("Adam", dict(p0), options={"lr": LR}).id
+        proxy.arm("cut", is_step, restart)
+        first_pid = server.proc.pid if server.proc else None
+        result = client.step(sid, g)
+        assert server.proc is not None and server.proc.pid != first_pid
+        assert_retried_once_with_the_same_key(proxy, is_step)
+        assert (result.version, result.replayed) == (1, True)
+        want = adam_after(p0, g)
+        assert result.params is not None
+        assert_tensors_equal(dict(result.params), want, "answer after the restart")
+        info = client.get_session(sid)
+        assert (info.version, info.step) == (1, 1)
+        assert_tensors_equal(dict(client.get_params(sid).params), want, "server params")
+        client.delete_session(sid)
+
+
+def test_sdk_create_and_delete_cut_after_the_apply(server: Proc, proxy: CuttingProxy) -> None:
+    with optserve.Client(proxy.url, timeout=60) as client, \
+            httpx.Client(base_url=server.url, timeout=60) as c:
+        before = sessions(c)
+        proxy.arm("cut", is_create)
+        info = client.create_session("Adam", tensors(8), options={"lr": LR})  # no id given
+        assert_retried_once_with_the_same_key(proxy, is_create)
+        assert sessions(c) == sorted([*before, info.id])  # one session, not two
+        proxy.arm("cut", is_delete)
+        client.delete_session(info.id)  # the retry finds it gone: answered, no NotFoundError
+        assert_retried_once_with_the_same_key(proxy, is_delete)
+        assert sessions(c) == before
+
+
+def test_a_key_repeated_with_another_request_is_422(server: Proc) -> None:
+    server = running(server)
+    p0 = tensors(9)
+    with httpx.Client(base_url=server.url, timeout=60) as c, \
+            optserve.Client(server.url) as client:
+        sid = client.create_session("Adam", dict(p0), options={"lr": LR}).id
+        headers = {"Content-Type": BINARY, "Idempotency-Key": f"k-{time.time_ns()}"}
+
+        def step(g: Tensors, **extra: Any) -> httpx.Response:
+            return c.post(f"/v1/sessions/{sid}/step", content=safetensors.torch.save(g),
+                          headers={**headers, **extra})
+        g1, g2 = tensors(10), tensors(11)
+        assert step(g1).status_code == 200
+        for r in (step(g2), step(g1, **{"X-Optserve-Worker": "w9"})):
+            assert r.status_code == 422 and r.json()["code"] == "idempotency_key_reused", r.text
+        r = step(g1)
+        assert r.status_code == 200 and r.headers["Idempotent-Replayed"] == "true"
+        version, got = pull(c, sid)
+        assert version == 1
+        assert_tensors_equal(got, adam_after(p0, g1), "one step")
+        # a create's key is tenant-wide: another body under it is refused too
+        key = {"Idempotency-Key": f"c-{time.time_ns()}"}
+        body = {"optimizer": "SGD", "options": {"lr": 0.1},
+                "params": {"w": {"dtype": "float32", "shape": [1], "data": [1.0]}}}
+        made = c.post("/v1/sessions", json=body, headers=key)
+        assert made.status_code == 201
+        assert c.post("/v1/sessions", json=body, headers=key).json()["id"] == made.json()["id"]
+        body["options"] = {"lr": 0.2}
+        r = c.post("/v1/sessions", json=body, headers=key)
+        assert r.status_code == 422 and r.json()["code"] == "idempotency_key_reused", r.text
+        for s in (sid, made.json()["id"]):
+            assert c.delete(f"/v1/sessions/{s}").status_code == 204
+
+
+@pytest.mark.parametrize("op", ["create", "create-with-id", "step", "delete"])
+def test_sdk_retry_running_alongside_its_original_is_answered_once(
+        server: Proc, proxy: CuttingProxy, op: str) -> None:
+    """The retry reaches the server while the original still runs (as after a client-side
+    timeout): one operation all the same, and the retry gets its answer, not an error."""
+    p0, g = tensors(12), tensors(13)
+    what = {"create": is_create, "create-with-id": is_create, "step": is_step,
+            "delete": is_delete}
+    with optserve.Client(proxy.url, timeout=60) as client, \
+            httpx.Client(base_url=server.url, timeout=60) as c:
+        before = sessions(c)
+        sid = f"overlap-{time.time_ns()}"
+        if op in ("step", "delete"):
+            client.create_session("Adam", dict(p0), options={"lr": LR}, id=sid)
+            before = sessions(c)
+        proxy.arm("overlap", what[op])
+        if op.startswith("create"):
+            info = client.create_session("Adam", dict(p0), options={"lr": LR},
+                                         id=sid if op == "create-with-id" else None)
+            sid = info.id
+            assert sessions(c) == sorted([*before, sid])  # one session, not two
+        elif op == "step":
+            result = client.step(sid, g)
+            assert result.version == 1
+            version, got = pull(c, sid)
+            assert version == 1
+            assert_tensors_equal(got, adam_after(p0, g), "one step")
+        else:
+            client.delete_session(sid)
+            assert sessions(c) == sorted(set(before) - {sid})
+        hits = [key for line, key in proxy.seen if what[op](line)]
+        assert len(hits) == 2 and hits[0] == hits[1] and len(proxy.answers_dropped) == 1, \
+            (proxy.seen, proxy.answers_dropped)
+        if op != "delete":
+            assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
+def test_sync_push_retried_alongside_its_original_joins_its_round(
+        server: Proc, proxy: CuttingProxy) -> None:
+    """A worker's push and its retry reach the server together: one push in the round, one
+    step with both workers' mean, the same answer to the retry."""
+    p0, g1, g2 = tensors(14), tensors(15), tensors(16)
+    out: dict[str, Any] = {}
+    with optserve.Client(proxy.url, timeout=60) as client, \
+            httpx.Client(base_url=server.url, timeout=60) as c:
+        sid = client.create_session("Adam", dict(p0), options={"lr": LR},
+                                    sync={"workers": 2}).id
+        proxy.arm("overlap", is_step)
+
+        def worker1() -> None:
+            try:
+                out["w1"] = client.step(sid, g1, worker="w1")
+            except optserve.OptserveError as exc:
+                out["w1"] = exc
+        t = threading.Thread(target=worker1)
+        t.start()
+        while len([1 for line, _ in proxy.seen if is_step(line)]) < 2 or \
+                c.get(f"/v1/sessions/{sid}").json()["sync"]["pending"] != ["w1"]:
+            assert t.is_alive(), out
+            time.sleep(0.02)
+        w2 = push(server.url, sid, "w2", f"w2-{time.time_ns()}", g2)
+        t.join(120)
+        assert w2.status_code == 200, w2.text
+        result = out["w1"]
+        assert isinstance(result, optserve.StepResult), result
+        assert result.version == 1 and result.sync is not None
+        assert result.sync["workers"] == ["w1", "w2"]
+        want = adam_after(p0, {n: g1[n].clone().add_(g2[n]).div_(2) for n in p0})
+        version, got = pull(c, sid)
+        assert version == 1
+        assert_tensors_equal(got, want, "one round")
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
+def test_sync_push_retried_while_its_round_steps_is_answered_by_that_step(
+        server: Proc, proxy: CuttingProxy) -> None:
+    """The retry of a worker's push arrives after the round closed, while its step is being
+    logged and applied: it gets that step's answer; it does not join the next round."""
+    gen = torch.Generator().manual_seed(17)
+    p0, g1, g2 = ({"w": torch.randn(1 << 22, generator=gen)} for _ in range(3))
+    out: dict[str, Any] = {}
+    with optserve.Client(proxy.url, timeout=60) as client, \
+            httpx.Client(base_url=server.url, timeout=60) as c:
+        sid = client.create_session("Adam", dict(p0), options={"lr": LR},
+                                    sync={"workers": 2, "timeout_s": 10}).id
+        proxy.arm("late", is_step)
+
+        def worker1() -> None:
+            try:
+                out["w1"] = client.step(sid, g1, worker="w1", return_params=False)
+            except optserve.OptserveError as exc:
+                out["w1"] = exc
+        t = threading.Thread(target=worker1)
+        t.start()
+        assert proxy.retry_held.wait(120)
+        assert c.get(f"/v1/sessions/{sid}").json()["sync"]["pending"] == ["w1"]
+        w2: list[httpx.Response] = []
+        t2 = threading.Thread(target=lambda: w2.append(push(server.url, sid, "w2", "w2-key",
+                                                            g2)))
+        t2.start()
+        while c.get(f"/v1/sessions/{sid}").json()["sync"]["pending"] == ["w1"]:
+            time.sleep(0.002)
+        proxy.release.set()  # the round is closed: its step is being logged and applied
+        t.join(120)
+        t2.join(120)
+        assert w2 and w2[0].status_code == 200, w2
+        result = out["w1"]
+        assert isinstance(result, optserve.StepResult), result
+        assert result.version == 1 and result.sync is not None
+        assert result.sync["workers"] == ["w1", "w2"]
+        assert c.get(f"/v1/sessions/{sid}").json()["sync"]["pending"] == []
+        version, got = pull(c, sid)
+        assert version == 1
+        want = adam_after(p0, {"w": g1["w"].clone().add_(g2["w"]).div_(2)})
+        assert_tensors_equal(got, want, "one round")
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204
