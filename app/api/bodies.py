@@ -172,10 +172,11 @@ def negotiate(request: Request, offered: tuple[str, ...]) -> str:
                         field="accept")
 
 
-def check_accept(request: Request) -> None:
+async def check_accept(request: Request) -> None:
     """A router dependency: 406 before any work when ``Accept`` takes none of the media types
     the matched operation answers with (``app.api.openapi_docs.OPERATIONS``: JSON, or JSON and
-    safetensors, ...). Problem+json errors go out whatever ``Accept`` says."""
+    safetensors, ...). Problem+json errors go out whatever ``Accept`` says. ``async`` so that
+    FastAPI does not hop to its thread pool for it on every request."""
     route = request.scope.get("route")
     op = OPERATIONS.get((request.method.lower(), getattr(route, "path", "")))
     if op is not None and op.produces:
