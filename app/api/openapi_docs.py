@@ -177,6 +177,24 @@ SCHEMAS: dict[str, Any] = {
               "description": "Gradients by parameter name; a parameter left out has no "
                              "gradient this step (torch skips it).",
               "example": {"grads": {"x": {"dtype": "float32", "shape": [1], "data": [16.0]}}}},
+    "StepBody": {"type": "object",
+                 "properties": {
+                     "grads": _ref("Tensors"),
+                     "param_groups": {
+                         "description": "option changes made atomically with this step, by "
+                                        "group index (an object keyed by index, or a list; "
+                                        "validated like PATCH .../param_groups/{i}: a "
+                                        "refused option fails the whole step)",
+                         "oneOf": [{"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
+                                    "additionalProperties": {"type": "object"}},
+                                   {"type": "array", "items": {"type": ["object", "null"]}}]},
+                 },
+                 "additionalProperties": False,
+                 "description": "Gradients by parameter name (a parameter left out has no "
+                                "gradient this step), and option changes for the step.",
+                 "example": {"grads": {"x": {"dtype": "float32", "shape": [1],
+                                             "data": [16.0]}},
+                             "param_groups": {"0": {"lr": 0.05}}}},
     "ParamsBody": {"type": "object", "required": ["params"],
                    "properties": {"params": _ref("ParamTensors")},
                    "additionalProperties": False,
@@ -222,6 +240,13 @@ SCHEMAS: dict[str, Any] = {
                              "device": {"type": "string"},
                              "refused": {"type": "array", "items": {"type": "object"}}}},
     "Object": {"type": "object", "additionalProperties": True},
+    "Transport": {"type": "object", "required": ["local"],
+                  "description": "The same-host transport's Unix socket: told only to "
+                                 "clients on the server's machine (null otherwise)",
+                  "properties": {"local": _nullable({
+                      "type": "object", "required": ["socket", "protocol"],
+                      "properties": {"socket": {"type": "string"},
+                                     "protocol": {"type": "integer"}}})}},
 }
 
 # ----------------------------------------------------------------------------- headers
@@ -241,6 +266,11 @@ RESPONSE_HEADERS: dict[str, Any] = {
                         "schema": {"type": "string", "pattern": "^[0-9]+$"}},
     "Location": {"description": "the new session's URL path",
                  "schema": {"type": "string", "example": "/v1/sessions/seed"}},
+    "Idempotent-Replayed": {"description": "true: the answer to a repeated Idempotency-Key "
+                                           "(nothing was applied again)",
+                            "schema": {"type": "string", "enum": ["true"]}},
+    "Retry-After": {"description": "seconds to wait before retrying (503)",
+                    "schema": {"type": "string", "pattern": "^[0-9]+$"}},
 }
 _VERSION_HEADERS = ("ETag", "X-Optserve-Version", "X-Optserve-Step")
 
@@ -261,6 +291,15 @@ HEADERS: dict[str, dict[str, Any]] = {
 }
 # Query parameters the routes read themselves.
 QUERY: dict[str, dict[str, Any]] = {
+    "upcast": {
+        "name": "upcast", "in": "query", "required": False,
+        "description": "accept float16/bfloat16 gradients for float32/float64 parameters "
+                       "(widened once on the device; the session keeps its precision)",
+        "schema": {"type": "boolean", "default": False}},
+    "params_dtype": {
+        "name": "params_dtype", "in": "query", "required": False,
+        "description": "send the parameters back narrowed to this dtype",
+        "schema": {"type": "string", "enum": ["float16", "bfloat16"]}},
     "encoding": {
         "name": "encoding", "in": "query", "required": False,
         "description": "tensors in a JSON answer: flat `data` lists (default) or base64 `b64`",
@@ -294,10 +333,24 @@ PROBLEMS: dict[str, str] = {
 # --------------------------------------------- what every mutating operation shares (1 line)
 #: request headers every POST/PUT/PATCH/DELETE reads (parameter objects), e.g.
 #:   {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {...}}
-MUTATING_HEADERS: list[dict[str, Any]] = []
+MUTATING_HEADERS: list[dict[str, Any]] = [
+    {"name": "Idempotency-Key", "in": "header", "required": False,
+     "description": "makes the request safe to retry: a repeat of a key the session already "
+                    "applied is answered with the original result (Idempotent-Replayed: "
+                    "true), not applied again, also after a restart; a repeat with another "
+                    "request is a 422 idempotency_key_reused",
+     "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"}},
+]
 #: problem statuses every POST/PUT/PATCH/DELETE may answer: {status: description}, e.g.
 #:   "507": "The data directory is full"
-MUTATING_PROBLEMS: dict[str, str] = {}
+MUTATING_PROBLEMS: dict[str, str] = {
+    "500": "apply_failed: the operation failed on the server after it began; the session was "
+           "rebuilt from its store as it was before",
+    "503": "Nothing was applied, retry after Retry-After: storage_error (an I/O error), "
+           "session_damaged",
+    "507": "storage_full: the operation's log record did not fit on the disk; nothing was "
+           "applied",
+}
 
 
 @dataclass(frozen=True)
@@ -336,16 +389,18 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("get", "/v1/optimizers"): Op("listOptimizers"),
     ("get", "/v1/schedulers"): Op("listSchedulers"),
     ("get", "/v1/sessions"): Op("listSessions", ok="SessionList"),
+    ("get", "/v1/transport"): Op("transport", ok="Transport"),
     ("post", "/v1/sessions"): Op("createSession", "CreateSession", body_binary=True,
                                  ok="Session", versioned=True, links=True),
     ("get", S): Op("getSession", ok="Session", versioned=True),
     ("delete", S): Op("deleteSession", ok=None),
     ("patch", S): Op("configureSession", "PsOptions", ok="Session", versioned=True),
-    ("post", f"{S}/step"): Op("step", "Grads", body_binary=True, ok="StepResult",
-                              ok_binary=True, versioned=True, query=("encoding",),
+    ("post", f"{S}/step"): Op("step", "StepBody", body_binary=True, ok="StepResult",
+                              ok_binary=True, versioned=True,
+                              query=("encoding", "upcast", "params_dtype"),
                               headers=("X-Optserve-Worker", "If-Match")),
     ("post", f"{S}/grads"): Op("pushGrads", "Grads", body_binary=True, ok="Version",
-                               versioned=True),
+                               versioned=True, query=("upcast",)),
     ("post", f"{S}/zero_grad"): Op("zeroGrad", ok="Version", versioned=True),
     ("get", f"{S}/params"): Op("getParams", ok="Params", ok_binary=True, versioned=True,
                                query=("encoding",), headers=("If-None-Match",)),
@@ -383,7 +438,7 @@ def _request_body(op: Op) -> dict[str, Any]:
     return {"required": not op.body_optional, "content": content}
 
 
-def _success(op: Op) -> dict[str, Any]:
+def _success(op: Op, method: str) -> dict[str, Any]:
     out: dict[str, Any] = {"description": "OK"}
     if op.ok is not None:
         content: dict[str, Any] = {JSON: {"schema": _ref(op.ok)}}
@@ -393,6 +448,8 @@ def _success(op: Op) -> dict[str, Any]:
     elif op.ok_media is not None:
         out["content"] = {op.ok_media: {"schema": {"type": "string"}}}
     names = ("X-Request-Id",) + (_VERSION_HEADERS if op.versioned else ())
+    if method in MUTATING:
+        names += ("Idempotent-Replayed",)
     if op.id == "createSession":
         names += ("Location",)
     out["headers"] = _headers(names)
@@ -413,7 +470,7 @@ def _document(op: Op, method: str, path: str, doc_op: dict[str, Any]) -> None:
     responses: dict[str, Any] = doc_op.setdefault("responses", {})
     responses.pop("422", None)  # FastAPI's HTTPValidationError: ours is a Problem
     code = next((k for k in responses if k.startswith("2")), "200")
-    responses[code] = _success(op)
+    responses[code] = _success(op, method)
     params: list[dict[str, Any]] = doc_op.setdefault("parameters", [])
     params.extend(QUERY[q] for q in op.query)
     params.extend(HEADERS[h] for h in op.headers)
@@ -430,6 +487,8 @@ def _document(op: Op, method: str, path: str, doc_op: dict[str, Any]) -> None:
         problems.update(MUTATING_PROBLEMS)
     for status, text in sorted(problems.items()):
         responses.setdefault(status, _problem(text))
+        if status == "503":
+            responses[status]["headers"] = _headers(("X-Request-Id", "Retry-After"))
     if op.id == "getParams":
         responses["304"] = {"description": "Not modified (If-None-Match names the current "
                                            "version)",

@@ -14,7 +14,7 @@ import torch
 
 from app.__main__ import main as app_main
 from app.config import DEFAULT_TENANT, ConfigError, load_settings
-from app.engine import embedded
+from app.engine import front as embedded
 
 pytestmark = pytest.mark.integration
 

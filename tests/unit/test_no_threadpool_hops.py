@@ -30,7 +30,7 @@ def test_every_dependency_and_endpoint_is_async() -> None:
         if not isinstance(route, APIRoute):
             continue
         for call in callables(route.dependant):
-            target = getattr(call, "__call__", call) if not inspect.isfunction(call) else call
+            target = call if inspect.isfunction(call) else type(call).__call__
             if not (inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(target)):
                 sync.append(f"{route.path} {getattr(call, '__name__', call)}")
     assert sync == [], sync
