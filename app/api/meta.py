@@ -51,7 +51,11 @@ async def transport(request: Request) -> Response:
     client = request.client.host if request.client is not None else ""
     if local is None or local.path is None or client not in _LOOPBACK:
         return json_response({"local": None})
-    return json_response({"local": {"socket": str(local.path), "protocol": 1}})
+    server = request.scope.get("server")
+    port = server[1] if isinstance(server, (tuple, list)) and len(server) == 2 else None
+    # the port this connection reached: a client that dialled another one (a proxy on this
+    # machine stands between) keeps to HTTP in its "auto" mode, so the proxy sees every step
+    return json_response({"local": {"socket": str(local.path), "protocol": 1, "port": port}})
 
 
 @router.get("/v1/optimizers", tags=["catalogue"], summary="Optimizers and their defaults")

@@ -246,7 +246,12 @@ SCHEMAS: dict[str, Any] = {
                   "properties": {"local": _nullable({
                       "type": "object", "required": ["socket", "protocol"],
                       "properties": {"socket": {"type": "string"},
-                                     "protocol": {"type": "integer"}}})}},
+                                     "protocol": {"type": "integer"},
+                                     "port": _nullable({
+                                         "type": "integer",
+                                         "description": "the TCP port this request reached "
+                                                        "(a client that dialled another one "
+                                                        "talks through a proxy)"})}})}},
 }
 
 # ----------------------------------------------------------------------------- headers
@@ -291,6 +296,15 @@ HEADERS: dict[str, dict[str, Any]] = {
 }
 # Query parameters the routes read themselves.
 QUERY: dict[str, dict[str, Any]] = {
+    "return": {
+        "name": "return", "in": "query", "required": False,
+        "description": "params: the updated parameters come back; none: only version, step "
+                       "and lr",
+        "schema": {"type": "string", "enum": ["params", "none"], "default": "params"}},
+    "base_version": {
+        "name": "base_version", "in": "query", "required": False,
+        "description": "the version the gradients were computed from (or If-Match)",
+        "schema": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}},
     "upcast": {
         "name": "upcast", "in": "query", "required": False,
         "description": "accept float16/bfloat16 gradients for float32/float64 parameters "
@@ -397,7 +411,8 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("patch", S): Op("configureSession", "PsOptions", ok="Session", versioned=True),
     ("post", f"{S}/step"): Op("step", "StepBody", body_binary=True, ok="StepResult",
                               ok_binary=True, versioned=True,
-                              query=("encoding", "upcast", "params_dtype"),
+                              query=("return", "base_version", "encoding", "upcast",
+                                     "params_dtype"),
                               headers=("X-Optserve-Worker", "If-Match")),
     ("post", f"{S}/grads"): Op("pushGrads", "Grads", body_binary=True, ok="Version",
                                versioned=True, query=("upcast",)),

@@ -6,6 +6,7 @@ import io
 import math
 import re
 import zipfile
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -249,3 +250,40 @@ def step_options(value: object) -> dict[int, dict[str, Any]] | None:
         if options:
             out[index] = options
     return out or None
+
+
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True,
+          "false": False, "0": False, "no": False, "off": False}
+
+
+@dataclass(frozen=True)
+class StepQuery:
+    """The step's query string, read by hand (the step route solves no FastAPI dependencies):
+    ``return`` (params | none), ``base_version`` (an integer >= 0), ``upcast`` (a boolean),
+    ``params_dtype`` (float16 | bfloat16)."""
+
+    return_params: bool = True
+    base_version: int | None = None
+    upcast: bool = False
+    params_dtype: torch.dtype | None = None
+
+    @classmethod
+    def parse(cls, request: Any) -> StepQuery:
+        q = request.query_params
+        ret = q.get("return", "params")
+        if ret not in ("params", "none"):
+            raise Invalid("return must be params or none", code="invalid_query",
+                          field="return")
+        base = q.get("base_version")
+        if base is not None and not (base.isdigit() and len(base) <= 18):
+            raise Invalid("base_version must be an integer >= 0", code="invalid_query",
+                          field="base_version")
+        upcast = q.get("upcast", "false").lower()
+        if upcast not in _BOOLS:
+            raise Invalid("upcast must be true or false", code="invalid_query", field="upcast")
+        narrow = q.get("params_dtype")
+        if narrow is not None and narrow not in ("float16", "bfloat16"):
+            raise Invalid("params_dtype must be float16 or bfloat16", code="invalid_query",
+                          field="params_dtype")
+        return cls(ret == "params", None if base is None else int(base), _BOOLS[upcast],
+                   None if narrow is None else getattr(torch, narrow))

@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from app.api import conditions
 from app.api import requests as parse
+from app.api.auth import tenant_of
 from app.api.bodies import (
     BINARY,
     answer_in_place,
@@ -32,9 +33,9 @@ from app.api.bodies import (
 from app.api.conditions import idempotency
 from app.api.deps import EngineDep, SettingsDep, TenantDep
 from app.api.instrument import metrics_of, outcome, phase
-from app.engine.interface import SessionInfo
+from app.api.requests import StepQuery
+from app.engine.interface import Engine, SessionInfo
 from app.errors import Invalid
-from app.wire.dtypes import TORCH_DTYPES
 from app.wire.safetensors_body import read_safetensors, write_safetensors
 from app.wire.tree import tree_to_json, tree_to_safetensors
 
@@ -117,38 +118,31 @@ async def delete_session(
 
 
 @router.post("/{session_id}/step", summary="Apply gradients (plus any accumulated) and step")
-async def step(
-    session_id: SessionId,
-    request: Request,
-    engine: EngineDep, tenant: TenantDep,
-    settings: SettingsDep,
-    return_: Annotated[str, Query(alias="return", pattern="^(params|none)$")] = "params",
-    base_version: Annotated[int | None, Query(ge=0, description="version the gradients were "
-                                              "computed from (or If-Match)")] = None,
-    upcast: Annotated[bool, Query(description="accept float16/bfloat16 gradients for "
-                                  "float32/float64 parameters (widened on the device)")] = False,
-    params_dtype: Annotated[str | None, Query(pattern="^(float16|bfloat16)$",
-                                              description="send the parameters back narrowed "
-                                              "to this dtype")] = None,
-) -> Response:
-    with outcome(metrics_of(request), metrics_of(request).steps, session_id) as counted:
+async def step(session_id: SessionId, request: Request) -> Response:
+    """The hot path: its query is read by hand (``StepQuery``, documented in
+    ``openapi_docs.QUERY``) and the engine, tenant and settings taken from the app, so FastAPI
+    solves no dependencies per step."""
+    engine: Engine = request.app.state.engine
+    metrics = metrics_of(request)
+    with outcome(metrics, metrics.steps, session_id) as counted:
+        query = StepQuery.parse(request)
         binary, b64 = wants_binary(request), tensor_encoding(request)
         worker = conditions.worker_id(request)
-        base = conditions.base_version(request, base_version)
+        base = conditions.base_version(request, query.base_version)
         with phase(request, "decode"):
-            grads, fields, buf = await read_tensors(request, _max_bytes(settings), "grads",
-                                                    STEP_FIELDS)
+            grads, fields, buf = await read_tensors(
+                request, _max_bytes(request.app.state.settings), "grads", STEP_FIELDS)
             options = parse.step_options(fields.get("param_groups"))
             idem = await idempotency(request, buf)
             # a binary answer of every parameter can be written over the spent gradients
-            in_place = (answer_in_place(grads, buf) if binary and return_ == "params"
-                        and body_kind(request) == "binary" and not upcast
-                        and params_dtype is None else None)
-        result = await engine.step(session_id, grads, return_params=return_ == "params",
-                                   worker=worker, base_version=base, tenant=tenant, idem=idem,
-                                   options=options, upcast=upcast,
-                                   params_dtype=TORCH_DTYPES[params_dtype] if params_dtype
-                                   else None, params_into=in_place)
+            in_place = (answer_in_place(grads, buf) if binary and query.return_params
+                        and body_kind(request) == "binary" and not query.upcast
+                        and query.params_dtype is None else None)
+        result = await engine.step(session_id, grads, return_params=query.return_params,
+                                   worker=worker, base_version=base,
+                                   tenant=tenant_of(request.scope), idem=idem, options=options,
+                                   upcast=query.upcast, params_dtype=query.params_dtype,
+                                   params_into=in_place)
         if result.skipped:
             counted["outcome"] = "skipped"
         with phase(request, "encode"):

@@ -140,7 +140,8 @@ class UpdateParamGroup(Operation):
     options: dict[str, Any]
 
     def check(self, s: Session) -> dict[str, Any]:
-        return check_group_changes(s, {self.index: self.options})[self.index]
+        return check_group_changes(s, {self.index: self.options},
+                                   index_field="index")[self.index]
 
     def apply(self, s: Session, plan: dict[str, Any]) -> SessionInfo:
         s.optimizer.param_groups[self.index].update(plan)
@@ -155,10 +156,12 @@ class UpdateParamGroup(Operation):
 
 
 def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
-                        prefix: str = "param_groups") -> dict[int, dict[str, Any]]:
+                        prefix: str = "param_groups",
+                        index_field: str | None = None) -> dict[int, dict[str, Any]]:
     """Option changes for some groups (by index), validated with torch's own constructor
     checks on each whole resulting group, whatever it held before, and against the dtype of
-    its parameters; the constructor values to set, by index."""
+    its parameters; the constructor values to set, by index. ``index_field`` names where an
+    unknown index came from (``PATCH``: its path's ``index``), else ``prefix.index``."""
     groups = s.optimizer.param_groups
     current = s.group_options()
     proposed = [dict(g) for g in current]
@@ -168,7 +171,7 @@ def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
         if type(index) is not int or not 0 <= index < len(groups):
             raise Invalid(f"param group {index} does not exist; this session has "
                           f"{len(groups)}", code="unknown_param_group",
-                          field=f"{prefix}.{index}")
+                          field=index_field or f"{prefix}.{index}")
         where = f"{prefix}.{index}"
         opts = optimizers.normalize_options(s.cls, options, where, current[index])
         proposed[index].update(opts)

@@ -59,7 +59,8 @@ class Client(SyncAPIClient):
             closed by :meth:`close`.
         transport: how steps travel: ``"auto"`` (the default) uses the server's same-host
             shared-memory transport when the server runs on this machine (a loopback
-            ``base_url`` whose ``GET /v1/transport`` names a socket this process can open),
+            ``base_url`` whose ``GET /v1/transport`` names a socket this process can open,
+            and whose port is the server's own: through a proxy, every step stays on it),
             else HTTP; ``"http"`` always HTTP; ``"local"`` requires the same-host transport.
     """
 
@@ -85,7 +86,8 @@ class Client(SyncAPIClient):
         if self._local is not None or self._local_checked:
             return self._local
         self._local_checked = True
-        host = httpx.URL(self.base_url).host
+        url = httpx.URL(self.base_url)
+        host = url.host
         if host not in ("127.0.0.1", "localhost", "::1"):
             if self.transport == "local":
                 raise LocalUnavailable(f"{self.base_url} is not on this machine")
@@ -94,6 +96,11 @@ class Client(SyncAPIClient):
             advertised = self._request(_api.transport()).get("local")
             if not advertised:
                 raise LocalUnavailable("the server offers no same-host transport")
+            port = advertised.get("port")
+            if self.transport == "auto" and isinstance(port, int) and url.port is not None \
+                    and port != url.port:
+                # base_url is a proxy on this machine, not the server: keep every step on it
+                return None
             channel = LocalChannel(str(advertised["socket"]), self.api_key,
                                    self.timeout.read)
             channel.connect()

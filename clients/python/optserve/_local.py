@@ -55,11 +55,10 @@ class Binding:
 
 
 def _views(buf: mmap.mmap, layout: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """Tensors (torch when importable, else numpy) over one kind of slot."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - exercised by the no-torch tests
-        torch = None  # type: ignore[assignment]
+    """Tensors (torch when the SDK returns torch tensors, else numpy) over one kind of slot."""
+    from . import _tensors
+
+    torch = _tensors.torch if _tensors.USE_TORCH else None
     out: dict[str, Any] = {}
     base = np.frombuffer(buf, dtype=np.uint8)
     for slot in layout:
