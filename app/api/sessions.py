@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from app.api import conditions
 from app.api import requests as parse
+from app.api import rows as row_pulls
 from app.api.bodies import (
     BINARY,
     body_kind,
@@ -30,7 +31,7 @@ from app.api.bodies import (
 from app.api.conditions import idempotency
 from app.api.deps import EngineDep, SettingsDep, TenantDep
 from app.api.instrument import metrics_of, outcome, phase
-from app.engine.interface import SessionInfo
+from app.engine.interface import ReturnParams, SessionInfo
 from app.errors import Invalid
 from app.wire.safetensors_body import read_safetensors, write_safetensors
 from app.wire.tree import tree_to_json, tree_to_safetensors
@@ -118,7 +119,10 @@ async def step(
     request: Request,
     engine: EngineDep, tenant: TenantDep,
     settings: SettingsDep,
-    return_: Annotated[str, Query(alias="return", pattern="^(params|none)$")] = "params",
+    return_: Annotated[str, Query(alias="return", pattern="^(params|none|touched)$",
+                                  description="params: all of them; none; touched: the rows "
+                                  "stepped with sparse gradients, the parameters stepped with "
+                                  "dense ones")] = "params",
     base_version: Annotated[int | None, Query(ge=0, description="version the gradients were "
                                               "computed from (or If-Match)")] = None,
 ) -> Response:
@@ -128,10 +132,11 @@ async def step(
         base = conditions.base_version(request, base_version)
         with phase(request, "decode"):
             grads, fields, buf = await read_tensors(request, _max_bytes(settings), "grads",
-                                                    STEP_FIELDS)
+                                                    STEP_FIELDS, sparse=True)
             options = parse.step_options(fields.get("param_groups"))
             idem = await idempotency(request, buf)
-        result = await engine.step(session_id, grads, return_params=return_ == "params",
+        returned: ReturnParams = "touched" if return_ == "touched" else return_ == "params"
+        result = await engine.step(session_id, grads, return_params=returned,
                                    worker=worker, base_version=base, tenant=tenant, idem=idem,
                                    options=options)
         if result.skipped:
@@ -151,7 +156,7 @@ async def push_grads(
     settings: SettingsDep,
 ) -> Response:
     with outcome(metrics_of(request), metrics_of(request).pushes, session_id):
-        grads, _, buf = await read_tensors(request, _max_bytes(settings), "grads")
+        grads, _, buf = await read_tensors(request, _max_bytes(settings), "grads", sparse=True)
         idem = await idempotency(request, buf)
         out = await engine.push(session_id, grads, tenant=tenant, idem=idem)
     return json_response(out.to_json(), headers=_headers(out.version, out.step, out.replayed))
@@ -176,8 +181,15 @@ async def get_params(
     = None,
     wait_s: Annotated[float, Query(ge=0, le=1e9, description="long-poll for at most this "
                                    "long (capped at 60 s)")] = 0.0,
+    name: Annotated[str | None, Query(description="the parameter whose rows to pull")] = None,
+    rows: Annotated[list[str] | None, Query(description="row indices, repeated or "
+                                            "comma-separated (with name)")] = None,
 ) -> Response:
     binary, b64 = wants_binary(request), tensor_encoding(request)
+    if rows is not None or name is not None:
+        wanted_rows = row_pulls.rows_from_query(names, name, rows or [])
+        return await row_pulls.pull(request, engine, tenant, session_id, wanted_rows,
+                                    min_version, wait_s, binary, b64)
     wanted = [n for item in names for n in item.split(",") if n] if names else None
     held = conditions.none_match_versions(request)
     if min_version is None and wait_s > 0 and held:

@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from app.engine.host import EmbeddedHost
 from app.engine.interface import (
     CreateSpec,
@@ -20,6 +22,7 @@ from app.engine.interface import (
     GroupSpec,
     IdemKey,
     ParamsResult,
+    ReturnParams,
     SchedulerResult,
     SessionInfo,
     StateExport,
@@ -118,7 +121,7 @@ class Front:
 
     # ------------------------------------------------------------------ gradients and steps
     async def step(
-        self, session_id: str, grads: Tensors, *, return_params: bool,
+        self, session_id: str, grads: Tensors, *, return_params: ReturnParams,
         worker: str | None = None, base_version: int | None = None,
         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None,
@@ -148,6 +151,15 @@ class Front:
         return await self.host.pull(session_key(tenant, session_id), names,
                                     min_version=min_version, wait_s=wait_s,
                                     unless_versions=unless_versions)
+
+    async def pull_rows(
+        self, session_id: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        tenant: str = DEFAULT_TENANT,
+    ) -> ParamsResult:
+        return await self.host.pull_rows(session_key(tenant, session_id), rows,
+                                         min_version=min_version, wait_s=wait_s,
+                                         unless_versions=unless_versions)
 
     async def overwrite(self, session_id: str, params: Tensors, *,
                         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None

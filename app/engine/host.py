@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from app.engine import optimizers, persist, ps, state_dicts
+from app.engine import optimizers, persist, ps, sparse, state_dicts
 from app.engine.interface import (
     CreateSpec,
     Durability,
@@ -43,6 +43,7 @@ from app.engine.interface import (
     IdemKey,
     NonFinitePolicy,
     ParamsResult,
+    ReturnParams,
     SchedulerResult,
     SessionInfo,
     StateExport,
@@ -58,7 +59,7 @@ from app.engine.ops import (
     Overwrite,
     Step,
 )
-from app.engine.ops.gradients import staleness_of
+from app.engine.ops.gradients import StepPlan, staleness_of
 from app.engine.rounds import SyncRounds
 from app.engine.session import Session
 from app.engine.store import Files, Store, StoreCorrupt
@@ -251,6 +252,27 @@ class EmbeddedHost:
             return ParamsResult(s.version, s.step_count, s.lrs(), s.pack_params(names))
         return await self._worker.run(read)
 
+    async def pull_rows(
+        self, key: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+    ) -> ParamsResult:
+        """Some rows of some parameters (row-sparse tensors), as :meth:`pull` answers whole
+        parameters (waiting, ``not_modified``)."""
+        def read(check_only: bool = False) -> ParamsResult | None:
+            s = self._get(key)
+            sparse.check_rows(s, rows)
+            if check_only:
+                return None
+            if s.version in unless_versions:
+                return ParamsResult(s.version, s.step_count, s.lrs(), {}, not_modified=True)
+            return ParamsResult(s.version, s.step_count, s.lrs(), sparse.gather_rows(s, rows))
+        if min_version is not None and wait_s > 0:
+            await self._worker.run(lambda: read(check_only=True), "pull_rows")
+            await self.pull(key, [], min_version=min_version, wait_s=wait_s)
+        out = await self._worker.run(read, "pull_rows")
+        assert out is not None
+        return out
+
     async def export_state(self, key: str) -> StateExport:
         def read() -> StateExport:
             s = self._get(key)
@@ -340,7 +362,7 @@ class EmbeddedHost:
 
     # ------------------------------------------------------------------ operations
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
-                      want_params: bool = False) -> Any:
+                      want_params: ReturnParams = False) -> Any:
         """Apply one operation to the session, all or nothing; a repeated idempotency key is
         answered from the session's table without applying anything."""
         async with self._lock(key):
@@ -357,7 +379,7 @@ class EmbeddedHost:
         return result
 
     async def step(
-        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        self, key: str, grads: Tensors, *, want_params: ReturnParams, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None,
     ) -> StepResult:
@@ -377,7 +399,8 @@ class EmbeddedHost:
                     result: StepResult = await self._worker.run(
                         lambda: replay_answer(session, op, hit, want_params))
                     return result
-            return await self._rounds.push(key, worker, grads, base_version, idem, want_params)
+            return await self._rounds.push(key, worker, grads, base_version, idem,
+                                           bool(want_params))
         out: StepResult = await self.execute(key, Step(grads, base_version, options=options),
                                              idem=idem, want_params=want_params)
         return out
@@ -405,7 +428,7 @@ class EmbeddedHost:
         return result
 
     async def _run(self, key: str, s: Session, op: Operation, keys: list[IdemKey],
-                   want_params: bool, sync: dict[str, Any] | None = None) -> Any:
+                   want_params: ReturnParams, sync: dict[str, Any] | None = None) -> Any:
         """check, log ahead, apply (the caller holds the session's lock)."""
         store = self._store if s.durability != "memory" else None
         record_keys = [(k.key, k.fingerprint) for k in keys]
@@ -436,7 +459,8 @@ class EmbeddedHost:
         return result
 
     def _apply(self, key: str, s: Session, op: Operation, plan: Any, keys: list[IdemKey],
-               want_params: bool, before: int | None, sync: dict[str, Any] | None) -> Any:
+               want_params: ReturnParams, before: int | None, sync: dict[str, Any] | None
+               ) -> Any:
         """Apply on the worker thread; on failure leave the session and its log as they were."""
         try:
             result = op.apply(s, plan)
@@ -454,7 +478,10 @@ class EmbeddedHost:
         for k in keys:
             s.idem.remember(k.key, k.fingerprint, answer)
         if want_params and isinstance(result, StepResult):
-            result.params = s.pack_params()
+            if want_params == "touched" and isinstance(plan, StepPlan):
+                result.params = sparse.touched(s, plan.total)
+            else:
+                result.params = s.pack_params()
         return result
 
     def _cut(self, key: str, before: int) -> None:
@@ -623,7 +650,8 @@ def export_state_dict(s: Session) -> dict[str, Any]:
     return dict(sd)
 
 
-def replay_answer(s: Session, op: Operation, hit: dict[str, Any], want_params: bool) -> Any:
+def replay_answer(s: Session, op: Operation, hit: dict[str, Any], want_params: ReturnParams
+                  ) -> Any:
     """The answer to a repeated idempotency key, from what the table kept (no tensors): a step
     returns the session's current parameters (with their version), other operations the
     session as it is now."""

@@ -16,6 +16,9 @@ import torch
 NonFinitePolicy = Literal["reject", "skip", "allow"]
 Durability = Literal["step", "interval", "memory"]
 Tensors = dict[str, torch.Tensor]
+#: what a step answers with: every parameter, none, or (``"touched"``) the rows of each
+#: parameter stepped with a row-sparse gradient plus the parameters stepped with dense ones
+ReturnParams = bool | Literal["touched"]
 
 
 def session_key(tenant: str, session_id: str) -> str:
@@ -226,7 +229,7 @@ class Engine(Protocol):
                      idem: IdemKey | None = ...) -> None: ...
 
     async def step(
-        self, session_id: str, grads: Tensors, *, return_params: bool,
+        self, session_id: str, grads: Tensors, *, return_params: ReturnParams,
         worker: str | None = ..., base_version: int | None = ..., tenant: str = ...,
         idem: IdemKey | None = ..., options: dict[int, dict[str, Any]] | None = ...,
     ) -> StepResult: ...
@@ -238,6 +241,10 @@ class Engine(Protocol):
                         idem: IdemKey | None = ...) -> GradsResult: ...
     async def pull(
         self, session_id: str, names: list[str] | None, *, min_version: int | None = ...,
+        wait_s: float = ..., unless_versions: frozenset[int] = ..., tenant: str = ...,
+    ) -> ParamsResult: ...
+    async def pull_rows(
+        self, session_id: str, rows: dict[str, torch.Tensor], *, min_version: int | None = ...,
         wait_s: float = ..., unless_versions: frozenset[int] = ..., tenant: str = ...,
     ) -> ParamsResult: ...
     async def overwrite(self, session_id: str, params: Tensors, *, tenant: str = ...,

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from app.engine import optimizers, ps, schedulers, state_dicts
+from app.engine import optimizers, ps, schedulers, sparse, state_dicts
 from app.engine.idempotency import IdempotencyTable
 from app.engine.interface import (
     Durability,
@@ -137,7 +137,7 @@ class Session:
                 tiny = []
                 for opts, dtype in zip(group_opts, dtypes, strict=True):
                     t = torch.full((2, 2), 0.5, dtype=dtype, device=device)
-                    t.grad = torch.full_like(t, 0.25)
+                    t.grad = optimizers.probe_grad(cls, t, 0.25)
                     tiny.append({"params": [t], **opts})
                 return cls(tiny, **defaults)
             schedulers.probe(sched_spec, make_probe, "scheduler")
@@ -205,21 +205,33 @@ class Session:
 
     def memory_bytes(self) -> int:
         total = sum(p.numel() * p.element_size() for p in self.params.values())
-        total += sum(a.numel() * a.element_size() for a in self.accum.values())
+        for a in self.accum.values():
+            if a.layout != torch.strided:  # a sparse accumulator holds its indices and values
+                total += a._indices().numel() * 8
+                a = a._values()
+            total += a.numel() * a.element_size()
         for st in list(self.optimizer.state.values()):
             total += sum(v.numel() * v.element_size() for v in st.values()
                          if isinstance(v, torch.Tensor))
         return total
 
     # ----------------------------------------------------------------- shared checks
-    def check_tensors(self, tensors: Tensors, field: str) -> None:
-        """Names, dtypes and shapes of tensors sent for this session's parameters."""
+    def check_tensors(self, tensors: Tensors, field: str, *, sparse_ok: bool = False) -> None:
+        """Names, dtypes and shapes of tensors sent for this session's parameters (row-sparse
+        gradients where ``sparse_ok``: see :mod:`app.engine.sparse`)."""
         for name, t in tensors.items():
             p = self.params.get(name)
             if p is None:
                 raise Invalid(f"unknown parameter {name!r:.80}; this session has "
                               f"{', '.join(repr(n) for n in list(self.params)[:20])}",
                               code="unknown_parameter", field=f"{field}.{name}")
+            if t.layout != torch.strided:
+                if not sparse_ok:
+                    raise Invalid(f"{name!r:.80} must be a dense tensor here (only gradients "
+                                  "may be sparse)", code="invalid_tensor",
+                                  field=f"{field}.{name}")
+                sparse.check_sparse(name, p, t, field)
+                continue
             if t.dtype != p.dtype:
                 raise Invalid(f"{name!r:.80} is {DTYPE_NAMES[p.dtype]} but the tensor sent is "
                               f"{DTYPE_NAMES.get(t.dtype, str(t.dtype))} (no silent casts)",
@@ -236,6 +248,8 @@ class Session:
         # costs a fraction of isfinite().all() (no N-element mask; ~40x less on a CPU). A
         # non-finite sum may also be a finite overflow: those tensors get the exact test.
         names = list(tensors)
+        # a sparse tensor's values are what it holds
+        tensors = {n: t._values() if t.layout != torch.strided else t for n, t in tensors.items()}
         sums = torch.stack([t.sum().isfinite() for t in tensors.values()]).cpu().tolist()
         suspects = [n for n, ok in zip(names, sums, strict=True) if not ok]
         if not suspects:
@@ -249,12 +263,16 @@ class Session:
                       code=f"nonfinite_{what}", field=f"{field}.{bad[0]}", names=bad)
 
     def on_device(self, tensors: Tensors) -> Tensors:
-        return {n: t.to(self.device, non_blocking=False) for n, t in tensors.items()}
+        """The (checked) tensors on the session's device; row-sparse gradients at their
+        parameter's shape."""
+        return {n: sparse.fit(t, self.params[n]) if t.layout != torch.strided
+                else t.to(self.device, non_blocking=False) for n, t in tensors.items()}
 
     def check_grads(self, grads: Tensors) -> Tensors:
-        """Gradients checked (names, dtypes, shapes, the non-finite policy) and on the device;
-        changes nothing."""
-        self.check_tensors(grads, "grads")
+        """Gradients checked (names, dtypes, shapes, layouts the optimizer takes, the non-finite
+        policy) and on the device; changes nothing."""
+        self.check_tensors(grads, "grads", sparse_ok=True)
+        sparse.check_optimizer_takes(self, grads)
         grads = self.on_device(grads)
         bad = self.nonfinite_names(grads)
         if bad and self.nonfinite == "reject":

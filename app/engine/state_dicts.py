@@ -139,12 +139,12 @@ def _expected_state(
     for g, opts in zip(session.optimizer.param_groups, group_opts, strict=True):
         ts = [torch.zeros_like(p) for p in g["params"]]
         for t in ts:
-            t.grad = torch.zeros_like(t)
+            t.grad = optimizers.probe_grad(session.cls, t, 0.0)
         scratch.extend(ts)
         scratch_groups.append({"params": ts, **opts})
     opt = session.cls(scratch_groups, **session.defaults)
     eager = any(len(opt.state[t]) > 0 for t in scratch)
-    opt.step()
+    optimizers.probe_step(opt)
     return [dict(opt.state[t]) for t in scratch], eager
 
 
