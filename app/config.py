@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     idempotency_window: int = Field(
         default=1000, ge=1, le=1_000_000,
         description="Idempotency-Key answers each session remembers (its last N keys)")
+    evaluation_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600,
+        description="how long an open LBFGS step waits for each evaluation before it is "
+        "abandoned (the session unchanged); a step may ask for less or more with ?timeout_s=")
     log_level: str = "info"
     log_format: Literal["json", "text"] = Field(
         default="json", description="json: one JSON object per line, with request ids")

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import meta, openapi_docs, problems, rows, sessions
+from app.api import evaluations, meta, openapi_docs, problems, rows, sessions
 from app.api.auth import AuthMiddleware, parse_keys
 from app.config import Settings, get_settings
 from app.engine import make_engine
@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(meta.router)
     app.include_router(sessions.router)
     app.include_router(rows.router)
+    app.include_router(evaluations.router)
     return app
 
 

@@ -10,7 +10,7 @@ import torch
 from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
-from app.api import conditions
+from app.api import conditions, evaluations
 from app.api import requests as parse
 from app.api import rows as row_pulls
 from app.api.bodies import (
@@ -128,6 +128,10 @@ async def step(
 ) -> Response:
     with outcome(metrics_of(request), metrics_of(request).steps, session_id) as counted:
         binary, b64 = wants_binary(request), tensor_encoding(request)
+        returned: ReturnParams = "touched" if return_ == "touched" else return_ == "params"
+        if engine.uses_evaluations(session_id, tenant=tenant):  # LBFGS: the closure protocol
+            return await evaluations.open_step(request, engine, tenant, _max_bytes(settings),
+                                               session_id, returned, binary, b64)
         worker = conditions.worker_id(request)
         base = conditions.base_version(request, base_version)
         with phase(request, "decode"):
@@ -135,7 +139,6 @@ async def step(
                                                     STEP_FIELDS, sparse=True)
             options = parse.step_options(fields.get("param_groups"))
             idem = await idempotency(request, buf)
-        returned: ReturnParams = "touched" if return_ == "touched" else return_ == "params"
         result = await engine.step(session_id, grads, return_params=returned,
                                    worker=worker, base_version=base, tenant=tenant, idem=idem,
                                    options=options)

@@ -18,6 +18,8 @@ from app.engine.host import EmbeddedHost
 from app.engine.interface import (
     CreateSpec,
     EngineStatus,
+    Evaluation,
+    EvaluationRequest,
     GradsResult,
     GroupSpec,
     IdemKey,
@@ -129,6 +131,29 @@ class Front:
         return await self.host.step(session_key(tenant, session_id), grads,
                                     want_params=return_params, worker=worker,
                                     base_version=base_version, idem=idem, options=options)
+
+    # ------------------------------------------------------------------ LBFGS evaluations
+    def uses_evaluations(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> bool:
+        """Whether ``POST .../step`` on this session opens an evaluation step (LBFGS)."""
+        return self.host.uses_evaluations(session_key(tenant, session_id))
+
+    async def open_evaluation_step(
+        self, session_id: str, first: Evaluation | None, *, return_params: ReturnParams,
+        tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
+        timeout_s: float | None = None,
+    ) -> EvaluationRequest | StepResult:
+        return await self.host.open_evaluation_step(
+            session_key(tenant, session_id), first, want_params=return_params, idem=idem,
+            timeout_s=timeout_s)
+
+    async def evaluate(self, session_id: str, eval_id: str, ev: Evaluation, fingerprint: str,
+                       *, tenant: str = DEFAULT_TENANT) -> EvaluationRequest | StepResult:
+        return await self.host.evaluate(session_key(tenant, session_id), eval_id, ev,
+                                        fingerprint)
+
+    async def abandon_step(self, session_id: str, step_id: str, *,
+                           tenant: str = DEFAULT_TENANT) -> str:
+        return await self.host.abandon_step(session_key(tenant, session_id), step_id)
 
     async def push(self, session_id: str, grads: Tensors, *, tenant: str = DEFAULT_TENANT,
                    idem: IdemKey | None = None) -> GradsResult:

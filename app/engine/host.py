@@ -35,10 +35,13 @@ from typing import Any, TypeVar
 import torch
 
 from app.engine import optimizers, persist, ps, sparse, state_dicts
+from app.engine.evaluations import Evaluations
 from app.engine.interface import (
     CreateSpec,
     Durability,
     EngineStatus,
+    Evaluation,
+    EvaluationRequest,
     GradsResult,
     IdemKey,
     NonFinitePolicy,
@@ -98,6 +101,8 @@ class HostConfig:
     warm_up: bool = True
     #: the store's file system calls (tests inject faults here)
     files: Files | None = None
+    #: how long an LBFGS step waits for each evaluation before it is abandoned
+    evaluation_timeout_s: float = 60.0
 
 
 class EmbeddedHost:
@@ -121,6 +126,7 @@ class EmbeddedHost:
         # tenant-wide idempotency: creates (by the session they made) and deletes
         self._tombstones: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()
         self._snapshotter: asyncio.Task[None] | None = None
+        self._evaluations = Evaluations(self)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -140,6 +146,7 @@ class EmbeddedHost:
         torn write: tests use it)."""
         if self._snapshotter is not None:
             self._snapshotter.cancel()
+        await self._evaluations.abandon_all()
         await self._rounds.stop()
         if self._store is not None and self._worker.alive() and snapshot:
             for key in list(self._sessions):
@@ -343,6 +350,7 @@ class EmbeddedHost:
                                   "request; use a fresh key for every new operation",
                                   code="idempotency_key_reused", field="Idempotency-Key")
                 return
+        await self._evaluations.abandon_all(key)
         async with self._lock(key):
             if key not in self._damaged:
                 self._get(key)
@@ -404,6 +412,30 @@ class EmbeddedHost:
         out: StepResult = await self.execute(key, Step(grads, base_version, options=options),
                                              idem=idem, want_params=want_params)
         return out
+
+    # ------------------------------------------------------------------ LBFGS evaluations
+    def uses_evaluations(self, key: str) -> bool:
+        """Whether the session steps through evaluations (LBFGS); False for unknown ones."""
+        session = self._sessions.get(key)
+        return session is not None and session.optimizer_name == "LBFGS"
+
+    async def open_evaluation_step(
+        self, key: str, first: Evaluation | None, *, want_params: ReturnParams,
+        idem: IdemKey | None = None, timeout_s: float | None = None,
+    ) -> EvaluationRequest | StepResult:
+        """Open an LBFGS step (:mod:`app.engine.evaluations`): its first question, or its end."""
+        timeout = self.config.evaluation_timeout_s if timeout_s is None else timeout_s
+        return await self._evaluations.open(key, first, idem=idem, timeout_s=timeout,
+                                            want_params=want_params)
+
+    async def evaluate(self, key: str, eval_id: str, ev: Evaluation, fingerprint: str
+                       ) -> EvaluationRequest | StepResult:
+        """An evaluation for an open LBFGS step: its next question, or its end."""
+        return await self._evaluations.evaluate(key, eval_id, ev, fingerprint)
+
+    async def abandon_step(self, key: str, step_id: str) -> str:
+        """Abandon an open LBFGS step; how it ended (``abandoned`` or ``committed``)."""
+        return await self._evaluations.abandon(key, step_id)
 
     async def _check_push(self, key: str, grads: Tensors, base_version: int | None
                           ) -> Tensors:
@@ -627,7 +659,7 @@ class EmbeddedHost:
                 now = time.monotonic()
                 for key in list(self._sessions):
                     s = self._sessions.get(key)
-                    if s is None:
+                    if s is None or self._evaluations.is_open(key):  # busy for a while
                         continue
                     due = s.seq > s.seq_at_snapshot and \
                         now - s.snapshot_time >= self.config.snapshot_every_s
