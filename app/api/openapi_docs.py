@@ -36,6 +36,44 @@ SCHEMAS: dict[str, Any] = {
     },
     "Tensors": {"type": "object", "additionalProperties": _ref("Tensor"),
                 "description": "Tensors by parameter name."},
+    "SparseTensor": {
+        "type": "object",
+        "description": "Some rows of a parameter (a row-sparse gradient, or rows pulled): row "
+                       "indices and one row of values each; duplicates allowed in gradients "
+                       "(summed). In safetensors bodies: '<name>.indices' (int64 [n]) and "
+                       "'<name>.values' ([n, ...]).",
+        "required": ["indices", "values"],
+        "properties": {
+            "dtype": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                      "description": "the parameter's (dense) shape"},
+            "indices": {"anyOf": [{"type": "array", "items": {"type": "integer",
+                                                                "minimum": 0}},
+                                  _ref("Tensor")]},
+            "values": _ref("Tensor"),
+        },
+        "example": {"dtype": "float32", "shape": [1000, 2], "indices": [3, 17],
+                    "values": {"dtype": "float32", "shape": [2, 2], "data": [1, 2, 3, 4]}},
+    },
+    "MaybeSparseTensors": {"type": "object",
+                           "additionalProperties": {"anyOf": [_ref("Tensor"),
+                                                              _ref("SparseTensor")]},
+                           "description": "Tensors by parameter name, dense or row-sparse."},
+    "Rows": {"type": "object", "required": ["rows"],
+             "properties": {"rows": {"type": "object", "additionalProperties": {
+                 "type": "array", "items": {"type": "integer", "minimum": 0}}}},
+             "additionalProperties": False,
+             "example": {"rows": {"emb": [1, 5, 9]}}},
+    "Evaluation": {
+        "type": "object", "required": ["loss"],
+        "description": "An LBFGS evaluation: the loss and gradients at the parameters asked.",
+        "properties": {"loss": {"anyOf": [{"type": "number"}, {"type": "string", "enum": [
+                           "NaN", "Infinity", "-Infinity"]}]},
+                       "grads": _ref("Tensors")},
+        "additionalProperties": False,
+        "example": {"loss": 0.25, "grads": {"x": {"dtype": "float32", "shape": [1],
+                                                  "data": [0.5]}}},
+    },
     "Problem": {
         "type": "object",
         "description": "RFC 9457 problem details.",
@@ -123,10 +161,10 @@ SCHEMAS: dict[str, Any] = {
         },
         "additionalProperties": True,
     },
-    "Grads": {"type": "object", "properties": {"grads": _ref("Tensors")},
+    "Grads": {"type": "object", "properties": {"grads": _ref("MaybeSparseTensors")},
               "additionalProperties": True,
               "example": {"grads": {"x": {"dtype": "float32", "shape": [1], "data": [16.0]}}}},
-    "Params": {"type": "object", "properties": {"params": _ref("Tensors")},
+    "Params": {"type": "object", "properties": {"params": _ref("MaybeSparseTensors")},
                "additionalProperties": True},
     "StepResult": {
         "type": "object", "required": ["version", "step", "lr"],
@@ -137,7 +175,15 @@ SCHEMAS: dict[str, Any] = {
                        "sync": {"type": "object", "description": "a sync round's step: "
                                 "workers that contributed, expected K, partial"},
                        "staleness": {"type": "integer"},
-                       "params": _ref("Tensors")},
+                       "loss": {"type": "number", "description": "LBFGS: the first "
+                                "evaluation's loss"},
+                       "evaluations": {"type": "integer", "description": "LBFGS: evaluations "
+                                       "taken (so far, in a question)"},
+                       "needs": {"type": "string", "enum": ["evaluation"], "description":
+                                 "LBFGS: the step waits for the loss and gradients at params"},
+                       "step_id": {"type": "string"}, "evaluation": {"type": "string"},
+                       "timeout_s": {"type": "number"},
+                       "params": _ref("MaybeSparseTensors")},
         "additionalProperties": True,
         "example": {"version": 1, "step": 1, "lr": [0.1], "skipped": False,
                     "params": {"x": {"dtype": "float32", "shape": [1], "data": [0.39999998]}}},
@@ -161,7 +207,7 @@ _ERRORS = {
     "404": "Unknown session",
     "406": "Accept names neither JSON nor octet-stream",
     "409": "Conflict (id taken, scheduler exhausted, duplicate push, round timeout, stale "
-           "gradient)",
+           "gradient, LBFGS step in progress or ended)",
     "413": "Body larger than OPTSERVE_MAX_BODY_MB",
     "415": "Content-Type neither JSON nor octet-stream",
     "422": "Invalid input (shape, dtype, option, state...)",
@@ -203,6 +249,11 @@ OPERATIONS: dict[tuple[str, str], tuple[str, str | None, str | None, bool]] = {
                                                                   "Session", False),
     ("post", "/v1/sessions/{session_id}/scheduler/step"): ("schedulerStep", "Object", "Object",
                                                            False),
+    ("post", "/v1/sessions/{session_id}/params/rows"): ("pullRows", "Rows", "Params", True),
+    ("post", "/v1/sessions/{session_id}/step/{eval_id}"): ("evaluate", "Evaluation",
+                                                           "StepResult", True),
+    ("delete", "/v1/sessions/{session_id}/step/{step_id}"): ("abandonStep", None, "Object",
+                                                             False),
     ("get", "/v1/sessions/{session_id}/state_dict"): ("exportState", None, "StateDict", True),
     ("put", "/v1/sessions/{session_id}/state_dict"): ("importState", "StateDict", "Session",
                                                       False),
@@ -221,6 +272,11 @@ HEADERS: dict[tuple[str, str], list[dict[str, Any]]] = {
          "schema": _VERSION_TAG},
     ],
     ("get", "/v1/sessions/{session_id}/params"): [
+        {"name": "If-None-Match", "in": "header", "required": False,
+         "description": "304 when the current version is one of these",
+         "schema": {"type": "string", "example": '"5"'}},
+    ],
+    ("post", "/v1/sessions/{session_id}/params/rows"): [
         {"name": "If-None-Match", "in": "header", "required": False,
          "description": "304 when the current version is one of these",
          "schema": {"type": "string", "example": '"5"'}},
@@ -255,13 +311,15 @@ def install(app: FastAPI) -> None:
                         op["requestBody"] = _body(body, binary=body in ("Grads", "Params",
                                                                           "CreateSession",
                                                                           "ParamGroup",
-                                                                          "StateDict"))
+                                                                          "StateDict", "Rows",
+                                                                          "Evaluation"))
                     code = next(iter(k for k in responses if k.startswith("2")), "200")
                     if ok is not None:
                         responses[code] = _ok(ok, binary_out)
                 if (method, path) in HEADERS:
                     op.setdefault("parameters", []).extend(HEADERS[(method, path)])
-                if (method, path) == ("get", "/v1/sessions/{session_id}/params"):
+                if (method, path) in (("get", "/v1/sessions/{session_id}/params"),
+                                      ("post", "/v1/sessions/{session_id}/params/rows")):
                     responses["304"] = {"description": "Not modified (If-None-Match names the "
                                                        "current version)"}
                 if path == "/metrics":

@@ -12,6 +12,7 @@ repeats kept.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import torch
@@ -37,6 +38,7 @@ from app.wire.safetensors_body import read_safetensors
 from app.wire.sparse import MAX_INDICES, indices_from_json
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+_ROW = re.compile(r"-?[0-9]{1,18}")
 SessionId = Annotated[str, Path(description="session id", max_length=200)]
 
 
@@ -54,7 +56,7 @@ def rows_from_query(names: list[str] | None, name: str | None, rows: list[str]
             part = part.strip()
             if not part:
                 continue
-            if not (part.isdigit() or (part[0] == "-" and part[1:].isdigit())) or len(part) > 19:
+            if not _ROW.fullmatch(part):
                 raise Invalid(f"rows must be row indices (integers), got {part!r:.40}",
                               code="invalid_rows", field="rows")
             values.append(int(part))

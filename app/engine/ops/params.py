@@ -142,6 +142,10 @@ class UpdateParamGroup(Operation):
     options: dict[str, Any]
 
     def check(self, s: Session) -> dict[str, Any]:
+        groups = len(s.optimizer.param_groups)
+        if not 0 <= self.index < groups:  # the path's index (PATCH .../param_groups/{index})
+            raise Invalid(f"param group {self.index} does not exist; this session has {groups}",
+                          code="unknown_param_group", field="index")
         return check_group_changes(s, {self.index: self.options})[self.index]
 
     def apply(self, s: Session, plan: dict[str, Any]) -> SessionInfo:
