@@ -11,9 +11,9 @@ posts the loss and gradients there. When ``LBFGS.step`` returns, the step is one
 
 - The device worker never waits on the network: it only validates evaluations, makes the copy
   and commits the result; other sessions keep stepping meanwhile.
-- The session's lock is held from the open to the end: other mutations of that session wait
-  (a second ``POST .../step`` gets 409 ``step_in_progress``); reads see the session as it was
-  before the step (the step runs on a copy).
+- The session's lock is held from the open to the end; other mutations of that session (a
+  second ``POST .../step`` included) get 409 ``step_in_progress`` meanwhile, a delete abandons
+  the step first; reads see the session as it was before the step (the step runs on a copy).
 - All or nothing: a step whose evaluation does not come within ``timeout_s`` (or that is
   abandoned with ``DELETE``, or whose torch code raises, or that a shutdown or a delete
   interrupts) drops its copy; the session is exactly as before.
@@ -129,6 +129,17 @@ class Evaluations:
     def is_open(self, key: str) -> bool:
         return key in self._open
 
+    def refuse_if_open(self, key: str) -> None:
+        """409 for another mutation while a step is open (rather than waiting as long as the
+        client takes to answer)."""
+        step = self._open.get(key)
+        if step is not None:
+            waiting = step.pending.evaluation if step.pending is not None else None
+            raise Conflict(f"an LBFGS step ({step.id}) is open on this session; other changes "
+                           "wait until it ends: answer its evaluations, or abandon it with "
+                           "DELETE .../step/{step_id}", code="step_in_progress",
+                           field="session_id", step_id=step.id, evaluation=waiting)
+
     # ------------------------------------------------------------------ the client's calls
     async def open(self, key: str, first: Evaluation | None, *, idem: IdemKey | None,
                    timeout_s: float, want_params: ReturnParams) -> Answer:
@@ -141,11 +152,7 @@ class Evaluations:
                                   "request; use a fresh key for every new operation",
                                   code="idempotency_key_reused", field="Idempotency-Key")
                 return await self._latest(current)  # a retry: the step's latest question
-            waiting = current.pending.evaluation if current.pending is not None else None
-            raise Conflict(f"an LBFGS step ({current.id}) is open on this session; answer its "
-                           "evaluation, or abandon it with DELETE .../step/{step_id}",
-                           code="step_in_progress", field="session_id", step_id=current.id,
-                           evaluation=waiting)
+            self.refuse_if_open(key)
         step = OpenStep(key, secrets.token_hex(8), idem, timeout_s, want_params, first)
         step.answers["open"] = asyncio.get_running_loop().create_future()
         self._open[key] = step

@@ -373,6 +373,7 @@ class EmbeddedHost:
                       want_params: ReturnParams = False) -> Any:
         """Apply one operation to the session, all or nothing; a repeated idempotency key is
         answered from the session's table without applying anything."""
+        self._evaluations.refuse_if_open(key)
         async with self._lock(key):
             session = self._get(key)
             if idem is not None:

@@ -151,6 +151,9 @@ class LbfgsStep(Operation):
             for name, value in plan.params.items():
                 s.params[name].copy_(value)
         s.optimizer.state[first] = plan.state
+        # what torch's lr_scheduler notes when the optimizer's own step() runs (it ran on the
+        # copy): without it the scheduler's first step warns that it came first
+        s.optimizer._opt_called = True  # type: ignore[attr-defined]
         if s.steps_scheduler():
             assert s.scheduler is not None
             try:
