@@ -272,7 +272,10 @@ async def tensors_response(
     Callers decide ``binary``/``b64`` before doing any work, so a 406 changes nothing."""
     if wire_sparse.has_sparse(tensors):  # some rows of some parameters
         assert tensors is not None
-        tensors = wire_sparse.split_for_safetensors(tensors) if binary else tensors
+        if binary:  # their parts, and in __metadata__.sparse their parameters' shapes
+            scalars = {**scalars, "sparse": {n: list(t.shape) for n, t in tensors.items()
+                                             if t.layout != torch.strided}}
+            tensors = wire_sparse.split_for_safetensors(tensors)
     size = sum(t.numel() * t.element_size() for t in (tensors or {}).values()
                if t.layout == torch.strided)
     if binary:
