@@ -15,10 +15,11 @@ SparseAdam takes only sparse gradients, so its dense columns are empty.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -109,9 +110,10 @@ def main() -> None:
             dense_ok = name != "SparseAdam"
             for touched in touched_list:
                 grads = [sparse_grad(rows, touched, seed) for seed in range(8)]
-                it = iter(range(10**9))
+                counter = itertools.count()
 
-                def next_grad(grads: list[torch.Tensor] = grads) -> torch.Tensor:
+                def next_grad(grads: list[torch.Tensor] = grads,
+                              it: Iterator[int] = counter) -> torch.Tensor:
                     return grads[next(it) % len(grads)]
 
                 def local_sparse(local: torch.Tensor = local,
