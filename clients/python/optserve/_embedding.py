@@ -84,7 +84,7 @@ class RemoteEmbedding(torch.nn.Module):
                                        binary=self.binary)
         self.version = result.version
         rows = result.params[self.name]._values()
-        leaf = rows.detach().clone().requires_grad_(torch.is_grad_enabled())
+        leaf = rows.detach().to(ids.device).clone().requires_grad_(torch.is_grad_enabled())
         # sparse=True: the gradient of these rows is the ids' rows in order, as a table's is
         out = F.embedding(inverse.reshape(ids.shape), leaf, sparse=True)
         if leaf.requires_grad:
