@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     local_dir: Path | None = Field(
         default=None, description="where the same-host transport's private socket directory is "
         "made (default: the system's temporary directory)")
+    evaluation_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600,
+        description="how long an open LBFGS step waits for each evaluation before it is "
+        "abandoned (the session unchanged); a step may ask for less or more with ?timeout_s=")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     log_format: Literal["json", "text"] = Field(
         default="json", description="json: one JSON object per line, with request ids")

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api import docs_pages, meta, openapi_docs, problems, sessions
+from app.api import docs_pages, evaluations, meta, openapi_docs, problems, rows, sessions
 from app.api.auth import AuthMiddleware, parse_keys
 from app.config import EXIT_CONFIG, ConfigError, Settings, load_settings
 from app.engine import DEFAULT_TENANT, make_engine
@@ -99,4 +99,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
     app.include_router(meta.router)
     app.include_router(sessions.router)
+    app.include_router(rows.router)
+    app.include_router(evaluations.router)
     return app

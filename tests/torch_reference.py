@@ -116,7 +116,9 @@ def state_to_safetensors(sd: dict[str, Any]) -> bytes:
 
     def walk(obj: Any, path: str) -> Any:
         if isinstance(obj, torch.Tensor):
-            tensors[path] = obj.detach().cpu().contiguous()
+            # a copy: torch's state may share one tensor in two places (LBFGS's 't' is its
+            # tensor lr), which safetensors refuses to write
+            tensors[path] = obj.detach().cpu().clone().contiguous()
             return {"$tensor": path}
         if isinstance(obj, dict):
             return {str(k): walk(v, f"{path}.{k}" if path else str(k)) for k, v in obj.items()}

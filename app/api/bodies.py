@@ -23,7 +23,8 @@ from app.errors import (
     PayloadTooLarge,
     UnsupportedMedia,
 )
-from app.wire.json_tensor import decode_json_tensor, encode_json_tensor
+from app.wire import sparse as wire_sparse
+from app.wire.json_tensor import decode_json_tensor
 from app.wire.safetensors_body import (
     PackedTensors,
     packed_header,
@@ -206,11 +207,15 @@ def json_object(buf: bytes | bytearray | memoryview) -> dict[str, Any]:
     return obj
 
 
-def tensor_map(obj: object, field: str) -> dict[str, torch.Tensor]:
-    """``{name: JSON tensor}`` to ``{name: tensor}``."""
+def tensor_map(obj: object, field: str, sparse: bool = False) -> dict[str, torch.Tensor]:
+    """``{name: JSON tensor}`` to ``{name: tensor}`` (row-sparse ones too where ``sparse``)."""
     if not isinstance(obj, dict):
         raise Invalid(f"{field} must be an object mapping parameter names to tensors",
                       code="invalid_body", field=field)
+    if sparse:
+        return {name: wire_sparse.decode_sparse_json(t, f"{field}.{name}")
+                if wire_sparse.is_sparse_json(t) else decode_json_tensor(t, f"{field}.{name}")
+                for name, t in obj.items()}
     return {name: decode_json_tensor(t, f"{field}.{name}") for name, t in obj.items()}
 
 
@@ -223,15 +228,19 @@ def only_keys(obj: dict[str, Any], allowed: set[str], where: str = "") -> None:
 
 
 async def read_tensors(
-    request: Request, max_bytes: int, key: str, extra: frozenset[str] = frozenset()
+    request: Request, max_bytes: int, key: str, extra: frozenset[str] = frozenset(),
+    sparse: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bytearray | memoryview]:
     """A body of named tensors: ``{key: {name: tensor}, ...extra}`` as JSON, or a safetensors
     file (``extra`` fields as JSON texts in its ``__metadata__``); the ``extra`` fields given;
-    and the body itself (its tensors may be views into it)."""
+    and the body itself (its tensors may be views into it). With ``sparse``, tensors may be
+    row-sparse (:mod:`app.wire.sparse`)."""
     buf = await _read_body(request, max_bytes, raw=True)
     if body_kind(request) == "binary":
         def decode_binary() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             tensors, metadata = read_safetensors(buf)
+            if sparse:
+                tensors = wire_sparse.pair_safetensors(tensors, key)
             fields = {}
             for name in sorted(set(metadata) & extra):
                 fields[name] = parse_json(metadata[name].encode(), f"__metadata__.{name}")
@@ -242,7 +251,8 @@ async def read_tensors(
     def decode_json() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         obj = json_object(buf)
         only_keys(obj, {key, *extra})
-        return tensor_map(obj.get(key, {}), key), {k: obj[k] for k in extra if k in obj}
+        return (tensor_map(obj.get(key, {}), key, sparse),
+                {k: obj[k] for k in extra if k in obj})
     tensors, fields = await offload(decode_json, len(buf))
     return tensors, fields, buf
 
@@ -262,7 +272,7 @@ def answer_in_place(tensors: dict[str, torch.Tensor],
     start = np.frombuffer(data, dtype=np.uint8).ctypes.data
     spans = []
     for name, t in tensors.items():
-        if not t.is_contiguous() or t.device.type != "cpu":
+        if t.layout != torch.strided or not t.is_contiguous() or t.device.type != "cpu":
             return None
         offset = t.data_ptr() - start
         spans.append((offset, name, t.numel() * t.element_size()))
@@ -330,7 +340,14 @@ async def tensors_response(
     """Scalars plus named tensors, as JSON (``params`` key) or safetensors.
 
     Callers decide ``binary``/``b64`` before doing any work, so a 406 changes nothing."""
-    size = sum(t.numel() * t.element_size() for t in (tensors or {}).values())
+    if wire_sparse.has_sparse(tensors):  # some rows of some parameters
+        assert tensors is not None
+        if binary:  # their parts, and in __metadata__.sparse their parameters' shapes
+            scalars = {**scalars, "sparse": {n: list(t.shape) for n, t in tensors.items()
+                                             if t.layout != torch.strided}}
+            tensors = wire_sparse.split_for_safetensors(tensors)
+    size = sum(t.numel() * t.element_size() for t in (tensors or {}).values()
+               if t.layout == torch.strided)
     if binary:
         meta = {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in
                 scalars.items()}
@@ -343,7 +360,8 @@ async def tensors_response(
     def encode() -> bytes:
         body = dict(scalars)
         if tensors is not None:
-            body["params"] = {n: encode_json_tensor(t, b64=b64) for n, t in tensors.items()}
+            body["params"] = {n: wire_sparse.encode_json(t, b64=b64)
+                              for n, t in tensors.items()}
         return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
     content = await offload(encode, size)
     return Response(content, media_type=JSON, headers=headers)

@@ -74,6 +74,44 @@ SCHEMAS: dict[str, Any] = {
     "Tensors": {**_TENSOR_MAP, "description": "Tensors by parameter name."},
     "ParamTensors": {**_TENSOR_MAP, "minProperties": 1,
                      "description": "Tensors by parameter name, at least one."},
+    "SparseTensor": {
+        "type": "object",
+        "description": "Some rows of a parameter (a row-sparse gradient, or rows pulled): row "
+                       "indices and one row of values each; duplicates allowed in gradients "
+                       "(summed). In safetensors bodies: '<name>.indices' (int64 [n]) and "
+                       "'<name>.values' ([n, ...]).",
+        "required": ["indices", "values"],
+        "properties": {
+            "dtype": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                      "description": "the parameter's (dense) shape"},
+            "indices": {"anyOf": [{"type": "array", "items": {"type": "integer",
+                                                                "minimum": 0}},
+                                  _ref("Tensor")]},
+            "values": _ref("Tensor"),
+        },
+        "example": {"dtype": "float32", "shape": [1000, 2], "indices": [3, 17],
+                    "values": {"dtype": "float32", "shape": [2, 2], "data": [1, 2, 3, 4]}},
+    },
+    "MaybeSparseTensors": {"type": "object",
+                           "additionalProperties": {"anyOf": [_ref("Tensor"),
+                                                              _ref("SparseTensor")]},
+                           "description": "Tensors by parameter name, dense or row-sparse."},
+    "Rows": {"type": "object", "required": ["rows"],
+             "properties": {"rows": {"type": "object", "additionalProperties": {
+                 "type": "array", "items": {"type": "integer", "minimum": 0}}}},
+             "additionalProperties": False,
+             "example": {"rows": {"emb": [1, 5, 9]}}},
+    "Evaluation": {
+        "type": "object", "required": ["loss"],
+        "description": "An LBFGS evaluation: the loss and gradients at the parameters asked.",
+        "properties": {"loss": {"anyOf": [{"type": "number"}, {"type": "string", "enum": [
+                           "NaN", "Infinity", "-Infinity"]}]},
+                       "grads": _ref("Tensors")},
+        "additionalProperties": False,
+        "example": {"loss": 0.25, "grads": {"x": {"dtype": "float32", "shape": [1],
+                                                  "data": [0.5]}}},
+    },
     "Problem": {
         "type": "object",
         "description": "RFC 9457 problem details.",
@@ -172,14 +210,14 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["sessions"],
         "properties": {"sessions": {"type": "array", "items": _ref("Session")}},
     },
-    "Grads": {"type": "object", "properties": {"grads": _ref("Tensors")},
+    "Grads": {"type": "object", "properties": {"grads": _ref("MaybeSparseTensors")},
               "additionalProperties": False,
               "description": "Gradients by parameter name; a parameter left out has no "
                              "gradient this step (torch skips it).",
               "example": {"grads": {"x": {"dtype": "float32", "shape": [1], "data": [16.0]}}}},
     "StepBody": {"type": "object",
                  "properties": {
-                     "grads": _ref("Tensors"),
+                     "grads": _ref("MaybeSparseTensors"),
                      "param_groups": {
                          "description": "option changes made atomically with this step, by "
                                         "group index (an object keyed by index, or a list; "
@@ -202,7 +240,7 @@ SCHEMAS: dict[str, Any] = {
     "Params": {"type": "object", "required": ["version", "step", "lr", "params"],
                "properties": {"version": {"type": "integer"}, "step": {"type": "integer"},
                               "lr": {"type": "array", "items": {"type": "number"}},
-                              "params": _ref("Tensors")},
+                              "params": _ref("MaybeSparseTensors")},
                "additionalProperties": True},
     "Version": {"type": "object", "required": ["version", "step"],
                 "properties": {"version": {"type": "integer"}, "step": {"type": "integer"}},
@@ -220,7 +258,15 @@ SCHEMAS: dict[str, Any] = {
                        "sync": {"type": "object", "description": "a sync round's step: "
                                 "workers that contributed, expected K, partial"},
                        "staleness": {"type": "integer"},
-                       "params": _ref("Tensors")},
+                       "loss": {"type": "number", "description": "LBFGS: the first "
+                                "evaluation's loss"},
+                       "evaluations": {"type": "integer", "description": "LBFGS: evaluations "
+                                       "taken (so far, in a question)"},
+                       "needs": {"type": "string", "enum": ["evaluation"], "description":
+                                 "LBFGS: the step waits for the loss and gradients at params"},
+                       "step_id": {"type": "string"}, "evaluation": {"type": "string"},
+                       "timeout_s": {"type": "number"},
+                       "params": _ref("MaybeSparseTensors")},
         "additionalProperties": True,
         "example": {"version": 1, "step": 1, "lr": [0.1], "skipped": False,
                     "params": {"x": {"dtype": "float32", "shape": [1], "data": [0.39999998]}}},
@@ -299,8 +345,15 @@ QUERY: dict[str, dict[str, Any]] = {
     "return": {
         "name": "return", "in": "query", "required": False,
         "description": "params: the updated parameters come back; none: only version, step "
-                       "and lr",
-        "schema": {"type": "string", "enum": ["params", "none"], "default": "params"}},
+                       "and lr; touched: only the rows stepped with row-sparse gradients "
+                       "(and the parameters stepped with dense ones)",
+        "schema": {"type": "string", "enum": ["params", "none", "touched"],
+                   "default": "params"}},
+    "timeout_s": {
+        "name": "timeout_s", "in": "query", "required": False,
+        "description": "LBFGS sessions: how long the open step waits for each evaluation "
+                       "(default OPTSERVE_EVALUATION_TIMEOUT_S)",
+        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600}},
     "base_version": {
         "name": "base_version", "in": "query", "required": False,
         "description": "the version the gradients were computed from (or If-Match)",
@@ -332,7 +385,7 @@ COMMON_PROBLEMS: dict[str, str] = {
     "401": "Missing or wrong API key",
     "404": "Unknown session",
     "409": "Conflict (id taken, scheduler exhausted, duplicate push, round timeout, stale "
-           "gradient)",
+           "gradient, LBFGS step in progress or ended)",
     "413": "Body larger than OPTSERVE_MAX_BODY_MB",
     "415": "Content-Type neither JSON nor octet-stream",
     "422": "Invalid input (shape, dtype, option, state...)",
@@ -412,13 +465,20 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("post", f"{S}/step"): Op("step", "StepBody", body_binary=True, ok="StepResult",
                               ok_binary=True, versioned=True,
                               query=("return", "base_version", "encoding", "upcast",
-                                     "params_dtype"),
+                                     "params_dtype", "timeout_s"),
                               headers=("X-Optserve-Worker", "If-Match")),
     ("post", f"{S}/grads"): Op("pushGrads", "Grads", body_binary=True, ok="Version",
                                versioned=True, query=("upcast",)),
     ("post", f"{S}/zero_grad"): Op("zeroGrad", ok="Version", versioned=True),
     ("get", f"{S}/params"): Op("getParams", ok="Params", ok_binary=True, versioned=True,
                                query=("encoding",), headers=("If-None-Match",)),
+    ("post", f"{S}/params/rows"): Op("pullRows", "Rows", body_binary=True, ok="Params",
+                                     ok_binary=True, versioned=True, query=("encoding",),
+                                     headers=("If-None-Match",)),
+    ("post", f"{S}/step/{{eval_id}}"): Op("evaluate", "Evaluation", body_binary=True,
+                                         ok="StepResult", ok_binary=True, versioned=True,
+                                         query=("encoding",)),
+    ("delete", f"{S}/step/{{step_id}}"): Op("abandonStep", ok="Object"),
     ("put", f"{S}/params"): Op("putParams", "ParamsBody", body_binary=True, ok="Params",
                                ok_binary=True, versioned=True, query=("encoding",)),
     ("post", f"{S}/param_groups"): Op("addParamGroup", "ParamGroup", body_binary=True,

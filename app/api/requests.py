@@ -13,7 +13,7 @@ import orjson
 import torch
 
 from app.api.bodies import only_keys, parse_json, tensor_map
-from app.engine.interface import CreateSpec, GroupSpec, SessionInfo
+from app.engine.interface import CreateSpec, GroupSpec, ReturnParams, SessionInfo
 from app.errors import BadRequest, Invalid
 from app.wire.safetensors_body import read_safetensors
 from app.wire.tree import tree_from_json
@@ -259,10 +259,10 @@ _BOOLS = {"true": True, "1": True, "yes": True, "on": True,
 @dataclass(frozen=True)
 class StepQuery:
     """The step's query string, read by hand (the step route solves no FastAPI dependencies):
-    ``return`` (params | none), ``base_version`` (an integer >= 0), ``upcast`` (a boolean),
-    ``params_dtype`` (float16 | bfloat16)."""
+    ``return`` (params | none | touched), ``base_version`` (an integer >= 0), ``upcast`` (a
+    boolean), ``params_dtype`` (float16 | bfloat16)."""
 
-    return_params: bool = True
+    return_params: ReturnParams = True
     base_version: int | None = None
     upcast: bool = False
     params_dtype: torch.dtype | None = None
@@ -271,8 +271,8 @@ class StepQuery:
     def parse(cls, request: Any) -> StepQuery:
         q = request.query_params
         ret = q.get("return", "params")
-        if ret not in ("params", "none"):
-            raise Invalid("return must be params or none", code="invalid_query",
+        if ret not in ("params", "none", "touched"):
+            raise Invalid("return must be params, none or touched", code="invalid_query",
                           field="return")
         base = q.get("base_version")
         if base is not None and not (base.isdigit() and len(base) <= 18):
@@ -285,5 +285,6 @@ class StepQuery:
         if narrow is not None and narrow not in ("float16", "bfloat16"):
             raise Invalid("params_dtype must be float16 or bfloat16", code="invalid_query",
                           field="params_dtype")
-        return cls(ret == "params", None if base is None else int(base), _BOOLS[upcast],
+        returned: ReturnParams = "touched" if ret == "touched" else ret == "params"
+        return cls(returned, None if base is None else int(base), _BOOLS[upcast],
                    None if narrow is None else getattr(torch, narrow))

@@ -10,8 +10,9 @@ import torch
 from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
 
-from app.api import conditions
+from app.api import conditions, evaluations
 from app.api import requests as parse
+from app.api import rows as row_pulls
 from app.api.auth import tenant_of
 from app.api.bodies import (
     BINARY,
@@ -34,7 +35,7 @@ from app.api.conditions import idempotency
 from app.api.deps import EngineDep, SettingsDep, TenantDep
 from app.api.instrument import metrics_of, outcome, phase
 from app.api.requests import StepQuery
-from app.engine.interface import Engine, SessionInfo
+from app.engine.interface import Engine, ReturnParams, SessionInfo
 from app.errors import Invalid
 from app.wire.safetensors_body import read_safetensors, write_safetensors
 from app.wire.tree import tree_to_json, tree_to_safetensors
@@ -126,23 +127,28 @@ async def step(session_id: SessionId, request: Request) -> Response:
     metrics = metrics_of(request)
     with outcome(metrics, metrics.steps, session_id) as counted:
         query = StepQuery.parse(request)
+        tenant = tenant_of(request.scope)
+        max_bytes = _max_bytes(request.app.state.settings)
         binary, b64 = wants_binary(request), tensor_encoding(request)
+        returned: ReturnParams = query.return_params
+        if engine.uses_evaluations(session_id, tenant=tenant):  # LBFGS: the closure protocol
+            return await evaluations.open_step(request, engine, tenant, max_bytes,
+                                               session_id, returned, binary, b64)
         worker = conditions.worker_id(request)
         base = conditions.base_version(request, query.base_version)
         with phase(request, "decode"):
-            grads, fields, buf = await read_tensors(
-                request, _max_bytes(request.app.state.settings), "grads", STEP_FIELDS)
+            grads, fields, buf = await read_tensors(request, max_bytes, "grads", STEP_FIELDS,
+                                                    sparse=True)
             options = parse.step_options(fields.get("param_groups"))
             idem = await idempotency(request, buf)
             # a binary answer of every parameter can be written over the spent gradients
-            in_place = (answer_in_place(grads, buf) if binary and query.return_params
+            in_place = (answer_in_place(grads, buf) if binary and returned is True
                         and body_kind(request) == "binary" and not query.upcast
                         and query.params_dtype is None else None)
-        result = await engine.step(session_id, grads, return_params=query.return_params,
-                                   worker=worker, base_version=base,
-                                   tenant=tenant_of(request.scope), idem=idem, options=options,
-                                   upcast=query.upcast, params_dtype=query.params_dtype,
-                                   params_into=in_place)
+        result = await engine.step(session_id, grads, return_params=returned,
+                                   worker=worker, base_version=base, tenant=tenant, idem=idem,
+                                   options=options, upcast=query.upcast,
+                                   params_dtype=query.params_dtype, params_into=in_place)
         if result.skipped:
             counted["outcome"] = "skipped"
         with phase(request, "encode"):
@@ -162,7 +168,7 @@ async def push_grads(
                                   "float32/float64 parameters (widened on the device)")] = False,
 ) -> Response:
     with outcome(metrics_of(request), metrics_of(request).pushes, session_id):
-        grads, _, buf = await read_tensors(request, _max_bytes(settings), "grads")
+        grads, _, buf = await read_tensors(request, _max_bytes(settings), "grads", sparse=True)
         idem = await idempotency(request, buf)
         out = await engine.push(session_id, grads, tenant=tenant, idem=idem, upcast=upcast)
     return json_response(out.to_json(), headers=_headers(out.version, out.step, out.replayed))
@@ -187,8 +193,15 @@ async def get_params(
     = None,
     wait_s: Annotated[float, Query(ge=0, le=1e9, description="long-poll for at most this "
                                    "long (capped at 60 s)")] = 0.0,
+    name: Annotated[str | None, Query(description="the parameter whose rows to pull")] = None,
+    rows: Annotated[list[str] | None, Query(description="row indices, repeated or "
+                                            "comma-separated (with name)")] = None,
 ) -> Response:
     binary, b64 = wants_binary(request), tensor_encoding(request)
+    if rows is not None or name is not None:
+        wanted_rows = row_pulls.rows_from_query(names, name, rows or [])
+        return await row_pulls.pull(request, engine, tenant, session_id, wanted_rows,
+                                    min_version, wait_s, binary, b64)
     wanted = [n for item in names for n in item.split(",") if n] if names else None
     held = conditions.none_match_versions(request)
     if min_version is None and wait_s > 0 and held:

@@ -24,6 +24,7 @@ def make_engine(settings: Any, observer: Observer | None = None) -> Front:
         snapshot_every_s=settings.snapshot_every_s,
         fsync_interval_s=settings.fsync_interval_ms / 1000,
         idempotency_window=settings.idempotency_window,
+        evaluation_timeout_s=settings.evaluation_timeout_s,
         limits=Limits(settings.max_sessions, settings.max_session_elements),
         observer=observer,
     )
@@ -40,6 +41,7 @@ def embedded_engine(
     snapshot_every_s: float = 300.0,
     fsync_interval_s: float = 0.05,
     idempotency_window: int = 1000,
+    evaluation_timeout_s: float = 60.0,
     limits: Limits | None = None,
     observer: Observer | None = None,
     files: Files | None = None,
@@ -50,5 +52,6 @@ def embedded_engine(
         device=device, torch_threads=torch_threads, default_nonfinite=default_nonfinite,
         data_dir=data_dir, durability=durability, snapshot_every_steps=snapshot_every_steps,
         snapshot_every_s=snapshot_every_s, fsync_interval_s=fsync_interval_s,
-        idempotency_window=idempotency_window, files=files, warm_up=warm_up), observer)
+        idempotency_window=idempotency_window, files=files, warm_up=warm_up,
+        evaluation_timeout_s=evaluation_timeout_s), observer)
     return Front(host, limits)

@@ -18,10 +18,13 @@ from app.engine.host import EmbeddedHost
 from app.engine.interface import (
     CreateSpec,
     EngineStatus,
+    Evaluation,
+    EvaluationRequest,
     GradsResult,
     GroupSpec,
     IdemKey,
     ParamsResult,
+    ReturnParams,
     SchedulerResult,
     SessionInfo,
     StateExport,
@@ -120,7 +123,7 @@ class Front:
 
     # ------------------------------------------------------------------ gradients and steps
     async def step(
-        self, session_id: str, grads: Tensors, *, return_params: bool,
+        self, session_id: str, grads: Tensors, *, return_params: ReturnParams,
         worker: str | None = None, base_version: int | None = None,
         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, params_into: Tensors | None = None,
@@ -131,6 +134,29 @@ class Front:
                                     base_version=base_version, idem=idem, options=options,
                                     params_into=params_into, upcast=upcast,
                                     params_dtype=params_dtype)
+
+    # ------------------------------------------------------------------ LBFGS evaluations
+    def uses_evaluations(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> bool:
+        """Whether ``POST .../step`` on this session opens an evaluation step (LBFGS)."""
+        return self.host.uses_evaluations(session_key(tenant, session_id))
+
+    async def open_evaluation_step(
+        self, session_id: str, first: Evaluation | None, *, return_params: ReturnParams,
+        tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
+        timeout_s: float | None = None,
+    ) -> EvaluationRequest | StepResult:
+        return await self.host.open_evaluation_step(
+            session_key(tenant, session_id), first, want_params=return_params, idem=idem,
+            timeout_s=timeout_s)
+
+    async def evaluate(self, session_id: str, eval_id: str, ev: Evaluation, fingerprint: str,
+                       *, tenant: str = DEFAULT_TENANT) -> EvaluationRequest | StepResult:
+        return await self.host.evaluate(session_key(tenant, session_id), eval_id, ev,
+                                        fingerprint)
+
+    async def abandon_step(self, session_id: str, step_id: str, *,
+                           tenant: str = DEFAULT_TENANT) -> str:
+        return await self.host.abandon_step(session_key(tenant, session_id), step_id)
 
     async def push(self, session_id: str, grads: Tensors, *, tenant: str = DEFAULT_TENANT,
                    idem: IdemKey | None = None, upcast: bool = False) -> GradsResult:
@@ -153,6 +179,15 @@ class Front:
         return await self.host.pull(session_key(tenant, session_id), names,
                                     min_version=min_version, wait_s=wait_s,
                                     unless_versions=unless_versions, params_into=params_into)
+
+    async def pull_rows(
+        self, session_id: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        tenant: str = DEFAULT_TENANT,
+    ) -> ParamsResult:
+        return await self.host.pull_rows(session_key(tenant, session_id), rows,
+                                         min_version=min_version, wait_s=wait_s,
+                                         unless_versions=unless_versions)
 
     async def overwrite(self, session_id: str, params: Tensors, *,
                         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None

@@ -36,15 +36,19 @@ from typing import Any, TypeVar
 
 import torch
 
-from app.engine import optimizers, persist, ps, state_dicts
+from app.engine import optimizers, persist, ps, sparse, state_dicts
+from app.engine.evaluations import Evaluations
 from app.engine.interface import (
     CreateSpec,
     Durability,
     EngineStatus,
+    Evaluation,
+    EvaluationRequest,
     GradsResult,
     IdemKey,
     NonFinitePolicy,
     ParamsResult,
+    ReturnParams,
     SchedulerResult,
     SessionInfo,
     StateExport,
@@ -62,7 +66,7 @@ from app.engine.ops import (
     Overwrite,
     Step,
 )
-from app.engine.ops.gradients import staleness_of
+from app.engine.ops.gradients import StepPlan, staleness_of
 from app.engine.rounds import SyncRounds
 from app.engine.session import Session
 from app.engine.store import Files, Store, StoreCorrupt
@@ -103,6 +107,8 @@ class HostConfig:
     warm_up: bool = True
     #: the store's file system calls (tests inject faults here)
     files: Files | None = None
+    #: how long an LBFGS step waits for each evaluation before it is abandoned
+    evaluation_timeout_s: float = 60.0
 
 
 class EmbeddedHost:
@@ -129,6 +135,7 @@ class EmbeddedHost:
         self._snapshotter: asyncio.Task[None] | None = None
         self._trimmer: asyncio.Task[None] | None = None
         self._busy_since_trim = False
+        self._evaluations = Evaluations(self)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -153,6 +160,7 @@ class EmbeddedHost:
         for task in (self._snapshotter, self._trimmer):
             if task is not None:
                 task.cancel()
+        await self._evaluations.abandon_all()
         await self._rounds.stop()
         if self._store is not None and self._worker.alive() and snapshot:
             for key in list(self._sessions):
@@ -267,6 +275,27 @@ class EmbeddedHost:
                       else s.pack_params(names))
             return ParamsResult(s.version, s.step_count, s.lrs(), params)
         return await self._worker.run(read)
+
+    async def pull_rows(
+        self, key: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+    ) -> ParamsResult:
+        """Some rows of some parameters (row-sparse tensors), as :meth:`pull` answers whole
+        parameters (waiting, ``not_modified``)."""
+        def read(check_only: bool = False) -> ParamsResult | None:
+            s = self._get(key)
+            sparse.check_rows(s, rows)
+            if check_only:
+                return None
+            if s.version in unless_versions:
+                return ParamsResult(s.version, s.step_count, s.lrs(), {}, not_modified=True)
+            return ParamsResult(s.version, s.step_count, s.lrs(), sparse.gather_rows(s, rows))
+        if min_version is not None and wait_s > 0:
+            await self._worker.run(lambda: read(check_only=True), "pull_rows")
+            await self.pull(key, [], min_version=min_version, wait_s=wait_s)
+        out = await self._worker.run(read, "pull_rows")
+        assert out is not None
+        return out
 
     async def export_state(self, key: str) -> StateExport:
         def read() -> StateExport:
@@ -390,6 +419,7 @@ class EmbeddedHost:
                                   "request; use a fresh key for every new operation",
                                   code="idempotency_key_reused", field="Idempotency-Key")
                 return True
+        await self._evaluations.abandon_all(key)
         async with self._lock(key):
             if key not in self._damaged:
                 self._get(key)
@@ -413,12 +443,14 @@ class EmbeddedHost:
 
     # ------------------------------------------------------------------ operations
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
-                      want_params: bool = False, params_into: Tensors | None = None,
+                      want_params: ReturnParams = False, params_into: Tensors | None = None,
                       params_dtype: torch.dtype | None = None) -> Any:
         """Apply one operation to the session, all or nothing; a repeated idempotency key is
         answered from the session's table without applying anything. A step's parameters come
-        back packed in a new buffer (``want_params``), or copied into ``params_into`` (views a
-        caller owns, e.g. a shared-memory segment of the same-host transport)."""
+        back packed in a new buffer (``want_params``; ``"touched"``: only the rows its sparse
+        gradients touched), or copied into ``params_into`` (views a caller owns, e.g. a
+        shared-memory segment of the same-host transport)."""
+        self._evaluations.refuse_if_open(key)
         async with self._lock(key):
             session = self._get(key)
             if idem is not None:
@@ -437,7 +469,7 @@ class EmbeddedHost:
         return result
 
     async def step(
-        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        self, key: str, grads: Tensors, *, want_params: ReturnParams, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, params_into: Tensors | None = None,
         upcast: bool = False, params_dtype: torch.dtype | None = None,
@@ -460,12 +492,12 @@ class EmbeddedHost:
                     op = Step(grads)
                     result: StepResult = await self._worker.run(
                         lambda: replay_answer(session, op, hit,
-                                              want_params or params_into is not None))
+                                              bool(want_params) or params_into is not None))
                     return result
             if upcast:
                 grads = await self._worker.run(lambda: self._widen(key, grads), "upcast")
             result = await self._rounds.push(key, worker, grads, base_version, idem,
-                                             want_params or params_into is not None)
+                                             bool(want_params) or params_into is not None)
             if params_dtype is not None and result.params is not None:
                 result = dataclasses.replace(result, params=pack(
                     {n: t.to(params_dtype) for n, t in result.params.items()}))
@@ -474,6 +506,30 @@ class EmbeddedHost:
             key, Step(grads, base_version, options=options, upcast=upcast), idem=idem,
             want_params=want_params, params_into=params_into, params_dtype=params_dtype)
         return out
+
+    # ------------------------------------------------------------------ LBFGS evaluations
+    def uses_evaluations(self, key: str) -> bool:
+        """Whether the session steps through evaluations (LBFGS); False for unknown ones."""
+        session = self._sessions.get(key)
+        return session is not None and session.optimizer_name == "LBFGS"
+
+    async def open_evaluation_step(
+        self, key: str, first: Evaluation | None, *, want_params: ReturnParams,
+        idem: IdemKey | None = None, timeout_s: float | None = None,
+    ) -> EvaluationRequest | StepResult:
+        """Open an LBFGS step (:mod:`app.engine.evaluations`): its first question, or its end."""
+        timeout = self.config.evaluation_timeout_s if timeout_s is None else timeout_s
+        return await self._evaluations.open(key, first, idem=idem, timeout_s=timeout,
+                                            want_params=want_params)
+
+    async def evaluate(self, key: str, eval_id: str, ev: Evaluation, fingerprint: str
+                       ) -> EvaluationRequest | StepResult:
+        """An evaluation for an open LBFGS step: its next question, or its end."""
+        return await self._evaluations.evaluate(key, eval_id, ev, fingerprint)
+
+    async def abandon_step(self, key: str, step_id: str) -> str:
+        """Abandon an open LBFGS step; how it ended (``abandoned`` or ``committed``)."""
+        return await self._evaluations.abandon(key, step_id)
 
     async def _check_push(self, key: str, grads: Tensors, base_version: int | None
                           ) -> Tensors:
@@ -498,7 +554,7 @@ class EmbeddedHost:
         return result
 
     async def _run(self, key: str, s: Session, op: Operation, keys: list[IdemKey],
-                   want_params: bool, sync: dict[str, Any] | None = None,
+                   want_params: ReturnParams, sync: dict[str, Any] | None = None,
                    params_into: Tensors | None = None,
                    params_dtype: torch.dtype | None = None) -> Any:
         """check, log ahead, apply (the caller holds the session's lock)."""
@@ -533,7 +589,7 @@ class EmbeddedHost:
         return result
 
     def _apply(self, key: str, s: Session, op: Operation, plan: Any, keys: list[IdemKey],
-               want_params: bool, before: int | None, sync: dict[str, Any] | None,
+               want_params: ReturnParams, before: int | None, sync: dict[str, Any] | None,
                params_into: Tensors | None = None,
                params_dtype: torch.dtype | None = None) -> Any:
         """Apply on the worker thread; on failure leave the session and its log as they were."""
@@ -555,6 +611,8 @@ class EmbeddedHost:
         if isinstance(result, StepResult):
             if params_into is not None and params_into.keys() == s.params.keys():
                 result.params = s.copy_params_into(params_into)
+            elif want_params == "touched" and isinstance(plan, StepPlan):
+                result.params = sparse.touched(s, plan.total)
             elif want_params or params_into is not None:
                 result.params = s.pack_params(dtype=params_dtype)
         return result
@@ -709,7 +767,7 @@ class EmbeddedHost:
                 now = time.monotonic()
                 for key in list(self._sessions):
                     s = self._sessions.get(key)
-                    if s is None:
+                    if s is None or self._evaluations.is_open(key):  # busy for a while
                         continue
                     due = s.seq > s.seq_at_snapshot and \
                         now - s.snapshot_time >= self.config.snapshot_every_s
@@ -738,7 +796,7 @@ def export_state_dict(s: Session) -> dict[str, Any]:
     return dict(sd)
 
 
-def replay_answer(s: Session, op: Operation, hit: dict[str, Any], want_params: bool,
+def replay_answer(s: Session, op: Operation, hit: dict[str, Any], want_params: ReturnParams,
                   params_into: Tensors | None = None,
                   params_dtype: torch.dtype | None = None) -> Any:
     """The answer to a repeated idempotency key, from what the table kept (no tensors): a step

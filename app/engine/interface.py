@@ -16,6 +16,9 @@ import torch
 NonFinitePolicy = Literal["reject", "skip", "allow"]
 Durability = Literal["step", "interval", "memory"]
 Tensors = dict[str, torch.Tensor]
+#: what a step answers with: every parameter, none, or (``"touched"``) the rows of each
+#: parameter stepped with a row-sparse gradient plus the parameters stepped with dense ones
+ReturnParams = bool | Literal["touched"]
 
 
 def session_key(tenant: str, session_id: str) -> str:
@@ -122,10 +125,18 @@ class StepResult:
     replayed: bool = False
     #: a replayed answer's params are the current ones; this is their version
     params_version: int | None = None
+    #: an LBFGS step: its first evaluation's loss (what torch's ``step`` returns) and how many
+    #: evaluations it took
+    loss: float | None = None
+    evaluations: int | None = None
 
     def scalars(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.version, "step": self.step,
                                "lr": json_floats(self.lr), "skipped": self.skipped}
+        if self.loss is not None:
+            out["loss"] = json_float(self.loss)
+        if self.evaluations is not None:
+            out["evaluations"] = self.evaluations
         if self.nonfinite:
             out["nonfinite"] = self.nonfinite
         if self.sync is not None:
@@ -137,6 +148,35 @@ class StepResult:
         if self.params_version is not None and self.params_version != self.version:
             out["params_version"] = self.params_version
         return out
+
+
+@dataclass
+class Evaluation:
+    """One closure call's answer in an LBFGS step: the loss and the gradients at the parameters
+    it was asked at (a parameter left out has no gradient: torch's LBFGS counts it as zeros)."""
+
+    loss: float
+    grads: Tensors
+
+
+@dataclass
+class EvaluationRequest:
+    """An LBFGS step waiting for the client: the loss and gradients at ``params`` are needed
+    (post them to evaluation ``evaluation``); ``evaluations`` have been answered so far. The
+    session is still at ``version`` / ``step``."""
+
+    step_id: str
+    evaluation: str
+    evaluations: int
+    version: int
+    step: int
+    params: Tensors
+    timeout_s: float
+
+    def scalars(self) -> dict[str, Any]:
+        return {"needs": "evaluation", "step_id": self.step_id, "evaluation": self.evaluation,
+                "evaluations": self.evaluations, "version": self.version, "step": self.step,
+                "timeout_s": self.timeout_s}
 
 
 @dataclass
@@ -227,12 +267,22 @@ class Engine(Protocol):
         """True when a repeated idempotency key was answered (the session was gone)."""
 
     async def step(
-        self, session_id: str, grads: Tensors, *, return_params: bool,
+        self, session_id: str, grads: Tensors, *, return_params: ReturnParams,
         worker: str | None = ..., base_version: int | None = ..., tenant: str = ...,
         idem: IdemKey | None = ..., options: dict[int, dict[str, Any]] | None = ...,
         params_into: Tensors | None = ..., upcast: bool = ...,
         params_dtype: torch.dtype | None = ...,
     ) -> StepResult: ...
+    def uses_evaluations(self, session_id: str, *, tenant: str = ...) -> bool: ...
+    async def open_evaluation_step(
+        self, session_id: str, first: Evaluation | None, *, return_params: ReturnParams,
+        tenant: str = ...,
+        idem: IdemKey | None = ..., timeout_s: float | None = ...,
+    ) -> EvaluationRequest | StepResult: ...
+    async def evaluate(self, session_id: str, eval_id: str, ev: Evaluation, fingerprint: str, *,
+                       tenant: str = ...) -> EvaluationRequest | StepResult: ...
+    async def abandon_step(self, session_id: str, step_id: str, *, tenant: str = ...
+                           ) -> str: ...
     async def configure(self, session_id: str, options: dict[str, Any], *, tenant: str = ...,
                         idem: IdemKey | None = ...) -> SessionInfo: ...
     async def push(self, session_id: str, grads: Tensors, *, tenant: str = ...,
@@ -243,6 +293,10 @@ class Engine(Protocol):
         self, session_id: str, names: list[str] | None, *, min_version: int | None = ...,
         wait_s: float = ..., unless_versions: frozenset[int] = ..., tenant: str = ...,
         params_into: Tensors | None = ...,
+    ) -> ParamsResult: ...
+    async def pull_rows(
+        self, session_id: str, rows: dict[str, torch.Tensor], *, min_version: int | None = ...,
+        wait_s: float = ..., unless_versions: frozenset[int] = ..., tenant: str = ...,
     ) -> ParamsResult: ...
     async def overwrite(self, session_id: str, params: Tensors, *, tenant: str = ...,
                         idem: IdemKey | None = ...) -> ParamsResult: ...

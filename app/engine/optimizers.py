@@ -20,15 +20,13 @@ from app.wire.json_tensor import decode_json_tensor, is_json_tensor
 from app.wire.tree import is_float_tag, untag_float
 
 SUPPORTED = (
-    "Adafactor", "Adadelta", "Adagrad", "Adam", "Adamax", "AdamW", "ASGD", "Muon",
-    "NAdam", "RAdam", "RMSprop", "Rprop", "SGD",
+    "Adafactor", "Adadelta", "Adagrad", "Adam", "Adamax", "AdamW", "ASGD", "LBFGS", "Muon",
+    "NAdam", "RAdam", "RMSprop", "Rprop", "SGD", "SparseAdam",
 )
-UNSUPPORTED = {
-    "LBFGS": "LBFGS re-evaluates the loss through a closure several times per step; a closure "
-             "cannot travel over HTTP, so optserve does not offer LBFGS (yet)",
-    "SparseAdam": "SparseAdam needs sparse gradients, which optserve's wire formats do not "
-                  "carry (yet); use Adam or AdamW with dense gradients",
-}
+#: the optimizers stepped with pushed gradients (LBFGS steps through evaluations, SparseAdam
+#: takes only row-sparse gradients: see app.engine.sparse and app.engine.evaluations)
+GRADIENT_STEPPED = tuple(n for n in SUPPORTED if n not in ("LBFGS", "SparseAdam"))
+UNSUPPORTED: dict[str, str] = {}
 # Options whose default is None, and the type they take when given.
 _NONE_DEFAULT_TYPES: dict[str, tuple[type, ...]] = {
     "foreach": (bool,),
@@ -219,8 +217,29 @@ def probe(
                 cls([torch.full((2, 2), 0.5, dtype=dtypes[i], device=device)],
                     **{**defaults, **own})
         for t in tensors:
-            t.grad = torch.full_like(t, 0.25)
-        opt.step()
+            t.grad = probe_grad(cls, t, 0.25)
+        probe_step(opt)
     except TORCH_ERRORS as exc:
         raise Invalid(str(exc) or type(exc).__name__, code="invalid_option",
                       field=blame(str(exc), fields, fallback)) from None
+
+
+def probe_grad(cls: type[torch.optim.Optimizer], t: torch.Tensor, fill: float) -> torch.Tensor:
+    """A gradient for a throwaway step: dense, or every row as a row-sparse gradient for an
+    optimizer that takes only sparse ones (SparseAdam)."""
+    dense = torch.full_like(t, fill)
+    if cls is not torch.optim.SparseAdam:
+        return dense
+    if t.dim() == 0:
+        return dense.to_sparse()
+    rows = torch.arange(t.shape[0], device=t.device).reshape(1, -1)
+    return torch.sparse_coo_tensor(rows, dense, t.shape, check_invariants=False)
+
+
+def probe_step(opt: torch.optim.Optimizer) -> None:
+    """One throwaway step with the gradients already set (LBFGS: through a closure that
+    leaves them as they are)."""
+    if isinstance(opt, torch.optim.LBFGS):
+        opt.step(lambda: 0.0)  # type: ignore[no-untyped-call]
+    else:
+        opt.step()

@@ -36,7 +36,7 @@ def encode_tree(tree: Any, key: str) -> bytes:
 def decode_tree(payload: bytes, key: str) -> Any:
     tensors, metadata = read_safetensors(bytearray(payload))
     skeleton = orjson.loads(metadata[key])
-    return tree_from_json(skeleton, "", tensors)
+    return tree_from_json(skeleton, "", tensors, sparse=True)
 
 
 @dataclass

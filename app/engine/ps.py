@@ -18,6 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+import torch
+
+from app.engine import sparse
 from app.engine.interface import Tensors
 from app.errors import Invalid
 
@@ -149,7 +152,11 @@ def reduce(pushes: Mapping[str, Tensors], how: Reduce) -> Tensors:
             continue
         acc = pushes[senders[0]][name].clone()
         for w in senders[1:]:
-            acc.add_(pushes[w][name])
+            g = pushes[w][name]
+            if acc.layout == torch.strided and g.layout == torch.strided:
+                acc.add_(g)
+            else:  # row-sparse pushes (the same bits: IEEE addition commutes)
+                acc = sparse.add(acc, g)
         if how == "mean":
             acc.div_(len(senders))
         out[name] = acc

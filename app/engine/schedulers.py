@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch.optim import lr_scheduler
 
-from app.engine.optimizers import TORCH_ERRORS, blame
+from app.engine.optimizers import TORCH_ERRORS, blame, probe_step
 from app.errors import Conflict, Invalid
 from app.wire.tree import is_float_tag, untag_float
 
@@ -211,7 +211,7 @@ def probe(spec: SchedulerSpec, make_optimizer: Any, field: str) -> None:
     sched = build(spec, opt, field)
     fields = {k: f"{field}.options.{k}" for k in spec.options}
     try:
-        opt.step()
+        probe_step(opt)
         if spec.name == "ReduceLROnPlateau":
             sched.step(1.0)
         else:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from app.engine import optimizers, ps, schedulers, state_dicts
+from app.engine import optimizers, ps, schedulers, sparse, state_dicts
 from app.engine.idempotency import IdempotencyTable
 from app.engine.interface import (
     Durability,
@@ -137,12 +137,13 @@ class Session:
                 tiny = []
                 for opts, dtype in zip(group_opts, dtypes, strict=True):
                     t = torch.full((2, 2), 0.5, dtype=dtype, device=device)
-                    t.grad = torch.full_like(t, 0.25)
+                    t.grad = optimizers.probe_grad(cls, t, 0.25)
                     tiny.append({"params": [t], **opts})
                 return cls(tiny, **defaults)
             schedulers.probe(sched_spec, make_probe, "scheduler")
 
-        params = flat_block({n: t for g in groups for n, t in g.params.items()}, device)
+        params = flat_block({n: t for g in groups for n, t in g.params.items()}, device,
+                            cls.__name__)
         torch_groups = []
         for group, opts in zip(groups, group_opts, strict=True):
             torch_groups.append({"params": [(n, params[n]) for n in group.params], **opts})
@@ -200,23 +201,36 @@ class Session:
 
     def memory_bytes(self) -> int:
         total = sum(p.numel() * p.element_size() for p in self.params.values())
-        total += sum(a.numel() * a.element_size() for a in self.accum.values())
+        for a in self.accum.values():
+            if a.layout != torch.strided:  # a sparse accumulator holds its indices and values
+                total += a._indices().numel() * 8
+                a = a._values()
+            total += a.numel() * a.element_size()
         for st in list(self.optimizer.state.values()):
             total += sum(v.numel() * v.element_size() for v in st.values()
                          if isinstance(v, torch.Tensor))
         return total
 
     # ----------------------------------------------------------------- shared checks
-    def check_tensors(self, tensors: Tensors, field: str, upcast: bool = False) -> None:
-        """Names, dtypes and shapes of tensors sent for this session's parameters. With
-        ``upcast``, a float16/bfloat16 tensor is also accepted for a wider floating parameter
-        (the caller asked for the widening: never a silent cast, never a narrowing)."""
+    def check_tensors(self, tensors: Tensors, field: str, upcast: bool = False, *,
+                      sparse_ok: bool = False) -> None:
+        """Names, dtypes and shapes of tensors sent for this session's parameters (row-sparse
+        gradients where ``sparse_ok``: see :mod:`app.engine.sparse`). With ``upcast``, a
+        float16/bfloat16 dense tensor is also accepted for a wider floating parameter (the
+        caller asked for the widening: never a silent cast, never a narrowing)."""
         for name, t in tensors.items():
             p = self.params.get(name)
             if p is None:
                 raise Invalid(f"unknown parameter {name!r:.80}; this session has "
                               f"{', '.join(repr(n) for n in list(self.params)[:20])}",
                               code="unknown_parameter", field=f"{field}.{name}")
+            if t.layout != torch.strided:
+                if not sparse_ok:
+                    raise Invalid(f"{name!r:.80} must be a dense tensor here (only gradients "
+                                  "may be sparse)", code="invalid_tensor",
+                                  field=f"{field}.{name}")
+                sparse.check_sparse(name, p, t, field)
+                continue
             if t.dtype != p.dtype and not (upcast and widens(t.dtype, p.dtype)):
                 hint = (" (send ?upcast=true to widen float16/bfloat16 gradients)"
                         if widens(t.dtype, p.dtype) else " (no silent casts)")
@@ -234,6 +248,8 @@ class Session:
         # A sum is finite only when every element is (NaN and infinities propagate), and it
         # costs a fraction of isfinite().all() (no N-element mask; ~40x less on a CPU). A
         # non-finite sum may also be a finite overflow: those tensors get the exact test.
+        # a sparse tensor's values are what it holds
+        tensors = {n: t._values() if t.layout != torch.strided else t for n, t in tensors.items()}
         # Tensors that tile one span of one storage (the gradients of one request body) are
         # summed as that one span first: one reduction instead of one per tensor.
         spans: dict[tuple[int, torch.dtype, str], list[str]] = {}
@@ -269,10 +285,14 @@ class Session:
                       code=f"nonfinite_{what}", field=f"{field}.{bad[0]}", names=bad)
 
     def on_device(self, tensors: Tensors) -> Tensors:
-        """The tensors on the session's device, each in its parameter's dtype (a widening the
-        caller asked for happens here, once, on the device)."""
+        """The (checked) tensors on the session's device, each in its parameter's dtype (a
+        widening the caller asked for happens here, once, on the device); row-sparse
+        gradients at their parameter's shape."""
         out = {}
         for n, t in tensors.items():
+            if t.layout != torch.strided:
+                out[n] = sparse.fit(t, self.params[n])
+                continue
             # from pinned host memory (request bodies when the device is a GPU) the copy is
             # asynchronous; the step's kernels run after it on the same stream
             t = t.to(self.device, non_blocking=self.device.type == "cuda" and t.is_pinned())
@@ -281,9 +301,10 @@ class Session:
         return out
 
     def check_grads(self, grads: Tensors, upcast: bool = False) -> Tensors:
-        """Gradients checked (names, dtypes, shapes, the non-finite policy) and on the device;
-        changes nothing."""
-        self.check_tensors(grads, "grads", upcast)
+        """Gradients checked (names, dtypes, shapes, layouts the optimizer takes, the non-finite
+        policy) and on the device; changes nothing."""
+        self.check_tensors(grads, "grads", upcast, sparse_ok=True)
+        sparse.check_optimizer_takes(self, grads)
         grads = self.on_device(grads)
         bad = self.nonfinite_names(grads)
         if bad and self.nonfinite == "reject":
@@ -399,10 +420,18 @@ class Session:
         return session
 
 
-def flat_block(tensors: Tensors, device: torch.device) -> Tensors:
+def flat_block(tensors: Tensors, device: torch.device, optimizer: str = "") -> Tensors:
     """Copies of ``tensors`` on ``device`` as views into one buffer, laid out as :func:`pack`
     lays them out (widest dtype first): every parameter of a session is its own tensor to
-    torch, and the whole session can be copied out at once (:func:`pack_block`)."""
+    torch, and the whole session can be copied out at once (:func:`pack_block`).
+
+    Not for the 1-D parameters of an optimizer that takes row-sparse gradients: torch 2.x
+    adds a sparse tensor into a 1-D dense view at the wrong place when the view does not
+    start its storage (``block[6:12].add_(sparse)`` writes past the view, or crashes), and
+    SGD, Adagrad and SparseAdam step with exactly that add. Those get storage of their own
+    (:func:`pack_block` then copies tensor by tensor)."""
+    if optimizer in sparse.TAKE_SPARSE and any(t.dim() == 1 for t in tensors.values()):
+        return {n: t.detach().to(device, copy=True) for n, t in tensors.items()}
     order = sorted(tensors, key=lambda n: -tensors[n].element_size())
     total = sum(tensors[n].numel() * tensors[n].element_size() for n in order)
     block = torch.empty(total, dtype=torch.uint8, device=device)

@@ -139,12 +139,12 @@ def _expected_state(
     for g, opts in zip(session.optimizer.param_groups, group_opts, strict=True):
         ts = [torch.zeros_like(p) for p in g["params"]]
         for t in ts:
-            t.grad = torch.zeros_like(t)
+            t.grad = optimizers.probe_grad(session.cls, t, 0.0)
         scratch.extend(ts)
         scratch_groups.append({"params": ts, **opts})
     opt = session.cls(scratch_groups, **session.defaults)
     eager = any(len(opt.state[t]) > 0 for t in scratch)
-    opt.step()
+    optimizers.probe_step(opt)
     return [dict(opt.state[t]) for t in scratch], eager
 
 
@@ -220,6 +220,9 @@ def _check_finite(obj: Any, field: str) -> None:
     elif isinstance(obj, dict):
         for k, v in obj.items():
             _check_finite(v, f"{field}.{k}")
+    elif isinstance(obj, (list, tuple)):  # LBFGS keeps lists of tensors
+        for i, v in enumerate(obj):
+            _check_finite(v, f"{field}.{i}")
 
 
 def prepare_import(session: Session, state: object) -> PreparedImport:
@@ -293,7 +296,8 @@ def prepare_import(session: Session, state: object) -> PreparedImport:
         raise Invalid("state must be an object of per-parameter states", code="state_mismatch",
                       field="state_dict.state")
     position = {pid: i for i, pid in enumerate(order)}
-    expected, eager = _expected_state(session, group_opts)
+    lbfgs = session.optimizer_name == "LBFGS"
+    expected, eager = _expected_state(session, group_opts) if not lbfgs else ([], False)
     new_state: dict[int, Any] = {}
     for key, entry in raw_state.items():
         where = f"state_dict.state.{key}"
@@ -304,7 +308,10 @@ def prepare_import(session: Session, state: object) -> PreparedImport:
         if not isinstance(entry, dict):
             raise Invalid("a parameter's state must be an object", code="state_mismatch",
                           field=where)
-        if entry or eager:
+        if lbfgs:
+            if entry:
+                check_lbfgs_state(session, group_opts[0], position[pid], entry, where)
+        elif entry or eager:
             same_structure(expected[position[pid]], entry, where)
         entry = own_tensors(entry, where)
         if "step" in entry:
@@ -329,3 +336,76 @@ def prepare_import(session: Session, state: object) -> PreparedImport:
         sched_state = conform(live, own_tensors(sched_state, "state_dict.scheduler"))
     names = [list(g["param_names"]) for g in current]
     return PreparedImport({"state": new_state, "param_groups": new_groups}, sched_state, names)
+
+
+_LBFGS_COUNTERS = ("func_evals", "n_iter")
+_LBFGS_HISTORY = ("d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad",
+                  "prev_loss", "al")
+
+
+def check_lbfgs_state(session: Session, options: dict[str, Any], position: int,
+                      entry: dict[str, Any], where: str) -> None:
+    """LBFGS keeps one state for the whole problem, under its first parameter: step counters,
+    and once it has moved, its direction ``d``, step ``t``, the history of ``old_dirs`` /
+    ``old_stps`` / ``ro`` (at most ``history_size`` each), ``H_diag``, the previous flat
+    gradient and loss, and the scratch list ``al``. Vectors hold every parameter's elements,
+    flattened (torch's ``_gather_flat_grad``)."""
+    if position != 0:
+        raise Invalid("LBFGS keeps its state under its first parameter only",
+                      code="state_mismatch", field=where)
+    keys = {str(k) for k in entry}
+    allowed = {*_LBFGS_COUNTERS, *_LBFGS_HISTORY}
+    if not keys <= allowed or not set(_LBFGS_COUNTERS) <= keys or (
+            keys & set(_LBFGS_HISTORY) and not set(_LBFGS_HISTORY) <= keys):
+        raise Invalid(f"an LBFGS state has {', '.join(_LBFGS_COUNTERS)} and, once it has "
+                      f"moved, {', '.join(_LBFGS_HISTORY)}; got {sorted(keys)[:12]}",
+                      code="state_mismatch", field=where)
+    for k in _LBFGS_COUNTERS:
+        if type(entry[k]) is not int or entry[k] < 0:
+            raise Invalid(f"{k} must be a whole number >= 0", code="state_mismatch",
+                          field=f"{where}.{k}")
+    if "d" not in entry:
+        return
+    params = session.optimizer.param_groups[0]["params"]
+    n = sum(p.numel() for p in params)
+    dtype = torch.cat([p.detach().reshape(-1)[:0] for p in params]).dtype
+
+    def vector(v: Any, field: str) -> None:
+        if not isinstance(v, torch.Tensor) or v.shape != (n,) or v.dtype != dtype:
+            raise Invalid(f"expected a {str(dtype).removeprefix('torch.')} tensor of shape "
+                          f"[{n}] (every parameter's elements)", code="state_mismatch",
+                          field=field)
+
+    def scalar(v: Any, field: str, number_ok: bool) -> None:
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point():
+            return
+        if number_ok and type(v) in (int, float):
+            return
+        raise Invalid("expected a number or a one-element floating tensor",
+                      code="state_mismatch", field=field)
+
+    vector(entry["d"], f"{where}.d")
+    vector(entry["prev_flat_grad"], f"{where}.prev_flat_grad")
+    scalar(entry["t"], f"{where}.t", True)
+    scalar(entry["H_diag"], f"{where}.H_diag", True)
+    scalar(entry["prev_loss"], f"{where}.prev_loss", True)
+    lists = {k: entry[k] for k in ("old_dirs", "old_stps", "ro", "al")}
+    for k, v in lists.items():
+        if not isinstance(v, (list, tuple)):
+            raise Invalid("expected a list", code="state_mismatch", field=f"{where}.{k}")
+    history = len(lists["old_dirs"])
+    if len(lists["old_stps"]) != history or len(lists["ro"]) != history:
+        raise Invalid("old_dirs, old_stps and ro must be as long as each other",
+                      code="state_mismatch", field=f"{where}.old_stps")
+    size = options.get("history_size", 100)
+    if history > size or len(lists["al"]) < history:
+        raise Invalid(f"the history holds {history} entries; history_size is {size} and al "
+                      f"has {len(lists['al'])}", code="state_mismatch",
+                      field=f"{where}.old_dirs")
+    for i in range(history):
+        vector(lists["old_dirs"][i], f"{where}.old_dirs.{i}")
+        vector(lists["old_stps"][i], f"{where}.old_stps.{i}")
+        scalar(lists["ro"][i], f"{where}.ro.{i}", False)
+    for i, v in enumerate(lists["al"]):
+        if v is not None:
+            scalar(v, f"{where}.al.{i}", False)

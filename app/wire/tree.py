@@ -17,6 +17,9 @@ from app.errors import Invalid
 from app.wire.json_tensor import decode_json_tensor, encode_json_tensor, is_json_tensor
 
 _FLOAT_TAGS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+#: a sparse COO tensor in the service's own files (log records, snapshots): its indices,
+#: values, shape and whether it is coalesced; never read from a client's tree
+SPARSE_TAG = "$sparse"
 
 
 def _float_tag(x: float) -> dict[str, str]:
@@ -37,6 +40,11 @@ def untag_float(obj: dict[str, Any], field: str, code: str) -> float:
 
 def to_jsonable(obj: Any, on_tensor: Callable[[torch.Tensor, str], Any], path: str = "") -> Any:
     if isinstance(obj, torch.Tensor):
+        if obj.layout == torch.sparse_coo:  # its parts (the service's own files only)
+            return {SPARSE_TAG: {
+                "indices": on_tensor(obj._indices(), f"{path}.indices"),
+                "values": on_tensor(obj._values(), f"{path}.values"),
+                "shape": list(obj.shape), "coalesced": obj.is_coalesced()}}
         return on_tensor(obj, path)
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v, on_tensor, f"{path}.{k}" if path else str(k))
@@ -68,14 +76,22 @@ def tree_to_safetensors(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
 
 
 def tree_from_json(
-    obj: Any, field: str = "", tensors: dict[str, torch.Tensor] | None = None, depth: int = 0
+    obj: Any, field: str = "", tensors: dict[str, torch.Tensor] | None = None, depth: int = 0,
+    *, sparse: bool = False,
 ) -> Any:
-    """Plain JSON (from :func:`tree_to_json` or :func:`tree_to_safetensors`) back to a tree."""
+    """Plain JSON (from :func:`tree_to_json` or :func:`tree_to_safetensors`) back to a tree;
+    ``$sparse`` tags become sparse tensors only with ``sparse`` (the service's own files)."""
     if depth > 64:
         raise Invalid("state is nested too deeply", code="invalid_state", field=field)
     if isinstance(obj, dict):
         if obj.keys() == {"$float"}:
             return untag_float(obj, field, "invalid_state")
+        if sparse and obj.keys() == {SPARSE_TAG}:
+            parts = tree_from_json(obj[SPARSE_TAG], field, tensors, depth + 1)
+            return torch.sparse_coo_tensor(parts["indices"], parts["values"],
+                                           tuple(parts["shape"]),
+                                           is_coalesced=bool(parts["coalesced"]),
+                                           check_invariants=False)
         if obj.keys() == {"$tensor"}:
             key = obj["$tensor"]
             if tensors is None or not isinstance(key, str) or key not in tensors:
@@ -84,9 +100,11 @@ def tree_from_json(
             return tensors[key]
         if is_json_tensor(obj):
             return decode_json_tensor(obj, field)
-        return {k: tree_from_json(v, f"{field}.{k}" if field else str(k), tensors, depth + 1)
+        return {k: tree_from_json(v, f"{field}.{k}" if field else str(k), tensors, depth + 1,
+                                  sparse=sparse)
                 for k, v in obj.items()}
     if isinstance(obj, list):
-        return [tree_from_json(v, f"{field}.{i}" if field else str(i), tensors, depth + 1)
+        return [tree_from_json(v, f"{field}.{i}" if field else str(i), tensors, depth + 1,
+                               sparse=sparse)
                 for i, v in enumerate(obj)]
     return obj

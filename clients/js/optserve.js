@@ -203,7 +203,88 @@ export function asTensor(x) {
 
 function tensorMap(obj) {
   const out = {};
-  for (const [name, t] of Object.entries(obj ?? {})) out[name] = asTensor(t);
+  for (const [name, t] of Object.entries(obj ?? {})) out[name] = t instanceof SparseRows ? t : asTensor(t);
+  return out;
+}
+
+/**
+ * Some rows of a parameter (an embedding table): `values` holds one row per entry of `indices`.
+ * As a gradient it is row-sparse (duplicate rows are summed by the optimizer, as torch's
+ * embedding backward leaves them); row pulls and `returnParams: "touched"` answer with these.
+ * indices: an int64 Tensor, a BigInt64Array or an array of integers; values: a Tensor [n, ...]
+ * (or what asTensor takes); shape: the parameter's dense shape (optional in a gradient).
+ */
+export class SparseRows {
+  constructor(indices, values, shape) {
+    this.indices = indices instanceof Tensor ? indices : Tensor.from(Array.from(indices, (v) => BigInt(v)), { dtype: "int64" });
+    if (this.indices.dtype !== "int64" || this.indices.shape.length !== 1) throw new TypeError("indices must be 1-D int64");
+    this.values = asTensor(values);
+    if (this.values.shape.length < 1 || this.values.shape[0] !== this.indices.numel) {
+      throw new RangeError(`${this.indices.numel} indices need values of shape [${this.indices.numel}, ...], got ${JSON.stringify(this.values.shape)}`);
+    }
+    this.shape = shape ? shape.slice() : undefined;
+  }
+
+  get dtype() {
+    return this.values.dtype;
+  }
+
+  /** The row indices as plain numbers. */
+  rows() {
+    return Array.from(this.indices.data, Number);
+  }
+
+  toJSON() {
+    return encodeSparseRows(this);
+  }
+}
+
+function encodeSparseRows(s, { b64 = false } = {}) {
+  const out = { dtype: s.values.dtype };
+  if (s.shape) out.shape = s.shape.slice();
+  out.indices = s.rows();
+  out.values = encodeJsonTensor(s.values, { b64 });
+  return out;
+}
+
+/** A JSON tensor or JSON sparse rows object ({indices, values, shape}) to a Tensor or SparseRows. */
+function decodeAnyTensor(obj) {
+  if (obj && typeof obj === "object" && "indices" in obj && "values" in obj) {
+    const idx = Array.isArray(obj.indices) ? obj.indices : decodeJsonTensor(obj.indices).toArray();
+    return new SparseRows(idx, decodeJsonTensor(obj.values), obj.shape);
+  }
+  return decodeJsonTensor(obj);
+}
+
+/** safetensors entries with `<name>.indices` (int64) + `<name>.values` merged into SparseRows. */
+function pairSparse(tensors, shapes = {}) {
+  const out = {};
+  const taken = new Set();
+  for (const [key, t] of Object.entries(tensors)) {
+    if (key.endsWith(".indices") && t.dtype === "int64") {
+      const name = key.slice(0, -".indices".length);
+      const values = tensors[`${name}.values`];
+      if (values) {
+        out[name] = new SparseRows(t, values, shapes[name]);
+        taken.add(key).add(`${name}.values`);
+      }
+    }
+  }
+  for (const [key, t] of Object.entries(tensors)) if (!taken.has(key)) out[key] = t;
+  return out;
+}
+
+/** Tensors for a safetensors body: SparseRows as their `.indices` / `.values` pair. */
+function flattenSparse(map) {
+  const out = {};
+  for (const [name, t] of Object.entries(map)) {
+    if (t instanceof SparseRows) {
+      out[`${name}.indices`] = t.indices;
+      out[`${name}.values`] = t.values;
+    } else {
+      out[name] = t;
+    }
+  }
   return out;
 }
 
@@ -640,7 +721,8 @@ export class OptserveClient {
   }
 
   /** Tensors out of a step / params answer, JSON or safetensors. */
-  async _tensorsCall(method, path, { tensors, key, binary, encoding, query = {}, headers, extra }) {
+  async _tensorsCall(method, path, { tensors, key, binary, encoding, query = {}, headers, extra, body }) {
+    // body: {json} or {body, contentType} sent as is (when tensors is undefined)
     // extra: more top-level body fields (JSON), or safetensors __metadata__ entries (JSON texts)
     binary = binary ?? this.binary;
     const q = { ...query };
@@ -650,12 +732,16 @@ export class OptserveClient {
       const map = tensorMap(tensors);
       if (binary) {
         const meta = extra ? Object.fromEntries(Object.entries(extra).map(([k, v]) => [k, stringify(v)])) : undefined;
-        opts.body = writeSafetensors(map, meta);
+        opts.body = writeSafetensors(flattenSparse(map), meta);
       } else {
         const enc = {};
-        for (const [n, t] of Object.entries(map)) enc[n] = encodeJsonTensor(t, { b64: encoding === "b64" });
+        for (const [n, t] of Object.entries(map)) {
+          enc[n] = t instanceof SparseRows ? encodeSparseRows(t, { b64: encoding === "b64" }) : encodeJsonTensor(t, { b64: encoding === "b64" });
+        }
         opts.json = { [key]: enc, ...(extra ?? {}) };
       }
+    } else if (body !== undefined) {
+      Object.assign(opts, body);
     }
     const { res, buf } = await this.request(method, path, opts);
     const headerInfo = versionFromHeaders(res);
@@ -663,13 +749,13 @@ export class OptserveClient {
     if (res.status === 304) return { ...headerInfo, etag, notModified: true };
     if ((res.headers.get("content-type") ?? "").startsWith(BINARY)) {
       const { tensors: out, metadata } = readSafetensors(buf);
-      const meta = parseMetadata(metadata);
+      const { sparse, ...meta } = parseMetadata(metadata);
       const result = { ...headerInfo, ...meta, etag };
-      if (query.return !== "none") result.params = out;
+      if (query.return !== "none") result.params = sparse ? pairSparse(out, sparse) : out;
       return result;
     }
     const obj = JSON.parse(textDecoder.decode(buf));
-    if (obj.params) obj.params = Object.fromEntries(Object.entries(obj.params).map(([n, t]) => [n, decodeJsonTensor(t)]));
+    if (obj.params) obj.params = Object.fromEntries(Object.entries(obj.params).map(([n, t]) => [n, decodeAnyTensor(t)]));
     obj.etag = etag;
     return obj;
   }
@@ -746,7 +832,9 @@ export class OptserveClient {
 
   /**
    * POST /v1/sessions/{id}/step with grads {name: tensor}. Options: binary (safetensors both ways),
-   * encoding ("data" | "b64" for JSON), returnParams (false: only version/step/lr).
+   * encoding ("data" | "b64" for JSON), returnParams (false: only version/step/lr; "touched":
+   * only the rows stepped with sparse gradients, as SparseRows, and the parameters stepped with
+   * dense ones). A gradient may be SparseRows (some rows of an embedding table).
    * paramGroups: option changes made atomically with the step, by group index
    * ({0: {lr: 1e-3, betas: [0.9, 0.99]}}, or an array); a refused option fails the whole step.
    * Returns {version, step, lr, skipped, nonfinite?, params?: {name: Tensor}, etag}.
@@ -754,7 +842,7 @@ export class OptserveClient {
   step(id, grads = {}, { binary, encoding, returnParams = true, worker, baseVersion, paramGroups } = {}) {
     // worker: this push's worker id in a sync (parameter-server) session (X-Optserve-Worker);
     // baseVersion: the version the gradients were computed from (bounded staleness).
-    const query = returnParams ? {} : { return: "none" };
+    const query = returnParams === "touched" ? { return: "touched" } : returnParams ? {} : { return: "none" };
     if (baseVersion !== undefined) query.base_version = baseVersion;
     const headers = worker !== undefined ? { "X-Optserve-Worker": String(worker) } : undefined;
     const extra = paramGroups === undefined ? undefined : { param_groups: treeToJson(paramGroups) };
@@ -775,7 +863,7 @@ export class OptserveClient {
   pushGrads(id, grads, { binary } = {}) {
     binary = binary ?? this.binary;
     const map = tensorMap(grads);
-    if (binary) return this._json("POST", `${this._sid(id)}/grads`, { body: writeSafetensors(map) });
+    if (binary) return this._json("POST", `${this._sid(id)}/grads`, { body: writeSafetensors(flattenSparse(map)) });
     return this._json("POST", `${this._sid(id)}/grads`, { json: { grads: encodeMap(map) } });
   }
 
@@ -793,6 +881,76 @@ export class OptserveClient {
     if (waitS !== undefined) query.wait_s = waitS;
     const headers = ifNoneMatch !== undefined ? { "If-None-Match": `"${ifNoneMatch}"` } : undefined;
     return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers });
+  }
+
+  /**
+   * Some rows of some parameters: rows = {name: [i, ...] | BigInt64Array | int64 Tensor}.
+   * GET .../params?name=&rows= for one parameter and at most 256 rows, else POST .../params/rows.
+   * Returns {version, step, lr, params: {name: SparseRows}, etag} (rows in the order asked), or
+   * {notModified: true} while ifNoneMatch names the current version.
+   */
+  getRows(id, rows, { binary, encoding, ifNoneMatch, minVersion, waitS } = {}) {
+    const lists = Object.fromEntries(Object.entries(rows).map(([n, r]) => [n, r instanceof Tensor ? Array.from(r.data, Number) : Array.from(r, Number)]));
+    const names = Object.keys(lists);
+    if (!names.length) throw new TypeError("rows must name at least one parameter");
+    const query = {};
+    if (minVersion !== undefined) query.min_version = minVersion;
+    if (waitS !== undefined) query.wait_s = waitS;
+    const headers = ifNoneMatch !== undefined ? { "If-None-Match": `"${ifNoneMatch}"` } : undefined;
+    if (names.length === 1 && lists[names[0]].length <= 256 && !names[0].includes(",")) {
+      Object.assign(query, { name: names[0], rows: lists[names[0]].join(",") });
+      return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers });
+    }
+    binary = binary ?? this.binary;
+    const body = binary
+      ? { body: writeSafetensors(Object.fromEntries(names.map((n) => [n, Tensor.from(lists[n].map(BigInt), { dtype: "int64" })]))) }
+      : { json: { rows: lists } };
+    return this._tensorsCall("POST", `${this._sid(id)}/params/rows`, { binary, encoding, query, headers, body });
+  }
+
+  /**
+   * One LBFGS step (a session created with optimizer "LBFGS"): the server runs torch's own
+   * LBFGS.step and asks for the loss and gradients at each point its line search tries;
+   * `evaluate(params)` (async allowed) answers with {loss: number, grads: {name: tensor}} at
+   * those params ({name: Tensor}). `first` ({loss, grads} at the current parameters, which a
+   * client usually has already) saves one round trip. Returns the step's end: {version, step,
+   * lr, loss (the first evaluation's, as torch's step returns it), evaluations, params}.
+   */
+  async lbfgsStep(id, evaluate, { binary, first, timeoutS, returnParams = true } = {}) {
+    let answer = await this.openEvaluationStep(id, first, { binary, timeoutS, returnParams });
+    while (answer.needs === "evaluation") {
+      const ev = await evaluate(answer.params);
+      answer = await this.evaluate(id, answer.evaluation, ev, { binary });
+    }
+    return answer;
+  }
+
+  /**
+   * POST /v1/sessions/{id}/step on an LBFGS session (with its first evaluation {loss, grads},
+   * when given): {needs: "evaluation", step_id, evaluation, evaluations, params, ...}, or the
+   * step's end.
+   */
+  openEvaluationStep(id, first, { binary, timeoutS, returnParams = true } = {}) {
+    const query = returnParams ? {} : { return: "none" };
+    if (timeoutS !== undefined) query.timeout_s = timeoutS;
+    return this._evaluationCall(`${this._sid(id)}/step`, first, { binary, query });
+  }
+
+  /** POST /v1/sessions/{id}/step/{evaluation} with {loss, grads}: the next question, or the end (safe to retry). */
+  evaluate(id, evaluation, ev, { binary } = {}) {
+    return this._evaluationCall(`${this._sid(id)}/step/${encodeURIComponent(evaluation)}`, ev, { binary, query: {} });
+  }
+
+  /** DELETE /v1/sessions/{id}/step/{stepId}: abandon an open LBFGS step (the session unchanged). */
+  async abandonStep(id, stepId) {
+    return (await this._json("DELETE", `${this._sid(id)}/step/${encodeURIComponent(stepId)}`)).outcome;
+  }
+
+  _evaluationCall(path, ev, { binary, query }) {
+    binary = binary ?? this.binary;
+    if (!ev) return this._tensorsCall("POST", path, { binary, query, body: {} });
+    const loss = Number.isFinite(ev.loss) ? ev.loss : Number.isNaN(ev.loss) ? "NaN" : ev.loss > 0 ? "Infinity" : "-Infinity";
+    return this._tensorsCall("POST", path, { tensors: ev.grads ?? {}, key: "grads", binary, query, extra: { loss } });
   }
 
   /** PUT /v1/sessions/{id}/params: overwrite. Returns {version, step, params, etag}. */
@@ -863,7 +1021,7 @@ export class OptserveClient {
 
 function encodeMap(tensors, opts) {
   const out = {};
-  for (const [name, t] of Object.entries(tensors ?? {})) out[name] = encodeJsonTensor(t, opts);
+  for (const [name, t] of Object.entries(tensors ?? {})) out[name] = t instanceof SparseRows ? encodeSparseRows(t, opts) : encodeJsonTensor(t, opts);
   return out;
 }
 

@@ -369,8 +369,9 @@ def test_constructor_errors(client: optserve.Client) -> None:
     with pytest.raises(optserve.ValidationError) as info:
         optserve.RemoteOptimizer(mlp().parameters(), "Adam", client, lr=-1.0)
     assert info.value.field == "options.lr"
-    with pytest.raises(optserve.ValidationError):
-        optserve.RemoteOptimizer(mlp().parameters(), "LBFGS", client)
+    with pytest.raises(optserve.ValidationError):  # torch: LBFGS takes one param group
+        optserve.RemoteOptimizer([{"params": [torch.zeros(2)]}, {"params": [torch.zeros(2)]}],
+                                 "LBFGS", client)
     model = mlp()
     remote = optserve.RemoteOptimizer(model.parameters(), "SGD", client, session_id="sdk-dup")
     with pytest.raises(optserve.ConflictError):

@@ -11,7 +11,10 @@ A hypothesis ``RuleBasedStateMachine`` drives one session through three hands at
 
 Rules cover every operation (step, push, zero_grad, overwrite, add_param_group,
 update_param_group, scheduler_step, import_state, configure), including inputs that must be
-refused. After every rule: engine and twin agree bitwise (params, state dict, description) and
+refused, and row-sparse gradients (steps and pushes) on the embedding-shaped parameter ``w``:
+accepted where torch steps them (SGD without momentum, Adagrad without weight decay,
+SparseAdam), refused with the session unchanged elsewhere, out-of-range rows refused
+everywhere. After every rule: engine and twin agree bitwise (params, state dict, description) and
 with the mirror (params, optimizer state, lr, version, step); a refused operation changed
 nothing. Every optimizer is run with sampled schedulers and every scheduler (nested ones
 included) with sampled optimizers.
@@ -79,6 +82,13 @@ SCHEDULERS: dict[str, dict[str, Any] | None] = {
         {"name": "ExponentialLR", "options": {"gamma": 0.9}},
         {"name": "StepLR", "options": {"step_size": 2, "gamma": 0.5}}]}},
 }
+
+
+def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch's ``a + b``; torch has no sparse + dense, and ``b + a`` has the same bits."""
+    if a.layout != torch.strided and b.layout == torch.strided:
+        return b + a
+    return a + b
 
 
 def seeded(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -150,7 +160,8 @@ class Mirror:
         total = {}
         for n in self.params:
             a, g = self.accum.get(n), grads.get(n)
-            total[n] = a + g if a is not None and g is not None else (a if a is not None else g)
+            total[n] = add(a, g) if a is not None and g is not None else (
+                a if a is not None else g)
         self.accum.clear()
         if skipped:
             return
@@ -166,7 +177,7 @@ class Mirror:
 
     def push(self, grads: dict[str, torch.Tensor]) -> None:
         for n, g in grads.items():
-            self.accum[n] = self.accum[n] + g if n in self.accum else g.clone()
+            self.accum[n] = add(self.accum[n], g) if n in self.accum else g.clone()
 
     def lrs(self) -> list[float]:
         return [float(g["lr"]) for g in self.opt.param_groups]
@@ -176,8 +187,12 @@ def run(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
     return loop.run_until_complete(coro)
 
 
+#: LBFGS steps by evaluations (tests/integration/test_lbfgs.py)
+STEPPED = [*optimizers.GRADIENT_STEPPED, "SparseAdam"]
+
+
 class SessionMachine(RuleBasedStateMachine):
-    optimizer_choices: list[str] = list(optimizers.SUPPORTED)
+    optimizer_choices: list[str] = list(STEPPED)
     scheduler_choices: list[str] = list(SCHEDULERS)
 
     def __init__(self) -> None:
@@ -292,6 +307,35 @@ class SessionMachine(RuleBasedStateMachine):
         STATS["op push"] += 1
         if not isinstance(a, OptserveError):
             self.mirror.push(g)
+
+    @rule(rows=st.lists(st.integers(-1, 3), max_size=5), seed=st.integers(0, 999),
+          accumulate=st.booleans(), nan=st.booleans())
+    def sparse_gradient(self, rows: list[int], seed: int, accumulate: bool, nan: bool) -> None:
+        """A row-sparse gradient for ``w`` (3 rows), duplicates and empty lists included,
+        stepped or accumulated; rows -1 and 3 are out of range."""
+        assert self.mirror is not None
+        values = seeded((len(rows), 2), seed)
+        if nan and rows:
+            values[0, 0] = float("nan")
+        g = {"w": torch.sparse_coo_tensor(torch.tensor(rows, dtype=torch.int64).reshape(1, -1),
+                                          values, (3, 2), check_invariants=False)}
+        if accumulate:
+            a, _ = self.both(lambda e: e.push(self.sid, {k: v.clone() for k, v in g.items()}))
+        else:
+            a, _ = self.both(lambda e: e.step(self.sid, {k: v.clone() for k, v in g.items()},
+                                              return_params=True))
+        what = "push" if accumulate else "step"
+        if any(r < 0 or r > 2 for r in rows):
+            assert isinstance(a, OptserveError) and a.code == "index_out_of_range", a
+        if isinstance(a, OptserveError):
+            STATS[f"op sparse {what} refused {a.code}"] += 1
+            return
+        STATS[f"op sparse {what}"] += 1
+        if accumulate:
+            self.mirror.push(g)
+        else:
+            self.mirror.step(g, a.skipped)
+            same_tree(dict(a.params), self.mirror.params, "sparse step params")
 
     @rule()
     def zero_grad(self) -> None:
@@ -490,12 +534,12 @@ def _machine(optimizers_: list[str], schedulers_: list[str]) -> type[SessionMach
     return Machine
 
 
-@pytest.mark.parametrize("optimizer", optimizers.SUPPORTED)
+@pytest.mark.parametrize("optimizer", STEPPED)
 def test_every_optimizer(optimizer: str) -> None:
     _machine([optimizer], list(SCHEDULERS)).TestCase().runTest()
 
 
 @pytest.mark.parametrize("scheduler", [s for s in SCHEDULERS if s != "none"])
 def test_every_scheduler(scheduler: str) -> None:
-    _machine(list(optimizers.SUPPORTED), [scheduler]).TestCase().runTest()
+    _machine(list(STEPPED), [scheduler]).TestCase().runTest()
 

@@ -3,12 +3,13 @@ its log record in one place (see :mod:`app.engine.ops.base`)."""
 
 from app.engine.ops.base import REGISTRY, ApplyFailed, Operation, decode
 from app.engine.ops.gradients import Push, Step, ZeroGrad
+from app.engine.ops.lbfgs import LbfgsStep
 from app.engine.ops.lifecycle import Configure, CreateSession
 from app.engine.ops.params import AddParamGroup, Overwrite, UpdateParamGroup
 from app.engine.ops.state import ImportState, SchedulerStep
 
 __all__ = [
     "REGISTRY", "AddParamGroup", "ApplyFailed", "Configure", "CreateSession", "ImportState",
-    "Operation", "Overwrite", "Push", "SchedulerStep", "Step", "UpdateParamGroup", "ZeroGrad",
-    "decode",
+    "LbfgsStep", "Operation", "Overwrite", "Push", "SchedulerStep", "Step", "UpdateParamGroup",
+    "ZeroGrad", "decode",
 ]

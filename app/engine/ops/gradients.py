@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from app.engine import ps, schedulers
+from app.engine import ps, schedulers, sparse
 from app.engine.interface import GradsResult, StepResult, Tensors
 from app.engine.ops.base import ApplyFailed, Operation, register
 from app.engine.ops.params import check_group_changes
@@ -65,7 +65,7 @@ class Step(Operation):
     upcast: bool = False
 
     def check(self, s: Session) -> StepPlan:
-        s.check_tensors(self.grads, "grads", self.upcast)
+        s.check_tensors(self.grads, "grads", self.upcast, sparse_ok=True)
         changes = check_group_changes(s, self.options) if self.options else {}
         staleness, lr_div = None, self.lr_div
         if self.base_version is not None:
@@ -80,11 +80,12 @@ class Step(Operation):
         for name in s.params:
             a, g = s.accum.get(name), grads.get(name)
             if a is not None and g is not None:
-                total[name] = a + g
+                total[name] = sparse.add(a, g)
             elif a is not None:
                 total[name] = a
             elif g is not None:
                 total[name] = g
+        sparse.check_optimizer_takes(s, total)
         bad = s.nonfinite_names(total)
         if bad and s.nonfinite == "reject":
             s.reject_nonfinite(bad, "grads")
@@ -180,7 +181,8 @@ class Push(Operation):
 
     def apply(self, s: Session, plan: Tensors) -> GradsResult:
         # out of place: a failure half-way leaves the accumulator as it was
-        summed = {n: (s.accum[n] + g if n in s.accum else g) for n, g in plan.items()}
+        summed = {n: (sparse.add(s.accum[n], g) if n in s.accum else g)
+                  for n, g in plan.items()}
         s.accum.update(summed)
         return GradsResult(s.version, s.step_count, sorted(s.accum))
 

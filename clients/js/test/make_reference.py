@@ -95,6 +95,54 @@ def run_fixed(opt_name: str, options: dict, params: dict[str, torch.Tensor], n: 
             "final_state": state}
 
 
+def sparse_adam() -> dict:
+    """SparseAdam on a [10, 3] table fed fixed row-sparse gradients (duplicates, an empty
+    batch): the touched rows after each step and the whole table at the end."""
+    gen = torch.Generator().manual_seed(5)
+    table = torch.randn(10, 3, generator=gen)
+    batches = [[1, 4, 1], [9], [], [0, 4, 4, 7]]
+    live = table.clone().requires_grad_(True)
+    opt = torch.optim.SparseAdam([live], lr=0.05, betas=(0.8, 0.95))
+    steps = []
+    for rows in batches:
+        values = torch.randn(len(rows), 3, generator=gen)
+        live.grad = torch.sparse_coo_tensor(torch.tensor(rows, dtype=torch.int64).reshape(1, -1),
+                                            values, (10, 3), check_invariants=False)
+        opt.step()
+        touched = sorted(set(rows))
+        steps.append({"rows": rows, "values": vec(values), "touched": touched,
+                      "touched_values": vec(live.detach()[touched])})
+    return {"options": {"lr": 0.05, "betas": [0.8, 0.95]}, "table0": vec(table),
+            "steps": steps, "table": vec(live)}
+
+
+def quadratic(x: list[float]) -> tuple[float, list[float]]:
+    """f(x) = 4 x0^2 + 0.5 x1^2 + x0 x1 and its gradient, in float64 operations a JS client
+    performs identically (left to right): the same bits on both sides."""
+    x0, x1 = x
+    return 4 * x0 * x0 + 0.5 * x1 * x1 + x0 * x1, [8 * x0 + x1, x1 + x0]
+
+
+def lbfgs(options: dict, steps: int = 3) -> dict:
+    """LBFGS (float64) on the quadratic above from (1.5, -2), its closure computing the loss
+    and gradient as the JS test does."""
+    x = torch.tensor([1.5, -2.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([x], **options)
+    out = []
+    for _ in range(steps):
+        calls = 0
+
+        def closure() -> float:
+            nonlocal calls
+            calls += 1
+            loss, grad = quadratic(x.detach().tolist())
+            x.grad = torch.tensor(grad, dtype=torch.float64)
+            return loss
+        loss = opt.step(closure)
+        out.append({"x": vec(x), "loss": loss, "evaluations": calls})
+    return {"options": options, "x0": [1.5, -2.0], "steps": out}
+
+
 def main() -> None:
     torch.use_deterministic_algorithms(True)
     ref = {
@@ -111,6 +159,10 @@ def main() -> None:
             "AdamW", {"lr": 0.05, "weight_decay": 0.1, "amsgrad": True},
             {"v": torch.tensor([1.0, -2.0, 0.3, 4.5], dtype=torch.float64)},
             n=4, seed=1),
+        "sparse_adam": sparse_adam(),
+        "lbfgs": lbfgs({"lr": 1, "max_iter": 6, "history_size": 3}),
+        "lbfgs_wolfe": lbfgs({"lr": 1, "max_iter": 8, "history_size": 4,
+                              "line_search_fn": "strong_wolfe"}),
     }
     json.dump(ref, sys.stdout, indent=1)
     sys.stdout.write("\n")

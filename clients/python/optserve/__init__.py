@@ -4,6 +4,8 @@
 - :class:`RemoteOptimizer`: a ``torch.optim.Optimizer`` backed by a server session (needs
   torch); with ``worker=...`` one of many workers of a parameter-server session.
 - :func:`pull_params`: copy a session's current parameters into a module (needs torch).
+- :class:`RemoteEmbedding`: an embedding table kept in a session, its rows pulled on demand and
+  stepped with row-sparse gradients (needs torch).
 - Errors: :class:`OptserveError` and its subclasses (see :mod:`optserve._exceptions`).
 """
 
@@ -29,8 +31,10 @@ from ._exceptions import (
     RateLimitError,
     ValidationError,
 )
+from ._sparse import RowSparse
 from ._tensors import Tensor, TensorLike
 from ._types import (
+    EvaluationRequest,
     OptimizerInfo,
     ParamGroupInfo,
     ParamInfo,
@@ -44,6 +48,7 @@ from ._types import (
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from ._embedding import RemoteEmbedding
     from ._optimizer import RemoteOptimizer
     from ._pull import pull_params
 
@@ -52,6 +57,7 @@ __all__ = [
     "Client",
     "AsyncClient",
     "RemoteOptimizer",
+    "RemoteEmbedding",
     "pull_params",
     "DEFAULT_BASE_URL",
     "DEFAULT_MAX_RETRIES",
@@ -62,6 +68,8 @@ __all__ = [
     "ParamGroupInfo",
     "ParamInfo",
     "StepResult",
+    "EvaluationRequest",
+    "RowSparse",
     "ParamsResult",
     "VersionInfo",
     "SchedulerStepResult",
@@ -94,6 +102,14 @@ def __getattr__(name: str) -> Any:
                 "optserve.RemoteOptimizer needs torch: pip install 'optserve[torch]'"
             ) from exc
         return RemoteOptimizer
+    if name == "RemoteEmbedding":
+        try:
+            from ._embedding import RemoteEmbedding
+        except ImportError as exc:  # pragma: no cover - needs an environment without torch
+            raise ImportError(
+                "optserve.RemoteEmbedding needs torch: pip install 'optserve[torch]'"
+            ) from exc
+        return RemoteEmbedding
     if name == "pull_params":
         try:
             from ._pull import pull_params

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import httpx
 
-from . import _safetensors
+from . import _safetensors, _sparse
 from . import _tensors as T
 from ._constants import (
     JSON,
@@ -25,8 +25,10 @@ from ._constants import (
     WORKER_HEADER,
 )
 from ._safetensors import WireTensor
+from ._sparse import SparseWire
 from ._tensors import Tensor, TensorLike
 from ._types import (
+    EvaluationRequest,
     OptimizerInfo,
     ParamsResult,
     SchedulerInfo,
@@ -110,10 +112,12 @@ def _tensor_response(response: httpx.Response) -> tuple[dict[str, Any], dict[str
                 scalars[k] = json.loads(v)
             except ValueError:
                 scalars[k] = v
+        if "sparse" in scalars:  # row-sparse answers: .indices / .values pairs
+            return scalars, _sparse.pair_wires(wires, scalars.pop("sparse"))
         return scalars, {name: T.from_wire(w) for name, w in wires.items()}
     body = _json(response)
     params = body.pop("params", None)
-    return body, (T.decode_json_tensor_map(params) if params is not None else None)
+    return body, (_sparse.decode_json_map(params) if params is not None else None)
 
 
 def _parse_session(response: httpx.Response) -> SessionInfo:
@@ -228,11 +232,11 @@ def _json_body(obj: Any) -> tuple[bytes, str]:
 
 
 def _tensor_body(
-    tensors: Mapping[str, WireTensor], key: str, binary: bool
+    tensors: Mapping[str, WireTensor | SparseWire], key: str, binary: bool
 ) -> tuple[bytes, str]:
     if binary:
-        return _safetensors.dumps(tensors), OCTET_STREAM
-    return _json_body({key: T.json_tensor_map(tensors)})
+        return _safetensors.dumps(_sparse.safetensors_map(tensors)), OCTET_STREAM
+    return _json_body({key: _sparse.json_map(tensors)})
 
 
 def _options_json(options: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
@@ -387,7 +391,7 @@ def step(
     session_id: str,
     grads: Mapping[str, TensorLike] | None,
     *,
-    return_params: bool,
+    return_params: bool | Literal["touched"],
     binary: bool,
     worker: str | None = None,
     base_version: int | None = None,
@@ -395,16 +399,16 @@ def step(
     upcast: bool = False,
     params_dtype: str | None = None,
 ) -> APICall[StepResult]:
-    wires = T.encode_tensor_map(grads or {}, "grads")
+    wires = _sparse.encode_tensor_map(grads or {}, "grads")
     changes = group_changes(param_groups)
     if not changes:
         content, ctype = _tensor_body(wires, "grads", binary)
     elif binary:
-        content = _safetensors.dumps(wires, {"param_groups": json.dumps(changes,
-                                                                        allow_nan=False)})
+        content = _safetensors.dumps(_sparse.safetensors_map(wires), {
+            "param_groups": json.dumps(changes, allow_nan=False)})
         ctype = OCTET_STREAM
     else:
-        content, ctype = _json_body({"grads": T.json_tensor_map(wires),
+        content, ctype = _json_body({"grads": _sparse.json_map(wires),
                                      "param_groups": changes})
     query: list[tuple[str, str]] = []
     headers: dict[str, str] = {}
@@ -425,6 +429,8 @@ def step(
         headers[WORKER_HEADER] = worker
     # A sync-round push waits for the other workers; the server's round timeout bounds it.
     wait_s = None if worker is not None else 0.0
+    if return_params == "touched":
+        query.insert(0, ("return", "touched"))
     if return_params:
         return APICall("POST", _sid(session_id) + "/step", _parse_step, params=query,
                        content=content, content_type=ctype,
@@ -438,7 +444,7 @@ def step(
 def push_grads(
     session_id: str, grads: Mapping[str, TensorLike], *, binary: bool
 ) -> APICall[VersionInfo]:
-    content, ctype = _tensor_body(T.encode_tensor_map(grads, "grads"), "grads", binary)
+    content, ctype = _tensor_body(_sparse.encode_tensor_map(grads, "grads"), "grads", binary)
     return APICall("POST", _sid(session_id) + "/grads", _parse_version, content=content,
                    content_type=ctype, idempotent=False)
 
@@ -472,6 +478,114 @@ def get_params(
             query.append(("names", n))
     return APICall("GET", _sid(session_id) + "/params", _parse_params, params=query,
                    accept=OCTET_STREAM if binary else JSON, wait_s=held)
+
+
+#: at most this many rows travel in the query string (GET); more go in a body (POST)
+ROWS_IN_QUERY = 256
+
+
+def pull_rows(
+    session_id: str, rows: Mapping[str, TensorLike], *, binary: bool,
+    min_version: int | None = None, wait_s: float | None = None,
+) -> APICall[ParamsResult]:
+    """Some rows of some parameters: ``GET .../params?name=&rows=`` for one parameter and a
+    few rows, else ``POST .../params/rows``."""
+    if not isinstance(rows, Mapping) or not rows:
+        raise TypeError("rows must map parameter names to row indices")
+    lists: dict[str, list[int]] = {}
+    for name, idx in rows.items():
+        if not isinstance(name, str):
+            raise TypeError(f"parameter names are strings, got {name!r}")
+        wire = T.to_wire(idx, f"rows[{name!r}]")
+        if wire.dtype not in ("int64", "int32", "int16", "int8", "uint8") or len(wire.shape) > 1:
+            raise TypeError(f"rows[{name!r}]: row indices are a 1-D list of integers")
+        lists[name] = [int(i) for i in T.wire_values(wire)]
+    query: list[tuple[str, str]] = []
+    held = 0.0
+    if min_version is not None:
+        query.append(("min_version", str(int(min_version))))
+    if wait_s is not None:
+        query.append(("wait_s", repr(float(wait_s))))
+        held = min(float(wait_s), MAX_WAIT_S)
+    accept = OCTET_STREAM if binary else JSON
+    (name, first), = list(lists.items())[:1]
+    if len(lists) == 1 and len(first) <= ROWS_IN_QUERY and "," not in name:
+        query = [("name", name), ("rows", ",".join(map(str, first))), *query]
+        return APICall("GET", _sid(session_id) + "/params", _parse_params, params=query,
+                       accept=accept, wait_s=held)
+    if binary:
+        import numpy as np
+
+        wires = {n: T.to_wire(np.asarray(v, dtype=np.int64), n) for n, v in lists.items()}
+        content, ctype = _safetensors.dumps(wires), OCTET_STREAM
+    else:
+        content, ctype = _json_body({"rows": lists})
+    return APICall("POST", _sid(session_id) + "/params/rows", _parse_params, params=query,
+                   content=content, content_type=ctype, accept=accept, wait_s=held)
+
+
+def _parse_evaluation(response: httpx.Response) -> StepResult | EvaluationRequest:
+    """An LBFGS step's answer: its next question, or its end."""
+    scalars, params = _tensor_response(response)
+    if scalars.get("needs") == "evaluation":
+        version, step = _version_step(response, scalars)
+        return EvaluationRequest(step_id=str(scalars["step_id"]),
+                                 evaluation=str(scalars["evaluation"]),
+                                 evaluations=int(scalars["evaluations"]), version=version,
+                                 step=step, params=params or {},
+                                 timeout_s=float(scalars.get("timeout_s", 0.0)))
+    result = _parse_step(response)
+    loss = scalars.get("loss")
+    return dataclasses.replace(
+        result, loss=None if loss is None else T.number_from_wire(loss),
+        evaluations=None if scalars.get("evaluations") is None else int(
+            scalars["evaluations"]))
+
+
+def _evaluation_body(loss: float | None, grads: Mapping[str, TensorLike] | None, binary: bool
+                     ) -> tuple[bytes, str]:
+    if loss is None:
+        return b"", JSON
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        raise TypeError(f"loss must be a number, got {type(loss).__name__}")
+    value = float(loss)
+    wires = T.encode_tensor_map(grads or {}, "grads")
+    text: Any = value if value == value and abs(value) != float("inf") else (
+        "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity"))
+    if binary:
+        return _safetensors.dumps(wires, {"loss": json.dumps(text)}), OCTET_STREAM
+    return _json_body({"loss": text, "grads": T.json_tensor_map(wires)})
+
+
+def open_evaluation_step(
+    session_id: str, loss: float | None, grads: Mapping[str, TensorLike] | None, *,
+    binary: bool, return_params: bool = True, timeout_s: float | None = None,
+) -> APICall[StepResult | EvaluationRequest]:
+    """``POST .../step`` on an LBFGS session (with the first evaluation, if given)."""
+    content, ctype = _evaluation_body(loss, grads, binary)
+    query: list[tuple[str, str]] = [] if return_params else [("return", "none")]
+    if timeout_s is not None:
+        query.append(("timeout_s", repr(float(timeout_s))))
+    return APICall("POST", _sid(session_id) + "/step", _parse_evaluation, params=query,
+                   content=content, content_type=ctype, accept=OCTET_STREAM if binary else JSON,
+                   idempotent=False)
+
+
+def evaluate(
+    session_id: str, eval_id: str, loss: float, grads: Mapping[str, TensorLike] | None, *,
+    binary: bool,
+) -> APICall[StepResult | EvaluationRequest]:
+    """``POST .../step/{eval_id}``: safe to send again (the evaluation id names it)."""
+    if not isinstance(eval_id, str) or not eval_id:
+        raise ValueError(f"eval_id must be a non-empty string, got {eval_id!r}")
+    content, ctype = _evaluation_body(loss, grads, binary)
+    return APICall("POST", f"{_sid(session_id)}/step/{quote(eval_id, safe='')}",
+                   _parse_evaluation, content=content, content_type=ctype,
+                   accept=OCTET_STREAM if binary else JSON, idempotent=True)
+
+
+def abandon_step(session_id: str, step_id: str) -> APICall[dict[str, Any]]:
+    return APICall("DELETE", f"{_sid(session_id)}/step/{quote(step_id, safe='')}", _parse_dict)
 
 
 def configure_session(session_id: str, options: Mapping[str, Any]) -> APICall[SessionInfo]:

@@ -10,17 +10,18 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
-from . import _api
+from . import _api, _sparse
 from ._api import NonFinitePolicy, ParamGroup, ParamsArg, StateFormat
 from ._base_client import AsyncAPIClient, SyncAPIClient
 from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 from ._local import LocalChannel, LocalUnavailable
 from ._tensors import TensorLike
 from ._types import (
+    EvaluationRequest,
     OptimizerInfo,
     ParamsResult,
     SchedulerInfo,
@@ -241,7 +242,7 @@ class Client(SyncAPIClient):
         id: str,
         grads: Mapping[str, TensorLike] | None = None,
         *,
-        return_params: bool = True,
+        return_params: bool | Literal["touched"] = True,
         binary: bool = True,
         worker: str | None = None,
         base_version: int | None = None,
@@ -255,6 +256,10 @@ class Client(SyncAPIClient):
         float32/float64 parameters (the server widens them once on its device and keeps its
         own precision); ``params_dtype="bfloat16"`` (or ``"float16"``) sends the parameters
         back narrowed.
+        A gradient may be row-sparse (a ``torch.sparse_coo_tensor`` with one sparse dimension,
+        as ``nn.Embedding(sparse=True)`` makes, or an :class:`optserve.RowSparse`): only its
+        rows travel. ``return_params="touched"`` asks for only the rows stepped with sparse
+        gradients (row-sparse tensors) and the parameters stepped with dense ones.
 
         ``param_groups`` changes group options with the step, atomically (``{0: {"lr": 1e-3,
         "betas": (0.9, 0.99)}}``): validated like :meth:`update_param_group`, a refused option
@@ -273,7 +278,8 @@ class Client(SyncAPIClient):
         ``problem["current_version"]``) and used for ``staleness_lr``.
         """
         if self.transport != "http" and grads is not None and not upcast \
-                and params_dtype is None:
+                and params_dtype is None and return_params != "touched" \
+                and not _sparse.has_sparse(grads):
             local = self._step_local(id, grads, return_params=return_params, worker=worker,
                                      base_version=base_version, param_groups=param_groups,
                                      views=False)
@@ -293,6 +299,42 @@ class Client(SyncAPIClient):
     def zero_grad(self, id: str) -> VersionInfo:
         """``POST .../zero_grad``: clear the accumulator."""
         return self._request(_api.zero_grad(id))
+
+    def pull_rows(
+        self, id: str, rows: Mapping[str, TensorLike], *, binary: bool = True,
+        min_version: int | None = None, wait_s: float | None = None,
+    ) -> ParamsResult:
+        """Some rows of some parameters (``{"emb": [1, 5, 9]}``), in the order asked: the
+        result's ``params`` are row-sparse tensors. Versions and long polls as
+        :meth:`get_params`."""
+        return self._request(_api.pull_rows(id, rows, binary=binary, min_version=min_version,
+                                            wait_s=wait_s))
+
+    def open_evaluation_step(
+        self, id: str, loss: float | None = None,
+        grads: Mapping[str, TensorLike] | None = None, *, binary: bool = True,
+        return_params: bool = True, timeout_s: float | None = None,
+    ) -> StepResult | EvaluationRequest:
+        """``POST .../step`` on an LBFGS session: open a step (with its first evaluation, the
+        loss and gradients at the current parameters, when given). Answered with an
+        :class:`EvaluationRequest` (post its answer with :meth:`evaluate`) or, when torch's
+        ``LBFGS.step`` needs nothing more, the step's end."""
+        return self._request(_api.open_evaluation_step(id, loss, grads, binary=binary,
+                                                       return_params=return_params,
+                                                       timeout_s=timeout_s))
+
+    def evaluate(
+        self, id: str, evaluation: str, loss: float,
+        grads: Mapping[str, TensorLike] | None = None, *, binary: bool = True,
+    ) -> StepResult | EvaluationRequest:
+        """``POST .../step/{evaluation}``: the loss and gradients asked for; the step's next
+        question, or its end (safe to retry)."""
+        return self._request(_api.evaluate(id, evaluation, loss, grads, binary=binary))
+
+    def abandon_step(self, id: str, step_id: str) -> str:
+        """``DELETE .../step/{step_id}``: abandon an open LBFGS step (the session unchanged);
+        how it ended: ``"abandoned"``, or ``"committed"`` if it had finished."""
+        return str(self._request(_api.abandon_step(id, step_id))["outcome"])
 
     def get_params(
         self, id: str, names: Iterable[str] | None = None, *, binary: bool = True,
@@ -443,7 +485,7 @@ class AsyncClient(AsyncAPIClient):
         id: str,
         grads: Mapping[str, TensorLike] | None = None,
         *,
-        return_params: bool = True,
+        return_params: bool | Literal["touched"] = True,
         binary: bool = True,
         worker: str | None = None,
         base_version: int | None = None,
@@ -465,6 +507,34 @@ class AsyncClient(AsyncAPIClient):
     async def zero_grad(self, id: str) -> VersionInfo:
         """``POST .../zero_grad``."""
         return await self._request(_api.zero_grad(id))
+
+    async def pull_rows(
+        self, id: str, rows: Mapping[str, TensorLike], *, binary: bool = True,
+        min_version: int | None = None, wait_s: float | None = None,
+    ) -> ParamsResult:
+        """See :meth:`Client.pull_rows`."""
+        return await self._request(_api.pull_rows(id, rows, binary=binary,
+                                                  min_version=min_version, wait_s=wait_s))
+
+    async def open_evaluation_step(
+        self, id: str, loss: float | None = None,
+        grads: Mapping[str, TensorLike] | None = None, *, binary: bool = True,
+        return_params: bool = True, timeout_s: float | None = None,
+    ) -> StepResult | EvaluationRequest:
+        """See :meth:`Client.open_evaluation_step`."""
+        return await self._request(_api.open_evaluation_step(
+            id, loss, grads, binary=binary, return_params=return_params, timeout_s=timeout_s))
+
+    async def evaluate(
+        self, id: str, evaluation: str, loss: float,
+        grads: Mapping[str, TensorLike] | None = None, *, binary: bool = True,
+    ) -> StepResult | EvaluationRequest:
+        """See :meth:`Client.evaluate`."""
+        return await self._request(_api.evaluate(id, evaluation, loss, grads, binary=binary))
+
+    async def abandon_step(self, id: str, step_id: str) -> str:
+        """See :meth:`Client.abandon_step`."""
+        return str((await self._request(_api.abandon_step(id, step_id)))["outcome"])
 
     async def get_params(
         self, id: str, names: Iterable[str] | None = None, *, binary: bool = True,

@@ -216,6 +216,8 @@ def _copy(dest: Any, src: Any) -> None:
         torch = None  # type: ignore[assignment]
     if torch is not None and isinstance(dest, torch.Tensor):
         value = src if isinstance(src, torch.Tensor) else torch.as_tensor(np.asarray(src))
+        if value.layout != torch.strided:
+            raise LocalUnavailable("row-sparse gradients travel over HTTP")
         if value.dtype != dest.dtype or tuple(value.shape) != tuple(dest.shape):
             raise LocalUnavailable("dtype or shape differ: let the server say which")
         with torch.no_grad():

@@ -46,7 +46,7 @@ from torch.optim.optimizer import ParamsT
 from ._client import Client
 from ._exceptions import OptserveError
 from ._tensors import Tensor
-from ._types import SessionInfo
+from ._types import EvaluationRequest, SessionInfo
 
 __all__ = ["RemoteOptimizer"]
 
@@ -73,6 +73,12 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
     return bool(a == b)
+
+
+def _loss_value(loss: Any) -> float:
+    if isinstance(loss, torch.Tensor):
+        return float(loss.detach())
+    return float(loss)
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
@@ -290,7 +296,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 p = self._by_name.get(name)
                 if p is None:
                     continue
-                p.copy_(value)
+                if isinstance(value, torch.Tensor) and value.layout == torch.sparse_coo:
+                    # some rows (?return=touched): only those changed
+                    rows = value._indices()[0].to(p.device)
+                    p.index_copy_(0, rows, value._values().to(device=p.device, dtype=p.dtype))
+                else:
+                    p.copy_(value)
                 self._seen_version[name] = p._version
 
     def _take_lrs(self, lrs: list[float]) -> None:
@@ -312,7 +323,16 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Evaluate ``closure`` (if given, with grad enabled), send the gradients, step on the
-        server and copy the updated values into the parameters. Returns the closure's loss."""
+        server and copy the updated values into the parameters. Returns the closure's loss.
+
+        Row-sparse gradients (``nn.Embedding(sparse=True)``) travel as their rows, and only
+        the rows they touched come back. LBFGS takes a closure, as torch's does: the server
+        runs torch's own ``LBFGS.step`` and asks for the loss and gradients at each point its
+        line search tries; each time the parameters are set to that point and ``closure`` is
+        called here (see :meth:`_lbfgs_step`)."""
+        if self._optimizer_name == "LBFGS":
+            first: float | None = self._lbfgs_step(closure)
+            return first
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -325,27 +345,23 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if changes and self._worker is not None:
             self._sync_param_groups()
             changes = {}
-        grads: dict[str, torch.Tensor] = {}
-        for names, group in zip(self._param_names, self.param_groups, strict=True):
-            for name, p in zip(names, group["params"], strict=True):
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError("RemoteOptimizer does not support sparse gradients")
-                    grads[name] = p.grad
+        grads = self._grads()
         base = self._version if self._worker is not None else None
         result = None
         wire = self._wire_dtype
+        sparse = any(g.layout != torch.strided for g in grads.values())
         if wire is not None:  # narrower gradients on the wire; the server widens them
-            grads = {n: g.to(wire) if g.is_floating_point() and g.element_size() >
-                     wire.itemsize else g for n, g in grads.items()}
-        if self._client.transport != "http" and wire is None:
+            grads = {n: g.to(wire) if g.layout == torch.strided and g.is_floating_point()
+                     and g.element_size() > wire.itemsize else g for n, g in grads.items()}
+        if self._client.transport != "http" and wire is None and not sparse:
             # same host: gradients and new values through shared memory; the values are
             # copied from the shared slots straight into the parameters
             result = self._client._step_local(
                 self._session_id, grads, return_params=True, worker=self._worker,
                 base_version=base, param_groups=changes or None, views=True)
         if result is None:
-            result = self._client.step(self._session_id, grads, return_params=True,
+            result = self._client.step(self._session_id, grads,
+                                       return_params="touched" if sparse else True,
                                        binary=self._binary, worker=self._worker,
                                        base_version=base, param_groups=changes or None,
                                        upcast=wire is not None,
@@ -357,6 +373,44 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._version = result.params_at if result.params is not None else result.version
         self._take_lrs(result.lr)
         return loss
+
+    def _grads(self) -> dict[str, torch.Tensor]:
+        grads: dict[str, torch.Tensor] = {}
+        for names, group in zip(self._param_names, self.param_groups, strict=True):
+            for name, p in zip(names, group["params"], strict=True):
+                if p.grad is not None:
+                    grads[name] = p.grad
+        return grads
+
+    def _lbfgs_step(self, closure: Callable[[], Any] | None) -> Any:
+        """torch's ``LBFGS.step(closure)``, the closure called here at every point the server's
+        LBFGS asks for: first at the current parameters (sent with the step's opening), then
+        at each point of its line search, until the step ends. Returns the first evaluation's
+        loss, as torch's does."""
+        if closure is None:
+            raise TypeError("LBFGS.step() needs a closure that reevaluates the model and "
+                            "returns the loss")
+        if self._worker is not None:
+            raise RuntimeError("an LBFGS session steps through one client's evaluations; it "
+                               "takes no parameter-server workers")
+        self.push_params(only_edited=True)
+        self._sync_param_groups()
+        with torch.enable_grad():
+            orig_loss = closure()
+        answer = self._client.open_evaluation_step(self._session_id, _loss_value(orig_loss),
+                                                   self._grads(), binary=self._binary)
+        while isinstance(answer, EvaluationRequest):
+            self._copy_in(answer.params)  # the point the line search tries
+            with torch.enable_grad():
+                loss = closure()
+            answer = self._client.evaluate(self._session_id, answer.evaluation,
+                                           _loss_value(loss), self._grads(),
+                                           binary=self._binary)
+        if answer.params is not None:
+            self._copy_in(answer.params)
+        self._version = answer.params_at if answer.params is not None else answer.version
+        self._take_lrs(answer.lr)
+        return orig_loss
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, on the server too."""

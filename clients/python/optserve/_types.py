@@ -12,6 +12,7 @@ __all__ = [
     "ParamGroupInfo",
     "ParamInfo",
     "StepResult",
+    "EvaluationRequest",
     "ParamsResult",
     "VersionInfo",
     "SchedulerStepResult",
@@ -127,11 +128,31 @@ class StepResult:
     replayed: bool = False
     #: the version ``params`` belong to (a replayed answer carries the current parameters)
     params_version: int | None = None
+    #: an LBFGS step: its first evaluation's loss (what torch's ``step`` returns) and how many
+    #: evaluations it took
+    loss: float | None = None
+    evaluations: int | None = None
 
     @property
     def params_at(self) -> int:
         """The session version of ``params``."""
         return self.version if self.params_version is None else self.params_version
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """An open LBFGS step's question: post the loss and gradients at ``params`` to
+    :meth:`optserve.Client.evaluate` with ``evaluation`` (``evaluations`` are answered so
+    far; the session is still at ``version``, ``step``; the step is abandoned when no answer
+    comes within ``timeout_s``)."""
+
+    step_id: str
+    evaluation: str
+    evaluations: int
+    version: int
+    step: int
+    params: dict[str, Tensor]
+    timeout_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,120 @@
+"""Row pulls: some rows of a parameter (an embedding table) instead of all of it.
+
+- ``GET /v1/sessions/{id}/params?name=emb&rows=1,5,9`` (``rows`` repeated or comma-separated);
+- ``POST /v1/sessions/{id}/params/rows`` for long row lists: JSON ``{"rows": {"emb": [1, 5, 9],
+  ...}}`` (lists of integers, or int64 JSON tensors) or a safetensors body of int64 ``[n]``
+  tensors keyed by parameter name; several parameters at once.
+
+Both answer like a whole pull (versions, ``If-None-Match`` → 304, ``?min_version=&wait_s=``
+long polls) with row-sparse tensors (:mod:`app.wire.sparse`): the rows in the order asked,
+repeats kept.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+import torch
+from fastapi import APIRouter, Path, Query, Request
+from starlette.responses import Response
+
+from app.api import conditions
+from app.api.bodies import (
+    body_kind,
+    json_object,
+    offload,
+    only_keys,
+    read_body,
+    tensor_encoding,
+    tensors_response,
+    version_headers,
+    wants_binary,
+)
+from app.api.deps import EngineDep, SettingsDep, TenantDep
+from app.engine.interface import ParamsResult
+from app.errors import Invalid
+from app.wire.safetensors_body import read_safetensors
+from app.wire.sparse import MAX_INDICES, indices_from_json
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+_ROW = re.compile(r"-?[0-9]{1,18}")
+SessionId = Annotated[str, Path(description="session id", max_length=200)]
+
+
+def rows_from_query(names: list[str] | None, name: str | None, rows: list[str]
+                    ) -> dict[str, torch.Tensor]:
+    """``?name=emb&rows=1,5,9`` (or ``?names=emb``) to ``{"emb": tensor([1, 5, 9])}``."""
+    chosen = [name] if name is not None else [n for item in names or [] for n in
+                                              item.split(",") if n]
+    if len(chosen) != 1:
+        raise Invalid("rows are pulled from one parameter: name it with ?name=",
+                      code="invalid_rows", field="name")
+    values: list[int] = []
+    for item in rows:
+        for part in item.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if not _ROW.fullmatch(part):
+                raise Invalid(f"rows must be row indices (integers), got {part!r:.40}",
+                              code="invalid_rows", field="rows")
+            values.append(int(part))
+    if len(values) > MAX_INDICES:
+        raise Invalid("too many rows", code="invalid_rows", field="rows")
+    return {chosen[0]: torch.tensor(values, dtype=torch.int64)}
+
+
+def rows_from_body(buf: bytearray, binary: bool) -> dict[str, torch.Tensor]:
+    if binary:
+        tensors, _ = read_safetensors(buf)
+        for n, t in tensors.items():
+            if t.dtype != torch.int64 or t.dim() != 1:
+                raise Invalid("each tensor holds one parameter's rows: int64 of shape [n]",
+                              code="invalid_rows", field=f"rows.{n}")
+        return {n: t.clone() for n, t in tensors.items()}
+    obj = json_object(buf)
+    only_keys(obj, {"rows"})
+    raw = obj.get("rows")
+    if not isinstance(raw, dict):
+        raise Invalid("rows must be an object mapping parameter names to row indices",
+                      code="invalid_rows", field="rows")
+    return {n: indices_from_json(v, f"rows.{n}") for n, v in raw.items()}
+
+
+async def answer(request: Request, result: ParamsResult, binary: bool, b64: bool) -> Response:
+    headers = version_headers(result.version, result.step)
+    if result.not_modified:
+        return Response(status_code=304, headers=headers)
+    return await tensors_response(binary, b64, result.scalars(), result.params, headers)
+
+
+async def pull(request: Request, engine: Any, tenant: str, session_id: str,
+               rows: dict[str, torch.Tensor], min_version: int | None, wait_s: float,
+               binary: bool, b64: bool) -> Response:
+    held = conditions.none_match_versions(request)
+    if min_version is None and wait_s > 0 and held:
+        min_version = max(held) + 1
+    result = await engine.pull_rows(session_id, rows, min_version=min_version, wait_s=wait_s,
+                                    unless_versions=held, tenant=tenant)
+    return await answer(request, result, binary, b64)
+
+
+@router.post("/{session_id}/params/rows", summary="Pull some rows of parameters")
+async def post_rows(
+    session_id: SessionId,
+    request: Request,
+    engine: EngineDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    min_version: Annotated[int | None, Query(ge=0, description="long-poll until this version")]
+    = None,
+    wait_s: Annotated[float, Query(ge=0, le=1e9, description="long-poll for at most this "
+                                   "long (capped at 60 s)")] = 0.0,
+) -> Response:
+    binary, b64 = wants_binary(request), tensor_encoding(request)
+    buf = await read_body(request, int(settings.max_body_mb * 1024 * 1024))
+    kind = body_kind(request)
+    rows = await offload(lambda: rows_from_body(buf, kind == "binary"), len(buf))
+    return await pull(request, engine, tenant, session_id, rows, min_version, wait_s, binary,
+                      b64)

@@ -1,0 +1,401 @@
+"""LBFGS over the network: the closure as a round trip.
+
+``torch.optim.LBFGS.step(closure)`` calls its closure several times per step (its line search
+needs the loss and gradient at new points). Here torch's own ``LBFGS.step`` runs on a thread
+of its own, on a copy of the session (:mod:`app.engine.ops.lbfgs`), with a closure that hands
+control back to the event loop: the parameters it is asked at go to the client
+(:class:`~app.engine.interface.EvaluationRequest`), and the closure returns when the client
+posts the loss and gradients there. When ``LBFGS.step`` returns, the step is one
+``lbfgs_step`` operation holding every evaluation in order: logged (fsynced for durability
+``step``) and applied like any other operation, then answered.
+
+- The device worker never waits on the network: it only validates evaluations, makes the copy
+  and commits the result; other sessions keep stepping meanwhile.
+- The session's lock is held from the open to the end; other mutations of that session (a
+  second ``POST .../step`` included) get 409 ``step_in_progress`` meanwhile, a delete abandons
+  the step first; reads see the session as it was before the step (the step runs on a copy).
+- All or nothing: a step whose evaluation does not come within ``timeout_s`` (or that is
+  abandoned with ``DELETE``, or whose torch code raises, or that a shutdown or a delete
+  interrupts) drops its copy; the session is exactly as before.
+- Evaluation posts are safe to retry: the evaluation id names what they answer; a repeat with
+  the same body gets the same answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import queue
+import secrets
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from app.engine.interface import (
+    Evaluation,
+    EvaluationRequest,
+    IdemKey,
+    ReturnParams,
+    StepResult,
+)
+from app.engine.ops.lbfgs import Copy, LbfgsPlan, LbfgsStep, make_copy, run
+from app.engine.session import Session
+from app.errors import Conflict, Invalid, NotFound, OptserveError
+from app.wire.safetensors_body import pack
+
+if TYPE_CHECKING:
+    from app.engine.host import EmbeddedHost
+
+log = logging.getLogger("optserve.evaluations")
+_FINISHED_KEPT = 256
+MAX_TIMEOUT_S = 3600.0
+Answer = EvaluationRequest | StepResult
+
+
+class _Signal(enum.Enum):
+    ABANDON = "abandon"
+    SKIP = "skip"
+
+
+class _Abandoned(Exception):
+    pass
+
+
+class _Skipped(Exception):
+    pass
+
+
+@dataclass
+class _Done:
+    plan: LbfgsPlan
+    evaluations: list[Evaluation]
+
+
+@dataclass
+class _Failed:
+    error: OptserveError
+
+
+@dataclass
+class _SkippedEvent:
+    pass
+
+
+@dataclass(eq=False)
+class OpenStep:
+    key: str
+    id: str
+    idem: IdemKey | None
+    timeout_s: float
+    want_params: ReturnParams
+    first: Evaluation | None
+    replies: queue.SimpleQueue[Evaluation | _Signal] = field(default_factory=queue.SimpleQueue)
+    events: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    #: the answer that follows each question: "open" first, then each evaluation id
+    answers: dict[str, asyncio.Future[Answer]] = field(default_factory=dict)
+    #: evaluation id -> "validating", or the fingerprint of the body that answered it
+    states: dict[str, str] = field(default_factory=dict)
+    pending: EvaluationRequest | None = None
+    last: str = "open"
+    version: int = 0
+    step_count: int = 0
+    task: asyncio.Task[None] | None = None
+    finished: bool = False
+    outcome: str = "open"
+
+
+def _settle(fut: asyncio.Future[Answer], value: Answer | BaseException) -> None:
+    if fut.done():
+        return
+    if isinstance(value, BaseException):
+        fut.set_exception(value)
+        fut.exception()  # retrieved here: nobody may be waiting for it (a client gone)
+    else:
+        fut.set_result(value)
+
+
+class Evaluations:
+    """The open LBFGS steps of one session host."""
+
+    def __init__(self, host: EmbeddedHost) -> None:
+        self._host = host
+        self._open: dict[str, OpenStep] = {}
+        self._finished: OrderedDict[str, OpenStep] = OrderedDict()
+
+    def is_open(self, key: str) -> bool:
+        return key in self._open
+
+    def refuse_if_open(self, key: str) -> None:
+        """409 for another mutation while a step is open (rather than waiting as long as the
+        client takes to answer)."""
+        step = self._open.get(key)
+        if step is not None:
+            waiting = step.pending.evaluation if step.pending is not None else None
+            raise Conflict(f"an LBFGS step ({step.id}) is open on this session; other changes "
+                           "wait until it ends: answer its evaluations, or abandon it with "
+                           "DELETE .../step/{step_id}", code="step_in_progress",
+                           field="session_id", step_id=step.id, evaluation=waiting)
+
+    # ------------------------------------------------------------------ the client's calls
+    async def open(self, key: str, first: Evaluation | None, *, idem: IdemKey | None,
+                   timeout_s: float, want_params: ReturnParams) -> Answer:
+        """Open a step (answered with its first question, or at once with its end)."""
+        current = self._open.get(key)
+        if current is not None:
+            if idem is not None and current.idem is not None and current.idem.key == idem.key:
+                if current.idem.fingerprint != idem.fingerprint:
+                    raise Invalid("this Idempotency-Key was already used for a different "
+                                  "request; use a fresh key for every new operation",
+                                  code="idempotency_key_reused", field="Idempotency-Key")
+                return await self._latest(current)  # a retry: the step's latest question
+            self.refuse_if_open(key)
+        step = OpenStep(key, secrets.token_hex(8), idem, timeout_s, want_params, first)
+        step.answers["open"] = asyncio.get_running_loop().create_future()
+        self._open[key] = step
+        step.task = asyncio.create_task(self._drive(step))
+        return await asyncio.shield(step.answers["open"])
+
+    async def evaluate(self, key: str, eval_id: str, ev: Evaluation, fingerprint: str
+                       ) -> Answer:
+        """The client's answer to evaluation ``eval_id``; the step's next question or end."""
+        step = self._locate(key, eval_id)
+        state = step.states.get(eval_id)
+        if state == "validating":
+            raise Conflict(f"evaluation {eval_id} is being taken; wait for its answer",
+                           code="evaluation_in_progress", field="eval_id")
+        if state is not None:
+            if state != fingerprint:
+                raise Conflict(f"evaluation {eval_id} was already answered with other values",
+                               code="evaluation_answered", field="eval_id")
+            return await asyncio.shield(step.answers[eval_id])
+        if step.finished:
+            raise Conflict(f"step {step.id} has ended ({step.outcome}) without evaluation "
+                           f"{eval_id}; the session is as it was before it: open a new step",
+                           code="step_ended", field="eval_id", outcome=step.outcome)
+        if step.pending is None or step.pending.evaluation != eval_id:
+            waiting = step.pending.evaluation if step.pending is not None else None
+            raise Conflict(f"step {step.id} does not wait for evaluation {eval_id} (it waits "
+                           f"for {waiting})", code="evaluation_not_pending", field="eval_id",
+                           evaluation=waiting)
+        step.states[eval_id] = "validating"
+        try:
+            checked = await self._host._worker.run(
+                lambda: self._check_evaluation(self._host._get(key), ev), "lbfgs_evaluation")
+        except BaseException:
+            del step.states[eval_id]
+            raise
+        if step.finished:  # timed out while it was being checked
+            del step.states[eval_id]
+            raise Conflict(f"step {step.id} has ended ({step.outcome}); the session is as it "
+                           "was before it: open a new step", code="step_ended", field="eval_id",
+                           outcome=step.outcome)
+        step.states[eval_id] = fingerprint
+        step.pending = None
+        step.replies.put(checked)
+        return await asyncio.shield(step.answers[eval_id])
+
+    async def abandon(self, key: str, step_id: str) -> str:
+        """Abandon the open step ``step_id``: how it ended (``abandoned``, or ``committed`` when
+        it had finished before the abandon reached it)."""
+        step = self._open.get(key)
+        if step is None or step.id != step_id:
+            done = self._finished.get(step_id)
+            if done is not None and done.key == key:
+                return done.outcome
+            raise NotFound(f"no open step {step_id!r:.40} on this session",
+                           code="step_not_found", field="step_id")
+        step.replies.put(_Signal.ABANDON)
+        assert step.task is not None
+        await asyncio.shield(step.task)
+        return step.outcome
+
+    async def abandon_all(self, key: str | None = None) -> None:
+        """Abandon the open steps (of one session, or all: at shutdown) and wait for them."""
+        steps = [s for k, s in list(self._open.items()) if key is None or k == key]
+        for step in steps:
+            step.replies.put(_Signal.ABANDON)
+        tasks = [s.task for s in steps if s.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ internals
+    async def _latest(self, step: OpenStep) -> Answer:
+        if step.pending is not None:
+            return step.pending
+        return await asyncio.shield(step.answers[step.last])
+
+    def _locate(self, key: str, eval_id: str) -> OpenStep:
+        step_id = eval_id.partition(".")[0]
+        step = self._open.get(key)
+        if step is None or step.id != step_id:
+            step = self._finished.get(step_id)
+        if step is None or step.key != key:
+            raise NotFound(f"no LBFGS step of this session asked for evaluation {eval_id!r:.60}",
+                           code="evaluation_not_found", field="eval_id")
+        return step
+
+    def _check_evaluation(self, s: Session, ev: Evaluation) -> Evaluation | _Signal:
+        """An evaluation's gradients checked like a step's (names, dtypes, shapes, dense) and
+        on the device; its loss and gradients checked against the non-finite policy (``skip``
+        skips the whole step)."""
+        s.check_tensors(ev.grads, "grads")
+        grads = s.on_device(ev.grads)
+        bad = s.nonfinite_names(grads)
+        lossy = ev.loss != ev.loss or ev.loss in (float("inf"), float("-inf"))
+        if (bad or lossy) and s.nonfinite == "skip":
+            return _Signal.SKIP
+        if s.nonfinite == "reject":
+            if lossy:
+                raise Invalid(f"the loss is {ev.loss}; this session rejects non-finite values "
+                              "(nonfinite: reject)", code="nonfinite_loss", field="loss")
+            if bad:
+                s.reject_nonfinite(bad, "grads")
+        return Evaluation(ev.loss, grads)
+
+    def _prepare(self, s: Session, step: OpenStep) -> Copy:
+        if step.first is not None:
+            checked = self._check_evaluation(s, step.first)
+            if isinstance(checked, _Signal):
+                raise _Skipped
+            step.first = checked
+        work = make_copy(s)
+        step.version, step.step_count = s.version, s.step_count
+        return work
+
+    def _replayed(self, s: Session, hit: dict[str, Any], want_params: ReturnParams
+                  ) -> StepResult:
+        from app.engine.host import _float
+
+        loss = hit.get("loss")
+        result = StepResult(int(hit["version"]), int(hit["step"]),
+                            [_float(x) for x in hit["lr"]], skipped=bool(hit.get("skipped")),
+                            replayed=True, params_version=s.version,
+                            loss=None if loss is None else _float(loss),
+                            evaluations=hit.get("evaluations"))
+        if want_params:
+            result.params = s.pack_params()
+        return result
+
+    async def _drive(self, step: OpenStep) -> None:
+        """The step from its open to its end, holding the session's lock."""
+        host = self._host
+        loop = asyncio.get_running_loop()
+        thread: threading.Thread | None = None
+        try:
+            async with host._lock(step.key):
+                session = host._get(step.key)
+                if step.idem is not None:
+                    idem = step.idem
+                    hit = session.idem.lookup(idem.key, idem.fingerprint)
+                    if hit is not None:  # a retry of a step that has ended
+                        result = await host._worker.run(
+                            lambda: self._replayed(session, hit, step.want_params))
+                        step.outcome = "committed"
+                        _settle(step.answers["open"], result)
+                        return
+                try:
+                    work = await host._worker.run(lambda: self._prepare(session, step),
+                                                  "lbfgs_open")
+                except _Skipped:
+                    step.outcome = "skipped"
+                    _settle(step.answers["open"], StepResult(
+                        session.version, session.step_count, session.lrs(), skipped=True))
+                    return
+                thread = threading.Thread(target=self._run_torch, args=(step, work, loop),
+                                          name=f"optserve-lbfgs-{step.id}", daemon=True)
+                thread.start()
+                while True:
+                    event = await step.events.get()
+                    if isinstance(event, EvaluationRequest):
+                        step.answers[event.evaluation] = loop.create_future()
+                        step.pending = event
+                        _settle(step.answers[step.last], event)
+                        step.last = event.evaluation
+                        continue
+                    step.pending = None
+                    if isinstance(event, _Done):
+                        op = LbfgsStep(event.evaluations, plan=event.plan)
+                        keys = [step.idem] if step.idem is not None else []
+                        result = await host._run(step.key, session, op, keys,
+                                                 step.want_params)
+                        step.outcome = "committed"
+                        _settle(step.answers[step.last], result)
+                    elif isinstance(event, _SkippedEvent):
+                        step.outcome = "skipped"
+                        _settle(step.answers[step.last], StepResult(
+                            session.version, session.step_count, session.lrs(), skipped=True))
+                    else:
+                        assert isinstance(event, _Failed)
+                        step.outcome = "abandoned" if event.error.code == "step_abandoned" \
+                            else "failed"
+                        _settle(step.answers[step.last], event.error)
+                    break
+            if step.outcome == "committed":
+                host._version_changed(step.key)
+        except BaseException as exc:
+            if step.outcome == "open":
+                step.outcome = "failed"
+            error = exc if isinstance(exc, OptserveError) else OptserveError(
+                f"the LBFGS step failed: {type(exc).__name__}: {exc}", code="step_failed")
+            _settle(step.answers[step.last], error)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            step.finished = True
+            step.pending = None
+            if self._open.get(step.key) is step:
+                del self._open[step.key]
+            self._finished[step.id] = step
+            while len(self._finished) > _FINISHED_KEPT:
+                self._finished.popitem(last=False)
+            if thread is not None and thread.is_alive():
+                step.replies.put(_Signal.ABANDON)
+
+    def _run_torch(self, step: OpenStep, work: Copy, loop: asyncio.AbstractEventLoop) -> None:
+        """The thread: torch's LBFGS.step on the copy; each closure call waits for the client."""
+        def post(event: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(step.events.put_nowait, event)
+            except RuntimeError:  # the loop has closed: nobody is waiting
+                pass
+
+        asked = 0
+
+        def next_evaluation(params: dict[str, torch.Tensor]) -> Evaluation:
+            nonlocal asked
+            asked += 1
+            if asked == 1 and step.first is not None:
+                return step.first
+            post(EvaluationRequest(step.id, f"{step.id}.{asked}", asked - 1, step.version,
+                                   step.step_count, pack(params), step.timeout_s))
+            try:
+                item = step.replies.get(timeout=step.timeout_s)
+            except queue.Empty:
+                raise _Abandoned(f"no evaluation came within {step.timeout_s:g} s") from None
+            if item is _Signal.ABANDON:
+                raise _Abandoned("it was abandoned")
+            if item is _Signal.SKIP:
+                raise _Skipped
+            assert isinstance(item, Evaluation)
+            return item
+
+        try:
+            if work.params[0].device.type == "cuda":
+                torch.cuda.set_device(work.params[0].device)
+            plan, evaluations = run(work, next_evaluation)
+            post(_Done(plan, evaluations))
+        except _Abandoned as exc:
+            post(_Failed(Conflict(f"the LBFGS step {step.id} was abandoned: {exc}; the session "
+                                  "is as it was before it", code="step_abandoned",
+                                  field="eval_id")))
+        except _Skipped:
+            post(_SkippedEvent())
+        except Exception as exc:  # torch's own errors: the session is untouched (a copy ran)
+            log.warning("LBFGS step %s failed: %s", step.id, exc)
+            post(_Failed(Invalid(f"torch's LBFGS.step raised {type(exc).__name__}: {exc}; the "
+                                 "session is as it was before the step", code="step_failed",
+                                 field="evaluation")))

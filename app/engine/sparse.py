@@ -1,0 +1,253 @@
+"""Row-sparse gradients for embedding tables, and row reads.
+
+A row-sparse gradient is a ``torch.sparse_coo_tensor`` with one sparse dimension (the rows
+of the parameter) and dense rows: exactly what ``nn.Embedding(sparse=True)`` makes. The
+service keeps it as sent — its indices in their order, duplicates included — so every
+optimizer sees the bits torch's own backward would have given it (``SparseAdam`` and
+``Adagrad`` coalesce it themselves, summing the duplicate rows; ``SGD`` adds the rows as they
+come, as it does in process).
+
+Which optimizer groups take sparse gradients is torch's to say: the group's options are tried
+on a throwaway optimizer over a tiny parameter with sparse gradients (two steps); when torch
+raises, or leaves sparse tensors in the optimizer's state (``SGD`` with momentum keeps a sparse
+momentum buffer, which the service's state formats do not carry), the option that prevents it
+is found by putting each option back to its default in turn, and the step is a 422 naming it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from app.engine import optimizers
+from app.errors import Invalid
+from app.wire.dtypes import DTYPE_NAMES
+
+if TYPE_CHECKING:
+    from app.engine.interface import Tensors
+    from app.engine.session import Session
+
+#: optimizers that take only sparse gradients
+SPARSE_ONLY = frozenset({"SparseAdam"})
+#: optimizers some of whose groups take row-sparse gradients (torch's verdict per group:
+#: :func:`check_optimizer_takes`)
+TAKE_SPARSE = frozenset({"SparseAdam", "SGD", "Adagrad"})
+#: optimizers that take gradients only through the evaluation protocol
+EVALUATION_ONLY = frozenset({"LBFGS"})
+_PROBE_CACHE: dict[tuple[Any, ...], tuple[str, str | None] | None] = {}
+_PROBE_CACHE_MAX = 1024
+
+
+def is_sparse(t: torch.Tensor) -> bool:
+    return t.layout == torch.sparse_coo
+
+
+def row_sparse(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...] | torch.Size
+               ) -> torch.Tensor:
+    """A row-sparse COO tensor from row indices (1-D int64) and their rows, unchecked (the
+    caller has checked the indices)."""
+    return torch.sparse_coo_tensor(indices.reshape(1, -1), values, tuple(shape),
+                                   check_invariants=False)
+
+
+def rows_of(t: torch.Tensor) -> torch.Tensor:
+    """The row indices of a row-sparse tensor (1-D, in their order, duplicates kept)."""
+    return t._indices()[0]
+
+
+def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b`` with torch's layout rules: dense + sparse is dense, sparse + sparse sparse.
+    torch has no ``sparse + dense``: IEEE addition commutes, so ``b + a`` gives its bits."""
+    if is_sparse(a) and not is_sparse(b):
+        return b + a
+    return a + b
+
+
+def check_sparse(name: str, p: torch.Tensor, t: torch.Tensor, field: str) -> None:
+    """A row-sparse gradient ``t`` sent for parameter ``p``: one sparse dimension (rows), rows
+    shaped like the parameter's, every index one of its rows. Its declared row count may be
+    smaller than the parameter's (torch infers the smallest that holds the indices), never
+    larger."""
+    where = f"{field}.{name}"
+    if p.dim() == 0:
+        raise Invalid(f"{name!r:.80} is a scalar; a sparse gradient needs a parameter with rows",
+                      code="invalid_sparse", field=where)
+    if t.layout != torch.sparse_coo or t.sparse_dim() != 1:
+        raise Invalid(f"{name!r:.80}: a sparse gradient has one sparse dimension (the rows)",
+                      code="invalid_sparse", field=where)
+    if t.dtype != p.dtype:
+        raise Invalid(f"{name!r:.80} is {DTYPE_NAMES[p.dtype]} but the values sent are "
+                      f"{DTYPE_NAMES.get(t.dtype, str(t.dtype))} (no silent casts)",
+                      code="dtype_mismatch", field=f"{where}.values")
+    if t.shape[1:] != p.shape[1:]:
+        raise Invalid(f"{name!r:.80} has rows of shape {list(p.shape[1:])} but the values sent "
+                      f"have rows of shape {list(t.shape[1:])}", code="shape_mismatch",
+                      field=f"{where}.values")
+    idx = rows_of(t)
+    if idx.numel():
+        low, high = int(idx.min()), int(idx.max())
+        if low < 0 or high >= p.shape[0]:
+            bad = low if low < 0 else high
+            raise Invalid(f"row index {bad} is out of range for {name!r:.80}, which has "
+                          f"{p.shape[0]} rows", code="index_out_of_range",
+                          field=f"{where}.indices")
+    if t.shape[0] > p.shape[0]:
+        raise Invalid(f"{name!r:.80} has {p.shape[0]} rows but the sparse gradient declares "
+                      f"{t.shape[0]}", code="shape_mismatch", field=f"{where}.shape")
+
+
+def fit(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A checked row-sparse gradient at its parameter's shape and device (the indices and
+    values as sent)."""
+    if tuple(t.shape) == tuple(p.shape) and t.device == p.device:
+        return t
+    indices, values = t._indices(), t._values()
+    return torch.sparse_coo_tensor(indices.to(p.device), values.to(p.device), p.shape,
+                                   is_coalesced=t.is_coalesced(), check_invariants=False)
+
+
+# ---------------------------------------------------------------------------- optimizer checks
+def check_optimizer_takes(s: Session, grads: Tensors, field: str = "grads") -> None:
+    """Whether the session's optimizer takes these gradients as they are laid out: LBFGS takes
+    gradients only through evaluations, SparseAdam only sparse ones, and a sparse gradient only
+    in a param group whose options torch steps sparse gradients with."""
+    name = s.optimizer_name
+    if name in EVALUATION_ONLY:
+        raise Invalid(f"{name} calls its closure several times per step: it takes gradients "
+                      "only as evaluations (POST .../step opens a step that asks for them)",
+                      code="evaluation_protocol", field=field)
+    if not grads:
+        return
+    sparse_names = [n for n, t in grads.items() if is_sparse(t)]
+    if name in SPARSE_ONLY:
+        dense = [n for n in grads if n not in sparse_names]
+        if dense:
+            raise Invalid(f"{name} does not support dense gradients (torch: \"SparseAdam does "
+                          "not support dense gradients, please consider Adam instead\"); send "
+                          f"{dense[0]!r:.80} as a sparse gradient (indices + values)",
+                          code="dense_gradient", field=f"{field}.{dense[0]}")
+    if not sparse_names:
+        return
+    group_of = {n: i for i, g in enumerate(s.optimizer.param_groups) for n in g["param_names"]}
+    groups = s.group_options()
+    dtypes = s.group_dtypes()
+    seen: set[int] = set()
+    for n in sparse_names:
+        index = group_of[n]
+        if index in seen:
+            continue
+        seen.add(index)
+        refusal = sparse_refusal(s.cls, groups[index], dtypes[index], s.device)
+        if refusal is not None:
+            message, option = refusal
+            where = f"param_groups.{index}.{option}" if option else "optimizer"
+            with_option = f" with {option}={groups[index][option]!r}" if option else ""
+            raise Invalid(f"{name}{with_option} cannot step sparse gradients (sent for "
+                          f"{n!r:.80}): {message}", code="sparse_unsupported", field=where)
+
+
+def sparse_refusal(cls: type[torch.optim.Optimizer], options: dict[str, Any],
+                   dtype: torch.dtype, device: torch.device) -> tuple[str, str | None] | None:
+    """None when a group with these options steps sparse gradients (torch's own verdict, cached);
+    else (why, the option that prevents it or None when the optimizer never does)."""
+    ctor = optimizers.default_options(cls)
+    opts = {k: v for k, v in options.items() if k in ctor}
+    key = (cls.__name__, repr(sorted(opts.items())), dtype, device.type)
+    if key in _PROBE_CACHE:
+        return _PROBE_CACHE[key]
+    why = _try_sparse(cls, opts, dtype, device)
+    verdict: tuple[str, str | None] | None = None
+    if why is not None:
+        blamed = None
+        for option, default in ctor.items():
+            if option not in opts or _same(opts[option], default):
+                continue
+            if _try_sparse(cls, {**opts, option: default}, dtype, device) is None:
+                blamed = option
+                break
+        verdict = (why, blamed)
+    if len(_PROBE_CACHE) >= _PROBE_CACHE_MAX:
+        _PROBE_CACHE.clear()
+    _PROBE_CACHE[key] = verdict
+    return verdict
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return bool(a == b)
+
+
+def _try_sparse(cls: type[torch.optim.Optimizer], opts: dict[str, Any], dtype: torch.dtype,
+                device: torch.device) -> str | None:
+    t = torch.zeros(3, 2, dtype=dtype, device=device)
+    try:
+        opt = cls([t], **copy.deepcopy(opts))
+        for row in (0, 1):
+            values = torch.full((1, 2), 0.25, dtype=dtype, device=device)
+            t.grad = torch.sparse_coo_tensor(torch.tensor([[row]], device=device), values,
+                                             t.shape, check_invariants=False)
+            opt.step()
+    except optimizers.TORCH_ERRORS as exc:
+        return f"torch raises {type(exc).__name__}: {exc}"
+    kept = [k for k, v in opt.state[t].items()
+            if isinstance(v, torch.Tensor) and v.layout != torch.strided]
+    if kept:
+        return (f"torch would keep {kept[0]!r} as a sparse tensor in the optimizer's state, "
+                "which optserve's state formats (export, import, snapshots) do not carry")
+    return None
+
+
+# ---------------------------------------------------------------------------- reading rows
+def check_rows(s: Session, rows: dict[str, torch.Tensor], field: str = "rows") -> None:
+    """Rows asked of parameters: known names, parameters with rows, indices in range."""
+    if not rows:
+        raise Invalid("name at least one parameter and its rows", code="invalid_rows",
+                      field=field)
+    for name, idx in rows.items():
+        p = s.params.get(name)
+        if p is None:
+            raise Invalid(f"unknown parameter {name!r:.80}", code="unknown_parameter",
+                          field=f"{field}.{name}")
+        if p.dim() == 0:
+            raise Invalid(f"{name!r:.80} is a scalar: it has no rows", code="invalid_rows",
+                          field=f"{field}.{name}")
+        if idx.dim() != 1 or idx.dtype != torch.int64:
+            raise Invalid("rows are a 1-D list of int64 row indices", code="invalid_rows",
+                          field=f"{field}.{name}")
+        if idx.numel():
+            low, high = int(idx.min()), int(idx.max())
+            if low < 0 or high >= p.shape[0]:
+                bad = low if low < 0 else high
+                raise Invalid(f"row {bad} is out of range for {name!r:.80}, which has "
+                              f"{p.shape[0]} rows", code="index_out_of_range",
+                              field=f"{field}.{name}")
+
+
+def gather_rows(s: Session, rows: dict[str, torch.Tensor]) -> Tensors:
+    """CPU row-sparse copies of the asked rows (in the order asked, repeats kept)."""
+    out: Tensors = {}
+    for name, idx in rows.items():
+        p = s.params[name]
+        values = p.detach().index_select(0, idx.to(p.device)).cpu()
+        out[name] = row_sparse(idx.cpu(), values, p.shape)
+    return out
+
+
+def touched(s: Session, total: Tensors) -> Tensors:
+    """What a step changed, for ``?return=touched``: the rows of each parameter stepped with a
+    sparse gradient (each row once, in ascending order), every parameter stepped with a dense
+    one whole; parameters without a gradient (which torch does not step) are left out."""
+    out: Tensors = {}
+    for name, g in total.items():
+        p = s.params[name]
+        if is_sparse(g):
+            idx = torch.unique(rows_of(g))
+            out[name] = row_sparse(idx.cpu(), p.detach().index_select(0, idx).cpu(), p.shape)
+        else:
+            out[name] = p.detach().cpu().clone()
+    return out
