@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     local_dir: Path | None = Field(
         default=None, description="where the same-host transport's private socket directory is "
         "made (default: the system's temporary directory)")
+    metrics: bool = Field(
+        default=True, description="per-step norms on the device for sessions that do not set "
+        "\"metrics\" (gradient, update and parameter norms per group)")
+    history_steps: int = Field(
+        default=100_000, ge=0, le=10_000_000,
+        description="rows of per-step metrics a session keeps unless it sets \"history\"")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     log_format: Literal["json", "text"] = Field(
         default="json", description="json: one JSON object per line, with request ids")

@@ -24,6 +24,8 @@ def make_engine(settings: Any, observer: Observer | None = None) -> Front:
         snapshot_every_s=settings.snapshot_every_s,
         fsync_interval_s=settings.fsync_interval_ms / 1000,
         idempotency_window=settings.idempotency_window,
+        metrics=settings.metrics,
+        history_steps=settings.history_steps,
         limits=Limits(settings.max_sessions, settings.max_session_elements),
         observer=observer,
     )
@@ -40,6 +42,8 @@ def embedded_engine(
     snapshot_every_s: float = 300.0,
     fsync_interval_s: float = 0.05,
     idempotency_window: int = 1000,
+    metrics: bool = True,
+    history_steps: int = 100_000,
     limits: Limits | None = None,
     observer: Observer | None = None,
     files: Files | None = None,
@@ -50,5 +54,6 @@ def embedded_engine(
         device=device, torch_threads=torch_threads, default_nonfinite=default_nonfinite,
         data_dir=data_dir, durability=durability, snapshot_every_steps=snapshot_every_steps,
         snapshot_every_s=snapshot_every_s, fsync_interval_s=fsync_interval_s,
-        idempotency_window=idempotency_window, files=files, warm_up=warm_up), observer)
+        idempotency_window=idempotency_window, files=files, warm_up=warm_up,
+        metrics=metrics, history_steps=history_steps), observer)
     return Front(host, limits)
