@@ -84,8 +84,9 @@ class History:
         else:  # full: overwrite the oldest
             at = self._start
             self._start = (self._start + 1) % self._size
-        for name in row.keys() - self._cols.keys():
-            self._cols[name] = np.full(self._size, np.nan)
+        for name in row:
+            if name not in self._cols:
+                self._cols[name] = np.full(self._size, np.nan)
         for name, col in self._cols.items():
             col[at] = row.get(name, np.nan)
         self._cols["n"][at] = n
