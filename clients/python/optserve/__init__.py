@@ -31,6 +31,7 @@ from ._exceptions import (
 )
 from ._tensors import Tensor, TensorLike
 from ._types import (
+    History,
     OptimizerInfo,
     ParamGroupInfo,
     ParamInfo,
@@ -62,6 +63,7 @@ __all__ = [
     "ParamGroupInfo",
     "ParamInfo",
     "StepResult",
+    "History",
     "ParamsResult",
     "VersionInfo",
     "SchedulerStepResult",
