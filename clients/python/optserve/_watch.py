@@ -114,14 +114,16 @@ def render(h: History, title: str, width: int, height: int, color: bool = False)
     return f"{title}\n{out}"
 
 
-def headline(sid: str, h: History) -> str:
+def headline(sid: str, h: History, latest: History | None = None) -> str:
+    """The title line; ``latest``: the newest row itself (the plotted buckets are min/max
+    over several rows)."""
     cols = h.columns
     parts = [f"optserve watch {sid}", f"{h.rows} steps"]
     if h.last is not None:
         parts.append(f"last n {h.last}")
-    loss = [v for v in cols.get("scalars.loss.max", []) if isinstance(v, (int, float))]
-    if loss:
-        parts.append(f"loss {loss[-1]:.4g}")
+    for name, values in sorted((latest.columns if latest else {}).items()):
+        if name.startswith("scalars.") and values and isinstance(values[-1], (int, float)):
+            parts.append(f"{name.removeprefix('scalars.')} {values[-1]:.4g}")
     steps = [v for v in rate(cols.get("n.max", []), cols.get("time.max", [])) if v]
     if steps:
         parts.append(f"{steps[-1]:.1f} steps/s")
@@ -144,7 +146,9 @@ def watch(client: Client, sid: str, *, interval: float = 1.0, frames: int = 0,
         while True:
             width, height = size or shutil.get_terminal_size((120, 40))
             h = client.history(sid, fields=FIELDS, points=max(10, (width - 20) // 4))
-            frame = render(h, headline(sid, h), width, height, color)
+            latest = (client.history(sid, since=h.last - 1, fields=["scalars"])
+                      if h.last else None)
+            frame = render(h, headline(sid, h, latest), width, height, color)
             if tty:
                 stream.write("\x1b[H\x1b[2J")
             stream.write(frame + "\n")
