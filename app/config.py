@@ -95,6 +95,12 @@ class Settings(BaseSettings):
         default=60.0, gt=0, le=3600,
         description="how long an open LBFGS step waits for each evaluation before it is "
         "abandoned (the session unchanged); a step may ask for less or more with ?timeout_s=")
+    metrics: bool = Field(
+        default=True, description="per-step norms on the device for sessions that do not set "
+        "\"metrics\" (gradient, update and parameter norms per group)")
+    history_steps: int = Field(
+        default=100_000, ge=0, le=10_000_000,
+        description="rows of per-step metrics a session keeps unless it sets \"history\"")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     log_format: Literal["json", "text"] = Field(
         default="json", description="json: one JSON object per line, with request ids")

@@ -20,7 +20,17 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api import docs_pages, evaluations, meta, openapi_docs, problems, rows, sessions
+from app.api import (
+    docs_pages,
+    evaluations,
+    history,
+    meta,
+    openapi_docs,
+    problems,
+    rows,
+    sessions,
+    ui,
+)
 from app.api.auth import AuthMiddleware, parse_keys
 from app.config import EXIT_CONFIG, ConfigError, Settings, load_settings
 from app.engine import DEFAULT_TENANT, make_engine
@@ -90,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     openapi_docs.install(app)
     docs_pages.install(app)
+    ui.install(app)
     app.add_middleware(AuthMiddleware, keys=keys)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     origins = settings.cors_origin_list()
@@ -101,4 +112,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(rows.router)
     app.include_router(evaluations.router)
+    app.include_router(history.router)
     return app

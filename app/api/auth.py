@@ -17,7 +17,9 @@ from app.api.problems import problem
 from app.config import parse_keys
 from app.engine.front import DEFAULT_TENANT
 
-OPEN_PATHS = frozenset({"/healthz"})
+OPEN_PATHS = frozenset({"/healthz", "/ui"})
+#: the page at /ui and its static assets (they hold no data; the page's calls carry a key)
+OPEN_PREFIXES = ("/ui/",)
 __all__ = ["AuthMiddleware", "parse_keys", "tenant_of"]  # parse_keys lives in app.config
 
 
@@ -43,7 +45,8 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         state: dict[str, Any] = scope.setdefault("state", {})
-        if not self.keys or scope["path"] in OPEN_PATHS:
+        path = scope["path"]
+        if not self.keys or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             state["tenant"] = DEFAULT_TENANT
             await self.app(scope, receive, send)
             return

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 JSON, BINARY, PROBLEM = "application/json", "application/octet-stream", "application/problem+json"
 TEXT = "text/plain"
+CSV = "text/csv"
 MUTATING = frozenset({"post", "put", "patch", "delete"})
 MAX_NAME = 512  # app.engine.session.MAX_NAME: a parameter name's length
 MAX_DIMS = 32  # app.wire.dtypes.MAX_DIMS
@@ -38,6 +39,20 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 TENSOR_EXAMPLE = {"dtype": "float32", "shape": [1], "data": [2.0]}
 _TENSOR_MAP = {"type": "object", "additionalProperties": _ref("Tensor"),
                "propertyNames": {"minLength": 1, "maxLength": MAX_NAME}}
+_SCALARS = {"type": "object", "maxProperties": 16,
+            "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_./:-]{0,63}$"},
+            "additionalProperties": {"type": "number"},
+            "description": "the client's own scalars (loss, accuracy, ...) recorded with this "
+                           "step in the session's history: at most 16, finite numbers",
+            "example": {"loss": 0.25}}
+_SESSION_OPTIONS: dict[str, Any] = {
+    "metrics": {"type": ["boolean", "null"],
+                "description": "per-step gradient, update and parameter norms on the device "
+                               "(default: OPTSERVE_METRICS)"},
+    "history": {"type": ["integer", "null"], "minimum": 0, "maximum": 10_000_000,
+                "description": "rows of per-step metrics the session keeps (a ring; default "
+                               "OPTSERVE_HISTORY_STEPS)"},
+}
 _PS_PROPERTIES: dict[str, Any] = {
     "max_staleness": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_STALENESS,
                       "description": "asynchronous pushes: refuse (409 stale_gradient) a "
@@ -164,6 +179,7 @@ SCHEMAS: dict[str, Any] = {
                            "enum": ["step", "interval", "memory", None]},
             "sync": _nullable({"allOf": [_ref("SyncOptions")], "required": ["workers"]}),
             **_PS_PROPERTIES,
+            **_SESSION_OPTIONS,
         },
         "oneOf": [{"required": ["params"]}, {"required": ["param_groups"]}],
         "additionalProperties": False,
@@ -188,8 +204,12 @@ SCHEMAS: dict[str, Any] = {
     },
     "PsOptions": {
         "type": "object",
-        "description": "Parameter-server options to change (absent fields keep their value).",
-        "properties": {"sync": _nullable(_ref("SyncOptions")), **_PS_PROPERTIES},
+        "description": "Session options to change (absent fields keep their value): the "
+                       "parameter-server ones, metrics and history.",
+        "properties": {"sync": _nullable(_ref("SyncOptions")), **_PS_PROPERTIES,
+                       "metrics": {"type": "boolean",
+                                   "description": _SESSION_OPTIONS["metrics"]["description"]},
+                       "history": {**_SESSION_OPTIONS["history"], "type": "integer"}},
         "additionalProperties": False,
         "example": {"sync": {"workers": 2}},
     },
@@ -210,10 +230,14 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["sessions"],
         "properties": {"sessions": {"type": "array", "items": _ref("Session")}},
     },
-    "Grads": {"type": "object", "properties": {"grads": _ref("MaybeSparseTensors")},
+    "Grads": {"type": "object", "properties": {"grads": _ref("MaybeSparseTensors"),
+                                               "scalars": _SCALARS},
               "additionalProperties": False,
               "description": "Gradients by parameter name; a parameter left out has no "
-                             "gradient this step (torch skips it).",
+                             "gradient this step (torch skips it). Scalars sent with a push "
+                             "(/grads) are recorded with the next step (several values for "
+                             "one name: their mean). In a safetensors body, scalars are the "
+                             "JSON text of __metadata__.scalars.",
               "example": {"grads": {"x": {"dtype": "float32", "shape": [1], "data": [16.0]}}}},
     "StepBody": {"type": "object",
                  "properties": {
@@ -226,10 +250,12 @@ SCHEMAS: dict[str, Any] = {
                          "oneOf": [{"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
                                     "additionalProperties": {"type": "object"}},
                                    {"type": "array", "items": {"type": ["object", "null"]}}]},
+                     "scalars": _SCALARS,
                  },
                  "additionalProperties": False,
                  "description": "Gradients by parameter name (a parameter left out has no "
-                                "gradient this step), and option changes for the step.",
+                                "gradient this step), option changes for the step, and the "
+                                "client's own scalars to record with it.",
                  "example": {"grads": {"x": {"dtype": "float32", "shape": [1],
                                              "data": [16.0]}},
                              "param_groups": {"0": {"lr": 0.05}}}},
@@ -266,10 +292,55 @@ SCHEMAS: dict[str, Any] = {
                                  "LBFGS: the step waits for the loss and gradients at params"},
                        "step_id": {"type": "string"}, "evaluation": {"type": "string"},
                        "timeout_s": {"type": "number"},
+                       "metrics": _ref("StepMetrics"),
                        "params": _ref("MaybeSparseTensors")},
         "additionalProperties": True,
         "example": {"version": 1, "step": 1, "lr": [0.1], "skipped": False,
                     "params": {"x": {"dtype": "float32", "shape": [1], "data": [0.39999998]}}},
+    },
+    "StepMetrics": {
+        "type": "object", "required": ["n", "time", "groups", "nonfinite"],
+        "description": "This step's metrics (also its row in the session's history). Norms are "
+                       "L2, accumulated in float64 on the device; a session with metrics off "
+                       "has only lr per group. Non-finite values are {\"$float\": \"inf\"}.",
+        "properties": {
+            "n": {"type": "integer", "description": "the history row (steps of the session, "
+                                                    "skipped ones included)"},
+            "time": {"type": "number", "description": "wall time of the step (Unix seconds)"},
+            "groups": {"type": "array", "items": {
+                "type": "object",
+                "properties": {k: {"oneOf": [{"type": "number"}, {"type": "object"}]}
+                               for k in ("lr", "grad_norm", "update_norm", "param_norm",
+                                         "update_ratio")},
+                "description": "lr: the lr this update used; grad_norm: of the gradient "
+                               "stepped with; update_norm: of theta_after - theta_before; "
+                               "param_norm: after the step; update_ratio: their quotient"}},
+            "nonfinite": {"type": "integer", "description": "non-finite gradient values"},
+            "staleness": {"type": "integer"},
+            "workers": {"type": "array", "items": {"type": "string"}},
+            "scalars": {"type": "object", "additionalProperties": {"type": "number"}},
+        },
+        "additionalProperties": True,
+    },
+    "History": {
+        "type": "object", "required": ["id", "capacity", "rows", "fields", "columns"],
+        "description": "Rows of per-step metrics, columnar. With ?points=, every column X is "
+                       "X.min and X.max per bucket of consecutive rows. Absent values are "
+                       "null; infinities {\"$float\": \"inf\"}.",
+        "properties": {
+            "id": {"type": "string"},
+            "capacity": {"type": "integer", "description": "rows the session keeps"},
+            "first": {"type": ["integer", "null"], "description": "oldest n still kept"},
+            "last": {"type": ["integer", "null"], "description": "newest n"},
+            "rows": {"type": "integer", "description": "rows selected (before downsampling)"},
+            "points": {"type": ["integer", "null"]},
+            "fields": {"type": "array", "items": {"type": "string"}},
+            "columns": {"type": "object", "additionalProperties": {"type": "array"}},
+        },
+        "additionalProperties": False,
+        "example": {"id": "seed", "capacity": 100000, "first": 1, "last": 2, "rows": 2,
+                    "points": None, "fields": ["n", "scalars.loss"],
+                    "columns": {"n": [1, 2], "scalars.loss": [0.5, 0.25]}},
     },
     "StateDict": {
         "type": "object",
@@ -431,6 +502,7 @@ class Op:
     ok: str | None = "Object"  # success body schema; None: no body
     ok_binary: bool = False  # also answers safetensors (per Accept)
     ok_media: str | None = None  # the one media type of a non-JSON answer (metrics)
+    ok_also: tuple[str, ...] = ()  # media types a JSON answer may also come in (per Accept)
     versioned: bool = False  # success carries ETag / X-Optserve-Version / X-Optserve-Step
     query: tuple[str, ...] = ()  # keys of QUERY
     headers: tuple[str, ...] = ()  # keys of HEADERS
@@ -445,7 +517,7 @@ class Op:
             return (self.ok_media,)
         if self.ok is None:
             return ()
-        return (JSON, BINARY) if self.ok_binary else (JSON,)
+        return ((JSON, BINARY) if self.ok_binary else (JSON,)) + self.ok_also
 
 
 S = "/v1/sessions/{session_id}"
@@ -491,11 +563,14 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                    versioned=True, query=("format", "encoding")),
     ("put", f"{S}/state_dict"): Op("importState", "StateDict", body_binary=True, ok="Session",
                                    versioned=True, query=("format",)),
+    ("get", f"{S}/history"): Op("getHistory", ok="History", ok_also=(CSV,)),
 }
+ALSO_DESCRIPTIONS = {CSV: "the same columns as CSV: a header row, then one line per row (or "
+                          "bucket); empty cells for absent values"}
 #: the operations a created session's id leads to (OpenAPI links from createSession)
 SESSION_LINKS = ("getSession", "configureSession", "deleteSession", "step", "pushGrads",
                  "zeroGrad", "getParams", "putParams", "addParamGroup", "schedulerStep",
-                 "exportState", "importState")
+                 "exportState", "importState", "getHistory")
 
 _BINARY_BODY = {"schema": {"type": "string", "format": "binary"},
                 "description": "a safetensors file (see docs/protocol.md)"}
@@ -519,6 +594,9 @@ def _success(op: Op, method: str) -> dict[str, Any]:
         content: dict[str, Any] = {JSON: {"schema": _ref(op.ok)}}
         if op.ok_binary:
             content[BINARY] = _BINARY_BODY
+        for media in op.ok_also:
+            content[media] = {"schema": {"type": "string"},
+                              "description": ALSO_DESCRIPTIONS.get(media, "")}
         out["content"] = content
     elif op.ok_media is not None:
         out["content"] = {op.ok_media: {"schema": {"type": "string"}}}

@@ -19,7 +19,7 @@ from app.wire.safetensors_body import read_safetensors
 from app.wire.tree import tree_from_json
 
 _CREATE_KEYS = {"optimizer", "options", "params", "param_groups", "scheduler", "id", "nonfinite",
-                "durability", "sync", "max_staleness", "staleness_lr"}
+                "durability", "sync", "max_staleness", "staleness_lr", "metrics", "history"}
 _PS_KEYS = ("sync", "max_staleness", "staleness_lr")  # checked by the engine (app.engine.ps)
 _DURABILITY = ("step", "interval", "memory")
 TORCH_FILE_SLACK = 16 * 1024 * 1024
@@ -94,7 +94,9 @@ def create_spec(obj: dict[str, Any], tensors: dict[str, torch.Tensor] | None = N
     return CreateSpec(optimizer=obj["optimizer"], groups=groups, options=options,
                       scheduler=scheduler, id=session_id, nonfinite=nonfinite,
                       durability=durability,
-                      ps_options={k: obj[k] for k in _PS_KEYS if k in obj})
+                      ps_options={k: obj[k] for k in _PS_KEYS if k in obj},
+                      # checked by the engine (app.engine.ops.lifecycle)
+                      metrics=obj.get("metrics"), history=obj.get("history"))
 
 
 def _check_scheduler_names(spec: object, field: str) -> None:

@@ -42,7 +42,9 @@ from app.wire.tree import tree_to_json, tree_to_safetensors
 
 REPLAYED_HEADER = "Idempotent-Replayed"
 #: what a step body may carry besides its gradients
-STEP_FIELDS = frozenset({"param_groups"})
+STEP_FIELDS = frozenset({"param_groups", "scalars"})
+#: what a push (/grads) body may carry besides its gradients
+PUSH_FIELDS = frozenset({"scalars"})
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"],
                    dependencies=[Depends(check_accept)])  # 406 before any work
@@ -148,7 +150,8 @@ async def step(session_id: SessionId, request: Request) -> Response:
         result = await engine.step(session_id, grads, return_params=returned,
                                    worker=worker, base_version=base, tenant=tenant, idem=idem,
                                    options=options, upcast=query.upcast,
-                                   params_dtype=query.params_dtype, params_into=in_place)
+                                   params_dtype=query.params_dtype, params_into=in_place,
+                                   scalars=fields.get("scalars"))
         if result.skipped:
             counted["outcome"] = "skipped"
         with phase(request, "encode"):
@@ -168,9 +171,11 @@ async def push_grads(
                                   "float32/float64 parameters (widened on the device)")] = False,
 ) -> Response:
     with outcome(metrics_of(request), metrics_of(request).pushes, session_id):
-        grads, _, buf = await read_tensors(request, _max_bytes(settings), "grads", sparse=True)
+        grads, fields, buf = await read_tensors(request, _max_bytes(settings), "grads",
+                                                PUSH_FIELDS, sparse=True)
         idem = await idempotency(request, buf)
-        out = await engine.push(session_id, grads, tenant=tenant, idem=idem, upcast=upcast)
+        out = await engine.push(session_id, grads, tenant=tenant, idem=idem, upcast=upcast,
+                                scalars=fields.get("scalars"))
     return json_response(out.to_json(), headers=_headers(out.version, out.step, out.replayed))
 
 

@@ -25,6 +25,8 @@ def make_engine(settings: Any, observer: Observer | None = None) -> Front:
         fsync_interval_s=settings.fsync_interval_ms / 1000,
         idempotency_window=settings.idempotency_window,
         evaluation_timeout_s=settings.evaluation_timeout_s,
+        metrics=settings.metrics,
+        history_steps=settings.history_steps,
         limits=Limits(settings.max_sessions, settings.max_session_elements),
         observer=observer,
     )
@@ -42,6 +44,8 @@ def embedded_engine(
     fsync_interval_s: float = 0.05,
     idempotency_window: int = 1000,
     evaluation_timeout_s: float = 60.0,
+    metrics: bool = True,
+    history_steps: int = 100_000,
     limits: Limits | None = None,
     observer: Observer | None = None,
     files: Files | None = None,
@@ -53,5 +57,6 @@ def embedded_engine(
         data_dir=data_dir, durability=durability, snapshot_every_steps=snapshot_every_steps,
         snapshot_every_s=snapshot_every_s, fsync_interval_s=fsync_interval_s,
         idempotency_window=idempotency_window, files=files, warm_up=warm_up,
-        evaluation_timeout_s=evaluation_timeout_s), observer)
+        evaluation_timeout_s=evaluation_timeout_s, metrics=metrics,
+        history_steps=history_steps), observer)
     return Front(host, limits)

@@ -8,12 +8,14 @@ round may talk to different fronts of one cluster).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from app.engine.history import HistoryQuery, HistoryResult, downsample
 from app.engine.host import EmbeddedHost
 from app.engine.interface import (
     CreateSpec,
@@ -33,6 +35,7 @@ from app.engine.interface import (
     session_key,
     split_key,
 )
+from app.engine.metrics import check_scalars
 from app.engine.ops import (
     AddParamGroup,
     Configure,
@@ -128,12 +131,14 @@ class Front:
         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, params_into: Tensors | None = None,
         upcast: bool = False, params_dtype: torch.dtype | None = None,
+        scalars: dict[str, Any] | None = None,
     ) -> StepResult:
         return await self.host.step(session_key(tenant, session_id), grads,
                                     want_params=return_params, worker=worker,
                                     base_version=base_version, idem=idem, options=options,
                                     params_into=params_into, upcast=upcast,
-                                    params_dtype=params_dtype)
+                                    params_dtype=params_dtype,
+                                    scalars=check_scalars(scalars) or None)
 
     # ------------------------------------------------------------------ LBFGS evaluations
     def uses_evaluations(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> bool:
@@ -159,10 +164,22 @@ class Front:
         return await self.host.abandon_step(session_key(tenant, session_id), step_id)
 
     async def push(self, session_id: str, grads: Tensors, *, tenant: str = DEFAULT_TENANT,
-                   idem: IdemKey | None = None, upcast: bool = False) -> GradsResult:
-        out: GradsResult = await self.host.execute(session_key(tenant, session_id),
-                                                   Push(grads, upcast), idem=idem)
+                   idem: IdemKey | None = None, upcast: bool = False,
+                   scalars: dict[str, Any] | None = None) -> GradsResult:
+        out: GradsResult = await self.host.execute(
+            session_key(tenant, session_id),
+            Push(grads, upcast, check_scalars(scalars) or None), idem=idem)
         return out
+
+    async def history(self, session_id: str, query: HistoryQuery, *,
+                      tenant: str = DEFAULT_TENANT) -> HistoryResult:
+        """The session's per-step history (rows ``since < n <= until``, chosen fields),
+        downsampled to ``query.points`` buckets off the event loop."""
+        result = await self.host.history(session_key(tenant, session_id), query)
+        if query.points is not None:
+            points = query.points
+            result.columns = await asyncio.to_thread(downsample, result.columns, points)
+        return result
 
     async def zero_grad(self, session_id: str, *, tenant: str = DEFAULT_TENANT,
                         idem: IdemKey | None = None) -> GradsResult:

@@ -36,8 +36,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from app.engine import optimizers, persist, ps, sparse, state_dicts
+from app.engine import metrics, optimizers, persist, ps, sparse, state_dicts
 from app.engine.evaluations import Evaluations
+from app.engine.history import HistoryQuery, HistoryResult, expand_fields
 from app.engine.interface import (
     CreateSpec,
     Durability,
@@ -103,6 +104,10 @@ class HostConfig:
     snapshot_every_s: float = 300.0
     fsync_interval_s: float = 0.05
     idempotency_window: int = 1000
+    #: per-step norms for sessions that do not say (``"metrics"`` on create)
+    metrics: bool = True
+    #: history rows per session for sessions that do not say (``"history"`` on create)
+    history_steps: int = 100_000
     #: load torch's lazily imported kernels before readiness (tests that restart often skip it)
     warm_up: bool = True
     #: the store's file system calls (tests inject faults here)
@@ -304,6 +309,16 @@ class EmbeddedHost:
             return StateExport(sd, s.version, s.step_count)
         return await self._worker.run(read)
 
+    async def history(self, key: str, query: HistoryQuery) -> HistoryResult:
+        """Rows of the session's history: copies, taken on the worker between operations."""
+        def read() -> HistoryResult:
+            h = self._get(key).history
+            fields = expand_fields(query.fields, h.fields)
+            first, last = h.bounds()
+            cols = h.select(query.since, query.until, fields)
+            return HistoryResult(h.capacity, first, last, len(cols["n"]), query.points, cols)
+        return await self._worker.run(read, "history")
+
     async def _trim_when_idle(self, idle_s: float = 2.0) -> None:
         """Once the host has been idle for ``idle_s`` after operations, give the heap's free
         pages back (a training loop stepping without pause keeps its per-step blocks for
@@ -382,7 +397,8 @@ class EmbeddedHost:
                 durability = "memory"
             op = CreateSession.from_spec(spec, session_id,
                                          spec.nonfinite or self.config.default_nonfinite,
-                                         durability)
+                                         durability, self.config.metrics,
+                                         self.config.history_steps)
             keys = [(idem.key, idem.fingerprint)] if idem is not None else []
             session = await self._worker.run(lambda: self._build(op, keys), "create")
             if self._store is not None and durability != "memory":
@@ -473,6 +489,7 @@ class EmbeddedHost:
         base_version: int | None = None, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, params_into: Tensors | None = None,
         upcast: bool = False, params_dtype: torch.dtype | None = None,
+        scalars: dict[str, float] | None = None,
     ) -> StepResult:
         """One step now (async mode), or this worker's push into the open sync round (whose
         parameters come back packed, ``want_params``, whatever ``params_into`` says).
@@ -497,13 +514,15 @@ class EmbeddedHost:
             if upcast:
                 grads = await self._worker.run(lambda: self._widen(key, grads), "upcast")
             result = await self._rounds.push(key, worker, grads, base_version, idem,
-                                             bool(want_params) or params_into is not None)
+                                             bool(want_params) or params_into is not None,
+                                             scalars)
             if params_dtype is not None and result.params is not None:
                 result = dataclasses.replace(result, params=pack(
                     {n: t.to(params_dtype) for n, t in result.params.items()}))
             return result
         out: StepResult = await self.execute(
-            key, Step(grads, base_version, options=options, upcast=upcast), idem=idem,
+            key, Step(grads, base_version, options=options, upcast=upcast,
+                      scalars=scalars or None), idem=idem,
             want_params=want_params, params_into=params_into, params_dtype=params_dtype)
         return out
 
@@ -541,15 +560,17 @@ class EmbeddedHost:
         return await self._worker.run(check, "sync_push")
 
     async def _apply_round(self, key: str, pushes: dict[str, Tensors], how: ps.Reduce,
-                           keys: list[IdemKey], want_params: bool, sync: dict[str, Any]
-                           ) -> StepResult:
+                           keys: list[IdemKey], want_params: bool, sync: dict[str, Any],
+                           scalars: dict[str, dict[str, float]] | None = None) -> StepResult:
         """One step with the round's reduced gradients, logged as one ordinary ``step``
         record answering every worker's idempotency key; every waiter gets the same result."""
         async with self._lock(key):
             session = self._get(key)
             reduced = await self._worker.run(lambda: ps.reduce(pushes, how), "reduce")
-            result: StepResult = await self._run(key, session, Step(reduced), keys, want_params,
-                                                 sync)
+            step = Step(reduced, workers=list(sync["workers"]),
+                        scalars=metrics.mean_scalars([scalars[w] for w in sorted(scalars)])
+                        if scalars else None)
+            result: StepResult = await self._run(key, session, step, keys, want_params, sync)
         self._version_changed(key)
         return result
 
@@ -807,7 +828,7 @@ def replay_answer(s: Session, op: Operation, hit: dict[str, Any], want_params: R
                             [_float(x) for x in hit["lr"]], skipped=bool(hit.get("skipped")),
                             nonfinite=list(hit.get("nonfinite", [])), sync=hit.get("sync"),
                             staleness=hit.get("staleness"), replayed=True,
-                            params_version=s.version)
+                            params_version=s.version, metrics=hit.get("metrics"))
         if params_into is not None and params_into.keys() == s.params.keys():
             result.params = s.copy_params_into(params_into)
         elif want_params or params_into is not None:

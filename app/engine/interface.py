@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from app.engine.history import HistoryQuery, HistoryResult
 
 NonFinitePolicy = Literal["reject", "skip", "allow"]
 Durability = Literal["step", "interval", "memory"]
@@ -62,6 +65,10 @@ class CreateSpec:
     durability: Durability | None = None
     #: parameter-server options (``sync``, ``max_staleness``, ``staleness_lr``), as JSON values
     ps_options: dict[str, Any] = field(default_factory=dict)
+    #: per-step norms on the device (None: the server's default)
+    metrics: bool | None = None
+    #: history rows kept (None: the server's default)
+    history: int | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,9 @@ class SessionInfo:
     accumulated: list[str]
     scheduler: dict[str, Any] | None
     ps: dict[str, Any]
+    #: per-step norms on or off, and the history's capacity
+    metrics: bool = True
+    history: int = 0
     #: workers that have pushed to the open sync round (sync sessions only)
     pending: list[str] | None = None
     replayed: bool = False
@@ -103,6 +113,7 @@ class SessionInfo:
             "defaults": self.defaults, "param_groups": self.param_groups,
             "params": self.params, "accumulated": self.accumulated,
             "scheduler": self.scheduler, **self.ps,
+            "metrics": self.metrics, "history": self.history,
         }
         if self.pending is not None and isinstance(out.get("sync"), dict):
             out["sync"] = {**out["sync"], "pending": self.pending}
@@ -129,6 +140,8 @@ class StepResult:
     #: evaluations it took
     loss: float | None = None
     evaluations: int | None = None
+    #: the step's metrics (app.engine.metrics.StepMetrics.to_json), JSON-ready
+    metrics: dict[str, Any] | None = None
 
     def scalars(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.version, "step": self.step,
@@ -137,6 +150,8 @@ class StepResult:
             out["loss"] = json_float(self.loss)
         if self.evaluations is not None:
             out["evaluations"] = self.evaluations
+        if self.metrics is not None:
+            out["metrics"] = self.metrics
         if self.nonfinite:
             out["nonfinite"] = self.nonfinite
         if self.sync is not None:
@@ -271,7 +286,7 @@ class Engine(Protocol):
         worker: str | None = ..., base_version: int | None = ..., tenant: str = ...,
         idem: IdemKey | None = ..., options: dict[int, dict[str, Any]] | None = ...,
         params_into: Tensors | None = ..., upcast: bool = ...,
-        params_dtype: torch.dtype | None = ...,
+        params_dtype: torch.dtype | None = ..., scalars: dict[str, Any] | None = ...,
     ) -> StepResult: ...
     def uses_evaluations(self, session_id: str, *, tenant: str = ...) -> bool: ...
     async def open_evaluation_step(
@@ -286,7 +301,10 @@ class Engine(Protocol):
     async def configure(self, session_id: str, options: dict[str, Any], *, tenant: str = ...,
                         idem: IdemKey | None = ...) -> SessionInfo: ...
     async def push(self, session_id: str, grads: Tensors, *, tenant: str = ...,
-                   idem: IdemKey | None = ..., upcast: bool = ...) -> GradsResult: ...
+                   idem: IdemKey | None = ..., upcast: bool = ...,
+                   scalars: dict[str, Any] | None = ...) -> GradsResult: ...
+    async def history(self, session_id: str, query: HistoryQuery, *,
+                      tenant: str = ...) -> HistoryResult: ...
     async def zero_grad(self, session_id: str, *, tenant: str = ...,
                         idem: IdemKey | None = ...) -> GradsResult: ...
     async def pull(

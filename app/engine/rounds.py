@@ -30,6 +30,7 @@ class Round:
     pushes: dict[str, Tensors] = field(default_factory=dict)
     waiters: dict[str, asyncio.Future[StepResult]] = field(default_factory=dict)
     keys: dict[str, IdemKey] = field(default_factory=dict)  # worker -> its idempotency key
+    scalars: dict[str, dict[str, float]] = field(default_factory=dict)  # worker -> its scalars
     reserved: set[str] = field(default_factory=set)  # pushes being checked
     want_params: bool = False
     timer: asyncio.TimerHandle | None = None
@@ -52,9 +53,10 @@ class Round:
 
 
 #: applies a closed round on the device: (session key, the pushes by worker, how to reduce
-#: them, the workers' idempotency keys, want params, the round's ``sync`` answer)
+#: them, the workers' idempotency keys, want params, the round's ``sync`` answer, the
+#: workers' client scalars)
 ApplyRound = Callable[[str, dict[str, Tensors], ps.Reduce, list[IdemKey], bool,
-                       dict[str, Any]], Awaitable[StepResult]]
+                       dict[str, Any], dict[str, dict[str, float]]], Awaitable[StepResult]]
 #: checks one push against the session: (key, grads, base version) -> grads on the device
 CheckPush = Callable[[str, Tensors, int | None], Awaitable[Tensors]]
 
@@ -110,7 +112,8 @@ class SyncRounds:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def push(self, key: str, worker: str | None, grads: Tensors, base_version: int | None,
-                   idem: IdemKey | None, want_params: bool) -> StepResult:
+                   idem: IdemKey | None, want_params: bool,
+                   scalars: dict[str, float] | None = None) -> StepResult:
         """This worker's push into the open round; waits for the round's step."""
         config = self._configs[key]
         if worker is None:
@@ -159,6 +162,8 @@ class SyncRounds:
         rnd.waiters[worker] = waiter
         if idem is not None:
             rnd.keys[worker] = idem
+        if scalars:
+            rnd.scalars[worker] = scalars
         rnd.want_params = rnd.want_params or want_params
         if rnd.timer is None:
             rnd.timer = asyncio.get_running_loop().call_later(
@@ -189,7 +194,7 @@ class SyncRounds:
         sync = {"workers": sorted(rnd.pushes), "expected": expected, "partial": partial}
         try:
             result = await self._apply_round(key, rnd.pushes, reduce, list(rnd.keys.values()),
-                                             rnd.want_params, sync)
+                                             rnd.want_params, sync, rnd.scalars)
         except BaseException as exc:
             rnd.fail(exc)
             if not isinstance(exc, Exception):

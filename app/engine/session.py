@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from app.engine import optimizers, ps, schedulers, sparse, state_dicts
+from app.engine.history import History
 from app.engine.idempotency import IdempotencyTable
 from app.engine.interface import (
     Durability,
@@ -28,6 +29,8 @@ _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_NAME = 512
 #: names the wire formats reserve (a safetensors header key; a sparse tensor's parts)
 RESERVED_NAMES = frozenset({"__metadata__"})
+#: history rows a session keeps unless told otherwise (OPTSERVE_HISTORY_STEPS)
+DEFAULT_HISTORY = 100_000
 
 
 def check_session_id(session_id: object) -> str:
@@ -85,6 +88,12 @@ class Session:
         #: with these, then loads the state: the running values may be ones torch's
         #: constructor refuses, e.g. an lr a scheduler drove below zero)
         self.group_spec_options: list[dict[str, Any]] = []
+        #: per-step norms on the device (``"metrics": false`` on create or PATCH turns them off)
+        self.metrics_on = True
+        #: per-step metrics, a bounded ring (app.engine.history)
+        self.history = History(DEFAULT_HISTORY)
+        #: client scalars pushed with /grads for the next step: name -> [sum, count]
+        self.pending_scalars: dict[str, list[float]] = {}
         self.seq = 0  # records logged for this session, ever (persistence)
         self.seq_at_snapshot = 0
         self.snapshot_time = 0.0
@@ -197,6 +206,7 @@ class Session:
             params={n: {"dtype": DTYPE_NAMES[p.dtype], "shape": list(p.shape)}
                     for n, p in self.params.items()},
             accumulated=sorted(self.accum), scheduler=sched, ps=self.ps.to_json(),
+            metrics=self.metrics_on, history=self.history.capacity,
         )
 
     def memory_bytes(self) -> int:
@@ -373,7 +383,10 @@ class Session:
                 # torch's load_state_dict adds keys to optimizer.defaults (differentiable):
                 # a restore puts back exactly the keys the running optimizer had
                 "defaults_keys": list(self.optimizer.defaults),
+                "metrics": self.metrics_on,
+                "pending_scalars": self.pending_scalars,
             },
+            "history": self.history.to_tree(),
             "state_dict": sd,
             "params": dict(self.params),
             "accum": dict(self.accum),
@@ -417,6 +430,12 @@ class Session:
         created = meta.get("created_by")
         session.created_by = (str(created[0]), str(created[1])) if created else None
         session.accum = {n: t.to(device=device, copy=True) for n, t in tree["accum"].items()}
+        session.metrics_on = bool(meta.get("metrics", True))
+        session.pending_scalars = {str(k): [float(v[0]), float(v[1])]
+                                   for k, v in (meta.get("pending_scalars") or {}).items()}
+        # snapshots from before the history: an empty ring whose rows go on from the step count
+        session.history = (History.from_tree(tree["history"]) if tree.get("history")
+                           else History(DEFAULT_HISTORY, session.step_count + 1))
         return session
 
 

@@ -358,7 +358,7 @@ class _Connection(threading.Thread):
             digest = ";".join(f"{n}={body_digest(grads[n].view(-1).view(torch.uint8).numpy().data)}"
                               for n in names)
             meta = orjson.dumps({k: m.get(k) for k in ("base_version", "worker",
-                                                       "param_groups")}).decode()
+                                                       "param_groups", "scalars")}).decode()
             idem = IdemKey(str(key), f"local step {binding.session_id} {meta} {digest}")
         options = step_options(m.get("param_groups"))
         worker = m.get("worker")
@@ -367,7 +367,7 @@ class _Connection(threading.Thread):
             binding.session_id, grads, return_params=want, tenant=self.tenant or "",
             worker=None if worker is None else str(worker),
             base_version=None if base is None else int(base), idem=idem, options=options,
-            params_into=binding.params if want else None))
+            params_into=binding.params if want else None, scalars=m.get("scalars")))
         if want and result.params is not None and result.params is not binding.params:
             with torch.no_grad():  # a sync round's parameters come back packed
                 for name, view in binding.params.items():

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from app.engine import ps, schedulers, sparse
+from app.engine import metrics, ps, schedulers, sparse
 from app.engine.interface import GradsResult, StepResult, Tensors
 from app.engine.ops.base import ApplyFailed, Operation, register
 from app.engine.ops.params import check_group_changes
-from app.engine.session import Session
+from app.engine.session import Session, lr_value
 from app.errors import Conflict, Invalid
 
 
@@ -63,9 +64,18 @@ class Step(Operation):
     #: float16/bfloat16 gradients for wider parameters are widened on the device (the record
     #: keeps the narrow ones; replay widens them the same way)
     upcast: bool = False
+    #: the client's own scalars (loss, accuracy, ...), recorded in the step's history row
+    scalars: dict[str, float] | None = None
+    #: the step's wall time (set when it is checked, logged: replay rebuilds the same row)
+    time: float | None = None
+    #: a sync round's step: the workers whose pushes it reduced
+    workers: list[str] | None = None
 
     def check(self, s: Session) -> StepPlan:
         s.check_tensors(self.grads, "grads", self.upcast, sparse_ok=True)
+        self.scalars = metrics.check_scalars(self.scalars) or None
+        if self.time is None:
+            self.time = time.time()
         changes = check_group_changes(s, self.options) if self.options else {}
         staleness, lr_div = None, self.lr_div
         if self.base_version is not None:
@@ -112,10 +122,15 @@ class Step(Operation):
         groups = s.optimizer.param_groups
         for index, opts in plan.changes.items():  # made even when the step is skipped
             groups[index].update(opts)
+        bad = metrics.count_nonfinite([plan.total[n] for n in plan.nonfinite])
         if plan.skip:
             s.accum.clear()
+            found = self._record(s, plan, [{"lr": lr} for lr in s.lrs()], bad, skipped=True)
             return StepResult(s.version, s.step_count, s.lrs(), skipped=True,
-                              nonfinite=plan.nonfinite, staleness=plan.staleness)
+                              nonfinite=plan.nonfinite, staleness=plan.staleness, metrics=found)
+        used_lrs = [lr_value(g["lr"]) / plan.lr_div if plan.lr_div is not None
+                    else lr_value(g["lr"]) for g in groups]
+        probe = metrics.before_step(s, plan.total)
         for name, p in s.params.items():
             p.grad = plan.total.get(name)
         saved_lrs = [group["lr"] for group in groups]
@@ -141,8 +156,27 @@ class Step(Operation):
         s.accum.clear()
         s.version += 1
         s.step_count += 1
+        found = self._record(s, plan, metrics.after_step(s, probe, used_lrs, bad), bad)
         return StepResult(s.version, s.step_count, s.lrs(), nonfinite=plan.nonfinite,
-                          staleness=plan.staleness)
+                          staleness=plan.staleness, metrics=found)
+
+    def _record(self, s: Session, plan: StepPlan, groups: list[dict[str, float]],
+                nonfinite: int, skipped: bool = False) -> dict[str, Any] | None:
+        """The step's metrics into the session's history (after the step is done: nothing
+        here can fail it); the answer's ``metrics`` object."""
+        try:
+            sums = {k: list(v) for k, v in s.pending_scalars.items()}
+            s.pending_scalars = {}
+            for k, v in (self.scalars or {}).items():
+                total, count = sums.get(k, (0.0, 0.0))
+                sums[k] = [total + v, count + 1]
+            step = metrics.StepMetrics(groups, nonfinite, skipped, plan.staleness,
+                                       self.workers, {k: v[0] / v[1] for k, v in sums.items()},
+                                       self.time if self.time is not None else time.time())
+            step.n = s.history.append(step.row(s.step_count, s.version))
+            return step.to_json()
+        except Exception:  # noqa: BLE001 - metrics never fail a step
+            return None
 
     def to_tree(self) -> dict[str, Any]:
         out: dict[str, Any] = {"grads": self.grads}
@@ -154,6 +188,12 @@ class Step(Operation):
             out["options"] = {str(i): opts for i, opts in self.options.items()}
         if self.upcast:
             out["upcast"] = True
+        if self.scalars:
+            out["scalars"] = self.scalars
+        if self.time is not None:
+            out["time"] = self.time
+        if self.workers is not None:
+            out["workers"] = self.workers
         return out
 
     @classmethod
@@ -161,10 +201,14 @@ class Step(Operation):
         base = tree.get("base_version")
         lr_div = tree.get("lr_div")
         options = tree.get("options")
+        at = tree.get("time")
+        workers = tree.get("workers")
         return cls(dict(tree["grads"]), None if base is None else int(base),
                    None if lr_div is None else float(lr_div),
                    {int(i): dict(o) for i, o in options.items()} if options else None,
-                   bool(tree.get("upcast", False)))
+                   bool(tree.get("upcast", False)), tree.get("scalars") or None,
+                   None if at is None else float(at),
+                   None if workers is None else [str(w) for w in workers])
 
 
 @register
@@ -175,23 +219,33 @@ class Push(Operation):
     kind = "push"
     grads: Tensors
     upcast: bool = False
+    #: the client's scalars, recorded with the next step (means of all sent for it)
+    scalars: dict[str, float] | None = None
 
     def check(self, s: Session) -> Tensors:
+        self.scalars = metrics.check_scalars(self.scalars) or None
         return s.check_grads(self.grads, self.upcast)
 
     def apply(self, s: Session, plan: Tensors) -> GradsResult:
         # out of place: a failure half-way leaves the accumulator as it was
         summed = {n: (sparse.add(s.accum[n], g) if n in s.accum else g)
                   for n, g in plan.items()}
+        pending = dict(s.pending_scalars)
+        for k, v in (self.scalars or {}).items():
+            total, count = pending.get(k, (0.0, 0.0))
+            pending[k] = [total + v, count + 1]
         s.accum.update(summed)
+        s.pending_scalars = pending
         return GradsResult(s.version, s.step_count, sorted(s.accum))
 
     def to_tree(self) -> dict[str, Any]:
-        return {"grads": self.grads, **({"upcast": True} if self.upcast else {})}
+        return {"grads": self.grads, **({"upcast": True} if self.upcast else {}),
+                **({"scalars": self.scalars} if self.scalars else {})}
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> Push:
-        return cls(dict(tree["grads"]), bool(tree.get("upcast", False)))
+        return cls(dict(tree["grads"]), bool(tree.get("upcast", False)),
+                   tree.get("scalars") or None)
 
 
 @register
@@ -203,6 +257,7 @@ class ZeroGrad(Operation):
 
     def apply(self, s: Session, plan: Any) -> GradsResult:
         s.accum.clear()
+        s.pending_scalars = {}
         return GradsResult(s.version, s.step_count, [])
 
     def to_tree(self) -> dict[str, Any]:

@@ -8,9 +8,11 @@ from typing import Any
 import torch
 
 from app.engine import ps
+from app.engine.history import History, check_capacity
 from app.engine.interface import CreateSpec, Durability, GroupSpec, NonFinitePolicy, SessionInfo
 from app.engine.ops.base import Operation, register
-from app.engine.session import Session, check_session_id
+from app.engine.session import DEFAULT_HISTORY, Session, check_session_id
+from app.errors import Invalid
 
 
 @register
@@ -28,12 +30,19 @@ class CreateSession(Operation):
     nonfinite: NonFinitePolicy = "reject"
     durability: Durability = "memory"
     ps_options: dict[str, Any] = field(default_factory=dict)
+    #: per-step norms on the device (the history keeps the rest either way)
+    metrics: bool = True
+    #: history rows kept
+    history: int = DEFAULT_HISTORY
 
     @classmethod
     def from_spec(cls, spec: CreateSpec, session_id: str, nonfinite: NonFinitePolicy,
-                  durability: Durability) -> CreateSession:
+                  durability: Durability, metrics: bool = True,
+                  history: int = DEFAULT_HISTORY) -> CreateSession:
         return cls(check_session_id(session_id), spec.optimizer, spec.groups, spec.options,
-                   spec.scheduler, nonfinite, durability, spec.ps_options)
+                   spec.scheduler, nonfinite, durability, spec.ps_options,
+                   check_metrics(spec.metrics) if spec.metrics is not None else metrics,
+                   check_capacity(spec.history) if spec.history is not None else history)
 
     def build(self, device: torch.device) -> Session:
         """Validate everything and build the session (nothing exists until it is returned)."""
@@ -42,6 +51,8 @@ class CreateSession(Operation):
                                 self.scheduler, self.nonfinite, device)
         session.ps = config
         session.durability = self.durability
+        session.metrics_on = self.metrics
+        session.history = History(self.history)
         return session
 
     def apply(self, s: Session, plan: Any) -> SessionInfo:  # pragma: no cover - see build
@@ -52,28 +63,61 @@ class CreateSession(Operation):
                 "groups": [{"params": g.params, "options": g.options} for g in self.groups],
                 "options": self.options, "scheduler": self.scheduler,
                 "nonfinite": self.nonfinite, "durability": self.durability,
-                "ps": self.ps_options}
+                "ps": self.ps_options, "metrics": self.metrics, "history": self.history}
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> CreateSession:
         groups = [GroupSpec(dict(g["params"]), dict(g["options"])) for g in tree["groups"]]
         return cls(str(tree["id"]), str(tree["optimizer"]), groups, dict(tree["options"]),
-                   tree["scheduler"], tree["nonfinite"], tree["durability"], dict(tree["ps"]))
+                   tree["scheduler"], tree["nonfinite"], tree["durability"], dict(tree["ps"]),
+                   bool(tree.get("metrics", True)), int(tree.get("history", DEFAULT_HISTORY)))
+
+
+@dataclass
+class ConfigurePlan:
+    ps: ps.PsConfig
+    metrics: bool
+    history: int
+
+
+#: session options PATCH changes besides the parameter-server ones
+SESSION_KEYS = ("metrics", "history")
+
+
+def check_metrics(value: object) -> bool:
+    if type(value) is not bool:
+        raise Invalid("metrics must be true or false (per-step norms on the device)",
+                      code="invalid_option", field="metrics")
+    return value
 
 
 @register
 @dataclass
 class Configure(Operation):
-    """Change parameter-server options (``sync``, ``max_staleness``, ``staleness_lr``)."""
+    """Change session options: parameter-server ones (``sync``, ``max_staleness``,
+    ``staleness_lr``), ``metrics`` (per-step norms on or off) and ``history`` (rows kept)."""
 
     kind = "configure"
     options: dict[str, Any]
 
-    def check(self, s: Session) -> ps.PsConfig:
-        return ps.parse(self.options, s.ps)
+    def check(self, s: Session) -> ConfigurePlan:
+        unknown = sorted(set(self.options) - set(ps.PS_KEYS) - set(SESSION_KEYS))
+        if unknown:
+            raise Invalid(f"unknown field {unknown[0]!r:.60}; expected "
+                          f"{[*ps.PS_KEYS, *SESSION_KEYS]}", code="unknown_field",
+                          field=unknown[0])
+        config = ps.parse({k: v for k, v in self.options.items() if k in ps.PS_KEYS}, s.ps)
+        on = (check_metrics(self.options["metrics"]) if "metrics" in self.options
+              else s.metrics_on)
+        rows = (check_capacity(self.options["history"]) if "history" in self.options
+                else s.history.capacity)
+        return ConfigurePlan(config, on, rows)
 
-    def apply(self, s: Session, plan: ps.PsConfig) -> SessionInfo:
-        s.ps = plan
+    def apply(self, s: Session, plan: ConfigurePlan) -> SessionInfo:
+        s.ps = plan.ps
+        s.metrics_on = plan.metrics
+        if plan.history != s.history.capacity:
+            s.history.resize(plan.history)
         return s.describe()
 
     def to_tree(self) -> dict[str, Any]:

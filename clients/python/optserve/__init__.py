@@ -35,6 +35,7 @@ from ._sparse import RowSparse
 from ._tensors import Tensor, TensorLike
 from ._types import (
     EvaluationRequest,
+    History,
     OptimizerInfo,
     ParamGroupInfo,
     ParamInfo,
@@ -69,6 +70,7 @@ __all__ = [
     "ParamInfo",
     "StepResult",
     "EvaluationRequest",
+    "History",
     "RowSparse",
     "ParamsResult",
     "VersionInfo",

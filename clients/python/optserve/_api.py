@@ -29,6 +29,7 @@ from ._sparse import SparseWire
 from ._tensors import Tensor, TensorLike
 from ._types import (
     EvaluationRequest,
+    History,
     OptimizerInfo,
     ParamsResult,
     SchedulerInfo,
@@ -37,6 +38,7 @@ from ._types import (
     StepResult,
     VersionInfo,
 )
+from ._types import _untag as untag
 
 R = TypeVar("R")
 StateFormat = Literal["safetensors", "json", "torch"]
@@ -157,7 +159,12 @@ def _parse_step(response: httpx.Response) -> StepResult:
         staleness=scalars.get("staleness"),
         replayed=bool(scalars.get("replayed", False)),
         params_version=None if params_version is None else int(params_version),
+        metrics=_metrics(scalars.get("metrics")),
     )
+
+
+def _metrics(value: Any) -> dict[str, Any] | None:
+    return untag(value) if isinstance(value, dict) else None
 
 
 def step_result(scalars: Mapping[str, Any], params: Mapping[str, Any] | None, *,
@@ -175,7 +182,8 @@ def step_result(scalars: Mapping[str, Any], params: Mapping[str, Any] | None, *,
         skipped=bool(scalars.get("skipped", False)), params=out,
         nonfinite=list(scalars.get("nonfinite", [])), sync=scalars.get("sync"),
         staleness=scalars.get("staleness"), replayed=bool(scalars.get("replayed", False)),
-        params_version=None if params_version is None else int(params_version))
+        params_version=None if params_version is None else int(params_version),
+        metrics=_metrics(scalars.get("metrics")))
 
 
 def transport() -> APICall[dict[str, Any]]:
@@ -398,18 +406,16 @@ def step(
     param_groups: Mapping[int, Mapping[str, Any]] | None = None,
     upcast: bool = False,
     params_dtype: str | None = None,
+    scalars: Mapping[str, float] | None = None,
 ) -> APICall[StepResult]:
     wires = _sparse.encode_tensor_map(grads or {}, "grads")
+    extra: dict[str, Any] = {}
     changes = group_changes(param_groups)
-    if not changes:
-        content, ctype = _tensor_body(wires, "grads", binary)
-    elif binary:
-        content = _safetensors.dumps(_sparse.safetensors_map(wires), {
-            "param_groups": json.dumps(changes, allow_nan=False)})
-        ctype = OCTET_STREAM
-    else:
-        content, ctype = _json_body({"grads": _sparse.json_map(wires),
-                                     "param_groups": changes})
+    if changes:
+        extra["param_groups"] = changes
+    if scalars:
+        extra["scalars"] = scalars_json(scalars)
+    content, ctype = _tensors_with(wires, "grads", binary, extra)
     query: list[tuple[str, str]] = []
     headers: dict[str, str] = {}
     if upcast:
@@ -441,10 +447,66 @@ def step(
                    idempotent=False, headers=headers, wait_s=wait_s)
 
 
+def scalars_json(scalars: Mapping[str, float]) -> dict[str, float]:
+    """A step's client scalars (``{"loss": 0.3}``): plain finite floats (a 0-d tensor's value
+    is taken); the server checks names and bounds."""
+    out: dict[str, float] = {}
+    for name, value in scalars.items():
+        item = getattr(value, "item", None)
+        number = float(item() if callable(item) else value)
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError(f"scalar {name!r} must be finite, got {number}")
+        out[str(name)] = number
+    return out
+
+
+def _tensors_with(wires: Mapping[str, WireTensor | SparseWire], key: str, binary: bool,
+                  extra: Mapping[str, Any]) -> tuple[bytes, str]:
+    """Named tensors (row-sparse ones too) plus extra fields: JSON ``{key: ..., **extra}`` or
+    safetensors with each extra field as JSON text in ``__metadata__``."""
+    if not extra:
+        return _tensor_body(wires, key, binary)
+    if binary:
+        metadata = {k: json.dumps(v, allow_nan=False) for k, v in extra.items()}
+        return _safetensors.dumps(_sparse.safetensors_map(wires), metadata), OCTET_STREAM
+    return _json_body({key: _sparse.json_map(wires), **extra})
+
+
+def history(
+    session_id: str, *, since: int | None = None, until: int | None = None,
+    fields: Iterable[str] | None = None, points: int | None = None, csv: bool = False,
+) -> APICall[Any]:
+    """``GET .../history``: a :class:`History` (JSON) or the CSV text."""
+    query: list[tuple[str, str]] = []
+    for name, value in (("since", since), ("until", until), ("points", points)):
+        if value is not None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+            query.append((name, str(value)))
+    if fields is not None:
+        names = [fields] if isinstance(fields, str) else list(fields)
+        query.append(("fields", ",".join(names)))
+    if csv:
+        return APICall("GET", _sid(session_id) + "/history", _parse_text, params=query,
+                       accept="text/csv")
+    return APICall("GET", _sid(session_id) + "/history", _parse_history, params=query)
+
+
+def _parse_history(response: httpx.Response) -> History:
+    return History.from_json(_json(response))
+
+
+def _parse_text(response: httpx.Response) -> str:
+    return response.text
+
+
 def push_grads(
-    session_id: str, grads: Mapping[str, TensorLike], *, binary: bool
+    session_id: str, grads: Mapping[str, TensorLike], *, binary: bool,
+    scalars: Mapping[str, float] | None = None,
 ) -> APICall[VersionInfo]:
-    content, ctype = _tensor_body(_sparse.encode_tensor_map(grads, "grads"), "grads", binary)
+    extra = {"scalars": scalars_json(scalars)} if scalars else {}
+    content, ctype = _tensors_with(_sparse.encode_tensor_map(grads, "grads"), "grads", binary,
+                                   extra)
     return APICall("POST", _sid(session_id) + "/grads", _parse_version, content=content,
                    content_type=ctype, idempotent=False)
 

@@ -22,6 +22,7 @@ from ._local import LocalChannel, LocalUnavailable
 from ._tensors import TensorLike
 from ._types import (
     EvaluationRequest,
+    History,
     OptimizerInfo,
     ParamsResult,
     SchedulerInfo,
@@ -122,7 +123,8 @@ class Client(SyncAPIClient):
     def _step_local(self, id: str, grads: Mapping[str, TensorLike], *, return_params: bool,
                     worker: str | None, base_version: int | None,
                     param_groups: Mapping[int, Mapping[str, Any]] | None,
-                    views: bool) -> StepResult | None:
+                    views: bool, scalars: Mapping[str, float] | None = None
+                    ) -> StepResult | None:
         """A step through shared memory, retried with its idempotency key after a broken
         connection; None when this step must go over HTTP instead."""
         channel = self._local_channel()
@@ -134,7 +136,9 @@ class Client(SyncAPIClient):
             try:
                 answer, params = channel.step(id, grads, return_params=return_params,
                                               base_version=base_version, worker=worker,
-                                              param_groups=changes, key=key)
+                                              param_groups=changes, key=key,
+                                              scalars=_api.scalars_json(scalars)
+                                              if scalars else None)
             except LocalUnavailable:
                 if self.transport == "local":
                     raise
@@ -192,6 +196,8 @@ class Client(SyncAPIClient):
         sync: Mapping[str, Any] | None = None,
         max_staleness: int | None = None,
         staleness_lr: str | None = None,
+        metrics: bool | None = None,
+        history: int | None = None,
     ) -> SessionInfo:
         """``POST /v1/sessions``: create a session.
 
@@ -221,7 +227,8 @@ class Client(SyncAPIClient):
             optimizer, params, param_groups=param_groups, options=options,
             scheduler=scheduler, id=id, nonfinite=nonfinite, binary=binary,
             ps_options={"sync": sync, "max_staleness": max_staleness,
-                        "staleness_lr": staleness_lr},
+                        "staleness_lr": staleness_lr, "metrics": metrics,
+                        "history": history},
         ))
 
     def list_sessions(self) -> list[SessionInfo]:
@@ -249,8 +256,13 @@ class Client(SyncAPIClient):
         param_groups: Mapping[int, Mapping[str, Any]] | None = None,
         upcast: bool = False,
         params_dtype: str | None = None,
+        scalars: Mapping[str, float] | None = None,
     ) -> StepResult:
         """``POST .../step``: apply ``grads`` (plus anything accumulated) and step.
+
+        ``scalars`` (``{"loss": 0.31, "accuracy": 0.9}``, at most 16 finite numbers) are
+        recorded with this step in the session's history (:meth:`history`); the answer's
+        ``metrics`` holds the step's norms per group.
 
         Narrower wires: with ``upcast=True`` float16/bfloat16 gradients are accepted for
         float32/float64 parameters (the server widens them once on its device and keeps its
@@ -282,19 +294,41 @@ class Client(SyncAPIClient):
                 and not _sparse.has_sparse(grads):
             local = self._step_local(id, grads, return_params=return_params, worker=worker,
                                      base_version=base_version, param_groups=param_groups,
-                                     views=False)
+                                     views=False, scalars=scalars)
             if local is not None:
                 return local
         return self._request(_api.step(id, grads, return_params=return_params, binary=binary,
                                        worker=worker, base_version=base_version,
                                        param_groups=param_groups, upcast=upcast,
-                                       params_dtype=params_dtype))
+                                       params_dtype=params_dtype, scalars=scalars))
 
     def push_grads(
-        self, id: str, grads: Mapping[str, TensorLike], *, binary: bool = True
+        self, id: str, grads: Mapping[str, TensorLike], *, binary: bool = True,
+        scalars: Mapping[str, float] | None = None,
     ) -> VersionInfo:
-        """``POST .../grads``: add ``grads`` into the session's accumulator."""
-        return self._request(_api.push_grads(id, grads, binary=binary))
+        """``POST .../grads``: add ``grads`` into the session's accumulator; ``scalars`` are
+        recorded with the next step (several values for one name: their mean)."""
+        return self._request(_api.push_grads(id, grads, binary=binary, scalars=scalars))
+
+    def history(
+        self, id: str, *, since: int | None = None, until: int | None = None,
+        fields: Iterable[str] | None = None, points: int | None = None,
+    ) -> History:
+        """``GET .../history``: the session's per-step metrics (rows ``since < n <= until``;
+        ``fields`` such as ``["lr", "grad_norm", "scalars.loss"]``; ``points`` downsamples to
+        that many buckets, each column as ``X.min``/``X.max``)."""
+        out: History = self._request(_api.history(id, since=since, until=until, fields=fields,
+                                                  points=points))
+        return out
+
+    def history_csv(
+        self, id: str, *, since: int | None = None, until: int | None = None,
+        fields: Iterable[str] | None = None, points: int | None = None,
+    ) -> str:
+        """The same as :meth:`history`, as CSV text (a header row, one line per row)."""
+        out: str = self._request(_api.history(id, since=since, until=until, fields=fields,
+                                              points=points, csv=True))
+        return out
 
     def zero_grad(self, id: str) -> VersionInfo:
         """``POST .../zero_grad``: clear the accumulator."""
@@ -459,13 +493,16 @@ class AsyncClient(AsyncAPIClient):
         sync: Mapping[str, Any] | None = None,
         max_staleness: int | None = None,
         staleness_lr: str | None = None,
+        metrics: bool | None = None,
+        history: int | None = None,
     ) -> SessionInfo:
         """``POST /v1/sessions``: see :meth:`Client.create_session`."""
         return await self._request(_api.create_session(
             optimizer, params, param_groups=param_groups, options=options,
             scheduler=scheduler, id=id, nonfinite=nonfinite, binary=binary,
             ps_options={"sync": sync, "max_staleness": max_staleness,
-                        "staleness_lr": staleness_lr},
+                        "staleness_lr": staleness_lr, "metrics": metrics,
+                        "history": history},
         ))
 
     async def list_sessions(self) -> list[SessionInfo]:
@@ -490,19 +527,39 @@ class AsyncClient(AsyncAPIClient):
         worker: str | None = None,
         base_version: int | None = None,
         param_groups: Mapping[int, Mapping[str, Any]] | None = None,
+        scalars: Mapping[str, float] | None = None,
     ) -> StepResult:
         """``POST .../step``: see :meth:`Client.step`. Safe to await from many coroutines at
         once (e.g. one per worker of a sync round)."""
         return await self._request(
             _api.step(id, grads, return_params=return_params, binary=binary, worker=worker,
-                      base_version=base_version, param_groups=param_groups)
+                      base_version=base_version, param_groups=param_groups, scalars=scalars)
         )
 
     async def push_grads(
-        self, id: str, grads: Mapping[str, TensorLike], *, binary: bool = True
+        self, id: str, grads: Mapping[str, TensorLike], *, binary: bool = True,
+        scalars: Mapping[str, float] | None = None,
     ) -> VersionInfo:
         """``POST .../grads``."""
-        return await self._request(_api.push_grads(id, grads, binary=binary))
+        return await self._request(_api.push_grads(id, grads, binary=binary, scalars=scalars))
+
+    async def history(
+        self, id: str, *, since: int | None = None, until: int | None = None,
+        fields: Iterable[str] | None = None, points: int | None = None,
+    ) -> History:
+        """``GET .../history``: see :meth:`Client.history`."""
+        out: History = await self._request(_api.history(id, since=since, until=until,
+                                                        fields=fields, points=points))
+        return out
+
+    async def history_csv(
+        self, id: str, *, since: int | None = None, until: int | None = None,
+        fields: Iterable[str] | None = None, points: int | None = None,
+    ) -> str:
+        """``GET .../history`` as CSV text."""
+        out: str = await self._request(_api.history(id, since=since, until=until,
+                                                    fields=fields, points=points, csv=True))
+        return out
 
     async def zero_grad(self, id: str) -> VersionInfo:
         """``POST .../zero_grad``."""

@@ -179,8 +179,9 @@ class LocalChannel:
 
     def step(self, session_id: str, grads: Mapping[str, TensorLike], *, return_params: bool,
              base_version: int | None, worker: str | None,
-             param_groups: dict[str, Any] | None, key: str) -> tuple[dict[str, Any],
-                                                                     dict[str, Any] | None]:
+             param_groups: dict[str, Any] | None, key: str,
+             scalars: dict[str, float] | None = None) -> tuple[dict[str, Any],
+                                                              dict[str, Any] | None]:
         """Write the gradients into their slots, step, and return (the answer's scalars, the
         parameter slots' views or None). The views hold the new values until the next call."""
         with self._lock:
@@ -203,6 +204,8 @@ class LocalChannel:
                 message["worker"] = worker
             if param_groups:
                 message["param_groups"] = param_groups
+            if scalars:
+                message["scalars"] = scalars
             answer, _ = self.call(message)
             return answer, binding.params if return_params else None
 

@@ -64,6 +64,19 @@ def _norm(value: Any) -> Any:
     return value
 
 
+def _scalar(value: Any) -> float | None:
+    """A closure's loss as a finite float (a number or a one-element tensor), else None."""
+    try:
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                return None
+            value = value.detach().item()
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _same(a: Any, b: Any) -> bool:
     """Equal option values (NaN equals NaN; a bool equals only a bool)."""
     if isinstance(a, list) and isinstance(b, list):
@@ -165,6 +178,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._synced: list[dict[str, Any]] = []
         self._worker = worker
         self._version = 0  # the session version the local parameter values belong to
+        self._scalars: dict[str, float] = {}  # sent with the next step (record_scalars)
 
         groups = []
         for group, opts in zip(self.param_groups, explicit, strict=True):
@@ -315,6 +329,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 synced["lr"] = lr
 
     # ------------------------------------------------------------------ torch API
+    def record_scalars(self, **scalars: float) -> None:
+        """Scalars (``loss=0.31, accuracy=0.9``: numbers or one-element tensors) to send with
+        the next :meth:`step`, recorded in the session's history with it. A closure's loss
+        goes along by itself (as ``loss``, unless recorded here)."""
+        for name, value in scalars.items():
+            item = getattr(value, "item", None)
+            self._scalars[name] = float(item() if callable(item) else value)
+
     @overload
     def step(self, closure: None = None) -> None: ...
 
@@ -323,7 +345,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Evaluate ``closure`` (if given, with grad enabled), send the gradients, step on the
-        server and copy the updated values into the parameters. Returns the closure's loss.
+        server and copy the updated values into the parameters. Returns the closure's loss,
+        which is also sent along as the step's ``loss`` scalar (see :meth:`record_scalars`).
 
         Row-sparse gradients (``nn.Embedding(sparse=True)``) travel as their rows, and only
         the rows they touched come back. LBFGS takes a closure, as torch's does: the server
@@ -337,6 +360,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            value = _scalar(loss)
+            if value is not None:
+                self._scalars.setdefault("loss", value)
+        scalars, self._scalars = self._scalars, {}
         self.push_params(only_edited=True)
         # options changed locally (by hand or by any torch scheduler) ride with the step: one
         # round trip, applied atomically with it (a sync round's step is every worker's: there
@@ -358,7 +385,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             # copied from the shared slots straight into the parameters
             result = self._client._step_local(
                 self._session_id, grads, return_params=True, worker=self._worker,
-                base_version=base, param_groups=changes or None, views=True)
+                base_version=base, param_groups=changes or None, views=True,
+                scalars=scalars or None)
         if result is None:
             result = self._client.step(self._session_id, grads,
                                        return_params="touched" if sparse else True,
@@ -366,7 +394,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                        base_version=base, param_groups=changes or None,
                                        upcast=wire is not None,
                                        params_dtype=str(wire).removeprefix("torch.")
-                                       if wire is not None else None)
+                                       if wire is not None else None,
+                                       scalars=scalars or None)
         self._sent(changes)
         if result.params is not None:
             self._copy_in(result.params)

@@ -65,6 +65,9 @@ class SessionInfo:
     sync: dict[str, Any] | None = None
     max_staleness: int | None = None
     staleness_lr: str | None = None
+    #: per-step norms on the server's device; rows of history the session keeps
+    metrics: bool | None = None
+    history: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -103,6 +106,8 @@ class SessionInfo:
             sync=obj.get("sync"),
             max_staleness=obj.get("max_staleness"),
             staleness_lr=obj.get("staleness_lr"),
+            metrics=obj.get("metrics"),
+            history=obj.get("history"),
             raw=obj,
         )
 
@@ -132,6 +137,10 @@ class StepResult:
     #: evaluations it took
     loss: float | None = None
     evaluations: int | None = None
+    #: this step's metrics: ``{"n", "time", "groups": [{"lr", "grad_norm", "update_norm",
+    #: "param_norm", "update_ratio"}, ...], "nonfinite", "staleness"?, "workers"?,
+    #: "scalars"?}`` (non-finite values as floats)
+    metrics: dict[str, Any] | None = None
 
     @property
     def params_at(self) -> int:
@@ -200,3 +209,38 @@ class SchedulerInfo:
     defaults: dict[str, Any]
     required: list[str] = field(default_factory=list)
     default_step_on: str = "optimizer"
+
+
+def _untag(value: Any) -> Any:
+    """``{"$float": "inf"}`` to the float; anything else as it is."""
+    if isinstance(value, dict) and set(value) == {"$float"}:
+        return float(value["$float"])
+    if isinstance(value, dict):
+        return {k: _untag(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_untag(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class History:
+    """``GET .../history``: per-step metrics, columnar. ``columns[name]`` is a list with one
+    value per row (``None`` where the row has none); with ``points`` every column ``X`` comes
+    as ``X.min`` and ``X.max`` per bucket of consecutive rows. ``first``/``last``: the oldest
+    and newest row number (``n``) the session still keeps."""
+
+    id: str
+    capacity: int
+    first: int | None
+    last: int | None
+    rows: int
+    points: int | None
+    fields: list[str]
+    columns: dict[str, list[Any]]
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> History:
+        return cls(id=str(obj["id"]), capacity=int(obj["capacity"]), first=obj.get("first"),
+                   last=obj.get("last"), rows=int(obj["rows"]), points=obj.get("points"),
+                   fields=list(obj["fields"]),
+                   columns={k: _untag(v) for k, v in obj["columns"].items()})

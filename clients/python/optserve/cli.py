@@ -8,6 +8,9 @@
     optserve sessions rm ID [ID ...]
     optserve export ID -o FILE [--format torch|safetensors|json]
     optserve import ID FILE [--format torch|safetensors|json]
+    optserve history ID [-o FILE] [--since N] [--until N] [--fields F,...] [--points P]
+                        [--format csv|json]
+    optserve watch ID [--interval S] [--frames N]     (needs optserve[watch]: plotext)
 
 Options for the client commands (before or after the subcommand): ``--url`` (env
 ``OPTSERVE_BASE_URL``, default ``http://127.0.0.1:8000``), ``--api-key`` (env
@@ -305,6 +308,50 @@ def cmd_sessions_rm(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_history(ns: argparse.Namespace) -> int:
+    fmt = ns.format or ("json" if str(ns.output).lower().endswith(".json") else "csv")
+    fields = [f for f in ns.fields.split(",") if f] if ns.fields else None
+    with _client(ns) as client:
+        if fmt == "csv":
+            text = client.history_csv(ns.id, since=ns.since, until=ns.until, fields=fields,
+                                      points=ns.points)
+        else:
+            h = client.history(ns.id, since=ns.since, until=ns.until, fields=fields,
+                               points=ns.points)
+            text = json.dumps({"id": h.id, "capacity": h.capacity, "first": h.first,
+                               "last": h.last, "rows": h.rows, "points": h.points,
+                               "fields": h.fields, "columns": h.columns}) + "\n"
+    if ns.output == "-":
+        sys.stdout.write(text)
+        return EXIT_OK
+    dest = Path(ns.output)
+    try:
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise CommandError(f"cannot write {str(dest)!r}: {exc.strerror or exc}") from None
+    rows = max(0, text.count("\n") - 1) if fmt == "csv" else None
+    if ns.json:
+        print(json.dumps({"id": ns.id, "output": str(dest), "format": fmt, "rows": rows}))
+    else:
+        what = f"{rows} rows" if rows is not None else "history"
+        print(f"wrote {what} of session {ns.id!r} to {dest} ({fmt})", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_watch(ns: argparse.Namespace) -> int:
+    from ._watch import WatchUnavailable, watch
+
+    try:
+        with _client(ns) as client:
+            client.get_session(ns.id)  # a 404 before the screen is cleared
+            return watch(client, ns.id, interval=ns.interval, frames=ns.frames,
+                         color=None if ns.color == "auto" else ns.color == "always")
+    except WatchUnavailable as exc:
+        raise CommandError(str(exc)) from None
+
+
 def _export_format(ns: argparse.Namespace) -> _api.StateFormat:
     if ns.format is not None:
         fmt: _api.StateFormat = ns.format
@@ -512,6 +559,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text}")
+    return value
+
+
 def _session_id(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("a session id cannot be empty")
@@ -604,6 +661,38 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("file", metavar="FILE", help="input file ('-' for stdin, needs --format)")
     imp.add_argument("--format", choices=FORMATS, default=None)
     imp.set_defaults(func=cmd_import, usage_parser=imp)
+
+    hist = sub.add_parser(
+        "history", parents=[common], help="export a session's per-step metrics (CSV or JSON)",
+        description="Download a session's history (GET .../history): one row per step with "
+                    "n, step, version, time, lr/grad_norm/update_norm/param_norm/update_ratio "
+                    "per group, skipped, nonfinite and the client's scalars.")
+    hist.add_argument("id", metavar="ID", type=_session_id)
+    hist.add_argument("-o", "--output", default="-", metavar="FILE",
+                      help="output file (default '-': stdout); .json implies --format json")
+    hist.add_argument("--format", choices=("csv", "json"), default=None)
+    hist.add_argument("--since", type=_count, default=None, metavar="N",
+                      help="only rows with n > N")
+    hist.add_argument("--until", type=_count, default=None, metavar="N",
+                      help="only rows with n <= N")
+    hist.add_argument("--fields", default=None, metavar="F,...",
+                      help="columns or families (lr, grad_norm, scalars, scalars.loss, ...)")
+    hist.add_argument("--points", type=_count, default=None, metavar="P",
+                      help="downsample to P buckets (min and max of each column)")
+    hist.set_defaults(func=cmd_history, usage_parser=hist)
+
+    watch = sub.add_parser(
+        "watch", parents=[common], help="live terminal plots of a session's metrics",
+        description="Draw a session's lr, gradient and update norms, update/parameter ratio, "
+                    "client scalars, skipped steps and steps per second in the terminal, "
+                    "refreshed every --interval seconds (Ctrl-C quits). Needs plotext: "
+                    "pip install 'optserve[watch]'.")
+    watch.add_argument("id", metavar="ID", type=_session_id)
+    watch.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS")
+    watch.add_argument("--frames", type=_count, default=0, metavar="N",
+                       help="stop after N frames (default 0: until Ctrl-C)")
+    watch.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    watch.set_defaults(func=cmd_watch, usage_parser=watch)
     return parser
 
 

@@ -1,0 +1,245 @@
+"""Per-step metrics, computed on the session's device in the step's own pass.
+
+Per param group: the gradient norm (of the gradient the optimizer stepped with: pushed plus
+accumulated), the update norm ``||theta_after - theta_before||``, the parameter norm (after the
+step), their ratio ``update_norm / param_norm``, and the lr the update used (after this step's
+option changes and a staleness divisor, before the scheduler stepped). Per step: how many
+non-finite gradient values there were (a skipped step's, or those a ``nonfinite: allow`` session
+let through), and for parameter-server steps the staleness or the workers of the round.
+
+Every norm is torch's L2 norm of each tensor in its own dtype (``torch._foreach_norm``, as
+``torch.nn.utils.clip_grad_norm_`` takes them; asking torch to accumulate in float64 instead
+costs ~13x more on a CPU); the per-tensor norms of all groups come back to the host as one
+small float64 tensor (one device-to-host copy of 3 values per parameter tensor), and each
+group's norm is ``sqrt(sum of its tensors' squared norms)`` in Python floats (as
+``clip_grad_norm_`` combines them).
+
+The update norm needs the parameters as they were before the step: :func:`before_step` copies
+them (one copy of the session's flat parameter block when they tile one, as they do unless a
+param group was added), :func:`after_step` subtracts in place and takes the norms. That copy
+and the norms are the whole cost (``benchmarks/metrics_cost.py``); sessions created with
+``"metrics": false`` skip them (their rows keep lr, scalars and the rest).
+
+Nothing here may fail a step: :func:`before_step` runs before ``optimizer.step()`` and
+:func:`after_step` after it succeeded; each catches its own errors and the step then simply
+carries no norms (logged once per session).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from app.engine.interface import json_float
+from app.errors import Invalid
+
+if TYPE_CHECKING:
+    from app.engine.session import Session
+
+log = logging.getLogger("optserve.engine")
+_F64 = torch.float64
+#: client scalars a step may carry
+MAX_SCALARS = 16
+MAX_SCALAR_NAME = 64
+
+
+@dataclass
+class Probe:
+    """What :func:`before_step` keeps across ``optimizer.step()``."""
+
+    #: per group, the indexes of its tensors in ``params`` (and ``before``)
+    groups: list[list[int]]
+    params: list[torch.Tensor]
+    before: list[torch.Tensor]
+    #: per tensor: its gradient's norm (0-d float64 on the device), None without a gradient
+    grad_norms: list[torch.Tensor | None]
+
+
+@dataclass
+class StepMetrics:
+    """One step's metrics: the step answer's ``metrics`` object and the history row."""
+
+    groups: list[dict[str, float]]
+    nonfinite: int = 0
+    skipped: bool = False
+    staleness: int | None = None
+    workers: list[str] | None = None
+    scalars: dict[str, float] = field(default_factory=dict)
+    time: float = 0.0
+    n: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "n": self.n, "time": self.time,
+            "groups": [{k: json_float(v) for k, v in g.items()} for g in self.groups],
+            "nonfinite": self.nonfinite,
+        }
+        if self.staleness is not None:
+            out["staleness"] = self.staleness
+        if self.workers is not None:
+            out["workers"] = self.workers
+        if self.scalars:
+            out["scalars"] = {k: json_float(v) for k, v in self.scalars.items()}
+        return out
+
+    def row(self, step: int, version: int) -> dict[str, float]:
+        """The history row (without ``n``, which the ring assigns)."""
+        row: dict[str, float] = {"step": step, "version": version, "time": self.time,
+                                 "skipped": 1.0 if self.skipped else 0.0,
+                                 "nonfinite": self.nonfinite}
+        if self.staleness is not None:
+            row["staleness"] = self.staleness
+        if self.workers is not None:
+            row["workers"] = len(self.workers)
+        for i, g in enumerate(self.groups):
+            for k, v in g.items():
+                row[f"{k}.{i}"] = v
+        for k, v in self.scalars.items():
+            row[f"scalars.{k}"] = v
+        return row
+
+
+def _copy_of(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``params``: one copy of the span of one storage when they tile it (the
+    session's flat block), else one clone each."""
+    first = params[0]
+    storage = first.untyped_storage()
+    ptr = storage.data_ptr()
+    spans = []
+    for p in params:
+        if p.untyped_storage().data_ptr() != ptr or not p.is_contiguous():
+            return [p.detach().clone() for p in params]
+        start = p.storage_offset() * p.element_size()
+        spans.append((start, p.numel() * p.element_size()))
+    lo = min(s for s, _ in spans)
+    hi = max(s + n for s, n in spans)
+    if hi - lo > 2 * sum(n for _, n in spans):  # sparse views of a larger storage
+        return [p.detach().clone() for p in params]
+    raw = torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, lo, (hi - lo,),
+                                                                        (1,)).clone()
+    return [raw[s - lo:s - lo + n].view(p.dtype).view(p.shape)
+            for (s, n), p in zip(spans, params, strict=True)]
+
+
+def before_step(s: Session, grads: dict[str, torch.Tensor]) -> Probe | None:
+    """Gradient norms and a copy of the parameters, before ``optimizer.step()``; None when the
+    session's metrics are off (or this fails: the step goes on without norms)."""
+    if not s.metrics_on:
+        return None
+    try:
+        with torch.no_grad():
+            index: dict[str, int] = {}
+            groups: list[list[int]] = []
+            params: list[torch.Tensor] = []
+            for g in s.optimizer.param_groups:
+                mine = []
+                for name in g["param_names"]:
+                    index[name] = len(params)
+                    mine.append(len(params))
+                    params.append(s.params[name])
+                groups.append(mine)
+            names = list(index)
+            with_grad = [n for n in names if grads.get(n) is not None]
+            norms = torch._foreach_norm([grads[n] for n in with_grad]) if with_grad else []
+            by_name = dict(zip(with_grad, norms, strict=True))
+            grad_norms = [by_name.get(n) for n in names]
+            return Probe(groups, params, _copy_of(params), grad_norms)
+    except Exception as exc:  # noqa: BLE001 - metrics never fail a step
+        _warn(s, exc)
+        return None
+
+
+def after_step(s: Session, probe: Probe | None, lrs: list[float], nonfinite: int
+               ) -> list[dict[str, float]]:
+    """Per group: lr, and with a probe the norms (one device-to-host copy for all of them)."""
+    groups: list[dict[str, float]] = [{"lr": lr} for lr in lrs]
+    if probe is None:
+        return groups
+    try:
+        with torch.no_grad():
+            torch._foreach_sub_(probe.before, probe.params)
+            upd = torch._foreach_norm(probe.before)
+            par = torch._foreach_norm(probe.params)
+            zero = torch.zeros((), dtype=par[0].dtype, device=par[0].device)
+            grad = [zero if g is None else g for g in probe.grad_norms]
+            every = [*grad, *upd, *par]
+            if len({t.dtype for t in every}) > 1:
+                every = [t.to(_F64) for t in every]
+            values = torch.stack(every).to(_F64).cpu().tolist()
+        k = len(probe.params)
+        for out, members in zip(groups, probe.groups, strict=True):
+            g_norm = math.sqrt(math.fsum(values[i] ** 2 for i in members))
+            u_norm = math.sqrt(math.fsum(values[k + i] ** 2 for i in members))
+            p_norm = math.sqrt(math.fsum(values[2 * k + i] ** 2 for i in members))
+            out["grad_norm"] = g_norm
+            out["update_norm"] = u_norm
+            out["param_norm"] = p_norm
+            out["update_ratio"] = _ratio(u_norm, p_norm)
+    except Exception as exc:  # noqa: BLE001 - metrics never fail a step
+        _warn(s, exc)
+    return groups
+
+
+def count_nonfinite(tensors: list[torch.Tensor]) -> int:
+    """Non-finite values in ``tensors`` (those already known to hold some)."""
+    if not tensors:
+        return 0
+    try:
+        with torch.no_grad():
+            return int(torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).sum().item())
+    except Exception:  # noqa: BLE001 - metrics never fail a step
+        return 0
+
+
+def _ratio(update: float, param: float) -> float:
+    if param > 0 or math.isnan(param):
+        return update / param if param > 0 else math.nan
+    return 0.0 if update == 0 else math.inf
+
+
+def _warn(s: Session, exc: Exception) -> None:
+    if not getattr(s, "_metrics_warned", False):
+        s._metrics_warned = True  # type: ignore[attr-defined]
+        log.warning("metrics of session %s could not be computed (the steps go on without "
+                    "them): %s: %s", s.id, type(exc).__name__, exc)
+
+
+def mean_scalars(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Several pushes' scalars for one step: per name, the mean of the values sent."""
+    sums: dict[str, list[float]] = {}
+    for part in parts:
+        for k, v in part.items():
+            sums.setdefault(k, []).append(v)
+    return {k: math.fsum(vs) / len(vs) for k, vs in sums.items()}
+
+
+_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./:-")
+
+
+def check_scalars(obj: object, field: str = "scalars") -> dict[str, float]:
+    """A client's scalars for a step: ``{name: number}``, at most :data:`MAX_SCALARS`, names of
+    1-64 letters, digits and ``_ . / : -`` (starting with a letter or ``_``), finite numbers."""
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise Invalid("scalars must be an object of numbers, e.g. {\"loss\": 0.25}",
+                      code="invalid_scalars", field=field)
+    if len(obj) > MAX_SCALARS:
+        raise Invalid(f"at most {MAX_SCALARS} scalars per step, got {len(obj)}",
+                      code="invalid_scalars", field=field, limit=MAX_SCALARS)
+    out: dict[str, float] = {}
+    for name, value in obj.items():
+        if not (isinstance(name, str) and 0 < len(name) <= MAX_SCALAR_NAME
+                and set(name) <= _NAME_OK and (name[0].isalpha() or name[0] == "_")):
+            raise Invalid(f"scalar name {str(name)!r:.80} must be 1-{MAX_SCALAR_NAME} letters, "
+                          "digits or '_./:-', starting with a letter or '_'",
+                          code="invalid_scalars", field=f"{field}.{str(name)[:80]}")
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise Invalid(f"scalar {name!r} must be a finite number", code="invalid_scalars",
+                          field=f"{field}.{name}")
+        out[name] = float(value)
+    return out

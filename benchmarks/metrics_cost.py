@@ -1,0 +1,140 @@
+"""What per-step metrics cost: the step round trip with ``"metrics": true`` against ``false``.
+
+    .venv/bin/python -m benchmarks.metrics_cost                  # 1e6 and 1e7, Adam and SGD
+    .venv/bin/python -m benchmarks.metrics_cost --sizes 1e6 --optimizers Adam --reps 40
+
+1. Round trip: one server (``python -m app`` as ``scripts/serve`` starts it, CPU, durability
+   ``memory``, ``OPTSERVE_TORCH_THREADS`` as given), per N and optimizer two sessions of N
+   float32 parameters in one tensor, one with metrics and one without, stepped in turn (on,
+   off, on, off, ...) with the same safetensors gradients by a plain httpx client,
+   ``Accept: application/octet-stream`` (the new parameters come back). Median and p90 ms, and
+   the median difference as a share of the round trip without metrics.
+2. On the device alone (in-process, the same worker code): median ms of the metric work
+   (``before_step`` + ``after_step``) beside the optimizer step itself.
+
+Prints markdown tables. Run it on a quiet machine: other load moves the medians more than
+the metrics do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import httpx
+import torch
+from safetensors.torch import save as st_save
+
+from app.engine import metrics
+from app.engine.session import Session
+from benchmarks._server import free_port, server
+
+BINARY = "application/octet-stream"
+OPTIONS = {"Adam": '{"lr": 0.001}', "SGD": '{"lr": 0.01, "momentum": 0.9}'}
+
+
+def round_trips(sizes: list[int], optimizers: list[str], reps: int, threads: str
+                ) -> list[dict[str, Any]]:
+    port = free_port()
+    env = {"OPTSERVE_DURABILITY": "memory", "OPTSERVE_TORCH_THREADS": threads,
+           "OPTSERVE_PORT": str(port), "OPTSERVE_LOG_LEVEL": "warning",
+           "OPTSERVE_LOCAL_TRANSPORT": "0"}
+    import sys
+    rows = []
+    with server(env, command=[sys.executable, "-m", "app"], port=port) as url, \
+            httpx.Client(base_url=url, timeout=600) as http:
+        for n in sizes:
+            g = st_save({"w": torch.randn(n)})
+            for opt in optimizers:
+                for on in (True, False):
+                    meta = {"optimizer": opt, "options": OPTIONS[opt], "id": f"{opt}-{n}-{on}",
+                            "metrics": "true" if on else "false"}
+                    r = http.post("/v1/sessions", content=st_save({"w": torch.randn(n)}, meta),
+                                  headers={"Content-Type": BINARY})
+                    assert r.status_code == 201, r.text
+                times: dict[bool, list[float]] = {True: [], False: []}
+                for rep in range(reps + 3):
+                    for on in ((True, False) if rep % 2 else (False, True)):
+                        t0 = time.perf_counter()
+                        r = http.post(f"/v1/sessions/{opt}-{n}-{on}/step", content=g,
+                                      headers={"Content-Type": BINARY, "Accept": BINARY})
+                        dt = (time.perf_counter() - t0) * 1e3
+                        assert r.status_code == 200, r.text
+                        if rep >= 3:  # warm-up
+                            times[on].append(dt)
+                row = {"n": n, "optimizer": opt}
+                for on in (True, False):
+                    ts = sorted(times[on])
+                    row[on] = (statistics.median(ts), ts[max(0, int(len(ts) * 0.9) - 1)])
+                    http.delete(f"/v1/sessions/{opt}-{n}-{on}")
+                rows.append(row)
+                print(f"  {opt} N={n:.0e}: on {row[True][0]:.2f} ms, off {row[False][0]:.2f} ms",
+                      flush=True)
+    return rows
+
+
+def device_only(sizes: list[int], optimizers: list[str], reps: int) -> list[dict[str, Any]]:
+    from app.engine.interface import GroupSpec
+
+    rows = []
+    for n in sizes:
+        for opt in optimizers:
+            import orjson
+            s = Session.build("bench", opt, [GroupSpec({"w": torch.randn(n)})],
+                              orjson.loads(OPTIONS[opt]), None, "reject", torch.device("cpu"))
+            g = {"w": torch.randn(n)}
+            step_ms, metric_ms = [], []
+            for rep in range(reps + 2):
+                t0 = time.perf_counter()
+                probe = metrics.before_step(s, g)
+                t1 = time.perf_counter()
+                s.params["w"].grad = g["w"]
+                s.optimizer.step()
+                s.params["w"].grad = None
+                t2 = time.perf_counter()
+                metrics.after_step(s, probe, [0.001], 0)
+                t3 = time.perf_counter()
+                if rep >= 2:
+                    step_ms.append((t2 - t1) * 1e3)
+                    metric_ms.append((t1 - t0 + t3 - t2) * 1e3)
+            rows.append({"n": n, "optimizer": opt, "step": statistics.median(step_ms),
+                         "metrics": statistics.median(metric_ms)})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="1e6,1e7")
+    ap.add_argument("--optimizers", default="Adam,SGD")
+    ap.add_argument("--reps", type=int, default=0, help="steps per variant (default by N)")
+    ap.add_argument("--threads", default="1", help="OPTSERVE_TORCH_THREADS of the server")
+    args = ap.parse_args()
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    optimizers = args.optimizers.split(",")
+    torch.set_num_threads(int(args.threads) or torch.get_num_threads())
+    spin = time.perf_counter() + 3  # the VM runs slow for a while after sitting idle
+    while time.perf_counter() < spin:
+        pass
+    reps = args.reps or (20 if max(sizes) >= 10_000_000 else 60)
+    dev = device_only(sizes, optimizers, max(5, reps // 2))
+    rt = round_trips(sizes, optimizers, reps, args.threads)
+    print("\nRound trip (safetensors both ways, durability memory), median ms (p90):\n")
+    print("| optimizer | N | metrics on | metrics off | on - off | share of the round trip |")
+    print("|---|---|---|---|---|---|")
+    for row in rt:
+        on, off = row[True], row[False]
+        print(f"| {row['optimizer']} | {row['n']:.0e} | {on[0]:.2f} ({on[1]:.2f}) | "
+              f"{off[0]:.2f} ({off[1]:.2f}) | {on[0] - off[0]:+.2f} | "
+              f"{100 * (on[0] - off[0]) / off[0]:+.1f}% |")
+    print("\nOn the device alone (in-process, same code), median ms:\n")
+    print("| optimizer | N | optimizer.step() | metrics (copy + norms) | metrics / step |")
+    print("|---|---|---|---|---|")
+    for d in dev:
+        print(f"| {d['optimizer']} | {d['n']:.0e} | {d['step']:.2f} | {d['metrics']:.2f} | "
+              f"{100 * d['metrics'] / d['step']:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Metrics, client scalars and history over real HTTP (uvicorn on 127.0.0.1): the step answer's
+``metrics`` in JSON and safetensors, scalars with steps and pushes (JSON and
+``__metadata__.scalars``), sync rounds and async staleness, ``GET .../history`` as JSON and
+CSV with ``since``/``until``/``fields``/``points``, every bad input a 422 naming its field, and
+the history surviving ``kill -9`` (the subprocess helpers of test_durability)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import io
+import json
+import math
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import safetensors.torch
+import torch
+
+from tests.integration.test_durability import Proc
+
+pytestmark = pytest.mark.integration
+BINARY = "application/octet-stream"
+
+
+def jt(t: torch.Tensor) -> dict[str, Any]:
+    return {"dtype": "float32", "shape": list(t.shape), "data": t.reshape(-1).tolist()}
+
+
+def seeded(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g)
+
+
+def create(http: httpx.Client, **extra: Any) -> str:
+    sid = extra.pop("id", None) or f"h-{uuid.uuid4().hex[:10]}"
+    body = {"id": sid, "optimizer": "Adam", "options": {"lr": 0.01},
+            "param_groups": [{"params": {"w": jt(seeded((6, 4), 0))}},
+                             {"params": {"b": jt(seeded((4,), 1))}, "lr": 0.1}], **extra}
+    r = http.post("/v1/sessions", json=body)
+    assert r.status_code == 201, r.text
+    return sid
+
+
+def step_json(http: httpx.Client, sid: str, k: int, **extra: Any) -> dict[str, Any]:
+    grads = {"w": jt(seeded((6, 4), 100 + k)), "b": jt(seeded((4,), 200 + k))}
+    r = http.post(f"/v1/sessions/{sid}/step?return=none", json={"grads": grads, **extra})
+    assert r.status_code == 200, r.text
+    out: dict[str, Any] = r.json()
+    return out
+
+
+def problem(r: httpx.Response, status: int, field: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = r.json()
+    assert body["field"] == field, body
+    return body
+
+
+def test_metrics_in_json_and_safetensors_answers(http: httpx.Client) -> None:
+    sid = create(http)
+    local = {"w": seeded((6, 4), 0).requires_grad_(True), "b": seeded((4,), 1).requires_grad_(True)}
+    opt = torch.optim.Adam([{"params": [local["w"]]}, {"params": [local["b"]], "lr": 0.1}],
+                           lr=0.01)
+    for k in range(2):
+        g = {"w": seeded((6, 4), 100 + k), "b": seeded((4,), 200 + k)}
+        before = {n: t.detach().clone() for n, t in local.items()}
+        for n, t in local.items():
+            t.grad = g[n]
+        opt.step()
+        if k == 0:  # JSON
+            out = step_json(http, sid, k, scalars={"loss": 0.5, "acc": 1})
+            m = out["metrics"]
+        else:  # safetensors both ways, scalars in __metadata__
+            body = safetensors.torch.save(g, metadata={"scalars": json.dumps({"loss": 0.25})})
+            r = http.post(f"/v1/sessions/{sid}/step", content=body,
+                          headers={"content-type": BINARY, "accept": BINARY})
+            assert r.status_code == 200, r.text
+            meta = safe_metadata(r.content)
+            m = json.loads(meta["metrics"])
+            params = safetensors.torch.load(r.content)
+            assert torch.equal(params["w"], local["w"].detach())
+        assert m["n"] == k + 1
+        for i, name in enumerate(("w", "b")):
+            upd = float((local[name].detach() - before[name]).double().norm())
+            assert math.isclose(m["groups"][i]["grad_norm"], float(g[name].double().norm()),
+                                rel_tol=1e-6)
+            assert math.isclose(m["groups"][i]["update_norm"], upd, rel_tol=1e-6)
+            assert math.isclose(m["groups"][i]["param_norm"],
+                                float(local[name].detach().double().norm()), rel_tol=1e-6)
+        assert m["scalars"] == ({"loss": 0.5, "acc": 1.0} if k == 0 else {"loss": 0.25})
+        assert [g["lr"] for g in m["groups"]] == [0.01, 0.1]
+
+
+def safe_metadata(content: bytes) -> dict[str, str]:
+    n = int.from_bytes(content[:8], "little")
+    header: dict[str, Any] = json.loads(content[8:8 + n])
+    meta: dict[str, str] = header["__metadata__"]
+    return meta
+
+
+def test_pushed_scalars_are_recorded_with_the_step_they_join(http: httpx.Client) -> None:
+    sid = create(http)
+    step_json(http, sid, 0, scalars={"loss": 4.0})
+    g = {"w": jt(seeded((6, 4), 7))}
+    r = http.post(f"/v1/sessions/{sid}/grads", json={"grads": g, "scalars": {"loss": 1.0}})
+    assert r.status_code == 200, r.text
+    body = safetensors.torch.save({"w": seeded((6, 4), 8)},
+                                  metadata={"scalars": json.dumps({"loss": 2.0, "tok": 64})})
+    r = http.post(f"/v1/sessions/{sid}/grads", content=body, headers={"content-type": BINARY})
+    assert r.status_code == 200, r.text
+    out = step_json(http, sid, 1, scalars={"loss": 3.0})
+    assert out["metrics"]["scalars"] == {"loss": 2.0, "tok": 64.0}
+    step_json(http, sid, 2)
+    h = http.get(f"/v1/sessions/{sid}/history", params={"fields": "step,scalars"}).json()
+    assert h["fields"] == ["n", "step", "scalars.loss", "scalars.tok"]
+    assert h["columns"]["step"] == [1, 2, 3]
+    assert h["columns"]["scalars.loss"] == [4.0, 2.0, None]
+    assert h["columns"]["scalars.tok"] == [None, 64.0, None]
+
+
+def test_history_json_csv_since_until_fields_points(http: httpx.Client) -> None:
+    sid = create(http)
+    for k in range(30):
+        step_json(http, sid, k, scalars={"loss": float((k * 7) % 11)})
+    url = f"/v1/sessions/{sid}/history"
+    full = http.get(url).json()
+    assert full["rows"] == 30 and full["first"] == 1 and full["last"] == 30
+    assert full["capacity"] == 100_000 and full["points"] is None
+    assert {"n", "step", "version", "time", "lr.0", "lr.1", "grad_norm.1", "update_norm.0",
+            "param_norm.1", "update_ratio.0", "scalars.loss", "skipped"} <= set(full["fields"])
+    part = http.get(url, params={"since": 10, "until": 14, "fields": ["lr", "grad_norm.0"]})
+    assert part.json()["columns"]["n"] == [11, 12, 13, 14]
+    assert part.json()["fields"] == ["n", "lr.0", "lr.1", "grad_norm.0"]
+    assert part.json()["columns"]["grad_norm.0"] == full["columns"]["grad_norm.0"][10:14]
+
+    r = http.get(url, params={"fields": "step,scalars.loss,grad_norm.1"},
+                 headers={"accept": "text/csv"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    rows = list(csv.reader(io.StringIO(r.text)))
+    assert rows[0] == ["n", "step", "scalars.loss", "grad_norm.1"]
+    assert len(rows) == 31 and rows[1][:3] == ["1", "1", "0.0"] and rows[30][:2] == ["30", "30"]
+    assert [float(x[3]) for x in rows[1:]] == full["columns"]["grad_norm.1"]
+
+    ds = http.get(url, params={"points": 4, "fields": "scalars.loss"}).json()
+    assert ds["points"] == 4 and ds["rows"] == 30
+    assert ds["fields"] == ["n.min", "n.max", "scalars.loss.min", "scalars.loss.max"]
+    assert ds["columns"]["n.min"][0] == 1 and ds["columns"]["n.max"][-1] == 30
+    assert min(ds["columns"]["scalars.loss.min"]) == 0.0
+    assert max(ds["columns"]["scalars.loss.max"]) == 10.0
+    assert http.get(url, params={"since": 30}).json()["columns"]["n"] == []
+
+
+def test_history_bad_inputs_name_the_field(http: httpx.Client) -> None:
+    sid = create(http)
+    url = f"/v1/sessions/{sid}/history"
+    problem(http.get(url, params={"fields": "nope"}), 422, "fields")
+    problem(http.get(url, params={"points": 0}), 422, "points")
+    problem(http.get(url, params={"since": -1}), 422, "since")
+    problem(http.get(f"/v1/sessions/nope-{sid}/history"), 404, "session_id")
+    assert http.get(url, headers={"accept": "image/png"}).status_code == 406
+    r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {}, "scalars": {"loss": "x"}})
+    problem(r, 422, "scalars.loss")
+    r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {},
+                                                    "scalars": {f"s{i}": 1 for i in range(17)}})
+    problem(r, 422, "scalars")
+    body = safetensors.torch.save({"w": seeded((6, 4), 1)},
+                                  metadata={"scalars": json.dumps({"9x": 1.0})})
+    r = http.post(f"/v1/sessions/{sid}/grads", content=body, headers={"content-type": BINARY})
+    problem(r, 422, "scalars.9x")
+    body = safetensors.torch.save({"w": seeded((6, 4), 1)}, metadata={"scalars": "{not json"})
+    r = http.post(f"/v1/sessions/{sid}/grads", content=body, headers={"content-type": BINARY})
+    problem(r, 400, "__metadata__.scalars")
+    problem(http.patch(f"/v1/sessions/{sid}", json={"history": -1}), 422, "history")
+    problem(http.patch(f"/v1/sessions/{sid}", json={"metrics": "yes"}), 422, "metrics")
+    problem(http.post("/v1/sessions", json={"optimizer": "SGD", "metrics": 1,
+                                            "params": {"x": jt(torch.ones(1))}}), 422, "metrics")
+    assert http.get(f"/v1/sessions/{sid}").json()["version"] == 0  # nothing applied
+
+
+def test_metrics_switch_and_history_size_per_session(http: httpx.Client) -> None:
+    sid = create(http, metrics=False, history=3)
+    info = http.get(f"/v1/sessions/{sid}").json()
+    assert info["metrics"] is False and info["history"] == 3
+    out = step_json(http, sid, 0)
+    assert out["metrics"]["groups"] == [{"lr": 0.01}, {"lr": 0.1}]
+    r = http.patch(f"/v1/sessions/{sid}", json={"metrics": True, "history": 5})
+    assert r.status_code == 200 and r.json()["metrics"] is True and r.json()["history"] == 5
+    for k in range(1, 8):
+        step_json(http, sid, k)
+    h = http.get(f"/v1/sessions/{sid}/history", params={"fields": "grad_norm"}).json()
+    assert h["first"] == 4 and h["last"] == 8 and h["columns"]["n"] == [4, 5, 6, 7, 8]
+    assert all(v is not None and v > 0 for v in h["columns"]["grad_norm.0"])
+
+
+def test_parameter_server_steps_record_staleness_and_workers(http: httpx.Client) -> None:
+    sid = create(http)
+    step_json(http, sid, 0)
+    step_json(http, sid, 1)
+    g = {"w": jt(seeded((6, 4), 5))}
+    r = http.post(f"/v1/sessions/{sid}/step?return=none&base_version=0", json={"grads": g})
+    assert r.status_code == 200 and r.json()["metrics"]["staleness"] == 2
+
+    sync = create(http, sync={"workers": 2})
+
+    def push(worker: str, loss: float) -> dict[str, Any]:
+        with httpx.Client(base_url=str(http.base_url), timeout=60) as c:
+            r = c.post(f"/v1/sessions/{sync}/step?return=none",
+                       json={"grads": g, "scalars": {"loss": loss}},
+                       headers={"X-Optserve-Worker": worker})
+            assert r.status_code == 200, r.text
+            out: dict[str, Any] = r.json()
+            return out
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(push, ["w1", "w0"], [1.0, 3.0])
+    assert a["metrics"] == b["metrics"]
+    assert a["metrics"]["workers"] == ["w0", "w1"] and a["metrics"]["scalars"] == {"loss": 2.0}
+    h = http.get(f"/v1/sessions/{sync}/history", params={"fields": "workers,staleness"}).json()
+    assert h["columns"]["workers"] == [2] and h["columns"]["staleness"] == [None]
+
+
+def test_history_survives_kill9(tmp_path: Path) -> None:
+    proc = Proc(tmp_path / "data", env={"OPTSERVE_SNAPSHOT_EVERY_STEPS": "5"})
+    try:
+        proc.start()
+        with httpx.Client(base_url=proc.url, timeout=60) as http:
+            sid = create(http, id="crash")
+            for k in range(12):  # snapshots at 5 and 10, then two steps only in the log
+                step_json(http, sid, k, scalars={"loss": 1.0 / (k + 1)})
+            before = http.get(f"/v1/sessions/{sid}/history").json()
+            csv_before = http.get(f"/v1/sessions/{sid}/history",
+                                  headers={"accept": "text/csv"}).text
+        proc.kill9()
+        proc.start()
+        with httpx.Client(base_url=proc.url, timeout=60) as http:
+            after = http.get(f"/v1/sessions/{sid}/history").json()
+            assert after == before  # every value, the times and norms included, bit for bit
+            assert http.get(f"/v1/sessions/{sid}/history",
+                            headers={"accept": "text/csv"}).text == csv_before
+            assert after["rows"] == 12 and after["columns"]["scalars.loss"][-1] == 1 / 12
+            out = step_json(http, sid, 12)
+            assert out["metrics"]["n"] == 13
+    finally:
+        proc.stop()

@@ -1,0 +1,211 @@
+"""Per-step metrics and the history ring, on the embedded engine (no HTTP).
+
+Every norm a step reports is compared with the same quantity computed here, in-process, with
+torch on the same parameters and gradients (a local ``torch.optim`` run of the same class and
+options, float64 norms): several optimizers, two param groups, a gradient left out."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+import torch
+
+from app.engine import CreateSpec, Front, GroupSpec, embedded_engine
+from app.engine.history import History, HistoryQuery, csv_text, downsample, jsonable
+from app.errors import Invalid
+
+T = TypeVar("T")
+REL = 1e-6
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def engine() -> Iterator[Front]:
+    eng = embedded_engine("cpu", warm_up=False)
+    run(eng.start())
+    try:
+        yield eng
+    finally:
+        run(eng.stop())
+
+
+def seeded(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(torch.float32)
+
+
+SHAPES = {"w": (16, 8), "b": (8,), "h": (5, 3)}
+GROUPS = (("w", "b"), ("h",))
+OPTIMIZERS: list[tuple[str, dict[str, Any], list[dict[str, Any]]]] = [
+    ("SGD", {"lr": 0.1, "momentum": 0.9}, [{}, {"lr": 0.03}]),
+    ("Adam", {"lr": 0.01, "weight_decay": 0.01}, [{}, {"lr": 0.002}]),
+    ("AdamW", {"lr": 0.005}, [{"weight_decay": 0.1}, {}]),
+    ("RMSprop", {"lr": 0.01}, [{}, {"lr": 0.05, "momentum": 0.5}]),
+    ("Adagrad", {"lr": 0.1}, [{}, {}]),
+]
+
+
+def norm(ts: list[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in ts))
+
+
+def close(got: float, want: float, what: str) -> None:
+    assert math.isclose(got, want, rel_tol=REL, abs_tol=1e-12), (what, got, want)
+
+
+@pytest.mark.parametrize("name,options,group_options", OPTIMIZERS,
+                         ids=[o[0] for o in OPTIMIZERS])
+def test_step_metrics_equal_torch_in_process(engine: Front, name: str, options: dict[str, Any],
+                                             group_options: list[dict[str, Any]]) -> None:
+    p0 = {n: seeded(s, i) for i, (n, s) in enumerate(SHAPES.items())}
+    spec = CreateSpec(name, [GroupSpec({n: p0[n].clone() for n in names}, dict(opts))
+                             for names, opts in zip(GROUPS, group_options, strict=True)],
+                      options=dict(options), id="m")
+    run(engine.create(spec))
+    local = {n: t.clone().requires_grad_(True) for n, t in p0.items()}
+    opt = getattr(torch.optim, name)([{"params": [local[n] for n in names], **opts}
+                                      for names, opts in zip(GROUPS, group_options, strict=True)],
+                                     **options)
+    for k in range(4):
+        sent = {n: seeded(s, 100 * k + i) for i, (n, s) in enumerate(SHAPES.items())
+                if not (k == 2 and n == "b")}  # one step without b's gradient
+        before = {n: t.detach().clone() for n, t in local.items()}
+        for n, t in local.items():
+            t.grad = sent.get(n)
+        lrs = [float(g["lr"]) for g in opt.param_groups]
+        opt.step()
+        result = run(engine.step("m", sent, return_params=True, scalars={"loss": 1.0 / (k + 1)}))
+        assert result.metrics is not None
+        m = result.metrics
+        assert m["n"] == k + 1 and m["nonfinite"] == 0
+        assert m["scalars"] == {"loss": 1.0 / (k + 1)}
+        for gi, names in enumerate(GROUPS):
+            got = m["groups"][gi]
+            want_grad = norm([sent[n] for n in names if n in sent])
+            want_upd = norm([local[n].detach() - before[n] for n in names])
+            want_par = norm([local[n].detach() for n in names])
+            close(got["grad_norm"], want_grad, f"{name} step {k} group {gi} grad_norm")
+            close(got["update_norm"], want_upd, f"{name} step {k} group {gi} update_norm")
+            close(got["param_norm"], want_par, f"{name} step {k} group {gi} param_norm")
+            close(got["update_ratio"], want_upd / want_par, f"{name} group {gi} ratio")
+            assert got["lr"] == lrs[gi]
+        assert result.params is not None
+        for n in SHAPES:  # and the step itself is still torch's, bit for bit
+            assert torch.equal(result.params[n], local[n].detach()), n
+
+    hist = run(engine.history("m", HistoryQuery()))
+    assert hist.rows == 4 and hist.first == 1 and hist.last == 4
+    cols = hist.columns
+    assert cols["n"].tolist() == [1, 2, 3, 4] and cols["step"].tolist() == [1, 2, 3, 4]
+    assert cols["scalars.loss"].tolist() == [1.0, 0.5, 1 / 3, 0.25]
+    assert {"lr.0", "lr.1", "grad_norm.1", "update_ratio.0", "time"} <= set(cols)
+
+
+def test_metrics_off_keeps_lr_and_scalars(engine: Front) -> None:
+    spec = CreateSpec("SGD", [GroupSpec({"x": torch.ones(3)})], options={"lr": 0.5}, id="off",
+                      metrics=False)
+    info = run(engine.create(spec))
+    assert info.metrics is False
+    r = run(engine.step("off", {"x": torch.ones(3)}, return_params=False,
+                        scalars={"acc": 0.5}))
+    assert r.metrics is not None
+    assert r.metrics["groups"] == [{"lr": 0.5}] and r.metrics["scalars"] == {"acc": 0.5}
+    info = run(engine.configure("off", {"metrics": True, "history": 10}))
+    assert info.metrics is True and info.history == 10
+    r = run(engine.step("off", {"x": torch.ones(3)}, return_params=False))
+    assert r.metrics is not None
+    close(r.metrics["groups"][0]["update_norm"], 0.5 * math.sqrt(3), "update")
+
+
+def test_pushed_scalars_go_with_the_next_step_as_their_mean(engine: Front) -> None:
+    run(engine.create(CreateSpec("SGD", [GroupSpec({"x": torch.ones(2)})], id="acc")))
+    run(engine.push("acc", {"x": torch.ones(2)}, scalars={"loss": 1.0}))
+    run(engine.push("acc", {"x": torch.ones(2)}, scalars={"loss": 2.0, "tokens": 10}))
+    r = run(engine.step("acc", {}, return_params=False, scalars={"loss": 3.0}))
+    assert r.metrics is not None and r.metrics["scalars"] == {"loss": 2.0, "tokens": 10.0}
+    close(r.metrics["groups"][0]["grad_norm"], 2 * math.sqrt(2), "accumulated grad norm")
+    run(engine.push("acc", {"x": torch.ones(2)}, scalars={"loss": 9.0}))
+    run(engine.zero_grad("acc"))  # discards the pushed scalars with the gradients
+    r = run(engine.step("acc", {"x": torch.ones(2)}, return_params=False))
+    assert r.metrics is not None and "scalars" not in r.metrics
+
+
+def test_skipped_steps_count_nonfinite_values(engine: Front) -> None:
+    run(engine.create(CreateSpec("SGD", [GroupSpec({"x": torch.ones(4)})], id="nf",
+                                 nonfinite="skip")))
+    r = run(engine.step("nf", {"x": torch.tensor([1.0, math.inf, math.nan, 0.0])},
+                        return_params=False))
+    assert r.skipped and r.metrics is not None and r.metrics["nonfinite"] == 2
+    run(engine.step("nf", {"x": torch.ones(4)}, return_params=False))
+    cols = run(engine.history("nf", HistoryQuery(fields=["skipped", "nonfinite", "step"]))).columns
+    assert list(cols) == ["n", "skipped", "nonfinite", "step"]
+    assert cols["n"].tolist() == [1, 2] and cols["step"].tolist() == [0, 1]
+    assert cols["skipped"].tolist() == [1, 0] and cols["nonfinite"].tolist() == [2, 0]
+
+
+@pytest.mark.parametrize("bad,field", [
+    ({f"s{i}": 1.0 for i in range(17)}, "scalars"),
+    ({"": 1.0}, "scalars."),
+    ({"x" * 65: 1.0}, "scalars." + "x" * 65),
+    ({"1abc": 1.0}, "scalars.1abc"),
+    ({"loss": math.inf}, "scalars.loss"),
+    ({"loss": "0.3"}, "scalars.loss"),
+    ({"loss": True}, "scalars.loss"),
+    ([1.0], "scalars"),
+])
+def test_bad_scalars_are_refused_and_change_nothing(engine: Front, bad: Any, field: str) -> None:
+    run(engine.create(CreateSpec("SGD", [GroupSpec({"x": torch.ones(2)})], id="bad")))
+    with pytest.raises(Invalid) as err:
+        run(engine.step("bad", {"x": torch.ones(2)}, return_params=False, scalars=bad))
+    assert err.value.field == field and err.value.code == "invalid_scalars"
+    assert run(engine.describe("bad")).version == 0
+
+
+def test_ring_wraps_and_keeps_the_newest_rows() -> None:
+    h = History(5)
+    for i in range(12):
+        h.append({"step": i + 1, "x": float(i)} if i % 3 else {"step": i + 1})
+    assert len(h) == 5 and h.bounds() == (8, 12)
+    cols = h.select(None, None, None)
+    assert cols["n"].tolist() == [8, 9, 10, 11, 12]
+    assert np.isnan(cols["x"][2]) and cols["x"][0] == 7.0
+    assert h.select(9, 11, ["x"])["n"].tolist() == [10, 11]
+    again = History.from_tree(h.to_tree())
+    assert again.select(None, None, None)["x"].tolist()[:2] == [7.0, 8.0]
+    again.append({"step": 13})
+    assert again.bounds() == (9, 13)
+    again.resize(2)
+    assert again.select(None, None, None)["n"].tolist() == [12, 13]
+
+
+def test_downsampling_keeps_the_global_min_and_max() -> None:
+    rng = np.random.default_rng(0)
+    rows = 100_000
+    x = rng.normal(size=rows)
+    x[31_337] = 50.0  # one spike up, one down
+    x[77_777] = -40.0
+    x[5] = np.nan  # an absent value
+    cols = {"n": np.arange(1, rows + 1, dtype=np.float64), "x": x}
+    out = downsample(cols, 500)
+    assert len(out["x.min"]) == 500 == len(out["n.max"])
+    assert np.nanmax(out["x.max"]) == 50.0 and np.nanmin(out["x.min"]) == -40.0
+    assert out["n.min"][0] == 1 and out["n.max"][-1] == rows
+    assert (out["x.min"] <= out["x.max"]).all()
+    small = downsample({"n": np.array([1.0, 2.0]), "x": np.array([3.0, 4.0])}, 500)
+    assert small["x.min"].tolist() == [3.0, 4.0] == small["x.max"].tolist()
+
+
+def test_encodings_of_absent_and_infinite_values() -> None:
+    col = np.array([1.0, np.nan, np.inf, -np.inf])
+    assert jsonable("grad_norm.0", col) == [1.0, None, {"$float": "inf"}, {"$float": "-inf"}]
+    assert jsonable("step", np.array([1.0, 2.0])) == [1, 2]
+    text = csv_text({"n": np.array([1.0, 2.0]), "scalars.loss": np.array([0.1, np.nan])})
+    assert text == "n,scalars.loss\n1,0.1\n2,\n"
