@@ -59,6 +59,15 @@ class CreateSpec:
     durability: Durability | None = None
     #: parameter-server options (``sync``, ``max_staleness``, ``staleness_lr``), as JSON values
     ps_options: dict[str, Any] = field(default_factory=dict)
+    #: split the parameters over this many session hosts (:mod:`app.engine.shards`)
+    shards: int = 1
+    #: what the session's host must offer (Ray engine: ``num_cpus``, ``num_gpus``, ``memory``,
+    #: custom ``resources``), as JSON values; None: the server's default
+    resources: dict[str, Any] | None = None
+    #: how to choose the host among those that offer ``resources``: ``pack`` or ``spread``
+    placement: str | None = None
+    #: a shard of a sharded session: groups may hold none of its parameters
+    empty_groups: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,8 @@ class SessionInfo:
     #: workers that have pushed to the open sync round (sync sessions only)
     pending: list[str] | None = None
     replayed: bool = False
+    #: where the session lives (engines that place sessions: host, resources, shards)
+    placement: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -103,6 +114,8 @@ class SessionInfo:
         }
         if self.pending is not None and isinstance(out.get("sync"), dict):
             out["sync"] = {**out["sync"], "pending": self.pending}
+        if self.placement is not None:
+            out["placement"] = self.placement
         return out
 
 
