@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     ray_commit_timeout_s: float = Field(
         default=30.0, gt=0, description="how long a sharded operation waits for a restarting "
         "shard host before answering 503 (it completes later)")
+    warm_up: bool = Field(default=True, description="load torch's kernels for every optimizer "
+                          "before readiness (the first request does not pay for them)")
     log_level: str = "info"
     log_format: Literal["json", "text"] = Field(
         default="json", description="json: one JSON object per line, with request ids")

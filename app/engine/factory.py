@@ -33,6 +33,7 @@ def make_engine(settings: Any, observer: Observer | None = None) -> Front:
         idempotency_window=settings.idempotency_window,
         limits=Limits(settings.max_sessions, settings.max_session_elements),
         observer=observer,
+        warm_up=settings.warm_up,
     )
 
 

@@ -87,6 +87,9 @@ from app.wire.safetensors_body import PackedTensors
 log = logging.getLogger("optserve.ray")
 #: how long the front retries a read while the session's host restarts
 READ_RETRY_S = 10.0
+#: how long the front holds a failed operation's 503 while its host restarts, so that the
+#: client's retry (after Retry-After) finds the host back
+RESTART_WAIT_S = 60.0
 
 
 # ============================================================================ the wire
@@ -411,7 +414,9 @@ class RayHost:
         self.device = device
 
     async def call(self, method: str, *args: Any, read: bool = False) -> Any:
-        """One actor method; a read (nothing changes) is retried while the host restarts."""
+        """One actor method. A read (nothing changes) is retried while the host restarts; any
+        other call that meets a restarting host answers 503 once the host is back (or after
+        RESTART_WAIT_S), so the client's retry finds it."""
         deadline = time.monotonic() + READ_RETRY_S
         delay = 0.1
         while True:
@@ -419,12 +424,29 @@ class RayHost:
                 return await getattr(self.handle, method).remote(*args)
             except (RayTaskError, RayActorError) as exc:
                 err = _unwrap(exc, self.name)
-                retry = read and isinstance(err, Unavailable) and \
-                    err.code == "host_restarting" and time.monotonic() + delay < deadline
-                if not retry:
+                restarting = isinstance(err, Unavailable) and err.code == "host_restarting"
+                if restarting and read and time.monotonic() + delay < deadline:
+                    pass
+                elif restarting and method != "ping":
+                    await self.wait_back(RESTART_WAIT_S)
+                    raise err from None
+                else:
                     raise err from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    async def wait_back(self, timeout: float) -> bool:
+        """Wait until the host answers (True) or ``timeout`` passes (False)."""
+        deadline = time.monotonic() + timeout
+        delay = 0.2
+        while time.monotonic() < deadline:
+            try:
+                await self.handle.ping.remote()
+                return True
+            except (RayTaskError, RayActorError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        return False
 
     async def start(self) -> None:
         await self.call("ping", read=True)
@@ -761,7 +783,7 @@ class RayRouter:
         if layout is not None and spec.ps_options.get("sync") is not None:
             raise Invalid("a sharded session steps without synchronous rounds", field="sync",
                           code="invalid_body")
-        if self.directory.get(key) is not None:
+        if self.directory.get(key) is not None and not await self._stale(key):
             raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
                            code="session_exists", field="id")
         hosts = await self._place(resources, placement, layout.shards if layout else 1)
@@ -788,6 +810,17 @@ class RayRouter:
             self.directory.note_created(split_key(key)[0], idem.key, idem.fingerprint, key)
         self._entries[key] = entry
         return self._placed(info, entry)
+
+    async def _stale(self, key: str) -> bool:
+        """Drop the entry of a session its host does not hold (one kept in memory only, whose
+        host restarted; a create cut short): True when it was stale."""
+        try:
+            await (await self.route(key)).describe(key)
+        except NotFound:
+            self.directory.remove(key)
+            self._entries.pop(key, None)
+            return True
+        return False
 
     def _placed(self, info: SessionInfo, entry: dict[str, Any]) -> SessionInfo:
         placement = {"resources": entry["resources"], "placement": entry["placement"]}
@@ -908,7 +941,8 @@ def ray_options(settings: Any) -> RayOptions:
               "snapshot_every_steps": settings.snapshot_every_steps,
               "snapshot_every_s": settings.snapshot_every_s,
               "fsync_interval_s": settings.fsync_interval_ms / 1000,
-              "idempotency_window": settings.idempotency_window, "warm_up": True})
+              "idempotency_window": settings.idempotency_window,
+              "warm_up": settings.warm_up})
 
 
 def ray_engine(settings: Any) -> Front:
