@@ -643,8 +643,9 @@ class RayRouter:
         return EngineStatus(reason is None, reason, "ray", len(self.directory.keys()), used)
 
     async def refused(self) -> dict[str, str]:
-        outs = await asyncio.gather(*(self._host(n).refused() for n in self._host_names()),
-                                    return_exceptions=True)
+        """Stored sessions the hosts refused at start (a host restarting is left out)."""
+        outs = await asyncio.gather(*(asyncio.wait_for(self._host(n).refused(), 5.0)
+                                      for n in self._host_names()), return_exceptions=True)
         found: dict[str, str] = {}
         for out in outs:
             if isinstance(out, dict):

@@ -112,6 +112,9 @@ class Client(SyncAPIClient):
         sync: Mapping[str, Any] | None = None,
         max_staleness: int | None = None,
         staleness_lr: str | None = None,
+        shards: int | None = None,
+        resources: Mapping[str, Any] | None = None,
+        placement: str | None = None,
     ) -> SessionInfo:
         """``POST /v1/sessions``: create a session.
 
@@ -136,12 +139,17 @@ class Client(SyncAPIClient):
             max_staleness: refuse (409) an async push whose ``base_version`` is more than
                 this many versions old.
             staleness_lr: ``"inverse"``: scale an async push's step lr by 1/(1+staleness).
+            shards: split the parameters over this many session hosts (docs/cluster.md).
+            resources: Ray engine: what the session's host needs (``{"num_gpus": 0.25}``).
+            placement: Ray engine: ``"pack"`` or ``"spread"`` when choosing its host.
         """
         return self._request(_api.create_session(
             optimizer, params, param_groups=param_groups, options=options,
             scheduler=scheduler, id=id, nonfinite=nonfinite, binary=binary,
             ps_options={"sync": sync, "max_staleness": max_staleness,
-                        "staleness_lr": staleness_lr},
+                        "staleness_lr": staleness_lr, "shards": shards,
+                        "resources": dict(resources) if resources is not None else None,
+                        "placement": placement},
         ))
 
     def list_sessions(self) -> list[SessionInfo]:
@@ -323,13 +331,18 @@ class AsyncClient(AsyncAPIClient):
         sync: Mapping[str, Any] | None = None,
         max_staleness: int | None = None,
         staleness_lr: str | None = None,
+        shards: int | None = None,
+        resources: Mapping[str, Any] | None = None,
+        placement: str | None = None,
     ) -> SessionInfo:
         """``POST /v1/sessions``: see :meth:`Client.create_session`."""
         return await self._request(_api.create_session(
             optimizer, params, param_groups=param_groups, options=options,
             scheduler=scheduler, id=id, nonfinite=nonfinite, binary=binary,
             ps_options={"sync": sync, "max_staleness": max_staleness,
-                        "staleness_lr": staleness_lr},
+                        "staleness_lr": staleness_lr, "shards": shards,
+                        "resources": dict(resources) if resources is not None else None,
+                        "placement": placement},
         ))
 
     async def list_sessions(self) -> list[SessionInfo]:
