@@ -239,10 +239,14 @@ class LocalRouter:
         self.device = host.device
         self.directory = directory or Directory(None)
         self._sharded: dict[str, ShardedSession] = {}
+        #: the keys of sharded sessions (this router is its directory's only writer, so the
+        #: step path never reads the directory)
+        self._sharded_keys: set[str] = set()
 
     async def start(self) -> None:
         await self.local.start()
-        for key in self.directory.keys():  # sharded sessions whose shards are gone (memory)
+        self._sharded_keys = set(self.directory.keys())
+        for key in sorted(self._sharded_keys):  # sharded sessions whose shards are gone
             await self._stale(key)
 
     async def _stale(self, key: str) -> bool:
@@ -259,6 +263,7 @@ class LocalRouter:
             return False
         self.directory.remove(key)
         self._sharded.pop(key, None)
+        self._sharded_keys.discard(key)
         return True
 
     async def stop(self, *, snapshot: bool = True) -> None:
@@ -267,14 +272,15 @@ class LocalRouter:
     async def status(self, *, memory: bool = False) -> EngineStatus:
         status = await self.local.status(memory=memory)
         plain = [k for k in await self.local.keys() if parent_key(k) == k]
-        status.sessions = len(plain) + len(self.directory.keys())
+        status.sessions = len(plain) + len(self._sharded_keys)
         return status
 
     async def refused(self) -> dict[str, str]:
         return {parent_key(k): reason for k, reason in (await self.local.refused()).items()}
 
     async def count(self, prefix: str) -> int:
-        return len(await self.local.keys(prefix)) + len(self.directory.keys(prefix))
+        return len(await self.local.keys(prefix)) + sum(k.startswith(prefix)
+                                                        for k in self._sharded_keys)
 
     async def find_create(self, tenant: str, idem: IdemKey) -> str | None:
         made = self.directory.created(tenant, idem.key)
@@ -312,6 +318,7 @@ class LocalRouter:
             self.directory.remove(key)
             raise
         self._sharded[key] = session
+        self._sharded_keys.add(key)
         if idem is not None:
             self.directory.note_created(split_key(key)[0], idem.key, idem.fingerprint, key)
         return info
@@ -321,7 +328,7 @@ class LocalRouter:
         session = self._sharded.get(key)
         if session is not None:
             return session
-        entry = self.directory.get(key)
+        entry = self.directory.get(key) if key in self._sharded_keys else None
         if entry is None:
             return self.local
         layout = ShardLayout.from_json(entry["layout"])
@@ -332,7 +339,7 @@ class LocalRouter:
 
     async def list_sessions(self, prefix: str) -> list[SessionInfo]:
         infos = await self.local.list_sessions(prefix)
-        for key in self.directory.keys(prefix):
+        for key in sorted(k for k in self._sharded_keys if k.startswith(prefix)):
             try:
                 infos.append(await (await self.route(key)).describe(key))
             except Exception:  # noqa: BLE001 - a damaged sharded session is left out
@@ -345,6 +352,7 @@ class LocalRouter:
         await host.delete(key, idem=idem)
         if host is not self.local:
             self._sharded.pop(key, None)
+            self._sharded_keys.discard(key)
             self.directory.remove(key)
             if entry is not None and entry.get("created_by"):
                 self.directory.forget_created(split_key(key)[0], entry["created_by"])
