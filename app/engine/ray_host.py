@@ -47,6 +47,8 @@ import dataclasses
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import uuid
 import warnings
@@ -59,7 +61,7 @@ import numpy as np
 import orjson
 import ray
 import torch
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from app.engine.directory import Directory
 from app.engine.front import Front, Limits
@@ -381,8 +383,10 @@ class HostActor:
     def _peer(self, name: str) -> RayHost:
         peer = self._peers.get(name)
         if peer is None:
-            handle = ray.get_actor(name, namespace=self.config["namespace"])
-            peer = self._peers[name] = RayHost(handle, name)
+            namespace = self.config["namespace"]
+            handle = ray.get_actor(name, namespace=namespace)
+            peer = self._peers[name] = RayHost(
+                handle, name, revive=lambda: ray.get_actor(name, namespace=namespace))
         return peer
 
 
@@ -408,10 +412,21 @@ class RayHost:
     """:class:`app.engine.router.Host` over a host actor's handle (wire forms both ways; actor
     outages as 503 ``host_restarting``)."""
 
-    def __init__(self, handle: Any, name: str, device: str = "remote") -> None:
+    def __init__(self, handle: Any, name: str, device: str = "remote",
+                 revive: Callable[[], Any] | None = None) -> None:
         self.handle = handle
         self.name = name
         self.device = device
+        #: the actor again by its name (started again if gone) when this handle's actor is
+        #: dead for good (killed without restart, its cluster restarted)
+        self.revive = revive
+
+    def _dead(self, exc: BaseException) -> None:
+        if isinstance(exc, ActorDiedError) and self.revive is not None:
+            try:
+                self.handle = self.revive()
+            except (OptserveError, ValueError):  # not there (yet): keep trying the old one
+                pass
 
     async def call(self, method: str, *args: Any, read: bool = False) -> Any:
         """One actor method. A read (nothing changes) is retried while the host restarts; any
@@ -423,6 +438,7 @@ class RayHost:
             try:
                 return await getattr(self.handle, method).remote(*args)
             except (RayTaskError, RayActorError) as exc:
+                self._dead(exc)
                 err = _unwrap(exc, self.name)
                 restarting = isinstance(err, Unavailable) and err.code == "host_restarting"
                 if restarting and read and time.monotonic() + delay < deadline:
@@ -443,7 +459,8 @@ class RayHost:
             try:
                 await self.handle.ping.remote()
                 return True
-            except (RayTaskError, RayActorError):
+            except (RayTaskError, RayActorError) as exc:
+                self._dead(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
         return False
@@ -613,8 +630,14 @@ class RayRouter:
     async def start(self) -> None:
         if not ray.is_initialized():
             address = None if self.options.address == "local" else self.options.address
+            # ray.init replaces the SIGTERM handler with one that exits at once: keep the
+            # server's own (it drains in-flight requests, then stops the engine)
+            main = threading.current_thread() is threading.main_thread()
+            previous = signal.getsignal(signal.SIGTERM) if main else None
             ray.init(address=address, namespace=self.options.namespace,
                      include_dashboard=False, logging_level=logging.WARNING)
+            if main:
+                signal.signal(signal.SIGTERM, previous)
             self._started_ray = self.options.address == "local"
         log.info("ray engine: cluster %s, namespace %s, data in %s", self.options.address,
                  self.options.namespace, self.options.data_dir)
@@ -673,7 +696,8 @@ class RayRouter:
     def _host(self, name: str) -> RayHost:
         host = self._hosts.get(name)
         if host is None:
-            host = self._hosts[name] = RayHost(self._handle(name), name)
+            host = self._hosts[name] = RayHost(self._handle(name), name,
+                                               revive=lambda: self._handle(name))
         return host
 
     def _handle(self, name: str) -> Any:
@@ -715,7 +739,7 @@ class RayRouter:
             {"name": name, "resources": resources, "placement": placement,
              "created": time.time()}))
         handle = self._spawn(name, resources, placement)
-        host = RayHost(handle, name)
+        host = RayHost(handle, name, revive=lambda: self._handle(name))
         try:
             info = await asyncio.wait_for(host.call("ping"), self.options.host_start_timeout_s)
         except TimeoutError:

@@ -180,6 +180,25 @@ def test_kill9_of_a_host_mid_training_loses_and_doubles_nothing(ray_server: str)
         assert h.delete("/v1/sessions/k9").status_code == 204
 
 
+def test_host_killed_for_good_is_started_again_from_storage(ray_server: str) -> None:
+    """A host actor killed without restart (an operator's ray.kill, a cluster that lost it):
+    the front that meets its dead handle starts it again from host.json, and it restores its
+    sessions from storage."""
+    with optserve.Client(ray_server, max_retries=10, timeout=300) as c, \
+            httpx.Client(base_url=ray_server, timeout=300) as h:
+        create(c, "gone")
+        acked = Acked()
+        stepper(ray_server, "gone", 0, 3, acked)
+        before = host_of(h, "gone")
+        ray.kill(ray.get_actor(before["name"], namespace="optserve"), no_restart=True)
+        stepper(ray_server, "gone", 1, 3, acked)
+        assert not acked.errors, acked.errors
+        after = host_of(h, "gone")
+        assert after["name"] == before["name"] and after["pid"] != before["pid"]
+        check_session(h, "gone", acked, replay(acked))
+        c.delete_session("gone")
+
+
 # ----------------------------------------------------------------------------- a node goes away
 def test_removed_node_session_resumes_on_the_other(ray_cluster: Any, tmp_path: Path) -> None:
     """A second (simulated) node joins; sessions spread over both; the node holding one of them
@@ -266,12 +285,16 @@ def two_fronts(ray_cluster: Any, tmp_path: Path) -> Iterator[tuple[Front, Front]
     finally:
         for f in fronts:
             f.proc.send_signal(signal.SIGTERM)
+        codes = []
         for f in fronts:
             try:
-                f.proc.wait(60)
+                codes.append(f.proc.wait(60))
             except subprocess.TimeoutExpired:
                 f.proc.kill()
+                codes.append(None)
         kill_hosts(data)
+        # a drained SIGTERM is a clean exit on this engine too (ray.init's handler is undone)
+        assert codes == [0, 0], [f.log.read_text()[-2000:] for f in fronts]
 
 
 def test_two_fronts_serve_the_same_sessions(two_fronts: tuple[Front, Front]) -> None:
