@@ -341,3 +341,35 @@ def test_sharded_create_is_all_or_nothing_and_sync_is_refused() -> None:
                                         ps_options={"sync": {"workers": 2}}))
         assert await eng.list_sessions() == []
     run(body)
+
+
+def test_shards_with_empty_groups_restore_from_snapshots(tmp_path: Path) -> None:
+    """A shard whose part of a group is empty snapshots and restores like any session (the
+    snapshot after every step, then a restart: the session goes on bitwise)."""
+    groups = [({"w": torch.randn(8), "v": torch.randn(7)}, {}), ({"u": torch.randn(2)},
+                                                                {"lr": 0.05})]
+    ref = Reference(torch.optim.Adam, groups, {"lr": 0.1})
+    gen = torch.Generator().manual_seed(3)
+    grads = [{n: torch.randn(t.shape, generator=gen) for g, _ in groups for n, t in g.items()}
+             for _ in range(4)]
+
+    async def first(eng: Front) -> None:
+        await eng.create(CreateSpec("Adam", [GroupSpec({n: t.clone() for n, t in g.items()}, o)
+                                             for g, o in groups], {"lr": 0.1}, id="e",
+                                    shards=3, durability="step"))
+        for g in grads[:2]:
+            await eng.step("e", g, return_params=False)
+
+    async def second(eng: Front) -> None:
+        out = None
+        for g in grads[2:]:
+            out = await eng.step("e", g, return_params=True)
+        assert out is not None and out.version == 4 and out.params is not None
+        assert_tensors_equal(dict(out.params), ref.params, "after the restart")
+        assert (await eng.describe("e")).placement["shards"][0]["params"] == ["w"]  # type: ignore[index]
+
+    for g in grads:
+        ref.step(g)
+    run(first, data_dir=tmp_path, durability="step", snapshot_every_steps=1)
+    assert list(tmp_path.glob("sessions/default#e~shard*of3/snapshot.bin"))
+    run(second, data_dir=tmp_path, durability="step", snapshot_every_steps=1)
