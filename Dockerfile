@@ -17,6 +17,9 @@
 # installs the distribution's python3 + python3-venv with apt (Python >= 3.11 is required).
 #
 # With podman/buildah, build with `--format docker` (the OCI format drops HEALTHCHECK).
+#
+# The Ray engine (docs/cluster.md) needs Ray in the image: --build-arg OPTSERVE_EXTRAS=ray (the
+# lock's ray pin; about 240 MB more). The same image then runs a front, a Ray head or a worker.
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
@@ -49,10 +52,13 @@ RUN if python3 -m venv /tmp/venv-probe >/dev/null 2>&1; then \
 # the build when a runtime dependency of pyproject.toml is not pinned there. A stage of its own,
 # so that edits to pyproject.toml that leave this list alone keep the torch layer cached.
 FROM python-base AS lock
+# Extras of the server to install too (comma-separated): "ray" for the Ray engine.
+ARG OPTSERVE_EXTRAS=""
 WORKDIR /src
 COPY pyproject.toml requirements-lock.txt ./
 COPY deploy/lock-runtime.py /usr/local/bin/lock-runtime
-RUN python3 /usr/local/bin/lock-runtime pyproject.toml requirements-lock.txt > /runtime-lock.txt
+RUN python3 /usr/local/bin/lock-runtime --extras "$OPTSERVE_EXTRAS" pyproject.toml \
+        requirements-lock.txt > /runtime-lock.txt
 
 # ---- deps: a venv with the locked runtime dependencies (the big, rarely rebuilt layer) ----
 FROM python-base AS deps

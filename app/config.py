@@ -101,6 +101,29 @@ class Settings(BaseSettings):
     history_steps: int = Field(
         default=100_000, ge=0, le=10_000_000,
         description="rows of per-step metrics a session keeps unless it sets \"history\"")
+    engine: Literal["embedded", "ray"] = Field(
+        default="embedded", description="embedded: sessions in this process; ray: sessions on "
+        "Ray actor hosts (pip install optserve-server[ray]; docs/cluster.md)")
+    ray_address: str = Field(
+        default="local", description="the Ray cluster: local (start one in this process), "
+        "auto, or HOST:PORT of its GCS")
+    ray_namespace: str = Field(default="optserve", min_length=1, max_length=64,
+                               description="Ray namespace of the host actors")
+    ray_resources: str = Field(
+        default='{"num_cpus": 1}', description="what a session host asks Ray for, unless the "
+        "create says: JSON {num_cpus, num_gpus, memory, resources: {custom: n}}")
+    ray_placement: Literal["pack", "spread"] = Field(
+        default="spread", description="choosing a host for a new session: pack (fill hosts) "
+        "or spread (one more host while the cluster has room)")
+    ray_sessions_per_host: int = Field(default=0, ge=0,
+                                       description="sessions per host actor (0: no limit)")
+    ray_host_start_timeout_s: float = Field(
+        default=120.0, gt=0, description="503 when Ray cannot start a host this fast (no room)")
+    ray_commit_timeout_s: float = Field(
+        default=30.0, gt=0, description="how long a sharded operation waits for a restarting "
+        "shard host before answering 503 (it completes later)")
+    warm_up: bool = Field(default=True, description="load torch's kernels for every optimizer "
+                          "before readiness (the first request does not pay for them)")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     log_format: Literal["json", "text"] = Field(
         default="json", description="json: one JSON object per line, with request ids")

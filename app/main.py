@@ -77,7 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.metrics = metrics
         app.state.pin_bodies = engine.device.startswith("cuda")
         local = None
-        if settings.local_transport:
+        # (the Ray engine's sessions live in other processes, often on other machines)
+        if settings.local_transport and settings.engine == "embedded":
             local = LocalTransport(engine, keys, DEFAULT_TENANT, settings.local_dir)
             local.start(asyncio.get_running_loop())
         app.state.local_transport = local

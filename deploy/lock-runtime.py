@@ -2,12 +2,14 @@
 """Print the runtime part of requirements-lock.txt (used by the Dockerfile's build stage).
 
 Every pinned line of the lock is kept except the packages that only the ``dev`` extra of
-pyproject.toml names (pytest, ruff, mypy, ...), so the image gets exactly the lock's versions of
-the server's dependencies (and of the transitive pins the lock holds, e.g. starlette) and no test
-tools. Fails when a runtime dependency of pyproject.toml is not pinned with ``==`` in the lock, so
-the image can never resolve an unpinned version silently.
+pyproject.toml names (pytest, ruff, mypy, ...) and those that only extras not asked for name
+(``ray``, unless ``--extras ray``), so the image gets exactly the lock's versions of the server's
+dependencies (and of the transitive pins the lock holds, e.g. starlette) and no test tools. Fails
+when a runtime dependency of pyproject.toml (or of an extra asked for) is not pinned with ``==``
+in the lock, so the image can never resolve an unpinned version silently.
 
-Usage: lock-runtime.py [pyproject.toml] [requirements-lock.txt] > runtime-lock.txt
+Usage: lock-runtime.py [--extras ray,...] [pyproject.toml] [requirements-lock.txt]
+       > runtime-lock.txt
 """
 
 from __future__ import annotations
@@ -26,11 +28,18 @@ def _norm(requirement: str) -> str:
     return re.sub(r"[-_.]+", "-", match.group(1)).lower()
 
 
-def main(pyproject_path: str, lock_path: str) -> int:
+def main(pyproject_path: str, lock_path: str, extras: tuple[str, ...] = ()) -> int:
     with open(pyproject_path, "rb") as f:
         project = tomllib.load(f)["project"]
+    optional = project.get("optional-dependencies", {})
+    unknown = sorted(set(extras) - set(optional) - {"dev"})
+    if unknown:
+        raise SystemExit(f"lock-runtime: no extra {unknown[0]!r} in {pyproject_path}")
     runtime = {_norm(r) for r in project.get("dependencies", [])}
-    dev_only = {_norm(r) for r in project.get("optional-dependencies", {}).get("dev", [])}
+    for extra in extras:
+        runtime |= {_norm(r) for r in optional[extra]}
+    dev_only = {_norm(r) for name, reqs in optional.items() if name not in extras
+                for r in reqs}
     dev_only -= runtime
 
     kept: list[str] = []
@@ -59,7 +68,14 @@ def main(pyproject_path: str, lock_path: str) -> int:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:] or ["pyproject.toml", "requirements-lock.txt"]
+    args = sys.argv[1:]
+    chosen: tuple[str, ...] = ()
+    if args[:1] == ["--extras"]:
+        if len(args) < 2:
+            raise SystemExit(__doc__)
+        chosen = tuple(e.strip() for e in args[1].split(",") if e.strip())
+        args = args[2:]
+    args = args or ["pyproject.toml", "requirements-lock.txt"]
     if len(args) != 2:
         raise SystemExit(__doc__)
-    raise SystemExit(main(*args))
+    raise SystemExit(main(args[0], args[1], chosen))

@@ -1,12 +1,19 @@
-"""Shared fixtures: an in-process app client and a live uvicorn server on 127.0.0.1."""
+"""Shared fixtures: an in-process app client, a live uvicorn server on 127.0.0.1, and the same
+server on the Ray engine against a local Ray cluster the tests start (one for the whole run).
+
+Tests that run on both engines take ``engine_url`` parametrized with :data:`ENGINES`; the Ray
+ones carry the ``ray`` marker, and the run ends with the Ray suite's time.
+"""
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -15,6 +22,13 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
+
+#: the engines a test runs on: ``@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)``
+ENGINES = [pytest.param("embedded", id="embedded"),
+           pytest.param("ray", id="ray", marks=[pytest.mark.ray])]
+#: the test cluster: logical CPUs of its head node (hosts ask for one each)
+RAY_HEAD_CPUS = 4
+_RAY_TIME = {"tests": 0, "seconds": 0.0}
 
 
 def _test_settings(**overrides: object) -> Settings:
@@ -63,8 +77,10 @@ def live_server() -> Iterator[str]:
 
 
 @pytest.fixture
-def http(live_server: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=live_server, timeout=60) as client:
+def http(engine_url: str) -> Iterator[httpx.Client]:
+    """A client of the live server (of the engine the test is parametrized with, see
+    ENGINES; the embedded one otherwise)."""
+    with httpx.Client(base_url=engine_url, timeout=300) as client:
         yield client
 
 
@@ -73,3 +89,89 @@ def app_client() -> Iterator[TestClient]:
     """The app in-process (no sockets), lifespan included."""
     with TestClient(create_app(_test_settings())) as client:
         yield client
+
+
+# ----------------------------------------------------------------------------- Ray
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """A local Ray cluster for the whole run (a head node with RAY_HEAD_CPUS logical CPUs on
+    this machine; tests add and remove simulated nodes), this process connected as its driver.
+    Token authentication is off: a loopback test cluster only."""
+    pytest.importorskip("ray")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+    from ray.cluster_utils import Cluster
+
+    started = time.monotonic()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": RAY_HEAD_CPUS, "include_dashboard": False,
+        "object_store_memory": 256 * 1024 * 1024})
+    cluster.connect(namespace="optserve")
+    print(f"\nray test cluster at {cluster.address} up in {time.monotonic() - started:.1f} s")
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def ray_settings(cluster: Any, **overrides: object) -> Settings:
+    """A Ray-engine front on the test cluster: hosts of one logical CPU each, no warm-up."""
+    values: dict[str, object] = {"engine": "ray", "ray_address": cluster.address,
+                                 "ray_resources": '{"num_cpus": 1}', "warm_up": False,
+                                 "ray_placement": "pack", "ray_host_start_timeout_s": 300.0}
+    values.update(overrides)
+    return _test_settings(**values)
+
+
+def kill_hosts(data_dir: Path, *, restart: bool = False) -> list[str]:
+    """Kill the host actors of a deployment (its data directory): for good (a front starts
+    them again from storage when it needs them), or so that Ray restarts them."""
+    import ray
+
+    killed = []
+    for host in sorted((data_dir / "hosts").glob("*/host.json")):
+        name = host.parent.name
+        try:
+            handle = ray.get_actor(name, namespace="optserve")
+        except ValueError:
+            continue
+        ray.kill(handle, no_restart=not restart)
+        killed.append(name)
+    return killed
+
+
+@pytest.fixture(scope="session")
+def ray_server(ray_cluster: Any) -> Iterator[str]:
+    """Base URL of a real uvicorn server on the Ray engine (hosts on the test cluster), shared
+    by the run like ``live_server``."""
+    settings = ray_settings(ray_cluster)
+    server = LiveServer(settings)
+    url = server.start()
+    try:
+        yield url
+    finally:
+        server.stop()
+        kill_hosts(Path(settings.data_dir))
+
+
+@pytest.fixture
+def engine_url(request: pytest.FixtureRequest) -> str:
+    """The live server of the engine this test is parametrized with (see ENGINES)."""
+    name = getattr(request, "param", "embedded")
+    url: str = request.getfixturevalue("ray_server" if name == "ray" else "live_server")
+    return url
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "ray" in report.keywords:
+        _RAY_TIME["seconds"] += report.duration
+        if report.when == "call":
+            _RAY_TIME["tests"] += 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _RAY_TIME["tests"]:
+        terminalreporter.write_line(
+            f"ray suite: {_RAY_TIME['tests']} tests in {_RAY_TIME['seconds']:.1f} s "
+            "(setup, cluster start and teardown included)")

@@ -14,12 +14,15 @@ import torch
 
 from app.api.bodies import only_keys, parse_json, tensor_map
 from app.engine.interface import CreateSpec, GroupSpec, ReturnParams, SessionInfo
+from app.engine.placement import check_placement, check_resources
+from app.engine.shards import check_shards
 from app.errors import BadRequest, Invalid
 from app.wire.safetensors_body import read_safetensors
 from app.wire.tree import tree_from_json
 
 _CREATE_KEYS = {"optimizer", "options", "params", "param_groups", "scheduler", "id", "nonfinite",
-                "durability", "sync", "max_staleness", "staleness_lr", "metrics", "history"}
+                "durability", "sync", "max_staleness", "staleness_lr", "metrics", "history",
+                "shards", "resources", "placement"}
 _PS_KEYS = ("sync", "max_staleness", "staleness_lr")  # checked by the engine (app.engine.ps)
 _DURABILITY = ("step", "interval", "memory")
 TORCH_FILE_SLACK = 16 * 1024 * 1024
@@ -91,12 +94,17 @@ def create_spec(obj: dict[str, Any], tensors: dict[str, torch.Tensor] | None = N
     session_id = obj.get("id")
     if session_id is not None and not isinstance(session_id, str):
         raise Invalid("id must be a string", code="invalid_id", field="id")
+    resources = obj.get("resources")
+    placement = obj.get("placement")
     return CreateSpec(optimizer=obj["optimizer"], groups=groups, options=options,
                       scheduler=scheduler, id=session_id, nonfinite=nonfinite,
                       durability=durability,
                       ps_options={k: obj[k] for k in _PS_KEYS if k in obj},
                       # checked by the engine (app.engine.ops.lifecycle)
-                      metrics=obj.get("metrics"), history=obj.get("history"))
+                      metrics=obj.get("metrics"), history=obj.get("history"),
+                      shards=check_shards(obj.get("shards", 1)),
+                      resources=check_resources(resources) if resources is not None else None,
+                      placement=check_placement(placement) if placement is not None else None)
 
 
 def _check_scheduler_names(spec: object, field: str) -> None:

@@ -133,7 +133,7 @@ async def step(session_id: SessionId, request: Request) -> Response:
         max_bytes = _max_bytes(request.app.state.settings)
         binary, b64 = wants_binary(request), tensor_encoding(request)
         returned: ReturnParams = query.return_params
-        if engine.uses_evaluations(session_id, tenant=tenant):  # LBFGS: the closure protocol
+        if await engine.uses_evaluations(session_id, tenant=tenant):  # LBFGS: the closure protocol
             return await evaluations.open_step(request, engine, tenant, max_bytes,
                                                session_id, returned, binary, b64)
         worker = conditions.worker_id(request)

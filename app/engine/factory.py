@@ -5,15 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from app.engine.directory import Directory
 from app.engine.front import Front, Limits
 from app.engine.host import EmbeddedHost, HostConfig
 from app.engine.interface import Durability, NonFinitePolicy
+from app.engine.router import LocalRouter
 from app.engine.store import Files
 from app.engine.worker import Observer
 
 
 def make_engine(settings: Any, observer: Observer | None = None) -> Front:
-    """The engine ``settings`` (an :class:`app.config.Settings`) describe."""
+    """The engine ``settings`` (an :class:`app.config.Settings`) describe: ``embedded`` (every
+    session in this process) or ``ray`` (sessions on Ray actor hosts, :mod:`app.engine.ray_host`;
+    needs the ``ray`` extra)."""
+    if settings.engine == "ray":
+        from app.engine.ray_host import ray_engine
+        return ray_engine(settings)
     return embedded_engine(
         settings.device,
         torch_threads=settings.torch_threads,
@@ -29,6 +36,7 @@ def make_engine(settings: Any, observer: Observer | None = None) -> Front:
         history_steps=settings.history_steps,
         limits=Limits(settings.max_sessions, settings.max_session_elements),
         observer=observer,
+        warm_up=settings.warm_up,
     )
 
 
@@ -51,7 +59,8 @@ def embedded_engine(
     files: Files | None = None,
     warm_up: bool = True,
 ) -> Front:
-    """The embedded engine: sessions in this process, one worker thread for the device."""
+    """The embedded engine: sessions in this process, one worker thread for the device (a
+    sharded session's shards too; their layouts in ``<data_dir>/directory``)."""
     host = EmbeddedHost(HostConfig(
         device=device, torch_threads=torch_threads, default_nonfinite=default_nonfinite,
         data_dir=data_dir, durability=durability, snapshot_every_steps=snapshot_every_steps,
@@ -59,4 +68,5 @@ def embedded_engine(
         idempotency_window=idempotency_window, files=files, warm_up=warm_up,
         evaluation_timeout_s=evaluation_timeout_s, metrics=metrics,
         history_steps=history_steps), observer)
-    return Front(host, limits)
+    directory = Directory(data_dir / "directory" if data_dir is not None else None)
+    return Front(LocalRouter(host, directory), limits)

@@ -1,6 +1,7 @@
 """The front: what every engine shares above its session hosts — tenancy (a session key is
-``tenant~id``), per-tenant limits, readiness — and nothing of where a session lives. It speaks
-to a host only with operation values and plain results.
+``tenant~id``), per-tenant limits, readiness — and nothing of where a session lives. A router
+(:mod:`app.engine.router`) names the host of each session key; the front speaks to it only with
+operation values and plain results.
 
 Sync rounds and long polls are kept by the host that holds the session (so workers of one
 round may talk to different fronts of one cluster).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,16 +42,19 @@ from app.engine.ops import (
     AddParamGroup,
     Configure,
     ImportState,
+    Operation,
     Overwrite,
     Push,
     SchedulerStep,
     UpdateParamGroup,
     ZeroGrad,
 )
+from app.engine.router import InProcessHost, LocalRouter, Router, SessionHost
 from app.engine.session import check_session_id
-from app.errors import Invalid, TooMany
+from app.errors import Invalid, NotFound, TooMany
 
 DEFAULT_TENANT = "default"
+_TOMBSTONES = 10_000
 
 
 @dataclass
@@ -61,46 +66,62 @@ class Limits:
 class Front:
     """The engine the HTTP routes call (implements :class:`app.engine.interface.Engine`)."""
 
-    def __init__(self, host: EmbeddedHost, limits: Limits | None = None) -> None:
-        self.host = host
-        self.device = host.device
+    def __init__(self, router: Router | EmbeddedHost, limits: Limits | None = None) -> None:
+        self.router: Router = (LocalRouter(router) if isinstance(router, EmbeddedHost)
+                               else router)
+        self.device = self.router.device
         self.limits = limits or Limits()
+        # keyed deletes this front answered, so a retry that finds nothing still gets its 204
+        self._tombstones: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     async def start(self) -> None:
-        await self.host.start()
+        await self.router.start()
 
     async def stop(self, *, snapshot: bool = True) -> None:
-        await self.host.stop(snapshot=snapshot)
+        await self.router.stop(snapshot=snapshot)
 
     async def status(self, *, memory: bool = False) -> EngineStatus:
-        return await self.host.status(memory=memory)
+        return await self.router.status(memory=memory)
 
     async def refused(self, *, tenant: str = DEFAULT_TENANT) -> dict[str, str]:
         """This tenant's stored sessions that failed their checks at start (by id)."""
         out = {}
-        for key, reason in sorted(self.host.refused().items()):
+        for key, reason in sorted((await self.router.refused()).items()):
             owner, session_id = split_key(key)
             if owner == tenant:
                 out[session_id] = reason
         return out
 
+    async def _host(self, tenant: str, session_id: str) -> tuple[SessionHost, str]:
+        key = session_key(tenant, session_id)
+        return await self.router.route(key), key
+
+    async def _embedded(self, tenant: str, session_id: str, what: str
+                        ) -> tuple[EmbeddedHost, str]:
+        """The in-process host of a plain session, for what only it offers (LBFGS
+        evaluations, row pulls, history): a sharded session or one on a Ray host gets a 422."""
+        host, key = await self._host(tenant, session_id)
+        if isinstance(host, InProcessHost):
+            return host.embedded, key
+        raise _only_embedded(what)
+
     # ------------------------------------------------------------------ sessions
     async def create(self, spec: CreateSpec, *, tenant: str = DEFAULT_TENANT,
                      idem: IdemKey | None = None) -> SessionInfo:
         if idem is not None:
-            made = self.host.find_create(tenant, idem)
+            made = await self.router.find_create(tenant, idem)
             if made is not None:
-                info = await self.host.describe(made)
+                info = await (await self.router.route(made)).describe(made)
                 info.replayed = True
                 return info
         session_id = check_session_id(spec.id) if spec.id is not None else uuid.uuid4().hex
-        self._check_create_limits(tenant, spec)
-        return await self.host.create(session_key(tenant, session_id), spec, idem=idem)
+        await self._check_create_limits(tenant, spec)
+        return await self.router.create(session_key(tenant, session_id), spec, idem=idem)
 
-    def _check_create_limits(self, tenant: str, spec: CreateSpec) -> None:
+    async def _check_create_limits(self, tenant: str, spec: CreateSpec) -> None:
         lim = self.limits
         if lim.max_sessions:
-            mine = len(self.host.keys(session_key(tenant, "")))
+            mine = await self.router.count(session_key(tenant, ""))
             if mine >= lim.max_sessions:
                 raise TooMany(f"this tenant already has {mine} sessions; the limit "
                               f"(OPTSERVE_MAX_SESSIONS) is {lim.max_sessions}",
@@ -115,14 +136,33 @@ class Front:
                           code="session_too_large", field="params", limit=limit)
 
     async def describe(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> SessionInfo:
-        return await self.host.describe(session_key(tenant, session_id))
+        host, key = await self._host(tenant, session_id)
+        return await host.describe(key)
 
     async def list_sessions(self, *, tenant: str = DEFAULT_TENANT) -> list[SessionInfo]:
-        return await self.host.list_sessions(session_key(tenant, ""))
+        return await self.router.list_sessions(session_key(tenant, ""))
 
     async def delete(self, session_id: str, *, tenant: str = DEFAULT_TENANT,
                      idem: IdemKey | None = None) -> bool:
-        return await self.host.delete(session_key(tenant, session_id), idem=idem)
+        """Delete the session; True when this was a retry of a delete already done (the
+        session's host keeps keyed deletes durably; this front also remembers the keys it
+        answered, for hosts that no longer know the session)."""
+        gone = self._tombstones.get((tenant, idem.key)) if idem is not None else None
+        try:
+            replayed = await self.router.delete(session_key(tenant, session_id), idem=idem)
+        except NotFound:
+            if gone is None:
+                raise
+            if idem is not None and gone != idem.fingerprint:
+                raise Invalid("this Idempotency-Key was already used for a different request; "
+                              "use a fresh key for every new operation",
+                              code="idempotency_key_reused", field="Idempotency-Key") from None
+            return True
+        if idem is not None:
+            self._tombstones[(tenant, idem.key)] = idem.fingerprint
+            while len(self._tombstones) > _TOMBSTONES:
+                self._tombstones.popitem(last=False)
+        return bool(replayed)
 
     # ------------------------------------------------------------------ gradients and steps
     async def step(
@@ -133,49 +173,67 @@ class Front:
         upcast: bool = False, params_dtype: torch.dtype | None = None,
         scalars: dict[str, Any] | None = None,
     ) -> StepResult:
-        return await self.host.step(session_key(tenant, session_id), grads,
-                                    want_params=return_params, worker=worker,
-                                    base_version=base_version, idem=idem, options=options,
-                                    params_into=params_into, upcast=upcast,
-                                    params_dtype=params_dtype,
-                                    scalars=check_scalars(scalars) or None)
+        host, key = await self._host(tenant, session_id)
+        checked = check_scalars(scalars) or None
+        if isinstance(host, InProcessHost):
+            return await host.embedded.step(key, grads, want_params=return_params,
+                                            worker=worker, base_version=base_version,
+                                            idem=idem, options=options, params_into=params_into,
+                                            upcast=upcast, params_dtype=params_dtype,
+                                            scalars=checked)
+        for given, name in ((upcast, "upcast"), (params_dtype is not None, "params_dtype"),
+                            (checked, "scalars"), (return_params == "touched", "return")):
+            if given:
+                raise _only_embedded(name)
+        out = await host.step(key, grads, want_params=bool(return_params)
+                              or params_into is not None, worker=worker,
+                              base_version=base_version, idem=idem, options=options)
+        _copy_into(params_into, out.params)
+        return out
 
     # ------------------------------------------------------------------ LBFGS evaluations
-    def uses_evaluations(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> bool:
+    async def uses_evaluations(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> bool:
         """Whether ``POST .../step`` on this session opens an evaluation step (LBFGS)."""
-        return self.host.uses_evaluations(session_key(tenant, session_id))
+        host, key = await self._host(tenant, session_id)
+        return isinstance(host, InProcessHost) and host.embedded.uses_evaluations(key)
 
     async def open_evaluation_step(
         self, session_id: str, first: Evaluation | None, *, return_params: ReturnParams,
         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
         timeout_s: float | None = None,
     ) -> EvaluationRequest | StepResult:
-        return await self.host.open_evaluation_step(
-            session_key(tenant, session_id), first, want_params=return_params, idem=idem,
-            timeout_s=timeout_s)
+        embedded, key = await self._embedded(tenant, session_id, "evaluation")
+        return await embedded.open_evaluation_step(key, first, want_params=return_params,
+                                                   idem=idem, timeout_s=timeout_s)
 
     async def evaluate(self, session_id: str, eval_id: str, ev: Evaluation, fingerprint: str,
                        *, tenant: str = DEFAULT_TENANT) -> EvaluationRequest | StepResult:
-        return await self.host.evaluate(session_key(tenant, session_id), eval_id, ev,
-                                        fingerprint)
+        embedded, key = await self._embedded(tenant, session_id, "evaluation")
+        return await embedded.evaluate(key, eval_id, ev, fingerprint)
 
     async def abandon_step(self, session_id: str, step_id: str, *,
                            tenant: str = DEFAULT_TENANT) -> str:
-        return await self.host.abandon_step(session_key(tenant, session_id), step_id)
+        embedded, key = await self._embedded(tenant, session_id, "evaluation")
+        return await embedded.abandon_step(key, step_id)
 
     async def push(self, session_id: str, grads: Tensors, *, tenant: str = DEFAULT_TENANT,
                    idem: IdemKey | None = None, upcast: bool = False,
                    scalars: dict[str, Any] | None = None) -> GradsResult:
-        out: GradsResult = await self.host.execute(
-            session_key(tenant, session_id),
-            Push(grads, upcast, check_scalars(scalars) or None), idem=idem)
+        checked = check_scalars(scalars) or None
+        host, key = await self._host(tenant, session_id)
+        if not isinstance(host, InProcessHost):
+            for given, name in ((upcast, "upcast"), (checked, "scalars")):
+                if given:
+                    raise _only_embedded(name)
+        out: GradsResult = await host.execute(key, Push(grads, upcast, checked), idem=idem)
         return out
 
     async def history(self, session_id: str, query: HistoryQuery, *,
                       tenant: str = DEFAULT_TENANT) -> HistoryResult:
         """The session's per-step history (rows ``since < n <= until``, chosen fields),
         downsampled to ``query.points`` buckets off the event loop."""
-        result = await self.host.history(session_key(tenant, session_id), query)
+        embedded, key = await self._embedded(tenant, session_id, "history")
+        result = await embedded.history(key, query)
         if query.points is not None:
             points = query.points
             result.columns = await asyncio.to_thread(downsample, result.columns, points)
@@ -183,8 +241,7 @@ class Front:
 
     async def zero_grad(self, session_id: str, *, tenant: str = DEFAULT_TENANT,
                         idem: IdemKey | None = None) -> GradsResult:
-        out: GradsResult = await self.host.execute(session_key(tenant, session_id),
-                                                   ZeroGrad(), idem=idem)
+        out: GradsResult = await self._execute(tenant, session_id, ZeroGrad(), idem)
         return out
 
     # ------------------------------------------------------------------ parameters
@@ -193,51 +250,56 @@ class Front:
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
         tenant: str = DEFAULT_TENANT, params_into: Tensors | None = None,
     ) -> ParamsResult:
-        return await self.host.pull(session_key(tenant, session_id), names,
-                                    min_version=min_version, wait_s=wait_s,
-                                    unless_versions=unless_versions, params_into=params_into)
+        host, key = await self._host(tenant, session_id)
+        if isinstance(host, InProcessHost):
+            return await host.embedded.pull(key, names, min_version=min_version,
+                                            wait_s=wait_s, unless_versions=unless_versions,
+                                            params_into=params_into)
+        out = await host.pull(key, names, min_version=min_version, wait_s=wait_s,
+                              unless_versions=unless_versions)
+        _copy_into(params_into, out.params)
+        return out
 
     async def pull_rows(
         self, session_id: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
         tenant: str = DEFAULT_TENANT,
     ) -> ParamsResult:
-        return await self.host.pull_rows(session_key(tenant, session_id), rows,
-                                         min_version=min_version, wait_s=wait_s,
-                                         unless_versions=unless_versions)
+        embedded, key = await self._embedded(tenant, session_id, "rows")
+        return await embedded.pull_rows(key, rows, min_version=min_version, wait_s=wait_s,
+                                        unless_versions=unless_versions)
 
     async def overwrite(self, session_id: str, params: Tensors, *,
                         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                         ) -> ParamsResult:
-        out: ParamsResult = await self.host.execute(session_key(tenant, session_id),
-                                                    Overwrite(params), idem=idem)
+        out: ParamsResult = await self._execute(tenant, session_id, Overwrite(params), idem)
         return out
 
     async def add_param_group(self, session_id: str, group: GroupSpec, *,
                               tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                               ) -> SessionInfo:
-        key = session_key(tenant, session_id)
+        host, key = await self._host(tenant, session_id)
         if self.limits.max_session_elements:
-            info = await self.host.describe(key)
+            info = await host.describe(key)
             have = sum(_numel(p["shape"]) for p in info.params.values())
             self._check_elements(have + sum(t.numel() for t in group.params.values()))
-        out: SessionInfo = await self.host.execute(
+        out: SessionInfo = await host.execute(
             key, AddParamGroup(group.params, group.options), idem=idem)
         return out
 
     async def update_param_group(self, session_id: str, index: int, options: dict[str, Any],
                                  *, tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                                  ) -> SessionInfo:
-        out: SessionInfo = await self.host.execute(session_key(tenant, session_id),
-                                                   UpdateParamGroup(index, options), idem=idem)
+        out: SessionInfo = await self._execute(tenant, session_id,
+                                               UpdateParamGroup(index, options), idem)
         return out
 
     async def configure(self, session_id: str, options: dict[str, Any], *,
                         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                         ) -> SessionInfo:
-        key = session_key(tenant, session_id)
-        done: SessionInfo = await self.host.execute(key, Configure(options), idem=idem)
-        info = await self.host.describe(key)  # with the open sync round's pending workers
+        host, key = await self._host(tenant, session_id)
+        done: SessionInfo = await host.execute(key, Configure(options), idem=idem)
+        info = await host.describe(key)  # with the open sync round's pending workers
         info.replayed = done.replayed
         return info
 
@@ -245,24 +307,46 @@ class Front:
     async def scheduler_step(self, session_id: str, metric: float | None, *,
                              tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                              ) -> SchedulerResult:
-        out: SchedulerResult = await self.host.execute(session_key(tenant, session_id),
-                                                       SchedulerStep(metric), idem=idem)
+        out: SchedulerResult = await self._execute(tenant, session_id, SchedulerStep(metric),
+                                                   idem)
         return out
 
     async def export_state(self, session_id: str, *, tenant: str = DEFAULT_TENANT
                            ) -> StateExport:
-        return await self.host.export_state(session_key(tenant, session_id))
+        host, key = await self._host(tenant, session_id)
+        return await host.export_state(key)
 
     async def trim(self) -> None:
         """Return free heap pages to the OS (after a large one-off answer was sent)."""
-        await self.host.trim()
+        await self.router.trim()
 
     async def import_state(self, session_id: str, state: dict[str, Any], *,
                            tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                            ) -> SessionInfo:
-        out: SessionInfo = await self.host.execute(session_key(tenant, session_id),
-                                                   ImportState(state), idem=idem)
+        out: SessionInfo = await self._execute(tenant, session_id, ImportState(state), idem)
         return out
+
+
+    async def _execute(self, tenant: str, session_id: str, op: Operation,
+                       idem: IdemKey | None) -> Any:
+        host, key = await self._host(tenant, session_id)
+        return await host.execute(key, op, idem=idem)
+
+
+def _copy_into(dest: Tensors | None, params: Tensors | None) -> None:
+    """Parameters a host sent back, copied into the views a caller owns (the embedded host
+    writes them there itself: a shared segment, or the request body answered in place)."""
+    if dest is None or params is None:
+        return
+    for name, view in dest.items():
+        if name in params:
+            view.copy_(params[name])
+
+
+def _only_embedded(what: str) -> Invalid:
+    return Invalid(f"{what}: offered only for sessions of the embedded engine that are not "
+                   "sharded (this one is sharded or lives on a Ray host)",
+                   code="not_supported_here", field=what)
 
 
 def _numel(shape: list[int]) -> int:

@@ -69,6 +69,15 @@ class CreateSpec:
     metrics: bool | None = None
     #: history rows kept (None: the server's default)
     history: int | None = None
+    #: split the parameters over this many session hosts (:mod:`app.engine.shards`)
+    shards: int = 1
+    #: what the session's host must offer (Ray engine: ``num_cpus``, ``num_gpus``, ``memory``,
+    #: custom ``resources``), as JSON values; None: the server's default
+    resources: dict[str, Any] | None = None
+    #: how to choose the host among those that offer ``resources``: ``pack`` or ``spread``
+    placement: str | None = None
+    #: a shard of a sharded session: groups may hold none of its parameters
+    empty_groups: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,8 @@ class SessionInfo:
     #: workers that have pushed to the open sync round (sync sessions only)
     pending: list[str] | None = None
     replayed: bool = False
+    #: where the session lives (engines that place sessions: host, resources, shards)
+    placement: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -117,6 +128,8 @@ class SessionInfo:
         }
         if self.pending is not None and isinstance(out.get("sync"), dict):
             out["sync"] = {**out["sync"], "pending": self.pending}
+        if self.placement is not None:
+            out["placement"] = self.placement
         return out
 
 
@@ -288,7 +301,7 @@ class Engine(Protocol):
         params_into: Tensors | None = ..., upcast: bool = ...,
         params_dtype: torch.dtype | None = ..., scalars: dict[str, Any] | None = ...,
     ) -> StepResult: ...
-    def uses_evaluations(self, session_id: str, *, tenant: str = ...) -> bool: ...
+    async def uses_evaluations(self, session_id: str, *, tenant: str = ...) -> bool: ...
     async def open_evaluation_step(
         self, session_id: str, first: Evaluation | None, *, return_params: ReturnParams,
         tenant: str = ...,

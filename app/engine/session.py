@@ -31,6 +31,10 @@ MAX_NAME = 512
 RESERVED_NAMES = frozenset({"__metadata__"})
 #: history rows a session keeps unless told otherwise (OPTSERVE_HISTORY_STEPS)
 DEFAULT_HISTORY = 100_000
+#: the dtype option checks assume for a group without parameters (a shard of a sharded session
+#: whose part of the group is empty): the widest, so it never refuses what a shard holding the
+#: group's parameters accepts
+EMPTY_GROUP_DTYPE = torch.float64
 
 
 def check_session_id(session_id: object) -> str:
@@ -109,9 +113,12 @@ class Session:
         scheduler: dict[str, Any] | None,
         nonfinite: NonFinitePolicy,
         device: torch.device,
+        *,
+        allow_empty: bool = False,
     ) -> Session:
         """Validate a create completely (torch's own checks on a throwaway first) and build the
-        session; raises before anything exists."""
+        session; raises before anything exists. ``allow_empty``: groups may have no parameters
+        (the shards of a sharded session keep every group, with the part of it they hold)."""
         cls = optimizers.optimizer_class(optimizer_name)
         defaults = optimizers.normalize_options(cls, options, "options")
         if not groups:
@@ -123,7 +130,7 @@ class Session:
         for i, group in enumerate(groups):
             where = f"param_groups.{i}"
             group_opts.append(optimizers.normalize_options(cls, group.options, where))
-            if not group.params:
+            if not group.params and not allow_empty:
                 raise Invalid("a param group needs at least one parameter",
                               code="invalid_params", field=f"{where}.params")
             for name, t in group.params.items():
@@ -133,7 +140,8 @@ class Session:
                                   field=f"{where}.params.{name}")
                 seen.add(name)
                 check_param_tensor(name, t, f"{where}.params.{name}")
-            dtypes.append(next(iter(group.params.values())).dtype)
+            dtypes.append(next(iter(group.params.values())).dtype if group.params
+                          else EMPTY_GROUP_DTYPE)
         fields = {k: f"options.{k}" for k in defaults}
         for i, g in enumerate(group_opts):
             fields.update({k: f"param_groups.{i}.{k}" for k in g})
@@ -155,7 +163,10 @@ class Session:
                             cls.__name__)
         torch_groups = []
         for group, opts in zip(groups, group_opts, strict=True):
-            torch_groups.append({"params": [(n, params[n]) for n in group.params], **opts})
+            named = [(n, params[n]) for n in group.params]
+            # an empty group says it is named (torch refuses to mix named and unnamed groups)
+            torch_groups.append({"params": named, **opts} if named else
+                                {"params": [], "param_names": [], **opts})
         try:
             optimizer = cls(torch_groups, **defaults)
         except optimizers.TORCH_ERRORS as exc:
@@ -181,7 +192,8 @@ class Session:
                 for g in self.optimizer.param_groups]
 
     def group_dtypes(self) -> list[torch.dtype]:
-        return [g["params"][0].dtype for g in self.optimizer.param_groups]
+        return [g["params"][0].dtype if g["params"] else EMPTY_GROUP_DTYPE
+                for g in self.optimizer.param_groups]
 
     def steps_scheduler(self) -> bool:
         """Whether every optimizer step also steps the scheduler."""
@@ -403,7 +415,8 @@ class Session:
         groups = [GroupSpec({n: tree["params"][n] for n in names}, dict(opts))
                   for names, opts in zip(meta["groups"], spec_options, strict=True)]
         session = cls_.build(meta["id"], meta["optimizer"], groups, meta["defaults"],
-                             meta["scheduler"], meta["nonfinite"], device)
+                             meta["scheduler"], meta["nonfinite"], device,
+                             allow_empty=not all(meta["groups"]))
         # JSON keys are strings (torch's state ids are ints), JSON lists are tuples where the
         # constructor's default is one (betas, etas, ...)
         state = {int(k): v for k, v in sd["state"].items()}

@@ -279,7 +279,7 @@ def prepare_import(session: Session, state: object) -> PreparedImport:
     if len(set(order)) != len(order):
         raise Invalid("a parameter id appears twice in param_groups", code="state_mismatch",
                       field="state_dict.param_groups")
-    dtypes = [g["params"][0].dtype for g in current]
+    dtypes = session.group_dtypes()
     # torch's constructor checks for every group whose options change (a running group may
     # hold a value a scheduler drove where the constructor would not go: importing it back
     # unchanged is fine)

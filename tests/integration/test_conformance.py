@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
+from tests.conftest import ENGINES
 from tests.torch_reference import (
     Reference,
     assert_tensors_equal,
@@ -359,6 +360,26 @@ def test_optimizer_config(http: httpx.Client, cls: type[torch.optim.Optimizer],
                           oi: Any) -> None:
     seed = sum(map(ord, f"{cls.__name__}{oi.desc}"))
     run_config(http, cls, oi.params, oi.kwargs, seed)
+
+
+#: a representative few configs (amsgrad, nesterov, a tensor lr, Adafactor's factored state)
+#: that also run on the Ray engine
+REPRESENTATIVE = ("Adam", "SGD", "Adafactor")
+ON_EACH_ENGINE = [c for c in CONFIGS if c.id in (
+    "Adam-4-amsgrad", "SGD-8-nesterov", "SGD-2-tensor lr", "Adafactor-0-default")]
+
+
+@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)
+@pytest.mark.parametrize(("cls", "oi"), ON_EACH_ENGINE)
+def test_optimizer_config_on_each_engine(http: httpx.Client, cls: type[torch.optim.Optimizer],
+                                         oi: Any) -> None:
+    test_optimizer_config(http, cls, oi)
+
+
+@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)
+@pytest.mark.parametrize("name", REPRESENTATIVE)
+def test_two_param_groups_on_each_engine(http: httpx.Client, name: str) -> None:
+    test_two_param_groups(http, name)
 
 
 @pytest.mark.parametrize("name", CLASSES)

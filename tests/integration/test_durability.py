@@ -41,7 +41,7 @@ from app.engine import persist
 from app.engine.ops import Step
 from app.engine.store import frame_record, read_log, read_snapshot
 from app.wire.tree import tree_from_json
-from tests.conftest import LiveServer, _test_settings
+from tests.conftest import LiveServer, _test_settings, kill_hosts, ray_settings
 
 pytestmark = pytest.mark.integration
 
@@ -564,9 +564,40 @@ def step_n(c: httpx.Client, sid: str, ref: Reference, n: int, tag: int) -> None:
         ref.step(g)
 
 
-def test_durability_levels_per_session_and_server_default(tmp_path: Path) -> None:
+class Deployment:
+    """Servers of one engine over one data directory. On the Ray engine a restart is a new
+    front and new host actors (the old ones killed for good): the hosts restore from storage,
+    as after a cluster restart."""
+
+    def __init__(self, engine: str, request: pytest.FixtureRequest) -> None:
+        self.engine = engine
+        self.cluster = request.getfixturevalue("ray_cluster") if engine == "ray" else None
+
+    def server(self, **settings: Any) -> LiveServer:
+        if self.cluster is not None:
+            return LiveServer(ray_settings(self.cluster, **settings))
+        return LiveServer(_test_settings(**settings))
+
+    def stopped(self, live: LiveServer, data: Path) -> None:
+        live.stop()
+        if self.cluster is not None:
+            kill_hosts(data)
+
+    def session_dirs(self, data: Path, sid: str) -> list[Path]:
+        if self.cluster is not None:
+            return list(data.glob(f"hosts/*/sessions/default~{sid}"))
+        return [p for p in [session_dir(data, sid)] if p.exists()]
+
+
+ENGINES = ["embedded", pytest.param("ray", marks=pytest.mark.ray)]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_durability_levels_per_session_and_server_default(
+        tmp_path: Path, engine: str, request: pytest.FixtureRequest) -> None:
+    dep = Deployment(engine, request)
     data, image = tmp_path / "data", tmp_path / "image"
-    live = LiveServer(_test_settings(data_dir=data, fsync_interval_ms=20.0))  # default: step
+    live = dep.server(data_dir=data, fsync_interval_ms=20.0)  # default: step
     url = live.start()
     refs: dict[str, Reference] = {}
     levels = {"default": None, "step": "step", "interval": "interval", "memory": "memory"}
@@ -578,14 +609,15 @@ def test_durability_levels_per_session_and_server_default(tmp_path: Path) -> Non
                 assert r.status_code == 201 and r.json()["durability"] == (level or "step")
                 refs[sid] = Reference(seed=i)
                 step_n(c, sid, refs[sid], 3, i)
-            assert not session_dir(data, "memory").exists()  # no disk at all
+            assert not dep.session_dirs(data, "memory")  # no disk at all
+            assert len(dep.session_dirs(data, "step")) == 1
             time.sleep(0.2)  # past the interval window
             crash_image(live, data, image)
     finally:
-        live.stop()  # clean: snapshots every persisted session
+        dep.stopped(live, data)  # embedded: clean, snapshots every persisted session
 
     for where in (data, image):  # a clean restart, and what kill -9 would have left
-        live = LiveServer(_test_settings(data_dir=where))
+        live = dep.server(data_dir=where)
         url = live.start()
         try:
             with httpx.Client(base_url=url, timeout=30) as c:
@@ -598,12 +630,12 @@ def test_durability_levels_per_session_and_server_default(tmp_path: Path) -> Non
                         (levels[sid] or "step")
                 assert c.get("/v1/sessions/memory").status_code == 404
         finally:
-            live.stop()
+            dep.stopped(live, where)
 
     # server default memory; a session asking for step is persisted, the others are not
     data2 = tmp_path / "data2"
     for _ in range(2):
-        live = LiveServer(_test_settings(data_dir=data2, durability="memory"))
+        live = dep.server(data_dir=data2, durability="memory")
         url = live.start()
         try:
             with httpx.Client(base_url=url, timeout=30) as c:
@@ -623,12 +655,15 @@ def test_durability_levels_per_session_and_server_default(tmp_path: Path) -> Non
                     version, got = pull(c, "p")
                     assert version == 2 and ref.same_params(got)
         finally:
-            live.stop()
+            dep.stopped(live, data2)
 
 
-def test_scheduler_driven_to_zero_lr_survives_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_scheduler_driven_to_zero_lr_survives_restart(
+        tmp_path: Path, engine: str, request: pytest.FixtureRequest) -> None:
     """LinearLR to end_factor 0 leaves lr a hair below zero in floating point; the session
     serves fine and must restore after a restart too (not be refused as invalid)."""
+    dep = Deployment(engine, request)
     data = tmp_path / "data"
     body = {"id": "decay", "optimizer": "SGD", "options": {"lr": 0.1, "momentum": 0.9},
             "params": {"w": jt(params0()["w"])},
@@ -636,7 +671,7 @@ def test_scheduler_driven_to_zero_lr_survives_restart(tmp_path: Path) -> None:
                                                           "end_factor": 0.0,
                                                           "total_iters": 5}}}
     for restart in range(2):
-        live = LiveServer(_test_settings(data_dir=data))
+        live = dep.server(data_dir=data)
         url = live.start()
         try:
             with httpx.Client(base_url=url, timeout=30) as c:
@@ -651,4 +686,4 @@ def test_scheduler_driven_to_zero_lr_survives_restart(tmp_path: Path) -> None:
                     assert c.get("/readyz").json().get("refused") is None
                     assert c.get("/v1/sessions/decay").json()["lr"] == lr
         finally:
-            live.stop()
+            dep.stopped(live, data)

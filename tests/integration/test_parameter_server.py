@@ -19,14 +19,14 @@ from torch import nn
 from torch.nn import functional as F
 
 import optserve
-from tests.conftest import LiveServer, _test_settings
+from tests.conftest import ENGINES, LiveServer, _test_settings
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def client(live_server: str) -> Iterator[optserve.Client]:
-    with optserve.Client(live_server, max_retries=0) as c:
+def client(engine_url: str) -> Iterator[optserve.Client]:
+    with optserve.Client(engine_url, max_retries=0, timeout=300) as c:
         yield c
 
 
@@ -81,8 +81,9 @@ def loss_grads(params: dict[str, torch.Tensor], x: torch.Tensor,
     return float(loss.detach()), {n: t.grad for n, t in leaves.items() if t.grad is not None}
 
 
+@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)
 def test_sync_mean_of_equal_shards_equals_full_batch(
-    client: optserve.Client, live_server: str, pool: ThreadPoolExecutor
+    client: optserve.Client, engine_url: str, pool: ThreadPoolExecutor
 ) -> None:
     x, y = data()
     params = init_params()
@@ -96,7 +97,7 @@ def test_sync_mean_of_equal_shards_equals_full_batch(
     for step in range(1, 6):
         shards = [loss_grads(current, x[k * 16:(k + 1) * 16], y[k * 16:(k + 1) * 16])[1]
                   for k in range(4)]
-        futures = [pool.submit(push, live_server, s, g, w) for w, g in zip(workers, shards,
+        futures = [pool.submit(push, engine_url, s, g, w) for w, g in zip(workers, shards,
                                                                             strict=True)]
         results = [f.result(timeout=30) for f in futures]
         # the local reference: one full-batch step
@@ -241,8 +242,9 @@ def test_k_changed_between_rounds_takes_effect(
 
 
 # --------------------------------------------------------------------------- async pushes
+@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)
 def test_async_pushes_from_8_threads_lose_and_double_nothing(
-    client: optserve.Client, live_server: str
+    client: optserve.Client, engine_url: str
 ) -> None:
     s = sid()
     init = torch.linspace(-0.1, 0.1, 10)
@@ -256,7 +258,7 @@ def test_async_pushes_from_8_threads_lose_and_double_nothing(
 
     def worker(k: int) -> None:
         try:
-            with optserve.Client(live_server, max_retries=0) as c:
+            with optserve.Client(engine_url, max_retries=0) as c:
                 for _ in range(50):
                     c.step(s, {"w": torch.ones(10)}, return_params=False, worker=f"t{k}")
         except BaseException as exc:  # reported below
@@ -372,6 +374,7 @@ def test_if_none_match_gives_304(client: optserve.Client, http: httpx.Client) ->
     assert r.status_code == 200 and list(r.json()["params"]) == ["w"]
 
 
+@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)
 def test_long_poll_waits_for_the_version_or_times_out(
     client: optserve.Client, http: httpx.Client, pool: ThreadPoolExecutor
 ) -> None:

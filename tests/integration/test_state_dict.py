@@ -17,6 +17,7 @@ import httpx
 import pytest
 import torch
 
+from tests.conftest import ENGINES
 from tests.torch_reference import (
     assert_tensors_equal,
     assert_trees_equal,
@@ -204,6 +205,18 @@ def test_mismatched_import_is_422_and_changes_nothing(
     http.delete(f"/v1/sessions/{sid}")
 
 
+@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)
+@pytest.mark.parametrize(("mutate", "words"), [
+    pytest.param(m, w, id=i) for i, m, w in MUTATIONS
+    if i in ("wrong-group-size", "state-tensor-wrong-shape", "invalid-group-option")])
+def test_mismatched_import_on_each_engine(
+    http: httpx.Client, mutate: Callable[[dict[str, Any]], None], words: tuple[str, ...],
+) -> None:
+    """A representative few of the cases above on both engines (safetensors bodies)."""
+    test_mismatched_import_is_422_and_changes_nothing(http, mutate, words, "safetensors")
+
+
+@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)
 def test_scheduler_state_into_session_without_scheduler(http: httpx.Client) -> None:
     with_sched = make_session(http, {"name": "StepLR", "options": {"step_size": 1,
                                                                    "gamma": 0.5}})
@@ -362,6 +375,7 @@ def test_garbage_safetensors_state(http: httpx.Client, content: bytes) -> None:
     http.delete(f"/v1/sessions/{sid}")
 
 
+@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)
 def test_round_trip_keeps_everything(http: httpx.Client) -> None:
     """Control for all of the above: an export imported back in each format is accepted and
     changes nothing but the version."""

@@ -6,10 +6,11 @@ from app.engine.ops.gradients import Push, Step, ZeroGrad
 from app.engine.ops.lbfgs import LbfgsStep
 from app.engine.ops.lifecycle import Configure, CreateSession
 from app.engine.ops.params import AddParamGroup, Overwrite, UpdateParamGroup
+from app.engine.ops.shard import Bump, SkipStep
 from app.engine.ops.state import ImportState, SchedulerStep
 
 __all__ = [
-    "REGISTRY", "AddParamGroup", "ApplyFailed", "Configure", "CreateSession", "ImportState",
-    "LbfgsStep", "Operation", "Overwrite", "Push", "SchedulerStep", "Step", "UpdateParamGroup",
-    "ZeroGrad", "decode",
+    "REGISTRY", "AddParamGroup", "ApplyFailed", "Bump", "Configure", "CreateSession",
+    "ImportState", "LbfgsStep", "Operation", "Overwrite", "Push", "SchedulerStep", "SkipStep",
+    "Step", "UpdateParamGroup", "ZeroGrad", "decode",
 ]

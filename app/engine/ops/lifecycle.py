@@ -34,6 +34,8 @@ class CreateSession(Operation):
     metrics: bool = True
     #: history rows kept
     history: int = DEFAULT_HISTORY
+    #: a shard of a sharded session: groups may hold none of its parameters
+    empty_groups: bool = False
 
     @classmethod
     def from_spec(cls, spec: CreateSpec, session_id: str, nonfinite: NonFinitePolicy,
@@ -42,13 +44,15 @@ class CreateSession(Operation):
         return cls(check_session_id(session_id), spec.optimizer, spec.groups, spec.options,
                    spec.scheduler, nonfinite, durability, spec.ps_options,
                    check_metrics(spec.metrics) if spec.metrics is not None else metrics,
-                   check_capacity(spec.history) if spec.history is not None else history)
+                   check_capacity(spec.history) if spec.history is not None else history,
+                   spec.empty_groups)
 
     def build(self, device: torch.device) -> Session:
         """Validate everything and build the session (nothing exists until it is returned)."""
         config = ps.parse(self.ps_options)
         session = Session.build(self.id, self.optimizer, self.groups, self.options,
-                                self.scheduler, self.nonfinite, device)
+                                self.scheduler, self.nonfinite, device,
+                                allow_empty=self.empty_groups)
         session.ps = config
         session.durability = self.durability
         session.metrics_on = self.metrics
@@ -59,18 +63,24 @@ class CreateSession(Operation):
         raise TypeError("a create builds its session: use build()")
 
     def to_tree(self) -> dict[str, Any]:
-        return {"id": self.id, "optimizer": self.optimizer,
-                "groups": [{"params": g.params, "options": g.options} for g in self.groups],
-                "options": self.options, "scheduler": self.scheduler,
-                "nonfinite": self.nonfinite, "durability": self.durability,
-                "ps": self.ps_options, "metrics": self.metrics, "history": self.history}
+        out: dict[str, Any] = {"id": self.id, "optimizer": self.optimizer,
+                               "groups": [{"params": g.params, "options": g.options}
+                                          for g in self.groups],
+                               "options": self.options, "scheduler": self.scheduler,
+                               "nonfinite": self.nonfinite, "durability": self.durability,
+                               "ps": self.ps_options, "metrics": self.metrics,
+                               "history": self.history}
+        if self.empty_groups:
+            out["empty_groups"] = True
+        return out
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> CreateSession:
         groups = [GroupSpec(dict(g["params"]), dict(g["options"])) for g in tree["groups"]]
         return cls(str(tree["id"]), str(tree["optimizer"]), groups, dict(tree["options"]),
                    tree["scheduler"], tree["nonfinite"], tree["durability"], dict(tree["ps"]),
-                   bool(tree.get("metrics", True)), int(tree.get("history", DEFAULT_HISTORY)))
+                   bool(tree.get("metrics", True)), int(tree.get("history", DEFAULT_HISTORY)),
+                   bool(tree.get("empty_groups", False)))
 
 
 @dataclass

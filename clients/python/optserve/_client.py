@@ -7,6 +7,7 @@ safetensors (``binary=True``, the default) or JSON (``binary=False``); both carr
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
@@ -17,7 +18,8 @@ import httpx
 from . import _api, _sparse
 from ._api import NonFinitePolicy, ParamGroup, ParamsArg, StateFormat
 from ._base_client import AsyncAPIClient, SyncAPIClient
-from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
+from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, MAX_RETRY_DELAY
+from ._exceptions import APIStatusError
 from ._local import LocalChannel, LocalUnavailable
 from ._tensors import TensorLike
 from ._types import (
@@ -149,6 +151,18 @@ class Client(SyncAPIClient):
                     raise
                 channel.connect()
                 continue
+            except APIStatusError as exc:
+                if exc.problem.get("code") == "not_supported_here" and self.transport == "auto":
+                    return None  # this session steps over HTTP (nothing was applied)
+                if exc.status_code != 503 or attempt == self.max_retries:
+                    raise
+                # nothing was applied: wait as the server asks (capped), then the same key
+                after = exc.problem.get("retry_after")
+                delay = self._retry_delay(attempt)
+                if isinstance(after, (int, float)):
+                    delay = max(delay, min(float(after), MAX_RETRY_DELAY))
+                time.sleep(delay)
+                continue
             return _api.step_result(answer, params, copy=not views)
         return None  # unreachable
 
@@ -198,6 +212,9 @@ class Client(SyncAPIClient):
         staleness_lr: str | None = None,
         metrics: bool | None = None,
         history: int | None = None,
+        shards: int | None = None,
+        resources: Mapping[str, Any] | None = None,
+        placement: str | None = None,
     ) -> SessionInfo:
         """``POST /v1/sessions``: create a session.
 
@@ -222,13 +239,18 @@ class Client(SyncAPIClient):
             max_staleness: refuse (409) an async push whose ``base_version`` is more than
                 this many versions old.
             staleness_lr: ``"inverse"``: scale an async push's step lr by 1/(1+staleness).
+            shards: split the parameters over this many session hosts (docs/cluster.md).
+            resources: Ray engine: what the session's host needs (``{"num_gpus": 0.25}``).
+            placement: Ray engine: ``"pack"`` or ``"spread"`` when choosing its host.
         """
         return self._request(_api.create_session(
             optimizer, params, param_groups=param_groups, options=options,
             scheduler=scheduler, id=id, nonfinite=nonfinite, binary=binary,
             ps_options={"sync": sync, "max_staleness": max_staleness,
                         "staleness_lr": staleness_lr, "metrics": metrics,
-                        "history": history},
+                        "history": history, "shards": shards,
+                        "resources": dict(resources) if resources is not None else None,
+                        "placement": placement},
         ))
 
     def list_sessions(self) -> list[SessionInfo]:
@@ -495,6 +517,9 @@ class AsyncClient(AsyncAPIClient):
         staleness_lr: str | None = None,
         metrics: bool | None = None,
         history: int | None = None,
+        shards: int | None = None,
+        resources: Mapping[str, Any] | None = None,
+        placement: str | None = None,
     ) -> SessionInfo:
         """``POST /v1/sessions``: see :meth:`Client.create_session`."""
         return await self._request(_api.create_session(
@@ -502,7 +527,9 @@ class AsyncClient(AsyncAPIClient):
             scheduler=scheduler, id=id, nonfinite=nonfinite, binary=binary,
             ps_options={"sync": sync, "max_staleness": max_staleness,
                         "staleness_lr": staleness_lr, "metrics": metrics,
-                        "history": history},
+                        "history": history, "shards": shards,
+                        "resources": dict(resources) if resources is not None else None,
+                        "placement": placement},
         ))
 
     async def list_sessions(self) -> list[SessionInfo]:

@@ -1,0 +1,126 @@
+"""Where sessions live, kept where every front can read it.
+
+A directory maps a session key to its entry (a small JSON object: the host that holds the
+session, or a sharded session's shards and layout). The Ray engine keeps an entry for every
+session; the embedded engine only for sharded sessions (its plain sessions are all in its one
+host). Entries are files under ``<data dir>/directory/`` (a shared filesystem in a cluster), so
+any number of fronts see the same directory with no service of its own:
+
+- a claim is exclusive: the entry is written to a temporary file and hard-linked to its name,
+  which fails when the name exists (two fronts creating one id: one wins, the other gets 409);
+- an update replaces the file atomically (rename);
+- ``.creates/`` indexes creates by their idempotency key (per tenant), so a retried create is
+  answered with the session the first one made, whichever front it reaches.
+
+Without a data directory (tests, ``memory`` durability everywhere) the directory is a dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+class Directory:
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+        self._memory: dict[str, dict[str, Any]] = {}
+        self._creates: dict[str, dict[str, Any]] = {}
+        if root is not None:
+            (root / ".creates").mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ entries
+    def get(self, key: str) -> dict[str, Any] | None:
+        if self.root is None:
+            kept = self._memory.get(key)
+            return dict(kept) if kept is not None else None
+        try:
+            raw = (self.root / key).read_bytes()
+        except FileNotFoundError:
+            return None
+        entry: dict[str, Any] = orjson.loads(raw)
+        return entry
+
+    def claim(self, key: str, entry: dict[str, Any]) -> bool:
+        """Write the entry if the key has none; False when it has one."""
+        if self.root is None:
+            if key in self._memory:
+                return False
+            self._memory[key] = dict(entry)
+            return True
+        tmp = self._write_tmp(entry)
+        try:
+            os.link(tmp, self.root / key)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        if self.root is None:
+            self._memory[key] = dict(entry)
+            return
+        tmp = self._write_tmp(entry)
+        os.replace(tmp, self.root / key)
+
+    def remove(self, key: str) -> None:
+        if self.root is None:
+            self._memory.pop(key, None)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / key).unlink()
+
+    def keys(self, prefix: str = "") -> list[str]:
+        if self.root is None:
+            return sorted(k for k in self._memory if k.startswith(prefix))
+        return sorted(n for n in os.listdir(self.root)
+                      if n.startswith(prefix) and not n.startswith(".") and n != "")
+
+    def _write_tmp(self, entry: dict[str, Any]) -> Path:
+        assert self.root is not None
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(orjson.dumps(entry))
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+    # ------------------------------------------------------------------ creates by key
+    @staticmethod
+    def _create_name(tenant: str, idem_key: str) -> str:
+        return hashlib.sha256(f"{tenant}\0{idem_key}".encode()).hexdigest()
+
+    def created(self, tenant: str, idem_key: str) -> dict[str, Any] | None:
+        """``{"key", "fingerprint"}`` of the create this idempotency key made, or None."""
+        name = self._create_name(tenant, idem_key)
+        if self.root is None:
+            return self._creates.get(name)
+        try:
+            found: dict[str, Any] = orjson.loads((self.root / ".creates" / name).read_bytes())
+        except FileNotFoundError:
+            return None
+        return found
+
+    def note_created(self, tenant: str, idem_key: str, fingerprint: str, key: str) -> None:
+        entry = {"key": key, "fingerprint": fingerprint}
+        name = self._create_name(tenant, idem_key)
+        if self.root is None:
+            self._creates[name] = entry
+            return
+        tmp = self._write_tmp(entry)
+        os.replace(tmp, self.root / ".creates" / name)
+
+    def forget_created(self, tenant: str, idem_key: str) -> None:
+        name = self._create_name(tenant, idem_key)
+        if self.root is None:
+            self._creates.pop(name, None)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / ".creates" / name).unlink()

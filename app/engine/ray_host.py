@@ -1,0 +1,981 @@
+"""The Ray engine: session hosts as named, detached Ray actors behind the same front.
+
+**Hosts.** A host is a detached Ray actor named ``h-<hex>`` in the namespace
+``OPTSERVE_RAY_NAMESPACE`` running the embedded host's code (:class:`HostActor` wraps an
+:class:`app.engine.host.EmbeddedHost`): the sessions of one device (the GPU, or GPU share, Ray
+gave it; else its CPUs), its worker thread and its store, rooted at
+``<OPTSERVE_DATA_DIR>/hosts/<name>/`` on storage every node reaches (the same snapshot + log
+format as the embedded engine's). It asks Ray for a resource shape (``num_cpus``, ``num_gpus``,
+``memory``, custom resources) fixed at its start and written to ``hosts/<name>/host.json``.
+
+**Placement.** A create names the resources its session needs (``"resources"``, default
+``OPTSERVE_RAY_RESOURCES``); only hosts of exactly that shape hold it. ``"placement"`` (default
+``OPTSERVE_RAY_PLACEMENT``) chooses among them:
+
+- ``spread``: a new host while the cluster has room for one of this shape (Ray's ``SPREAD``
+  strategy puts it on the least loaded node), else the host of this shape with the fewest
+  sessions;
+- ``pack``: the host of this shape with the most sessions that still has room
+  (``OPTSERVE_RAY_SESSIONS_PER_HOST``, 0 = no limit), else a new host (Ray's default strategy,
+  which fills a node before the next).
+
+A sharded session's shards go to distinct hosts (new ones as needed).
+
+**Finding sessions.** The directory (:mod:`app.engine.directory`, files under
+``<data dir>/directory``) maps each session key to its host's name; a front finds the actor by
+name (``ray.get_actor``), so any number of fronts serve the same sessions. A host actor that is
+gone (a cluster restart, a kill without restart) is started again from ``host.json`` by the
+first front that needs it, and restores its sessions from storage.
+
+**Failures.** Hosts have ``max_restarts=-1``: Ray restarts a host whose process dies or whose
+node goes away, on any node with room; its start restores every session it holds (snapshot,
+then the log replayed through the same operations). A request in flight when its host dies,
+or sent while it restarts, gets 503 ``host_restarting`` with ``Retry-After`` (the operation may
+or may not have been applied: a retry with the same ``Idempotency-Key`` is answered, not applied
+twice, since the key is in the operation's log record). Reads are retried by the front itself
+for a few seconds first.
+
+**Tensors** cross the process boundary as numpy arrays (Ray's object store hands them to the
+other side without a copy); parameters come back as one buffer the front re-views as the
+packed safetensors body it sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import os
+import signal
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import ray
+import torch
+from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+
+from app.engine.directory import Directory
+from app.engine.front import Front, Limits
+from app.engine.host import EmbeddedHost, HostConfig
+from app.engine.interface import (
+    CreateSpec,
+    EngineStatus,
+    GroupSpec,
+    IdemKey,
+    ParamsResult,
+    SessionInfo,
+    StateExport,
+    StepResult,
+    Tensors,
+    split_key,
+)
+from app.engine.ops import CreateSession, Operation, decode
+from app.engine.placement import check_resources, shape_key
+from app.engine.router import Checked, Host, InProcessHost, SessionHost, parent_key
+from app.engine.shards import ShardedSession, ShardLayout, plan_layout, shard_key
+from app.errors import Conflict, Invalid, NotFound, OptserveError, Unavailable
+from app.wire.dtypes import DTYPE_NAMES, TORCH_DTYPES
+from app.wire.safetensors_body import PackedTensors
+
+log = logging.getLogger("optserve.ray")
+#: how long the front retries a read while the session's host restarts
+READ_RETRY_S = 10.0
+#: how long the front holds a failed operation's 503 while its host restarts, so that the
+#: client's retry (after Retry-After) finds the host back
+RESTART_WAIT_S = 60.0
+
+
+# ============================================================================ the wire
+@dataclass
+class WireTensor:
+    """A tensor as a numpy array Ray moves without a copy (bfloat16 travels as its bits)."""
+
+    dtype: str
+    array: np.ndarray[Any, Any]
+
+
+@dataclass
+class PackedWire:
+    """Packed parameters: the buffer and where each tensor lies in it."""
+
+    buffer: np.ndarray[Any, Any]
+    entries: list[tuple[str, str, list[int], int]]
+
+
+def tensor_to_wire(t: torch.Tensor) -> WireTensor:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        return WireTensor("bfloat16", t.view(torch.int16).numpy())
+    return WireTensor(DTYPE_NAMES[t.dtype], t.numpy())
+
+
+def tensor_from_wire(w: WireTensor) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # arrays from Ray's object store are read-only views; nothing here writes into them
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(w.array)
+    return t.view(torch.bfloat16) if w.dtype == "bfloat16" else t
+
+
+def tree_to_wire(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return tensor_to_wire(obj)
+    if isinstance(obj, dict):
+        return {k: tree_to_wire(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [tree_to_wire(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(tree_to_wire(v) for v in obj)
+    return obj
+
+
+def tree_from_wire(obj: Any) -> Any:
+    if isinstance(obj, WireTensor):
+        return tensor_from_wire(obj)
+    if isinstance(obj, dict):
+        return {k: tree_from_wire(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [tree_from_wire(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(tree_from_wire(v) for v in obj)
+    return obj
+
+
+def packed_to_wire(p: Tensors) -> PackedWire:
+    if not isinstance(p, PackedTensors):
+        from app.wire.safetensors_body import pack
+        p = pack(p)
+    base = np.frombuffer(p.buffer, dtype=np.uint8)
+    start = base.ctypes.data
+    entries = [(n, DTYPE_NAMES[t.dtype], list(t.shape), t.data_ptr() - start if t.numel() else 0)
+               for n, t in p.items()]
+    return PackedWire(base, entries)
+
+
+def packed_from_wire(w: PackedWire) -> PackedTensors:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        base = torch.from_numpy(w.buffer)
+    out = PackedTensors()
+    for name, dtype_name, shape, offset in w.entries:
+        dtype = TORCH_DTYPES[dtype_name]
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        out[name] = base[offset:offset + n].view(dtype).view(shape)
+    out.buffer = w.buffer.data.cast("B")
+    return out
+
+
+def result_to_wire(result: Any) -> Any:
+    if isinstance(result, (StepResult, ParamsResult)) and result.params is not None:
+        return dataclasses.replace(result, params=packed_to_wire(result.params))  # type: ignore[arg-type]
+    if isinstance(result, StateExport):
+        return dataclasses.replace(result, state_dict=tree_to_wire(result.state_dict))
+    return result
+
+
+def result_from_wire(result: Any) -> Any:
+    if isinstance(result, (StepResult, ParamsResult)) and isinstance(result.params, PackedWire):
+        return dataclasses.replace(result, params=packed_from_wire(result.params))
+    if isinstance(result, StateExport):
+        return dataclasses.replace(result, state_dict=tree_from_wire(result.state_dict))
+    return result
+
+
+def op_to_wire(op: Operation) -> tuple[str, Any]:
+    return op.kind, tree_to_wire(op.to_tree())
+
+
+def op_from_wire(wire: tuple[str, Any]) -> Operation:
+    kind, tree = wire
+    return decode(kind, tree_from_wire(tree))
+
+
+def spec_to_wire(spec: CreateSpec) -> CreateSpec:
+    groups = [GroupSpec(tree_to_wire(g.params), g.options) for g in spec.groups]
+    return dataclasses.replace(spec, groups=groups)
+
+
+def spec_from_wire(spec: CreateSpec) -> CreateSpec:
+    groups = [GroupSpec(tree_from_wire(g.params), g.options) for g in spec.groups]
+    return dataclasses.replace(spec, groups=groups)
+
+
+def check_create(spec: CreateSpec, default_nonfinite: Any) -> None:
+    """Every check a create makes (names, dtypes, options with torch's own validation, the
+    scheduler, parameter-server options), on one-element stand-ins of its parameters: a bad
+    create is refused before a host is chosen or started."""
+    groups = [GroupSpec({n: torch.zeros([1] * t.dim(), dtype=t.dtype) if t.is_floating_point()
+                         else t for n, t in g.params.items()}, g.options) for g in spec.groups]
+    standin = dataclasses.replace(spec, groups=groups, id=None)
+    CreateSession.from_spec(standin, "check", spec.nonfinite or default_nonfinite,
+                            "memory").build(torch.device("cpu"))
+
+
+# ============================================================================ the actor
+class HostActor:
+    """A session host in a Ray actor: the embedded host's code, its store under
+    ``<data dir>/hosts/<name>``. Its start restores the sessions stored there (after Ray
+    restarts it too). Methods take and return the wire forms above."""
+
+    def __init__(self, name: str, config: dict[str, Any]) -> None:
+        self.name = name
+        self.config = config
+        self._host: InProcessHost | None = None
+        self._starting: asyncio.Task[InProcessHost] | None = None
+        self._coordinators: dict[str, ShardedSession] = {}
+        self._peers: dict[str, RayHost] = {}
+
+    async def _ready(self) -> InProcessHost:
+        if self._host is not None:
+            return self._host
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        return await asyncio.shield(self._starting)
+
+    async def _start(self) -> InProcessHost:
+        c = self.config
+        root = Path(c["root"])
+        host = EmbeddedHost(HostConfig(
+            device=c["device"], torch_threads=c["torch_threads"],
+            default_nonfinite=c["default_nonfinite"], data_dir=root,
+            durability=c["durability"], snapshot_every_steps=c["snapshot_every_steps"],
+            snapshot_every_s=c["snapshot_every_s"], fsync_interval_s=c["fsync_interval_s"],
+            idempotency_window=c["idempotency_window"], warm_up=c["warm_up"]))
+        started = time.perf_counter()
+        wrapped = InProcessHost(host, self.name)
+        await wrapped.start()
+        log.info("host %s ready on %s with %d sessions in %.2f s", self.name, host.device,
+                 len(host.keys()), time.perf_counter() - started)
+        self._host = wrapped
+        return wrapped
+
+    # ------------------------------------------------------------------ about the host
+    async def ping(self) -> dict[str, Any]:
+        host = await self._ready()
+        return {"name": self.name, "device": host.device, "pid": os.getpid(),
+                "node": ray.get_runtime_context().get_node_id(),
+                "sessions": len(await host.keys())}
+
+    async def status(self, memory: bool) -> EngineStatus:
+        return await (await self._ready()).status(memory=memory)
+
+    async def keys(self, prefix: str) -> list[str]:
+        return await (await self._ready()).keys(prefix)
+
+    async def refused(self) -> dict[str, str]:
+        return await (await self._ready()).refused()
+
+    async def find_create(self, tenant: str, idem: IdemKey) -> str | None:
+        return await (await self._ready()).find_create(tenant, idem)
+
+    async def snapshot_and_stop(self) -> None:
+        """Snapshot every session and stop (a local cluster shutting down with its front)."""
+        if self._host is not None:
+            await self._host.stop(snapshot=True)
+            self._host = None
+
+    # ------------------------------------------------------------------ sessions
+    async def create(self, key: str, spec: CreateSpec, idem: IdemKey | None) -> SessionInfo:
+        return await (await self._ready()).create(key, spec_from_wire(spec), idem=idem)
+
+    async def execute(self, key: str, op: tuple[str, Any], idem: IdemKey | None,
+                      want_params: bool) -> Any:
+        host = await self._ready()
+        return result_to_wire(await host.execute(key, op_from_wire(op), idem=idem,
+                                                 want_params=want_params))
+
+    async def step(self, key: str, grads: dict[str, WireTensor], want_params: bool,
+                   worker: str | None, base_version: int | None, idem: IdemKey | None,
+                   options: dict[int, dict[str, Any]] | None) -> Any:
+        host = await self._ready()
+        return result_to_wire(await host.step(
+            key, {n: tensor_from_wire(w) for n, w in grads.items()}, want_params=want_params,
+            worker=worker, base_version=base_version, idem=idem, options=options))
+
+    async def describe(self, key: str) -> SessionInfo:
+        return await (await self._ready()).describe(key)
+
+    async def list_sessions(self, prefix: str) -> list[SessionInfo]:
+        return await (await self._ready()).list_sessions(prefix)
+
+    async def pull(self, key: str, names: list[str] | None, min_version: int | None,
+                   wait_s: float, unless_versions: frozenset[int]) -> Any:
+        host = await self._ready()
+        return result_to_wire(await host.pull(key, names, min_version=min_version,
+                                              wait_s=wait_s, unless_versions=unless_versions))
+
+    async def export_state(self, key: str) -> Any:
+        return result_to_wire(await (await self._ready()).export_state(key))
+
+    async def delete(self, key: str, idem: IdemKey | None) -> bool:
+        return bool(await (await self._ready()).delete(key, idem=idem))
+
+    async def prepare(self, key: str, op: tuple[str, Any], idem: IdemKey) -> Checked:
+        return await (await self._ready()).prepare(key, op_from_wire(op), idem)
+
+    async def commit(self, key: str, idem: IdemKey, op: tuple[str, Any] | None,
+                     want_params: bool) -> Any:
+        host = await self._ready()
+        return result_to_wire(await host.commit(
+            key, idem, op_from_wire(op) if op is not None else None, want_params=want_params))
+
+    async def abort(self, key: str, idem: IdemKey) -> None:
+        await (await self._ready()).abort(key, idem)
+
+    # ------------------------------------------------------------------ sharded sessions
+    async def coordinate(self, key: str, entry: dict[str, Any], method: str,
+                         args: tuple[Any, ...]) -> Any:
+        """Run a sharded session's operation on its coordinator, which lives in the host of
+        its first shard (one place orders the session's operations, whichever front calls)."""
+        session = await self._coordinator(key, entry)
+        if method == "execute":
+            op, idem, want_params = args
+            return result_to_wire(await session.execute(key, op_from_wire(op), idem=idem,
+                                                        want_params=want_params))
+        if method == "step":
+            grads, want_params, worker, base_version, idem, options = args
+            return result_to_wire(await session.step(
+                key, {n: tensor_from_wire(w) for n, w in grads.items()},
+                want_params=want_params, worker=worker, base_version=base_version, idem=idem,
+                options=options))
+        if method == "describe":
+            return await session.describe(key)
+        if method == "pull":
+            names, min_version, wait_s, unless = args
+            return result_to_wire(await session.pull(key, names, min_version=min_version,
+                                                     wait_s=wait_s, unless_versions=unless))
+        if method == "export_state":
+            return result_to_wire(await session.export_state(key))
+        if method == "delete":
+            (idem,) = args
+            await session.delete(key, idem=idem)
+            self._coordinators.pop(key, None)
+            return None
+        raise ValueError(f"unknown method {method!r}")
+
+    async def _coordinator(self, key: str, entry: dict[str, Any]) -> ShardedSession:
+        session = self._coordinators.get(key)
+        if session is not None:
+            return session
+        local = await self._ready()
+        layout = ShardLayout.from_json(entry["layout"])
+        hosts: list[tuple[Host, str]] = []
+        for i, name in enumerate(entry["shards"]):
+            host: Host = local if name == self.name else self._peer(name)
+            hosts.append((host, shard_key(key, i, layout.shards)))
+        session = ShardedSession(key, layout, hosts,
+                                 commit_timeout_s=float(self.config["commit_timeout_s"]))
+        self._coordinators[key] = session
+        return session
+
+    def _peer(self, name: str) -> RayHost:
+        peer = self._peers.get(name)
+        if peer is None:
+            namespace = self.config["namespace"]
+            handle = ray.get_actor(name, namespace=namespace)
+            peer = self._peers[name] = RayHost(
+                handle, name, revive=lambda: ray.get_actor(name, namespace=namespace))
+        return peer
+
+
+# ============================================================================ the client
+def _unwrap(exc: BaseException, name: str) -> BaseException:
+    """An actor's exception as the front raises it: its own error, or 503 for an outage."""
+    if isinstance(exc, RayTaskError):
+        cause = exc.cause
+        if isinstance(cause, OptserveError):
+            return cause
+        if isinstance(cause, RayActorError):
+            return _unwrap(cause, name)
+        return OptserveError(f"host {name} failed: {type(cause).__name__}: {cause}",
+                             code="host_failed")
+    if isinstance(exc, RayActorError):
+        return Unavailable(f"the session's host ({name}) is restarting; the operation may or "
+                           "may not have been applied: retry it with the same Idempotency-Key",
+                           code="host_restarting", retry_after=1.0)
+    return exc
+
+
+class RayHost:
+    """:class:`app.engine.router.Host` over a host actor's handle (wire forms both ways; actor
+    outages as 503 ``host_restarting``)."""
+
+    def __init__(self, handle: Any, name: str, device: str = "remote",
+                 revive: Callable[[], Any] | None = None) -> None:
+        self.handle = handle
+        self.name = name
+        self.device = device
+        #: the actor again by its name (started again if gone) when this handle's actor is
+        #: dead for good (killed without restart, its cluster restarted)
+        self.revive = revive
+
+    def _dead(self, exc: BaseException) -> None:
+        if isinstance(exc, ActorDiedError) and self.revive is not None:
+            try:
+                self.handle = self.revive()
+            except (OptserveError, ValueError):  # not there (yet): keep trying the old one
+                pass
+
+    async def call(self, method: str, *args: Any, read: bool = False) -> Any:
+        """One actor method. A read (nothing changes) is retried while the host restarts; any
+        other call that meets a restarting host answers 503 once the host is back (or after
+        RESTART_WAIT_S), so the client's retry finds it."""
+        deadline = time.monotonic() + READ_RETRY_S
+        delay = 0.1
+        while True:
+            try:
+                return await getattr(self.handle, method).remote(*args)
+            except (RayTaskError, RayActorError) as exc:
+                self._dead(exc)
+                err = _unwrap(exc, self.name)
+                restarting = isinstance(err, Unavailable) and err.code == "host_restarting"
+                if restarting and read and time.monotonic() + delay < deadline:
+                    pass
+                elif restarting and method != "ping":
+                    await self.wait_back(RESTART_WAIT_S)
+                    raise err from None
+                else:
+                    raise err from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def wait_back(self, timeout: float) -> bool:
+        """Wait until the host answers (True) or ``timeout`` passes (False)."""
+        deadline = time.monotonic() + timeout
+        delay = 0.2
+        while time.monotonic() < deadline:
+            try:
+                await self.handle.ping.remote()
+                return True
+            except (RayTaskError, RayActorError) as exc:
+                self._dead(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        return False
+
+    async def start(self) -> None:
+        await self.call("ping", read=True)
+
+    async def stop(self, *, snapshot: bool = True) -> None:
+        await self.call("snapshot_and_stop")
+
+    async def status(self, *, memory: bool = False) -> EngineStatus:
+        out: EngineStatus = await self.call("status", memory, read=True)
+        return out
+
+    async def keys(self, prefix: str = "") -> list[str]:
+        out: list[str] = await self.call("keys", prefix, read=True)
+        return out
+
+    async def refused(self) -> dict[str, str]:
+        out: dict[str, str] = await self.call("refused", read=True)
+        return out
+
+    async def find_create(self, tenant: str, idem: IdemKey) -> str | None:
+        out: str | None = await self.call("find_create", tenant, idem, read=True)
+        return out
+
+    async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None
+                     ) -> SessionInfo:
+        out: SessionInfo = await self.call("create", key, spec_to_wire(spec), idem)
+        return out
+
+    async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
+                      want_params: bool = False) -> Any:
+        return result_from_wire(await self.call("execute", key, op_to_wire(op), idem,
+                                                want_params))
+
+    async def step(
+        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        base_version: int | None = None, idem: IdemKey | None = None,
+        options: dict[int, dict[str, Any]] | None = None,
+    ) -> StepResult:
+        out: StepResult = result_from_wire(await self.call(
+            "step", key, {n: tensor_to_wire(t) for n, t in grads.items()}, want_params, worker,
+            base_version, idem, options))
+        return out
+
+    async def describe(self, key: str) -> SessionInfo:
+        out: SessionInfo = await self.call("describe", key, read=True)
+        return out
+
+    async def list_sessions(self, prefix: str) -> list[SessionInfo]:
+        out: list[SessionInfo] = await self.call("list_sessions", prefix, read=True)
+        return out
+
+    async def pull(
+        self, key: str, names: list[str] | None, *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+    ) -> ParamsResult:
+        out: ParamsResult = result_from_wire(await self.call(
+            "pull", key, names, min_version, wait_s, unless_versions, read=True))
+        return out
+
+    async def export_state(self, key: str) -> StateExport:
+        out: StateExport = result_from_wire(await self.call("export_state", key, read=True))
+        return out
+
+    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
+        return bool(await self.call("delete", key, idem))
+
+    async def prepare(self, key: str, op: Operation, idem: IdemKey) -> Checked:
+        out: Checked = await self.call("prepare", key, op_to_wire(op), idem)
+        return out
+
+    async def commit(self, key: str, idem: IdemKey, op: Operation | None = None, *,
+                     want_params: bool = False) -> Any:
+        return result_from_wire(await self.call(
+            "commit", key, idem, op_to_wire(op) if op is not None else None, want_params))
+
+    async def abort(self, key: str, idem: IdemKey) -> None:
+        await self.call("abort", key, idem)
+
+
+class RemoteSharded:
+    """A sharded session seen from a front: every call goes to its coordinator, in the host
+    of its first shard."""
+
+    def __init__(self, host: RayHost, key: str, entry: dict[str, Any]) -> None:
+        self.host = host
+        self.key = key
+        self.entry = entry
+
+    async def _coordinate(self, method: str, *args: Any, read: bool = False) -> Any:
+        return result_from_wire(await self.host.call("coordinate", self.key, self.entry,
+                                                     method, args, read=read))
+
+    async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
+                      want_params: bool = False) -> Any:
+        return await self._coordinate("execute", op_to_wire(op), idem, want_params)
+
+    async def step(
+        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        base_version: int | None = None, idem: IdemKey | None = None,
+        options: dict[int, dict[str, Any]] | None = None,
+    ) -> StepResult:
+        out: StepResult = await self._coordinate(
+            "step", {n: tensor_to_wire(t) for n, t in grads.items()}, want_params, worker,
+            base_version, idem, options)
+        return out
+
+    async def describe(self, key: str) -> SessionInfo:
+        out: SessionInfo = await self._coordinate("describe", read=True)
+        return out
+
+    async def pull(
+        self, key: str, names: list[str] | None, *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+    ) -> ParamsResult:
+        out: ParamsResult = await self._coordinate("pull", names, min_version, wait_s,
+                                                   unless_versions, read=True)
+        return out
+
+    async def export_state(self, key: str) -> StateExport:
+        out: StateExport = await self._coordinate("export_state", read=True)
+        return out
+
+    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
+        return bool(await self._coordinate("delete", idem))
+
+
+# ============================================================================ the router
+@dataclass
+class RayOptions:
+    """The Ray engine's settings (from :class:`app.config.Settings`)."""
+
+    data_dir: Path
+    address: str = "local"
+    namespace: str = "optserve"
+    resources: dict[str, Any] = dataclasses.field(default_factory=lambda: {"num_cpus": 1.0})
+    placement: str = "spread"
+    sessions_per_host: int = 0
+    host_start_timeout_s: float = 120.0
+    commit_timeout_s: float = 30.0
+    #: what each host's EmbeddedHost is made with (see HostActor._start)
+    host: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _actor_class() -> Any:
+    return ray.remote(max_restarts=-1, max_task_retries=0)(HostActor)
+
+
+class RayRouter:
+    """Places sessions on host actors and finds them again (see the module docstring)."""
+
+    def __init__(self, options: RayOptions) -> None:
+        self.options = options
+        self.device = "ray"
+        self.directory = Directory(options.data_dir / "directory")
+        self.hosts_dir = options.data_dir / "hosts"
+        self.hosts_dir.mkdir(parents=True, exist_ok=True)
+        self._hosts: dict[str, RayHost] = {}
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._started_ray = False
+        self._actor = _actor_class()
+        self._place_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if not ray.is_initialized():
+            address = None if self.options.address == "local" else self.options.address
+            # ray.init replaces the SIGTERM handler with one that exits at once: keep the
+            # server's own (it drains in-flight requests, then stops the engine)
+            main = threading.current_thread() is threading.main_thread()
+            previous = signal.getsignal(signal.SIGTERM) if main else None
+            ray.init(address=address, namespace=self.options.namespace,
+                     include_dashboard=False, logging_level=logging.WARNING)
+            if main:
+                signal.signal(signal.SIGTERM, previous)
+            self._started_ray = self.options.address == "local"
+        log.info("ray engine: cluster %s, namespace %s, data in %s", self.options.address,
+                 self.options.namespace, self.options.data_dir)
+
+    async def stop(self, *, snapshot: bool = True) -> None:
+        if self._started_ray:  # the local cluster ends with this process: snapshot first
+            if snapshot:
+                await asyncio.gather(*(h.stop() for h in self._hosts.values()),
+                                     return_exceptions=True)
+            ray.shutdown()
+
+    async def status(self, *, memory: bool = False) -> EngineStatus:
+        reason = None
+        if not ray.is_initialized():
+            reason = "not connected to the Ray cluster"
+        else:
+            try:
+                self.directory.put(".probe", {"t": time.time()})
+            except OSError as exc:
+                reason = f"the data directory cannot be written: {os.strerror(exc.errno or 0)}"
+        used = 0
+        if memory and reason is None:
+            outs = await asyncio.gather(*(self._host(n).status(memory=True)
+                                          for n in self._host_names()), return_exceptions=True)
+            used = sum(o.memory_bytes for o in outs if isinstance(o, EngineStatus))
+        return EngineStatus(reason is None, reason, "ray", len(self.directory.keys()), used)
+
+    async def refused(self) -> dict[str, str]:
+        """Stored sessions the hosts refused at start (a host restarting is left out)."""
+        outs = await asyncio.gather(*(asyncio.wait_for(self._host(n).refused(), 5.0)
+                                      for n in self._host_names()), return_exceptions=True)
+        found: dict[str, str] = {}
+        for out in outs:
+            if isinstance(out, dict):
+                found.update({parent_key(k): v for k, v in out.items()})
+        return found
+
+    async def count(self, prefix: str) -> int:
+        return len(self.directory.keys(prefix))
+
+    async def find_create(self, tenant: str, idem: IdemKey) -> str | None:
+        made = self.directory.created(tenant, idem.key)
+        if made is None:
+            return None
+        if made["fingerprint"] != idem.fingerprint:
+            raise Invalid("this Idempotency-Key was already used for a different request; use "
+                          "a fresh key for every new operation", code="idempotency_key_reused",
+                          field="Idempotency-Key")
+        return str(made["key"]) if self.directory.get(made["key"]) is not None else None
+
+    # ------------------------------------------------------------------ hosts
+    def _host_names(self) -> list[str]:
+        return sorted(p.name for p in self.hosts_dir.iterdir()
+                      if (p / "host.json").exists())
+
+    def _host(self, name: str) -> RayHost:
+        host = self._hosts.get(name)
+        if host is None:
+            host = self._hosts[name] = RayHost(self._handle(name), name,
+                                               revive=lambda: self._handle(name))
+        return host
+
+    def _handle(self, name: str) -> Any:
+        """The host actor, started again from its host.json when Ray has none by this name."""
+        try:
+            return ray.get_actor(name, namespace=self.options.namespace)
+        except ValueError:
+            pass
+        try:
+            saved = orjson.loads((self.hosts_dir / name / "host.json").read_bytes())
+        except FileNotFoundError:
+            raise NotFound(f"host {name} is gone", code="session_not_found") from None
+        log.warning("host %s has no actor: starting it again (it restores its sessions)", name)
+        return self._spawn(name, saved["resources"], saved.get("placement", "spread"))
+
+    def _spawn(self, name: str, resources: dict[str, Any], placement: str) -> Any:
+        custom = dict(resources.get("resources") or {})
+        config = {**self.options.host, "root": str(self.hosts_dir / name),
+                  "namespace": self.options.namespace,
+                  "commit_timeout_s": self.options.commit_timeout_s}
+        if not config.get("torch_threads") and resources.get("num_cpus", 0) >= 1:
+            config["torch_threads"] = int(resources["num_cpus"])
+        opts: dict[str, Any] = {
+            "name": name, "namespace": self.options.namespace, "lifetime": "detached",
+            "get_if_exists": True, "num_cpus": resources.get("num_cpus", 0),
+            "num_gpus": resources.get("num_gpus", 0),
+            "scheduling_strategy": "SPREAD" if placement == "spread" else "DEFAULT"}
+        if resources.get("memory"):
+            opts["memory"] = resources["memory"]
+        if custom:
+            opts["resources"] = custom
+        return self._actor.options(**opts).remote(name, config)
+
+    async def _new_host(self, resources: dict[str, Any], placement: str) -> RayHost:
+        name = f"h-{uuid.uuid4().hex[:12]}"
+        root = self.hosts_dir / name
+        root.mkdir(parents=True)
+        (root / "host.json").write_bytes(orjson.dumps(
+            {"name": name, "resources": resources, "placement": placement,
+             "created": time.time()}))
+        handle = self._spawn(name, resources, placement)
+        host = RayHost(handle, name, revive=lambda: self._handle(name))
+        try:
+            info = await asyncio.wait_for(host.call("ping"), self.options.host_start_timeout_s)
+        except TimeoutError:
+            ray.kill(handle, no_restart=True)
+            (root / "host.json").unlink(missing_ok=True)
+            raise Unavailable(f"the Ray cluster has no room for a session host asking "
+                              f"{resources} (none started in "
+                              f"{self.options.host_start_timeout_s:g} s)",
+                              code="no_capacity", retry_after=30.0) from None
+        host.device = str(info["device"])
+        self._hosts[name] = host
+        log.info("started host %s (%s) on node %s", name, shape_key(resources),
+                 str(info["node"])[:12])
+        return host
+
+    def _hosts_of(self, resources: dict[str, Any]) -> list[str]:
+        want = shape_key(resources)
+        names = []
+        for name in self._host_names():
+            try:
+                saved = orjson.loads((self.hosts_dir / name / "host.json").read_bytes())
+            except (FileNotFoundError, orjson.JSONDecodeError):
+                continue
+            if shape_key(saved["resources"]) == want:
+                names.append(name)
+        return names
+
+    def _cluster_has_room(self, resources: dict[str, Any]) -> bool:
+        available: Any = ray.available_resources  # typed or not, by Ray version
+        free: dict[str, float] = available()
+        need = {"CPU": resources.get("num_cpus", 0), "GPU": resources.get("num_gpus", 0),
+                "memory": resources.get("memory", 0), **(resources.get("resources") or {})}
+        return all(free.get(k, 0.0) + 1e-9 >= v for k, v in need.items() if v)
+
+    async def _place(self, resources: dict[str, Any], placement: str, count: int = 1
+                     ) -> list[RayHost]:
+        """``count`` distinct hosts of this shape for new sessions (see the module doc)."""
+        async with self._place_lock:
+            names = self._hosts_of(resources)
+            loads = await asyncio.gather(*(self._host(n).call("ping", read=True)
+                                           for n in names), return_exceptions=True)
+            sessions = {n: int(out["sessions"]) for n, out in zip(names, loads, strict=True)
+                        if isinstance(out, dict)}
+            cap = self.options.sessions_per_host
+            chosen: list[RayHost] = []
+            for _ in range(count):
+                room = [n for n, k in sessions.items() if (not cap or k < cap)
+                        and n not in {h.name for h in chosen}]
+                pick: str | None = None
+                if placement == "pack":
+                    pick = min(room, key=lambda n: (-sessions[n], n)) if room else None
+                elif not self._cluster_has_room(resources):
+                    pick = min(room, key=lambda n: (sessions[n], n)) if room else None
+                host = self._host(pick) if pick is not None else \
+                    await self._new_host(resources, placement)
+                sessions[host.name] = sessions.get(host.name, 0) + 1
+                chosen.append(host)
+            return chosen
+
+    # ------------------------------------------------------------------ sessions
+    async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None
+                     ) -> SessionInfo:
+        check_create(spec, self.options.host.get("default_nonfinite", "reject"))
+        resources = spec.resources if spec.resources is not None else self.options.resources
+        placement = spec.placement or self.options.placement
+        layout = plan_layout(spec.groups, spec.shards) if spec.shards > 1 else None
+        if layout is not None and spec.ps_options.get("sync") is not None:
+            raise Invalid("a sharded session steps without synchronous rounds", field="sync",
+                          code="invalid_body")
+        if self.directory.get(key) is not None and not await self._stale(key):
+            raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
+                           code="session_exists", field="id")
+        hosts = await self._place(resources, placement, layout.shards if layout else 1)
+        entry: dict[str, Any] = {"resources": resources, "placement": placement,
+                                 "created_by": idem.key if idem is not None else None}
+        if layout is not None:
+            entry.update(shards=[h.name for h in hosts], layout=layout.to_json())
+        else:
+            entry["host"] = hosts[0].name
+        if not self.directory.claim(key, entry):
+            raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
+                           code="session_exists", field="id")
+        try:
+            if layout is not None:
+                shards: list[tuple[Host, str]] = [(h, shard_key(key, i, layout.shards))
+                                                  for i, h in enumerate(hosts)]
+                _, info = await ShardedSession.create(key, spec, layout, shards, idem=idem)
+            else:
+                info = await hosts[0].create(key, spec, idem=idem)
+        except BaseException:
+            self.directory.remove(key)
+            raise
+        if idem is not None:
+            self.directory.note_created(split_key(key)[0], idem.key, idem.fingerprint, key)
+        self._entries[key] = entry
+        return self._placed(info, entry)
+
+    async def _stale(self, key: str) -> bool:
+        """Drop the entry of a session its host does not hold (one kept in memory only, whose
+        host restarted; a create cut short): True when it was stale."""
+        try:
+            await (await self.route(key)).describe(key)
+        except NotFound:
+            self.directory.remove(key)
+            self._entries.pop(key, None)
+            return True
+        return False
+
+    def _placed(self, info: SessionInfo, entry: dict[str, Any]) -> SessionInfo:
+        placement = {"resources": entry["resources"], "placement": entry["placement"]}
+        if "host" in entry:
+            placement["host"] = entry["host"]
+        info.placement = {**placement, **(info.placement or {})}
+        return info
+
+    def _entry(self, key: str, fresh: bool = False) -> dict[str, Any]:
+        entry = None if fresh else self._entries.get(key)
+        if entry is None:
+            entry = self.directory.get(key)
+            if entry is None:
+                self._entries.pop(key, None)
+                raise NotFound(f"no session {split_key(key)[1]!r:.140}",
+                               code="session_not_found", field="session_id")
+            self._entries[key] = entry
+        return entry
+
+    async def route(self, key: str) -> SessionHost:
+        entry = self._entry(key)
+        if "host" in entry:
+            return _Placed(self, key, self._host(entry["host"]))
+        shards = [self._host(name) for name in entry["shards"]]  # (started again if gone)
+        return _Placed(self, key, RemoteSharded(shards[0], key, entry))
+
+    async def list_sessions(self, prefix: str) -> list[SessionInfo]:
+        keys = self.directory.keys(prefix)
+        hosts = [await self.route(k) for k in keys]
+        outs = await asyncio.gather(*(h.describe(k) for h, k in zip(hosts, keys, strict=True)),
+                                    return_exceptions=True)
+        return [o for o in outs if isinstance(o, SessionInfo)]
+
+    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
+        entry = self._entry(key, fresh=True)
+        replayed = await (await self.route(key)).delete(key, idem=idem)
+        self.directory.remove(key)
+        self._entries.pop(key, None)
+        if entry.get("created_by"):
+            self.directory.forget_created(split_key(key)[0], entry["created_by"])
+        return replayed
+
+    async def trim(self) -> None:
+        """Each host actor returns its own free heap pages when it is idle."""
+
+
+class _Placed:
+    """A session's host as the front sees it: describes carry the placement, and a host that
+    says the session is not there makes the front read the directory again (another front may
+    have deleted it and made another session with the same id elsewhere)."""
+
+    def __init__(self, router: RayRouter, key: str, host: SessionHost) -> None:
+        self.router = router
+        self.key = key
+        self.host = host
+
+    async def _again(self, call: Callable[[SessionHost], Any]) -> Any:
+        try:
+            return await call(self.host)
+        except NotFound:
+            cached = self.router._entries.get(self.key)
+            fresh = self.router.directory.get(self.key)
+            if cached is None or fresh is None or fresh == cached:
+                raise
+            self.router._entries[self.key] = fresh
+            return await call(await self.router.route(self.key))
+
+    async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
+                      want_params: bool = False) -> Any:
+        return await self._again(lambda h: h.execute(key, op, idem=idem,
+                                                     want_params=want_params))
+
+    async def step(
+        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        base_version: int | None = None, idem: IdemKey | None = None,
+        options: dict[int, dict[str, Any]] | None = None,
+    ) -> StepResult:
+        out: StepResult = await self._again(lambda h: h.step(
+            key, grads, want_params=want_params, worker=worker, base_version=base_version,
+            idem=idem, options=options))
+        return out
+
+    async def describe(self, key: str) -> SessionInfo:
+        info: SessionInfo = await self._again(lambda h: h.describe(key))
+        return self.router._placed(info, self.router._entry(key))
+
+    async def pull(
+        self, key: str, names: list[str] | None, *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+    ) -> ParamsResult:
+        out: ParamsResult = await self._again(lambda h: h.pull(
+            key, names, min_version=min_version, wait_s=wait_s,
+            unless_versions=unless_versions))
+        return out
+
+    async def export_state(self, key: str) -> StateExport:
+        out: StateExport = await self._again(lambda h: h.export_state(key))
+        return out
+
+    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
+        return await self.host.delete(key, idem=idem)
+
+
+# ============================================================================ the engine
+def ray_options(settings: Any) -> RayOptions:
+    try:
+        resources = check_resources(orjson.loads(settings.ray_resources),
+                                    "OPTSERVE_RAY_RESOURCES")
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"OPTSERVE_RAY_RESOURCES is not JSON: {exc}") from None
+    except Invalid as exc:
+        raise ValueError(f"OPTSERVE_RAY_RESOURCES: {exc.field}: {exc.detail}") from None
+    return RayOptions(
+        data_dir=Path(settings.data_dir).resolve(), address=settings.ray_address,
+        namespace=settings.ray_namespace, resources=resources,
+        placement=settings.ray_placement, sessions_per_host=settings.ray_sessions_per_host,
+        host_start_timeout_s=settings.ray_host_start_timeout_s,
+        commit_timeout_s=settings.ray_commit_timeout_s,
+        host={"device": settings.device, "torch_threads": settings.torch_threads,
+              "default_nonfinite": settings.default_nonfinite,
+              "durability": settings.durability,
+              "snapshot_every_steps": settings.snapshot_every_steps,
+              "snapshot_every_s": settings.snapshot_every_s,
+              "fsync_interval_s": settings.fsync_interval_ms / 1000,
+              "idempotency_window": settings.idempotency_window,
+              "warm_up": settings.warm_up})
+
+
+def ray_engine(settings: Any) -> Front:
+    """The Ray engine: the front over a :class:`RayRouter`."""
+    return Front(RayRouter(ray_options(settings)),
+                 Limits(settings.max_sessions, settings.max_session_elements))

@@ -1,0 +1,363 @@
+"""Session hosts, and the router that maps session keys to them.
+
+A **host** (:class:`Host`) holds sessions on one device with its worker thread and its store:
+the embedded host in this process (:class:`InProcessHost` around
+:class:`app.engine.host.EmbeddedHost`), or a Ray actor running the same code
+(:class:`app.engine.ray_host.RayHost`). The front drives a host only with session keys,
+operation values and plain results, so it cannot tell the two apart.
+
+A **router** (:class:`Router`) knows where each session lives: :class:`LocalRouter` has one
+in-process host; :class:`app.engine.ray_host.RayRouter` places sessions on Ray actor hosts. For a
+sharded session a router hands out its coordinator (:class:`app.engine.shards.ShardedSession`),
+which drives the session's shards on their hosts and looks like a host to the front.
+
+Beyond the operations a host takes a sharded operation in two phases: ``prepare`` (checks
+against the session, changes nothing, keeps the operation for the commit) and ``commit``
+(``execute`` with the operation's idempotency key: a commit that already happened is answered,
+not applied again). See :mod:`app.engine.shards`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from app.engine.directory import Directory
+from app.engine.host import EmbeddedHost
+from app.engine.interface import (
+    CreateSpec,
+    EngineStatus,
+    IdemKey,
+    ParamsResult,
+    SessionInfo,
+    StateExport,
+    StepResult,
+    Tensors,
+    split_key,
+)
+from app.engine.ops import Operation
+from app.engine.ops.gradients import StepPlan
+from app.errors import Conflict, Invalid, Unavailable
+
+#: how long a prepared (checked, not committed) operation is kept for its commit
+PREPARED_TTL_S = 120.0
+
+
+@dataclass
+class Checked:
+    """What the first phase of a sharded operation learned on one shard."""
+
+    #: this idempotency key was applied here already (its commit will answer it)
+    applied: bool = False
+    #: a step this shard would skip (non-finite gradients under ``nonfinite: skip``)
+    skip: bool = False
+    nonfinite: list[str] = field(default_factory=list)
+    version: int = 0
+    step: int = 0
+
+
+class SessionHost(Protocol):
+    """What the front calls for one session key: a host, or a sharded session's coordinator."""
+
+    async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
+                      want_params: bool = False) -> Any: ...
+    async def step(
+        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        base_version: int | None = None, idem: IdemKey | None = None,
+        options: dict[int, dict[str, Any]] | None = None,
+    ) -> StepResult: ...
+    async def describe(self, key: str) -> SessionInfo: ...
+    async def pull(
+        self, key: str, names: list[str] | None, *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+    ) -> ParamsResult: ...
+    async def export_state(self, key: str) -> StateExport: ...
+    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool: ...
+
+
+class Host(SessionHost, Protocol):
+    """Sessions on one device, driven by operation values (see the module docstring)."""
+
+    name: str
+    device: str
+
+    async def start(self) -> None: ...
+    async def stop(self, *, snapshot: bool = True) -> None: ...
+    async def status(self, *, memory: bool = False) -> EngineStatus: ...
+    async def keys(self, prefix: str = "") -> list[str]: ...
+    async def refused(self) -> dict[str, str]: ...
+    async def find_create(self, tenant: str, idem: IdemKey) -> str | None: ...
+    async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None
+                     ) -> SessionInfo: ...
+    async def list_sessions(self, prefix: str) -> list[SessionInfo]: ...
+
+    async def prepare(self, key: str, op: Operation, idem: IdemKey) -> Checked: ...
+    async def commit(self, key: str, idem: IdemKey, op: Operation | None = None, *,
+                     want_params: bool = False) -> Any: ...
+    async def abort(self, key: str, idem: IdemKey) -> None: ...
+
+
+class InProcessHost:
+    """:class:`Host` over an :class:`EmbeddedHost` in this process (also what a Ray host
+    actor runs inside)."""
+
+    def __init__(self, host: EmbeddedHost, name: str = "local") -> None:
+        self.embedded = host
+        self.name = name
+        self.device = host.device
+        self._prepared: dict[tuple[str, str], tuple[Operation, float]] = {}
+
+    async def start(self) -> None:
+        await self.embedded.start()
+
+    async def stop(self, *, snapshot: bool = True) -> None:
+        await self.embedded.stop(snapshot=snapshot)
+
+    async def status(self, *, memory: bool = False) -> EngineStatus:
+        return await self.embedded.status(memory=memory)
+
+    async def keys(self, prefix: str = "") -> list[str]:
+        return self.embedded.keys(prefix)
+
+    async def refused(self) -> dict[str, str]:
+        return self.embedded.refused()
+
+    async def find_create(self, tenant: str, idem: IdemKey) -> str | None:
+        return self.embedded.find_create(tenant, idem)
+
+    async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None
+                     ) -> SessionInfo:
+        return await self.embedded.create(key, spec, idem=idem)
+
+    async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
+                      want_params: bool = False) -> Any:
+        return await self.embedded.execute(key, op, idem=idem, want_params=want_params)
+
+    async def step(
+        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        base_version: int | None = None, idem: IdemKey | None = None,
+        options: dict[int, dict[str, Any]] | None = None,
+    ) -> StepResult:
+        return await self.embedded.step(key, grads, want_params=want_params, worker=worker,
+                                        base_version=base_version, idem=idem, options=options)
+
+    async def describe(self, key: str) -> SessionInfo:
+        return await self.embedded.describe(key)
+
+    async def list_sessions(self, prefix: str) -> list[SessionInfo]:
+        return await self.embedded.list_sessions(prefix)
+
+    async def pull(
+        self, key: str, names: list[str] | None, *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+    ) -> ParamsResult:
+        return await self.embedded.pull(key, names, min_version=min_version, wait_s=wait_s,
+                                        unless_versions=unless_versions)
+
+    async def export_state(self, key: str) -> StateExport:
+        return await self.embedded.export_state(key)
+
+    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
+        return await self.embedded.delete(key, idem=idem)
+
+    # ------------------------------------------------------------------ two phases
+    async def prepare(self, key: str, op: Operation, idem: IdemKey) -> Checked:
+        """Check ``op`` against the session as it is (nothing changes) and keep it for its
+        commit; ``applied`` when this key's operation was applied here already."""
+        host = self.embedded
+        now = time.monotonic()
+        for stale in [k for k, (_, t) in self._prepared.items() if now - t > PREPARED_TTL_S]:
+            del self._prepared[stale]
+        # EmbeddedHost's own lock and worker: the check sees the session between operations
+        async with host._lock(key):
+            session = host._get(key)
+
+            def check() -> Checked:
+                if session.idem.lookup(idem.key, idem.fingerprint) is not None:
+                    return Checked(applied=True, version=session.version,
+                                   step=session.step_count)
+                plan = op.check(session)
+                if isinstance(plan, StepPlan):
+                    return Checked(False, plan.skip, list(plan.nonfinite), session.version,
+                                   session.step_count)
+                return Checked(version=session.version, step=session.step_count)
+            checked = await host._worker.run(check, f"{op.kind}_prepare")
+        if not checked.applied:
+            self._prepared[(key, idem.key)] = (op, now)
+        return checked
+
+    async def commit(self, key: str, idem: IdemKey, op: Operation | None = None, *,
+                     want_params: bool = False) -> Any:
+        """Apply the prepared operation (or ``op``) under its idempotency key (a commit that
+        already happened is answered from the session's table)."""
+        kept = self._prepared.pop((key, idem.key), None)
+        if op is None:
+            if kept is None:
+                raise Unavailable("this host no longer holds the prepared operation (it "
+                                  "restarted); send it again", code="not_prepared",
+                                  retry_after=0.0)
+            op = kept[0]
+        return await self.embedded.execute(key, op, idem=idem, want_params=want_params)
+
+    async def abort(self, key: str, idem: IdemKey) -> None:
+        self._prepared.pop((key, idem.key), None)
+
+
+class Router(Protocol):
+    """Where sessions live: the front asks it for the host of a session key."""
+
+    device: str
+
+    async def start(self) -> None: ...
+    async def stop(self, *, snapshot: bool = True) -> None: ...
+    async def status(self, *, memory: bool = False) -> EngineStatus: ...
+    async def refused(self) -> dict[str, str]: ...
+    async def count(self, prefix: str) -> int: ...
+    async def find_create(self, tenant: str, idem: IdemKey) -> str | None: ...
+    async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None
+                     ) -> SessionInfo: ...
+    async def route(self, key: str) -> SessionHost: ...
+    async def list_sessions(self, prefix: str) -> list[SessionInfo]: ...
+    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool: ...
+    async def trim(self) -> None: ...
+
+
+def parent_key(key: str) -> str:
+    """The session key a host key belongs to (a shard's key names its session)."""
+    from app.engine.shards import parent_of
+    return parent_of(key) or key
+
+
+class LocalRouter:
+    """Every session in one in-process host (the embedded engine). A sharded session keeps its
+    shards there too (one device: useful to test sharding, not to gain memory); its layout is
+    in the directory."""
+
+    def __init__(self, host: EmbeddedHost, directory: Directory | None = None) -> None:
+        from app.engine.shards import ShardedSession
+        self.local = InProcessHost(host)
+        self.device = host.device
+        self.directory = directory or Directory(None)
+        self._sharded: dict[str, ShardedSession] = {}
+        #: the keys of sharded sessions (this router is its directory's only writer, so the
+        #: step path never reads the directory)
+        self._sharded_keys: set[str] = set()
+
+    async def start(self) -> None:
+        await self.local.start()
+        self._sharded_keys = set(self.directory.keys())
+        for key in sorted(self._sharded_keys):  # sharded sessions whose shards are gone
+            await self._stale(key)
+
+    async def _stale(self, key: str) -> bool:
+        """Drop the entry of a sharded session none of whose shards exists (a session kept in
+        memory only, before a restart)."""
+        from app.engine.shards import ShardLayout, shard_key
+        entry = self.directory.get(key)
+        if entry is None:
+            return True
+        layout = ShardLayout.from_json(entry["layout"])
+        shards = {shard_key(key, i, layout.shards) for i in range(layout.shards)}
+        held = set(await self.local.keys()) | set(await self.local.refused())
+        if shards & held:
+            return False
+        self.directory.remove(key)
+        self._sharded.pop(key, None)
+        self._sharded_keys.discard(key)
+        return True
+
+    async def stop(self, *, snapshot: bool = True) -> None:
+        await self.local.stop(snapshot=snapshot)
+
+    async def status(self, *, memory: bool = False) -> EngineStatus:
+        status = await self.local.status(memory=memory)
+        plain = [k for k in await self.local.keys() if parent_key(k) == k]
+        status.sessions = len(plain) + len(self._sharded_keys)
+        return status
+
+    async def refused(self) -> dict[str, str]:
+        return {parent_key(k): reason for k, reason in (await self.local.refused()).items()}
+
+    async def count(self, prefix: str) -> int:
+        return len(await self.local.keys(prefix)) + sum(k.startswith(prefix)
+                                                        for k in self._sharded_keys)
+
+    async def find_create(self, tenant: str, idem: IdemKey) -> str | None:
+        made = self.directory.created(tenant, idem.key)
+        if made is not None:
+            if made["fingerprint"] != idem.fingerprint:
+                raise Invalid("this Idempotency-Key was already used for a different request; "
+                              "use a fresh key for every new operation",
+                              code="idempotency_key_reused", field="Idempotency-Key")
+            if self.directory.get(made["key"]) is not None:
+                return str(made["key"])
+        return await self.local.find_create(tenant, idem)
+
+    async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None
+                     ) -> SessionInfo:
+        from app.engine.shards import ShardedSession, plan_layout, shard_key
+        if self.directory.get(key) is not None and not await self._stale(key):
+            raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
+                           code="session_exists", field="id")
+        if spec.shards <= 1:
+            return await self.local.create(key, spec, idem=idem)
+        if key in await self.local.keys(key) or key in await self.local.refused():
+            raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
+                           code="session_exists", field="id")
+        layout = plan_layout(spec.groups, spec.shards)
+        entry: dict[str, Any] = {"layout": layout.to_json(), "shards": ["local"] * layout.shards,
+                                 "created_by": idem.key if idem is not None else None}
+        if not self.directory.claim(key, entry):
+            raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
+                           code="session_exists", field="id")
+        hosts: list[tuple[Host, str]] = [(self.local, shard_key(key, i, layout.shards))
+                                         for i in range(layout.shards)]
+        try:
+            session, info = await ShardedSession.create(key, spec, layout, hosts, idem=idem)
+        except BaseException:
+            self.directory.remove(key)
+            raise
+        self._sharded[key] = session
+        self._sharded_keys.add(key)
+        if idem is not None:
+            self.directory.note_created(split_key(key)[0], idem.key, idem.fingerprint, key)
+        return info
+
+    async def route(self, key: str) -> SessionHost:
+        from app.engine.shards import ShardedSession, ShardLayout, shard_key
+        session = self._sharded.get(key)
+        if session is not None:
+            return session
+        entry = self.directory.get(key) if key in self._sharded_keys else None
+        if entry is None:
+            return self.local
+        layout = ShardLayout.from_json(entry["layout"])
+        session = ShardedSession(key, layout, [(self.local, shard_key(key, i, layout.shards))
+                                               for i in range(layout.shards)])
+        self._sharded[key] = session
+        return session
+
+    async def list_sessions(self, prefix: str) -> list[SessionInfo]:
+        infos = await self.local.list_sessions(prefix)
+        for key in sorted(k for k in self._sharded_keys if k.startswith(prefix)):
+            try:
+                infos.append(await (await self.route(key)).describe(key))
+            except Exception:  # noqa: BLE001 - a damaged sharded session is left out
+                continue
+        return infos
+
+    async def trim(self) -> None:
+        await self.local.embedded.trim()
+
+    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
+        host = await self.route(key)
+        entry = self.directory.get(key) if host is not self.local else None
+        replayed = await host.delete(key, idem=idem)
+        if host is not self.local:
+            self._sharded.pop(key, None)
+            self._sharded_keys.discard(key)
+            self.directory.remove(key)
+            if entry is not None and entry.get("created_by"):
+                self.directory.forget_created(split_key(key)[0], entry["created_by"])
+        return replayed

@@ -1,0 +1,641 @@
+"""Sharded sessions: one optimizer session split by parameter over several hosts.
+
+``"shards": S`` on create assigns each parameter to one of S **shards** (largest first, each
+to the least loaded shard so far: balanced by bytes). A shard is an ordinary session on some
+host, holding its parameters in every param group of the session (a group may be empty on a
+shard), the same optimizer options, scheduler and policies. Every torch optimizer this service
+runs (not LBFGS) updates each parameter on its own, so S shards stepped with their parts of the
+gradients hold bitwise what the unsharded session would; every shard steps (and so steps its
+scheduler) at every step, so versions, step counts and learning rates stay equal.
+
+:class:`ShardedSession` is the session's coordinator. It orders the session's operations
+(one at a time) and runs each as a **two-phase** operation over the shards it concerns:
+
+1. *prepare*, on every shard in parallel: the operation's own ``check`` against the shard's
+   session (nothing changes). Any refusal aborts the operation on every shard: nothing was
+   applied anywhere, and the client gets the refusal (a 4xx). A step's non-finite gradients
+   are decided here for the whole session: one shard finding them under ``nonfinite: skip``
+   turns the step into a ``skip_step`` on every shard.
+2. *commit*, on every shard in parallel: the shard logs and applies the operation under the
+   operation's idempotency key (the client's ``Idempotency-Key``, or a fresh one). A commit
+   can no longer be refused (the check passed and nothing else changes a shard: only its
+   coordinator sends it operations); it can only fail to arrive, e.g. a shard host dying
+   between the phases or in the middle of its commit. The coordinator then **rolls forward**:
+   it sends the operation again (same key) until the shard's host is back (Ray restarts it
+   and it restores from storage); a shard that had logged it answers from its idempotency
+   table, one that had not applies it. Past ``commit_timeout_s`` the client gets 503
+   ``host_restarting``; the operation stays pending and completes before the session's next
+   one, and the client's retry (same ``Idempotency-Key``) gets its answer.
+
+If the coordinator itself dies between the phases, a client retry with the same key finishes
+the operation the same way (prepare finds it applied on some shards, the commit applies it on
+the rest). A session whose shards disagree on their version (a coordinator died mid-commit
+and the client never retried) refuses every operation but delete: 503 ``session_damaged``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from app.engine import ps
+from app.engine.interface import (
+    CreateSpec,
+    EngineStatus,
+    GradsResult,
+    GroupSpec,
+    IdemKey,
+    ParamsResult,
+    SchedulerResult,
+    SessionInfo,
+    StateExport,
+    StepResult,
+    Tensors,
+    split_key,
+)
+from app.engine.ops import (
+    AddParamGroup,
+    Bump,
+    Configure,
+    ImportState,
+    Operation,
+    Overwrite,
+    Push,
+    SchedulerStep,
+    SkipStep,
+    Step,
+    UpdateParamGroup,
+    ZeroGrad,
+)
+from app.errors import Invalid, NotFound, OptserveError, StorageFull, Unavailable
+from app.wire.safetensors_body import PackedTensors, pack
+
+if TYPE_CHECKING:
+    from app.engine.router import Checked, Host
+
+T = TypeVar("T")
+MAX_SHARDS = 64
+MAX_WAIT_S = ps.MAX_WAIT_S
+
+
+# ---------------------------------------------------------------------------- keys and layout
+def shard_key(key: str, index: int, shards: int) -> str:
+    """The host key of a shard: ``<tenant>#<id>~shard<i>of<S>``. No tenant lists it (tenants
+    have no ``#``), and it is a valid key and directory name."""
+    tenant, session_id = split_key(key)
+    return f"{tenant}#{session_id}~shard{index}of{shards}"
+
+
+def parent_of(key: str) -> str | None:
+    """The session key of a shard key, or None for a key that is not a shard's."""
+    tenant, _, rest = key.partition("~")
+    owner, sep, session_id = tenant.partition("#")
+    if not sep:
+        return None
+    return f"{owner}~{session_id}"
+
+
+@dataclass
+class ShardLayout:
+    """Which shard holds each parameter, and the session's own order of parameters (torch's
+    state-dict ids follow it)."""
+
+    shards: int
+    #: every group's parameter names, in the session's order
+    groups: list[list[str]]
+    #: parameter name -> shard index
+    owner: dict[str, int]
+
+    def names(self) -> list[str]:
+        return [n for g in self.groups for n in g]
+
+    def names_of(self, index: int) -> list[str]:
+        return [n for n in self.names() if self.owner[n] == index]
+
+    def part(self, tensors: dict[str, T], index: int) -> dict[str, T]:
+        return {n: t for n, t in tensors.items() if self.owner.get(n) == index}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shards": self.shards, "groups": self.groups, "owner": self.owner}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ShardLayout:
+        return cls(int(obj["shards"]), [list(g) for g in obj["groups"]],
+                   {str(k): int(v) for k, v in obj["owner"].items()})
+
+
+def check_shards(value: object) -> int:
+    if type(value) is not int or not 1 <= value <= MAX_SHARDS:
+        raise Invalid(f"shards must be an integer from 1 to {MAX_SHARDS}", code="invalid_body",
+                      field="shards")
+    return value
+
+
+def plan_layout(groups: list[GroupSpec], shards: int) -> ShardLayout:
+    """Assign parameters to shards: largest first (ties by name), each to the shard with the
+    fewest bytes so far (ties: the lowest index)."""
+    sizes: dict[str, int] = {}
+    for g in groups:
+        for name, t in g.params.items():
+            sizes[name] = t.numel() * t.element_size()
+    if shards > len(sizes):
+        raise Invalid(f"{shards} shards for {len(sizes)} parameters: every shard needs at least "
+                      "one parameter", code="invalid_body", field="shards")
+    load = [0] * shards
+    owner: dict[str, int] = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        index = min(range(shards), key=lambda i: (load[i], i))
+        owner[name] = index
+        load[index] += sizes[name]
+    return ShardLayout(shards, [list(g.params) for g in groups], owner)
+
+
+def shard_spec(spec: CreateSpec, layout: ShardLayout, index: int) -> CreateSpec:
+    """The create of one shard: its parameters in every group (some perhaps empty)."""
+    groups = [GroupSpec(layout.part(g.params, index), dict(g.options)) for g in spec.groups]
+    return dataclasses.replace(spec, groups=groups, id=None, shards=1, empty_groups=True)
+
+
+# ---------------------------------------------------------------------------- merging
+def merge_info(key: str, infos: list[SessionInfo], layout: ShardLayout,
+               hosts: list[str]) -> SessionInfo:
+    base = infos[0]
+    groups = [{**g, "params": list(layout.groups[i])} for i, g in enumerate(base.param_groups)]
+    params: dict[str, dict[str, Any]] = {}
+    for name in layout.names():
+        params[name] = infos[layout.owner[name]].params[name]
+    accumulated = sorted({n for info in infos for n in info.accumulated})
+    devices = sorted({info.device for info in infos})
+    shards = [{"host": host, "device": info.device, "params": layout.names_of(i)}
+              for i, (host, info) in enumerate(zip(hosts, infos, strict=True))]
+    return dataclasses.replace(
+        base, id=split_key(key)[1], device=devices[0] if len(devices) == 1 else ",".join(devices),
+        param_groups=groups, params=params, accumulated=accumulated,
+        replayed=all(info.replayed for info in infos),
+        placement={**(base.placement or {}), "shards": shards})
+
+
+def merge_params(parts: Sequence[Tensors | None], layout: ShardLayout,
+                 names: list[str] | None = None) -> PackedTensors:
+    """One packed buffer of the shards' parameters, in the session's order (one copy)."""
+    merged: dict[str, torch.Tensor] = {}
+    for part in parts:
+        if part:
+            merged.update(part)
+    order = names if names is not None else layout.names()
+    return pack({n: merged[n] for n in order if n in merged})
+
+
+def merge_state(sds: list[dict[str, Any]], layout: ShardLayout) -> dict[str, Any]:
+    """The shards' state dicts as the unsharded session's (torch's format: ids in the
+    session's order of parameters)."""
+    gid = {name: i for i, name in enumerate(layout.names())}
+    state: dict[int, Any] = {}
+    for sd in sds:
+        for group in sd["param_groups"]:
+            for local, name in zip(group["params"], group["param_names"], strict=True):
+                entry = sd["state"].get(local)
+                if entry is not None:
+                    state[gid[name]] = entry
+    groups = []
+    for i, group in enumerate(sds[0]["param_groups"]):
+        names = layout.groups[i]
+        groups.append({**{k: v for k, v in group.items() if k not in ("params", "param_names")},
+                       "params": [gid[n] for n in names], "param_names": list(names)})
+    out: dict[str, Any] = {"state": dict(sorted(state.items())), "param_groups": groups}
+    if "scheduler" in sds[0]:
+        out["scheduler"] = sds[0]["scheduler"]
+    return out
+
+
+def split_state(state: dict[str, Any], layout: ShardLayout) -> list[dict[str, Any]]:
+    """A whole-session state dict (torch's format) as each shard's: parameters by position, as
+    the unsharded import takes them. Structure errors are the unsharded session's own."""
+    if not isinstance(state, dict):
+        raise Invalid("a state dict must be an object with state and param_groups",
+                      code="state_mismatch", field="state_dict")
+    groups = state.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(layout.groups):
+        have = len(groups) if isinstance(groups, list) else "no"
+        raise Invalid(f"the state has {have} param groups; this session has "
+                      f"{len(layout.groups)}", code="state_mismatch",
+                      field="state_dict.param_groups")
+    name_of: dict[int, str] = {}
+    for i, (g, names) in enumerate(zip(groups, layout.groups, strict=True)):
+        where = f"state_dict.param_groups.{i}"
+        if not isinstance(g, dict):
+            raise Invalid("a param group must be an object", code="state_mismatch", field=where)
+        ids = g.get("params")
+        if not isinstance(ids, list) or not all(type(x) is int for x in ids):
+            raise Invalid("params must be a list of integer ids", code="state_mismatch",
+                          field=f"{where}.params")
+        if len(ids) != len(names):
+            raise Invalid(f"group {i} has {len(ids)} parameters in the state but {len(names)} "
+                          "in this session", code="state_mismatch", field=f"{where}.params")
+        for pid, name in zip(ids, names, strict=True):
+            if pid in name_of:
+                raise Invalid("a parameter id appears twice in param_groups",
+                              code="state_mismatch", field="state_dict.param_groups")
+            name_of[pid] = name
+    raw_state = state.get("state", {})
+    if not isinstance(raw_state, dict):
+        raise Invalid("state must be an object of per-parameter states", code="state_mismatch",
+                      field="state_dict.state")
+    by_name: dict[str, Any] = {}
+    for key, entry in raw_state.items():
+        try:
+            pid = int(key)
+        except (TypeError, ValueError):
+            raise Invalid(f"state keys must be integer parameter ids, got {key!r:.40}",
+                          code="state_mismatch", field=f"state_dict.state.{key}") from None
+        if pid not in name_of:
+            raise Invalid(f"state for parameter id {pid}, which no param group lists",
+                          code="state_mismatch", field=f"state_dict.state.{key}")
+        by_name[name_of[pid]] = entry
+    out = []
+    for index in range(layout.shards):
+        local = {n: i for i, n in enumerate(layout.names_of(index))}
+        shard_groups = []
+        for g, names in zip(groups, layout.groups, strict=True):
+            mine = [n for n in names if layout.owner[n] == index]
+            shard_groups.append({**{k: v for k, v in g.items()
+                                    if k not in ("params", "param_names")},
+                                 "params": [local[n] for n in mine], "param_names": mine})
+        sd: dict[str, Any] = {
+            "state": {local[n]: e for n, e in by_name.items() if layout.owner[n] == index},
+            "param_groups": shard_groups}
+        for k, v in state.items():
+            if k not in ("state", "param_groups"):
+                sd[k] = v  # the scheduler (and anything unknown, which every shard refuses)
+        out.append(sd)
+    return out
+
+
+# ---------------------------------------------------------------------------- errors
+def retryable(exc: BaseException) -> bool:
+    """A failure to reach a shard (its host restarting, its disk), not a refusal."""
+    return isinstance(exc, (Unavailable, StorageFull)) and getattr(exc, "code", "") != \
+        "session_damaged"
+
+
+def first_refusal(errors: dict[int, BaseException], layout: ShardLayout) -> BaseException:
+    """The error a client gets when some shards refused: a refusal (4xx) before an outage,
+    non-finite gradients of every shard as one error, else the lowest shard's."""
+    refusals = {i: e for i, e in errors.items()
+                if isinstance(e, OptserveError) and 400 <= e.status < 500}
+    if refusals:
+        nonfinite = [e for e in refusals.values() if isinstance(e, Invalid)
+                     and e.code == "nonfinite_gradient"]
+        if len(nonfinite) == len(refusals) and len(nonfinite) > 1:
+            bad = [n for n in layout.names()
+                   if any(n in e.extra.get("names", []) for e in nonfinite)]
+            return Invalid(f"non-finite gradient values in {', '.join(map(repr, bad[:20]))}; "
+                           "this session rejects them (nonfinite: reject)",
+                           code="nonfinite_gradient", field=f"grads.{bad[0]}", names=bad)
+        return refusals[min(refusals)]
+    return errors[min(errors)]
+
+
+@dataclass
+class _Pending:
+    """A committed operation some shards have not applied yet (rolled forward later)."""
+
+    ops: dict[int, Operation]
+    idem: IdemKey
+
+
+# ---------------------------------------------------------------------------- the coordinator
+class ShardedSession:
+    """The coordinator of one sharded session (see the module docstring). It implements the
+    host methods the front calls for the session's key."""
+
+    def __init__(self, key: str, layout: ShardLayout, shards: list[tuple[Host, str]], *,
+                 commit_timeout_s: float = 30.0) -> None:
+        self.key = key
+        self.layout = layout
+        self.shards = shards
+        self.name = "sharded"
+        self.device = shards[0][0].device
+        self.commit_timeout_s = commit_timeout_s
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._version: int | None = None
+        self._pending: _Pending | None = None
+        self._damaged: str | None = None
+
+    # ------------------------------------------------------------------ create and delete
+    @classmethod
+    async def create(cls, key: str, spec: CreateSpec, layout: ShardLayout,
+                     shards: list[tuple[Host, str]], *, idem: IdemKey | None = None,
+                     commit_timeout_s: float = 30.0) -> tuple[ShardedSession, SessionInfo]:
+        """Create every shard, or none: a shard refusing the create deletes the others."""
+        if spec.ps_options.get("sync") is not None:
+            raise Invalid("a sharded session steps without synchronous rounds (a round's "
+                          "reduction would have to gather every shard's gradients in one "
+                          "place); use max_staleness, or one shard", code="invalid_body",
+                          field="sync")
+        results = await asyncio.gather(
+            *(host.create(skey, shard_spec(spec, layout, i), idem=idem)
+              for i, (host, skey) in enumerate(shards)), return_exceptions=True)
+        errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
+        if errors:
+            await asyncio.gather(*(host.delete(skey) for i, (host, skey) in enumerate(shards)
+                                   if i not in errors), return_exceptions=True)
+            raise first_refusal(errors, layout)
+        infos = [r for r in results if isinstance(r, SessionInfo)]
+        session = cls(key, layout, shards, commit_timeout_s=commit_timeout_s)
+        session._version = infos[0].version
+        return session, merge_info(key, infos, layout, [h.name for h, _ in shards])
+
+    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
+        async with self._lock:
+            results = await asyncio.gather(*(host.delete(skey, idem=idem)
+                                             for host, skey in self.shards),
+                                           return_exceptions=True)
+            errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)
+                      and not isinstance(r, NotFound)}
+            if errors:
+                raise first_refusal(errors, self.layout)
+            self._damaged = "the session was deleted"
+        self._wake()
+        return bool(results) and all(r is True for r in results)
+
+    # ------------------------------------------------------------------ reads
+    async def describe(self, key: str) -> SessionInfo:
+        async with self._lock:
+            self._check_usable()
+            infos = await self._all(lambda host, skey: host.describe(skey))
+        self._check_lockstep([i.version for i in infos])
+        return merge_info(self.key, infos, self.layout, [h.name for h, _ in self.shards])
+
+    async def list_sessions(self, prefix: str) -> list[SessionInfo]:
+        return [await self.describe(self.key)] if self.key.startswith(prefix) else []
+
+    async def pull(
+        self, key: str, names: list[str] | None, *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+    ) -> ParamsResult:
+        if names is not None:
+            for n in names:
+                if n not in self.layout.owner:
+                    raise Invalid(f"unknown parameter {n!r:.80}", code="unknown_parameter",
+                                  field=f"names.{n}")
+        if min_version is not None and wait_s > 0:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + min(wait_s, MAX_WAIT_S)
+            while True:
+                changed = self._changed
+                version = self._version
+                if version is None:
+                    version = (await self.describe(self.key)).version
+                remaining = deadline - loop.time()
+                if version >= min_version or remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(changed.wait(), remaining)
+                except TimeoutError:
+                    pass
+        async with self._lock:
+            self._check_usable()
+            wanted = names if names is not None else self.layout.names()
+            parts = [(i, [n for n in wanted if self.layout.owner[n] == i])
+                     for i in range(self.layout.shards)]
+            asked = [(i, ns) for i, ns in parts if ns] or [(0, [])]
+            results = await asyncio.gather(
+                *(self.shards[i][0].pull(self.shards[i][1], ns, unless_versions=unless_versions)
+                  for i, ns in asked), return_exceptions=True)
+        errors = {i: r for (i, _), r in zip(asked, results, strict=True)
+                  if isinstance(r, BaseException)}
+        if errors:
+            raise first_refusal(errors, self.layout)
+        outs = [r for r in results if isinstance(r, ParamsResult)]
+        self._check_lockstep([r.version for r in outs])
+        first = outs[0]
+        if first.not_modified:
+            return ParamsResult(first.version, first.step, first.lr, {}, not_modified=True)
+        return ParamsResult(first.version, first.step, first.lr,
+                            merge_params([r.params for r in outs], self.layout, wanted))
+
+    async def export_state(self, key: str) -> StateExport:
+        async with self._lock:
+            self._check_usable()
+            outs = await self._all(lambda host, skey: host.export_state(skey))
+        self._check_lockstep([o.version for o in outs])
+        return StateExport(merge_state([o.state_dict for o in outs], self.layout),
+                           outs[0].version, outs[0].step)
+
+    async def status(self, *, memory: bool = False) -> EngineStatus:  # pragma: no cover
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ operations
+    async def step(
+        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        base_version: int | None = None, idem: IdemKey | None = None,
+        options: dict[int, dict[str, Any]] | None = None,
+    ) -> StepResult:
+        if worker is not None:
+            ps.check_worker(worker)
+        out: StepResult = await self.execute(key, Step(grads, base_version, options=options),
+                                             idem=idem, want_params=want_params)
+        return out
+
+    async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
+                      want_params: bool = False) -> Any:
+        layout = self.layout
+        every = range(layout.shards)
+        ops: dict[int, Operation]
+        if isinstance(op, Step):
+            self._check_names(op.grads, "grads")
+            ops = {i: dataclasses.replace(op, grads=layout.part(op.grads, i)) for i in every}
+        elif isinstance(op, Push):
+            self._check_names(op.grads, "grads")
+            ops = {i: Push(layout.part(op.grads, i)) for i in every
+                   if layout.part(op.grads, i)} or {0: Push({})}
+        elif isinstance(op, Overwrite):
+            if not op.params:
+                raise Invalid("give at least one parameter", code="invalid_params",
+                              field="params")
+            self._check_names(op.params, "params")
+            ops = {i: Overwrite(layout.part(op.params, i)) if layout.part(op.params, i)
+                   else Bump() for i in every}
+        elif isinstance(op, ImportState):
+            ops = dict(enumerate(ImportState(sd) for sd in split_state(op.state, layout)))
+        elif isinstance(op, Configure):
+            if op.options.get("sync") is not None:
+                raise Invalid("a sharded session steps without synchronous rounds",
+                              code="invalid_body", field="sync")
+            ops = dict.fromkeys(every, op)
+        elif isinstance(op, (ZeroGrad, UpdateParamGroup, SchedulerStep)):
+            ops = dict.fromkeys(every, op)
+        elif isinstance(op, AddParamGroup):
+            raise Invalid("add_param_group is not supported on a sharded session (its layout "
+                          "is fixed at create); create the session with every group",
+                          code="not_supported", field="param_groups")
+        else:  # pragma: no cover - every operation kind is listed above
+            raise Invalid(f"{op.kind} is not supported on a sharded session",
+                          code="not_supported")
+        async with self._lock:
+            self._check_usable()
+            await self._finish_pending()
+            results, nonfinite = await self._two_phase(ops, idem, want_params)
+            merged = self._merge(op, results, want_params, nonfinite)
+            version = getattr(merged, "version", None)
+            if isinstance(version, int):
+                self._version = version
+        self._wake()
+        return merged
+
+    # ------------------------------------------------------------------ the two phases
+    async def _two_phase(self, ops: dict[int, Operation], idem: IdemKey | None,
+                         want_params: bool) -> tuple[dict[int, Any], list[str]]:
+        """Prepare on every shard, then commit on every shard: the shards' results, and the
+        gradients found non-finite."""
+        idem = idem or IdemKey(f"optserve-tx-{uuid.uuid4().hex}")
+        prepared = await asyncio.gather(
+            *(self.shards[i][0].prepare(self.shards[i][1], op, idem) for i, op in ops.items()),
+            return_exceptions=True)
+        checked: dict[int, Checked] = {}
+        errors: dict[int, BaseException] = {}
+        for i, r in zip(ops, prepared, strict=True):
+            if isinstance(r, BaseException):
+                errors[i] = r
+            else:
+                checked[i] = r
+        if errors:
+            await asyncio.gather(*(self.shards[i][0].abort(self.shards[i][1], idem)
+                                   for i in checked), return_exceptions=True)
+            raise first_refusal(errors, self.layout)
+        fresh = [c.version for c in checked.values() if not c.applied]
+        if len(set(fresh)) > 1:
+            self._damaged = (f"its shards are at different versions ({sorted(set(fresh))}): an "
+                             "operation was applied on some shards only")
+            self._check_usable()
+        commit: dict[int, Operation | None] = {i: None for i in ops}
+        if any(c.skip for c in checked.values()):  # the whole session skips this step
+            for i, op in ops.items():
+                assert isinstance(op, Step)
+                commit[i] = SkipStep(op.options)
+        for i, c in checked.items():
+            if c.applied and commit[i] is None:
+                commit[i] = ops[i]  # nothing was kept for it: its commit is answered anyway
+        results = await self._commit(ops, commit, idem, want_params)
+        return results, [n for c in checked.values() for n in c.nonfinite]
+
+    async def _commit(self, ops: dict[int, Operation], commit: dict[int, Operation | None],
+                      idem: IdemKey, want_params: bool) -> dict[int, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.commit_timeout_s
+        results: dict[int, Any] = {}
+        todo = dict(commit)
+        delay = 0.05
+        while True:
+            outs = await asyncio.gather(
+                *(self.shards[i][0].commit(self.shards[i][1], idem, op, want_params=want_params)
+                  for i, op in todo.items()), return_exceptions=True)
+            failed: dict[int, BaseException] = {}
+            for i, r in zip(list(todo), outs, strict=True):
+                if isinstance(r, BaseException):
+                    failed[i] = r
+                else:
+                    results[i] = r
+            if not failed:
+                return results
+            hard = {i: e for i, e in failed.items() if not retryable(e)}
+            if hard:
+                self._damaged = (f"a shard failed to apply an operation every shard had "
+                                 f"accepted: {hard[min(hard)]}")
+                raise first_refusal(hard, self.layout)
+            # the operation itself, again: whatever the host kept for the commit may be gone
+            todo = {i: (commit[i] or ops[i]) for i in failed}
+            if loop.time() + delay > deadline:
+                self._pending = _Pending({i: op for i, op in todo.items() if op is not None},
+                                         idem)
+                first = failed[min(failed)]
+                raise Unavailable(f"a shard's host did not take the operation ({first}); it is "
+                                  "committed and will be completed: retry with the same "
+                                  "Idempotency-Key for its answer", code="host_restarting",
+                                  retry_after=2.0)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _finish_pending(self) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        await self._commit(pending.ops, dict(pending.ops), pending.idem, False)
+
+    # ------------------------------------------------------------------ helpers
+    async def _all(self, call: Callable[[Host, str], Awaitable[T]]) -> list[T]:
+        results = await asyncio.gather(*(call(h, k) for h, k in self.shards),
+                                       return_exceptions=True)
+        errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
+        if errors:
+            raise first_refusal(errors, self.layout)
+        return [r for r in results if not isinstance(r, BaseException)]
+
+    def _check_usable(self) -> None:
+        if self._damaged is not None:
+            if self._damaged == "the session was deleted":
+                raise NotFound(f"no session {split_key(self.key)[1]!r:.140}",
+                               code="session_not_found", field="session_id")
+            raise Unavailable(f"sharded session {split_key(self.key)[1]!r:.140} is out of "
+                              f"service: {self._damaged}; export what you need and delete it",
+                              code="session_damaged", retry_after=30.0)
+
+    def _check_lockstep(self, versions: list[int]) -> None:
+        if len(set(versions)) > 1:
+            self._damaged = (f"its shards are at different versions ({sorted(set(versions))})")
+            self._check_usable()
+
+    def _check_names(self, tensors: Tensors, field: str) -> None:
+        for name in tensors:
+            if name not in self.layout.owner:
+                shown = ", ".join(repr(n) for n in self.layout.names()[:20])
+                raise Invalid(f"unknown parameter {name!r:.80}; this session has {shown}",
+                              code="unknown_parameter", field=f"{field}.{name}")
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def _merge(self, op: Operation, results: dict[int, Any], want_params: bool,
+               nonfinite: list[str]) -> Any:
+        outs = [results[i] for i in sorted(results)]
+        self._check_lockstep([r.version for r in outs if hasattr(r, "version")])
+        first = outs[0]
+        replayed = all(getattr(r, "replayed", False) for r in outs)
+        if isinstance(first, StepResult):
+            steps = [r for r in outs if isinstance(r, StepResult)]
+            skipped = any(r.skipped for r in steps)
+            order = self.layout.names()
+            seen = set(nonfinite) | {n for r in steps for n in r.nonfinite}
+            params = (merge_params([r.params for r in steps], self.layout) if want_params
+                      else None)
+            return dataclasses.replace(
+                first, skipped=skipped, nonfinite=[n for n in order if n in seen],
+                params=params, replayed=replayed,
+                params_version=first.params_version if replayed else None)
+        if isinstance(first, GradsResult):
+            accumulated = sorted({n for r in outs for n in r.accumulated})
+            return dataclasses.replace(first, accumulated=accumulated, replayed=replayed)
+        if isinstance(first, ParamsResult):  # an overwrite: the parameters it wrote
+            assert isinstance(op, Overwrite)
+            return ParamsResult(first.version, first.step, first.lr,
+                                merge_params([r.params for r in outs], self.layout,
+                                             [n for n in self.layout.names() if n in op.params]),
+                                replayed=replayed)
+        if isinstance(first, SchedulerResult):
+            return dataclasses.replace(first, replayed=replayed)
+        if isinstance(first, SessionInfo):
+            infos = [r for r in outs if isinstance(r, SessionInfo)]
+            info = merge_info(self.key, infos, self.layout, [h.name for h, _ in self.shards])
+            info.replayed = replayed
+            return info
+        return first

@@ -1,0 +1,126 @@
+"""The Ray engine's parts that need no cluster: tensors to numpy and back (bitwise, every
+dtype, packed buffers), operation values through the wire form, the directory's exclusive
+claims, resource checks, and the create check on stand-ins."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from app.api.requests import create_spec
+from app.engine.directory import Directory
+from app.engine.interface import CreateSpec, GroupSpec
+from app.engine.ops import ImportState, Overwrite, SkipStep, Step
+from app.engine.placement import check_resources, shape_key
+from app.errors import Invalid
+from app.wire.safetensors_body import pack
+from tests.torch_reference import json_tensor
+
+ray_host = pytest.importorskip("app.engine.ray_host")
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int8,
+          torch.uint8, torch.bool]
+
+
+def bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tensors_cross_bitwise(dtype: torch.dtype) -> None:
+    t = (torch.randn(3, 4) * 100).to(dtype)
+    for x in (t, t[:, 1:3], t.reshape(-1)[0], torch.empty(0, 2, dtype=dtype)):
+        back = ray_host.tensor_from_wire(ray_host.tensor_to_wire(x))
+        assert back.dtype == x.dtype and back.shape == x.shape and bits(back) == bits(x)
+
+
+def test_packed_parameters_cross_as_one_buffer() -> None:
+    tensors = {"a": torch.randn(5), "b": torch.randn(2, 3).double(), "c": torch.randn(4).half(),
+               "d": torch.randn(3).bfloat16(), "e": torch.empty(0)}
+    wire = ray_host.packed_to_wire(pack(tensors))
+    back = ray_host.packed_from_wire(wire)
+    assert list(back) == list(pack(tensors))
+    for n, t in tensors.items():
+        assert back[n].dtype == t.dtype and bits(back[n]) == bits(t)
+    assert bytes(back.buffer) == bytes(pack(tensors).buffer)
+
+
+def test_operations_cross_as_values() -> None:
+    g = {"w": torch.randn(3), "v": torch.randn(2).bfloat16()}
+    for op in (Step(g, base_version=3, options={0: {"lr": 0.1}}), Overwrite(g),
+               SkipStep({1: {"betas": [0.9, 0.99]}}),
+               ImportState({"state": {0: {"step": torch.tensor(2.0)}}, "param_groups": []})):
+        back = ray_host.op_from_wire(ray_host.op_to_wire(op))
+        assert type(back) is type(op) and back.kind == op.kind
+        assert str(back.to_tree()) == str(op.to_tree())
+
+
+def test_create_is_checked_on_standins() -> None:
+    good = CreateSpec("Adam", [GroupSpec({"w": torch.randn(1000, 1000)}, {})], {"lr": 0.1})
+    ray_host.check_create(good, "reject")
+    for options, words in (({"lr": -1}, "Invalid learning rate"),
+                           ({"betas": [1.5, 0.9]}, "beta")):
+        with pytest.raises(Invalid, match=words):
+            ray_host.check_create(CreateSpec("Adam", good.groups, options), "reject")
+    muon = CreateSpec("Muon", [GroupSpec({"w": torch.randn(3, 4, 5)}, {})], {})
+    with pytest.raises(Invalid):
+        ray_host.check_create(muon, "reject")  # Muon's 2-D rule survives the stand-ins
+
+
+def test_directory_claims_are_exclusive(tmp_path: Path) -> None:
+    for d in (Directory(tmp_path / "dir"), Directory(None)):
+        wins: list[bool] = []
+
+        def claim(i: int, d: Directory = d, wins: list[bool] = wins) -> None:
+            wins.append(d.claim("t~x", {"i": i}))
+        threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(wins) == [False] * 7 + [True]
+        assert d.keys("t~") == ["t~x"] and d.keys("u~") == []
+        d.put("t~x", {"i": 99})
+        assert d.get("t~x") == {"i": 99}
+        d.note_created("t", "key-1", "fp", "t~x")
+        assert d.created("t", "key-1") == {"key": "t~x", "fingerprint": "fp"}
+        assert d.created("u", "key-1") is None
+        d.remove("t~x")
+        d.forget_created("t", "key-1")
+        assert d.get("t~x") is None and d.created("t", "key-1") is None
+
+
+@pytest.mark.parametrize(("value", "field"), [
+    ([], "resources"), ({"cpus": 1}, "resources.cpus"), ({"num_gpus": -1}, "resources.num_gpus"),
+    ({"num_gpus": 1.5}, "resources.num_gpus"), ({"num_cpus": True}, "resources.num_cpus"),
+    ({"memory": 1.5}, "resources.memory"), ({"num_cpus": float("inf")}, "resources.num_cpus"),
+    ({"resources": {"GPU": 1}}, "resources.resources"),
+    ({"resources": {"a b": 1}}, "resources.resources"),
+])
+def test_bad_resources_are_422(value: Any, field: str) -> None:
+    with pytest.raises(Invalid) as caught:
+        check_resources(value)
+    assert caught.value.field == field and caught.value.code == "invalid_resources"
+
+
+def test_resources_normalized_and_shapes_compared() -> None:
+    a = check_resources({"num_gpus": 0.25, "num_cpus": 1, "resources": {"b": 1, "a": 2}})
+    assert a == {"num_cpus": 1.0, "num_gpus": 0.25, "resources": {"a": 2.0, "b": 1.0}}
+    assert shape_key(a) == "num_cpus=1,num_gpus=0.25,a=2,b=1"
+    assert shape_key(check_resources({"num_gpus": 0.25, "num_cpus": 1.0,
+                                      "resources": {"a": 2, "b": 1}})) == shape_key(a)
+
+
+def test_create_body_fields() -> None:
+    body = {"optimizer": "SGD", "params": {"w": json_tensor(torch.ones(2))}, "shards": 2,
+            "resources": {"num_gpus": 0.5}, "placement": "pack"}
+    spec = create_spec(body)
+    assert (spec.shards, spec.resources, spec.placement) == (2, {"num_gpus": 0.5}, "pack")
+    for key, bad in (("shards", 0), ("shards", 65), ("shards", "2"), ("placement", "fill")):
+        with pytest.raises(Invalid) as caught:
+            create_spec({**body, key: bad})
+        assert caught.value.field == key
