@@ -74,6 +74,15 @@ class Front:
         # keyed deletes this front answered, so a retry that finds nothing still gets its 204
         self._tombstones: OrderedDict[tuple[str, str], str] = OrderedDict()
 
+    @property
+    def host(self) -> EmbeddedHost:
+        """The embedded engine's in-process host (tests and tools reach its store and worker
+        through it); an AttributeError on other engines."""
+        local = getattr(self.router, "local", None)
+        if not isinstance(local, InProcessHost):
+            raise AttributeError("this engine has no in-process host")
+        return local.embedded
+
     async def start(self) -> None:
         await self.router.start()
 
