@@ -28,10 +28,11 @@ const CHARTS = [
 const FIELDS = "n,time,skipped,nonfinite,lr,grad_norm,update_norm,update_ratio,scalars";
 
 const $ = (id) => document.getElementById(id);
-// what the browser test reads (tests/integration/test_ui_browser.py)
+// what the browser test reads (tests/integration/test_ui_browser.py); plots: chart id -> its
+// uPlot (the test compares plot.data, what is drawn, with the server's history)
 const state = {
   key: sessionStorage.getItem(KEY), sessions: [], selected: null, lastN: null, rows: 0,
-  points: 0, charts: {}, draws: 0, polls: 0, errors: [], ready: false,
+  points: 0, charts: {}, plots: {}, draws: 0, polls: 0, errors: [], ready: false,
 };
 window.__ui = state;
 let data = null; // {x: [], time: [], cols: {name: {min: [], max: []}}}
@@ -204,7 +205,9 @@ function append(body) {
   const c = body.columns;
   const count = c["n.max"].length;
   const seen = data.x.length;
-  for (const name of body.fields) {
+  // downsampled (the page always asks for points): the fields are "<name>.min", "<name>.max"
+  const names = new Set(body.fields.map((f) => f.replace(/\.(min|max)$/, "")));
+  for (const name of names) {
     if (name === "n" || name === "time") continue;
     if (!data.cols[name]) {
       data.cols[name] = { min: new Array(seen).fill(null), max: new Array(seen).fill(null) };
@@ -286,6 +289,7 @@ function render() {
         entry.el.append(p);
       }
       state.charts[spec.id] = { series: 0, points: 0 };
+      delete state.plots[spec.id];
       continue;
     }
     entry.el.querySelector(".empty")?.remove();
@@ -306,6 +310,7 @@ function render() {
     }
     drawn += 1;
     state.charts[spec.id] = { series: series.length, points: data.x.length };
+    state.plots[spec.id] = entry.plot;
   }
   state.draws += 1;
   const last = rate().filter((v) => v !== null).at(-1);
@@ -336,11 +341,14 @@ function options(spec, series, w) {
     legend: { show: true, live: false },
     cursor: { drag: { x: true, y: false } },
     hooks: {
-      // the min series are the lower edges of the bands: not in the legend
+      // the min series are the lower edges of the bands: not in the legend (found by label:
+      // a legend that is not live has no row for the x series, so rows and series are not
+      // aligned by index)
       init: [(u) => {
-        u.root.querySelectorAll(".u-legend .u-series").forEach((row, i) => {
-          if (i > 0 && s[i].label.endsWith("(min)")) row.style.display = "none";
-        });
+        for (const row of u.root.querySelectorAll(".u-legend .u-series")) {
+          const label = row.querySelector(".u-label")?.textContent ?? "";
+          if (label.endsWith("(min)")) row.style.display = "none";
+        }
       }],
     },
   };
@@ -360,6 +368,7 @@ function destroyCharts() {
   }
   charts = {};
   state.charts = {};
+  state.plots = {};
   data = null;
 }
 
