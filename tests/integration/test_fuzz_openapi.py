@@ -36,7 +36,10 @@ from app.config import Settings
 from app.main import create_app
 from tests.conftest import LiveServer, _test_settings
 
-pytestmark = pytest.mark.integration
+# schemathesis' parametrized cases and the report tests after them share module counters, and
+# schemathesis runs one case only under pytest-xdist: scripts/test runs this file in its
+# single-process run
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 MAX_EXAMPLES = 12  # per operation: ~20 operations, well under a minute on two cores
 SEED = 20260501
