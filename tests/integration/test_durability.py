@@ -602,7 +602,7 @@ def test_durability_levels_per_session_and_server_default(
     refs: dict[str, Reference] = {}
     levels = {"default": None, "step": "step", "interval": "interval", "memory": "memory"}
     try:
-        with httpx.Client(base_url=url, timeout=30) as c:
+        with httpx.Client(base_url=url, timeout=120) as c:
             for i, (sid, level) in enumerate(levels.items()):
                 extra = {"durability": level} if level else {}
                 r = c.post("/v1/sessions", json=create_body(sid, seed=i, **extra))
@@ -620,7 +620,7 @@ def test_durability_levels_per_session_and_server_default(
         live = dep.server(data_dir=where)
         url = live.start()
         try:
-            with httpx.Client(base_url=url, timeout=30) as c:
+            with httpx.Client(base_url=url, timeout=120) as c:
                 listed = sorted(d["id"] for d in c.get("/v1/sessions").json()["sessions"])
                 assert listed == ["default", "interval", "step"], where
                 for sid in listed:
@@ -638,7 +638,7 @@ def test_durability_levels_per_session_and_server_default(
         live = dep.server(data_dir=data2, durability="memory")
         url = live.start()
         try:
-            with httpx.Client(base_url=url, timeout=30) as c:
+            with httpx.Client(base_url=url, timeout=120) as c:
                 listed = [d["id"] for d in c.get("/v1/sessions").json()["sessions"]]
                 if not listed:  # first run
                     r = c.post("/v1/sessions", json=create_body("d"))
@@ -674,7 +674,7 @@ def test_scheduler_driven_to_zero_lr_survives_restart(
         live = dep.server(data_dir=data)
         url = live.start()
         try:
-            with httpx.Client(base_url=url, timeout=30) as c:
+            with httpx.Client(base_url=url, timeout=120) as c:
                 if restart == 0:
                     assert c.post("/v1/sessions", json=body).status_code == 201
                     for k in range(6):
