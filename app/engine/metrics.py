@@ -144,7 +144,11 @@ def before_step(s: Session, grads: dict[str, torch.Tensor]) -> Probe | None:
                 groups.append(mine)
             names = list(index)
             with_grad = [n for n in names if grads.get(n) is not None]
-            norms = torch._foreach_norm([grads[n] for n in with_grad]) if with_grad else []
+            # a row-sparse gradient's norm is its rows' once duplicates are summed (the
+            # gradient the optimizer steps with): its coalesced values
+            dense = [g.coalesce()._values() if g.layout != torch.strided else g
+                     for g in (grads[n] for n in with_grad)]
+            norms = torch._foreach_norm(dense) if dense else []
             by_name = dict(zip(with_grad, norms, strict=True))
             grad_norms = [by_name.get(n) for n in names]
             return Probe(groups, params, _copy_of(params), grad_norms)

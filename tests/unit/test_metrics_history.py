@@ -109,6 +109,29 @@ def test_step_metrics_equal_torch_in_process(engine: Front, name: str, options: 
     assert {"lr.0", "lr.1", "grad_norm.1", "update_ratio.0", "time"} <= set(cols)
 
 
+@pytest.mark.parametrize("name", ["SparseAdam", "SGD", "Adagrad"])
+def test_metrics_of_row_sparse_steps_equal_torch(engine: Front, name: str) -> None:
+    """A row-sparse gradient (duplicate rows included) has the norm of the gradient the
+    optimizer steps with: its rows with duplicates summed."""
+    table = seeded((20, 4), 1)
+    run(engine.create(CreateSpec(name, [GroupSpec({"emb": table.clone()}, {})],
+                                 options={"lr": 0.1}, id="sp")))
+    local = table.clone()
+    opt = getattr(torch.optim, name)([local], lr=0.1)
+    rows = torch.tensor([[3, 7, 3, 19]])
+    grad = torch.sparse_coo_tensor(rows, seeded((4, 4), 2), (20, 4), check_invariants=True)
+    before = local.clone()
+    local.grad = grad
+    opt.step()
+    result = run(engine.step("sp", {"emb": grad}, return_params=True))
+    assert result.metrics is not None
+    got = result.metrics["groups"][0]
+    close(got["grad_norm"], norm([grad.coalesce().to_dense()]), f"{name} grad_norm")
+    close(got["update_norm"], norm([local - before]), f"{name} update_norm")
+    close(got["param_norm"], norm([local]), f"{name} param_norm")
+    assert result.params is not None and torch.equal(result.params["emb"], local)
+
+
 def test_metrics_off_keeps_lr_and_scalars(engine: Front) -> None:
     spec = CreateSpec("SGD", [GroupSpec({"x": torch.ones(3)})], options={"lr": 0.5}, id="off",
                       metrics=False)
