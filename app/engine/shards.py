@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from app.engine import ps
+from app.engine import ps, state_dicts
 from app.engine.interface import (
     CreateSpec,
     EngineStatus,
@@ -228,16 +228,7 @@ def split_state(state: dict[str, Any], layout: ShardLayout) -> list[dict[str, An
                       field="state_dict.param_groups")
     name_of: dict[int, str] = {}
     for i, (g, names) in enumerate(zip(groups, layout.groups, strict=True)):
-        where = f"state_dict.param_groups.{i}"
-        if not isinstance(g, dict):
-            raise Invalid("a param group must be an object", code="state_mismatch", field=where)
-        ids = g.get("params")
-        if not isinstance(ids, list) or not all(type(x) is int for x in ids):
-            raise Invalid("params must be a list of integer ids", code="state_mismatch",
-                          field=f"{where}.params")
-        if len(ids) != len(names):
-            raise Invalid(f"group {i} has {len(ids)} parameters in the state but {len(names)} "
-                          "in this session", code="state_mismatch", field=f"{where}.params")
+        ids = state_dicts.group_ids(g, i, len(names))
         for pid, name in zip(ids, names, strict=True):
             if pid in name_of:
                 raise Invalid("a parameter id appears twice in param_groups",

@@ -246,16 +246,7 @@ def prepare_import(session: Session, state: object) -> PreparedImport:
     fields: dict[str, str] = {}
     for i, (g, cur) in enumerate(zip(groups, current, strict=True)):
         where = f"state_dict.param_groups.{i}"
-        if not isinstance(g, dict):
-            raise Invalid("a param group must be an object", code="state_mismatch", field=where)
-        ids = g.get("params")
-        if not isinstance(ids, list) or not all(type(x) is int for x in ids):
-            raise Invalid("params must be a list of integer ids", code="state_mismatch",
-                          field=f"{where}.params")
-        if len(ids) != len(cur["params"]):
-            raise Invalid(f"group {i} has {len(ids)} parameters in the state but "
-                          f"{len(cur['params'])} in this session", code="state_mismatch",
-                          field=f"{where}.params")
+        ids = group_ids(g, i, len(cur["params"]))
         names = g.get("param_names")
         if names is not None and (not isinstance(names, list) or len(names) != len(ids)
                                   or not all(isinstance(n, str) for n in names)):
@@ -409,3 +400,19 @@ def check_lbfgs_state(session: Session, options: dict[str, Any], position: int,
     for i, v in enumerate(lists["al"]):
         if v is not None:
             scalar(v, f"{where}.al.{i}", False)
+
+
+def group_ids(g: object, i: int, count: int) -> list[int]:
+    """The parameter ids of group ``i`` of an imported state dict, which must hold ``count``
+    of them (as the session's group does)."""
+    where = f"state_dict.param_groups.{i}"
+    if not isinstance(g, dict):
+        raise Invalid("a param group must be an object", code="state_mismatch", field=where)
+    ids = g.get("params")
+    if not isinstance(ids, list) or not all(type(x) is int for x in ids):
+        raise Invalid("params must be a list of integer ids", code="state_mismatch",
+                      field=f"{where}.params")
+    if len(ids) != count:
+        raise Invalid(f"group {i} has {len(ids)} parameters in the state but {count} in this "
+                      "session", code="state_mismatch", field=f"{where}.params")
+    return ids

@@ -145,10 +145,15 @@ class BaseClient(Generic[HttpxClientT]):
             return None
         if not (call.idempotent or _has_key(call)):
             return None
-        delay = self._retry_delay(attempt)
         after = response.headers.get("retry-after", "")
-        if after.isdigit():
-            delay = max(delay, min(float(after), _constants.MAX_RETRY_DELAY))
+        return self._wait_503(attempt, float(after) if after.isdigit() else None)
+
+    def _wait_503(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds to wait before retrying a 503: the backoff, or the server's Retry-After
+        when longer (capped at ``MAX_RETRY_DELAY``)."""
+        delay = self._retry_delay(attempt)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, _constants.MAX_RETRY_DELAY))
         return delay
 
     @staticmethod

@@ -18,7 +18,7 @@ import httpx
 from . import _api, _sparse
 from ._api import NonFinitePolicy, ParamGroup, ParamsArg, StateFormat
 from ._base_client import AsyncAPIClient, SyncAPIClient
-from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, MAX_RETRY_DELAY
+from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 from ._exceptions import APIStatusError
 from ._local import LocalChannel, LocalUnavailable
 from ._tensors import TensorLike
@@ -156,12 +156,10 @@ class Client(SyncAPIClient):
                     return None  # this session steps over HTTP (nothing was applied)
                 if exc.status_code != 503 or attempt == self.max_retries:
                     raise
-                # nothing was applied: wait as the server asks (capped), then the same key
+                # nothing was applied: wait as the server asks, then the same key
                 after = exc.problem.get("retry_after")
-                delay = self._retry_delay(attempt)
-                if isinstance(after, (int, float)):
-                    delay = max(delay, min(float(after), MAX_RETRY_DELAY))
-                time.sleep(delay)
+                time.sleep(self._wait_503(attempt, float(after)
+                                          if isinstance(after, (int, float)) else None))
                 continue
             return _api.step_result(answer, params, copy=not views)
         return None  # unreachable
