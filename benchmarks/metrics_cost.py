@@ -77,6 +77,9 @@ def round_trips(sizes: list[int], optimizers: list[str], reps: int, threads: str
 
 def device_only(sizes: list[int], optimizers: list[str], reps: int) -> list[dict[str, Any]]:
     from app.engine.interface import GroupSpec
+    from app.runtime import tune_allocator
+
+    tune_allocator()  # as the server does at start (python -m app)
 
     rows = []
     for n in sizes:

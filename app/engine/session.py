@@ -94,6 +94,9 @@ class Session:
         self.group_spec_options: list[dict[str, Any]] = []
         #: per-step norms on the device (``"metrics": false`` on create or PATCH turns them off)
         self.metrics_on = True
+        #: the buffer the update norm's copy of the parameters reuses every step (allocated on
+        #: the first step with metrics; app.engine.metrics)
+        self.metrics_scratch: torch.Tensor | None = None
         #: per-step metrics, a bounded ring (app.engine.history)
         self.history = History(DEFAULT_HISTORY)
         #: client scalars pushed with /grads for the next step: name -> [sum, count]

@@ -126,6 +126,8 @@ class Configure(Operation):
     def apply(self, s: Session, plan: ConfigurePlan) -> SessionInfo:
         s.ps = plan.ps
         s.metrics_on = plan.metrics
+        if not plan.metrics:
+            s.metrics_scratch = None
         if plan.history != s.history.capacity:
             s.history.resize(plan.history)
         return s.describe()
