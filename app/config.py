@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     fsync_interval_ms: float = Field(default=50.0, gt=0, le=60_000)
     snapshot_every_steps: int = Field(default=1000, ge=1)
     snapshot_every_s: float = Field(default=300.0, gt=0)
+    snapshot_every_mb: float = Field(
+        default=1024.0, gt=0,
+        description="also snapshot a session once its log holds this many MB since its last "
+        "snapshot (bounds the disk a large session's log takes and the replay at restart)",
+    )
     api_keys: str = Field(default="", description="key:tenant pairs, comma-separated")
     api_keys_file: Path | None = Field(default=None, description="file of key:tenant lines")
     allow_open: bool = Field(default=False, description="allow a non-loopback bind without keys")

@@ -29,6 +29,7 @@ def make_engine(settings: Any, observer: Observer | None = None) -> Front:
         durability=settings.durability,
         snapshot_every_steps=settings.snapshot_every_steps,
         snapshot_every_s=settings.snapshot_every_s,
+        snapshot_every_mb=settings.snapshot_every_mb,
         fsync_interval_s=settings.fsync_interval_ms / 1000,
         idempotency_window=settings.idempotency_window,
         evaluation_timeout_s=settings.evaluation_timeout_s,
@@ -49,6 +50,7 @@ def embedded_engine(
     durability: Durability = "memory",
     snapshot_every_steps: int = 1000,
     snapshot_every_s: float = 300.0,
+    snapshot_every_mb: float = 1024.0,
     fsync_interval_s: float = 0.05,
     idempotency_window: int = 1000,
     evaluation_timeout_s: float = 60.0,
@@ -64,8 +66,9 @@ def embedded_engine(
     host = EmbeddedHost(HostConfig(
         device=device, torch_threads=torch_threads, default_nonfinite=default_nonfinite,
         data_dir=data_dir, durability=durability, snapshot_every_steps=snapshot_every_steps,
-        snapshot_every_s=snapshot_every_s, fsync_interval_s=fsync_interval_s,
-        idempotency_window=idempotency_window, files=files, warm_up=warm_up,
+        snapshot_every_s=snapshot_every_s, snapshot_every_mb=snapshot_every_mb,
+        fsync_interval_s=fsync_interval_s, idempotency_window=idempotency_window, files=files,
+        warm_up=warm_up,
         evaluation_timeout_s=evaluation_timeout_s, metrics=metrics,
         history_steps=history_steps), observer)
     directory = Directory(data_dir / "directory" if data_dir is not None else None)

@@ -102,6 +102,9 @@ class HostConfig:
     durability: Durability = "memory"
     snapshot_every_steps: int = 1000
     snapshot_every_s: float = 300.0
+    #: also snapshot once the session's log holds this many MB since its last snapshot (a
+    #: 1e7-parameter session logs 40 MB per step: 1000 steps would be 40 GB of log)
+    snapshot_every_mb: float = 1024.0
     fsync_interval_s: float = 0.05
     idempotency_window: int = 1000
     #: per-step norms for sessions that do not say (``"metrics"`` on create)
@@ -605,7 +608,7 @@ class EmbeddedHost:
                                    params_into, params_dtype)
             result = await self._worker.run(all_at_once, op.kind)
         session = self._sessions.get(key)
-        if session is not None and self._snapshot_due(session):
+        if session is not None and self._snapshot_due(key, session):
             await self._snapshot(key, session)
         return result
 
@@ -751,9 +754,16 @@ class EmbeddedHost:
         session.snapshot_time = time.monotonic()
         return session, replayed, torn
 
-    def _snapshot_due(self, s: Session) -> bool:
-        return self._store is not None and s.durability != "memory" and \
-            s.seq - s.seq_at_snapshot >= self.config.snapshot_every_steps
+    def _snapshot_due(self, key: str, s: Session) -> bool:
+        if self._store is None or s.durability == "memory" or s.seq == s.seq_at_snapshot:
+            return False
+        if s.seq - s.seq_at_snapshot >= self.config.snapshot_every_steps:
+            return True
+        try:
+            logged = self._store.log_length(key)
+        except OptserveError:  # the next append says so; a snapshot would not help now
+            return False
+        return logged >= self.config.snapshot_every_mb * 2**20
 
     async def _snapshot(self, key: str, s: Session) -> None:
         """Write the session's snapshot (the caller holds its lock: nothing changes it

@@ -251,7 +251,9 @@ class HostActor:
             device=c["device"], torch_threads=c["torch_threads"],
             default_nonfinite=c["default_nonfinite"], data_dir=root,
             durability=c["durability"], snapshot_every_steps=c["snapshot_every_steps"],
-            snapshot_every_s=c["snapshot_every_s"], fsync_interval_s=c["fsync_interval_s"],
+            snapshot_every_s=c["snapshot_every_s"],
+            snapshot_every_mb=c.get("snapshot_every_mb", 1024.0),
+            fsync_interval_s=c["fsync_interval_s"],
             idempotency_window=c["idempotency_window"], warm_up=c["warm_up"]))
         started = time.perf_counter()
         wrapped = InProcessHost(host, self.name)
@@ -970,6 +972,7 @@ def ray_options(settings: Any) -> RayOptions:
               "durability": settings.durability,
               "snapshot_every_steps": settings.snapshot_every_steps,
               "snapshot_every_s": settings.snapshot_every_s,
+              "snapshot_every_mb": settings.snapshot_every_mb,
               "fsync_interval_s": settings.fsync_interval_ms / 1000,
               "idempotency_window": settings.idempotency_window,
               "warm_up": settings.warm_up})

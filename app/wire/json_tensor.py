@@ -159,7 +159,8 @@ def tensor_values(t: torch.Tensor) -> Any:
     if flat.dtype == torch.bfloat16:
         flat = flat.float()
     arr = flat.numpy()
-    if flat.is_floating_point() and not bool(torch.isfinite(flat).all()):
+    # numpy's check: torch's isfinite().all() costs ~40 us of dispatch per tensor at 1e3
+    if flat.is_floating_point() and not bool(np.isfinite(arr).all()):
         return [x if math.isfinite(x) else ("NaN" if math.isnan(x) else
                 ("Infinity" if x > 0 else "-Infinity")) for x in arr.tolist()]
     return arr

@@ -192,10 +192,12 @@ class OptserveJson(Optserve):
 
 @register
 class OptserveShm(Optserve):
-    """The same-host transport: the SDK (``optserve.Client``, transport chosen automatically
-    for a loopback server) binds the session to an anonymous shared segment over a Unix
-    socket; a step writes the gradient into its slot, sends a small message and copies the
-    new parameters out of theirs. No HTTP on the step path."""
+    """The same-host transport as a user of the SDK's drop-in optimizer gets it:
+    ``optserve.RemoteOptimizer`` over a local parameter tensor (the session created by it),
+    its ``optserve.Client`` choosing the transport automatically for a loopback server. A
+    step writes ``p.grad`` into the session's shared segment, sends a small message over a
+    Unix socket, and copies the new values from the segment straight into ``p`` (as a
+    training loop needs them). No HTTP on the step path."""
 
     name = "optserve-shm"
 
@@ -206,10 +208,24 @@ class OptserveShm(Optserve):
         self.client = self._stack.enter_context(optserve.Client(self.url, transport="local"))
         return facts
 
+    def prepare(self, case: Case, initial: torch.Tensor) -> None:
+        import optserve
+
+        self.sid = f"peers-{case.optimizer}-{case.n}"
+        self.w = initial.clone()
+        self.opt = optserve.RemoteOptimizer([("w", self.w)], case.spec.name, self.client,
+                                            session_id=self.sid, **case.spec.options)
+        self.last = None
+
     def exchange(self, grad_index: int) -> None:
-        out = self.client.step(self.sid, {"w": self.grads[grad_index]})
-        assert out.params is not None
-        self.last = out.params["w"].numpy()
+        self.w.grad = self.grads[grad_index]
+        self.opt.step()
+        self.last = self.w.numpy()
+
+    def params(self) -> npt.NDArray[np.float32]:
+        if self.last is None:
+            raise RuntimeError("no step was taken")
+        return np.array(self.last)
 
 
 @register

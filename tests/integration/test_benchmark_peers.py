@@ -1,7 +1,7 @@
-"""``benchmarks/peers.py`` end to end at N = 1e3 (in-process, echo, optserve-binary, torch
-RPC; 2 rounds): every system's result must equal in-process torch bitwise. No timing asserts.
-About 30 s of CPU (seven processes import torch): 60-70 s at load 5 on a 2-core machine, up to
-3 min at load 10."""
+"""``benchmarks/peers.py`` end to end at N = 1e3 (in-process, echo, optserve-binary, the
+same-host path through ``RemoteOptimizer``, torch RPC; 2 rounds): every system's result must
+equal in-process torch bitwise. No timing asserts. About 30 s of CPU (eight processes import
+torch): 60-70 s at load 5 on a 2-core machine, up to 3 min at load 10."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-SYSTEMS = ["in-process", "echo", "torch-rpc", "optserve-binary"]
+SYSTEMS = ["in-process", "echo", "torch-rpc", "optserve-binary", "optserve-shm"]
 
 
 def test_peers_smoke_bitwise(tmp_path: Path) -> None:
@@ -31,7 +31,7 @@ def test_peers_smoke_bitwise(tmp_path: Path) -> None:
     assert record["ok"] is True
     assert record["failures"] == []
     cells = {(c["system"], c["optimizer"]): c for c in record["cells"]}
-    want = {s if s != "optserve-binary" else "optserve-binary[memory]" for s in SYSTEMS}
+    want = {f"{s}[memory]" if s.startswith("optserve") else s for s in SYSTEMS}
     assert {s for s, _ in cells} == want
     for (system, optimizer), cell in cells.items():
         assert cell["check"] == "ok", (system, optimizer, cell["check"])

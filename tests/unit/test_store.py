@@ -446,6 +446,35 @@ def test_restore_replays_the_log_bitwise(tmp_path: Path) -> None:
     run(go())
 
 
+def test_a_log_past_snapshot_every_mb_is_snapshotted(tmp_path: Path) -> None:
+    """A large session's log is cut by size, not only by count: records here are ~0.5 KB
+    (the create ~1 KB), the limit 1.5 KB, so a snapshot follows every few records whatever
+    snapshot_every_steps says, and the restart replays what is left to the same values."""
+    limit_mb = 1536 / 2**20
+
+    async def go() -> None:
+        eng = embedded_engine("cpu", data_dir=tmp_path, durability="step",
+                              snapshot_every_steps=1000, snapshot_every_mb=limit_mb)
+        await eng.start()
+        wal = tmp_path / "sessions" / "default~s" / "wal.bin"
+        try:
+            await eng.create(spec("s"))
+            sizes = []
+            for k in range(12):
+                await eng.step("s", grad(k), return_params=False)
+                sizes.append(wal.stat().st_size)
+        finally:
+            await eng.stop(snapshot=False)
+        assert max(sizes) < 1536, sizes  # cut each time it reached the limit
+        assert (tmp_path / "sessions" / "default~s" / "snapshot.bin").exists()
+        assert len(read_log(wal)[0]) < 12
+
+        async def check(eng: Front) -> None:
+            await assert_at(eng, 12)
+        await restart(tmp_path, check)
+    run(go())
+
+
 def test_crash_between_snapshot_rename_and_log_truncate(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The snapshot holds records 1..5 but the log still has them too: replay skips them by

@@ -1,0 +1,149 @@
+"""Sessions of many small tensors (a transformer's shape): where the per-tensor cost goes.
+
+    .venv/bin/python -m benchmarks.many_tensors                       # 1,000 x 4 and 100,000 x 1
+    .venv/bin/python -m benchmarks.many_tensors --shapes 1000x4 --optimizers Adam --reps 30
+
+Per shape (K tensors of S float32 each) and optimizer, median ms per step of:
+
+- ``in-process``: torch's own optimizer over K tensors, default options, 1 torch thread, the
+  allocator tuned as the server tunes it;
+- ``echo``: the step request's safetensors bytes posted to a minimal ASGI echo app under
+  uvicorn and read back (the HTTP floor, ``benchmarks/echo_app.py``);
+- ``optserve``: the server as ``scripts/serve`` starts it (``python -m app``,
+  ``OPTSERVE_TORCH_THREADS=1``, durability ``memory``, every other setting its default,
+  per-step metrics included), a plain ``httpx.Client`` posting safetensors with
+  ``Accept: application/octet-stream`` (all K parameters come back);
+- ``optserve, metrics off``: the same with the session's ``"metrics": false``.
+
+The issue-9 target reads ``optserve <= 1.5 x (in-process + echo)``. The server's last answer
+is checked bitwise against the in-process run of the same gradients. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import statistics
+import sys
+import time
+from typing import Any
+
+import httpx
+import orjson
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from benchmarks._server import free_port, server
+from benchmarks.echo_app import ECHO_PATH
+
+BINARY = "application/octet-stream"
+OPTIONS: dict[str, dict[str, Any]] = {"Adam": {"lr": 1e-3}, "SGD": {"lr": 0.01, "momentum": 0.9}}
+
+
+def _median_ms(fn: Any, reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _tensors(k: int, s: int, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {f"t{i:06d}": torch.randn(s, generator=gen) for i in range(k)}
+
+
+def in_process(k: int, s: int, opt: str, reps: int) -> tuple[float, dict[str, torch.Tensor]]:
+    params = {n: t.clone() for n, t in _tensors(k, s, 1).items()}
+    grads = [_tensors(k, s, 2), _tensors(k, s, 3)]
+    optimizer = getattr(torch.optim, opt)(list(params.values()), **OPTIONS[opt])
+    count = [0]
+
+    def step() -> None:
+        g = grads[count[0] % 2]
+        for n, p in params.items():
+            p.grad = g[n]
+        optimizer.step()
+        count[0] += 1
+
+    return _median_ms(step, reps), params
+
+
+def optserve(url: str, k: int, s: int, opt: str, reps: int, metrics: bool
+             ) -> tuple[float, dict[str, torch.Tensor]]:
+    sid = f"many-{k}x{s}-{opt}-{int(metrics)}"
+    body = {"id": sid, "optimizer": opt, "options": OPTIONS[opt], "metrics": metrics,
+            "params": {n: {"dtype": "float32", "shape": [s],
+                           "b64": base64.b64encode(t.numpy().tobytes()).decode()}
+                       for n, t in _tensors(k, s, 1).items()}}
+    bodies = [st_save(_tensors(k, s, 2)), st_save(_tensors(k, s, 3))]
+    count = [0]
+    last: list[bytes] = [b""]
+    with httpx.Client(base_url=url, timeout=600) as http:
+        r = http.post("/v1/sessions", content=orjson.dumps(body),
+                      headers={"Content-Type": "application/json"})
+        assert r.status_code == 201, r.text[:500]
+
+        def step() -> None:
+            r = http.post(f"/v1/sessions/{sid}/step", content=bodies[count[0] % 2],
+                          headers={"Content-Type": BINARY, "Accept": BINARY})
+            assert r.status_code == 200, r.text[:500]
+            last[0] = r.content
+            count[0] += 1
+
+        ms = _median_ms(step, reps)
+        http.delete(f"/v1/sessions/{sid}")
+    return ms, st_load(last[0])
+
+
+def echo(url: str, k: int, s: int, reps: int) -> float:
+    body = st_save(_tensors(k, s, 2))
+    with httpx.Client(base_url=url, timeout=600) as http:
+        return _median_ms(lambda: http.post(ECHO_PATH, content=body,
+                                            headers={"Content-Type": BINARY}), reps)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="1000x4,100000x1", help="KxS, comma-separated")
+    ap.add_argument("--optimizers", default="Adam,SGD")
+    ap.add_argument("--reps", type=int, default=0, help="timed steps per cell (default by K)")
+    args = ap.parse_args()
+    from app.runtime import tune_allocator
+
+    tune_allocator()
+    torch.set_num_threads(1)
+    shapes = [tuple(int(x) for x in spec.split("x")) for spec in args.shapes.split(",")]
+    port = free_port()
+    env = {"OPTSERVE_PORT": str(port), "OPTSERVE_TORCH_THREADS": "1",
+           "OPTSERVE_DURABILITY": "memory", "OPTSERVE_LOCAL_TRANSPORT": "0"}
+    rows = []
+    with server(app="benchmarks.echo_app:app") as echo_url, \
+            server(env, command=[sys.executable, "-m", "app"], port=port) as url:
+        for k, s in shapes:
+            reps = args.reps or (5 if k >= 50_000 else 30)
+            echo_ms = echo(echo_url, k, s, reps)
+            for opt in args.optimizers.split(","):
+                local_ms, want = in_process(k, s, opt, reps)
+                on_ms, got = optserve(url, k, s, opt, reps, True)
+                off_ms, _ = optserve(url, k, s, opt, reps, False)
+                # both ran 3 warm-up + reps steps of the same alternating gradients
+                same = all(torch.equal(got[n], want[n]) for n in want)
+                rows.append((k, s, opt, local_ms, echo_ms, on_ms, off_ms, same))
+                print(f"  {k}x{s} {opt}: in-process {local_ms:.2f}, echo {echo_ms:.2f}, "
+                      f"optserve {on_ms:.2f} (metrics off {off_ms:.2f})", flush=True)
+    print("\n| tensors x floats | optimizer | in-process | echo | optserve | metrics off | "
+          "optserve / (in-process + echo) | bitwise |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k, s, opt, local_ms, echo_ms, on_ms, off_ms, same in rows:
+        print(f"| {k:,} x {s} | {opt} | {local_ms:.2f} | {echo_ms:.2f} | {on_ms:.2f} | "
+              f"{off_ms:.2f} | {on_ms / (local_ms + echo_ms):.2f} | "
+              f"{'ok' if same else 'DIFFERS'} |")
+
+
+if __name__ == "__main__":
+    main()
