@@ -295,10 +295,14 @@ class Session:
                 checked.update(group)
                 if not bool(span.sum().isfinite()):
                     suspects.extend(group)
-        rest = [n for n in tensors if n not in checked]
+        rest = [n for n in tensors if n not in checked and tensors[n].numel()
+                and (tensors[n].is_floating_point() or tensors[n].is_complex())]
         if rest:
-            sums = torch.stack([tensors[n].sum().isfinite() for n in rest]).cpu().tolist()
-            suspects.extend(n for n, ok in zip(rest, sums, strict=True) if not ok)
+            # the others in one call: a norm is finite only when every value is (an overflow
+            # of the squares, from finite values past ~1e19, only makes it a suspect)
+            norms = torch._foreach_norm([tensors[n] for n in rest])
+            finite = torch.stack(norms).isfinite().cpu().tolist()
+            suspects.extend(n for n, ok in zip(rest, finite, strict=True) if not ok)
         if not suspects:
             return []
         flags = torch.stack([torch.isfinite(tensors[n]).all() for n in suspects]).cpu().tolist()
