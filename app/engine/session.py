@@ -318,13 +318,16 @@ class Session:
         widening the caller asked for happens here, once, on the device); row-sparse
         gradients at their parameter's shape."""
         out = {}
+        on_cpu = self.device.type == "cpu"
         for n, t in tensors.items():
             if t.layout != torch.strided:
                 out[n] = sparse.fit(t, self.params[n])
                 continue
-            # from pinned host memory (request bodies when the device is a GPU) the copy is
-            # asynchronous; the step's kernels run after it on the same stream
-            t = t.to(self.device, non_blocking=self.device.type == "cuda" and t.is_pinned())
+            if not (on_cpu and t.is_cpu):  # (a CPU tensor for a CPU session stays as it is)
+                # from pinned host memory (request bodies when the device is a GPU) the copy
+                # is asynchronous; the step's kernels run after it on the same stream
+                t = t.to(self.device,
+                         non_blocking=self.device.type == "cuda" and t.is_pinned())
             dtype = self.params[n].dtype if n in self.params else t.dtype
             out[n] = t if t.dtype == dtype else t.to(dtype)
         return out
