@@ -21,8 +21,8 @@ def tune_allocator() -> None:
     threads (a body freed by the event loop's thread is the block the device worker's next
     temporary reuses; per-thread arenas kept one copy each), and a trim threshold of 64 MB
     (the heap gives back what it holds beyond that). Measured on a 1e7 Adam session (see
-    ``benchmarks/memory.py``): faster steps, and resident memory within 1.2x of params +
-    state + one gradient."""
+    ``benchmarks/memory.py``): faster steps, and resident memory at rest about 1.0x params +
+    state + one gradient (while a step runs its body, temporaries and answer add to that)."""
     name = ctypes.util.find_library("c")
     if not name:
         return
