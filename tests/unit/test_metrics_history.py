@@ -109,6 +109,38 @@ def test_step_metrics_equal_torch_in_process(engine: Front, name: str, options: 
     assert {"lr.0", "lr.1", "grad_norm.1", "update_ratio.0", "time"} <= set(cols)
 
 
+@pytest.mark.parametrize("layout", ["one dtype per group", "mixed dtypes in a group"])
+def test_metrics_per_group_span_and_per_tensor_agree_with_torch(engine: Front,
+                                                                 layout: str) -> None:
+    """Groups that are each one span of the flat block take their norms per span; a group of
+    two dtypes (the block lays out float64 first, so its tensors are not one span) takes them
+    per tensor. Both must equal torch in float64."""
+    f64 = torch.float64 if layout == "mixed dtypes in a group" else torch.float32
+    p0 = {"a": seeded((3, 4), 1), "c": seeded((5,), 2).to(f64), "b": seeded((2,), 3)}
+    groups = [["a", "c"], ["b"]]
+    run(engine.create(CreateSpec("Adam", [GroupSpec({n: p0[n].clone() for n in names})
+                                          for names in groups], options={"lr": 0.1},
+                                 id="mix")))
+    local = {n: t.clone() for n, t in p0.items()}
+    opt = torch.optim.Adam([{"params": [local[n] for n in names]} for names in groups], lr=0.1)
+    for k in range(3):
+        sent = {n: seeded(tuple(t.shape), 10 * k + i).to(t.dtype)
+                for i, (n, t) in enumerate(p0.items())}
+        before = {n: t.clone() for n, t in local.items()}
+        for n, t in local.items():
+            t.grad = sent[n]
+        opt.step()
+        result = run(engine.step("mix", sent, return_params=True))
+        assert result.metrics is not None and result.params is not None
+        for gi, names in enumerate(groups):
+            got = result.metrics["groups"][gi]
+            close(got["grad_norm"], norm([sent[n] for n in names]), f"grad {gi}")
+            close(got["update_norm"], norm([local[n] - before[n] for n in names]), f"upd {gi}")
+            close(got["param_norm"], norm([local[n] for n in names]), f"param {gi}")
+        for n in p0:
+            assert torch.equal(result.params[n], local[n]), n
+
+
 @pytest.mark.parametrize("name", ["SparseAdam", "SGD", "Adagrad"])
 def test_metrics_of_row_sparse_steps_equal_torch(engine: Front, name: str) -> None:
     """A row-sparse gradient (duplicate rows included) has the norm of the gradient the
