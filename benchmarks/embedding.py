@@ -17,9 +17,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -27,6 +26,7 @@ import torch
 
 import optserve
 from benchmarks._server import server
+from benchmarks._timing import median_ms
 from optserve import _api
 
 DIM = 64
@@ -34,17 +34,6 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "SGD": ("SGD", {"lr": 0.1}),
     "SparseAdam": ("SparseAdam", {"lr": 1e-3}),
 }
-
-
-def median_ms(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def spin(seconds: float) -> None:

@@ -21,8 +21,6 @@ Prints a markdown table with the ratio (target: at most 2).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Any
 
 import numpy as np
@@ -31,16 +29,7 @@ import torch
 
 from app.api.bodies import json_object, tensor_map
 from app.wire.json_tensor import encode_json_tensor
-
-
-def _median_ms(fn: Any, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+from benchmarks._timing import median_ms
 
 
 def main() -> None:
@@ -52,7 +41,7 @@ def main() -> None:
     print("| N | orjson encode+decode | server decode+encode | ratio |")
     print("|---|---|---|---|")
     for n in (int(float(s)) for s in args.sizes.split(",")):
-        a, b = _median_ms(_floor(n), args.reps), _median_ms(_server(n), args.reps)
+        a, b = median_ms(_floor(n), args.reps), median_ms(_server(n), args.reps)
         print(f"| {n:.0e} | {a:.3f} | {b:.3f} | {b / a:.2f} |", flush=True)
 
 

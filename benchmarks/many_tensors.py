@@ -3,6 +3,9 @@
     .venv/bin/python -m benchmarks.many_tensors                       # 1,000 x 4 and 100,000 x 1
     .venv/bin/python -m benchmarks.many_tensors --shapes 1000x4 --optimizers Adam --reps 30
 
+Optimizers as in ``benchmarks/peers.py`` (``Adam``: lr 1e-3; ``SGD-momentum``: lr 0.01,
+momentum 0.9).
+
 Per shape (K tensors of S float32 each) and optimizer, median ms per step of:
 
 - ``in-process``: torch's own optimizer over K tensors, default options, 1 torch thread, the
@@ -23,10 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
-import statistics
 import sys
-import time
-from typing import Any
 
 import httpx
 import orjson
@@ -34,22 +34,12 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from benchmarks._peers.cases import OPTIMIZERS
 from benchmarks._server import free_port, server
+from benchmarks._timing import median_ms
 from benchmarks.echo_app import ECHO_PATH
 
 BINARY = "application/octet-stream"
-OPTIONS: dict[str, dict[str, Any]] = {"Adam": {"lr": 1e-3}, "SGD": {"lr": 0.01, "momentum": 0.9}}
-
-
-def _median_ms(fn: Any, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _tensors(k: int, s: int, seed: int) -> dict[str, torch.Tensor]:
@@ -60,7 +50,8 @@ def _tensors(k: int, s: int, seed: int) -> dict[str, torch.Tensor]:
 def in_process(k: int, s: int, opt: str, reps: int) -> tuple[float, dict[str, torch.Tensor]]:
     params = {n: t.clone() for n, t in _tensors(k, s, 1).items()}
     grads = [_tensors(k, s, 2), _tensors(k, s, 3)]
-    optimizer = getattr(torch.optim, opt)(list(params.values()), **OPTIONS[opt])
+    spec = OPTIMIZERS[opt]
+    optimizer = getattr(torch.optim, spec.name)(list(params.values()), **spec.options)
     count = [0]
 
     def step() -> None:
@@ -70,13 +61,14 @@ def in_process(k: int, s: int, opt: str, reps: int) -> tuple[float, dict[str, to
         optimizer.step()
         count[0] += 1
 
-    return _median_ms(step, reps), params
+    return median_ms(step, reps, warmup=3), params
 
 
 def optserve(url: str, k: int, s: int, opt: str, reps: int, metrics: bool
              ) -> tuple[float, dict[str, torch.Tensor]]:
     sid = f"many-{k}x{s}-{opt}-{int(metrics)}"
-    body = {"id": sid, "optimizer": opt, "options": OPTIONS[opt], "metrics": metrics,
+    spec = OPTIMIZERS[opt]
+    body = {"id": sid, "optimizer": spec.name, "options": spec.options, "metrics": metrics,
             "params": {n: {"dtype": "float32", "shape": [s],
                            "b64": base64.b64encode(t.numpy().tobytes()).decode()}
                        for n, t in _tensors(k, s, 1).items()}}
@@ -95,7 +87,7 @@ def optserve(url: str, k: int, s: int, opt: str, reps: int, metrics: bool
             last[0] = r.content
             count[0] += 1
 
-        ms = _median_ms(step, reps)
+        ms = median_ms(step, reps, warmup=3)
         http.delete(f"/v1/sessions/{sid}")
     return ms, st_load(last[0])
 
@@ -103,14 +95,15 @@ def optserve(url: str, k: int, s: int, opt: str, reps: int, metrics: bool
 def echo(url: str, k: int, s: int, reps: int) -> float:
     body = st_save(_tensors(k, s, 2))
     with httpx.Client(base_url=url, timeout=600) as http:
-        return _median_ms(lambda: http.post(ECHO_PATH, content=body,
-                                            headers={"Content-Type": BINARY}), reps)
+        return median_ms(lambda: http.post(ECHO_PATH, content=body,
+                                           headers={"Content-Type": BINARY}), reps, warmup=3)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="1000x4,100000x1", help="KxS, comma-separated")
-    ap.add_argument("--optimizers", default="Adam,SGD")
+    ap.add_argument("--optimizers", default="Adam,SGD-momentum",
+                    help=f"comma-separated, of {', '.join(OPTIMIZERS)}")
     ap.add_argument("--reps", type=int, default=0, help="timed steps per cell (default by K)")
     args = ap.parse_args()
     from app.runtime import tune_allocator

@@ -17,9 +17,9 @@ group's norm is ``sqrt(sum of its tensors' squared norms)`` in Python floats (as
 The update norm needs the parameters as they were before the step: :func:`before_step` copies
 them (one copy of the session's flat parameter block into a buffer the session keeps and reuses,
 when they tile one, as they do unless a param group was added), :func:`after_step` subtracts in
-place and takes the norms. That copy
-and the norms are the whole cost (``benchmarks/metrics_cost.py``); sessions created with
-``"metrics": false`` skip them (their rows keep lr, scalars and the rest).
+place and takes the norms. That copy and the norms are the whole cost
+(``benchmarks/metrics_cost.py``); sessions created with ``"metrics": false`` skip them (their
+rows keep lr, scalars and the rest).
 
 Nothing here may fail a step: :func:`before_step` runs before ``optimizer.step()`` and
 :func:`after_step` after it succeeded; each catches its own errors and the step then simply
@@ -136,14 +136,10 @@ def _snapshot(session: Session, params: list[torch.Tensor], groups: list[list[in
     if raw is None or raw.numel() != hi - lo or raw.device != first.device:
         raw = session.metrics_scratch = torch.empty_like(span)
     raw.copy_(span)
-    ranges = _group_ranges(params, spans, groups)
+    ranges = _group_ranges(params, spans, groups, lo)
     if ranges is not None:
         live, copies = [], []
         for a, b, dtype in ranges:
-            if a == b:  # an empty group (a shard's)
-                live.append(span.new_zeros(0, dtype=dtype))
-                copies.append(span.new_zeros(0, dtype=dtype))
-                continue
             live.append(span[a - lo:b - lo].view(dtype))
             copies.append(raw[a - lo:b - lo].view(dtype))
         return live, copies, True
@@ -152,13 +148,14 @@ def _snapshot(session: Session, params: list[torch.Tensor], groups: list[list[in
 
 
 def _group_ranges(params: list[torch.Tensor], spans: list[tuple[int, int]],
-                  groups: list[list[int]]) -> list[tuple[int, int, torch.dtype]] | None:
+                  groups: list[list[int]], lo: int) -> list[tuple[int, int, torch.dtype]] | None:
     """Per group, the byte range ``[a, b)`` its tensors fill without a gap, and their one
-    dtype; None when a group is not like that (several dtypes, another order)."""
+    dtype (an empty group, a shard's: the empty range at ``lo``); None when a group is not
+    like that (several dtypes, another order)."""
     out = []
     for members in groups:
         if not members:
-            out.append((0, 0, torch.float32))  # an empty group (a shard's): norms of nothing
+            out.append((lo, lo, torch.float32))
             continue
         dtype = params[members[0]].dtype
         a = pos = spans[members[0]][0]

@@ -54,7 +54,6 @@ def read_safetensors(
     base = torch.frombuffer(view, dtype=torch.uint8) if writable and data_len else None
     spans: list[tuple[int, int, str]] = []
     entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
-    tensors: dict[str, torch.Tensor] = {}
     for name, info in header.items():
         where = f"{field}.{name}"
         if not isinstance(info, dict) or info.keys() != {"dtype", "shape", "data_offsets"}:
@@ -84,7 +83,6 @@ def read_safetensors(
                              field=f"{where}.data_offsets")
         spans.append((begin, end, name))
         entries[name] = (dtype, shape, numel)
-        tensors[name] = _EMPTY  # its place in the header's order; the tensor comes below
     spans.sort()
     pos = 0
     for begin, end, name in spans:
@@ -95,20 +93,18 @@ def read_safetensors(
     if pos != data_len:
         raise BadRequest(f"{data_len - pos} bytes after the last tensor",
                          code="invalid_safetensors", field=field)
-    _make_tensors(tensors, spans, entries, base, view)
-    return tensors, dict(metadata_raw)
+    made = _make_tensors(spans, entries, base, view)
+    return {name: made[name] for name in entries}, dict(metadata_raw)
 
 
-_EMPTY = torch.empty(0)
-
-
-def _make_tensors(tensors: dict[str, torch.Tensor], spans: list[tuple[int, int, str]],
+def _make_tensors(spans: list[tuple[int, int, str]],
                   entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]],
-                  base: torch.Tensor | None, view: memoryview) -> None:
-    """The checked entries' tensors, in file order: views into ``base`` where alignment
+                  base: torch.Tensor | None, view: memoryview) -> dict[str, torch.Tensor]:
+    """The checked entries' tensors (made in file order): views into ``base`` where alignment
     allows, each run of adjacent tensors of one dtype cut by one ``torch.split`` (one torch
     call per run, not three per tensor: 1,000 small tensors decode in a fraction of the
     time); a copy of its bytes where not (a tensor whose offset its dtype cannot view)."""
+    tensors: dict[str, torch.Tensor] = {}
     run: list[tuple[int, int, str]] = []
 
     def flush() -> None:
@@ -137,6 +133,7 @@ def _make_tensors(tensors: dict[str, torch.Tensor], spans: list[tuple[int, int, 
             chunk = bytearray(view[begin:end])
             tensors[name] = torch.frombuffer(chunk, dtype=dtype).reshape(shape)
     flush()
+    return tensors
 
 
 def safetensors_header(

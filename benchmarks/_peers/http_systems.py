@@ -222,11 +222,6 @@ class OptserveShm(Optserve):
         self.opt.step()
         self.last = self.w.numpy()
 
-    def params(self) -> npt.NDArray[np.float32]:
-        if self.last is None:
-            raise RuntimeError("no step was taken")
-        return np.array(self.last)
-
 
 @register
 class OptserveBf16(OptserveBinary):
