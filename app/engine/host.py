@@ -12,7 +12,10 @@ Every operation on a session runs under that session's lock, in four stages:
 3. ``apply`` on the worker thread; an apply that fails after touching tensors it cannot put
    back cheaply is cut from the log and the session is rebuilt from its store, through the
    same replay a restart runs (a session that keeps nothing on disk is then taken out of
-   service: 503 ``session_damaged``);
+   service: 503 ``session_damaged``). A gradient step with durability ``step`` is applied
+   while its record's fsync runs (the record is already in the page cache): no reader sees
+   it and nothing is answered until the fsync returns, and a failed fsync cuts the record
+   and rebuilds the session from its store (:meth:`EmbeddedHost._apply_while_syncing`);
 4. the idempotency keys are remembered with the answer, and the answer is returned.
 
 On start every stored session is rebuilt: its snapshot (if any), then a replay of its log
@@ -144,6 +147,8 @@ class EmbeddedHost:
         self._trimmer: asyncio.Task[None] | None = None
         self._busy_since_trim = False
         self._evaluations = Evaluations(self)
+        #: sessions with a step applied whose log record's fsync is still running
+        self._unsettled: dict[str, asyncio.Future[None]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -239,6 +244,7 @@ class EmbeddedHost:
         return dict(self._refused)
 
     async def describe(self, key: str) -> SessionInfo:
+        await self._settled(key)
         info = await self._worker.run(lambda: self._get(key).describe())
         info.pending = self._rounds.pending(key)
         return info
@@ -247,6 +253,7 @@ class EmbeddedHost:
         def describe_all() -> list[SessionInfo]:
             return [s.describe() for k, s in self._sessions.items()
                     if k.startswith(prefix) and k not in self._damaged]
+        await self._settled()
         infos = await self._worker.run(describe_all)
         for info in infos:
             info.pending = self._rounds.pending(f"{prefix}{info.id}")
@@ -265,6 +272,7 @@ class EmbeddedHost:
             while True:
                 # Registered before the version is read: a step in between still wakes us.
                 changed = self._changed.setdefault(key, asyncio.Event())
+                await self._settled(key)
                 version = await self._worker.run(lambda: self._get(key).version, "version")
                 remaining = deadline - loop.time()
                 if version >= min_version or remaining <= 0:
@@ -282,6 +290,7 @@ class EmbeddedHost:
             params = (s.copy_params_into(params_into) if params_into is not None
                       else s.pack_params(names))
             return ParamsResult(s.version, s.step_count, s.lrs(), params)
+        await self._settled(key)
         return await self._worker.run(read)
 
     async def pull_rows(
@@ -301,6 +310,7 @@ class EmbeddedHost:
         if min_version is not None and wait_s > 0:
             await self._worker.run(lambda: read(check_only=True), "pull_rows")
             await self.pull(key, [], min_version=min_version, wait_s=wait_s)
+        await self._settled(key)
         out = await self._worker.run(read, "pull_rows")
         assert out is not None
         return out
@@ -310,6 +320,7 @@ class EmbeddedHost:
             s = self._get(key)
             sd = export_state_dict(s)
             return StateExport(sd, s.version, s.step_count)
+        await self._settled(key)
         return await self._worker.run(read)
 
     async def history(self, key: str, query: HistoryQuery) -> HistoryResult:
@@ -320,6 +331,7 @@ class EmbeddedHost:
             first, last = h.bounds()
             cols = h.select(query.since, query.until, fields)
             return HistoryResult(h.capacity, first, last, len(cols["n"]), query.points, cols)
+        await self._settled(key)
         return await self._worker.run(read, "history")
 
     async def _trim_when_idle(self, idle_s: float = 2.0) -> None:
@@ -560,6 +572,7 @@ class EmbeddedHost:
             if base_version is not None:
                 staleness_of(s, base_version)
             return s.check_grads(grads)
+        await self._settled(key)
         return await self._worker.run(check, "sync_push")
 
     async def _apply_round(self, key: str, pushes: dict[str, Tensors], how: ps.Reduce,
@@ -591,7 +604,13 @@ class EmbeddedHost:
             record = persist.Record(op, s.seq + 1, op.version_after(s, plan), record_keys, sync)
             return plan, persist.encode_record_parts(record), store.log_length(key)
 
-        if store is not None and s.durability == "step":
+        if store is not None and s.durability == "step" and isinstance(op, Step):
+            plan, parts, before = await self._worker.run(check_and_encode, f"{op.kind}_check")
+            result = await self._apply_while_syncing(
+                key, store, parts, before,
+                lambda: self._apply(key, s, op, plan, keys, want_params, before, sync,
+                                    params_into, params_dtype), op.kind)
+        elif store is not None and s.durability == "step":
             plan, parts, before = await self._worker.run(check_and_encode, f"{op.kind}_check")
             await self._in_io(lambda: store.append(key, parts, "step"))
             result = await self._worker.run(
@@ -611,6 +630,58 @@ class EmbeddedHost:
         if session is not None and self._snapshot_due(key, session):
             await self._snapshot(key, session)
         return result
+
+    async def _apply_while_syncing(self, key: str, store: Store, parts: list[Any],
+                                   before: int, apply: Callable[[], T], kind: str) -> T:
+        """Durability ``step`` for a step: the record is written (into the page cache: the
+        optimizer may then change the gradients it was made of), then its fsync runs on an
+        I/O thread while the step is applied on the worker: the step costs the larger of the
+        two, not their sum. Nothing is acknowledged, and no reader sees the session, before
+        the fsync is done (readers wait: :meth:`_settled`). When the fsync fails, the record is
+        cut off and the session is rebuilt from its store without it (the replay a restart
+        runs): it is as it was, and the client gets the storage error."""
+        await self._in_io(lambda: store.append(key, parts, "step", fsync=False))
+        settled = asyncio.get_running_loop().create_future()
+        self._unsettled[key] = settled
+        try:
+            syncing = asyncio.ensure_future(self._in_io(lambda: store.sync(key, before)))
+            try:
+                result = await self._worker.run(apply, kind)
+            except BaseException:
+                # refused (its record is cut) or restored: the fsync's outcome changes nothing
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(syncing)
+                raise
+            try:
+                await asyncio.shield(syncing)
+            except OptserveError:
+                await self._worker.run(lambda: self._rebuild(key, kind), "restore")
+                raise
+            return result
+        finally:
+            del self._unsettled[key]
+            settled.set_result(None)
+
+    def _rebuild(self, key: str, kind: str) -> None:
+        """The session as its store holds it (an applied operation's record did not reach
+        the disk); taken out of service when even that fails."""
+        try:
+            self._sessions[key] = self._restore(key, live=True)[0]
+        except Exception as exc:  # noqa: BLE001 - any failure here takes it out of service
+            log.error("restoring %s after a failed log write: %s", key, exc)
+            self._damaged[key] = (f"a {kind}'s log record could not be written and the "
+                                  f"session could not be restored from its store: {exc}")
+
+    async def _settled(self, key: str | None = None) -> None:
+        """Wait until no operation on this session (None: on any) is applied but not yet
+        durable: readers never see what a failed fsync would take back."""
+        while True:
+            pending = ([f for k, f in self._unsettled.items() if k == key] if key is not None
+                       else list(self._unsettled.values()))
+            if not pending:
+                return
+            for f in pending:
+                await asyncio.shield(f)
 
     def _apply(self, key: str, s: Session, op: Operation, plan: Any, keys: list[IdemKey],
                want_params: ReturnParams, before: int | None, sync: dict[str, Any] | None,
@@ -667,7 +738,7 @@ class EmbeddedHost:
         try:
             assert self._store is not None
             self._store.truncate(key, before)
-            self._sessions[key] = self._restore(key)[0]
+            self._sessions[key] = self._restore(key, live=True)[0]
         except Exception as again:  # noqa: BLE001 - any failure here takes it out of service
             self._damaged[key] = f"a {op.kind} failed half-way and its restore failed: {again}"
             raise Unavailable(f"the {op.kind} failed and the session could not be restored: "
@@ -702,11 +773,12 @@ class EmbeddedHost:
                      ", torn last record dropped" if torn else "",
                      time.perf_counter() - started)
 
-    def _restore(self, key: str) -> tuple[Session, int, bool]:
+    def _restore(self, key: str, *, live: bool = False) -> tuple[Session, int, bool]:
         """The session as its snapshot and log make it: the snapshot, then each record through
-        the operation's own ``check`` and ``apply``."""
+        the operation's own ``check`` and ``apply`` (``live``: a running session's rebuild,
+        which leaves a torn tail in the file to its log's repair)."""
         assert self._store is not None
-        payload, records, torn = self._store.read(key)
+        payload, records, torn = self._store.read(key, cut_torn=not live)
         session = (Session.restore(persist.decode_tree(payload, persist.SNAPSHOT_KEY),
                                    self._device) if payload is not None else None)
         replayed = 0

@@ -411,13 +411,16 @@ class Store:
             shutil.rmtree(d, ignore_errors=True)
             raise
 
-    def read(self, session_id: str) -> tuple[bytes | None, list[bytes], bool]:
-        """(snapshot payload or None, log records, torn tail dropped)."""
+    def read(self, session_id: str, *, cut_torn: bool = True
+             ) -> tuple[bytes | None, list[bytes], bool]:
+        """(snapshot payload or None, log records, torn tail dropped). The torn tail is also cut
+        from the file unless ``cut_torn`` is False (a live session's log: its repair is the
+        next append's, under the log's lock)."""
         d = self._dir(session_id)
         snap = d / "snapshot.bin"
         payload = read_snapshot(snap) if snap.exists() else None
         records, valid, torn = read_log(d / "wal.bin")
-        if torn:
+        if torn and cut_torn:
             with open(d / "wal.bin", "r+b") as f:
                 f.truncate(valid)
                 f.flush()
@@ -552,10 +555,12 @@ class Store:
             return lg
 
     def append(self, session_id: str, payload: Buffer | Sequence[Buffer],
-               durability: Durability) -> int:
+               durability: Durability, *, fsync: bool = True) -> int:
         """Write one record (given whole or in pieces, written without being joined), and for
-        ``step`` fsync it, before returning its end offset. On failure the log is left as it
-        was and :class:`OptserveError` (507 ``storage_full`` or 503 ``storage_error``) says why."""
+        ``step`` fsync it (unless ``fsync`` is False: the caller then calls :meth:`sync`
+        before it acknowledges anything), before returning its end offset. On failure the log
+        is left as it was and :class:`OptserveError` (507 ``storage_full`` or 503
+        ``storage_error``) says why."""
         parts = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
         head = record_head(parts)
         try:
@@ -573,7 +578,7 @@ class Store:
                     self.files.fsync(lg.fd)
                     lg.repair = False
                 n = _write_all(self.files, lg.fd, [head, *parts], lg.good)
-                if durability == "step":
+                if durability == "step" and fsync:
                     self.files.fsync(lg.fd)
             except OSError as exc:
                 self._undo(lg)
@@ -585,6 +590,24 @@ class Store:
                 lg.dirty = True
             self._succeeded()
             return lg.good
+
+    def sync(self, session_id: str, before: int) -> None:
+        """fsync the record that ``append(..., fsync=False)`` wrote past ``before``. On failure
+        the record is cut off (the log back at ``before``, as :meth:`append` leaves a failed
+        write) and :class:`OptserveError` says why."""
+        lg = self._log(session_id)
+        with lg.lock:
+            if lg.good <= before:  # cut meanwhile (its operation was refused): nothing to sync
+                return
+            try:
+                self.files.fsync(lg.fd)
+            except OSError as exc:
+                size = lg.good - before
+                lg.good = before
+                self._undo(lg)
+                self._failed(f"log of {session_id}", exc, size)
+                raise storage_failure(exc, "writing the operation's log record") from None
+            self._succeeded()
 
     def _undo(self, lg: _Log) -> None:
         """Cut a failed record off the log. When that fails, the log is marked for repair and

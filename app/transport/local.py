@@ -100,11 +100,31 @@ class Binding:
             dtype = TORCH_DTYPES[s.dtype]
             self.grads[s.name] = base[s.grad:s.grad + s.nbytes].view(dtype).view(s.shape)
             self.params[s.name] = base[s.param:s.param + s.nbytes].view(dtype).view(s.shape)
+        #: the session logs its steps: the gradients are copied out of the segment (the client
+        #: can write it at any time) into these, so the record, the checks and the step all
+        #: see the same bytes
+        self.logged = info.durability != "memory"
+        self.private: dict[str, torch.Tensor] = {}
         self.layout = {"size": self.size, "params": [
             {"name": s.name, "dtype": s.dtype, "shape": s.shape, "grad": s.grad,
              "param": s.param, "nbytes": s.nbytes} for s in self.slots]}
 
+    def gradients(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named gradient slots: views of the segment, or (a logged session) their copies
+        in buffers this binding keeps from step to step."""
+        if not self.logged:
+            return {n: self.grads[n] for n in names}
+        out = {}
+        for n in names:
+            slot = self.grads[n]
+            mine = self.private.get(n)
+            if mine is None:
+                mine = self.private[n] = torch.empty_like(slot)
+            out[n] = mine.copy_(slot)
+        return out
+
     def close(self) -> None:
+        self.private.clear()
         self.grads.clear()
         self.params.clear()
         try:
@@ -349,7 +369,7 @@ class _Connection(threading.Thread):
         if unknown:
             raise Invalid(f"{unknown[0]!r:.80} has no slot in this binding (bind again after "
                           "add_param_group)", code="unknown_parameter", field="grads")
-        grads = {n: binding.grads[n] for n in names}
+        grads = binding.gradients(names)
         want = m.get("return", "params") == "params"
         idem = None
         key = m.get("idempotency_key")

@@ -200,6 +200,8 @@ class OptserveShm(Optserve):
     training loop needs them). No HTTP on the step path."""
 
     name = "optserve-shm"
+    #: the session's per-step metrics (None: the server's default, on)
+    metrics: ClassVar[bool | None] = None
 
     def start(self) -> dict[str, Any]:
         facts = super().start()
@@ -214,13 +216,23 @@ class OptserveShm(Optserve):
         self.sid = f"peers-{case.optimizer}-{case.n}"
         self.w = initial.clone()
         self.opt = optserve.RemoteOptimizer([("w", self.w)], case.spec.name, self.client,
-                                            session_id=self.sid, **case.spec.options)
+                                            session_id=self.sid, metrics=self.metrics,
+                                            **case.spec.options)
         self.last = None
 
     def exchange(self, grad_index: int) -> None:
         self.w.grad = self.grads[grad_index]
         self.opt.step()
         self.last = self.w.numpy()
+
+
+@register
+class OptserveShmNoMetrics(OptserveShm):
+    """``optserve-shm`` with the session's per-step metrics off (``RemoteOptimizer(...,
+    metrics=False)``): what the norms cost the same-host path."""
+
+    name = "optserve-shm-nometrics"
+    metrics = False
 
 
 @register

@@ -217,3 +217,30 @@ def test_transport_http_never_uses_the_socket(keyed_server: str) -> None:
         assert c._local is None
     with pytest.raises(ValueError):
         optserve.Client(keyed_server, transport="carrier-pigeon")
+
+
+@pytest.mark.parametrize("durability", ["memory", "step", "interval"])
+def test_a_logged_sessions_gradients_are_copied_out_of_the_segment(durability: str) -> None:
+    """The client can write its segment at any time: for a session that logs its steps, the
+    step takes a copy of each gradient slot, so the record, the checks and the optimizer see
+    the same bytes (a memory-only session steps on the slots themselves: no copy)."""
+    from types import SimpleNamespace
+
+    from app.transport.local import Binding
+
+    info = SimpleNamespace(params={"w": {"dtype": "float32", "shape": [5, 3]},
+                                   "b": {"dtype": "bfloat16", "shape": [2]}},
+                           durability=durability)
+    binding = Binding("s", info)  # type: ignore[arg-type]
+    try:
+        for round_ in range(2):  # the copies' buffers are reused from step to step
+            sent = {"w": torch.randn(5, 3), "b": torch.randn(2).bfloat16()}
+            for name, g in sent.items():
+                binding.grads[name].copy_(g)
+            got = binding.gradients(["w", "b"])
+            for name, g in sent.items():
+                assert torch.equal(got[name], g) and got[name].dtype == g.dtype
+            binding.grads["w"].fill_(float("nan"))  # the client scribbles on its slot
+            assert torch.isnan(got["w"]).all().item() == (durability == "memory"), round_
+    finally:
+        binding.close()

@@ -409,3 +409,28 @@ def test_with_block_deletes_the_session_it_created(live_server: str) -> None:
     assert client.get_session("with-kept").id == "with-kept"
     client.delete_session("with-kept")
     client.close()
+
+
+@pytest.mark.parametrize("durability", ["memory", "step"])
+def test_session_policies_from_the_optimizer(client: optserve.Client, durability: str) -> None:
+    """``durability``, ``metrics`` and ``nonfinite`` reach the session the optimizer creates;
+    without metrics a step answers no norms, and the training still equals local torch."""
+    local_model, remote_model = mlp(), mlp()
+    local = torch.optim.Adam(local_model.parameters(), lr=1e-2)
+    remote = optserve.RemoteOptimizer(remote_model.named_parameters(), "Adam", client,
+                                      durability=durability, metrics=False, nonfinite="skip",
+                                      lr=1e-2)
+    try:
+        info = client.get_session(remote.session_id)
+        assert (info.durability, info.metrics, info.nonfinite) == (durability, False, "skip")
+        assert train(local_model, local, 3) == train(remote_model, remote, 3)
+        for a, b in zip(local_model.parameters(), remote_model.parameters(), strict=True):
+            assert torch.equal(a, b)
+        rows = client.history(remote.session_id)
+        assert rows.columns["lr.0"] == [1e-2] * 3
+        assert "grad_norm.0" not in rows.columns
+    finally:
+        remote.close(delete_session=True)
+    with pytest.raises(ValueError, match="policies"):
+        optserve.RemoteOptimizer(mlp().parameters(), client=client, session_id="x",
+                                 worker="w", metrics=False)

@@ -307,6 +307,132 @@ def test_failed_fsync_of_a_step_record_applies_nothing(tmp_path: Path, err: int)
     run(go())
 
 
+class GatedFiles(FaultyFiles):
+    """Holds the next fsync of a log at a gate until the test opens it (with an error or
+    without): the window in which a step is applied but its record is not yet durable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: threading.Event | None = None
+        self.gate_err: int | None = None
+        self._closed = threading.Event()
+        self.held = threading.Event()
+
+    def close_gate(self) -> None:
+        self.gate, self.gate_err = threading.Event(), None
+        self._closed = self.gate
+        self.held.clear()
+
+    def open_gate(self, err: int | None = None) -> None:
+        self.gate_err = err
+        self._closed.set()
+
+    def fsync(self, fd: int) -> None:
+        gate = self.gate
+        if gate is not None and fd in self.wal_fds:
+            self.gate = None
+            self.held.set()
+            assert gate.wait(30), "the test never opened the gate"
+            if self.gate_err is not None:
+                raise OSError(self.gate_err, os.strerror(self.gate_err))
+        super().fsync(fd)
+
+
+@pytest.mark.parametrize("err", [None, errno.EIO, errno.ENOSPC])
+def test_a_step_is_applied_during_its_fsync_and_readers_wait_for_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int | None) -> None:
+    """Durability ``step``: the step is applied while its record's fsync runs (the optimizer
+    has stepped before the fsync returns), but nothing is acknowledged and no reader sees it
+    until the fsync is done. When the fsync fails, the session is rebuilt from its store: the
+    pull that waited sees the session as it was, the step is refused, and the next step and a
+    restart are bitwise the twin's."""
+    from app.engine.ops import gradients
+
+    files = GatedFiles()
+    applied = threading.Event()
+    real_apply = gradients.Step.apply
+
+    def apply(self: gradients.Step, s: Any, plan: Any) -> Any:
+        out = real_apply(self, s, plan)
+        applied.set()
+        return out
+    monkeypatch.setattr(gradients.Step, "apply", apply)
+
+    async def go() -> None:
+        pair = Pair(engine(tmp_path, files, "step"))
+        await pair.start()
+        await pair.step()
+        wal = wal_of(tmp_path)
+        before = read_log(wal)
+        applied.clear()
+        files.close_gate()
+        stepping = asyncio.ensure_future(pair.eng.step(SID, grad(pair.k), return_params=True))
+        assert await asyncio.to_thread(files.held.wait, 20), "the fsync never started"
+        assert await asyncio.to_thread(applied.wait, 20), "the step was not applied meanwhile"
+        pulling = asyncio.ensure_future(pair.eng.pull(SID, None))
+        exporting = asyncio.ensure_future(pair.eng.export_state(SID))
+        await asyncio.sleep(0.3)
+        assert not stepping.done() and not pulling.done() and not exporting.done()
+        files.open_gate(err)
+        if err is None:
+            got = await stepping
+            await pair.twin.step(SID, grad(pair.k), return_params=False)
+            pair.k += 1
+            want = await pair.twin.pull(SID, None)
+            assert got.version == want.version
+            assert_tree_bitwise(got.params, want.params, "params")
+            assert len(read_log(wal)[0]) == len(before[0]) + 1
+        else:
+            with pytest.raises(OptserveError) as info:
+                await stepping
+            assert_refusal(info.value, err)
+            assert read_log(wal) == before and wal.stat().st_size == before[1]
+        want = await pair.twin.pull(SID, None)
+        seen = await pulling
+        assert seen.version == want.version
+        assert_tree_bitwise(seen.params, want.params, "params")
+        assert_tree_bitwise((await exporting).state_dict,
+                            (await pair.twin.export_state(SID)).state_dict, "state")
+        await pair.assert_same()
+        await pair.step()
+        await pair.assert_same()
+        await pair.stop()
+        await pair.assert_restart_same(tmp_path)
+    run(go())
+
+
+def test_a_step_that_changes_its_gradients_in_place_is_logged_as_received(
+        tmp_path: Path) -> None:
+    """torch's foreach SGD with Nesterov momentum adds the momentum into the gradient tensors
+    themselves: the record must hold the gradients as they came (written before the step is
+    applied, its fsync running alongside), or a restart replays other gradients."""
+    sgd = CreateSpec("SGD", [GroupSpec({"w": torch.randn(4, 3), "b": torch.randn(3)})],
+                     {"lr": 0.1, "momentum": 0.9, "nesterov": True, "foreach": True}, id=SID)
+
+    async def go() -> None:
+        eng, twin = engine(tmp_path), embedded_engine("cpu", warm_up=False)
+        await eng.start()
+        await twin.start()
+        await eng.create(sgd)
+        await twin.create(sgd)
+        for k in range(4):
+            await eng.step(SID, grad(k), return_params=False)
+            await twin.step(SID, grad(k), return_params=False)
+        await eng.stop(snapshot=False)
+        again = engine(tmp_path)
+        await again.start()
+        try:
+            got, want = await again.pull(SID, None), await twin.pull(SID, None)
+            assert got.version == want.version == 4
+            assert_tree_bitwise(got.params, want.params, "params")
+            assert_tree_bitwise((await again.export_state(SID)).state_dict,
+                                (await twin.export_state(SID)).state_dict, "state")
+        finally:
+            await again.stop(snapshot=False)
+            await twin.stop()
+    run(go())
+
+
 # --------------------------------------------------------------------------- background fsync
 
 @pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC])

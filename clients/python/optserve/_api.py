@@ -43,6 +43,7 @@ from ._types import _untag as untag
 R = TypeVar("R")
 StateFormat = Literal["safetensors", "json", "torch"]
 NonFinitePolicy = Literal["reject", "skip", "allow"]
+Durability = Literal["step", "interval", "memory"]
 #: A param group for :meth:`Client.create_session`: ``{"params": {name: tensor} | [tensor, ...],
 #: **options}``.
 ParamGroup = Mapping[str, Any]

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import httpx
 
 from . import _api, _sparse
-from ._api import NonFinitePolicy, ParamGroup, ParamsArg, StateFormat
+from ._api import Durability, NonFinitePolicy, ParamGroup, ParamsArg, StateFormat
 from ._base_client import AsyncAPIClient, SyncAPIClient
 from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 from ._exceptions import APIStatusError
@@ -213,6 +213,7 @@ class Client(SyncAPIClient):
         shards: int | None = None,
         resources: Mapping[str, Any] | None = None,
         placement: str | None = None,
+        durability: Durability | None = None,
     ) -> SessionInfo:
         """``POST /v1/sessions``: create a session.
 
@@ -240,6 +241,12 @@ class Client(SyncAPIClient):
             shards: split the parameters over this many session hosts (docs/cluster.md).
             resources: Ray engine: what the session's host needs (``{"num_gpus": 0.25}``).
             placement: Ray engine: ``"pack"`` or ``"spread"`` when choosing its host.
+            durability: ``"step"`` (each step's log record fsynced before it is answered),
+                ``"interval"`` (fsynced within ``OPTSERVE_FSYNC_INTERVAL_MS``) or
+                ``"memory"`` (nothing on disk); default: the server's
+                ``OPTSERVE_DURABILITY``.
+            metrics: per-step norms in step answers and the history (default: the server's
+                ``OPTSERVE_METRICS``).
         """
         return self._request(_api.create_session(
             optimizer, params, param_groups=param_groups, options=options,
@@ -248,7 +255,7 @@ class Client(SyncAPIClient):
                         "staleness_lr": staleness_lr, "metrics": metrics,
                         "history": history, "shards": shards,
                         "resources": dict(resources) if resources is not None else None,
-                        "placement": placement},
+                        "placement": placement, "durability": durability},
         ))
 
     def list_sessions(self) -> list[SessionInfo]:
@@ -518,6 +525,7 @@ class AsyncClient(AsyncAPIClient):
         shards: int | None = None,
         resources: Mapping[str, Any] | None = None,
         placement: str | None = None,
+        durability: Durability | None = None,
     ) -> SessionInfo:
         """``POST /v1/sessions``: see :meth:`Client.create_session`."""
         return await self._request(_api.create_session(
@@ -527,7 +535,7 @@ class AsyncClient(AsyncAPIClient):
                         "staleness_lr": staleness_lr, "metrics": metrics,
                         "history": history, "shards": shards,
                         "resources": dict(resources) if resources is not None else None,
-                        "placement": placement},
+                        "placement": placement, "durability": durability},
         ))
 
     async def list_sessions(self) -> list[SessionInfo]:

@@ -68,6 +68,8 @@ class SessionInfo:
     #: per-step norms on the server's device; rows of history the session keeps
     metrics: bool | None = None
     history: int | None = None
+    #: ``"step"``, ``"interval"`` or ``"memory"``: how far a step must reach before its answer
+    durability: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -108,6 +110,7 @@ class SessionInfo:
             staleness_lr=obj.get("staleness_lr"),
             metrics=obj.get("metrics"),
             history=obj.get("history"),
+            durability=obj.get("durability"),
             raw=obj,
         )
 
