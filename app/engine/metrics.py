@@ -107,44 +107,78 @@ class StepMetrics:
         return row
 
 
-def _snapshot(session: Session, params: list[torch.Tensor], groups: list[list[int]]
-              ) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
-    """The parameters as they are before the step: ``(live, copies, per_group)``.
+@dataclass
+class Layout:
+    """How a session's parameters are copied and normed, worked out once and kept on the
+    session (``Session.metrics_layout``) until its parameters change: the per-step Python work
+    of a small session is then a few torch calls."""
 
-    When they tile one storage (the session's flat block), one copy of its span into the
-    session's scratch buffer (allocated once, reused every step: a fresh 40 MB block per step
-    at 1e7 parameters cost more in page faults than the copy itself); and when each group's
+    #: per group, the parameter names (as the optimizer's groups list them)
+    names: list[list[str]]
+    #: the parameters themselves and their data pointers (a tensor replaced or re-pointed makes
+    #: a new layout)
+    params: list[torch.Tensor]
+    ptrs: list[int]
+    #: per group, the indexes of its tensors in ``params``
+    groups: list[list[int]]
+    after: list[torch.Tensor]
+    before: list[torch.Tensor]
+    per_group: bool
+    #: one copy per step: ``scratch.copy_(span)`` (None: one clone per tensor instead)
+    span: torch.Tensor | None = None
+    scratch: torch.Tensor | None = None
+
+    def fits(self, s: Session, names: list[list[str]]) -> bool:
+        if names != self.names:
+            return False
+        params = s.params
+        return all(params[n] is p and p.data_ptr() == ptr for n, p, ptr in
+                   zip((n for g in names for n in g), self.params, self.ptrs, strict=True))
+
+
+def _layout(s: Session, names: list[list[str]]) -> Layout:
+    """The parameters' layout (see :class:`Layout`).
+
+    When they tile one storage (the session's flat block), one copy of its span into a scratch
+    buffer the layout keeps (allocated once, reused every step: a fresh 40 MB block per step at
+    1e7 parameters cost more in page faults than the copy itself); and when each group's
     tensors are one contiguous span of one dtype (as the flat block lays out sessions of one
     dtype), the live values and the copies come as one span per group: the norms then take a
     handful of torch calls, not three per tensor (1,000 small tensors: ~10 ms less per step).
-    Else one clone per tensor."""
+    Else one clone per tensor, every step."""
+    params = [s.params[n] for g in names for n in g]
+    groups, i = [], 0
+    for g in names:
+        groups.append(list(range(i, i + len(g))))
+        i += len(g)
+    out = Layout(names, params, [p.data_ptr() for p in params], groups, params, [], False)
     first = params[0]
     storage = first.untyped_storage()
     ptr = storage.data_ptr()
     spans = []
     for p in params:
         if p.untyped_storage().data_ptr() != ptr or not p.is_contiguous():
-            return params, [p.detach().clone() for p in params], False
+            return out
         spans.append((int(p.storage_offset()) * p.element_size(), p.numel() * p.element_size()))
-    lo = min(s for s, _ in spans)
-    hi = max(s + n for s, n in spans)
+    lo = min(a for a, _ in spans)
+    hi = max(a + n for a, n in spans)
     if hi - lo > 2 * sum(n for _, n in spans):  # sparse views of a larger storage
-        return params, [p.detach().clone() for p in params], False
+        return out
     span = torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, lo, (hi - lo,),
                                                                          (1,))
-    raw = session.metrics_scratch
-    if raw is None or raw.numel() != hi - lo or raw.device != first.device:
-        raw = session.metrics_scratch = torch.empty_like(span)
-    raw.copy_(span)
+    raw = torch.empty_like(span)
+    out.span, out.scratch = span, raw
     ranges = _group_ranges(params, spans, groups, lo)
     if ranges is not None:
-        live, copies = [], []
+        out.per_group = True
+        out.after, out.before = [], []
         for a, b, dtype in ranges:
-            live.append(span[a - lo:b - lo].view(dtype))
-            copies.append(raw[a - lo:b - lo].view(dtype))
-        return live, copies, True
-    return params, [raw[s - lo:s - lo + n].view(p.dtype).view(p.shape)
-                    for (s, n), p in zip(spans, params, strict=True)], False
+            out.after.append(span[a - lo:b - lo].view(dtype))
+            out.before.append(raw[a - lo:b - lo].view(dtype))
+        return out
+    out.before = [raw[a - lo:a - lo + n].view(p.dtype).view(p.shape)
+                  for (a, n), p in zip(spans, params, strict=True)]
+    return out
 
 
 def _group_ranges(params: list[torch.Tensor], spans: list[tuple[int, int]],
@@ -169,34 +203,37 @@ def _group_ranges(params: list[torch.Tensor], spans: list[tuple[int, int]],
     return out
 
 
-def before_step(s: Session, grads: dict[str, torch.Tensor]) -> Probe | None:
+def before_step(s: Session, grads: dict[str, torch.Tensor],
+                known: dict[str, torch.Tensor] | None = None) -> Probe | None:
     """Gradient norms and a copy of the parameters, before ``optimizer.step()``; None when the
-    session's metrics are off (or this fails: the step goes on without norms)."""
+    session's metrics are off (or this fails: the step goes on without norms). ``known``:
+    norms of (dense) gradients already taken (the non-finite check's), not taken again."""
     if not s.metrics_on:
         return None
     try:
         with torch.no_grad():
-            index: dict[str, int] = {}
-            groups: list[list[int]] = []
-            params: list[torch.Tensor] = []
-            for g in s.optimizer.param_groups:
-                mine = []
-                for name in g["param_names"]:
-                    index[name] = len(params)
-                    mine.append(len(params))
-                    params.append(s.params[name])
-                groups.append(mine)
-            names = list(index)
-            with_grad = [n for n in names if grads.get(n) is not None]
+            names = [g["param_names"] for g in s.optimizer.param_groups]
+            layout = s.metrics_layout
+            if not isinstance(layout, Layout) or not layout.fits(s, names):
+                layout = s.metrics_layout = _layout(s, names)
+            flat = [n for g in names for n in g]
+            known = known or {}
+            todo = [n for n in flat if n not in known and grads.get(n) is not None]
             # a row-sparse gradient's norm is its rows' once duplicates are summed (the
             # gradient the optimizer steps with): its coalesced values
             dense = [g.coalesce()._values() if g.layout != torch.strided else g
-                     for g in (grads[n] for n in with_grad)]
-            norms = torch._foreach_norm(dense) if dense else []
-            by_name = dict(zip(with_grad, norms, strict=True))
-            grad_norms = [by_name.get(n) for n in names]
-            after, before, per_group = _snapshot(s, params, groups)
-            return Probe(groups, grad_norms, after, before, per_group)
+                     for g in (grads[n] for n in todo)]
+            by_name = dict(known)
+            if dense:
+                by_name.update(zip(todo, torch._foreach_norm(dense), strict=True))
+            grad_norms = [by_name.get(n) if grads.get(n) is not None else None for n in flat]
+            if layout.scratch is not None:
+                assert layout.span is not None
+                layout.scratch.copy_(layout.span)
+                before = layout.before
+            else:
+                before = [p.detach().clone() for p in layout.params]
+            return Probe(layout.groups, grad_norms, layout.after, before, layout.per_group)
     except Exception as exc:  # noqa: BLE001 - metrics never fail a step
         _warn(s, exc)
         return None
@@ -211,15 +248,18 @@ def after_step(s: Session, probe: Probe | None, lrs: list[float], nonfinite: int
     try:
         with torch.no_grad():
             torch._foreach_sub_(probe.before, probe.after)
-            upd = torch._foreach_norm(probe.before)
-            par = torch._foreach_norm(probe.after)
-            zero = torch.zeros((), dtype=par[0].dtype, device=par[0].device)
-            grad = [zero if g is None else g for g in probe.grad_norms]
-            every = [*grad, *upd, *par]
+            m = len(probe.before)
+            both = torch._foreach_norm([*probe.before, *probe.after])
+            grad = [g for g in probe.grad_norms if g is not None]
+            if len(grad) < len(probe.grad_norms):
+                zero = torch.zeros((), dtype=both[0].dtype, device=both[0].device)
+                grad = [zero if g is None else g for g in probe.grad_norms]
+            every = [*grad, *both]
             if len({t.dtype for t in every}) > 1:
                 every = [t.to(_F64) for t in every]
-            values = torch.stack(every).to(_F64).cpu().tolist()
-        k, m = len(grad), len(upd)
+            # float32 norms become Python floats exactly (no float64 tensor needed)
+            values = torch.stack(every).cpu().tolist()
+        k = len(grad)
         for gi, (out, members) in enumerate(zip(groups, probe.groups, strict=True)):
             g_norm = math.sqrt(math.fsum(values[i] ** 2 for i in members))
             if probe.per_group:

@@ -94,9 +94,9 @@ class Session:
         self.group_spec_options: list[dict[str, Any]] = []
         #: per-step norms on the device (``"metrics": false`` on create or PATCH turns them off)
         self.metrics_on = True
-        #: the buffer the update norm's copy of the parameters reuses every step (allocated on
-        #: the first step with metrics; app.engine.metrics)
-        self.metrics_scratch: torch.Tensor | None = None
+        #: how the metrics copy and norm the parameters, with the buffer the update norm's copy
+        #: reuses every step (made on the first step with metrics: app.engine.metrics.Layout)
+        self.metrics_layout: Any = None
         #: per-step metrics, a bounded ring (app.engine.history)
         self.history = History(DEFAULT_HISTORY)
         #: client scalars pushed with /grads for the next step: name -> [sum, count]
@@ -267,13 +267,17 @@ class Session:
                               f"{list(t.shape)}", code="shape_mismatch", field=f"{field}.{name}")
 
     @staticmethod
-    def nonfinite_names(tensors: Tensors) -> list[str]:
+    def nonfinite_names(tensors: Tensors, norms: Tensors | None = None) -> list[str]:
+        """The names of the tensors holding a NaN or an infinity. ``norms``, when given, gets
+        the L2 norm (``torch._foreach_norm``) of each dense tensor this took one of (the
+        per-step metrics then do not take it again)."""
         if not tensors:
             return []
         # A sum is finite only when every element is (NaN and infinities propagate), and it
         # costs a fraction of isfinite().all() (no N-element mask; ~40x less on a CPU). A
         # non-finite sum may also be a finite overflow: those tensors get the exact test.
         # a sparse tensor's values are what it holds
+        raw = tensors
         tensors = {n: t._values() if t.layout != torch.strided else t for n, t in tensors.items()}
         # Tensors that tile one span of one storage (the gradients of one request body) are
         # summed as that one span first: one reduction instead of one per tensor.
@@ -300,9 +304,12 @@ class Session:
         if rest:
             # the others in one call: a norm is finite only when every value is (an overflow
             # of the squares, from finite values past ~1e19, only makes it a suspect)
-            norms = torch._foreach_norm([tensors[n] for n in rest])
-            finite = torch.stack(norms).isfinite().cpu().tolist()
+            taken = torch._foreach_norm([tensors[n] for n in rest])
+            finite = torch.stack(taken).isfinite().cpu().tolist()
             suspects.extend(n for n, ok in zip(rest, finite, strict=True) if not ok)
+            if norms is not None:
+                dense = {n for n, t in raw.items() if t.layout == torch.strided}
+                norms.update((n, v) for n, v in zip(rest, taken, strict=True) if n in dense)
         if not suspects:
             return []
         flags = torch.stack([torch.isfinite(tensors[n]).all() for n in suspects]).cpu().tolist()

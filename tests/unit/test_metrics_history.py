@@ -264,3 +264,58 @@ def test_encodings_of_absent_and_infinite_values() -> None:
     assert jsonable("step", np.array([1.0, 2.0])) == [1, 2]
     text = csv_text({"n": np.array([1.0, 2.0]), "scalars.loss": np.array([0.1, np.nan])})
     assert text == "n,scalars.loss\n1,0.1\n2,\n"
+
+
+def test_metrics_stay_right_when_the_parameters_change_between_steps(engine: Front) -> None:
+    """The metrics keep how they copy and norm the parameters from step to step; whatever
+    changes the parameters in between (an added group, which lays out a new block; values
+    overwritten in place; metrics turned off and on) must still give torch's norms."""
+    p0 = {"a": seeded((3, 4), 1), "b": seeded((5,), 2)}
+    run(engine.create(CreateSpec("SGD", [GroupSpec({n: t.clone() for n, t in p0.items()})],
+                                 options={"lr": 0.1, "momentum": 0.9}, id="chg")))
+    local = {n: t.clone() for n, t in p0.items()}
+    opt = torch.optim.SGD([local["a"], local["b"]], lr=0.1, momentum=0.9)
+    groups = [["a", "b"]]
+
+    def step_both(k: int) -> None:
+        sent = {n: seeded(tuple(t.shape), 100 * k + i) for i, (n, t) in enumerate(local.items())}
+        before = {n: t.clone() for n, t in local.items()}
+        for n, t in local.items():
+            t.grad = sent[n]
+        opt.step()
+        result = run(engine.step("chg", sent, return_params=True))
+        assert result.params is not None
+        for n in local:
+            assert torch.equal(result.params[n], local[n]), (k, n)
+        if result.metrics is None or "grad_norm" not in result.metrics["groups"][0]:
+            raise AssertionError(f"step {k}: no norms")
+        for gi, names in enumerate(groups):
+            got = result.metrics["groups"][gi]
+            close(got["grad_norm"], norm([sent[n] for n in names]), f"{k} grad {gi}")
+            close(got["update_norm"], norm([local[n] - before[n] for n in names]),
+                  f"{k} upd {gi}")
+            close(got["param_norm"], norm([local[n] for n in names]), f"{k} param {gi}")
+
+    step_both(0)
+    step_both(1)
+    new = {"a": seeded((3, 4), 7), "b": seeded((5,), 8)}  # overwritten in place
+    run(engine.overwrite("chg", {n: t.clone() for n, t in new.items()}))
+    with torch.no_grad():
+        for n, t in new.items():
+            local[n].copy_(t)
+    step_both(2)
+    c0 = seeded((6,), 9)  # a new group: the session lays out a new block
+    run(engine.add_param_group("chg", GroupSpec({"c": c0.clone()}, {"lr": 0.05})))
+    local["c"] = c0.clone()
+    opt.add_param_group({"params": [local["c"]], "lr": 0.05})
+    groups.append(["c"])
+    step_both(3)
+    run(engine.configure("chg", {"metrics": False}))
+    sent = {n: seeded(tuple(t.shape), 900 + i) for i, (n, t) in enumerate(local.items())}
+    for n, t in local.items():
+        t.grad = sent[n]
+    opt.step()
+    off = run(engine.step("chg", sent, return_params=False))
+    assert off.metrics is not None and "grad_norm" not in off.metrics["groups"][0]
+    run(engine.configure("chg", {"metrics": True}))
+    step_both(5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.engine import metrics, ps, schedulers, sparse
@@ -42,6 +42,8 @@ class StepPlan:
     lr_div: float | None
     #: group option changes to make before the optimizer steps, by group index
     changes: dict[int, dict[str, Any]]
+    #: gradient norms the non-finite check took (the metrics reuse them)
+    grad_norms: Tensors = field(default_factory=dict)
 
 
 @register
@@ -96,7 +98,8 @@ class Step(Operation):
             elif g is not None:
                 total[name] = g
         sparse.check_optimizer_takes(s, total)
-        bad = s.nonfinite_names(total)
+        norms: Tensors = {}
+        bad = s.nonfinite_names(total, norms if s.metrics_on else None)
         if bad and s.nonfinite == "reject":
             s.reject_nonfinite(bad, "grads")
         skip = bool(bad) and s.nonfinite == "skip"
@@ -113,7 +116,7 @@ class Step(Operation):
             finally:
                 if saved is not None:
                     schedulers.restore(s.optimizer, None, saved)
-        return StepPlan(total, bad, skip, staleness, lr_div, changes)
+        return StepPlan(total, bad, skip, staleness, lr_div, changes, norms)
 
     def version_after(self, s: Session, plan: StepPlan) -> int:
         return s.version if plan.skip else s.version + 1
@@ -130,7 +133,7 @@ class Step(Operation):
                               nonfinite=plan.nonfinite, staleness=plan.staleness, metrics=found)
         used_lrs = [lr_value(g["lr"]) / plan.lr_div if plan.lr_div is not None
                     else lr_value(g["lr"]) for g in groups]
-        probe = metrics.before_step(s, plan.total)
+        probe = metrics.before_step(s, plan.total, plan.grad_norms)
         for name, p in s.params.items():
             p.grad = plan.total.get(name)
         saved_lrs = [group["lr"] for group in groups]

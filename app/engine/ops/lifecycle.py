@@ -127,7 +127,7 @@ class Configure(Operation):
         s.ps = plan.ps
         s.metrics_on = plan.metrics
         if not plan.metrics:
-            s.metrics_scratch = None
+            s.metrics_layout = None
         if plan.history != s.history.capacity:
             s.history.resize(plan.history)
         return s.describe()
