@@ -170,18 +170,23 @@ TORCH_ERRORS = (ValueError, TypeError, RuntimeError, KeyError, IndexError, Asser
                 NotImplementedError, ZeroDivisionError, OverflowError)
 
 
+_FLOAT_MAX: dict[torch.dtype, float] = {}
+
+
 def check_overflow(options: dict[str, Any], dtype: torch.dtype, where: str) -> None:
     """Every float option must fit the parameters' dtype: torch raises "value cannot be
     converted ... without overflow" in the middle of a step otherwise."""
     if not dtype.is_floating_point:
         return
-    finfo = torch.finfo(dtype)
+    top = _FLOAT_MAX.get(dtype)
+    if top is None:
+        top = _FLOAT_MAX[dtype] = float(torch.finfo(dtype).max)
     for key, value in options.items():
         values = value if isinstance(value, (tuple, list)) else (value,)
         for v in values:
-            if type(v) is float and math.isfinite(v) and abs(v) > finfo.max:
+            if type(v) is float and math.isfinite(v) and abs(v) > top:
                 raise Invalid(f"{key} is {v!r}, beyond the range of the parameters' dtype "
-                              f"({finfo.dtype}); a step would overflow",
+                              f"({str(dtype).removeprefix('torch.')}); a step would overflow",
                               code="option_overflow", field=f"{where}.{key}")
 
 

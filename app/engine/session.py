@@ -6,6 +6,7 @@ views, the checks operations share, and its snapshot form.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -305,8 +306,8 @@ class Session:
             # the others in one call: a norm is finite only when every value is (an overflow
             # of the squares, from finite values past ~1e19, only makes it a suspect)
             taken = torch._foreach_norm([tensors[n] for n in rest])
-            finite = torch.stack(taken).isfinite().cpu().tolist()
-            suspects.extend(n for n, ok in zip(rest, finite, strict=True) if not ok)
+            values = torch.stack(taken).cpu().tolist()  # one device-to-host copy
+            suspects.extend(n for n, v in zip(rest, values, strict=True) if not math.isfinite(v))
             if norms is not None:
                 dense = {n for n, t in raw.items() if t.layout == torch.strided}
                 norms.update((n, v) for n, v in zip(rest, taken, strict=True) if n in dense)
