@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +83,20 @@ log = logging.getLogger("optserve.engine")
 T = TypeVar("T")
 MAX_WAIT_S = ps.MAX_WAIT_S
 _TOMBSTONES = 10_000
+
+
+async def _to_the_end(coro: Coroutine[Any, Any, T]) -> T:
+    """Run an operation to its end even when its caller is cancelled (a caller that gave up):
+    stopped at an ``await``, it could leave a logged record unapplied, or a step applied whose
+    fsync failed unrestored. The caller gets CancelledError; the operation finishes alone."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(_retrieved)
+    return await asyncio.shield(task)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # an abandoned operation's failure is its own (already logged)
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -482,18 +496,23 @@ class EmbeddedHost:
         gradients touched), or copied into ``params_into`` (views a caller owns, e.g. a
         shared-memory segment of the same-host transport)."""
         self._evaluations.refuse_if_open(key)
-        async with self._lock(key):
-            session = self._get(key)
-            if idem is not None:
-                hit = session.idem.lookup(idem.key, idem.fingerprint)
-                if hit is not None:
-                    return await self._worker.run(
-                        lambda: replay_answer(session, op, hit, want_params, params_into,
-                                              params_dtype))
-            result = await self._run(key, session, op, [idem] if idem else [], want_params,
-                                     params_into=params_into, params_dtype=params_dtype)
-            if isinstance(op, Configure):
-                self._rounds.set(key, self._sessions[key].ps.sync)
+
+        async def locked() -> Any:
+            async with self._lock(key):
+                session = self._get(key)
+                if idem is not None:
+                    hit = session.idem.lookup(idem.key, idem.fingerprint)
+                    if hit is not None:
+                        return await self._worker.run(
+                            lambda: replay_answer(session, op, hit, want_params, params_into,
+                                                  params_dtype))
+                result = await self._run(key, session, op, [idem] if idem else [],
+                                         want_params, params_into=params_into,
+                                         params_dtype=params_dtype)
+                if isinstance(op, Configure):
+                    self._rounds.set(key, self._sessions[key].ps.sync)
+                return result
+        result = await _to_the_end(locked())
         self._version_changed(key)
         if isinstance(op, (ImportState, AddParamGroup, Overwrite)):
             await self._worker.run(release_memory, "trim")

@@ -401,6 +401,36 @@ def test_a_step_is_applied_during_its_fsync_and_readers_wait_for_it(
     run(go())
 
 
+@pytest.mark.parametrize("err", [None, errno.EIO])
+def test_a_caller_that_gives_up_mid_step_leaves_a_whole_step_or_none(tmp_path: Path,
+                                                                       err: int | None) -> None:
+    """The caller of a step is cancelled while the record's fsync runs (the step already
+    applied): the step still ends whole, applied and logged when the fsync succeeds, rebuilt
+    away when it fails; the live session and a restart then agree with the twin."""
+    files = GatedFiles()
+
+    async def go() -> None:
+        pair = Pair(engine(tmp_path, files, "step"))
+        await pair.start()
+        await pair.step()
+        files.close_gate()
+        stepping = asyncio.ensure_future(pair.eng.step(SID, grad(pair.k), return_params=True))
+        assert await asyncio.to_thread(files.held.wait, 20), "the fsync never started"
+        stepping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stepping
+        files.open_gate(err)
+        if err is None:
+            await pair.twin.step(SID, grad(pair.k), return_params=False)
+            pair.k += 1
+        await pair.assert_same()  # a read waits until the abandoned step is settled
+        await pair.step()
+        await pair.assert_same()
+        await pair.stop()
+        await pair.assert_restart_same(tmp_path)
+    run(go())
+
+
 def test_a_step_that_changes_its_gradients_in_place_is_logged_as_received(
         tmp_path: Path) -> None:
     """torch's foreach SGD with Nesterov momentum adds the momentum into the gradient tensors
