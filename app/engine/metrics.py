@@ -39,7 +39,7 @@ from app.engine.interface import json_float
 from app.errors import Invalid
 
 if TYPE_CHECKING:
-    from app.engine.session import Session
+    from app.engine.session import Session, TakenNorms
 
 log = logging.getLogger("optserve.engine")
 _F64 = torch.float64
@@ -52,10 +52,13 @@ MAX_SCALAR_NAME = 64
 class Probe:
     """What :func:`before_step` keeps across ``optimizer.step()``."""
 
-    #: per group, the indexes of its tensors in ``grad_norms``
+    #: per group, the indexes of its tensors in ``after`` and ``before`` (unless per_group)
     groups: list[list[int]]
-    #: per tensor: its gradient's norm (0-d float64 on the device), None without a gradient
-    grad_norms: list[torch.Tensor | None]
+    #: norms (0-d, on the device) whose squares sum to a group's squared gradient norm: one
+    #: per gradient, or one for all of a group's gradients when they tile one span
+    grad_parts: list[torch.Tensor]
+    #: the group each of ``grad_parts`` belongs to
+    grad_owner: list[int]
     #: the live parameters and copies of them as they were before the step: per group (one
     #: span of the session's flat block each) when ``per_group``, else per tensor
     after: list[torch.Tensor]
@@ -204,10 +207,11 @@ def _group_ranges(params: list[torch.Tensor], spans: list[tuple[int, int]],
 
 
 def before_step(s: Session, grads: dict[str, torch.Tensor],
-                known: dict[str, torch.Tensor] | None = None) -> Probe | None:
+                known: TakenNorms | None = None) -> Probe | None:
     """Gradient norms and a copy of the parameters, before ``optimizer.step()``; None when the
     session's metrics are off (or this fails: the step goes on without norms). ``known``:
-    norms of (dense) gradients already taken (the non-finite check's), not taken again."""
+    norms the non-finite check already took (per gradient, or of a group's gradients that
+    tile one span), not taken again."""
     if not s.metrics_on:
         return None
     try:
@@ -216,24 +220,40 @@ def before_step(s: Session, grads: dict[str, torch.Tensor],
             layout = s.metrics_layout
             if not isinstance(layout, Layout) or not layout.fits(s, names):
                 layout = s.metrics_layout = _layout(s, names)
-            flat = [n for g in names for n in g]
-            known = known or {}
-            todo = [n for n in flat if n not in known and grads.get(n) is not None]
-            # a row-sparse gradient's norm is its rows' once duplicates are summed (the
-            # gradient the optimizer steps with): its coalesced values
-            dense = [g.coalesce()._values() if g.layout != torch.strided else g
-                     for g in (grads[n] for n in todo)]
-            by_name = dict(known)
-            if dense:
-                by_name.update(zip(todo, torch._foreach_norm(dense), strict=True))
-            grad_norms = [by_name.get(n) if grads.get(n) is not None else None for n in flat]
+            each = known.each if known is not None else {}
+            spans = dict(known.spans) if known is not None else {}
+            parts: list[torch.Tensor] = []
+            owner: list[int] = []
+            todo: list[torch.Tensor] = []
+            todo_owner: list[int] = []
+            for gi, group_names in enumerate(names):
+                present = [n for n in group_names if grads.get(n) is not None]
+                whole = spans.get(frozenset(present)) if spans and len(present) > 1 else None
+                if whole is not None:
+                    parts.append(whole)
+                    owner.append(gi)
+                    continue
+                for n in present:
+                    v = each.get(n)
+                    if v is not None:
+                        parts.append(v)
+                        owner.append(gi)
+                        continue
+                    g = grads[n]
+                    # a row-sparse gradient's norm is its rows' once duplicates are summed
+                    # (the gradient the optimizer steps with): its coalesced values
+                    todo.append(g.coalesce()._values() if g.layout != torch.strided else g)
+                    todo_owner.append(gi)
+            if todo:
+                parts.extend(torch._foreach_norm(todo))
+                owner.extend(todo_owner)
             if layout.scratch is not None:
                 assert layout.span is not None
                 layout.scratch.copy_(layout.span)
                 before = layout.before
             else:
                 before = [p.detach().clone() for p in layout.params]
-            return Probe(layout.groups, grad_norms, layout.after, before, layout.per_group)
+            return Probe(layout.groups, parts, owner, layout.after, before, layout.per_group)
     except Exception as exc:  # noqa: BLE001 - metrics never fail a step
         _warn(s, exc)
         return None
@@ -250,18 +270,17 @@ def after_step(s: Session, probe: Probe | None, lrs: list[float], nonfinite: int
             torch._foreach_sub_(probe.before, probe.after)
             m = len(probe.before)
             both = torch._foreach_norm([*probe.before, *probe.after])
-            grad = [g for g in probe.grad_norms if g is not None]
-            if len(grad) < len(probe.grad_norms):
-                zero = torch.zeros((), dtype=both[0].dtype, device=both[0].device)
-                grad = [zero if g is None else g for g in probe.grad_norms]
-            every = [*grad, *both]
+            every = [*probe.grad_parts, *both]
             if len({t.dtype for t in every}) > 1:
                 every = [t.to(_F64) for t in every]
             # float32 norms become Python floats exactly (no float64 tensor needed)
             values = torch.stack(every).cpu().tolist()
-        k = len(grad)
+        k = len(probe.grad_parts)
+        squares: list[list[float]] = [[] for _ in groups]
+        for v, gi in zip(values, probe.grad_owner, strict=False):
+            squares[gi].append(v * v)
         for gi, (out, members) in enumerate(zip(groups, probe.groups, strict=True)):
-            g_norm = math.sqrt(math.fsum(values[i] ** 2 for i in members))
+            g_norm = math.sqrt(math.fsum(squares[gi]))
             if probe.per_group:
                 u_norm, p_norm = values[k + gi], values[k + m + gi]
             else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from app.engine.interface import (
 )
 from app.errors import Invalid
 from app.wire.dtypes import DTYPE_NAMES
-from app.wire.safetensors_body import PackedTensors, pack
+from app.wire.safetensors_body import PackedTensors, pack, packed_views
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_NAME = 512
@@ -57,6 +58,26 @@ def check_param_name(name: object, field: str) -> str:
 
 def lr_value(lr: Any) -> float:
     return float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
+
+
+@dataclass
+class TakenNorms:
+    """L2 norms of gradients the non-finite check took (the per-step metrics reuse them)."""
+
+    #: per tensor, by name
+    each: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the norm of several tensors that tile one span, with their names
+    spans: list[tuple[frozenset[str], torch.Tensor]] = field(default_factory=list)
+
+
+def _tiles(ts: list[torch.Tensor]) -> bool:
+    """Whether tensors of one storage and dtype cover their span exactly once (no overlap)."""
+    pos = None
+    for t in sorted(ts, key=lambda t: t.storage_offset()):
+        if pos is not None and t.storage_offset() != pos:
+            return False
+        pos = t.storage_offset() + t.numel()
+    return True
 
 
 class Session:
@@ -163,8 +184,7 @@ class Session:
                 return cls(tiny, **defaults)
             schedulers.probe(sched_spec, make_probe, "scheduler")
 
-        params = flat_block({n: t for g in groups for n, t in g.params.items()}, device,
-                            cls.__name__)
+        params = flat_block({n: t for g in groups for n, t in g.params.items()}, device)
         torch_groups = []
         for group, opts in zip(groups, group_opts, strict=True):
             named = [(n, params[n]) for n in group.params]
@@ -268,10 +288,11 @@ class Session:
                               f"{list(t.shape)}", code="shape_mismatch", field=f"{field}.{name}")
 
     @staticmethod
-    def nonfinite_names(tensors: Tensors, norms: Tensors | None = None) -> list[str]:
-        """The names of the tensors holding a NaN or an infinity. ``norms``, when given, gets
-        the L2 norm (``torch._foreach_norm``) of each dense tensor this took one of (the
-        per-step metrics then do not take it again)."""
+    def nonfinite_names(tensors: Tensors, norms: TakenNorms | None = None) -> list[str]:
+        """The names of the tensors holding a NaN or an infinity. With ``norms``, the check
+        takes L2 norms (``torch._foreach_norm``) where it would take sums, and keeps them
+        there: per dense tensor, and per set of dense tensors that tile one span (the per-step
+        metrics then do not take them again)."""
         if not tensors:
             return []
         # A sum is finite only when every element is (NaN and infinities propagate), and it
@@ -298,7 +319,13 @@ class Session:
             if hi - lo == sum(t.numel() for t in ts):
                 span = ts[0].new_empty(0).set_(ts[0].untyped_storage(), lo, (hi - lo,), (1,))
                 checked.update(group)
-                if not bool(span.sum().isfinite()):
+                if norms is not None and span.is_floating_point() and _tiles(ts) and all(
+                        raw[n].layout == torch.strided for n in group):
+                    total = torch._foreach_norm([span])[0]
+                    norms.spans.append((frozenset(group), total))
+                else:
+                    total = span.sum()
+                if not math.isfinite(total.item()):
                     suspects.extend(group)
         rest = [n for n in tensors if n not in checked and tensors[n].numel()
                 and (tensors[n].is_floating_point() or tensors[n].is_complex())]
@@ -309,8 +336,8 @@ class Session:
             values = torch.stack(taken).cpu().tolist()  # one device-to-host copy
             suspects.extend(n for n, v in zip(rest, values, strict=True) if not math.isfinite(v))
             if norms is not None:
-                dense = {n for n, t in raw.items() if t.layout == torch.strided}
-                norms.update((n, v) for n, v in zip(rest, taken, strict=True) if n in dense)
+                norms.each.update((n, v) for n, v in zip(rest, taken, strict=True)
+                                  if raw[n].layout == torch.strided)
         if not suspects:
             return []
         flags = torch.stack([torch.isfinite(tensors[n]).all() for n in suspects]).cpu().tolist()
@@ -470,18 +497,12 @@ class Session:
         return session
 
 
-def flat_block(tensors: Tensors, device: torch.device, optimizer: str = "") -> Tensors:
+def flat_block(tensors: Tensors, device: torch.device) -> Tensors:
     """Copies of ``tensors`` on ``device`` as views into one buffer, laid out as :func:`pack`
     lays them out (widest dtype first): every parameter of a session is its own tensor to
-    torch, and the whole session can be copied out at once (:func:`pack_block`).
-
-    Not for the 1-D parameters of an optimizer that takes row-sparse gradients: torch 2.x
-    adds a sparse tensor into a 1-D dense view at the wrong place when the view does not
-    start its storage (``block[6:12].add_(sparse)`` writes past the view, or crashes), and
-    SGD, Adagrad and SparseAdam step with exactly that add. Those get storage of their own
-    (:func:`pack_block` then copies tensor by tensor)."""
-    if optimizer in sparse.TAKE_SPARSE and any(t.dim() == 1 for t in tensors.values()):
-        return {n: t.detach().to(device, copy=True) for n, t in tensors.items()}
+    torch, and the whole session can be copied out at once (:func:`pack_block`). A 1-D
+    parameter leaves the block when it first takes a row-sparse gradient
+    (:func:`app.engine.sparse.own_storage`)."""
     order = sorted(tensors, key=lambda n: -tensors[n].element_size())
     total = sum(tensors[n].numel() * tensors[n].element_size() for n in order)
     block = torch.empty(total, dtype=torch.uint8, device=device)
@@ -521,15 +542,7 @@ def pack_block(params: Tensors) -> PackedTensors | None:
     base.copy_(flat, non_blocking=cuda)
     if cuda:
         torch.cuda.current_stream().synchronize()
-    out = PackedTensors()
-    at = 0
-    for name in order:
-        t = params[name]
-        n = t.numel() * t.element_size()
-        out[name] = base[at:at + n].view(t.dtype).view(t.shape)
-        at += n
-    out.buffer = base.numpy().data
-    return out
+    return packed_views(base, [(n, params[n].dtype, params[n].shape) for n in order])
 
 
 _NARROW = (torch.float16, torch.bfloat16)

@@ -40,6 +40,23 @@ _PROBE_CACHE: dict[tuple[Any, ...], tuple[str, str | None] | None] = {}
 _PROBE_CACHE_MAX = 1024
 
 
+def own_storage(s: Session, grads: dict[str, torch.Tensor]) -> None:
+    """Give each 1-D parameter about to take a row-sparse gradient a storage of its own (a copy
+    of its values; the same tensor to the optimizer and its state): torch 2.x adds a sparse
+    tensor into a 1-D dense view that does not start its storage at the wrong place (or
+    crashes), and SGD, Adagrad and SparseAdam step with exactly that add. Parameters start as
+    views of the session's one block (:func:`app.engine.session.flat_block`: one copy sends
+    them all), and only those that take such gradients leave it: their values do not change,
+    and a replay makes the same move at the same step."""
+    with torch.no_grad():
+        for name, g in grads.items():
+            p = s.params.get(name)
+            if p is None or g.layout == torch.strided or p.dim() != 1:
+                continue
+            if p.storage_offset() or p.untyped_storage().nbytes() != p.numel() * p.element_size():
+                p.data = p.data.clone()
+
+
 def is_sparse(t: torch.Tensor) -> bool:
     return t.layout == torch.sparse_coo
 

@@ -319,3 +319,49 @@ def test_metrics_stay_right_when_the_parameters_change_between_steps(engine: Fro
     assert off.metrics is not None and "grad_norm" not in off.metrics["groups"][0]
     run(engine.configure("chg", {"metrics": True}))
     step_both(5)
+
+
+@pytest.mark.parametrize("groups", [[["a", "b", "c"]], [["a", "c"], ["b"]]],
+                         ids=["one group", "two groups"])
+def test_metrics_of_gradients_that_tile_one_buffer_equal_torch(engine: Front,
+                                                               groups: list[list[str]]) -> None:
+    """Gradients that are views of one buffer (a request body's) are checked and normed as
+    that one span when they are exactly one group's; otherwise per tensor. Both equal torch;
+    a NaN inside such a span is still found and refused."""
+    shapes = {"a": (3, 4), "b": (5,), "c": (2, 3)}
+    p0 = {n: seeded(s, i) for i, (n, s) in enumerate(shapes.items())}
+    run(engine.create(CreateSpec("SGD", [GroupSpec({n: p0[n].clone() for n in names})
+                                         for names in groups],
+                                 options={"lr": 0.1, "momentum": 0.9}, id="tile")))
+    local = {n: t.clone() for n, t in p0.items()}
+    opt = torch.optim.SGD([{"params": [local[n] for n in names]} for names in groups], lr=0.1,
+                          momentum=0.9)
+
+    def body(k: int) -> dict[str, torch.Tensor]:
+        flat = seeded((sum(math.prod(s) for s in shapes.values()),), 50 + k)
+        out, pos = {}, 0
+        for n, s in reversed(shapes.items()):  # the buffer's order is not the groups'
+            out[n] = flat[pos:pos + math.prod(s)].view(s)
+            pos += math.prod(s)
+        return out
+
+    for k in range(3):
+        sent = body(k)
+        before = {n: t.clone() for n, t in local.items()}
+        for n, t in local.items():
+            t.grad = sent[n].clone()
+        opt.step()
+        result = run(engine.step("tile", sent, return_params=True))
+        assert result.metrics is not None and result.params is not None
+        for gi, names in enumerate(groups):
+            got = result.metrics["groups"][gi]
+            close(got["grad_norm"], norm([sent[n] for n in names]), f"grad {gi}")
+            close(got["update_norm"], norm([local[n] - before[n] for n in names]), f"upd {gi}")
+            close(got["param_norm"], norm([local[n] for n in names]), f"param {gi}")
+        for n in local:
+            assert torch.equal(result.params[n], local[n]), n
+    bad = body(9)
+    bad["b"][2] = float("nan")
+    with pytest.raises(Invalid) as info:
+        run(engine.step("tile", bad, return_params=False))
+    assert info.value.code == "nonfinite_gradient" and "'b'" in info.value.detail

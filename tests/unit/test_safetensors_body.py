@@ -228,11 +228,16 @@ def test_packed_tensors_are_one_copy_and_a_valid_safetensors_body() -> None:
     from app.wire.safetensors_body import pack, packed_header
 
     src = {"h": torch.arange(3, dtype=torch.float16), "w": torch.randn(2, 3),
-           "d": torch.randn(5, dtype=torch.float64), "e": torch.empty(0, 4)}
+           "d": torch.randn(5, dtype=torch.float64), "e": torch.empty(0, 4),
+           "i": torch.arange(4, dtype=torch.int32), "s": torch.tensor(2.5),
+           "t": torch.randn(3, 4).t(), "b": torch.tensor([True, False, True]),
+           "z": torch.randn(2, 2, dtype=torch.float64)}
     packed = pack(src)
-    assert list(packed) == ["d", "w", "e", "h"]
+    # widest first; one dtype's run may be cut by another of the same width (w, e, i, s, t)
+    assert list(packed) == ["d", "z", "w", "e", "i", "s", "t", "h", "b"]
     for name, t in packed.items():
         assert torch.equal(t, src[name]) and t.dtype == src[name].dtype
+        assert t.shape == src[name].shape and t.is_contiguous()
         assert t.data_ptr() % t.element_size() == 0
     src["w"].add_(1.0)
     assert not torch.equal(packed["w"], src["w"])

@@ -11,7 +11,7 @@ from app.engine import metrics, ps, schedulers, sparse
 from app.engine.interface import GradsResult, StepResult, Tensors
 from app.engine.ops.base import ApplyFailed, Operation, register
 from app.engine.ops.params import check_group_changes
-from app.engine.session import Session, lr_value
+from app.engine.session import Session, TakenNorms, lr_value
 from app.errors import Conflict, Invalid
 
 
@@ -43,7 +43,7 @@ class StepPlan:
     #: group option changes to make before the optimizer steps, by group index
     changes: dict[int, dict[str, Any]]
     #: gradient norms the non-finite check took (the metrics reuse them)
-    grad_norms: Tensors = field(default_factory=dict)
+    grad_norms: TakenNorms = field(default_factory=TakenNorms)
 
 
 @register
@@ -98,7 +98,7 @@ class Step(Operation):
             elif g is not None:
                 total[name] = g
         sparse.check_optimizer_takes(s, total)
-        norms: Tensors = {}
+        norms = TakenNorms()
         bad = s.nonfinite_names(total, norms if s.metrics_on else None)
         if bad and s.nonfinite == "reject":
             s.reject_nonfinite(bad, "grads")
@@ -133,6 +133,7 @@ class Step(Operation):
                               nonfinite=plan.nonfinite, staleness=plan.staleness, metrics=found)
         used_lrs = [lr_value(g["lr"]) / plan.lr_div if plan.lr_div is not None
                     else lr_value(g["lr"]) for g in groups]
+        sparse.own_storage(s, plan.total)
         probe = metrics.before_step(s, plan.total, plan.grad_norms)
         for name, p in s.params.items():
             p.grad = plan.total.get(name)

@@ -86,7 +86,7 @@ class AddParamGroup(Operation):
                          [*s.group_dtypes(), dtype], s.device, fields, where, check=[index])
         if s.scheduler is not None:
             _scheduler_takes_group(s, opts, dtype, where)
-        return GroupPlan(opts, flat_block(self.params, s.device, s.cls.__name__))
+        return GroupPlan(opts, flat_block(self.params, s.device))
 
     def apply(self, s: Session, plan: GroupPlan) -> SessionInfo:
         named = list(plan.params.items())
