@@ -29,14 +29,18 @@ scheduler) at every step, so versions, step counts and learning rates stay equal
 
 If the coordinator itself dies between the phases, a client retry with the same key finishes
 the operation the same way (prepare finds it applied on some shards, the commit applies it on
-the rest). A session whose shards disagree on their version (a coordinator died mid-commit
-and the client never retried) refuses every operation but delete: 503 ``session_damaged``.
+the rest). Until that retry comes, the shards disagree on their version, and every other
+operation and read is refused with a retryable 503 ``shards_out_of_step`` (another client's
+operation may well arrive first). A disagreement that outlasts the grace (twice
+``commit_timeout_s``: the client never retried) takes the session out of service: every
+operation but delete gets 503 ``session_damaged``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -319,6 +323,8 @@ class ShardedSession:
         self._version: int | None = None
         self._pending: _Pending | None = None
         self._damaged: str | None = None
+        #: since when the shards have disagreed on their version (None: they agree)
+        self._out_of_step_since: float | None = None
 
     # ------------------------------------------------------------------ create and delete
     @classmethod
@@ -504,9 +510,9 @@ class ShardedSession:
             raise first_refusal(errors, self.layout)
         fresh = [c.version for c in checked.values() if not c.applied]
         if len(set(fresh)) > 1:
-            self._damaged = (f"its shards are at different versions ({sorted(set(fresh))}): an "
-                             "operation was applied on some shards only")
-            self._check_usable()
+            await asyncio.gather(*(self.shards[i][0].abort(self.shards[i][1], idem)
+                                   for i in checked), return_exceptions=True)
+        self._check_lockstep(fresh)
         commit: dict[int, Operation | None] = {i: None for i in ops}
         if any(c.skip for c in checked.values()):  # the whole session skips this step
             for i, op in ops.items():
@@ -581,9 +587,25 @@ class ShardedSession:
                               code="session_damaged", retry_after=30.0)
 
     def _check_lockstep(self, versions: list[int]) -> None:
-        if len(set(versions)) > 1:
-            self._damaged = (f"its shards are at different versions ({sorted(set(versions))})")
+        """Shards at different versions: an operation reached some of them only (its
+        coordinator died mid-commit). Its client's retry, with the same key, completes it;
+        until then everything else is refused with a retryable 503, and a disagreement that
+        outlasts the grace takes the session out of service."""
+        if len(set(versions)) <= 1:
+            self._out_of_step_since = None
+            return
+        now = time.monotonic()
+        if self._out_of_step_since is None:
+            self._out_of_step_since = now
+        what = (f"its shards are at different versions ({sorted(set(versions))}): an operation "
+                "reached some shards only")
+        if now - self._out_of_step_since >= 2 * self.commit_timeout_s:
+            self._damaged = what
             self._check_usable()
+        raise Unavailable(f"sharded session {split_key(self.key)[1]!r:.140}: {what}; its "
+                          "client's retry with the same Idempotency-Key completes it, and "
+                          "other operations wait until then", code="shards_out_of_step",
+                          retry_after=1.0)
 
     def _check_names(self, tensors: Tensors, field: str) -> None:
         for name in tensors:

@@ -325,6 +325,73 @@ def test_prepare_refused_anywhere_applies_nowhere_and_lost_commits_roll_forward(
     asyncio.run(body())
 
 
+def test_a_coordinator_that_died_mid_commit_waits_for_the_retry(tmp_path: Path) -> None:
+    """A step reached one shard only and its coordinator died (its pending commit is gone).
+    Another client's step arriving first is refused with a retryable 503 (not taken out of
+    service); the first client's retry, same key, completes its step on the other shard; the
+    other step then goes through; every result is torch's. A disagreement nobody heals
+    outlasts the grace and takes the session out of service."""
+    async def body() -> None:
+        host = EmbeddedHost(HostConfig("cpu", data_dir=tmp_path, durability="step",
+                                       warm_up=False))
+        await host.start()
+        try:
+            shards = [Flaky(host, f"h{i}") for i in range(2)]
+            groups = [GroupSpec({"a": torch.ones(4), "b": torch.ones(3)}, {})]
+            spec = CreateSpec("Adam", groups, {"lr": 0.1})
+            layout = plan_layout(groups, 2)
+            pairs: list[tuple[Any, str]] = [(h, shard_key("t~s", i, 2))
+                                            for i, h in enumerate(shards)]
+            first, _ = await ShardedSession.create("t~s", spec, layout, pairs,
+                                                   commit_timeout_s=0.2)
+            ref = torch.optim.Adam([p := torch.nn.Parameter(torch.ones(4)),
+                                    q := torch.nn.Parameter(torch.ones(3))], lr=0.1)
+
+            def ref_step(g: float) -> None:
+                p.grad, q.grad = torch.full((4,), g), torch.full((3,), g)
+                ref.step()
+
+            async def step(session: ShardedSession, g: float, key: str) -> Any:
+                return await session.step("t~s", {"a": torch.full((4,), g),
+                                                  "b": torch.full((3,), g)},
+                                          want_params=True, idem=IdemKey(key, "fp"))
+
+            shards[0].drop_commits = 1000  # shard 0 never takes X's commit
+            with pytest.raises(Unavailable) as caught:
+                await step(first, 1.0, "x")
+            assert caught.value.code == "host_restarting"
+            shards[0].drop_commits = 0
+            # the coordinator dies: a new one knows nothing of X
+            again = ShardedSession("t~s", layout, pairs, commit_timeout_s=0.2)
+            with pytest.raises(Unavailable) as caught:
+                await step(again, 2.0, "y")  # another client's step comes first
+            assert caught.value.code == "shards_out_of_step" and caught.value.retry_after
+            out = await step(again, 1.0, "x")  # X's retry completes it on shard 0
+            ref_step(1.0)
+            assert out.version == 1
+            assert_tensors_equal(dict(out.params), {"a": p.detach(), "b": q.detach()}, "x")
+            out = await step(again, 2.0, "y")
+            ref_step(2.0)
+            assert out.version == 2
+            assert_tensors_equal(dict(out.params), {"a": p.detach(), "b": q.detach()}, "y")
+            # the same again, but X's client never retries: out of service after the grace
+            shards[0].drop_commits = 1000
+            with pytest.raises(Unavailable):
+                await step(again, 3.0, "z")
+            shards[0].drop_commits = 0
+            third = ShardedSession("t~s", layout, pairs, commit_timeout_s=0.05)
+            with pytest.raises(Unavailable) as caught:
+                await third.describe("t~s")
+            assert caught.value.code == "shards_out_of_step"
+            await asyncio.sleep(0.15)
+            with pytest.raises(Unavailable) as caught:
+                await step(third, 4.0, "w")
+            assert caught.value.code == "session_damaged"
+        finally:
+            await host.stop()
+    asyncio.run(body())
+
+
 def test_sharded_create_is_all_or_nothing_and_sync_is_refused() -> None:
     async def body(eng: Front) -> None:
         bad = CreateSpec("SGD", [GroupSpec({"a": torch.ones(2)}, {}),
