@@ -99,6 +99,23 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
         task.exception()  # an abandoned operation's failure is its own (already logged)
 
 
+#: a step's log record at least this large is written beside the step, not before it
+OVERLAP_WRITE_BYTES = 1 << 20
+
+
+def own_gradients(plan: StepPlan, op: Step) -> None:
+    """The step's gradients as copies wherever they share memory with the ones its log record
+    is written from (CPU sessions: the very same tensors; device copies, accumulated or
+    widened gradients are new tensors already)."""
+    sent = {t.untyped_storage().data_ptr() for t in op.grads.values()
+            if t.layout == torch.strided}
+    for name, t in plan.total.items():
+        if t.layout == torch.strided and t.untyped_storage().data_ptr() in sent:
+            plan.total[name] = t.clone()
+        elif t.layout != torch.strided:
+            plan.total[name] = t.clone()
+
+
 def resolve_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -626,9 +643,9 @@ class EmbeddedHost:
         if store is not None and s.durability == "step" and isinstance(op, Step):
             plan, parts, before = await self._worker.run(check_and_encode, f"{op.kind}_check")
             result = await self._apply_while_syncing(
-                key, store, parts, before,
+                key, store, op, plan, parts, before,
                 lambda: self._apply(key, s, op, plan, keys, want_params, before, sync,
-                                    params_into, params_dtype), op.kind)
+                                    params_into, params_dtype))
         elif store is not None and s.durability == "step":
             plan, parts, before = await self._worker.run(check_and_encode, f"{op.kind}_check")
             await self._in_io(lambda: store.append(key, parts, "step"))
@@ -650,31 +667,52 @@ class EmbeddedHost:
             await self._snapshot(key, session)
         return result
 
-    async def _apply_while_syncing(self, key: str, store: Store, parts: list[Any],
-                                   before: int, apply: Callable[[], T], kind: str) -> T:
-        """Durability ``step`` for a step: the record is written (into the page cache: the
-        optimizer may then change the gradients it was made of), then its fsync runs on an
-        I/O thread while the step is applied on the worker: the step costs the larger of the
-        two, not their sum. Nothing is acknowledged, and no reader sees the session, before
-        the fsync is done (readers wait: :meth:`_settled`). When the fsync fails, the record is
-        cut off and the session is rebuilt from its store without it (the replay a restart
-        runs): it is as it was, and the client gets the storage error."""
-        await self._in_io(lambda: store.append(key, parts, "step", fsync=False))
+    async def _apply_while_syncing(self, key: str, store: Store, op: Step, plan: StepPlan,
+                                   parts: list[Any], before: int, apply: Callable[[], T]
+                                   ) -> T:
+        """Durability ``step`` for a step: the record is written and fsynced on an I/O thread
+        while the step is applied on the worker, so the step costs about the larger of the two,
+        not their sum. The optimizer steps with copies of the gradients the record is being
+        written from (torch may change gradients in place: foreach SGD with Nesterov momentum
+        does). Nothing is answered, and no reader sees the session (they wait:
+        :meth:`_settled`), before the fsync returns. When the write or the fsync fails, the
+        record is cut off and the session is rebuilt from its store without it (the replay a
+        restart runs): it is as it was, and the client gets the storage error.
+
+        A small record (under :data:`OVERLAP_WRITE_BYTES`: copying many small gradients costs
+        more than writing them) is written first and only its fsync runs beside the step; so
+        is every record while the store is failing (a full disk): nothing is applied unless
+        that write succeeds, and a client retrying against a full disk costs no rebuilds."""
+        def write_and_sync() -> None:
+            store.append(key, parts, "step", fsync=False)
+            store.sync(key, before)
+
+        def apply_on_copies() -> T:
+            own_gradients(plan, op)
+            return apply()
+
+        size = sum(memoryview(p).nbytes for p in parts)
+        if store.failing or size < OVERLAP_WRITE_BYTES:
+            await self._in_io(lambda: store.append(key, parts, "step", fsync=False))
+            write: Callable[[], None] = lambda: store.sync(key, before)  # noqa: E731
+            run_apply: Callable[[], T] = apply
+        else:
+            write, run_apply = write_and_sync, apply_on_copies
         settled = asyncio.get_running_loop().create_future()
         self._unsettled[key] = settled
         try:
-            syncing = asyncio.ensure_future(self._in_io(lambda: store.sync(key, before)))
+            writing = asyncio.ensure_future(self._in_io(write))
             try:
-                result = await self._worker.run(apply, kind)
+                result = await self._worker.run(run_apply, op.kind)
             except BaseException:
-                # refused (its record is cut) or restored: the fsync's outcome changes nothing
+                # refused (its record is cut) or restored: the write's outcome changes nothing
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(syncing)
+                    await asyncio.shield(writing)
                 raise
             try:
-                await asyncio.shield(syncing)
+                await asyncio.shield(writing)
             except OptserveError:
-                await self._worker.run(lambda: self._rebuild(key, kind), "restore")
+                await self._worker.run(lambda: self._rebuild(key, op.kind), "restore")
                 raise
             return result
         finally:

@@ -354,6 +354,11 @@ class Store:
             self._error, self._need = None, 0  # the disk takes writes again
         return None
 
+    @property
+    def failing(self) -> bool:
+        """Whether the last write or fsync failed and none has succeeded since."""
+        return self._error is not None
+
     def _failed(self, what: str, exc: OSError, size: int = 0) -> None:
         """Remember a failed write (``size``: the bytes it tried to write) for :meth:`health`."""
         reason = f"{what}: {os.strerror(exc.errno) if exc.errno else exc}"

@@ -308,33 +308,42 @@ def test_failed_fsync_of_a_step_record_applies_nothing(tmp_path: Path, err: int)
 
 
 class GatedFiles(FaultyFiles):
-    """Holds the next fsync of a log at a gate until the test opens it (with an error or
-    without): the window in which a step is applied but its record is not yet durable."""
+    """Holds the next fsync (or write) of a log at a gate until the test opens it (with an
+    error or without): the window in which a step is applied but its record is not yet
+    durable."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gate: threading.Event | None = None
+        self.gate_call = "fsync"
         self.gate_err: int | None = None
         self._closed = threading.Event()
         self.held = threading.Event()
 
-    def close_gate(self) -> None:
-        self.gate, self.gate_err = threading.Event(), None
+    def close_gate(self, call: str = "fsync") -> None:
+        self.gate, self.gate_err, self.gate_call = threading.Event(), None, call
         self._closed = self.gate
         self.held.clear()
+
+    def _wait_at_gate(self, call: str, fd: int) -> None:
+        gate = self.gate
+        if gate is not None and call == self.gate_call and fd in self.wal_fds:
+            self.gate = None
+            self.held.set()
+            assert gate.wait(30), "the test never opened the gate"
+            if self.gate_err is not None:
+                raise OSError(self.gate_err, os.strerror(self.gate_err))
+
+    def pwritev(self, fd: int, parts: Sequence[Buffer], offset: int) -> int:
+        self._wait_at_gate("pwritev", fd)
+        return super().pwritev(fd, parts, offset)
 
     def open_gate(self, err: int | None = None) -> None:
         self.gate_err = err
         self._closed.set()
 
     def fsync(self, fd: int) -> None:
-        gate = self.gate
-        if gate is not None and fd in self.wal_fds:
-            self.gate = None
-            self.held.set()
-            assert gate.wait(30), "the test never opened the gate"
-            if self.gate_err is not None:
-                raise OSError(self.gate_err, os.strerror(self.gate_err))
+        self._wait_at_gate("fsync", fd)
         super().fsync(fd)
 
 
@@ -428,6 +437,110 @@ def test_a_caller_that_gives_up_mid_step_leaves_a_whole_step_or_none(tmp_path: P
         await pair.assert_same()
         await pair.stop()
         await pair.assert_restart_same(tmp_path)
+    run(go())
+
+
+BIG = 300_000  # floats: a 1.2 MB record, written beside the step (host.OVERLAP_WRITE_BYTES)
+
+
+def big_spec() -> CreateSpec:
+    g = torch.Generator().manual_seed(5)
+    return CreateSpec("SGD", [GroupSpec({"w": torch.randn(BIG, generator=g)})],
+                      {"lr": 0.1, "momentum": 0.9, "nesterov": True, "foreach": True}, id=SID)
+
+
+def big_grad(k: int) -> dict[str, torch.Tensor]:
+    return {"w": torch.randn(BIG, generator=torch.Generator().manual_seed(300 + k))}
+
+
+@pytest.mark.parametrize("err", [None, errno.EIO, errno.ENOSPC])
+def test_a_large_steps_record_is_written_while_the_step_is_applied(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int | None) -> None:
+    """Durability ``step``, a record of a megabyte or more: the optimizer steps while the
+    record is still being written, on copies of the gradients (foreach SGD with Nesterov
+    momentum adds into its gradients: the record must hold them as they came). A write that
+    fails (EIO, a full disk) after the step was applied leaves the session as it was (rebuilt
+    from its store); while the store keeps failing, the next attempts apply nothing; a restart
+    equals the twin."""
+    from app.engine import host as host_module
+    from app.engine.ops import gradients
+
+    files = GatedFiles()
+    applied = threading.Event()
+    real_apply = gradients.Step.apply
+    rebuilds: list[str] = []
+    real_rebuild = host_module.EmbeddedHost._rebuild
+
+    def apply(self: gradients.Step, s: Any, plan: Any) -> Any:
+        out = real_apply(self, s, plan)
+        applied.set()
+        return out
+
+    def rebuild(self: Any, key: str, kind: str) -> None:
+        rebuilds.append(key)
+        real_rebuild(self, key, kind)
+    monkeypatch.setattr(gradients.Step, "apply", apply)
+    monkeypatch.setattr(host_module.EmbeddedHost, "_rebuild", rebuild)
+
+    async def go() -> None:
+        eng, twin = engine(tmp_path, files, "step"), embedded_engine("cpu", warm_up=False)
+        await eng.start()
+        await twin.start()
+        await eng.create(big_spec())
+        await twin.create(big_spec())
+
+        async def same(e: Front) -> None:
+            got, want = await e.pull(SID, None), await twin.pull(SID, None)
+            assert got.version == want.version
+            assert_tree_bitwise(got.params, want.params, "params")
+            assert_tree_bitwise((await e.export_state(SID)).state_dict,
+                                (await twin.export_state(SID)).state_dict, "state")
+
+        for k in range(2):
+            await eng.step(SID, big_grad(k), return_params=False)
+            await twin.step(SID, big_grad(k), return_params=False)
+        applied.clear()
+        files.close_gate("pwritev")
+        stepping = asyncio.ensure_future(eng.step(SID, big_grad(2), return_params=True))
+        assert await asyncio.to_thread(files.held.wait, 20), "the write never started"
+        assert await asyncio.to_thread(applied.wait, 20), "the step was not applied meanwhile"
+        pulling = asyncio.ensure_future(eng.pull(SID, None))
+        await asyncio.sleep(0.2)
+        assert not stepping.done() and not pulling.done()
+        files.open_gate(err)
+        if err is None:
+            got = await stepping
+            await twin.step(SID, big_grad(2), return_params=False)
+            want = await twin.pull(SID, None)
+            assert got.version == want.version == 3
+            assert_tree_bitwise(got.params, want.params, "params")
+            assert rebuilds == []
+        else:
+            with pytest.raises(OptserveError) as info:
+                await stepping
+            assert_refusal(info.value, err)
+            assert rebuilds == [KEY]
+            # the store is failing: the next attempt writes first and applies nothing
+            fault = files.arm("pwritev", err)
+            with pytest.raises(OptserveError):
+                await eng.step(SID, big_grad(2), return_params=False)
+            assert fault.hits == 1 and rebuilds == [KEY]
+            await eng.step(SID, big_grad(2), return_params=False)  # the disk is back
+            await twin.step(SID, big_grad(2), return_params=False)
+        seen, want = await pulling, await twin.pull(SID, None)
+        assert seen.version == 3 if err is None else seen.version == 2
+        await same(eng)
+        await eng.step(SID, big_grad(3), return_params=False)
+        await twin.step(SID, big_grad(3), return_params=False)
+        await same(eng)
+        await eng.stop(snapshot=False)
+        again = engine(tmp_path)
+        await again.start()
+        try:
+            await same(again)
+        finally:
+            await again.stop(snapshot=False)
+            await twin.stop()
     run(go())
 
 
