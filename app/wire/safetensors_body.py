@@ -113,7 +113,9 @@ def _make_tensors(spans: list[tuple[int, int, str]],
         assert base is not None
         dtype = entries[run[0][2]][0]
         flat = base[run[0][0]:run[-1][1]].view(dtype)
-        pieces = torch.split(flat, [entries[name][2] for _, _, name in run])
+        # one tensor: no split (torch.split's Python wrapper costs ~20 us)
+        pieces = ((flat,) if len(run) == 1
+                  else flat.split_with_sizes([entries[name][2] for _, _, name in run]))
         for piece, (_, _, name) in zip(pieces, run, strict=True):
             shape = entries[name][1]
             tensors[name] = piece if len(shape) == 1 else piece.view(shape)
@@ -236,8 +238,9 @@ def packed_views(base: torch.Tensor, layout: list[tuple[str, torch.dtype, torch.
     numels = [(name, dtype, math.prod(shape)) for name, dtype, shape in layout]
     sizes = {name: numel for name, _, numel in numels}
     for flat, names in _runs(base, numels):
-        for name, piece in zip(names, torch.split(flat, [sizes[n] for n in names]),
-                               strict=True):
+        pieces = ((flat,) if len(names) == 1
+                  else flat.split_with_sizes([sizes[n] for n in names]))
+        for name, piece in zip(names, pieces, strict=True):
             shape = shapes[name]
             out[name] = piece if len(shape) == 1 else piece.view(shape)
     out.buffer = base.numpy().data
