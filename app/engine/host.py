@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -642,10 +643,11 @@ class EmbeddedHost:
 
         if store is not None and s.durability == "step" and isinstance(op, Step):
             plan, parts, before = await self._worker.run(check_and_encode, f"{op.kind}_check")
+            written = threading.Event()  # the record's write has returned (or failed)
             result = await self._apply_while_syncing(
-                key, store, op, plan, parts, before,
+                key, store, op, plan, parts, before, written,
                 lambda: self._apply(key, s, op, plan, keys, want_params, before, sync,
-                                    params_into, params_dtype))
+                                    params_into, params_dtype, written.wait))
         elif store is not None and s.durability == "step":
             plan, parts, before = await self._worker.run(check_and_encode, f"{op.kind}_check")
             await self._in_io(lambda: store.append(key, parts, "step"))
@@ -668,8 +670,8 @@ class EmbeddedHost:
         return result
 
     async def _apply_while_syncing(self, key: str, store: Store, op: Step, plan: StepPlan,
-                                   parts: list[Any], before: int, apply: Callable[[], T]
-                                   ) -> T:
+                                   parts: list[Any], before: int, written: threading.Event,
+                                   apply: Callable[[], T]) -> T:
         """Durability ``step`` for a step: the record is written and fsynced on an I/O thread
         while the step is applied on the worker, so the step costs about the larger of the two,
         not their sum. The optimizer steps with copies of the gradients the record is being
@@ -684,16 +686,27 @@ class EmbeddedHost:
         is every record while the store is failing (a full disk): nothing is applied unless
         that write succeeds, and a client retrying against a full disk costs no rebuilds."""
         def write_and_sync() -> None:
-            store.append(key, parts, "step", fsync=False)
+            try:
+                store.append(key, parts, "step", fsync=False)
+            finally:
+                written.set()
             store.sync(key, before)
 
         def apply_on_copies() -> T:
-            own_gradients(plan, op)
+            try:
+                own_gradients(plan, op)
+            except BaseException:
+                written.wait()  # then cut: the record must not outlive its refusal
+                self._cut(key, before)
+                raise
             return apply()
 
         size = sum(memoryview(p).nbytes for p in parts)
         if store.failing or size < OVERLAP_WRITE_BYTES:
-            await self._in_io(lambda: store.append(key, parts, "step", fsync=False))
+            try:
+                await self._in_io(lambda: store.append(key, parts, "step", fsync=False))
+            finally:
+                written.set()
             write: Callable[[], None] = lambda: store.sync(key, before)  # noqa: E731
             run_apply: Callable[[], T] = apply
         else:
@@ -743,14 +756,21 @@ class EmbeddedHost:
     def _apply(self, key: str, s: Session, op: Operation, plan: Any, keys: list[IdemKey],
                want_params: ReturnParams, before: int | None, sync: dict[str, Any] | None,
                params_into: Tensors | None = None,
-               params_dtype: torch.dtype | None = None) -> Any:
-        """Apply on the worker thread; on failure leave the session and its log as they were."""
+               params_dtype: torch.dtype | None = None,
+               written: Callable[[], object] | None = None) -> Any:
+        """Apply on the worker thread; on failure leave the session and its log as they were
+        (``written``: wait until the record's write, running beside, has returned, so that
+        the cut comes after it)."""
         try:
             result = op.apply(s, plan)
         except ApplyFailed as exc:
+            if written is not None:
+                written()
             self._recover(key, op, before, exc)
         except BaseException:
             if before is not None:  # refused cleanly (the session is unchanged): unlog it
+                if written is not None:
+                    written()
                 self._cut(key, before)
             raise
         if before is not None:

@@ -544,6 +544,80 @@ def test_a_large_steps_record_is_written_while_the_step_is_applied(
     run(go())
 
 
+@pytest.mark.parametrize("failure", ["optimizer", "gradient copies"])
+def test_a_step_that_fails_before_its_record_is_written_leaves_no_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    """A large step's record is written beside the step; when the step fails before the I/O
+    thread has even begun writing (a busy I/O pool), the cut must wait for that write, or the
+    log would keep a record of a step that was never applied (a restart would replay it)."""
+    from app.engine import host as host_module
+    from app.engine.ops import ApplyFailed, gradients
+    from app.engine.store import Store
+
+    gate, started = threading.Event(), threading.Event()
+    real_append = Store.append
+
+    def slow_append(self: Store, *args: Any, **kw: Any) -> int:
+        started.set()
+        assert gate.wait(30)
+        return real_append(self, *args, **kw)
+
+    real_apply = gradients.Step.apply
+    failed: list[bool] = []
+
+    def failing_apply(self: gradients.Step, s: Any, plan: Any) -> Any:
+        if failed:  # the restore's replay of the earlier steps
+            return real_apply(self, s, plan)
+        failed.append(True)
+        raise ApplyFailed("optimizer.step() raised RuntimeError: injected")
+
+    def failing_copies(plan: Any, op: Any) -> None:
+        raise RuntimeError("injected: out of memory copying the gradients")
+
+    async def go() -> None:
+        eng, twin = engine(tmp_path), embedded_engine("cpu", warm_up=False)
+        await eng.start()
+        await twin.start()
+        await eng.create(big_spec())
+        await twin.create(big_spec())
+        await eng.step(SID, big_grad(0), return_params=False)
+        await twin.step(SID, big_grad(0), return_params=False)
+        wal = wal_of(tmp_path)
+        before = read_log(wal)
+        with monkeypatch.context() as m:
+            m.setattr(Store, "append", slow_append)
+            if failure == "optimizer":
+                m.setattr(gradients.Step, "apply", failing_apply)
+            else:
+                m.setattr(host_module, "own_gradients", failing_copies)
+            stepping = asyncio.ensure_future(eng.step(SID, big_grad(1), return_params=False))
+            assert await asyncio.to_thread(started.wait, 20)
+            await asyncio.sleep(0.3)  # the step fails meanwhile, its cut waits for the write
+            assert not stepping.done()
+            gate.set()
+            with pytest.raises(OptserveError if failure == "optimizer" else RuntimeError):
+                await stepping
+        assert read_log(wal) == before and wal.stat().st_size == before[1]
+        got, want = await eng.pull(SID, None), await twin.pull(SID, None)
+        assert got.version == want.version == 1
+        assert_tree_bitwise(got.params, want.params, "params")
+        await eng.step(SID, big_grad(1), return_params=False)
+        await twin.step(SID, big_grad(1), return_params=False)
+        await eng.stop(snapshot=False)
+        again = engine(tmp_path)
+        await again.start()
+        try:
+            got, want = await again.pull(SID, None), await twin.pull(SID, None)
+            assert got.version == want.version == 2
+            assert_tree_bitwise(got.params, want.params, "params")
+            assert_tree_bitwise((await again.export_state(SID)).state_dict,
+                                (await twin.export_state(SID)).state_dict, "state")
+        finally:
+            await again.stop(snapshot=False)
+            await twin.stop()
+    run(go())
+
+
 def test_a_step_that_changes_its_gradients_in_place_is_logged_as_received(
         tmp_path: Path) -> None:
     """torch's foreach SGD with Nesterov momentum adds the momentum into the gradient tensors
