@@ -724,7 +724,7 @@ class EmbeddedHost:
                 raise
             try:
                 await asyncio.shield(writing)
-            except OptserveError:
+            except Exception:  # the record did not reach the disk whole: not applied either
                 await self._worker.run(lambda: self._rebuild(key, op.kind), "restore")
                 raise
             return result
