@@ -108,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("serving %s WITHOUT authentication (OPTSERVE_ALLOW_OPEN=1): anyone who can "
                     "reach it can read and change every session", settings.host)
     from app.main import create_app  # torch and the engine: only once the settings are sound
+    from app.runtime import settle_gc
 
     app = create_app(settings)
+    settle_gc()
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, timeout_graceful_shutdown=30,
                             access_log=False, log_config=None)

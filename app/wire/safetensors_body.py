@@ -15,16 +15,31 @@ import orjson
 import torch
 
 from app.errors import BadRequest, Invalid
+from app.runtime import gc_paused
 from app.wire.dtypes import SAFETENSORS_NAMES, TORCH_DTYPES
 from app.wire.json_tensor import parse_shape
 
 MAX_HEADER = 100 * 1024 * 1024
 
 
+#: a header this large (about 1,000 tensors) is parsed, and its tensors made, with the cyclic
+#: garbage collector paused (app.runtime.gc_paused)
+PAUSE_GC_HEADER = 64 * 1024
+
+
 def read_safetensors(
     buf: bytes | bytearray | memoryview, field: str = "body"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Parse a safetensors file held in memory: (tensors by name, ``__metadata__``)."""
+    if len(buf) >= 8 and int.from_bytes(buf[:8], "little") >= PAUSE_GC_HEADER:
+        with gc_paused():
+            return _read_safetensors(buf, field)
+    return _read_safetensors(buf, field)
+
+
+def _read_safetensors(
+    buf: bytes | bytearray | memoryview, field: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if len(buf) < 8:
         raise BadRequest("body is not a safetensors file: shorter than its 8-byte header length",
                          code="invalid_safetensors", field=field)
@@ -143,6 +158,13 @@ def safetensors_header(
 ) -> bytes:
     """The safetensors header (length prefix included) for ``tensors`` laid out one after
     another in this mapping's order."""
+    if len(tensors) >= 1000:
+        with gc_paused():
+            return _header(tensors, metadata)
+    return _header(tensors, metadata)
+
+
+def _header(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = metadata

@@ -247,3 +247,56 @@ def test_packed_tensors_are_one_copy_and_a_valid_safetensors_body() -> None:
     assert meta == {"version": "3"}
     for name in src:
         assert torch.equal(theirs[name], packed[name]) and torch.equal(ours[name], packed[name])
+
+
+def test_a_large_header_is_read_with_the_collector_paused_and_resumed() -> None:
+    """A header of thousands of tensors is parsed without cyclic collections (they walk every
+    live object); the collector is on again afterwards, also when pauses overlap in threads,
+    and stays off if it was off."""
+    import gc
+    import threading
+
+    import safetensors.torch
+
+    from app.runtime import gc_paused
+    from app.wire import safetensors_body
+
+    tensors = {f"t{i}": torch.full((2,), float(i)) for i in range(3000)}
+    body = bytearray(safetensors.torch.save(tensors))
+    assert int.from_bytes(body[:8], "little") >= safetensors_body.PAUSE_GC_HEADER
+    seen: list[bool] = []
+    real = safetensors_body._read_safetensors
+
+    def spy(buf: Any, field: str) -> Any:
+        seen.append(gc.isenabled())
+        return real(buf, field)
+
+    safetensors_body._read_safetensors = spy  # type: ignore[assignment]
+    try:
+        got, _ = read_safetensors(body)
+    finally:
+        safetensors_body._read_safetensors = real  # type: ignore[assignment]
+    assert seen == [False] and gc.isenabled()
+    assert all(torch.equal(got[n], t) for n, t in tensors.items())
+
+    inside, go = threading.Barrier(2), threading.Event()
+
+    def hold() -> None:
+        with gc_paused():
+            inside.wait(5)
+            go.wait(5)
+    other = threading.Thread(target=hold)
+    other.start()
+    with gc_paused():
+        inside.wait(5)
+    assert not gc.isenabled()  # the other thread still pauses it
+    go.set()
+    other.join(5)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
