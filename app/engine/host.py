@@ -760,7 +760,8 @@ class EmbeddedHost:
                written: Callable[[], object] | None = None) -> Any:
         """Apply on the worker thread; on failure leave the session and its log as they were
         (``written``: wait until the record's write, running beside, has returned, so that
-        the cut comes after it)."""
+        the cut comes after it, and so that answers written over the request body the record
+        is written from come after it too)."""
         try:
             result = op.apply(s, plan)
         except ApplyFailed as exc:
@@ -782,6 +783,8 @@ class EmbeddedHost:
             s.idem.remember(k.key, k.fingerprint, answer)
         if isinstance(result, StepResult):
             if params_into is not None and params_into.keys() == s.params.keys():
+                if written is not None:  # the views may be the request body the record is
+                    written()            # being written from: overwrite it only after that
                 result.params = s.copy_params_into(params_into)
             elif want_params == "touched" and isinstance(plan, StepPlan):
                 result.params = sparse.touched(s, plan.total)

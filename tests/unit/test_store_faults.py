@@ -544,6 +544,49 @@ def test_a_large_steps_record_is_written_while_the_step_is_applied(
     run(go())
 
 
+def test_an_answer_over_the_request_body_waits_for_the_records_write(tmp_path: Path) -> None:
+    """The HTTP answer is written over the request body (``params_into``: the gradients' own
+    memory), and a large record is written from that same memory beside the step: the answer
+    must wait for the write, or the log holds parameters where the gradients were (a damaged
+    record, and a restart without the step)."""
+    files = GatedFiles()
+
+    async def go() -> None:
+        eng, twin = engine(tmp_path, files, "step"), embedded_engine("cpu", warm_up=False)
+        await eng.start()
+        await twin.start()
+        await eng.create(big_spec())
+        await twin.create(big_spec())
+        wal = wal_of(tmp_path)
+        for k in range(2):
+            body = big_grad(k)  # the request body: the answer is written over it
+            files.close_gate("pwritev")
+            stepping = asyncio.ensure_future(eng.step(SID, body, return_params=True,
+                                                      params_into=body))
+            assert await asyncio.to_thread(files.held.wait, 20), "the write never started"
+            await asyncio.sleep(0.3)  # the step is applied meanwhile; the answer must wait
+            files.open_gate()
+            got = await stepping
+            await twin.step(SID, big_grad(k), return_params=False)
+            want = await twin.pull(SID, None)
+            assert got.params is not None
+            assert_tree_bitwise(dict(got.params), want.params, "answer")
+            assert_tree_bitwise(body, want.params, "the body holds the answer")
+        records, valid, torn = read_log(wal)
+        assert not torn and valid == wal.stat().st_size
+        await eng.stop(snapshot=False)
+        again = engine(tmp_path)
+        await again.start()
+        try:
+            got, want = await again.pull(SID, None), await twin.pull(SID, None)
+            assert got.version == want.version == 2
+            assert_tree_bitwise(got.params, want.params, "params")
+        finally:
+            await again.stop(snapshot=False)
+            await twin.stop()
+    run(go())
+
+
 @pytest.mark.parametrize("failure", ["optimizer", "gradient copies"])
 def test_a_step_that_fails_before_its_record_is_written_leaves_no_record(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
