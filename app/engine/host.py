@@ -13,9 +13,9 @@ Every operation on a session runs under that session's lock, in four stages:
    back cheaply is cut from the log and the session is rebuilt from its store, through the
    same replay a restart runs (a session that keeps nothing on disk is then taken out of
    service: 503 ``session_damaged``). A gradient step with durability ``step`` is applied
-   while its record's fsync runs (the record is already in the page cache): no reader sees
-   it and nothing is answered until the fsync returns, and a failed fsync cuts the record
-   and rebuilds the session from its store (:meth:`EmbeddedHost._apply_while_syncing`);
+   while its record is written and fsynced: no reader sees it and nothing is answered until
+   the fsync returns, and a failed write or fsync cuts the record and rebuilds the session
+   from its store (:meth:`EmbeddedHost._apply_while_syncing`);
 4. the idempotency keys are remembered with the answer, and the answer is returned.
 
 On start every stored session is rebuilt: its snapshot (if any), then a replay of its log
@@ -111,9 +111,7 @@ def own_gradients(plan: StepPlan, op: Step) -> None:
     sent = {t.untyped_storage().data_ptr() for t in op.grads.values()
             if t.layout == torch.strided}
     for name, t in plan.total.items():
-        if t.layout == torch.strided and t.untyped_storage().data_ptr() in sent:
-            plan.total[name] = t.clone()
-        elif t.layout != torch.strided:
+        if t.layout != torch.strided or t.untyped_storage().data_ptr() in sent:
             plan.total[name] = t.clone()
 
 
@@ -725,29 +723,36 @@ class EmbeddedHost:
             try:
                 await asyncio.shield(writing)
             except Exception:  # the record did not reach the disk whole: not applied either
-                await self._worker.run(lambda: self._rebuild(key, op.kind), "restore")
+                await self._worker.run(
+                    lambda: self._rebuild(key, f"a {op.kind}'s log record was not written"),
+                    "restore")
                 raise
             return result
         finally:
             del self._unsettled[key]
             settled.set_result(None)
 
-    def _rebuild(self, key: str, kind: str) -> None:
-        """The session as its store holds it (an applied operation's record did not reach
-        the disk); taken out of service when even that fails."""
+    def _rebuild(self, key: str, why: str, cut: int | None = None) -> Exception | None:
+        """The session as its store holds it, after an operation that changed it but must not
+        count (its record first cut back to ``cut`` when given); taken out of service when
+        that fails (the failure is returned)."""
         try:
+            assert self._store is not None
+            if cut is not None:
+                self._store.truncate(key, cut)
             self._sessions[key] = self._restore(key, live=True)[0]
         except Exception as exc:  # noqa: BLE001 - any failure here takes it out of service
-            log.error("restoring %s after a failed log write: %s", key, exc)
-            self._damaged[key] = (f"a {kind}'s log record could not be written and the "
-                                  f"session could not be restored from its store: {exc}")
+            log.error("restoring %s after %s: %s", key, why, exc)
+            self._damaged[key] = f"{why} and its restore failed: {exc}"
+            return exc
+        return None
 
     async def _settled(self, key: str | None = None) -> None:
         """Wait until no operation on this session (None: on any) is applied but not yet
         durable: readers never see what a failed fsync would take back."""
         while True:
-            pending = ([f for k, f in self._unsettled.items() if k == key] if key is not None
-                       else list(self._unsettled.values()))
+            one = self._unsettled.get(key) if key is not None else None
+            pending = list(self._unsettled.values()) if key is None else [one] if one else []
             if not pending:
                 return
             for f in pending:
@@ -815,12 +820,8 @@ class EmbeddedHost:
                                   "nothing on disk to restore it from")
             raise Unavailable(f"the {op.kind} failed and the session could not be restored: "
                               f"{exc}", code="session_damaged", retry_after=30.0) from None
-        try:
-            assert self._store is not None
-            self._store.truncate(key, before)
-            self._sessions[key] = self._restore(key, live=True)[0]
-        except Exception as again:  # noqa: BLE001 - any failure here takes it out of service
-            self._damaged[key] = f"a {op.kind} failed half-way and its restore failed: {again}"
+        again = self._rebuild(key, f"a {op.kind} failed half-way", cut=before)
+        if again is not None:
             raise Unavailable(f"the {op.kind} failed and the session could not be restored: "
                               f"{again}", code="session_damaged", retry_after=30.0) from None
         if isinstance(cause, (ValueError, TypeError)):

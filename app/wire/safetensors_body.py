@@ -8,7 +8,7 @@ The reader returns tensors that are views into the given buffer where alignment 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -126,14 +126,9 @@ def _make_tensors(spans: list[tuple[int, int, str]],
         if not run:
             return
         assert base is not None
-        dtype = entries[run[0][2]][0]
-        flat = base[run[0][0]:run[-1][1]].view(dtype)
-        # one tensor: no split (torch.split's Python wrapper costs ~20 us)
-        pieces = ((flat,) if len(run) == 1
-                  else flat.split_with_sizes([entries[name][2] for _, _, name in run]))
-        for piece, (_, _, name) in zip(pieces, run, strict=True):
-            shape = entries[name][1]
-            tensors[name] = piece if len(shape) == 1 else piece.view(shape)
+        names = [name for _, _, name in run]
+        _cut(base[run[0][0]:run[-1][1]].view(entries[names[0]][0]), names,
+             [entries[n][2] for n in names], [entries[n][1] for n in names], tensors)
         run.clear()
 
     for begin, end, name in spans:
@@ -229,8 +224,17 @@ def pack(tensors: dict[str, torch.Tensor]) -> PackedTensors:
             for flat, names in _runs(base, [(n, tensors[n].dtype, tensors[n].numel())
                                             for n in order]):
                 torch.cat([tensors[n].detach().reshape(-1) for n in names], out=flat)
-    out.buffer = base.numpy().data
     return out
+
+
+def _cut(flat: torch.Tensor, names: list[str], numels: list[int],
+         shapes: Sequence[Sequence[int]], into: dict[str, torch.Tensor]) -> None:
+    """Views of tensors of one dtype laid out back to back in ``flat``, into ``into``: one
+    ``split_with_sizes`` for the run (one tensor: none; torch.split's Python wrapper alone
+    costs ~20 us), a ``view`` only where the shape is not 1-D."""
+    pieces = (flat,) if len(names) == 1 else flat.split_with_sizes(numels)
+    for name, piece, shape in zip(names, pieces, shapes, strict=True):
+        into[name] = piece if len(shape) == 1 else piece.view(shape)
 
 
 def _runs(base: torch.Tensor, layout: list[tuple[str, torch.dtype, int]]
@@ -260,11 +264,7 @@ def packed_views(base: torch.Tensor, layout: list[tuple[str, torch.dtype, torch.
     numels = [(name, dtype, math.prod(shape)) for name, dtype, shape in layout]
     sizes = {name: numel for name, _, numel in numels}
     for flat, names in _runs(base, numels):
-        pieces = ((flat,) if len(names) == 1
-                  else flat.split_with_sizes([sizes[n] for n in names]))
-        for name, piece in zip(names, pieces, strict=True):
-            shape = shapes[name]
-            out[name] = piece if len(shape) == 1 else piece.view(shape)
+        _cut(flat, names, [sizes[n] for n in names], [shapes[n] for n in names], out)
     out.buffer = base.numpy().data
     return out
 

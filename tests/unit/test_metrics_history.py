@@ -61,6 +61,24 @@ def close(got: float, want: float, what: str) -> None:
     assert math.isclose(got, want, rel_tol=REL, abs_tol=1e-12), (what, got, want)
 
 
+def assert_step_as_torch(result: Any, groups: list[list[str]], sent: dict[str, torch.Tensor],
+                         local: dict[str, torch.Tensor], before: dict[str, torch.Tensor],
+                         what: str = "") -> None:
+    """The step's answer equals the local torch step: the parameters bitwise, and each
+    group's gradient, update and parameter norms."""
+    assert result.params is not None
+    for n in local:
+        assert torch.equal(result.params[n], local[n]), (what, n)
+    if result.metrics is None or "grad_norm" not in result.metrics["groups"][0]:
+        raise AssertionError(f"{what}: no norms")
+    for gi, names in enumerate(groups):
+        got = result.metrics["groups"][gi]
+        close(got["grad_norm"], norm([sent[n] for n in names]), f"{what} grad {gi}")
+        close(got["update_norm"], norm([local[n] - before[n] for n in names]),
+              f"{what} upd {gi}")
+        close(got["param_norm"], norm([local[n] for n in names]), f"{what} param {gi}")
+
+
 @pytest.mark.parametrize("name,options,group_options", OPTIMIZERS,
                          ids=[o[0] for o in OPTIMIZERS])
 def test_step_metrics_equal_torch_in_process(engine: Front, name: str, options: dict[str, Any],
@@ -131,14 +149,7 @@ def test_metrics_per_group_span_and_per_tensor_agree_with_torch(engine: Front,
             t.grad = sent[n]
         opt.step()
         result = run(engine.step("mix", sent, return_params=True))
-        assert result.metrics is not None and result.params is not None
-        for gi, names in enumerate(groups):
-            got = result.metrics["groups"][gi]
-            close(got["grad_norm"], norm([sent[n] for n in names]), f"grad {gi}")
-            close(got["update_norm"], norm([local[n] - before[n] for n in names]), f"upd {gi}")
-            close(got["param_norm"], norm([local[n] for n in names]), f"param {gi}")
-        for n in p0:
-            assert torch.equal(result.params[n], local[n]), n
+        assert_step_as_torch(result, groups, sent, local, before, f"step {k}")
 
 
 @pytest.mark.parametrize("name", ["SparseAdam", "SGD", "Adagrad"])
@@ -284,17 +295,7 @@ def test_metrics_stay_right_when_the_parameters_change_between_steps(engine: Fro
             t.grad = sent[n]
         opt.step()
         result = run(engine.step("chg", sent, return_params=True))
-        assert result.params is not None
-        for n in local:
-            assert torch.equal(result.params[n], local[n]), (k, n)
-        if result.metrics is None or "grad_norm" not in result.metrics["groups"][0]:
-            raise AssertionError(f"step {k}: no norms")
-        for gi, names in enumerate(groups):
-            got = result.metrics["groups"][gi]
-            close(got["grad_norm"], norm([sent[n] for n in names]), f"{k} grad {gi}")
-            close(got["update_norm"], norm([local[n] - before[n] for n in names]),
-                  f"{k} upd {gi}")
-            close(got["param_norm"], norm([local[n] for n in names]), f"{k} param {gi}")
+        assert_step_as_torch(result, groups, sent, local, before, f"step {k}")
 
     step_both(0)
     step_both(1)
@@ -352,14 +353,7 @@ def test_metrics_of_gradients_that_tile_one_buffer_equal_torch(engine: Front,
             t.grad = sent[n].clone()
         opt.step()
         result = run(engine.step("tile", sent, return_params=True))
-        assert result.metrics is not None and result.params is not None
-        for gi, names in enumerate(groups):
-            got = result.metrics["groups"][gi]
-            close(got["grad_norm"], norm([sent[n] for n in names]), f"grad {gi}")
-            close(got["update_norm"], norm([local[n] - before[n] for n in names]), f"upd {gi}")
-            close(got["param_norm"], norm([local[n] for n in names]), f"param {gi}")
-        for n in local:
-            assert torch.equal(result.params[n], local[n]), n
+        assert_step_as_torch(result, groups, sent, local, before, f"step {k}")
     bad = body(9)
     bad["b"][2] = float("nan")
     with pytest.raises(Invalid) as info:

@@ -244,6 +244,22 @@ class Flaky(InProcessHost):
         return await super().commit(key, idem, op, want_params=want_params)
 
 
+def two_flaky_shards(host: EmbeddedHost
+                     ) -> tuple[list[Flaky], list[GroupSpec], Any, list[tuple[Any, str]]]:
+    """Two shards of session ``t~s`` (parameters ``a``: 4 and ``b``: 3 floats) on flaky hosts
+    over one embedded host: (hosts, groups, layout, (host, shard key) pairs)."""
+    shards = [Flaky(host, f"h{i}") for i in range(2)]
+    groups = [GroupSpec({"a": torch.ones(4), "b": torch.ones(3)}, {})]
+    pairs: list[tuple[Any, str]] = [(h, shard_key("t~s", i, 2)) for i, h in enumerate(shards)]
+    return shards, groups, plan_layout(groups, 2), pairs
+
+
+async def sharded_step(session: ShardedSession, g: float, key: str) -> Any:
+    """A step of ``t~s`` with every gradient value ``g``, under idempotency key ``key``."""
+    return await session.step("t~s", {"a": torch.full((4,), g), "b": torch.full((3,), g)},
+                              want_params=True, idem=IdemKey(key, "fp"))
+
+
 def test_prepare_refused_anywhere_applies_nowhere_and_lost_commits_roll_forward(
         tmp_path: Path) -> None:
     async def body() -> None:
@@ -251,14 +267,10 @@ def test_prepare_refused_anywhere_applies_nowhere_and_lost_commits_roll_forward(
                                        warm_up=False))
         await host.start()
         try:
-            shards = [Flaky(host, f"h{i}") for i in range(2)]
-            groups = [GroupSpec({"a": torch.ones(4), "b": torch.ones(3)}, {})]
+            shards, groups, layout, pairs = two_flaky_shards(host)
             spec = CreateSpec("SGD", groups, {"lr": 0.5, "momentum": 0.9},
                               scheduler={"name": "StepLR",
                                          "options": {"step_size": 2, "gamma": 0.5}})
-            layout = plan_layout(groups, 2)
-            pairs: list[tuple[Any, str]] = [(h, shard_key("t~s", i, 2))
-                                            for i, h in enumerate(shards)]
             session, _ = await ShardedSession.create("t~s", spec, layout, pairs,
                                                      commit_timeout_s=0.3)
             ref = torch.optim.SGD([p := torch.nn.Parameter(torch.ones(4)),
@@ -271,9 +283,7 @@ def test_prepare_refused_anywhere_applies_nowhere_and_lost_commits_roll_forward(
                 sched.step()
 
             async def step(g: float, key: str) -> Any:
-                return await session.step("t~s", {"a": torch.full((4,), g),
-                                                  "b": torch.full((3,), g)},
-                                          want_params=True, idem=IdemKey(key, "fp"))
+                return await sharded_step(session, g, key)
 
             await step(1.0, "k1")
             ref_step(1.0)
@@ -336,12 +346,8 @@ def test_a_coordinator_that_died_mid_commit_waits_for_the_retry(tmp_path: Path) 
                                        warm_up=False))
         await host.start()
         try:
-            shards = [Flaky(host, f"h{i}") for i in range(2)]
-            groups = [GroupSpec({"a": torch.ones(4), "b": torch.ones(3)}, {})]
+            shards, groups, layout, pairs = two_flaky_shards(host)
             spec = CreateSpec("Adam", groups, {"lr": 0.1})
-            layout = plan_layout(groups, 2)
-            pairs: list[tuple[Any, str]] = [(h, shard_key("t~s", i, 2))
-                                            for i, h in enumerate(shards)]
             first, _ = await ShardedSession.create("t~s", spec, layout, pairs,
                                                    commit_timeout_s=0.2)
             ref = torch.optim.Adam([p := torch.nn.Parameter(torch.ones(4)),
@@ -351,11 +357,7 @@ def test_a_coordinator_that_died_mid_commit_waits_for_the_retry(tmp_path: Path) 
                 p.grad, q.grad = torch.full((4,), g), torch.full((3,), g)
                 ref.step()
 
-            async def step(session: ShardedSession, g: float, key: str) -> Any:
-                return await session.step("t~s", {"a": torch.full((4,), g),
-                                                  "b": torch.full((3,), g)},
-                                          want_params=True, idem=IdemKey(key, "fp"))
-
+            step = sharded_step
             shards[0].drop_commits = 1000  # shard 0 never takes X's commit
             with pytest.raises(Unavailable) as caught:
                 await step(first, 1.0, "x")

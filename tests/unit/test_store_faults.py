@@ -173,31 +173,39 @@ class Pair:
     """The engine under test and its twin (memory only, never faulted): an operation goes to
     the twin only when the engine acknowledged it."""
 
-    def __init__(self, eng: Front) -> None:
+    def __init__(self, eng: Front, make: Callable[[], CreateSpec] | None = None,
+                 grads: Callable[[int], dict[str, torch.Tensor]] | None = None) -> None:
         self.eng = eng
         self.twin = embedded_engine("cpu", warm_up=False)
+        self.make = make or spec
+        self.grads = grads or grad
         self.k = 0  # the next gradient
 
     async def start(self) -> None:
         await self.eng.start()
         await self.twin.start()
-        await self.eng.create(spec())
-        await self.twin.create(spec())
+        await self.eng.create(self.make())
+        await self.twin.create(self.make())
 
     async def stop(self, *, snapshot: bool = False) -> None:
         await self.eng.stop(snapshot=snapshot)
 
     async def step(self) -> None:
         """A step both take (must succeed)."""
-        await self.eng.step(SID, grad(self.k), return_params=False)
-        await self.twin.step(SID, grad(self.k), return_params=False)
+        await self.eng.step(SID, self.grads(self.k), return_params=False)
+        await self.twin_step()
+
+    async def twin_step(self) -> None:
+        """The twin takes the step the engine acknowledged (by other means)."""
+        await self.twin.step(SID, self.grads(self.k), return_params=False)
         self.k += 1
 
     async def refused_step(self) -> OptserveError:
         """A step the engine must refuse (the twin does not take it; its gradient is
         retried next)."""
         with pytest.raises(OptserveError) as info:
-            await asyncio.wait_for(self.eng.step(SID, grad(self.k), return_params=False), 30)
+            await asyncio.wait_for(self.eng.step(SID, self.grads(self.k),
+                                                 return_params=False), 30)
         return info.value
 
     async def assert_same(self, eng: Front | None = None) -> None:
@@ -216,9 +224,8 @@ class Pair:
         try:
             assert await again.refused() == {}
             await self.assert_same(again)
-            await again.step(SID, grad(self.k), return_params=False)
-            await self.twin.step(SID, grad(self.k), return_params=False)
-            self.k += 1
+            await again.step(SID, self.grads(self.k), return_params=False)
+            await self.twin_step()
             await self.assert_same(again)
         finally:
             await again.stop(snapshot=False)
@@ -476,42 +483,30 @@ def test_a_large_steps_record_is_written_while_the_step_is_applied(
         applied.set()
         return out
 
-    def rebuild(self: Any, key: str, kind: str) -> None:
+    def rebuild(self: Any, key: str, *args: Any, **kw: Any) -> Any:
         rebuilds.append(key)
-        real_rebuild(self, key, kind)
+        return real_rebuild(self, key, *args, **kw)
     monkeypatch.setattr(gradients.Step, "apply", apply)
     monkeypatch.setattr(host_module.EmbeddedHost, "_rebuild", rebuild)
 
     async def go() -> None:
-        eng, twin = engine(tmp_path, files, "step"), embedded_engine("cpu", warm_up=False)
-        await eng.start()
-        await twin.start()
-        await eng.create(big_spec())
-        await twin.create(big_spec())
-
-        async def same(e: Front) -> None:
-            got, want = await e.pull(SID, None), await twin.pull(SID, None)
-            assert got.version == want.version
-            assert_tree_bitwise(got.params, want.params, "params")
-            assert_tree_bitwise((await e.export_state(SID)).state_dict,
-                                (await twin.export_state(SID)).state_dict, "state")
-
-        for k in range(2):
-            await eng.step(SID, big_grad(k), return_params=False)
-            await twin.step(SID, big_grad(k), return_params=False)
+        pair = Pair(engine(tmp_path, files, "step"), big_spec, big_grad)
+        await pair.start()
+        for _ in range(2):
+            await pair.step()
         applied.clear()
         files.close_gate("pwritev")
-        stepping = asyncio.ensure_future(eng.step(SID, big_grad(2), return_params=True))
+        stepping = asyncio.ensure_future(pair.eng.step(SID, big_grad(2), return_params=True))
         assert await asyncio.to_thread(files.held.wait, 20), "the write never started"
         assert await asyncio.to_thread(applied.wait, 20), "the step was not applied meanwhile"
-        pulling = asyncio.ensure_future(eng.pull(SID, None))
+        pulling = asyncio.ensure_future(pair.eng.pull(SID, None))
         await asyncio.sleep(0.2)
         assert not stepping.done() and not pulling.done()
         files.open_gate(err)
         if err is None:
             got = await stepping
-            await twin.step(SID, big_grad(2), return_params=False)
-            want = await twin.pull(SID, None)
+            await pair.twin_step()
+            want = await pair.twin.pull(SID, None)
             assert got.version == want.version == 3
             assert_tree_bitwise(got.params, want.params, "params")
             assert rebuilds == []
@@ -522,25 +517,16 @@ def test_a_large_steps_record_is_written_while_the_step_is_applied(
             assert rebuilds == [KEY]
             # the store is failing: the next attempt writes first and applies nothing
             fault = files.arm("pwritev", err)
-            with pytest.raises(OptserveError):
-                await eng.step(SID, big_grad(2), return_params=False)
+            assert_refusal(await pair.refused_step(), err)
             assert fault.hits == 1 and rebuilds == [KEY]
-            await eng.step(SID, big_grad(2), return_params=False)  # the disk is back
-            await twin.step(SID, big_grad(2), return_params=False)
-        seen, want = await pulling, await twin.pull(SID, None)
-        assert seen.version == 3 if err is None else seen.version == 2
-        await same(eng)
-        await eng.step(SID, big_grad(3), return_params=False)
-        await twin.step(SID, big_grad(3), return_params=False)
-        await same(eng)
-        await eng.stop(snapshot=False)
-        again = engine(tmp_path)
-        await again.start()
-        try:
-            await same(again)
-        finally:
-            await again.stop(snapshot=False)
-            await twin.stop()
+            await pair.step()  # the disk is back
+        seen = await pulling
+        assert seen.version == (3 if err is None else 2)
+        await pair.assert_same()
+        await pair.step()
+        await pair.assert_same()
+        await pair.stop()
+        await pair.assert_restart_same(tmp_path)
     run(go())
 
 
@@ -552,38 +538,27 @@ def test_an_answer_over_the_request_body_waits_for_the_records_write(tmp_path: P
     files = GatedFiles()
 
     async def go() -> None:
-        eng, twin = engine(tmp_path, files, "step"), embedded_engine("cpu", warm_up=False)
-        await eng.start()
-        await twin.start()
-        await eng.create(big_spec())
-        await twin.create(big_spec())
+        pair = Pair(engine(tmp_path, files, "step"), big_spec, big_grad)
+        await pair.start()
         wal = wal_of(tmp_path)
-        for k in range(2):
-            body = big_grad(k)  # the request body: the answer is written over it
+        for _ in range(2):
+            body = big_grad(pair.k)  # the request body: the answer is written over it
             files.close_gate("pwritev")
-            stepping = asyncio.ensure_future(eng.step(SID, body, return_params=True,
-                                                      params_into=body))
+            stepping = asyncio.ensure_future(pair.eng.step(SID, body, return_params=True,
+                                                           params_into=body))
             assert await asyncio.to_thread(files.held.wait, 20), "the write never started"
             await asyncio.sleep(0.3)  # the step is applied meanwhile; the answer must wait
             files.open_gate()
             got = await stepping
-            await twin.step(SID, big_grad(k), return_params=False)
-            want = await twin.pull(SID, None)
+            await pair.twin_step()
+            want = await pair.twin.pull(SID, None)
             assert got.params is not None
             assert_tree_bitwise(dict(got.params), want.params, "answer")
             assert_tree_bitwise(body, want.params, "the body holds the answer")
         records, valid, torn = read_log(wal)
         assert not torn and valid == wal.stat().st_size
-        await eng.stop(snapshot=False)
-        again = engine(tmp_path)
-        await again.start()
-        try:
-            got, want = await again.pull(SID, None), await twin.pull(SID, None)
-            assert got.version == want.version == 2
-            assert_tree_bitwise(got.params, want.params, "params")
-        finally:
-            await again.stop(snapshot=False)
-            await twin.stop()
+        await pair.stop()
+        await pair.assert_restart_same(tmp_path)
     run(go())
 
 
@@ -618,13 +593,9 @@ def test_a_step_that_fails_before_its_record_is_written_leaves_no_record(
         raise RuntimeError("injected: out of memory copying the gradients")
 
     async def go() -> None:
-        eng, twin = engine(tmp_path), embedded_engine("cpu", warm_up=False)
-        await eng.start()
-        await twin.start()
-        await eng.create(big_spec())
-        await twin.create(big_spec())
-        await eng.step(SID, big_grad(0), return_params=False)
-        await twin.step(SID, big_grad(0), return_params=False)
+        pair = Pair(engine(tmp_path), big_spec, big_grad)
+        await pair.start()
+        await pair.step()
         wal = wal_of(tmp_path)
         before = read_log(wal)
         with monkeypatch.context() as m:
@@ -633,7 +604,8 @@ def test_a_step_that_fails_before_its_record_is_written_leaves_no_record(
                 m.setattr(gradients.Step, "apply", failing_apply)
             else:
                 m.setattr(host_module, "own_gradients", failing_copies)
-            stepping = asyncio.ensure_future(eng.step(SID, big_grad(1), return_params=False))
+            stepping = asyncio.ensure_future(pair.eng.step(SID, big_grad(pair.k),
+                                                           return_params=False))
             assert await asyncio.to_thread(started.wait, 20)
             await asyncio.sleep(0.3)  # the step fails meanwhile, its cut waits for the write
             assert not stepping.done()
@@ -641,23 +613,10 @@ def test_a_step_that_fails_before_its_record_is_written_leaves_no_record(
             with pytest.raises(OptserveError if failure == "optimizer" else RuntimeError):
                 await stepping
         assert read_log(wal) == before and wal.stat().st_size == before[1]
-        got, want = await eng.pull(SID, None), await twin.pull(SID, None)
-        assert got.version == want.version == 1
-        assert_tree_bitwise(got.params, want.params, "params")
-        await eng.step(SID, big_grad(1), return_params=False)
-        await twin.step(SID, big_grad(1), return_params=False)
-        await eng.stop(snapshot=False)
-        again = engine(tmp_path)
-        await again.start()
-        try:
-            got, want = await again.pull(SID, None), await twin.pull(SID, None)
-            assert got.version == want.version == 2
-            assert_tree_bitwise(got.params, want.params, "params")
-            assert_tree_bitwise((await again.export_state(SID)).state_dict,
-                                (await twin.export_state(SID)).state_dict, "state")
-        finally:
-            await again.stop(snapshot=False)
-            await twin.stop()
+        await pair.assert_same()
+        await pair.step()
+        await pair.stop()
+        await pair.assert_restart_same(tmp_path)
     run(go())
 
 
@@ -666,30 +625,20 @@ def test_a_step_that_changes_its_gradients_in_place_is_logged_as_received(
     """torch's foreach SGD with Nesterov momentum adds the momentum into the gradient tensors
     themselves: the record must hold the gradients as they came (written before the step is
     applied, its fsync running alongside), or a restart replays other gradients."""
-    sgd = CreateSpec("SGD", [GroupSpec({"w": torch.randn(4, 3), "b": torch.randn(3)})],
-                     {"lr": 0.1, "momentum": 0.9, "nesterov": True, "foreach": True}, id=SID)
+    def sgd() -> CreateSpec:
+        g = torch.Generator().manual_seed(3)
+        return CreateSpec("SGD", [GroupSpec({"w": torch.randn(4, 3, generator=g),
+                                             "b": torch.randn(3, generator=g)})],
+                          {"lr": 0.1, "momentum": 0.9, "nesterov": True, "foreach": True},
+                          id=SID)
 
     async def go() -> None:
-        eng, twin = engine(tmp_path), embedded_engine("cpu", warm_up=False)
-        await eng.start()
-        await twin.start()
-        await eng.create(sgd)
-        await twin.create(sgd)
-        for k in range(4):
-            await eng.step(SID, grad(k), return_params=False)
-            await twin.step(SID, grad(k), return_params=False)
-        await eng.stop(snapshot=False)
-        again = engine(tmp_path)
-        await again.start()
-        try:
-            got, want = await again.pull(SID, None), await twin.pull(SID, None)
-            assert got.version == want.version == 4
-            assert_tree_bitwise(got.params, want.params, "params")
-            assert_tree_bitwise((await again.export_state(SID)).state_dict,
-                                (await twin.export_state(SID)).state_dict, "state")
-        finally:
-            await again.stop(snapshot=False)
-            await twin.stop()
+        pair = Pair(engine(tmp_path), sgd)
+        await pair.start()
+        for _ in range(4):
+            await pair.step()
+        await pair.stop()
+        await pair.assert_restart_same(tmp_path)
     run(go())
 
 
