@@ -32,6 +32,7 @@ from app.api import (
     ui,
 )
 from app.api.auth import AuthMiddleware, parse_keys
+from app.api.step_lane import StepLane
 from app.config import EXIT_CONFIG, ConfigError, Settings, load_settings
 from app.engine import DEFAULT_TENANT, make_engine
 from app.observability import Metrics, RequestContextMiddleware
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     openapi_docs.install(app)
     docs_pages.install(app)
     ui.install(app)
+    app.add_middleware(StepLane, owner=app)  # innermost: inside auth and request context
     app.add_middleware(AuthMiddleware, keys=keys)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     origins = settings.cors_origin_list()

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
 import re
 import time
@@ -20,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -61,16 +61,28 @@ class Metrics:
 
         # the (counter, outcome) series each session has, so a deleted session's go with it
         self._series: dict[str, set[tuple[Counter, str]]] = {}
+        # labelled series by (metric, labels): prometheus_client's labels() locks, checks and
+        # builds a key on every call, a few per request
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def series(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, kept."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def count(self, counter: Counter, session: str, outcome: str) -> None:
         """One request of ``session`` (``""``: not named) under ``outcome``."""
-        counter.labels(session, outcome).inc()
+        self.series(counter, session, outcome).inc()
         if session:
             self._series.setdefault(session, set()).add((counter, outcome))
 
     def forget_session(self, session: str) -> None:
         """Remove every series that names a deleted session."""
         for counter, outcome in self._series.pop(session, ()):
+            self._children.pop((counter, session, outcome), None)
             try:
                 counter.remove(session, outcome)
             except KeyError:
@@ -78,11 +90,11 @@ class Metrics:
 
     def observe_worker(self, op: str, queue_s: float, run_s: float) -> None:
         """The device worker's callback (runs on the worker thread)."""
-        self.worker.labels(op, "queue").observe(queue_s)
-        self.worker.labels(op, "run").observe(run_s)
+        self.series(self.worker, op, "queue").observe(queue_s)
+        self.series(self.worker, op, "run").observe(run_s)
         if op == "step":
-            self.step_phase.labels("queue").observe(queue_s)
-            self.step_phase.labels("device").observe(run_s)
+            self.series(self.step_phase, "queue").observe(queue_s)
+            self.series(self.step_phase, "device").observe(run_s)
 
 
 class JsonFormatter(logging.Formatter):
@@ -101,10 +113,14 @@ class JsonFormatter(logging.Formatter):
             out.update(extra)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        return orjson.dumps(out, default=str).decode()
 
 
 def configure_logging(level: str, fmt: str) -> None:
+    """The server process's logging: one handler on stderr, JSON lines or plain text. Records
+    do not look up their process's multiprocessing name (no format here shows it, and the
+    lookup is a good part of making the access log's record per request)."""
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -162,13 +178,21 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             self.metrics.bytes_in.inc(sizes["in"])
             self.metrics.bytes_out.inc(sizes["out"])
-            self.metrics.requests.labels(scope["method"], str(status["code"])).inc()
-            access_log.info(
-                "%s %s %d", scope["method"], scope["path"], status["code"],
-                extra={"fields": {"method": scope["method"], "path": scope["path"],
-                                  "status": status["code"], "ms": round(elapsed * 1e3, 3),
-                                  "bytes_in": sizes["in"], "bytes_out": sizes["out"]}})
+            self.metrics.series(self.metrics.requests, scope["method"], str(status["code"])).inc()
+            if access_log.isEnabledFor(logging.INFO):
+                _access(scope["method"], scope["path"], status["code"], elapsed, sizes)
             request_id_var.reset(token)
+
+
+def _access(method: str, path: str, status: int, elapsed: float, sizes: dict[str, int]) -> None:
+    """One access-log line. The record is made without ``Logger.info``'s search of the stack
+    for its caller (it would name this function on every request)."""
+    record = access_log.makeRecord(
+        access_log.name, logging.INFO, __file__, 0, "%s %s %d", (method, path, status), None,
+        extra={"fields": {"method": method, "path": path, "status": status,
+                          "ms": round(elapsed * 1e3, 3), "bytes_in": sizes["in"],
+                          "bytes_out": sizes["out"]}})
+    access_log.handle(record)
 
 
 WorkerObserver = Callable[[str, float, float], None]

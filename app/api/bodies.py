@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio.to_thread
@@ -50,22 +50,25 @@ class BodyTimeout(OptserveError):
     title = "Request body timeout"
 
 
-async def _chunks(request: Request) -> AsyncIterator[bytes]:
-    """The body's chunks; 408 when none arrives for ``OPTSERVE_BODY_TIMEOUT_S`` (a stalled or
-    trickling client must not hold a connection and a buffer forever)."""
+async def _receive(request: Request, take: Callable[[bytes], None]) -> None:
+    """Hand the body's chunks to ``take`` as they arrive; 408 when none arrives for
+    ``OPTSERVE_BODY_TIMEOUT_S`` (a stalled or trickling client must not hold a connection and
+    a buffer forever). One timeout for the whole body, moved on at every chunk (a timeout per
+    chunk cost as much as the rest of a small step's decoding); ``take`` runs inside it and
+    may raise (the timeout then ends with it)."""
     settings = getattr(request.app.state, "settings", None)
     timeout: float | None = getattr(settings, "body_timeout_s", None)
-    stream = request.stream()
-    while True:
-        try:
-            async with asyncio.timeout(timeout):
-                chunk = await anext(stream, None)
-        except TimeoutError:
-            raise BodyTimeout(f"no request body bytes for {timeout:g} s "
-                              "(OPTSERVE_BODY_TIMEOUT_S)", field="body", limit=timeout) from None
-        if chunk is None:
-            return
-        yield chunk
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout) as deadline:
+            async for chunk in request.stream():
+                if chunk:
+                    take(chunk)
+                if timeout is not None:
+                    deadline.reschedule(loop.time() + timeout)
+    except TimeoutError:
+        raise BodyTimeout(f"no request body bytes for {timeout:g} s "
+                          "(OPTSERVE_BODY_TIMEOUT_S)", field="body", limit=timeout) from None
 
 
 async def read_body(request: Request, max_bytes: int) -> bytearray:
@@ -79,7 +82,7 @@ async def _read_body(
     request: Request, max_bytes: int, raw: bool = False
 ) -> bytearray | memoryview:
     """The whole body in a fresh writable buffer; 413 as soon as it passes ``max_bytes``;
-    408 when it stalls (see ``_chunks``). With ``raw`` a large body lands in an uninitialized
+    408 when it stalls (see ``_receive``). With ``raw`` a large body lands in an uninitialized
     buffer (a writable memoryview: no zero-filling 40 MB before overwriting it)."""
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -94,20 +97,25 @@ async def _read_body(
             out: bytearray | memoryview = (_raw_buffer(request, size) if raw
                                            else bytearray(size))
             view, pos = memoryview(out), 0
-            async for chunk in _chunks(request):
+
+            def into(chunk: bytes) -> None:
+                nonlocal pos
                 end = pos + len(chunk)
                 if end > size:
                     raise BadRequest("body is longer than its Content-Length")
                 view[pos:end] = chunk
                 pos = end
+            await _receive(request, into)
             if pos != size:
                 raise BadRequest("body is shorter than its Content-Length")
             return out
     buf = bytearray()
-    async for chunk in _chunks(request):
-        buf += chunk
+
+    def grow(chunk: bytes) -> None:
+        buf.extend(chunk)
         if len(buf) > max_bytes:
             raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes", limit=max_bytes)
+    await _receive(request, grow)
     return buf
 
 
@@ -267,7 +275,7 @@ def answer_in_place(tensors: dict[str, torch.Tensor],
         return None
     header_len = int.from_bytes(bytes(buf[:8]), "little")
     data = memoryview(buf)[8 + header_len:]
-    if not len(data):
+    if len(data) < SMALL_PART:  # sent as a copy anyway (PartsResponse)
         return None
     start = np.frombuffer(data, dtype=np.uint8).ctypes.data
     spans = []
@@ -291,6 +299,11 @@ def answer_in_place(tensors: dict[str, torch.Tensor],
     return out
 
 
+#: a part of an answer smaller than this goes out as a copy (``bytes``): the server's write
+#: of a small buffer copies it anyway, and a copy cannot change under the write
+SMALL_PART = 65536
+
+
 class PartsResponse(Response):
     """A body sent as several buffers (a header and a large payload) without joining them."""
 
@@ -308,7 +321,7 @@ class PartsResponse(Response):
             return
         for i, part in enumerate(self.parts):
             await send({"type": "http.response.body", "body": bytes(part) if
-                        not isinstance(part, bytes) and len(part) < 65536 else part,
+                        not isinstance(part, bytes) and len(part) < SMALL_PART else part,
                         "more_body": i < len(self.parts) - 1})
 
 
@@ -324,6 +337,8 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
 
 def tensor_encoding(request: Request) -> bool:
     """True when the client asks for base64 tensors in JSON (``?encoding=b64``)."""
+    if not request.scope.get("query_string"):
+        return False
     value = request.query_params.get("encoding", "data")
     if value not in ("data", "b64"):
         raise Invalid("encoding must be data or b64", code="invalid_query", field="encoding")

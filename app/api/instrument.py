@@ -43,4 +43,5 @@ def phase(request: Request, name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        metrics_of(request).step_phase.labels(name).observe(time.perf_counter() - started)
+        metrics = metrics_of(request)
+        metrics.series(metrics.step_phase, name).observe(time.perf_counter() - started)

@@ -279,6 +279,8 @@ class StepQuery:
 
     @classmethod
     def parse(cls, request: Any) -> StepQuery:
+        if not request.scope.get("query_string"):
+            return cls()
         q = request.query_params
         ret = q.get("return", "params")
         if ret not in ("params", "none", "touched"):

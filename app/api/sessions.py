@@ -48,7 +48,9 @@ PUSH_FIELDS = frozenset({"scalars"})
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"],
                    dependencies=[Depends(check_accept)])  # 406 before any work
-SessionId = Annotated[str, Path(description="session id", max_length=200)]
+#: the longest session id a path may carry (longer: 422)
+SESSION_ID_MAX = 200
+SessionId = Annotated[str, Path(description="session id", max_length=SESSION_ID_MAX)]
 
 
 def _max_bytes(settings: Any) -> int:
@@ -128,10 +130,11 @@ async def step(session_id: SessionId, request: Request) -> Response:
     engine: Engine = request.app.state.engine
     metrics = metrics_of(request)
     with outcome(metrics, metrics.steps, session_id) as counted:
+        binary = wants_binary(request)  # 406 before any work
         query = StepQuery.parse(request)
         tenant = tenant_of(request.scope)
         max_bytes = _max_bytes(request.app.state.settings)
-        binary, b64 = wants_binary(request), tensor_encoding(request)
+        b64 = tensor_encoding(request)
         returned: ReturnParams = query.return_params
         if await engine.uses_evaluations(session_id, tenant=tenant):  # LBFGS: the closure protocol
             return await evaluations.open_step(request, engine, tenant, max_bytes,
