@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -64,8 +65,8 @@ async def _receive(request: Request, take: Callable[[bytes], None]) -> None:
             async for chunk in request.stream():
                 if chunk:
                     take(chunk)
-                if timeout is not None:
-                    deadline.reschedule(loop.time() + timeout)
+                    if timeout is not None:
+                        deadline.reschedule(loop.time() + timeout)
     except TimeoutError:
         raise BodyTimeout(f"no request body bytes for {timeout:g} s "
                           "(OPTSERVE_BODY_TIMEOUT_S)", field="body", limit=timeout) from None
@@ -146,8 +147,10 @@ def require_json(request: Request) -> None:
 _ALIASES = {"application/safetensors": BINARY, "application/problem+json": JSON}
 
 
-def _accepted(accept: str) -> list[str]:
-    """The media ranges of an ``Accept`` header with q > 0, most preferred first."""
+@functools.lru_cache(maxsize=256)
+def _accepted(accept: str) -> tuple[str, ...]:
+    """The media ranges of an ``Accept`` header with q > 0, most preferred first (kept for
+    the headers seen most: a client sends the same one with every request)."""
     ranges: list[tuple[float, int, str]] = []
     for i, part in enumerate(accept.split(",")):
         pieces = [p.strip() for p in part.split(";")]
@@ -160,7 +163,7 @@ def _accepted(accept: str) -> list[str]:
                     q = 0.0
         if q > 0 and pieces[0]:
             ranges.append((-q, i, pieces[0].lower()))
-    return [t for _, _, t in sorted(ranges)]
+    return tuple(t for _, _, t in sorted(ranges))
 
 
 def negotiate(request: Request, offered: tuple[str, ...]) -> str:
