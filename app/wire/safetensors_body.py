@@ -7,6 +7,7 @@ The reader returns tensors that are views into the given buffer where alignment 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -47,29 +48,47 @@ def _read_safetensors(
     if n > len(buf) - 8 or n > MAX_HEADER:
         raise BadRequest(f"safetensors header claims {n} bytes but the body has {len(buf) - 8}",
                          code="invalid_safetensors", field=field)
+    data_start = 8 + n
+    data_len = len(buf) - data_start
+    header = bytes(buf[8:data_start])
+    parse = _parsed_header if n <= KEEP_HEADER else _parse_header
+    spans, entries, metadata = parse(header, data_len, field)
+    writable = isinstance(buf, bytearray) or (isinstance(buf, memoryview) and not buf.readonly)
+    view = memoryview(buf)[data_start:]
+    # one tensor over the whole data section; each tensor is a view of a slice of it (no copy)
+    base = torch.frombuffer(view, dtype=torch.uint8) if writable and data_len else None
+    made = _make_tensors(spans, entries, base, view)
+    return {name: made[name] for name in entries}, dict(metadata)
+
+
+#: headers up to this size are kept, parsed (``_parsed_header``): a client sends the same
+#: header with every step, and checking 1,000 entries cost more than the rest of the decoding
+KEEP_HEADER = 256 * 1024
+_Parsed = tuple[tuple[tuple[int, int, str], ...],
+                dict[str, tuple[torch.dtype, tuple[int, ...], int]], dict[str, str]]
+
+
+def _parse_header(header: bytes, data_len: int, field: str) -> _Parsed:
+    """A safetensors header checked against a data section of ``data_len`` bytes: its tensors'
+    spans in file order, their (dtype, shape, numel) by name in header order, and its
+    ``__metadata__``. Nothing returned may be changed (``_parsed_header`` keeps it)."""
     try:
-        header = orjson.loads(bytes(buf[8 : 8 + n]))
+        parsed = orjson.loads(header)
     except (UnicodeDecodeError, ValueError, RecursionError, orjson.JSONDecodeError):
         raise BadRequest("safetensors header is not valid JSON", code="invalid_safetensors",
                          field=field) from None
-    if not isinstance(header, dict):
+    if not isinstance(parsed, dict):
         raise BadRequest("safetensors header must be a JSON object", code="invalid_safetensors",
                          field=field)
-    metadata_raw = header.pop("__metadata__", {})
+    metadata_raw = parsed.pop("__metadata__", {})
     if not isinstance(metadata_raw, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()
     ):
         raise BadRequest("safetensors __metadata__ must map strings to strings",
                          code="invalid_safetensors", field=f"{field}.__metadata__")
-    writable = isinstance(buf, bytearray) or (isinstance(buf, memoryview) and not buf.readonly)
-    data_start = 8 + n
-    data_len = len(buf) - data_start
-    view = memoryview(buf)[data_start:]
-    # one tensor over the whole data section; each tensor is a view of a slice of it (no copy)
-    base = torch.frombuffer(view, dtype=torch.uint8) if writable and data_len else None
     spans: list[tuple[int, int, str]] = []
     entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
-    for name, info in header.items():
+    for name, info in parsed.items():
         where = f"{field}.{name}"
         if not isinstance(info, dict) or info.keys() != {"dtype", "shape", "data_offsets"}:
             raise BadRequest(f"safetensors entry {name!r:.60} must have dtype, shape and "
@@ -97,7 +116,7 @@ def _read_safetensors(
                              f"{SAFETENSORS_NAMES[st_dtype]}", code="invalid_safetensors",
                              field=f"{where}.data_offsets")
         spans.append((begin, end, name))
-        entries[name] = (dtype, shape, numel)
+        entries[name] = (dtype, tuple(shape), numel)
     spans.sort()
     pos = 0
     for begin, end, name in spans:
@@ -108,11 +127,15 @@ def _read_safetensors(
     if pos != data_len:
         raise BadRequest(f"{data_len - pos} bytes after the last tensor",
                          code="invalid_safetensors", field=field)
-    made = _make_tensors(spans, entries, base, view)
-    return {name: made[name] for name in entries}, dict(metadata_raw)
+    return tuple(spans), entries, metadata_raw
 
 
-def _make_tensors(spans: list[tuple[int, int, str]],
+#: the last headers parsed, by (header bytes, data length, field): at most 16 of up to
+#: KEEP_HEADER bytes each (a refused header raises, and is not kept)
+_parsed_header = functools.lru_cache(maxsize=16)(_parse_header)
+
+
+def _make_tensors(spans: Sequence[tuple[int, int, str]],
                   entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]],
                   base: torch.Tensor | None, view: memoryview) -> dict[str, torch.Tensor]:
     """The checked entries' tensors (made in file order): views into ``base`` where alignment

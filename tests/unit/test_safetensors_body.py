@@ -300,3 +300,27 @@ def test_a_large_header_is_read_with_the_collector_paused_and_resumed() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_kept_header_gives_the_same_tensors_and_is_checked_against_each_body() -> None:
+    """Headers are kept parsed (a client sends the same one every step): the second body with
+    that header reads its own bytes, a body cut short under a kept header is still refused,
+    and the metadata handed out is the caller's own."""
+    first = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4)}
+    second = {"a": -first["a"], "b": torch.full((4,), 7.0)}
+    meta = {"scalars": "{}"}
+    raw1 = bytearray(safetensors.torch.save(first, metadata=meta))
+    raw2 = bytearray(safetensors.torch.save(second, metadata=meta))
+    assert raw1[:8 + int.from_bytes(raw1[:8], "little")] == raw2[:8 + int.from_bytes(
+        raw2[:8], "little")]  # the same header
+    for raw, want in ((raw1, first), (raw2, second), (raw1, first)):
+        got, got_meta = read_safetensors(raw)
+        assert got.keys() == want.keys()
+        for name in want:
+            assert torch.equal(got[name], want[name])
+        assert got_meta == meta
+        got_meta["scalars"] = "changed"  # the next read still sees the file's own
+    with pytest.raises(BadRequest):
+        read_safetensors(raw1[:-4])
+    with pytest.raises(BadRequest):
+        read_safetensors(raw1 + b"\0\0\0\0")
