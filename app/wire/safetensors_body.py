@@ -244,9 +244,9 @@ def pack(tensors: dict[str, torch.Tensor]) -> PackedTensors:
                 out[name].copy_(tensors[name].detach(), non_blocking=True)
             torch.cuda.current_stream().synchronize()
         else:  # one torch call per run of one dtype, not one copy per tensor
-            for flat, names in _runs(base, [(n, tensors[n].dtype, tensors[n].numel())
-                                            for n in order]):
-                torch.cat([tensors[n].detach().reshape(-1) for n in names], out=flat)
+            dtypes = [tensors[n].dtype for n in order]
+            for flat, i, j in _runs(base, dtypes, [tensors[n].numel() for n in order]):
+                torch.cat([tensors[n].detach().reshape(-1) for n in order[i:j]], out=flat)
     return out
 
 
@@ -260,34 +260,33 @@ def _cut(flat: torch.Tensor, names: list[str], numels: list[int],
         into[name] = piece if len(shape) == 1 else piece.view(shape)
 
 
-def _runs(base: torch.Tensor, layout: list[tuple[str, torch.dtype, int]]
-          ) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Each run of consecutive tensors of one dtype laid out from the start of ``base``
-    (bytes): its flat view in that dtype, and its names."""
+def _runs(base: torch.Tensor, dtypes: list[torch.dtype], numels: list[int]
+          ) -> Iterator[tuple[torch.Tensor, int, int]]:
+    """Each run ``[i, j)`` of consecutive tensors of one dtype laid out from the start of
+    ``base`` (bytes): its flat view in that dtype, and its bounds."""
     pos = i = 0
-    while i < len(layout):
-        dtype = layout[i][1]
-        j, numel = i, 0
-        while j < len(layout) and layout[j][1] == dtype:
-            numel += layout[j][2]
+    while i < len(dtypes):
+        dtype = dtypes[i]
+        j = i + 1
+        while j < len(dtypes) and dtypes[j] == dtype:
             j += 1
-        nbytes = numel * dtype.itemsize
-        yield base[pos:pos + nbytes].view(dtype), [name for name, _, _ in layout[i:j]]
+        nbytes = sum(numels[i:j]) * dtype.itemsize
+        yield base[pos:pos + nbytes].view(dtype), i, j
         pos += nbytes
         i = j
 
 
-def packed_views(base: torch.Tensor, layout: list[tuple[str, torch.dtype, torch.Size]]
-                 ) -> PackedTensors:
+def packed_views(base: torch.Tensor, layout: list[tuple[str, torch.dtype, torch.Size]],
+                 numels: list[int] | None = None) -> PackedTensors:
     """Views of ``base`` (bytes) for tensors laid out one after another in this order (each
     run of one dtype cut by one ``torch.split``: 1,000 small tensors take a fraction of the
-    three torch calls per tensor that slicing and viewing each would)."""
+    three torch calls per tensor that slicing and viewing each would); ``numels``: the
+    tensors' element counts, when the caller has them."""
     out = PackedTensors()
-    shapes = {name: shape for name, _, shape in layout}
-    numels = [(name, dtype, math.prod(shape)) for name, dtype, shape in layout]
-    sizes = {name: numel for name, _, numel in numels}
-    for flat, names in _runs(base, numels):
-        _cut(flat, names, [sizes[n] for n in names], [shapes[n] for n in names], out)
+    counts = numels if numels is not None else [math.prod(shape) for _, _, shape in layout]
+    for flat, i, j in _runs(base, [dtype for _, dtype, _ in layout], counts):
+        _cut(flat, [name for name, _, _ in layout[i:j]], counts[i:j],
+             [shape for _, _, shape in layout[i:j]], out)
     out.buffer = base.numpy().data
     return out
 
