@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,14 +71,24 @@ class TakenNorms:
     spans: list[tuple[frozenset[str], torch.Tensor]] = field(default_factory=list)
 
 
-def _tiles(ts: list[torch.Tensor]) -> bool:
-    """Whether tensors of one storage and dtype cover their span exactly once (no overlap)."""
-    pos = None
-    for t in sorted(ts, key=lambda t: t.storage_offset()):
-        if pos is not None and t.storage_offset() != pos:
-            return False
-        pos = t.storage_offset() + t.numel()
-    return True
+def _adjacent_runs(placed: Iterable[list[tuple[int, int, str]]]
+                   ) -> Iterator[list[tuple[int, int, str]]]:
+    """Of each list of (data pointer, bytes, name), the runs of two or more laid end to end
+    (each starting where the one before ends), in pointer order."""
+    for entries in placed:
+        if len(entries) < 2:
+            continue
+        entries.sort()
+        run = [entries[0]]
+        for entry in entries[1:]:
+            if entry[0] == run[-1][0] + run[-1][1]:
+                run.append(entry)
+                continue
+            if len(run) > 1:
+                yield run
+            run = [entry]
+        if len(run) > 1:
+            yield run
 
 
 class Session:
@@ -301,32 +312,36 @@ class Session:
         # a sparse tensor's values are what it holds
         raw = tensors
         tensors = {n: t._values() if t.layout != torch.strided else t for n, t in tensors.items()}
-        # Tensors that tile one span of one storage (the gradients of one request body) are
-        # summed as that one span first: one reduction instead of one per tensor.
-        spans: dict[tuple[int, torch.dtype, torch.device], list[str]] = {}
+        # Tensors laid end to end in one storage (the gradients of one request body) are
+        # reduced as that one span: one reduction instead of one per tensor. Found by data
+        # pointers (sorted per dtype and device, cut where one tensor does not start where
+        # the one before ends), each run checked to lie inside its first tensor's storage.
+        placed: dict[tuple[torch.dtype, torch.device], list[tuple[int, int, str]]] = {}
         for name, t in tensors.items():
-            if t.numel() and t.is_contiguous():
-                key = (t.untyped_storage().data_ptr(), t.dtype, t.device)
-                spans.setdefault(key, []).append(name)
+            size = t.nbytes
+            if size and t.is_contiguous():
+                placed.setdefault((t.dtype, t.device), []).append((t.data_ptr(), size, name))
         suspects: list[str] = []
         checked: set[str] = set()
-        for group in spans.values():
-            if len(group) < 2:
+        for run in _adjacent_runs(placed.values()):
+            first = tensors[run[0][2]]
+            storage = first.untyped_storage()
+            lo = run[0][0] - storage.data_ptr()
+            size = run[-1][0] + run[-1][1] - run[0][0]
+            if lo < 0 or lo + size > storage.nbytes():
                 continue
-            ts = [tensors[n] for n in group]
-            lo = min(t.storage_offset() for t in ts)
-            hi = max(t.storage_offset() + t.numel() for t in ts)
-            if hi - lo == sum(t.numel() for t in ts):
-                span = ts[0].new_empty(0).set_(ts[0].untyped_storage(), lo, (hi - lo,), (1,))
-                checked.update(group)
-                if norms is not None and span.is_floating_point() and _tiles(ts) and all(
-                        raw[n].layout == torch.strided for n in group):
-                    total = torch._foreach_norm([span])[0]
-                    norms.spans.append((frozenset(group), total))
-                else:
-                    total = span.sum()
-                if not math.isfinite(total.item()):
-                    suspects.extend(group)
+            group = [name for _, _, name in run]
+            span = first.new_empty(0).set_(storage, lo // first.element_size(),
+                                           (size // first.element_size(),), (1,))
+            checked.update(group)
+            if norms is not None and span.is_floating_point() and all(
+                    raw[n].layout == torch.strided for n in group):
+                total = torch._foreach_norm([span])[0]
+                norms.spans.append((frozenset(group), total))
+            else:
+                total = span.sum()
+            if not math.isfinite(total.item()):
+                suspects.extend(group)
         rest = [n for n in tensors if n not in checked and tensors[n].numel()
                 and (tensors[n].is_floating_point() or tensors[n].is_complex())]
         if rest:

@@ -34,7 +34,8 @@ KINDS = ["ok", "nan", "inf", "huge", "ok", "ok"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", ["scattered", "one span", "slots with gaps"])
+@pytest.mark.parametrize("layout", ["scattered", "one span", "slots with gaps", "two spans",
+                                    "reversed"])
 def test_names_exactly_the_nonfinite_tensors(dtype: torch.dtype, layout: str) -> None:
     sizes = [3, 0, 5, 1, 7, 2]
     parts = [values(dtype, kind, n, i) if n else torch.empty(0, dtype=dtype)
@@ -42,14 +43,18 @@ def test_names_exactly_the_nonfinite_tensors(dtype: torch.dtype, layout: str) ->
     if layout == "scattered":
         tensors = {f"t{i}": p for i, p in enumerate(parts)}
     else:
-        gap = 0 if layout == "one span" else 4
-        block = torch.zeros(sum(sizes) + gap * len(sizes), dtype=dtype)
+        gap = 4 if layout == "slots with gaps" else 0
+        block = torch.zeros(sum(sizes) + 4 * len(sizes), dtype=dtype)
         tensors, pos = {}, 0
         for i, p in enumerate(parts):
+            if layout == "two spans" and i == 3:
+                pos += 4
             view = block[pos:pos + p.numel()]
             view.copy_(p)
             tensors[f"t{i}"] = view
             pos += p.numel() + gap
+        if layout == "reversed":  # laid out in one order, named in the other
+            tensors = dict(reversed(list(tensors.items())))
     want = truth(tensors)
     assert want, "the case must hold non-finite values"
     assert sorted(Session.nonfinite_names(tensors)) == sorted(want)
