@@ -283,10 +283,9 @@ def answer_in_place(tensors: dict[str, torch.Tensor],
     start = np.frombuffer(data, dtype=np.uint8).ctypes.data
     spans = []
     for name, t in tensors.items():
-        if t.layout != torch.strided or not t.is_contiguous() or t.device.type != "cpu":
+        if t.layout != torch.strided or not t.is_cpu or not t.is_contiguous():
             return None
-        offset = t.data_ptr() - start
-        spans.append((offset, name, t.numel() * t.element_size()))
+        spans.append((t.data_ptr() - start, name, t.nbytes))
     spans.sort()
     pos = 0
     for offset, _, nbytes in spans:
