@@ -7,8 +7,9 @@ log, metrics, authentication all run as for any request) and in front of the rou
 recognises the step's path and calls the same endpoint (``app.api.sessions.step``) with the
 same checks the route runs first (``Accept``: 406 before any work, which the endpoint does
 itself; the id's length: 422, by leaving a longer id to the router), and turns errors into
-problems with the app's own exception handlers, as the router's exception middleware does. Anything else, or a path the lane does not take whole (a ``root_path``, an id
-the route would refuse), goes through the router unchanged.
+problems with the app's own exception handlers, as the router's exception middleware does.
+Anything else, or a path the lane does not take whole (a ``root_path``, an id the route would
+refuse), goes through the router unchanged.
 """
 
 from __future__ import annotations
