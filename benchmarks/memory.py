@@ -32,12 +32,27 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return rss, hwm
 
 
+def heap_mb(pid: int) -> float:
+    """Resident MB of the process's ``[heap]`` mapping (glibc's main arena: with the server's
+    ``tune_allocator`` every block lives there, so a step that leaves holes shows here)."""
+    heap, current = 0, ""
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and "-" in fields[0] and not fields[0].endswith(":"):
+                current = fields[5] if len(fields) > 5 else ""
+            elif fields and fields[0] == "Rss:" and current == "[heap]":
+                heap += int(fields[1])
+    return heap / 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", default="1e7")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--durability", default="memory")
-    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--verbose", action="store_true",
+                        help="RSS above idle after each step, and the heap's own RSS")
     parser.add_argument("--rest-s", type=float, default=5.0,
                         help="seconds at rest after the steps before the last reading")
     args = parser.parse_args()
@@ -69,8 +84,8 @@ def main() -> None:
             r.raise_for_status()
             times.append(time.perf_counter() - t)
             if args.verbose:
-                print(f"step {len(times)}: RSS above idle {memory_mb(pid)[0] - idle:.0f} MB",
-                      file=sys.stderr)
+                print(f"step {len(times)}: RSS above idle {memory_mb(pid)[0] - idle:.0f} MB "
+                      f"(heap {heap_mb(pid):.0f} MB)", file=sys.stderr)
         stepping, _ = memory_mb(pid)
         time.sleep(args.rest_s)  # the server gives back free heap pages once idle
         rss, hwm = memory_mb(pid)
