@@ -235,3 +235,78 @@ def valid_then_mangled(draw: st.DrawFn) -> bytes:
 @given(valid_then_mangled())
 def test_read_safetensors_mangled(buf: bytes) -> None:
     _read_or_optserve_error(buf)
+
+
+def _outcome(buf: bytes) -> Any:
+    """What reading ``buf`` gives: its tensors (as bytes, dtype, shape) and metadata, or the
+    error's class, code, field and detail."""
+    try:
+        tensors, metadata = read_safetensors(bytearray(buf))
+    except OptserveError as err:
+        return (type(err).__name__, err.code, err.field, err.detail)
+    return ({n: (t.dtype, tuple(t.shape), t.contiguous().view(torch.uint8).tolist())
+             for n, t in tensors.items()}, metadata)
+
+
+@st.composite
+def nearly_valid(draw: st.DrawFn) -> bytes:
+    """Files of 1-D tensors of known dtypes laid end to end (the entries the fast path takes),
+    one of them then nudged: a shape or an offset off by a little, another dtype, a shape or
+    offset of another type, data bytes missing or left over."""
+    names = draw(st.lists(st.text(min_size=1, max_size=3), min_size=1, max_size=4,
+                          unique=True))
+    header: dict[str, Any] = {}
+    pos = 0
+    for name in names:
+        dtype = draw(st.sampled_from(sorted(SAFETENSORS_NAMES)))
+        n = draw(st.integers(0, 5))
+        size = n * TORCH_DTYPES[SAFETENSORS_NAMES[dtype]].itemsize
+        header[name] = {"dtype": dtype, "shape": [n], "data_offsets": [pos, pos + size]}
+        pos += size
+    entry = header[draw(st.sampled_from(names))]
+    nudge = draw(st.sampled_from(["none", "shape", "begin", "end", "dtype", "shape-type",
+                                  "offset-type", "negative", "two-d"]))
+    delta = draw(st.integers(-3, 3))
+    if nudge == "shape":
+        entry["shape"] = [entry["shape"][0] + delta]
+    elif nudge == "begin":
+        entry["data_offsets"][0] += delta
+    elif nudge == "end":
+        entry["data_offsets"][1] += delta
+    elif nudge == "dtype":
+        entry["dtype"] = draw(st.sampled_from(sorted(SAFETENSORS_NAMES)))
+    elif nudge == "shape-type":
+        entry["shape"] = [draw(st.sampled_from([True, 1.0, "1", None, 2**70]))]
+    elif nudge == "offset-type":
+        entry["data_offsets"][draw(st.integers(0, 1))] = draw(
+            st.sampled_from([True, 0.0, "0", None, 2**70]))
+    elif nudge == "negative":
+        entry["shape"] = [-1 - abs(delta)]
+    elif nudge == "two-d":
+        entry["shape"] = [1, entry["shape"][0]]
+    extra = draw(st.sampled_from([0, 0, 0, -1, 1, 4]))
+    data = bytes(range(256))[: max(pos + extra, 0) % 256]
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+@FUZZ
+@given(safetensors_like() | valid_then_mangled() | nearly_valid())
+def test_the_header_fast_path_answers_as_the_full_checks(buf: bytes) -> None:
+    """The common header entry is checked in a few operations (``_ST_DTYPES``); with that
+    fast path off (no dtype known to it) every entry takes the full checks. Both must accept
+    the same files with the same tensors, and refuse the same files with the same error.
+    Kept headers are forgotten between the two reads."""
+    from app.wire import safetensors_body
+
+    safetensors_body._parsed_header.cache_clear()
+    fast = _outcome(buf)
+    safetensors_body._parsed_header.cache_clear()
+    known = dict(safetensors_body._ST_DTYPES)
+    safetensors_body._ST_DTYPES.clear()
+    try:
+        full = _outcome(buf)
+    finally:
+        safetensors_body._ST_DTYPES.update(known)
+        safetensors_body._parsed_header.cache_clear()
+    assert fast == full
