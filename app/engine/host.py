@@ -751,8 +751,11 @@ class EmbeddedHost:
         """Wait until no operation on this session (None: on any) is applied but not yet
         durable: readers never see what a failed fsync would take back."""
         while True:
-            one = self._unsettled.get(key) if key is not None else None
-            pending = list(self._unsettled.values()) if key is None else [one] if one else []
+            if key is None:
+                pending = list(self._unsettled.values())
+            else:
+                one = self._unsettled.get(key)
+                pending = [] if one is None else [one]
             if not pending:
                 return
             for f in pending:

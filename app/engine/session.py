@@ -71,6 +71,18 @@ class TakenNorms:
     spans: list[tuple[frozenset[str], torch.Tensor]] = field(default_factory=list)
 
 
+def span_bytes(first: torch.Tensor, start: int, nbytes: int) -> torch.Tensor | None:
+    """The ``nbytes`` bytes from data pointer ``start`` as one flat uint8 view of ``first``'s
+    storage (tensors found laid end to end by their data pointers, ``first`` the lowest), or
+    None when they do not all lie inside that storage."""
+    storage = first.untyped_storage()
+    lo = start - storage.data_ptr()
+    if lo < 0 or lo + nbytes > storage.nbytes():
+        return None
+    return torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, lo, (nbytes,),
+                                                                        (1,))
+
+
 def _adjacent_runs(placed: Iterable[list[tuple[int, int, str]]]
                    ) -> Iterator[list[tuple[int, int, str]]]:
     """Of each list of (data pointer, bytes, name), the runs of two or more laid end to end
@@ -325,14 +337,11 @@ class Session:
         checked: set[str] = set()
         for run in _adjacent_runs(placed.values()):
             first = tensors[run[0][2]]
-            storage = first.untyped_storage()
-            lo = run[0][0] - storage.data_ptr()
-            size = run[-1][0] + run[-1][1] - run[0][0]
-            if lo < 0 or lo + size > storage.nbytes():
+            raw_span = span_bytes(first, run[0][0], run[-1][0] + run[-1][1] - run[0][0])
+            if raw_span is None:
                 continue
+            span = raw_span.view(first.dtype)
             group = [name for _, _, name in run]
-            span = first.new_empty(0).set_(storage, lo // first.element_size(),
-                                           (size // first.element_size(),), (1,))
             checked.update(group)
             if norms is not None and span.is_floating_point() and all(
                     raw[n].layout == torch.strided for n in group):
@@ -562,14 +571,11 @@ def pack_block(params: Tensors) -> PackedTensors | None:
         if n and (t.data_ptr() != pos or not t.is_contiguous()):  # (empty: no bytes, ptr 0)
             return None
         pos += n
-    storage = first.untyped_storage()
-    if start < storage.data_ptr() or pos > storage.data_ptr() + storage.nbytes():
+    flat = span_bytes(first, start, pos - start)
+    if flat is None:
         return None
     cuda = first.is_cuda
     base = torch.empty(pos - start, dtype=torch.uint8, pin_memory=cuda)
-    offset = start - storage.data_ptr()
-    flat = torch.empty(0, dtype=torch.uint8, device=first.device).set_(
-        storage, offset, (pos - start,), (1,))
     base.copy_(flat, non_blocking=cuda)
     if cuda:
         torch.cuda.current_stream().synchronize()

@@ -7,6 +7,7 @@ The reader returns tensors that are views into the given buffer where alignment 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,15 +33,6 @@ def read_safetensors(
     buf: bytes | bytearray | memoryview, field: str = "body"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Parse a safetensors file held in memory: (tensors by name, ``__metadata__``)."""
-    if len(buf) >= 8 and int.from_bytes(buf[:8], "little") >= PAUSE_GC_HEADER:
-        with gc_paused():
-            return _read_safetensors(buf, field)
-    return _read_safetensors(buf, field)
-
-
-def _read_safetensors(
-    buf: bytes | bytearray | memoryview, field: str
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if len(buf) < 8:
         raise BadRequest("body is not a safetensors file: shorter than its 8-byte header length",
                          code="invalid_safetensors", field=field)
@@ -51,14 +43,16 @@ def _read_safetensors(
     data_start = 8 + n
     data_len = len(buf) - data_start
     header = bytes(buf[8:data_start])
-    parse = _parsed_header if n <= KEEP_HEADER else _parse_header
-    spans, entries, metadata = parse(header, data_len, field)
-    writable = isinstance(buf, bytearray) or (isinstance(buf, memoryview) and not buf.readonly)
-    view = memoryview(buf)[data_start:]
-    # one tensor over the whole data section; each tensor is a view of a slice of it (no copy)
-    base = torch.frombuffer(view, dtype=torch.uint8) if writable and data_len else None
-    made = _make_tensors(spans, entries, base, view)
-    return {name: made[name] for name in entries}, dict(metadata)
+    with gc_paused() if n >= PAUSE_GC_HEADER else contextlib.nullcontext():
+        parse = _parsed_header if n <= KEEP_HEADER else _parse_header
+        spans, entries, metadata = parse(header, data_len, field)
+        writable = isinstance(buf, bytearray) or (isinstance(buf, memoryview)
+                                                  and not buf.readonly)
+        view = memoryview(buf)[data_start:]
+        # one tensor over the whole data section; each tensor a view of a slice of it (no copy)
+        base = torch.frombuffer(view, dtype=torch.uint8) if writable and data_len else None
+        made = _make_tensors(spans, entries, base, view)
+        return {name: made[name] for name in entries}, dict(metadata)
 
 
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
@@ -192,22 +186,16 @@ def safetensors_header(
 ) -> bytes:
     """The safetensors header (length prefix included) for ``tensors`` laid out one after
     another in this mapping's order."""
-    if len(tensors) >= 1000:
-        with gc_paused():
-            return _header(tensors, metadata)
-    return _header(tensors, metadata)
-
-
-def _header(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = metadata
     pos = 0
-    for name, t in tensors.items():
-        n = t.nbytes
-        header[name] = {"dtype": _ST_DTYPE[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [pos, pos + n]}
-        pos += n
+    with gc_paused() if len(tensors) >= 1000 else contextlib.nullcontext():
+        for name, t in tensors.items():
+            n = t.nbytes
+            header[name] = {"dtype": _ST_DTYPE[t.dtype], "shape": list(t.shape),
+                            "data_offsets": [pos, pos + n]}
+            pos += n
     raw = orjson.dumps(header)
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw

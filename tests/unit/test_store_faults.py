@@ -216,6 +216,15 @@ class Pair:
         assert_tree_bitwise((await eng.export_state(SID)).state_dict,
                             (await self.twin.export_state(SID)).state_dict, "state")
 
+    async def assert_goes_on(self, data: Path) -> None:
+        """After a fault: the engine holds the twin's session, takes one more step to the same
+        bits, and a restart on ``data`` holds it too."""
+        await self.assert_same()
+        await self.step()
+        await self.assert_same()
+        await self.stop()
+        await self.assert_restart_same(data)
+
     async def assert_restart_same(self, data: Path) -> None:
         """A fresh engine on the same directory (plain files) holds the twin's session, and
         takes one more step to the same bits."""
@@ -306,11 +315,7 @@ def test_failed_fsync_of_a_step_record_applies_nothing(tmp_path: Path, err: int)
         assert_refusal(await pair.refused_step(), err)
         assert fault.hits == 1
         assert read_log(wal) == before and wal.stat().st_size == before[1]
-        await pair.assert_same()
-        await pair.step()
-        await pair.assert_same()
-        await pair.stop()
-        await pair.assert_restart_same(tmp_path)
+        await pair.assert_goes_on(tmp_path)
     run(go())
 
 
@@ -409,11 +414,7 @@ def test_a_step_is_applied_during_its_fsync_and_readers_wait_for_it(
         assert_tree_bitwise(seen.params, want.params, "params")
         assert_tree_bitwise((await exporting).state_dict,
                             (await pair.twin.export_state(SID)).state_dict, "state")
-        await pair.assert_same()
-        await pair.step()
-        await pair.assert_same()
-        await pair.stop()
-        await pair.assert_restart_same(tmp_path)
+        await pair.assert_goes_on(tmp_path)
     run(go())
 
 
@@ -439,11 +440,7 @@ def test_a_caller_that_gives_up_mid_step_leaves_a_whole_step_or_none(tmp_path: P
         if err is None:
             await pair.twin.step(SID, grad(pair.k), return_params=False)
             pair.k += 1
-        await pair.assert_same()  # a read waits until the abandoned step is settled
-        await pair.step()
-        await pair.assert_same()
-        await pair.stop()
-        await pair.assert_restart_same(tmp_path)
+        await pair.assert_goes_on(tmp_path)  # its first read waits until the step is settled
     run(go())
 
 
@@ -522,11 +519,7 @@ def test_a_large_steps_record_is_written_while_the_step_is_applied(
             await pair.step()  # the disk is back
         seen = await pulling
         assert seen.version == (3 if err is None else 2)
-        await pair.assert_same()
-        await pair.step()
-        await pair.assert_same()
-        await pair.stop()
-        await pair.assert_restart_same(tmp_path)
+        await pair.assert_goes_on(tmp_path)
     run(go())
 
 
