@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -45,14 +46,79 @@ def read_safetensors(
     header = bytes(buf[8:data_start])
     with gc_paused() if n >= PAUSE_GC_HEADER else contextlib.nullcontext():
         parse = _parsed_header if n <= KEEP_HEADER else _parse_header
-        spans, entries, metadata = parse(header, data_len, field)
+        parsed = parse(header, data_len, field)
         writable = isinstance(buf, bytearray) or (isinstance(buf, memoryview)
                                                   and not buf.readonly)
         view = memoryview(buf)[data_start:]
         # one tensor over the whole data section; each tensor a view of a slice of it (no copy)
         base = torch.frombuffer(view, dtype=torch.uint8) if writable and data_len else None
-        made = _make_tensors(spans, entries, base, view)
-        return {name: made[name] for name in entries}, dict(metadata)
+        runs: list[tuple[torch.Tensor, tuple[str, ...]]] = []
+        made = _make_tensors(parsed, base, view, runs)
+        out = (BodyTensors(made) if parsed.in_order
+               else BodyTensors((name, made[name]) for name in parsed.entries))
+        out.header = header
+        if base is not None and parsed.all_in_runs:
+            out.runs = tuple(runs)
+        return out, dict(parsed.metadata)
+
+
+class _Derived(dict[str, torch.Tensor]):
+    """A mapping of tensors that carries facts about them worked out once (see the
+    subclasses); any change to the mapping forgets them (``_forget``)."""
+
+    def _forget(self) -> None:
+        raise NotImplementedError
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self._forget()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._forget()
+        super().__delitem__(key)
+
+    def pop(self, *args: Any) -> Any:
+        self._forget()
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[str, torch.Tensor]:
+        self._forget()
+        return super().popitem()
+
+    def setdefault(self, *args: Any) -> Any:
+        self._forget()
+        return super().setdefault(*args)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._forget()
+        super().update(*args, **kwargs)
+
+    def clear(self) -> None:
+        self._forget()
+        super().clear()
+
+    def __ior__(self, other: Any) -> _Derived:  # type: ignore[override,misc]
+        self._forget()
+        return super().__ior__(other)
+
+
+class BodyTensors(_Derived):
+    """Dense CPU tensors decoded from one safetensors body, with what decoding them found out,
+    so that later checks need not find it again tensor by tensor:
+
+    - ``header``: the header they follow (its bytes). Bodies with equal headers hold tensors of
+      the same names, dtypes and shapes, so a session that checked one body against its
+      parameters knows the next one passes (:meth:`app.engine.session.Session.known_body`);
+    - ``runs``: each run of tensors laid end to end in one dtype, as (one flat view over the
+      run, its names); given only when the runs hold every tensor that has bytes.
+
+    Any change to the mapping forgets both (it no longer is the body's tensors)."""
+
+    header: bytes | None = None
+    runs: tuple[tuple[torch.Tensor, tuple[str, ...]], ...] = ()
+
+    def _forget(self) -> None:
+        self.header, self.runs = None, ()
 
 
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
@@ -60,8 +126,28 @@ _ST_DTYPES = {name: TORCH_DTYPES[json_name] for name, json_name in SAFETENSORS_N
 #: headers up to this size are kept, parsed (``_parsed_header``): a client sends the same
 #: header with every step, and checking 1,000 entries cost more than the rest of the decoding
 KEEP_HEADER = 256 * 1024
-_Parsed = tuple[tuple[tuple[int, int, str], ...],
-                dict[str, tuple[torch.dtype, tuple[int, ...], int]], dict[str, str]]
+#: how a body's tensors are made: per run of tensors laid end to end in one dtype, at offsets
+#: it can view, (begin, end, dtype, names, numels, shapes: None when all are 1-D); an empty
+#: tensor, or one at an offset its dtype cannot view, alone with numels None
+_Piece = tuple[int, int, torch.dtype, tuple[str, ...], list[int] | None,
+               list[tuple[int, ...]] | None]
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    """A checked header (nothing in it may be changed: ``_parsed_header`` keeps it)."""
+
+    #: the tensors' (begin, end, name), in file order
+    spans: tuple[tuple[int, int, str], ...]
+    #: (dtype, shape, numel) by name, in header order
+    entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]]
+    metadata: dict[str, str]
+    #: how the tensors are made (:data:`_Piece`; file order, but for empty tensors)
+    plan: tuple[_Piece, ...]
+    #: whether the plan makes them in header order
+    in_order: bool
+    #: whether every tensor that has bytes is in a run
+    all_in_runs: bool
 
 
 def _parse_header(header: bytes, data_len: int, field: str) -> _Parsed:
@@ -137,7 +223,43 @@ def _parse_header(header: bytes, data_len: int, field: str) -> _Parsed:
     if pos != data_len:
         raise BadRequest(f"{data_len - pos} bytes after the last tensor",
                          code="invalid_safetensors", field=field)
-    return tuple(spans), entries, metadata_raw
+    plan = _plan(spans, entries)
+    return _Parsed(tuple(spans), entries, metadata_raw, plan,
+                   [name for piece in plan for name in piece[3]] == list(entries),
+                   all(numels is not None or begin == end
+                       for begin, end, _, _, numels, _ in plan))
+
+
+def _plan(spans: list[tuple[int, int, str]],
+          entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]]) -> tuple[_Piece, ...]:
+    """The tensors as :data:`_Piece` s: tensors of one dtype laid end to end, each at an
+    offset its dtype can view, make one run. An empty tensor is made alone (it holds no
+    bytes: a run goes on past it, as the non-finite check's runs found by data pointers do)."""
+    plan: list[_Piece] = []
+    run: list[tuple[int, int, str]] = []
+
+    def flush() -> None:
+        if run:
+            names = tuple(name for _, _, name in run)
+            shapes = [entries[n][1] for n in names]
+            plan.append((run[0][0], run[-1][1], entries[names[0]][0], names,
+                         [entries[n][2] for n in names],
+                         None if all(len(shape) == 1 for shape in shapes) else shapes))
+            run.clear()
+
+    for begin, end, name in spans:
+        dtype, shape, numel = entries[name]
+        if not numel:
+            plan.append((begin, end, dtype, (name,), None, [shape]))
+        elif begin % dtype.itemsize == 0:
+            if run and (entries[run[-1][2]][0] != dtype or run[-1][1] != begin):
+                flush()
+            run.append((begin, end, name))
+        else:
+            flush()
+            plan.append((begin, end, dtype, (name,), None, [shape]))
+    flush()
+    return tuple(plan)
 
 
 #: the last headers parsed, by (header bytes, data length, field): at most 16 of up to
@@ -145,40 +267,36 @@ def _parse_header(header: bytes, data_len: int, field: str) -> _Parsed:
 _parsed_header = functools.lru_cache(maxsize=16)(_parse_header)
 
 
-def _make_tensors(spans: Sequence[tuple[int, int, str]],
-                  entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]],
-                  base: torch.Tensor | None, view: memoryview) -> dict[str, torch.Tensor]:
-    """The checked entries' tensors (made in file order): views into ``base`` where alignment
-    allows, each run of adjacent tensors of one dtype cut by one ``torch.split`` (one torch
-    call per run, not three per tensor: 1,000 small tensors decode in a fraction of the
-    time); a copy of its bytes where not (a tensor whose offset its dtype cannot view)."""
+def _make_tensors(parsed: _Parsed, base: torch.Tensor | None, view: memoryview,
+                  runs: list[tuple[torch.Tensor, tuple[str, ...]]]) -> dict[str, torch.Tensor]:
+    """The checked entries' tensors, in file order: views into ``base`` where alignment allows,
+    each run of adjacent tensors of one dtype cut by one ``torch.split`` (one torch call per
+    run, not three per tensor: 1,000 small tensors decode in a fraction of the time), each
+    run's flat view and names appended to ``runs``; a copy of its bytes where not (a tensor
+    whose offset its dtype cannot view; every tensor when there is no ``base``)."""
     tensors: dict[str, torch.Tensor] = {}
-    run: list[tuple[int, int, str]] = []
-
-    def flush() -> None:
-        if not run:
-            return
-        assert base is not None
-        names = [name for _, _, name in run]
-        _cut(base[run[0][0]:run[-1][1]].view(entries[names[0]][0]), names,
-             [entries[n][2] for n in names], [entries[n][1] for n in names], tensors)
-        run.clear()
-
-    for begin, end, name in spans:
-        dtype, shape, numel = entries[name]
-        if numel == 0:
-            flush()
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        elif base is not None and begin % dtype.itemsize == 0:
-            if run and (entries[run[-1][2]][0] != dtype or run[-1][1] != begin):
-                flush()
-            run.append((begin, end, name))
-        else:
-            flush()
-            chunk = bytearray(view[begin:end])
-            tensors[name] = torch.frombuffer(chunk, dtype=dtype).reshape(shape)
-    flush()
+    if base is None:
+        for begin, end, name in parsed.spans:
+            dtype, shape, _ = parsed.entries[name]
+            tensors[name] = _copied(view, begin, end, dtype, shape)
+        return tensors
+    for begin, end, dtype, names, numels, shapes in parsed.plan:
+        if numels is None:
+            assert shapes is not None
+            tensors[names[0]] = _copied(view, begin, end, dtype, shapes[0])
+            continue
+        flat = base[begin:end].view(dtype)
+        _cut(flat, names, numels, shapes, tensors)
+        runs.append((flat, names))
     return tensors
+
+
+def _copied(view: memoryview, begin: int, end: int, dtype: torch.dtype,
+            shape: Sequence[int]) -> torch.Tensor:
+    """A tensor of its own holding ``view[begin:end]``."""
+    if begin == end:
+        return torch.empty(tuple(shape), dtype=dtype)
+    return torch.frombuffer(bytearray(view[begin:end]), dtype=dtype).reshape(tuple(shape))
 
 
 def safetensors_header(
@@ -221,13 +339,18 @@ def write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 _ST_DTYPE = {TORCH_DTYPES[v]: k for k, v in SAFETENSORS_NAMES.items()}
 
 
-class PackedTensors(dict[str, torch.Tensor]):
+class PackedTensors(_Derived):
     """Tensors that are views into one buffer laid out as a safetensors data section (in this
-    dict's order), so a safetensors body is just a header plus ``buffer``: no further copy."""
+    dict's order), so a safetensors body is just a header plus ``buffer``: no further copy.
+    ``entries``: their header entries as JSON (``"name":{...},...``, no braces) when the
+    packer kept them (a session packs the same layout every step); forgotten on any change to
+    the mapping."""
 
     buffer: memoryview
+    entries: bytes | None = None
 
-
+    def _forget(self) -> None:
+        self.entries = None
 
 
 def pack(tensors: dict[str, torch.Tensor]) -> PackedTensors:
@@ -241,60 +364,91 @@ def pack(tensors: dict[str, torch.Tensor]) -> PackedTensors:
     # torch.empty, not bytearray(total): no zero-filling (and faulting in) pages that the
     # copies below overwrite anyway (about half the cost of a 40 MB pack)
     base = torch.empty(total, dtype=torch.uint8, pin_memory=cuda)
-    out = packed_views(base, [(n, tensors[n].dtype, tensors[n].shape) for n in order])
+    plan = view_plan([(n, tensors[n].dtype, tensors[n].shape) for n in order])
+    out = packed_from_plan(base, plan)
     with torch.no_grad():
         if cuda:
             for name in order:
                 out[name].copy_(tensors[name].detach(), non_blocking=True)
             torch.cuda.current_stream().synchronize()
         else:  # one torch call per run of one dtype, not one copy per tensor
-            dtypes = [tensors[n].dtype for n in order]
-            for flat, i, j in _runs(base, dtypes, [tensors[n].numel() for n in order]):
-                torch.cat([tensors[n].detach().reshape(-1) for n in order[i:j]], out=flat)
+            for begin, end, dtype, names, _, _ in plan:
+                torch.cat([tensors[n].detach().reshape(-1) for n in names],
+                          out=base[begin:end].view(dtype))
     return out
 
 
-def _cut(flat: torch.Tensor, names: list[str], numels: list[int],
-         shapes: Sequence[Sequence[int]], into: dict[str, torch.Tensor]) -> None:
+def _cut(flat: torch.Tensor, names: Sequence[str], numels: list[int],
+         shapes: Sequence[Sequence[int]] | None, into: dict[str, torch.Tensor]) -> None:
     """Views of tensors of one dtype laid out back to back in ``flat``, into ``into``: one
     ``split_with_sizes`` for the run (one tensor: none; torch.split's Python wrapper alone
-    costs ~20 us), a ``view`` only where the shape is not 1-D."""
+    costs ~20 us), a ``view`` only where the shape is not 1-D (``shapes`` None: all are)."""
     pieces = (flat,) if len(names) == 1 else flat.split_with_sizes(numels)
+    if shapes is None:
+        into.update(zip(names, pieces, strict=True))
+        return
     for name, piece, shape in zip(names, pieces, shapes, strict=True):
         into[name] = piece if len(shape) == 1 else piece.view(shape)
 
 
-def _runs(base: torch.Tensor, dtypes: list[torch.dtype], numels: list[int]
-          ) -> Iterator[tuple[torch.Tensor, int, int]]:
-    """Each run ``[i, j)`` of consecutive tensors of one dtype laid out from the start of
-    ``base`` (bytes): its flat view in that dtype, and its bounds."""
+def view_plan(layout: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+              numels: list[int] | None = None) -> tuple[_Piece, ...]:
+    """Tensors laid out one after another in this order, from the start of a byte buffer:
+    each run of one dtype as one :data:`_Piece` (cut by one ``torch.split``: 1,000 small
+    tensors take a fraction of the three torch calls per tensor that slicing and viewing each
+    would). ``numels``: the tensors' element counts, when the caller has them."""
+    counts = numels if numels is not None else [math.prod(shape) for _, _, shape in layout]
+    plan: list[_Piece] = []
     pos = i = 0
-    while i < len(dtypes):
-        dtype = dtypes[i]
+    while i < len(layout):
+        dtype = layout[i][1]
         j = i + 1
-        while j < len(dtypes) and dtypes[j] == dtype:
+        while j < len(layout) and layout[j][1] == dtype:
             j += 1
-        nbytes = sum(numels[i:j]) * dtype.itemsize
-        yield base[pos:pos + nbytes].view(dtype), i, j
+        nbytes = sum(counts[i:j]) * dtype.itemsize
+        shapes = [tuple(shape) for _, _, shape in layout[i:j]]
+        plan.append((pos, pos + nbytes, dtype, tuple(name for name, _, _ in layout[i:j]),
+                     counts[i:j], None if all(len(shape) == 1 for shape in shapes) else shapes))
         pos += nbytes
         i = j
+    return tuple(plan)
 
 
-def packed_views(base: torch.Tensor, layout: list[tuple[str, torch.dtype, torch.Size]],
-                 numels: list[int] | None = None) -> PackedTensors:
-    """Views of ``base`` (bytes) for tensors laid out one after another in this order (each
-    run of one dtype cut by one ``torch.split``: 1,000 small tensors take a fraction of the
-    three torch calls per tensor that slicing and viewing each would); ``numels``: the
-    tensors' element counts, when the caller has them."""
+def packed_from_plan(base: torch.Tensor, plan: Sequence[_Piece]) -> PackedTensors:
+    """Views of ``base`` (bytes) as :func:`view_plan` lays them out."""
     out = PackedTensors()
-    counts = numels if numels is not None else [math.prod(shape) for _, _, shape in layout]
-    for flat, i, j in _runs(base, [dtype for _, dtype, _ in layout], counts):
-        _cut(flat, [name for name, _, _ in layout[i:j]], counts[i:j],
-             [shape for _, _, shape in layout[i:j]], out)
+    for begin, end, dtype, names, numels, shapes in plan:
+        assert numels is not None
+        _cut(base[begin:end].view(dtype), names, numels, shapes, out)
     out.buffer = base.numpy().data
     return out
 
 
+def packed_views(base: torch.Tensor, layout: list[tuple[str, torch.dtype, torch.Size]],
+                 numels: list[int] | None = None) -> PackedTensors:
+    """Views of ``base`` (bytes) for tensors laid out one after another in this order."""
+    return packed_from_plan(base, view_plan(layout, numels))
+
+
 def packed_header(packed: PackedTensors, metadata: dict[str, str] | None) -> bytes:
-    """The safetensors header (length prefix included) for ``packed``'s buffer."""
-    return safetensors_header(packed, metadata)
+    """The safetensors header (length prefix included) for ``packed``'s buffer: the same bytes
+    as :func:`safetensors_header`, from its kept ``entries`` where it has them."""
+    if not packed.entries:
+        return safetensors_header(packed, metadata)
+    meta = b'"__metadata__":' + orjson.dumps(metadata) + b"," if metadata else b""
+    raw = b"{" + meta + packed.entries + b"}"
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def header_entries(layout: Sequence[tuple[str, torch.dtype, Sequence[int]]]) -> bytes:
+    """The header entries (``"name":{...},...``, no braces) of tensors laid out one after
+    another in this order, as :func:`safetensors_header` writes them."""
+    header: dict[str, Any] = {}
+    pos = 0
+    for name, dtype, shape in layout:
+        n = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape),
+                        "data_offsets": [pos, pos + n]}
+        pos += n
+    return orjson.dumps(header)[1:-1]

@@ -88,15 +88,7 @@ class Step(Operation):
             raise Invalid("lr_div must be a finite number >= 1", code="invalid_option",
                           field="lr_div")
         grads = s.on_device(self.grads)
-        total: Tensors = {}
-        for name in s.params:
-            a, g = s.accum.get(name), grads.get(name)
-            if a is not None and g is not None:
-                total[name] = sparse.add(a, g)
-            elif a is not None:
-                total[name] = a
-            elif g is not None:
-                total[name] = g
+        total = grads if not s.accum and s.known_body(grads) else self._total(s, grads)
         sparse.check_optimizer_takes(s, total)
         norms = TakenNorms()
         bad = s.nonfinite_names(total, norms if s.metrics_on else None)
@@ -117,6 +109,20 @@ class Step(Operation):
                 if saved is not None:
                     schedulers.restore(s.optimizer, None, saved)
         return StepPlan(total, bad, skip, staleness, lr_div, changes, norms)
+
+    @staticmethod
+    def _total(s: Session, grads: Tensors) -> Tensors:
+        """Per parameter, the gradient to step with: pushed plus accumulated."""
+        total: Tensors = {}
+        for name in s.params:
+            a, g = s.accum.get(name), grads.get(name)
+            if a is not None and g is not None:
+                total[name] = sparse.add(a, g)
+            elif a is not None:
+                total[name] = a
+            elif g is not None:
+                total[name] = g
+        return total
 
     def version_after(self, s: Session, plan: StepPlan) -> int:
         return s.version if plan.skip else s.version + 1

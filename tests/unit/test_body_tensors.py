@@ -1,0 +1,200 @@
+"""What decoding a safetensors body finds out, used again by the checks after it
+(:class:`BodyTensors`): its header (a session that checked one body against its parameters
+passes the next with the same header without checking tensor by tensor) and its runs of
+tensors laid end to end (the non-finite check takes one reduction per run). Each shortcut
+must answer exactly as the full check does: the same tensors, the same names, the same norms
+to the bit, the same refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.engine.interface import GroupSpec
+from app.engine.ops.gradients import Step
+from app.engine.session import Session, TakenNorms
+from app.errors import Invalid
+from app.wire.dtypes import SAFETENSORS_NAMES, TORCH_DTYPES
+from app.wire.safetensors_body import BodyTensors, read_safetensors
+
+_ST = {TORCH_DTYPES[v]: k for k, v in SAFETENSORS_NAMES.items()}
+#: uint8 tensors of odd sizes put the tensors after them at offsets their dtype cannot view
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8]
+
+
+def body_of(parts: list[tuple[str, torch.Tensor]], header_order: list[int]) -> bytearray:
+    """A safetensors file of ``parts`` laid out in this order, its header entries written in
+    ``header_order`` (file order and header order may differ)."""
+    entries: list[tuple[str, dict[str, Any]]] = []
+    data = bytearray()
+    for name, t in parts:
+        raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        entries.append((name, {"dtype": _ST[t.dtype], "shape": list(t.shape),
+                               "data_offsets": [len(data), len(data) + len(raw)]}))
+        data += raw
+    header = json.dumps({entries[i][0]: entries[i][1] for i in header_order}).encode()
+    return bytearray(struct.pack("<Q", len(header)) + header + data)
+
+
+@st.composite
+def bodies(draw: st.DrawFn) -> tuple[list[tuple[str, torch.Tensor]], bytearray]:
+    count = draw(st.integers(1, 8))
+    parts = []
+    for i in range(count):
+        dtype = draw(st.sampled_from(DTYPES))
+        n = draw(st.integers(0, 6))
+        shape: tuple[int, ...] = (n,) if draw(st.booleans()) or n % 2 else (2, n // 2)
+        t = torch.randn(shape, generator=torch.Generator().manual_seed(i)).mul(3).to(dtype)
+        if dtype.is_floating_point and n:
+            poison = draw(st.sampled_from(["", "", "", "nan", "inf", "huge"]))
+            flat = t.view(-1)
+            if poison == "nan":
+                flat[draw(st.integers(0, n - 1))] = math.nan
+            elif poison == "inf":
+                flat[draw(st.integers(0, n - 1))] = -math.inf
+            elif poison == "huge":  # finite values whose squares overflow
+                flat.fill_(torch.finfo(dtype).max / 2)
+        parts.append((f"t{i}", t))
+    order = draw(st.permutations(range(count)))
+    return parts, body_of(parts, list(order))
+
+
+def norms_bits(norms: TakenNorms) -> tuple[dict[str, bytes], dict[frozenset[str], bytes]]:
+    def bits(t: torch.Tensor) -> bytes:
+        return t.detach().reshape(1).view(torch.uint8).numpy().tobytes()
+
+    return ({n: bits(t) for n, t in norms.each.items()},
+            {names: bits(t) for names, t in norms.spans})
+
+
+@settings(max_examples=300, deadline=None)
+@given(bodies())
+def test_the_runs_answer_as_the_search_by_data_pointers(
+        case: tuple[list[tuple[str, torch.Tensor]], bytearray]) -> None:
+    """A decoded body's non-finite check by its runs names the same tensors, and keeps the same
+    norms to the bit, as the check that finds the runs by data pointers (the same tensors in a
+    plain dict); and the tensors are the file's."""
+    parts, buf = case
+    body, _ = read_safetensors(buf)
+    assert isinstance(body, BodyTensors) and body.header is not None
+    want = safetensors.torch.load(bytes(buf))
+    assert list(body) == list(json.loads(bytes(buf[8:8 + int.from_bytes(buf[:8], "little")])))
+    for name, t in body.items():
+        assert t.dtype == want[name].dtype and t.shape == want[name].shape
+        assert torch.equal(t.contiguous().view(torch.uint8), want[name].view(torch.uint8))
+    # the runs hold every tensor with bytes, unless one lies where its dtype cannot view it
+    pos, viewable = 0, True
+    for _, t in parts:
+        if t.numel() and pos % t.element_size():
+            viewable = False
+        pos += t.numel() * t.element_size()
+    assert bool(body.runs) == (viewable and pos > 0)
+    by_runs, by_pointers = TakenNorms(), TakenNorms()
+    named = Session.nonfinite_names(body, by_runs)
+    assert named == Session.nonfinite_names(dict(body), by_pointers)
+    assert sorted(named) == sorted(n for n, t in want.items() if t.is_floating_point()
+                                   and t.numel() and not bool(torch.isfinite(t).all()))
+    assert norms_bits(by_runs) == norms_bits(by_pointers)
+    assert Session.nonfinite_names(body) == Session.nonfinite_names(dict(body))
+
+
+def test_a_changed_body_forgets_what_it_knew() -> None:
+    buf = bytearray(safetensors.torch.save({"a": torch.ones(3), "b": torch.ones(2)}))
+    changes = [
+        lambda d: d.__setitem__("a", torch.zeros(3)), lambda d: d.__delitem__("a"),
+        lambda d: d.pop("a"), lambda d: d.popitem(), lambda d: d.setdefault("c", torch.ones(1)),
+        lambda d: d.update({"a": torch.zeros(3)}), lambda d: d.clear(),
+        lambda d: d.__ior__({"a": torch.zeros(3)}),
+    ]
+    for change in changes:
+        body, _ = read_safetensors(bytearray(buf))
+        assert isinstance(body, BodyTensors) and body.header and body.runs
+        change(body)
+        assert body.header is None and body.runs == ()
+
+
+def session(**groups: dict[str, torch.Tensor]) -> Session:
+    return Session.build("s", "Adam", [GroupSpec(params, {}) for params in groups.values()],
+                         {"lr": 0.01}, None, "reject", torch.device("cpu"))
+
+
+def grads_body(seed: int, **shapes: tuple[int, ...]) -> BodyTensors:
+    gen = torch.Generator().manual_seed(seed)
+    body, _ = read_safetensors(bytearray(safetensors.torch.save(
+        {n: torch.randn(shape, generator=gen) for n, shape in shapes.items()})))
+    assert isinstance(body, BodyTensors)
+    return body
+
+
+def test_a_known_header_passes_for_the_same_parameters_only() -> None:
+    s = session(g0={"w": torch.zeros(2, 3), "b": torch.zeros(3)})
+    first = grads_body(1, w=(2, 3), b=(3,))
+    assert not s.known_body(first)
+    s.check_tensors(first, "grads")
+    assert s.known_body(first) and s.known_body(grads_body(2, w=(2, 3), b=(3,)))
+    assert s.on_device(first) is first
+    # another header: checked in full, with the refusal naming the field
+    assert not s.known_body(grads_body(3, w=(3, 2), b=(3,)))
+    with pytest.raises(Invalid) as bad:
+        s.check_tensors(grads_body(3, w=(3, 2), b=(3,)), "grads")
+    assert bad.value.field == "grads.w" and bad.value.code == "shape_mismatch"
+    # a changed body is no longer the body whose header was checked
+    changed = grads_body(4, w=(2, 3), b=(3,))
+    changed["w"] = torch.zeros(3, 2)
+    assert not s.known_body(changed)
+    with pytest.raises(Invalid):
+        s.check_tensors(changed, "grads")
+    # a parameter replaced (another tensor under the same name): the header is checked again
+    s.params["w"] = torch.zeros(3, 2)
+    assert not s.known_body(first)
+    with pytest.raises(Invalid) as bad:
+        s.check_tensors(first, "grads")
+    assert bad.value.code == "shape_mismatch"
+
+
+def test_a_known_header_never_skips_a_widening_or_another_dtype() -> None:
+    s = session(g0={"w": torch.zeros(4)})
+    half, _ = read_safetensors(bytearray(safetensors.torch.save({"w": torch.ones(4).half()})))
+    s.check_tensors(half, "grads", upcast=True)
+    assert not s.known_body(half)  # a widening happens in on_device: never skipped
+    assert s.on_device(half)["w"].dtype == torch.float32
+    with pytest.raises(Invalid) as bad:
+        s.check_tensors(half, "grads")
+    assert bad.value.code == "dtype_mismatch"
+
+
+def test_steps_on_known_headers_match_torch_and_refuse_nonfinite_whole() -> None:
+    """Steps whose bodies share one header (checked once, then known) step exactly as torch
+    does; one with a NaN under the known header is refused naming its tensor, and changes
+    nothing."""
+    init = {"w": torch.randn(2, 3, generator=torch.Generator().manual_seed(0)),
+            "b": torch.randn(3, generator=torch.Generator().manual_seed(1))}
+    s = session(g0={n: t.clone() for n, t in init.items()})
+    ref = {n: t.clone().requires_grad_(True) for n, t in init.items()}
+    opt = torch.optim.Adam(list(ref.values()), lr=0.01)
+    for seed in range(5):
+        body = grads_body(seed, w=(2, 3), b=(3,))
+        op = Step(body)
+        op.apply(s, op.check(s))
+        for n, p in ref.items():
+            p.grad = body[n].clone()
+        opt.step()
+        assert s.known_body(body)
+    for n, p in ref.items():
+        assert torch.equal(s.params[n], p.detach())
+    poisoned = grads_body(9, w=(2, 3), b=(3,))
+    poisoned["b"][1] = math.nan  # in place: still the body's tensors, its header known
+    assert s.known_body(poisoned) and poisoned.runs
+    before = {n: p.clone() for n, p in s.params.items()}
+    with pytest.raises(Invalid) as bad:
+        Step(poisoned).check(s)
+    assert bad.value.code == "nonfinite_gradient" and bad.value.field == "grads.b"
+    assert all(torch.equal(s.params[n], before[n]) for n in before)
