@@ -28,8 +28,10 @@ carries no norms (logged once per session).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -130,13 +132,16 @@ class Layout:
     #: one copy per step: ``scratch.copy_(span)`` (None: one clone per tensor instead)
     span: torch.Tensor | None = None
     scratch: torch.Tensor | None = None
+    #: per group, its names as a set (a step with a gradient for each: no per-name lookups)
+    sets: list[frozenset[str]] = field(default_factory=list)
 
     def fits(self, s: Session, names: list[list[str]]) -> bool:
         if names != self.names:
             return False
         params = s.params
-        return all(params[n] is p and p.data_ptr() == ptr for n, p, ptr in
-                   zip((n for g in names for n in g), self.params, self.ptrs, strict=True))
+        return (all(map(operator.is_, map(params.__getitem__, itertools.chain(*names)),
+                        self.params))
+                and list(map(torch.Tensor.data_ptr, self.params)) == self.ptrs)
 
 
 def _layout(s: Session, names: list[list[str]]) -> Layout:
@@ -154,7 +159,8 @@ def _layout(s: Session, names: list[list[str]]) -> Layout:
     for g in names:
         groups.append(list(range(i, i + len(g))))
         i += len(g)
-    out = Layout(names, params, [p.data_ptr() for p in params], groups, params, [], False)
+    out = Layout(names, params, [p.data_ptr() for p in params], groups, params, [], False,
+                 sets=[frozenset(g) for g in names])
     first = params[0]
     storage = first.untyped_storage()
     ptr = storage.data_ptr()
@@ -227,8 +233,14 @@ def before_step(s: Session, grads: dict[str, torch.Tensor],
             todo: list[torch.Tensor] = []
             todo_owner: list[int] = []
             for gi, group_names in enumerate(names):
-                present = [n for n in group_names if grads.get(n) is not None]
-                whole = spans.get(frozenset(present)) if spans and len(present) > 1 else None
+                whole = None
+                if spans and len(group_names) > 1 and grads.keys() >= layout.sets[gi]:
+                    present = group_names  # (gradients are never None)
+                    whole = spans.get(layout.sets[gi])
+                else:
+                    present = [n for n in group_names if grads.get(n) is not None]
+                    if spans and len(present) > 1:
+                        whole = spans.get(frozenset(present))
                 if whole is not None:
                     parts.append(whole)
                     owner.append(gi)
