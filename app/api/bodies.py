@@ -27,6 +27,7 @@ from app.errors import (
 from app.wire import sparse as wire_sparse
 from app.wire.json_tensor import decode_json_tensor
 from app.wire.safetensors_body import (
+    BodyTensors,
     PackedTensors,
     packed_header,
     read_safetensors,
@@ -280,6 +281,12 @@ def answer_in_place(tensors: dict[str, torch.Tensor],
     data = memoryview(buf)[8 + header_len:]
     if len(data) < SMALL_PART:  # sent as a copy anyway (PartsResponse)
         return None
+    tiling = tensors.tiling() if isinstance(tensors, BodyTensors) else None
+    if tiling is not None:  # as decoding found them: no per-tensor checks, a kept header
+        names, entries = tiling
+        out = PackedTensors((name, tensors[name]) for name in names)
+        out.buffer, out.entries = data, entries
+        return out
     start = np.frombuffer(data, dtype=np.uint8).ctypes.data
     spans = []
     for name, t in tensors.items():
@@ -294,9 +301,7 @@ def answer_in_place(tensors: dict[str, torch.Tensor],
         pos += nbytes
     if pos != len(data):
         return None
-    out = PackedTensors()
-    for _, name, _ in spans:
-        out[name] = tensors[name]
+    out = PackedTensors((name, tensors[name]) for _, name, _ in spans)
     out.buffer = data
     return out
 

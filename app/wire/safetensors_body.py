@@ -45,7 +45,8 @@ def read_safetensors(
     data_len = len(buf) - data_start
     header = bytes(buf[8:data_start])
     with gc_paused() if n >= PAUSE_GC_HEADER else contextlib.nullcontext():
-        parse = _parsed_header if n <= KEEP_HEADER else _parse_header
+        parse = (_parsed_header if n <= KEEP_HEADER
+                 else _parsed_big_header if n <= KEEP_BIG_HEADER else _parse_header)
         parsed = parse(header, data_len, field)
         writable = isinstance(buf, bytearray) or (isinstance(buf, memoryview)
                                                   and not buf.readonly)
@@ -56,7 +57,7 @@ def read_safetensors(
         made = _make_tensors(parsed, base, view, runs)
         out = (BodyTensors(made) if parsed.in_order
                else BodyTensors((name, made[name]) for name in parsed.entries))
-        out.header = header
+        out.header, out.parsed = header, parsed
         if base is not None and parsed.all_in_runs:
             out.runs = tuple(runs)
         return out, dict(parsed.metadata)
@@ -116,9 +117,20 @@ class BodyTensors(_Derived):
 
     header: bytes | None = None
     runs: tuple[tuple[torch.Tensor, tuple[str, ...]], ...] = ()
+    #: the parsed header
+    parsed: _Parsed | None = None
 
     def _forget(self) -> None:
-        self.header, self.runs = None, ()
+        self.header, self.runs, self.parsed = None, (), None
+
+    def tiling(self) -> tuple[list[str], bytes] | None:
+        """When every tensor is a view in one of the runs (so that together they tile the
+        body's data section): their names in file order, and the header entries of tensors so
+        laid out (:func:`header_entries`; kept with the parsed header). Else None."""
+        parsed = self.parsed
+        if parsed is None or not self.runs or sum(len(n) for _, n in self.runs) != len(self):
+            return None
+        return [name for _, _, name in parsed.spans], parsed.file_entries
 
 
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
@@ -126,6 +138,8 @@ _ST_DTYPES = {name: TORCH_DTYPES[json_name] for name, json_name in SAFETENSORS_N
 #: headers up to this size are kept, parsed (``_parsed_header``): a client sends the same
 #: header with every step, and checking 1,000 entries cost more than the rest of the decoding
 KEEP_HEADER = 256 * 1024
+#: and the last one up to this size (100,000 tensors: ~5 MB, ~0.2 s to check and plan)
+KEEP_BIG_HEADER = 16 * 1024 * 1024
 #: how a body's tensors are made: per run of tensors laid end to end in one dtype, at offsets
 #: it can view, (begin, end, dtype, names, numels, shapes: None when all are 1-D); an empty
 #: tensor, or one at an offset its dtype cannot view, alone with numels None
@@ -148,6 +162,11 @@ class _Parsed:
     in_order: bool
     #: whether every tensor that has bytes is in a run
     all_in_runs: bool
+
+    @functools.cached_property
+    def file_entries(self) -> bytes:
+        """The header entries (:func:`header_entries`) of the tensors in file order."""
+        return header_entries([(name, *self.entries[name][:2]) for _, _, name in self.spans])
 
 
 def _parse_header(header: bytes, data_len: int, field: str) -> _Parsed:
@@ -265,6 +284,9 @@ def _plan(spans: list[tuple[int, int, str]],
 #: the last headers parsed, by (header bytes, data length, field): at most 16 of up to
 #: KEEP_HEADER bytes each (a refused header raises, and is not kept)
 _parsed_header = functools.lru_cache(maxsize=16)(_parse_header)
+#: the last header of up to KEEP_BIG_HEADER bytes parsed (a session of many tensors sends it
+#: with every step)
+_parsed_big_header = functools.lru_cache(maxsize=1)(_parse_header)
 
 
 def _make_tensors(parsed: _Parsed, base: torch.Tensor | None, view: memoryview,

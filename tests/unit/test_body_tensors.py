@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -108,7 +109,7 @@ def test_the_runs_answer_as_the_search_by_data_pointers(
 
 def test_a_changed_body_forgets_what_it_knew() -> None:
     buf = bytearray(safetensors.torch.save({"a": torch.ones(3), "b": torch.ones(2)}))
-    changes = [
+    changes: list[Callable[[BodyTensors], object]] = [
         lambda d: d.__setitem__("a", torch.zeros(3)), lambda d: d.__delitem__("a"),
         lambda d: d.pop("a"), lambda d: d.popitem(), lambda d: d.setdefault("c", torch.ones(1)),
         lambda d: d.update({"a": torch.zeros(3)}), lambda d: d.clear(),
@@ -118,7 +119,7 @@ def test_a_changed_body_forgets_what_it_knew() -> None:
         body, _ = read_safetensors(bytearray(buf))
         assert isinstance(body, BodyTensors) and body.header and body.runs
         change(body)
-        assert body.header is None and body.runs == ()
+        assert body.header is None and body.runs == () and body.tiling() is None
 
 
 def session(**groups: dict[str, torch.Tensor]) -> Session:
@@ -198,3 +199,62 @@ def test_steps_on_known_headers_match_torch_and_refuse_nonfinite_whole() -> None
         Step(poisoned).check(s)
     assert bad.value.code == "nonfinite_gradient" and bad.value.field == "grads.b"
     assert all(torch.equal(s.params[n], before[n]) for n in before)
+
+
+@pytest.mark.parametrize("layout", ["aligned", "header order differs", "with an empty tensor",
+                                    "unaligned", "small"])
+def test_the_answer_in_place_is_the_same_from_the_decoded_tiling(layout: str) -> None:
+    """A step's binary answer written over its body: from the tiling decoding found (names in
+    file order, kept header entries) it is what the per-tensor search by data pointers makes:
+    the same tensors in the same order over the same bytes, and the same header."""
+    from app.api.bodies import SMALL_PART, answer_in_place
+    from app.wire.safetensors_body import packed_header, safetensors_header
+
+    big = SMALL_PART // 4 + (-100 if layout == "small" else 100)  # small: under SMALL_PART
+    parts = [("w", torch.randn(big)), ("b", torch.randn(3, 2).double()),
+             ("c", torch.randn(5).half())]
+    if layout == "with an empty tensor":
+        parts.insert(1, ("e", torch.empty(0)))
+    if layout == "unaligned":
+        parts.insert(1, ("u", torch.ones(3, dtype=torch.uint8)))
+    order = list(range(len(parts)))
+    if layout == "header order differs":
+        order.reverse()
+    buf = body_of(parts, order)
+    body, _ = read_safetensors(buf)
+    assert isinstance(body, BodyTensors)
+    fast, slow = answer_in_place(body, buf), answer_in_place(dict(body), buf)
+    assert (fast is None) == (slow is None) == (layout not in ("aligned",
+                                                               "header order differs"))
+    if fast is None or slow is None:
+        return
+    assert fast.entries is not None and slow.entries is None
+    assert list(fast) == list(slow) == [name for name, _ in parts]
+    assert all(fast[n] is slow[n] for n in fast)
+    assert fast.buffer.obj is slow.buffer.obj and len(fast.buffer) == len(slow.buffer)
+    meta = {"version": "7", "lr": "[0.01]"}
+    assert packed_header(fast, meta) == packed_header(slow, meta) == safetensors_header(slow,
+                                                                                          meta)
+
+
+def test_the_last_big_header_is_kept_and_each_body_still_read_as_its_own() -> None:
+    """A header over KEEP_HEADER (a session of many tensors) is kept, one at a time: the next
+    body with it is not parsed again, and reads its own values; a body cut short under it is
+    still refused."""
+    from app.errors import BadRequest
+    from app.wire import safetensors_body
+
+    names = [f"layer{i:05d}.weight" for i in range(6000)]
+    first = bytearray(safetensors.torch.save({n: torch.full((1,), float(i))
+                                              for i, n in enumerate(names)}))
+    second = bytearray(safetensors.torch.save({n: torch.full((1,), -float(i))
+                                               for i, n in enumerate(names)}))
+    assert safetensors_body.KEEP_HEADER < int.from_bytes(first[:8], "little")
+    safetensors_body._parsed_big_header.cache_clear()
+    a, _ = read_safetensors(first)
+    b, _ = read_safetensors(second)
+    assert safetensors_body._parsed_big_header.cache_info().hits == 1
+    assert [float(a[n]) for n in names[:3]] == [0.0, 1.0, 2.0]
+    assert [float(b[n]) for n in names[:3]] == [-0.0, -1.0, -2.0]
+    with pytest.raises(BadRequest):
+        read_safetensors(second[:-4])
