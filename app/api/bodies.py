@@ -326,10 +326,14 @@ class PartsResponse(Response):
         if scope.get("method") == "HEAD":
             await send({"type": "http.response.body", "body": b""})
             return
-        for i, part in enumerate(self.parts):
+        parts = self.parts
+        if len(parts) > 1 and sum(len(p) for p in parts) < SMALL_PART:
+            # one write (one TCP segment, one wake-up of the reader) for a small answer
+            parts = [b"".join(parts)]
+        for i, part in enumerate(parts):
             await send({"type": "http.response.body", "body": bytes(part) if
                         not isinstance(part, bytes) and len(part) < SMALL_PART else part,
-                        "more_body": i < len(self.parts) - 1})
+                        "more_body": i < len(parts) - 1})
 
 
 def version_headers(version: int, step: int) -> dict[str, str]:
