@@ -78,7 +78,7 @@ from app.engine.store import Files, Store, StoreCorrupt
 from app.engine.worker import DeviceWorker, Observer
 from app.errors import Conflict, Invalid, NotFound, OptserveError, Unavailable
 from app.runtime import release_memory
-from app.wire.safetensors_body import pack
+from app.wire.safetensors_body import forget_big_header, pack
 
 log = logging.getLogger("optserve.engine")
 T = TypeVar("T")
@@ -367,7 +367,8 @@ class EmbeddedHost:
     async def _trim_when_idle(self, idle_s: float = 2.0) -> None:
         """Once the host has been idle for ``idle_s`` after operations, give the heap's free
         pages back (a training loop stepping without pause keeps its per-step blocks for
-        reuse; a session at rest holds only its parameters and state)."""
+        reuse; a session at rest holds only its parameters and state), the kept parse of a
+        big safetensors header first."""
         last = 0
         while True:
             await asyncio.sleep(idle_s)
@@ -379,7 +380,7 @@ class EmbeddedHost:
             if self._busy_since_trim:
                 self._busy_since_trim = False
                 try:
-                    await self._worker.run(release_memory, "trim")
+                    await self._worker.run(_at_rest, "trim")
                 except RuntimeError:
                     return
                 last = self._worker.jobs
@@ -1021,3 +1022,10 @@ def _float(x: Any) -> float:
         return {"inf": float("inf"), "-inf": float("-inf")}.get(x.get("$float", ""),
                                                                  float("nan"))
     return float(x)
+
+
+def _at_rest() -> None:
+    """What an idle host gives back: the kept parse of a big safetensors header (tens of MB
+    for 100,000 tensors), then the heap's free pages."""
+    forget_big_header()
+    release_memory()

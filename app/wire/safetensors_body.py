@@ -138,8 +138,9 @@ _ST_DTYPES = {name: TORCH_DTYPES[json_name] for name, json_name in SAFETENSORS_N
 #: headers up to this size are kept, parsed (``_parsed_header``): a client sends the same
 #: header with every step, and checking 1,000 entries cost more than the rest of the decoding
 KEEP_HEADER = 256 * 1024
-#: and the last one up to this size (100,000 tensors: ~5 MB, ~0.2 s to check and plan)
-KEEP_BIG_HEADER = 16 * 1024 * 1024
+#: and the last one up to this size (100,000 tensors: a 6.8 MB header, ~0.2 s a step to check
+#: and plan, ~50 MB kept parsed, given back when the server is idle: forget_big_header)
+KEEP_BIG_HEADER = 8 * 1024 * 1024
 #: how a body's tensors are made: per run of tensors laid end to end in one dtype, at offsets
 #: it can view, (begin, end, dtype, names, numels, shapes: None when all are 1-D); an empty
 #: tensor, or one at an offset its dtype cannot view, alone with numels None
@@ -287,6 +288,11 @@ _parsed_header = functools.lru_cache(maxsize=16)(_parse_header)
 #: the last header of up to KEEP_BIG_HEADER bytes parsed (a session of many tensors sends it
 #: with every step)
 _parsed_big_header = functools.lru_cache(maxsize=1)(_parse_header)
+
+
+def forget_big_header() -> None:
+    """Drop the kept big header (the server calls this when it has been idle)."""
+    _parsed_big_header.cache_clear()
 
 
 def _make_tensors(parsed: _Parsed, base: torch.Tensor | None, view: memoryview,

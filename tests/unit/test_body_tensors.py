@@ -258,3 +258,33 @@ def test_the_last_big_header_is_kept_and_each_body_still_read_as_its_own() -> No
     assert [float(b[n]) for n in names[:3]] == [-0.0, -1.0, -2.0]
     with pytest.raises(BadRequest):
         read_safetensors(second[:-4])
+
+
+def test_an_idle_server_forgets_the_big_header() -> None:
+    """The kept parse of a big header (tens of MB for 100,000 tensors) is given back with the
+    heap's free pages once the host has been idle."""
+    import asyncio
+    import time
+
+    from app.engine import CreateSpec, embedded_engine
+    from app.wire import safetensors_body
+
+    read_safetensors(bytearray(safetensors.torch.save(
+        {f"layer{i:05d}.weight": torch.ones(1) for i in range(6000)})))
+    assert safetensors_body._parsed_big_header.cache_info().currsize == 1
+
+    async def main() -> None:
+        eng = embedded_engine("cpu")
+        await eng.start()
+        try:
+            await eng.create(CreateSpec("SGD", [GroupSpec({"w": torch.zeros(2)})],
+                                        {"lr": 0.1}, id="s"))
+            deadline = time.monotonic() + 15
+            while (safetensors_body._parsed_big_header.cache_info().currsize
+                   and time.monotonic() < deadline):
+                await asyncio.sleep(0.2)
+        finally:
+            await eng.stop()
+
+    asyncio.run(main())
+    assert safetensors_body._parsed_big_header.cache_info().currsize == 0
