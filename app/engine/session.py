@@ -619,8 +619,9 @@ def flat_block(tensors: Tensors, device: torch.device) -> Tensors:
 class BlockPlan:
     """How a session's parameters are copied out with one copy (:func:`pack_block`), worked
     out once and kept (``Session.block_plan``) while the very same parameter tensors stay at
-    the same addresses: then each answer is one copy, the views, and a header from kept
-    entries (1,000 tensors: no per-tensor checks and no header built per step)."""
+    the same addresses: then each answer is one copy under a header from kept entries, its
+    views made only if something looks inside (1,000 tensors: no per-tensor checks, no
+    header built and no views made per step)."""
 
     tensors: list[torch.Tensor]
     ptrs: list[int]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,24 @@ def read_safetensors(
         return out, dict(parsed.metadata)
 
 
+def _dict_method(name: str, first: str) -> Any:
+    """``dict``'s method ``name``, calling ``self.<first>()`` before it."""
+    method = getattr(dict, name)
+
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        getattr(self, first)()
+        return method(self, *args, **kwargs)
+
+    wrapped.__name__ = wrapped.__qualname__ = name
+    wrapped.__doc__ = method.__doc__
+    return wrapped
+
+
+#: every method that changes a dict (in place)
+_CHANGES = ("__setitem__", "__delitem__", "pop", "popitem", "setdefault", "update", "clear",
+            "__ior__")
+
+
 class _Derived(dict[str, torch.Tensor]):
     """A mapping of tensors that carries facts about them worked out once (see the
     subclasses); any change to the mapping forgets them (``_forget``)."""
@@ -70,37 +88,9 @@ class _Derived(dict[str, torch.Tensor]):
     def _forget(self) -> None:
         raise NotImplementedError
 
-    def __setitem__(self, key: str, value: torch.Tensor) -> None:
-        self._forget()
-        super().__setitem__(key, value)
 
-    def __delitem__(self, key: str) -> None:
-        self._forget()
-        super().__delitem__(key)
-
-    def pop(self, *args: Any) -> Any:
-        self._forget()
-        return super().pop(*args)
-
-    def popitem(self) -> tuple[str, torch.Tensor]:
-        self._forget()
-        return super().popitem()
-
-    def setdefault(self, *args: Any) -> Any:
-        self._forget()
-        return super().setdefault(*args)
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        self._forget()
-        super().update(*args, **kwargs)
-
-    def clear(self) -> None:
-        self._forget()
-        super().clear()
-
-    def __ior__(self, other: Any) -> _Derived:  # type: ignore[override,misc]
-        self._forget()
-        return super().__ior__(other)
+for _name in _CHANGES:
+    setattr(_Derived, _name, _dict_method(_name, "_forget"))
 
 
 class BodyTensors(_Derived):
@@ -393,34 +383,12 @@ class PackedTensors(_Derived):
     def _made(self) -> None:
         pending = self._pending
         if pending is not None:
-            views = packed_from_plan(*pending)
-            dict.update(self, views)
+            dict.update(self, _views(*pending))
             self._pending = None
 
     def _forget(self) -> None:
         self._made()
         self.entries = None
-
-    # every look inside makes the views first
-    def __getitem__(self, key: str) -> torch.Tensor:
-        self._made()
-        return super().__getitem__(key)
-
-    def __iter__(self) -> Iterator[str]:
-        self._made()
-        return super().__iter__()
-
-    def __reversed__(self) -> Iterator[str]:
-        self._made()
-        return super().__reversed__()
-
-    def __len__(self) -> int:
-        self._made()
-        return super().__len__()
-
-    def __contains__(self, key: object) -> bool:
-        self._made()
-        return super().__contains__(key)
 
     def __eq__(self, other: object) -> bool:
         self._made()
@@ -433,37 +401,11 @@ class PackedTensors(_Derived):
 
     __hash__ = None  # type: ignore[assignment]
 
-    def __repr__(self) -> str:
-        self._made()
-        return super().__repr__()
 
-    def __or__(self, other: Any) -> Any:
-        self._made()
-        return super().__or__(other)
-
-    def __ror__(self, other: Any) -> Any:
-        self._made()
-        return super().__ror__(other)
-
-    def keys(self) -> Any:
-        self._made()
-        return super().keys()
-
-    def values(self) -> Any:
-        self._made()
-        return super().values()
-
-    def items(self) -> Any:
-        self._made()
-        return super().items()
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self._made()
-        return super().get(key, default)
-
-    def copy(self) -> dict[str, torch.Tensor]:
-        self._made()
-        return dict(super().items())
+# every other look inside makes the views first
+for _name in ("__getitem__", "__iter__", "__reversed__", "__len__", "__contains__",
+              "__repr__", "__or__", "__ror__", "keys", "values", "items", "get", "copy"):
+    setattr(PackedTensors, _name, _dict_method(_name, "_made"))
 
 
 def pack(tensors: dict[str, torch.Tensor]) -> PackedTensors:
@@ -527,13 +469,18 @@ def view_plan(layout: Sequence[tuple[str, torch.dtype, Sequence[int]]],
     return tuple(plan)
 
 
-def packed_from_plan(base: torch.Tensor, plan: Sequence[_Piece]) -> PackedTensors:
+def _views(base: torch.Tensor, plan: Sequence[_Piece]) -> dict[str, torch.Tensor]:
     """Views of ``base`` (bytes) as :func:`view_plan` lays them out."""
     views: dict[str, torch.Tensor] = {}
     for begin, end, dtype, names, numels, shapes in plan:
         assert numels is not None
         _cut(base[begin:end].view(dtype), names, numels, shapes, views)
-    out = PackedTensors(views)
+    return views
+
+
+def packed_from_plan(base: torch.Tensor, plan: Sequence[_Piece]) -> PackedTensors:
+    """:func:`_views` of ``base`` as :class:`PackedTensors`."""
+    out = PackedTensors(_views(base, plan))
     out.buffer = base.numpy().data
     return out
 
