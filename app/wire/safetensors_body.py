@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Mapping, Sequence
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,17 +51,18 @@ def read_safetensors(
         parse = (_parsed_header if n <= KEEP_HEADER
                  else _parsed_big_header if n <= KEEP_BIG_HEADER else _parse_header)
         parsed = parse(header, data_len, field)
+        layout = parsed.layout
         writable = isinstance(buf, bytearray) or (isinstance(buf, memoryview)
                                                   and not buf.readonly)
         view = memoryview(buf)[data_start:]
         # one tensor over the whole data section; each tensor a view of a slice of it (no copy)
         base = torch.frombuffer(view, dtype=torch.uint8) if writable and data_len else None
         runs: list[tuple[torch.Tensor, tuple[str, ...]]] = []
-        made = _make_tensors(parsed, base, view, runs)
-        out = (BodyTensors(made) if parsed.in_order
-               else BodyTensors((name, made[name]) for name in parsed.entries))
-        out.header, out.parsed = header, parsed
-        if base is not None and parsed.all_in_runs:
+        made = _make_tensors(layout, base, view, runs)
+        out = (BodyTensors(made) if layout.in_order
+               else BodyTensors((name, made[name]) for name in layout.entries))
+        out.header, out.layout = layout.key, layout
+        if base is not None and layout.all_in_runs:
             out.runs = tuple(runs)
         return out, dict(parsed.metadata)
 
@@ -97,9 +101,10 @@ class BodyTensors(_Derived):
     """Dense CPU tensors decoded from one safetensors body, with what decoding them found out,
     so that later checks need not find it again tensor by tensor:
 
-    - ``header``: the header they follow (its bytes). Bodies with equal headers hold tensors of
-      the same names, dtypes and shapes, so a session that checked one body against its
-      parameters knows the next one passes (:meth:`app.engine.session.Session.known_body`);
+    - ``header``: the tensor entries of the header they follow (its JSON without
+      ``__metadata__``, which may change with every step). Bodies with equal entries hold
+      tensors of the same names, dtypes and shapes, so a session that checked one body against
+      its parameters knows the next one passes (:meth:`app.engine.session.Session.known_body`);
     - ``runs``: each run of tensors laid end to end in one dtype, as (one flat view over the
       run, its names); given only when the runs hold every tensor that has bytes.
 
@@ -107,20 +112,20 @@ class BodyTensors(_Derived):
 
     header: bytes | None = None
     runs: tuple[tuple[torch.Tensor, tuple[str, ...]], ...] = ()
-    #: the parsed header
-    parsed: _Parsed | None = None
+    #: the checked tensor entries
+    layout: _Layout | None = None
 
     def _forget(self) -> None:
-        self.header, self.runs, self.parsed = None, (), None
+        self.header, self.runs, self.layout = None, (), None
 
     def tiling(self) -> tuple[list[str], bytes] | None:
         """When every tensor is a view in one of the runs (so that together they tile the
         body's data section): their names in file order, and the header entries of tensors so
         laid out (:func:`header_entries`; kept with the parsed header). Else None."""
-        parsed = self.parsed
-        if parsed is None or not self.runs or sum(len(n) for _, n in self.runs) != len(self):
+        layout = self.layout
+        if layout is None or not self.runs or sum(len(n) for _, n in self.runs) != len(self):
             return None
-        return [name for _, _, name in parsed.spans], parsed.file_entries
+        return [name for _, _, name in layout.spans], layout.file_entries
 
 
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
@@ -142,11 +147,21 @@ _Piece = tuple[int, int, torch.dtype, tuple[str, ...], list[int] | None,
 class _Parsed:
     """A checked header (nothing in it may be changed: ``_parsed_header`` keeps it)."""
 
+    layout: _Layout
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A header's checked tensor entries (kept by ``_layouts``: nothing in it may be changed).
+    """
+
+    #: the entries as JSON (the header without ``__metadata__``, as orjson writes it)
+    key: bytes
     #: the tensors' (begin, end, name), in file order
     spans: tuple[tuple[int, int, str], ...]
     #: (dtype, shape, numel) by name, in header order
     entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]]
-    metadata: dict[str, str]
     #: how the tensors are made (:data:`_Piece`; file order, but for empty tensors)
     plan: tuple[_Piece, ...]
     #: whether the plan makes them in header order
@@ -161,23 +176,90 @@ class _Parsed:
 
 
 def _parse_header(header: bytes, data_len: int, field: str) -> _Parsed:
-    """A safetensors header checked against a data section of ``data_len`` bytes: its tensors'
-    spans in file order, their (dtype, shape, numel) by name in header order, and its
-    ``__metadata__``. Nothing returned may be changed (``_parsed_header`` keeps it)."""
-    try:
-        parsed = orjson.loads(header)
-    except (UnicodeDecodeError, ValueError, RecursionError, orjson.JSONDecodeError):
-        raise BadRequest("safetensors header is not valid JSON", code="invalid_safetensors",
-                         field=field) from None
-    if not isinstance(parsed, dict):
-        raise BadRequest("safetensors header must be a JSON object", code="invalid_safetensors",
-                         field=field)
+    """A safetensors header checked against a data section of ``data_len`` bytes: its
+    ``__metadata__``, and its tensor entries (:class:`_Layout`, kept by their JSON: a client
+    that sends new metadata with every step, a scheduler's options or a loss, sends the same
+    entries). Nothing returned may be changed (``_parsed_header`` keeps it)."""
+    split = _metadata_first(header)
+    if split is not None:  # the entries are not parsed at all when they are kept
+        metadata, rest = split
+        return _Parsed(_kept_layout(rest, data_len, field, lambda: _json_object(rest, field)),
+                       metadata)
+    parsed = _json_object(header, field)
     metadata_raw = parsed.pop("__metadata__", {})
     if not isinstance(metadata_raw, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()
     ):
         raise BadRequest("safetensors __metadata__ must map strings to strings",
                          code="invalid_safetensors", field=f"{field}.__metadata__")
+    return _Parsed(_kept_layout(orjson.dumps(parsed), data_len, field, lambda: parsed),
+                   metadata_raw)
+
+
+def _json_object(raw: bytes, field: str) -> dict[str, Any]:
+    try:
+        parsed = orjson.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError, orjson.JSONDecodeError):
+        raise BadRequest("safetensors header is not valid JSON", code="invalid_safetensors",
+                         field=field) from None
+    if not isinstance(parsed, dict):
+        raise BadRequest("safetensors header must be a JSON object", code="invalid_safetensors",
+                         field=field)
+    return parsed
+
+
+#: a header that opens with its ``__metadata__`` object of strings, as safetensors' writers
+#: put it (matched within its first META_FIRST_WINDOW bytes)
+_META_FIRST = re.compile(
+    rb'\{_*"__metadata__"_*:_*(\{(?:_*"(?:[^"\\]|\\.)*"_*:_*"(?:[^"\\]|\\.)*"_*,?)*_*\})_*,'
+    .replace(b"_*", b"[ \t\n\r]*"), re.S)  # (JSON's whitespace, no other)
+META_FIRST_WINDOW = 64 * 1024
+
+
+def _metadata_first(header: bytes) -> tuple[dict[str, str], bytes] | None:
+    """A header that opens with its ``__metadata__``, split without parsing the entries: the
+    metadata, and the header without it (``{`` and the entries: the same JSON object but for
+    that key). None when it is not laid out so, or when anything is unusual (the metadata not
+    valid JSON, a second ``__metadata__`` further on, which would win): such a header is parsed
+    whole, with the same errors as ever."""
+    found = _META_FIRST.match(header, 0, META_FIRST_WINDOW)
+    if found is None:
+        return None
+    rest = b"{" + header[found.end():].rstrip(b" \t\n\r")  # (writers pad it to 8 bytes)
+    if b'"__metadata__"' in rest or not rest[1:].lstrip(b" \t\n\r").startswith(b'"'):
+        return None  # (a member must follow the comma)
+    try:
+        metadata = orjson.loads(found.group(1))
+    except (UnicodeDecodeError, ValueError, RecursionError, orjson.JSONDecodeError):
+        return None
+    return metadata, rest
+
+
+def _kept_layout(key: bytes, data_len: int, field: str,
+                 load: Callable[[], dict[str, Any]]) -> _Layout:
+    """The checked entries whose JSON is ``key`` (``load``: the entries as parsed): kept, or
+    checked now and kept (the last 16, and of those over KEEP_HEADER bytes only the last)."""
+    where = (key, data_len, field)
+    with _layouts_lock:
+        kept = _layouts.get(where)
+        if kept is not None:
+            _layouts.move_to_end(where)
+            return kept
+    kept = _check_entries(key, load(), data_len, field)
+    if len(key) <= KEEP_BIG_HEADER:
+        with _layouts_lock:
+            if len(key) > KEEP_HEADER:
+                for k in [k for k in _layouts if len(k[0]) > KEEP_HEADER]:
+                    del _layouts[k]
+            _layouts[where] = kept
+            while len(_layouts) > _KEEP_LAYOUTS:
+                _layouts.popitem(last=False)
+    return kept
+
+
+def _check_entries(key: bytes, parsed: dict[str, Any], data_len: int, field: str) -> _Layout:
+    """The tensor entries of a header (``parsed``, its ``__metadata__`` taken out) checked
+    against a data section of ``data_len`` bytes."""
     spans: list[tuple[int, int, str]] = []
     entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
     for name, info in parsed.items():
@@ -234,7 +316,7 @@ def _parse_header(header: bytes, data_len: int, field: str) -> _Parsed:
         raise BadRequest(f"{data_len - pos} bytes after the last tensor",
                          code="invalid_safetensors", field=field)
     plan = _plan(spans, entries)
-    return _Parsed(tuple(spans), entries, metadata_raw, plan,
+    return _Layout(key, tuple(spans), entries, plan,
                    [name for piece in plan for name in piece[3]] == list(entries),
                    all(numels is not None or begin == end
                        for begin, end, _, _, numels, _ in plan))
@@ -280,12 +362,31 @@ _parsed_header = functools.lru_cache(maxsize=16)(_parse_header)
 _parsed_big_header = functools.lru_cache(maxsize=1)(_parse_header)
 
 
-def forget_big_header() -> None:
-    """Drop the kept big header (the server calls this when it has been idle)."""
+#: the last tensor entries checked (:class:`_Layout`), by (their JSON, data length, field):
+#: at most 16, and of those over KEEP_HEADER bytes only the last
+_layouts: OrderedDict[tuple[bytes, int, str], _Layout] = OrderedDict()
+_layouts_lock = threading.Lock()
+_KEEP_LAYOUTS = 16
+
+
+def forget_headers() -> None:
+    """Drop every kept header and tensor entries (tests: the next read checks in full)."""
+    _parsed_header.cache_clear()
     _parsed_big_header.cache_clear()
+    with _layouts_lock:
+        _layouts.clear()
 
 
-def _make_tensors(parsed: _Parsed, base: torch.Tensor | None, view: memoryview,
+def forget_big_header() -> None:
+    """Drop the kept big header and its entries (the server calls this when it has been
+    idle)."""
+    _parsed_big_header.cache_clear()
+    with _layouts_lock:
+        for k in [k for k in _layouts if len(k[0]) > KEEP_HEADER]:
+            del _layouts[k]
+
+
+def _make_tensors(parsed: _Layout, base: torch.Tensor | None, view: memoryview,
                   runs: list[tuple[torch.Tensor, tuple[str, ...]]]) -> dict[str, torch.Tensor]:
     """The checked entries' tensors, in file order: views into ``base`` where alignment allows,
     each run of adjacent tensors of one dtype cut by one ``torch.split`` (one torch call per

@@ -288,3 +288,119 @@ def test_an_idle_server_forgets_the_big_header() -> None:
 
     asyncio.run(main())
     assert safetensors_body._parsed_big_header.cache_info().currsize == 0
+    assert all(len(key) <= safetensors_body.KEEP_HEADER for key, _, _ in safetensors_body._layouts)
+
+
+def test_new_metadata_with_every_step_keeps_the_checked_entries() -> None:
+    """A client sends new ``__metadata__`` with every step (a scheduler's options, a loss):
+    the tensor entries are still checked once, and a session knows the next body."""
+    from app.wire import safetensors_body
+
+    safetensors_body.forget_headers()
+    checked: list[bytes] = []
+    real = safetensors_body._check_entries
+
+    def spy(key: bytes, *args: Any) -> Any:
+        checked.append(key)
+        return real(key, *args)
+
+    tensors = {"w": torch.randn(2, 3), "b": torch.randn(3)}
+    safetensors_body._check_entries = spy  # type: ignore[assignment]
+    try:
+        read = [read_safetensors(bytearray(safetensors.torch.save(
+            tensors, {"scalars": json.dumps({"loss": 1.0 / (i + 1)})}))) for i in range(3)]
+    finally:
+        safetensors_body._check_entries = real  # type: ignore[assignment]
+    assert len(checked) == 1
+    assert [json.loads(meta["scalars"])["loss"] for _, meta in read] == [1.0, 0.5, 1.0 / 3]
+    bodies = [body for body, _ in read]
+    assert all(isinstance(b, BodyTensors) and b.header == checked[0] for b in bodies)
+    s = session(g0={"w": torch.zeros(2, 3), "b": torch.zeros(3)})
+    s.check_tensors(bodies[0], "grads")
+    assert s.known_body(bodies[1]) and s.known_body(bodies[2])
+    assert all(torch.equal(bodies[2][n], t) for n, t in tensors.items())
+
+
+_WS = st.sampled_from(["", " ", "\n", "\t ", "\r\n", "\x0c", "\x0b"])
+
+
+@st.composite
+def headers_with_metadata(draw: st.DrawFn) -> tuple[bytes, int]:
+    """Headers whose ``__metadata__`` comes first or not, well formed or not: strings with
+    quotes, backslashes, escapes and non-ASCII text; JSON's whitespace and other whitespace;
+    a trailing comma, a missing one, a non-string value, a second ``__metadata__`` later."""
+    meta = draw(st.dictionaries(st.text(max_size=6), st.text(max_size=8), max_size=3))
+    ascii_only = draw(st.booleans())
+    meta_text = json.dumps(meta, ensure_ascii=ascii_only)
+    how = draw(st.sampled_from(["plain", "plain", "trailing comma", "missing comma",
+                                "number", "second later", "not first", "no entries",
+                                "raw control", "bad escape"]))
+    if how == "trailing comma" and meta:
+        meta_text = meta_text[:-1] + ",}"
+    elif how == "missing comma" and len(meta) > 1:
+        meta_text = meta_text.replace(", ", " ", 1)
+    elif how == "number":
+        meta_text = '{"n": 1}'
+    elif how == "raw control":
+        meta_text = '{"a": "b\x01c"}'
+    elif how == "bad escape":
+        meta_text = '{"a": "b\\qc"}'
+    n = draw(st.integers(0, 3))
+    entries = [f'"t{i}":{{"dtype":"F32","shape":[1],"data_offsets":[{4 * i},{4 * i + 4}]}}'
+               for i in range(n)]
+    ws = [draw(_WS) for _ in range(5)]
+    meta_member = f'"__metadata__"{ws[0]}:{ws[1]}{meta_text}'
+    members = [meta_member, *entries]
+    if how == "not first" and entries:
+        members = [entries[0], meta_member, *entries[1:]]
+    if how == "second later":
+        members.append('"__metadata__":{"x":"y"}')
+    if how == "no entries":
+        members = [meta_member, ""]  # a trailing comma
+    text = "{" + ws[2] + f"{ws[3]},{ws[4]}".join(members) + "}"
+    return text.encode(), 4 * n
+
+
+def _parse_outcome(header: bytes, data_len: int) -> Any:
+    from app.errors import OptserveError
+    from app.wire import safetensors_body
+
+    safetensors_body.forget_headers()
+    try:
+        parsed = safetensors_body._parse_header(header, data_len, "body")
+    except OptserveError as exc:
+        return ("error", type(exc).__name__, exc.code, exc.field, str(exc))
+    layout = parsed.layout
+    return ("ok", layout.spans, list(layout.entries.items()), layout.plan, parsed.metadata)
+
+
+@settings(max_examples=400, deadline=None)
+@given(headers_with_metadata())
+def test_a_header_split_at_its_metadata_parses_as_the_whole(case: tuple[bytes, int]) -> None:
+    """A header that opens with its ``__metadata__`` is split there without parsing the
+    entries (a client sending new metadata each step then sends the same entries, kept
+    checked). Split or parsed whole, every header gives the same entries and metadata, or the
+    same error."""
+    from app.wire import safetensors_body
+
+    header, data_len = case
+    split = _parse_outcome(header, data_len)
+    real = safetensors_body._metadata_first
+    safetensors_body._metadata_first = lambda header: None  # type: ignore[assignment]
+    try:
+        whole = _parse_outcome(header, data_len)
+    finally:
+        safetensors_body._metadata_first = real  # type: ignore[assignment]
+        safetensors_body.forget_headers()
+    assert split == whole
+
+
+def test_a_header_opening_with_metadata_is_split_there() -> None:
+    from app.wire import safetensors_body
+
+    buf = safetensors.torch.save({"w": torch.ones(2)}, {"scalars": '{"loss": 0.5}'})
+    header = buf[8:8 + int.from_bytes(buf[:8], "little")]
+    found = safetensors_body._metadata_first(header)
+    assert found is not None and found[0] == {"scalars": '{"loss": 0.5}'}
+    assert json.loads(found[1]) == {k: v for k, v in json.loads(header).items()
+                                    if k != "__metadata__"}

@@ -299,14 +299,14 @@ def test_the_header_fast_path_answers_as_the_full_checks(buf: bytes) -> None:
     Kept headers are forgotten between the two reads."""
     from app.wire import safetensors_body
 
-    safetensors_body._parsed_header.cache_clear()
+    safetensors_body.forget_headers()
     fast = _outcome(buf)
-    safetensors_body._parsed_header.cache_clear()
+    safetensors_body.forget_headers()
     known = dict(safetensors_body._ST_DTYPES)
     safetensors_body._ST_DTYPES.clear()
     try:
         full = _outcome(buf)
     finally:
         safetensors_body._ST_DTYPES.update(known)
-        safetensors_body._parsed_header.cache_clear()
+        safetensors_body.forget_headers()
     assert fast == full
