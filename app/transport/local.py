@@ -49,6 +49,7 @@ from app.engine.interface import Engine, IdemKey, SessionInfo, json_floats
 from app.engine.session import check_session_id
 from app.errors import BadRequest, Invalid, NotFound, OptserveError
 from app.wire.dtypes import TORCH_DTYPES
+from app.wire.safetensors_body import BodyTensors
 
 log = logging.getLogger("optserve.local")
 T = TypeVar("T")
@@ -58,8 +59,22 @@ MAX_FRAME = 16 * 1024 * 1024
 ALIGN = 64
 
 
-def _aligned(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
+def _aligned(n: int, to: int = ALIGN) -> int:
+    return (n + to - 1) // to * to
+
+
+def _placed(sizes: list[tuple[str, str, list[int]]], start: int) -> tuple[list[int], int]:
+    """Offsets for tensors of these (name, dtype, shape) laid end to end from ``start``,
+    widest dtypes first (each aligned to its item size with no padding between), in the
+    given order; and where they end."""
+    offsets = [0] * len(sizes)
+    pos = start
+    for i in sorted(range(len(sizes)), key=lambda i: -TORCH_DTYPES[sizes[i][1]].itemsize):
+        _, dtype, shape = sizes[i]
+        pos = _aligned(pos, TORCH_DTYPES[dtype].itemsize)
+        offsets[i] = pos
+        pos += _nbytes(dtype, shape)
+    return offsets, pos
 
 
 @dataclass
@@ -78,17 +93,17 @@ class Binding:
     def __init__(self, session_id: str, info: SessionInfo) -> None:
         self.session_id = session_id
         self.slots: list[Slot] = []
-        pos = 0
         sizes = [(n, p["dtype"], list(p["shape"])) for n, p in info.params.items()]
-        grad_offsets = []
-        for _, dtype, shape in sizes:
-            grad_offsets.append(pos)
-            pos += _aligned(_nbytes(dtype, shape))
-        for (name, dtype, shape), grad in zip(sizes, grad_offsets, strict=True):
-            n = _nbytes(dtype, shape)
-            self.slots.append(Slot(name, dtype, shape, grad, pos, n))
-            pos += _aligned(n)
-        self.size = max(pos, ALIGN)
+        # the gradient slots laid end to end, widest dtypes first (each then aligned to its
+        # item size with no padding), so that the tensors of one dtype tile one span: the
+        # non-finite check and the gradient norms take one reduction for all of them, not
+        # one per tensor; then the parameter slots likewise. The slots stay in the session's
+        # order (their offsets say where each lies).
+        grad_at, grads_end = _placed(sizes, 0)
+        param_at, end = _placed(sizes, _aligned(grads_end))
+        for (name, dtype, shape), grad, param in zip(sizes, grad_at, param_at, strict=True):
+            self.slots.append(Slot(name, dtype, shape, grad, param, _nbytes(dtype, shape)))
+        self.size = max(_aligned(end), ALIGN)
         self.fd = os.memfd_create(f"optserve-{session_id}"[:200], os.MFD_CLOEXEC)
         os.ftruncate(self.fd, self.size)
         self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
@@ -105,26 +120,81 @@ class Binding:
         #: see the same bytes
         self.logged = info.durability != "memory"
         self.private: dict[str, torch.Tensor] = {}
+        #: every gradient slot, in order, and the bytes they lie in (the segment's first
+        #: part), with the private copy of those bytes a logged session's steps use
+        self.names = [s.name for s in self.slots]
+        self.slots_by_name = {s.name: s for s in self.slots}
+        self.grad_bytes = base[:grads_end]
+        self.private_bytes: torch.Tensor | None = None
+        self._kept_runs: dict[int, tuple[tuple[torch.Tensor, tuple[str, ...]], ...]] = {}
+        #: the slots' names, dtypes and shapes (BodyTensors.header of every slot's gradients)
+        self.key = b"local:" + orjson.dumps([[s.name, s.dtype, s.shape] for s in self.slots])
         self.layout = {"size": self.size, "params": [
             {"name": s.name, "dtype": s.dtype, "shape": s.shape, "grad": s.grad,
              "param": s.param, "nbytes": s.nbytes} for s in self.slots]}
 
     def gradients(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named gradient slots: views of the segment, or (a logged session) their copies
-        in buffers this binding keeps from step to step."""
-        if not self.logged:
-            return {n: self.grads[n] for n in names}
-        out = {}
-        for n in names:
-            slot = self.grads[n]
-            mine = self.private.get(n)
-            if mine is None:
-                mine = self.private[n] = torch.empty_like(slot)
-            out[n] = mine.copy_(slot)
+        """The named gradient slots: views of the segment, or (a logged session) views of a
+        copy of the slots' bytes that this binding keeps from step to step (one copy for all
+        of them). Every slot, in order: as :class:`BodyTensors` with the binding's layout and
+        its runs of slots laid end to end, so that a session passes them without per-tensor
+        checks once it has checked them (:meth:`app.engine.session.Session.known_body`)."""
+        if self.logged:
+            if self.private_bytes is None:
+                self.private_bytes = torch.empty_like(self.grad_bytes)
+                for s in self.slots:
+                    self.private[s.name] = self.private_bytes[s.grad:s.grad + s.nbytes].view(
+                        TORCH_DTYPES[s.dtype]).view(s.shape)
+            self.private_bytes.copy_(self.grad_bytes)
+        held = self.private if self.logged else self.grads
+        if names != self.names:
+            return {n: held[n] for n in names}
+        out = BodyTensors(held)
+        out.header = self.key
+        out.runs = self._runs(self.private_bytes if self.logged else self.grad_bytes)
         return out
+
+    def _runs(self, raw: torch.Tensor | None) -> tuple[tuple[torch.Tensor, tuple[str, ...]], ...]:
+        """The runs of slots of one dtype laid end to end in ``raw`` (the gradient bytes or
+        their copy), made once per buffer."""
+        assert raw is not None
+        kept = self._kept_runs.get(raw.data_ptr())
+        if kept is None:
+            runs: list[tuple[torch.Tensor, tuple[str, ...]]] = []
+            start, end = 0, 0
+            names: list[str] = []
+            for s in [*sorted(self.slots, key=lambda slot: slot.grad), None]:
+                if s is not None and s.nbytes == 0:
+                    continue
+                if names and (s is None or s.dtype != self.slots_by_name[names[0]].dtype
+                              or s.grad != end):
+                    dtype = TORCH_DTYPES[self.slots_by_name[names[0]].dtype]
+                    runs.append((raw[start:end].view(dtype), tuple(names)))
+                    names = []
+                if s is not None:
+                    if not names:
+                        start = s.grad
+                    names.append(s.name)
+                    end = s.grad + s.nbytes
+            kept = self._kept_runs[raw.data_ptr()] = tuple(runs)
+        return kept
+
+    def digest(self, names: list[str], grads: dict[str, torch.Tensor]) -> str:
+        """A fingerprint of the gradients a step takes (:func:`body_digest`): of the slots'
+        bytes at once when it takes every slot, in order (the bytes between slots are never
+        written by a client that follows the layout), else of each gradient."""
+        if names == self.names:
+            held = self.private_bytes if self.logged else self.grad_bytes
+            assert held is not None  # (gradients() made it)
+            return f"all={body_digest(held.numpy().data)}"
+        return ";".join(f"{n}={body_digest(grads[n].view(-1).view(torch.uint8).numpy().data)}"
+                        for n in names)
 
     def close(self) -> None:
         self.private.clear()
+        self.private_bytes = None
+        self._kept_runs.clear()
+        self.grad_bytes = torch.empty(0, dtype=torch.uint8)
         self.grads.clear()
         self.params.clear()
         try:
@@ -375,8 +445,7 @@ class _Connection(threading.Thread):
         key = m.get("idempotency_key")
         if key is not None:
             check_key(str(key))
-            digest = ";".join(f"{n}={body_digest(grads[n].view(-1).view(torch.uint8).numpy().data)}"
-                              for n in names)
+            digest = binding.digest(names, grads)
             meta = orjson.dumps({k: m.get(k) for k in ("base_version", "worker",
                                                        "param_groups", "scalars")}).decode()
             idem = IdemKey(str(key), f"local step {binding.session_id} {meta} {digest}")

@@ -97,6 +97,45 @@ def test_remote_optimizer_over_shared_memory_equals_local_training(keyed_server:
             assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("durability", ["memory", "step"])
+def test_many_small_tensors_of_mixed_dtypes_over_shared_memory_equal_torch(
+        durability: str, tmp_path: Path) -> None:
+    """Many small parameters of three dtypes (their gradient slots laid end to end per dtype,
+    checked once and then known to the session, reduced one run at a time): bitwise equal to
+    in-process SGD with momentum, through a step with a NaN that is refused whole."""
+    live = LiveServer(_test_settings(durability=durability, data_dir=str(tmp_path)))
+    url = live.start()
+    try:
+        gen = torch.Generator().manual_seed(0)
+        dtypes = [torch.float32, torch.float64, torch.bfloat16]
+        shapes = [(3,), (2, 2), (0,), (5,), (1,)]
+        init = {f"p{i:03d}": torch.randn(shapes[i % 5], generator=gen).to(dtypes[i % 3])
+                for i in range(120)}
+        ref = {n: t.clone().requires_grad_(True) for n, t in init.items()}
+        local = torch.optim.SGD(list(ref.values()), lr=0.1, momentum=0.9)
+        with optserve.Client(url) as c:
+            info = c.create_session(optimizer="SGD", options={"lr": 0.1, "momentum": 0.9},
+                                    params=init)
+            for k in range(4):
+                grads = {n: torch.randn(t.shape, generator=gen).to(t.dtype)
+                         for n, t in init.items()}
+                if k == 2:  # refused whole, the session unchanged
+                    grads["p004"] = torch.full_like(grads["p004"], float("nan"))
+                    with pytest.raises(optserve.ValidationError) as bad:
+                        c.step(info.id, grads)
+                    assert "p004" in str(bad.value)
+                    continue
+                result = c.step(info.id, grads)
+                for n, p in ref.items():
+                    p.grad = grads[n]
+                local.step()
+            assert c._local is not None
+            for n, p in ref.items():
+                assert torch.equal(result.params[n], p.detach()), n
+    finally:
+        live.stop()
+
+
 def test_the_path_is_told_only_to_loopback_clients() -> None:
     settings = _test_settings(durability="memory")
     app = create_app(settings)

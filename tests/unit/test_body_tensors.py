@@ -404,3 +404,49 @@ def test_a_header_opening_with_metadata_is_split_there() -> None:
     assert found is not None and found[0] == {"scalars": '{"loss": 0.5}'}
     assert json.loads(found[1]) == {k: v for k, v in json.loads(header).items()
                                     if k != "__metadata__"}
+
+
+@pytest.mark.parametrize("durability", ["memory", "step"])
+def test_a_same_host_binding_hands_over_its_slots_as_a_known_layout(durability: str) -> None:
+    """The same-host segment lays the gradient slots of one dtype end to end; every slot's
+    gradients come as BodyTensors whose runs answer the non-finite check (names and norms, to
+    the bit) as the search by data pointers does; a subset comes as a plain mapping."""
+    import types
+
+    from app.transport.local import Binding
+
+    gen = torch.Generator().manual_seed(0)
+    dtypes = [torch.float32, torch.float16, torch.float64]
+    shapes: list[list[int]] = [[3], [0], [2, 2], [5], [1]]
+    params = {f"p{i}": {"dtype": str(dtypes[i % 3]).removeprefix("torch."),
+                        "shape": shapes[i % 5]} for i in range(12)}
+    binding = Binding("s", types.SimpleNamespace(params=params, durability=durability))
+    try:
+        for name, slot in binding.grads.items():
+            slot.copy_(torch.randn(slot.shape, generator=gen).to(slot.dtype))
+        binding.grads["p3"].view(-1)[0] = math.nan
+        body = binding.gradients(list(params))
+        assert isinstance(body, BodyTensors) and body.header == binding.key and body.runs
+        for kind in ("poisoned", "clean"):
+            by_runs, by_pointers = TakenNorms(), TakenNorms()
+            named = Session.nonfinite_names(body, by_runs)
+            assert named == Session.nonfinite_names(dict(body), by_pointers)
+            assert named == (["p3"] if kind == "poisoned" else [])
+            assert norms_bits(by_runs) == norms_bits(by_pointers)
+            binding.grads["p3"].view(-1)[0] = 1.0
+            body = binding.gradients(list(params))
+        # the slots of one dtype lie end to end
+        by_dtype: dict[str, list[Any]] = {}
+        for slot in binding.slots:
+            by_dtype.setdefault(slot.dtype, []).append(slot)
+        for slots in by_dtype.values():
+            slots.sort(key=lambda slot: slot.grad)
+            assert all(b.grad == a.grad + a.nbytes for a, b in zip(slots, slots[1:]))
+        subset = binding.gradients(["p1", "p0"])
+        assert not isinstance(subset, BodyTensors) and list(subset) == ["p1", "p0"]
+        if durability == "step":  # a logged session's step sees its own copy
+            before = body["p0"].clone()
+            binding.grads["p0"].fill_(7.0)
+            assert torch.equal(body["p0"], before)
+    finally:
+        binding.close()
