@@ -16,7 +16,13 @@ Per shape (K tensors of S float32 each) and optimizer, median ms per step of:
   ``OPTSERVE_TORCH_THREADS=1``, durability ``memory``, every other setting its default,
   per-step metrics included), a plain ``httpx.Client`` posting safetensors with
   ``Accept: application/octet-stream`` (all K parameters come back);
-- ``optserve, metrics off``: the same with the session's ``"metrics": false``.
+- ``optserve, metrics off``: the same with the session's ``"metrics": false``;
+- ``new metadata``: the ``optserve`` client, each step's body carrying a new
+  ``__metadata__`` (a ``scalars`` loss, as the SDK sends one; a scheduler's options go the
+  same way): the tensor entries are the same, the header is not;
+- ``SDK same host``: ``optserve.RemoteOptimizer`` on that server (its same-host shared-memory
+  transport; session durability ``memory``), the gradients set on K ``torch.nn.Parameter`` s
+  and ``step()`` timed (the SDK's copies in and out included).
 
 The issue-9 target reads ``optserve <= 1.5 x (in-process + echo)``. The server's last answer
 is checked bitwise against the in-process run of the same gradients. Prints a markdown table.
@@ -92,6 +98,58 @@ def optserve(url: str, k: int, s: int, opt: str, reps: int, metrics: bool
     return ms, st_load(last[0])
 
 
+def with_metadata(url: str, k: int, s: int, opt: str, reps: int) -> float:
+    """The optserve client's step, each body with new ``__metadata__`` (a loss)."""
+    sid = f"meta-{k}x{s}-{opt}"
+    spec = OPTIMIZERS[opt]
+    body = {"id": sid, "optimizer": spec.name, "options": spec.options,
+            "params": {n: {"dtype": "float32", "shape": [s],
+                           "b64": base64.b64encode(t.numpy().tobytes()).decode()}
+                       for n, t in _tensors(k, s, 1).items()}}
+    grads = [_tensors(k, s, 2), _tensors(k, s, 3)]
+    bodies = [st_save(grads[i % 2], {"scalars": orjson.dumps({"loss": 1.0 / (i + 1)}).decode()})
+              for i in range(64)]
+    count = [0]
+    with httpx.Client(base_url=url, timeout=600) as http:
+        r = http.post("/v1/sessions", content=orjson.dumps(body),
+                      headers={"Content-Type": "application/json"})
+        assert r.status_code == 201, r.text[:500]
+
+        def step() -> None:
+            r = http.post(f"/v1/sessions/{sid}/step", content=bodies[count[0] % len(bodies)],
+                          headers={"Content-Type": BINARY, "Accept": BINARY})
+            assert r.status_code == 200, r.text[:500]
+            count[0] += 1
+
+        ms = median_ms(step, reps, warmup=3)
+        http.delete(f"/v1/sessions/{sid}")
+    return ms
+
+
+def sdk_same_host(url: str, k: int, s: int, opt: str, reps: int
+                  ) -> tuple[float, dict[str, torch.Tensor]]:
+    """``RemoteOptimizer.step()`` over the same-host transport."""
+    import optserve
+
+    spec = OPTIMIZERS[opt]
+    params = {n: torch.nn.Parameter(t.clone()) for n, t in _tensors(k, s, 1).items()}
+    grads = [_tensors(k, s, 2), _tensors(k, s, 3)]
+    count = [0]
+    with optserve.Client(url, transport="local") as client, optserve.RemoteOptimizer(
+            list(params.values()), optimizer=spec.name, client=client, durability="memory",
+            **spec.options) as remote:
+
+        def step() -> None:
+            g = grads[count[0] % 2]
+            for n, p in params.items():
+                p.grad = g[n]
+            remote.step()
+            count[0] += 1
+
+        ms = median_ms(step, reps, warmup=3)
+    return ms, {n: p.detach() for n, p in params.items()}
+
+
 def echo(url: str, k: int, s: int, reps: int) -> float:
     body = st_save(_tensors(k, s, 2))
     with httpx.Client(base_url=url, timeout=600) as http:
@@ -113,7 +171,7 @@ def main() -> None:
     shapes = [tuple(int(x) for x in spec.split("x")) for spec in args.shapes.split(",")]
     port = free_port()
     env = {"OPTSERVE_PORT": str(port), "OPTSERVE_TORCH_THREADS": "1",
-           "OPTSERVE_DURABILITY": "memory", "OPTSERVE_LOCAL_TRANSPORT": "0"}
+           "OPTSERVE_DURABILITY": "memory"}
     rows = []
     with server(app="benchmarks.echo_app:app") as echo_url, \
             server(env, command=[sys.executable, "-m", "app"], port=port) as url:
@@ -124,18 +182,23 @@ def main() -> None:
                 local_ms, want = in_process(k, s, opt, reps)
                 on_ms, got = optserve(url, k, s, opt, reps, True)
                 off_ms, _ = optserve(url, k, s, opt, reps, False)
-                # both ran 3 warm-up + reps steps of the same alternating gradients
-                same = all(torch.equal(got[n], want[n]) for n in want)
-                rows.append((k, s, opt, local_ms, echo_ms, on_ms, off_ms, same))
+                meta_ms = with_metadata(url, k, s, opt, reps)
+                sdk_ms, sdk_got = sdk_same_host(url, k, s, opt, reps)
+                # each ran 3 warm-up + reps steps of the same alternating gradients
+                same = all(torch.equal(got[n], want[n]) and torch.equal(sdk_got[n], want[n])
+                           for n in want)
+                rows.append((k, s, opt, local_ms, echo_ms, on_ms, off_ms, meta_ms, sdk_ms,
+                             same))
                 print(f"  {k}x{s} {opt}: in-process {local_ms:.2f}, echo {echo_ms:.2f}, "
-                      f"optserve {on_ms:.2f} (metrics off {off_ms:.2f})", flush=True)
+                      f"optserve {on_ms:.2f} (metrics off {off_ms:.2f}, new metadata "
+                      f"{meta_ms:.2f}), SDK same host {sdk_ms:.2f}", flush=True)
     print("\n| tensors x floats | optimizer | in-process | echo | optserve | metrics off | "
-          "optserve / (in-process + echo) | bitwise |")
-    print("|---|---|---|---|---|---|---|---|")
-    for k, s, opt, local_ms, echo_ms, on_ms, off_ms, same in rows:
+          "new metadata | SDK same host | optserve / (in-process + echo) | bitwise |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for k, s, opt, local_ms, echo_ms, on_ms, off_ms, meta_ms, sdk_ms, same in rows:
         print(f"| {k:,} x {s} | {opt} | {local_ms:.2f} | {echo_ms:.2f} | {on_ms:.2f} | "
-              f"{off_ms:.2f} | {on_ms / (local_ms + echo_ms):.2f} | "
-              f"{'ok' if same else 'DIFFERS'} |")
+              f"{off_ms:.2f} | {meta_ms:.2f} | {sdk_ms:.2f} | "
+              f"{on_ms / (local_ms + echo_ms):.2f} | {'ok' if same else 'DIFFERS'} |")
 
 
 if __name__ == "__main__":
