@@ -331,7 +331,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     dense.append((name, p, value))
             if dense:
                 torch._foreach_copy_([p for _, p, _ in dense],
-                                     [torch.as_tensor(v) for _, _, v in dense])
+                                     [v if type(v) is torch.Tensor else torch.as_tensor(v)
+                                      for _, _, v in dense])
             for name, p, _ in dense:
                 self._seen_version[name] = p._version
 
