@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import base64
 import sys
+from collections.abc import Callable
 
 import httpx
 import orjson
@@ -58,16 +59,23 @@ def in_process(k: int, s: int, opt: str, reps: int) -> tuple[float, dict[str, to
     grads = [_tensors(k, s, 2), _tensors(k, s, 3)]
     spec = OPTIMIZERS[opt]
     optimizer = getattr(torch.optim, spec.name)(list(params.values()), **spec.options)
+    return _grads_then(params, grads, optimizer.step, reps), params
+
+
+def _grads_then(params: dict[str, torch.Tensor], grads: list[dict[str, torch.Tensor]],
+                step: Callable[[], object], reps: int) -> float:
+    """Median ms of: set each parameter's ``.grad`` (the two gradient sets in turn), then
+    ``step()``."""
     count = [0]
 
-    def step() -> None:
+    def one() -> None:
         g = grads[count[0] % 2]
         for n, p in params.items():
             p.grad = g[n]
-        optimizer.step()
+        step()
         count[0] += 1
 
-    return median_ms(step, reps, warmup=3), params
+    return median_ms(one, reps, warmup=3)
 
 
 def optserve(url: str, k: int, s: int, opt: str, reps: int, metrics: bool
@@ -134,19 +142,10 @@ def sdk_same_host(url: str, k: int, s: int, opt: str, reps: int
     spec = OPTIMIZERS[opt]
     params = {n: torch.nn.Parameter(t.clone()) for n, t in _tensors(k, s, 1).items()}
     grads = [_tensors(k, s, 2), _tensors(k, s, 3)]
-    count = [0]
     with optserve.Client(url, transport="local") as client, optserve.RemoteOptimizer(
             list(params.values()), optimizer=spec.name, client=client, durability="memory",
             **spec.options) as remote:
-
-        def step() -> None:
-            g = grads[count[0] % 2]
-            for n, p in params.items():
-                p.grad = g[n]
-            remote.step()
-            count[0] += 1
-
-        ms = median_ms(step, reps, warmup=3)
+        ms = _grads_then(params, grads, remote.step, reps)  # type: ignore[arg-type]
     return ms, {n: p.detach() for n, p in params.items()}
 
 
