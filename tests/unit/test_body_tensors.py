@@ -422,7 +422,7 @@ def test_a_same_host_binding_hands_over_its_slots_as_a_known_layout(durability: 
                         "shape": shapes[i % 5]} for i in range(12)}
     binding = Binding("s", types.SimpleNamespace(params=params, durability=durability))
     try:
-        for name, slot in binding.grads.items():
+        for slot in binding.grads.values():
             slot.copy_(torch.randn(slot.shape, generator=gen).to(slot.dtype))
         binding.grads["p3"].view(-1)[0] = math.nan
         body = binding.gradients(list(params))
@@ -441,7 +441,7 @@ def test_a_same_host_binding_hands_over_its_slots_as_a_known_layout(durability: 
             by_dtype.setdefault(slot.dtype, []).append(slot)
         for slots in by_dtype.values():
             slots.sort(key=lambda slot: slot.grad)
-            assert all(b.grad == a.grad + a.nbytes for a, b in zip(slots, slots[1:]))
+            assert all(b.grad == a.grad + a.nbytes for a, b in zip(slots, slots[1:], strict=False))
         subset = binding.gradients(["p1", "p0"])
         assert not isinstance(subset, BodyTensors) and list(subset) == ["p1", "p0"]
         if durability == "step":  # a logged session's step sees its own copy
