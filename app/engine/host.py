@@ -78,7 +78,8 @@ from app.engine.store import Files, Store, StoreCorrupt
 from app.engine.worker import DeviceWorker, Observer
 from app.errors import Conflict, Invalid, NotFound, OptserveError, Unavailable
 from app.runtime import release_memory
-from app.wire.safetensors_body import forget_big_header, pack
+from app.wire.safetensors_body import pack
+from app.wire.safetensors_header import forget_big_header
 
 log = logging.getLogger("optserve.engine")
 T = TypeVar("T")

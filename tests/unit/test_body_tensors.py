@@ -242,18 +242,18 @@ def test_the_last_big_header_is_kept_and_each_body_still_read_as_its_own() -> No
     body with it is not parsed again, and reads its own values; a body cut short under it is
     still refused."""
     from app.errors import BadRequest
-    from app.wire import safetensors_body
+    from app.wire import safetensors_header
 
     names = [f"layer{i:05d}.weight" for i in range(6000)]
     first = bytearray(safetensors.torch.save({n: torch.full((1,), float(i))
                                               for i, n in enumerate(names)}))
     second = bytearray(safetensors.torch.save({n: torch.full((1,), -float(i))
                                                for i, n in enumerate(names)}))
-    assert safetensors_body.KEEP_HEADER < int.from_bytes(first[:8], "little")
-    safetensors_body._parsed_big_header.cache_clear()
+    assert safetensors_header.KEEP_HEADER < int.from_bytes(first[:8], "little")
+    safetensors_header._parsed_big_header.cache_clear()
     a, _ = read_safetensors(first)
     b, _ = read_safetensors(second)
-    assert safetensors_body._parsed_big_header.cache_info().hits == 1
+    assert safetensors_header._parsed_big_header.cache_info().hits == 1
     assert [float(a[n]) for n in names[:3]] == [0.0, 1.0, 2.0]
     assert [float(b[n]) for n in names[:3]] == [-0.0, -1.0, -2.0]
     with pytest.raises(BadRequest):
@@ -267,11 +267,11 @@ def test_an_idle_server_forgets_the_big_header() -> None:
     import time
 
     from app.engine import CreateSpec, embedded_engine
-    from app.wire import safetensors_body
+    from app.wire import safetensors_header
 
     read_safetensors(bytearray(safetensors.torch.save(
         {f"layer{i:05d}.weight": torch.ones(1) for i in range(6000)})))
-    assert safetensors_body._parsed_big_header.cache_info().currsize == 1
+    assert safetensors_header._parsed_big_header.cache_info().currsize == 1
 
     async def main() -> None:
         eng = embedded_engine("cpu")
@@ -280,37 +280,38 @@ def test_an_idle_server_forgets_the_big_header() -> None:
             await eng.create(CreateSpec("SGD", [GroupSpec({"w": torch.zeros(2)})],
                                         {"lr": 0.1}, id="s"))
             deadline = time.monotonic() + 15
-            while (safetensors_body._parsed_big_header.cache_info().currsize
+            while (safetensors_header._parsed_big_header.cache_info().currsize
                    and time.monotonic() < deadline):
                 await asyncio.sleep(0.2)
         finally:
             await eng.stop()
 
     asyncio.run(main())
-    assert safetensors_body._parsed_big_header.cache_info().currsize == 0
-    assert all(len(key) <= safetensors_body.KEEP_HEADER for key, _, _ in safetensors_body._layouts)
+    assert safetensors_header._parsed_big_header.cache_info().currsize == 0
+    kept = safetensors_header._layouts
+    assert all(len(key) <= safetensors_header.KEEP_HEADER for key, _, _ in kept)
 
 
 def test_new_metadata_with_every_step_keeps_the_checked_entries() -> None:
     """A client sends new ``__metadata__`` with every step (a scheduler's options, a loss):
     the tensor entries are still checked once, and a session knows the next body."""
-    from app.wire import safetensors_body
+    from app.wire import safetensors_header
 
-    safetensors_body.forget_headers()
+    safetensors_header.forget_headers()
     checked: list[bytes] = []
-    real = safetensors_body._check_entries
+    real = safetensors_header._check_entries
 
     def spy(key: bytes, *args: Any) -> Any:
         checked.append(key)
         return real(key, *args)
 
     tensors = {"w": torch.randn(2, 3), "b": torch.randn(3)}
-    safetensors_body._check_entries = spy  # type: ignore[assignment]
+    safetensors_header._check_entries = spy  # type: ignore[assignment]
     try:
         read = [read_safetensors(bytearray(safetensors.torch.save(
             tensors, {"scalars": json.dumps({"loss": 1.0 / (i + 1)})}))) for i in range(3)]
     finally:
-        safetensors_body._check_entries = real  # type: ignore[assignment]
+        safetensors_header._check_entries = real  # type: ignore[assignment]
     assert len(checked) == 1
     assert [json.loads(meta["scalars"])["loss"] for _, meta in read] == [1.0, 0.5, 1.0 / 3]
     bodies = [body for body, _ in read]
@@ -363,11 +364,11 @@ def headers_with_metadata(draw: st.DrawFn) -> tuple[bytes, int]:
 
 def _parse_outcome(header: bytes, data_len: int) -> Any:
     from app.errors import OptserveError
-    from app.wire import safetensors_body
+    from app.wire import safetensors_header
 
-    safetensors_body.forget_headers()
+    safetensors_header.forget_headers()
     try:
-        parsed = safetensors_body._parse_header(header, data_len, "body")
+        parsed = safetensors_header._parse_header(header, data_len, "body")
     except OptserveError as exc:
         return ("error", type(exc).__name__, exc.code, exc.field, str(exc))
     layout = parsed.layout
@@ -381,26 +382,26 @@ def test_a_header_split_at_its_metadata_parses_as_the_whole(case: tuple[bytes, i
     entries (a client sending new metadata each step then sends the same entries, kept
     checked). Split or parsed whole, every header gives the same entries and metadata, or the
     same error."""
-    from app.wire import safetensors_body
+    from app.wire import safetensors_header
 
     header, data_len = case
     split = _parse_outcome(header, data_len)
-    real = safetensors_body._metadata_first
-    safetensors_body._metadata_first = lambda header: None  # type: ignore[assignment]
+    real = safetensors_header._metadata_first
+    safetensors_header._metadata_first = lambda header: None  # type: ignore[assignment]
     try:
         whole = _parse_outcome(header, data_len)
     finally:
-        safetensors_body._metadata_first = real  # type: ignore[assignment]
-        safetensors_body.forget_headers()
+        safetensors_header._metadata_first = real  # type: ignore[assignment]
+        safetensors_header.forget_headers()
     assert split == whole
 
 
 def test_a_header_opening_with_metadata_is_split_there() -> None:
-    from app.wire import safetensors_body
+    from app.wire import safetensors_header
 
     buf = safetensors.torch.save({"w": torch.ones(2)}, {"scalars": '{"loss": 0.5}'})
     header = buf[8:8 + int.from_bytes(buf[:8], "little")]
-    found = safetensors_body._metadata_first(header)
+    found = safetensors_header._metadata_first(header)
     assert found is not None and found[0] == {"scalars": '{"loss": 0.5}'}
     assert json.loads(found[1]) == {k: v for k, v in json.loads(header).items()
                                     if k != "__metadata__"}

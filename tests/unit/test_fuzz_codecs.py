@@ -297,16 +297,16 @@ def test_the_header_fast_path_answers_as_the_full_checks(buf: bytes) -> None:
     fast path off (no dtype known to it) every entry takes the full checks. Both must accept
     the same files with the same tensors, and refuse the same files with the same error.
     Kept headers are forgotten between the two reads."""
-    from app.wire import safetensors_body
+    from app.wire import safetensors_header
 
-    safetensors_body.forget_headers()
+    safetensors_header.forget_headers()
     fast = _outcome(buf)
-    safetensors_body.forget_headers()
-    known = dict(safetensors_body._ST_DTYPES)
-    safetensors_body._ST_DTYPES.clear()
+    safetensors_header.forget_headers()
+    known = dict(safetensors_header._ST_DTYPES)
+    safetensors_header._ST_DTYPES.clear()
     try:
         full = _outcome(buf)
     finally:
-        safetensors_body._ST_DTYPES.update(known)
-        safetensors_body.forget_headers()
+        safetensors_header._ST_DTYPES.update(known)
+        safetensors_header.forget_headers()
     assert fast == full
