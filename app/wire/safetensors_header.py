@@ -108,10 +108,17 @@ def _json_object(raw: bytes, field: str) -> dict[str, Any]:
 
 
 #: a header that opens with its ``__metadata__`` object of strings, as safetensors' writers
-#: put it (matched within its first META_FIRST_WINDOW bytes)
+#: put it (matched within its first META_FIRST_WINDOW bytes). Every quantifier is possessive
+#: and every token starts with a byte the one before cannot take: a hostile header is matched
+#: or refused in one pass, with no backtracking (an optional comma with whitespace on both
+#: sides of a pair once made "x":"y" "x":"y" ... take exponential time)
+_WS = rb"[ \t\n\r]*+"  # JSON's whitespace, no other
+_STR = rb'"(?:[^"\\]++|\\.)*+"'
+_PAIR = _STR + _WS + rb":" + _WS + _STR + _WS
 _META_FIRST = re.compile(
-    rb'\{_*"__metadata__"_*:_*(\{(?:_*"(?:[^"\\]|\\.)*"_*:_*"(?:[^"\\]|\\.)*"_*,?)*_*\})_*,'
-    .replace(b"_*", b"[ \t\n\r]*"), re.S)  # (JSON's whitespace, no other)
+    rb"\{" + _WS + rb'"__metadata__"' + _WS + rb":" + _WS
+    + rb"(\{" + _WS + rb"(?:" + _PAIR + rb"(?:," + _WS + _PAIR + rb")*+)?+\})"
+    + _WS + rb",")
 META_FIRST_WINDOW = 64 * 1024
 
 

@@ -451,3 +451,33 @@ def test_a_same_host_binding_hands_over_its_slots_as_a_known_layout(durability: 
             assert torch.equal(body["p0"], before)
     finally:
         binding.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("shape", ["pairs without commas", "pairs and no end", "escapes",
+                                   "whitespace", "spaces around commas", "braces"])
+def test_a_hostile_header_is_split_or_refused_in_one_pass(shape: str) -> None:
+    """Headers made to make a backtracking matcher take exponential time (an optional comma
+    with whitespace on both sides once did, on "x":"y" "x":"y" ...) are read as the whole parse
+    reads them, and promptly: this test fails by its timeout if the split backtracks."""
+    from app.wire import safetensors_header
+
+    head = b'{"__metadata__":'
+    body = {
+        "pairs without commas": b'{' + b'"a":"b" ' * 40 + b'x',  # (no end: no match)
+        "pairs and no end": b'{' + b'"a":"b",' * 4000,
+        "escapes": b'{"a":"' + b'\\"' * 20000,
+        "whitespace": b' ' * 50000 + b'{}, "t":{}}',
+        "spaces around commas": b'{' + b'"a":"b"   ,   ' * 3000 + b'"c":"d"   }   ,   "t":{}}',
+        "braces": b'{' * 30000,
+    }[shape]
+    header = head + body
+    split = _parse_outcome(header, 0)
+    real = safetensors_header._metadata_first
+    safetensors_header._metadata_first = lambda header: None  # type: ignore[assignment]
+    try:
+        whole = _parse_outcome(header, 0)
+    finally:
+        safetensors_header._metadata_first = real  # type: ignore[assignment]
+        safetensors_header.forget_headers()
+    assert split == whole
