@@ -625,9 +625,8 @@ class BlockPlan:
 
     tensors: list[torch.Tensor]
     ptrs: list[int]
-    #: data pointer and bytes of the span they tile
-    start: int
-    nbytes: int
+    #: the span they tile, as one flat uint8 view
+    flat: torch.Tensor
     #: the views of the copy (:func:`app.wire.safetensors_body.view_plan`), and their
     #: header entries
     views: tuple[Any, ...]
@@ -655,10 +654,11 @@ class BlockPlan:
             if n and (t.data_ptr() != pos or not t.is_contiguous()):  # (empty: ptr 0)
                 return None
             pos += n
-        if span_bytes(first, start, pos - start) is None:
+        flat = span_bytes(first, start, pos - start)
+        if flat is None:
             return None
         layout = [(names[i], tensors[i].dtype, tensors[i].shape) for i in order]
-        return cls(tensors, [t.data_ptr() for t in tensors], start, pos - start,
+        return cls(tensors, [t.data_ptr() for t in tensors], flat,
                    view_plan(layout, [tensors[i].numel() for i in order]),
                    header_entries(layout))
 
@@ -668,12 +668,9 @@ class BlockPlan:
                 and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs)
 
     def pack(self) -> PackedTensors:
-        first = next(t for t in self.tensors if t.data_ptr() == self.start and t.nbytes)
-        flat = span_bytes(first, self.start, self.nbytes)
-        assert flat is not None  # (checked when made; the tensors have not moved since)
-        cuda = first.is_cuda
-        base = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=cuda)
-        base.copy_(flat, non_blocking=cuda)
+        cuda = self.flat.is_cuda
+        base = torch.empty(self.flat.numel(), dtype=torch.uint8, pin_memory=cuda)
+        base.copy_(self.flat, non_blocking=cuda)
         if cuda:
             torch.cuda.current_stream().synchronize()
         return PackedTensors.deferred(base, self.views, self.entries)

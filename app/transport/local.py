@@ -50,6 +50,7 @@ from app.engine.session import check_session_id
 from app.errors import BadRequest, Invalid, NotFound, OptserveError
 from app.wire.dtypes import TORCH_DTYPES
 from app.wire.safetensors_body import BodyTensors
+from app.wire.safetensors_header import plan_pieces
 
 log = logging.getLogger("optserve.local")
 T = TypeVar("T")
@@ -123,9 +124,14 @@ class Binding:
         #: every gradient slot, in order, and the bytes they lie in (the segment's first
         #: part), with the private copy of those bytes a logged session's steps use
         self.names = [s.name for s in self.slots]
-        self.slots_by_name = {s.name: s for s in self.slots}
         self.grad_bytes = base[:grads_end]
         self.private_bytes: torch.Tensor | None = None
+        #: the gradient slots as a body's tensors are planned (runs of one dtype laid end to
+        #: end: app.wire.safetensors_header.plan_pieces), and the runs over each buffer
+        self.pieces = plan_pieces(
+            sorted((s.grad, s.grad + s.nbytes, s.name) for s in self.slots),
+            {s.name: (TORCH_DTYPES[s.dtype], tuple(s.shape), s.nbytes // TORCH_DTYPES[
+                s.dtype].itemsize) for s in self.slots})
         self._kept_runs: dict[int, tuple[tuple[torch.Tensor, tuple[str, ...]], ...]] = {}
         #: the slots' names, dtypes and shapes (BodyTensors.header of every slot's gradients)
         self.key = b"local:" + orjson.dumps([[s.name, s.dtype, s.shape] for s in self.slots])
@@ -151,32 +157,23 @@ class Binding:
             return {n: held[n] for n in names}
         out = BodyTensors(held)
         out.header = self.key
-        out.runs = self._runs(self.private_bytes if self.logged else self.grad_bytes)
+        out.runs = self._runs(self.held_bytes())
         return out
 
-    def _runs(self, raw: torch.Tensor | None) -> tuple[tuple[torch.Tensor, tuple[str, ...]], ...]:
-        """The runs of slots of one dtype laid end to end in ``raw`` (the gradient bytes or
-        their copy), made once per buffer."""
-        assert raw is not None
+    def held_bytes(self) -> torch.Tensor:
+        """The bytes a step's gradients are read from: the segment's, or a logged session's
+        copy of them (made by :meth:`gradients`)."""
+        held = self.private_bytes if self.logged else self.grad_bytes
+        assert held is not None
+        return held
+
+    def _runs(self, raw: torch.Tensor) -> tuple[tuple[torch.Tensor, tuple[str, ...]], ...]:
+        """The runs of :attr:`pieces` as views of ``raw``, made once per buffer."""
         kept = self._kept_runs.get(raw.data_ptr())
         if kept is None:
-            runs: list[tuple[torch.Tensor, tuple[str, ...]]] = []
-            start, end = 0, 0
-            names: list[str] = []
-            for s in [*sorted(self.slots, key=lambda slot: slot.grad), None]:
-                if s is not None and s.nbytes == 0:
-                    continue
-                if names and (s is None or s.dtype != self.slots_by_name[names[0]].dtype
-                              or s.grad != end):
-                    dtype = TORCH_DTYPES[self.slots_by_name[names[0]].dtype]
-                    runs.append((raw[start:end].view(dtype), tuple(names)))
-                    names = []
-                if s is not None:
-                    if not names:
-                        start = s.grad
-                    names.append(s.name)
-                    end = s.grad + s.nbytes
-            kept = self._kept_runs[raw.data_ptr()] = tuple(runs)
+            kept = self._kept_runs[raw.data_ptr()] = tuple(
+                (raw[begin:end].view(dtype), names)
+                for begin, end, dtype, names, numels, _ in self.pieces if numels is not None)
         return kept
 
     def digest(self, names: list[str], grads: dict[str, torch.Tensor]) -> str:
@@ -184,9 +181,7 @@ class Binding:
         bytes at once when it takes every slot, in order (the bytes between slots are never
         written by a client that follows the layout), else of each gradient."""
         if names == self.names:
-            held = self.private_bytes if self.logged else self.grad_bytes
-            assert held is not None  # (gradients() made it)
-            return f"all={body_digest(held.numpy().data)}"
+            return f"all={body_digest(self.held_bytes().numpy().data)}"
         return ";".join(f"{n}={body_digest(grads[n].view(-1).view(torch.uint8).numpy().data)}"
                         for n in names)
 

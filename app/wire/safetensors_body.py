@@ -51,8 +51,7 @@ def read_safetensors(
     data_len = len(buf) - data_start
     header = bytes(buf[8:data_start])
     with gc_paused() if n >= PAUSE_GC_HEADER else contextlib.nullcontext():
-        parsed = checked_header(header, data_len, field)
-        layout = parsed.layout
+        layout, metadata = checked_header(header, data_len, field)
         writable = isinstance(buf, bytearray) or (isinstance(buf, memoryview)
                                                   and not buf.readonly)
         view = memoryview(buf)[data_start:]
@@ -65,7 +64,7 @@ def read_safetensors(
         out.header, out.layout = layout.key, layout
         if base is not None and layout.all_in_runs:
             out.runs = tuple(runs)
-        return out, dict(parsed.metadata)
+        return out, dict(metadata)
 
 
 def _make_tensors(parsed: HeaderLayout, base: torch.Tensor | None, view: memoryview,

@@ -42,12 +42,9 @@ Piece = tuple[int, int, torch.dtype, tuple[str, ...], list[int] | None,
                list[tuple[int, ...]] | None]
 
 
-@dataclass(frozen=True)
-class Parsed:
-    """A checked header (nothing in it may be changed: ``_parsed_header`` keeps it)."""
-
-    layout: HeaderLayout
-    metadata: dict[str, str]
+#: a checked header: its tensor entries and its ``__metadata__`` (nothing in it may be
+#: changed: ``_parsed_header`` keeps it)
+Parsed = tuple["HeaderLayout", dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -82,8 +79,7 @@ def _parse_header(header: bytes, data_len: int, field: str) -> Parsed:
     split = _metadata_first(header)
     if split is not None:  # the entries are not parsed at all when they are kept
         metadata, rest = split
-        return Parsed(_kept_layout(rest, data_len, field, lambda: _json_object(rest, field)),
-                       metadata)
+        return _kept_layout(rest, data_len, field, lambda: _json_object(rest, field)), metadata
     parsed = _json_object(header, field)
     metadata_raw = parsed.pop("__metadata__", {})
     if not isinstance(metadata_raw, dict) or not all(
@@ -91,8 +87,7 @@ def _parse_header(header: bytes, data_len: int, field: str) -> Parsed:
     ):
         raise BadRequest("safetensors __metadata__ must map strings to strings",
                          code="invalid_safetensors", field=f"{field}.__metadata__")
-    return Parsed(_kept_layout(orjson.dumps(parsed), data_len, field, lambda: parsed),
-                   metadata_raw)
+    return _kept_layout(orjson.dumps(parsed), data_len, field, lambda: parsed), metadata_raw
 
 
 def _json_object(raw: bytes, field: str) -> dict[str, Any]:
@@ -221,14 +216,14 @@ def _check_entries(key: bytes, parsed: dict[str, Any], data_len: int, field: str
     if pos != data_len:
         raise BadRequest(f"{data_len - pos} bytes after the last tensor",
                          code="invalid_safetensors", field=field)
-    plan = _plan(spans, entries)
+    plan = plan_pieces(spans, entries)
     return HeaderLayout(key, tuple(spans), entries, plan,
                    [name for piece in plan for name in piece[3]] == list(entries),
                    all(numels is not None or begin == end
                        for begin, end, _, _, numels, _ in plan))
 
 
-def _plan(spans: list[tuple[int, int, str]],
+def plan_pieces(spans: Sequence[tuple[int, int, str]],
           entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]]) -> tuple[Piece, ...]:
     """The tensors as :data:`Piece` s: tensors of one dtype laid end to end, each at an
     offset its dtype can view, make one run. An empty tensor is made alone (it holds no

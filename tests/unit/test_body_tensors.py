@@ -368,11 +368,10 @@ def _parse_outcome(header: bytes, data_len: int) -> Any:
 
     safetensors_header.forget_headers()
     try:
-        parsed = safetensors_header._parse_header(header, data_len, "body")
+        layout, metadata = safetensors_header._parse_header(header, data_len, "body")
     except OptserveError as exc:
         return ("error", type(exc).__name__, exc.code, exc.field, str(exc))
-    layout = parsed.layout
-    return ("ok", layout.spans, list(layout.entries.items()), layout.plan, parsed.metadata)
+    return ("ok", layout.spans, list(layout.entries.items()), layout.plan, metadata)
 
 
 @settings(max_examples=400, deadline=None)

@@ -74,7 +74,11 @@ class Step(Operation):
     workers: list[str] | None = None
 
     def check(self, s: Session) -> StepPlan:
-        s.check_tensors(self.grads, "grads", self.upcast, sparse_ok=True)
+        # a body whose header the session has checked: no per-tensor checks, the gradients
+        # as they are (on its device, in its dtypes), every name a parameter's
+        known = s.known_body(self.grads)
+        if not known:
+            s.check_tensors(self.grads, "grads", self.upcast, sparse_ok=True)
         self.scalars = metrics.check_scalars(self.scalars) or None
         if self.time is None:
             self.time = time.time()
@@ -87,8 +91,8 @@ class Step(Operation):
         if lr_div is not None and not (math.isfinite(lr_div) and lr_div >= 1.0):
             raise Invalid("lr_div must be a finite number >= 1", code="invalid_option",
                           field="lr_div")
-        grads = s.on_device(self.grads)
-        total = grads if not s.accum and s.known_body(grads) else self._total(s, grads)
+        grads = self.grads if known else s.on_device(self.grads)
+        total = grads if known and not s.accum else self._total(s, grads)
         sparse.check_optimizer_takes(s, total)
         norms = TakenNorms()
         bad = s.nonfinite_names(total, norms if s.metrics_on else None)
