@@ -147,9 +147,10 @@ async def step(session_id: SessionId, request: Request) -> Response:
             options = parse.step_options(fields.get("param_groups"))
             idem = await idempotency(request, buf)
             # a binary answer of every parameter can be written over the spent gradients
+            # (narrowed ones too, over narrow gradients: the engine checks each dtype)
             in_place = (answer_in_place(grads, buf) if binary and returned is True
-                        and body_kind(request) == "binary" and not query.upcast
-                        and query.params_dtype is None else None)
+                        and body_kind(request) == "binary"
+                        and (query.params_dtype is not None or not query.upcast) else None)
         result = await engine.step(session_id, grads, return_params=returned,
                                    worker=worker, base_version=base, tenant=tenant, idem=idem,
                                    options=options, upcast=query.upcast,

@@ -792,7 +792,7 @@ class EmbeddedHost:
         for k in keys:
             s.idem.remember(k.key, k.fingerprint, answer)
         if isinstance(result, StepResult):
-            if params_into is not None and params_into.keys() == s.params.keys():
+            if params_into is not None and s.fits_answer(params_into, params_dtype):
                 if written is not None:  # the views may be the request body the record is
                     written()            # being written from: overwrite it only after that
                 result.params = s.copy_params_into(params_into)

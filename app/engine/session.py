@@ -493,6 +493,21 @@ class Session:
                     view.copy_(self.params[name])
         return dest
 
+    def fits_answer(self, dest: Tensors, dtype: torch.dtype | None = None) -> bool:
+        """Whether ``dest`` (views the caller owns, e.g. a spent request body) can take every
+        parameter as :meth:`pack_params` would send it: the same names and shapes, and each
+        in its parameter's dtype, or narrowed to ``dtype`` where that is narrower."""
+        if dest.keys() != self.params.keys():
+            return False
+        if dtype is None:  # gradients checked in their parameters' dtypes and shapes
+            return True
+        for name, p in self.params.items():
+            t = dest[name]
+            want = dtype if p.element_size() > dtype.itemsize else p.dtype
+            if t.dtype != want or t.shape != p.shape:
+                return False
+        return True
+
     def pack_params(self, names: list[str] | None = None,
                     dtype: torch.dtype | None = None) -> PackedTensors:
         """CPU copies later steps cannot change, packed in one buffer (one copy in all, and
