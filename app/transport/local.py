@@ -47,7 +47,7 @@ from app.api.requests import step_options
 from app.engine.idempotency import check_key
 from app.engine.interface import Engine, IdemKey, SessionInfo, json_floats
 from app.engine.session import check_session_id
-from app.errors import BadRequest, Invalid, NotFound, OptserveError
+from app.errors import BadRequest, Invalid, NotFound, OptserveError, TooMany
 from app.wire.dtypes import TORCH_DTYPES
 from app.wire.safetensors_body import BodyTensors
 from app.wire.safetensors_header import plan_pieces
@@ -57,6 +57,10 @@ T = TypeVar("T")
 PROTOCOL = 1
 _HEAD = struct.Struct("<I")
 MAX_FRAME = 16 * 1024 * 1024
+#: sessions one connection may hold bound at once (each binding holds a segment and its file
+#: descriptor: a client that binds without unbinding would otherwise run the server out of
+#: descriptors)
+MAX_BINDINGS = 64
 ALIGN = 64
 
 
@@ -399,6 +403,10 @@ class _Connection(threading.Thread):
         engine, tenant = self.transport.engine, self.tenant
         if op == "bind":
             session_id = check_session_id(m.get("session"))
+            if len(self.bindings) >= MAX_BINDINGS:
+                raise TooMany(f"at most {MAX_BINDINGS} sessions may be bound on one "
+                              "connection; unbind one first", code="too_many_bindings",
+                              field="session", limit=MAX_BINDINGS)
             info = self.transport.call(engine.describe(session_id, tenant=tenant))
             binding = Binding(session_id, info)
             number = self.next_binding

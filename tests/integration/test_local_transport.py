@@ -283,3 +283,59 @@ def test_a_logged_sessions_gradients_are_copied_out_of_the_segment(durability: s
             assert torch.isnan(got["w"]).all().item() == (durability == "memory"), round_
     finally:
         binding.close()
+
+
+def test_bindings_per_connection_are_bounded(keyed_server: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection holds at most MAX_BINDINGS segments (each one a file descriptor on the
+    server): one more bind is a 429 problem naming the limit, and unbinding one makes room."""
+    from app.transport import local
+
+    monkeypatch.setattr(local, "MAX_BINDINGS", 3)
+    path = socket_path(keyed_server)
+    with optserve.Client(keyed_server, api_key=KEY_A, transport="http") as a:
+        sid = a.create_session(optimizer="SGD", options={"lr": 1.0},
+                               params={"x": torch.zeros(8)}).id
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        assert frames(s, {"op": "hello", "key": KEY_A})["ok"] is True
+        numbers = [frames(s, {"op": "bind", "session": sid})["binding"] for _ in range(3)]
+        answer = frames(s, {"op": "bind", "session": sid})
+        problem = answer["problem"]
+        assert answer["ok"] is False and isinstance(problem, dict)
+        assert problem["status"] == 429 and problem["code"] == "too_many_bindings"
+        assert problem["field"] == "session" and problem["limit"] == 3
+        assert frames(s, {"op": "unbind", "binding": numbers[0]})["ok"] is True
+        assert frames(s, {"op": "bind", "session": sid})["ok"] is True
+
+
+def test_the_sdk_steps_over_http_past_the_limit_and_deleting_unbinds(
+        keyed_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sessions past the server's limit of bindings step over HTTP (equal to torch, without
+    asking for a binding again each step); deleting a session lets go of its segment at once,
+    and frees a place for the next."""
+    from app.transport import local
+
+    monkeypatch.setattr(local, "MAX_BINDINGS", 2)
+    p0 = torch.randn(50, generator=torch.Generator().manual_seed(5))
+    grads = [torch.randn(50, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    with optserve.Client(keyed_server, api_key=KEY_A, transport="auto") as c:
+        sids = [c.create_session(optimizer="Adam", options={"lr": 1e-2},
+                                 params={"p": p0}).id for _ in range(3)]
+        for sid in sids:
+            for g in grads:
+                out = c.step(sid, {"p": g})
+            assert out.params is not None
+            assert torch.equal(out.params["p"], local_adam(p0, grads)), sid
+        channel = c._local
+        assert channel is not None
+        assert set(channel._bindings) == set(sids[:2]) and channel._refused == {sids[2]}
+        segment = f"memfd:optserve-{sids[0]}"
+        assert any(segment in fd for fd in open_fds())  # the server holds it
+        c.delete_session(sids[0])
+        assert not any(segment in fd for fd in open_fds())
+        assert set(channel._bindings) == {sids[1]} and not channel._refused
+        c.step(sids[2], {"p": grads[0]})  # now through shared memory
+        assert set(channel._bindings) == {sids[1], sids[2]}
+        got = c.get_params(sids[2]).params["p"]
+        assert torch.equal(got, local_adam(p0, [*grads, grads[0]]))

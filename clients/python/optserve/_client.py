@@ -267,8 +267,12 @@ class Client(SyncAPIClient):
         return self._request(_api.get_session(id))
 
     def delete_session(self, id: str) -> None:
-        """``DELETE /v1/sessions/{id}``."""
-        self._request(_api.delete_session(id))
+        """``DELETE /v1/sessions/{id}`` (and its shared segment, when it was bound)."""
+        try:
+            self._request(_api.delete_session(id))
+        finally:
+            if self._local is not None:
+                self._local.release(id)
 
     # ------------------------------------------------------------------ training
     def step(

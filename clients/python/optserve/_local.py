@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from ._exceptions import make_status_error
+from ._exceptions import APIStatusError, make_status_error
 from ._tensors import TensorLike
 
 _HEAD = struct.Struct("<I")
@@ -84,6 +84,8 @@ class LocalChannel:
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._bindings: dict[str, Binding] = {}
+        #: sessions the server would not bind (its limit of bindings per connection)
+        self._refused: set[str] = set()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ connection
@@ -106,6 +108,7 @@ class LocalChannel:
         for binding in self._bindings.values():
             binding.close()
         self._bindings.clear()
+        self._refused.clear()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -152,7 +155,17 @@ class LocalChannel:
         found = self._bindings.get(session_id)
         if found is not None:
             return found
-        answer, fds = self.call({"op": "bind", "session": session_id})
+        if session_id in self._refused:
+            raise LocalUnavailable("the server holds as many bindings as it allows")
+        try:
+            answer, fds = self.call({"op": "bind", "session": session_id})
+        except APIStatusError as exc:
+            if exc.problem.get("code") == "too_many_bindings":
+                # this session goes over HTTP (without asking again each step) until a
+                # binding of this connection is let go
+                self._refused.add(session_id)
+                raise LocalUnavailable(str(exc.problem.get("detail"))) from None
+            raise
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
@@ -168,9 +181,16 @@ class LocalChannel:
         self._bindings[session_id] = binding
         return binding
 
+    def release(self, session_id: str) -> None:
+        """Unbind a session (deleted, or no longer stepped here): the server and this
+        process let go of its segment now, not when the connection closes."""
+        with self._lock:
+            self.forget(session_id)
+
     def forget(self, session_id: str) -> None:
         binding = self._bindings.pop(session_id, None)
         if binding is not None:
+            self._refused.clear()
             try:
                 self.call({"op": "unbind", "binding": binding.number})
             except Exception:  # noqa: BLE001 - the connection may be gone; nothing to free
