@@ -34,7 +34,7 @@ import socket
 import struct
 import tempfile
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,6 +44,7 @@ import torch
 
 from app.api.conditions import body_digest
 from app.api.requests import step_options
+from app.engine import ps
 from app.engine.idempotency import check_key
 from app.engine.interface import Engine, IdemKey, SessionInfo, json_floats
 from app.engine.session import check_session_id
@@ -201,6 +202,21 @@ class Binding:
         except BufferError:  # a view is still referenced somewhere: the GC frees it later
             pass
         os.close(self.fd)
+
+
+def _text(m: dict[str, Any], name: str, check: Callable[[str], str]) -> str | None:
+    """A message's optional string field, checked as its HTTP header is (the problem names
+    the message's field)."""
+    value = m.get(name)
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, str):
+            check("")  # (the header's own problem: what the value must be)
+        return check(value)
+    except Invalid as exc:
+        exc.field = name
+        raise
 
 
 def _nbytes(dtype: str, shape: list[int]) -> int:
@@ -402,7 +418,9 @@ class _Connection(threading.Thread):
             raise OptserveError("say hello (with the API key) first", code="unauthorized")
         engine, tenant = self.transport.engine, self.tenant
         if op == "bind":
-            session_id = check_session_id(m.get("session"))
+            session_id = _text(m, "session", check_session_id)
+            if session_id is None:
+                raise Invalid("bind names a session", code="invalid_message", field="session")
             if len(self.bindings) >= MAX_BINDINGS:
                 raise TooMany(f"at most {MAX_BINDINGS} sessions may be bound on one "
                               "connection; unbind one first", code="too_many_bindings",
@@ -414,6 +432,9 @@ class _Connection(threading.Thread):
             self.bindings[number] = binding
             fds.append(binding.fd)
             return {"ok": True, "binding": number, **binding.layout}
+        if op not in ("unbind", "step", "pull"):
+            raise BadRequest(f"unknown operation {op!r:.40}", code="invalid_message",
+                             field="op")
         binding = self._binding(m.get("binding"))
         if op == "unbind":
             self.bindings.pop(int(m["binding"])).close()
@@ -442,23 +463,28 @@ class _Connection(threading.Thread):
         if unknown:
             raise Invalid(f"{unknown[0]!r:.80} has no slot in this binding (bind again after "
                           "add_param_group)", code="unknown_parameter", field="grads")
+        returned = m.get("return", "params")
+        if returned not in ("params", "none"):
+            raise Invalid("return must be \"params\" or \"none\"", code="invalid_message",
+                          field="return")
+        want = returned == "params"
+        key = _text(m, "idempotency_key", check_key)
+        worker = _text(m, "worker", ps.check_worker)
+        base = m.get("base_version")
+        if base is not None and type(base) is not int:
+            raise Invalid("base_version must be an integer (the version the gradients were "
+                          "computed from)", code="invalid_base_version", field="base_version")
         grads = binding.gradients(names)
-        want = m.get("return", "params") == "params"
         idem = None
-        key = m.get("idempotency_key")
         if key is not None:
-            check_key(str(key))
             digest = binding.digest(names, grads)
             meta = orjson.dumps({k: m.get(k) for k in ("base_version", "worker",
                                                        "param_groups", "scalars")}).decode()
-            idem = IdemKey(str(key), f"local step {binding.session_id} {meta} {digest}")
+            idem = IdemKey(key, f"local step {binding.session_id} {meta} {digest}")
         options = step_options(m.get("param_groups"))
-        worker = m.get("worker")
-        base = m.get("base_version")
         result = self.transport.call(self.transport.engine.step(
             binding.session_id, grads, return_params=want, tenant=self.tenant or "",
-            worker=None if worker is None else str(worker),
-            base_version=None if base is None else int(base), idem=idem, options=options,
+            worker=worker, base_version=base, idem=idem, options=options,
             params_into=binding.params if want else None, scalars=m.get("scalars")))
         if want and result.params is not None and result.params is not binding.params:
             with torch.no_grad():  # a sync round's parameters come back packed

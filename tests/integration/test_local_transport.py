@@ -339,3 +339,47 @@ def test_the_sdk_steps_over_http_past_the_limit_and_deleting_unbinds(
         assert set(channel._bindings) == {sids[1], sids[2]}
         got = c.get_params(sids[2]).params["p"]
         assert torch.equal(got, local_adam(p0, [*grads, grads[0]]))
+
+
+@pytest.mark.parametrize(("message", "status", "code", "field"), [
+    ({"base_version": "abc"}, 422, "invalid_base_version", "base_version"),
+    ({"base_version": [1]}, 422, "invalid_base_version", "base_version"),
+    ({"base_version": 1.5}, 422, "invalid_base_version", "base_version"),
+    ({"base_version": True}, 422, "invalid_base_version", "base_version"),
+    ({"worker": {"a": 1}}, 422, "invalid_worker", "worker"),
+    ({"worker": "bad worker"}, 422, "invalid_worker", "worker"),
+    ({"idempotency_key": 7}, 422, "invalid_idempotency_key", "idempotency_key"),
+    ({"return": 5}, 422, "invalid_message", "return"),
+    ({"grads": "x"}, 422, "invalid_message", "grads"),
+    ({"grads": ["nope"]}, 422, "unknown_parameter", "grads"),
+    ({"op": 7}, 400, "invalid_message", "op"),
+    ({"op": "bind", "session": 5}, 422, "invalid_id", "session"),
+    ({"op": "bind"}, 422, "invalid_message", "session"),
+    ({"binding": "1"}, 404, "unknown_binding", "binding"),
+])
+def test_a_malformed_message_is_a_problem_naming_its_field_and_changes_nothing(
+        keyed_server: str, message: dict[str, object], status: int, code: str,
+        field: str) -> None:
+    """Every malformed socket message is answered with a 4xx problem naming the message's
+    field (never a 500); the session is unchanged: the next valid step equals torch's first."""
+    path = socket_path(keyed_server)
+    p0 = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(8, generator=torch.Generator().manual_seed(2))
+    with optserve.Client(keyed_server, api_key=KEY_A, transport="http") as a:
+        sid = a.create_session(optimizer="Adam", options={"lr": 1e-2}, params={"x": p0}).id
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        assert frames(s, {"op": "hello", "key": KEY_A})["ok"] is True
+        bound = frames(s, {"op": "bind", "session": sid})
+        assert bound["ok"] is True
+        answer = frames(s, {"op": "step", "binding": bound["binding"], "grads": ["x"],
+                            **message})
+        problem = answer.get("problem")
+        assert answer["ok"] is False and isinstance(problem, dict), answer
+        assert (problem["status"], problem["code"], problem.get("field")) == (status, code,
+                                                                              field)
+    with optserve.Client(keyed_server, api_key=KEY_A, transport="http") as a:
+        info = a.get_session(sid)
+        assert info.version == 0
+        out = a.step(sid, {"x": g})
+        assert out.params is not None and torch.equal(out.params["x"], local_adam(p0, [g]))
