@@ -387,11 +387,19 @@ async def tensors_response(
         content = await offload(lambda: write_safetensors(tensors or {}, meta), size)
         return Response(content, media_type=BINARY, headers=headers)
 
+    def params_json() -> dict[str, Any]:
+        assert tensors is not None
+        return {n: wire_sparse.encode_json(t, b64=b64) for n, t in tensors.items()}
+
     def encode() -> bytes:
         body = dict(scalars)
-        if tensors is not None:
-            body["params"] = {n: wire_sparse.encode_json(t, b64=b64)
-                              for n, t in tensors.items()}
+        if isinstance(tensors, PackedTensors) and tensors.shared:
+            # the same parameters answer several requests (a sync round's workers): their
+            # JSON is made once, and each answer embeds it
+            body["params"] = tensors.encoded(("json", b64), lambda: orjson.Fragment(
+                orjson.dumps(params_json(), option=orjson.OPT_SERIALIZE_NUMPY)))
+        elif tensors is not None:
+            body["params"] = params_json()
         return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
     content = await offload(encode, size)
     return Response(content, media_type=JSON, headers=headers)

@@ -80,6 +80,7 @@ from app.errors import Conflict, Invalid, NotFound, OptserveError, Unavailable
 from app.runtime import release_memory
 from app.wire.safetensors_body import pack
 from app.wire.safetensors_header import forget_big_header
+from app.wire.tensor_maps import PackedTensors
 
 log = logging.getLogger("optserve.engine")
 T = TypeVar("T")
@@ -569,8 +570,8 @@ class EmbeddedHost:
                                              bool(want_params) or params_into is not None,
                                              scalars)
             if params_dtype is not None and result.params is not None:
-                result = dataclasses.replace(result, params=pack(
-                    {n: t.to(params_dtype) for n, t in result.params.items()}))
+                result = dataclasses.replace(result, params=_narrowed(result.params,
+                                                                      params_dtype))
             return result
         out: StepResult = await self.execute(
             key, Step(grads, base_version, options=options, upcast=upcast,
@@ -624,6 +625,8 @@ class EmbeddedHost:
                         scalars=metrics.mean_scalars([scalars[w] for w in sorted(scalars)])
                         if scalars else None)
             result: StepResult = await self._run(key, session, step, keys, want_params, sync)
+        if isinstance(result.params, PackedTensors):  # every worker's answer sends them
+            result.params.shared = True
         self._version_changed(key)
         return result
 
@@ -1023,6 +1026,19 @@ def _float(x: Any) -> float:
         return {"inf": float("inf"), "-inf": float("-inf")}.get(x.get("$float", ""),
                                                                  float("nan"))
     return float(x)
+
+
+def _narrowed(params: Tensors, dtype: torch.dtype) -> PackedTensors:
+    """``params`` narrowed to ``dtype`` and packed; once for all the workers of a sync round
+    that ask for this dtype (their answers share it)."""
+    def make() -> PackedTensors:
+        out = pack({n: t.to(dtype) if t.element_size() > dtype.itemsize else t
+                    for n, t in params.items()})
+        out.shared = True
+        return out
+    if isinstance(params, PackedTensors) and params.shared:
+        return params.encoded(("narrow", dtype), make)
+    return make()
 
 
 def _at_rest() -> None:

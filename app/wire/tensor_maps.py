@@ -10,13 +10,19 @@ either mapping forgets what it carried.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 if TYPE_CHECKING:
     from app.wire.safetensors_header import HeaderLayout, Piece
+
+
+T = TypeVar("T")
+#: guards the making of each PackedTensors' own lock
+_LOCKS = threading.Lock()
 
 
 def _dict_method(name: str, first: str) -> Any:
@@ -91,6 +97,28 @@ class PackedTensors(_Derived):
     entries: bytes | None = None
     #: views not made yet (:meth:`deferred`): the bytes and their view plan
     _pending: tuple[torch.Tensor, tuple[Piece, ...]] | None = None
+    #: sent in several answers (a sync round's parameters go to each of its workers): their
+    #: encodings are made once (:meth:`encoded`)
+    shared: bool = False
+    _encodings: dict[object, Any] | None = None
+    _encoding_lock: threading.Lock | None = None
+
+    def encoded(self, what: object, make: Callable[[], T]) -> T:
+        """``make()`` (an encoding of these tensors: ``what`` names it), made once and kept
+        while the mapping lives and stays as it is; the first answer to ask makes it, the
+        others wait for it and take it."""
+        with _LOCKS:
+            lock = self._encoding_lock
+            if lock is None:
+                lock = self._encoding_lock = threading.Lock()
+        with lock:
+            kept = self._encodings
+            if kept is None:
+                kept = self._encodings = {}
+            if what not in kept:
+                kept[what] = make()
+            out: T = kept[what]
+            return out
 
     @classmethod
     def deferred(cls, base: torch.Tensor, plan: tuple[Piece, ...], entries: bytes
@@ -112,6 +140,7 @@ class PackedTensors(_Derived):
     def _forget(self) -> None:
         self._made()
         self.entries = None
+        self._encodings = None
 
     def __eq__(self, other: object) -> bool:
         self._made()

@@ -530,3 +530,81 @@ def test_sync_session_survives_a_restart(pool: ThreadPoolExecutor) -> None:
             assert c.step(s, {"v": torch.ones(2)}, worker="z").version == 6
     finally:
         again.stop()
+
+
+
+def json_push(url: str, session: str, grads: dict[str, torch.Tensor], worker: str,
+              b64: bool) -> dict[str, torch.Tensor]:
+    """A worker's push over plain HTTP with JSON both ways; the answer's parameters."""
+    import base64
+
+    body = {"grads": {n: {"dtype": "float32", "shape": list(t.shape),
+                          "b64": base64.b64encode(t.numpy().tobytes()).decode()}
+                      for n, t in grads.items()}}
+    r = httpx.post(f"{url}/v1/sessions/{session}/step" + ("?encoding=b64" if b64 else ""),
+                   json=body, headers={"X-Optserve-Worker": worker}, timeout=60)
+    assert r.status_code == 200, r.text
+    out = {}
+    for n, t in r.json()["params"].items():
+        assert t["dtype"] == "float32"
+        flat = (torch.frombuffer(bytearray(base64.b64decode(t["b64"])), dtype=torch.float32)
+                if b64 else torch.tensor(t["data"], dtype=torch.float32))
+        out[n] = flat.reshape(t["shape"])
+    return out
+
+
+@pytest.mark.parametrize("answer", ["json", "json-b64", "bfloat16"])
+def test_a_rounds_parameters_are_encoded_once_for_all_its_workers(
+        live_server: str, pool: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch,
+        answer: str) -> None:
+    """Every worker of a sync round receives the same parameters: their JSON (or their
+    narrowing) is made once per round, not once per worker, and every worker's answer equals
+    the torch step on the mean gradient (in the form it asked for)."""
+    from app.api import bodies
+    from app.engine import host as host_module
+
+    made = {"json": 0, "narrow": 0}
+    real_encode, real_pack = bodies.wire_sparse.encode_json, host_module.pack
+
+    def counting_encode(t: torch.Tensor, b64: bool) -> Any:
+        made["json"] += 1
+        return real_encode(t, b64=b64)
+
+    def counting_pack(tensors: Any) -> Any:
+        made["narrow"] += 1
+        return real_pack(tensors)
+
+    monkeypatch.setattr(bodies.wire_sparse, "encode_json", counting_encode)
+    monkeypatch.setattr(host_module, "pack", counting_pack)
+    params = init_params()
+    s = sid()
+    workers = ["w0", "w1", "w2"]
+    ref = {n: p.clone() for n, p in params.items()}
+    ref_opt = torch.optim.Adam(list(ref.values()), lr=0.01)
+    with optserve.Client(live_server, max_retries=0, transport="http") as c:
+        c.create_session("Adam", params, options={"lr": 0.01}, id=s,
+                         sync={"workers": 3, "reduce": "mean", "timeout_s": 30})
+    for step in range(3):
+        shards = [{n: torch.randn(p.shape, generator=torch.Generator().manual_seed(
+            100 * step + k)) for n, p in params.items()} for k in range(3)]
+        made.update(json=0, narrow=0)
+        if answer == "bfloat16":
+            futures = [pool.submit(push, live_server, s, g, w, params_dtype="bfloat16")
+                       for w, g in zip(workers, shards, strict=True)]
+            answers = [f.result(timeout=30).params for f in futures]
+        else:
+            futures = [pool.submit(json_push, live_server, s, g, w, answer == "json-b64")
+                       for w, g in zip(workers, shards, strict=True)]
+            answers = [f.result(timeout=30) for f in futures]
+        for n, t in ref.items():
+            t.grad = (shards[0][n] + shards[1][n] + shards[2][n]) / 3
+        ref_opt.step()
+        for got in answers:
+            assert got is not None
+            for n, t in ref.items():
+                want = t.detach().bfloat16() if answer == "bfloat16" else t.detach()
+                assert got[n].dtype == want.dtype and torch.equal(got[n], want), n
+        if answer == "bfloat16":
+            assert made["narrow"] == 1, made  # one narrowed pack for the three workers
+        else:
+            assert made["json"] == len(params), made  # each tensor's JSON made once
