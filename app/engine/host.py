@@ -319,6 +319,8 @@ class EmbeddedHost:
             s.check_names(names)
             if s.version in unless_versions:
                 return ParamsResult(s.version, s.step_count, s.lrs(), {}, not_modified=True)
+            if params_into is not None:
+                s.check_room(params_into)
             params = (s.copy_params_into(params_into) if params_into is not None
                       else s.pack_params(names))
             return ParamsResult(s.version, s.step_count, s.lrs(), params)
@@ -638,8 +640,14 @@ class EmbeddedHost:
         store = self._store if s.durability != "memory" else None
         record_keys = [(k.key, k.fingerprint) for k in keys]
 
-        def check_and_encode() -> tuple[Any, list[bytes | memoryview], int]:
+        def check() -> Any:
             plan = op.check(s)
+            if params_into is not None and params_dtype is None and isinstance(op, Step):
+                s.check_room(params_into, op.grads)  # (slots no gradient came in for)
+            return plan
+
+        def check_and_encode() -> tuple[Any, list[bytes | memoryview], int]:
+            plan = check()
             assert store is not None
             record = persist.Record(op, s.seq + 1, op.version_after(s, plan), record_keys, sync)
             return plan, persist.encode_record_parts(record), store.log_length(key)
@@ -660,7 +668,7 @@ class EmbeddedHost:
         else:
             def all_at_once() -> Any:
                 if store is None:
-                    plan, before = op.check(s), None
+                    plan, before = check(), None
                 else:  # interval: written now, fsynced by the store's flusher
                     plan, parts, before = check_and_encode()
                     store.append(key, parts, "interval")
@@ -1000,7 +1008,9 @@ def replay_answer(s: Session, op: Operation, hit: dict[str, Any], want_params: R
                             nonfinite=list(hit.get("nonfinite", [])), sync=hit.get("sync"),
                             staleness=hit.get("staleness"), replayed=True,
                             params_version=s.version, metrics=hit.get("metrics"))
-        if params_into is not None and params_into.keys() == s.params.keys():
+        if params_into is not None and s.fits_answer(params_into, params_dtype):
+            if params_dtype is None:  # (fits_answer checked each view's dtype and shape)
+                s.check_room(params_into)
             result.params = s.copy_params_into(params_into)
         elif want_params or params_into is not None:
             result.params = s.pack_params(dtype=params_dtype)

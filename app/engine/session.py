@@ -25,7 +25,7 @@ from app.engine.interface import (
     SessionInfo,
     Tensors,
 )
-from app.errors import Invalid
+from app.errors import Conflict, Invalid
 from app.wire.dtypes import DTYPE_NAMES
 from app.wire.safetensors_body import (
     BodyTensors,
@@ -507,6 +507,22 @@ class Session:
             if t.dtype != want or t.shape != p.shape:
                 return False
         return True
+
+    def check_room(self, dest: Tensors, sent: Tensors | None = None) -> None:
+        """Refuse (409 ``binding_stale``) views the caller holds for the parameters (a
+        same-host binding's slots) that no longer fit them: a name the session lacks, another
+        dtype or shape (the session was deleted and made again under the same id since they
+        were made). Only the views no gradient of ``sent`` came in for are checked: a
+        gradient's own view was checked with it. Called before anything is applied."""
+        if sent is not None and len(dest) == len(sent) and dest.keys() == sent.keys():
+            return
+        for name in dest.keys() - (sent.keys() if sent is not None else set()):
+            p, t = self.params.get(name), dest[name]
+            if p is None or t.dtype != p.dtype or t.shape != p.shape:
+                raise Conflict(f"the buffers bound for this session no longer fit its "
+                               f"parameter {name!r:.80} (the session changed since they "
+                               "were bound): bind again", code="binding_stale",
+                               field="binding")
 
     def pack_params(self, names: list[str] | None = None,
                     dtype: torch.dtype | None = None) -> PackedTensors:

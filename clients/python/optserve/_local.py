@@ -225,7 +225,18 @@ class LocalChannel:
                 message["param_groups"] = param_groups
             if scalars:
                 message["scalars"] = scalars
-            answer, _ = self.call(message)
+            try:
+                answer, _ = self.call(message)
+            except APIStatusError as exc:
+                if exc.problem.get("code") != "binding_stale":
+                    raise
+                # the session was made again since it was bound (nothing was applied): bind
+                # it again and send the same step (the same idempotency key) once more
+                self.forget(session_id)
+                binding = self.binding(session_id)
+                _copy_all(binding.grads, grads)
+                message["binding"] = binding.number
+                answer, _ = self.call(message)
             return answer, binding.params if return_params else None
 
 
