@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -171,6 +172,33 @@ TORCH_ERRORS = (ValueError, TypeError, RuntimeError, KeyError, IndexError, Asser
 
 
 _FLOAT_MAX: dict[torch.dtype, float] = {}
+
+
+#: options that need per-parameter state torch makes only when the option is on at a
+#: parameter's first step: (classes, option, whether a value turns it on, the state key).
+#: Turned on after a parameter stepped, torch's next step raises ``KeyError`` on that key.
+_STATE_FOR_OPTION: tuple[tuple[tuple[type[torch.optim.Optimizer], ...], str,
+                               Callable[[Any], bool], str], ...] = (
+    ((torch.optim.Adam, torch.optim.AdamW), "amsgrad", bool, "max_exp_avg_sq"),
+    ((torch.optim.RMSprop,), "momentum", lambda v: v > 0, "momentum_buffer"),
+    ((torch.optim.RMSprop,), "centered", bool, "grad_avg"),
+)
+
+
+def check_state_for_options(cls: type[torch.optim.Optimizer], group: dict[str, Any],
+                            states: list[dict[str, Any]], where: str) -> None:
+    """Refuse (422 ``option_needs_state``) a group whose options need per-parameter state
+    that its parameters' state lacks: an option turned on after they stepped (``amsgrad`` of
+    Adam, ``momentum`` or ``centered`` of RMSprop), or an imported state made without it.
+    Torch's own step would raise ``KeyError`` mid-step."""
+    for classes, option, on, key in _STATE_FOR_OPTION:
+        if issubclass(cls, classes) and on(group.get(option)) and any(
+                state and key not in state for state in states):
+            raise Invalid(f"{option} cannot be turned on for parameters that already stepped "
+                          f"without it: torch keeps {key!r} only for parameters that stepped "
+                          f"with it from their first step (set it when the group is made, "
+                          "or start its state over)", code="option_needs_state",
+                          field=f"{where}.{option}")
 
 
 def check_overflow(options: dict[str, Any], dtype: torch.dtype, where: str) -> None:

@@ -183,4 +183,8 @@ def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
     if out:
         optimizers.probe(s.cls, s.defaults, proposed, s.group_dtypes(), s.device, fields,
                          f"{prefix}.{next(iter(out))}", check=sorted(out))
+        for index in out:
+            optimizers.check_state_for_options(
+                s.cls, proposed[index], [s.optimizer.state.get(p, {})
+                                         for p in groups[index]["params"]], f"{prefix}.{index}")
     return out
