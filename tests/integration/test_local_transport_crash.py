@@ -1,0 +1,82 @@
+"""kill -9 under steps through shared memory: every step the same-host transport acknowledged
+(durability ``step``, the server's default) is in the session after a restart, and the
+session equals an in-process torch run of exactly the steps it holds (the acknowledged ones,
+and at most the one in flight when the server died)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import optserve
+from tests.integration.test_durability import Proc
+
+pytestmark = pytest.mark.integration
+N, STEPS = 4096, 400
+
+
+def grad(k: int) -> torch.Tensor:
+    return torch.randn(N, generator=torch.Generator().manual_seed(1000 + k))
+
+
+def replay(p0: torch.Tensor, steps: int) -> torch.Tensor:
+    p = p0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=1e-2)
+    for k in range(steps):
+        p.grad = grad(k)
+        opt.step()
+    return p.detach()
+
+
+@pytest.fixture
+def proc(tmp_path: Path) -> Iterator[Proc]:
+    p = Proc(tmp_path / "data")
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.mark.timeout(600)
+def test_acknowledged_shared_memory_steps_survive_kill9(proc: Proc) -> None:
+    proc.start()
+    p0 = torch.randn(N, generator=torch.Generator().manual_seed(3))
+    acked = 0
+    killed = threading.Event()
+
+    def killer() -> None:
+        deadline = time.monotonic() + 60
+        while acked < 25 and time.monotonic() < deadline:  # well into the run, mid-step
+            time.sleep(0.001)
+        proc.kill9()
+        killed.set()
+
+    with optserve.Client(proc.url, transport="local", max_retries=0, timeout=30) as c:
+        sid = c.create_session(optimizer="Adam", options={"lr": 1e-2}, params={"w": p0}).id
+        assert c.get_session(sid).durability == "step"
+        thread = threading.Thread(target=killer)
+        thread.start()
+        try:
+            for k in range(STEPS):
+                out = c.step(sid, {"w": grad(k)})
+                assert out.version == k + 1
+                if k == 0:  # through shared memory
+                    assert c._local is not None and sid in c._local._bindings
+                acked = k + 1
+        except (optserve.OptserveError, OSError, ConnectionError):
+            pass
+        thread.join(60)
+        assert killed.is_set() and 25 <= acked < STEPS, acked
+    proc.start()
+    with optserve.Client(proc.url, transport="http") as c:
+        held = c.get_session(sid).version
+        assert held in (acked, acked + 1), (held, acked)
+        got = c.get_params(sid).params["w"]
+        assert torch.equal(got, replay(p0, held)), (held, acked)
+        out = c.step(sid, {"w": grad(held)})  # and it goes on as torch does
+        assert out.params is not None and torch.equal(out.params["w"], replay(p0, held + 1))
