@@ -566,6 +566,9 @@ class EmbeddedHost:
                         lambda: replay_answer(session, op, hit,
                                               bool(want_params) or params_into is not None))
                     return result
+            if params_into is not None:  # (a binding's slots: still the session's?)
+                await self._worker.run(lambda: self._get(key).check_room(params_into, grads),
+                                       "check_room")
             if upcast:
                 grads = await self._worker.run(lambda: self._widen(key, grads), "upcast")
             result = await self._rounds.push(key, worker, grads, base_version, idem,

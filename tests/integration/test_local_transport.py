@@ -385,14 +385,16 @@ def test_a_malformed_message_is_a_problem_naming_its_field_and_changes_nothing(
         assert out.params is not None and torch.equal(out.params["x"], local_adam(p0, [g]))
 
 
+@pytest.mark.parametrize("sync", [None, {"workers": 1}])
 def test_a_binding_made_before_its_session_was_made_again_is_refused_whole(
-        keyed_server: str) -> None:
+        keyed_server: str, sync: dict[str, int] | None) -> None:
     """A session deleted and made again under the same id, with another shape for a
     parameter: a step through the old binding that sends no gradient for that parameter is a
     409 ``binding_stale`` before anything is applied (it was applied, then answered 500), a
     pull through it too; a new binding steps as torch does. The SDK binds again by itself."""
     path = socket_path(keyed_server)
-    sid = f"stale-{os.getpid()}"
+    sid = f"stale-{os.getpid()}-{'sync' if sync else 'async'}"
+    extra = {"sync": sync} if sync else {}
     ga = torch.randn(8, generator=torch.Generator().manual_seed(4))
     with optserve.Client(keyed_server, api_key=KEY_A, transport="http") as a:
         a.create_session(optimizer="Adam", options={"lr": 1e-2},
@@ -404,8 +406,9 @@ def test_a_binding_made_before_its_session_was_made_again_is_refused_whole(
         with optserve.Client(keyed_server, api_key=KEY_A, transport="http") as a:
             a.delete_session(sid)
             a.create_session(optimizer="Adam", options={"lr": 1e-2},
-                             params={"a": torch.zeros(8), "b": torch.zeros(5)}, id=sid)
-        for message in ({"op": "step", "binding": old, "grads": ["a"]},
+                             params={"a": torch.zeros(8), "b": torch.zeros(5)}, id=sid,
+                             **extra)
+        for message in ({"op": "step", "binding": old, "grads": ["a"], "worker": "w0"},
                         {"op": "pull", "binding": old}):
             answer = frames(s, message)
             problem = answer["problem"]
@@ -414,12 +417,14 @@ def test_a_binding_made_before_its_session_was_made_again_is_refused_whole(
         with optserve.Client(keyed_server, api_key=KEY_A, transport="http") as a:
             assert a.get_session(sid).version == 0
     with optserve.Client(keyed_server, api_key=KEY_A, transport="local") as c:
-        c.step(sid, {"a": ga})  # binds the session as it is now
+        who = {"worker": "w0"} if sync else {}
+        c.step(sid, {"a": ga}, **who)  # binds the session as it is now
         with optserve.Client(keyed_server, api_key=KEY_A, transport="http") as a:
             a.delete_session(sid)
             a.create_session(optimizer="Adam", options={"lr": 1e-2},
-                             params={"a": torch.zeros(8), "b": torch.zeros(6)}, id=sid)
-        out = c.step(sid, {"a": ga})  # stale: bound again, the same step sent again
+                             params={"a": torch.zeros(8), "b": torch.zeros(6)}, id=sid,
+                             **extra)
+        out = c.step(sid, {"a": ga}, **who)  # stale: bound again, the same step sent again
         assert out.params is not None and out.version == 1
         assert torch.equal(out.params["a"], local_adam(torch.zeros(8), [ga]))
         assert torch.equal(out.params["b"], torch.zeros(6))
