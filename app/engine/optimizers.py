@@ -189,8 +189,9 @@ def check_state_for_options(cls: type[torch.optim.Optimizer], group: dict[str, A
                             states: list[dict[str, Any]], where: str) -> None:
     """Refuse (422 ``option_needs_state``) a group whose options need per-parameter state
     that its parameters' state lacks: an option turned on after they stepped (``amsgrad`` of
-    Adam, ``momentum`` or ``centered`` of RMSprop), or an imported state made without it.
-    Torch's own step would raise ``KeyError`` mid-step."""
+    Adam, ``momentum`` or ``centered`` of RMSprop), by a PATCH or with a step. Torch's own
+    step would raise ``KeyError`` mid-step. (An imported state like that is refused by the
+    import's own check of each parameter's state.)"""
     for classes, option, on, key in _STATE_FOR_OPTION:
         if issubclass(cls, classes) and on(group.get(option)) and any(
                 state and key not in state for state in states):

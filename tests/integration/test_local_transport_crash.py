@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,17 +32,16 @@ def replay(p0: torch.Tensor, steps: int) -> torch.Tensor:
     return p.detach()
 
 
-@pytest.fixture
-def proc(tmp_path: Path) -> Iterator[Proc]:
-    p = Proc(tmp_path / "data")
-    try:
-        yield p
-    finally:
-        p.stop()
-
-
 @pytest.mark.timeout(600)
-def test_acknowledged_shared_memory_steps_survive_kill9(proc: Proc) -> None:
+def test_acknowledged_shared_memory_steps_survive_kill9(tmp_path: Path) -> None:
+    proc = Proc(tmp_path / "data")
+    try:
+        run(proc)
+    finally:
+        proc.stop()
+
+
+def run(proc: Proc) -> None:
     proc.start()
     p0 = torch.randn(N, generator=torch.Generator().manual_seed(3))
     acked = 0
