@@ -837,17 +837,26 @@ export class OptserveClient {
    * dense ones). A gradient may be SparseRows (some rows of an embedding table).
    * paramGroups: option changes made atomically with the step, by group index
    * ({0: {lr: 1e-3, betas: [0.9, 0.99]}}, or an array); a refused option fails the whole step.
-   * Returns {version, step, lr, skipped, nonfinite?, params?: {name: Tensor}, etag}.
+   * upcast: accept float16/bfloat16 gradients for float32/float64 parameters (widened once on
+   * the server, which keeps its precision); paramsDtype: "bfloat16" or "float16" sends the
+   * parameters back narrowed (only those wider than it). scalars: {name: number} recorded in
+   * the step's metrics and history (a loss, an accuracy).
+   * Returns {version, step, lr, skipped, nonfinite?, metrics?, params?: {name: Tensor}, etag}.
    */
-  step(id, grads = {}, { binary, encoding, returnParams = true, worker, baseVersion, paramGroups } = {}) {
+  step(id, grads = {}, { binary, encoding, returnParams = true, worker, baseVersion, paramGroups, upcast, paramsDtype, scalars } = {}) {
     // worker: this push's worker id in a sync (parameter-server) session (X-Optserve-Worker);
     // baseVersion: the version the gradients were computed from (bounded staleness).
     const query = returnParams === "touched" ? { return: "touched" } : returnParams ? {} : { return: "none" };
     if (baseVersion !== undefined) query.base_version = baseVersion;
+    if (upcast) query.upcast = "true";
+    if (paramsDtype !== undefined) query.params_dtype = paramsDtype;
     const headers = worker !== undefined ? { "X-Optserve-Worker": String(worker) } : undefined;
-    const extra = paramGroups === undefined ? undefined : { param_groups: treeToJson(paramGroups) };
+    const extra = {};
+    if (paramGroups !== undefined) extra.param_groups = treeToJson(paramGroups);
+    if (scalars !== undefined) extra.scalars = scalars;
     return this._tensorsCall("POST", `${this._sid(id)}/step`, {
-      tensors: grads, key: "grads", binary, encoding, query, headers, extra,
+      tensors: grads, key: "grads", binary, encoding, query, headers,
+      extra: Object.keys(extra).length ? extra : undefined,
     });
   }
 

@@ -95,6 +95,30 @@ def run_fixed(opt_name: str, options: dict, params: dict[str, torch.Tensor], n: 
             "final_state": state}
 
 
+def half_bits(t: torch.Tensor) -> list[int]:
+    """A bfloat16/float16 tensor's raw 16-bit patterns (what the JS client's Uint16Array
+    holds)."""
+    return t.detach().reshape(-1).view(torch.int16).to(torch.int32).bitwise_and(0xFFFF).tolist()
+
+
+def adam_bf16(n: int = 4) -> dict:
+    """Adam on float32 parameters fed bfloat16 gradients (widened on the server:
+    ``upcast``), the answers narrowed back to bfloat16 (``params_dtype``): the raw bits of
+    each step's gradients and narrowed answer, and the float32 master weights after each."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(6, generator=gen).requires_grad_(True)
+    w0 = w.detach().clone()
+    opt = torch.optim.Adam([w], lr=0.02)
+    steps = []
+    for _ in range(n):
+        g = torch.randn(6, generator=gen).bfloat16()
+        w.grad = g.float()
+        opt.step()
+        steps.append({"grad_bits": half_bits(g), "answer_bits": half_bits(w.detach().bfloat16()),
+                      "master": vec(w)})
+    return {"optimizer": "Adam", "options": {"lr": 0.02}, "w0": vec(w0), "steps": steps}
+
+
 def sparse_adam() -> dict:
     """SparseAdam on a [10, 3] table fed fixed row-sparse gradients (duplicates, an empty
     batch): the touched rows after each step and the whole table at the end."""
@@ -159,6 +183,7 @@ def main() -> None:
             "AdamW", {"lr": 0.05, "weight_decay": 0.1, "amsgrad": True},
             {"v": torch.tensor([1.0, -2.0, 0.3, 4.5], dtype=torch.float64)},
             n=4, seed=1),
+        "adam_bf16": adam_bf16(),
         "sparse_adam": sparse_adam(),
         "lbfgs": lbfgs({"lr": 1, "max_iter": 6, "history_size": 3}),
         "lbfgs_wolfe": lbfgs({"lr": 1, "max_iter": 8, "history_size": 4,

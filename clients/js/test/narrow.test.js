@@ -1,0 +1,37 @@
+// Narrow wires from JS: bfloat16 gradients for float32 parameters (upcast), answers narrowed
+// back to bfloat16 (paramsDtype), bit for bit against in-process torch on the widened
+// gradients; the float32 master weights stay exact. And scalars recorded with the step.
+import assert from "node:assert/strict";
+import { after, describe, test } from "node:test";
+
+import { Tensor } from "../optserve.js";
+import { NO_SERVER, assertBits, client, reference, refTensor, uid } from "./helpers.js";
+
+describe("bfloat16 gradients and answers vs torch.optim", { skip: NO_SERVER }, () => {
+  const c = client();
+  const ref = reference().adam_bf16; // computed by this machine's torch
+  const made = [];
+  after(async () => {
+    for (const id of made) await c.deleteSession(id).catch(() => {});
+  });
+
+  for (const mode of [{ binary: true }, { binary: false }]) {
+    test(`Adam, bfloat16 both ways ${JSON.stringify(mode)}`, async () => {
+      const id = uid("bf16");
+      made.push(id);
+      await c.createSession({ id, optimizer: ref.optimizer, options: ref.options, params: { w: refTensor(ref.w0) } });
+      const bf = (bits) => new Tensor("bfloat16", [bits.length], Uint16Array.from(bits));
+      // without upcast a narrow gradient is refused, and nothing changes
+      await assert.rejects(c.step(id, { w: bf(ref.steps[0].grad_bits) }, mode), (err) => err.code === "dtype_mismatch");
+      for (const [i, s] of ref.steps.entries()) {
+        const out = await c.step(id, { w: bf(s.grad_bits) }, { ...mode, upcast: true, paramsDtype: "bfloat16", scalars: { loss: i + 0.5 } });
+        assert.equal(out.step, i + 1);
+        assert.equal(out.params.w.dtype, "bfloat16");
+        assert.deepEqual(Array.from(out.params.w.data), s.answer_bits, `answer of step ${i + 1}`);
+        assert.equal(out.metrics.scalars.loss, i + 0.5);
+        const master = await c.getParams(id, mode);
+        assertBits(master.params.w, s.master, `master weights after step ${i + 1}`);
+      }
+    });
+  }
+});
