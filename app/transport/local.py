@@ -18,8 +18,12 @@ its segments go with it at once. The socket's path is told only to loopback clie
 Messages are frames: a little-endian u32 length, then a JSON object. Requests: ``hello``
 (``key``), ``bind`` (``session``), ``step`` (``binding``, ``grads``: the names whose slots hold
 gradients, ``return``: params or none, ``idempotency_key``, ``base_version``, ``worker``,
-``param_groups``), ``pull`` (``binding``), ``unbind`` (``binding``). Answers: ``{"ok": true,
-...}`` or ``{"ok": false, "problem": {problem+json fields}}``.
+``param_groups``, ``scalars``), ``pull`` (``binding``), ``unbind`` (``binding``). Answers:
+``{"ok": true, ...}`` or ``{"ok": false, "problem": {problem+json fields}}``, whose ``field``
+names the message's field. A connection holds at most :data:`MAX_BINDINGS` bindings (429
+``too_many_bindings``); a binding whose slots no longer fit its session's parameters (the session
+was deleted and made again under its id) is refused before anything is applied (409
+``binding_stale``: bind again).
 """
 
 from __future__ import annotations
