@@ -868,12 +868,21 @@ export class OptserveClient {
     return this._json("PATCH", this._sid(id), { json: options });
   }
 
-  /** POST /v1/sessions/{id}/grads: accumulate for the next step. Returns {version, step, accumulated}. */
-  pushGrads(id, grads, { binary } = {}) {
+  /**
+   * POST /v1/sessions/{id}/grads: accumulate for the next step. upcast: accept float16/bfloat16
+   * gradients for wider parameters; scalars: {name: number} recorded with the next step (several
+   * pushes: their mean). Returns {version, step, accumulated}.
+   */
+  pushGrads(id, grads, { binary, upcast, scalars } = {}) {
     binary = binary ?? this.binary;
     const map = tensorMap(grads);
-    if (binary) return this._json("POST", `${this._sid(id)}/grads`, { body: writeSafetensors(flattenSparse(map)) });
-    return this._json("POST", `${this._sid(id)}/grads`, { json: { grads: encodeMap(map) } });
+    const query = upcast ? { upcast: "true" } : {};
+    if (binary) {
+      const meta = scalars === undefined ? undefined : { scalars: stringify(scalars) };
+      return this._json("POST", `${this._sid(id)}/grads`, { query, body: writeSafetensors(flattenSparse(map), meta) });
+    }
+    const json = { grads: encodeMap(map), ...(scalars === undefined ? {} : { scalars }) };
+    return this._json("POST", `${this._sid(id)}/grads`, { query, json });
   }
 
   /** POST /v1/sessions/{id}/zero_grad: clear the accumulated gradients. */

@@ -432,4 +432,14 @@ def test_narrow_gradients_are_widened_on_request_and_params_narrowed(live_server
                 assert torch.equal(out.params["p"], local.detach().bfloat16())
         master = c.get_params(sid).params["p"]
         assert master.dtype == torch.float32 and torch.equal(master, local.detach())
+        # pushed narrow gradients are widened on request too, then stepped with the next one
+        with pytest.raises(optserve.ValidationError) as info:
+            c.push_grads(sid, {"p": grads[0]})
+        assert info.value.code == "dtype_mismatch"
+        for binary in (True, False):
+            c.push_grads(sid, {"p": grads[1]}, upcast=True, binary=binary)
+            out = c.step(sid, {"p": grads[2]}, upcast=True, binary=binary)
+            local.grad = grads[1].float() + grads[2].float()
+            opt.step()
+            assert out.params is not None and torch.equal(out.params["p"], local.detach())
         c.delete_session(sid)

@@ -33,5 +33,21 @@ describe("bfloat16 gradients and answers vs torch.optim", { skip: NO_SERVER }, (
         assertBits(master.params.w, s.master, `master weights after step ${i + 1}`);
       }
     });
+
+    test(`Adam, bfloat16 pushes then a step ${JSON.stringify(mode)}`, async () => {
+      const id = uid("bf16push");
+      made.push(id);
+      await c.createSession({ id, optimizer: ref.optimizer, options: ref.options, params: { w: refTensor(ref.w0) } });
+      const bf = (bits) => new Tensor("bfloat16", [bits.length], Uint16Array.from(bits));
+      await assert.rejects(c.pushGrads(id, { w: bf(ref.steps[0].grad_bits) }, mode), (err) => err.code === "dtype_mismatch");
+      for (const [i, s] of ref.steps.entries()) {
+        // the gradient pushed (widened on the server), then a step with none of its own
+        await c.pushGrads(id, { w: bf(s.grad_bits) }, { ...mode, upcast: true, scalars: { loss: 2 * i } });
+        const out = await c.step(id, {}, { ...mode, paramsDtype: "bfloat16" });
+        assert.deepEqual(Array.from(out.params.w.data), s.answer_bits, `answer of step ${i + 1}`);
+        assert.equal(out.metrics.scalars.loss, 2 * i);
+      }
+      assertBits((await c.getParams(id, mode)).params.w, ref.steps.at(-1).master, "master weights");
+    });
   }
 });

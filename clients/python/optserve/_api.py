@@ -503,12 +503,13 @@ def _parse_text(response: httpx.Response) -> str:
 
 def push_grads(
     session_id: str, grads: Mapping[str, TensorLike], *, binary: bool,
-    scalars: Mapping[str, float] | None = None,
+    scalars: Mapping[str, float] | None = None, upcast: bool = False,
 ) -> APICall[VersionInfo]:
     extra = {"scalars": scalars_json(scalars)} if scalars else {}
     content, ctype = _tensors_with(_sparse.encode_tensor_map(grads, "grads"), "grads", binary,
                                    extra)
-    return APICall("POST", _sid(session_id) + "/grads", _parse_version, content=content,
+    return APICall("POST", _sid(session_id) + "/grads", _parse_version,
+                   params=[("upcast", "true")] if upcast else [], content=content,
                    content_type=ctype, idempotent=False)
 
 

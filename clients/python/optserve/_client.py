@@ -335,11 +335,13 @@ class Client(SyncAPIClient):
 
     def push_grads(
         self, id: str, grads: Mapping[str, TensorLike], *, binary: bool = True,
-        scalars: Mapping[str, float] | None = None,
+        scalars: Mapping[str, float] | None = None, upcast: bool = False,
     ) -> VersionInfo:
         """``POST .../grads``: add ``grads`` into the session's accumulator; ``scalars`` are
-        recorded with the next step (several values for one name: their mean)."""
-        return self._request(_api.push_grads(id, grads, binary=binary, scalars=scalars))
+        recorded with the next step (several values for one name: their mean); ``upcast``
+        accepts float16/bfloat16 gradients for wider parameters (widened on the server)."""
+        return self._request(_api.push_grads(id, grads, binary=binary, scalars=scalars,
+                                             upcast=upcast))
 
     def history(
         self, id: str, *, since: int | None = None, until: int | None = None,
@@ -575,10 +577,11 @@ class AsyncClient(AsyncAPIClient):
 
     async def push_grads(
         self, id: str, grads: Mapping[str, TensorLike], *, binary: bool = True,
-        scalars: Mapping[str, float] | None = None,
+        scalars: Mapping[str, float] | None = None, upcast: bool = False,
     ) -> VersionInfo:
-        """``POST .../grads``."""
-        return await self._request(_api.push_grads(id, grads, binary=binary, scalars=scalars))
+        """``POST .../grads`` (see :meth:`Client.push_grads`)."""
+        return await self._request(_api.push_grads(id, grads, binary=binary, scalars=scalars,
+                                                   upcast=upcast))
 
     async def history(
         self, id: str, *, since: int | None = None, until: int | None = None,
