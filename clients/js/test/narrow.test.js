@@ -15,12 +15,19 @@ describe("bfloat16 gradients and answers vs torch.optim", { skip: NO_SERVER }, (
     for (const id of made) await c.deleteSession(id).catch(() => {});
   });
 
+  /** A fresh session at the reference's starting point. */
+  async function session(prefix) {
+    const id = uid(prefix);
+    made.push(id);
+    await c.createSession({ id, optimizer: ref.optimizer, options: ref.options, params: { w: refTensor(ref.w0) } });
+    return id;
+  }
+  /** A bfloat16 vector from its raw bits. */
+  const bf = (bits) => new Tensor("bfloat16", [bits.length], Uint16Array.from(bits));
+
   for (const mode of [{ binary: true }, { binary: false }]) {
     test(`Adam, bfloat16 both ways ${JSON.stringify(mode)}`, async () => {
-      const id = uid("bf16");
-      made.push(id);
-      await c.createSession({ id, optimizer: ref.optimizer, options: ref.options, params: { w: refTensor(ref.w0) } });
-      const bf = (bits) => new Tensor("bfloat16", [bits.length], Uint16Array.from(bits));
+      const id = await session("bf16");
       // without upcast a narrow gradient is refused, and nothing changes
       await assert.rejects(c.step(id, { w: bf(ref.steps[0].grad_bits) }, mode), (err) => err.code === "dtype_mismatch");
       for (const [i, s] of ref.steps.entries()) {
@@ -35,10 +42,7 @@ describe("bfloat16 gradients and answers vs torch.optim", { skip: NO_SERVER }, (
     });
 
     test(`Adam, bfloat16 pushes then a step ${JSON.stringify(mode)}`, async () => {
-      const id = uid("bf16push");
-      made.push(id);
-      await c.createSession({ id, optimizer: ref.optimizer, options: ref.options, params: { w: refTensor(ref.w0) } });
-      const bf = (bits) => new Tensor("bfloat16", [bits.length], Uint16Array.from(bits));
+      const id = await session("bf16push");
       await assert.rejects(c.pushGrads(id, { w: bf(ref.steps[0].grad_bits) }, mode), (err) => err.code === "dtype_mismatch");
       for (const [i, s] of ref.steps.entries()) {
         // the gradient pushed (widened on the server), then a step with none of its own
