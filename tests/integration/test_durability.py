@@ -123,6 +123,10 @@ class Reference:
 
 # --------------------------------------------------------------------------- the subprocess
 
+class PortTaken(Exception):
+    """The server could not bind its port: another process took it after it was picked."""
+
+
 @dataclass
 class Proc:
     data_dir: Path
@@ -138,6 +142,17 @@ class Proc:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, **env: str) -> Proc:
+        """Start the server and wait until it is ready. The port was free when it was picked,
+        but another process may take it before the server binds (``free_port`` cannot hold
+        it): then the next start takes a fresh port."""
+        for _ in range(3):
+            try:
+                return self._start(**env)
+            except PortTaken:
+                self.port = free_port()
+        return self._start(**env)
+
+    def _start(self, **env: str) -> Proc:
         base = {k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")}
         full = {**base, "OPTSERVE_HOST": "127.0.0.1", "OPTSERVE_PORT": str(self.port),
                 "OPTSERVE_DATA_DIR": str(self.data_dir), "OPTSERVE_DEVICE": "cpu",
@@ -155,6 +170,8 @@ class Proc:
                     return self
             except httpx.TransportError:
                 pass
+            if self.proc.poll() is not None and "address already in use" in self.log():
+                raise PortTaken(self.port)
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"server did not start:\n{self.log()}")
             time.sleep(0.05)
