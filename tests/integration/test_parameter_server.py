@@ -608,3 +608,27 @@ def test_a_rounds_parameters_are_encoded_once_for_all_its_workers(
             assert made["narrow"] == 1, made  # one narrowed pack for the three workers
         else:
             assert made["json"] == len(params), made  # each tensor's JSON made once
+
+
+def test_a_rounds_narrowed_answer_narrows_only_wider_parameters(live_server: str) -> None:
+    """``params_dtype`` in a sync round answers as outside rounds: a float32 parameter comes
+    back bfloat16, a float16 one stays float16 (it was converted to bfloat16, losing bits)."""
+    params = {"w": torch.randn(5, generator=torch.Generator().manual_seed(1)),
+              "h": torch.randn(3, generator=torch.Generator().manual_seed(2)).half()}
+    grads = {"w": torch.randn(5, generator=torch.Generator().manual_seed(3)),
+             "h": torch.randn(3, generator=torch.Generator().manual_seed(4)).half()}
+    s = sid()
+    with optserve.Client(live_server, max_retries=0, transport="http") as c:
+        c.create_session("SGD", params, options={"lr": 0.5}, id=s,
+                         sync={"workers": 1, "reduce": "sum", "timeout_s": 30})
+        out = c.step(s, grads, worker="w0", params_dtype="bfloat16")
+    ref = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+    opt = torch.optim.SGD(list(ref.values()), lr=0.5)
+    for n, p in ref.items():
+        p.grad = grads[n]
+    opt.step()
+    assert out.params is not None
+    assert out.params["w"].dtype == torch.bfloat16
+    assert torch.equal(out.params["w"], ref["w"].detach().bfloat16())
+    assert out.params["h"].dtype == torch.float16
+    assert torch.equal(out.params["h"], ref["h"].detach())
