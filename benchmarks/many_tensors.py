@@ -78,46 +78,21 @@ def _grads_then(params: dict[str, torch.Tensor], grads: list[dict[str, torch.Ten
     return median_ms(one, reps, warmup=3)
 
 
-def optserve(url: str, k: int, s: int, opt: str, reps: int, metrics: bool
-             ) -> tuple[float, dict[str, torch.Tensor]]:
-    sid = f"many-{k}x{s}-{opt}-{int(metrics)}"
+def optserve(url: str, k: int, s: int, opt: str, reps: int, metrics: bool,
+             new_metadata: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+    """The plain-HTTP client's step (a ready safetensors body, the answer's bytes kept);
+    ``new_metadata``: each body with new ``__metadata__`` (a loss, as the SDK sends one)."""
+    sid = f"many-{k}x{s}-{opt}-{int(metrics)}{'-meta' if new_metadata else ''}"
     spec = OPTIMIZERS[opt]
     body = {"id": sid, "optimizer": spec.name, "options": spec.options, "metrics": metrics,
             "params": {n: {"dtype": "float32", "shape": [s],
                            "b64": base64.b64encode(t.numpy().tobytes()).decode()}
                        for n, t in _tensors(k, s, 1).items()}}
-    bodies = [st_save(_tensors(k, s, 2)), st_save(_tensors(k, s, 3))]
+    grads = [_tensors(k, s, 2), _tensors(k, s, 3)]
+    bodies = ([st_save(grads[i % 2], {"scalars": orjson.dumps({"loss": 1.0 / (i + 1)}).decode()})
+               for i in range(64)] if new_metadata else [st_save(g) for g in grads])
     count = [0]
     last: list[bytes] = [b""]
-    with httpx.Client(base_url=url, timeout=600) as http:
-        r = http.post("/v1/sessions", content=orjson.dumps(body),
-                      headers={"Content-Type": "application/json"})
-        assert r.status_code == 201, r.text[:500]
-
-        def step() -> None:
-            r = http.post(f"/v1/sessions/{sid}/step", content=bodies[count[0] % 2],
-                          headers={"Content-Type": BINARY, "Accept": BINARY})
-            assert r.status_code == 200, r.text[:500]
-            last[0] = r.content
-            count[0] += 1
-
-        ms = median_ms(step, reps, warmup=3)
-        http.delete(f"/v1/sessions/{sid}")
-    return ms, st_load(last[0])
-
-
-def with_metadata(url: str, k: int, s: int, opt: str, reps: int) -> float:
-    """The optserve client's step, each body with new ``__metadata__`` (a loss)."""
-    sid = f"meta-{k}x{s}-{opt}"
-    spec = OPTIMIZERS[opt]
-    body = {"id": sid, "optimizer": spec.name, "options": spec.options,
-            "params": {n: {"dtype": "float32", "shape": [s],
-                           "b64": base64.b64encode(t.numpy().tobytes()).decode()}
-                       for n, t in _tensors(k, s, 1).items()}}
-    grads = [_tensors(k, s, 2), _tensors(k, s, 3)]
-    bodies = [st_save(grads[i % 2], {"scalars": orjson.dumps({"loss": 1.0 / (i + 1)}).decode()})
-              for i in range(64)]
-    count = [0]
     with httpx.Client(base_url=url, timeout=600) as http:
         r = http.post("/v1/sessions", content=orjson.dumps(body),
                       headers={"Content-Type": "application/json"})
@@ -127,11 +102,12 @@ def with_metadata(url: str, k: int, s: int, opt: str, reps: int) -> float:
             r = http.post(f"/v1/sessions/{sid}/step", content=bodies[count[0] % len(bodies)],
                           headers={"Content-Type": BINARY, "Accept": BINARY})
             assert r.status_code == 200, r.text[:500]
+            last[0] = r.content
             count[0] += 1
 
         ms = median_ms(step, reps, warmup=3)
         http.delete(f"/v1/sessions/{sid}")
-    return ms
+    return ms, st_load(last[0])
 
 
 def sdk_same_host(url: str, k: int, s: int, opt: str, reps: int
@@ -181,7 +157,7 @@ def main() -> None:
                 local_ms, want = in_process(k, s, opt, reps)
                 on_ms, got = optserve(url, k, s, opt, reps, True)
                 off_ms, _ = optserve(url, k, s, opt, reps, False)
-                meta_ms = with_metadata(url, k, s, opt, reps)
+                meta_ms, _ = optserve(url, k, s, opt, reps, True, new_metadata=True)
                 sdk_ms, sdk_got = sdk_same_host(url, k, s, opt, reps)
                 # each ran 3 warm-up + reps steps of the same alternating gradients
                 same = all(torch.equal(got[n], want[n]) and torch.equal(sdk_got[n], want[n])

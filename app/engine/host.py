@@ -631,7 +631,7 @@ class EmbeddedHost:
                         if scalars else None)
             result: StepResult = await self._run(key, session, step, keys, want_params, sync)
         if isinstance(result.params, PackedTensors):  # every worker's answer sends them
-            result.params.shared = True
+            result.params.share()
         self._version_changed(key)
         return result
 
@@ -1047,7 +1047,7 @@ def _narrowed(params: Tensors, dtype: torch.dtype) -> PackedTensors:
     def make() -> PackedTensors:
         out = pack({n: t.to(dtype) if t.element_size() > dtype.itemsize else t
                     for n, t in params.items()})
-        out.shared = True
+        out.share()
         return out
     if isinstance(params, PackedTensors) and params.shared:
         return params.encoded(("narrow", dtype), make)

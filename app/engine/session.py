@@ -499,14 +499,8 @@ class Session:
         in its parameter's dtype, or narrowed to ``dtype`` where that is narrower."""
         if dest.keys() != self.params.keys():
             return False
-        if dtype is None:  # gradients checked in their parameters' dtypes and shapes
-            return True
-        for name, p in self.params.items():
-            t = dest[name]
-            want = dtype if p.element_size() > dtype.itemsize else p.dtype
-            if t.dtype != want or t.shape != p.shape:
-                return False
-        return True
+        # (without dtype: gradients checked in their parameters' dtypes and shapes)
+        return dtype is None or self._misfit(dest, dest.keys(), dtype) is None
 
     def check_room(self, dest: Tensors, sent: Tensors | None = None) -> None:
         """Refuse (409 ``binding_stale``) views the caller holds for the parameters (a
@@ -516,13 +510,25 @@ class Session:
         gradient's own view was checked with it. Called before anything is applied."""
         if sent is not None and len(dest) == len(sent) and dest.keys() == sent.keys():
             return
-        for name in dest.keys() - (sent.keys() if sent is not None else set()):
+        name = self._misfit(dest, dest.keys() - (sent.keys() if sent is not None else set()))
+        if name is not None:
+            raise Conflict(f"the buffers bound for this session no longer fit its "
+                           f"parameter {name!r:.80} (the session changed since they "
+                           "were bound): bind again", code="binding_stale", field="binding")
+
+    def _misfit(self, dest: Tensors, names: Iterable[str],
+                dtype: torch.dtype | None = None) -> str | None:
+        """The first of ``names`` whose view in ``dest`` cannot take its parameter as sent
+        (no such parameter, another shape, or another dtype than the parameter's, narrowed to
+        ``dtype`` where that is narrower); None when every one can."""
+        for name in names:
             p, t = self.params.get(name), dest[name]
-            if p is None or t.dtype != p.dtype or t.shape != p.shape:
-                raise Conflict(f"the buffers bound for this session no longer fit its "
-                               f"parameter {name!r:.80} (the session changed since they "
-                               "were bound): bind again", code="binding_stale",
-                               field="binding")
+            if p is None:
+                return name
+            want = dtype if dtype is not None and p.element_size() > dtype.itemsize else p.dtype
+            if t.dtype != want or t.shape != p.shape:
+                return name
+        return None
 
     def pack_params(self, names: list[str] | None = None,
                     dtype: torch.dtype | None = None) -> PackedTensors:
@@ -627,7 +633,7 @@ class Session:
 def flat_block(tensors: Tensors, device: torch.device) -> Tensors:
     """Copies of ``tensors`` on ``device`` as views into one buffer, laid out as :func:`pack`
     lays them out (widest dtype first): every parameter of a session is its own tensor to
-    torch, and the whole session can be copied out at once (:func:`pack_block`). A 1-D
+    torch, and the whole session can be copied out at once (:class:`BlockPlan`). A 1-D
     parameter leaves the block when it first takes a row-sparse gradient
     (:func:`app.engine.sparse.own_storage`)."""
     order = sorted(tensors, key=lambda n: -tensors[n].element_size())
@@ -648,7 +654,7 @@ def flat_block(tensors: Tensors, device: torch.device) -> Tensors:
 
 @dataclass
 class BlockPlan:
-    """How a session's parameters are copied out with one copy (:func:`pack_block`), worked
+    """How a session's parameters are copied out with one copy (:meth:`pack`), worked
     out once and kept (``Session.block_plan``) while the very same parameter tensors stay at
     the same addresses: then each answer is one copy under a header from kept entries, its
     views made only if something looks inside (1,000 tensors: no per-tensor checks, no
@@ -705,13 +711,6 @@ class BlockPlan:
         if cuda:
             torch.cuda.current_stream().synchronize()
         return PackedTensors.deferred(base, self.views, self.entries)
-
-
-def pack_block(params: Tensors) -> PackedTensors | None:
-    """All of ``params`` copied out with one copy, when they tile one :func:`flat_block` in
-    :func:`pack`'s order (:class:`BlockPlan`); else None."""
-    plan = BlockPlan.of(params)
-    return plan.pack() if plan is not None else None
 
 
 _NARROW = (torch.float16, torch.bfloat16)

@@ -24,7 +24,7 @@ import torch
 from app.engine import optimizers
 from app.errors import Invalid
 from app.wire.dtypes import DTYPE_NAMES
-from app.wire.safetensors_body import BodyTensors
+from app.wire.tensor_maps import dense_body
 
 if TYPE_CHECKING:
     from app.engine.interface import Tensors
@@ -49,7 +49,7 @@ def own_storage(s: Session, grads: dict[str, torch.Tensor]) -> None:
     views of the session's one block (:func:`app.engine.session.flat_block`: one copy sends
     them all), and only those that take such gradients leave it: their values do not change,
     and a replay makes the same move at the same step."""
-    if isinstance(grads, BodyTensors):  # dense, as safetensors bodies decode
+    if dense_body(grads):
         return
     with torch.no_grad():
         for name, g in grads.items():
@@ -140,8 +140,7 @@ def check_optimizer_takes(s: Session, grads: Tensors, field: str = "grads") -> N
                       code="evaluation_protocol", field=field)
     if not grads:
         return
-    sparse_names = ([] if isinstance(grads, BodyTensors)
-                    else [n for n, t in grads.items() if is_sparse(t)])
+    sparse_names = [] if dense_body(grads) else [n for n, t in grads.items() if is_sparse(t)]
     if name in SPARSE_ONLY:
         dense = [n for n in grads if n not in sparse_names]
         if dense:

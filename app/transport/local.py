@@ -136,12 +136,13 @@ class Binding:
         self.grad_bytes = base[:grads_end]
         self.private_bytes: torch.Tensor | None = None
         #: the gradient slots as a body's tensors are planned (runs of one dtype laid end to
-        #: end: app.wire.safetensors_header.plan_pieces), and the runs over each buffer
+        #: end: app.wire.safetensors_header.plan_pieces), and their views over the bytes a
+        #: step reads (:meth:`runs`)
         self.pieces = plan_pieces(
             sorted((s.grad, s.grad + s.nbytes, s.name) for s in self.slots),
             {s.name: (TORCH_DTYPES[s.dtype], tuple(s.shape), s.nbytes // TORCH_DTYPES[
                 s.dtype].itemsize) for s in self.slots})
-        self._kept_runs: dict[int, tuple[tuple[torch.Tensor, tuple[str, ...]], ...]] = {}
+        self._runs: tuple[tuple[torch.Tensor, tuple[str, ...]], ...] | None = None
         #: the slots' names, dtypes and shapes (BodyTensors.header of every slot's gradients)
         self.key = b"local:" + orjson.dumps([[s.name, s.dtype, s.shape] for s in self.slots])
         self.layout = {"size": self.size, "params": [
@@ -166,7 +167,7 @@ class Binding:
             return {n: held[n] for n in names}
         out = BodyTensors(held)
         out.header = self.key
-        out.runs = self._runs(self.held_bytes())
+        out.runs = self.runs()
         return out
 
     def held_bytes(self) -> torch.Tensor:
@@ -176,14 +177,15 @@ class Binding:
         assert held is not None
         return held
 
-    def _runs(self, raw: torch.Tensor) -> tuple[tuple[torch.Tensor, tuple[str, ...]], ...]:
-        """The runs of :attr:`pieces` as views of ``raw``, made once per buffer."""
-        kept = self._kept_runs.get(raw.data_ptr())
-        if kept is None:
-            kept = self._kept_runs[raw.data_ptr()] = tuple(
-                (raw[begin:end].view(dtype), names)
-                for begin, end, dtype, names, numels, _ in self.pieces if numels is not None)
-        return kept
+    def runs(self) -> tuple[tuple[torch.Tensor, tuple[str, ...]], ...]:
+        """The runs of :attr:`pieces` as views of :meth:`held_bytes` (always the same
+        buffer), made once."""
+        if self._runs is None:
+            raw = self.held_bytes()
+            self._runs = tuple((raw[begin:end].view(dtype), names)
+                               for begin, end, dtype, names, numels, _ in self.pieces
+                               if numels is not None)
+        return self._runs
 
     def digest(self, names: list[str], grads: dict[str, torch.Tensor]) -> str:
         """A fingerprint of the gradients a step takes (:func:`body_digest`): of the slots'
@@ -197,7 +199,7 @@ class Binding:
     def close(self) -> None:
         self.private.clear()
         self.private_bytes = None
-        self._kept_runs.clear()
+        self._runs = None
         self.grad_bytes = torch.empty(0, dtype=torch.uint8)
         self.grads.clear()
         self.params.clear()

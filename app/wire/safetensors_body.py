@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import orjson
 import torch
@@ -17,7 +16,6 @@ import torch
 from app.errors import BadRequest
 from app.runtime import gc_paused
 from app.wire.safetensors_header import (
-    ST_DTYPE_NAMES,
     HeaderLayout,
     checked_header,
     header_entries,
@@ -25,8 +23,8 @@ from app.wire.safetensors_header import (
 from app.wire.tensor_maps import BodyTensors, PackedTensors, cut_views, packed_from_plan, view_plan
 
 __all__ = ["BodyTensors", "PackedTensors", "header_entries", "packed_from_plan", "pack",
-           "packed_header", "packed_views", "read_safetensors", "safetensors_header",
-           "safetensors_parts", "view_plan", "write_safetensors"]
+           "packed_header", "read_safetensors", "safetensors_header", "safetensors_parts",
+           "view_plan", "write_safetensors"]
 
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -104,17 +102,16 @@ def safetensors_header(
 ) -> bytes:
     """The safetensors header (length prefix included) for ``tensors`` laid out one after
     another in this mapping's order."""
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = metadata
-    pos = 0
     with gc_paused() if len(tensors) >= 1000 else contextlib.nullcontext():
-        for name, t in tensors.items():
-            n = t.nbytes
-            header[name] = {"dtype": ST_DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                            "data_offsets": [pos, pos + n]}
-            pos += n
-    raw = orjson.dumps(header)
+        entries = header_entries([(name, t.dtype, t.shape) for name, t in tensors.items()])
+    return _framed(entries, metadata)
+
+
+def _framed(entries: bytes, metadata: dict[str, str] | None) -> bytes:
+    """A header from its tensor entries (:func:`header_entries`) and ``__metadata__``: the
+    bytes orjson writes for the whole object, padded to 8, after its length."""
+    meta = b'"__metadata__":' + orjson.dumps(metadata) if metadata else b""
+    raw = b"{" + meta + (b"," if meta and entries else b"") + entries + b"}"
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw
 
@@ -163,19 +160,9 @@ def pack(tensors: dict[str, torch.Tensor]) -> PackedTensors:
     return out
 
 
-def packed_views(base: torch.Tensor, layout: list[tuple[str, torch.dtype, torch.Size]],
-                 numels: list[int] | None = None) -> PackedTensors:
-    """Views of ``base`` (bytes) for tensors laid out one after another in this order."""
-    return packed_from_plan(base, view_plan(layout, numels))
-
-
 def packed_header(packed: PackedTensors, metadata: dict[str, str] | None) -> bytes:
     """The safetensors header (length prefix included) for ``packed``'s buffer: the same bytes
     as :func:`safetensors_header`, from its kept ``entries`` where it has them."""
-    if not packed.entries:
+    if packed.entries is None:
         return safetensors_header(packed, metadata)
-    meta = b'"__metadata__":' + orjson.dumps(metadata) + b"," if metadata else b""
-    raw = b"{" + meta + packed.entries + b"}"
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
-
+    return _framed(packed.entries, metadata)

@@ -21,8 +21,6 @@ if TYPE_CHECKING:
 
 
 T = TypeVar("T")
-#: guards the making of each PackedTensors' own lock
-_LOCKS = threading.Lock()
 
 
 def _dict_method(name: str, first: str) -> Any:
@@ -86,6 +84,12 @@ class BodyTensors(_Derived):
         return [name for _, _, name in layout.spans], layout.file_entries
 
 
+def dense_body(tensors: object) -> bool:
+    """Whether ``tensors`` are a body's as decoding (or a same-host binding) made them, and
+    unchanged since: dense tensors, every one (no row-sparse gradient can be among them)."""
+    return isinstance(tensors, BodyTensors) and tensors.header is not None
+
+
 class PackedTensors(_Derived):
     """Tensors that are views into one buffer laid out as a safetensors data section (in this
     dict's order), so a safetensors body is just a header plus ``buffer``: no further copy.
@@ -98,22 +102,25 @@ class PackedTensors(_Derived):
     #: views not made yet (:meth:`deferred`): the bytes and their view plan
     _pending: tuple[torch.Tensor, tuple[Piece, ...]] | None = None
     #: sent in several answers (a sync round's parameters go to each of its workers): their
-    #: encodings are made once (:meth:`encoded`)
+    #: encodings are made once (:meth:`share`, :meth:`encoded`)
     shared: bool = False
     _encodings: dict[object, Any] | None = None
     _encoding_lock: threading.Lock | None = None
 
+    def share(self) -> None:
+        """Mark these tensors as sent in several answers: :meth:`encoded` keeps encodings."""
+        self._encoding_lock = threading.Lock()
+        self._encodings = {}
+        self.shared = True
+
     def encoded(self, what: object, make: Callable[[], T]) -> T:
-        """``make()`` (an encoding of these tensors: ``what`` names it), made once and kept
-        while the mapping lives and stays as it is; the first answer to ask makes it, the
-        others wait for it and take it."""
-        with _LOCKS:
-            lock = self._encoding_lock
-            if lock is None:
-                lock = self._encoding_lock = threading.Lock()
-        with lock:
+        """``make()`` (an encoding of these :meth:`share` d tensors: ``what`` names it), made
+        once and kept while the mapping lives and stays as it is; the first answer to ask
+        makes it, the others wait for it and take it."""
+        assert self._encoding_lock is not None, "encoded() of tensors not shared"
+        with self._encoding_lock:
             kept = self._encodings
-            if kept is None:
+            if kept is None:  # (the mapping changed since: nothing kept holds)
                 kept = self._encodings = {}
             if what not in kept:
                 kept[what] = make()

@@ -1,11 +1,20 @@
-"""``pack_block``: a session's parameters copied out with one copy when they tile its flat
+"""``BlockPlan``: a session's parameters copied out with one copy when they tile its flat
 block, and None (the caller packs them one by one) whenever they do not."""
 
 from __future__ import annotations
 
 import torch
 
-from app.engine.session import flat_block, pack_block
+from app.engine.interface import Tensors
+from app.engine.session import BlockPlan, flat_block
+from app.wire.safetensors_body import PackedTensors
+
+
+def pack_block(params: Tensors) -> PackedTensors | None:
+    """All of ``params`` copied out with one copy, when they tile one flat block in
+    ``pack``'s order; else None."""
+    plan = BlockPlan.of(params)
+    return plan.pack() if plan is not None else None
 
 
 def block(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

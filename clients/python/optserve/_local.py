@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from . import _tensors
 from ._exceptions import APIStatusError, make_status_error
 from ._tensors import TensorLike
 
@@ -56,8 +57,6 @@ class Binding:
 
 def _views(buf: mmap.mmap, layout: list[dict[str, Any]], key: str) -> dict[str, Any]:
     """Tensors (torch when the SDK returns torch tensors, else numpy) over one kind of slot."""
-    from . import _tensors
-
     torch = _tensors.torch if _tensors.USE_TORCH else None
     out: dict[str, Any] = {}
     base = np.frombuffer(buf, dtype=np.uint8)
@@ -243,7 +242,7 @@ class LocalChannel:
 def _copy_all(slots: Mapping[str, Any], grads: Mapping[str, TensorLike]) -> None:
     """Copy each gradient into its slot (:func:`_copy`), the torch tensors that fit theirs
     exactly with one ``torch._foreach_copy_`` (1,000 small tensors: one call, not 1,000)."""
-    torch = _torch()
+    torch = _tensors.torch
     tensor = torch.Tensor if torch is not None else ()
     dests: list[Any] = []
     srcs: list[Any] = []
@@ -258,14 +257,6 @@ def _copy_all(slots: Mapping[str, Any], grads: Mapping[str, TensorLike]) -> None
     if dests:
         with torch.no_grad():
             torch._foreach_copy_(dests, srcs)
-
-
-def _torch() -> Any:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return None
-    return torch
 
 
 def _copy(dest: Any, src: Any) -> None:
