@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,19 +41,27 @@ def server(
     app: str = "benchmarks.bench_app:app",
     start_timeout_s: float = 90,
     log: Path | None = None,
+    cwd: Path | str | None = None,
+    unset: Iterable[str] = (),
 ) -> Iterator[str]:
     """Yield the base URL of a ready server; ``command`` replaces the uvicorn command line
     (it must serve on ``port``). CPU, a 2 GB body limit and a fresh data directory unless
     ``env`` says otherwise; ``start_timeout_s`` bounds the wait for ``/readyz``; ``log``
-    takes the server's stdout and stderr (default: this process's)."""
+    takes the server's stdout and stderr (default: this process's); ``cwd`` is the server's
+    working directory (default: this process's); ``unset`` names variables removed from the
+    server's environment (after ``env`` and the defaults above are applied)."""
     port = port or free_port()
     cmd = command or uvicorn_command(app, port)
+    env = env or {}
     full_env = {**os.environ, "OPTSERVE_DEVICE": "cpu", "OPTSERVE_MAX_BODY_MB": "2048",
-                "OPTSERVE_DATA_DIR": tempfile.mkdtemp(prefix="optserve-bench-"),
-                "OPTSERVE_LOG_LEVEL": "warning", **(env or {})}
+                "OPTSERVE_LOG_LEVEL": "warning", **env}
+    if "OPTSERVE_DATA_DIR" not in env:
+        full_env["OPTSERVE_DATA_DIR"] = tempfile.mkdtemp(prefix="optserve-bench-")
+    for key in unset:
+        full_env.pop(key, None)
     out = open(log, "ab") if log else None  # closed in the finally below
-    proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT if out
-                            else None)
+    proc = subprocess.Popen(cmd, env=full_env, cwd=cwd, stdout=out,
+                            stderr=subprocess.STDOUT if out else None)
     url = f"http://127.0.0.1:{port}"
     PIDS[url] = proc.pid
     PROCS[url] = proc
@@ -65,8 +73,12 @@ def server(
                     break
             except httpx.TransportError:
                 pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("benchmark server did not start")
+            if proc.poll() is not None:
+                raise RuntimeError(f"benchmark server did not start: it exited with code "
+                                   f"{proc.returncode} before /readyz answered 200")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"benchmark server did not start: /readyz did not answer "
+                                   f"200 within {start_timeout_s:g} s")
             time.sleep(0.1)
         yield url
     finally:
