@@ -13,6 +13,6 @@ _optserve = create_app()
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "http" and scope["path"] == ECHO_PATH:
-        await echo(receive, send)
+        await echo(scope, receive, send)
         return
     await _optserve(scope, receive, send)

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from benchmarks._peers import transfer
 from benchmarks._peers.base import GradSystem, RunConfig, System, register
 from benchmarks._peers.cases import Case
 from benchmarks._server import PIDS, PROCS, free_port, server
@@ -44,16 +45,20 @@ class HttpSystem(System):
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"{self.name}-{self.durability or 'server'}.log"
 
-    def post(self, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
-        """POST, and when the server is gone say how it ended and what it logged."""
+    def post(self, path: str, content: list[bytes | memoryview],
+             headers: dict[str, str]) -> tuple[int, bytearray]:
+        """POST the way ``transfer.post`` does (the body in pieces, the answer into one
+        buffer); when the server is gone, say how it ended and what it logged."""
         try:
-            return self.http.post(path, content=content, headers=headers)
+            return transfer.post(self.http, path, content, headers)
         except httpx.TransportError as exc:
-            proc = PROCS.get(self.url)
-            code = proc.poll() if proc else None
-            tail = self.log_path().read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{exc!r}; server exit status {code}; its log ends:\n"
-                               f"{tail}") from exc
+            raise self.gone(exc) from exc
+
+    def gone(self, exc: Exception) -> RuntimeError:
+        proc = PROCS.get(self.url)
+        code = proc.poll() if proc else None
+        tail = self.log_path().read_text(errors="replace")[-3000:]
+        return RuntimeError(f"{exc!r}; server exit status {code}; its log ends:\n{tail}")
 
     def serve(self) -> Any:
         raise NotImplementedError
@@ -68,8 +73,9 @@ class HttpSystem(System):
 @register
 class Echo(HttpSystem, GradSystem):
     """The same safetensors bytes optserve-binary sends, posted and read back unchanged from a
-    minimal ASGI app (``benchmarks/echo_app.py``) under uvicorn: no encoding, no decoding, no
-    optimizer. Checked by comparing the bytes that came back."""
+    minimal ASGI app (``benchmarks/echo_app.py``) under uvicorn, moved as optserve-binary
+    moves them (``transfer.post``): no encoding, no decoding, no optimizer. Checked by
+    comparing the bytes that came back."""
 
     name = "echo"
     check = "self"
@@ -82,15 +88,15 @@ class Echo(HttpSystem, GradSystem):
         return {"command": "uvicorn benchmarks.echo_app:app --loop uvloop --http httptools"}
 
     def prepare(self, case: Case, initial: torch.Tensor) -> None:
-        self.bodies = [st_save({"w": g}) for g in self.grads]
-        self.last_sent = self.last = b""
+        self.bodies = [b"".join(transfer.safetensors_buffers({"w": g})) for g in self.grads]
+        self.last_sent, self.last = b"", bytearray()
 
     def exchange(self, grad_index: int) -> None:
         body = self.bodies[grad_index]
-        r = self.post(ECHO_PATH, body, {"Content-Type": BINARY})
-        if r.status_code != 200:
-            raise RuntimeError(f"echo answered {r.status_code}")
-        self.last_sent, self.last = body, r.content
+        status, self.last = self.post(ECHO_PATH, [body], {"Content-Type": BINARY})
+        if status != 200:
+            raise RuntimeError(f"echo answered {status}")
+        self.last_sent = body
 
     def self_check(self) -> str | None:
         if not self.last_sent:
@@ -126,26 +132,28 @@ class Optserve(HttpSystem, GradSystem):
         body = {"id": self.sid, "optimizer": case.spec.name, "options": case.spec.options,
                 "params": {"w": {"dtype": "float32", "shape": [case.n],
                                  "b64": base64.b64encode(initial.numpy().tobytes()).decode()}}}
-        r = self.post("/v1/sessions", orjson.dumps(body), {"Content-Type": "application/json"})
-        if r.status_code != 201:
-            raise RuntimeError(f"create session: {r.status_code} {r.text[:500]}")
+        status, answer = self.post("/v1/sessions", [orjson.dumps(body)],
+                                   {"Content-Type": "application/json"})
+        if status != 201:
+            raise RuntimeError(f"create session: {status} {bytes(answer[:500])!r}")
         self.path = f"/v1/sessions/{self.sid}/step"
         self.last: npt.NDArray[np.float32] | None = None
 
-    def encode(self, grad: torch.Tensor) -> bytes:
-        """The step request body for one gradient (timed: the worker pays it)."""
+    def encode(self, grad: torch.Tensor) -> list[bytes | memoryview]:
+        """The step request body for one gradient, as buffers sent one after the other
+        (timed: the worker pays it)."""
         raise NotImplementedError
 
-    def decode(self, body: bytes) -> npt.NDArray[np.float32]:
+    def decode(self, body: bytearray) -> npt.NDArray[np.float32]:
         """The updated parameters from the step response (timed)."""
         raise NotImplementedError
 
     def exchange(self, grad_index: int) -> None:
-        r = self.post(self.path, self.encode(self.grads[grad_index]),
-                      {"Content-Type": self.content_type, "Accept": self.content_type})
-        if r.status_code != 200:
-            raise RuntimeError(f"step: {r.status_code} {r.text[:500]}")
-        self.last = self.decode(r.content)
+        status, body = self.post(self.path, self.encode(self.grads[grad_index]),
+                                 {"Content-Type": self.content_type, "Accept": self.content_type})
+        if status != 200:
+            raise RuntimeError(f"step: {status} {bytes(body[:500])!r}")
+        self.last = self.decode(body)
 
     def params(self) -> npt.NDArray[np.float32]:
         if self.last is None:
@@ -158,16 +166,39 @@ class Optserve(HttpSystem, GradSystem):
 
 @register
 class OptserveBinary(Optserve):
-    """Safetensors both ways (``safetensors.torch.save`` / ``load``, as a user would)."""
+    """Safetensors both ways, without copies in the worker: the body is the framed header and
+    a view of the gradient's memory (``transfer.safetensors_buffers``), the new parameters a
+    view of the answer's buffer (``transfer.read_safetensors``)."""
 
     name = "optserve-binary"
 
-    def encode(self, grad: torch.Tensor) -> bytes:
-        return st_save({"w": grad})
+    def encode(self, grad: torch.Tensor) -> list[bytes | memoryview]:
+        return transfer.safetensors_buffers({"w": grad})
 
-    def decode(self, body: bytes) -> npt.NDArray[np.float32]:
-        out: npt.NDArray[np.float32] = st_load(body)["w"].numpy()
+    def decode(self, body: bytearray) -> npt.NDArray[np.float32]:
+        out: npt.NDArray[np.float32] = transfer.read_safetensors(body)["w"].numpy()
         return out
+
+
+@register
+class OptserveBinarySafetensors(Optserve):
+    """optserve-binary as a user of ``safetensors.torch`` and httpx's defaults writes it:
+    ``save`` builds the body (a copy of the gradient), ``httpx.Client.post(content=...)``
+    sends it (h11 copies it whole once more) and ``load(response.content)`` reads the answer
+    (httpx joins it into one ``bytes``, ``load`` copies it): three more 4N-byte buffers per
+    step than optserve-binary, each a fresh one whose pages fault in."""
+
+    name = "optserve-binary-st"
+
+    def exchange(self, grad_index: int) -> None:
+        try:
+            r = self.http.post(self.path, content=st_save({"w": self.grads[grad_index]}),
+                               headers={"Content-Type": BINARY, "Accept": BINARY})
+        except httpx.TransportError as exc:
+            raise self.gone(exc) from exc
+        if r.status_code != 200:
+            raise RuntimeError(f"step: {r.status_code} {r.text[:500]}")
+        self.last = st_load(r.content)["w"].numpy()
 
 
 @register
@@ -181,12 +212,12 @@ class OptserveJson(Optserve):
     def supports(cls, case: Case, config: RunConfig) -> bool:
         return case.n <= config.json_max_n
 
-    def encode(self, grad: torch.Tensor) -> bytes:
-        return orjson.dumps({"grads": {"w": {"dtype": "float32", "shape": [grad.numel()],
-                                             "data": grad.numpy()}}},
-                            option=orjson.OPT_SERIALIZE_NUMPY)
+    def encode(self, grad: torch.Tensor) -> list[bytes | memoryview]:
+        return [orjson.dumps({"grads": {"w": {"dtype": "float32", "shape": [grad.numel()],
+                                              "data": grad.numpy()}}},
+                             option=orjson.OPT_SERIALIZE_NUMPY)]
 
-    def decode(self, body: bytes) -> npt.NDArray[np.float32]:
+    def decode(self, body: bytearray) -> npt.NDArray[np.float32]:
         return np.asarray(orjson.loads(body)["params"]["w"]["data"], dtype=np.float32)
 
 
@@ -249,11 +280,11 @@ class OptserveBf16(OptserveBinary):
         super().prepare(case, initial)
         self.path += "?upcast=true&params_dtype=bfloat16"
 
-    def encode(self, grad: torch.Tensor) -> bytes:
-        return st_save({"w": grad.to(torch.bfloat16)})
+    def encode(self, grad: torch.Tensor) -> list[bytes | memoryview]:
+        return transfer.safetensors_buffers({"w": grad.to(torch.bfloat16)})
 
-    def decode(self, body: bytes) -> npt.NDArray[np.float32]:
-        out: npt.NDArray[np.float32] = st_load(body)["w"].float().numpy()
+    def decode(self, body: bytearray) -> npt.NDArray[np.float32]:
+        out: npt.NDArray[np.float32] = transfer.read_safetensors(body)["w"].float().numpy()
         return out
 
     def params(self) -> npt.NDArray[np.float32]:

@@ -1,6 +1,6 @@
-"""``benchmarks/peers.py`` end to end at N = 1e3 (in-process, echo, optserve-binary, the
-same-host path through ``RemoteOptimizer``, torch RPC; 2 rounds): every system's result must
-equal in-process torch bitwise. No timing asserts. About 30 s of CPU (eight processes import
+"""``benchmarks/peers.py`` end to end at N = 1e3 (in-process, echo, optserve-binary as a lean
+httpx client and as a ``safetensors.torch`` one, the same-host path through ``RemoteOptimizer``,
+torch RPC; 2 rounds): every system's result must equal in-process torch bitwise. No timing asserts. About 30 s of CPU (eight processes import
 torch): 60-70 s at load 5 on a 2-core machine, up to 3 min at load 10."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-SYSTEMS = ["in-process", "echo", "torch-rpc", "optserve-binary", "optserve-shm"]
+SYSTEMS = ["in-process", "echo", "torch-rpc", "optserve-binary", "optserve-binary-st",
+           "optserve-shm"]
 
 
 def test_peers_smoke_bitwise(tmp_path: Path) -> None:

@@ -1,10 +1,15 @@
 """The pure parts of ``benchmarks/peers.py``: bitwise comparison, replay, interleaving, the
-skip of a system whose dependency is missing."""
+skip of a system whose dependency is missing, the HTTP systems' safetensors framing."""
 
 from __future__ import annotations
 
 import numpy as np
+import orjson
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
+from benchmarks._peers import transfer
 from benchmarks._peers.base import System
 from benchmarks._peers.cases import Case, bitwise_diff, fmt_n, replay
 from benchmarks._peers.driver import _available
@@ -65,3 +70,46 @@ def test_missing_dependency_skips_with_a_hint() -> None:
 def test_fmt_n() -> None:
     assert [fmt_n(n) for n in (1_000, 10_000_000, 20_000, 25_000)] == ["1e3", "1e7", "2e4",
                                                                 "25000"]
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {"w": torch.randn(1000, generator=g),
+            "m": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+            "h": torch.randn(7, generator=g).to(torch.float16),
+            "e": torch.empty(0)}
+
+
+def test_safetensors_buffers_are_a_body_the_safetensors_package_reads() -> None:
+    tensors = _tensors()
+    buffers = transfer.safetensors_buffers(tensors)
+    # the tensors' own memory, not copies: a change to a tensor shows in its buffer
+    tensors["w"][0] = 42.0
+    loaded = st_load(b"".join(buffers))
+    assert loaded.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
+    assert loaded["w"][0].item() == 42.0
+
+
+def test_read_safetensors_views_the_body() -> None:
+    tensors = _tensors()
+    body = bytearray(st_save(tensors, metadata={"k": "v"}))
+    out = transfer.read_safetensors(body)
+    assert out.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert out[name].dtype == t.dtype and out[name].shape == t.shape
+        assert torch.equal(out[name], t), name
+    # a view of the body: writing the body changes the tensor (no copy was made)
+    header = int.from_bytes(body[:8], "little")
+    offset = 8 + header + orjson.loads(bytes(body[8:8 + header]))["w"]["data_offsets"][0]
+    body[offset:offset + 4] = torch.tensor([7.5]).numpy().tobytes()
+    assert out["w"][0].item() == 7.5
+
+
+def test_pieces_cut_without_losing_bytes() -> None:
+    data = bytes(range(256)) * 4099  # not a multiple of the piece size
+    views, length = transfer.pieces([b"head", data, memoryview(b"")])
+    assert length == 4 + len(data)
+    assert all(0 < len(v) <= transfer.PIECE for v in views)
+    assert b"".join(views) == b"head" + data
