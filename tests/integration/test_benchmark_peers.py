@@ -1,7 +1,8 @@
 """``benchmarks/peers.py`` end to end at N = 1e3 (in-process, echo, optserve-binary as a lean
 httpx client and as a ``safetensors.torch`` one, the same-host path through ``RemoteOptimizer``,
-torch RPC; 2 rounds): every system's result must equal in-process torch bitwise. No timing asserts. About 30 s of CPU (eight processes import
-torch): 60-70 s at load 5 on a 2-core machine, up to 3 min at load 10."""
+torch RPC; 2 rounds): every system's result must equal in-process torch bitwise. No timing
+asserts. About 35 s of CPU (nine processes import torch): 60-80 s at load 5 on a 2-core
+machine, up to 3 min at load 10."""
 
 from __future__ import annotations
 
