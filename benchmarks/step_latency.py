@@ -59,6 +59,8 @@ def orjson_roundtrip(n: int) -> Runner:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-n", type=float, default=1e7)
+    ap.add_argument("--sizes", default=None,
+                    help="N, comma-separated (default: 1e3 ... 1e7 up to --max-n)")
     ap.add_argument("--quick", action="store_true", help="2 rounds instead of 5")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--durability", choices=["memory", "interval", "step"], default="memory",
@@ -68,7 +70,8 @@ def main() -> None:
                     help="largest N for the (slow) JSON column")
     args = ap.parse_args()
     rounds = args.rounds or (2 if args.quick else 5)
-    sizes = [n for n in (1_000, 10_000, 100_000, 1_000_000, 10_000_000) if n <= args.max_n]
+    sizes = ([int(float(x)) for x in args.sizes.split(",")] if args.sizes else
+             [n for n in (1_000, 10_000, 100_000, 1_000_000, 10_000_000) if n <= args.max_n])
     threads = os.environ.get("OPTSERVE_TORCH_THREADS", "0")
     if threads != "0":
         torch.set_num_threads(int(threads))

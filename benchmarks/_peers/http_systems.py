@@ -233,12 +233,15 @@ class OptserveShm(Optserve):
     name = "optserve-shm"
     #: the session's per-step metrics (None: the server's default, on)
     metrics: ClassVar[bool | None] = None
+    #: the SDK client's transport
+    transport: ClassVar[str] = "local"
 
     def start(self) -> dict[str, Any]:
         facts = super().start()
         import optserve
 
-        self.client = self._stack.enter_context(optserve.Client(self.url, transport="local"))
+        self.client = self._stack.enter_context(optserve.Client(
+            self.url, transport=self.transport))
         return facts
 
     def prepare(self, case: Case, initial: torch.Tensor) -> None:
@@ -264,6 +267,16 @@ class OptserveShmNoMetrics(OptserveShm):
 
     name = "optserve-shm-nometrics"
     metrics = False
+
+
+@register
+class OptserveSdkHttp(OptserveShm):
+    """``optserve-shm`` over TCP: ``RemoteOptimizer`` with ``optserve.Client(url,
+    transport="http")``, safetensors both ways (the SDK's own framing: the body sent in pieces
+    from the gradient's memory, the answer read into one buffer and copied into ``p``)."""
+
+    name = "optserve-sdk-http"
+    transport = "http"
 
 
 @register

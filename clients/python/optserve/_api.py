@@ -24,7 +24,7 @@ from ._constants import (
     VERSION_HEADER,
     WORKER_HEADER,
 )
-from ._safetensors import WireTensor
+from ._safetensors import Body, WireTensor
 from ._sparse import SparseWire
 from ._tensors import Tensor, TensorLike
 from ._types import (
@@ -58,7 +58,8 @@ class APICall(Generic[R]):
     path: str
     parse: Callable[[httpx.Response], R]
     params: list[tuple[str, str]] = field(default_factory=list)
-    content: bytes | None = None
+    #: a safetensors body stays a :class:`~optserve._safetensors.Body` (its buffers, unjoined)
+    content: bytes | Body | None = None
     content_type: str | None = None
     accept: str = JSON
     #: Safe to send twice. Only idempotent calls are retried after the request may have
@@ -242,9 +243,9 @@ def _json_body(obj: Any) -> tuple[bytes, str]:
 
 def _tensor_body(
     tensors: Mapping[str, WireTensor | SparseWire], key: str, binary: bool
-) -> tuple[bytes, str]:
+) -> tuple[bytes | Body, str]:
     if binary:
-        return _safetensors.dumps(_sparse.safetensors_map(tensors)), OCTET_STREAM
+        return _safetensors.body(_sparse.safetensors_map(tensors)), OCTET_STREAM
     return _json_body({key: _sparse.json_map(tensors)})
 
 
@@ -363,7 +364,8 @@ def create_session(
         tensors = {name: w for g, _ in groups for name, w in g.items()}
         fields["param_groups"] = [{"params": list(g), **opts} for g, opts in groups]
         metadata = {k: json.dumps(v, allow_nan=False) for k, v in fields.items()}
-        content, ctype = _safetensors.dumps(tensors, metadata), OCTET_STREAM
+        content: bytes | Body
+        content, ctype = _safetensors.body(tensors, metadata), OCTET_STREAM
     else:
         fields["param_groups"] = [
             {"params": T.json_tensor_map(g), **opts} for g, opts in groups
@@ -462,14 +464,14 @@ def scalars_json(scalars: Mapping[str, float]) -> dict[str, float]:
 
 
 def _tensors_with(wires: Mapping[str, WireTensor | SparseWire], key: str, binary: bool,
-                  extra: Mapping[str, Any]) -> tuple[bytes, str]:
+                  extra: Mapping[str, Any]) -> tuple[bytes | Body, str]:
     """Named tensors (row-sparse ones too) plus extra fields: JSON ``{key: ..., **extra}`` or
     safetensors with each extra field as JSON text in ``__metadata__``."""
     if not extra:
         return _tensor_body(wires, key, binary)
     if binary:
         metadata = {k: json.dumps(v, allow_nan=False) for k, v in extra.items()}
-        return _safetensors.dumps(_sparse.safetensors_map(wires), metadata), OCTET_STREAM
+        return _safetensors.body(_sparse.safetensors_map(wires), metadata), OCTET_STREAM
     return _json_body({key: _sparse.json_map(wires), **extra})
 
 
@@ -581,7 +583,8 @@ def pull_rows(
         import numpy as np
 
         wires = {n: T.to_wire(np.asarray(v, dtype=np.int64), n) for n, v in lists.items()}
-        content, ctype = _safetensors.dumps(wires), OCTET_STREAM
+        content: bytes | Body
+        content, ctype = _safetensors.body(wires), OCTET_STREAM
     else:
         content, ctype = _json_body({"rows": lists})
     return APICall("POST", _sid(session_id) + "/params/rows", _parse_params, params=query,
@@ -607,7 +610,7 @@ def _parse_evaluation(response: httpx.Response) -> StepResult | EvaluationReques
 
 
 def _evaluation_body(loss: float | None, grads: Mapping[str, TensorLike] | None, binary: bool
-                     ) -> tuple[bytes, str]:
+                     ) -> tuple[bytes | Body, str]:
     if loss is None:
         return b"", JSON
     if isinstance(loss, bool) or not isinstance(loss, (int, float)):
@@ -617,7 +620,7 @@ def _evaluation_body(loss: float | None, grads: Mapping[str, TensorLike] | None,
     text: Any = value if value == value and abs(value) != float("inf") else (
         "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity"))
     if binary:
-        return _safetensors.dumps(wires, {"loss": json.dumps(text)}), OCTET_STREAM
+        return _safetensors.body(wires, {"loss": json.dumps(text)}), OCTET_STREAM
     return _json_body({"loss": text, "grads": T.json_tensor_map(wires)})
 
 
@@ -680,7 +683,8 @@ def add_param_group(
     opts = _options_json(options, "options")
     if binary:
         metadata = {k: json.dumps(v, allow_nan=False) for k, v in opts.items()}
-        content, ctype = _safetensors.dumps(tensors, metadata), OCTET_STREAM
+        content: bytes | Body
+        content, ctype = _safetensors.body(tensors, metadata), OCTET_STREAM
     else:
         content, ctype = _json_body({"params": T.json_tensor_map(tensors), **opts})
     return APICall("POST", _sid(session_id) + "/param_groups", _parse_session, content=content,

@@ -21,7 +21,8 @@ import os
 import random
 import time
 import uuid
-from typing import Any, Generic, TypeVar
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar, cast
 
 import httpx
 import numpy as np
@@ -39,6 +40,7 @@ from ._exceptions import (
     connection_error,
     make_status_error,
 )
+from ._safetensors import Body
 from ._version import __version__
 
 R = TypeVar("R")
@@ -113,11 +115,21 @@ class BaseClient(Generic[HttpxClientT]):
             read = None if call.wait_s is None else timeout.read + call.wait_s
             timeout = httpx.Timeout(connect=timeout.connect, read=read, write=timeout.write,
                                     pool=timeout.pool)
+        content: bytes | Iterator[bytes] | None
+        if isinstance(call.content, Body):
+            if call.content.size > _LARGE and isinstance(self._client, httpx.Client):
+                # piece by piece from the tensors' own memory (a fresh pass for every attempt)
+                headers["Content-Length"] = str(call.content.size)
+                content = cast(Iterator[bytes], call.content.pieces())
+            else:
+                content = bytes(call.content)
+        else:
+            content = call.content
         return self._client.build_request(
             call.method,
             self.base_url + call.path,
             params=tuple(call.params),
-            content=call.content,
+            content=content,
             headers=headers,
             timeout=timeout,
         )
@@ -286,6 +298,10 @@ class AsyncAPIClient(BaseClient[httpx.AsyncClient]):
 
     async def _request(self, call: APICall[R]) -> R:
         call = self._keyed(call)
+        if isinstance(call.content, Body):
+            # joined now: other tasks run while this one awaits, and a tensor they change must
+            # not change a body already asked for (nor differ between its retries)
+            call = dataclasses.replace(call, content=bytes(call.content))
         attempt = 0
         while True:
             request = self._build_request(call)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 # wire dtype name -> (safetensors dtype, bytes per element)
@@ -61,8 +61,38 @@ class WireTensor:
         return math.prod(self.shape)
 
 
+@dataclass(frozen=True)
+class Body:
+    """A safetensors body as its buffers: the framed header, then each tensor's own bytes (the
+    views a :class:`WireTensor` holds, no copies). The synchronous client sends a large one
+    piece by piece (:meth:`pieces`) instead of joining it: a 1e7-parameter gradient goes out
+    without a 40 MB copy first. ``bytes(body)`` joins it."""
+
+    parts: tuple[bytes | memoryview, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(memoryview(p).nbytes for p in self.parts)
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def pieces(self, piece: int = 256 * 1024) -> Iterator[bytes | memoryview]:
+        """The body in order, as views of at most ``piece`` bytes (small enough for the HTTP
+        library's own copy of each to stay in the CPU cache)."""
+        for part in self.parts:
+            view = memoryview(part).cast("B")
+            for i in range(0, len(view), piece):
+                yield view[i:i + piece]
+
+
 def dumps(tensors: Mapping[str, WireTensor], metadata: Mapping[str, str] | None = None) -> bytes:
-    """Serialize tensors (and string metadata) to the bytes of a safetensors file.
+    """Serialize tensors (and string metadata) to the bytes of a safetensors file."""
+    return bytes(body(tensors, metadata))
+
+
+def body(tensors: Mapping[str, WireTensor], metadata: Mapping[str, str] | None = None) -> Body:
+    """Tensors (and string metadata) as a safetensors :class:`Body`, without copying them.
 
     Tensors are laid out widest element first, so every tensor's data is aligned to its
     element size when the file is loaded at an aligned address.
@@ -87,9 +117,7 @@ def dumps(tensors: Mapping[str, WireTensor], metadata: Mapping[str, str] | None 
         offset += n
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     head += b" " * (-len(head) % 8)
-    chunks: list[bytes | memoryview] = [struct.pack("<Q", len(head)), head]
-    chunks.extend(t.data for _, t in order)
-    return b"".join(chunks)
+    return Body((struct.pack("<Q", len(head)) + head, *(t.data for _, t in order)))
 
 
 def loads(body: bytes | bytearray | memoryview) -> tuple[dict[str, WireTensor], dict[str, str]]:

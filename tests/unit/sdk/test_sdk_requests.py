@@ -360,3 +360,58 @@ def test_async_client_sends_what_the_sync_client_sends() -> None:
     assert sent_async == sent
     assert got.params is not None and expected.params is not None
     assert torch.equal(got.params["x"], expected.params["x"])
+
+
+def test_a_large_binary_body_goes_out_in_pieces_with_its_length() -> None:
+    """Above 256 KB the synchronous client sends the body piece by piece from the tensors' own
+    memory, with its Content-Length (not chunked); the bytes are those of the joined body,
+    and a retry of it sends them again. The asynchronous client sends the same bytes."""
+    grads = {"w": torch.arange(100_003, dtype=torch.float32),
+             "h": torch.arange(50_000, dtype=torch.float32).to(torch.bfloat16)}
+    expected = st.dumps({k: T.to_wire(v) for k, v in grads.items()})
+    assert len(expected) > 256 * 1024
+    rec = Recorder(lambda r: httpx.Response(200, json={"version": 1, "step": 1, "lr": [0.1],
+                                                       "skipped": False}))
+    pieces: list[int] = []
+
+    class Pieces(httpx.BaseTransport):
+        """What the client hands the transport, before anything joins it."""
+
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            chunks = [bytes(c) for c in request.stream]
+            pieces.extend(map(len, chunks))
+            request._content = b"".join(chunks)
+            return rec(request)
+
+    with optserve.Client("http://test", http_client=httpx.Client(transport=Pieces())) as c:
+        c.step("s1", grads, return_params=False)
+    req = rec.last
+    assert req.headers["Content-Length"] == str(len(expected))
+    assert "transfer-encoding" not in req.headers
+    assert len(pieces) > 1 and max(pieces) <= 256 * 1024 and sum(pieces) == len(expected)
+    assert req.content == expected
+    sent, _ = metadata_of(req.content)
+    assert torch.equal(sent["w"], grads["w"]) and torch.equal(sent["h"], grads["h"])
+
+    async_rec = Recorder(rec.respond)
+
+    async def main() -> None:
+        async with optserve.AsyncClient(
+            "http://test", http_client=httpx.AsyncClient(transport=httpx.MockTransport(async_rec))
+        ) as ac:
+            await ac.step("s1", grads, return_params=False)
+
+    asyncio.run(main())
+    assert async_rec.last.content == expected
+    assert async_rec.last.headers["Content-Length"] == str(len(expected))
+
+
+def test_a_body_views_the_tensors_and_joins_to_dumps() -> None:
+    w = torch.arange(10, dtype=torch.float32)
+    body = st.body({"w": T.to_wire(w)}, {"k": '"v"'})
+    assert bytes(body) == st.dumps({"w": T.to_wire(w)}, {"k": '"v"'})
+    assert body.size == len(bytes(body))
+    assert b"".join(bytes(p) for p in body.pieces(7)) == bytes(body)
+    assert all(len(p) <= 7 for p in body.pieces(7))
+    w[0] = 99.0  # the body is a view: it reads the tensor when it is sent
+    assert metadata_of(bytes(body))[0]["w"][0].item() == 99.0

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+import torch
 
 import optserve
 from optserve import _base_client, _constants
@@ -200,3 +201,17 @@ def test_async_client_does_not_retry_http_errors(sleeps: list[float]) -> None:
     asyncio.run(main())
     assert len(script.requests) == 1
     assert sleeps == []
+
+
+def test_a_large_step_is_resent_whole_with_its_key(sleeps: list[float]) -> None:
+    """A body sent in pieces (above 256 KB) is read afresh for each attempt: the retry sends
+    every byte again, under the same key."""
+    grad = torch.arange(200_000, dtype=torch.float32)
+    script = Script(httpx.ReadTimeout("slow"), STEP_OK)
+    with client(script) as c:
+        c.step("s", {"w": grad}, return_params=False)
+    assert len(script.requests) == 2
+    first, second = script.requests
+    assert first.headers["idempotency-key"] == second.headers["idempotency-key"]
+    assert first.content == second.content
+    assert len(first.content) == int(first.headers["content-length"]) > 800_000

@@ -33,7 +33,7 @@ def test_sparse_gradients_travel_as_sent() -> None:
     assert body["grads"]["b"]["shape"] == [2]
     call = _api.step("s", {"emb": g}, return_params=True, binary=True)
     assert call.content is not None
-    wires, _ = st.loads(call.content)
+    wires, _ = st.loads(bytes(call.content))
     assert set(wires) == {"emb.indices", "emb.values"}
     assert T.wire_values(wires["emb.indices"]).tolist() == [4, 1, 4]
     assert wires["emb.indices"].dtype == "int64"
@@ -91,7 +91,7 @@ def test_row_pulls_use_the_query_or_a_body() -> None:
     assert call.content is not None and json.loads(call.content)["rows"]["emb"][-1] == 256
     call = _api.pull_rows("s", {"a": [1], "b": np.array([2])}, binary=True)
     assert call.method == "POST" and call.content is not None
-    wires, _ = st.loads(call.content)
+    wires, _ = st.loads(bytes(call.content))
     assert T.wire_values(wires["b"]).tolist() == [2] and wires["a"].dtype == "int64"
     with pytest.raises(TypeError):
         _api.pull_rows("s", {"a": [1.5]}, binary=True)
@@ -106,5 +106,5 @@ def test_evaluation_bodies() -> None:
     assert json.loads(call.content)["loss"] == "NaN"
     call = _api.evaluate("s", "ab.2", 0.1 + 0.2, {"w": torch.ones(2)}, binary=True)
     assert call.content is not None
-    _, meta = st.loads(call.content)
+    _, meta = st.loads(bytes(call.content))
     assert float(json.loads(meta["loss"])) == 0.1 + 0.2  # every bit of the float64
