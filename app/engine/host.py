@@ -106,6 +106,21 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
 OVERLAP_WRITE_BYTES = 1 << 20
 
 
+#: a step of a session with at most this many parameter tensors and bytes runs on the event
+#: loop's thread when the device worker is idle (``DeviceWorker.run``'s ``inline``): tens of
+#: microseconds of torch, less than the hop to the worker and back
+INLINE_TENSORS = 64
+INLINE_BYTES = 256 * 1024
+
+
+def _small(s: Session, op: Operation) -> bool:
+    """A step of ``s`` short enough to run inline (no other operation: they are rarer, and
+    some are not short)."""
+    params = s.params
+    return (isinstance(op, Step) and len(params) <= INLINE_TENSORS
+            and sum(t.nbytes for t in params.values()) <= INLINE_BYTES)
+
+
 def own_gradients(plan: StepPlan, op: Step) -> None:
     """The step's gradients as copies wherever they share memory with the ones its log record
     is written from (CPU sessions: the very same tensors; device copies, accumulated or
@@ -677,7 +692,8 @@ class EmbeddedHost:
                     store.append(key, parts, "interval")
                 return self._apply(key, s, op, plan, keys, want_params, before, sync,
                                    params_into, params_dtype)
-            result = await self._worker.run(all_at_once, op.kind)
+            result = await self._worker.run(all_at_once, op.kind,
+                                            inline=store is None and _small(s, op))
         session = self._sessions.get(key)
         if session is not None and self._snapshot_due(key, session):
             await self._snapshot(key, session)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -374,6 +375,36 @@ def step_head(sid: str, length: int | None, key: str = KEY_A) -> str:
         "Transfer-Encoding: chunked\r\n"
     return (f"POST /v1/sessions/{sid}/step HTTP/1.1\r\nHost: x\r\n"
             f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n{size}")
+
+
+@server_settings(body_timeout_s=0.5)
+def test_a_slow_steady_upload_is_not_cut(server: tuple[str, FastAPI],
+                                         client: httpx.Client) -> None:
+    """The body timeout bounds the wait for the next bytes, not the whole upload: a body
+    trickling in over 1.5 s, never 0.5 s without bytes, steps (equal to torch)."""
+    assert client.post("/v1/sessions", json=create_body("t"), headers=A).status_code == 201
+    init = torch.tensor(create_body("t")["params"]["w"]["data"])
+    grad = torch.linspace(-1, 1, 4)
+    body = json.dumps({"grads": {"w": jt(grad)}}).encode()
+    pieces = [body[i:i + 8] for i in range(0, len(body), 8)][:5]
+    pieces.append(body[8 * 5:])
+    sock = raw_request(server[0], step_head("t", len(body)), b"")
+    started = time.monotonic()
+    try:
+        for piece in pieces:
+            time.sleep(0.3)
+            sock.sendall(piece)
+        status, answer = read_response(sock, 10)
+    finally:
+        sock.close()
+    assert time.monotonic() - started > 1.5
+    assert status == 200, answer
+    w = init.clone()
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    w.grad = grad
+    opt.step()
+    got = client.get("/v1/sessions/t/params", headers=A).json()["params"]["w"]["data"]
+    assert torch.equal(torch.tensor(got, dtype=torch.float32), w)
 
 
 @server_settings(max_body_mb=0.01, body_timeout_s=0.5)

@@ -1,0 +1,126 @@
+"""The device worker: jobs run in the order submitted; a job marked ``inline`` runs on the
+caller's thread only when the device is the CPU and nothing is queued or running, and never
+at the same time as a job on the worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from app.engine.worker import DeviceWorker
+
+
+@pytest.fixture
+def worker() -> Iterator[DeviceWorker]:
+    w = DeviceWorker(torch.device("cpu"))
+    w.start()
+    yield w
+    w.stop()
+
+
+def test_an_inline_job_runs_here_when_the_worker_is_idle(worker: DeviceWorker) -> None:
+    async def main() -> tuple[int, int]:
+        here = await worker.run(threading.get_ident, inline=True)
+        there = await worker.run(threading.get_ident)
+        return here, there
+
+    here, there = asyncio.run(main())
+    assert here == threading.get_ident()
+    assert there == worker._thread.ident
+
+
+def test_an_inline_job_waits_its_turn_behind_queued_work(worker: DeviceWorker) -> None:
+    """While a job runs on the worker, an inline job is queued behind it (not run beside it):
+    the order of submission is the order of execution, and no two jobs overlap."""
+    order: list[str] = []
+    running = threading.Event()
+    release = threading.Event()
+    overlap: list[str] = []
+    active = threading.Lock()
+
+    def job(name: str, hold: bool = False) -> str:
+        if not active.acquire(blocking=False):
+            overlap.append(name)
+            return threading.current_thread().name
+        try:
+            order.append(name)
+            if hold:
+                running.set()
+                release.wait(10)
+            return threading.current_thread().name
+        finally:
+            active.release()
+
+    async def main() -> list[str]:
+        first = asyncio.ensure_future(worker.run(lambda: job("first", hold=True)))
+        while not running.is_set():
+            await asyncio.sleep(0.001)
+        queued = asyncio.ensure_future(worker.run(lambda: job("queued")))
+        second = asyncio.ensure_future(worker.run(lambda: job("inline"), inline=True))
+        await asyncio.sleep(0.05)
+        release.set()
+        return list(await asyncio.gather(first, queued, second))
+
+    threads = asyncio.run(main())
+    assert order == ["first", "queued", "inline"]
+    assert overlap == []
+    assert threads == [worker._thread.name] * 3
+
+
+def test_an_inline_job_excludes_the_worker_thread(worker: DeviceWorker) -> None:
+    """A job submitted from another thread while an inline job runs waits for it."""
+    log: list[str] = []
+    started = threading.Event()
+
+    def inline_job() -> None:
+        log.append("inline start")
+        started.set()
+        time.sleep(0.2)
+        log.append("inline end")
+
+    def submit_other() -> None:
+        started.wait(5)
+
+        async def other() -> None:
+            await worker.run(lambda: log.append("other"))
+        asyncio.run(other())
+
+    t = threading.Thread(target=submit_other)
+    t.start()
+
+    async def main() -> None:
+        await worker.run(inline_job, inline=True)
+
+    asyncio.run(main())
+    t.join(10)
+    assert log == ["inline start", "inline end", "other"]
+
+
+def test_inline_failures_propagate_and_leave_the_worker_usable(worker: DeviceWorker) -> None:
+    def boom() -> None:
+        raise ValueError("refused")
+
+    async def main() -> int:
+        with pytest.raises(ValueError, match="refused"):
+            await worker.run(boom, inline=True)
+        with pytest.raises(ValueError, match="refused"):
+            await worker.run(boom)
+        return await worker.run(lambda: 7, inline=True) + await worker.run(lambda: 1)
+
+    assert asyncio.run(main()) == 8
+
+
+def test_a_non_cpu_device_never_runs_inline() -> None:
+    w = DeviceWorker(torch.device("meta"))
+    w.start()
+    try:
+        async def main() -> int:
+            return await w.run(threading.get_ident, inline=True)
+        assert asyncio.run(main()) == w._thread.ident
+    finally:
+        w.stop()
