@@ -12,8 +12,7 @@ import numpy as np
 from app.runtime import tune_allocator
 
 # As ``python -m app`` does at start: large blocks reused from the heap, not mmapped afresh
-# (without it, the joined 40 MB body of a 1e7 echo faults its pages in on every request and
-# the echo is slower than optserve's own step at that size).
+# (without it, the 40 MB buffer of a 1e7 echo faults its pages in on every request).
 tune_allocator()
 
 ECHO_PATH = "/_bench/echo"

@@ -184,9 +184,10 @@ class OptserveBinary(Optserve):
 class OptserveBinarySafetensors(Optserve):
     """optserve-binary as a user of ``safetensors.torch`` and httpx's defaults writes it:
     ``save`` builds the body (a copy of the gradient), ``httpx.Client.post(content=...)``
-    sends it (h11 copies it whole once more) and ``load(response.content)`` reads the answer
-    (httpx joins it into one ``bytes``, ``load`` copies it): three more 4N-byte buffers per
-    step than optserve-binary, each a fresh one whose pages fault in."""
+    sends it (httpcore copies what is left of it after every partial send) and
+    ``load(response.content)`` reads the answer (httpx joins it into one ``bytes``, ``load``
+    copies it): at least three more 4N-byte buffers per step than optserve-binary, each a
+    fresh one whose pages fault in."""
 
     name = "optserve-binary-st"
 

@@ -1,8 +1,10 @@
 """How the HTTP systems move their bytes with a plain ``httpx.Client``, the way a client that
 cares about large bodies would: a request body goes out as 256 KB views of the caller's own
-buffers with its ``Content-Length`` (no joined copy of the body, neither in the caller nor in
-h11, which otherwise copies a 40 MB ``bytes`` body whole into a fresh buffer), and an answer
-is read into one buffer of its announced length, which the tensors decoded from it then view.
+buffers with its ``Content-Length`` (no joined copy of the body in the caller; and httpcore
+sends a ``bytes`` body with ``sock.send(buffer); buffer = buffer[n:]``, copying what is left of
+it after every partial send: tens of copies of a 40 MB body's tail, against those of a 256 KB
+piece), and an answer is read into one buffer of its announced length, which the tensors
+decoded from it then view.
 
 The echo and optserve's binary systems share this code, so what differs between their columns
 is the server (and, for optserve, building the safetensors header and reading it back).
@@ -18,7 +20,8 @@ from typing import Any, cast
 import httpx
 import torch
 
-#: bytes per piece of a request body: small enough to stay in cache while h11 copies it
+#: bytes per piece of a request body: small enough to stay in cache while h11 and httpcore
+#: copy it
 PIECE = 256 * 1024
 
 _CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
