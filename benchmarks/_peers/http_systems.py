@@ -295,7 +295,7 @@ class OptserveBf16(OptserveBinary):
         self.path += "?upcast=true&params_dtype=bfloat16"
         # the worker's float32 copy of the parameters, widened into in place at every step (as
         # RemoteOptimizer copies an answer into the model's parameter): a fresh 4N-byte
-        # tensor per step would add its page faults, ~17 ms at 1e7 on this machine
+        # tensor per step would add its page faults (glibc maps a block above 32 MB afresh)
         self.values = torch.empty(case.n)
 
     def encode(self, grad: torch.Tensor) -> list[bytes | memoryview]:
