@@ -56,6 +56,14 @@ def orjson_roundtrip(n: int) -> Runner:
     return timed(lambda: orjson.loads(orjson.dumps(arr, option=orjson.OPT_SERIALIZE_NUMPY)))
 
 
+def echo_once(raw: httpx.Client, body: bytes) -> None:
+    """The body to the echo route and back, moved as ``benchmarks.peers`` moves the echo's."""
+    status, answer = transfer.post(raw, ECHO_PATH, [body],
+                                   {"content-type": "application/octet-stream"})
+    if status != 200 or len(answer) != len(body):
+        raise RuntimeError(f"echo answered {status} with {len(answer)} of {len(body)} bytes")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-n", type=float, default=1e7)
@@ -89,10 +97,7 @@ def main() -> None:
                 client.create_session(spec.name, {"w": torch.randn(n)}, options=spec.options,
                                       id=sid)
                 runners = {
-                    # moved as benchmarks.peers moves the echo's bytes
-                    "echo": timed(functools.partial(
-                        transfer.post, raw, ECHO_PATH, [body],
-                        {"content-type": "application/octet-stream"})),
+                    "echo": timed(functools.partial(echo_once, raw, body)),
                     "local": inprocess_step(spec, n),
                     "binary": timed(functools.partial(client.step, sid, {"w": g},
                                                       binary=True)),
