@@ -371,31 +371,43 @@ def test_version_and_help() -> None:
 
 
 # ----------------------------------------------------------------------------- serve
+def wait_served(proc: subprocess.Popen[bytes], url: str, log: Path) -> bool:
+    """True once ``url`` answers /healthz; False when the server exited because its port was
+    taken (between picking and binding it); fails on any other exit or after 90 s."""
+    deadline = time.monotonic() + 90
+    while True:
+        if proc.poll() is not None:
+            assert "address already in use" in log.read_text(), log.read_text()
+            return False
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.2)
+
+
 def test_serve_maps_flags_and_sigterm_exits_0(tmp_path: Path) -> None:
     """``optserve serve`` runs ``python -m app`` with --port/--data-dir/--device as
     OPTSERVE_*; with OPTSERVE_API_KEYS set, --api-key and OPTSERVE_API_KEY authenticate."""
-    port, key = free_port(), "k" * 24
-    url = f"http://127.0.0.1:{port}"
+    key = "k" * 24
     data = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")}
     env["OPTSERVE_API_KEYS"] = f"{key}:team"
     log = tmp_path / "server.log"
-    with open(log, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "optserve.cli", "serve", "--port", str(port), "--host",
-             "127.0.0.1", "--data-dir", str(data), "--device", "cpu", "--log-level", "warning"],
-            env=env, stdout=subprocess.DEVNULL, stderr=log_file)
+    for attempt in range(4):  # a fresh port when another process took the picked one
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with open(log, "wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "optserve.cli", "serve", "--port", str(port), "--host",
+                 "127.0.0.1", "--data-dir", str(data), "--device", "cpu", "--log-level",
+                 "warning"], env=env, stdout=subprocess.DEVNULL, stderr=log_file)
+        if wait_served(proc, url, log) or attempt == 3:
+            break
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+        assert proc.poll() is None, log.read_text()
         p = cli("sessions", "ls", url=url)
         assert p.returncode == 1 and one_line(p).startswith("error 401 ")
         with optserve.Client(url, api_key=key) as c:

@@ -30,7 +30,7 @@ import torch
 
 import optserve
 from tests.conftest import LiveServer, kill_hosts, ray_settings
-from tests.integration.test_durability import free_port
+from tests.integration.test_durability import PortTaken, free_port
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
@@ -269,9 +269,24 @@ def wait_ready(front: Front) -> None:
                 return
         except httpx.TransportError:
             pass
+        if front.proc.poll() is not None and "address already in use" in front.log.read_text():
+            raise PortTaken(front.port)
         if front.proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"front did not start:\n{front.log.read_text()}")
         time.sleep(0.2)
+
+
+def ready_front(cluster: Any, data: Path, log_dir: Path, front: Front) -> Front:
+    """``front`` once it is ready; when another process took its port between picking and
+    binding it, a new front on a fresh port (up to three times)."""
+    for _ in range(3):
+        try:
+            wait_ready(front)
+            return front
+        except PortTaken:
+            front = start_front(cluster, data, log_dir)
+    wait_ready(front)
+    return front
 
 
 @pytest.fixture
@@ -279,8 +294,8 @@ def two_fronts(ray_cluster: Any, tmp_path: Path) -> Iterator[tuple[Front, Front]
     data = tmp_path / "data"
     fronts = [start_front(ray_cluster, data, tmp_path) for _ in range(2)]
     try:
-        for f in fronts:
-            wait_ready(f)
+        for i, f in enumerate(fronts):
+            fronts[i] = ready_front(ray_cluster, data, tmp_path, f)
         yield fronts[0], fronts[1]
     finally:
         for f in fronts:
