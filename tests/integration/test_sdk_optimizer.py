@@ -4,6 +4,7 @@ losses and parameters (CPU, same torch build), schedulers and checkpoints includ
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -434,3 +435,33 @@ def test_session_policies_from_the_optimizer(client: optserve.Client, durability
     with pytest.raises(ValueError, match="policies"):
         optserve.RemoteOptimizer(mlp().parameters(), client=client, session_id="x",
                                  worker="w", metrics=False)
+
+
+def test_a_half_million_parameter_model_over_http_equals_torch(live_server: str) -> None:
+    """RemoteOptimizer over HTTP with bodies of ~2 MB (sent in pieces from the gradients'
+    memory) and a OneCycleLR changing lr and betas every step (riding in each step's
+    metadata): after 12 steps every parameter equals a local AdamW run bit for bit."""
+    torch.manual_seed(0)
+    remote_model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.LayerNorm(1024),
+                                 nn.Linear(1024, 256))
+    local_model = copy.deepcopy(remote_model)
+    assert sum(p.numel() for p in remote_model.parameters()) > 500_000
+    with optserve.Client(live_server, transport="http", max_retries=0) as c:
+        remote = optserve.RemoteOptimizer(remote_model.named_parameters(), "AdamW", c, lr=1e-3,
+                                          weight_decay=0.01)
+        local = torch.optim.AdamW(local_model.parameters(), lr=1e-3, weight_decay=0.01)
+        pairs = [(remote_model, remote, torch.optim.lr_scheduler.OneCycleLR(
+                     remote, max_lr=1e-2, total_steps=20)),
+                 (local_model, local, torch.optim.lr_scheduler.OneCycleLR(
+                     local, max_lr=1e-2, total_steps=20))]
+        for step in range(12):
+            x = torch.randn(64, 256, generator=torch.Generator().manual_seed(step))
+            for model, opt, sched in pairs:
+                opt.zero_grad()
+                (model(x) ** 2).mean().backward()
+                opt.step()
+                sched.step()
+        for (name, a), b in zip(remote_model.named_parameters(), local_model.parameters(),
+                                strict=True):
+            assert torch.equal(a, b), name
+        remote.close(delete_session=True)
