@@ -18,10 +18,13 @@ What it measures: the wall time, as the client sees it, of one ``POST /v1/sessio
 (N float32 parameters in one tensor ``w``, the same gradient every time, the answer read in
 full but not decoded), or with ``--workers K`` of one synchronous round (K concurrent pushes
 from K threads, one ``httpx.Client`` and ``X-Optserve-Worker: w<i>`` each, until the last
-answer). The servers run at the same time; each rep steps both, alternating which goes first
-(even reps a then b, odd reps b then a); the first 2 reps are warm-up. Every answer must be
-200. At the end both servers' parameters are compared bitwise (``ok`` or ``DIFFER`` in the
-table; meaningful only when both trees compute identically, so it is printed, never fatal).
+answer). Bytes move as ``benchmarks.peers`` moves them (``benchmarks/_peers/transfer.py``: the
+body in 256 KB pieces with its Content-Length, the answer into one buffer of its length), so
+a large body costs the client no re-slicing copies of its own. The servers run at the same
+time; each rep steps both, alternating which goes first (even reps a then b, odd reps b then
+a); the first 2 reps are warm-up. Every answer must be 200. At the end both servers'
+parameters are compared bitwise (``ok`` or ``DIFFER`` in the table; meaningful only when both
+trees compute identically, so it is printed, never fatal).
 
 Each server is started as ``scripts/serve`` starts it: ``<this python> -m app`` in its tree,
 with this process's environment minus every ``OPTSERVE_*`` variable, plus ``OPTSERVE_PORT`` (a
@@ -58,6 +61,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from benchmarks._peers import transfer
 from benchmarks._server import free_port, server
 
 #: the optimizers and their options (as benchmarks.peers steps them)
@@ -215,6 +219,13 @@ def check(resp: httpx.Response, side: Side, what: str, status: int = 200) -> Non
                            f"{status}): {resp.text[:3000]}")
 
 
+def check_answer(answer: tuple[int, bytearray], side: Side, what: str) -> None:
+    status, body = answer
+    if status != 200:
+        raise RuntimeError(f"server {side.name}: {what} answered {status} (expected 200): "
+                           f"{bytes(body[:3000])!r}")
+
+
 def b64_of(t: torch.Tensor) -> str:
     return base64.b64encode(t.contiguous().numpy().tobytes()).decode()
 
@@ -266,15 +277,15 @@ def stepper(side: Side, plan: Plan, pool: ThreadPoolExecutor | None) -> Callable
     """One timed step (or sync round) of this side, in ms."""
     url = f"/v1/sessions/{side.session}/step{plan.query}"
 
-    def push(i: int) -> httpx.Response:
+    def push(i: int) -> tuple[int, bytearray]:
         headers = {**plan.headers, "X-Optserve-Worker": f"w{i}"}
-        return side.clients[i].post(url, content=plan.body, headers=headers)
+        return transfer.post(side.clients[i], url, [plan.body], headers)
 
     def one() -> float:
         t0 = time.perf_counter()
-        resp = side.clients[0].post(url, content=plan.body, headers=plan.headers)
+        answer = transfer.post(side.clients[0], url, [plan.body], plan.headers)
         ms = (time.perf_counter() - t0) * 1e3
-        check(resp, side, f"POST {url}")
+        check_answer(answer, side, f"POST {url}")
         return ms
 
     def round_() -> float:
@@ -283,8 +294,8 @@ def stepper(side: Side, plan: Plan, pool: ThreadPoolExecutor | None) -> Callable
         futures = [pool.submit(push, i) for i in range(plan.workers)]
         answers = [f.result() for f in futures]
         ms = (time.perf_counter() - t0) * 1e3
-        for i, resp in enumerate(answers):
-            check(resp, side, f"POST {url} (worker w{i})")
+        for i, answer in enumerate(answers):
+            check_answer(answer, side, f"POST {url} (worker w{i})")
         return ms
 
     return one if plan.workers == 1 else round_
