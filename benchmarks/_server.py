@@ -15,6 +15,9 @@ from pathlib import Path
 
 import httpx
 
+#: what :func:`server` adds to a server's environment unless ``env`` says otherwise
+SERVER_DEFAULTS = {"OPTSERVE_DEVICE": "cpu", "OPTSERVE_MAX_BODY_MB": "2048",
+                   "OPTSERVE_LOG_LEVEL": "warning"}
 #: base URL -> pid of the server process serving it (for signalling a profiled server)
 PIDS: dict[str, int] = {}
 #: base URL -> the server process (to tell a dead server from a slow one)
@@ -53,8 +56,7 @@ def server(
     port = port or free_port()
     cmd = command or uvicorn_command(app, port)
     env = env or {}
-    full_env = {**os.environ, "OPTSERVE_DEVICE": "cpu", "OPTSERVE_MAX_BODY_MB": "2048",
-                "OPTSERVE_LOG_LEVEL": "warning", **env}
+    full_env = {**os.environ, **SERVER_DEFAULTS, **env}
     if "OPTSERVE_DATA_DIR" not in env:
         full_env["OPTSERVE_DATA_DIR"] = tempfile.mkdtemp(prefix="optserve-bench-")
     for key in unset:

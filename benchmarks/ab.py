@@ -61,19 +61,16 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from benchmarks._peers import transfer
-from benchmarks._server import free_port, server
+from benchmarks._peers import cases, transfer
+from benchmarks._server import SERVER_DEFAULTS, free_port, server
 
-#: the optimizers and their options (as benchmarks.peers steps them)
-OPTIMIZERS: dict[str, dict[str, Any]] = {"Adam": {"lr": 1e-3},
-                                         "SGD": {"lr": 0.01, "momentum": 0.9}}
+#: the optimizers and their options, by torch class name (as benchmarks.peers steps them)
+OPTIMIZERS: dict[str, dict[str, Any]] = {spec.name: spec.options
+                                         for spec in cases.OPTIMIZERS.values()}
 BODIES = ("binary", "json", "json-b64")
 #: untimed reps at the start (each steps both servers)
 WARMUP_REPS = 2
 START_TIMEOUT_S = 180.0
-#: what benchmarks._server.server() adds to a server's environment unless told otherwise
-SERVER_DEFAULTS = {"OPTSERVE_DEVICE": "cpu", "OPTSERVE_MAX_BODY_MB": "2048",
-                   "OPTSERVE_LOG_LEVEL": "warning"}
 PREFIX = "OPTSERVE_"
 BINARY = "application/octet-stream"
 JSON = "application/json"

@@ -581,14 +581,11 @@ class EmbeddedHost:
                         lambda: replay_answer(session, op, hit,
                                               bool(want_params) or params_into is not None))
                     return result
-            if params_into is not None:  # (a binding's slots: still the session's?)
-                await self._worker.run(lambda: self._get(key).check_room(params_into, grads),
-                                       "check_room")
             if upcast:
                 grads = await self._worker.run(lambda: self._widen(key, grads), "upcast")
             result = await self._rounds.push(key, worker, grads, base_version, idem,
                                              bool(want_params) or params_into is not None,
-                                             scalars)
+                                             scalars, room=params_into)
             if params_dtype is not None and result.params is not None:
                 result = dataclasses.replace(result, params=_narrowed(result.params,
                                                                       params_dtype))
@@ -623,10 +620,14 @@ class EmbeddedHost:
         """Abandon an open LBFGS step; how it ended (``abandoned`` or ``committed``)."""
         return await self._evaluations.abandon(key, step_id)
 
-    async def _check_push(self, key: str, grads: Tensors, base_version: int | None
-                          ) -> Tensors:
+    async def _check_push(self, key: str, grads: Tensors, base_version: int | None,
+                          room: Tensors | None = None) -> Tensors:
+        """A push's gradients checked (and its staleness, and ``room``: a same-host binding's
+        slots, :meth:`Session.check_room`), in one hop to the worker."""
         def check() -> Tensors:
             s = self._get(key)
+            if room is not None:  # (a binding's slots: still the session's?)
+                s.check_room(room, grads)
             if base_version is not None:
                 staleness_of(s, base_version)
             return s.check_grads(grads)

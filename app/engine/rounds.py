@@ -58,7 +58,7 @@ class Round:
 ApplyRound = Callable[[str, dict[str, Tensors], ps.Reduce, list[IdemKey], bool,
                        dict[str, Any], dict[str, dict[str, float]]], Awaitable[StepResult]]
 #: checks one push against the session: (key, grads, base version) -> grads on the device
-CheckPush = Callable[[str, Tensors, int | None], Awaitable[Tensors]]
+CheckPush = Callable[[str, Tensors, int | None, Tensors | None], Awaitable[Tensors]]
 
 
 class SyncRounds:
@@ -113,8 +113,10 @@ class SyncRounds:
 
     async def push(self, key: str, worker: str | None, grads: Tensors, base_version: int | None,
                    idem: IdemKey | None, want_params: bool,
-                   scalars: dict[str, float] | None = None) -> StepResult:
-        """This worker's push into the open round; waits for the round's step."""
+                   scalars: dict[str, float] | None = None,
+                   room: Tensors | None = None) -> StepResult:
+        """This worker's push into the open round; waits for the round's step. ``room``: the
+        views a same-host binding will take the answer in, checked with the gradients."""
         config = self._configs[key]
         if worker is None:
             raise Invalid("this session steps in synchronous rounds: name the worker in the "
@@ -140,7 +142,7 @@ class SyncRounds:
         try:
             rnd.reserved.add(worker)
             try:
-                checked = await self._check_push(key, grads, base_version)
+                checked = await self._check_push(key, grads, base_version, room)
             finally:
                 rnd.reserved.discard(worker)
             config = self._configs.get(key) or config

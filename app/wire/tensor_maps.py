@@ -101,17 +101,19 @@ class PackedTensors(_Derived):
     entries: bytes | None = None
     #: views not made yet (:meth:`deferred`): the bytes and their view plan
     _pending: tuple[torch.Tensor, tuple[Piece, ...]] | None = None
-    #: sent in several answers (a sync round's parameters go to each of its workers): their
-    #: encodings are made once (:meth:`share`, :meth:`encoded`)
-    shared: bool = False
+    #: encodings kept for several answers (:meth:`share`, :meth:`encoded`)
     _encodings: dict[object, Any] | None = None
     _encoding_lock: threading.Lock | None = None
 
     def share(self) -> None:
-        """Mark these tensors as sent in several answers: :meth:`encoded` keeps encodings."""
+        """Mark these tensors as sent in several answers (a sync round's parameters go to
+        each of its workers): :meth:`encoded` keeps their encodings."""
         self._encoding_lock = threading.Lock()
         self._encodings = {}
-        self.shared = True
+
+    @property
+    def shared(self) -> bool:
+        return self._encoding_lock is not None
 
     def encoded(self, what: object, make: Callable[[], T]) -> T:
         """``make()`` (an encoding of these :meth:`share` d tensors: ``what`` names it), made

@@ -116,8 +116,8 @@ class BaseClient(Generic[HttpxClientT]):
             timeout = httpx.Timeout(connect=timeout.connect, read=read, write=timeout.write,
                                     pool=timeout.pool)
         content: bytes | Iterator[bytes] | None
-        if isinstance(call.content, Body):
-            if call.content.size > _LARGE and isinstance(self._client, httpx.Client):
+        if isinstance(call.content, Body):  # (only the sync client's: the async one joins)
+            if call.content.size > _LARGE:
                 # piece by piece from the tensors' own memory (a fresh pass for every attempt)
                 headers["Content-Length"] = str(call.content.size)
                 content = cast(Iterator[bytes], call.content.pieces())
