@@ -14,19 +14,28 @@ log = logging.getLogger("optserve")
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
+#: the largest trim threshold ``mallopt`` (an ``int``) can set: glibc does not trim by itself
+_NEVER_TRIM = 2**31 - 1
 
 
 def tune_allocator() -> None:
-    """Keep glibc from returning large blocks to the OS after every step, without letting the
-    heap grow: Adam at 1e7 parameters allocates a 40 MB temporary per step and a request body
-    is as large, and glibc serves blocks above its mmap threshold (at most 32 MB, whatever
-    ``mallopt`` asks) with fresh ``mmap`` calls and unmaps them on free: every step pays the
-    page faults of 80 MB. So: no mmap for large blocks (``M_MMAP_MAX`` 0), one arena for all
-    threads (a body freed by the event loop's thread is the block the device worker's next
-    temporary reuses; per-thread arenas kept one copy each), and a trim threshold of 64 MB
-    (the heap gives back what it holds beyond that). Measured on a 1e7 Adam session (see
-    ``benchmarks/memory.py``): faster steps, and resident memory at rest about 1.0x params +
-    state + one gradient (while a step runs its body, temporaries and answer add to that)."""
+    """Keep glibc from returning large blocks to the OS while sessions step: Adam at 1e7
+    parameters allocates a 40 MB temporary per step and a request body is as large, and glibc
+    serves blocks above its mmap threshold (at most 32 MB, whatever ``mallopt`` asks) with fresh
+    ``mmap`` calls and unmaps them on free: every step would pay the page faults of 80 MB. So:
+    no mmap for large blocks (``M_MMAP_MAX`` 0), and one arena for all threads (a body freed by
+    the event loop's thread is the block the device worker's next temporary reuses; per-thread
+    arenas kept one copy each).
+
+    And glibc never trims the heap's top by itself (``M_TRIM_THRESHOLD`` at the most ``mallopt``
+    takes, 2 GiB): with the 64 MB it had before, a 1e7 Adam step that happened to leave more
+    than that free at the top gave it back, and the next step faulted it in again (9,000 to
+    19,000 page faults, and 190-320 ms instead of 70-80, on one step in two or three; see
+    ``benchmarks.peers``' page-fault column). The heap is given back instead when the host has
+    been idle for two seconds (``Host._trim_when_idle``) and after operations much larger than
+    a step (a create, an import, an export, a snapshot: ``release_memory``). Measured with
+    ``benchmarks/memory.py``: resident memory at rest about 1.0x params + state + one gradient
+    (while a step runs, its body, temporaries and answer add to that)."""
     name = ctypes.util.find_library("c")
     if not name:
         return
@@ -34,7 +43,7 @@ def tune_allocator() -> None:
         libc = ctypes.CDLL(name)
         libc.mallopt(_M_ARENA_MAX, 1)
         libc.mallopt(_M_MMAP_MAX, 0)
-        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
     except (OSError, AttributeError):
         log.debug("mallopt not available; allocator left as is")
 

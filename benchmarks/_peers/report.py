@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from benchmarks._peers import cpu
 from benchmarks._peers.cases import fmt_n
 from benchmarks._peers.driver import Cell, Result
 from benchmarks._peers.timing import median_ms, quantile_ms, reps_for
@@ -138,9 +140,8 @@ def disk_table(result: Result) -> list[str]:
     return lines
 
 
-def cpu_table(result: Result) -> list[str]:
-    """CPU ms per step by process for every system (Ray: its actor, then its raylet and GCS
-    as "other"; torch-rpc: the "ps" process, whose work runs on RPC threads, so "other")."""
+def _usage_table(result: Result, text: Callable[[cpu.Usage, bool], str]) -> list[str]:
+    """One row per (optimizer, N), one column per system: ``text(usage, has_server)``."""
     plan = result.plan
     cells = _cells(result)
     cols = result.instances
@@ -151,15 +152,29 @@ def cpu_table(result: Result) -> list[str]:
             for col in cols:
                 cell = cells.get((col, optimizer, n))
                 u = cell.usage if cell else None
-                if u is None:
-                    row.append("-")
-                    continue
-                text = fmt_ms(u.worker_cpu)
-                if u.server_main_cpu or u.server_other_cpu:
-                    text += f" + {fmt_ms(u.server_main_cpu)}/{fmt_ms(u.server_other_cpu)}"
-                row.append(text)
+                row.append("-" if u is None else
+                           text(u, bool(u.server_main_cpu or u.server_other_cpu)))
             lines.append(f"| {optimizer} | {fmt_n(n)} | {' | '.join(row)} |")
     return lines
+
+
+def cpu_table(result: Result) -> list[str]:
+    """CPU ms per step by process for every system (Ray: its actor, then its raylet and GCS
+    as "other"; torch-rpc: the "ps" process, whose work runs on RPC threads, so "other")."""
+    def text(u: cpu.Usage, server: bool) -> str:
+        out = fmt_ms(u.worker_cpu)
+        return out + f" + {fmt_ms(u.server_main_cpu)}/{fmt_ms(u.server_other_cpu)}" \
+            if server else out
+    return _usage_table(result, text)
+
+
+def faults_table(result: Result) -> list[str]:
+    """Minor page faults per timed step: the worker process / its server processes (a fault
+    is a fresh 4 KB page zeroed and mapped: memory the process gave back and takes again)."""
+    def text(u: cpu.Usage, server: bool) -> str:
+        out = f"{u.worker_faults:.0f}"
+        return out + f" / {u.server_faults:.0f}" if server else out
+    return _usage_table(result, text)
 
 
 def markdown(result: Result, command: str) -> str:
@@ -175,6 +190,8 @@ def markdown(result: Result, command: str) -> str:
         out += ["", "#### CPU ms per step: worker process + server main thread / other server "
                 "threads and processes (run-queue wait: in --json)", ""]
         out += cpu_table(result)
+        out += ["", "#### minor page faults per step: worker process / server processes", ""]
+        out += faults_table(result)
     return "\n".join(out)
 
 
@@ -195,7 +212,7 @@ def to_json(result: Result, command: str) -> dict[str, Any]:
             "p10_ms": quantile_ms(c.samples, 0.1) if c.samples else None,
             "p90_ms": quantile_ms(c.samples, 0.9) if c.samples else None,
             "mean_ms": statistics.fmean(c.samples) * 1e3 if c.samples else None,
-            "cpu_ms": c.usage.as_dict() if c.usage else None,
+            "usage": c.usage.as_dict() if c.usage else None,
             "samples_ms": [s * 1e3 for s in c.samples],
         } for c in result.cells],
     }

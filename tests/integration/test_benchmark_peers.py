@@ -45,3 +45,13 @@ def test_peers_smoke_bitwise(tmp_path: Path) -> None:
     assert len(rows) == 2
     for row in rows:
         assert row.count(" ok |") == len(SYSTEMS), row
+    # page faults per step, from /proc: a count for every worker, "worker / servers" where
+    # the system has a server process
+    for (system, _), cell in cells.items():
+        usage = cell["usage"]
+        assert usage["worker_faults"] >= 0 and usage["server_faults"] >= 0, system
+    faults = proc.stdout.split("#### minor page faults per step")[1]
+    rows = [line for line in faults.splitlines() if line.startswith(("| Adam", "| SGD"))]
+    assert len(rows) == 2
+    for row in rows:
+        assert row.count(" / ") == len(SYSTEMS) - 1, row  # all but in-process have servers

@@ -482,3 +482,57 @@ def test_large_binary_bodies_equal_torch_sync_and_async(live_server: str) -> Non
     got = asyncio.run(main())
     for k in init:
         assert_bits_equal(got[k], local[k])
+
+
+def test_answers_read_into_one_kept_buffer_equal_torch(live_server: str) -> None:
+    """``step(into=ReceiveBuffer())``: every large answer is read into the same memory, grown
+    once for a larger one; each answer's values equal torch's, and (as documented) the
+    previous result's parameters, which view the buffer, are overwritten by the next answers.
+    Async too."""
+    gen = torch.Generator().manual_seed(12)
+    init = {"w": torch.randn(200_000, generator=gen)}
+    grads = [{"w": torch.randn(200_000, generator=gen)} for _ in range(3)]
+    expected = []
+    local = init["w"].clone()
+    opt = torch.optim.Adam([local], lr=0.01)
+    for g in grads:
+        local.grad = g["w"].clone()
+        opt.step()
+        expected.append(local.clone())
+    small = optserve.ReceiveBuffer()
+    small(1000)  # smaller than an answer: grown at the first one
+    with optserve.Client(live_server, transport="http", max_retries=0) as c:
+        sid = c.create_session("Adam", init, options={"lr": 0.01}).id
+        firsts, buffers = [], set()
+        for g, want in zip(grads, expected, strict=True):
+            params = c.step(sid, g, into=small).params
+            assert params is not None
+            assert_bits_equal(params["w"], want)
+            firsts.append(params["w"])
+            buffers.add(_within(params["w"], small))
+        assert len(buffers) == 1  # one buffer, kept
+        # the first result views the buffer the later answers overwrote
+        assert not torch.equal(firsts[0], expected[0])
+
+    async def main() -> torch.Tensor:
+        kept = optserve.ReceiveBuffer()
+        async with optserve.AsyncClient(live_server, max_retries=0) as ac:
+            sid = (await ac.create_session("Adam", init, options={"lr": 0.01})).id
+            buffers = set()
+            for g in grads:
+                out = (await ac.step(sid, g, into=kept)).params
+                assert out is not None
+                buffers.add(_within(out["w"], kept))
+            assert len(buffers) == 1
+            return out["w"]
+
+    assert_bits_equal(asyncio.run(main()), expected[-1])
+
+
+def _within(t: torch.Tensor, kept: optserve.ReceiveBuffer) -> int:
+    """The address of ``kept``'s buffer, after checking that ``t``'s bytes lie inside it."""
+    buffer = kept._buffer
+    assert buffer is not None
+    start = buffer.ctypes.data
+    assert start <= t.data_ptr() and t.data_ptr() + t.nbytes <= start + len(buffer)
+    return int(start)

@@ -439,8 +439,9 @@ def test_session_policies_from_the_optimizer(client: optserve.Client, durability
 
 def test_a_half_million_parameter_model_over_http_equals_torch(live_server: str) -> None:
     """RemoteOptimizer over HTTP with bodies of ~2 MB (sent in pieces from the gradients'
-    memory) and a OneCycleLR changing lr and betas every step (riding in each step's
-    metadata): after 12 steps every parameter equals a local AdamW run bit for bit."""
+    memory, every answer read into one kept buffer) and a OneCycleLR changing lr and betas
+    every step (riding in each step's metadata): after 12 steps every parameter equals a local
+    AdamW run bit for bit."""
     torch.manual_seed(0)
     remote_model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.LayerNorm(1024),
                                  nn.Linear(1024, 256))
@@ -454,6 +455,7 @@ def test_a_half_million_parameter_model_over_http_equals_torch(live_server: str)
                      remote, max_lr=1e-2, total_steps=20)),
                  (local_model, local, torch.optim.lr_scheduler.OneCycleLR(
                      local, max_lr=1e-2, total_steps=20))]
+        buffers = set()
         for step in range(12):
             x = torch.randn(64, 256, generator=torch.Generator().manual_seed(step))
             for model, opt, sched in pairs:
@@ -461,6 +463,10 @@ def test_a_half_million_parameter_model_over_http_equals_torch(live_server: str)
                 (model(x) ** 2).mean().backward()
                 opt.step()
                 sched.step()
+            kept = remote._answers._buffer
+            assert kept is not None and len(kept) > 2_000_000
+            buffers.add(kept.ctypes.data)
+        assert len(buffers) == 1  # every answer was read into one kept buffer
         for (name, a), b in zip(remote_model.named_parameters(), local_model.parameters(),
                                 strict=True):
             assert torch.equal(a, b), name

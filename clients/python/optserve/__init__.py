@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._base_client import ReceiveBuffer
 from ._client import AsyncClient, Client
 from ._constants import DEFAULT_BASE_URL, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 from ._exceptions import (
@@ -58,6 +59,7 @@ __all__ = [
     "Client",
     "AsyncClient",
     "RemoteOptimizer",
+    "ReceiveBuffer",
     "RemoteEmbedding",
     "pull_params",
     "DEFAULT_BASE_URL",

@@ -69,6 +69,10 @@ class APICall(Generic[R]):
     #: How long the server may legitimately hold the request before answering (a long poll,
     #: a sync round): added to the client's read timeout; ``None``: no read timeout.
     wait_s: float | None = 0.0
+    #: Where a large binary answer is read: ``into(size)`` gives a writable buffer of that
+    #: size (:class:`~optserve._base_client.ReceiveBuffer`: one kept buffer, so the tensors
+    #: of the previous answer read into it change). ``None``: a fresh buffer per answer.
+    into: Callable[[int], memoryview] | None = None
 
 
 def _sid(session_id: str) -> str:
@@ -410,6 +414,7 @@ def step(
     upcast: bool = False,
     params_dtype: str | None = None,
     scalars: Mapping[str, float] | None = None,
+    into: Callable[[int], memoryview] | None = None,
 ) -> APICall[StepResult]:
     wires = _sparse.encode_tensor_map(grads or {}, "grads")
     extra: dict[str, Any] = {}
@@ -444,7 +449,7 @@ def step(
         return APICall("POST", _sid(session_id) + "/step", _parse_step, params=query,
                        content=content, content_type=ctype,
                        accept=OCTET_STREAM if binary else JSON, idempotent=False,
-                       headers=headers, wait_s=wait_s)
+                       headers=headers, wait_s=wait_s, into=into)
     return APICall("POST", _sid(session_id) + "/step", _parse_step_no_params,
                    params=[("return", "none"), *query], content=content, content_type=ctype,
                    idempotent=False, headers=headers, wait_s=wait_s)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
@@ -288,6 +288,7 @@ class Client(SyncAPIClient):
         upcast: bool = False,
         params_dtype: str | None = None,
         scalars: Mapping[str, float] | None = None,
+        into: Callable[[int], memoryview] | None = None,
     ) -> StepResult:
         """``POST .../step``: apply ``grads`` (plus anything accumulated) and step.
 
@@ -299,6 +300,11 @@ class Client(SyncAPIClient):
         float32/float64 parameters (the server widens them once on its device and keeps its
         own precision); ``params_dtype="bfloat16"`` (or ``"float16"``) sends the parameters
         back narrowed.
+
+        ``into``: where a large binary answer is read, ``into(size)`` giving a writable buffer
+        of that size. With an :class:`optserve.ReceiveBuffer` every answer reuses one kept
+        buffer (no fresh pages per step), and the parameters of the previous result, which
+        view it, change: copy them out first (``RemoteOptimizer`` does).
         A gradient may be row-sparse (a ``torch.sparse_coo_tensor`` with one sparse dimension,
         as ``nn.Embedding(sparse=True)`` makes, or an :class:`optserve.RowSparse`): only its
         rows travel. ``return_params="touched"`` asks for only the rows stepped with sparse
@@ -331,7 +337,7 @@ class Client(SyncAPIClient):
         return self._request(_api.step(id, grads, return_params=return_params, binary=binary,
                                        worker=worker, base_version=base_version,
                                        param_groups=param_groups, upcast=upcast,
-                                       params_dtype=params_dtype, scalars=scalars))
+                                       params_dtype=params_dtype, scalars=scalars, into=into))
 
     def push_grads(
         self, id: str, grads: Mapping[str, TensorLike], *, binary: bool = True,
@@ -567,12 +573,14 @@ class AsyncClient(AsyncAPIClient):
         base_version: int | None = None,
         param_groups: Mapping[int, Mapping[str, Any]] | None = None,
         scalars: Mapping[str, float] | None = None,
+        into: Callable[[int], memoryview] | None = None,
     ) -> StepResult:
         """``POST .../step``: see :meth:`Client.step`. Safe to await from many coroutines at
-        once (e.g. one per worker of a sync round)."""
+        once (e.g. one per worker of a sync round), each with its own ``into`` if any."""
         return await self._request(
             _api.step(id, grads, return_params=return_params, binary=binary, worker=worker,
-                      base_version=base_version, param_groups=param_groups, scalars=scalars)
+                      base_version=base_version, param_groups=param_groups, scalars=scalars,
+                      into=into)
         )
 
     async def push_grads(

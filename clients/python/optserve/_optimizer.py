@@ -44,6 +44,7 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from ._api import Durability, NonFinitePolicy
+from ._base_client import ReceiveBuffer
 from ._client import Client
 from ._exceptions import OptserveError
 from ._tensors import Tensor
@@ -179,6 +180,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
                              f"{wire_dtype!r}")
         self._binary = binary
         self._wire_dtype = getattr(torch, wire_dtype) if wire_dtype else None
+        #: every answer over HTTP is read into this one buffer (copied into the parameters
+        #: before the next step)
+        self._answers = ReceiveBuffer()
         self._optimizer_name = optimizer
         self._param_names: list[list[str]] = []
         self._by_name: dict[str, torch.Tensor] = {}
@@ -413,7 +417,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                        upcast=wire is not None,
                                        params_dtype=str(wire).removeprefix("torch.")
                                        if wire is not None else None,
-                                       scalars=scalars or None)
+                                       scalars=scalars or None, into=self._answers)
         self._sent(changes)
         if result.params is not None:
             self._copy_in(result.params)
