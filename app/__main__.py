@@ -109,13 +109,12 @@ def main(argv: list[str] | None = None) -> int:
                     "reach it can read and change every session", settings.host)
     from app.main import create_app  # torch and the engine: only once the settings are sound
     from app.runtime import settle_gc
-    from app.transport.http_protocol import CoalescingHttpToolsProtocol
 
     app = create_app(settings)
     settle_gc()
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, timeout_graceful_shutdown=30,
-                            access_log=False, log_config=None, http=CoalescingHttpToolsProtocol)
+                            access_log=False, log_config=None)
     server = DrainingServer(config, app)
     server.run()
     return 0 if server.started else 1

@@ -22,7 +22,6 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
-from app.transport.http_protocol import CoalescingHttpToolsProtocol
 
 #: the engines a test runs on: ``@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)``
 ENGINES = [pytest.param("embedded", id="embedded"),
@@ -46,8 +45,7 @@ class LiveServer:
     def __init__(self, settings: Settings) -> None:
         self.app = create_app(settings)
         config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
-            http=CoalescingHttpToolsProtocol,  # as python -m app serves
+            self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
