@@ -278,9 +278,15 @@ def _large_binary_target(response: httpx.Response,
     if (ctype != "application/octet-stream" or response.headers.get("content-encoding")
             or not length.isdigit() or int(length) <= _LARGE):
         return None
-    if into is not None:
-        return into(int(length))
-    return np.empty(int(length), dtype=np.uint8).data
+    size = int(length)
+    if into is None:
+        return np.empty(size, dtype=np.uint8).data
+    target = memoryview(into(size))
+    if target.readonly or target.nbytes != size or not target.contiguous:
+        raise ValueError(f"into({size}) must give a writable, contiguous buffer of {size} "
+                         f"bytes, got {target.nbytes} bytes"
+                         f"{' (read-only)' if target.readonly else ''}")
+    return target.cast("B")
 
 
 def _put(target: memoryview, pos: int, chunk: bytes) -> int:

@@ -415,3 +415,40 @@ def test_a_body_views_the_tensors_and_joins_to_dumps() -> None:
     assert all(len(p) <= 7 for p in body.pieces(7))
     w[0] = 99.0  # the body is a view: it reads the tensor when it is sent
     assert metadata_of(bytes(body))[0]["w"][0].item() == 99.0
+
+
+def test_a_large_answer_is_read_into_what_into_gives_and_a_wrong_buffer_is_refused() -> None:
+    """``step(into=...)``: a large binary answer lands in the buffer ``into(size)`` gives (the
+    tensors view it); a buffer of another size, or a read-only one, is a ValueError naming the
+    size; small answers do not ask for one."""
+    new = {"w": torch.arange(100_000, dtype=torch.float32)}
+
+    def streamed(request: httpx.Request) -> httpx.Response:
+        # as a server sends it: a body still to be read, with its Content-Length
+        whole = binary_response(new, version=1, step=1, lr=[0.1], skipped=False)
+        return httpx.Response(200, headers=whole.headers, stream=httpx.ByteStream(whole.content))
+
+    rec = Recorder(streamed)
+    asked: list[int] = []
+    kept = optserve.ReceiveBuffer()
+
+    def into(size: int) -> memoryview:
+        asked.append(size)
+        return kept(size)
+
+    with make(rec) as c:
+        result = c.step("s1", {"w": torch.ones(100_000)}, into=into)
+        assert result.params is not None and torch.equal(result.params["w"], new["w"])
+        buffer = kept._buffer
+        assert buffer is not None and len(asked) == 1 and asked[0] > 400_000
+        start = buffer.ctypes.data
+        assert start <= result.params["w"].data_ptr() < start + len(buffer)
+        with pytest.raises(ValueError, match=f"buffer of {asked[0]} bytes, got 10 bytes"):
+            c.step("s1", {"w": torch.ones(100_000)}, into=lambda size: memoryview(bytearray(10)))
+        with pytest.raises(ValueError, match="read-only"):
+            c.step("s1", {"w": torch.ones(100_000)}, into=lambda size: memoryview(bytes(size)))
+    small = Recorder(lambda r: binary_response({"w": torch.ones(4)}, version=1, step=1,
+                                               lr=[0.1], skipped=False))
+    with make(small) as c:
+        c.step("s1", {"w": torch.ones(4)}, into=into)
+    assert len(asked) == 1
