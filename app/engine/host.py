@@ -1060,8 +1060,7 @@ def _narrowed(params: Tensors, dtype: torch.dtype) -> PackedTensors:
     """``params`` narrowed to ``dtype`` and packed; once for all the workers of a sync round
     that ask for this dtype (their answers share it)."""
     def make() -> PackedTensors:
-        out = pack({n: t.to(dtype) if t.element_size() > dtype.itemsize else t
-                    for n, t in params.items()})
+        out = pack(dict(params), dtype)
         out.share()
         return out
     if isinstance(params, PackedTensors) and params.shared:

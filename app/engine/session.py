@@ -31,6 +31,7 @@ from app.wire.safetensors_body import (
     BodyTensors,
     PackedTensors,
     header_entries,
+    narrowed_dtype,
     pack,
     view_plan,
 )
@@ -525,7 +526,7 @@ class Session:
             p, t = self.params.get(name), dest[name]
             if p is None:
                 return name
-            want = dtype if dtype is not None and p.element_size() > dtype.itemsize else p.dtype
+            want = narrowed_dtype(p, dtype)
             if t.dtype != want or t.shape != p.shape:
                 return name
         return None
@@ -534,7 +535,7 @@ class Session:
                     dtype: torch.dtype | None = None) -> PackedTensors:
         """CPU copies later steps cannot change, packed in one buffer (one copy in all, and
         none more to send them as safetensors); narrowed to ``dtype`` where asked (floating
-        parameters only, never widened)."""
+        parameters only, never widened), in that same copy."""
         if names is None and dtype is None:
             plan = self.block_plan
             if plan is None or not plan.fits(self.params):
@@ -542,10 +543,7 @@ class Session:
             if plan is not None:
                 return plan.pack()
         chosen = self.params if names is None else {n: self.params[n] for n in names}
-        if dtype is not None:
-            chosen = {n: p.to(dtype) if p.element_size() > dtype.itemsize else p
-                      for n, p in chosen.items()}
-        return pack(chosen)
+        return pack(chosen, dtype)
 
     # ----------------------------------------------------------------- persistence
     def snapshot_tree(self) -> dict[str, Any]:

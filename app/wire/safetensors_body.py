@@ -135,18 +135,29 @@ def write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 
 
 
-def pack(tensors: dict[str, torch.Tensor]) -> PackedTensors:
+def narrowed_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype ``t`` is sent as when answers are narrowed to ``dtype``: floating tensors
+    wider than it are narrowed; others (narrower ones, integers, complex) go as they are."""
+    if dtype is not None and t.is_floating_point() and t.element_size() > dtype.itemsize:
+        return dtype
+    return t.dtype
+
+
+def pack(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> PackedTensors:
     """Copy tensors (any device) into one CPU buffer, widest dtypes first so every view is
-    naturally aligned. One copy, and the result can be sent without another."""
-    order = sorted(tensors, key=lambda n: -tensors[n].element_size())
-    total = sum(tensors[n].numel() * tensors[n].element_size() for n in order)
+    naturally aligned; with ``dtype``, floating tensors wider than it narrowed on the way
+    (:func:`narrowed_dtype`: the cast is the copy, no narrowed temporary). One copy, and the
+    result can be sent without another."""
+    wire = {n: narrowed_dtype(t, dtype) for n, t in tensors.items()}
+    order = sorted(tensors, key=lambda n: -wire[n].itemsize)
+    total = sum(tensors[n].numel() * wire[n].itemsize for n in order)
     # From a GPU: into pinned (page-locked) host memory, one asynchronous device-to-host copy
     # per tensor, then one wait (torch caches pinned blocks: no allocation cost per step).
     cuda = any(tensors[n].is_cuda for n in order)
     # torch.empty, not bytearray(total): no zero-filling (and faulting in) pages that the
     # copies below overwrite anyway (about half the cost of a 40 MB pack)
     base = torch.empty(total, dtype=torch.uint8, pin_memory=cuda)
-    plan = view_plan([(n, tensors[n].dtype, tensors[n].shape) for n in order])
+    plan = view_plan([(n, wire[n], tensors[n].shape) for n in order])
     out = packed_from_plan(base, plan)
     with torch.no_grad():
         if cuda:
@@ -154,9 +165,13 @@ def pack(tensors: dict[str, torch.Tensor]) -> PackedTensors:
                 out[name].copy_(tensors[name].detach(), non_blocking=True)
             torch.cuda.current_stream().synchronize()
         else:  # one torch call per run of one dtype, not one copy per tensor
-            for begin, end, dtype, names, _, _ in plan:
-                torch.cat([tensors[n].detach().reshape(-1) for n in names],
-                          out=base[begin:end].view(dtype))
+            for begin, end, run_dtype, names, _, _ in plan:
+                if all(tensors[n].dtype == run_dtype for n in names):
+                    torch.cat([tensors[n].detach().reshape(-1) for n in names],
+                              out=base[begin:end].view(run_dtype))
+                else:  # narrowed as they are copied
+                    torch._foreach_copy_([out[n] for n in names],
+                                         [tensors[n].detach() for n in names])
     return out
 
 

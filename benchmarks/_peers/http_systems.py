@@ -236,6 +236,8 @@ class OptserveShm(Optserve):
     metrics: ClassVar[bool | None] = None
     #: the SDK client's transport
     transport: ClassVar[str] = "local"
+    #: ``RemoteOptimizer``'s ``wire_dtype`` (None: gradients and answers in float32)
+    wire_dtype: ClassVar[str | None] = None
 
     def start(self) -> dict[str, Any]:
         facts = super().start()
@@ -252,7 +254,7 @@ class OptserveShm(Optserve):
         self.w = initial.clone()
         self.opt = optserve.RemoteOptimizer([("w", self.w)], case.spec.name, self.client,
                                             session_id=self.sid, metrics=self.metrics,
-                                            **case.spec.options)
+                                            wire_dtype=self.wire_dtype, **case.spec.options)
         self.last = None
 
     def exchange(self, grad_index: int) -> None:
@@ -278,6 +280,23 @@ class OptserveSdkHttp(OptserveShm):
 
     name = "optserve-sdk-http"
     transport = "http"
+
+
+@register
+class OptserveSdkBf16(OptserveSdkHttp):
+    """``optserve-sdk-http`` with ``RemoteOptimizer(..., wire_dtype="bfloat16")``: gradients
+    narrowed and widened on the server, answers narrowed and widened into ``p``; the session
+    keeps float32 master weights. The replay rounds the
+    gradients the same way; the bitwise check reads the server's float32 parameters."""
+
+    name = "optserve-sdk-bf16"
+    grad_transform = "bf16"
+    wire_dtype = "bfloat16"
+
+    def params(self) -> npt.NDArray[np.float32]:
+        got = self.client.get_params(self.sid).params["w"]
+        out: npt.NDArray[np.float32] = np.asarray(got, dtype=np.float32)
+        return out
 
 
 @register

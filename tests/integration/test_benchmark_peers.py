@@ -1,8 +1,8 @@
 """``benchmarks/peers.py`` end to end at N = 1e3 (in-process, echo, optserve-binary as a lean
 httpx client and as a ``safetensors.torch`` one, the same-host path through ``RemoteOptimizer``,
-torch RPC; 2 rounds): every system's result must equal in-process torch bitwise. No timing
-asserts. About 35 s of CPU (nine processes import torch): 60-80 s at load 5 on a 2-core
-machine, up to 3 min at load 10."""
+``RemoteOptimizer`` over HTTP with bfloat16 gradients, torch RPC; 2 rounds): every system's
+result must equal in-process torch bitwise. No timing asserts. About 40 s of CPU (ten processes
+import torch): 60-80 s at load 5 on a 2-core machine, up to 3 min at load 10."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMS = ["in-process", "echo", "torch-rpc", "optserve-binary", "optserve-binary-st",
-           "optserve-shm"]
+           "optserve-shm", "optserve-sdk-bf16"]
 
 
 def test_peers_smoke_bitwise(tmp_path: Path) -> None:

@@ -570,9 +570,9 @@ def test_a_rounds_parameters_are_encoded_once_for_all_its_workers(
         made["json"] += 1
         return real_encode(t, b64=b64)
 
-    def counting_pack(tensors: Any) -> Any:
+    def counting_pack(tensors: Any, dtype: Any = None) -> Any:
         made["narrow"] += 1
-        return real_pack(tensors)
+        return real_pack(tensors, dtype)
 
     monkeypatch.setattr(bodies.wire_sparse, "encode_json", counting_encode)
     monkeypatch.setattr(host_module, "pack", counting_pack)

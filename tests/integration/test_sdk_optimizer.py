@@ -471,3 +471,36 @@ def test_a_half_million_parameter_model_over_http_equals_torch(live_server: str)
                                 strict=True):
             assert torch.equal(a, b), name
         remote.close(delete_session=True)
+
+
+@pytest.mark.parametrize("wire", ["bfloat16", "float16"])
+def test_narrow_wire_gradients_step_like_torch_on_the_upcast_gradients(
+        live_server: str, wire: str) -> None:
+    """``RemoteOptimizer(..., wire_dtype=...)``: each gradient travels narrowed, the server
+    widens it and steps its float32 master weights,
+    and the new values come back narrowed. After five steps the server's parameters equal
+    torch stepping the same gradients narrowed and widened again, bit for bit, and the
+    model's parameters equal those values narrowed and widened."""
+    narrow = getattr(torch, wire)
+    gen = torch.Generator().manual_seed(21)
+    init = [torch.randn(300, 70, generator=gen), torch.randn(70, generator=gen)]
+    grads = [[torch.randn(p.shape, generator=gen) for p in init] for _ in range(5)]
+    master = [p.clone() for p in init]
+    local = torch.optim.Adam(master, lr=1e-2)
+    for step in grads:
+        for p, g in zip(master, step, strict=True):
+            p.grad = g.to(narrow).to(torch.float32)
+        local.step()
+    with optserve.Client(live_server, transport="http", max_retries=0) as c:
+        params = [p.clone() for p in init]
+        remote = optserve.RemoteOptimizer([("w", params[0]), ("b", params[1])], "Adam", c,
+                                          lr=1e-2, wire_dtype=wire)
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.clone()
+            remote.step()
+        server = c.get_params(remote.session_id).params
+        for name, p, want in zip(["w", "b"], params, master, strict=True):
+            assert torch.equal(server[name], want), name
+            assert torch.equal(p, want.to(narrow).to(torch.float32)), name
+        remote.close(delete_session=True)

@@ -91,3 +91,31 @@ def test_a_binary_answer_is_the_header_and_bytes_without_views() -> None:
     assert all(torch.equal(loaded[n], eager[n]) for n in eager)
     meta = {"version": "3", "lr": "[0.1]", "note": "text"}
     assert body[:len(body) - len(packed.buffer)] == safetensors_header(eager, meta)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packing_narrowed_casts_as_it_copies(dtype: torch.dtype) -> None:
+    """``pack(tensors, dtype)``: floating tensors wider than ``dtype`` come out as
+    ``t.to(dtype)`` would make them (runs of several tensors too), narrower or non-floating
+    ones (float16, int64) as they are; every view is aligned, and the buffer reads
+    back as the same safetensors the ``safetensors`` package reads."""
+    from app.wire.safetensors_body import pack
+
+    gen = torch.Generator().manual_seed(3)
+    tensors = {"a": torch.randn(5, 3, generator=gen, dtype=torch.float64),
+               "b": torch.randn(7, generator=gen),
+               "c": torch.randn(4, 2, generator=gen),
+               "h": torch.randn(3, generator=gen).to(torch.float16),
+               "i": torch.arange(4)}
+    out = pack(tensors, dtype)
+    for name, t in tensors.items():
+        want = t.to(dtype) if t.is_floating_point() and t.element_size() > dtype.itemsize \
+            else t
+        assert out[name].dtype == want.dtype, name
+        assert torch.equal(out[name], want), name
+        assert out[name].data_ptr() % out[name].element_size() == 0, name
+    read = safetensors.torch.load(bytes(safetensors_header(out, None)) + bytes(out.buffer))
+    assert all(torch.equal(read[n], out[n]) for n in tensors)
+    plain = pack(tensors)
+    assert all(torch.equal(plain[n], t) and plain[n].dtype == t.dtype
+               for n, t in tensors.items())
