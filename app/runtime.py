@@ -29,13 +29,12 @@ def tune_allocator() -> None:
 
     And glibc never trims the heap's top by itself (``M_TRIM_THRESHOLD`` at the most ``mallopt``
     takes, 2 GiB): with the 64 MB it had before, a 1e7 Adam step that happened to leave more
-    than that free at the top gave it back, and the next step faulted it in again (9,000 to
-    19,000 page faults, and 190-320 ms instead of 70-80, on one step in two or three; see
-    ``benchmarks.peers``' page-fault column). The heap is given back instead when the host has
-    been idle for two seconds (``Host._trim_when_idle``) and after operations much larger than
-    a step (a create, an import, an export, a snapshot: ``release_memory``). Measured with
-    ``benchmarks/memory.py``: resident memory at rest about 1.0x params + state + one gradient
-    (while a step runs, its body, temporaries and answer add to that)."""
+    than that free at the top gave it back, and the next step faulted it in again
+    (``benchmarks.ab`` at 1e7 Adam: p90 204 -> 107 ms). The heap is given back instead when the
+    host has been idle for two seconds (``Host._trim_when_idle``) and after operations much
+    larger than a step (a create, an import, an export, a snapshot: ``release_memory``).
+    Measured with ``benchmarks/memory.py``: resident memory at rest about 1.0x params + state +
+    one gradient (while a step runs, its body, temporaries and answer add to that)."""
     name = ctypes.util.find_library("c")
     if not name:
         return
