@@ -3,8 +3,8 @@
 for one), read before and after the timed rounds for each system's worker process and its
 server processes. On a busy machine the wall-clock median moves with the load; CPU per step
 moves much less, and the wait says how much the load cost. Minor page faults per step come from
-``/proc/<pid>/stat`` (each is a fresh page the kernel had to zero and map: at 1e7 parameters a
-step that faults in 40 MB afresh costs tens of milliseconds on this VM)."""
+``/proc/<pid>/stat``: each is a fresh 4 KB page the kernel zeroed and mapped, memory a process
+gave back (or never had) and touches again."""
 
 from __future__ import annotations
 

@@ -286,8 +286,8 @@ class OptserveSdkHttp(OptserveShm):
 class OptserveSdkBf16(OptserveSdkHttp):
     """``optserve-sdk-http`` with ``RemoteOptimizer(..., wire_dtype="bfloat16")``: gradients
     narrowed and widened on the server, answers narrowed and widened into ``p``; the session
-    keeps float32 master weights. The replay rounds the
-    gradients the same way; the bitwise check reads the server's float32 parameters."""
+    keeps float32 master weights. The replay rounds the gradients the same way; the bitwise
+    check reads the server's float32 parameters."""
 
     name = "optserve-sdk-bf16"
     grad_transform = "bf16"
