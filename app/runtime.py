@@ -31,10 +31,11 @@ def tune_allocator() -> None:
     takes, 2 GiB): with the 64 MB it had before, a 1e7 Adam step that happened to leave more
     than that free at the top gave it back, and the next step faulted it in again
     (``benchmarks.ab`` at 1e7 Adam: p90 204 -> 107 ms). The heap is given back instead when the
-    host has been idle for two seconds (``Host._trim_when_idle``) and after operations much
-    larger than a step (a create, an import, an export, a snapshot: ``release_memory``).
-    Measured with ``benchmarks/memory.py``: resident memory at rest about 1.0x params + state +
-    one gradient (while a step runs, its body, temporaries and answer add to that)."""
+    host has been idle (``app.engine.idle``: two seconds, longer after pauses between steps
+    unless memory is short) and after operations much larger than a step (a create, an import,
+    an export, a snapshot: ``release_memory``). Measured with ``benchmarks/memory.py``: resident
+    memory at rest about 1.0x params + state + one gradient (while a step runs, its body,
+    temporaries and answer add to that)."""
     name = ctypes.util.find_library("c")
     if not name:
         return

@@ -371,6 +371,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "concurrent pushes")
     ap.add_argument("--reps", type=positive_int, default=20,
                     help=f"steps (rounds) per server, the first {WARMUP_REPS} untimed")
+    ap.add_argument("--pause-s", type=float, default=0.0,
+                    help="seconds to wait after each rep, both servers idle (a worker's "
+                    "forward and backward pass between steps)")
     ap.add_argument("--env", action="append", type=parse_setting, default=[], metavar="K=V",
                     help="a variable for both servers (repeatable); K= unsets K")
     ap.add_argument("--env-a", action="append", type=parse_setting, default=[],
@@ -380,6 +383,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.reps <= WARMUP_REPS:
         ap.error(f"--reps must be more than the {WARMUP_REPS} warm-up reps")
+    if not args.pause_s >= 0:
+        ap.error("--pause-s must be a number of seconds >= 0")
     for tree in args.trees:
         if not (tree / "app" / "__main__.py").is_file():
             ap.error(f"{tree}: not an optserve source tree (no app/__main__.py)")
@@ -398,7 +403,8 @@ def header(args: argparse.Namespace, sides: list[Side], plan: Plan) -> Iterator[
     yield (f"- torch {torch.__version__}, httpx {httpx.__version__}, Python "
            f"{sys.version.split()[0]}, {os.cpu_count()} CPUs")
     yield (f"- timed: {unit}, POST /v1/sessions/{{id}}/step{plan.query}, "
-           f"{len(plan.body):,} body bytes; reps alternate which server goes first")
+           f"{len(plan.body):,} body bytes; reps alternate which server goes first"
+           + (f"; {args.pause_s:g} s pause after each rep" if args.pause_s else ""))
     for side in sides:
         yield (f"- {side.name}: tree `{side.tree}` at `{side.commit}`, app from "
                f"`{app_origin(side.tree)}`")
@@ -447,6 +453,8 @@ def main(argv: list[str] | None = None) -> None:
                     ms = steps[side.name]()
                     if rep >= WARMUP_REPS:
                         side.times_ms.append(ms)
+                if args.pause_s:
+                    time.sleep(args.pause_s)
             for side in sides:
                 check_steps(side, args.reps)
             same = bitwise_equal(params_of(sides[0]), params_of(sides[1]))

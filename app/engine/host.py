@@ -43,6 +43,7 @@ import torch
 from app.engine import metrics, optimizers, persist, ps, sparse, state_dicts
 from app.engine.evaluations import Evaluations
 from app.engine.history import HistoryQuery, HistoryResult, expand_fields
+from app.engine.idle import POLL_S, IdleClock, short_of_memory
 from app.engine.interface import (
     CreateSpec,
     Durability,
@@ -192,7 +193,6 @@ class EmbeddedHost:
         self._tombstones: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()
         self._snapshotter: asyncio.Task[None] | None = None
         self._trimmer: asyncio.Task[None] | None = None
-        self._busy_since_trim = False
         self._evaluations = Evaluations(self)
         #: sessions with a step applied whose log record's fsync is still running
         self._unsettled: dict[str, asyncio.Future[None]] = {}
@@ -383,21 +383,19 @@ class EmbeddedHost:
         await self._settled(key)
         return await self._worker.run(read, "history")
 
-    async def _trim_when_idle(self, idle_s: float = 2.0) -> None:
-        """Once the host has been idle for ``idle_s`` after operations, give the heap's free
-        pages back (a training loop stepping without pause keeps its per-step blocks for
-        reuse; a session at rest holds only its parameters and state), the kept parse of a
-        big safetensors header first."""
+    async def _trim_when_idle(self) -> None:
+        """Once the host has been idle (:class:`~app.engine.idle.IdleClock`: two seconds, or
+        twice its recent pauses between bursts unless memory is short), give the heap's free
+        pages back (a training loop keeps its per-step blocks for reuse; a session at rest
+        holds only its parameters and state), the kept parse of a big safetensors header
+        first."""
+        clock = IdleClock()
         last = 0
         while True:
-            await asyncio.sleep(idle_s)
+            await asyncio.sleep(POLL_S)
             ops = self._worker.jobs
-            if ops != last:
-                last = ops
-                self._busy_since_trim = True
-                continue
-            if self._busy_since_trim:
-                self._busy_since_trim = False
+            active, last = ops != last, ops
+            if clock.poll(active, not active and short_of_memory()):
                 try:
                     await self._worker.run(_at_rest, "trim")
                 except RuntimeError:

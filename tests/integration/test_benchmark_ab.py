@@ -16,8 +16,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("extra", [["--body", "binary"], ["--body", "json", "--workers", "2"]],
-                         ids=["binary", "json-2-workers"])
+@pytest.mark.parametrize("extra", [["--body", "binary", "--pause-s", "0.1"],
+                                   ["--body", "json", "--workers", "2"]],
+                         ids=["binary-paused", "json-2-workers"])
 def test_ab_smoke(extra: list[str]) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.ab", "--trees", ".", ".", "--n", "1e3", "--reps",
@@ -34,3 +35,4 @@ def test_ab_smoke(extra: list[str]) -> None:
         assert bitwise == "ok", row
     assert "b / a = " in proc.stdout
     assert proc.stdout.count("-m app`") == 2  # each server's command line is printed
+    assert ("0.1 s pause after each rep" in proc.stdout) == ("--pause-s" in extra)
