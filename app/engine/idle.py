@@ -52,24 +52,31 @@ class IdleClock:
 
 
 def available_share(root: Path = Path("/")) -> float | None:
-    """The share of memory available to this process: its cgroup's (v2: ``memory.max`` less
-    ``memory.current``) when the cgroup has a limit, else the machine's (``MemAvailable`` of
-    ``MemTotal``); None when neither can be read."""
-    cgroup = root / "sys/fs/cgroup"
-    try:
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            used = int((cgroup / "memory.current").read_text())
-            return max(0.0, 1.0 - used / int(limit))
-    except (OSError, ValueError):
-        pass
+    """The share of memory available to this process: its cgroup's when the cgroup has a limit
+    below the machine's memory (v2: ``memory.max`` less ``memory.current``; v1:
+    ``memory.limit_in_bytes`` less ``memory.usage_in_bytes``), else the machine's
+    (``MemAvailable`` of ``MemTotal``); None when none of them can be read."""
+    machine: float | None = None
+    total = 0
     try:
         fields = dict(line.split(":", 1) for line in
                       (root / "proc/meminfo").read_text().splitlines() if ":" in line)
-        total = int(fields["MemTotal"].split()[0])
-        return int(fields["MemAvailable"].split()[0]) / total if total else None
+        total = int(fields["MemTotal"].split()[0]) * 1024
+        machine = int(fields["MemAvailable"].split()[0]) * 1024 / total if total else None
     except (OSError, ValueError, KeyError):
-        return None
+        pass
+    cgroup = root / "sys/fs/cgroup"
+    for limit_file, used_file in (("memory.max", "memory.current"),
+                                  ("memory/memory.limit_in_bytes",
+                                   "memory/memory.usage_in_bytes")):
+        try:
+            limit = int((cgroup / limit_file).read_text())  # v2's "max": ValueError
+            used = int((cgroup / used_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit > 0 and (not total or limit < total):  # v1 without a limit: a huge number
+            return max(0.0, 1.0 - used / limit)
+    return machine
 
 
 def short_of_memory() -> bool:

@@ -58,11 +58,18 @@ def test_available_share_reads_the_cgroup_limit_then_the_machine(tmp_path: Path)
         "MemTotal:       1000 kB\nMemFree:         100 kB\nMemAvailable:    300 kB\n")
     assert available_share(tmp_path) == 0.3
     cgroup = tmp_path / "sys/fs/cgroup"
-    cgroup.mkdir(parents=True)
-    (cgroup / "memory.max").write_text("max\n")  # no limit: the machine's figure
+    (cgroup / "memory").mkdir(parents=True)
+    # cgroup v1 without a limit (a huge number), then with one below the machine's memory
+    (cgroup / "memory/memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (cgroup / "memory/memory.usage_in_bytes").write_text("500000\n")
     assert available_share(tmp_path) == 0.3
-    (cgroup / "memory.max").write_text("1000\n")
+    (cgroup / "memory/memory.limit_in_bytes").write_text("800000\n")
+    assert available_share(tmp_path) == pytest.approx(1 - 500_000 / 800_000)
+    # cgroup v2 comes first: "max" is no limit (then v1's), a number is one
+    (cgroup / "memory.max").write_text("max\n")
     (cgroup / "memory.current").write_text("900\n")
+    assert available_share(tmp_path) == pytest.approx(1 - 500_000 / 800_000)
+    (cgroup / "memory.max").write_text("1000\n")
     assert available_share(tmp_path) == pytest.approx(0.1)
     (cgroup / "memory.current").write_text("1200\n")  # over the limit (reclaim lags)
     assert available_share(tmp_path) == 0.0
