@@ -210,17 +210,20 @@ def start(side: Side) -> tuple[AbstractContextManager[str], str]:
     raise AssertionError("unreachable")
 
 
+def check_status(side: Side, what: str, got: int, text: str, status: int = 200) -> None:
+    if got != status:
+        raise RuntimeError(f"server {side.name}: {what} answered {got} (expected {status}): "
+                           f"{text[:3000]}")
+
+
 def check(resp: httpx.Response, side: Side, what: str, status: int = 200) -> None:
-    if resp.status_code != status:
-        raise RuntimeError(f"server {side.name}: {what} answered {resp.status_code} (expected "
-                           f"{status}): {resp.text[:3000]}")
+    check_status(side, what, resp.status_code, resp.text, status)
 
 
 def check_answer(answer: tuple[int, bytearray], side: Side, what: str) -> None:
-    status, body = answer
-    if status != 200:
-        raise RuntimeError(f"server {side.name}: {what} answered {status} (expected 200): "
-                           f"{bytes(body[:3000])!r}")
+    """A step's answer as :func:`benchmarks._peers.transfer.post` returns it: 200 or fail."""
+    got, body = answer
+    check_status(side, what, got, bytes(body[:3000]).decode(errors="replace"))
 
 
 def b64_of(t: torch.Tensor) -> str:

@@ -395,7 +395,7 @@ class EmbeddedHost:
             await asyncio.sleep(POLL_S)
             ops = self._worker.jobs
             active, last = ops != last, ops
-            if clock.poll(active, not active and short_of_memory()):
+            if clock.poll(active, short_of_memory):
                 try:
                     await self._worker.run(_at_rest, "trim")
                 except RuntimeError:
@@ -1060,7 +1060,7 @@ def _narrowed(params: Tensors, dtype: torch.dtype) -> PackedTensors:
     """``params`` narrowed to ``dtype`` and packed; once for all the workers of a sync round
     that ask for this dtype (their answers share it)."""
     def make() -> PackedTensors:
-        out = pack(dict(params), dtype)
+        out = pack(params, dtype)
         out.share()
         return out
     if isinstance(params, PackedTensors) and params.shared:

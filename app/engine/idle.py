@@ -13,6 +13,7 @@ rhythm: then the memory is worth more to others than the page faults are to the 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 #: seconds between looks at the device worker's job count
@@ -24,9 +25,9 @@ LOW_MEMORY = 0.5
 
 
 class IdleClock:
-    """Fed one poll at a time (whether any operation ran since the last one, and whether
-    memory is short); says when the heap should be given back: once per idle stretch, after
-    work."""
+    """Fed one poll at a time (whether any operation ran since the last one, and a way to ask
+    whether memory is short); says when the heap should be given back: once per idle stretch,
+    after work."""
 
     def __init__(self, remembered: int = 8) -> None:
         self.idle = 0  # polls in a row without an operation
@@ -37,7 +38,9 @@ class IdleClock:
         """Polls without an operation before a trim."""
         return min(MAX_POLLS, max(1, 2 * max(self.pauses, default=0)))
 
-    def poll(self, active: bool, short_of_memory: bool = False) -> bool:
+    def poll(self, active: bool, short_of_memory: Callable[[], bool] = lambda: False) -> bool:
+        """One look; ``short_of_memory`` is asked only when its answer decides (work is left
+        to give back and the rhythm's wait has not run out), not on every idle poll."""
         if active:
             if self.idle:
                 self.pauses.append(self.idle)
@@ -45,7 +48,7 @@ class IdleClock:
             self.busy = True
             return False
         self.idle += 1
-        if self.busy and self.idle >= (1 if short_of_memory else self.wait()):
+        if self.busy and (self.idle >= self.wait() or short_of_memory()):
             self.busy = False
             return True
         return False

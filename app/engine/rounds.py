@@ -57,7 +57,8 @@ class Round:
 #: workers' client scalars)
 ApplyRound = Callable[[str, dict[str, Tensors], ps.Reduce, list[IdemKey], bool,
                        dict[str, Any], dict[str, dict[str, float]]], Awaitable[StepResult]]
-#: checks one push against the session: (key, grads, base version) -> grads on the device
+#: checks one push against the session: (key, grads, base version, the views a same-host
+#: binding takes the answer in) -> grads on the device
 CheckPush = Callable[[str, Tensors, int | None, Tensors | None], Awaitable[Tensors]]
 
 

@@ -143,7 +143,8 @@ def narrowed_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     return t.dtype
 
 
-def pack(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> PackedTensors:
+def pack(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
+         ) -> PackedTensors:
     """Copy tensors (any device) into one CPU buffer, widest dtypes first so every view is
     naturally aligned; with ``dtype``, floating tensors wider than it narrowed on the way
     (:func:`narrowed_dtype`: the cast is the copy, no narrowed temporary). One copy, and the

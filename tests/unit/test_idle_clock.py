@@ -48,8 +48,8 @@ def test_short_of_memory_the_heap_goes_back_after_one_idle_poll() -> None:
     clock = IdleClock()
     polls(clock, "x..x..x")
     assert clock.wait() == 4
-    assert clock.poll(False, short_of_memory=True) is True
-    assert clock.poll(False, short_of_memory=True) is False  # once per idle stretch
+    assert clock.poll(False, short_of_memory=lambda: True) is True
+    assert clock.poll(False, short_of_memory=lambda: True) is False  # once per idle stretch
 
 
 def test_available_share_reads_the_cgroup_limit_then_the_machine(tmp_path: Path) -> None:
@@ -79,3 +79,25 @@ def test_available_share_reads_the_cgroup_limit_then_the_machine(tmp_path: Path)
 def test_this_machine_reports_a_share() -> None:
     share = available_share()
     assert share is not None and 0.0 <= share <= 1.0
+
+
+def test_memory_is_asked_only_when_its_answer_decides() -> None:
+    """Idle with nothing to give back, or past the rhythm's wait: no reading of memory."""
+    asked = []
+
+    def short() -> bool:
+        asked.append(1)
+        return False
+
+    idle = IdleClock()
+    for _ in range(5):
+        idle.poll(False, short)  # no work yet: nothing to give back
+    assert asked == []
+    clock = IdleClock()
+    clock.poll(True, short)
+    assert clock.poll(False, short) is True  # the wait (one poll) ran out: not asked
+    assert asked == []
+    clock.pauses.append(3)
+    clock.poll(True, short)
+    assert clock.poll(False, short) is False  # within the wait: asked
+    assert asked == [1]
