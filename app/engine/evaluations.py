@@ -357,6 +357,7 @@ class Evaluations:
 
     def _run_torch(self, step: OpenStep, work: Copy, loop: asyncio.AbstractEventLoop) -> None:
         """The thread: torch's LBFGS.step on the copy; each closure call waits for the client."""
+        self._host._worker.pin_threads()
         def post(event: Any) -> None:
             try:
                 loop.call_soon_threadsafe(step.events.put_nowait, event)

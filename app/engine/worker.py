@@ -8,6 +8,15 @@ when the device is the CPU and nothing is queued or running here: it would hold 
 most of its (short) run anyway, and the hop to this thread and back (two thread switches and a
 wake-up of the event loop) cost ~0.1-0.2 ms of a 1 ms SGD step at 1e3 parameters on a 2-core
 machine (``benchmarks/ab.py``; no change measured with Adam).
+
+Torch's intra-op thread count (``torch_threads``) is per OS thread under OpenMP, torch's CPU
+backend here: a thread that never set it runs torch work on a pool of torch's default size, and
+that pool's threads spin at a barrier after each parallel region, on a core the event loop or a
+same-host client needs. Every thread that runs torch work for a device sets it first
+(:meth:`DeviceWorker.pin_threads`): the worker thread, the event loop's thread (inline jobs and
+the request path's tensor work) and LBFGS's step thread. Before the event loop's thread did, a
+1e3-parameter Adam step over HTTP on 2 cores cost 0.83 ms of CPU per step on such a spinning
+thread and took 0.84 ms instead of 0.64 (``benchmarks/ab.py --n 1e3``).
 """
 
 from __future__ import annotations
@@ -58,8 +67,13 @@ class DeviceWorker:
         self._submitted = 0
         self._finished = 0
         self._inline_ok = device.type == "cpu"
+        #: ``pinned`` is set on the threads that set ``torch_threads`` (:meth:`pin_threads`;
+        #: thread-local: a thread ident may be reused by a later thread)
+        self._local = threading.local()
 
     def start(self) -> None:
+        """Start the worker thread; the calling thread (the event loop's) is pinned too."""
+        self.pin_threads()
         self._thread.start()
         self._started.wait(timeout=30)
 
@@ -81,6 +95,7 @@ class DeviceWorker:
         if inline and self._inline_ok and self._running.acquire(blocking=False):
             try:
                 if self._submitted == self._finished:
+                    self.pin_threads()
                     started = time.perf_counter()
                     try:
                         return fn()
@@ -95,6 +110,13 @@ class DeviceWorker:
         self._queue.put((fn, loop, fut, op, time.perf_counter()))
         return await fut
 
+    def pin_threads(self) -> None:
+        """Give the calling thread ``torch_threads`` intra-op threads (once per thread; nothing
+        when it is 0, torch's default)."""
+        if self.torch_threads > 0 and not getattr(self._local, "pinned", False):
+            torch.set_num_threads(self.torch_threads)
+            self._local.pinned = True
+
     def _observe(self, op: str, queued_s: float, run_s: float) -> None:
         if self.observer is not None:
             try:
@@ -103,8 +125,7 @@ class DeviceWorker:
                 log.exception("worker observer failed")
 
     def _run(self) -> None:
-        if self.torch_threads > 0:
-            torch.set_num_threads(self.torch_threads)
+        self.pin_threads()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self._started.set()

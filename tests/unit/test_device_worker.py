@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 import torch
 
 from app.engine.worker import DeviceWorker
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -124,3 +127,58 @@ def test_a_non_cpu_device_never_runs_inline() -> None:
         assert asyncio.run(main()) == w._thread.ident
     finally:
         w.stop()
+
+
+def _in_new_thread(fn: Callable[[], T]) -> T:
+    out: list[T] = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join(timeout=60)
+    return out[0]
+
+
+def test_every_thread_that_runs_torch_work_uses_torch_threads() -> None:
+    """``torch_threads`` reaches the event loop's thread (inline jobs and the request path's
+    tensor work run there) and the worker thread, not only the latter: torch's thread count is
+    per OS thread under OpenMP (a thread takes the last count set anywhere when it first runs
+    torch work, and keeps it), and a thread left at the default spins a pool of its own (found
+    as 0.83 ms of CPU per 1e3 step on a thread nobody had pinned). The worker asks for one
+    thread more than the threads here start with."""
+    fresh = _in_new_thread(torch.get_num_threads)
+    want = fresh + 1
+
+    def serve() -> tuple[int, int, int, int, int]:
+        async def main() -> tuple[int, int, int, int, int]:
+            before = torch.get_num_threads()  # this thread's count is now set, as a server's
+            w = DeviceWorker(torch.device("cpu"), want)
+            w.start()
+            try:
+                loop_thread = torch.get_num_threads()
+                inline = await w.run(torch.get_num_threads, inline=True)
+                queued = await w.run(torch.get_num_threads)
+                return before, loop_thread, inline, queued, await w.run(_pinned_elsewhere(w))
+            finally:
+                w.stop()
+        return asyncio.run(main())
+
+    assert _in_new_thread(serve) == (fresh, want, want, want, want)
+
+
+def _pinned_elsewhere(w: DeviceWorker) -> Callable[[], int]:
+    """Another thread of the host's own (LBFGS's step thread), its count set to another value
+    first, then pinned."""
+    def other() -> int:
+        torch.set_num_threads(w.torch_threads + 1)
+        w.pin_threads()
+        return torch.get_num_threads()
+    return lambda: _in_new_thread(other)
+
+
+def test_a_worker_with_torch_threads_0_leaves_threads_alone() -> None:
+    def here() -> tuple[int, int]:
+        before = torch.get_num_threads()
+        DeviceWorker(torch.device("cpu")).pin_threads()
+        return before, torch.get_num_threads()
+
+    before, after = _in_new_thread(here)
+    assert after == before
