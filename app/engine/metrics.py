@@ -14,12 +14,18 @@ small float64 tensor (one device-to-host copy of 3 values per parameter tensor),
 group's norm is ``sqrt(sum of its tensors' squared norms)`` in Python floats (as
 ``clip_grad_norm_`` combines them).
 
-The update norm needs the parameters as they were before the step: :func:`before_step` copies
-them (one copy of the session's flat parameter block into a buffer the session keeps and reuses,
-when they tile one, as they do unless a param group was added), :func:`after_step` subtracts in
-place and takes the norms. That copy and the norms are the whole cost
-(``benchmarks/metrics_cost.py``); sessions created with ``"metrics": false`` skip them (their
-rows keep lr, scalars and the rest).
+The update norm needs the parameters as they were before the step: a copy of the session's flat
+parameter block in a buffer the session keeps and reuses (when they tile one, as they do unless
+a param group was added; else :func:`before_step` clones each tensor), and :func:`after_step`
+subtracts in place and takes the norms. The copy for the next step is taken right after this
+one, on the device worker once this step's answer has been handed over (``worker.after_job``),
+so that it runs while the answer goes out, not on the next step's critical path; it is tagged
+with the session's version, and :func:`before_step` copies again unless that is still the
+session's version (every operation that changes parameter values bumps it; a session restored
+after a failure is a new object with a new layout). Steps that run inline on the event loop's
+thread (small sessions) copy in :func:`before_step`. The copy, the subtraction and the norms
+are the whole cost (``benchmarks/metrics_cost.py``); sessions created with ``"metrics": false``
+skip them (their rows keep lr, scalars and the rest).
 
 Nothing here may fail a step: :func:`before_step` runs before ``optimizer.step()`` and
 :func:`after_step` after it succeeded; each catches its own errors and the step then simply
@@ -38,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from app.engine.interface import json_float
+from app.engine.worker import after_job
 from app.errors import Invalid
 
 if TYPE_CHECKING:
@@ -66,6 +73,9 @@ class Probe:
     after: list[torch.Tensor]
     before: list[torch.Tensor]
     per_group: bool = False
+    #: the layout whose scratch ``before`` views (its copy for the next step is taken after
+    #: this one: :func:`take_ahead`); None when ``before`` are clones
+    layout: Layout | None = None
 
 
 @dataclass
@@ -134,6 +144,9 @@ class Layout:
     scratch: torch.Tensor | None = None
     #: per group, its names as a set (a step with a gradient for each: no per-name lookups)
     sets: list[frozenset[str]] = field(default_factory=list)
+    #: the session version whose parameters ``scratch`` holds (:func:`take_ahead`); None when
+    #: it holds anything else
+    taken_at: int | None = None
 
     def fits(self, s: Session, names: list[list[str]]) -> bool:
         if names != self.names:
@@ -261,10 +274,12 @@ def before_step(s: Session, grads: dict[str, torch.Tensor],
                 owner.extend(todo_owner)
             if layout.scratch is not None:
                 assert layout.span is not None
-                layout.scratch.copy_(layout.span)
-                before = layout.before
-            else:
-                before = [p.detach().clone() for p in layout.params]
+                if layout.taken_at != s.version:
+                    layout.scratch.copy_(layout.span)
+                layout.taken_at = None  # the step's subtraction overwrites it
+                return Probe(layout.groups, parts, owner, layout.after, layout.before,
+                             layout.per_group, layout)
+            before = [p.detach().clone() for p in layout.params]
             return Probe(layout.groups, parts, owner, layout.after, before, layout.per_group)
     except Exception as exc:  # noqa: BLE001 - metrics never fail a step
         _warn(s, exc)
@@ -302,9 +317,27 @@ def after_step(s: Session, probe: Probe | None, lrs: list[float], nonfinite: int
             out["update_norm"] = u_norm
             out["param_norm"] = p_norm
             out["update_ratio"] = _ratio(u_norm, p_norm)
+        if probe.layout is not None:
+            after_job(lambda: take_ahead(s, probe.layout))
     except Exception as exc:  # noqa: BLE001 - metrics never fail a step
         _warn(s, exc)
     return groups
+
+
+def take_ahead(s: Session, layout: Layout | None) -> None:
+    """Copy the parameters into ``layout``'s scratch for the next step's update norm, tagged
+    with the session's version (nothing when the session has another layout by now, or its
+    metrics are off)."""
+    if layout is None or s.metrics_layout is not layout or not s.metrics_on:
+        return
+    assert layout.scratch is not None and layout.span is not None
+    try:
+        with torch.no_grad():
+            layout.scratch.copy_(layout.span)
+        layout.taken_at = s.version
+    except Exception as exc:  # noqa: BLE001 - metrics never fail a step
+        layout.taken_at = None
+        _warn(s, exc)
 
 
 def count_nonfinite(tensors: list[torch.Tensor]) -> int:

@@ -36,6 +36,21 @@ T = TypeVar("T")
 _Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]", str, float]
 # Called on the worker thread after each job: (operation, seconds queued, seconds running).
 Observer = Callable[[str, float, float], None]
+#: ``later``: the work :func:`after_job` deferred, on a worker thread while a job runs there
+_job = threading.local()
+
+
+def after_job(fn: Callable[[], None]) -> bool:
+    """Run ``fn`` on this device worker's thread right after the job now running there has
+    handed its result to its caller, before the next job (nothing else runs on the device in
+    between): work that the caller need not wait for. Its errors are logged, not raised. False,
+    and nothing is kept, when no job runs on this thread (an inline job runs on the event
+    loop's thread, whose caller would wait for it): the caller then does without."""
+    later: list[Callable[[], None]] | None = getattr(_job, "later", None)
+    if later is None:
+        return False
+    later.append(fn)
+    return True
 
 
 def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
@@ -45,6 +60,14 @@ def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) ->
         fut.set_exception(exc)
     else:
         fut.set_result(result)
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], result: Any,
+               error: BaseException | None) -> None:
+    try:
+        loop.call_soon_threadsafe(_settle, fut, result, error)
+    except RuntimeError:  # the loop has closed; nobody is waiting
+        log.debug("result dropped: event loop closed")
 
 
 class DeviceWorker:
@@ -136,21 +159,31 @@ class DeviceWorker:
             fn, loop, fut, op, submitted = job
             result: Any = None
             error: BaseException | None = None
+            later: list[Callable[[], None]] = []
             with self._running:
                 started = time.perf_counter()
+                _job.later = later
                 try:
                     result = fn()
                 except BaseException as exc:  # handed to the awaiting coroutine
                     error = exc
+                finally:
+                    _job.later = None
+                ran = time.perf_counter() - started
+                if later:  # the answer first, then the deferred work, still as this job
+                    _hand_over(loop, fut, result, error)
+                    for deferred in later:
+                        try:
+                            deferred()
+                        except Exception:  # noqa: BLE001 - nobody waits for it
+                            log.exception("work deferred after a %s job failed", op)
                 self._finished += 1
-            self._observe(op, started - submitted, time.perf_counter() - started)
-            try:
-                loop.call_soon_threadsafe(_settle, fut, result, error)
-            except RuntimeError:  # the loop has closed; nobody is waiting
-                log.debug("result dropped: event loop closed")
+            self._observe(op, started - submitted, ran)
+            if not later:
+                _hand_over(loop, fut, result, error)
             # Let go of the job now, not when the next one arrives: what only it still holds
             # (the future with the answer, a step's gradient views and plan: thousands of
             # tensors for a session of many small ones) is then freed by the event loop once
             # the answer is out, not here at the start of the next job, on its critical path
             # (1,000 x 4: 0.17 ms per step; 1e3: 0.015 ms).
-            job = fn = fut = result = error = None  # type: ignore[assignment]
+            job = fn = fut = result = error = later = None  # type: ignore[assignment]

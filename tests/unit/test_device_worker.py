@@ -13,7 +13,7 @@ from typing import TypeVar
 import pytest
 import torch
 
-from app.engine.worker import DeviceWorker
+from app.engine.worker import DeviceWorker, after_job
 
 T = TypeVar("T")
 
@@ -182,3 +182,36 @@ def test_a_worker_with_torch_threads_0_leaves_threads_alone() -> None:
 
     before, after = _in_new_thread(here)
     assert after == before
+
+
+def test_work_deferred_after_a_job_runs_after_its_answer_and_before_the_next_job(
+        worker: DeviceWorker, caplog: pytest.LogCaptureFixture) -> None:
+    """``after_job``: the caller gets the job's result without waiting for the deferred work;
+    that work runs on the worker thread before the next job (and before an inline job could
+    run beside it); its errors are logged, not raised. An inline job cannot defer."""
+    events: list[str] = []
+    release = threading.Event()
+
+    def deferred() -> None:
+        release.wait(timeout=30)  # held until the caller has its answer
+        events.append("deferred")
+
+    def job() -> str:
+        assert after_job(deferred)
+        assert after_job(lambda: 1 / 0)  # type: ignore[arg-type, return-value]
+        events.append("job")
+        return "answer"
+
+    async def main() -> tuple[str, bool]:
+        answer = await worker.run(job)
+        events.append("caller has the answer")
+        release.set()
+        await worker.run(lambda: events.append("next job"), inline=True)
+        inline_deferred = await worker.run(lambda: after_job(lambda: None), inline=True)
+        return answer, inline_deferred
+
+    answer, inline_deferred = asyncio.run(main())
+    assert answer == "answer"
+    assert events == ["job", "caller has the answer", "deferred", "next job"]
+    assert inline_deferred is False
+    assert any("deferred after" in r.message for r in caplog.records)

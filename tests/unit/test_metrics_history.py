@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -15,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine import CreateSpec, Front, GroupSpec, embedded_engine
+from app.engine import CreateSpec, Front, GroupSpec, embedded_engine, metrics
+from app.engine import host as host_module
 from app.engine.history import History, HistoryQuery, csv_text, downsample, jsonable
 from app.errors import Invalid
 
@@ -277,10 +279,26 @@ def test_encodings_of_absent_and_infinite_values() -> None:
     assert text == "n,scalars.loss\n1,0.1\n2,\n"
 
 
-def test_metrics_stay_right_when_the_parameters_change_between_steps(engine: Front) -> None:
+@pytest.mark.parametrize("where", ["inline", "worker"])
+def test_metrics_stay_right_when_the_parameters_change_between_steps(
+        engine: Front, where: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The metrics keep how they copy and norm the parameters from step to step; whatever
     changes the parameters in between (an added group, which lays out a new block; values
-    overwritten in place; metrics turned off and on) must still give torch's norms."""
+    overwritten in place; metrics turned off and on) must still give torch's norms.
+
+    ``worker``: every step runs on the device worker's thread (as a large session's steps do),
+    where the copy for the next step's update norm is taken after each step's answer has been
+    handed over (``metrics.take_ahead``); ``inline``: on the event loop's thread (a small
+    session's), where each step copies for itself."""
+    ahead: list[tuple[int, str]] = []
+    take_ahead = metrics.take_ahead
+
+    def spy(s: Any, layout: Any) -> None:
+        take_ahead(s, layout)
+        ahead.append((s.version, threading.current_thread().name))
+    monkeypatch.setattr(metrics, "take_ahead", spy)
+    if where == "worker":
+        monkeypatch.setattr(host_module, "INLINE_BYTES", -1)
     p0 = {"a": seeded((3, 4), 1), "b": seeded((5,), 2)}
     run(engine.create(CreateSpec("SGD", [GroupSpec({n: t.clone() for n, t in p0.items()})],
                                  options={"lr": 0.1, "momentum": 0.9}, id="chg")))
@@ -305,12 +323,6 @@ def test_metrics_stay_right_when_the_parameters_change_between_steps(engine: Fro
         for n, t in new.items():
             local[n].copy_(t)
     step_both(2)
-    c0 = seeded((6,), 9)  # a new group: the session lays out a new block
-    run(engine.add_param_group("chg", GroupSpec({"c": c0.clone()}, {"lr": 0.05})))
-    local["c"] = c0.clone()
-    opt.add_param_group({"params": [local["c"]], "lr": 0.05})
-    groups.append(["c"])
-    step_both(3)
     run(engine.configure("chg", {"metrics": False}))
     sent = {n: seeded(tuple(t.shape), 900 + i) for i, (n, t) in enumerate(local.items())}
     for n, t in local.items():
@@ -319,7 +331,23 @@ def test_metrics_stay_right_when_the_parameters_change_between_steps(engine: Fro
     off = run(engine.step("chg", sent, return_params=False))
     assert off.metrics is not None and "grad_norm" not in off.metrics["groups"][0]
     run(engine.configure("chg", {"metrics": True}))
+    step_both(4)
     step_both(5)
+    c0 = seeded((6,), 9)  # a new group: the session lays out a new block
+    run(engine.add_param_group("chg", GroupSpec({"c": c0.clone()}, {"lr": 0.05})))
+    local["c"] = c0.clone()
+    opt.add_param_group({"params": [local["c"]], "lr": 0.05})
+    groups.append(["c"])
+    step_both(6)
+    step_both(7)
+    if where == "inline":
+        assert ahead == []
+    else:
+        # taken after each step with metrics while the parameters tile one block (versions:
+        # steps 0-2 made 1, 2 and 4 after the overwrite's 3; the step without metrics 5 and
+        # took none; steps 4 and 5 made 6 and 7); the added group's tensor lies outside the
+        # block, so steps 6 and 7 clone instead
+        assert ahead == [(v, "optserve-cpu") for v in (1, 2, 4, 6, 7)], ahead
 
 
 @pytest.mark.parametrize("groups", [[["a", "b", "c"]], [["a", "c"], ["b"]]],
