@@ -24,6 +24,15 @@ PIDS: dict[str, int] = {}
 PROCS: dict[str, subprocess.Popen[bytes]] = {}
 
 
+def user_defaults(env: dict[str, str]) -> list[str]:
+    """What to ``unset`` for a server configured by ``env`` alone, as a user's ``scripts/serve``
+    with those variables: :data:`SERVER_DEFAULTS` and this shell's other ``OPTSERVE_*`` (not
+    ``OPTSERVE_DATA_DIR``: a benchmark's server always gets a fresh one)."""
+    inherited = {**os.environ, **SERVER_DEFAULTS}
+    return [k for k in inherited
+            if k.startswith("OPTSERVE_") and k not in env and k != "OPTSERVE_DATA_DIR"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -42,7 +42,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from benchmarks._peers.cases import OPTIMIZERS
-from benchmarks._server import free_port, server
+from benchmarks._server import free_port, server, user_defaults
 from benchmarks._timing import median_ms
 from benchmarks.echo_app import ECHO_PATH
 
@@ -149,7 +149,8 @@ def main() -> None:
            "OPTSERVE_DURABILITY": "memory"}
     rows = []
     with server(app="benchmarks.echo_app:app") as echo_url, \
-            server(env, command=[sys.executable, "-m", "app"], port=port) as url:
+            server(env, command=[sys.executable, "-m", "app"], port=port,
+                   unset=user_defaults(env)) as url:
         for k, s in shapes:
             reps = args.reps or (5 if k >= 50_000 else 30)
             echo_ms = echo(echo_url, k, s, reps)

@@ -22,7 +22,7 @@ import httpx
 import torch
 from safetensors.torch import save
 
-from benchmarks._server import PIDS, free_port, server
+from benchmarks._server import PIDS, free_port, server, user_defaults
 
 
 def memory_mb(pid: int) -> tuple[float, float]:
@@ -61,7 +61,8 @@ def main() -> None:
     env = {"OPTSERVE_PORT": str(port), "OPTSERVE_TORCH_THREADS": "1",
            "OPTSERVE_DURABILITY": args.durability,
            "OPTSERVE_DATA_DIR": tempfile.mkdtemp(prefix="optserve-mem-")}
-    with server(env, command=[sys.executable, "-m", "app"], port=port) as url, \
+    with server(env, command=[sys.executable, "-m", "app"], port=port,
+                unset=user_defaults(env)) as url, \
             httpx.Client(base_url=url, timeout=600) as c:
         pid = PIDS[url]
         time.sleep(1.0)

@@ -21,7 +21,7 @@ from safetensors.torch import save as st_save
 from benchmarks._peers import transfer
 from benchmarks._peers.base import GradSystem, RunConfig, System, register
 from benchmarks._peers.cases import Case
-from benchmarks._server import PIDS, PROCS, free_port, server
+from benchmarks._server import PIDS, PROCS, free_port, server, user_defaults
 from benchmarks.echo_app import ECHO_PATH
 
 BINARY = "application/octet-stream"
@@ -106,8 +106,10 @@ class Echo(HttpSystem, GradSystem):
 
 class Optserve(HttpSystem, GradSystem):
     """optserve as a user starts it: ``python -m app`` with ``OPTSERVE_TORCH_THREADS=1``, a
-    fresh ``OPTSERVE_DATA_DIR`` and ``OPTSERVE_DURABILITY`` set to the run's level; one
-    session per case, created over JSON (the parameters as base64)."""
+    fresh ``OPTSERVE_DATA_DIR`` and ``OPTSERVE_DURABILITY`` set to the run's level, every
+    other setting at the server's default (the access log at ``info`` included: no other
+    ``OPTSERVE_*`` reaches it); one session per case, created over JSON (the parameters as
+    base64)."""
 
     per_durability = True
     #: the step request's content type
@@ -119,8 +121,11 @@ class Optserve(HttpSystem, GradSystem):
         self.env = {"OPTSERVE_PORT": str(port), "OPTSERVE_TORCH_THREADS": "1",
                     "OPTSERVE_DATA_DIR": str(data_dir),
                     "OPTSERVE_DURABILITY": str(self.durability)}
+        # the server's own defaults for everything else: the printed command is the whole
+        # configuration
         return server(self.env, command=[sys.executable, "-m", "app"], port=port,
-                      start_timeout_s=START_TIMEOUT_S, log=self.log_path())
+                      start_timeout_s=START_TIMEOUT_S, log=self.log_path(),
+                      unset=user_defaults(self.env))
 
     def server_facts(self) -> dict[str, Any]:
         env = " ".join(f"{k}={v}" for k, v in self.env.items() if k != "OPTSERVE_DATA_DIR")
