@@ -88,17 +88,56 @@ def gc_paused() -> Iterator[None]:
 _libc: ctypes.CDLL | None = None
 
 
-def release_memory() -> None:
-    """Give the OS back the free pages of the heap, holes included (``malloc_trim``): after
-    operations that allocate and free much more than a step (a create, an import, an export,
-    a snapshot), so the heap that reuses per-step blocks does not keep their peak."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _c() -> ctypes.CDLL | None:
     global _libc
     if _libc is None:
         name = ctypes.util.find_library("c")
         if not name:
-            return
+            return None
         _libc = ctypes.CDLL(name)
+    return _libc
+
+
+def heap_free_bytes() -> int | None:
+    """The resident bytes of glibc's heap that hold no allocation, about what
+    :func:`release_memory` would give back: the heap mapping's resident size (``[heap]`` in
+    ``/proc/self/smaps``; one arena and no mmapped blocks, as :func:`tune_allocator` sets it)
+    less the bytes in use (``mallinfo2().uordblks``; its count of free bytes also counts pages
+    already given back). None where either cannot be read (another libc, glibc < 2.33, no
+    ``/proc``)."""
+    libc = _c()
+    fn = getattr(libc, "mallinfo2", None) if libc is not None else None
+    if fn is None:
+        return None
+    fn.restype = _MallInfo2
+    used = int(fn().uordblks)
     try:
-        _libc.malloc_trim(0)
+        with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
+            in_heap = False
+            for line in f:
+                if in_heap and line.startswith("Rss:"):
+                    return max(0, int(line.split()[1]) * 1024 - used)
+                if line.rstrip().endswith("[heap]"):
+                    in_heap = True
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def release_memory() -> None:
+    """Give the OS back the free pages of the heap, holes included (``malloc_trim``): after
+    operations that allocate and free much more than a step (a create, an import, an export,
+    a snapshot), so the heap that reuses per-step blocks does not keep their peak."""
+    libc = _c()
+    if libc is None:
+        return
+    try:
+        libc.malloc_trim(0)
     except AttributeError:
         pass

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from app.engine.idle import MAX_POLLS, IdleClock, available_share
+from app.engine.idle import MAX_POLLS, IdleClock, available, available_share, short_of_memory
 
 
 def polls(clock: IdleClock, pattern: str) -> str:
@@ -101,3 +103,57 @@ def test_memory_is_asked_only_when_its_answer_decides() -> None:
     clock.poll(True, short)
     assert clock.poll(False, short) is False  # within the wait: asked
     assert asked == [1]
+
+
+def _meminfo(root: Path, total_kb: int, available_kb: int) -> None:
+    (root / "proc").mkdir(exist_ok=True)
+    (root / "proc/meminfo").write_text(
+        f"MemTotal: {total_kb} kB\nMemFree: 1 kB\nMemAvailable: {available_kb} kB\n")
+
+
+def test_short_of_memory_when_the_heap_keeps_a_sixteenth_of_what_is_available(
+        tmp_path: Path) -> None:
+    """Short: the heap's free bytes are more than 1/16 of the memory available, the machine's
+    or, with a limit below it, the container's; not a share of the machine being in use."""
+    mb = 1 << 20
+    _meminfo(tmp_path, 24 << 20, 7 << 20)  # 24 GB, 7 GB available (29%)
+    assert available(tmp_path) == (7 << 30, 24 << 30)
+    assert not short_of_memory(lambda: 200 * mb, tmp_path)  # a 1e7 Adam step's blocks
+    assert short_of_memory(lambda: 500 * mb, tmp_path)  # more than 7 GB / 16
+    _meminfo(tmp_path, 24 << 20, 1 << 20)  # 1 GB available
+    assert short_of_memory(lambda: 200 * mb, tmp_path)
+    assert not short_of_memory(lambda: 0, tmp_path)  # nothing to give back
+    # a container's limit: 2 GB, 1.5 GB used
+    cgroup = tmp_path / "sys/fs/cgroup"
+    cgroup.mkdir(parents=True)
+    _meminfo(tmp_path, 24 << 20, 20 << 20)
+    (cgroup / "memory.max").write_text(f"{2 << 30}\n")
+    (cgroup / "memory.current").write_text(f"{3 << 29}\n")
+    assert available(tmp_path) == (1 << 29, 2 << 30)
+    assert short_of_memory(lambda: 40 * mb, tmp_path)  # > 512 MB / 16
+    assert not short_of_memory(lambda: 20 * mb, tmp_path)
+    # where the heap cannot be read: less than half available
+    assert short_of_memory(lambda: None, tmp_path)
+    (cgroup / "memory.current").write_text(f"{1 << 29}\n")
+    assert not short_of_memory(lambda: None, tmp_path)
+    # where memory cannot be read: never short
+    assert not short_of_memory(lambda: 1 << 40, tmp_path / "nowhere")
+
+
+def test_the_heap_reports_what_it_keeps_free() -> None:
+    """``heap_free_bytes``, in a child process tuned as the server is: a freed 100 MB block is
+    kept (and counted) until ``release_memory`` gives it back."""
+    code = (
+        "from app.runtime import heap_free_bytes, release_memory, tune_allocator\n"
+        "tune_allocator()\n"
+        "block = bytearray(100_000_000)\n"
+        "before = heap_free_bytes()\n"
+        "del block\n"
+        "kept = heap_free_bytes()\n"
+        "release_memory()\n"
+        "print(before, kept, heap_free_bytes())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2])
+    before, kept, after = (int(x) for x in out.stdout.split())
+    assert kept >= 100_000_000 > 10_000_000 > before
+    assert after < 10_000_000
