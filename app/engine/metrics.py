@@ -328,16 +328,22 @@ def take_ahead(s: Session, layout: Layout | None) -> None:
     """Copy the parameters into ``layout``'s scratch for the next step's update norm, tagged
     with the session's version (nothing when the session has another layout by now, or its
     metrics are off)."""
-    if layout is None or s.metrics_layout is not layout or not s.metrics_on:
+    if (layout is None or s.metrics_layout is not layout or not s.metrics_on
+            or layout.taken_at == s.version):  # (a replay defers one per step it applies)
         return
-    assert layout.scratch is not None and layout.span is not None
     try:
-        with torch.no_grad():
-            layout.scratch.copy_(layout.span)
+        copy_ahead(layout)
         layout.taken_at = s.version
     except Exception as exc:  # noqa: BLE001 - metrics never fail a step
         layout.taken_at = None
         _warn(s, exc)
+
+
+def copy_ahead(layout: Layout) -> None:
+    """The copy :func:`take_ahead` takes."""
+    assert layout.scratch is not None and layout.span is not None
+    with torch.no_grad():
+        layout.scratch.copy_(layout.span)
 
 
 def count_nonfinite(tensors: list[torch.Tensor]) -> int:

@@ -175,7 +175,7 @@ class DeviceWorker:
                     for deferred in later:
                         try:
                             deferred()
-                        except Exception:  # noqa: BLE001 - nobody waits for it
+                        except BaseException:  # noqa: BLE001 - nobody waits for it
                             log.exception("work deferred after a %s job failed", op)
                 self._finished += 1
             self._observe(op, started - submitted, ran)

@@ -387,3 +387,59 @@ def test_metrics_of_gradients_that_tile_one_buffer_equal_torch(engine: Front,
     with pytest.raises(Invalid) as info:
         run(engine.step("tile", bad, return_params=False))
     assert info.value.code == "nonfinite_gradient" and "'b'" in info.value.detail
+
+
+def test_a_replayed_log_takes_one_copy_ahead_and_the_next_step_is_right(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart replays the session's logged steps in one job on the device worker; each
+    replayed step defers a copy ahead, and only the first of them copies (the rest find the
+    copy already taken at the session's version). The first step after the restart then
+    reports torch's norms."""
+    copied: list[int] = []
+    copy_ahead = metrics.copy_ahead
+    sessions: list[Any] = []
+    take_ahead = metrics.take_ahead
+
+    def spy_take(s: Any, layout: Any) -> None:
+        sessions[:] = [s]
+        take_ahead(s, layout)
+
+    def spy_copy(layout: Any) -> None:
+        copy_ahead(layout)
+        copied.append(sessions[0].version)
+    monkeypatch.setattr(metrics, "take_ahead", spy_take)
+    monkeypatch.setattr(metrics, "copy_ahead", spy_copy)
+    p0 = {"w": seeded((40, 30), 1), "b": seeded((30,), 2)}
+    local = {n: t.clone() for n, t in p0.items()}
+    opt = torch.optim.Adam([local["w"], local["b"]], lr=0.01)
+    sent_at = [{n: seeded(tuple(t.shape), 10 * k + i) for i, (n, t) in enumerate(p0.items())}
+               for k in range(5)]
+
+    def local_step(sent: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        before = {n: t.clone() for n, t in local.items()}
+        for n, t in local.items():
+            t.grad = sent[n]
+        opt.step()
+        return before
+
+    eng = embedded_engine("cpu", warm_up=False, data_dir=tmp_path, durability="step")
+    run(eng.start())
+    try:
+        run(eng.create(CreateSpec("Adam", [GroupSpec({n: t.clone() for n, t in p0.items()})],
+                                  options={"lr": 0.01}, id="r")))
+        for sent in sent_at[:4]:
+            local_step(sent)
+            run(eng.step("r", sent, return_params=False))
+    finally:
+        run(eng.stop(snapshot=False))  # the disk as a crash leaves it: four steps to replay
+    assert copied == [1, 2, 3, 4]  # live: one after each step (steps run on the worker)
+    copied.clear()
+    eng = embedded_engine("cpu", warm_up=False, data_dir=tmp_path, durability="step")
+    run(eng.start())
+    try:
+        assert copied == [4]
+        before = local_step(sent_at[4])
+        result = run(eng.step("r", sent_at[4], return_params=True))
+        assert_step_as_torch(result, [["w", "b"]], sent_at[4], local, before, "after restart")
+    finally:
+        run(eng.stop())
