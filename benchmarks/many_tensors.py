@@ -33,7 +33,9 @@ from __future__ import annotations
 import argparse
 import base64
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import orjson
@@ -148,9 +150,11 @@ def main() -> None:
     env = {"OPTSERVE_PORT": str(port), "OPTSERVE_TORCH_THREADS": "1",
            "OPTSERVE_DURABILITY": "memory"}
     rows = []
+    log = Path(tempfile.mkdtemp(prefix="optserve-many-log-")) / "server.log"
+    print(f"server log: {log}")
     with server(app="benchmarks.echo_app:app") as echo_url, \
             server(env, command=[sys.executable, "-m", "app"], port=port,
-                   unset=user_defaults(env)) as url:
+                   unset=user_defaults(env), log=log) as url:
         for k, s in shapes:
             reps = args.reps or (5 if k >= 50_000 else 30)
             echo_ms = echo(echo_url, k, s, reps)

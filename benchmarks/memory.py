@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import torch
@@ -61,8 +62,10 @@ def main() -> None:
     env = {"OPTSERVE_PORT": str(port), "OPTSERVE_TORCH_THREADS": "1",
            "OPTSERVE_DURABILITY": args.durability,
            "OPTSERVE_DATA_DIR": tempfile.mkdtemp(prefix="optserve-mem-")}
+    log = Path(tempfile.mkdtemp(prefix="optserve-mem-log-")) / "server.log"
+    print(f"server log: {log}")
     with server(env, command=[sys.executable, "-m", "app"], port=port,
-                unset=user_defaults(env)) as url, \
+                unset=user_defaults(env), log=log) as url, \
             httpx.Client(base_url=url, timeout=600) as c:
         pid = PIDS[url]
         time.sleep(1.0)
