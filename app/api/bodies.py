@@ -257,7 +257,7 @@ async def read_tensors(
             for name in sorted(set(metadata) & extra):
                 fields[name] = parse_json(metadata[name].encode(), f"__metadata__.{name}")
             return tensors, fields
-        tensors, fields = await offload(decode_binary, len(buf))
+        tensors, fields = await offload(decode_binary, _header_bytes(buf))
         return tensors, fields, buf
 
     def decode_json() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -267,6 +267,14 @@ async def read_tensors(
                 {k: obj[k] for k in extra if k in obj})
     tensors, fields = await offload(decode_json, len(buf))
     return tensors, fields, buf
+
+
+def _header_bytes(buf: bytearray | memoryview) -> int:
+    """What decoding a safetensors body costs, in bytes: its header's length (the tensors
+    become views of the body, whatever its size), or the body's where it has no header yet."""
+    if len(buf) < 8:
+        return len(buf)
+    return min(len(buf), 8 + int.from_bytes(bytes(buf[:8]), "little"))
 
 
 def answer_in_place(tensors: dict[str, torch.Tensor],
