@@ -108,10 +108,13 @@ OVERLAP_WRITE_BYTES = 1 << 20
 
 
 #: a step of a session with at most this many parameter tensors and bytes runs on the event
-#: loop's thread when the device worker is idle (``DeviceWorker.run``'s ``inline``): tens of
-#: microseconds of torch, less than the hop to the worker and back
+#: loop's thread when the device worker is idle (``DeviceWorker.run``'s ``inline``): at most a
+#: few hundred microseconds of torch (1 MB: a 250,000-parameter Adam step, ~0.3 ms here), for
+#: which the hop to the worker and back (0.1-0.2 ms on 2 cores) is a large share; other
+#: connections wait that long. 1 MB, not 256 KB: a 1e5 Adam step over HTTP went 1.28-1.49 ->
+#: 1.15-1.23 ms (``benchmarks.ab``, CHANGELOG)
 INLINE_TENSORS = 64
-INLINE_BYTES = 256 * 1024
+INLINE_BYTES = 1024 * 1024
 
 
 def _small(s: Session, op: Operation) -> bool:
