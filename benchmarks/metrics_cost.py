@@ -9,8 +9,10 @@
    off, on, off, ...) with the same safetensors gradients by a plain httpx client,
    ``Accept: application/octet-stream`` (the new parameters come back). Median and p90 ms, and
    the median difference as a share of the round trip without metrics.
-2. On the device alone (in-process, the same worker code): median ms of the metric work
-   (``before_step`` + ``after_step``) beside the optimizer step itself.
+2. On the device alone (in-process, the same worker code): median ms of the metric work on
+   the step's path (``before_step`` + ``after_step``) beside the optimizer step itself, and of
+   the copy of the parameters the server takes for the next step after handing the answer over
+   (``take_ahead``).
 
 Prints markdown tables. Run it on a quiet machine: other load moves the medians more than
 the metrics do.
@@ -88,7 +90,7 @@ def device_only(sizes: list[int], optimizers: list[str], reps: int) -> list[dict
             s = Session.build("bench", opt, [GroupSpec({"w": torch.randn(n)})],
                               orjson.loads(OPTIONS[opt]), None, "reject", torch.device("cpu"))
             g = {"w": torch.randn(n)}
-            step_ms, metric_ms = [], []
+            step_ms, metric_ms, ahead_ms = [], [], []
             for rep in range(reps + 2):
                 t0 = time.perf_counter()
                 probe = metrics.before_step(s, g)
@@ -96,14 +98,20 @@ def device_only(sizes: list[int], optimizers: list[str], reps: int) -> list[dict
                 s.params["w"].grad = g["w"]
                 s.optimizer.step()
                 s.params["w"].grad = None
+                s.version += 1
                 t2 = time.perf_counter()
                 metrics.after_step(s, probe, [0.001], 0)
                 t3 = time.perf_counter()
+                # what the device worker does once the answer is handed over (worker.after_job)
+                metrics.take_ahead(s, probe.layout if probe is not None else None)
+                t4 = time.perf_counter()
                 if rep >= 2:
                     step_ms.append((t2 - t1) * 1e3)
                     metric_ms.append((t1 - t0 + t3 - t2) * 1e3)
+                    ahead_ms.append((t4 - t3) * 1e3)
             rows.append({"n": n, "optimizer": opt, "step": statistics.median(step_ms),
-                         "metrics": statistics.median(metric_ms)})
+                         "metrics": statistics.median(metric_ms),
+                         "ahead": statistics.median(ahead_ms)})
     return rows
 
 
@@ -132,11 +140,12 @@ def main() -> None:
               f"{off[0]:.2f} ({off[1]:.2f}) | {on[0] - off[0]:+.2f} | "
               f"{100 * (on[0] - off[0]) / off[0]:+.1f}% |")
     print("\nOn the device alone (in-process, same code), median ms:\n")
-    print("| optimizer | N | optimizer.step() | metrics (copy + norms) | metrics / step |")
-    print("|---|---|---|---|---|")
+    print("| optimizer | N | optimizer.step() | metrics on the step's path (norms) | "
+          "metrics / step | copy for the next step (after the answer) |")
+    print("|---|---|---|---|---|---|")
     for d in dev:
         print(f"| {d['optimizer']} | {d['n']:.0e} | {d['step']:.2f} | {d['metrics']:.2f} | "
-              f"{100 * d['metrics'] / d['step']:.0f}% |")
+              f"{100 * d['metrics'] / d['step']:.0f}% | {d['ahead']:.2f} |")
 
 
 if __name__ == "__main__":
