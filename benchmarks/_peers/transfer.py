@@ -28,8 +28,9 @@ from optserve._base_client import _fill
 PIECE = 256 * 1024
 
 
-def pieces(buffers: Iterable[bytes | memoryview]) -> tuple[list[memoryview], int]:
-    """``buffers`` cut into views of at most ``PIECE`` bytes, and their total length."""
+def pieces(buffers: Iterable[bytes | memoryview]) -> tuple[list[bytes | memoryview], int]:
+    """``buffers`` as the SDK sends a large body: views of at most ``PIECE`` bytes, small
+    neighbours joined (``Body.pieces``); and their total length."""
     out = list(_safetensors.Body(tuple(buffers)).pieces(PIECE))
     return out, sum(len(v) for v in out)
 

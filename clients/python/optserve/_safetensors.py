@@ -78,12 +78,35 @@ class Body:
         return b"".join(self.parts)
 
     def pieces(self, piece: int = 256 * 1024) -> Iterator[bytes | memoryview]:
-        """The body in order, as views of at most ``piece`` bytes (small enough for the HTTP
-        library's own copy of each to stay in the CPU cache)."""
+        """The body in order, as pieces of at most ``piece`` bytes (small enough for the HTTP
+        library's own copy of each to stay in the CPU cache): views of the large parts, and
+        neighbouring small parts (the framed header, small tensors) joined into one piece, so
+        that each is not a send of its own (a send is a system call, and on a connection
+        without Nagle's delay a packet the server reads and hands up on its own)."""
+        joined: list[memoryview] = []
+        size = 0
         for part in self.parts:
             view = memoryview(part).cast("B")
+            if not view:
+                continue
+            if size + len(view) <= piece:
+                joined.append(view)
+                size += len(view)
+                continue
+            if joined:
+                yield _join(joined)
+                joined, size = [], 0
+            if len(view) <= piece:
+                joined, size = [view], len(view)
+                continue
             for i in range(0, len(view), piece):
                 yield view[i:i + piece]
+        if joined:
+            yield _join(joined)
+
+
+def _join(views: list[memoryview]) -> bytes | memoryview:
+    return views[0] if len(views) == 1 else b"".join(views)
 
 
 def dumps(tensors: Mapping[str, WireTensor], metadata: Mapping[str, str] | None = None) -> bytes:

@@ -417,6 +417,29 @@ def test_a_body_views_the_tensors_and_joins_to_dumps() -> None:
     assert metadata_of(bytes(body))[0]["w"][0].item() == 99.0
 
 
+def test_pieces_join_small_parts_and_view_large_ones() -> None:
+    """A body of many small tensors goes out in few pieces (each tensor is not a send of its
+    own: 1,000 x 1,000 SGD over HTTP went 35.5 -> 25.0 ms, CHANGELOG); a large tensor in views
+    of its own memory, as before; every byte in order, no piece past the limit, none empty."""
+    small = {f"p{i:04d}": torch.full((250,), float(i)) for i in range(1000)}  # 1 KB each
+    body = st.body({n: T.to_wire(t) for n, t in small.items()})
+    pieces = list(body.pieces(64 * 1024))
+    assert b"".join(bytes(p) for p in pieces) == bytes(body)
+    assert all(0 < len(p) <= 64 * 1024 for p in pieces)
+    assert len(pieces) <= body.size // (60 * 1024) + 2  # joined: not 1,001 pieces
+    big = torch.arange(100_000, dtype=torch.float32)  # 400 KB
+    body = st.body({"a": T.to_wire(torch.ones(3)), "big": T.to_wire(big), "b": T.to_wire(
+        torch.zeros(2))})
+    pieces = list(body.pieces(64 * 1024))
+    assert b"".join(bytes(p) for p in pieces) == bytes(body)
+    assert all(0 < len(p) <= 64 * 1024 for p in pieces)
+    views = [p for p in pieces if isinstance(p, memoryview) and len(p) == 64 * 1024]
+    assert len(views) >= 5  # the large tensor's own memory, not copies
+    big[0] = -1.0
+    assert b"".join(bytes(p) for p in body.pieces(64 * 1024)) == bytes(body)
+    assert metadata_of(bytes(body))[0]["big"][0].item() == -1.0
+
+
 def test_a_large_answer_is_read_into_what_into_gives_and_a_wrong_buffer_is_refused() -> None:
     """``step(into=...)``: a large binary answer lands in the buffer ``into(size)`` gives (the
     tensors view it); a buffer of another size, or a read-only one, is a ValueError naming the
