@@ -22,7 +22,8 @@ Per shape (K tensors of S float32 each) and optimizer, median ms per step of:
   same way): the tensor entries are the same, the header is not;
 - ``SDK same host``: ``optserve.RemoteOptimizer`` on that server (its same-host shared-memory
   transport; session durability ``memory``), the gradients set on K ``torch.nn.Parameter`` s
-  and ``step()`` timed (the SDK's copies in and out included).
+  and ``step()`` timed (the SDK's copies in and out included);
+- ``SDK http``: the same over TCP (``optserve.Client(url, transport="http")``).
 
 The issue-9 target reads ``optserve <= 1.5 x (in-process + echo)``. The server's last answer
 is checked bitwise against the in-process run of the same gradients. Prints a markdown table.
@@ -112,15 +113,16 @@ def optserve(url: str, k: int, s: int, opt: str, reps: int, metrics: bool,
     return ms, st_load(last[0])
 
 
-def sdk_same_host(url: str, k: int, s: int, opt: str, reps: int
-                  ) -> tuple[float, dict[str, torch.Tensor]]:
-    """``RemoteOptimizer.step()`` over the same-host transport."""
+def sdk(url: str, k: int, s: int, opt: str, reps: int, transport: str = "local"
+        ) -> tuple[float, dict[str, torch.Tensor]]:
+    """``RemoteOptimizer.step()`` over the same-host transport (``transport="http"``: over
+    TCP, safetensors both ways)."""
     import optserve
 
     spec = OPTIMIZERS[opt]
     params = {n: torch.nn.Parameter(t.clone()) for n, t in _tensors(k, s, 1).items()}
     grads = [_tensors(k, s, 2), _tensors(k, s, 3)]
-    with optserve.Client(url, transport="local") as client, optserve.RemoteOptimizer(
+    with optserve.Client(url, transport=transport) as client, optserve.RemoteOptimizer(
             list(params.values()), optimizer=spec.name, client=client, durability="memory",
             **spec.options) as remote:
         ms = _grads_then(params, grads, remote.step, reps)  # type: ignore[arg-type]
@@ -163,21 +165,24 @@ def main() -> None:
                 on_ms, got = optserve(url, k, s, opt, reps, True)
                 off_ms, _ = optserve(url, k, s, opt, reps, False)
                 meta_ms, _ = optserve(url, k, s, opt, reps, True, new_metadata=True)
-                sdk_ms, sdk_got = sdk_same_host(url, k, s, opt, reps)
+                sdk_ms, sdk_got = sdk(url, k, s, opt, reps)
+                http_ms, http_got = sdk(url, k, s, opt, reps, transport="http")
                 # each ran 3 warm-up + reps steps of the same alternating gradients
                 same = all(torch.equal(got[n], want[n]) and torch.equal(sdk_got[n], want[n])
-                           for n in want)
+                           and torch.equal(http_got[n], want[n]) for n in want)
                 rows.append((k, s, opt, local_ms, echo_ms, on_ms, off_ms, meta_ms, sdk_ms,
-                             same))
+                             http_ms, same))
                 print(f"  {k}x{s} {opt}: in-process {local_ms:.2f}, echo {echo_ms:.2f}, "
                       f"optserve {on_ms:.2f} (metrics off {off_ms:.2f}, new metadata "
-                      f"{meta_ms:.2f}), SDK same host {sdk_ms:.2f}", flush=True)
+                      f"{meta_ms:.2f}), SDK same host {sdk_ms:.2f}, SDK http {http_ms:.2f}",
+                      flush=True)
     print("\n| tensors x floats | optimizer | in-process | echo | optserve | metrics off | "
-          "new metadata | SDK same host | optserve / (in-process + echo) | bitwise |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for k, s, opt, local_ms, echo_ms, on_ms, off_ms, meta_ms, sdk_ms, same in rows:
+          "new metadata | SDK same host | SDK http | optserve / (in-process + echo) | "
+          "bitwise |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for k, s, opt, local_ms, echo_ms, on_ms, off_ms, meta_ms, sdk_ms, http_ms, same in rows:
         print(f"| {k:,} x {s} | {opt} | {local_ms:.2f} | {echo_ms:.2f} | {on_ms:.2f} | "
-              f"{off_ms:.2f} | {meta_ms:.2f} | {sdk_ms:.2f} | "
+              f"{off_ms:.2f} | {meta_ms:.2f} | {sdk_ms:.2f} | {http_ms:.2f} | "
               f"{on_ms / (local_ms + echo_ms):.2f} | {'ok' if same else 'DIFFERS'} |")
 
 

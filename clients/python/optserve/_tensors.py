@@ -118,6 +118,16 @@ def _torch_dtypes() -> dict[str, Any]:
 _torch_dtypes = functools.cache(_torch_dtypes)
 
 
+_TORCH_NAMES: dict[Any, str] = {}
+
+
+def _torch_names() -> dict[Any, str]:
+    """torch dtype -> wire name (made once)."""
+    if not _TORCH_NAMES:
+        _TORCH_NAMES.update({v: k for k, v in _torch_dtypes().items()})
+    return _TORCH_NAMES
+
+
 def is_torch_tensor(x: object) -> bool:
     loaded = _torch_loaded()
     return loaded is not None and isinstance(x, loaded.Tensor)
@@ -133,7 +143,7 @@ def to_wire(x: TensorLike, what: str = "tensor") -> WireTensor:
     """Any accepted tensor input to a :class:`WireTensor` (C order, little-endian)."""
     loaded = _torch_loaded()
     if loaded is not None and isinstance(x, loaded.Tensor):
-        return _from_torch(x, what)
+        return _from_torch(x, what, loaded)
     if isinstance(x, np.ndarray):
         return _from_numpy(x, what)
     if isinstance(x, np.generic):
@@ -153,22 +163,25 @@ def to_wire(x: TensorLike, what: str = "tensor") -> WireTensor:
     )
 
 
-def _from_torch(t: Any, what: str) -> WireTensor:
-    assert torch is not None
-    if t.layout != torch.strided:
+def _from_torch(t: Any, what: str, module: Any) -> WireTensor:
+    """``module``: torch itself (its attributes read directly, not through the lazy proxy:
+    a model of 1,000 tensors sends 1,000 of these per step)."""
+    if t.layout != module.strided:
         raise TypeError(f"{what}: only dense (strided) tensors can be sent, got {t.layout}")
-    name = {v: k for k, v in _torch_dtypes().items()}.get(t.dtype)
+    name = _torch_names().get(t.dtype)
     if name is None:
         raise TypeError(f"{what}: dtype {t.dtype} cannot be sent; one of {sorted(DTYPES)}")
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.resolve_conj().resolve_neg().contiguous()
-    shape = tuple(int(d) for d in t.shape)
+    if t.is_conj() or t.is_neg() or not t.is_contiguous():
+        t = t.resolve_conj().resolve_neg().contiguous()
+    shape = tuple(t.shape)  # (torch.Size holds ints)
     if t.numel() == 0:
         return WireTensor(name, shape, memoryview(b""))
-    raw = t.reshape(-1).view(torch.uint8).numpy()
-    return WireTensor(name, shape, raw.data)
+    if name == "bfloat16":  # numpy has no bfloat16: its bits as bytes
+        return WireTensor(name, shape, t.reshape(-1).view(module.uint8).numpy().data)
+    return WireTensor(name, shape, t.numpy().data.cast("B"))
 
 
 def _from_numpy(a: npt.NDArray[Any], what: str) -> WireTensor:
