@@ -15,8 +15,9 @@ that pool's threads spin at a barrier after each parallel region, on a core the 
 same-host client needs. Every thread that runs torch work for a device sets it first
 (:meth:`DeviceWorker.pin_threads`): the worker thread, the event loop's thread (inline jobs and
 the request path's tensor work) and LBFGS's step thread. Before the event loop's thread did, a
-1e3-parameter Adam step over HTTP on 2 cores cost 0.83 ms of CPU per step on such a spinning
-thread and took 0.84 ms instead of 0.64 (``benchmarks/ab.py --n 1e3``).
+1e3-parameter Adam step over HTTP on 2 cores cost 0.89 ms of CPU on such a spinning thread
+(``benchmarks/peers.py``'s CPU table) and took 1.1-1.9 ms instead of 0.76
+(``benchmarks/ab.py --trees T T --n 1e3``, each tree against itself).
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ def test_every_thread_that_runs_torch_work_uses_torch_threads() -> None:
     tensor work run there) and the worker thread, not only the latter: torch's thread count is
     per OS thread under OpenMP (a thread takes the last count set anywhere when it first runs
     torch work, and keeps it), and a thread left at the default spins a pool of its own (found
-    as 0.83 ms of CPU per 1e3 step on a thread nobody had pinned). The worker asks for one
+    as 0.89 ms of CPU per 1e3 step on a thread nobody had pinned). The worker asks for one
     thread more than the threads here start with."""
     fresh = _in_new_thread(torch.get_num_threads)
     want = fresh + 1
