@@ -109,7 +109,7 @@ OVERLAP_WRITE_BYTES = 1 << 20
 
 #: a step of a session with at most this many parameter tensors and bytes runs on the event
 #: loop's thread when the device worker is idle (``DeviceWorker.run``'s ``inline``): at most a
-#: few hundred microseconds of torch (1 MB: a 250,000-parameter Adam step, ~0.3 ms here), for
+#: few hundred microseconds of torch (1 MB: a 250,000-parameter Adam step, about 0.3 ms here), for
 #: which the hop to the worker and back (0.1-0.2 ms on 2 cores) is a large share; other
 #: connections wait that long. 1 MB, not 256 KB: a 1e5 Adam step over HTTP went 1.28-1.49 ->
 #: 1.15-1.23 ms (``benchmarks.ab``, CHANGELOG)
