@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -398,7 +399,10 @@ class EmbeddedHost:
             await asyncio.sleep(POLL_S)
             ops = self._worker.jobs
             active, last = ops != last, ops
-            if clock.poll(active, short_of_memory):
+            # asked only when the answer decides, and off the event loop (it reads
+            # /proc/self/smaps: milliseconds)
+            short: bool = clock.asks(active) and await self._in_io(short_of_memory)
+            if clock.poll(active, functools.partial(bool, short)):
                 try:
                     await self._worker.run(_at_rest, "trim")
                 except RuntimeError:

@@ -48,6 +48,12 @@ class IdleClock:
         """Polls without an operation before a trim."""
         return min(MAX_POLLS, max(1, 2 * max(self.pauses, default=0)))
 
+    def asks(self, active: bool) -> bool:
+        """Whether :meth:`poll` with ``active`` will ask ``short_of_memory`` (a caller can
+        then find the answer off its own thread first: reading the heap's resident size takes
+        milliseconds)."""
+        return not active and self.busy and self.idle + 1 < self.wait()
+
     def poll(self, active: bool, short_of_memory: Callable[[], bool] = lambda: False) -> bool:
         """One look; ``short_of_memory`` is asked only when its answer decides (work is left
         to give back and the rhythm's wait has not run out), not on every idle poll."""

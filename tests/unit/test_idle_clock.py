@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -157,3 +161,76 @@ def test_the_heap_reports_what_it_keeps_free() -> None:
     before, kept, after = (int(x) for x in out.stdout.split())
     assert kept >= 100_000_000 > 10_000_000 > before
     assert after < 10_000_000
+
+
+def test_asks_says_beforehand_whether_poll_will_ask() -> None:
+    """``asks(active)`` is True exactly when the next ``poll(active, ...)`` calls its
+    ``short_of_memory`` (the host finds the answer off the event loop first)."""
+    rng = random.Random(7)
+    clock = IdleClock()
+    for _ in range(2000):
+        active = rng.random() < 0.3
+        predicted = clock.asks(active)
+        asked: list[int] = []
+        short = rng.random() < 0.2
+
+        def answer(short: bool = short, asked: list[int] = asked) -> bool:
+            asked.append(1)
+            return short
+        clock.poll(active, answer)
+        assert predicted == bool(asked)
+
+
+def test_the_host_asks_about_memory_off_the_event_loop_and_trims_when_short(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host that has paused between bursts waits for its rhythm, unless memory is short: the
+    question (it reads ``/proc/self/smaps``, milliseconds) is answered on an I/O thread, not
+    on the event loop's, and a short answer trims at the next idle poll."""
+    import asyncio
+
+    import torch
+
+    from app.engine import CreateSpec, GroupSpec, embedded_engine
+    from app.engine import host as host_module
+
+    asked: list[str] = []
+    trims: list[float] = []
+    short = {"now": False}
+
+    def question() -> bool:
+        asked.append(threading.current_thread().name)
+        return short["now"]
+    monkeypatch.setattr(host_module, "POLL_S", 0.05)
+    monkeypatch.setattr(host_module, "short_of_memory", question)
+    monkeypatch.setattr(host_module, "_at_rest", lambda: trims.append(time.monotonic()))
+
+    async def until(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        eng = embedded_engine("cpu", warm_up=False)
+        await eng.start()
+        try:
+            await eng.create(CreateSpec("SGD", [GroupSpec({"w": torch.zeros(4)}, {})],
+                                        options={"lr": 0.1}, id="s"))
+            g = {"w": torch.ones(4)}
+            for pause in (0.6, 0.6):  # bursts with pauses: the rhythm's wait grows past them
+                await eng.step("s", g, return_params=False)
+                await asyncio.sleep(pause)
+            trims.clear()
+            asked.clear()
+            await eng.step("s", g, return_params=False)
+            await until(lambda: bool(asked))  # within the rhythm's wait (~1.2 s): asked,
+            assert not trims  # not short, nothing given back
+            short["now"] = True
+            await until(lambda: bool(trims))  # short: given back at the next idle poll
+        finally:
+            await eng.stop()
+
+    asyncio.run(main())
+    loop_thread = threading.current_thread().name
+    assert asked and all(name != loop_thread and name.startswith("optserve-io")
+                         for name in asked)
