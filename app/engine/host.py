@@ -677,12 +677,17 @@ class EmbeddedHost:
             return plan, persist.encode_record_parts(record), store.log_length(key)
 
         if store is not None and s.durability == "step" and isinstance(op, Step):
-            plan, parts, before = await self._worker.run(check_and_encode, f"{op.kind}_check")
+            # a small session's check and apply run inline like its steps without a log (the
+            # write and the fsync stay on I/O threads), unless the store is failing (then its
+            # log may be reopened: I/O)
+            inline = _small(s, op) and not store.failing
+            plan, parts, before = await self._worker.run(check_and_encode, f"{op.kind}_check",
+                                                         inline=inline)
             written = threading.Event()  # the record's write has returned (or failed)
             result = await self._apply_while_syncing(
                 key, store, op, plan, parts, before, written,
                 lambda: self._apply(key, s, op, plan, keys, want_params, before, sync,
-                                    params_into, params_dtype, written.wait))
+                                    params_into, params_dtype, written.wait), inline)
         elif store is not None and s.durability == "step":
             plan, parts, before = await self._worker.run(check_and_encode, f"{op.kind}_check")
             await self._in_io(lambda: store.append(key, parts, "step"))
@@ -707,7 +712,7 @@ class EmbeddedHost:
 
     async def _apply_while_syncing(self, key: str, store: Store, op: Step, plan: StepPlan,
                                    parts: list[Any], before: int, written: threading.Event,
-                                   apply: Callable[[], T]) -> T:
+                                   apply: Callable[[], T], inline: bool = False) -> T:
         """Durability ``step`` for a step: the record is written and fsynced on an I/O thread
         while the step is applied on the worker, so the step costs about the larger of the two,
         not their sum. The optimizer steps with copies of the gradients the record is being
@@ -720,7 +725,9 @@ class EmbeddedHost:
         A small record (under :data:`OVERLAP_WRITE_BYTES`: copying many small gradients costs
         more than writing them) is written first and only its fsync runs beside the step; so
         is every record while the store is failing (a full disk): nothing is applied unless
-        that write succeeds, and a client retrying against a full disk costs no rebuilds."""
+        that write succeeds, and a client retrying against a full disk costs no rebuilds.
+        ``inline``: the apply may run on the event loop's thread (``DeviceWorker.run``) when it
+        does not wait for the write (a small record, written first)."""
         def write_and_sync() -> None:
             try:
                 store.append(key, parts, "step", fsync=False)
@@ -752,7 +759,8 @@ class EmbeddedHost:
         try:
             writing = asyncio.ensure_future(self._in_io(write))
             try:
-                result = await self._worker.run(run_apply, op.kind)
+                result = await self._worker.run(run_apply, op.kind,
+                                                inline=inline and run_apply is apply)
             except BaseException:
                 # refused (its record is cut) or restored: the write's outcome changes nothing
                 with contextlib.suppress(Exception):

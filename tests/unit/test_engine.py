@@ -427,3 +427,58 @@ def test_steps_of_sessions_up_to_a_megabyte_run_inline(engine: Front, n: int, wh
     assert_bitwise(result.params["w"], local.detach())
     loop_thread = threading.current_thread().name  # asyncio.run runs the loop here
     assert threads == [loop_thread if where == "inline" else "optserve-cpu"]
+
+
+@pytest.mark.parametrize("n,where", [(1_000, "inline"), (300_000, "worker")])
+def test_a_logged_small_step_checks_and_applies_inline_and_survives_a_restart(
+        tmp_path: Any, n: int, where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Durability ``step``: a small session's step is checked and applied on the event loop's
+    thread (its record is written and fsynced on I/O threads, as before), a large one's on the
+    worker; both are answered only once durable, equal torch, and are what a restart
+    restores."""
+    from app.engine.ops import gradients
+
+    threads: list[tuple[str, str]] = []
+    check, apply = gradients.Step.check, gradients.Step.apply
+
+    def spy_check(self: Any, s: Any) -> Any:
+        threads.append(("check", threading.current_thread().name))
+        return check(self, s)
+
+    def spy_apply(self: Any, s: Any, plan: Any) -> Any:
+        threads.append(("apply", threading.current_thread().name))
+        return apply(self, s, plan)
+    monkeypatch.setattr(gradients.Step, "check", spy_check)
+    monkeypatch.setattr(gradients.Step, "apply", spy_apply)
+    p0, g = seeded((n,), 1), seeded((n,), 2)
+    local = p0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([local], lr=0.01)
+    local.grad = g
+    opt.step()
+
+    async def first_life() -> str:
+        eng = embedded_engine("cpu", warm_up=False, data_dir=tmp_path, durability="step")
+        await eng.start()
+        try:
+            await eng.create(CreateSpec("Adam", [GroupSpec({"w": p0.clone()}, {})],
+                                        options={"lr": 0.01}, id="s"))
+            result = await eng.step("s", {"w": g}, return_params=True)
+            assert result.params is not None
+            assert_bitwise(result.params["w"], local.detach())
+        finally:
+            await eng.stop(snapshot=False)  # what a crash leaves: the log to replay
+        return threading.current_thread().name
+
+    loop_thread = run(first_life())
+    want = loop_thread if where == "inline" else "optserve-cpu"
+    assert threads == [("check", want), ("apply", want)]
+
+    async def second_life() -> Any:
+        eng = embedded_engine("cpu", warm_up=False, data_dir=tmp_path, durability="step")
+        await eng.start()
+        try:
+            return (await eng.pull("s", None)).params
+        finally:
+            await eng.stop()
+
+    assert_bitwise(run(second_life())["w"], local.detach())
