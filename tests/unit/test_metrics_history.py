@@ -409,6 +409,7 @@ def test_a_replayed_log_takes_one_copy_ahead_and_the_next_step_is_right(
         copied.append(sessions[0].version)
     monkeypatch.setattr(metrics, "take_ahead", spy_take)
     monkeypatch.setattr(metrics, "copy_ahead", spy_copy)
+    monkeypatch.setattr(host_module, "INLINE_BYTES", -1)  # every live step on the worker
     p0 = {"w": seeded((40, 30), 1), "b": seeded((30,), 2)}
     local = {n: t.clone() for n, t in p0.items()}
     opt = torch.optim.Adam([local["w"], local["b"]], lr=0.01)
