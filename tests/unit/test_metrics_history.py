@@ -438,9 +438,11 @@ def test_a_replayed_log_takes_one_copy_ahead_and_the_next_step_is_right(
     eng = embedded_engine("cpu", warm_up=False, data_dir=tmp_path, durability="step")
     run(eng.start())
     try:
-        assert copied == [4]
+        # the copy deferred after the restore job may still be running: the next step's job
+        # queues behind it
         before = local_step(sent_at[4])
         result = run(eng.step("r", sent_at[4], return_params=True))
+        assert copied[0] == 4 and copied.count(4) == 1 and set(copied) <= {4, 5}
         assert_step_as_torch(result, [["w", "b"]], sent_at[4], local, before, "after restart")
     finally:
         run(eng.stop())
