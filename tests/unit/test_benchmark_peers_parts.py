@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import orjson
+import pytest
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -113,3 +114,21 @@ def test_pieces_cut_without_losing_bytes() -> None:
     assert length == 4 + len(data)
     assert all(0 < len(v) <= transfer.PIECE for v in views)
     assert b"".join(views) == b"head" + data
+
+
+def test_benchmark_servers_get_only_the_variables_they_print(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``user_defaults``: a benchmark's optserve server runs with the variables its command
+    shows and the server's own defaults for everything else: the helper's defaults
+    (``SERVER_DEFAULTS``: log level, device, body limit) and the shell's ``OPTSERVE_*`` are
+    unset; its fresh data directory is kept."""
+    from benchmarks._server import SERVER_DEFAULTS, user_defaults
+
+    monkeypatch.setenv("OPTSERVE_METRICS", "0")
+    monkeypatch.setenv("OPTSERVE_DATA_DIR", "/somewhere")
+    monkeypatch.setenv("OPTSERVE_TORCH_THREADS", "4")
+    env = {"OPTSERVE_PORT": "1", "OPTSERVE_TORCH_THREADS": "1", "OPTSERVE_DURABILITY": "memory"}
+    unset = set(user_defaults(env))
+    assert set(SERVER_DEFAULTS) | {"OPTSERVE_METRICS"} <= unset
+    assert not unset & (set(env) | {"OPTSERVE_DATA_DIR"})
+    assert all(k.startswith("OPTSERVE_") for k in unset)
