@@ -18,6 +18,32 @@ _M_ARENA_MAX = -8
 _NEVER_TRIM = 2**31 - 1
 
 
+_libc: ctypes.CDLL | None = None
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _c() -> ctypes.CDLL | None:
+    """The C library (loaded once), or None where it cannot be found."""
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        if not name:
+            return None
+        try:
+            _libc = ctypes.CDLL(name)
+        except OSError:
+            return None
+        mallinfo2 = getattr(_libc, "mallinfo2", None)  # glibc 2.33+
+        if mallinfo2 is not None:
+            mallinfo2.restype = _MallInfo2
+    return _libc
+
+
 def tune_allocator() -> None:
     """Keep glibc from returning large blocks to the OS while sessions step: Adam at 1e7
     parameters allocates a 40 MB temporary per step and a request body is as large, and glibc
@@ -36,11 +62,11 @@ def tune_allocator() -> None:
     an export, a snapshot: ``release_memory``). Measured with ``benchmarks/memory.py``: resident
     memory at rest about 1.0x params + state + one gradient (while a step runs, its body,
     temporaries and answer add to that)."""
-    name = ctypes.util.find_library("c")
-    if not name:
+    libc = _c()
+    if libc is None:
+        log.debug("C library not found; allocator left as is")
         return
     try:
-        libc = ctypes.CDLL(name)
         libc.mallopt(_M_ARENA_MAX, 1)
         libc.mallopt(_M_MMAP_MAX, 0)
         libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
@@ -85,25 +111,6 @@ def gc_paused() -> Iterator[None]:
                 gc.enable()
 
 
-_libc: ctypes.CDLL | None = None
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
-
-
-def _c() -> ctypes.CDLL | None:
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        if not name:
-            return None
-        _libc = ctypes.CDLL(name)
-    return _libc
-
-
 def heap_free_bytes() -> int | None:
     """The resident bytes of glibc's heap that hold no allocation, about what
     :func:`release_memory` would give back: the heap mapping's resident size (``[heap]`` in
@@ -112,11 +119,10 @@ def heap_free_bytes() -> int | None:
     already given back). None where either cannot be read (another libc, glibc < 2.33, no
     ``/proc``)."""
     libc = _c()
-    fn = getattr(libc, "mallinfo2", None) if libc is not None else None
-    if fn is None:
+    mallinfo2 = getattr(libc, "mallinfo2", None) if libc is not None else None
+    if mallinfo2 is None:
         return None
-    fn.restype = _MallInfo2
-    used = int(fn().uordblks)
+    used = int(mallinfo2().uordblks)
     try:
         with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
             in_heap = False

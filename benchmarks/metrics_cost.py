@@ -103,7 +103,8 @@ def device_only(sizes: list[int], optimizers: list[str], reps: int) -> list[dict
                 metrics.after_step(s, probe, [0.001], 0)
                 t3 = time.perf_counter()
                 # what the device worker does once the answer is handed over (worker.after_job)
-                metrics.take_ahead(s, probe.layout if probe is not None else None)
+                if probe is not None and probe.layout is not None:
+                    metrics.take_ahead(s, probe.layout)
                 t4 = time.perf_counter()
                 if rep >= 2:
                     step_ms.append((t2 - t1) * 1e3)

@@ -29,6 +29,7 @@ from app.wire.json_tensor import decode_json_tensor
 from app.wire.safetensors_body import (
     BodyTensors,
     PackedTensors,
+    header_end,
     packed_header,
     read_safetensors,
     write_safetensors,
@@ -257,7 +258,7 @@ async def read_tensors(
             for name in sorted(set(metadata) & extra):
                 fields[name] = parse_json(metadata[name].encode(), f"__metadata__.{name}")
             return tensors, fields
-        tensors, fields = await offload(decode_binary, _header_bytes(buf))
+        tensors, fields = await offload(decode_binary, header_end(buf))
         return tensors, fields, buf
 
     def decode_json() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -269,14 +270,6 @@ async def read_tensors(
     return tensors, fields, buf
 
 
-def _header_bytes(buf: bytearray | memoryview) -> int:
-    """What decoding a safetensors body costs, in bytes: its header's length (the tensors
-    become views of the body, whatever its size), or the body's where it has no header yet."""
-    if len(buf) < 8:
-        return len(buf)
-    return min(len(buf), 8 + int.from_bytes(bytes(buf[:8]), "little"))
-
-
 def answer_in_place(tensors: dict[str, torch.Tensor],
                     buf: bytearray | memoryview) -> PackedTensors | None:
     """The gradients of a safetensors body as the buffer its answer can be written into: when
@@ -285,8 +278,7 @@ def answer_in_place(tensors: dict[str, torch.Tensor],
     bytes go back with a new header: no 40 MB allocation and no page faults per 1e7 step."""
     if not tensors or len(buf) < 8:
         return None
-    header_len = int.from_bytes(bytes(buf[:8]), "little")
-    data = memoryview(buf)[8 + header_len:]
+    data = memoryview(buf)[header_end(buf):]
     if len(data) < SMALL_PART:  # sent as a copy anyway (PartsResponse)
         return None
     tiling = tensors.tiling() if isinstance(tensors, BodyTensors) else None

@@ -63,8 +63,9 @@ class IdleClock:
             self.idle = 0
             self.busy = True
             return False
+        asking = self.asks(False)  # work to give back, and the rhythm's wait not run out
         self.idle += 1
-        if self.busy and (self.idle >= self.wait() or short_of_memory()):
+        if self.busy and (not asking or short_of_memory()):
             self.busy = False
             return True
         return False

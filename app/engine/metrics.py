@@ -317,18 +317,19 @@ def after_step(s: Session, probe: Probe | None, lrs: list[float], nonfinite: int
             out["update_norm"] = u_norm
             out["param_norm"] = p_norm
             out["update_ratio"] = _ratio(u_norm, p_norm)
-        if probe.layout is not None:
-            after_job(lambda: take_ahead(s, probe.layout))
+        layout = probe.layout
+        if layout is not None:
+            after_job(lambda: take_ahead(s, layout))
     except Exception as exc:  # noqa: BLE001 - metrics never fail a step
         _warn(s, exc)
     return groups
 
 
-def take_ahead(s: Session, layout: Layout | None) -> None:
+def take_ahead(s: Session, layout: Layout) -> None:
     """Copy the parameters into ``layout``'s scratch for the next step's update norm, tagged
     with the session's version (nothing when the session has another layout by now, or its
     metrics are off)."""
-    if (layout is None or s.metrics_layout is not layout or not s.metrics_on
+    if (s.metrics_layout is not layout or not s.metrics_on
             or layout.taken_at == s.version):  # (a replay defers one per step it applies)
         return
     try:

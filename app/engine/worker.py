@@ -91,12 +91,10 @@ class DeviceWorker:
         self._submitted = 0
         self._finished = 0
         self._inline_ok = device.type == "cpu"
-        #: ``pinned`` is set on the threads that set ``torch_threads`` (:meth:`pin_threads`;
-        #: thread-local: a thread ident may be reused by a later thread)
-        self._local = threading.local()
 
     def start(self) -> None:
-        """Start the worker thread; the calling thread (the event loop's) is pinned too."""
+        """Start the worker thread; the calling thread is pinned too: the event loop's, where
+        inline jobs run (:meth:`run`)."""
         self.pin_threads()
         self._thread.start()
         self._started.wait(timeout=30)
@@ -119,7 +117,6 @@ class DeviceWorker:
         if inline and self._inline_ok and self._running.acquire(blocking=False):
             try:
                 if self._submitted == self._finished:
-                    self.pin_threads()
                     started = time.perf_counter()
                     try:
                         return fn()
@@ -135,11 +132,10 @@ class DeviceWorker:
         return await fut
 
     def pin_threads(self) -> None:
-        """Give the calling thread ``torch_threads`` intra-op threads (once per thread; nothing
-        when it is 0, torch's default)."""
-        if self.torch_threads > 0 and not getattr(self._local, "pinned", False):
+        """Give the calling thread ``torch_threads`` intra-op threads (nothing when it is 0,
+        torch's default). Called once by each thread that runs torch work for the device."""
+        if self.torch_threads > 0:
             torch.set_num_threads(self.torch_threads)
-            self._local.pinned = True
 
     def _observe(self, op: str, queued_s: float, run_s: float) -> None:
         if self.observer is not None:

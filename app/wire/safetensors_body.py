@@ -34,6 +34,15 @@ MAX_HEADER = 100 * 1024 * 1024
 PAUSE_GC_HEADER = 64 * 1024
 
 
+def header_end(buf: bytes | bytearray | memoryview) -> int:
+    """Where a safetensors body's header ends (its 8-byte length prefix and the header it
+    announces), at most the body's length: what decoding the body costs, in bytes (its
+    tensors are views of the rest)."""
+    if len(buf) < 8:
+        return len(buf)
+    return min(len(buf), 8 + int.from_bytes(buf[:8], "little"))
+
+
 def read_safetensors(
     buf: bytes | bytearray | memoryview, field: str = "body"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -24,6 +24,7 @@ from ._constants import (
     VERSION_HEADER,
     WORKER_HEADER,
 )
+from ._json import json_dumps, json_loads
 from ._safetensors import Body, WireTensor
 from ._sparse import SparseWire
 from ._tensors import Tensor, TensorLike
@@ -89,7 +90,7 @@ def _is_binary(response: httpx.Response) -> bool:
 
 def _json(response: httpx.Response) -> dict[str, Any]:
     try:
-        body = T.json_loads(response.content)
+        body = json_loads(response.content)
     except ValueError as exc:
         raise ValueError(f"response is not JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -242,7 +243,7 @@ def _parse_scheduler_step(response: httpx.Response) -> SchedulerStepResult:
 
 # --------------------------------------------------------------------------- request bodies
 def _json_body(obj: Any) -> tuple[bytes, str]:
-    return T.json_dumps(obj), JSON
+    return json_dumps(obj), JSON
 
 
 def _tensor_body(

@@ -12,17 +12,12 @@ without torch. The unit tests check both directions against the ``safetensors`` 
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-try:
-    import orjson
-except ImportError:  # pragma: no cover - orjson is a dependency; the stdlib still works
-    orjson = None  # type: ignore[assignment]
+from ._json import json_dumps, json_loads
 
 # wire dtype name -> (safetensors dtype, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -111,21 +106,6 @@ class Body:
             yield _join(joined)
 
 
-def _dumps(header: dict[str, object]) -> bytes:
-    """Compact UTF-8 JSON (orjson where installed: a header of 1,000 tensors is ~60 KB)."""
-    if orjson is not None:
-        return orjson.dumps(header)
-    return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def _loads(text: bytes) -> Any:
-    """JSON from UTF-8 bytes (orjson where installed; ``ValueError`` or
-    ``UnicodeDecodeError`` for bad input, as ``json.loads``)."""
-    if orjson is not None:
-        return orjson.loads(text)  # its JSONDecodeError is a ValueError
-    return json.loads(text.decode("utf-8"))
-
-
 def _join(views: list[memoryview]) -> bytes | memoryview:
     return views[0] if len(views) == 1 else b"".join(views)
 
@@ -159,7 +139,7 @@ def body(tensors: Mapping[str, WireTensor], metadata: Mapping[str, str] | None =
             "data_offsets": [offset, offset + n],
         }
         offset += n
-    head = _dumps(header)
+    head = json_dumps(header)
     head += b" " * (-len(head) % 8)
     return Body((struct.pack("<Q", len(head)) + head, *(t.data for _, t in order)))
 
@@ -178,7 +158,7 @@ def loads(body: bytes | bytearray | memoryview) -> tuple[dict[str, WireTensor], 
     if n > len(buf) - 8 or n > _MAX_HEADER:
         raise ValueError(f"safetensors header claims {n} bytes but the body has {len(buf) - 8}")
     try:
-        header = _loads(bytes(buf[8 : 8 + n]))
+        header = json_loads(bytes(buf[8 : 8 + n]))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"safetensors header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):

@@ -27,12 +27,8 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _safetensors
+from ._json import json_dumps
 from ._safetensors import DTYPES, WireTensor
-
-try:
-    import orjson
-except ImportError:  # pragma: no cover - orjson is a dependency; the stdlib still works
-    orjson = None  # type: ignore[assignment]
 
 
 class _LazyTorch:
@@ -118,14 +114,10 @@ def _torch_dtypes() -> dict[str, Any]:
 _torch_dtypes = functools.cache(_torch_dtypes)
 
 
-_TORCH_NAMES: dict[Any, str] = {}
-
-
+@functools.cache
 def _torch_names() -> dict[Any, str]:
-    """torch dtype -> wire name (made once)."""
-    if not _TORCH_NAMES:
-        _TORCH_NAMES.update({v: k for k, v in _torch_dtypes().items()})
-    return _TORCH_NAMES
+    """torch dtype -> wire name."""
+    return {v: k for k, v in _torch_dtypes().items()}
 
 
 def is_torch_tensor(x: object) -> bool:
@@ -391,32 +383,6 @@ def tree_from_wire(
     if isinstance(obj, list):
         return [tree_from_wire(v, tensors, referenced) for v in obj]
     return obj
-
-
-def _numpy_default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
-def json_dumps(obj: Any) -> bytes:
-    """Compact JSON bytes (numpy arrays as lists); refuses NaN/Infinity literals (they must
-    be encoded first). orjson when installed: 10-15x faster than the standard library."""
-    if orjson is not None:
-        try:
-            return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY, default=_numpy_default)
-        except TypeError:  # e.g. a non-string key: the standard library's message is clearer
-            pass
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=False,
-                      default=_numpy_default).encode()
-
-
-def json_loads(raw: bytes | str) -> Any:
-    if orjson is not None:
-        return orjson.loads(raw)
-    return json.loads(raw)
 
 
 # --------------------------------------------------------------------------- state dicts
