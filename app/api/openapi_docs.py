@@ -456,6 +456,13 @@ QUERY: dict[str, dict[str, Any]] = {
         "name": "params_dtype", "in": "query", "required": False,
         "description": "send the parameters back narrowed to this dtype",
         "schema": {"type": "string", "enum": ["float16", "bfloat16"]}},
+    "metrics": {
+        "name": "metrics", "in": "query", "required": False,
+        "description": "answer: the step's metrics (norms per group) in the answer; history: "
+                       "no metrics in the answer, the server takes the norms after answering "
+                       "(off the step's path) into the session's history, before any later "
+                       "operation on it (not for LBFGS sessions, whose steps answer with them)",
+        "schema": {"type": "string", "enum": ["answer", "history"], "default": "answer"}},
     "encoding": {
         "name": "encoding", "in": "query", "required": False,
         "description": "tensors in a JSON answer: flat `data` lists (default) or base64 `b64`",
@@ -555,7 +562,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("post", f"{S}/step"): Op("step", "StepBody", body_binary=True, ok="StepResult",
                               ok_binary=True, versioned=True,
                               query=("return", "base_version", "encoding", "upcast",
-                                     "params_dtype", "timeout_s"),
+                                     "params_dtype", "metrics", "timeout_s"),
                               headers=("X-Optserve-Worker", "If-Match")),
     ("post", f"{S}/grads"): Op("pushGrads", "Grads", body_binary=True, ok="Version",
                                versioned=True, query=("upcast",)),

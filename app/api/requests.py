@@ -270,12 +270,14 @@ _BOOLS = {"true": True, "1": True, "yes": True, "on": True,
 class StepQuery:
     """The step's query string, read by hand (the step route solves no FastAPI dependencies):
     ``return`` (params | none | touched), ``base_version`` (an integer >= 0), ``upcast`` (a
-    boolean), ``params_dtype`` (float16 | bfloat16)."""
+    boolean), ``params_dtype`` (float16 | bfloat16), ``metrics`` (answer | history)."""
 
     return_params: ReturnParams = True
     base_version: int | None = None
     upcast: bool = False
     params_dtype: torch.dtype | None = None
+    #: False (``metrics=history``): the answer carries no ``metrics`` object
+    answer_metrics: bool = True
 
     @classmethod
     def parse(cls, request: Any) -> StepQuery:
@@ -297,6 +299,11 @@ class StepQuery:
         if narrow is not None and narrow not in ("float16", "bfloat16"):
             raise Invalid("params_dtype must be float16 or bfloat16", code="invalid_query",
                           field="params_dtype")
+        shown = q.get("metrics", "answer")
+        if shown not in ("answer", "history"):
+            raise Invalid("metrics must be answer (the step's norms in the answer) or history "
+                          "(only in the session's history, taken after the answer)",
+                          code="invalid_query", field="metrics")
         returned: ReturnParams = "touched" if ret == "touched" else ret == "params"
         return cls(returned, None if base is None else int(base), _BOOLS[upcast],
-                   None if narrow is None else getattr(torch, narrow))
+                   None if narrow is None else getattr(torch, narrow), shown == "answer")

@@ -155,7 +155,8 @@ async def step(session_id: SessionId, request: Request) -> Response:
                                    worker=worker, base_version=base, tenant=tenant, idem=idem,
                                    options=options, upcast=query.upcast,
                                    params_dtype=query.params_dtype, params_into=in_place,
-                                   scalars=fields.get("scalars"))
+                                   scalars=fields.get("scalars"),
+                                   answer_metrics=query.answer_metrics)
         if result.skipped:
             counted["outcome"] = "skipped"
         with phase(request, "encode"):

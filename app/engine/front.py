@@ -10,6 +10,7 @@ round may talk to different fronts of one cluster).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -180,24 +181,30 @@ class Front:
         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, params_into: Tensors | None = None,
         upcast: bool = False, params_dtype: torch.dtype | None = None,
-        scalars: dict[str, Any] | None = None,
+        scalars: dict[str, Any] | None = None, answer_metrics: bool = True,
     ) -> StepResult:
+        """``answer_metrics=False`` (``?metrics=history``): the answer carries no ``metrics``
+        (the step's row in the history has them; an embedded session takes its norms after
+        answering)."""
         host, key = await self._host(tenant, session_id)
         checked = check_scalars(scalars) or None
         if isinstance(host, InProcessHost):
-            return await host.embedded.step(key, grads, want_params=return_params,
-                                            worker=worker, base_version=base_version,
-                                            idem=idem, options=options, params_into=params_into,
-                                            upcast=upcast, params_dtype=params_dtype,
-                                            scalars=checked)
-        for given, name in ((upcast, "upcast"), (params_dtype is not None, "params_dtype"),
-                            (checked, "scalars"), (return_params == "touched", "return")):
-            if given:
-                raise _only_embedded(name)
-        out = await host.step(key, grads, want_params=bool(return_params)
-                              or params_into is not None, worker=worker,
-                              base_version=base_version, idem=idem, options=options)
-        _copy_into(params_into, out.params)
+            out = await host.embedded.step(key, grads, want_params=return_params,
+                                           worker=worker, base_version=base_version,
+                                           idem=idem, options=options, params_into=params_into,
+                                           upcast=upcast, params_dtype=params_dtype,
+                                           scalars=checked, answer_metrics=answer_metrics)
+        else:
+            for given, name in ((upcast, "upcast"), (params_dtype is not None, "params_dtype"),
+                                (checked, "scalars"), (return_params == "touched", "return")):
+                if given:
+                    raise _only_embedded(name)
+            out = await host.step(key, grads, want_params=bool(return_params)
+                                  or params_into is not None, worker=worker,
+                                  base_version=base_version, idem=idem, options=options)
+            _copy_into(params_into, out.params)
+        if not answer_metrics and out.metrics is not None:
+            out = dataclasses.replace(out, metrics=None)
         return out
 
     # ------------------------------------------------------------------ LBFGS evaluations

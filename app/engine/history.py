@@ -92,6 +92,23 @@ class History:
         self._cols["n"][at] = n
         return n
 
+    def fill(self, n: int, values: dict[str, float]) -> None:
+        """Set ``values`` in row ``n`` (nothing when the ring no longer holds it): the norms of
+        a step whose answer did not carry them, taken after it (``metrics.after_answer``)."""
+        if not self._count:
+            return
+        newest = (self._start + self._count - 1) % self._size
+        back = int(self._cols["n"][newest]) - n
+        if not 0 <= back < self._count:
+            return
+        at = (newest - back) % self._size
+        if self._cols["n"][at] != n:
+            return
+        for name, value in values.items():
+            if name not in self._cols:
+                self._cols[name] = np.full(self._size, np.nan)
+            self._cols[name][at] = value
+
     def _grow(self, size: int) -> None:
         """Reallocate every column to ``size`` rows, oldest first (also shrinks)."""
         keep = min(self._count, size)

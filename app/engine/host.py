@@ -564,12 +564,14 @@ class EmbeddedHost:
         base_version: int | None = None, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, params_into: Tensors | None = None,
         upcast: bool = False, params_dtype: torch.dtype | None = None,
-        scalars: dict[str, float] | None = None,
+        scalars: dict[str, float] | None = None, answer_metrics: bool = True,
     ) -> StepResult:
         """One step now (async mode), or this worker's push into the open sync round (whose
         parameters come back packed, ``want_params``, whatever ``params_into`` says).
         ``upcast`` widens float16/bfloat16 gradients of wider parameters on the device;
-        ``params_dtype`` narrows the parameters sent back (the session keeps its own)."""
+        ``params_dtype`` narrows the parameters sent back (the session keeps its own).
+        ``answer_metrics=False``: the answer need not carry the step's metrics (an async step
+        then takes its norms after answering; a round's step takes them for all its workers)."""
         if worker is not None:
             ps.check_worker(worker)
         if self._rounds.config(key) is not None:
@@ -597,7 +599,7 @@ class EmbeddedHost:
             return result
         out: StepResult = await self.execute(
             key, Step(grads, base_version, options=options, upcast=upcast,
-                      scalars=scalars or None), idem=idem,
+                      scalars=scalars or None, answer_metrics=answer_metrics), idem=idem,
             want_params=want_params, params_into=params_into, params_dtype=params_dtype)
         return out
 

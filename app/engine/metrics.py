@@ -25,7 +25,10 @@ session's version (every operation that changes parameter values bumps it; a ses
 after a failure is a new object with a new layout). Steps that run inline on the event loop's
 thread (small sessions) copy in :func:`before_step`. The copy, the subtraction and the norms
 are the whole cost (``benchmarks/metrics_cost.py``); sessions created with ``"metrics": false``
-skip them (their rows keep lr, scalars and the rest).
+skip them (their rows keep lr, scalars and the rest). A step whose answer need not carry them
+(``?metrics=history``; ``RemoteOptimizer`` asks so through shared memory) records its row with
+NaN norms and takes the subtraction and the norms after the answer too (:func:`after_answer`),
+filling them into the row before any later operation on the session.
 
 Nothing here may fail a step: :func:`before_step` runs before ``optimizer.step()`` and
 :func:`after_step` after it succeeded; each catches its own errors and the step then simply
@@ -38,6 +41,7 @@ import itertools
 import logging
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +59,8 @@ _F64 = torch.float64
 #: client scalars a step may carry
 MAX_SCALARS = 16
 MAX_SCALAR_NAME = 64
+#: the per-group norms a probe gives (beside ``lr``)
+NORMS = ("grad_norm", "update_norm", "param_norm", "update_ratio")
 
 
 @dataclass
@@ -290,8 +296,43 @@ def after_step(s: Session, probe: Probe | None, lrs: list[float], nonfinite: int
                ) -> list[dict[str, float]]:
     """Per group: lr, and with a probe the norms (one device-to-host copy for all of them)."""
     groups: list[dict[str, float]] = [{"lr": lr} for lr in lrs]
-    if probe is None:
-        return groups
+    if probe is not None and _norms_into(s, probe, groups):
+        layout = probe.layout
+        if layout is not None:
+            after_job(lambda: take_ahead(s, layout))
+    return groups
+
+
+def pending(lrs: list[float]) -> list[dict[str, float]]:
+    """Per group: lr, and NaN for the norms :func:`after_answer` fills in later (the row has
+    their columns from the start)."""
+    return [{"lr": lr, **dict.fromkeys(NORMS, math.nan)} for lr in lrs]
+
+
+def after_answer(s: Session, probe: Probe, lrs: list[float],
+                 fill: Callable[[list[dict[str, float]]], None]) -> None:
+    """The norms of a step whose answer does not carry them (``?metrics=history``): taken on
+    the device worker once the answer has been handed over (``worker.after_job``: before any
+    later operation, a history query included, so that no one sees the row without them),
+    then ``fill(groups)`` writes them into the step's history row, and the copy for the next
+    step is taken. A step that runs inline (a small session, on the event loop's thread) takes
+    them now. The values are those :func:`after_step` would take: the same tensors (nothing
+    changes the parameters before the next job), the same torch calls."""
+
+    def finish() -> None:
+        groups: list[dict[str, float]] = [{"lr": lr} for lr in lrs]
+        if _norms_into(s, probe, groups):
+            fill(groups)
+        if deferred and probe.layout is not None:
+            take_ahead(s, probe.layout)
+
+    deferred = after_job(finish)
+    if not deferred:
+        finish()
+
+
+def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]]) -> bool:
+    """Subtract in place and take the norms into ``groups``; False (logged once) on failure."""
     try:
         with torch.no_grad():
             torch._foreach_sub_(probe.before, probe.after)
@@ -317,12 +358,10 @@ def after_step(s: Session, probe: Probe | None, lrs: list[float], nonfinite: int
             out["update_norm"] = u_norm
             out["param_norm"] = p_norm
             out["update_ratio"] = _ratio(u_norm, p_norm)
-        layout = probe.layout
-        if layout is not None:
-            after_job(lambda: take_ahead(s, layout))
+        return True
     except Exception as exc:  # noqa: BLE001 - metrics never fail a step
         _warn(s, exc)
-    return groups
+        return False
 
 
 def take_ahead(s: Session, layout: Layout) -> None:

@@ -18,7 +18,8 @@ its segments go with it at once. The socket's path is told only to loopback clie
 Messages are frames: a little-endian u32 length, then a JSON object. Requests: ``hello``
 (``key``), ``bind`` (``session``), ``step`` (``binding``, ``grads``: the names whose slots hold
 gradients, ``return``: params or none, ``idempotency_key``, ``base_version``, ``worker``,
-``param_groups``, ``scalars``), ``pull`` (``binding``), ``unbind`` (``binding``). Answers:
+``param_groups``, ``scalars``, ``metrics``: answer or history, as ``?metrics=`` over HTTP),
+``pull`` (``binding``), ``unbind`` (``binding``). Answers:
 ``{"ok": true, ...}`` or ``{"ok": false, "problem": {problem+json fields}}``, whose ``field``
 names the message's field. A connection holds at most :data:`MAX_BINDINGS` bindings (429
 ``too_many_bindings``); a binding whose slots no longer fit its session's parameters (the session
@@ -474,6 +475,10 @@ class _Connection(threading.Thread):
             raise Invalid("return must be \"params\" or \"none\"", code="invalid_message",
                           field="return")
         want = returned == "params"
+        shown = m.get("metrics", "answer")
+        if shown not in ("answer", "history"):
+            raise Invalid("metrics must be \"answer\" or \"history\"", code="invalid_message",
+                          field="metrics")
         key = _text(m, "idempotency_key", check_key)
         worker = _text(m, "worker", ps.check_worker)
         base = m.get("base_version")
@@ -491,7 +496,8 @@ class _Connection(threading.Thread):
         result = self.transport.call(self.transport.engine.step(
             binding.session_id, grads, return_params=want, tenant=self.tenant or "",
             worker=worker, base_version=base, idem=idem, options=options,
-            params_into=binding.params if want else None, scalars=m.get("scalars")))
+            params_into=binding.params if want else None, scalars=m.get("scalars"),
+            answer_metrics=shown == "answer"))
         if want and result.params is not None and result.params is not binding.params:
             with torch.no_grad():  # a sync round's parameters come back packed
                 for name, view in binding.params.items():

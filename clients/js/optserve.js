@@ -840,16 +840,22 @@ export class OptserveClient {
    * upcast: accept float16/bfloat16 gradients for float32/float64 parameters (widened once on
    * the server, which keeps its precision); paramsDtype: "bfloat16" or "float16" sends the
    * parameters back narrowed (only those wider than it). scalars: {name: number} recorded in
-   * the step's metrics and history (a loss, an accuracy).
+   * the step's metrics and history (a loss, an accuracy). metrics: "history" leaves the step's
+   * norms out of the answer (no metrics field): the server takes them after answering, off the
+   * step's path, into the session's history (before any later operation on it).
    * Returns {version, step, lr, skipped, nonfinite?, metrics?, params?: {name: Tensor}, etag}.
    */
-  step(id, grads = {}, { binary, encoding, returnParams = true, worker, baseVersion, paramGroups, upcast, paramsDtype, scalars } = {}) {
+  step(id, grads = {}, { binary, encoding, returnParams = true, worker, baseVersion, paramGroups, upcast, paramsDtype, scalars, metrics } = {}) {
     // worker: this push's worker id in a sync (parameter-server) session (X-Optserve-Worker);
     // baseVersion: the version the gradients were computed from (bounded staleness).
     const query = returnParams === "touched" ? { return: "touched" } : returnParams ? {} : { return: "none" };
     if (baseVersion !== undefined) query.base_version = baseVersion;
     if (upcast) query.upcast = "true";
     if (paramsDtype !== undefined) query.params_dtype = paramsDtype;
+    if (metrics !== undefined) {
+      if (metrics !== "answer" && metrics !== "history") throw new TypeError('metrics must be "answer" or "history"');
+      if (metrics === "history") query.metrics = "history";
+    }
     const headers = worker !== undefined ? { "X-Optserve-Worker": String(worker) } : undefined;
     const extra = {};
     if (paramGroups !== undefined) extra.param_groups = treeToJson(paramGroups);

@@ -246,3 +246,60 @@ def test_history_survives_kill9(tmp_path: Path) -> None:
             assert out["metrics"]["n"] == 13
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "safetensors"])
+@pytest.mark.parametrize("n", [24, 400_000], ids=["inline", "worker"])
+def test_metrics_history_leaves_the_norms_out_of_the_answer_and_in_the_row(
+        http: httpx.Client, binary: bool, n: int) -> None:
+    """``?metrics=history``: no ``metrics`` in the answer (JSON or safetensors metadata); a
+    history query sent right after it has the step's row with the norms the answer would have
+    carried (a twin session stepped with ``?metrics=answer``: the same values), which equal
+    torch's; the parameters equal torch's bit for bit. A bad value is a 422 naming the field,
+    and nothing is applied."""
+    p0 = seeded((n,), 5)
+    sids = []
+    for _ in range(2):
+        sid = f"mh-{uuid.uuid4().hex[:10]}"
+        r = http.post("/v1/sessions", json={"id": sid, "optimizer": "Adam",
+                                             "options": {"lr": 0.01},
+                                             "params": {"w": jt(p0)}})
+        assert r.status_code == 201, r.text
+        sids.append(sid)
+    quiet, loud = sids
+    bad = http.post(f"/v1/sessions/{quiet}/step?metrics=none",
+                    json={"grads": {"w": jt(seeded((n,), 9))}})
+    problem(bad, 422, "metrics")
+    assert http.get(f"/v1/sessions/{quiet}").json()["version"] == 0
+    local = p0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([local], lr=0.01)
+    for k in range(2):
+        g = seeded((n,), 300 + k)
+        before = local.detach().clone()
+        local.grad = g
+        opt.step()
+        answers = []
+        for sid, shown in ((quiet, "history"), (loud, "answer")):
+            url = f"/v1/sessions/{sid}/step?metrics={shown}"
+            if binary:
+                r = http.post(url, content=safetensors.torch.save({"w": g}),
+                              headers={"content-type": BINARY, "accept": BINARY})
+                assert r.status_code == 200, r.text
+                meta = safe_metadata(r.content)
+                answers.append(json.loads(meta["metrics"]) if "metrics" in meta else None)
+                params = safetensors.torch.load(r.content)["w"]
+            else:
+                r = http.post(url, json={"grads": {"w": jt(g)}})
+                assert r.status_code == 200, r.text
+                answers.append(r.json().get("metrics"))
+                params = torch.tensor(r.json()["params"]["w"]["data"], dtype=torch.float32)
+            assert torch.equal(params, local.detach()), sid
+        assert answers[0] is None and answers[1] is not None
+        row = http.get(f"/v1/sessions/{quiet}/history", params={"since": k}).json()["columns"]
+        assert row["n"] == [k + 1]
+        for key in ("grad_norm", "update_norm", "param_norm", "update_ratio", "lr"):
+            assert row[f"{key}.0"] == [answers[1]["groups"][0][key]], key
+        upd = float((local.detach() - before).double().norm())
+        tol = 1e-6 if n < 1000 else 1e-4  # torch's float32 norm of 400,000 values
+        assert math.isclose(row["update_norm.0"][0], upd, rel_tol=tol)
+        assert math.isclose(row["grad_norm.0"][0], float(g.double().norm()), rel_tol=tol)

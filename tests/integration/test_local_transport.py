@@ -7,6 +7,7 @@ once; and ``transport="http"`` never uses it."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import stat
@@ -350,6 +351,8 @@ def test_the_sdk_steps_over_http_past_the_limit_and_deleting_unbinds(
     ({"worker": "bad worker"}, 422, "invalid_worker", "worker"),
     ({"idempotency_key": 7}, 422, "invalid_idempotency_key", "idempotency_key"),
     ({"return": 5}, 422, "invalid_message", "return"),
+    ({"metrics": "none"}, 422, "invalid_message", "metrics"),
+    ({"metrics": False}, 422, "invalid_message", "metrics"),
     ({"grads": "x"}, 422, "invalid_message", "grads"),
     ({"grads": ["nope"]}, 422, "unknown_parameter", "grads"),
     ({"op": 7}, 400, "invalid_message", "op"),
@@ -428,3 +431,33 @@ def test_a_binding_made_before_its_session_was_made_again_is_refused_whole(
         assert out.params is not None and out.version == 1
         assert torch.equal(out.params["a"], local_adam(torch.zeros(8), [ga]))
         assert torch.equal(out.params["b"], torch.zeros(6))
+
+
+def test_history_only_metrics_over_shared_memory(keyed_server: str) -> None:
+    """``"metrics": "history"`` in a socket step (``RemoteOptimizer`` always sends it): the
+    answer carries no metrics; the session's history has the norms, equal to those a step
+    answer carries for a twin session stepped the same way (over HTTP), and torch's. 1.25 MB
+    of parameters: the steps run on the device worker, which takes the norms after
+    answering."""
+    p0 = torch.randn(600, 520, generator=torch.Generator().manual_seed(3))
+    grads = [torch.randn(600, 520, generator=torch.Generator().manual_seed(10 + k))
+             for k in range(3)]
+    with optserve.Client(keyed_server, api_key=KEY_A) as c, \
+            optserve.Client(keyed_server, api_key=KEY_A, transport="http") as h:
+        quiet = c.create_session(optimizer="Adam", options={"lr": 1e-2}, params={"w": p0}).id
+        loud = h.create_session(optimizer="Adam", options={"lr": 1e-2}, params={"w": p0}).id
+        for k, g in enumerate(grads):
+            out = c.step(quiet, {"w": g}, metrics="history")
+            assert c._local is not None and out.metrics is None
+            twin = h.step(loud, {"w": g})
+            assert twin.metrics is not None and out.params is not None
+            assert torch.equal(out.params["w"], local_adam(p0, grads[:k + 1]))
+            row = h.history(quiet, since=k).columns
+            for key in ("grad_norm", "update_norm", "param_norm", "update_ratio"):
+                assert row[f"{key}.0"] == [twin.metrics["groups"][0][key]], key
+        want = local_adam(p0, grads)
+        before = local_adam(p0, grads[:2])
+        last = h.history(quiet, since=2).columns
+        # torch's float32 norm of 312,000 values against a float64 one
+        assert math.isclose(last["update_norm.0"][0], float((want - before).double().norm()),
+                            rel_tol=1e-4)

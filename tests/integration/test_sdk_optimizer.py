@@ -504,3 +504,51 @@ def test_narrow_wire_gradients_step_like_torch_on_the_upcast_gradients(
             assert torch.equal(server[name], want), name
             assert torch.equal(p, want.to(narrow).to(torch.float32)), name
         remote.close(delete_session=True)
+
+
+@pytest.mark.parametrize("transport", ["http", "auto"], ids=["http", "shared memory"])
+def test_remote_optimizer_leaves_the_norms_to_the_history_through_shared_memory(
+        live_server: str, transport: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``RemoteOptimizer.step`` asks for ``metrics=history`` through shared memory (it returns
+    no norms) and for the default over HTTP; either way the session's history gets every
+    step's norms, torch's (a 1.3 MB model: its steps run on the device worker, which takes
+    them after answering through shared memory); the parameters equal a local run bit for
+    bit."""
+    asked: list[str] = []
+    real_api_step, real_local_step = optserve._api.step, optserve._local.LocalChannel.step
+
+    def api_step(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("metrics", "answer"))
+        return real_api_step(*args, **kwargs)
+
+    def local_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        asked.append("history" if kwargs.get("history_only") else "answer")
+        return real_local_step(self, *args, **kwargs)
+    monkeypatch.setattr(optserve._api, "step", api_step)
+    monkeypatch.setattr(optserve._local.LocalChannel, "step", local_step)
+    torch.manual_seed(0)
+    remote_model = nn.Sequential(nn.Linear(64, 5000), nn.Tanh(), nn.Linear(5000, 2))
+    local_model = copy.deepcopy(remote_model)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    with optserve.Client(live_server, transport=transport, max_retries=0) as c:
+        remote = optserve.RemoteOptimizer(remote_model.parameters(), "SGD", c, lr=0.1,
+                                          momentum=0.9)
+        local = torch.optim.SGD(local_model.parameters(), lr=0.1, momentum=0.9)
+        for k in range(3):
+            before = [p.detach().clone() for p in local_model.parameters()]
+            for model, opt in ((remote_model, remote), (local_model, local)):
+                opt.zero_grad()
+                (model(x) ** 2).mean().backward()
+                opt.step()
+            assert (c._local is not None) == (transport == "auto")
+            row = c.history(remote.session_id, since=k).columns
+            assert row["n"] == [k + 1]
+            params = [p.detach() for p in local_model.parameters()]
+            want = {"update_norm.0": sum(float((p - b).double().pow(2).sum())
+                                         for p, b in zip(params, before, strict=True)) ** 0.5,
+                    "param_norm.0": sum(float(p.double().pow(2).sum()) for p in params) ** 0.5}
+            for key, value in want.items():  # (float32 norms of 330,000 values: 1e-3)
+                assert row[key][0] is not None and abs(row[key][0] - value) <= 1e-3 * value, key
+        assert asked == ["history" if transport == "auto" else "answer"] * 3
+        assert_same_params(remote_model, local_model)
+        remote.close(delete_session=True)

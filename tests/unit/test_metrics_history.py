@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -18,6 +19,7 @@ import torch
 
 from app.engine import CreateSpec, Front, GroupSpec, embedded_engine, metrics
 from app.engine import host as host_module
+from app.engine import worker as worker_module
 from app.engine.history import History, HistoryQuery, csv_text, downsample, jsonable
 from app.errors import Invalid
 
@@ -444,5 +446,144 @@ def test_a_replayed_log_takes_one_copy_ahead_and_the_next_step_is_right(
         result = run(eng.step("r", sent_at[4], return_params=True))
         assert copied[0] == 4 and copied.count(4) == 1 and set(copied) <= {4, 5}
         assert_step_as_torch(result, [["w", "b"]], sent_at[4], local, before, "after restart")
+    finally:
+        run(eng.stop())
+
+
+def test_fill_sets_a_held_row_and_leaves_others_alone() -> None:
+    h = History(4)
+    for i in range(6):
+        h.append({"step": i + 1, "lr.0": 0.1, "update_norm.0": math.nan})
+    h.fill(6, {"update_norm.0": 2.5, "param_norm.0": 7.0})  # a new column, NaN elsewhere
+    h.fill(4, {"update_norm.0": 1.5})
+    h.fill(2, {"update_norm.0": 9.0})  # no longer held: nothing
+    h.fill(7, {"update_norm.0": 9.0})  # not yet made: nothing
+    cols = h.select(None, None, None)
+    assert cols["n"].tolist() == [3, 4, 5, 6]
+    assert np.isnan(cols["update_norm.0"][[0, 2]]).all()
+    assert cols["update_norm.0"][[1, 3]].tolist() == [1.5, 2.5]
+    assert np.isnan(cols["param_norm.0"][:3]).all() and cols["param_norm.0"][3] == 7.0
+    empty = History(0)
+    empty.append({"step": 1})
+    empty.fill(1, {"x": 1.0})
+    assert len(empty) == 0
+
+
+NORM_FIELDS = [f"{k}.{gi}" for gi in range(2) for k in metrics.NORMS]
+
+
+def _history_rows(engine: Front, sid: str) -> dict[str, list[float]]:
+    cols = run(engine.history(sid, HistoryQuery())).columns
+    return {k: v.tolist() for k, v in cols.items() if k != "time"}
+
+
+@pytest.mark.parametrize("where", ["worker", "inline"])
+@pytest.mark.parametrize("name,options", [("SGD", {"lr": 0.1, "momentum": 0.9}),
+                                          ("Adam", {"lr": 0.01})])
+def test_history_only_metrics_fill_the_row_after_the_answer_with_the_same_values(
+        engine: Front, where: str, name: str, options: dict[str, Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``answer_metrics=False`` (``?metrics=history``): the answer carries no metrics; on the
+    device worker the norms are taken after the answer has been handed over, and a history
+    query sent right after the answer (queued while they are still being taken: they are
+    slowed down here) sees them. The rows equal, value for value, those of a twin session
+    stepped with metrics in its answers, and those equal torch's norms; the parameters equal
+    torch's bit for bit. Inline (small) steps take them at once."""
+    events: list[tuple[str, str]] = []
+    norms_into = metrics._norms_into
+
+    def slow_norms(s: Any, probe: Any, groups: Any) -> bool:
+        if s.id == "h" and threading.current_thread().name == "optserve-cpu":
+            time.sleep(0.05)
+        events.append(("norms", s.id))
+        return norms_into(s, probe, groups)
+    monkeypatch.setattr(metrics, "_norms_into", slow_norms)
+    real_hand_over = worker_module._hand_over
+
+    def spy_hand_over(*args: Any) -> None:
+        events.append(("answer", ""))
+        real_hand_over(*args)
+    monkeypatch.setattr(worker_module, "_hand_over", spy_hand_over)
+    if where == "worker":
+        monkeypatch.setattr(host_module, "INLINE_BYTES", -1)
+    p0 = {n: seeded(s, i) for i, (n, s) in enumerate(SHAPES.items())}
+    for sid in ("a", "h"):
+        run(engine.create(CreateSpec(name, [GroupSpec({n: p0[n].clone() for n in names})
+                                            for names in GROUPS],
+                                     options=dict(options), id=sid)))
+    local = {n: t.clone() for n, t in p0.items()}
+    opt = getattr(torch.optim, name)([{"params": [local[n] for n in names]} for names in GROUPS],
+                                     **options)
+    for k in range(3):
+        sent = {n: seeded(s, 100 * k + i) for i, (n, s) in enumerate(SHAPES.items())}
+        before = {n: t.clone() for n, t in local.items()}
+        for n, t in local.items():
+            t.grad = sent[n]
+        opt.step()
+        answered = run(engine.step("a", sent, return_params=True))
+        assert_step_as_torch(answered, [list(g) for g in GROUPS], sent, local, before, f"a {k}")
+        events.clear()
+        quiet = run(engine.step("h", sent, return_params=True, answer_metrics=False,
+                                scalars={"loss": float(k)}))
+        assert quiet.metrics is None and quiet.params is not None
+        for n in SHAPES:
+            assert torch.equal(quiet.params[n], local[n]), n
+        row = run(engine.history("h", HistoryQuery(since=k)))
+        assert row.rows == 1 and row.columns["n"].tolist() == [k + 1]
+        assert row.columns["scalars.loss"].tolist() == [float(k)]
+        for f in NORM_FIELDS:  # the answer the twin got, in the row
+            gi, key = int(f.split(".")[1]), f.split(".")[0]
+            assert row.columns[f].tolist() == [answered.metrics["groups"][gi][key]], f
+        if where == "worker":
+            assert events[:2] == [("answer", ""), ("norms", "h")], events
+        else:
+            assert events[:1] == [("norms", "h")], events
+    a_rows, h_rows = _history_rows(engine, "a"), _history_rows(engine, "h")
+    assert {k: v for k, v in h_rows.items() if not k.startswith("scalars.")} == a_rows
+
+
+def test_history_only_metrics_of_skipped_and_metrics_off_steps(engine: Front) -> None:
+    run(engine.create(CreateSpec("SGD", [GroupSpec({"x": torch.ones(4)})], id="nf",
+                                 nonfinite="skip")))
+    r = run(engine.step("nf", {"x": torch.tensor([1.0, math.inf, 0.0, 0.0])},
+                        return_params=False, answer_metrics=False))
+    assert r.skipped and r.metrics is None
+    run(engine.create(CreateSpec("SGD", [GroupSpec({"x": torch.ones(3)})], options={"lr": 0.5},
+                                 id="off", metrics=False)))
+    r = run(engine.step("off", {"x": torch.ones(3)}, return_params=False,
+                        answer_metrics=False))
+    assert r.metrics is None
+    cols = run(engine.history("nf", HistoryQuery(fields=["skipped", "nonfinite"]))).columns
+    assert cols["skipped"].tolist() == [1] and cols["nonfinite"].tolist() == [1]
+    cols = run(engine.history("off", HistoryQuery())).columns
+    assert cols["lr.0"].tolist() == [0.5] and "update_norm.0" not in cols
+
+
+@pytest.mark.parametrize("snapshot", [False, True], ids=["replayed", "from a snapshot"])
+def test_history_only_rows_survive_a_restart_unchanged(tmp_path: Any, snapshot: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows whose norms were filled after the answers are what a restart restores: replayed
+    (the log does not say where the norms went: replay takes them at once, the same values)
+    or read from a snapshot taken after them."""
+    monkeypatch.setattr(host_module, "INLINE_BYTES", -1)
+    p0 = {"w": seeded((40, 30), 1), "b": seeded((30,), 2)}
+    eng = embedded_engine("cpu", warm_up=False, data_dir=tmp_path, durability="step")
+    run(eng.start())
+    try:
+        run(eng.create(CreateSpec("Adam", [GroupSpec({"w": p0["w"].clone()}),
+                                           GroupSpec({"b": p0["b"].clone()}, {"lr": 0.1})],
+                                  options={"lr": 0.01}, id="r")))
+        for k in range(4):
+            sent = {n: seeded(tuple(t.shape), 10 * k + i) for i, (n, t) in enumerate(p0.items())}
+            assert run(eng.step("r", sent, return_params=False,
+                                answer_metrics=False)).metrics is None
+        live = _history_rows(eng, "r")
+        assert not any(math.isnan(v) for f in NORM_FIELDS for v in live[f]), live
+    finally:
+        run(eng.stop(snapshot=snapshot))
+    eng = embedded_engine("cpu", warm_up=False, data_dir=tmp_path, durability="step")
+    run(eng.start())
+    try:
+        assert _history_rows(eng, "r") == live
     finally:
         run(eng.stop())

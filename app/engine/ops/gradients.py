@@ -72,6 +72,10 @@ class Step(Operation):
     time: float | None = None
     #: a sync round's step: the workers whose pushes it reduced
     workers: list[str] | None = None
+    #: False (``?metrics=history``): the answer carries no ``metrics``; the step's norms are
+    #: taken after the answer and filled into its history row (not logged: replay takes them
+    #: at once, the same values)
+    answer_metrics: bool = True
 
     def check(self, s: Session) -> StepPlan:
         # a body whose header the session has checked: no per-tensor checks, the gradients
@@ -140,7 +144,8 @@ class Step(Operation):
             s.accum.clear()
             found = self._record(s, plan, [{"lr": lr} for lr in s.lrs()], bad, skipped=True)
             return StepResult(s.version, s.step_count, s.lrs(), skipped=True,
-                              nonfinite=plan.nonfinite, staleness=plan.staleness, metrics=found)
+                              nonfinite=plan.nonfinite, staleness=plan.staleness,
+                              metrics=self._answered(found))
         used_lrs = [lr_value(g["lr"]) / plan.lr_div if plan.lr_div is not None
                     else lr_value(g["lr"]) for g in groups]
         sparse.own_storage(s, plan.total)
@@ -170,14 +175,30 @@ class Step(Operation):
         s.accum.clear()
         s.version += 1
         s.step_count += 1
-        found = self._record(s, plan, metrics.after_step(s, probe, used_lrs, bad), bad)
+        if self.answer_metrics or probe is None:
+            found = self._record(s, plan, metrics.after_step(s, probe, used_lrs, bad), bad)
+        else:
+            found = self._record(s, plan, metrics.pending(used_lrs), bad)
+            n = found.n if found is not None else None
+            metrics.after_answer(s, probe, used_lrs,
+                                 lambda groups: self._fill(s, n, groups))
         return StepResult(s.version, s.step_count, s.lrs(), nonfinite=plan.nonfinite,
-                          staleness=plan.staleness, metrics=found)
+                          staleness=plan.staleness, metrics=self._answered(found))
+
+    def _answered(self, found: metrics.StepMetrics | None) -> dict[str, Any] | None:
+        return found.to_json() if found is not None and self.answer_metrics else None
+
+    @staticmethod
+    def _fill(s: Session, n: int | None, groups: list[dict[str, float]]) -> None:
+        """The norms taken after the answer, into the step's history row ``n``."""
+        if n is not None:
+            s.history.fill(n, {f"{k}.{i}": v for i, g in enumerate(groups)
+                               for k, v in g.items() if k != "lr"})
 
     def _record(self, s: Session, plan: StepPlan, groups: list[dict[str, float]],
-                nonfinite: int, skipped: bool = False) -> dict[str, Any] | None:
+                nonfinite: int, skipped: bool = False) -> metrics.StepMetrics | None:
         """The step's metrics into the session's history (after the step is done: nothing
-        here can fail it); the answer's ``metrics`` object."""
+        here can fail it): the answer's ``metrics`` object, its row's ``n`` set."""
         try:
             sums = {k: list(v) for k, v in s.pending_scalars.items()}
             s.pending_scalars = {}
@@ -188,7 +209,7 @@ class Step(Operation):
                                        self.workers, {k: v[0] / v[1] for k, v in sums.items()},
                                        self.time if self.time is not None else time.time())
             step.n = s.history.append(step.row(s.step_count, s.version))
-            return step.to_json()
+            return step
         except Exception:  # noqa: BLE001 - metrics never fail a step
             return None
 

@@ -38,4 +38,28 @@ describe("Adam family vs torch.optim", { skip: NO_SERVER }, () => {
       }
     });
   }
+
+  for (const mode of [{}, { binary: true }]) {
+    test(`metrics: "history" leaves the norms out of the answer and in the history ${JSON.stringify(mode)}`, async () => {
+      const r = ref.adam;
+      const params = Object.fromEntries(Object.entries(r.params0).map(([n, v]) => [n, refTensor(v)]));
+      const [quiet, loud] = [uid("quiet"), uid("loud")];
+      made.push(quiet, loud);
+      for (const id of [quiet, loud]) await c.createSession({ id, optimizer: r.optimizer, options: r.options, params });
+      assert.throws(() => c.step(quiet, {}, { metrics: "none" }), TypeError);
+      for (const [i, s] of r.steps.entries()) {
+        const grads = Object.fromEntries(Object.entries(s.grads).map(([n, v]) => [n, refTensor(v)]));
+        const out = await c.step(quiet, grads, { ...mode, metrics: "history" });
+        const twin = await c.step(loud, grads, mode);
+        assert.equal(out.metrics, undefined);
+        assert.ok(twin.metrics && twin.metrics.groups[0].update_norm > 0);
+        for (const n of Object.keys(r.params0)) assertBits(out.params[n], s.params[n], `${n} after step ${i + 1}`);
+        const h = await c._json("GET", `${c._sid(quiet)}/history`, { query: { since: i } });
+        assert.deepEqual(h.columns.n, [i + 1]);
+        for (const k of ["grad_norm", "update_norm", "param_norm", "update_ratio", "lr"]) {
+          assert.deepEqual(h.columns[`${k}.0`], [twin.metrics.groups[0][k]], k);
+        }
+      }
+    });
+  }
 });

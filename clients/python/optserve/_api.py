@@ -416,6 +416,7 @@ def step(
     params_dtype: str | None = None,
     scalars: Mapping[str, float] | None = None,
     into: Callable[[int], memoryview] | None = None,
+    metrics: Literal["answer", "history"] = "answer",
 ) -> APICall[StepResult]:
     wires = _sparse.encode_tensor_map(grads or {}, "grads")
     extra: dict[str, Any] = {}
@@ -442,6 +443,7 @@ def step(
         if not isinstance(worker, str) or not worker:
             raise ValueError(f"worker must be a non-empty string, got {worker!r}")
         headers[WORKER_HEADER] = worker
+    query.extend(metrics_query(metrics))
     # A sync-round push waits for the other workers; the server's round timeout bounds it.
     wait_s = None if worker is not None else 0.0
     if return_params == "touched":
@@ -454,6 +456,13 @@ def step(
     return APICall("POST", _sid(session_id) + "/step", _parse_step_no_params,
                    params=[("return", "none"), *query], content=content, content_type=ctype,
                    idempotent=False, headers=headers, wait_s=wait_s)
+
+
+def metrics_query(metrics: str) -> list[tuple[str, str]]:
+    """``?metrics=history`` (nothing for the default, ``answer``)."""
+    if metrics not in ("answer", "history"):
+        raise ValueError(f"metrics must be 'answer' or 'history', got {metrics!r}")
+    return [("metrics", "history")] if metrics == "history" else []
 
 
 def scalars_json(scalars: Mapping[str, float]) -> dict[str, float]:

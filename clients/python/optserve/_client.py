@@ -125,7 +125,8 @@ class Client(SyncAPIClient):
     def _step_local(self, id: str, grads: Mapping[str, TensorLike], *, return_params: bool,
                     worker: str | None, base_version: int | None,
                     param_groups: Mapping[int, Mapping[str, Any]] | None,
-                    views: bool, scalars: Mapping[str, float] | None = None
+                    views: bool, scalars: Mapping[str, float] | None = None,
+                    metrics: Literal["answer", "history"] = "answer"
                     ) -> StepResult | None:
         """A step through shared memory, retried with its idempotency key after a broken
         connection; None when this step must go over HTTP instead."""
@@ -140,7 +141,8 @@ class Client(SyncAPIClient):
                                               base_version=base_version, worker=worker,
                                               param_groups=changes, key=key,
                                               scalars=_api.scalars_json(scalars)
-                                              if scalars else None)
+                                              if scalars else None,
+                                              history_only=bool(_api.metrics_query(metrics)))
             except LocalUnavailable:
                 if self.transport == "local":
                     raise
@@ -289,12 +291,16 @@ class Client(SyncAPIClient):
         params_dtype: str | None = None,
         scalars: Mapping[str, float] | None = None,
         into: Callable[[int], memoryview] | None = None,
+        metrics: Literal["answer", "history"] = "answer",
     ) -> StepResult:
         """``POST .../step``: apply ``grads`` (plus anything accumulated) and step.
 
         ``scalars`` (``{"loss": 0.31, "accuracy": 0.9}``, at most 16 finite numbers) are
         recorded with this step in the session's history (:meth:`history`); the answer's
-        ``metrics`` holds the step's norms per group.
+        ``metrics`` holds the step's norms per group. ``metrics="history"``
+        (``?metrics=history``): the answer carries no ``metrics`` (``StepResult.metrics`` is
+        None) and the server takes the step's norms after answering, off the step's path;
+        they are in the history before any later operation on the session.
 
         Narrower wires: with ``upcast=True`` float16/bfloat16 gradients are accepted for
         float32/float64 parameters (the server widens them once on its device and keeps its
@@ -331,13 +337,14 @@ class Client(SyncAPIClient):
                 and not _sparse.has_sparse(grads):
             local = self._step_local(id, grads, return_params=return_params, worker=worker,
                                      base_version=base_version, param_groups=param_groups,
-                                     views=False, scalars=scalars)
+                                     views=False, scalars=scalars, metrics=metrics)
             if local is not None:
                 return local
         return self._request(_api.step(id, grads, return_params=return_params, binary=binary,
                                        worker=worker, base_version=base_version,
                                        param_groups=param_groups, upcast=upcast,
-                                       params_dtype=params_dtype, scalars=scalars, into=into))
+                                       params_dtype=params_dtype, scalars=scalars, into=into,
+                                       metrics=metrics))
 
     def push_grads(
         self, id: str, grads: Mapping[str, TensorLike], *, binary: bool = True,
@@ -574,13 +581,14 @@ class AsyncClient(AsyncAPIClient):
         param_groups: Mapping[int, Mapping[str, Any]] | None = None,
         scalars: Mapping[str, float] | None = None,
         into: Callable[[int], memoryview] | None = None,
+        metrics: Literal["answer", "history"] = "answer",
     ) -> StepResult:
         """``POST .../step``: see :meth:`Client.step`. Safe to await from many coroutines at
         once (e.g. one per worker of a sync round), each with its own ``into`` if any."""
         return await self._request(
             _api.step(id, grads, return_params=return_params, binary=binary, worker=worker,
                       base_version=base_version, param_groups=param_groups, scalars=scalars,
-                      into=into)
+                      into=into, metrics=metrics)
         )
 
     async def push_grads(

@@ -199,10 +199,12 @@ class LocalChannel:
     def step(self, session_id: str, grads: Mapping[str, TensorLike], *, return_params: bool,
              base_version: int | None, worker: str | None,
              param_groups: dict[str, Any] | None, key: str,
-             scalars: dict[str, float] | None = None) -> tuple[dict[str, Any],
-                                                              dict[str, Any] | None]:
+             scalars: dict[str, float] | None = None, history_only: bool = False
+             ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Write the gradients into their slots, step, and return (the answer's scalars, the
-        parameter slots' views or None). The views hold the new values until the next call."""
+        parameter slots' views or None). The views hold the new values until the next call.
+        ``history_only``: the answer need not carry the step's metrics (``metrics:
+        "history"``)."""
         with self._lock:
             binding = self.binding(session_id)
             if any(name not in binding.grads for name in grads):
@@ -224,6 +226,8 @@ class LocalChannel:
                 message["param_groups"] = param_groups
             if scalars:
                 message["scalars"] = scalars
+            if history_only:
+                message["metrics"] = "history"
             try:
                 answer, _ = self.call(message)
             except APIStatusError as exc:

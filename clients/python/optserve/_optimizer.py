@@ -374,7 +374,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
         the rows they touched come back. LBFGS takes a closure, as torch's does: the server
         runs torch's own ``LBFGS.step`` and asks for the loss and gradients at each point its
         line search tries; each time the parameters are set to that point and ``closure`` is
-        called here (see :meth:`_lbfgs_step`)."""
+        called here (see :meth:`_lbfgs_step`).
+
+        Through shared memory the step's norms do not travel in its answer
+        (``metrics="history"``): the server takes them after answering, off the step's path,
+        into the session's history (:meth:`Client.history`, ``optserve watch``, the web page).
+        Over HTTP they do (on one host, taking them while the answer's bytes go out was
+        slower: ``benchmarks/peers.py``)."""
         if self._optimizer_name == "LBFGS":
             first: float | None = self._lbfgs_step(closure)
             return first
@@ -408,7 +414,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             result = self._client._step_local(
                 self._session_id, grads, return_params=True, worker=self._worker,
                 base_version=base, param_groups=changes or None, views=True,
-                scalars=scalars or None)
+                scalars=scalars or None, metrics="history")
         if result is None:
             result = self._client.step(self._session_id, grads,
                                        return_params="touched" if sparse else True,
