@@ -33,11 +33,11 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -93,10 +93,53 @@ _TOMBSTONES = 10_000
 async def _to_the_end(coro: Coroutine[Any, Any, T]) -> T:
     """Run an operation to its end even when its caller is cancelled (a caller that gave up):
     stopped at an ``await``, it could leave a logged record unapplied, or a step applied whose
-    fsync failed unrestored. The caller gets CancelledError; the operation finishes alone."""
-    task = asyncio.ensure_future(coro)
+    fsync failed unrestored. The caller gets CancelledError; the operation finishes alone.
+
+    It starts at once, on the caller's turn of the event loop: one that ends without waiting
+    (a small session's step, run inline) needs no task. At its first wait, what is left of it
+    becomes a task of its own, which the caller awaits through a shield."""
+    try:
+        waits_for = coro.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    task = asyncio.ensure_future(_Rest(coro, waits_for))
     task.add_done_callback(_retrieved)
     return await asyncio.shield(task)
+
+
+class _Rest(Coroutine[Any, Any, Any]):
+    """The rest of a coroutine that has started and now waits for ``waits_for`` (what its
+    ``await`` yielded: a future, or None for a bare yield), as a coroutine a task can drive:
+    the task's first ``send`` gets ``waits_for``, and everything after (the outcome of each
+    wait, a cancellation thrown in, even one before the task's first step) goes to the
+    coroutine itself, at the ``await`` where it waits."""
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], waits_for: Any) -> None:
+        self._coro = coro
+        self._waiting: list[Any] = [waits_for]
+
+    def send(self, value: Any) -> Any:
+        if self._waiting:
+            return self._waiting.pop()
+        return self._coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        self._waiting.clear()
+        if val is None and tb is None:
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)  # the old three-argument form
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def __iter__(self) -> _Rest:
+        return self
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self  # (an iterator with send and throw, as a generator is)
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:
