@@ -613,8 +613,9 @@ class EmbeddedHost:
         parameters come back packed, ``want_params``, whatever ``params_into`` says).
         ``upcast`` widens float16/bfloat16 gradients of wider parameters on the device;
         ``params_dtype`` narrows the parameters sent back (the session keeps its own).
-        ``answer_metrics=False``: the answer need not carry the step's metrics (an async step
-        then takes its norms after answering; a round's step takes them for all its workers)."""
+        ``answer_metrics=False``: the answer need not carry the step's metrics, and an async
+        step takes its norms after answering (a round's step, which answers all its workers,
+        takes them before; ``Front.step`` leaves them out of this worker's answer)."""
         if worker is not None:
             ps.check_worker(worker)
         if self._rounds.config(key) is not None:
