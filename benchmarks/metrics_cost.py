@@ -4,11 +4,12 @@
     .venv/bin/python -m benchmarks.metrics_cost --sizes 1e6 --optimizers Adam --reps 40
 
 1. Round trip: one server (``python -m app`` as ``scripts/serve`` starts it, CPU, durability
-   ``memory``, ``OPTSERVE_TORCH_THREADS`` as given), per N and optimizer two sessions of N
-   float32 parameters in one tensor, one with metrics and one without, stepped in turn (on,
-   off, on, off, ...) with the same safetensors gradients by a plain httpx client,
+   ``memory``, ``OPTSERVE_TORCH_THREADS`` as given), per N and optimizer three sessions of N
+   float32 parameters in one tensor: one with metrics, one with metrics stepped with
+   ``?metrics=history`` (the norms taken after the answer), one without; stepped in turn (each
+   first in turn) with the same safetensors gradients by a plain httpx client,
    ``Accept: application/octet-stream`` (the new parameters come back). Median and p90 ms, and
-   the median difference as a share of the round trip without metrics.
+   the median differences against the round trip without metrics.
 2. On the device alone (in-process, the same worker code): median ms of the metric work on
    the step's path (``before_step`` + ``after_step``) beside the optimizer step itself, and of
    the copy of the parameters the server takes for the next step after handing the answer over
@@ -35,6 +36,9 @@ from benchmarks._server import free_port, server
 
 BINARY = "application/octet-stream"
 OPTIONS = {"Adam": '{"lr": 0.001}', "SGD": '{"lr": 0.01, "momentum": 0.9}'}
+#: the sessions stepped in turn: metrics with the norms in the answer, metrics with the norms
+#: only in the history (``?metrics=history``: taken after the answer), no metrics
+KINDS = ["on", "history", "off"]
 
 
 def round_trips(sizes: list[int], optimizers: list[str], reps: int, threads: str
@@ -50,30 +54,33 @@ def round_trips(sizes: list[int], optimizers: list[str], reps: int, threads: str
         for n in sizes:
             g = st_save({"w": torch.randn(n)})
             for opt in optimizers:
-                for on in (True, False):
-                    meta = {"optimizer": opt, "options": OPTIONS[opt], "id": f"{opt}-{n}-{on}",
+                for kind in KINDS:
+                    on = kind != "off"
+                    meta = {"optimizer": opt, "options": OPTIONS[opt], "id": f"{opt}-{n}-{kind}",
                             "metrics": "true" if on else "false"}
                     r = http.post("/v1/sessions", content=st_save({"w": torch.randn(n)}, meta),
                                   headers={"Content-Type": BINARY})
                     assert r.status_code == 201, r.text
-                times: dict[bool, list[float]] = {True: [], False: []}
+                times: dict[str, list[float]] = {kind: [] for kind in KINDS}
                 for rep in range(reps + 3):
-                    for on in ((True, False) if rep % 2 else (False, True)):
+                    shift = rep % len(KINDS)  # each kind first in turn
+                    for kind in KINDS[shift:] + KINDS[:shift]:
+                        query = "?metrics=history" if kind == "history" else ""
                         t0 = time.perf_counter()
-                        r = http.post(f"/v1/sessions/{opt}-{n}-{on}/step", content=g,
+                        r = http.post(f"/v1/sessions/{opt}-{n}-{kind}/step{query}", content=g,
                                       headers={"Content-Type": BINARY, "Accept": BINARY})
                         dt = (time.perf_counter() - t0) * 1e3
                         assert r.status_code == 200, r.text
                         if rep >= 3:  # warm-up
-                            times[on].append(dt)
-                row = {"n": n, "optimizer": opt}
-                for on in (True, False):
-                    ts = sorted(times[on])
-                    row[on] = (statistics.median(ts), ts[max(0, int(len(ts) * 0.9) - 1)])
-                    http.delete(f"/v1/sessions/{opt}-{n}-{on}")
+                            times[kind].append(dt)
+                row: dict[str, Any] = {"n": n, "optimizer": opt}
+                for kind in KINDS:
+                    ts = sorted(times[kind])
+                    row[kind] = (statistics.median(ts), ts[max(0, int(len(ts) * 0.9) - 1)])
+                    http.delete(f"/v1/sessions/{opt}-{n}-{kind}")
                 rows.append(row)
-                print(f"  {opt} N={n:.0e}: on {row[True][0]:.2f} ms, off {row[False][0]:.2f} ms",
-                      flush=True)
+                print(f"  {opt} N={n:.0e}: " + ", ".join(f"{kind} {row[kind][0]:.2f} ms"
+                                                        for kind in KINDS), flush=True)
     return rows
 
 
@@ -133,13 +140,15 @@ def main() -> None:
     dev = device_only(sizes, optimizers, max(5, reps // 2))
     rt = round_trips(sizes, optimizers, reps, args.threads)
     print("\nRound trip (safetensors both ways, durability memory), median ms (p90):\n")
-    print("| optimizer | N | metrics on | metrics off | on - off | share of the round trip |")
-    print("|---|---|---|---|---|---|")
+    print("| optimizer | N | metrics on | on, `?metrics=history` | metrics off | on - off | "
+          "share of the round trip | history - off |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rt:
-        on, off = row[True], row[False]
+        on, hist, off = row["on"], row["history"], row["off"]
         print(f"| {row['optimizer']} | {row['n']:.0e} | {on[0]:.2f} ({on[1]:.2f}) | "
-              f"{off[0]:.2f} ({off[1]:.2f}) | {on[0] - off[0]:+.2f} | "
-              f"{100 * (on[0] - off[0]) / off[0]:+.1f}% |")
+              f"{hist[0]:.2f} ({hist[1]:.2f}) | {off[0]:.2f} ({off[1]:.2f}) | "
+              f"{on[0] - off[0]:+.2f} | {100 * (on[0] - off[0]) / off[0]:+.1f}% | "
+              f"{hist[0] - off[0]:+.2f} |")
     print("\nOn the device alone (in-process, same code), median ms:\n")
     print("| optimizer | N | optimizer.step() | metrics on the step's path (norms) | "
           "metrics / step | copy for the next step (after the answer) |")

@@ -379,8 +379,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         Through shared memory the step's norms do not travel in its answer
         (``metrics="history"``): the server takes them after answering, off the step's path,
         into the session's history (:meth:`Client.history`, ``optserve watch``, the web page).
-        Over HTTP they do (on one host, taking them while the answer's bytes go out was
-        slower: ``benchmarks/peers.py``)."""
+        Over HTTP they do (on one host, taking them while the answer's bytes go out made no
+        consistent difference)."""
         if self._optimizer_name == "LBFGS":
             first: float | None = self._lbfgs_step(closure)
             return first
