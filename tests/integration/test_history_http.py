@@ -303,3 +303,53 @@ def test_metrics_history_leaves_the_norms_out_of_the_answer_and_in_the_row(
         tol = 1e-6 if n < 1000 else 1e-4  # torch's float32 norm of 400,000 values
         assert math.isclose(row["update_norm.0"][0], upd, rel_tol=tol)
         assert math.isclose(row["grad_norm.0"][0], float(g.double().norm()), rel_tol=tol)
+
+
+def test_concurrent_history_only_steps_fill_every_row(http: httpx.Client) -> None:
+    """Four clients step one 1.6 MB session at once, each step with ``?metrics=history``: the
+    steps run on the device worker one after another, each taking its norms after its answer
+    and before the next step. Every row is then whole and belongs to its step: replaying the
+    gradients in the order of the versions the answers carried equals the server's parameters
+    bit for bit, and each row's update and parameter norms equal that replay's."""
+    n = 400_000
+    p0 = seeded((n,), 11)
+    sid = f"mhc-{uuid.uuid4().hex[:10]}"
+    r = http.post("/v1/sessions", json={"id": sid, "optimizer": "SGD",
+                                        "options": {"lr": 0.1, "momentum": 0.9},
+                                        "params": {"w": jt(p0)}})
+    assert r.status_code == 201, r.text
+    base = str(http.base_url).rstrip("/")
+
+    def client(c: int) -> list[tuple[int, int]]:
+        done = []
+        with httpx.Client(base_url=base, timeout=60) as mine:
+            for k in range(5):
+                g = seeded((n,), 1000 * c + k)
+                r = mine.post(f"/v1/sessions/{sid}/step?metrics=history&return=none",
+                              content=safetensors.torch.save({"w": g}),
+                              headers={"content-type": BINARY})
+                assert r.status_code == 200, r.text
+                assert "metrics" not in r.json()
+                done.append((r.json()["version"], 1000 * c + k))
+        return done
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        versions = sorted(v for part in pool.map(client, range(4)) for v in part)
+    assert [v for v, _ in versions] == list(range(1, 21))
+    local = p0.clone().requires_grad_(True)
+    opt = torch.optim.SGD([local], lr=0.1, momentum=0.9)
+    want_update, want_param = [], []
+    for _, seed in versions:
+        before = local.detach().clone()
+        local.grad = seeded((n,), seed)
+        opt.step()
+        want_update.append(float((local.detach() - before).double().norm()))
+        want_param.append(float(local.detach().double().norm()))
+    got = safetensors.torch.load(http.get(f"/v1/sessions/{sid}/params",
+                                          headers={"accept": BINARY}).content)["w"]
+    assert torch.equal(got, local.detach())
+    cols = http.get(f"/v1/sessions/{sid}/history").json()["columns"]
+    assert cols["n"] == list(range(1, 21)) and cols["version"] == list(range(1, 21))
+    for i in range(20):  # (float32 norms of 400,000 values)
+        assert math.isclose(cols["update_norm.0"][i], want_update[i], rel_tol=1e-4), i
+        assert math.isclose(cols["param_norm.0"][i], want_param[i], rel_tol=1e-4), i
