@@ -318,9 +318,11 @@ SCHEMAS: dict[str, Any] = {
     },
     "StepMetrics": {
         "type": "object", "required": ["n", "time", "groups", "nonfinite"],
-        "description": "This step's metrics (also its row in the session's history). Norms are "
-                       "L2, accumulated in float64 on the device; a session with metrics off "
-                       "has only lr per group. Non-finite values are {\"$float\": \"inf\"}.",
+        "description": "This step's metrics (also its row in the session's history; absent "
+                       "with ?metrics=history). Norms are L2, each tensor's taken in its own "
+                       "dtype on the device (as torch.nn.utils.clip_grad_norm_ takes them) and "
+                       "combined in Python floats; a session with metrics off has only lr per "
+                       "group. Non-finite values are {\"$float\": \"inf\"}.",
         "properties": {
             "n": {"type": "integer", "description": "the history row (steps of the session, "
                                                     "skipped ones included)"},
@@ -459,9 +461,11 @@ QUERY: dict[str, dict[str, Any]] = {
     "metrics": {
         "name": "metrics", "in": "query", "required": False,
         "description": "answer: the step's metrics (norms per group) in the answer; history: "
-                       "no metrics in the answer, the server takes the norms after answering "
-                       "(off the step's path) into the session's history, before any later "
-                       "operation on it (not for LBFGS sessions, whose steps answer with them)",
+                       "no metrics in the answer, and an async step of a session this server "
+                       "holds takes its norms after answering (off the step's path) into its "
+                       "history row, before any later operation on the session, a snapshot "
+                       "included (a sync round's step takes them before, as ever); ignored by "
+                       "LBFGS sessions",
         "schema": {"type": "string", "enum": ["answer", "history"], "default": "answer"}},
     "encoding": {
         "name": "encoding", "in": "query", "required": False,

@@ -161,7 +161,9 @@ class History:
 
     # ------------------------------------------------------------------ persistence
     def to_tree(self) -> dict[str, Any]:
-        cols = {name: torch.from_numpy(np.ascontiguousarray(self._ordered(col)))
+        """The ring for a snapshot: copies of its columns (a snapshot is encoded and written on
+        an I/O thread; it must not see a row being written)."""
+        cols = {name: torch.from_numpy(np.array(self._ordered(col)))
                 for name, col in self._cols.items()}
         return {"capacity": self.capacity, "next_n": self.next_n, "columns": cols}
 

@@ -97,7 +97,9 @@ async def _to_the_end(coro: Coroutine[Any, Any, T]) -> T:
 
     It starts at once, on the caller's turn of the event loop: one that ends without waiting
     (a small session's step, run inline) needs no task. At its first wait, what is left of it
-    becomes a task of its own, which the caller awaits through a shield."""
+    becomes a task of its own, which the caller awaits through a shield. So until its first
+    wait an operation runs in its caller's task and context: it must not set context variables
+    or start timeouts there (none does)."""
     try:
         waits_for = coro.send(None)
     except StopIteration as done:
@@ -140,6 +142,11 @@ class _Rest(Coroutine[Any, Any, Any]):
 
     def __await__(self) -> Generator[Any, None, Any]:
         return self  # (an iterator with send and throw, as a generator is)
+
+
+def _nothing() -> None:
+    """A job that only waits its turn on the device worker (behind what earlier jobs
+    deferred)."""
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:
@@ -1014,12 +1021,16 @@ class EmbeddedHost:
         return logged >= self.config.snapshot_every_mb * 2**20
 
     async def _snapshot(self, key: str, s: Session) -> None:
-        """Write the session's snapshot (the caller holds its lock: nothing changes it
-        meanwhile, so the encoding may reference its tensors)."""
+        """Write the session's snapshot (the caller holds its lock: no operation changes it
+        meanwhile, so the encoding may reference its tensors). First the device worker is
+        let finish what earlier jobs deferred (``worker.after_job``): the norms of a
+        ``?metrics=history`` step are filled into its history row there, outside the lock."""
         store = self._store
         if store is None or s.durability == "memory":
             return
         seq = s.seq
+        if self._worker.alive():  # (a dead worker runs nothing more)
+            await self._worker.run(_nothing, "snapshot")
 
         def write() -> None:
             parts = persist.encode_tree_parts(s.snapshot_tree(), persist.SNAPSHOT_KEY)

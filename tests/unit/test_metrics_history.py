@@ -19,6 +19,7 @@ import torch
 
 from app.engine import CreateSpec, Front, GroupSpec, embedded_engine, metrics
 from app.engine import host as host_module
+from app.engine import store as store_module
 from app.engine import worker as worker_module
 from app.engine.history import History, HistoryQuery, csv_text, downsample, jsonable
 from app.errors import Invalid
@@ -585,5 +586,58 @@ def test_history_only_rows_survive_a_restart_unchanged(tmp_path: Any, snapshot: 
     run(eng.start())
     try:
         assert _history_rows(eng, "r") == live
+    finally:
+        run(eng.stop())
+
+
+@pytest.mark.parametrize("when", ["after the step", "at stop"])
+def test_a_snapshot_waits_for_the_norms_taken_after_the_answer(
+        tmp_path: Any, when: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot right after a ``?metrics=history`` step (one every step, or the one a clean
+    stop takes) is written once the device worker has filled the row's norms, and from a copy
+    of the ring: the deferred fill is slowed down and the snapshot's write too (its checksum is
+    taken before its bytes go out). The restart restores the row with its norms, torch's, and
+    refuses nothing. Without the wait the row came back NaN, or the snapshot torn (a checksum
+    mismatch: the session refused at start)."""
+    monkeypatch.setattr(host_module, "INLINE_BYTES", -1)  # on the worker, as a large session
+    norms_into = metrics._norms_into
+
+    def slow_norms(s: Any, probe: Any, groups: Any) -> bool:
+        if threading.current_thread().name == "optserve-cpu":
+            time.sleep(0.1)
+        return norms_into(s, probe, groups)
+    monkeypatch.setattr(metrics, "_norms_into", slow_norms)
+    write_atomic = store_module.write_atomic
+
+    def slow_write(path: Any, parts: Any, *args: Any) -> None:
+        if path.name == "snapshot.bin":
+            time.sleep(0.3)
+        write_atomic(path, parts, *args)
+    monkeypatch.setattr(store_module, "write_atomic", slow_write)
+    p0, g = seeded((100,), 1), seeded((100,), 2)
+    local = p0.clone()
+    opt = torch.optim.SGD([local], lr=0.1)
+    local.grad = g
+    opt.step()
+    want_update = float(torch.linalg.vector_norm(p0 - local))
+    want_param = float(torch.linalg.vector_norm(local))
+    every = 1 if when == "after the step" else 1000
+    eng = embedded_engine("cpu", warm_up=False, data_dir=tmp_path, durability="interval",
+                          snapshot_every_steps=every)
+    run(eng.start())
+    try:
+        run(eng.create(CreateSpec("SGD", [GroupSpec({"w": p0.clone()})], options={"lr": 0.1},
+                                  id="snap")))
+        assert run(eng.step("snap", {"w": g}, return_params=False,
+                            answer_metrics=False)).metrics is None
+    finally:
+        run(eng.stop())
+    eng = embedded_engine("cpu", warm_up=False, data_dir=tmp_path, durability="interval")
+    run(eng.start())
+    try:
+        assert not run(eng.status()).refused
+        cols = run(eng.history("snap", HistoryQuery())).columns
+        close(cols["update_norm.0"][0], want_update, "update_norm")
+        close(cols["param_norm.0"][0], want_param, "param_norm")
     finally:
         run(eng.stop())
