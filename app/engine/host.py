@@ -144,6 +144,22 @@ class _Rest(Coroutine[Any, Any, Any]):
         return self  # (an iterator with send and throw, as a generator is)
 
 
+async def _finished_first(fut: asyncio.Future[T]) -> T:
+    """Await ``fut`` (work on another thread) to its end even when the caller is cancelled
+    meanwhile, and only then let the cancellation through: a caller that holds a session's
+    lock keeps it until the work it started there is done (a snapshot's write, cancelled with
+    the maintenance task at stop, must not overlap the snapshot ``stop`` then writes)."""
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            try:
+                await asyncio.wait([fut])
+            except asyncio.CancelledError:
+                continue
+        raise
+
+
 def _nothing() -> None:
     """A job that only waits its turn on the device worker (behind what earlier jobs
     deferred)."""
@@ -271,9 +287,15 @@ class EmbeddedHost:
         """Snapshot every session (so the next start replays nothing), then stop. Without
         ``snapshot`` the disk stays as the operations left it (what a crash leaves, minus the
         torn write: tests use it)."""
-        for task in (self._snapshotter, self._trimmer):
-            if task is not None:
-                task.cancel()
+        tasks = [task for task in (self._snapshotter, self._trimmer) if task is not None]
+        for task in tasks:
+            task.cancel()
+        # a snapshot or a repair they started ends first (_finished_first); tasks of another
+        # loop (a test's start and stop in two asyncio.run calls) cannot be waited for here
+        loop = asyncio.get_running_loop()
+        mine = [task for task in tasks if task.get_loop() is loop]
+        if mine:
+            await asyncio.wait(mine)
         await self._evaluations.abandon_all()
         await self._rounds.stop()
         if self._store is not None and self._worker.alive() and snapshot:
@@ -312,6 +334,10 @@ class EmbeddedHost:
 
     async def _in_io(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn)
+
+    async def _in_io_whole(self, fn: Callable[[], T]) -> T:
+        """:meth:`_in_io`, and a caller cancelled meanwhile waits for ``fn`` to end first."""
+        return await _finished_first(asyncio.get_running_loop().run_in_executor(self._io, fn))
 
     def _lock(self, key: str) -> asyncio.Lock:
         lock = self._locks.get(key)
@@ -1036,7 +1062,7 @@ class EmbeddedHost:
             parts = persist.encode_tree_parts(s.snapshot_tree(), persist.SNAPSHOT_KEY)
             store.write_snapshot(key, parts)
         try:
-            await self._in_io(write)
+            await self._in_io_whole(write)
         except OptserveError as exc:
             log.error("snapshot of %s failed: %s (its log still holds every operation)", key,
                       exc.detail)
@@ -1065,7 +1091,7 @@ class EmbeddedHost:
                         async with self._lock(key):
                             if self._sessions.get(key) is s:
                                 await self._snapshot(key, s)
-                await self._in_io(self._store.repair)
+                await self._in_io_whole(self._store.repair)
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let maintenance die

@@ -874,3 +874,63 @@ def test_refused_apply_whose_cut_fails(tmp_path: Path, monkeypatch: pytest.Monke
         await pair.stop()
         await pair.assert_restart_same(tmp_path)
     run(go())
+
+
+def test_stop_waits_for_the_snapshot_maintenance_is_writing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``stop`` cancels the maintenance task while its snapshot of a session is being written
+    on an I/O thread (a slow disk). The write ends before the session's lock is let go, so the
+    snapshot ``stop`` then takes is not written over it at the same time (one temp file, and
+    each write cuts the log after its rename); the restart restores the step and refuses
+    nothing."""
+    from app.engine import store as store_module
+    from app.engine.host import EmbeddedHost, HostConfig
+
+    active, most, guard = [0], [0], threading.Lock()
+    write_atomic = store_module.write_atomic
+
+    def slow_write(path: Path, parts: Sequence[Buffer], *args: Any) -> None:
+        if path.name != "snapshot.bin":
+            write_atomic(path, parts, *args)
+            return
+        with guard:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            time.sleep(0.5)
+            write_atomic(path, parts, *args)
+        finally:
+            with guard:
+                active[0] -= 1
+    monkeypatch.setattr(store_module, "write_atomic", slow_write)
+    p0, g = torch.zeros(10), torch.ones(10)
+    local = p0.clone()
+    opt = torch.optim.SGD([local], lr=0.1)
+    local.grad = g
+    opt.step()
+
+    async def first() -> None:
+        host = EmbeddedHost(HostConfig(device="cpu", warm_up=False, data_dir=tmp_path,
+                                       durability="interval", snapshot_every_s=0.01))
+        await host.start()
+        await host.create("t~a", CreateSpec("SGD", [GroupSpec({"w": p0.clone()})],
+                                            options={"lr": 0.1}, id="a"))
+        await host.step("t~a", {"w": g}, want_params=False)
+        deadline = time.monotonic() + 10
+        while active[0] == 0 and time.monotonic() < deadline:  # maintenance is writing
+            await asyncio.sleep(0.01)
+        assert active[0] == 1
+        await host.stop()
+
+    async def second() -> None:
+        eng = embedded_engine("cpu", warm_up=False, data_dir=tmp_path, durability="interval")
+        await eng.start()
+        try:
+            assert not (await eng.status()).refused
+            got = await eng.pull("a", None, tenant="t")
+            assert got.params is not None and torch.equal(got.params["w"], local)
+        finally:
+            await eng.stop()
+    asyncio.run(first())
+    assert most[0] == 1, f"{most[0]} snapshot writes of one session ran at once"
+    asyncio.run(second())

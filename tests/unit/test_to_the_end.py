@@ -121,3 +121,35 @@ def test_the_operations_own_cancellation_reaches_its_wait(when: str) -> None:
             await caller
     asyncio.run(go())
     assert seen == ["cancelled at its wait", "cleaned up"]
+
+
+def test_finished_first_lets_a_cancellation_through_only_after_the_work() -> None:
+    """``host._finished_first``: a caller cancelled (even twice) while work on another thread
+    runs gets its CancelledError only once that work has ended."""
+    import time
+
+    ended: list[str] = []
+
+    def work() -> int:
+        time.sleep(0.2)
+        ended.append("work")
+        return 5
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        assert await host._finished_first(loop.run_in_executor(None, work)) == 5
+
+        async def caller() -> None:
+            try:
+                await host._finished_first(loop.run_in_executor(None, work))
+            finally:
+                ended.append("caller")
+        task = asyncio.ensure_future(caller())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(go())
+    assert ended == ["work", "work", "caller"]
