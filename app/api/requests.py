@@ -14,6 +14,7 @@ import torch
 
 from app.api.bodies import only_keys, parse_json, tensor_map
 from app.engine.interface import CreateSpec, GroupSpec, ReturnParams, SessionInfo
+from app.engine.metrics import SHOWN
 from app.engine.placement import check_placement, check_resources
 from app.engine.shards import check_shards
 from app.errors import BadRequest, Invalid
@@ -300,7 +301,7 @@ class StepQuery:
             raise Invalid("params_dtype must be float16 or bfloat16", code="invalid_query",
                           field="params_dtype")
         shown = q.get("metrics", "answer")
-        if shown not in ("answer", "history"):
+        if shown not in SHOWN:
             raise Invalid("metrics must be answer (the step's norms in the answer) or history "
                           "(only in the session's history, taken after the answer)",
                           code="invalid_query", field="metrics")

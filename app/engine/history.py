@@ -121,9 +121,12 @@ class History:
             self._cols["n"] = np.full(size, np.nan)
         self._size, self._start, self._count = size, 0, keep
 
-    def _ordered(self, col: np.ndarray) -> np.ndarray:
+    def _ordered(self, col: np.ndarray, copy: bool = False) -> np.ndarray:
+        """``col``'s rows oldest first: a view when the ring has not wrapped (unless ``copy``),
+        else a new array."""
         if self._start + self._count <= self._size:
-            return col[self._start:self._start + self._count]
+            view = col[self._start:self._start + self._count]
+            return view.copy() if copy else view
         return np.concatenate((col[self._start:], col[:(self._start + self._count) % self._size]))
 
     def resize(self, capacity: int) -> None:
@@ -163,7 +166,7 @@ class History:
     def to_tree(self) -> dict[str, Any]:
         """The ring for a snapshot: copies of its columns (a snapshot is encoded and written on
         an I/O thread; it must not see a row being written)."""
-        cols = {name: torch.from_numpy(np.array(self._ordered(col)))
+        cols = {name: torch.from_numpy(self._ordered(col, copy=True))
                 for name, col in self._cols.items()}
         return {"capacity": self.capacity, "next_n": self.next_n, "columns": cols}
 

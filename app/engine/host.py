@@ -160,11 +160,6 @@ async def _finished_first(fut: asyncio.Future[T]) -> T:
         raise
 
 
-def _nothing() -> None:
-    """A job that only waits its turn on the device worker (behind what earlier jobs
-    deferred)."""
-
-
 def _retrieved(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()  # an abandoned operation's failure is its own (already logged)
@@ -1048,18 +1043,19 @@ class EmbeddedHost:
 
     async def _snapshot(self, key: str, s: Session) -> None:
         """Write the session's snapshot (the caller holds its lock: no operation changes it
-        meanwhile, so the encoding may reference its tensors). First the device worker is
-        let finish what earlier jobs deferred (``worker.after_job``): the norms of a
-        ``?metrics=history`` step are filled into its history row there, outside the lock."""
+        meanwhile, so the encoding may reference its tensors). Its tree is taken on the device
+        worker, as every read of a session is: after what earlier jobs deferred there
+        (``worker.after_job``: the norms of a ``?metrics=history`` step are filled into its
+        history row outside the lock)."""
         store = self._store
         if store is None or s.durability == "memory":
             return
         seq = s.seq
-        if self._worker.alive():  # (a dead worker runs nothing more)
-            await self._worker.run(_nothing, "snapshot")
+        tree = (await self._worker.run(s.snapshot_tree, "snapshot") if self._worker.alive()
+                else s.snapshot_tree())  # (a dead worker runs nothing more)
 
         def write() -> None:
-            parts = persist.encode_tree_parts(s.snapshot_tree(), persist.SNAPSHOT_KEY)
+            parts = persist.encode_tree_parts(tree, persist.SNAPSHOT_KEY)
             store.write_snapshot(key, parts)
         try:
             await self._in_io_whole(write)

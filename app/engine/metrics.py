@@ -41,7 +41,6 @@ import itertools
 import logging
 import math
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +60,9 @@ MAX_SCALARS = 16
 MAX_SCALAR_NAME = 64
 #: the per-group norms a probe gives (beside ``lr``)
 NORMS = ("grad_norm", "update_norm", "param_norm", "update_ratio")
+#: where a step's norms go (``?metrics=``, the same-host message's ``metrics``): into the
+#: answer and the history, or only into the history (taken after the answer)
+SHOWN = ("answer", "history")
 
 
 @dataclass
@@ -120,9 +122,7 @@ class StepMetrics:
             row["staleness"] = self.staleness
         if self.workers is not None:
             row["workers"] = len(self.workers)
-        for i, g in enumerate(self.groups):
-            for k, v in g.items():
-                row[f"{k}.{i}"] = v
+        row.update(group_columns(self.groups))
         for k, v in self.scalars.items():
             row[f"scalars.{k}"] = v
         return row
@@ -303,26 +303,30 @@ def after_step(s: Session, probe: Probe | None, lrs: list[float], nonfinite: int
     return groups
 
 
+def group_columns(groups: list[dict[str, float]]) -> dict[str, float]:
+    """Per-group values as history columns: ``{"lr.0": ..., "grad_norm.1": ...}``."""
+    return {f"{k}.{i}": v for i, g in enumerate(groups) for k, v in g.items()}
+
+
 def pending(lrs: list[float]) -> list[dict[str, float]]:
     """Per group: lr, and NaN for the norms :func:`after_answer` fills in later (the row has
     their columns from the start)."""
     return [{"lr": lr, **dict.fromkeys(NORMS, math.nan)} for lr in lrs]
 
 
-def after_answer(s: Session, probe: Probe, lrs: list[float],
-                 fill: Callable[[list[dict[str, float]]], None]) -> None:
+def after_answer(s: Session, probe: Probe, lrs: list[float], n: int | None) -> None:
     """The norms of a step whose answer does not carry them (``?metrics=history``): taken on
     the device worker once the answer has been handed over (``worker.after_job``: before any
     later operation, a history query included, so that no one sees the row without them),
-    then ``fill(groups)`` writes them into the step's history row, and the copy for the next
-    step is taken. A step that runs inline (a small session, on the event loop's thread) takes
-    them now. The values are those :func:`after_step` would take: the same tensors (nothing
-    changes the parameters before the next job), the same torch calls."""
+    then written into the step's history row ``n`` (None: it has none), and the copy for the
+    next step is taken. A step that runs inline (a small session, on the event loop's thread)
+    takes them now. The values are those :func:`after_step` would take: the same tensors
+    (nothing changes the parameters before the next job), the same torch calls."""
 
     def finish() -> None:
         groups: list[dict[str, float]] = [{"lr": lr} for lr in lrs]
-        if _norms_into(s, probe, groups):
-            fill(groups)
+        if _norms_into(s, probe, groups) and n is not None:
+            s.history.fill(n, group_columns(groups))
         if deferred and probe.layout is not None:
             take_ahead(s, probe.layout)
 

@@ -49,7 +49,7 @@ import torch
 
 from app.api.conditions import body_digest
 from app.api.requests import step_options
-from app.engine import ps
+from app.engine import metrics, ps
 from app.engine.idempotency import check_key
 from app.engine.interface import Engine, IdemKey, SessionInfo, json_floats
 from app.engine.session import check_session_id
@@ -476,7 +476,7 @@ class _Connection(threading.Thread):
                           field="return")
         want = returned == "params"
         shown = m.get("metrics", "answer")
-        if shown not in ("answer", "history"):
+        if shown not in metrics.SHOWN:
             raise Invalid("metrics must be \"answer\" or \"history\"", code="invalid_message",
                           field="metrics")
         key = _text(m, "idempotency_key", check_key)

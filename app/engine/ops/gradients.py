@@ -179,21 +179,14 @@ class Step(Operation):
             found = self._record(s, plan, metrics.after_step(s, probe, used_lrs, bad), bad)
         else:
             found = self._record(s, plan, metrics.pending(used_lrs), bad)
-            n = found.n if found is not None else None
-            metrics.after_answer(s, probe, used_lrs,
-                                 lambda groups: self._fill(s, n, groups))
+            metrics.after_answer(s, probe, used_lrs, found.n if found is not None else None)
         return StepResult(s.version, s.step_count, s.lrs(), nonfinite=plan.nonfinite,
                           staleness=plan.staleness, metrics=self._answered(found))
 
     def _answered(self, found: metrics.StepMetrics | None) -> dict[str, Any] | None:
+        """The answer's ``metrics``: none for ``?metrics=history`` (its row's norms are still
+        NaN here; the idempotency table keeps the answer as given)."""
         return found.to_json() if found is not None and self.answer_metrics else None
-
-    @staticmethod
-    def _fill(s: Session, n: int | None, groups: list[dict[str, float]]) -> None:
-        """The norms taken after the answer, into the step's history row ``n``."""
-        if n is not None:
-            s.history.fill(n, {f"{k}.{i}": v for i, g in enumerate(groups)
-                               for k, v in g.items() if k != "lr"})
 
     def _record(self, s: Session, plan: StepPlan, groups: list[dict[str, float]],
                 nonfinite: int, skipped: bool = False) -> metrics.StepMetrics | None:

@@ -443,7 +443,8 @@ def step(
         if not isinstance(worker, str) or not worker:
             raise ValueError(f"worker must be a non-empty string, got {worker!r}")
         headers[WORKER_HEADER] = worker
-    query.extend(metrics_query(metrics))
+    if history_only(metrics):
+        query.append(("metrics", "history"))
     # A sync-round push waits for the other workers; the server's round timeout bounds it.
     wait_s = None if worker is not None else 0.0
     if return_params == "touched":
@@ -458,11 +459,12 @@ def step(
                    idempotent=False, headers=headers, wait_s=wait_s)
 
 
-def metrics_query(metrics: str) -> list[tuple[str, str]]:
-    """``?metrics=history`` (nothing for the default, ``answer``)."""
+def history_only(metrics: str) -> bool:
+    """Whether a step's ``metrics`` choice leaves its norms to the history (``"history"``)
+    rather than the answer (``"answer"``, the default)."""
     if metrics not in ("answer", "history"):
         raise ValueError(f"metrics must be 'answer' or 'history', got {metrics!r}")
-    return [("metrics", "history")] if metrics == "history" else []
+    return metrics == "history"
 
 
 def scalars_json(scalars: Mapping[str, float]) -> dict[str, float]:

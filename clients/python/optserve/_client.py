@@ -142,7 +142,7 @@ class Client(SyncAPIClient):
                                               param_groups=changes, key=key,
                                               scalars=_api.scalars_json(scalars)
                                               if scalars else None,
-                                              history_only=bool(_api.metrics_query(metrics)))
+                                              history_only=_api.history_only(metrics))
             except LocalUnavailable:
                 if self.transport == "local":
                     raise
