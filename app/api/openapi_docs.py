@@ -432,6 +432,12 @@ HEADERS: dict[str, dict[str, Any]] = {
         "schema": {"type": "string", "example": '"5"'}},
 }
 # Query parameters the routes read themselves.
+#: every query parameter a step takes (``encoding``: ``bodies.tensor_encoding``; ``timeout_s``:
+#: an LBFGS step's, ``evaluations``): ``requests.StepQuery`` refuses any other, or one given
+#: twice, with a 422
+STEP_QUERY = ("return", "base_version", "encoding", "upcast", "params_dtype", "metrics",
+              "timeout_s")
+
 QUERY: dict[str, dict[str, Any]] = {
     "return": {
         "name": "return", "in": "query", "required": False,
@@ -565,8 +571,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("patch", S): Op("configureSession", "PsOptions", ok="Session", versioned=True),
     ("post", f"{S}/step"): Op("step", "StepBody", body_binary=True, ok="StepResult",
                               ok_binary=True, versioned=True,
-                              query=("return", "base_version", "encoding", "upcast",
-                                     "params_dtype", "metrics", "timeout_s"),
+                              query=STEP_QUERY,
                               headers=("X-Optserve-Worker", "If-Match")),
     ("post", f"{S}/grads"): Op("pushGrads", "Grads", body_binary=True, ok="Version",
                                versioned=True, query=("upcast",)),

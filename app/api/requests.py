@@ -13,6 +13,7 @@ import orjson
 import torch
 
 from app.api.bodies import only_keys, parse_json, tensor_map
+from app.api.openapi_docs import STEP_QUERY
 from app.engine.interface import CreateSpec, GroupSpec, ReturnParams, SessionInfo
 from app.engine.metrics import SHOWN
 from app.engine.placement import check_placement, check_resources
@@ -271,7 +272,8 @@ _BOOLS = {"true": True, "1": True, "yes": True, "on": True,
 class StepQuery:
     """The step's query string, read by hand (the step route solves no FastAPI dependencies):
     ``return`` (params | none | touched), ``base_version`` (an integer >= 0), ``upcast`` (a
-    boolean), ``params_dtype`` (float16 | bfloat16), ``metrics`` (answer | history)."""
+    boolean), ``params_dtype`` (float16 | bfloat16), ``metrics`` (answer | history); each at
+    most once, and no other name but those of :data:`STEP_QUERY`."""
 
     return_params: ReturnParams = True
     base_version: int | None = None
@@ -285,6 +287,15 @@ class StepQuery:
         if not request.scope.get("query_string"):
             return cls()
         q = request.query_params
+        seen: set[str] = set()
+        for name, _ in q.multi_items():
+            if name not in STEP_QUERY:
+                raise Invalid(f"{name!r:.60} is not a query parameter of the step (it takes "
+                              f"{', '.join(STEP_QUERY)})", code="invalid_query", field=name[:60])
+            if name in seen:
+                raise Invalid(f"{name} is given more than once", code="invalid_query",
+                              field=name)
+            seen.add(name)
         ret = q.get("return", "params")
         if ret not in ("params", "none", "touched"):
             raise Invalid("return must be params, none or touched", code="invalid_query",

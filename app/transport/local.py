@@ -489,8 +489,10 @@ class _Connection(threading.Thread):
         idem = None
         if key is not None:
             digest = binding.digest(names, grads)
-            meta = orjson.dumps({k: m.get(k) for k in ("base_version", "worker",
-                                                       "param_groups", "scalars")}).decode()
+            # what the step is asked to do and to answer, as the HTTP fingerprint's query
+            meta = orjson.dumps({**{k: m.get(k) for k in ("base_version", "worker",
+                                                          "param_groups", "scalars")},
+                                 "return": returned, "metrics": shown}).decode()
             idem = IdemKey(key, f"local step {binding.session_id} {meta} {digest}")
         options = step_options(m.get("param_groups"))
         result = self.transport.call(self.transport.engine.step(

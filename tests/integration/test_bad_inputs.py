@@ -247,7 +247,7 @@ class Case:
     code: str
     field: str | None
     headers: dict[str, str] = field(default_factory=lambda: dict(JSON_CT))
-    params: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] | list[tuple[str, str]] = field(default_factory=dict)
     detail: str | None = None
 
 
@@ -351,6 +351,12 @@ STEP_CASES = [
          params={"return": "bogus"}),
     Case("encoding-bogus", _grads(w=jt(G1["w"])), 422, "invalid_query", "encoding",
          params={"encoding": "hex"}),
+    Case("query-misspelt", _grads(w=jt(G1["w"])), 422, "invalid_query", "retrun",
+         params={"retrun": "none"}),
+    Case("query-twice", _grads(w=jt(G1["w"])), 422, "invalid_query", "metrics",
+         params=[("metrics", "history"), ("metrics", "answer")]),
+    Case("query-twice-same", _grads(w=jt(G1["w"])), 422, "invalid_query", "return",
+         params=[("return", "none"), ("return", "none")]),
 ]
 
 # --------------------------------------------------------------------------- step: safetensors
@@ -423,7 +429,7 @@ def test_step_rejects(sess: Sess, case: Case) -> None:
 
 @pytest.mark.parametrize("case", [c for c in STEP_CASES + ST_CASES
                                   if c.code not in ("not_acceptable", "invalid")
-                                  and c.id not in ("encoding-bogus", "return-bogus")],
+                                  and not c.params],  # the step's query cases
                          ids=lambda c: c.id)
 def test_grads_push_rejects(sess: Sess, case: Case) -> None:
     """POST .../grads reads the same bodies: the same refusals, and nothing accumulated."""

@@ -461,3 +461,34 @@ def test_history_only_metrics_over_shared_memory(keyed_server: str) -> None:
         # torch's float32 norm of 312,000 values against a float64 one
         assert math.isclose(last["update_norm.0"][0], float((want - before).double().norm()),
                             rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("change", [{"metrics": "history"}, {"return": "none"}])
+def test_a_retry_that_changes_what_the_step_answers_is_a_reused_key(
+        keyed_server: str, change: dict[str, object]) -> None:
+    """A socket step's idempotency key covers what it is asked to answer, as an HTTP step's
+    query does: the same message again is answered, not applied again; the same key with
+    another ``metrics`` or ``return`` is a 422 ``idempotency_key_reused`` and applies
+    nothing. The slot holds zeros (the segment's fresh bytes): Adam still steps."""
+    p0 = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    with optserve.Client(keyed_server, api_key=KEY_A, transport="http") as a:
+        sid = a.create_session(optimizer="Adam", options={"lr": 1e-2}, params={"x": p0}).id
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(socket_path(keyed_server))
+        assert frames(s, {"op": "hello", "key": KEY_A})["ok"] is True
+        bound = frames(s, {"op": "bind", "session": sid})
+        step = {"op": "step", "binding": bound["binding"], "grads": ["x"],
+                "idempotency_key": "k-1"}
+        first = frames(s, step)
+        assert first["ok"] is True and first["version"] == 1, first
+        again = frames(s, step)
+        assert again["ok"] is True and again["version"] == 1, again
+        other = frames(s, {**step, **change})
+        problem = other.get("problem")
+        assert other["ok"] is False and isinstance(problem, dict), other
+        assert (problem["status"], problem["code"]) == (422, "idempotency_key_reused")
+    with optserve.Client(keyed_server, api_key=KEY_A, transport="http") as a:
+        assert a.get_session(sid).version == 1
+        out = a.step(sid, {"x": torch.zeros(8)})
+        assert out.version == 2 and out.params is not None
+        assert torch.equal(out.params["x"], local_adam(p0, [torch.zeros(8)] * 2))
