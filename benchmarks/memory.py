@@ -2,6 +2,7 @@
 against the budget of 1.2x (parameters + optimizer state + one gradient buffer).
 
     python -m benchmarks.memory --n 1e7 --steps 15
+    python -m benchmarks.memory --n 1e7 --options '{"lr": 1e-3, "fused": true}' --no-metrics
 
 Starts the server as ``scripts/serve`` does (``python -m app``, ``OPTSERVE_TORCH_THREADS=1``,
 durability ``memory`` unless ``--durability``), reads its ``VmRSS``/``VmHWM`` from ``/proc``,
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import statistics
 import sys
 import tempfile
@@ -56,8 +58,15 @@ def main() -> None:
                         help="RSS above idle after each step, and the heap's own RSS")
     parser.add_argument("--rest-s", type=float, default=5.0,
                         help="seconds at rest after the steps before the last reading")
+    parser.add_argument("--options", default='{"lr": 1e-3}',
+                        help="the Adam session's options, JSON (e.g. with \"fused\": true, "
+                             "torch's fused CPU kernel, which takes no N-sized temporaries)")
+    parser.add_argument("--no-metrics", action="store_true",
+                        help="create the session with \"metrics\": false (no buffer for the "
+                             "update norm)")
     args = parser.parse_args()
     n = int(float(args.n))
+    options = json.loads(args.options)
     port = free_port()
     env = {"OPTSERVE_PORT": str(port), "OPTSERVE_TORCH_THREADS": "1",
            "OPTSERVE_DURABILITY": args.durability,
@@ -72,7 +81,7 @@ def main() -> None:
         idle, _ = memory_mb(pid)
         p0 = torch.zeros(n)
         r = c.post("/v1/sessions", json={
-            "optimizer": "Adam", "options": {"lr": 1e-3},
+            "optimizer": "Adam", "options": options, "metrics": not args.no_metrics,
             "params": {"p": {"dtype": "float32", "shape": [n],
                              "b64": base64.b64encode(p0.numpy().tobytes()).decode()}}})
         r.raise_for_status()
@@ -94,11 +103,14 @@ def main() -> None:
         time.sleep(args.rest_s)  # the server gives back free heap pages once idle
         rss, hwm = memory_mb(pid)
     budget = 4 * n * 4 / 2**20  # params + exp_avg + exp_avg_sq + one gradient, float32
+    print(f"options {json.dumps(options)}, metrics {'off' if args.no_metrics else 'on'}")
     print("| N | steps | idle RSS MB | above idle after the last step MB | above idle at rest "
-          "MB | peak above idle MB | params+state+grad MB | at rest / that | median step ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "MB | peak above idle MB | params+state+grad MB | after the last step / that | "
+          "at rest / that | peak / that | median step ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {n:.0e} | {args.steps} | {idle:.0f} | {stepping - idle:.0f} | {rss - idle:.0f} | "
-          f"{hwm - idle:.0f} | {budget:.0f} | {(rss - idle) / budget:.2f} | "
+          f"{hwm - idle:.0f} | {budget:.0f} | {(stepping - idle) / budget:.2f} | "
+          f"{(rss - idle) / budget:.2f} | {(hwm - idle) / budget:.2f} | "
           f"{statistics.median(times) * 1e3:.1f} |")
 
 
