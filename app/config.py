@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.engine.chunked import DEFAULT_CHUNK
+
 ENV_PREFIX = "OPTSERVE_"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]{1,3})?)$")
 #: the exit code of a process that refuses its configuration (as sysexits' EX_USAGE family)
@@ -67,6 +69,10 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         default=0, ge=0, description="torch intra-op threads on the worker (0: torch's default)"
     )
+    step_chunk: int = Field(
+        default=DEFAULT_CHUNK, ge=0,
+        description="CPU steps of elementwise optimizers (Adam, SGD, ...) take parameters larger "
+        "than this many elements chunk by chunk (the same values, cache-sized passes; 0: never)")
     default_nonfinite: Literal["reject", "skip", "allow"] = "reject"
     data_dir: Path = Field(default=Path("data"), description="where sessions are persisted")
     durability: Literal["step", "interval", "memory"] = Field(

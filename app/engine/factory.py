@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from app.engine.chunked import DEFAULT_CHUNK
 from app.engine.directory import Directory
 from app.engine.front import Front, Limits
 from app.engine.host import EmbeddedHost, HostConfig
@@ -24,6 +25,7 @@ def make_engine(settings: Any, observer: Observer | None = None) -> Front:
     return embedded_engine(
         settings.device,
         torch_threads=settings.torch_threads,
+        step_chunk=settings.step_chunk,
         default_nonfinite=settings.default_nonfinite,
         data_dir=settings.data_dir,
         durability=settings.durability,
@@ -45,6 +47,7 @@ def embedded_engine(
     device: str = "auto",
     *,
     torch_threads: int = 0,
+    step_chunk: int = DEFAULT_CHUNK,
     default_nonfinite: NonFinitePolicy = "reject",
     data_dir: Path | None = None,
     durability: Durability = "memory",
@@ -64,7 +67,8 @@ def embedded_engine(
     """The embedded engine: sessions in this process, one worker thread for the device (a
     sharded session's shards too; their layouts in ``<data_dir>/directory``)."""
     host = EmbeddedHost(HostConfig(
-        device=device, torch_threads=torch_threads, default_nonfinite=default_nonfinite,
+        device=device, torch_threads=torch_threads, step_chunk=step_chunk,
+        default_nonfinite=default_nonfinite,
         data_dir=data_dir, durability=durability, snapshot_every_steps=snapshot_every_steps,
         snapshot_every_s=snapshot_every_s, snapshot_every_mb=snapshot_every_mb,
         fsync_interval_s=fsync_interval_s, idempotency_window=idempotency_window, files=files,

@@ -41,7 +41,8 @@ from typing import Any, TypeVar, cast
 
 import torch
 
-from app.engine import metrics, optimizers, persist, ps, sparse, state_dicts
+from app.engine import chunked, metrics, optimizers, persist, ps, sparse, state_dicts
+from app.engine.chunked import DEFAULT_CHUNK
 from app.engine.evaluations import Evaluations
 from app.engine.history import HistoryQuery, HistoryResult, expand_fields
 from app.engine.idle import POLL_S, IdleClock, short_of_memory
@@ -213,6 +214,8 @@ def resolve_device(setting: str) -> torch.device:
 class HostConfig:
     device: str = "auto"
     torch_threads: int = 0
+    #: CPU steps take parameters larger than this chunk by chunk (``app.engine.chunked``)
+    step_chunk: int = DEFAULT_CHUNK
     default_nonfinite: NonFinitePolicy = "reject"
     data_dir: Path | None = None
     durability: Durability = "memory"
@@ -242,6 +245,7 @@ class EmbeddedHost:
         self._device = resolve_device(config.device)
         self.device = str(self._device)
         self._worker = DeviceWorker(self._device, config.torch_threads, observer)
+        chunked.configure(config.step_chunk)
         self._store = (Store(config.data_dir, config.fsync_interval_s, config.files)
                        if config.data_dir is not None else None)
         self._default_durability: Durability = (config.durability if self._store is not None

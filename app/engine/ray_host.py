@@ -63,6 +63,7 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
+from app.engine.chunked import DEFAULT_CHUNK
 from app.engine.directory import Directory
 from app.engine.front import Front, Limits
 from app.engine.host import EmbeddedHost, HostConfig
@@ -249,6 +250,7 @@ class HostActor:
         root = Path(c["root"])
         host = EmbeddedHost(HostConfig(
             device=c["device"], torch_threads=c["torch_threads"],
+            step_chunk=c.get("step_chunk", DEFAULT_CHUNK),
             default_nonfinite=c["default_nonfinite"], data_dir=root,
             durability=c["durability"], snapshot_every_steps=c["snapshot_every_steps"],
             snapshot_every_s=c["snapshot_every_s"],
@@ -975,6 +977,7 @@ def ray_options(settings: Any) -> RayOptions:
               "snapshot_every_mb": settings.snapshot_every_mb,
               "fsync_interval_s": settings.fsync_interval_ms / 1000,
               "idempotency_window": settings.idempotency_window,
+              "step_chunk": settings.step_chunk,
               "warm_up": settings.warm_up})
 
 

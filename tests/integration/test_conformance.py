@@ -11,6 +11,7 @@ import copy
 import itertools
 import re
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ import pytest
 import torch
 from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
+from app.engine import chunked
 from tests.conftest import ENGINES
 from tests.torch_reference import (
     Reference,
@@ -456,3 +458,22 @@ def test_untravelable_options_are_refused(http: httpx.Client, cls: type[torch.op
     assert re.match(r"betas\[\d\] must be a number", problem["detail"]), problem
     assert problem["field"].startswith("options.betas")
     assert session_ids(http) == before
+
+
+# ----------------------------------------------------------------------------- chunked steps
+@pytest.fixture
+def small_chunks(http: httpx.Client) -> Iterator[None]:
+    """The embedded server in this process steps parameters of more than 5 elements chunk by
+    chunk (``app.engine.chunked``; the weight [4, 3] in chunks of 5, 5 and 2)."""
+    chunked.configure(5, smallest=6)
+    yield
+    chunked.configure(chunked.DEFAULT_CHUNK)
+
+
+@pytest.mark.parametrize(("cls", "oi"), [c for c in CONFIGS
+                                         if c.values[0].__name__ in chunked.ELEMENTWISE])
+def test_optimizer_config_stepped_in_chunks(small_chunks: None, http: httpx.Client,
+                                            cls: type[torch.optim.Optimizer], oi: Any) -> None:
+    """Every elementwise config again, its parameters stepped in chunks of odd sizes: the same
+    values, exports and imports as torch's whole step."""
+    test_optimizer_config(http, cls, oi)

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.engine import metrics, ps, schedulers, sparse
+from app.engine import chunked, metrics, ps, schedulers, sparse
 from app.engine.interface import GradsResult, StepResult, Tensors
 from app.engine.ops.base import ApplyFailed, Operation, register
 from app.engine.ops.params import check_group_changes
@@ -157,7 +157,7 @@ class Step(Operation):
             if plan.lr_div is not None:
                 for group in groups:
                     group["lr"] = group["lr"] / plan.lr_div
-            s.optimizer.step()
+            chunked.step(s.optimizer, s.optimizer_name)
         except BaseException as exc:
             raise ApplyFailed(f"optimizer.step() raised {type(exc).__name__}: {exc}") from exc
         finally:

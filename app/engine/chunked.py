@@ -1,0 +1,201 @@
+"""Large parameters stepped in cache-sized chunks, by the session's own torch optimizer.
+
+On a CPU, torch's single-tensor optimizers (its default there) run each of their elementwise
+operations over a whole parameter before the next one: Adam over 1e7 float32 values makes
+about eight passes over 40 MB tensors, each from memory, and allocates two 40 MB temporaries
+(``exp_avg_sq.sqrt() / bias_correction2_sqrt``). The same optimizer stepped over the
+parameter's chunks, one chunk after the other, keeps a chunk's tensors in the cache between
+its passes and makes chunk-sized temporaries.
+
+The values are bitwise those of the whole step, for the optimizers in :data:`ELEMENTWISE`:
+each updates every element from the same element of the parameter, its gradient and its
+state tensors, and from per-parameter scalars (the step count, NAdam's ``mu_product``,
+ASGD's ``eta`` and ``mu``) that are equal for every chunk of one parameter. Each element goes
+through the same kernels with the same inputs. (A kernel's vectorised body and its scalar
+tail must agree for that, as they must for torch's own results not to depend on its thread
+count; ``test_chunked_steps`` checks it on the machine that runs the tests, with chunks of
+odd sizes that put elements in the tails.)
+
+How: :func:`step` swaps each group's ``params`` for a list in which every large parameter
+(of at least :data:`SMALLEST_IN_CHUNKS` chunks, contiguous, with a dense contiguous
+gradient of its shape) is replaced by views of its chunks, and gives each chunk a state
+entry of its own: views of the parameter's state tensors (torch updates them in place, so
+the whole tensors change) and a copy of each 0-dim tensor (each chunk counts its own step).
+``optimizer.step()`` then runs as ever, with the groups' options as they are (a scheduler's
+lr, a step's option changes). Afterwards the groups get their own lists back; every chunk's
+0-dim state must agree, and is copied into the parameter's; a state tensor torch replaced
+instead of updating in place is copied into its slice (or, where the parameter had none,
+the chunks' are joined).
+
+Not chunked (the whole step as before): other optimizers (Adafactor and Muon treat a
+matrix as one; LBFGS and SparseAdam step elsewhere), ``foreach``/``fused`` groups (their
+kernels take every tensor at once already), non-CPU devices, sparse gradients, and a step
+in which some large parameter has no state yet (its first step makes it whole).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+ELEMENTWISE = frozenset({
+    "Adadelta", "Adagrad", "Adam", "Adamax", "AdamW", "ASGD", "NAdam", "RAdam", "RMSprop",
+    "Rprop", "SGD",
+})
+#: elements per chunk: 1 MiB of float32 per tensor (Adam's five tensors of a chunk and its
+#: two temporaries stay within a CPU's L2 + L3)
+DEFAULT_CHUNK = 1 << 18
+
+#: parameters are chunked from this many chunks on: below it (8 MiB of float32 per tensor
+#: at the default) a parameter's tensors stay in a CPU's L3 cache between passes anyway, and
+#: the chunks' own costs (a Python loop of torch calls per chunk) would outweigh the gain
+SMALLEST_IN_CHUNKS = 8
+
+_size = DEFAULT_CHUNK
+_smallest = SMALLEST_IN_CHUNKS * DEFAULT_CHUNK
+
+
+def configure(elements: int, smallest: int | None = None) -> None:
+    """Step parameters of at least ``smallest`` elements (default: :data:`SMALLEST_IN_CHUNKS`
+    chunks) in chunks of ``elements`` (0: never). Process-wide, as torch's thread count is:
+    the server sets it once from ``OPTSERVE_STEP_CHUNK``; tests force small odd chunks."""
+    global _size, _smallest
+    if elements < 0:
+        raise ValueError("the step chunk must be >= 0 elements")
+    _size = elements
+    _smallest = SMALLEST_IN_CHUNKS * elements if smallest is None else smallest
+
+
+@dataclass
+class _Split:
+    param: torch.Tensor
+    views: list[torch.Tensor]
+    bounds: list[tuple[int, int]]
+    #: per chunk: the state entry handed to torch, and the tensors in it that are views
+    states: list[dict[str, Any]] = field(default_factory=list)
+    installed: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+def step(opt: torch.optim.Optimizer, name: str) -> None:
+    """``opt.step()``, its large parameters stepped chunk by chunk where that gives the same
+    values (see the module's docstring)."""
+    splits = _plan(opt, name, _size, _smallest)
+    if not splits:
+        opt.step()
+        return
+    saved = [group["params"] for group in opt.param_groups]
+    by_param = {id(sp.param): sp for sp in splits}
+    try:
+        for group in opt.param_groups:
+            swapped: list[torch.Tensor] = []
+            for p in group["params"]:
+                sp = by_param.get(id(p))
+                swapped.extend([p] if sp is None else sp.views)
+            group["params"] = swapped
+        for sp in splits:
+            _hand_out(opt, sp)
+        opt.step()
+        for sp in splits:
+            _take_back(opt, sp)
+    finally:
+        for group, params in zip(opt.param_groups, saved, strict=True):
+            group["params"] = params
+        for sp in splits:
+            for view in sp.views:
+                opt.state.pop(view, None)
+
+
+def _plan(opt: torch.optim.Optimizer, name: str, chunk: int, smallest: int = 0
+          ) -> list[_Split]:
+    if chunk <= 0 or name not in ELEMENTWISE:
+        return []
+    if any(group.get("foreach") or group.get("fused") for group in opt.param_groups):
+        return []
+    splits: list[_Split] = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is None or p.numel() <= chunk or p.numel() < smallest:
+                continue
+            if (p.device.type != "cpu" or not p.is_contiguous() or p.is_complex()
+                    or g.layout != torch.strided or not g.is_contiguous()
+                    or g.shape != p.shape or g.device != p.device):
+                return []
+            state = opt.state.get(p)
+            if not state or not all(_splittable(v, p) for v in state.values()):
+                return []  # its first step (torch makes the state), or state of another form
+            flat, flat_grad = p.view(-1), g.view(-1)
+            bounds = [(a, min(a + chunk, p.numel())) for a in range(0, p.numel(), chunk)]
+            views = []
+            for a, b in bounds:
+                view = flat[a:b]
+                view.grad = flat_grad[a:b]
+                views.append(view)
+            splits.append(_Split(p, views, bounds))
+    return splits
+
+
+def _splittable(value: Any, p: torch.Tensor) -> bool:
+    """A state value :func:`step` can hand to chunks: a tensor of the parameter's shape
+    (contiguous, on its device), a 0-dim tensor, or a plain value (None, a number)."""
+    if not isinstance(value, torch.Tensor):
+        return True
+    if value.dim() == 0:
+        return True
+    return (value.shape == p.shape and value.is_contiguous() and value.device == p.device
+            and value.layout == torch.strided)
+
+
+def _hand_out(opt: torch.optim.Optimizer, sp: _Split) -> None:
+    whole = opt.state[sp.param]
+    for (a, b), view in zip(sp.bounds, sp.views, strict=True):
+        entry: dict[str, Any] = {}
+        installed: dict[str, torch.Tensor] = {}
+        for key, value in whole.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                entry[key] = installed[key] = value.view(-1)[a:b]
+            elif isinstance(value, torch.Tensor):
+                entry[key] = value.clone()
+            else:
+                entry[key] = value
+        opt.state[view] = entry
+        sp.states.append(entry)
+        sp.installed.append(installed)
+
+
+def _take_back(opt: torch.optim.Optimizer, sp: _Split) -> None:
+    whole = opt.state[sp.param]
+    keys = list(whole)
+    keys.extend(k for k in sp.states[0] if k not in whole)
+    for key in keys:
+        values = [state.get(key) for state in sp.states]
+        first = values[0]
+        if isinstance(first, torch.Tensor) and first.dim() > 0:
+            parts = [v for v, (a, b) in zip(values, sp.bounds, strict=True)
+                     if isinstance(v, torch.Tensor) and v.numel() == b - a]
+            if len(parts) != len(values):
+                raise RuntimeError(f"the chunks' state {key!r} is not chunk-shaped: not an "
+                                   "elementwise step")
+            target = whole.get(key)
+            if isinstance(target, torch.Tensor) and target.shape == sp.param.shape:
+                flat = target.view(-1)
+                for (a, b), part, installed in zip(sp.bounds, parts, sp.installed,
+                                                   strict=True):
+                    if part is not installed.get(key):
+                        flat[a:b].copy_(part.view(-1))
+            else:
+                whole[key] = torch.cat([part.view(-1) for part in parts]).view(sp.param.shape)
+        elif isinstance(first, torch.Tensor):
+            if not all(isinstance(v, torch.Tensor) and torch.equal(v, first) for v in values):
+                raise RuntimeError(f"the chunks' state {key!r} differ: not an elementwise step")
+            target = whole.get(key)
+            if isinstance(target, torch.Tensor) and target.dim() == 0:
+                target.copy_(first)
+            else:
+                whole[key] = first
+        else:
+            if not all(v == first and type(v) is type(first) for v in values):
+                raise RuntimeError(f"the chunks' state {key!r} differ: not an elementwise step")
+            whole[key] = first
