@@ -30,7 +30,8 @@ the chunks' are joined).
 Not chunked (the whole step as before): other optimizers (Adafactor and Muon treat a
 matrix as one; LBFGS and SparseAdam step elsewhere), ``foreach``/``fused`` groups (their
 kernels take every tensor at once already), non-CPU devices, sparse gradients, and a step
-in which some large parameter has no state yet (its first step makes it whole).
+in which some large parameter has no state yet (its first step makes it whole; the heap
+gives back that step's whole-sized temporaries afterwards, :func:`step`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from app.engine.worker import after_job
+from app.runtime import release_memory
 
 ELEMENTWISE = frozenset({
     "Adadelta", "Adagrad", "Adam", "Adamax", "AdamW", "ASGD", "NAdam", "RAdam", "RMSprop",
@@ -83,7 +87,13 @@ def step(opt: torch.optim.Optimizer, name: str) -> None:
     values (see the module's docstring)."""
     splits = _plan(opt, name, _size, _smallest)
     if not splits:
+        first = _makes_state(opt, name, _size, _smallest)
         opt.step()
+        if first:
+            # its whole-step temporaries are the largest blocks this session's steps will free:
+            # given back to the OS once the answer is out, not kept for steps that never reuse
+            # them (the next ones are chunked)
+            after_job(release_memory)
         return
     saved = [group["params"] for group in opt.param_groups]
     by_param = {id(sp.param): sp for sp in splits}
@@ -135,6 +145,15 @@ def _plan(opt: torch.optim.Optimizer, name: str, chunk: int, smallest: int = 0
                 views.append(view)
             splits.append(_Split(p, views, bounds))
     return splits
+
+
+def _makes_state(opt: torch.optim.Optimizer, name: str, chunk: int, smallest: int) -> bool:
+    """Whether this (whole) step is the first of a parameter the next ones will chunk."""
+    if chunk <= 0 or name not in ELEMENTWISE:
+        return False
+    return any(p.grad is not None and p.numel() > chunk and p.numel() >= smallest
+               and p.device.type == "cpu" and not opt.state.get(p)
+               for group in opt.param_groups for p in group["params"])
 
 
 def _splittable(value: Any, p: torch.Tensor) -> bool:

@@ -143,3 +143,18 @@ def test_only_parameters_of_several_chunks_are_chunked(chunk_size: None) -> None
     splits = chunked._plan(opt, "Adam", chunked.DEFAULT_CHUNK, smallest)
     assert [sp.param is big for sp in splits] == [True]
     assert len(splits[0].views) == chunked.SMALLEST_IN_CHUNKS
+
+
+def test_the_first_whole_step_of_a_large_parameter_gives_its_temporaries_back(
+        chunk_size: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step that makes a large parameter's state runs whole; the heap is trimmed once the
+    answer is out (``after_job``), and not after the chunked steps that follow."""
+    queued: list[object] = []
+    monkeypatch.setattr(chunked, "after_job", lambda fn: queued.append(fn) or True)
+    chunked.configure(7, smallest=0)
+    p = torch.randn(50)
+    opt = torch.optim.Adam([p])
+    for _ in range(3):
+        p.grad = torch.randn(50)
+        chunked.step(opt, "Adam")
+    assert queued == [chunked.release_memory]
