@@ -131,7 +131,7 @@ def _plan(opt: torch.optim.Optimizer, name: str, chunk: int, smallest: int = 0
                 continue
             if (p.device.type != "cpu" or not p.is_contiguous() or p.is_complex()
                     or g.layout != torch.strided or not g.is_contiguous()
-                    or g.shape != p.shape or g.device != p.device):
+                    or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device):
                 return []
             state = opt.state.get(p)
             if not state or not all(_splittable(v, p) for v in state.values()):

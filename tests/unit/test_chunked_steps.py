@@ -73,9 +73,6 @@ def _run(cls: type[torch.optim.Optimizer], kwargs: dict[str, Any], chunk: int,
 @pytest.mark.parametrize(("cls", "kwargs"), _configs())
 def test_chunked_steps_equal_the_whole_step(chunk_size: None, cls: type[torch.optim.Optimizer],
                                             kwargs: dict[str, Any]) -> None:
-    if kwargs.get("differentiable"):
-        pytest.skip("differentiable: torch steps it with autograd on; the same either way "
-                    "(covered by the plain configs)")
     whole, whole_sd, _ = _run(cls, kwargs, 0, SHAPES)
     for chunk in (7, 64, 100):
         got, got_sd, split = _run(cls, kwargs, chunk, SHAPES)
