@@ -20,6 +20,8 @@ ENV_PREFIX = "OPTSERVE_"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]{1,3})?)$")
 #: the exit code of a process that refuses its configuration (as sysexits' EX_USAGE family)
 EXIT_CONFIG = 2
+#: the smallest OPTSERVE_STEP_CHUNK but 0
+MIN_STEP_CHUNK = 4096
 
 
 class ConfigError(ValueError):
@@ -153,6 +155,14 @@ class Settings(BaseSettings):
     @classmethod
     def _device(cls, value: str) -> str:
         return check_device(value)
+
+    @field_validator("step_chunk")
+    @classmethod
+    def _step_chunk(cls, value: int) -> int:
+        if 0 < value < MIN_STEP_CHUNK:
+            raise ValueError(f"must be 0 (never chunk) or at least {MIN_STEP_CHUNK} elements "
+                             "(smaller chunks cost a Python loop of torch calls each)")
+        return value
 
     def cors_origin_list(self) -> list[str]:
         return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]

@@ -7,14 +7,16 @@ about eight passes over 40 MB tensors, each from memory, and allocates two 40 MB
 parameter's chunks, one chunk after the other, keeps a chunk's tensors in the cache between
 its passes and makes chunk-sized temporaries.
 
-The values are bitwise those of the whole step, for the optimizers in :data:`ELEMENTWISE`:
-each updates every element from the same element of the parameter, its gradient and its
-state tensors, and from per-parameter scalars (the step count, NAdam's ``mu_product``,
-ASGD's ``eta`` and ``mu``) that are equal for every chunk of one parameter. Each element goes
-through the same kernels with the same inputs. (A kernel's vectorised body and its scalar
-tail must agree for that, as they must for torch's own results not to depend on its thread
-count; ``test_chunked_steps`` checks it on the machine that runs the tests, with chunks of
-odd sizes that put elements in the tails.)
+The values are bitwise those of the whole step, for the optimizers in :data:`ELEMENTWISE`
+and float32 or float64 parameters: each of those optimizers updates every element from the
+same element of the parameter, its gradient and its state tensors, and from per-parameter
+scalars (the step count, NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``) that are equal for
+every chunk of one parameter, so each element goes through the same kernels with the same
+inputs. Chunks move where a kernel's vectorised body ends and its scalar tail begins (as
+torch's own thread count does); for float32 and float64 the two round alike, for float16 and
+bfloat16 they do not (``add_(alpha=...)`` differs in some elements), so those stay whole.
+``tests/unit/test_chunked_steps.py`` checks it on the machine that runs the tests, with
+chunks of odd sizes that put elements in the tails.
 
 How: :func:`step` swaps each group's ``params`` for a list in which every large parameter
 (of at least :data:`SMALLEST_IN_CHUNKS` chunks, contiguous, with a dense contiguous
@@ -29,13 +31,15 @@ the chunks' are joined).
 
 Not chunked (the whole step as before): other optimizers (Adafactor and Muon treat a
 matrix as one; LBFGS and SparseAdam step elsewhere), ``foreach``/``fused`` groups (their
-kernels take every tensor at once already), non-CPU devices, sparse gradients, and a step
-in which some large parameter has no state yet (its first step makes it whole; the heap
-gives back that step's whole-sized temporaries afterwards, :func:`step`).
+kernels take every tensor at once already), float16, bfloat16 and complex parameters,
+non-CPU devices, sparse gradients, and a step in which some large parameter has no state yet
+(its first step makes it whole; the heap gives back that step's whole-sized temporaries
+afterwards, :func:`step`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +48,9 @@ import torch
 from app.engine.worker import after_job
 from app.runtime import release_memory
 
+#: the dtypes whose kernels' vectorised bodies and scalar tails round alike (float16 and
+#: bfloat16 ones do not: chunks, which move the tails, would change some elements' bits)
+EXACT_DTYPES = (torch.float32, torch.float64)
 ELEMENTWISE = frozenset({
     "Adadelta", "Adagrad", "Adam", "Adamax", "AdamW", "ASGD", "NAdam", "RAdam", "RMSprop",
     "Rprop", "SGD",
@@ -87,12 +94,12 @@ def step(opt: torch.optim.Optimizer, name: str) -> None:
     values (see the module's docstring)."""
     splits = _plan(opt, name, _size, _smallest)
     if not splits:
-        first = _makes_state(opt, name, _size, _smallest)
+        stateless = _stateless(opt, name, _size, _smallest)
         opt.step()
-        if first:
-            # its whole-step temporaries are the largest blocks this session's steps will free:
-            # given back to the OS once the answer is out, not kept for steps that never reuse
-            # them (the next ones are chunked)
+        if any(opt.state.get(p) for p in stateless):
+            # the step that made a large parameter's state ran whole: its temporaries are the
+            # largest blocks this session's steps will free, given back to the OS once the
+            # answer is out, not kept for steps that never reuse them (the next are chunked)
             after_job(release_memory)
         return
     saved = [group["params"] for group in opt.param_groups]
@@ -129,7 +136,7 @@ def _plan(opt: torch.optim.Optimizer, name: str, chunk: int, smallest: int = 0
             g = p.grad
             if g is None or p.numel() <= chunk or p.numel() < smallest:
                 continue
-            if (p.device.type != "cpu" or not p.is_contiguous() or p.is_complex()
+            if (p.device.type != "cpu" or p.dtype not in EXACT_DTYPES or not p.is_contiguous()
                     or g.layout != torch.strided or not g.is_contiguous()
                     or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device):
                 return []
@@ -147,13 +154,15 @@ def _plan(opt: torch.optim.Optimizer, name: str, chunk: int, smallest: int = 0
     return splits
 
 
-def _makes_state(opt: torch.optim.Optimizer, name: str, chunk: int, smallest: int) -> bool:
-    """Whether this (whole) step is the first of a parameter the next ones will chunk."""
+def _stateless(opt: torch.optim.Optimizer, name: str, chunk: int, smallest: int
+               ) -> list[torch.Tensor]:
+    """The parameters this (whole) step steps that the next ones could chunk but that have no
+    state yet (a first step; SGD without momentum never makes any)."""
     if chunk <= 0 or name not in ELEMENTWISE:
-        return False
-    return any(p.grad is not None and p.numel() > chunk and p.numel() >= smallest
-               and p.device.type == "cpu" and not opt.state.get(p)
-               for group in opt.param_groups for p in group["params"])
+        return []
+    return [p for group in opt.param_groups for p in group["params"]
+            if p.grad is not None and p.numel() > chunk and p.numel() >= smallest
+            and p.device.type == "cpu" and p.dtype in EXACT_DTYPES and not opt.state.get(p)]
 
 
 def _splittable(value: Any, p: torch.Tensor) -> bool:
@@ -163,8 +172,8 @@ def _splittable(value: Any, p: torch.Tensor) -> bool:
         return True
     if value.dim() == 0:
         return True
-    return (value.shape == p.shape and value.is_contiguous() and value.device == p.device
-            and value.layout == torch.strided)
+    return (value.shape == p.shape and value.dtype in EXACT_DTYPES and value.is_contiguous()
+            and value.device == p.device and value.layout == torch.strided)
 
 
 def _hand_out(opt: torch.optim.Optimizer, sp: _Split) -> None:
@@ -185,36 +194,52 @@ def _hand_out(opt: torch.optim.Optimizer, sp: _Split) -> None:
 
 
 def _take_back(opt: torch.optim.Optimizer, sp: _Split) -> None:
+    """The chunks' state into the parameter's: every key checked first (so a refusal writes
+    nothing), then written."""
     whole = opt.state[sp.param]
     keys = list(whole)
     keys.extend(k for k in sp.states[0] if k not in whole)
+    writes: list[tuple[str, list[Any]]] = []
     for key in keys:
         values = [state.get(key) for state in sp.states]
         first = values[0]
         if isinstance(first, torch.Tensor) and first.dim() > 0:
-            parts = [v for v, (a, b) in zip(values, sp.bounds, strict=True)
-                     if isinstance(v, torch.Tensor) and v.numel() == b - a]
-            if len(parts) != len(values):
+            if not all(isinstance(v, torch.Tensor) and v.numel() == b - a
+                       for v, (a, b) in zip(values, sp.bounds, strict=True)):
                 raise RuntimeError(f"the chunks' state {key!r} is not chunk-shaped: not an "
                                    "elementwise step")
-            target = whole.get(key)
+        elif not all(_same(v, first) for v in values):
+            raise RuntimeError(f"the chunks' state {key!r} differ: not an elementwise step")
+        writes.append((key, values))
+    for key, values in writes:
+        first = values[0]
+        target = whole.get(key)
+        if isinstance(first, torch.Tensor) and first.dim() > 0:
             if isinstance(target, torch.Tensor) and target.shape == sp.param.shape:
                 flat = target.view(-1)
-                for (a, b), part, installed in zip(sp.bounds, parts, sp.installed,
+                for (a, b), part, installed in zip(sp.bounds, values, sp.installed,
                                                    strict=True):
                     if part is not installed.get(key):
                         flat[a:b].copy_(part.view(-1))
             else:
-                whole[key] = torch.cat([part.view(-1) for part in parts]).view(sp.param.shape)
-        elif isinstance(first, torch.Tensor):
-            if not all(isinstance(v, torch.Tensor) and torch.equal(v, first) for v in values):
-                raise RuntimeError(f"the chunks' state {key!r} differ: not an elementwise step")
-            target = whole.get(key)
-            if isinstance(target, torch.Tensor) and target.dim() == 0:
-                target.copy_(first)
-            else:
-                whole[key] = first
+                whole[key] = torch.cat([part.view(-1) for part in values]
+                                       ).view(sp.param.shape)
+        elif isinstance(first, torch.Tensor) and isinstance(target, torch.Tensor) \
+                and target.dim() == 0:
+            target.copy_(first)
         else:
-            if not all(v == first and type(v) is type(first) for v in values):
-                raise RuntimeError(f"the chunks' state {key!r} differ: not an elementwise step")
             whole[key] = first
+
+
+def _same(value: Any, first: Any) -> bool:
+    """The same 0-dim state in two chunks: equal bits for tensors (NaN equals NaN), equal
+    plain values of one type."""
+    if isinstance(first, torch.Tensor):
+        return (isinstance(value, torch.Tensor) and value.dim() == 0
+                and value.dtype == first.dtype and torch.equal(
+                    value.reshape(1).view(torch.uint8), first.reshape(1).view(torch.uint8)))
+    if type(value) is not type(first):
+        return False
+    if isinstance(first, float) and math.isnan(first):
+        return math.isnan(value)
+    return bool(value == first)

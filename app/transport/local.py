@@ -490,9 +490,13 @@ class _Connection(threading.Thread):
         if key is not None:
             digest = binding.digest(names, grads)
             # what the step is asked to do and to answer, as the HTTP fingerprint's query
-            meta = orjson.dumps({**{k: m.get(k) for k in ("base_version", "worker",
-                                                          "param_groups", "scalars")},
-                                 "return": returned, "metrics": shown}).decode()
+            # (the answer's choices only when not the defaults: a default step's fingerprint
+            # is the one servers before them kept, so its retry across an upgrade replays)
+            asked = {k: m.get(k) for k in ("base_version", "worker", "param_groups",
+                                           "scalars")}
+            if returned != "params" or shown != "answer":
+                asked.update({"return": returned, "metrics": shown})
+            meta = orjson.dumps(asked).decode()
             idem = IdemKey(key, f"local step {binding.session_id} {meta} {digest}")
         options = step_options(m.get("param_groups"))
         result = self.transport.call(self.transport.engine.step(

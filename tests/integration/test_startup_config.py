@@ -29,6 +29,8 @@ BAD: list[tuple[dict[str, str], str, str]] = [
     ({"OPTSERVE_DURABILITY": "sometimes"}, "OPTSERVE_DURABILITY", "'step', 'interval' or"),
     ({"OPTSERVE_LOG_LEVEL": "loud"}, "OPTSERVE_LOG_LEVEL", "'info'"),
     ({"OPTSERVE_CORS_ORIGINS": "example.com"}, "OPTSERVE_CORS_ORIGINS", "not an origin"),
+    ({"OPTSERVE_STEP_CHUNK": "100"}, "OPTSERVE_STEP_CHUNK", "at least 4096 elements"),
+    ({"OPTSERVE_STEP_CHUNK": "-1"}, "OPTSERVE_STEP_CHUNK", "greater than or equal to 0"),
     ({"OPTSERVE_DATA_DIR": "/proc/optserve-cannot-be-here"}, "OPTSERVE_DATA_DIR",
      "cannot write there"),
 ]
