@@ -29,12 +29,14 @@ lr, a step's option changes). Afterwards the groups get their own lists back; ev
 instead of updating in place is copied into its slice (or, where the parameter had none,
 the chunks' are joined).
 
+A parameter's first step (no state yet) runs one chunk per ``optimizer.step()`` call, with
+only that chunk in its group: torch makes the chunk's state, which goes into whole tensors
+made once. So no step holds whole-sized temporaries, nor the state twice.
+
 Not chunked (the whole step as before): other optimizers (Adafactor and Muon treat a
 matrix as one; LBFGS and SparseAdam step elsewhere), ``foreach``/``fused`` groups (their
 kernels take every tensor at once already), float16, bfloat16 and complex parameters,
-non-CPU devices, sparse gradients, and a step in which some large parameter has no state yet
-(its first step makes it whole; the heap gives back that step's whole-sized temporaries
-afterwards, :func:`step`).
+non-CPU devices and sparse gradients.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ class _Split:
     param: torch.Tensor
     views: list[torch.Tensor]
     bounds: list[tuple[int, int]]
+    #: no state yet (its first step): torch makes each chunk's, :func:`_first_step` joins them
+    fresh: bool = False
     #: per chunk: the state entry handed to torch, and the tensors in it that are views
     states: list[dict[str, Any]] = field(default_factory=list)
     installed: list[dict[str, torch.Tensor]] = field(default_factory=list)
@@ -94,34 +98,81 @@ def step(opt: torch.optim.Optimizer, name: str) -> None:
     values (see the module's docstring)."""
     splits = _plan(opt, name, _size, _smallest)
     if not splits:
-        stateless = _stateless(opt, name, _size, _smallest)
         opt.step()
-        if any(opt.state.get(p) for p in stateless):
-            # the step that made a large parameter's state ran whole: its temporaries are the
-            # largest blocks this session's steps will free, given back to the OS once the
-            # answer is out, not kept for steps that never reuse them (the next are chunked)
-            after_job(release_memory)
         return
+    kept = [sp for sp in splits if not sp.fresh]
+    fresh = [sp for sp in splits if sp.fresh]
     saved = [group["params"] for group in opt.param_groups]
-    by_param = {id(sp.param): sp for sp in splits}
+    made = False
     try:
-        for group in opt.param_groups:
-            swapped: list[torch.Tensor] = []
-            for p in group["params"]:
-                sp = by_param.get(id(p))
-                swapped.extend([p] if sp is None else sp.views)
-            group["params"] = swapped
-        for sp in splits:
+        chunked = {id(sp.param): sp.views for sp in kept}
+        chunked.update({id(sp.param): [] for sp in fresh})  # stepped on their own below
+        for group, params in zip(opt.param_groups, saved, strict=True):
+            group["params"] = [v for p in params for v in chunked.get(id(p), [p])]
+        for sp in kept:
             _hand_out(opt, sp)
         opt.step()
-        for sp in splits:
+        for sp in kept:
             _take_back(opt, sp)
+        for sp in fresh:
+            made = _first_step(opt, sp, saved) or made
     finally:
         for group, params in zip(opt.param_groups, saved, strict=True):
             group["params"] = params
         for sp in splits:
             for view in sp.views:
                 opt.state.pop(view, None)
+    if made:
+        # the small blocks of the chunks' own state, freed: given back to the OS once the
+        # answer is out
+        after_job(release_memory)
+
+
+def _first_step(opt: torch.optim.Optimizer, sp: _Split, saved: list[list[torch.Tensor]]
+                ) -> bool:
+    """A parameter's first step, one chunk per ``opt.step()`` with only that chunk in its
+    group (every other group empty): torch makes the chunk's state, which goes into whole
+    tensors made once (never the whole-sized temporaries and a second copy of the state at
+    once); True when the parameter has state afterwards. An optimizer that made no state for
+    the first chunk (SGD without momentum) steps the other chunks in one call."""
+    index = next(i for i, params in enumerate(saved) if any(p is sp.param for p in params))
+    groups = opt.param_groups
+
+    def only(views: list[torch.Tensor]) -> None:
+        for i, group in enumerate(groups):
+            group["params"] = views if i == index else []
+
+    whole: dict[str, Any] = {}
+    for k, ((a, b), view) in enumerate(zip(sp.bounds, sp.views, strict=True)):
+        only([view])
+        opt.step()
+        made = opt.state.pop(view, None) or {}
+        if k == 0 and not made:
+            only(sp.views[1:])
+            opt.step()
+            if any(opt.state.pop(v, None) for v in sp.views[1:]):
+                raise RuntimeError("state made for some chunks only: not an elementwise step")
+            return False
+        if k == 0:
+            for key, value in made.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    whole[key] = torch.empty(sp.param.shape, dtype=value.dtype,
+                                             device=value.device)
+                else:
+                    whole[key] = value
+        if list(made) != list(whole):
+            raise RuntimeError("the chunks' state keys differ: not an elementwise step")
+        for key, value in made.items():
+            target = whole[key]
+            if isinstance(target, torch.Tensor) and target.dim() > 0:
+                if not isinstance(value, torch.Tensor) or value.numel() != b - a:
+                    raise RuntimeError(f"the chunks' state {key!r} is not chunk-shaped: not an "
+                                       "elementwise step")
+                target.view(-1)[a:b].copy_(value.view(-1))
+            elif not _same(value, target):
+                raise RuntimeError(f"the chunks' state {key!r} differ: not an elementwise step")
+    opt.state[sp.param] = whole
+    return True
 
 
 def _plan(opt: torch.optim.Optimizer, name: str, chunk: int, smallest: int = 0
@@ -141,8 +192,8 @@ def _plan(opt: torch.optim.Optimizer, name: str, chunk: int, smallest: int = 0
                     or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device):
                 return []
             state = opt.state.get(p)
-            if not state or not all(_splittable(v, p) for v in state.values()):
-                return []  # its first step (torch makes the state), or state of another form
+            if state and not all(_splittable(v, p) for v in state.values()):
+                return []  # state of another form
             flat, flat_grad = p.view(-1), g.view(-1)
             bounds = [(a, min(a + chunk, p.numel())) for a in range(0, p.numel(), chunk)]
             views = []
@@ -150,19 +201,8 @@ def _plan(opt: torch.optim.Optimizer, name: str, chunk: int, smallest: int = 0
                 view = flat[a:b]
                 view.grad = flat_grad[a:b]
                 views.append(view)
-            splits.append(_Split(p, views, bounds))
+            splits.append(_Split(p, views, bounds, fresh=not state))
     return splits
-
-
-def _stateless(opt: torch.optim.Optimizer, name: str, chunk: int, smallest: int
-               ) -> list[torch.Tensor]:
-    """The parameters this (whole) step steps that the next ones could chunk but that have no
-    state yet (a first step; SGD without momentum never makes any)."""
-    if chunk <= 0 or name not in ELEMENTWISE:
-        return []
-    return [p for group in opt.param_groups for p in group["params"]
-            if p.grad is not None and p.numel() > chunk and p.numel() >= smallest
-            and p.device.type == "cpu" and p.dtype in EXACT_DTYPES and not opt.state.get(p)]
 
 
 def _splittable(value: Any, p: torch.Tensor) -> bool:
