@@ -31,7 +31,9 @@ the chunks' are joined).
 
 A parameter's first step (no state yet) runs one chunk per ``optimizer.step()`` call, with
 only that chunk in its group: torch makes the chunk's state, which goes into whole tensors
-made once. So no step holds whole-sized temporaries, nor the state twice.
+made once. So no step holds whole-sized temporaries, nor the state twice. (Optimizer step
+hooks, which sessions do not register, run once per call; the state's entries are put back
+in the order torch's one call makes them.)
 
 Not chunked (the whole step as before): other optimizers (Adafactor and Muon treat a
 matrix as one; LBFGS and SparseAdam step elsewhere), ``foreach``/``fused`` groups (their
@@ -103,6 +105,7 @@ def step(opt: torch.optim.Optimizer, name: str) -> None:
     kept = [sp for sp in splits if not sp.fresh]
     fresh = [sp for sp in splits if sp.fresh]
     saved = [group["params"] for group in opt.param_groups]
+    had = {id(p) for p in opt.state}
     made = False
     try:
         chunked = {id(sp.param): sp.views for sp in kept}
@@ -122,10 +125,26 @@ def step(opt: torch.optim.Optimizer, name: str) -> None:
         for sp in splits:
             for view in sp.views:
                 opt.state.pop(view, None)
+        if fresh:
+            _in_torch_order(opt, had)
     if made:
         # the small blocks of the chunks' own state, freed: given back to the OS once the
         # answer is out
         after_job(release_memory)
+
+
+def _in_torch_order(opt: torch.optim.Optimizer, had: set[int]) -> None:
+    """``opt.state`` with the entries this step made in the order torch's one call would have
+    made them (by group, then parameter; ``state_dict()["state"]`` keeps that order): the
+    fresh parameters' entries came last, after the one call for the others."""
+    new = [p for group in opt.param_groups for p in group["params"]
+           if id(p) not in had and p in opt.state]
+    if not new:
+        return
+    older = [(p, v) for p, v in opt.state.items() if id(p) in had]
+    entries = older + [(p, opt.state[p]) for p in new]
+    opt.state.clear()
+    opt.state.update(entries)
 
 
 def _first_step(opt: torch.optim.Optimizer, sp: _Split, saved: list[list[torch.Tensor]]

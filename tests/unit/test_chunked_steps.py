@@ -83,6 +83,7 @@ def test_chunked_steps_equal_the_whole_step(chunk_size: None, cls: type[torch.op
             assert split >= 4, f"chunk {chunk}: only {split} steps were split"
         assert_tensors_equal(got, whole, f"chunk {chunk}")
         assert_trees_equal(got_sd, whole_sd, f"chunk {chunk}")
+        assert list(got_sd["state"]) == list(whole_sd["state"]), f"chunk {chunk}: state order"
         for i, entry in whole_sd["state"].items():
             assert list(got_sd["state"][i]) == list(entry), f"chunk {chunk}: key order"
 
