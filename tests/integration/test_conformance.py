@@ -315,6 +315,7 @@ def run_config(http: httpx.Client, cls: type[torch.optim.Optimizer], params: Any
             assert [g["param_names"] for g in sd["param_groups"]] == [
                 list(tensors) for tensors, _ in groups], fmt
             assert_trees_equal(without_names(sd), local_sd, f"export {fmt}")
+            assert list(sd["state"]) == list(local_sd["state"]), f"export {fmt}: state order"
 
         # (a) exported state -> fresh local optimizer over copies of the current params.
         loaded = {}
