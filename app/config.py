@@ -73,8 +73,9 @@ class Settings(BaseSettings):
     )
     step_chunk: int = Field(
         default=DEFAULT_CHUNK, ge=0,
-        description="CPU steps of elementwise optimizers (Adam, SGD, ...) take parameters larger "
-        "than this many elements chunk by chunk (the same values, cache-sized passes; 0: never)")
+        description="CPU steps of elementwise optimizers (Adam, SGD, ...) take float32/float64 "
+        "parameters of at least 8 chunks of this many elements chunk by chunk (the same values, "
+        "cache-sized passes and temporaries; 0: never, else at least 4096)")
     default_nonfinite: Literal["reject", "skip", "allow"] = "reject"
     data_dir: Path = Field(default=Path("data"), description="where sessions are persisted")
     durability: Literal["step", "interval", "memory"] = Field(

@@ -108,10 +108,10 @@ def step(opt: torch.optim.Optimizer, name: str) -> None:
     had = {id(p) for p in opt.state}
     made = False
     try:
-        chunked = {id(sp.param): sp.views for sp in kept}
-        chunked.update({id(sp.param): [] for sp in fresh})  # stepped on their own below
+        replaced = {id(sp.param): sp.views for sp in kept}
+        replaced.update({id(sp.param): [] for sp in fresh})  # stepped on their own below
         for group, params in zip(opt.param_groups, saved, strict=True):
-            group["params"] = [v for p in params for v in chunked.get(id(p), [p])]
+            group["params"] = [v for p in params for v in replaced.get(id(p), [p])]
         for sp in kept:
             _hand_out(opt, sp)
         opt.step()
