@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.engine.chunked import DEFAULT_CHUNK
+from app.engine.chunked import DEFAULT_CHUNK, SMALLEST_IN_CHUNKS
 
 ENV_PREFIX = "OPTSERVE_"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]{1,3})?)$")
@@ -74,8 +74,9 @@ class Settings(BaseSettings):
     step_chunk: int = Field(
         default=DEFAULT_CHUNK, ge=0,
         description="CPU steps of elementwise optimizers (Adam, SGD, ...) take float32/float64 "
-        "parameters of at least 8 chunks of this many elements chunk by chunk (the same values, "
-        "cache-sized passes and temporaries; 0: never, else at least 4096)")
+        f"parameters of at least {SMALLEST_IN_CHUNKS} chunks of this many elements chunk by "
+        "chunk (the same values, cache-sized passes and temporaries; 0: never, else at least "
+        f"{MIN_STEP_CHUNK})")
     default_nonfinite: Literal["reject", "skip", "allow"] = "reject"
     data_dir: Path = Field(default=Path("data"), description="where sessions are persisted")
     durability: Literal["step", "interval", "memory"] = Field(

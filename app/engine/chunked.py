@@ -44,6 +44,7 @@ non-CPU devices and sparse gradients.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,14 +91,16 @@ class _Split:
     bounds: list[tuple[int, int]]
     #: no state yet (its first step): torch makes each chunk's, :func:`_first_step` joins them
     fresh: bool = False
-    #: per chunk: the state entry handed to torch, and the tensors in it that are views
+    #: per chunk: the state entry handed to torch
     states: list[dict[str, Any]] = field(default_factory=list)
-    installed: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
 def step(opt: torch.optim.Optimizer, name: str) -> None:
     """``opt.step()``, its large parameters stepped chunk by chunk where that gives the same
     values (see the module's docstring)."""
+    if _size <= 0 or name not in ELEMENTWISE or _largest(opt) < max(_smallest, _size + 1):
+        opt.step()  # nothing to chunk: no walk over a many-tensor session's parameters
+        return
     splits = _plan(opt, name, _size, _smallest)
     if not splits:
         opt.step()
@@ -131,6 +134,22 @@ def step(opt: torch.optim.Optimizer, name: str) -> None:
         # the small blocks of the chunks' own state, freed: given back to the OS once the
         # answer is out
         after_job(release_memory)
+
+
+#: per optimizer: its number of parameters, and the elements of its largest (a parameter's
+#: size never changes; add_param_group changes the count)
+_LARGEST: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, int]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _largest(opt: torch.optim.Optimizer) -> int:
+    count = sum(len(group["params"]) for group in opt.param_groups)
+    known = _LARGEST.get(opt)
+    if known is None or known[0] != count:
+        known = (count, max((p.numel() for group in opt.param_groups
+                             for p in group["params"]), default=0))
+        _LARGEST[opt] = known
+    return known[1]
 
 
 def _in_torch_order(opt: torch.optim.Optimizer, had: set[int]) -> None:
@@ -183,13 +202,9 @@ def _first_step(opt: torch.optim.Optimizer, sp: _Split, saved: list[list[torch.T
             raise RuntimeError("the chunks' state keys differ: not an elementwise step")
         for key, value in made.items():
             target = whole[key]
+            _check_chunk(key, value, target, b - a)
             if isinstance(target, torch.Tensor) and target.dim() > 0:
-                if not isinstance(value, torch.Tensor) or value.numel() != b - a:
-                    raise RuntimeError(f"the chunks' state {key!r} is not chunk-shaped: not an "
-                                       "elementwise step")
                 target.view(-1)[a:b].copy_(value.view(-1))
-            elif not _same(value, target):
-                raise RuntimeError(f"the chunks' state {key!r} differ: not an elementwise step")
     opt.state[sp.param] = whole
     return True
 
@@ -239,17 +254,15 @@ def _hand_out(opt: torch.optim.Optimizer, sp: _Split) -> None:
     whole = opt.state[sp.param]
     for (a, b), view in zip(sp.bounds, sp.views, strict=True):
         entry: dict[str, Any] = {}
-        installed: dict[str, torch.Tensor] = {}
         for key, value in whole.items():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
-                entry[key] = installed[key] = value.view(-1)[a:b]
+                entry[key] = value.view(-1)[a:b]
             elif isinstance(value, torch.Tensor):
                 entry[key] = value.clone()
             else:
                 entry[key] = value
         opt.state[view] = entry
         sp.states.append(entry)
-        sp.installed.append(installed)
 
 
 def _take_back(opt: torch.optim.Optimizer, sp: _Split) -> None:
@@ -261,14 +274,8 @@ def _take_back(opt: torch.optim.Optimizer, sp: _Split) -> None:
     writes: list[tuple[str, list[Any]]] = []
     for key in keys:
         values = [state.get(key) for state in sp.states]
-        first = values[0]
-        if isinstance(first, torch.Tensor) and first.dim() > 0:
-            if not all(isinstance(v, torch.Tensor) and v.numel() == b - a
-                       for v, (a, b) in zip(values, sp.bounds, strict=True)):
-                raise RuntimeError(f"the chunks' state {key!r} is not chunk-shaped: not an "
-                                   "elementwise step")
-        elif not all(_same(v, first) for v in values):
-            raise RuntimeError(f"the chunks' state {key!r} differ: not an elementwise step")
+        for value, (a, b) in zip(values, sp.bounds, strict=True):
+            _check_chunk(key, value, values[0], b - a)
         writes.append((key, values))
     for key, values in writes:
         first = values[0]
@@ -276,9 +283,8 @@ def _take_back(opt: torch.optim.Optimizer, sp: _Split) -> None:
         if isinstance(first, torch.Tensor) and first.dim() > 0:
             if isinstance(target, torch.Tensor) and target.shape == sp.param.shape:
                 flat = target.view(-1)
-                for (a, b), part, installed in zip(sp.bounds, values, sp.installed,
-                                                   strict=True):
-                    if part is not installed.get(key):
+                for (a, b), part in zip(sp.bounds, values, strict=True):
+                    if part.data_ptr() != flat[a:b].data_ptr():  # replaced, not updated
                         flat[a:b].copy_(part.view(-1))
             else:
                 whole[key] = torch.cat([part.view(-1) for part in values]
@@ -288,6 +294,18 @@ def _take_back(opt: torch.optim.Optimizer, sp: _Split) -> None:
             target.copy_(first)
         else:
             whole[key] = first
+
+
+def _check_chunk(key: str, value: Any, like: Any, numel: int) -> None:
+    """A chunk's state ``key`` as an elementwise step leaves it: a tensor of the chunk's
+    ``numel`` where ``like`` (the first chunk's, or the whole state's) is a tensor of more than
+    0 dimensions, else the same 0-dim or plain value as ``like``."""
+    if isinstance(like, torch.Tensor) and like.dim() > 0:
+        if not isinstance(value, torch.Tensor) or value.numel() != numel:
+            raise RuntimeError(f"the chunks' state {key!r} is not chunk-shaped: not an "
+                               "elementwise step")
+    elif not _same(value, like):
+        raise RuntimeError(f"the chunks' state {key!r} differ: not an elementwise step")
 
 
 def _same(value: Any, first: Any) -> bool:
