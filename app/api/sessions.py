@@ -81,6 +81,7 @@ async def create_session(
         spec = await offload(decode_binary, len(buf))
     else:
         spec = await offload(lambda: parse.create_spec(json_object(buf)), len(buf))
+    buf = bytearray()  # a JSON body's bytes, freed before the session is made
     info = await engine.create(spec, tenant=tenant, idem=idem)
     response = _described(info, 201)
     response.headers["Location"] = f"/v1/sessions/{info.id}"

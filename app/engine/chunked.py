@@ -35,6 +35,10 @@ made once. So no step holds whole-sized temporaries, nor the state twice. (Optim
 hooks, which sessions do not register, run once per call; the state's entries are put back
 in the order torch's one call makes them.)
 
+When the step's metrics want the update norm (``metrics.before_step``), each chunk steps in
+an ``optimizer.step()`` call of its own between a copy of its values and the subtraction
+(:class:`Watch`): the session then keeps no whole copy of a large parameter for that norm.
+
 Not chunked (the whole step as before): other optimizers (Adafactor and Muon treat a
 matrix as one; LBFGS and SparseAdam step elsewhere), ``foreach``/``fused`` groups (their
 kernels take every tensor at once already), float16, bfloat16 and complex parameters,
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,7 +90,7 @@ def configure(elements: int, smallest: int | None = None) -> None:
 
 
 @dataclass
-class _Split:
+class Split:
     param: torch.Tensor
     views: list[torch.Tensor]
     bounds: list[tuple[int, int]]
@@ -95,13 +100,64 @@ class _Split:
     states: list[dict[str, Any]] = field(default_factory=list)
 
 
-def step(opt: torch.optim.Optimizer, name: str) -> None:
-    """``opt.step()``, its large parameters stepped chunk by chunk where that gives the same
-    values (see the module's docstring)."""
+@dataclass
+class Watch:
+    """Norms a step's metrics want of its chunked parameters' updates (``metrics``: the update
+    norm needs each parameter as it was before the step). With a watch, every chunk steps in
+    an ``opt.step()`` call of its own, between a copy of its values into a chunk-sized buffer
+    and the subtraction, both while the chunk is in the cache: so no step keeps a whole copy
+    of a large parameter. Per parameter (by ``id``): per chunk, the norm of its update and
+    of its values after the step (0-dim tensors on its device, in its dtype)."""
+
+    update: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    param: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    _buffers: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
+
+    def stepped(self, opt: torch.optim.Optimizer, param: torch.Tensor, view: torch.Tensor
+                ) -> None:
+        """``opt.step()``, with ``view`` (a chunk of ``param``) the one tensor it steps."""
+        buffer = self._buffers.get(view.dtype)
+        if buffer is None or buffer.numel() < view.numel():
+            buffer = self._buffers[view.dtype] = torch.empty(
+                max(view.numel(), _size), dtype=view.dtype, device=view.device)
+        before = buffer[:view.numel()]
+        before.copy_(view)
+        opt.step()
+        before.sub_(view)
+        update, value = torch._foreach_norm([before, view])
+        self.update.setdefault(id(param), []).append(update)
+        self.param.setdefault(id(param), []).append(value)
+
+
+def may_chunk(opt: torch.optim.Optimizer, name: str, p: torch.Tensor) -> bool:
+    """Whether :func:`step` steps ``p`` (one of ``opt``'s parameters) in chunks when its
+    gradient allows (dense, contiguous, of its shape and dtype) and its state does."""
+    return (_size > 0 and name in ELEMENTWISE and p.numel() >= max(_smallest, _size + 1)
+            and p.device.type == "cpu" and p.dtype in EXACT_DTYPES and p.is_contiguous()
+            and not any(group.get("foreach") or group.get("fused")
+                        for group in opt.param_groups))
+
+
+def settings() -> tuple[int, int]:
+    """The chunk and the smallest chunked parameter, in elements (what :func:`may_chunk`
+    depends on besides the parameter)."""
+    return _size, _smallest
+
+
+def plan(opt: torch.optim.Optimizer, name: str) -> list[Split]:
+    """The parameters :func:`step` would step in chunks now (their gradients set)."""
     if _size <= 0 or name not in ELEMENTWISE or _largest(opt) < max(_smallest, _size + 1):
-        opt.step()  # nothing to chunk: no walk over a many-tensor session's parameters
-        return
-    splits = _plan(opt, name, _size, _smallest)
+        return []  # nothing to chunk: no walk over a many-tensor session's parameters
+    return _plan(opt, name, _size, _smallest)
+
+
+def step(opt: torch.optim.Optimizer, name: str, splits: list[Split] | None = None,
+         watch: Watch | None = None) -> None:
+    """``opt.step()``, its large parameters stepped chunk by chunk where that gives the same
+    values (see the module's docstring). ``splits``: :func:`plan`'s, made just before (the
+    gradients unchanged since); ``watch``: take its norms of the chunked parameters."""
+    if splits is None:
+        splits = plan(opt, name)
     if not splits:
         opt.step()
         return
@@ -112,16 +168,24 @@ def step(opt: torch.optim.Optimizer, name: str) -> None:
     made = False
     try:
         replaced = {id(sp.param): sp.views for sp in kept}
+        if watch is not None:
+            replaced = {id(sp.param): [] for sp in kept}  # each chunk in a call of its own
         replaced.update({id(sp.param): [] for sp in fresh})  # stepped on their own below
         for group, params in zip(opt.param_groups, saved, strict=True):
             group["params"] = [v for p in params for v in replaced.get(id(p), [p])]
         for sp in kept:
             _hand_out(opt, sp)
         opt.step()
+        if watch is not None:
+            for sp in kept:
+                only = _only(opt, sp, saved)
+                for view in sp.views:
+                    only([view])
+                    watch.stepped(opt, sp.param, view)
         for sp in kept:
             _take_back(opt, sp)
         for sp in fresh:
-            made = _first_step(opt, sp, saved) or made
+            made = _first_step(opt, sp, saved, watch) or made
     finally:
         for group, params in zip(opt.param_groups, saved, strict=True):
             group["params"] = params
@@ -134,6 +198,20 @@ def step(opt: torch.optim.Optimizer, name: str) -> None:
         # the small blocks of the chunks' own state, freed: given back to the OS once the
         # answer is out
         after_job(release_memory)
+
+
+def _only(opt: torch.optim.Optimizer, sp: Split, saved: list[list[torch.Tensor]]
+          ) -> Callable[[list[torch.Tensor]], None]:
+    """A function that leaves only the given views of ``sp``'s parameter in its group (every
+    other group empty), for an ``opt.step()`` of those alone."""
+    index = next(i for i, params in enumerate(saved) if any(p is sp.param for p in params))
+    groups = opt.param_groups
+
+    def only(views: list[torch.Tensor]) -> None:
+        for i, group in enumerate(groups):
+            group["params"] = views if i == index else []
+
+    return only
 
 
 #: per optimizer: its number of parameters, and the elements of its largest (a parameter's
@@ -166,28 +244,35 @@ def _in_torch_order(opt: torch.optim.Optimizer, had: set[int]) -> None:
     opt.state.update(entries)
 
 
-def _first_step(opt: torch.optim.Optimizer, sp: _Split, saved: list[list[torch.Tensor]]
-                ) -> bool:
+def _first_step(opt: torch.optim.Optimizer, sp: Split, saved: list[list[torch.Tensor]],
+                watch: Watch | None = None) -> bool:
     """A parameter's first step, one chunk per ``opt.step()`` with only that chunk in its
     group (every other group empty): torch makes the chunk's state, which goes into whole
     tensors made once (never the whole-sized temporaries and a second copy of the state at
     once); True when the parameter has state afterwards. An optimizer that made no state for
-    the first chunk (SGD without momentum) steps the other chunks in one call."""
-    index = next(i for i, params in enumerate(saved) if any(p is sp.param for p in params))
-    groups = opt.param_groups
+    the first chunk (SGD without momentum) steps the other chunks in one call (one each
+    with a ``watch``)."""
+    only = _only(opt, sp, saved)
 
-    def only(views: list[torch.Tensor]) -> None:
-        for i, group in enumerate(groups):
-            group["params"] = views if i == index else []
+    def stepped(view: torch.Tensor) -> None:
+        if watch is None:
+            opt.step()
+        else:
+            watch.stepped(opt, sp.param, view)
 
     whole: dict[str, Any] = {}
     for k, ((a, b), view) in enumerate(zip(sp.bounds, sp.views, strict=True)):
         only([view])
-        opt.step()
+        stepped(view)
         made = opt.state.pop(view, None) or {}
         if k == 0 and not made:
-            only(sp.views[1:])
-            opt.step()
+            if watch is None:
+                only(sp.views[1:])
+                opt.step()
+            else:
+                for rest in sp.views[1:]:
+                    only([rest])
+                    stepped(rest)
             if any(opt.state.pop(v, None) for v in sp.views[1:]):
                 raise RuntimeError("state made for some chunks only: not an elementwise step")
             return False
@@ -210,12 +295,12 @@ def _first_step(opt: torch.optim.Optimizer, sp: _Split, saved: list[list[torch.T
 
 
 def _plan(opt: torch.optim.Optimizer, name: str, chunk: int, smallest: int = 0
-          ) -> list[_Split]:
+          ) -> list[Split]:
     if chunk <= 0 or name not in ELEMENTWISE:
         return []
     if any(group.get("foreach") or group.get("fused") for group in opt.param_groups):
         return []
-    splits: list[_Split] = []
+    splits: list[Split] = []
     for group in opt.param_groups:
         for p in group["params"]:
             g = p.grad
@@ -235,7 +320,7 @@ def _plan(opt: torch.optim.Optimizer, name: str, chunk: int, smallest: int = 0
                 view = flat[a:b]
                 view.grad = flat_grad[a:b]
                 views.append(view)
-            splits.append(_Split(p, views, bounds, fresh=not state))
+            splits.append(Split(p, views, bounds, fresh=not state))
     return splits
 
 
@@ -250,7 +335,7 @@ def _splittable(value: Any, p: torch.Tensor) -> bool:
             and value.device == p.device and value.layout == torch.strided)
 
 
-def _hand_out(opt: torch.optim.Optimizer, sp: _Split) -> None:
+def _hand_out(opt: torch.optim.Optimizer, sp: Split) -> None:
     whole = opt.state[sp.param]
     for (a, b), view in zip(sp.bounds, sp.views, strict=True):
         entry: dict[str, Any] = {}
@@ -265,7 +350,7 @@ def _hand_out(opt: torch.optim.Optimizer, sp: _Split) -> None:
         sp.states.append(entry)
 
 
-def _take_back(opt: torch.optim.Optimizer, sp: _Split) -> None:
+def _take_back(opt: torch.optim.Optimizer, sp: Split) -> None:
     """The chunks' state into the parameter's: every key checked first (so a refusal writes
     nothing), then written."""
     whole = opt.state[sp.param]

@@ -17,7 +17,13 @@ group's norm is ``sqrt(sum of its tensors' squared norms)`` in Python floats (as
 The update norm needs the parameters as they were before the step: a copy of the session's flat
 parameter block in a buffer the session keeps and reuses (when they tile one, as they do unless
 a param group was added; else :func:`before_step` clones each tensor), and :func:`after_step`
-subtracts in place and takes the norms. The copy for the next step is taken right after this
+subtracts in place and takes the norms. For a step whose norms go into its answer, parameters
+the step takes in chunks (``app/engine/chunked.py``: large CPU ones) stay out of that copy:
+the chunked step copies and subtracts each chunk while it is in the cache
+(``chunked.Watch``), so a session keeps no second copy of its large parameters, and their
+norms are ``sqrt(sum of the chunks' squared norms)`` (torch's norm of each chunk; the whole
+tensor's to within float32 rounding of the sum's order, as a group span's norm is). The copy
+for the next step is taken right after this
 one, on the device worker once this step's answer has been handed over (``worker.after_job``),
 so that it runs while the answer goes out, not on the next step's critical path; it is tagged
 with the session's version, and :func:`before_step` copies again unless that is still the
@@ -46,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from app.engine import chunked
 from app.engine.interface import json_float
 from app.engine.worker import after_job
 from app.errors import Invalid
@@ -84,6 +91,14 @@ class Probe:
     #: the layout whose scratch ``before`` views (its copy for the next step is taken after
     #: this one: :func:`take_ahead`); None when ``before`` are clones
     layout: Layout | None = None
+    #: large parameters the step leaves unchanged (no gradient): their norms only, and the
+    #: group each belongs to
+    unchanged: list[torch.Tensor] = field(default_factory=list)
+    unchanged_owner: list[int] = field(default_factory=list)
+    #: the chunked step's norms of large parameters (``chunked.Watch``), and per parameter
+    #: (by id) its group
+    watch: chunked.Watch | None = None
+    watch_owner: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -145,17 +160,25 @@ class Layout:
     after: list[torch.Tensor]
     before: list[torch.Tensor]
     per_group: bool
-    #: one copy per step: ``scratch.copy_(span)`` (None: one clone per tensor instead)
-    span: torch.Tensor | None = None
+    #: the copy per step: ``dst.copy_(src)`` for each pair, ``dst`` in ``scratch`` (None: one
+    #: clone per tensor instead)
+    copies: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     scratch: torch.Tensor | None = None
     #: per group, its names as a set (a step with a gradient for each: no per-name lookups)
     sets: list[frozenset[str]] = field(default_factory=list)
     #: the session version whose parameters ``scratch`` holds (:func:`take_ahead`); None when
     #: it holds anything else
     taken_at: int | None = None
+    #: the parameters ``chunked`` may step in chunks (``chunked.may_chunk``), outside
+    #: ``after`` and ``before``: (group, tensor, name) each; their update norms come from the
+    #: chunked step itself (``chunked.Watch``), so no copy of them is kept
+    big: list[tuple[int, torch.Tensor, str]] = field(default_factory=list)
+    #: ``chunked.settings()`` when ``big`` was worked out (None: every parameter is in the copy,
+    #: for norms taken after the answer)
+    chunking: tuple[int, int] | None = None
 
-    def fits(self, s: Session, names: list[list[str]]) -> bool:
-        if names != self.names:
+    def fits(self, s: Session, names: list[list[str]], watch: bool = True) -> bool:
+        if names != self.names or self.chunking != (chunked.settings() if watch else None):
             return False
         params = s.params
         return (all(map(operator.is_, map(params.__getitem__, itertools.chain(*names)),
@@ -163,7 +186,7 @@ class Layout:
                 and list(map(torch.Tensor.data_ptr, self.params)) == self.ptrs)
 
 
-def _layout(s: Session, names: list[list[str]]) -> Layout:
+def _layout(s: Session, names: list[list[str]], watch: bool = True) -> Layout:
     """The parameters' layout (see :class:`Layout`).
 
     When they tile one storage (the session's flat block), one copy of its span into a scratch
@@ -172,31 +195,51 @@ def _layout(s: Session, names: list[list[str]]) -> Layout:
     tensors are one contiguous span of one dtype (as the flat block lays out sessions of one
     dtype), the live values and the copies come as one span per group: the norms then take a
     handful of torch calls, not three per tensor (1,000 small tensors: ~10 ms less per step).
-    Else one clone per tensor, every step."""
+    Else one clone per tensor, every step.
+
+    With ``watch``, parameters the step may take in chunks (``big``) stay out of the copy: the
+    chunked step takes their norms chunk by chunk. The others then come as runs of adjacent
+    tensors of one group and dtype, copied into a scratch of their size only."""
     params = [s.params[n] for g in names for n in g]
     groups, i = [], 0
     for g in names:
         groups.append(list(range(i, i + len(g))))
         i += len(g)
     out = Layout(names, params, [p.data_ptr() for p in params], groups, params, [], False,
-                 sets=[frozenset(g) for g in names])
-    first = params[0]
-    storage = first.untyped_storage()
+                 sets=[frozenset(g) for g in names],
+                 chunking=chunked.settings() if watch else None)
+    large = {i for i, p in enumerate(params)
+             if watch and chunked.may_chunk(s.optimizer, s.optimizer_name, p)}
+    if large:
+        flat = [n for g in names for n in g]
+        out.big = [(gi, params[i], flat[i]) for gi, members in enumerate(groups)
+                   for i in members if i in large]
+        groups = [[i for i in members if i not in large] for members in groups]
+        out.after = [params[i] for members in groups for i in members]
+        index = {i: k for k, i in enumerate(i for members in groups for i in members)}
+        out.groups = [[index[i] for i in members] for members in groups]
+    kept = [i for members in groups for i in members]
+    if not kept:
+        return out
+    storage = params[kept[0]].untyped_storage()
     ptr = storage.data_ptr()
-    spans = []
-    for p in params:
+    spans: dict[int, tuple[int, int]] = {}
+    for i in kept:
+        p = params[i]
         if p.untyped_storage().data_ptr() != ptr or not p.is_contiguous():
             return out
-        spans.append((int(p.storage_offset()) * p.element_size(), p.numel() * p.element_size()))
-    lo = min(a for a, _ in spans)
-    hi = max(a + n for a, n in spans)
-    if hi - lo > 2 * sum(n for _, n in spans):  # sparse views of a larger storage
+        spans[i] = (int(p.storage_offset()) * p.element_size(), p.numel() * p.element_size())
+    lo = min(a for a, _ in spans.values())
+    hi = max(a + n for a, n in spans.values())
+    if not large and hi - lo > 2 * sum(n for _, n in spans.values()):  # sparse views
         return out
-    span = torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, lo, (hi - lo,),
-                                                                         (1,))
+    span = torch.empty(0, dtype=torch.uint8, device=params[kept[0]].device).set_(
+        storage, lo, (hi - lo,), (1,))
+    if large:
+        return _runs(out, params, spans, groups, span, lo)
     raw = torch.empty_like(span)
-    out.span, out.scratch = span, raw
-    ranges = _group_ranges(params, spans, groups, lo)
+    out.copies, out.scratch = [(raw, span)], raw
+    ranges = _group_ranges(params, [spans[i] for i in kept], groups, lo)
     if ranges is not None:
         out.per_group = True
         out.after, out.before = [], []
@@ -205,7 +248,37 @@ def _layout(s: Session, names: list[list[str]]) -> Layout:
             out.before.append(raw[a - lo:b - lo].view(dtype))
         return out
     out.before = [raw[a - lo:a - lo + n].view(p.dtype).view(p.shape)
-                  for (a, n), p in zip(spans, params, strict=True)]
+                  for (a, n), p in zip(spans.values(), params, strict=True)]
+    return out
+
+
+def _runs(out: Layout, params: list[torch.Tensor], spans: dict[int, tuple[int, int]],
+          groups: list[list[int]], span: torch.Tensor, lo: int) -> Layout:
+    """``out`` with the parameters of ``groups`` (indexes into ``params``, whose byte ranges
+    in ``span``'s storage are ``spans``) as runs: adjacent tensors of one group and dtype, one
+    piece each, copied into a scratch of their size."""
+    runs: list[tuple[int, int, int, torch.dtype]] = []  # (group, start, end, dtype)
+    for gi, members in enumerate(groups):
+        for i in members:
+            a, n = spans[i]
+            dtype = params[i].dtype
+            if runs and runs[-1][0] == gi and runs[-1][2] == a and runs[-1][3] == dtype:
+                runs[-1] = (gi, runs[-1][1], a + n, dtype)
+            else:
+                runs.append((gi, a, a + n, dtype))
+    starts, total = [], 0
+    for _, a, b, _ in runs:
+        starts.append(total)
+        total += -(-(b - a) // 16) * 16  # each run's copy aligned for any dtype
+    raw = torch.empty(total, dtype=torch.uint8, device=span.device)
+    out.scratch, out.copies, out.after, out.before = raw, [], [], []
+    out.groups = [[] for _ in groups]
+    for (gi, a, b, dtype), start in zip(runs, starts, strict=True):
+        src, dst = span[a - lo:b - lo], raw[start:start + b - a]
+        out.copies.append((dst, src))
+        out.groups[gi].append(len(out.after))
+        out.after.append(src.view(dtype))
+        out.before.append(dst.view(dtype))
     return out
 
 
@@ -232,19 +305,24 @@ def _group_ranges(params: list[torch.Tensor], spans: list[tuple[int, int]],
 
 
 def before_step(s: Session, grads: dict[str, torch.Tensor],
-                known: TakenNorms | None = None) -> Probe | None:
+                known: TakenNorms | None = None, splits: list[chunked.Split] | None = None,
+                answered: bool = True) -> Probe | None:
     """Gradient norms and a copy of the parameters, before ``optimizer.step()``; None when the
     session's metrics are off (or this fails: the step goes on without norms). ``known``:
     norms the non-finite check already took (per gradient, or of a group's gradients that
-    tile one span), not taken again."""
+    tile one span), not taken again. ``splits``: the parameters the step takes in chunks
+    (``chunked.plan``); the probe's ``watch`` is for the step to fill when the norms go into
+    the answer (``answered``). Norms taken after the answer (``?metrics=history``) keep a copy
+    of every parameter instead: the step then takes none of them, and its answer goes out
+    sooner."""
     if not s.metrics_on:
         return None
     try:
         with torch.no_grad():
             names = [g["param_names"] for g in s.optimizer.param_groups]
             layout = s.metrics_layout
-            if not isinstance(layout, Layout) or not layout.fits(s, names):
-                layout = s.metrics_layout = _layout(s, names)
+            if not isinstance(layout, Layout) or not layout.fits(s, names, answered):
+                layout = s.metrics_layout = _layout(s, names, answered)
             each = known.each if known is not None else {}
             spans = dict(known.spans) if known is not None else {}
             parts: list[torch.Tensor] = []
@@ -278,18 +356,45 @@ def before_step(s: Session, grads: dict[str, torch.Tensor],
             if todo:
                 parts.extend(torch._foreach_norm(todo))
                 owner.extend(todo_owner)
-            if layout.scratch is not None:
-                assert layout.span is not None
+            if layout.copies is not None:
                 if layout.taken_at != s.version:
-                    layout.scratch.copy_(layout.span)
+                    _copy(layout)
                 layout.taken_at = None  # the step's subtraction overwrites it
-                return Probe(layout.groups, parts, owner, layout.after, layout.before,
-                             layout.per_group, layout)
-            before = [p.detach().clone() for p in layout.params]
-            return Probe(layout.groups, parts, owner, layout.after, before, layout.per_group)
+                probe = Probe(layout.groups, parts, owner, layout.after, layout.before,
+                              layout.per_group, layout)
+            else:
+                before = [p.detach().clone() for p in layout.after]
+                probe = Probe(layout.groups, parts, owner, layout.after, before,
+                              layout.per_group)
+            if layout.big:
+                _watch(probe, layout.big, grads, splits or [])
+            return probe
     except Exception as exc:  # noqa: BLE001 - metrics never fail a step
         _warn(s, exc)
         return None
+
+
+def _watch(probe: Probe, big: list[tuple[int, torch.Tensor, str]],
+           grads: dict[str, torch.Tensor], splits: list[chunked.Split]) -> None:
+    """The large parameters into ``probe``: those the step takes in chunks to its watch; one
+    it steps whole after all (its gradient or its state of another form) as a copy of its own;
+    one without a gradient (unchanged) for its norm only."""
+    probe.groups = [list(g) for g in probe.groups]
+    probe.after, probe.before = list(probe.after), list(probe.before)
+    probe.per_group = False
+    stepped = {id(sp.param) for sp in splits}
+    for gi, p, name in big:
+        if id(p) in stepped:
+            probe.watch_owner[id(p)] = gi
+        elif grads.get(name) is not None:
+            probe.groups[gi].append(len(probe.after))
+            probe.after.append(p)
+            probe.before.append(p.detach().clone())
+        else:
+            probe.unchanged.append(p)
+            probe.unchanged_owner.append(gi)
+    if probe.watch_owner:
+        probe.watch = chunked.Watch()
 
 
 def after_step(s: Session, probe: Probe | None, lrs: list[float], nonfinite: int
@@ -339,33 +444,64 @@ def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]]) -> boo
     """Subtract in place and take the norms into ``groups``; False (logged once) on failure."""
     try:
         with torch.no_grad():
-            torch._foreach_sub_(probe.before, probe.after)
             m = len(probe.before)
-            both = torch._foreach_norm([*probe.before, *probe.after])
-            every = [*probe.grad_parts, *both]
+            both: list[torch.Tensor] = []
+            if m:
+                torch._foreach_sub_(probe.before, probe.after)
+                both.extend(torch._foreach_norm([*probe.before, *probe.after]))
+            if probe.unchanged:
+                both.extend(torch._foreach_norm(probe.unchanged))
+            watched: list[torch.Tensor] = []
+            update_owner: list[int] = []
+            param_owner: list[int] = []
+            if probe.watch is not None:
+                for pid, gi in probe.watch_owner.items():
+                    done = probe.watch.update[pid]
+                    watched.extend(done)
+                    update_owner.extend([gi] * len(done))
+                for pid, gi in probe.watch_owner.items():
+                    done = probe.watch.param[pid]
+                    watched.extend(done)
+                    param_owner.extend([gi] * len(done))
+            every = [*probe.grad_parts, *both, *watched]
             if len({t.dtype for t in every}) > 1:
                 every = [t.to(_F64) for t in every]
             # float32 norms become Python floats exactly (no float64 tensor needed)
-            values = torch.stack(every).cpu().tolist()
+            values = torch.stack(every).cpu().tolist() if every else []
         k = len(probe.grad_parts)
         squares: list[list[float]] = [[] for _ in groups]
         for v, gi in zip(values, probe.grad_owner, strict=False):
             squares[gi].append(v * v)
-        for gi, (out, members) in enumerate(zip(groups, probe.groups, strict=True)):
-            g_norm = math.sqrt(math.fsum(squares[gi]))
-            if probe.per_group:
-                u_norm, p_norm = values[k + gi], values[k + m + gi]
-            else:
-                u_norm = math.sqrt(math.fsum(values[k + i] ** 2 for i in members))
-                p_norm = math.sqrt(math.fsum(values[k + m + i] ** 2 for i in members))
-            out["grad_norm"] = g_norm
-            out["update_norm"] = u_norm
-            out["param_norm"] = p_norm
-            out["update_ratio"] = _ratio(u_norm, p_norm)
+        if probe.per_group:
+            for gi, out in enumerate(groups):
+                _put(out, math.sqrt(math.fsum(squares[gi])), values[k + gi], values[k + m + gi])
+            return True
+        updates: list[list[float]] = [[] for _ in groups]
+        params: list[list[float]] = [[] for _ in groups]
+        for gi, members in enumerate(probe.groups):
+            updates[gi].extend(values[k + i] ** 2 for i in members)
+            params[gi].extend(values[k + m + i] ** 2 for i in members)
+        rest = iter(values[k + 2 * m:])
+        for gi, v in zip(probe.unchanged_owner, rest, strict=False):
+            params[gi].append(v * v)
+        for gi, v in zip(update_owner, rest, strict=False):
+            updates[gi].append(v * v)
+        for gi, v in zip(param_owner, rest, strict=False):
+            params[gi].append(v * v)
+        for gi, out in enumerate(groups):
+            _put(out, math.sqrt(math.fsum(squares[gi])), math.sqrt(math.fsum(updates[gi])),
+                 math.sqrt(math.fsum(params[gi])))
         return True
     except Exception as exc:  # noqa: BLE001 - metrics never fail a step
         _warn(s, exc)
         return False
+
+
+def _put(out: dict[str, float], g_norm: float, u_norm: float, p_norm: float) -> None:
+    out["grad_norm"] = g_norm
+    out["update_norm"] = u_norm
+    out["param_norm"] = p_norm
+    out["update_ratio"] = _ratio(u_norm, p_norm)
 
 
 def take_ahead(s: Session, layout: Layout) -> None:
@@ -385,9 +521,14 @@ def take_ahead(s: Session, layout: Layout) -> None:
 
 def copy_ahead(layout: Layout) -> None:
     """The copy :func:`take_ahead` takes."""
-    assert layout.scratch is not None and layout.span is not None
+    _copy(layout)
+
+
+def _copy(layout: Layout) -> None:
+    assert layout.copies is not None
     with torch.no_grad():
-        layout.scratch.copy_(layout.span)
+        for dst, src in layout.copies:
+            dst.copy_(src)
 
 
 def count_nonfinite(tensors: list[torch.Tensor]) -> int:

@@ -125,18 +125,14 @@ def decode_json_tensor(obj: object, field: str) -> torch.Tensor:
         if not isinstance(text, str):
             raise Invalid("b64 must be a base64 string", code="invalid_tensor",
                           field=f"{field}.b64")
-        try:
-            raw = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise Invalid("b64 is not valid base64", code="invalid_tensor",
-                          field=f"{field}.b64") from None
         itemsize = torch.empty((), dtype=torch_dtype).element_size()
+        raw = _b64_bytes(text, numel * itemsize, field)
         if len(raw) != numel * itemsize:
             raise Invalid(f"b64 holds {len(raw)} bytes but shape {list(shape)} of {dtype} needs "
                           f"{numel * itemsize}", code="invalid_tensor", field=f"{field}.b64")
         if numel == 0:
             return torch.empty(shape, dtype=torch_dtype)
-        return torch.frombuffer(bytearray(raw), dtype=torch_dtype).reshape(shape)
+        return torch.frombuffer(raw, dtype=torch_dtype).reshape(shape)
     data = obj["data"]
     if not isinstance(data, list):
         raise Invalid("data must be a flat list of numbers", code="invalid_tensor",
@@ -151,6 +147,34 @@ def decode_json_tensor(obj: object, field: str) -> torch.Tensor:
                           code="invalid_tensor", field=f"{field}.data")
         tensor = converted
     return tensor.reshape(shape)
+
+
+#: base64 characters decoded at a time (a multiple of 4): a large tensor's bytes are decoded
+#: piece by piece into their one buffer, not into a whole ``bytes`` and then copied
+B64_PIECE = 1 << 22
+
+
+def _b64_bytes(text: str, size: int, field: str) -> bytearray:
+    """The bytes of ``text`` (strict base64, as ``base64.b64decode(validate=True)`` takes it)
+    in a new writable buffer. A text of the length ``size`` bytes take is decoded piece by
+    piece into one buffer; any other whole (the caller's size check then refuses it)."""
+    try:
+        if len(text) <= B64_PIECE or len(text) != 4 * -(-size // 3):
+            return bytearray(base64.b64decode(text, validate=True))
+        out = bytearray(len(text) // 4 * 3)
+        pos = 0
+        for start in range(0, len(text), B64_PIECE):
+            end = start + B64_PIECE
+            if end < len(text) and text[end - 1] == "=":  # padding is the last piece's only
+                raise ValueError("padding before the end")
+            piece = binascii.a2b_base64(text[start:end], strict_mode=True)
+            out[pos:pos + len(piece)] = piece
+            pos += len(piece)
+        del out[pos:]  # the padding's
+        return out
+    except (binascii.Error, ValueError):
+        raise Invalid("b64 is not valid base64", code="invalid_tensor",
+                      field=f"{field}.b64") from None
 
 
 def tensor_values(t: torch.Tensor) -> Any:

@@ -229,3 +229,62 @@ def test_nonfinite_words_accepted_for_floats_only() -> None:
     for dtype in INTS + ("bool",):
         with pytest.raises(Invalid):
             decode_json_tensor({"dtype": dtype, "shape": [1], "data": ["NaN"]}, "t")
+
+
+def _b64_cases() -> list[tuple[str, str | None]]:
+    """A 300-byte float32 tensor's base64 (400 characters) as sent, and spoilt: each case is
+    decoded in pieces of 8 characters (``B64_PIECE``), so a bad character lands in a middle
+    piece, or padding ends a middle piece. None: valid."""
+    good = base64.b64encode(bytes(range(256)) + bytes(44)).decode()
+    return [
+        ("whole", None),
+        ("bad-char-in-a-middle-piece", good[:13] + "!" + good[14:]),
+        ("padding-ending-a-middle-piece", good[:14] + "==" + good[16:]),
+        ("newline-in-a-middle-piece", good[:20] + "\n" + good[21:]),
+        ("non-ascii-in-a-middle-piece", good[:20] + "\u00e9" + good[21:]),
+        ("padding-in-the-last-piece", good[:-2] + "=="),  # valid: 298 bytes, not 300
+    ]
+
+
+@pytest.mark.parametrize(("name", "spoilt"), _b64_cases(), ids=[c[0] for c in _b64_cases()])
+def test_large_b64_is_decoded_in_pieces_as_b64decode_would(
+        name: str, spoilt: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long ``b64`` text is decoded piece by piece into the tensor's one buffer (no whole
+    ``bytes`` copied again): the same values as ``base64.b64decode``, and each text it refuses
+    is refused (422 naming the field)."""
+    from app.wire import json_tensor
+    monkeypatch.setattr(json_tensor, "B64_PIECE", 8)
+    raw = bytes(range(256)) + bytes(44)
+    text = base64.b64encode(raw).decode() if spoilt is None else spoilt
+    obj = {"dtype": "float32", "shape": [75], "b64": text}
+    if spoilt is None:
+        t = decode_json_tensor(obj, "w")
+        assert t.numpy().tobytes() == raw
+        t.add_(1)  # a writable buffer of its own
+        return
+    if name == "padding-in-the-last-piece":
+        assert len(base64.b64decode(spoilt, validate=True)) == 298
+    else:
+        with pytest.raises(ValueError):  # the reference refuses it too (binascii.Error)
+            base64.b64decode(spoilt, validate=True)
+    with pytest.raises(Invalid) as info:
+        decode_json_tensor(obj, "w")
+    assert info.value.field == "w.b64" and info.value.status == 422
+    assert ("holds 298 bytes" in info.value.detail) == (name == "padding-in-the-last-piece")
+
+
+def test_padding_moved_inside_a_long_b64_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Padding moved from the end into a middle piece keeps the decoded length (299 bytes
+    either way) but is not base64 that ``b64decode`` takes: refused."""
+    from app.wire import json_tensor
+    monkeypatch.setattr(json_tensor, "B64_PIECE", 8)
+    good = base64.b64encode(bytes(range(256)) + bytes(43)).decode()
+    assert good.endswith("=") and not good.endswith("==")
+    moved = good[:15] + "=" + good[16:-1] + "A"
+    with pytest.raises(ValueError):
+        base64.b64decode(moved, validate=True)
+    with pytest.raises(Invalid) as info:
+        decode_json_tensor({"dtype": "uint8", "shape": [299], "b64": moved}, "w")
+    assert info.value.field == "w.b64" and "not valid base64" in info.value.detail
+    t = decode_json_tensor({"dtype": "uint8", "shape": [299], "b64": good}, "w")
+    assert t.numpy().tobytes() == bytes(range(256)) + bytes(43)

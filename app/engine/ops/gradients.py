@@ -149,15 +149,18 @@ class Step(Operation):
         used_lrs = [lr_value(g["lr"]) / plan.lr_div if plan.lr_div is not None
                     else lr_value(g["lr"]) for g in groups]
         sparse.own_storage(s, plan.total)
-        probe = metrics.before_step(s, plan.total, plan.grad_norms)
-        for name, p in s.params.items():
-            p.grad = plan.total.get(name)
         saved_lrs = [group["lr"] for group in groups]
         try:
+            for name, p in s.params.items():
+                p.grad = plan.total.get(name)
+            splits = chunked.plan(s.optimizer, s.optimizer_name)
+            probe = metrics.before_step(s, plan.total, plan.grad_norms, splits,
+                                        self.answer_metrics)
             if plan.lr_div is not None:
                 for group in groups:
                     group["lr"] = group["lr"] / plan.lr_div
-            chunked.step(s.optimizer, s.optimizer_name)
+            chunked.step(s.optimizer, s.optimizer_name, splits,
+                         probe.watch if probe is not None else None)
         except BaseException as exc:
             raise ApplyFailed(f"optimizer.step() raised {type(exc).__name__}: {exc}") from exc
         finally:

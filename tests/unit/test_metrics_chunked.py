@@ -1,0 +1,198 @@
+"""Metrics of parameters stepped in chunks (``app/engine/chunked.py``), on the embedded engine.
+
+Their update norms come from the chunked step itself (each chunk copied and subtracted while
+it is in the cache), so the session keeps no whole copy of them; the norms must still equal
+the same quantities computed here with torch (a local ``torch.optim`` run, float64 norms), and
+the parameters torch's bit for bit. Chunks of 7 elements from 20 elements up: "w" (128) and
+"e" (40) are chunked, "b" and "h" are not, and each group has one of each."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+import pytest
+import torch
+
+from app.engine import CreateSpec, Front, GroupSpec, chunked, embedded_engine, metrics
+from app.engine import host as host_module
+from app.engine.history import HistoryQuery
+from app.engine.session import Session
+
+T = TypeVar("T")
+SHAPES = {"w": (16, 8), "b": (8,), "h": (5, 3), "e": (40,)}
+GROUPS = (("w", "b"), ("h", "e"))
+NORMS = ("grad_norm", "update_norm", "param_norm", "update_ratio")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def engine() -> Iterator[Front]:
+    eng = embedded_engine("cpu", warm_up=False)
+    run(eng.start())
+    chunked.configure(7, smallest=20)  # (after the host, which sets the server's setting)
+    try:
+        yield eng
+    finally:
+        run(eng.stop())
+        chunked.configure(chunked.DEFAULT_CHUNK)
+
+
+def seeded(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(torch.float32)
+
+
+def norm(ts: list[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in ts))
+
+
+def close(got: float, want: float, what: str) -> None:
+    assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-12), (what, got, want)
+
+
+def session(engine: Front, sid: str) -> Session:
+    host, key = run(engine._host("default", sid))
+    return host.embedded._sessions[key]  # type: ignore[attr-defined,no-any-return]
+
+
+def stepped_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that counts the chunks the metrics watched (one entry per chunk)."""
+    seen: list[int] = []
+    real = chunked.Watch.stepped
+
+    def spy(self: chunked.Watch, opt: Any, param: torch.Tensor, view: torch.Tensor) -> None:
+        seen.append(view.numel())
+        real(self, opt, param, view)
+    monkeypatch.setattr(chunked.Watch, "stepped", spy)
+    return seen
+
+
+OPTIMIZERS = [("Adam", {"lr": 0.01, "weight_decay": 0.01}), ("SGD", {"lr": 0.1}),
+              ("SGD", {"lr": 0.1, "momentum": 0.9}), ("NAdam", {"lr": 0.02}),
+              ("Rprop", {"lr": 0.01})]
+
+
+@pytest.mark.parametrize("where", ["worker", "inline"])
+@pytest.mark.parametrize("name,options", OPTIMIZERS,
+                         ids=[f"{n}-{'-'.join(o)}" for n, o in OPTIMIZERS])
+def test_norms_of_parameters_stepped_in_chunks_equal_torch(
+        engine: Front, name: str, options: dict[str, Any], where: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five steps: the first (the chunked parameters' state made chunk by chunk), one that
+    leaves out a chunked and an unchunked parameter, one whose norms go to the history only
+    (``?metrics=history``: taken after the answer from a copy of every parameter), all with
+    torch's norms and parameters; with norms in the answer the session's copy for the update
+    norm holds only the unchunked parameters."""
+    if where == "worker":
+        monkeypatch.setattr(host_module, "INLINE_BYTES", -1)
+    watched = stepped_chunks(monkeypatch)
+    p0 = {n: seeded(s, i) for i, (n, s) in enumerate(SHAPES.items())}
+    run(engine.create(CreateSpec(name, [GroupSpec({n: p0[n].clone() for n in names})
+                                        for names in GROUPS], options=dict(options), id="c")))
+    local = {n: t.clone() for n, t in p0.items()}
+    opt = getattr(torch.optim, name)([{"params": [local[n] for n in names]} for names in GROUPS],
+                                     **options)
+    for k in range(5):
+        sent = {n: seeded(s, 100 * k + i) for i, (n, s) in enumerate(SHAPES.items())
+                if not (k == 2 and n in ("e", "b"))}
+        before = {n: t.clone() for n, t in local.items()}
+        for n, t in local.items():
+            t.grad = sent.get(n)
+        lrs = [float(g["lr"]) for g in opt.param_groups]
+        opt.step()
+        answered = k != 3
+        result = run(engine.step("c", sent, return_params=True, answer_metrics=answered))
+        assert result.params is not None
+        for n in SHAPES:
+            assert torch.equal(result.params[n], local[n]), (k, n)
+        if answered:
+            assert result.metrics is not None
+            got = result.metrics["groups"]
+        else:
+            assert result.metrics is None
+            cols = run(engine.history("c", HistoryQuery(since=k))).columns
+            got = [{f: float(cols[f"{f}.{gi}"][0]) for f in NORMS} for gi in range(2)]
+        for gi, names in enumerate(GROUPS):
+            want_upd = norm([local[n] - before[n] for n in names])
+            want_par = norm([local[n] for n in names])
+            close(got[gi]["grad_norm"], norm([sent[n] for n in names if n in sent]),
+                  f"step {k} group {gi} grad")
+            close(got[gi]["update_norm"], want_upd, f"step {k} group {gi} update")
+            close(got[gi]["param_norm"], want_par, f"step {k} group {gi} param")
+            close(got[gi]["update_ratio"], want_upd / want_par, f"step {k} group {gi} ratio")
+            if answered:
+                assert got[gi]["lr"] == lrs[gi]
+    # chunks watched: w's 19 in each step with its norms in the answer (all but k = 3), e's 6
+    # in those of them with its gradient (not k = 2); the norms taken after the answer come
+    # from a copy of every parameter
+    assert len(watched) == 4 * 19 + 3 * 6
+    layout = session(engine, "c").metrics_layout
+    assert [n for _, _, n in layout.big] == ["w", "e"]
+    small = sum(math.prod(SHAPES[n]) for n in ("b", "h")) * 4
+    assert layout.scratch is not None and layout.scratch.numel() < small + 2 * 16
+
+
+def test_a_chunkable_parameter_stepped_whole_is_copied_for_its_norm(
+        engine: Front, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step that takes the large parameters whole after all (``chunked.plan`` finds nothing
+    to chunk: here forced) copies them for that step: the norms are still torch's."""
+    watched = stepped_chunks(monkeypatch)
+    p0 = {n: seeded(s, i) for i, (n, s) in enumerate(SHAPES.items())}
+    run(engine.create(CreateSpec("Adam", [GroupSpec({n: p0[n].clone() for n in names})
+                                          for names in GROUPS], options={"lr": 0.01}, id="w")))
+    local = {n: t.clone() for n, t in p0.items()}
+    opt = torch.optim.Adam([{"params": [local[n] for n in names]} for names in GROUPS], lr=0.01)
+    plan = chunked.plan
+    for k in range(3):
+        if k == 1:
+            monkeypatch.setattr(chunked, "plan", lambda opt, name: [])
+        else:
+            monkeypatch.setattr(chunked, "plan", plan)
+        sent = {n: seeded(s, 10 * k + i) for i, (n, s) in enumerate(SHAPES.items())}
+        before = {n: t.clone() for n, t in local.items()}
+        for n, t in local.items():
+            t.grad = sent[n]
+        opt.step()
+        result = run(engine.step("w", sent, return_params=True))
+        assert result.params is not None and result.metrics is not None
+        for n in SHAPES:
+            assert torch.equal(result.params[n], local[n]), (k, n)
+        for gi, names in enumerate(GROUPS):
+            got = result.metrics["groups"][gi]
+            close(got["update_norm"], norm([local[n] - before[n] for n in names]), f"{k} {gi}")
+            close(got["param_norm"], norm([local[n] for n in names]), f"{k} {gi} param")
+    assert len(watched) == 2 * (19 + 6)  # steps 0 and 2
+
+
+def test_metrics_layout_follows_the_chunk_setting(engine: Front) -> None:
+    """The layout is worked out again when the chunk setting changes: with chunking off,
+    every parameter is in the copy, and the norms are still torch's."""
+    p0 = {n: seeded(s, i) for i, (n, s) in enumerate(SHAPES.items())}
+    run(engine.create(CreateSpec("SGD", [GroupSpec({n: p0[n].clone() for n in names})
+                                         for names in GROUPS],
+                                 options={"lr": 0.1, "momentum": 0.9}, id="s")))
+    local = {n: t.clone() for n, t in p0.items()}
+    opt = torch.optim.SGD([{"params": [local[n] for n in names]} for names in GROUPS], lr=0.1,
+                          momentum=0.9)
+    for k in range(3):
+        if k == 1:
+            chunked.configure(0)
+        sent = {n: seeded(s, 10 * k + i) for i, (n, s) in enumerate(SHAPES.items())}
+        before = {n: t.clone() for n, t in local.items()}
+        for n, t in local.items():
+            t.grad = sent[n]
+        opt.step()
+        result = run(engine.step("s", sent, return_params=True))
+        assert result.metrics is not None
+        for gi, names in enumerate(GROUPS):
+            close(result.metrics["groups"][gi]["update_norm"],
+                  norm([local[n] - before[n] for n in names]), f"{k} {gi}")
+        layout = session(engine, "s").metrics_layout
+        assert isinstance(layout, metrics.Layout)
+        assert [n for _, _, n in layout.big] == (["w", "e"] if k == 0 else [])
