@@ -144,6 +144,15 @@ def settings() -> tuple[int, int]:
     return _size, _smallest
 
 
+def bounds(numel: int) -> list[tuple[int, int]]:
+    """The chunks ``[a, b)`` :func:`step` cuts a parameter of ``numel`` elements into."""
+    return bounds_of(numel, _size)
+
+
+def bounds_of(numel: int, chunk: int) -> list[tuple[int, int]]:
+    return [(a, min(a + chunk, numel)) for a in range(0, numel, chunk)]
+
+
 def plan(opt: torch.optim.Optimizer, name: str) -> list[Split]:
     """The parameters :func:`step` would step in chunks now (their gradients set)."""
     if _size <= 0 or name not in ELEMENTWISE or _largest(opt) < max(_smallest, _size + 1):
@@ -314,7 +323,7 @@ def _plan(opt: torch.optim.Optimizer, name: str, chunk: int, smallest: int = 0
             if state and not all(_splittable(v, p) for v in state.values()):
                 return []  # state of another form
             flat, flat_grad = p.view(-1), g.view(-1)
-            bounds = [(a, min(a + chunk, p.numel())) for a in range(0, p.numel(), chunk)]
+            bounds = bounds_of(p.numel(), chunk)
             views = []
             for a, b in bounds:
                 view = flat[a:b]

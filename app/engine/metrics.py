@@ -91,12 +91,14 @@ class Probe:
     #: the layout whose scratch ``before`` views (its copy for the next step is taken after
     #: this one: :func:`take_ahead`); None when ``before`` are clones
     layout: Layout | None = None
-    #: large parameters the step leaves unchanged (no gradient): their norms only, and the
-    #: group each belongs to
-    unchanged: list[torch.Tensor] = field(default_factory=list)
-    unchanged_owner: list[int] = field(default_factory=list)
-    #: the chunked step's norms of large parameters (``chunked.Watch``), and per parameter
-    #: (by id) its group
+    #: large parameters (``Layout.big``), normed chunk by chunk (the chunks ``chunked`` steps:
+    #: the same values whichever way they are taken), each with its group: those the step
+    #: leaves unchanged (no gradient), their values' norms only; those compared with a copy
+    #: (group, parameter, copy: a layout's buffer or a clone)
+    unchanged: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    copied: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    #: the chunked step's norms of the others (``chunked.Watch``), and per parameter (by id)
+    #: its group
     watch: chunked.Watch | None = None
     watch_owner: dict[int, int] = field(default_factory=dict)
 
@@ -170,15 +172,19 @@ class Layout:
     #: it holds anything else
     taken_at: int | None = None
     #: the parameters ``chunked`` may step in chunks (``chunked.may_chunk``), outside
-    #: ``after`` and ``before``: (group, tensor, name) each; their update norms come from the
-    #: chunked step itself (``chunked.Watch``), so no copy of them is kept
+    #: ``after`` and ``before``: (group, tensor, name) each; a step whose norms go into its
+    #: answer takes their update norms in the chunked step itself (``chunked.Watch``), so no
+    #: copy of them is kept
     big: list[tuple[int, torch.Tensor, str]] = field(default_factory=list)
-    #: ``chunked.settings()`` when ``big`` was worked out (None: every parameter is in the copy,
-    #: for norms taken after the answer)
-    chunking: tuple[int, int] | None = None
+    #: copies of ``big`` (one each) for steps whose norms are taken after the answer
+    #: (``?metrics=history``), which take none of that work on the step's path: made by the
+    #: first such step, copied ahead with the rest, dropped by a step that answers its norms
+    big_before: list[torch.Tensor] | None = None
+    #: ``chunked.settings()`` when ``big`` was worked out
+    chunking: tuple[int, int] = (0, 0)
 
-    def fits(self, s: Session, names: list[list[str]], watch: bool = True) -> bool:
-        if names != self.names or self.chunking != (chunked.settings() if watch else None):
+    def fits(self, s: Session, names: list[list[str]]) -> bool:
+        if names != self.names or self.chunking != chunked.settings():
             return False
         params = s.params
         return (all(map(operator.is_, map(params.__getitem__, itertools.chain(*names)),
@@ -186,7 +192,7 @@ class Layout:
                 and list(map(torch.Tensor.data_ptr, self.params)) == self.ptrs)
 
 
-def _layout(s: Session, names: list[list[str]], watch: bool = True) -> Layout:
+def _layout(s: Session, names: list[list[str]]) -> Layout:
     """The parameters' layout (see :class:`Layout`).
 
     When they tile one storage (the session's flat block), one copy of its span into a scratch
@@ -197,19 +203,18 @@ def _layout(s: Session, names: list[list[str]], watch: bool = True) -> Layout:
     handful of torch calls, not three per tensor (1,000 small tensors: ~10 ms less per step).
     Else one clone per tensor, every step.
 
-    With ``watch``, parameters the step may take in chunks (``big``) stay out of the copy: the
-    chunked step takes their norms chunk by chunk. The others then come as runs of adjacent
-    tensors of one group and dtype, copied into a scratch of their size only."""
+    Parameters the step may take in chunks (``big``) stay out of that copy: their norms are
+    taken chunk by chunk (:class:`Probe`). The others then come as runs of adjacent tensors
+    of one group and dtype, copied into a scratch of their size only."""
     params = [s.params[n] for g in names for n in g]
     groups, i = [], 0
     for g in names:
         groups.append(list(range(i, i + len(g))))
         i += len(g)
     out = Layout(names, params, [p.data_ptr() for p in params], groups, params, [], False,
-                 sets=[frozenset(g) for g in names],
-                 chunking=chunked.settings() if watch else None)
+                 sets=[frozenset(g) for g in names], chunking=chunked.settings())
     large = {i for i, p in enumerate(params)
-             if watch and chunked.may_chunk(s.optimizer, s.optimizer_name, p)}
+             if chunked.may_chunk(s.optimizer, s.optimizer_name, p)}
     if large:
         flat = [n for g in names for n in g]
         out.big = [(gi, params[i], flat[i]) for gi, members in enumerate(groups)
@@ -220,6 +225,7 @@ def _layout(s: Session, names: list[list[str]], watch: bool = True) -> Layout:
         out.groups = [[index[i] for i in members] for members in groups]
     kept = [i for members in groups for i in members]
     if not kept:
+        out.copies = [] if large else None  # (only the large ones', for norms after answers)
         return out
     storage = params[kept[0]].untyped_storage()
     ptr = storage.data_ptr()
@@ -312,17 +318,22 @@ def before_step(s: Session, grads: dict[str, torch.Tensor],
     norms the non-finite check already took (per gradient, or of a group's gradients that
     tile one span), not taken again. ``splits``: the parameters the step takes in chunks
     (``chunked.plan``); the probe's ``watch`` is for the step to fill when the norms go into
-    the answer (``answered``). Norms taken after the answer (``?metrics=history``) keep a copy
-    of every parameter instead: the step then takes none of them, and its answer goes out
-    sooner."""
+    the answer (``answered``). Norms taken after the answer (``?metrics=history``) come from
+    a copy of every parameter instead: the step then does none of that work, and its answer
+    goes out sooner."""
     if not s.metrics_on:
         return None
     try:
         with torch.no_grad():
             names = [g["param_names"] for g in s.optimizer.param_groups]
             layout = s.metrics_layout
-            if not isinstance(layout, Layout) or not layout.fits(s, names, answered):
-                layout = s.metrics_layout = _layout(s, names, answered)
+            if not isinstance(layout, Layout) or not layout.fits(s, names):
+                layout = s.metrics_layout = _layout(s, names)
+            if layout.big and (layout.big_before is None) != answered:
+                # a copy of the large parameters for norms after the answer, or none
+                layout.big_before = (None if answered else
+                                     [torch.empty_like(p) for _, p, _ in layout.big])
+                layout.taken_at = None
             each = known.each if known is not None else {}
             spans = dict(known.spans) if known is not None else {}
             parts: list[torch.Tensor] = []
@@ -367,32 +378,30 @@ def before_step(s: Session, grads: dict[str, torch.Tensor],
                 probe = Probe(layout.groups, parts, owner, layout.after, before,
                               layout.per_group)
             if layout.big:
-                _watch(probe, layout.big, grads, splits or [])
+                _sort_big(probe, layout, grads, splits or [])
             return probe
     except Exception as exc:  # noqa: BLE001 - metrics never fail a step
         _warn(s, exc)
         return None
 
 
-def _watch(probe: Probe, big: list[tuple[int, torch.Tensor, str]],
-           grads: dict[str, torch.Tensor], splits: list[chunked.Split]) -> None:
-    """The large parameters into ``probe``: those the step takes in chunks to its watch; one
-    it steps whole after all (its gradient or its state of another form) as a copy of its own;
-    one without a gradient (unchanged) for its norm only."""
-    probe.groups = [list(g) for g in probe.groups]
-    probe.after, probe.before = list(probe.after), list(probe.before)
+def _sort_big(probe: Probe, layout: Layout, grads: dict[str, torch.Tensor],
+              splits: list[chunked.Split]) -> None:
+    """The large parameters into ``probe``: one without a gradient (unchanged) for its norm
+    only; one the step takes in chunks to its watch when the norms go into the answer; the
+    others compared with a copy: the layout's (norms after the answer), else a clone (a step
+    that takes the parameter whole after all: its gradient or its state of another form)."""
     probe.per_group = False
-    stepped = {id(sp.param) for sp in splits}
-    for gi, p, name in big:
-        if id(p) in stepped:
+    watched = {id(sp.param) for sp in splits} if layout.big_before is None else set()
+    for j, (gi, p, name) in enumerate(layout.big):
+        if grads.get(name) is None:
+            probe.unchanged.append((gi, p))
+        elif id(p) in watched:
             probe.watch_owner[id(p)] = gi
-        elif grads.get(name) is not None:
-            probe.groups[gi].append(len(probe.after))
-            probe.after.append(p)
-            probe.before.append(p.detach().clone())
+        elif layout.big_before is not None and layout.copies is not None:
+            probe.copied.append((gi, p, layout.big_before[j]))
         else:
-            probe.unchanged.append(p)
-            probe.unchanged_owner.append(gi)
+            probe.copied.append((gi, p, p.detach().clone()))
     if probe.watch_owner:
         probe.watch = chunked.Watch()
 
@@ -445,24 +454,30 @@ def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]]) -> boo
     try:
         with torch.no_grad():
             m = len(probe.before)
-            both: list[torch.Tensor] = []
             if m:
                 torch._foreach_sub_(probe.before, probe.after)
-                both.extend(torch._foreach_norm([*probe.before, *probe.after]))
-            if probe.unchanged:
-                both.extend(torch._foreach_norm(probe.unchanged))
+            tensors = [*probe.before, *probe.after]
+            #: per value after the pieces': its group, and whether it is an update's norm
+            tail: list[tuple[int, bool]] = []
+            for gi, p, before in probe.copied:
+                before.sub_(p)
+                tensors.extend(_chunks(before))
+                tail.extend([(gi, True)] * (len(tensors) - m - m - len(tail)))
+            for gi, p, _ in probe.copied:
+                tensors.extend(_chunks(p))
+                tail.extend([(gi, False)] * (len(tensors) - m - m - len(tail)))
+            for gi, p in probe.unchanged:
+                tensors.extend(_chunks(p))
+                tail.extend([(gi, False)] * (len(tensors) - m - m - len(tail)))
+            both = list(torch._foreach_norm(tensors)) if tensors else []
             watched: list[torch.Tensor] = []
-            update_owner: list[int] = []
-            param_owner: list[int] = []
             if probe.watch is not None:
                 for pid, gi in probe.watch_owner.items():
-                    done = probe.watch.update[pid]
-                    watched.extend(done)
-                    update_owner.extend([gi] * len(done))
+                    watched.extend(probe.watch.update[pid])
+                    tail.extend([(gi, True)] * len(probe.watch.update[pid]))
                 for pid, gi in probe.watch_owner.items():
-                    done = probe.watch.param[pid]
-                    watched.extend(done)
-                    param_owner.extend([gi] * len(done))
+                    watched.extend(probe.watch.param[pid])
+                    tail.extend([(gi, False)] * len(probe.watch.param[pid]))
             every = [*probe.grad_parts, *both, *watched]
             if len({t.dtype for t in every}) > 1:
                 every = [t.to(_F64) for t in every]
@@ -481,13 +496,8 @@ def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]]) -> boo
         for gi, members in enumerate(probe.groups):
             updates[gi].extend(values[k + i] ** 2 for i in members)
             params[gi].extend(values[k + m + i] ** 2 for i in members)
-        rest = iter(values[k + 2 * m:])
-        for gi, v in zip(probe.unchanged_owner, rest, strict=False):
-            params[gi].append(v * v)
-        for gi, v in zip(update_owner, rest, strict=False):
-            updates[gi].append(v * v)
-        for gi, v in zip(param_owner, rest, strict=False):
-            params[gi].append(v * v)
+        for v, (gi, update) in zip(values[k + 2 * m:], tail, strict=True):
+            (updates if update else params)[gi].append(v * v)
         for gi, out in enumerate(groups):
             _put(out, math.sqrt(math.fsum(squares[gi])), math.sqrt(math.fsum(updates[gi])),
                  math.sqrt(math.fsum(params[gi])))
@@ -495,6 +505,12 @@ def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]]) -> boo
     except Exception as exc:  # noqa: BLE001 - metrics never fail a step
         _warn(s, exc)
         return False
+
+
+def _chunks(t: torch.Tensor) -> list[torch.Tensor]:
+    """``t``'s chunks as ``chunked`` steps them (one norm each)."""
+    flat = t.view(-1)
+    return [flat[a:b] for a, b in chunked.bounds(t.numel())]
 
 
 def _put(out: dict[str, float], g_norm: float, u_norm: float, p_norm: float) -> None:
@@ -529,6 +545,9 @@ def _copy(layout: Layout) -> None:
     with torch.no_grad():
         for dst, src in layout.copies:
             dst.copy_(src)
+        if layout.big_before is not None:
+            for copy, (_, p, _) in zip(layout.big_before, layout.big, strict=True):
+                copy.copy_(p)
 
 
 def count_nonfinite(tensors: list[torch.Tensor]) -> int:

@@ -196,3 +196,51 @@ def test_metrics_layout_follows_the_chunk_setting(engine: Front) -> None:
         layout = session(engine, "s").metrics_layout
         assert isinstance(layout, metrics.Layout)
         assert [n for _, _, n in layout.big] == (["w", "e"] if k == 0 else [])
+
+
+@pytest.mark.parametrize("where", ["worker", "inline"])
+@pytest.mark.parametrize("name,options", OPTIMIZERS[:3], ids=["Adam", "SGD", "SGD-momentum"])
+def test_norms_after_the_answer_equal_those_in_the_answer(
+        engine: Front, name: str, options: dict[str, Any], where: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twin sessions, one answering its norms (taken in the chunked step), one leaving them to
+    the history (``?metrics=history``: taken after the answer from a copy of every parameter,
+    chunk by chunk all the same): the same values, value for value, and torch's. The second
+    keeps a copy of its large parameters, the first none."""
+    if where == "worker":
+        monkeypatch.setattr(host_module, "INLINE_BYTES", -1)
+    watched = stepped_chunks(monkeypatch)
+    p0 = {n: seeded(s, i) for i, (n, s) in enumerate(SHAPES.items())}
+    for sid in ("a", "h"):
+        run(engine.create(CreateSpec(name, [GroupSpec({n: p0[n].clone() for n in names})
+                                            for names in GROUPS], options=dict(options),
+                                     id=sid)))
+    local = {n: t.clone() for n, t in p0.items()}
+    opt = getattr(torch.optim, name)([{"params": [local[n] for n in names]} for names in GROUPS],
+                                     **options)
+    for k in range(4):
+        sent = {n: seeded(s, 100 * k + i) for i, (n, s) in enumerate(SHAPES.items())
+                if not (k == 2 and n == "w")}
+        before = {n: t.clone() for n, t in local.items()}
+        for n, t in local.items():
+            t.grad = sent.get(n)
+        opt.step()
+        answered = run(engine.step("a", sent, return_params=True))
+        quiet = run(engine.step("h", sent, return_params=True, answer_metrics=False))
+        assert answered.params is not None and quiet.params is not None
+        assert answered.metrics is not None and quiet.metrics is None
+        for n in SHAPES:
+            assert torch.equal(answered.params[n], local[n]), (k, n)
+            assert torch.equal(quiet.params[n], local[n]), (k, n)
+        for gi, names in enumerate(GROUPS):
+            got = answered.metrics["groups"][gi]
+            close(got["update_norm"], norm([local[n] - before[n] for n in names]), f"{k} {gi}")
+            close(got["param_norm"], norm([local[n] for n in names]), f"{k} {gi} param")
+    rows = {sid: {k: v.tolist() for k, v in
+                  run(engine.history(sid, HistoryQuery())).columns.items() if k != "time"}
+            for sid in ("a", "h")}
+    assert rows["a"] == rows["h"]
+    assert len(watched) == 3 * 19 + 4 * 6  # the answering twin's steps only (w: not k = 2)
+    assert session(engine, "a").metrics_layout.big_before is None
+    copies = session(engine, "h").metrics_layout.big_before
+    assert [tuple(c.shape) for c in copies] == [SHAPES["w"], SHAPES["e"]]
