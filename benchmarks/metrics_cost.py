@@ -10,10 +10,13 @@
    first in turn) with the same safetensors gradients by a plain httpx client,
    ``Accept: application/octet-stream`` (the new parameters come back). Median and p90 ms, and
    the median differences against the round trip without metrics.
-2. On the device alone (in-process, the same worker code): median ms of the metric work on
-   the step's path (``before_step`` + ``after_step``) beside the optimizer step itself, and of
-   the copy of the parameters the server takes for the next step after handing the answer over
-   (``take_ahead``).
+2. On the device alone (in-process, the same worker code): median ms of the optimizer step
+   itself (chunked as the server steps it), of the metric work on the step's path (a step
+   with its norms for the answer, ``before_step`` + the step + ``after_step``, less the step
+   alone; for a parameter stepped in chunks that includes the chunks' copies, subtractions
+   and norms taken in the step), and of the copy of the parameters the server takes for the
+   next step after handing the answer over (``take_ahead``; none for a parameter stepped in
+   chunks).
 
 Prints markdown tables. Run it on a quiet machine: other load moves the medians more than
 the metrics do.
@@ -30,7 +33,7 @@ import httpx
 import torch
 from safetensors.torch import save as st_save
 
-from app.engine import metrics
+from app.engine import chunked, metrics
 from app.engine.session import Session
 from benchmarks._server import free_port, server
 
@@ -97,28 +100,34 @@ def device_only(sizes: list[int], optimizers: list[str], reps: int) -> list[dict
             s = Session.build("bench", opt, [GroupSpec({"w": torch.randn(n)})],
                               orjson.loads(OPTIONS[opt]), None, "reject", torch.device("cpu"))
             g = {"w": torch.randn(n)}
-            step_ms, metric_ms, ahead_ms = [], [], []
+            w = s.params["w"]
+            step_ms, with_ms, ahead_ms = [], [], []
             for rep in range(reps + 2):
+                # the step alone (chunked as the server steps it), then a step with the norms
+                # in its answer (for a parameter the step takes in chunks, their update norms
+                # are taken in the step: chunked.Watch), as ops.gradients.Step.apply runs them
+                w.grad = g["w"]
                 t0 = time.perf_counter()
-                probe = metrics.before_step(s, g)
+                chunked.step(s.optimizer, opt)
                 t1 = time.perf_counter()
-                s.params["w"].grad = g["w"]
-                s.optimizer.step()
-                s.params["w"].grad = None
                 s.version += 1
-                t2 = time.perf_counter()
+                splits = chunked.plan(s.optimizer, opt)
+                probe = metrics.before_step(s, g, None, splits)
+                chunked.step(s.optimizer, opt, splits, probe.watch if probe else None)
+                s.version += 1
                 metrics.after_step(s, probe, [0.001], 0)
-                t3 = time.perf_counter()
+                t2 = time.perf_counter()
+                w.grad = None
                 # what the device worker does once the answer is handed over (worker.after_job)
                 if probe is not None and probe.layout is not None:
                     metrics.take_ahead(s, probe.layout)
-                t4 = time.perf_counter()
+                t3 = time.perf_counter()
                 if rep >= 2:
-                    step_ms.append((t2 - t1) * 1e3)
-                    metric_ms.append((t1 - t0 + t3 - t2) * 1e3)
-                    ahead_ms.append((t4 - t3) * 1e3)
+                    step_ms.append((t1 - t0) * 1e3)
+                    with_ms.append((t2 - t1) * 1e3)
+                    ahead_ms.append((t3 - t2) * 1e3)
             rows.append({"n": n, "optimizer": opt, "step": statistics.median(step_ms),
-                         "metrics": statistics.median(metric_ms),
+                         "metrics": statistics.median(with_ms) - statistics.median(step_ms),
                          "ahead": statistics.median(ahead_ms)})
     return rows
 
