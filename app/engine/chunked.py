@@ -111,22 +111,39 @@ class Watch:
 
     update: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     param: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    #: the norms' own work failed: the chunks step on without it (metrics never fail a step)
+    #: and the norms are not to be used
+    failed: bool = False
     _buffers: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
 
     def stepped(self, opt: torch.optim.Optimizer, param: torch.Tensor, view: torch.Tensor
                 ) -> None:
         """``opt.step()``, with ``view`` (a chunk of ``param``) the one tensor it steps."""
-        buffer = self._buffers.get(view.dtype)
-        if buffer is None or buffer.numel() < view.numel():
-            buffer = self._buffers[view.dtype] = torch.empty(
-                max(view.numel(), _size), dtype=view.dtype, device=view.device)
-        before = buffer[:view.numel()]
-        before.copy_(view)
+        before = None if self.failed else self._copy(view)
         opt.step()
-        before.sub_(view)
-        update, value = torch._foreach_norm([before, view])
+        if before is None:
+            return
+        try:
+            before.sub_(view)
+            update, value = torch._foreach_norm([before, view])
+        except Exception:  # noqa: BLE001 - metrics never fail a step
+            self.failed = True
+            return
         self.update.setdefault(id(param), []).append(update)
         self.param.setdefault(id(param), []).append(value)
+
+    def _copy(self, view: torch.Tensor) -> torch.Tensor | None:
+        try:
+            buffer = self._buffers.get(view.dtype)
+            if buffer is None or buffer.numel() < view.numel():
+                buffer = self._buffers[view.dtype] = torch.empty(
+                    max(view.numel(), _size), dtype=view.dtype, device=view.device)
+            before = buffer[:view.numel()]
+            before.copy_(view)
+            return before
+        except Exception:  # noqa: BLE001 - metrics never fail a step
+            self.failed = True
+            return None
 
 
 def may_chunk(opt: torch.optim.Optimizer, name: str, p: torch.Tensor) -> bool:

@@ -466,12 +466,17 @@ def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]]) -> boo
             for gi, p, _ in probe.copied:
                 tensors.extend(_chunks(p))
                 tail.extend([(gi, False)] * (len(tensors) - m - m - len(tail)))
+            spans: list[tuple[int, torch.Tensor, int, int]] = []  # unchanged: their values'
             for gi, p in probe.unchanged:
+                start = len(tail)
                 tensors.extend(_chunks(p))
                 tail.extend([(gi, False)] * (len(tensors) - m - m - len(tail)))
+                spans.append((gi, p, start, len(tail)))
             both = list(torch._foreach_norm(tensors)) if tensors else []
             watched: list[torch.Tensor] = []
             if probe.watch is not None:
+                if probe.watch.failed:
+                    raise RuntimeError("the chunked step could not take its norms")
                 for pid, gi in probe.watch_owner.items():
                     watched.extend(probe.watch.update[pid])
                     tail.extend([(gi, True)] * len(probe.watch.update[pid]))
@@ -496,8 +501,12 @@ def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]]) -> boo
         for gi, members in enumerate(probe.groups):
             updates[gi].extend(values[k + i] ** 2 for i in members)
             params[gi].extend(values[k + m + i] ** 2 for i in members)
-        for v, (gi, update) in zip(values[k + 2 * m:], tail, strict=True):
+        rest = values[k + 2 * m:]
+        for v, (gi, update) in zip(rest, tail, strict=True):
             (updates if update else params)[gi].append(v * v)
+        for gi, p, start, end in spans:
+            if not all(map(math.isfinite, rest[start:end])) and not bool(torch.isfinite(p).all()):
+                updates[gi].append(math.nan)  # after - before: NaN where a value is not finite
         for gi, out in enumerate(groups):
             _put(out, math.sqrt(math.fsum(squares[gi])), math.sqrt(math.fsum(updates[gi])),
                  math.sqrt(math.fsum(params[gi])))

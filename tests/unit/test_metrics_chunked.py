@@ -244,3 +244,72 @@ def test_norms_after_the_answer_equal_those_in_the_answer(
     assert session(engine, "a").metrics_layout.big_before is None
     copies = session(engine, "h").metrics_layout.big_before
     assert [tuple(c.shape) for c in copies] == [SHAPES["w"], SHAPES["e"]]
+
+
+class _NormsFail:
+    """``torch`` as ``chunked`` sees it, whose ``_foreach_norm`` fails."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_foreach_norm":
+            raise RuntimeError("no norms today")
+        return getattr(torch, name)
+
+
+def test_a_failure_of_the_chunks_norms_leaves_the_step_whole(
+        engine: Front, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunked step's own norm work failing (here: torch's norm, inside the step) costs the
+    step its norms, never the step: torch's parameters, an answer without norms, and the next
+    step with torch's norms again."""
+    p0 = {n: seeded(s, i) for i, (n, s) in enumerate(SHAPES.items())}
+    run(engine.create(CreateSpec("Adam", [GroupSpec({n: p0[n].clone() for n in names})
+                                          for names in GROUPS], options={"lr": 0.01}, id="f")))
+    local = {n: t.clone() for n, t in p0.items()}
+    opt = torch.optim.Adam([{"params": [local[n] for n in names]} for names in GROUPS], lr=0.01)
+    for k in range(3):
+        sent = {n: seeded(s, 10 * k + i) for i, (n, s) in enumerate(SHAPES.items())}
+        before = {n: t.clone() for n, t in local.items()}
+        for n, t in local.items():
+            t.grad = sent[n]
+        opt.step()
+        if k == 1:
+            monkeypatch.setattr(chunked, "torch", _NormsFail())
+        result = run(engine.step("f", sent, return_params=True))
+        monkeypatch.setattr(chunked, "torch", torch)
+        assert result.params is not None and result.metrics is not None
+        for n in SHAPES:
+            assert torch.equal(result.params[n], local[n]), (k, n)
+        groups = result.metrics["groups"]
+        if k == 1:
+            assert all("update_norm" not in g for g in groups), groups
+            continue
+        for gi, names in enumerate(GROUPS):
+            close(groups[gi]["update_norm"], norm([local[n] - before[n] for n in names]),
+                  f"{k} {gi}")
+
+
+@pytest.mark.parametrize("answered", [True, False], ids=["answer", "history"])
+def test_an_unchanged_large_parameter_holding_nan_makes_the_update_norm_nan(
+        engine: Front, answered: bool) -> None:
+    """A large parameter without a gradient in a step changes by nothing, except where it holds
+    a NaN or an infinity (after - before is NaN there, as torch computes it): its group's
+    update norm is NaN then, in both modes, as for a small parameter."""
+    w = seeded(SHAPES["w"], 1)
+    w[3, 4] = math.nan
+    run(engine.create(CreateSpec("SGD", [GroupSpec({"w": w, "b": seeded((8,), 2)}),
+                                         GroupSpec({"h": seeded((5, 3), 3),
+                                                    "e": seeded((40,), 4)})],
+                                 options={"lr": 0.1}, id="n", nonfinite="allow")))
+    grads = {"b": seeded((8,), 5), "h": seeded((5, 3), 6)}
+    result = run(engine.step("n", grads, return_params=False, answer_metrics=answered))
+    if answered:
+        assert result.metrics is not None
+        groups = result.metrics["groups"]
+    else:
+        cols = run(engine.history("n", HistoryQuery())).columns
+        groups = [{f: float(cols[f"{f}.{gi}"][0]) for f in NORMS} for gi in range(2)]
+    nan = {"$float": "nan"} if answered else None  # (the answer's JSON form of a NaN)
+    for key in ("update_norm", "param_norm"):
+        got = groups[0][key]
+        assert got == nan if answered else math.isnan(got), (key, got)
+    want = 0.1 * norm([grads["h"]])  # e left out, finite: no change
+    assert math.isclose(groups[1]["update_norm"], want, rel_tol=1e-6)
