@@ -193,10 +193,9 @@ def step(opt: torch.optim.Optimizer, name: str, splits: list[Split] | None = Non
     had = {id(p) for p in opt.state}
     made = False
     try:
-        replaced = {id(sp.param): sp.views for sp in kept}
-        if watch is not None:
-            replaced = {id(sp.param): [] for sp in kept}  # each chunk in a call of its own
-        replaced.update({id(sp.param): [] for sp in fresh})  # stepped on their own below
+        # a watch's chunks and fresh parameters step on their own below
+        replaced = {id(sp.param): [] if watch is not None else sp.views for sp in kept}
+        replaced.update({id(sp.param): [] for sp in fresh})
         for group, params in zip(opt.param_groups, saved, strict=True):
             group["params"] = [v for p in params for v in replaced.get(id(p), [p])]
         for sp in kept:

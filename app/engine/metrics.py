@@ -329,7 +329,8 @@ def before_step(s: Session, grads: dict[str, torch.Tensor],
             layout = s.metrics_layout
             if not isinstance(layout, Layout) or not layout.fits(s, names):
                 layout = s.metrics_layout = _layout(s, names)
-            if layout.big and (layout.big_before is None) != answered:
+            if (layout.big and layout.copies is not None
+                    and (layout.big_before is None) != answered):
                 # a copy of the large parameters for norms after the answer, or none
                 layout.big_before = (None if answered else
                                      [torch.empty_like(p) for _, p, _ in layout.big])
@@ -459,30 +460,29 @@ def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]]) -> boo
             tensors = [*probe.before, *probe.after]
             #: per value after the pieces': its group, and whether it is an update's norm
             tail: list[tuple[int, bool]] = []
+
+            def add(ts: list[torch.Tensor], gi: int, update: bool) -> None:
+                tensors.extend(ts)
+                tail.extend([(gi, update)] * len(ts))
             for gi, p, before in probe.copied:
                 before.sub_(p)
-                tensors.extend(_chunks(before))
-                tail.extend([(gi, True)] * (len(tensors) - m - m - len(tail)))
+                add(_chunks(before), gi, True)
             for gi, p, _ in probe.copied:
-                tensors.extend(_chunks(p))
-                tail.extend([(gi, False)] * (len(tensors) - m - m - len(tail)))
+                add(_chunks(p), gi, False)
             spans: list[tuple[int, torch.Tensor, int, int]] = []  # unchanged: their values'
             for gi, p in probe.unchanged:
                 start = len(tail)
-                tensors.extend(_chunks(p))
-                tail.extend([(gi, False)] * (len(tensors) - m - m - len(tail)))
+                add(_chunks(p), gi, False)
                 spans.append((gi, p, start, len(tail)))
             both = list(torch._foreach_norm(tensors)) if tensors else []
             watched: list[torch.Tensor] = []
             if probe.watch is not None:
                 if probe.watch.failed:
                     raise RuntimeError("the chunked step could not take its norms")
-                for pid, gi in probe.watch_owner.items():
-                    watched.extend(probe.watch.update[pid])
-                    tail.extend([(gi, True)] * len(probe.watch.update[pid]))
-                for pid, gi in probe.watch_owner.items():
-                    watched.extend(probe.watch.param[pid])
-                    tail.extend([(gi, False)] * len(probe.watch.param[pid]))
+                for norms, update in ((probe.watch.update, True), (probe.watch.param, False)):
+                    for pid, gi in probe.watch_owner.items():
+                        watched.extend(norms[pid])
+                        tail.extend([(gi, update)] * len(norms[pid]))
             every = [*probe.grad_parts, *both, *watched]
             if len({t.dtype for t in every}) > 1:
                 every = [t.to(_F64) for t in every]

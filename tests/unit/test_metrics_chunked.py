@@ -313,3 +313,40 @@ def test_an_unchanged_large_parameter_holding_nan_makes_the_update_norm_nan(
         assert got == nan if answered else math.isnan(got), (key, got)
     want = 0.1 * norm([grads["h"]])  # e left out, finite: no change
     assert math.isclose(groups[1]["update_norm"], want, rel_tol=1e-6)
+
+
+def test_a_group_added_later_clones_its_norms_inputs_and_keeps_no_large_copy(
+        engine: Front) -> None:
+    """After ``add_param_group`` the parameters no longer tile one block: the small ones are
+    cloned per step, and a step whose norms go to the history clones the large one too (no copy
+    kept for it); every norm is still torch's, in both modes."""
+    p0 = {"w": seeded((16, 8), 1), "b": seeded((8,), 2)}
+    run(engine.create(CreateSpec("Adam", [GroupSpec({n: t.clone() for n, t in p0.items()})],
+                                 options={"lr": 0.01}, id="g")))
+    c0 = seeded((5,), 3)
+    run(engine.add_param_group("g", GroupSpec({"c": c0.clone()}, {"lr": 0.02})))
+    local = {**{n: t.clone() for n, t in p0.items()}, "c": c0.clone()}
+    opt = torch.optim.Adam([local["w"], local["b"]], lr=0.01)
+    opt.add_param_group({"params": [local["c"]], "lr": 0.02})
+    groups = [["w", "b"], ["c"]]
+    for k in range(4):
+        answered = k % 2 == 0
+        sent = {n: seeded(tuple(t.shape), 10 * k + i) for i, (n, t) in enumerate(local.items())}
+        before = {n: t.clone() for n, t in local.items()}
+        for n, t in local.items():
+            t.grad = sent[n]
+        opt.step()
+        result = run(engine.step("g", sent, return_params=True, answer_metrics=answered))
+        if answered:
+            assert result.metrics is not None
+            got = result.metrics["groups"]
+        else:
+            cols = run(engine.history("g", HistoryQuery(since=k))).columns
+            got = [{f: float(cols[f"{f}.{gi}"][0]) for f in NORMS} for gi in range(2)]
+        for gi, names in enumerate(groups):
+            close(got[gi]["update_norm"], norm([local[n] - before[n] for n in names]),
+                  f"{k} {gi}")
+            close(got[gi]["param_norm"], norm([local[n] for n in names]), f"{k} {gi} param")
+        layout = session(engine, "g").metrics_layout
+        assert layout.copies is None and layout.big_before is None
+        assert [n for _, _, n in layout.big] == ["w"]
