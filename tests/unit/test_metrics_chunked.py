@@ -8,10 +8,9 @@ the parameters torch's bit for bit. Chunks of 7 elements from 20 elements up: "w
 
 from __future__ import annotations
 
-import asyncio
 import math
-from collections.abc import Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -20,15 +19,11 @@ from app.engine import CreateSpec, Front, GroupSpec, chunked, embedded_engine, m
 from app.engine import host as host_module
 from app.engine.history import HistoryQuery
 from app.engine.session import Session
+from tests.unit.test_metrics_history import close, norm, run, seeded
 
-T = TypeVar("T")
 SHAPES = {"w": (16, 8), "b": (8,), "h": (5, 3), "e": (40,)}
 GROUPS = (("w", "b"), ("h", "e"))
 NORMS = ("grad_norm", "update_norm", "param_norm", "update_ratio")
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 @pytest.fixture
@@ -43,17 +38,14 @@ def engine() -> Iterator[Front]:
         chunked.configure(chunked.DEFAULT_CHUNK)
 
 
-def seeded(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(torch.float32)
-
-
-def norm(ts: list[torch.Tensor]) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in ts))
-
-
-def close(got: float, want: float, what: str) -> None:
-    assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-12), (what, got, want)
+def step_locally(opt: torch.optim.Optimizer, local: dict[str, torch.Tensor],
+                 sent: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``opt.step()`` with the gradients ``sent`` (those left out: none); the values before."""
+    before = {n: t.clone() for n, t in local.items()}
+    for n, t in local.items():
+        t.grad = sent.get(n)
+    opt.step()
+    return before
 
 
 def session(engine: Front, sid: str) -> Session:
@@ -101,11 +93,8 @@ def test_norms_of_parameters_stepped_in_chunks_equal_torch(
     for k in range(5):
         sent = {n: seeded(s, 100 * k + i) for i, (n, s) in enumerate(SHAPES.items())
                 if not (k == 2 and n in ("e", "b"))}
-        before = {n: t.clone() for n, t in local.items()}
-        for n, t in local.items():
-            t.grad = sent.get(n)
         lrs = [float(g["lr"]) for g in opt.param_groups]
-        opt.step()
+        before = step_locally(opt, local, sent)
         answered = k != 3
         result = run(engine.step("c", sent, return_params=True, answer_metrics=answered))
         assert result.params is not None
@@ -155,10 +144,7 @@ def test_a_chunkable_parameter_stepped_whole_is_copied_for_its_norm(
         else:
             monkeypatch.setattr(chunked, "plan", plan)
         sent = {n: seeded(s, 10 * k + i) for i, (n, s) in enumerate(SHAPES.items())}
-        before = {n: t.clone() for n, t in local.items()}
-        for n, t in local.items():
-            t.grad = sent[n]
-        opt.step()
+        before = step_locally(opt, local, sent)
         result = run(engine.step("w", sent, return_params=True))
         assert result.params is not None and result.metrics is not None
         for n in SHAPES:
@@ -184,10 +170,7 @@ def test_metrics_layout_follows_the_chunk_setting(engine: Front) -> None:
         if k == 1:
             chunked.configure(0)
         sent = {n: seeded(s, 10 * k + i) for i, (n, s) in enumerate(SHAPES.items())}
-        before = {n: t.clone() for n, t in local.items()}
-        for n, t in local.items():
-            t.grad = sent[n]
-        opt.step()
+        before = step_locally(opt, local, sent)
         result = run(engine.step("s", sent, return_params=True))
         assert result.metrics is not None
         for gi, names in enumerate(GROUPS):
@@ -221,10 +204,7 @@ def test_norms_after_the_answer_equal_those_in_the_answer(
     for k in range(4):
         sent = {n: seeded(s, 100 * k + i) for i, (n, s) in enumerate(SHAPES.items())
                 if not (k == 2 and n == "w")}
-        before = {n: t.clone() for n, t in local.items()}
-        for n, t in local.items():
-            t.grad = sent.get(n)
-        opt.step()
+        before = step_locally(opt, local, sent)
         answered = run(engine.step("a", sent, return_params=True))
         quiet = run(engine.step("h", sent, return_params=True, answer_metrics=False))
         assert answered.params is not None and quiet.params is not None
@@ -267,10 +247,7 @@ def test_a_failure_of_the_chunks_norms_leaves_the_step_whole(
     opt = torch.optim.Adam([{"params": [local[n] for n in names]} for names in GROUPS], lr=0.01)
     for k in range(3):
         sent = {n: seeded(s, 10 * k + i) for i, (n, s) in enumerate(SHAPES.items())}
-        before = {n: t.clone() for n, t in local.items()}
-        for n, t in local.items():
-            t.grad = sent[n]
-        opt.step()
+        before = step_locally(opt, local, sent)
         if k == 1:
             monkeypatch.setattr(chunked, "torch", _NormsFail())
         result = run(engine.step("f", sent, return_params=True))
@@ -332,10 +309,7 @@ def test_a_group_added_later_clones_its_norms_inputs_and_keeps_no_large_copy(
     for k in range(4):
         answered = k % 2 == 0
         sent = {n: seeded(tuple(t.shape), 10 * k + i) for i, (n, t) in enumerate(local.items())}
-        before = {n: t.clone() for n, t in local.items()}
-        for n, t in local.items():
-            t.grad = sent[n]
-        opt.step()
+        before = step_locally(opt, local, sent)
         result = run(engine.step("g", sent, return_params=True, answer_metrics=answered))
         if answered:
             assert result.metrics is not None
