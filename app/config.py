@@ -14,14 +14,12 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.engine.chunked import DEFAULT_CHUNK, SMALLEST_IN_CHUNKS
+from app.engine.chunked import DEFAULT_CHUNK, NORM_PIECE, SMALLEST_IN_CHUNKS
 
 ENV_PREFIX = "OPTSERVE_"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]{1,3})?)$")
 #: the exit code of a process that refuses its configuration (as sysexits' EX_USAGE family)
 EXIT_CONFIG = 2
-#: the smallest OPTSERVE_STEP_CHUNK but 0
-MIN_STEP_CHUNK = 4096
 
 
 class ConfigError(ValueError):
@@ -75,8 +73,8 @@ class Settings(BaseSettings):
         default=DEFAULT_CHUNK, ge=0,
         description="CPU steps of elementwise optimizers (Adam, SGD, ...) take float32/float64 "
         f"parameters of at least {SMALLEST_IN_CHUNKS} chunks of this many elements chunk by "
-        "chunk (the same values, cache-sized passes and temporaries; 0: never, else at least "
-        f"{MIN_STEP_CHUNK})")
+        "chunk (the same values, cache-sized passes and temporaries; 0: never, else a multiple "
+        f"of {NORM_PIECE}, the pieces the per-step metrics take norms of)")
     default_nonfinite: Literal["reject", "skip", "allow"] = "reject"
     data_dir: Path = Field(default=Path("data"), description="where sessions are persisted")
     durability: Literal["step", "interval", "memory"] = Field(
@@ -161,9 +159,10 @@ class Settings(BaseSettings):
     @field_validator("step_chunk")
     @classmethod
     def _step_chunk(cls, value: int) -> int:
-        if 0 < value < MIN_STEP_CHUNK:
-            raise ValueError(f"must be 0 (never chunk) or at least {MIN_STEP_CHUNK} elements "
-                             "(smaller chunks cost a Python loop of torch calls each)")
+        if value % NORM_PIECE:
+            raise ValueError(f"must be 0 (never chunk) or a multiple of {NORM_PIECE} elements "
+                             "(the pieces the per-step metrics take norms of, which a chunk "
+                             "holds whole)")
         return value
 
     def cors_origin_list(self) -> list[str]:

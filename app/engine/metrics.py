@@ -76,18 +76,17 @@ SHOWN = ("answer", "history")
 class Probe:
     """What :func:`before_step` keeps across ``optimizer.step()``."""
 
-    #: per group, the indexes of its tensors in ``after`` and ``before`` (unless per_group)
+    #: per group, the indexes of its pieces in ``after`` and ``before``
     groups: list[list[int]]
     #: norms (0-d, on the device) whose squares sum to a group's squared gradient norm: one
     #: per gradient, or one for all of a group's gradients when they tile one span
     grad_parts: list[torch.Tensor]
     #: the group each of ``grad_parts`` belongs to
     grad_owner: list[int]
-    #: the live parameters and copies of them as they were before the step: per group (one
-    #: span of the session's flat block each) when ``per_group``, else per tensor
+    #: the live parameters and copies of them as they were before the step, in pieces: a
+    #: group's span of the session's flat block, runs of adjacent tensors, or tensors
     after: list[torch.Tensor]
     before: list[torch.Tensor]
-    per_group: bool = False
     #: the layout whose scratch ``before`` views (its copy for the next step is taken after
     #: this one: :func:`take_ahead`); None when ``before`` are clones
     layout: Layout | None = None
@@ -248,6 +247,7 @@ def _layout(s: Session, names: list[list[str]]) -> Layout:
     ranges = _group_ranges(params, [spans[i] for i in kept], groups, lo)
     if ranges is not None:
         out.per_group = True
+        out.groups = [[gi] for gi in range(len(ranges))]  # one span each
         out.after, out.before = [], []
         for a, b, dtype in ranges:
             out.after.append(span[a - lo:b - lo].view(dtype))
@@ -373,11 +373,10 @@ def before_step(s: Session, grads: dict[str, torch.Tensor],
                     _copy(layout)
                 layout.taken_at = None  # the step's subtraction overwrites it
                 probe = Probe(layout.groups, parts, owner, layout.after, layout.before,
-                              layout.per_group, layout)
+                              layout)
             else:
                 before = [p.detach().clone() for p in layout.after]
-                probe = Probe(layout.groups, parts, owner, layout.after, before,
-                              layout.per_group)
+                probe = Probe(layout.groups, parts, owner, layout.after, before)
             if layout.big:
                 _sort_big(probe, layout, grads, splits or [])
             return probe
@@ -392,7 +391,6 @@ def _sort_big(probe: Probe, layout: Layout, grads: dict[str, torch.Tensor],
     only; one the step takes in chunks to its watch when the norms go into the answer; the
     others compared with a copy: the layout's (norms after the answer), else a clone (a step
     that takes the parameter whole after all: its gradient or its state of another form)."""
-    probe.per_group = False
     watched = {id(sp.param) for sp in splits} if layout.big_before is None else set()
     for j, (gi, p, name) in enumerate(layout.big):
         if grads.get(name) is None:
@@ -454,36 +452,39 @@ def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]]) -> boo
     """Subtract in place and take the norms into ``groups``; False (logged once) on failure."""
     try:
         with torch.no_grad():
-            m = len(probe.before)
-            if m:
+            if probe.before:
                 torch._foreach_sub_(probe.before, probe.after)
-            tensors = [*probe.before, *probe.after]
-            #: per value after the pieces': its group, and whether it is an update's norm
+            tensors: list[torch.Tensor] = []
+            #: per norm taken: its group, and whether it is an update's norm
             tail: list[tuple[int, bool]] = []
 
             def add(ts: list[torch.Tensor], gi: int, update: bool) -> None:
                 tensors.extend(ts)
                 tail.extend([(gi, update)] * len(ts))
+            for gi, members in enumerate(probe.groups):
+                for i in members:
+                    add(chunked.pieces(probe.before[i]), gi, True)
+                    add(chunked.pieces(probe.after[i]), gi, False)
             for gi, p, before in probe.copied:
                 before.sub_(p)
-                add(_chunks(before), gi, True)
-            for gi, p, _ in probe.copied:
-                add(_chunks(p), gi, False)
+                add(chunked.pieces(before), gi, True)
+                add(chunked.pieces(p), gi, False)
             spans: list[tuple[int, torch.Tensor, int, int]] = []  # unchanged: their values'
             for gi, p in probe.unchanged:
                 start = len(tail)
-                add(_chunks(p), gi, False)
+                add(chunked.pieces(p), gi, False)
                 spans.append((gi, p, start, len(tail)))
-            both = list(torch._foreach_norm(tensors)) if tensors else []
-            watched: list[torch.Tensor] = []
             if probe.watch is not None:
                 if probe.watch.failed:
                     raise RuntimeError("the chunked step could not take its norms")
-                for norms, update in ((probe.watch.update, True), (probe.watch.param, False)):
+                norms = list(torch._foreach_norm(tensors)) if tensors else []
+                for taken, update in ((probe.watch.update, True), (probe.watch.param, False)):
                     for pid, gi in probe.watch_owner.items():
-                        watched.extend(norms[pid])
-                        tail.extend([(gi, update)] * len(norms[pid]))
-            every = [*probe.grad_parts, *both, *watched]
+                        norms.extend(taken[pid])
+                        tail.extend([(gi, update)] * len(taken[pid]))
+            else:
+                norms = list(torch._foreach_norm(tensors)) if tensors else []
+            every = [*probe.grad_parts, *norms]
             if len({t.dtype for t in every}) > 1:
                 every = [t.to(_F64) for t in every]
             # float32 norms become Python floats exactly (no float64 tensor needed)
@@ -492,16 +493,9 @@ def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]]) -> boo
         squares: list[list[float]] = [[] for _ in groups]
         for v, gi in zip(values, probe.grad_owner, strict=False):
             squares[gi].append(v * v)
-        if probe.per_group:
-            for gi, out in enumerate(groups):
-                _put(out, math.sqrt(math.fsum(squares[gi])), values[k + gi], values[k + m + gi])
-            return True
         updates: list[list[float]] = [[] for _ in groups]
         params: list[list[float]] = [[] for _ in groups]
-        for gi, members in enumerate(probe.groups):
-            updates[gi].extend(values[k + i] ** 2 for i in members)
-            params[gi].extend(values[k + m + i] ** 2 for i in members)
-        rest = values[k + 2 * m:]
+        rest = values[k:]
         for v, (gi, update) in zip(rest, tail, strict=True):
             (updates if update else params)[gi].append(v * v)
         for gi, p, start, end in spans:
@@ -514,12 +508,6 @@ def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]]) -> boo
     except Exception as exc:  # noqa: BLE001 - metrics never fail a step
         _warn(s, exc)
         return False
-
-
-def _chunks(t: torch.Tensor) -> list[torch.Tensor]:
-    """``t``'s chunks as ``chunked`` steps them (one norm each)."""
-    flat = t.view(-1)
-    return [flat[a:b] for a, b in chunked.bounds(t.numel())]
 
 
 def _put(out: dict[str, float], g_norm: float, u_norm: float, p_norm: float) -> None:
