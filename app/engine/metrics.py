@@ -7,11 +7,15 @@ option changes and a staleness divisor, before the scheduler stepped). Per step:
 non-finite gradient values there were (a skipped step's, or those a ``nonfinite: allow`` session
 let through), and for parameter-server steps the staleness or the workers of the round.
 
-Every norm is torch's L2 norm of each tensor in its own dtype (``torch._foreach_norm``, as
+Every norm is torch's L2 norm in the tensor's own dtype (``torch._foreach_norm``, as
 ``torch.nn.utils.clip_grad_norm_`` takes them; asking torch to accumulate in float64 instead
-costs ~13x more on a CPU); the per-tensor norms of all groups come back to the host as one
-small float64 tensor (one device-to-host copy of 3 values per parameter tensor), and each
-group's norm is ``sqrt(sum of its tensors' squared norms)`` in Python floats (as
+costs ~13x more on a CPU): of each gradient (or of a span of gradients that tile one buffer),
+and for the update and parameter norms of each piece of ``chunked.NORM_PIECE`` elements at
+fixed offsets from the start of what is normed (a group's span of the flat block, a run of
+adjacent tensors, a tensor): torch's float32 norm sums in float32 (off by ~4e-4 for 1e7 values),
+the pieces keep it to ~1e-7, and they make the values independent of how the step chunks a
+parameter. The norms of all groups come back to the host in one device-to-host copy, and each
+group's norm is ``sqrt(sum of its parts' squared norms)`` in Python floats (as
 ``clip_grad_norm_`` combines them).
 
 The update norm needs the parameters as they were before the step: a copy of the session's flat
@@ -20,12 +24,10 @@ a param group was added; else :func:`before_step` clones each tensor), and :func
 subtracts in place and takes the norms. For a step whose norms go into its answer, parameters
 the step takes in chunks (``app/engine/chunked.py``: large CPU ones) stay out of that copy:
 the chunked step copies and subtracts each chunk while it is in the cache
-(``chunked.Watch``), so a session keeps no second copy of its large parameters, and their
-norms are ``sqrt(sum of the chunks' squared norms)`` (torch's norm of each chunk; the whole
-tensor's to within float32 rounding of the sum's order, as a group span's norm is). The copy
-for the next step is taken right after this
-one, on the device worker once this step's answer has been handed over (``worker.after_job``),
-so that it runs while the answer goes out, not on the next step's critical path; it is tagged
+(``chunked.Watch``) and norms its pieces, so a session keeps no second copy of its large
+parameters. The copy for the next step is taken right after this one, on the device worker
+once this step's answer has been handed over (``worker.after_job``), so that it runs while
+the answer goes out, not on the next step's critical path; it is tagged
 with the session's version, and :func:`before_step` copies again unless that is still the
 session's version (every operation that changes parameter values bumps it; a session restored
 after a failure is a new object with a new layout). Steps that run inline on the event loop's
@@ -90,8 +92,8 @@ class Probe:
     #: the layout whose scratch ``before`` views (its copy for the next step is taken after
     #: this one: :func:`take_ahead`); None when ``before`` are clones
     layout: Layout | None = None
-    #: large parameters (``Layout.big``), normed chunk by chunk (the chunks ``chunked`` steps:
-    #: the same values whichever way they are taken), each with its group: those the step
+    #: large parameters (``Layout.big``), normed piece by piece (the same values whichever
+    #: way they are taken), each with its group: those the step
     #: leaves unchanged (no gradient), their values' norms only; those compared with a copy
     #: (group, parameter, copy: a layout's buffer or a clone)
     unchanged: list[tuple[int, torch.Tensor]] = field(default_factory=list)
@@ -202,9 +204,9 @@ def _layout(s: Session, names: list[list[str]]) -> Layout:
     handful of torch calls, not three per tensor (1,000 small tensors: ~10 ms less per step).
     Else one clone per tensor, every step.
 
-    Parameters the step may take in chunks (``big``) stay out of that copy: their norms are
-    taken chunk by chunk (:class:`Probe`). The others then come as runs of adjacent tensors
-    of one group and dtype, copied into a scratch of their size only."""
+    Parameters the step may take in chunks (``big``) stay out of that copy: the chunked step
+    takes their norms, piece by piece (:class:`Probe`). The others then come as runs of
+    adjacent tensors of one group and dtype, copied into a scratch of their size only."""
     params = [s.params[n] for g in names for n in g]
     groups, i = [], 0
     for g in names:
