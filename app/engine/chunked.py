@@ -102,14 +102,9 @@ def configure(elements: int, smallest: int | None = None) -> None:
     _piece = NORM_PIECE if elements % NORM_PIECE == 0 else elements
 
 
-def piece() -> int:
-    """The norms' piece (:data:`NORM_PIECE`, unless a test set chunks of another size)."""
-    return _piece
-
-
 def pieces(t: torch.Tensor) -> list[torch.Tensor]:
-    """``t`` (flattened) in pieces of :func:`piece` elements from its start: what the
-    metrics take one norm of each."""
+    """``t`` (flattened) in pieces of :data:`NORM_PIECE` elements from its start (of a test's
+    odd chunk instead: :func:`configure`): what the metrics take one norm of each."""
     flat = t.reshape(-1)
     return [flat[a:a + _piece] for a in range(0, flat.numel(), _piece)]
 
@@ -176,10 +171,23 @@ class Watch:
 def may_chunk(opt: torch.optim.Optimizer, name: str, p: torch.Tensor) -> bool:
     """Whether :func:`step` steps ``p`` (one of ``opt``'s parameters) in chunks when its
     gradient allows (dense, contiguous, of its shape and dtype) and its state does."""
-    return (_size > 0 and name in ELEMENTWISE and p.numel() >= max(_smallest, _size + 1)
-            and p.device.type == "cpu" and p.dtype in EXACT_DTYPES and p.is_contiguous()
-            and not any(group.get("foreach") or group.get("fused")
-                        for group in opt.param_groups))
+    return (_size > 0 and name in ELEMENTWISE and _large(p.numel(), _size, _smallest)
+            and _plain(p) and not _fused(opt))
+
+
+def _large(numel: int, chunk: int, smallest: int) -> bool:
+    """A parameter of ``numel`` elements is worth chunks of ``chunk``."""
+    return numel > chunk and numel >= smallest
+
+
+def _plain(p: torch.Tensor) -> bool:
+    """A parameter whose chunks step bitwise as the whole does (see the module's docstring)."""
+    return p.device.type == "cpu" and p.dtype in EXACT_DTYPES and p.is_contiguous()
+
+
+def _fused(opt: torch.optim.Optimizer) -> bool:
+    """Some group takes every tensor at once already (``foreach``/``fused``)."""
+    return any(group.get("foreach") or group.get("fused") for group in opt.param_groups)
 
 
 def settings() -> tuple[int, int]:
@@ -190,7 +198,7 @@ def settings() -> tuple[int, int]:
 
 def plan(opt: torch.optim.Optimizer, name: str) -> list[Split]:
     """The parameters :func:`step` would step in chunks now (their gradients set)."""
-    if _size <= 0 or name not in ELEMENTWISE or _largest(opt) < max(_smallest, _size + 1):
+    if _size <= 0 or name not in ELEMENTWISE or not _large(_largest(opt), _size, _smallest):
         return []  # nothing to chunk: no walk over a many-tensor session's parameters
     return _plan(opt, name, _size, _smallest)
 
@@ -221,10 +229,7 @@ def step(opt: torch.optim.Optimizer, name: str, splits: list[Split] | None = Non
         opt.step()
         if watch is not None:
             for sp in kept:
-                only = _only(opt, sp, saved)
-                for view in sp.views:
-                    only([view])
-                    watch.stepped(opt, sp.param, view)
+                _alone(opt, sp, saved, watch)(sp.views)
         for sp in kept:
             _take_back(opt, sp)
         for sp in fresh:
@@ -243,10 +248,11 @@ def step(opt: torch.optim.Optimizer, name: str, splits: list[Split] | None = Non
         after_job(release_memory)
 
 
-def _only(opt: torch.optim.Optimizer, sp: Split, saved: list[list[torch.Tensor]]
-          ) -> Callable[[list[torch.Tensor]], None]:
-    """A function that leaves only the given views of ``sp``'s parameter in its group (every
-    other group empty), for an ``opt.step()`` of those alone."""
+def _alone(opt: torch.optim.Optimizer, sp: Split, saved: list[list[torch.Tensor]],
+           watch: Watch | None) -> Callable[[list[torch.Tensor]], None]:
+    """A function that steps the given views of ``sp``'s parameter alone: only they in its
+    group, every other group empty; all in one ``opt.step()``, or with a ``watch`` one call
+    each (:meth:`Watch.stepped`)."""
     index = next(i for i, params in enumerate(saved) if any(p is sp.param for p in params))
     groups = opt.param_groups
 
@@ -254,7 +260,16 @@ def _only(opt: torch.optim.Optimizer, sp: Split, saved: list[list[torch.Tensor]]
         for i, group in enumerate(groups):
             group["params"] = views if i == index else []
 
-    return only
+    def alone(views: list[torch.Tensor]) -> None:
+        if watch is None:
+            only(views)
+            opt.step()
+            return
+        for view in views:
+            only([view])
+            watch.stepped(opt, sp.param, view)
+
+    return alone
 
 
 #: per optimizer: its number of parameters, and the elements of its largest (a parameter's
@@ -295,27 +310,13 @@ def _first_step(opt: torch.optim.Optimizer, sp: Split, saved: list[list[torch.Te
     once); True when the parameter has state afterwards. An optimizer that made no state for
     the first chunk (SGD without momentum) steps the other chunks in one call (one each
     with a ``watch``)."""
-    only = _only(opt, sp, saved)
-
-    def stepped(view: torch.Tensor) -> None:
-        if watch is None:
-            opt.step()
-        else:
-            watch.stepped(opt, sp.param, view)
-
+    alone = _alone(opt, sp, saved, watch)
     whole: dict[str, Any] = {}
     for k, ((a, b), view) in enumerate(zip(sp.bounds, sp.views, strict=True)):
-        only([view])
-        stepped(view)
+        alone([view])
         made = opt.state.pop(view, None) or {}
         if k == 0 and not made:
-            if watch is None:
-                only(sp.views[1:])
-                opt.step()
-            else:
-                for rest in sp.views[1:]:
-                    only([rest])
-                    stepped(rest)
+            alone(sp.views[1:])
             if any(opt.state.pop(v, None) for v in sp.views[1:]):
                 raise RuntimeError("state made for some chunks only: not an elementwise step")
             return False
@@ -339,18 +340,15 @@ def _first_step(opt: torch.optim.Optimizer, sp: Split, saved: list[list[torch.Te
 
 def _plan(opt: torch.optim.Optimizer, name: str, chunk: int, smallest: int = 0
           ) -> list[Split]:
-    if chunk <= 0 or name not in ELEMENTWISE:
-        return []
-    if any(group.get("foreach") or group.get("fused") for group in opt.param_groups):
+    if chunk <= 0 or name not in ELEMENTWISE or _fused(opt):
         return []
     splits: list[Split] = []
     for group in opt.param_groups:
         for p in group["params"]:
             g = p.grad
-            if g is None or p.numel() <= chunk or p.numel() < smallest:
+            if g is None or not _large(p.numel(), chunk, smallest):
                 continue
-            if (p.device.type != "cpu" or p.dtype not in EXACT_DTYPES or not p.is_contiguous()
-                    or g.layout != torch.strided or not g.is_contiguous()
+            if (not _plain(p) or g.layout != torch.strided or not g.is_contiguous()
                     or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device):
                 return []
             state = opt.state.get(p)

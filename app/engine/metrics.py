@@ -85,8 +85,9 @@ class Probe:
     grad_parts: list[torch.Tensor]
     #: the group each of ``grad_parts`` belongs to
     grad_owner: list[int]
-    #: the live parameters and copies of them as they were before the step, in pieces: a
-    #: group's span of the session's flat block, runs of adjacent tensors, or tensors
+    #: the live parameters and copies of them as they were before the step, in pieces: runs of
+    #: adjacent tensors of the session's flat block (a group's whole span, as a rule), or
+    #: tensors
     after: list[torch.Tensor]
     before: list[torch.Tensor]
     #: the layout whose scratch ``before`` views (its copy for the next step is taken after
@@ -162,7 +163,6 @@ class Layout:
     groups: list[list[int]]
     after: list[torch.Tensor]
     before: list[torch.Tensor]
-    per_group: bool
     #: the copy per step: ``dst.copy_(src)`` for each pair, ``dst`` in ``scratch`` (None: one
     #: clone per tensor instead)
     copies: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -196,23 +196,20 @@ class Layout:
 def _layout(s: Session, names: list[list[str]]) -> Layout:
     """The parameters' layout (see :class:`Layout`).
 
-    When they tile one storage (the session's flat block), one copy of its span into a scratch
-    buffer the layout keeps (allocated once, reused every step: a fresh 40 MB block per step at
-    1e7 parameters cost more in page faults than the copy itself); and when each group's
-    tensors are one contiguous span of one dtype (as the flat block lays out sessions of one
-    dtype), the live values and the copies come as one span per group: the norms then take a
-    handful of torch calls, not three per tensor (1,000 small tensors: ~10 ms less per step).
-    Else one clone per tensor, every step.
-
-    Parameters the step may take in chunks (``big``) stay out of that copy: the chunked step
-    takes their norms, piece by piece (:class:`Probe`). The others then come as runs of
-    adjacent tensors of one group and dtype, copied into a scratch of their size only."""
+    Parameters the step may take in chunks (``big``) stay out of the copy: the chunked step
+    takes their norms, piece by piece (:class:`Probe`). When the others tile one storage (the
+    session's flat block), they come as runs of adjacent tensors of one group and dtype (one
+    per group in a flat block of one dtype), each one piece, copied into a scratch buffer the
+    layout keeps (allocated once, reused every step: a fresh 40 MB block per step at 1e7
+    parameters cost more in page faults than the copy itself); the norms then take a handful
+    of torch calls, not three per tensor (1,000 small tensors: ~10 ms less per step). Else one
+    clone per tensor, every step."""
     params = [s.params[n] for g in names for n in g]
     groups, i = [], 0
     for g in names:
         groups.append(list(range(i, i + len(g))))
         i += len(g)
-    out = Layout(names, params, [p.data_ptr() for p in params], groups, params, [], False,
+    out = Layout(names, params, [p.data_ptr() for p in params], groups, params, [],
                  sets=[frozenset(g) for g in names], chunking=chunked.settings())
     large = {i for i, p in enumerate(params)
              if chunked.may_chunk(s.optimizer, s.optimizer_name, p)}
@@ -238,33 +235,17 @@ def _layout(s: Session, names: list[list[str]]) -> Layout:
         spans[i] = (int(p.storage_offset()) * p.element_size(), p.numel() * p.element_size())
     lo = min(a for a, _ in spans.values())
     hi = max(a + n for a, n in spans.values())
-    if not large and hi - lo > 2 * sum(n for _, n in spans.values()):  # sparse views
-        return out
     span = torch.empty(0, dtype=torch.uint8, device=params[kept[0]].device).set_(
         storage, lo, (hi - lo,), (1,))
-    if large:
-        return _runs(out, params, spans, groups, span, lo)
-    raw = torch.empty_like(span)
-    out.copies, out.scratch = [(raw, span)], raw
-    ranges = _group_ranges(params, [spans[i] for i in kept], groups, lo)
-    if ranges is not None:
-        out.per_group = True
-        out.groups = [[gi] for gi in range(len(ranges))]  # one span each
-        out.after, out.before = [], []
-        for a, b, dtype in ranges:
-            out.after.append(span[a - lo:b - lo].view(dtype))
-            out.before.append(raw[a - lo:b - lo].view(dtype))
-        return out
-    out.before = [raw[a - lo:a - lo + n].view(p.dtype).view(p.shape)
-                  for (a, n), p in zip(spans.values(), params, strict=True)]
-    return out
+    return _runs(out, params, spans, groups, span, lo)
 
 
 def _runs(out: Layout, params: list[torch.Tensor], spans: dict[int, tuple[int, int]],
           groups: list[list[int]], span: torch.Tensor, lo: int) -> Layout:
     """``out`` with the parameters of ``groups`` (indexes into ``params``, whose byte ranges
     in ``span``'s storage are ``spans``) as runs: adjacent tensors of one group and dtype, one
-    piece each, copied into a scratch of their size."""
+    piece each, copied into a scratch of their size (views of a larger storage copy only
+    their own bytes)."""
     runs: list[tuple[int, int, int, torch.dtype]] = []  # (group, start, end, dtype)
     for gi, members in enumerate(groups):
         for i in members:
@@ -287,28 +268,6 @@ def _runs(out: Layout, params: list[torch.Tensor], spans: dict[int, tuple[int, i
         out.groups[gi].append(len(out.after))
         out.after.append(src.view(dtype))
         out.before.append(dst.view(dtype))
-    return out
-
-
-def _group_ranges(params: list[torch.Tensor], spans: list[tuple[int, int]],
-                  groups: list[list[int]], lo: int) -> list[tuple[int, int, torch.dtype]] | None:
-    """Per group, the byte range ``[a, b)`` its tensors fill without a gap, and their one
-    dtype (an empty group, a shard's: the empty range at ``lo``); None when a group is not
-    like that (several dtypes, another order)."""
-    out = []
-    for members in groups:
-        if not members:
-            out.append((lo, lo, torch.float32))
-            continue
-        dtype = params[members[0]].dtype
-        a = pos = spans[members[0]][0]
-        for i in members:
-            if params[i].dtype != dtype or spans[i][0] != pos:
-                return None
-            pos += spans[i][1]
-        if a % params[members[0]].element_size():
-            return None
-        out.append((a, pos, dtype))
     return out
 
 
