@@ -217,6 +217,41 @@ def test_frozen_param_and_add_param_group(client: optserve.Client) -> None:
     assert local_sd["state"].keys() == remote_sd["state"].keys()
 
 
+def test_groups_of_submodules_named_parameters_with_the_same_names(
+        client: optserve.Client) -> None:
+    """torch takes ``param_names`` as labels only: groups made of each submodule's
+    ``named_parameters()`` (both ``weight`` and ``bias``), a group that names a parameter twice
+    and ``add_param_group`` with the same names again all work there. The session gets unique
+    names; the optimizer's groups and state dict keep the user's, as torch's do."""
+    def groups(model: nn.Module) -> list[dict[str, Any]]:
+        return [{"params": model[0].named_parameters()},  # type: ignore[index]
+                {"params": list(model[2].named_parameters())[:1]  # type: ignore[index]
+                 + [("weight", model[2].bias)], "lr": 3e-3}]  # type: ignore[index]
+
+    local_model, remote_model = mlp(), mlp()
+    local = torch.optim.AdamW(groups(local_model), lr=1e-2)
+    remote = optserve.RemoteOptimizer(groups(remote_model), "AdamW", client, lr=1e-2)
+    train(local_model, local, 3)
+    train(remote_model, remote, 3)
+    more = [nn.Linear(4, 4) for _ in range(2)]
+    for model, opt, extra in ((local_model, local, more[0]), (remote_model, remote, more[1])):
+        extra.load_state_dict(more[0].state_dict())
+        model.append(extra)  # type: ignore[operator]
+        opt.add_param_group({"params": list(extra.named_parameters())})
+    train(local_model, local, 3)
+    train(remote_model, remote, 3)
+    assert_same_params(local_model, remote_model)
+    assert [g["param_names"] for g in remote.param_groups] == [
+        ["weight", "bias"], ["weight", "weight"], ["weight", "bias"]]
+    names = client.get_session(remote.session_id).param_names
+    assert len(set(names)) == 6
+    local_sd, remote_sd = local.state_dict(), remote.state_dict()
+    assert local_sd["param_groups"] == remote_sd["param_groups"]
+    for pid, entry in local_sd["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(remote_sd["state"][pid][key], value), (pid, key)
+
+
 def test_server_side_scheduler_lr_is_mirrored(client: optserve.Client) -> None:
     local_model, remote_model = mlp(), mlp()
     local = torch.optim.SGD(local_model.parameters(), lr=0.2)

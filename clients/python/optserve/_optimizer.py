@@ -8,7 +8,8 @@ training loop: ``zero_grad``, ``backward``, ``step``, gradient clipping, any
 How it maps onto the service:
 
 - construction creates a session from the parameters' current values (names: the given
-  ``(name, tensor)`` pairs, else ``"0"``, ``"1"``, ... by position across groups);
+  ``(name, tensor)`` pairs, a repeated name made unique as ``name#2``, ... in the session only,
+  else ``"0"``, ``"1"``, ... by position across groups);
 - ``step()`` first sends any parameter changed locally in place since the last step (e.g. by
   ``module.load_state_dict`` or an ``nn.init`` function: anything that bumps the tensor's
   version counter; edits through ``.data`` are invisible, call :meth:`push_params` after them)
@@ -262,10 +263,29 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.pull_params()
 
     def _names_for(self, group: dict[str, Any]) -> list[str]:
+        """The session's names for a group's parameters: its ``param_names`` (made unique, see
+        :meth:`_unique`), else their positions across groups."""
         if "param_names" in group:
-            return [str(n) for n in group["param_names"]]
+            taken = set(self._by_name)
+            names = []
+            for name in group["param_names"]:
+                names.append(self._unique(str(name), taken))
+                taken.add(names[-1])
+            return names
         start = sum(len(n) for n in self._param_names)
         return [str(i) for i in range(start, start + len(group["params"]))]
+
+    @staticmethod
+    def _unique(name: str, taken: set[str]) -> str:
+        """``name``, or ``name#2``, ``name#3``, ... when it is taken: torch's ``param_names``
+        are labels and may repeat (groups of each submodule's ``named_parameters()``), a
+        session's names may not. The optimizer's groups keep the given names."""
+        k = 2
+        unique = name
+        while unique in taken:
+            unique = f"{name}#{k}"
+            k += 1
+        return unique
 
     def _remember(self, names: list[str], params: list[torch.Tensor]) -> None:
         self._param_names.append(names)
