@@ -153,7 +153,8 @@ SCHEMAS: dict[str, Any] = {
     },
     "ParamGroup": {
         "type": "object", "required": ["params"],
-        "properties": {"params": _ref("ParamTensors")},
+        "properties": {"params": {**_TENSOR_MAP, "description": "Tensors by parameter name; "
+                                  "a group may have none, as torch's may."}},
         "additionalProperties": True,
         "description": "A param group: its tensors plus any optimizer options of its own.",
         "example": {"params": {"y": TENSOR_EXAMPLE}, "lr": 0.01},
@@ -171,7 +172,11 @@ SCHEMAS: dict[str, Any] = {
             "optimizer": {"type": "string", "example": "SGD"},
             "options": {"type": "object"},
             "params": _ref("ParamTensors"),
-            "param_groups": {"type": "array", "minItems": 1, "items": _ref("ParamGroup")},
+            "param_groups": {"type": "array", "minItems": 1, "items": _ref("ParamGroup"),
+                             "contains": {"type": "object",
+                                          "properties": {"params": {"minProperties": 1}}},
+                             "description": "param groups; some group must have a "
+                                            "parameter"},
             "scheduler": _nullable(_ref("SchedulerSpec")),
             "id": {"type": ["string", "null"], "pattern": SESSION_ID_PATTERN},
             "nonfinite": {"type": ["string", "null"], "enum": ["reject", "skip", "allow", None]},

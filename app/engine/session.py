@@ -201,8 +201,10 @@ class Session:
         allow_empty: bool = False,
     ) -> Session:
         """Validate a create completely (torch's own checks on a throwaway first) and build the
-        session; raises before anything exists. ``allow_empty``: groups may have no parameters
-        (the shards of a sharded session keep every group, with the part of it they hold)."""
+        session; raises before anything exists. A group may have no parameters (torch takes
+        one: a weight-decay split of a model without biases leaves one empty), the session
+        needs some; ``allow_empty``: none at all (the shards of a sharded session keep every
+        group, with the part of it they hold)."""
         cls = optimizers.optimizer_class(optimizer_name)
         defaults = optimizers.normalize_options(cls, options, "options")
         if not groups:
@@ -214,9 +216,6 @@ class Session:
         for i, group in enumerate(groups):
             where = f"param_groups.{i}"
             group_opts.append(optimizers.normalize_options(cls, group.options, where))
-            if not group.params and not allow_empty:
-                raise Invalid("a param group needs at least one parameter",
-                              code="invalid_params", field=f"{where}.params")
             for name, t in group.params.items():
                 check_param_name(name, f"{where}.params")
                 if name in seen:
@@ -226,6 +225,10 @@ class Session:
                 check_param_tensor(name, t, f"{where}.params.{name}")
             dtypes.append(next(iter(group.params.values())).dtype if group.params
                           else EMPTY_GROUP_DTYPE)
+        if not seen and not allow_empty:  # (groups without parameters: torch takes them)
+            raise Invalid("give at least one parameter (a param group may have none, as "
+                          "torch's may, but not every group)", code="invalid_params",
+                          field="param_groups.0.params" if len(groups) == 1 else "param_groups")
         fields = {k: f"options.{k}" for k in defaults}
         for i, g in enumerate(group_opts):
             fields.update({k: f"param_groups.{i}.{k}" for k in g})

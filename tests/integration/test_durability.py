@@ -391,6 +391,75 @@ def test_kill9_loses_no_acknowledged_step(proc: Proc) -> None:
 
 # --------------------------------------------------------------------------- damage at start
 
+def test_empty_param_groups_survive_kill9_from_the_log_and_from_snapshots(proc: Proc) -> None:
+    """Groups without parameters (torch takes them: a weight-decay split with nothing to
+    exempt, ``add_param_group({"params": []})``) are in the create's record, in an
+    add_param_group's and in snapshots: a session restored from each after ``kill -9`` keeps
+    them, and steps on as torch does."""
+    p0 = params0()
+    local = {n: t.clone() for n, t in p0.items()}
+    opt = torch.optim.AdamW([{"params": [local["w"]], "weight_decay": 0.1},
+                             {"params": [], "weight_decay": 0.0}], lr=LR)
+    body = {"id": "split", "optimizer": "AdamW", "options": {"lr": LR},
+            "param_groups": [{"params": {"w": jt(p0["w"])}, "weight_decay": 0.1},
+                             {"params": {}, "weight_decay": 0.0}]}
+    steps = iter(itertools.count())
+
+    def step_both(c: httpx.Client, n: int) -> None:
+        for _ in range(n):
+            g = grad_for((next(steps),))
+            for name, p in local.items():
+                p.grad = g[name].clone() if any(p is q for grp in opt.param_groups
+                                                for q in grp["params"]) else None
+            opt.step()
+            grads = {name: jt(g[name]) for name in local
+                     if any(local[name] is q for grp in opt.param_groups
+                            for q in grp["params"])}
+            r = c.post("/v1/sessions/split/step", json={"grads": grads})
+            assert r.status_code == 200, r.text
+
+    def check(c: httpx.Client) -> None:
+        _, got = pull(c, "split")
+        assert set(got) == {n for n, p in local.items()
+                            if any(p is q for grp in opt.param_groups for q in grp["params"])}
+        for name, t in got.items():
+            assert bitwise(t, local[name].detach()), name
+        sd = c.get("/v1/sessions/split/state_dict").json()
+        mine = opt.state_dict()
+        assert len(sd["param_groups"]) == len(mine["param_groups"])
+        for theirs, ours in zip(sd["param_groups"], mine["param_groups"], strict=True):
+            assert theirs["params"] == ours["params"]
+            assert theirs["weight_decay"] == ours["weight_decay"] and theirs["lr"] == ours["lr"]
+        for pid, entry in mine["state"].items():
+            for key, value in entry.items():
+                assert bitwise(tree_from_json(sd["state"][str(pid)][key], "s"), value), key
+
+    proc.start(OPTSERVE_SNAPSHOT_EVERY_STEPS="1000")  # restored from the log: create, steps
+    with httpx.Client(base_url=proc.url, timeout=60) as c:
+        assert c.post("/v1/sessions", json=body).status_code == 201
+        step_both(c, 2)
+        r = c.post("/v1/sessions/split/param_groups", json={"params": {}, "lr": 0.5})
+        assert r.status_code == 201, r.text
+        opt.add_param_group({"params": [], "lr": 0.5})
+        r = c.post("/v1/sessions/split/param_groups",
+                   json={"params": {"b": jt(p0["b"])}, "amsgrad": True})
+        assert r.status_code == 201, r.text
+        opt.add_param_group({"params": [local["b"]], "amsgrad": True})
+        step_both(c, 2)
+    proc.kill9()
+    proc.start(OPTSERVE_SNAPSHOT_EVERY_STEPS="2")  # then from snapshots taken after restart
+    with httpx.Client(base_url=proc.url, timeout=60) as c:
+        assert c.get("/readyz").json().get("refused") is None
+        check(c)
+        step_both(c, 5)
+    proc.kill9()
+    proc.start()
+    with httpx.Client(base_url=proc.url, timeout=60) as c:
+        check(c)
+        step_both(c, 1)
+        check(c)
+
+
 def crash_image(server: LiveServer, data: Path, dest: Path) -> None:
     """Copy the data directory of a running server between requests: what ``kill -9`` would
     leave (with ``durability: step`` everything acknowledged is on disk)."""

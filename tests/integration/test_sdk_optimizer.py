@@ -252,6 +252,57 @@ def test_groups_of_submodules_named_parameters_with_the_same_names(
             assert torch.equal(remote_sd["state"][pid][key], value), (pid, key)
 
 
+@pytest.mark.parametrize("transport", ["http", "local"])
+def test_an_empty_param_group_as_torch_takes_it(live_server: str, transport: str) -> None:
+    """A weight-decay split of a model without biases leaves the no-decay group empty; torch
+    takes it, and ``add_param_group`` of no parameters too. The session keeps the empty
+    groups (their options, their place in the group indexes) through steps, a checkpoint's
+    state dict (saved, then loaded into a fresh optimizer that trains on) and an added group."""
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16, bias=False), nn.Tanh(),
+                             nn.Linear(16, 4, bias=False))
+
+    def groups(m: nn.Module) -> list[dict[str, Any]]:
+        decay = [p for n, p in m.named_parameters() if p.dim() > 1]
+        rest = [p for n, p in m.named_parameters() if p.dim() <= 1]
+        return [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+
+    with optserve.Client(live_server, max_retries=0, transport=transport) as client:
+        local_model, remote_model = model(), model()
+        local = torch.optim.AdamW(groups(local_model), lr=1e-2)
+        remote = optserve.RemoteOptimizer(groups(remote_model), "AdamW", client, lr=1e-2)
+        assert [len(g["params"]) for g in remote.param_groups] == [2, 0]
+        local_losses = train(local_model, local, 3, step_lr)
+        remote_losses = train(remote_model, remote, 3, step_lr)
+        assert torch.equal(torch.stack(local_losses), torch.stack(remote_losses))
+        for opt in (local, remote):
+            opt.add_param_group({"params": [], "lr": 0.5, "amsgrad": True})
+        train(local_model, local, 2)
+        train(remote_model, remote, 2)
+        assert_same_params(local_model, remote_model)
+        info = client.get_session(remote.session_id)
+        assert [g.params for g in info.param_groups] == [["0", "1"], [], []]
+        assert [g.options["weight_decay"] for g in info.param_groups] == [0.1, 0.0, 0.01]
+        assert info.param_groups[2].options["lr"] == 0.5
+        local_sd, remote_sd = local.state_dict(), remote.state_dict()
+        assert local_sd["param_groups"] == remote_sd["param_groups"]
+        for pid, entry in local_sd["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(remote_sd["state"][pid][key], value), (pid, key)
+        # a checkpoint of the remote one loads into a fresh remote optimizer, empty groups too
+        buf = io.BytesIO()
+        torch.save(remote_sd, buf)
+        buf.seek(0)
+        again = optserve.RemoteOptimizer(groups(remote_model), "AdamW", client, lr=1.0)
+        again.add_param_group({"params": []})
+        again.load_state_dict(torch.load(buf, weights_only=True))
+        train(local_model, local, 2)
+        train(remote_model, again, 2)
+        assert_same_params(local_model, remote_model)
+        assert local.state_dict()["param_groups"] == again.state_dict()["param_groups"]
+
+
 def test_server_side_scheduler_lr_is_mirrored(client: optserve.Client) -> None:
     local_model, remote_model = mlp(), mlp()
     local = torch.optim.SGD(local_model.parameters(), lr=0.2)

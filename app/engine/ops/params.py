@@ -10,7 +10,13 @@ import torch
 from app.engine import optimizers, schedulers
 from app.engine.interface import GroupSpec, ParamsResult, SessionInfo, Tensors
 from app.engine.ops.base import Operation, register
-from app.engine.session import Session, check_param_name, check_param_tensor, flat_block
+from app.engine.session import (
+    EMPTY_GROUP_DTYPE,
+    Session,
+    check_param_name,
+    check_param_tensor,
+    flat_block,
+)
 from app.errors import Invalid
 
 _PROBE_NAME = "__optserve_probe__"
@@ -70,16 +76,14 @@ class AddParamGroup(Operation):
         index = len(s.optimizer.param_groups)
         where = f"param_groups.{index}"
         opts = optimizers.normalize_options(s.cls, self.options, where)
-        if not self.params:
-            raise Invalid("a param group needs at least one parameter", code="invalid_params",
-                          field=f"{where}.params")
-        for name, t in self.params.items():
+        for name, t in self.params.items():  # (none: torch takes an empty group too)
             check_param_name(name, f"{where}.params")
             if name in s.params:
                 raise Invalid(f"parameter {name!r:.60} is already in this session",
                               code="invalid_params", field=f"{where}.params.{name}")
             check_param_tensor(name, t, f"{where}.params.{name}")
-        dtype = next(iter(self.params.values())).dtype
+        dtype = (next(iter(self.params.values())).dtype if self.params
+                 else EMPTY_GROUP_DTYPE)
         fields = {k: f"{where}.{k}" for k in opts}
         optimizers.check_overflow({**s.defaults, **opts}, dtype, where)
         optimizers.probe(s.cls, s.defaults, [*s.group_options(), opts],
@@ -90,8 +94,11 @@ class AddParamGroup(Operation):
 
     def apply(self, s: Session, plan: GroupPlan) -> SessionInfo:
         named = list(plan.params.items())
+        # an empty group says it is named (torch refuses to mix named and unnamed groups)
+        group: dict[str, Any] = ({"params": named} if named else
+                                 {"params": [], "param_names": []})
         try:
-            s.optimizer.add_param_group({"params": named, **plan.options})
+            s.optimizer.add_param_group({**group, **plan.options})
         except optimizers.TORCH_ERRORS as exc:  # torch checks before it appends anything
             raise Invalid(str(exc), code="invalid_option",
                           field=f"param_groups.{len(s.optimizer.param_groups)}") from None
