@@ -57,7 +57,7 @@ def _tag_version(tag: str) -> int | None:
         tag = tag[2:]
     if len(tag) >= 2 and tag[0] == tag[-1] == '"':
         tag = tag[1:-1]
-    return int(tag) if tag.isdigit() and len(tag) <= 18 else None
+    return int(tag) if tag.isascii() and tag.isdigit() and len(tag) <= 18 else None
 
 
 def none_match_versions(request: Request) -> frozenset[int]:

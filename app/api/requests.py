@@ -246,7 +246,7 @@ def step_options(value: object) -> dict[int, dict[str, Any]] | None:
     elif isinstance(value, dict):
         items = []
         for k, v in value.items():
-            if not (isinstance(k, str) and k.isdigit() and len(k) < 7):
+            if not (isinstance(k, str) and k.isascii() and k.isdigit() and len(k) < 7):
                 raise Invalid(f"param_groups keys are group indexes, got {k!r:.40}",
                               code="invalid_body", field=f"param_groups.{k}")
             items.append((int(k), v))
@@ -301,7 +301,7 @@ class StepQuery:
             raise Invalid("return must be params, none or touched", code="invalid_query",
                           field="return")
         base = q.get("base_version")
-        if base is not None and not (base.isdigit() and len(base) <= 18):
+        if base is not None and not (base.isascii() and base.isdigit() and len(base) <= 18):
             raise Invalid("base_version must be an integer >= 0", code="invalid_query",
                           field="base_version")
         upcast = q.get("upcast", "false").lower()

@@ -56,7 +56,7 @@ class PreparedImport:
 def _state_id(key: object, field: str) -> int:
     if type(key) is int:
         return key
-    if isinstance(key, str) and key.isdigit() and len(key) < 19:
+    if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 19:
         return int(key)
     raise Invalid(f"state keys must be integer parameter ids, got {key!r:.40}",
                   code="state_mismatch", field=field)

@@ -449,6 +449,31 @@ def test_nonfinite_error_names_every_bad_parameter(sess: Sess) -> None:
     sess.assert_unchanged()
 
 
+def test_unicode_digits_are_not_numbers(sess: Sess) -> None:
+    """``"²"`` passes ``str.isdigit()`` but not ``int()``: every integer the client writes as
+    text (a query's base_version, If-Match, If-None-Match, a step's group index, a state id) is
+    a 4xx naming it, or (If-None-Match) a tag that names no version, never a 500."""
+    step = _grads(w=jt(G1["w"]))
+    r = sess.http.post(f"{sess.url}/step", content=step, headers=JSON_CT,
+                       params={"base_version": "\u00b2"})
+    assert_problem(r, 422, "invalid_query", "base_version")
+    r = sess.http.post(f"{sess.url}/step", content=step,
+                       headers={**JSON_CT, "if-match": '"\u00b2"'.encode("latin-1")})
+    assert_problem(r, 422, "invalid_base_version", "If-Match")
+    options = json.dumps({"grads": {}, "param_groups": {"\u00b2": {"lr": 0.5}}}).encode()
+    r = sess.http.post(f"{sess.url}/step", content=options, headers=JSON_CT)
+    assert_problem(r, 422, "invalid_body", "param_groups.\u00b2")
+    state = json.loads(json.dumps(sess.before.state_dict))
+    state["state"] = {"\u00b2": state["state"]["0"]}
+    r = sess.http.put(f"{sess.url}/state_dict", json=state)
+    assert_problem(r, 422, "state_mismatch", "state_dict.state.\u00b2")
+    r = sess.http.get(f"{sess.url}/params", params={"encoding": "b64"},
+                      headers={"if-none-match": '"\u00b2"'.encode("latin-1")})
+    assert r.status_code == 200, r.text
+    assert r.json() == sess.before.params  # bitwise (b64)
+    sess.assert_unchanged()
+
+
 # --------------------------------------------------------------------------- other session routes
 
 def test_unknown_session(http: httpx.Client) -> None:
