@@ -233,6 +233,18 @@ def _nbytes(dtype: str, shape: list[int]) -> int:
     return n
 
 
+def _message(body: bytes) -> dict[str, Any]:
+    """A frame's message: a body that is not a JSON object is a 400 answer, as over HTTP (the
+    frame was read whole: the connection and its bindings go on)."""
+    try:
+        message = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the message is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(message, dict):
+        raise BadRequest("a message must be a JSON object", code="invalid_json")
+    return message
+
+
 def problem_of(exc: Exception) -> dict[str, Any]:
     if isinstance(exc, OptserveError):
         out: dict[str, Any] = {"type": f"urn:optserve:problem:{exc.code}", "title": exc.title,
@@ -356,12 +368,12 @@ class _Connection(threading.Thread):
     def run(self) -> None:
         try:
             while True:
-                message = self._read()
-                if message is None:
+                body = self._read()
+                if body is None:
                     return
                 fds: list[int] = []
                 try:
-                    answer = self._handle(message, fds)
+                    answer = self._handle(_message(body), fds)
                 except Exception as exc:  # every failure is an answer, never a dead thread
                     answer, fds = {"ok": False, "problem": problem_of(exc)}, []
                 self._send(answer, fds)
@@ -385,23 +397,15 @@ class _Connection(threading.Thread):
             got += len(chunk)
         return b"".join(chunks)
 
-    def _read(self) -> dict[str, Any] | None:
+    def _read(self) -> bytes | None:
+        """The next frame's body; None when the client has closed the connection."""
         head = self._recv_exact(_HEAD.size)
         if head is None:
             return None
         (length,) = _HEAD.unpack(head)
         if length > MAX_FRAME:
             raise OSError("frame too large")
-        body = self._recv_exact(length)
-        if body is None:
-            return None
-        try:
-            message = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise OSError("not JSON") from None
-        if not isinstance(message, dict):
-            raise OSError("not an object")
-        return message
+        return self._recv_exact(length)
 
     def _send(self, answer: dict[str, Any], fds: list[int]) -> None:
         body = orjson.dumps(answer)

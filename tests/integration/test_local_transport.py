@@ -358,6 +358,8 @@ def test_the_sdk_steps_over_http_past_the_limit_and_deleting_unbinds(
     ({"op": 7}, 400, "invalid_message", "op"),
     ({"op": "bind", "session": 5}, 422, "invalid_id", "session"),
     ({"op": "bind"}, 422, "invalid_message", "session"),
+    # json.dumps writes NaN, which is not JSON: answered as over HTTP, not a dropped connection
+    ({"scalars": {"loss": float("nan")}}, 400, "invalid_json", None),
     ({"binding": "1"}, 404, "unknown_binding", "binding"),
 ])
 def test_a_malformed_message_is_a_problem_naming_its_field_and_changes_nothing(
@@ -386,6 +388,39 @@ def test_a_malformed_message_is_a_problem_naming_its_field_and_changes_nothing(
         assert info.version == 0
         out = a.step(sid, {"x": g})
         assert out.params is not None and torch.equal(out.params["x"], local_adam(p0, [g]))
+
+
+def test_a_frame_that_is_not_a_json_object_is_answered_and_the_connection_kept(
+        keyed_server: str) -> None:
+    """A whole frame whose bytes are not a JSON object (not JSON, NaN, an array) is a 400
+    ``invalid_json`` answer, as an HTTP body is; the connection and its binding stay (it was
+    closed without an answer, and its segments with it)."""
+    path = socket_path(keyed_server)
+    p0 = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(8, generator=torch.Generator().manual_seed(2))
+    with optserve.Client(keyed_server, api_key=KEY_A, transport="http") as a:
+        sid = a.create_session(optimizer="Adam", options={"lr": 1e-2}, params={"x": p0}).id
+        a.step(sid, {"x": g})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        assert frames(s, {"op": "hello", "key": KEY_A})["ok"] is True
+        bound = frames(s, {"op": "bind", "session": sid})
+        assert bound["ok"] is True
+        for body in (b'{"op": "pull", "binding": 1, "x": NaN}', b"[1, 2]", b"\xff{", b""):
+            s.sendall(struct.pack("<I", len(body)) + body)
+            (n,) = struct.unpack("<I", s.recv(4))
+            reply = b""
+            while len(reply) < n:
+                reply += s.recv(n - len(reply))
+            answer = json.loads(reply)
+            assert answer["ok"] is False, answer
+            assert (answer["problem"]["status"], answer["problem"]["code"]) == (
+                400, "invalid_json"), answer
+        pulled = frames(s, {"op": "pull", "binding": bound["binding"]})
+        assert pulled["ok"] is True and pulled["version"] == 1, pulled
+    with optserve.Client(keyed_server, api_key=KEY_A, transport="http") as a:
+        got = a.get_params(sid).params["x"]
+        assert torch.equal(got, local_adam(p0, [g]))
 
 
 @pytest.mark.parametrize("sync", [None, {"workers": 1}])
