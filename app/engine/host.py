@@ -919,7 +919,7 @@ class EmbeddedHost:
                     written()            # being written from: overwrite it only after that
                 result.params = s.copy_params_into(params_into)
             elif want_params == "touched" and isinstance(plan, StepPlan):
-                result.params = sparse.touched(s, plan.total)
+                result.params = sparse.touched(s, plan.total, params_dtype)
             elif want_params or params_into is not None:
                 result.params = s.pack_params(dtype=params_dtype)
         return result

@@ -24,6 +24,7 @@ import torch
 from app.engine import optimizers
 from app.errors import Invalid
 from app.wire.dtypes import DTYPE_NAMES
+from app.wire.safetensors_body import narrowed_dtype
 from app.wire.tensor_maps import dense_body
 
 if TYPE_CHECKING:
@@ -258,16 +259,19 @@ def gather_rows(s: Session, rows: dict[str, torch.Tensor]) -> Tensors:
     return out
 
 
-def touched(s: Session, total: Tensors) -> Tensors:
+def touched(s: Session, total: Tensors, dtype: torch.dtype | None = None) -> Tensors:
     """What a step changed, for ``?return=touched``: the rows of each parameter stepped with a
     sparse gradient (each row once, in ascending order), every parameter stepped with a dense
-    one whole; parameters without a gradient (which torch does not step) are left out."""
+    one whole; parameters without a gradient (which torch does not step) are left out.
+    Narrowed to ``dtype`` where asked (``?params_dtype=``), as a whole answer is."""
     out: Tensors = {}
     for name, g in total.items():
         p = s.params[name]
+        wire = narrowed_dtype(p, dtype)
         if is_sparse(g):
             idx = torch.unique(rows_of(g))
-            out[name] = row_sparse(idx.cpu(), p.detach().index_select(0, idx).cpu(), p.shape)
+            values = p.detach().index_select(0, idx).to("cpu", wire)
+            out[name] = row_sparse(idx.cpu(), values, p.shape)
         else:
-            out[name] = p.detach().cpu().clone()
+            out[name] = p.detach().to("cpu", wire, copy=True)
     return out

@@ -160,3 +160,30 @@ def test_pushed_narrow_gradients_add_to_a_narrow_step(server: str) -> None:
                         f"answer of step {k}")
         assert_same(master(http, "pushed"), {n: p.detach() for n, p in params.items()},
                     "master weights")
+
+
+def test_touched_answers_are_narrowed_too(server: str) -> None:
+    """``?return=touched&params_dtype=bfloat16``: the parameters a step touched come back
+    narrowed as ``?return=params`` would send them (they came back in their own dtype: the
+    narrowing asked for was dropped without a word); the untouched ones are left out."""
+    want, _ = local_run(torch.bfloat16, 2)
+    with httpx.Client(base_url=server, timeout=60) as http:
+        create(http, "touched")
+        for k in range(2):
+            got = step(http, "touched", grads_of(k, torch.bfloat16),
+                       "upcast=true&return=touched&params_dtype=bfloat16")
+            assert_same(got, {n: t.to(torch.bfloat16) if t.element_size() > 2 else t
+                              for n, t in want[k].items()}, f"answer of step {k}")
+        assert_same(master(http, "touched"), want[1], "master weights")
+        only = {"w": grads_of(2, torch.bfloat16)["w"]}
+        got = step(http, "touched", only, "upcast=true&return=touched&params_dtype=float16")
+        params = {n: t.clone() for n, t in want[1].items()}
+        _, opt = local_run(torch.bfloat16, 2)
+        w = opt.param_groups[0]["params"][0]
+        w.grad = only["w"].to(torch.float32)
+        for p in opt.param_groups[0]["params"][1:]:
+            p.grad = None
+        opt.step()
+        params["w"] = w.detach().clone()
+        assert_same(got, {"w": params["w"].to(torch.float16)}, "answer of a step of w alone")
+        assert_same(master(http, "touched"), params, "master weights after w alone")
