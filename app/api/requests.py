@@ -245,10 +245,15 @@ def step_options(value: object) -> dict[int, dict[str, Any]] | None:
         items = [(i, v) for i, v in enumerate(value) if v]
     elif isinstance(value, dict):
         items = []
+        seen: set[int] = set()
         for k, v in value.items():
             if not (isinstance(k, str) and k.isascii() and k.isdigit() and len(k) < 7):
                 raise Invalid(f"param_groups keys are group indexes, got {k!r:.40}",
                               code="invalid_body", field=f"param_groups.{k}")
+            if int(k) in seen:
+                raise Invalid(f"param_groups names group {int(k)} twice", code="invalid_body",
+                              field=f"param_groups.{k}")
+            seen.add(int(k))
             items.append((int(k), v))
     else:
         raise Invalid("param_groups must be a list (one entry per group) or an object keyed by "

@@ -293,6 +293,9 @@ def prepare_import(session: Session, state: object) -> PreparedImport:
     for key, entry in raw_state.items():
         where = f"state_dict.state.{key}"
         pid = _state_id(key, where)
+        if pid in new_state:
+            raise Invalid(f"two states for parameter id {pid}", code="state_mismatch",
+                          field=where)
         if pid not in position:
             raise Invalid(f"state for parameter id {pid}, which no param group lists",
                           code="state_mismatch", field=where)

@@ -474,6 +474,21 @@ def test_unicode_digits_are_not_numbers(sess: Sess) -> None:
     sess.assert_unchanged()
 
 
+def test_an_index_written_twice_is_422(sess: Sess) -> None:
+    """``"0"`` and ``"00"`` name one group (one parameter id): one of the two was dropped
+    without a word (a step's lr change lost to the other key's eps change, one of two states
+    imported). Both are a 422 naming the second key; nothing changes."""
+    options = json.dumps({"grads": {}, "param_groups": {"0": {"lr": 0.5},
+                                                        "00": {"eps": 1e-3}}}).encode()
+    r = sess.http.post(f"{sess.url}/step", content=options, headers=JSON_CT)
+    assert_problem(r, 422, "invalid_body", "param_groups.00")
+    state = json.loads(json.dumps(sess.before.state_dict))
+    state["state"]["00"] = state["state"]["0"]
+    r = sess.http.put(f"{sess.url}/state_dict", json=state)
+    assert_problem(r, 422, "state_mismatch", "state_dict.state.00")
+    sess.assert_unchanged()
+
+
 # --------------------------------------------------------------------------- other session routes
 
 def test_unknown_session(http: httpx.Client) -> None:
