@@ -436,7 +436,12 @@ class _Connection(threading.Thread):
                 raise TooMany(f"at most {MAX_BINDINGS} sessions may be bound on one "
                               "connection; unbind one first", code="too_many_bindings",
                               field="session", limit=MAX_BINDINGS)
-            info = self.transport.call(engine.describe(session_id, tenant=tenant))
+            try:
+                info = self.transport.call(engine.describe(session_id, tenant=tenant))
+            except OptserveError as exc:  # the message's field, not the HTTP path's
+                if exc.field == "session_id":
+                    exc.field = "session"
+                raise
             binding = Binding(session_id, info)
             number = self.next_binding
             self.next_binding += 1

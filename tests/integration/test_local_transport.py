@@ -179,6 +179,7 @@ def test_keys_and_tenants_hold_on_the_socket(keyed_server: str) -> None:
         answer = frames(s, {"op": "bind", "session": sid})
         assert answer["ok"] is False
         assert answer["problem"]["code"] == "session_not_found"  # type: ignore[index]
+        assert answer["problem"]["field"] == "session"  # type: ignore[index]
         answer = frames(s, {"op": "step", "binding": 1, "grads": []})
         assert answer["problem"]["code"] == "unknown_binding"  # type: ignore[index]
 

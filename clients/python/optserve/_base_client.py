@@ -158,7 +158,9 @@ class BaseClient(Generic[HttpxClientT]):
         if not (call.idempotent or _has_key(call)):
             return None
         after = response.headers.get("retry-after", "")
-        return self._wait_503(attempt, float(after) if after.isdigit() else None)
+        # (an ASCII number only: "²" is a digit to str.isdigit, not to float)
+        seconds = float(after) if after.isascii() and after.isdigit() else None
+        return self._wait_503(attempt, seconds)
 
     def _wait_503(self, attempt: int, retry_after: float | None) -> float:
         """Seconds to wait before retrying a 503: the backoff, or the server's Retry-After

@@ -148,6 +148,19 @@ def test_503_is_retried_after_its_retry_after(sleeps: list[float]) -> None:
     assert info.value.status_code == 503 and len(script.requests) == 3  # max_retries=2
 
 
+def test_a_retry_after_that_is_not_an_ascii_number_is_the_backoff(sleeps: list[float]
+                                                                   ) -> None:
+    """``Retry-After: ²`` (from a proxy, say) is a digit to ``str.isdigit``, not to
+    ``float``: the retry waits the backoff instead of raising ValueError."""
+    def unavailable() -> httpx.Response:
+        return httpx.Response(503, headers={"Retry-After": b"\xb2"},  # latin-1 "²"
+                              json={"detail": "later", "code": "storage_error"})
+    script = Script(unavailable, STEP_OK)
+    with client(script) as c:
+        c.step("s", {"w": [1.0]}, return_params=False)
+    assert len(script.requests) == 2 and 0 < sleeps[0] <= _constants.MAX_RETRY_DELAY
+
+
 def test_a_step_that_never_left_is_retried(sleeps: list[float]) -> None:
     script = Script(httpx.ConnectTimeout("connect"), httpx.ConnectError("refused"), STEP_OK)
     with client(script) as c:
