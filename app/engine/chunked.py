@@ -175,6 +175,14 @@ def may_chunk(opt: torch.optim.Optimizer, name: str, p: torch.Tensor) -> bool:
             and _plain(p) and not _fused(opt))
 
 
+def may_ever_chunk(opt: torch.optim.Optimizer, name: str, p: torch.Tensor) -> bool:
+    """Whether some server setting (``OPTSERVE_STEP_CHUNK``, a multiple of :data:`NORM_PIECE`)
+    would step ``p`` in chunks: the metrics norm it on its own, as the chunked step does, so
+    that its norms do not change when a restart replays its steps under another setting."""
+    return (name in ELEMENTWISE and p.numel() >= SMALLEST_IN_CHUNKS * NORM_PIECE
+            and _plain(p) and not _fused(opt))
+
+
 def _large(numel: int, chunk: int, smallest: int) -> bool:
     """A parameter of ``numel`` elements is worth chunks of ``chunk``."""
     return numel > chunk and numel >= smallest

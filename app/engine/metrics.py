@@ -237,24 +237,29 @@ def _layout(s: Session, names: list[list[str]]) -> Layout:
     hi = max(a + n for a, n in spans.values())
     span = torch.empty(0, dtype=torch.uint8, device=params[kept[0]].device).set_(
         storage, lo, (hi - lo,), (1,))
-    return _runs(out, params, spans, groups, span, lo)
+    alone = {i for i in kept if chunked.may_ever_chunk(s.optimizer, s.optimizer_name, params[i])}
+    return _runs(out, params, spans, groups, span, lo, alone)
 
 
 def _runs(out: Layout, params: list[torch.Tensor], spans: dict[int, tuple[int, int]],
-          groups: list[list[int]], span: torch.Tensor, lo: int) -> Layout:
+          groups: list[list[int]], span: torch.Tensor, lo: int, alone: set[int]) -> Layout:
     """``out`` with the parameters of ``groups`` (indexes into ``params``, whose byte ranges
     in ``span``'s storage are ``spans``) as runs: adjacent tensors of one group and dtype, one
     piece each, copied into a scratch of their size (views of a larger storage copy only
-    their own bytes)."""
+    their own bytes). Those in ``alone`` (another step chunk would chunk them) are runs of
+    their own: normed in the pieces a chunked step takes."""
     runs: list[tuple[int, int, int, torch.dtype]] = []  # (group, start, end, dtype)
+    last = -1
     for gi, members in enumerate(groups):
         for i in members:
             a, n = spans[i]
             dtype = params[i].dtype
-            if runs and runs[-1][0] == gi and runs[-1][2] == a and runs[-1][3] == dtype:
+            if (runs and runs[-1][0] == gi and runs[-1][2] == a and runs[-1][3] == dtype
+                    and i not in alone and last not in alone):
                 runs[-1] = (gi, runs[-1][1], a + n, dtype)
             else:
                 runs.append((gi, a, a + n, dtype))
+            last = i
     starts, total = [], 0
     for _, a, b, _ in runs:
         starts.append(total)

@@ -326,24 +326,32 @@ def test_a_group_added_later_clones_its_norms_inputs_and_keeps_no_large_copy(
         assert [n for _, _, n in layout.big] == ["w"]
 
 
+@pytest.mark.parametrize("beside", [False, True], ids=["alone", "beside-a-small-one"])
 @pytest.mark.parametrize("chunk_after", [0, 65536], ids=["unchunked", "other-chunk"])
-def test_replayed_rows_do_not_depend_on_the_step_chunk(tmp_path: Any, chunk_after: int) -> None:
+def test_replayed_rows_do_not_depend_on_the_step_chunk(tmp_path: Any, chunk_after: int,
+                                                       beside: bool) -> None:
     """A restart replays the logged steps under its own ``OPTSERVE_STEP_CHUNK``: the history
     rows it rebuilds equal those answered before (every update and parameter norm is taken over
     the same fixed pieces, ``chunked.NORM_PIECE``, however the step chunks the parameter), and
-    the parameters are the same bits. 2,100,000 elements: chunked at the default setting."""
+    the parameters are the same bits. 2,100,000 elements: chunked at the default setting, not
+    a whole number of pieces; ``beside``: a small parameter follows it in its group (and in
+    the flat block, where a parameter stepped whole shares a run with its neighbours)."""
     n = 2_100_000
 
     def seeded_n(seed: int) -> torch.Tensor:
-        return torch.randn(n, generator=torch.Generator().manual_seed(seed))
+        return torch.randn(n + 64 if beside else n, generator=torch.Generator().manual_seed(seed))
+
+    def split(t: torch.Tensor) -> dict[str, torch.Tensor]:
+        # views of one buffer, laid out as a safetensors body's and the log record's are
+        return {"w": t[:n], "b": t[n:]} if beside else {"w": t}
 
     async def live() -> tuple[dict[str, list[float]], torch.Tensor]:
         eng = embedded_engine("cpu", warm_up=False, data_dir=tmp_path, durability="step")
         await eng.start()
-        await eng.create(CreateSpec("Adam", [GroupSpec({"w": seeded_n(1)})],
+        await eng.create(CreateSpec("Adam", [GroupSpec(split(seeded_n(1)))],
                                     options={"lr": 0.01}, id="r"))
         for k in range(3):
-            await eng.step("r", {"w": seeded_n(10 + k)}, return_params=False,
+            await eng.step("r", split(seeded_n(10 + k)), return_params=False,
                            answer_metrics=k != 1)
         rows = (await eng.history("r", HistoryQuery())).columns
         params = (await eng.pull("r", None)).params["w"].clone()
