@@ -250,6 +250,63 @@ def test_a_broken_connection_is_retried_with_the_steps_key(keyed_server: str) ->
         assert c.get_session(sid).version == 2
 
 
+@pytest.mark.parametrize("sync", [True, False], ids=["sync-round", "async"])
+def test_threads_that_share_a_client_step_through_their_own_segments(keyed_server: str,
+                                                                      sync: bool) -> None:
+    """Two workers in two threads of one process, one ``Client`` between them, each with a
+    ``RemoteOptimizer`` on the same session: every step goes through shared memory, on a
+    connection and segment of the thread's own. A synchronous round's first push used to
+    hold the one shared connection while it waited for the round, so the other worker could
+    not push and every round timed out (409 ``round_timeout``); and a thread could copy out
+    the new values another thread's step had written into the shared slots meanwhile."""
+    import threading
+
+    rounds, shape = 4, (3, 5)
+    ready = threading.Barrier(2)
+    seen: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    on_segment: dict[int, bool] = {}
+    errors: list[BaseException] = []
+    with optserve.Client(keyed_server, api_key=KEY_A, transport="local", max_retries=0) as c:
+        sid = c.create_session(optimizer="SGD", options={"lr": 1.0},
+                               params={"w": torch.zeros(shape)},
+                               sync={"workers": 2, "reduce": "sum", "timeout_s": 30}
+                               if sync else None).id
+
+        def worker(k: int) -> None:
+            try:
+                w = torch.zeros(shape, requires_grad=True)
+                opt = optserve.RemoteOptimizer([("w", w)], client=c, session_id=sid,
+                                               worker=f"w{k}")
+                for r in range(rounds):
+                    ready.wait(timeout=60)
+                    w.grad = torch.full(shape, float(10 ** k * (r + 1)))
+                    opt.step()
+                    seen[k].append(w.detach().clone())
+                on_segment[k] = c._local is not None
+            except BaseException as exc:  # noqa: BLE001 - raised in the test below
+                errors.append(exc)
+                ready.abort()
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+        assert on_segment == {0: True, 1: True}
+        final = c.get_params(sid).params["w"]
+    # every gradient is a whole number: the sums are exact, in any order
+    total = -float(sum(10 ** k * (r + 1) for k in range(2) for r in range(rounds)))
+    assert torch.equal(final, torch.full(shape, total))
+    if sync:  # each round's answer: the sum of both gradients so far, the same for both
+        for r in range(rounds):
+            want = torch.full(shape, -float(sum(11 * (q + 1) for q in range(r + 1))))
+            assert torch.equal(seen[0][r], want) and torch.equal(seen[1][r], want), r
+    else:  # each answer is one whole step's values: every element the same
+        for k in range(2):
+            assert all(bool((v == v.reshape(-1)[0]).all()) for v in seen[k])
+
+
 def test_transport_http_never_uses_the_socket(keyed_server: str) -> None:
     with optserve.Client(keyed_server, api_key=KEY_A, transport="http") as c:
         sid = c.create_session(optimizer="SGD", options={"lr": 1.0},

@@ -7,6 +7,7 @@ safetensors (``binary=True``, the default) or JSON (``binary=False``); both carr
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -66,6 +67,9 @@ class Client(SyncAPIClient):
             ``base_url`` whose ``GET /v1/transport`` names a socket this process can open,
             and whose port is the server's own: through a proxy, every step stays on it),
             else HTTP; ``"http"`` always HTTP; ``"local"`` requires the same-host transport.
+            Each thread that steps through it gets a connection and shared segments of its
+            own, so threads that share one client (workers of a synchronous round, say) never
+            wait for each other's step nor see each other's values.
     """
 
     def __init__(
@@ -82,44 +86,78 @@ class Client(SyncAPIClient):
         if transport not in ("auto", "http", "local"):
             raise ValueError(f"transport must be 'auto', 'http' or 'local', got {transport!r}")
         self.transport = transport
-        self._local: LocalChannel | None = None
+        #: per thread, its same-host channel (:meth:`_local_channel`), and all of them
+        self._thread = threading.local()
+        self._channels: list[LocalChannel] = []
+        self._channels_lock = threading.Lock()
+        #: the server's same-host socket once asked (None: none to use)
+        self._local_path: str | None = None
         self._local_checked = transport == "http"
 
+    @property
+    def _local(self) -> LocalChannel | None:
+        """This thread's same-host channel, if it has one."""
+        channel: LocalChannel | None = getattr(self._thread, "channel", None)
+        return channel
+
     def _local_channel(self) -> LocalChannel | None:
-        """The same-host channel, set up on first use; None when it cannot be used."""
-        if self._local is not None or self._local_checked:
-            return self._local
-        self._local_checked = True
+        """This thread's same-host channel, set up on its first use; None when it cannot be
+        used. A channel per thread: one connection carries one step at a time, and a step's
+        segment holds its gradients and new values until the next step on it."""
+        channel = self._local
+        if channel is not None:
+            return channel
+        path = self._local_socket()
+        if path is None:
+            return None
+        channel = LocalChannel(path, self.api_key, self.timeout.read)
+        try:
+            channel.connect()
+        except (LocalUnavailable, OSError) as exc:
+            if self.transport == "local":
+                raise LocalUnavailable(f"the same-host transport is not available: {exc}"
+                                       ) from None
+            self._local_path = None  # (as when it was asked: HTTP from now on)
+            return None
+        with self._channels_lock:
+            self._channels.append(channel)
+        self._thread.channel = channel
+        return channel
+
+    def _local_socket(self) -> str | None:
+        """The server's same-host socket, asked once; None when it cannot be used."""
+        if self._local_checked:
+            return self._local_path
         url = httpx.URL(self.base_url)
-        host = url.host
-        if host not in ("127.0.0.1", "localhost", "::1"):
+        if url.host not in ("127.0.0.1", "localhost", "::1"):
             if self.transport == "local":
                 raise LocalUnavailable(f"{self.base_url} is not on this machine")
+            self._local_checked = True
             return None
         try:
             advertised = self._request(_api.transport()).get("local")
             if not advertised:
                 raise LocalUnavailable("the server offers no same-host transport")
             port = advertised.get("port")
-            if self.transport == "auto" and isinstance(port, int) and url.port is not None \
-                    and port != url.port:
-                # base_url is a proxy on this machine, not the server: keep every step on it
-                return None
-            channel = LocalChannel(str(advertised["socket"]), self.api_key,
-                                   self.timeout.read)
-            channel.connect()
+            path: str | None = str(advertised["socket"])
         except (LocalUnavailable, OSError, KeyError, TypeError) as exc:
             if self.transport == "local":
                 raise LocalUnavailable(f"the same-host transport is not available: {exc}"
                                        ) from None
+            self._local_checked = True
             return None
-        self._local = channel
-        return channel
+        if self.transport == "auto" and isinstance(port, int) and url.port is not None \
+                and port != url.port:
+            path = None  # base_url is a proxy on this machine: keep every step on it
+        self._local_path, self._local_checked = path, True
+        return path
 
     def close(self) -> None:
-        if self._local is not None:
-            self._local.close()
-            self._local = None
+        with self._channels_lock:
+            channels, self._channels = self._channels, []
+        for channel in channels:
+            channel.close()
+        self._thread = threading.local()
         super().close()
 
     def _step_local(self, id: str, grads: Mapping[str, TensorLike], *, return_params: bool,
@@ -273,8 +311,10 @@ class Client(SyncAPIClient):
         try:
             self._request(_api.delete_session(id))
         finally:
-            if self._local is not None:
-                self._local.release(id)
+            with self._channels_lock:
+                channels = list(self._channels)
+            for channel in channels:
+                channel.release(id)
 
     # ------------------------------------------------------------------ training
     def step(
