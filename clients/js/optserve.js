@@ -690,7 +690,8 @@ export class OptserveClient {
           problem = JSON.parse(text);
         } catch { /* not JSON: keep the text */ }
         const error = errorFromProblem(res.status, problem, text.slice(0, 500));
-        const after = Number(res.headers.get("retry-after"));
+        const afterHeader = res.headers.get("retry-after"); // Number(null) would be 0
+        const after = afterHeader === null ? NaN : Number(afterHeader);
         if (Number.isFinite(after) && after >= 0) error.retryAfter = after;
         throw error;
       }

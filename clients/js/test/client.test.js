@@ -28,7 +28,8 @@ describe("client against a stub server", () => {
         }
         if (m) {
           const status = Number(m[1]);
-          res.writeHead(status, { "Content-Type": "application/problem+json" });
+          const after = req.url.match(/[?&]after=(\d+)/);
+          res.writeHead(status, { "Content-Type": "application/problem+json", ...(after ? { "Retry-After": after[1] } : {}) });
           res.end(JSON.stringify({ type: "urn:optserve:problem:x", title: "T", status, detail: "went wrong", code: "x", field: "a.b" }));
           return;
         }
@@ -88,7 +89,10 @@ describe("client against a stub server", () => {
       assert.equal(err.field, "a.b");
       assert.equal(err.detail, "went wrong");
       assert.equal(err.problem.title, "T");
+      assert.equal(err.retryAfter, undefined, `status ${status}: no Retry-After header`);
     }
+    const later = await new OptserveClient({ baseUrl, maxRetries: 0 }).request("GET", "/status/503?after=2").catch((e) => e);
+    assert.equal(later.retryAfter, 2);
     const text = await c.request("GET", "/text").catch((e) => e);
     assert.equal(text.status, 502);
     assert.equal(text.detail, "bad gateway");
