@@ -751,12 +751,14 @@ export class OptserveClient {
     if ((res.headers.get("content-type") ?? "").startsWith(BINARY)) {
       const { tensors: out, metadata } = readSafetensors(buf);
       const { sparse, ...meta } = parseMetadata(metadata);
-      const result = { ...headerInfo, ...meta, etag };
+      // lr, loss and metrics carry non-finite floats as {"$float": "nan"} tags
+      const result = { ...headerInfo, ...treeFromJson(meta), etag };
       if (query.return !== "none") result.params = sparse ? pairSparse(out, sparse) : out;
       return result;
     }
-    const obj = JSON.parse(textDecoder.decode(buf));
-    if (obj.params) obj.params = Object.fromEntries(Object.entries(obj.params).map(([n, t]) => [n, decodeAnyTensor(t)]));
+    const { params, ...rest } = JSON.parse(textDecoder.decode(buf));
+    const obj = treeFromJson(rest); // lr, loss and metrics: {"$float": "nan"} tags to numbers
+    if (params) obj.params = Object.fromEntries(Object.entries(params).map(([n, t]) => [n, decodeAnyTensor(t)]));
     obj.etag = etag;
     return obj;
   }

@@ -163,6 +163,15 @@ describe("wire formats and endpoints", { skip: NO_SERVER }, () => {
       assert.ok(Number.isNaN(a) && b === -Infinity, `${mode.name}: ${out.params.w.data}`);
       assert.equal(x, 3 - out.step);
     }
+    // the step's norms are then non-finite: numbers, as in the history, not the wire's $float tags
+    const inf = await session({ nonfinite: "allow", optimizer: "SGD", options: { lr: 1 }, params: { w: Tensor.from([1, 2]) } });
+    for (const mode of MODES) {
+      const out = await c.step(inf.id, { w: Tensor.from([Infinity, 1]) }, mode);
+      const [group] = out.metrics.groups;
+      assert.equal(group.grad_norm, Infinity, `${mode.name}: ${JSON.stringify(group)}`);
+      assert.equal(group.param_norm, Infinity, mode.name);
+      assert.ok(Number.isNaN(group.update_ratio), `${mode.name}: ${JSON.stringify(group)}`);
+    }
     const skip = await session({ nonfinite: "skip", optimizer: "SGD", options: { lr: 1 }, params: { w: Tensor.from([1, 2, 3]) } });
     const out = await c.step(skip.id, grads, { binary: true });
     assert.equal(out.skipped, true);
