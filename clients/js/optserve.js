@@ -558,6 +558,8 @@ const ERROR_CLASSES = {
   422: ValidationError, 503: UnavailableError, 507: StorageFullError,
 };
 const MAX_RETRY_DELAY_MS = 8000;
+/** The server holds a long poll (?wait_s=) at most this long. */
+const MAX_WAIT_S = 60;
 
 function newIdempotencyKey() {
   return globalThis.crypto.randomUUID().replaceAll("-", "");
@@ -658,7 +660,7 @@ export class OptserveClient {
   }
 
   /** One HTTP exchange. Returns the Response; throws typed errors for non-2xx answers. */
-  async _attempt(method, path, { query, json, body, contentType, accept = JSON_TYPE, headers: extra } = {}) {
+  async _attempt(method, path, { query, json, body, contentType, accept = JSON_TYPE, headers: extra, waitS } = {}) {
     let url = this.baseUrl + path;
     if (query) {
       const qs = new URLSearchParams();
@@ -678,7 +680,10 @@ export class OptserveClient {
       headers["Content-Type"] = contentType ?? BINARY;
     }
     const controller = new AbortController();
-    const timer = this.timeoutMs ? setTimeout(() => controller.abort(), this.timeoutMs) : null;
+    // a long poll (waitS) is held by the server that long before it answers: timeoutMs on top
+    const held = Number(waitS) > 0 ? Math.min(Number(waitS), MAX_WAIT_S) * 1000 : 0;
+    const limitMs = this.timeoutMs ? this.timeoutMs + held : 0;
+    const timer = limitMs ? setTimeout(() => controller.abort(), limitMs) : null;
     let res;
     try {
       res = await this._fetch(url, { method, headers, body, signal: controller.signal });
@@ -702,7 +707,7 @@ export class OptserveClient {
       if (err instanceof OptserveError) throw err;
       const timedOut = controller.signal.aborted;
       let message;
-      if (timedOut) message = `${method} ${url}: no answer from optserve within ${this.timeoutMs} ms`;
+      if (timedOut) message = `${method} ${url}: no answer from optserve within ${limitMs} ms`;
       else if (res) message = `${method} ${url}: the connection to optserve broke while reading the answer: ${networkReason(err).reason}`;
       else message = unreachableMessage(url, err);
       throw new ConnectionError(message, { status: 0, code: timedOut ? "timeout" : "connection_error", cause: err });
@@ -722,13 +727,13 @@ export class OptserveClient {
   }
 
   /** Tensors out of a step / params answer, JSON or safetensors. */
-  async _tensorsCall(method, path, { tensors, key, binary, encoding, query = {}, headers, extra, body }) {
+  async _tensorsCall(method, path, { tensors, key, binary, encoding, query = {}, headers, extra, body, waitS }) {
     // body: {json} or {body, contentType} sent as is (when tensors is undefined)
     // extra: more top-level body fields (JSON), or safetensors __metadata__ entries (JSON texts)
     binary = binary ?? this.binary;
     const q = { ...query };
     if (!binary && encoding && encoding !== "data") q.encoding = encoding;
-    const opts = { query: q, accept: binary ? BINARY : JSON_TYPE, headers };
+    const opts = { query: q, accept: binary ? BINARY : JSON_TYPE, headers, waitS };
     if (tensors !== undefined) {
       const map = tensorMap(tensors);
       if (binary) {
@@ -907,7 +912,7 @@ export class OptserveClient {
     if (minVersion !== undefined) query.min_version = minVersion;
     if (waitS !== undefined) query.wait_s = waitS;
     const headers = ifNoneMatch !== undefined ? { "If-None-Match": `"${ifNoneMatch}"` } : undefined;
-    return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers });
+    return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers, waitS });
   }
 
   /**
@@ -926,13 +931,13 @@ export class OptserveClient {
     const headers = ifNoneMatch !== undefined ? { "If-None-Match": `"${ifNoneMatch}"` } : undefined;
     if (names.length === 1 && lists[names[0]].length <= 256 && !names[0].includes(",")) {
       Object.assign(query, { name: names[0], rows: lists[names[0]].join(",") });
-      return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers });
+      return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers, waitS });
     }
     binary = binary ?? this.binary;
     const body = binary
       ? { body: writeSafetensors(Object.fromEntries(names.map((n) => [n, Tensor.from(lists[n].map(BigInt), { dtype: "int64" })]))) }
       : { json: { rows: lists } };
-    return this._tensorsCall("POST", `${this._sid(id)}/params/rows`, { binary, encoding, query, headers, body });
+    return this._tensorsCall("POST", `${this._sid(id)}/params/rows`, { binary, encoding, query, headers, body, waitS });
   }
 
   /**

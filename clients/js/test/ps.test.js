@@ -69,4 +69,18 @@ describe("parameter-server mode", { skip: NO_SERVER }, () => {
     assert.equal(got.version, 1);
     assert.equal(got.params.x.data[0], -3);
   });
+
+  test("a long poll longer than timeoutMs waits its wait_s out and answers", async () => {
+    const id = uid("ps-longpoll");
+    made.push(id);
+    await c.createSession({ id, optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) } });
+    const short = client({ timeoutMs: 400, maxRetries: 0 });
+    const whole = await short.getParams(id, { minVersion: 1, waitS: 0.8 });
+    assert.equal(whole.version, 0); // nothing newer came: the current state, at wait_s
+    const rows = await short.getRows(id, { x: [0] }, { minVersion: 1, waitS: 0.8 });
+    assert.equal(rows.version, 0);
+    assert.deepEqual(rows.params.x.rows(), [0]);
+    const unchanged = await short.getParams(id, { ifNoneMatch: 0, waitS: 0.8 });
+    assert.equal(unchanged.notModified, true);
+  });
 });
