@@ -660,7 +660,7 @@ export class OptserveClient {
   }
 
   /** One HTTP exchange. Returns the Response; throws typed errors for non-2xx answers. */
-  async _attempt(method, path, { query, json, body, contentType, accept = JSON_TYPE, headers: extra, waitS } = {}) {
+  async _attempt(method, path, { query, json, body, contentType, accept = JSON_TYPE, headers: extra, waitS, untimed } = {}) {
     let url = this.baseUrl + path;
     if (query) {
       const qs = new URLSearchParams();
@@ -682,7 +682,9 @@ export class OptserveClient {
     const controller = new AbortController();
     // a long poll (waitS) is held by the server that long before it answers: timeoutMs on top
     const held = Number(waitS) > 0 ? Math.min(Number(waitS), MAX_WAIT_S) * 1000 : 0;
-    const limitMs = this.timeoutMs ? this.timeoutMs + held : 0;
+    // untimed: a worker's push waits for the other workers of its round (the server's round
+    // timeout bounds it, as the Python SDK leaves it)
+    const limitMs = this.timeoutMs && !untimed ? this.timeoutMs + held : 0;
     const timer = limitMs ? setTimeout(() => controller.abort(), limitMs) : null;
     let res;
     try {
@@ -727,13 +729,13 @@ export class OptserveClient {
   }
 
   /** Tensors out of a step / params answer, JSON or safetensors. */
-  async _tensorsCall(method, path, { tensors, key, binary, encoding, query = {}, headers, extra, body, waitS }) {
+  async _tensorsCall(method, path, { tensors, key, binary, encoding, query = {}, headers, extra, body, waitS, untimed }) {
     // body: {json} or {body, contentType} sent as is (when tensors is undefined)
     // extra: more top-level body fields (JSON), or safetensors __metadata__ entries (JSON texts)
     binary = binary ?? this.binary;
     const q = { ...query };
     if (!binary && encoding && encoding !== "data") q.encoding = encoding;
-    const opts = { query: q, accept: binary ? BINARY : JSON_TYPE, headers, waitS };
+    const opts = { query: q, accept: binary ? BINARY : JSON_TYPE, headers, waitS, untimed };
     if (tensors !== undefined) {
       const map = tensorMap(tensors);
       if (binary) {
@@ -814,23 +816,28 @@ export class OptserveClient {
       } else {
         Object.assign(tensors, tensorMap(params));
       }
-      return this._json("POST", "/v1/sessions", { body: writeSafetensors(tensors, meta) });
+      return this._described("POST", "/v1/sessions", { body: writeSafetensors(tensors, meta) });
     }
     const body = {};
     for (const [k, v] of Object.entries(rest)) if (v !== undefined) body[k] = v;
     if (groups) body.param_groups = groups.map(({ params: gp, ...opts }) => ({ ...opts, params: encodeMap(gp) }));
     else body.params = encodeMap(params);
-    return this._json("POST", "/v1/sessions", { json: body });
+    return this._described("POST", "/v1/sessions", { json: body });
+  }
+
+  /** A JSON answer whose numbers may be non-finite ({"$float": "inf"} tags: an lr). */
+  async _described(method, path, opts) {
+    return treeFromJson(await this._json(method, path, opts));
   }
 
   /** GET /v1/sessions: the list of session descriptions. */
   async listSessions() {
-    return (await this._json("GET", "/v1/sessions")).sessions;
+    return (await this._described("GET", "/v1/sessions")).sessions;
   }
 
   /** GET /v1/sessions/{id}: the session description. */
   getSession(id) {
-    return this._json("GET", this._sid(id));
+    return this._described("GET", this._sid(id));
   }
 
   /** DELETE /v1/sessions/{id} */
@@ -870,7 +877,7 @@ export class OptserveClient {
     if (scalars !== undefined) extra.scalars = scalars;
     return this._tensorsCall("POST", `${this._sid(id)}/step`, {
       tensors: grads, key: "grads", binary, encoding, query, headers,
-      extra: Object.keys(extra).length ? extra : undefined,
+      extra: Object.keys(extra).length ? extra : undefined, untimed: worker !== undefined,
     });
   }
 
@@ -879,7 +886,7 @@ export class OptserveClient {
    * on_timeout} | null, max_staleness, staleness_lr}); absent fields keep their value.
    */
   configureSession(id, options) {
-    return this._json("PATCH", this._sid(id), { json: options });
+    return this._described("PATCH", this._sid(id), { json: options });
   }
 
   /**
@@ -908,6 +915,11 @@ export class OptserveClient {
   getParams(id, { names, binary, encoding, ifNoneMatch, minVersion, waitS } = {}) {
     // ifNoneMatch: a version; {notModified: true} comes back while it is current.
     // minVersion + waitS: long-poll until the session reaches minVersion (or waitS passes).
+    for (const n of names ?? []) {
+      if (typeof n !== "string" || n.includes(",")) {
+        throw new TypeError(`cannot ask for parameter ${JSON.stringify(n)} by name (a comma separates names in ?names=); pull all parameters instead`);
+      }
+    }
     const query = names ? { names: names.join(",") } : {};
     if (minVersion !== undefined) query.min_version = minVersion;
     if (waitS !== undefined) query.wait_s = waitS;
@@ -995,14 +1007,14 @@ export class OptserveClient {
     const { params, ...options } = group;
     if (binary) {
       const meta = Object.fromEntries(Object.entries(options).map(([k, v]) => [k, stringify(v)]));
-      return this._json("POST", `${this._sid(id)}/param_groups`, { body: writeSafetensors(tensorMap(params), meta) });
+      return this._described("POST", `${this._sid(id)}/param_groups`, { body: writeSafetensors(tensorMap(params), meta) });
     }
-    return this._json("POST", `${this._sid(id)}/param_groups`, { json: { ...options, params: encodeMap(params) } });
+    return this._described("POST", `${this._sid(id)}/param_groups`, { json: { ...options, params: encodeMap(params) } });
   }
 
   /** PATCH /v1/sessions/{id}/param_groups/{index}: change a group's options. Returns the description. */
   updateParamGroup(id, index, options) {
-    return this._json("PATCH", `${this._sid(id)}/param_groups/${Number(index)}`, { json: options });
+    return this._described("PATCH", `${this._sid(id)}/param_groups/${Number(index)}`, { json: options });
   }
 
   /**
@@ -1047,7 +1059,7 @@ export class OptserveClient {
 
   /** POST /v1/sessions/{id}/scheduler/step ({metric} for ReduceLROnPlateau). */
   schedulerStep(id, { metric } = {}) {
-    return this._json("POST", `${this._sid(id)}/scheduler/step`, { json: metric === undefined ? {} : { metric } });
+    return this._described("POST", `${this._sid(id)}/scheduler/step`, { json: metric === undefined ? {} : { metric } });
   }
 }
 

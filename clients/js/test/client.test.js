@@ -33,6 +33,11 @@ describe("client against a stub server", () => {
           res.end(JSON.stringify({ type: "urn:optserve:problem:x", title: "T", status, detail: "went wrong", code: "x", field: "a.b" }));
           return;
         }
+        if (req.url.startsWith("/v1/sessions/inf")) { // a description with a non-finite lr
+          res.writeHead(200, { "Content-Type": "application/json" });
+          res.end(JSON.stringify({ id: "inf", lr: [{ $float: "inf" }], param_groups: [{ params: ["x"], options: { lr: { $float: "nan" } } }] }));
+          return;
+        }
         if (req.url.startsWith("/text")) {
           res.writeHead(502, { "Content-Type": "text/plain" });
           res.end("bad gateway");
@@ -48,6 +53,26 @@ describe("client against a stub server", () => {
   after(() => {
     server.closeAllConnections?.();
     server.close();
+  });
+
+  test("descriptions and scheduler steps carry non-finite numbers as numbers, not tags", async () => {
+    const c = new OptserveClient({ baseUrl });
+    for (const got of [await c.getSession("inf"), await c.schedulerStep("inf")]) {
+      assert.equal(got.lr[0], Infinity);
+      assert.ok(Number.isNaN(got.param_groups[0].options.lr));
+      assert.deepEqual(got.param_groups[0].params, ["x"]);
+    }
+  });
+
+  test("a parameter name with a comma cannot be pulled by name (?names= splits at commas)", async () => {
+    const c = new OptserveClient({ baseUrl });
+    const before = seen.length;
+    assert.throws(() => c.getParams("s", { names: ["w", "a,b"] }), (err) => {
+      assert.ok(err instanceof TypeError);
+      assert.match(err.message, /comma/);
+      return true;
+    });
+    assert.equal(seen.length, before); // nothing was sent
   });
 
   test("api key, JSON bodies, session ids in the path", async () => {

@@ -39,6 +39,23 @@ describe("parameter-server mode", { skip: NO_SERVER }, () => {
     assert.equal(solo.version, 2);
   });
 
+  test("a worker's push waits for its round longer than timeoutMs (the round's timeout bounds it)", async () => {
+    const id = uid("ps-slow-round");
+    made.push(id);
+    await c.createSession({
+      id, optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) },
+      sync: { workers: 2, reduce: "sum", timeout_s: 30, on_timeout: "fail" },
+    });
+    const short = client({ timeoutMs: 300, maxRetries: 0 });
+    const first = short.step(id, { x: grad(1) }, { worker: "w0" });
+    await new Promise((r) => setTimeout(r, 900)); // the other worker comes late
+    const second = await short.step(id, { x: grad(2) }, { worker: "w1" });
+    const a = await first;
+    assert.equal(a.params.x.data[0], -1); // 2 - (1 + 2)
+    assert.equal(second.params.x.data[0], -1);
+    assert.equal(a.version, 1);
+  });
+
   test("a push older than max_staleness is refused and changes nothing", async () => {
     const id = uid("ps-stale");
     made.push(id);
