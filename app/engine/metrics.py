@@ -9,15 +9,14 @@ let through), and for parameter-server steps the staleness or the workers of the
 
 Every norm is torch's L2 norm in the tensor's own dtype (``torch._foreach_norm``, as
 ``torch.nn.utils.clip_grad_norm_`` takes them; asking torch to accumulate in float64 instead
-costs ~13x more on a CPU): of each gradient (however the gradients lie in memory: apart, as one
-body in any order, or as the log record a restart replays lays them out), and for the update
-and parameter norms of each piece of ``chunked.NORM_PIECE`` elements at fixed offsets from the
-start of what is normed (a group's span of the flat block, a run of adjacent tensors, a
-tensor): torch's float32 norm sums in float32 (off by ~4e-4 for 1e7 values), the pieces keep it
-to ~1e-7, and they make the values independent of how the step chunks a parameter. The norms of
-all groups come back to the host in one device-to-host copy, and each group's norm is
-``sqrt(sum of its parts' squared norms)`` in Python floats (as ``clip_grad_norm_`` combines
-them).
+costs ~13x more on a CPU): of each gradient (or of a span of gradients that tile one buffer),
+and for the update and parameter norms of each piece of ``chunked.NORM_PIECE`` elements at
+fixed offsets from the start of what is normed (a group's span of the flat block, a run of
+adjacent tensors, a tensor): torch's float32 norm sums in float32 (off by ~4e-4 for 1e7 values),
+the pieces keep it to ~1e-7, and they make the values independent of how the step chunks a
+parameter. The norms of all groups come back to the host in one device-to-host copy, and each
+group's norm is ``sqrt(sum of its parts' squared norms)`` in Python floats (as
+``clip_grad_norm_`` combines them).
 
 The update norm needs the parameters as they were before the step: a copy of the session's flat
 parameter block in a buffer the session keeps and reuses (when they tile one, as they do unless
@@ -57,7 +56,6 @@ import torch
 
 from app.engine import chunked
 from app.engine.interface import json_float
-from app.engine.session import span_bytes
 from app.engine.worker import after_job
 from app.errors import Invalid
 
@@ -83,7 +81,7 @@ class Probe:
     #: per group, the indexes of its pieces in ``after`` and ``before``
     groups: list[list[int]]
     #: norms (0-d, on the device) whose squares sum to a group's squared gradient norm: one
-    #: per gradient
+    #: per gradient, or one for all of a group's gradients when they tile one span
     grad_parts: list[torch.Tensor]
     #: the group each of ``grad_parts`` belongs to
     grad_owner: list[int]
@@ -282,12 +280,13 @@ def before_step(s: Session, grads: dict[str, torch.Tensor],
                 known: TakenNorms | None = None, splits: list[chunked.Split] | None = None,
                 answered: bool = True) -> Probe | None:
     """Gradient norms and a copy of the parameters, before ``optimizer.step()``; None when the
-    session's metrics are off (or this fails: the step goes on without norms). ``known``: norms
-    the non-finite check already took (per gradient), not taken again. ``splits``: the
-    parameters the step takes in chunks (``chunked.plan``); the probe's ``watch`` is for the
-    step to fill when the norms go into the answer (``answered``). Norms taken after the answer
-    (``?metrics=history``) come from a copy of every parameter instead: the step then does none
-    of that work, and its answer goes out sooner."""
+    session's metrics are off (or this fails: the step goes on without norms). ``known``:
+    norms the non-finite check already took (per gradient, or of a group's gradients that
+    tile one span), not taken again. ``splits``: the parameters the step takes in chunks
+    (``chunked.plan``); the probe's ``watch`` is for the step to fill when the norms go into
+    the answer (``answered``). Norms taken after the answer (``?metrics=history``) come from
+    a copy of every parameter instead: the step then does none of that work, and its answer
+    goes out sooner."""
     if not s.metrics_on:
         return None
     try:
@@ -302,7 +301,39 @@ def before_step(s: Session, grads: dict[str, torch.Tensor],
                 layout.big_before = (None if answered else
                                      [torch.empty_like(p) for _, p, _ in layout.big])
                 layout.taken_at = None
-            parts, owner = _grad_norms(grads, names, layout, known)
+            each = known.each if known is not None else {}
+            spans = dict(known.spans) if known is not None else {}
+            parts: list[torch.Tensor] = []
+            owner: list[int] = []
+            todo: list[torch.Tensor] = []
+            todo_owner: list[int] = []
+            for gi, group_names in enumerate(names):
+                whole = None
+                if spans and len(group_names) > 1 and grads.keys() >= layout.sets[gi]:
+                    present = group_names  # (gradients are never None)
+                    whole = spans.get(layout.sets[gi])
+                else:
+                    present = [n for n in group_names if grads.get(n) is not None]
+                    if spans and len(present) > 1:
+                        whole = spans.get(frozenset(present))
+                if whole is not None:
+                    parts.append(whole)
+                    owner.append(gi)
+                    continue
+                for n in present:
+                    v = each.get(n)
+                    if v is not None:
+                        parts.append(v)
+                        owner.append(gi)
+                        continue
+                    g = grads[n]
+                    # a row-sparse gradient's norm is its rows' once duplicates are summed
+                    # (the gradient the optimizer steps with): its coalesced values
+                    todo.append(g.coalesce()._values() if g.layout != torch.strided else g)
+                    todo_owner.append(gi)
+            if todo:
+                parts.extend(torch._foreach_norm(todo))
+                owner.extend(todo_owner)
             if layout.copies is not None:
                 if layout.taken_at != s.version:
                     _copy(layout)
@@ -318,64 +349,6 @@ def before_step(s: Session, grads: dict[str, torch.Tensor],
     except Exception as exc:  # noqa: BLE001 - metrics never fail a step
         _warn(s, exc)
         return None
-
-
-def _grad_norms(grads: dict[str, torch.Tensor], names: list[list[str]], layout: Layout,
-                known: TakenNorms | None) -> tuple[list[torch.Tensor], list[int]]:
-    """Per group, norms whose squares sum to its squared gradient norm, and the group of each:
-    one per dtype, of its dense gradients of that dtype laid end to end in the group's order
-    (one norm of that run), and one per row-sparse gradient (of its coalesced values: the
-    rows the optimizer steps with, duplicates summed). The run is a view where the gradients
-    lie so in memory (a body, the same-host segment), else a copy: so the values do not
-    depend on how the gradients came (apart, as one body in any order, or as the log record a
-    restart replays lays them out). Norms the non-finite check took of the same run or
-    gradient (``known``) are not taken again."""
-    each = known.each if known is not None else {}
-    spans = dict(known.spans) if known is not None else {}
-    parts: list[torch.Tensor] = []
-    owner: list[int] = []
-    todo: list[torch.Tensor] = []
-    todo_owner: list[int] = []
-    for gi, group_names in enumerate(names):
-        present = (group_names if grads.keys() >= layout.sets[gi]
-                   else [n for n in group_names if grads.get(n) is not None])
-        runs: dict[torch.dtype, list[str]] = {}
-        for n in present:
-            g = grads[n]
-            if g.layout != torch.strided:
-                todo.append(g.coalesce()._values())
-                todo_owner.append(gi)
-            else:
-                runs.setdefault(g.dtype, []).append(n)
-        for run in runs.values():
-            taken = each.get(run[0]) if len(run) == 1 else spans.get(tuple(run))
-            if taken is not None:
-                parts.append(taken)
-                owner.append(gi)
-            else:
-                todo.append(_laid_end_to_end([grads[n] for n in run]))
-                todo_owner.append(gi)
-    if todo:
-        parts.extend(torch._foreach_norm(todo))
-        owner.extend(todo_owner)
-    return parts, owner
-
-
-def _laid_end_to_end(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """``tensors`` (dense, one dtype) as one flat tensor: a view where they lie end to end in
-    one storage in this order, else a copy."""
-    first = tensors[0]
-    if len(tensors) == 1:
-        return first.reshape(-1)
-    start = at = first.data_ptr()
-    for t in tensors:
-        if not t.is_contiguous() or t.data_ptr() != at:
-            return torch.cat([t.reshape(-1) for t in tensors])
-        at += t.nbytes
-    span = span_bytes(first, start, at - start)
-    if span is not None and span.storage_offset() % first.element_size() == 0:
-        return span.view(first.dtype)
-    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def _sort_big(probe: Probe, layout: Layout, grads: dict[str, torch.Tensor],

@@ -75,8 +75,8 @@ class TakenNorms:
 
     #: per tensor, by name
     each: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: the norm of several tensors that tile one span, with their names in memory order
-    spans: list[tuple[tuple[str, ...], torch.Tensor]] = field(default_factory=list)
+    #: the norm of several tensors that tile one span, with their names
+    spans: list[tuple[frozenset[str], torch.Tensor]] = field(default_factory=list)
 
 
 def span_bytes(first: torch.Tensor, start: int, nbytes: int) -> torch.Tensor | None:
@@ -130,7 +130,7 @@ def _runs_finite(body: BodyTensors, norms: TakenNorms | None) -> bool:
             if len(names) == 1:
                 norms.each[names[0]] = total
             else:
-                norms.spans.append((tuple(names), total))
+                norms.spans.append((frozenset(names), total))
     return True
 
 
@@ -412,7 +412,7 @@ class Session:
             if norms is not None and span.is_floating_point() and all(
                     raw[n].layout == torch.strided for n in group):
                 total = torch._foreach_norm([span])[0]
-                norms.spans.append((tuple(group), total))
+                norms.spans.append((frozenset(group), total))
             else:
                 total = span.sum()
             if not math.isfinite(total.item()):

@@ -68,7 +68,7 @@ def bodies(draw: st.DrawFn) -> tuple[list[tuple[str, torch.Tensor]], bytearray]:
     return parts, body_of(parts, list(order))
 
 
-def norms_bits(norms: TakenNorms) -> tuple[dict[str, bytes], dict[tuple[str, ...], bytes]]:
+def norms_bits(norms: TakenNorms) -> tuple[dict[str, bytes], dict[frozenset[str], bytes]]:
     def bits(t: torch.Tensor) -> bytes:
         return t.detach().reshape(1).view(torch.uint8).numpy().tobytes()
 

@@ -451,54 +451,6 @@ def test_a_replayed_log_takes_one_copy_ahead_and_the_next_step_is_right(
         run(eng.stop())
 
 
-@pytest.mark.parametrize("layout", ["apart", "one-buffer", "one-buffer-reversed"])
-def test_gradient_norms_do_not_depend_on_how_the_gradients_lie_in_memory(
-        tmp_path: Any, layout: str) -> None:
-    """A group's gradient norm is the same whether its gradients arrive as tensors of their
-    own (a JSON body), as views of one buffer in either order (a safetensors body, the
-    same-host segment) or as the log record lays them out when a restart replays the steps:
-    the rows rebuilt after a crash equal the answered ones, and every layout gives the same
-    values: the norm of the group's gradients laid end to end in its order (their own norms
-    combined in float64, which gradients that came apart got, differed in the last bits)."""
-    names, n = ("w", "b"), {"w": 3000, "b": 77}
-
-    def grads(seed: int) -> dict[str, torch.Tensor]:
-        g = {k: seeded((n[k],), seed * 10 + i) for i, k in enumerate(names)}
-        if layout == "apart":
-            return g
-        order = names[::-1] if layout == "one-buffer-reversed" else names
-        flat = torch.cat([g[k] for k in order])
-        cut = dict(zip(order, flat.split([n[k] for k in order]), strict=True))
-        return {k: cut[k] for k in names}
-
-    async def live() -> dict[str, list[float]]:
-        eng = embedded_engine("cpu", warm_up=False, data_dir=tmp_path, durability="step")
-        await eng.start()
-        await eng.create(CreateSpec("Adam", [GroupSpec({k: seeded((n[k],), 1) for k in names})],
-                                    options={"lr": 0.01}, id="g"))
-        for k in range(3):
-            await eng.step("g", grads(k + 3), return_params=False)
-        rows = (await eng.history("g", HistoryQuery())).columns
-        await eng.stop(snapshot=False)  # the disk as a crash leaves it: replay at the start
-        return {k: v.tolist() for k, v in rows.items() if k != "time"}
-
-    async def replayed() -> dict[str, list[float]]:
-        eng = embedded_engine("cpu", warm_up=False, data_dir=tmp_path, durability="step")
-        await eng.start()
-        try:
-            rows = (await eng.history("g", HistoryQuery())).columns
-            return {k: v.tolist() for k, v in rows.items() if k != "time"}
-        finally:
-            await eng.stop()
-
-    before = run(live())
-    assert run(replayed()) == before
-    for k in range(3):  # the values: torch's norm of the group's gradients end to end
-        g = grads(k + 3)
-        want = float(torch._foreach_norm([torch.cat([g[m] for m in names])])[0])
-        assert before["grad_norm.0"][k] == want, (k, before["grad_norm.0"][k], want)
-
-
 def test_fill_sets_a_held_row_and_leaves_others_alone() -> None:
     h = History(4)
     for i in range(6):
