@@ -307,6 +307,26 @@ def test_threads_that_share_a_client_step_through_their_own_segments(keyed_serve
             assert all(bool((v == v.reshape(-1)[0]).all()) for v in seen[k])
 
 
+def test_the_channels_of_threads_that_have_ended_are_closed(keyed_server: str) -> None:
+    """A thread per task (a thread pool made again, a server's thread per request) sharing one
+    ``Client``: each new thread's channel closes those of the threads that have ended (their
+    connections and segments were kept until ``close()``: 30 threads, 30 connections and
+    ~150 open files)."""
+    import threading
+
+    with optserve.Client(keyed_server, api_key=KEY_A, transport="local", max_retries=0) as c:
+        sid = c.create_session(optimizer="SGD", options={"lr": 1.0},
+                               params={"w": torch.zeros(100)}).id
+        c.step(sid, {"w": torch.ones(100)})
+        files = len(os.listdir("/proc/self/fd"))
+        for _ in range(30):
+            t = threading.Thread(target=c.step, args=(sid, {"w": torch.ones(100)}))
+            t.start()
+            t.join(timeout=60)
+        assert len(c._channels) <= 2  # this thread's and the last one's
+        assert len(os.listdir("/proc/self/fd")) <= files + 10
+        assert torch.equal(c.get_params(sid).params["w"], torch.full((100,), -31.0))
+
 def test_transport_http_never_uses_the_socket(keyed_server: str) -> None:
     with optserve.Client(keyed_server, api_key=KEY_A, transport="http") as c:
         sid = c.create_session(optimizer="SGD", options={"lr": 1.0},

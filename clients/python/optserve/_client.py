@@ -88,7 +88,7 @@ class Client(SyncAPIClient):
         self.transport = transport
         #: per thread, its same-host channel (:meth:`_local_channel`), and all of them
         self._thread = threading.local()
-        self._channels: list[LocalChannel] = []
+        self._channels: list[tuple[threading.Thread, LocalChannel]] = []
         self._channels_lock = threading.Lock()
         #: the server's same-host socket once asked (None: none to use)
         self._local_path: str | None = None
@@ -120,7 +120,11 @@ class Client(SyncAPIClient):
             self._local_path = None  # (as when it was asked: HTTP from now on)
             return None
         with self._channels_lock:
-            self._channels.append(channel)
+            ended = [old for thread, old in self._channels if not thread.is_alive()]
+            self._channels = [(t, old) for t, old in self._channels if t.is_alive()]
+            self._channels.append((threading.current_thread(), channel))
+        for old in ended:  # threads that have ended: their connections and segments go
+            old.close_when_free()
         self._thread.channel = channel
         return channel
 
@@ -155,7 +159,7 @@ class Client(SyncAPIClient):
     def close(self) -> None:
         with self._channels_lock:
             channels, self._channels = self._channels, []
-        for channel in channels:
+        for _, channel in channels:
             channel.close()
         self._thread = threading.local()
         super().close()
@@ -313,7 +317,7 @@ class Client(SyncAPIClient):
         finally:
             with self._channels_lock:
                 channels = list(self._channels)
-            for channel in channels:
+            for _, channel in channels:
                 channel.release(id)
 
     # ------------------------------------------------------------------ training

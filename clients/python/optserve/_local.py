@@ -112,6 +112,11 @@ class LocalChannel:
             self._sock.close()
             self._sock = None
 
+    def close_when_free(self) -> None:
+        """:meth:`close`, once no call of another thread is in flight on it."""
+        with self._lock:
+            self.close()
+
     def _recv_exact(self, n: int, fds: list[int]) -> bytes:
         assert self._sock is not None
         chunks, got = [], 0
