@@ -175,12 +175,14 @@ def may_chunk(opt: torch.optim.Optimizer, name: str, p: torch.Tensor) -> bool:
             and _plain(p) and not _fused(opt))
 
 
-def may_ever_chunk(opt: torch.optim.Optimizer, name: str, p: torch.Tensor) -> bool:
+def may_ever_chunk(name: str, p: torch.Tensor) -> bool:
     """Whether some server setting (``OPTSERVE_STEP_CHUNK``, a multiple of :data:`NORM_PIECE`)
     would step ``p`` in chunks: the metrics norm it on its own, as the chunked step does, so
-    that its norms do not change when a restart replays its steps under another setting."""
+    that its norms do not change when a restart replays its steps under another setting.
+    Whatever the groups' ``foreach``/``fused`` (options that change after the metrics' layout
+    is made, and that a restored snapshot holds from the start)."""
     return (name in ELEMENTWISE and p.numel() >= SMALLEST_IN_CHUNKS * NORM_PIECE
-            and _plain(p) and not _fused(opt))
+            and _plain(p))
 
 
 def _large(numel: int, chunk: int, smallest: int) -> bool:

@@ -237,7 +237,7 @@ def _layout(s: Session, names: list[list[str]]) -> Layout:
     hi = max(a + n for a, n in spans.values())
     span = torch.empty(0, dtype=torch.uint8, device=params[kept[0]].device).set_(
         storage, lo, (hi - lo,), (1,))
-    alone = {i for i in kept if chunked.may_ever_chunk(s.optimizer, s.optimizer_name, params[i])}
+    alone = {i for i in kept if chunked.may_ever_chunk(s.optimizer_name, params[i])}
     return _runs(out, params, spans, groups, span, lo, alone)
 
 

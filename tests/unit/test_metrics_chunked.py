@@ -374,3 +374,47 @@ def test_replayed_rows_do_not_depend_on_the_step_chunk(tmp_path: Any, chunk_afte
     after_rows, after_params = run(replayed())
     assert after_rows == before_rows
     assert torch.equal(after_params, before_params)
+
+
+def test_replayed_rows_do_not_depend_on_when_foreach_was_set(tmp_path: Any) -> None:
+    """A group's ``foreach`` changed after some steps (torch's foreach step takes no chunks)
+    and a snapshot taken after that: the steps replayed from it rebuild the rows answered
+    before. A parameter some step chunk could chunk is normed on its own whatever the groups'
+    ``foreach``/``fused`` (the metrics' layout kept the choice made before the change, and
+    the snapshot's restore made the other: the update and parameter norms differed in their
+    last bits)."""
+    n = 600_000  # chunked by no step at the default setting, by some at another
+
+    def grads(k: int) -> dict[str, torch.Tensor]:
+        return {"w": seeded((n,), 10 + k), "b": seeded((64,), 20 + k)}
+
+    def engine_at(d: Any) -> Front:
+        return embedded_engine("cpu", warm_up=False, data_dir=d, durability="step",
+                               snapshot_every_steps=3)
+
+    async def live() -> dict[str, list[float]]:
+        eng = engine_at(tmp_path)
+        await eng.start()
+        await eng.create(CreateSpec("Adam", [GroupSpec({"w": seeded((n,), 1),
+                                                        "b": seeded((64,), 2)})],
+                                    options={"lr": 0.01}, id="f"))
+        for k in range(2):
+            await eng.step("f", grads(k), return_params=False)
+        await eng.update_param_group("f", 0, {"foreach": True})
+        for k in range(2, 6):
+            await eng.step("f", grads(k), return_params=False)
+        rows = (await eng.history("f", HistoryQuery())).columns
+        await eng.stop(snapshot=False)  # a crash: the snapshot after step 3, then the log
+        return {k: v.tolist() for k, v in rows.items() if k != "time"}
+
+    async def replayed() -> dict[str, list[float]]:
+        eng = engine_at(tmp_path)
+        await eng.start()
+        try:
+            rows = (await eng.history("f", HistoryQuery())).columns
+            return {k: v.tolist() for k, v in rows.items() if k != "time"}
+        finally:
+            await eng.stop()
+
+    before = run(live())
+    assert run(replayed()) == before
