@@ -11,6 +11,7 @@ from fastapi import Request
 from app.engine.idempotency import check_key
 from app.engine.interface import IdemKey
 from app.errors import Invalid
+from app.wire.integers import int_text
 
 WORKER_HEADER = "x-optserve-worker"
 IDEMPOTENCY_HEADER = "idempotency-key"
@@ -57,7 +58,7 @@ def _tag_version(tag: str) -> int | None:
         tag = tag[2:]
     if len(tag) >= 2 and tag[0] == tag[-1] == '"':
         tag = tag[1:-1]
-    return int(tag) if tag.isascii() and tag.isdigit() and len(tag) <= 18 else None
+    return int_text(tag, 18)
 
 
 def none_match_versions(request: Request) -> frozenset[int]:

@@ -19,6 +19,7 @@ from app.engine.metrics import SHOWN
 from app.engine.placement import check_placement, check_resources
 from app.engine.shards import check_shards
 from app.errors import BadRequest, Invalid
+from app.wire.integers import int_text
 from app.wire.safetensors_body import read_safetensors
 from app.wire.tree import tree_from_json
 
@@ -247,14 +248,15 @@ def step_options(value: object) -> dict[int, dict[str, Any]] | None:
         items = []
         seen: set[int] = set()
         for k, v in value.items():
-            if not (isinstance(k, str) and k.isascii() and k.isdigit() and len(k) < 7):
+            index = int_text(k, 6)
+            if index is None:
                 raise Invalid(f"param_groups keys are group indexes, got {k!r:.40}",
                               code="invalid_body", field=f"param_groups.{k}")
-            if int(k) in seen:
-                raise Invalid(f"param_groups names group {int(k)} twice", code="invalid_body",
+            if index in seen:
+                raise Invalid(f"param_groups names group {index} twice", code="invalid_body",
                               field=f"param_groups.{k}")
-            seen.add(int(k))
-            items.append((int(k), v))
+            seen.add(index)
+            items.append((index, v))
     else:
         raise Invalid("param_groups must be a list (one entry per group) or an object keyed by "
                       "group index, each an object of options", code="invalid_body",
@@ -305,8 +307,9 @@ class StepQuery:
         if ret not in ("params", "none", "touched"):
             raise Invalid("return must be params, none or touched", code="invalid_query",
                           field="return")
-        base = q.get("base_version")
-        if base is not None and not (base.isascii() and base.isdigit() and len(base) <= 18):
+        text = q.get("base_version")
+        base = int_text(text, 18)
+        if text is not None and base is None:
             raise Invalid("base_version must be an integer >= 0", code="invalid_query",
                           field="base_version")
         upcast = q.get("upcast", "false").lower()
@@ -322,5 +325,5 @@ class StepQuery:
                           "(only in the session's history, taken after the answer)",
                           code="invalid_query", field="metrics")
         returned: ReturnParams = "touched" if ret == "touched" else ret == "params"
-        return cls(returned, None if base is None else int(base), _BOOLS[upcast],
+        return cls(returned, base, _BOOLS[upcast],
                    None if narrow is None else getattr(torch, narrow), shown == "answer")

@@ -363,7 +363,7 @@ def _sort_big(probe: Probe, layout: Layout, grads: dict[str, torch.Tensor],
             probe.unchanged.append((gi, p))
         elif id(p) in watched:
             probe.watch_owner[id(p)] = gi
-        elif layout.big_before is not None and layout.copies is not None:
+        elif layout.big_before is not None:  # (made only for a layout that copies)
             probe.copied.append((gi, p, layout.big_before[j]))
         else:
             probe.copied.append((gi, p, p.detach().clone()))
@@ -440,16 +440,14 @@ def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]]) -> boo
                 start = len(tail)
                 add(chunked.pieces(p), gi, False)
                 spans.append((gi, p, start, len(tail)))
-            if probe.watch is not None:
-                if probe.watch.failed:
-                    raise RuntimeError("the chunked step could not take its norms")
-                norms = list(torch._foreach_norm(tensors)) if tensors else []
+            if probe.watch is not None and probe.watch.failed:
+                raise RuntimeError("the chunked step could not take its norms")
+            norms = list(torch._foreach_norm(tensors)) if tensors else []
+            if probe.watch is not None:  # the chunked step's, piece by piece
                 for taken, update in ((probe.watch.update, True), (probe.watch.param, False)):
                     for pid, gi in probe.watch_owner.items():
                         norms.extend(taken[pid])
                         tail.extend([(gi, update)] * len(taken[pid]))
-            else:
-                norms = list(torch._foreach_norm(tensors)) if tensors else []
             every = [*probe.grad_parts, *norms]
             if len({t.dtype for t in every}) > 1:
                 every = [t.to(_F64) for t in every]

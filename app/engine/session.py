@@ -223,8 +223,7 @@ class Session:
                                   field=f"{where}.params.{name}")
                 seen.add(name)
                 check_param_tensor(name, t, f"{where}.params.{name}")
-            dtypes.append(next(iter(group.params.values())).dtype if group.params
-                          else EMPTY_GROUP_DTYPE)
+            dtypes.append(group_dtype(group.params))
         if not seen and not allow_empty:  # (groups without parameters: torch takes them)
             raise Invalid("give at least one parameter (a param group may have none, as "
                           "torch's may, but not every group)", code="invalid_params",
@@ -247,12 +246,8 @@ class Session:
             schedulers.probe(sched_spec, make_probe, "scheduler")
 
         params = flat_block({n: t for g in groups for n, t in g.params.items()}, device)
-        torch_groups = []
-        for group, opts in zip(groups, group_opts, strict=True):
-            named = [(n, params[n]) for n in group.params]
-            # an empty group says it is named (torch refuses to mix named and unnamed groups)
-            torch_groups.append({"params": named, **opts} if named else
-                                {"params": [], "param_names": [], **opts})
+        torch_groups = [torch_group([(n, params[n]) for n in group.params], opts)
+                        for group, opts in zip(groups, group_opts, strict=True)]
         try:
             optimizer = cls(torch_groups, **defaults)
         except optimizers.TORCH_ERRORS as exc:
@@ -629,6 +624,20 @@ class Session:
         session.history = (History.from_tree(tree["history"]) if tree.get("history")
                            else History(DEFAULT_HISTORY, session.step_count + 1))
         return session
+
+
+def group_dtype(params: Tensors) -> torch.dtype:
+    """The dtype a param group's options are checked in: its first parameter's
+    (:data:`EMPTY_GROUP_DTYPE` for a group without parameters)."""
+    return next(iter(params.values())).dtype if params else EMPTY_GROUP_DTYPE
+
+
+def torch_group(named: list[tuple[str, torch.Tensor]], options: dict[str, Any]
+                ) -> dict[str, Any]:
+    """A param group as torch takes it: named parameters and options. An empty one says it is
+    named too (torch refuses to mix named and unnamed groups)."""
+    return {"params": named, **options} if named else {"params": [], "param_names": [],
+                                                         **options}
 
 
 def flat_block(tensors: Tensors, device: torch.device) -> Tensors:

@@ -17,6 +17,7 @@ import torch
 
 from app.engine import optimizers
 from app.errors import Invalid
+from app.wire.integers import int_text
 from app.wire.tree import tree_to_json
 
 if TYPE_CHECKING:
@@ -56,8 +57,9 @@ class PreparedImport:
 def _state_id(key: object, field: str) -> int:
     if type(key) is int:
         return key
-    if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 19:
-        return int(key)
+    number = int_text(key, 18)
+    if number is not None:
+        return number
     raise Invalid(f"state keys must be integer parameter ids, got {key!r:.40}",
                   code="state_mismatch", field=field)
 
@@ -159,8 +161,9 @@ def conform(template: Any, value: Any) -> Any:
         out = {}
         for k, v in value.items():
             key: Any = k
-            if int_keys and isinstance(k, str) and k.lstrip("-").isdigit():
-                key = int(k)
+            if int_keys and isinstance(k, str):
+                number = int_text(k, 19, signed=True)
+                key = k if number is None else number
             out[key] = conform(template.get(key, sample), v)
         kind = type(template)
         return kind(out) if kind is not dict else out

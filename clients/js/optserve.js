@@ -561,6 +561,11 @@ const MAX_RETRY_DELAY_MS = 8000;
 /** The server holds a long poll (?wait_s=) at most this long. */
 const MAX_WAIT_S = 60;
 
+/** Seconds the server holds a long poll of ?wait_s=waitS (it caps the wait at MAX_WAIT_S). */
+function held(waitS) {
+  return Number(waitS) > 0 ? Math.min(Number(waitS), MAX_WAIT_S) : 0;
+}
+
 function newIdempotencyKey() {
   return globalThis.crypto.randomUUID().replaceAll("-", "");
 }
@@ -660,7 +665,7 @@ export class OptserveClient {
   }
 
   /** One HTTP exchange. Returns the Response; throws typed errors for non-2xx answers. */
-  async _attempt(method, path, { query, json, body, contentType, accept = JSON_TYPE, headers: extra, waitS, untimed } = {}) {
+  async _attempt(method, path, { query, json, body, contentType, accept = JSON_TYPE, headers: extra, holdS = 0 } = {}) {
     let url = this.baseUrl + path;
     if (query) {
       const qs = new URLSearchParams();
@@ -680,11 +685,10 @@ export class OptserveClient {
       headers["Content-Type"] = contentType ?? BINARY;
     }
     const controller = new AbortController();
-    // a long poll (waitS) is held by the server that long before it answers: timeoutMs on top
-    const held = Number(waitS) > 0 ? Math.min(Number(waitS), MAX_WAIT_S) * 1000 : 0;
-    // untimed: a worker's push waits for the other workers of its round (the server's round
-    // timeout bounds it, as the Python SDK leaves it)
-    const limitMs = this.timeoutMs && !untimed ? this.timeoutMs + held : 0;
+    // holdS: how long the server may hold the request before it answers, on top of timeoutMs
+    // (a long poll's wait; Infinity: a worker's push, which waits for the other workers of its
+    // round, bounded by the round's own timeout, as the Python SDK leaves it)
+    const limitMs = this.timeoutMs && Number.isFinite(holdS) ? this.timeoutMs + holdS * 1000 : 0;
     const timer = limitMs ? setTimeout(() => controller.abort(), limitMs) : null;
     let res;
     try {
@@ -729,13 +733,13 @@ export class OptserveClient {
   }
 
   /** Tensors out of a step / params answer, JSON or safetensors. */
-  async _tensorsCall(method, path, { tensors, key, binary, encoding, query = {}, headers, extra, body, waitS, untimed }) {
+  async _tensorsCall(method, path, { tensors, key, binary, encoding, query = {}, headers, extra, body, holdS }) {
     // body: {json} or {body, contentType} sent as is (when tensors is undefined)
     // extra: more top-level body fields (JSON), or safetensors __metadata__ entries (JSON texts)
     binary = binary ?? this.binary;
     const q = { ...query };
     if (!binary && encoding && encoding !== "data") q.encoding = encoding;
-    const opts = { query: q, accept: binary ? BINARY : JSON_TYPE, headers, waitS, untimed };
+    const opts = { query: q, accept: binary ? BINARY : JSON_TYPE, headers, holdS };
     if (tensors !== undefined) {
       const map = tensorMap(tensors);
       if (binary) {
@@ -877,7 +881,7 @@ export class OptserveClient {
     if (scalars !== undefined) extra.scalars = scalars;
     return this._tensorsCall("POST", `${this._sid(id)}/step`, {
       tensors: grads, key: "grads", binary, encoding, query, headers,
-      extra: Object.keys(extra).length ? extra : undefined, untimed: worker !== undefined,
+      extra: Object.keys(extra).length ? extra : undefined, holdS: worker !== undefined ? Infinity : 0,
     });
   }
 
@@ -924,7 +928,7 @@ export class OptserveClient {
     if (minVersion !== undefined) query.min_version = minVersion;
     if (waitS !== undefined) query.wait_s = waitS;
     const headers = ifNoneMatch !== undefined ? { "If-None-Match": `"${ifNoneMatch}"` } : undefined;
-    return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers, waitS });
+    return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers, holdS: held(waitS) });
   }
 
   /**
@@ -943,13 +947,13 @@ export class OptserveClient {
     const headers = ifNoneMatch !== undefined ? { "If-None-Match": `"${ifNoneMatch}"` } : undefined;
     if (names.length === 1 && lists[names[0]].length <= 256 && !names[0].includes(",")) {
       Object.assign(query, { name: names[0], rows: lists[names[0]].join(",") });
-      return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers, waitS });
+      return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers, holdS: held(waitS) });
     }
     binary = binary ?? this.binary;
     const body = binary
       ? { body: writeSafetensors(Object.fromEntries(names.map((n) => [n, Tensor.from(lists[n].map(BigInt), { dtype: "int64" })]))) }
       : { json: { rows: lists } };
-    return this._tensorsCall("POST", `${this._sid(id)}/params/rows`, { binary, encoding, query, headers, body, waitS });
+    return this._tensorsCall("POST", `${this._sid(id)}/params/rows`, { binary, encoding, query, headers, body, holdS: held(waitS) });
   }
 
   /**

@@ -11,11 +11,12 @@ from app.engine import optimizers, schedulers
 from app.engine.interface import GroupSpec, ParamsResult, SessionInfo, Tensors
 from app.engine.ops.base import Operation, register
 from app.engine.session import (
-    EMPTY_GROUP_DTYPE,
     Session,
     check_param_name,
     check_param_tensor,
     flat_block,
+    group_dtype,
+    torch_group,
 )
 from app.errors import Invalid
 
@@ -82,8 +83,7 @@ class AddParamGroup(Operation):
                 raise Invalid(f"parameter {name!r:.60} is already in this session",
                               code="invalid_params", field=f"{where}.params.{name}")
             check_param_tensor(name, t, f"{where}.params.{name}")
-        dtype = (next(iter(self.params.values())).dtype if self.params
-                 else EMPTY_GROUP_DTYPE)
+        dtype = group_dtype(self.params)
         fields = {k: f"{where}.{k}" for k in opts}
         optimizers.check_overflow({**s.defaults, **opts}, dtype, where)
         optimizers.probe(s.cls, s.defaults, [*s.group_options(), opts],
@@ -93,12 +93,8 @@ class AddParamGroup(Operation):
         return GroupPlan(opts, flat_block(self.params, s.device))
 
     def apply(self, s: Session, plan: GroupPlan) -> SessionInfo:
-        named = list(plan.params.items())
-        # an empty group says it is named (torch refuses to mix named and unnamed groups)
-        group: dict[str, Any] = ({"params": named} if named else
-                                 {"params": [], "param_names": []})
         try:
-            s.optimizer.add_param_group({**group, **plan.options})
+            s.optimizer.add_param_group(torch_group(list(plan.params.items()), plan.options))
         except optimizers.TORCH_ERRORS as exc:  # torch checks before it appends anything
             raise Invalid(str(exc), code="invalid_option",
                           field=f"param_groups.{len(s.optimizer.param_groups)}") from None

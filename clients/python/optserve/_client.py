@@ -114,9 +114,7 @@ class Client(SyncAPIClient):
         try:
             channel.connect()
         except (LocalUnavailable, OSError) as exc:
-            if self.transport == "local":
-                raise LocalUnavailable(f"the same-host transport is not available: {exc}"
-                                       ) from None
+            self._without_local(exc)
             self._local_path = None  # (as when it was asked: HTTP from now on)
             return None
         with self._channels_lock:
@@ -133,28 +131,31 @@ class Client(SyncAPIClient):
         if self._local_checked:
             return self._local_path
         url = httpx.URL(self.base_url)
+        path: str | None = None
         if url.host not in ("127.0.0.1", "localhost", "::1"):
             if self.transport == "local":
                 raise LocalUnavailable(f"{self.base_url} is not on this machine")
-            self._local_checked = True
-            return None
-        try:
-            advertised = self._request(_api.transport()).get("local")
-            if not advertised:
-                raise LocalUnavailable("the server offers no same-host transport")
-            port = advertised.get("port")
-            path: str | None = str(advertised["socket"])
-        except (LocalUnavailable, OSError, KeyError, TypeError) as exc:
-            if self.transport == "local":
-                raise LocalUnavailable(f"the same-host transport is not available: {exc}"
-                                       ) from None
-            self._local_checked = True
-            return None
-        if self.transport == "auto" and isinstance(port, int) and url.port is not None \
-                and port != url.port:
-            path = None  # base_url is a proxy on this machine: keep every step on it
+        else:
+            try:
+                advertised = self._request(_api.transport()).get("local")
+                if not advertised:
+                    raise LocalUnavailable("the server offers no same-host transport")
+                port = advertised.get("port")
+                path = str(advertised["socket"])
+            except (LocalUnavailable, OSError, KeyError, TypeError) as exc:
+                self._without_local(exc)
+            else:
+                if self.transport == "auto" and isinstance(port, int) \
+                        and url.port is not None and port != url.port:
+                    path = None  # base_url is a proxy on this machine: keep every step on it
         self._local_path, self._local_checked = path, True
         return path
+
+    def _without_local(self, exc: Exception) -> None:
+        """The same-host transport cannot be used: an error when it was required."""
+        if self.transport == "local":
+            raise LocalUnavailable(f"the same-host transport is not available: {exc}"
+                                   ) from None
 
     def close(self) -> None:
         with self._channels_lock:

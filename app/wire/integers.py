@@ -1,0 +1,18 @@
+"""Integers written as text (query values, ETags, JSON object keys): ASCII decimal digits only.
+
+``str.isdigit`` also takes digits such as ``²``, which ``int()`` refuses (a 500 where a 422
+belongs), and ``int()`` takes more than plain digits (``"١"``, ``" 5"``, ``"+5"``, ``"1_0"``):
+every place that reads an integer from text asks :func:`int_text`."""
+
+from __future__ import annotations
+
+
+def int_text(text: object, max_digits: int, *, signed: bool = False) -> int | None:
+    """``text`` as an int when it is a string of 1 to ``max_digits`` ASCII decimal digits
+    (after one leading ``-`` when ``signed``); else None."""
+    if not isinstance(text, str):
+        return None
+    digits = text[1:] if signed and text.startswith("-") else text
+    if not (0 < len(digits) <= max_digits and digits.isascii() and digits.isdigit()):
+        return None
+    return int(text)
