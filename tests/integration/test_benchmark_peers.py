@@ -20,14 +20,41 @@ SYSTEMS = ["in-process", "echo", "torch-rpc", "optserve-binary", "optserve-binar
            "optserve-shm", "optserve-sdk-bf16"]
 
 
-def test_peers_smoke_bitwise(tmp_path: Path) -> None:
-    out = tmp_path / "peers.json"
-    proc = subprocess.run(
+#: a peer whose own transport breaks now and then on a loaded 2-core machine (TensorPipe's
+#: TCP connection: "EPIPE: broken pipe" in a step or at shutdown, seen once in a CI run)
+FLAKY_PEERS = ("torch-rpc",)
+
+
+def run_peers(out: Path, data: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "benchmarks.peers", "--sizes", "1e3", "--systems",
          ",".join(SYSTEMS), "--durability", "memory", "--rounds", "2", "--reps", "5",
          "--warmup", "2", "--spin", "0", "--case-spin", "0", "--json", str(out),
-         "--data-dir", str(tmp_path / "data")],
+         "--data-dir", str(data)],
         cwd=REPO, capture_output=True, text=True, timeout=280)
+
+
+def only_a_peers_pipe_broke(out: Path) -> bool:
+    """The run failed only because a peer of :data:`FLAKY_PEERS` lost its own connection (its
+    transport's broken pipe): nothing of optserve's, and worth one more run."""
+    if not out.exists():
+        return False
+    record = orjson.loads(out.read_bytes())
+    failures: list[str] = record["failures"]
+    bad = [c["system"] for c in record["cells"] if c["check"] not in ("ok", "-")]
+    return bool(failures) and all(
+        f.split(":")[0] in FLAKY_PEERS and ("EPIPE" in f or "broken pipe" in f)
+        for f in failures) and all(system in FLAKY_PEERS for system in bad)
+
+
+def test_peers_smoke_bitwise(tmp_path: Path) -> None:
+    out = tmp_path / "peers.json"
+    proc = run_peers(out, tmp_path / "data")
+    if proc.returncode != 0 and only_a_peers_pipe_broke(out):
+        print("torch RPC's connection broke (not optserve's): running the benchmark again\n"
+              + proc.stderr[-2000:])
+        out = tmp_path / "peers-again.json"
+        proc = run_peers(out, tmp_path / "data-again")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = orjson.loads(out.read_bytes())
     assert record["ok"] is True
