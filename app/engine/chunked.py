@@ -102,10 +102,16 @@ def configure(elements: int, smallest: int | None = None) -> None:
     _piece = NORM_PIECE if elements % NORM_PIECE == 0 else elements
 
 
+def piece() -> int:
+    """Elements per norm piece (:data:`NORM_PIECE`, or a test's odd chunk)."""
+    return _piece
+
+
 def pieces(t: torch.Tensor) -> list[torch.Tensor]:
     """``t`` (flattened) in pieces of :data:`NORM_PIECE` elements from its start (of a test's
-    odd chunk instead: :func:`configure`): what the metrics take one norm of each."""
-    flat = t.reshape(-1)
+    odd chunk instead: :func:`configure`): what the metrics take one norm of each. Contiguous
+    (a copy of a strided ``t``): torch's norm of strided values rounds otherwise."""
+    flat = t.reshape(-1).contiguous()
     return [flat[a:a + _piece] for a in range(0, flat.numel(), _piece)]
 
 

@@ -9,14 +9,16 @@ let through), and for parameter-server steps the staleness or the workers of the
 
 Every norm is torch's L2 norm in the tensor's own dtype (``torch._foreach_norm``, as
 ``torch.nn.utils.clip_grad_norm_`` takes them; asking torch to accumulate in float64 instead
-costs ~13x more on a CPU): of each gradient (or of a span of gradients that tile one buffer),
-and for the update and parameter norms of each piece of ``chunked.NORM_PIECE`` elements at
-fixed offsets from the start of what is normed (a group's span of the flat block, a run of
-adjacent tensors, a tensor): torch's float32 norm sums in float32 (off by ~4e-4 for 1e7 values),
-the pieces keep it to ~1e-7, and they make the values independent of how the step chunks a
-parameter. The norms of all groups come back to the host in one device-to-host copy, and each
-group's norm is ``sqrt(sum of its parts' squared norms)`` in Python floats (as
-``clip_grad_norm_`` combines them).
+costs ~13x more on a CPU), of pieces of ``chunked.NORM_PIECE`` elements at fixed offsets: for
+the gradient norm, of a group's gradients end to end in the group's order
+(``norm_pieces.joined``: the same bits whether they came apart, as from a JSON body, or laid
+end to end, as in a binary body and the log record a restart replays), and for the update and
+parameter norms from the start of what is normed (a group's span of the flat block, a run of
+adjacent tensors, a tensor). torch's float32 norm sums in float32 (off by ~4e-4 for 1e7
+values), the pieces keep it to ~1e-7, and they make the values independent of how the step
+chunks a parameter. The norms of all groups come back to the host in one device-to-host
+copy, and each group's norm is ``sqrt(sum of its parts' squared norms)`` in Python floats
+(as ``clip_grad_norm_`` combines them).
 
 The update norm needs the parameters as they were before the step: a copy of the session's flat
 parameter block in a buffer the session keeps and reuses (when they tile one, as they do unless
@@ -54,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from app.engine import chunked
+from app.engine import chunked, norm_pieces
 from app.engine.interface import json_float
 from app.engine.worker import after_job
 from app.errors import Invalid
@@ -80,8 +82,8 @@ class Probe:
 
     #: per group, the indexes of its pieces in ``after`` and ``before``
     groups: list[list[int]]
-    #: norms (0-d, on the device) whose squares sum to a group's squared gradient norm: one
-    #: per gradient, or one for all of a group's gradients when they tile one span
+    #: norms (0-d, on the device) whose squares sum to a group's squared gradient norm: of the
+    #: pieces of its gradients end to end (``norm_pieces.joined``)
     grad_parts: list[torch.Tensor]
     #: the group each of ``grad_parts`` belongs to
     grad_owner: list[int]
@@ -167,8 +169,10 @@ class Layout:
     #: clone per tensor instead)
     copies: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     scratch: torch.Tensor | None = None
-    #: per group, its names as a set (a step with a gradient for each: no per-name lookups)
+    #: per group, its names as a set and as a tuple (a step with a gradient for each: no
+    #: per-name lookups)
     sets: list[frozenset[str]] = field(default_factory=list)
+    tuples: list[tuple[str, ...]] = field(default_factory=list)
     #: the session version whose parameters ``scratch`` holds (:func:`take_ahead`); None when
     #: it holds anything else
     taken_at: int | None = None
@@ -210,7 +214,8 @@ def _layout(s: Session, names: list[list[str]]) -> Layout:
         groups.append(list(range(i, i + len(g))))
         i += len(g)
     out = Layout(names, params, [p.data_ptr() for p in params], groups, params, [],
-                 sets=[frozenset(g) for g in names], chunking=chunked.settings())
+                 sets=[frozenset(g) for g in names], tuples=[tuple(g) for g in names],
+                 chunking=chunked.settings())
     large = {i for i, p in enumerate(params)
              if chunked.may_chunk(s.optimizer, s.optimizer_name, p)}
     if large:
@@ -281,12 +286,12 @@ def before_step(s: Session, grads: dict[str, torch.Tensor],
                 answered: bool = True) -> Probe | None:
     """Gradient norms and a copy of the parameters, before ``optimizer.step()``; None when the
     session's metrics are off (or this fails: the step goes on without norms). ``known``:
-    norms the non-finite check already took (per gradient, or of a group's gradients that
-    tile one span), not taken again. ``splits``: the parameters the step takes in chunks
-    (``chunked.plan``); the probe's ``watch`` is for the step to fill when the norms go into
-    the answer (``answered``). Norms taken after the answer (``?metrics=history``) come from
-    a copy of every parameter instead: the step then does none of that work, and its answer
-    goes out sooner."""
+    norms the non-finite check already took (of the pieces of a gradient, or of a run of
+    gradients laid end to end: a group's when its gradients are that run), not taken again.
+    ``splits``: the parameters the step takes in chunks (``chunked.plan``); the probe's
+    ``watch`` is for the step to fill when the norms go into the answer (``answered``). Norms
+    taken after the answer (``?metrics=history``) come from a copy of every parameter
+    instead: the step then does none of that work, and its answer goes out sooner."""
     if not s.metrics_on:
         return None
     try:
@@ -301,36 +306,26 @@ def before_step(s: Session, grads: dict[str, torch.Tensor],
                 layout.big_before = (None if answered else
                                      [torch.empty_like(p) for _, p, _ in layout.big])
                 layout.taken_at = None
-            each = known.each if known is not None else {}
-            spans = dict(known.spans) if known is not None else {}
+            runs = known.runs if known is not None else {}
             parts: list[torch.Tensor] = []
             owner: list[int] = []
             todo: list[torch.Tensor] = []
             todo_owner: list[int] = []
             for gi, group_names in enumerate(names):
-                whole = None
-                if spans and len(group_names) > 1 and grads.keys() >= layout.sets[gi]:
-                    present = group_names  # (gradients are never None)
-                    whole = spans.get(layout.sets[gi])
-                else:
-                    present = [n for n in group_names if grads.get(n) is not None]
-                    if spans and len(present) > 1:
-                        whole = spans.get(frozenset(present))
-                if whole is not None:
-                    parts.append(whole)
-                    owner.append(gi)
+                present = (layout.tuples[gi] if grads.keys() >= layout.sets[gi]
+                           else tuple(n for n in group_names if grads.get(n) is not None))
+                taken = runs.get(present)  # the check's, when they were laid so
+                if taken is not None:
+                    parts.extend(taken)
+                    owner.extend([gi] * len(taken))
                     continue
-                for n in present:
-                    v = each.get(n)
-                    if v is not None:
-                        parts.append(v)
-                        owner.append(gi)
-                        continue
-                    g = grads[n]
-                    # a row-sparse gradient's norm is its rows' once duplicates are summed
-                    # (the gradient the optimizer steps with): its coalesced values
-                    todo.append(g.coalesce()._values() if g.layout != torch.strided else g)
-                    todo_owner.append(gi)
+                # a row-sparse gradient's norm is its rows' once duplicates are summed (the
+                # gradient the optimizer steps with): its coalesced values
+                cut = norm_pieces.joined([grads[n].coalesce()._values()
+                                          if grads[n].layout != torch.strided else grads[n]
+                                          for n in present])
+                todo.extend(cut)
+                todo_owner.extend([gi] * len(cut))
             if todo:
                 parts.extend(torch._foreach_norm(todo))
                 owner.extend(todo_owner)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from app.engine import optimizers, ps, schedulers, sparse, state_dicts
+from app.engine import chunked, optimizers, ps, schedulers, sparse, state_dicts
 from app.engine.history import History
 from app.engine.idempotency import IdempotencyTable
 from app.engine.interface import (
@@ -25,6 +25,7 @@ from app.engine.interface import (
     SessionInfo,
     Tensors,
 )
+from app.engine.norm_pieces import span_bytes
 from app.errors import Conflict, Invalid
 from app.wire.dtypes import DTYPE_NAMES
 from app.wire.safetensors_body import (
@@ -71,24 +72,19 @@ def lr_value(lr: Any) -> float:
 
 @dataclass
 class TakenNorms:
-    """L2 norms of gradients the non-finite check took (the per-step metrics reuse them)."""
+    """L2 norms of gradients the non-finite check took (the per-step metrics reuse them): per
+    run of dense tensors laid end to end, or per tensor, by their names in that order, the
+    norms of its pieces (``norm_pieces.joined``: what the metrics take of a group's
+    gradients)."""
 
-    #: per tensor, by name
-    each: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: the norm of several tensors that tile one span, with their names
-    spans: list[tuple[frozenset[str], torch.Tensor]] = field(default_factory=list)
+    runs: dict[tuple[str, ...], list[torch.Tensor]] = field(default_factory=dict)
 
 
-def span_bytes(first: torch.Tensor, start: int, nbytes: int) -> torch.Tensor | None:
-    """The ``nbytes`` bytes from data pointer ``start`` as one flat uint8 view of ``first``'s
-    storage (tensors found laid end to end by their data pointers, ``first`` the lowest), or
-    None when they do not all lie inside that storage."""
-    storage = first.untyped_storage()
-    lo = start - storage.data_ptr()
-    if lo < 0 or lo + nbytes > storage.nbytes():
-        return None
-    return torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, lo, (nbytes,),
-                                                                        (1,))
+def _piece_norms(flat: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The norms of a (non-empty) run's pieces, and a 0-dim total that is finite only when
+    they all are (or a finite overflow: only a suspect)."""
+    parts = list(torch._foreach_norm(chunked.pieces(flat)))
+    return parts, parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
 
 def _adjacent_runs(placed: Iterable[list[tuple[int, int, str]]]
@@ -113,24 +109,20 @@ def _adjacent_runs(placed: Iterable[list[tuple[int, int, str]]]
 
 def _runs_finite(body: BodyTensors, norms: TakenNorms | None) -> bool:
     """Whether every value of ``body`` is finite, one reduction per run of its tensors laid end
-    to end (as decoding cut them); with ``norms``, the runs' L2 norms are kept there as
-    :meth:`Session.nonfinite_names` keeps them. False: some run is not (the full check then
+    to end (as decoding cut them); with ``norms``, the norms of the runs' pieces are kept there
+    as :meth:`Session.nonfinite_names` keeps them. False: some run is not (the full check then
     names the tensors)."""
-    taken: list[tuple[tuple[str, ...], torch.Tensor]] = []
+    taken: list[tuple[tuple[str, ...], list[torch.Tensor]]] = []
     for flat, names in body.runs:
         if norms is not None and flat.is_floating_point():
-            total = torch._foreach_norm([flat])[0]
-            taken.append((names, total))
+            parts, total = _piece_norms(flat)
+            taken.append((names, parts))
         else:
             total = flat.sum()
         if not math.isfinite(total.item()):
             return False
     if norms is not None:
-        for names, total in taken:
-            if len(names) == 1:
-                norms.each[names[0]] = total
-            else:
-                norms.spans.append((frozenset(names), total))
+        norms.runs.update(taken)
     return True
 
 
@@ -372,9 +364,9 @@ class Session:
     @staticmethod
     def nonfinite_names(tensors: Tensors, norms: TakenNorms | None = None) -> list[str]:
         """The names of the tensors holding a NaN or an infinity. With ``norms``, the check
-        takes L2 norms (``torch._foreach_norm``) where it would take sums, and keeps them
-        there: per dense tensor, and per set of dense tensors that tile one span (the per-step
-        metrics then do not take them again)."""
+        takes L2 norms of pieces (``torch._foreach_norm``) where it would take sums, and keeps
+        them there: per dense tensor, and per run of dense tensors that tile one span (the
+        per-step metrics then do not take them again)."""
         if not tensors:
             return []
         if isinstance(tensors, BodyTensors) and tensors.runs and _runs_finite(tensors, norms):
@@ -406,8 +398,8 @@ class Session:
             checked.update(group)
             if norms is not None and span.is_floating_point() and all(
                     raw[n].layout == torch.strided for n in group):
-                total = torch._foreach_norm([span])[0]
-                norms.spans.append((frozenset(group), total))
+                parts, total = _piece_norms(span)
+                norms.runs[tuple(group)] = parts
             else:
                 total = span.sum()
             if not math.isfinite(total.item()):
@@ -417,12 +409,18 @@ class Session:
         if rest:
             # the others in one call: a norm is finite only when every value is (an overflow
             # of the squares, from finite values past ~1e19, only makes it a suspect)
-            taken = torch._foreach_norm([tensors[n] for n in rest])
+            # (with ``norms``: of each tensor's pieces, the metrics' norms)
+            cut = [chunked.pieces(tensors[n]) if norms is not None else [tensors[n]]
+                   for n in rest]
+            taken = torch._foreach_norm([p for ps in cut for p in ps])
             values = torch.stack(taken).cpu().tolist()  # one device-to-host copy
-            suspects.extend(n for n, v in zip(rest, values, strict=True) if not math.isfinite(v))
-            if norms is not None:
-                norms.each.update((n, v) for n, v in zip(rest, taken, strict=True)
-                                  if raw[n].layout == torch.strided)
+            at = 0
+            for n, ps in zip(rest, cut, strict=True):
+                if not all(map(math.isfinite, values[at:at + len(ps)])):
+                    suspects.append(n)
+                if norms is not None and raw[n].layout == torch.strided:
+                    norms.runs[(n,)] = list(taken[at:at + len(ps)])
+                at += len(ps)
         if not suspects:
             return []
         flags = torch.stack([torch.isfinite(tensors[n]).all() for n in suspects]).cpu().tolist()

@@ -68,12 +68,11 @@ def bodies(draw: st.DrawFn) -> tuple[list[tuple[str, torch.Tensor]], bytearray]:
     return parts, body_of(parts, list(order))
 
 
-def norms_bits(norms: TakenNorms) -> tuple[dict[str, bytes], dict[frozenset[str], bytes]]:
+def norms_bits(norms: TakenNorms) -> dict[tuple[str, ...], list[bytes]]:
     def bits(t: torch.Tensor) -> bytes:
         return t.detach().reshape(1).view(torch.uint8).numpy().tobytes()
 
-    return ({n: bits(t) for n, t in norms.each.items()},
-            {names: bits(t) for names, t in norms.spans})
+    return {names: [bits(t) for t in parts] for names, parts in norms.runs.items()}
 
 
 @settings(max_examples=300, deadline=None)
