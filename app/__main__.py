@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import signal
 import sys
 import tempfile
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -63,15 +65,33 @@ def check_exposure(settings: Settings) -> str | None:
     return None
 
 
-def check_data_dir(settings: Settings) -> str | None:
-    """Why the data directory cannot hold sessions (it is made when missing), or None."""
+def check_data_dir(settings: Settings, make: bool = True) -> str | None:
+    """Why the data directory cannot hold sessions, or None. ``make``: make it when missing
+    (the server); else (``--check-config``, which changes nothing) a missing one only needs
+    a nearest existing ancestor that is a directory this process may write in."""
     path = settings.data_dir
+    if not make and not path.exists():
+        return _could_make(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
             pass
     except OSError as exc:
         return f"OPTSERVE_DATA_DIR={str(path)!r:.200}: cannot write there: {exc.strerror or exc}"
+    return None
+
+
+def _could_make(path: Path) -> str | None:
+    """Why the missing directory ``path`` could not be made, or None."""
+    ancestor = path.absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return (f"OPTSERVE_DATA_DIR={str(path)!r:.200}: cannot make it: {ancestor} is not a "
+                "directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return (f"OPTSERVE_DATA_DIR={str(path)!r:.200}: cannot make it: {ancestor} is not "
+                "writable")
     return None
 
 
@@ -93,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"optserve: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    unwritable = check_data_dir(settings)
+    unwritable = check_data_dir(settings, make=args != ["--check-config"])
     if unwritable:
         print(f"optserve: invalid configuration: {unwritable}", file=sys.stderr)
         return EXIT_CONFIG

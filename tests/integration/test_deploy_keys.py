@@ -110,3 +110,19 @@ def test_the_config_check_compose_runs_first(tmp_path: Path) -> None:
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     assert "refusing to serve on 0.0.0.0 without API keys" in refused.stderr
+
+
+def test_the_config_check_makes_nothing(tmp_path: Path) -> None:
+    """``--check-config`` changes nothing: a data directory that does not exist yet is not made
+    (the server makes it when it starts), and one that could not be made is refused."""
+    data = tmp_path / "not" / "yet"
+    ok = _check_config(tmp_path, {"OPTSERVE_HOST": "127.0.0.1", "OPTSERVE_DATA_DIR": str(data)})
+    assert ok.returncode == 0, ok.stderr
+    assert f"data in {data}" in ok.stdout
+    assert not (tmp_path / "not").exists()
+    (tmp_path / "file").write_text("")
+    under_a_file = tmp_path / "file" / "data"
+    refused = _check_config(tmp_path, {"OPTSERVE_HOST": "127.0.0.1",
+                                       "OPTSERVE_DATA_DIR": str(under_a_file)})
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "cannot make it" in refused.stderr and "is not a directory" in refused.stderr
