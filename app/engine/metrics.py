@@ -517,6 +517,39 @@ def count_nonfinite(tensors: list[torch.Tensor]) -> int:
         return 0
 
 
+def merged(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """A sharded step's ``metrics`` from its shards' (``StepMetrics.to_json`` each; the shards
+    step in lockstep, so ``n``, the lrs, staleness and scalars agree): per group, each norm the
+    square root of the sum of the shards' squares (a shard holding none of a group's
+    parameters gives 0), its ratio again, and the shards' non-finite counts added. Equal to
+    the unsharded session's within float rounding (each shard's norm was rounded once more).
+    None when a shard gave none."""
+    if not parts or any(p is None for p in parts):
+        return None
+    first = parts[0]
+    assert first is not None
+    out = dict(first)
+    out["nonfinite"] = sum(int(p["nonfinite"]) for p in parts if p is not None)
+    groups = []
+    for gi, g in enumerate(first["groups"]):
+        group = dict(g)
+        if "grad_norm" in g:
+            norms = [math.sqrt(math.fsum(_read(p["groups"][gi][k]) ** 2 for p in parts
+                                         if p is not None))
+                     for k in ("grad_norm", "update_norm", "param_norm")]
+            group.update(zip(("grad_norm", "update_norm", "param_norm"),
+                             map(json_float, norms), strict=True))
+            group["update_ratio"] = json_float(_ratio(norms[1], norms[2]))
+        groups.append(group)
+    out["groups"] = groups
+    return out
+
+
+def _read(x: Any) -> float:
+    """A metrics value as ``json_float`` wrote it: a float, or ``{"$float": "inf"}``."""
+    return float(x["$float"]) if isinstance(x, dict) else float(x)
+
+
 def _ratio(update: float, param: float) -> float:
     if param > 0 or math.isnan(param):
         return update / param if param > 0 else math.nan

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from app.engine import ps, state_dicts
+from app.engine import metrics, ps, state_dicts
 from app.engine.interface import (
     CreateSpec,
     EngineStatus,
@@ -634,6 +634,7 @@ class ShardedSession:
             return dataclasses.replace(
                 first, skipped=skipped, nonfinite=[n for n in order if n in seen],
                 params=params, replayed=replayed,
+                metrics=metrics.merged([r.metrics for r in steps]),
                 params_version=first.params_version if replayed else None)
         if isinstance(first, GradsResult):
             accumulated = sorted({n for r in outs for n in r.accumulated})

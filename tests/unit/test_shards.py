@@ -442,3 +442,47 @@ def test_shards_with_empty_groups_restore_from_snapshots(tmp_path: Path) -> None
     run(first, data_dir=tmp_path, durability="step", snapshot_every_steps=1)
     assert list(tmp_path.glob("sessions/default#e~shard*of3/snapshot.bin"))
     run(second, data_dir=tmp_path, durability="step", snapshot_every_steps=1)
+
+
+@pytest.mark.parametrize("policy", ["allow", "skip"])
+def test_a_sharded_steps_metrics_are_the_whole_sessions(policy: str) -> None:
+    """A sharded step answers the session's metrics, not its first shard's: per group the
+    norms over every shard's parameters (equal to the unsharded session's within float
+    rounding), their ratio, the lr, and the non-finite values of every shard (a step the
+    session skips answers none: its shards only skip)."""
+    groups = groups_of(torch.optim.Adam, 7)
+
+    async def body(eng: Front) -> None:
+        for s in (1, 2, 3):
+            await eng.create(CreateSpec("Adam", [GroupSpec({n: t.clone() for n, t in g.items()})
+                                                 for g, _ in groups],
+                                        {"lr": 0.01}, id=f"s{s}", shards=s, nonfinite=policy))
+        gen = torch.Generator().manual_seed(8)
+        for k in range(4):
+            grads = grads_for(groups, gen, k)
+            if k == 3:  # non-finite values in two parameters (on different shards for S > 1)
+                grads["weight"][0, 0] = math.inf
+                grads["emb"][1] = math.nan
+            outs = [await eng.step(f"s{s}", grads, return_params=False) for s in (1, 2, 3)]
+            whole = outs[0].metrics
+            assert whole is not None
+            assert whole["nonfinite"] == (3 if k == 3 else 0)
+            if policy == "skip" and k == 3:  # a sharded session's skipped step: no metrics
+                assert all(o.skipped and o.metrics is None for o in outs[1:])
+                continue
+            for s, out in zip((2, 3), outs[1:], strict=True):
+                m = out.metrics
+                assert m is not None and m["n"] == whole["n"], s
+                assert m["nonfinite"] == whole["nonfinite"], (s, k)
+                for gi, want in enumerate(whole["groups"]):
+                    got = m["groups"][gi]
+                    assert set(got) == set(want) and got["lr"] == want["lr"], (s, k, gi)
+                    for key in ("grad_norm", "update_norm", "param_norm", "update_ratio"):
+                        if key not in want:  # (a skipped step has none)
+                            continue
+                        if isinstance(want[key], dict):  # {"$float": ...}
+                            assert got[key] == want[key], (s, k, gi, key)
+                        else:
+                            assert math.isclose(got[key], want[key], rel_tol=1e-6), \
+                                (s, k, gi, key, got[key], want[key])
+    run(body)
