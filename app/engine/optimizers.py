@@ -151,6 +151,13 @@ def normalize_options(
     return out
 
 
+def fresh(options: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``options`` whose tensor values (a tensor ``lr``) are clones. Torch's
+    schedulers fill a tensor lr in place: a throwaway optimizer or a scheduler's dry run must
+    get its own, never the one the session keeps or is about to take."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in options.items()}
+
+
 def blame(message: str, fields: dict[str, str], fallback: str) -> str:
     """Which option a torch error message is about (best effort), as a field path.
 
@@ -241,15 +248,15 @@ def probe(
     for opts, dtype in zip(groups, dtypes, strict=True):
         t = torch.full((2, 2), 0.5, dtype=dtype, device=device)
         tensors.append(t)
-        tiny_groups.append({"params": [t], **opts})
+        tiny_groups.append({"params": [t], **fresh(opts)})
     ctor_keys = default_options(cls).keys()
     try:
-        opt = cls(tiny_groups, **defaults)
+        opt = cls(tiny_groups, **fresh(defaults))
         for i in range(len(groups)) if check is None else check:
             own = {k: v for k, v in groups[i].items() if k in ctor_keys}
             if own:
                 cls([torch.full((2, 2), 0.5, dtype=dtypes[i], device=device)],
-                    **{**defaults, **own})
+                    **fresh({**defaults, **own}))
         for t in tensors:
             t.grad = probe_grad(cls, t, 0.25)
         probe_step(opt)

@@ -233,8 +233,8 @@ class Session:
                 for opts, dtype in zip(group_opts, dtypes, strict=True):
                     t = torch.full((2, 2), 0.5, dtype=dtype, device=device)
                     t.grad = optimizers.probe_grad(cls, t, 0.25)
-                    tiny.append({"params": [t], **opts})
-                return cls(tiny, **defaults)
+                    tiny.append({"params": [t], **optimizers.fresh(opts)})
+                return cls(tiny, **optimizers.fresh(defaults))
             schedulers.probe(sched_spec, make_probe, "scheduler")
 
         params = flat_block({n: t for g in groups for n, t in g.params.items()}, device)

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.engine import chunked, metrics, ps, schedulers, sparse
+from app.engine import chunked, metrics, optimizers, ps, schedulers, sparse
 from app.engine.interface import GradsResult, StepResult, Tensors
 from app.engine.ops.base import ApplyFailed, Operation, register
 from app.engine.ops.params import check_group_changes
@@ -107,8 +107,8 @@ class Step(Operation):
             # the checks see the groups as the step will: with this step's option changes
             saved = schedulers.capture(s.optimizer, None) if changes else None
             try:
-                for index, opts in changes.items():
-                    s.optimizer.param_groups[index].update(opts)
+                for index, opts in changes.items():  # (copies: the dry run fills a tensor lr)
+                    s.optimizer.param_groups[index].update(optimizers.fresh(opts))
                 s.check_group_scalars()
                 if s.steps_scheduler():
                     assert s.scheduler is not None

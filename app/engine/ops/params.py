@@ -120,7 +120,8 @@ def _scheduler_takes_group(s: Session, opts: dict[str, Any], dtype: torch.dtype,
     assert s.scheduler is not None
     placeholder = torch.zeros(1, dtype=dtype, device=s.device)
     groups = s.optimizer.param_groups
-    groups.append({**s.defaults, **opts, "params": [placeholder], "param_names": [_PROBE_NAME]})
+    groups.append({**optimizers.fresh({**s.defaults, **opts}), "params": [placeholder],
+                   "param_names": [_PROBE_NAME]})
     try:
         schedulers.dry_run(s.optimizer, s.scheduler, None, field=where)
     except Invalid as exc:
