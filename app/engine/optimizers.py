@@ -158,10 +158,26 @@ def fresh(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in options.items()}
 
 
-def blame(message: str, fields: dict[str, str], fallback: str) -> str:
+def blame(message: str, fields: dict[str, str], fallback: str,
+          given: dict[str, str] | None = None) -> str:
     """Which option a torch error message is about (best effort), as a field path.
 
-    ``fields`` maps each option name the client gave to where it gave it."""
+    ``fields`` maps each option name in play to where it is; ``given`` (if any), the options
+    the client gave in this request: one of those the message names comes first (SGD's
+    "Nesterov momentum requires a momentum and zero dampening" for a ``nesterov`` sent alone
+    names ``nesterov``, not the ``dampening`` the group already held)."""
+    for tier in (given, fields):
+        found = _named(message, tier) if tier else None
+        if found is not None:
+            return found
+    only = given or fields
+    if len(only) == 1:
+        return next(iter(only.values()))
+    return fallback
+
+
+def _named(message: str, fields: dict[str, str]) -> str | None:
+    """The field of the option ``message`` names: by its name, else by torch's words for it."""
     lowered = message.lower()
     for name in sorted(fields, key=len, reverse=True):
         if re.search(rf"\b{re.escape(name.lower())}\b", lowered):
@@ -169,9 +185,7 @@ def blame(message: str, fields: dict[str, str], fallback: str) -> str:
     for words, name in _MESSAGE_HINTS:
         if words in lowered and name in fields:
             return fields[name]
-    if len(fields) == 1:
-        return next(iter(fields.values()))
-    return fallback
+    return None
 
 
 TORCH_ERRORS = (ValueError, TypeError, RuntimeError, KeyError, IndexError, AssertionError,
@@ -235,6 +249,7 @@ def probe(
     fields: dict[str, str],
     fallback: str = "options",
     check: list[int] | None = None,
+    group_fields: dict[int, tuple[dict[str, str], dict[str, str]]] | None = None,
 ) -> None:
     """Construct and step a throwaway optimizer with these options over tiny tensors, so that
     torch's own validation (at construction and at step) speaks before any session changes.
@@ -242,7 +257,10 @@ def probe(
     torch validates only its constructor's arguments, never a group's own options: the options
     of each group in ``check`` (default: all) are also tried as constructor arguments, whatever
     the other groups hold (a running group may hold a value a scheduler drove where torch's
-    constructor would not go, e.g. an lr a hair below zero)."""
+    constructor would not go, e.g. an lr a hair below zero). A refusal there names that group:
+    ``group_fields[i]`` is the options the client gave group ``i`` and every option in play in
+    it, each mapped to where it is (``fields`` maps an option name to one place only, whichever
+    group set it last)."""
     tiny_groups = []
     tensors = []
     for opts, dtype in zip(groups, dtypes, strict=True):
@@ -252,17 +270,32 @@ def probe(
     ctor_keys = default_options(cls).keys()
     try:
         opt = cls(tiny_groups, **fresh(defaults))
-        for i in range(len(groups)) if check is None else check:
-            own = {k: v for k, v in groups[i].items() if k in ctor_keys}
-            if own:
-                cls([torch.full((2, 2), 0.5, dtype=dtypes[i], device=device)],
-                    **fresh({**defaults, **own}))
+    except TORCH_ERRORS as exc:
+        raise _refused(exc, fields, fallback) from None
+    for i in range(len(groups)) if check is None else check:
+        own = {k: v for k, v in groups[i].items() if k in ctor_keys}
+        if not own:
+            continue
+        try:
+            cls([torch.full((2, 2), 0.5, dtype=dtypes[i], device=device)],
+                **fresh({**defaults, **own}))
+        except TORCH_ERRORS as exc:
+            given, in_play = (group_fields or {}).get(i, ({}, fields))
+            raise _refused(exc, in_play, fallback, given) from None
+    try:
         for t in tensors:
             t.grad = probe_grad(cls, t, 0.25)
         probe_step(opt)
     except TORCH_ERRORS as exc:
-        raise Invalid(str(exc) or type(exc).__name__, code="invalid_option",
-                      field=blame(str(exc), fields, fallback)) from None
+        raise _refused(exc, fields, fallback) from None
+
+
+def _refused(exc: Exception, fields: dict[str, str], fallback: str,
+             given: dict[str, str] | None = None) -> Invalid:
+    """torch's refusal of options as a 422 naming the option it is about."""
+    message = str(exc) or type(exc).__name__
+    return Invalid(message, code="invalid_option",
+                   field=blame(message, fields, fallback, given))
 
 
 def probe_grad(cls: type[torch.optim.Optimizer], t: torch.Tensor, fill: float) -> torch.Tensor:

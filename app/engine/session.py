@@ -225,7 +225,10 @@ class Session:
             fields.update({k: f"param_groups.{i}.{k}" for k in g})
         for i, g in enumerate(group_opts):
             optimizers.check_overflow({**defaults, **g}, dtypes[i], f"param_groups.{i}")
-        optimizers.probe(cls, defaults, group_opts, dtypes, device, fields)
+        given = [{k: f"param_groups.{i}.{k}" for k in g} for i, g in enumerate(group_opts)]
+        optimizers.probe(cls, defaults, group_opts, dtypes, device, fields, group_fields={
+            i: (mine, {**{k: f"options.{k}" for k in defaults}, **mine})
+            for i, mine in enumerate(given)})
         sched_spec = schedulers.parse_spec(scheduler) if scheduler is not None else None
         if sched_spec is not None:
             def make_probe() -> torch.optim.Optimizer:

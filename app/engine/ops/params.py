@@ -171,6 +171,7 @@ def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
     proposed = [dict(g) for g in current]
     out: dict[int, dict[str, Any]] = {}
     fields: dict[str, str] = {}
+    group_fields: dict[int, tuple[dict[str, str], dict[str, str]]] = {}
     for index, options in changes.items():
         if type(index) is not int or not 0 <= index < len(groups):
             raise Invalid(f"param group {index} does not exist; this session has "
@@ -183,10 +184,13 @@ def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
         # the whole resulting group is checked: name the option given, else the one torch names
         fields.update({k: f"{where}.{k}" for k in proposed[index]})
         fields.update({k: f"{where}.{k}" for k in opts})
+        group_fields[index] = ({k: f"{where}.{k}" for k in opts},
+                               {k: f"{where}.{k}" for k in proposed[index]})
         optimizers.check_overflow(proposed[index], s.group_dtypes()[index], where)
     if out:
         optimizers.probe(s.cls, s.defaults, proposed, s.group_dtypes(), s.device, fields,
-                         f"{prefix}.{next(iter(out))}", check=sorted(out))
+                         f"{prefix}.{next(iter(out))}", check=sorted(out),
+                         group_fields=group_fields)
         for index in out:
             optimizers.check_state_for_options(
                 s.cls, proposed[index], [s.optimizer.state.get(p, {})
