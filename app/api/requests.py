@@ -243,7 +243,7 @@ def step_options(value: object) -> dict[int, dict[str, Any]] | None:
     if value is None:
         return None
     if isinstance(value, list):
-        items = [(i, v) for i, v in enumerate(value) if v]
+        items = [(i, v) for i, v in enumerate(value) if v is not None]
     elif isinstance(value, dict):
         items = []
         seen: set[int] = set()

@@ -65,3 +65,15 @@ def test_the_option_sent_is_named_not_one_the_group_held(app_client: TestClient,
         r = app_client.post(f"/v1/sessions/{sid}/step", json={
             "grads": {"b": vector([0.1])}, "param_groups": {"1": {"nesterov": True}}})
     assert refused_field(r) == "param_groups.1.nesterov"
+
+
+@pytest.mark.parametrize("entry", [0, False, "", []])
+def test_a_step_refuses_a_group_change_that_is_not_an_object(app_client: TestClient,
+                                                             entry: Any) -> None:
+    """In the list form only ``null`` and ``{}`` leave a group alone: any other entry that is
+    not an object is refused (as in the keyed form), not taken for "no change"."""
+    sid = two_groups(app_client)
+    r = app_client.post(f"/v1/sessions/{sid}/step", json={
+        "grads": {"w": vector([0.1, 0.1])}, "param_groups": [entry, {"lr": 0.2}]})
+    assert refused_field(r) == "param_groups.0"
+    assert app_client.get(f"/v1/sessions/{sid}").json()["version"] == 0
