@@ -34,6 +34,9 @@ _NONE_DEFAULT_TYPES: dict[str, tuple[type, ...]] = {
     "fused": (bool,),
     "adjust_lr_fn": (str,),
 }
+#: the options a tensor may hold: lr, and the copy of it a scheduler keeps (torch clones a
+#: tensor lr into the group's initial_lr; a session's own state dict carries it back)
+_TENSOR_OPTIONS = ("lr", "initial_lr")
 # Words in torch's messages that point at an option.
 _MESSAGE_HINTS = (
     ("learning rate", "lr"), ("beta", "betas"), ("epsilon", "eps"), ("eps", "eps"),
@@ -85,8 +88,9 @@ def _option_value(name: str, value: Any, default: Any, field: str) -> Any:
         value = untag_float(value, field, "invalid_option")
     if is_json_tensor(value) or isinstance(value, torch.Tensor):
         tensor = value if isinstance(value, torch.Tensor) else decode_json_tensor(value, field)
-        if name != "lr" or not tensor.is_floating_point():
-            raise Invalid("only lr may be given as a tensor, and only as a floating tensor",
+        if name not in _TENSOR_OPTIONS or not tensor.is_floating_point():
+            raise Invalid("only lr may be given as a tensor (and initial_lr, the scheduler's "
+                          "copy of a tensor lr), and only as a floating tensor",
                           code="invalid_option", field=field)
         # Its size is torch's to check ("Tensor lr must be 1-element"), in the probe.
         return tensor.detach().clone()

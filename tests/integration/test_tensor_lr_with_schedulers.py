@@ -82,3 +82,22 @@ def test_a_tensor_lr_with_a_step_is_the_lr_the_step_uses(app_client: TestClient)
     assert r.json()["lr"] == [opt.param_groups[0]["lr"].item()]
     assert torch.equal(torch.as_tensor(group_lrs(app_client, sid)[0]),
                        opt.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_a_session_with_a_tensor_lr_takes_its_own_state_dict_back(app_client: TestClient,
+                                                                  binary: bool) -> None:
+    """torch's scheduler keeps a clone of a tensor lr as the group's ``initial_lr``: the
+    exported state holds a tensor there, and importing it back is taken, as torch's
+    ``load_state_dict`` takes it."""
+    sid = create(app_client, options={"lr": scalar(0.1)}, params={"w": vector(P0)})
+    assert app_client.post(f"/v1/sessions/{sid}/step",
+                           json={"grads": {"w": vector(G)}}).status_code == 200
+    accept = "application/octet-stream" if binary else "application/json"
+    exported = app_client.get(f"/v1/sessions/{sid}/state_dict", headers={"accept": accept})
+    assert exported.status_code == 200, exported.text
+    before = app_client.get(f"/v1/sessions/{sid}/state_dict").json()
+    r = app_client.put(f"/v1/sessions/{sid}/state_dict", content=exported.content,
+                       headers={"content-type": accept})
+    assert r.status_code == 200, r.text
+    assert app_client.get(f"/v1/sessions/{sid}/state_dict").json() == before
