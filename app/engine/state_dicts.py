@@ -317,7 +317,11 @@ def prepare_import(session: Session, state: object) -> PreparedImport:
             _check_finite(entry, where)
         new_state[pid] = entry
     if eager:
-        absent = [pid for pid in order if pid not in new_state]
+        # (a parameter added with add_param_group gets its state at its first step, in torch
+        # too: it may lack one while the session holds none for it)
+        tensors = [p for g in session.optimizer.param_groups for p in g["params"]]
+        absent = [pid for pid in order if pid not in new_state
+                  and session.optimizer.state.get(tensors[position[pid]])]
         if absent:
             raise Invalid(f"{session.optimizer_name} keeps state for every parameter from the "
                           f"start; the state lacks parameter id {absent[0]}",
