@@ -87,15 +87,16 @@ class SyncRounds:
     def set(self, key: str, config: ps.SyncConfig | None) -> None:
         """Take a session's sync configuration (create, restore, configure)."""
         if config is None:
-            self._configs.pop(key, None)
+            was = self._configs.pop(key, None)
             rnd = self._rounds.get(key)
-            if rnd is not None and rnd.pushes:
-                self._close(key, partial=True)  # sync turned off: nothing lost
+            if was is not None and rnd is not None and rnd.pushes:
+                # sync turned off: nothing lost, reduced as the round was configured
+                self._close(key, was, partial=True)
             return
         self._configs[key] = config
         rnd = self._rounds.get(key)
         if rnd is not None and len(rnd.pushes) >= config.workers:
-            self._close(key, partial=False)  # K lowered: the round is complete
+            self._close(key, config, partial=False)  # K lowered: the round is complete
 
     def drop(self, key: str, exc: OptserveError) -> None:
         """The session is gone: fail its open round."""
@@ -172,7 +173,7 @@ class SyncRounds:
             rnd.timer = asyncio.get_running_loop().call_later(
                 config.timeout_s, self._timeout, key, rnd)
         if len(rnd.pushes) >= config.workers:
-            self._close(key, partial=False)
+            self._close(key, config, partial=False)
         return _for(await asyncio.shield(waiter), want_params)
 
     def _landed(self, key: str, idem_key: str, done: asyncio.Future[StepResult]) -> None:
@@ -182,21 +183,21 @@ class SyncRounds:
         if not done.cancelled():
             done.exception()  # retrieved: an error nobody else awaits is not logged as lost
 
-    def _close(self, key: str, *, partial: bool) -> None:
-        """Take the open round out (new pushes start the next one) and step it."""
+    def _close(self, key: str, config: ps.SyncConfig, *, partial: bool) -> None:
+        """Take the open round out (new pushes start the next one) and step it, reduced as
+        ``config`` says (the session's sync options when it closed: after ``sync: null``, the
+        ones it was gathered under)."""
         rnd = self._rounds.pop(key)
         rnd.cancel_timer()
-        task = asyncio.create_task(self._apply(key, rnd, partial))
+        task = asyncio.create_task(self._apply(key, rnd, config, partial))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _apply(self, key: str, rnd: Round, partial: bool) -> None:
-        config = self._configs.get(key)
-        expected = config.workers if config else len(rnd.pushes)
-        reduce = config.reduce if config else "mean"
-        sync = {"workers": sorted(rnd.pushes), "expected": expected, "partial": partial}
+    async def _apply(self, key: str, rnd: Round, config: ps.SyncConfig, partial: bool) -> None:
+        sync = {"workers": sorted(rnd.pushes), "expected": config.workers, "partial": partial}
         try:
-            result = await self._apply_round(key, rnd.pushes, reduce, list(rnd.keys.values()),
+            result = await self._apply_round(key, rnd.pushes, config.reduce,
+                                             list(rnd.keys.values()),
                                              rnd.want_params, sync, rnd.scalars)
         except BaseException as exc:
             rnd.fail(exc)
@@ -211,7 +212,7 @@ class SyncRounds:
         rnd.timer = None
         config = self._configs[key]
         if config.on_timeout == "apply_partial":
-            self._close(key, partial=True)
+            self._close(key, config, partial=True)
             return
         del self._rounds[key]
         arrived = sorted(rnd.pushes)

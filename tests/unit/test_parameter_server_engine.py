@@ -153,3 +153,35 @@ def test_long_poll_and_not_modified_in_the_engine() -> None:
         finally:
             await eng.stop()
     asyncio.run(go())
+
+
+async def _pending(eng: Front, session_id: str, n: int) -> None:
+    """Until ``n`` workers have pushed to the session's open round."""
+    for _ in range(500):
+        if len((await eng.describe(session_id)).pending or []) >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the round never reached {n} pushes")
+
+
+def test_sync_turned_off_steps_the_open_round_as_it_was_configured() -> None:
+    """``sync: null`` steps an open round with what it has: reduced with the round's own
+    ``reduce`` (``sum`` here, not the default ``mean``), and ``expected`` is its K."""
+    async def go() -> None:
+        eng = embedded_engine("cpu")
+        await eng.start()
+        try:
+            await eng.create(CreateSpec("SGD", [GroupSpec({"x": torch.zeros(2)})], {"lr": 1.0},
+                                        id="s", ps_options={"sync": {"workers": 3,
+                                                                     "reduce": "sum"}}))
+            pushes = [asyncio.create_task(eng.step("s", {"x": torch.full((2,), v)},
+                                                   return_params=True, worker=w))
+                      for w, v in (("a", 1.0), ("b", 2.0))]
+            await _pending(eng, "s", 2)
+            await eng.configure("s", {"sync": None})
+            for done in await asyncio.gather(*pushes):
+                assert done.sync == {"workers": ["a", "b"], "expected": 3, "partial": True}
+                assert done.params is not None and done.params["x"].tolist() == [-3.0, -3.0]
+        finally:
+            await eng.stop()
+    asyncio.run(go())
