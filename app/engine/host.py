@@ -910,9 +910,7 @@ class EmbeddedHost:
             s.seq += 1
         if sync is not None:
             result.sync = sync
-        answer = op.result_json(result)
-        for k in keys:
-            s.idem.remember(k.key, k.fingerprint, answer)
+        s.idem.remember_all([(k.key, k.fingerprint) for k in keys], op.result_json(result))
         if isinstance(result, StepResult):
             if params_into is not None and s.fits_answer(params_into, params_dtype):
                 if written is not None:  # the views may be the request body the record is
@@ -989,6 +987,8 @@ class EmbeddedHost:
         payload, records, torn = self._store.read(key, cut_torn=not live)
         session = (Session.restore(persist.decode_tree(payload, persist.SNAPSHOT_KEY),
                                    self._device) if payload is not None else None)
+        if session is not None:  # the replayed records' keys kept as many as live ones are
+            session.idem.window = self.config.idempotency_window
         replayed = 0
         for i, raw in enumerate(records):
             record = persist.decode_record(raw)
@@ -1024,9 +1024,7 @@ class EmbeddedHost:
                                    f"version {session.version}, the log says {record.version}")
             if record.sync is not None and isinstance(result, StepResult):
                 result.sync = record.sync
-            answer = record.op.result_json(result)
-            for k, fp in record.keys:
-                session.idem.remember(k, fp, answer)
+            session.idem.remember_all(list(record.keys), record.op.result_json(result))
             replayed += 1
         if session is None:
             raise StoreCorrupt(f"{key}: no snapshot and no create record")

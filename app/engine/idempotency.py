@@ -27,7 +27,9 @@ def check_key(key: str) -> str:
 
 
 class IdempotencyTable:
-    """The last ``window`` keys of one session: key -> (fingerprint, result as JSON)."""
+    """The last ``window`` keys of one session: key -> (fingerprint, result as JSON). The keys
+    of the latest operation all stay, however many: a sync round answers one key per worker,
+    and a round of more workers than the window is still answered exactly once."""
 
     def __init__(self, window: int = DEFAULT_WINDOW) -> None:
         self.window = window
@@ -49,9 +51,15 @@ class IdempotencyTable:
         return entry[1]
 
     def remember(self, key: str, fingerprint: str, result: dict[str, Any]) -> None:
-        self._entries[key] = (fingerprint, result)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.window:
+        self.remember_all([(key, fingerprint)], result)
+
+    def remember_all(self, keys: list[tuple[str, str]], result: dict[str, Any]) -> None:
+        """The keys (with their fingerprints) of one operation, all answered by ``result``;
+        the oldest others are forgotten past the window."""
+        for key, fingerprint in keys:
+            self._entries[key] = (fingerprint, result)
+            self._entries.move_to_end(key)
+        while len(self._entries) > max(self.window, len(keys)):
             self._entries.popitem(last=False)
 
     def to_json(self) -> list[list[Any]]:
@@ -59,9 +67,11 @@ class IdempotencyTable:
 
     @classmethod
     def from_json(cls, data: Any, window: int = DEFAULT_WINDOW) -> IdempotencyTable:
+        """The table as :meth:`to_json` kept it, every entry (it was within its window; a
+        smaller window forgets the excess at the next operation)."""
         table = cls(window)
         for k, fp, result in data or []:
-            table.remember(str(k), str(fp), dict(result))
+            table._entries[str(k)] = (str(fp), dict(result))
         return table
 
     def __eq__(self, other: object) -> bool:

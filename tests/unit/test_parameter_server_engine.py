@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from app.engine import Front, embedded_engine, persist, ps
-from app.engine.interface import CreateSpec, GroupSpec
+from app.engine.idempotency import IdempotencyTable
+from app.engine.interface import CreateSpec, GroupSpec, IdemKey
 from app.engine.ops import Step
 from app.engine.store import read_log
 from app.errors import Conflict, Invalid
@@ -184,4 +185,65 @@ def test_sync_turned_off_steps_the_open_round_as_it_was_configured() -> None:
                 assert done.params is not None and done.params["x"].tolist() == [-3.0, -3.0]
         finally:
             await eng.stop()
+    asyncio.run(go())
+
+
+def test_the_table_keeps_every_key_of_the_latest_operation() -> None:
+    table = IdempotencyTable(window=2)
+    table.remember_all([("a", "fa"), ("b", "fb"), ("c", "fc")], {"version": 1})
+    assert [table.lookup(k, f"f{k}") for k in "abc"] == [{"version": 1}] * 3
+    again = IdempotencyTable.from_json(table.to_json(), window=2)  # a snapshot keeps them too
+    assert again == table
+    table.remember("d", "fd", {"version": 2})  # the window applies again from the next one
+    assert len(table) == 2 and table.lookup("a", "fa") is None
+
+
+def test_a_round_of_more_workers_than_the_window_is_applied_once() -> None:
+    """Each worker's retry of a round's push (same key) is answered from the table, however
+    small the window: the round answered one key per worker."""
+    async def go() -> None:
+        eng = embedded_engine("cpu", idempotency_window=2)
+        await eng.start()
+        try:
+            await eng.create(CreateSpec("SGD", [GroupSpec({"x": torch.zeros(2)})], {"lr": 1.0},
+                                        id="s", ps_options={"sync": {"workers": 3,
+                                                                     "timeout_s": 0.5}}))
+
+            def push(w: str) -> Any:
+                return eng.step("s", {"x": torch.ones(2)}, return_params=False, worker=w,
+                                idem=IdemKey(f"key-{w}", f"push by {w}"))
+            assert [r.version for r in await asyncio.gather(*map(push, "abc"))] == [1] * 3
+            for w in "abc":
+                again = await push(w)
+                assert again.replayed and again.version == 1, w
+            assert (await eng.describe("s")).version == 1
+        finally:
+            await eng.stop()
+    asyncio.run(go())
+
+
+def test_a_restart_keeps_as_many_keys_as_the_window(tmp_path: Path) -> None:
+    """A window above the default (1000) holds across a restart that loads a snapshot and
+    replays records after it: a key acknowledged within the window is not applied again."""
+    async def go() -> None:
+        first = embedded_engine("cpu", data_dir=tmp_path, durability="step",
+                                idempotency_window=2000, snapshot_every_steps=1000,
+                                warm_up=False)
+        await first.start()
+        await first.create(CreateSpec("SGD", [GroupSpec({"x": torch.zeros(1)})], {"lr": 1.0},
+                                      id="s"))
+        for i in range(1010):  # a snapshot after 1000 records, then 10 records after it
+            await first.step("s", {"x": torch.ones(1)}, return_params=False,
+                             idem=IdemKey(f"k{i}", "step"))
+        await first.stop(snapshot=False)
+        again = embedded_engine("cpu", data_dir=tmp_path, durability="step",
+                                idempotency_window=2000, warm_up=False)
+        await again.start()
+        try:
+            retried = await again.step("s", {"x": torch.ones(1)}, return_params=False,
+                                       idem=IdemKey("k0", "step"))
+            assert retried.replayed and retried.version == 1
+            assert (await again.describe("s")).version == 1010
+        finally:
+            await again.stop()
     asyncio.run(go())
