@@ -314,7 +314,8 @@ class Front:
                         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                         ) -> SessionInfo:
         host, key = await self._host(tenant, session_id)
-        done: SessionInfo = await host.execute(key, Configure(options), idem=idem)
+        done: SessionInfo = await host.execute(key, Configure(options, request=True),
+                                               idem=idem)
         info = await host.describe(key)  # with the open sync round's pending workers
         info.replayed = done.replayed
         return info

@@ -129,6 +129,16 @@ def parse(obj: Mapping[str, Any], base: PsConfig | None = None) -> PsConfig:
     return cfg
 
 
+def check_takes(optimizer: str, config: PsConfig) -> PsConfig:
+    """``config`` for a session of ``optimizer``: LBFGS steps through evaluations, one
+    client's closure at a time, and never in synchronous rounds (422 naming ``sync``)."""
+    if optimizer == "LBFGS" and config.sync is not None:
+        raise Invalid("LBFGS steps through evaluations of one client's closure: it takes no "
+                      "synchronous rounds (sync must be null)", code="invalid_option",
+                      field="sync")
+    return config
+
+
 def check_worker(worker: str) -> str:
     if not _WORKER_RE.match(worker):
         raise Invalid("a worker id (X-Optserve-Worker) is 1-128 characters of letters, digits, "

@@ -247,3 +247,28 @@ def test_a_restart_keeps_as_many_keys_as_the_window(tmp_path: Path) -> None:
         finally:
             await again.stop()
     asyncio.run(go())
+
+
+def test_lbfgs_refuses_sync_rounds_it_would_never_hold() -> None:
+    """An LBFGS step is an evaluation protocol with one client: a create or PATCH asking it
+    for sync rounds is a 422 naming ``sync`` (it was taken and then ignored by every step)."""
+    async def go() -> None:
+        eng = embedded_engine("cpu", warm_up=False)
+        await eng.start()
+        try:
+            def lbfgs(**ps_options: Any) -> CreateSpec:
+                return CreateSpec("LBFGS", [GroupSpec({"x": torch.zeros(2)})], {"lr": 1.0},
+                                  id="s", ps_options=ps_options)
+            with pytest.raises(Invalid) as err:
+                await eng.create(lbfgs(sync={"workers": 2}))
+            assert err.value.field == "sync"
+            await eng.create(lbfgs(max_staleness=1))
+            with pytest.raises(Invalid) as err:
+                await eng.configure("s", {"sync": {"workers": 2}})
+            assert err.value.field == "sync"
+            info = await eng.describe("s")
+            assert info.ps["sync"] is None and info.ps["max_staleness"] == 1
+            await eng.configure("s", {"sync": None, "max_staleness": 2})
+        finally:
+            await eng.stop()
+    asyncio.run(go())

@@ -41,6 +41,7 @@ class CreateSession(Operation):
     def from_spec(cls, spec: CreateSpec, session_id: str, nonfinite: NonFinitePolicy,
                   durability: Durability, metrics: bool = True,
                   history: int = DEFAULT_HISTORY) -> CreateSession:
+        ps.check_takes(spec.optimizer, ps.parse(spec.ps_options))  # (a request, not a record)
         return cls(check_session_id(session_id), spec.optimizer, spec.groups, spec.options,
                    spec.scheduler, nonfinite, durability, spec.ps_options,
                    check_metrics(spec.metrics) if spec.metrics is not None else metrics,
@@ -109,6 +110,9 @@ class Configure(Operation):
 
     kind = "configure"
     options: dict[str, Any]
+    #: a request, not a logged record: also refuses what servers before it accepted (sync
+    #: rounds on LBFGS), so a record they logged still replays as it ran
+    request: bool = False
 
     def check(self, s: Session) -> ConfigurePlan:
         unknown = sorted(set(self.options) - set(ps.PS_KEYS) - set(SESSION_KEYS))
@@ -117,6 +121,8 @@ class Configure(Operation):
                           f"{[*ps.PS_KEYS, *SESSION_KEYS]}", code="unknown_field",
                           field=unknown[0])
         config = ps.parse({k: v for k, v in self.options.items() if k in ps.PS_KEYS}, s.ps)
+        if self.request and "sync" in self.options:
+            ps.check_takes(s.optimizer_name, config)
         on = (check_metrics(self.options["metrics"]) if "metrics" in self.options
               else s.metrics_on)
         rows = (check_capacity(self.options["history"]) if "history" in self.options
