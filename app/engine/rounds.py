@@ -141,6 +141,8 @@ class SyncRounds:
         if idem is not None:
             self._in_flight[(key, idem.key)] = (idem, waiter)
             waiter.add_done_callback(lambda done: self._landed(key, idem.key, done))
+        else:
+            waiter.add_done_callback(_retrieved)
         try:
             rnd.reserved.add(worker)
             try:
@@ -180,8 +182,7 @@ class SyncRounds:
         entry = self._in_flight.get((key, idem_key))
         if entry is not None and entry[1] is done:
             del self._in_flight[(key, idem_key)]
-        if not done.cancelled():
-            done.exception()  # retrieved: an error nobody else awaits is not logged as lost
+        _retrieved(done)
 
     def _close(self, key: str, config: ps.SyncConfig, *, partial: bool) -> None:
         """Take the open round out (new pushes start the next one) and step it, reduced as
@@ -221,6 +222,13 @@ class SyncRounds:
                           "its gradients were discarded (on_timeout: fail)",
                           code="round_timeout", workers=arrived, expected=config.workers,
                           timeout_s=config.timeout_s))
+
+
+def _retrieved(done: asyncio.Future[StepResult]) -> None:
+    """A push's error marked as seen: the push raised it to its own request already, or its
+    request is gone; asyncio would log it at collection as "never retrieved"."""
+    if not done.cancelled():
+        done.exception()
 
 
 def _for(result: StepResult, want_params: bool) -> StepResult:

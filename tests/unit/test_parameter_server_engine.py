@@ -6,6 +6,7 @@ option changes as ``configure`` records."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -272,3 +273,28 @@ def test_lbfgs_refuses_sync_rounds_it_would_never_hold() -> None:
         finally:
             await eng.stop()
     asyncio.run(go())
+
+
+def test_a_refused_push_is_not_logged_as_a_lost_error() -> None:
+    """A sync push refused at its check (no Idempotency-Key) is that worker's 4xx and nothing
+    more: asyncio is not left a failed future to log as "exception was never retrieved"."""
+    async def go() -> list[dict[str, Any]]:
+        lost: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: lost.append(ctx))
+        eng = embedded_engine("cpu", warm_up=False)
+        await eng.start()
+        try:
+            await eng.create(CreateSpec("SGD", [GroupSpec({"x": torch.zeros(2)})], {"lr": 1.0},
+                                        id="s", ps_options={"sync": {"workers": 2}}))
+            try:
+                await eng.step("s", {"x": torch.zeros(3)}, return_params=False, worker="a")
+            except Invalid as exc:
+                assert exc.field == "grads.x"
+            else:
+                raise AssertionError("a push of the wrong shape was taken")
+        finally:
+            await eng.stop()
+        gc.collect()  # (nothing holds the push's future any more: asyncio would log it now)
+        await asyncio.sleep(0)
+        return lost
+    assert asyncio.run(go()) == []
