@@ -94,16 +94,18 @@ async def answer(result: EvaluationRequest | StepResult, binary: bool, b64: bool
 
 
 async def open_step(request: Request, engine: Any, tenant: str, max_bytes: int,
-                    session_id: str, returned: ReturnParams, binary: bool, b64: bool
-                    ) -> Response:
-    """``POST .../step`` on an LBFGS session."""
+                    session_id: str, returned: ReturnParams, binary: bool, b64: bool,
+                    base_version: int | None = None) -> Response:
+    """``POST .../step`` on an LBFGS session (``base_version``: the step's ``?base_version=``
+    or ``If-Match``, which must name the session's version)."""
     timeout_s = _timeout(request)
     buf = await read_body(request, max_bytes)
     kind = body_kind(request) if buf.strip() else "json"
     first = await offload(lambda: parse_evaluation(buf, kind == "binary", False), len(buf))
     idem = await idempotency(request, buf)
     result = await engine.open_evaluation_step(session_id, first, return_params=returned,
-                                               tenant=tenant, idem=idem, timeout_s=timeout_s)
+                                               tenant=tenant, idem=idem, timeout_s=timeout_s,
+                                               base_version=base_version)
     return await answer(result, binary, b64)
 
 

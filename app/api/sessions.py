@@ -137,11 +137,11 @@ async def step(session_id: SessionId, request: Request) -> Response:
         max_bytes = _max_bytes(request.app.state.settings)
         b64 = tensor_encoding(request)
         returned: ReturnParams = query.return_params
+        base = conditions.base_version(request, query.base_version)
         if await engine.uses_evaluations(session_id, tenant=tenant):  # LBFGS: the closure protocol
             return await evaluations.open_step(request, engine, tenant, max_bytes,
-                                               session_id, returned, binary, b64)
+                                               session_id, returned, binary, b64, base)
         worker = conditions.worker_id(request)
-        base = conditions.base_version(request, query.base_version)
         with phase(request, "decode"):
             grads, fields, buf = await read_tensors(request, max_bytes, "grads", STEP_FIELDS,
                                                     sparse=True)

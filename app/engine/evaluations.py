@@ -93,6 +93,8 @@ class OpenStep:
     timeout_s: float
     want_params: ReturnParams
     first: Evaluation | None
+    #: the version the client's first evaluation was taken at (``base_version``/``If-Match``)
+    base_version: int | None = None
     replies: queue.SimpleQueue[Evaluation | _Signal] = field(default_factory=queue.SimpleQueue)
     events: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     #: the answer that follows each question: "open" first, then each evaluation id
@@ -106,6 +108,22 @@ class OpenStep:
     task: asyncio.Task[None] | None = None
     finished: bool = False
     outcome: str = "open"
+
+
+def _check_base(s: Session, base_version: int) -> None:
+    """An LBFGS step's ``base_version`` must be the session's version: its evaluations are of
+    the current parameters, and a client's first evaluation of older ones would be wrong."""
+    if base_version == s.version:
+        return
+    if not 0 <= base_version <= s.version:
+        raise Invalid(f"base version {base_version} is not a version of this session (it is "
+                      f"at version {s.version})", code="invalid_base_version",
+                      field="base_version", current_version=s.version)
+    raise Conflict(f"an LBFGS step evaluates the current parameters (version {s.version}), "
+                   f"not those of version {base_version}; pull the parameters and open the "
+                   "step again", code="stale_gradient", field="base_version",
+                   current_version=s.version, base_version=base_version,
+                   staleness=s.version - base_version, max_staleness=0)
 
 
 def _settle(fut: asyncio.Future[Answer], value: Answer | BaseException) -> None:
@@ -142,8 +160,12 @@ class Evaluations:
 
     # ------------------------------------------------------------------ the client's calls
     async def open(self, key: str, first: Evaluation | None, *, idem: IdemKey | None,
-                   timeout_s: float, want_params: ReturnParams) -> Answer:
-        """Open a step (answered with its first question, or at once with its end)."""
+                   timeout_s: float, want_params: ReturnParams,
+                   base_version: int | None = None) -> Answer:
+        """Open a step (answered with its first question, or at once with its end).
+        ``base_version``: the version the client holds; an LBFGS step evaluates the current
+        parameters, so it must be the session's version (else 409 ``stale_gradient``, checked
+        when the step starts, after an idempotent retry of an ended step is answered)."""
         current = self._open.get(key)
         if current is not None:
             if idem is not None and current.idem is not None and current.idem.key == idem.key:
@@ -153,7 +175,8 @@ class Evaluations:
                                   code="idempotency_key_reused", field="Idempotency-Key")
                 return await self._latest(current)  # a retry: the step's latest question
             self.refuse_if_open(key)
-        step = OpenStep(key, secrets.token_hex(8), idem, timeout_s, want_params, first)
+        step = OpenStep(key, secrets.token_hex(8), idem, timeout_s, want_params, first,
+                        base_version)
         step.answers["open"] = asyncio.get_running_loop().create_future()
         self._open[key] = step
         step.task = asyncio.create_task(self._drive(step))
@@ -257,6 +280,8 @@ class Evaluations:
         return Evaluation(ev.loss, grads)
 
     def _prepare(self, s: Session, step: OpenStep) -> Copy:
+        if step.base_version is not None:
+            _check_base(s, step.base_version)
         if step.first is not None:
             checked = self._check_evaluation(s, step.first)
             if isinstance(checked, _Signal):

@@ -216,11 +216,12 @@ class Front:
     async def open_evaluation_step(
         self, session_id: str, first: Evaluation | None, *, return_params: ReturnParams,
         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
-        timeout_s: float | None = None,
+        timeout_s: float | None = None, base_version: int | None = None,
     ) -> EvaluationRequest | StepResult:
         embedded, key = await self._embedded(tenant, session_id, "evaluation")
         return await embedded.open_evaluation_step(key, first, want_params=return_params,
-                                                   idem=idem, timeout_s=timeout_s)
+                                                   idem=idem, timeout_s=timeout_s,
+                                                   base_version=base_version)
 
     async def evaluate(self, session_id: str, eval_id: str, ev: Evaluation, fingerprint: str,
                        *, tenant: str = DEFAULT_TENANT) -> EvaluationRequest | StepResult:

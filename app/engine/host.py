@@ -688,11 +688,12 @@ class EmbeddedHost:
     async def open_evaluation_step(
         self, key: str, first: Evaluation | None, *, want_params: ReturnParams,
         idem: IdemKey | None = None, timeout_s: float | None = None,
+        base_version: int | None = None,
     ) -> EvaluationRequest | StepResult:
         """Open an LBFGS step (:mod:`app.engine.evaluations`): its first question, or its end."""
         timeout = self.config.evaluation_timeout_s if timeout_s is None else timeout_s
         return await self._evaluations.open(key, first, idem=idem, timeout_s=timeout,
-                                            want_params=want_params)
+                                            want_params=want_params, base_version=base_version)
 
     async def evaluate(self, key: str, eval_id: str, ev: Evaluation, fingerprint: str
                        ) -> EvaluationRequest | StepResult:

@@ -451,3 +451,36 @@ def test_concurrent_evaluation_posts_are_answered_once(http: httpx.Client) -> No
     if nxt.get("needs"):
         r = http.delete(f"/v1/sessions/{sid}/step/{nxt['step_id']}")
         assert r.json()["outcome"] == "abandoned"
+
+
+def test_base_version_and_if_match_must_name_the_current_version(http: httpx.Client) -> None:
+    """An LBFGS step evaluates the session's current parameters, so a ``base_version`` (or
+    ``If-Match``) must be the session's version: an older one is 409 ``stale_gradient``, one it
+    never had 422 ``invalid_base_version``, both before anything changes (whatever
+    ``max_staleness``); the current one steps as torch does. (They were ignored: a step with
+    an evaluation of version 0's parameters stepped a session at version 2.)"""
+    options = {"lr": 0.5, "max_iter": 3}
+    sid = create(http, options, max_staleness=5)
+    local = Local(options)
+    for k in range(2):
+        answer, _ = remote_step(http, sid, query=f"?base_version={k}")
+        assert answer["version"] == k + 1
+        local.step()
+    before = _snapshot(http, sid)
+    loss, grads = evaluate(START)  # the first evaluation at version 0's parameters
+    stale = http.post(f"/v1/sessions/{sid}/step?base_version=0", **_body(loss, grads, "json"))
+    assert stale.status_code == 409, stale.text
+    problem = stale.json()
+    assert problem["code"] == "stale_gradient" and problem["field"] == "base_version"
+    assert problem["current_version"] == 2 and problem["base_version"] == 0
+    r = http.post(f"/v1/sessions/{sid}/step", headers={"If-Match": '"1"'})
+    assert r.status_code == 409 and r.json()["code"] == "stale_gradient"
+    never = http.post(f"/v1/sessions/{sid}/step?base_version=99")
+    assert never.status_code == 422 and never.json()["code"] == "invalid_base_version"
+    _assert_snapshot(http, sid, before)
+    answer, _ = remote_step(http, sid, query="?base_version=2")
+    want_loss, _ = local.step()
+    assert answer["version"] == 3 and answer["loss"] == want_loss
+    params = params_of(http, sid)
+    for n, t in local.params.items():
+        assert bitwise(params[n], t.detach()), n
