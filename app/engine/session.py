@@ -600,6 +600,7 @@ class Session:
         saved_groups = [{k: tuple(v) if k in tuples and isinstance(v, list) else v
                          for k, v in g.items()} for g in sd["param_groups"]]
         session.optimizer.load_state_dict({"state": state, "param_groups": saved_groups})
+        keep_state_dtypes(session.optimizer, saved_groups, state)
         for group, names in zip(session.optimizer.param_groups, meta["groups"], strict=True):
             group["param_names"] = list(names)
         if meta.get("defaults_keys") is not None:
@@ -625,6 +626,33 @@ class Session:
         session.history = (History.from_tree(tree["history"]) if tree.get("history")
                            else History(DEFAULT_HISTORY, session.step_count + 1))
         return session
+
+
+def keep_state_dtypes(optimizer: torch.optim.Optimizer, saved_groups: list[dict[str, Any]],
+                      saved: dict[int, Any]) -> None:
+    """Put back the dtypes a snapshot's state tensors had. torch's ``load_state_dict`` casts
+    every floating state tensor but ``step`` to its parameter's dtype, so NAdam's float32
+    ``mu_product`` (ASGD's ``eta`` and ``mu``) of a float64 or float16 parameter would come back
+    in the parameter's dtype, and every later step would round otherwise than the session that
+    never restarted."""
+    ids = [pid for g in saved_groups for pid in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for pid, p in zip(ids, params, strict=True):
+        if pid in saved and p in optimizer.state:
+            optimizer.state[p] = _same_dtypes(optimizer.state[p], saved[pid])
+
+
+def _same_dtypes(loaded: Any, saved: Any) -> Any:
+    """``loaded`` with each tensor whose dtype differs from ``saved``'s replaced by the saved
+    one (on the loaded one's device)."""
+    if isinstance(loaded, torch.Tensor) and isinstance(saved, torch.Tensor):
+        return loaded if loaded.dtype == saved.dtype else saved.to(device=loaded.device, copy=True)
+    if isinstance(loaded, dict) and isinstance(saved, dict):
+        return {k: _same_dtypes(v, saved[k]) if k in saved else v for k, v in loaded.items()}
+    if isinstance(loaded, (list, tuple)) and isinstance(saved, (list, tuple)) \
+            and len(loaded) == len(saved):
+        return type(loaded)(_same_dtypes(a, b) for a, b in zip(loaded, saved, strict=True))
+    return loaded
 
 
 def group_dtype(params: Tensors) -> torch.dtype:

@@ -482,3 +482,42 @@ def test_a_logged_small_step_checks_and_applies_inline_and_survives_a_restart(
             await eng.stop()
 
     assert_bitwise(run(second_life())["w"], local.detach())
+
+
+@pytest.mark.parametrize("optimizer", ["NAdam", "ASGD"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_snapshot_restores_the_state_in_its_own_dtypes(
+        tmp_path: Any, optimizer: str, dtype: torch.dtype) -> None:
+    """NAdam keeps ``mu_product`` (ASGD ``eta`` and ``mu``) in float32 whatever its
+    parameters' dtype; torch's ``load_state_dict`` would cast them to the parameters' dtype.
+    A session restored from its snapshot keeps them as they were, and goes on bitwise as a
+    torch run that never stopped."""
+    options = {"lr": 0.01, **({"t0": 2.0} if optimizer == "ASGD" else {})}
+    p0 = seeded((5,), 1, dtype)
+    local = p0.clone()
+    opt = getattr(torch.optim, optimizer)([local], **options)
+
+    def torch_steps(ks: range) -> None:
+        for k in ks:
+            local.grad = seeded((5,), 10 + k, dtype)
+            opt.step()
+
+    async def life(ks: range, create: bool) -> Any:
+        eng = embedded_engine("cpu", warm_up=False, data_dir=tmp_path, durability="step")
+        await eng.start()
+        try:
+            if create:
+                await eng.create(CreateSpec(optimizer, [GroupSpec({"w": p0.clone()}, {})],
+                                            options=options, id="s"))
+            for k in ks:
+                await eng.step("s", {"w": seeded((5,), 10 + k, dtype)}, return_params=False)
+            return (await eng.pull("s", None)).params, (await eng.export_state("s")).state_dict
+        finally:
+            await eng.stop()  # a graceful stop: the next life starts from the snapshot
+
+    run(life(range(3), True))
+    torch_steps(range(3))
+    params, state = run(life(range(3, 6), False))
+    torch_steps(range(3, 6))
+    assert_bitwise(params["w"], local)
+    assert_tree_bitwise(state["state"][0], opt.state_dict()["state"][0])
