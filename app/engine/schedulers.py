@@ -306,10 +306,19 @@ def dry_run(optimizer: torch.optim.Optimizer, sched: Scheduler, metric: float | 
         restore(optimizer, sched, saved)
 
 
+def exhausted(sched: Scheduler) -> lr_scheduler.OneCycleLR | None:
+    """The OneCycleLR that the next step would take past its total_steps (torch raises), if
+    any."""
+    for leaf in _stepped_leaves(sched):
+        if isinstance(leaf, lr_scheduler.OneCycleLR) and leaf.last_epoch + 1 > leaf.total_steps:
+            return leaf
+    return None
+
+
 def check_can_step(sched: Scheduler) -> None:
     """Refuse before anything changes when stepping would make torch raise (OneCycleLR past
     its total_steps)."""
-    for leaf in _stepped_leaves(sched):
-        if isinstance(leaf, lr_scheduler.OneCycleLR) and leaf.last_epoch + 1 > leaf.total_steps:
-            raise Conflict(f"OneCycleLR has run its {leaf.total_steps} total_steps; it cannot "
-                           "step again", code="scheduler_exhausted", field="scheduler")
+    leaf = exhausted(sched)
+    if leaf is not None:
+        raise Conflict(f"OneCycleLR has run its {leaf.total_steps} total_steps; it cannot "
+                       "step again", code="scheduler_exhausted", field="scheduler")

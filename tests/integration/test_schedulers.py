@@ -316,6 +316,33 @@ def test_one_cycle_exhausted_is_409_and_changes_nothing(http: httpx.Client,
     http.delete(f"/v1/sessions/{sid}")
 
 
+
+@pytest.mark.parametrize("fmt", ["json", "safetensors", "torch"])
+def test_one_cycle_at_its_end_exports_and_imports_back(http: httpx.Client, fmt: str) -> None:
+    """A OneCycleLR that has run its total_steps is a state torch loads: the session's own
+    export after its last step, and a local run's, import (200); only the next step is 409."""
+    total = 3
+    sched = spec("OneCycleLR", max_lr=0.1, total_steps=total)
+    groups = groups_for(None, seed=5)
+    sid = create(http, body("SGD", {"lr": 0.1, "momentum": 0.9}, groups, sched))["id"]
+    ref = local("SGD", {"lr": 0.1, "momentum": 0.9}, groups, sched)
+    stream = grad_stream(SHAPES, seed=6)
+    for _ in range(total):
+        grads = next(stream)
+        step(http, sid, grads)
+        ref.step(grads)
+    own = export(http, sid, fmt)
+    for sd in (own, {**ref.optimizer.state_dict(), "scheduler": ref.scheduler.state_dict()}):
+        r = put_state(http, sid, sd, fmt)
+        assert r.status_code == 200, r.text
+        got = export(http, sid, "torch")
+        assert_trees_equal(got["scheduler"], ref.scheduler.state_dict())
+        assert_trees_equal(got["state"], ref.optimizer.state_dict()["state"])
+    r = http.post(f"/v1/sessions/{sid}/step",
+                  json={"grads": {n: json_tensor(g) for n, g in next(stream).items()}})
+    assert assert_problem(r, 409, "OneCycleLR")["code"] == "scheduler_exhausted"
+    http.delete(f"/v1/sessions/{sid}")
+
 def test_manual_step_on(http: httpx.Client) -> None:
     """step_on manual: optimizer steps leave the lr alone; POST .../scheduler/step moves it."""
     sched = {**spec("StepLR", step_size=2, gamma=0.5), "step_on": "manual"}

@@ -40,7 +40,10 @@ class ImportState(Operation):
                         raise Invalid(f"the scheduler state does not load: {exc}",
                                       code="state_mismatch",
                                       field="state_dict.scheduler") from None
-                schedulers.dry_run(s.optimizer, s.scheduler, None, "state_dict.scheduler")
+                # a schedule at its end (OneCycleLR after its total_steps: a session's own
+                # export after its last step) loads as in torch; only its next step is refused
+                if schedulers.exhausted(s.scheduler) is None:
+                    schedulers.dry_run(s.optimizer, s.scheduler, None, "state_dict.scheduler")
             finally:
                 schedulers.restore(s.optimizer, s.scheduler, saved)
         return prepared
