@@ -186,11 +186,25 @@ def _tensor_refs(obj: Any) -> set[str]:
 
 def torch_file_limit(info: SessionInfo) -> int:
     """How many bytes a session's ``torch.save`` state may expand to: four times its
-    parameters (no torch optimizer keeps that much per parameter) plus 16 MiB for the rest."""
+    parameters (no other torch optimizer keeps that much per parameter), or for LBFGS its
+    ``2 * history_size + 2`` vectors of every parameter's elements, plus 16 MiB for the rest."""
     sizes = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
     params = sum(math.prod(p["shape"]) * sizes.get(str(p["dtype"]), 8)
                  for p in info.params.values())
-    return int(4 * params + TORCH_FILE_SLACK)
+    return int(max(4 * params, _lbfgs_bytes(info, sizes)) + TORCH_FILE_SLACK)
+
+
+def _lbfgs_bytes(info: SessionInfo, sizes: dict[str, int]) -> int:
+    """What an LBFGS session's state holds at most: its direction, previous gradient and
+    ``history_size`` pairs of steps, each a flat vector of every parameter's elements in their
+    widest dtype (0 for other optimizers)."""
+    if info.optimizer != "LBFGS" or not info.param_groups:
+        return 0
+    given = info.param_groups[0].get("history_size", 100)
+    history: int = given if type(given) is int and given >= 0 else 100
+    elements: int = sum(math.prod(p["shape"]) for p in info.params.values())
+    width = max((sizes.get(str(p["dtype"]), 8) for p in info.params.values()), default=8)
+    return (2 * history + 2) * elements * width
 
 
 def _check_zip(data: bytes, limit: int) -> None:

@@ -484,3 +484,36 @@ def test_base_version_and_if_match_must_name_the_current_version(http: httpx.Cli
     params = params_of(http, sid)
     for n, t in local.params.items():
         assert bitwise(params[n], t.detach()), n
+
+
+def test_a_long_history_imports_as_a_torch_file(http: httpx.Client) -> None:
+    """An LBFGS state holds up to ``2 * history_size + 2`` vectors of every parameter's
+    elements, more than the four copies of the parameters other optimizers stay under: a
+    ``torch.save`` file of such a state (a local run's, and the session's own export) imports."""
+    n = 200_000
+    start = {"x": torch.zeros(n)}
+    scale = torch.linspace(0.5, 50.0, n)
+    options = {"lr": 1, "max_iter": 20, "history_size": 20}
+    sid = create(http, options, start=start)
+    x = start["x"].clone().requires_grad_()
+    opt = torch.optim.LBFGS([x], **options)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (0.5 * scale * x * x - x).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    sd = opt.state_dict()
+    assert len(sd["state"][0]["old_dirs"]) >= 13  # past four copies of x and 16 MiB
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    url = f"/v1/sessions/{sid}/state_dict"
+    headers = {"content-type": BINARY}
+    body = buf.getvalue()
+    for _ in ("local", "own export"):
+        r = http.put(f"{url}?format=torch", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert_same_state(state_of(http, sid)["state"], sd["state"])
+        body = http.get(f"{url}?format=torch").content
+    http.delete(f"/v1/sessions/{sid}")
