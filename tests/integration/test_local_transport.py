@@ -26,6 +26,8 @@ from fastapi.testclient import TestClient
 
 import optserve
 from app.main import create_app
+from app.transport.local import LocalTransport
+from optserve._local import LocalUnavailable
 
 pytestmark = pytest.mark.integration
 KEY_A, KEY_B = "a" * 24, "b" * 24
@@ -605,3 +607,84 @@ def test_a_retry_that_changes_what_the_step_answers_is_a_reused_key(
         out = a.step(sid, {"x": torch.zeros(8)})
         assert out.version == 2 and out.params is not None
         assert torch.equal(out.params["x"], local_adam(p0, [torch.zeros(8)] * 2))
+
+
+def replace_socket(live: LiveServer, offer: bool) -> LocalTransport | None:
+    """What a server restart does to the same-host transport: its socket goes (the clients'
+    connections break) and, when it is offered again, a new one in a new directory."""
+    old = live.app.state.local_transport
+    old.stop()
+    new = None
+    if offer:
+        new = LocalTransport(old.engine, {k.decode(): t for k, t in old.keys},
+                             old.default_tenant, old.parent)
+        assert old._loop is not None
+        new.start(old._loop)
+    live.app.state.local_transport = new
+    return new
+
+
+@pytest.mark.parametrize("transport", ["auto", "local"])
+@pytest.mark.parametrize("offer", [True, False], ids=["new-socket", "none"])
+def test_a_restarted_servers_socket_is_asked_for_again(transport: str, offer: bool) -> None:
+    """The server's socket goes away under a training client (a restart makes its socket in a
+    new directory): the step whose connection broke asks the server for its socket again and
+    steps through the new one; a server that offers none gets the step over HTTP with the
+    same key (``"auto"``) or says so (``"local"``). Each step applied once, every value
+    torch's. The client used to connect to the old path only: ``LocalUnavailable``, in both
+    modes."""
+    live = LiveServer(_test_settings(api_keys=f"{KEY_A}:alpha", durability="memory"))
+    url, new = live.start(), None
+    p0 = torch.randn(8, generator=torch.Generator().manual_seed(2))
+    grads = [torch.randn(8, generator=torch.Generator().manual_seed(3 + k)) for k in range(3)]
+    try:
+        with optserve.Client(url, api_key=KEY_A, transport=transport, max_retries=2) as c:
+            sid = c.create_session(optimizer="Adam", options={"lr": 1e-2},
+                                   params={"x": p0}).id
+            c.step(sid, {"x": grads[0]})
+            assert c._local is not None
+            new = replace_socket(live, offer)
+            if transport == "local" and not offer:
+                with pytest.raises(LocalUnavailable):
+                    c.step(sid, {"x": grads[1]})
+                assert c.get_session(sid).version == 1
+                return
+            for g in grads[1:]:
+                out = c.step(sid, {"x": g})
+            assert (c._local is not None) == offer
+            assert out.version == 3 and out.params is not None
+            assert torch.equal(out.params["x"], local_adam(p0, grads))
+    finally:
+        if new is not None:
+            new.stop()
+        live.stop()
+
+
+def test_a_step_sent_over_http_after_the_socket_went_keeps_its_key() -> None:
+    """The server applied the step, then its socket went with the answer (``"auto"``, none
+    offered again): the step goes over HTTP with the key it had, so it is not applied twice
+    (the key's request was the socket's: a 422 ``idempotency_key_reused``, version 1)."""
+    live = LiveServer(_test_settings(api_keys=f"{KEY_A}:alpha", durability="memory"))
+    url = live.start()
+    try:
+        with optserve.Client(url, api_key=KEY_A, max_retries=2) as c:
+            sid = c.create_session(optimizer="SGD", options={"lr": 1.0},
+                                   params={"x": torch.tensor([2.0])}).id
+            channel = c._local_channel()
+            assert channel is not None
+            real = channel._exchange
+
+            def lost(message: dict[str, object]) -> tuple[dict[str, object], list[int]]:
+                answer = real(message)
+                if message.get("op") == "step":
+                    replace_socket(live, offer=False)
+                    raise ConnectionResetError("simulated")
+                return answer
+            channel._exchange = lost  # type: ignore[method-assign]
+            with pytest.raises(optserve.ValidationError) as caught:
+                c.step(sid, {"x": torch.tensor([16.0])})
+            assert caught.value.problem["code"] == "idempotency_key_reused"
+            assert c.get_session(sid).version == 1
+            assert c.step(sid, {"x": torch.tensor([-112.0])}).params["x"].tolist() == [98.0]
+    finally:
+        live.stop()

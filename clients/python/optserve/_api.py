@@ -76,6 +76,11 @@ class APICall(Generic[R]):
     into: Callable[[int], memoryview] | None = None
 
 
+def with_key(call: APICall[R], key: str) -> APICall[R]:
+    """The call with this ``Idempotency-Key`` (the same for all its retries)."""
+    return dataclasses.replace(call, headers={**call.headers, "Idempotency-Key": key})
+
+
 def _sid(session_id: str) -> str:
     if not isinstance(session_id, str) or not session_id:
         raise TypeError(f"session id must be a non-empty string, got {session_id!r}")

@@ -20,7 +20,7 @@ from . import _api, _sparse
 from ._api import Durability, NonFinitePolicy, ParamGroup, ParamsArg, StateFormat
 from ._base_client import AsyncAPIClient, SyncAPIClient
 from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
-from ._exceptions import APIStatusError
+from ._exceptions import APIConnectionError, APIStatusError
 from ._local import LocalChannel, LocalUnavailable
 from ._tensors import TensorLike
 from ._types import (
@@ -157,6 +157,31 @@ class Client(SyncAPIClient):
             raise LocalUnavailable(f"the same-host transport is not available: {exc}"
                                    ) from None
 
+    def _reconnect(self, channel: LocalChannel) -> bool:
+        """Connect this thread's ``channel`` again after its connection broke: to its socket,
+        else to the one the server names now (a restarted server listens on a new one). False
+        when the same-host transport is gone (``"auto"``: this thread steps over HTTP from
+        now on); :class:`LocalUnavailable` when it was required."""
+        try:
+            channel.connect()
+            return True
+        except LocalUnavailable:
+            pass
+        self._local_checked = False
+        path = self._local_socket()
+        if path is not None:
+            channel.path = path
+            try:
+                channel.connect()
+                return True
+            except LocalUnavailable as exc:
+                self._without_local(exc)
+                self._local_path = None
+        with self._channels_lock:
+            self._channels = [(t, old) for t, old in self._channels if old is not channel]
+        self._thread.channel = None
+        return False
+
     def close(self) -> None:
         with self._channels_lock:
             channels, self._channels = self._channels, []
@@ -169,15 +194,15 @@ class Client(SyncAPIClient):
                     worker: str | None, base_version: int | None,
                     param_groups: Mapping[int, Mapping[str, Any]] | None,
                     views: bool, scalars: Mapping[str, float] | None = None,
-                    metrics: Literal["answer", "history"] = "answer"
+                    metrics: Literal["answer", "history"] = "answer", key: str
                     ) -> StepResult | None:
-        """A step through shared memory, retried with its idempotency key after a broken
-        connection; None when this step must go over HTTP instead."""
+        """A step through shared memory, retried with its idempotency ``key`` after a broken
+        connection; None when this step must go over HTTP instead (with the same key: a step
+        the server applied before the connection broke is not applied again)."""
         channel = self._local_channel()
         if channel is None:
             return None
         changes = _api.group_changes(param_groups) or None
-        key = uuid.uuid4().hex
         for attempt in range(self.max_retries + 1):
             try:
                 answer, params = channel.step(id, grads, return_params=return_params,
@@ -194,7 +219,12 @@ class Client(SyncAPIClient):
                 channel.close()
                 if attempt == self.max_retries:
                     raise
-                channel.connect()
+                try:
+                    if not self._reconnect(channel):
+                        return None  # over HTTP, with the same key: applied at most once
+                except APIConnectionError:  # no server answers yet (restarting): again
+                    if attempt + 1 == self.max_retries:
+                        raise
                 continue
             except APIStatusError as exc:
                 if exc.problem.get("code") == "not_supported_here" and self.transport == "auto":
@@ -337,6 +367,7 @@ class Client(SyncAPIClient):
         scalars: Mapping[str, float] | None = None,
         into: Callable[[int], memoryview] | None = None,
         metrics: Literal["answer", "history"] = "answer",
+        idempotency_key: str | None = None,
     ) -> StepResult:
         """``POST .../step``: apply ``grads`` (plus anything accumulated) and step.
 
@@ -376,20 +407,24 @@ class Client(SyncAPIClient):
         gradients were computed from (``?base_version=``), checked against the session's
         ``max_staleness`` (a :class:`ConflictError` with ``code == "stale_gradient"`` and
         ``problem["current_version"]``) and used for ``staleness_lr``.
+
+        ``idempotency_key``: the step's ``Idempotency-Key`` (default: a fresh one), the same
+        over either transport and for every retry: a step sent again with it is answered, not
+        applied twice.
         """
+        key = idempotency_key or uuid.uuid4().hex
         if self.transport != "http" and grads is not None and not upcast \
                 and params_dtype is None and return_params != "touched" \
                 and not _sparse.has_sparse(grads):
             local = self._step_local(id, grads, return_params=return_params, worker=worker,
                                      base_version=base_version, param_groups=param_groups,
-                                     views=False, scalars=scalars, metrics=metrics)
+                                     views=False, scalars=scalars, metrics=metrics, key=key)
             if local is not None:
                 return local
-        return self._request(_api.step(id, grads, return_params=return_params, binary=binary,
-                                       worker=worker, base_version=base_version,
-                                       param_groups=param_groups, upcast=upcast,
-                                       params_dtype=params_dtype, scalars=scalars, into=into,
-                                       metrics=metrics))
+        call = _api.step(id, grads, return_params=return_params, binary=binary, worker=worker,
+                         base_version=base_version, param_groups=param_groups, upcast=upcast,
+                         params_dtype=params_dtype, scalars=scalars, into=into, metrics=metrics)
+        return self._request(_api.with_key(call, key))
 
     def push_grads(
         self, id: str, grads: Mapping[str, TensorLike], *, binary: bool = True,

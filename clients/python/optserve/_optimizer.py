@@ -36,6 +36,7 @@ on with the next batch.
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Callable, Mapping
 from copy import deepcopy
 from types import TracebackType
@@ -428,13 +429,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if wire is not None:  # narrower gradients on the wire; the server widens them
             grads = {n: g.to(wire) if g.layout == torch.strided and g.is_floating_point()
                      and g.element_size() > wire.itemsize else g for n, g in grads.items()}
+        key = uuid.uuid4().hex  # the step's, over either transport
         if self._client.transport != "http" and wire is None and not sparse:
             # same host: gradients and new values through shared memory; the values are
             # copied from the shared slots straight into the parameters
             result = self._client._step_local(
                 self._session_id, grads, return_params=True, worker=self._worker,
                 base_version=base, param_groups=changes or None, views=True,
-                scalars=scalars or None, metrics="history")
+                scalars=scalars or None, metrics="history", key=key)
         if result is None:
             result = self._client.step(self._session_id, grads,
                                        return_params="touched" if sparse else True,
@@ -443,7 +445,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                        upcast=wire is not None,
                                        params_dtype=str(wire).removeprefix("torch.")
                                        if wire is not None else None,
-                                       scalars=scalars or None, into=self._answers)
+                                       scalars=scalars or None, into=self._answers,
+                                       idempotency_key=key)
         self._sent(changes)
         if result.params is not None:
             self._copy_in(result.params)
