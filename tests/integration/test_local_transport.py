@@ -18,6 +18,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -688,3 +689,53 @@ def test_a_step_sent_over_http_after_the_socket_went_keeps_its_key() -> None:
             assert c.step(sid, {"x": torch.tensor([-112.0])}).params["x"].tolist() == [98.0]
     finally:
         live.stop()
+
+
+def test_close_lets_another_threads_step_in_flight_end_with_its_values(
+        keyed_server: str) -> None:
+    """``Client.close()`` while another thread's ``RemoteOptimizer`` step is under way on its
+    same-host channel: close waits for it, and the step ends with its new values in the
+    parameters; no channel is made again after it. close used to empty the
+    channel's slot views under the step: the step came back with no parameters (the version
+    moved on, the parameters did not), or a ``KeyError`` or a ``RuntimeError`` (a dict that
+    changed size) while they were copied out."""
+    import threading
+
+    answered, results = threading.Event(), dict[str, Any]()
+    c = optserve.Client(keyed_server, api_key=KEY_A, transport="local", max_retries=0)
+
+    def worker() -> None:
+        w = torch.zeros(1000, requires_grad=True)
+        try:
+            opt = optserve.RemoteOptimizer([("w", w)], optimizer="SGD", client=c, lr=1.0)
+            results["sid"] = opt.session_id
+            w.grad = torch.ones(1000)
+            opt.step()
+            channel = c._local
+            assert channel is not None
+            real = channel._exchange
+
+            def slow(message: dict[str, object]) -> tuple[dict[str, object], list[int]]:
+                answer = real(message)
+                if message.get("op") == "step":
+                    answered.set()
+                    time.sleep(0.3)  # close() is called meanwhile
+                return answer
+            channel._exchange = slow  # type: ignore[method-assign]
+            opt.step()
+            results["w"] = w.detach().clone()
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            results["error"] = exc
+        finally:
+            answered.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert answered.wait(60)
+    c.close()
+    thread.join(60)
+    assert "error" not in results, results
+    assert torch.equal(results["w"], torch.full((1000,), -2.0))
+    assert c._local_channel() is None and not c._channels  # closed: no channel made again
+    with optserve.Client(keyed_server, api_key=KEY_A, transport="http") as h:
+        assert h.get_session(results["sid"]).version == 2

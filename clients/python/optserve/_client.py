@@ -183,11 +183,15 @@ class Client(SyncAPIClient):
         return False
 
     def close(self) -> None:
+        """Close the client: its HTTP connections, and the same-host channels of every thread
+        (each once the step another thread has in flight on it has ended, with its values;
+        a later step finds the client closed)."""
         with self._channels_lock:
             channels, self._channels = self._channels, []
+            self._local_path, self._local_checked = None, True
+            self._thread = threading.local()
         for _, channel in channels:
-            channel.close()
-        self._thread = threading.local()
+            channel.close_when_free()
         super().close()
 
     def _step_local(self, id: str, grads: Mapping[str, TensorLike], *, return_params: bool,

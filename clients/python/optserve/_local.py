@@ -86,9 +86,13 @@ class LocalChannel:
         #: sessions the server would not bind (its limit of bindings per connection)
         self._refused: set[str] = set()
         self._lock = threading.Lock()
+        #: closed for good (its client was closed): no connecting again
+        self._ended = False
 
     # ------------------------------------------------------------------ connection
     def connect(self) -> None:
+        if self._ended:
+            raise LocalUnavailable("the client was closed")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -113,8 +117,10 @@ class LocalChannel:
             self._sock = None
 
     def close_when_free(self) -> None:
-        """:meth:`close`, once no call of another thread is in flight on it."""
+        """:meth:`close` for good, once no call of another thread is in flight on it (a step
+        under way ends with its values)."""
         with self._lock:
+            self._ended = True
             self.close()
 
     def _recv_exact(self, n: int, fds: list[int]) -> bytes:
@@ -211,6 +217,8 @@ class LocalChannel:
         ``history_only``: the answer need not carry the step's metrics (``metrics:
         "history"``)."""
         with self._lock:
+            if self._ended:
+                raise LocalUnavailable("the client was closed")
             binding = self.binding(session_id)
             if any(name not in binding.grads for name in grads):
                 # parameters added since binding (add_param_group): bind again, once
@@ -245,7 +253,8 @@ class LocalChannel:
                 _copy_all(binding.grads, grads)
                 message["binding"] = binding.number
                 answer, _ = self.call(message)
-            return answer, binding.params if return_params else None
+            # (a dict of its own: the views stay readable after a close() of another thread)
+            return answer, dict(binding.params) if return_params else None
 
 
 def _copy_all(slots: Mapping[str, Any], grads: Mapping[str, TensorLike]) -> None:
