@@ -739,3 +739,28 @@ def test_close_lets_another_threads_step_in_flight_end_with_its_values(
     assert c._local_channel() is None and not c._channels  # closed: no channel made again
     with optserve.Client(keyed_server, api_key=KEY_A, transport="http") as h:
         assert h.get_session(results["sid"]).version == 2
+
+
+def test_a_forked_child_steps_on_a_channel_of_its_own(keyed_server: str) -> None:
+    """A process forks after its ``Client`` set up its same-host channel (``DataLoader``
+    workers, ``multiprocessing``): parent and child step at once, each its own session, and
+    each gets its own answers. The child used the parent's connection and segment: their
+    frames crossed, each read the other's answers, and both timed out."""
+    with optserve.Client(keyed_server, api_key=KEY_A, transport="local", max_retries=0,
+                         timeout=20) as c:
+        a, b = (c.create_session(optimizer="SGD", options={"lr": 1.0},
+                                 params={"w": torch.zeros(1000)}).id for _ in range(2))
+        c.step(a, {"w": torch.ones(1000)})
+        pid = os.fork()
+        if pid == 0:  # the child: exit status 0 when every answer was its own
+            ok = False
+            try:
+                ok = all(c.step(b, {"w": torch.full((1000,), 2.0)}).params["w"][0].item()
+                         == -2.0 * (k + 1) for k in range(50))
+            finally:
+                os._exit(0 if ok else 1)
+        steps = [c.step(a, {"w": torch.ones(1000)}).params["w"][0].item() for _ in range(50)]
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert steps == [-float(k + 2) for k in range(50)]
+        assert c.get_session(b).version == 50

@@ -7,6 +7,7 @@ safetensors (``binary=True``, the default) or JSON (``binary=False``); both carr
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -93,6 +94,8 @@ class Client(SyncAPIClient):
         #: the server's same-host socket once asked (None: none to use)
         self._local_path: str | None = None
         self._local_checked = transport == "http"
+        #: the process the channels belong to (a forked child makes its own)
+        self._pid = os.getpid()
 
     @property
     def _local(self) -> LocalChannel | None:
@@ -104,6 +107,8 @@ class Client(SyncAPIClient):
         """This thread's same-host channel, set up on its first use; None when it cannot be
         used. A channel per thread: one connection carries one step at a time, and a step's
         segment holds its gradients and new values until the next step on it."""
+        if self._pid != os.getpid():
+            self._after_fork()
         channel = self._local
         if channel is not None:
             return channel
@@ -125,6 +130,18 @@ class Client(SyncAPIClient):
             old.close_when_free()
         self._thread.channel = channel
         return channel
+
+    def _after_fork(self) -> None:
+        """In a child forked from the process that made them: let go of the parent's channels
+        (this process's copies of their sockets and maps only; the parent keeps using them)
+        and their locks, which a parent's thread may have held at the fork. Sharing one
+        connection, parent and child read each other's answers."""
+        inherited = [channel for _, channel in self._channels]
+        self._pid, self._channels = os.getpid(), []
+        self._channels_lock = threading.Lock()
+        self._thread = threading.local()
+        for channel in inherited:
+            channel.close()
 
     def _local_socket(self) -> str | None:
         """The server's same-host socket, asked once; None when it cannot be used."""
