@@ -54,6 +54,7 @@ from app.engine.idempotency import check_key
 from app.engine.interface import Engine, IdemKey, SessionInfo, json_floats
 from app.engine.session import check_session_id
 from app.errors import BadRequest, Invalid, NotFound, OptserveError, TooMany
+from app.transport import stale_dirs
 from app.wire.dtypes import TORCH_DTYPES
 from app.wire.safetensors_body import BodyTensors
 from app.wire.safetensors_header import plan_pieces
@@ -284,9 +285,14 @@ class LocalTransport:
         self._loop = loop
         if self.parent is not None:
             self.parent.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix="optserve-local-", dir=self.parent))
+        parent = self.parent if self.parent is not None else Path(tempfile.gettempdir())
+        gone = stale_dirs.sweep(parent)
+        if gone:
+            log.info("same-host transport: removed %d socket directories of servers gone "
+                     "for good from %s", len(gone), parent)
+        self.dir = Path(tempfile.mkdtemp(prefix=stale_dirs.prefix(), dir=parent))
         os.chmod(self.dir, 0o700)
-        self.path = self.dir / "optserve.sock"
+        self.path = self.dir / stale_dirs.SOCKET_NAME
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(self.path))
         os.chmod(self.path, 0o600)

@@ -646,8 +646,11 @@ def test_a_restarted_servers_socket_is_asked_for_again(transport: str, offer: bo
             assert c._local is not None
             new = replace_socket(live, offer)
             if transport == "local" and not offer:
-                with pytest.raises(LocalUnavailable):
+                # public, and an OptserveError like every error the SDK raises on purpose
+                assert optserve.LocalUnavailable is LocalUnavailable
+                with pytest.raises(optserve.OptserveError) as caught:
                     c.step(sid, {"x": grads[1]})
+                assert isinstance(caught.value, optserve.LocalUnavailable)
                 assert c.get_session(sid).version == 1
                 return
             for g in grads[1:]:

@@ -32,6 +32,7 @@ from ._exceptions import (
     RateLimitError,
     ValidationError,
 )
+from ._local import LocalUnavailable
 from ._sparse import RowSparse
 from ._tensors import Tensor, TensorLike
 from ._types import (
@@ -80,6 +81,7 @@ __all__ = [
     "OptimizerInfo",
     "SchedulerInfo",
     "OptserveError",
+    "LocalUnavailable",
     "APIConnectionError",
     "APITimeoutError",
     "APIResponseValidationError",

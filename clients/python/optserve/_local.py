@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 
 from . import _tensors
-from ._exceptions import APIStatusError, make_status_error
+from ._exceptions import APIStatusError, OptserveError, make_status_error
 from ._tensors import TensorLike
 
 _HEAD = struct.Struct("<I")
@@ -34,8 +34,9 @@ _NUMPY = {"float16": np.float16, "float32": np.float32, "float64": np.float64,
           "uint8": np.uint8, "bool": np.bool_}
 
 
-class LocalUnavailable(Exception):
-    """The same-host transport cannot be used (the caller falls back to HTTP)."""
+class LocalUnavailable(OptserveError):
+    """The same-host transport cannot be used: with ``transport="auto"`` the client falls
+    back to HTTP; with ``transport="local"`` it is raised (``optserve.LocalUnavailable``)."""
 
 
 @dataclass
