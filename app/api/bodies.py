@@ -232,6 +232,11 @@ def tensor_map(obj: object, field: str, sparse: bool = False) -> dict[str, torch
     return {name: decode_json_tensor(t, f"{field}.{name}") for name, t in obj.items()}
 
 
+#: ``__metadata__`` entries other safetensors writers add (``safetensors.torch.save_model``,
+#: Hugging Face checkpoints: ``{"format": "pt"}``), taken and ignored
+FOREIGN_METADATA = frozenset({"format"})
+
+
 def only_keys(obj: dict[str, Any], allowed: set[str], where: str = "") -> None:
     unknown = sorted(set(obj) - allowed)
     if unknown:
@@ -247,11 +252,15 @@ async def read_tensors(
     """A body of named tensors: ``{key: {name: tensor}, ...extra}`` as JSON, or a safetensors
     file (``extra`` fields as JSON texts in its ``__metadata__``); the ``extra`` fields given;
     and the body itself (its tensors may be views into it). With ``sparse``, tensors may be
-    row-sparse (:mod:`app.wire.sparse`)."""
+    row-sparse (:mod:`app.wire.sparse`). Any other field is a 422 ``unknown_field``, in
+    ``__metadata__`` as in JSON (a misspelt ``param_group`` would otherwise step without the
+    change), but for :data:`FOREIGN_METADATA` that other writers add."""
     buf = await _read_body(request, max_bytes, raw=True)
     if body_kind(request) == "binary":
         def decode_binary() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             tensors, metadata = read_safetensors(buf)
+            only_keys({k: None for k in metadata if k not in FOREIGN_METADATA}, set(extra),
+                      "__metadata__")
             if sparse:
                 tensors = wire_sparse.pair_safetensors(tensors, key)
             fields = {}

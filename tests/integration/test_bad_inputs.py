@@ -400,6 +400,9 @@ ST_CASES = [
          "invalid_safetensors", "body.w", headers=BIN_CT),
     Case("st-metadata-not-strings", st_file({"__metadata__": {"a": 1}, "w": _W_HDR}, _W_RAW), 400,
          "invalid_safetensors", "body.__metadata__", headers=BIN_CT),
+    Case("st-metadata-misspelt-field", st_file({"__metadata__": {"param_group": "[{}]"},
+                                                "w": _W_HDR}, _W_RAW), 422,
+         "unknown_field", "__metadata__.param_group", headers=BIN_CT),
     Case("st-unsupported-dtype", _st(w={**_W_HDR, "dtype": "F8_E4M3"}, b=_B_HDR), 422,
          "invalid_tensor", "body.w.dtype", headers=BIN_CT),
     Case("st-complex-dtype", _st(w={**_W_HDR, "dtype": "C64", "shape": [3]}, b=_B_HDR), 422,
@@ -1068,3 +1071,15 @@ def test_group_changes_after_linear_decay_to_zero(http: httpx.Client) -> None:
                                                             "lr": 0.1})
     assert r.status_code == 201, r.text
     assert r.json()["lr"][1] == 0.1
+
+
+def test_metadata_other_writers_add_is_taken(sess: Sess) -> None:
+    """``{"format": "pt"}``, which ``safetensors.torch.save_model`` and Hugging Face
+    checkpoints write, is the one ``__metadata__`` entry a step takes beside its own fields
+    (any other unknown one is a 422, as in JSON: ``st-metadata-misspelt-field``)."""
+    body = st_file({"__metadata__": {"format": "pt", "scalars": '{"loss": 0.5}'},
+                    "w": _W_HDR}, _W_RAW)
+    before = sess.http.get(sess.url).json()["version"]
+    r = sess.http.post(f"{sess.url}/step", content=body, headers=BIN_CT)
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == before + 1 and r.json()["metrics"]["scalars"] == {"loss": 0.5}
