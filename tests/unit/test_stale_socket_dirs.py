@@ -4,13 +4,29 @@ behind are removed at the next start (``app/transport/stale_dirs.py``), and only
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from app.transport import stale_dirs
+
+
+@pytest.fixture
+def short(tmp_path: Path) -> Iterator[Path]:
+    """A directory with a short path (pytest's ``tmp_path`` can be too long for a Unix
+    socket's 108 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="sd-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def dead_pid() -> int:
@@ -26,19 +42,22 @@ def made(parent: Path, name: str, age_s: float = 3600.0, listening: bool = False
     d = parent / name
     d.mkdir()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(str(d / stale_dirs.SOCKET_NAME))
-    if listening:
-        sock.listen(1)
-        assert keep is not None
-        keep.append(sock)
-    else:
-        sock.close()  # (a killed server's socket file stays, nobody behind it)
+    try:
+        sock.bind(str(d / stale_dirs.SOCKET_NAME))
+        if listening:
+            sock.listen(1)
+            assert keep is not None
+            keep.append(sock)
+    finally:
+        if not listening:
+            sock.close()  # (a killed server's socket file stays, nobody behind it)
     then = time.time() - age_s
     os.utime(d, (then, then))
     return d
 
 
-def test_only_directories_of_servers_gone_for_good_are_removed(tmp_path: Path) -> None:
+def test_only_directories_of_servers_gone_for_good_are_removed(short: Path) -> None:
+    tmp_path = short
     gone, alive, keep = dead_pid(), os.getpid(), []
     stale = made(tmp_path, f"optserve-local-{gone}-abc_12")
     running = made(tmp_path, f"optserve-local-{alive}-def34")
@@ -67,7 +86,8 @@ def test_a_new_directory_names_its_server(tmp_path: Path) -> None:
     assert stale_dirs.sweep(tmp_path) == [] and (tmp_path / name).exists()
 
 
-def test_the_transport_sweeps_at_start_and_removes_its_own_at_stop(tmp_path: Path) -> None:
+def test_the_transport_sweeps_at_start_and_removes_its_own_at_stop(short: Path) -> None:
+    tmp_path = short
     import asyncio
 
     from app.transport.local import LocalTransport
