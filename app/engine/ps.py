@@ -166,7 +166,7 @@ def reduce(pushes: Mapping[str, Tensors], how: Reduce) -> Tensors:
             if acc.layout == torch.strided and g.layout == torch.strided:
                 acc.add_(g)
             else:  # row-sparse pushes (the same bits: IEEE addition commutes)
-                acc = sparse.add(acc, g)
+                acc = sparse.add_checked(name, acc, g)
         if how == "mean":
             acc.div_(len(senders))
         out[name] = acc

@@ -86,6 +86,21 @@ def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a + b
 
 
+def add_checked(name: str, a: torch.Tensor, b: torch.Tensor, field: str = "grads"
+                ) -> torch.Tensor:
+    """:func:`add` for the gradients of parameter ``name``; torch's refusal to sum them (no sum
+    of two float16 row-sparse tensors on a CPU: "cadd_sparse" not implemented for 'Half') a
+    422 naming the gradient, as torch's own accumulation of them would raise too."""
+    try:
+        return add(a, b)
+    except RuntimeError as exc:  # (NotImplementedError is one)
+        raise Invalid(f"torch cannot add the row-sparse gradients of {name!r:.80} "
+                      f"({DTYPE_NAMES.get(a.dtype, str(a.dtype))} on {a.device.type}: "
+                      f"{type(exc).__name__}: {str(exc)[:200]}); step the gradient already "
+                      "accumulated first, or send one of them dense",
+                      code="sparse_unsupported", field=f"{field}.{name}") from None
+
+
 def check_sparse(name: str, p: torch.Tensor, t: torch.Tensor, field: str) -> None:
     """A row-sparse gradient ``t`` sent for parameter ``p``: one sparse dimension (rows), rows
     shaped like the parameter's, every index one of its rows. Its declared row count may be

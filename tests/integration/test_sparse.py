@@ -454,3 +454,28 @@ def test_sparse_gradients_of_one_dimensional_parameters(http: httpx.Client,
     for n, t in local.items():
         assert bitwise(got[n], t), n
     assert bitwise(got["table"], params["table"])  # never stepped: exactly as created
+
+
+def test_float16_sparse_sums_torch_refuses_are_422s(http: httpx.Client) -> None:
+    """torch has no sum of two float16 row-sparse tensors on a CPU ("cadd_sparse" not
+    implemented for 'Half'): a second sparse push, or a sparse step onto a sparse push, of a
+    float16 table was a 500 (``internal_error``). Now a 422 ``sparse_unsupported`` naming the
+    gradient, the session unchanged; the accumulated push still steps, as torch would."""
+    half = table(11).half()
+    sid = create(http, "SGD", {"lr": 0.1}, emb=half)
+    pushed = values_for([1, 2], 0).half()
+    body = {"emb": {**sparse_json([1, 2], pushed), "dtype": "float16"}}
+    assert http.post(f"/v1/sessions/{sid}/grads", json={"grads": body}).status_code == 200
+    before = snapshot(http, sid)
+    again = {"emb": {**sparse_json([2, 3], values_for([2, 3], 1).half()), "dtype": "float16"}}
+    for path in ("grads", "step"):
+        r = http.post(f"/v1/sessions/{sid}/{path}", json={"grads": again})
+        problem(r, "sparse_unsupported", "grads.emb")
+        assert_unchanged(http, sid, before)
+    r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {}})
+    assert r.status_code == 200, r.text
+    ref = half.clone()
+    opt = torch.optim.SGD([ref], lr=0.1)
+    ref.grad = coo([1, 2], pushed)
+    opt.step()
+    assert bitwise(tensor_from_json(r.json()["params"]["emb"]), ref)

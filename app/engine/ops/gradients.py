@@ -125,7 +125,7 @@ class Step(Operation):
         for name in s.params:
             a, g = s.accum.get(name), grads.get(name)
             if a is not None and g is not None:
-                total[name] = sparse.add(a, g)
+                total[name] = sparse.add_checked(name, a, g)
             elif a is not None:
                 total[name] = a
             elif g is not None:
@@ -254,18 +254,19 @@ class Push(Operation):
     scalars: dict[str, float] | None = None
 
     def check(self, s: Session) -> Tensors:
+        """The accumulator's new values for the pushed names: summed here, out of place, so
+        that a sum torch refuses is a 422 before anything is applied."""
         self.scalars = metrics.check_scalars(self.scalars) or None
-        return s.check_grads(self.grads, self.upcast)
+        grads = s.check_grads(self.grads, self.upcast)
+        return {n: (sparse.add_checked(n, s.accum[n], g) if n in s.accum else g)
+                for n, g in grads.items()}
 
     def apply(self, s: Session, plan: Tensors) -> GradsResult:
-        # out of place: a failure half-way leaves the accumulator as it was
-        summed = {n: (sparse.add(s.accum[n], g) if n in s.accum else g)
-                  for n, g in plan.items()}
         pending = dict(s.pending_scalars)
         for k, v in (self.scalars or {}).items():
             total, count = pending.get(k, (0.0, 0.0))
             pending[k] = [total + v, count + 1]
-        s.accum.update(summed)
+        s.accum.update(plan)
         s.pending_scalars = pending
         return GradsResult(s.version, s.step_count, sorted(s.accum))
 
