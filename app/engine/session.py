@@ -314,8 +314,9 @@ class Session:
                       sparse_ok: bool = False) -> None:
         """Names, dtypes and shapes of tensors sent for this session's parameters (row-sparse
         gradients where ``sparse_ok``: see :mod:`app.engine.sparse`). With ``upcast``, a
-        float16/bfloat16 dense tensor is also accepted for a wider floating parameter (the
-        caller asked for the widening: never a silent cast, never a narrowing)."""
+        float16/bfloat16 tensor (dense, or a sparse one's values) is also accepted for a wider
+        floating parameter (the caller asked for the widening: never a silent cast, never a
+        narrowing)."""
         if self.known_body(tensors):
             return
         for name, t in tensors.items():
@@ -329,7 +330,7 @@ class Session:
                     raise Invalid(f"{name!r:.80} must be a dense tensor here (only gradients "
                                   "may be sparse)", code="invalid_tensor",
                                   field=f"{field}.{name}")
-                sparse.check_sparse(name, p, t, field)
+                sparse.check_sparse(name, p, t, field, upcast and widens(t.dtype, p.dtype))
                 continue
             if t.dtype != p.dtype and not (upcast and widens(t.dtype, p.dtype)):
                 hint = (" (send ?upcast=true to widen float16/bfloat16 gradients)"

@@ -101,11 +101,13 @@ def add_checked(name: str, a: torch.Tensor, b: torch.Tensor, field: str = "grads
                       code="sparse_unsupported", field=f"{field}.{name}") from None
 
 
-def check_sparse(name: str, p: torch.Tensor, t: torch.Tensor, field: str) -> None:
+def check_sparse(name: str, p: torch.Tensor, t: torch.Tensor, field: str,
+                 widening: bool = False) -> None:
     """A row-sparse gradient ``t`` sent for parameter ``p``: one sparse dimension (rows), rows
-    shaped like the parameter's, every index one of its rows. Its declared row count may be
-    smaller than the parameter's (torch infers the smallest that holds the indices), never
-    larger."""
+    shaped like the parameter's, every index one of its rows, values in the parameter's dtype
+    (or, ``widening``, in a narrower one the caller asked to widen: ``?upcast=true``). Its
+    declared row count may be smaller than the parameter's (torch infers the smallest that
+    holds the indices), never larger."""
     where = f"{field}.{name}"
     if p.dim() == 0:
         raise Invalid(f"{name!r:.80} is a scalar; a sparse gradient needs a parameter with rows",
@@ -113,7 +115,7 @@ def check_sparse(name: str, p: torch.Tensor, t: torch.Tensor, field: str) -> Non
     if t.layout != torch.sparse_coo or t.sparse_dim() != 1:
         raise Invalid(f"{name!r:.80}: a sparse gradient has one sparse dimension (the rows)",
                       code="invalid_sparse", field=where)
-    if t.dtype != p.dtype:
+    if t.dtype != p.dtype and not widening:
         raise Invalid(f"{name!r:.80} is {DTYPE_NAMES[p.dtype]} but the values sent are "
                       f"{DTYPE_NAMES.get(t.dtype, str(t.dtype))} (no silent casts)",
                       code="dtype_mismatch", field=f"{where}.values")
@@ -135,12 +137,12 @@ def check_sparse(name: str, p: torch.Tensor, t: torch.Tensor, field: str) -> Non
 
 
 def fit(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """A checked row-sparse gradient at its parameter's shape and device (the indices and
-    values as sent)."""
-    if tuple(t.shape) == tuple(p.shape) and t.device == p.device:
+    """A checked row-sparse gradient at its parameter's shape, device and dtype (the indices
+    as sent, the values as sent or widened: ``?upcast=true``)."""
+    if tuple(t.shape) == tuple(p.shape) and t.device == p.device and t.dtype == p.dtype:
         return t
     indices, values = t._indices(), t._values()
-    return torch.sparse_coo_tensor(indices.to(p.device), values.to(p.device), p.shape,
+    return torch.sparse_coo_tensor(indices.to(p.device), values.to(p.device, p.dtype), p.shape,
                                    is_coalesced=t.is_coalesced(), check_invariants=False)
 
 

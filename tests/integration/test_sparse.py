@@ -479,3 +479,62 @@ def test_float16_sparse_sums_torch_refuses_are_422s(http: httpx.Client) -> None:
     ref.grad = coo([1, 2], pushed)
     opt.step()
     assert bitwise(tensor_from_json(r.json()["params"]["emb"]), ref)
+
+
+@pytest.mark.parametrize(("optimizer", "param_dtype", "wire_dtype", "fmt"), [
+    ("SparseAdam", torch.float32, torch.bfloat16, "json"),
+    ("Adagrad", torch.float64, torch.float16, "safetensors"),
+    ("SGD", torch.float32, torch.float16, "safetensors"),
+])
+def test_narrow_sparse_gradients_are_widened_with_upcast(
+        http: httpx.Client, optimizer: str, param_dtype: torch.dtype, wire_dtype: torch.dtype,
+        fmt: str) -> None:
+    """``?upcast=true`` widens the values of row-sparse gradients too (it was a 422 "no silent
+    casts" even with the widening asked for: an embedding table, the largest gradient of a
+    model, could not travel narrowed). A push and a step, each widened, equal torch on the
+    widened gradients; without ``upcast`` refused, the session unchanged."""
+    name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[wire_dtype]
+    opts = OPTIMIZERS[optimizer]
+    sid = create(http, optimizer, opts, emb=table(12).to(param_dtype))
+    ref = table(12).to(param_dtype)
+    opt = getattr(torch.optim, optimizer)(
+        [ref], **{k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()})
+
+    def send(path: str, rows: list[int], v: torch.Tensor, query: str) -> httpx.Response:
+        if fmt == "json":
+            body = {"emb": {**sparse_json(rows, v), "dtype": name}}
+            return http.post(f"/v1/sessions/{sid}/{path}{query}", json={"grads": body})
+        return http.post(f"/v1/sessions/{sid}/{path}{query}", content=sparse_st("emb", rows, v),
+                         headers={"content-type": BINARY})
+
+    before = snapshot(http, sid)
+    for path in ("grads", "step"):
+        narrow = values_for([1], 0).to(wire_dtype)
+        problem(send(path, [1], narrow, ""), "dtype_mismatch", "grads.emb.values")
+        assert_unchanged(http, sid, before)
+    for k in range(3):
+        pushed, stepped = values_for([4, 1, 4], k).to(wire_dtype), values_for([0], k).to(
+            wire_dtype)
+        assert send("grads", [4, 1, 4], pushed, "?upcast=true").status_code == 200
+        r = send("step", [0], stepped, "?upcast=true&return=touched")
+        assert r.status_code == 200, r.text
+        assert r.json()["params"]["emb"]["indices"] == [0, 1, 4]
+        ref.grad = coo([4, 1, 4], pushed).to(param_dtype) + coo([0], stepped).to(param_dtype)
+        opt.step()
+    got = snapshot(http, sid)
+    assert bitwise(got["params"]["emb"], ref)
+    for key, value in opt.state_dict()["state"].get(0, {}).items():  # (SGD keeps none)
+        mine = got["state"]["state"]["0"][key]
+        assert (bitwise(tensor_from_json(mine), value) if isinstance(value, torch.Tensor)
+                else mine == value), key
+
+
+def test_upcast_never_narrows_nor_crosses_sparse_values(http: httpx.Client) -> None:
+    """``upcast`` widens to float32/float64 only: bfloat16 values for a float16 table, or
+    float32 values for a bfloat16 one, stay 422 ``dtype_mismatch``."""
+    for param_dtype, sent in ((torch.float16, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        sid = create(http, "SGD", {"lr": 0.1}, emb=table(13).to(param_dtype))
+        body = sparse_st("emb", [1], values_for([1], 0).to(sent))
+        r = http.post(f"/v1/sessions/{sid}/step?upcast=true", content=body,
+                      headers={"content-type": BINARY})
+        problem(r, "dtype_mismatch", "grads.emb.values")
