@@ -31,6 +31,7 @@ from fastapi import FastAPI
 from app.__main__ import check_exposure, main
 from app.api.auth import parse_keys
 from app.config import Settings
+from app.engine.front import MAX_PARAM_GROUPS
 from tests.conftest import LiveServer, _test_settings
 
 pytestmark = pytest.mark.integration
@@ -343,6 +344,32 @@ def test_add_param_group_respects_the_element_limit(client: httpx.Client) -> Non
     r = client.post("/v1/sessions/s/param_groups",
                     json={"params": {"v": jt(torch.zeros(41))}}, headers=A)
     assert r.status_code == 422, r.text
+
+
+def test_param_groups_per_session_are_bounded(server: tuple[str, FastAPI],
+                                              client: httpx.Client) -> None:
+    """torch's add_param_group costs grow with the square of the groups: a small body of
+    thousands of empty groups held the device worker for every tenant (a 422 now, before any
+    torch work), and so did adding one more group to such a session."""
+    assert server[1].state.engine.limits.max_param_groups == MAX_PARAM_GROUPS == 1024
+    server[1].state.engine.limits.max_param_groups = 3  # (the bound, made cheap to reach)
+    empty: list[dict[str, Any]] = [{"params": {}}]
+    body = {"id": "g", "optimizer": "SGD", "options": {"lr": 0.1},
+            "param_groups": [{"params": {"w": jt(torch.ones(2))}}, *empty * 3]}
+    r = client.post("/v1/sessions", json=body, headers=A)
+    assert r.status_code == 422 and r.headers["content-type"].startswith(PROBLEM), r.text
+    problem = r.json()
+    assert problem["code"] == "too_many_param_groups" and problem["field"] == "param_groups"
+    assert problem["limit"] == 3 and "4 param groups" in problem["detail"]
+    assert client.get("/v1/sessions/g", headers=A).status_code == 404
+
+    body["param_groups"] = body["param_groups"][:3]
+    assert client.post("/v1/sessions", json=body, headers=A).status_code == 201
+    before = client.get("/v1/sessions/g/state_dict", headers=A).json()
+    r = client.post("/v1/sessions/g/param_groups", json={"params": {"v": jt(torch.ones(1))}},
+                    headers=A)
+    assert r.status_code == 422 and r.json()["code"] == "too_many_param_groups", r.text
+    assert client.get("/v1/sessions/g/state_dict", headers=A).json() == before
 
 
 def raw_request(url: str, head: str, body: bytes) -> socket.socket:
