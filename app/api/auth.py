@@ -50,15 +50,15 @@ class AuthMiddleware:
             state["tenant"] = DEFAULT_TENANT
             await self.app(scope, receive, send)
             return
-        header = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                header = value
-                break
+        headers = [value for name, value in scope["headers"] if name == b"authorization"]
+        header = headers[0] if headers else b""
         scheme, _, token = header.partition(b" ")
         tenant = self._lookup(token.strip()) if scheme.lower() == b"bearer" else None
+        if len(headers) > 1:  # which one counts would be ours to guess, and a proxy's too
+            tenant = None
         if tenant is None:
             detail = ("missing Authorization: Bearer <key>" if not header
+                      else "send one Authorization header" if len(headers) > 1
                       else "the API key is not valid")
             response = problem(401, "unauthorized", "Unauthorized", detail,
                                field="authorization")

@@ -156,6 +156,18 @@ def test_every_route_but_healthz_needs_a_valid_key(server: tuple[str, FastAPI],
     assert client.get("/readyz", headers=B).status_code == 200
 
 
+def test_several_authorization_headers_are_refused(client: httpx.Client) -> None:
+    """Two keys in one request (two tenants, or a valid key beside a wrong one) were read as
+    the first: a proxy that checks the last would authorize one tenant and the server serve
+    another. Any number but one is a 401."""
+    assert client.post("/v1/sessions", json=create_body("s"), headers=A).status_code == 201
+    for pair in ((KEY_B, KEY_A), (KEY_A, KEY_B), (KEY_A, KEY_A), (KEY_A, "wrong")):
+        r = client.get("/v1/sessions", headers=[("Authorization", f"Bearer {k}") for k in pair])
+        assert_401(r, str(pair))
+        assert r.json()["detail"] == "send one Authorization header"
+    assert [d["id"] for d in client.get("/v1/sessions", headers=A).json()["sessions"]] == ["s"]
+
+
 def test_keys_never_reach_the_logs(client: httpx.Client,
                                    caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
