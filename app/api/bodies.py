@@ -87,6 +87,7 @@ async def _read_body(
     """The whole body in a fresh writable buffer; 413 as soon as it passes ``max_bytes``;
     408 when it stalls (see ``_receive``). With ``raw`` a large body lands in an uninitialized
     buffer (a writable memoryview: no zero-filling 40 MB before overwriting it)."""
+    _check_encoding(request)
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -120,6 +121,15 @@ async def _read_body(
             raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes", limit=max_bytes)
     await _receive(request, grow)
     return buf
+
+
+def _check_encoding(request: Request) -> None:
+    """415 for a compressed body (``Content-Encoding: gzip``, ...): its bytes are not JSON or
+    safetensors, and were refused as such ("not valid UTF-8") without saying why."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMedia(f"Content-Encoding {encoding!r:.40} is not supported; send the "
+                               "body uncompressed", field="content-encoding")
 
 
 def _raw_buffer(request: Request, size: int) -> memoryview:

@@ -11,6 +11,7 @@ accumulated before the bad request.
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import struct
 import time
@@ -586,6 +587,30 @@ def test_patch_rejects(sess: Sess, index: int, body: Any, status: int, code: str
     r = sess.http.patch(f"{sess.url}/param_groups/{index}", json=body)
     assert_problem(r, status, code, fld)
     sess.assert_unchanged()
+
+
+def test_compressed_bodies_are_refused_by_name(sess: Sess) -> None:
+    """A gzip body was parsed as it came ("not valid JSON: str is not valid UTF-8"): every
+    route that reads a body now says that its Content-Encoding is not supported."""
+    state = sess.http.get(f"{sess.url}/state_dict").content
+    compressed = {"content-encoding": "gzip", **JSON_CT}
+    for method, path, body in [
+        ("POST", "/v1/sessions", {"optimizer": "SGD", "params": {"w": jt(torch.ones(2))}}),
+        ("POST", f"{sess.url}/step", {"grads": {"w": jt(G2_W)}}),
+        ("POST", f"{sess.url}/grads", {"grads": {"w": jt(G2_W)}}),
+        ("PUT", f"{sess.url}/params", {"params": {"b": jt(G1["b"])}}),
+        ("PATCH", f"{sess.url}/param_groups/0", {"lr": 0.5}),
+        ("PATCH", sess.url, {"history": 5}),
+        ("PUT", f"{sess.url}/state_dict", json.loads(state)),
+    ]:
+        r = sess.http.request(method, path, content=gzip.compress(json.dumps(body).encode()),
+                              headers=compressed)
+        problem = assert_problem(r, 415, "unsupported_media_type", "content-encoding")
+        assert "gzip" in problem["detail"], problem
+    sess.assert_unchanged()
+    r = sess.http.request("PATCH", f"{sess.url}/param_groups/0", content=b'{"lr": 0.5}',
+                          headers={"content-encoding": "identity", **JSON_CT})
+    assert r.status_code == 200 and r.json()["lr"] == [0.5], r.text
 
 
 def test_patch_bad_index_and_content_type(sess: Sess) -> None:
