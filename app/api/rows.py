@@ -42,11 +42,11 @@ _ROW = re.compile(r"-?[0-9]{1,18}")
 SessionId = Annotated[str, Path(description="session id", max_length=200)]
 
 
-def rows_from_query(names: list[str] | None, name: str | None, rows: list[str]
+def rows_from_query(names: list[str] | None, name: list[str], rows: list[str]
                     ) -> dict[str, torch.Tensor]:
-    """``?name=emb&rows=1,5,9`` (or ``?names=emb``) to ``{"emb": tensor([1, 5, 9])}``."""
-    chosen = [name] if name is not None else [n for item in names or [] for n in
-                                              item.split(",") if n]
+    """``?name=emb&rows=1,5,9`` (or ``?names=emb``) to ``{"emb": tensor([1, 5, 9])}``; every
+    ``name`` given counts (a repeated one, or one beside ``names``, was dropped unsaid)."""
+    chosen = [*name, *(n for item in names or [] for n in item.split(",") if n)]
     if len(chosen) != 1:
         raise Invalid("rows are pulled from one parameter: name it with ?name=",
                       code="invalid_rows", field="name")

@@ -210,7 +210,8 @@ async def get_params(
 ) -> Response:
     binary, b64 = wants_binary(request), tensor_encoding(request)
     if rows is not None or name is not None:
-        wanted_rows = row_pulls.rows_from_query(names, name, rows or [])
+        wanted_rows = row_pulls.rows_from_query(names, request.query_params.getlist("name"),
+                                                rows or [])
         return await row_pulls.pull(request, engine, tenant, session_id, wanted_rows,
                                     min_version, wait_s, binary, b64)
     wanted = [n for item in names for n in item.split(",") if n] if names else None

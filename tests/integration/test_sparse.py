@@ -382,13 +382,16 @@ def test_row_pull_long_poll(http: httpx.Client) -> None:
     ({"name": "s", "rows": "0"}, None, "invalid_rows", "rows.s"),
     ({"rows": "1"}, None, "invalid_rows", "name"),
     ({"names": "emb,s", "rows": "1"}, None, "invalid_rows", "name"),
+    # a repeated name, or one beside names: the last was pulled, the others dropped unsaid
+    ([("name", "emb"), ("name", "s"), ("rows", "0")], None, "invalid_rows", "name"),
+    ([("name", "emb"), ("names", "s"), ("rows", "0")], None, "invalid_rows", "name"),
     (None, {"rows": {"emb": [1.5]}}, "invalid_sparse", "rows.emb"),
     (None, {"rows": [1, 2]}, "invalid_rows", "rows"),
     (None, {"rows": {}}, "invalid_rows", "rows"),
     (None, {"rows": {"emb": [1]}, "extra": 1}, "unknown_field", "extra"),
 ])
-def test_bad_row_pulls(http: httpx.Client, query: dict[str, str] | None, body: Any, code: str,
-                       field: str) -> None:
+def test_bad_row_pulls(http: httpx.Client, query: dict[str, str] | list[tuple[str, str]] | None,
+                       body: Any, code: str, field: str) -> None:
     sid = create(http, "SGD", {"lr": 0.1}, emb=table(), s=torch.tensor(2.0))
     if body is None:
         r = http.get(f"/v1/sessions/{sid}/params", params=query)
