@@ -967,6 +967,11 @@ class EmbeddedHost:
                 continue
             try:
                 session, replayed, torn = self._restore(key)
+            except CreateInterrupted:  # its own record torn: never acknowledged either
+                log.warning("discarding %s: a create that a crash interrupted (its record "
+                            "torn)", key)
+                self._store.discard(key)
+                continue
             except Exception as exc:  # noqa: BLE001 - refuse this one, serve the rest
                 # relative to the sessions directory: /readyz shows it to the tenant
                 reason = f"{type(exc).__name__}: {exc}".replace(
@@ -1028,6 +1033,8 @@ class EmbeddedHost:
             session.idem.remember_all(list(record.keys), record.op.result_json(result))
             replayed += 1
         if session is None:
+            if payload is None and not records and torn:
+                raise CreateInterrupted(f"{key}: the create's record is torn")
             raise StoreCorrupt(f"{key}: no snapshot and no create record")
         session.idem.window = self.config.idempotency_window
         session.snapshot_time = time.monotonic()
@@ -1095,6 +1102,11 @@ class EmbeddedHost:
                 raise
             except Exception:  # never let maintenance die
                 log.exception("store maintenance")
+
+
+class CreateInterrupted(Exception):
+    """A session's log holds nothing but a torn first record: a crash cut its create short
+    (never acknowledged), as a directory with an empty log is."""
 
 
 @dataclass(eq=False)

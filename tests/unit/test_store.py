@@ -541,6 +541,30 @@ def test_interrupted_create_is_discarded_not_refused(tmp_path: Path) -> None:
     run(go())
 
 
+@pytest.mark.parametrize("cut", [1, HEAD, "half", "last-1"])
+def test_a_create_whose_record_a_crash_tore_is_discarded_not_refused(tmp_path: Path,
+                                                                     cut: int | str) -> None:
+    """A crash in the middle of the create's own record: that create was never acknowledged,
+    so the directory goes (the id is free again), as one with an empty log does."""
+    async def go() -> None:
+        async def create(eng: Front) -> None:
+            await eng.create(spec("torn"))
+        await restart(tmp_path, create)
+        wal = tmp_path / "sessions" / "default~torn" / "wal.bin"
+        data = wal.read_bytes()
+        n = {"half": len(data) // 2, "last-1": len(data) - 1}.get(str(cut), cut)
+        assert isinstance(n, int)
+        wal.write_bytes(data[:n])
+
+        async def check(eng: Front) -> None:
+            assert await eng.refused() == {}
+            assert await eng.list_sessions() == []
+            await eng.create(spec("torn"))  # the id is free
+        await restart(tmp_path, check)
+        assert len(read_log(wal)[0]) == 1  # the new create's record
+    run(go())
+
+
 def test_damaged_snapshot_refuses_that_session_and_serves_the_rest(tmp_path: Path) -> None:
     async def go() -> None:
         async def two(eng: Front) -> None:
