@@ -298,7 +298,12 @@ class Store:
                 stray.unlink(missing_ok=True)
         for tmp in self.sessions_dir.glob("*/*.tmp"):  # a snapshot a crash cut short
             tmp.unlink(missing_ok=True)
-        self.probe()
+        try:
+            self.probe()
+        except OSError as exc:  # a full disk (a crash while it filled): serve what is stored
+            if exc.errno not in _FULL:
+                raise
+            self._failed("probing the data directory at start", exc)
         self._flusher.start()
 
     def close(self) -> None:
@@ -486,7 +491,10 @@ class Store:
             return []
         if len(lines) > 2 * keep:
             lines = lines[-keep:]
-            write_atomic(path, [b"".join(ln + b"\n" for ln in lines)], self.files)
+            try:
+                write_atomic(path, [b"".join(ln + b"\n" for ln in lines)], self.files)
+            except OSError as exc:  # (a full disk): cut at a later start
+                log.warning("could not cut the tombstone log %s: %s", path, exc)
         out = []
         for line in lines[-keep:]:
             try:

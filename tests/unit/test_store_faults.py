@@ -934,3 +934,40 @@ def test_stop_waits_for_the_snapshot_maintenance_is_writing(
     asyncio.run(first())
     assert most[0] == 1, f"{most[0]} snapshot writes of one session ran at once"
     asyncio.run(second())
+
+
+def test_a_start_on_a_full_disk_serves_what_is_stored_and_carries_on_once_space_returns(
+        tmp_path: Path) -> None:
+    """A crash while the disk is full, then a start on it: the write probe finds no space.
+    The server starts anyway (it stopped with a traceback): every stored session is restored
+    and readable, mutations get 507 with nothing applied, readiness names the full disk, and
+    once space returns the session steps on, without a restart."""
+    async def go() -> None:
+        pair = Pair(engine(tmp_path))
+        await pair.start()
+        for _ in range(3):
+            await pair.step()
+        await pair.stop()  # as a crash leaves it
+        files = FaultyFiles()
+        files.arm("pwritev", errno.ENOSPC, target="other", times=-1)  # the probe
+        files.arm("pwritev", errno.ENOSPC, times=-1)  # the logs
+        files.free = 0
+        pair.eng = engine(tmp_path, files)
+        await pair.eng.start()
+        try:
+            assert await pair.eng.refused() == {}
+            await pair.assert_same()
+            status = await pair.eng.status()
+            assert not status.ready and status.reason is not None
+            assert "No space left on device" in status.reason
+            assert_refusal(await pair.refused_step(), errno.ENOSPC)
+            await pair.assert_same()
+            files.disarm()  # space is back
+            files.free = None
+            assert (await pair.eng.status()).ready
+            await pair.step()
+            await pair.assert_same()
+        finally:
+            await pair.stop()
+        await pair.assert_restart_same(tmp_path)
+    run(go())
