@@ -338,11 +338,9 @@ class EmbeddedHost:
         """:meth:`_in_io`, and a caller cancelled meanwhile waits for ``fn`` to end first."""
         return await _finished_first(asyncio.get_running_loop().run_in_executor(self._io, fn))
 
-    def _lock(self, key: str) -> asyncio.Lock:
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = asyncio.Lock()
-        return lock
+    def _lock(self, key: str) -> _SessionLock:
+        """The session's lock, to hold with ``async with``."""
+        return _SessionLock(self._locks, key)
 
     def _get(self, key: str) -> Session:
         damaged = self._damaged.get(key)
@@ -1107,6 +1105,35 @@ class EmbeddedHost:
 class CreateInterrupted(Exception):
     """A session's log holds nothing but a torn first record: a crash cut its create short
     (never acknowledged), as a directory with an empty log is."""
+
+
+class _SessionLock:
+    """Holds the lock ``locks`` has for ``key`` when it is taken. A delete drops its session's
+    lock while others wait for it: each of them, once it has the dropped one, lets it go and
+    waits for the key's current lock instead, so a session made again with that id is never
+    changed under two locks at once (steps ran side by side, their versions and log records
+    mixed)."""
+
+    def __init__(self, locks: dict[str, asyncio.Lock], key: str) -> None:
+        self._locks = locks
+        self._key = key
+        self._held: asyncio.Lock | None = None
+
+    async def __aenter__(self) -> None:
+        while True:
+            lock = self._locks.get(self._key)
+            if lock is None:
+                lock = self._locks[self._key] = asyncio.Lock()
+            await lock.acquire()
+            if self._locks.get(self._key) is lock:
+                self._held = lock
+                return
+            lock.release()  # dropped meanwhile: its session was deleted
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._held is not None
+        held, self._held = self._held, None
+        held.release()
 
 
 @dataclass(eq=False)

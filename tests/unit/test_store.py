@@ -705,3 +705,43 @@ def test_replay_of_every_logged_operation(tmp_path: Path) -> None:
             assert await eng.describe("s") == live["desc"]
         await restart(tmp_path, check)
     run(go())
+
+
+def test_operations_queued_behind_a_delete_never_share_the_new_session(tmp_path: Path) -> None:
+    """Steps wait behind a delete; the id is made again at once and stepped. The waiters each
+    take the new session's lock, not the deleted one's: no two operations run on it side by
+    side, so every acknowledged step has its own version and the log replays to it."""
+    async def go() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        results: list[object] = []
+
+        async def stepper(k: int) -> None:
+            try:
+                results.append((await eng.step("s", grad(k % 7), return_params=False)).version)
+            except OptserveError as exc:
+                results.append(exc.code)
+            except Exception as exc:  # noqa: BLE001 - what the test looks for
+                results.append(exc)
+        try:
+            await eng.create(spec("s"))
+            first = [asyncio.create_task(stepper(k)) for k in range(20)]
+            await asyncio.sleep(0)
+            delete = asyncio.create_task(eng.delete("s"))
+            queued = [asyncio.create_task(stepper(k)) for k in range(3000)]
+            await delete
+            await eng.create(spec("s"))
+            fresh = [asyncio.create_task(stepper(k)) for k in range(30)]
+            await asyncio.gather(*first, *queued, *fresh)
+            assert not [r for r in results if isinstance(r, Exception)]
+            late = [r for r in results[20:] if isinstance(r, int)]
+            version = (await eng.pull("s", [])).version
+            assert sorted(late) == list(range(1, version + 1))
+        finally:
+            await eng.stop(snapshot=False)
+
+        async def check(eng: Front) -> None:
+            assert await eng.refused() == {}
+            assert (await eng.pull("s", [])).version == version
+        await restart(tmp_path, check)
+    run(go())
