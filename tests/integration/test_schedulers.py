@@ -511,3 +511,50 @@ def test_scheduler_state_round_trip(http: httpx.Client, optimizer: tuple[str, di
     finally:
         for s in sessions:
             http.delete(f"/v1/sessions/{s}")
+
+
+@pytest.mark.parametrize(("sched", "takes"), [
+    (spec("CosineAnnealingLR", T_max=3), False),
+    (spec("SequentialLR", schedulers=[spec("LinearLR", total_iters=2),
+                                      spec("CosineAnnealingLR", T_max=3)], milestones=[2]),
+     False),
+    (spec("ChainedScheduler", schedulers=[spec("StepLR", step_size=2),
+                                          spec("CosineAnnealingLR", T_max=3)]), False),
+    (spec("StepLR", step_size=2, gamma=0.5), True),
+    (spec("ChainedScheduler", schedulers=[spec("StepLR", step_size=2),
+                                          spec("ExponentialLR", gamma=0.9)]), True),
+], ids=["cosine", "sequential", "chained-cosine", "steplr", "chained-steplr-exponential"])
+def test_a_group_added_under_a_scheduler_steps_for_good_or_is_refused(
+        http: httpx.Client, sched: dict[str, Any], takes: bool) -> None:
+    """``add_param_group`` under a scheduler whose per-group lists torch zips with the groups
+    at some later step (CosineAnnealingLR at ``T_max + 1``, SequentialLR at its milestone) is
+    a 422 ``scheduler_incompatible`` that changes nothing: it used to be taken, and from that
+    step on every step of the session was a 422 (torch's zip failed), for good. Under one whose
+    lrs come from each group's own lr, the group is taken and every later step is torch's."""
+    groups = groups_for(None, 11)
+    sid = create(http, body("SGD", {"lr": 0.1, "momentum": 0.9}, groups, sched))["id"]
+    ref = local("SGD", {"lr": 0.1, "momentum": 0.9}, groups, sched)
+    gen = torch.Generator().manual_seed(12)
+    names = list(groups[0][0])
+    for _ in range(2):
+        grads = {n: torch.randn(groups[0][0][n].shape, generator=gen) for n in names}
+        step(http, sid, grads)
+        ref.step(grads)
+    extra = torch.randn(3, generator=gen)
+    before = snapshot(http, sid)
+    r = http.post(f"/v1/sessions/{sid}/param_groups",
+                  json={"params": {"extra": json_tensor(extra)}, "lr": 0.05})
+    if not takes:
+        assert assert_problem(r, 422)["code"] == "scheduler_incompatible"
+        assert snapshot(http, sid) == before
+        return
+    assert r.status_code == 201, r.text
+    ref.params["extra"] = extra.clone()
+    ref.optimizer.add_param_group({"params": [ref.params["extra"]], "lr": 0.05})
+    for _ in range(8):  # past every period of the schedule
+        grads = {n: torch.randn(groups[0][0][n].shape, generator=gen) for n in names}
+        grads["extra"] = torch.randn(3, generator=gen)
+        out = step(http, sid, grads)
+        ref.step(grads)
+        assert out["lr"] == ref.lrs()
+    assert_tensors_equal(tensors_from_json(out["params"]), ref.params, "the added group")

@@ -47,6 +47,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from app.engine import CreateSpec, Front, GroupSpec, embedded_engine, optimizers, persist
 from app.engine.ops import Step
+from app.engine.ops.params import takes_added_groups
 from app.engine.store import frame_record
 from app.errors import OptserveError
 
@@ -376,7 +377,9 @@ class SessionMachine(RuleBasedStateMachine):
         if lr < 0:
             assert isinstance(a, OptserveError) and a.code == "invalid_option"
         if isinstance(a, OptserveError):
-            if a.code == "scheduler_incompatible":  # torch itself would fail at the next step
+            if a.code == "scheduler_incompatible":  # torch itself would fail at some step
+                if not takes_added_groups(self.mirror.sched):
+                    return  # (refused by kind: torch zips its per-group lists at a later step)
                 probe = copy.deepcopy(self.mirror)
                 probe.params[name] = value.clone()
                 probe.opt.add_param_group({"params": [(name, probe.params[name])], "lr": lr})

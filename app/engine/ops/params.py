@@ -72,6 +72,10 @@ class AddParamGroup(Operation):
     kind = "add_group"
     params: Tensors
     options: dict[str, Any]
+    #: refuse a group the session's scheduler would fail on at any later step, not only the
+    #: next one (:data:`TAKE_ADDED_GROUPS`): set by requests; records logged before this
+    #: check existed lack it and replay as they ran
+    whole_schedule: bool = False
 
     def check(self, s: Session) -> GroupPlan:
         index = len(s.optimizer.param_groups)
@@ -89,6 +93,13 @@ class AddParamGroup(Operation):
         optimizers.probe(s.cls, s.defaults, [*s.group_options(), opts],
                          [*s.group_dtypes(), dtype], s.device, fields, where, check=[index])
         if s.scheduler is not None:
+            if self.whole_schedule and not takes_added_groups(s.scheduler):
+                raise Invalid(f"the session's scheduler ({type(s.scheduler).__name__}) keeps "
+                              "per-group values made when it was made (torch would fail on a "
+                              "group added later at some later step); add the group before "
+                              "attaching a scheduler, or use StepLR, MultiStepLR, "
+                              "ExponentialLR, LinearLR, ConstantLR, PolynomialLR or "
+                              "ReduceLROnPlateau", code="scheduler_incompatible", field=where)
             _scheduler_takes_group(s, opts, dtype, where)
         return GroupPlan(opts, flat_block(self.params, s.device))
 
@@ -103,14 +114,35 @@ class AddParamGroup(Operation):
         return s.describe()
 
     def to_tree(self) -> dict[str, Any]:
-        return {"params": self.params, "options": self.options}
+        tree: dict[str, Any] = {"params": self.params, "options": self.options}
+        if self.whole_schedule:
+            tree["whole_schedule"] = True
+        return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> AddParamGroup:
-        return cls(dict(tree["params"]), dict(tree["options"]))
+        return cls(dict(tree["params"]), dict(tree["options"]),
+                   tree.get("whole_schedule") is True)
 
     def group(self) -> GroupSpec:
         return GroupSpec(self.params, self.options)
+
+
+#: schedulers that take each group's lr from its own ``lr`` at every step (torch's chainable
+#: form), so that a group added after them steps with them for good. The others keep
+#: per-group lists made with them (``base_lrs``, CyclicLR's and OneCycleLR's bounds) that
+#: torch zips with the groups at some step, and fail on an added group there: CyclicLR,
+#: OneCycleLR and CosineAnnealingWarmRestarts at the next step, CosineAnnealingLR at
+#: ``T_max + 1``, SequentialLR at its first milestone
+TAKE_ADDED_GROUPS = frozenset({"StepLR", "MultiStepLR", "ExponentialLR", "LinearLR",
+                               "ConstantLR", "PolynomialLR", "ReduceLROnPlateau"})
+
+
+def takes_added_groups(scheduler: Any) -> bool:
+    """Whether a group added after ``scheduler`` steps with it at every later step."""
+    if type(scheduler).__name__ == "ChainedScheduler":
+        return all(map(takes_added_groups, scheduler._schedulers))
+    return type(scheduler).__name__ in TAKE_ADDED_GROUPS
 
 
 def _scheduler_takes_group(s: Session, opts: dict[str, Any], dtype: torch.dtype,
