@@ -520,10 +520,13 @@ def test_scheduler_state_round_trip(http: httpx.Client, optimizer: tuple[str, di
      False),
     (spec("ChainedScheduler", schedulers=[spec("StepLR", step_size=2),
                                           spec("CosineAnnealingLR", T_max=3)]), False),
+    (spec("ReduceLROnPlateau", min_lr=[0.001]), False),
+    (spec("ReduceLROnPlateau", min_lr=0.001), True),
     (spec("StepLR", step_size=2, gamma=0.5), True),
     (spec("ChainedScheduler", schedulers=[spec("StepLR", step_size=2),
                                           spec("ExponentialLR", gamma=0.9)]), True),
-], ids=["cosine", "sequential", "chained-cosine", "steplr", "chained-steplr-exponential"])
+], ids=["cosine", "sequential", "chained-cosine", "plateau-min-lrs", "plateau-min-lr", "steplr",
+        "chained-steplr-exponential"])
 def test_a_group_added_under_a_scheduler_steps_for_good_or_is_refused(
         http: httpx.Client, sched: dict[str, Any], takes: bool) -> None:
     """``add_param_group`` under a scheduler whose per-group lists torch zips with the groups
@@ -536,10 +539,10 @@ def test_a_group_added_under_a_scheduler_steps_for_good_or_is_refused(
     ref = local("SGD", {"lr": 0.1, "momentum": 0.9}, groups, sched)
     gen = torch.Generator().manual_seed(12)
     names = list(groups[0][0])
-    for _ in range(2):
+    for k in range(2):
         grads = {n: torch.randn(groups[0][0][n].shape, generator=gen) for n in names}
-        step(http, sid, grads)
-        ref.step(grads)
+        session_advance(http, sid, sched, grads, k)
+        local_advance(ref, sched, grads, k)
     extra = torch.randn(3, generator=gen)
     before = snapshot(http, sid)
     r = http.post(f"/v1/sessions/{sid}/param_groups",
@@ -551,10 +554,11 @@ def test_a_group_added_under_a_scheduler_steps_for_good_or_is_refused(
     assert r.status_code == 201, r.text
     ref.params["extra"] = extra.clone()
     ref.optimizer.add_param_group({"params": [ref.params["extra"]], "lr": 0.05})
-    for _ in range(8):  # past every period of the schedule
+    for k in range(2, 10):  # past every period of the schedule (a plateau reduces at 2, 6)
         grads = {n: torch.randn(groups[0][0][n].shape, generator=gen) for n in names}
         grads["extra"] = torch.randn(3, generator=gen)
-        out = step(http, sid, grads)
-        ref.step(grads)
+        out = session_advance(http, sid, sched, grads, k)
+        local_advance(ref, sched, grads, k)
         assert out["lr"] == ref.lrs()
-    assert_tensors_equal(tensors_from_json(out["params"]), ref.params, "the added group")
+    got = http.get(f"/v1/sessions/{sid}/params", params={"encoding": "b64"}).json()["params"]
+    assert_tensors_equal(tensors_from_json(got), ref.params, "the added group")

@@ -139,10 +139,14 @@ TAKE_ADDED_GROUPS = frozenset({"StepLR", "MultiStepLR", "ExponentialLR", "Linear
 
 
 def takes_added_groups(scheduler: Any) -> bool:
-    """Whether a group added after ``scheduler`` steps with it at every later step."""
-    if type(scheduler).__name__ == "ChainedScheduler":
+    """Whether a group added after ``scheduler`` steps with it at every later step (a
+    ReduceLROnPlateau given one ``min_lr`` per group fails at its next reduction)."""
+    name = type(scheduler).__name__
+    if name == "ChainedScheduler":
         return all(map(takes_added_groups, scheduler._schedulers))
-    return type(scheduler).__name__ in TAKE_ADDED_GROUPS
+    if name == "ReduceLROnPlateau":
+        return getattr(scheduler, "default_min_lr", None) is not None
+    return name in TAKE_ADDED_GROUPS
 
 
 def _scheduler_takes_group(s: Session, opts: dict[str, Any], dtype: torch.dtype,
