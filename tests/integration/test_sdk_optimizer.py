@@ -592,6 +592,34 @@ def test_narrow_wire_gradients_step_like_torch_on_the_upcast_gradients(
         remote.close(delete_session=True)
 
 
+def test_values_past_float16s_range_neither_travel_nor_come_back_infinite(
+        live_server: str) -> None:
+    """``wire_dtype="float16"``: a finite gradient past float16's range (65504) would travel as
+    an infinity (the server then refuses it as the user's own non-finite gradient, or steps
+    with it): a ``ValueError`` naming it, nothing sent. A parameter past that range comes back
+    as an infinity in the narrowed answer: it is pulled again at its own width, so the local
+    parameter holds the server's value, torch's, not inf."""
+    with optserve.Client(live_server, transport="http", max_retries=0) as c:
+        big = torch.tensor([70000.0, 1.0])
+        small = torch.tensor([0.25, -0.5])
+        remote = optserve.RemoteOptimizer([("big", big), ("small", small)], "SGD", c, lr=1.0,
+                                          wire_dtype="float16")
+        big.grad, small.grad = torch.tensor([1e5, 0.0]), torch.tensor([0.5, 0.5])
+        with pytest.raises(ValueError, match="'big'.*float16's range"):
+            remote.step()
+        assert c.get_session(remote.session_id).version == 0
+        master = [torch.tensor([70000.0, 1.0]), torch.tensor([0.25, -0.5])]
+        local = torch.optim.SGD(master, lr=1.0)
+        for p, g in zip(master, ([0.5, 0.25], [0.5, 0.5]), strict=True):
+            p.grad = torch.tensor(g)  # (exact in float16)
+        local.step()
+        big.grad, small.grad = torch.tensor([0.5, 0.25]), torch.tensor([0.5, 0.5])
+        remote.step()
+        assert torch.equal(big, master[0])  # [69999.5, 0.75]: not [inf, 0.75]
+        assert torch.equal(small, master[1].to(torch.float16).to(torch.float32))
+        remote.close(delete_session=True)
+
+
 @pytest.mark.parametrize("transport", ["http", "auto"], ids=["http", "shared memory"])
 def test_remote_optimizer_leaves_the_norms_to_the_history_through_shared_memory(
         live_server: str, transport: str, monkeypatch: pytest.MonkeyPatch) -> None:

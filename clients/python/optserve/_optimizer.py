@@ -92,6 +92,26 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def _narrowed(grads: dict[str, torch.Tensor], wire: torch.dtype) -> dict[str, torch.Tensor]:
+    """Dense floating gradients wider than ``wire``, narrowed to it. To float16, a finite
+    value past its range (65504) would travel as an infinity the server then refuses or
+    steps with as the gradient's own: a ``ValueError`` naming the gradient instead."""
+    out: dict[str, torch.Tensor] = {}
+    for name, g in grads.items():
+        if g.layout != torch.strided or not g.is_floating_point() \
+                or g.element_size() <= wire.itemsize:
+            out[name] = g
+            continue
+        narrow = g.to(wire)
+        if wire == torch.float16 and bool(torch.isinf(narrow).any()) \
+                and not bool(torch.isinf(g).any()):
+            raise ValueError(f"the gradient of {name!r} holds values beyond float16's range "
+                             "(65504), which would travel as infinities: scale the loss "
+                             "down, or use wire_dtype='bfloat16'")
+        out[name] = narrow
+    return out
+
+
 def _loss_value(loss: Any) -> float:
     if isinstance(loss, torch.Tensor):
         return float(loss.detach())
@@ -427,8 +447,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         wire = self._wire_dtype
         sparse = any(g.layout != torch.strided for g in grads.values())
         if wire is not None:  # narrower gradients on the wire; the server widens them
-            grads = {n: g.to(wire) if g.layout == torch.strided and g.is_floating_point()
-                     and g.element_size() > wire.itemsize else g for n, g in grads.items()}
+            grads = _narrowed(grads, wire)
         key = uuid.uuid4().hex  # the step's, over either transport
         if self._client.transport != "http" and wire is None and not sparse:
             # same host: gradients and new values through shared memory; the values are
@@ -449,10 +468,23 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                        idempotency_key=key)
         self._sent(changes)
         if result.params is not None:
-            self._copy_in(result.params)
+            # (narrowed to float16, a value past its range came back infinite)
+            self._copy_in(self._widened_where_infinite(result.params)
+                          if wire == torch.float16 else result.params)
         self._version = result.params_at if result.params is not None else result.version
         self._take_lrs(result.lr)
         return loss
+
+    def _widened_where_infinite(self, params: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """The parameters answered narrowed to float16, those holding an infinity pulled again
+        at their own width: a finite value past float16's range (65504) narrows to one, and
+        the local parameter would then hold it where the server's does not."""
+        bad = [n for n, t in params.items() if isinstance(t, torch.Tensor)
+               and t.layout == torch.strided and bool(torch.isinf(t).any())]
+        if not bad:
+            return params
+        wide = self._client.get_params(self._session_id, bad, binary=self._binary).params
+        return {**params, **{n: wide[n] for n in bad}}
 
     def _grads(self) -> dict[str, torch.Tensor]:
         grads: dict[str, torch.Tensor] = {}
