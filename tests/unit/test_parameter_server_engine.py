@@ -298,3 +298,22 @@ def test_a_refused_push_is_not_logged_as_a_lost_error() -> None:
         await asyncio.sleep(0)
         return lost
     assert asyncio.run(go()) == []
+
+
+def test_lbfgs_sync_refusal_travels_with_the_operation() -> None:
+    """The PATCH's refusal of sync rounds on LBFGS holds where the operation is sent as its
+    tree (a Ray host's copy, a log record): ``Configure``'s request flag goes with it; a tree
+    without it (a record logged before the check existed) still applies as it ran."""
+    from app.engine.ops import Configure
+    from app.engine.ray_host import op_from_wire, op_to_wire
+    from app.engine.session import Session
+
+    s = Session.build("s", "LBFGS", [GroupSpec({"x": torch.zeros(2)})], {"lr": 1.0}, None,
+                      "reject", torch.device("cpu"))
+    sent = op_from_wire(op_to_wire(Configure({"sync": {"workers": 2}}, request=True)))
+    with pytest.raises(Invalid) as err:
+        sent.check(s)
+    assert err.value.field == "sync"
+    old = Configure.from_tree({"options": {"sync": {"workers": 2}}})
+    old.apply(s, old.check(s))
+    assert s.ps.sync is not None and s.ps.sync.workers == 2

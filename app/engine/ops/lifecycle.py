@@ -110,8 +110,9 @@ class Configure(Operation):
 
     kind = "configure"
     options: dict[str, Any]
-    #: a request, not a logged record: also refuses what servers before it accepted (sync
-    #: rounds on LBFGS), so a record they logged still replays as it ran
+    #: set by requests: also refuses what servers before it accepted (sync rounds on LBFGS).
+    #: It travels with the operation (its record, a remote host's copy); records logged
+    #: before this check existed lack it and replay as they ran
     request: bool = False
 
     def check(self, s: Session) -> ConfigurePlan:
@@ -139,8 +140,11 @@ class Configure(Operation):
         return s.describe()
 
     def to_tree(self) -> dict[str, Any]:
-        return {"options": self.options}
+        tree: dict[str, Any] = {"options": self.options}
+        if self.request:
+            tree["request"] = True
+        return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> Configure:
-        return cls(dict(tree["options"]))
+        return cls(dict(tree["options"]), tree.get("request") is True)
