@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,7 +253,7 @@ class EmbeddedHost:
         self._sessions: dict[str, Session] = {}
         self._refused: dict[str, str] = {}
         self._damaged: dict[str, str] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _KeyLock] = {}
         self._key_locks: dict[tuple[str, str], _KeyLock] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._rounds = SyncRounds(self._apply_round, self._check_push)
@@ -340,7 +340,7 @@ class EmbeddedHost:
 
     def _lock(self, key: str) -> _SessionLock:
         """The session's lock, to hold with ``async with``."""
-        return _SessionLock(self._locks, key)
+        return _SessionLock(self._locks, key, self._sessions)
 
     def _get(self, key: str) -> Session:
         damaged = self._damaged.get(key)
@@ -1112,28 +1112,44 @@ class _SessionLock:
     lock while others wait for it: each of them, once it has the dropped one, lets it go and
     waits for the key's current lock instead, so a session made again with that id is never
     changed under two locks at once (steps ran side by side, their versions and log records
-    mixed)."""
+    mixed). The last user of a lock whose key names no session (in ``sessions``) by then
+    drops it too (those waiters' new locks would stay otherwise)."""
 
-    def __init__(self, locks: dict[str, asyncio.Lock], key: str) -> None:
+    def __init__(self, locks: dict[str, _KeyLock], key: str, sessions: Mapping[str, Any]
+                 ) -> None:
         self._locks = locks
         self._key = key
-        self._held: asyncio.Lock | None = None
+        self._sessions = sessions
+        self._held: _KeyLock | None = None
 
     async def __aenter__(self) -> None:
         while True:
-            lock = self._locks.get(self._key)
-            if lock is None:
-                lock = self._locks[self._key] = asyncio.Lock()
-            await lock.acquire()
-            if self._locks.get(self._key) is lock:
-                self._held = lock
+            entry = self._locks.get(self._key)
+            if entry is None:
+                entry = self._locks[self._key] = _KeyLock()
+            entry.users += 1
+            try:
+                await entry.lock.acquire()
+            except BaseException:
+                self._leave(entry)
+                raise
+            if self._locks.get(self._key) is entry:
+                self._held = entry
                 return
-            lock.release()  # dropped meanwhile: its session was deleted
+            entry.lock.release()  # dropped meanwhile: its session was deleted
+            self._leave(entry)
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._held is not None
         held, self._held = self._held, None
-        held.release()
+        held.lock.release()
+        self._leave(held)
+
+    def _leave(self, entry: _KeyLock) -> None:
+        entry.users -= 1
+        if (entry.users == 0 and self._key not in self._sessions
+                and self._locks.get(self._key) is entry):
+            del self._locks[self._key]
 
 
 @dataclass(eq=False)

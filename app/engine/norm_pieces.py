@@ -51,6 +51,12 @@ def joined(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def norms(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The norms (0-d, in the tensors' dtype) of :func:`joined`'s pieces, in one torch call."""
+    cut = joined(ts)
+    return list(torch._foreach_norm(cut)) if cut else []
+
+
 def _run(ts: list[torch.Tensor]) -> list[torch.Tensor]:
     """Pieces of tensors of one dtype and device (non-empty)."""
     span = _tiled(ts)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from app.engine import chunked, optimizers, ps, schedulers, sparse, state_dicts
+from app.engine import norm_pieces, optimizers, ps, schedulers, sparse, state_dicts
 from app.engine.history import History
 from app.engine.idempotency import IdempotencyTable
 from app.engine.interface import (
@@ -25,7 +25,6 @@ from app.engine.interface import (
     SessionInfo,
     Tensors,
 )
-from app.engine.norm_pieces import span_bytes
 from app.errors import Conflict, Invalid
 from app.wire.dtypes import DTYPE_NAMES
 from app.wire.safetensors_body import (
@@ -78,13 +77,32 @@ class TakenNorms:
     gradients)."""
 
     runs: dict[tuple[str, ...], list[torch.Tensor]] = field(default_factory=dict)
+    #: the session's param groups' names, in order (the caller's): gradients that lie apart
+    #: are normed per group, end to end in its order, as the metrics take them
+    groups: Sequence[Sequence[str]] = ()
 
 
 def _piece_norms(flat: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The norms of a (non-empty) run's pieces, and a 0-dim total that is finite only when
     they all are (or a finite overflow: only a suspect)."""
-    parts = list(torch._foreach_norm(chunked.pieces(flat)))
+    parts = norm_pieces.norms([flat])
     return parts, parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+
+
+def _units(rest: list[str], dense: set[str], norms: TakenNorms | None) -> list[list[str]]:
+    """The tensors the non-finite check reduces apart, in units of one reduction: with
+    ``norms``, each group's dense ones end to end in the group's order (its metrics' pieces);
+    the others one by one."""
+    if norms is None or not norms.groups:
+        return [[n] for n in rest]
+    left = set(rest)
+    units = []
+    for names in norms.groups:
+        unit = [n for n in names if n in left and n in dense]
+        if unit:
+            units.append(unit)
+            left.difference_update(unit)
+    return units + [[n] for n in rest if n in left]
 
 
 def _adjacent_runs(placed: Iterable[list[tuple[int, int, str]]]
@@ -369,8 +387,9 @@ class Session:
     def nonfinite_names(tensors: Tensors, norms: TakenNorms | None = None) -> list[str]:
         """The names of the tensors holding a NaN or an infinity. With ``norms``, the check
         takes L2 norms of pieces (``torch._foreach_norm``) where it would take sums, and keeps
-        them there: per dense tensor, and per run of dense tensors that tile one span (the
-        per-step metrics then do not take them again)."""
+        them there: per run of dense tensors that tile one span, and of the others per group
+        (``norms.groups``), end to end in its order; the per-step metrics then take none again
+        for a group whose gradients are one such run or unit."""
         if not tensors:
             return []
         if isinstance(tensors, BodyTensors) and tensors.runs and _runs_finite(tensors, norms):
@@ -394,7 +413,8 @@ class Session:
         checked: set[str] = set()
         for run in _adjacent_runs(placed.values()):
             first = tensors[run[0][2]]
-            raw_span = span_bytes(first, run[0][0], run[-1][0] + run[-1][1] - run[0][0])
+            raw_span = norm_pieces.span_bytes(first, run[0][0],
+                                              run[-1][0] + run[-1][1] - run[0][0])
             if raw_span is None:
                 continue
             span = raw_span.view(first.dtype)
@@ -412,18 +432,20 @@ class Session:
                 and (tensors[n].is_floating_point() or tensors[n].is_complex())]
         if rest:
             # the others in one call: a norm is finite only when every value is (an overflow
-            # of the squares, from finite values past ~1e19, only makes it a suspect)
-            # (with ``norms``: of each tensor's pieces, the metrics' norms)
-            cut = [chunked.pieces(tensors[n]) if norms is not None else [tensors[n]]
-                   for n in rest]
+            # of the squares, from finite values past ~1e19, only makes it a suspect); with
+            # ``norms``, the pieces of each group's end to end (the metrics' norms, kept)
+            dense = {n for n in rest if raw[n].layout == torch.strided}
+            units = _units(rest, dense, norms)
+            cut = [norm_pieces.joined([tensors[n] for n in unit]) if norms is not None
+                   else [tensors[unit[0]]] for unit in units]
             taken = torch._foreach_norm([p for ps in cut for p in ps])
             values = torch.stack(taken).cpu().tolist()  # one device-to-host copy
             at = 0
-            for n, ps in zip(rest, cut, strict=True):
+            for unit, ps in zip(units, cut, strict=True):
                 if not all(map(math.isfinite, values[at:at + len(ps)])):
-                    suspects.append(n)
-                if norms is not None and raw[n].layout == torch.strided:
-                    norms.runs[(n,)] = list(taken[at:at + len(ps)])
+                    suspects.extend(unit)
+                if norms is not None and dense.issuperset(unit):
+                    norms.runs[tuple(unit)] = list(taken[at:at + len(ps)])
                 at += len(ps)
         if not suspects:
             return []
@@ -731,7 +753,7 @@ class BlockPlan:
             if n and (t.data_ptr() != pos or not t.is_contiguous()):  # (empty: ptr 0)
                 return None
             pos += n
-        flat = span_bytes(first, start, pos - start)
+        flat = norm_pieces.span_bytes(first, start, pos - start)
         if flat is None:
             return None
         layout = [(names[i], tensors[i].dtype, tensors[i].shape) for i in order]

@@ -203,3 +203,31 @@ def test_rows_rebuilt_from_the_log_equal_the_answers_of_steps_sent_apart(
     for sid in sessions:
         assert all(not math.isnan(v) for v in before[sid]["grad_norm.0"]), sid
     assert after == before
+
+
+def test_gradients_that_came_apart_are_normed_once(engine: Front,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradients that lie apart (a JSON body, widened ``?upcast`` ones) are normed by the
+    non-finite check per group, end to end in the group's order, and the metrics take those
+    norms: one pass over the gradients, as for a binary body; the values as ever."""
+    p0 = {n: seeded(s, i) for i, (n, s) in enumerate(SHAPES.items())}
+    run(engine.create(CreateSpec("SGD", [GroupSpec({n: p0[n].clone() for n in names})
+                                         for names in GROUPS], options={"lr": 0.1},
+                                 id="once")))
+    joins: list[list[int]] = []
+    real = norm_pieces.joined
+
+    def counted(ts: Any) -> list[torch.Tensor]:
+        joins.append([t.numel() for t in ts])
+        return real(ts)
+    monkeypatch.setattr(norm_pieces, "joined", counted)
+    sent = {n: seeded(s, 7 + i) for i, (n, s) in enumerate(SHAPES.items())}
+    r = run(engine.step("once", laid_out_dict(sent, "apart"), return_params=False))
+    assert joins == [[45, 11, 3], [16, 13]]  # the check's, one per group; none by the metrics
+    assert r.metrics is not None
+    for gi, names in enumerate(GROUPS):
+        close(r.metrics["groups"][gi]["grad_norm"], norm([sent[n] for n in names]), str(gi))
+
+
+def laid_out_dict(sent: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
+    return dict(zip(sent, laid_out(list(sent.values()), how), strict=True))

@@ -745,3 +745,32 @@ def test_operations_queued_behind_a_delete_never_share_the_new_session(tmp_path:
             assert (await eng.pull("s", [])).version == version
         await restart(tmp_path, check)
     run(go())
+
+
+def test_the_lock_of_a_deleted_session_is_not_kept_by_those_that_waited(
+        tmp_path: Path) -> None:
+    """Steps queued behind a delete (the id not made again) each find the session gone (404);
+    the lock they take in place of the deleted one is let go with them, not kept for an id
+    that names no session."""
+    async def go() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        try:
+            await eng.create(spec("s"))
+            host, key = await eng._host("default", "s")
+            locks = host.embedded._locks  # type: ignore[attr-defined]
+            first = [asyncio.create_task(eng.step("s", grad(k), return_params=False))
+                     for k in range(5)]
+            await asyncio.sleep(0)
+            delete = asyncio.create_task(eng.delete("s"))
+            queued = [asyncio.create_task(eng.step("s", grad(k), return_params=False))
+                      for k in range(20)]
+            await delete
+            done = await asyncio.gather(*first, *queued, return_exceptions=True)
+            assert [r.version for r in done[:5]] == [1, 2, 3, 4, 5]  # type: ignore[union-attr]
+            assert all(isinstance(r, OptserveError) and r.code == "session_not_found"
+                       for r in done[5:]), done[5:]
+            assert key not in locks
+        finally:
+            await eng.stop(snapshot=False)
+    run(go())

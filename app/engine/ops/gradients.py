@@ -98,7 +98,7 @@ class Step(Operation):
         grads = self.grads if known else s.on_device(self.grads)
         total = grads if known and not s.accum else self._total(s, grads)
         sparse.check_optimizer_takes(s, total)
-        norms = TakenNorms()
+        norms = TakenNorms(groups=[g["param_names"] for g in s.optimizer.param_groups])
         bad = s.nonfinite_names(total, norms if s.metrics_on else None)
         if bad and s.nonfinite == "reject":
             s.reject_nonfinite(bad, "grads")
