@@ -478,7 +478,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def _widened_where_infinite(self, params: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         """The parameters answered narrowed to float16, those holding an infinity pulled again
         at their own width: a finite value past float16's range (65504) narrows to one, and
-        the local parameter would then hold it where the server's does not."""
+        the local parameter would then hold it where the server's does not. (Their current
+        values: where other workers step the session too, maybe of a later version than the
+        answer's, as a pull's are.)"""
         bad = [n for n, t in params.items() if isinstance(t, torch.Tensor)
                and t.layout == torch.strided and bool(torch.isinf(t).any())]
         if not bad:
