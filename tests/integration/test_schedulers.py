@@ -117,6 +117,15 @@ def local(optimizer: str, options: dict[str, Any],
     return ref
 
 
+def sgd_pair(http: httpx.Client, sched: dict[str, Any], seed: int
+             ) -> tuple[str, Reference, list[tuple[dict[str, torch.Tensor], dict[str, Any]]]]:
+    """A one-group SGD-momentum session under ``sched`` and its in-process torch twin (and
+    the groups both started from)."""
+    groups = groups_for(None, seed=seed)
+    sid = create(http, body(*SGD_M, groups, sched))["id"]
+    return sid, local(*SGD_M, groups, sched), groups
+
+
 def create(http: httpx.Client, b: dict[str, Any]) -> dict[str, Any]:
     r = http.post("/v1/sessions", json=b)
     assert r.status_code == 201, r.text
@@ -281,9 +290,7 @@ def test_one_cycle_exhausted_is_409_and_changes_nothing(http: httpx.Client,
     sched = spec("OneCycleLR", max_lr=0.1, total_steps=total)
     if nested:
         sched = spec("ChainedScheduler", schedulers=[sched, spec("ExponentialLR", gamma=0.9)])
-    groups = groups_for(None, seed=3)
-    sid = create(http, body("SGD", {"lr": 0.1, "momentum": 0.9}, groups, sched))["id"]
-    ref = local("SGD", {"lr": 0.1, "momentum": 0.9}, groups, sched)
+    sid, ref, groups = sgd_pair(http, sched, 3)
     stream = grad_stream(SHAPES, seed=4)
     for _ in range(total):
         grads = next(stream)
@@ -323,9 +330,7 @@ def test_one_cycle_at_its_end_exports_and_imports_back(http: httpx.Client, fmt: 
     export after its last step, and a local run's, import (200); only the next step is 409."""
     total = 3
     sched = spec("OneCycleLR", max_lr=0.1, total_steps=total)
-    groups = groups_for(None, seed=5)
-    sid = create(http, body("SGD", {"lr": 0.1, "momentum": 0.9}, groups, sched))["id"]
-    ref = local("SGD", {"lr": 0.1, "momentum": 0.9}, groups, sched)
+    sid, ref, groups = sgd_pair(http, sched, 5)
     stream = grad_stream(SHAPES, seed=6)
     for _ in range(total):
         grads = next(stream)
@@ -534,9 +539,7 @@ def test_a_group_added_under_a_scheduler_steps_for_good_or_is_refused(
     a 422 ``scheduler_incompatible`` that changes nothing: it used to be taken, and from that
     step on every step of the session was a 422 (torch's zip failed), for good. Under one whose
     lrs come from each group's own lr, the group is taken and every later step is torch's."""
-    groups = groups_for(None, 11)
-    sid = create(http, body("SGD", {"lr": 0.1, "momentum": 0.9}, groups, sched))["id"]
-    ref = local("SGD", {"lr": 0.1, "momentum": 0.9}, groups, sched)
+    sid, ref, groups = sgd_pair(http, sched, 11)
     gen = torch.Generator().manual_seed(12)
     names = list(groups[0][0])
     for k in range(2):
