@@ -112,8 +112,24 @@ class PackedWire:
     entries: list[tuple[str, str, list[int], int]]
 
 
-def tensor_to_wire(t: torch.Tensor) -> WireTensor:
+@dataclass
+class SparseWire:
+    """A row-sparse tensor (a sparse COO gradient): its indices and values as sent (duplicates
+    and order kept, so the optimizer sums them as torch would), its dense shape."""
+
+    indices: np.ndarray[Any, Any]
+    values: WireTensor
+    shape: list[int]
+    coalesced: bool
+
+
+def tensor_to_wire(t: torch.Tensor) -> WireTensor | SparseWire:
     t = t.detach()
+    if t.layout == torch.sparse_coo:
+        values = tensor_to_wire(t._values())
+        assert isinstance(values, WireTensor)
+        return SparseWire(t._indices().cpu().contiguous().numpy(), values, list(t.shape),
+                          t.is_coalesced())
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
@@ -122,7 +138,13 @@ def tensor_to_wire(t: torch.Tensor) -> WireTensor:
     return WireTensor(DTYPE_NAMES[t.dtype], t.numpy())
 
 
-def tensor_from_wire(w: WireTensor) -> torch.Tensor:
+def tensor_from_wire(w: WireTensor | SparseWire) -> torch.Tensor:
+    if isinstance(w, SparseWire):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            indices = torch.from_numpy(w.indices)
+        return torch.sparse_coo_tensor(indices, tensor_from_wire(w.values), tuple(w.shape),
+                                       is_coalesced=w.coalesced, check_invariants=False)
     with warnings.catch_warnings():
         # arrays from Ray's object store are read-only views; nothing here writes into them
         warnings.simplefilter("ignore", UserWarning)
@@ -143,7 +165,7 @@ def tree_to_wire(obj: Any) -> Any:
 
 
 def tree_from_wire(obj: Any) -> Any:
-    if isinstance(obj, WireTensor):
+    if isinstance(obj, (WireTensor, SparseWire)):
         return tensor_from_wire(obj)
     if isinstance(obj, dict):
         return {k: tree_from_wire(v) for k, v in obj.items()}
@@ -300,7 +322,7 @@ class HostActor:
         return result_to_wire(await host.execute(key, op_from_wire(op), idem=idem,
                                                  want_params=want_params))
 
-    async def step(self, key: str, grads: dict[str, WireTensor], want_params: bool,
+    async def step(self, key: str, grads: dict[str, WireTensor | SparseWire], want_params: bool,
                    worker: str | None, base_version: int | None, idem: IdemKey | None,
                    options: dict[int, dict[str, Any]] | None) -> Any:
         host = await self._ready()

@@ -14,7 +14,7 @@ import torch
 from app.api.requests import create_spec
 from app.engine.directory import Directory
 from app.engine.interface import CreateSpec, GroupSpec
-from app.engine.ops import ImportState, Overwrite, SkipStep, Step
+from app.engine.ops import ImportState, Overwrite, Push, SkipStep, Step
 from app.engine.placement import check_resources, shape_key
 from app.errors import Invalid
 from app.wire.safetensors_body import pack
@@ -47,6 +47,24 @@ def test_packed_parameters_cross_as_one_buffer() -> None:
     for n, t in tensors.items():
         assert back[n].dtype == t.dtype and bits(back[n]) == bits(t)
     assert bytes(back.buffer) == bytes(pack(tensors).buffer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_row_sparse_gradients_cross_as_sent(dtype: torch.dtype) -> None:
+    """A row-sparse gradient (documented for steps and pushes on every engine) crosses to a
+    host as sent: indices in their order, duplicates kept, coalesced or not (it was a 500)."""
+    values = torch.randn(3, 4).to(dtype)
+    raw = torch.sparse_coo_tensor(torch.tensor([[5, 1, 5]]), values, (8, 4),
+                                  check_invariants=True)
+    for t in (raw, raw.coalesce()):
+        back = ray_host.tensor_from_wire(ray_host.tensor_to_wire(t))
+        assert back.layout == torch.sparse_coo and back.shape == t.shape
+        assert back.is_coalesced() == t.is_coalesced()
+        assert torch.equal(back._indices(), t._indices())
+        assert back.dtype == dtype and bits(back._values()) == bits(t._values())
+    op = ray_host.op_from_wire(ray_host.op_to_wire(Push({"e": raw, "w": torch.randn(2)})))
+    assert isinstance(op, Push) and torch.equal(op.grads["e"]._indices(), raw._indices())
+    assert bits(op.grads["e"]._values()) == bits(values)
 
 
 def test_operations_cross_as_values() -> None:
