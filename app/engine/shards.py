@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -272,6 +273,29 @@ def split_state(state: dict[str, Any], layout: ShardLayout) -> list[dict[str, An
     return out
 
 
+def import_refusal(exc: BaseException, index: int, state: dict[str, Any],
+                   layout: ShardLayout) -> BaseException:
+    """A shard's refusal of its part of an imported state, in the session's terms: the shard
+    numbers its own parameters from 0 (:func:`split_state`), the client's state numbers the
+    session's; the parameter ids its ``field`` and ``detail`` name become the client's."""
+    if not isinstance(exc, OptserveError):
+        return exc
+    client: dict[str, int] = {}
+    for i, (g, names) in enumerate(zip(state["param_groups"], layout.groups, strict=True)):
+        client.update(zip(names, state_dicts.group_ids(g, i, len(names)), strict=True))
+    ids = {local: client[n] for local, n in enumerate(layout.names_of(index))}
+
+    def own(m: re.Match[str]) -> str:
+        local = int(m[2])
+        return f"{m[1]}{ids[local]}" if local in ids else m[0]
+
+    if exc.field is not None:
+        exc.field = re.sub(r"^(state_dict\.state\.)(\d+)(?=\.|$)", own, exc.field)
+    exc.detail = re.sub(r"(parameter id )(\d+)", own, exc.detail)
+    exc.args = (exc.detail,)
+    return exc
+
+
 # ---------------------------------------------------------------------------- errors
 def retryable(exc: BaseException) -> bool:
     """A failure to reach a shard (its host restarting, its disk), not a refusal."""
@@ -480,7 +504,11 @@ class ShardedSession:
         async with self._lock:
             self._check_usable()
             await self._finish_pending()
-            results, nonfinite = await self._two_phase(ops, idem, want_params)
+            refusal = None
+            if isinstance(op, ImportState):
+                state = op.state
+                refusal = lambda i, e: import_refusal(e, i, state, layout)  # noqa: E731
+            results, nonfinite = await self._two_phase(ops, idem, want_params, refusal)
             merged = self._merge(op, results, want_params, nonfinite)
             version = getattr(merged, "version", None)
             if isinstance(version, int):
@@ -489,10 +517,13 @@ class ShardedSession:
         return merged
 
     # ------------------------------------------------------------------ the two phases
-    async def _two_phase(self, ops: dict[int, Operation], idem: IdemKey | None,
-                         want_params: bool) -> tuple[dict[int, Any], list[str]]:
+    async def _two_phase(
+        self, ops: dict[int, Operation], idem: IdemKey | None, want_params: bool,
+        refusal: Callable[[int, BaseException], BaseException] | None = None,
+    ) -> tuple[dict[int, Any], list[str]]:
         """Prepare on every shard, then commit on every shard: the shards' results, and the
-        gradients found non-finite."""
+        gradients found non-finite. ``refusal`` puts a shard's refusal in the session's
+        terms."""
         idem = idem or IdemKey(f"optserve-tx-{uuid.uuid4().hex}")
         prepared = await asyncio.gather(
             *(self.shards[i][0].prepare(self.shards[i][1], op, idem) for i, op in ops.items()),
@@ -501,7 +532,7 @@ class ShardedSession:
         errors: dict[int, BaseException] = {}
         for i, r in zip(ops, prepared, strict=True):
             if isinstance(r, BaseException):
-                errors[i] = r
+                errors[i] = refusal(i, r) if refusal is not None else r
             else:
                 checked[i] = r
         if errors:

@@ -394,6 +394,40 @@ def test_a_coordinator_that_died_mid_commit_waits_for_the_retry(tmp_path: Path) 
     asyncio.run(body())
 
 
+def test_an_import_refused_by_a_shard_names_the_sessions_parameter_id() -> None:
+    """A shard numbers its own parameters from 0: its refusal of an imported state named its
+    own id (``state_dict.state.1.exp_avg`` for the session's parameter 3, ``s``); it
+    names the client's id, as the unsharded session's refusal does."""
+    groups = [{"w": torch.ones(6, 5), "b": torch.ones(6)}, {"e": torch.ones(9, 3),
+                                                            "s": torch.ones(4)}]
+
+    async def body(eng: Front) -> None:
+        refusals = []
+        for sid, shards in (("one", 1), ("two", 2)):
+            await eng.create(CreateSpec("Adam", [GroupSpec(dict(g), {}) for g in groups],
+                                        {"lr": 0.1}, id=sid, shards=shards))
+            await eng.step(sid, {n: torch.ones_like(t) for g in groups for n, t in g.items()},
+                           return_params=False)
+        layout = (await eng.describe("two")).placement["shards"]
+        assert [sh["params"] for sh in layout] == [["w", "s"], ["b", "e"]]
+        sd = (await eng.export_state("one")).state_dict
+        for sid in ("one", "two"):
+            for broken in (lambda d: d["state"][3].update(exp_avg=torch.zeros(5)),
+                           lambda d: d["state"][2].update(bogus=torch.zeros(1)),
+                           lambda d: d["state"][3].update(step=torch.tensor(0.5))):
+                bad = copy.deepcopy(sd)
+                broken(bad)
+                with pytest.raises(Invalid) as caught:
+                    await eng.import_state(sid, bad)
+                refusals.append((sid, caught.value.field, caught.value.detail))
+        one = [(f, d) for sid, f, d in refusals if sid == "one"]
+        two = [(f, d) for sid, f, d in refusals if sid == "two"]
+        assert [f for f, _ in one] == ["state_dict.state.3.exp_avg", "state_dict.state.2",
+                                       "state_dict.state.3.step"]
+        assert two == one
+    run(body)
+
+
 def test_sharded_create_is_all_or_nothing_and_sync_is_refused() -> None:
     async def body(eng: Front) -> None:
         bad = CreateSpec("SGD", [GroupSpec({"a": torch.ones(2)}, {}),
