@@ -428,6 +428,25 @@ def test_an_import_refused_by_a_shard_names_the_sessions_parameter_id() -> None:
     run(body)
 
 
+def test_a_retried_overwrite_of_some_shards_is_answered() -> None:
+    """``PUT .../params`` naming parameters of some shards only bumps the others' versions; a
+    retry with the same Idempotency-Key (the SDK sends one with every call and retries 503s)
+    was a 500 (the bumped shards answered the session's description): it is answered as the
+    first time, and applies nothing again."""
+    async def body(eng: Front) -> None:
+        await eng.create(CreateSpec("SGD", [GroupSpec({"w": torch.ones(8), "v": torch.ones(7),
+                                                       "u": torch.ones(2)}, {})], {"lr": 0.1},
+                                    id="x", shards=3))
+        key = IdemKey("put-1", "fp")
+        first = await eng.overwrite("x", {"v": torch.full((7,), 2.0)}, idem=key)
+        again = await eng.overwrite("x", {"v": torch.full((7,), 2.0)}, idem=key)
+        assert again.replayed and (again.version, again.step) == (first.version, first.step)
+        assert list(again.params) == ["v"] and torch.equal(again.params["v"], first.params["v"])
+        info = await eng.describe("x")
+        assert info.version == first.version == 1
+    run(body)
+
+
 def test_sharded_create_is_all_or_nothing_and_sync_is_refused() -> None:
     async def body(eng: Front) -> None:
         bad = CreateSpec("SGD", [GroupSpec({"a": torch.ones(2)}, {}),
