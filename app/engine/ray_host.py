@@ -82,7 +82,13 @@ from app.engine.interface import (
 from app.engine.ops import CreateSession, Operation, decode
 from app.engine.placement import check_resources, shape_key
 from app.engine.router import Checked, Host, InProcessHost, SessionHost, parent_key
-from app.engine.shards import ShardedSession, ShardLayout, plan_layout, shard_key
+from app.engine.shards import (
+    ShardedSession,
+    ShardLayout,
+    check_shardable,
+    plan_layout,
+    shard_key,
+)
 from app.errors import Conflict, Invalid, NotFound, OptserveError, Unavailable
 from app.wire.dtypes import DTYPE_NAMES, TORCH_DTYPES
 from app.wire.safetensors_body import PackedTensors
@@ -241,6 +247,11 @@ def check_create(spec: CreateSpec, default_nonfinite: Any) -> None:
     create is refused before a host is chosen or started."""
     groups = [GroupSpec({n: torch.zeros([1] * t.dim(), dtype=t.dtype) if t.is_floating_point()
                          else t for n, t in g.params.items()}, g.options) for g in spec.groups]
+    check_shardable(spec)
+    if spec.optimizer == "LBFGS":  # its steps are evaluations, which only the embedded host runs
+        raise Invalid("LBFGS: offered only by the embedded engine (its steps ask the client "
+                      "for evaluations, which a Ray host does not run)",
+                      code="not_supported_here", field="optimizer")
     standin = dataclasses.replace(spec, groups=groups, id=None)
     CreateSession.from_spec(standin, "check", spec.nonfinite or default_nonfinite,
                             "memory").build(torch.device("cpu"))

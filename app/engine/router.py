@@ -296,7 +296,8 @@ class LocalRouter:
 
     async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None
                      ) -> SessionInfo:
-        from app.engine.shards import ShardedSession, plan_layout, shard_key
+        from app.engine.shards import ShardedSession, check_shardable, plan_layout, shard_key
+        check_shardable(spec)
         if self.directory.get(key) is not None and not await self._stale(key):
             raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
                            code="session_exists", field="id")

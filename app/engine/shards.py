@@ -142,6 +142,16 @@ def check_shards(value: object) -> int:
     return value
 
 
+def check_shardable(spec: CreateSpec) -> None:
+    """LBFGS is not split: its direction and line search take every parameter's gradient
+    together, and it steps through evaluations, which only an unsharded session offers (a
+    sharded LBFGS session was made, and every step of it refused)."""
+    if spec.shards > 1 and spec.optimizer == "LBFGS":
+        raise Invalid("LBFGS cannot be sharded: its step takes every parameter's gradient "
+                      "together (and asks for evaluations); create it with one shard",
+                      code="not_supported", field="shards")
+
+
 def plan_layout(groups: list[GroupSpec], shards: int) -> ShardLayout:
     """Assign parameters to shards: largest first (ties by name), each to the shard with the
     fewest bytes so far (ties: the lowest index)."""

@@ -89,6 +89,17 @@ def test_create_is_checked_on_standins() -> None:
         ray_host.check_create(muon, "reject")  # Muon's 2-D rule survives the stand-ins
 
 
+@pytest.mark.parametrize("shards", [1, 2])
+def test_lbfgs_is_refused_before_a_host_is_chosen(shards: int) -> None:
+    """An LBFGS session on a Ray host was made and could never step (its steps are
+    evaluations, which only the embedded host runs): the create is the 422."""
+    spec = CreateSpec("LBFGS", [GroupSpec({"a": torch.ones(2), "b": torch.ones(2)}, {})],
+                      {"lr": 0.1}, shards=shards)
+    with pytest.raises(Invalid) as caught:
+        ray_host.check_create(spec, "reject")
+    assert caught.value.field == ("optimizer" if shards == 1 else "shards")
+
+
 def test_directory_claims_are_exclusive(tmp_path: Path) -> None:
     for d in (Directory(tmp_path / "dir"), Directory(None)):
         wins: list[bool] = []

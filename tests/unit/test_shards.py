@@ -447,6 +447,19 @@ def test_a_retried_overwrite_of_some_shards_is_answered() -> None:
     run(body)
 
 
+def test_lbfgs_is_not_sharded() -> None:
+    """A sharded LBFGS session was made, and every step of it was a 422 (it steps only through
+    evaluations, which a sharded session does not offer): the create is the 422."""
+    async def body(eng: Front) -> None:
+        with pytest.raises(Invalid) as caught:
+            await eng.create(CreateSpec("LBFGS", [GroupSpec({"a": torch.ones(2),
+                                                             "b": torch.ones(2)}, {})],
+                                        {"lr": 0.1}, id="l", shards=2))
+        assert (caught.value.code, caught.value.field) == ("not_supported", "shards")
+        assert await eng.list_sessions() == []
+    run(body)
+
+
 def test_sharded_create_is_all_or_nothing_and_sync_is_refused() -> None:
     async def body(eng: Front) -> None:
         bad = CreateSpec("SGD", [GroupSpec({"a": torch.ones(2)}, {}),
