@@ -644,6 +644,12 @@ class RayOptions:
     host: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+#: how long placing a session waits for each existing host of its shape to say how many
+#: sessions it holds: one that does not answer (an actor Ray cannot place or restart) is
+#: passed over, not waited for under the placement lock, which every create takes
+PLACE_PING_TIMEOUT_S = 5.0
+
+
 def _actor_class() -> Any:
     return ray.remote(max_restarts=-1, max_task_retries=0)(HostActor)
 
@@ -816,7 +822,9 @@ class RayRouter:
         """``count`` distinct hosts of this shape for new sessions (see the module doc)."""
         async with self._place_lock:
             names = self._hosts_of(resources)
-            loads = await asyncio.gather(*(self._host(n).call("ping", read=True)
+            loads = await asyncio.gather(*(asyncio.wait_for(self._host(n).call("ping",
+                                                                               read=True),
+                                                            PLACE_PING_TIMEOUT_S)
                                            for n in names), return_exceptions=True)
             sessions = {n: int(out["sessions"]) for n, out in zip(names, loads, strict=True)
                         if isinstance(out, dict)}

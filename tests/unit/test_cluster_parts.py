@@ -153,3 +153,41 @@ def test_create_body_fields() -> None:
         with pytest.raises(Invalid) as caught:
             create_spec({**body, key: bad})
         assert caught.value.field == key
+
+
+def test_a_host_that_never_answers_is_passed_over_when_placing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Placing a session asks each existing host of its shape how many sessions it holds,
+    under a lock every create takes. A host that never answers (an actor Ray cannot place,
+    left by a front killed mid-create) is passed over after ``PLACE_PING_TIMEOUT_S``: every
+    create used to wait for it for good. A host that answers is still chosen."""
+    import asyncio
+
+    import orjson
+
+    router = ray_host.RayRouter(ray_host.RayOptions(data_dir=tmp_path, placement="pack"))
+    shape = {"num_cpus": 1.0}
+    for name in ("h-stuck", "h-live"):
+        (router.hosts_dir / name).mkdir()
+        (router.hosts_dir / name / "host.json").write_bytes(orjson.dumps(
+            {"name": name, "resources": shape, "placement": "pack", "created": 0.0}))
+
+    class Host:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def call(self, method: str, *args: Any, **kw: Any) -> dict[str, Any]:
+            assert method == "ping"
+            if self.name == "h-stuck":
+                await asyncio.Event().wait()  # never
+            return {"sessions": 1}
+
+    hosts = {n: Host(n) for n in ("h-stuck", "h-live")}
+    monkeypatch.setattr(router, "_host", hosts.__getitem__)
+    monkeypatch.setattr(router, "_host_names", lambda: list(hosts))
+    monkeypatch.setattr(ray_host, "PLACE_PING_TIMEOUT_S", 0.2, raising=False)
+
+    async def place() -> list[Any]:
+        return await asyncio.wait_for(router._place(shape, "pack"), 10.0)
+    chosen = asyncio.run(place())
+    assert [h.name for h in chosen] == ["h-live"]
