@@ -316,7 +316,7 @@ class Front:
             have = sum(_numel(p["shape"]) for p in info.params.values())
             self._check_elements(have + sum(t.numel() for t in group.params.values()))
         out: SessionInfo = await host.execute(
-            key, AddParamGroup(group.params, group.options, whole_schedule=True), idem=idem)
+            key, AddParamGroup(group.params, group.options, request=True), idem=idem)
         return out
 
     async def update_param_group(self, session_id: str, index: int, options: dict[str, Any],

@@ -783,6 +783,17 @@ def widens(sent: torch.dtype, param: torch.dtype) -> bool:
     return sent in _NARROW and param in (torch.float32, torch.float64)
 
 
+def refuse_nonfinite_params(params: Tensors, where: str) -> None:
+    """422 ``nonfinite_parameter`` for parameter values a session that does not allow
+    non-finite values is given (a create's, an added group's: ``PUT .../params`` refuses
+    the same), naming the first (``where``: the field the names are under)."""
+    bad = Session.nonfinite_names(params)
+    if bad:
+        raise Invalid(f"non-finite values in {', '.join(map(repr, bad[:20]))}; this session "
+                      "does not allow them (nonfinite: allow would)",
+                      code="nonfinite_parameter", field=f"{where}.{bad[0]}", names=bad)
+
+
 def check_param_tensor(name: str, t: torch.Tensor, field: str) -> None:
     """A parameter the client sends: a floating, finite-size, plain (strided CPU) tensor."""
     if t.layout != torch.strided or t.device.type != "cpu":

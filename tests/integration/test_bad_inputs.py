@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import math
 import struct
 import time
 import uuid
@@ -1108,3 +1109,34 @@ def test_metadata_other_writers_add_is_taken(sess: Sess) -> None:
     r = sess.http.post(f"{sess.url}/step", content=body, headers=BIN_CT)
     assert r.status_code == 200, r.text
     assert r.json()["version"] == before + 1 and r.json()["metrics"]["scalars"] == {"loss": 0.5}
+
+
+@pytest.mark.parametrize("policy", ["reject", "skip", "allow"])
+def test_nonfinite_initial_parameters_are_refused_as_put_refuses_them(
+        http: httpx.Client, policy: str) -> None:
+    """A create or an added group with NaN/Inf parameter values, in a session that does not
+    allow non-finite values: 422 ``nonfinite_parameter`` naming the parameter, nothing made
+    or changed, as ``PUT .../params`` refuses the same values (both used to be taken).
+    ``nonfinite: allow`` takes them and steps them as torch does."""
+    bad = torch.tensor([1.0, float("nan"), 2.0])
+    body = {"optimizer": "SGD", "options": {"lr": 0.1}, "nonfinite": policy,
+            "param_groups": [{"params": {"w": jt(torch.ones(3))}},
+                             {"params": {"v": jt_b64(bad)}}]}
+    before = http.get("/v1/sessions").json()
+    r = http.post("/v1/sessions", json=body)
+    if policy != "allow":
+        assert_problem(r, 422, "nonfinite_parameter", "param_groups.1.params.v")
+        assert http.get("/v1/sessions").json() == before
+    else:
+        assert r.status_code == 201, r.text
+        http.delete(f"/v1/sessions/{r.json()['id']}")
+    sid = new_session(http, nonfinite=policy)
+    url = f"/v1/sessions/{sid}"
+    state = http.get(f"{url}/state_dict", params={"encoding": "b64"}).json()
+    r = http.post(f"{url}/param_groups", json={"params": {"v": jt_b64(torch.tensor([math.inf]))}})
+    if policy != "allow":
+        assert_problem(r, 422, "nonfinite_parameter", "param_groups.1.params.v")
+        assert http.get(f"{url}/state_dict", params={"encoding": "b64"}).json() == state
+        assert len(http.get(url).json()["param_groups"]) == 1
+    else:
+        assert r.status_code == 201, r.text

@@ -521,3 +521,30 @@ def test_a_snapshot_restores_the_state_in_its_own_dtypes(
     torch_steps(range(3, 6))
     assert_bitwise(params["w"], local)
     assert_tree_bitwise(state["state"][0], opt.state_dict()["state"][0])
+
+
+def test_records_logged_before_the_nonfinite_parameter_checks_still_replay() -> None:
+    """A create and an added group with a NaN parameter under ``nonfinite: reject`` are now
+    refused on requests; records logged before (their trees: no ``request`` flag, and a
+    create's record never checks) still build and apply, so a session the server used to
+    restore still restores."""
+    from app.engine.ops import AddParamGroup, CreateSession, decode
+
+    nan = torch.tensor([1.0, float("nan")])
+    with pytest.raises(Invalid) as caught:
+        CreateSession.from_spec(CreateSpec("SGD", [GroupSpec({"w": nan})], {"lr": 0.1}),
+                                "s", "reject", "memory")
+    assert caught.value.code == "nonfinite_parameter"
+    old = CreateSession("s", "SGD", [GroupSpec({"w": torch.ones(2)})], {"lr": 0.1})
+    tree = old.to_tree()
+    tree["groups"][0]["params"] = {"w": nan.clone()}
+    s = decode("create", tree).build(torch.device("cpu"))  # type: ignore[attr-defined]
+    assert torch.isnan(s.params["w"]).any()
+    logged = decode("add_group", {"params": {"v": nan.clone()}, "options": {}})
+    assert isinstance(logged, AddParamGroup) and not logged.request
+    logged.apply(s, logged.check(s))
+    assert "v" in s.params
+    with pytest.raises(Invalid) as caught:
+        AddParamGroup({"u": nan.clone()}, {}, request=True).check(s)
+    assert caught.value.code == "nonfinite_parameter"
+    assert caught.value.field == "param_groups.2.params.u"

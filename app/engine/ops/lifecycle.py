@@ -11,7 +11,12 @@ from app.engine import ps
 from app.engine.history import History, check_capacity
 from app.engine.interface import CreateSpec, Durability, GroupSpec, NonFinitePolicy, SessionInfo
 from app.engine.ops.base import Operation, register
-from app.engine.session import DEFAULT_HISTORY, Session, check_session_id
+from app.engine.session import (
+    DEFAULT_HISTORY,
+    Session,
+    check_session_id,
+    refuse_nonfinite_params,
+)
 from app.errors import Invalid
 
 
@@ -41,7 +46,11 @@ class CreateSession(Operation):
     def from_spec(cls, spec: CreateSpec, session_id: str, nonfinite: NonFinitePolicy,
                   durability: Durability, metrics: bool = True,
                   history: int = DEFAULT_HISTORY) -> CreateSession:
-        ps.check_takes(spec.optimizer, ps.parse(spec.ps_options))  # (a request, not a record)
+        # (a request, not a record: checks records logged before them never met)
+        ps.check_takes(spec.optimizer, ps.parse(spec.ps_options))
+        if nonfinite != "allow":
+            for i, group in enumerate(spec.groups):
+                refuse_nonfinite_params(group.params, f"param_groups.{i}.params")
         return cls(check_session_id(session_id), spec.optimizer, spec.groups, spec.options,
                    spec.scheduler, nonfinite, durability, spec.ps_options,
                    check_metrics(spec.metrics) if spec.metrics is not None else metrics,

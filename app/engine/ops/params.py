@@ -16,6 +16,7 @@ from app.engine.session import (
     check_param_tensor,
     flat_block,
     group_dtype,
+    refuse_nonfinite_params,
     torch_group,
 )
 from app.errors import Invalid
@@ -37,10 +38,8 @@ class Overwrite(Operation):
             raise Invalid("give at least one parameter", code="invalid_params", field="params")
         s.check_tensors(self.params, "params")
         on_device = s.on_device(self.params)
-        bad = s.nonfinite_names(on_device)
-        if bad and s.nonfinite != "allow":
-            raise Invalid(f"non-finite values in {', '.join(map(repr, bad[:20]))}",
-                          code="nonfinite_parameter", field=f"params.{bad[0]}", names=bad)
+        if s.nonfinite != "allow":
+            refuse_nonfinite_params(on_device, "params")
         return on_device
 
     def apply(self, s: Session, plan: Tensors) -> ParamsResult:
@@ -72,10 +71,11 @@ class AddParamGroup(Operation):
     kind = "add_group"
     params: Tensors
     options: dict[str, Any]
-    #: refuse a group the session's scheduler would fail on at any later step, not only the
-    #: next one (:data:`TAKE_ADDED_GROUPS`): set by requests; records logged before this
-    #: check existed lack it and replay as they ran
-    whole_schedule: bool = False
+    #: set by requests: also refuses what servers before it accepted (a group the session's
+    #: scheduler would fail on at a later step, :data:`TAKE_ADDED_GROUPS`; non-finite values
+    #: unless the session allows them). It travels with the operation; records logged before
+    #: these checks existed lack it and replay as they ran
+    request: bool = False
 
     def check(self, s: Session) -> GroupPlan:
         index = len(s.optimizer.param_groups)
@@ -87,13 +87,15 @@ class AddParamGroup(Operation):
                 raise Invalid(f"parameter {name!r:.60} is already in this session",
                               code="invalid_params", field=f"{where}.params.{name}")
             check_param_tensor(name, t, f"{where}.params.{name}")
+        if self.request and s.nonfinite != "allow":
+            refuse_nonfinite_params(self.params, f"{where}.params")
         dtype = group_dtype(self.params)
         fields = {k: f"{where}.{k}" for k in opts}
         optimizers.check_overflow({**s.defaults, **opts}, dtype, where)
         optimizers.probe(s.cls, s.defaults, [*s.group_options(), opts],
                          [*s.group_dtypes(), dtype], s.device, fields, where, check=[index])
         if s.scheduler is not None:
-            if self.whole_schedule and not takes_added_groups(s.scheduler):
+            if self.request and not takes_added_groups(s.scheduler):
                 raise Invalid(f"the session's scheduler ({type(s.scheduler).__name__}) keeps "
                               "per-group values made when it was made (torch would fail on a "
                               "group added later at some later step); add the group before "
@@ -115,14 +117,14 @@ class AddParamGroup(Operation):
 
     def to_tree(self) -> dict[str, Any]:
         tree: dict[str, Any] = {"params": self.params, "options": self.options}
-        if self.whole_schedule:
-            tree["whole_schedule"] = True
+        if self.request:
+            tree["request"] = True
         return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> AddParamGroup:
         return cls(dict(tree["params"]), dict(tree["options"]),
-                   tree.get("whole_schedule") is True)
+                   tree.get("request") is True)
 
     def group(self) -> GroupSpec:
         return GroupSpec(self.params, self.options)
