@@ -50,6 +50,7 @@ from app.engine.ops import (
     UpdateParamGroup,
     ZeroGrad,
 )
+from app.engine.ops.params import check_group_count
 from app.engine.router import InProcessHost, LocalRouter, Router, SessionHost
 from app.engine.session import check_session_id
 from app.errors import Invalid, NotFound, TooMany
@@ -146,11 +147,7 @@ class Front:
         self._check_groups(len(spec.groups))
 
     def _check_groups(self, n: int) -> None:
-        limit = self.limits.max_param_groups
-        if n > limit:
-            raise Invalid(f"the session would have {n} param groups; at most {limit} are "
-                          "allowed", code="too_many_param_groups", field="param_groups",
-                          limit=limit)
+        check_group_count(n, self.limits.max_param_groups)
 
     def _check_elements(self, n: int) -> None:
         limit = self.limits.max_session_elements
@@ -310,13 +307,14 @@ class Front:
                               tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                               ) -> SessionInfo:
         host, key = await self._host(tenant, session_id)
-        info = await host.describe(key)
-        self._check_groups(len(info.param_groups) + 1)
         if self.limits.max_session_elements:
+            info = await host.describe(key)
             have = sum(_numel(p["shape"]) for p in info.params.values())
             self._check_elements(have + sum(t.numel() for t in group.params.values()))
+        # (the groups' bound is checked with the operation, under the session's lock)
         out: SessionInfo = await host.execute(
-            key, AddParamGroup(group.params, group.options, request=True), idem=idem)
+            key, AddParamGroup(group.params, group.options, request=True,
+                               max_groups=self.limits.max_param_groups), idem=idem)
         return out
 
     async def update_param_group(self, session_id: str, index: int, options: dict[str, Any],

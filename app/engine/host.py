@@ -992,7 +992,7 @@ class EmbeddedHost:
         session = (Session.restore(persist.decode_tree(payload, persist.SNAPSHOT_KEY),
                                    self._device) if payload is not None else None)
         if session is not None:  # the replayed records' keys kept as many as live ones are
-            session.idem.window = self.config.idempotency_window
+            session.idem.window = self.config.idempotency_window  # (_build sets a create's)
         replayed = 0
         for i, raw in enumerate(records):
             record = persist.decode_record(raw)
@@ -1034,7 +1034,6 @@ class EmbeddedHost:
             if payload is None and not records and torn:
                 raise CreateInterrupted(f"{key}: the create's record is torn")
             raise StoreCorrupt(f"{key}: no snapshot and no create record")
-        session.idem.window = self.config.idempotency_window
         session.snapshot_time = time.monotonic()
         return session, replayed, torn
 

@@ -238,15 +238,13 @@ class Session:
             raise Invalid("give at least one parameter (a param group may have none, as "
                           "torch's may, but not every group)", code="invalid_params",
                           field="param_groups.0.params" if len(groups) == 1 else "param_groups")
-        fields = {k: f"options.{k}" for k in defaults}
-        for i, g in enumerate(group_opts):
-            fields.update({k: f"param_groups.{i}.{k}" for k in g})
+        base = {k: f"options.{k}" for k in defaults}
+        given = [{k: f"param_groups.{i}.{k}" for k in g} for i, g in enumerate(group_opts)]
+        fields = {k: v for f in (base, *given) for k, v in f.items()}
         for i, g in enumerate(group_opts):
             optimizers.check_overflow({**defaults, **g}, dtypes[i], f"param_groups.{i}")
-        given = [{k: f"param_groups.{i}.{k}" for k in g} for i, g in enumerate(group_opts)]
         optimizers.probe(cls, defaults, group_opts, dtypes, device, fields, group_fields={
-            i: (mine, {**{k: f"options.{k}" for k in defaults}, **mine})
-            for i, mine in enumerate(given)})
+            i: (mine, {**base, **mine}) for i, mine in enumerate(given)})
         sched_spec = schedulers.parse_spec(scheduler) if scheduler is not None else None
         if sched_spec is not None:
             def make_probe() -> torch.optim.Optimizer:

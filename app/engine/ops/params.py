@@ -76,10 +76,14 @@ class AddParamGroup(Operation):
     #: unless the session allows them). It travels with the operation; records logged before
     #: these checks existed lack it and replay as they ran
     request: bool = False
+    #: the most param groups the session may have after it (a request's bound)
+    max_groups: int | None = None
 
     def check(self, s: Session) -> GroupPlan:
         index = len(s.optimizer.param_groups)
         where = f"param_groups.{index}"
+        if self.max_groups is not None:
+            check_group_count(index + 1, self.max_groups)
         opts = optimizers.normalize_options(s.cls, self.options, where)
         for name, t in self.params.items():  # (none: torch takes an empty group too)
             check_param_name(name, f"{where}.params")
@@ -119,15 +123,27 @@ class AddParamGroup(Operation):
         tree: dict[str, Any] = {"params": self.params, "options": self.options}
         if self.request:
             tree["request"] = True
+        if self.max_groups is not None:
+            tree["max_groups"] = self.max_groups
         return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> AddParamGroup:
+        bound = tree.get("max_groups")
         return cls(dict(tree["params"]), dict(tree["options"]),
-                   tree.get("request") is True)
+                   tree.get("request") is True, bound if type(bound) is int else None)
 
     def group(self) -> GroupSpec:
         return GroupSpec(self.params, self.options)
+
+
+def check_group_count(n: int, limit: int) -> None:
+    """422 ``too_many_param_groups`` for a session of ``n`` param groups past ``limit``
+    (torch's ``add_param_group`` compares each new group with every one before it)."""
+    if n > limit:
+        raise Invalid(f"the session would have {n} param groups; at most {limit} are "
+                      "allowed", code="too_many_param_groups", field="param_groups",
+                      limit=limit)
 
 
 #: schedulers that take each group's lr from its own ``lr`` at every step (torch's chainable
