@@ -76,9 +76,12 @@ class APICall(Generic[R]):
     into: Callable[[int], memoryview] | None = None
 
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
 def with_key(call: APICall[R], key: str) -> APICall[R]:
     """The call with this ``Idempotency-Key`` (the same for all its retries)."""
-    return dataclasses.replace(call, headers={**call.headers, "Idempotency-Key": key})
+    return dataclasses.replace(call, headers={**call.headers, IDEMPOTENCY_HEADER: key})
 
 
 def _sid(session_id: str) -> str:

@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 
 from . import _constants
-from ._api import APICall
+from ._api import IDEMPOTENCY_HEADER, APICall, with_key
 from ._constants import (
     API_KEY_ENV,
     BASE_URL_ENV,
@@ -48,7 +48,6 @@ HttpxClientT = TypeVar("HttpxClientT", httpx.Client, httpx.AsyncClient)
 
 # Transport errors raised before any byte of the request could reach the server.
 _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 def _has_key(call: APICall[Any]) -> bool:
@@ -138,11 +137,9 @@ class BaseClient(Generic[HttpxClientT]):
     def _keyed(call: APICall[R]) -> APICall[R]:
         """The call with an ``Idempotency-Key`` of its own when it changes anything (the same
         key for all its retries)."""
-        if call.method == "GET" or any(k.lower() == IDEMPOTENCY_HEADER.lower()
-                                       for k in call.headers):
+        if call.method == "GET" or _has_key(call):
             return call
-        return dataclasses.replace(
-            call, headers={**call.headers, IDEMPOTENCY_HEADER: uuid.uuid4().hex})
+        return with_key(call, uuid.uuid4().hex)
 
     def _should_retry(self, call: APICall[Any], exc: httpx.TransportError, attempt: int) -> bool:
         if attempt >= self.max_retries:

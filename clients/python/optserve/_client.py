@@ -120,7 +120,6 @@ class Client(SyncAPIClient):
             channel.connect()
         except (LocalUnavailable, OSError) as exc:
             self._without_local(exc)
-            self._local_path = None  # (as when it was asked: HTTP from now on)
             return None
         with self._channels_lock:
             ended = [old for thread, old in self._channels if not thread.is_alive()]
@@ -169,10 +168,12 @@ class Client(SyncAPIClient):
         return path
 
     def _without_local(self, exc: Exception) -> None:
-        """The same-host transport cannot be used: an error when it was required."""
+        """The same-host transport cannot be used: an error when it was required, else HTTP
+        from now on (as when the server was asked and named no socket)."""
         if self.transport == "local":
             raise LocalUnavailable(f"the same-host transport is not available: {exc}"
                                    ) from None
+        self._local_path = None
 
     def _reconnect(self, channel: LocalChannel) -> bool:
         """Connect this thread's ``channel`` again after its connection broke: to its socket,
@@ -193,7 +194,6 @@ class Client(SyncAPIClient):
                 return True
             except LocalUnavailable as exc:
                 self._without_local(exc)
-                self._local_path = None
         with self._channels_lock:
             self._channels = [(t, old) for t, old in self._channels if old is not channel]
         self._thread.channel = None
