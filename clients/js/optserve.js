@@ -733,8 +733,9 @@ export class OptserveClient {
   }
 
   /** Tensors out of a step / params answer, JSON or safetensors. */
-  async _tensorsCall(method, path, { tensors, key, binary, encoding, query = {}, headers, extra, body, holdS }) {
+  async _tensorsCall(method, path, { tensors, key, binary, encoding, query = {}, headers, extra, body, holdS = held(query.wait_s) }) {
     // body: {json} or {body, contentType} sent as is (when tensors is undefined)
+    // holdS: how long the server may hold it (default: a long poll's ?wait_s=)
     // extra: more top-level body fields (JSON), or safetensors __metadata__ entries (JSON texts)
     binary = binary ?? this.binary;
     const q = { ...query };
@@ -928,7 +929,7 @@ export class OptserveClient {
     if (minVersion !== undefined) query.min_version = minVersion;
     if (waitS !== undefined) query.wait_s = waitS;
     const headers = ifNoneMatch !== undefined ? { "If-None-Match": `"${ifNoneMatch}"` } : undefined;
-    return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers, holdS: held(waitS) });
+    return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers });
   }
 
   /**
@@ -947,13 +948,13 @@ export class OptserveClient {
     const headers = ifNoneMatch !== undefined ? { "If-None-Match": `"${ifNoneMatch}"` } : undefined;
     if (names.length === 1 && lists[names[0]].length <= 256 && !names[0].includes(",")) {
       Object.assign(query, { name: names[0], rows: lists[names[0]].join(",") });
-      return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers, holdS: held(waitS) });
+      return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers });
     }
     binary = binary ?? this.binary;
     const body = binary
       ? { body: writeSafetensors(Object.fromEntries(names.map((n) => [n, Tensor.from(lists[n].map(BigInt), { dtype: "int64" })]))) }
       : { json: { rows: lists } };
-    return this._tensorsCall("POST", `${this._sid(id)}/params/rows`, { binary, encoding, query, headers, body, holdS: held(waitS) });
+    return this._tensorsCall("POST", `${this._sid(id)}/params/rows`, { binary, encoding, query, headers, body });
   }
 
   /**

@@ -15,14 +15,17 @@ describe("parameter-server mode", { skip: NO_SERVER }, () => {
   after(async () => {
     for (const id of made) await c.deleteSession(id).catch(() => {});
   });
+  // a session of one parameter x = [2] stepped by SGD lr=1 (with more options: extra)
+  const session = async (name, extra = {}) => {
+    const id = uid(name);
+    made.push(id);
+    await c.createSession({ id, optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) }, ...extra });
+    return id;
+  };
+  const syncRound = (reduce) => ({ sync: { workers: 2, reduce, timeout_s: 30, on_timeout: "fail" } });
 
   test("sync round of 2 workers: mean of their gradients, stepped once, same answer to both", async () => {
-    const id = uid("ps-sync");
-    made.push(id);
-    await c.createSession({
-      id, optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) },
-      sync: { workers: 2, reduce: "mean", timeout_s: 30, on_timeout: "fail" },
-    });
+    const id = await session("ps-sync", syncRound("mean"));
     const [a, b] = await Promise.all([
       c.step(id, { x: grad(2) }, { worker: "w0" }),
       c.step(id, { x: grad(4) }, { worker: "w1" }),
@@ -40,12 +43,7 @@ describe("parameter-server mode", { skip: NO_SERVER }, () => {
   });
 
   test("a worker's push waits for its round longer than timeoutMs (the round's timeout bounds it)", async () => {
-    const id = uid("ps-slow-round");
-    made.push(id);
-    await c.createSession({
-      id, optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) },
-      sync: { workers: 2, reduce: "sum", timeout_s: 30, on_timeout: "fail" },
-    });
+    const id = await session("ps-slow-round", syncRound("sum"));
     const short = client({ timeoutMs: 300, maxRetries: 0 });
     const first = short.step(id, { x: grad(1) }, { worker: "w0" });
     await new Promise((r) => setTimeout(r, 900)); // the other worker comes late
@@ -57,9 +55,7 @@ describe("parameter-server mode", { skip: NO_SERVER }, () => {
   });
 
   test("a push older than max_staleness is refused and changes nothing", async () => {
-    const id = uid("ps-stale");
-    made.push(id);
-    await c.createSession({ id, optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) }, max_staleness: 0 });
+    const id = await session("ps-stale", { max_staleness: 0 });
     const first = await c.step(id, { x: grad(1) }, { baseVersion: 0 });
     assert.equal(first.params.x.data[0], 1);
     await assert.rejects(c.step(id, { x: grad(1) }, { baseVersion: 0 }), (err) => {
@@ -73,9 +69,7 @@ describe("parameter-server mode", { skip: NO_SERVER }, () => {
   });
 
   test("304 while the version is current; a long poll returns once a step lands", async () => {
-    const id = uid("ps-poll");
-    made.push(id);
-    await c.createSession({ id, optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) } });
+    const id = await session("ps-poll");
     const same = await c.getParams(id, { ifNoneMatch: 0 });
     assert.equal(same.notModified, true);
     assert.equal(same.version, 0);
@@ -88,9 +82,7 @@ describe("parameter-server mode", { skip: NO_SERVER }, () => {
   });
 
   test("a long poll longer than timeoutMs waits its wait_s out and answers", async () => {
-    const id = uid("ps-longpoll");
-    made.push(id);
-    await c.createSession({ id, optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) } });
+    const id = await session("ps-longpoll");
     const short = client({ timeoutMs: 400, maxRetries: 0 });
     const whole = await short.getParams(id, { minVersion: 1, waitS: 0.8 });
     assert.equal(whole.version, 0); // nothing newer came: the current state, at wait_s
