@@ -646,7 +646,7 @@ class RayOptions:
 
 #: how long placing a session waits for each existing host of its shape to say how many
 #: sessions it holds: one that does not answer (an actor Ray cannot place or restart) is
-#: passed over, not waited for under the placement lock, which every create takes
+#: passed over, not waited for under the placement lock, which every create of its shape takes
 PLACE_PING_TIMEOUT_S = 5.0
 
 
@@ -667,7 +667,10 @@ class RayRouter:
         self._entries: dict[str, dict[str, Any]] = {}
         self._started_ray = False
         self._actor = _actor_class()
-        self._place_lock = asyncio.Lock()
+        #: one placement lock per shape (``shape_key``): a host of one shape that takes long to
+        #: start (up to ``host_start_timeout_s``, e.g. one the cluster has no room for) delays
+        #: only the creates of that shape
+        self._place_locks: dict[str, asyncio.Lock] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -820,7 +823,7 @@ class RayRouter:
     async def _place(self, resources: dict[str, Any], placement: str, count: int = 1
                      ) -> list[RayHost]:
         """``count`` distinct hosts of this shape for new sessions (see the module doc)."""
-        async with self._place_lock:
+        async with self._place_locks.setdefault(shape_key(resources), asyncio.Lock()):
             names = self._hosts_of(resources)
             loads = await asyncio.gather(*(asyncio.wait_for(self._host(n).call("ping",
                                                                                read=True),

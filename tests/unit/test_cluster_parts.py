@@ -191,3 +191,60 @@ def test_a_host_that_never_answers_is_passed_over_when_placing(
         return await asyncio.wait_for(router._place(shape, "pack"), 10.0)
     chosen = asyncio.run(place())
     assert [h.name for h in chosen] == ["h-live"]
+
+
+def test_a_host_slow_to_start_delays_only_the_creates_of_its_shape(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new host is waited for (up to ``host_start_timeout_s``, 120 s by default) under the
+    placement lock: one Ray cannot place (``{"num_gpus": 1}`` on a cluster without GPUs) used
+    to hold every create of every shape for that long. The lock is now the shape's: a create
+    of another shape is placed while the first still waits."""
+    import asyncio
+
+    import orjson
+
+    router = ray_host.RayRouter(ray_host.RayOptions(data_dir=tmp_path, placement="pack"))
+    cpu, gpu = {"num_cpus": 1.0}, {"num_gpus": 1.0}
+    (router.hosts_dir / "h-cpu").mkdir()
+    (router.hosts_dir / "h-cpu" / "host.json").write_bytes(orjson.dumps(
+        {"name": "h-cpu", "resources": cpu, "placement": "pack", "created": 0.0}))
+
+    class Host:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def call(self, method: str, *args: Any, **kw: Any) -> dict[str, Any]:
+            return {"sessions": 1}
+
+    started: list[str] = []
+
+    async def new_host(resources: dict[str, Any], placement: str) -> Any:
+        assert resources == gpu
+        started.append("gpu")
+        await asyncio.Event().wait()  # a host Ray cannot place: waits until its start times out
+        raise AssertionError("never started")
+
+    monkeypatch.setattr(router, "_host", lambda name: Host(name))
+    monkeypatch.setattr(router, "_host_names", lambda: ["h-cpu"])
+    monkeypatch.setattr(router, "_new_host", new_host)
+
+    async def run() -> tuple[list[str], bool, bool]:
+        stuck = asyncio.create_task(router._place(gpu, "pack"))
+        while not started:
+            await asyncio.sleep(0.01)
+        placed = await asyncio.wait_for(router._place(cpu, "pack"), 10.0)
+        still_starting = not stuck.done()
+        # a create of the same shape still waits for the host being started (it may be the
+        # one to pack onto)
+        same_shape = asyncio.create_task(router._place(gpu, "pack"))
+        await asyncio.sleep(0.2)
+        same_shape_waits = not same_shape.done() and started == ["gpu"]
+        for task in (stuck, same_shape):
+            task.cancel()
+        await asyncio.gather(stuck, same_shape, return_exceptions=True)
+        return [h.name for h in placed], still_starting, same_shape_waits
+
+    names, still_starting, same_shape_waits = asyncio.run(run())
+    assert names == ["h-cpu"]
+    assert still_starting
+    assert same_shape_waits
