@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     api_keys: str = Field(default="", description="key:tenant pairs, comma-separated")
     api_keys_file: Path | None = Field(default=None, description="file of key:tenant lines")
     allow_open: bool = Field(default=False, description="allow a non-loopback bind without keys")
+    metrics_tenants: str = Field(
+        default="", description="with API keys: the tenants whose keys may read /metrics "
+        "(its totals are server-wide), comma-separated; empty: any key's tenant")
     max_sessions: int = Field(default=0, ge=0, description="per tenant; 0 = unlimited")
     max_session_elements: int = Field(default=0, ge=0, description="0 = unlimited")
     idempotency_window: int = Field(
@@ -163,6 +166,18 @@ class Settings(BaseSettings):
             raise ValueError(f"must be 0 (never chunk) or a multiple of {NORM_PIECE} elements "
                              "(the pieces the per-step metrics take norms of, which a chunk "
                              "holds whole)")
+        return value
+
+    def metrics_tenant_set(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.metrics_tenants.split(",") if t.strip())
+
+    @field_validator("metrics_tenants")
+    @classmethod
+    def _metrics_tenants(cls, value: str) -> str:
+        for tenant in (t.strip() for t in value.split(",") if t.strip()):
+            if not _TENANT_RE.match(tenant):
+                raise ValueError(f"tenant names are 1-64 of [A-Za-z0-9_.-], not starting with "
+                                 f"'.' or '-', got {tenant!r:.80}")
         return value
 
     def cors_origin_list(self) -> list[str]:

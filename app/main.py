@@ -104,7 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     docs_pages.install(app)
     ui.install(app)
     app.add_middleware(StepLane, owner=app)  # innermost: inside auth and request context
-    app.add_middleware(AuthMiddleware, keys=keys)
+    app.add_middleware(AuthMiddleware, keys=keys,
+                       metrics_tenants=settings.metrics_tenant_set())
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     origins = settings.cors_origin_list()
     if origins:  # outermost: preflights need no key, and 401s carry the CORS headers too

@@ -3,7 +3,9 @@
 With keys configured, every request except ``GET /healthz`` needs ``Authorization: Bearer
 <key>``; the key names the tenant whose sessions the request sees. Keys are compared in
 constant time against every configured key and never logged. With no keys, every request is
-the ``default`` tenant.
+the ``default`` tenant. ``GET /metrics`` holds server-wide totals (sessions, steps of every
+tenant): with ``OPTSERVE_METRICS_TENANTS`` set, only those tenants' keys read it (403 for the
+others).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from app.engine.front import DEFAULT_TENANT
 OPEN_PATHS = frozenset({"/healthz", "/ui"})
 #: the page at /ui and its static assets (they hold no data; the page's calls carry a key)
 OPEN_PREFIXES = ("/ui/",)
+METRICS_PATH = "/metrics"
 __all__ = ["AuthMiddleware", "parse_keys", "tenant_of"]  # parse_keys lives in app.config
 
 
@@ -29,9 +32,11 @@ def tenant_of(scope: Scope) -> str:
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, keys: dict[str, str]) -> None:
+    def __init__(self, app: ASGIApp, keys: dict[str, str],
+                 metrics_tenants: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.keys = [(k.encode(), t) for k, t in keys.items()]
+        self.metrics_tenants = metrics_tenants
 
     def _lookup(self, presented: bytes) -> str | None:
         found = None
@@ -63,6 +68,13 @@ class AuthMiddleware:
             response = problem(401, "unauthorized", "Unauthorized", detail,
                                field="authorization")
             response.headers["WWW-Authenticate"] = 'Bearer realm="optserve"'
+            await response(scope, receive, send)
+            return
+        if path == METRICS_PATH and self.metrics_tenants and tenant not in self.metrics_tenants:
+            response = problem(403, "forbidden", "Forbidden",
+                               "this key's tenant may not read /metrics: its totals are "
+                               "server-wide (OPTSERVE_METRICS_TENANTS names who may)",
+                               field="authorization")
             await response(scope, receive, send)
             return
         state["tenant"] = tenant

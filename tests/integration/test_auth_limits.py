@@ -269,6 +269,38 @@ def test_metrics_do_not_reveal_other_tenants_sessions(client: httpx.Client) -> N
     assert "bobs-secret-run" not in metrics.text
 
 
+KEY_M = "keyM-0123456789abcdef"
+
+
+@server_settings(api_keys=f"{KEYS},{KEY_M}:monitoring", metrics_tenants="monitoring")
+def test_only_the_named_tenants_read_the_server_wide_metrics(client: httpx.Client) -> None:
+    """``/metrics`` counts every tenant's sessions and steps. With
+    ``OPTSERVE_METRICS_TENANTS`` only those tenants' keys read it: any other key gets a 403
+    problem naming the header, and its own routes still work."""
+    assert client.post("/v1/sessions", json=create_body("bobs-run"), headers=B).status_code == 201
+    g = {"grads": {"w": jt(torch.ones(4))}}
+    assert client.post("/v1/sessions/bobs-run/step", json=g, headers=B).status_code == 200
+    for headers in (A, B):
+        refused = client.get("/metrics", headers=headers)
+        assert refused.status_code == 403, refused.text
+        assert refused.headers["content-type"].startswith(PROBLEM)
+        body = refused.json()
+        assert (body["code"], body["field"], body["status"]) == ("forbidden", "authorization", 403)
+        assert "optserve_sessions" not in refused.text
+    assert_401(client.get("/metrics"), "/metrics without a key")
+    read = client.get("/metrics", headers={"Authorization": f"Bearer {KEY_M}"})
+    assert read.status_code == 200
+    sessions = re.search(r"^optserve_sessions(?:\{[^}]*\})? (\S+)$", read.text, re.M)
+    assert sessions is not None and float(sessions[1]) == 1.0, read.text[:2000]
+    assert client.get("/v1/sessions/bobs-run", headers=B).status_code == 200
+
+
+def test_metrics_tenants_must_be_tenant_names() -> None:
+    with pytest.raises(ValueError, match="tenant names"):
+        Settings(metrics_tenants="monitoring,.hidden")
+    assert Settings(metrics_tenants=" a , b ").metrics_tenant_set() == {"a", "b"}
+
+
 # --------------------------------------------------------------------------- open binding
 
 def test_refuses_open_bind_without_keys() -> None:

@@ -52,12 +52,18 @@ def test_make_keys_then_prometheus_scrapes_with_its_key(tmp_path: Path) -> None:
     # the rest of .env.example came along (made from it)
     assert "OPTSERVE_PUBLISH_ADDR" in (tmp_path / ".env").read_text()
 
-    server = LiveServer(_test_settings(api_keys=spec))
+    tenants = [ln.split("=", 1)[1] for ln in (tmp_path / ".env").read_text().splitlines()
+               if ln.startswith("OPTSERVE_METRICS_TENANTS=")]
+    assert tenants == ["monitoring"]
+    server = LiveServer(_test_settings(api_keys=spec, metrics_tenants=tenants[0]))
     url = server.start()
     try:
         scrape = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {metrics_key}"})
         assert scrape.status_code == 200 and "optserve_sessions" in scrape.text
         assert httpx.get(f"{url}/metrics").status_code == 401
+        # the server-wide totals are the monitoring tenant's only
+        assert httpx.get(f"{url}/metrics", headers={
+            "Authorization": f"Bearer {client_key}"}).status_code == 403
         mine = httpx.get(f"{url}/v1/sessions", headers={"Authorization": f"Bearer {client_key}"})
         assert mine.status_code == 200 and mine.json() == {"sessions": []}
     finally:
@@ -69,8 +75,9 @@ def test_make_keys_then_prometheus_scrapes_with_its_key(tmp_path: Path) -> None:
     assert env_keys(tmp_path / ".env") == spec
     forced = make_keys(tmp_path, "--force")
     assert forced.returncode == 0 and env_keys(tmp_path / ".env") != spec
-    assert len([ln for ln in (tmp_path / ".env").read_text().splitlines()
-                if ln.startswith("OPTSERVE_API_KEYS=")]) == 1
+    for name in ("OPTSERVE_API_KEYS=", "OPTSERVE_METRICS_TENANTS="):
+        assert len([ln for ln in (tmp_path / ".env").read_text().splitlines()
+                    if ln.startswith(name)]) == 1
 
 
 def test_compose_and_prometheus_files_agree_on_the_key_path() -> None:
