@@ -243,3 +243,85 @@ def test_remote_lbfgs_equals_torch(client: optserve.Client, options: dict[str, A
     assert isinstance(remote_opt, optserve.RemoteOptimizer)
     with pytest.raises(TypeError, match="closure"):
         remote_opt.step()
+
+
+@pytest.mark.parametrize("wire", ["bfloat16", "float16"])
+@pytest.mark.parametrize("optimizer", ["SparseAdam", "Adagrad", "SGD"])
+def test_narrow_wire_takes_row_sparse_gradients_too(
+        client: optserve.Client, optimizer: str, wire: str) -> None:
+    """``RemoteOptimizer(..., wire_dtype=...)`` narrows row-sparse gradients as it narrows
+    dense ones (their values; the rows' indices stay int64): the server widens them and steps
+    its float32 table as torch steps the same gradients narrowed and widened again, bit for
+    bit. The touched rows come back narrowed: a local row holds the server's value narrowed
+    and widened, an untouched row its own."""
+    narrow = getattr(torch, wire)
+    init = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(3))
+    options: dict[str, Any] = {"lr": 0.05}
+    steps = [torch.randint(0, 40, (16, 5), generator=torch.Generator().manual_seed(k)) * 5
+             for k in range(4)]
+    upstream = [torch.randn(16, 5, DIM, generator=torch.Generator().manual_seed(100 + k))
+                for k in range(4)]
+
+    def grad_of(emb: nn.Embedding, k: int) -> None:
+        emb.zero_grad()
+        (emb(steps[k]) * upstream[k]).sum().backward()
+
+    master = nn.Embedding.from_pretrained(init.clone(), freeze=False, sparse=True)
+    local = getattr(torch.optim, optimizer)(master.parameters(), **options)
+    for k in range(4):
+        grad_of(master, k)
+        g = master.weight.grad
+        assert g is not None and g.layout == torch.sparse_coo
+        master.weight.grad = g.to(narrow).to(torch.float32)
+        local.step()
+    touched = torch.unique(torch.cat([s.flatten() for s in steps]))
+
+    model = nn.Embedding.from_pretrained(init.clone(), freeze=False, sparse=True)
+    remote = optserve.RemoteOptimizer(model.named_parameters(), optimizer, client,
+                                      wire_dtype=wire, **options)
+    sizes: list[int] = []
+    real_step = client.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        grads = args[1]
+        sizes.extend(g._values().element_size() for g in grads.values())
+        return real_step(*args, **kwargs)
+    client.step = step  # type: ignore[method-assign]
+    try:
+        for k in range(4):
+            grad_of(model, k)
+            remote.step()
+    finally:
+        del client.step
+    assert sizes == [narrow.itemsize] * 4  # the values travelled narrowed
+    server = client.get_params(remote.session_id, ["weight"]).params["weight"]
+    assert bitwise(server, master.weight.detach())
+    expected = init.clone()
+    expected[touched] = master.weight.detach()[touched].to(narrow).to(torch.float32)
+    assert bitwise(model.weight.detach(), expected)
+    remote.close(delete_session=True)
+
+
+def test_float16_wire_row_sparse_values_past_its_range(client: optserve.Client) -> None:
+    """``wire_dtype="float16"`` with row-sparse gradients: a value past float16's range is a
+    ``ValueError`` naming the gradient, nothing sent; a touched row past that range comes back
+    infinite in the narrowed answer and is pulled again at its own width (the local table
+    equals the server's, not inf)."""
+    init = torch.tensor([[70000.0, 1.0], [0.5, 0.25], [2.0, -2.0]])
+    model = nn.Embedding.from_pretrained(init.clone(), freeze=False, sparse=True)
+    remote = optserve.RemoteOptimizer(model.named_parameters(), "SGD", client, lr=1.0,
+                                      wire_dtype="float16")
+    model.weight.grad = torch.sparse_coo_tensor([[1]], [[1e5, 0.0]], (3, 2),
+                                                    check_invariants=True)
+    with pytest.raises(ValueError, match="'weight'.*float16's range"):
+        remote.step()
+    assert client.get_session(remote.session_id).version == 0
+    master = init.clone()
+    master[[0, 1]] -= torch.tensor([[0.5, 0.25], [0.25, 0.5]])  # (exact in float16)
+    model.weight.grad = torch.sparse_coo_tensor([[0, 1]], [[0.5, 0.25], [0.25, 0.5]],
+                                                    (3, 2), check_invariants=True)
+    remote.step()
+    server = client.get_params(remote.session_id, ["weight"]).params["weight"]
+    assert bitwise(server, master)
+    assert bitwise(model.weight.detach(), master)  # [69999.5, 0.75]: not [inf, 0.75]
+    remote.close(delete_session=True)

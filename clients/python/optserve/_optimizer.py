@@ -93,18 +93,21 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _narrowed(grads: dict[str, torch.Tensor], wire: torch.dtype) -> dict[str, torch.Tensor]:
-    """Dense floating gradients wider than ``wire``, narrowed to it. To float16, a finite
-    value past its range (65504) would travel as an infinity the server then refuses or
-    steps with as the gradient's own: a ``ValueError`` naming the gradient instead."""
+    """Floating gradients wider than ``wire``, narrowed to it: dense ones, and row-sparse ones'
+    values (the server widens both). To float16, a finite value past its range (65504) would
+    travel as an infinity the server then refuses or steps with as the gradient's own: a
+    ``ValueError`` naming the gradient instead."""
     out: dict[str, torch.Tensor] = {}
     for name, g in grads.items():
-        if g.layout != torch.strided or not g.is_floating_point() \
+        if g.layout not in (torch.strided, torch.sparse_coo) or not g.is_floating_point() \
                 or g.element_size() <= wire.itemsize:
             out[name] = g
             continue
         narrow = g.to(wire)
-        if wire == torch.float16 and bool(torch.isinf(narrow).any()) \
-                and not bool(torch.isinf(g).any()):
+        sparse = g.layout == torch.sparse_coo
+        wide_values, narrow_values = (g._values(), narrow._values()) if sparse else (g, narrow)
+        if wire == torch.float16 and bool(torch.isinf(narrow_values).any()) \
+                and not bool(torch.isinf(wide_values).any()):
             raise ValueError(f"the gradient of {name!r} holds values beyond float16's range "
                              "(65504), which would travel as infinities: scale the loss "
                              "down, or use wire_dtype='bfloat16'")
@@ -138,6 +141,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             master weights and optimizer state in the parameters' own dtype and widens the
             gradients on its device, so the local parameters hold the narrowed values of the
             server's (mixed-precision training with the master copy on the server).
+            Row-sparse gradients (``nn.Embedding(sparse=True)``) travel with narrowed
+            values too, and their touched rows come back narrowed.
         durability, metrics, nonfinite: the new session's, as :meth:`Client.create_session`
             takes them (default: the server's settings). ``metrics=False`` saves the server
             the per-step norms (at 1e6 float32 parameters about 4 ms of a step).
@@ -481,8 +486,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         the local parameter would then hold it where the server's does not. (Their current
         values: where other workers step the session too, maybe of a later version than the
         answer's, as a pull's are.)"""
-        bad = [n for n, t in params.items() if isinstance(t, torch.Tensor)
-               and t.layout == torch.strided and bool(torch.isinf(t).any())]
+        bad = [n for n, t in params.items() if isinstance(t, torch.Tensor) and bool(torch.isinf(
+            t._values() if t.layout == torch.sparse_coo else t).any())]
         if not bad:
             return params
         wide = self._client.get_params(self._session_id, bad, binary=self._binary).params
