@@ -5,12 +5,18 @@ client already holds), ``X-Optserve-Worker`` (which worker of a sync round is pu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import crc32c
+import orjson
+import torch
 from fastapi import Request
 
 from app.engine.idempotency import check_key
 from app.engine.interface import IdemKey
 from app.errors import Invalid
+from app.wire.content_digest import tensors_digest
 from app.wire.integers import int_text
 
 WORKER_HEADER = "x-optserve-worker"
@@ -27,9 +33,35 @@ async def idempotency(request: Request, body: bytes | bytearray | memoryview = b
     if key is None:
         return None
     check_key(key)
+    return IdemKey(key, legacy_fingerprint(request, body))
+
+
+def step_fingerprint(session_id: str, grads: Mapping[str, torch.Tensor], *, returned: str,
+                     metrics: str = "answer", base_version: int | None = None,
+                     worker: str | None = None, upcast: bool = False,
+                     params_dtype: torch.dtype | None = None, param_groups: Any = None,
+                     scalars: Any = None) -> str:
+    """The fingerprint of a step, the same over HTTP (JSON or safetensors) and the same-host
+    transport: what it applies (the gradients' content, :func:`tensors_digest`; the options
+    and scalars that ride along, as parsed; the base version, from the query or ``If-Match``;
+    the worker; ``upcast``) and what it is asked to answer (``return``: params, none or
+    touched; ``metrics``; ``params_dtype``). Not the body's format, its layout or its header
+    bytes: a retry of a step over another transport is the same request."""
+    asked = {"return": returned, "metrics": metrics, "base_version": base_version,
+             "worker": worker, "upcast": upcast,
+             "params_dtype": None if params_dtype is None else str(params_dtype).split(".")[-1],
+             "param_groups": param_groups, "scalars": scalars}
+    meta = orjson.dumps(asked, option=orjson.OPT_SORT_KEYS).decode()
+    return f"step {session_id} {meta} {tensors_digest(grads)}"
+
+
+def legacy_fingerprint(request: Request, body: bytes | bytearray | memoryview = b"") -> str:
+    """The fingerprint servers before :func:`step_fingerprint` kept for an HTTP step (method,
+    path, query, the headers that matter, :func:`body_digest`): the one its records and
+    snapshots hold, so that its retry after an upgrade is still answered."""
     headers = ";".join(f"{h}={request.headers.get(h, '')}" for h in _MEANINGFUL)
-    return IdemKey(key, f"{request.method} {request.url.path}?{request.url.query} {headers} "
-                        f"{body_digest(body)}")
+    return (f"{request.method} {request.url.path}?{request.url.query} {headers} "
+            f"{body_digest(body)}")
 
 
 _WINDOW = 256 * 1024

@@ -35,8 +35,9 @@ from app.api.conditions import idempotency
 from app.api.deps import EngineDep, SettingsDep, TenantDep
 from app.api.instrument import metrics_of, outcome, phase
 from app.api.requests import StepQuery
-from app.engine.interface import Engine, ReturnParams, SessionInfo
+from app.engine.interface import Engine, IdemKey, ReturnParams, SessionInfo
 from app.errors import Invalid
+from app.wire.content_digest import cheap
 from app.wire.safetensors_body import read_safetensors, write_safetensors
 from app.wire.tree import tree_to_json, tree_to_safetensors
 
@@ -146,7 +147,8 @@ async def step(session_id: SessionId, request: Request) -> Response:
             grads, fields, buf = await read_tensors(request, max_bytes, "grads", STEP_FIELDS,
                                                     sparse=True)
             options = parse.step_options(fields.get("param_groups"))
-            idem = await idempotency(request, buf)
+            idem = await _step_idempotency(request, buf, session_id, grads, fields, query,
+                                           base, worker)
             # a binary answer of every parameter can be written over the spent gradients
             # (narrowed ones too, over narrow gradients: the engine checks each dtype)
             in_place = (answer_in_place(grads, buf) if binary and returned is True
@@ -164,6 +166,32 @@ async def step(session_id: SessionId, request: Request) -> Response:
             return await tensors_response(
                 binary, b64, result.scalars(), result.params,
                 _headers(result.version, result.step, result.replayed))
+
+
+async def _step_idempotency(request: Request, buf: bytearray | memoryview, session_id: str,
+                            grads: dict[str, torch.Tensor], fields: dict[str, Any],
+                            query: StepQuery, base: int | None, worker: str | None
+                            ) -> IdemKey | None:
+    """A step's ``Idempotency-Key`` with the fingerprint of its content
+    (:func:`conditions.step_fingerprint`: the same as the step's over the same-host transport
+    or in another body format), and the one servers before it kept (a retry of a step they
+    logged is still answered after an upgrade)."""
+    key = await idempotency(request, buf)
+    if key is None:
+        return None
+    returned = ("touched" if query.return_params == "touched"
+                else "params" if query.return_params else "none")
+
+    def fingerprint() -> str:
+        return conditions.step_fingerprint(
+            session_id, grads, returned=returned,
+            metrics="answer" if query.answer_metrics else "history", base_version=base,
+            worker=worker, upcast=query.upcast, params_dtype=query.params_dtype,
+            param_groups=fields.get("param_groups"), scalars=fields.get("scalars"))
+    # a body whose header's sampling plan is kept is sampled at once; others (their plan
+    # made, or tensor by tensor) off the event loop when large
+    content = fingerprint() if cheap(grads) else await offload(fingerprint, len(buf))
+    return IdemKey(key.key, content, legacy=(key.fingerprint,))
 
 
 @router.post("/{session_id}/grads", summary="Accumulate gradients for the next step")

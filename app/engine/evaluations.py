@@ -315,7 +315,7 @@ class Evaluations:
                 session = host._get(step.key)
                 if step.idem is not None:
                     idem = step.idem
-                    hit = session.idem.lookup(idem.key, idem.fingerprint)
+                    hit = session.idem.lookup(idem.key, idem.fingerprint, idem.legacy)
                     if hit is not None:  # a retry of a step that has ended
                         result = await host._worker.run(
                             lambda: self._replayed(session, hit, step.want_params))

@@ -81,6 +81,7 @@ from app.engine.store import Files, Store, StoreCorrupt
 from app.engine.worker import DeviceWorker, Observer
 from app.errors import Conflict, Invalid, NotFound, OptserveError, Unavailable
 from app.runtime import release_memory
+from app.wire.content_digest import forget_plans
 from app.wire.safetensors_body import pack
 from app.wire.safetensors_header import forget_big_header
 from app.wire.tensor_maps import PackedTensors
@@ -615,7 +616,7 @@ class EmbeddedHost:
             async with self._lock(key):
                 session = self._get(key)
                 if idem is not None:
-                    hit = session.idem.lookup(idem.key, idem.fingerprint)
+                    hit = session.idem.lookup(idem.key, idem.fingerprint, idem.legacy)
                     if hit is not None:
                         return await self._worker.run(
                             lambda: replay_answer(session, op, hit, want_params, params_into,
@@ -655,7 +656,7 @@ class EmbeddedHost:
                               "between rounds", code="invalid_body", field="param_groups")
             if idem is not None:  # a retry of a push whose round already stepped
                 session = self._get(key)
-                hit = session.idem.lookup(idem.key, idem.fingerprint)
+                hit = session.idem.lookup(idem.key, idem.fingerprint, idem.legacy)
                 if hit is not None:
                     op = Step(grads)
                     result: StepResult = await self._worker.run(
@@ -673,7 +674,8 @@ class EmbeddedHost:
             return result
         out: StepResult = await self.execute(
             key, Step(grads, base_version, options=options, upcast=upcast,
-                      scalars=scalars or None, answer_metrics=answer_metrics), idem=idem,
+                      scalars=scalars or None, answer_metrics=answer_metrics,
+                      touched=want_params == "touched"), idem=idem,
             want_params=want_params, params_into=params_into, params_dtype=params_dtype)
         return out
 
@@ -1181,6 +1183,9 @@ def replay_answer(s: Session, op: Operation, hit: dict[str, Any], want_params: R
             if params_dtype is None:  # (fits_answer checked each view's dtype and shape)
                 s.check_room(params_into)
             result.params = s.copy_params_into(params_into)
+        elif want_params == "touched":  # what the first answer held, not every parameter
+            result.params = sparse.touched_again(s, op.grads, hit.get("touched"),
+                                                 params_dtype)
         elif want_params or params_into is not None:
             result.params = s.pack_params(dtype=params_dtype)
         return result
@@ -1225,4 +1230,5 @@ def _at_rest() -> None:
     """What an idle host gives back: the kept parse of a big safetensors header (tens of MB
     for 100,000 tensors), then the heap's free pages."""
     forget_big_header()
+    forget_plans()
     release_memory()

@@ -38,13 +38,15 @@ class IdempotencyTable:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, key: str, fingerprint: str) -> dict[str, Any] | None:
+    def lookup(self, key: str, fingerprint: str, legacy: tuple[str, ...] = ()
+               ) -> dict[str, Any] | None:
         """The recorded answer of ``key``, or None; 422 when the key came with another
-        request."""
+        request. ``legacy``: the request's fingerprints as older servers took them (an entry
+        replayed from their records holds one of those)."""
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if entry[0] != fingerprint:
+        if entry[0] != fingerprint and entry[0] not in legacy:
             raise Invalid("this Idempotency-Key was already used for a different request; use "
                           "a fresh key for every new operation",
                           code="idempotency_key_reused", field="Idempotency-Key")

@@ -87,6 +87,10 @@ class IdemKey:
 
     key: str
     fingerprint: str = ""
+    #: the fingerprints older servers kept for the same request (their records and snapshots
+    #: hold those): a table entry under one of them is this request too. Not compared: two
+    #: requests are the same when their fingerprints are
+    legacy: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass

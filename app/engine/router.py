@@ -174,7 +174,7 @@ class InProcessHost:
             session = host._get(key)
 
             def check() -> Checked:
-                if session.idem.lookup(idem.key, idem.fingerprint) is not None:
+                if session.idem.lookup(idem.key, idem.fingerprint, idem.legacy) is not None:
                     return Checked(applied=True, version=session.version,
                                    step=session.step_count)
                 plan = op.check(session)

@@ -16,9 +16,12 @@ is found by putting each option back to its default in turn, and the step is a 4
 
 from __future__ import annotations
 
+import base64
 import copy
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from app.engine import optimizers
@@ -273,6 +276,51 @@ def gather_rows(s: Session, rows: dict[str, torch.Tensor]) -> Tensors:
         p = s.params[name]
         values = p.detach().index_select(0, idx.to(p.device)).cpu()
         out[name] = row_sparse(idx.cpu(), values, p.shape)
+    return out
+
+
+def touched_rows(total: Tensors, names: Iterable[str]) -> dict[str, str | None]:
+    """What a step stepping ``total`` touches of each of ``names`` (JSON-ready, for its
+    idempotency table entry): None for the whole parameter (a dense gradient), else its rows
+    (each once, ascending) as base64 of int64 little-endian."""
+    out: dict[str, str | None] = {}
+    for name in names:
+        g = total.get(name)
+        if g is None:
+            continue
+        if is_sparse(g):
+            rows = torch.unique(rows_of(g)).to("cpu", torch.int64).numpy().astype("<i8")
+            out[name] = base64.b64encode(rows.tobytes()).decode()
+        else:
+            out[name] = None
+    return out
+
+
+def touched_again(s: Session, grads: Tensors, accumulated: dict[str, str | None] | None,
+                  dtype: torch.dtype | None = None) -> Tensors:
+    """A retried ``?return=touched`` step's answer: what the first answer held (:func:`touched`:
+    the same parameters and rows, their values as the session holds them now), from the
+    retry's gradients (the same as the step's: its fingerprint says so) and what the step
+    touched of the gradients accumulated before it (:func:`touched_rows`, kept in the
+    idempotency table)."""
+    kept = accumulated or {}
+    out: Tensors = {}
+    for name, p in s.params.items():
+        if name in kept:
+            rows = kept[name]
+            idx = (None if rows is None else torch.from_numpy(
+                np.frombuffer(base64.b64decode(rows), dtype="<i8").astype(np.int64)))
+        elif name in grads:
+            g = grads[name]
+            idx = torch.unique(rows_of(g)).cpu() if is_sparse(g) else None
+        else:
+            continue
+        wire = narrowed_dtype(p, dtype)
+        if idx is None:
+            out[name] = p.detach().to("cpu", wire, copy=True)
+        else:
+            values = p.detach().index_select(0, idx.to(p.device)).to("cpu", wire)
+            out[name] = row_sparse(idx, values, p.shape)
     return out
 
 

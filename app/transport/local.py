@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 import orjson
 import torch
 
-from app.api.conditions import body_digest
+from app.api.conditions import body_digest, step_fingerprint
 from app.api.requests import step_options
 from app.engine import metrics, ps
 from app.engine.idempotency import check_key
@@ -469,6 +469,18 @@ class _Connection(threading.Thread):
             return {"ok": True, **result.scalars()}
         raise BadRequest(f"unknown operation {op!r:.40}", code="invalid_message", field="op")
 
+    @staticmethod
+    def _legacy_fingerprint(binding: Binding, m: dict[str, Any], names: list[str],
+                            grads: dict[str, torch.Tensor]) -> str:
+        """The fingerprint servers before :func:`step_fingerprint` kept for this step (its
+        records and snapshots hold it: a retry after an upgrade is still answered)."""
+        asked = {k: m.get(k) for k in ("base_version", "worker", "param_groups", "scalars")}
+        returned, shown = m.get("return", "params"), m.get("metrics", "answer")
+        if returned != "params" or shown != "answer":
+            asked.update({"return": returned, "metrics": shown})
+        meta = orjson.dumps(asked).decode()
+        return f"local step {binding.session_id} {meta} {binding.digest(names, grads)}"
+
     def _binding(self, number: object) -> Binding:
         binding = self.bindings.get(number) if type(number) is int else None
         if binding is None:
@@ -503,16 +515,14 @@ class _Connection(threading.Thread):
         grads = binding.gradients(names)
         idem = None
         if key is not None:
-            digest = binding.digest(names, grads)
-            # what the step is asked to do and to answer, as the HTTP fingerprint's query
-            # (the answer's choices only when not the defaults: a default step's fingerprint
-            # is the one servers before them kept, so its retry across an upgrade replays)
-            asked = {k: m.get(k) for k in ("base_version", "worker", "param_groups",
-                                           "scalars")}
-            if returned != "params" or shown != "answer":
-                asked.update({"return": returned, "metrics": shown})
-            meta = orjson.dumps(asked).decode()
-            idem = IdemKey(key, f"local step {binding.session_id} {meta} {digest}")
+            # the step's content and what it asks, as an HTTP step's fingerprint takes them
+            # (its retry over HTTP, after the socket went, is the same request)
+            content = step_fingerprint(
+                binding.session_id, grads, returned=returned, metrics=shown,
+                base_version=base, worker=worker, param_groups=m.get("param_groups"),
+                scalars=m.get("scalars"))
+            idem = IdemKey(key, content, legacy=(self._legacy_fingerprint(binding, m, names,
+                                                                         grads),))
         options = step_options(m.get("param_groups"))
         result = self.transport.call(self.transport.engine.step(
             binding.session_id, grads, return_params=want, tenant=self.tenant or "",

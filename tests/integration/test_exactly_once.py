@@ -546,3 +546,85 @@ def test_sync_push_retried_while_its_round_steps_is_answered_by_that_step(
         want = adam_after(p0, {"w": g1["w"].clone().add_(g2["w"]).div_(2)})
         assert_tensors_equal(got, want, "one round")
         assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
+# --------------------------------------------------------------------------- ?return=touched
+
+def test_a_retried_touched_step_answers_what_its_first_answer_did(server: Proc) -> None:
+    """A keyed ``?return=touched`` step retried (live, then after a kill -9 and restart) is
+    answered with the parameters and rows its first answer held, not every parameter: a step
+    of a sparse and a dense gradient (another parameter has none), and a step onto a sparse
+    push (rows the retry's own gradients do not name). Values are torch's: SGD stepped on the
+    same sparse and dense gradients in process (a replay answers the current values). The
+    replay used to answer every parameter."""
+    server = running(server)
+    from tests.torch_reference import json_tensor, tensor_from_json
+    gen = torch.Generator().manual_seed(40)
+    start = {"emb": torch.randn(10, 3, generator=gen), "w": torch.randn(4, generator=gen),
+             "other": torch.randn(2, generator=gen)}
+    ref = {n: t.clone() for n, t in start.items()}
+    opt = torch.optim.SGD(list(ref.values()), lr=0.1)
+
+    def coo(rows: list[int], values: torch.Tensor) -> torch.Tensor:
+        return torch.sparse_coo_tensor(torch.tensor(rows).reshape(1, -1), values, (10, 3),
+                                       check_invariants=False)
+
+    def sparse(rows: list[int], values: torch.Tensor) -> dict[str, Any]:
+        return {"indices": rows, "values": json_tensor(values)}
+    rows1, v1, w1 = [1, 5, 1], torch.randn(3, 3, generator=gen), torch.randn(4, generator=gen)
+    pushed, v2, w2 = [7, 2], torch.randn(2, 3, generator=gen), torch.randn(4, generator=gen)
+    sid, k1, k2 = f"touched-{time.time_ns()}", f"t1-{time.time_ns()}", f"t2-{time.time_ns()}"
+
+    def answered(c: httpx.Client, key: str, grads: dict[str, Any]) -> dict[str, Any]:
+        r = c.post(f"/v1/sessions/{sid}/step?return=touched", json={"grads": grads},
+                   headers={"Idempotency-Key": key})
+        assert r.status_code == 200, r.text
+        out: dict[str, Any] = r.json()
+        return out
+
+    def check(body: dict[str, Any], rows: list[int], dense: list[str]) -> None:
+        got = body["params"]
+        assert sorted(got) == sorted(["emb", *dense]), sorted(got)
+        assert got["emb"]["indices"] == rows
+        assert torch.equal(tensor_from_json(got["emb"]["values"]), ref["emb"].detach()[rows])
+        for n in dense:
+            assert torch.equal(tensor_from_json(got[n]), ref[n].detach()), n
+
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        made = c.post("/v1/sessions", json={"id": sid, "optimizer": "SGD",
+                                            "options": {"lr": 0.1},
+                                            "params": {n: json_tensor(t)
+                                                       for n, t in start.items()}})
+        assert made.status_code == 201, made.text
+        step1 = {"emb": sparse(rows1, v1), "w": json_tensor(w1)}
+        first = answered(c, k1, step1)
+        ref["emb"].grad, ref["w"].grad = coo(rows1, v1), w1.clone()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        check(first, [1, 5], ["w"])
+        again = answered(c, k1, step1)
+        assert again.get("replayed") is True and again["version"] == 1
+        check(again, [1, 5], ["w"])
+
+        # a sparse push, then a touched step of a dense gradient onto it
+        r = c.post(f"/v1/sessions/{sid}/grads", json={"grads": {"emb": sparse(pushed, v2)}})
+        assert r.status_code == 200, r.text
+        step2 = {"w": json_tensor(w2)}
+        second = answered(c, k2, step2)
+        ref["emb"].grad, ref["w"].grad = coo(pushed, v2), w2.clone()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        check(second, [2, 7], ["w"])
+        again = answered(c, k2, step2)
+        assert again.get("replayed") is True and again["version"] == 2
+        check(again, [2, 7], ["w"])
+
+    server.kill9()
+    server.start()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        for key, grads, rows in ((k1, step1, [1, 5]), (k2, step2, [2, 7])):
+            again = answered(c, key, grads)
+            assert again.get("replayed") is True, again
+            check(again, rows, ["w"])  # (the current values: version 2)
+        assert c.get(f"/v1/sessions/{sid}").json()["version"] == 2
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204

@@ -664,16 +664,26 @@ def test_a_restarted_servers_socket_is_asked_for_again(transport: str, offer: bo
         live.stop()
 
 
-def test_a_step_sent_over_http_after_the_socket_went_keeps_its_key() -> None:
+@pytest.mark.parametrize("via", ["client", "optimizer"])
+def test_a_step_sent_over_http_after_the_socket_went_keeps_its_key(via: str) -> None:
     """The server applied the step, then its socket went with the answer (``"auto"``, none
-    offered again): the step goes over HTTP with the key it had, so it is not applied twice
-    (the key's request was the socket's: a 422 ``idempotency_key_reused``, version 1)."""
+    offered again): the step goes over HTTP with the key it had, so it is not applied twice,
+    and its answer is the first one (``replayed``, torch's values after one step), through
+    ``Client.step`` and ``RemoteOptimizer.step`` (which asks for its norms in the history on
+    both transports). It used to be a 422 ``idempotency_key_reused`` (the socket's request
+    had another fingerprint than the same step over HTTP)."""
     live = LiveServer(_test_settings(api_keys=f"{KEY_A}:alpha", durability="memory"))
     url = live.start()
     try:
         with optserve.Client(url, api_key=KEY_A, max_retries=2) as c:
-            sid = c.create_session(optimizer="SGD", options={"lr": 1.0},
-                                   params={"x": torch.tensor([2.0])}).id
+            x = torch.nn.Parameter(torch.tensor([2.0]))
+            opt = None
+            if via == "client":
+                sid = c.create_session(optimizer="SGD", options={"lr": 1.0},
+                                       params={"x": x.detach().clone()}).id
+            else:
+                opt = optserve.RemoteOptimizer([("x", x)], optimizer="SGD", client=c, lr=1.0)
+                sid = opt.session_id
             channel = c._local_channel()
             assert channel is not None
             real = channel._exchange
@@ -685,11 +695,63 @@ def test_a_step_sent_over_http_after_the_socket_went_keeps_its_key() -> None:
                     raise ConnectionResetError("simulated")
                 return answer
             channel._exchange = lost  # type: ignore[method-assign]
+            if via == "client":
+                out = c.step(sid, {"x": torch.tensor([16.0])})
+                assert (out.version, out.replayed) == (1, True)
+                assert out.params is not None and out.params["x"].tolist() == [-14.0]
+                assert c.get_session(sid).version == 1
+                assert c.step(sid, {"x": torch.tensor([-112.0])}).params["x"].tolist() == [98.0]
+            else:
+                assert opt is not None
+                x.grad = torch.tensor([16.0])
+                opt.step()
+                assert x.tolist() == [-14.0] and c.get_session(sid).version == 1
+                x.grad = torch.tensor([-112.0])
+                opt.step()
+                assert x.tolist() == [98.0] and c.get_session(sid).version == 2
+    finally:
+        live.stop()
+
+
+@pytest.mark.parametrize("durability", ["memory", "step"])
+@pytest.mark.parametrize("binary", [True, False], ids=["safetensors", "json"])
+def test_a_socket_step_retried_over_http_is_answered(durability: str, binary: bool) -> None:
+    """A step applied through shared memory, sent again over HTTP with its key (as a client
+    whose socket broke after the apply does): the same gradients in a safetensors or a JSON
+    body are the same request, answered with the first answer (version 1, torch's values
+    after one step, not applied again); other gradients under that key are a 422
+    ``idempotency_key_reused``. The HTTP retry used to be that 422 too."""
+    live = LiveServer(_test_settings(api_keys=f"{KEY_A}:alpha", durability=durability))
+    url = live.start()
+    gen = torch.Generator().manual_seed(11)
+    p0 = {"w": torch.randn(5, 3, generator=gen), "b": torch.randn(2, generator=gen).double()}
+    g = {"w": torch.randn(5, 3, generator=gen), "b": torch.randn(2, generator=gen).double()}
+    try:
+        with optserve.Client(url, api_key=KEY_A) as c, \
+                optserve.Client(url, api_key=KEY_A, transport="http") as h:
+            sid = c.create_session(optimizer="Adam", options={"lr": 1e-2}, params=p0,
+                                   durability=durability).id
+            first = c.step(sid, g, idempotency_key="k-socket", scalars={"loss": 0.5})
+            assert c._local is not None and first.version == 1
+            ref = {n: t.clone().requires_grad_(True) for n, t in p0.items()}
+            opt = torch.optim.Adam(list(ref.values()), lr=1e-2)
+            for n, t in ref.items():
+                t.grad = g[n].clone()
+            opt.step()
+            again = h.step(sid, dict(reversed(list(g.items()))), idempotency_key="k-socket",
+                           binary=binary, scalars={"loss": 0.5})
+            assert (again.version, again.replayed) == (1, True)
+            assert again.params is not None
+            for n, t in ref.items():
+                assert torch.equal(again.params[n], t.detach()), n
             with pytest.raises(optserve.ValidationError) as caught:
-                c.step(sid, {"x": torch.tensor([16.0])})
+                h.step(sid, {**g, "w": g["w"] * 2}, idempotency_key="k-socket", binary=binary,
+                       scalars={"loss": 0.5})
             assert caught.value.problem["code"] == "idempotency_key_reused"
-            assert c.get_session(sid).version == 1
-            assert c.step(sid, {"x": torch.tensor([-112.0])}).params["x"].tolist() == [98.0]
+            with pytest.raises(optserve.ValidationError) as caught:
+                h.step(sid, g, idempotency_key="k-socket", binary=binary)  # no loss
+            assert caught.value.problem["code"] == "idempotency_key_reused"
+            assert h.get_session(sid).version == 1
     finally:
         live.stop()
 

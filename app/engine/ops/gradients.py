@@ -76,6 +76,13 @@ class Step(Operation):
     #: taken after the answer and filled into its history row (not logged: replay takes them
     #: at once, the same values)
     answer_metrics: bool = True
+    #: ``?return=touched``: the answer holds what the step touched, and so must a retry's
+    #: (logged: replay rebuilds the idempotency table's entry, :meth:`result_json`)
+    touched: bool = False
+    #: a touched step onto accumulated gradients: what the step touched of each accumulated
+    #: parameter (:func:`sparse.touched_rows`), which a retry's gradients cannot tell
+    accumulated: dict[str, str | None] | None = field(default=None, init=False, repr=False,
+                                                       compare=False)
 
     def check(self, s: Session) -> StepPlan:
         # a body whose header the session has checked: no per-tensor checks, the gradients
@@ -140,6 +147,8 @@ class Step(Operation):
         for index, opts in plan.changes.items():  # made even when the step is skipped
             groups[index].update(opts)
         bad = metrics.count_nonfinite([plan.total[n] for n in plan.nonfinite])
+        if self.touched and s.accum:
+            self.accumulated = sparse.touched_rows(plan.total, s.accum)
         if plan.skip:
             s.accum.clear()
             found = self._record(s, plan, [{"lr": lr} for lr in s.lrs()], bad, skipped=True)
@@ -209,6 +218,12 @@ class Step(Operation):
         except Exception:  # noqa: BLE001 - metrics never fail a step
             return None
 
+    def result_json(self, result: Any) -> dict[str, Any]:
+        out = super().result_json(result)
+        if self.accumulated:
+            out["touched"] = self.accumulated
+        return out
+
     def to_tree(self) -> dict[str, Any]:
         out: dict[str, Any] = {"grads": self.grads}
         if self.base_version is not None:
@@ -225,6 +240,8 @@ class Step(Operation):
             out["time"] = self.time
         if self.workers is not None:
             out["workers"] = self.workers
+        if self.touched:
+            out["touched"] = True
         return out
 
     @classmethod
@@ -239,7 +256,8 @@ class Step(Operation):
                    {int(i): dict(o) for i, o in options.items()} if options else None,
                    bool(tree.get("upcast", False)), tree.get("scalars") or None,
                    None if at is None else float(at),
-                   None if workers is None else [str(w) for w in workers])
+                   None if workers is None else [str(w) for w in workers],
+                   touched=bool(tree.get("touched", False)))
 
 
 @register

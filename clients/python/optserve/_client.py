@@ -215,16 +215,20 @@ class Client(SyncAPIClient):
                     worker: str | None, base_version: int | None,
                     param_groups: Mapping[int, Mapping[str, Any]] | None,
                     views: bool, scalars: Mapping[str, float] | None = None,
-                    metrics: Literal["answer", "history"] = "answer", key: str
-                    ) -> StepResult | None:
+                    metrics: Literal["answer", "history"] = "answer", key: str,
+                    sent: list[bool] | None = None) -> StepResult | None:
         """A step through shared memory, retried with its idempotency ``key`` after a broken
         connection; None when this step must go over HTTP instead (with the same key: a step
-        the server applied before the connection broke is not applied again)."""
+        the server applied before the connection broke is not applied again, and its answer
+        comes back when the HTTP step asks what this one asked). ``sent`` gets a True once
+        the step went to the server."""
         channel = self._local_channel()
         if channel is None:
             return None
         changes = _api.group_changes(param_groups) or None
         for attempt in range(self.max_retries + 1):
+            if sent is not None and not sent:
+                sent.append(True)
             try:
                 answer, params = channel.step(id, grads, return_params=return_params,
                                               base_version=base_version, worker=worker,

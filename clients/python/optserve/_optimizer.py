@@ -454,14 +454,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if wire is not None:  # narrower gradients on the wire; the server widens them
             grads = _narrowed(grads, wire)
         key = uuid.uuid4().hex  # the step's, over either transport
+        sent: list[bool] = []
         if self._client.transport != "http" and wire is None and not sparse:
             # same host: gradients and new values through shared memory; the values are
             # copied from the shared slots straight into the parameters
             result = self._client._step_local(
                 self._session_id, grads, return_params=True, worker=self._worker,
                 base_version=base, param_groups=changes or None, views=True,
-                scalars=scalars or None, metrics="history", key=key)
+                scalars=scalars or None, metrics="history", key=key, sent=sent)
         if result is None:
+            # a step the socket may have carried goes over HTTP asking what it asked there
+            # (its norms in the history only): the same request, so its key's first answer
             result = self._client.step(self._session_id, grads,
                                        return_params="touched" if sparse else True,
                                        binary=self._binary, worker=self._worker,
@@ -470,6 +473,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                        params_dtype=str(wire).removeprefix("torch.")
                                        if wire is not None else None,
                                        scalars=scalars or None, into=self._answers,
+                                       metrics="history" if sent else "answer",
                                        idempotency_key=key)
         self._sent(changes)
         if result.params is not None:
