@@ -673,7 +673,8 @@ class EmbeddedHost:
             return result
         out: StepResult = await self.execute(
             key, Step(grads, base_version, options=options, upcast=upcast,
-                      scalars=scalars or None, answer_metrics=answer_metrics), idem=idem,
+                      scalars=scalars or None, answer_metrics=answer_metrics,
+                      request=True), idem=idem,
             want_params=want_params, params_into=params_into, params_dtype=params_dtype)
         return out
 
