@@ -1406,3 +1406,30 @@ def test_nonfinite_scheduler_state_is_refused_on_import(http: httpx.Client) -> N
     assert_problem(http.put(f"/v1/sessions/{sid}/state_dict", json=bad), 422, "invalid_state",
                    "state_dict.scheduler.factor")
 
+
+# --------------------------------------------------------------------------- zero_grad's body
+
+def test_zero_grad_takes_no_body(sess: Sess) -> None:
+    """``POST .../zero_grad`` takes no body: it read none, so a misspelt or misplaced field
+    (``{"names": ["w"]}``, as if it cleared some) was ignored and everything cleared. Now a
+    body with a field is a 422 ``unknown_field`` naming it, one that is not a JSON object a 400
+    ``invalid_json`` and one that is not JSON a 415, as on every other route, and nothing is
+    cleared; no body, whitespace, or ``{}`` still clear the accumulator."""
+    url = f"{sess.url}/zero_grad"
+    for content, headers, status, code, fld in [
+        (b'{"names": ["w"]}', JSON_CT, 422, "unknown_field", "names"),
+        (b'{"bogus": 1}', JSON_CT, 422, "unknown_field", "bogus"),
+        (b"[1]", JSON_CT, 400, "invalid_json", "body"),
+        (b'"w"', JSON_CT, 400, "invalid_json", "body"),
+        (b"{", JSON_CT, 400, "invalid_json", "body"),
+        (b"names=w", {"content-type": "application/x-www-form-urlencoded"}, 415,
+         "unsupported_media_type", "content-type"),
+    ]:
+        assert_problem(sess.http.post(url, content=content, headers=headers), status, code, fld)
+    sess.assert_unchanged()  # (its step applies the accumulated gradient: push it again)
+    for content, headers in [(b"", {}), (b" \n", JSON_CT), (b"{}", JSON_CT)]:
+        r = sess.http.post(f"{sess.url}/grads", json={"grads": {"w": jt(G2_W)}})
+        assert r.status_code == 200 and r.json()["accumulated"] == ["w"], r.text
+        r = sess.http.post(url, content=content, headers=headers)
+        assert r.status_code == 200 and r.json()["accumulated"] == [], r.text
+        assert sess.http.get(sess.url).json()["accumulated"] == []
