@@ -452,8 +452,9 @@ class EmbeddedHost:
     async def history(self, key: str, query: HistoryQuery) -> HistoryResult:
         """Rows of the session's history: copies, taken on the worker between operations."""
         def read() -> HistoryResult:
-            h = self._get(key).history
-            fields = expand_fields(query.fields, h.fields)
+            session = self._get(key)
+            h = session.history
+            fields = expand_fields(query.fields, h.fields, len(session.optimizer.param_groups))
             first, last = h.bounds()
             cols = h.select(query.since, query.until, fields)
             return HistoryResult(h.capacity, first, last, len(cols["n"]), query.points, cols)
