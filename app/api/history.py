@@ -52,6 +52,9 @@ async def get_history(
                                         "<name>.min and <name>.max per bucket")] = None,
 ) -> Response:
     media = negotiate(request, (JSON, CSV))
+    for name in ("since", "until", "points"):  # (FastAPI would take the last one)
+        if len(request.query_params.getlist(name)) > 1:
+            raise Invalid(f"{name} is given more than once", code="invalid_query", field=name)
     query = HistoryQuery(since, until, _fields(fields), points)
     result = await engine.history(session_id, query, tenant=tenant)
     if media == CSV:

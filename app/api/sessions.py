@@ -215,8 +215,14 @@ async def push_grads(
 
 @router.post("/{session_id}/zero_grad", summary="Clear accumulated gradients")
 async def zero_grad(
-    session_id: SessionId, request: Request, engine: EngineDep, tenant: TenantDep
+    session_id: SessionId, request: Request, engine: EngineDep, tenant: TenantDep,
+    settings: SettingsDep,
 ) -> Response:
+    # no body: none, whitespace or {} (a field, as if it cleared some names, is a 422)
+    buf = await read_body(request, _max_bytes(settings))
+    if buf.strip():
+        require_json(request)
+        only_keys(json_object(buf), set())
     out = await engine.zero_grad(session_id, tenant=tenant, idem=await idempotency(request))
     return json_response(out.to_json(), headers=_headers(out.version, out.step, out.replayed))
 

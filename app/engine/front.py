@@ -321,7 +321,8 @@ class Front:
                                  *, tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                                  ) -> SessionInfo:
         out: SessionInfo = await self._execute(tenant, session_id,
-                                               UpdateParamGroup(index, options), idem)
+                                               UpdateParamGroup(index, options, request=True),
+                                               idem)
         return out
 
     async def configure(self, session_id: str, options: dict[str, Any], *,
@@ -354,7 +355,8 @@ class Front:
     async def import_state(self, session_id: str, state: dict[str, Any], *,
                            tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                            ) -> SessionInfo:
-        out: SessionInfo = await self._execute(tenant, session_id, ImportState(state), idem)
+        out: SessionInfo = await self._execute(tenant, session_id,
+                                               ImportState(state, request=True), idem)
         return out
 
 

@@ -210,13 +210,22 @@ class HistoryResult:
     columns: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def expand_fields(wanted: list[str] | None, have: list[str]) -> list[str] | None:
+def expand_fields(wanted: list[str] | None, have: list[str],
+                  groups: int | None = None) -> list[str] | None:
     """Column names for ``wanted`` (families expanded against the columns the session has);
-    422 for a name that is no column any session could have."""
+    422 for a name that is no column any session could have, or (``groups``: the session's
+    param groups) a group column of a group the session does not have, or one written with
+    a leading zero (``lr.01``): a typo, never an empty column."""
     if wanted is None:
         return None
     out: list[str] = []
     for name in wanted:
+        group = _GROUP_RE.match(name)
+        if group is not None and groups is not None and (
+                int(group[2]) >= groups or group[2] != str(int(group[2]))):
+            raise Invalid(f"history field {name!r:.60} names param group {group[2]}; this "
+                          f"session has {groups} (0 to {groups - 1})", code="invalid_query",
+                          field="fields")
         if name in GROUP_FIELDS:
             out.extend(f for f in have if f.startswith(name + ".") and _GROUP_RE.match(f))
         elif name == "scalars":

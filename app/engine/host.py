@@ -453,8 +453,9 @@ class EmbeddedHost:
     async def history(self, key: str, query: HistoryQuery) -> HistoryResult:
         """Rows of the session's history: copies, taken on the worker between operations."""
         def read() -> HistoryResult:
-            h = self._get(key).history
-            fields = expand_fields(query.fields, h.fields)
+            session = self._get(key)
+            h = session.history
+            fields = expand_fields(query.fields, h.fields, len(session.optimizer.param_groups))
             first, last = h.bounds()
             cols = h.select(query.since, query.until, fields)
             return HistoryResult(h.capacity, first, last, len(cols["n"]), query.points, cols)
@@ -675,7 +676,7 @@ class EmbeddedHost:
         out: StepResult = await self.execute(
             key, Step(grads, base_version, options=options, upcast=upcast,
                       scalars=scalars or None, answer_metrics=answer_metrics,
-                      touched=want_params == "touched"), idem=idem,
+                      touched=want_params == "touched", request=True), idem=idem,
             want_params=want_params, params_into=params_into, params_dtype=params_dtype)
         return out
 

@@ -110,6 +110,8 @@ def _option_value(name: str, value: Any, default: Any, field: str) -> Any:
                           code="invalid_option", field=field)
         items = []
         for i, (v, d) in enumerate(zip(value, default, strict=True)):
+            if is_float_tag(v):  # (as a session's export writes a non-finite element)
+                v = untag_float(v, f"{field}.{i}", "invalid_option")
             if not (_is_number(v) or (v is None and d is None)):
                 raise Invalid(f"{name}[{i}] must be a number, got {v!r:.40}",
                               code="invalid_option", field=f"{field}.{i}")

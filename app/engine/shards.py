@@ -472,7 +472,8 @@ class ShardedSession:
     ) -> StepResult:
         if worker is not None:
             ps.check_worker(worker)
-        out: StepResult = await self.execute(key, Step(grads, base_version, options=options),
+        out: StepResult = await self.execute(key, Step(grads, base_version, options=options,
+                                                       request=True),
                                              idem=idem, want_params=want_params)
         return out
 
@@ -496,7 +497,8 @@ class ShardedSession:
             ops = {i: Overwrite(layout.part(op.params, i)) if layout.part(op.params, i)
                    else Bump() for i in every}
         elif isinstance(op, ImportState):
-            ops = dict(enumerate(ImportState(sd) for sd in split_state(op.state, layout)))
+            ops = dict(enumerate(ImportState(sd, op.request)
+                                 for sd in split_state(op.state, layout)))
         elif isinstance(op, Configure):
             if op.options.get("sync") is not None:
                 raise Invalid("a sharded session steps without synchronous rounds",

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from app.engine import optimizers
+from app.engine import optimizers, option_values
 from app.errors import Invalid
 from app.wire.integers import int_text
 from app.wire.tree import tree_to_json
@@ -228,7 +228,11 @@ def _check_finite(obj: Any, field: str) -> None:
             _check_finite(v, f"{field}.{i}")
 
 
-def prepare_import(session: Session, state: object) -> PreparedImport:
+def prepare_import(session: Session, state: object, request: bool = False) -> PreparedImport:
+    """The state checked completely, ready to load. A ``request`` (not a logged record) is
+    also refused, in what it changes, a non-finite option or scheduler-kept group key out of
+    range (``initial_lr: -5``), and a non-finite number in the scheduler's state, which
+    torch's checks let through."""
     if not isinstance(state, dict):
         raise Invalid("a state dict must be an object with state and param_groups",
                       code="state_mismatch", field="state_dict")
@@ -280,6 +284,13 @@ def prepare_import(session: Session, state: object) -> PreparedImport:
     before = session.group_options()
     changed = [i for i, (new, old) in enumerate(zip(group_opts, before, strict=True))
                if any(k not in old or not _same_value(v, old[k]) for k, v in new.items())]
+    if request:  # (what a group held already, e.g. a session's own export, imports back)
+        for i in changed:
+            new, old = group_opts[i], before[i]
+            given = {k: v for k, v in new.items() if k not in old or not _same_value(v, old[k])}
+            where = f"state_dict.param_groups.{i}"
+            option_values.refuse_nonfinite_options(session.optimizer_name, given, where)
+            option_values.check_scheduler_group_keys(session.cls, given, where)
     for i, (opts, dtype) in enumerate(zip(group_opts, dtypes, strict=True)):
         optimizers.check_overflow(opts, dtype, f"state_dict.param_groups.{i}")
     optimizers.probe(session.cls, session.defaults, group_opts, dtypes, session.device, fields,
@@ -334,6 +345,9 @@ def prepare_import(session: Session, state: object) -> PreparedImport:
                           code="state_mismatch", field="state_dict.scheduler")
         live = session.scheduler.state_dict()
         same_structure(live, sched_state, "state_dict.scheduler")
+        if request:
+            option_values.refuse_nonfinite_scheduler_state(sched_state, "state_dict.scheduler",
+                                                           live)
         sched_state = conform(live, own_tensors(sched_state, "state_dict.scheduler"))
     names = [list(g["param_names"]) for g in current]
     return PreparedImport({"state": new_state, "param_groups": new_groups}, sched_state, names)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import io
 import json
 import math
 import struct
@@ -1140,3 +1141,295 @@ def test_nonfinite_initial_parameters_are_refused_as_put_refuses_them(
         assert len(http.get(url).json()["param_groups"]) == 1
     else:
         assert r.status_code == 201, r.text
+
+
+# --------------------------------------------------------------------------- non-finite options
+# torch's constructors test ``0.0 <= lr`` and the like: a NaN fails them, an infinity passes
+# (lr, eps, weight_decay), and nothing checks a scheduler's options or the keys a scheduler
+# adds to a group. Such values were taken, and the next step made the parameters NaN/inf.
+
+INF = {"$float": "inf"}
+NAN = {"$float": "nan"}
+MINUS_INF = {"$float": "-inf"}
+
+
+def _tensor_lr(word: str) -> dict[str, Any]:
+    return {"dtype": "float32", "shape": [], "data": [word]}
+
+
+@pytest.mark.parametrize(
+    ("how", "body", "fld"),
+    [("patch", {"lr": INF}, "param_groups.0.lr"),
+     ("patch", {"eps": INF}, "param_groups.0.eps"),
+     ("patch", {"weight_decay": NAN}, "param_groups.0.weight_decay"),
+     ("patch", {"weight_decay": INF}, "param_groups.0.weight_decay"),
+     ("patch", {"betas": [0.9, INF]}, "param_groups.0.betas.1"),
+     ("patch", {"betas": [NAN, 0.999]}, "param_groups.0.betas.0"),
+     ("patch", {"lr": _tensor_lr("Infinity")}, "param_groups.0.lr"),
+     ("step", {"0": {"lr": INF}}, "param_groups.0.lr"),
+     ("step", [{"eps": MINUS_INF}], "param_groups.0.eps"),
+     ("add", {"lr": INF}, "param_groups.1.lr"),
+     ("add", {"weight_decay": NAN}, "param_groups.1.weight_decay"),
+     ("add", {"betas": [0.9, INF]}, "param_groups.1.betas.1")],
+    ids=["patch-lr-inf", "patch-eps-inf", "patch-wd-nan", "patch-wd-inf", "patch-beta2-inf",
+         "patch-beta1-nan", "patch-tensor-lr-inf", "step-lr-inf", "step-eps-minus-inf",
+         "add-lr-inf", "add-wd-nan", "add-beta2-inf"],
+)
+def test_nonfinite_options_are_refused(sess: Sess, how: str, body: Any, fld: str) -> None:
+    """A NaN or an infinite option, in a PATCH, with a step or in an added group: 422
+    ``invalid_option`` naming it, and the session exactly as it was (a later step still equals
+    in-process torch's)."""
+    if how == "patch":
+        r = sess.http.patch(f"{sess.url}/param_groups/0", json=body)
+    elif how == "step":
+        r = sess.http.post(f"{sess.url}/step", json={"grads": {}, "param_groups": body})
+    else:
+        r = sess.http.post(f"{sess.url}/param_groups",
+                           json={"params": {"c": jt(G1["b"])}, **body})
+    problem = assert_problem(r, 422, "invalid_option", fld)
+    assert "finite" in problem["detail"], problem
+    sess.assert_unchanged()
+
+
+@pytest.mark.parametrize(
+    ("body", "fld"),
+    [(_create_body(options={"lr": INF}), "options.lr"),
+     (_create_body(options={"lr": _tensor_lr("Infinity")}), "options.lr"),
+     (_create_body(optimizer="SGD", options={"lr": 0.1, "momentum": INF}), "options.momentum"),
+     (_create_body(optimizer="SGD", options={"lr": 0.1, "dampening": NAN}),
+      "options.dampening"),
+     (_create_body(params=None) | {"param_groups": [
+         {"params": {"x": jt(torch.tensor([1.0]))}},
+         {"params": {"y": jt(torch.tensor([1.0]))}, "eps": INF}]}, "param_groups.1.eps"),
+     (_create_body(scheduler={"name": "ExponentialLR", "options": {"gamma": NAN}}),
+      "scheduler.options.gamma"),
+     (_create_body(scheduler={"name": "StepLR", "options": {"step_size": 1, "gamma": INF}}),
+      "scheduler.options.gamma"),
+     (_create_body(scheduler={"name": "CosineAnnealingLR", "options": {"T_max": 5,
+                                                                       "eta_min": NAN}}),
+      "scheduler.options.eta_min"),
+     (_create_body(scheduler={"name": "SequentialLR", "options": {"milestones": [2], "schedulers": [
+         {"name": "ConstantLR", "options": {}},
+         {"name": "ExponentialLR", "options": {"gamma": INF}}]}}),
+      "scheduler.options.schedulers.1.options.gamma"),
+     (_create_body(optimizer="Rprop", options={"lr": 0.01, "step_sizes": [MINUS_INF, 50.0]}),
+      "options.step_sizes.0")],
+    ids=["lr-inf", "tensor-lr-inf", "sgd-momentum-inf", "sgd-dampening-nan", "group-eps-inf",
+         "exponential-gamma-nan", "step-gamma-inf", "cosine-eta-min-nan", "nested-gamma-inf",
+         "rprop-min-step-minus-inf"],
+)
+def test_nonfinite_create_options_are_refused(sess: Sess, body: dict[str, Any],
+                                              fld: str) -> None:
+    before = sess.http.get("/v1/sessions").json()
+    attempted = f"never-{uuid.uuid4().hex[:8]}"
+    r = sess.http.post("/v1/sessions", json={**_drop_none(body), "id": attempted})
+    assert_problem(r, 422, "invalid_option", fld, "finite")
+    assert sess.http.get("/v1/sessions").json() == before
+    assert sess.http.get(f"/v1/sessions/{attempted}").status_code == 404
+    sess.assert_unchanged()
+
+
+def test_nonfinite_create_options_in_safetensors_metadata_are_refused(sess: Sess) -> None:
+    before = sess.http.get("/v1/sessions").json()
+    good = {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    raw = torch.tensor([1.0, 2.0]).numpy().tobytes()
+    for metadata, fld in [
+        ({"optimizer": "Adam", "options": '{"lr": {"$float": "inf"}}'}, "options.lr"),
+        ({"optimizer": "Adam", "scheduler": '{"name": "ExponentialLR", "options": '
+                                            '{"gamma": {"$float": "nan"}}}'},
+         "scheduler.options.gamma"),
+    ]:
+        r = sess.http.post("/v1/sessions", content=st_file({"__metadata__": metadata, **good},
+                                                           raw), headers=BIN_CT)
+        assert_problem(r, 422, "invalid_option", fld)
+    assert sess.http.get("/v1/sessions").json() == before
+    sess.assert_unchanged()
+
+
+def _torch_file(state: dict[str, Any]) -> bytes:
+    f = io.BytesIO()
+    torch.save(state, f)
+    return f.getvalue()
+
+
+def test_nonfinite_options_in_an_imported_state_are_refused(sess: Sess) -> None:
+    """A state dict whose group options are NaN or infinite, as JSON (``$float`` tags, a
+    tensor lr), safetensors (tags in its skeleton) or a torch file (Python floats): 422
+    ``invalid_option`` naming the option, nothing loaded; the state as exported still
+    imports (after the checks, so they refuse nothing else)."""
+    url = f"{sess.url}/state_dict"
+    good = sess.before.state_dict
+    for key, value in [("lr", INF), ("eps", NAN), ("weight_decay", INF),
+                       ("betas", [0.9, INF]), ("lr", _tensor_lr("NaN"))]:
+        bad = json.loads(json.dumps(good))
+        bad["param_groups"][0][key] = value
+        fld = f"state_dict.param_groups.0.{key}" + (".1" if key == "betas" else "")
+        assert_problem(sess.http.put(url, json=bad), 422, "invalid_option", fld, "finite")
+    exported = sess.http.get(url, headers={"accept": "application/octet-stream"}).content
+    n = struct.unpack("<Q", exported[:8])[0]
+    header = json.loads(exported[8:8 + n])
+    skeleton = json.loads(header["__metadata__"]["optserve_state"])
+    skeleton["param_groups"][0]["eps"] = INF
+    header["__metadata__"]["optserve_state"] = json.dumps(skeleton)
+    body = st_file(header, exported[8 + n:])
+    assert_problem(sess.http.put(url, content=body, headers=BIN_CT), 422, "invalid_option",
+                   "state_dict.param_groups.0.eps")
+    state = torch.load(io.BytesIO(sess.http.get(url, params={"format": "torch"}).content),
+                       weights_only=True)
+    state["param_groups"][0]["weight_decay"] = math.nan
+    r = sess.http.put(url, params={"format": "torch"}, content=_torch_file(state),
+                      headers=BIN_CT)
+    assert_problem(r, 422, "invalid_option", "state_dict.param_groups.0.weight_decay")
+    state["param_groups"][0]["weight_decay"] = math.inf
+    r = sess.http.put(url, params={"format": "torch"}, content=_torch_file(state),
+                      headers=BIN_CT)
+    assert_problem(r, 422, "invalid_option", "state_dict.param_groups.0.weight_decay")
+    sess.assert_unchanged(check_accumulator=False)
+    r = sess.http.put(url, json=good)  # the import as exported: taken, the values unchanged
+    assert r.status_code == 200, r.text
+    after = snapshot(sess.http, sess.id)
+    assert after.params["params"] == sess.before.params["params"]
+    assert after.state_dict == good
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "options"),
+    [("ASGD", {"lr": 0.01, "t0": INF}), ("Rprop", {"lr": 0.01, "step_sizes": [1e-6, INF]}),
+     ("Adafactor", {"lr": 0.01, "d": INF})],
+    ids=["asgd-t0", "rprop-max-step", "adafactor-d"],
+)
+def test_an_infinity_that_means_no_bound_is_taken(http: httpx.Client, optimizer: str,
+                                                  options: dict[str, Any]) -> None:
+    """+inf is taken where torch gives it a meaning (no bound): ASGD's ``t0`` (never average),
+    Rprop's largest step size, Adafactor's clipping threshold ``d``; the session steps as
+    in-process torch does, at create and in a PATCH. -inf there is still refused."""
+    sid = new_session(http, optimizer=optimizer, options=options)
+    local = {k: (tuple(math.inf if v == INF else v for v in val) if isinstance(val, list)
+                 else math.inf if val == INF else val) for k, val in options.items()}
+    params = {n: t.clone() for n, t in p0().items()}
+    opt = getattr(torch.optim, optimizer)([params[n] for n in NAMES], **local)
+    for k in range(3):
+        grads = {n: G1[n] * (k + 1) for n in NAMES}
+        r = http.post(f"/v1/sessions/{sid}/step", params={"encoding": "b64"},
+                      json={"grads": {n: jt(g) for n, g in grads.items()}})
+        assert r.status_code == 200, r.text
+        for n in NAMES:
+            params[n].grad = grads[n].clone()
+        opt.step()
+        for n in NAMES:
+            got = from_jt(r.json()["params"][n])
+            assert torch.isfinite(got).all() and torch.equal(got, params[n].detach()), n
+    (name, value), = ((k, v) for k, v in options.items() if k != "lr")
+    r = http.patch(f"/v1/sessions/{sid}/param_groups/0", json={name: value})
+    assert r.status_code == 200, r.text
+    minus = [value[0], MINUS_INF] if isinstance(value, list) else MINUS_INF
+    fld = f"param_groups.0.{name}" + (".1" if isinstance(value, list) else "")
+    assert_problem(http.patch(f"/v1/sessions/{sid}/param_groups/0", json={name: minus}), 422,
+                   "invalid_option", fld)
+
+
+def _scheduled(http: httpx.Client, optimizer: str, scheduler: dict[str, Any],
+               options: dict[str, Any] | None = None) -> tuple[str, Snapshot]:
+    sid = new_session(http, optimizer=optimizer, scheduler=scheduler,
+                      options=options or {"lr": LR})
+    r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {n: jt(t) for n, t in G1.items()}})
+    assert r.status_code == 200, r.text
+    return sid, snapshot(http, sid)
+
+
+def _same(http: httpx.Client, sid: str, before: Snapshot) -> None:
+    after = snapshot(http, sid)
+    assert (after.describe, after.params, after.state_dict) == (
+        before.describe, before.params, before.state_dict)
+
+
+def test_scheduler_group_keys_out_of_range_are_refused(http: httpx.Client) -> None:
+    """The keys a scheduler adds to a group (``initial_lr``, and OneCycleLR's ``max_lr``,
+    ``min_lr``, ``base_momentum``, ``max_momentum``) are refused NaN, infinite or out of
+    range as torch refuses such an ``lr`` (``lr: -5`` is torch's own 422): in a PATCH and with
+    a step; nothing changes. In range, they are taken."""
+    sid, before = _scheduled(http, "SGD", {"name": "StepLR", "options": {"step_size": 1}})
+    url = f"/v1/sessions/{sid}/param_groups/0"
+    message = _torch_error(lambda: torch.optim.SGD([torch.zeros(1)], lr=-5))
+    assert_problem(http.patch(url, json={"lr": -5}), 422, "invalid_option", "param_groups.0.lr",
+                   message)
+    for value in (-5, -1e-9, NAN, INF):
+        assert_problem(http.patch(url, json={"initial_lr": value}), 422, "invalid_option",
+                       "param_groups.0.initial_lr")
+        r = http.post(f"/v1/sessions/{sid}/step",
+                      json={"grads": {}, "param_groups": [{"initial_lr": value}]})
+        assert_problem(r, 422, "invalid_option", "param_groups.0.initial_lr")
+    _same(http, sid, before)
+    r = http.patch(url, json={"initial_lr": 0.05})
+    assert r.status_code == 200 and r.json()["param_groups"][0]["initial_lr"] == 0.05, r.text
+
+    sid, before = _scheduled(http, "Adam", {"name": "OneCycleLR", "options": {
+        "max_lr": 0.1, "total_steps": 10}})
+    url = f"/v1/sessions/{sid}/param_groups/0"
+    for key, value in [("max_lr", -0.1), ("min_lr", NAN), ("max_lr", INF),
+                       ("base_momentum", -0.5), ("max_momentum", 1.5), ("max_momentum", 1.0)]:
+        assert_problem(http.patch(url, json={key: value}), 422, "invalid_option",
+                       f"param_groups.0.{key}")
+    _same(http, sid, before)
+    r = http.patch(url, json={"max_lr": 0.2, "max_momentum": 0.9})
+    assert r.status_code == 200, r.text
+
+
+def test_nonfinite_scheduler_state_is_refused_on_import(http: httpx.Client) -> None:
+    """A state dict whose scheduler state holds a NaN or an infinity (``gamma``, a base lr) or a
+    group an ``initial_lr`` out of range: 422 naming it, nothing loaded. ReduceLROnPlateau's
+    ``best`` is +inf by design (before its first metric): its own export imports back."""
+    sid, before = _scheduled(http, "SGD", {"name": "ExponentialLR", "options": {"gamma": 0.5}})
+    url = f"/v1/sessions/{sid}/state_dict"
+    good = before.state_dict
+    for path, value, code in [(("scheduler", "gamma"), NAN, "invalid_state"),
+                              (("scheduler", "gamma"), INF, "invalid_state"),
+                              (("scheduler", "base_lrs", 0), NAN, "invalid_state"),
+                              (("param_groups", 0, "initial_lr"), -5, "invalid_option"),
+                              (("param_groups", 0, "initial_lr"), NAN, "invalid_option")]:
+        bad = json.loads(json.dumps(good))
+        at: Any = bad
+        for key in path[:-1]:
+            at = at[key]
+        at[path[-1]] = value
+        assert_problem(http.put(url, json=bad), 422, code,
+                       "state_dict." + ".".join(map(str, path)))
+    _same(http, sid, before)
+
+    sid, before = _scheduled(http, "SGD", {"name": "ReduceLROnPlateau", "options": {}})
+    exported = before.state_dict
+    assert exported["scheduler"]["best"] == INF
+    r = http.put(f"/v1/sessions/{sid}/state_dict", json=exported)
+    assert r.status_code == 200, r.text
+    bad = json.loads(json.dumps(exported))
+    bad["scheduler"]["factor"] = NAN
+    assert_problem(http.put(f"/v1/sessions/{sid}/state_dict", json=bad), 422, "invalid_state",
+                   "state_dict.scheduler.factor")
+
+
+# --------------------------------------------------------------------------- zero_grad's body
+
+def test_zero_grad_takes_no_body(sess: Sess) -> None:
+    """``POST .../zero_grad`` takes no body: it read none, so a misspelt or misplaced field
+    (``{"names": ["w"]}``, as if it cleared some) was ignored and everything cleared. Now a
+    body with a field is a 422 ``unknown_field`` naming it, one that is not a JSON object a 400
+    ``invalid_json`` and one that is not JSON a 415, as on every other route, and nothing is
+    cleared; no body, whitespace, or ``{}`` still clear the accumulator."""
+    url = f"{sess.url}/zero_grad"
+    for content, headers, status, code, fld in [
+        (b'{"names": ["w"]}', JSON_CT, 422, "unknown_field", "names"),
+        (b'{"bogus": 1}', JSON_CT, 422, "unknown_field", "bogus"),
+        (b"[1]", JSON_CT, 400, "invalid_json", "body"),
+        (b'"w"', JSON_CT, 400, "invalid_json", "body"),
+        (b"{", JSON_CT, 400, "invalid_json", "body"),
+        (b"names=w", {"content-type": "application/x-www-form-urlencoded"}, 415,
+         "unsupported_media_type", "content-type"),
+    ]:
+        assert_problem(sess.http.post(url, content=content, headers=headers), status, code, fld)
+    sess.assert_unchanged()  # (its step applies the accumulated gradient: push it again)
+    for content, headers in [(b"", {}), (b" \n", JSON_CT), (b"{}", JSON_CT)]:
+        r = sess.http.post(f"{sess.url}/grads", json={"grads": {"w": jt(G2_W)}})
+        assert r.status_code == 200 and r.json()["accumulated"] == ["w"], r.text
+        r = sess.http.post(url, content=content, headers=headers)
+        assert r.status_code == 200 and r.json()["accumulated"] == [], r.text
+        assert sess.http.get(sess.url).json()["accumulated"] == []

@@ -182,6 +182,34 @@ def test_history_bad_inputs_name_the_field(http: httpx.Client) -> None:
     assert http.get(f"/v1/sessions/{sid}").json()["version"] == 0  # nothing applied
 
 
+def test_history_query_typos_and_repeats_are_refused(http: httpx.Client) -> None:
+    """A column of a param group the session does not have (``lr.99``, ``grad_norm.2`` of a
+    two-group session) or written otherwise (``lr.01``) came back as an empty column, and a
+    repeated ``since``/``until``/``points`` was taken (the last one), so a typo went unseen:
+    each is a 422 ``invalid_query`` naming the query parameter. A group added later has its
+    columns from then on (``null`` before)."""
+    sid = create(http)
+    for k in range(6):
+        step_json(http, sid, k)
+    url = f"/v1/sessions/{sid}/history"
+    full = http.get(url).json()
+    for fields in ("lr.99", "grad_norm.2", "lr.2,lr.0", "lr.01", "update_norm.00", "lr.-1"):
+        body = problem(http.get(url, params={"fields": fields}), 422, "fields")
+        assert body["code"] == "invalid_query", body
+    for name, values in [("since", ["1", "5"]), ("until", ["5", "5"]), ("points", ["2", "3"])]:
+        body = problem(http.get(url, params=[(name, v) for v in values]), 422, name)
+        assert body["code"] == "invalid_query" and "more than once" in body["detail"], body
+    got = http.get(url, params=[("since", "4"), ("fields", "lr.1"), ("fields", "lr.0")]).json()
+    assert got["columns"] == {"n": [5, 6], "lr.1": full["columns"]["lr.1"][4:],
+                              "lr.0": full["columns"]["lr.0"][4:]}
+    r = http.post(f"/v1/sessions/{sid}/param_groups",
+                  json={"params": {"c": jt(seeded((3,), 9))}, "lr": 0.5})
+    assert r.status_code == 201, r.text
+    step_json(http, sid, 6)
+    got = http.get(url, params={"fields": "lr.2", "since": 4}).json()
+    assert got["columns"] == {"n": [5, 6, 7], "lr.2": [None, None, 0.5]}
+
+
 def test_metrics_switch_and_history_size_per_session(http: httpx.Client) -> None:
     sid = create(http, metrics=False, history=3)
     info = http.get(f"/v1/sessions/{sid}").json()

@@ -398,16 +398,23 @@ def test_patch_is_checked_on_the_whole_group_and_against_the_dtype(
 
 
 def test_an_infinite_lr_is_reported_faithfully(server: tuple[httpx.Client, Path]) -> None:
-    """JSON has no inf: the service's own {"$float": "inf"} encoding, not null."""
+    """JSON has no inf: the service's own {"$float": "inf"} encoding, not null. A client can no
+    longer set an infinite lr (a 422 naming it), but a scheduler can drive one there
+    (ExponentialLR from 1e200 by 1e200, in float64 as torch computes it)."""
     c, _ = server
     create(c, "inf")
-    r = c.patch("/v1/sessions/inf/param_groups/0", json={"lr": {"$float": "inf"}})
-    assert r.status_code == 200, r.text
-    assert r.json()["lr"] == [{"$float": "inf"}]
-    assert r.json()["param_groups"][0]["lr"] == {"$float": "inf"}
-    answer = step(c, "inf", 0).json()
+    before = state(c, "inf")
+    body = refused(c.patch("/v1/sessions/inf/param_groups/0", json={"lr": {"$float": "inf"}}),
+                   422, "invalid_option")
+    assert body["field"] == "param_groups.0.lr"
+    assert state(c, "inf") == before
+    create(c, "inf2", optimizer="SGD", options={"lr": 1e200}, param=P0.double(),
+           scheduler={"name": "ExponentialLR", "options": {"gamma": 1e200}})
+    answer = c.post("/v1/sessions/inf2/step",
+                    json={"grads": {"p": jt(grad(0).double())}}).json()
     assert answer["lr"] == [{"$float": "inf"}]
-    assert c.get("/v1/sessions/inf/params").json()["lr"] == [{"$float": "inf"}]
+    assert c.get("/v1/sessions/inf2").json()["param_groups"][0]["lr"] == {"$float": "inf"}
+    assert c.get("/v1/sessions/inf2/params").json()["lr"] == [{"$float": "inf"}]
 
 
 # --------------------------------------------------------------------------- names and ids

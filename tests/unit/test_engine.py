@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import inspect
+import math
 import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
@@ -548,3 +549,71 @@ def test_records_logged_before_the_nonfinite_parameter_checks_still_replay() -> 
         AddParamGroup({"u": nan.clone()}, {}, request=True).check(s)
     assert caught.value.code == "nonfinite_parameter"
     assert caught.value.field == "param_groups.2.params.u"
+
+
+def test_records_logged_before_the_nonfinite_option_checks_still_replay() -> None:
+    """Non-finite options (and scheduler-kept group keys out of range) are now refused on
+    requests: a create's ``from_spec``, and the ``request`` flag of ``add_group``,
+    ``update_group``, ``step`` and ``import``. Records logged before (their trees: no flag, and
+    a create's record never checks) still build and apply as they ran, so a session the server
+    used to restore still restores; the same operations as requests are refused."""
+    from app.engine.ops import CreateSession, decode
+    from app.engine.state_dicts import jsonable_options
+
+    inf = {"$float": "inf"}
+    spec = CreateSpec("SGD", [GroupSpec({"w": torch.ones(2)})], {"lr": inf},
+                      scheduler={"name": "StepLR", "options": {"step_size": 1,
+                                                               "gamma": {"$float": "nan"}}})
+    with pytest.raises(Invalid) as caught:
+        CreateSession.from_spec(spec, "s", "reject", "memory")
+    assert (caught.value.code, caught.value.field) == ("invalid_option", "options.lr")
+    spec.options = {"lr": 0.1}
+    with pytest.raises(Invalid) as caught:
+        CreateSession.from_spec(spec, "s", "reject", "memory")
+    assert (caught.value.code, caught.value.field) == ("invalid_option",
+                                                       "scheduler.options.gamma")
+    # an old create record: taken as it was
+    old = CreateSession("s", "SGD", [GroupSpec({"w": torch.ones(2)})], {"lr": 0.1},
+                        {"name": "StepLR", "options": {"step_size": 1, "gamma": 0.5}})
+    tree = old.to_tree()
+    tree["options"] = {"lr": inf, "momentum": inf}
+    s = decode("create", tree).build(torch.device("cpu"))  # type: ignore[attr-defined]
+    assert s.optimizer.param_groups[0]["lr"] == math.inf
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("update_group", {"index": 0, "options": {"lr": 0.1, "weight_decay": inf}},
+         "param_groups.0.weight_decay"),
+        ("update_group", {"index": 0, "options": {"initial_lr": -5}},
+         "param_groups.0.initial_lr"),
+        ("step", {"grads": {"w": torch.ones(2)}, "options": {"0": {"momentum": 0.5,
+                                                                  "dampening": inf}}},
+         "param_groups.0.dampening"),
+        ("add_group", {"params": {"v": torch.ones(3)}, "options": {"lr": inf}},
+         "param_groups.1.lr"),
+    ]
+    for kind, tree, fld in cases:
+        logged = decode(kind, copy.deepcopy(tree))
+        assert not logged.request  # type: ignore[attr-defined]
+        # the flag is in the tree a Ray host receives
+        assert decode(kind, {**copy.deepcopy(tree), "request": True}).to_tree()["request"]
+        with pytest.raises(Invalid) as caught:
+            decode(kind, {**copy.deepcopy(tree), "request": True}).check(s)
+        assert (caught.value.code, caught.value.field) == ("invalid_option", fld), kind
+        logged.apply(s, logged.check(s))
+    group = s.optimizer.param_groups[0]
+    assert (group["weight_decay"], group["initial_lr"], group["dampening"]) == (
+        math.inf, -5, math.inf)
+    assert s.optimizer.param_groups[1]["lr"] == math.inf and s.step_count == 1
+    # an import whose scheduler state holds a NaN gamma (no per-parameter state: the step
+    # with an infinite lr made its momentum buffer infinite)
+    assert s.scheduler is not None
+    sd: dict[str, Any] = {"state": {}, "param_groups": [
+        {**jsonable_options({k: v for k, v in g.items() if k not in ("params", "param_names")}),
+         "params": [i]} for i, g in enumerate(s.optimizer.param_groups)],
+        "scheduler": {**s.scheduler.state_dict(), "gamma": math.nan}}
+    with pytest.raises(Invalid) as caught:
+        decode("import", {"state": copy.deepcopy(sd), "request": True}).check(s)
+    assert (caught.value.code, caught.value.field) == ("invalid_state",
+                                                       "state_dict.scheduler.gamma")
+    logged = decode("import", {"state": sd})
+    logged.apply(s, logged.check(s))
+    assert math.isnan(s.scheduler.state_dict()["gamma"])

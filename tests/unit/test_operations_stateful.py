@@ -397,8 +397,9 @@ class SessionMachine(RuleBasedStateMachine):
         value: Any = {"$float": "inf"} if math.isinf(lr) else lr
         a, _ = self.both(lambda e: e.update_param_group(self.sid, index, {"lr": value}))
         STATS["op update_group"] += 1
-        if index >= len(self.mirror.opt.param_groups) or lr < 0 or lr == 1e39:
-            assert isinstance(a, OptserveError), lr  # 1e39 overflows float32
+        if index >= len(self.mirror.opt.param_groups) or lr < 0 or lr == 1e39 or \
+                math.isinf(lr):
+            assert isinstance(a, OptserveError), lr  # 1e39 overflows float32; inf: not finite
             return
         if not isinstance(a, OptserveError):
             self.mirror.opt.param_groups[index]["lr"] = lr

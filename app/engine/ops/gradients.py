@@ -83,6 +83,11 @@ class Step(Operation):
     #: parameter (:func:`sparse.touched_rows`), which a retry's gradients cannot tell
     accumulated: dict[str, str | None] | None = field(default=None, init=False, repr=False,
                                                        compare=False)
+    #: set by requests: its option changes are also refused what servers before it accepted
+    #: (non-finite options, scheduler-kept keys out of range). It travels with the operation
+    #: (logged with its options); records logged before these checks lack it and replay as
+    #: they ran
+    request: bool = False
 
     def check(self, s: Session) -> StepPlan:
         # a body whose header the session has checked: no per-tensor checks, the gradients
@@ -93,7 +98,8 @@ class Step(Operation):
         self.scalars = metrics.check_scalars(self.scalars) or None
         if self.time is None:
             self.time = time.time()
-        changes = check_group_changes(s, self.options) if self.options else {}
+        changes = (check_group_changes(s, self.options, request=self.request)
+                   if self.options else {})
         staleness, lr_div = None, self.lr_div
         if self.base_version is not None:
             staleness = staleness_of(s, self.base_version)
@@ -232,6 +238,8 @@ class Step(Operation):
             out["lr_div"] = self.lr_div
         if self.options:
             out["options"] = {str(i): opts for i, opts in self.options.items()}
+            if self.request:
+                out["request"] = True
         if self.upcast:
             out["upcast"] = True
         if self.scalars:
@@ -257,7 +265,8 @@ class Step(Operation):
                    bool(tree.get("upcast", False)), tree.get("scalars") or None,
                    None if at is None else float(at),
                    None if workers is None else [str(w) for w in workers],
-                   touched=bool(tree.get("touched", False)))
+                   touched=bool(tree.get("touched", False)),
+                   request=tree.get("request") is True)
 
 
 @register

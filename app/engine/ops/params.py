@@ -10,6 +10,7 @@ import torch
 from app.engine import optimizers, schedulers
 from app.engine.interface import GroupSpec, ParamsResult, SessionInfo, Tensors
 from app.engine.ops.base import Operation, register
+from app.engine.option_values import check_scheduler_group_keys, refuse_nonfinite_options
 from app.engine.session import (
     Session,
     check_param_name,
@@ -73,8 +74,8 @@ class AddParamGroup(Operation):
     options: dict[str, Any]
     #: set by requests: also refuses what servers before it accepted (a group the session's
     #: scheduler would fail on at a later step, :data:`TAKE_ADDED_GROUPS`; non-finite values
-    #: unless the session allows them). It travels with the operation; records logged before
-    #: these checks existed lack it and replay as they ran
+    #: unless the session allows them; non-finite options). It travels with the operation;
+    #: records logged before these checks existed lack it and replay as they ran
     request: bool = False
     #: the most param groups the session may have after it (a request's bound)
     max_groups: int | None = None
@@ -91,8 +92,10 @@ class AddParamGroup(Operation):
                 raise Invalid(f"parameter {name!r:.60} is already in this session",
                               code="invalid_params", field=f"{where}.params.{name}")
             check_param_tensor(name, t, f"{where}.params.{name}")
-        if self.request and s.nonfinite != "allow":
-            refuse_nonfinite_params(self.params, f"{where}.params")
+        if self.request:
+            refuse_nonfinite_options(s.optimizer_name, opts, where)
+            if s.nonfinite != "allow":
+                refuse_nonfinite_params(self.params, f"{where}.params")
         dtype = group_dtype(self.params)
         fields = {k: f"{where}.{k}" for k in opts}
         optimizers.check_overflow({**s.defaults, **opts}, dtype, where)
@@ -196,30 +199,40 @@ class UpdateParamGroup(Operation):
     kind = "update_group"
     index: int
     options: dict[str, Any]
+    #: set by requests: also refuses what servers before it accepted (non-finite options,
+    #: scheduler-kept keys out of range: :func:`check_group_changes`). It travels with the
+    #: operation; records logged before these checks existed lack it and replay as they ran
+    request: bool = False
 
     def check(self, s: Session) -> dict[str, Any]:
-        return check_group_changes(s, {self.index: self.options},
-                                   index_field="index")[self.index]
+        return check_group_changes(s, {self.index: self.options}, index_field="index",
+                                   request=self.request)[self.index]
 
     def apply(self, s: Session, plan: dict[str, Any]) -> SessionInfo:
         s.optimizer.param_groups[self.index].update(plan)
         return s.describe()
 
     def to_tree(self) -> dict[str, Any]:
-        return {"index": self.index, "options": self.options}
+        tree: dict[str, Any] = {"index": self.index, "options": self.options}
+        if self.request:
+            tree["request"] = True
+        return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> UpdateParamGroup:
-        return cls(int(tree["index"]), dict(tree["options"]))
+        return cls(int(tree["index"]), dict(tree["options"]), tree.get("request") is True)
 
 
 def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
                         prefix: str = "param_groups",
-                        index_field: str | None = None) -> dict[int, dict[str, Any]]:
+                        index_field: str | None = None,
+                        request: bool = False) -> dict[int, dict[str, Any]]:
     """Option changes for some groups (by index), validated with torch's own constructor
     checks on each whole resulting group, whatever it held before, and against the dtype of
     its parameters; the constructor values to set, by index. ``index_field`` names where an
-    unknown index came from (``PATCH``: its path's ``index``), else ``prefix.index``."""
+    unknown index came from (``PATCH``: its path's ``index``), else ``prefix.index``. A
+    ``request`` (not a logged record) is also refused a non-finite option and a scheduler-kept
+    key out of range (``initial_lr: -5``), which torch's checks let through."""
     groups = s.optimizer.param_groups
     current = s.group_options()
     proposed = [dict(g) for g in current]
@@ -233,6 +246,9 @@ def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
                           field=index_field or f"{prefix}.{index}")
         where = f"{prefix}.{index}"
         opts = optimizers.normalize_options(s.cls, options, where, current[index])
+        if request:
+            refuse_nonfinite_options(s.optimizer_name, opts, where)
+            check_scheduler_group_keys(s.cls, opts, where)
         proposed[index].update(opts)
         out[index] = opts
         # the whole resulting group is checked: name the option given, else the one torch names

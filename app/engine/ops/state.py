@@ -24,9 +24,14 @@ class ImportState(Operation):
     kind = "import"
     bumps_version = True
     state: dict[str, Any]
+    #: set by requests: also refuses what servers before it accepted (non-finite options and
+    #: scheduler state, scheduler-kept group keys out of range: ``prepare_import``). It
+    #: travels with the operation; records logged before these checks lack it and replay as
+    #: they ran
+    request: bool = False
 
     def check(self, s: Session) -> state_dicts.PreparedImport:
-        prepared = state_dicts.prepare_import(s, self.state)
+        prepared = state_dicts.prepare_import(s, self.state, request=self.request)
         if s.scheduler is not None:
             saved = schedulers.capture(s.optimizer, s.scheduler)
             try:
@@ -69,11 +74,14 @@ class ImportState(Operation):
         return s.describe()
 
     def to_tree(self) -> dict[str, Any]:
-        return {"state": self.state}
+        tree: dict[str, Any] = {"state": self.state}
+        if self.request:
+            tree["request"] = True
+        return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> ImportState:
-        return cls(dict(tree["state"]))
+        return cls(dict(tree["state"]), tree.get("request") is True)
 
 
 @register
