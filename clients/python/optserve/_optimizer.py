@@ -49,6 +49,7 @@ from ._api import Durability, NonFinitePolicy
 from ._base_client import ReceiveBuffer
 from ._client import Client
 from ._exceptions import OptserveError
+from ._gc import gc_paused
 from ._tensors import Tensor
 from ._types import EvaluationRequest, SessionInfo
 
@@ -234,11 +235,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 raise
             return
         try:
-            info = self._client.create_session(
-                optimizer, param_groups=groups, options=options, scheduler=scheduler,
-                id=session_id, binary=binary, durability=durability, metrics=metrics,
-                nonfinite=nonfinite,
-            )
+            with gc_paused(len(self._by_name)):
+                info = self._client.create_session(
+                    optimizer, param_groups=groups, options=options, scheduler=scheduler,
+                    id=session_id, binary=binary, durability=durability, metrics=metrics,
+                    nonfinite=nonfinite,
+                )
         except BaseException:
             if self._owns_client:
                 self._client.close()
@@ -438,6 +440,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
             if value is not None:
                 self._scalars.setdefault("loss", value)
         scalars, self._scalars = self._scalars, {}
+        # no cyclic collections walking the whole process while a many-tensor step makes
+        # and drops its per-tensor objects (none of them cyclic; see optserve._gc)
+        with gc_paused(len(self._by_name)):
+            self._step(scalars)
+        return loss
+
+    def _step(self, scalars: dict[str, float]) -> None:
+        """:meth:`step` after the closure: send the gradients, copy the new values in."""
         self.push_params(only_edited=True)
         # options changed locally (by hand or by any torch scheduler) ride with the step: one
         # round trip, applied atomically with it (a sync round's step is every worker's: there
@@ -482,7 +492,6 @@ class RemoteOptimizer(torch.optim.Optimizer):
                           if wire == torch.float16 else result.params)
         self._version = result.params_at if result.params is not None else result.version
         self._take_lrs(result.lr)
-        return loss
 
     def _widened_where_infinite(self, params: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         """The parameters answered narrowed to float16, those holding an infinity pulled again
