@@ -6,14 +6,17 @@ with the same run on the local ``torch.optim`` optimizer (CPU, same torch build)
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import subprocess
 import sys
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from torch import nn
@@ -227,6 +230,51 @@ def test_options_set_through_param_groups(client: optserve.Client) -> None:
             opt.step()
     assert_same_params(local_model, remote_model)
     assert_same_state(local, remote)
+
+
+def test_state_is_readable_per_parameter(live_server: str) -> None:
+    """``opt.state[p]["exp_avg"]`` (logging, debugging code; Lightning moving the state to a
+    device) reads the session's state as it stands after the last step, fetched only when
+    read (one request per step at most); after ``load_state_dict`` it is the loaded state.
+    Edits and copies of it stay local."""
+    log: list[str] = []
+    hook = lambda r: log.append(f"{r.method} {r.url.path.rsplit('/', 1)[-1]}")  # noqa: E731
+    with httpx.Client(event_hooks={"request": [hook]}) as http, \
+            optserve.Client(live_server, http_client=http, transport="http") as client:
+        local_model, local, remote_model, remote = pair(client, "Adam", lr=1e-2)
+        assert len(remote.state) == 0 and not remote.state
+        pairs = list(zip(local_model.parameters(), remote_model.parameters(), strict=True))
+        for i in range(3):
+            for model, opt in ((local_model, local), (remote_model, remote)):
+                opt.zero_grad()
+                loss_at(model, i).backward()
+                opt.step()
+            for p, q in pairs:
+                assert q in remote.state
+                assert remote.state[q].keys() == local.state[p].keys()
+                for key in ("step", "exp_avg", "exp_avg_sq"):
+                    assert torch.equal(remote.state[q][key], local.state[p][key]), key
+        assert log.count("GET state_dict") == 4  # the first read, then once after each step
+        for _ in range(2):  # steps nobody reads the state of fetch nothing
+            remote.zero_grad()
+            loss_at(remote_model, 0).backward()
+            remote.step()
+        assert log.count("GET state_dict") == 4
+        assert len(remote.state) == 4 and set(remote.state) == set(remote_model.parameters())
+        assert [int(v["step"]) for v in remote.state.values()] == [5] * 4
+        kept = copy.deepcopy(remote.state)
+        assert type(kept) is defaultdict and len(kept) == 4
+        for a, b in zip(kept.values(), remote.state.values(), strict=True):
+            assert torch.equal(a["exp_avg"], b["exp_avg"])
+        remote.state[pairs[0][1]]["exp_avg"] = torch.zeros(1)  # a local edit only
+        assert int(client.get_session(remote.session_id).step) == 5
+
+        fresh = optserve.RemoteOptimizer(mlp().parameters(), "Adam", client, lr=1e-2)
+        assert len(fresh.state) == 0
+        fresh.load_state_dict(local.state_dict())
+        for (p, _), q in zip(pairs, fresh.param_groups[0]["params"], strict=True):
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(fresh.state[q][key], local.state[p][key]), key
 
 
 def test_step_hooks_see_and_change_the_gradients(client: optserve.Client) -> None:
