@@ -19,7 +19,11 @@ How it maps onto the service:
 - ``zero_grad()`` is torch's own (local gradients; the server clears its own after each step);
 - ``state_dict()`` fetches the session's state in torch's format, ``load_state_dict()`` imports
   one (from a ``RemoteOptimizer`` or a local optimizer of the same class);
-- ``self.state`` stays empty: the optimizer state lives on the server;
+- ``self.state`` is a view of the session's state, torch's ``{param: {"step": ...,
+  "exp_avg": ..., ...}}``, fetched (one ``state_dict`` request) when first read after a step,
+  a ``load_state_dict`` or an ``add_param_group`` (logging code that reads
+  ``opt.state[p]["exp_avg"]``); edits to it stay local: the server's state changes through
+  steps and ``load_state_dict``;
 - ``with RemoteOptimizer(...) as opt:`` deletes the session it created at the end of the block
   (``close(delete_session=True)``); without ``with``, ``close()`` keeps it.
 
@@ -37,7 +41,9 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable, Mapping
+from _collections_abc import dict_items, dict_keys, dict_values
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
 from copy import deepcopy
 from types import TracebackType
 from typing import Any, overload
@@ -120,6 +126,91 @@ def _loss_value(loss: Any) -> float:
     if isinstance(loss, torch.Tensor):
         return float(loss.detach())
     return float(loss)
+
+
+class _SessionState(defaultdict[torch.Tensor, Any]):
+    """``RemoteOptimizer.state``: torch's ``{param: {"step": ..., "exp_avg": ..., ...}}`` as
+    the session holds it, fetched by ``load`` when first read after ``key()`` changed (a step,
+    a pull, a ``load_state_dict``, an ``add_param_group``); never fetched while nothing reads
+    it. Writes go to this copy only. A ``defaultdict(dict)`` as torch's own ``state`` is."""
+
+    def __init__(self, load: Callable[[], dict[torch.Tensor, Any]],
+                 key: Callable[[], object]) -> None:
+        super().__init__(dict)
+        self._load = load
+        self._key = key
+        self._loaded_at: object = None
+        self._loaded = False
+
+    def _fresh(self) -> None:
+        key = self._key()
+        if self._loaded and key == self._loaded_at:
+            return
+        values = self._load()
+        dict.clear(self)
+        dict.update(self, values)
+        self._loaded, self._loaded_at = True, key
+
+    def __getitem__(self, key: torch.Tensor) -> Any:
+        self._fresh()
+        return super().__getitem__(key)
+
+    def __setitem__(self, key: torch.Tensor, value: Any) -> None:
+        self._fresh()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: torch.Tensor) -> None:
+        self._fresh()
+        super().__delitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self._fresh()
+        return super().__contains__(key)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        self._fresh()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._fresh()
+        return super().__len__()
+
+    def __repr__(self) -> str:
+        self._fresh()
+        return repr(dict(self))
+
+    def __eq__(self, other: object) -> bool:
+        self._fresh()
+        return dict.__eq__(self, other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def get(self, key: torch.Tensor, default: Any = None) -> Any:
+        self._fresh()
+        return super().get(key, default)
+
+    def keys(self) -> dict_keys[torch.Tensor, Any]:
+        self._fresh()
+        return super().keys()
+
+    def values(self) -> dict_values[torch.Tensor, Any]:
+        self._fresh()
+        return super().values()
+
+    def items(self) -> dict_items[torch.Tensor, Any]:
+        self._fresh()
+        return super().items()
+
+    def copy(self) -> defaultdict[torch.Tensor, Any]:  # type: ignore[override]
+        """A plain ``defaultdict(dict)`` of the current state (no longer following the
+        session): ``defaultdict.copy`` would call this class with its own arguments."""
+        self._fresh()
+        return defaultdict(dict, dict.items(self))
+
+    __copy__ = copy  # type: ignore[assignment]
+
+    def __reduce__(self) -> Any:  # copy.deepcopy, pickle: the plain defaultdict
+        return (defaultdict, (dict,), None, None, iter(self.copy().items()))
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
@@ -219,6 +310,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._worker = worker
         self._version = 0  # the session version the local parameter values belong to
         self._scalars: dict[str, float] = {}  # sent with the next step (record_scalars)
+        #: bumped by whatever may change the session's state besides a new version
+        self._state_epoch = 0
+        self.state = _SessionState(self._session_state,
+                                   lambda: (self._version, self._state_epoch))
 
         groups = []
         for group, opts in zip(self.param_groups, explicit, strict=True):
@@ -429,6 +524,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         into the session's history (:meth:`Client.history`, ``optserve watch``, the web page).
         Over HTTP they do (on one host, taking them while the answer's bytes go out made no
         consistent difference)."""
+        self._state_epoch += 1
         if self._optimizer_name == "LBFGS":
             first: float | None = self._lbfgs_step(closure)
             return first
@@ -550,6 +646,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             super().add_param_group(param_group)
             return
         explicit = {k: v for k, v in param_group.items() if k not in _NOT_OPTIONS}
+        self._state_epoch += 1
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         names = self._names_for(group)
@@ -618,6 +715,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     "that doesn't match the size of optimizer's group"
                 )
         self.push_params(only_edited=True)
+        self._state_epoch += 1
         info = self._client.import_state(
             self._session_id, state_dict, format="safetensors" if self._binary else "json"
         )
@@ -631,6 +729,20 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._adopt(info)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _session_state(self) -> dict[torch.Tensor, Any]:
+        """The session's state keyed by this optimizer's parameters (see :attr:`state`)."""
+        if not hasattr(self, "_session_id"):
+            return {}
+        sd = self._client.export_state(
+            self._session_id, format="safetensors" if self._binary else "json")
+        state: dict[torch.Tensor, Any] = {}
+        for group, server in zip(self.param_groups, sd["param_groups"], strict=True):
+            for p, index in zip(group["params"], server["params"], strict=True):
+                entry = sd["state"].get(index)
+                if entry is not None:
+                    state[p] = entry
+        return state
 
     # ------------------------------------------------------------------ extras
     def push_params(self, *, only_edited: bool = False) -> None:
