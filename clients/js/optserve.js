@@ -44,11 +44,15 @@ export function float16ToNumber(h) {
   return sign * (1 + frac / 1024) * 2 ** (exp - 15);
 }
 
-/** A number to IEEE half bits, rounding to nearest even (as torch does). */
+/**
+ * A number to IEEE half bits, rounding to nearest even as torch does: through float32 (torch
+ * makes a half of a Python float as float -> half, so a double just past a tie between two
+ * halves rounds as the tie does once float32 has dropped what makes it pass).
+ */
 export function numberToFloat16(x) {
   if (Number.isNaN(x)) return 0x7e00;
   const sign = x < 0 || Object.is(x, -0) ? 0x8000 : 0;
-  let a = Math.abs(x);
+  let a = Math.abs(Math.fround(x));
   if (a === Infinity) return sign | 0x7c00;
   if (a >= 65520) return sign | 0x7c00; // rounds past the largest half (65504)
   if (a < 2 ** -14) {
@@ -62,7 +66,7 @@ export function numberToFloat16(x) {
   let e = Math.floor(Math.log2(a));
   if (2 ** e > a) e -= 1; // guard log2 rounding
   if (2 ** (e + 1) <= a) e += 1;
-  const q = (a / 2 ** e - 1) * 1024; // exact: a has at most 53 significant bits
+  const q = (a / 2 ** e - 1) * 1024; // exact: a has at most 24 significant bits
   let m = Math.floor(q);
   const r = q - m;
   if (r > 0.5 || (r === 0.5 && m % 2 === 1)) m += 1;

@@ -6,7 +6,7 @@ import {
   Tensor, bfloat16ToNumber, decodeJsonTensor, encodeJsonTensor, float16ToNumber, numberToBfloat16,
   numberToFloat16, parseMetadata, readSafetensors, stringify, treeFromJson, treeToJson, writeSafetensors,
 } from "../optserve.js";
-import { assertSameTensor, assertSameTree } from "./helpers.js";
+import { assertSameTensor, assertSameTree, reference } from "./helpers.js";
 
 test("float16 bits: exact values, rounding to nearest even, specials", () => {
   const cases = [
@@ -22,6 +22,15 @@ test("float16 bits: exact values, rounding to nearest even, specials", () => {
     const x = float16ToNumber(h);
     if (!Number.isNaN(x)) assert.equal(numberToFloat16(x), h, `round trip of ${h.toString(16)}`);
   }
+});
+
+test("doubles between two half values round as torch rounds them (through float32)", () => {
+  const ref = reference().half_rounding; // torch.tensor(values, dtype=...) on this machine
+  ref.values.forEach((x, i) => {
+    assert.equal(numberToFloat16(x), ref.float16[i], `float16 of ${x}`);
+    assert.equal(numberToBfloat16(x), ref.bfloat16[i], `bfloat16 of ${x}`);
+  });
+  assert.deepEqual(Array.from(Tensor.from(ref.values, { dtype: "float16" }).data), ref.float16);
 });
 
 test("bfloat16 bits", () => {

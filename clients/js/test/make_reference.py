@@ -17,6 +17,7 @@ so the tests send exactly what torch saw. "cpu_capability" records the kernels t
 from __future__ import annotations
 
 import json
+import math
 import struct
 import sys
 
@@ -167,6 +168,27 @@ def lbfgs(options: dict, steps: int = 3) -> dict:
     return {"options": options, "x0": [1.5, -2.0], "steps": out}
 
 
+def half_rounding() -> dict:
+    """Doubles that are not float16/bfloat16 values, near the ties between two of them (and
+    where a direct rounding and torch's differ), with the raw bits torch makes of each:
+    torch converts a Python float to a half type through float32."""
+    values = [1 + 2**-11 + 2**-40, 1 - 2**-12 - 2**-42, 2**-24 * (1.5 + 2**-30),
+              2**-14 * (1 + 2**-11 + 2**-35), 65504 + 16 - 2**-20, 0.1, -1 / 3,
+              1 + 2**-8 + 2**-40, -(1 + 2**-8 + 2**-40), 3.0000001]
+    return {"values": values,
+            "float16": half_bits(torch.tensor(values, dtype=torch.float16)),
+            "bfloat16": half_bits(torch.tensor(values, dtype=torch.bfloat16))}
+
+
+def asgd_t0_inf() -> dict:
+    """ASGD with t0 = inf (never average: +inf is a meaningful option there), fed fixed
+    gradients. The options are left out (JSON has no infinity): the test gives them."""
+    out = run_fixed("ASGD", {"lr": 0.05, "t0": math.inf},
+                    {"x": torch.tensor([1.0, -2.0, 0.5], dtype=torch.float32)}, n=3, seed=3)
+    del out["options"]
+    return out
+
+
 def main() -> None:
     torch.use_deterministic_algorithms(True)
     ref = {
@@ -184,6 +206,8 @@ def main() -> None:
             {"v": torch.tensor([1.0, -2.0, 0.3, 4.5], dtype=torch.float64)},
             n=4, seed=1),
         "adam_bf16": adam_bf16(),
+        "half_rounding": half_rounding(),
+        "asgd_t0_inf": asgd_t0_inf(),
         "sparse_adam": sparse_adam(),
         "lbfgs": lbfgs({"lr": 1, "max_iter": 6, "history_size": 3}),
         "lbfgs_wolfe": lbfgs({"lr": 1, "max_iter": 8, "history_size": 4,
