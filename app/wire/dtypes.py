@@ -36,7 +36,9 @@ SAFETENSORS_NAMES: dict[str, str] = {
 
 # numpy dtype used to build a tensor from a JSON number list (bfloat16 goes through float32)
 NUMPY_FOR_LIST: dict[str, type[np.generic]] = {
-    "float16": np.float16,
+    # float16 and bfloat16 through float32, as torch makes them of Python floats (numpy's
+    # float16 rounds a double directly: one just past a tie would get another value)
+    "float16": np.float32,
     "bfloat16": np.float32,
     "float32": np.float32,
     "float64": np.float64,

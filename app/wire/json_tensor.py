@@ -139,11 +139,12 @@ def decode_json_tensor(obj: object, field: str) -> torch.Tensor:
                       field=f"{field}.data")
     arr = _from_list(data, dtype, numel, field)
     tensor = torch.from_numpy(arr)
-    if torch_dtype == torch.bfloat16:
-        # numpy has no bfloat16: values finite in float32 may still round past bfloat16's range
-        converted = tensor.to(torch.bfloat16)
+    if torch_dtype in (torch.float16, torch.bfloat16):
+        # made as float32 (as torch makes a half of a Python float: double -> float -> half);
+        # values finite in float32 may still round past the half type's range
+        converted = tensor.to(torch_dtype)
         if bool((torch.isinf(converted) & torch.isfinite(tensor)).any()):
-            raise Invalid("data holds values out of range for bfloat16",
+            raise Invalid(f"data holds values out of range for {dtype}",
                           code="invalid_tensor", field=f"{field}.data")
         tensor = converted
     return tensor.reshape(shape)

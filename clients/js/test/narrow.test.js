@@ -55,3 +55,26 @@ describe("bfloat16 gradients and answers vs torch.optim", { skip: NO_SERVER }, (
     });
   }
 });
+
+describe("float16 JSON data that are not float16 values", { skip: NO_SERVER }, () => {
+  test("the server rounds them as torch does (through float32), as a curl user sends them", async () => {
+    // torch.tensor(values, dtype=torch.float16): each double through float32 to float16
+    const ref = reference().half_rounding;
+    const keep = ref.values.map((_, i) => i).filter((i) => (ref.float16[i] & 0x7c00) !== 0x7c00); // finite
+    const values = keep.map((i) => ref.values[i]);
+    const c = client();
+    const id = uid("f16-data");
+    await c.createSession({ id, optimizer: "SGD", options: { lr: 1 }, params: { x: new Tensor("float16", [values.length], new Uint16Array(values.length)) } });
+    // the doubles as they are (no client-side rounding): x = 0 - 1 * g = -g
+    const { buf } = await c.request("POST", `/v1/sessions/${id}/step`, { json: { grads: { x: { dtype: "float16", shape: [values.length], data: values } } } });
+    const x = JSON.parse(new TextDecoder().decode(buf)).params.x;
+    const got = Tensor.from(x.data, { dtype: "float16" });
+    assert.deepEqual(Array.from(got.data), keep.map((i) => ref.float16[i] ^ 0x8000));
+    // a double that float32 rounds to 65520 is past float16's range for torch: refused, not 65504
+    const past = ref.values[ref.float16.indexOf(0x7c00)];
+    const err = await c.request("POST", `/v1/sessions/${id}/step`, { json: { grads: { x: { dtype: "float16", shape: [1], data: [past] } } } }).catch((e) => e);
+    assert.equal(err.status, 422, String(err));
+    assert.equal(err.field, "grads.x.data");
+    await c.deleteSession(id);
+  });
+});
