@@ -815,21 +815,23 @@ export class OptserveClient {
       const tensors = {};
       const meta = {};
       // every value as JSON text, so an id such as "123" stays a string
-      for (const [k, v] of Object.entries(rest)) if (v !== undefined) meta[k] = stringify(v);
+      for (const [k, v] of Object.entries(rest)) if (v !== undefined) meta[k] = stringify(treeToJson(v));
       if (groups) {
         meta.param_groups = stringify(groups.map(({ params: gp, ...opts }) => {
           const m = tensorMap(gp);
           Object.assign(tensors, m);
-          return { ...opts, params: Object.keys(m) };
+          return { ...treeToJson(opts), params: Object.keys(m) };
         }));
       } else {
         Object.assign(tensors, tensorMap(params));
       }
       return this._described("POST", "/v1/sessions", { body: writeSafetensors(tensors, meta) });
     }
+    // options as the server reads them: Infinity as {"$float": "inf"} (JSON has no literal for
+    // it: JSON.stringify writes null), a tensor option (lr) as a JSON tensor
     const body = {};
-    for (const [k, v] of Object.entries(rest)) if (v !== undefined) body[k] = v;
-    if (groups) body.param_groups = groups.map(({ params: gp, ...opts }) => ({ ...opts, params: encodeMap(gp) }));
+    for (const [k, v] of Object.entries(rest)) if (v !== undefined) body[k] = treeToJson(v);
+    if (groups) body.param_groups = groups.map(({ params: gp, ...opts }) => ({ ...treeToJson(opts), params: encodeMap(gp) }));
     else body.params = encodeMap(params);
     return this._described("POST", "/v1/sessions", { json: body });
   }
@@ -895,7 +897,7 @@ export class OptserveClient {
    * on_timeout} | null, max_staleness, staleness_lr}); absent fields keep their value.
    */
   configureSession(id, options) {
-    return this._described("PATCH", this._sid(id), { json: options });
+    return this._described("PATCH", this._sid(id), { json: treeToJson(options) });
   }
 
   /**
@@ -1013,7 +1015,8 @@ export class OptserveClient {
 
   /** POST /v1/sessions/{id}/param_groups: group = {params: {name: tensor}, ...options}. Returns the description. */
   addParamGroup(id, group, { binary = false } = {}) {
-    const { params, ...options } = group;
+    const { params, ...rest } = group;
+    const options = treeToJson(rest); // Infinity as {"$float": "inf"}, tensors as JSON tensors
     if (binary) {
       const meta = Object.fromEntries(Object.entries(options).map(([k, v]) => [k, stringify(v)]));
       return this._described("POST", `${this._sid(id)}/param_groups`, { body: writeSafetensors(tensorMap(params), meta) });
@@ -1023,7 +1026,7 @@ export class OptserveClient {
 
   /** PATCH /v1/sessions/{id}/param_groups/{index}: change a group's options. Returns the description. */
   updateParamGroup(id, index, options) {
-    return this._described("PATCH", `${this._sid(id)}/param_groups/${Number(index)}`, { json: options });
+    return this._described("PATCH", `${this._sid(id)}/param_groups/${Number(index)}`, { json: treeToJson(options) });
   }
 
   /**
