@@ -543,6 +543,8 @@ export class OptserveError extends Error {
     this.title = title;
     this.type = type;
     this.problem = problem;
+    /** The Idempotency-Key of the failed call (mutating calls): send the call again with it. */
+    this.idempotencyKey = undefined;
   }
 }
 export class BadRequestError extends OptserveError {} // 400
@@ -649,18 +651,30 @@ export class OptserveClient {
    * kept for its retries, so the server answers a retry of what it already applied instead of
    * applying it again. Retried (up to maxRetries, exponential delay): no answer at all
    * (ConnectionError), and 503 after its Retry-After (the server applied nothing).
+   * opts.idempotencyKey: the key to send (default: a fresh one). When every retry failed, the
+   * error's `idempotencyKey` is the key the call went out with: sending the call again later
+   * with it (`step(id, grads, {idempotencyKey: err.idempotencyKey})`, once the server is back)
+   * is answered, not applied twice, if the server had applied it.
    */
   async request(method, path, opts = {}) {
     const headers = { ...(opts.headers ?? {}) };
-    if (method !== "GET" && !Object.keys(headers).some((h) => h.toLowerCase() === "idempotency-key")) {
+    const given = Object.keys(headers).find((h) => h.toLowerCase() === "idempotency-key");
+    if (opts.idempotencyKey !== undefined) {
+      if (given !== undefined) delete headers[given];
+      headers["Idempotency-Key"] = String(opts.idempotencyKey);
+    } else if (method !== "GET" && given === undefined) {
       headers["Idempotency-Key"] = newIdempotencyKey();
     }
+    const key = headers[Object.keys(headers).find((h) => h.toLowerCase() === "idempotency-key")];
     for (let attempt = 0; ; attempt++) {
       try {
         return await this._attempt(method, path, { ...opts, headers });
       } catch (err) {
         const retryable = err instanceof ConnectionError || err instanceof UnavailableError;
-        if (!retryable || attempt >= this.maxRetries) throw err;
+        if (!retryable || attempt >= this.maxRetries) {
+          if (key !== undefined && err instanceof OptserveError) err.idempotencyKey = key;
+          throw err;
+        }
         let delay = Math.min(this.retryDelayMs * 2 ** attempt, MAX_RETRY_DELAY_MS);
         if (err.retryAfter !== undefined) delay = Math.max(delay, Math.min(err.retryAfter * 1000, MAX_RETRY_DELAY_MS));
         await new Promise((resolve) => setTimeout(resolve, delay));
@@ -737,14 +751,14 @@ export class OptserveClient {
   }
 
   /** Tensors out of a step / params answer, JSON or safetensors. */
-  async _tensorsCall(method, path, { tensors, key, binary, encoding, query = {}, headers, extra, body, holdS = held(query.wait_s) }) {
+  async _tensorsCall(method, path, { tensors, key, binary, encoding, query = {}, headers, extra, body, holdS = held(query.wait_s), idempotencyKey }) {
     // body: {json} or {body, contentType} sent as is (when tensors is undefined)
     // holdS: how long the server may hold it (default: a long poll's ?wait_s=)
     // extra: more top-level body fields (JSON), or safetensors __metadata__ entries (JSON texts)
     binary = binary ?? this.binary;
     const q = { ...query };
     if (!binary && encoding && encoding !== "data") q.encoding = encoding;
-    const opts = { query: q, accept: binary ? BINARY : JSON_TYPE, headers, holdS };
+    const opts = { query: q, accept: binary ? BINARY : JSON_TYPE, headers, holdS, idempotencyKey };
     if (tensors !== undefined) {
       const map = tensorMap(tensors);
       if (binary) {
@@ -808,7 +822,7 @@ export class OptserveClient {
    * [{params: {name: tensor}, ...options}], scheduler?: {name, options, step_on?}, id?, nonfinite?}.
    * With {binary: true} the tensors travel as a safetensors body. Returns the session description.
    */
-  createSession(spec, { binary = false } = {}) {
+  createSession(spec, { binary = false, idempotencyKey } = {}) {
     const { paramGroups, param_groups: pg, params, ...rest } = spec;
     const groups = paramGroups ?? pg;
     if (binary) {
@@ -825,7 +839,7 @@ export class OptserveClient {
       } else {
         Object.assign(tensors, tensorMap(params));
       }
-      return this._described("POST", "/v1/sessions", { body: writeSafetensors(tensors, meta) });
+      return this._described("POST", "/v1/sessions", { body: writeSafetensors(tensors, meta), idempotencyKey });
     }
     // options as the server reads them: Infinity as {"$float": "inf"} (JSON has no literal for
     // it: JSON.stringify writes null), a tensor option (lr) as a JSON tensor
@@ -833,7 +847,7 @@ export class OptserveClient {
     for (const [k, v] of Object.entries(rest)) if (v !== undefined) body[k] = treeToJson(v);
     if (groups) body.param_groups = groups.map(({ params: gp, ...opts }) => ({ ...treeToJson(opts), params: encodeMap(gp) }));
     else body.params = encodeMap(params);
-    return this._described("POST", "/v1/sessions", { json: body });
+    return this._described("POST", "/v1/sessions", { json: body, idempotencyKey });
   }
 
   /** A JSON answer whose numbers may be non-finite ({"$float": "inf"} tags: an lr). */
@@ -852,8 +866,8 @@ export class OptserveClient {
   }
 
   /** DELETE /v1/sessions/{id} */
-  async deleteSession(id) {
-    await this.request("DELETE", this._sid(id));
+  async deleteSession(id, { idempotencyKey } = {}) {
+    await this.request("DELETE", this._sid(id), { idempotencyKey });
   }
 
   /**
@@ -871,7 +885,7 @@ export class OptserveClient {
    * step's path, into the session's history (before any later operation on it).
    * Returns {version, step, lr, skipped, nonfinite?, metrics?, params?: {name: Tensor}, etag}.
    */
-  step(id, grads = {}, { binary, encoding, returnParams = true, worker, baseVersion, paramGroups, upcast, paramsDtype, scalars, metrics } = {}) {
+  step(id, grads = {}, { binary, encoding, returnParams = true, worker, baseVersion, paramGroups, upcast, paramsDtype, scalars, metrics, idempotencyKey } = {}) {
     // worker: this push's worker id in a sync (parameter-server) session (X-Optserve-Worker);
     // baseVersion: the version the gradients were computed from (bounded staleness).
     const query = returnParams === "touched" ? { return: "touched" } : returnParams ? {} : { return: "none" };
@@ -888,7 +902,7 @@ export class OptserveClient {
     if (scalars !== undefined) extra.scalars = scalars;
     return this._tensorsCall("POST", `${this._sid(id)}/step`, {
       tensors: grads, key: "grads", binary, encoding, query, headers,
-      extra: Object.keys(extra).length ? extra : undefined, holdS: worker !== undefined ? Infinity : 0,
+      extra: Object.keys(extra).length ? extra : undefined, holdS: worker !== undefined ? Infinity : 0, idempotencyKey,
     });
   }
 
@@ -896,8 +910,8 @@ export class OptserveClient {
    * PATCH /v1/sessions/{id}: parameter-server options ({sync: {workers, reduce, timeout_s,
    * on_timeout} | null, max_staleness, staleness_lr}); absent fields keep their value.
    */
-  configureSession(id, options) {
-    return this._described("PATCH", this._sid(id), { json: treeToJson(options) });
+  configureSession(id, options, { idempotencyKey } = {}) {
+    return this._described("PATCH", this._sid(id), { json: treeToJson(options), idempotencyKey });
   }
 
   /**
@@ -905,21 +919,21 @@ export class OptserveClient {
    * gradients for wider parameters; scalars: {name: number} recorded with the next step (several
    * pushes: their mean). Returns {version, step, accumulated}.
    */
-  pushGrads(id, grads, { binary, upcast, scalars } = {}) {
+  pushGrads(id, grads, { binary, upcast, scalars, idempotencyKey } = {}) {
     binary = binary ?? this.binary;
     const map = tensorMap(grads);
     const query = upcast ? { upcast: "true" } : {};
     if (binary) {
       const meta = scalars === undefined ? undefined : { scalars: stringify(scalars) };
-      return this._json("POST", `${this._sid(id)}/grads`, { query, body: writeSafetensors(flattenSparse(map), meta) });
+      return this._json("POST", `${this._sid(id)}/grads`, { query, body: writeSafetensors(flattenSparse(map), meta), idempotencyKey });
     }
     const json = { grads: encodeMap(map), ...(scalars === undefined ? {} : { scalars }) };
-    return this._json("POST", `${this._sid(id)}/grads`, { query, json });
+    return this._json("POST", `${this._sid(id)}/grads`, { query, json, idempotencyKey });
   }
 
   /** POST /v1/sessions/{id}/zero_grad: clear the accumulated gradients. */
-  zeroGrad(id) {
-    return this._json("POST", `${this._sid(id)}/zero_grad`);
+  zeroGrad(id, { idempotencyKey } = {}) {
+    return this._json("POST", `${this._sid(id)}/zero_grad`, { idempotencyKey });
   }
 
   /** GET /v1/sessions/{id}/params (names: optional list). Returns {version, step, params, etag}. */
@@ -985,10 +999,10 @@ export class OptserveClient {
    * when given): {needs: "evaluation", step_id, evaluation, evaluations, params, ...}, or the
    * step's end.
    */
-  openEvaluationStep(id, first, { binary, timeoutS, returnParams = true } = {}) {
+  openEvaluationStep(id, first, { binary, timeoutS, returnParams = true, idempotencyKey } = {}) {
     const query = returnParams ? {} : { return: "none" };
     if (timeoutS !== undefined) query.timeout_s = timeoutS;
-    return this._evaluationCall(`${this._sid(id)}/step`, first, { binary, query });
+    return this._evaluationCall(`${this._sid(id)}/step`, first, { binary, query, idempotencyKey });
   }
 
   /** POST /v1/sessions/{id}/step/{evaluation} with {loss, grads}: the next question, or the end (safe to retry). */
@@ -1001,32 +1015,32 @@ export class OptserveClient {
     return (await this._json("DELETE", `${this._sid(id)}/step/${encodeURIComponent(stepId)}`)).outcome;
   }
 
-  _evaluationCall(path, ev, { binary, query }) {
+  _evaluationCall(path, ev, { binary, query, idempotencyKey }) {
     binary = binary ?? this.binary;
-    if (!ev) return this._tensorsCall("POST", path, { binary, query, body: {} });
+    if (!ev) return this._tensorsCall("POST", path, { binary, query, body: {}, idempotencyKey });
     const loss = Number.isFinite(ev.loss) ? ev.loss : Number.isNaN(ev.loss) ? "NaN" : ev.loss > 0 ? "Infinity" : "-Infinity";
-    return this._tensorsCall("POST", path, { tensors: ev.grads ?? {}, key: "grads", binary, query, extra: { loss } });
+    return this._tensorsCall("POST", path, { tensors: ev.grads ?? {}, key: "grads", binary, query, extra: { loss }, idempotencyKey });
   }
 
   /** PUT /v1/sessions/{id}/params: overwrite. Returns {version, step, params, etag}. */
-  putParams(id, params, { binary, encoding } = {}) {
-    return this._tensorsCall("PUT", `${this._sid(id)}/params`, { tensors: params, key: "params", binary, encoding });
+  putParams(id, params, { binary, encoding, idempotencyKey } = {}) {
+    return this._tensorsCall("PUT", `${this._sid(id)}/params`, { tensors: params, key: "params", binary, encoding, idempotencyKey });
   }
 
   /** POST /v1/sessions/{id}/param_groups: group = {params: {name: tensor}, ...options}. Returns the description. */
-  addParamGroup(id, group, { binary = false } = {}) {
+  addParamGroup(id, group, { binary = false, idempotencyKey } = {}) {
     const { params, ...rest } = group;
     const options = treeToJson(rest); // Infinity as {"$float": "inf"}, tensors as JSON tensors
     if (binary) {
       const meta = Object.fromEntries(Object.entries(options).map(([k, v]) => [k, stringify(v)]));
-      return this._described("POST", `${this._sid(id)}/param_groups`, { body: writeSafetensors(tensorMap(params), meta) });
+      return this._described("POST", `${this._sid(id)}/param_groups`, { body: writeSafetensors(tensorMap(params), meta), idempotencyKey });
     }
-    return this._described("POST", `${this._sid(id)}/param_groups`, { json: { ...options, params: encodeMap(params) } });
+    return this._described("POST", `${this._sid(id)}/param_groups`, { json: { ...options, params: encodeMap(params) }, idempotencyKey });
   }
 
   /** PATCH /v1/sessions/{id}/param_groups/{index}: change a group's options. Returns the description. */
-  updateParamGroup(id, index, options) {
-    return this._described("PATCH", `${this._sid(id)}/param_groups/${Number(index)}`, { json: treeToJson(options) });
+  updateParamGroup(id, index, options, { idempotencyKey } = {}) {
+    return this._described("PATCH", `${this._sid(id)}/param_groups/${Number(index)}`, { json: treeToJson(options), idempotencyKey });
   }
 
   /**
@@ -1055,23 +1069,23 @@ export class OptserveClient {
    * ArrayBuffer) of a file in the given format ("json" | "safetensors" | "torch").
    * Returns the session description.
    */
-  importState(id, state, { format = "json", encoding } = {}) {
+  importState(id, state, { format = "json", encoding, idempotencyKey } = {}) {
     const path = `${this._sid(id)}/state_dict`;
     if (state instanceof Uint8Array || state instanceof ArrayBuffer) {
       const ctype = format === "json" ? JSON_TYPE : BINARY;
-      return this._json("PUT", path, { query: { format }, body: toBytes(state), contentType: ctype });
+      return this._json("PUT", path, { query: { format }, body: toBytes(state), contentType: ctype, idempotencyKey });
     }
     if (format === "safetensors") {
       const { skeleton, tensors } = treeToSafetensors(state);
-      return this._json("PUT", path, { query: { format }, body: writeSafetensors(tensors, { optserve_state: stringify(skeleton) }) });
+      return this._json("PUT", path, { query: { format }, body: writeSafetensors(tensors, { optserve_state: stringify(skeleton) }), idempotencyKey });
     }
     if (format !== "json") throw new TypeError(`format ${format} needs the file's bytes`);
-    return this._json("PUT", path, { json: treeToJson(state, { b64: encoding === "b64" }) });
+    return this._json("PUT", path, { json: treeToJson(state, { b64: encoding === "b64" }), idempotencyKey });
   }
 
   /** POST /v1/sessions/{id}/scheduler/step ({metric} for ReduceLROnPlateau). */
-  schedulerStep(id, { metric } = {}) {
-    return this._described("POST", `${this._sid(id)}/scheduler/step`, { json: metric === undefined ? {} : { metric } });
+  schedulerStep(id, { metric, idempotencyKey } = {}) {
+    return this._described("POST", `${this._sid(id)}/scheduler/step`, { json: metric === undefined ? {} : { metric }, idempotencyKey });
   }
 }
 

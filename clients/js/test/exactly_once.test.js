@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
-import { ConflictError, OptserveClient, Tensor, UnavailableError, ValidationError } from "../optserve.js";
+import { ConflictError, ConnectionError, OptserveClient, Tensor, UnavailableError, ValidationError } from "../optserve.js";
 import { BASE_URL, NO_SERVER, uid } from "./helpers.js";
 
 /** A fetch that performs the request for real, then loses the first `drops` answers of `path`. */
@@ -43,6 +43,48 @@ describe("exactly once", { skip: NO_SERVER }, () => {
     assert.deepEqual([next.version, next.replayed], [2, undefined]);
     assert.deepEqual(Array.from(next.params.x.data), [98]);
     await c.deleteSession(id);
+  });
+
+  test("a step whose every retry failed is sent again later with the key its error carries", async () => {
+    // the server applies the step, then goes away (a restart): the answer and every retry of
+    // the client are lost; once it is back, the caller sends the step again with the same key
+    let down = false;
+    let lose = 1; // answers of /step to lose
+    const sent = [];
+    const fetchImpl = async (url, init) => {
+      if (String(url).includes("/step")) sent.push(init.headers["Idempotency-Key"]);
+      if (down) throw new TypeError("fetch failed", { cause: Object.assign(new Error("connect ECONNREFUSED"), { code: "ECONNREFUSED", syscall: "connect" }) });
+      const res = await globalThis.fetch(url, init);
+      if (String(url).includes("/step") && lose > 0) {
+        lose -= 1;
+        await res.arrayBuffer();
+        down = true;
+        throw new TypeError("fetch failed", { cause: Object.assign(new Error("other side closed"), { code: "UND_ERR_SOCKET" }) });
+      }
+      return res;
+    };
+    const c = new OptserveClient({ baseUrl: BASE_URL, fetch: fetchImpl, retryDelayMs: 1, maxRetries: 1 });
+    const id = uid("once-later");
+    await c.createSession({ id, optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) } });
+    const grads = { x: Tensor.from([16]) };
+    const err = await c.step(id, grads).catch((e) => e);
+    assert.ok(err instanceof ConnectionError, String(err));
+    assert.equal(sent.length, 2);
+    assert.equal(err.idempotencyKey, sent[0], "the error names the key the step went out with");
+    down = false; // the server is back
+    const out = await c.step(id, grads, { idempotencyKey: err.idempotencyKey });
+    assert.deepEqual([out.version, out.replayed], [1, true]);
+    assert.deepEqual(Array.from(out.params.x.data), [-14]); // applied once (twice: 98)
+    assert.equal(sent.at(-1), sent[0]);
+    // the other mutating calls take a key too: a repeat of a push is not accumulated twice
+    const push = { x: Tensor.from([1]) };
+    await c.pushGrads(id, push, { idempotencyKey: "push-once-1" });
+    const again = await c.pushGrads(id, push, { idempotencyKey: "push-once-1" });
+    assert.equal(again.replayed, true);
+    const stepped = await c.step(id, {});
+    assert.deepEqual(Array.from(stepped.params.x.data), [-15]);
+    await c.deleteSession(id, { idempotencyKey: "delete-once-1" });
+    await c.deleteSession(id, { idempotencyKey: "delete-once-1" }); // answered 204, not 404
   });
 
   test("a key reused for another request is a 422, GETs carry no key", async () => {
