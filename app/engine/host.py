@@ -75,7 +75,7 @@ from app.engine.ops import (
     Step,
 )
 from app.engine.ops.gradients import StepPlan, staleness_of
-from app.engine.rounds import SyncRounds
+from app.engine.rounds import Round, SyncRounds
 from app.engine.session import Session
 from app.engine.store import Files, Store, StoreCorrupt
 from app.engine.worker import DeviceWorker, Observer
@@ -257,7 +257,7 @@ class EmbeddedHost:
         self._locks: dict[str, _KeyLock] = {}
         self._key_locks: dict[tuple[str, str], _KeyLock] = {}
         self._changed: dict[str, asyncio.Event] = {}
-        self._rounds = SyncRounds(self._apply_round, self._check_push)
+        self._rounds = SyncRounds(self._apply_round, self._check_push, self._answered)
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="optserve-io")
         # tenant-wide idempotency: creates (by the session they made) and deletes
         self._tombstones: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()
@@ -622,9 +622,24 @@ class EmbeddedHost:
                         return await self._worker.run(
                             lambda: replay_answer(session, op, hit, want_params, params_into,
                                                   params_dtype))
-                result = await self._run(key, session, op, [idem] if idem else [],
-                                         want_params, params_into=params_into,
-                                         params_dtype=params_dtype)
+                seal = None
+                if isinstance(op, (Overwrite, ImportState)):
+                    # they change the parameters, or the version, outside a round: what a
+                    # sync round gathered at the old version is discarded (logged with the
+                    # operation: the discarded pushes' retries get the same 409)
+                    seal = self._rounds.seal(key, session.version)
+                    if seal is not None:
+                        op.discarded = seal.discarded()
+                try:
+                    result = await self._run(key, session, op, [idem] if idem else [],
+                                             want_params, params_into=params_into,
+                                             params_dtype=params_dtype)
+                except BaseException:
+                    if seal is not None:  # refused: the rounds go on as they were
+                        self._rounds.unseal(seal)
+                    raise
+                if seal is not None:
+                    self._rounds.discard(seal, op.kind, self._sessions[key].version)
                 if isinstance(op, Configure):
                     self._rounds.set(key, self._sessions[key].ps.sync)
                 return result
@@ -655,20 +670,18 @@ class EmbeddedHost:
                 raise Invalid("option changes travel with a step only in sessions without sync "
                               "rounds (a round's step is every worker's); PATCH the group "
                               "between rounds", code="invalid_body", field="param_groups")
-            if idem is not None:  # a retry of a push whose round already stepped
-                session = self._get(key)
-                hit = session.idem.lookup(idem.key, idem.fingerprint, idem.legacy)
-                if hit is not None:
-                    op = Step(grads)
-                    result: StepResult = await self._worker.run(
-                        lambda: replay_answer(session, op, hit,
-                                              bool(want_params) or params_into is not None))
-                    return result
+            wanted = bool(want_params) or params_into is not None
+            if idem is not None and self._answered(key, idem):
+                # a retry of a push whose round already stepped (or was discarded: raised)
+                return await self._replay_push(key, idem, grads, wanted)
             if upcast:
                 grads = await self._worker.run(lambda: self._widen(key, grads), "upcast")
-            result = await self._rounds.push(key, worker, grads, base_version, idem,
-                                             bool(want_params) or params_into is not None,
+            pushed = await self._rounds.push(key, worker, grads, base_version, idem, wanted,
                                              scalars, room=params_into)
+            if pushed is None:  # a retry whose push was answered meanwhile
+                assert idem is not None
+                return await self._replay_push(key, idem, grads, wanted)
+            result = pushed
             if params_dtype is not None and result.params is not None:
                 result = dataclasses.replace(result, params=_narrowed(result.params,
                                                                       params_dtype))
@@ -705,32 +718,64 @@ class EmbeddedHost:
         """Abandon an open LBFGS step; how it ended (``abandoned`` or ``committed``)."""
         return await self._evaluations.abandon(key, step_id)
 
+    def _answered(self, key: str, idem: IdemKey) -> bool:
+        """Whether the session's idempotency table answers this push: its round stepped
+        (True), or was discarded (the 409 it kept is raised); 422 for a reused key."""
+        hit = self._get(key).idem.lookup(idem.key, idem.fingerprint, idem.legacy)
+        return hit is not None
+
+    async def _replay_push(self, key: str, idem: IdemKey, grads: Tensors, want_params: bool
+                           ) -> StepResult:
+        session = self._get(key)
+        hit = session.idem.lookup(idem.key, idem.fingerprint, idem.legacy)
+        assert hit is not None
+        op = Step(grads)
+        result: StepResult = await self._worker.run(
+            lambda: replay_answer(session, op, hit, want_params))
+        return result
+
     async def _check_push(self, key: str, grads: Tensors, base_version: int | None,
-                          room: Tensors | None = None) -> Tensors:
+                          room: Tensors | None = None) -> tuple[Tensors, int]:
         """A push's gradients checked (and its staleness, and ``room``: a same-host binding's
-        slots, :meth:`Session.check_room`), in one hop to the worker."""
-        def check() -> Tensors:
+        slots, :meth:`Session.check_room`), in one hop to the worker; with the version they
+        were checked at."""
+        def check() -> tuple[Tensors, int]:
             s = self._get(key)
             if room is not None:  # (a binding's slots: still the session's?)
                 s.check_room(room, grads)
             if base_version is not None:
                 staleness_of(s, base_version)
-            return s.check_grads(grads)
+            return s.check_grads(grads), s.version
         await self._settled(key)
         return await self._worker.run(check, "sync_push")
 
-    async def _apply_round(self, key: str, pushes: dict[str, Tensors], how: ps.Reduce,
-                           keys: list[IdemKey], want_params: bool, sync: dict[str, Any],
-                           scalars: dict[str, dict[str, float]] | None = None) -> StepResult:
+    async def _apply_round(self, key: str, rnd: Round, how: ps.Reduce, sync: dict[str, Any]
+                           ) -> StepResult:
         """One step with the round's reduced gradients, logged as one ordinary ``step``
-        record answering every worker's idempotency key; every waiter gets the same result."""
+        record answering every worker's idempotency key; every waiter gets the same result.
+        Under the session's lock: a round an overwrite discarded meanwhile is not stepped,
+        nor one whose pushes were checked at another version than the session's now (a
+        safety net: whatever changes the version outside a round discards the round)."""
         async with self._lock(key):
             session = self._get(key)
+            if rnd.discarded:  # (its workers have their answers)
+                raise Conflict("this round was discarded", code="stale_gradient")
+            if rnd.versions != {session.version}:
+                gathered = sorted(rnd.versions)
+                log.warning("%s: a sync round gathered at version %s was not stepped at "
+                            "version %d", key, gathered, session.version)
+                raise Conflict(f"this push's round was gathered at version {gathered[0]} and "
+                               f"the session is at version {session.version}: its gradients "
+                               "are not applied; pull the parameters and push again",
+                               code="stale_gradient", field="base_version",
+                               current_version=session.version, base_version=gathered[0])
+            pushes, scalars = rnd.pushes, rnd.scalars
             reduced = await self._worker.run(lambda: ps.reduce(pushes, how), "reduce")
             step = Step(reduced, workers=list(sync["workers"]),
                         scalars=metrics.mean_scalars([scalars[w] for w in sorted(scalars)])
                         if scalars else None)
-            result: StepResult = await self._run(key, session, step, keys, want_params, sync)
+            result: StepResult = await self._run(key, session, step, list(rnd.keys.values()),
+                                                 rnd.want_params, sync)
         if isinstance(result.params, PackedTensors):  # every worker's answer sends them
             result.params.share()
         self._version_changed(key)
@@ -912,7 +957,8 @@ class EmbeddedHost:
             s.seq += 1
         if sync is not None:
             result.sync = sync
-        s.idem.remember_all([(k.key, k.fingerprint) for k in keys], op.result_json(result))
+        s.idem.remember_all([(k.key, k.fingerprint) for k in keys], op.result_json(result),
+                            op.refusals(s))
         if isinstance(result, StepResult):
             if params_into is not None and s.fits_answer(params_into, params_dtype):
                 if written is not None:  # the views may be the request body the record is
@@ -1031,7 +1077,8 @@ class EmbeddedHost:
                                    f"version {session.version}, the log says {record.version}")
             if record.sync is not None and isinstance(result, StepResult):
                 result.sync = record.sync
-            session.idem.remember_all(list(record.keys), record.op.result_json(result))
+            session.idem.remember_all(list(record.keys), record.op.result_json(result),
+                                      record.op.refusals(session))
             replayed += 1
         if session is None:
             if payload is None and not records and torn:

@@ -5,6 +5,11 @@ A key travels in the operation's log record, so the table is rebuilt by replay (
 snapshots): a repeat is answered, not applied again, also after a restart. The answer kept is
 the operation's scalar result (never tensors: a replayed step returns the session's current
 parameters, with their version). A repeat with another request fingerprint is a 422.
+
+An entry may also keep a refusal (:func:`refusal`): the answer of a request that an operation
+decided without applying it, a sync push whose round an overwrite discarded. A repeat of its
+key gets the same problem again (:meth:`IdempotencyTable.lookup` raises it); the operation's
+record names those keys, so replay keeps them as well.
 """
 
 from __future__ import annotations
@@ -13,10 +18,24 @@ import re
 from collections import OrderedDict
 from typing import Any
 
-from app.errors import Invalid
+from app.errors import Conflict, Invalid, OptserveError
 
 KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
 DEFAULT_WINDOW = 1000
+REFUSED = "$refused"
+_REFUSALS: dict[int, type[OptserveError]] = {409: Conflict, 422: Invalid}
+
+
+def refusal(exc: OptserveError) -> dict[str, Any]:
+    """A refusal as the table keeps it (JSON)."""
+    return {REFUSED: {"status": exc.status, "code": exc.code, "detail": exc.detail,
+                      "field": exc.field, "extra": dict(exc.extra)}}
+
+
+def _refused(kept: dict[str, Any]) -> OptserveError:
+    cls = _REFUSALS.get(int(kept["status"]), OptserveError)
+    return cls(str(kept["detail"]), code=str(kept["code"]), field=kept.get("field"),
+               **dict(kept.get("extra") or {}))
 
 
 def check_key(key: str) -> str:
@@ -50,18 +69,25 @@ class IdempotencyTable:
             raise Invalid("this Idempotency-Key was already used for a different request; use "
                           "a fresh key for every new operation",
                           code="idempotency_key_reused", field="Idempotency-Key")
+        kept = entry[1].get(REFUSED)
+        if kept is not None:
+            raise _refused(kept)
         return entry[1]
 
     def remember(self, key: str, fingerprint: str, result: dict[str, Any]) -> None:
         self.remember_all([(key, fingerprint)], result)
 
-    def remember_all(self, keys: list[tuple[str, str]], result: dict[str, Any]) -> None:
-        """The keys (with their fingerprints) of one operation, all answered by ``result``;
-        the oldest others are forgotten past the window."""
-        for key, fingerprint in keys:
-            self._entries[key] = (fingerprint, result)
+    def remember_all(self, keys: list[tuple[str, str]], result: dict[str, Any],
+                     refused: list[tuple[str, str, dict[str, Any]]] | None = None) -> None:
+        """The keys (with their fingerprints) of one operation, all answered by ``result``,
+        and the keys it refused (``refused``: key, fingerprint, :func:`refusal`); the oldest
+        others are forgotten past the window."""
+        entries = [(key, fingerprint, result) for key, fingerprint in keys]
+        entries += refused or []
+        for key, fingerprint, answer in entries:
+            self._entries[key] = (fingerprint, answer)
             self._entries.move_to_end(key)
-        while len(self._entries) > max(self.window, len(keys)):
+        while len(self._entries) > max(self.window, len(entries)):
             self._entries.popitem(last=False)
 
     def to_json(self) -> list[list[Any]]:

@@ -8,6 +8,17 @@ front), so workers of one round may talk to different fronts. Rounds are not per
 open at a crash was never acknowledged, and its workers' retries (same idempotency keys) form
 the next one. A retry of a push still in flight (being checked, waiting in its round, or in the
 round's step) gets that push's answer; once answered, the session's idempotency table has it.
+
+A push is checked only once the rounds closed before it have stepped, so every push of a round
+is checked at the version the round steps from. An operation that changes the parameters or the
+version outside a round (an overwrite, a state import) discards what was gathered at the old
+version: :meth:`SyncRounds.seal` holds new pushes back while it runs; if it is applied,
+:meth:`SyncRounds.discard` fails every push of the open round, of rounds closed but not yet
+stepped, and every push still being checked, each with 409 ``stale_gradient``
+(:func:`discarded_push`); the operation's record names their idempotency keys, so a retry gets
+the same 409, also after a restart (``Operation.refusals``). Refused, it leaves them alone
+(:meth:`SyncRounds.unseal`). ``_apply_round`` checks again, under the session's lock, that the
+session is still at the round's version.
 """
 
 from __future__ import annotations
@@ -22,6 +33,52 @@ from app.engine import ps
 from app.engine.interface import IdemKey, StepResult, Tensors
 from app.errors import Conflict, Invalid, OptserveError
 
+#: what discarded a round, by the discarding operation's kind
+DISCARDED_BY = {"overwrite": "the parameters were overwritten (PUT .../params)",
+                "import": "the optimizer state was loaded (PUT .../state)"}
+
+
+def discarded_push(by: str, worker: str, base_version: int, version: int) -> Conflict:
+    """The answer of a push whose round an operation of kind ``by`` discarded, leaving the
+    session at ``version``: its live answer, and its retries' (the idempotency table keeps it,
+    rebuilt by replay from the operation's record)."""
+    return Conflict(f"this push's round was discarded: {DISCARDED_BY.get(by, by)} while it "
+                    f"was open; the session is at version {version}, and gradients computed "
+                    f"at version {base_version} are not applied to it. Pull the parameters "
+                    "and push again", code="stale_gradient", field="base_version",
+                    current_version=version, base_version=base_version, worker=worker,
+                    discarded_by=by)
+
+
+@dataclass(frozen=True)
+class DiscardedPush:
+    """A keyed push a discarding operation answers (logged with it)."""
+
+    key: str
+    fingerprint: str
+    worker: str
+    base_version: int
+
+    def to_json(self) -> list[Any]:
+        return [self.key, self.fingerprint, self.worker, self.base_version]
+
+    @classmethod
+    def from_json(cls, item: Any) -> DiscardedPush:
+        key, fingerprint, worker, base = item
+        return cls(str(key), str(fingerprint), str(worker), int(base))
+
+
+@dataclass(eq=False)
+class Pending:
+    """A push from its arrival until it is in its round (or refused): being checked."""
+
+    worker: str
+    idem: IdemKey | None
+    base_version: int | None
+    waiter: asyncio.Future[StepResult]
+    #: set when a discarding operation was applied while it was being checked
+    discarded: OptserveError | None = None
+
 
 @dataclass(eq=False)
 class Round:
@@ -31,9 +88,15 @@ class Round:
     waiters: dict[str, asyncio.Future[StepResult]] = field(default_factory=dict)
     keys: dict[str, IdemKey] = field(default_factory=dict)  # worker -> its idempotency key
     scalars: dict[str, dict[str, float]] = field(default_factory=dict)  # worker -> its scalars
-    reserved: set[str] = field(default_factory=set)  # pushes being checked
+    bases: dict[str, int | None] = field(default_factory=dict)  # worker -> its base_version
+    #: the session versions its pushes were checked at (one, unless something went wrong)
+    versions: set[int] = field(default_factory=set)
     want_params: bool = False
     timer: asyncio.TimerHandle | None = None
+    timed_out: bool = False  # its timer fired while the session was sealed
+    discarded: bool = False
+    #: done once the round has stepped, failed or been discarded
+    resolved: asyncio.Future[None] | None = None
 
     def cancel_timer(self) -> None:
         if self.timer is not None:
@@ -51,25 +114,66 @@ class Round:
             if not fut.done():
                 fut.set_result(result)
 
+    def resolve(self) -> None:
+        if self.resolved is not None and not self.resolved.done():
+            self.resolved.set_result(None)
 
-#: applies a closed round on the device: (session key, the pushes by worker, how to reduce
-#: them, the workers' idempotency keys, want params, the round's ``sync`` answer, the
-#: workers' client scalars)
-ApplyRound = Callable[[str, dict[str, Tensors], ps.Reduce, list[IdemKey], bool,
-                       dict[str, Any], dict[str, dict[str, float]]], Awaitable[StepResult]]
+
+@dataclass(eq=False)
+class Seal:
+    """A session's rounds held for a discarding operation (:meth:`SyncRounds.seal`)."""
+
+    key: str
+    version: int  # the session's version when sealed: what the pushes were checked at
+    gate: asyncio.Future[None]
+    rounds: list[Round]
+    checking: list[Pending]
+
+    def discarded(self) -> list[DiscardedPush]:
+        """The keyed pushes the operation discards if it is applied, to log with it."""
+        out: dict[str, DiscardedPush] = {}
+        for rnd in self.rounds:
+            for worker, idem in rnd.keys.items():
+                base = rnd.bases.get(worker)
+                out[idem.key] = DiscardedPush(idem.key, idem.fingerprint, worker,
+                                              self.version if base is None else base)
+        for p in self.checking:
+            if p.idem is not None:
+                out[p.idem.key] = DiscardedPush(
+                    p.idem.key, p.idem.fingerprint, p.worker,
+                    self.version if p.base_version is None else p.base_version)
+        return sorted(out.values(), key=lambda d: (d.worker, d.key))
+
+
+#: applies a closed round on the device: (session key, the round, how to reduce its pushes,
+#: the round's ``sync`` answer); under the session's lock it refuses a round discarded
+#: meanwhile, or one gathered at another version than the session's
+ApplyRound = Callable[[str, Round, ps.Reduce, dict[str, Any]], Awaitable[StepResult]]
 #: checks one push against the session: (key, grads, base version, the views a same-host
-#: binding takes the answer in) -> grads on the device
-CheckPush = Callable[[str, Tensors, int | None, Tensors | None], Awaitable[Tensors]]
+#: binding takes the answer in) -> (grads on the device, the session's version it was
+#: checked at)
+CheckPush = Callable[[str, Tensors, int | None, Tensors | None], Awaitable[tuple[Tensors, int]]]
+#: whether the session's idempotency table answers this push already (raises what it keeps
+#: for a discarded push, or 422 for a key reused with another request)
+Answered = Callable[[str, IdemKey], bool]
 
 
 class SyncRounds:
     """The open rounds of every sync session of one host."""
 
-    def __init__(self, apply_round: ApplyRound, check_push: CheckPush) -> None:
+    def __init__(self, apply_round: ApplyRound, check_push: CheckPush,
+                 answered: Answered) -> None:
         self._apply_round = apply_round
         self._check_push = check_push
+        self._answered = answered
         self._configs: dict[str, ps.SyncConfig] = {}
         self._rounds: dict[str, Round] = {}
+        #: rounds closed and not yet stepped (their step waits for the session's lock)
+        self._closing: dict[str, list[Round]] = {}
+        #: pushes being checked, by session and worker
+        self._checking: dict[str, dict[str, Pending]] = {}
+        #: sessions whose rounds a discarding operation holds (new pushes wait)
+        self._seals: dict[str, Seal] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         #: pushes with an idempotency key, from their arrival until their round's step is
         #: answered (after that the session's idempotency table answers a retry)
@@ -95,7 +199,7 @@ class SyncRounds:
             return
         self._configs[key] = config
         rnd = self._rounds.get(key)
-        if rnd is not None and len(rnd.pushes) >= config.workers:
+        if rnd is not None and len(rnd.pushes) >= config.workers and key not in self._seals:
             self._close(key, config, partial=False)  # K lowered: the round is complete
 
     def drop(self, key: str, exc: OptserveError) -> None:
@@ -113,18 +217,101 @@ class SyncRounds:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    # ------------------------------------------------------------------ discarding operations
+    def seal(self, key: str, version: int) -> Seal | None:
+        """Hold the session's rounds for an operation that would discard them (the caller
+        holds the session's lock, at ``version``): new pushes wait until :meth:`discard` or
+        :meth:`unseal`; pushes being checked and rounds waiting to step stay as they are, and
+        no round closes meanwhile. None when the session has no sync rounds."""
+        if key not in self._configs or key in self._seals:
+            return None
+        rounds = list(self._closing.get(key, []))
+        rnd = self._rounds.get(key)
+        if rnd is not None:
+            rounds.append(rnd)
+        seal = Seal(key, version, asyncio.get_running_loop().create_future(), rounds,
+                    list(self._checking.get(key, {}).values()))
+        self._seals[key] = seal
+        return seal
+
+    def unseal(self, seal: Seal) -> None:
+        """The operation was refused: the rounds go on as they were (a round that filled or
+        timed out meanwhile closes now)."""
+        self._release(seal)
+        key = seal.key
+        rnd, config = self._rounds.get(key), self._configs.get(key)
+        if rnd is not None and config is not None:
+            if rnd.timed_out:
+                self._timeout(key, rnd)
+            elif len(rnd.pushes) >= config.workers:
+                self._close(key, config, partial=False)
+
+    def discard(self, seal: Seal, by: str, version: int) -> None:
+        """The operation (of kind ``by``) was applied, leaving the session at ``version``:
+        every push gathered before it fails with 409 ``stale_gradient``
+        (:func:`discarded_push`), the open round, the rounds closed and not yet stepped, and
+        the pushes being checked (once their check returns)."""
+        key = seal.key
+        rounds = list(seal.rounds)
+        rnd = self._rounds.pop(key, None)
+        if rnd is not None and rnd not in rounds:
+            rounds.append(rnd)  # opened meanwhile by a push being checked at the seal
+        for r in rounds:
+            r.discarded = True
+            r.cancel_timer()
+            for worker, fut in r.waiters.items():
+                if not fut.done():
+                    base = r.bases.get(worker)
+                    fut.set_exception(discarded_push(by, worker, seal.version if base is None
+                                                     else base, version))
+            r.resolve()
+        for p in seal.checking:
+            base = seal.version if p.base_version is None else p.base_version
+            p.discarded = discarded_push(by, p.worker, base, version)
+            if not p.waiter.done():
+                p.waiter.set_exception(p.discarded)
+        self._release(seal)
+
+    def _release(self, seal: Seal) -> None:
+        if self._seals.get(seal.key) is seal:
+            del self._seals[seal.key]
+        if not seal.gate.done():
+            seal.gate.set_result(None)
+
+    async def _unsealed(self, key: str) -> None:
+        while True:
+            seal = self._seals.get(key)
+            if seal is None:
+                return
+            await asyncio.shield(seal.gate)
+
+    async def _after_closed(self, key: str) -> None:
+        """Until the rounds closed before now have stepped (or failed, or been discarded):
+        a push is checked at the version its round will step from."""
+        while True:
+            waiting = [r.resolved for r in self._closing.get(key, [])
+                       if r.resolved is not None and not r.resolved.done()]
+            if not waiting:
+                return
+            await asyncio.wait(waiting)
+
+    # ------------------------------------------------------------------ pushes
     async def push(self, key: str, worker: str | None, grads: Tensors, base_version: int | None,
                    idem: IdemKey | None, want_params: bool,
                    scalars: dict[str, float] | None = None,
-                   room: Tensors | None = None) -> StepResult:
+                   room: Tensors | None = None) -> StepResult | None:
         """This worker's push into the open round; waits for the round's step. ``room``: the
-        views a same-host binding will take the answer in, checked with the gradients."""
-        config = self._configs[key]
+        views a same-host binding will take the answer in, checked with the gradients. None
+        when the session's idempotency table answers the push (a retry of one answered
+        meanwhile: its caller replays that answer)."""
         if worker is None:
             raise Invalid("this session steps in synchronous rounds: name the worker in the "
                           "X-Optserve-Worker header", code="missing_worker",
                           field="X-Optserve-Worker")
         pending = self._in_flight.get((key, idem.key)) if idem is not None else None
+        if pending is None and key in self._seals:
+            await self._unsealed(key)  # a discarding operation runs: after it
+            pending = self._in_flight.get((key, idem.key)) if idem is not None else None
         if pending is not None:
             if pending[0] != idem:
                 raise Invalid("this Idempotency-Key was already used for a different request; "
@@ -133,8 +320,15 @@ class SyncRounds:
             # a retry of a push still being checked, waiting in its round or being stepped:
             # the same answer (or error) as the push itself
             return _for(await asyncio.shield(pending[1]), want_params)
-        rnd = self._rounds.setdefault(key, Round())
-        if worker in rnd.pushes or worker in rnd.reserved:
+        if idem is not None and self._answered(key, idem):
+            return None
+        config = self._configs.get(key)
+        if config is None:
+            raise Conflict("the session left synchronous mode while this push waited; push "
+                           "again", code="round_aborted")
+        checking = self._checking.setdefault(key, {})
+        rnd = self._rounds.get(key)
+        if worker in checking or (rnd is not None and worker in rnd.pushes):
             raise Conflict(f"worker {worker!r} already pushed to this round; wait for its step",
                            code="duplicate_push", field="X-Optserve-Worker", worker=worker)
         waiter: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
@@ -143,12 +337,29 @@ class SyncRounds:
             waiter.add_done_callback(lambda done: self._landed(key, idem.key, done))
         else:
             waiter.add_done_callback(_retrieved)
+        mine = checking[worker] = Pending(worker, idem, base_version, waiter)
         try:
-            rnd.reserved.add(worker)
             try:
-                checked = await self._check_push(key, grads, base_version, room)
+                await self._after_closed(key)
+                if mine.discarded is not None:
+                    raise mine.discarded
+                try:
+                    checked, version = await self._check_push(key, grads, base_version, room)
+                except Exception:
+                    seal = self._seals.get(key)
+                    if seal is not None and mine in seal.checking:
+                        # discarded or not, the operation decides this push's answer
+                        await asyncio.shield(seal.gate)
+                    raise
+                if mine.discarded is not None:
+                    raise mine.discarded
+            except Exception as exc:
+                if mine.discarded is not None and exc is not mine.discarded:
+                    raise mine.discarded from None
+                raise
             finally:
-                rnd.reserved.discard(worker)
+                if self._checking.get(key, {}).get(worker) is mine:
+                    del self._checking[key][worker]
             config = self._configs.get(key) or config
             if key not in self._configs:  # sync turned off (or deleted) meanwhile
                 raise Conflict("the session left synchronous mode while this push was checked; "
@@ -159,22 +370,25 @@ class SyncRounds:
                                "step", code="duplicate_push", field="X-Optserve-Worker",
                                worker=worker)
         except BaseException as exc:
-            if isinstance(exc, Exception):
-                waiter.set_exception(exc)
-            else:
-                waiter.cancel()
+            if not waiter.done():
+                if isinstance(exc, Exception):
+                    waiter.set_exception(exc)
+                else:
+                    waiter.cancel()
             raise
         rnd.pushes[worker] = checked
         rnd.waiters[worker] = waiter
+        rnd.bases[worker] = base_version
+        rnd.versions.add(version)
         if idem is not None:
             rnd.keys[worker] = idem
         if scalars:
             rnd.scalars[worker] = scalars
         rnd.want_params = rnd.want_params or want_params
-        if rnd.timer is None:
+        if rnd.timer is None and not rnd.timed_out:
             rnd.timer = asyncio.get_running_loop().call_later(
                 config.timeout_s, self._timeout, key, rnd)
-        if len(rnd.pushes) >= config.workers:
+        if len(rnd.pushes) >= config.workers and key not in self._seals:
             self._close(key, config, partial=False)
         return _for(await asyncio.shield(waiter), want_params)
 
@@ -190,6 +404,8 @@ class SyncRounds:
         ones it was gathered under)."""
         rnd = self._rounds.pop(key)
         rnd.cancel_timer()
+        rnd.resolved = asyncio.get_running_loop().create_future()
+        self._closing.setdefault(key, []).append(rnd)
         task = asyncio.create_task(self._apply(key, rnd, config, partial))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -197,20 +413,28 @@ class SyncRounds:
     async def _apply(self, key: str, rnd: Round, config: ps.SyncConfig, partial: bool) -> None:
         sync = {"workers": sorted(rnd.pushes), "expected": config.workers, "partial": partial}
         try:
-            result = await self._apply_round(key, rnd.pushes, config.reduce,
-                                             list(rnd.keys.values()),
-                                             rnd.want_params, sync, rnd.scalars)
+            result = await self._apply_round(key, rnd, config.reduce, sync)
         except BaseException as exc:
             rnd.fail(exc)
             if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            closing = self._closing.get(key, [])
+            if rnd in closing:
+                closing.remove(rnd)
+                if not closing:
+                    del self._closing[key]
+            rnd.resolve()
         rnd.settle(result)
 
     def _timeout(self, key: str, rnd: Round) -> None:
         if self._rounds.get(key) is not rnd:
             return
         rnd.timer = None
+        if key in self._seals:  # a discarding operation decides first
+            rnd.timed_out = True
+            return
         config = self._configs[key]
         if config.on_timeout == "apply_partial":
             self._close(key, config, partial=True)

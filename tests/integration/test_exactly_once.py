@@ -14,6 +14,9 @@
   create (with and without an id), step and delete happen once and the retry gets the answer;
   a sync push's retry joins its round, also when it arrives while that round's step is being
   logged and applied.
+- An overwrite while a sync round is open discards it: its workers and their keyed retries get
+  409 ``stale_gradient``, live and after a kill -9 and restart; the next round steps the
+  overwritten values (torch's values).
 """
 
 from __future__ import annotations
@@ -627,4 +630,123 @@ def test_a_retried_touched_step_answers_what_its_first_answer_did(server: Proc) 
             assert again.get("replayed") is True, again
             check(again, rows, ["w"])  # (the current values: version 2)
         assert c.get(f"/v1/sessions/{sid}").json()["version"] == 2
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
+# --------------------------------------------------------------------------- overwrite in a round
+
+def keyed_push(url: str, sid: str, worker: str, key: str, grads: Tensors,
+               base_version: int | None = None) -> httpx.Response:
+    query = "" if base_version is None else f"?base_version={base_version}"
+    with httpx.Client(base_url=url, timeout=120) as c:
+        return c.post(f"/v1/sessions/{sid}/step{query}", content=safetensors.torch.save(grads),
+                      headers={"Content-Type": BINARY, "Accept": BINARY,
+                               "X-Optserve-Worker": worker, "Idempotency-Key": key})
+
+
+def test_an_overwrite_discards_the_open_round_live_and_after_a_kill9(server: Proc) -> None:
+    """Two of three workers wait in a round (one with ``?base_version=1``, one without) when
+    ``PUT .../params`` lands: both get 409 ``stale_gradient`` (``current_version`` the
+    overwrite's version, ``base_version`` their own), and so do their keyed retries, live and
+    after a kill -9 and restart; nothing of theirs is ever stepped. The third worker's push
+    then opens a new round, which steps the overwritten values with the gradients gathered
+    after the overwrite only: equal to torch (one round, the overwrite copied in, one
+    round). The overwrite used to leave the round open, and its step applied gradients of
+    parameters that no longer existed."""
+    server = running(server)
+    sid, p0, p1 = f"overwrite-{time.time_ns()}", tensors(20), tensors(21)
+    r0 = {w: tensors(30 + i) for i, w in enumerate(("w1", "w2", "w3"))}
+    stale = {w: tensors(40 + i) for i, w in enumerate(("w1", "w2"))}
+    fresh = {w: tensors(50 + i) for i, w in enumerate(("w1", "w2", "w3"))}
+    keys = {w: f"{sid}-stale-{w}" for w in stale}
+
+    def mean(gs: list[Tensors]) -> Tensors:
+        out = {n: gs[0][n].clone() for n in SHAPES}
+        for g in gs[1:]:
+            for n in SHAPES:
+                out[n].add_(g[n])
+        return {n: t.div_(len(gs)) for n, t in out.items()}
+
+    # the torch mirror: one round, the overwrite copied in, one round after it
+    local = {n: t.clone() for n, t in p0.items()}
+    opt = torch.optim.Adam(list(local.values()), lr=LR)
+    for g in (mean([r0[w] for w in sorted(r0)]), None, mean([fresh[w] for w in sorted(fresh)])):
+        if g is None:
+            with torch.no_grad():
+                for n, p in local.items():
+                    p.copy_(p1[n])
+            continue
+        for n, p in local.items():
+            p.grad = g[n].clone()
+        opt.step()
+
+    def check_discarded(r: httpx.Response | Exception, base: int) -> None:
+        assert isinstance(r, httpx.Response) and r.status_code == 409, r
+        body = r.json()
+        assert (body["code"], body["field"], body["current_version"], body["base_version"]) \
+            == ("stale_gradient", "base_version", 2, base), body
+
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        body = {"id": sid, "optimizer": "Adam", "options": {"lr": LR},
+                "sync": {"workers": 3, "timeout_s": 120},
+                "params": {n: {"dtype": "float32", "shape": list(t.shape),
+                               "data": t.reshape(-1).tolist()} for n, t in p0.items()}}
+        assert c.post("/v1/sessions", json=body).status_code == 201
+        first = push_all(server.url, sid, [(w, f"{sid}-r0-{w}", r0[w]) for w in r0])
+        assert all(isinstance(a, httpx.Response) and a.status_code == 200 for a in first), first
+
+        answers: dict[str, httpx.Response | Exception] = {}
+
+        def wait_in_round(w: str, base: int | None) -> None:
+            try:
+                answers[w] = keyed_push(server.url, sid, w, keys[w], stale[w], base)
+            except httpx.TransportError as exc:
+                answers[w] = exc
+        waiting = [threading.Thread(target=wait_in_round, args=("w1", 1)),
+                   threading.Thread(target=wait_in_round, args=("w2", None))]
+        for t in waiting:
+            t.start()
+        while c.get(f"/v1/sessions/{sid}").json()["sync"]["pending"] != ["w1", "w2"]:
+            assert all(t.is_alive() for t in waiting), answers
+            time.sleep(0.02)
+        put = c.put(f"/v1/sessions/{sid}/params", content=safetensors.torch.save(p1),
+                    headers={"Content-Type": BINARY})
+        assert put.status_code == 200, put.text
+        assert put.headers["X-Optserve-Version"] == "2"
+        for t in waiting:
+            t.join(60)
+        check_discarded(answers.get("w1", RuntimeError("no answer")), 1)
+        check_discarded(answers.get("w2", RuntimeError("no answer")), 1)
+        assert c.get(f"/v1/sessions/{sid}").json()["sync"]["pending"] == []
+
+        # keyed retries: the same answer, and nothing joins a round
+        check_discarded(keyed_push(server.url, sid, "w1", keys["w1"], stale["w1"], 1), 1)
+        check_discarded(keyed_push(server.url, sid, "w2", keys["w2"], stale["w2"]), 1)
+        assert c.get(f"/v1/sessions/{sid}").json()["sync"]["pending"] == []
+        version, got = pull(c, sid)
+        assert version == 2
+        assert_tensors_equal(got, p1, "the overwritten values")
+
+        # the third worker opens a new round; the others push gradients of the new values
+        after = push_all(server.url, sid, [(w, f"{sid}-fresh-{w}", fresh[w]) for w in fresh])
+        for a in after:
+            assert isinstance(a, httpx.Response) and a.status_code == 200, a
+            assert a.headers["X-Optserve-Version"] == "3"
+            assert_tensors_equal(safetensors.torch.load(a.content), local, "round answer")
+
+    server.kill9()
+    server.start()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        version, got = pull(c, sid)
+        assert version == 3
+        assert_tensors_equal(got, local, "after the restart")
+        check_discarded(keyed_push(server.url, sid, "w1", keys["w1"], stale["w1"], 1), 1)
+        check_discarded(keyed_push(server.url, sid, "w2", keys["w2"], stale["w2"]), 1)
+        again = keyed_push(server.url, sid, "w3", f"{sid}-fresh-w3", fresh["w3"])
+        assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+        desc = c.get(f"/v1/sessions/{sid}").json()
+        assert (desc["version"], desc["sync"]["pending"]) == (3, [])
+        version, got = pull(c, sid)
+        assert version == 3
+        assert_tensors_equal(got, local, "after the retries")
         assert c.delete(f"/v1/sessions/{sid}").status_code == 204

@@ -16,7 +16,7 @@ import torch
 from app.engine import Front, embedded_engine, persist, ps
 from app.engine.idempotency import IdempotencyTable
 from app.engine.interface import CreateSpec, GroupSpec, IdemKey
-from app.engine.ops import Step
+from app.engine.ops import ImportState, Overwrite, Step
 from app.engine.store import read_log
 from app.errors import Conflict, Invalid
 
@@ -317,3 +317,113 @@ def test_lbfgs_sync_refusal_travels_with_the_operation() -> None:
     old = Configure.from_tree({"options": {"sync": {"workers": 2}}})
     old.apply(s, old.check(s))
     assert s.ps.sync is not None and s.ps.sync.workers == 2
+
+
+def test_overwrites_and_imports_discard_what_a_round_gathered_before_them(
+        tmp_path: Path) -> None:
+    """An overwrite refused at its check leaves the open round alone (it steps with all three
+    pushes); a state import applied while two keyed pushes wait discards their round (409
+    ``stale_gradient``, ``discarded_by: import``); an overwrite that got the session's lock
+    before a full round's step discards that round, unstepped. Every discarded push's retry
+    gets the same 409, also after a crash and restart (the keys travel in the discarding
+    operation's record). Values are torch's: Adam stepped on the rounds that were applied,
+    with the overwrite copied in."""
+    g = {w: grads(60 + i) for i, w in enumerate("abc")}
+    p0 = {n: t.clone() for n, t in spec().groups[0].params.items()}
+    p1 = {n: torch.full_like(t, 0.5) for n, t in p0.items()}
+    local = {n: t.clone() for n, t in p0.items()}
+    opt = torch.optim.Adam(list(local.values()), lr=0.05)
+    for n, p in local.items():  # the one round applied, then the overwrite
+        p.grad = g["a"][n].clone().add_(g["b"][n]).add_(g["c"][n]).div_(3)
+    opt.step()
+    with torch.no_grad():
+        for n, p in local.items():
+            p.copy_(p1[n])
+
+    def key(w: str, tag: str) -> IdemKey:
+        return IdemKey(f"{tag}-{w}", f"push {tag} by {w}")
+
+    def discarded(exc: BaseException, by: str, version: int, base: int) -> None:
+        assert isinstance(exc, Conflict) and exc.code == "stale_gradient", exc
+        assert exc.field == "base_version"
+        assert (exc.extra["discarded_by"], exc.extra["current_version"],
+                exc.extra["base_version"]) == (by, version, base), exc.extra
+
+    async def retries(eng: Front) -> None:
+        for w, tag, by, version, base in (("a", "i", "import", 2, 1), ("b", "i", "import", 2, 1),
+                                          ("a", "o", "overwrite", 3, 2),
+                                          ("c", "o", "overwrite", 3, 2)):
+            with pytest.raises(Conflict) as err:
+                await eng.step("s", g[w], return_params=False, worker=w, idem=key(w, tag),
+                               base_version=base if (w, tag) == ("a", "i") else None)
+            discarded(err.value, by, version, base)
+        assert (await eng.describe("s")).pending == []
+
+    async def live() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        await eng.create(spec())
+
+        def push(w: str, tag: str, base: int | None = None) -> asyncio.Task[Any]:
+            return asyncio.create_task(eng.step("s", g[w], return_params=True, worker=w,
+                                                idem=key(w, tag), base_version=base))
+        first = [push("a", "r"), push("b", "r")]
+        await _pending(eng, "s", 2)
+        with pytest.raises(Invalid):  # refused at its check: the round goes on
+            await eng.overwrite("s", {"w": torch.zeros(3)})
+        assert (await eng.describe("s")).pending == ["a", "b"]
+        first.append(push("c", "r"))
+        assert [r.version for r in await asyncio.gather(*first)] == [1, 1, 1]
+
+        waiting = [push("a", "i", base=1), push("b", "i")]
+        await _pending(eng, "s", 2)
+        await eng.import_state("s", (await eng.export_state("s")).state_dict)
+        for task in waiting:
+            with pytest.raises(Conflict) as err:
+                await task
+            discarded(err.value, "import", 2, 1)
+
+        host, skey = await eng._host("default", "s")
+        async with host.embedded._lock(skey):  # the overwrite gets the lock before the step
+            over = asyncio.create_task(eng.overwrite("s", p1))
+            await asyncio.sleep(0.05)
+            full = [push(w, "o") for w in "abc"]
+            for _ in range(500):  # the round closed; its step waits for the lock
+                if (await eng.describe("s")).pending == [] and \
+                        host.embedded._rounds._closing.get(skey):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the round never closed")
+        assert (await over).version == 3
+        for task in full:
+            with pytest.raises(Conflict) as err:
+                await task
+            discarded(err.value, "overwrite", 3, 2)
+        await retries(eng)
+        got = await eng.pull("s", None)
+        assert got.version == 3
+        for n in local:
+            assert torch.equal(got.params[n], local[n]), n
+        await eng.stop(snapshot=False)
+
+    async def after_a_crash() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        try:
+            await retries(eng)
+            got = await eng.pull("s", None)
+            assert got.version == 3
+            for n in local:
+                assert torch.equal(got.params[n], local[n]), n
+        finally:
+            await eng.stop()
+    asyncio.run(live())
+    records = [persist.decode_record(r)
+               for r in read_log(tmp_path / "sessions" / "default~s" / "wal.bin")[0]]
+    assert [r.op.kind for r in records] == ["create", "step", "import", "overwrite"]
+    imported, overwrote = records[2].op, records[3].op
+    assert isinstance(imported, ImportState) and isinstance(overwrote, Overwrite)
+    assert [d.worker for d in imported.discarded] == ["a", "b"]
+    assert [d.worker for d in overwrote.discarded] == ["a", "b", "c"]
+    asyncio.run(after_a_crash())

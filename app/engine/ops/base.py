@@ -53,6 +53,12 @@ class Operation:
     def from_tree(cls, tree: dict[str, Any]) -> Operation:
         raise NotImplementedError
 
+    def refusals(self, session: Session) -> list[tuple[str, str, dict[str, Any]]]:
+        """Idempotency keys of other requests this operation answered with a refusal (key,
+        fingerprint, ``idempotency.refusal``), remembered after its ``apply``, live and at
+        replay: the sync pushes whose round it discarded."""
+        return []
+
     def result_json(self, result: Any) -> dict[str, Any]:
         """What a repeated idempotency key is answered with (no tensors)."""
         to_json = getattr(result, "to_json", None) or getattr(result, "scalars", None)

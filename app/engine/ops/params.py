@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from app.engine import optimizers, schedulers
+from app.engine.idempotency import refusal
 from app.engine.interface import GroupSpec, ParamsResult, SessionInfo, Tensors
 from app.engine.ops.base import Operation, register
 from app.engine.option_values import check_scheduler_group_keys, refuse_nonfinite_options
+from app.engine.rounds import DiscardedPush, discarded_push
 from app.engine.session import (
     Session,
     check_param_name,
@@ -28,11 +30,15 @@ _PROBE_NAME = "__optserve_probe__"
 @register
 @dataclass
 class Overwrite(Operation):
-    """Copy new values into parameters (``PUT .../params``)."""
+    """Copy new values into parameters (``PUT .../params``). In a sync session it discards
+    the gradients gathered for the old values (:mod:`app.engine.rounds`): ``discarded``, the
+    keyed pushes it answers with 409 ``stale_gradient``, is set by the host under the
+    session's lock and logged with it."""
 
     kind = "overwrite"
     bumps_version = True
     params: Tensors
+    discarded: list[DiscardedPush] = field(default_factory=list)
 
     def check(self, s: Session) -> Tensors:
         if not self.params:
@@ -50,12 +56,28 @@ class Overwrite(Operation):
         s.version += 1
         return ParamsResult(s.version, s.step_count, s.lrs(), s.pack_params(list(plan)))
 
+    def refusals(self, s: Session) -> list[tuple[str, str, dict[str, Any]]]:
+        return discarded_answers(self.kind, self.discarded, s.version)
+
     def to_tree(self) -> dict[str, Any]:
-        return {"params": self.params}
+        tree: dict[str, Any] = {"params": self.params}
+        if self.discarded:
+            tree["discarded"] = [d.to_json() for d in self.discarded]
+        return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> Overwrite:
-        return cls(dict(tree["params"]))
+        return cls(dict(tree["params"]), [DiscardedPush.from_json(d)
+                                          for d in tree.get("discarded") or []])
+
+
+def discarded_answers(kind: str, discarded: list[DiscardedPush], version: int
+                      ) -> list[tuple[str, str, dict[str, Any]]]:
+    """What the keyed pushes whose round an operation of ``kind`` discarded are answered,
+    the session at ``version`` after it (its table keeps them: retries get the same 409)."""
+    return [(d.key, d.fingerprint, refusal(discarded_push(kind, d.worker, d.base_version,
+                                                          version)))
+            for d in discarded]
 
 
 @dataclass

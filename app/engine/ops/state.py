@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.engine import optimizers, schedulers, state_dicts
 from app.engine.interface import SchedulerResult, SessionInfo
 from app.engine.ops.base import Operation, register
+from app.engine.ops.params import discarded_answers
+from app.engine.rounds import DiscardedPush
 from app.engine.session import Session
 from app.errors import Invalid
 
@@ -19,7 +21,9 @@ from app.errors import Invalid
 class ImportState(Operation):
     """Load a state dict in torch's format (optimizer state, group options, and the
     scheduler's state), checked completely first: shapes, dtypes, every tensor owning its
-    memory, step counters, the non-finite policy, and the scheduler stepped on a copy."""
+    memory, step counters, the non-finite policy, and the scheduler stepped on a copy. In a
+    sync session it discards the open round as an overwrite does (``discarded``: the keyed
+    pushes it answers with 409 ``stale_gradient``, logged with it)."""
 
     kind = "import"
     bumps_version = True
@@ -29,6 +33,7 @@ class ImportState(Operation):
     #: travels with the operation; records logged before these checks lack it and replay as
     #: they ran
     request: bool = False
+    discarded: list[DiscardedPush] = field(default_factory=list)
 
     def check(self, s: Session) -> state_dicts.PreparedImport:
         prepared = state_dicts.prepare_import(s, self.state, request=self.request)
@@ -77,11 +82,17 @@ class ImportState(Operation):
         tree: dict[str, Any] = {"state": self.state}
         if self.request:
             tree["request"] = True
+        if self.discarded:
+            tree["discarded"] = [d.to_json() for d in self.discarded]
         return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> ImportState:
-        return cls(dict(tree["state"]), tree.get("request") is True)
+        return cls(dict(tree["state"]), tree.get("request") is True,
+                   [DiscardedPush.from_json(d) for d in tree.get("discarded") or []])
+
+    def refusals(self, s: Session) -> list[tuple[str, str, dict[str, Any]]]:
+        return discarded_answers(self.kind, self.discarded, s.version)
 
 
 @register
