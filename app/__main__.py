@@ -26,7 +26,14 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from app.config import EXIT_CONFIG, ConfigError, Settings, load_settings, parse_keys
+from app.config import (
+    EXIT_CONFIG,
+    ConfigError,
+    Settings,
+    load_settings,
+    metrics_readers,
+    parse_keys,
+)
 from app.observability import configure_logging
 
 log = logging.getLogger("optserve")
@@ -105,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
         keys = parse_keys(settings.api_keys, settings.api_keys_file)
+        metrics_readers(settings, keys)
     except ConfigError as exc:
         print(f"optserve: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -223,6 +223,20 @@ def parse_keys(spec: str, file: Path | None) -> dict[str, str]:
     return keys
 
 
+def metrics_readers(settings: Settings, keys: dict[str, str]) -> frozenset[str]:
+    """The tenants whose keys may read ``/metrics`` (``OPTSERVE_METRICS_TENANTS``; empty: any
+    key's). With keys, one that no key is for is a :class:`ConfigError`: a typo there would
+    answer every key with a 403, Prometheus' too. (Without keys every request is the default
+    tenant's and ``/metrics`` is open: the setting is moot.)"""
+    named = settings.metrics_tenant_set()
+    missing = sorted(named - set(keys.values())) if keys else []
+    if missing:
+        raise ConfigError(f"OPTSERVE_METRICS_TENANTS: no API key is for tenant "
+                          f"{missing[0]!r:.80}, so no key could read /metrics as that tenant "
+                          f"(the keys' tenants: {', '.join(sorted(set(keys.values())))})")
+    return named
+
+
 def _add_key(keys: dict[str, str], raw: str, where: str) -> None:
     item = raw.strip()
     if not item or item.startswith("#"):

@@ -33,7 +33,7 @@ from app.api import (
 )
 from app.api.auth import AuthMiddleware, parse_keys
 from app.api.step_lane import StepLane
-from app.config import EXIT_CONFIG, ConfigError, Settings, load_settings
+from app.config import EXIT_CONFIG, ConfigError, Settings, load_settings, metrics_readers
 from app.engine import DEFAULT_TENANT, make_engine
 from app.observability import Metrics, RequestContextMiddleware
 from app.runtime import tune_allocator
@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     try:
         settings = settings if settings is not None else load_settings()
         keys = parse_keys(settings.api_keys, settings.api_keys_file)
+        metrics_tenants = metrics_readers(settings, keys)
     except ConfigError as exc:
         if not from_environment:
             raise
@@ -104,8 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     docs_pages.install(app)
     ui.install(app)
     app.add_middleware(StepLane, owner=app)  # innermost: inside auth and request context
-    app.add_middleware(AuthMiddleware, keys=keys,
-                       metrics_tenants=settings.metrics_tenant_set())
+    app.add_middleware(AuthMiddleware, keys=keys, metrics_tenants=metrics_tenants)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     origins = settings.cors_origin_list()
     if origins:  # outermost: preflights need no key, and 401s carry the CORS headers too

@@ -221,11 +221,16 @@ def expand_fields(wanted: list[str] | None, have: list[str],
     out: list[str] = []
     for name in wanted:
         group = _GROUP_RE.match(name)
-        if group is not None and groups is not None and (
-                int(group[2]) >= groups or group[2] != str(int(group[2]))):
-            raise Invalid(f"history field {name!r:.60} names param group {group[2]}; this "
-                          f"session has {groups} (0 to {groups - 1})", code="invalid_query",
-                          field="fields")
+        if group is not None and groups is not None:
+            index = int(group[2])
+            if index >= groups:
+                raise Invalid(f"history field {name!r:.60} names param group {index}; this "
+                              f"session has {groups} (0 to {groups - 1})",
+                              code="invalid_query", field="fields")
+            if group[2] != str(index):
+                raise Invalid(f"history field {name!r:.60}: write the group as a plain index, "
+                              f"{group[1] + '.' + str(index)!r}", code="invalid_query",
+                              field="fields")
         if name in GROUP_FIELDS:
             out.extend(f for f in have if f.startswith(name + ".") and _GROUP_RE.match(f))
         elif name == "scalars":

@@ -279,20 +279,32 @@ def gather_rows(s: Session, rows: dict[str, torch.Tensor]) -> Tensors:
     return out
 
 
+#: the most rows a step's idempotency table entry keeps of the accumulated row-sparse
+#: gradients it touched (:func:`touched_rows`): the table holds the last
+#: ``idempotency_window`` entries (1,000 by default) in memory and in every snapshot, and
+#: every step of the SDK's ``Client.step`` has a key. A parameter past it is kept as whole
+TOUCHED_ROWS_KEPT = 1024
+
+
 def touched_rows(total: Tensors, names: Iterable[str]) -> dict[str, str | None]:
     """What a step stepping ``total`` touches of each of ``names`` (JSON-ready, for its
-    idempotency table entry): None for the whole parameter (a dense gradient), else its rows
-    (each once, ascending) as base64 of int64 little-endian."""
+    idempotency table entry): None for the whole parameter (a dense gradient, or rows past
+    :data:`TOUCHED_ROWS_KEPT` in all: a retry then answers the whole parameter, a superset of
+    the first answer), else its rows (each once, ascending) as base64 of int64
+    little-endian."""
     out: dict[str, str | None] = {}
+    budget = TOUCHED_ROWS_KEPT
     for name in names:
         g = total.get(name)
         if g is None:
             continue
+        out[name] = None
         if is_sparse(g):
-            rows = torch.unique(rows_of(g)).to("cpu", torch.int64).numpy().astype("<i8")
-            out[name] = base64.b64encode(rows.tobytes()).decode()
-        else:
-            out[name] = None
+            rows = torch.unique(rows_of(g))
+            if rows.numel() <= budget:
+                budget -= rows.numel()
+                out[name] = base64.b64encode(
+                    rows.to("cpu", torch.int64).numpy().astype("<i8").tobytes()).decode()
     return out
 
 

@@ -196,6 +196,9 @@ def test_history_query_typos_and_repeats_are_refused(http: httpx.Client) -> None
     for fields in ("lr.99", "grad_norm.2", "lr.2,lr.0", "lr.01", "update_norm.00", "lr.-1"):
         body = problem(http.get(url, params={"fields": fields}), 422, "fields")
         assert body["code"] == "invalid_query", body
+        if fields in ("lr.01", "update_norm.00"):  # the group is there: the spelling is not
+            plain = fields.split(".")[0] + "." + str(int(fields.split(".")[1]))
+            assert f"'{plain}'" in body["detail"] and "session has" not in body["detail"], body
     for name, values in [("since", ["1", "5"]), ("until", ["5", "5"]), ("points", ["2", "3"])]:
         body = problem(http.get(url, params=[(name, v) for v in values]), 422, name)
         assert body["code"] == "invalid_query" and "more than once" in body["detail"], body

@@ -713,6 +713,35 @@ def test_a_step_sent_over_http_after_the_socket_went_keeps_its_key(via: str) -> 
         live.stop()
 
 
+def test_a_socket_step_of_some_slots_retried_over_http_is_answered() -> None:
+    """A socket step of some of the slots (a frozen or unused parameter has no gradient: its
+    fingerprint is taken tensor by tensor, not by the binding's plan) sent again over HTTP is
+    the same request: the first answer, not applied again."""
+    live = LiveServer(_test_settings(api_keys=f"{KEY_A}:alpha", durability="memory"))
+    url = live.start()
+    gen = torch.Generator().manual_seed(12)
+    p0 = {f"p{i}": torch.randn(300, generator=gen) for i in range(1200)}  # past the windows
+    g = {n: torch.randn(300, generator=gen) for n in list(p0)[::2]}
+    try:
+        with optserve.Client(url, api_key=KEY_A) as c, \
+                optserve.Client(url, api_key=KEY_A, transport="http") as h:
+            sid = c.create_session(optimizer="SGD", options={"lr": 0.5}, params=p0).id
+            first = c.step(sid, g, idempotency_key="k-some")
+            assert c._local is not None and first.version == 1
+            again = h.step(sid, g, idempotency_key="k-some")
+            assert (again.version, again.replayed) == (1, True)
+            assert again.params is not None
+            for n, t in p0.items():
+                want = t - 0.5 * g[n] if n in g else t
+                assert torch.equal(again.params[n], want), n
+            with pytest.raises(optserve.ValidationError) as caught:
+                h.step(sid, {**g, "p0": g["p0"] * 2}, idempotency_key="k-some")
+            assert caught.value.problem["code"] == "idempotency_key_reused"
+            assert h.get_session(sid).version == 1
+    finally:
+        live.stop()
+
+
 @pytest.mark.parametrize("durability", ["memory", "step"])
 @pytest.mark.parametrize("binary", [True, False], ids=["safetensors", "json"])
 def test_a_socket_step_retried_over_http_is_answered(durability: str, binary: bool) -> None:

@@ -123,3 +123,24 @@ def test_create_app_with_bad_keys_raises_rather_than_exits() -> None:
 
     with pytest.raises(ConfigError, match="OPTSERVE_API_KEYS"):
         create_app(_test_settings(api_keys="too-short"))
+
+
+def test_metrics_tenants_without_a_key_are_refused(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """``OPTSERVE_METRICS_TENANTS`` naming a tenant no API key has (a typo: ``monitorng``)
+    would answer every key's ``/metrics`` with a 403, Prometheus' too: the server does not
+    start, and says which name. Without keys the setting is moot (every request is the
+    default tenant's) and left alone."""
+    from app.main import create_app
+    from tests.conftest import _test_settings
+
+    keys = "k-default-0123456789:default,k-monitor-0123456789:monitoring"
+    with pytest.raises(ConfigError, match="OPTSERVE_METRICS_TENANTS.*'monitorng'"):
+        create_app(_test_settings(api_keys=keys, metrics_tenants="monitoring,monitorng"))
+    create_app(_test_settings(api_keys=keys, metrics_tenants="monitoring"))
+    create_app(_test_settings(metrics_tenants="monitoring"))
+    monkeypatch.setenv("OPTSERVE_API_KEYS", keys)
+    monkeypatch.setenv("OPTSERVE_METRICS_TENANTS", "monitorng")
+    assert app_main(["--check-config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "OPTSERVE_METRICS_TENANTS" in err[0], err

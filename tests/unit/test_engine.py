@@ -617,3 +617,30 @@ def test_records_logged_before_the_nonfinite_option_checks_still_replay() -> Non
     logged = decode("import", {"state": sd})
     logged.apply(s, logged.check(s))
     assert math.isnan(s.scheduler.state_dict()["gamma"])
+
+
+def test_a_touched_steps_table_entry_keeps_a_bounded_number_of_rows() -> None:
+    """A ``?return=touched`` step onto accumulated row-sparse gradients keeps, in its
+    idempotency table entry, the rows it touched of them (a retry's gradients cannot tell).
+    Every step of ``Client.step`` carries a key, and the table holds the last
+    ``idempotency_window`` (1,000) entries, in memory and in every snapshot: past
+    ``TOUCHED_ROWS_KEPT`` rows in all, a parameter is kept as whole (its retry answers the
+    whole parameter, a superset of the first answer), not 50,000 rows (533 KB) an entry."""
+    from app.engine import sparse
+
+    def coo(rows: list[int], n: int = 100_000) -> torch.Tensor:
+        idx = torch.tensor([rows])
+        return torch.sparse_coo_tensor(idx, torch.ones(len(rows), 2), (n, 2),
+                                       check_invariants=False)
+
+    budget = sparse.TOUCHED_ROWS_KEPT
+    small, big = coo([3, 1, 3]), coo(list(range(budget + 1)))
+    kept = sparse.touched_rows({"a": small, "d": torch.ones(4, 2), "e": big, "x": small},
+                               ["a", "d", "e"])
+    assert set(kept) == {"a", "d", "e"} and kept["d"] is None and kept["e"] is None
+    assert kept["a"] is not None and len(kept["a"]) <= 24  # rows 1 and 3
+    # the budget is the entry's: a second parameter that fits alone may not fit after the first
+    half = coo(list(range(budget // 2 + 1)))
+    kept = sparse.touched_rows({"a": half, "b": half}, ["a", "b"])
+    assert kept["a"] is not None and kept["b"] is None
+    assert sum(len(v or "") for v in kept.values()) < 12 * budget
