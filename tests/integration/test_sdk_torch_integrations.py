@@ -260,6 +260,7 @@ def test_state_is_readable_per_parameter(live_server: str) -> None:
             loss_at(remote_model, 0).backward()
             remote.step()
         assert log.count("GET state_dict") == 4
+        assert dict.__len__(remote.state) == 0  # the last fetched copy went with the step
         assert len(remote.state) == 4 and set(remote.state) == set(remote_model.parameters())
         assert [int(v["step"]) for v in remote.state.values()] == [5] * 4
         kept = copy.deepcopy(remote.state)

@@ -150,11 +150,12 @@ class Step(Operation):
 
     def apply(self, s: Session, plan: StepPlan) -> StepResult:
         groups = s.optimizer.param_groups
-        for index, opts in plan.changes.items():  # made even when the step is skipped
-            groups[index].update(opts)
+        # what may raise first, before anything changes
         bad = metrics.count_nonfinite([plan.total[n] for n in plan.nonfinite])
         if self.touched and s.accum:
             self.accumulated = sparse.touched_rows(plan.total, s.accum)
+        for index, opts in plan.changes.items():  # made even when the step is skipped
+            groups[index].update(opts)
         if plan.skip:
             s.accum.clear()
             found = self._record(s, plan, [{"lr": lr} for lr in s.lrs()], bad, skipped=True)

@@ -220,8 +220,9 @@ class Client(SyncAPIClient):
         """A step through shared memory, retried with its idempotency ``key`` after a broken
         connection; None when this step must go over HTTP instead (with the same key: a step
         the server applied before the connection broke is not applied again, and its answer
-        comes back when the HTTP step asks what this one asked). ``sent`` gets a True once
-        the step went to the server."""
+        comes back when the HTTP step asks what this one asked). ``sent`` gets a True before
+        the first attempt (one that fails may or may not have reached the server: the HTTP
+        step then asks what this one asked, which changes nothing when it had not)."""
         channel = self._local_channel()
         if channel is None:
             return None

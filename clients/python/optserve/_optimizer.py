@@ -142,6 +142,12 @@ class _SessionState(defaultdict[torch.Tensor, Any]):
         self._loaded_at: object = None
         self._loaded = False
 
+    def forget(self) -> None:
+        """Drop the fetched copy (a step changes the session's state: the copy would only
+        hold memory until the next read fetched a new one)."""
+        dict.clear(self)
+        self._loaded = False
+
     def _fresh(self) -> None:
         key = self._key()
         if self._loaded and key == self._loaded_at:
@@ -525,6 +531,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         Over HTTP they do (on one host, taking them while the answer's bytes go out made no
         consistent difference)."""
         self._state_epoch += 1
+        if isinstance(self.state, _SessionState):  # (unless the caller replaced it)
+            self.state.forget()
         if self._optimizer_name == "LBFGS":
             first: float | None = self._lbfgs_step(closure)
             return first
