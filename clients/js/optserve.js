@@ -548,10 +548,16 @@ export class OptserveError extends Error {
   }
 }
 export class BadRequestError extends OptserveError {} // 400
+/** 401: no API key, or one the server does not know (the Python SDK's AuthenticationError). */
+export class AuthenticationError extends OptserveError {}
+/** 403: the key may not do this (the Python SDK's PermissionDeniedError). */
+export class PermissionDeniedError extends OptserveError {}
 export class NotFoundError extends OptserveError {} // 404
 export class ConflictError extends OptserveError {} // 409
 export class PayloadTooLargeError extends OptserveError {} // 413
 export class ValidationError extends OptserveError {} // 422
+/** 429: a per-tenant limit is reached (the Python SDK's RateLimitError); never retried. */
+export class RateLimitError extends OptserveError {}
 /** 503: nothing was applied; retry after `retryAfter` seconds (storage_error, session_damaged). */
 export class UnavailableError extends OptserveError {}
 /** 507 storage_full: the operation did not fit on the server's disk; nothing was applied. */
@@ -560,8 +566,9 @@ export class StorageFullError extends OptserveError {}
 export class ConnectionError extends OptserveError {}
 
 const ERROR_CLASSES = {
-  400: BadRequestError, 404: NotFoundError, 409: ConflictError, 413: PayloadTooLargeError,
-  422: ValidationError, 503: UnavailableError, 507: StorageFullError,
+  400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError,
+  409: ConflictError, 413: PayloadTooLargeError, 422: ValidationError, 429: RateLimitError,
+  503: UnavailableError, 507: StorageFullError,
 };
 const MAX_RETRY_DELAY_MS = 8000;
 /** The server holds a long poll (?wait_s=) at most this long. */

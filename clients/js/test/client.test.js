@@ -4,8 +4,9 @@ import { createServer } from "node:http";
 import { after, before, describe, test } from "node:test";
 
 import {
-  BadRequestError, ConflictError, ConnectionError, NotFoundError, OptserveClient, OptserveError,
-  PayloadTooLargeError, StorageFullError, Tensor, UnavailableError, ValidationError, readSafetensors,
+  AuthenticationError, BadRequestError, ConflictError, ConnectionError, NotFoundError, OptserveClient, OptserveError,
+  PayloadTooLargeError, PermissionDeniedError, RateLimitError, StorageFullError, Tensor, UnavailableError,
+  ValidationError, readSafetensors,
 } from "../optserve.js";
 
 describe("client against a stub server", () => {
@@ -104,11 +105,16 @@ describe("client against a stub server", () => {
 
   test("problem+json to typed errors", async () => {
     const c = new OptserveClient({ baseUrl });
-    const classes = { 400: BadRequestError, 404: NotFoundError, 409: ConflictError, 413: PayloadTooLargeError, 422: ValidationError, 500: OptserveError, 503: UnavailableError, 507: StorageFullError };
+    const classes = {
+      400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError, 409: ConflictError,
+      413: PayloadTooLargeError, 422: ValidationError, 429: RateLimitError, 500: OptserveError, 503: UnavailableError,
+      507: StorageFullError,
+    };
     for (const [status, Cls] of Object.entries(classes)) {
       const err = await c.request("GET", `/status/${status}`).catch((e) => e);
       assert.equal(err.constructor, Cls, `status ${status}`);
       assert.ok(err instanceof OptserveError);
+      assert.equal(err.name, Cls.name);
       assert.equal(err.status, Number(status));
       assert.equal(err.code, "x");
       assert.equal(err.field, "a.b");
