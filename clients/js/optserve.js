@@ -570,7 +570,10 @@ const ERROR_CLASSES = {
   409: ConflictError, 413: PayloadTooLargeError, 422: ValidationError, 429: RateLimitError,
   503: UnavailableError, 507: StorageFullError,
 };
+/** Backoff: retryDelayMs * 2**attempt, capped at this, then scaled by a random factor in
+ * [1 - RETRY_JITTER, 1] so that many workers do not retry in lockstep (as the Python SDK). */
 const MAX_RETRY_DELAY_MS = 8000;
+const RETRY_JITTER = 0.25;
 /** The server holds a long poll (?wait_s=) at most this long. */
 const MAX_WAIT_S = 60;
 
@@ -643,7 +646,10 @@ function versionFromHeaders(res) {
  *   const { params } = await c.step(id, { x: Tensor.from([16]) });
  */
 export class OptserveClient {
-  constructor({ baseUrl = "http://127.0.0.1:8000", apiKey, timeoutMs = 30000, fetch: fetchImpl, binary = false, maxRetries = 2, retryDelayMs = 500 } = {}) {
+  constructor({
+    baseUrl = "http://127.0.0.1:8000", apiKey, timeoutMs = 30000, fetch: fetchImpl, binary = false, maxRetries = 2,
+    retryDelayMs = 500, sleep, random,
+  } = {}) {
     this.baseUrl = String(baseUrl).replace(/\/+$/, "");
     this.apiKey = apiKey;
     this.timeoutMs = timeoutMs;
@@ -651,12 +657,22 @@ export class OptserveClient {
     this.maxRetries = maxRetries;
     this.retryDelayMs = retryDelayMs;
     this._fetch = fetchImpl ?? globalThis.fetch.bind(globalThis);
+    // sleep(ms) -> Promise and random() -> [0, 1): the waits between retries and their jitter
+    // (given by tests, or a caller with a scheduler of its own)
+    this._sleep = sleep ?? ((ms) => new Promise((resolve) => setTimeout(resolve, ms)));
+    this._random = random ?? Math.random;
+  }
+
+  /** Milliseconds before retry number attempt + 1: exponential, capped, with random jitter. */
+  _retryDelay(attempt) {
+    const full = Math.min(this.retryDelayMs * 2 ** attempt, MAX_RETRY_DELAY_MS);
+    return full * (1 - RETRY_JITTER * this._random());
   }
 
   /**
    * One call, exactly once: a mutating call (anything but GET) carries a fresh Idempotency-Key,
    * kept for its retries, so the server answers a retry of what it already applied instead of
-   * applying it again. Retried (up to maxRetries, exponential delay): no answer at all
+   * applying it again. Retried (up to maxRetries, exponential delay with jitter): no answer at all
    * (ConnectionError), and 503 after its Retry-After (the server applied nothing).
    * opts.idempotencyKey: the key to send (default: a fresh one). When every retry failed, the
    * error's `idempotencyKey` is the key the call went out with: sending the call again later
@@ -682,9 +698,9 @@ export class OptserveClient {
           if (key !== undefined && err instanceof OptserveError) err.idempotencyKey = key;
           throw err;
         }
-        let delay = Math.min(this.retryDelayMs * 2 ** attempt, MAX_RETRY_DELAY_MS);
+        let delay = this._retryDelay(attempt);
         if (err.retryAfter !== undefined) delay = Math.max(delay, Math.min(err.retryAfter * 1000, MAX_RETRY_DELAY_MS));
-        await new Promise((resolve) => setTimeout(resolve, delay));
+        await this._sleep(delay);
       }
     }
   }
