@@ -574,6 +574,10 @@ const ERROR_CLASSES = {
  * [1 - RETRY_JITTER, 1] so that many workers do not retry in lockstep (as the Python SDK). */
 const MAX_RETRY_DELAY_MS = 8000;
 const RETRY_JITTER = 0.25;
+/** A 503's Retry-After is waited in full up to this (maxRetryAfterMs); one asking for longer is
+ * thrown at once, as the server said an earlier retry would fail (session_damaged and
+ * no_capacity ask 30 s). The Python SDK's max_retry_after. */
+const DEFAULT_MAX_RETRY_AFTER_MS = 60000;
 /** The server holds a long poll (?wait_s=) at most this long. */
 const MAX_WAIT_S = 60;
 
@@ -648,7 +652,7 @@ function versionFromHeaders(res) {
 export class OptserveClient {
   constructor({
     baseUrl = "http://127.0.0.1:8000", apiKey, timeoutMs = 30000, fetch: fetchImpl, binary = false, maxRetries = 2,
-    retryDelayMs = 500, sleep, random,
+    retryDelayMs = 500, maxRetryAfterMs = DEFAULT_MAX_RETRY_AFTER_MS, sleep, random,
   } = {}) {
     this.baseUrl = String(baseUrl).replace(/\/+$/, "");
     this.apiKey = apiKey;
@@ -656,6 +660,8 @@ export class OptserveClient {
     this.binary = binary; // default for step / grads / params calls
     this.maxRetries = maxRetries;
     this.retryDelayMs = retryDelayMs;
+    if (!(Number(maxRetryAfterMs) >= 0)) throw new RangeError(`maxRetryAfterMs must be a non-negative number, got ${maxRetryAfterMs}`);
+    this.maxRetryAfterMs = Number(maxRetryAfterMs);
     this._fetch = fetchImpl ?? globalThis.fetch.bind(globalThis);
     // sleep(ms) -> Promise and random() -> [0, 1): the waits between retries and their jitter
     // (given by tests, or a caller with a scheduler of its own)
@@ -673,7 +679,8 @@ export class OptserveClient {
    * One call, exactly once: a mutating call (anything but GET) carries a fresh Idempotency-Key,
    * kept for its retries, so the server answers a retry of what it already applied instead of
    * applying it again. Retried (up to maxRetries, exponential delay with jitter): no answer at all
-   * (ConnectionError), and 503 after its Retry-After (the server applied nothing).
+   * (ConnectionError), and 503 after its Retry-After (the server applied nothing; one asking for
+   * longer than maxRetryAfterMs, default 60 s, is thrown at once).
    * opts.idempotencyKey: the key to send (default: a fresh one). When every retry failed, the
    * error's `idempotencyKey` is the key the call went out with: sending the call again later
    * with it (`step(id, grads, {idempotencyKey: err.idempotencyKey})`, once the server is back)
@@ -693,13 +700,16 @@ export class OptserveClient {
       try {
         return await this._attempt(method, path, { ...opts, headers });
       } catch (err) {
-        const retryable = err instanceof ConnectionError || err instanceof UnavailableError;
+        // a 503 asking for a longer wait than maxRetryAfterMs: thrown now (its retryAfter says
+        // how long), not retried early
+        const tooLong = err.retryAfter !== undefined && err.retryAfter * 1000 > this.maxRetryAfterMs;
+        const retryable = (err instanceof ConnectionError || err instanceof UnavailableError) && !tooLong;
         if (!retryable || attempt >= this.maxRetries) {
           if (key !== undefined && err instanceof OptserveError) err.idempotencyKey = key;
           throw err;
         }
         let delay = this._retryDelay(attempt);
-        if (err.retryAfter !== undefined) delay = Math.max(delay, Math.min(err.retryAfter * 1000, MAX_RETRY_DELAY_MS));
+        if (err.retryAfter !== undefined) delay = Math.max(delay, err.retryAfter * 1000);
         await this._sleep(delay);
       }
     }
