@@ -313,6 +313,15 @@ function bytesToTyped(dtype, bytes) {
   return new info.array(copy.buffer, 0, copy.byteLength / info.itemsize);
 }
 
+/** Typed values over `bytes` itself where the byte order and alignment allow (no copy), else a copy. */
+function bytesToTypedView(dtype, bytes) {
+  const info = dtypeInfo(dtype);
+  if (LITTLE_ENDIAN && bytes.byteOffset % info.itemsize === 0 && bytes.byteLength % info.itemsize === 0) {
+    return new info.array(bytes.buffer, bytes.byteOffset, bytes.byteLength / info.itemsize);
+  }
+  return bytesToTyped(dtype, bytes);
+}
+
 function swapInPlace(bytes, n) {
   for (let i = 0; i < bytes.length; i += n) bytes.subarray(i, i + n).reverse();
 }
@@ -330,7 +339,12 @@ export function base64ToBytes(text) {
   if (typeof text !== "string" || !/^[A-Za-z0-9+/]*={0,2}$/.test(text) || text.length % 4 !== 0) {
     throw new TypeError("b64 is not valid base64");
   }
-  if (hasBuffer) return new Uint8Array(globalThis.Buffer.from(text, "base64"));
+  if (hasBuffer) {
+    // a large one has memory of its own: viewed, not copied; a small one is a slice of Node's
+    // shared pool: copied (cheap), so no tensor holds or exposes the pool's buffer
+    const b = globalThis.Buffer.from(text, "base64");
+    return b.byteLength === b.buffer.byteLength ? new Uint8Array(b.buffer, 0, b.byteLength) : new Uint8Array(b);
+  }
   const s = atob(text);
   const out = new Uint8Array(s.length);
   for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
@@ -376,7 +390,7 @@ export function decodeJsonTensor(obj) {
     if (bytes.length !== prod(shape) * info.itemsize) {
       throw new RangeError(`b64 holds ${bytes.length} bytes, shape ${JSON.stringify(shape)} of ${dtype} needs ${prod(shape) * info.itemsize}`);
     }
-    return Tensor.fromBytes(dtype, shape, bytes);
+    return new Tensor(dtype, shape, bytesToTypedView(dtype, bytes)); // fresh bytes: viewed where aligned
   }
   const values = obj.data.map((v) => (typeof v === "string" && v in NONFINITE_IN ? NONFINITE_IN[v] : v));
   // int64 beyond 2^53 loses precision in JSON.parse; ask for encoding "b64" when that matters
@@ -469,12 +483,10 @@ export function writeSafetensors(tensors, metadata) {
     );
   }
   let offset = 0;
-  const chunks = [];
   for (const [name, t] of entries) {
-    const bytes = t.toBytes();
-    header[name] = { dtype: DTYPES[t.dtype].st, shape: t.shape, data_offsets: [offset, offset + bytes.length] };
-    chunks.push(bytes);
-    offset += bytes.length;
+    const n = t.data.byteLength;
+    header[name] = { dtype: DTYPES[t.dtype].st, shape: t.shape, data_offsets: [offset, offset + n] };
+    offset += n;
   }
   let headerBytes = textEncoder.encode(JSON.stringify(header));
   const pad = (8 - (headerBytes.length % 8)) % 8; // data starts 8-byte aligned, as safetensors does
@@ -486,15 +498,23 @@ export function writeSafetensors(tensors, metadata) {
   const out = new Uint8Array(8 + headerBytes.length + offset);
   new DataView(out.buffer).setBigUint64(0, BigInt(headerBytes.length), true);
   out.set(headerBytes, 8);
+  // each tensor's bytes copied once, straight from its own memory into the file
   let pos = 8 + headerBytes.length;
-  for (const c of chunks) {
-    out.set(c, pos);
-    pos += c.length;
+  for (const [, t] of entries) {
+    const src = t.data;
+    out.set(new Uint8Array(src.buffer, src.byteOffset, src.byteLength), pos);
+    if (!LITTLE_ENDIAN && src.BYTES_PER_ELEMENT > 1) swapInPlace(out.subarray(pos, pos + src.byteLength), src.BYTES_PER_ELEMENT);
+    pos += src.byteLength;
   }
   return out;
 }
 
-/** Read a safetensors file (ArrayBuffer or Uint8Array): {tensors: {name: Tensor}, metadata: {key: string}}. */
+/**
+ * Read a safetensors file (ArrayBuffer or Uint8Array): {tensors: {name: Tensor}, metadata: {key: string}}.
+ * Each tensor's data is a view of the file's bytes where its offset suits its dtype (a
+ * Float32Array needs a multiple of 4: any file this client or the server writes, read from a
+ * buffer of its own), else a copy; so writing into `buf` afterwards changes those tensors.
+ */
 export function readSafetensors(buf) {
   const bytes = buf instanceof Uint8Array ? buf : new Uint8Array(buf);
   if (bytes.length < 8) throw new TypeError("not a safetensors file: shorter than 8 bytes");
@@ -511,7 +531,7 @@ export function readSafetensors(buf) {
     const [begin, end] = info.data_offsets;
     if (!(begin >= 0 && begin <= end && end <= data.length)) throw new RangeError(`${name}: data_offsets out of range`);
     if (end - begin !== prod(info.shape) * DTYPES[dtype].itemsize) throw new RangeError(`${name}: size mismatch`);
-    tensors[name] = Tensor.fromBytes(dtype, info.shape, data.subarray(begin, end));
+    tensors[name] = new Tensor(dtype, info.shape, bytesToTypedView(dtype, data.subarray(begin, end)));
   }
   return { tensors, metadata };
 }
