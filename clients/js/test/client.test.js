@@ -103,6 +103,20 @@ describe("client against a stub server", () => {
     assert.deepEqual(metadata, { id: '"123"', optimizer: '"Adam"', options: '{"lr":0.5}', param_groups: '[{"lr":0.1,"params":["w"]}]' });
   });
 
+  test("createSession({encoding: 'b64'}) sends b64 JSON tensors, in groups too", async () => {
+    const c = new OptserveClient({ baseUrl });
+    const w = Tensor.from([1, -0], { dtype: "float64" });
+    await c.createSession({ optimizer: "SGD", options: { lr: 0.1 }, params: { w } }, { encoding: "b64" });
+    assert.deepEqual(JSON.parse(seen.at(-1).body), {
+      optimizer: "SGD", options: { lr: 0.1 }, params: { w: { dtype: "float64", shape: [2], b64: "AAAAAAAA8D8AAAAAAAAAgA==" } },
+    });
+    await c.createSession({ optimizer: "SGD", paramGroups: [{ params: { w }, lr: 0.5 }] }, { encoding: "b64" });
+    assert.deepEqual(JSON.parse(seen.at(-1).body).param_groups, [{ lr: 0.5, params: { w: { dtype: "float64", shape: [2], b64: "AAAAAAAA8D8AAAAAAAAAgA==" } } }]);
+    await c.createSession({ optimizer: "SGD", params: { w } }, { encoding: "data" });
+    assert.equal(seen.at(-1).body.toString(), '{"optimizer":"SGD","params":{"w":{"dtype":"float64","shape":[2],"data":[1,-0.0]}}}');
+    assert.throws(() => c.createSession({ optimizer: "SGD", params: { w } }, { encoding: "hex" }), TypeError);
+  });
+
   test("problem+json to typed errors", async () => {
     const c = new OptserveClient({ baseUrl });
     const classes = {
