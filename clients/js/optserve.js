@@ -1140,9 +1140,13 @@ export class OptserveClient {
     return this._json("PUT", path, { json: treeToJson(state, { b64: encoding === "b64" }), idempotencyKey });
   }
 
-  /** POST /v1/sessions/{id}/scheduler/step ({metric} for ReduceLROnPlateau). */
+  /**
+   * POST /v1/sessions/{id}/scheduler/step ({metric} for ReduceLROnPlateau). A non-finite metric
+   * goes as {"$float": "nan"} (JSON.stringify would write null: no metric); the server refuses
+   * it (422 invalid_metric).
+   */
   schedulerStep(id, { metric, idempotencyKey } = {}) {
-    return this._described("POST", `${this._sid(id)}/scheduler/step`, { json: metric === undefined ? {} : { metric }, idempotencyKey });
+    return this._described("POST", `${this._sid(id)}/scheduler/step`, { json: metric === undefined ? {} : { metric: treeToJson(metric) }, idempotencyKey });
   }
 }
 

@@ -117,6 +117,17 @@ describe("client against a stub server", () => {
     assert.throws(() => c.createSession({ optimizer: "SGD", params: { w } }, { encoding: "hex" }), TypeError);
   });
 
+  test("a non-finite scheduler metric is sent as the protocol writes it, not as null", async () => {
+    const c = new OptserveClient({ baseUrl });
+    for (const [metric, body] of [[NaN, '{"metric":{"$float":"nan"}}'], [Infinity, '{"metric":{"$float":"inf"}}'],
+      [-Infinity, '{"metric":{"$float":"-inf"}}'], [0.25, '{"metric":0.25}']]) {
+      await c.schedulerStep("s", { metric });
+      assert.equal(seen.at(-1).body.toString(), body, String(metric));
+    }
+    await c.schedulerStep("s");
+    assert.equal(seen.at(-1).body.toString(), "{}");
+  });
+
   test("problem+json to typed errors", async () => {
     const c = new OptserveClient({ baseUrl });
     const classes = {

@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { after, describe, test } from "node:test";
 
-import { Tensor } from "../optserve.js";
+import { Tensor, ValidationError } from "../optserve.js";
 import { NO_SERVER, assertSameTensor, client, uid } from "./helpers.js";
 
 const MODES = [{ name: "data" }, { name: "b64", encoding: "b64" }, { name: "safetensors", binary: true }];
@@ -182,6 +182,20 @@ describe("wire formats and endpoints", { skip: NO_SERVER }, () => {
     await c.schedulerStep(plateau.id, { metric: 1 });
     const r = await c.schedulerStep(plateau.id, { metric: 2 });
     assert.deepEqual(r.lr, [0.5]);
+    // a non-finite metric reaches the server as one ({"$float": "nan"}; JSON.stringify would
+    // write null, read as no metric: "missing_metric" here, and a StepLR would step) and is
+    // refused as the server refuses every non-finite metric; nothing changes
+    for (const metric of [NaN, Infinity, -Infinity]) {
+      for (const sid of [plateau.id, id]) {
+        const before = await c.getSession(sid);
+        const err = await c.schedulerStep(sid, { metric }).catch((e) => e);
+        assert.ok(err instanceof ValidationError, `${metric}: ${err}`);
+        assert.equal(err.code, "invalid_metric");
+        assert.equal(err.field, "metric");
+        const now = await c.getSession(sid);
+        assert.deepEqual([now.lr, now.version], [before.lr, before.version]);
+      }
+    }
   });
 
   test("non-finite gradients under the allow and skip policies", async () => {
