@@ -39,7 +39,7 @@ from app.engine.interface import Engine, IdemKey, ReturnParams, SessionInfo
 from app.errors import Invalid
 from app.wire.content_digest import cheap
 from app.wire.safetensors_body import read_safetensors, write_safetensors
-from app.wire.tree import tree_to_json, tree_to_safetensors
+from app.wire.tree import is_float_tag, tree_to_json, tree_to_safetensors, untag_float
 
 REPLAYED_HEADER = "Idempotent-Replayed"
 #: what a step body may carry besides its gradients
@@ -324,6 +324,8 @@ async def scheduler_step(
     obj = json_object(buf) if buf.strip() else {}
     only_keys(obj, {"metric"})
     metric = obj.get("metric")
+    if isinstance(metric, dict) and is_float_tag(metric):  # {"$float": "nan"}: no JSON literal
+        metric = untag_float(metric, "metric", "invalid_metric")
     if metric is not None and type(metric) not in (int, float):
         raise Invalid("metric must be a number", code="invalid_metric", field="metric")
     out = await engine.scheduler_step(

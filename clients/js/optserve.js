@@ -313,6 +313,15 @@ function bytesToTyped(dtype, bytes) {
   return new info.array(copy.buffer, 0, copy.byteLength / info.itemsize);
 }
 
+/** Typed values over `bytes` itself where the byte order and alignment allow (no copy), else a copy. */
+function bytesToTypedView(dtype, bytes) {
+  const info = dtypeInfo(dtype);
+  if (LITTLE_ENDIAN && bytes.byteOffset % info.itemsize === 0 && bytes.byteLength % info.itemsize === 0) {
+    return new info.array(bytes.buffer, bytes.byteOffset, bytes.byteLength / info.itemsize);
+  }
+  return bytesToTyped(dtype, bytes);
+}
+
 function swapInPlace(bytes, n) {
   for (let i = 0; i < bytes.length; i += n) bytes.subarray(i, i + n).reverse();
 }
@@ -330,7 +339,12 @@ export function base64ToBytes(text) {
   if (typeof text !== "string" || !/^[A-Za-z0-9+/]*={0,2}$/.test(text) || text.length % 4 !== 0) {
     throw new TypeError("b64 is not valid base64");
   }
-  if (hasBuffer) return new Uint8Array(globalThis.Buffer.from(text, "base64"));
+  if (hasBuffer) {
+    // a large one has memory of its own: viewed, not copied; a small one is a slice of Node's
+    // shared pool: copied (cheap), so no tensor holds or exposes the pool's buffer
+    const b = globalThis.Buffer.from(text, "base64");
+    return b.byteLength === b.buffer.byteLength ? new Uint8Array(b.buffer, 0, b.byteLength) : new Uint8Array(b);
+  }
   const s = atob(text);
   const out = new Uint8Array(s.length);
   for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
@@ -376,7 +390,7 @@ export function decodeJsonTensor(obj) {
     if (bytes.length !== prod(shape) * info.itemsize) {
       throw new RangeError(`b64 holds ${bytes.length} bytes, shape ${JSON.stringify(shape)} of ${dtype} needs ${prod(shape) * info.itemsize}`);
     }
-    return Tensor.fromBytes(dtype, shape, bytes);
+    return new Tensor(dtype, shape, bytesToTypedView(dtype, bytes)); // fresh bytes: viewed where aligned
   }
   const values = obj.data.map((v) => (typeof v === "string" && v in NONFINITE_IN ? NONFINITE_IN[v] : v));
   // int64 beyond 2^53 loses precision in JSON.parse; ask for encoding "b64" when that matters
@@ -469,12 +483,10 @@ export function writeSafetensors(tensors, metadata) {
     );
   }
   let offset = 0;
-  const chunks = [];
   for (const [name, t] of entries) {
-    const bytes = t.toBytes();
-    header[name] = { dtype: DTYPES[t.dtype].st, shape: t.shape, data_offsets: [offset, offset + bytes.length] };
-    chunks.push(bytes);
-    offset += bytes.length;
+    const n = t.data.byteLength;
+    header[name] = { dtype: DTYPES[t.dtype].st, shape: t.shape, data_offsets: [offset, offset + n] };
+    offset += n;
   }
   let headerBytes = textEncoder.encode(JSON.stringify(header));
   const pad = (8 - (headerBytes.length % 8)) % 8; // data starts 8-byte aligned, as safetensors does
@@ -486,15 +498,23 @@ export function writeSafetensors(tensors, metadata) {
   const out = new Uint8Array(8 + headerBytes.length + offset);
   new DataView(out.buffer).setBigUint64(0, BigInt(headerBytes.length), true);
   out.set(headerBytes, 8);
+  // each tensor's bytes copied once, straight from its own memory into the file
   let pos = 8 + headerBytes.length;
-  for (const c of chunks) {
-    out.set(c, pos);
-    pos += c.length;
+  for (const [, t] of entries) {
+    const src = t.data;
+    out.set(new Uint8Array(src.buffer, src.byteOffset, src.byteLength), pos);
+    if (!LITTLE_ENDIAN && src.BYTES_PER_ELEMENT > 1) swapInPlace(out.subarray(pos, pos + src.byteLength), src.BYTES_PER_ELEMENT);
+    pos += src.byteLength;
   }
   return out;
 }
 
-/** Read a safetensors file (ArrayBuffer or Uint8Array): {tensors: {name: Tensor}, metadata: {key: string}}. */
+/**
+ * Read a safetensors file (ArrayBuffer or Uint8Array): {tensors: {name: Tensor}, metadata: {key: string}}.
+ * Each tensor's data is a view of the file's bytes where its offset suits its dtype (a
+ * Float32Array needs a multiple of 4: any file this client or the server writes, read from a
+ * buffer of its own), else a copy; so writing into `buf` afterwards changes those tensors.
+ */
 export function readSafetensors(buf) {
   const bytes = buf instanceof Uint8Array ? buf : new Uint8Array(buf);
   if (bytes.length < 8) throw new TypeError("not a safetensors file: shorter than 8 bytes");
@@ -511,7 +531,7 @@ export function readSafetensors(buf) {
     const [begin, end] = info.data_offsets;
     if (!(begin >= 0 && begin <= end && end <= data.length)) throw new RangeError(`${name}: data_offsets out of range`);
     if (end - begin !== prod(info.shape) * DTYPES[dtype].itemsize) throw new RangeError(`${name}: size mismatch`);
-    tensors[name] = Tensor.fromBytes(dtype, info.shape, data.subarray(begin, end));
+    tensors[name] = new Tensor(dtype, info.shape, bytesToTypedView(dtype, data.subarray(begin, end)));
   }
   return { tensors, metadata };
 }
@@ -548,10 +568,16 @@ export class OptserveError extends Error {
   }
 }
 export class BadRequestError extends OptserveError {} // 400
+/** 401: no API key, or one the server does not know (the Python SDK's AuthenticationError). */
+export class AuthenticationError extends OptserveError {}
+/** 403: the key may not do this (the Python SDK's PermissionDeniedError). */
+export class PermissionDeniedError extends OptserveError {}
 export class NotFoundError extends OptserveError {} // 404
 export class ConflictError extends OptserveError {} // 409
 export class PayloadTooLargeError extends OptserveError {} // 413
 export class ValidationError extends OptserveError {} // 422
+/** 429: a per-tenant limit is reached (the Python SDK's RateLimitError); never retried. */
+export class RateLimitError extends OptserveError {}
 /** 503: nothing was applied; retry after `retryAfter` seconds (storage_error, session_damaged). */
 export class UnavailableError extends OptserveError {}
 /** 507 storage_full: the operation did not fit on the server's disk; nothing was applied. */
@@ -560,10 +586,18 @@ export class StorageFullError extends OptserveError {}
 export class ConnectionError extends OptserveError {}
 
 const ERROR_CLASSES = {
-  400: BadRequestError, 404: NotFoundError, 409: ConflictError, 413: PayloadTooLargeError,
-  422: ValidationError, 503: UnavailableError, 507: StorageFullError,
+  400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError,
+  409: ConflictError, 413: PayloadTooLargeError, 422: ValidationError, 429: RateLimitError,
+  503: UnavailableError, 507: StorageFullError,
 };
+/** Backoff: retryDelayMs * 2**attempt, capped at this, then scaled by a random factor in
+ * [1 - RETRY_JITTER, 1] so that many workers do not retry in lockstep (as the Python SDK). */
 const MAX_RETRY_DELAY_MS = 8000;
+const RETRY_JITTER = 0.25;
+/** A 503's Retry-After is waited in full up to this (maxRetryAfterMs); one asking for longer is
+ * thrown at once, as the server said an earlier retry would fail (session_damaged and
+ * no_capacity ask 30 s). The Python SDK's max_retry_after. */
+const DEFAULT_MAX_RETRY_AFTER_MS = 60000;
 /** The server holds a long poll (?wait_s=) at most this long. */
 const MAX_WAIT_S = 60;
 
@@ -636,21 +670,37 @@ function versionFromHeaders(res) {
  *   const { params } = await c.step(id, { x: Tensor.from([16]) });
  */
 export class OptserveClient {
-  constructor({ baseUrl = "http://127.0.0.1:8000", apiKey, timeoutMs = 30000, fetch: fetchImpl, binary = false, maxRetries = 2, retryDelayMs = 500 } = {}) {
+  constructor({
+    baseUrl = "http://127.0.0.1:8000", apiKey, timeoutMs = 30000, fetch: fetchImpl, binary = false, maxRetries = 2,
+    retryDelayMs = 500, maxRetryAfterMs = DEFAULT_MAX_RETRY_AFTER_MS, sleep, random,
+  } = {}) {
     this.baseUrl = String(baseUrl).replace(/\/+$/, "");
     this.apiKey = apiKey;
     this.timeoutMs = timeoutMs;
     this.binary = binary; // default for step / grads / params calls
     this.maxRetries = maxRetries;
     this.retryDelayMs = retryDelayMs;
+    if (!(Number(maxRetryAfterMs) >= 0)) throw new RangeError(`maxRetryAfterMs must be a non-negative number, got ${maxRetryAfterMs}`);
+    this.maxRetryAfterMs = Number(maxRetryAfterMs);
     this._fetch = fetchImpl ?? globalThis.fetch.bind(globalThis);
+    // sleep(ms) -> Promise and random() -> [0, 1): the waits between retries and their jitter
+    // (given by tests, or a caller with a scheduler of its own)
+    this._sleep = sleep ?? ((ms) => new Promise((resolve) => setTimeout(resolve, ms)));
+    this._random = random ?? Math.random;
+  }
+
+  /** Milliseconds before retry number attempt + 1: exponential, capped, with random jitter. */
+  _retryDelay(attempt) {
+    const full = Math.min(this.retryDelayMs * 2 ** attempt, MAX_RETRY_DELAY_MS);
+    return full * (1 - RETRY_JITTER * this._random());
   }
 
   /**
    * One call, exactly once: a mutating call (anything but GET) carries a fresh Idempotency-Key,
    * kept for its retries, so the server answers a retry of what it already applied instead of
-   * applying it again. Retried (up to maxRetries, exponential delay): no answer at all
-   * (ConnectionError), and 503 after its Retry-After (the server applied nothing).
+   * applying it again. Retried (up to maxRetries, exponential delay with jitter): no answer at all
+   * (ConnectionError), and 503 after its Retry-After (the server applied nothing; one asking for
+   * longer than maxRetryAfterMs, default 60 s, is thrown at once).
    * opts.idempotencyKey: the key to send (default: a fresh one). When every retry failed, the
    * error's `idempotencyKey` is the key the call went out with: sending the call again later
    * with it (`step(id, grads, {idempotencyKey: err.idempotencyKey})`, once the server is back)
@@ -670,14 +720,17 @@ export class OptserveClient {
       try {
         return await this._attempt(method, path, { ...opts, headers });
       } catch (err) {
-        const retryable = err instanceof ConnectionError || err instanceof UnavailableError;
+        // a 503 asking for a longer wait than maxRetryAfterMs: thrown now (its retryAfter says
+        // how long), not retried early
+        const tooLong = err.retryAfter !== undefined && err.retryAfter * 1000 > this.maxRetryAfterMs;
+        const retryable = (err instanceof ConnectionError || err instanceof UnavailableError) && !tooLong;
         if (!retryable || attempt >= this.maxRetries) {
           if (key !== undefined && err instanceof OptserveError) err.idempotencyKey = key;
           throw err;
         }
-        let delay = Math.min(this.retryDelayMs * 2 ** attempt, MAX_RETRY_DELAY_MS);
-        if (err.retryAfter !== undefined) delay = Math.max(delay, Math.min(err.retryAfter * 1000, MAX_RETRY_DELAY_MS));
-        await new Promise((resolve) => setTimeout(resolve, delay));
+        let delay = this._retryDelay(attempt);
+        if (err.retryAfter !== undefined) delay = Math.max(delay, err.retryAfter * 1000);
+        await this._sleep(delay);
       }
     }
   }
@@ -820,9 +873,12 @@ export class OptserveClient {
   /**
    * POST /v1/sessions. spec: {optimizer, options?, params?: {name: tensor}, paramGroups?:
    * [{params: {name: tensor}, ...options}], scheduler?: {name, options, step_on?}, id?, nonfinite?}.
-   * With {binary: true} the tensors travel as a safetensors body. Returns the session description.
+   * With {binary: true} the tensors travel as a safetensors body; as JSON, encoding "b64" sends
+   * them base64 (their bytes: smaller and faster than "data", the default, for large creates).
+   * Returns the session description.
    */
-  createSession(spec, { binary = false, idempotencyKey } = {}) {
+  createSession(spec, { binary = false, encoding = "data", idempotencyKey } = {}) {
+    if (encoding !== "data" && encoding !== "b64") throw new TypeError(`encoding must be "data" or "b64", got ${JSON.stringify(encoding)}`);
     const { paramGroups, param_groups: pg, params, ...rest } = spec;
     const groups = paramGroups ?? pg;
     if (binary) {
@@ -845,8 +901,9 @@ export class OptserveClient {
     // it: JSON.stringify writes null), a tensor option (lr) as a JSON tensor
     const body = {};
     for (const [k, v] of Object.entries(rest)) if (v !== undefined) body[k] = treeToJson(v);
-    if (groups) body.param_groups = groups.map(({ params: gp, ...opts }) => ({ ...treeToJson(opts), params: encodeMap(gp) }));
-    else body.params = encodeMap(params);
+    const enc = { b64: encoding === "b64" };
+    if (groups) body.param_groups = groups.map(({ params: gp, ...opts }) => ({ ...treeToJson(opts), params: encodeMap(gp, enc) }));
+    else body.params = encodeMap(params, enc);
     return this._described("POST", "/v1/sessions", { json: body, idempotencyKey });
   }
 
@@ -1083,9 +1140,13 @@ export class OptserveClient {
     return this._json("PUT", path, { json: treeToJson(state, { b64: encoding === "b64" }), idempotencyKey });
   }
 
-  /** POST /v1/sessions/{id}/scheduler/step ({metric} for ReduceLROnPlateau). */
+  /**
+   * POST /v1/sessions/{id}/scheduler/step ({metric} for ReduceLROnPlateau). A non-finite metric
+   * goes as {"$float": "nan"} (JSON.stringify would write null: no metric); the server refuses
+   * it (422 invalid_metric).
+   */
   schedulerStep(id, { metric, idempotencyKey } = {}) {
-    return this._described("POST", `${this._sid(id)}/scheduler/step`, { json: metric === undefined ? {} : { metric }, idempotencyKey });
+    return this._described("POST", `${this._sid(id)}/scheduler/step`, { json: metric === undefined ? {} : { metric: treeToJson(metric) }, idempotencyKey });
   }
 }
 

@@ -1433,3 +1433,25 @@ def test_zero_grad_takes_no_body(sess: Sess) -> None:
         r = sess.http.post(url, content=content, headers=headers)
         assert r.status_code == 200 and r.json()["accumulated"] == [], r.text
         assert sess.http.get(sess.url).json()["accumulated"] == []
+
+
+@pytest.mark.parametrize("tag", ["nan", "inf", "-inf"])
+def test_a_non_finite_metric_written_as_the_protocol_writes_it_is_refused_as_non_finite(
+        http: httpx.Client, tag: str) -> None:
+    """``{"metric": {"$float": "nan"}}`` (how the clients write a NaN metric: JSON has no
+    literal for it) is refused as a non-finite metric, 422 ``invalid_metric`` naming
+    ``metric``, as a bare NaN would be; not as "not a number", and a scheduler that takes no
+    metric refuses it too. Nothing changes."""
+    sid, before = _scheduled(http, "SGD", {"name": "ReduceLROnPlateau",
+                                           "options": {"patience": 0}})
+    r = http.post(f"/v1/sessions/{sid}/scheduler/step", json={"metric": {"$float": tag}})
+    assert_problem(r, 422, "invalid_metric", "metric")
+    assert "finite" in r.json()["detail"]
+    _same(http, sid, before)
+    r = http.post(f"/v1/sessions/{sid}/scheduler/step", json={"metric": {"$float": "huge"}})
+    assert_problem(r, 422, "invalid_metric", "metric")
+    sid, before = _scheduled(http, "SGD", {"name": "StepLR", "options": {"step_size": 1},
+                                           "step_on": "manual"})
+    r = http.post(f"/v1/sessions/{sid}/scheduler/step", json={"metric": {"$float": tag}})
+    assert_problem(r, 422, "invalid_metric", "metric")
+    _same(http, sid, before)

@@ -4,8 +4,9 @@ import { createServer } from "node:http";
 import { after, before, describe, test } from "node:test";
 
 import {
-  BadRequestError, ConflictError, ConnectionError, NotFoundError, OptserveClient, OptserveError,
-  PayloadTooLargeError, StorageFullError, Tensor, UnavailableError, ValidationError, readSafetensors,
+  AuthenticationError, BadRequestError, ConflictError, ConnectionError, NotFoundError, OptserveClient, OptserveError,
+  PayloadTooLargeError, PermissionDeniedError, RateLimitError, StorageFullError, Tensor, UnavailableError,
+  ValidationError, readSafetensors,
 } from "../optserve.js";
 
 describe("client against a stub server", () => {
@@ -102,13 +103,43 @@ describe("client against a stub server", () => {
     assert.deepEqual(metadata, { id: '"123"', optimizer: '"Adam"', options: '{"lr":0.5}', param_groups: '[{"lr":0.1,"params":["w"]}]' });
   });
 
+  test("createSession({encoding: 'b64'}) sends b64 JSON tensors, in groups too", async () => {
+    const c = new OptserveClient({ baseUrl });
+    const w = Tensor.from([1, -0], { dtype: "float64" });
+    await c.createSession({ optimizer: "SGD", options: { lr: 0.1 }, params: { w } }, { encoding: "b64" });
+    assert.deepEqual(JSON.parse(seen.at(-1).body), {
+      optimizer: "SGD", options: { lr: 0.1 }, params: { w: { dtype: "float64", shape: [2], b64: "AAAAAAAA8D8AAAAAAAAAgA==" } },
+    });
+    await c.createSession({ optimizer: "SGD", paramGroups: [{ params: { w }, lr: 0.5 }] }, { encoding: "b64" });
+    assert.deepEqual(JSON.parse(seen.at(-1).body).param_groups, [{ lr: 0.5, params: { w: { dtype: "float64", shape: [2], b64: "AAAAAAAA8D8AAAAAAAAAgA==" } } }]);
+    await c.createSession({ optimizer: "SGD", params: { w } }, { encoding: "data" });
+    assert.equal(seen.at(-1).body.toString(), '{"optimizer":"SGD","params":{"w":{"dtype":"float64","shape":[2],"data":[1,-0.0]}}}');
+    assert.throws(() => c.createSession({ optimizer: "SGD", params: { w } }, { encoding: "hex" }), TypeError);
+  });
+
+  test("a non-finite scheduler metric is sent as the protocol writes it, not as null", async () => {
+    const c = new OptserveClient({ baseUrl });
+    for (const [metric, body] of [[NaN, '{"metric":{"$float":"nan"}}'], [Infinity, '{"metric":{"$float":"inf"}}'],
+      [-Infinity, '{"metric":{"$float":"-inf"}}'], [0.25, '{"metric":0.25}']]) {
+      await c.schedulerStep("s", { metric });
+      assert.equal(seen.at(-1).body.toString(), body, String(metric));
+    }
+    await c.schedulerStep("s");
+    assert.equal(seen.at(-1).body.toString(), "{}");
+  });
+
   test("problem+json to typed errors", async () => {
     const c = new OptserveClient({ baseUrl });
-    const classes = { 400: BadRequestError, 404: NotFoundError, 409: ConflictError, 413: PayloadTooLargeError, 422: ValidationError, 500: OptserveError, 503: UnavailableError, 507: StorageFullError };
+    const classes = {
+      400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError, 409: ConflictError,
+      413: PayloadTooLargeError, 422: ValidationError, 429: RateLimitError, 500: OptserveError, 503: UnavailableError,
+      507: StorageFullError,
+    };
     for (const [status, Cls] of Object.entries(classes)) {
       const err = await c.request("GET", `/status/${status}`).catch((e) => e);
       assert.equal(err.constructor, Cls, `status ${status}`);
       assert.ok(err instanceof OptserveError);
+      assert.equal(err.name, Cls.name);
       assert.equal(err.status, Number(status));
       assert.equal(err.code, "x");
       assert.equal(err.field, "a.b");

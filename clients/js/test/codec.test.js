@@ -105,6 +105,77 @@ test("safetensors: write, read back, metadata, alignment, little-endian header",
   assert.throws(() => readSafetensors(buf.subarray(0, buf.length - 1)), RangeError);
 });
 
+/** One tensor of every dtype, of odd lengths (so that a misaligned copy would show). */
+function everyDtype() {
+  return {
+    f16: Tensor.from([1, -0.5, 65504], { dtype: "float16" }),
+    bf16: Tensor.from([1, -0.5, 3.140625], { dtype: "bfloat16" }),
+    f32: new Tensor("float32", [3], Float32Array.of(1.5, NaN, -0)),
+    f64: Tensor.from([0.1, -1e300, 5e-324], { dtype: "float64" }),
+    i8: Tensor.from([-128, 0, 127], { dtype: "int8" }),
+    i16: Tensor.from([-32768, 1, 32767], { dtype: "int16" }),
+    i32: Tensor.from([-(2 ** 31), 1, 2 ** 31 - 1], { dtype: "int32" }),
+    i64: new Tensor("int64", [3], BigInt64Array.of(-(2n ** 63n), 1n, 2n ** 62n + 1n)),
+    u8: Tensor.from([0, 1, 255], { dtype: "uint8" }),
+    b: Tensor.from([true, false, true], { dtype: "bool" }),
+    empty: new Tensor("float64", [0, 2], new Float64Array(0)),
+  };
+}
+
+test("safetensors: tensors are written straight into the file (no intermediate copy) and read as views of it", () => {
+  const tensors = everyDtype();
+  const toBytes = Tensor.prototype.toBytes;
+  Tensor.prototype.toBytes = () => assert.fail("writeSafetensors copied a tensor through toBytes()");
+  let buf;
+  try {
+    buf = writeSafetensors(tensors, { k: "v" });
+  } finally {
+    Tensor.prototype.toBytes = toBytes;
+  }
+  const back = readSafetensors(buf);
+  for (const [k, t] of Object.entries(tensors)) {
+    assertSameTensor(back.tensors[k], t, k);
+    // every offset is aligned to its itemsize: a view of the file's bytes, not a copy
+    assert.equal(back.tensors[k].data.buffer, buf.buffer, `${k} views the file`);
+  }
+  // an ArrayBuffer is read in place too
+  const fromAb = readSafetensors(buf.buffer);
+  assert.equal(fromAb.tensors.f64.data.buffer, buf.buffer);
+  assertSameTensor(fromAb.tensors.f64, tensors.f64);
+});
+
+test("safetensors at a misaligned offset (or with an unpadded header) are copied where a view cannot be", () => {
+  const tensors = everyDtype();
+  const file = writeSafetensors(tensors);
+  for (const shift of [1, 2, 3, 4, 5, 6, 7]) {
+    const big = new Uint8Array(file.length + shift);
+    big.set(file, shift);
+    const back = readSafetensors(big.subarray(shift));
+    for (const [k, t] of Object.entries(tensors)) {
+      const got = back.tensors[k];
+      assertSameTensor(got, t, `${k} at +${shift}`);
+      assert.equal(got.data.byteOffset % t.itemsize, 0, `${k} at +${shift}: aligned`);
+      if (t.itemsize === 1 || shift % t.itemsize === 0) assert.equal(got.data.buffer, big.buffer, `${k} at +${shift}: a view`);
+      else assert.notEqual(got.data.buffer, big.buffer, `${k} at +${shift}: a copy`);
+    }
+  }
+  // a header another writer did not pad to 8 bytes: data start at 8 + 13
+  const header = JSON.stringify({ x: { dtype: "F32", shape: [2], data_offsets: [0, 8] } }).padEnd(13 + 56, " ");
+  const headerBytes = new TextEncoder().encode(header);
+  assert.equal((8 + headerBytes.length) % 4, 1);
+  const raw = new Uint8Array(8 + headerBytes.length + 8);
+  new DataView(raw.buffer).setBigUint64(0, BigInt(headerBytes.length), true);
+  raw.set(headerBytes, 8);
+  raw.set(new Uint8Array(Float32Array.of(2.5, -1).buffer), 8 + headerBytes.length);
+  assertSameTensor(readSafetensors(raw).tensors.x, Tensor.from([2.5, -1]));
+});
+
+test("b64 JSON tensors decode to the sent values, every dtype", () => {
+  for (const [k, t] of Object.entries(everyDtype())) {
+    assertSameTensor(decodeJsonTensor(JSON.parse(JSON.stringify(encodeJsonTensor(t, { b64: true })))), t, k);
+  }
+});
+
 test("state trees: tensors, $float tags, $tensor references", () => {
   const tree = {
     state: { 0: { step: Tensor.scalar(2), exp_avg: Tensor.from([1, 2]) } },

@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { after, describe, test } from "node:test";
 
-import { Tensor } from "../optserve.js";
+import { Tensor, ValidationError } from "../optserve.js";
 import { NO_SERVER, assertSameTensor, client, uid } from "./helpers.js";
 
 const MODES = [{ name: "data" }, { name: "b64", encoding: "b64" }, { name: "safetensors", binary: true }];
@@ -33,6 +33,38 @@ describe("wire formats and endpoints", { skip: NO_SERVER }, () => {
     const steplr = schedulers.find((s) => s.name === "StepLR");
     assert.deepEqual(steplr.required, ["step_size"]);
     assert.equal(steplr.defaults.gamma, 0.1);
+  });
+
+  test("createSession with encoding b64 sends b64 tensors and makes the session data makes", async () => {
+    const sent = [];
+    const spy = client({ fetch: (url, init) => { sent.push(init); return fetch(url, init); } });
+    // int64 beyond 2^53 and float64 bits that JSON numbers carry only as their shortest text
+    const params = {
+      w: new Tensor("float64", [3], Float64Array.of(0.1, -0, 5e-324)),
+      v: new Tensor("float32", [2], Float32Array.of(1 / 3, -2.5)),
+    };
+    const groupParams = { g: Tensor.from([1.25, -3], { dtype: "float64" }) };
+    const spec = (id) => ({
+      id, optimizer: "Adam", options: { lr: 0.01 },
+      paramGroups: [{ params, weight_decay: 0.1 }, { params: groupParams, lr: 0.5 }],
+    });
+    const ids = [uid("b64c"), uid("datac")];
+    made.push(...ids);
+    await spy.createSession(spec(ids[0]), { encoding: "b64" });
+    const body = JSON.parse(sent.at(-1).body);
+    assert.deepEqual(Object.keys(body.param_groups[0].params.w).sort(), ["b64", "dtype", "shape"]);
+    assert.ok("b64" in body.param_groups[1].params.g);
+    await c.createSession(spec(ids[1]));
+    const grads = { w: Tensor.from([1, -1, 0.5], { dtype: "float64" }), v: Tensor.from([0.25, 4]), g: Tensor.from([-0.5, 2], { dtype: "float64" }) };
+    const [a, b] = [await c.step(ids[0], grads), await c.step(ids[1], grads)];
+    for (const n of Object.keys(grads)) assertSameTensor(a.params[n], b.params[n], n);
+    assertSameTensor((await c.getParams(ids[0], { encoding: "b64" })).params.w, a.params.w, "w");
+    // without groups too
+    const single = uid("b64s");
+    made.push(single);
+    await spy.createSession({ id: single, optimizer: "SGD", options: { lr: 0.1 }, params }, { encoding: "b64" });
+    assert.ok("b64" in JSON.parse(sent.at(-1).body).params.v);
+    for (const n of Object.keys(params)) assertSameTensor((await c.getParams(single, { encoding: "b64" })).params[n], params[n], n);
   });
 
   test("params of every float dtype read back bit-identical as data, b64 and safetensors", async () => {
@@ -150,6 +182,20 @@ describe("wire formats and endpoints", { skip: NO_SERVER }, () => {
     await c.schedulerStep(plateau.id, { metric: 1 });
     const r = await c.schedulerStep(plateau.id, { metric: 2 });
     assert.deepEqual(r.lr, [0.5]);
+    // a non-finite metric reaches the server as one ({"$float": "nan"}; JSON.stringify would
+    // write null, read as no metric: "missing_metric" here, and a StepLR would step) and is
+    // refused as the server refuses every non-finite metric; nothing changes
+    for (const metric of [NaN, Infinity, -Infinity]) {
+      for (const sid of [plateau.id, id]) {
+        const before = await c.getSession(sid);
+        const err = await c.schedulerStep(sid, { metric }).catch((e) => e);
+        assert.ok(err instanceof ValidationError, `${metric}: ${err}`);
+        assert.equal(err.code, "invalid_metric");
+        assert.equal(err.field, "metric");
+        const now = await c.getSession(sid);
+        assert.deepEqual([now.lr, now.version], [before.lr, before.version]);
+      }
+    }
   });
 
   test("non-finite gradients under the allow and skip policies", async () => {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
@@ -799,7 +800,10 @@ def scheduler_step(session_id: str, metric: float | None) -> APICall[SchedulerSt
     if metric is not None:
         if isinstance(metric, bool):
             raise TypeError("metric must be a number")
-        body["metric"] = float(metric)
+        value = float(metric)
+        # NaN and infinities as the protocol writes them ({"$float": "nan"}): JSON has no
+        # literal for them (orjson would write null, which reads as no metric at all)
+        body["metric"] = value if math.isfinite(value) else T._float_tag(value)
     content, ctype = _json_body(body)
     return APICall("POST", _sid(session_id) + "/scheduler/step", _parse_scheduler_step,
                    content=content, content_type=ctype, idempotent=False)

@@ -8,9 +8,11 @@ already applied with the original answer instead of applying it again (also afte
 
 Retry policy: when no HTTP response came back (connection refused or dropped, timeouts), and
 when the server answers 503 (it could not take the operation now and applied nothing: a storage
-error, a session host restarting; its ``Retry-After`` is honoured up to ``MAX_RETRY_DELAY``).
-Never on other statuses. The delay grows exponentially from ``INITIAL_RETRY_DELAY``, is capped
-at ``MAX_RETRY_DELAY`` and carries random jitter.
+error, a session host restarting). Never on other statuses. The delay grows exponentially from
+``INITIAL_RETRY_DELAY``, is capped at ``MAX_RETRY_DELAY`` and carries random jitter; a 503's
+``Retry-After`` is waited in full when longer, up to the client's ``max_retry_after`` (default
+``DEFAULT_MAX_RETRY_AFTER``, 60 s): a 503 asking for longer is raised at once, not retried
+early (the server said that retry would fail).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class BaseClient(Generic[HttpxClientT]):
     api_key: str | None
     timeout: httpx.Timeout
     max_retries: int
+    max_retry_after: float
     _client: HttpxClientT
     _owns_client: bool
 
@@ -81,6 +84,7 @@ class BaseClient(Generic[HttpxClientT]):
         api_key: str | None,
         timeout: float | httpx.Timeout | None,
         max_retries: int,
+        max_retry_after: float = _constants.DEFAULT_MAX_RETRY_AFTER,
     ) -> None:
         url = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
         self.base_url = str(url).rstrip("/")
@@ -92,6 +96,11 @@ class BaseClient(Generic[HttpxClientT]):
         if not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be a non-negative int, got {max_retries!r}")
         self.max_retries = max_retries
+        if (isinstance(max_retry_after, bool) or not isinstance(max_retry_after, (int, float))
+                or not max_retry_after >= 0):
+            raise ValueError("max_retry_after must be a non-negative number of seconds, got "
+                             f"{max_retry_after!r}")
+        self.max_retry_after = float(max_retry_after)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
@@ -159,12 +168,14 @@ class BaseClient(Generic[HttpxClientT]):
         seconds = float(after) if after.isascii() and after.isdigit() else None
         return self._wait_503(attempt, seconds)
 
-    def _wait_503(self, attempt: int, retry_after: float | None) -> float:
+    def _wait_503(self, attempt: int, retry_after: float | None) -> float | None:
         """Seconds to wait before retrying a 503: the backoff, or the server's Retry-After
-        when longer (capped at ``MAX_RETRY_DELAY``)."""
+        when longer; None (raise it now) when Retry-After is past ``max_retry_after``."""
         delay = self._retry_delay(attempt)
         if retry_after is not None:
-            delay = max(delay, min(retry_after, _constants.MAX_RETRY_DELAY))
+            if retry_after > self.max_retry_after:
+                return None
+            delay = max(delay, retry_after)
         return delay
 
     @staticmethod
@@ -199,8 +210,9 @@ class SyncAPIClient(BaseClient[httpx.Client]):
         timeout: float | httpx.Timeout | None,
         max_retries: int,
         http_client: httpx.Client | None,
+        max_retry_after: float = _constants.DEFAULT_MAX_RETRY_AFTER,
     ) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries)
+        super().__init__(base_url, api_key, timeout, max_retries, max_retry_after)
         self._owns_client = http_client is None
         self._client = http_client if http_client is not None else httpx.Client(
             timeout=self.timeout, follow_redirects=False
@@ -316,8 +328,9 @@ class AsyncAPIClient(BaseClient[httpx.AsyncClient]):
         timeout: float | httpx.Timeout | None,
         max_retries: int,
         http_client: httpx.AsyncClient | None,
+        max_retry_after: float = _constants.DEFAULT_MAX_RETRY_AFTER,
     ) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries)
+        super().__init__(base_url, api_key, timeout, max_retries, max_retry_after)
         self._owns_client = http_client is None
         self._client = http_client if http_client is not None else httpx.AsyncClient(
             timeout=self.timeout, follow_redirects=False

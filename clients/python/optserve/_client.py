@@ -20,7 +20,7 @@ import httpx
 from . import _api, _sparse
 from ._api import Durability, NonFinitePolicy, ParamGroup, ParamsArg, StateFormat
 from ._base_client import AsyncAPIClient, SyncAPIClient
-from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
+from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_MAX_RETRY_AFTER, DEFAULT_TIMEOUT
 from ._exceptions import APIConnectionError, APIStatusError
 from ._local import LocalChannel, LocalUnavailable
 from ._tensors import TensorLike
@@ -59,8 +59,10 @@ class Client(SyncAPIClient):
             ``OPTSERVE_BASE_URL``, then ``http://127.0.0.1:8000``.
         api_key: sent as ``Authorization: Bearer <key>``; default: env ``OPTSERVE_API_KEY``.
         timeout: seconds (or an ``httpx.Timeout``) for each request.
-        max_retries: retries after connection errors (never after an HTTP error status; see
-            :mod:`optserve._base_client` for which requests are retried).
+        max_retries: retries after connection errors and 503 answers (never after another
+            HTTP error status; see :mod:`optserve._base_client` for which requests are retried).
+        max_retry_after: the longest ``Retry-After`` (seconds, default 60) a 503 is waited for
+            before its retry; a 503 asking for longer is raised at once.
         http_client: an ``httpx.Client`` to send with (e.g. with a custom transport); it is not
             closed by :meth:`close`.
         transport: how steps travel: ``"auto"`` (the default) uses the server's same-host
@@ -82,8 +84,9 @@ class Client(SyncAPIClient):
         *,
         http_client: httpx.Client | None = None,
         transport: str = "auto",
+        max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
     ) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries, http_client)
+        super().__init__(base_url, api_key, timeout, max_retries, http_client, max_retry_after)
         if transport not in ("auto", "http", "local"):
             raise ValueError(f"transport must be 'auto', 'http' or 'local', got {transport!r}")
         self.transport = transport
@@ -259,8 +262,11 @@ class Client(SyncAPIClient):
                     raise
                 # nothing was applied: wait as the server asks, then the same key
                 after = exc.problem.get("retry_after")
-                time.sleep(self._wait_503(attempt, float(after)
-                                          if isinstance(after, (int, float)) else None))
+                delay = self._wait_503(attempt, float(after)
+                                       if isinstance(after, (int, float)) else None)
+                if delay is None:  # longer than max_retry_after: the caller decides
+                    raise
+                time.sleep(delay)
                 continue
             return _api.step_result(answer, params, copy=not views)
         return None  # unreachable
@@ -601,8 +607,9 @@ class AsyncClient(AsyncAPIClient):
         max_retries: int = DEFAULT_MAX_RETRIES,
         *,
         http_client: httpx.AsyncClient | None = None,
+        max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
     ) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries, http_client)
+        super().__init__(base_url, api_key, timeout, max_retries, http_client, max_retry_after)
 
     async def __aenter__(self) -> AsyncClient:
         return self

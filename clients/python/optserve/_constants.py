@@ -14,6 +14,10 @@ DEFAULT_MAX_RETRIES = 2
 INITIAL_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 8.0
 RETRY_JITTER = 0.25
+# A 503's Retry-After is waited in full up to this (the client's max_retry_after); one past it
+# is raised at once, as the server said an earlier retry would fail (session_damaged and
+# no_capacity ask 30 s).
+DEFAULT_MAX_RETRY_AFTER = 60.0
 
 JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"

@@ -299,6 +299,11 @@ def test_param_groups_and_scheduler() -> None:
         assert res.lr == [0.05] and res.raw["last_epoch"] == 1
         c.scheduler_step("s1")
         assert json.loads(rec.last.content) == {}
+        # JSON has no literal for NaN: written as the protocol writes it, not as null
+        for metric, tag in ((float("nan"), "nan"), (float("inf"), "inf"),
+                            (float("-inf"), "-inf")):
+            c.scheduler_step("s1", metric=metric)
+            assert json.loads(rec.last.content) == {"metric": {"$float": tag}}
 
 
 # --------------------------------------------------------------------------- state dicts

@@ -228,3 +228,66 @@ def test_a_large_step_is_resent_whole_with_its_key(sleeps: list[float]) -> None:
     assert first.headers["idempotency-key"] == second.headers["idempotency-key"]
     assert first.content == second.content
     assert len(first.content) == int(first.headers["content-length"]) > 800_000
+
+
+def unavailable_for(seconds: str) -> Callable[[], httpx.Response]:
+    def answer() -> httpx.Response:
+        return httpx.Response(503, headers={"Retry-After": seconds},
+                              json={"detail": "later", "code": "session_damaged"})
+    return answer
+
+
+def test_a_retry_after_past_the_backoff_cap_is_honoured(sleeps: list[float]) -> None:
+    """The server asks 30 s on ``session_damaged`` / ``no_capacity``: the retry waits the 30 s
+    (up to ``max_retry_after``, default 60 s), not the backoff's 8 s cap, which would only
+    get the same 503 again."""
+    script = Script(unavailable_for("30"), STEP_OK)
+    with client(script) as c:
+        c.step("s", {"w": [1.0]}, return_params=False)
+    assert len(script.requests) == 2 and sleeps == [30.0]
+    assert _constants.DEFAULT_MAX_RETRY_AFTER == 60.0
+    script = Script(unavailable_for("60"), OK_HEALTH)
+    with client(script) as c:
+        c.health()
+    assert sleeps[-1] == 60.0
+
+
+def test_a_retry_after_past_max_retry_after_is_raised_at_once(sleeps: list[float]) -> None:
+    """Past ``max_retry_after`` the 503 is raised without a retry (the server said an earlier
+    one would fail); the caller reads the wait from the error."""
+    script = Script(unavailable_for("61"), OK_HEALTH)
+    with client(script) as c, pytest.raises(optserve.InternalServerError) as info:
+        c.health()
+    assert len(script.requests) == 1 and sleeps == []
+    assert info.value.status_code == 503 and info.value.response.headers["retry-after"] == "61"
+    script = Script(unavailable_for("30"), OK_HEALTH)
+    with optserve.Client("http://test", max_retry_after=10.0, http_client=httpx.Client(
+            transport=httpx.MockTransport(script))) as c, pytest.raises(optserve.APIStatusError):
+        c.health()
+    assert len(script.requests) == 1 and sleeps == []
+    script = Script(unavailable_for("10"), OK_HEALTH)
+    with optserve.Client("http://test", max_retry_after=10.0, http_client=httpx.Client(
+            transport=httpx.MockTransport(script))) as c:
+        c.health()
+    assert sleeps == [10.0]
+    with pytest.raises(ValueError, match="max_retry_after"):
+        optserve.Client("http://test", max_retry_after=-1.0)
+
+
+def test_async_client_honours_retry_after_up_to_its_maximum(sleeps: list[float]) -> None:
+    script = Script(unavailable_for("30"), OK_HEALTH, unavailable_for("30"))
+
+    async def main() -> None:
+        async with optserve.AsyncClient(
+            "http://test", http_client=httpx.AsyncClient(transport=httpx.MockTransport(script))
+        ) as c:
+            assert await c.health() == {"status": "ok"}
+        async with optserve.AsyncClient(
+            "http://test", max_retry_after=20.0,
+            http_client=httpx.AsyncClient(transport=httpx.MockTransport(script))
+        ) as c:
+            with pytest.raises(optserve.APIStatusError):
+                await c.health()
+
+    asyncio.run(main())
+    assert len(script.requests) == 3 and sleeps == [30.0]
