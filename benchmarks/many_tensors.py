@@ -2,6 +2,8 @@
 
     .venv/bin/python -m benchmarks.many_tensors                       # 1,000 x 4 and 100,000 x 1
     .venv/bin/python -m benchmarks.many_tensors --shapes 1000x4 --optimizers Adam --reps 30
+    .venv/bin/python -m benchmarks.many_tensors --shapes 1000x4,20000x4 --optimizers Adam \
+        --durability step
 
 Optimizers as in ``benchmarks/peers.py`` (``Adam``: lr 1e-3; ``SGD-momentum``: lr 0.01,
 momentum 0.9).
@@ -13,9 +15,12 @@ Per shape (K tensors of S float32 each) and optimizer, median ms per step of:
 - ``echo``: the step request's safetensors bytes posted to a minimal ASGI echo app under
   uvicorn and read back (the HTTP floor, ``benchmarks/echo_app.py``);
 - ``optserve``: the server as ``scripts/serve`` starts it (``python -m app``,
-  ``OPTSERVE_TORCH_THREADS=1``, durability ``memory``, every other setting its default,
-  per-step metrics included), a plain ``httpx.Client`` posting safetensors with
-  ``Accept: application/octet-stream`` (all K parameters come back);
+  ``OPTSERVE_TORCH_THREADS=1``, durability ``memory`` unless ``--durability`` says otherwise,
+  every other setting its default, per-step metrics included), a plain ``httpx.Client``
+  posting safetensors with ``Accept: application/octet-stream`` (all K parameters come back);
+- ``server CPU``: the server process's CPU time (user + system, ``/proc/<pid>/stat``) per
+  step of the ``optserve`` client, warm-up steps included (what the server spends on a step,
+  however busy the machine is);
 - ``optserve, metrics off``: the same with the session's ``"metrics": false``;
 - ``new metadata``: the ``optserve`` client, each step's body carrying a new
   ``__metadata__`` (a ``scalars`` loss, as the SDK sends one; a scheduler's options go the
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -45,7 +51,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from benchmarks._peers.cases import OPTIMIZERS
-from benchmarks._server import free_port, server, user_defaults
+from benchmarks._server import PIDS, free_port, server, user_defaults
 from benchmarks._timing import median_ms
 from benchmarks.echo_app import ECHO_PATH
 
@@ -81,10 +87,23 @@ def _grads_then(params: dict[str, torch.Tensor], grads: list[dict[str, torch.Ten
     return median_ms(one, reps, warmup=3)
 
 
+def cpu_s(pid: int) -> float:
+    """The process's CPU seconds so far (user + system)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+#: untimed steps before each cell's timed ones
+WARMUP = 3
+
+
 def optserve(url: str, k: int, s: int, opt: str, reps: int, metrics: bool,
-             new_metadata: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+             new_metadata: bool = False, cpu: list[float] | None = None
+             ) -> tuple[float, dict[str, torch.Tensor]]:
     """The plain-HTTP client's step (a ready safetensors body, the answer's bytes kept);
-    ``new_metadata``: each body with new ``__metadata__`` (a loss, as the SDK sends one)."""
+    ``new_metadata``: each body with new ``__metadata__`` (a loss, as the SDK sends one);
+    ``cpu``: the server's CPU ms per step appended."""
     sid = f"many-{k}x{s}-{opt}-{int(metrics)}{'-meta' if new_metadata else ''}"
     spec = OPTIMIZERS[opt]
     body = {"id": sid, "optimizer": spec.name, "options": spec.options, "metrics": metrics,
@@ -108,7 +127,10 @@ def optserve(url: str, k: int, s: int, opt: str, reps: int, metrics: bool,
             last[0] = r.content
             count[0] += 1
 
-        ms = median_ms(step, reps, warmup=3)
+        before = cpu_s(PIDS[url])
+        ms = median_ms(step, reps, warmup=WARMUP)
+        if cpu is not None:
+            cpu.append((cpu_s(PIDS[url]) - before) * 1e3 / (reps + WARMUP))
         http.delete(f"/v1/sessions/{sid}")
     return ms, st_load(last[0])
 
@@ -142,6 +164,8 @@ def main() -> None:
     ap.add_argument("--optimizers", default="Adam,SGD-momentum",
                     help=f"comma-separated, of {', '.join(OPTIMIZERS)}")
     ap.add_argument("--reps", type=int, default=0, help="timed steps per cell (default by K)")
+    ap.add_argument("--durability", choices=("memory", "interval", "step"), default="memory",
+                    help="the server's OPTSERVE_DURABILITY (its sessions' default)")
     args = ap.parse_args()
     from app.runtime import tune_allocator
 
@@ -150,7 +174,7 @@ def main() -> None:
     shapes = [tuple(int(x) for x in spec.split("x")) for spec in args.shapes.split(",")]
     port = free_port()
     env = {"OPTSERVE_PORT": str(port), "OPTSERVE_TORCH_THREADS": "1",
-           "OPTSERVE_DURABILITY": "memory"}
+           "OPTSERVE_DURABILITY": args.durability}
     rows = []
     log = Path(tempfile.mkdtemp(prefix="optserve-many-log-")) / "server.log"
     print(f"server log: {log}")
@@ -162,7 +186,8 @@ def main() -> None:
             echo_ms = echo(echo_url, k, s, reps)
             for opt in args.optimizers.split(","):
                 local_ms, want = in_process(k, s, opt, reps)
-                on_ms, got = optserve(url, k, s, opt, reps, True)
+                cpu: list[float] = []
+                on_ms, got = optserve(url, k, s, opt, reps, True, cpu=cpu)
                 off_ms, _ = optserve(url, k, s, opt, reps, False)
                 meta_ms, _ = optserve(url, k, s, opt, reps, True, new_metadata=True)
                 sdk_ms, sdk_got = sdk(url, k, s, opt, reps)
@@ -170,19 +195,22 @@ def main() -> None:
                 # each ran 3 warm-up + reps steps of the same alternating gradients
                 same = all(torch.equal(got[n], want[n]) and torch.equal(sdk_got[n], want[n])
                            and torch.equal(http_got[n], want[n]) for n in want)
-                rows.append((k, s, opt, local_ms, echo_ms, on_ms, off_ms, meta_ms, sdk_ms,
-                             http_ms, same))
+                rows.append((k, s, opt, local_ms, echo_ms, on_ms, cpu[0], off_ms, meta_ms,
+                             sdk_ms, http_ms, same))
                 print(f"  {k}x{s} {opt}: in-process {local_ms:.2f}, echo {echo_ms:.2f}, "
-                      f"optserve {on_ms:.2f} (metrics off {off_ms:.2f}, new metadata "
+                      f"optserve {on_ms:.2f} (server CPU {cpu[0]:.1f}, metrics off "
+                      f"{off_ms:.2f}, new metadata "
                       f"{meta_ms:.2f}), SDK same host {sdk_ms:.2f}, SDK http {http_ms:.2f}",
                       flush=True)
-    print("\n| tensors x floats | optimizer | in-process | echo | optserve | metrics off | "
-          "new metadata | SDK same host | SDK http | optserve / (in-process + echo) | "
-          "bitwise |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for k, s, opt, local_ms, echo_ms, on_ms, off_ms, meta_ms, sdk_ms, http_ms, same in rows:
+    print(f"\ndurability {args.durability}; ms per step (median), server CPU ms per step (mean)")
+    print("\n| tensors x floats | optimizer | in-process | echo | optserve | server CPU | "
+          "metrics off | new metadata | SDK same host | SDK http | "
+          "optserve / (in-process + echo) | bitwise |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (k, s, opt, local_ms, echo_ms, on_ms, cpu_ms, off_ms, meta_ms, sdk_ms, http_ms,
+         same) in rows:
         print(f"| {k:,} x {s} | {opt} | {local_ms:.2f} | {echo_ms:.2f} | {on_ms:.2f} | "
-              f"{off_ms:.2f} | {meta_ms:.2f} | {sdk_ms:.2f} | {http_ms:.2f} | "
+              f"{cpu_ms:.1f} | {off_ms:.2f} | {meta_ms:.2f} | {sdk_ms:.2f} | {http_ms:.2f} | "
               f"{on_ms / (local_ms + echo_ms):.2f} | {'ok' if same else 'DIFFERS'} |")
 
 

@@ -22,8 +22,8 @@ from app.wire.safetensors_header import (
 )
 from app.wire.tensor_maps import BodyTensors, PackedTensors, cut_views, packed_from_plan, view_plan
 
-__all__ = ["BodyTensors", "PackedTensors", "header_entries", "packed_from_plan", "pack",
-           "packed_header", "read_safetensors", "safetensors_header", "safetensors_parts",
+__all__ = ["BodyTensors", "PackedTensors", "framed_header", "header_entries", "packed_from_plan",
+           "pack", "packed_header", "read_safetensors", "safetensors_header", "safetensors_parts",
            "view_plan", "write_safetensors"]
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -119,7 +119,13 @@ def safetensors_header(
 def _framed(entries: bytes, metadata: dict[str, str] | None) -> bytes:
     """A header from its tensor entries (:func:`header_entries`) and ``__metadata__``: the
     bytes orjson writes for the whole object, padded to 8, after its length."""
-    meta = b'"__metadata__":' + orjson.dumps(metadata) if metadata else b""
+    return framed_header(entries, orjson.dumps(metadata) if metadata else b"")
+
+
+def framed_header(entries: bytes, metadata_json: bytes) -> bytes:
+    """:func:`_framed` with the ``__metadata__`` object given as the JSON orjson writes for it
+    (``b""``: none)."""
+    meta = b'"__metadata__":' + metadata_json if metadata_json else b""
     raw = b"{" + meta + (b"," if meta and entries else b"") + entries + b"}"
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw

@@ -5,6 +5,7 @@ between a snapshot's rename and the log's truncation replayed exactly (sequence 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import inspect
 import json
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from app.engine import CreateSpec, Front, GroupSpec, embedded_engine, persist
+from app.engine.ops.gradients import Push, Step
 from app.engine.store import (
     Files,
     Store,
@@ -29,6 +31,7 @@ from app.engine.store import (
     write_atomic,
 )
 from app.errors import OptserveError
+from app.wire.safetensors_body import read_safetensors, write_safetensors
 
 T = TypeVar("T")
 HEAD = 20  # record header: magic, u64 length, payload crc32c, header crc32c
@@ -196,6 +199,79 @@ def test_first_format_logs_and_snapshots_are_still_read(tmp_path: Path) -> None:
         assert st.read("s") == (snap, [b"one", b"two", b"three"], False)
     finally:
         st.close()
+
+
+# --------------------------------------------------------------------------- records of bodies
+
+def general_record(record: persist.Record) -> bytes:
+    """A record as the general tree encoding writes it (tensor by tensor)."""
+    tree: dict[str, Any] = {"op": record.op.kind, "args": record.op.to_tree(),
+                            "version": record.version, "seq": record.seq,
+                            "keys": [list(k) for k in record.keys]}
+    if record.sync is not None:
+        tree["sync"] = record.sync
+    return persist.encode_tree(tree, persist.RECORD_KEY)
+
+
+def body_of(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None
+            ) -> dict[str, torch.Tensor]:
+    return read_safetensors(bytearray(write_safetensors(tensors, meta)))[0]
+
+
+def test_a_record_of_body_gradients_is_the_general_encoding_byte_for_byte() -> None:
+    """Gradients as a body decodes them are logged from the body's bytes and kept header
+    entries: the very bytes the general encoding writes (old and new servers read each other's
+    logs), and they decode to the gradients."""
+    g = torch.Generator().manual_seed(5)
+    odd = {f'p{i}"\\é\n': torch.randn(3, 2, generator=g) for i in range(40)}
+    many = {f"t{i:05d}": torch.randn(4, generator=g) for i in range(3000)}
+    half = {f"h{i}": torch.randn(5, generator=g).to(torch.bfloat16) for i in range(6)}
+    token_like = persist._GRADS_TOKEN[:-1]  # (a string the token's neighbours might be)
+    cases = [
+        persist.Record(Step(body_of(odd, {"scalars": "{}"}), base_version=2, time=1.25,
+                            scalars={"loss": 0.5, token_like: 1.0, '"q"': 2.0},
+                            options={0: {"lr": 0.01, "betas": [0.8, 0.9]}}, request=True,
+                            workers=["w0", 'w"1'], touched=True),
+                       7, 8, [("key\"1", "fp"), ("k2", "é")],
+                       {"workers": ["w0"], "expected": 2, "partial": False}),
+        persist.Record(Step(body_of(many)), 1, 1, []),
+        persist.Record(Step(body_of(half), upcast=True), 3, 3, []),
+        persist.Record(Push(body_of(odd), scalars={"acc": 0.25}), 2, 1, [("k", "f")]),
+    ]
+    for record in cases:
+        parts = persist.encode_record_parts(record)
+        assert parts.body is not None and not parts.owned, record.op.kind
+        fast = b"".join(parts)
+        assert fast == general_record(record), record.op.kind
+        parts.own_body()
+        assert parts.owned and b"".join(parts) == fast
+        back = persist.decode_record(fast)
+        assert isinstance(back.op, type(record.op)) and isinstance(record.op, (Step, Push))
+        assert back.op.grads.keys() == record.op.grads.keys() and all(
+            back.op.grads[n].dtype == t.dtype and torch.equal(back.op.grads[n], t)
+            for n, t in record.op.grads.items())
+        assert (dataclasses.replace(back.op, grads={})  # type: ignore[arg-type]
+                == dataclasses.replace(record.op, grads={}))
+        assert (back.seq, back.version, back.keys, back.sync) == (
+            record.seq, record.version, record.keys, record.sync)
+    # twice more with the layout kept: the same bytes
+    for record in cases[:2]:
+        assert b"".join(persist.encode_record_parts(record)) == general_record(record)
+
+
+def test_records_the_body_encoding_does_not_take_are_encoded_in_general() -> None:
+    g = torch.Generator().manual_seed(6)
+    plain = {"a": torch.randn(3, generator=g), "b": torch.randn(2, generator=g)}
+    mixed = body_of({"a": torch.randn(3, generator=g),
+                     "b": torch.randn(2, generator=g).to(torch.float64)})
+    changed = body_of(plain)
+    changed["c"] = torch.randn(1, generator=g)  # (no longer the body's tensors)
+    tensor_lr = Step(body_of(plain), options={0: {"lr": torch.tensor(0.01)}})
+    for op in [Step(plain), Step(mixed), Step(changed), tensor_lr, Step(body_of({}))]:
+        record = persist.Record(op, 1, 1, [])
+        parts = persist.encode_record_parts(record)
+        assert parts.body is None
+        assert b"".join(parts) == general_record(record)
 
 
 # --------------------------------------------------------------------------- snapshots

@@ -27,6 +27,7 @@ import torch
 from app.engine import CreateSpec, Front, GroupSpec, embedded_engine, persist
 from app.engine.store import Buffer, Files, read_log, read_snapshot
 from app.errors import OptserveError, StorageFull, Unavailable
+from app.wire.safetensors_body import read_safetensors, write_safetensors
 from tests.unit.test_engine import assert_tree_bitwise
 
 T = TypeVar("T")
@@ -630,6 +631,47 @@ def test_a_step_that_changes_its_gradients_in_place_is_logged_as_received(
         await pair.start()
         for _ in range(4):
             await pair.step()
+        await pair.stop()
+        await pair.assert_restart_same(tmp_path)
+    run(go())
+
+
+def test_many_body_gradients_changed_in_place_are_logged_as_received(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with gradients as a safetensors body decodes them (views of the body, end to
+    end), so many that the record is written beside the step: the record takes one copy of
+    their bytes (RecordParts.own_body) and the step the body's own tensors."""
+    k = 12_000  # a record over OVERLAP_WRITE_BYTES (its header alone: ~1.1 MB)
+
+    def names() -> list[str]:
+        return [f"p{i:05d}" for i in range(k)]
+
+    def sgd() -> CreateSpec:
+        g = torch.Generator().manual_seed(3)
+        return CreateSpec("SGD", [GroupSpec({n: torch.randn(2, generator=g) for n in names()})],
+                          {"lr": 0.1, "momentum": 0.9, "nesterov": True, "foreach": True},
+                          id=SID)
+
+    def body_grads(step: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(200 + step)
+        raw = write_safetensors({n: torch.randn(2, generator=g) for n in names()}, None)
+        return read_safetensors(bytearray(raw))[0]
+
+    owned: list[bool] = []
+    real_own = persist.RecordParts.own_body
+
+    def own_body(self: persist.RecordParts) -> None:
+        owned.append(True)
+        real_own(self)
+    monkeypatch.setattr(persist.RecordParts, "own_body", own_body)
+
+    async def go() -> None:
+        pair = Pair(engine(tmp_path), sgd, body_grads)
+        await pair.start()
+        for _ in range(3):
+            await pair.step()
+        assert len(owned) == 3
+        await pair.assert_same()
         await pair.stop()
         await pair.assert_restart_same(tmp_path)
     run(go())
