@@ -35,7 +35,8 @@ BIN_CT = {"content-type": "application/octet-stream"}
 NAMES = ("w", "b", "s")
 DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
           torch.bfloat16: "bfloat16", torch.int32: "int32"}
-ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.int32: "I32", torch.uint8: "U8"}
+ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.int32: "I32", torch.uint8: "U8",
+             torch.int64: "I64"}
 
 
 # --------------------------------------------------------------------------- the session
@@ -306,6 +307,12 @@ STEP_CASES = [
     Case("deeply-nested-data", lambda: (b'{"grads": {"w": {"dtype": "float32", "shape": [6], '
                                         b'"data": ' + b"[" * 900 + b"]" * 900 + b"}}}"),
          422, "invalid_tensor", "grads.w.data"),
+    Case("sparse-index-int64-max", _grads(w={"indices": [2**63 - 1],
+                                             "values": jt(G1["w"][:1])}), 422,
+         "index_out_of_range", "grads.w.indices"),
+    Case("sparse-index-past-int64", _grads(w={"indices": [2**64 - 1],
+                                              "values": jt(G1["w"][:1])}), 422,
+         "index_out_of_range", "grads.w.indices"),
     Case("unknown-dtype", _grads(w=_w(dtype="float8")), 422, "invalid_tensor", "grads.w.dtype"),
     Case("missing-shape", _grads(w=_w(shape=...)), 422, "invalid_tensor", "grads.w.shape"),
     Case("negative-dim", _grads(w=_w(shape=[-2, -3])), 422, "invalid_tensor", "grads.w.shape"),
@@ -419,6 +426,13 @@ ST_CASES = [
     Case("st-nan-grad", st_of({"b": torch.tensor([0.0, float("nan"), 1.0])}), 422,
          "nonfinite_gradient", "grads.b", headers=BIN_CT),
     Case("st-empty-body", b"", 400, "invalid_safetensors", "body", headers=BIN_CT),
+    # a row-sparse pair whose row index sizes the tensor past int64 (its rows: index + 1)
+    Case("st-sparse-index-int64-max", lambda: st_of({
+        "w.indices": torch.tensor([2**63 - 1]), "w.values": G1["w"][:1].contiguous()}), 422,
+        "index_out_of_range", "grads.w.indices", headers=BIN_CT),
+    Case("st-sparse-index-past-strides", lambda: st_of({
+        "w.indices": torch.tensor([2**62]), "w.values": G1["w"][:1].contiguous()}), 422,
+        "index_out_of_range", "grads.w.indices", headers=BIN_CT),
     Case("st-json-sent-as-binary", _grads(w=jt(G1["w"])), 400, "invalid_safetensors", "body",
          headers=BIN_CT),
 ]
