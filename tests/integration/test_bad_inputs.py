@@ -703,6 +703,14 @@ def _create_body(**over: Any) -> dict[str, Any]:
     return body
 
 
+def _nested_scheduler(depth: int) -> dict[str, Any]:
+    """A ChainedScheduler ``depth`` levels above a ConstantLR."""
+    spec: dict[str, Any] = {"name": "ConstantLR"}
+    for _ in range(depth):
+        spec = {"name": "ChainedScheduler", "options": {"schedulers": [spec]}}
+    return spec
+
+
 CREATE_CASES: list[tuple[str, Any, int, str, str | None, str | None]] = [
     ("unknown-optimizer", _create_body(optimizer="Adamm"), 422, "unknown_optimizer",
      "optimizer", "Adamm"),
@@ -732,6 +740,24 @@ CREATE_CASES: list[tuple[str, Any, int, str, str | None, str | None]] = [
         "step_size": 2, "gama": 0.5}}), 422, "unknown_option", "scheduler.options.gama", None),
     ("scheduler-missing-option", _create_body(scheduler={"name": "StepLR"}), 422,
      "invalid_option", "scheduler.options.step_size", "step_size"),
+    # a scheduler spec is bounded: nesting past 8 levels (deeper ones were a 500 from 100 or
+    # so, and an export that its own import refused from 30), more than 64 schedulers, a list
+    # option of more than 1,000 entries (1e6 milestones: 8 s to create, 5 s every step)
+    ("scheduler-nested-9-deep", _create_body(scheduler=_nested_scheduler(9)), 422,
+     "invalid_scheduler", "scheduler" + ".options.schedulers.0" * 8 + ".options.schedulers",
+     "8"),
+    ("scheduler-nested-200-deep", _create_body(scheduler=_nested_scheduler(200)), 422,
+     "invalid_scheduler", "scheduler" + ".options.schedulers.0" * 8 + ".options.schedulers",
+     None),
+    ("scheduler-65-children", _create_body(scheduler={"name": "ChainedScheduler", "options": {
+        "schedulers": [{"name": "ConstantLR"}] * 65}}), 422, "invalid_scheduler",
+     "scheduler.options.schedulers", "64"),
+    ("milestones-1001", _create_body(scheduler={"name": "MultiStepLR", "options": {
+        "milestones": list(range(1, 1002))}}), 422, "invalid_option",
+     "scheduler.options.milestones", "1000"),
+    ("milestones-1e6", _create_body(scheduler={"name": "MultiStepLR", "options": {
+        "milestones": list(range(1_000_000))}}), 422, "invalid_option",
+     "scheduler.options.milestones", None),
     ("bad-id-space", _create_body(id="bad id!"), 422, "invalid_id", "id", None),
     ("bad-id-slash", _create_body(id="../etc/passwd"), 422, "invalid_id", "id", None),
     ("bad-id-empty", _create_body(id=""), 422, "invalid_id", "id", None),
