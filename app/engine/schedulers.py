@@ -14,6 +14,7 @@ import inspect
 import math
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -205,10 +206,14 @@ def build(spec: SchedulerSpec, optimizer: torch.optim.Optimizer, field: str) -> 
                       field=blame(str(exc), fields, f"{field}.options")) from None
 
 
-def probe(spec: SchedulerSpec, make_optimizer: Any, field: str) -> None:
-    """Build the scheduler on a throwaway optimizer and step both once."""
+def probe(spec: SchedulerSpec, make_optimizer: Any, field: str,
+          check_groups: Callable[[torch.optim.Optimizer], None] | None = None) -> None:
+    """Build the scheduler on a throwaway optimizer and step both once; ``check_groups``
+    sees the throwaway's groups as the scheduler made them, before the step."""
     opt = make_optimizer()
     sched = build(spec, opt, field)
+    if check_groups is not None:
+        check_groups(opt)
     fields = {k: f"{field}.options.{k}" for k in spec.options}
     try:
         probe_step(opt)

@@ -15,7 +15,15 @@ from typing import Any
 
 import torch
 
-from app.engine import norm_pieces, optimizers, ps, schedulers, sparse, state_dicts
+from app.engine import (
+    norm_pieces,
+    optimizers,
+    option_values,
+    ps,
+    schedulers,
+    sparse,
+    state_dicts,
+)
 from app.engine.history import History
 from app.engine.idempotency import IdempotencyTable
 from app.engine.interface import (
@@ -209,12 +217,15 @@ class Session:
         device: torch.device,
         *,
         allow_empty: bool = False,
+        request: bool = False,
     ) -> Session:
         """Validate a create completely (torch's own checks on a throwaway first) and build the
         session; raises before anything exists. A group may have no parameters (torch takes
         one: a weight-decay split of a model without biases leaves one empty), the session
         needs some; ``allow_empty``: none at all (the shards of a sharded session keep every
-        group, with the part of it they hold)."""
+        group, with the part of it they hold). ``request``: a create asked for now, not one
+        replayed from the log, so also refused what servers before these checks took (the
+        keys a scheduler puts in the groups: :func:`_check_scheduler_groups`)."""
         cls = optimizers.optimizer_class(optimizer_name)
         defaults = optimizers.normalize_options(cls, options, "options")
         if not groups:
@@ -254,7 +265,9 @@ class Session:
                     t.grad = optimizers.probe_grad(cls, t, 0.25)
                     tiny.append({"params": [t], **optimizers.fresh(opts)})
                 return cls(tiny, **optimizers.fresh(defaults))
-            schedulers.probe(sched_spec, make_probe, "scheduler")
+            schedulers.probe(sched_spec, make_probe, "scheduler", check_groups=(
+                (lambda opt: _check_scheduler_groups(cls, opt, scheduler, dtypes))
+                if request else None))
 
         params = flat_block({n: t for g in groups for n, t in g.params.items()}, device)
         torch_groups = [torch_group([(n, params[n]) for n in group.params], opts)
@@ -800,3 +813,49 @@ def check_param_tensor(name: str, t: torch.Tensor, field: str) -> None:
         raise Invalid(f"parameters must be floating point, {name!r:.60} is "
                       f"{DTYPE_NAMES.get(t.dtype, str(t.dtype))}",
                       code="invalid_dtype", field=field)
+
+
+#: the scheduler options a group key a scheduler sets comes from, when not its own name
+_SCHEDULER_KEY_SOURCES = {"momentum": ("max_momentum",), "betas": ("max_momentum",),
+                          "lr": ("base_lr", "max_lr"), "initial_lr": ("base_lr", "max_lr")}
+
+
+def _check_scheduler_groups(cls: type[torch.optim.Optimizer], opt: torch.optim.Optimizer,
+                            spec: Any, dtypes: list[torch.dtype]) -> None:
+    """422 for a key a scheduler put in the groups (``base_momentum``, ``max_momentum``, the
+    ``momentum`` or ``betas`` it made of them, an ``lr``) out of range, as a step, a PATCH and
+    an import refuse them (:func:`option_values.check_scheduler_group_keys`, and
+    :func:`optimizers.check_overflow` against the group's dtype), naming the scheduler option
+    it came from. Taken at create, every step after was refused for a field no step sends,
+    and the session's own export was refused by its import."""
+    fields = _scheduler_option_fields(spec, "scheduler")
+    for g, dtype in zip(opt.param_groups, dtypes, strict=True):
+        keys = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+        try:
+            option_values.check_scheduler_group_keys(cls, keys, "")
+            optimizers.check_overflow(keys, dtype, "")
+        except Invalid as exc:
+            key = (exc.field or "").lstrip(".").split(".")[0]
+            found = [fields[k] for k in (key, *_SCHEDULER_KEY_SOURCES.get(key, ()))
+                     if k in fields]
+            exc.field = found[0] if found else "scheduler.options"
+            raise
+
+
+def _scheduler_option_fields(spec: Any, where: str) -> dict[str, str]:
+    """Each option of a scheduler spec (nested ones too) by name: where it is, the first
+    place it is given."""
+    out: dict[str, str] = {}
+    stack = [(spec, where)]
+    while stack:
+        node, at = stack.pop(0)
+        options = node.get("options") if isinstance(node, dict) else None
+        if not isinstance(options, dict):
+            continue
+        for key, value in options.items():
+            if key == "schedulers" and isinstance(value, list):
+                stack.extend((child, f"{at}.options.schedulers.{i}")
+                             for i, child in enumerate(value))
+            else:
+                out.setdefault(key, f"{at}.options.{key}")
+    return out

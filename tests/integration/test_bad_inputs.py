@@ -758,6 +758,29 @@ CREATE_CASES: list[tuple[str, Any, int, str, str | None, str | None]] = [
     ("milestones-1e6", _create_body(scheduler={"name": "MultiStepLR", "options": {
         "milestones": list(range(1_000_000))}}), 422, "invalid_option",
      "scheduler.options.milestones", None),
+    # a momentum a scheduler puts in the groups must fit the parameters' dtype, as the
+    # optimizer's own options must: it was taken, and every step after was a 422 naming
+    # param_groups.0.base_momentum, a field no step sends
+    ("cyclic-base-momentum-past-float32", _create_body(
+        optimizer="SGD", options={"lr": 0.1, "momentum": 0.9},
+        scheduler={"name": "CyclicLR", "options": {"base_lr": 0.01, "max_lr": 0.1,
+                                                   "base_momentum": 1e308}}),
+     422, "option_overflow", "scheduler.options.base_momentum", None),
+    # ... and be a momentum torch takes, as an import of the session's own state requires
+    ("cyclic-base-momentum-negative", _create_body(
+        optimizer="SGD", options={"lr": 0.1, "momentum": 0.9},
+        scheduler={"name": "CyclicLR", "options": {"base_lr": 0.01, "max_lr": 0.1,
+                                                   "base_momentum": -0.5}}),
+     422, "invalid_option", "scheduler.options.base_momentum", "negative"),
+    ("one-cycle-adam-momentum-one", _create_body(
+        scheduler={"name": "OneCycleLR", "options": {"max_lr": 0.1, "total_steps": 10,
+                                                     "max_momentum": 1.0}}),
+     422, "invalid_option", "scheduler.options.max_momentum", "beta1"),
+    ("one-cycle-max-momentum-past-float32", _create_body(
+        optimizer="SGD", options={"lr": 0.1, "momentum": 0.9},
+        scheduler={"name": "OneCycleLR", "options": {"max_lr": 0.1, "total_steps": 10,
+                                                     "max_momentum": 1e308}}),
+     422, "option_overflow", "scheduler.options.max_momentum", None),
     ("bad-id-space", _create_body(id="bad id!"), 422, "invalid_id", "id", None),
     ("bad-id-slash", _create_body(id="../etc/passwd"), 422, "invalid_id", "id", None),
     ("bad-id-empty", _create_body(id=""), 422, "invalid_id", "id", None),
