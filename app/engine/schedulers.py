@@ -207,13 +207,14 @@ def build(spec: SchedulerSpec, optimizer: torch.optim.Optimizer, field: str) -> 
 
 
 def probe(spec: SchedulerSpec, make_optimizer: Any, field: str,
-          check_groups: Callable[[torch.optim.Optimizer], None] | None = None) -> None:
-    """Build the scheduler on a throwaway optimizer and step both once; ``check_groups``
-    sees the throwaway's groups as the scheduler made them, before the step."""
+          check_built: Callable[[torch.optim.Optimizer, Scheduler], None] | None = None
+          ) -> None:
+    """Build the scheduler on a throwaway optimizer and step both once; ``check_built``
+    sees the throwaway and its scheduler as built, before the step."""
     opt = make_optimizer()
     sched = build(spec, opt, field)
-    if check_groups is not None:
-        check_groups(opt)
+    if check_built is not None:
+        check_built(opt, sched)
     fields = {k: f"{field}.options.{k}" for k in spec.options}
     try:
         probe_step(opt)

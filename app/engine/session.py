@@ -265,8 +265,8 @@ class Session:
                     t.grad = optimizers.probe_grad(cls, t, 0.25)
                     tiny.append({"params": [t], **optimizers.fresh(opts)})
                 return cls(tiny, **optimizers.fresh(defaults))
-            schedulers.probe(sched_spec, make_probe, "scheduler", check_groups=(
-                (lambda opt: _check_scheduler_groups(cls, opt, scheduler, dtypes))
+            schedulers.probe(sched_spec, make_probe, "scheduler", check_built=(
+                (lambda opt, sched: _check_scheduler_built(cls, opt, sched, scheduler, dtypes))
                 if request else None))
 
         params = flat_block({n: t for g in groups for n, t in g.params.items()}, device)
@@ -820,15 +820,30 @@ _SCHEDULER_KEY_SOURCES = {"momentum": ("max_momentum",), "betas": ("max_momentum
                           "lr": ("base_lr", "max_lr"), "initial_lr": ("base_lr", "max_lr")}
 
 
-def _check_scheduler_groups(cls: type[torch.optim.Optimizer], opt: torch.optim.Optimizer,
-                            spec: Any, dtypes: list[torch.dtype]) -> None:
-    """422 for a key a scheduler put in the groups (``base_momentum``, ``max_momentum``, the
-    ``momentum`` or ``betas`` it made of them, an ``lr``) out of range, as a step, a PATCH and
-    an import refuse them (:func:`option_values.check_scheduler_group_keys`, and
-    :func:`optimizers.check_overflow` against the group's dtype), naming the scheduler option
-    it came from. Taken at create, every step after was refused for a field no step sends,
-    and the session's own export was refused by its import."""
+#: the scheduler options an integer a scheduler keeps comes from, when not its own name
+_SCHEDULER_STATE_SOURCES = {"total_steps": ("epochs", "steps_per_epoch"),
+                            "end_step": ("total_steps", "epochs", "steps_per_epoch")}
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _check_scheduler_built(cls: type[torch.optim.Optimizer], opt: torch.optim.Optimizer,
+                           sched: Any, spec: Any, dtypes: list[torch.dtype]) -> None:
+    """A scheduler built at create, on a throwaway: 422 for a key it put in the groups
+    (``base_momentum``, ``max_momentum``, the ``momentum`` or ``betas`` it made of them, an
+    ``lr``) out of range, as a step, a PATCH and an import refuse them
+    (:func:`option_values.check_scheduler_group_keys`, and :func:`optimizers.check_overflow`
+    against the group's dtype), and for an integer in its state past int64 (OneCycleLR's
+    ``total_steps`` of ``epochs * steps_per_epoch``: no state export, JSON or torch, could
+    write it), naming the scheduler option it came from. Taken at create, every step after
+    was refused for a field no step sends, the session's own export was refused by its
+    import, or the export was a 500."""
     fields = _scheduler_option_fields(spec, "scheduler")
+    for key, value in _ints(sched.state_dict()):
+        if not INT64[0] <= value <= INT64[1]:
+            found = [fields[k] for k in (key, *_SCHEDULER_STATE_SOURCES.get(key, ()))
+                     if k in fields]
+            raise Invalid(f"{key} would be {value}, past int64", code="invalid_option",
+                          field=found[0] if found else "scheduler.options")
     for g, dtype in zip(opt.param_groups, dtypes, strict=True):
         keys = {k: v for k, v in g.items() if k not in ("params", "param_names")}
         try:
@@ -840,6 +855,19 @@ def _check_scheduler_groups(cls: type[torch.optim.Optimizer], opt: torch.optim.O
                      if k in fields]
             exc.field = found[0] if found else "scheduler.options"
             raise
+
+
+def _ints(tree: Any, key: str = "") -> Iterator[tuple[str, int]]:
+    """Every int in a state tree, with the key it is under."""
+    stack: list[tuple[Any, str]] = [(tree, key)]
+    while stack:
+        node, at = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((v, str(k)) for k, v in node.items())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, at) for v in node)
+        elif type(node) is int:
+            yield at, node
 
 
 def _scheduler_option_fields(spec: Any, where: str) -> dict[str, str]:

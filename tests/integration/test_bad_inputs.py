@@ -781,6 +781,12 @@ CREATE_CASES: list[tuple[str, Any, int, str, str | None, str | None]] = [
         scheduler={"name": "OneCycleLR", "options": {"max_lr": 0.1, "total_steps": 10,
                                                      "max_momentum": 1e308}}),
      422, "option_overflow", "scheduler.options.max_momentum", None),
+    # OneCycleLR keeps epochs * steps_per_epoch as total_steps: past int64 no export could
+    # write it (its JSON export was a 500)
+    ("one-cycle-total-steps-past-int64", _create_body(
+        scheduler={"name": "OneCycleLR", "options": {"max_lr": 0.1, "epochs": 10**10,
+                                                     "steps_per_epoch": 10**10}}),
+     422, "invalid_option", "scheduler.options.epochs", "int64"),
     ("bad-id-space", _create_body(id="bad id!"), 422, "invalid_id", "id", None),
     ("bad-id-slash", _create_body(id="../etc/passwd"), 422, "invalid_id", "id", None),
     ("bad-id-empty", _create_body(id=""), 422, "invalid_id", "id", None),
