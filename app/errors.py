@@ -42,6 +42,15 @@ class BadRequest(OptserveError):
     title = "Malformed request body"
 
 
+class Unauthorized(OptserveError):
+    """No valid API key (the same-host transport's ``hello``; HTTP answers its 401 in
+    ``app.api.auth``)."""
+
+    status = 401
+    code = "unauthorized"
+    title = "Unauthorized"
+
+
 class NotFound(OptserveError):
     status = 404
     code = "not_found"

@@ -93,7 +93,7 @@ def create_spec(obj: dict[str, Any], tensors: dict[str, torch.Tensor] | None = N
         raise Invalid(f"durability must be one of {list(_DURABILITY)}", code="invalid_body",
                       field="durability")
     scheduler = obj.get("scheduler")
-    _check_scheduler_names(scheduler, "scheduler")
+    _check_scheduler_spec(scheduler, "scheduler")
     session_id = obj.get("id")
     if session_id is not None and not isinstance(session_id, str):
         raise Invalid("id must be a string", code="invalid_id", field="id")
@@ -110,21 +110,58 @@ def create_spec(obj: dict[str, Any], tensors: dict[str, torch.Tensor] | None = N
                       placement=check_placement(placement) if placement is not None else None)
 
 
-def _check_scheduler_names(spec: object, field: str) -> None:
-    """422 for a scheduler ``name`` (nested ones too) that is not a string. The engine's
-    scheduler parser looks names up in dicts first, so a JSON object or list as a name would
-    be an unhashable-type 500 there (reported to the engine's owner; this guard can go once
-    ``app.engine.schedulers.parse_spec`` checks the type first)."""
-    if not isinstance(spec, dict):
-        return
-    if "name" in spec and not isinstance(spec["name"], str):
-        raise Invalid("a scheduler's name must be a string (e.g. \"StepLR\")",
-                      code="unknown_scheduler", field=f"{field}.name")
-    options = spec.get("options")
-    children = options.get("schedulers") if isinstance(options, dict) else None
-    if isinstance(children, list):
-        for i, child in enumerate(children):
-            _check_scheduler_names(child, f"{field}.options.schedulers.{i}")
+#: how deep schedulers may nest (SequentialLR / ChainedScheduler children), how many one spec
+#: may hold in all, and how many entries a list option may have (``milestones``, ...)
+MAX_SCHEDULER_DEPTH = 8
+MAX_SCHEDULERS = 64
+MAX_SCHEDULER_LIST = 1000
+
+
+def _check_scheduler_spec(spec: object, field: str) -> None:
+    """422 for a scheduler spec past its bounds, before the engine builds anything:
+
+    - a ``name`` (nested ones too) that is not a string (the engine's scheduler parser looks
+      names up in dicts first: an object or list as a name was an unhashable-type 500);
+    - nesting deeper than :data:`MAX_SCHEDULER_DEPTH` (100 levels were a 500 of recursion in
+      the engine; from 30 the session's exported state was refused by its own import),
+      more than :data:`MAX_SCHEDULERS` schedulers, or a list option of more than
+      :data:`MAX_SCHEDULER_LIST` entries (1e6 milestones took 8 s to create and 5 s every
+      step, the scheduler's state being captured and logged with each).
+
+    Here, at the HTTP front, not in the engine's parser: sessions logged before these bounds
+    still replay. Walked without recursion (the JSON itself may nest 1,000 deep)."""
+    count = 0
+    stack: list[tuple[object, str, int]] = [(spec, field, 0)]
+    while stack:
+        node, where, depth = stack.pop()
+        if not isinstance(node, dict):
+            continue  # (the engine refuses it, naming the field)
+        count += 1
+        if "name" in node and not isinstance(node["name"], str):
+            raise Invalid("a scheduler's name must be a string (e.g. \"StepLR\")",
+                          code="unknown_scheduler", field=f"{where}.name")
+        options = node.get("options")
+        if not isinstance(options, dict):
+            continue
+        for key, value in options.items():
+            if key != "schedulers" and isinstance(value, list) \
+                    and len(value) > MAX_SCHEDULER_LIST:
+                raise Invalid(f"{key} has {len(value)} entries; at most {MAX_SCHEDULER_LIST} "
+                              "are allowed", code="invalid_option",
+                              field=f"{where}.options.{key}", limit=MAX_SCHEDULER_LIST)
+        children = options.get("schedulers")
+        if not isinstance(children, list) or not children:
+            continue
+        if depth >= MAX_SCHEDULER_DEPTH:
+            raise Invalid(f"schedulers nest at most {MAX_SCHEDULER_DEPTH} levels deep",
+                          code="invalid_scheduler", field=f"{where}.options.schedulers",
+                          limit=MAX_SCHEDULER_DEPTH)
+        if count + len(stack) + len(children) > MAX_SCHEDULERS:
+            raise Invalid(f"a scheduler spec holds at most {MAX_SCHEDULERS} schedulers in all",
+                          code="invalid_scheduler", field=f"{where}.options.schedulers",
+                          limit=MAX_SCHEDULERS)
+        stack.extend((child, f"{where}.options.schedulers.{i}", depth + 1)
+                     for i, child in reversed(list(enumerate(children))))
 
 
 def metadata_fields(metadata: dict[str, str]) -> dict[str, Any]:

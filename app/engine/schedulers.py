@@ -14,6 +14,7 @@ import inspect
 import math
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -205,10 +206,15 @@ def build(spec: SchedulerSpec, optimizer: torch.optim.Optimizer, field: str) -> 
                       field=blame(str(exc), fields, f"{field}.options")) from None
 
 
-def probe(spec: SchedulerSpec, make_optimizer: Any, field: str) -> None:
-    """Build the scheduler on a throwaway optimizer and step both once."""
+def probe(spec: SchedulerSpec, make_optimizer: Any, field: str,
+          check_built: Callable[[torch.optim.Optimizer, Scheduler], None] | None = None
+          ) -> None:
+    """Build the scheduler on a throwaway optimizer and step both once; ``check_built``
+    sees the throwaway and its scheduler as built, before the step."""
     opt = make_optimizer()
     sched = build(spec, opt, field)
+    if check_built is not None:
+        check_built(opt, sched)
     fields = {k: f"{field}.options.{k}" for k in spec.options}
     try:
         probe_step(opt)

@@ -15,7 +15,15 @@ from typing import Any
 
 import torch
 
-from app.engine import norm_pieces, optimizers, ps, schedulers, sparse, state_dicts
+from app.engine import (
+    norm_pieces,
+    optimizers,
+    option_values,
+    ps,
+    schedulers,
+    sparse,
+    state_dicts,
+)
 from app.engine.history import History
 from app.engine.idempotency import IdempotencyTable
 from app.engine.interface import (
@@ -209,12 +217,15 @@ class Session:
         device: torch.device,
         *,
         allow_empty: bool = False,
+        request: bool = False,
     ) -> Session:
         """Validate a create completely (torch's own checks on a throwaway first) and build the
         session; raises before anything exists. A group may have no parameters (torch takes
         one: a weight-decay split of a model without biases leaves one empty), the session
         needs some; ``allow_empty``: none at all (the shards of a sharded session keep every
-        group, with the part of it they hold)."""
+        group, with the part of it they hold). ``request``: a create asked for now, not one
+        replayed from the log, so also refused what servers before these checks took (the
+        keys a scheduler puts in the groups: :func:`_check_scheduler_groups`)."""
         cls = optimizers.optimizer_class(optimizer_name)
         defaults = optimizers.normalize_options(cls, options, "options")
         if not groups:
@@ -254,7 +265,9 @@ class Session:
                     t.grad = optimizers.probe_grad(cls, t, 0.25)
                     tiny.append({"params": [t], **optimizers.fresh(opts)})
                 return cls(tiny, **optimizers.fresh(defaults))
-            schedulers.probe(sched_spec, make_probe, "scheduler")
+            schedulers.probe(sched_spec, make_probe, "scheduler", check_built=(
+                (lambda opt, sched: _check_scheduler_built(cls, opt, sched, scheduler, dtypes))
+                if request else None))
 
         params = flat_block({n: t for g in groups for n, t in g.params.items()}, device)
         torch_groups = [torch_group([(n, params[n]) for n in group.params], opts)
@@ -800,3 +813,77 @@ def check_param_tensor(name: str, t: torch.Tensor, field: str) -> None:
         raise Invalid(f"parameters must be floating point, {name!r:.60} is "
                       f"{DTYPE_NAMES.get(t.dtype, str(t.dtype))}",
                       code="invalid_dtype", field=field)
+
+
+#: the scheduler options a group key a scheduler sets comes from, when not its own name
+_SCHEDULER_KEY_SOURCES = {"momentum": ("max_momentum",), "betas": ("max_momentum",),
+                          "lr": ("base_lr", "max_lr"), "initial_lr": ("base_lr", "max_lr")}
+
+
+#: the scheduler options an integer a scheduler keeps comes from, when not its own name
+_SCHEDULER_STATE_SOURCES = {"total_steps": ("epochs", "steps_per_epoch"),
+                            "end_step": ("total_steps", "epochs", "steps_per_epoch")}
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _check_scheduler_built(cls: type[torch.optim.Optimizer], opt: torch.optim.Optimizer,
+                           sched: Any, spec: Any, dtypes: list[torch.dtype]) -> None:
+    """A scheduler built at create, on a throwaway: 422 for a key it put in the groups
+    (``base_momentum``, ``max_momentum``, the ``momentum`` or ``betas`` it made of them, an
+    ``lr``) out of range, as a step, a PATCH and an import refuse them
+    (:func:`option_values.check_scheduler_group_keys`, and :func:`optimizers.check_overflow`
+    against the group's dtype), and for an integer in its state past int64 (OneCycleLR's
+    ``total_steps`` of ``epochs * steps_per_epoch``: no state export, JSON or torch, could
+    write it), naming the scheduler option it came from. Taken at create, every step after
+    was refused for a field no step sends, the session's own export was refused by its
+    import, or the export was a 500."""
+    fields = _scheduler_option_fields(spec, "scheduler")
+    for key, value in _ints(sched.state_dict()):
+        if not INT64[0] <= value <= INT64[1]:
+            found = [fields[k] for k in (key, *_SCHEDULER_STATE_SOURCES.get(key, ()))
+                     if k in fields]
+            raise Invalid(f"{key} would be {value}, past int64", code="invalid_option",
+                          field=found[0] if found else "scheduler.options")
+    for g, dtype in zip(opt.param_groups, dtypes, strict=True):
+        keys = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+        try:
+            option_values.check_scheduler_group_keys(cls, keys, "")
+            optimizers.check_overflow(keys, dtype, "")
+        except Invalid as exc:
+            key = (exc.field or "").lstrip(".").split(".")[0]
+            found = [fields[k] for k in (key, *_SCHEDULER_KEY_SOURCES.get(key, ()))
+                     if k in fields]
+            exc.field = found[0] if found else "scheduler.options"
+            raise
+
+
+def _ints(tree: Any, key: str = "") -> Iterator[tuple[str, int]]:
+    """Every int in a state tree, with the key it is under."""
+    stack: list[tuple[Any, str]] = [(tree, key)]
+    while stack:
+        node, at = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((v, str(k)) for k, v in node.items())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, at) for v in node)
+        elif type(node) is int:
+            yield at, node
+
+
+def _scheduler_option_fields(spec: Any, where: str) -> dict[str, str]:
+    """Each option of a scheduler spec (nested ones too) by name: where it is, the first
+    place it is given."""
+    out: dict[str, str] = {}
+    stack = [(spec, where)]
+    while stack:
+        node, at = stack.pop(0)
+        options = node.get("options") if isinstance(node, dict) else None
+        if not isinstance(options, dict):
+            continue
+        for key, value in options.items():
+            if key == "schedulers" and isinstance(value, list):
+                stack.extend((child, f"{at}.options.schedulers.{i}")
+                             for i, child in enumerate(value))
+            else:
+                out.setdefault(key, f"{at}.options.{key}")
+    return out

@@ -53,7 +53,7 @@ from app.engine import metrics, ps
 from app.engine.idempotency import check_key
 from app.engine.interface import Engine, IdemKey, SessionInfo, json_floats
 from app.engine.session import check_session_id
-from app.errors import BadRequest, Invalid, NotFound, OptserveError, TooMany
+from app.errors import BadRequest, Invalid, NotFound, OptserveError, TooMany, Unauthorized
 from app.transport import stale_dirs
 from app.wire.dtypes import TORCH_DTYPES
 from app.wire.safetensors_body import BodyTensors
@@ -427,12 +427,11 @@ class _Connection(threading.Thread):
         if op == "hello":
             tenant = self.transport.tenant_for(m.get("key"))
             if tenant is None:
-                raise OptserveError("the API key is not valid", code="unauthorized",
-                                    field="key")
+                raise Unauthorized("the API key is not valid", field="key")
             self.tenant = tenant
             return {"ok": True, "protocol": PROTOCOL}
         if self.tenant is None:
-            raise OptserveError("say hello (with the API key) first", code="unauthorized")
+            raise Unauthorized("say hello (with the API key) first", field="op")
         engine, tenant = self.transport.engine, self.tenant
         if op == "bind":
             session_id = _text(m, "session", check_session_id)

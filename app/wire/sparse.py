@@ -17,6 +17,7 @@ backward leaves them). Without a ``shape`` its row count is the smallest that ho
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 
 from app.errors import Invalid
 from app.wire.dtypes import DTYPE_NAMES, TORCH_DTYPES
-from app.wire.json_tensor import decode_json_tensor, encode_json_tensor, parse_shape
+from app.wire.json_tensor import MAX_EXTENT, decode_json_tensor, encode_json_tensor, parse_shape
 
 INDICES, VALUES = ".indices", ".values"
 _KEYS = frozenset({"dtype", "shape", "indices", "values"})
@@ -70,6 +71,11 @@ def build(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...] | 
                       field=f"{field}.indices")
     if shape is None:
         shape = (high + 1, *values.shape[1:])
+        # a shape as parse_shape bounds one given: an index near int64's top would overflow
+        # torch's size (a TypeError, a 500) and far below it the strides
+        if math.prod(max(d, 1) for d in shape) > MAX_EXTENT:
+            raise Invalid(f"row index {high} is too large", code="index_out_of_range",
+                          field=f"{field}.indices")
     else:
         if len(shape) != values.dim() or tuple(shape[1:]) != tuple(values.shape[1:]):
             raise Invalid(f"values of shape {list(values.shape)} are not rows of shape "

@@ -35,7 +35,8 @@ BIN_CT = {"content-type": "application/octet-stream"}
 NAMES = ("w", "b", "s")
 DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
           torch.bfloat16: "bfloat16", torch.int32: "int32"}
-ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.int32: "I32", torch.uint8: "U8"}
+ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.int32: "I32", torch.uint8: "U8",
+             torch.int64: "I64"}
 
 
 # --------------------------------------------------------------------------- the session
@@ -306,6 +307,12 @@ STEP_CASES = [
     Case("deeply-nested-data", lambda: (b'{"grads": {"w": {"dtype": "float32", "shape": [6], '
                                         b'"data": ' + b"[" * 900 + b"]" * 900 + b"}}}"),
          422, "invalid_tensor", "grads.w.data"),
+    Case("sparse-index-int64-max", _grads(w={"indices": [2**63 - 1],
+                                             "values": jt(G1["w"][:1])}), 422,
+         "index_out_of_range", "grads.w.indices"),
+    Case("sparse-index-past-int64", _grads(w={"indices": [2**64 - 1],
+                                              "values": jt(G1["w"][:1])}), 422,
+         "index_out_of_range", "grads.w.indices"),
     Case("unknown-dtype", _grads(w=_w(dtype="float8")), 422, "invalid_tensor", "grads.w.dtype"),
     Case("missing-shape", _grads(w=_w(shape=...)), 422, "invalid_tensor", "grads.w.shape"),
     Case("negative-dim", _grads(w=_w(shape=[-2, -3])), 422, "invalid_tensor", "grads.w.shape"),
@@ -419,6 +426,13 @@ ST_CASES = [
     Case("st-nan-grad", st_of({"b": torch.tensor([0.0, float("nan"), 1.0])}), 422,
          "nonfinite_gradient", "grads.b", headers=BIN_CT),
     Case("st-empty-body", b"", 400, "invalid_safetensors", "body", headers=BIN_CT),
+    # a row-sparse pair whose row index sizes the tensor past int64 (its rows: index + 1)
+    Case("st-sparse-index-int64-max", lambda: st_of({
+        "w.indices": torch.tensor([2**63 - 1]), "w.values": G1["w"][:1].contiguous()}), 422,
+        "index_out_of_range", "grads.w.indices", headers=BIN_CT),
+    Case("st-sparse-index-past-strides", lambda: st_of({
+        "w.indices": torch.tensor([2**62]), "w.values": G1["w"][:1].contiguous()}), 422,
+        "index_out_of_range", "grads.w.indices", headers=BIN_CT),
     Case("st-json-sent-as-binary", _grads(w=jt(G1["w"])), 400, "invalid_safetensors", "body",
          headers=BIN_CT),
 ]
@@ -689,6 +703,14 @@ def _create_body(**over: Any) -> dict[str, Any]:
     return body
 
 
+def _nested_scheduler(depth: int) -> dict[str, Any]:
+    """A ChainedScheduler ``depth`` levels above a ConstantLR."""
+    spec: dict[str, Any] = {"name": "ConstantLR"}
+    for _ in range(depth):
+        spec = {"name": "ChainedScheduler", "options": {"schedulers": [spec]}}
+    return spec
+
+
 CREATE_CASES: list[tuple[str, Any, int, str, str | None, str | None]] = [
     ("unknown-optimizer", _create_body(optimizer="Adamm"), 422, "unknown_optimizer",
      "optimizer", "Adamm"),
@@ -718,6 +740,53 @@ CREATE_CASES: list[tuple[str, Any, int, str, str | None, str | None]] = [
         "step_size": 2, "gama": 0.5}}), 422, "unknown_option", "scheduler.options.gama", None),
     ("scheduler-missing-option", _create_body(scheduler={"name": "StepLR"}), 422,
      "invalid_option", "scheduler.options.step_size", "step_size"),
+    # a scheduler spec is bounded: nesting past 8 levels (deeper ones were a 500 from 100 or
+    # so, and an export that its own import refused from 30), more than 64 schedulers, a list
+    # option of more than 1,000 entries (1e6 milestones: 8 s to create, 5 s every step)
+    ("scheduler-nested-9-deep", _create_body(scheduler=_nested_scheduler(9)), 422,
+     "invalid_scheduler", "scheduler" + ".options.schedulers.0" * 8 + ".options.schedulers",
+     "8"),
+    ("scheduler-nested-200-deep", _create_body(scheduler=_nested_scheduler(200)), 422,
+     "invalid_scheduler", "scheduler" + ".options.schedulers.0" * 8 + ".options.schedulers",
+     None),
+    ("scheduler-65-children", _create_body(scheduler={"name": "ChainedScheduler", "options": {
+        "schedulers": [{"name": "ConstantLR"}] * 65}}), 422, "invalid_scheduler",
+     "scheduler.options.schedulers", "64"),
+    ("milestones-1001", _create_body(scheduler={"name": "MultiStepLR", "options": {
+        "milestones": list(range(1, 1002))}}), 422, "invalid_option",
+     "scheduler.options.milestones", "1000"),
+    ("milestones-1e6", _create_body(scheduler={"name": "MultiStepLR", "options": {
+        "milestones": list(range(1_000_000))}}), 422, "invalid_option",
+     "scheduler.options.milestones", None),
+    # a momentum a scheduler puts in the groups must fit the parameters' dtype, as the
+    # optimizer's own options must: it was taken, and every step after was a 422 naming
+    # param_groups.0.base_momentum, a field no step sends
+    ("cyclic-base-momentum-past-float32", _create_body(
+        optimizer="SGD", options={"lr": 0.1, "momentum": 0.9},
+        scheduler={"name": "CyclicLR", "options": {"base_lr": 0.01, "max_lr": 0.1,
+                                                   "base_momentum": 1e308}}),
+     422, "option_overflow", "scheduler.options.base_momentum", None),
+    # ... and be a momentum torch takes, as an import of the session's own state requires
+    ("cyclic-base-momentum-negative", _create_body(
+        optimizer="SGD", options={"lr": 0.1, "momentum": 0.9},
+        scheduler={"name": "CyclicLR", "options": {"base_lr": 0.01, "max_lr": 0.1,
+                                                   "base_momentum": -0.5}}),
+     422, "invalid_option", "scheduler.options.base_momentum", "negative"),
+    ("one-cycle-adam-momentum-one", _create_body(
+        scheduler={"name": "OneCycleLR", "options": {"max_lr": 0.1, "total_steps": 10,
+                                                     "max_momentum": 1.0}}),
+     422, "invalid_option", "scheduler.options.max_momentum", "beta1"),
+    ("one-cycle-max-momentum-past-float32", _create_body(
+        optimizer="SGD", options={"lr": 0.1, "momentum": 0.9},
+        scheduler={"name": "OneCycleLR", "options": {"max_lr": 0.1, "total_steps": 10,
+                                                     "max_momentum": 1e308}}),
+     422, "option_overflow", "scheduler.options.max_momentum", None),
+    # OneCycleLR keeps epochs * steps_per_epoch as total_steps: past int64 no export could
+    # write it (its JSON export was a 500)
+    ("one-cycle-total-steps-past-int64", _create_body(
+        scheduler={"name": "OneCycleLR", "options": {"max_lr": 0.1, "epochs": 10**10,
+                                                     "steps_per_epoch": 10**10}}),
+     422, "invalid_option", "scheduler.options.epochs", "int64"),
     ("bad-id-space", _create_body(id="bad id!"), 422, "invalid_id", "id", None),
     ("bad-id-slash", _create_body(id="../etc/passwd"), 422, "invalid_id", "id", None),
     ("bad-id-empty", _create_body(id=""), 422, "invalid_id", "id", None),

@@ -174,8 +174,16 @@ def test_keys_and_tenants_hold_on_the_socket(keyed_server: str) -> None:
         s.connect(path)
         answer = frames(s, {"op": "hello", "key": "wrong" * 5})
         assert answer["ok"] is False and answer["problem"]["code"] == "unauthorized"  # type: ignore[index]
+        # a 401 naming the key, as over HTTP (it was a 500 "Internal error": the client's
+        # mistake as the server's)
+        assert answer["problem"]["status"] == 401  # type: ignore[index]
+        assert answer["problem"]["title"] == "Unauthorized"  # type: ignore[index]
+        assert answer["problem"]["field"] == "key"  # type: ignore[index]
         answer = frames(s, {"op": "bind", "session": sid})
         assert answer["ok"] is False  # nothing before a valid hello
+        assert answer["problem"]["code"] == "unauthorized"  # type: ignore[index]
+        assert answer["problem"]["status"] == 401  # type: ignore[index]
+        assert answer["problem"]["field"] == "op"  # type: ignore[index]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:  # another tenant
         s.connect(path)
         assert frames(s, {"op": "hello", "key": KEY_B})["ok"] is True

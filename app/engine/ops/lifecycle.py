@@ -42,6 +42,9 @@ class CreateSession(Operation):
     history: int = DEFAULT_HISTORY
     #: a shard of a sharded session: groups may hold none of its parameters
     empty_groups: bool = False
+    #: made by a request (:meth:`from_spec`), not read from the log: also refused what
+    #: servers before its checks took (``Session.build``'s ``request``); never logged
+    request: bool = field(default=False, compare=False)
 
     @classmethod
     def from_spec(cls, spec: CreateSpec, session_id: str, nonfinite: NonFinitePolicy,
@@ -61,14 +64,14 @@ class CreateSession(Operation):
                    spec.scheduler, nonfinite, durability, spec.ps_options,
                    check_metrics(spec.metrics) if spec.metrics is not None else metrics,
                    check_capacity(spec.history) if spec.history is not None else history,
-                   spec.empty_groups)
+                   spec.empty_groups, request=True)
 
     def build(self, device: torch.device) -> Session:
         """Validate everything and build the session (nothing exists until it is returned)."""
         config = ps.parse(self.ps_options)
         session = Session.build(self.id, self.optimizer, self.groups, self.options,
                                 self.scheduler, self.nonfinite, device,
-                                allow_empty=self.empty_groups)
+                                allow_empty=self.empty_groups, request=self.request)
         session.ps = config
         session.durability = self.durability
         session.metrics_on = self.metrics
