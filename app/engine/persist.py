@@ -40,7 +40,7 @@ RECORD_KEY = "optserve_record"
 def encode_tree_parts(tree: Any, key: str) -> list[bytes | memoryview]:
     """The safetensors file as pieces that reference the tree's tensors (write them before
     those tensors change)."""
-    skeleton, tensors = tree_to_safetensors(tree)
+    skeleton, tensors = tree_to_safetensors(tree, escape=True)
     return safetensors_parts(tensors, {key: orjson.dumps(skeleton).decode()})
 
 

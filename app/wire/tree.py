@@ -20,6 +20,15 @@ _FLOAT_TAGS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 #: a sparse COO tensor in the service's own files (log records, snapshots): its indices,
 #: values, shape and whether it is coalesced; never read from a client's tree
 SPARSE_TAG = "$sparse"
+#: a dict the service's own files hold that would read back as a tag (its keys those of
+#: ``$float``, ``$tensor``, ``$sparse``, this one, or a JSON tensor's: parameter names are
+#: keys there, and a parameter may be named ``$float`` or ``dtype``), wrapped in this one
+DICT_TAG = "$dict"
+_TAGS = frozenset({"$float", "$tensor", SPARSE_TAG, DICT_TAG})
+
+
+def _looks_tagged(obj: dict[str, Any]) -> bool:
+    return (len(obj) == 1 and next(iter(obj)) in _TAGS) or is_json_tensor(obj)
 
 
 def _float_tag(x: float) -> dict[str, str]:
@@ -38,7 +47,10 @@ def untag_float(obj: dict[str, Any], field: str, code: str) -> float:
     return _FLOAT_TAGS[tag]
 
 
-def to_jsonable(obj: Any, on_tensor: Callable[[torch.Tensor, str], Any], path: str = "") -> Any:
+def to_jsonable(obj: Any, on_tensor: Callable[[torch.Tensor, str], Any], path: str = "",
+                *, escape: bool = False) -> Any:
+    """``escape`` (the service's own files): a dict that would read back as a tag is wrapped
+    in ``{"$dict": ...}`` (:data:`DICT_TAG`), which :func:`tree_from_json` unwraps there."""
     if isinstance(obj, torch.Tensor):
         if obj.layout == torch.sparse_coo:  # its parts (the service's own files only)
             return {SPARSE_TAG: {
@@ -47,10 +59,12 @@ def to_jsonable(obj: Any, on_tensor: Callable[[torch.Tensor, str], Any], path: s
                 "shape": list(obj.shape), "coalesced": obj.is_coalesced()}}
         return on_tensor(obj, path)
     if isinstance(obj, dict):
-        return {str(k): to_jsonable(v, on_tensor, f"{path}.{k}" if path else str(k))
-                for k, v in obj.items()}
+        out = {str(k): to_jsonable(v, on_tensor, f"{path}.{k}" if path else str(k),
+                                   escape=escape)
+               for k, v in obj.items()}
+        return {DICT_TAG: out} if escape and _looks_tagged(out) else out
     if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v, on_tensor, f"{path}.{i}" if path else str(i))
+        return [to_jsonable(v, on_tensor, f"{path}.{i}" if path else str(i), escape=escape)
                 for i, v in enumerate(obj)]
     if isinstance(obj, float) and not math.isfinite(obj):
         return _float_tag(obj)
@@ -64,15 +78,17 @@ def tree_to_json(obj: Any, *, b64: bool = False) -> Any:
     return to_jsonable(obj, lambda t, _p: encode_json_tensor(t.detach().cpu(), b64=b64))
 
 
-def tree_to_safetensors(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-    """A tree with tensors to (JSON with ``{"$tensor": key}`` refs, tensors by key)."""
+def tree_to_safetensors(obj: Any, *, escape: bool = False
+                        ) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A tree with tensors to (JSON with ``{"$tensor": key}`` refs, tensors by key);
+    ``escape``: for the service's own files (:func:`to_jsonable`)."""
     tensors: dict[str, torch.Tensor] = {}
 
     def put(t: torch.Tensor, path: str) -> dict[str, str]:
         tensors[path] = t.detach().cpu()
         return {"$tensor": path}
 
-    return to_jsonable(obj, put), tensors
+    return to_jsonable(obj, put, escape=escape), tensors
 
 
 def tree_from_json(
@@ -80,12 +96,17 @@ def tree_from_json(
     *, sparse: bool = False,
 ) -> Any:
     """Plain JSON (from :func:`tree_to_json` or :func:`tree_to_safetensors`) back to a tree;
-    ``$sparse`` tags become sparse tensors only with ``sparse`` (the service's own files)."""
+    ``$sparse`` tags become sparse tensors and ``$dict`` ones their dicts only with ``sparse``
+    (the service's own files)."""
     if depth > 64:
         raise Invalid("state is nested too deeply", code="invalid_state", field=field)
     if isinstance(obj, dict):
         if obj.keys() == {"$float"}:
             return untag_float(obj, field, "invalid_state")
+        if sparse and obj.keys() == {DICT_TAG} and isinstance(obj[DICT_TAG], dict):
+            return {k: tree_from_json(v, f"{field}.{k}" if field else str(k), tensors,
+                                      depth + 1, sparse=sparse)
+                    for k, v in obj[DICT_TAG].items()}
         if sparse and obj.keys() == {SPARSE_TAG}:
             parts = tree_from_json(obj[SPARSE_TAG], field, tensors, depth + 1)
             return torch.sparse_coo_tensor(parts["indices"], parts["values"],

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -71,6 +72,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
         yield p.start()
     finally:
         p.stop()
+
+
+def restarted_gracefully(server: Proc) -> None:
+    """SIGTERM (every session snapshotted on the way out, its log emptied), then a start on
+    the same data directory: what follows is restored from the snapshots alone."""
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(120) == 0
+    server.start()
 
 
 def running(server: Proc) -> Proc:
@@ -624,12 +634,19 @@ def test_a_retried_touched_step_answers_what_its_first_answer_did(server: Proc) 
 
     server.kill9()
     server.start()
+    for life in ("replayed from the log", "restored from a snapshot"):
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            for key, grads, rows in ((k1, step1, [1, 5]), (k2, step2, [2, 7])):
+                again = answered(c, key, grads)
+                assert again.get("replayed") is True, (life, again)
+                check(again, rows, ["w"])  # (the current values: version 2)
+            assert c.get(f"/v1/sessions/{sid}").json()["version"] == 2, life
+            version, got = pull(c, sid)
+            assert version == 2
+            assert_tensors_equal(got, {n: t.detach() for n, t in ref.items()}, life)
+        if life == "replayed from the log":
+            restarted_gracefully(server)
     with httpx.Client(base_url=server.url, timeout=60) as c:
-        for key, grads, rows in ((k1, step1, [1, 5]), (k2, step2, [2, 7])):
-            again = answered(c, key, grads)
-            assert again.get("replayed") is True, again
-            check(again, rows, ["w"])  # (the current values: version 2)
-        assert c.get(f"/v1/sessions/{sid}").json()["version"] == 2
         assert c.delete(f"/v1/sessions/{sid}").status_code == 204
 
 
@@ -736,17 +753,21 @@ def test_an_overwrite_discards_the_open_round_live_and_after_a_kill9(server: Pro
 
     server.kill9()
     server.start()
+    for life in ("replayed from the log", "restored from a snapshot"):
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            version, got = pull(c, sid)
+            assert version == 3
+            assert_tensors_equal(got, local, f"after the restart ({life})")
+            check_discarded(keyed_push(server.url, sid, "w1", keys["w1"], stale["w1"], 1), 1)
+            check_discarded(keyed_push(server.url, sid, "w2", keys["w2"], stale["w2"]), 1)
+            again = keyed_push(server.url, sid, "w3", f"{sid}-fresh-w3", fresh["w3"])
+            assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+            desc = c.get(f"/v1/sessions/{sid}").json()
+            assert (desc["version"], desc["sync"]["pending"]) == (3, [])
+            version, got = pull(c, sid)
+            assert version == 3
+            assert_tensors_equal(got, local, f"after the retries ({life})")
+        if life == "replayed from the log":
+            restarted_gracefully(server)
     with httpx.Client(base_url=server.url, timeout=60) as c:
-        version, got = pull(c, sid)
-        assert version == 3
-        assert_tensors_equal(got, local, "after the restart")
-        check_discarded(keyed_push(server.url, sid, "w1", keys["w1"], stale["w1"], 1), 1)
-        check_discarded(keyed_push(server.url, sid, "w2", keys["w2"], stale["w2"]), 1)
-        again = keyed_push(server.url, sid, "w3", f"{sid}-fresh-w3", fresh["w3"])
-        assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
-        desc = c.get(f"/v1/sessions/{sid}").json()
-        assert (desc["version"], desc["sync"]["pending"]) == (3, [])
-        version, got = pull(c, sid)
-        assert version == 3
-        assert_tensors_equal(got, local, "after the retries")
         assert c.delete(f"/v1/sessions/{sid}").status_code == 204

@@ -644,3 +644,65 @@ def test_a_touched_steps_table_entry_keeps_a_bounded_number_of_rows() -> None:
     kept = sparse.touched_rows({"a": half, "b": half}, ["a", "b"])
     assert kept["a"] is not None and kept["b"] is None
     assert sum(len(v or "") for v in kept.values()) < 12 * budget
+
+
+@pytest.mark.parametrize("names", [("$float", "b"), ("$tensor", "b"), ("$sparse", "b"),
+                                   ("$dict", "b"), ("dtype", "shape", "data")])
+def test_parameters_named_like_the_files_tags_survive_a_restart(
+        tmp_path: Any, names: tuple[str, ...]) -> None:
+    """Parameter names are keys of dicts in log records (gradients, accumulators) and
+    snapshots (parameters, the touched rows of a step's idempotency entry). A dict whose keys
+    are those of a tag of the files' tree form (``{"$float": ...}``, ``{"$tensor": ...}``, a
+    JSON tensor's ``dtype``/``shape``/``data``) was read back as that tag: the session was
+    refused at the next start, every acknowledged operation of it lost. Here a push of one
+    of them, a keyed ``?return=touched`` step onto it and a step of it alone, replayed from
+    the log (a crash) and from snapshots: equal to torch, the retry answered."""
+    from app.engine.interface import IdemKey
+
+    first = names[0]
+    p0 = {n: seeded((5, 2), i) for i, n in enumerate(names)}
+    local = {n: t.clone() for n, t in p0.items()}
+    opt = torch.optim.SGD(list(local.values()), lr=0.1)
+
+    def coo(rows: list[int], seed: int) -> torch.Tensor:
+        return torch.sparse_coo_tensor(torch.tensor([rows]), seeded((len(rows), 2), seed),
+                                       (5, 2), check_invariants=False)
+    pushed, rest = coo([3, 1], 10), {n: seeded((5, 2), 20 + i) for i, n in enumerate(names[1:])}
+    alone = seeded((5, 2), 30)
+    for grads in ({first: pushed, **rest}, {first: alone}):
+        for n, p in local.items():
+            p.grad = grads.get(n)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    key = IdemKey("touched-1", "fp")
+
+    async def life(every: int, first_life: bool) -> None:
+        eng = embedded_engine("cpu", warm_up=False, data_dir=tmp_path / str(every),
+                              durability="step", snapshot_every_steps=every)
+        await eng.start()
+        try:
+            if first_life:
+                await eng.create(CreateSpec("SGD", [GroupSpec({n: t.clone()
+                                                               for n, t in p0.items()})],
+                                            options={"lr": 0.1}, id="s"))
+                await eng.push("s", {first: pushed.clone()})
+                await eng.step("s", {n: t.clone() for n, t in rest.items()},
+                               return_params="touched", idem=key)
+                await eng.step("s", {first: alone.clone()}, return_params=False)
+                return
+            assert await eng.refused() == {}
+            got = await eng.pull("s", None)
+            assert got.version == 2
+            for n in names:
+                assert_bitwise(got.params[n], local[n].detach(), n)
+            again = await eng.step("s", {n: t.clone() for n, t in rest.items()},
+                                   return_params="touched", idem=key)
+            assert again.replayed and again.params is not None
+            assert sorted(again.params) == sorted(names)
+            assert again.params[first]._indices().tolist() == [[1, 3]]
+        finally:
+            await eng.stop(snapshot=False)  # what a crash leaves
+
+    for every in (1000, 1):  # replayed from the log; restored from a snapshot
+        run(life(every, True))
+        run(life(every, False))

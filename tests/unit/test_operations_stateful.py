@@ -46,6 +46,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from app.engine import CreateSpec, Front, GroupSpec, embedded_engine, optimizers, persist
+from app.engine.interface import IdemKey
 from app.engine.ops import Step
 from app.engine.ops.params import takes_added_groups
 from app.engine.store import frame_record
@@ -206,6 +207,8 @@ class SessionMachine(RuleBasedStateMachine):
         self.sid = "m"
         self.extra_groups = 0
         self.seed = 0
+        #: keyed steps the engine acknowledged: (key, gradients, return, what answered them)
+        self.keyed: list[tuple[IdemKey, dict[str, torch.Tensor], Any, dict[str, Any]]] = []
 
     # ------------------------------------------------------------------ plumbing
     def _start_engine(self) -> Front:
@@ -279,18 +282,19 @@ class SessionMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ gradients
     @rule(names=st.lists(st.sampled_from(list(SHAPES)), unique=True), seed=st.integers(0, 999),
-          nan=st.booleans(), lr=st.sampled_from([None, None, 0.02, 0.003, -1.0]))
+          nan=st.booleans(), lr=st.sampled_from([None, None, 0.02, 0.003, -1.0, math.inf]))
     def step(self, names: list[str], seed: int, nan: bool, lr: float | None) -> None:
         """A step, sometimes with a group option change riding with it (refused whole when the
-        option is invalid)."""
+        option is invalid: negative, or not finite, a request's check)."""
         assert self.mirror is not None
         names = [n for n in names if n in self.mirror.params]
         g = self.grads(names, seed, nan)
-        options = {0: {"lr": lr}} if lr is not None else None
+        options = ({0: {"lr": {"$float": "inf"} if math.isinf(lr) else lr}}
+                   if lr is not None else None)
         a, _ = self.both(lambda e: e.step(self.sid, {k: v.clone() for k, v in g.items()},
                                           return_params=True, options=copy.deepcopy(options)))
         STATS["op step" + (" with options" if options else "")] += 1
-        if lr is not None and lr < 0:
+        if lr is not None and (lr < 0 or math.isinf(lr)):
             assert isinstance(a, OptserveError) and a.field == "param_groups.0.lr"
         if not isinstance(a, OptserveError):
             if lr is not None:
@@ -337,6 +341,76 @@ class SessionMachine(RuleBasedStateMachine):
         else:
             self.mirror.step(g, a.skipped)
             same_tree(dict(a.params), self.mirror.params, "sparse step params")
+
+    @rule(rows=st.lists(st.integers(0, 2), max_size=4), dense=st.booleans(),
+          seed=st.integers(0, 999), returned=st.sampled_from(["touched", "touched", True]))
+    def keyed_step(self, rows: list[int], dense: bool, seed: int, returned: Any) -> None:
+        """A step with an ``Idempotency-Key``, mostly ``?return=touched``: a row-sparse
+        gradient for ``w`` and/or a dense one for ``b``, onto whatever is accumulated (the
+        rows it touches of those are kept in its table entry). :meth:`retry` sends it again."""
+        assert self.mirror is not None
+        g: dict[str, torch.Tensor] = {}
+        if rows:
+            g["w"] = torch.sparse_coo_tensor(torch.tensor(rows).reshape(1, -1),
+                                             seeded((len(rows), 2), seed), (3, 2),
+                                             check_invariants=False)
+        if dense:
+            g["b"] = seeded(SHAPES["b"], seed + 1)
+        key = IdemKey(f"k{len(self.keyed)}-{seed}", f"fp-{len(self.keyed)}")
+        touched = dict(self.mirror.accum)
+        a, b = self.both(lambda e: e.step(self.sid, {k: v.clone() for k, v in g.items()},
+                                          return_params=returned, idem=key))
+        STATS[f"op keyed step {returned}"] += 1
+        if isinstance(a, OptserveError):
+            return
+        for n, t in g.items():  # what each parameter steps with: accumulated plus pushed
+            touched[n] = add(touched[n], t) if n in touched else t
+        self.mirror.step(g, a.skipped)
+        answer = self.answered(a)
+        same_tree(answer, self.answered(b), "keyed step: engine vs twin")
+        if returned == "touched":  # the rows stepped, each once, ascending; dense ones whole
+            want = {n: (sorted(set(t._indices()[0].tolist())) if t.layout != torch.strided
+                        else None) for n, t in touched.items()}
+            assert answer["params"] == want, (answer["params"], want)
+        self.check_values(a)
+        self.keyed.append((key, g, returned, answer))
+
+    @staticmethod
+    def answered(result: Any) -> dict[str, Any]:
+        """What a keyed step's answer says, its retry's too: version, step, lr, and each
+        parameter it holds (the rows of a row-sparse one)."""
+        params = {n: (t._indices()[0].tolist() if t.layout != torch.strided else None)
+                  for n, t in (result.params or {}).items()}
+        return {"version": result.version, "step": result.step, "lr": list(result.lr),
+                "skipped": result.skipped, "params": params}
+
+    def check_values(self, result: Any) -> None:
+        """An answer's parameters (or rows) are the session's: the mirror's now."""
+        assert self.mirror is not None
+        for n, t in (result.params or {}).items():
+            if t.layout != torch.strided:
+                idx = t._indices()[0]
+                same_tree(t._values(), self.mirror.params[n].detach()[idx], f"rows of {n}")
+            else:
+                same_tree(t, self.mirror.params[n].detach(), f"answer {n}")
+
+    @precondition(lambda self: self.keyed)
+    @rule(data=st.data())
+    def retry(self, data: st.DataObject) -> None:
+        """A keyed step sent again (after whatever came since: restarts, crashes, snapshots):
+        answered as it first was (version, step, lr, the same parameters and rows), with the
+        session's current values, and not applied again."""
+        key, g, returned, first = data.draw(st.sampled_from(self.keyed), "keyed")
+        a, b = self.both(lambda e: e.step(self.sid, {k: v.clone() for k, v in g.items()},
+                                          return_params=returned, idem=key))
+        STATS["op retry"] += 1
+        assert not isinstance(a, OptserveError), a
+        assert a.replayed and b.replayed
+        if returned is True:  # every parameter the session has now (a group added since)
+            first = {**first, "params": {n: None for n in self.mirror.params}}
+        same_tree(self.answered(a), first, "retry vs first answer")
+        same_tree(self.answered(b), first, "twin's retry vs first answer")
+        self.check_values(a)
 
     @rule()
     def zero_grad(self) -> None:
@@ -547,3 +621,16 @@ def test_every_optimizer(optimizer: str) -> None:
 def test_every_scheduler(scheduler: str) -> None:
     _machine(list(STEPPED), [scheduler]).TestCase().runTest()
 
+
+
+def test_keyed_steps_and_their_retries_across_restarts() -> None:
+    """More runs of SGD (which steps row-sparse gradients) and Adagrad, so that keyed
+    ``?return=touched`` steps onto accumulated rows, their retries, crashes and graceful
+    restarts (snapshots) meet: the retry answers what the first answer held."""
+    before = STATS["op retry"]
+    machine = _machine(["SGD", "Adagrad"], list(SCHEDULERS))
+    machine.TestCase.settings = settings(
+        max_examples=max(EXAMPLES, 15), stateful_step_count=max(STEPS, 30), deadline=None,
+        derandomize=True, suppress_health_check=list(HealthCheck))
+    machine.TestCase().runTest()
+    assert STATS["op retry"] > before
