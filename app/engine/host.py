@@ -81,7 +81,7 @@ from app.engine.store import Files, Store, StoreCorrupt
 from app.engine.worker import DeviceWorker, Observer
 from app.errors import Conflict, Invalid, NotFound, OptserveError, Unavailable
 from app.runtime import release_memory
-from app.wire.content_digest import forget_plans
+from app.wire.kept_by_header import forget_all as forget_kept_by_header
 from app.wire.safetensors_body import pack
 from app.wire.safetensors_header import forget_big_header
 from app.wire.tensor_maps import PackedTensors
@@ -1295,5 +1295,5 @@ def _at_rest() -> None:
     """What an idle host gives back: the kept parse of a big safetensors header (tens of MB
     for 100,000 tensors), then the heap's free pages."""
     forget_big_header()
-    forget_plans()
+    forget_kept_by_header()
     release_memory()

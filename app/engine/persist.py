@@ -15,8 +15,6 @@ skeleton, kept by the body's header, and their bytes as the one piece of the bod
 from __future__ import annotations
 
 import secrets
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +22,7 @@ import orjson
 import torch
 
 from app.engine.ops import Operation, decode
+from app.wire.kept_by_header import KeptByHeader
 from app.wire.safetensors_body import (
     BodyTensors,
     framed_header,
@@ -118,27 +117,19 @@ class _GradsLayout:
 
 #: the last gradient layouts records were built for, by the header of the bodies they came in
 #: (a client sends the same one with every step); 20,000 tensors: ~2.5 MB each
-_grads_layouts: OrderedDict[bytes, _GradsLayout] = OrderedDict()
-_grads_layouts_lock = threading.Lock()
-_KEEP_GRADS_LAYOUTS = 4
+_grads_layouts: KeptByHeader[_GradsLayout] = KeptByHeader(4)
 
 
 def _grads_layout(grads: BodyTensors, header: bytes, names: tuple[str, ...]) -> _GradsLayout:
-    with _grads_layouts_lock:
-        kept = _grads_layouts.get(header)
-        if kept is not None and kept.names == names:
-            _grads_layouts.move_to_end(header)
-            return kept
+    kept = _grads_layouts.get(header)
+    if kept is not None and kept.names == names:
+        return kept
     skeleton = {name: {"$tensor": f"{_GRADS_PATH}.{name}"} for name in names}
     made = _GradsLayout(
         names, orjson.dumps(orjson.dumps(skeleton).decode())[1:-1],
         header_entries([(f"{_GRADS_PATH}.{name}", grads[name].dtype, grads[name].shape)
                         for name in names]))
-    with _grads_layouts_lock:
-        _grads_layouts[header] = made
-        _grads_layouts.move_to_end(header)
-        while len(_grads_layouts) > _KEEP_GRADS_LAYOUTS:
-            _grads_layouts.popitem(last=False)
+    _grads_layouts.put(header, made)
     return made
 
 

@@ -21,8 +21,6 @@ fall on is worked out once per header and kept.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +29,7 @@ import orjson
 import torch
 
 from app.wire.dtypes import DTYPE_NAMES
+from app.wire.kept_by_header import KeptByHeader
 from app.wire.tensor_maps import BodyTensors
 
 WINDOW = 256 * 1024
@@ -108,23 +107,14 @@ class _Plan:
     runs: tuple[tuple[str, ...], ...]
 
 
-_plans: OrderedDict[bytes, _Plan] = OrderedDict()
-_plans_lock = threading.Lock()
-
-
-def forget_plans() -> None:
-    """Drop the kept plans (and the headers they are kept by): the server calls this when it
-    has been idle."""
-    with _plans_lock:
-        _plans.clear()
+_plans: KeptByHeader[_Plan] = KeptByHeader(KEEP_PLANS)
 
 
 def cheap(tensors: Mapping[str, torch.Tensor]) -> bool:
     """Whether :func:`tensors_digest` of these takes a kept plan (no look at each tensor)."""
     if not isinstance(tensors, BodyTensors) or tensors.header is None or not tensors.runs:
         return False
-    with _plans_lock:
-        return tensors.header in _plans
+    return tensors.header in _plans
 
 
 def _plan_of(tensors: BodyTensors) -> _Plan | None:
@@ -159,18 +149,12 @@ def _plan_of(tensors: BodyTensors) -> _Plan | None:
 def _kept_plan(tensors: BodyTensors) -> _Plan | None:
     header = tensors.header
     assert header is not None
-    with _plans_lock:
-        plan = _plans.get(header)
-        if plan is not None:
-            _plans.move_to_end(header)
+    plan = _plans.get(header)
     if plan is None:
         plan = _plan_of(tensors)
         if plan is None:
             return None
-        with _plans_lock:
-            _plans[header] = plan
-            while len(_plans) > KEEP_PLANS:
-                _plans.popitem(last=False)
+        _plans.put(header, plan)
     if len(plan.runs) != len(tensors.runs) or any(
             names != kept for (_, names), kept in zip(tensors.runs, plan.runs, strict=True)):
         return _plan_of(tensors)  # (not this header's runs after all: not kept)

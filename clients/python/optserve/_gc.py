@@ -25,14 +25,11 @@ _was_enabled = False
 
 
 @contextlib.contextmanager
-def gc_paused(tensors: int) -> Iterator[None]:
-    """No automatic cyclic collection while the block runs, for ``tensors`` of at least
-    :data:`PAUSE_GC_TENSORS`; counted, so that threads pausing at once resume it only when
-    the last one is done, and left as it was (a process that disabled it keeps it so)."""
+def paused() -> Iterator[None]:
+    """No automatic cyclic collection while the block runs; counted, so that threads pausing
+    at once resume it only when the last one is done, and left as it was (a process that
+    disabled it keeps it so). The server's pause (``app.runtime.gc_paused``) is this one."""
     global _pauses, _was_enabled
-    if tensors < PAUSE_GC_TENSORS:
-        yield
-        return
     with _lock:
         if _pauses == 0:
             _was_enabled = gc.isenabled()
@@ -45,3 +42,13 @@ def gc_paused(tensors: int) -> Iterator[None]:
             _pauses -= 1
             if _pauses == 0 and _was_enabled:
                 gc.enable()
+
+
+@contextlib.contextmanager
+def gc_paused(tensors: int) -> Iterator[None]:
+    """:func:`paused`, for ``tensors`` of at least :data:`PAUSE_GC_TENSORS`."""
+    if tensors < PAUSE_GC_TENSORS:
+        yield
+        return
+    with paused():
+        yield
