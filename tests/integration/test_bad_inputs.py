@@ -1505,18 +1505,31 @@ def test_zero_grad_takes_no_body(sess: Sess) -> None:
 
 
 @pytest.mark.parametrize("tag", ["nan", "inf", "-inf"])
-def test_a_non_finite_metric_written_as_the_protocol_writes_it_is_refused_as_non_finite(
+def test_a_non_finite_metric_is_taken_by_reduce_lr_on_plateau_as_torch_takes_it(
         http: httpx.Client, tag: str) -> None:
     """``{"metric": {"$float": "nan"}}`` (how the clients write a NaN metric: JSON has no
-    literal for it) is refused as a non-finite metric, 422 ``invalid_metric`` naming
-    ``metric``, as a bare NaN would be; not as "not a number", and a scheduler that takes no
-    metric refuses it too. Nothing changes."""
-    sid, before = _scheduled(http, "SGD", {"name": "ReduceLROnPlateau",
-                                           "options": {"patience": 0}})
-    r = http.post(f"/v1/sessions/{sid}/scheduler/step", json={"metric": {"$float": tag}})
-    assert_problem(r, 422, "invalid_metric", "metric")
-    assert "finite" in r.json()["detail"]
-    _same(http, sid, before)
+    literal for it) steps ReduceLROnPlateau as torch's own ``scheduler.step(nan)`` does (a NaN
+    is never better: a bad epoch, and with ``patience: 0`` the lr is cut; ``-inf`` becomes
+    ``best``): a loss gone NaN must not stop training that goes on in process. A malformed
+    tag is still a 422 ``invalid_metric``, and a scheduler that takes no metric refuses it,
+    changing nothing."""
+    value = _FLOATS[tag]
+    sid, _ = _scheduled(http, "SGD", {"name": "ReduceLROnPlateau", "options": {"patience": 0}})
+    ref_opt = torch.optim.SGD(list(p0().values()), lr=LR)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(ref_opt, patience=0)
+    metrics: list[Any] = ([{"$float": tag}, 1.0, {"$float": tag}] if tag != "-inf"
+                          else [1.0, {"$float": tag}, 0.5])
+    for metric in metrics:
+        r = http.post(f"/v1/sessions/{sid}/scheduler/step", json={"metric": metric})
+        assert r.status_code == 200, r.text
+        ref.step(value if isinstance(metric, dict) else metric)
+        assert r.json()["lr"] == ref.get_last_lr()
+        exported = http.get(f"/v1/sessions/{sid}/state_dict").json()["scheduler"]
+        for key in ("best", "num_bad_epochs", "last_epoch", "cooldown_counter"):
+            got = exported[key]
+            assert (_FLOATS[got["$float"]] if isinstance(got, dict) else got) \
+                == ref.state_dict()[key], key
+    assert ref.get_last_lr() != [LR] if tag != "-inf" else ref.best == -math.inf
     r = http.post(f"/v1/sessions/{sid}/scheduler/step", json={"metric": {"$float": "huge"}})
     assert_problem(r, 422, "invalid_metric", "metric")
     sid, before = _scheduled(http, "SGD", {"name": "StepLR", "options": {"step_size": 1},
@@ -1524,3 +1537,6 @@ def test_a_non_finite_metric_written_as_the_protocol_writes_it_is_refused_as_non
     r = http.post(f"/v1/sessions/{sid}/scheduler/step", json={"metric": {"$float": tag}})
     assert_problem(r, 422, "invalid_metric", "metric")
     _same(http, sid, before)
+
+
+_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import os
 import random
 import shutil
@@ -773,3 +774,66 @@ def test_scheduler_driven_to_zero_lr_survives_restart(
                     assert c.get("/v1/sessions/decay").json()["lr"] == lr
         finally:
             dep.stopped(live, data)
+
+
+def test_non_finite_plateau_metrics_replay_after_kill9_and_a_graceful_restart(
+        proc: Proc) -> None:
+    """ReduceLROnPlateau takes NaN and infinite metrics as torch does; their records (the
+    metric kept as a ``$float`` tag) replay after ``kill -9``, and a snapshot keeps ``best`` at
+    ``-inf`` through a graceful restart: the lr, the scheduler's state and the next steps
+    equal an in-process twin's."""
+    floats = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+    body = {"id": "plateau", "optimizer": "SGD", "options": {"lr": LR, "momentum": 0.9},
+            "params": {n: jt(t) for n, t in params0().items()},
+            "scheduler": {"name": "ReduceLROnPlateau",
+                          "options": {"patience": 0, "factor": 0.5}}}
+    params = params0()
+    opt = torch.optim.SGD(list(params.values()), lr=LR, momentum=0.9)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+
+    def step_both(c: httpx.Client, k: int, metric: float | str) -> None:
+        g = grad_for((k,))
+        r = c.post("/v1/sessions/plateau/step", json={"grads": {n: jt(t) for n, t in g.items()}})
+        assert r.status_code == 200, r.text
+        for n, p in params.items():
+            p.grad = g[n].clone()
+        opt.step()
+        wire = {"$float": metric} if isinstance(metric, str) else metric
+        r = c.post("/v1/sessions/plateau/scheduler/step", json={"metric": wire})
+        assert r.status_code == 200, r.text
+        sched.step(floats[metric] if isinstance(metric, str) else metric)
+        assert r.json()["lr"] == sched.get_last_lr()
+
+    def same(c: httpx.Client) -> None:
+        r = c.get("/v1/sessions/plateau/params", headers={"Accept": BINARY})
+        got = safetensors.torch.load(r.content)
+        assert all(bitwise(got[n], p.detach()) for n, p in params.items())
+        exported = c.get("/v1/sessions/plateau/state_dict").json()["scheduler"]
+        for key, want in sched.state_dict().items():
+            if key in ("best", "num_bad_epochs", "last_epoch", "cooldown_counter", "_last_lr"):
+                got_v = exported[key]
+                if isinstance(got_v, dict):
+                    got_v = floats[got_v["$float"]]
+                assert got_v == want, key
+
+    proc.start()
+    with httpx.Client(base_url=proc.url, timeout=60) as c:
+        assert c.post("/v1/sessions", json=body).status_code == 201
+        for k, metric in enumerate([1.0, "nan", 0.9, "inf", "-inf", "nan"]):
+            step_both(c, k, metric)
+        same(c)
+    proc.kill9()
+    proc.start()
+    with httpx.Client(base_url=proc.url, timeout=60) as c:
+        assert c.get("/readyz").json().get("refused") is None
+        same(c)
+        step_both(c, 10, "nan")
+        same(c)
+    assert proc.proc is not None
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(60) == 0
+    proc.start()
+    with httpx.Client(base_url=proc.url, timeout=60) as c:
+        same(c)
+        step_both(c, 11, 0.1)
+        same(c)

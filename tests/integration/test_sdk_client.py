@@ -306,6 +306,13 @@ def test_manual_scheduler_step(client: optserve.Client) -> None:
     ).id
     assert client.scheduler_step(sid, metric=1.0).lr == [1.0]
     assert client.scheduler_step(sid, metric=2.0).lr == [0.5]
+    # a loss gone NaN steps it as torch's own ReduceLROnPlateau does (a bad epoch)
+    local = torch.optim.SGD([torch.ones(1)], lr=1.0)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(local, patience=0, factor=0.5)
+    for metric in (1.0, 2.0, float("nan"), float("-inf"), float("inf")):
+        ref.step(metric)
+        if not math.isfinite(metric):
+            assert client.scheduler_step(sid, metric=metric).lr == ref.get_last_lr()
     with pytest.raises(optserve.ValidationError) as info:
         client.scheduler_step(sid)
     assert info.value.field == "metric"

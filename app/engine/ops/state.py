@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,7 +97,10 @@ class ImportState(Operation):
 @register
 @dataclass
 class SchedulerStep(Operation):
-    """Step the scheduler by hand (with a metric for ReduceLROnPlateau)."""
+    """Step the scheduler by hand (with a metric for ReduceLROnPlateau). A NaN or infinite
+    metric is taken as torch takes it (NaN is never better, so it counts as a bad epoch; an
+    infinity in the good direction becomes ``best``): a loss gone NaN must not stop training
+    that would go on in process. The record keeps it as a ``$float`` tag."""
 
     kind = "scheduler_step"
     metric: float | None = None
@@ -113,9 +115,6 @@ class SchedulerStep(Operation):
                           code="missing_metric", field="metric")
         if not is_plateau and self.metric is not None:
             raise Invalid(f"{s.scheduler_spec.name} takes no metric", code="invalid_metric",
-                          field="metric")
-        if self.metric is not None and not math.isfinite(self.metric):
-            raise Invalid("metric must be a finite number", code="invalid_metric",
                           field="metric")
         schedulers.dry_run(s.optimizer, s.scheduler, self.metric)
 
