@@ -160,11 +160,12 @@ _ALIASES = {"application/safetensors": BINARY, "application/problem+json": JSON}
 
 
 @functools.lru_cache(maxsize=256)
-def _accepted(accept: str) -> tuple[str, ...]:
-    """The media ranges of an ``Accept`` header with q > 0, most preferred first (kept for
-    the headers seen most: a client sends the same one with every request)."""
-    ranges: list[tuple[float, int, str]] = []
-    for i, part in enumerate(accept.split(",")):
+def _accepted(accept: str) -> tuple[tuple[str, float], ...]:
+    """The media ranges of an ``Accept`` header with their weights, in the header's order,
+    q=0 included (it excludes what it names). Kept for the headers seen most: a client sends
+    the same one with every request."""
+    ranges: list[tuple[str, float]] = []
+    for part in accept.split(","):
         pieces = [p.strip() for p in part.split(";")]
         q = 1.0
         for p in pieces[1:]:
@@ -173,24 +174,48 @@ def _accepted(accept: str) -> tuple[str, ...]:
                     q = float(p[2:])
                 except ValueError:
                     q = 0.0
-        if q > 0 and pieces[0]:
-            ranges.append((-q, i, pieces[0].lower()))
-    return tuple(t for _, _, t in sorted(ranges))
+        if pieces[0]:
+            media = pieces[0].lower()
+            ranges.append((_ALIASES.get(media, media), q if q > 0 else 0.0))  # (NaN: 0)
+    return tuple(ranges)
+
+
+def _weight(media: str, ranges: tuple[tuple[str, float], ...]) -> tuple[float, int]:
+    """``media``'s weight under the header's ranges and the position of the range that sets
+    it: the most specific range that matches (``type/sub`` over ``type/*`` over ``*/*``, RFC
+    9110 12.5.1), so ``application/json;q=0, */*`` excludes JSON; weight 0 when none does."""
+    kind = media.split("/", 1)[0]
+    best = (-1, 0.0, 0)  # (specificity, q, position)
+    for position, (wanted, q) in enumerate(ranges):
+        if wanted == media:
+            specificity = 2
+        elif wanted == f"{kind}/*":
+            specificity = 1
+        elif wanted == "*/*":
+            specificity = 0
+        else:
+            continue
+        if specificity > best[0]:
+            best = (specificity, q, position)
+    return best[1], best[2]
 
 
 def negotiate(request: Request, offered: tuple[str, ...]) -> str:
-    """The first of ``offered`` the client's ``Accept`` takes (no header: the first offered);
-    406 when it takes none. ``application/safetensors`` stands for octet-stream and
+    """The one of ``offered`` the client's ``Accept`` weighs most (no header: the first
+    offered; equal weights: the one named first in the header, then the first offered); 406
+    when it takes none. ``application/safetensors`` stands for octet-stream and
     ``application/problem+json`` for JSON."""
     accept = request.headers.get("accept")
     if not accept:
         return offered[0]
-    for wanted in _accepted(accept):
-        wanted = _ALIASES.get(wanted, wanted)
-        kind = wanted.split("/", 1)[0]
-        for media in offered:
-            if wanted in (media, "*/*") or wanted == f"{kind}/*" == f"{media.split('/')[0]}/*":
-                return media
+    ranges = _accepted(accept)
+    choice, best = None, (0.0, 0)
+    for media in offered:
+        q, position = _weight(media, ranges)
+        if q > best[0] or (q == best[0] > 0 and position < best[1]):
+            choice, best = media, (q, position)
+    if choice is not None:
+        return choice
     names = " and ".join(offered)
     raise NotAcceptable(f"cannot answer with {accept!r:.80}; this endpoint answers {names}",
                         field="accept")

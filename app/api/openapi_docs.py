@@ -58,7 +58,8 @@ _PS_PROPERTIES: dict[str, Any] = {
                       "description": "asynchronous pushes: refuse (409 stale_gradient) a "
                                      "gradient computed more than this many versions ago"},
     "staleness_lr": {"type": ["string", "null"], "enum": ["none", "inverse", None],
-                     "description": "inverse: scale a stale gradient by 1/(1+staleness)"},
+                     "description": "inverse: a push s versions old steps with every "
+                                    "group's lr divided by 1 + s (that step only)"},
 }
 
 SCHEMAS: dict[str, Any] = {
@@ -407,7 +408,7 @@ RESPONSE_HEADERS: dict[str, Any] = {
     "ETag": {"description": "the session's version, quoted (\"5\"): send it back in "
                             "If-None-Match or If-Match", "schema": _VERSION_TAG},
     "X-Optserve-Version": {"description": "the session's version (rises with every applied "
-                                          "step or overwrite)",
+                                          "step, overwrite or state import)",
                            "schema": {"type": "string", "pattern": "^[0-9]+$"}},
     "X-Optserve-Step": {"description": "optimizer steps taken (torch's step count)",
                         "schema": {"type": "string", "pattern": "^[0-9]+$"}},

@@ -87,6 +87,45 @@ def test_tensor_routes_pick_the_format_from_accept(app_client: TestClient) -> No
     assert_406(r, "text/html")
 
 
+@pytest.mark.parametrize("accept,path,expected", [
+    # q=0 says "not this one" (RFC 9110, 12.5.1), also beside a wildcard that would take it
+    ("application/json;q=0, */*", "params", "application/octet-stream"),
+    ("*/*, application/json;q=0", "params", "application/octet-stream"),
+    ("application/octet-stream;q=0, */*", "params", "application/json"),
+    ("application/json;q=0, application/*", "state_dict", "application/octet-stream"),
+    ("application/json;q=0, */*", "session", None),
+    ("text/csv;q=0, text/*", "history", None),
+    ("text/csv;q=0, */*", "history", "application/json"),
+    # the most specific range sets a type's weight: */* at 1 does not lift JSON's 0.1
+    ("application/json;q=0.1, */*", "params", "application/octet-stream"),
+    ("application/json;q=0.1, */*;q=0.5", "history", "text/csv"),
+    # equal weights: the order of the header, then the route's own order (JSON first)
+    ("application/octet-stream, application/json", "params", "application/octet-stream"),
+    ("text/html, */*;q=0.1", "params", "application/json"),
+    ("application/*", "state_dict", "application/json"),
+])
+def test_accept_weights_follow_the_most_specific_range(app_client: TestClient, accept: str,
+                                                       path: str, expected: str | None) -> None:
+    create(app_client, "q")
+    url = {"params": "/v1/sessions/q/params", "state_dict": "/v1/sessions/q/state_dict",
+           "session": "/v1/sessions/q", "history": "/v1/sessions/q/history"}[path]
+    r = app_client.get(url, headers={"accept": accept})
+    if expected is None:
+        assert_406(r, accept)
+        return
+    assert r.status_code == 200, (accept, r.text)
+    assert r.headers["content-type"].split(";")[0] == expected, (accept, path)
+
+
+def test_a_step_whose_answer_accept_refuses_is_not_applied(app_client: TestClient) -> None:
+    create(app_client, "q0")
+    accept = "application/json;q=0, application/octet-stream;q=0, */*"
+    step = app_client.post("/v1/sessions/q0/step", json={"grads": {"x": X}},
+                           headers={"accept": accept})
+    assert_406(step, accept)
+    assert app_client.get("/v1/sessions/q0").json()["version"] == 0
+
+
 def test_metrics_answer_prometheus_text_or_406(app_client: TestClient) -> None:
     prometheus = ("application/openmetrics-text;version=1.0.0;q=0.5,"
                   "text/plain;version=0.0.4;q=0.4,*/*;q=0.1")
