@@ -455,7 +455,8 @@ QUERY: dict[str, dict[str, Any]] = {
     "timeout_s": {
         "name": "timeout_s", "in": "query", "required": False,
         "description": "LBFGS sessions: how long the open step waits for each evaluation "
-                       "(default OPTSERVE_EVALUATION_TIMEOUT_S)",
+                       "(default OPTSERVE_EVALUATION_TIMEOUT_S); other sessions refuse it "
+                       "(422 invalid_query)",
         "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600}},
     "base_version": {
         "name": "base_version", "in": "query", "required": False,

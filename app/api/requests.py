@@ -339,6 +339,8 @@ class StepQuery:
     params_dtype: torch.dtype | None = None
     #: False (``metrics=history``): the answer carries no ``metrics`` object
     answer_metrics: bool = True
+    #: ``timeout_s`` was given (an LBFGS step's; other sessions refuse it)
+    timeout_given: bool = False
 
     @classmethod
     def parse(cls, request: Any) -> StepQuery:
@@ -377,4 +379,5 @@ class StepQuery:
                           code="invalid_query", field="metrics")
         returned: ReturnParams = "touched" if ret == "touched" else ret == "params"
         return cls(returned, base, _BOOLS[upcast],
-                   None if narrow is None else getattr(torch, narrow), shown == "answer")
+                   None if narrow is None else getattr(torch, narrow), shown == "answer",
+                   "timeout_s" in seen)

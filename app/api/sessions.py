@@ -142,6 +142,10 @@ async def step(session_id: SessionId, request: Request) -> Response:
         if await engine.uses_evaluations(session_id, tenant=tenant):  # LBFGS: the closure protocol
             return await evaluations.open_step(request, engine, tenant, max_bytes,
                                                session_id, returned, binary, b64, base)
+        if query.timeout_given:
+            raise Invalid("timeout_s bounds an LBFGS step's wait for each evaluation; this "
+                          "session's optimizer takes none", code="invalid_query",
+                          field="timeout_s")
         worker = conditions.worker_id(request)
         with phase(request, "decode"):
             grads, fields, buf = await read_tensors(request, max_bytes, "grads", STEP_FIELDS,

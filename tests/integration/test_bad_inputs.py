@@ -1540,3 +1540,14 @@ def test_a_non_finite_metric_is_taken_by_reduce_lr_on_plateau_as_torch_takes_it(
 
 
 _FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def test_timeout_s_is_refused_by_a_step_that_waits_for_no_evaluation(sess: Sess) -> None:
+    """``?timeout_s=`` bounds an LBFGS step's wait for each evaluation; another session's
+    step took it and ignored it (a client that meant to bound its step got no bound): 422
+    ``invalid_query`` naming it, nothing applied, nothing cleared."""
+    body = {"grads": {n: jt(t) for n, t in G1.items()}}
+    for query in ("timeout_s=5", "timeout_s=bogus", "return=none&timeout_s=0.5"):
+        r = sess.http.post(f"{sess.url}/step?{query}", json=body)
+        assert_problem(r, 422, "invalid_query", "timeout_s")
+    sess.assert_unchanged()
