@@ -694,7 +694,8 @@ class EmbeddedHost:
         out: StepResult = await self.execute(
             key, Step(grads, base_version, options=options, upcast=upcast,
                       scalars=scalars or None, answer_metrics=answer_metrics,
-                      touched=want_params == "touched", request=True), idem=idem,
+                      touched=want_params == "touched", request=True,
+                      refuse_replaced=True), idem=idem,
             want_params=want_params, params_into=params_into, params_dtype=params_dtype)
         return out
 
@@ -749,7 +750,7 @@ class EmbeddedHost:
             if room is not None:  # (a binding's slots: still the session's?)
                 s.check_room(room, grads)
             if base_version is not None:
-                staleness_of(s, base_version)
+                staleness_of(s, base_version, replaced=True)
             return s.check_grads(grads), s.version
         await self._settled(key)
         return await self._worker.run(check, "sync_push")
