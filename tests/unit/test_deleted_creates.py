@@ -16,7 +16,7 @@ from app.engine import Front, directory, embedded_engine
 from app.engine.deleted_creates import DeletedCreates
 from app.engine.directory import Directory
 from app.engine.interface import CreateSpec, GroupSpec, IdemKey
-from app.engine.store import TOMBSTONE, Store
+from app.engine.store import TOMBSTONE, Durability, Store
 from app.errors import Conflict, Invalid
 
 
@@ -56,8 +56,10 @@ def test_a_create_retried_after_its_session_was_deleted_is_refused(
     snapshot; the keys come back from the tombstone log, the sharded one from the directory)
     where the sessions were kept on disk. A create key whose session lives is answered with it
     as before, and a delete's own key still answers its retry."""
+    durability_: Durability = "step" if durability == "step" else "memory"
+
     async def live() -> dict[str, str]:
-        eng = embedded_engine("cpu", data_dir=tmp_path, durability=durability, warm_up=False)
+        eng = embedded_engine("cpu", data_dir=tmp_path, durability=durability_, warm_up=False)
         await eng.start()
         made: dict[str, str] = {}
         for name, shards, sid in (("k-plain", 1, None), ("k-id", 1, "mine"),
@@ -77,7 +79,7 @@ def test_a_create_retried_after_its_session_was_deleted_is_refused(
         return made
 
     async def after_a_crash(made: dict[str, str]) -> None:
-        eng = embedded_engine("cpu", data_dir=tmp_path, durability=durability, warm_up=False)
+        eng = embedded_engine("cpu", data_dir=tmp_path, durability=durability_, warm_up=False)
         await eng.start()
         try:
             if durability == "memory":  # nothing was kept on disk: the keys make new ones
