@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from app.engine import Front, directory, embedded_engine
-from app.engine.deleted_creates import DeletedCreates
 from app.engine.directory import Directory
 from app.engine.interface import CreateSpec, GroupSpec, IdemKey
 from app.engine.store import TOMBSTONE, Durability, Store
@@ -117,6 +116,7 @@ def test_a_delete_cut_before_its_tombstone_was_logged_keeps_both_keys(tmp_path: 
 
 def test_the_deleted_creates_kept_are_bounded(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.engine.deleted_creates import DeletedCreates
     kept = DeletedCreates(keep=3)
     for i in range(5):
         kept.note("t", f"k{i}", "fp", f"s{i}")
