@@ -430,7 +430,9 @@ HEADERS: dict[str, dict[str, Any]] = {
         "schema": {"type": "string", "pattern": WORKER_PATTERN}},
     "If-Match": {
         "name": "If-Match", "in": "header", "required": False,
-        "description": "the version the gradients were computed from (as ?base_version=)",
+        "description": "the version the gradients were computed from (as ?base_version=): "
+                       "409 stale_gradient past max_staleness, or when older than the "
+                       "session's latest overwrite or state import",
         "schema": _VERSION_TAG},
     "If-None-Match": {
         "name": "If-None-Match", "in": "header", "required": False,
@@ -460,7 +462,9 @@ QUERY: dict[str, dict[str, Any]] = {
         "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600}},
     "base_version": {
         "name": "base_version", "in": "query", "required": False,
-        "description": "the version the gradients were computed from (or If-Match)",
+        "description": "the version the gradients were computed from (or If-Match): 409 "
+                       "stale_gradient past max_staleness, or when older than the session's "
+                       "latest overwrite or state import",
         "schema": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}},
     "upcast": {
         "name": "upcast", "in": "query", "required": False,
@@ -497,8 +501,9 @@ COMMON_PROBLEMS: dict[str, str] = {
     "400": "Malformed body (not JSON / not safetensors)",
     "401": "Missing or wrong API key",
     "404": "Unknown session",
-    "409": "Conflict (id taken, scheduler exhausted, duplicate push, round timeout, stale "
-           "gradient, LBFGS step in progress or ended)",
+    "409": "Conflict (id taken, a keyed create whose session was deleted, scheduler "
+           "exhausted, duplicate push, round timeout, stale gradient, LBFGS step in progress "
+           "or ended)",
     "413": "Body larger than OPTSERVE_MAX_BODY_MB",
     "415": "Content-Type neither JSON nor octet-stream",
     "422": "Invalid input (shape, dtype, option, state...)",

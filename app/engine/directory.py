@@ -10,7 +10,10 @@ any number of fronts see the same directory with no service of its own:
   which fails when the name exists (two fronts creating one id: one wins, the other gets 409);
 - an update replaces the file atomically (rename);
 - ``.creates/`` indexes creates by their idempotency key (per tenant), so a retried create is
-  answered with the session the first one made, whichever front it reaches.
+  answered with the session the first one made, whichever front it reaches; once that session
+  is deleted its entry moves to ``.deleted-creates/`` (the last
+  :data:`~app.engine.deleted_creates.KEEP`), where a retry finds that it was deleted
+  (:mod:`app.engine.deleted_creates`).
 
 Without a data directory (tests, ``memory`` durability everywhere) the directory is a dict.
 """
@@ -26,14 +29,23 @@ from typing import Any
 
 import orjson
 
+from app.engine.deleted_creates import KEEP
+
+#: how many marks of deleted creates are written between two prunes of the oldest
+_PRUNE_EVERY = 100
+
 
 class Directory:
     def __init__(self, root: Path | None) -> None:
         self.root = root
         self._memory: dict[str, dict[str, Any]] = {}
         self._creates: dict[str, dict[str, Any]] = {}
+        #: deleted sessions' creates by name, oldest first (without a root)
+        self._deleted: dict[str, dict[str, Any]] = {}
+        self._marked = 0  # marks written since the last prune (with a root)
         if root is not None:
             (root / ".creates").mkdir(parents=True, exist_ok=True)
+            (root / ".deleted-creates").mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ entries
     def get(self, key: str) -> dict[str, Any] | None:
@@ -98,15 +110,19 @@ class Directory:
         return hashlib.sha256(f"{tenant}\0{idem_key}".encode()).hexdigest()
 
     def created(self, tenant: str, idem_key: str) -> dict[str, Any] | None:
-        """``{"key", "fingerprint"}`` of the create this idempotency key made, or None."""
+        """``{"key", "fingerprint"}`` of the create this idempotency key made, or None; with
+        ``"deleted": true`` when that session has been deleted (:meth:`forget_created`)."""
         name = self._create_name(tenant, idem_key)
         if self.root is None:
-            return self._creates.get(name)
-        try:
-            found: dict[str, Any] = orjson.loads((self.root / ".creates" / name).read_bytes())
-        except FileNotFoundError:
-            return None
-        return found
+            live = self._creates.get(name)
+            return live if live is not None else self._deleted.get(name)
+        for where, deleted in ((".creates", False), (".deleted-creates", True)):
+            try:
+                found: dict[str, Any] = orjson.loads((self.root / where / name).read_bytes())
+            except FileNotFoundError:
+                continue
+            return {**found, "deleted": True} if deleted else found
+        return None
 
     def note_created(self, tenant: str, idem_key: str, fingerprint: str, key: str) -> None:
         entry = {"key": key, "fingerprint": fingerprint}
@@ -118,9 +134,38 @@ class Directory:
         os.replace(tmp, self.root / ".creates" / name)
 
     def forget_created(self, tenant: str, idem_key: str) -> None:
+        """The session this key's create made was deleted: its entry is kept, marked deleted
+        (a retried create is refused, not run again), among the last :data:`KEEP`."""
         name = self._create_name(tenant, idem_key)
         if self.root is None:
-            self._creates.pop(name, None)
+            entry = self._creates.pop(name, None)
+            if entry is not None:
+                self._deleted.pop(name, None)
+                self._deleted[name] = {**entry, "deleted": True}
+                while len(self._deleted) > KEEP:
+                    del self._deleted[next(iter(self._deleted))]
             return
         with contextlib.suppress(FileNotFoundError):
-            (self.root / ".creates" / name).unlink()
+            mark = self.root / ".deleted-creates" / name
+            os.replace(self.root / ".creates" / name, mark)
+            os.utime(mark)  # (marked now: the oldest marks are pruned first)
+            self._marked += 1
+            if self._marked >= _PRUNE_EVERY:
+                self._marked = 0
+                self.prune_deleted()
+
+    def prune_deleted(self, keep: int = KEEP) -> None:
+        """Remove the oldest marks of deleted creates past ``keep`` (by the time they were
+        marked: a rename keeps the file's times, so they are touched when marked)."""
+        assert self.root is not None
+        folder = self.root / ".deleted-creates"
+        marks: list[tuple[float, str]] = []
+        for entry in os.scandir(folder):
+            with contextlib.suppress(FileNotFoundError):
+                marks.append((entry.stat().st_mtime, entry.name))
+        if len(marks) <= keep:
+            return
+        marks.sort()
+        for _, name in marks[:len(marks) - keep]:
+            with contextlib.suppress(FileNotFoundError):
+                (folder / name).unlink()

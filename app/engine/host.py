@@ -43,6 +43,7 @@ import torch
 
 from app.engine import chunked, metrics, optimizers, persist, ps, sparse, state_dicts
 from app.engine.chunked import DEFAULT_CHUNK
+from app.engine.deleted_creates import DeletedCreates, is_create, stone
 from app.engine.evaluations import Evaluations
 from app.engine.history import HistoryQuery, HistoryResult, expand_fields
 from app.engine.idle import POLL_S, IdleClock, short_of_memory
@@ -266,6 +267,8 @@ class EmbeddedHost:
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="optserve-io")
         # tenant-wide idempotency: creates (by the session they made) and deletes
         self._tombstones: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()
+        #: the create keys of deleted sessions (a retried create is refused, not run again)
+        self._deleted_creates = DeletedCreates(_TOMBSTONES)
         self._snapshotter: asyncio.Task[None] | None = None
         self._trimmer: asyncio.Task[None] | None = None
         self._evaluations = Evaluations(self)
@@ -280,8 +283,15 @@ class EmbeddedHost:
         if self._store is not None:
             store = self._store
             store.open()
-            for t in await self._in_io(lambda: store.tombstones(_TOMBSTONES)):
+            # (a delete writes up to two lines: its own key's, its session's create key's)
+            for t in await self._in_io(lambda: store.tombstones(2 * _TOMBSTONES)):
+                if is_create(t):
+                    self._deleted_creates.note(t["tenant"], t["key"], t["fingerprint"],
+                                               t["id"])
+                    continue
                 self._tombstones[(t["tenant"], t["key"])] = (t["fingerprint"], t["id"])
+                while len(self._tombstones) > _TOMBSTONES:
+                    self._tombstones.popitem(last=False)
             await self._worker.run(self._restore_all)
             self._snapshotter = asyncio.create_task(self._maintain())
         for key, session in self._sessions.items():
@@ -496,7 +506,8 @@ class EmbeddedHost:
     # ------------------------------------------------------------------ create and delete
     def find_create(self, tenant: str, idem: IdemKey) -> str | None:
         """The session a create with this idempotency key made (422 when the key came with
-        another request), or None."""
+        another request), or None; 409 ``session_deleted`` when that session was deleted
+        (:mod:`app.engine.deleted_creates`)."""
         for key, s in self._sessions.items():
             if s.created_by is not None and s.created_by[0] == idem.key \
                     and split_key(key)[0] == tenant:
@@ -505,7 +516,24 @@ class EmbeddedHost:
                                   "request; use a fresh key for every new operation",
                                   code="idempotency_key_reused", field="Idempotency-Key")
                 return key
+        self._deleted_creates.check(tenant, idem)
         return None
+
+    def _made_by(self, key: str, idem: IdemKey) -> str | None:
+        """The session a create of ``key`` with this idempotency key made already. The shards
+        of one sharded session share their tenant (``<tenant>#<id>``) and the create's key, so
+        a shard's create is answered only by that shard (not by a sibling made before it)."""
+        from app.engine.shards import parent_of
+        if parent_of(key) is None:
+            return self.find_create(split_key(key)[0], idem)
+        s = self._sessions.get(key)
+        if s is None or s.created_by is None or s.created_by[0] != idem.key:
+            return None
+        if s.created_by[1] != idem.fingerprint:
+            raise Invalid("this Idempotency-Key was already used for a different request; use "
+                          "a fresh key for every new operation", code="idempotency_key_reused",
+                          field="Idempotency-Key")
+        return key
 
     @contextlib.asynccontextmanager
     async def _keyed(self, tenant: str, idem: IdemKey | None) -> AsyncIterator[None]:
@@ -532,7 +560,7 @@ class EmbeddedHost:
     async def _create(self, key: str, spec: CreateSpec, idem: IdemKey | None) -> SessionInfo:
         tenant, session_id = split_key(key)
         if idem is not None:
-            made = self.find_create(tenant, idem)
+            made = self._made_by(key, idem)
             if made is not None:
                 info = await self.describe(made)
                 info.replayed = True
@@ -589,13 +617,18 @@ class EmbeddedHost:
         async with self._lock(key):
             if key not in self._damaged:
                 self._get(key)
+            created = self._created_by(key)
             if self._store is not None:
                 store = self._store
-                stone = None if idem is None else {"tenant": tenant, "key": idem.key,
+                stones = [] if idem is None else [{"tenant": tenant, "key": idem.key,
                                                    "fingerprint": idem.fingerprint,
-                                                   "id": session_id}
-                await self._in_io(lambda: store.delete(key, stone))
+                                                   "id": session_id}]
+                if created is not None:
+                    stones.append(stone(tenant, created[0], created[1], session_id))
+                await self._in_io(lambda: store.delete(key, stones))
             self._sessions.pop(key, None)
+            if created is not None:
+                self._deleted_creates.note(tenant, created[0], created[1], session_id)
             self._damaged.pop(key, None)
             self._locks.pop(key, None)
             if idem is not None:
@@ -606,6 +639,15 @@ class EmbeddedHost:
                                         "round", code="session_not_found", field="session_id"))
         self._version_changed(key)
         return False
+
+    def _created_by(self, key: str) -> tuple[str, str] | None:
+        """The idempotency key (and fingerprint) of the create that made this session; None
+        for a shard (its sharded session's create key is kept in the directory)."""
+        from app.engine.shards import parent_of
+        session = self._sessions.get(key)
+        if session is None or parent_of(key) is not None:
+            return None
+        return session.created_by
 
     # ------------------------------------------------------------------ operations
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
@@ -694,7 +736,8 @@ class EmbeddedHost:
         out: StepResult = await self.execute(
             key, Step(grads, base_version, options=options, upcast=upcast,
                       scalars=scalars or None, answer_metrics=answer_metrics,
-                      touched=want_params == "touched", request=True), idem=idem,
+                      touched=want_params == "touched", request=True,
+                      refuse_replaced=True), idem=idem,
             want_params=want_params, params_into=params_into, params_dtype=params_dtype)
         return out
 
@@ -749,7 +792,7 @@ class EmbeddedHost:
             if room is not None:  # (a binding's slots: still the session's?)
                 s.check_room(room, grads)
             if base_version is not None:
-                staleness_of(s, base_version)
+                staleness_of(s, base_version, replaced=True)
             return s.check_grads(grads), s.version
         await self._settled(key)
         return await self._worker.run(check, "sync_push")

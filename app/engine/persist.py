@@ -22,7 +22,7 @@ import orjson
 import torch
 
 from app.engine.ops import Operation, decode
-from app.wire.kept_by_header import KeptByHeader
+from app.wire.kept_by_header import KeptByHeader, names_bytes
 from app.wire.safetensors_body import (
     BodyTensors,
     framed_header,
@@ -114,10 +114,17 @@ class _GradsLayout:
     #: the header entries of the tensors under their record paths (:func:`header_entries`)
     entries: bytes
 
+    def nbytes(self) -> int:
+        return len(self.skeleton) + len(self.entries) + names_bytes(self.names)
+
 
 #: the last gradient layouts records were built for, by the header of the bodies they came in
-#: (a client sends the same one with every step); 20,000 tensors: ~2.5 MB each
-_grads_layouts: KeptByHeader[_GradsLayout] = KeptByHeader(4)
+#: (a client sends the same one with every step); 20,000 tensors: ~2.5 MB each. Kept up to
+#: this much memory (headers included), at most this many
+KEEP_LAYOUTS_BYTES = 32 * 1024 * 1024
+KEEP_LAYOUTS = 1024
+_grads_layouts: KeptByHeader[_GradsLayout] = KeptByHeader(KEEP_LAYOUTS_BYTES,
+                                                          _GradsLayout.nbytes, KEEP_LAYOUTS)
 
 
 def _grads_layout(grads: BodyTensors, header: bytes, names: tuple[str, ...]) -> _GradsLayout:

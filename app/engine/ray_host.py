@@ -64,6 +64,7 @@ import torch
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from app.engine.chunked import DEFAULT_CHUNK
+from app.engine.deleted_creates import check_indexed
 from app.engine.directory import Directory
 from app.engine.front import Front, Limits
 from app.engine.host import EmbeddedHost, HostConfig
@@ -728,10 +729,7 @@ class RayRouter:
         made = self.directory.created(tenant, idem.key)
         if made is None:
             return None
-        if made["fingerprint"] != idem.fingerprint:
-            raise Invalid("this Idempotency-Key was already used for a different request; use "
-                          "a fresh key for every new operation", code="idempotency_key_reused",
-                          field="Idempotency-Key")
+        check_indexed(made, idem, split_key(str(made["key"]))[1])  # (422; 409 deleted)
         return str(made["key"]) if self.directory.get(made["key"]) is not None else None
 
     # ------------------------------------------------------------------ hosts

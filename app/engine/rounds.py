@@ -6,8 +6,10 @@ pushes (:func:`app.engine.ps.reduce`) and applies ONE ``step`` operation with th
 gradients; every waiter gets its result. Rounds live where the session lives (not in an HTTP
 front), so workers of one round may talk to different fronts. Rounds are not persisted: a round
 open at a crash was never acknowledged, and its workers' retries (same idempotency keys) form
-the next one. A retry of a push still in flight (being checked, waiting in its round, or in the
-round's step) gets that push's answer; once answered, the session's idempotency table has it.
+the next one; so do those of a round that failed (``round_timeout``, ``round_aborted``): it
+changed nothing, and its keys are not recorded (only a discarded push's 409 is, below). A
+retry of a push still in flight (being checked, waiting in its round, or in the round's step)
+gets that push's answer; once answered, the session's idempotency table has it.
 
 A push is checked only once the rounds closed before it have stepped, so every push of a round
 is checked at the version the round steps from. An operation that changes the parameters or the

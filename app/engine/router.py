@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from app.engine.deleted_creates import check_indexed
 from app.engine.directory import Directory
 from app.engine.host import EmbeddedHost
 from app.engine.interface import (
@@ -38,7 +39,7 @@ from app.engine.interface import (
 )
 from app.engine.ops import Operation
 from app.engine.ops.gradients import StepPlan
-from app.errors import Conflict, Invalid, Unavailable
+from app.errors import Conflict, Unavailable
 
 #: how long a prepared (checked, not committed) operation is kept for its commit
 PREPARED_TTL_S = 120.0
@@ -286,10 +287,7 @@ class LocalRouter:
     async def find_create(self, tenant: str, idem: IdemKey) -> str | None:
         made = self.directory.created(tenant, idem.key)
         if made is not None:
-            if made["fingerprint"] != idem.fingerprint:
-                raise Invalid("this Idempotency-Key was already used for a different request; "
-                              "use a fresh key for every new operation",
-                              code="idempotency_key_reused", field="Idempotency-Key")
+            check_indexed(made, idem, split_key(str(made["key"]))[1])  # (422; 409 deleted)
             if self.directory.get(made["key"]) is not None:
                 return str(made["key"])
         return await self.local.find_create(tenant, idem)

@@ -179,6 +179,10 @@ class Session:
         self.step_count = 0
         self.durability: Durability = "memory"
         self.ps = ps.PsConfig()  # parameter-server options (sync rounds, bounded staleness)
+        #: the version the latest overwrite or state import left the session at, and which of
+        #: the two it was (``overwrite``/``import``): gradients computed before it are refused
+        #: by a request naming their base version (:func:`app.engine.ops.gradients.staleness_of`)
+        self.replaced: tuple[int, str] | None = None
         self.idem = IdempotencyTable()
         #: the idempotency key of the create that made this session (tenant-wide retries)
         self.created_by: tuple[str, str] | None = None
@@ -598,6 +602,7 @@ class Session:
                 "step": self.step_count,
                 "seq": self.seq,
                 "ps": self.ps.to_json(),
+                "replaced": list(self.replaced) if self.replaced else None,
                 "idempotency": self.idem.to_json(),
                 "created_by": list(self.created_by) if self.created_by else None,
                 "group_options": self.group_spec_options,
@@ -649,6 +654,9 @@ class Session:
         session.step_count = int(meta["step"])
         session.seq = session.seq_at_snapshot = int(meta["seq"])
         session.ps = ps.parse(meta.get("ps") or {})
+        # (snapshots from before it lack it: no overwrite known, as those servers knew none)
+        replaced = meta.get("replaced")
+        session.replaced = (int(replaced[0]), str(replaced[1])) if replaced else None
         session.idem = IdempotencyTable.from_json(meta.get("idempotency"))
         created = meta.get("created_by")
         session.created_by = (str(created[0]), str(created[1])) if created else None

@@ -439,18 +439,22 @@ class Store:
                 os.fsync(f.fileno())
         return payload, records, torn
 
-    def delete(self, session_id: str, tombstone: dict[str, str] | None = None) -> None:
+    def delete(self, session_id: str,
+               tombstone: dict[str, str] | Sequence[dict[str, str]] | None = None) -> None:
         """Remove the session's files (the rename into ``.deleted-*`` is the commit point).
-        A ``tombstone`` (the delete's idempotency key) is written into the directory before
-        that rename, so it is durable exactly when the delete is; it then moves to the
-        tombstone log (:meth:`tombstones`), where a retry after a restart finds it."""
+        A ``tombstone`` (the delete's idempotency key; or several: also the key of the create
+        that made the session) is written into the directory before that rename, so it is
+        durable exactly when the delete is; it then moves to the tombstone log
+        (:meth:`tombstones`, one line each), where a retry after a restart finds it."""
+        stones = [tombstone] if isinstance(tombstone, dict) else list(tombstone or [])
         self.forget(session_id)
         d = self._dir(session_id)
         if d.exists():
             trash = self.sessions_dir / f".deleted-{session_id}-{os.getpid()}-{time.time_ns()}"
             try:
-                if tombstone is not None:
-                    write_atomic(d / TOMBSTONE, [json.dumps(tombstone).encode()], self.files)
+                if stones:
+                    write_atomic(d / TOMBSTONE, [b"\n".join(json.dumps(t).encode()
+                                                            for t in stones)], self.files)
                 else:
                     (d / TOMBSTONE).unlink(missing_ok=True)
                 self.files.replace(d, trash)

@@ -29,12 +29,15 @@ import orjson
 import torch
 
 from app.wire.dtypes import DTYPE_NAMES
-from app.wire.kept_by_header import KeptByHeader
+from app.wire.kept_by_header import KeptByHeader, names_bytes
 from app.wire.tensor_maps import BodyTensors
 
 WINDOW = 256 * 1024
-#: headers whose sampling plans are kept (a client sends the same header every step)
-KEEP_PLANS = 4
+#: the memory the kept sampling plans may hold, headers included (a client sends the same
+#: header every step; 16,000 tensors: about 2 MB a plan)
+KEEP_PLANS_BYTES = 32 * 1024 * 1024
+#: and how many of them at most (many clients of small models)
+KEEP_PLANS = 1024
 
 #: a stretch of the stream: (source, begin, end) with source a run's or a chunk's index
 Piece = tuple[int, int, int]
@@ -107,7 +110,13 @@ class _Plan:
     runs: tuple[tuple[str, ...], ...]
 
 
-_plans: KeptByHeader[_Plan] = KeptByHeader(KEEP_PLANS)
+    def nbytes(self) -> int:
+        """About the memory the plan holds (its names are the body's, kept alive by it)."""
+        return (len(self.entries) + 24 * len(self.pieces)
+                + sum(names_bytes(names) for names in self.runs))
+
+
+_plans: KeptByHeader[_Plan] = KeptByHeader(KEEP_PLANS_BYTES, _Plan.nbytes, KEEP_PLANS)
 
 
 def cheap(tensors: Mapping[str, torch.Tensor]) -> bool:

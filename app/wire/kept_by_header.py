@@ -1,49 +1,89 @@
 """What a server keeps per safetensors header: a client sends the same header with every step,
 so work derived from it (a fingerprint's sampling plan, a log record's layout) is done once.
-A few are kept, the least recently used dropped first, and all of them when the server is idle
-(:func:`forget_all`, from the host's trim)."""
+
+Kept by memory, not by count: each value is charged its header's length plus what it holds
+(``weigh``), and the least recently used are dropped first once the total passes ``max_bytes``
+or there are more than ``max_entries`` of them (many clients of small models: many headers
+kept; a few of models of 16,000 tensors, 1-2 MB each: as many as fit). The value just put is
+kept whatever its size, as with one client of a very large model. Everything is dropped when
+the server is idle (:func:`forget_all`, from the host's trim)."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
 
+#: what a kept entry costs beyond its header and value (the dict slot, the bytes object, the
+#: value's own object)
+ENTRY_OVERHEAD = 200
+#: a str in a tuple: the object (about 49 bytes plus its characters) and its pointer
+STR_OVERHEAD = 57
+
 _every: list[KeptByHeader[object]] = []
 
 
-class KeptByHeader(Generic[V]):
-    """At most ``keep`` values by header bytes; safe across threads."""
+def names_bytes(names: tuple[str, ...]) -> int:
+    """About what a tuple of names holds in memory."""
+    return 56 + sum(len(n) + STR_OVERHEAD for n in names)
 
-    def __init__(self, keep: int) -> None:
-        self.keep = keep
-        self._values: OrderedDict[bytes, V] = OrderedDict()
+
+class KeptByHeader(Generic[V]):
+    """Values by header bytes, at most ``max_bytes`` charged (header plus ``weigh(value)``)
+    and ``max_entries`` of them, least recently used dropped first; safe across threads."""
+
+    def __init__(self, max_bytes: int, weigh: Callable[[V], int],
+                 max_entries: int = 1024) -> None:
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._weigh = weigh
+        self._values: OrderedDict[bytes, tuple[V, int]] = OrderedDict()
+        self._charged = 0
         self._lock = threading.Lock()
         _every.append(self)  # type: ignore[arg-type]
 
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._values)
+
+    @property
+    def charged(self) -> int:
+        """The bytes the kept values are charged."""
+        with self._lock:
+            return self._charged
+
     def get(self, header: bytes) -> V | None:
         with self._lock:
-            value = self._values.get(header)
-            if value is not None:
-                self._values.move_to_end(header)
-            return value
+            kept = self._values.get(header)
+            if kept is None:
+                return None
+            self._values.move_to_end(header)
+            return kept[0]
 
     def __contains__(self, header: bytes) -> bool:
         with self._lock:
             return header in self._values
 
     def put(self, header: bytes, value: V) -> None:
+        cost = len(header) + self._weigh(value) + ENTRY_OVERHEAD
         with self._lock:
-            self._values[header] = value
-            self._values.move_to_end(header)
-            while len(self._values) > self.keep:
-                self._values.popitem(last=False)
+            old = self._values.pop(header, None)
+            if old is not None:
+                self._charged -= old[1]
+            self._values[header] = (value, cost)
+            self._charged += cost
+            while len(self._values) > 1 and (self._charged > self.max_bytes
+                                             or len(self._values) > self.max_entries):
+                _, (_, dropped) = self._values.popitem(last=False)
+                self._charged -= dropped
 
     def clear(self) -> None:
         with self._lock:
             self._values.clear()
+            self._charged = 0
 
 
 def forget_all() -> None:

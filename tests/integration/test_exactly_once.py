@@ -10,6 +10,8 @@
   to torch after one step), also when the server is killed and restarted between the apply and
   the retry; a cut create (no id given) makes one session, a cut delete answers without error.
 - A key repeated with another body is a 422 ``idempotency_key_reused``.
+- A keyed create retried after its session was deleted is a 409 ``session_deleted``, also
+  after a kill -9 and restart.
 - A retry that reaches the server while its original still runs (after a client-side timeout):
   create (with and without an id), step and delete happen once and the retry gets the answer;
   a sync push's retry joins its round, also when it arrives while that round's step is being
@@ -441,6 +443,45 @@ def test_a_key_repeated_with_another_request_is_422(server: Proc) -> None:
         assert r.status_code == 422 and r.json()["code"] == "idempotency_key_reused", r.text
         for s in (sid, made.json()["id"]):
             assert c.delete(f"/v1/sessions/{s}").status_code == 204
+
+
+def test_a_create_retried_after_its_session_was_deleted_is_409_also_after_kill9(
+        server: Proc) -> None:
+    """A keyed create whose session was deleted is not made again by its retry: 409
+    ``session_deleted`` naming the key and the session, live and after a kill -9 and restart
+    (the key is in the delete's tombstone); another request under the key is still a 422."""
+    server = running(server)
+    key = {"Idempotency-Key": f"made-then-deleted-{time.time_ns()}"}
+    body = {"optimizer": "SGD", "options": {"lr": 0.1},
+            "params": {"w": {"dtype": "float32", "shape": [2], "data": [1.0, 2.0]}}}
+
+    def retried(c: httpx.Client, sid: str) -> None:
+        r = c.post("/v1/sessions", json=body, headers=key)
+        assert r.status_code == 409, r.text
+        assert r.headers["Content-Type"].startswith("application/problem+json")
+        problem = r.json()
+        assert (problem["code"], problem["field"], problem["session_id"],
+                problem["idempotency_key"]) == ("session_deleted", "Idempotency-Key", sid,
+                                                key["Idempotency-Key"]), problem
+        other = c.post("/v1/sessions", json={**body, "options": {"lr": 0.2}}, headers=key)
+        assert other.status_code == 422, other.text
+        assert other.json()["code"] == "idempotency_key_reused"
+        assert sid not in sessions(c)
+
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        before = sessions(c)
+        made = c.post("/v1/sessions", json=body, headers=key)
+        assert made.status_code == 201, made.text
+        sid = made.json()["id"]
+        again = c.post("/v1/sessions", json=body, headers=key)
+        assert again.json()["id"] == sid and again.headers["Idempotent-Replayed"] == "true"
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+        retried(c, sid)
+    server.kill9()
+    server.start()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        retried(c, sid)
+        assert sessions(c) == before
 
 
 @pytest.mark.parametrize("op", ["create", "create-with-id", "step", "delete"])

@@ -360,6 +360,24 @@ def test_two_fronts_serve_the_same_sessions(two_fronts: tuple[Front, Front]) -> 
         with pytest.raises(optserve.NotFoundError):
             cb.get_session("both")
 
+    # a keyed create made through one front, its session deleted through the other: its
+    # retry, through either, is a 409 session_deleted (the key is marked in the directory)
+    key = {"Idempotency-Key": f"ray-create-{time.time_ns()}"}
+    body = {"optimizer": "SGD", "options": {"lr": 0.1},
+            "params": {"w": {"dtype": "float32", "shape": [1], "data": [1.0]}}}
+    with httpx.Client(base_url=a.url, timeout=300) as ha, \
+            httpx.Client(base_url=b.url, timeout=300) as hb:
+        made = ha.post("/v1/sessions", json=body, headers=key)
+        assert made.status_code == 201, made.text
+        sid = made.json()["id"]
+        assert hb.post("/v1/sessions", json=body, headers=key).json()["id"] == sid
+        assert hb.delete(f"/v1/sessions/{sid}").status_code == 204
+        for h in (ha, hb):
+            r = h.post("/v1/sessions", json=body, headers=key)
+            assert r.status_code == 409 and r.json()["code"] == "session_deleted", r.text
+            assert r.json()["session_id"] == sid
+        assert sid not in [s["id"] for s in ha.get("/v1/sessions").json()["sessions"]]
+
 
 # ----------------------------------------------------------------------------- sharded
 def test_sharded_sessions_equal_unsharded_and_torch(ray_server: str) -> None:

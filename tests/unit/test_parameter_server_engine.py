@@ -427,3 +427,77 @@ def test_overwrites_and_imports_discard_what_a_round_gathered_before_them(
     assert [d.worker for d in imported.discarded] == ["a", "b"]
     assert [d.worker for d in overwrote.discarded] == ["a", "b", "c"]
     asyncio.run(after_a_crash())
+
+
+@pytest.mark.parametrize("failure", ["round_timeout", "round_aborted"])
+def test_a_push_whose_round_failed_joins_the_next_round_when_retried_with_its_key(
+        tmp_path: Path, failure: str) -> None:
+    """A round that times out (``on_timeout: fail``) or that a shutdown aborts changes nothing:
+    its workers get the 409 and their keys are not recorded (a refusal is never kept), so a
+    retry with the same key and gradients is a push like any other: it joins the next round,
+    which steps once (torch's Adam on the mean of the two workers' gradients, from the
+    unchanged parameters), and a further retry is answered from the table, not stepped again.
+    The gradients are still those of the parameters the round would have stepped (nothing
+    changed them); a retry naming its base version is checked against the session as any push
+    is (``max_staleness``, an overwrite since)."""
+    p0 = {n: t.clone() for n, t in spec().groups[0].params.items()}
+    ga, gb = grads(71), grads(72)
+    want = {n: t.clone() for n, t in p0.items()}
+    opt = torch.optim.Adam(list(want.values()), lr=0.05)
+    for n, p in want.items():
+        p.grad = (ga[n] + gb[n]) / 2
+    opt.step()
+
+    def make() -> CreateSpec:
+        made = spec()
+        made.ps_options = {"sync": {"workers": 2, "timeout_s": 0.3 if failure == "round_timeout"
+                                    else 30}}
+        return made
+
+    def push(eng: Front, w: str, g: dict[str, torch.Tensor]) -> Any:
+        return eng.step("s", g, return_params=True, worker=w, idem=IdemKey(f"k-{w}", f"{w}"))
+
+    async def retried(eng: Front) -> None:
+        a, b = await asyncio.gather(push(eng, "a", ga), push(eng, "b", gb))
+        assert a.version == b.version == 1 and not a.replayed
+        assert a.sync == {"workers": ["a", "b"], "expected": 2, "partial": False}
+        for n in want:
+            assert torch.equal(a.params[n], want[n]), n
+        again = await push(eng, "a", ga)
+        assert again.replayed and again.version == 1
+        assert (await eng.describe("s")).version == 1
+
+    async def live() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        await eng.create(make())
+        lone = asyncio.create_task(push(eng, "a", ga))
+        await _pending(eng, "s", 1)
+        if failure == "round_aborted":  # a shutdown: retried after the restart
+            await eng.stop()
+        with pytest.raises(Conflict) as err:
+            await lone
+        assert err.value.code == failure
+        if failure == "round_timeout":  # retried live
+            try:
+                got = await eng.pull("s", None)
+                assert got.version == 0
+                for n in p0:
+                    assert torch.equal(got.params[n], p0[n]), n
+                await retried(eng)
+            finally:
+                await eng.stop()
+
+    async def restarted() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        try:
+            if failure == "round_aborted":
+                await retried(eng)
+            else:  # the step was logged: the retry is answered after a restart too
+                again = await push(eng, "a", ga)
+                assert again.replayed and again.version == 1
+        finally:
+            await eng.stop()
+    asyncio.run(live())
+    asyncio.run(restarted())

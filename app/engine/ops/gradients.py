@@ -11,17 +11,28 @@ from app.engine import chunked, metrics, optimizers, ps, schedulers, sparse
 from app.engine.interface import GradsResult, StepResult, Tensors
 from app.engine.ops.base import ApplyFailed, Operation, register
 from app.engine.ops.params import check_group_changes
+from app.engine.rounds import DISCARDED_BY
 from app.engine.session import Session, TakenNorms, lr_value
 from app.errors import Conflict, Invalid
 
 
-def staleness_of(s: Session, base_version: int) -> int:
+def staleness_of(s: Session, base_version: int, *, replaced: bool = False) -> int:
     """How many versions old gradients computed at ``base_version`` are; 409 past
-    ``max_staleness``."""
+    ``max_staleness``. ``replaced`` (requests): also 409 when they were computed before the
+    session's latest overwrite or state import, whatever ``max_staleness`` says (the
+    parameters, or the state, they were computed with are gone)."""
     if not 0 <= base_version <= s.version:
         raise Invalid(f"base version {base_version} is not a version of this session "
                       f"(it is at version {s.version})", code="invalid_base_version",
                       field="base_version", current_version=s.version)
+    if replaced and s.replaced is not None and base_version < s.replaced[0]:
+        at, by = s.replaced
+        raise Conflict(f"gradients computed at version {base_version} are refused whatever "
+                       f"max_staleness says: {DISCARDED_BY.get(by, by)} at version {at}, "
+                       f"after they were computed; the session is at version {s.version}. "
+                       "Pull the parameters and push again",
+                       code="stale_gradient", field="base_version", current_version=s.version,
+                       base_version=base_version, discarded_by=by, replaced_version=at)
     staleness = s.version - base_version
     bound = s.ps.max_staleness
     if bound is not None and staleness > bound:
@@ -88,6 +99,11 @@ class Step(Operation):
     #: (logged with its options); records logged before these checks lack it and replay as
     #: they ran
     request: bool = False
+    #: set by requests: a ``base_version`` from before the session's latest overwrite or
+    #: state import is refused (409 ``stale_gradient``) whatever ``max_staleness`` says. It
+    #: travels with the operation (logged with its base version); records logged before this
+    #: check lack it and replay as they ran
+    refuse_replaced: bool = False
 
     def check(self, s: Session) -> StepPlan:
         # a body whose header the session has checked: no per-tensor checks, the gradients
@@ -102,7 +118,7 @@ class Step(Operation):
                    if self.options else {})
         staleness, lr_div = None, self.lr_div
         if self.base_version is not None:
-            staleness = staleness_of(s, self.base_version)
+            staleness = staleness_of(s, self.base_version, replaced=self.refuse_replaced)
             if lr_div is None and s.ps.staleness_lr == "inverse" and staleness > 0:
                 lr_div = 1.0 + staleness
         if lr_div is not None and not (math.isfinite(lr_div) and lr_div >= 1.0):
@@ -235,6 +251,8 @@ class Step(Operation):
         out: dict[str, Any] = {"grads": self.grads}
         if self.base_version is not None:
             out["base_version"] = self.base_version
+            if self.refuse_replaced:
+                out["refuse_replaced"] = True
         if self.lr_div is not None:
             out["lr_div"] = self.lr_div
         if self.options:
@@ -267,7 +285,8 @@ class Step(Operation):
                    None if at is None else float(at),
                    None if workers is None else [str(w) for w in workers],
                    touched=bool(tree.get("touched", False)),
-                   request=tree.get("request") is True)
+                   request=tree.get("request") is True,
+                   refuse_replaced=tree.get("refuse_replaced") is True)
 
 
 @register

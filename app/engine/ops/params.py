@@ -54,6 +54,7 @@ class Overwrite(Operation):
             for name, t in plan.items():
                 s.params[name].copy_(t)
         s.version += 1
+        s.replaced = (s.version, self.kind)
         return ParamsResult(s.version, s.step_count, s.lrs(), s.pack_params(list(plan)))
 
     def refusals(self, s: Session) -> list[tuple[str, str, dict[str, Any]]]:

@@ -57,6 +57,7 @@ class Bump(Operation):
 
     def apply(self, s: Session, plan: Any) -> ParamsResult:
         s.version += 1
+        s.replaced = (s.version, "overwrite")  # (the overwrite's, on its other shards)
         return ParamsResult(s.version, s.step_count, s.lrs(), {})
 
     def to_tree(self) -> dict[str, Any]:

@@ -75,6 +75,7 @@ class ImportState(Operation):
             raise Invalid(f"torch refused the state dict: {exc}", code="state_mismatch",
                           field="state_dict") from None
         s.version += 1
+        s.replaced = (s.version, self.kind)
         return s.describe()
 
     def to_tree(self) -> dict[str, Any]:

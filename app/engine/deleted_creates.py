@@ -1,0 +1,91 @@
+"""Keyed creates whose session was deleted.
+
+A create that came with an ``Idempotency-Key`` keeps the key with the session it made
+(``Session.created_by``; a sharded session's or a Ray-hosted one's in the directory's
+``.creates`` index), so a retry is answered with that session. Once the session is deleted the
+key would be forgotten and a retry would make the session a second time. Instead the key is
+kept, marked deleted, and a retry of the create (same key, same request) is a 409
+``session_deleted`` naming the key and the session; with another request it is the usual 422
+``idempotency_key_reused``.
+
+The embedded host keeps the last :data:`KEEP` of them (like its keyed deletes): in memory
+(:class:`DeletedCreates`) and in its tombstone log (:func:`stone`: one line beside the delete's
+own, written into the session's directory before the delete's commit point, so a ``kill -9``
+keeps it exactly when it keeps the delete).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from app.engine.interface import IdemKey
+from app.errors import Conflict, Invalid
+
+#: deleted sessions' create keys kept per host (and per directory)
+KEEP = 10_000
+#: the ``kind`` of a create's line in the tombstone log (a delete's lines have none)
+KIND = "create"
+
+
+def reused() -> Invalid:
+    return Invalid("this Idempotency-Key was already used for a different request; use a "
+                   "fresh key for every new operation", code="idempotency_key_reused",
+                   field="Idempotency-Key")
+
+
+def session_deleted(idem_key: str, session_id: str) -> Conflict:
+    """The answer of a retried create whose session was deleted since."""
+    return Conflict(f"the create sent with this Idempotency-Key made session "
+                    f"{session_id!r:.140}, which has been deleted since; it is not made "
+                    "again. Send a new key to create a new session",
+                    code="session_deleted", field="Idempotency-Key",
+                    idempotency_key=idem_key, session_id=session_id)
+
+
+def stone(tenant: str, idem_key: str, fingerprint: str, session_id: str) -> dict[str, str]:
+    """The tombstone-log line of a deleted session's create key."""
+    return {"tenant": tenant, "key": idem_key, "fingerprint": fingerprint, "id": session_id,
+            "kind": KIND}
+
+
+def is_create(line: dict[str, str]) -> bool:
+    return line.get("kind") == KIND
+
+
+class DeletedCreates:
+    """The last ``keep`` create keys whose sessions were deleted: (tenant, key) ->
+    (fingerprint, session id)."""
+
+    def __init__(self, keep: int = KEEP) -> None:
+        self.keep = keep
+        self._kept: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def note(self, tenant: str, idem_key: str, fingerprint: str, session_id: str) -> None:
+        self._kept[(tenant, idem_key)] = (fingerprint, session_id)
+        self._kept.move_to_end((tenant, idem_key))
+        while len(self._kept) > self.keep:
+            self._kept.popitem(last=False)
+
+    def check(self, tenant: str, idem: IdemKey) -> None:
+        """Raise the answer of a create retried with a key whose session was deleted."""
+        kept = self._kept.get((tenant, idem.key))
+        if kept is None:
+            return
+        if kept[0] != idem.fingerprint:
+            raise reused()
+        raise session_deleted(idem.key, kept[1])
+
+
+def check_indexed(made: dict[str, Any] | None, idem: IdemKey, session_id: str) -> None:
+    """The directory's entry of a create key (``.creates``): 422 for another request, 409
+    ``session_deleted`` when it is marked deleted."""
+    if made is None:
+        return
+    if made["fingerprint"] != idem.fingerprint:
+        raise reused()
+    if made.get("deleted"):
+        raise session_deleted(idem.key, session_id)

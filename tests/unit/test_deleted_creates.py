@@ -1,0 +1,148 @@
+"""A keyed create retried after its session was deleted is refused (409 ``session_deleted``
+naming the key and the session), not run again: plain and sharded sessions, live and after a
+crash; another request under the key is still a 422; the keys kept are bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.engine import Front, directory, embedded_engine
+from app.engine.directory import Directory
+from app.engine.interface import CreateSpec, GroupSpec, IdemKey
+from app.engine.store import TOMBSTONE, Durability, Store
+from app.errors import Conflict, Invalid
+
+
+def spec(shards: int = 1, lr: float = 0.1) -> CreateSpec:
+    return CreateSpec("SGD", [GroupSpec({"a": torch.ones(2), "b": torch.zeros(3)})],
+                      {"lr": lr}, shards=shards)
+
+
+def create_key(name: str) -> IdemKey:
+    return IdemKey(name, f"create {name}")
+
+
+def refused(exc: BaseException, key: str, session_id: str) -> None:
+    assert isinstance(exc, Conflict) and exc.code == "session_deleted", exc
+    assert exc.field == "Idempotency-Key"
+    assert exc.extra == {"idempotency_key": key, "session_id": session_id}, exc.extra
+
+
+async def retries_refused(eng: Front, made: dict[str, str]) -> None:
+    """Each key's retry is the 409 (and nothing is made); another request under it a 422."""
+    for name, sid in made.items():
+        for shards in (1, 2):
+            with pytest.raises(Conflict) as err:
+                await eng.create(spec(shards), idem=create_key(name))
+            refused(err.value, name, sid)
+        with pytest.raises(Invalid) as bad:
+            await eng.create(spec(), idem=IdemKey(name, "another request"))
+        assert bad.value.code == "idempotency_key_reused"
+    assert await eng.list_sessions() == []
+
+
+@pytest.mark.parametrize("durability", ["step", "memory"])
+def test_a_create_retried_after_its_session_was_deleted_is_refused(
+        tmp_path: Path, durability: str) -> None:
+    """Keyed creates (with and without an id, one sharded), deleted with and without a key of
+    their own: each create's retry is a 409 ``session_deleted``, also after a crash (no
+    snapshot; the keys come back from the tombstone log, the sharded one from the directory)
+    where the sessions were kept on disk. A create key whose session lives is answered with it
+    as before, and a delete's own key still answers its retry."""
+    durability_: Durability = "step" if durability == "step" else "memory"
+
+    async def live() -> dict[str, str]:
+        eng = embedded_engine("cpu", data_dir=tmp_path, durability=durability_, warm_up=False)
+        await eng.start()
+        made: dict[str, str] = {}
+        for name, shards, sid in (("k-plain", 1, None), ("k-id", 1, "mine"),
+                                  ("k-sharded", 2, "split")):
+            s = spec(shards)
+            s.id = sid
+            info = await eng.create(s, idem=create_key(name))
+            again = await eng.create(s, idem=create_key(name))
+            assert again.replayed and again.id == info.id
+            made[name] = info.id
+        assert not await eng.delete(made["k-plain"], idem=IdemKey("d-plain", "delete plain"))
+        assert not await eng.delete("mine")
+        assert not await eng.delete("split", idem=IdemKey("d-split", "delete split"))
+        assert await eng.delete(made["k-plain"], idem=IdemKey("d-plain", "delete plain"))
+        await retries_refused(eng, made)
+        await eng.stop(snapshot=False)
+        return made
+
+    async def after_a_crash(made: dict[str, str]) -> None:
+        eng = embedded_engine("cpu", data_dir=tmp_path, durability=durability_, warm_up=False)
+        await eng.start()
+        try:
+            if durability == "memory":  # nothing was kept on disk: the keys make new ones
+                info = await eng.create(spec(), idem=create_key("k-plain"))
+                assert not info.replayed and info.id != made["k-plain"]
+                return
+            await retries_refused(eng, made)
+            assert await eng.delete(made["k-plain"], idem=IdemKey("d-plain", "delete plain"))
+        finally:
+            await eng.stop()
+    made = asyncio.run(live())
+    asyncio.run(after_a_crash(made))
+
+
+def test_a_delete_cut_before_its_tombstone_was_logged_keeps_both_keys(tmp_path: Path) -> None:
+    """A crash after the delete's commit point (the rename) and before its tombstone lines
+    reached the log: the next start logs both, the delete's key and the create's."""
+    lines = [{"tenant": "t", "key": "d1", "fingerprint": "DELETE", "id": "x"},
+             {"tenant": "t", "key": "c1", "fingerprint": "POST", "id": "x", "kind": "create"}]
+    trash = tmp_path / "sessions" / ".deleted-t~x-1-2"
+    trash.mkdir(parents=True)
+    (trash / TOMBSTONE).write_text("\n".join(json.dumps(line) for line in lines))
+    st = Store(tmp_path)
+    st.open()
+    try:
+        assert st.tombstones(10) == lines
+        assert not trash.exists()
+        st.write_snapshot("t~y", b"snap")
+        st.delete("t~y", [{**lines[0], "id": "y"}, {**lines[1], "key": "c2", "id": "y"}])
+        assert [(t["key"], t["id"]) for t in st.tombstones(10)] == [
+            ("d1", "x"), ("c1", "x"), ("d1", "y"), ("c2", "y")]
+    finally:
+        st.close()
+
+
+def test_the_deleted_creates_kept_are_bounded(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.engine.deleted_creates import DeletedCreates
+    kept = DeletedCreates(keep=3)
+    for i in range(5):
+        kept.note("t", f"k{i}", "fp", f"s{i}")
+    assert len(kept) == 3
+    kept.check("t", IdemKey("k1", "fp"))  # forgotten: the create runs
+    with pytest.raises(Conflict) as err:
+        kept.check("t", IdemKey("k2", "fp"))
+    refused(err.value, "k2", "s2")
+    kept.check("u", IdemKey("k2", "fp"))  # per tenant
+
+    on_disk = Directory(tmp_path / "dir")
+    for i in range(5):
+        on_disk.note_created("t", f"k{i}", "fp", f"t~s{i}")
+        on_disk.forget_created("t", f"k{i}")
+        mark = tmp_path / "dir" / ".deleted-creates" / Directory._create_name("t", f"k{i}")
+        os.utime(mark, (1000.0 + i, 1000.0 + i))  # (marked a second apart)
+    assert on_disk.created("t", "k0") == {"key": "t~s0", "fingerprint": "fp", "deleted": True}
+    on_disk.prune_deleted(keep=2)  # (every 100 marks, KEEP of them)
+    assert len(os.listdir(tmp_path / "dir" / ".deleted-creates")) == 2
+    assert on_disk.created("t", "k2") is None and on_disk.created("t", "k3") is not None
+
+    monkeypatch.setattr(directory, "KEEP", 3)
+    in_memory = Directory(None)
+    for i in range(5):
+        in_memory.note_created("t", f"k{i}", "fp", f"t~s{i}")
+        in_memory.forget_created("t", f"k{i}")
+    assert in_memory.created("t", "k1") is None
+    assert in_memory.created("t", "k2") == {"key": "t~s2", "fingerprint": "fp",
+                                            "deleted": True}
