@@ -23,8 +23,9 @@ gradients, ``return``: params or none, ``idempotency_key``, ``base_version``, ``
 ``{"ok": true, ...}`` or ``{"ok": false, "problem": {problem+json fields}}``, whose ``field``
 names the message's field. A connection holds at most :data:`MAX_BINDINGS` bindings (429
 ``too_many_bindings``); a binding whose slots no longer fit its session's parameters (the session
-was deleted and made again under its id) is refused before anything is applied (409
-``binding_stale``: bind again).
+was deleted and made again under its id) is refused before anything is applied wherever a step
+or a pull would use such a slot, a gradient read from it included (409 ``binding_stale``: bind
+again).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from app.api.requests import step_options
 from app.engine import metrics, ps
 from app.engine.idempotency import check_key
 from app.engine.interface import Engine, IdemKey, SessionInfo, json_floats
-from app.engine.session import check_session_id
+from app.engine.session import check_session_id, stale_binding
 from app.errors import BadRequest, Invalid, NotFound, OptserveError, TooMany, Unauthorized
 from app.transport import stale_dirs
 from app.wire.dtypes import TORCH_DTYPES
@@ -225,6 +226,23 @@ def _text(m: dict[str, Any], name: str, check: Callable[[str], str]) -> str | No
     except Invalid as exc:
         exc.field = name
         raise
+
+
+#: a session's refusals of a gradient that, for a gradient read from a binding's slot (the
+#: slot's own dtype and shape, under a name the binding was made with), mean the slot no longer
+#: fits its parameter: the session was made again since it was bound
+_SLOT_MISFITS = frozenset({"shape_mismatch", "dtype_mismatch", "unknown_parameter"})
+
+
+def _misfit_slot(exc: Invalid, names: list[str]) -> str | None:
+    """The slot of ``names`` whose gradient ``exc`` refuses for not fitting its parameter (a
+    stale binding: 409 ``binding_stale``, as a pull through it is); None for other refusals."""
+    field = exc.field or ""
+    if exc.code in _SLOT_MISFITS and field.startswith("grads."):
+        name = field.removeprefix("grads.")
+        if name in names:
+            return name
+    return None
 
 
 def _nbytes(dtype: str, shape: list[int]) -> int:
@@ -523,11 +541,17 @@ class _Connection(threading.Thread):
             idem = IdemKey(key, content, legacy=(self._legacy_fingerprint(binding, m, names,
                                                                          grads),))
         options = step_options(m.get("param_groups"))
-        result = self.transport.call(self.transport.engine.step(
-            binding.session_id, grads, return_params=want, tenant=self.tenant or "",
-            worker=worker, base_version=base, idem=idem, options=options,
-            params_into=binding.params if want else None, scalars=m.get("scalars"),
-            answer_metrics=shown == "answer"))
+        try:
+            result = self.transport.call(self.transport.engine.step(
+                binding.session_id, grads, return_params=want, tenant=self.tenant or "",
+                worker=worker, base_version=base, idem=idem, options=options,
+                params_into=binding.params if want else None, scalars=m.get("scalars"),
+                answer_metrics=shown == "answer"))
+        except Invalid as exc:
+            slot = _misfit_slot(exc, names)
+            if slot is None:
+                raise
+            raise stale_binding(slot) from None
         if want and result.params is not None and result.params is not binding.params:
             with torch.no_grad():  # a sync round's parameters come back packed
                 for name, view in binding.params.items():
