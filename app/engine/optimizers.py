@@ -87,7 +87,10 @@ def _option_value(name: str, value: Any, default: Any, field: str) -> Any:
     if is_float_tag(value):
         value = untag_float(value, field, "invalid_option")
     if is_json_tensor(value) or isinstance(value, torch.Tensor):
-        tensor = value if isinstance(value, torch.Tensor) else decode_json_tensor(value, field)
+        # (base64 as servers before the canonical check took it: records replay as they ran;
+        # requests are checked where they are parsed, app.api.requests)
+        tensor = value if isinstance(value, torch.Tensor) else decode_json_tensor(
+            value, field, canonical=False)
         if name not in _TENSOR_OPTIONS or not tensor.is_floating_point():
             raise Invalid("only lr may be given as a tensor (and initial_lr, the scheduler's "
                           "copy of a tensor lr), and only as a floating tensor",
