@@ -12,7 +12,7 @@ whose counts disagree (a duplicated key, or a list of numbers the count passed o
 something else) is counted again in full, and only a text that truly repeats a key is read
 member by member, to name it.
 
-Cost (1e6 float32 in one JSON tensor, 10.6 MB): orjson's parse 70-80 ms, the check 2-3 ms
+Cost (1e6 float32 in one JSON tensor, 10.6 MB): orjson's parse 70-100 ms, the check 2-4 ms
 (two byte comparisons over the text; the walk passes over a list of numbers whole). A text
 that repeats a key, or escapes a colon, costs more (it is refused, or parsed twice).
 """
