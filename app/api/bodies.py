@@ -34,6 +34,7 @@ from app.wire.safetensors_body import (
     read_safetensors,
     write_safetensors,
 )
+from app.wire.unique_keys import DuplicateKey, check_unique_keys
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
@@ -237,15 +238,36 @@ def wants_binary(request: Request) -> bool:
     return negotiate(request, (JSON, BINARY)) == BINARY
 
 
-def parse_json(buf: bytes | bytearray | memoryview, field: str = "body") -> Any:
+def parse_json(buf: bytes | bytearray | memoryview, field: str = "body", *,
+               within: str = "", what: str = "request body") -> Any:
+    """A JSON text (a request body, a JSON text in safetensors ``__metadata__``, a same-host
+    message: ``what``) to its value; 400 ``invalid_json`` naming ``field`` when it is not
+    JSON, 400 ``duplicate_key`` naming the key's dotted path (after ``within``) when an
+    object in it names a key twice (which one would count is the parser's choice)."""
     if not buf:
-        raise BadRequest("the request body is empty; expected a JSON object", field=field,
+        raise BadRequest(f"the {what} is empty; expected a JSON object", field=field,
                          code="invalid_json")
     try:
-        return orjson.loads(buf)
+        value = orjson.loads(buf)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}", code="invalid_json",
+        raise BadRequest(f"{what} is not valid JSON: {exc}", code="invalid_json",
                          field=field) from None
+    unique_json(buf, value, within, what, field)
+    return value
+
+
+def unique_json(buf: bytes | bytearray | memoryview, value: Any, within: str = "",
+                what: str = "request body", field: str = "body") -> None:
+    """400 ``duplicate_key`` when an object of the JSON text ``buf`` (parsed into ``value``)
+    names a key twice, naming the key's dotted path after ``within`` (``field``, the whole
+    text's, for one nested too deeply to name)."""
+    try:
+        check_unique_keys(buf, value)
+    except DuplicateKey as exc:
+        path = exc.path if exc.path is None or not within else f"{within}.{exc.path}"
+        raise BadRequest(f"the {what} is ambiguous: {exc} (each key may appear once in an "
+                         "object)", code="duplicate_key",
+                         field=path if path is not None else within or field) from None
 
 
 def json_object(buf: bytes | bytearray | memoryview) -> dict[str, Any]:
@@ -300,7 +322,8 @@ async def read_tensors(
                 tensors = wire_sparse.pair_safetensors(tensors, key)
             fields = {}
             for name in sorted(set(metadata) & extra):
-                fields[name] = parse_json(metadata[name].encode(), f"__metadata__.{name}")
+                where = f"__metadata__.{name}"
+                fields[name] = parse_json(metadata[name].encode(), where, within=where)
             return tensors, fields
         tensors, fields = await offload(decode_binary, header_end(buf))
         return tensors, fields, buf

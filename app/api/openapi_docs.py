@@ -498,7 +498,7 @@ QUERY: dict[str, dict[str, Any]] = {
 
 # ----------------------------------------------------------------------------- problems
 COMMON_PROBLEMS: dict[str, str] = {
-    "400": "Malformed body (not JSON / not safetensors)",
+    "400": "Malformed body (not JSON / not safetensors; a key twice in a JSON object)",
     "401": "Missing or wrong API key",
     "404": "Unknown session",
     "409": "Conflict (id taken, a keyed create whose session was deleted, scheduler "

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import torch
 
-from app.api.bodies import only_keys, parse_json, tensor_map
+from app.api.bodies import only_keys, parse_json, tensor_map, unique_json
 from app.api.openapi_docs import STEP_QUERY
 from app.engine.interface import CreateSpec, GroupSpec, ReturnParams, SessionInfo
 from app.engine.metrics import SHOWN
@@ -20,6 +20,7 @@ from app.engine.placement import check_placement, check_resources
 from app.engine.shards import check_shards
 from app.errors import BadRequest, Invalid
 from app.wire.integers import int_text
+from app.wire.json_tensor import refuse_loose_b64
 from app.wire.safetensors_body import read_safetensors
 from app.wire.tree import tree_from_json
 
@@ -39,6 +40,7 @@ def _group(obj: object, field: str, tensors: dict[str, torch.Tensor] | None) -> 
     if "params" not in obj:
         raise Invalid("a param group needs params", code="missing_field", field=f"{field}.params")
     options = {k: v for k, v in obj.items() if k != "params"}
+    refuse_loose_b64(options, field)
     if tensors is None:
         return GroupSpec(tensor_map(obj["params"], f"{field}.params"), options)
     names = obj["params"]
@@ -61,6 +63,7 @@ def create_spec(obj: dict[str, Any], tensors: dict[str, torch.Tensor] | None = N
     options = obj.get("options", {})
     if not isinstance(options, dict):
         raise Invalid("options must be an object", code="invalid_option", field="options")
+    refuse_loose_b64(options, "options")
     if "params" in obj and "param_groups" in obj:
         raise Invalid("give params or param_groups, not both", code="invalid_body",
                       field="params")
@@ -172,7 +175,16 @@ def metadata_fields(metadata: dict[str, str]) -> dict[str, Any]:
             out[key] = orjson.loads(text)
         except orjson.JSONDecodeError:
             out[key] = text
+        else:
+            unique_json(text.encode(), out[key], f"__metadata__.{key}")
     return out
+
+
+def group_changes(obj: dict[str, Any], index: int) -> dict[str, Any]:
+    """A ``PATCH .../param_groups/{index}`` body: the group's option changes (checked by the
+    engine; a tensor's base64 here)."""
+    refuse_loose_b64(obj, f"param_groups.{index}")
+    return obj
 
 
 def group_spec(obj: dict[str, Any]) -> GroupSpec:
@@ -185,7 +197,7 @@ def group_spec_binary(buf: bytearray) -> GroupSpec:
 
 
 def state_from_json(buf: bytes | bytearray) -> Any:
-    obj = parse_json(buf)
+    obj = parse_json(buf, within="state_dict")
     if not isinstance(obj, dict):
         raise BadRequest("the state dict must be a JSON object", code="invalid_json")
     return tree_from_json(obj, "state_dict")
@@ -197,7 +209,8 @@ def state_from_safetensors(buf: bytearray) -> Any:
         raise Invalid("safetensors state dict lacks __metadata__.optserve_state (the JSON "
                       "skeleton of the state dict)", code="invalid_state",
                       field="__metadata__.optserve_state")
-    skeleton = parse_json(metadata["optserve_state"].encode(), "__metadata__.optserve_state")
+    skeleton = parse_json(metadata["optserve_state"].encode(), "__metadata__.optserve_state",
+                          within="__metadata__.optserve_state")
     unused = sorted(set(tensors) - _tensor_refs(skeleton))
     if unused:
         raise Invalid(f"tensor {unused[0]!r:.80} is in the body but the optserve_state skeleton "
@@ -317,6 +330,7 @@ def step_options(value: object) -> dict[int, dict[str, Any]] | None:
         if not isinstance(options, dict):
             raise Invalid("each param group's changes must be an object of options",
                           code="invalid_body", field=f"param_groups.{index}")
+        refuse_loose_b64(options, f"param_groups.{index}")
         if options:
             out[index] = options
     return out or None

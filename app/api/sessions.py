@@ -308,7 +308,7 @@ async def update_param_group(
 ) -> Response:
     buf = await read_body(request, _max_bytes(settings))
     require_json(request)
-    options = json_object(buf)
+    options = parse.group_changes(json_object(buf), index)
     idem = await idempotency(request, buf)
     return _described(await engine.update_param_group(session_id, index, options,
                                                       tenant=tenant, idem=idem))

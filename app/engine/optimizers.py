@@ -37,8 +37,10 @@ _NONE_DEFAULT_TYPES: dict[str, tuple[type, ...]] = {
 #: the options a tensor may hold: lr, and the copy of it a scheduler keeps (torch clones a
 #: tensor lr into the group's initial_lr; a session's own state dict carries it back)
 _TENSOR_OPTIONS = ("lr", "initial_lr")
-# Words in torch's messages that point at an option.
+# Words in torch's messages that point at an option (first match wins: "_foreach ops don't
+# support autograd" is about differentiable, unless only foreach was given).
 _MESSAGE_HINTS = (
+    ("autograd", "differentiable"), ("_foreach", "foreach"),
     ("learning rate", "lr"), ("beta", "betas"), ("epsilon", "eps"), ("eps", "eps"),
     ("weight_decay", "weight_decay"), ("weight decay", "weight_decay"),
     ("momentum", "momentum"), ("nesterov", "nesterov"), ("dampening", "dampening"),
@@ -87,7 +89,10 @@ def _option_value(name: str, value: Any, default: Any, field: str) -> Any:
     if is_float_tag(value):
         value = untag_float(value, field, "invalid_option")
     if is_json_tensor(value) or isinstance(value, torch.Tensor):
-        tensor = value if isinstance(value, torch.Tensor) else decode_json_tensor(value, field)
+        # (base64 as servers before the canonical check took it: records replay as they ran;
+        # requests are checked where they are parsed, app.api.requests)
+        tensor = value if isinstance(value, torch.Tensor) else decode_json_tensor(
+            value, field, canonical=False)
         if name not in _TENSOR_OPTIONS or not tensor.is_floating_point():
             raise Invalid("only lr may be given as a tensor (and initial_lr, the scheduler's "
                           "copy of a tensor lr), and only as a floating tensor",
@@ -293,7 +298,10 @@ def probe(
             t.grad = probe_grad(cls, t, 0.25)
         probe_step(opt)
     except TORCH_ERRORS as exc:
-        raise _refused(exc, fields, fallback) from None
+        # (the options the client gave, of every group checked, come first here too: foreach
+        # sent to a differentiable group is named, not the differentiable it held)
+        given = {k: v for sent, _ in (group_fields or {}).values() for k, v in sent.items()}
+        raise _refused(exc, fields, fallback, given or None) from None
 
 
 def _refused(exc: Exception, fields: dict[str, str], fallback: str,

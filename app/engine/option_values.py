@@ -55,7 +55,7 @@ def nonfinite_values(value: Any, path: str) -> Iterator[tuple[str, float]]:
     elif isinstance(value, torch.Tensor) or is_json_tensor(value):
         if not isinstance(value, torch.Tensor):
             try:
-                value = decode_json_tensor(value, path)
+                value = decode_json_tensor(value, path, canonical=False)
             except Invalid:
                 return
         if (value.layout == torch.strided and value.is_floating_point() and value.numel()

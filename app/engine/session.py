@@ -152,6 +152,15 @@ def _runs_finite(body: BodyTensors, norms: TakenNorms | None) -> bool:
     return True
 
 
+def stale_binding(name: str) -> Conflict:
+    """409 ``binding_stale``: the buffers a same-host binding holds for ``name`` no longer fit
+    the session's parameter of that name (the session was deleted and made again under its id
+    since they were bound)."""
+    return Conflict(f"the buffers bound for this session no longer fit its parameter "
+                    f"{name!r:.80} (the session changed since they were bound): bind again",
+                    code="binding_stale", field="binding")
+
+
 class Session:
     def __init__(
         self,
@@ -550,9 +559,7 @@ class Session:
             return
         name = self._misfit(dest, dest.keys() - (sent.keys() if sent is not None else set()))
         if name is not None:
-            raise Conflict(f"the buffers bound for this session no longer fit its "
-                           f"parameter {name!r:.80} (the session changed since they "
-                           "were bound): bind again", code="binding_stale", field="binding")
+            raise stale_binding(name)
 
     def _misfit(self, dest: Tensors, names: Iterable[str],
                 dtype: torch.dtype | None = None) -> str | None:

@@ -20,11 +20,17 @@ Messages are frames: a little-endian u32 length, then a JSON object. Requests: `
 gradients, ``return``: params or none, ``idempotency_key``, ``base_version``, ``worker``,
 ``param_groups``, ``scalars``, ``metrics``: answer or history, as ``?metrics=`` over HTTP),
 ``pull`` (``binding``), ``unbind`` (``binding``). Answers:
-``{"ok": true, ...}`` or ``{"ok": false, "problem": {problem+json fields}}``, whose ``field``
-names the message's field. A connection holds at most :data:`MAX_BINDINGS` bindings (429
+``{"ok": true, ...}`` or ``{"ok": false, "problem": {problem+json fields}}``, as an HTTP route
+answers (extras without a value left out; ``retry_after`` for the ``Retry-After`` header), whose
+``field`` names the message's field (the engine's ``Idempotency-Key``, ``X-Optserve-Worker`` and
+``session_id`` become ``idempotency_key``, ``worker`` and ``binding`` / ``session``): a frame
+that is empty, not JSON or not a JSON object is a 400 ``invalid_json`` naming ``message``, one
+that repeats a key a 400 ``duplicate_key`` naming its path, a field the operation does not take
+a 422 ``unknown_field`` naming it. A connection holds at most :data:`MAX_BINDINGS` bindings (429
 ``too_many_bindings``); a binding whose slots no longer fit its session's parameters (the session
-was deleted and made again under its id) is refused before anything is applied (409
-``binding_stale``: bind again).
+was deleted and made again under its id) is refused before anything is applied wherever a step
+or a pull would use such a slot, a gradient read from it included (409 ``binding_stale``: bind
+again).
 """
 
 from __future__ import annotations
@@ -47,12 +53,13 @@ from typing import Any, TypeVar
 import orjson
 import torch
 
+from app.api.bodies import parse_json
 from app.api.conditions import body_digest, step_fingerprint
 from app.api.requests import step_options
 from app.engine import metrics, ps
 from app.engine.idempotency import check_key
 from app.engine.interface import Engine, IdemKey, SessionInfo, json_floats
-from app.engine.session import check_session_id
+from app.engine.session import check_session_id, stale_binding
 from app.errors import BadRequest, Invalid, NotFound, OptserveError, TooMany, Unauthorized
 from app.transport import stale_dirs
 from app.wire.dtypes import TORCH_DTYPES
@@ -227,6 +234,30 @@ def _text(m: dict[str, Any], name: str, check: Callable[[str], str]) -> str | No
         raise
 
 
+#: a session's refusals of a gradient that, for a gradient read from a binding's slot (the
+#: slot's own dtype and shape, under a name the binding was made with), mean the slot no longer
+#: fits its parameter: the session was made again since it was bound
+_SLOT_MISFITS = frozenset({"shape_mismatch", "dtype_mismatch", "unknown_parameter"})
+
+
+def _misfit_slot(exc: Invalid, names: list[str]) -> str | None:
+    """The slot of ``names`` whose gradient ``exc`` refuses for not fitting its parameter (a
+    stale binding: 409 ``binding_stale``, as a pull through it is); None for other refusals."""
+    field = exc.field or ""
+    if exc.code in _SLOT_MISFITS and field.startswith("grads."):
+        name = field.removeprefix("grads.")
+        if name in names:
+            return name
+    return None
+
+
+def _only_fields(m: dict[str, Any], op: str) -> None:
+    unknown = sorted(set(m) - FIELDS[op])
+    if unknown:
+        raise Invalid(f"unknown field {unknown[0]!r:.60} in a {op} message; expected "
+                      f"{sorted(FIELDS[op])}", code="unknown_field", field=unknown[0][:200])
+
+
 def _nbytes(dtype: str, shape: list[int]) -> int:
     n = torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
     for d in shape:
@@ -235,24 +266,49 @@ def _nbytes(dtype: str, shape: list[int]) -> int:
 
 
 def _message(body: bytes) -> dict[str, Any]:
-    """A frame's message: a body that is not a JSON object is a 400 answer, as over HTTP (the
-    frame was read whole: the connection and its bindings go on)."""
-    try:
-        message = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the message is not valid JSON: {exc}", code="invalid_json") from None
+    """A frame's message: a frame that is empty, not JSON, not a JSON object, or whose objects
+    name a key twice is a 400 answer naming ``message`` (the key's path for a repeated key),
+    as an HTTP body is answered naming ``body`` (the frame was read whole: the connection and
+    its bindings go on)."""
+    message = parse_json(body, "message", what="message")
     if not isinstance(message, dict):
-        raise BadRequest("a message must be a JSON object", code="invalid_json")
+        raise BadRequest("a message must be a JSON object", code="invalid_json",
+                         field="message")
     return message
 
 
-def problem_of(exc: Exception) -> dict[str, Any]:
+#: the fields each message may carry: any other is a 422 ``unknown_field`` naming it, as an
+#: unknown field of an HTTP body is (a misspelt ``param_group`` would step without the change)
+FIELDS = {
+    "hello": frozenset({"op", "key", "protocol"}),
+    "bind": frozenset({"op", "session"}),
+    "unbind": frozenset({"op", "binding"}),
+    "pull": frozenset({"op", "binding"}),
+    "step": frozenset({"op", "binding", "grads", "return", "idempotency_key", "base_version",
+                       "worker", "param_groups", "scalars", "metrics"}),
+}
+#: the engine's names for what a message carries in its own fields: the HTTP headers (and the
+#: path's session id, which a message names by ``session`` to bind and by ``binding`` after)
+_MESSAGE_FIELDS = {"Idempotency-Key": "idempotency_key", "X-Optserve-Worker": "worker"}
+
+
+def _field_in(message: dict[str, Any] | None, field: str) -> str:
+    """``field`` (as the engine or an HTTP route names it) as the message names it."""
+    if field == "session_id":
+        return "session" if message is not None and message.get("op") == "bind" else "binding"
+    return _MESSAGE_FIELDS.get(field, field)
+
+
+def problem_of(exc: Exception, message: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The problem+json fields an HTTP route would answer ``exc`` with (extras left out when
+    ``None``, as there), its ``field`` named as ``message`` names it; ``retry_after`` stands
+    for the ``Retry-After`` header a frame does not have."""
     if isinstance(exc, OptserveError):
         out: dict[str, Any] = {"type": f"urn:optserve:problem:{exc.code}", "title": exc.title,
                                "status": exc.status, "detail": exc.detail, "code": exc.code}
         if exc.field is not None:
-            out["field"] = exc.field
-        out.update(exc.extra)
+            out["field"] = _field_in(message, exc.field)
+        out.update({k: v for k, v in exc.extra.items() if v is not None})
         retry = getattr(exc, "retry_after", None)
         if retry is not None:
             out["retry_after"] = retry
@@ -378,10 +434,12 @@ class _Connection(threading.Thread):
                 if body is None:
                     return
                 fds: list[int] = []
+                message = None
                 try:
-                    answer = self._handle(_message(body), fds)
+                    message = _message(body)
+                    answer = self._handle(message, fds)
                 except Exception as exc:  # every failure is an answer, never a dead thread
-                    answer, fds = {"ok": False, "problem": problem_of(exc)}, []
+                    answer, fds = {"ok": False, "problem": problem_of(exc, message)}, []
                 self._send(answer, fds)
         except OSError:
             return
@@ -425,6 +483,7 @@ class _Connection(threading.Thread):
     def _handle(self, m: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         op = m.get("op")
         if op == "hello":
+            _only_fields(m, "hello")
             tenant = self.transport.tenant_for(m.get("key"))
             if tenant is None:
                 raise Unauthorized("the API key is not valid", field="key")
@@ -433,40 +492,34 @@ class _Connection(threading.Thread):
         if self.tenant is None:
             raise Unauthorized("say hello (with the API key) first", field="op")
         engine, tenant = self.transport.engine, self.tenant
+        if not isinstance(op, str) or op not in FIELDS:
+            raise BadRequest(f"unknown operation {op!r:.40}", code="invalid_message",
+                             field="op")
+        _only_fields(m, op)
         if op == "bind":
             session_id = _text(m, "session", check_session_id)
             if session_id is None:
-                raise Invalid("bind names a session", code="invalid_message", field="session")
+                raise Invalid("bind names a session", code="missing_field", field="session")
             if len(self.bindings) >= MAX_BINDINGS:
                 raise TooMany(f"at most {MAX_BINDINGS} sessions may be bound on one "
                               "connection; unbind one first", code="too_many_bindings",
                               field="session", limit=MAX_BINDINGS)
-            try:
-                info = self.transport.call(engine.describe(session_id, tenant=tenant))
-            except OptserveError as exc:  # the message's field, not the HTTP path's
-                if exc.field == "session_id":
-                    exc.field = "session"
-                raise
+            info = self.transport.call(engine.describe(session_id, tenant=tenant))
             binding = Binding(session_id, info)
             number = self.next_binding
             self.next_binding += 1
             self.bindings[number] = binding
             fds.append(binding.fd)
             return {"ok": True, "binding": number, **binding.layout}
-        if op not in ("unbind", "step", "pull"):
-            raise BadRequest(f"unknown operation {op!r:.40}", code="invalid_message",
-                             field="op")
         binding = self._binding(m.get("binding"))
         if op == "unbind":
             self.bindings.pop(int(m["binding"])).close()
             return {"ok": True}
         if op == "step":
             return self._step(binding, m)
-        if op == "pull":
-            result = self.transport.call(engine.pull(binding.session_id, None, tenant=tenant,
-                                                     params_into=binding.params))
-            return {"ok": True, **result.scalars()}
-        raise BadRequest(f"unknown operation {op!r:.40}", code="invalid_message", field="op")
+        result = self.transport.call(engine.pull(binding.session_id, None, tenant=tenant,
+                                                 params_into=binding.params))
+        return {"ok": True, **result.scalars()}
 
     @staticmethod
     def _legacy_fingerprint(binding: Binding, m: dict[str, Any], names: list[str],
@@ -495,7 +548,8 @@ class _Connection(threading.Thread):
         unknown = [n for n in names if n not in binding.grads]
         if unknown:
             raise Invalid(f"{unknown[0]!r:.80} has no slot in this binding (bind again after "
-                          "add_param_group)", code="unknown_parameter", field="grads")
+                          "add_param_group)", code="unknown_parameter",
+                          field=f"grads.{unknown[0][:200]}")
         returned = m.get("return", "params")
         if returned not in ("params", "none"):
             raise Invalid("return must be \"params\" or \"none\"", code="invalid_message",
@@ -523,11 +577,17 @@ class _Connection(threading.Thread):
             idem = IdemKey(key, content, legacy=(self._legacy_fingerprint(binding, m, names,
                                                                          grads),))
         options = step_options(m.get("param_groups"))
-        result = self.transport.call(self.transport.engine.step(
-            binding.session_id, grads, return_params=want, tenant=self.tenant or "",
-            worker=worker, base_version=base, idem=idem, options=options,
-            params_into=binding.params if want else None, scalars=m.get("scalars"),
-            answer_metrics=shown == "answer"))
+        try:
+            result = self.transport.call(self.transport.engine.step(
+                binding.session_id, grads, return_params=want, tenant=self.tenant or "",
+                worker=worker, base_version=base, idem=idem, options=options,
+                params_into=binding.params if want else None, scalars=m.get("scalars"),
+                answer_metrics=shown == "answer"))
+        except Invalid as exc:
+            slot = _misfit_slot(exc, names)
+            if slot is None:
+                raise
+            raise stale_binding(slot) from None
         if want and result.params is not None and result.params is not binding.params:
             with torch.no_grad():  # a sync round's parameters come back packed
                 for name, view in binding.params.items():

@@ -99,8 +99,11 @@ def _from_list(data: list[Any], dtype: str, numel: int, field: str) -> np.ndarra
     return arr
 
 
-def decode_json_tensor(obj: object, field: str) -> torch.Tensor:
-    """A JSON tensor object to a CPU tensor (owning its memory)."""
+def decode_json_tensor(obj: object, field: str, *, canonical: bool = True) -> torch.Tensor:
+    """A JSON tensor object to a CPU tensor (owning its memory). ``canonical``: a ``b64`` text
+    must be the one base64 text of its bytes (:func:`_canonical_b64`); what the service's own
+    files hold (snapshots, logged records: options as requests gave them) is decoded with
+    False, as servers before this check took it."""
     if not isinstance(obj, dict):
         raise Invalid("a tensor must be an object {\"dtype\", \"shape\", \"data\" | \"b64\"}",
                       code="invalid_tensor", field=field)
@@ -130,6 +133,8 @@ def decode_json_tensor(obj: object, field: str) -> torch.Tensor:
         if len(raw) != numel * itemsize:
             raise Invalid(f"b64 holds {len(raw)} bytes but shape {list(shape)} of {dtype} needs "
                           f"{numel * itemsize}", code="invalid_tensor", field=f"{field}.b64")
+        if canonical and not _canonical_b64(text, raw):
+            raise Invalid(_NOT_CANONICAL, code="invalid_tensor", field=f"{field}.b64")
         if numel == 0:
             return torch.empty(shape, dtype=torch_dtype)
         return torch.frombuffer(raw, dtype=torch_dtype).reshape(shape)
@@ -176,6 +181,46 @@ def _b64_bytes(text: str, size: int, field: str) -> bytearray:
     except (binascii.Error, ValueError):
         raise Invalid("b64 is not valid base64", code="invalid_tensor",
                       field=f"{field}.b64") from None
+
+
+_NOT_CANONICAL = ("b64 is not canonical base64: padding past what its bytes need (exactly "
+                  "4 * ceil(n / 3) characters for n bytes), or nonzero bits after its last "
+                  "byte")
+
+
+def _canonical_b64(text: str, raw: bytes | bytearray) -> bool:
+    """Whether ``text`` (valid base64, decoded into ``raw``) is the one text base64 writes for
+    those bytes: no padding past the last group (``AAAA====`` decodes as ``AAAA`` does), and
+    zero bits after the last byte in a padded last group (``AB==`` decodes as ``AA==`` does).
+    Checks the length and the last group only."""
+    if len(text) != 4 * -(-len(raw) // 3):
+        return False
+    tail = len(raw) % 3
+    return tail == 0 or text[-4:] == base64.b64encode(bytes(raw[-tail:])).decode("ascii")
+
+
+def refuse_loose_b64(value: object, field: str) -> None:
+    """422 ``invalid_tensor`` naming ``<path>.b64`` for the first JSON tensor in ``value`` (a
+    request's options: objects and lists of them, a tensor ``lr``) whose ``b64`` is valid
+    base64 but not canonical (:func:`_canonical_b64`). Only a request's options are checked
+    so: the engine decodes them as logged records hold them too (servers before this check
+    took such text), and leaves any other problem of a tensor to its decoder."""
+    stack: list[tuple[object, str]] = [(value, field)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, dict):
+            text = item.get("b64")
+            if is_json_tensor(item) and isinstance(text, str):
+                try:
+                    raw = base64.b64decode(text, validate=True)
+                except (binascii.Error, ValueError):
+                    continue  # (not base64 at all: the decoder says so)
+                if not _canonical_b64(text, raw):
+                    raise Invalid(_NOT_CANONICAL, code="invalid_tensor", field=f"{path}.b64")
+                continue
+            stack.extend((v, f"{path}.{k}") for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, f"{path}.{i}") for i, v in enumerate(item))
 
 
 def tensor_values(t: torch.Tensor) -> Any:

@@ -119,8 +119,8 @@ def tree_from_json(
                 raise Invalid(f"$tensor reference {key!r:.60} names no tensor in the body",
                               code="invalid_state", field=field)
             return tensors[key]
-        if is_json_tensor(obj):
-            return decode_json_tensor(obj, field)
+        if is_json_tensor(obj):  # (the service's own files: base64 as servers took it)
+            return decode_json_tensor(obj, field, canonical=not sparse)
         return {k: tree_from_json(v, f"{field}.{k}" if field else str(k), tensors, depth + 1,
                                   sparse=sparse)
                 for k, v in obj.items()}

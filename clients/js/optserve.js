@@ -874,7 +874,8 @@ export class OptserveClient {
    * POST /v1/sessions. spec: {optimizer, options?, params?: {name: tensor}, paramGroups?:
    * [{params: {name: tensor}, ...options}], scheduler?: {name, options, step_on?}, id?, nonfinite?}.
    * With {binary: true} the tensors travel as a safetensors body; as JSON, encoding "b64" sends
-   * them base64 (their bytes: smaller and faster than "data", the default, for large creates).
+   * them base64 (their bytes: smaller and faster than "data", the default, for large creates),
+   * a tensor option (a tensor lr) too.
    * Returns the session description.
    */
   createSession(spec, { binary = false, encoding = "data", idempotencyKey } = {}) {
@@ -898,11 +899,11 @@ export class OptserveClient {
       return this._described("POST", "/v1/sessions", { body: writeSafetensors(tensors, meta), idempotencyKey });
     }
     // options as the server reads them: Infinity as {"$float": "inf"} (JSON has no literal for
-    // it: JSON.stringify writes null), a tensor option (lr) as a JSON tensor
-    const body = {};
-    for (const [k, v] of Object.entries(rest)) if (v !== undefined) body[k] = treeToJson(v);
+    // it: JSON.stringify writes null), a tensor option (lr) as a JSON tensor in the encoding asked
     const enc = { b64: encoding === "b64" };
-    if (groups) body.param_groups = groups.map(({ params: gp, ...opts }) => ({ ...treeToJson(opts), params: encodeMap(gp, enc) }));
+    const body = {};
+    for (const [k, v] of Object.entries(rest)) if (v !== undefined) body[k] = treeToJson(v, enc);
+    if (groups) body.param_groups = groups.map(({ params: gp, ...opts }) => ({ ...treeToJson(opts, enc), params: encodeMap(gp, enc) }));
     else body.params = encodeMap(params, enc);
     return this._described("POST", "/v1/sessions", { json: body, idempotencyKey });
   }
@@ -940,6 +941,8 @@ export class OptserveClient {
    * the step's metrics and history (a loss, an accuracy). metrics: "history" leaves the step's
    * norms out of the answer (no metrics field): the server takes them after answering, off the
    * step's path, into the session's history (before any later operation on it).
+   * A tensor option (a tensor lr) in paramGroups travels in the body's encoding (b64 with
+   * encoding "b64").
    * Returns {version, step, lr, skipped, nonfinite?, metrics?, params?: {name: Tensor}, etag}.
    */
   step(id, grads = {}, { binary, encoding, returnParams = true, worker, baseVersion, paramGroups, upcast, paramsDtype, scalars, metrics, idempotencyKey } = {}) {
@@ -955,7 +958,7 @@ export class OptserveClient {
     }
     const headers = worker !== undefined ? { "X-Optserve-Worker": String(worker) } : undefined;
     const extra = {};
-    if (paramGroups !== undefined) extra.param_groups = treeToJson(paramGroups);
+    if (paramGroups !== undefined) extra.param_groups = treeToJson(paramGroups, { b64: !(binary ?? this.binary) && encoding === "b64" });
     if (scalars !== undefined) extra.scalars = scalars;
     return this._tensorsCall("POST", `${this._sid(id)}/step`, {
       tensors: grads, key: "grads", binary, encoding, query, headers,
@@ -1084,20 +1087,29 @@ export class OptserveClient {
     return this._tensorsCall("PUT", `${this._sid(id)}/params`, { tensors: params, key: "params", binary, encoding, idempotencyKey });
   }
 
-  /** POST /v1/sessions/{id}/param_groups: group = {params: {name: tensor}, ...options}. Returns the description. */
-  addParamGroup(id, group, { binary = false, idempotencyKey } = {}) {
+  /**
+   * POST /v1/sessions/{id}/param_groups: group = {params: {name: tensor}, ...options}. As JSON,
+   * encoding "b64" sends its tensors (params and a tensor lr) base64. Returns the description.
+   */
+  addParamGroup(id, group, { binary = false, encoding = "data", idempotencyKey } = {}) {
+    if (encoding !== "data" && encoding !== "b64") throw new TypeError(`encoding must be "data" or "b64", got ${JSON.stringify(encoding)}`);
+    const enc = { b64: !binary && encoding === "b64" };
     const { params, ...rest } = group;
-    const options = treeToJson(rest); // Infinity as {"$float": "inf"}, tensors as JSON tensors
+    const options = treeToJson(rest, enc); // Infinity as {"$float": "inf"}, tensors as JSON tensors
     if (binary) {
       const meta = Object.fromEntries(Object.entries(options).map(([k, v]) => [k, stringify(v)]));
       return this._described("POST", `${this._sid(id)}/param_groups`, { body: writeSafetensors(tensorMap(params), meta), idempotencyKey });
     }
-    return this._described("POST", `${this._sid(id)}/param_groups`, { json: { ...options, params: encodeMap(params) }, idempotencyKey });
+    return this._described("POST", `${this._sid(id)}/param_groups`, { json: { ...options, params: encodeMap(params, enc) }, idempotencyKey });
   }
 
-  /** PATCH /v1/sessions/{id}/param_groups/{index}: change a group's options. Returns the description. */
-  updateParamGroup(id, index, options, { idempotencyKey } = {}) {
-    return this._described("PATCH", `${this._sid(id)}/param_groups/${Number(index)}`, { json: treeToJson(options), idempotencyKey });
+  /**
+   * PATCH /v1/sessions/{id}/param_groups/{index}: change a group's options (encoding "b64": a
+   * tensor option, a tensor lr, base64). Returns the description.
+   */
+  updateParamGroup(id, index, options, { encoding = "data", idempotencyKey } = {}) {
+    if (encoding !== "data" && encoding !== "b64") throw new TypeError(`encoding must be "data" or "b64", got ${JSON.stringify(encoding)}`);
+    return this._described("PATCH", `${this._sid(id)}/param_groups/${Number(index)}`, { json: treeToJson(options, { b64: encoding === "b64" }), idempotencyKey });
   }
 
   /**

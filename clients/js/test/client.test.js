@@ -117,6 +117,30 @@ describe("client against a stub server", () => {
     assert.throws(() => c.createSession({ optimizer: "SGD", params: { w } }, { encoding: "hex" }), TypeError);
   });
 
+  test("tensor options travel in the encoding asked (b64), as the tensors of the same call do", async () => {
+    const c = new OptserveClient({ baseUrl });
+    const lr = Tensor.scalar(0.5); // float32 0.5: bytes 00 00 00 3f
+    const asB64 = { dtype: "float32", shape: [], b64: "AAAAPw==" };
+    const asData = { dtype: "float32", shape: [], data: [0.5] };
+    const body = () => JSON.parse(seen.at(-1).body);
+    await c.createSession({ optimizer: "Adam", options: { lr }, params: { w: Tensor.from([1]) } }, { encoding: "b64" });
+    assert.deepEqual(body().options.lr, asB64);
+    await c.createSession({ optimizer: "Adam", paramGroups: [{ params: { w: Tensor.from([1]) }, lr }] }, { encoding: "b64" });
+    assert.deepEqual(body().param_groups[0].lr, asB64);
+    await c.step("s", { w: Tensor.from([1]) }, { encoding: "b64", paramGroups: { 0: { lr } } });
+    assert.deepEqual(body().param_groups, { 0: { lr: asB64 } });
+    await c.step("s", { w: Tensor.from([1]) }, { paramGroups: [{ lr }] });
+    assert.deepEqual(body().param_groups, [{ lr: asData }]);
+    await c.updateParamGroup("s", 0, { lr }, { encoding: "b64" });
+    assert.deepEqual(body(), { lr: asB64 });
+    await c.updateParamGroup("s", 0, { lr });
+    assert.deepEqual(body(), { lr: asData });
+    await c.addParamGroup("s", { params: { v: Tensor.from([1]) }, lr }, { encoding: "b64" });
+    assert.deepEqual(body(), { lr: asB64, params: { v: { dtype: "float32", shape: [1], b64: "AACAPw==" } } });
+    assert.throws(() => c.addParamGroup("s", { params: {} }, { encoding: "hex" }), TypeError);
+    assert.throws(() => c.updateParamGroup("s", 0, {}, { encoding: "hex" }), TypeError);
+  });
+
   test("a non-finite scheduler metric is sent as the protocol writes it, not as null", async () => {
     const c = new OptserveClient({ baseUrl });
     for (const [metric, body] of [[NaN, '{"metric":{"$float":"nan"}}'], [Infinity, '{"metric":{"$float":"inf"}}'],

@@ -189,6 +189,25 @@ def asgd_t0_inf() -> dict:
     return out
 
 
+def adam_tensor_lr() -> dict:
+    """Adam over float32 parameters with a tensor lr (float32 scalars, as a client sends them):
+    0.01 at create, 0.02 from the third step (a PATCH), 0.005 with the fourth (the step's option
+    changes), fed fixed gradients. The lrs are given as vectors (a tensor is not JSON)."""
+    gen = torch.Generator().manual_seed(4)
+    p = torch.tensor([0.5, -1.25, 2.0, 0.125])  # (the session's: no autograd)
+    lrs = [torch.tensor(v, dtype=torch.float32) for v in (0.01, 0.01, 0.02, 0.005)]
+    opt = torch.optim.Adam([p], lr=lrs[0].clone())
+    params0 = vec(p)
+    steps = []
+    for lr in lrs:
+        opt.param_groups[0]["lr"] = lr.clone()
+        g = torch.randn(p.shape, generator=gen)
+        p.grad = g.clone()
+        opt.step()
+        steps.append({"lr": vec(lr.reshape(1)), "grads": {"w": vec(g)}, "params": {"w": vec(p)}})
+    return {"optimizer": "Adam", "params0": {"w": params0}, "steps": steps}
+
+
 def main() -> None:
     torch.use_deterministic_algorithms(True)
     ref = {
@@ -208,6 +227,7 @@ def main() -> None:
         "adam_bf16": adam_bf16(),
         "half_rounding": half_rounding(),
         "asgd_t0_inf": asgd_t0_inf(),
+        "adam_tensor_lr": adam_tensor_lr(),
         "sparse_adam": sparse_adam(),
         "lbfgs": lbfgs({"lr": 1, "max_iter": 6, "history_size": 3}),
         "lbfgs_wolfe": lbfgs({"lr": 1, "max_iter": 8, "history_size": 4,

@@ -53,4 +53,41 @@ describe("non-finite and tensor options", { skip: NO_SERVER }, () => {
       assert.deepEqual(Array.from(out.params.x.data), [-6]); // 2 - 0.5 * 16, exact
     }
   });
+
+  test("a tensor lr travels base64 under encoding b64 (create, PATCH, a step's changes, an added group) and steps as torch does", async () => {
+    const ref = reference().adam_tensor_lr; // torch.optim.Adam with a tensor lr on this machine
+    const sent = [];
+    const spy = client({ fetch: (url, init) => { sent.push(init); return fetch(url, init); } });
+    const lrAt = (i) => new Tensor("float32", [], Float32Array.from(ref.steps[i].lr.data));
+    const bytesOf = (t) => Buffer.from(t.toBytes()).toString("base64");
+    // the JSON tensor each call sent for the lr: base64 of its float32 bytes, no decimal data
+    const sentLr = (pick, t, what) => {
+      const lr = pick(JSON.parse(sent.at(-1).body));
+      assert.deepEqual(lr, { dtype: "float32", shape: [], b64: bytesOf(t) }, what);
+    };
+    const id = uid("b64-lr");
+    made.push(id);
+    const w0 = new Tensor("float32", ref.params0.w.shape, Float32Array.from(ref.params0.w.data));
+    await spy.createSession({ id, optimizer: "Adam", options: { lr: lrAt(0) }, params: { w: w0 } }, { encoding: "b64" });
+    sentLr((b) => b.options.lr, lrAt(0), "create");
+    const grads = (i) => ({ w: new Tensor("float32", ref.steps[i].grads.w.shape, Float32Array.from(ref.steps[i].grads.w.data)) });
+    for (const [i, st] of ref.steps.entries()) {
+      let out;
+      if (i === 2) {
+        await spy.updateParamGroup(id, 0, { lr: lrAt(2) }, { encoding: "b64" });
+        sentLr((b) => b.lr, lrAt(2), "PATCH");
+      }
+      if (i === 3) {
+        out = await spy.step(id, grads(i), { encoding: "b64", paramGroups: { 0: { lr: lrAt(3) } } });
+        sentLr((b) => b.param_groups["0"].lr, lrAt(3), "step");
+      } else {
+        out = await c.step(id, grads(i), { encoding: "b64" });
+      }
+      assertBits(out.params.w, st.params.w, `step ${i + 1}`);
+    }
+    const desc = await spy.addParamGroup(id, { params: { v: Tensor.from([1, 2]) }, lr: lrAt(3) }, { encoding: "b64" });
+    sentLr((b) => b.lr, lrAt(3), "added group");
+    assert.deepEqual(JSON.parse(sent.at(-1).body).params.v, { dtype: "float32", shape: [2], b64: bytesOf(Tensor.from([1, 2])) });
+    assert.deepEqual(desc.lr, [ref.steps[3].lr.data[0], ref.steps[3].lr.data[0]]);
+  });
 });

@@ -39,6 +39,12 @@ class LocalUnavailable(OptserveError):
     back to HTTP; with ``transport="local"`` it is raised (``optserve.LocalUnavailable``)."""
 
 
+class _SlotMismatch(LocalUnavailable):
+    """A gradient's dtype or shape is not its slot's: the binding may be stale (the session
+    made again with other shapes since it was bound), or the gradient wrong (the server says
+    which over HTTP)."""
+
+
 @dataclass
 class Binding:
     number: int
@@ -221,14 +227,19 @@ class LocalChannel:
             if self._ended:
                 raise LocalUnavailable("the client was closed")
             binding = self.binding(session_id)
-            if any(name not in binding.grads for name in grads):
-                # parameters added since binding (add_param_group): bind again, once
+            try:
+                if any(name not in binding.grads for name in grads):
+                    raise _SlotMismatch("a gradient has no slot")
+                _copy_all(binding.grads, grads)
+            except _SlotMismatch:
+                # parameters added since binding (add_param_group), or the session made again
+                # with other shapes: bind again, once
                 self.forget(session_id)
                 binding = self.binding(session_id)
                 missing = [name for name in grads if name not in binding.grads]
                 if missing:
-                    raise LocalUnavailable(f"no slot for {missing[0]!r}")
-            _copy_all(binding.grads, grads)
+                    raise LocalUnavailable(f"no slot for {missing[0]!r}") from None
+                _copy_all(binding.grads, grads)
             message: dict[str, Any] = {
                 "op": "step", "binding": binding.number, "grads": list(grads),
                 "return": "params" if return_params else "none", "idempotency_key": key}
@@ -290,11 +301,11 @@ def _copy(dest: Any, src: Any) -> None:
         if value.layout != torch.strided:
             raise LocalUnavailable("row-sparse gradients travel over HTTP")
         if value.dtype != dest.dtype or tuple(value.shape) != tuple(dest.shape):
-            raise LocalUnavailable("dtype or shape differ: let the server say which")
+            raise _SlotMismatch("dtype or shape differ: let the server say which")
         with torch.no_grad():
             dest.copy_(value.detach())
         return
     arr = np.asarray(src)
     if arr.dtype != dest.dtype or arr.shape != dest.shape:
-        raise LocalUnavailable("dtype or shape differ: let the server say which")
+        raise _SlotMismatch("dtype or shape differ: let the server say which")
     np.copyto(dest, arr)
