@@ -750,6 +750,17 @@ def export_state(session_id: str, *, format: StateFormat) -> APICall[dict[str, A
                    params=[("format", format)], accept=accept)
 
 
+def export_state_at(session_id: str, *, format: StateFormat
+                    ) -> APICall[tuple[dict[str, Any], int | None]]:
+    """:func:`export_state`, with the session version the state is of (its header)."""
+    call = export_state(session_id, format=format)
+
+    def parse(response: httpx.Response) -> tuple[dict[str, Any], int | None]:
+        return call.parse(response), _header_int(response, VERSION_HEADER)
+
+    return APICall(call.method, call.path, parse, params=call.params, accept=call.accept)
+
+
 def _load_torch(content: bytes) -> dict[str, Any]:
     try:
         import io

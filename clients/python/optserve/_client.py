@@ -584,6 +584,11 @@ class Client(SyncAPIClient):
         """
         return self._request(_api.export_state(id, format=format))
 
+    def _export_state_at(self, id: str, format: StateFormat = "safetensors"
+                         ) -> tuple[dict[str, Any], int | None]:
+        """:meth:`export_state` and the session version the state is of."""
+        return self._request(_api.export_state_at(id, format=format))
+
     def import_state(
         self,
         id: str,
