@@ -25,6 +25,7 @@ import numpy as np
 
 from . import _tensors
 from ._exceptions import APIStatusError, OptserveError, make_status_error
+from ._gc import gc_paused
 from ._tensors import TensorLike
 
 _HEAD = struct.Struct("<I")
@@ -136,7 +137,10 @@ class LocalChannel:
             got += len(data)
         return b"".join(chunks)
 
-    def _exchange(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    def _exchange(self, message: dict[str, Any], tensors: int = 0
+                  ) -> tuple[dict[str, Any], list[int]]:
+        """Send ``message``, read the answer; the collector paused while an answer about
+        ``tensors`` tensors (a binding's layout: a dict per parameter) is decoded."""
         import json
 
         if self._sock is None:
@@ -145,12 +149,15 @@ class LocalChannel:
         self._sock.sendall(_HEAD.pack(len(body)) + body)
         fds: list[int] = []
         (length,) = _HEAD.unpack(self._recv_exact(_HEAD.size, fds))
-        answer = json.loads(self._recv_exact(length, fds))
+        raw = self._recv_exact(length, fds)
+        with gc_paused(tensors):
+            answer = json.loads(raw)
         return answer, fds
 
-    def call(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    def call(self, message: dict[str, Any], tensors: int = 0
+             ) -> tuple[dict[str, Any], list[int]]:
         """One request; the typed SDK error for a problem answer."""
-        answer, fds = self._exchange(message)
+        answer, fds = self._exchange(message, tensors)
         if not answer.get("ok"):
             for fd in fds:
                 os.close(fd)
@@ -162,14 +169,16 @@ class LocalChannel:
         return answer, fds
 
     # ------------------------------------------------------------------ sessions
-    def binding(self, session_id: str) -> Binding:
+    def binding(self, session_id: str, tensors: int = 0) -> Binding:
+        """The session's binding, made on first use (``tensors``: about how many parameters
+        the session has, for the collector's pause while its layout is read)."""
         found = self._bindings.get(session_id)
         if found is not None:
             return found
         if session_id in self._refused:
             raise LocalUnavailable("the server holds as many bindings as it allows")
         try:
-            answer, fds = self.call({"op": "bind", "session": session_id})
+            answer, fds = self.call({"op": "bind", "session": session_id}, tensors)
         except APIStatusError as exc:
             if exc.problem.get("code") == "too_many_bindings":
                 # this session goes over HTTP (without asking again each step) until a
@@ -187,8 +196,9 @@ class LocalChannel:
         finally:
             os.close(fds[0])
         layout = list(answer["params"])
-        binding = Binding(int(answer["binding"]), buf, layout, _views(buf, layout, "grad"),
-                          _views(buf, layout, "param"))
+        with gc_paused(len(layout)):  # (two views per parameter: see optserve._gc)
+            binding = Binding(int(answer["binding"]), buf, layout, _views(buf, layout, "grad"),
+                              _views(buf, layout, "param"))
         self._bindings[session_id] = binding
         return binding
 
@@ -220,15 +230,18 @@ class LocalChannel:
         with self._lock:
             if self._ended:
                 raise LocalUnavailable("the client was closed")
-            binding = self.binding(session_id)
+            binding = self.binding(session_id, len(grads))
             if any(name not in binding.grads for name in grads):
                 # parameters added since binding (add_param_group): bind again, once
                 self.forget(session_id)
-                binding = self.binding(session_id)
+                binding = self.binding(session_id, len(grads))
                 missing = [name for name in grads if name not in binding.grads]
                 if missing:
                     raise LocalUnavailable(f"no slot for {missing[0]!r}")
-            _copy_all(binding.grads, grads)
+            # the collector paused while the gradients are copied into their slots, not while
+            # the answer is awaited (a sync round waits for the other workers): optserve._gc
+            with gc_paused(len(grads)):
+                _copy_all(binding.grads, grads)
             message: dict[str, Any] = {
                 "op": "step", "binding": binding.number, "grads": list(grads),
                 "return": "params" if return_params else "none", "idempotency_key": key}
@@ -250,8 +263,9 @@ class LocalChannel:
                 # the session was made again since it was bound (nothing was applied): bind
                 # it again and send the same step (the same idempotency key) once more
                 self.forget(session_id)
-                binding = self.binding(session_id)
-                _copy_all(binding.grads, grads)
+                binding = self.binding(session_id, len(grads))
+                with gc_paused(len(grads)):
+                    _copy_all(binding.grads, grads)
                 message["binding"] = binding.number
                 answer, _ = self.call(message)
             # (a dict of its own: the views stay readable after a close() of another thread)

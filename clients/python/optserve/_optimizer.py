@@ -251,12 +251,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 raise
             return
         try:
-            with gc_paused(len(self._by_name)):
-                info = self._client.create_session(
-                    optimizer, param_groups=groups, options=options, scheduler=scheduler,
-                    id=session_id, binary=binary, durability=durability, metrics=metrics,
-                    nonfinite=nonfinite,
-                )
+            # (the client pauses the collector while it encodes and decodes 1,000 tensors or
+            # more: see optserve._gc)
+            info = self._client.create_session(
+                optimizer, param_groups=groups, options=options, scheduler=scheduler,
+                id=session_id, binary=binary, durability=durability, metrics=metrics,
+                nonfinite=nonfinite,
+            )
         except BaseException:
             if self._owns_client:
                 self._client.close()
@@ -529,10 +530,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 self._scalars.setdefault("loss", value)
         scalars, self._scalars = self._scalars, {}
         try:
-            # no cyclic collections walking the whole process while a many-tensor step makes
-            # and drops its per-tensor objects (none of them cyclic; see optserve._gc)
-            with gc_paused(len(self._by_name)):
-                self._step(scalars)
+            self._step(scalars)
         except APIStatusError as exc:  # (a stale push says where the session is)
             self._learn(exc.problem.get("current_version"))
             raise
@@ -548,13 +546,19 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if changes and self._worker is not None:
             self._sync_param_groups()
             changes = {}
-        grads = self._grads()
+        # no cyclic collections walking the whole process while a many-tensor step makes and
+        # drops its per-tensor objects (none of them cyclic), here and in the client's encoding
+        # and decoding; not while the answer is awaited (a sync round waits for the other
+        # workers' pushes): see optserve._gc
+        tensors = len(self._by_name)
+        wire = self._wire_dtype
+        with gc_paused(tensors):
+            grads = self._grads()
+            sparse = any(g.layout != torch.strided for g in grads.values())
+            if wire is not None:  # narrower gradients on the wire; the server widens them
+                grads = _narrowed(grads, wire)
         base = self._version if self._worker is not None else None
         result = None
-        wire = self._wire_dtype
-        sparse = any(g.layout != torch.strided for g in grads.values())
-        if wire is not None:  # narrower gradients on the wire; the server widens them
-            grads = _narrowed(grads, wire)
         key = uuid.uuid4().hex  # the step's, over either transport
         sent: list[bool] = []
         if self._client.transport != "http" and wire is None and not sparse:
@@ -580,8 +584,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._sent(changes)
         if result.params is not None:
             # (narrowed to float16, a value past its range came back infinite)
-            self._copy_in(self._widened_where_infinite(result.params)
-                          if wire == torch.float16 else result.params)
+            values = (self._widened_where_infinite(result.params) if wire == torch.float16
+                      else result.params)
+            with gc_paused(tensors):
+                self._copy_in(values)
         self._at(result.params_at if result.params is not None else result.version)
         self._learn(result.version)
         self._take_lrs(result.lr)
