@@ -802,4 +802,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
             pass
 
     def __getstate__(self) -> dict[str, Any]:
-        raise TypeError("a RemoteOptimizer cannot be pickled; save its state_dict() instead")
+        """Refused (``pickle``, ``copy.copy``, ``copy.deepcopy``): a copy would step the same
+        server session as this one, or none."""
+        session = getattr(self, "_session_id", None)
+        raise TypeError(
+            "a RemoteOptimizer cannot be pickled or copied (pickle, copy.copy, copy.deepcopy): "
+            f"it stands for the server session {session!r} and holds its client's "
+            "connections. Save or copy its state_dict() instead and load_state_dict() it into "
+            "another optimizer (a new RemoteOptimizer, or a local one of the same class); to "
+            "copy a model, keep the optimizer out of what you deepcopy")
