@@ -235,6 +235,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._state_epoch = 0
         self._state_view = SessionState(self._session_state,
                                         lambda: (self._known_version, self._state_epoch))
+        self.__dict__.pop("_torch_state", None)  # (what torch's __init__ assigned: unused)
 
         groups = []
         for group, opts in zip(self.param_groups, explicit, strict=True):
