@@ -137,10 +137,7 @@ class LocalChannel:
             got += len(data)
         return b"".join(chunks)
 
-    def _exchange(self, message: dict[str, Any], tensors: int = 0
-                  ) -> tuple[dict[str, Any], list[int]]:
-        """Send ``message``, read the answer; the collector paused while an answer about
-        ``tensors`` tensors (a binding's layout: a dict per parameter) is decoded."""
+    def _exchange(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         import json
 
         if self._sock is None:
@@ -149,15 +146,12 @@ class LocalChannel:
         self._sock.sendall(_HEAD.pack(len(body)) + body)
         fds: list[int] = []
         (length,) = _HEAD.unpack(self._recv_exact(_HEAD.size, fds))
-        raw = self._recv_exact(length, fds)
-        with gc_paused(tensors):
-            answer = json.loads(raw)
+        answer = json.loads(self._recv_exact(length, fds))
         return answer, fds
 
-    def call(self, message: dict[str, Any], tensors: int = 0
-             ) -> tuple[dict[str, Any], list[int]]:
+    def call(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         """One request; the typed SDK error for a problem answer."""
-        answer, fds = self._exchange(message, tensors)
+        answer, fds = self._exchange(message)
         if not answer.get("ok"):
             for fd in fds:
                 os.close(fd)
@@ -170,15 +164,18 @@ class LocalChannel:
 
     # ------------------------------------------------------------------ sessions
     def binding(self, session_id: str, tensors: int = 0) -> Binding:
-        """The session's binding, made on first use (``tensors``: about how many parameters
-        the session has, for the collector's pause while its layout is read)."""
+        """The session's binding, made on first use. ``tensors``: about how many parameters the
+        session has: from 1,000 on, the collector is paused while the binding is made (its
+        layout, a dict per parameter, and two views per parameter; a local exchange the server
+        answers at once, made once per session: see optserve._gc)."""
         found = self._bindings.get(session_id)
         if found is not None:
             return found
         if session_id in self._refused:
             raise LocalUnavailable("the server holds as many bindings as it allows")
         try:
-            answer, fds = self.call({"op": "bind", "session": session_id}, tensors)
+            with gc_paused(tensors):
+                answer, fds = self.call({"op": "bind", "session": session_id})
         except APIStatusError as exc:
             if exc.problem.get("code") == "too_many_bindings":
                 # this session goes over HTTP (without asking again each step) until a
