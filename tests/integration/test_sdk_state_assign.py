@@ -195,3 +195,34 @@ def test_what_cannot_be_loaded_is_refused_and_changes_nothing(
         train(model, opt, range(2, 4))
     assert_same(local_model, local, remote_model, remote)
     remote.close(delete_session=True)
+
+
+def test_a_worker_that_resets_the_state_pushes_on(
+        requests: tuple[optserve.Client, list[str]]) -> None:
+    """A parameter-server worker resetting the state: the import changes no parameter, so its
+    parameters are those of the import's version and its next push (naming that version) is
+    taken, not refused as computed before the import; it steps as a local Adam reset the same
+    way, and so does a ``load_state_dict`` of the state it had before."""
+    client, _ = requests
+    local_model, remote_model = mlp(), mlp()
+    named = dict(remote_model.named_parameters())
+    sid = client.create_session("Adam", {n: p.detach().clone() for n, p in named.items()},
+                                options={"lr": 1e-2}).id
+    local = torch.optim.Adam(local_model.parameters(), lr=1e-2)
+    remote = optserve.RemoteOptimizer(remote_model.named_parameters(), client=client,
+                                      session_id=sid, worker="w0")
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(2))
+    saved = remote.state_dict()
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        opt.state = defaultdict(dict)
+        assert opt.state == {}
+        train(model, opt, range(2, 4))
+    assert remote.version == client.get_session(sid).version
+    assert_same(local_model, local, remote_model, remote)
+    local.load_state_dict(copy.deepcopy(saved))
+    remote.load_state_dict(saved)
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(4, 6))
+    assert_same(local_model, local, remote_model, remote)
+    client.delete_session(sid)
