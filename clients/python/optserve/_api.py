@@ -25,6 +25,7 @@ from ._constants import (
     VERSION_HEADER,
     WORKER_HEADER,
 )
+from ._gc import gc_paused
 from ._json import json_dumps, json_loads
 from ._safetensors import Body, WireTensor
 from ._sparse import SparseWire
@@ -75,6 +76,9 @@ class APICall(Generic[R]):
     #: size (:class:`~optserve._base_client.ReceiveBuffer`: one kept buffer, so the tensors
     #: of the previous answer read into it change). ``None``: a fresh buffer per answer.
     into: Callable[[int], memoryview] | None = None
+    #: the tensors the exchange carries: from :data:`~optserve._gc.PAUSE_GC_TENSORS` on, the
+    #: collector is paused while the answer is decoded (not while it is awaited)
+    gc_tensors: int = 0
 
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -362,7 +366,26 @@ def create_session(
 ) -> APICall[SessionInfo]:
     if not isinstance(optimizer, str):
         raise TypeError(f"optimizer must be a torch.optim class name, got {optimizer!r}")
-    groups = _groups(params, param_groups)
+    tensors = _count(params) + sum(
+        _count(g.get("params")) for g in (param_groups if isinstance(param_groups, Sequence)
+                                          else ()) if isinstance(g, Mapping))
+    with gc_paused(tensors):  # (the per-tensor encoding; see optserve._gc)
+        return _create_call(optimizer, _groups(params, param_groups), options=options,
+                            scheduler=scheduler, id=id, nonfinite=nonfinite, binary=binary,
+                            ps_options=ps_options)
+
+
+def _count(params: object) -> int:
+    """How many tensors a ``params`` argument holds (0 when it cannot say without iterating)."""
+    return len(params) if isinstance(params, (Mapping, Sequence)) else 0
+
+
+def _create_call(
+    optimizer: str, groups: list[tuple[dict[str, WireTensor], dict[str, Any]]], *,
+    options: Mapping[str, Any] | None, scheduler: str | Mapping[str, Any] | None,
+    id: str | None, nonfinite: NonFinitePolicy | None, binary: bool,
+    ps_options: Mapping[str, Any] | None,
+) -> APICall[SessionInfo]:
     fields: dict[str, Any] = {"optimizer": optimizer}
     if options:
         fields["options"] = _options_json(options, "options")
@@ -386,7 +409,7 @@ def create_session(
         ]
         content, ctype = _json_body(fields)
     return APICall("POST", "/v1/sessions", _parse_session, content=content, content_type=ctype,
-                   idempotent=False)
+                   idempotent=False, gc_tensors=sum(len(g) for g, _ in groups))
 
 
 def list_sessions() -> APICall[list[SessionInfo]]:
@@ -427,7 +450,33 @@ def step(
     into: Callable[[int], memoryview] | None = None,
     metrics: Literal["answer", "history"] = "answer",
 ) -> APICall[StepResult]:
-    wires = _sparse.encode_tensor_map(grads or {}, "grads")
+    """``POST .../step``; its encoding, and the decoding of its answer, with the collector
+    paused for 1,000 gradients or more (see optserve._gc)."""
+    tensors = len(grads or {})
+    with gc_paused(tensors):
+        call = _step_call(session_id, _sparse.encode_tensor_map(grads or {}, "grads"),
+                          return_params=return_params, binary=binary, worker=worker,
+                          base_version=base_version, param_groups=param_groups, upcast=upcast,
+                          params_dtype=params_dtype, scalars=scalars, into=into,
+                          metrics=metrics)
+    return dataclasses.replace(call, gc_tensors=tensors)
+
+
+def _step_call(
+    session_id: str,
+    wires: Mapping[str, WireTensor | SparseWire],
+    *,
+    return_params: bool | Literal["touched"],
+    binary: bool,
+    worker: str | None,
+    base_version: int | None,
+    param_groups: Mapping[int, Mapping[str, Any]] | None,
+    upcast: bool,
+    params_dtype: str | None,
+    scalars: Mapping[str, float] | None,
+    into: Callable[[int], memoryview] | None,
+    metrics: Literal["answer", "history"],
+) -> APICall[StepResult]:
     extra: dict[str, Any] = {}
     changes = group_changes(param_groups)
     if changes:
@@ -748,6 +797,17 @@ def export_state(session_id: str, *, format: StateFormat) -> APICall[dict[str, A
     accept = JSON if format == "json" else OCTET_STREAM
     return APICall("GET", _sid(session_id) + "/state_dict", parse,
                    params=[("format", format)], accept=accept)
+
+
+def export_state_at(session_id: str, *, format: StateFormat
+                    ) -> APICall[tuple[dict[str, Any], int | None]]:
+    """:func:`export_state`, with the session version the state is of (its header)."""
+    call = export_state(session_id, format=format)
+
+    def parse(response: httpx.Response) -> tuple[dict[str, Any], int | None]:
+        return call.parse(response), _header_int(response, VERSION_HEADER)
+
+    return APICall(call.method, call.path, parse, params=call.params, accept=call.accept)
 
 
 def _load_torch(content: bytes) -> dict[str, Any]:

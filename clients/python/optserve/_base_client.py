@@ -42,6 +42,7 @@ from ._exceptions import (
     connection_error,
     make_status_error,
 )
+from ._gc import gc_paused
 from ._safetensors import Body
 from ._version import __version__
 
@@ -194,7 +195,8 @@ class BaseClient(Generic[HttpxClientT]):
         if response.is_error:
             raise make_status_error(response)
         try:
-            return call.parse(response)
+            with gc_paused(call.gc_tensors):  # (a many-tensor answer's decoding: optserve._gc)
+                return call.parse(response)
         except (ValueError, KeyError) as exc:
             raise APIResponseValidationError(
                 f"cannot read the response to {call.method} {call.path}: {exc}",

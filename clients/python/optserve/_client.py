@@ -22,6 +22,7 @@ from ._api import Durability, NonFinitePolicy, ParamGroup, ParamsArg, StateForma
 from ._base_client import AsyncAPIClient, SyncAPIClient
 from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_MAX_RETRY_AFTER, DEFAULT_TIMEOUT
 from ._exceptions import APIConnectionError, APIStatusError
+from ._gc import gc_paused
 from ._local import LocalChannel, LocalUnavailable
 from ._tensors import TensorLike
 from ._types import (
@@ -268,7 +269,8 @@ class Client(SyncAPIClient):
                     raise
                 time.sleep(delay)
                 continue
-            return _api.step_result(answer, params, copy=not views)
+            with gc_paused(len(grads)):  # (copies of the new values: see optserve._gc)
+                return _api.step_result(answer, params, copy=not views)
         return None  # unreachable
 
     def __enter__(self) -> Client:
@@ -583,6 +585,11 @@ class Client(SyncAPIClient):
         torch). All three return the same dict.
         """
         return self._request(_api.export_state(id, format=format))
+
+    def _export_state_at(self, id: str, format: StateFormat = "safetensors"
+                         ) -> tuple[dict[str, Any], int | None]:
+        """:meth:`export_state` and the session version the state is of."""
+        return self._request(_api.export_state_at(id, format=format))
 
     def import_state(
         self,

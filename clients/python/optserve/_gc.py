@@ -6,6 +6,13 @@ to be promoted, so the collector ran full collections in the middle of it, each 
 object of the training process (torch's, the model's). At 16,000 tensors that was about half
 of the SDK's CPU time in a step (two or three full collections). None of those objects forms
 a cycle: they are freed by reference counting when the step is done, paused or not.
+
+The pause covers that per-tensor work only: encoding a request (``optserve._api.step``,
+``create_session``; the gradients copied into their shared slots), decoding its answer
+(:class:`~optserve._api.APICall`'s ``gc_tensors``), a ``RemoteOptimizer`` gathering its
+gradients and copying the new values in. Never the wait for the answer: the collector is the
+whole process's, and a sync round's push may wait long for the other workers' pushes while the
+process's other threads go on. Each pause's end may run one collection at once.
 """
 
 from __future__ import annotations

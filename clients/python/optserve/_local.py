@@ -25,6 +25,7 @@ import numpy as np
 
 from . import _tensors
 from ._exceptions import APIStatusError, OptserveError, make_status_error
+from ._gc import gc_paused
 from ._tensors import TensorLike
 
 _HEAD = struct.Struct("<I")
@@ -168,14 +169,19 @@ class LocalChannel:
         return answer, fds
 
     # ------------------------------------------------------------------ sessions
-    def binding(self, session_id: str) -> Binding:
+    def binding(self, session_id: str, tensors: int = 0) -> Binding:
+        """The session's binding, made on first use. ``tensors``: about how many parameters the
+        session has: from 1,000 on, the collector is paused while the binding is made (its
+        layout, a dict per parameter, and two views per parameter; a local exchange the server
+        answers at once, made once per session: see optserve._gc)."""
         found = self._bindings.get(session_id)
         if found is not None:
             return found
         if session_id in self._refused:
             raise LocalUnavailable("the server holds as many bindings as it allows")
         try:
-            answer, fds = self.call({"op": "bind", "session": session_id})
+            with gc_paused(tensors):
+                answer, fds = self.call({"op": "bind", "session": session_id})
         except APIStatusError as exc:
             if exc.problem.get("code") == "too_many_bindings":
                 # this session goes over HTTP (without asking again each step) until a
@@ -193,8 +199,9 @@ class LocalChannel:
         finally:
             os.close(fds[0])
         layout = list(answer["params"])
-        binding = Binding(int(answer["binding"]), buf, layout, _views(buf, layout, "grad"),
-                          _views(buf, layout, "param"))
+        with gc_paused(len(layout)):  # (two views per parameter: see optserve._gc)
+            binding = Binding(int(answer["binding"]), buf, layout, _views(buf, layout, "grad"),
+                              _views(buf, layout, "param"))
         self._bindings[session_id] = binding
         return binding
 
@@ -226,20 +233,23 @@ class LocalChannel:
         with self._lock:
             if self._ended:
                 raise LocalUnavailable("the client was closed")
-            binding = self.binding(session_id)
-            try:
-                if any(name not in binding.grads for name in grads):
-                    raise _SlotMismatch("a gradient has no slot")
-                _copy_all(binding.grads, grads)
-            except _SlotMismatch:
-                # parameters added since binding (add_param_group), or the session made again
-                # with other shapes: bind again, once
-                self.forget(session_id)
-                binding = self.binding(session_id)
-                missing = [name for name in grads if name not in binding.grads]
-                if missing:
-                    raise LocalUnavailable(f"no slot for {missing[0]!r}") from None
-                _copy_all(binding.grads, grads)
+            binding = self.binding(session_id, len(grads))
+            # the collector paused while the gradients are copied into their slots, not while
+            # the answer is awaited (a sync round waits for the other workers): optserve._gc
+            with gc_paused(len(grads)):
+                try:
+                    if any(name not in binding.grads for name in grads):
+                        raise _SlotMismatch("a gradient has no slot")
+                    _copy_all(binding.grads, grads)
+                except _SlotMismatch:
+                    # parameters added since binding (add_param_group), or the session made
+                    # again with other shapes: bind again, once
+                    self.forget(session_id)
+                    binding = self.binding(session_id, len(grads))
+                    missing = [name for name in grads if name not in binding.grads]
+                    if missing:
+                        raise LocalUnavailable(f"no slot for {missing[0]!r}") from None
+                    _copy_all(binding.grads, grads)
             message: dict[str, Any] = {
                 "op": "step", "binding": binding.number, "grads": list(grads),
                 "return": "params" if return_params else "none", "idempotency_key": key}
@@ -261,8 +271,9 @@ class LocalChannel:
                 # the session was made again since it was bound (nothing was applied): bind
                 # it again and send the same step (the same idempotency key) once more
                 self.forget(session_id)
-                binding = self.binding(session_id)
-                _copy_all(binding.grads, grads)
+                binding = self.binding(session_id, len(grads))
+                with gc_paused(len(grads)):
+                    _copy_all(binding.grads, grads)
                 message["binding"] = binding.number
                 answer, _ = self.call(message)
             # (a dict of its own: the views stay readable after a close() of another thread)

@@ -20,10 +20,14 @@ How it maps onto the service:
 - ``state_dict()`` fetches the session's state in torch's format, ``load_state_dict()`` imports
   one (from a ``RemoteOptimizer`` or a local optimizer of the same class);
 - ``self.state`` is a view of the session's state, torch's ``{param: {"step": ...,
-  "exp_avg": ..., ...}}``, fetched (one ``state_dict`` request) when first read after a step,
-  a ``load_state_dict`` or an ``add_param_group`` (logging code that reads
-  ``opt.state[p]["exp_avg"]``); edits to it stay local: the server's state changes through
-  steps and ``load_state_dict``;
+  "exp_avg": ..., ...}}`` (logging code that reads ``opt.state[p]["exp_avg"]``), fetched
+  (one ``state_dict`` request) when first read after this optimizer learned of a newer session
+  version from any answer (its steps, pulls, pushes, ``state_dict()``, ...) or after a
+  ``load_state_dict`` or an ``add_param_group``: never older than the newest version it knows
+  of, and no request while that has not moved (another worker's step shows once this one
+  learns of it: its next step or :meth:`pull_params`). Edits to its entries stay local;
+  assigning a mapping to it (``opt.state = defaultdict(dict)``) loads that state into the
+  session (:meth:`_assign_state`): an empty one resets it, as it does a local optimizer's;
 - ``with RemoteOptimizer(...) as opt:`` deletes the session it created at the end of the block
   (``close(delete_session=True)``); without ``with``, ``close()`` keeps it.
 
@@ -41,9 +45,8 @@ from __future__ import annotations
 
 import math
 import uuid
-from _collections_abc import dict_items, dict_keys, dict_values
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from copy import deepcopy
 from types import TracebackType
 from typing import Any, overload
@@ -54,8 +57,9 @@ from torch.optim.optimizer import ParamsT
 from ._api import Durability, NonFinitePolicy
 from ._base_client import ReceiveBuffer
 from ._client import Client
-from ._exceptions import OptserveError
+from ._exceptions import APIStatusError, OptserveError
 from ._gc import gc_paused
+from ._session_state import SessionState, assigned_state
 from ._tensors import Tensor
 from ._types import EvaluationRequest, SessionInfo
 
@@ -126,97 +130,6 @@ def _loss_value(loss: Any) -> float:
     if isinstance(loss, torch.Tensor):
         return float(loss.detach())
     return float(loss)
-
-
-class _SessionState(defaultdict[torch.Tensor, Any]):
-    """``RemoteOptimizer.state``: torch's ``{param: {"step": ..., "exp_avg": ..., ...}}`` as
-    the session holds it, fetched by ``load`` when first read after ``key()`` changed (a step,
-    a pull, a ``load_state_dict``, an ``add_param_group``); never fetched while nothing reads
-    it. Writes go to this copy only. A ``defaultdict(dict)`` as torch's own ``state`` is."""
-
-    def __init__(self, load: Callable[[], dict[torch.Tensor, Any]],
-                 key: Callable[[], object]) -> None:
-        super().__init__(dict)
-        self._load = load
-        self._key = key
-        self._loaded_at: object = None
-        self._loaded = False
-
-    def forget(self) -> None:
-        """Drop the fetched copy (a step changes the session's state: the copy would only
-        hold memory until the next read fetched a new one)."""
-        dict.clear(self)
-        self._loaded = False
-
-    def _fresh(self) -> None:
-        key = self._key()
-        if self._loaded and key == self._loaded_at:
-            return
-        values = self._load()
-        dict.clear(self)
-        dict.update(self, values)
-        self._loaded, self._loaded_at = True, key
-
-    def __getitem__(self, key: torch.Tensor) -> Any:
-        self._fresh()
-        return super().__getitem__(key)
-
-    def __setitem__(self, key: torch.Tensor, value: Any) -> None:
-        self._fresh()
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key: torch.Tensor) -> None:
-        self._fresh()
-        super().__delitem__(key)
-
-    def __contains__(self, key: object) -> bool:
-        self._fresh()
-        return super().__contains__(key)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        self._fresh()
-        return super().__iter__()
-
-    def __len__(self) -> int:
-        self._fresh()
-        return super().__len__()
-
-    def __repr__(self) -> str:
-        self._fresh()
-        return repr(dict(self))
-
-    def __eq__(self, other: object) -> bool:
-        self._fresh()
-        return dict.__eq__(self, other)
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def get(self, key: torch.Tensor, default: Any = None) -> Any:
-        self._fresh()
-        return super().get(key, default)
-
-    def keys(self) -> dict_keys[torch.Tensor, Any]:
-        self._fresh()
-        return super().keys()
-
-    def values(self) -> dict_values[torch.Tensor, Any]:
-        self._fresh()
-        return super().values()
-
-    def items(self) -> dict_items[torch.Tensor, Any]:
-        self._fresh()
-        return super().items()
-
-    def copy(self) -> defaultdict[torch.Tensor, Any]:  # type: ignore[override]
-        """A plain ``defaultdict(dict)`` of the current state (no longer following the
-        session): ``defaultdict.copy`` would call this class with its own arguments."""
-        self._fresh()
-        return defaultdict(dict, dict.items(self))
-
-    __copy__ = copy  # type: ignore[assignment]
-
-    def __reduce__(self) -> Any:  # copy.deepcopy, pickle: the plain defaultdict
-        return (defaultdict, (dict,), None, None, iter(self.copy().items()))
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
@@ -316,10 +229,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._worker = worker
         self._version = 0  # the session version the local parameter values belong to
         self._scalars: dict[str, float] = {}  # sent with the next step (record_scalars)
+        #: the newest session version any answer showed (>= ``_version``)
+        self._known_version = 0
         #: bumped by whatever may change the session's state besides a new version
         self._state_epoch = 0
-        self.state = _SessionState(self._session_state,
-                                   lambda: (self._version, self._state_epoch))
+        self._state_view = SessionState(self._session_state,
+                                        lambda: (self._known_version, self._state_epoch))
+        self.__dict__.pop("_torch_state", None)  # (what torch's __init__ assigned: unused)
 
         groups = []
         for group, opts in zip(self.param_groups, explicit, strict=True):
@@ -336,18 +252,19 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 raise
             return
         try:
-            with gc_paused(len(self._by_name)):
-                info = self._client.create_session(
-                    optimizer, param_groups=groups, options=options, scheduler=scheduler,
-                    id=session_id, binary=binary, durability=durability, metrics=metrics,
-                    nonfinite=nonfinite,
-                )
+            # (the client pauses the collector while it encodes and decodes 1,000 tensors or
+            # more: see optserve._gc)
+            info = self._client.create_session(
+                optimizer, param_groups=groups, options=options, scheduler=scheduler,
+                id=session_id, binary=binary, durability=durability, metrics=metrics,
+                nonfinite=nonfinite,
+            )
         except BaseException:
             if self._owns_client:
                 self._client.close()
             raise
         self._session_id = info.id
-        self._version = info.version
+        self._at(info.version)
         self.defaults = {**info.defaults, **options}
         self._adopt(info)
 
@@ -370,6 +287,75 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def version(self) -> int:
         """The session version the local parameter values come from."""
         return self._version
+
+    def _at(self, version: int) -> None:
+        """The local parameter values are now those of this session version."""
+        self._version = version
+        self._learn(version)
+
+    def _learn(self, version: object) -> None:
+        """An answer showed the session at this version (``opt.state`` older than it is
+        fetched again when read)."""
+        if type(version) is int and version > self._known_version:
+            self._known_version = version
+
+    @property
+    def state(self) -> defaultdict[torch.Tensor, Any]:
+        """The session's state, torch's ``{param: {"step": ..., "exp_avg": ..., ...}}``: a
+        view fetched when first read after this optimizer learned of a newer session version
+        or changed the state itself (see the module's docs). Assigning a mapping loads it into
+        the session: see :meth:`_assign_state`."""
+        view: defaultdict[torch.Tensor, Any] | None = self.__dict__.get("_state_view")
+        if view is None:  # (torch's Optimizer.__init__, before the session exists)
+            torch_state: defaultdict[torch.Tensor, Any] = self.__dict__["_torch_state"]
+            return torch_state
+        return view
+
+    @state.setter
+    def state(self, value: Mapping[torch.Tensor, Any]) -> None:
+        if "_state_view" not in self.__dict__:  # torch's Optimizer.__init__ sets it first
+            self.__dict__["_torch_state"] = value
+            return
+        if value is not self._state_view:
+            self._assign_state(value)
+
+    def _assign_state(self, value: object) -> None:
+        """``opt.state = mapping``: the session's state becomes ``mapping`` (this optimizer's
+        parameters to their state dicts, as torch's ``state`` holds them), one import of it
+        with the session's current group options (``GET`` the session, ``PUT .../state_dict``
+        without a scheduler state: its options and scheduler stay as they are, and options
+        changed locally still go with the next step). An empty mapping (``defaultdict(dict)``)
+        resets it: every parameter's state is made afresh at its next step, as a local
+        optimizer makes it, so training goes on as a local one whose ``state`` was replaced
+        the same way. One atomic import: the session takes all of it or, refused (a wrong
+        shape, a parameter that is not this optimizer's, ``TypeError`` for what is not a
+        mapping of dicts), none of it. In a sync session it discards an open round, as
+        :meth:`load_state_dict` does."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        entries = assigned_state(value, params)
+        info = self._client.get_session(self._session_id)
+        self._learn(info.version)
+        groups: list[dict[str, Any]] = []
+        start = 0
+        for local, server in zip(self.param_groups, info.param_groups, strict=True):
+            count = len(local["params"])
+            groups.append({**server.options, "params": list(range(start, start + count))})
+            start += count
+        self._state_epoch += 1
+        self._state_view.forget()
+        imported = self._client.import_state(
+            self._session_id, {"state": entries, "param_groups": groups},
+            format="safetensors" if self._binary else "json")
+        self._imported(imported)
+        if not entries:
+            self._state_view.known_empty()
+
+    def _imported(self, info: SessionInfo) -> None:
+        """After an import (which changes no parameter): the local values are those of its
+        version too when nothing else came between."""
+        if info.version == self._version + 1:
+            self._version = info.version
+        self._adopt(info)
 
     def _join(self, session_id: str) -> None:
         info = self._client.get_session(session_id)
@@ -430,6 +416,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 f"session {info.id!r} has {len(info.param_groups)} param groups, this optimizer "
                 f"{len(self.param_groups)}"
             )
+        self._learn(info.version)
         for group, server in zip(self.param_groups, info.param_groups, strict=True):
             for k, v in server.options.items():
                 group.setdefault(k, v)
@@ -531,8 +518,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         Over HTTP they do (on one host, taking them while the answer's bytes go out made no
         consistent difference)."""
         self._state_epoch += 1
-        if isinstance(self.state, _SessionState):  # (unless the caller replaced it)
-            self.state.forget()
+        self._state_view.forget()
         if self._optimizer_name == "LBFGS":
             first: float | None = self._lbfgs_step(closure)
             return first
@@ -544,10 +530,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
             if value is not None:
                 self._scalars.setdefault("loss", value)
         scalars, self._scalars = self._scalars, {}
-        # no cyclic collections walking the whole process while a many-tensor step makes
-        # and drops its per-tensor objects (none of them cyclic; see optserve._gc)
-        with gc_paused(len(self._by_name)):
+        try:
             self._step(scalars)
+        except APIStatusError as exc:  # (a stale push says where the session is)
+            self._learn(exc.problem.get("current_version"))
+            raise
         return loss
 
     def _step(self, scalars: dict[str, float]) -> None:
@@ -560,13 +547,19 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if changes and self._worker is not None:
             self._sync_param_groups()
             changes = {}
-        grads = self._grads()
+        # no cyclic collections walking the whole process while a many-tensor step makes and
+        # drops its per-tensor objects (none of them cyclic), here and in the client's encoding
+        # and decoding; not while the answer is awaited (a sync round waits for the other
+        # workers' pushes): see optserve._gc
+        tensors = len(self._by_name)
+        wire = self._wire_dtype
+        with gc_paused(tensors):
+            grads = self._grads()
+            sparse = any(g.layout != torch.strided for g in grads.values())
+            if wire is not None:  # narrower gradients on the wire; the server widens them
+                grads = _narrowed(grads, wire)
         base = self._version if self._worker is not None else None
         result = None
-        wire = self._wire_dtype
-        sparse = any(g.layout != torch.strided for g in grads.values())
-        if wire is not None:  # narrower gradients on the wire; the server widens them
-            grads = _narrowed(grads, wire)
         key = uuid.uuid4().hex  # the step's, over either transport
         sent: list[bool] = []
         if self._client.transport != "http" and wire is None and not sparse:
@@ -592,9 +585,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._sent(changes)
         if result.params is not None:
             # (narrowed to float16, a value past its range came back infinite)
-            self._copy_in(self._widened_where_infinite(result.params)
-                          if wire == torch.float16 else result.params)
-        self._version = result.params_at if result.params is not None else result.version
+            values = (self._widened_where_infinite(result.params) if wire == torch.float16
+                      else result.params)
+            with gc_paused(tensors):
+                self._copy_in(values)
+        self._at(result.params_at if result.params is not None else result.version)
+        self._learn(result.version)
         self._take_lrs(result.lr)
 
     def _widened_where_infinite(self, params: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
@@ -607,7 +603,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
             t._values() if t.layout == torch.sparse_coo else t).any())]
         if not bad:
             return params
-        wide = self._client.get_params(self._session_id, bad, binary=self._binary).params
+        pulled = self._client.get_params(self._session_id, bad, binary=self._binary)
+        self._learn(pulled.version)
+        wide = pulled.params
         return {**params, **{n: wide[n] for n in bad}}
 
     def _grads(self) -> dict[str, torch.Tensor]:
@@ -644,7 +642,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                            binary=self._binary)
         if answer.params is not None:
             self._copy_in(answer.params)
-        self._version = answer.params_at if answer.params is not None else answer.version
+        self._at(answer.params_at if answer.params is not None else answer.version)
+        self._learn(answer.version)
         self._take_lrs(answer.lr)
         return orig_loss
 
@@ -682,9 +681,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
             pre_hook(self)
         self.push_params(only_edited=True)
         self._sync_param_groups()
-        sd = self._client.export_state(
-            self._session_id, format="safetensors" if self._binary else "json"
-        )
+        sd, version = self._client._export_state_at(
+            self._session_id, format="safetensors" if self._binary else "json")
+        self._learn(version)  # (opt.state read next is not older than this)
         groups = []
         for local, server in zip(self.param_groups, sd["param_groups"], strict=True):
             packed = {k: v for k, v in server.items() if k not in _NOT_OPTIONS}
@@ -734,7 +733,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 saved["param_names"] = group["param_names"]
             new_groups.append(saved)
         self.param_groups = new_groups
-        self._adopt(info)
+        self._imported(info)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -742,8 +741,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """The session's state keyed by this optimizer's parameters (see :attr:`state`)."""
         if not hasattr(self, "_session_id"):
             return {}
-        sd = self._client.export_state(
+        sd, version = self._client._export_state_at(
             self._session_id, format="safetensors" if self._binary else "json")
+        self._learn(version)
         state: dict[torch.Tensor, Any] = {}
         for group, server in zip(self.param_groups, sd["param_groups"], strict=True):
             for p, index in zip(group["params"], server["params"], strict=True):
@@ -759,8 +759,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         params = self._locally_edited() if only_edited else dict(self._by_name)
         if not params:
             return
-        self._version = self._client.put_params(self._session_id, params,
-                                                binary=self._binary).version
+        self._at(self._client.put_params(self._session_id, params,
+                                         binary=self._binary).version)
         for name, p in params.items():
             self._seen_version[name] = p._version
 
@@ -769,7 +769,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         other workers stepped the same session)."""
         result = self._client.get_params(self._session_id, binary=self._binary)
         self._copy_in(result.params)
-        self._version = result.version
+        self._at(result.version)
 
     def close(self, *, delete_session: bool = False) -> None:
         """Optionally delete the server session, then close the client if this optimizer made
@@ -803,4 +803,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
             pass
 
     def __getstate__(self) -> dict[str, Any]:
-        raise TypeError("a RemoteOptimizer cannot be pickled; save its state_dict() instead")
+        """Refused (``pickle``, ``copy.copy``, ``copy.deepcopy``): a copy would step the same
+        server session as this one, or none."""
+        session = getattr(self, "_session_id", None)
+        raise TypeError(
+            "a RemoteOptimizer cannot be pickled or copied (pickle, copy.copy, copy.deepcopy): "
+            f"it stands for the server session {session!r} and holds its client's "
+            "connections. Save or copy its state_dict() instead and load_state_dict() it into "
+            "another optimizer (a new RemoteOptimizer, or a local one of the same class); to "
+            "copy a model, keep the optimizer out of what you deepcopy")

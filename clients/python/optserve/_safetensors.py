@@ -87,7 +87,10 @@ class Body:
         joined: list[memoryview] = []
         size = 0
         for part in self.parts:
-            view = memoryview(part).cast("B")
+            # (a tensor's bytes are such a view already: a new object per tensor here would
+            # wake the garbage collector while the body goes out, see optserve._gc)
+            view = part if isinstance(part, memoryview) and part.ndim == 1 \
+                and part.format == "B" and part.c_contiguous else memoryview(part).cast("B")
             if not view:
                 continue
             if size + len(view) <= piece:
