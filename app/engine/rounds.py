@@ -37,7 +37,7 @@ from app.errors import Conflict, Invalid, OptserveError
 
 #: what discarded a round, by the discarding operation's kind
 DISCARDED_BY = {"overwrite": "the parameters were overwritten (PUT .../params)",
-                "import": "the optimizer state was loaded (PUT .../state)"}
+                "import": "the optimizer state was loaded (PUT .../state_dict)"}
 
 
 def discarded_push(by: str, worker: str, base_version: int, version: int) -> Conflict:
