@@ -25,6 +25,7 @@ import torch
 from app.errors import BadRequest, Invalid
 from app.wire.dtypes import SAFETENSORS_NAMES, TORCH_DTYPES
 from app.wire.json_tensor import MAX_EXTENT, parse_shape
+from app.wire.unique_keys import DuplicateKey, check_unique_keys
 
 ST_DTYPE_NAMES = {TORCH_DTYPES[v]: k for k, v in SAFETENSORS_NAMES.items()}
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
@@ -99,7 +100,22 @@ def _json_object(raw: bytes, field: str) -> dict[str, Any]:
     if not isinstance(parsed, dict):
         raise BadRequest("safetensors header must be a JSON object", code="invalid_safetensors",
                          field=field)
+    _unique(raw, parsed, "", field)
     return parsed
+
+
+def _unique(raw: bytes, parsed: Any, within: str, field: str) -> None:
+    """400 ``duplicate_key`` naming the key's path (``__metadata__.param_groups``, a tensor's
+    name) when an object of the header text ``raw`` names a key twice: the header is a JSON
+    text as a JSON body is, and which of the two a parser takes is its choice."""
+    try:
+        check_unique_keys(raw, parsed)
+    except DuplicateKey as exc:
+        if within and exc.key is not None:  # (said as a check of the whole header says it)
+            exc = DuplicateKey(exc.key, f"{within}.{exc.parent}" if exc.parent else within)
+        raise BadRequest(f"the safetensors header is ambiguous: {exc} (each key may appear "
+                         "once in an object)", code="duplicate_key",
+                         field=field if exc.path is None else exc.path) from None
 
 
 #: a header that opens with its ``__metadata__`` object of strings, as safetensors' writers
@@ -133,6 +149,7 @@ def _metadata_first(header: bytes) -> tuple[dict[str, str], bytes] | None:
         metadata = orjson.loads(found.group(1))
     except (UnicodeDecodeError, ValueError, RecursionError, orjson.JSONDecodeError):
         return None
+    _unique(found.group(1), metadata, "__metadata__", "body")
     return metadata, rest
 
 

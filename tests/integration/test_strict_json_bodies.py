@@ -307,3 +307,49 @@ def test_a_key_twice_in_a_safetensors_bodys_metadata_is_refused(
                     headers={"content-type": "application/octet-stream"})
     refused(r, 400, "duplicate_key", "__metadata__.options.lr")
     assert [s["id"] for s in client.get("/v1/sessions").json()["sessions"]] == [sid]
+
+
+def _safetensors_with_header(header: bytes, data: bytes) -> bytes:
+    """A safetensors body with this header text as written (``save`` writes no key twice)."""
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data
+
+
+def _entry(name: str, t: torch.Tensor, start: int, dtype: str = "F32") -> str:
+    end = start + t.numel() * t.element_size()
+    return (f'"{name}": {{"dtype": "{dtype}", "shape": {list(t.shape)}, '
+            f'"data_offsets": [{start}, {end}]}}')
+
+
+_GRADS_DATA = G["w"].numpy().tobytes() + G["v"].numpy().tobytes()
+_W_END = G["w"].numel() * 4
+_GRAD_ENTRIES = f'{_entry("w", G["w"], 0)}, {_entry("v", G["v"], _W_END)}'
+_TWICE = ('"__metadata__": {"param_groups": "{\\"0\\": {\\"lr\\": 0.5}}", '
+          '"param_groups": "{\\"0\\": {\\"lr\\": 0.001}}"}')
+
+
+@pytest.mark.parametrize(("header", "field"), [
+    # the __metadata__ object names an entry twice, first in the header (as writers put it)...
+    ("{" + _TWICE + ", " + _GRAD_ENTRIES + "}", "__metadata__.param_groups"),
+    # ... or after the tensors
+    ("{" + _GRAD_ENTRIES + ", " + _TWICE + "}", "__metadata__.param_groups"),
+    # __metadata__ itself twice: one with an lr change, one without
+    ('{"__metadata__": {"param_groups": "{\\"0\\": {\\"lr\\": 0.5}}"}, ' + _GRAD_ENTRIES
+     + ', "__metadata__": {}}', "__metadata__"),
+    # a tensor named twice, with other dtypes over the same bytes
+    ("{" + _GRAD_ENTRIES + ", " + _entry("w", G["w"], 0, "I32") + "}", "w"),
+])
+def test_a_key_twice_in_a_safetensors_header_is_refused(
+        client: TestClient, header: str, field: str) -> None:
+    """The safetensors header is a JSON text too: its ``__metadata__`` naming an entry twice
+    (which ``param_groups`` would the step take?), or the header naming ``__metadata__`` or a
+    tensor twice, is a 400 ``duplicate_key`` naming it, and nothing is done (it was taken:
+    the last one winning, a step with lr 0.001 where a reader sees 0.5 first)."""
+    sid = create(client)
+    before = snapshot(client, sid)
+    r = client.post(f"/v1/sessions/{sid}/step",
+                    content=_safetensors_with_header(header.encode(), _GRADS_DATA),
+                    headers={"content-type": "application/octet-stream"})
+    refused(r, 400, "duplicate_key", field)
+    assert snapshot(client, sid) == before
+    steps_as_torch(client, sid)
