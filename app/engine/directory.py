@@ -46,6 +46,9 @@ class Directory:
         if root is not None:
             (root / ".creates").mkdir(parents=True, exist_ok=True)
             (root / ".deleted-creates").mkdir(parents=True, exist_ok=True)
+            # (the count between prunes starts again with each front: a front that deletes
+            # fewer than that before it ends would leave its marks to pile up)
+            self.prune_deleted()
 
     # ------------------------------------------------------------------ entries
     def get(self, key: str) -> dict[str, Any] | None:
@@ -154,10 +157,12 @@ class Directory:
                 self._marked = 0
                 self.prune_deleted()
 
-    def prune_deleted(self, keep: int = KEEP) -> None:
-        """Remove the oldest marks of deleted creates past ``keep`` (by the time they were
-        marked: a rename keeps the file's times, so they are touched when marked)."""
+    def prune_deleted(self, keep: int | None = None) -> None:
+        """Remove the oldest marks of deleted creates past ``keep`` (default :data:`KEEP`; by
+        the time they were marked: a rename keeps the file's times, so they are touched when
+        marked). Also when a directory is opened on its folder."""
         assert self.root is not None
+        keep = KEEP if keep is None else keep
         folder = self.root / ".deleted-creates"
         marks: list[tuple[float, str]] = []
         for entry in os.scandir(folder):

@@ -146,3 +146,22 @@ def test_the_deleted_creates_kept_are_bounded(tmp_path: Path,
     assert in_memory.created("t", "k1") is None
     assert in_memory.created("t", "k2") == {"key": "t~s2", "fingerprint": "fp",
                                             "deleted": True}
+
+
+def test_the_deleted_creates_on_disk_stay_bounded_across_restarts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fronts that each delete fewer sessions than a prune waits for (a restart, a short-lived
+    front) still keep at most KEEP marks: a directory opened on a folder holding more prunes it."""
+    monkeypatch.setattr(directory, "KEEP", 3)
+    for i in range(8):  # eight fronts, one delete each
+        front = Directory(tmp_path / "dir")
+        front.note_created("t", f"k{i}", "fp", f"t~s{i}")
+        front.forget_created("t", f"k{i}")
+        mark = tmp_path / "dir" / ".deleted-creates" / Directory._create_name("t", f"k{i}")
+        os.utime(mark, (1000.0 + i, 1000.0 + i))  # (marked a second apart)
+        assert len(os.listdir(tmp_path / "dir" / ".deleted-creates")) <= 3 + 1
+    Directory(tmp_path / "dir")
+    assert len(os.listdir(tmp_path / "dir" / ".deleted-creates")) == 3
+    kept = Directory(tmp_path / "dir")
+    assert kept.created("t", "k4") is None  # the oldest went
+    assert kept.created("t", "k7") == {"key": "t~s7", "fingerprint": "fp", "deleted": True}
