@@ -21,6 +21,7 @@ import math
 import random
 import signal
 import tempfile
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from conftest import LiveServer, _test_settings
+from conftest import ENGINES, LiveServer, _test_settings
 
 from app.engine import CreateSpec, GroupSpec, embedded_engine
 from app.engine.ops import Step
@@ -236,6 +237,32 @@ def test_a_step_whose_scheduler_step_overflows_is_refused_whole(
     assert step(c, body["id"], 1, names, headers=headers).status_code == 200
     twin.step(1)
     same_as_twin(c, body["id"], twin)
+
+
+@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)
+def test_the_refusal_and_the_way_out_on_every_engine(http: httpx.Client) -> None:
+    """The same refusal, and ``{"scheduler": null}``, on the embedded engine and on a Ray host
+    (operations travel there as their records: the check's flag with them)."""
+    body = body_of(f"eng-{uuid.uuid4().hex[:8]}", "SGD", {"lr": 0.1, "momentum": 0.9},
+                   EXP_OVERFLOW)
+    sid = body["id"]
+    create(http, body)
+    twin = Twin(body)
+    assert step(http, sid, 0).status_code == 200
+    twin.step(0)
+    before = whole(http, sid)
+    out_of_range(step(http, sid, 1), "lr", twin.next_writes()["lr"])
+    assert whole(http, sid) == before
+    r = http.patch(f"/v1/sessions/{sid}", json={"scheduler": None})
+    assert r.status_code == 200 and r.json()["scheduler"] is None, r.text
+    twin.per_step = False
+    r = http.patch(f"/v1/sessions/{sid}/param_groups/0", json={"lr": 1e-3})
+    assert r.status_code == 200, r.text
+    twin.opt.param_groups[0]["lr"] = 1e-3
+    assert step(http, sid, 1).status_code == 200
+    twin.step(1)
+    same_as_twin(http, sid, twin)
+    assert http.delete(f"/v1/sessions/{sid}").status_code == 204
 
 
 def test_an_infinite_lr_is_refused_naming_it(server: tuple[httpx.Client, Path]) -> None:
