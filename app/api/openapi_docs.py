@@ -229,11 +229,19 @@ SCHEMAS: dict[str, Any] = {
     "PsOptions": {
         "type": "object",
         "description": "Session options to change (absent fields keep their value): the "
-                       "parameter-server ones, metrics and history.",
+                       "parameter-server ones, metrics, history, and scheduler (null only: "
+                       "removes the session's scheduler).",
         "properties": {"sync": _nullable(_ref("SyncOptions")), **_PS_PROPERTIES,
                        "metrics": {"type": "boolean",
                                    "description": _SESSION_OPTIONS["metrics"]["description"]},
-                       "history": {**_SESSION_OPTIONS["history"], "type": "integer"}},
+                       "history": {**_SESSION_OPTIONS["history"], "type": "integer"},
+                       "scheduler": {"type": "null",
+                                     "description": "null removes the session's scheduler "
+                                                    "(the groups keep their lr): the way out "
+                                                    "of a schedule refused with 409 "
+                                                    "scheduler_out_of_range that a PATCH of "
+                                                    "the lr cannot steer. A scheduler is given "
+                                                    "only at create."}},
         "additionalProperties": False,
         "example": {"sync": {"workers": 2}},
     },
@@ -502,8 +510,8 @@ COMMON_PROBLEMS: dict[str, str] = {
     "401": "Missing or wrong API key",
     "404": "Unknown session",
     "409": "Conflict (id taken, a keyed create whose session was deleted, scheduler "
-           "exhausted, duplicate push, round timeout, stale gradient, LBFGS step in progress "
-           "or ended)",
+           "exhausted, scheduler out of range, duplicate push, round timeout, stale gradient, "
+           "LBFGS step in progress or ended)",
     "413": "Body larger than OPTSERVE_MAX_BODY_MB",
     "415": "Content-Type neither JSON nor octet-stream",
     "422": "Invalid input (shape, dtype, option, state...)",

@@ -100,7 +100,7 @@ async def get_session(session_id: SessionId, engine: EngineDep, tenant: TenantDe
     return _described(await engine.describe(session_id, tenant=tenant))
 
 
-@router.patch("/{session_id}", summary="Change parameter-server options")
+@router.patch("/{session_id}", summary="Change session options (or remove the scheduler)")
 async def configure_session(
     session_id: SessionId,
     request: Request,

@@ -287,7 +287,7 @@ class Evaluations:
             if isinstance(checked, _Signal):
                 raise _Skipped
             step.first = checked
-        work = make_copy(s)
+        work = make_copy(s, scheduler_range=True)
         step.version, step.step_count = s.version, s.step_count
         return work
 

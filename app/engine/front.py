@@ -339,8 +339,8 @@ class Front:
     async def scheduler_step(self, session_id: str, metric: float | None, *,
                              tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                              ) -> SchedulerResult:
-        out: SchedulerResult = await self._execute(tenant, session_id, SchedulerStep(metric),
-                                                   idem)
+        op = SchedulerStep(metric, scheduler_range=True)
+        out: SchedulerResult = await self._execute(tenant, session_id, op, idem)
         return out
 
     async def export_state(self, session_id: str, *, tenant: str = DEFAULT_TENANT

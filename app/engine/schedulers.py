@@ -294,20 +294,26 @@ def step(sched: Scheduler, metric: float | None = None) -> None:
 
 
 def dry_run(optimizer: torch.optim.Optimizer, sched: Scheduler, metric: float | None,
-            field: str = "scheduler") -> None:
+            field: str = "scheduler",
+            written: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
     """Step the scheduler once and put everything back: a scheduler that would raise is refused
     here, before the optimizer or anything else has changed (torch steps the scheduler after
-    the optimizer, when a failure could no longer be undone cheaply)."""
+    the optimizer, when a failure could no longer be undone cheaply). ``written(before)`` sees
+    the groups as the step left them (``before``: their options as they were), before they are
+    put back, and may refuse what it wrote (:mod:`app.engine.scheduler_writes`)."""
     check_can_step(sched)
     saved = capture(optimizer, sched)
     try:
-        is_plateau = isinstance(sched, lr_scheduler.ReduceLROnPlateau)
-        step(sched, 1.0 if is_plateau and metric is None else metric)
-    except TORCH_ERRORS as exc:
-        name = type(sched).__name__
-        raise Invalid(f"the scheduler cannot step: {name}.step() raises "
-                      f"{type(exc).__name__}{': ' + str(exc) if str(exc) else ''}; nothing "
-                      "was changed", code="scheduler_failed", field=field) from None
+        try:
+            is_plateau = isinstance(sched, lr_scheduler.ReduceLROnPlateau)
+            step(sched, 1.0 if is_plateau and metric is None else metric)
+        except TORCH_ERRORS as exc:
+            name = type(sched).__name__
+            raise Invalid(f"the scheduler cannot step: {name}.step() raises "
+                          f"{type(exc).__name__}{': ' + str(exc) if str(exc) else ''}; nothing "
+                          "was changed", code="scheduler_failed", field=field) from None
+        if written is not None:
+            written(saved[0])
     finally:
         restore(optimizer, sched, saved)
 

@@ -473,7 +473,8 @@ class ShardedSession:
         if worker is not None:
             ps.check_worker(worker)
         out: StepResult = await self.execute(key, Step(grads, base_version, options=options,
-                                                       request=True, refuse_replaced=True),
+                                                       request=True, refuse_replaced=True,
+                                                       scheduler_range=True),
                                              idem=idem, want_params=want_params)
         return out
 

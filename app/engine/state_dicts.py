@@ -293,8 +293,9 @@ def prepare_import(session: Session, state: object, request: bool = False) -> Pr
             option_values.check_scheduler_group_keys(session.cls, given, where)
     for i, (opts, dtype) in enumerate(zip(group_opts, dtypes, strict=True)):
         optimizers.check_overflow(opts, dtype, f"state_dict.param_groups.{i}")
-    optimizers.probe(session.cls, session.defaults, group_opts, dtypes, session.device, fields,
-                     "state_dict.param_groups", check=changed)
+    optimizers.probe(session.cls, session.defaults,
+                     scheduled_lrs_taken(session, state, group_opts), dtypes, session.device,
+                     fields, "state_dict.param_groups", check=changed)
 
     raw_state = state.get("state", {})
     if not isinstance(raw_state, dict):
@@ -351,6 +352,27 @@ def prepare_import(session: Session, state: object, request: bool = False) -> Pr
         sched_state = conform(live, own_tensors(sched_state, "state_dict.scheduler"))
     names = [list(g["param_names"]) for g in current]
     return PreparedImport({"state": new_state, "param_groups": new_groups}, sched_state, names)
+
+
+def scheduled_lrs_taken(session: Session, state: dict[str, Any],
+                        group_opts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The groups' options as torch's constructor checks see them in an import: an ``lr`` below
+    zero that the imported scheduler state says its last step wrote (its ``_last_lr``) is
+    taken, as torch's ``load_state_dict`` takes it. A schedule that ends at 0 (LinearLR's
+    ``end_factor: 0``) lands a hair below it in torch's own arithmetic, and the session's export
+    must import into another session; a negative lr a client gives is refused as before."""
+    sched = state.get("scheduler")
+    written = sched.get("_last_lr") if isinstance(sched, dict) else None
+    if session.scheduler is None or not isinstance(written, list) \
+            or len(written) != len(group_opts):
+        return group_opts
+    out = []
+    for opts, last in zip(group_opts, written, strict=True):
+        lr = opts.get("lr")
+        if type(lr) is float and lr < 0 and type(last) is float and last == lr:
+            opts = {**opts, "lr": -lr}
+        out.append(opts)
+    return out
 
 
 _LBFGS_COUNTERS = ("func_evals", "n_iter")

@@ -399,8 +399,11 @@ def test_patch_is_checked_on_the_whole_group_and_against_the_dtype(
 
 def test_an_infinite_lr_is_reported_faithfully(server: tuple[httpx.Client, Path]) -> None:
     """JSON has no inf: the service's own {"$float": "inf"} encoding, not null. A client can no
-    longer set an infinite lr (a 422 naming it), but a scheduler can drive one there
-    (ExponentialLR from 1e200 by 1e200, in float64 as torch computes it)."""
+    longer set an infinite lr (a 422 naming it), nor can a scheduler drive one there any more
+    (ExponentialLR from 1e200 by 1e200, in float64 as torch computes it): the step is refused,
+    the lr it would have written given as {"$float": "inf"}. (An infinite lr a session holds
+    from an older server's log is reported the same way:
+    test_scheduler_out_of_range.py::test_steps_older_servers_took_still_replay.)"""
     c, _ = server
     create(c, "inf")
     before = state(c, "inf")
@@ -410,11 +413,12 @@ def test_an_infinite_lr_is_reported_faithfully(server: tuple[httpx.Client, Path]
     assert state(c, "inf") == before
     create(c, "inf2", optimizer="SGD", options={"lr": 1e200}, param=P0.double(),
            scheduler={"name": "ExponentialLR", "options": {"gamma": 1e200}})
-    answer = c.post("/v1/sessions/inf2/step",
-                    json={"grads": {"p": jt(grad(0).double())}}).json()
-    assert answer["lr"] == [{"$float": "inf"}]
-    assert c.get("/v1/sessions/inf2").json()["param_groups"][0]["lr"] == {"$float": "inf"}
-    assert c.get("/v1/sessions/inf2/params").json()["lr"] == [{"$float": "inf"}]
+    before = state(c, "inf2")
+    body = refused(c.post("/v1/sessions/inf2/step",
+                          json={"grads": {"p": jt(grad(0).double())}}), 409,
+                   "scheduler_out_of_range")
+    assert body["field"] == "param_groups.0.lr" and body["value"] == {"$float": "inf"}
+    assert state(c, "inf2") == before
 
 
 # --------------------------------------------------------------------------- names and ids

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.engine import chunked, metrics, optimizers, ps, schedulers, sparse
+from app.engine import chunked, metrics, optimizers, ps, scheduler_writes, schedulers, sparse
 from app.engine.interface import GradsResult, StepResult, Tensors
 from app.engine.ops.base import ApplyFailed, Operation, register
 from app.engine.ops.params import check_group_changes
@@ -104,6 +104,11 @@ class Step(Operation):
     #: travels with the operation (logged with its base version); records logged before this
     #: check lack it and replay as they ran
     refuse_replaced: bool = False
+    #: set for steps asked for now (requests, sync rounds): refused (409
+    #: ``scheduler_out_of_range``) when the scheduler's step after it would write a group value
+    #: out of range (:mod:`app.engine.scheduler_writes`). Logged; records logged before this
+    #: check lack it and replay as they ran
+    scheduler_range: bool = False
 
     def check(self, s: Session) -> StepPlan:
         # a body whose header the session has checked: no per-tensor checks, the gradients
@@ -141,7 +146,8 @@ class Step(Operation):
                 s.check_group_scalars()
                 if s.steps_scheduler():
                     assert s.scheduler is not None
-                    schedulers.dry_run(s.optimizer, s.scheduler, None)
+                    schedulers.dry_run(s.optimizer, s.scheduler, None, written=(
+                        scheduler_writes.written_check(s) if self.scheduler_range else None))
             finally:
                 if saved is not None:
                     schedulers.restore(s.optimizer, None, saved)
@@ -269,6 +275,8 @@ class Step(Operation):
             out["workers"] = self.workers
         if self.touched:
             out["touched"] = True
+        if self.scheduler_range:
+            out["scheduler_range"] = True
         return out
 
     @classmethod
@@ -286,7 +294,8 @@ class Step(Operation):
                    None if workers is None else [str(w) for w in workers],
                    touched=bool(tree.get("touched", False)),
                    request=tree.get("request") is True,
-                   refuse_replaced=tree.get("refuse_replaced") is True)
+                   refuse_replaced=tree.get("refuse_replaced") is True,
+                   scheduler_range=tree.get("scheduler_range") is True)
 
 
 @register

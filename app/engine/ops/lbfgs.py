@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from app.engine import schedulers
+from app.engine import scheduler_writes, schedulers
 from app.engine.interface import Evaluation, StepResult, Tensors
 from app.engine.ops.base import ApplyFailed, Operation, register
 from app.engine.session import Session
@@ -68,13 +68,16 @@ def check_lbfgs(s: Session) -> None:
                       field="optimizer")
 
 
-def make_copy(s: Session) -> Copy:
+def make_copy(s: Session, scheduler_range: bool = False) -> Copy:
     """What the step runs on (and the scheduler checked: a scheduler that would fail after the
-    step is refused now, before any evaluation)."""
+    step is refused now, before any evaluation; one that would write a group value out of
+    range too, for a step asked for now: ``scheduler_range``,
+    :mod:`app.engine.scheduler_writes`)."""
     check_lbfgs(s)
     if s.steps_scheduler():
         assert s.scheduler is not None
-        schedulers.dry_run(s.optimizer, s.scheduler, None)
+        schedulers.dry_run(s.optimizer, s.scheduler, None, written=(
+            scheduler_writes.written_check(s) if scheduler_range else None))
     names = s.names()
     params = [s.params[n].detach().clone() for n in names]
     opt = torch.optim.LBFGS(params)

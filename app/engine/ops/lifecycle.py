@@ -107,10 +107,24 @@ class ConfigurePlan:
     ps: ps.PsConfig
     metrics: bool
     history: int
+    #: ``"scheduler": null``: the session's scheduler is removed
+    drop_scheduler: bool = False
 
 
 #: session options PATCH changes besides the parameter-server ones
-SESSION_KEYS = ("metrics", "history")
+SESSION_KEYS = ("metrics", "history", "scheduler")
+
+
+def check_scheduler_removal(value: object) -> bool:
+    """``"scheduler"`` in a PATCH: only ``null``, which removes the session's scheduler (a way
+    out of a schedule that went where the session cannot follow:
+    :mod:`app.engine.scheduler_writes`)."""
+    if value is not None:
+        raise Invalid("a session's scheduler is given at create; PATCH takes only "
+                      "\"scheduler\": null, which removes it (the groups keep their lr, and the "
+                      "keys it added, as torch's do when a scheduler is no longer stepped)",
+                      code="invalid_option", field="scheduler")
+    return True
 
 
 def check_metrics(value: object) -> bool:
@@ -124,7 +138,8 @@ def check_metrics(value: object) -> bool:
 @dataclass
 class Configure(Operation):
     """Change session options: parameter-server ones (``sync``, ``max_staleness``,
-    ``staleness_lr``), ``metrics`` (per-step norms on or off) and ``history`` (rows kept)."""
+    ``staleness_lr``), ``metrics`` (per-step norms on or off), ``history`` (rows kept) and
+    ``scheduler`` (``null``: remove it)."""
 
     kind = "configure"
     options: dict[str, Any]
@@ -146,9 +161,12 @@ class Configure(Operation):
               else s.metrics_on)
         rows = (check_capacity(self.options["history"]) if "history" in self.options
                 else s.history.capacity)
-        return ConfigurePlan(config, on, rows)
+        drop = "scheduler" in self.options and check_scheduler_removal(self.options["scheduler"])
+        return ConfigurePlan(config, on, rows, drop)
 
     def apply(self, s: Session, plan: ConfigurePlan) -> SessionInfo:
+        if plan.drop_scheduler:
+            s.scheduler = s.scheduler_spec = None
         s.ps = plan.ps
         s.metrics_on = plan.metrics
         if not plan.metrics:

@@ -6,7 +6,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.engine import optimizers, schedulers, state_dicts
+from app.engine import optimizers, scheduler_writes, schedulers, state_dicts
 from app.engine.interface import SchedulerResult, SessionInfo
 from app.engine.ops.base import Operation, register
 from app.engine.ops.params import discarded_answers
@@ -105,6 +105,10 @@ class SchedulerStep(Operation):
 
     kind = "scheduler_step"
     metric: float | None = None
+    #: set by requests: refused (409 ``scheduler_out_of_range``) when the step would write a
+    #: group value out of range (:mod:`app.engine.scheduler_writes`). Logged; records logged
+    #: before this check lack it and replay as they ran
+    scheduler_range: bool = False
 
     def check(self, s: Session) -> None:
         if s.scheduler is None or s.scheduler_spec is None:
@@ -117,7 +121,8 @@ class SchedulerStep(Operation):
         if not is_plateau and self.metric is not None:
             raise Invalid(f"{s.scheduler_spec.name} takes no metric", code="invalid_metric",
                           field="metric")
-        schedulers.dry_run(s.optimizer, s.scheduler, self.metric)
+        schedulers.dry_run(s.optimizer, s.scheduler, self.metric, written=(
+            scheduler_writes.written_check(s, by_hand=True) if self.scheduler_range else None))
 
     def apply(self, s: Session, plan: None) -> SchedulerResult:
         assert s.scheduler is not None
@@ -132,9 +137,13 @@ class SchedulerStep(Operation):
                                getattr(s.scheduler, "last_epoch", None))
 
     def to_tree(self) -> dict[str, Any]:
-        return {"metric": self.metric}
+        tree: dict[str, Any] = {"metric": self.metric}
+        if self.scheduler_range:
+            tree["scheduler_range"] = True
+        return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> SchedulerStep:
         metric = tree.get("metric")
-        return cls(None if metric is None else float(metric))
+        return cls(None if metric is None else float(metric),
+                   tree.get("scheduler_range") is True)

@@ -544,7 +544,9 @@ class Client(SyncAPIClient):
     def configure_session(self, id: str, **options: Any) -> SessionInfo:
         """``PATCH /v1/sessions/{id}``: change parameter-server options between rounds:
         ``sync={"workers": K2}`` (merged into the current sync options; ``sync=None`` turns
-        rounds off), ``max_staleness=S``, ``staleness_lr="inverse" | "none"``."""
+        rounds off), ``max_staleness=S``, ``staleness_lr="inverse" | "none"``; ``metrics``,
+        ``history``; ``scheduler=None`` removes the session's scheduler (after a
+        ``ConflictError`` with ``code == "scheduler_out_of_range"``)."""
         return self._request(_api.configure_session(id, options))
 
     def put_params(
