@@ -34,7 +34,7 @@ from app.wire.safetensors_body import (
     read_safetensors,
     write_safetensors,
 )
-from app.wire.unique_keys import DuplicateKey, check_unique_keys
+from app.wire.unique_keys import FIELD_MAX, DuplicateKey, check_unique_keys
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
@@ -267,7 +267,8 @@ def unique_json(buf: bytes | bytearray | memoryview, value: Any, within: str = "
         path = exc.path if exc.path is None or not within else f"{within}.{exc.path}"
         raise BadRequest(f"the {what} is ambiguous: {exc} (each key may appear once in an "
                          "object)", code="duplicate_key",
-                         field=path if path is not None else within or field) from None
+                         field=(path if path is not None else within or field)[:FIELD_MAX]
+                         ) from None
 
 
 def json_object(buf: bytes | bytearray | memoryview) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+#: the longest ``path`` a problem names (a key may be as long as the body allows)
+FIELD_MAX = 200
 #: texts shorter than this are scanned as bytes, longer ones by numpy
 _SMALL = 1 << 16
 _COLON, _BACKSLASH = ord(":"), ord("\\")
@@ -47,7 +49,9 @@ class DuplicateKey(Exception):
         super().__init__(text)
         self.key = key
         self.parent = parent
-        self.path = None if key is None else f"{parent}.{key}" if parent else key
+        path = None if key is None else f"{parent}.{key}" if parent else key
+        #: cut as other problems' fields are: a key may be as long as the body allows
+        self.path = None if path is None else path[:FIELD_MAX]
 
 
 def _colons(value: Any, *, whole: bool) -> int:

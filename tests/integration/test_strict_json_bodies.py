@@ -277,6 +277,20 @@ def test_a_key_twice_in_one_object_is_refused_naming_it(client: TestClient, case
     steps_as_torch(client, sid)
 
 
+def test_a_long_key_twice_is_named_cut_to_200_characters(client: TestClient) -> None:
+    """A repeated key 10,000 characters long is named, as other problems' fields are, in at
+    most 200 characters (not echoed whole into the problem)."""
+    sid = create(client)
+    before = snapshot(client, sid)
+    key = "k" * 10_000
+    text = f'{{"grads": {GRADS}, "scalars": {{"{key}": 1.0, "{key}": 2.0}}}}'
+    r = client.post(f"/v1/sessions/{sid}/step", content=text,
+                    headers={"content-type": "application/json"})
+    refused(r, 400, "duplicate_key", f"scalars.{key}"[:200])
+    assert len(r.text) < 2_000
+    assert snapshot(client, sid) == before
+
+
 def test_a_create_naming_a_key_twice_makes_nothing(client: TestClient) -> None:
     params = json.dumps({n: jt(t) for n, t in P0.items()})
     text = ('{"id": "twice", "optimizer": "SGD", "optimizer": "Adam", '
