@@ -208,6 +208,20 @@ def adam_tensor_lr() -> dict:
     return {"optimizer": "Adam", "params0": {"w": params0}, "steps": steps}
 
 
+def plateau_nonfinite() -> dict:
+    """ReduceLROnPlateau(patience=0, factor=0.5) over SGD(lr=1) stepped on the metrics 1, 2,
+    NaN, +inf, -inf, 3 (a NaN is never better: a bad epoch, as is +inf; -inf becomes best):
+    the lr after each. Metrics are named as strings (JSON has no NaN)."""
+    opt = torch.optim.SGD([torch.zeros(1)], lr=1.0)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    names = ["1", "2", "nan", "inf", "-inf", "3"]
+    lrs = []
+    for name in names:
+        sched.step(float(name))
+        lrs.append(sched.get_last_lr()[0])
+    return {"metrics": names, "lrs": lrs}
+
+
 def main() -> None:
     torch.use_deterministic_algorithms(True)
     ref = {
@@ -228,6 +242,7 @@ def main() -> None:
         "half_rounding": half_rounding(),
         "asgd_t0_inf": asgd_t0_inf(),
         "adam_tensor_lr": adam_tensor_lr(),
+        "plateau_nonfinite": plateau_nonfinite(),
         "sparse_adam": sparse_adam(),
         "lbfgs": lbfgs({"lr": 1, "max_iter": 6, "history_size": 3}),
         "lbfgs_wolfe": lbfgs({"lr": 1, "max_iter": 8, "history_size": 4,
