@@ -7,6 +7,7 @@ member); a repeated key is named by its path."""
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 import numpy as np
@@ -129,3 +130,16 @@ def test_too_deep_to_name_is_still_refused() -> None:
     text = "[" * 1000 + '{"a": 1, "a": 2}' + "]" * 1000
     with pytest.raises(DuplicateKey):
         check_unique_keys(text.encode(), orjson.loads(text))
+
+
+@pytest.mark.parametrize("size", [0, 1, 2047, 2048, 2049, (1 << 18) - 1, 1 << 18, (1 << 18) + 3,
+                                  3 * (1 << 18) + 17])
+def test_the_scan_counts_as_bytes_count_in_any_buffer(size: int) -> None:
+    """The colon count and the backslash flag equal ``bytes.count`` and ``in`` for bytes,
+    bytearray and memoryview texts around the sizes where the scan changes method or piece,
+    with colons and a backslash at the last byte."""
+    rng = random.Random(size)
+    for last in (b":", b"\\", b"a"):
+        raw = bytes(rng.choice(b'ab:"{} ') for _ in range(max(size - 1, 0))) + last[:size]
+        for text in (raw, bytearray(raw), memoryview(bytearray(raw))):
+            assert unique_keys._scan(text) == (raw.count(b":"), b"\\" in raw)
