@@ -34,7 +34,7 @@ from app.wire.safetensors_body import (
     read_safetensors,
     write_safetensors,
 )
-from app.wire.unique_keys import FIELD_MAX, DuplicateKey, check_unique_keys
+from app.wire.unique_keys import refuse_duplicate_keys
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
@@ -160,11 +160,9 @@ def require_json(request: Request) -> None:
 _ALIASES = {"application/safetensors": BINARY, "application/problem+json": JSON}
 
 
-@functools.lru_cache(maxsize=256)
 def _accepted(accept: str) -> tuple[tuple[str, float], ...]:
     """The media ranges of an ``Accept`` header with their weights, in the header's order,
-    q=0 included (it excludes what it names). Kept for the headers seen most: a client sends
-    the same one with every request."""
+    q=0 included (it excludes what it names)."""
     ranges: list[tuple[str, float]] = []
     for part in accept.split(","):
         pieces = [p.strip() for p in part.split(";")]
@@ -201,6 +199,19 @@ def _weight(media: str, ranges: tuple[tuple[str, float], ...]) -> tuple[float, i
     return best[1], best[2]
 
 
+@functools.lru_cache(maxsize=256)
+def _chosen(accept: str, offered: tuple[str, ...]) -> str | None:
+    """What :func:`negotiate` answers for this header and these types (None: 406), kept for
+    the pairs seen most: a client sends the same header with every request."""
+    ranges = _accepted(accept)
+    choice, best = None, (0.0, 0)
+    for media in offered:
+        q, position = _weight(media, ranges)
+        if q > best[0] or (q == best[0] > 0 and position < best[1]):
+            choice, best = media, (q, position)
+    return choice
+
+
 def negotiate(request: Request, offered: tuple[str, ...]) -> str:
     """The one of ``offered`` the client's ``Accept`` weighs most (no header: the first
     offered; equal weights: the one named first in the header, then the first offered); 406
@@ -209,12 +220,7 @@ def negotiate(request: Request, offered: tuple[str, ...]) -> str:
     accept = request.headers.get("accept")
     if not accept:
         return offered[0]
-    ranges = _accepted(accept)
-    choice, best = None, (0.0, 0)
-    for media in offered:
-        q, position = _weight(media, ranges)
-        if q > best[0] or (q == best[0] > 0 and position < best[1]):
-            choice, best = media, (q, position)
+    choice = _chosen(accept, offered)
     if choice is not None:
         return choice
     names = " and ".join(offered)
@@ -259,16 +265,9 @@ def parse_json(buf: bytes | bytearray | memoryview, field: str = "body", *,
 def unique_json(buf: bytes | bytearray | memoryview, value: Any, within: str = "",
                 what: str = "request body", field: str = "body") -> None:
     """400 ``duplicate_key`` when an object of the JSON text ``buf`` (parsed into ``value``)
-    names a key twice, naming the key's dotted path after ``within`` (``field``, the whole
-    text's, for one nested too deeply to name)."""
-    try:
-        check_unique_keys(buf, value)
-    except DuplicateKey as exc:
-        path = exc.path if exc.path is None or not within else f"{within}.{exc.path}"
-        raise BadRequest(f"the {what} is ambiguous: {exc} (each key may appear once in an "
-                         "object)", code="duplicate_key",
-                         field=(path if path is not None else within or field)[:FIELD_MAX]
-                         ) from None
+    names a key twice, naming the key's dotted path after ``within``
+    (:func:`app.wire.unique_keys.refuse_duplicate_keys`)."""
+    refuse_duplicate_keys(buf, value, what, within, field)
 
 
 def json_object(buf: bytes | bytearray | memoryview) -> dict[str, Any]:

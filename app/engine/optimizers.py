@@ -234,14 +234,20 @@ def check_state_for_options(cls: type[torch.optim.Optimizer], group: dict[str, A
                           field=f"{where}.{option}")
 
 
+def float_max(dtype: torch.dtype) -> float:
+    """The largest finite value of a floating ``dtype`` (kept per dtype)."""
+    top = _FLOAT_MAX.get(dtype)
+    if top is None:
+        top = _FLOAT_MAX[dtype] = float(torch.finfo(dtype).max)
+    return top
+
+
 def check_overflow(options: dict[str, Any], dtype: torch.dtype, where: str) -> None:
     """Every float option must fit the parameters' dtype: torch raises "value cannot be
     converted ... without overflow" in the middle of a step otherwise."""
     if not dtype.is_floating_point:
         return
-    top = _FLOAT_MAX.get(dtype)
-    if top is None:
-        top = _FLOAT_MAX[dtype] = float(torch.finfo(dtype).max)
+    top = float_max(dtype)
     for key, value in options.items():
         values = value if isinstance(value, (tuple, list)) else (value,)
         for v in values:

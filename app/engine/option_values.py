@@ -69,7 +69,8 @@ def nonfinite_values(value: Any, path: str) -> Iterator[tuple[str, float]]:
             yield from nonfinite_values(item, f"{path}.{i}")
 
 
-def _words(x: float) -> str:
+def float_words(x: float) -> str:
+    """How a problem's detail names a non-finite number."""
     return "NaN" if math.isnan(x) else ("inf" if x > 0 else "-inf")
 
 
@@ -86,7 +87,7 @@ def refuse_nonfinite_options(optimizer: object, options: object, where: str) -> 
                 continue
             allowed = sorted(f"{o}'s {p}" for o, p in INF_OPTIONS if o == name)
             note = f" (+inf is taken only for {', '.join(allowed)})" if allowed else ""
-            raise Invalid(f"{path} is {_words(x)}: an option must be a finite number{note}; "
+            raise Invalid(f"{path} is {float_words(x)}: an option must be a finite number{note}; "
                           "the next step would make the parameters NaN or infinite",
                           code="invalid_option", field=f"{where}.{path}")
 
@@ -97,7 +98,7 @@ def refuse_nonfinite_scheduler(spec: object, where: str = "scheduler") -> None:
     if not isinstance(spec, Mapping):
         return  # (parse_spec refuses it)
     for path, x in nonfinite_values(spec.get("options"), f"{where}.options"):
-        raise Invalid(f"{path.removeprefix(where + '.options.')} is {_words(x)}: a "
+        raise Invalid(f"{path.removeprefix(where + '.options.')} is {float_words(x)}: a "
                       "scheduler's options must be finite numbers; its next step would make "
                       "the learning rate NaN or infinite", code="invalid_option", field=path)
 
@@ -107,13 +108,13 @@ def refuse_nonfinite_scheduler_state(state: object, where: str, live: object) ->
     but for ±inf in :data:`INF_SCHEDULER_STATE` (ReduceLROnPlateau's ``best``,
     ``mode_worse``) and what the ``live`` state holds at the same place (a session's own
     export imports back)."""
-    held = {path: _words(x) for path, x in nonfinite_values(live, where)}
+    held = {path: float_words(x) for path, x in nonfinite_values(live, where)}
     for path, x in nonfinite_values(state, where):
         if math.isinf(x) and path.rsplit(".", 1)[-1] in INF_SCHEDULER_STATE:
             continue
-        if held.get(path) == _words(x):
+        if held.get(path) == float_words(x):
             continue
-        raise Invalid(f"{path.removeprefix(where + '.')} is {_words(x)}: a scheduler's "
+        raise Invalid(f"{path.removeprefix(where + '.')} is {float_words(x)}: a scheduler's "
                       "state must hold finite numbers (its next step would make the learning "
                       "rate NaN or infinite)", code="invalid_state", field=path)
 

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from app.engine.option_values import nonfinite_values
+from app.engine.optimizers import float_max
+from app.engine.option_values import float_words, nonfinite_values
 from app.errors import Conflict
 from app.wire.tree import tree_to_json
 
@@ -63,17 +64,13 @@ def _floats(value: Any) -> Iterable[float]:
             yield v
 
 
-def _words(x: float) -> str:
-    return "NaN" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-
-
 def out_of_range(key: str, value: Any, dtype: torch.dtype) -> str | None:
     """Why a value a scheduler writes under ``key`` cannot stay in a group of ``dtype``
     parameters (None: it can)."""
     for _, x in nonfinite_values(value, key):
-        return f"{_words(x)}: an option must be a finite number"
+        return f"{float_words(x)}: an option must be a finite number"
     if dtype.is_floating_point:
-        top = float(torch.finfo(dtype).max)
+        top = float_max(dtype)
         for x in _floats(value):
             if abs(x) > top:
                 return (f"beyond the range of the parameters' dtype "

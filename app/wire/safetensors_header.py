@@ -25,7 +25,7 @@ import torch
 from app.errors import BadRequest, Invalid
 from app.wire.dtypes import SAFETENSORS_NAMES, TORCH_DTYPES
 from app.wire.json_tensor import MAX_EXTENT, parse_shape
-from app.wire.unique_keys import DuplicateKey, check_unique_keys
+from app.wire.unique_keys import refuse_duplicate_keys
 
 ST_DTYPE_NAMES = {TORCH_DTYPES[v]: k for k, v in SAFETENSORS_NAMES.items()}
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
@@ -108,14 +108,7 @@ def _unique(raw: bytes, parsed: Any, within: str, field: str) -> None:
     """400 ``duplicate_key`` naming the key's path (``__metadata__.param_groups``, a tensor's
     name) when an object of the header text ``raw`` names a key twice: the header is a JSON
     text as a JSON body is, and which of the two a parser takes is its choice."""
-    try:
-        check_unique_keys(raw, parsed)
-    except DuplicateKey as exc:
-        if within and exc.key is not None:  # (said as a check of the whole header says it)
-            exc = DuplicateKey(exc.key, f"{within}.{exc.parent}" if exc.parent else within)
-        raise BadRequest(f"the safetensors header is ambiguous: {exc} (each key may appear "
-                         "once in an object)", code="duplicate_key",
-                         field=field if exc.path is None else exc.path) from None
+    refuse_duplicate_keys(raw, parsed, "safetensors header", within, field)
 
 
 #: a header that opens with its ``__metadata__`` object of strings, as safetensors' writers

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from app.errors import BadRequest
+
 #: the longest ``path`` a problem names (a key may be as long as the body allows)
 FIELD_MAX = 200
 #: texts shorter than this are counted as bytes, longer ones by numpy, in pieces of _PIECE
@@ -181,3 +183,21 @@ def _name_duplicate(text: bytes | bytearray | memoryview) -> None:
     if found is None:  # (the counts disagreed for another reason: nothing is repeated)
         return
     raise DuplicateKey(found.key, found.parent)
+
+
+def refuse_duplicate_keys(text: bytes | bytearray | memoryview, parsed: Any, what: str,
+                          within: str = "", field: str = "body") -> None:
+    """400 ``duplicate_key`` when an object of the JSON text ``text`` (parsed into ``parsed``)
+    names a key twice (:func:`check_unique_keys`), naming the key's dotted path after
+    ``within`` in the problem's field and its detail (``field``, the whole text's, for one
+    nested too deeply to name). ``what`` says which text (``request body``, ``safetensors
+    header``)."""
+    try:
+        check_unique_keys(text, parsed)
+    except DuplicateKey as exc:
+        if within and exc.key is not None:
+            exc = DuplicateKey(exc.key, f"{within}.{exc.parent}" if exc.parent else within)
+        raise BadRequest(f"the {what} is ambiguous: {exc} (each key may appear once in an "
+                         "object)", code="duplicate_key",
+                         field=(exc.path if exc.path is not None else within or field
+                                )[:FIELD_MAX]) from None
