@@ -143,3 +143,23 @@ def test_the_scan_counts_as_bytes_count_in_any_buffer(size: int) -> None:
         raw = bytes(rng.choice(b'ab:"{} ') for _ in range(max(size - 1, 0))) + last[:size]
         for text in (raw, bytearray(raw), memoryview(bytearray(raw))):
             assert unique_keys._scan(text) == (raw.count(b":"), b"\\" in raw)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_both_counts_find_a_repeat_and_pass_a_clean_text(dense: bool) -> None:
+    """Many small objects (a colon every few bytes: counted again by writing the parsed
+    value) and a few with long lists of numbers (by the walk) both pass a clean text and
+    refuse one that repeats a key, naming it."""
+    if dense:
+        members = [f'"p{i}": {{"dtype": "float32", "shape": [4], "data": [0.5, 1, 2, 3]}}'
+                   for i in range(500)]
+    else:
+        members = ['"w": {"dtype": "float32", "shape": [3000], "data": ['
+                   + ", ".join("0.125" for _ in range(3000)) + "]}"]
+    clean = ("{" + ", ".join(members) + ', "note": "a:b"}').encode()
+    assert (clean.count(b":") * unique_keys._DENSE > len(clean)) is dense
+    check_unique_keys(clean, orjson.loads(clean))
+    repeated = clean[:-1] + b', "note": "c"}'
+    with pytest.raises(DuplicateKey) as info:
+        check_unique_keys(repeated, orjson.loads(repeated))
+    assert info.value.path == "note"
