@@ -132,9 +132,17 @@ def check_unique_keys(text: bytes | bytearray | memoryview, parsed: Any) -> None
     if written * _DENSE > len(text):
         # many members for the text's size (many small tensors): orjson writes the parsed
         # value again with one colon per member plus its strings' colons, faster than the walk
-        if written == _scan(orjson.dumps(parsed))[0]:
+        # (but for a value nested deeper than orjson writes: the walk)
+        try:
+            again = _scan(orjson.dumps(parsed))[0]
+        except orjson.JSONEncodeError:
+            again = None
+        if written == again:
             return
-    elif written == _colons(parsed, whole=False) or written == _colons(parsed, whole=True):
+        if again is not None:
+            _name_duplicate(text)
+            return
+    if written == _colons(parsed, whole=False) or written == _colons(parsed, whole=True):
         return
     _name_duplicate(text)
 

@@ -163,3 +163,13 @@ def test_both_counts_find_a_repeat_and_pass_a_clean_text(dense: bool) -> None:
     with pytest.raises(DuplicateKey) as info:
         check_unique_keys(repeated, orjson.loads(repeated))
     assert info.value.path == "note"
+
+
+def test_a_text_nested_deeper_than_orjson_writes_is_still_counted() -> None:
+    """A dense text nested 300 deep (orjson parses 1,024 levels but writes only 254) is
+    counted by the walk: taken clean, refused with a repeat."""
+    clean = b'{"a":' * 300 + b"1" + b"}" * 300
+    check_unique_keys(clean, orjson.loads(clean))
+    repeated = b'{"a":' * 300 + b'1,"a":2' + b"}" * 300
+    with pytest.raises(DuplicateKey):
+        check_unique_keys(repeated, orjson.loads(repeated))
