@@ -604,9 +604,15 @@ class EmbeddedHost:
             return await self._delete(key, idem)
 
     async def _delete(self, key: str, idem: IdemKey | None) -> bool:
+        from app.engine.shards import parent_of
         tenant, session_id = split_key(key)
+        # A delete's key is tenant-wide, but a shard's is its own: the shards of a sharded
+        # session share their tenant (``<tenant>#<id>``) and its delete's key, and the first
+        # shard's tombstone answered the others' deletes (they were left on disk, their id
+        # taken for good)
+        scope = key if parent_of(key) is not None else tenant
         if idem is not None:
-            gone = self._tombstones.get((tenant, idem.key))
+            gone = self._tombstones.get((scope, idem.key))
             if gone is not None:
                 if gone[0] != idem.fingerprint:
                     raise Invalid("this Idempotency-Key was already used for a different "
@@ -620,7 +626,7 @@ class EmbeddedHost:
             created = self._created_by(key)
             if self._store is not None:
                 store = self._store
-                stones = [] if idem is None else [{"tenant": tenant, "key": idem.key,
+                stones = [] if idem is None else [{"tenant": scope, "key": idem.key,
                                                    "fingerprint": idem.fingerprint,
                                                    "id": session_id}]
                 if created is not None:
@@ -632,7 +638,7 @@ class EmbeddedHost:
             self._damaged.pop(key, None)
             self._locks.pop(key, None)
             if idem is not None:
-                self._tombstones[(tenant, idem.key)] = (idem.fingerprint, session_id)
+                self._tombstones[(scope, idem.key)] = (idem.fingerprint, session_id)
                 while len(self._tombstones) > _TOMBSTONES:
                     self._tombstones.popitem(last=False)
         self._rounds.drop(key, NotFound(f"session {session_id!r:.140} was deleted during the "
