@@ -11,7 +11,8 @@ kept, marked deleted, and a retry of the create (same key, same request) is a 40
 The embedded host keeps the last :data:`KEEP` of them (like its keyed deletes): in memory
 (:class:`DeletedCreates`) and in its tombstone log (:func:`stone`: one line beside the delete's
 own, written into the session's directory before the delete's commit point, so a ``kill -9``
-keeps it exactly when it keeps the delete).
+keeps it exactly when it keeps the delete). A sharded session's key is marked in the directory
+before its shards' files go (:meth:`~app.engine.directory.Directory.forget_created`).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from app.engine.directory import Directory
 from app.engine.interface import CreateSpec, GroupSpec, IdemKey
 from app.engine.store import TOMBSTONE, Durability, Store
 from app.errors import Conflict, Invalid
+from tests.torch_reference import Reference, assert_tensors_equal
 
 
 def spec(shards: int = 1, lr: float = 0.1) -> CreateSpec:
@@ -165,3 +166,77 @@ def test_the_deleted_creates_on_disk_stay_bounded_across_restarts(
     kept = Directory(tmp_path / "dir")
     assert kept.created("t", "k4") is None  # the oldest went
     assert kept.created("t", "k7") == {"key": "t~s7", "fingerprint": "fp", "deleted": True}
+
+
+class Crash(Exception):
+    """Where a ``kill -9`` stops the delete: nothing after it runs, nothing more is written."""
+
+
+@pytest.mark.parametrize("at", ["before-the-shards", "between-the-shards", "after-the-shards"])
+def test_a_sharded_delete_cut_anywhere_leaves_the_session_or_its_key_marked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: str) -> None:
+    """A keyed create of a sharded session, a step, then a delete that a crash cuts: before any
+    shard's files go, between the two shards, or after both (before its directory entry goes).
+    After a restart on the same directory the session is whole (a retried create is answered
+    with it, its parameters are torch's after the step, and a retried delete deletes it), or
+    the create key is marked: its retry is a 409 ``session_deleted``, never a second session."""
+    g = {"a": torch.tensor([0.5, -1.0]), "b": torch.tensor([1.0, 2.0, 3.0])}
+    ckey, dkey = create_key("k-cut"), IdemKey("d-cut", "delete cut")
+
+    def make() -> Front:
+        return embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False)
+
+    async def cut() -> None:
+        eng = make()
+        await eng.start()
+        s = spec(2)
+        s.id = "cut"
+        await eng.create(s, idem=ckey)
+        await eng.step("cut", g, return_params=False)
+        deleted = 0
+        real_delete = Store.delete
+
+        def store_delete(store: Store, session_id: str, *args: object, **kw: object) -> None:
+            nonlocal deleted
+            if at == "before-the-shards" or (at == "between-the-shards" and deleted):
+                raise Crash(session_id)
+            real_delete(store, session_id, *args, **kw)  # type: ignore[arg-type]
+            deleted += 1
+
+        def remove(d: Directory, key: str) -> None:
+            raise Crash(key)
+        with monkeypatch.context() as m:
+            m.setattr(Store, "delete", store_delete)
+            m.setattr(Directory, "remove", remove)
+            with pytest.raises(Crash):
+                await eng.delete("cut", idem=dkey)
+        assert deleted == {"before-the-shards": 0, "between-the-shards": 1,
+                           "after-the-shards": 2}[at]
+        await eng.stop(snapshot=False)  # (what the kill leaves)
+
+    async def after_the_crash() -> None:
+        eng = make()
+        await eng.start()
+        try:
+            if at == "before-the-shards":  # the session is whole: the retry is answered
+                again = await eng.create(spec(2), idem=ckey)
+                assert again.replayed and again.id == "cut" and again.version == 1
+                ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+                ref.step(g)
+                assert_tensors_equal(dict((await eng.pull("cut", None)).params), ref.params,
+                                     "after the step")
+            else:  # a shard is gone: the delete cannot be undone, the key is marked
+                with pytest.raises(Conflict) as err:
+                    await eng.create(spec(2), idem=ckey)
+                refused(err.value, "k-cut", "cut")
+            if at != "after-the-shards":  # (a shard is left: the delete's retry ends it)
+                assert not await eng.delete("cut", idem=dkey)
+            with pytest.raises(Conflict) as err:
+                await eng.create(spec(2), idem=ckey)
+            refused(err.value, "k-cut", "cut")
+            assert await eng.list_sessions() == []
+            assert list((tmp_path / "sessions").iterdir()) == []
+        finally:
+            await eng.stop()
+    asyncio.run(cut())
+    asyncio.run(after_the_crash())
