@@ -604,13 +604,19 @@ class EmbeddedHost:
             return await self._delete(key, idem)
 
     async def _delete(self, key: str, idem: IdemKey | None) -> bool:
-        from app.engine.shards import parent_of
+        from app.engine.shards import parent_of, shard_index
         tenant, session_id = split_key(key)
-        # A delete's key is tenant-wide, but a shard's is its own: the shards of a sharded
-        # session share their tenant (``<tenant>#<id>``) and its delete's key, and the first
-        # shard's tombstone answered the others' deletes (they were left on disk, their id
-        # taken for good)
-        scope = key if parent_of(key) is not None else tenant
+        parent = parent_of(key)
+        # (scope, id) of the delete key's tombstones. A delete's key is tenant-wide, but a
+        # shard's is its own: the shards of a sharded session share their tenant
+        # (``<tenant>#<id>``) and its delete's key, and the first shard's tombstone answered
+        # the others' deletes (they were left on disk, their id taken for good). The first
+        # shard keeps the key for its sharded session too, where a retry finds it once the
+        # session's directory entry is gone (the front keeps the keys it answered in memory)
+        scopes = [(tenant if parent is None else key, session_id)]
+        if parent is not None and shard_index(key) == 0:
+            scopes.append(split_key(parent))
+        scope = scopes[0][0]
         if idem is not None:
             gone = self._tombstones.get((scope, idem.key))
             if gone is not None:
@@ -626,9 +632,9 @@ class EmbeddedHost:
             created = self._created_by(key)
             if self._store is not None:
                 store = self._store
-                stones = [] if idem is None else [{"tenant": scope, "key": idem.key,
-                                                   "fingerprint": idem.fingerprint,
-                                                   "id": session_id}]
+                stones = [] if idem is None else [
+                    {"tenant": owner, "key": idem.key, "fingerprint": idem.fingerprint,
+                     "id": sid} for owner, sid in scopes]
                 if created is not None:
                     stones.append(stone(tenant, created[0], created[1], session_id))
                 await self._in_io(lambda: store.delete(key, stones))
@@ -638,7 +644,8 @@ class EmbeddedHost:
             self._damaged.pop(key, None)
             self._locks.pop(key, None)
             if idem is not None:
-                self._tombstones[(scope, idem.key)] = (idem.fingerprint, session_id)
+                for owner, sid in scopes:
+                    self._tombstones[(owner, idem.key)] = (idem.fingerprint, sid)
                 while len(self._tombstones) > _TOMBSTONES:
                     self._tombstones.popitem(last=False)
         self._rounds.drop(key, NotFound(f"session {session_id!r:.140} was deleted during the "

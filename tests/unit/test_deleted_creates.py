@@ -229,8 +229,8 @@ def test_a_sharded_delete_cut_anywhere_leaves_the_session_or_its_key_marked(
                 with pytest.raises(Conflict) as err:
                     await eng.create(spec(2), idem=ckey)
                 refused(err.value, "k-cut", "cut")
-            if at != "after-the-shards":  # (a shard is left: the delete's retry ends it)
-                assert not await eng.delete("cut", idem=dkey)
+            # a shard is left: the delete's retry ends it; else it is answered
+            assert await eng.delete("cut", idem=dkey) == (at == "after-the-shards")
             with pytest.raises(Conflict) as err:
                 await eng.create(spec(2), idem=ckey)
             refused(err.value, "k-cut", "cut")
@@ -240,3 +240,4 @@ def test_a_sharded_delete_cut_anywhere_leaves_the_session_or_its_key_marked(
             await eng.stop()
     asyncio.run(cut())
     asyncio.run(after_the_crash())
+

@@ -554,15 +554,19 @@ def test_a_sharded_steps_metrics_are_the_whole_sessions(policy: str) -> None:
     run(body)
 
 
-def test_a_keyed_delete_deletes_every_shard(tmp_path: Path) -> None:
+def test_a_keyed_delete_deletes_every_shard_and_its_retry_is_answered_after_a_restart(
+        tmp_path: Path) -> None:
     """A sharded session deleted with an ``Idempotency-Key``: every shard goes, its files
     too. The shards share their tenant (``<tenant>#<id>``) and the delete's key, and the first
     shard's tombstone answered the others' deletes: they stayed on disk and in memory, came
-    back at every start, and the id could never be made again (409 ``session_exists``). The
-    id is made again here and steps as torch does, also after a restart."""
+    back at every start, and the id could never be made again (409 ``session_exists``).
+    The delete's retry is answered live and after a restart (it was a 404: only the front
+    kept the session's key, in memory), another request under its key is a 422; the id is made
+    again and steps as torch does."""
     groups = [({"w": torch.randn(4, 3), "b": torch.randn(3)}, {})]
     gen = torch.Generator().manual_seed(5)
     g = {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(3, generator=gen)}
+    key = IdemKey("del-d", "DELETE d")
 
     def make() -> CreateSpec:
         return CreateSpec("SGD", [GroupSpec({n: t.clone() for n, t in p.items()}, o)
@@ -572,16 +576,18 @@ def test_a_keyed_delete_deletes_every_shard(tmp_path: Path) -> None:
     async def first(eng: Front) -> None:
         await eng.create(make())
         await eng.step("d", g, return_params=False)
-        assert not await eng.delete("d", idem=IdemKey("del-d", "DELETE d"))
+        assert not await eng.delete("d", idem=key)
         assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == []
-        assert await eng.delete("d", idem=IdemKey("del-d", "DELETE d"))  # (answered)
-        await eng.create(make())  # the id is free again
-        await eng.step("d", g, return_params=False)
+        assert await eng.delete("d", idem=key)  # (answered)
 
     async def second(eng: Front) -> None:
+        assert await eng.delete("d", idem=key)
+        with pytest.raises(Invalid) as reused:
+            await eng.delete("other", idem=IdemKey("del-d", "DELETE other"))
+        assert reused.value.code == "idempotency_key_reused"
+        await eng.create(make())  # the id is free again
+        await eng.step("d", g, return_params=False)
         assert [s.id for s in await eng.list_sessions()] == ["d"]
-        assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == [
-            "default#d~shard0of2", "default#d~shard1of2"]
         ref = Reference(torch.optim.SGD, groups, {"lr": 0.1})
         ref.step(g)
         got = await eng.pull("d", None)
