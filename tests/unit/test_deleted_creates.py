@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from app.engine import Front, directory, embedded_engine
 from app.engine.directory import Directory
 from app.engine.interface import CreateSpec, GroupSpec, IdemKey
 from app.engine.store import TOMBSTONE, Durability, Store
-from app.errors import Conflict, Invalid
+from app.errors import Conflict, Invalid, OptserveError
 from tests.torch_reference import Reference, assert_tensors_equal
 
 
@@ -241,3 +242,48 @@ def test_a_sharded_delete_cut_anywhere_leaves_the_session_or_its_key_marked(
     asyncio.run(cut())
     asyncio.run(after_the_crash())
 
+
+def test_a_damaged_sessions_delete_keeps_its_create_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step fails half-way and the session's files no longer load, so it cannot be rebuilt:
+    it is out of service (503 ``session_damaged``) until deleted. Its delete keeps the create's
+    key all the same (a damaged session keeps its create key in memory), live and after a
+    restart: the create's retry is a 409 ``session_deleted``."""
+    def make() -> Front:
+        return embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False)
+
+    async def live() -> str:
+        eng = make()
+        await eng.start()
+        info = await eng.create(spec(), idem=create_key("k-damaged"))
+        wal = tmp_path / "sessions" / f"default~{info.id}" / "wal.bin"
+        wal.write_bytes(b"\0" * 64 + wal.read_bytes())  # (a log that no longer loads)
+        real = torch.optim.SGD.step
+
+        def half_way(self: torch.optim.Optimizer, closure: Any = None) -> Any:
+            real(self, closure)  # the parameters change, then it fails
+            raise RuntimeError("simulated: out of memory")
+        with monkeypatch.context() as m:
+            m.setattr(torch.optim.SGD, "step", half_way)
+            with pytest.raises(OptserveError) as failed:
+                await eng.step(info.id, {"a": torch.ones(2), "b": torch.ones(3)},
+                               return_params=False)
+        assert failed.value.code == "session_damaged", failed.value
+        assert not await eng.delete(info.id)
+        with pytest.raises(Conflict) as err:
+            await eng.create(spec(), idem=create_key("k-damaged"))
+        refused(err.value, "k-damaged", info.id)
+        await eng.stop(snapshot=False)
+        return info.id
+
+    async def restarted(sid: str) -> None:
+        eng = make()
+        await eng.start()
+        try:
+            with pytest.raises(Conflict) as err:
+                await eng.create(spec(), idem=create_key("k-damaged"))
+            refused(err.value, "k-damaged", sid)
+            assert await eng.list_sessions() == [] and await eng.refused() == {}
+        finally:
+            await eng.stop()
+    asyncio.run(restarted(asyncio.run(live())))
