@@ -44,6 +44,17 @@ def session_deleted(idem_key: str, session_id: str) -> Conflict:
                     idempotency_key=idem_key, session_id=session_id)
 
 
+def session_refused(idem_key: str, session_id: str) -> Conflict:
+    """The answer of a retried create whose session is stored but was refused at start (its
+    files are damaged): the session exists, it is not made a second time."""
+    return Conflict(f"the create sent with this Idempotency-Key made session "
+                    f"{session_id!r:.140}, which is stored but was refused at start (its "
+                    "files are damaged; GET /readyz lists it); it is not made again. Its files "
+                    "are left to an operator; send a new key to create a new session",
+                    code="session_exists", field="Idempotency-Key",
+                    idempotency_key=idem_key, session_id=session_id)
+
+
 def stone(tenant: str, idem_key: str, fingerprint: str, session_id: str) -> dict[str, str]:
     """The tombstone-log line of a deleted session's create key."""
     return {"tenant": tenant, "key": idem_key, "fingerprint": fingerprint, "id": session_id,

@@ -43,7 +43,13 @@ import torch
 
 from app.engine import chunked, metrics, optimizers, persist, ps, sparse, state_dicts
 from app.engine.chunked import DEFAULT_CHUNK
-from app.engine.deleted_creates import DeletedCreates, is_create, stone
+from app.engine.deleted_creates import (
+    DeletedCreates,
+    is_create,
+    reused,
+    session_refused,
+    stone,
+)
 from app.engine.evaluations import Evaluations
 from app.engine.history import HistoryQuery, HistoryResult, expand_fields
 from app.engine.idle import POLL_S, IdleClock, short_of_memory
@@ -269,6 +275,9 @@ class EmbeddedHost:
         self._tombstones: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()
         #: the create keys of deleted sessions (a retried create is refused, not run again)
         self._deleted_creates = DeletedCreates(_TOMBSTONES)
+        #: the create keys of sessions refused at start, as their files still tell them:
+        #: (tenant, key) -> (fingerprint, session id)
+        self._refused_creates: dict[tuple[str, str], tuple[str, str]] = {}
         self._snapshotter: asyncio.Task[None] | None = None
         self._trimmer: asyncio.Task[None] | None = None
         self._evaluations = Evaluations(self)
@@ -516,6 +525,11 @@ class EmbeddedHost:
                                   "request; use a fresh key for every new operation",
                                   code="idempotency_key_reused", field="Idempotency-Key")
                 return key
+        refused = self._refused_creates.get((tenant, idem.key))
+        if refused is not None:
+            if refused[0] != idem.fingerprint:
+                raise reused()
+            raise session_refused(idem.key, refused[1])
         self._deleted_creates.check(tenant, idem)
         return None
 
@@ -1098,12 +1112,29 @@ class EmbeddedHost:
                     f"{self._store.sessions_dir}/", "")
                 self._refused[key] = reason
                 log.error("refusing stored session %s: %s", key, reason)
+                self._keep_refused_create(key)
                 continue
             self._sessions[key] = session
             log.info("restored session %s at version %d (%d logged operations replayed%s) in "
                      "%.2f s", key, session.version, replayed,
                      ", torn last record dropped" if torn else "",
                      time.perf_counter() - started)
+
+    def _keep_refused_create(self, key: str) -> None:
+        """Keep the create key of a session refused at start, as its snapshot's or its
+        create record's header still tells it, so that the create's retry is not run again
+        (:func:`~app.engine.deleted_creates.session_refused`)."""
+        from app.engine.shards import parent_of
+        assert self._store is not None
+        if parent_of(key) is not None:  # (a shard's: its sharded session's is in the directory)
+            return
+        made = persist.created_by(*self._store.salvage(key))
+        if made is None:
+            log.warning("%s: its files name no create key (made without one, or not "
+                        "readable): a create retried with one would make a new session", key)
+            return
+        tenant, session_id = split_key(key)
+        self._refused_creates[(tenant, made[0])] = (made[1], session_id)
 
     def _restore(self, key: str, *, live: bool = False) -> tuple[Session, int, bool]:
         """The session as its snapshot and log make it: the snapshot, then each record through

@@ -16,7 +16,7 @@ import torch
 from app.engine import Front, directory, embedded_engine
 from app.engine.directory import Directory
 from app.engine.interface import CreateSpec, GroupSpec, IdemKey
-from app.engine.store import TOMBSTONE, Durability, Store
+from app.engine.store import TOMBSTONE, Durability, Store, frame_record, read_log
 from app.errors import Conflict, Invalid, OptserveError
 from tests.torch_reference import Reference, assert_tensors_equal
 
@@ -287,3 +287,70 @@ def test_a_damaged_sessions_delete_keeps_its_create_key(
         finally:
             await eng.stop()
     asyncio.run(restarted(asyncio.run(live())))
+
+
+def test_a_create_retried_while_its_session_is_refused_is_not_made_again(
+        tmp_path: Path) -> None:
+    """Keyed creates without an id whose sessions are refused at the next start (their files
+    are damaged): the retry made a second session. The key is read from the files' JSON
+    headers (the snapshot's meta when there is a snapshot, its checksum failing or not; else
+    the log's first record, the create, when it is whole), and the retry is a 409
+    ``session_exists`` naming the key and the refused session; another request under the key
+    is a 422. A session whose files tell nothing (a snapshot cut inside its header) is
+    refused as before and the retry makes a new session, the files left untouched."""
+    g = {"a": torch.tensor([0.5, -1.0]), "b": torch.tensor([1.0, 2.0, 3.0])}
+
+    def make() -> Front:
+        return embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False)
+
+    async def made(names: list[str], snapshot: bool) -> dict[str, str]:
+        eng = make()
+        await eng.start()
+        ids = {}
+        for name in names:
+            info = await eng.create(spec(), idem=create_key(name))
+            await eng.step(info.id, g, return_params=False)
+            await eng.step(info.id, g, return_params=False)
+            ids[name] = info.id
+        await eng.stop(snapshot=snapshot)
+        return ids
+
+    ids = asyncio.run(made(["k-snap", "k-cut"], snapshot=True))
+    ids.update(asyncio.run(made(["k-log"], snapshot=False)))
+
+    def files(name: str) -> Path:
+        return tmp_path / "sessions" / f"default~{ids[name]}"
+    snap = files("k-snap") / "snapshot.bin"
+    raw = bytearray(snap.read_bytes())
+    raw[-5] ^= 0x10  # (in its tensors: the checksum fails)
+    snap.write_bytes(raw)
+    (files("k-cut") / "snapshot.bin").write_bytes(
+        (files("k-cut") / "snapshot.bin").read_bytes()[:40])
+    wal = files("k-log") / "wal.bin"
+    raw = bytearray(wal.read_bytes())
+    raw[len(frame_record(read_log(wal)[0][0])) + 30] ^= 0x10  # (the first step's record:
+    #                                                 a valid one follows, not a torn tail)
+    wal.write_bytes(raw)
+    before = {p: p.read_bytes() for p in (tmp_path / "sessions").rglob("*.bin")}
+
+    async def restarted() -> None:
+        eng = make()
+        await eng.start()
+        try:
+            assert set(await eng.refused()) == set(ids.values())
+            for name in ("k-snap", "k-log"):
+                with pytest.raises(Conflict) as err:
+                    await eng.create(spec(), idem=create_key(name))
+                e = err.value
+                assert (e.status, e.code, e.field) == (409, "session_exists", "Idempotency-Key")
+                assert e.extra == {"idempotency_key": name, "session_id": ids[name]}, e.extra
+                with pytest.raises(Invalid) as bad:
+                    await eng.create(spec(), idem=IdemKey(name, "another request"))
+                assert bad.value.code == "idempotency_key_reused"
+            assert await eng.list_sessions() == []
+            fresh = await eng.create(spec(), idem=create_key("k-cut"))
+            assert not fresh.replayed and fresh.id != ids["k-cut"]
+        finally:
+            await eng.stop()
+    asyncio.run(restarted())
+    assert all(p.read_bytes() == content for p, content in before.items())
