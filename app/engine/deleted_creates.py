@@ -11,7 +11,8 @@ kept, marked deleted, and a retry of the create (same key, same request) is a 40
 The embedded host keeps the last :data:`KEEP` of them (like its keyed deletes): in memory
 (:class:`DeletedCreates`) and in its tombstone log (:func:`stone`: one line beside the delete's
 own, written into the session's directory before the delete's commit point, so a ``kill -9``
-keeps it exactly when it keeps the delete).
+keeps it exactly when it keeps the delete). A sharded session's key is marked in the directory
+before its shards' files go (:meth:`~app.engine.directory.Directory.forget_created`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ def session_deleted(idem_key: str, session_id: str) -> Conflict:
                     f"{session_id!r:.140}, which has been deleted since; it is not made "
                     "again. Send a new key to create a new session",
                     code="session_deleted", field="Idempotency-Key",
+                    idempotency_key=idem_key, session_id=session_id)
+
+
+def session_refused(idem_key: str, session_id: str) -> Conflict:
+    """The answer of a retried create whose session is stored but was refused at start (its
+    files are damaged): the session exists, it is not made a second time."""
+    return Conflict(f"the create sent with this Idempotency-Key made session "
+                    f"{session_id!r:.140}, which is stored but was refused at start (its "
+                    "files are damaged; GET /readyz lists it); it is not made again. Its files "
+                    "are left to an operator; send a new key to create a new session",
+                    code="session_exists", field="Idempotency-Key",
                     idempotency_key=idem_key, session_id=session_id)
 
 

@@ -10,7 +10,7 @@ any number of fronts see the same directory with no service of its own:
   which fails when the name exists (two fronts creating one id: one wins, the other gets 409);
 - an update replaces the file atomically (rename);
 - ``.creates/`` indexes creates by their idempotency key (per tenant), so a retried create is
-  answered with the session the first one made, whichever front it reaches; once that session
+  answered with the session the first one made, whichever front it reaches; as that session
   is deleted its entry moves to ``.deleted-creates/`` (the last
   :data:`~app.engine.deleted_creates.KEEP`), where a retry finds that it was deleted
   (:mod:`app.engine.deleted_creates`).
@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 
 from app.engine.deleted_creates import KEEP
+from app.engine.store import Files
 
 #: how many marks of deleted creates are written between two prunes of the oldest
 _PRUNE_EVERY = 100
@@ -137,8 +138,14 @@ class Directory:
         os.replace(tmp, self.root / ".creates" / name)
 
     def forget_created(self, tenant: str, idem_key: str) -> None:
-        """The session this key's create made was deleted: its entry is kept, marked deleted
-        (a retried create is refused, not run again), among the last :data:`KEEP`."""
+        """The session this key's create made is deleted: its entry is kept, marked deleted (a
+        retried create is refused, not run again), among the last :data:`KEEP`. The mark is
+        on disk (its folders fsynced) when this returns. The embedded engine's router marks
+        a sharded session before its shards' files start to go, so a crash anywhere in the
+        delete leaves the whole session or the mark; while the session is still whole, a
+        retried create is answered with it (:meth:`LocalRouter.find_create
+        <app.engine.router.LocalRouter.find_create>`). (The Ray engine's marks it once the
+        session is deleted.)"""
         name = self._create_name(tenant, idem_key)
         if self.root is None:
             entry = self._creates.pop(name, None)
@@ -152,6 +159,8 @@ class Directory:
             mark = self.root / ".deleted-creates" / name
             os.replace(self.root / ".creates" / name, mark)
             os.utime(mark)  # (marked now: the oldest marks are pruned first)
+            for folder in (".deleted-creates", ".creates"):
+                Files().fsync_dir(self.root / folder)
             self._marked += 1
             if self._marked >= _PRUNE_EVERY:
                 self._marked = 0

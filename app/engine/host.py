@@ -43,7 +43,13 @@ import torch
 
 from app.engine import chunked, metrics, optimizers, persist, ps, sparse, state_dicts
 from app.engine.chunked import DEFAULT_CHUNK
-from app.engine.deleted_creates import DeletedCreates, is_create, stone
+from app.engine.deleted_creates import (
+    DeletedCreates,
+    is_create,
+    reused,
+    session_refused,
+    stone,
+)
 from app.engine.evaluations import Evaluations
 from app.engine.history import HistoryQuery, HistoryResult, expand_fields
 from app.engine.idle import POLL_S, IdleClock, short_of_memory
@@ -269,6 +275,9 @@ class EmbeddedHost:
         self._tombstones: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()
         #: the create keys of deleted sessions (a retried create is refused, not run again)
         self._deleted_creates = DeletedCreates(_TOMBSTONES)
+        #: the create keys of sessions refused at start, as their files still tell them:
+        #: (tenant, key) -> (fingerprint, session id)
+        self._refused_creates: dict[tuple[str, str], tuple[str, str]] = {}
         self._snapshotter: asyncio.Task[None] | None = None
         self._trimmer: asyncio.Task[None] | None = None
         self._evaluations = Evaluations(self)
@@ -516,6 +525,11 @@ class EmbeddedHost:
                                   "request; use a fresh key for every new operation",
                                   code="idempotency_key_reused", field="Idempotency-Key")
                 return key
+        refused = self._refused_creates.get((tenant, idem.key))
+        if refused is not None:
+            if refused[0] != idem.fingerprint:
+                raise reused()
+            raise session_refused(idem.key, refused[1])
         self._deleted_creates.check(tenant, idem)
         return None
 
@@ -604,9 +618,21 @@ class EmbeddedHost:
             return await self._delete(key, idem)
 
     async def _delete(self, key: str, idem: IdemKey | None) -> bool:
+        from app.engine.shards import parent_of, shard_index
         tenant, session_id = split_key(key)
+        parent = parent_of(key)
+        # (scope, id) of the delete key's tombstones. A delete's key is tenant-wide, but a
+        # shard's is its own: the shards of a sharded session share their tenant
+        # (``<tenant>#<id>``) and its delete's key, and the first shard's tombstone answered
+        # the others' deletes (they were left on disk, their id taken for good). The first
+        # shard keeps the key for its sharded session too, where a retry finds it once the
+        # session's directory entry is gone (the front keeps the keys it answered in memory)
+        scopes = [(tenant if parent is None else key, session_id)]
+        if parent is not None and shard_index(key) == 0:
+            scopes.append(split_key(parent))
+        scope = scopes[0][0]
         if idem is not None:
-            gone = self._tombstones.get((tenant, idem.key))
+            gone = self._tombstones.get((scope, idem.key))
             if gone is not None:
                 if gone[0] != idem.fingerprint:
                     raise Invalid("this Idempotency-Key was already used for a different "
@@ -620,9 +646,9 @@ class EmbeddedHost:
             created = self._created_by(key)
             if self._store is not None:
                 store = self._store
-                stones = [] if idem is None else [{"tenant": tenant, "key": idem.key,
-                                                   "fingerprint": idem.fingerprint,
-                                                   "id": session_id}]
+                stones = [] if idem is None else [
+                    {"tenant": owner, "key": idem.key, "fingerprint": idem.fingerprint,
+                     "id": sid} for owner, sid in scopes]
                 if created is not None:
                     stones.append(stone(tenant, created[0], created[1], session_id))
                 await self._in_io(lambda: store.delete(key, stones))
@@ -632,7 +658,8 @@ class EmbeddedHost:
             self._damaged.pop(key, None)
             self._locks.pop(key, None)
             if idem is not None:
-                self._tombstones[(tenant, idem.key)] = (idem.fingerprint, session_id)
+                for owner, sid in scopes:
+                    self._tombstones[(owner, idem.key)] = (idem.fingerprint, sid)
                 while len(self._tombstones) > _TOMBSTONES:
                     self._tombstones.popitem(last=False)
         self._rounds.drop(key, NotFound(f"session {session_id!r:.140} was deleted during the "
@@ -1085,12 +1112,29 @@ class EmbeddedHost:
                     f"{self._store.sessions_dir}/", "")
                 self._refused[key] = reason
                 log.error("refusing stored session %s: %s", key, reason)
+                self._keep_refused_create(key)
                 continue
             self._sessions[key] = session
             log.info("restored session %s at version %d (%d logged operations replayed%s) in "
                      "%.2f s", key, session.version, replayed,
                      ", torn last record dropped" if torn else "",
                      time.perf_counter() - started)
+
+    def _keep_refused_create(self, key: str) -> None:
+        """Keep the create key of a session refused at start, as its snapshot's or its
+        create record's header still tells it, so that the create's retry is not run again
+        (:func:`~app.engine.deleted_creates.session_refused`)."""
+        from app.engine.shards import parent_of
+        assert self._store is not None
+        if parent_of(key) is not None:  # (a shard's: its sharded session's is in the directory)
+            return
+        made = persist.created_by(*self._store.salvage(key))
+        if made is None:
+            log.warning("%s: its files name no create key (made without one, or not "
+                        "readable): a create retried with one would make a new session", key)
+            return
+        tenant, session_id = split_key(key)
+        self._refused_creates[(tenant, made[0])] = (made[1], session_id)
 
     def _restore(self, key: str, *, live: bool = False) -> tuple[Session, int, bool]:
         """The session as its snapshot and log make it: the snapshot, then each record through

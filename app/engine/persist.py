@@ -168,6 +168,32 @@ def _body_record(tree: dict[str, Any]) -> RecordParts | None:
     return out
 
 
+def created_by(snapshot: bytes | None, first_record: bytes | None) -> tuple[str, str] | None:
+    """The (idempotency key, request fingerprint) of the keyed create that made a session, as
+    its snapshot's ``meta`` says or else its log's first record (the create's own), from their
+    JSON headers only (no tensor is read: the files may be damaged); None when neither says."""
+    for payload, key in ((snapshot, SNAPSHOT_KEY), (first_record, RECORD_KEY)):
+        if payload is None or len(payload) < 8:
+            continue
+        size = int.from_bytes(payload[:8], "little")
+        try:
+            header = orjson.loads(payload[8:8 + min(size, len(payload) - 8)])
+            tree = orjson.loads(header["__metadata__"][key])
+            if key == SNAPSHOT_KEY:
+                made = tree["meta"]["created_by"]
+            elif tree["op"] == "create" and tree["seq"] == 1 and tree["keys"]:
+                made = tree["keys"][0]
+            else:
+                continue
+        except (ValueError, KeyError, TypeError, IndexError):
+            continue
+        if isinstance(made, list) and len(made) == 2 and all(isinstance(x, str) for x in made):
+            return made[0], made[1]
+        if made is None:  # (said: made without a key)
+            return None
+    return None
+
+
 def encode_record(record: Record) -> bytes:
     return b"".join(encode_record_parts(record))
 

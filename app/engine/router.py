@@ -287,10 +287,23 @@ class LocalRouter:
     async def find_create(self, tenant: str, idem: IdemKey) -> str | None:
         made = self.directory.created(tenant, idem.key)
         if made is not None:
-            check_indexed(made, idem, split_key(str(made["key"]))[1])  # (422; 409 deleted)
-            if self.directory.get(made["key"]) is not None:
-                return str(made["key"])
+            key = str(made["key"])
+            entry = self.directory.get(key)
+            # (a delete marks the key before the shards go: until one is gone, it was cut
+            # short, or refused, and the session is still whole)
+            if made.get("deleted") and entry is not None and \
+                    entry.get("created_by") == idem.key and await self._whole(key, entry):
+                made = {**made, "deleted": False}
+            check_indexed(made, idem, split_key(key)[1])  # (422; 409 deleted)
+            if entry is not None:
+                return key
         return await self.local.find_create(tenant, idem)
+
+    async def _whole(self, key: str, entry: dict[str, Any]) -> bool:
+        """Whether every shard of this sharded session is held (none deleted yet)."""
+        from app.engine.shards import ShardLayout, shard_key
+        shards = ShardLayout.from_json(entry["layout"]).shards
+        return {shard_key(key, i, shards) for i in range(shards)} <= set(await self.local.keys())
 
     async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None
                      ) -> SessionInfo:
@@ -351,12 +364,16 @@ class LocalRouter:
 
     async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
         host = await self.route(key)
-        entry = self.directory.get(key) if host is not self.local else None
+        if host is self.local:  # (a plain session's create key goes with its tombstone)
+            return await host.delete(key, idem=idem)
+        entry = self.directory.get(key)
+        if entry is not None and entry.get("created_by"):
+            # marked (on disk) before the first shard's files go, the delete's point of no
+            # return: a crash anywhere after leaves the key marked, and one before leaves the
+            # session whole, which a retried create is still answered with (find_create)
+            self.directory.forget_created(split_key(key)[0], entry["created_by"])
         replayed = await host.delete(key, idem=idem)
-        if host is not self.local:
-            self._sharded.pop(key, None)
-            self._sharded_keys.discard(key)
-            self.directory.remove(key)
-            if entry is not None and entry.get("created_by"):
-                self.directory.forget_created(split_key(key)[0], entry["created_by"])
+        self._sharded.pop(key, None)
+        self._sharded_keys.discard(key)
+        self.directory.remove(key)
         return replayed

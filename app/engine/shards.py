@@ -106,6 +106,13 @@ def parent_of(key: str) -> str | None:
     return f"{owner}~{session_id}"
 
 
+def shard_index(key: str) -> int | None:
+    """The index of a shard key's shard, or None for a key that is not a shard's."""
+    if parent_of(key) is None:
+        return None
+    return int(key.rpartition("~shard")[2].partition("of")[0])
+
+
 @dataclass
 class ShardLayout:
     """Which shard holds each parameter, and the session's own order of parameters (torch's

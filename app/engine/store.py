@@ -439,6 +439,34 @@ class Store:
                 os.fsync(f.fileno())
         return payload, records, torn
 
+    def salvage(self, session_id: str) -> tuple[bytes | None, bytes | None]:
+        """What a refused session's files may still tell, read without trusting them: its
+        snapshot's payload as the file holds it (its checksum not checked: a caller reads its
+        header only) and its log's first record when that record is whole (its own
+        checksums)."""
+        d = self._dir(session_id)
+        snapshot = None
+        try:
+            data = (d / "snapshot.bin").read_bytes()
+            if data[:len(SNAP_MAGIC)] in (SNAP_MAGIC, SNAP_MAGIC_V1):
+                snapshot = data[_SNAP_HEAD.size:]
+        except OSError:
+            pass
+        first = None
+        try:
+            with open(d / "wal.bin", "rb") as f:
+                head = f.read(_REC_HEAD.size)
+                framing = _REC_HEAD if head[:4] == REC_MAGIC else _REC_HEAD_V1
+                if len(head) >= framing.size:
+                    length = framing.size + int(framing.unpack_from(head)[1])
+                    if length <= os.fstat(f.fileno()).st_size:  # (a damaged length: no read)
+                        data = head + f.read(length - len(head))
+                        span = _record_at(memoryview(data), 0)
+                        first = data[span[0]:span[1]] if span is not None else None
+        except OSError:
+            pass
+        return snapshot, first
+
     def delete(self, session_id: str,
                tombstone: dict[str, str] | Sequence[dict[str, str]] | None = None) -> None:
         """Remove the session's files (the rename into ``.deleted-*`` is the commit point).

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,8 +16,9 @@ import torch
 from app.engine import Front, directory, embedded_engine
 from app.engine.directory import Directory
 from app.engine.interface import CreateSpec, GroupSpec, IdemKey
-from app.engine.store import TOMBSTONE, Durability, Store
-from app.errors import Conflict, Invalid
+from app.engine.store import TOMBSTONE, Durability, Store, frame_record, read_log
+from app.errors import Conflict, Invalid, OptserveError
+from tests.torch_reference import Reference, assert_tensors_equal
 
 
 def spec(shards: int = 1, lr: float = 0.1) -> CreateSpec:
@@ -165,3 +167,190 @@ def test_the_deleted_creates_on_disk_stay_bounded_across_restarts(
     kept = Directory(tmp_path / "dir")
     assert kept.created("t", "k4") is None  # the oldest went
     assert kept.created("t", "k7") == {"key": "t~s7", "fingerprint": "fp", "deleted": True}
+
+
+class Crash(Exception):
+    """Where a ``kill -9`` stops the delete: nothing after it runs, nothing more is written."""
+
+
+@pytest.mark.parametrize("at", ["before-the-shards", "between-the-shards", "after-the-shards"])
+def test_a_sharded_delete_cut_anywhere_leaves_the_session_or_its_key_marked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: str) -> None:
+    """A keyed create of a sharded session, a step, then a delete that a crash cuts: before any
+    shard's files go, between the two shards, or after both (before its directory entry goes).
+    After a restart on the same directory the session is whole (a retried create is answered
+    with it, its parameters are torch's after the step, and a retried delete deletes it), or
+    the create key is marked: its retry is a 409 ``session_deleted``, never a second session."""
+    g = {"a": torch.tensor([0.5, -1.0]), "b": torch.tensor([1.0, 2.0, 3.0])}
+    ckey, dkey = create_key("k-cut"), IdemKey("d-cut", "delete cut")
+
+    def make() -> Front:
+        return embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False)
+
+    async def cut() -> None:
+        eng = make()
+        await eng.start()
+        s = spec(2)
+        s.id = "cut"
+        await eng.create(s, idem=ckey)
+        await eng.step("cut", g, return_params=False)
+        deleted = 0
+        real_delete = Store.delete
+
+        def store_delete(store: Store, session_id: str, *args: object, **kw: object) -> None:
+            nonlocal deleted
+            if at == "before-the-shards" or (at == "between-the-shards" and deleted):
+                raise Crash(session_id)
+            real_delete(store, session_id, *args, **kw)  # type: ignore[arg-type]
+            deleted += 1
+
+        def remove(d: Directory, key: str) -> None:
+            raise Crash(key)
+        with monkeypatch.context() as m:
+            m.setattr(Store, "delete", store_delete)
+            m.setattr(Directory, "remove", remove)
+            with pytest.raises(Crash):
+                await eng.delete("cut", idem=dkey)
+        assert deleted == {"before-the-shards": 0, "between-the-shards": 1,
+                           "after-the-shards": 2}[at]
+        await eng.stop(snapshot=False)  # (what the kill leaves)
+
+    async def after_the_crash() -> None:
+        eng = make()
+        await eng.start()
+        try:
+            if at == "before-the-shards":  # the session is whole: the retry is answered
+                again = await eng.create(spec(2), idem=ckey)
+                assert again.replayed and again.id == "cut" and again.version == 1
+                ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+                ref.step(g)
+                assert_tensors_equal(dict((await eng.pull("cut", None)).params), ref.params,
+                                     "after the step")
+            else:  # a shard is gone: the delete cannot be undone, the key is marked
+                with pytest.raises(Conflict) as err:
+                    await eng.create(spec(2), idem=ckey)
+                refused(err.value, "k-cut", "cut")
+            # a shard is left: the delete's retry ends it; else it is answered
+            assert await eng.delete("cut", idem=dkey) == (at == "after-the-shards")
+            with pytest.raises(Conflict) as err:
+                await eng.create(spec(2), idem=ckey)
+            refused(err.value, "k-cut", "cut")
+            assert await eng.list_sessions() == []
+            assert list((tmp_path / "sessions").iterdir()) == []
+        finally:
+            await eng.stop()
+    asyncio.run(cut())
+    asyncio.run(after_the_crash())
+
+
+def test_a_damaged_sessions_delete_keeps_its_create_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step fails half-way and the session's files no longer load, so it cannot be rebuilt:
+    it is out of service (503 ``session_damaged``) until deleted. Its delete keeps the create's
+    key all the same (a damaged session keeps its create key in memory), live and after a
+    restart: the create's retry is a 409 ``session_deleted``."""
+    def make() -> Front:
+        return embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False)
+
+    async def live() -> str:
+        eng = make()
+        await eng.start()
+        info = await eng.create(spec(), idem=create_key("k-damaged"))
+        wal = tmp_path / "sessions" / f"default~{info.id}" / "wal.bin"
+        wal.write_bytes(b"\0" * 64 + wal.read_bytes())  # (a log that no longer loads)
+        real = torch.optim.SGD.step
+
+        def half_way(self: torch.optim.Optimizer, closure: Any = None) -> Any:
+            real(self, closure)  # the parameters change, then it fails
+            raise RuntimeError("simulated: out of memory")
+        with monkeypatch.context() as m:
+            m.setattr(torch.optim.SGD, "step", half_way)
+            with pytest.raises(OptserveError) as failed:
+                await eng.step(info.id, {"a": torch.ones(2), "b": torch.ones(3)},
+                               return_params=False)
+        assert failed.value.code == "session_damaged", failed.value
+        assert not await eng.delete(info.id)
+        with pytest.raises(Conflict) as err:
+            await eng.create(spec(), idem=create_key("k-damaged"))
+        refused(err.value, "k-damaged", info.id)
+        await eng.stop(snapshot=False)
+        return info.id
+
+    async def restarted(sid: str) -> None:
+        eng = make()
+        await eng.start()
+        try:
+            with pytest.raises(Conflict) as err:
+                await eng.create(spec(), idem=create_key("k-damaged"))
+            refused(err.value, "k-damaged", sid)
+            assert await eng.list_sessions() == [] and await eng.refused() == {}
+        finally:
+            await eng.stop()
+    asyncio.run(restarted(asyncio.run(live())))
+
+
+def test_a_create_retried_while_its_session_is_refused_is_not_made_again(
+        tmp_path: Path) -> None:
+    """Keyed creates without an id whose sessions are refused at the next start (their files
+    are damaged): the retry made a second session. The key is read from the files' JSON
+    headers (the snapshot's meta when there is a snapshot, its checksum failing or not; else
+    the log's first record, the create, when it is whole), and the retry is a 409
+    ``session_exists`` naming the key and the refused session; another request under the key
+    is a 422. A session whose files tell nothing (a snapshot cut inside its header) is
+    refused as before and the retry makes a new session, the files left untouched."""
+    g = {"a": torch.tensor([0.5, -1.0]), "b": torch.tensor([1.0, 2.0, 3.0])}
+
+    def make() -> Front:
+        return embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False)
+
+    async def made(names: list[str], snapshot: bool) -> dict[str, str]:
+        eng = make()
+        await eng.start()
+        ids = {}
+        for name in names:
+            info = await eng.create(spec(), idem=create_key(name))
+            await eng.step(info.id, g, return_params=False)
+            await eng.step(info.id, g, return_params=False)
+            ids[name] = info.id
+        await eng.stop(snapshot=snapshot)
+        return ids
+
+    ids = asyncio.run(made(["k-snap", "k-cut"], snapshot=True))
+    ids.update(asyncio.run(made(["k-log"], snapshot=False)))
+
+    def files(name: str) -> Path:
+        return tmp_path / "sessions" / f"default~{ids[name]}"
+    snap = files("k-snap") / "snapshot.bin"
+    raw = bytearray(snap.read_bytes())
+    raw[-5] ^= 0x10  # (in its tensors: the checksum fails)
+    snap.write_bytes(raw)
+    (files("k-cut") / "snapshot.bin").write_bytes(
+        (files("k-cut") / "snapshot.bin").read_bytes()[:40])
+    wal = files("k-log") / "wal.bin"
+    raw = bytearray(wal.read_bytes())
+    raw[len(frame_record(read_log(wal)[0][0])) + 30] ^= 0x10  # (the first step's record:
+    #                                                 a valid one follows, not a torn tail)
+    wal.write_bytes(raw)
+    before = {p: p.read_bytes() for p in (tmp_path / "sessions").rglob("*.bin")}
+
+    async def restarted() -> None:
+        eng = make()
+        await eng.start()
+        try:
+            assert set(await eng.refused()) == set(ids.values())
+            for name in ("k-snap", "k-log"):
+                with pytest.raises(Conflict) as err:
+                    await eng.create(spec(), idem=create_key(name))
+                e = err.value
+                assert (e.status, e.code, e.field) == (409, "session_exists", "Idempotency-Key")
+                assert e.extra == {"idempotency_key": name, "session_id": ids[name]}, e.extra
+                with pytest.raises(Invalid) as bad:
+                    await eng.create(spec(), idem=IdemKey(name, "another request"))
+                assert bad.value.code == "idempotency_key_reused"
+            assert await eng.list_sessions() == []
+            fresh = await eng.create(spec(), idem=create_key("k-cut"))
+            assert not fresh.replayed and fresh.id != ids["k-cut"]
+        finally:
+            await eng.stop()
+    asyncio.run(restarted())
+    assert all(p.read_bytes() == content for p, content in before.items())

@@ -552,3 +552,47 @@ def test_a_sharded_steps_metrics_are_the_whole_sessions(policy: str) -> None:
                             assert math.isclose(got[key], want[key], rel_tol=1e-6), \
                                 (s, k, gi, key, got[key], want[key])
     run(body)
+
+
+def test_a_keyed_delete_deletes_every_shard_and_its_retry_is_answered_after_a_restart(
+        tmp_path: Path) -> None:
+    """A sharded session deleted with an ``Idempotency-Key``: every shard goes, its files
+    too. The shards share their tenant (``<tenant>#<id>``) and the delete's key, and the first
+    shard's tombstone answered the others' deletes: they stayed on disk and in memory, came
+    back at every start, and the id could never be made again (409 ``session_exists``).
+    The delete's retry is answered live and after a restart (it was a 404: only the front
+    kept the session's key, in memory), another request under its key is a 422; the id is made
+    again and steps as torch does."""
+    groups = [({"w": torch.randn(4, 3), "b": torch.randn(3)}, {})]
+    gen = torch.Generator().manual_seed(5)
+    g = {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(3, generator=gen)}
+    key = IdemKey("del-d", "DELETE d")
+
+    def make() -> CreateSpec:
+        return CreateSpec("SGD", [GroupSpec({n: t.clone() for n, t in p.items()}, o)
+                                  for p, o in groups], {"lr": 0.1}, id="d", shards=2,
+                          durability="step")
+
+    async def first(eng: Front) -> None:
+        await eng.create(make())
+        await eng.step("d", g, return_params=False)
+        assert not await eng.delete("d", idem=key)
+        assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == []
+        assert await eng.delete("d", idem=key)  # (answered)
+
+    async def second(eng: Front) -> None:
+        assert await eng.delete("d", idem=key)
+        with pytest.raises(Invalid) as reused:
+            await eng.delete("other", idem=IdemKey("del-d", "DELETE other"))
+        assert reused.value.code == "idempotency_key_reused"
+        await eng.create(make())  # the id is free again
+        await eng.step("d", g, return_params=False)
+        assert [s.id for s in await eng.list_sessions()] == ["d"]
+        ref = Reference(torch.optim.SGD, groups, {"lr": 0.1})
+        ref.step(g)
+        got = await eng.pull("d", None)
+        assert got.version == 1
+        assert_tensors_equal(dict(got.params), ref.params, "the session made again")
+
+    run(first, data_dir=tmp_path, durability="step")
+    run(second, data_dir=tmp_path, durability="step")
