@@ -314,14 +314,16 @@ class Front:
         # (the groups' bound is checked with the operation, under the session's lock)
         out: SessionInfo = await host.execute(
             key, AddParamGroup(group.params, group.options, request=True,
-                               max_groups=self.limits.max_param_groups), idem=idem)
+                               max_groups=self.limits.max_param_groups, tensor_range=True),
+            idem=idem)
         return out
 
     async def update_param_group(self, session_id: str, index: int, options: dict[str, Any],
                                  *, tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                                  ) -> SessionInfo:
         out: SessionInfo = await self._execute(tenant, session_id,
-                                               UpdateParamGroup(index, options, request=True),
+                                               UpdateParamGroup(index, options, request=True,
+                                                                tensor_range=True),
                                                idem)
         return out
 
@@ -339,7 +341,7 @@ class Front:
     async def scheduler_step(self, session_id: str, metric: float | None, *,
                              tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                              ) -> SchedulerResult:
-        op = SchedulerStep(metric, scheduler_range=True)
+        op = SchedulerStep(metric, scheduler_range=True, tensor_range=True)
         out: SchedulerResult = await self._execute(tenant, session_id, op, idem)
         return out
 
@@ -356,7 +358,9 @@ class Front:
                            tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                            ) -> SessionInfo:
         out: SessionInfo = await self._execute(tenant, session_id,
-                                               ImportState(state, request=True), idem)
+                                               ImportState(state, request=True,
+                                                           scheduler_range=True,
+                                                           tensor_range=True), idem)
         return out
 
 

@@ -764,7 +764,8 @@ class EmbeddedHost:
             key, Step(grads, base_version, options=options, upcast=upcast,
                       scalars=scalars or None, answer_metrics=answer_metrics,
                       touched=want_params == "touched", request=True,
-                      refuse_replaced=True, scheduler_range=True), idem=idem,
+                      refuse_replaced=True, scheduler_range=True, tensor_range=True),
+            idem=idem,
             want_params=want_params, params_into=params_into, params_dtype=params_dtype)
         return out
 
@@ -848,7 +849,7 @@ class EmbeddedHost:
             reduced = await self._worker.run(lambda: ps.reduce(pushes, how), "reduce")
             step = Step(reduced, workers=list(sync["workers"]),
                         scalars=metrics.mean_scalars([scalars[w] for w in sorted(scalars)])
-                        if scalars else None, scheduler_range=True)
+                        if scalars else None, scheduler_range=True, tensor_range=True)
             result: StepResult = await self._run(key, session, step, list(rnd.keys.values()),
                                                  rnd.want_params, sync)
         if isinstance(result.params, PackedTensors):  # every worker's answer sends them

@@ -242,19 +242,56 @@ def float_max(dtype: torch.dtype) -> float:
     return top
 
 
-def check_overflow(options: dict[str, Any], dtype: torch.dtype, where: str) -> None:
-    """Every float option must fit the parameters' dtype: torch raises "value cannot be
-    converted ... without overflow" in the middle of a step otherwise."""
+def option_numbers(value: Any, tensors: bool = False) -> list[float]:
+    """The numbers of an option value a step converts to the parameters' dtype: a float, the
+    floats of a tuple (``betas``), and with ``tensors`` the value of a one-element floating
+    tensor (a tensor ``lr``: torch converts it as it converts a float; a float64 tensor holds
+    values past float32's range). Other tensors are torch's to refuse ("Tensor lr must be
+    1-element")."""
+    out = []
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+        if type(v) is float:
+            out.append(v)
+        elif (tensors and isinstance(v, torch.Tensor) and v.numel() == 1
+              and v.is_floating_point() and v.layout == torch.strided):
+            out.append(float(v.item()))
+    return out
+
+
+def overflowing(options: dict[str, Any], dtype: torch.dtype, tensors: bool = False
+                ) -> tuple[str, float] | None:
+    """The first option (its name and number) past the range of a floating ``dtype``, finite
+    (a non-finite one is refused as such where it is given), else None."""
     if not dtype.is_floating_point:
-        return
+        return None
     top = float_max(dtype)
     for key, value in options.items():
-        values = value if isinstance(value, (tuple, list)) else (value,)
-        for v in values:
-            if type(v) is float and math.isfinite(v) and abs(v) > top:
-                raise Invalid(f"{key} is {v!r}, beyond the range of the parameters' dtype "
-                              f"({str(dtype).removeprefix('torch.')}); a step would overflow",
-                              code="option_overflow", field=f"{where}.{key}")
+        for v in option_numbers(value, tensors):
+            if math.isfinite(v) and abs(v) > top:
+                return key, v
+    return None
+
+
+def overflow_words(dtype: torch.dtype) -> str:
+    """What a refusal of a value past ``dtype``'s range says of the range."""
+    name = str(dtype).removeprefix("torch.")
+    return (f"beyond the range of the parameters' dtype ({name}, at most "
+            f"{float_max(dtype)!r} in magnitude)")
+
+
+def check_overflow(options: dict[str, Any], dtype: torch.dtype, where: str,
+                   tensors: bool = False, then: str = "") -> None:
+    """Every float option must fit the parameters' dtype: torch raises "value cannot be
+    converted ... without overflow" in the middle of a step otherwise (some of its step
+    functions take a tensor lr past it silently and make the parameters infinite). With
+    ``tensors``, a one-element tensor ``lr`` is checked by its value too (made by requests:
+    records logged before that check replay as they ran). ``then``: what the refusal says
+    to do, after what it found."""
+    found = overflowing(options, dtype, tensors)
+    if found is not None:
+        key, v = found
+        raise Invalid(f"{key} is {v!r}, {overflow_words(dtype)}; a step would overflow"
+                      f"{then}", code="option_overflow", field=f"{where}.{key}")
 
 
 def probe(

@@ -265,8 +265,10 @@ class Session:
         base = {k: f"options.{k}" for k in defaults}
         given = [{k: f"param_groups.{i}.{k}" for k in g} for i, g in enumerate(group_opts)]
         fields = {k: v for f in (base, *given) for k, v in f.items()}
-        for i, g in enumerate(group_opts):
-            optimizers.check_overflow({**defaults, **g}, dtypes[i], f"param_groups.{i}")
+        for i, g in enumerate(group_opts):  # (named where the client gave it)
+            optimizers.check_overflow(g, dtypes[i], f"param_groups.{i}", tensors=request)
+            optimizers.check_overflow({k: v for k, v in defaults.items() if k not in g},
+                                      dtypes[i], "options", tensors=request)
         optimizers.probe(cls, defaults, group_opts, dtypes, device, fields, group_fields={
             i: (mine, {**base, **mine}) for i, mine in enumerate(given)})
         sched_spec = schedulers.parse_spec(scheduler) if scheduler is not None else None
@@ -514,12 +516,22 @@ class Session:
             self.reject_nonfinite(bad, "grads")
         return grads
 
-    def check_group_scalars(self) -> None:
+    def check_group_scalars(self, tensors: bool = False) -> None:
         """Every numeric group option must fit the dtype of the group's parameters (torch
-        raises "value cannot be converted ... without overflow" mid-step otherwise)."""
+        raises "value cannot be converted ... without overflow" mid-step otherwise);
+        ``tensors``: a tensor ``lr`` by its value too. A group holds such a value only where a
+        server before the checks that refuse it took it (a scheduler's step, replayed as it
+        ran): the refusal says how to get the session stepping again."""
         for i, (g, dtype) in enumerate(zip(self.group_options(), self.group_dtypes(),
                                            strict=True)):
-            optimizers.check_overflow(g, dtype, f"param_groups.{i}")
+            optimizers.check_overflow(
+                g, dtype, f"param_groups.{i}", tensors,
+                f". The group holds it (a server before this check took it, e.g. from a "
+                f"scheduler's step) and every step is refused until it is changed: PATCH "
+                f".../param_groups/{i} with a value in range (or send it with the step, "
+                f"\"param_groups\": {{\"{i}\": {{...}}}}); if the scheduler would take it out "
+                "of range again, remove it (PATCH /v1/sessions/{id} with "
+                "{\"scheduler\": null})")
 
     def check_names(self, names: list[str] | None) -> None:
         if names is not None:
@@ -863,7 +875,7 @@ def _check_scheduler_built(cls: type[torch.optim.Optimizer], opt: torch.optim.Op
         keys = {k: v for k, v in g.items() if k not in ("params", "param_names")}
         try:
             option_values.check_scheduler_group_keys(cls, keys, "")
-            optimizers.check_overflow(keys, dtype, "")
+            optimizers.check_overflow(keys, dtype, "", tensors=True)
         except Invalid as exc:
             key = (exc.field or "").lstrip(".").split(".")[0]
             found = [fields[k] for k in (key, *_SCHEDULER_KEY_SOURCES.get(key, ()))

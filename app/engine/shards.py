@@ -481,7 +481,8 @@ class ShardedSession:
             ps.check_worker(worker)
         out: StepResult = await self.execute(key, Step(grads, base_version, options=options,
                                                        request=True, refuse_replaced=True,
-                                                       scheduler_range=True),
+                                                       scheduler_range=True,
+                                                       tensor_range=True),
                                              idem=idem, want_params=want_params)
         return out
 
@@ -505,7 +506,9 @@ class ShardedSession:
             ops = {i: Overwrite(layout.part(op.params, i)) if layout.part(op.params, i)
                    else Bump() for i in every}
         elif isinstance(op, ImportState):
-            ops = dict(enumerate(ImportState(sd, op.request)
+            ops = dict(enumerate(ImportState(sd, op.request,
+                                             scheduler_range=op.scheduler_range,
+                                             tensor_range=op.tensor_range)
                                  for sd in split_state(op.state, layout)))
         elif isinstance(op, Configure):
             if op.options.get("sync") is not None:

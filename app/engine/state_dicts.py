@@ -228,11 +228,13 @@ def _check_finite(obj: Any, field: str) -> None:
             _check_finite(v, f"{field}.{i}")
 
 
-def prepare_import(session: Session, state: object, request: bool = False) -> PreparedImport:
+def prepare_import(session: Session, state: object, request: bool = False,
+                   tensors: bool = False) -> PreparedImport:
     """The state checked completely, ready to load. A ``request`` (not a logged record) is
     also refused, in what it changes, a non-finite option or scheduler-kept group key out of
     range (``initial_lr: -5``), and a non-finite number in the scheduler's state, which
-    torch's checks let through."""
+    torch's checks let through; ``tensors``: a tensor ``lr`` past the parameters' dtype too
+    (422 ``option_overflow``, as a float one)."""
     if not isinstance(state, dict):
         raise Invalid("a state dict must be an object with state and param_groups",
                       code="state_mismatch", field="state_dict")
@@ -292,7 +294,11 @@ def prepare_import(session: Session, state: object, request: bool = False) -> Pr
             option_values.refuse_nonfinite_options(session.optimizer_name, given, where)
             option_values.check_scheduler_group_keys(session.cls, given, where)
     for i, (opts, dtype) in enumerate(zip(group_opts, dtypes, strict=True)):
-        optimizers.check_overflow(opts, dtype, f"state_dict.param_groups.{i}")
+        optimizers.check_overflow(
+            opts, dtype, f"state_dict.param_groups.{i}", tensors,
+            f": give state_dict.param_groups.{i} values in range. (A session left holding "
+            "such a value by an older server exports it: PATCH that session's group "
+            f"(.../param_groups/{i}) to a value in range, then export again)")
     optimizers.probe(session.cls, session.defaults,
                      scheduled_lrs_taken(session, state, group_opts), dtypes, session.device,
                      fields, "state_dict.param_groups", check=changed)
@@ -331,9 +337,9 @@ def prepare_import(session: Session, state: object, request: bool = False) -> Pr
     if eager:
         # (a parameter added with add_param_group gets its state at its first step, in torch
         # too: it may lack one while the session holds none for it)
-        tensors = [p for g in session.optimizer.param_groups for p in g["params"]]
+        held = [p for g in session.optimizer.param_groups for p in g["params"]]
         absent = [pid for pid in order if pid not in new_state
-                  and session.optimizer.state.get(tensors[position[pid]])]
+                  and session.optimizer.state.get(held[position[pid]])]
         if absent:
             raise Invalid(f"{session.optimizer_name} keeps state for every parameter from the "
                           f"start; the state lacks parameter id {absent[0]}",

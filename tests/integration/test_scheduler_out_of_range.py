@@ -7,8 +7,11 @@ a momentum / beta1 torch refuses. Such a step used to be taken: every later step
 another session's (the momentum): stuck for good. Now that step is refused whole (409
 ``scheduler_out_of_range`` naming the group key, the session exactly as it was, nothing
 logged), the client gets out with a PATCH of the lr or ``{"scheduler": null}``, and whatever a
-session exports imports into a new session and steps on identically. Records logged by older
-servers (the step taken) still replay.
+session exports imports into a new session and steps on identically, but for a state whose
+next scheduler step is refused: its import is refused alike (422, nothing imported) until the
+exporting session takes a way out. Records logged by older servers (the step taken) still
+replay. (Tensor lrs, and older sessions holding an lr past the range:
+test_scheduler_range_of_tensor_lrs.py.)
 
 Expected values come from in-process torch (``torch.optim`` + ``lr_scheduler``) run here.
 """
@@ -159,15 +162,26 @@ def whole(c: httpx.Client, sid: str) -> dict[str, Any]:
             "history": history.json() if history.status_code == 200 else None}
 
 
-def copy_into_new(c: httpx.Client, sid: str, body: dict[str, Any]) -> str:
-    """A new session made with ``body``, given ``sid``'s parameters and exported state (the
-    export must import)."""
+def new_like(c: httpx.Client, sid: str, body: dict[str, Any]) -> str:
+    """A new session made with ``body``, given ``sid``'s parameters."""
     new = f"{sid}-2"
     create(c, {**body, "id": new})
     got = c.get(f"/v1/sessions/{sid}/params", params={"encoding": "b64"}).json()["params"]
     assert c.put(f"/v1/sessions/{new}/params", json={"params": got}).status_code == 200
-    exported = c.get(f"/v1/sessions/{sid}/state_dict").json()
-    r = c.put(f"/v1/sessions/{new}/state_dict", json=exported)
+    return new
+
+
+def import_export(c: httpx.Client, sid: str, new: str) -> httpx.Response:
+    """``sid``'s exported state put into ``new``."""
+    return c.put(f"/v1/sessions/{new}/state_dict",
+                 json=c.get(f"/v1/sessions/{sid}/state_dict").json())
+
+
+def copy_into_new(c: httpx.Client, sid: str, body: dict[str, Any]) -> str:
+    """A new session made with ``body``, given ``sid``'s parameters and exported state (the
+    export must import)."""
+    new = new_like(c, sid, body)
+    r = import_export(c, sid, new)
     assert r.status_code == 200, r.text
     return new
 
@@ -196,6 +210,20 @@ def out_of_range(r: httpx.Response, key: str, value: Any) -> dict[str, Any]:
     assert problem["value"] == to_wire(value)
     assert f"param_groups.0.{key}" in problem["detail"] and "nothing changed" in \
         problem["detail"]
+    return problem
+
+
+def import_refused(r: httpx.Response, key: str, value: Any) -> dict[str, Any]:
+    """An import refused because the session's next scheduler step would write ``value``
+    under ``key``: 422 ``scheduler_out_of_range`` naming the imported group key."""
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == PROBLEM
+    problem: dict[str, Any] = r.json()
+    assert problem["code"] == "scheduler_out_of_range"
+    assert problem["field"] == f"state_dict.param_groups.0.{key}"
+    assert problem["value"] == to_wire(value)
+    assert "Nothing was imported" in problem["detail"]
+    assert '{"scheduler": null}' in problem["detail"]
     return problem
 
 
@@ -335,9 +363,11 @@ def test_cyclic_momentum_out_of_range_is_refused_and_the_scheduler_can_be_remove
         key: str) -> None:
     """CyclicLR ``exp_range`` with gamma 1.5 cycles the momentum (Adam's beta1) below 0 in its
     third cycle, where torch's constructor refuses it: the session's export then did not import
-    into another session. That step is refused naming the key; every export imports into a new
-    session; ``{"scheduler": null}`` removes the scheduler (PATCH of the lr would not help: CyclicLR
-    writes its own), and both sessions step on as torch does without it."""
+    into another session. That step is refused naming the key; the export at that point is
+    refused by a new session's import alike (422: its next step would write the same value),
+    nothing changed there; ``{"scheduler": null}`` removes the scheduler (PATCH of the lr would
+    not help: CyclicLR writes its own), the export then imports into the new session without
+    its scheduler, and both sessions step on as torch does without it."""
     c, _ = server
     body = body_of(f"cyc-{key}", optimizer, options, CYCLIC)
     sid = body["id"]
@@ -355,12 +385,19 @@ def test_cyclic_momentum_out_of_range_is_refused_and_the_scheduler_can_be_remove
     assert refused_key(want) == key
     out_of_range(step(c, sid, k), key, want[key])
     assert whole(c, sid) == before
-    # the export imports into a new session made with the same body
-    same_as_twin(c, copy_into_new(c, sid, body), twin)
-    # the way out: remove the scheduler (torch: stop stepping it)
-    for s in (sid, f"{sid}-2"):
+    # a new session made with the same body refuses the export, naming the same key and value
+    new = new_like(c, sid, body)
+    fresh = whole(c, new)
+    problem = import_refused(import_export(c, sid, new), key, want[key])
+    assert problem["scheduler"] == "CyclicLR"
+    assert whole(c, new) == fresh
+    # the way out: remove the scheduler (torch: stop stepping it); the export then imports
+    for s in (sid, new):
         r = c.patch(f"/v1/sessions/{s}", json={"scheduler": None})
         assert r.status_code == 200 and r.json()["scheduler"] is None, r.text
+    r = import_export(c, sid, new)
+    assert r.status_code == 200, r.text
+    for s in (sid, new):
         assert step(c, s, k).status_code == 200
     twin.per_step = False
     twin.step(k)
@@ -395,7 +432,9 @@ def test_every_export_imports_into_a_new_session_and_steps_identically(
     """A session's export, whatever state its scheduler drove it to, imports into a new session
     made with the same body, and both step on as torch does. LinearLR's end a hair below zero
     and ExponentialLR with a negative gamma leave an lr torch's constructor refuses (and an
-    import used to); the session one step short of an overflow holds lr 1e19."""
+    import used to). The session one step short of an overflow holds lr 1e19: its next step is
+    refused (409), and so is its export by a new session's import (422, nothing changed there,
+    the value the next step would write named) until its lr is changed; then it imports."""
     c, _ = server
     scheduler = {"linear-below-zero": _linear_below_zero(),
                  "exponential-negative": {"name": "ExponentialLR", "options": {"gamma": -1.0}},
@@ -412,12 +451,19 @@ def test_every_export_imports_into_a_new_session_and_steps_identically(
         assert twin.lr() < 0
     same_as_twin(c, sid, twin)
     exported = c.get(f"/v1/sessions/{sid}/state_dict").json()
-    same_as_twin(c, copy_into_new(c, sid, body), twin)
-    if case == "overflow-edge":  # both refuse the next step alike, and take the way out alike
-        for s in (sid, f"{sid}-2"):
-            assert step(c, s, n).json()["code"] == "scheduler_out_of_range"
-            assert c.patch(f"/v1/sessions/{s}/param_groups/0", json={"lr": 1e-3}).is_success
+    if case == "overflow-edge":  # refused alike by the step and by an import, until a PATCH
+        assert step(c, sid, n).json()["code"] == "scheduler_out_of_range"
+        new = new_like(c, sid, body)
+        fresh = whole(c, new)
+        import_refused(import_export(c, sid, new), "lr", twin.next_writes()["lr"])
+        assert whole(c, new) == fresh
+        assert c.patch(f"/v1/sessions/{sid}/param_groups/0", json={"lr": 1e-3}).is_success
         twin.opt.param_groups[0]["lr"] = 1e-3
+        exported = c.get(f"/v1/sessions/{sid}/state_dict").json()
+        assert import_export(c, sid, new).status_code == 200
+    else:
+        new = copy_into_new(c, sid, body)
+    same_as_twin(c, new, twin)
     for s in (sid, f"{sid}-2"):
         assert step(c, s, n).status_code == 200
     twin.step(n)

@@ -109,6 +109,11 @@ class Step(Operation):
     #: out of range (:mod:`app.engine.scheduler_writes`). Logged; records logged before this
     #: check lack it and replay as they ran
     scheduler_range: bool = False
+    #: set by requests: the range checks (422 ``option_overflow`` of a group's options, 409
+    #: ``scheduler_out_of_range`` of what its scheduler writes) see a tensor ``lr``'s value
+    #: too (a float64 tensor holds values past float32's range). Logged; records logged
+    #: before this check lack it and replay as they ran
+    tensor_range: bool = False
 
     def check(self, s: Session) -> StepPlan:
         # a body whose header the session has checked: no per-tensor checks, the gradients
@@ -119,8 +124,8 @@ class Step(Operation):
         self.scalars = metrics.check_scalars(self.scalars) or None
         if self.time is None:
             self.time = time.time()
-        changes = (check_group_changes(s, self.options, request=self.request)
-                   if self.options else {})
+        changes = (check_group_changes(s, self.options, request=self.request,
+                                       tensors=self.tensor_range) if self.options else {})
         staleness, lr_div = None, self.lr_div
         if self.base_version is not None:
             staleness = staleness_of(s, self.base_version, replaced=self.refuse_replaced)
@@ -143,11 +148,12 @@ class Step(Operation):
             try:
                 for index, opts in changes.items():  # (copies: the dry run fills a tensor lr)
                     s.optimizer.param_groups[index].update(optimizers.fresh(opts))
-                s.check_group_scalars()
+                s.check_group_scalars(self.tensor_range)
                 if s.steps_scheduler():
                     assert s.scheduler is not None
                     schedulers.dry_run(s.optimizer, s.scheduler, None, written=(
-                        scheduler_writes.written_check(s) if self.scheduler_range else None))
+                        scheduler_writes.written_check(s, tensors=self.tensor_range)
+                        if self.scheduler_range else None))
             finally:
                 if saved is not None:
                     schedulers.restore(s.optimizer, None, saved)
@@ -277,6 +283,8 @@ class Step(Operation):
             out["touched"] = True
         if self.scheduler_range:
             out["scheduler_range"] = True
+        if self.tensor_range:
+            out["tensor_range"] = True
         return out
 
     @classmethod
@@ -295,7 +303,8 @@ class Step(Operation):
                    touched=bool(tree.get("touched", False)),
                    request=tree.get("request") is True,
                    refuse_replaced=tree.get("refuse_replaced") is True,
-                   scheduler_range=tree.get("scheduler_range") is True)
+                   scheduler_range=tree.get("scheduler_range") is True,
+                   tensor_range=tree.get("tensor_range") is True)
 
 
 @register

@@ -77,7 +77,7 @@ def make_copy(s: Session, scheduler_range: bool = False) -> Copy:
     if s.steps_scheduler():
         assert s.scheduler is not None
         schedulers.dry_run(s.optimizer, s.scheduler, None, written=(
-            scheduler_writes.written_check(s) if scheduler_range else None))
+            scheduler_writes.written_check(s, tensors=True) if scheduler_range else None))
     names = s.names()
     params = [s.params[n].detach().clone() for n in names]
     opt = torch.optim.LBFGS(params)

@@ -102,6 +102,10 @@ class AddParamGroup(Operation):
     request: bool = False
     #: the most param groups the session may have after it (a request's bound)
     max_groups: int | None = None
+    #: set by requests: a tensor ``lr`` is checked against the parameters' dtype by its value
+    #: (422 ``option_overflow``). Logged; records logged before this check lack it and replay
+    #: as they ran
+    tensor_range: bool = False
 
     def check(self, s: Session) -> GroupPlan:
         index = len(s.optimizer.param_groups)
@@ -121,7 +125,7 @@ class AddParamGroup(Operation):
                 refuse_nonfinite_params(self.params, f"{where}.params")
         dtype = group_dtype(self.params)
         fields = {k: f"{where}.{k}" for k in opts}
-        optimizers.check_overflow({**s.defaults, **opts}, dtype, where)
+        optimizers.check_overflow({**s.defaults, **opts}, dtype, where, self.tensor_range)
         optimizers.probe(s.cls, s.defaults, [*s.group_options(), opts],
                          [*s.group_dtypes(), dtype], s.device, fields, where, check=[index])
         if s.scheduler is not None:
@@ -151,13 +155,16 @@ class AddParamGroup(Operation):
             tree["request"] = True
         if self.max_groups is not None:
             tree["max_groups"] = self.max_groups
+        if self.tensor_range:
+            tree["tensor_range"] = True
         return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> AddParamGroup:
         bound = tree.get("max_groups")
         return cls(dict(tree["params"]), dict(tree["options"]),
-                   tree.get("request") is True, bound if type(bound) is int else None)
+                   tree.get("request") is True, bound if type(bound) is int else None,
+                   tree.get("tensor_range") is True)
 
     def group(self) -> GroupSpec:
         return GroupSpec(self.params, self.options)
@@ -226,10 +233,14 @@ class UpdateParamGroup(Operation):
     #: scheduler-kept keys out of range: :func:`check_group_changes`). It travels with the
     #: operation; records logged before these checks existed lack it and replay as they ran
     request: bool = False
+    #: set by requests: a tensor ``lr`` is checked against the parameters' dtype by its value
+    #: (422 ``option_overflow``). Logged; records logged before this check lack it and replay
+    #: as they ran
+    tensor_range: bool = False
 
     def check(self, s: Session) -> dict[str, Any]:
         return check_group_changes(s, {self.index: self.options}, index_field="index",
-                                   request=self.request)[self.index]
+                                   request=self.request, tensors=self.tensor_range)[self.index]
 
     def apply(self, s: Session, plan: dict[str, Any]) -> SessionInfo:
         s.optimizer.param_groups[self.index].update(plan)
@@ -239,23 +250,29 @@ class UpdateParamGroup(Operation):
         tree: dict[str, Any] = {"index": self.index, "options": self.options}
         if self.request:
             tree["request"] = True
+        if self.tensor_range:
+            tree["tensor_range"] = True
         return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> UpdateParamGroup:
-        return cls(int(tree["index"]), dict(tree["options"]), tree.get("request") is True)
+        return cls(int(tree["index"]), dict(tree["options"]), tree.get("request") is True,
+                   tree.get("tensor_range") is True)
 
 
 def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
                         prefix: str = "param_groups",
                         index_field: str | None = None,
-                        request: bool = False) -> dict[int, dict[str, Any]]:
+                        request: bool = False, tensors: bool = False
+                        ) -> dict[int, dict[str, Any]]:
     """Option changes for some groups (by index), validated with torch's own constructor
     checks on each whole resulting group, whatever it held before, and against the dtype of
     its parameters; the constructor values to set, by index. ``index_field`` names where an
     unknown index came from (``PATCH``: its path's ``index``), else ``prefix.index``. A
     ``request`` (not a logged record) is also refused a non-finite option and a scheduler-kept
-    key out of range (``initial_lr: -5``), which torch's checks let through."""
+    key out of range (``initial_lr: -5``), which torch's checks let through; ``tensors``: a
+    tensor ``lr`` past the dtype's range too (422 ``option_overflow``), which some of torch's
+    step functions take and make the parameters infinite with."""
     groups = s.optimizer.param_groups
     current = s.group_options()
     proposed = [dict(g) for g in current]
@@ -279,7 +296,7 @@ def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
         fields.update({k: f"{where}.{k}" for k in opts})
         group_fields[index] = ({k: f"{where}.{k}" for k in opts},
                                {k: f"{where}.{k}" for k in proposed[index]})
-        optimizers.check_overflow(proposed[index], s.group_dtypes()[index], where)
+        optimizers.check_overflow(proposed[index], s.group_dtypes()[index], where, tensors)
     if out:
         optimizers.probe(s.cls, s.defaults, proposed, s.group_dtypes(), s.device, fields,
                          f"{prefix}.{next(iter(out))}", check=sorted(out),

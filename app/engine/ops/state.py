@@ -33,9 +33,18 @@ class ImportState(Operation):
     #: they ran
     request: bool = False
     discarded: list[DiscardedPush] = field(default_factory=list)
+    #: set by requests: refused (422 ``scheduler_out_of_range`` naming the imported group key)
+    #: when the session's next scheduler step after it would write a group value out of range
+    #: (:func:`app.engine.scheduler_writes.import_check`). Logged; records logged before this
+    #: check lack it and replay as they ran
+    scheduler_range: bool = False
+    #: set by requests: a tensor ``lr`` in the state is checked against the parameters' dtype
+    #: by its value (422 ``option_overflow``). Logged, as ``scheduler_range``
+    tensor_range: bool = False
 
     def check(self, s: Session) -> state_dicts.PreparedImport:
-        prepared = state_dicts.prepare_import(s, self.state, request=self.request)
+        prepared = state_dicts.prepare_import(s, self.state, request=self.request,
+                                              tensors=self.tensor_range)
         if s.scheduler is not None:
             saved = schedulers.capture(s.optimizer, s.scheduler)
             try:
@@ -52,7 +61,9 @@ class ImportState(Operation):
                 # a schedule at its end (OneCycleLR after its total_steps: a session's own
                 # export after its last step) loads as in torch; only its next step is refused
                 if schedulers.exhausted(s.scheduler) is None:
-                    schedulers.dry_run(s.optimizer, s.scheduler, None, "state_dict.scheduler")
+                    schedulers.dry_run(s.optimizer, s.scheduler, None, "state_dict.scheduler",
+                                       written=scheduler_writes.import_check(s)
+                                       if self.scheduler_range else None)
             finally:
                 schedulers.restore(s.optimizer, s.scheduler, saved)
         return prepared
@@ -84,12 +95,17 @@ class ImportState(Operation):
             tree["request"] = True
         if self.discarded:
             tree["discarded"] = [d.to_json() for d in self.discarded]
+        if self.scheduler_range:
+            tree["scheduler_range"] = True
+        if self.tensor_range:
+            tree["tensor_range"] = True
         return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> ImportState:
         return cls(dict(tree["state"]), tree.get("request") is True,
-                   [DiscardedPush.from_json(d) for d in tree.get("discarded") or []])
+                   [DiscardedPush.from_json(d) for d in tree.get("discarded") or []],
+                   tree.get("scheduler_range") is True, tree.get("tensor_range") is True)
 
     def refusals(self, s: Session) -> list[tuple[str, str, dict[str, Any]]]:
         return discarded_answers(self.kind, self.discarded, s.version)
@@ -109,6 +125,9 @@ class SchedulerStep(Operation):
     #: group value out of range (:mod:`app.engine.scheduler_writes`). Logged; records logged
     #: before this check lack it and replay as they ran
     scheduler_range: bool = False
+    #: set by requests: what it writes into a tensor ``lr`` is checked by its value too
+    #: (:func:`app.engine.scheduler_writes.out_of_range`). Logged, as ``scheduler_range``
+    tensor_range: bool = False
 
     def check(self, s: Session) -> None:
         if s.scheduler is None or s.scheduler_spec is None:
@@ -122,7 +141,8 @@ class SchedulerStep(Operation):
             raise Invalid(f"{s.scheduler_spec.name} takes no metric", code="invalid_metric",
                           field="metric")
         schedulers.dry_run(s.optimizer, s.scheduler, self.metric, written=(
-            scheduler_writes.written_check(s, by_hand=True) if self.scheduler_range else None))
+            scheduler_writes.written_check(s, by_hand=True, tensors=self.tensor_range)
+            if self.scheduler_range else None))
 
     def apply(self, s: Session, plan: None) -> SchedulerResult:
         assert s.scheduler is not None
@@ -140,10 +160,12 @@ class SchedulerStep(Operation):
         tree: dict[str, Any] = {"metric": self.metric}
         if self.scheduler_range:
             tree["scheduler_range"] = True
+        if self.tensor_range:
+            tree["tensor_range"] = True
         return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> SchedulerStep:
         metric = tree.get("metric")
         return cls(None if metric is None else float(metric),
-                   tree.get("scheduler_range") is True)
+                   tree.get("scheduler_range") is True, tree.get("tensor_range") is True)
