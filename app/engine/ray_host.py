@@ -43,6 +43,7 @@ packed safetensors body it sends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -64,7 +65,7 @@ import torch
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from app.engine.chunked import DEFAULT_CHUNK
-from app.engine.deleted_creates import check_indexed
+from app.engine.deleted_creates import check_indexed, reused
 from app.engine.directory import Directory
 from app.engine.front import Front, Limits
 from app.engine.host import EmbeddedHost, HostConfig
@@ -398,9 +399,9 @@ class HostActor:
             return result_to_wire(await session.export_state(key))
         if method == "delete":
             (idem,) = args
-            await session.delete(key, idem=idem)
+            replayed = await session.delete(key, idem=idem)
             self._coordinators.pop(key, None)
-            return None
+            return replayed  # (a retry every shard answered from its tombstone: True)
         raise ValueError(f"unknown method {method!r}")
 
     async def _coordinator(self, key: str, entry: dict[str, Any]) -> ShardedSession:
@@ -732,6 +733,22 @@ class RayRouter:
         check_indexed(made, idem, split_key(str(made["key"]))[1])  # (422; 409 deleted)
         return str(made["key"]) if self.directory.get(made["key"]) is not None else None
 
+    async def _held(self, key: str, entry: dict[str, Any]) -> list[bool]:
+        """Whether the session's host holds it (a sharded session's: whether each shard's host
+        holds its shard); not held by a host that is gone for good. 503 while one restarts."""
+        if "host" in entry:
+            where = [(str(entry["host"]), key)]
+        else:
+            where = [(str(name), shard_key(key, i, len(entry["shards"])))
+                     for i, name in enumerate(entry["shards"])]
+
+        async def held(name: str, k: str) -> bool:
+            try:
+                return k in await self._host(name).keys(k)
+            except NotFound:  # (a host whose host.json is gone)
+                return False
+        return list(await asyncio.gather(*(held(name, k) for name, k in where)))
+
     # ------------------------------------------------------------------ hosts
     def _host_names(self) -> list[str]:
         return sorted(p.name for p in self.hosts_dir.iterdir()
@@ -927,12 +944,31 @@ class RayRouter:
         return [o for o in outs if isinstance(o, SessionInfo)]
 
     async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
+        tenant = split_key(key)[0]
+        if idem is not None:
+            # a keyed delete done already: answered, through any front (its hosts keep the
+            # key too, but the entry naming them may be gone, or name a session made since)
+            done = self.directory.deleted(tenant, idem.key)
+            if done is not None:
+                if done["fingerprint"] != idem.fingerprint:
+                    raise reused()
+                entry = self.directory.get(key)
+                # (an entry a crash left, between the delete and its removal: its hosts no
+                # longer hold the session; else it is a session made since, left alone)
+                if entry is not None:
+                    with contextlib.suppress(OptserveError):
+                        if not any(await self._held(key, entry)):
+                            self.directory.remove(key)
+                            self._entries.pop(key, None)
+                return True
         entry = self._entry(key, fresh=True)
         replayed = await (await self.route(key)).delete(key, idem=idem)
+        if idem is not None:  # (before the entry goes: a crash between leaves the hosts' keys)
+            self.directory.note_deleted(tenant, idem.key, idem.fingerprint, key)
         self.directory.remove(key)
         self._entries.pop(key, None)
         if entry.get("created_by"):
-            self.directory.forget_created(split_key(key)[0], entry["created_by"])
+            self.directory.forget_created(tenant, entry["created_by"])
         return replayed
 
     async def trim(self) -> None:
