@@ -152,8 +152,9 @@ class Directory:
         a sharded session before its shards' files start to go, so a crash anywhere in the
         delete leaves the whole session or the mark; while the session is still whole, a
         retried create is answered with it (:meth:`LocalRouter.find_create
-        <app.engine.router.LocalRouter.find_create>`). (The Ray engine's marks it once the
-        session is deleted.)"""
+        <app.engine.router.LocalRouter.find_create>`); the Ray engine's router marks every
+        session before its hosts delete it, in the same way (:meth:`RayRouter.find_create
+        <app.engine.ray_host.RayRouter.find_create>`)."""
         name = self._create_name(tenant, idem_key)
         if self.root is None:
             entry = self._creates.pop(name, None)

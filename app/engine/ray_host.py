@@ -27,6 +27,11 @@ name (``ray.get_actor``), so any number of fronts serve the same sessions. A hos
 gone (a cluster restart, a kill without restart) is started again from ``host.json`` by the
 first front that needs it, and restores its sessions from storage.
 
+**Deletes.** A delete marks the session's create key deleted in the directory before any host
+deletes the session (a retried create is answered with the session while its hosts all hold
+it, else 409 ``session_deleted``), and a keyed delete is kept there before the entry goes, so
+its retry is answered through any front (:meth:`RayRouter.delete`).
+
 **Failures.** Hosts have ``max_restarts=-1``: Ray restarts a host whose process dies or whose
 node goes away, on any node with room; its start restores every session it holds (snapshot,
 then the log replayed through the same operations). A request in flight when its host dies,
@@ -730,8 +735,15 @@ class RayRouter:
         made = self.directory.created(tenant, idem.key)
         if made is None:
             return None
-        check_indexed(made, idem, split_key(str(made["key"]))[1])  # (422; 409 deleted)
-        return str(made["key"]) if self.directory.get(made["key"]) is not None else None
+        key = str(made["key"])
+        entry = self.directory.get(key)
+        # (a delete marks the key before its hosts delete the session: until one of them has,
+        # the delete was cut short or refused, and the session is still whole)
+        if made.get("deleted") and entry is not None and \
+                entry.get("created_by") == idem.key and all(await self._held(key, entry)):
+            made = {**made, "deleted": False}
+        check_indexed(made, idem, split_key(key)[1])  # (422; 409 deleted)
+        return key if entry is not None else None
 
     async def _held(self, key: str, entry: dict[str, Any]) -> list[bool]:
         """Whether the session's host holds it (a sharded session's: whether each shard's host
@@ -962,13 +974,18 @@ class RayRouter:
                             self._entries.pop(key, None)
                 return True
         entry = self._entry(key, fresh=True)
-        replayed = await (await self.route(key)).delete(key, idem=idem)
+        host = await self.route(key)
+        if entry.get("created_by"):
+            # marked (on disk) before any host deletes the session, the delete's point of no
+            # return: a crash anywhere after leaves the key marked, and one before, or a host's
+            # refusal, leaves the session whole, which a retried create is still answered with
+            # (find_create), through any front
+            self.directory.forget_created(tenant, entry["created_by"])
+        replayed = await host.delete(key, idem=idem)
         if idem is not None:  # (before the entry goes: a crash between leaves the hosts' keys)
             self.directory.note_deleted(tenant, idem.key, idem.fingerprint, key)
         self.directory.remove(key)
         self._entries.pop(key, None)
-        if entry.get("created_by"):
-            self.directory.forget_created(tenant, entry["created_by"])
         return replayed
 
     async def trim(self) -> None:

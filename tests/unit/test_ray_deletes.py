@@ -5,13 +5,16 @@ them. A front is started again by making a new one over the same data directory;
 by stopping every host without a snapshot (a ``kill -9``) so the next front starts them again
 from their files.
 
-A keyed delete retried through a front that did not
+A delete cut anywhere (refused by a host, a crash between its steps) leaves the session whole,
+which a retried keyed create is answered with, or the create's key marked: a 409
+``session_deleted``, never a second session. A keyed delete retried through a front that did not
 answer it (another one, or the same one started again) is answered (204), also when a session
 with the same id was made since on another host (it is left alone)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,8 +26,10 @@ from app.config import Settings
 from app.engine.directory import Directory
 from app.engine.front import Front
 from app.engine.interface import IdemKey
-from app.errors import Invalid, NotFound
-from tests.unit.test_deleted_creates import Crash, create_key, spec
+from app.engine.store import Store
+from app.errors import Conflict, Invalid, NotFound
+from tests.torch_reference import Reference, assert_tensors_equal
+from tests.unit.test_deleted_creates import Crash, create_key, refused, spec
 
 ray_host = pytest.importorskip("app.engine.ray_host")
 ray = pytest.importorskip("ray")
@@ -93,6 +98,93 @@ class Cluster:
 def entries(front: Front) -> list[str]:
     directory: Directory = front.router.directory  # type: ignore[attr-defined]
     return directory.keys()
+
+
+CUTS = [(1, "before-the-hosts"), (1, "after-the-hosts"), (1, "after-the-entry"),
+        (2, "before-the-hosts"), (2, "between-the-shards"), (2, "after-the-hosts"),
+        (2, "after-the-entry")]
+
+
+@pytest.mark.parametrize(("shards", "at"), CUTS, ids=[f"{s}-{a}" for s, a in CUTS])
+def test_a_ray_delete_cut_anywhere_leaves_the_session_or_its_key_marked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int, at: str) -> None:
+    """A keyed create (plain or sharded), a step, then a keyed delete cut: refused by the
+    hosts (their disks fail before any files go), between the two shards, once the hosts
+    deleted it (before its directory entry goes), or once its entry went. Then the front and
+    the cluster start again, and other sessions take the freed hosts. The session is whole
+    (the retried create is answered with it, torch's parameters after the step, and a retried
+    delete deletes it), or the create's key is marked: its retry is a 409
+    ``session_deleted``, never a second session. The retried delete is answered once the
+    hosts deleted the session, and no entry is left behind."""
+    cluster = Cluster(tmp_path, monkeypatch)
+    ckey, dkey = create_key("k-cut"), IdemKey("d-cut", "delete cut")
+
+    async def cut() -> None:
+        front = cluster.front()
+        s = spec(shards)
+        s.id = "cut"
+        await front.create(s, idem=ckey)
+        await front.step("cut", GRADS, return_params=False)
+        deleted, calls, lock = 0, 0, threading.Lock()
+        real_delete, real_remove = Store.delete, Directory.remove
+
+        def store_delete(store: Store, key: str, *args: Any, **kw: Any) -> None:
+            nonlocal deleted, calls
+            with lock:  # (the shards' hosts delete at once: the first call is let through)
+                calls += 1
+                first = calls == 1
+            if at == "before-the-hosts" or (at == "between-the-shards" and not first):
+                raise Crash(key)
+            real_delete(store, key, *args, **kw)
+            deleted += 1
+
+        def remove(d: Directory, key: str) -> None:
+            if at == "after-the-entry":
+                real_remove(d, key)
+            raise Crash(key)
+        with monkeypatch.context() as m:
+            m.setattr(Store, "delete", store_delete)
+            m.setattr(Directory, "remove", remove)
+            with pytest.raises(Exception) as err:  # noqa: PT011 - a crash, or the hosts' refusal
+                await front.delete("cut", idem=dkey)
+        assert "cut" in str(err.value) or isinstance(err.value, Crash), err.value
+        assert deleted == {"before-the-hosts": 0, "between-the-shards": 1}.get(at, shards)
+        await cluster.kill()
+
+    async def after_the_crash() -> None:
+        front = cluster.front()
+        try:
+            # sessions take the hosts that deleted it, if they did (a create run again would
+            # go to a new host, which knows nothing of the key)
+            fillers = [f"filler{i}" for i in range(shards)]
+            for sid in fillers:
+                filler = spec()
+                filler.id = sid
+                await front.create(filler)
+            if at == "before-the-hosts":  # the session is whole: the retry is answered
+                again = await front.create(spec(shards), idem=ckey)
+                assert again.replayed and again.id == "cut" and again.version == 1
+                ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+                ref.step(GRADS)
+                assert_tensors_equal(dict((await front.pull("cut", None)).params),
+                                     ref.params, "after the step")
+            else:  # the hosts deleted some of it: the key is marked
+                with pytest.raises(Conflict) as err:
+                    await front.create(spec(shards), idem=ckey)
+                refused(err.value, "k-cut", "cut")
+            done = at in ("after-the-hosts", "after-the-entry")
+            assert await front.delete("cut", idem=dkey) == done
+            with pytest.raises(Conflict) as err:
+                await front.create(spec(shards), idem=ckey)
+            refused(err.value, "k-cut", "cut")
+            assert sorted(i.id for i in await front.list_sessions()) == fillers
+            assert entries(front) == [f"default~{sid}" for sid in fillers]
+            with pytest.raises(NotFound):
+                await front.describe("cut")
+        finally:
+            await cluster.kill()
+    asyncio.run(cut())
+    asyncio.run(after_the_crash())
 
 
 @pytest.mark.parametrize("shards", [1, 2])
