@@ -13,7 +13,10 @@ any number of fronts see the same directory with no service of its own:
   answered with the session the first one made, whichever front it reaches; as that session
   is deleted its entry moves to ``.deleted-creates/`` (the last
   :data:`~app.engine.deleted_creates.KEEP`), where a retry finds that it was deleted
-  (:mod:`app.engine.deleted_creates`).
+  (:mod:`app.engine.deleted_creates`);
+- ``.deletes/`` keeps the Ray engine's keyed deletes (per tenant, the last
+  :data:`~app.engine.deleted_creates.KEEP`), so a retried delete is answered by any front,
+  also once the session's entry, which named its host, is gone.
 
 Without a data directory (tests, ``memory`` durability everywhere) the directory is a dict.
 """
@@ -32,8 +35,11 @@ import orjson
 from app.engine.deleted_creates import KEEP
 from app.engine.store import Files
 
-#: how many marks of deleted creates are written between two prunes of the oldest
+#: how many marks (of deleted creates, of keyed deletes) are written between two prunes of the
+#: oldest
 _PRUNE_EVERY = 100
+#: the folders of marks, each pruned to its last KEEP
+_MARKS = (".deleted-creates", ".deletes")
 
 
 class Directory:
@@ -43,10 +49,12 @@ class Directory:
         self._creates: dict[str, dict[str, Any]] = {}
         #: deleted sessions' creates by name, oldest first (without a root)
         self._deleted: dict[str, dict[str, Any]] = {}
+        #: keyed deletes by name, oldest first (without a root)
+        self._deletes: dict[str, dict[str, Any]] = {}
         self._marked = 0  # marks written since the last prune (with a root)
         if root is not None:
-            (root / ".creates").mkdir(parents=True, exist_ok=True)
-            (root / ".deleted-creates").mkdir(parents=True, exist_ok=True)
+            for folder in (".creates", *_MARKS):
+                (root / folder).mkdir(parents=True, exist_ok=True)
             # (the count between prunes starts again with each front: a front that deletes
             # fewer than that before it ends would leave its marks to pile up)
             self.prune_deleted()
@@ -144,8 +152,9 @@ class Directory:
         a sharded session before its shards' files start to go, so a crash anywhere in the
         delete leaves the whole session or the mark; while the session is still whole, a
         retried create is answered with it (:meth:`LocalRouter.find_create
-        <app.engine.router.LocalRouter.find_create>`). (The Ray engine's marks it once the
-        session is deleted.)"""
+        <app.engine.router.LocalRouter.find_create>`); the Ray engine's router marks every
+        session before its hosts delete it, in the same way (:meth:`RayRouter.find_create
+        <app.engine.ray_host.RayRouter.find_create>`)."""
         name = self._create_name(tenant, idem_key)
         if self.root is None:
             entry = self._creates.pop(name, None)
@@ -161,25 +170,60 @@ class Directory:
             os.utime(mark)  # (marked now: the oldest marks are pruned first)
             for folder in (".deleted-creates", ".creates"):
                 Files().fsync_dir(self.root / folder)
-            self._marked += 1
-            if self._marked >= _PRUNE_EVERY:
-                self._marked = 0
-                self.prune_deleted()
+            self._count_mark()
+
+    def _count_mark(self) -> None:
+        self._marked += 1
+        if self._marked >= _PRUNE_EVERY:
+            self._marked = 0
+            self.prune_deleted()
 
     def prune_deleted(self, keep: int | None = None) -> None:
-        """Remove the oldest marks of deleted creates past ``keep`` (default :data:`KEEP`; by
-        the time they were marked: a rename keeps the file's times, so they are touched when
-        marked). Also when a directory is opened on its folder."""
+        """Remove the oldest marks of deleted creates, and of keyed deletes, past ``keep``
+        each (default :data:`KEEP`; by the time they were marked: a rename keeps the file's
+        times, so they are touched when marked). Also when a directory is opened on its
+        folder."""
         assert self.root is not None
         keep = KEEP if keep is None else keep
-        folder = self.root / ".deleted-creates"
-        marks: list[tuple[float, str]] = []
-        for entry in os.scandir(folder):
-            with contextlib.suppress(FileNotFoundError):
-                marks.append((entry.stat().st_mtime, entry.name))
-        if len(marks) <= keep:
+        for where in _MARKS:
+            folder = self.root / where
+            marks: list[tuple[float, str]] = []
+            for entry in os.scandir(folder):
+                with contextlib.suppress(FileNotFoundError):
+                    marks.append((entry.stat().st_mtime, entry.name))
+            if len(marks) <= keep:
+                continue
+            marks.sort()
+            for _, name in marks[:len(marks) - keep]:
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / name).unlink()
+
+    # ------------------------------------------------------------------ deletes by key
+    def note_deleted(self, tenant: str, idem_key: str, fingerprint: str, key: str) -> None:
+        """A delete sent with this idempotency key deleted ``key``: its retry is answered,
+        through any front, among the last :data:`KEEP`. On disk (its folder fsynced) when
+        this returns. (The Ray engine's: its hosts keep the keys of their deletes too, but a
+        front finds the host only through the session's entry, which goes with the delete.)"""
+        entry = {"key": key, "fingerprint": fingerprint}
+        name = self._create_name(tenant, idem_key)
+        if self.root is None:
+            self._deletes.pop(name, None)
+            self._deletes[name] = entry
+            while len(self._deletes) > KEEP:
+                del self._deletes[next(iter(self._deletes))]
             return
-        marks.sort()
-        for _, name in marks[:len(marks) - keep]:
-            with contextlib.suppress(FileNotFoundError):
-                (folder / name).unlink()
+        tmp = self._write_tmp(entry)
+        os.replace(tmp, self.root / ".deletes" / name)
+        Files().fsync_dir(self.root / ".deletes")
+        self._count_mark()
+
+    def deleted(self, tenant: str, idem_key: str) -> dict[str, Any] | None:
+        """``{"key", "fingerprint"}`` of the delete sent with this idempotency key, or None."""
+        name = self._create_name(tenant, idem_key)
+        if self.root is None:
+            return self._deletes.get(name)
+        try:
+            found: dict[str, Any] = orjson.loads((self.root / ".deletes" / name).read_bytes())
+        except FileNotFoundError:
+            return None
+        return found

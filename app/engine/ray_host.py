@@ -27,6 +27,11 @@ name (``ray.get_actor``), so any number of fronts serve the same sessions. A hos
 gone (a cluster restart, a kill without restart) is started again from ``host.json`` by the
 first front that needs it, and restores its sessions from storage.
 
+**Deletes.** A delete marks the session's create key deleted in the directory before any host
+deletes the session (a retried create is answered with the session while its hosts all hold
+it, else 409 ``session_deleted``), and a keyed delete is kept there before the entry goes, so
+its retry is answered through any front (:meth:`RayRouter.delete`).
+
 **Failures.** Hosts have ``max_restarts=-1``: Ray restarts a host whose process dies or whose
 node goes away, on any node with room; its start restores every session it holds (snapshot,
 then the log replayed through the same operations). A request in flight when its host dies,
@@ -43,6 +48,7 @@ packed safetensors body it sends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -64,7 +70,7 @@ import torch
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from app.engine.chunked import DEFAULT_CHUNK
-from app.engine.deleted_creates import check_indexed
+from app.engine.deleted_creates import check_indexed, reused
 from app.engine.directory import Directory
 from app.engine.front import Front, Limits
 from app.engine.host import EmbeddedHost, HostConfig
@@ -398,9 +404,9 @@ class HostActor:
             return result_to_wire(await session.export_state(key))
         if method == "delete":
             (idem,) = args
-            await session.delete(key, idem=idem)
+            replayed = await session.delete(key, idem=idem)
             self._coordinators.pop(key, None)
-            return None
+            return replayed  # (a retry every shard answered from its tombstone: True)
         raise ValueError(f"unknown method {method!r}")
 
     async def _coordinator(self, key: str, entry: dict[str, Any]) -> ShardedSession:
@@ -729,8 +735,31 @@ class RayRouter:
         made = self.directory.created(tenant, idem.key)
         if made is None:
             return None
-        check_indexed(made, idem, split_key(str(made["key"]))[1])  # (422; 409 deleted)
-        return str(made["key"]) if self.directory.get(made["key"]) is not None else None
+        key = str(made["key"])
+        entry = self.directory.get(key)
+        # (a delete marks the key before its hosts delete the session: until one of them has,
+        # the delete was cut short or refused, and the session is still whole)
+        if made.get("deleted") and entry is not None and \
+                entry.get("created_by") == idem.key and all(await self._held(key, entry)):
+            made = {**made, "deleted": False}
+        check_indexed(made, idem, split_key(key)[1])  # (422; 409 deleted)
+        return key if entry is not None else None
+
+    async def _held(self, key: str, entry: dict[str, Any]) -> list[bool]:
+        """Whether the session's host holds it (a sharded session's: whether each shard's host
+        holds its shard); not held by a host that is gone for good. 503 while one restarts."""
+        if "host" in entry:
+            where = [(str(entry["host"]), key)]
+        else:
+            where = [(str(name), shard_key(key, i, len(entry["shards"])))
+                     for i, name in enumerate(entry["shards"])]
+
+        async def held(name: str, k: str) -> bool:
+            try:
+                return k in await self._host(name).keys(k)
+            except NotFound:  # (a host whose host.json is gone)
+                return False
+        return list(await asyncio.gather(*(held(name, k) for name, k in where)))
 
     # ------------------------------------------------------------------ hosts
     def _host_names(self) -> list[str]:
@@ -927,12 +956,36 @@ class RayRouter:
         return [o for o in outs if isinstance(o, SessionInfo)]
 
     async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
+        tenant = split_key(key)[0]
+        if idem is not None:
+            # a keyed delete done already: answered, through any front (its hosts keep the
+            # key too, but the entry naming them may be gone, or name a session made since)
+            done = self.directory.deleted(tenant, idem.key)
+            if done is not None:
+                if done["fingerprint"] != idem.fingerprint:
+                    raise reused()
+                entry = self.directory.get(key)
+                # (an entry a crash left, between the delete and its removal: its hosts no
+                # longer hold the session; else it is a session made since, left alone)
+                if entry is not None:
+                    with contextlib.suppress(OptserveError):
+                        if not any(await self._held(key, entry)):
+                            self.directory.remove(key)
+                            self._entries.pop(key, None)
+                return True
         entry = self._entry(key, fresh=True)
-        replayed = await (await self.route(key)).delete(key, idem=idem)
+        host = await self.route(key)
+        if entry.get("created_by"):
+            # marked (on disk) before any host deletes the session, the delete's point of no
+            # return: a crash anywhere after leaves the key marked, and one before, or a host's
+            # refusal, leaves the session whole, which a retried create is still answered with
+            # (find_create), through any front
+            self.directory.forget_created(tenant, entry["created_by"])
+        replayed = await host.delete(key, idem=idem)
+        if idem is not None:  # (before the entry goes: a crash between leaves the hosts' keys)
+            self.directory.note_deleted(tenant, idem.key, idem.fingerprint, key)
         self.directory.remove(key)
         self._entries.pop(key, None)
-        if entry.get("created_by"):
-            self.directory.forget_created(split_key(key)[0], entry["created_by"])
         return replayed
 
     async def trim(self) -> None:

@@ -360,9 +360,12 @@ def test_two_fronts_serve_the_same_sessions(two_fronts: tuple[Front, Front]) -> 
         with pytest.raises(optserve.NotFoundError):
             cb.get_session("both")
 
-    # a keyed create made through one front, its session deleted through the other: its
-    # retry, through either, is a 409 session_deleted (the key is marked in the directory)
+    # a keyed create made through one front, its session deleted through the other (with a
+    # key of its own): the create's retry, through either, is a 409 session_deleted (the key
+    # is marked in the directory); the delete's retry through the front that did not answer
+    # it is a 204 (its key is kept in the directory too), another request under it a 422
     key = {"Idempotency-Key": f"ray-create-{time.time_ns()}"}
+    dkey = {"Idempotency-Key": f"ray-delete-{time.time_ns()}"}
     body = {"optimizer": "SGD", "options": {"lr": 0.1},
             "params": {"w": {"dtype": "float32", "shape": [1], "data": [1.0]}}}
     with httpx.Client(base_url=a.url, timeout=300) as ha, \
@@ -371,11 +374,16 @@ def test_two_fronts_serve_the_same_sessions(two_fronts: tuple[Front, Front]) -> 
         assert made.status_code == 201, made.text
         sid = made.json()["id"]
         assert hb.post("/v1/sessions", json=body, headers=key).json()["id"] == sid
-        assert hb.delete(f"/v1/sessions/{sid}").status_code == 204
+        assert hb.delete(f"/v1/sessions/{sid}", headers=dkey).status_code == 204
         for h in (ha, hb):
             r = h.post("/v1/sessions", json=body, headers=key)
             assert r.status_code == 409 and r.json()["code"] == "session_deleted", r.text
             assert r.json()["session_id"] == sid
+        r = ha.delete(f"/v1/sessions/{sid}", headers=dkey)
+        assert r.status_code == 204, r.text
+        assert r.headers.get("Idempotent-Replayed") == "true"
+        r = ha.delete("/v1/sessions/other", headers=dkey)
+        assert r.status_code == 422 and r.json()["code"] == "idempotency_key_reused", r.text
         assert sid not in [s["id"] for s in ha.get("/v1/sessions").json()["sessions"]]
 
 

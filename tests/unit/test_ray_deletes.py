@@ -1,0 +1,249 @@
+"""The Ray engine's deletes and keyed creates, without a cluster: fronts (:class:`RayRouter`
+behind :class:`Front`) over host actors that run their real code (:class:`HostActor` around an
+embedded host, its store in a temporary folder) in this process, found by name as Ray finds
+them. A front is started again by making a new one over the same data directory; the cluster,
+by stopping every host without a snapshot (a ``kill -9``) so the next front starts them again
+from their files.
+
+A delete cut anywhere (refused by a host, a crash between its steps) leaves the session whole,
+which a retried keyed create is answered with, or the create's key marked: a 409
+``session_deleted``, never a second session. A keyed delete retried through a front that did not
+answer it (another one, or the same one started again) is answered (204), also when a session
+with the same id was made since on another host (it is left alone)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from app.config import Settings
+from app.engine.directory import Directory
+from app.engine.front import Front
+from app.engine.interface import IdemKey
+from app.engine.store import Store
+from app.errors import Conflict, Invalid, NotFound
+from tests.torch_reference import Reference, assert_tensors_equal
+from tests.unit.test_deleted_creates import Crash, create_key, refused, spec
+
+ray_host = pytest.importorskip("app.engine.ray_host")
+ray = pytest.importorskip("ray")
+
+GRADS = {"a": torch.tensor([0.5, -1.0]), "b": torch.tensor([1.0, 2.0, 3.0])}
+
+
+class _Method:
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def remote(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+class Handle:
+    """A host actor's handle: ``handle.<method>.remote(*args)`` runs the actor's method."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def __getattr__(self, method: str) -> _Method:
+        return _Method(getattr(self.actor, method))
+
+
+class Cluster:
+    """Named host actors in this process; they outlive the fronts, as Ray's detached ones do."""
+
+    def __init__(self, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.data_dir = data_dir
+        self.actors: dict[str, Handle] = {}
+        monkeypatch.setattr(ray, "get_actor", self.get_actor)
+        monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 64.0})
+        monkeypatch.setattr(ray, "get_runtime_context",
+                            lambda: SimpleNamespace(get_node_id=lambda: "node"))
+
+    def get_actor(self, name: str, namespace: str | None = None) -> Handle:
+        try:
+            return self.actors[name]
+        except KeyError:
+            raise ValueError(f"no actor {name}") from None
+
+    def options(self, **opts: Any) -> Any:  # (the actor class a router spawns hosts with)
+        def remote(name: str, config: dict[str, Any]) -> Handle:
+            return self.actors.setdefault(name, Handle(ray_host.HostActor(name, config)))
+        return SimpleNamespace(remote=remote)
+
+    def front(self) -> Front:
+        """A new front over the deployment (one host per session, so a session made again
+        lands on another host than the one that deleted it)."""
+        settings = Settings(engine="ray", data_dir=self.data_dir, device="cpu", warm_up=False,
+                            ray_placement="pack", ray_sessions_per_host=1)
+        router = ray_host.RayRouter(ray_host.ray_options(settings))
+        router._actor = self
+        return Front(router)
+
+    async def kill(self) -> None:
+        """Every host stops without a snapshot and is started again from its files when a
+        front next needs it."""
+        for handle in self.actors.values():
+            if handle.actor._host is not None:
+                await handle.actor._host.stop(snapshot=False)
+        self.actors.clear()
+
+
+def entries(front: Front) -> list[str]:
+    directory: Directory = front.router.directory  # type: ignore[attr-defined]
+    return directory.keys()
+
+
+CUTS = [(1, "before-the-hosts"), (1, "after-the-hosts"), (1, "after-the-entry"),
+        (2, "before-the-hosts"), (2, "between-the-shards"), (2, "after-the-hosts"),
+        (2, "after-the-entry")]
+
+
+@pytest.mark.parametrize(("shards", "at"), CUTS, ids=[f"{s}-{a}" for s, a in CUTS])
+def test_a_ray_delete_cut_anywhere_leaves_the_session_or_its_key_marked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int, at: str) -> None:
+    """A keyed create (plain or sharded), a step, then a keyed delete cut: refused by the
+    hosts (their disks fail before any files go), between the two shards, once the hosts
+    deleted it (before its directory entry goes), or once its entry went. Then the front and
+    the cluster start again, and other sessions take the freed hosts. The session is whole
+    (the retried create is answered with it, torch's parameters after the step, and a retried
+    delete deletes it), or the create's key is marked: its retry is a 409
+    ``session_deleted``, never a second session. The retried delete is answered once the
+    hosts deleted the session, and no entry is left behind."""
+    cluster = Cluster(tmp_path, monkeypatch)
+    ckey, dkey = create_key("k-cut"), IdemKey("d-cut", "delete cut")
+
+    async def cut() -> None:
+        front = cluster.front()
+        s = spec(shards)
+        s.id = "cut"
+        await front.create(s, idem=ckey)
+        await front.step("cut", GRADS, return_params=False)
+        deleted, calls, lock = 0, 0, threading.Lock()
+        real_delete, real_remove = Store.delete, Directory.remove
+
+        def store_delete(store: Store, key: str, *args: Any, **kw: Any) -> None:
+            nonlocal deleted, calls
+            with lock:  # (the shards' hosts delete at once: the first call is let through)
+                calls += 1
+                first = calls == 1
+            if at == "before-the-hosts" or (at == "between-the-shards" and not first):
+                raise Crash(key)
+            real_delete(store, key, *args, **kw)
+            deleted += 1
+
+        def remove(d: Directory, key: str) -> None:
+            if at == "after-the-entry":
+                real_remove(d, key)
+            raise Crash(key)
+        with monkeypatch.context() as m:
+            m.setattr(Store, "delete", store_delete)
+            m.setattr(Directory, "remove", remove)
+            with pytest.raises(Exception) as err:  # noqa: PT011 - a crash, or the hosts' refusal
+                await front.delete("cut", idem=dkey)
+        assert "cut" in str(err.value) or isinstance(err.value, Crash), err.value
+        assert deleted == {"before-the-hosts": 0, "between-the-shards": 1}.get(at, shards)
+        await cluster.kill()
+
+    async def after_the_crash() -> None:
+        front = cluster.front()
+        try:
+            # sessions take the hosts that deleted it, if they did (a create run again would
+            # go to a new host, which knows nothing of the key)
+            fillers = [f"filler{i}" for i in range(shards)]
+            for sid in fillers:
+                filler = spec()
+                filler.id = sid
+                await front.create(filler)
+            if at == "before-the-hosts":  # the session is whole: the retry is answered
+                again = await front.create(spec(shards), idem=ckey)
+                assert again.replayed and again.id == "cut" and again.version == 1
+                ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+                ref.step(GRADS)
+                assert_tensors_equal(dict((await front.pull("cut", None)).params),
+                                     ref.params, "after the step")
+            else:  # the hosts deleted some of it: the key is marked
+                with pytest.raises(Conflict) as err:
+                    await front.create(spec(shards), idem=ckey)
+                refused(err.value, "k-cut", "cut")
+            done = at in ("after-the-hosts", "after-the-entry")
+            assert await front.delete("cut", idem=dkey) == done
+            with pytest.raises(Conflict) as err:
+                await front.create(spec(shards), idem=ckey)
+            refused(err.value, "k-cut", "cut")
+            assert sorted(i.id for i in await front.list_sessions()) == fillers
+            assert entries(front) == [f"default~{sid}" for sid in fillers]
+            with pytest.raises(NotFound):
+                await front.describe("cut")
+        finally:
+            await cluster.kill()
+    asyncio.run(cut())
+    asyncio.run(after_the_crash())
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_keyed_ray_delete_retried_through_another_front_is_answered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
+    """A keyed delete whose front dies once the hosts deleted the session (before the
+    directory heard of it), retried through other fronts (the same front started again,
+    another front on the directory): answered (True: 204 ``Idempotent-Replayed``) by the hosts
+    while the session's entry is there, then from the directory once it is gone, not a 404;
+    another request under the key is a 422. A session made with the same id since (on another
+    host, which holds no tombstone of the key) is left alone by the retry, as the embedded
+    engine leaves it."""
+    cluster = Cluster(tmp_path, monkeypatch)
+    dkey = IdemKey("d-gone", "delete gone")
+
+    async def run() -> None:
+        try:
+            first = cluster.front()
+            s = spec(shards)
+            s.id = "gone"
+            await first.create(s, idem=create_key("k-gone"))
+            await first.step("gone", GRADS, return_params=False)
+            real = ray_host._Placed.delete
+
+            async def dies_after(placed: Any, key: str, *, idem: IdemKey | None = None) -> bool:
+                await real(placed, key, idem=idem)
+                raise Crash(key)
+            with monkeypatch.context() as m:
+                m.setattr(ray_host._Placed, "delete", dies_after)
+                with pytest.raises(Crash):
+                    await first.delete("gone", idem=dkey)
+            assert entries(first) == ["default~gone"]
+
+            second = cluster.front()  # (a restart, or another front)
+            assert await second.delete("gone", idem=dkey)  # (the hosts' tombstones)
+            assert entries(second) == []
+            third = cluster.front()
+            assert await third.delete("gone", idem=dkey)  # (the directory's)
+            with pytest.raises(Invalid) as bad:
+                await third.delete("gone", idem=IdemKey("d-gone", "delete another"))
+            assert bad.value.code == "idempotency_key_reused"
+            with pytest.raises(NotFound):
+                await third.delete("gone")
+
+            # the freed hosts take other sessions; the id is made again on a new host
+            for i in range(shards):
+                filler = spec()
+                filler.id = f"filler{i}"
+                await third.create(filler)
+            remade = spec(lr=0.5)
+            remade.id = "gone"
+            await third.create(remade)
+            await cluster.kill()
+            fourth = cluster.front()
+            assert await fourth.delete("gone", idem=dkey)
+            info = await fourth.describe("gone")
+            assert info.version == 0 and info.lr == [0.5]  # (left alone)
+            assert sorted(i.id for i in await fourth.list_sessions()) == \
+                sorted([f"filler{i}" for i in range(shards)] + ["gone"])
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
