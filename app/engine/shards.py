@@ -264,6 +264,7 @@ def split_state(state: dict[str, Any], layout: ShardLayout) -> list[dict[str, An
             raise Invalid(f"state for parameter id {pid}, which no param group lists",
                           code="state_mismatch", field=f"state_dict.state.{key}")
         by_name[name_of[pid]] = entry
+    first = next(iter(by_name), None)
     out = []
     for index in range(layout.shards):
         local = {n: i for i, n in enumerate(layout.names_of(index))}
@@ -273,9 +274,13 @@ def split_state(state: dict[str, Any], layout: ShardLayout) -> list[dict[str, An
             shard_groups.append({**{k: v for k, v in g.items()
                                     if k not in ("params", "param_names")},
                                  "params": [local[n] for n in mine], "param_names": mine})
-        sd: dict[str, Any] = {
-            "state": {local[n]: e for n, e in by_name.items() if layout.owner[n] == index},
-            "param_groups": shard_groups}
+        mine_state = [(n, e) for n, e in by_name.items() if layout.owner[n] == index]
+        # empty entries after full ones, but the state's first entry kept first: Adagrad's
+        # load_state_dict reads the first entry's step (an empty first entry is refused, as
+        # torch refuses it; one later in the session's state must load on its shard too)
+        mine_state.sort(key=lambda item: 0 if item[0] == first else 1 if item[1] else 2)
+        sd: dict[str, Any] = {"state": {local[n]: e for n, e in mine_state},
+                              "param_groups": shard_groups}
         for k, v in state.items():
             if k not in ("state", "param_groups"):
                 sd[k] = v  # the scheduler (and anything unknown, which every shard refuses)

@@ -65,7 +65,8 @@ def assert_same(local_model: nn.Module, local: torch.optim.Optimizer, remote_mod
 
 @pytest.mark.parametrize(("name", "options"), [
     ("Adam", {"lr": 1e-2, "weight_decay": 0.1}), ("SGD", {"lr": 0.1, "momentum": 0.9}),
-    ("RMSprop", {"lr": 1e-2, "centered": True})])
+    ("RMSprop", {"lr": 1e-2, "centered": True}),
+    ("Adagrad", {"lr": 1e-2, "lr_decay": 0.01, "initial_accumulator_value": 0.1})])
 def test_an_empty_state_resets_the_session_as_a_local_optimizer(
         requests: tuple[optserve.Client, list[str]], name: str, options: dict[str, Any]
 ) -> None:
