@@ -464,7 +464,7 @@ class ShardedSession:
             outs = await self._all(lambda host, skey: host.export_state(skey))
         self._check_lockstep([o.version for o in outs])
         return StateExport(merge_state([o.state_dict for o in outs], self.layout),
-                           outs[0].version, outs[0].step)
+                           outs[0].version, outs[0].step, outs[0].revision)
 
     async def status(self, *, memory: bool = False) -> EngineStatus:  # pragma: no cover
         raise NotImplementedError
@@ -503,7 +503,8 @@ class ShardedSession:
             ops = {i: Overwrite(layout.part(op.params, i)) if layout.part(op.params, i)
                    else Bump() for i in every}
         elif isinstance(op, ImportState):
-            ops = dict(enumerate(ImportState(sd, op.request)
+            ops = dict(enumerate(ImportState(sd, op.request, base_version=op.base_version,
+                                             base_revision=op.base_revision)
                                  for sd in split_state(op.state, layout)))
         elif isinstance(op, Configure):
             if op.options.get("sync") is not None:

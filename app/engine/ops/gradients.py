@@ -304,6 +304,7 @@ class Push(Operation):
     """Add gradients into the accumulator (several pushes make one step)."""
 
     kind = "push"
+    revises = False
     grads: Tensors
     upcast: bool = False
     #: the client's scalars, recorded with the next step (means of all sent for it)
@@ -342,6 +343,7 @@ class ZeroGrad(Operation):
     """Clear the accumulator."""
 
     kind = "zero_grad"
+    revises = False
 
     def apply(self, s: Session, plan: Any) -> GradsResult:
         s.accum.clear()
