@@ -1017,6 +1017,8 @@ class EmbeddedHost:
                     written()
                 self._cut(key, before)
             raise
+        if not op.revised(result):
+            s.revision -= revised
         if before is not None:
             s.seq += 1
         if sync is not None:
@@ -1137,6 +1139,8 @@ class EmbeddedHost:
                 break
             session.revision += int(op.revises)  # (as live: before the apply)
             result = op.apply(session, plan)
+            if not op.revised(result):
+                session.revision -= int(op.revises)
             session.seq = record.seq
             if session.version != record.version:
                 raise StoreCorrupt(f"replay of record {record.seq} ({record.op.kind}) reached "

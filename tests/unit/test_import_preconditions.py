@@ -90,3 +90,33 @@ def test_revisions_count_changes_and_survive_restarts(tmp_path: Path) -> None:
     asyncio.run(again((2, 3), snapshot=True))  # (replayed from the log; then a snapshot)
     asyncio.run(again((4, 5), snapshot=False))  # (loaded from the snapshot, then the log)
     asyncio.run(again((6, 7), snapshot=False))
+
+
+def test_a_skipped_step_revises_only_with_option_changes() -> None:
+    """``nonfinite: skip``: a step skipped for a NaN gradient changes nothing (the revision
+    stays, and a conditional import naming it is taken); one that carries an lr change changes
+    the group (the revision moves, and an import naming the old one is a 412)."""
+    async def run() -> None:
+        eng: Front = embedded_engine("cpu", warm_up=False)
+        await eng.start()
+        try:
+            made = spec("s")
+            made.nonfinite = "skip"
+            await eng.create(made)
+            nan = {"w": torch.tensor([1.0, float("nan"), 0.0, 0.0])}
+            out = await eng.step("s", nan, return_params=False)
+            assert out.skipped
+            info = await eng.describe("s")
+            assert (info.version, info.revision) == (0, 0)
+            out = await eng.step("s", nan, return_params=False, options={0: {"lr": 0.2}})
+            assert out.skipped
+            info = await eng.describe("s")
+            assert (info.version, info.revision, info.lr) == (0, 1, [0.2])
+            state = (await eng.export_state("s")).state_dict
+            with pytest.raises(PreconditionFailed):
+                await eng.import_state("s", state, base_revision=0)
+            info = await eng.import_state("s", state, base_revision=1)
+            assert (info.version, info.revision) == (1, 2)
+        finally:
+            await eng.stop()
+    asyncio.run(run())

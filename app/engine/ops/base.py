@@ -56,6 +56,12 @@ class Operation:
     def from_tree(cls, tree: dict[str, Any]) -> Operation:
         raise NotImplementedError
 
+    def revised(self, result: Any) -> bool:
+        """Whether this apply (its ``result``) changed the session, which its ``revision``
+        counts: ``revises``, but a step skipped for non-finite gradients changes the session
+        only through the option changes sent with it."""
+        return self.revises
+
     def replayed(self) -> Operation:
         """This operation as a log replay runs it: without what was checked only when it was
         asked (a conditional import's preconditions, which held then)."""

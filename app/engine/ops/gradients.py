@@ -247,6 +247,9 @@ class Step(Operation):
         except Exception:  # noqa: BLE001 - metrics never fail a step
             return None
 
+    def revised(self, result: Any) -> bool:
+        return not getattr(result, "skipped", False) or bool(self.options)
+
     def result_json(self, result: Any) -> dict[str, Any]:
         out = super().result_json(result)
         if self.accumulated:
