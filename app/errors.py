@@ -5,6 +5,7 @@ them to RFC 9457 problem+json in one place (``app.api.problems``).
     ├── BadRequest          400  body is not JSON / safetensors / an object
     ├── NotFound            404  unknown session
     ├── Conflict            409  id taken, scheduler exhausted
+    ├── PreconditionFailed  412  a conditional import's version or revision is not the session's
     ├── PayloadTooLarge     413  body over the limit
     ├── UnsupportedMedia    415  content type not understood
     ├── NotAcceptable       406  Accept not satisfiable
@@ -61,6 +62,15 @@ class Conflict(OptserveError):
     status = 409
     code = "conflict"
     title = "Conflict"
+
+
+class PreconditionFailed(OptserveError):
+    """A conditional request (``If-Match``, ``?base_version=``, ``?base_revision=``) names a
+    version or revision the session is no longer at: nothing was applied."""
+
+    status = 412
+    code = "precondition_failed"
+    title = "Precondition failed"
 
 
 class PayloadTooLarge(OptserveError):

@@ -252,6 +252,11 @@ SCHEMAS: dict[str, Any] = {
             "id": {"type": "string"}, "optimizer": {"type": "string"},
             "device": {"type": "string"}, "version": {"type": "integer"},
             "step": {"type": "integer"}, "lr": {"type": "array", "items": {"type": "number"}},
+            "revision": {"type": "integer", "minimum": 0,
+                         "description": "every change applied to the session, counted (steps, "
+                                        "imports, overwrites, option changes, scheduler "
+                                        "steps...; not pushes or zero_grad): what a "
+                                        "conditional import's ?base_revision= names"},
             "defaults": {"type": "object"},
             "param_groups": {"type": "array", "items": {"type": "object"}},
             "scheduler": {"type": ["object", "null"]},
@@ -420,6 +425,10 @@ RESPONSE_HEADERS: dict[str, Any] = {
                            "schema": {"type": "string", "pattern": "^[0-9]+$"}},
     "X-Optserve-Step": {"description": "optimizer steps taken (torch's step count)",
                         "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+    "X-Optserve-Revision": {"description": "the session's revision (rises with every change "
+                                           "applied to it, option changes included): send it "
+                                           "back as a state import's ?base_revision=",
+                            "schema": {"type": "string", "pattern": "^[0-9]+$"}},
     "Location": {"description": "the new session's URL path",
                  "schema": {"type": "string", "example": "/v1/sessions/seed"}},
     "Idempotent-Replayed": {"description": "true: the answer to a repeated Idempotency-Key "
@@ -441,6 +450,14 @@ HEADERS: dict[str, dict[str, Any]] = {
         "description": "the version the gradients were computed from (as ?base_version=): "
                        "409 stale_gradient past max_staleness, or when older than the "
                        "session's latest overwrite or state import",
+        "schema": _VERSION_TAG},
+    "If-Match (import)": {
+        "name": "If-Match", "in": "header", "required": False,
+        "description": "import only if the session is still at this version (the ETag the "
+                       "state was read with; as ?base_version=): 412 precondition_failed "
+                       "otherwise, nothing imported. A version moves with steps, imports and "
+                       "overwrites only: name ?base_revision= to also refuse after option "
+                       "changes",
         "schema": _VERSION_TAG},
     "If-None-Match": {
         "name": "If-None-Match", "in": "header", "required": False,
@@ -473,6 +490,18 @@ QUERY: dict[str, dict[str, Any]] = {
         "description": "the version the gradients were computed from (or If-Match): 409 "
                        "stale_gradient past max_staleness, or when older than the session's "
                        "latest overwrite or state import",
+        "schema": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}},
+    "base_version (import)": {
+        "name": "base_version", "in": "query", "required": False,
+        "description": "import only if the session is still at this version (or If-Match): "
+                       "412 precondition_failed otherwise, nothing imported",
+        "schema": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}},
+    "base_revision": {
+        "name": "base_revision", "in": "query", "required": False,
+        "description": "import only if the session is still at this revision (its "
+                       "X-Optserve-Revision: nothing at all changed since, option changes and "
+                       "scheduler steps included): 412 precondition_failed otherwise, nothing "
+                       "imported",
         "schema": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}},
     "upcast": {
         "name": "upcast", "in": "query", "required": False,
@@ -520,6 +549,8 @@ COMMON_PROBLEMS: dict[str, str] = {
 PROBLEMS: dict[str, str] = {
     "406": "Accept names no media type this operation answers with",
     "408": "The request body stalled for OPTSERVE_BODY_TIMEOUT_S",
+    "412": "precondition_failed: the session is no longer at the version (If-Match, "
+           "?base_version=) or revision (?base_revision=) named; nothing was applied",
     "503": "Not ready (device worker down, data directory not writable, or draining)",
 }
 
@@ -616,7 +647,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("get", f"{S}/state_dict"): Op("exportState", ok="StateDict", ok_binary=True,
                                    versioned=True, query=("format", "encoding")),
     ("put", f"{S}/state_dict"): Op("importState", "StateDict", body_binary=True, ok="Session",
-                                   versioned=True, query=("format",)),
+                                   versioned=True,
+                                   query=("format", "base_version (import)", "base_revision"),
+                                   headers=("If-Match (import)",), problems=("412",)),
     ("get", f"{S}/history"): Op("getHistory", ok="History", ok_also=(CSV,)),
 }
 ALSO_DESCRIPTIONS = {CSV: "the same columns as CSV: a header row, then one line per row (or "
@@ -655,6 +688,8 @@ def _success(op: Op, method: str) -> dict[str, Any]:
     elif op.ok_media is not None:
         out["content"] = {op.ok_media: {"schema": {"type": "string"}}}
     names = ("X-Request-Id",) + (_VERSION_HEADERS if op.versioned else ())
+    if op.ok == "Session" or op.id == "exportState":
+        names += ("X-Optserve-Revision",)
     if method in MUTATING:
         names += ("Idempotent-Replayed",)
     if op.id == "createSession":

@@ -36,12 +36,15 @@ from app.api.deps import EngineDep, SettingsDep, TenantDep
 from app.api.instrument import metrics_of, outcome, phase
 from app.api.requests import StepQuery
 from app.engine.interface import Engine, IdemKey, ReturnParams, SessionInfo
-from app.errors import Invalid
+from app.errors import Invalid, PreconditionFailed
 from app.wire.content_digest import cheap
+from app.wire.integers import int_text
 from app.wire.safetensors_body import read_safetensors, write_safetensors
 from app.wire.tree import is_float_tag, tree_to_json, tree_to_safetensors, untag_float
 
 REPLAYED_HEADER = "Idempotent-Replayed"
+#: the session's change counter, on answers that describe the session or export its state
+REVISION_HEADER = "X-Optserve-Revision"
 #: what a step body may carry besides its gradients
 STEP_FIELDS = frozenset({"param_groups", "scalars"})
 #: what a push (/grads) body may carry besides its gradients
@@ -59,7 +62,9 @@ def _max_bytes(settings: Any) -> int:
 
 
 def _described(info: SessionInfo, status: int = 200) -> Response:
-    return json_response(info.to_json(), status, _headers(info.version, info.step, info.replayed))
+    headers = _headers(info.version, info.step, info.replayed)
+    headers[REVISION_HEADER] = str(info.revision)
+    return json_response(info.to_json(), status, headers)
 
 
 def _headers(version: int, step: int, replayed: bool = False) -> dict[str, str]:
@@ -355,6 +360,7 @@ async def export_state(
     b64 = tensor_encoding(request)
     out = await engine.export_state(session_id, tenant=tenant)
     headers = version_headers(out.version, out.step)
+    headers[REVISION_HEADER] = str(out.revision)
     sd = out.state_dict
 
     def encode() -> bytes:
@@ -379,6 +385,11 @@ async def import_state(
     tenant: TenantDep,
     settings: SettingsDep,
 ) -> Response:
+    """Conditional with ``If-Match: "<version>"`` / ``?base_version=`` and/or
+    ``?base_revision=``: imported only if the session is still at them (412 otherwise)."""
+    query_version = _query_int(request, "base_version")
+    base = conditions.base_version(request, query_version)
+    base_revision = _query_int(request, "base_revision")
     buf = await read_body(request, _max_bytes(settings))
     kind = body_kind(request)
     fmt = _state_format(request, "safetensors" if kind == "binary" else "json")
@@ -390,4 +401,24 @@ async def import_state(
         state = await offload(lambda: parse.state_from_safetensors(buf), len(buf))
     else:
         state = await offload(lambda: parse.state_from_json(buf), len(buf))
-    return _described(await engine.import_state(session_id, state, tenant=tenant, idem=idem))
+    try:
+        info = await engine.import_state(session_id, state, tenant=tenant, idem=idem,
+                                         base_version=base, base_revision=base_revision)
+    except PreconditionFailed as exc:
+        if exc.field == "base_version" and query_version is None:
+            exc.field = "If-Match"  # (the version came in the header)
+        raise
+    return _described(info)
+
+
+def _query_int(request: Request, name: str) -> int | None:
+    """An optional whole-number query parameter (0 to 10^18 - 1): 422 ``invalid_query``
+    naming it otherwise."""
+    raw = request.query_params.getlist(name)
+    if not raw:
+        return None
+    value = int_text(raw[0], 18) if len(raw) == 1 else None
+    if value is None:
+        raise Invalid(f"{name} must be one whole number from 0 (the session's, as its answers "
+                      "give it)", code="invalid_query", field=name)
+    return value

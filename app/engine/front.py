@@ -355,12 +355,12 @@ class Front:
         await self.router.trim()
 
     async def import_state(self, session_id: str, state: dict[str, Any], *,
-                           tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
+                           tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
+                           base_version: int | None = None, base_revision: int | None = None
                            ) -> SessionInfo:
-        out: SessionInfo = await self._execute(tenant, session_id,
-                                               ImportState(state, request=True,
-                                                           scheduler_range=True,
-                                                           tensor_range=True), idem)
+        op = ImportState(state, request=True, scheduler_range=True, tensor_range=True,
+                         base_version=base_version, base_revision=base_revision)
+        out: SessionInfo = await self._execute(tenant, session_id, op, idem)
         return out
 
 

@@ -470,7 +470,7 @@ class EmbeddedHost:
         def read() -> StateExport:
             s = self._get(key)
             sd = export_state_dict(s)
-            return StateExport(sd, s.version, s.step_count)
+            return StateExport(sd, s.version, s.step_count, s.revision)
         await self._settled(key)
         return await self._worker.run(read)
 
@@ -1029,18 +1029,24 @@ class EmbeddedHost:
         (``written``: wait until the record's write, running beside, has returned, so that
         the cut comes after it, and so that answers written over the request body the record
         is written from come after it too)."""
+        revised = int(op.revises)
+        s.revision += revised  # (first: what the operation answers shows the session after it)
         try:
             result = op.apply(s, plan)
         except ApplyFailed as exc:
+            s.revision -= revised
             if written is not None:
                 written()
             self._recover(key, op, before, exc)
         except BaseException:
+            s.revision -= revised
             if before is not None:  # refused cleanly (the session is unchanged): unlog it
                 if written is not None:
                     written()
                 self._cut(key, before)
             raise
+        if not op.revised(result):
+            s.revision -= revised
         if before is not None:
             s.seq += 1
         if sync is not None:
@@ -1163,8 +1169,9 @@ class EmbeddedHost:
             if record.seq != session.seq + 1:
                 raise StoreCorrupt(f"log record {record.seq} follows {session.seq}: a record "
                                    "is missing")
+            op = record.op.replayed()
             try:
-                plan = record.op.check(session)
+                plan = op.check(session)
             except OptserveError as exc:
                 # An acknowledged operation replays exactly as it ran; one that is refused was
                 # never acknowledged: a record whose apply was refused and whose cut failed.
@@ -1175,7 +1182,10 @@ class EmbeddedHost:
                 log.warning("%s: dropping the last log record (%s), refused at replay: %s",
                             key, record.op.kind, exc.detail)
                 break
-            result = record.op.apply(session, plan)
+            session.revision += int(op.revises)  # (as live: before the apply)
+            result = op.apply(session, plan)
+            if not op.revised(result):
+                session.revision -= int(op.revises)
             session.seq = record.seq
             if session.version != record.version:
                 raise StoreCorrupt(f"replay of record {record.seq} ({record.op.kind}) reached "

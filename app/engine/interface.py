@@ -103,6 +103,8 @@ class SessionInfo:
     version: int
     step: int
     lr: list[float]
+    #: the session's change counter (:attr:`app.engine.session.Session.revision`)
+    revision: int
     nonfinite: str
     durability: str
     defaults: dict[str, Any]
@@ -124,7 +126,7 @@ class SessionInfo:
         out = {
             "id": self.id, "optimizer": self.optimizer, "device": self.device,
             "version": self.version, "step": self.step, "lr": json_floats(self.lr),
-            "nonfinite": self.nonfinite, "durability": self.durability,
+            "revision": self.revision, "nonfinite": self.nonfinite, "durability": self.durability,
             "defaults": self.defaults, "param_groups": self.param_groups,
             "params": self.params, "accumulated": self.accumulated,
             "scheduler": self.scheduler, **self.ps,
@@ -267,6 +269,7 @@ class StateExport:
     state_dict: dict[str, Any]
     version: int
     step: int
+    revision: int = 0
 
 
 @dataclass
@@ -349,4 +352,7 @@ class Engine(Protocol):
 
     async def export_state(self, session_id: str, *, tenant: str = ...) -> StateExport: ...
     async def import_state(self, session_id: str, state: dict[str, Any], *, tenant: str = ...,
-                           idem: IdemKey | None = ...) -> SessionInfo: ...
+                           idem: IdemKey | None = ..., base_version: int | None = ...,
+                           base_revision: int | None = ...) -> SessionInfo:
+        """``base_version``/``base_revision``: import only if the session is still at them
+        (412 ``precondition_failed`` otherwise, nothing changed)."""

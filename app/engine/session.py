@@ -186,6 +186,10 @@ class Session:
         self.accum: dict[str, torch.Tensor] = {}
         self.version = 0
         self.step_count = 0
+        #: every change applied to the session, counted (each operation but a push or a
+        #: zero_grad: steps, imports, overwrites, option changes, scheduler steps, ...): a
+        #: conditional import names the one it was read at (``base_revision``)
+        self.revision = 0
         self.durability: Durability = "memory"
         self.ps = ps.PsConfig()  # parameter-server options (sync rounds, bounded staleness)
         #: the version the latest overwrite or state import left the session at, and which of
@@ -332,7 +336,7 @@ class Session:
         return SessionInfo(
             id=self.id, optimizer=self.optimizer_name, device=str(self.device),
             version=self.version, step=self.step_count, lr=self.lrs(),
-            nonfinite=self.nonfinite, durability=self.durability,
+            revision=self.revision, nonfinite=self.nonfinite, durability=self.durability,
             defaults=state_dicts.jsonable_options(self.optimizer.defaults),
             param_groups=groups,
             params={n: {"dtype": DTYPE_NAMES[p.dtype], "shape": list(p.shape)}
@@ -620,6 +624,7 @@ class Session:
                 "version": self.version,
                 "step": self.step_count,
                 "seq": self.seq,
+                "revision": self.revision,
                 "ps": self.ps.to_json(),
                 "replaced": list(self.replaced) if self.replaced else None,
                 "idempotency": self.idem.to_json(),
@@ -672,6 +677,8 @@ class Session:
         session.version = int(meta["version"])
         session.step_count = int(meta["step"])
         session.seq = session.seq_at_snapshot = int(meta["seq"])
+        # (snapshots from before it lack it: no client holds a revision those servers gave)
+        session.revision = int(meta.get("revision", 0))
         session.ps = ps.parse(meta.get("ps") or {})
         # (snapshots from before it lack it: no overwrite known, as those servers knew none)
         replaced = meta.get("replaced")

@@ -271,6 +271,7 @@ def split_state(state: dict[str, Any], layout: ShardLayout) -> list[dict[str, An
             raise Invalid(f"state for parameter id {pid}, which no param group lists",
                           code="state_mismatch", field=f"state_dict.state.{key}")
         by_name[name_of[pid]] = entry
+    first = next(iter(by_name), None)
     out = []
     for index in range(layout.shards):
         local = {n: i for i, n in enumerate(layout.names_of(index))}
@@ -280,9 +281,13 @@ def split_state(state: dict[str, Any], layout: ShardLayout) -> list[dict[str, An
             shard_groups.append({**{k: v for k, v in g.items()
                                     if k not in ("params", "param_names")},
                                  "params": [local[n] for n in mine], "param_names": mine})
-        sd: dict[str, Any] = {
-            "state": {local[n]: e for n, e in by_name.items() if layout.owner[n] == index},
-            "param_groups": shard_groups}
+        mine_state = [(n, e) for n, e in by_name.items() if layout.owner[n] == index]
+        # empty entries after full ones, but the state's first entry kept first: Adagrad's
+        # load_state_dict reads the first entry's step (an empty first entry is refused, as
+        # torch refuses it; one later in the session's state must load on its shard too)
+        mine_state.sort(key=lambda item: 0 if item[0] == first else 1 if item[1] else 2)
+        sd: dict[str, Any] = {"state": {local[n]: e for n, e in mine_state},
+                              "param_groups": shard_groups}
         for k, v in state.items():
             if k not in ("state", "param_groups"):
                 sd[k] = v  # the scheduler (and anything unknown, which every shard refuses)
@@ -466,7 +471,7 @@ class ShardedSession:
             outs = await self._all(lambda host, skey: host.export_state(skey))
         self._check_lockstep([o.version for o in outs])
         return StateExport(merge_state([o.state_dict for o in outs], self.layout),
-                           outs[0].version, outs[0].step)
+                           outs[0].version, outs[0].step, outs[0].revision)
 
     async def status(self, *, memory: bool = False) -> EngineStatus:  # pragma: no cover
         raise NotImplementedError
@@ -508,7 +513,9 @@ class ShardedSession:
         elif isinstance(op, ImportState):
             ops = dict(enumerate(ImportState(sd, op.request,
                                              scheduler_range=op.scheduler_range,
-                                             tensor_range=op.tensor_range)
+                                             tensor_range=op.tensor_range,
+                                             base_version=op.base_version,
+                                             base_revision=op.base_revision)
                                  for sd in split_state(op.state, layout)))
         elif isinstance(op, Configure):
             if op.options.get("sync") is not None:

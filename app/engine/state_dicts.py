@@ -134,8 +134,12 @@ def _expected_state(
     session: Session, group_opts: list[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], bool]:
     """What the optimizer itself keeps per parameter (after one step), in parameter order, and
-    whether it makes that state eagerly at construction (Adagrad) rather than at first step:
-    then every parameter's state must be present in an import."""
+    whether it makes that state eagerly at construction (Adagrad) rather than at first step.
+    An import may still leave a parameter's state out (or give it as ``{}``): torch's
+    ``load_state_dict`` replaces the whole state, and Adagrad makes a parameter's state again
+    at its next step (``step`` 0, ``sum`` filled with the optimizer's
+    ``initial_accumulator_value``), as it does for a parameter added with
+    ``add_param_group``."""
     scratch_groups = []
     scratch: list[torch.Tensor] = []
     for g, opts in zip(session.optimizer.param_groups, group_opts, strict=True):
@@ -326,25 +330,22 @@ def prepare_import(session: Session, state: object, request: bool = False,
         if lbfgs:
             if entry:
                 check_lbfgs_state(session, group_opts[0], position[pid], entry, where)
-        elif entry or eager:
+        elif entry:
             same_structure(expected[position[pid]], entry, where)
+        elif eager and not new_state:
+            # torch's Adagrad.__setstate__ (its load_state_dict) reads the first loaded
+            # entry's step to tell whether steps are tensors: KeyError 'step' when it is empty
+            raise Invalid(f"{session.optimizer_name} cannot load a state whose first entry is "
+                          "empty (torch's load_state_dict raises KeyError 'step'): leave the "
+                          "parameter out of the state, or put its entry after a full one; "
+                          "either way its state is made afresh at its next step",
+                          code="state_mismatch", field=where)
         entry = own_tensors(entry, where)
         if "step" in entry:
             _check_step(entry["step"], f"{where}.step")
         if session.nonfinite == "reject":
             _check_finite(entry, where)
         new_state[pid] = entry
-    if eager:
-        # (a parameter added with add_param_group gets its state at its first step, in torch
-        # too: it may lack one while the session holds none for it)
-        held = [p for g in session.optimizer.param_groups for p in g["params"]]
-        absent = [pid for pid in order if pid not in new_state
-                  and session.optimizer.state.get(held[position[pid]])]
-        if absent:
-            raise Invalid(f"{session.optimizer_name} keeps state for every parameter from the "
-                          f"start; the state lacks parameter id {absent[0]}",
-                          code="state_mismatch", field=f"state_dict.state.{absent[0]}")
-
     sched_state = state.get("scheduler")
     if sched_state is not None:
         if session.scheduler is None:

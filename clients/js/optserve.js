@@ -574,6 +574,9 @@ export class AuthenticationError extends OptserveError {}
 export class PermissionDeniedError extends OptserveError {}
 export class NotFoundError extends OptserveError {} // 404
 export class ConflictError extends OptserveError {} // 409
+/** 412 precondition_failed: a conditional importState (baseVersion, baseRevision) named a session
+ * version or revision the session has left; nothing was applied. */
+export class PreconditionFailedError extends OptserveError {}
 export class PayloadTooLargeError extends OptserveError {} // 413
 export class ValidationError extends OptserveError {} // 422
 /** 429: a per-tenant limit is reached (the Python SDK's RateLimitError); never retried. */
@@ -587,7 +590,7 @@ export class ConnectionError extends OptserveError {}
 
 const ERROR_CLASSES = {
   400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError,
-  409: ConflictError, 413: PayloadTooLargeError, 422: ValidationError, 429: RateLimitError,
+  409: ConflictError, 412: PreconditionFailedError, 413: PayloadTooLargeError, 422: ValidationError, 429: RateLimitError,
   503: UnavailableError, 507: StorageFullError,
 };
 /** Backoff: retryDelayMs * 2**attempt, capped at this, then scaled by a random factor in
@@ -604,6 +607,12 @@ const MAX_WAIT_S = 60;
 /** Seconds the server holds a long poll of ?wait_s=waitS (it caps the wait at MAX_WAIT_S). */
 function held(waitS) {
   return Number(waitS) > 0 ? Math.min(Number(waitS), MAX_WAIT_S) : 0;
+}
+
+/** A session version or revision: a whole number >= 0 (a TypeError before anything is sent). */
+function wholeNumber(value, name) {
+  if (!Number.isSafeInteger(value) || value < 0) throw new TypeError(`${name} must be a whole number >= 0, got ${JSON.stringify(value)}`);
+  return value;
 }
 
 function newIdempotencyKey() {
@@ -1136,20 +1145,28 @@ export class OptserveClient {
    * PUT /v1/sessions/{id}/state_dict. state: a tree with Tensors (as exportState returns), sent as
    * JSON (format "json", default) or safetensors (format "safetensors"); or bytes (Uint8Array /
    * ArrayBuffer) of a file in the given format ("json" | "safetensors" | "torch").
-   * Returns the session description.
+   * Conditional: baseVersion (sent as If-Match) imports only if the session is still at that
+   * version (no step, import or overwrite since: the X-Optserve-Version / ETag the state was read
+   * with); baseRevision (?base_revision=) only if nothing at all changed since (option changes and
+   * scheduler steps too: the description's `revision`). Otherwise PreconditionFailedError (412),
+   * nothing imported. Returns the session description.
    */
-  importState(id, state, { format = "json", encoding, idempotencyKey } = {}) {
+  importState(id, state, { format = "json", encoding, idempotencyKey, baseVersion, baseRevision } = {}) {
     const path = `${this._sid(id)}/state_dict`;
+    const query = {};
+    const headers = {};
+    if (baseVersion !== undefined) headers["If-Match"] = `"${wholeNumber(baseVersion, "baseVersion")}"`;
+    if (baseRevision !== undefined) query.base_revision = wholeNumber(baseRevision, "baseRevision");
     if (state instanceof Uint8Array || state instanceof ArrayBuffer) {
       const ctype = format === "json" ? JSON_TYPE : BINARY;
-      return this._json("PUT", path, { query: { format }, body: toBytes(state), contentType: ctype, idempotencyKey });
+      return this._json("PUT", path, { query: { ...query, format }, headers, body: toBytes(state), contentType: ctype, idempotencyKey });
     }
     if (format === "safetensors") {
       const { skeleton, tensors } = treeToSafetensors(state);
-      return this._json("PUT", path, { query: { format }, body: writeSafetensors(tensors, { optserve_state: stringify(skeleton) }), idempotencyKey });
+      return this._json("PUT", path, { query: { ...query, format }, headers, body: writeSafetensors(tensors, { optserve_state: stringify(skeleton) }), idempotencyKey });
     }
     if (format !== "json") throw new TypeError(`format ${format} needs the file's bytes`);
-    return this._json("PUT", path, { json: treeToJson(state, { b64: encoding === "b64" }), idempotencyKey });
+    return this._json("PUT", path, { query, headers, json: treeToJson(state, { b64: encoding === "b64" }), idempotencyKey });
   }
 
   /**

@@ -65,7 +65,8 @@ def assert_same(local_model: nn.Module, local: torch.optim.Optimizer, remote_mod
 
 @pytest.mark.parametrize(("name", "options"), [
     ("Adam", {"lr": 1e-2, "weight_decay": 0.1}), ("SGD", {"lr": 0.1, "momentum": 0.9}),
-    ("RMSprop", {"lr": 1e-2, "centered": True})])
+    ("RMSprop", {"lr": 1e-2, "centered": True}),
+    ("Adagrad", {"lr": 1e-2, "lr_decay": 0.01, "initial_accumulator_value": 0.1})])
 def test_an_empty_state_resets_the_session_as_a_local_optimizer(
         requests: tuple[optserve.Client, list[str]], name: str, options: dict[str, Any]
 ) -> None:
@@ -226,3 +227,89 @@ def test_a_worker_that_resets_the_state_pushes_on(
         train(model, opt, range(4, 6))
     assert_same(local_model, local, remote_model, remote)
     client.delete_session(sid)
+
+
+def test_a_reset_racing_a_patch_from_another_client_does_not_revert_it(
+        requests: tuple[optserve.Client, list[str]], live_server: str) -> None:
+    """Another client PATCHes the lr between the reset's ``GET`` of the session and its import
+    (a hook on the ``GET``, once): the import, conditional on what the ``GET`` saw, is refused
+    (412) and made again after a new ``GET``; the session keeps the PATCHed lr with its state
+    reset (one import applied), and its next step equals a local Adam's given the same lr and
+    reset. (Before, the import wrote back the lr the first ``GET`` had read.)"""
+    client, log = requests
+    local_model, remote_model = mlp(), mlp()
+    local = torch.optim.Adam(local_model.parameters(), lr=1e-2)
+    remote = optserve.RemoteOptimizer(remote_model.parameters(), "Adam", client, lr=1e-2)
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(3))
+    version = client.get_session(remote.session_id).version
+    real_get = client.get_session
+    races = [0.003]
+
+    def get_then_patch(session_id: str) -> Any:
+        info = real_get(session_id)
+        if races:
+            with optserve.Client(live_server, transport="http") as other:
+                other.update_param_group(session_id, 0, lr=races.pop())
+        return info
+
+    client.get_session = get_then_patch  # type: ignore[method-assign]
+    log.clear()
+    remote.state = defaultdict(dict)
+    client.get_session = real_get  # type: ignore[method-assign]
+    assert log == ["GET " + remote.session_id, "PUT state_dict"] * 2
+    info = client.get_session(remote.session_id)
+    assert info.param_groups[0].lr == 0.003  # (not the 1e-2 the first GET saw)
+    assert info.version == version + 1
+    assert client.export_state(remote.session_id)["state"] == {}
+    local.param_groups[0]["lr"] = 0.003
+    local.state = defaultdict(dict)
+    g = torch.Generator().manual_seed(77)
+    x, y = torch.randn(12, 6, generator=g), torch.randn(12, 3, generator=g)
+    local.zero_grad()
+    F.mse_loss(local_model(x), y).backward()
+    local.step()
+    names = info.param_names
+    grads = {n: p.grad for n, p in zip(names, local_model.parameters(), strict=True)}
+    out = client.step(remote.session_id, grads)
+    assert out.params is not None
+    for n, p in zip(names, local_model.parameters(), strict=True):
+        assert torch.equal(torch.as_tensor(out.params[n]), p.detach()), n
+    remote.close(delete_session=True)
+
+
+def test_a_reset_that_keeps_losing_the_race_raises_and_changes_nothing(
+        requests: tuple[optserve.Client, list[str]], live_server: str) -> None:
+    """Another client steps the scheduler by hand after every ``GET`` the reset makes (the
+    version stays, the revision moves): after three refused imports the reset raises
+    ``PreconditionFailedError`` (412, ``field`` ``base_revision``); the state is not reset and
+    the lr is the other client's."""
+    client, log = requests
+    remote_model = mlp()
+    remote = optserve.RemoteOptimizer(remote_model.parameters(), "Adam", client, lr=1e-2,
+                                      scheduler={"name": "StepLR",
+                                                 "options": {"step_size": 1, "gamma": 0.5}})
+    train(remote_model, remote, range(2))
+    kept = {p: copy.deepcopy(s) for p, s in remote.state.items()}
+    real_get = client.get_session
+
+    def get_then_step_scheduler(session_id: str) -> Any:
+        info = real_get(session_id)
+        with optserve.Client(live_server, transport="http") as other:
+            other.scheduler_step(session_id)
+        return info
+
+    client.get_session = get_then_step_scheduler  # type: ignore[method-assign]
+    log.clear()
+    with pytest.raises(optserve.PreconditionFailedError) as refused:
+        remote.state = defaultdict(dict)
+    client.get_session = real_get  # type: ignore[method-assign]
+    assert refused.value.status_code == 412 and refused.value.field == "base_revision"
+    assert log == ["GET " + remote.session_id, "PUT state_dict"] * 3
+    info = client.get_session(remote.session_id)
+    assert info.param_groups[0].lr == 1e-2 * 0.5 ** 5  # (two steps, three scheduler steps)
+    assert len(remote.state) == 4
+    for p, state in kept.items():
+        for key, value in state.items():
+            assert torch.equal(remote.state[p][key], value), key
+    remote.close(delete_session=True)

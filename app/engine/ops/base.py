@@ -34,6 +34,9 @@ class Operation:
     kind: ClassVar[str]
     #: whether a successful apply bumps the session's version (predicted in the log record)
     bumps_version: ClassVar[bool] = False
+    #: whether a successful apply counts as a change of the session's ``revision`` (everything
+    #: but what only touches the gradient accumulator: push, zero_grad)
+    revises: ClassVar[bool] = True
 
     def check(self, session: Session) -> Any:
         """Validate against the session as it is; change nothing. Returns the plan."""
@@ -52,6 +55,17 @@ class Operation:
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> Operation:
         raise NotImplementedError
+
+    def revised(self, result: Any) -> bool:
+        """Whether this apply (its ``result``) changed the session, which its ``revision``
+        counts: ``revises``, but a step skipped for non-finite gradients changes the session
+        only through the option changes sent with it."""
+        return self.revises
+
+    def replayed(self) -> Operation:
+        """This operation as a log replay runs it: without what was checked only when it was
+        asked (a conditional import's preconditions, which held then)."""
+        return self
 
     def refusals(self, session: Session) -> list[tuple[str, str, dict[str, Any]]]:
         """Idempotency keys of other requests this operation answered with a refusal (key,

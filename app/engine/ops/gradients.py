@@ -253,6 +253,9 @@ class Step(Operation):
         except Exception:  # noqa: BLE001 - metrics never fail a step
             return None
 
+    def revised(self, result: Any) -> bool:
+        return not getattr(result, "skipped", False) or bool(self.options)
+
     def result_json(self, result: Any) -> dict[str, Any]:
         out = super().result_json(result)
         if self.accumulated:
@@ -313,6 +316,7 @@ class Push(Operation):
     """Add gradients into the accumulator (several pushes make one step)."""
 
     kind = "push"
+    revises = False
     grads: Tensors
     upcast: bool = False
     #: the client's scalars, recorded with the next step (means of all sent for it)
@@ -351,6 +355,7 @@ class ZeroGrad(Operation):
     """Clear the accumulator."""
 
     kind = "zero_grad"
+    revises = False
 
     def apply(self, s: Session, plan: Any) -> GradsResult:
         s.accum.clear()

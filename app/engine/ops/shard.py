@@ -38,6 +38,9 @@ class SkipStep(Operation):
         s.accum.clear()
         return StepResult(s.version, s.step_count, s.lrs(), skipped=True)
 
+    def revised(self, result: Any) -> bool:
+        return bool(self.options)
+
     def to_tree(self) -> dict[str, Any]:
         return {"options": {str(i): o for i, o in self.options.items()}} if self.options else {}
 

@@ -5,7 +5,7 @@ import { after, before, describe, test } from "node:test";
 
 import {
   AuthenticationError, BadRequestError, ConflictError, ConnectionError, NotFoundError, OptserveClient, OptserveError,
-  PayloadTooLargeError, PermissionDeniedError, RateLimitError, StorageFullError, Tensor, UnavailableError,
+  PayloadTooLargeError, PermissionDeniedError, PreconditionFailedError, RateLimitError, StorageFullError, Tensor, UnavailableError,
   ValidationError, readSafetensors,
 } from "../optserve.js";
 
@@ -156,7 +156,7 @@ describe("client against a stub server", () => {
     const c = new OptserveClient({ baseUrl });
     const classes = {
       400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError, 409: ConflictError,
-      413: PayloadTooLargeError, 422: ValidationError, 429: RateLimitError, 500: OptserveError, 503: UnavailableError,
+      412: PreconditionFailedError, 413: PayloadTooLargeError, 422: ValidationError, 429: RateLimitError, 500: OptserveError, 503: UnavailableError,
       507: StorageFullError,
     };
     for (const [status, Cls] of Object.entries(classes)) {

@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { after, describe, test } from "node:test";
 
-import { Tensor } from "../optserve.js";
+import { PreconditionFailedError, Tensor } from "../optserve.js";
 import { NO_SERVER, assertSameTensor, assertSameTree, client, uid } from "./helpers.js";
 
 const GRADS = [
@@ -93,5 +93,45 @@ describe("state_dict export and import", { skip: NO_SERVER }, () => {
       assertSameTensor(rb.params.x, ra.params.x, `step with k=${k}`);
     }
     assert.equal((await c.getSession(b)).step, 3, "step counts the steps taken in this session");
+  });
+
+  test("a conditional import is refused (412) once the session moved on, and applies when current", async () => {
+    const spec = {
+      optimizer: "SGD", options: { lr: 0.1, momentum: 0.9 },
+      params: { x: Tensor.from([1, -2, 3]) },
+    };
+    const a = uid("cond-a");
+    const b = uid("cond-b"); // a twin that takes the same steps and the imports unconditionally
+    made.push(a, b);
+    for (const id of [a, b]) await c.createSession({ ...spec, id });
+    const g = (k) => ({ x: Tensor.from([k, -k / 2, 1 / k]) });
+    const both = async (k) => {
+      const [ra, rb] = [await c.step(a, g(k)), await c.step(b, g(k))];
+      assertSameTensor(ra.params.x, rb.params.x, `step with k=${k}`);
+    };
+    for (const k of [1, 2]) await both(k);
+    const read = await c.getSession(a);
+    const sd = await c.exportState(a);
+    await both(3);
+    let err = await c.importState(a, sd, { baseVersion: read.version }).catch((e) => e);
+    assert.ok(err instanceof PreconditionFailedError, String(err));
+    assert.equal(err.status, 412);
+    assert.equal(err.code, "precondition_failed");
+    assert.equal(err.field, "If-Match");
+    assertSameTree(await c.exportState(a), await c.exportState(b), "nothing imported");
+    const again = await c.getSession(a);
+    for (const id of [a, b]) await c.updateParamGroup(id, 0, { lr: 0.05 });
+    err = await c.importState(a, sd, { baseVersion: again.version, baseRevision: again.revision }).catch((e) => e);
+    assert.ok(err instanceof PreconditionFailedError, String(err));
+    assert.equal(err.field, "base_revision");
+    assertSameTree(await c.exportState(a), await c.exportState(b), "nothing imported");
+    const now = await c.getSession(a);
+    const desc = await c.importState(a, sd, { baseVersion: now.version, baseRevision: now.revision });
+    assert.equal(desc.version, now.version + 1);
+    assert.equal(desc.revision, now.revision + 1);
+    await c.importState(b, sd);
+    assertSameTree(await c.exportState(a), await c.exportState(b), "the import applied");
+    for (const k of [4, 5]) await both(k);
+    assert.throws(() => c.importState(a, sd, { baseVersion: -1 }), TypeError);
   });
 });

@@ -29,6 +29,7 @@ from ._exceptions import (
     OptserveError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    PreconditionFailedError,
     RateLimitError,
     ValidationError,
 )
@@ -91,6 +92,7 @@ __all__ = [
     "PermissionDeniedError",
     "NotFoundError",
     "ConflictError",
+    "PreconditionFailedError",
     "PayloadTooLargeError",
     "ValidationError",
     "RateLimitError",

@@ -824,9 +824,13 @@ def _load_torch(content: bytes) -> dict[str, Any]:
 
 
 def import_state(
-    session_id: str, state_dict: Mapping[str, Any] | bytes, *, format: StateFormat
+    session_id: str, state_dict: Mapping[str, Any] | bytes, *, format: StateFormat,
+    base_version: int | None = None, base_revision: int | None = None,
 ) -> APICall[SessionInfo]:
     _check_format(format)
+    for name, value in (("base_version", base_version), ("base_revision", base_revision)):
+        if value is not None and (type(value) is not int or value < 0):
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     if isinstance(state_dict, (bytes, bytearray, memoryview)):
         if format != "torch":
             raise TypeError("raw bytes are accepted only with format='torch' (a torch.save file)")
@@ -839,8 +843,12 @@ def import_state(
         content, ctype = T.encode_state_safetensors(state_dict), OCTET_STREAM
     else:
         content, ctype = T.encode_state_json(state_dict), JSON
+    params: list[tuple[str, str]] = [("format", format)]
+    if base_revision is not None:
+        params.append(("base_revision", str(base_revision)))
     return APICall("PUT", _sid(session_id) + "/state_dict", _parse_session,
-                   params=[("format", format)], content=content, content_type=ctype)
+                   params=params, content=content, content_type=ctype,
+                   headers={} if base_version is None else {"If-Match": f'"{base_version}"'})
 
 
 def _torch_save(state_dict: Mapping[str, Any]) -> bytes:

@@ -598,11 +598,22 @@ class Client(SyncAPIClient):
         id: str,
         state_dict: Mapping[str, Any] | bytes,
         format: StateFormat = "safetensors",
+        *,
+        base_version: int | None = None,
+        base_revision: int | None = None,
     ) -> SessionInfo:
         """``PUT .../state_dict``: load a torch-format state dict (e.g. a local optimizer's
         ``state_dict()``) into the session. With ``format="torch"``, ``state_dict`` may also be
-        the bytes of a ``torch.save`` file."""
-        return self._request(_api.import_state(id, state_dict, format=format))
+        the bytes of a ``torch.save`` file.
+
+        Conditional: ``base_version`` (sent as ``If-Match``) imports only if the session is
+        still at that version (no step, import or overwrite since); ``base_revision`` only if
+        nothing at all changed since (an option change, a scheduler step too: the session's
+        ``revision``, as :meth:`get_session` gives it). Otherwise
+        :class:`~optserve.PreconditionFailedError` (412), nothing imported."""
+        return self._request(_api.import_state(id, state_dict, format=format,
+                                               base_version=base_version,
+                                               base_revision=base_revision))
 
 
 class AsyncClient(AsyncAPIClient):
@@ -814,6 +825,11 @@ class AsyncClient(AsyncAPIClient):
         id: str,
         state_dict: Mapping[str, Any] | bytes,
         format: StateFormat = "safetensors",
+        *,
+        base_version: int | None = None,
+        base_revision: int | None = None,
     ) -> SessionInfo:
         """``PUT .../state_dict``: see :meth:`Client.import_state`."""
-        return await self._request(_api.import_state(id, state_dict, format=format))
+        return await self._request(_api.import_state(id, state_dict, format=format,
+                                                     base_version=base_version,
+                                                     base_revision=base_revision))

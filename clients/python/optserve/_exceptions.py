@@ -12,6 +12,7 @@ Our exception hierarchy::
         ├── PermissionDeniedError      403
         ├── NotFoundError              404  unknown session (or route)
         ├── ConflictError              409  session id taken, scheduler exhausted
+        ├── PreconditionFailedError    412  a conditional import's session changed meanwhile
         ├── PayloadTooLargeError       413  body over the server's limit
         ├── ValidationError            422  bad option, shape/dtype mismatch, unknown name, ...
         ├── RateLimitError             429
@@ -40,6 +41,7 @@ __all__ = [
     "PermissionDeniedError",
     "NotFoundError",
     "ConflictError",
+    "PreconditionFailedError",
     "PayloadTooLargeError",
     "ValidationError",
     "RateLimitError",
@@ -203,6 +205,11 @@ class ConflictError(APIStatusError):
     """409: the session id already exists, or the scheduler is exhausted."""
 
 
+class PreconditionFailedError(APIStatusError):
+    """412: a conditional request (``import_state(..., base_version=, base_revision=)``) named
+    a session version or revision the session is no longer at; nothing was applied."""
+
+
 class PayloadTooLargeError(APIStatusError):
     """413: the body is larger than the server accepts."""
 
@@ -225,6 +232,7 @@ _BY_STATUS: dict[int, type[APIStatusError]] = {
     403: PermissionDeniedError,
     404: NotFoundError,
     409: ConflictError,
+    412: PreconditionFailedError,
     413: PayloadTooLargeError,
     422: ValidationError,
     429: RateLimitError,

@@ -57,11 +57,15 @@ from torch.optim.optimizer import ParamsT
 from ._api import Durability, NonFinitePolicy
 from ._base_client import ReceiveBuffer
 from ._client import Client
-from ._exceptions import APIStatusError, OptserveError
+from ._exceptions import APIStatusError, OptserveError, PreconditionFailedError
 from ._gc import gc_paused
 from ._session_state import SessionState, assigned_state
 from ._tensors import Tensor
 from ._types import EvaluationRequest, SessionInfo
+
+#: how many times ``opt.state = mapping`` reads the session and sends its conditional import
+#: before it gives up (each failure: another client changed the session in between)
+STATE_ASSIGN_ATTEMPTS = 3
 
 __all__ = ["RemoteOptimizer"]
 
@@ -330,22 +334,38 @@ class RemoteOptimizer(torch.optim.Optimizer):
         the same way. One atomic import: the session takes all of it or, refused (a wrong
         shape, a parameter that is not this optimizer's, ``TypeError`` for what is not a
         mapping of dicts), none of it. In a sync session it discards an open round, as
-        :meth:`load_state_dict` does."""
+        :meth:`load_state_dict` does.
+
+        The import is conditional on the session being as the ``GET`` saw it (``If-Match``
+        its version, ``base_revision`` its revision): another client's change in between (an
+        option PATCH, a step, a scheduler step) is never reverted by the options the ``GET``
+        read. The ``GET`` and the import are then made again, up to
+        :data:`STATE_ASSIGN_ATTEMPTS` times in all; past that the last
+        :class:`~optserve.PreconditionFailedError` is raised, the session's state as the
+        other clients left it."""
         params = [p for group in self.param_groups for p in group["params"]]
         entries = assigned_state(value, params)
-        info = self._client.get_session(self._session_id)
-        self._learn(info.version)
-        groups: list[dict[str, Any]] = []
-        start = 0
-        for local, server in zip(self.param_groups, info.param_groups, strict=True):
-            count = len(local["params"])
-            groups.append({**server.options, "params": list(range(start, start + count))})
-            start += count
-        self._state_epoch += 1
-        self._state_view.forget()
-        imported = self._client.import_state(
-            self._session_id, {"state": entries, "param_groups": groups},
-            format="safetensors" if self._binary else "json")
+        for attempt in range(1, STATE_ASSIGN_ATTEMPTS + 1):
+            info = self._client.get_session(self._session_id)
+            self._learn(info.version)
+            groups: list[dict[str, Any]] = []
+            start = 0
+            for local, server in zip(self.param_groups, info.param_groups, strict=True):
+                count = len(local["params"])
+                groups.append({**server.options, "params": list(range(start, start + count))})
+                start += count
+            self._state_epoch += 1
+            self._state_view.forget()
+            try:
+                imported = self._client.import_state(
+                    self._session_id, {"state": entries, "param_groups": groups},
+                    format="safetensors" if self._binary else "json",
+                    base_version=info.version, base_revision=info.revision)
+            except PreconditionFailedError:
+                if attempt == STATE_ASSIGN_ATTEMPTS:
+                    raise
+                continue
+            break
         self._imported(imported)
         if not entries:
             self._state_view.known_empty()

@@ -70,6 +70,9 @@ class SessionInfo:
     history: int | None = None
     #: ``"step"``, ``"interval"`` or ``"memory"``: how far a step must reach before its answer
     durability: str | None = None
+    #: the session's change counter (every step, import, overwrite, option change, scheduler
+    #: step...; not pushes): what ``import_state(..., base_revision=)`` names
+    revision: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -111,6 +114,7 @@ class SessionInfo:
             metrics=obj.get("metrics"),
             history=obj.get("history"),
             durability=obj.get("durability"),
+            revision=obj.get("revision") if type(obj.get("revision")) is int else None,
             raw=obj,
         )
 
