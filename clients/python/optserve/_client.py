@@ -269,7 +269,7 @@ class Client(SyncAPIClient):
                     raise
                 time.sleep(delay)
                 continue
-            with gc_paused(len(grads)):  # (copies of the new values: see optserve._gc)
+            with gc_paused(len(params or ())):  # (copies of the new values: optserve._gc)
                 return _api.step_result(answer, params, copy=not views)
         return None  # unreachable
 

@@ -629,19 +629,28 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                "takes no parameter-server workers")
         self.push_params(only_edited=True)
         self._sync_param_groups()
+        # the collector paused while the gradients are gathered and the values copied in, as
+        # in a step (the client pauses it to encode and decode): not while the closure runs,
+        # nor while an answer is awaited (see optserve._gc)
+        tensors = len(self._by_name)
         with torch.enable_grad():
             orig_loss = closure()
+        with gc_paused(tensors):
+            grads = self._grads()
         answer = self._client.open_evaluation_step(self._session_id, _loss_value(orig_loss),
-                                                   self._grads(), binary=self._binary)
+                                                   grads, binary=self._binary)
         while isinstance(answer, EvaluationRequest):
-            self._copy_in(answer.params)  # the point the line search tries
+            with gc_paused(tensors):
+                self._copy_in(answer.params)  # the point the line search tries
             with torch.enable_grad():
                 loss = closure()
+            with gc_paused(tensors):
+                grads = self._grads()
             answer = self._client.evaluate(self._session_id, answer.evaluation,
-                                           _loss_value(loss), self._grads(),
-                                           binary=self._binary)
+                                           _loss_value(loss), grads, binary=self._binary)
         if answer.params is not None:
-            self._copy_in(answer.params)
+            with gc_paused(tensors):
+                self._copy_in(answer.params)
         self._at(answer.params_at if answer.params is not None else answer.version)
         self._learn(answer.version)
         self._take_lrs(answer.lr)
@@ -768,7 +777,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """Copy the session's current parameter values into the local tensors (e.g. after
         other workers stepped the same session)."""
         result = self._client.get_params(self._session_id, binary=self._binary)
-        self._copy_in(result.params)
+        with gc_paused(len(result.params)):  # (the copies: see optserve._gc)
+            self._copy_in(result.params)
         self._at(result.version)
 
     def close(self, *, delete_session: bool = False) -> None:
