@@ -571,17 +571,16 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 scalars=scalars or None, metrics="history", key=key, sent=sent)
         if result is None:
             # a step the socket may have carried goes over HTTP asking what it asked there
-            # (its norms in the history only): the same request, so its key's first answer
-            result = self._client.step(self._session_id, grads,
-                                       return_params="touched" if sparse else True,
-                                       binary=self._binary, worker=self._worker,
-                                       base_version=base, param_groups=changes or None,
-                                       upcast=wire is not None,
-                                       params_dtype=str(wire).removeprefix("torch.")
-                                       if wire is not None else None,
-                                       scalars=scalars or None, into=self._answers,
-                                       metrics="history" if sent else "answer",
-                                       idempotency_key=key)
+            # (its norms in the history only): the same request, so its key's first answer.
+            # Straight to HTTP: the same-host path was tried above if this step could take it
+            # (Client.step would try it a second time, to fail the same way)
+            result = self._client._step_http(
+                self._session_id, grads, return_params="touched" if sparse else True,
+                binary=self._binary, worker=self._worker, base_version=base,
+                param_groups=changes or None, upcast=wire is not None,
+                params_dtype=str(wire).removeprefix("torch.") if wire is not None else None,
+                scalars=scalars or None, into=self._answers,
+                metrics="history" if sent else "answer", key=key)
         self._sent(changes)
         if result.params is not None:
             # (narrowed to float16, a value past its range came back infinite)
