@@ -22,6 +22,7 @@ from ._constants import (
     MAX_WAIT_S,
     OCTET_STREAM,
     STEP_HEADER,
+    TORCH_HINT,
     VERSION_HEADER,
     WORKER_HEADER,
 )
@@ -851,7 +852,7 @@ def _load_torch(content: bytes) -> dict[str, Any]:
 
         import torch
     except ImportError as exc:  # pragma: no cover - needs an environment without torch
-        raise TypeError("format='torch' needs torch (pip install 'optserve[torch]')") from exc
+        raise TypeError(f"format='torch' needs torch ({TORCH_HINT})") from exc
     sd = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     if not isinstance(sd, dict):
         raise ValueError("the torch.save file does not hold a dict")
@@ -884,7 +885,7 @@ def _torch_save(state_dict: Mapping[str, Any]) -> bytes:
 
         import torch
     except ImportError as exc:  # pragma: no cover - needs an environment without torch
-        raise TypeError("format='torch' needs torch (pip install 'optserve[torch]')") from exc
+        raise TypeError(f"format='torch' needs torch ({TORCH_HINT})") from exc
     f = io.BytesIO()
     torch.save(dict(state_dict), f)
     return f.getvalue()
