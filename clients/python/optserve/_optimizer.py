@@ -43,6 +43,7 @@ on with the next batch.
 
 from __future__ import annotations
 
+import inspect
 import math
 import uuid
 from collections import defaultdict
@@ -66,6 +67,13 @@ from ._types import EvaluationRequest, SessionInfo
 __all__ = ["RemoteOptimizer"]
 
 _NOT_OPTIONS = ("params", "param_names")
+#: the keys a torch scheduler adds to a group that a state import takes besides the optimizer's
+#: options (docs/protocol.md: checked as torch checks ``lr``)
+_SCHEDULER_GROUP_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum",
+                                   "max_momentum"})
+#: the top-level keys of a state dict the session takes (torch's ``load_state_dict`` reads
+#: ``state`` and ``param_groups`` and ignores any other, such as one a state-dict hook added)
+_STATE_DICT_KEYS = ("state", "param_groups", "scheduler")
 
 
 def _norm(value: Any) -> Any:
@@ -213,6 +221,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
         self._owns_client = client is None
         self._client: Client = client if client is not None else Client()
+        if worker is None and any(explicit):
+            try:
+                explicit = self._server_options(optimizer, explicit)
+            except BaseException:
+                if self._owns_client:
+                    self._client.close()
+                raise
         if wire_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"wire_dtype must be None, 'bfloat16' or 'float16', got "
                              f"{wire_dtype!r}")
@@ -267,6 +282,22 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._at(info.version)
         self.defaults = {**info.defaults, **options}
         self._adopt(info)
+
+    def _server_options(self, optimizer: str, explicit: list[dict[str, Any]]
+                        ) -> list[dict[str, Any]]:
+        """Each group's own keys that are options of the server's ``optimizer`` (one ``GET
+        /v1/optimizers``). Others (a group's ``"name"``, timm's ``"lr_scale"``: torch keeps
+        any key in a group) stay in the local group only, as a local scheduler's
+        ``initial_lr`` does: :meth:`state_dict` has them, steps never send them."""
+        local = getattr(torch.optim, optimizer, None)
+        if isinstance(local, type) and issubclass(local, torch.optim.Optimizer):
+            taken = set(inspect.signature(local.__init__).parameters) - {"self", "params"}
+            if all(k in taken for g in explicit for k in g):
+                return explicit  # (options of torch's class here: no need to ask)
+        known = {o.name: set(o.defaults) for o in self._client.list_optimizers()}
+        if optimizer not in known:  # (the session's create says what is wrong with it)
+            return explicit
+        return [{k: v for k, v in g.items() if k in known[optimizer]} for g in explicit]
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -660,7 +691,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if getattr(self, "_initializing", True):
             super().add_param_group(param_group)
             return
-        explicit = {k: v for k, v in param_group.items() if k not in _NOT_OPTIONS}
+        # (keys the optimizer has no option for stay in the local group: see _server_options)
+        explicit = {k: v for k, v in param_group.items()
+                    if k not in _NOT_OPTIONS and k in self.defaults}
         self._state_epoch += 1
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -732,8 +765,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.push_params(only_edited=True)
         self._state_epoch += 1
         info = self._client.import_state(
-            self._session_id, state_dict, format="safetensors" if self._binary else "json"
-        )
+            self._session_id, self._importable(state_dict, saved_groups),
+            format="safetensors" if self._binary else "json")
         new_groups = []
         for group, saved in zip(self.param_groups, saved_groups, strict=True):
             saved["params"] = group["params"]
@@ -744,6 +777,21 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._imported(info)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _importable(self, state_dict: Mapping[str, Any], groups: list[dict[str, Any]]
+                    ) -> dict[str, Any]:
+        """What of a state dict the session takes: its state, its groups' options and the
+        keys a scheduler adds (``initial_lr``, ...), and its server scheduler's state. Torch's
+        ``load_state_dict`` takes any state dict and keeps whatever its groups hold: keys the
+        session has no option for (a group's ``"name"``, SWALR's ``swa_lr``) stay in the local
+        groups, and other top-level keys (one a state-dict hook added) are ignored, as torch
+        ignores them."""
+        out = {k: state_dict[k] for k in _STATE_DICT_KEYS if k in state_dict}
+        out["param_groups"] = [
+            {k: v for k, v in g.items()
+             if k in _NOT_OPTIONS or k in synced or k in _SCHEDULER_GROUP_KEYS}
+            for g, synced in zip(groups, self._synced, strict=True)]
+        return out
 
     def _session_state(self) -> dict[torch.Tensor, Any]:
         """The session's state keyed by this optimizer's parameters (see :attr:`state`)."""
