@@ -119,7 +119,7 @@ class Settings(BaseSettings):
         description="rows of per-step metrics a session keeps unless it sets \"history\"")
     engine: Literal["embedded", "ray"] = Field(
         default="embedded", description="embedded: sessions in this process; ray: sessions on "
-        "Ray actor hosts (pip install optserve-server[ray]; docs/cluster.md)")
+        "Ray actor hosts (from the repository's root: pip install '.[ray]'; docs/cluster.md)")
     ray_address: str = Field(
         default="local", description="the Ray cluster: local (start one in this process), "
         "auto, or HOST:PORT of its GCS")

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import LiveServer, _test_settings
@@ -429,6 +430,117 @@ def test_the_sdk_steps_over_http_past_the_limit_and_deleting_unbinds(
         assert set(channel._bindings) == {sids[1], sids[2]}
         got = c.get_params(sids[2]).params["p"]
         assert torch.equal(got, local_adam(p0, [*grads, grads[0]]))
+
+
+def train_counting_attempts(client: optserve.Client, monkeypatch: pytest.MonkeyPatch,
+                            steps: int = 3) -> dict[str, int]:
+    """``RemoteOptimizer`` (Adam, a local StepLR) training a small model through ``client``,
+    every parameter equal to a local Adam's after each step; how many times the steps tried
+    the same-host path (``Client._step_local``), connected to the socket and asked to bind."""
+    counts = {"tries": 0, "connects": 0, "binds": 0}
+    real_try, real_connect = optserve.Client._step_local, optserve._local.LocalChannel.connect
+    real_exchange = optserve._local.LocalChannel._exchange
+
+    def tried(self: optserve.Client, *args: Any, **kwargs: Any) -> Any:
+        counts["tries"] += 1
+        return real_try(self, *args, **kwargs)
+
+    def connect(self: optserve._local.LocalChannel) -> None:
+        counts["connects"] += 1
+        real_connect(self)
+
+    def exchange(self: optserve._local.LocalChannel, message: dict[str, Any]) -> Any:
+        counts["binds"] += message.get("op") == "bind"
+        return real_exchange(self, message)
+    monkeypatch.setattr(optserve.Client, "_step_local", tried)
+    monkeypatch.setattr(optserve._local.LocalChannel, "connect", connect)
+    monkeypatch.setattr(optserve._local.LocalChannel, "_exchange", exchange)
+    torch.manual_seed(3)
+    local_model, remote_model = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    remote_model.load_state_dict(local_model.state_dict())
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    local = torch.optim.Adam(local_model.parameters(), lr=1e-2)
+    remote = optserve.RemoteOptimizer(remote_model.named_parameters(), "Adam", client, lr=1e-2)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, 1, 0.5) for o in (local, remote)]
+    for _ in range(steps):
+        for model, opt, sched in zip((local_model, remote_model), (local, remote), scheds,
+                                     strict=True):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            sched.step()
+        for p, q in zip(local_model.parameters(), remote_model.parameters(), strict=True):
+            assert torch.equal(p, q)
+    remote.close(delete_session=True)
+    return counts
+
+
+def test_a_refused_binding_is_tried_once_per_step_not_twice(
+        keyed_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server binds no more sessions on this connection: each ``RemoteOptimizer`` step
+    tries the same-host path once (asking for the binding only the first time, the refusal
+    remembered), then steps over HTTP, equal to torch. It tried twice per step: once itself
+    and once more in ``Client.step``, its way to HTTP."""
+    from app.transport import local
+
+    monkeypatch.setattr(local, "MAX_BINDINGS", 1)
+    with optserve.Client(keyed_server, api_key=KEY_A) as c:
+        sid = c.create_session("SGD", {"x": torch.zeros(2)}, options={"lr": 1.0}).id
+        c.step(sid, {"x": torch.ones(2)})  # the connection's one binding
+        channel = c._local
+        assert channel is not None and set(channel._bindings) == {sid}
+        counts = train_counting_attempts(c, monkeypatch)
+        assert counts == {"tries": 3, "connects": 0, "binds": 1}
+        assert set(channel._bindings) == {sid} and len(channel._refused) == 1
+
+
+def test_an_unreachable_socket_is_tried_once_per_step_not_twice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server names a socket this client cannot connect to (its path gone): the first
+    step connects once and every step goes over HTTP, equal to torch, each asking the
+    same-host path once (the failed connection remembered). Each step asked twice."""
+    live = LiveServer(_test_settings(durability="memory"))
+    url = live.start()
+    try:
+        os.unlink(socket_path(url))
+        with optserve.Client(url) as c:
+            counts = train_counting_attempts(c, monkeypatch)
+            assert counts == {"tries": 3, "connects": 1, "binds": 0}
+            assert c._local is None
+    finally:
+        live.stop()
+
+
+def test_slots_the_client_cannot_view_are_let_go_and_not_bound_again(
+        keyed_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that returns numpy (torch not used) cannot view a bfloat16 slot: the first
+    step's binding is let go at once and the session steps over HTTP from then on without
+    asking to bind it again, the server holding no segment for it; the values are torch's.
+    Every step bound it anew before, and the server kept each segment (up to its limit of
+    bindings) until the connection closed."""
+    monkeypatch.setattr(optserve._tensors, "USE_TORCH", False)
+    binds = []
+    real_exchange = optserve._local.LocalChannel._exchange
+
+    def exchange(self: optserve._local.LocalChannel, message: dict[str, Any]) -> Any:
+        binds.append(message.get("op") == "bind")
+        return real_exchange(self, message)
+    monkeypatch.setattr(optserve._local.LocalChannel, "_exchange", exchange)
+    p0 = torch.randn(6, generator=torch.Generator().manual_seed(7))
+    grads = [torch.randn(6, generator=torch.Generator().manual_seed(8 + k)) for k in range(3)]
+    with optserve.Client(keyed_server, api_key=KEY_A) as c:
+        sid = c.create_session("Adam", {"w": p0.numpy(), "h": torch.ones(2, dtype=torch.bfloat16)},
+                               options={"lr": 1e-2}).id
+        for g in grads:
+            out = c.step(sid, {"w": g.numpy()}, return_params=False)
+        assert out.version == 3 and sum(binds) == 1
+        assert not any(f"memfd:optserve-{sid}" in fd for fd in open_fds())
+        assert c._local is not None and sid in c._local._unviewable
+        got = c.get_params(sid, ["w"]).params["w"]
+        assert isinstance(got, np.ndarray)
+        assert torch.equal(torch.from_numpy(got), local_adam(p0, grads))
+        c.delete_session(sid)
+        assert sid not in c._local._unviewable
 
 
 @pytest.mark.parametrize(("message", "status", "code", "field"), [

@@ -216,3 +216,138 @@ def test_a_sync_round_waits_with_the_collector_running(
             assert torch.equal(result.params[name], p.detach()), name
         client_b.delete_session(sid)
     assert gc.isenabled()
+
+
+class PathSpy(Spy):
+    """:class:`Spy` noting every request to a session's parameters or steps."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if "/params" in request.url.path or "/step" in request.url.path:
+            self._points.append(("wait", gc.isenabled()))
+        return self._real.handle_request(request)
+
+
+def spy_on_tensors(monkeypatch: pytest.MonkeyPatch, points: Points) -> None:
+    """Note ``gc.isenabled()`` where tensors are encoded (``put_params``, LBFGS evaluations),
+    where an answer's tensors are decoded, and where ``RemoteOptimizer`` gathers gradients
+    and copies values into its parameters."""
+    def noting(name: str, real: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            points.append((name, gc.isenabled()))
+            return real(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(optserve._tensors, "encode_tensor_map",
+                        noting("encode", optserve._tensors.encode_tensor_map))
+    monkeypatch.setattr(optserve._api, "_tensor_response",
+                        noting("decode", optserve._api._tensor_response))
+    opt = optserve.RemoteOptimizer
+    monkeypatch.setattr(opt, "_grads", noting("grads", opt._grads))
+    monkeypatch.setattr(opt, "_copy_in", noting("copy", opt._copy_in))
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["safetensors", "json"])
+def test_pulls_and_puts_pause_only_to_encode_and_decode(
+        served: str, monkeypatch: pytest.MonkeyPatch, binary: bool) -> None:
+    """``put_params``, ``get_params`` (a long poll too), ``pull_rows``, a ``Client.step`` of a
+    few gradients whose answer holds every parameter, and ``RemoteOptimizer.push_params`` /
+    ``pull_params`` of 1,200 tensors: the collector is paused where tensors are encoded,
+    decoded or copied in, and runs while each answer is awaited; with 10 tensors it is never
+    paused. Pulls, puts and their answers used to be encoded and decoded with it running."""
+    points: Points = []
+    spy_on_tensors(monkeypatch, points)
+    for n in (N, 10):
+        paused = n >= 1000
+        with httpx.Client(transport=PathSpy(points), timeout=60) as http, \
+                optserve.Client(served, http_client=http, transport="http",
+                                max_retries=0) as client:
+            sid = client.create_session("SGD", values(n, 3), options={"lr": 0.5}).id
+            put = values(n, 4)
+            points.clear()
+            assert client.put_params(sid, put, binary=binary).version == 1
+            assert points == [("encode", not paused), ("wait", True), ("decode", not paused)]
+
+            points.clear()
+            pulled = client.get_params(sid, binary=binary, min_version=1, wait_s=5)
+            assert points == [("wait", True), ("decode", not paused)], n
+            assert all(torch.equal(pulled.params[k], v) for k, v in put.items())
+
+            points.clear()
+            rows = client.pull_rows(sid, {k: [0, 2] for k in put}, binary=binary)
+            assert points == [("wait", True), ("decode", not paused)], n
+            for k, v in put.items():
+                assert torch.equal(rows.params[k]._values(), v[[0, 2]]), k
+
+            points.clear()  # a step of one gradient: its answer holds every parameter
+            stepped = client.step(sid, {"p0": torch.ones(3)}, binary=binary)
+            assert points == [("wait", True), ("decode", not paused)], n
+            assert stepped.params is not None
+            assert torch.equal(stepped.params["p0"], put["p0"] - 0.5)
+            assert all(torch.equal(stepped.params[k], v) for k, v in put.items() if k != "p0")
+
+            params = {k: v.clone() for k, v in values(n, 5).items()}
+            opt = optserve.RemoteOptimizer(list(params.items()), "SGD", client, lr=0.5,
+                                           binary=binary)
+            fresh = values(n, 6)
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(fresh[k])
+            points.clear()
+            opt.push_params()
+            assert points == [("encode", not paused), ("wait", True), ("decode", not paused)]
+            client.put_params(opt.session_id, values(n, 7), binary=binary)  # another writer
+            points.clear()
+            opt.pull_params()
+            assert points == [("wait", True), ("decode", not paused), ("copy", not paused)]
+            assert all(torch.equal(params[k], v) for k, v in values(n, 7).items())
+            client.delete_session(opt.session_id)
+            client.delete_session(sid)
+    assert gc.isenabled()
+
+
+def test_lbfgs_evaluations_pause_only_to_encode_and_decode(
+        served: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``RemoteOptimizer("LBFGS")`` step of 1,200 parameters: every evaluation's gradients
+    are gathered and encoded, and every point the line search tries decoded and copied in,
+    with the collector paused; it runs while the closure runs and while each answer is
+    awaited (10 parameters: never paused). The parameters equal torch's LBFGS bit for bit.
+    Evaluations used to be encoded and decoded with it running."""
+    points: Points = []
+    spy_on_tensors(monkeypatch, points)
+    for n in (N, 10):
+        paused = n >= 1000
+        targets = values(n, 8)
+        init = values(n, 9)
+
+        def closure_for(params: dict[str, torch.Tensor], noted: bool,
+                        targets: dict[str, torch.Tensor] = targets) -> Any:
+            def closure() -> torch.Tensor:
+                if noted:
+                    points.append(("closure", gc.isenabled()))
+                for p in params.values():
+                    p.grad = None
+                loss = sum(((p - targets[k]) ** 2 * (1 + int(k[1:]) % 3)).sum()
+                           for k, p in params.items())
+                assert isinstance(loss, torch.Tensor)
+                loss.backward()
+                return loss
+            return closure
+        local = {k: v.clone().requires_grad_() for k, v in init.items()}
+        torch.optim.LBFGS(local.values(), lr=1, max_iter=4).step(closure_for(local, False))
+        remote = {k: v.clone().requires_grad_() for k, v in init.items()}
+        with httpx.Client(transport=PathSpy(points), timeout=60) as http, \
+                optserve.Client(served, http_client=http, transport="http",
+                                max_retries=0) as client:
+            opt = optserve.RemoteOptimizer(list(remote.items()), "LBFGS", client, lr=1,
+                                           max_iter=4)
+            points.clear()
+            opt.step(closure_for(remote, True))
+            opt.close(delete_session=True)
+        assert points.count(("wait", True)) >= 3, points  # an opening and 2+ evaluations
+        assert points.count(("wait", True)) == points.count(("encode", not paused))
+        assert {name for name, _ in points} == {"closure", "grads", "encode", "wait", "decode",
+                                                "copy"}
+        for name, enabled in points:
+            assert enabled == (name in ("wait", "closure") or not paused), (n, name)
+        for k, p in local.items():
+            assert torch.equal(remote[k], p.detach()), k
+    assert gc.isenabled()

@@ -310,6 +310,74 @@ def test_step_hooks_see_and_change_the_gradients(client: optserve.Client) -> Non
     assert_same_params(local_model, remote_model)
 
 
+def test_group_keys_and_state_dict_keys_torch_keeps_but_the_optimizer_has_no_option_for(
+        client: optserve.Client) -> None:
+    """Keys torch keeps in a param group that are no option of the optimizer (a group's
+    ``"name"``, timm's layer-decay ``"lr_scale"`` read by a hand-written schedule, SWALR's
+    ``swa_lr``), at construction, in ``add_param_group`` and in a loaded state dict, and a
+    top-level key a state-dict post-hook adds to a checkpoint: the remote run equals torch's
+    bit for bit, its state dict holds what torch's holds, and the checkpoint loads into a
+    fresh optimizer that trains on as torch's does. Each was a 422 ``unknown_option`` (the
+    server takes only the optimizer's options) or ``state_mismatch`` (a state dict holds
+    state, param_groups and scheduler)."""
+    def groups(model: nn.Sequential) -> list[dict[str, Any]]:
+        return [{"params": model[0].parameters(), "name": "body", "lr_scale": 0.5}]
+
+    def extra(model: nn.Sequential) -> dict[str, Any]:
+        return {"params": model[2].parameters(), "name": "head", "lr_scale": 2.0,
+                "weight_decay": 0.1}
+
+    local_model, remote_model = mlp(), mlp()
+    local = torch.optim.AdamW(groups(local_model), lr=1e-2)
+    remote = optserve.RemoteOptimizer(groups(remote_model), "AdamW", client, lr=1e-2)
+    pairs = ((local_model, local), (remote_model, remote))
+    for model, opt in pairs:
+        opt.add_param_group(extra(model))
+        opt.register_state_dict_post_hook(lambda o, sd: {**sd, "saved_by": "my-trainer"})
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=8)
+        swa = torch.optim.swa_utils.SWALR(opt, swa_lr=0.01, anneal_epochs=2)
+        for i in range(3):
+            opt.zero_grad()
+            loss_at(model, i).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            for group in opt.param_groups:  # layer decay, as timm's schedulers apply it
+                group["lr"] = group["lr"] * group["lr_scale"]
+            opt.step()
+            for group in opt.param_groups:
+                group["lr"] = group["lr"] / group["lr_scale"]
+            sched.step()
+        swa.step()
+    assert_same_params(local_model, remote_model)
+    local_sd, remote_sd = local.state_dict(), remote.state_dict()
+    assert local_sd["saved_by"] == remote_sd["saved_by"] == "my-trainer"
+    assert remote_sd["param_groups"] == local_sd["param_groups"]
+    assert [g["name"] for g in remote.param_groups] == ["body", "head"]
+    assert "swa_lr" in remote_sd["param_groups"][0]
+    assert_same_state(local, remote)
+
+    buffer = io.BytesIO()
+    torch.save(remote_sd, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    fresh_local = torch.optim.AdamW([{"params": local_model[0].parameters()},
+                                     {"params": local_model[2].parameters()}], lr=1.0)
+    fresh_remote = optserve.RemoteOptimizer([{"params": remote_model[0].parameters()},
+                                             {"params": remote_model[2].parameters()}],
+                                            "AdamW", client, lr=1.0)
+    fresh_local.load_state_dict(copy.deepcopy(local_sd))
+    fresh_remote.load_state_dict(checkpoint)
+    assert fresh_remote.param_groups[1]["name"] == "head"
+    for model, opt in ((local_model, fresh_local), (remote_model, fresh_remote)):
+        for i in range(3, 5):
+            opt.zero_grad()
+            loss_at(model, i).backward()
+            opt.step()
+    assert_same_params(local_model, remote_model)
+    assert_same_state(fresh_local, fresh_remote)
+    for opt in (remote, fresh_remote):
+        opt.close(delete_session=True)
+
+
 # --------------------------------------------------------------------------- another process
 RESUME = """
 import sys, torch, optserve

@@ -101,13 +101,15 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    from ._constants import TORCH_HINT
+
     # RemoteOptimizer subclasses torch.optim.Optimizer: import torch only when it is asked for.
     if name == "RemoteOptimizer":
         try:
             from ._optimizer import RemoteOptimizer
         except ImportError as exc:  # pragma: no cover - needs an environment without torch
             raise ImportError(
-                "optserve.RemoteOptimizer needs torch: pip install 'optserve[torch]'"
+                f"optserve.RemoteOptimizer needs torch: {TORCH_HINT}"
             ) from exc
         return RemoteOptimizer
     if name == "RemoteEmbedding":
@@ -115,7 +117,7 @@ def __getattr__(name: str) -> Any:
             from ._embedding import RemoteEmbedding
         except ImportError as exc:  # pragma: no cover - needs an environment without torch
             raise ImportError(
-                "optserve.RemoteEmbedding needs torch: pip install 'optserve[torch]'"
+                f"optserve.RemoteEmbedding needs torch: {TORCH_HINT}"
             ) from exc
         return RemoteEmbedding
     if name == "pull_params":
@@ -123,7 +125,7 @@ def __getattr__(name: str) -> Any:
             from ._pull import pull_params
         except ImportError as exc:  # pragma: no cover - needs an environment without torch
             raise ImportError(
-                "optserve.pull_params needs torch: pip install 'optserve[torch]'"
+                f"optserve.pull_params needs torch: {TORCH_HINT}"
             ) from exc
         return pull_params
     raise AttributeError(f"module 'optserve' has no attribute {name!r}")

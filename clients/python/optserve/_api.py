@@ -22,6 +22,7 @@ from ._constants import (
     MAX_WAIT_S,
     OCTET_STREAM,
     STEP_HEADER,
+    TORCH_HINT,
     VERSION_HEADER,
     WORKER_HEADER,
 )
@@ -77,8 +78,9 @@ class APICall(Generic[R]):
     #: of the previous answer read into it change). ``None``: a fresh buffer per answer.
     into: Callable[[int], memoryview] | None = None
     #: the tensors the exchange carries: from :data:`~optserve._gc.PAUSE_GC_TENSORS` on, the
-    #: collector is paused while the answer is decoded (not while it is awaited)
-    gc_tensors: int = 0
+    #: collector is paused while the answer is decoded (not while it is awaited); ``None``: as
+    #: many as the answer holds, counted in it (:func:`answer_tensors`) before it is decoded
+    gc_tensors: int | None = 0
 
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -122,6 +124,20 @@ def _version_step(response: httpx.Response, body: Mapping[str, Any]) -> tuple[in
     if version is None or step is None:
         raise ValueError("response carries no version/step")
     return int(version), int(step)
+
+
+def answer_tensors(response: httpx.Response) -> int:
+    """How many tensors an answer holds, counted without decoding it: the entries of a
+    safetensors header (its ``data_offsets`` keys), the JSON tensor objects of a JSON body (its
+    ``dtype`` keys). Decides whether the collector is paused while it is decoded (a pull's
+    answer has as many tensors as the session holds, which the caller may not know)."""
+    content = response.content
+    if _is_binary(response):
+        if len(content) < 8:
+            return 0
+        end = 8 + int.from_bytes(bytes(content[:8]), "little")
+        return bytes(content[8:end]).count(b'"data_offsets"')
+    return bytes(content).count(b'"dtype"')
 
 
 def _tensor_response(response: httpx.Response) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
@@ -450,16 +466,15 @@ def step(
     into: Callable[[int], memoryview] | None = None,
     metrics: Literal["answer", "history"] = "answer",
 ) -> APICall[StepResult]:
-    """``POST .../step``; its encoding, and the decoding of its answer, with the collector
-    paused for 1,000 gradients or more (see optserve._gc)."""
-    tensors = len(grads or {})
-    with gc_paused(tensors):
+    """``POST .../step``; its encoding with the collector paused for 1,000 gradients or more,
+    the decoding of its answer for 1,000 parameters or more in it (see optserve._gc)."""
+    with gc_paused(len(grads or {})):
         call = _step_call(session_id, _sparse.encode_tensor_map(grads or {}, "grads"),
                           return_params=return_params, binary=binary, worker=worker,
                           base_version=base_version, param_groups=param_groups, upcast=upcast,
                           params_dtype=params_dtype, scalars=scalars, into=into,
                           metrics=metrics)
-    return dataclasses.replace(call, gc_tensors=tensors)
+    return dataclasses.replace(call, gc_tensors=None)
 
 
 def _step_call(
@@ -617,8 +632,10 @@ def get_params(
                 raise ValueError(f"cannot ask for parameter {n!r} by name (a comma separates "
                                  "names in ?names=); pull all parameters instead")
             query.append(("names", n))
+    # (the collector paused while an answer of 1,000 tensors or more is decoded, not while a
+    # long poll waits for it: see optserve._gc)
     return APICall("GET", _sid(session_id) + "/params", _parse_params, params=query,
-                   accept=OCTET_STREAM if binary else JSON, wait_s=held)
+                   accept=OCTET_STREAM if binary else JSON, wait_s=held, gc_tensors=None)
 
 
 #: at most this many rows travel in the query string (GET); more go in a body (POST)
@@ -633,6 +650,15 @@ def pull_rows(
     few rows, else ``POST .../params/rows``."""
     if not isinstance(rows, Mapping) or not rows:
         raise TypeError("rows must map parameter names to row indices")
+    with gc_paused(_count(rows)):  # (the per-tensor encoding; see optserve._gc)
+        return _pull_rows_call(session_id, rows, binary=binary, min_version=min_version,
+                               wait_s=wait_s)
+
+
+def _pull_rows_call(
+    session_id: str, rows: Mapping[str, TensorLike], *, binary: bool,
+    min_version: int | None, wait_s: float | None,
+) -> APICall[ParamsResult]:
     lists: dict[str, list[int]] = {}
     for name, idx in rows.items():
         if not isinstance(name, str):
@@ -653,7 +679,7 @@ def pull_rows(
     if len(lists) == 1 and len(first) <= ROWS_IN_QUERY and "," not in name:
         query = [("name", name), ("rows", ",".join(map(str, first))), *query]
         return APICall("GET", _sid(session_id) + "/params", _parse_params, params=query,
-                       accept=accept, wait_s=held)
+                       accept=accept, wait_s=held, gc_tensors=None)
     if binary:
         import numpy as np
 
@@ -663,7 +689,8 @@ def pull_rows(
     else:
         content, ctype = _json_body({"rows": lists})
     return APICall("POST", _sid(session_id) + "/params/rows", _parse_params, params=query,
-                   content=content, content_type=ctype, accept=accept, wait_s=held)
+                   content=content, content_type=ctype, accept=accept, wait_s=held,
+                   gc_tensors=None)
 
 
 def _parse_evaluation(response: httpx.Response) -> StepResult | EvaluationRequest:
@@ -703,27 +730,32 @@ def open_evaluation_step(
     session_id: str, loss: float | None, grads: Mapping[str, TensorLike] | None, *,
     binary: bool, return_params: bool = True, timeout_s: float | None = None,
 ) -> APICall[StepResult | EvaluationRequest]:
-    """``POST .../step`` on an LBFGS session (with the first evaluation, if given)."""
-    content, ctype = _evaluation_body(loss, grads, binary)
+    """``POST .../step`` on an LBFGS session (with the first evaluation, if given). The
+    collector is paused while 1,000 gradients or more are encoded and while an answer of 1,000
+    tensors or more is decoded (see optserve._gc)."""
+    with gc_paused(_count(grads)):
+        content, ctype = _evaluation_body(loss, grads, binary)
     query: list[tuple[str, str]] = [] if return_params else [("return", "none")]
     if timeout_s is not None:
         query.append(("timeout_s", repr(float(timeout_s))))
     return APICall("POST", _sid(session_id) + "/step", _parse_evaluation, params=query,
                    content=content, content_type=ctype, accept=OCTET_STREAM if binary else JSON,
-                   idempotent=False)
+                   idempotent=False, gc_tensors=None)
 
 
 def evaluate(
     session_id: str, eval_id: str, loss: float, grads: Mapping[str, TensorLike] | None, *,
     binary: bool,
 ) -> APICall[StepResult | EvaluationRequest]:
-    """``POST .../step/{eval_id}``: safe to send again (the evaluation id names it)."""
+    """``POST .../step/{eval_id}``: safe to send again (the evaluation id names it). The
+    collector paused as for :func:`open_evaluation_step`."""
     if not isinstance(eval_id, str) or not eval_id:
         raise ValueError(f"eval_id must be a non-empty string, got {eval_id!r}")
-    content, ctype = _evaluation_body(loss, grads, binary)
+    with gc_paused(_count(grads)):
+        content, ctype = _evaluation_body(loss, grads, binary)
     return APICall("POST", f"{_sid(session_id)}/step/{quote(eval_id, safe='')}",
                    _parse_evaluation, content=content, content_type=ctype,
-                   accept=OCTET_STREAM if binary else JSON, idempotent=True)
+                   accept=OCTET_STREAM if binary else JSON, idempotent=True, gc_tensors=None)
 
 
 def abandon_step(session_id: str, step_id: str) -> APICall[dict[str, Any]]:
@@ -741,9 +773,13 @@ def configure_session(session_id: str, options: Mapping[str, Any]) -> APICall[Se
 def put_params(
     session_id: str, params: Mapping[str, TensorLike], *, binary: bool
 ) -> APICall[ParamsResult]:
-    content, ctype = _tensor_body(T.encode_tensor_map(params, "params"), "params", binary)
+    """``PUT .../params``; the collector paused while 1,000 parameters or more are encoded and
+    while an answer of 1,000 tensors or more is decoded (see optserve._gc)."""
+    with gc_paused(_count(params)):
+        content, ctype = _tensor_body(T.encode_tensor_map(params, "params"), "params", binary)
     return APICall("PUT", _sid(session_id) + "/params", _parse_params, content=content,
-                   content_type=ctype, accept=OCTET_STREAM if binary else JSON)
+                   content_type=ctype, accept=OCTET_STREAM if binary else JSON,
+                   gc_tensors=None)
 
 
 def add_param_group(
@@ -816,7 +852,7 @@ def _load_torch(content: bytes) -> dict[str, Any]:
 
         import torch
     except ImportError as exc:  # pragma: no cover - needs an environment without torch
-        raise TypeError("format='torch' needs torch (pip install 'optserve[torch]')") from exc
+        raise TypeError(f"format='torch' needs torch ({TORCH_HINT})") from exc
     sd = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     if not isinstance(sd, dict):
         raise ValueError("the torch.save file does not hold a dict")
@@ -857,7 +893,7 @@ def _torch_save(state_dict: Mapping[str, Any]) -> bytes:
 
         import torch
     except ImportError as exc:  # pragma: no cover - needs an environment without torch
-        raise TypeError("format='torch' needs torch (pip install 'optserve[torch]')") from exc
+        raise TypeError(f"format='torch' needs torch ({TORCH_HINT})") from exc
     f = io.BytesIO()
     torch.save(dict(state_dict), f)
     return f.getvalue()

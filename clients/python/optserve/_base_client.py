@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 
 from . import _constants
-from ._api import IDEMPOTENCY_HEADER, APICall, with_key
+from ._api import IDEMPOTENCY_HEADER, APICall, answer_tensors, with_key
 from ._constants import (
     API_KEY_ENV,
     BASE_URL_ENV,
@@ -195,7 +195,8 @@ class BaseClient(Generic[HttpxClientT]):
         if response.is_error:
             raise make_status_error(response)
         try:
-            with gc_paused(call.gc_tensors):  # (a many-tensor answer's decoding: optserve._gc)
+            tensors = answer_tensors(response) if call.gc_tensors is None else call.gc_tensors
+            with gc_paused(tensors):  # (a many-tensor answer's decoding: optserve._gc)
                 return call.parse(response)
         except (ValueError, KeyError) as exc:
             raise APIResponseValidationError(

@@ -73,7 +73,17 @@ class Client(SyncAPIClient):
             else HTTP; ``"http"`` always HTTP; ``"local"`` requires the same-host transport.
             Each thread that steps through it gets a connection and shared segments of its
             own, so threads that share one client (workers of a synchronous round, say) never
-            wait for each other's step nor see each other's values.
+            wait for each other's step nor see each other's values. A step tries it at most
+            once, then goes over HTTP with the same idempotency key; what failed is
+            remembered: no same-host server, no socket offered, or one that cannot be
+            connected to: HTTP for every later step (asked again only when an open
+            connection breaks: a restarted server names a new socket); a session the server
+            will not bind on this connection (its limit): HTTP until a binding of it is let
+            go (:meth:`delete_session`); a session whose slots this process cannot view (a
+            bfloat16 parameter without torch): HTTP while the connection lasts; a binding
+            gone stale (the session made again under its id): bound again and the step sent
+            once more through it; a step the socket will not take (``not_supported_here``):
+            that step over HTTP, the next tries again.
     """
 
     def __init__(
@@ -269,7 +279,7 @@ class Client(SyncAPIClient):
                     raise
                 time.sleep(delay)
                 continue
-            with gc_paused(len(grads)):  # (copies of the new values: see optserve._gc)
+            with gc_paused(len(params or ())):  # (copies of the new values: optserve._gc)
                 return _api.step_result(answer, params, copy=not views)
         return None  # unreachable
 
@@ -455,6 +465,22 @@ class Client(SyncAPIClient):
                                      views=False, scalars=scalars, metrics=metrics, key=key)
             if local is not None:
                 return local
+        return self._step_http(id, grads, return_params=return_params, binary=binary,
+                               worker=worker, base_version=base_version,
+                               param_groups=param_groups, upcast=upcast,
+                               params_dtype=params_dtype, scalars=scalars, into=into,
+                               metrics=metrics, key=key)
+
+    def _step_http(self, id: str, grads: Mapping[str, TensorLike] | None, *,
+                   return_params: bool | Literal["touched"], binary: bool, worker: str | None,
+                   base_version: int | None,
+                   param_groups: Mapping[int, Mapping[str, Any]] | None, upcast: bool,
+                   params_dtype: str | None, scalars: Mapping[str, float] | None,
+                   into: Callable[[int], memoryview] | None,
+                   metrics: Literal["answer", "history"], key: str) -> StepResult:
+        """:meth:`step` over HTTP, without trying the same-host path: the way there for a
+        step whose attempt at it already came back (``RemoteOptimizer`` tries it itself; a
+        second try in the same step would only fail again)."""
         call = _api.step(id, grads, return_params=return_params, binary=binary, worker=worker,
                          base_version=base_version, param_groups=param_groups, upcast=upcast,
                          params_dtype=params_dtype, scalars=scalars, into=into, metrics=metrics)

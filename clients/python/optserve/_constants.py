@@ -28,3 +28,11 @@ VERSION_HEADER = "X-Optserve-Version"
 STEP_HEADER = "X-Optserve-Step"
 WORKER_HEADER = "X-Optserve-Worker"
 MAX_WAIT_S = 60.0  # the server caps long polls (GET .../params?wait_s=) at this
+
+# How to install what an extra adds, as clients/python/README.md installs the SDK: from the
+# optserve repository (the package is on no index: an ``optserve[torch]`` from one finds
+# nothing), or the extra's own requirement by itself into an environment that has the SDK.
+TORCH_HINT = ("pip install torch, or from the optserve repository's root: "
+              "pip install './clients/python[torch]'")
+WATCH_HINT = ("pip install plotext, or from the optserve repository's root: "
+              "pip install './clients/python[watch]'")

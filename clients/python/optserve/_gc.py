@@ -7,12 +7,16 @@ object of the training process (torch's, the model's). At 16,000 tensors that wa
 of the SDK's CPU time in a step (two or three full collections). None of those objects forms
 a cycle: they are freed by reference counting when the step is done, paused or not.
 
-The pause covers that per-tensor work only: encoding a request (``optserve._api.step``,
-``create_session``; the gradients copied into their shared slots), decoding its answer
-(:class:`~optserve._api.APICall`'s ``gc_tensors``), a ``RemoteOptimizer`` gathering its
-gradients and copying the new values in. Never the wait for the answer: the collector is the
-whole process's, and a sync round's push may wait long for the other workers' pushes while the
-process's other threads go on. Each pause's end may run one collection at once.
+The pause covers that per-tensor work only, wherever 1,000 tensors or more travel: encoding a
+request (``optserve._api.step``, ``create_session``, ``put_params``, an LBFGS step's
+evaluations, ``pull_rows``; the gradients copied into their shared slots), decoding its answer
+(:class:`~optserve._api.APICall`'s ``gc_tensors``, or the tensors the answer holds, counted in
+it: a pull's answer has as many as the session, which its caller may not know), a
+``RemoteOptimizer`` gathering its gradients and copying the new values in (its steps, its
+LBFGS evaluations, ``pull_params``), ``optserve.pull_params``'s copies. Never the wait for the
+answer (a long-polled pull, a sync round's push that waits long for the other workers' pushes,
+an LBFGS evaluation's closure): the collector is the whole process's, and the process's other
+threads go on meanwhile. Each pause's end may run one collection at once.
 """
 
 from __future__ import annotations

@@ -91,8 +91,12 @@ class LocalChannel:
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._bindings: dict[str, Binding] = {}
-        #: sessions the server would not bind (its limit of bindings per connection)
+        #: sessions the server would not bind (its limit of bindings per connection): over
+        #: HTTP until a binding of this connection is let go
         self._refused: set[str] = set()
+        #: sessions whose slots this process cannot view (a bfloat16 parameter without torch):
+        #: over HTTP for as long as this connection lasts, not bound again at every step
+        self._unviewable: dict[str, str] = {}
         self._lock = threading.Lock()
         #: closed for good (its client was closed): no connecting again
         self._ended = False
@@ -120,6 +124,7 @@ class LocalChannel:
             binding.close()
         self._bindings.clear()
         self._refused.clear()
+        self._unviewable.clear()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -179,6 +184,8 @@ class LocalChannel:
             return found
         if session_id in self._refused:
             raise LocalUnavailable("the server holds as many bindings as it allows")
+        if session_id in self._unviewable:
+            raise LocalUnavailable(self._unviewable[session_id])
         try:
             with gc_paused(tensors):
                 answer, fds = self.call({"op": "bind", "session": session_id})
@@ -199,9 +206,23 @@ class LocalChannel:
         finally:
             os.close(fds[0])
         layout = list(answer["params"])
-        with gc_paused(len(layout)):  # (two views per parameter: see optserve._gc)
-            binding = Binding(int(answer["binding"]), buf, layout, _views(buf, layout, "grad"),
-                              _views(buf, layout, "param"))
+        try:
+            with gc_paused(len(layout)):  # (two views per parameter: see optserve._gc)
+                binding = Binding(int(answer["binding"]), buf, layout,
+                                  _views(buf, layout, "grad"), _views(buf, layout, "param"))
+        except LocalUnavailable as exc:
+            # let the server's segment go now (it would hold it until the connection closed,
+            # one more at every step), and do not ask again for this session
+            self._unviewable[session_id] = str(exc)
+            try:
+                buf.close()
+            except BufferError:  # (a view made before the failure: freed with it)
+                pass
+            try:
+                self.call({"op": "unbind", "binding": int(answer["binding"])})
+            except Exception:  # noqa: BLE001 - the connection may be gone; nothing to free
+                pass
+            raise
         self._bindings[session_id] = binding
         return binding
 
@@ -209,6 +230,7 @@ class LocalChannel:
         """Unbind a session (deleted, or no longer stepped here): the server and this
         process let go of its segment now, not when the connection closes."""
         with self._lock:
+            self._unviewable.pop(session_id, None)
             self.forget(session_id)
 
     def forget(self, session_id: str) -> None:

@@ -43,6 +43,7 @@ on with the next batch.
 
 from __future__ import annotations
 
+import inspect
 import math
 import uuid
 from collections import defaultdict
@@ -70,6 +71,13 @@ STATE_ASSIGN_ATTEMPTS = 3
 __all__ = ["RemoteOptimizer"]
 
 _NOT_OPTIONS = ("params", "param_names")
+#: the keys a torch scheduler adds to a group that a state import takes besides the optimizer's
+#: options (docs/protocol.md: checked as torch checks ``lr``)
+_SCHEDULER_GROUP_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum",
+                                   "max_momentum"})
+#: the top-level keys of a state dict the session takes (torch's ``load_state_dict`` reads
+#: ``state`` and ``param_groups`` and ignores any other, such as one a state-dict hook added)
+_STATE_DICT_KEYS = ("state", "param_groups", "scheduler")
 
 
 def _norm(value: Any) -> Any:
@@ -217,6 +225,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
         self._owns_client = client is None
         self._client: Client = client if client is not None else Client()
+        if worker is None and any(explicit):
+            try:
+                explicit = self._server_options(optimizer, explicit)
+            except BaseException:
+                if self._owns_client:
+                    self._client.close()
+                raise
         if wire_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"wire_dtype must be None, 'bfloat16' or 'float16', got "
                              f"{wire_dtype!r}")
@@ -271,6 +286,22 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._at(info.version)
         self.defaults = {**info.defaults, **options}
         self._adopt(info)
+
+    def _server_options(self, optimizer: str, explicit: list[dict[str, Any]]
+                        ) -> list[dict[str, Any]]:
+        """Each group's own keys that are options of the server's ``optimizer`` (one ``GET
+        /v1/optimizers``). Others (a group's ``"name"``, timm's ``"lr_scale"``: torch keeps
+        any key in a group) stay in the local group only, as a local scheduler's
+        ``initial_lr`` does: :meth:`state_dict` has them, steps never send them."""
+        local = getattr(torch.optim, optimizer, None)
+        if isinstance(local, type) and issubclass(local, torch.optim.Optimizer):
+            taken = set(inspect.signature(local.__init__).parameters) - {"self", "params"}
+            if all(k in taken for g in explicit for k in g):
+                return explicit  # (options of torch's class here: no need to ask)
+        known = {o.name: set(o.defaults) for o in self._client.list_optimizers()}
+        if optimizer not in known:  # (the session's create says what is wrong with it)
+            return explicit
+        return [{k: v for k, v in g.items() if k in known[optimizer]} for g in explicit]
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -591,17 +622,16 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 scalars=scalars or None, metrics="history", key=key, sent=sent)
         if result is None:
             # a step the socket may have carried goes over HTTP asking what it asked there
-            # (its norms in the history only): the same request, so its key's first answer
-            result = self._client.step(self._session_id, grads,
-                                       return_params="touched" if sparse else True,
-                                       binary=self._binary, worker=self._worker,
-                                       base_version=base, param_groups=changes or None,
-                                       upcast=wire is not None,
-                                       params_dtype=str(wire).removeprefix("torch.")
-                                       if wire is not None else None,
-                                       scalars=scalars or None, into=self._answers,
-                                       metrics="history" if sent else "answer",
-                                       idempotency_key=key)
+            # (its norms in the history only): the same request, so its key's first answer.
+            # Straight to HTTP: the same-host path was tried above if this step could take it
+            # (Client.step would try it a second time, to fail the same way)
+            result = self._client._step_http(
+                self._session_id, grads, return_params="touched" if sparse else True,
+                binary=self._binary, worker=self._worker, base_version=base,
+                param_groups=changes or None, upcast=wire is not None,
+                params_dtype=str(wire).removeprefix("torch.") if wire is not None else None,
+                scalars=scalars or None, into=self._answers,
+                metrics="history" if sent else "answer", key=key)
         self._sent(changes)
         if result.params is not None:
             # (narrowed to float16, a value past its range came back infinite)
@@ -649,19 +679,28 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                "takes no parameter-server workers")
         self.push_params(only_edited=True)
         self._sync_param_groups()
+        # the collector paused while the gradients are gathered and the values copied in, as
+        # in a step (the client pauses it to encode and decode): not while the closure runs,
+        # nor while an answer is awaited (see optserve._gc)
+        tensors = len(self._by_name)
         with torch.enable_grad():
             orig_loss = closure()
+        with gc_paused(tensors):
+            grads = self._grads()
         answer = self._client.open_evaluation_step(self._session_id, _loss_value(orig_loss),
-                                                   self._grads(), binary=self._binary)
+                                                   grads, binary=self._binary)
         while isinstance(answer, EvaluationRequest):
-            self._copy_in(answer.params)  # the point the line search tries
+            with gc_paused(tensors):
+                self._copy_in(answer.params)  # the point the line search tries
             with torch.enable_grad():
                 loss = closure()
+            with gc_paused(tensors):
+                grads = self._grads()
             answer = self._client.evaluate(self._session_id, answer.evaluation,
-                                           _loss_value(loss), self._grads(),
-                                           binary=self._binary)
+                                           _loss_value(loss), grads, binary=self._binary)
         if answer.params is not None:
-            self._copy_in(answer.params)
+            with gc_paused(tensors):
+                self._copy_in(answer.params)
         self._at(answer.params_at if answer.params is not None else answer.version)
         self._learn(answer.version)
         self._take_lrs(answer.lr)
@@ -672,7 +711,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if getattr(self, "_initializing", True):
             super().add_param_group(param_group)
             return
-        explicit = {k: v for k, v in param_group.items() if k not in _NOT_OPTIONS}
+        # (keys the optimizer has no option for stay in the local group: see _server_options)
+        explicit = {k: v for k, v in param_group.items()
+                    if k not in _NOT_OPTIONS and k in self.defaults}
         self._state_epoch += 1
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -744,8 +785,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.push_params(only_edited=True)
         self._state_epoch += 1
         info = self._client.import_state(
-            self._session_id, state_dict, format="safetensors" if self._binary else "json"
-        )
+            self._session_id, self._importable(state_dict, saved_groups),
+            format="safetensors" if self._binary else "json")
         new_groups = []
         for group, saved in zip(self.param_groups, saved_groups, strict=True):
             saved["params"] = group["params"]
@@ -756,6 +797,21 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._imported(info)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _importable(self, state_dict: Mapping[str, Any], groups: list[dict[str, Any]]
+                    ) -> dict[str, Any]:
+        """What of a state dict the session takes: its state, its groups' options and the
+        keys a scheduler adds (``initial_lr``, ...), and its server scheduler's state. Torch's
+        ``load_state_dict`` takes any state dict and keeps whatever its groups hold: keys the
+        session has no option for (a group's ``"name"``, SWALR's ``swa_lr``) stay in the local
+        groups, and other top-level keys (one a state-dict hook added) are ignored, as torch
+        ignores them."""
+        out = {k: state_dict[k] for k in _STATE_DICT_KEYS if k in state_dict}
+        out["param_groups"] = [
+            {k: v for k, v in g.items()
+             if k in _NOT_OPTIONS or k in synced or k in _SCHEDULER_GROUP_KEYS}
+            for g, synced in zip(groups, self._synced, strict=True)]
+        return out
 
     def _session_state(self) -> dict[torch.Tensor, Any]:
         """The session's state keyed by this optimizer's parameters (see :attr:`state`)."""
@@ -788,7 +844,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """Copy the session's current parameter values into the local tensors (e.g. after
         other workers stepped the same session)."""
         result = self._client.get_params(self._session_id, binary=self._binary)
-        self._copy_in(result.params)
+        with gc_paused(len(result.params)):  # (the copies: see optserve._gc)
+            self._copy_in(result.params)
         self._at(result.version)
 
     def close(self, *, delete_session: bool = False) -> None:

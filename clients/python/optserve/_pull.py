@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ._client import Client
+from ._gc import gc_paused
 from ._types import ParamsResult
 
 __all__ = ["pull_params"]
@@ -75,7 +76,8 @@ def pull_params(
         if tuple(target.shape) != tuple(value.shape):
             raise ValueError(f"{name!r} has shape {tuple(target.shape)} here but "
                              f"{tuple(value.shape)} in session {session_id!r}")
-    with torch.no_grad():
+    # (1,000 copies or more with the collector paused, as the pull's decoding: optserve._gc)
+    with torch.no_grad(), gc_paused(len(result.params)):
         for name, value in result.params.items():
             local[name].copy_(torch.as_tensor(value))
     return result

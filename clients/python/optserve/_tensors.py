@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _safetensors
+from ._constants import TORCH_HINT
 from ._json import json_dumps
 from ._safetensors import DTYPES, WireTensor
 
@@ -287,7 +288,7 @@ def from_wire(w: WireTensor) -> Tensor:
     if w.dtype == "bfloat16":
         raise TypeError(
             "a bfloat16 tensor came back but numpy has no bfloat16: install torch "
-            "(pip install 'optserve[torch]')"
+            f"({TORCH_HINT})"
         )
     arr = np.frombuffer(w.data, dtype=_NUMPY[w.dtype])
     if not arr.flags.writeable:

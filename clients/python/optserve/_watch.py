@@ -1,5 +1,5 @@
 """``optserve watch ID``: a session's per-step metrics as live terminal plots (plotext, the
-optional extra ``optserve[watch]``).
+SDK's optional ``watch`` extra: ``pip install './clients/python[watch]'``).
 
 Each frame asks the server for the session's whole history downsampled to about one bucket
 per two terminal columns (``GET .../history?points=``; every column as its min and max per
@@ -17,6 +17,7 @@ import time
 from typing import Any, TextIO
 
 from ._client import Client
+from ._constants import WATCH_HINT
 from ._types import History
 
 FIELDS = ["n", "time", "skipped", "nonfinite", "lr", "grad_norm", "update_norm", "param_norm",
@@ -42,8 +43,7 @@ def _plotext() -> Any:
     try:
         import plotext
     except ImportError:
-        raise WatchUnavailable("optserve watch draws with plotext: pip install "
-                               "'optserve[watch]' (or pip install plotext)") from None
+        raise WatchUnavailable(f"optserve watch draws with plotext: {WATCH_HINT}") from None
     return plotext
 
 

@@ -10,7 +10,7 @@
     optserve import ID FILE [--format torch|safetensors|json]
     optserve history ID [-o FILE] [--since N] [--until N] [--fields F,...] [--points P]
                         [--format csv|json]
-    optserve watch ID [--interval S] [--frames N]     (needs optserve[watch]: plotext)
+    optserve watch ID [--interval S] [--frames N]     (needs plotext: the ``watch`` extra)
 
 Options for the client commands (before or after the subcommand): ``--url`` (env
 ``OPTSERVE_BASE_URL``, default ``http://127.0.0.1:8000``), ``--api-key`` (env
@@ -51,6 +51,7 @@ from ._constants import (
     OCTET_STREAM,
     STEP_HEADER,
     VERSION_HEADER,
+    WATCH_HINT,
 )
 from ._exceptions import (
     APIConnectionError,
@@ -686,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw a session's lr, gradient and update norms, update/parameter ratio, "
                     "client scalars, skipped steps and steps per second in the terminal, "
                     "refreshed every --interval seconds (Ctrl-C quits). Needs plotext: "
-                    "pip install 'optserve[watch]'.")
+                    f"{WATCH_HINT}.")
     watch.add_argument("id", metavar="ID", type=_session_id)
     watch.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS")
     watch.add_argument("--frames", type=_count, default=0, metavar="N",

@@ -54,7 +54,8 @@ SCRIPT = textwrap.dedent(
     try:
         optserve.RemoteOptimizer
     except ImportError as exc:
-        assert "pip install 'optserve[torch]'" in str(exc)
+        assert "pip install './clients/python[torch]'" in str(exc), exc
+        assert "pip install torch" in str(exc), exc
     else:
         raise AssertionError("RemoteOptimizer imported without torch")
     print("ok")
