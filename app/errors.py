@@ -18,7 +18,24 @@ them to RFC 9457 problem+json in one place (``app.api.problems``).
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
+
+#: how :func:`shown` writes a list or an object: a few items, a few levels deep
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel = 4
+_SHORT.maxlist = _SHORT.maxtuple = 6
+_SHORT.maxdict = 4
+
+
+def shown(value: object, limit: int) -> str:
+    """A client's value as a problem's detail shows it: its ``repr``, cut to ``limit``
+    characters; a list or an object written only a few items long and levels deep (``repr``
+    of one nested as deep as a JSON text may go, 1,024 levels, overflows Python's stack, and
+    of a long one costs its whole length first)."""
+    if isinstance(value, (list, tuple, dict)):
+        return _SHORT.repr(value)[:limit]
+    return repr(value)[:limit]
 
 
 class OptserveError(Exception):

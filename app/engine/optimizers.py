@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from app.errors import Invalid
+from app.errors import Invalid, shown
 from app.wire.json_tensor import decode_json_tensor, is_json_tensor
 from app.wire.tree import is_float_tag, untag_float
 
@@ -101,24 +101,24 @@ def _option_value(name: str, value: Any, default: Any, field: str) -> Any:
         return tensor.detach().clone()
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise Invalid(f"{name} must be true or false, got {value!r:.40}",
+            raise Invalid(f"{name} must be true or false, got {shown(value, 40)}",
                           code="invalid_option", field=field)
         return value
     if _is_number(default):
         if not _is_number(value):
-            raise Invalid(f"{name} must be a number, got {value!r:.40}",
+            raise Invalid(f"{name} must be a number, got {shown(value, 40)}",
                           code="invalid_option", field=field)
         return value
     if isinstance(default, tuple):
         if not isinstance(value, (list, tuple)) or len(value) != len(default):
-            raise Invalid(f"{name} must be a list of {len(default)} values, got {value!r:.60}",
+            raise Invalid(f"{name} must be a list of {len(default)} values, got {shown(value, 60)}",
                           code="invalid_option", field=field)
         items = []
         for i, (v, d) in enumerate(zip(value, default, strict=True)):
             if is_float_tag(v):  # (as a session's export writes a non-finite element)
                 v = untag_float(v, f"{field}.{i}", "invalid_option")
             if not (_is_number(v) or (v is None and d is None)):
-                raise Invalid(f"{name}[{i}] must be a number, got {v!r:.40}",
+                raise Invalid(f"{name}[{i}] must be a number, got {shown(v, 40)}",
                               code="invalid_option", field=f"{field}.{i}")
             items.append(v)
         return tuple(items)
@@ -126,7 +126,7 @@ def _option_value(name: str, value: Any, default: Any, field: str) -> Any:
         allowed = _NONE_DEFAULT_TYPES.get(name, (bool, int, float, str))
         if value is not None and (type(value) not in allowed):
             kinds = " or ".join(t.__name__ for t in allowed)
-            raise Invalid(f"{name} must be null or {kinds}, got {value!r:.40}",
+            raise Invalid(f"{name} must be null or {kinds}, got {shown(value, 40)}",
                           code="invalid_option", field=field)
         return value
     if isinstance(default, str):

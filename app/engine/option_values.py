@@ -42,31 +42,34 @@ MOMENTUM_GROUP_KEYS = ("base_momentum", "max_momentum")
 
 def nonfinite_values(value: Any, path: str) -> Iterator[tuple[str, float]]:
     """Each non-finite number in ``value`` (a float, a ``{"$float": ...}`` tag, a tensor or a
-    JSON tensor, lists and objects of those), with its dotted path. Values that are not
-    numbers, or are malformed, are left to the checks that refuse them."""
-    if type(value) is float:
-        if not math.isfinite(value):
-            yield path, value
-    elif is_float_tag(value):
-        try:
-            yield path, untag_float(value, path, "invalid_option")
-        except (Invalid, TypeError):  # malformed: the option's own check refuses it
-            return
-    elif isinstance(value, torch.Tensor) or is_json_tensor(value):
-        if not isinstance(value, torch.Tensor):
+    JSON tensor, lists and objects of those), with its dotted path, in the order written.
+    Values that are not numbers, or are malformed, are left to the checks that refuse them.
+    Walked with a stack, not by recursion: a request's value may be nested as deep as its JSON
+    text (1,024 levels), past Python's recursion limit."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        value, path = stack.pop()
+        if type(value) is float:
+            if not math.isfinite(value):
+                yield path, value
+        elif is_float_tag(value):
             try:
-                value = decode_json_tensor(value, path, canonical=False)
-            except Invalid:
-                return
-        if (value.layout == torch.strided and value.is_floating_point() and value.numel()
-                and not bool(torch.isfinite(value).all())):
-            yield path, float(value[~torch.isfinite(value)].reshape(-1)[0].item())
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            yield from nonfinite_values(item, f"{path}.{key}")
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            yield from nonfinite_values(item, f"{path}.{i}")
+                yield path, untag_float(value, path, "invalid_option")
+            except (Invalid, TypeError):  # malformed: the option's own check refuses it
+                continue
+        elif isinstance(value, torch.Tensor) or is_json_tensor(value):
+            if not isinstance(value, torch.Tensor):
+                try:
+                    value = decode_json_tensor(value, path, canonical=False)
+                except Invalid:
+                    continue
+            if (value.layout == torch.strided and value.is_floating_point() and value.numel()
+                    and not bool(torch.isfinite(value).all())):
+                yield path, float(value[~torch.isfinite(value)].reshape(-1)[0].item())
+        elif isinstance(value, Mapping):
+            stack.extend(reversed([(item, f"{path}.{key}") for key, item in value.items()]))
+        elif isinstance(value, (list, tuple)):
+            stack.extend(reversed([(item, f"{path}.{i}") for i, item in enumerate(value)]))
 
 
 def float_words(x: float) -> str:

@@ -11,8 +11,10 @@ changed nothing, and its keys are not recorded (only a discarded push's 409 is, 
 retry of a push still in flight (being checked, waiting in its round, or in the round's step)
 gets that push's answer; once answered, the session's idempotency table has it.
 
-A push is checked only once the rounds closed before it have stepped, so every push of a round
-is checked at the version the round steps from. An operation that changes the parameters or the
+A push is checked only once the rounds closed before it have stepped, and checked again when a
+round closes while it is being checked (pushes checked before it filled the round, ``K`` was
+lowered, a partial timeout), so every push of a round is checked at the version the round steps
+from. An operation that changes the parameters or the
 version outside a round (an overwrite, a state import) discards what was gathered at the old
 version: :meth:`SyncRounds.seal` holds new pushes back while it runs; if it is applied,
 :meth:`SyncRounds.discard` fails every push of the open round, of rounds closed but not yet
@@ -172,6 +174,9 @@ class SyncRounds:
         self._rounds: dict[str, Round] = {}
         #: rounds closed and not yet stepped (their step waits for the session's lock)
         self._closing: dict[str, list[Round]] = {}
+        #: how many rounds of each session have closed (a push checked while one closed is
+        #: checked again, at the version that round steps to)
+        self._closed: dict[str, int] = {}
         #: pushes being checked, by session and worker
         self._checking: dict[str, dict[str, Pending]] = {}
         #: sessions whose rounds a discarding operation holds (new pushes wait)
@@ -207,6 +212,7 @@ class SyncRounds:
     def drop(self, key: str, exc: OptserveError) -> None:
         """The session is gone: fail its open round."""
         self._configs.pop(key, None)
+        self._closed.pop(key, None)
         rnd = self._rounds.pop(key, None)
         if rnd is not None:
             rnd.fail(exc)
@@ -342,19 +348,28 @@ class SyncRounds:
         mine = checking[worker] = Pending(worker, idem, base_version, waiter)
         try:
             try:
-                await self._after_closed(key)
-                if mine.discarded is not None:
-                    raise mine.discarded
-                try:
-                    checked, version = await self._check_push(key, grads, base_version, room)
-                except Exception:
-                    seal = self._seals.get(key)
-                    if seal is not None and mine in seal.checking:
-                        # discarded or not, the operation decides this push's answer
-                        await asyncio.shield(seal.gate)
-                    raise
-                if mine.discarded is not None:
-                    raise mine.discarded
+                while True:
+                    await self._after_closed(key)
+                    if mine.discarded is not None:
+                        raise mine.discarded
+                    closed = self._closed.get(key, 0)
+                    try:
+                        checked, version = await self._check_push(key, grads, base_version,
+                                                                  room)
+                    except Exception:
+                        seal = self._seals.get(key)
+                        if seal is not None and mine in seal.checking:
+                            # discarded or not, the operation decides this push's answer
+                            await asyncio.shield(seal.gate)
+                        raise
+                    if mine.discarded is not None:
+                        raise mine.discarded
+                    if self._closed.get(key, 0) == closed:
+                        break
+                    # a round closed while this push was checked (filled by pushes checked
+                    # before it, K lowered, a partial timeout): it steps from the version
+                    # this push was checked at, so the push joins the next round, checked
+                    # again once that round has stepped
             except Exception as exc:
                 if mine.discarded is not None and exc is not mine.discarded:
                     raise mine.discarded from None
@@ -406,6 +421,7 @@ class SyncRounds:
         ones it was gathered under)."""
         rnd = self._rounds.pop(key)
         rnd.cancel_timer()
+        self._closed[key] = self._closed.get(key, 0) + 1
         rnd.resolved = asyncio.get_running_loop().create_future()
         self._closing.setdefault(key, []).append(rnd)
         task = asyncio.create_task(self._apply(key, rnd, config, partial))

@@ -22,7 +22,7 @@ import torch
 from torch.optim import lr_scheduler
 
 from app.engine.optimizers import TORCH_ERRORS, blame, probe_step
-from app.errors import Conflict, Invalid
+from app.errors import Conflict, Invalid, shown
 from app.wire.tree import is_float_tag, untag_float
 
 SUPPORTED = (
@@ -106,7 +106,7 @@ def _check_value(annotation: str, value: Any, name: str, field: str) -> Any:
     if literal:
         choices = re.findall(r"'([^']*)'", literal.group(1))
         if value not in choices:
-            raise Invalid(f"{name} must be one of {choices}, got {value!r:.40}",
+            raise Invalid(f"{name} must be one of {choices}, got {shown(value, 40)}",
                           code="invalid_option", field=field)
         return value
     alternatives = [a.strip() for a in annotation.split("|")]
@@ -125,7 +125,7 @@ def _check_value(annotation: str, value: Any, name: str, field: str) -> Any:
             type(v) is int for v in value
         ):
             return value
-    raise Invalid(f"{name} must be {annotation}, got {value!r:.60}", code="invalid_option",
+    raise Invalid(f"{name} must be {annotation}, got {shown(value, 60)}", code="invalid_option",
                   field=field)
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from app.engine import optimizers, option_values
-from app.errors import Invalid
+from app.errors import Invalid, shown
 from app.wire.integers import int_text
 from app.wire.tree import tree_to_json
 
@@ -126,7 +126,7 @@ def same_structure(expected: Any, got: Any, field: str) -> None:
     else:
         ok = type(got) is type(expected)
     if not ok:
-        raise Invalid(f"expected {type(expected).__name__}, got {got!r:.40}",
+        raise Invalid(f"expected {type(expected).__name__}, got {shown(got, 40)}",
                       code="state_mismatch", field=field)
 
 

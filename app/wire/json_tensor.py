@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.errors import Invalid
+from app.errors import Invalid, shown
 from app.wire.dtypes import DTYPE_NAMES, MAX_DIMS, NUMPY_FOR_LIST, TORCH_DTYPES
 
 _NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -36,17 +36,18 @@ def is_json_tensor(obj: object) -> bool:
 
 def parse_shape(shape: object, field: str) -> tuple[int, ...]:
     if not isinstance(shape, list):
-        raise Invalid(f"shape must be a list of non-negative integers, got {shape!r:.80}",
+        raise Invalid(f"shape must be a list of non-negative integers, got {shown(shape, 80)}",
                       code="invalid_tensor", field=f"{field}.shape")
     if len(shape) > MAX_DIMS:
         raise Invalid(f"shape has {len(shape)} dimensions; at most {MAX_DIMS} are allowed",
                       code="invalid_tensor", field=f"{field}.shape")
     for d in shape:
         if type(d) is not int or d < 0:
-            raise Invalid(f"shape must be a list of non-negative integers, got {shape!r:.80}",
+            raise Invalid("shape must be a list of non-negative integers, got "
+                          f"{shown(shape, 80)}",
                           code="invalid_tensor", field=f"{field}.shape")
     if math.prod(max(d, 1) for d in shape) > MAX_EXTENT:
-        raise Invalid(f"shape {shape!r:.80} is too large", code="invalid_tensor",
+        raise Invalid(f"shape {shown(shape, 80)} is too large", code="invalid_tensor",
                       field=f"{field}.shape")
     return tuple(shape)
 
@@ -80,7 +81,7 @@ def _from_list(data: list[Any], dtype: str, numel: int, field: str) -> np.ndarra
         else:
             bad = next(x for x in data if type(x) not in (float, int))
             raise Invalid(f"data must be a flat list of numbers; found {type(bad).__name__} "
-                          f"{bad!r:.40}", code="invalid_tensor", field=f"{field}.data")
+                          f"{shown(bad, 40)}", code="invalid_tensor", field=f"{field}.data")
     try:
         with np.errstate(over="raise", invalid="raise"):
             arr = np.array(data, dtype=NUMPY_FOR_LIST[dtype])

@@ -832,6 +832,75 @@ def test_create_rejects(sess: Sess, name: str, body: Any, status: int, code: str
     sess.assert_unchanged()
 
 
+# --------------------------------------------------------------------------- nested values
+
+#: orjson reads a JSON text nested up to 1,024 levels: a value nested about that deep, past
+#: Python's recursion limit, was a 500 (the checks of options, shapes and data walked it, or
+#: wrote it into the problem's detail, by recursion) where one nested 40 deep was a 422
+NESTED_DEPTHS = (40, 1015)
+_X = b'{"dtype": "float32", "shape": [1], "data": [1.0]}'
+
+
+def _nested(kind: str, depth: int) -> bytes:
+    if kind == "list":
+        return b"[" * depth + b"1" + b"]" * depth
+    return b'{"a": ' * depth + b"1" + b"}" * depth
+
+
+def _in_create(json_text: bytes) -> Callable[[bytes], bytes]:
+    return lambda v: b'{"optimizer": "Adam", ' + json_text.replace(b"@", v) + b"}"
+
+
+NESTED_CASES: list[tuple[str, str, str, Callable[[bytes], bytes], str, str]] = [
+    ("create-option", "POST", "", _in_create(b'"params": {"x": ' + _X + b'}, "options": '
+                                             b'{"lr": @}'), "invalid_option", "options.lr"),
+    ("create-betas", "POST", "", _in_create(b'"params": {"x": ' + _X + b'}, "options": '
+                                            b'{"betas": [0.9, @]}'), "invalid_option",
+     "options.betas.1"),
+    ("create-group-option", "POST", "", _in_create(b'"param_groups": [{"params": {"x": ' + _X
+                                                   + b'}, "eps": @}]'), "invalid_option",
+     "param_groups.0.eps"),
+    ("create-scheduler-option", "POST", "", _in_create(
+        b'"params": {"x": ' + _X + b'}, "scheduler": {"name": "StepLR", "options": '
+        b'{"step_size": 2, "gamma": @}}'), "invalid_option", "scheduler.options.gamma"),
+    ("create-data", "POST", "", _in_create(b'"params": {"x": {"dtype": "float32", "shape": '
+                                           b'[1], "data": [@]}}'), "invalid_tensor",
+     "params.x.data"),
+    ("create-shape", "POST", "", _in_create(b'"params": {"x": {"dtype": "float32", "shape": '
+                                            b'@, "data": [1.0]}}'), "invalid_tensor",
+     "params.x.shape"),
+    ("patch-group", "PATCH", "/param_groups/0", lambda v: b'{"lr": ' + v + b"}",
+     "invalid_option", "param_groups.0.lr"),
+    ("add-group", "POST", "/param_groups", lambda v: b'{"params": {"c": ' + _X + b'}, "lr": '
+     + v + b"}", "invalid_option", "param_groups.1.lr"),
+    ("step-group-option", "POST", "/step", lambda v: b'{"grads": {"s": {"dtype": "float32", '
+     b'"shape": [], "data": [1.0]}}, "param_groups": [{"betas": ' + v + b"}]}",
+     "invalid_option", "param_groups.0.betas"),
+    ("put-shape", "PUT", "/params", lambda v: b'{"params": {"s": {"dtype": "float32", '
+     b'"shape": ' + v + b', "data": [1.0]}}}', "invalid_tensor", "params.s.shape"),
+]
+
+
+@pytest.mark.parametrize(("name", "method", "path", "body", "code", "fld"), NESTED_CASES,
+                         ids=[c[0] for c in NESTED_CASES])
+def test_values_nested_as_deep_as_json_goes_are_422(
+        sess: Sess, name: str, method: str, path: str, body: Callable[[bytes], bytes],
+        code: str, fld: str) -> None:
+    """A list or an object nested 1,015 levels deep where an option, a shape or a tensor's
+    data goes is refused as one nested 40 deep is: a 422 naming the field, its detail short,
+    nothing made or changed."""
+    before = sess.http.get("/v1/sessions").json()
+    url = f"{sess.url}{path}" if path else "/v1/sessions"
+    for kind in ("list", "object"):
+        for depth in NESTED_DEPTHS:
+            r = sess.http.request(method, url, content=body(_nested(kind, depth)),
+                                  headers=JSON_CT)
+            problem = assert_problem(r, 422, code, fld)
+            assert len(problem["detail"]) < 400, problem
+    assert sess.http.get("/v1/sessions").json() == before
+    sess.assert_unchanged()
+
+
 @pytest.mark.parametrize(
     ("optimizer", "options"),
     [("Adam", {"lr": -1.0}), ("Adam", {"betas": [0.9, 1.0]}), ("SGD", {"momentum": -0.5}),

@@ -501,3 +501,54 @@ def test_a_push_whose_round_failed_joins_the_next_round_when_retried_with_its_ke
             await eng.stop()
     asyncio.run(live())
     asyncio.run(restarted())
+
+
+
+def test_a_push_checked_while_its_round_closed_joins_the_next_round() -> None:
+    """Three workers push at once to rounds of two: the round closes with the first two while
+    the third push is still being checked, at the version the closed round steps from. It is
+    checked again once that round has stepped and joins the next round, which a fourth worker
+    completes: no worker gets 409 ``stale_gradient`` (no push named a base version, nothing
+    overwrote the parameters), neither the late push nor the one that completes its round.
+    (Before, the next round held pushes checked at two versions and both its workers got the
+    409.) Values are torch's SGD with momentum on the rounds' means, in the rounds' order."""
+    g = torch.Generator().manual_seed(5)
+    p0 = torch.randn(4, generator=g)
+    sent = {w: torch.randn(4, generator=g) for w in "abcd"}
+
+    async def go() -> None:
+        eng = embedded_engine("cpu")
+        await eng.start()
+        try:
+            await eng.create(CreateSpec("SGD", [GroupSpec({"x": p0.clone()})],
+                                        {"lr": 0.1, "momentum": 0.9}, id="s",
+                                        ps_options={"sync": {"workers": 2, "timeout_s": 30}}))
+
+            def push(w: str) -> asyncio.Task[Any]:
+                return asyncio.create_task(
+                    eng.step("s", {"x": sent[w].clone()}, return_params=True, worker=w))
+            first = {w: push(w) for w in "abc"}  # checked one after another
+            done, _ = await asyncio.wait(first.values(), timeout=10,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            one = done.pop().result()
+            assert one.version == 1 and one.sync is not None
+            rounds = [one.sync["workers"]]
+            (late,) = [w for w in "abc" if w not in rounds[0]]
+            await _pending(eng, "s", 1)
+            second = await asyncio.wait_for(asyncio.gather(first[late], push("d")), 10)
+            assert [r.version for r in second] == [2, 2]
+            assert second[0].sync is not None
+            rounds.append(second[0].sync["workers"])
+            assert rounds[1] == sorted([late, "d"]), rounds
+            x = torch.nn.Parameter(p0.clone())
+            opt = torch.optim.SGD([x], lr=0.1, momentum=0.9)
+            for members in rounds:
+                total = sent[members[0]].clone()
+                total.add_(sent[members[1]])
+                x.grad = total / 2
+                opt.step()
+            for r in second:
+                assert r.params is not None and torch.equal(r.params["x"], x.detach())
+        finally:
+            await eng.stop()
+    asyncio.run(go())
