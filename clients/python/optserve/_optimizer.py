@@ -248,6 +248,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._worker = worker
         self._version = 0  # the session version the local parameter values belong to
         self._scalars: dict[str, float] = {}  # sent with the next step (record_scalars)
+        #: a closure's loss goes with the step as its ``loss`` scalar (off once the session
+        #: refused scalars: a sharded or Ray-hosted one)
+        self._loss_scalar = True
         #: the newest session version any answer showed (>= ``_version``)
         self._known_version = 0
         #: bumped by whatever may change the session's state besides a new version
@@ -574,15 +577,28 @@ class RemoteOptimizer(torch.optim.Optimizer):
             first: float | None = self._lbfgs_step(closure)
             return first
         loss = None
+        automatic = False  # the closure's loss rides along as a scalar nobody asked for
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
             value = _scalar(loss)
-            if value is not None:
-                self._scalars.setdefault("loss", value)
+            if value is not None and "loss" not in self._scalars and self._loss_scalar:
+                self._scalars["loss"] = value
+                automatic = True
         scalars, self._scalars = self._scalars, {}
         try:
-            self._step(scalars)
+            try:
+                self._step(scalars)
+            except APIStatusError as exc:
+                if not (automatic and _refuses_scalars(exc)):
+                    raise
+                # a sharded or Ray-hosted session takes no scalars (422 before anything was
+                # applied): the step goes again without the loss nobody asked to send, and
+                # later steps of this optimizer leave it out (a scalar given through
+                # record_scalars is still sent, and refused)
+                self._loss_scalar = False
+                del scalars["loss"]
+                self._step(scalars)
         except APIStatusError as exc:  # (a stale push says where the session is)
             self._learn(exc.problem.get("current_version"))
             raise
@@ -889,3 +905,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
             "connections. Save or copy its state_dict() instead and load_state_dict() it into "
             "another optimizer (a new RemoteOptimizer, or a local one of the same class); to "
             "copy a model, keep the optimizer out of what you deepcopy")
+
+
+def _refuses_scalars(exc: APIStatusError) -> bool:
+    """The session takes no step scalars (a sharded or Ray-hosted one: 422
+    ``not_supported_here`` naming ``scalars``, answered before anything was applied)."""
+    return (exc.status_code == 422 and exc.code == "not_supported_here"
+            and exc.field == "scalars")
