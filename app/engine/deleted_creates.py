@@ -18,9 +18,10 @@ before its shards' files go (:meth:`~app.engine.directory.Directory.forget_creat
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from app.engine.interface import IdemKey
+from app.engine.interface import IdemKey, split_key
 from app.errors import Conflict, Invalid
 
 #: deleted sessions' create keys kept per host (and per directory)
@@ -101,3 +102,19 @@ def check_indexed(made: dict[str, Any] | None, idem: IdemKey, session_id: str) -
         raise reused()
     if made.get("deleted"):
         raise session_deleted(idem.key, session_id)
+
+
+async def indexed_session(made: dict[str, Any], entry: dict[str, Any] | None, idem: IdemKey,
+                          whole: Callable[[], Awaitable[bool]]) -> str | None:
+    """The session a directory-indexed create key made (``made``, its ``.creates`` entry;
+    ``entry``, the session's directory entry), for a retried create: its key while the session
+    is there, None when it is not; 422/409 as :func:`check_indexed` says. A key marked deleted
+    still answers with the session while ``whole()`` says every part of it is held: a delete
+    marks the key before any part goes, so until one has, the delete was cut short or refused
+    (both routers, embedded and Ray)."""
+    key = str(made["key"])
+    if made.get("deleted") and entry is not None and \
+            entry.get("created_by") == idem.key and await whole():
+        made = {**made, "deleted": False}
+    check_indexed(made, idem, split_key(key)[1])  # (422; 409 deleted)
+    return key if entry is not None else None

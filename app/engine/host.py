@@ -80,6 +80,7 @@ from app.engine.ops import (
     Operation,
     Overwrite,
     Step,
+    apply_counted,
 )
 from app.engine.ops.gradients import StepPlan, staleness_of
 from app.engine.rounds import Round, SyncRounds
@@ -1029,24 +1030,18 @@ class EmbeddedHost:
         (``written``: wait until the record's write, running beside, has returned, so that
         the cut comes after it, and so that answers written over the request body the record
         is written from come after it too)."""
-        revised = int(op.revises)
-        s.revision += revised  # (first: what the operation answers shows the session after it)
         try:
-            result = op.apply(s, plan)
+            result = apply_counted(op, s, plan)
         except ApplyFailed as exc:
-            s.revision -= revised
             if written is not None:
                 written()
             self._recover(key, op, before, exc)
         except BaseException:
-            s.revision -= revised
             if before is not None:  # refused cleanly (the session is unchanged): unlog it
                 if written is not None:
                     written()
                 self._cut(key, before)
             raise
-        if not op.revised(result):
-            s.revision -= revised
         if before is not None:
             s.seq += 1
         if sync is not None:
@@ -1182,10 +1177,7 @@ class EmbeddedHost:
                 log.warning("%s: dropping the last log record (%s), refused at replay: %s",
                             key, record.op.kind, exc.detail)
                 break
-            session.revision += int(op.revises)  # (as live: before the apply)
-            result = op.apply(session, plan)
-            if not op.revised(result):
-                session.revision -= int(op.revises)
+            result = apply_counted(op, session, plan)
             session.seq = record.seq
             if session.version != record.version:
                 raise StoreCorrupt(f"replay of record {record.seq} ({record.op.kind}) reached "

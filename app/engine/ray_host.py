@@ -70,7 +70,7 @@ import torch
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from app.engine.chunked import DEFAULT_CHUNK
-from app.engine.deleted_creates import check_indexed, reused
+from app.engine.deleted_creates import indexed_session, reused
 from app.engine.directory import Directory
 from app.engine.front import Front, Limits
 from app.engine.host import EmbeddedHost, HostConfig
@@ -737,13 +737,10 @@ class RayRouter:
             return None
         key = str(made["key"])
         entry = self.directory.get(key)
-        # (a delete marks the key before its hosts delete the session: until one of them has,
-        # the delete was cut short or refused, and the session is still whole)
-        if made.get("deleted") and entry is not None and \
-                entry.get("created_by") == idem.key and all(await self._held(key, entry)):
-            made = {**made, "deleted": False}
-        check_indexed(made, idem, split_key(key)[1])  # (422; 409 deleted)
-        return key if entry is not None else None
+
+        async def whole() -> bool:
+            return all(await self._held(key, entry or {}))
+        return await indexed_session(made, entry, idem, whole)
 
     async def _held(self, key: str, entry: dict[str, Any]) -> list[bool]:
         """Whether the session's host holds it (a sharded session's: whether each shard's host

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from app.engine.deleted_creates import check_indexed
+from app.engine.deleted_creates import indexed_session
 from app.engine.directory import Directory
 from app.engine.host import EmbeddedHost
 from app.engine.interface import (
@@ -289,14 +289,10 @@ class LocalRouter:
         if made is not None:
             key = str(made["key"])
             entry = self.directory.get(key)
-            # (a delete marks the key before the shards go: until one is gone, it was cut
-            # short, or refused, and the session is still whole)
-            if made.get("deleted") and entry is not None and \
-                    entry.get("created_by") == idem.key and await self._whole(key, entry):
-                made = {**made, "deleted": False}
-            check_indexed(made, idem, split_key(key)[1])  # (422; 409 deleted)
-            if entry is not None:
-                return key
+            found = await indexed_session(made, entry, idem,
+                                          lambda: self._whole(key, entry or {}))
+            if found is not None:
+                return found
         return await self.local.find_create(tenant, idem)
 
     async def _whole(self, key: str, entry: dict[str, Any]) -> bool:

@@ -96,7 +96,7 @@ def first_written(before: Sequence[dict[str, Any]], groups: Sequence[dict[str, A
     return None
 
 
-def shown(value: Any) -> Any:
+def problem_value(value: Any) -> Any:
     """A group value as a problem's ``value`` carries it: plain JSON (a tensor as a JSON
     tensor whose ``data`` is a list, a non-finite float as a ``$float`` tag)."""
     return orjson.loads(orjson.dumps(tree_to_json(value), option=orjson.OPT_SERIALIZE_NUMPY))
@@ -106,8 +106,8 @@ def words(value: Any) -> str:
     """A group value as a problem's detail names it."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         dtype = str(value.dtype).removeprefix("torch.")
-        return f"{shown(value.reshape(-1)[0].item())!r} (a {dtype} tensor)"
-    return repr(shown(value))
+        return f"{problem_value(value.reshape(-1)[0].item())!r} (a {dtype} tensor)"
+    return repr(problem_value(value))
 
 
 def check_written(scheduler: str, before: Sequence[dict[str, Any]],
@@ -129,7 +129,7 @@ def check_written(scheduler: str, before: Sequence[dict[str, Any]],
         f"group's lr (PATCH .../param_groups/{i}) or remove the scheduler (PATCH "
         "/v1/sessions/{id} with {\"scheduler\": null}), then step again",
         code="scheduler_out_of_range", field=f"param_groups.{i}.{key}",
-        value=shown(value), scheduler=scheduler)
+        value=problem_value(value), scheduler=scheduler)
 
 
 def written_check(s: Session, by_hand: bool = False, tensors: bool = False
@@ -173,5 +173,5 @@ def import_check(s: Session) -> Callable[[list[dict[str, Any]]], None]:
             "state_dict.scheduler. The session that exported this state refuses that step "
             f"too: {there} there, then export again",
             code="scheduler_out_of_range", field=f"state_dict.param_groups.{i}.{key}",
-            value=shown(value), scheduler=name)
+            value=problem_value(value), scheduler=name)
     return check

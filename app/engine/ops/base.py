@@ -34,10 +34,6 @@ class Operation:
     kind: ClassVar[str]
     #: whether a successful apply bumps the session's version (predicted in the log record)
     bumps_version: ClassVar[bool] = False
-    #: whether a successful apply counts as a change of the session's ``revision`` (everything
-    #: but what only touches the gradient accumulator: push, zero_grad)
-    revises: ClassVar[bool] = True
-
     def check(self, session: Session) -> Any:
         """Validate against the session as it is; change nothing. Returns the plan."""
         return None
@@ -58,9 +54,10 @@ class Operation:
 
     def revised(self, result: Any) -> bool:
         """Whether this apply (its ``result``) changed the session, which its ``revision``
-        counts: ``revises``, but a step skipped for non-finite gradients changes the session
-        only through the option changes sent with it."""
-        return self.revises
+        counts: everything but what only touches the gradient accumulator (push, zero_grad);
+        a step skipped for non-finite gradients only through the option changes sent with
+        it."""
+        return True
 
     def replayed(self) -> Operation:
         """This operation as a log replay runs it: without what was checked only when it was
@@ -89,3 +86,19 @@ def decode(kind: str, tree: dict[str, Any]) -> Operation:
     if cls is None:
         raise ValueError(f"unknown logged operation {kind!r}")
     return cls.from_tree(tree)
+
+
+def apply_counted(op: Operation, s: Session, plan: Any) -> Any:
+    """``op.apply(s, plan)`` with the session's ``revision`` counting it, live and at replay
+    alike. Moved first, so that what the apply answers (a description) shows the session after
+    it; put back when the apply raises or changed nothing (:meth:`Operation.revised`)."""
+    before = s.revision
+    s.revision += 1
+    try:
+        result = op.apply(s, plan)
+    except BaseException:
+        s.revision = before
+        raise
+    if not op.revised(result):
+        s.revision = before
+    return result

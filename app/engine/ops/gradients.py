@@ -316,7 +316,6 @@ class Push(Operation):
     """Add gradients into the accumulator (several pushes make one step)."""
 
     kind = "push"
-    revises = False
     grads: Tensors
     upcast: bool = False
     #: the client's scalars, recorded with the next step (means of all sent for it)
@@ -339,6 +338,9 @@ class Push(Operation):
         s.pending_scalars = pending
         return GradsResult(s.version, s.step_count, sorted(s.accum))
 
+    def revised(self, result: Any) -> bool:
+        return False  # (the accumulator only)
+
     def to_tree(self) -> dict[str, Any]:
         return {"grads": self.grads, **({"upcast": True} if self.upcast else {}),
                 **({"scalars": self.scalars} if self.scalars else {})}
@@ -355,12 +357,14 @@ class ZeroGrad(Operation):
     """Clear the accumulator."""
 
     kind = "zero_grad"
-    revises = False
 
     def apply(self, s: Session, plan: Any) -> GradsResult:
         s.accum.clear()
         s.pending_scalars = {}
         return GradsResult(s.version, s.step_count, [])
+
+    def revised(self, result: Any) -> bool:
+        return False  # (the accumulator only)
 
     def to_tree(self) -> dict[str, Any]:
         return {}
