@@ -155,11 +155,15 @@ class Proc:
 
     def _start(self, **env: str) -> Proc:
         base = {k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")}
+        # no warm-up (loading every optimizer's kernels before readiness: 1.5 s of CPU a
+        # start, and these servers start some 40 times); what they check does not depend on it,
+        # and the servers of test_cli's `serve`, test_sdk_gc_pause, scripts/test-clients and
+        # every in-process LiveServer still warm up
         full = {**base, "OPTSERVE_HOST": "127.0.0.1", "OPTSERVE_PORT": str(self.port),
                 "OPTSERVE_DATA_DIR": str(self.data_dir), "OPTSERVE_DEVICE": "cpu",
                 "OPTSERVE_DURABILITY": "step", "OPTSERVE_TORCH_THREADS": "1",
                 "OPTSERVE_LOG_FORMAT": "text", "OPTSERVE_LOG_LEVEL": "info",
-                **self.env, **env}
+                "OPTSERVE_WARM_UP": "0", **self.env, **env}
         self.log_path = self.data_dir.parent / f"server-{self.port}-{time.monotonic_ns()}.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=full,
