@@ -8,6 +8,7 @@ ones carry the ``ray`` marker, and the run ends with the Ray suite's time.
 from __future__ import annotations
 
 import os
+import ssl
 import tempfile
 import threading
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx._transports.default as httpx_transports
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
@@ -29,6 +31,26 @@ ENGINES = [pytest.param("embedded", id="embedded"),
 #: the test cluster: logical CPUs of its head node (hosts ask for one each)
 RAY_HEAD_CPUS = 4
 _RAY_TIME = {"tests": 0, "seconds": 0.0}
+
+
+# httpx builds a TLS context for every client (certifi's CA bundle parsed: 40 ms of CPU), also
+# for one that only ever talks plain HTTP to 127.0.0.1, and the suite makes some 1,500 clients
+# in its processes (the SDK's and its own): they share one default context. A client given its
+# own ``verify`` or ``cert`` still gets its own; nothing in the suite uses TLS.
+_create_ssl_context = httpx_transports.create_ssl_context
+_default_ssl_context: list[ssl.SSLContext] = []
+
+
+def _shared_ssl_context(verify: Any = True, cert: Any = None,
+                        trust_env: bool = True) -> ssl.SSLContext:
+    if verify is not True or cert is not None or not trust_env:
+        return _create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
+    if not _default_ssl_context:
+        _default_ssl_context.append(_create_ssl_context())
+    return _default_ssl_context[0]
+
+
+httpx_transports.create_ssl_context = _shared_ssl_context  # type: ignore[assignment]
 
 
 def _test_settings(**overrides: object) -> Settings:

@@ -375,17 +375,18 @@ def wait_served(proc: subprocess.Popen[bytes], url: str, log: Path) -> bool:
     """True once ``url`` answers /healthz; False when the server exited because its port was
     taken (between picking and binding it); fails on any other exit or after 90 s."""
     deadline = time.monotonic() + 90
-    while True:
-        if proc.poll() is not None:
-            assert "address already in use" in log.read_text(), log.read_text()
-            return False
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return True
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.2)
+    with httpx.Client(timeout=1) as poll:  # one client: no new TLS context per try
+        while True:
+            if proc.poll() is not None:
+                assert "address already in use" in log.read_text(), log.read_text()
+                return False
+            try:
+                if poll.get(url + "/healthz").status_code == 200:
+                    return True
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
 
 
 def test_serve_maps_flags_and_sigterm_exits_0(tmp_path: Path) -> None:

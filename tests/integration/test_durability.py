@@ -1,7 +1,8 @@
 """Durability against real servers: ``kill -9`` mid-run loses no acknowledged step, damaged files
 are refused (and the rest served), SIGTERM drains, durability levels behave as documented.
 
-The crash test runs ``python -m app`` as a subprocess with ``OPTSERVE_DURABILITY=step``. Four
+The crash test runs ``python -m app`` as a process of its own (forked from one that has
+imported it: tests/forked_server.py) with ``OPTSERVE_DURABILITY=step``. Four
 client threads push deterministic gradients (Adam + StepLR) and record the version each
 response acknowledged; the server is killed with SIGKILL mid-run and restarted on the same
 data directory. The applied order is rebuilt from the acknowledged versions: every version up
@@ -24,8 +25,6 @@ import random
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -42,6 +41,7 @@ from app.engine import persist
 from app.engine.ops import Step
 from app.engine.store import frame_record, read_log, read_snapshot
 from app.wire.tree import tree_from_json
+from tests import forked_server
 from tests.conftest import LiveServer, _test_settings, kill_hosts, ray_settings
 
 pytestmark = pytest.mark.integration
@@ -133,7 +133,8 @@ class Proc:
     data_dir: Path
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
+    #: ``python -m app``, forked from a process that has imported it (tests/forked_server.py)
+    proc: forked_server.ServerProcess | None = None
     log_path: Path | None = None
     #: importing torch and warming up takes a few seconds, a minute on a loaded machine
     ready_timeout_s: float = 180.0
@@ -155,27 +156,32 @@ class Proc:
 
     def _start(self, **env: str) -> Proc:
         base = {k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")}
+        # no warm-up (loading every optimizer's kernels before readiness: 1.5 s of CPU a
+        # start, and these servers start some 40 times); what they check does not depend on it,
+        # and the servers of test_cli's `serve`, test_sdk_gc_pause, scripts/test-clients and
+        # every in-process LiveServer still warm up
         full = {**base, "OPTSERVE_HOST": "127.0.0.1", "OPTSERVE_PORT": str(self.port),
                 "OPTSERVE_DATA_DIR": str(self.data_dir), "OPTSERVE_DEVICE": "cpu",
                 "OPTSERVE_DURABILITY": "step", "OPTSERVE_TORCH_THREADS": "1",
                 "OPTSERVE_LOG_FORMAT": "text", "OPTSERVE_LOG_LEVEL": "info",
-                **self.env, **env}
+                "OPTSERVE_WARM_UP": "0", **self.env, **env}
         self.log_path = self.data_dir.parent / f"server-{self.port}-{time.monotonic_ns()}.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=full,
-                                         stdout=log, stderr=subprocess.STDOUT)
+        self.proc = forked_server.start(full, REPO, self.log_path)
         deadline = time.monotonic() + self.ready_timeout_s
-        while True:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None and "address already in use" in self.log():
-                raise PortTaken(self.port)
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{self.log()}")
-            time.sleep(0.05)
+        # one client for the whole wait: httpx.get would build a new TLS context (about 45 ms
+        # of CPU) every 50 ms, taking the CPU the starting server needs
+        with httpx.Client(timeout=2) as poll:
+            while True:
+                try:
+                    if poll.get(f"{self.url}/readyz").status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+                if self.proc.poll() is not None and "address already in use" in self.log():
+                    raise PortTaken(self.port)
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not start:\n{self.log()}")
+                time.sleep(0.05)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""

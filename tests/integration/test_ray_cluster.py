@@ -263,17 +263,19 @@ def start_front(cluster: Any, data: Path, log_dir: Path) -> Front:
 
 def wait_ready(front: Front) -> None:
     deadline = time.monotonic() + 300
-    while True:
-        try:
-            if httpx.get(f"{front.url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if front.proc.poll() is not None and "address already in use" in front.log.read_text():
-            raise PortTaken(front.port)
-        if front.proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"front did not start:\n{front.log.read_text()}")
-        time.sleep(0.2)
+    with httpx.Client(timeout=5) as poll:  # one client: no new TLS context per try
+        while True:
+            try:
+                if poll.get(f"{front.url}/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if front.proc.poll() is not None and \
+                    "address already in use" in front.log.read_text():
+                raise PortTaken(front.port)
+            if front.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"front did not start:\n{front.log.read_text()}")
+            time.sleep(0.2)
 
 
 def ready_front(cluster: Any, data: Path, log_dir: Path, front: Front) -> Front:

@@ -49,12 +49,13 @@ def served() -> Iterator[str]:
                                     stdout=subprocess.DEVNULL, stderr=out)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        with httpx.Client(timeout=1) as poll:  # one client: no new TLS context per try
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    if poll.get(url + "/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
         if proc.poll() is None:
             break
     assert proc.poll() is None, log.read_text()
