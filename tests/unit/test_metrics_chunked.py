@@ -26,16 +26,21 @@ GROUPS = (("w", "b"), ("h", "e"))
 NORMS = ("grad_norm", "update_norm", "param_norm", "update_ratio")
 
 
-@pytest.fixture
-def engine() -> Iterator[Front]:
+@pytest.fixture(params=[True, False], ids=["overlapped", "serial"])
+def engine(request: pytest.FixtureRequest) -> Iterator[Front]:
+    """The embedded engine with chunks of 7 from 20 elements up; the chunks' copies and norms
+    on the helper thread beside the steps (``overlapped``, as a server with a spare core takes
+    them), or one after the other on the stepping thread (``serial``)."""
     eng = embedded_engine("cpu", warm_up=False)
     run(eng.start())
     chunked.configure(7, smallest=20)  # (after the host, which sets the server's setting)
+    chunked.overlap(request.param)
     try:
         yield eng
     finally:
         run(eng.stop())
         chunked.configure(chunked.DEFAULT_CHUNK)
+        chunked.overlap(None)
 
 
 def step_locally(opt: torch.optim.Optimizer, local: dict[str, torch.Tensor],
@@ -56,12 +61,12 @@ def session(engine: Front, sid: str) -> Session:
 def stepped_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A list that counts the chunks the metrics watched (one entry per chunk)."""
     seen: list[int] = []
-    real = chunked.Watch.stepped
+    real = chunked.Watch._norms
 
-    def spy(self: chunked.Watch, opt: Any, param: torch.Tensor, view: torch.Tensor) -> None:
-        seen.append(view.numel())
-        real(self, opt, param, view)
-    monkeypatch.setattr(chunked.Watch, "stepped", spy)
+    def spy(self: chunked.Watch, before: torch.Tensor, view: torch.Tensor) -> Any:
+        seen.append(view.numel())  # (on the helper thread, when overlapped)
+        return real(self, before, view)
+    monkeypatch.setattr(chunked.Watch, "_norms", spy)
     return seen
 
 
