@@ -286,6 +286,11 @@ def split_state(state: dict[str, Any], layout: ShardLayout) -> list[dict[str, An
         # load_state_dict reads the first entry's step (an empty first entry is refused, as
         # torch refuses it; one later in the session's state must load on its shard too)
         mine_state.sort(key=lambda item: 0 if item[0] == first else 1 if item[1] else 2)
+        if first not in local and all(isinstance(e, dict) and not e for _, e in mine_state):
+            # only empty entries, none of them the session's first: they would be this
+            # shard's first, refused, where the session loads them (torch makes an empty or a
+            # missing entry's state afresh at its next step alike). Left out, they load
+            mine_state = []
         sd: dict[str, Any] = {"state": {local[n]: e for n, e in mine_state},
                               "param_groups": shard_groups}
         for k, v in state.items():
