@@ -381,8 +381,11 @@ class ShardedSession:
     @classmethod
     async def create(cls, key: str, spec: CreateSpec, layout: ShardLayout,
                      shards: list[tuple[Host, str]], *, idem: IdemKey | None = None,
-                     commit_timeout_s: float = 30.0) -> tuple[ShardedSession, SessionInfo]:
-        """Create every shard, or none: a shard refusing the create deletes the others."""
+                     commit_timeout_s: float = 30.0, made: frozenset[int] | set[int] = frozenset()
+                     ) -> tuple[ShardedSession, SessionInfo]:
+        """Create every shard, or none: a shard refusing the create deletes the others it made
+        (``made``: the shards an earlier try of this keyed create made, which answer it and
+        are kept)."""
         if spec.ps_options.get("sync") is not None:
             raise Invalid("a sharded session steps without synchronous rounds (a round's "
                           "reduction would have to gather every shard's gradients in one "
@@ -394,7 +397,8 @@ class ShardedSession:
         errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
         if errors:
             await asyncio.gather(*(host.delete(skey) for i, (host, skey) in enumerate(shards)
-                                   if i not in errors), return_exceptions=True)
+                                   if i not in errors and i not in made),
+                                 return_exceptions=True)
             raise first_refusal(errors, layout)
         infos = [r for r in results if isinstance(r, SessionInfo)]
         session = cls(key, layout, shards, commit_timeout_s=commit_timeout_s)
