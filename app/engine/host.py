@@ -534,7 +534,7 @@ class EmbeddedHost:
         self._deleted_creates.check(tenant, idem)
         return None
 
-    def _made_by(self, key: str, idem: IdemKey) -> str | None:
+    def made_by(self, key: str, idem: IdemKey) -> str | None:
         """The session a create of ``key`` with this idempotency key made already. The shards
         of one sharded session share their tenant (``<tenant>#<id>``) and the create's key, so
         a shard's create is answered only by that shard (not by a sibling made before it)."""
@@ -575,7 +575,7 @@ class EmbeddedHost:
     async def _create(self, key: str, spec: CreateSpec, idem: IdemKey | None) -> SessionInfo:
         tenant, session_id = split_key(key)
         if idem is not None:
-            made = self._made_by(key, idem)
+            made = self.made_by(key, idem)
             if made is not None:
                 info = await self.describe(made)
                 info.replayed = True

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from app.engine.deleted_creates import indexed_session
+from app.engine.deleted_creates import indexed_session, session_refused
 from app.engine.directory import Directory
 from app.engine.host import EmbeddedHost
 from app.engine.interface import (
@@ -39,7 +39,7 @@ from app.engine.interface import (
 )
 from app.engine.ops import Operation
 from app.engine.ops.gradients import StepPlan
-from app.errors import Conflict, Unavailable
+from app.errors import Conflict, NotFound, Unavailable
 
 #: how long a prepared (checked, not committed) operation is kept for its commit
 PREPARED_TTL_S = 120.0
@@ -244,12 +244,20 @@ class LocalRouter:
         #: the keys of sharded sessions (this router is its directory's only writer, so the
         #: step path never reads the directory)
         self._sharded_keys: set[str] = set()
+        #: keyed creates of sharded sessions cut before their ``.creates`` index was written:
+        #: (tenant, idempotency key) -> session key (:meth:`_cut_create`)
+        self._unindexed: dict[tuple[str, str], str] = {}
 
     async def start(self) -> None:
         await self.local.start()
         self._sharded_keys = set(self.directory.keys())
         for key in sorted(self._sharded_keys):  # sharded sessions whose shards are gone
             await self._stale(key)
+        for key in self._sharded_keys:
+            made_by = (self.directory.get(key) or {}).get("created_by")
+            tenant = split_key(key)[0]
+            if made_by and self.directory.created(tenant, made_by) is None:
+                self._unindexed[(tenant, made_by)] = key
 
     async def _stale(self, key: str) -> bool:
         """Drop the entry of a sharded session none of whose shards exists (a session kept in
@@ -292,19 +300,66 @@ class LocalRouter:
             found = await indexed_session(made, entry, idem,
                                           lambda: self._whole(key, entry or {}))
             if found is not None:
+                await self._check_not_refused(found, idem)
                 return found
+        elif (tenant, idem.key) in self._unindexed:
+            cut, whole = await self._cut_create(tenant, idem)
+            if cut is not None and whole:  # (the index the crash cut, written now)
+                self.directory.note_created(tenant, idem.key, idem.fingerprint, cut)
+                self._unindexed.pop((tenant, idem.key), None)
+                return cut
         return await self.local.find_create(tenant, idem)
+
+    def _shard_keys(self, key: str, entry: dict[str, Any]) -> list[str]:
+        from app.engine.shards import ShardLayout, shard_key
+        shards = ShardLayout.from_json(entry["layout"]).shards
+        return [shard_key(key, i, shards) for i in range(shards)]
+
+    async def _refused_shard(self, key: str) -> str | None:
+        """The key of a shard of this sharded session refused at start, if any."""
+        entry = self.directory.get(key)
+        refused = await self.local.refused()
+        return next((k for k in self._shard_keys(key, entry) if k in refused), None) \
+            if entry is not None else None
+
+    async def _check_not_refused(self, key: str, idem: IdemKey) -> None:
+        """A retried create of a sharded session with a shard refused at start: the session
+        exists (as an unsharded one refused at start does), it is not made again."""
+        if await self._refused_shard(key) is not None:
+            raise session_refused(idem.key, split_key(key)[1])
+
+    async def _cut_create(self, tenant: str, idem: IdemKey) -> tuple[str | None, bool]:
+        """A keyed create of a sharded session cut by a crash after its entry was claimed,
+        before its ``.creates`` index was written (never acknowledged): its key, and whether
+        every shard is there. Each shard there must be this request's (422 for another
+        request under the key, 409 when a shard is refused at start); None when the session
+        is gone (deleted since)."""
+        key = self._unindexed[(tenant, idem.key)]
+        entry = self.directory.get(key)
+        if entry is None or entry.get("created_by") != idem.key:
+            del self._unindexed[(tenant, idem.key)]
+            return None, False
+        held = set(await self.local.keys())
+        mine = [self.local.embedded.made_by(k, idem) for k in self._shard_keys(key, entry)
+                if k in held]  # (422 for another request)
+        await self._check_not_refused(key, idem)
+        if None in mine:  # (a shard made otherwise: the id is taken, as before)
+            raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
+                           code="session_exists", field="id")
+        return key, len(mine) == len(self._shard_keys(key, entry))
 
     async def _whole(self, key: str, entry: dict[str, Any]) -> bool:
         """Whether every shard of this sharded session is held (none deleted yet)."""
-        from app.engine.shards import ShardLayout, shard_key
-        shards = ShardLayout.from_json(entry["layout"]).shards
-        return {shard_key(key, i, shards) for i in range(shards)} <= set(await self.local.keys())
+        return set(self._shard_keys(key, entry)) <= set(await self.local.keys())
 
     async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None
                      ) -> SessionInfo:
         from app.engine.shards import ShardedSession, check_shardable, plan_layout, shard_key
         check_shardable(spec)
+        if idem is not None and (split_key(key)[0], idem.key) in self._unindexed:
+            cut, whole = await self._cut_create(split_key(key)[0], idem)
+            if cut is not None and not whole and not await self._stale(cut):
+                return await self._finish_create(cut, spec, idem)
         if self.directory.get(key) is not None and not await self._stale(key):
             raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
                            code="session_exists", field="id")
@@ -330,6 +385,26 @@ class LocalRouter:
         self._sharded_keys.add(key)
         if idem is not None:
             self.directory.note_created(split_key(key)[0], idem.key, idem.fingerprint, key)
+        return info
+
+    async def _finish_create(self, key: str, spec: CreateSpec, idem: IdemKey) -> SessionInfo:
+        """The retry of a keyed create cut by a crash before every shard was made (see
+        :meth:`_cut_create`; its shards there are this request's): the missing shards are
+        made, the session is answered as created. Nothing was acknowledged or could run on
+        it (an operation needs every shard). A refusal leaves it as it was."""
+        from app.engine.shards import ShardedSession, ShardLayout, shard_key
+        entry = self.directory.get(key)
+        assert entry is not None
+        layout = ShardLayout.from_json(entry["layout"])
+        hosts: list[tuple[Host, str]] = [(self.local, shard_key(key, i, layout.shards))
+                                         for i in range(layout.shards)]
+        held = set(await self.local.keys())
+        session, info = await ShardedSession.create(
+            key, spec, layout, hosts, idem=idem,
+            made={i for i, (_, skey) in enumerate(hosts) if skey in held})
+        self._sharded[key] = session
+        self.directory.note_created(split_key(key)[0], idem.key, idem.fingerprint, key)
+        self._unindexed.pop((split_key(key)[0], idem.key), None)  # (a concurrent retry's too)
         return info
 
     async def route(self, key: str) -> SessionHost:
@@ -362,6 +437,15 @@ class LocalRouter:
         host = await self.route(key)
         if host is self.local:  # (a plain session's create key goes with its tombstone)
             return await host.delete(key, idem=idem)
+        refused = await self._refused_shard(key)
+        if refused is not None:
+            # as an unsharded session refused at start: not deleted (none of its shards),
+            # its files left to an operator
+            from app.engine.shards import shard_index
+            raise NotFound(f"no session {split_key(key)[1]!r:.140}: it was refused at start "
+                           f"(its shard {shard_index(refused)}'s files are damaged; GET /readyz "
+                           "lists it), so it is not deleted: its files are left to an operator",
+                           code="session_not_found", field="session_id")
         entry = self.directory.get(key)
         if entry is not None and entry.get("created_by"):
             # marked (on disk) before the first shard's files go, the delete's point of no

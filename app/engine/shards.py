@@ -286,6 +286,11 @@ def split_state(state: dict[str, Any], layout: ShardLayout) -> list[dict[str, An
         # load_state_dict reads the first entry's step (an empty first entry is refused, as
         # torch refuses it; one later in the session's state must load on its shard too)
         mine_state.sort(key=lambda item: 0 if item[0] == first else 1 if item[1] else 2)
+        if first not in local and all(isinstance(e, dict) and not e for _, e in mine_state):
+            # only empty entries, none of them the session's first: they would be this
+            # shard's first, refused, where the session loads them (torch makes an empty or a
+            # missing entry's state afresh at its next step alike). Left out, they load
+            mine_state = []
         sd: dict[str, Any] = {"state": {local[n]: e for n, e in mine_state},
                               "param_groups": shard_groups}
         for k, v in state.items():
@@ -376,8 +381,11 @@ class ShardedSession:
     @classmethod
     async def create(cls, key: str, spec: CreateSpec, layout: ShardLayout,
                      shards: list[tuple[Host, str]], *, idem: IdemKey | None = None,
-                     commit_timeout_s: float = 30.0) -> tuple[ShardedSession, SessionInfo]:
-        """Create every shard, or none: a shard refusing the create deletes the others."""
+                     commit_timeout_s: float = 30.0, made: frozenset[int] | set[int] = frozenset()
+                     ) -> tuple[ShardedSession, SessionInfo]:
+        """Create every shard, or none: a shard refusing the create deletes the others it made
+        (``made``: the shards an earlier try of this keyed create made, which answer it and
+        are kept)."""
         if spec.ps_options.get("sync") is not None:
             raise Invalid("a sharded session steps without synchronous rounds (a round's "
                           "reduction would have to gather every shard's gradients in one "
@@ -389,7 +397,8 @@ class ShardedSession:
         errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
         if errors:
             await asyncio.gather(*(host.delete(skey) for i, (host, skey) in enumerate(shards)
-                                   if i not in errors), return_exceptions=True)
+                                   if i not in errors and i not in made),
+                                 return_exceptions=True)
             raise first_refusal(errors, layout)
         infos = [r for r in results if isinstance(r, SessionInfo)]
         session = cls(key, layout, shards, commit_timeout_s=commit_timeout_s)

@@ -596,3 +596,48 @@ def test_a_keyed_delete_deletes_every_shard_and_its_retry_is_answered_after_a_re
 
     run(first, data_dir=tmp_path, durability="step")
     run(second, data_dir=tmp_path, durability="step")
+
+
+def test_an_adagrad_import_leaving_a_shard_only_empty_entries_loads_as_unsharded() -> None:
+    """torch 2.13's Adagrad loads a state whose entries for some parameters are empty (``{}``)
+    as long as its first entry is full, and makes those parameters' state afresh at their next
+    step. A shard holding only such parameters got only empty entries, so its part began with
+    one and was refused (422, where the unsharded session took it); it loads now, and both
+    sessions step bitwise as an in-process Adagrad that loaded the same state. An empty first
+    entry is still refused by both (torch raises KeyError 'step' half-loaded)."""
+    groups = [({"w": torch.randn(4, 3), "b": torch.randn(4), "u": torch.randn(3)}, {})]
+    gen = torch.Generator().manual_seed(11)
+    grads = [{n: torch.randn(t.shape, generator=gen) for n, t in groups[0][0].items()}
+             for _ in range(3)]
+    ref = Reference(torch.optim.Adagrad, groups, {"lr": 0.1})
+    ref.step(grads[0])
+    full = ref.optimizer.state_dict()
+    partial = {"state": {0: full["state"][0], 1: {}, 2: {}},
+               "param_groups": full["param_groups"]}
+    loaded = Reference(torch.optim.Adagrad, groups, {"lr": 0.1})
+    loaded.optimizer.load_state_dict(copy.deepcopy(partial))
+    for g in grads[1:]:
+        loaded.step(g)
+
+    async def body(eng: Front) -> None:
+        for sid, shards in (("one", 1), ("two", 2)):
+            await eng.create(CreateSpec("Adagrad", [GroupSpec({n: t.clone() for n, t in
+                                                               groups[0][0].items()}, {})],
+                                        {"lr": 0.1}, id=sid, shards=shards))
+        shard_params = [sh["params"] for sh in (await eng.describe("two")).placement["shards"]]
+        assert shard_params == [["w"], ["b", "u"]]  # (shard 1 gets empty entries only)
+        for sid in ("one", "two"):
+            with pytest.raises(Invalid) as empty_first:
+                await eng.import_state(sid, {**copy.deepcopy(partial),
+                                             "state": {0: {}, 1: full["state"][0]}})
+            assert (empty_first.value.code, empty_first.value.field) == \
+                ("state_mismatch", "state_dict.state.0"), sid
+            await eng.import_state(sid, copy.deepcopy(partial))
+            out = None
+            for g in grads[1:]:
+                out = await eng.step(sid, g, return_params=True)
+            assert out is not None and out.params is not None
+            assert_tensors_equal(dict(out.params), loaded.params, sid)
+            got = (await eng.export_state(sid)).state_dict
+            assert_trees_equal(got["state"], loaded.optimizer.state_dict()["state"], sid)
+    run(body)

@@ -1,0 +1,173 @@
+"""A sharded session after a restart that found it less than whole: one shard refused at start
+(its files damaged), or a keyed create cut by a crash before its ``.creates`` index was written
+(every shard made, or only some). The kill -9 is what the files say: the engine stopped with
+no snapshot, the state on disk made as the crash leaves it."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.engine import Front, embedded_engine
+from app.engine.directory import Directory
+from app.engine.interface import CreateSpec, GroupSpec, IdemKey
+from app.errors import Conflict, Invalid, NotFound
+from tests.torch_reference import Reference, assert_tensors_equal
+
+PARAMS = {"a": torch.tensor([0.5, -1.0, 2.0]), "b": torch.tensor([1.0, 2.0])}
+GRAD = {"a": torch.tensor([0.25, 1.0, -0.5]), "b": torch.tensor([-1.0, 0.5])}
+
+
+def spec(sid: str | None) -> CreateSpec:
+    return CreateSpec("Adam", [GroupSpec({n: t.clone() for n, t in PARAMS.items()})],
+                      {"lr": 0.1}, id=sid, shards=2)
+
+
+def engine(tmp_path: Path) -> Front:
+    return embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False)
+
+
+def stepped(steps: int) -> dict[str, torch.Tensor]:
+    ref = Reference(torch.optim.Adam, [(PARAMS, {})], {"lr": 0.1})
+    for _ in range(steps):
+        ref.step(GRAD)
+    return ref.params
+
+
+def files(tmp_path: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+
+def test_a_sharded_session_with_a_refused_shard_is_kept_whole(tmp_path: Path) -> None:
+    """Shard 1's snapshot fails its checksum at start: the session is refused (``/readyz``
+    names it). Its keyed create's retry was a 404 (the retry found the session's index entry,
+    then its refused shard); it is a 409 ``session_exists`` naming the key and the session, as
+    for an unsharded session refused at start, and another request under the key is a 422.
+    Its delete deleted shard 0's files and its directory entry, and left shard 1's to come
+    back at every start, refused; it is a 404 as the unsharded one's is, and nothing is
+    deleted: every file is as it was, through another restart, and the id stays taken."""
+    key = IdemKey("k-refused", "create refused")
+
+    async def made() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        await eng.create(spec("r"), idem=key)
+        await eng.step("r", GRAD, return_params=False)
+        await eng.stop(snapshot=True)
+
+    asyncio.run(made())
+    snap = tmp_path / "sessions" / "default#r~shard1of2" / "snapshot.bin"
+    raw = bytearray(snap.read_bytes())
+    raw[-5] ^= 0x10  # (in its tensors: the checksum fails)
+    snap.write_bytes(raw)
+    before = files(tmp_path)
+
+    async def restarted() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        try:
+            assert set(await eng.refused()) == {"r"}
+            with pytest.raises(Conflict) as err:
+                await eng.create(spec("r"), idem=key)
+            e = err.value
+            assert (e.status, e.code, e.field) == (409, "session_exists", "Idempotency-Key")
+            assert e.extra == {"idempotency_key": "k-refused", "session_id": "r"}, e.extra
+            with pytest.raises(Invalid) as bad:
+                await eng.create(spec("other"), idem=IdemKey("k-refused", "another request"))
+            assert bad.value.code == "idempotency_key_reused"
+            for idem in (None, IdemKey("d-refused", "delete r")):
+                with pytest.raises(NotFound) as gone:
+                    await eng.delete("r", idem=idem)
+                assert gone.value.status == 404 and gone.value.code == "session_not_found"
+            with pytest.raises(Conflict) as taken:
+                await eng.create(spec("r"))
+            assert taken.value.code == "session_exists"
+            assert await eng.list_sessions() == []
+        finally:
+            await eng.stop()
+
+    asyncio.run(restarted())
+    assert files(tmp_path) == before
+    asyncio.run(restarted())
+    assert files(tmp_path) == before
+
+
+class Crash(Exception):
+    """Where a ``kill -9`` stops the create: nothing after it runs, nothing more is written."""
+
+
+@pytest.mark.parametrize(("shards_made", "sid"), [(2, "c"), (2, None), (1, None)])
+def test_a_sharded_create_cut_before_its_index_is_answered_or_finished_by_its_retry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards_made: int,
+        sid: str | None) -> None:
+    """A keyed create of a sharded session cut by a crash after its directory entry was
+    claimed but before its ``.creates`` index was written: with every shard made (with an id
+    and without), or only shard 0 (shard 1's create never reached its disk). Its retry (same
+    key, same request) was a 409 ``session_exists``, or with no id made a second session. With
+    every shard there, each made under the retry's key, the retry is answered with the session
+    (``replayed``) and the index is written; with a shard missing (never acknowledged, nothing
+    could run on it) the retry finishes the create: the missing shard is made, and it is
+    answered as created. Either way one session, which steps as torch does; a later retry,
+    also after a restart, is answered with it; another request under the key is a 422."""
+    key = IdemKey("k-cut", "create cut")
+
+    async def cut() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+
+        def note_created(d: Directory, *args: object) -> None:
+            raise Crash(args)
+        with monkeypatch.context() as m:
+            m.setattr(Directory, "note_created", note_created)
+            with pytest.raises(Crash):
+                await eng.create(spec(sid), idem=key)
+        await eng.stop(snapshot=False)  # (what the kill leaves)
+
+    asyncio.run(cut())
+    [entry] = [p.name for p in (tmp_path / "directory").iterdir() if not p.name.startswith(".")]
+    made_id = entry.partition("~")[2]
+    assert sid is None or made_id == sid
+    if shards_made == 1:
+        shutil.rmtree(tmp_path / "sessions" / f"default#{made_id}~shard1of2")
+    assert not list((tmp_path / "directory" / ".creates").iterdir())
+
+    async def retried() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        try:
+            with pytest.raises(Invalid) as bad:
+                await eng.create(spec(sid), idem=IdemKey("k-cut", "another request"))
+            assert bad.value.code == "idempotency_key_reused"
+            info = await eng.create(spec(sid), idem=key)
+            assert info.id == made_id and info.version == 0
+            assert info.replayed == (shards_made == 2)
+            again = await eng.create(spec(sid), idem=key)
+            assert again.replayed and again.id == made_id
+            out = await eng.step(made_id, GRAD, return_params=True)
+            assert out.params is not None
+            assert_tensors_equal(dict(out.params), stepped(1), "after the retried create")
+            assert [s.id for s in await eng.list_sessions()] == [made_id]
+        finally:
+            await eng.stop(snapshot=False)
+
+    async def restarted() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        try:
+            info = await eng.create(spec(sid), idem=key)
+            assert info.replayed and info.id == made_id and info.version == 1
+            with pytest.raises(Invalid) as bad:
+                await eng.create(spec(sid), idem=IdemKey("k-cut", "another request"))
+            assert bad.value.code == "idempotency_key_reused"
+            assert [s.id for s in await eng.list_sessions()] == [made_id]
+            assert_tensors_equal(dict((await eng.pull(made_id, None)).params), stepped(1),
+                                 "after the restart")
+        finally:
+            await eng.stop()
+
+    asyncio.run(retried())
+    asyncio.run(restarted())
