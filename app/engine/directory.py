@@ -12,7 +12,8 @@ any number of fronts see the same directory with no service of its own:
 - ``.creates/`` indexes creates by their idempotency key (per tenant), so a retried create is
   answered with the session the first one made, whichever front it reaches; as that session
   is deleted its entry moves to ``.deleted-creates/`` (the last
-  :data:`~app.engine.deleted_creates.KEEP`), where a retry finds that it was deleted
+  :data:`~app.engine.deleted_creates.KEEP`, and every one whose session is still there: a
+  delete refused or cut short), where a retry finds that it was deleted
   (:mod:`app.engine.deleted_creates`);
 - ``.deletes/`` keeps the Ray engine's keyed deletes (per tenant, the last
   :data:`~app.engine.deleted_creates.KEEP`), so a retried delete is answered by any front,
@@ -33,6 +34,7 @@ from typing import Any
 import orjson
 
 from app.engine.deleted_creates import KEEP
+from app.engine.interface import split_key
 from app.engine.store import Files
 
 #: how many marks (of deleted creates, of keyed deletes) are written between two prunes of the
@@ -40,6 +42,17 @@ from app.engine.store import Files
 _PRUNE_EVERY = 100
 #: the folders of marks, each pruned to its last KEEP
 _MARKS = (".deleted-creates", ".deletes")
+
+
+def entry_at(root: Path, key: str) -> dict[str, Any] | None:
+    """The entry of ``key`` in the directory at ``root``, or None (read only: what a host
+    actor reads)."""
+    try:
+        raw = (root / key).read_bytes()
+    except FileNotFoundError:
+        return None
+    entry: dict[str, Any] = orjson.loads(raw)
+    return entry
 
 
 class Directory:
@@ -64,12 +77,7 @@ class Directory:
         if self.root is None:
             kept = self._memory.get(key)
             return dict(kept) if kept is not None else None
-        try:
-            raw = (self.root / key).read_bytes()
-        except FileNotFoundError:
-            return None
-        entry: dict[str, Any] = orjson.loads(raw)
-        return entry
+        return entry_at(self.root, key)
 
     def claim(self, key: str, entry: dict[str, Any]) -> bool:
         """Write the entry if the key has none; False when it has one."""
@@ -137,6 +145,11 @@ class Directory:
         return None
 
     def note_created(self, tenant: str, idem_key: str, fingerprint: str, key: str) -> None:
+        """Index a keyed create of ``key`` (its folder fsynced when this returns). The Ray
+        engine's router writes it once the session's entry is claimed, before any host is
+        asked, so a create whose front dies once the hosts made the session keeps its key (a
+        retry finds a key whose session no host holds to be a create cut short, and makes it:
+        :meth:`RayRouter.find_create <app.engine.ray_host.RayRouter.find_create>`)."""
         entry = {"key": key, "fingerprint": fingerprint}
         name = self._create_name(tenant, idem_key)
         if self.root is None:
@@ -144,6 +157,35 @@ class Directory:
             return
         tmp = self._write_tmp(entry)
         os.replace(tmp, self.root / ".creates" / name)
+        Files().fsync_dir(self.root / ".creates")
+
+    def drop_created(self, tenant: str, idem_key: str, key: str) -> None:
+        """Remove the index of a create of ``key`` that failed (if it still names ``key``)."""
+        name = self._create_name(tenant, idem_key)
+        if self.root is None:
+            if self._creates.get(name, {}).get("key") == key:
+                del self._creates[name]
+            return
+        path = self.root / ".creates" / name
+        with contextlib.suppress(FileNotFoundError):
+            if orjson.loads(path.read_bytes()).get("key") == key:
+                path.unlink()
+
+    def _lives(self, name: str, mark: dict[str, Any] | Path) -> bool:
+        """Whether a deleted create's mark is of a session that is still there: its entry
+        is, made by that create's key (its delete was refused, or cut short before any host
+        deleted it; a retried create is answered with it, :func:`indexed_session
+        <app.engine.deleted_creates.indexed_session>`)."""
+        if isinstance(mark, Path):
+            try:
+                mark = dict(orjson.loads(mark.read_bytes()))
+            except orjson.JSONDecodeError:
+                return False
+        key = str(mark.get("key"))
+        entry = self.get(key)
+        made_by = entry.get("created_by") if entry is not None else None
+        return made_by is not None and \
+            self._create_name(split_key(key)[0], str(made_by)) == name
 
     def forget_created(self, tenant: str, idem_key: str) -> None:
         """The session this key's create made is deleted: its entry is kept, marked deleted (a
@@ -161,8 +203,13 @@ class Directory:
             if entry is not None:
                 self._deleted.pop(name, None)
                 self._deleted[name] = {**entry, "deleted": True}
-                while len(self._deleted) > KEEP:
-                    del self._deleted[next(iter(self._deleted))]
+                excess = len(self._deleted) - KEEP
+                for old in list(self._deleted):
+                    if excess <= 0:
+                        break
+                    if not self._lives(old, self._deleted[old]):
+                        del self._deleted[old]
+                        excess -= 1
             return
         with contextlib.suppress(FileNotFoundError):
             mark = self.root / ".deleted-creates" / name
@@ -182,7 +229,8 @@ class Directory:
         """Remove the oldest marks of deleted creates, and of keyed deletes, past ``keep``
         each (default :data:`KEEP`; by the time they were marked: a rename keeps the file's
         times, so they are touched when marked). Also when a directory is opened on its
-        folder."""
+        folder. A deleted create's mark whose session is still there (:meth:`_lives`) is kept
+        (among the ``keep``): its create's retry is answered with the session, not run again."""
         assert self.root is not None
         keep = KEEP if keep is None else keep
         for where in _MARKS:
@@ -191,12 +239,16 @@ class Directory:
             for entry in os.scandir(folder):
                 with contextlib.suppress(FileNotFoundError):
                     marks.append((entry.stat().st_mtime, entry.name))
-            if len(marks) <= keep:
-                continue
+            excess = len(marks) - keep
             marks.sort()
-            for _, name in marks[:len(marks) - keep]:
+            for _, name in marks:
+                if excess <= 0:
+                    break
                 with contextlib.suppress(FileNotFoundError):
+                    if where == ".deleted-creates" and self._lives(name, folder / name):
+                        continue
                     (folder / name).unlink()
+                excess -= 1
 
     # ------------------------------------------------------------------ deletes by key
     def note_deleted(self, tenant: str, idem_key: str, fingerprint: str, key: str) -> None:

@@ -71,7 +71,7 @@ from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from app.engine.chunked import DEFAULT_CHUNK
 from app.engine.deleted_creates import indexed_session, reused
-from app.engine.directory import Directory
+from app.engine.directory import Directory, entry_at
 from app.engine.front import Front, Limits
 from app.engine.host import EmbeddedHost, HostConfig
 from app.engine.interface import (
@@ -275,7 +275,11 @@ class HostActor:
         self.config = config
         self._host: InProcessHost | None = None
         self._starting: asyncio.Task[InProcessHost] | None = None
-        self._coordinators: dict[str, ShardedSession] = {}
+        #: sharded sessions' coordinators by key, with the creation each is of (its entry's
+        #: "made"): one made again with a deleted one's id never gets the deleted one's
+        self._coordinators: dict[str, tuple[str | None, ShardedSession]] = {}
+        #: the directory (``<data dir>/directory``), which says which creation is current
+        self._directory = Path(config["root"]).parent.parent / "directory"
         self._peers: dict[str, RayHost] = {}
 
     async def _ready(self) -> InProcessHost:
@@ -405,14 +409,24 @@ class HostActor:
         if method == "delete":
             (idem,) = args
             replayed = await session.delete(key, idem=idem)
-            self._coordinators.pop(key, None)
+            if self._coordinators.get(key, (None, None))[1] is session:
+                del self._coordinators[key]
             return replayed  # (a retry every shard answered from its tombstone: True)
         raise ValueError(f"unknown method {method!r}")
 
     async def _coordinator(self, key: str, entry: dict[str, Any]) -> ShardedSession:
-        session = self._coordinators.get(key)
-        if session is not None:
-            return session
+        """The coordinator of the session ``entry`` names (its ``made``: one creation of the
+        key). Another one's cached (a session deleted since, made again with its id) is
+        not used; an entry the directory no longer holds (a front's of a session deleted
+        since) is a 404, so that its front reads the directory again (``_Placed``)."""
+        made = entry.get("made")
+        cached = self._coordinators.get(key)
+        if cached is not None and cached[0] == made:
+            return cached[1]
+        current = entry_at(self._directory, key)
+        if current is None or current.get("made") != made:
+            raise NotFound(f"no session {split_key(key)[1]!r:.140}", code="session_not_found",
+                           field="session_id")
         local = await self._ready()
         layout = ShardLayout.from_json(entry["layout"])
         hosts: list[tuple[Host, str]] = []
@@ -421,7 +435,7 @@ class HostActor:
             hosts.append((host, shard_key(key, i, layout.shards)))
         session = ShardedSession(key, layout, hosts,
                                  commit_timeout_s=float(self.config["commit_timeout_s"]))
-        self._coordinators[key] = session
+        self._coordinators[key] = (made, session)
         return session
 
     def _peer(self, name: str) -> RayHost:
@@ -737,14 +751,25 @@ class RayRouter:
             return None
         key = str(made["key"])
         entry = self.directory.get(key)
+        if entry is not None and entry.get("created_by") != idem.key:
+            entry = None  # (its id made again since, by another create)
 
         async def whole() -> bool:
             return all(await self._held(key, entry or {}))
-        return await indexed_session(made, entry, idem, whole)
+        found = await indexed_session(made, entry, idem, whole)
+        if found is None or made.get("deleted") or await whole():
+            return found
+        # the key is kept before the hosts are asked (create): a session they do not all hold
+        # (nor refuse at start: its describe says so) is a create cut short, never
+        # acknowledged, which the retry makes
+        assert entry is not None
+        return found if any(await self._held(key, entry, refused=True)) else None
 
-    async def _held(self, key: str, entry: dict[str, Any]) -> list[bool]:
+    async def _held(self, key: str, entry: dict[str, Any], *, refused: bool = False
+                    ) -> list[bool]:
         """Whether the session's host holds it (a sharded session's: whether each shard's host
-        holds its shard); not held by a host that is gone for good. 503 while one restarts."""
+        holds its shard); not held by a host that is gone for good. 503 while one restarts.
+        ``refused``: whether each refused it at start instead."""
         if "host" in entry:
             where = [(str(entry["host"]), key)]
         else:
@@ -753,7 +778,8 @@ class RayRouter:
 
         async def held(name: str, k: str) -> bool:
             try:
-                return k in await self._host(name).keys(k)
+                host = self._host(name)
+                return k in (await host.refused() if refused else await host.keys(k))
             except NotFound:  # (a host whose host.json is gone)
                 return False
         return list(await asyncio.gather(*(held(name, k) for name, k in where)))
@@ -885,8 +911,11 @@ class RayRouter:
             raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
                            code="session_exists", field="id")
         hosts = await self._place(resources, placement, layout.shards if layout else 1)
+        # ("made": this creation's own, so that nothing kept of a session deleted since, e.g.
+        # its coordinator, is taken for one made again with its id)
         entry: dict[str, Any] = {"resources": resources, "placement": placement,
-                                 "created_by": idem.key if idem is not None else None}
+                                 "created_by": idem.key if idem is not None else None,
+                                 "made": uuid.uuid4().hex}
         if layout is not None:
             entry.update(shards=[h.name for h in hosts], layout=layout.to_json())
         else:
@@ -894,6 +923,11 @@ class RayRouter:
         if not self.directory.claim(key, entry):
             raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
                            code="session_exists", field="id")
+        tenant = split_key(key)[0]
+        if idem is not None:
+            # on disk before any host is asked: a front that dies once the hosts made the
+            # session leaves its key, and the retry is answered with it (find_create)
+            self.directory.note_created(tenant, idem.key, idem.fingerprint, key)
         try:
             if layout is not None:
                 shards: list[tuple[Host, str]] = [(h, shard_key(key, i, layout.shards))
@@ -903,9 +937,9 @@ class RayRouter:
                 info = await hosts[0].create(key, spec, idem=idem)
         except BaseException:
             self.directory.remove(key)
+            if idem is not None:
+                self.directory.drop_created(tenant, idem.key, key)
             raise
-        if idem is not None:
-            self.directory.note_created(split_key(key)[0], idem.key, idem.fingerprint, key)
         self._entries[key] = entry
         return self._placed(info, entry)
 

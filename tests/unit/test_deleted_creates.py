@@ -187,7 +187,7 @@ def test_a_sharded_delete_cut_anywhere_leaves_the_session_or_its_key_marked(
     def make() -> Front:
         return embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False)
 
-    async def cut() -> None:
+    async def cut() -> list[str]:
         eng = make()
         await eng.start()
         s = spec(2)
@@ -354,3 +354,67 @@ def test_a_create_retried_while_its_session_is_refused_is_not_made_again(
             await eng.stop()
     asyncio.run(restarted())
     assert all(p.read_bytes() == content for p, content in before.items())
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_refused_deletes_create_key_outlives_the_keys_pruned(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
+    """A keyed create without an id whose delete is refused (the disk fails before any file
+    goes): the session lives on. More deleted creates than are kept (2 here, 10,000 in
+    service) come after it: a plain session's key is its own (kept with it, never among the
+    deleted ones); a sharded one's was marked deleted in the directory before its shards were
+    asked, and that mark is kept while the session lives. Either way the create's retry is
+    answered with the session, live and after a restart, never a second session."""
+    from app.engine import host as host_module
+    monkeypatch.setattr(host_module, "_TOMBSTONES", 2)
+    monkeypatch.setattr(directory, "KEEP", 2)
+    monkeypatch.setattr(directory, "_PRUNE_EVERY", 1)
+    g = {"a": torch.tensor([0.5, -1.0]), "b": torch.tensor([1.0, 2.0, 3.0])}
+    ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+    ckey = create_key("k-live")
+
+    def make() -> Front:
+        return embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False)
+
+    async def answered(eng: Front, sid: str) -> None:
+        again = await eng.create(spec(shards), idem=ckey)
+        assert again.replayed and again.id == sid, again
+        assert [i.id for i in await eng.list_sessions()] == [sid]
+        await eng.step(sid, g, return_params=False)
+        ref.step(g)
+        assert_tensors_equal(dict((await eng.pull(sid, None)).params), ref.params, "stepped")
+
+    async def live() -> str:
+        eng = make()
+        await eng.start()
+        info = await eng.create(spec(shards), idem=ckey)
+
+        def refuse(store: Store, key: str, *args: object, **kw: object) -> None:
+            raise OSError(28, "No space left on device")
+        with monkeypatch.context() as m:
+            m.setattr(Store, "delete", refuse)
+            with pytest.raises(Exception):  # noqa: B017, PT011 - the disk's refusal
+                await eng.delete(info.id, idem=IdemKey("d-live", "delete live"))
+        if shards > 1:
+            mark = tmp_path / "directory" / ".deleted-creates" / \
+                Directory._create_name("default", "k-live")
+            os.utime(mark, (1000.0, 1000.0))  # (the oldest mark)
+        for i in range(3):
+            other = await eng.create(spec(shards), idem=create_key(f"k-{i}"))
+            assert not await eng.delete(other.id)
+        with pytest.raises(Conflict) as gone:
+            await eng.create(spec(shards), idem=create_key("k-2"))
+        refused(gone.value, "k-2", other.id)
+        await answered(eng, info.id)
+        await eng.stop(snapshot=False)
+        return info.id
+
+    async def restarted(sid: str) -> None:
+        eng = make()
+        await eng.start()
+        try:
+            await answered(eng, sid)
+        finally:
+            await eng.stop()
+    asyncio.run(restarted(asyncio.run(live())))
+

@@ -14,7 +14,9 @@ with the same id was made since on another host (it is left alone)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,9 +25,10 @@ import pytest
 import torch
 
 from app.config import Settings
+from app.engine import directory
 from app.engine.directory import Directory
 from app.engine.front import Front
-from app.engine.interface import IdemKey
+from app.engine.interface import CreateSpec, GroupSpec, IdemKey
 from app.engine.store import Store
 from app.errors import Conflict, Invalid, NotFound
 from tests.torch_reference import Reference, assert_tensors_equal
@@ -93,6 +96,13 @@ class Cluster:
             if handle.actor._host is not None:
                 await handle.actor._host.stop(snapshot=False)
         self.actors.clear()
+
+
+def entries_of(front: Front, sid: str) -> dict[str, Any]:
+    directory: Directory = front.router.directory  # type: ignore[attr-defined]
+    entry = directory.get(f"default~{sid}")
+    assert entry is not None
+    return entry
 
 
 def entries(front: Front) -> list[str]:
@@ -244,6 +254,180 @@ def test_a_keyed_ray_delete_retried_through_another_front_is_answered(
             assert info.version == 0 and info.lr == [0.5]  # (left alone)
             assert sorted(i.id for i in await fourth.list_sessions()) == \
                 sorted([f"filler{i}" for i in range(shards)] + ["gone"])
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
+
+
+class AsTorch:
+    """torch's SGD on a create's parameters, stepped beside a session: its parameters are
+    compared bitwise after each step."""
+
+    def __init__(self, s: Any) -> None:
+        self.ref = Reference(torch.optim.SGD, [(dict(g.params), g.options) for g in s.groups],
+                             s.options)
+        self.grads = {n: torch.full_like(t, 0.25) + torch.arange(t.numel()).reshape(t.shape)
+                      for g in s.groups for n, t in g.params.items()}
+        self.steps = 0
+
+    async def step(self, front: Front, sid: str) -> None:
+        await front.step(sid, self.grads, return_params=False)
+        self.ref.step(self.grads)
+        self.steps += 1
+        assert_tensors_equal(dict((await front.pull(sid, None)).params), self.ref.params,
+                             f"step {self.steps}")
+
+
+DIED = [(1, "before-the-hosts"), (1, "after-the-hosts"), (2, "before-the-hosts"),
+        (2, "after-the-hosts")]
+
+
+@pytest.mark.parametrize(("shards", "at"), DIED, ids=[f"{s}-{a}" for s, a in DIED])
+def test_a_keyed_ray_create_whose_front_died_is_answered_or_made_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int, at: str) -> None:
+    """A keyed create without an id whose front dies before anything more is done (its
+    directory entry is left; no clean-up runs): once the hosts made the session, or before
+    they were asked. Retried through the next front, it is answered with the session the hosts
+    made (201 ``Idempotent-Replayed``), not made a second time; one the hosts never made is
+    made by the retry, once. Either way one session, which steps as torch, and a further retry
+    is answered with it. (The key is kept in the directory before the hosts are asked.)"""
+    cluster = Cluster(tmp_path, monkeypatch)
+    ckey = create_key("k-died")
+
+    async def run() -> None:
+        try:
+            first = cluster.front()
+            real_host, real_sharded = ray_host.RayHost.create, ray_host.ShardedSession.create
+
+            async def host_dies(host: Any, key: str, s: Any, **kw: Any) -> Any:
+                if at == "after-the-hosts":
+                    await real_host(host, key, s, **kw)
+                raise Crash(key)
+
+            async def shards_die(key: str, *args: Any, **kw: Any) -> Any:
+                if at == "after-the-hosts":
+                    await real_sharded(key, *args, **kw)
+                raise Crash(key)
+
+            def remove(d: Directory, key: str) -> None:
+                raise Crash(key)  # (a kill runs no clean-up)
+            with monkeypatch.context() as m:
+                if shards == 1:
+                    m.setattr(ray_host.RayHost, "create", host_dies)
+                else:
+                    m.setattr(ray_host.ShardedSession, "create", staticmethod(shards_die))
+                m.setattr(Directory, "remove", remove)
+                with pytest.raises(Crash):
+                    await first.create(spec(shards), idem=ckey)
+            made = entries(first)
+            assert len(made) == 1
+            await cluster.kill()
+
+            second = cluster.front()
+            again = await second.create(spec(shards), idem=ckey)
+            if at == "after-the-hosts":
+                assert again.replayed and f"default~{again.id}" == made[0], (again, made)
+            else:
+                assert not again.replayed and f"default~{again.id}" != made[0], (again, made)
+            assert [i.id for i in await second.list_sessions()] == [again.id]
+            torch_ = AsTorch(spec(shards))
+            for _ in range(2):
+                await torch_.step(second, again.id)
+            await cluster.kill()
+            third = cluster.front()
+            replayed = await third.create(spec(shards), idem=ckey)
+            assert replayed.replayed and replayed.id == again.id and replayed.version == 2
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
+
+
+def test_a_sharded_ray_session_made_again_gets_a_coordinator_of_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sharded session (momentum, stepped) is deleted through one front while another still
+    has its directory entry, whose next call reaches the first shard's host with it (a 404: it
+    made a coordinator of the deleted session there, kept by the session's id). A session made
+    again with the same id, another layout, on the same hosts, gets a coordinator of its own
+    (its entry's creation, the directory's): it steps bitwise as torch's SGD, through both
+    fronts (the one with the old entry reads the directory again); nothing of the old one's
+    coordinator (its layout, its version) is used."""
+    cluster = Cluster(tmp_path, monkeypatch)
+    # hosts named in the order they start (a session placed again takes the first one first)
+    names = iter(range(1, 1_000))
+    monkeypatch.setattr(ray_host, "uuid", SimpleNamespace(
+        uuid4=lambda: uuid.UUID(int=next(names) << 96)))
+
+    async def run() -> None:
+        try:
+            first, second = cluster.front(), cluster.front()
+            old = spec(2)
+            old.id, old.options = "again", {"lr": 0.1, "momentum": 0.9}
+            await first.create(old)
+            await first.step("again", GRADS, return_params=False)
+            hosts = entries_of(first, "again")["shards"]
+            assert not await second.delete("again")
+            with pytest.raises(NotFound):
+                await first.describe("again")  # (its entry was cached: a stale coordinator)
+
+            new = CreateSpec("SGD", [GroupSpec({"c": torch.linspace(-1.0, 1.0, 4),
+                                                "d": torch.arange(5.0)})],
+                             {"lr": 0.5, "momentum": 0.9}, shards=2)
+            new.id = "again"
+            assert (await second.create(new)).version == 0
+            assert entries_of(second, "again")["shards"] == hosts  # (the same hosts)
+            torch_ = AsTorch(new)
+            for front in (second, first, second):
+                await torch_.step(front, "again")
+            assert (await first.describe("again")).version == 3
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_refused_ray_deletes_create_mark_outlives_the_marks_pruned(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
+    """A keyed create without an id whose delete the hosts refuse: its key is marked deleted
+    (before the hosts were asked), the session lives on. More deleted creates than the
+    directory keeps (2 here, 10,000 in service) are marked after it, pruning the oldest: the
+    live session's mark is kept (among the 2), so its create's retry is still answered with
+    it (not a second session), through the same front and after a restart."""
+    monkeypatch.setattr(directory, "KEEP", 2)
+    monkeypatch.setattr(directory, "_PRUNE_EVERY", 1)
+    cluster = Cluster(tmp_path, monkeypatch)
+    ckey = create_key("k-live")
+
+    async def run() -> None:
+        try:
+            front = cluster.front()
+            live = await front.create(spec(shards), idem=ckey)
+
+            def refuse(store: Store, key: str, *args: Any, **kw: Any) -> None:
+                raise Crash(key)
+            with monkeypatch.context() as m:
+                m.setattr(Store, "delete", refuse)
+                with pytest.raises(Exception) as err:  # noqa: PT011 - the hosts' refusal
+                    await front.delete(live.id, idem=IdemKey("d-live", "delete live"))
+            assert live.id in str(err.value) or isinstance(err.value, Crash), err.value
+            mark = tmp_path / "directory" / ".deleted-creates" / \
+                Directory._create_name("default", "k-live")
+            os.utime(mark, (1000.0, 1000.0))  # (the oldest mark)
+            for i in range(3):
+                other = await front.create(spec(shards), idem=create_key(f"k-{i}"))
+                assert not await front.delete(other.id)
+            torch_ = AsTorch(spec(shards))
+            for again in (front, cluster.front()):
+                if again is not front:
+                    await cluster.kill()
+                made = await again.create(spec(shards), idem=ckey)
+                assert made.replayed and made.id == live.id, made
+                assert [i.id for i in await again.list_sessions()] == [live.id]
+                await torch_.step(again, live.id)
+            # (2 kept: the live session's, the last other one's)
+            assert len(os.listdir(tmp_path / "directory" / ".deleted-creates")) == 2
+            with pytest.raises(Conflict) as gone:
+                await front.create(spec(shards), idem=create_key("k-2"))
+            refused(gone.value, "k-2", other.id)
         finally:
             await cluster.kill()
     asyncio.run(run())
