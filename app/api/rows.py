@@ -79,7 +79,7 @@ def rows_from_body(buf: bytearray, binary: bool) -> dict[str, torch.Tensor]:
     if not isinstance(raw, dict):
         raise Invalid("rows must be an object mapping parameter names to row indices",
                       code="invalid_rows", field="rows")
-    return {n: indices_from_json(v, f"rows.{n}") for n, v in raw.items()}
+    return {n: indices_from_json(v, f"rows.{n}", "invalid_rows", "rows") for n, v in raw.items()}
 
 
 async def answer(request: Request, result: ParamsResult, binary: bool, b64: bool) -> Response:
