@@ -57,7 +57,7 @@ _PS_PROPERTIES: dict[str, Any] = {
     "max_staleness": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_STALENESS,
                       "description": "asynchronous pushes: refuse (409 stale_gradient) a "
                                      "gradient computed more than this many versions ago"},
-    "staleness_lr": {"type": ["string", "null"], "enum": ["none", "inverse", None],
+    "staleness_lr": {"type": "string", "enum": ["none", "inverse"],
                      "description": "inverse: a push s versions old steps with every "
                                     "group's lr divided by 1 + s (that step only)"},
 }
