@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.api.openapi_docs import OPERATIONS
 from app.errors import (
+    BadHeader,
     BadRequest,
     Invalid,
     NotAcceptable,
@@ -160,22 +162,30 @@ def require_json(request: Request) -> None:
 _ALIASES = {"application/safetensors": BINARY, "application/problem+json": JSON}
 
 
+#: an RFC 9110 qvalue (12.4.2): 0 to 1, at most three decimals
+_QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
+
+
 def _accepted(accept: str) -> tuple[tuple[str, float], ...]:
     """The media ranges of an ``Accept`` header with their weights, in the header's order,
-    q=0 included (it excludes what it names)."""
+    q=0 included (it excludes what it names). A weight that is not a qvalue (``q=2``,
+    ``q=inf``, ``q=nan``, ``q=0.0001``, ``q=high``) is a 400 naming ``accept``: taken, it
+    would outweigh the ranges the client ranked by the rules (``q=2`` over ``q=1``), and
+    dropped, it would leave a range the client meant to weigh."""
     ranges: list[tuple[str, float]] = []
     for part in accept.split(","):
         pieces = [p.strip() for p in part.split(";")]
         q = 1.0
         for p in pieces[1:]:
-            if p.startswith("q="):
-                try:
-                    q = float(p[2:])
-                except ValueError:
-                    q = 0.0
+            if p[:2].lower() == "q=":
+                if not _QVALUE.fullmatch(p[2:]):
+                    raise BadHeader(f"Accept: {p!r:.40} in {pieces[0]!r:.60} is not a weight: "
+                                    "q is 0 to 1 with at most three decimals (RFC 9110, "
+                                    "12.4.2)", field="accept")
+                q = float(p[2:])
         if pieces[0]:
             media = pieces[0].lower()
-            ranges.append((_ALIASES.get(media, media), q if q > 0 else 0.0))  # (NaN: 0)
+            ranges.append((_ALIASES.get(media, media), q))
     return tuple(ranges)
 
 
@@ -215,9 +225,10 @@ def _chosen(accept: str, offered: tuple[str, ...]) -> str | None:
 def negotiate(request: Request, offered: tuple[str, ...]) -> str:
     """The one of ``offered`` the client's ``Accept`` weighs most (no header: the first
     offered; equal weights: the one named first in the header, then the first offered); 406
-    when it takes none. ``application/safetensors`` stands for octet-stream and
-    ``application/problem+json`` for JSON."""
-    accept = request.headers.get("accept")
+    when it takes none. Two ``Accept`` lines are one list (RFC 9110 5.3), in their order.
+    ``application/safetensors`` stands for octet-stream and ``application/problem+json`` for
+    JSON."""
+    accept = ", ".join(request.headers.getlist("accept"))
     if not accept:
         return offered[0]
     choice = _chosen(accept, offered)
