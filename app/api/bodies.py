@@ -16,6 +16,7 @@ from fastapi import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from app.api.conditions import one_header, one_query
 from app.api.openapi_docs import OPERATIONS
 from app.errors import (
     BadHeader,
@@ -129,7 +130,7 @@ async def _read_body(
 def _check_encoding(request: Request) -> None:
     """415 for a compressed body (``Content-Encoding: gzip``, ...): its bytes are not JSON or
     safetensors, and were refused as such ("not valid UTF-8") without saying why."""
-    encoding = request.headers.get("content-encoding", "").strip().lower()
+    encoding = (one_header(request, "content-encoding", "content-encoding") or "").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMedia(f"Content-Encoding {encoding!r:.40} is not supported; send the "
                                "body uncompressed", field="content-encoding")
@@ -144,7 +145,8 @@ def _raw_buffer(request: Request, size: int) -> memoryview:
 
 
 def body_kind(request: Request) -> str:
-    ctype = request.headers.get("content-type", JSON).split(";")[0].strip().lower()
+    ctype = (one_header(request, "content-type", "content-type") or JSON).split(";")[0]
+    ctype = ctype.strip().lower()
     if ctype in (JSON, "application/problem+json", "text/json") or ctype.endswith("+json"):
         return "json"
     if ctype in (BINARY, "application/safetensors", "application/x-safetensors"):
@@ -428,6 +430,7 @@ def tensor_encoding(request: Request) -> bool:
     """True when the client asks for base64 tensors in JSON (``?encoding=b64``)."""
     if not request.scope.get("query_string"):
         return False
+    one_query(request, "encoding")
     value = request.query_params.get("encoding", "data")
     if value not in ("data", "b64"):
         raise Invalid("encoding must be data or b64", code="invalid_query", field="encoding")

@@ -536,7 +536,8 @@ QUERY: dict[str, dict[str, Any]] = {
 # ----------------------------------------------------------------------------- problems
 COMMON_PROBLEMS: dict[str, str] = {
     "400": "Malformed body (not JSON / not safetensors; a key twice in a JSON object) or "
-           "header (an Accept weight that is not a qvalue)",
+           "header (an Accept weight that is not a qvalue; a header that counts once given "
+           "twice)",
     "401": "Missing or wrong API key",
     "404": "Unknown session",
     "409": "Conflict (id taken, a keyed create whose session was deleted, scheduler "

@@ -112,6 +112,7 @@ async def post_rows(
     wait_s: Annotated[float, Query(ge=0, le=1e9, description="long-poll for at most this "
                                    "long (capped at 60 s)")] = 0.0,
 ) -> Response:
+    conditions.one_query(request, "min_version", "wait_s")
     binary, b64 = wants_binary(request), tensor_encoding(request)
     buf = await read_body(request, int(settings.max_body_mb * 1024 * 1024))
     kind = body_kind(request)
