@@ -1052,6 +1052,37 @@ def test_import_state_rejects(sess: Sess) -> None:
     sess.assert_unchanged()
 
 
+def test_a_state_tensor_referenced_twice_is_refused(sess: Sess) -> None:
+    """A safetensors state whose skeleton points two entries (``exp_avg`` and
+    ``exp_avg_sq``) at one tensor was imported as two copies of it; torch never exports a
+    state whose entries share a tensor: a 422 ``invalid_state`` naming the second reference,
+    nothing imported. The export as it came (each entry its own key) imports."""
+    url = f"{sess.url}/state_dict"
+    exported = sess.http.get(url, headers={"accept": "application/octet-stream"}).content
+    n = struct.unpack("<Q", exported[:8])[0]
+    header = json.loads(exported[8:8 + n])
+    meta = header.pop("__metadata__")
+    skeleton = json.loads(meta["optserve_state"])
+    entry = skeleton["state"]["0"]
+    shared, dropped = entry["exp_avg"]["$tensor"], entry["exp_avg_sq"]["$tensor"]
+    entry["exp_avg_sq"] = {"$tensor": shared}
+    data, out = b"", {}
+    for key, h in header.items():
+        if key == dropped:  # (no tensor left unreferenced: the duplicate is the only fault)
+            continue
+        raw = exported[8 + n + h["data_offsets"][0]:8 + n + h["data_offsets"][1]]
+        out[key] = {**h, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    out["__metadata__"] = {**meta, "optserve_state": json.dumps(skeleton)}
+    r = sess.http.put(url, content=st_file(out, data), headers=BIN_CT)
+    assert_problem(r, 422, "invalid_state", "state_dict.state.0.exp_avg_sq",
+                   "state_dict.state.0.exp_avg and at state_dict.state.0.exp_avg_sq")
+    sess.assert_unchanged()
+    r = sess.http.put(url, content=exported, headers=BIN_CT)
+    assert r.status_code == 200, r.text
+    assert snapshot(sess.http, sess.id).state_dict == sess.before.state_dict  # b64: bitwise
+
+
 # --------------------------------------------------------------------------- nonfinite policies
 
 def _nonfinite_session(http: httpx.Client, policy: str) -> str:
