@@ -60,6 +60,13 @@ class BadRequest(OptserveError):
     title = "Malformed request body"
 
 
+class BadHeader(BadRequest):
+    """A request header that is malformed (``Accept`` with a weight that is not an RFC 9110
+    qvalue) or given on two lines where one counts: 400 ``bad_request`` naming it."""
+
+    title = "Malformed request header"
+
+
 class Unauthorized(OptserveError):
     """No valid API key (the same-host transport's ``hello``; HTTP answers its 401 in
     ``app.api.auth``)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -15,8 +16,10 @@ from fastapi import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from app.api.conditions import one_header, one_query
 from app.api.openapi_docs import OPERATIONS
 from app.errors import (
+    BadHeader,
     BadRequest,
     Invalid,
     NotAcceptable,
@@ -127,7 +130,7 @@ async def _read_body(
 def _check_encoding(request: Request) -> None:
     """415 for a compressed body (``Content-Encoding: gzip``, ...): its bytes are not JSON or
     safetensors, and were refused as such ("not valid UTF-8") without saying why."""
-    encoding = request.headers.get("content-encoding", "").strip().lower()
+    encoding = (one_header(request, "content-encoding", "content-encoding") or "").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMedia(f"Content-Encoding {encoding!r:.40} is not supported; send the "
                                "body uncompressed", field="content-encoding")
@@ -142,7 +145,8 @@ def _raw_buffer(request: Request, size: int) -> memoryview:
 
 
 def body_kind(request: Request) -> str:
-    ctype = request.headers.get("content-type", JSON).split(";")[0].strip().lower()
+    ctype = (one_header(request, "content-type", "content-type") or JSON).split(";")[0]
+    ctype = ctype.strip().lower()
     if ctype in (JSON, "application/problem+json", "text/json") or ctype.endswith("+json"):
         return "json"
     if ctype in (BINARY, "application/safetensors", "application/x-safetensors"):
@@ -160,22 +164,30 @@ def require_json(request: Request) -> None:
 _ALIASES = {"application/safetensors": BINARY, "application/problem+json": JSON}
 
 
+#: an RFC 9110 qvalue (12.4.2): 0 to 1, at most three decimals
+_QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
+
+
 def _accepted(accept: str) -> tuple[tuple[str, float], ...]:
     """The media ranges of an ``Accept`` header with their weights, in the header's order,
-    q=0 included (it excludes what it names)."""
+    q=0 included (it excludes what it names). A weight that is not a qvalue (``q=2``,
+    ``q=inf``, ``q=nan``, ``q=0.0001``, ``q=high``) is a 400 naming ``accept``: taken, it
+    would outweigh the ranges the client ranked by the rules (``q=2`` over ``q=1``), and
+    dropped, it would leave a range the client meant to weigh."""
     ranges: list[tuple[str, float]] = []
     for part in accept.split(","):
         pieces = [p.strip() for p in part.split(";")]
         q = 1.0
         for p in pieces[1:]:
-            if p.startswith("q="):
-                try:
-                    q = float(p[2:])
-                except ValueError:
-                    q = 0.0
+            if p[:2].lower() == "q=":
+                if not _QVALUE.fullmatch(p[2:]):
+                    raise BadHeader(f"Accept: {p!r:.40} in {pieces[0]!r:.60} is not a weight: "
+                                    "q is 0 to 1 with at most three decimals (RFC 9110, "
+                                    "12.4.2)", field="accept")
+                q = float(p[2:])
         if pieces[0]:
             media = pieces[0].lower()
-            ranges.append((_ALIASES.get(media, media), q if q > 0 else 0.0))  # (NaN: 0)
+            ranges.append((_ALIASES.get(media, media), q))
     return tuple(ranges)
 
 
@@ -215,9 +227,10 @@ def _chosen(accept: str, offered: tuple[str, ...]) -> str | None:
 def negotiate(request: Request, offered: tuple[str, ...]) -> str:
     """The one of ``offered`` the client's ``Accept`` weighs most (no header: the first
     offered; equal weights: the one named first in the header, then the first offered); 406
-    when it takes none. ``application/safetensors`` stands for octet-stream and
-    ``application/problem+json`` for JSON."""
-    accept = request.headers.get("accept")
+    when it takes none. Two ``Accept`` lines are one list (RFC 9110 5.3), in their order.
+    ``application/safetensors`` stands for octet-stream and ``application/problem+json`` for
+    JSON."""
+    accept = ", ".join(request.headers.getlist("accept"))
     if not accept:
         return offered[0]
     choice = _chosen(accept, offered)
@@ -417,6 +430,7 @@ def tensor_encoding(request: Request) -> bool:
     """True when the client asks for base64 tensors in JSON (``?encoding=b64``)."""
     if not request.scope.get("query_string"):
         return False
+    one_query(request, "encoding")
     value = request.query_params.get("encoding", "data")
     if value not in ("data", "b64"):
         raise Invalid("encoding must be data or b64", code="invalid_query", field="encoding")

@@ -15,7 +15,7 @@ from fastapi import Request
 
 from app.engine.idempotency import check_key
 from app.engine.interface import IdemKey
-from app.errors import Invalid
+from app.errors import BadHeader, Invalid
 from app.wire.content_digest import tensors_digest
 from app.wire.integers import int_text
 
@@ -25,11 +25,38 @@ IDEMPOTENCY_HEADER = "idempotency-key"
 _MEANINGFUL = ("content-type", "if-match", "x-optserve-worker")
 
 
+def one_header(request: Request, name: str, shown: str) -> str | None:
+    """The value of a header that may be given once (``Content-Type``, ``Idempotency-Key``,
+    ...), or None without it; given on two lines, a 400 ``bad_request`` naming it (``shown``):
+    which one counts would be ours to guess, and a proxy's too."""
+    values = request.headers.getlist(name)
+    if len(values) > 1:
+        raise BadHeader(f"{name_of(shown)} is given {len(values)} times; send it once",
+                        field=shown)
+    return values[0] if values else None
+
+
+def name_of(field: str) -> str:
+    """A header's name as a detail writes it (``content-type``: ``Content-Type``)."""
+    return "-".join(part[:1].upper() + part[1:] for part in field.split("-"))
+
+
+def one_query(request: Request, *names: str) -> None:
+    """422 ``invalid_query`` naming the first of ``names`` the query string gives more than
+    once (FastAPI takes the last, ``query_params.get`` the first: either would drop one
+    unsaid)."""
+    if not request.scope.get("query_string"):
+        return
+    for name in names:
+        if len(request.query_params.getlist(name)) > 1:
+            raise Invalid(f"{name} is given more than once", code="invalid_query", field=name)
+
+
 async def idempotency(request: Request, body: bytes | bytearray | memoryview = b""
                       ) -> IdemKey | None:
     """The request's ``Idempotency-Key`` with the fingerprint of what it asks (method, path,
     query, the headers that matter, the body), or None without the header."""
-    key = request.headers.get(IDEMPOTENCY_HEADER)
+    key = one_header(request, IDEMPOTENCY_HEADER, "Idempotency-Key")
     if key is None:
         return None
     check_key(key)
@@ -95,7 +122,7 @@ def _tag_version(tag: str) -> int | None:
 
 def none_match_versions(request: Request) -> frozenset[int]:
     """The versions named by ``If-None-Match`` (tags that are not versions are ignored)."""
-    header = request.headers.get("if-none-match")
+    header = ", ".join(request.headers.getlist("if-none-match"))  # (a list: lines combine)
     if not header:
         return frozenset()
     found = (_tag_version(t) for t in header.split(","))
@@ -104,7 +131,7 @@ def none_match_versions(request: Request) -> frozenset[int]:
 
 def base_version(request: Request, query: int | None) -> int | None:
     """``?base_version=`` or ``If-Match: "<version>"`` (both: they must agree)."""
-    header = request.headers.get("if-match")
+    header = one_header(request, "if-match", "If-Match")
     from_header = None
     if header is not None:
         from_header = _tag_version(header)
@@ -118,5 +145,5 @@ def base_version(request: Request, query: int | None) -> int | None:
 
 
 def worker_id(request: Request) -> str | None:
-    value = request.headers.get(WORKER_HEADER)
+    value = one_header(request, WORKER_HEADER, "X-Optserve-Worker")
     return value.strip() if value is not None else None

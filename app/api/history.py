@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
 
 from app.api.bodies import JSON, check_accept, negotiate, offload
+from app.api.conditions import one_query
 from app.api.deps import EngineDep, TenantDep
 from app.engine.history import HistoryQuery, HistoryResult, csv_text, jsonable
 from app.errors import Invalid
@@ -52,9 +53,7 @@ async def get_history(
                                         "<name>.min and <name>.max per bucket")] = None,
 ) -> Response:
     media = negotiate(request, (JSON, CSV))
-    for name in ("since", "until", "points"):  # (FastAPI would take the last one)
-        if len(request.query_params.getlist(name)) > 1:
-            raise Invalid(f"{name} is given more than once", code="invalid_query", field=name)
+    one_query(request, "since", "until", "points")  # (FastAPI would take the last one)
     query = HistoryQuery(since, until, _fields(fields), points)
     result = await engine.history(session_id, query, tenant=tenant)
     if media == CSV:

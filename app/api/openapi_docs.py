@@ -57,7 +57,7 @@ _PS_PROPERTIES: dict[str, Any] = {
     "max_staleness": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_STALENESS,
                       "description": "asynchronous pushes: refuse (409 stale_gradient) a "
                                      "gradient computed more than this many versions ago"},
-    "staleness_lr": {"type": ["string", "null"], "enum": ["none", "inverse", None],
+    "staleness_lr": {"type": "string", "enum": ["none", "inverse"],
                      "description": "inverse: a push s versions old steps with every "
                                     "group's lr divided by 1 + s (that step only)"},
 }
@@ -535,7 +535,9 @@ QUERY: dict[str, dict[str, Any]] = {
 
 # ----------------------------------------------------------------------------- problems
 COMMON_PROBLEMS: dict[str, str] = {
-    "400": "Malformed body (not JSON / not safetensors; a key twice in a JSON object)",
+    "400": "Malformed body (not JSON / not safetensors; a key twice in a JSON object) or "
+           "header (an Accept weight that is not a qvalue; a header that counts once given "
+           "twice)",
     "401": "Missing or wrong API key",
     "404": "Unknown session",
     "409": "Conflict (id taken, a keyed create whose session was deleted, scheduler "

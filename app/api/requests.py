@@ -220,18 +220,28 @@ def state_from_safetensors(buf: bytearray) -> Any:
 
 
 def _tensor_refs(obj: Any) -> set[str]:
-    found: set[str] = set()
-    stack = [obj]
+    """The keys the skeleton's ``{"$tensor": key}`` references name; a key named twice is a
+    422 ``invalid_state`` naming the second reference's path: the two would be one tensor
+    here (imported as two copies, or sharing memory), and torch never exports a state whose
+    entries alias one another (each state tensor is its parameter's own)."""
+    found: dict[str, str] = {}
+    stack: list[tuple[Any, str]] = [(obj, "state_dict")]
     while stack:
-        item = stack.pop()
+        item, path = stack.pop()
         if isinstance(item, dict):
             if item.keys() == {"$tensor"} and isinstance(item["$tensor"], str):
-                found.add(item["$tensor"])
+                key = item["$tensor"]
+                if key in found:
+                    raise Invalid(f"tensor {key!r:.80} is referenced twice, at {found[key]} and "
+                                  f"at {path:.200}: each state tensor is its own (torch never "
+                                  "exports one shared by two entries); give each its own key",
+                                  code="invalid_state", field=path)
+                found[key] = path
             else:
-                stack.extend(item.values())
+                stack.extend((v, f"{path}.{k}") for k, v in reversed(item.items()))
         elif isinstance(item, list):
-            stack.extend(item)
-    return found
+            stack.extend((v, f"{path}.{i}") for i, v in reversed(list(enumerate(item))))
+    return set(found)
 
 
 def torch_file_limit(info: SessionInfo) -> int:

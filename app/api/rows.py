@@ -79,7 +79,7 @@ def rows_from_body(buf: bytearray, binary: bool) -> dict[str, torch.Tensor]:
     if not isinstance(raw, dict):
         raise Invalid("rows must be an object mapping parameter names to row indices",
                       code="invalid_rows", field="rows")
-    return {n: indices_from_json(v, f"rows.{n}") for n, v in raw.items()}
+    return {n: indices_from_json(v, f"rows.{n}", "invalid_rows", "rows") for n, v in raw.items()}
 
 
 async def answer(request: Request, result: ParamsResult, binary: bool, b64: bool) -> Response:
@@ -112,6 +112,7 @@ async def post_rows(
     wait_s: Annotated[float, Query(ge=0, le=1e9, description="long-poll for at most this "
                                    "long (capped at 60 s)")] = 0.0,
 ) -> Response:
+    conditions.one_query(request, "min_version", "wait_s")
     binary, b64 = wants_binary(request), tensor_encoding(request)
     buf = await read_body(request, int(settings.max_body_mb * 1024 * 1024))
     kind = body_kind(request)

@@ -213,6 +213,7 @@ async def push_grads(
     upcast: Annotated[bool, Query(description="accept float16/bfloat16 gradients for "
                                   "float32/float64 parameters (widened on the device)")] = False,
 ) -> Response:
+    conditions.one_query(request, "upcast")
     with outcome(metrics_of(request), metrics_of(request).pushes, session_id):
         grads, fields, buf = await read_tensors(request, _max_bytes(settings), "grads",
                                                 PUSH_FIELDS, sparse=True)
@@ -251,6 +252,7 @@ async def get_params(
     rows: Annotated[list[str] | None, Query(description="row indices, repeated or "
                                             "comma-separated (with name)")] = None,
 ) -> Response:
+    conditions.one_query(request, "min_version", "wait_s")
     binary, b64 = wants_binary(request), tensor_encoding(request)
     if rows is not None or name is not None:
         wanted_rows = row_pulls.rows_from_query(names, request.query_params.getlist("name"),
@@ -344,6 +346,7 @@ async def scheduler_step(
 
 
 def _state_format(request: Request, default: str) -> str:
+    conditions.one_query(request, "format")
     fmt = request.query_params.get("format", default)
     if fmt not in ("json", "safetensors", "torch"):
         raise Invalid("format must be json, safetensors or torch", code="invalid_query",

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from app.engine import ps
 from app.engine.history import HistoryQuery, HistoryResult, downsample
 from app.engine.host import EmbeddedHost
 from app.engine.interface import (
@@ -331,6 +332,7 @@ class Front:
                         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                         ) -> SessionInfo:
         host, key = await self._host(tenant, session_id)
+        ps.check_requested(options)  # (here, not in the record's check: older records replay)
         done: SessionInfo = await host.execute(key, Configure(options, request=True),
                                                idem=idem)
         info = await host.describe(key)  # with the open sync round's pending workers

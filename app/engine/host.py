@@ -85,6 +85,7 @@ from app.engine.ops import (
 from app.engine.ops.gradients import StepPlan, staleness_of
 from app.engine.rounds import Round, SyncRounds
 from app.engine.session import Session
+from app.engine.shards import shown_id
 from app.engine.store import Files, Store, StoreCorrupt
 from app.engine.worker import DeviceWorker, Observer
 from app.errors import Conflict, Invalid, NotFound, OptserveError, Unavailable
@@ -593,7 +594,7 @@ class EmbeddedHost:
                                          durability, self.config.metrics,
                                          self.config.history_steps)
             keys = [(idem.key, idem.fingerprint)] if idem is not None else []
-            session = await self._worker.run(lambda: self._build(op, keys), "create")
+            session = await self._worker.run(lambda: self._build(op, keys, key), "create")
             if self._store is not None and durability != "memory":
                 parts = persist.encode_record_parts(persist.Record(op, 1, 0, keys))
                 store = self._store
@@ -606,8 +607,9 @@ class EmbeddedHost:
         info.pending = self._rounds.pending(key)
         return info
 
-    def _build(self, op: CreateSession, keys: list[tuple[str, str]]) -> Session:
+    def _build(self, op: CreateSession, keys: list[tuple[str, str]], key: str) -> Session:
         session = op.build(self._device)
+        session.shown_id = shown_id(key)
         session.idem.window = self.config.idempotency_window
         session.created_by = keys[0] if keys else None
         session.snapshot_time = time.monotonic()  # the time-based snapshot counts from now
@@ -1147,6 +1149,7 @@ class EmbeddedHost:
         session = (Session.restore(persist.decode_tree(payload, persist.SNAPSHOT_KEY),
                                    self._device) if payload is not None else None)
         if session is not None:  # the replayed records' keys kept as many as live ones are
+            session.shown_id = shown_id(key)
             session.idem.window = self.config.idempotency_window  # (_build sets a create's)
         replayed = 0
         for i, raw in enumerate(records):
@@ -1157,7 +1160,7 @@ class EmbeddedHost:
                 if not isinstance(record.op, CreateSession) or record.seq != 1:
                     raise StoreCorrupt(f"{key}: the log starts with {record.op.kind} record "
                                        f"{record.seq}, not the session's create")
-                session = self._build(record.op, record.keys)
+                session = self._build(record.op, record.keys, key)
                 session.seq = 1
                 replayed += 1
                 continue

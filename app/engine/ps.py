@@ -129,6 +129,16 @@ def parse(obj: Mapping[str, Any], base: PsConfig | None = None) -> PsConfig:
     return cfg
 
 
+def check_requested(obj: Mapping[str, Any]) -> None:
+    """What a request (a create, a PATCH) may give that :func:`parse` takes only from records:
+    ``staleness_lr: null`` is a 422 naming it (a rule is ``"none"`` or ``"inverse"``; servers
+    before this check took null as ``"none"``, and their records replay so)."""
+    if "staleness_lr" in obj and obj["staleness_lr"] is None:
+        raise Invalid("staleness_lr must be one of ['none', 'inverse'], not null (leave it out "
+                      "to keep the session's rule: \"none\" unless set)",
+                      code="invalid_option", field="staleness_lr")
+
+
 def check_takes(optimizer: str, config: PsConfig) -> PsConfig:
     """``config`` for a session of ``optimizer``: LBFGS steps through evaluations, one
     client's closure at a time, and never in synchronous rounds (422 naming ``sync``)."""

@@ -110,14 +110,14 @@ def words(value: Any) -> str:
     return repr(problem_value(value))
 
 
-def check_written(scheduler: str, before: Sequence[dict[str, Any]],
+def check_written(session_id: str, scheduler: str, before: Sequence[dict[str, Any]],
                   groups: Sequence[dict[str, Any]], dtypes: Sequence[torch.dtype],
                   by_hand: bool = False, tensors: bool = False) -> None:
     """409 ``scheduler_out_of_range`` when ``scheduler``'s step (just taken on the groups, to be
     put back by the caller) wrote a value :func:`out_of_range` refuses into some group: the
     first, naming it. ``before``: the groups' options as they were before that step;
     ``by_hand``: a scheduler step by hand (``POST .../scheduler/step``), not an optimizer
-    step's."""
+    step's; ``session_id``: the session's id as its path names it."""
     found = first_written(before, groups, dtypes, tensors)
     if found is None:
         return
@@ -127,7 +127,7 @@ def check_written(scheduler: str, before: Sequence[dict[str, Any]],
         f"{what} would set param_groups.{i}.{key} to "
         f"{words(value)}, {why}. The step was refused and nothing changed: change the "
         f"group's lr (PATCH .../param_groups/{i}) or remove the scheduler (PATCH "
-        "/v1/sessions/{id} with {\"scheduler\": null}), then step again",
+        f"/v1/sessions/{session_id} with {{\"scheduler\": null}}), then step again",
         code="scheduler_out_of_range", field=f"param_groups.{i}.{key}",
         value=problem_value(value), scheduler=scheduler)
 
@@ -139,8 +139,8 @@ def written_check(s: Session, by_hand: bool = False, tensors: bool = False
     name = type(s.scheduler).__name__
 
     def check(before: list[dict[str, Any]]) -> None:
-        check_written(name, before, s.optimizer.param_groups, s.group_dtypes(), by_hand,
-                      tensors)
+        check_written(s.shown_id, name, before, s.optimizer.param_groups, s.group_dtypes(),
+                      by_hand, tensors)
     return check
 
 
@@ -169,8 +169,8 @@ def import_check(s: Session) -> Callable[[list[dict[str, Any]]], None]:
             f"with this state, the session's next {name} step would set "
             f"param_groups.{i}.{key} to {words(value)}, {why}, so every step would be refused. "
             f"Nothing was imported: {fix}; or import it into a session without a scheduler "
-            "(PATCH /v1/sessions/{id} with {\"scheduler\": null} first), leaving out "
-            "state_dict.scheduler. The session that exported this state refuses that step "
+            f"(PATCH /v1/sessions/{s.shown_id} with {{\"scheduler\": null}} first), leaving "
+            "out state_dict.scheduler. The session that exported this state refuses that step "
             f"too: {there} there, then export again",
             code="scheduler_out_of_range", field=f"state_dict.param_groups.{i}.{key}",
             value=problem_value(value), scheduler=name)

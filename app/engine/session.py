@@ -174,6 +174,9 @@ class Session:
         nonfinite: NonFinitePolicy,
     ) -> None:
         self.id = session_id
+        #: the id clients know the session by, as its paths name it (a shard's: its sharded
+        #: session's; the host sets it): what a problem's detail names
+        self.shown_id = session_id
         self.optimizer_name = optimizer_name
         self.cls = cls
         self.optimizer = optimizer
@@ -534,7 +537,7 @@ class Session:
                 f"scheduler's step) and every step is refused until it is changed: PATCH "
                 f".../param_groups/{i} with a value in range (or send it with the step, "
                 f"\"param_groups\": {{\"{i}\": {{...}}}}); if the scheduler would take it out "
-                "of range again, remove it (PATCH /v1/sessions/{id} with "
+                f"of range again, remove it (PATCH /v1/sessions/{self.shown_id} with "
                 "{\"scheduler\": null})")
 
     def check_names(self, names: list[str] | None) -> None:

@@ -106,6 +106,11 @@ def parent_of(key: str) -> str | None:
     return f"{owner}~{session_id}"
 
 
+def shown_id(key: str) -> str:
+    """The id clients name the session of ``key`` by (a shard key's: its sharded session's)."""
+    return split_key(parent_of(key) or key)[1]
+
+
 def shard_index(key: str) -> int | None:
     """The index of a shard key's shard, or None for a key that is not a shard's."""
     if parent_of(key) is None:

@@ -36,18 +36,22 @@ def is_sparse_json(obj: object) -> bool:
     return isinstance(obj, dict) and "indices" in obj and "values" in obj
 
 
-def indices_from_json(raw: object, field: str) -> torch.Tensor:
+def indices_from_json(raw: object, field: str, code: str = "invalid_sparse",
+                      what: str = "indices") -> torch.Tensor:
+    """A list of integers or an int64 JSON tensor of shape ``[n]`` as an int64 tensor; else
+    a 422 ``code`` (a sparse gradient's ``invalid_sparse``, a row pull's ``invalid_rows``)
+    naming ``field``, saying what ``what`` must be."""
     if isinstance(raw, dict):
         t = decode_json_tensor(raw, field)
         if t.dtype != torch.int64 or t.dim() != 1:
-            raise Invalid("indices must be a list of integers or an int64 tensor of shape [n]",
-                          code="invalid_sparse", field=field)
+            raise Invalid(f"{what} must be a list of integers or an int64 tensor of shape [n]",
+                          code=code, field=field)
         return t
     if not isinstance(raw, list):
-        raise Invalid("indices must be a list of integers or an int64 tensor of shape [n]",
-                      code="invalid_sparse", field=field)
+        raise Invalid(f"{what} must be a list of integers or an int64 tensor of shape [n]",
+                      code=code, field=field)
     if len(raw) > MAX_INDICES or not all(type(i) is int for i in raw):
-        raise Invalid("indices must be a list of integers", code="invalid_sparse", field=field)
+        raise Invalid(f"{what} must be a list of integers", code=code, field=field)
     try:
         return torch.from_numpy(np.array(raw, dtype=np.int64).reshape(-1))
     except OverflowError:

@@ -250,7 +250,8 @@ class Case:
     status: int
     code: str
     field: str | None
-    headers: dict[str, str] = field(default_factory=lambda: dict(JSON_CT))
+    headers: dict[str, str] | list[tuple[str, str]] = field(
+        default_factory=lambda: dict(JSON_CT))
     params: dict[str, str] | list[tuple[str, str]] = field(default_factory=dict)
     detail: str | None = None
 
@@ -367,6 +368,22 @@ STEP_CASES = [
          params=[("metrics", "history"), ("metrics", "answer")]),
     Case("query-twice-same", _grads(w=jt(G1["w"])), 422, "invalid_query", "return",
          params=[("return", "none"), ("return", "none")]),
+    # a header that counts once, on two lines: one was taken, the other dropped unsaid
+    Case("content-type-twice", _grads(w=jt(G1["w"])), 400, "bad_request", "content-type",
+         headers=[("content-type", "application/json"),
+                  ("content-type", "application/octet-stream")],
+         detail="Content-Type is given 2 times"),
+    Case("idempotency-key-twice", _grads(w=jt(G1["w"])), 400, "bad_request", "Idempotency-Key",
+         headers=[*JSON_CT.items(), ("idempotency-key", "k-1"), ("idempotency-key", "k-2")],
+         detail="Idempotency-Key is given 2 times"),
+    Case("if-match-twice", _grads(w=jt(G1["w"])), 400, "bad_request", "If-Match",
+         headers=[*JSON_CT.items(), ("if-match", '"1"'), ("if-match", '"1"')]),
+    Case("worker-twice", _grads(w=jt(G1["w"])), 400, "bad_request", "X-Optserve-Worker",
+         headers=[*JSON_CT.items(), ("x-optserve-worker", "a"), ("x-optserve-worker", "b")]),
+    Case("content-encoding-twice", _grads(w=jt(G1["w"])), 400, "bad_request",
+         "content-encoding",
+         headers=[*JSON_CT.items(), ("content-encoding", "identity"),
+                  ("content-encoding", "gzip")]),
 ]
 
 # --------------------------------------------------------------------------- step: safetensors
@@ -449,7 +466,8 @@ def test_step_rejects(sess: Sess, case: Case) -> None:
 
 @pytest.mark.parametrize("case", [c for c in STEP_CASES + ST_CASES
                                   if c.code not in ("not_acceptable", "invalid")
-                                  and not c.params],  # the step's query cases
+                                  and not c.params  # the step's query cases
+                                  and c.id not in ("if-match-twice", "worker-twice")],
                          ids=lambda c: c.id)
 def test_grads_push_rejects(sess: Sess, case: Case) -> None:
     """POST .../grads reads the same bodies: the same refusals, and nothing accumulated."""
@@ -572,6 +590,39 @@ def test_get_params_rejects(sess: Sess) -> None:
     assert_problem(r, 406, "not_acceptable", "accept")
     r = sess.http.get(f"{sess.url}/state_dict", params={"format": "pickle"})
     assert_problem(r, 422, "invalid_query", "format")
+    sess.assert_unchanged()
+
+
+@pytest.mark.parametrize(("method", "path", "query", "fld"), [
+    ("GET", "params", [("min_version", "0"), ("min_version", "5")], "min_version"),
+    ("GET", "params", [("wait_s", "0"), ("wait_s", "30")], "wait_s"),
+    ("GET", "params", [("encoding", "b64"), ("encoding", "data")], "encoding"),
+    ("GET", "params", [("name", "w"), ("rows", "0"), ("min_version", "0"),
+                       ("min_version", "9")], "min_version"),
+    ("POST", "params/rows", [("min_version", "0"), ("min_version", "9")], "min_version"),
+    ("POST", "params/rows", [("encoding", "b64"), ("encoding", "b64")], "encoding"),
+    ("GET", "state_dict", [("format", "json"), ("format", "safetensors")], "format"),
+    ("GET", "state_dict", [("encoding", "data"), ("encoding", "b64")], "encoding"),
+    ("POST", "grads", [("upcast", "false"), ("upcast", "true")], "upcast"),
+])
+def test_a_query_value_given_twice_is_422(sess: Sess, method: str, path: str,
+                                          query: list[tuple[str, str]], fld: str) -> None:
+    """One wins (FastAPI's last, query_params.get's first) no more: a 422 naming it."""
+    body = ({"rows": {"w": [1]}} if path == "params/rows"
+            else {"grads": {"w": jt(G2_W)}} if path == "grads" else None)
+    r = sess.http.request(method, f"{sess.url}/{path}", params=query, json=body)
+    assert_problem(r, 422, "invalid_query", fld, f"{fld} is given more than once")
+    sess.assert_unchanged()
+
+
+def test_query_values_given_once_are_taken(sess: Sess) -> None:
+    """The same values, once each, are taken (the refusals above are about the repeat)."""
+    r = sess.http.get(f"{sess.url}/params", params={"encoding": "b64", "min_version": "0"})
+    assert r.status_code == 200, r.text
+    plain = sess.http.get(f"{sess.url}/params").json()["params"]
+    for name, t in r.json()["params"].items():
+        want = torch.tensor(plain[name]["data"]).reshape(plain[name]["shape"])
+        assert "b64" in t and torch.equal(from_jt(t), want), name
     sess.assert_unchanged()
 
 
@@ -999,6 +1050,37 @@ def test_import_state_rejects(sess: Sess) -> None:
     r = sess.http.put(url, content=st_of({"state.0.exp_avg": torch.zeros(2, 3)}), headers=BIN_CT)
     assert_problem(r, 422, "invalid_state", "__metadata__.optserve_state")
     sess.assert_unchanged()
+
+
+def test_a_state_tensor_referenced_twice_is_refused(sess: Sess) -> None:
+    """A safetensors state whose skeleton points two entries (``exp_avg`` and
+    ``exp_avg_sq``) at one tensor was imported as two copies of it; torch never exports a
+    state whose entries share a tensor: a 422 ``invalid_state`` naming the second reference,
+    nothing imported. The export as it came (each entry its own key) imports."""
+    url = f"{sess.url}/state_dict"
+    exported = sess.http.get(url, headers={"accept": "application/octet-stream"}).content
+    n = struct.unpack("<Q", exported[:8])[0]
+    header = json.loads(exported[8:8 + n])
+    meta = header.pop("__metadata__")
+    skeleton = json.loads(meta["optserve_state"])
+    entry = skeleton["state"]["0"]
+    shared, dropped = entry["exp_avg"]["$tensor"], entry["exp_avg_sq"]["$tensor"]
+    entry["exp_avg_sq"] = {"$tensor": shared}
+    data, out = b"", {}
+    for key, h in header.items():
+        if key == dropped:  # (no tensor left unreferenced: the duplicate is the only fault)
+            continue
+        raw = exported[8 + n + h["data_offsets"][0]:8 + n + h["data_offsets"][1]]
+        out[key] = {**h, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    out["__metadata__"] = {**meta, "optserve_state": json.dumps(skeleton)}
+    r = sess.http.put(url, content=st_file(out, data), headers=BIN_CT)
+    assert_problem(r, 422, "invalid_state", "state_dict.state.0.exp_avg_sq",
+                   "state_dict.state.0.exp_avg and at state_dict.state.0.exp_avg_sq")
+    sess.assert_unchanged()
+    r = sess.http.put(url, content=exported, headers=BIN_CT)
+    assert r.status_code == 200, r.text
+    assert snapshot(sess.http, sess.id).state_dict == sess.before.state_dict  # b64: bitwise
 
 
 # --------------------------------------------------------------------------- nonfinite policies

@@ -117,6 +117,60 @@ def test_accept_weights_follow_the_most_specific_range(app_client: TestClient, a
     assert r.headers["content-type"].split(";")[0] == expected, (accept, path)
 
 
+@pytest.mark.parametrize("accept", [
+    "application/octet-stream;q=2, application/json",  # would outweigh q=1: binary answered
+    "application/json;q=0.5, application/octet-stream;q=inf",
+    "application/octet-stream;q=nan, */*",
+    "application/json;q=-1, */*",
+    "application/json;q=0.0001, */*",  # four decimals
+    "application/json;q=1.5",
+    "application/json;q=high",
+    "application/json;q=",
+    "application/json;q=.5",
+    'application/json;q="0.5"',
+])
+def test_a_weight_that_is_not_a_qvalue_is_a_400(app_client: TestClient, accept: str) -> None:
+    """RFC 9110 12.4.2: a qvalue is 0 to 1 with at most three decimals. Others were taken as
+    weights (q=2 over q=1, q=inf first; NaN, negatives and words as 0): a 400 naming Accept
+    now, before any work, on every route that negotiates (a step too: not applied)."""
+    create(app_client, "bq")
+    for r in (app_client.get("/v1/sessions/bq/params", headers={"accept": accept}),
+              app_client.get("/v1/sessions/bq", headers={"accept": accept}),
+              app_client.post("/v1/sessions/bq/step", json={"grads": {"x": X}},
+                              headers={"accept": accept})):
+        assert r.status_code == 400, (accept, r.status_code, r.text)
+        assert r.headers["content-type"].startswith(PROBLEM)
+        body = r.json()
+        assert (body["code"], body["field"]) == ("bad_request", "accept"), body
+        assert body["title"] == "Malformed request header"
+        assert "q is 0 to 1 with at most three decimals" in body["detail"]
+    got = app_client.get("/v1/sessions/bq/params").json()
+    assert (got["version"], got["params"]["x"]["data"]) == (0, [2.0])
+
+
+@pytest.mark.parametrize(("accept", "expected"), [
+    ("application/octet-stream;q=1.000, application/json;q=0.999", "application/octet-stream"),
+    ("application/json;Q=0.5, application/octet-stream;q=0.", "application/json"),
+    ("application/json;q=0.001, application/octet-stream;q=0", "application/json"),
+])
+def test_every_qvalue_form_is_taken(app_client: TestClient, accept: str, expected: str) -> None:
+    create(app_client, "gq")
+    r = app_client.get("/v1/sessions/gq/params", headers={"accept": accept})
+    assert r.status_code == 200, (accept, r.text)
+    assert r.headers["content-type"] == expected
+
+
+def test_accept_on_two_lines_is_one_list(app_client: TestClient) -> None:
+    """Two ``Accept`` lines weigh together (RFC 9110 5.3); only the first counted."""
+    create(app_client, "two")
+    r = app_client.get("/v1/sessions/two/params", headers=[
+        ("accept", "application/json;q=0.5"), ("accept", "application/octet-stream")])
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    r = app_client.get("/v1/sessions/two/params", headers=[
+        ("accept", "application/json;q=0"), ("accept", "*/*;q=0.1")])
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+
+
 def test_a_step_whose_answer_accept_refuses_is_not_applied(app_client: TestClient) -> None:
     create(app_client, "q0")
     accept = "application/json;q=0, application/octet-stream;q=0, */*"

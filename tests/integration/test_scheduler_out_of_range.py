@@ -210,7 +210,15 @@ def out_of_range(r: httpx.Response, key: str, value: Any) -> dict[str, Any]:
     assert problem["value"] == to_wire(value)
     assert f"param_groups.0.{key}" in problem["detail"] and "nothing changed" in \
         problem["detail"]
+    names_its_way_out(r, problem)
     return problem
+
+
+def names_its_way_out(r: httpx.Response, problem: dict[str, Any]) -> None:
+    """The detail's way out names the session by its id (it said ``/v1/sessions/{id}``)."""
+    sid = r.request.url.path.split("/")[3]
+    assert f'PATCH /v1/sessions/{sid} with {{"scheduler": null}}' in problem["detail"], problem
+    assert "{id}" not in problem["detail"]
 
 
 def import_refused(r: httpx.Response, key: str, value: Any) -> dict[str, Any]:
@@ -223,7 +231,7 @@ def import_refused(r: httpx.Response, key: str, value: Any) -> dict[str, Any]:
     assert problem["field"] == f"state_dict.param_groups.0.{key}"
     assert problem["value"] == to_wire(value)
     assert "Nothing was imported" in problem["detail"]
-    assert '{"scheduler": null}' in problem["detail"]
+    names_its_way_out(r, problem)
     return problem
 
 

@@ -280,6 +280,7 @@ def test_an_import_whose_next_scheduler_step_is_out_of_range_is_refused(
     assert problem["value"] == ahead_opt.param_groups[0]["lr"]
     assert problem["scheduler"] == "ExponentialLR"
     assert "Nothing was imported" in problem["detail"]
+    assert 'PATCH /v1/sessions/imp with {"scheduler": null}' in problem["detail"], problem
     assert whole(c, "imp") == before
     # with an lr ExponentialLR can go on from, it imports; both step alike
     state["param_groups"][0]["lr"] = 1e-3
@@ -361,7 +362,7 @@ def test_sessions_older_servers_left_out_of_range_say_how_to_go_on(
         problem = refused(c.post("/v1/sessions/old/step", json={"grads": {"w": json_tensor(G)}}),
                           422, "option_overflow", "param_groups.0.lr")
         assert "PATCH .../param_groups/0" in problem["detail"], problem
-        assert '{"scheduler": null}' in problem["detail"]
+        assert 'PATCH /v1/sessions/old with {"scheduler": null}' in problem["detail"], problem
         assert whole(c, "old") == before
         # its export is refused by a fresh session made alike, saying what to change
         fresh = {"optimizer": "SGD", "options": {"lr": to_wire(lr)}, "params": {"w": P_JSON},

@@ -385,7 +385,15 @@ def test_row_pull_long_poll(http: httpx.Client) -> None:
     # a repeated name, or one beside names: the last was pulled, the others dropped unsaid
     ([("name", "emb"), ("name", "s"), ("rows", "0")], None, "invalid_rows", "name"),
     ([("name", "emb"), ("names", "s"), ("rows", "0")], None, "invalid_rows", "name"),
-    (None, {"rows": {"emb": [1.5]}}, "invalid_sparse", "rows.emb"),
+    # indices that are not integers: invalid_rows as in the GET form (was invalid_sparse)
+    (None, {"rows": {"emb": [1.5]}}, "invalid_rows", "rows.emb"),
+    (None, {"rows": {"emb": [1, True]}}, "invalid_rows", "rows.emb"),
+    (None, {"rows": {"emb": "1,2"}}, "invalid_rows", "rows.emb"),
+    (None, {"rows": {"emb": {"dtype": "float32", "shape": [1], "data": [1.0]}}}, "invalid_rows",
+     "rows.emb"),
+    (None, {"rows": {"emb": {"dtype": "int64", "shape": [1, 1], "data": [1]}}}, "invalid_rows",
+     "rows.emb"),
+    (None, {"rows": {"emb": [2**63]}}, "index_out_of_range", "rows.emb"),
     (None, {"rows": [1, 2]}, "invalid_rows", "rows"),
     (None, {"rows": {}}, "invalid_rows", "rows"),
     (None, {"rows": {"emb": [1]}, "extra": 1}, "unknown_field", "extra"),

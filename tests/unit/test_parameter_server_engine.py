@@ -16,9 +16,9 @@ import torch
 from app.engine import Front, embedded_engine, persist, ps
 from app.engine.idempotency import IdempotencyTable
 from app.engine.interface import CreateSpec, GroupSpec, IdemKey
-from app.engine.ops import ImportState, Overwrite, Step
+from app.engine.ops import Configure, ImportState, Overwrite, Step
 from app.engine.store import read_log
-from app.errors import Conflict, Invalid
+from app.errors import Conflict, Invalid, NotFound
 
 
 def test_parse_validates_and_merges() -> None:
@@ -45,6 +45,45 @@ def test_parse_validates_and_merges() -> None:
         with pytest.raises(Invalid) as err:
             ps.parse(obj)
         assert err.value.field == field, obj
+
+
+def test_a_null_staleness_lr_is_refused_and_older_records_still_replay(tmp_path: Path) -> None:
+    """``staleness_lr: null`` in a create or a PATCH was taken as ``"none"`` unsaid; it is a
+    422 naming it now, nothing made or changed. A configure record an older server logged
+    with it replays as it ran (``"none"``), and a create record's options parse so too."""
+    async def go() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        try:
+            null = CreateSpec("SGD", [GroupSpec({"x": torch.zeros(2)})], {"lr": 1.0}, id="n",
+                              ps_options={"staleness_lr": None})
+            with pytest.raises(Invalid) as err:
+                await eng.create(null)
+            assert (err.value.code, err.value.field) == ("invalid_option", "staleness_lr")
+            with pytest.raises(NotFound):
+                await eng.describe("n")
+            await eng.create(spec())
+            before = await eng.describe("s")
+            with pytest.raises(Invalid) as err:
+                await eng.configure("s", {"max_staleness": 9, "staleness_lr": None})
+            assert (err.value.code, err.value.field) == ("invalid_option", "staleness_lr")
+            after = await eng.describe("s")
+            assert (after.ps, after.version) == (before.ps, before.version)
+            assert after.ps["staleness_lr"] == "inverse" and after.ps["max_staleness"] == 4
+            # as an older server took it: straight to the host, logged
+            host, key = await eng._host("default", "s")
+            await host.execute(key, Configure({"staleness_lr": None}, request=True))
+            assert (await eng.describe("s")).ps["staleness_lr"] == "none"
+        finally:
+            await eng.stop(snapshot=False)
+        again = engine(tmp_path)
+        await again.start()
+        try:
+            assert (await again.describe("s")).ps["staleness_lr"] == "none"
+        finally:
+            await again.stop()
+    asyncio.run(go())
+    assert ps.parse({"staleness_lr": None}).staleness_lr == "none"  # (a create record's)
 
 
 def test_reduce_is_per_tensor_ordered_and_deterministic() -> None:

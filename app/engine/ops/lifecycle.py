@@ -51,6 +51,7 @@ class CreateSession(Operation):
                   durability: Durability, metrics: bool = True,
                   history: int = DEFAULT_HISTORY) -> CreateSession:
         # (a request, not a record: checks records logged before them never met)
+        ps.check_requested(spec.ps_options)
         ps.check_takes(spec.optimizer, ps.parse(spec.ps_options))
         if nonfinite != "allow":
             for i, group in enumerate(spec.groups):
