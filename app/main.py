@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.api import (
@@ -32,6 +31,7 @@ from app.api import (
     ui,
 )
 from app.api.auth import AuthMiddleware, parse_keys
+from app.api.cors import ProblemCORSMiddleware
 from app.api.step_lane import StepLane
 from app.config import EXIT_CONFIG, ConfigError, Settings, load_settings, metrics_readers
 from app.engine import DEFAULT_TENANT, make_engine
@@ -109,7 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     origins = settings.cors_origin_list()
     if origins:  # outermost: preflights need no key, and 401s carry the CORS headers too
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=CORS_METHODS,
+        app.add_middleware(ProblemCORSMiddleware, allow_origins=origins, allow_methods=CORS_METHODS,
                            allow_headers=CORS_REQUEST_HEADERS,
                            expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
     app.include_router(meta.router)

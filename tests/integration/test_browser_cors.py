@@ -194,6 +194,33 @@ def test_preflight_allows_binary_bodies_the_auth_header_and_every_method(
     assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
 
 
+@pytest.mark.parametrize("headers,field,refused", [
+    ({"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+     "Origin", ["origin"]),
+    ({"Origin": ORIGIN, "Access-Control-Request-Method": "TRACE"},
+     "Access-Control-Request-Method", ["method"]),
+    ({"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+      "Access-Control-Request-Headers": "content-type, x-evil"},
+     "Access-Control-Request-Headers", ["headers"]),
+    ({"Origin": "https://evil.example", "Access-Control-Request-Method": "TRACE"},
+     "Origin", ["origin", "method"]),
+], ids=["origin", "method", "header", "origin-and-method"])
+def test_a_refused_preflight_is_problem_json_naming_the_header(
+        cors_client: TestClient, headers: dict[str, str], field: str,
+        refused: list[str]) -> None:
+    """Starlette's refusal was plain text; it is problem+json like every client mistake, with
+    the CORS headers Starlette sets (and no allowed origin for another one)."""
+    r = cors_client.options("/v1/sessions", headers=headers)
+    assert r.status_code == 400
+    assert r.headers["content-type"] == "application/problem+json"
+    body = r.json()
+    assert body["code"] == "bad_request" and body["status"] == 400
+    assert body["field"] == field and body["refused"] == refused
+    assert headers["Origin"] in body["detail"] if "origin" in refused else True
+    assert "access-control-allow-methods" in r.headers  # (Starlette's preflight headers)
+    assert ("access-control-allow-origin" in r.headers) == ("origin" not in refused)
+
+
 def test_answers_expose_the_version_headers_even_401s(cors_client: TestClient) -> None:
     r = cors_client.get("/v1/sessions", headers={"Origin": ORIGIN})
     assert r.status_code == 401  # the browser can read why
