@@ -180,22 +180,29 @@ class Watch:
 
         # FIFO on one thread: chunk k + 2's copy (into chunk k - 1's buffer) is queued after
         # chunk k - 1's norms
-        copies = {k: helper.submit(copy, k) for k in range(min(_SLOTS - 1, len(views)))}
-        taken: list[Future[_Norms | None]] = []
+        def submit(task: Callable[..., Any], *args: Any) -> Future[Any] | None:
+            try:
+                return helper.submit(task, *args)
+            except RuntimeError:  # (the helper shut down: the interpreter is exiting)
+                self.failed = True
+                return None
+
+        copies = {k: submit(copy, k) for k in range(min(_SLOTS - 1, len(views)))}
+        taken: list[Future[_Norms | None] | None] = []
         try:
             for k, view in enumerate(views):
-                before = copies.pop(k).result()
+                copied = copies.pop(k)
+                before = copied.result() if copied is not None else None
                 only([view])
                 opt.step()
-                taken.append(helper.submit(norms, k, before))
+                taken.append(submit(norms, k, before))
                 if k + _SLOTS - 1 < len(views):
-                    copies[k + _SLOTS - 1] = helper.submit(copy, k + _SLOTS - 1)
+                    copies[k + _SLOTS - 1] = submit(copy, k + _SLOTS - 1)
         finally:
             # nothing of this step is left running, whatever happened
-            pending: list[Future[Any]] = [*taken, *copies.values()]
-            wait(pending)
+            wait([f for f in (*taken, *copies.values()) if f is not None])
         for future in taken:
-            self._keep(param, future.result())
+            self._keep(param, future.result() if future is not None else None)
 
     def _keep(self, param: torch.Tensor, taken: _Norms | None) -> None:
         if taken is None or self.failed:
