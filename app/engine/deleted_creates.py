@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from app.engine.interface import IdemKey, split_key
-from app.errors import Conflict, Invalid
+from app.errors import Conflict, Invalid, NotFound
 
 #: deleted sessions' create keys kept per host (and per directory)
 KEEP = 10_000
@@ -54,6 +54,18 @@ def session_refused(idem_key: str, session_id: str) -> Conflict:
                     "are left to an operator; send a new key to create a new session",
                     code="session_exists", field="Idempotency-Key",
                     idempotency_key=idem_key, session_id=session_id)
+
+
+def refused_at_start(key: str, shard: int | None, *, deleting: bool = False) -> NotFound:
+    """The 404 of a session (key) refused at start, or one of its shards (``shard``), as
+    an unsharded one refused at start is not found: it names the session (not the shard) and
+    why. A delete of it deletes nothing (``deleting``): its files are left to an operator."""
+    damaged = "its files are" if shard is None else f"its shard {shard}'s files are"
+    return NotFound(f"no session {split_key(key)[1]!r:.140}: it was refused at start "
+                    f"({damaged} damaged; GET /readyz lists it)"
+                    + (", so it is not deleted: its files are left to an operator"
+                       if deleting else ""),
+                    code="session_not_found", field="session_id")
 
 
 def stone(tenant: str, idem_key: str, fingerprint: str, session_id: str) -> dict[str, str]:

@@ -670,6 +670,12 @@ class EmbeddedHost:
         self._version_changed(key)
         return False
 
+    def create_key_of(self, key: str) -> tuple[str, str] | None:
+        """The idempotency key and fingerprint of the create that made this session (a
+        shard: its sharded session's create), if it is held and was made with one."""
+        session = self._sessions.get(key)
+        return session.created_by if session is not None else None
+
     def _created_by(self, key: str) -> tuple[str, str] | None:
         """The idempotency key (and fingerprint) of the create that made this session; None
         for a shard (its sharded session's create key is kept in the directory)."""

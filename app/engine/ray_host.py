@@ -70,7 +70,12 @@ import torch
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from app.engine.chunked import DEFAULT_CHUNK
-from app.engine.deleted_creates import indexed_session, reused
+from app.engine.deleted_creates import (
+    indexed_session,
+    refused_at_start,
+    reused,
+    session_refused,
+)
 from app.engine.directory import Directory, entry_at
 from app.engine.front import Front, Limits
 from app.engine.host import EmbeddedHost, HostConfig
@@ -759,11 +764,28 @@ class RayRouter:
         found = await indexed_session(made, entry, idem, whole)
         if found is None or made.get("deleted") or await whole():
             return found
-        # the key is kept before the hosts are asked (create): a session they do not all hold
-        # (nor refuse at start: its describe says so) is a create cut short, never
-        # acknowledged, which the retry makes
         assert entry is not None
-        return found if any(await self._held(key, entry, refused=True)) else None
+        if await self._refusal(key, entry) is not None:
+            # stored, refused at start by its host (a shard's): it exists, as on the embedded
+            # engine, and is not made again
+            raise session_refused(idem.key, split_key(key)[1])
+        # the key is kept before the hosts are asked (create): a session they do not all hold
+        # is a create cut short, never acknowledged, which the retry makes (create), or
+        # finishes on its hosts when they made some of its shards (_finish_create)
+        return None
+
+    async def _refusal(self, key: str, entry: dict[str, Any], *, deleting: bool = False
+                       ) -> NotFound | None:
+        """The 404 of a session its host (a shard's) refused at start, if it did (None also
+        while a host cannot say)."""
+        try:
+            refused = await self._held(key, entry, refused=True)
+        except OptserveError:
+            return None
+        shard = next((i for i, r in enumerate(refused) if r), None)
+        if shard is None:
+            return None
+        return refused_at_start(key, shard if "shards" in entry else None, deleting=deleting)
 
     async def _held(self, key: str, entry: dict[str, Any], *, refused: bool = False
                     ) -> list[bool]:
@@ -907,6 +929,10 @@ class RayRouter:
         if layout is not None and spec.ps_options.get("sync") is not None:
             raise Invalid("a sharded session steps without synchronous rounds", field="sync",
                           code="invalid_body")
+        if layout is not None and idem is not None:
+            cut = await self._cut_create(split_key(key)[0], idem)
+            if cut is not None:
+                return await self._finish_create(*cut, spec, idem)
         if self.directory.get(key) is not None and not await self._stale(key):
             raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
                            code="session_exists", field="id")
@@ -943,12 +969,46 @@ class RayRouter:
         self._entries[key] = entry
         return self._placed(info, entry)
 
+    async def _cut_create(self, tenant: str, idem: IdemKey
+                          ) -> tuple[str, dict[str, Any], list[bool]] | None:
+        """A keyed create of a sharded session whose front died once the hosts made some of
+        its shards, not all (never acknowledged; nothing could run on it: an operation needs
+        every shard): its key, entry, and which shards are held. None for anything else (one
+        whole, deleted, or that no host made: :meth:`find_create`)."""
+        made = self.directory.created(tenant, idem.key)
+        if made is None or made.get("deleted") or made.get("fingerprint") != idem.fingerprint:
+            return None
+        key = str(made["key"])
+        entry = self.directory.get(key)
+        if entry is None or entry.get("created_by") != idem.key or "shards" not in entry:
+            return None
+        held = await self._held(key, entry)
+        return (key, entry, held) if any(held) and not all(held) else None
+
+    async def _finish_create(self, key: str, entry: dict[str, Any], held: list[bool],
+                             spec: CreateSpec, idem: IdemKey) -> SessionInfo:
+        """The retry of a sharded create cut part-way (:meth:`_cut_create`): the missing shards
+        are made on the entry's hosts, those made are kept (each answers the create from its
+        key), and it is answered as created. A refusal leaves it as it was (the shards the
+        first try made stay, for the next retry)."""
+        layout = ShardLayout.from_json(entry["layout"])
+        shards: list[tuple[Host, str]] = [(self._host(name), shard_key(key, i, layout.shards))
+                                          for i, name in enumerate(entry["shards"])]
+        _, info = await ShardedSession.create(key, spec, layout, shards, idem=idem,
+                                              made={i for i, h in enumerate(held) if h})
+        self._entries[key] = entry
+        return self._placed(info, entry)
+
     async def _stale(self, key: str) -> bool:
         """Drop the entry of a session its host does not hold (one kept in memory only, whose
-        host restarted; a create cut short): True when it was stale."""
+        host restarted; a create cut short): True when it was stale. One its host (a shard's)
+        refused at start is kept."""
         try:
             await (await self.route(key)).describe(key)
         except NotFound:
+            entry = self.directory.get(key)
+            if entry is not None and await self._refusal(key, entry) is not None:
+                return False
             self.directory.remove(key)
             self._entries.pop(key, None)
             return True
@@ -1005,6 +1065,9 @@ class RayRouter:
                             self._entries.pop(key, None)
                 return True
         entry = self._entry(key, fresh=True)
+        refusal = await self._refusal(key, entry, deleting=True)
+        if refusal is not None:  # (nothing deleted, nothing marked: left to an operator)
+            raise refusal
         host = await self.route(key)
         if entry.get("created_by"):
             # marked (on disk) before any host deletes the session, the delete's point of no
@@ -1040,6 +1103,10 @@ class _Placed:
             cached = self.router._entries.get(self.key)
             fresh = self.router.directory.get(self.key)
             if cached is None or fresh is None or fresh == cached:
+                # one refused at start (a shard of it): a 404 naming it, that says why
+                refusal = await self.router._refusal(self.key, fresh) if fresh else None
+                if refusal is not None:
+                    raise refusal from None
                 raise
             self.router._entries[self.key] = fresh
             return await call(await self.router.route(self.key))

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from app.engine.deleted_creates import indexed_session, session_refused
+from app.engine.deleted_creates import indexed_session, refused_at_start, session_refused
 from app.engine.directory import Directory
 from app.engine.host import EmbeddedHost
 from app.engine.interface import (
@@ -39,7 +39,7 @@ from app.engine.interface import (
 )
 from app.engine.ops import Operation
 from app.engine.ops.gradients import StepPlan
-from app.errors import Conflict, NotFound, Unavailable
+from app.errors import Conflict, Unavailable
 
 #: how long a prepared (checked, not committed) operation is kept for its commit
 PREPARED_TTL_S = 120.0
@@ -348,6 +348,16 @@ class LocalRouter:
                            code="session_exists", field="id")
         return key, len(mine) == len(self._shard_keys(key, entry))
 
+    def _index_cut_create(self, key: str, entry: dict[str, Any], made_by: str) -> None:
+        """Write the ``.creates`` index of a keyed create cut before it (:meth:`_cut_create`),
+        with the request's fingerprint its shards keep, so that a delete can mark it: its
+        retry is then a 409 ``session_deleted``, not a new session."""
+        for skey in self._shard_keys(key, entry):
+            made = self.local.embedded.create_key_of(skey)
+            if made is not None and made[0] == made_by:
+                self.directory.note_created(split_key(key)[0], made_by, made[1], key)
+                return
+
     async def _whole(self, key: str, entry: dict[str, Any]) -> bool:
         """Whether every shard of this sharded session is held (none deleted yet)."""
         return set(self._shard_keys(key, entry)) <= set(await self.local.keys())
@@ -408,13 +418,16 @@ class LocalRouter:
         return info
 
     async def route(self, key: str) -> SessionHost:
-        from app.engine.shards import ShardedSession, ShardLayout, shard_key
+        from app.engine.shards import ShardedSession, ShardLayout, shard_index, shard_key
         session = self._sharded.get(key)
         if session is not None:
             return session
         entry = self.directory.get(key) if key in self._sharded_keys else None
         if entry is None:
             return self.local
+        refused = await self._refused_shard(key)
+        if refused is not None:  # (as an unsharded session refused at start: not found)
+            raise refused_at_start(key, shard_index(refused))
         layout = ShardLayout.from_json(entry["layout"])
         session = ShardedSession(key, layout, [(self.local, shard_key(key, i, layout.shards))
                                                for i in range(layout.shards)])
@@ -434,24 +447,24 @@ class LocalRouter:
         await self.local.embedded.trim()
 
     async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
-        host = await self.route(key)
-        if host is self.local:  # (a plain session's create key goes with its tombstone)
-            return await host.delete(key, idem=idem)
-        refused = await self._refused_shard(key)
+        from app.engine.shards import shard_index
+        refused = await self._refused_shard(key) if key in self._sharded_keys else None
         if refused is not None:
             # as an unsharded session refused at start: not deleted (none of its shards),
             # its files left to an operator
-            from app.engine.shards import shard_index
-            raise NotFound(f"no session {split_key(key)[1]!r:.140}: it was refused at start "
-                           f"(its shard {shard_index(refused)}'s files are damaged; GET /readyz "
-                           "lists it), so it is not deleted: its files are left to an operator",
-                           code="session_not_found", field="session_id")
+            raise refused_at_start(key, shard_index(refused), deleting=True)
+        host = await self.route(key)
+        if host is self.local:  # (a plain session's create key goes with its tombstone)
+            return await host.delete(key, idem=idem)
         entry = self.directory.get(key)
         if entry is not None and entry.get("created_by"):
+            tenant, made_by = split_key(key)[0], str(entry["created_by"])
+            if self._unindexed.pop((tenant, made_by), None) is not None:
+                self._index_cut_create(key, entry, made_by)
             # marked (on disk) before the first shard's files go, the delete's point of no
             # return: a crash anywhere after leaves the key marked, and one before leaves the
             # session whole, which a retried create is still answered with (find_create)
-            self.directory.forget_created(split_key(key)[0], entry["created_by"])
+            self.directory.forget_created(tenant, made_by)
         replayed = await host.delete(key, idem=idem)
         self._sharded.pop(key, None)
         self._sharded_keys.discard(key)

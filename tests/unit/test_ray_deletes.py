@@ -431,3 +431,142 @@ def test_a_refused_ray_deletes_create_mark_outlives_the_marks_pruned(
         finally:
             await cluster.kill()
     asyncio.run(run())
+
+
+def held_keys(cluster: Cluster) -> list[str]:
+    """Every session key (shards too) the hosts' files hold, once per host holding it."""
+    return sorted(p.name for p in (cluster.data_dir / "hosts").glob("*/sessions/*")
+                  if (p / "wal.bin").exists() or (p / "snapshot.bin").exists())
+
+
+@pytest.mark.parametrize("sid", ["half", None])
+def test_a_sharded_ray_create_cut_part_way_is_finished_by_its_retry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sid: str | None) -> None:
+    """A keyed create of a 2-shard session (with an id and without) whose front dies once
+    shard 0's host made its shard, before shard 1's was asked (no clean-up runs). Its retry
+    through the next front made a second session (without an id) or dropped the entry and
+    made it again elsewhere (with one), leaving shard 0 on its host for good. The retry
+    finishes the create on the entry's hosts (shard 1 made, shard 0 kept: answered as
+    created, not replayed); the hosts hold that session's two shards and nothing else; it
+    steps as torch; another request under the key is a 422, a further retry is answered."""
+    from app.engine.shards import shard_spec
+    cluster = Cluster(tmp_path, monkeypatch)
+    ckey = create_key("k-half")
+
+    async def run() -> None:
+        try:
+            first = cluster.front()
+
+            async def half(key: str, s: Any, layout: Any, shards: Any, **kw: Any) -> Any:
+                host, skey = shards[0]
+                await host.create(skey, shard_spec(s, layout, 0), idem=kw["idem"])
+                raise Crash(key)  # (the front dies: shard 1's host is never asked)
+
+            def remove(d: Directory, key: str) -> None:
+                raise Crash(key)  # (a kill runs no clean-up)
+            s = spec(2)
+            s.id = sid
+            with monkeypatch.context() as m:
+                m.setattr(ray_host.ShardedSession, "create", staticmethod(half))
+                m.setattr(Directory, "remove", remove)
+                with pytest.raises(Crash):
+                    await first.create(s, idem=ckey)
+            [made] = entries(first)
+            made_id = made.partition("~")[2]
+            assert held_keys(cluster) == [f"default#{made_id}~shard0of2"]
+            await cluster.kill()
+
+            second = cluster.front()
+            with pytest.raises(Invalid) as bad:
+                await second.create(s, idem=IdemKey("k-half", "another request"))
+            assert bad.value.code == "idempotency_key_reused"
+            again = await second.create(s, idem=ckey)
+            assert again.id == made_id and not again.replayed and again.version == 0, again
+            assert entries(second) == [made]
+            assert held_keys(cluster) == [f"default#{made_id}~shard{i}of2" for i in range(2)]
+            assert [i.id for i in await second.list_sessions()] == [made_id]
+            torch_ = AsTorch(spec(2))
+            for _ in range(2):
+                await torch_.step(second, made_id)
+            await cluster.kill()
+            third = cluster.front()
+            replayed = await third.create(s, idem=ckey)
+            assert replayed.replayed and replayed.id == made_id and replayed.version == 2
+            assert held_keys(cluster) == [f"default#{made_id}~shard{i}of2" for i in range(2)]
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_ray_session_refused_at_start_is_kept_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
+    """A keyed create (plain, sharded), stepped, snapshotted; its (last shard's) snapshot
+    then fails its checksum, so its host refuses it at start (``/readyz`` names it). The
+    create's retry is a 409 ``session_exists`` naming the key and the session (as on the
+    embedded engine), another request under the key a 422; a delete (with a key and without)
+    is a 404 deleting nothing (no shard, no entry, no mark: the files are left to an
+    operator), reads are 404s naming the session, and a create with its id is a 409: every
+    file is as it was, through another restart."""
+    cluster = Cluster(tmp_path, monkeypatch)
+    ckey = create_key("k-refused")
+
+    async def made() -> None:
+        front = cluster.front()
+        s = spec(shards)
+        s.id = "r"
+        await front.create(s, idem=ckey)
+        await front.step("r", GRADS, return_params=False)
+        for handle in cluster.actors.values():
+            await handle.actor._host.stop(snapshot=True)
+        cluster.actors.clear()
+
+    asyncio.run(made())
+    name = "default~r" if shards == 1 else "default#r~shard1of2"
+    [snap] = (tmp_path / "hosts").glob(f"*/sessions/{name}/snapshot.bin")
+    raw = bytearray(snap.read_bytes())
+    raw[-5] ^= 0x10  # (in its tensors: the checksum fails)
+    snap.write_bytes(raw)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*"))
+              if p.is_file() and ".probe" not in p.name}
+
+    async def restarted() -> None:
+        front = cluster.front()
+        try:
+            assert set(await front.refused()) == {"r"}
+            with pytest.raises(Conflict) as err:
+                await front.create(spec(shards), idem=ckey)
+            e = err.value
+            assert (e.status, e.code, e.field) == (409, "session_exists", "Idempotency-Key"), e
+            assert e.extra == {"idempotency_key": "k-refused", "session_id": "r"}, e.extra
+            with pytest.raises(Invalid) as bad:
+                await front.create(spec(shards), idem=IdemKey("k-refused", "another request"))
+            assert bad.value.code == "idempotency_key_reused"
+            for idem in (None, IdemKey("d-refused", "delete r")):
+                with pytest.raises(NotFound) as gone:
+                    await front.delete("r", idem=idem)
+                assert gone.value.code == "session_not_found"
+                assert "'r'" in gone.value.detail and "refused at start" in gone.value.detail
+            with pytest.raises(NotFound) as read:
+                await front.describe("r")
+            assert "'r'" in read.value.detail and "shard1of2" not in read.value.detail
+            again = spec(shards)
+            again.id = "r"
+            with pytest.raises(Conflict) as taken:
+                await front.create(again)
+            assert taken.value.code == "session_exists"
+            with pytest.raises(Conflict) as err:  # (still: nothing was marked deleted)
+                await front.create(spec(shards), idem=ckey)
+            assert err.value.code == "session_exists"
+            assert await front.list_sessions() == []
+            assert entries(front) == ["default~r"]
+        finally:
+            await cluster.kill()
+
+    def files() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in sorted(tmp_path.rglob("*"))
+                if p.is_file() and ".probe" not in p.name}
+    asyncio.run(restarted())
+    assert files() == before
+    asyncio.run(restarted())
+    assert files() == before

@@ -17,6 +17,7 @@ from app.engine.directory import Directory
 from app.engine.interface import CreateSpec, GroupSpec, IdemKey
 from app.errors import Conflict, Invalid, NotFound
 from tests.torch_reference import Reference, assert_tensors_equal
+from tests.unit.test_deleted_creates import refused
 
 PARAMS = {"a": torch.tensor([0.5, -1.0, 2.0]), "b": torch.tensor([1.0, 2.0])}
 GRAD = {"a": torch.tensor([0.25, 1.0, -0.5]), "b": torch.tensor([-1.0, 0.5])}
@@ -83,6 +84,16 @@ def test_a_sharded_session_with_a_refused_shard_is_kept_whole(tmp_path: Path) ->
                 with pytest.raises(NotFound) as gone:
                     await eng.delete("r", idem=idem)
                 assert gone.value.status == 404 and gone.value.code == "session_not_found"
+                assert "'r'" in gone.value.detail and "refused at start" in gone.value.detail
+            # reads name the session (not its shard's key) and say why, as the delete does
+            for read in (eng.describe("r"), eng.pull("r", None), eng.export_state("r"),
+                         eng.step("r", GRAD, return_params=False)):
+                with pytest.raises(NotFound) as missing:
+                    await read
+                assert missing.value.code == "session_not_found"
+                assert missing.value.detail == (
+                    "no session 'r': it was refused at start (its shard 1's files are damaged; "
+                    "GET /readyz lists it)"), missing.value.detail
             with pytest.raises(Conflict) as taken:
                 await eng.create(spec("r"))
             assert taken.value.code == "session_exists"
@@ -171,3 +182,54 @@ def test_a_sharded_create_cut_before_its_index_is_answered_or_finished_by_its_re
 
     asyncio.run(retried())
     asyncio.run(restarted())
+
+
+@pytest.mark.parametrize("shards_made", [2, 1])
+def test_a_sharded_create_cut_before_its_index_then_deleted_is_not_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards_made: int) -> None:
+    """A keyed create (no id) of a sharded session cut by a crash before its ``.creates``
+    index was written (every shard made, or only shard 0), then deleted after the restart
+    before any retry. The retry made a new session (the router forgot the cut create once its
+    session was gone); it is a 409 ``session_deleted`` naming the key and the session, as for
+    any deleted keyed create, also after another restart; another request under the key is a
+    422. Nothing is left: no session, no directory entry."""
+    key = IdemKey("k-gone", "create gone")
+
+    async def cut() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+
+        def note_created(d: Directory, *args: object) -> None:
+            raise Crash(args)
+        with monkeypatch.context() as m:
+            m.setattr(Directory, "note_created", note_created)
+            with pytest.raises(Crash):
+                await eng.create(spec(None), idem=key)
+        await eng.stop(snapshot=False)
+
+    asyncio.run(cut())
+    [entry] = [p.name for p in (tmp_path / "directory").iterdir() if not p.name.startswith(".")]
+    made_id = entry.partition("~")[2]
+    if shards_made == 1:
+        shutil.rmtree(tmp_path / "sessions" / f"default#{made_id}~shard1of2")
+
+    async def retried(delete: bool) -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        try:
+            if delete:
+                assert not await eng.delete(made_id)
+            with pytest.raises(Conflict) as err:
+                await eng.create(spec(None), idem=key)
+            refused(err.value, "k-gone", made_id)
+            with pytest.raises(Invalid) as bad:
+                await eng.create(spec(None), idem=IdemKey("k-gone", "another request"))
+            assert bad.value.code == "idempotency_key_reused"
+            assert await eng.list_sessions() == []
+            assert [p for p in (tmp_path / "directory").iterdir()
+                    if not p.name.startswith(".")] == []
+        finally:
+            await eng.stop(snapshot=False)
+
+    asyncio.run(retried(delete=True))
+    asyncio.run(retried(delete=False))
