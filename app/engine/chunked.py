@@ -48,11 +48,8 @@ non-CPU devices and sparse gradients.
 from __future__ import annotations
 
 import math
-import os
-import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,156 +131,47 @@ class Watch:
     """Norms a step's metrics want of its chunked parameters' updates (``metrics``: the update
     norm needs each parameter as it was before the step). With a watch, every chunk steps in
     an ``opt.step()`` call of its own, between a copy of its values into a chunk-sized buffer
-    and the subtraction: so no step keeps a whole copy of a large parameter. Per parameter (by
-    ``id``): per piece (:func:`pieces`), the norm of its update and of its values after the
-    step (0-dim tensors on its device, in its dtype).
-
-    Where a core is spare (:func:`overlaps`), the copies, subtractions and norms run on a
-    helper thread beside the steps (:meth:`stepped_all`): it copies chunk ``k + 1`` while the
-    stepping thread steps chunk ``k``, and subtracts and norms chunk ``k`` while it steps
-    ``k + 1``, through three chunk-sized buffers. The same torch calls on the same tensors:
-    the same values. Else each chunk's copy, step and norms run one after the other
-    (:meth:`stepped`)."""
+    and the subtraction, both while the chunk is in the cache: so no step keeps a whole copy
+    of a large parameter. Per parameter (by ``id``): per piece (:func:`pieces`), the norm of
+    its update and of its values after the step (0-dim tensors on its device, in its dtype)."""
 
     update: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     param: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     #: the norms' own work failed: the chunks step on without it (metrics never fail a step)
     #: and the norms are not to be used
     failed: bool = False
-    _buffers: dict[tuple[torch.dtype, int], torch.Tensor] = field(default_factory=dict)
+    _buffers: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
 
     def stepped(self, opt: torch.optim.Optimizer, param: torch.Tensor, view: torch.Tensor
                 ) -> None:
         """``opt.step()``, with ``view`` (a chunk of ``param``) the one tensor it steps."""
-        before = None if self.failed else self._copy(view, 0)
+        before = None if self.failed else self._copy(view)
         opt.step()
-        if before is not None:
-            self._keep(param, self._norms(before, view))
-
-    def stepped_all(self, opt: torch.optim.Optimizer, param: torch.Tensor,
-                    views: list[torch.Tensor],
-                    only: Callable[[list[torch.Tensor]], None]) -> None:
-        """``opt.step()`` once per view of ``param`` (``only([view])`` makes it the one tensor
-        stepped), the copies and norms on the helper thread where a core is spare."""
-        helper = None if self.failed or len(views) < 2 else _helper()
-        if helper is None:
-            for view in views:
-                only([view])
-                self.stepped(opt, param, view)
+        if before is None:
             return
-
-        def copy(k: int) -> torch.Tensor | None:
-            return None if self.failed else self._copy(views[k], k % _SLOTS)
-
-        def norms(k: int, before: torch.Tensor | None) -> _Norms | None:
-            return None if before is None or self.failed else self._norms(before, views[k])
-
-        # FIFO on one thread: chunk k + 2's copy (into chunk k - 1's buffer) is queued after
-        # chunk k - 1's norms
-        def submit(task: Callable[..., Any], *args: Any) -> Future[Any] | None:
-            try:
-                return helper.submit(task, *args)
-            except RuntimeError:  # (the helper shut down: the interpreter is exiting)
-                self.failed = True
-                return None
-
-        copies = {k: submit(copy, k) for k in range(min(_SLOTS - 1, len(views)))}
-        taken: list[Future[_Norms | None] | None] = []
         try:
-            for k, view in enumerate(views):
-                copied = copies.pop(k)
-                before = copied.result() if copied is not None else None
-                only([view])
-                opt.step()
-                taken.append(submit(norms, k, before))
-                if k + _SLOTS - 1 < len(views):
-                    copies[k + _SLOTS - 1] = submit(copy, k + _SLOTS - 1)
-        finally:
-            # nothing of this step is left running, whatever happened
-            wait([f for f in (*taken, *copies.values()) if f is not None])
-        for future in taken:
-            self._keep(param, future.result() if future is not None else None)
-
-    def _keep(self, param: torch.Tensor, taken: _Norms | None) -> None:
-        if taken is None or self.failed:
-            return
-        norms, k = taken
-        self.update.setdefault(id(param), []).extend(norms[:k])
-        self.param.setdefault(id(param), []).extend(norms[k:])
-
-    def _norms(self, before: torch.Tensor, view: torch.Tensor) -> _Norms | None:
-        """Per piece: the norms of the chunk's update (``before`` becomes it) and values."""
-        try:
-            with torch.no_grad():
-                before.sub_(view)
-                # (a chunk starts at a multiple of the piece: its pieces are the parameter's)
-                update = pieces(before)
-                return list(torch._foreach_norm([*update, *pieces(view)])), len(update)
+            before.sub_(view)
+            # (a chunk starts at a multiple of the piece: its pieces are the parameter's)
+            update = pieces(before)
+            norms = torch._foreach_norm([*update, *pieces(view)])
         except Exception:  # noqa: BLE001 - metrics never fail a step
             self.failed = True
-            return None
+            return
+        self.update.setdefault(id(param), []).extend(norms[:len(update)])
+        self.param.setdefault(id(param), []).extend(norms[len(update):])
 
-    def _copy(self, view: torch.Tensor, slot: int) -> torch.Tensor | None:
+    def _copy(self, view: torch.Tensor) -> torch.Tensor | None:
         try:
-            buffer = self._buffers.get((view.dtype, slot))
+            buffer = self._buffers.get(view.dtype)
             if buffer is None or buffer.numel() < view.numel():
-                buffer = self._buffers[(view.dtype, slot)] = torch.empty(
+                buffer = self._buffers[view.dtype] = torch.empty(
                     max(view.numel(), _size), dtype=view.dtype, device=view.device)
             before = buffer[:view.numel()]
-            with torch.no_grad():
-                before.copy_(view)
+            before.copy_(view)
             return before
         except Exception:  # noqa: BLE001 - metrics never fail a step
             self.failed = True
             return None
-
-
-#: a chunk's norms, then how many of them are its update's
-_Norms = tuple[list[torch.Tensor], int]
-#: the helper's chunk buffers: one being copied into, one stepped beside, one being normed
-_SLOTS = 3
-_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-#: None: overlap where a core is spare; True/False: always/never (tests)
-_overlap: bool | None = None
-_helpers: list[ThreadPoolExecutor] = []
-_helpers_lock = threading.Lock()
-
-
-def overlap(on: bool | None) -> None:
-    """Take a watch's copies and norms on the helper thread: where a core is spare (None, the
-    server's), always or never (tests, which check both)."""
-    global _overlap
-    _overlap = on
-
-
-def overlaps() -> bool:
-    """Whether a watch's copies and norms run beside the steps now: a CPU beyond torch's
-    intra-op threads (``OPTSERVE_TORCH_THREADS``: the README's 1) is there for them."""
-    if _overlap is not None:
-        return _overlap
-    return (_CPUS or 1) > torch.get_num_threads()
-
-
-def _helper() -> ThreadPoolExecutor | None:
-    """The process' one helper thread (FIFO: each watch's own tasks run in their order; the
-    stepping threads of several sessions share it), when :func:`overlaps`."""
-    if not overlaps():
-        return None
-    with _helpers_lock:
-        if not _helpers:
-            _helpers.append(ThreadPoolExecutor(1, thread_name_prefix="optserve-norms"))
-        return _helpers[0]
-
-
-def _forget_helper() -> None:
-    """In a forked child: the parent's helper thread is not there."""
-    global _helpers_lock
-    _helpers.clear()
-    _helpers_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_helper)
 
 
 def may_chunk(opt: torch.optim.Optimizer, name: str, p: torch.Tensor) -> bool:
@@ -393,7 +281,9 @@ def _alone(opt: torch.optim.Optimizer, sp: Split, saved: list[list[torch.Tensor]
             only(views)
             opt.step()
             return
-        watch.stepped_all(opt, sp.param, views, only)
+        for view in views:
+            only([view])
+            watch.stepped(opt, sp.param, view)
 
     return alone
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -27,21 +26,16 @@ GROUPS = (("w", "b"), ("h", "e"))
 NORMS = ("grad_norm", "update_norm", "param_norm", "update_ratio")
 
 
-@pytest.fixture(params=[True, False], ids=["overlapped", "serial"])
-def engine(request: pytest.FixtureRequest) -> Iterator[Front]:
-    """The embedded engine with chunks of 7 from 20 elements up; the chunks' copies and norms
-    on the helper thread beside the steps (``overlapped``, as a server with a spare core takes
-    them), or one after the other on the stepping thread (``serial``)."""
+@pytest.fixture
+def engine() -> Iterator[Front]:
     eng = embedded_engine("cpu", warm_up=False)
     run(eng.start())
     chunked.configure(7, smallest=20)  # (after the host, which sets the server's setting)
-    chunked.overlap(request.param)
     try:
         yield eng
     finally:
         run(eng.stop())
         chunked.configure(chunked.DEFAULT_CHUNK)
-        chunked.overlap(None)
 
 
 def step_locally(opt: torch.optim.Optimizer, local: dict[str, torch.Tensor],
@@ -62,12 +56,12 @@ def session(engine: Front, sid: str) -> Session:
 def stepped_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A list that counts the chunks the metrics watched (one entry per chunk)."""
     seen: list[int] = []
-    real = chunked.Watch._norms
+    real = chunked.Watch.stepped
 
-    def spy(self: chunked.Watch, before: torch.Tensor, view: torch.Tensor) -> Any:
-        seen.append(view.numel())  # (on the helper thread, when overlapped)
-        return real(self, before, view)
-    monkeypatch.setattr(chunked.Watch, "_norms", spy)
+    def spy(self: chunked.Watch, opt: Any, param: torch.Tensor, view: torch.Tensor) -> None:
+        seen.append(view.numel())
+        real(self, opt, param, view)
+    monkeypatch.setattr(chunked.Watch, "stepped", spy)
     return seen
 
 
@@ -268,29 +262,6 @@ def test_a_failure_of_the_chunks_norms_leaves_the_step_whole(
         for gi, names in enumerate(GROUPS):
             close(groups[gi]["update_norm"], norm([local[n] - before[n] for n in names]),
                   f"{k} {gi}")
-
-
-def test_a_helper_thread_that_is_gone_costs_the_norms_never_the_step(
-        engine: Front, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The helper thread shut down (as the interpreter exits): a step that would take its
-    chunks' norms there steps whole, torch's values, without the norms."""
-    gone = ThreadPoolExecutor(1)
-    gone.shutdown()
-    monkeypatch.setattr(chunked, "_helper", lambda: gone)
-    chunked.overlap(True)
-    p0 = {n: seeded(s, i) for i, (n, s) in enumerate(SHAPES.items())}
-    run(engine.create(CreateSpec("Adam", [GroupSpec({n: p0[n].clone() for n in names})
-                                          for names in GROUPS], options={"lr": 0.01}, id="g")))
-    local = {n: t.clone() for n, t in p0.items()}
-    opt = torch.optim.Adam([{"params": [local[n] for n in names]} for names in GROUPS], lr=0.01)
-    for k in range(2):  # (the first makes the state chunk by chunk, the second steps them)
-        sent = {n: seeded(s, 10 * k + i) for i, (n, s) in enumerate(SHAPES.items())}
-        step_locally(opt, local, sent)
-        result = run(engine.step("g", sent, return_params=True))
-        assert result.params is not None and result.metrics is not None
-        for n in SHAPES:
-            assert torch.equal(result.params[n], local[n]), (k, n)
-    assert all("update_norm" not in g for g in result.metrics["groups"])
 
 
 @pytest.mark.parametrize("answered", [True, False], ids=["answer", "history"])
