@@ -399,7 +399,7 @@ def after_answer(s: Session, probe: Probe, lrs: list[float], n: int | None) -> N
 
     def finish() -> None:
         groups: list[dict[str, float]] = [{"lr": lr} for lr in lrs]
-        if _norms_into(s, probe, groups) and n is not None:
+        if _norms_into(s, probe, groups, refill=True) and n is not None:
             s.history.fill(n, group_columns(groups))
         if deferred and probe.layout is not None:
             take_ahead(s, probe.layout)
@@ -409,27 +409,61 @@ def after_answer(s: Session, probe: Probe, lrs: list[float], n: int | None) -> N
         finish()
 
 
-def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]]) -> bool:
-    """Subtract in place and take the norms into ``groups``; False (logged once) on failure."""
+#: tensors of more elements than this (16 MiB of float32: with its copy, past a CPU's L3
+#: cache) are subtracted, normed and refilled chunk by chunk (:func:`_in_chunks`): each
+#: chunk's passes then run in the cache, not from memory. Smaller ones stay in the cache
+#: anyway, and there the chunks' own calls cost more than they save
+FUSED = 1 << 22
+
+
+def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]],
+                refill: bool = False) -> bool:
+    """Subtract in place and take the norms into ``groups``; False (logged once) on failure.
+
+    ``refill`` (norms taken after the answer, :func:`after_answer`, which would then take the
+    copy for the next step): when ``probe`` compares with its layout's buffers (the session's
+    current layout), they are refilled with the parameters as they are now, the copy
+    :func:`take_ahead` would take, as each is done with: tensors past :data:`FUSED` chunk by
+    chunk, each chunk's subtraction, norms and copy while it is in the cache (three passes over
+    memory where the subtraction, the norms and the copy took seven), and the layout is then
+    tagged as taken at the session's version. Norms that go into the answer leave the copy to
+    :func:`take_ahead`, after the answer. The same torch calls on the same pieces: the same
+    values."""
+    layout = probe.layout
+    refill = (refill and layout is not None and layout is s.metrics_layout
+              and layout.copies is not None)
     try:
         with torch.no_grad():
-            if probe.before:
-                torch._foreach_sub_(probe.before, probe.after)
+            large = {i for i, b in enumerate(probe.before) if b.numel() > FUSED}
+            small = [i for i in range(len(probe.before)) if i not in large]
+            if small:
+                torch._foreach_sub_([probe.before[i] for i in small],
+                                    [probe.after[i] for i in small])
             tensors: list[torch.Tensor] = []
             #: per norm taken: its group, and whether it is an update's norm
             tail: list[tuple[int, bool]] = []
+            taken: list[torch.Tensor] = []  # norms taken chunk by chunk, and theirs
+            taken_tail: list[tuple[int, bool]] = []
 
             def add(ts: list[torch.Tensor], gi: int, update: bool) -> None:
                 tensors.extend(ts)
                 tail.extend([(gi, update)] * len(ts))
+
+            def chunks(before: torch.Tensor, after: torch.Tensor, gi: int, fill: bool) -> None:
+                update, values = _in_chunks(before, after, fill)
+                taken.extend(update)
+                taken.extend(values)
+                taken_tail.extend([(gi, True)] * len(update) + [(gi, False)] * len(values))
             for gi, members in enumerate(probe.groups):
                 for i in members:
-                    add(chunked.pieces(probe.before[i]), gi, True)
-                    add(chunked.pieces(probe.after[i]), gi, False)
+                    if i in large:
+                        chunks(probe.before[i], probe.after[i], gi, refill)
+                    else:
+                        add(chunked.pieces(probe.before[i]), gi, True)
+                        add(chunked.pieces(probe.after[i]), gi, False)
+            kept = {id(t) for t in layout.big_before or ()} if refill and layout else set()
             for gi, p, before in probe.copied:
-                before.sub_(p)
-                add(chunked.pieces(before), gi, True)
-                add(chunked.pieces(p), gi, False)
+                chunks(before, p, gi, id(before) in kept)  # (a clone is not kept)
             spans: list[tuple[int, torch.Tensor, int, int]] = []  # unchanged: their values'
             for gi, p in probe.unchanged:
                 start = len(tail)
@@ -438,16 +472,26 @@ def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]]) -> boo
             if probe.watch is not None and probe.watch.failed:
                 raise RuntimeError("the chunked step could not take its norms")
             norms = list(torch._foreach_norm(tensors)) if tensors else []
+            norms.extend(taken)
+            tail.extend(taken_tail)
+            if refill and small:  # (the norms above are taken: on a GPU, in stream order)
+                torch._foreach_copy_([probe.before[i] for i in small],
+                                     [probe.after[i] for i in small])
             if probe.watch is not None:  # the chunked step's, piece by piece
-                for taken, update in ((probe.watch.update, True), (probe.watch.param, False)):
+                for got, update in ((probe.watch.update, True), (probe.watch.param, False)):
                     for pid, gi in probe.watch_owner.items():
-                        norms.extend(taken[pid])
-                        tail.extend([(gi, update)] * len(taken[pid]))
+                        norms.extend(got[pid])
+                        tail.extend([(gi, update)] * len(got[pid]))
             every = [*probe.grad_parts, *norms]
             if len({t.dtype for t in every}) > 1:
                 every = [t.to(_F64) for t in every]
             # float32 norms become Python floats exactly (no float64 tensor needed)
             values = torch.stack(every).cpu().tolist() if every else []
+        if refill and layout is not None:
+            # every buffer take_ahead fills holds the parameters now: the runs and the copies
+            # of the large parameters the step changed were refilled above, those of the ones
+            # it left unchanged were not touched (before_step made every copy current)
+            layout.taken_at = s.version
         k = len(probe.grad_parts)
         squares: list[list[float]] = [[] for _ in groups]
         for v, gi in zip(values, probe.grad_owner, strict=False):
@@ -467,6 +511,35 @@ def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]]) -> boo
     except Exception as exc:  # noqa: BLE001 - metrics never fail a step
         _warn(s, exc)
         return False
+
+
+def _in_chunks(before: torch.Tensor, after: torch.Tensor, refill: bool
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``before -= after`` and the norms of the pieces (``chunked.pieces``) of the update and
+    of ``after``, chunk by chunk (each a whole number of pieces from the start, so its pieces
+    are the tensor's); with ``refill``, each chunk of ``before`` gets ``after``'s values once
+    normed (what :func:`take_ahead` copies)."""
+    b, a = before.reshape(-1), after.reshape(-1)
+    if not (b.is_contiguous() and a.is_contiguous()) or b.data_ptr() == a.data_ptr():
+        b.sub_(a)  # (as the one-piece path does; pieces() copies strided values)
+        update, values = chunked.pieces(b), chunked.pieces(a)
+        norms = torch._foreach_norm([*update, *values])
+        if refill:
+            b.copy_(a)
+        return list(norms[:len(update)]), list(norms[len(update):])
+    step = max(1, FUSED // chunked.piece()) * chunked.piece()
+    update_norms: list[torch.Tensor] = []
+    value_norms: list[torch.Tensor] = []
+    for start in range(0, b.numel(), step):
+        bc, ac = b[start:start + step], a[start:start + step]
+        bc.sub_(ac)
+        update, values = chunked.pieces(bc), chunked.pieces(ac)
+        norms = torch._foreach_norm([*update, *values])
+        update_norms.extend(norms[:len(update)])
+        value_norms.extend(norms[len(update):])
+        if refill:
+            bc.copy_(ac)
+    return update_norms, value_norms
 
 
 def _put(out: dict[str, float], g_norm: float, u_norm: float, p_norm: float) -> None:

@@ -493,11 +493,11 @@ def test_history_only_metrics_fill_the_row_after_the_answer_with_the_same_values
     events: list[tuple[str, str]] = []
     norms_into = metrics._norms_into
 
-    def slow_norms(s: Any, probe: Any, groups: Any) -> bool:
+    def slow_norms(s: Any, probe: Any, groups: Any, **kwargs: Any) -> bool:
         if s.id == "h" and threading.current_thread().name == "optserve-cpu":
             time.sleep(0.05)
         events.append(("norms", s.id))
-        return norms_into(s, probe, groups)
+        return norms_into(s, probe, groups, **kwargs)
     monkeypatch.setattr(metrics, "_norms_into", slow_norms)
     real_hand_over = worker_module._hand_over
 
@@ -602,10 +602,10 @@ def test_a_snapshot_waits_for_the_norms_taken_after_the_answer(
     monkeypatch.setattr(host_module, "INLINE_BYTES", -1)  # on the worker, as a large session
     norms_into = metrics._norms_into
 
-    def slow_norms(s: Any, probe: Any, groups: Any) -> bool:
+    def slow_norms(s: Any, probe: Any, groups: Any, **kwargs: Any) -> bool:
         if threading.current_thread().name == "optserve-cpu":
             time.sleep(0.1)
-        return norms_into(s, probe, groups)
+        return norms_into(s, probe, groups, **kwargs)
     monkeypatch.setattr(metrics, "_norms_into", slow_norms)
     write_atomic = store_module.write_atomic
 
