@@ -202,7 +202,7 @@ def test_an_import_flipping_the_lr_kind_then_the_earlier_export_as_torch(
         check_equal(remote, local)
 
 
-@pytest.mark.parametrize("start", ["float"])
+@pytest.mark.parametrize("start", ["float", "tensor"])
 def test_an_export_of_the_other_lr_kind_imports_as_in_torch(app_client: TestClient,
                                                              start: str) -> None:
     """A session made with a float lr takes the export of one made with a tensor lr (tensors
@@ -248,3 +248,18 @@ def test_a_scheduler_lr_that_is_no_lr_is_refused_naming_it(app_client: TestClien
     assert r.json()["field"] == f"state_dict.scheduler.{key}.0"
     assert remote.export() == before
 
+
+def test_a_float_initial_lr_over_a_tensor_one_is_taken_as_in_torch(
+        app_client: TestClient) -> None:
+    """A scheduler clones a tensor lr into the group's ``initial_lr``; a PATCH giving it a
+    float (torch: ``group["initial_lr"] = 0.02``) is taken, and so is the tensor back."""
+    spec = SCHEDULERS["StepLR"]
+    local, remote = Local(torch.tensor(0.01), spec), Remote(app_client, torch.tensor(0.01), spec)
+    for value in (0.02, torch.tensor(0.03)):
+        r = app_client.patch(f"/v1/sessions/{remote.sid}/param_groups/0",
+                             json={"initial_lr": json_lr(value)})
+        assert r.status_code == 200, r.text
+        local.opt.param_groups[0]["initial_lr"] = value
+        for r in (local, remote):
+            r.step(GRADS[0])
+        check_equal(remote, local)
