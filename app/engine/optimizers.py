@@ -148,8 +148,10 @@ def normalize_options(
         raise Invalid("options must be a JSON object", code="invalid_option", field=field)
     defaults = default_options(cls)
     # the constructor's defaults say what type an option takes; other keys a group may hold
-    # (a scheduler's initial_lr, ...) take the type of their current value
-    known = {**(extra_keys or {}), **defaults}
+    # (a scheduler's initial_lr, ...) take the type of their current value; one that is a
+    # tensor now (a tensor lr's initial_lr) takes a number as well, as a group's lr does
+    extra = {k: 0.0 if isinstance(v, torch.Tensor) else v for k, v in (extra_keys or {}).items()}
+    known = {**extra, **defaults}
     out: dict[str, Any] = {}
     for key, value in options.items():
         where = f"{field}.{key}"

@@ -79,8 +79,28 @@ def _same_value(a: Any, b: Any) -> bool:
     return type(a) is type(b) and bool(a == b)
 
 
-def same_structure(expected: Any, got: Any, field: str) -> None:
-    """``got`` must have the shape of ``expected``: keys, lengths, tensor shapes, scalar kinds."""
+#: the per-group learning rates a scheduler keeps (at any depth: SequentialLR and
+#: ChainedScheduler nest their schedulers' states): copies of the groups' ``initial_lr`` and
+#: ``lr``, tensors where those are. torch's ``load_state_dict`` takes a number or a tensor
+#: there whichever the session holds, as a group's ``lr`` may be either
+SCHEDULER_LR_LISTS = frozenset({"base_lrs", "_last_lr"})
+
+
+def _check_lr_item(got: Any, field: str) -> None:
+    """An item of a scheduler's lr list: a number or a one-element floating tensor (what a
+    group's ``lr`` may be; torch refuses an lr tensor of more elements at the next step)."""
+    if _is_num(got) or (isinstance(got, torch.Tensor) and got.is_floating_point()
+                        and got.numel() == 1):
+        return
+    raise Invalid(f"expected a learning rate (a number or a one-element floating tensor), "
+                  f"got {shown(got, 40)}", code="state_mismatch", field=field)
+
+
+def same_structure(expected: Any, got: Any, field: str,
+                   lr_lists: frozenset[str] = frozenset()) -> None:
+    """``got`` must have the shape of ``expected``: keys, lengths, tensor shapes, scalar kinds.
+    The items of a list under a key in ``lr_lists`` are learning rates: a number or a
+    one-element floating tensor, either where the other is expected."""
     if isinstance(expected, torch.Tensor):
         if not isinstance(got, torch.Tensor):
             raise Invalid(f"expected a tensor of shape {list(expected.shape)}",
@@ -104,14 +124,22 @@ def same_structure(expected: Any, got: Any, field: str) -> None:
                           code="state_mismatch", field=field)
         by_str = {str(k): v for k, v in got.items()}
         for k, v in expected.items():
-            same_structure(v, by_str[str(k)], f"{field}.{k}")
+            g = by_str[str(k)]
+            if str(k) in lr_lists and isinstance(v, list):
+                if not isinstance(g, (list, tuple)) or len(g) != len(v):
+                    raise Invalid(f"expected a list of {len(v)} items", code="state_mismatch",
+                                  field=f"{field}.{k}")
+                for i, item in enumerate(g):
+                    _check_lr_item(item, f"{field}.{k}.{i}")
+                continue
+            same_structure(v, g, f"{field}.{k}", lr_lists)
         return
     if isinstance(expected, (list, tuple)):
         if not isinstance(got, (list, tuple)) or len(got) != len(expected):
             raise Invalid(f"expected a list of {len(expected)} items", code="state_mismatch",
                           field=field)
         for i, (e, g) in enumerate(zip(expected, got, strict=True)):
-            same_structure(e, g, f"{field}.{i}")
+            same_structure(e, g, f"{field}.{i}", lr_lists)
         return
     if isinstance(expected, bool):
         ok = isinstance(got, bool)
@@ -352,7 +380,7 @@ def prepare_import(session: Session, state: object, request: bool = False,
             raise Invalid("the state carries a scheduler but this session has none",
                           code="state_mismatch", field="state_dict.scheduler")
         live = session.scheduler.state_dict()
-        same_structure(live, sched_state, "state_dict.scheduler")
+        same_structure(live, sched_state, "state_dict.scheduler", SCHEDULER_LR_LISTS)
         if request:
             option_values.refuse_nonfinite_scheduler_state(sched_state, "state_dict.scheduler",
                                                            live)
