@@ -145,11 +145,12 @@ class Directory:
         return None
 
     def note_created(self, tenant: str, idem_key: str, fingerprint: str, key: str) -> None:
-        """Index a keyed create of ``key`` (its folder fsynced when this returns). The Ray
-        engine's router writes it once the session's entry is claimed, before any host is
-        asked, so a create whose front dies once the hosts made the session keeps its key (a
-        retry finds a key whose session no host holds to be a create cut short, and makes it:
-        :meth:`RayRouter.find_create <app.engine.ray_host.RayRouter.find_create>`)."""
+        """Index a keyed create of ``key`` (its folder fsynced when this returns), replacing
+        any index of the key (the embedded engine's sharded creates, indexed once made). The
+        Ray engine's router indexes with :meth:`claim_created` once the session's entry is
+        claimed, before any host is asked, so a create whose front dies once the hosts made the
+        session keeps its key (its retry is answered with it, or finishes it on the entry's
+        hosts: :meth:`RayRouter.create <app.engine.ray_host.RayRouter.create>`)."""
         entry = {"key": key, "fingerprint": fingerprint}
         name = self._create_name(tenant, idem_key)
         if self.root is None:
@@ -158,6 +159,33 @@ class Directory:
         tmp = self._write_tmp(entry)
         os.replace(tmp, self.root / ".creates" / name)
         Files().fsync_dir(self.root / ".creates")
+
+    def claim_created(self, tenant: str, idem_key: str, fingerprint: str, key: str
+                      ) -> str | None:
+        """Index a keyed create of ``key`` if this idempotency key has no index yet (an
+        exclusive hard link, as :meth:`claim`; its folder fsynced when this returns): None when
+        the key is indexed for ``key`` now, else the session key it was indexed for first. The
+        Ray engine's point of decision between fronts running one keyed create at once (a
+        client's retry reaching another front while the first try is in flight): the one
+        whose index is written makes the session, the others finish that one
+        (:meth:`RayRouter.create <app.engine.ray_host.RayRouter.create>`)."""
+        entry = {"key": key, "fingerprint": fingerprint}
+        name = self._create_name(tenant, idem_key)
+        if self.root is None:
+            first = self._creates.setdefault(name, entry)
+            return None if first.get("key") == key else str(first["key"])
+        tmp = self._write_tmp(entry)
+        try:
+            os.link(tmp, self.root / ".creates" / name)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                first_key = str(orjson.loads((self.root / ".creates" / name).read_bytes())["key"])
+                return None if first_key == key else first_key
+            return self.claim_created(tenant, idem_key, fingerprint, key)  # (dropped since)
+        finally:
+            tmp.unlink(missing_ok=True)
+        Files().fsync_dir(self.root / ".creates")
+        return None
 
     def drop_created(self, tenant: str, idem_key: str, key: str) -> None:
         """Remove the index of a create of ``key`` that failed (if it still names ``key``)."""

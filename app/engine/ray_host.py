@@ -770,8 +770,8 @@ class RayRouter:
             # engine, and is not made again
             raise session_refused(idem.key, split_key(key)[1])
         # the key is kept before the hosts are asked (create): a session they do not all hold
-        # is a create cut short, never acknowledged, which the retry makes (create), or
-        # finishes on its hosts when they made some of its shards (_finish_create)
+        # is a create cut short (never acknowledged) or still in flight through another front,
+        # which the retry finishes on the entry's hosts, under its key (create)
         return None
 
     async def _refusal(self, key: str, entry: dict[str, Any], *, deleting: bool = False
@@ -929,73 +929,131 @@ class RayRouter:
         if layout is not None and spec.ps_options.get("sync") is not None:
             raise Invalid("a sharded session steps without synchronous rounds", field="sync",
                           code="invalid_body")
-        if layout is not None and idem is not None:
-            cut = await self._cut_create(split_key(key)[0], idem)
-            if cut is not None:
-                return await self._finish_create(*cut, spec, idem)
-        if self.directory.get(key) is not None and not await self._stale(key):
-            raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
-                           code="session_exists", field="id")
-        hosts = await self._place(resources, placement, layout.shards if layout else 1)
-        # ("made": this creation's own, so that nothing kept of a session deleted since, e.g.
-        # its coordinator, is taken for one made again with its id)
-        entry: dict[str, Any] = {"resources": resources, "placement": placement,
-                                 "created_by": idem.key if idem is not None else None,
-                                 "made": uuid.uuid4().hex}
-        if layout is not None:
-            entry.update(shards=[h.name for h in hosts], layout=layout.to_json())
-        else:
-            entry["host"] = hosts[0].name
-        if not self.directory.claim(key, entry):
-            raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
-                           code="session_exists", field="id")
         tenant = split_key(key)[0]
-        if idem is not None:
-            # on disk before any host is asked: a front that dies once the hosts made the
-            # session leaves its key, and the retry is answered with it (find_create)
-            self.directory.note_created(tenant, idem.key, idem.fingerprint, key)
-        try:
-            if layout is not None:
-                shards: list[tuple[Host, str]] = [(h, shard_key(key, i, layout.shards))
-                                                  for i, h in enumerate(hosts)]
-                _, info = await ShardedSession.create(key, spec, layout, shards, idem=idem)
-            else:
-                info = await hosts[0].create(key, spec, idem=idem)
-        except BaseException:
-            self.directory.remove(key)
+        for _ in range(3):
             if idem is not None:
-                self.directory.drop_created(tenant, idem.key, key)
-            raise
-        self._entries[key] = entry
-        return self._placed(info, entry)
+                # a create under this key indexed before (its front died, or is still at it:
+                # the client's retry reached this front first; a 503 cut it): finished on its
+                # entry's hosts, under its key, so one session results however many fronts
+                # run it (each host answers the key's create once)
+                indexed = self._indexed_create(tenant, idem)
+                if isinstance(indexed, tuple):
+                    return await self._finish_create(*indexed, spec, idem)
+                if indexed is not None:
+                    key = indexed  # (its entry went, its index stayed: made under that key)
+            if self.directory.get(key) is not None and not await self._stale(key):
+                raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
+                               code="session_exists", field="id")
+            hosts = await self._place(resources, placement, layout.shards if layout else 1)
+            # ("made": this creation's own, so that nothing kept of a session deleted since,
+            # e.g. its coordinator, is taken for one made again with its id)
+            entry: dict[str, Any] = {"resources": resources, "placement": placement,
+                                     "created_by": idem.key if idem is not None else None,
+                                     "made": uuid.uuid4().hex}
+            if layout is not None:
+                entry.update(shards=[h.name for h in hosts], layout=layout.to_json())
+            else:
+                entry["host"] = hosts[0].name
+            if not self.directory.claim(key, entry):
+                if idem is not None:
+                    continue  # (another front's try of this create, made under its key?)
+                raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
+                               code="session_exists", field="id")
+            # on disk before any host is asked, the decision between fronts running this create
+            # at once (the first indexed makes it, the others finish that one), and a front
+            # that dies once the hosts made the session leaves its key: the retry is answered
+            # with it (find_create)
+            if idem is not None and self.directory.claim_created(
+                    tenant, idem.key, idem.fingerprint, key) is not None:
+                self.directory.remove(key)  # (no host was asked)
+                continue
+            try:
+                if layout is not None:
+                    shards: list[tuple[Host, str]] = [(h, shard_key(key, i, layout.shards))
+                                                      for i, h in enumerate(hosts)]
+                    _, info = await ShardedSession.create(key, spec, layout, shards, idem=idem)
+                else:
+                    info = await hosts[0].create(key, spec, idem=idem)
+            except Exception as exc:
+                await self._undo_create(key, entry, idem, exc)
+                raise
+            self._entries[key] = entry
+            return self._placed(info, entry)
+        raise Unavailable("a create sent with this Idempotency-Key is being made through "
+                          "another front; retry it with the same Idempotency-Key",
+                          code="host_restarting", retry_after=1.0)
 
-    async def _cut_create(self, tenant: str, idem: IdemKey
-                          ) -> tuple[str, dict[str, Any], list[bool]] | None:
-        """A keyed create of a sharded session whose front died once the hosts made some of
-        its shards, not all (never acknowledged; nothing could run on it: an operation needs
-        every shard): its key, entry, and which shards are held. None for anything else (one
-        whole, deleted, or that no host made: :meth:`find_create`)."""
+    def _indexed_create(self, tenant: str, idem: IdemKey
+                        ) -> tuple[str, dict[str, Any]] | str | None:
+        """A keyed create indexed before (``.creates``) whose session is not answered yet
+        (:meth:`find_create`: no host holds all of it): its key and entry, to be finished
+        there; only its key when its entry is gone (a refusal cut between the two removals: it
+        is made under that key); None when there is none. 422 for another request under the
+        key; 409 ``session_exists`` when its id was taken since by another create."""
         made = self.directory.created(tenant, idem.key)
-        if made is None or made.get("deleted") or made.get("fingerprint") != idem.fingerprint:
-            return None
+        if made is None or made.get("deleted"):
+            return None  # (a deleted one's retry: find_create answered it)
+        if made["fingerprint"] != idem.fingerprint:
+            raise reused()
         key = str(made["key"])
         entry = self.directory.get(key)
-        if entry is None or entry.get("created_by") != idem.key or "shards" not in entry:
+        if entry is None:
+            return key
+        if entry.get("created_by") != idem.key:
+            raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
+                           code="session_exists", field="id")
+        if "host" in entry and str(entry["host"]) not in self._host_names():
+            # its host is gone for good (its host.json too): nothing of it is anywhere, and it
+            # is made again as new, on a host placed now
+            self.directory.remove(key)
+            self.directory.drop_created(tenant, idem.key, key)
             return None
-        held = await self._held(key, entry)
-        return (key, entry, held) if any(held) and not all(held) else None
+        return key, entry
 
-    async def _finish_create(self, key: str, entry: dict[str, Any], held: list[bool],
-                             spec: CreateSpec, idem: IdemKey) -> SessionInfo:
-        """The retry of a sharded create cut part-way (:meth:`_cut_create`): the missing shards
-        are made on the entry's hosts, those made are kept (each answers the create from its
-        key), and it is answered as created. A refusal leaves it as it was (the shards the
-        first try made stay, for the next retry)."""
-        layout = ShardLayout.from_json(entry["layout"])
-        shards: list[tuple[Host, str]] = [(self._host(name), shard_key(key, i, layout.shards))
-                                          for i, name in enumerate(entry["shards"])]
-        _, info = await ShardedSession.create(key, spec, layout, shards, idem=idem,
-                                              made={i for i, h in enumerate(held) if h})
+    async def _undo_create(self, key: str, entry: dict[str, Any], idem: IdemKey | None,
+                           exc: Exception) -> None:
+        """After a create failed: its entry (and index) are removed when no host can hold any
+        of the session (a host's refusal of an unsharded one; none of a sharded one's hosts
+        holds a shard of it), else kept, so nothing a host made is left without them: a 503
+        ``host_restarting`` (the host may have made it) or any failure of a keyed create keeps
+        them, and its retry is answered with the session or finishes it on the same hosts
+        (:meth:`create`); an unkeyed one's are kept while a host holds some of it (a session
+        the client can list and delete) or cannot say."""
+        refused = isinstance(exc, OptserveError) and 400 <= exc.status < 500
+        if idem is not None and not refused:
+            return
+        if not (refused and "host" in entry):
+            try:
+                if any(await self._held(key, entry)):
+                    return
+            except OptserveError:
+                return
+        self.directory.remove(key)
+        if idem is not None:
+            self.directory.drop_created(split_key(key)[0], idem.key, key)
+
+    async def _finish_create(self, key: str, entry: dict[str, Any], spec: CreateSpec,
+                             idem: IdemKey) -> SessionInfo:
+        """The retry of a keyed create indexed before (:meth:`_indexed_create`): made on its
+        entry's hosts under its key; each host answers the key's create once (from the key, a
+        replay, when it made its part already, also while a first try is still at it). Any
+        part made stays on a failure (the first try's, and this one's: a first try still at
+        it may have made it), for the next retry (:meth:`_undo_create` for an unsharded
+        session's refusal)."""
+        try:
+            if "host" in entry:
+                info = await self._host(str(entry["host"])).create(key, spec, idem=idem)
+            else:
+                layout = ShardLayout.from_json(entry["layout"])
+                shards: list[tuple[Host, str]] = [
+                    (self._host(name), shard_key(key, i, layout.shards))
+                    for i, name in enumerate(entry["shards"])]
+                _, info = await ShardedSession.create(key, spec, layout, shards, idem=idem,
+                                                      made=set(range(layout.shards)))
+        except Exception as exc:
+            if "host" in entry:
+                await self._undo_create(key, entry, idem, exc)
+            raise
         self._entries[key] = entry
         return self._placed(info, entry)
 

@@ -289,8 +289,10 @@ def test_a_keyed_ray_create_whose_front_died_is_answered_or_made_once(
     directory entry is left; no clean-up runs): once the hosts made the session, or before
     they were asked. Retried through the next front, it is answered with the session the hosts
     made (201 ``Idempotent-Replayed``), not made a second time; one the hosts never made is
-    made by the retry, once. Either way one session, which steps as torch, and a further retry
-    is answered with it. (The key is kept in the directory before the hosts are asked.)"""
+    made by the retry, once, under the first try's key: its entry, no second one left behind
+    (hidden from the list, counted toward the session limit). Either way one session, which
+    steps as torch, and a further retry is answered with it. (The key is kept in the directory
+    before the hosts are asked.)"""
     cluster = Cluster(tmp_path, monkeypatch)
     ckey = create_key("k-died")
 
@@ -325,11 +327,13 @@ def test_a_keyed_ray_create_whose_front_died_is_answered_or_made_once(
 
             second = cluster.front()
             again = await second.create(spec(shards), idem=ckey)
-            if at == "after-the-hosts":
-                assert again.replayed and f"default~{again.id}" == made[0], (again, made)
-            else:
-                assert not again.replayed and f"default~{again.id}" != made[0], (again, made)
+            # (made under the first try's key: its entry is the session's, no claim is left
+            # behind, hidden from the list and counted toward OPTSERVE_MAX_SESSIONS)
+            assert f"default~{again.id}" == made[0], (again, made)
+            assert again.replayed == (at == "after-the-hosts"), again
             assert [i.id for i in await second.list_sessions()] == [again.id]
+            assert entries(second) == made
+            assert await second.router.count("default~") == 1
             torch_ = AsTorch(spec(shards))
             for _ in range(2):
                 await torch_.step(second, again.id)
@@ -570,3 +574,190 @@ def test_a_ray_session_refused_at_start_is_kept_whole(
     assert files() == before
     asyncio.run(restarted())
     assert files() == before
+
+
+def session_files(sid: str, shards: int) -> list[str]:
+    """What :func:`held_keys` lists for one session."""
+    if shards == 1:
+        return [f"default~{sid}"]
+    return [f"default#{sid}~shard{i}of{shards}" for i in range(shards)]
+
+
+CUT_503 = [(1, "keyed", True), (1, "keyed", False), (1, "unkeyed", True),
+           (1, "unkeyed", False), (2, "keyed", True)]
+
+
+@pytest.mark.parametrize(("shards", "keyed", "made"), CUT_503,
+                         ids=[f"{s}-{k}-{'made' if m else 'not-made'}" for s, k, m in CUT_503])
+def test_a_ray_create_cut_by_a_503_leaves_no_session_without_its_entry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int, keyed: str,
+        made: bool) -> None:
+    """A create (without an id) whose host (a sharded one's shard 1 host) answers 503
+    ``host_restarting`` once it made its session (or shard), or before it did: the create
+    may or may not have been applied. The front removed the entry (and the create's index),
+    leaving what the host made there for good: never listed, never counted, back at every
+    start, and the keyed create's retry made a second session. The entry and index are kept
+    (a keyed create's always: its retry is answered with the session, or finishes it on the
+    same hosts, under the same key; an unkeyed one's while a host holds any of it, so the
+    client lists it and can delete it), and removed only when no host holds any of it. After
+    a restart the hosts hold exactly the sessions the directory names; a kept session steps as
+    torch."""
+    cluster = Cluster(tmp_path, monkeypatch)
+    ckey = create_key("k-503") if keyed == "keyed" else None
+
+    async def run() -> None:
+        try:
+            first = cluster.front()
+            real = ray_host.RayHost.create
+
+            async def cut(host: Any, key: str, s: Any, **kw: Any) -> Any:
+                if shards == 1 or key.endswith(f"shard{shards - 1}of{shards}"):
+                    if made:
+                        await real(host, key, s, **kw)
+                    raise ray_host.Unavailable("the host is restarting",
+                                               code="host_restarting")
+                return await real(host, key, s, **kw)
+            with monkeypatch.context() as m:
+                m.setattr(ray_host.RayHost, "create", cut)
+                with pytest.raises(ray_host.Unavailable) as err:
+                    await first.create(spec(shards), idem=ckey)
+            assert err.value.code == "host_restarting"
+            await cluster.kill()
+
+            second = cluster.front()
+            kept = entries(second)
+            if ckey is None:
+                assert len(kept) == int(made), kept
+                sids = [k.partition("~")[2] for k in kept]
+                assert [i.id for i in await second.list_sessions()] == sids
+                assert held_keys(cluster) == [f for sid in sids
+                                              for f in session_files(sid, shards)]
+                assert await second.router.count("default~") == len(sids)
+                if sids:  # (the client finds it, and deletes it)
+                    assert not await second.delete(sids[0])
+                    assert entries(second) == [] and held_keys(cluster) == []
+                return
+            [entry] = kept
+            again = await second.create(spec(shards), idem=ckey)
+            assert f"default~{again.id}" == entry, (again, kept)
+            assert again.replayed == (made and shards == 1), again
+            assert entries(second) == [entry]
+            assert [i.id for i in await second.list_sessions()] == [again.id]
+            assert held_keys(cluster) == session_files(again.id, shards)
+            torch_ = AsTorch(spec(shards))
+            await torch_.step(second, again.id)
+            await cluster.kill()
+            third = cluster.front()
+            replayed = await third.create(spec(shards), idem=ckey)
+            assert replayed.replayed and replayed.id == again.id and replayed.version == 1
+            assert held_keys(cluster) == session_files(again.id, shards)
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
+
+
+AT_ONCE = [(1, "before-the-index"), (1, "at-the-hosts"), (2, "before-the-index"),
+           (2, "at-the-hosts")]
+
+
+@pytest.mark.parametrize(("shards", "at"), AT_ONCE, ids=[f"{s}-{a}" for s, a in AT_ONCE])
+def test_a_keyed_ray_create_run_by_two_fronts_at_once_makes_one_session(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int, at: str) -> None:
+    """A keyed create without an id (plain, sharded) still in flight through one front
+    (placing it, before its index is written; or with its hosts, once it is) when the
+    client's retry reaches another front, which runs to the end first. The retry made a
+    second session (its index replacing the first's, or beside it: the first still at its
+    hosts looked like a create cut short). The first try's index decides: the retry finishes
+    that create on its hosts (at-the-hosts), or the first try, finding the retry's index,
+    drops its entry and is answered with the retry's session. One session, one entry, which
+    both answer (one of them as replayed) and both fronts list; it steps as torch, and a
+    later retry through a new front is answered with it."""
+    cluster = Cluster(tmp_path, monkeypatch)
+    ckey = create_key("k-once")
+
+    async def run() -> None:
+        try:
+            first, second = cluster.front(), cluster.front()
+            entered, go = asyncio.Event(), asyncio.Event()
+            calls = 0
+
+            def gated(real: Any) -> Any:
+                async def wait_first(*args: Any, **kw: Any) -> Any:
+                    nonlocal calls
+                    calls += 1
+                    if calls == 1:  # (the first front's)
+                        entered.set()
+                        await go.wait()
+                    return await real(*args, **kw)
+                return wait_first
+            with monkeypatch.context() as m:
+                if at == "before-the-index":
+                    m.setattr(ray_host.RayRouter, "_place", gated(ray_host.RayRouter._place))
+                elif shards == 1:
+                    m.setattr(ray_host.RayHost, "create", gated(ray_host.RayHost.create))
+                else:
+                    m.setattr(ray_host.ShardedSession, "create",
+                              staticmethod(gated(ray_host.ShardedSession.create)))
+                one = asyncio.create_task(first.create(spec(shards), idem=ckey))
+                await entered.wait()
+                two = await second.create(spec(shards), idem=ckey)
+                go.set()
+                one_ = await one
+            assert one_.id == two.id, (one_, two)
+            assert not two.replayed and one_.replayed, (one_, two)
+            for front in (first, second):
+                assert [i.id for i in await front.list_sessions()] == [two.id]
+            assert entries(second) == [f"default~{two.id}"]
+            assert held_keys(cluster) == session_files(two.id, shards)
+            torch_ = AsTorch(spec(shards))
+            for front in (first, second):
+                await torch_.step(front, two.id)
+            await cluster.kill()
+            third = cluster.front()
+            replayed = await third.create(spec(shards), idem=ckey)
+            assert replayed.replayed and replayed.id == two.id and replayed.version == 2
+            assert held_keys(cluster) == session_files(two.id, shards)
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
+
+
+def test_a_keyed_ray_create_cut_on_a_host_gone_since_is_made_anew(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyed create without an id cut before its host made the session (its front died),
+    whose host is then gone for good (its actor and its folder, host.json too): the retry is
+    not sent to it (a 404 on a create), nor does it leave the first try's entry behind: the
+    session is made anew on a host placed now, one entry, and steps as torch."""
+    import shutil
+    cluster = Cluster(tmp_path, monkeypatch)
+    ckey = create_key("k-gone-host")
+
+    async def run() -> None:
+        try:
+            first = cluster.front()
+
+            async def dies(host: Any, key: str, s: Any, **kw: Any) -> Any:
+                raise Crash(key)
+
+            def remove(d: Directory, key: str) -> None:
+                raise Crash(key)  # (a kill runs no clean-up)
+            with monkeypatch.context() as m:
+                m.setattr(ray_host.RayHost, "create", dies)
+                m.setattr(Directory, "remove", remove)
+                with pytest.raises(Crash):
+                    await first.create(spec(), idem=ckey)
+            [made] = entries(first)
+            await cluster.kill()
+            shutil.rmtree(tmp_path / "hosts" / entries_of(first, made.partition("~")[2])["host"])
+
+            second = cluster.front()
+            again = await second.create(spec(), idem=ckey)
+            assert not again.replayed and f"default~{again.id}" != made, again
+            assert entries(second) == [f"default~{again.id}"]
+            assert held_keys(cluster) == [f"default~{again.id}"]
+            await AsTorch(spec()).step(second, again.id)
+            replayed = await cluster.front().create(spec(), idem=ckey)
+            assert replayed.replayed and replayed.id == again.id and replayed.version == 1
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
