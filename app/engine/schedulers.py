@@ -264,20 +264,32 @@ def _stepped_leaves(sched: Scheduler) -> list[Scheduler]:
 
 
 def capture(optimizer: torch.optim.Optimizer, sched: Scheduler | None) -> Any:
-    """The small state a scheduler step changes: every group's options (tensor values cloned:
-    torch fills a tensor lr in place) and the scheduler's own state."""
-    groups = [{k: copy.deepcopy(v) for k, v in g.items() if k not in ("params", "param_names")}
-              for g in optimizer.param_groups]
-    return groups, None if sched is None else copy.deepcopy(sched.state_dict())
+    """The small state a scheduler step changes: every group's options and the scheduler's
+    own state. A tensor value (a tensor lr, which torch's schedulers fill in place) is kept as
+    the object itself with a copy of its value: :func:`restore` puts the same object back with
+    that value, so what shares it (torch's ``defaults["lr"]`` and every group built from the
+    defaults hold one tensor) still does."""
+    kept = [{k: v for k, v in g.items() if k not in ("params", "param_names")}
+            for g in optimizer.param_groups]
+    values = copy.deepcopy(kept)  # (one copy: tensors shared between groups stay shared)
+    return kept, values, None if sched is None else copy.deepcopy(sched.state_dict())
 
 
 def restore(optimizer: torch.optim.Optimizer, sched: Scheduler | None, saved: Any) -> None:
-    """Put back what :func:`capture` saved (the group options and the scheduler's state)."""
-    groups, sched_state = saved
-    for group, options in zip(optimizer.param_groups, groups, strict=True):
+    """Put back what :func:`capture` saved (the group options, tensor values into the tensors
+    they were, and the scheduler's state)."""
+    kept, values, sched_state = saved
+    for group, objects, options in zip(optimizer.param_groups, kept, values, strict=True):
         for key in [k for k in group if k not in ("params", "param_names") and k not in options]:
             del group[key]
-        group.update(copy.deepcopy(options))
+        for key, value in options.items():
+            obj = objects[key]
+            if isinstance(obj, torch.Tensor):
+                with torch.no_grad():
+                    obj.copy_(value)
+                group[key] = obj
+            else:
+                group[key] = copy.deepcopy(value)
     if sched is not None and sched_state is not None:
         sched.load_state_dict(copy.deepcopy(sched_state))
 
@@ -313,7 +325,7 @@ def dry_run(optimizer: torch.optim.Optimizer, sched: Scheduler, metric: float | 
                           f"{type(exc).__name__}{': ' + str(exc) if str(exc) else ''}; nothing "
                           "was changed", code="scheduler_failed", field=field) from None
         if written is not None:
-            written(saved[0])
+            written(saved[1])
     finally:
         restore(optimizer, sched, saved)
 

@@ -21,6 +21,7 @@ from app.engine import (
     option_values,
     ps,
     schedulers,
+    shared_options,
     sparse,
     state_dicts,
 )
@@ -636,6 +637,9 @@ class Session:
                 # torch's load_state_dict adds keys to optimizer.defaults (differentiable):
                 # a restore puts back exactly the keys the running optimizer had
                 "defaults_keys": list(self.optimizer.defaults),
+                # which option slots hold one tensor (a tensor lr given as the default is the
+                # defaults' and every group's built from them): a restore links them again
+                "shared_tensors": shared_options.shared_slots(self.optimizer),
                 "metrics": self.metrics_on,
                 "pending_scalars": self.pending_scalars,
             },
@@ -669,6 +673,9 @@ class Session:
         keep_state_dtypes(session.optimizer, saved_groups, state)
         for group, names in zip(session.optimizer.param_groups, meta["groups"], strict=True):
             group["param_names"] = list(names)
+        # (snapshots from before it lack the shared slots: their defaults' values still hold)
+        shared_options.relink(session.optimizer, meta["defaults"],
+                              meta.get("shared_tensors") or [])
         if meta.get("defaults_keys") is not None:
             keep = set(meta["defaults_keys"])
             for key in [k for k in session.optimizer.defaults if k not in keep]:

@@ -331,9 +331,18 @@ def prepare_import(session: Session, state: object, request: bool = False,
             f": give state_dict.param_groups.{i} values in range. (A session left holding "
             "such a value by an older server exports it: PATCH that session's group "
             f"(.../param_groups/{i}) to a value in range, then export again)")
+    # a refusal names what the import changes in the group first (a tensor lr into a foreach
+    # group: the lr, not the capturable torch's message also names)
+    group_fields = {}
+    for i in changed:
+        where = f"state_dict.param_groups.{i}"
+        new, old = group_opts[i], before[i]
+        group_fields[i] = ({k: f"{where}.{k}" for k, v in new.items()
+                            if k not in old or not _same_value(v, old[k])},
+                           {k: f"{where}.{k}" for k in new})
     optimizers.probe(session.cls, session.defaults,
                      scheduled_lrs_taken(session, state, group_opts), dtypes, session.device,
-                     fields, "state_dict.param_groups", check=changed)
+                     fields, "state_dict.param_groups", check=changed, group_fields=group_fields)
 
     raw_state = state.get("state", {})
     if not isinstance(raw_state, dict):

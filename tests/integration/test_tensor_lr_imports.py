@@ -263,3 +263,25 @@ def test_a_float_initial_lr_over_a_tensor_one_is_taken_as_in_torch(
         for r in (local, remote):
             r.step(GRADS[0])
         check_equal(remote, local)
+
+
+def test_a_tensor_lr_into_a_foreach_group_is_refused_naming_the_lr(
+        app_client: TestClient) -> None:
+    """torch's Adam refuses a tensor lr with ``foreach=True`` (and ``capturable=False``); an
+    import giving a foreach group one is a 422 naming the lr it changes (torch's message also
+    names ``capurable`` and ``foreach``, which the import left as they were)."""
+    r = app_client.post("/v1/sessions", json={"optimizer": "Adam", "options": {
+        "lr": 0.01, "foreach": True}, "params": {"w": vector(P0)}})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    before = app_client.get(f"/v1/sessions/{sid}/state_dict").json()
+    bad = copy.deepcopy(before)
+    bad["param_groups"][0]["lr"] = json_lr(torch.tensor(0.01))
+    with pytest.raises(ValueError) as torch_refusal:
+        torch.optim.Adam([torch.tensor(P0)], lr=torch.tensor(0.01), foreach=True)
+    r = app_client.put(f"/v1/sessions/{sid}/state_dict", json=bad)
+    assert r.status_code == 422, r.text
+    assert (r.json()["code"], r.json()["field"]) == ("invalid_option",
+                                                      "state_dict.param_groups.0.lr")
+    assert r.json()["detail"] == str(torch_refusal.value)
+    assert app_client.get(f"/v1/sessions/{sid}/state_dict").json() == before
