@@ -680,10 +680,7 @@ class EmbeddedHost:
         """The idempotency key (and fingerprint) of the create that made this session; None
         for a shard (its sharded session's create key is kept in the directory)."""
         from app.engine.shards import parent_of
-        session = self._sessions.get(key)
-        if session is None or parent_of(key) is not None:
-            return None
-        return session.created_by
+        return self.create_key_of(key) if parent_of(key) is None else None
 
     # ------------------------------------------------------------------ operations
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,

@@ -520,14 +520,9 @@ def _in_chunks(before: torch.Tensor, after: torch.Tensor, refill: bool
     are the tensor's); with ``refill``, each chunk of ``before`` gets ``after``'s values once
     normed (what :func:`take_ahead` copies)."""
     b, a = before.reshape(-1), after.reshape(-1)
-    if not (b.is_contiguous() and a.is_contiguous()) or b.data_ptr() == a.data_ptr():
-        b.sub_(a)  # (as the one-piece path does; pieces() copies strided values)
-        update, values = chunked.pieces(b), chunked.pieces(a)
-        norms = torch._foreach_norm([*update, *values])
-        if refill:
-            b.copy_(a)
-        return list(norms[:len(update)]), list(norms[len(update):])
     step = max(1, FUSED // chunked.piece()) * chunked.piece()
+    if not (b.is_contiguous() and a.is_contiguous()) or b.data_ptr() == a.data_ptr():
+        step = max(1, b.numel())  # (whole, as the one-piece path: pieces() copies strided values)
     update_norms: list[torch.Tensor] = []
     value_norms: list[torch.Tensor] = []
     for start in range(0, b.numel(), step):

@@ -300,7 +300,7 @@ class LocalRouter:
             found = await indexed_session(made, entry, idem,
                                           lambda: self._whole(key, entry or {}))
             if found is not None:
-                await self._check_not_refused(found, idem)
+                await self._check_not_refused(found, idem, self.directory.get(found))
                 return found
         elif (tenant, idem.key) in self._unindexed:
             cut, whole = await self._cut_create(tenant, idem)
@@ -315,17 +315,19 @@ class LocalRouter:
         shards = ShardLayout.from_json(entry["layout"]).shards
         return [shard_key(key, i, shards) for i in range(shards)]
 
-    async def _refused_shard(self, key: str) -> str | None:
-        """The key of a shard of this sharded session refused at start, if any."""
-        entry = self.directory.get(key)
+    async def _refused_shard(self, key: str, entry: dict[str, Any] | None) -> str | None:
+        """The key of a shard of this sharded session (``entry``: its directory entry, None
+        when it has none) refused at start, if any."""
+        if entry is None:
+            return None
         refused = await self.local.refused()
-        return next((k for k in self._shard_keys(key, entry) if k in refused), None) \
-            if entry is not None else None
+        return next((k for k in self._shard_keys(key, entry) if k in refused), None)
 
-    async def _check_not_refused(self, key: str, idem: IdemKey) -> None:
+    async def _check_not_refused(self, key: str, idem: IdemKey,
+                                 entry: dict[str, Any] | None) -> None:
         """A retried create of a sharded session with a shard refused at start: the session
         exists (as an unsharded one refused at start does), it is not made again."""
-        if await self._refused_shard(key) is not None:
+        if await self._refused_shard(key, entry) is not None:
             raise session_refused(idem.key, split_key(key)[1])
 
     async def _cut_create(self, tenant: str, idem: IdemKey) -> tuple[str | None, bool]:
@@ -340,13 +342,14 @@ class LocalRouter:
             del self._unindexed[(tenant, idem.key)]
             return None, False
         held = set(await self.local.keys())
-        mine = [self.local.embedded.made_by(k, idem) for k in self._shard_keys(key, entry)
+        shard_keys = self._shard_keys(key, entry)
+        mine = [self.local.embedded.made_by(k, idem) for k in shard_keys
                 if k in held]  # (422 for another request)
-        await self._check_not_refused(key, idem)
+        await self._check_not_refused(key, idem, entry)
         if None in mine:  # (a shard made otherwise: the id is taken, as before)
             raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
                            code="session_exists", field="id")
-        return key, len(mine) == len(self._shard_keys(key, entry))
+        return key, len(mine) == len(shard_keys)
 
     def _index_cut_create(self, key: str, entry: dict[str, Any], made_by: str) -> None:
         """Write the ``.creates`` index of a keyed create cut before it (:meth:`_cut_create`),
@@ -425,7 +428,7 @@ class LocalRouter:
         entry = self.directory.get(key) if key in self._sharded_keys else None
         if entry is None:
             return self.local
-        refused = await self._refused_shard(key)
+        refused = await self._refused_shard(key, entry)
         if refused is not None:  # (as an unsharded session refused at start: not found)
             raise refused_at_start(key, shard_index(refused))
         layout = ShardLayout.from_json(entry["layout"])
@@ -448,7 +451,9 @@ class LocalRouter:
 
     async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
         from app.engine.shards import shard_index
-        refused = await self._refused_shard(key) if key in self._sharded_keys else None
+        # (a session already routed had every shard: none of them was refused at start)
+        refused = (await self._refused_shard(key, self.directory.get(key))
+                   if key in self._sharded_keys and key not in self._sharded else None)
         if refused is not None:
             # as an unsharded session refused at start: not deleted (none of its shards),
             # its files left to an operator
