@@ -13,6 +13,7 @@ import numpy as np
 import orjson
 import torch
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -66,13 +67,24 @@ async def _receive(request: Request, take: Callable[[bytes], None]) -> None:
     settings = getattr(request.app.state, "settings", None)
     timeout: float | None = getattr(settings, "body_timeout_s", None)
     loop = asyncio.get_running_loop()
+    receive = request.receive
     try:
         async with asyncio.timeout(timeout) as deadline:
-            async for chunk in request.stream():
+            # as Starlette's ``request.stream()``, reading ``more_body`` too: the last chunk
+            # (a small body's only one) moves no timer on
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
+                if message["type"] != "http.request":
+                    continue
+                chunk = message.get("body", b"")
                 if chunk:
                     take(chunk)
-                    if timeout is not None:
-                        deadline.reschedule(loop.time() + timeout)
+                if not message.get("more_body", False):
+                    break
+                if chunk and timeout is not None:
+                    deadline.reschedule(loop.time() + timeout)
     except TimeoutError:
         raise BodyTimeout(f"no request body bytes for {timeout:g} s "
                           "(OPTSERVE_BODY_TIMEOUT_S)", field="body", limit=timeout) from None
