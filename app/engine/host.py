@@ -41,7 +41,16 @@ from typing import Any, TypeVar, cast
 
 import torch
 
-from app.engine import chunked, metrics, optimizers, persist, ps, sparse, state_dicts
+from app.engine import (
+    chunked,
+    metrics,
+    optimizers,
+    persist,
+    ps,
+    sparse,
+    state_dicts,
+    state_order,
+)
 from app.engine.chunked import DEFAULT_CHUNK
 from app.engine.deleted_creates import (
     DeletedCreates,
@@ -85,7 +94,7 @@ from app.engine.ops import (
 from app.engine.ops.gradients import StepPlan, staleness_of
 from app.engine.rounds import Round, SyncRounds
 from app.engine.session import Session
-from app.engine.shards import shown_id
+from app.engine.shards import shard_index, shown_id
 from app.engine.store import Files, Store, StoreCorrupt
 from app.engine.worker import DeviceWorker, Observer
 from app.errors import Conflict, Invalid, NotFound, OptserveError, Unavailable
@@ -472,7 +481,8 @@ class EmbeddedHost:
         def read() -> StateExport:
             s = self._get(key)
             sd = export_state_dict(s)
-            return StateExport(sd, s.version, s.step_count, s.revision)
+            order = None if s.state_order is None else dict(s.state_order)
+            return StateExport(sd, s.version, s.step_count, s.revision, order)
         await self._settled(key)
         return await self._worker.run(read)
 
@@ -613,6 +623,9 @@ class EmbeddedHost:
         session.idem.window = self.config.idempotency_window
         session.created_by = keys[0] if keys else None
         session.snapshot_time = time.monotonic()  # the time-based snapshot counts from now
+        if shard_index(key) is not None:  # (Adagrad's states, made at construction)
+            session.state_order = {}
+            state_order.note_new(session)
         return session
 
     async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
@@ -1153,6 +1166,9 @@ class EmbeddedHost:
                                    self._device) if payload is not None else None)
         if session is not None:  # the replayed records' keys kept as many as live ones are
             session.shown_id = shown_id(key)
+            if session.state_order is None and shard_index(key) is not None:
+                session.state_order = {}  # (a snapshot from before the stamps: as they are)
+                state_order.note_new(session)
             session.idem.window = self.config.idempotency_window  # (_build sets a create's)
         replayed = 0
         for i, raw in enumerate(records):

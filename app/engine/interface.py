@@ -270,6 +270,9 @@ class StateExport:
     version: int
     step: int
     revision: int = 0
+    #: a shard's stamps on its states (:mod:`app.engine.state_order`): how its sharded
+    #: session orders every shard's states as torch would; None for any other session
+    state_order: dict[str, tuple[int, int]] | None = None
 
 
 @dataclass

@@ -24,6 +24,7 @@ from app.engine import (
     shared_options,
     sparse,
     state_dicts,
+    state_order,
 )
 from app.engine.history import History
 from app.engine.idempotency import IdempotencyTable
@@ -221,6 +222,10 @@ class Session:
         self.known_header: tuple[bytes, list[torch.Tensor]] | None = None
         #: how its parameters are copied out with one copy (:class:`BlockPlan`), kept
         self.block_plan: BlockPlan | None = None
+        #: a shard's stamps on its optimizer's per-parameter states: name -> (the version when
+        #: the state was made, its place among those made then); None for any other session
+        #: (:mod:`app.engine.state_order`)
+        self.state_order: dict[str, tuple[int, int]] | None = None
         self.seq = 0  # records logged for this session, ever (persistence)
         self.seq_at_snapshot = 0
         self.snapshot_time = 0.0
@@ -642,6 +647,7 @@ class Session:
                 "shared_tensors": shared_options.shared_slots(self.optimizer),
                 "metrics": self.metrics_on,
                 "pending_scalars": self.pending_scalars,
+                "state_order": state_order.to_json(self.state_order),
             },
             "history": self.history.to_tree(),
             "state_dict": sd,
@@ -669,7 +675,8 @@ class Session:
                   if isinstance(v, tuple)}
         saved_groups = [{k: tuple(v) if k in tuples and isinstance(v, list) else v
                          for k, v in g.items()} for g in sd["param_groups"]]
-        session.optimizer.load_state_dict({"state": state, "param_groups": saved_groups})
+        state_dicts.load_optimizer_state(session.optimizer,
+                                         {"state": state, "param_groups": saved_groups})
         keep_state_dtypes(session.optimizer, saved_groups, state)
         for group, names in zip(session.optimizer.param_groups, meta["groups"], strict=True):
             group["param_names"] = list(names)
@@ -698,6 +705,7 @@ class Session:
         session.created_by = (str(created[0]), str(created[1])) if created else None
         session.accum = {n: t.to(device=device, copy=True) for n, t in tree["accum"].items()}
         session.metrics_on = bool(meta.get("metrics", True))
+        session.state_order = state_order.from_json(meta.get("state_order"))
         session.pending_scalars = {str(k): [float(v[0]), float(v[1])]
                                    for k, v in (meta.get("pending_scalars") or {}).items()}
         # snapshots from before the history: an empty ring whose rows go on from the step count

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from app.engine import metrics, ps, state_dicts
+from app.engine import metrics, ps, state_dicts, state_order
 from app.engine.interface import (
     CreateSpec,
     EngineStatus,
@@ -219,31 +219,43 @@ def merge_params(parts: Sequence[Tensors | None], layout: ShardLayout,
     return pack({n: merged[n] for n in order if n in merged})
 
 
-def merge_state(sds: list[dict[str, Any]], layout: ShardLayout) -> dict[str, Any]:
+def merge_state(sds: list[dict[str, Any]], layout: ShardLayout,
+                orders: Sequence[dict[str, tuple[int, int]] | None] | None = None
+                ) -> dict[str, Any]:
     """The shards' state dicts as the unsharded session's (torch's format: ids in the
-    session's order of parameters)."""
+    session's order of parameters; the states in the order torch made them, by the shards'
+    stamps in ``orders``: :mod:`app.engine.state_order`)."""
     gid = {name: i for i, name in enumerate(layout.names())}
-    state: dict[int, Any] = {}
-    for sd in sds:
+    ranked: list[tuple[tuple[int, int], int, Any]] = []
+    for i, sd in enumerate(sds):
+        order = (orders[i] if orders is not None else None) or {}
         for group in sd["param_groups"]:
             for local, name in zip(group["params"], group["param_names"], strict=True):
                 entry = sd["state"].get(local)
-                if entry is not None:
-                    state[gid[name]] = entry
+                if entry is None:
+                    continue
+                made, place = order.get(name, (-1, state_order.MADE_BY_STEP))
+                ranked.append(((made, gid[name] if place == state_order.MADE_BY_STEP
+                                else place), gid[name], entry))
+    state = {pid: entry for _, pid, entry in sorted(ranked, key=lambda r: (r[0], r[1]))}
     groups = []
     for i, group in enumerate(sds[0]["param_groups"]):
         names = layout.groups[i]
-        groups.append({**{k: v for k, v in group.items() if k not in ("params", "param_names")},
-                       "params": [gid[n] for n in names], "param_names": list(names)})
-    out: dict[str, Any] = {"state": dict(sorted(state.items())), "param_groups": groups}
+        whole = {"params": [gid[n] for n in names], "param_names": list(names)}
+        groups.append({k: whole.get(k, v) for k, v in group.items()})  # (in torch's order)
+    out: dict[str, Any] = {"state": state, "param_groups": groups}
     if "scheduler" in sds[0]:
         out["scheduler"] = sds[0]["scheduler"]
     return out
 
 
-def split_state(state: dict[str, Any], layout: ShardLayout) -> list[dict[str, Any]]:
-    """A whole-session state dict (torch's format) as each shard's: parameters by position, as
-    the unsharded import takes them. Structure errors are the unsharded session's own."""
+def split_state(state: dict[str, Any], layout: ShardLayout
+                ) -> list[tuple[dict[str, Any], list[int]]]:
+    """A whole-session state dict (torch's format) as each shard's, with the position in the
+    session's state of each of the part's entries (:class:`ImportState`'s ``ranks``):
+    parameters by position, as the unsharded import takes them, each part's entries in the
+    session's order, empty ones (``{}``) too, as torch keeps them. Structure errors are the
+    unsharded session's own."""
     if not isinstance(state, dict):
         raise Invalid("a state dict must be an object with state and param_groups",
                       code="state_mismatch", field="state_dict")
@@ -276,7 +288,7 @@ def split_state(state: dict[str, Any], layout: ShardLayout) -> list[dict[str, An
             raise Invalid(f"state for parameter id {pid}, which no param group lists",
                           code="state_mismatch", field=f"state_dict.state.{key}")
         by_name[name_of[pid]] = entry
-    first = next(iter(by_name), None)
+    place = {n: i for i, n in enumerate(by_name)}
     out = []
     for index in range(layout.shards):
         local = {n: i for i, n in enumerate(layout.names_of(index))}
@@ -287,21 +299,12 @@ def split_state(state: dict[str, Any], layout: ShardLayout) -> list[dict[str, An
                                     if k not in ("params", "param_names")},
                                  "params": [local[n] for n in mine], "param_names": mine})
         mine_state = [(n, e) for n, e in by_name.items() if layout.owner[n] == index]
-        # empty entries after full ones, but the state's first entry kept first: Adagrad's
-        # load_state_dict reads the first entry's step (an empty first entry is refused, as
-        # torch refuses it; one later in the session's state must load on its shard too)
-        mine_state.sort(key=lambda item: 0 if item[0] == first else 1 if item[1] else 2)
-        if first not in local and all(isinstance(e, dict) and not e for _, e in mine_state):
-            # only empty entries, none of them the session's first: they would be this
-            # shard's first, refused, where the session loads them (torch makes an empty or a
-            # missing entry's state afresh at its next step alike). Left out, they load
-            mine_state = []
         sd: dict[str, Any] = {"state": {local[n]: e for n, e in mine_state},
                               "param_groups": shard_groups}
         for k, v in state.items():
             if k not in ("state", "param_groups"):
                 sd[k] = v  # the scheduler (and anything unknown, which every shard refuses)
-        out.append(sd)
+        out.append((sd, [place[n] for n, _ in mine_state]))
     return out
 
 
@@ -484,7 +487,8 @@ class ShardedSession:
             self._check_usable()
             outs = await self._all(lambda host, skey: host.export_state(skey))
         self._check_lockstep([o.version for o in outs])
-        return StateExport(merge_state([o.state_dict for o in outs], self.layout),
+        return StateExport(merge_state([o.state_dict for o in outs], self.layout,
+                                       [o.state_order for o in outs]),
                            outs[0].version, outs[0].step, outs[0].revision)
 
     async def status(self, *, memory: bool = False) -> EngineStatus:  # pragma: no cover
@@ -529,8 +533,8 @@ class ShardedSession:
                                              scheduler_range=op.scheduler_range,
                                              tensor_range=op.tensor_range,
                                              base_version=op.base_version,
-                                             base_revision=op.base_revision)
-                                 for sd in split_state(op.state, layout)))
+                                             base_revision=op.base_revision, ranks=ranks)
+                                 for sd, ranks in split_state(op.state, layout)))
         elif isinstance(op, Configure):
             if op.options.get("sync") is not None:
                 raise Invalid("a sharded session steps without synchronous rounds",

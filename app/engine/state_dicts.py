@@ -10,6 +10,7 @@ the next step.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -261,8 +262,10 @@ def _check_finite(obj: Any, field: str) -> None:
 
 
 def prepare_import(session: Session, state: object, request: bool = False,
-                   tensors: bool = False) -> PreparedImport:
-    """The state checked completely, ready to load. A ``request`` (not a logged record) is
+                   tensors: bool = False, first_elsewhere: bool = False) -> PreparedImport:
+    """The state checked completely, ready to load. ``first_elsewhere``: the state is a shard's
+    part of a sharded session's, whose first entry another shard holds (this part may begin
+    with an empty entry: :func:`load_optimizer_state`). A ``request`` (not a logged record) is
     also refused, in what it changes, a non-finite option or scheduler-kept group key out of
     range (``initial_lr: -5``), and a non-finite number in the scheduler's state, which
     torch's checks let through; ``tensors``: a tensor ``lr`` past the parameters' dtype too
@@ -369,7 +372,7 @@ def prepare_import(session: Session, state: object, request: bool = False,
                 check_lbfgs_state(session, group_opts[0], position[pid], entry, where)
         elif entry:
             same_structure(expected[position[pid]], entry, where)
-        elif eager and not new_state:
+        elif eager and not new_state and not first_elsewhere:
             # torch's Adagrad.__setstate__ (its load_state_dict) reads the first loaded
             # entry's step to tell whether steps are tensors: KeyError 'step' when it is empty
             raise Invalid(f"{session.optimizer_name} cannot load a state whose first entry is "
@@ -396,6 +399,27 @@ def prepare_import(session: Session, state: object, request: bool = False,
         sched_state = conform(live, own_tensors(sched_state, "state_dict.scheduler"))
     names = [list(g["param_names"]) for g in current]
     return PreparedImport({"state": new_state, "param_groups": new_groups}, sched_state, names)
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+    """torch's ``load_state_dict`` of ``sd``, its states kept in ``sd``'s order with its empty
+    entries (``{}``) where they are, as torch keeps them. An empty entry may come first: torch's
+    Adagrad cannot load that (its ``__setstate__`` reads the first entry's ``step``), but a
+    shard's part of a state whose first entry is full may begin with one, and a shard's
+    snapshot keeps it (torch makes the parameter's state at its next step either way)."""
+    state = sd["state"]
+    full = {k: v for k, v in state.items() if not (isinstance(v, dict) and not v)}
+    if len(full) == len(state):
+        opt.load_state_dict(sd)
+        return
+    opt.load_state_dict({**sd, "state": full})
+    by_id = {pid: p for saved, group in zip(sd["param_groups"], opt.param_groups, strict=True)
+             for pid, p in zip(saved["params"], group["params"], strict=True)}
+    ordered: defaultdict[torch.Tensor, Any] = defaultdict(dict)
+    for pid in state:
+        p = by_id[pid]
+        ordered[p] = opt.state[p] if p in opt.state else {}
+    opt.state = ordered
 
 
 def scheduled_lrs_taken(session: Session, state: dict[str, Any],

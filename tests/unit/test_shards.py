@@ -136,10 +136,12 @@ def test_state_split_maps_ids_by_position() -> None:
     sd = {"state": {"0": {"x": 0}, "2": {"x": 2}, 1: {"x": 1}},
           "param_groups": [{"lr": 1, "params": [0, 1]}, {"lr": 2, "params": [2]}]}
     parts = split_state(sd, layout)
-    assert parts[0] == {"state": {0: {"x": 2}}, "param_groups": [
+    assert parts[0] == ({"state": {0: {"x": 2}}, "param_groups": [
         {"lr": 1, "params": [], "param_names": []},
-        {"lr": 2, "params": [0], "param_names": ["c"]}]}
-    assert parts[1]["state"] == {0: {"x": 0}, 1: {"x": 1}}
+        {"lr": 2, "params": [0], "param_names": ["c"]}]}, [1])
+    # each part in the state's order, with each entry's place in it (what orders the export)
+    assert list(parts[1][0]["state"].items()) == [(0, {"x": 0}), (1, {"x": 1})]
+    assert parts[1][1] == [0, 2]
     with pytest.raises(Invalid, match="group 0 has 1 parameters in the state but 2"):
         split_state({"state": {}, "param_groups": [{"params": [0]}, {"params": [1]}]}, layout)
 
@@ -602,8 +604,9 @@ def test_an_adagrad_import_leaving_a_shard_only_empty_entries_loads_as_unsharded
     """torch 2.13's Adagrad loads a state whose entries for some parameters are empty (``{}``)
     as long as its first entry is full, and makes those parameters' state afresh at their next
     step. A shard holding only such parameters got only empty entries, so its part began with
-    one and was refused (422, where the unsharded session took it); it loads now, and both
-    sessions step bitwise as an in-process Adagrad that loaded the same state. An empty first
+    one and was refused (422, where the unsharded session took it); it loads now, both
+    sessions export the empty entries as torch does after the load (the shard left them out),
+    and both step bitwise as an in-process Adagrad that loaded the same state. An empty first
     entry is still refused by both (torch raises KeyError 'step' half-loaded)."""
     groups = [({"w": torch.randn(4, 3), "b": torch.randn(4), "u": torch.randn(3)}, {})]
     gen = torch.Generator().manual_seed(11)
@@ -616,6 +619,7 @@ def test_an_adagrad_import_leaving_a_shard_only_empty_entries_loads_as_unsharded
                "param_groups": full["param_groups"]}
     loaded = Reference(torch.optim.Adagrad, groups, {"lr": 0.1})
     loaded.optimizer.load_state_dict(copy.deepcopy(partial))
+    just_loaded = copy.deepcopy(loaded.optimizer.state_dict())
     for g in grads[1:]:
         loaded.step(g)
 
@@ -633,6 +637,11 @@ def test_an_adagrad_import_leaving_a_shard_only_empty_entries_loads_as_unsharded
             assert (empty_first.value.code, empty_first.value.field) == \
                 ("state_mismatch", "state_dict.state.0"), sid
             await eng.import_state(sid, copy.deepcopy(partial))
+            # as torch's after its load: the empty entries listed (a shard of "two" holds
+            # only those; it listed none of them until their next step)
+            got = (await eng.export_state(sid)).state_dict
+            assert list(map(int, got["state"])) == [0, 1, 2], sid
+            assert_trees_equal(got["state"], just_loaded["state"], sid)
             out = None
             for g in grads[1:]:
                 out = await eng.step(sid, g, return_params=True)

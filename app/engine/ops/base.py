@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from app.engine import state_order
+
 if TYPE_CHECKING:
     from app.engine.session import Session
 
@@ -101,4 +103,5 @@ def apply_counted(op: Operation, s: Session, plan: Any) -> Any:
         raise
     if not op.revised(result):
         s.revision = before
+    state_order.note_new(s)
     return result

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.engine import optimizers, scheduler_writes, schedulers, state_dicts
+from app.engine import optimizers, scheduler_writes, schedulers, state_dicts, state_order
 from app.engine.interface import SchedulerResult, SessionInfo
 from app.engine.ops.base import Operation, register
 from app.engine.ops.params import discarded_answers
@@ -50,6 +50,11 @@ class ImportState(Operation):
     tensor_range: bool = False
     base_version: int | None = None
     base_revision: int | None = None
+    #: a shard's part of a sharded session's import: the position in the session's state of
+    #: each of its entries (in ``state``'s order, which is the session's). The shard stamps its
+    #: entries with them (:mod:`app.engine.state_order`), and a part whose first entry is not
+    #: the session's may begin with an empty one. Logged; None for a whole session's import
+    ranks: list[int] | None = None
 
     def check(self, s: Session) -> state_dicts.PreparedImport:
         if self.base_version is not None and self.base_version != s.version:
@@ -65,8 +70,13 @@ class ImportState(Operation):
                 "imported); read it again", code="precondition_failed", field="base_revision",
                 current_revision=s.revision, base_revision=self.base_revision,
                 current_version=s.version)
-        prepared = state_dicts.prepare_import(s, self.state, request=self.request,
-                                              tensors=self.tensor_range)
+        ranks = self.ranks
+        prepared = state_dicts.prepare_import(
+            s, self.state, request=self.request, tensors=self.tensor_range,
+            first_elsewhere=ranks is not None and len(ranks) > 0 and ranks[0] != 0)
+        if self.ranks is not None and len(self.ranks) != len(prepared.optimizer["state"]):
+            raise Invalid(f"{len(self.ranks)} ranks for {len(prepared.optimizer['state'])} "
+                          "states", code="state_mismatch", field="state_dict.state")
         if s.scheduler is not None:
             saved = schedulers.capture(s.optimizer, s.scheduler)
             try:
@@ -96,7 +106,7 @@ class ImportState(Operation):
         old_sched = (copy.deepcopy(s.scheduler.state_dict()) if s.scheduler is not None
                      else None)
         try:
-            opt.load_state_dict(plan.optimizer)
+            state_dicts.load_optimizer_state(opt, plan.optimizer)
             for group, names in zip(opt.param_groups, plan.names, strict=True):
                 group["param_names"] = names
             if plan.scheduler is not None and s.scheduler is not None:
@@ -109,6 +119,11 @@ class ImportState(Operation):
                           field="state_dict") from None
         s.version += 1
         s.replaced = (s.version, self.kind)
+        name_of = {pid: n for g, names in zip(plan.optimizer["param_groups"], plan.names,
+                                               strict=True)
+                   for pid, n in zip(g["params"], names, strict=True)}
+        state_order.note_import(s, [name_of[pid] for pid in plan.optimizer["state"]],
+                                self.ranks)
         return s.describe()
 
     def to_tree(self) -> dict[str, Any]:
@@ -125,16 +140,20 @@ class ImportState(Operation):
             tree["base_version"] = self.base_version
         if self.base_revision is not None:
             tree["base_revision"] = self.base_revision
+        if self.ranks is not None:
+            tree["ranks"] = self.ranks
         return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> ImportState:
         base_version, base_revision = tree.get("base_version"), tree.get("base_revision")
+        ranks = tree.get("ranks")
         return cls(dict(tree["state"]), tree.get("request") is True,
                    [DiscardedPush.from_json(d) for d in tree.get("discarded") or []],
                    tree.get("scheduler_range") is True, tree.get("tensor_range") is True,
                    None if base_version is None else int(base_version),
-                   None if base_revision is None else int(base_revision))
+                   None if base_revision is None else int(base_revision),
+                   None if ranks is None else [int(r) for r in ranks])
 
     def replayed(self) -> ImportState:
         return dataclasses.replace(self, base_version=None, base_revision=None)
