@@ -17,7 +17,16 @@ any number of fronts see the same directory with no service of its own:
   (:mod:`app.engine.deleted_creates`);
 - ``.deletes/`` keeps the Ray engine's keyed deletes (per tenant, the last
   :data:`~app.engine.deleted_creates.KEEP`), so a retried delete is answered by any front,
-  also once the session's entry, which named its host, is gone.
+  also once the session's entry, which named its host, is gone;
+- ``.creating/`` holds a mark of each create in flight (:meth:`Directory.mark_creating`): a
+  file named after its entry's ``made`` that the creating front holds locked (``flock``) from
+  before it claims the entry until its hosts made the session. The kernel drops the lock when
+  that process dies (``kill -9`` included), so any front tells a create in flight (locked)
+  from one whose front died (a mark left unlocked) and never drops the entry of the first;
+  a mark left by a front that died is how the second is found and cleaned
+  (:meth:`RayRouter.drop_abandoned <app.engine.ray_host.RayRouter.drop_abandoned>`). (On a
+  shared filesystem the locks must reach every node: NFSv4 and CephFS carry ``flock``; NFS
+  drops a dead node's locks when its lease ends.)
 
 Without a data directory (tests, ``memory`` durability everywhere) the directory is a dict.
 """
@@ -25,9 +34,12 @@ Without a data directory (tests, ``memory`` durability everywhere) the directory
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +54,44 @@ from app.engine.store import Files
 _PRUNE_EVERY = 100
 #: the folders of marks, each pruned to its last KEEP
 _MARKS = (".deleted-creates", ".deletes")
+#: the marks of creates in flight
+_CREATING = ".creating"
+#: the marks of creates in flight that this process holds, by path (the lock's descriptor):
+#: they are never opened again here (where ``flock`` is emulated with POSIX locks, e.g. on NFS,
+#: a process's own lock does not stop it, and closing any descriptor of the file drops it)
+_HELD: dict[str, int] = {}
+#: a mark still unlocked this long after it was written (its front died before it locked it,
+#: or, under a temporary name, before it was in place) is taken for left over
+_UNPLACED_S = 60.0
+
+
+@dataclass
+class CreateMark:
+    """A create in flight (:meth:`Directory.mark_creating`): ``done`` once the hosts made the
+    session, or nothing of it is left (the mark goes); ``release`` in every case (``finally``:
+    a mark released but not done is one a front died with, looked at again by
+    :meth:`RayRouter.drop_abandoned <app.engine.ray_host.RayRouter.drop_abandoned>`)."""
+
+    directory: Directory
+    made: str
+    path: Path | None  # (None: a directory without a root; the mark is in its memory)
+    fd: int = -1
+
+    def done(self) -> None:
+        if self.path is None:
+            self.directory._in_flight.discard(self.made)
+            return
+        if self.fd >= 0:  # (unlinked while locked: nobody takes it for a dead front's)
+            self.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if self.path is None:
+            self.directory._in_flight.discard(self.made)
+            return
+        if self.fd >= 0:
+            _HELD.pop(str(self.path), None)
+            os.close(self.fd)
+            self.fd = -1
 
 
 def entry_at(root: Path, key: str) -> dict[str, Any] | None:
@@ -65,8 +115,10 @@ class Directory:
         #: keyed deletes by name, oldest first (without a root)
         self._deletes: dict[str, dict[str, Any]] = {}
         self._marked = 0  # marks written since the last prune (with a root)
+        #: the ``made`` of creates in flight (without a root)
+        self._in_flight: set[str] = set()
         if root is not None:
-            for folder in (".creates", *_MARKS):
+            for folder in (".creates", _CREATING, *_MARKS):
                 (root / folder).mkdir(parents=True, exist_ok=True)
             # (the count between prunes starts again with each front: a front that deletes
             # fewer than that before it ends would leave its marks to pile up)
@@ -109,6 +161,15 @@ class Directory:
         with contextlib.suppress(FileNotFoundError):
             (self.root / key).unlink()
 
+    def remove_made(self, key: str, made: str | None) -> bool:
+        """Remove the entry of ``key`` if it is still the creation ``made`` (not one claimed
+        since by another create of its id): True when it was."""
+        entry = self.get(key)
+        if entry is None or entry.get("made") != made:
+            return False
+        self.remove(key)
+        return True
+
     def keys(self, prefix: str = "") -> list[str]:
         if self.root is None:
             return sorted(k for k in self._memory if k.startswith(prefix))
@@ -123,6 +184,84 @@ class Directory:
             f.flush()
             os.fsync(f.fileno())
         return tmp
+
+    # ------------------------------------------------------------------ creates in flight
+    def mark_creating(self, made: str, key: str) -> CreateMark:
+        """Mark a create of ``key`` (its entry's ``made``) in flight, before its entry is
+        claimed (or, for a retry finishing it, before its hosts are asked): a file in
+        ``.creating/`` named ``<made>.<random>``, holding ``key``, locked by this process until
+        :meth:`CreateMark.release`. It is written and locked under a temporary name, then
+        renamed, so every mark in place is locked by the front that made it until that front
+        releases it or dies."""
+        if self.root is None:
+            self._in_flight.add(made)
+            return CreateMark(self, made, None)
+        folder = self.root / _CREATING
+        tmp = folder / f".tmp-{made}.{uuid.uuid4().hex[:8]}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, key.encode())
+            path = folder / tmp.name.removeprefix(".tmp-")
+            os.rename(tmp, path)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        _HELD[str(path)] = fd
+        return CreateMark(self, made, path, fd)
+
+    def _locked(self, path: Path) -> bool | None:
+        """Whether a create's mark is locked (its create in flight; None when the mark is
+        gone)."""
+        if str(path) in _HELD:
+            return True
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # (drops the shared lock just taken, if it was)
+        return False
+
+    def in_flight(self, made: str | None) -> bool:
+        """Whether a create of the entry made ``made`` is in flight: a front that is alive is
+        still making it (its mark is locked). False for a create done, or whose front died."""
+        if made is None:
+            return False
+        if self.root is None:
+            return made in self._in_flight
+        folder = self.root / _CREATING
+        return any(self._locked(folder / name) for name in os.listdir(folder)
+                   if name.partition(".")[0] == made)
+
+    def abandoned_creates(self) -> list[tuple[str, str, Path]]:
+        """The marks of creates whose front died before it was done with them (unlocked, so
+        that front is gone or has let it go): ``(made, key, mark)`` each, to be dropped with
+        :meth:`drop_mark` once the create's entry is seen to. Leftovers of a front that died
+        before its mark was in place go."""
+        if self.root is None:
+            return []
+        folder = self.root / _CREATING
+        found = []
+        for name in os.listdir(folder):
+            path = folder / name
+            with contextlib.suppress(FileNotFoundError):
+                if name.startswith(".tmp-"):
+                    if time.time() - path.stat().st_mtime > _UNPLACED_S and \
+                            self._locked(path) is False:
+                        path.unlink()
+                    continue
+                if self._locked(path) is False:
+                    found.append((name.partition(".")[0], path.read_text(), path))
+        return found
+
+    def drop_mark(self, mark: Path) -> None:
+        mark.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ creates by key
     @staticmethod

@@ -133,19 +133,30 @@ class Front:
                 info.replayed = True
                 return info
         session_id = check_session_id(spec.id) if spec.id is not None else uuid.uuid4().hex
-        await self._check_create_limits(tenant, spec)
-        return await self.router.create(session_key(tenant, session_id), spec, idem=idem)
-
-    async def _check_create_limits(self, tenant: str, spec: CreateSpec) -> None:
-        lim = self.limits
-        if lim.max_sessions:
-            mine = await self.router.count(session_key(tenant, ""))
-            if mine >= lim.max_sessions:
-                raise TooMany(f"this tenant already has {mine} sessions; the limit "
-                              f"(OPTSERVE_MAX_SESSIONS) is {lim.max_sessions}",
-                              code="too_many_sessions", field="id", limit=lim.max_sessions)
         self._check_elements(sum(t.numel() for g in spec.groups for t in g.params.values()))
         self._check_groups(len(spec.groups))
+
+        async def admit() -> None:
+            await self._check_session_count(tenant)
+        # (the count is checked by the router, only for a new session: a create cut part way,
+        # its entry counted already, is finished by its retry at the limit too)
+        return await self.router.create(session_key(tenant, session_id), spec, idem=idem,
+                                        admit=admit)
+
+    async def _check_session_count(self, tenant: str) -> None:
+        """429 ``too_many_sessions`` when the tenant has ``OPTSERVE_MAX_SESSIONS`` sessions
+        (the entries of creates cut short, whose fronts died, are dropped before it says so)."""
+        lim = self.limits
+        if not lim.max_sessions:
+            return
+        prefix = session_key(tenant, "")
+        mine = await self.router.count(prefix)
+        if mine >= lim.max_sessions and await self.router.drop_abandoned(prefix):
+            mine = await self.router.count(prefix)
+        if mine >= lim.max_sessions:
+            raise TooMany(f"this tenant already has {mine} sessions; the limit "
+                          f"(OPTSERVE_MAX_SESSIONS) is {lim.max_sessions}",
+                          code="too_many_sessions", field="id", limit=lim.max_sessions)
 
     def _check_groups(self, n: int) -> None:
         check_group_count(n, self.limits.max_param_groups)

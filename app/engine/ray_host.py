@@ -76,7 +76,7 @@ from app.engine.deleted_creates import (
     reused,
     session_refused,
 )
-from app.engine.directory import Directory, entry_at
+from app.engine.directory import CreateMark, Directory, entry_at
 from app.engine.front import Front, Limits
 from app.engine.host import EmbeddedHost, HostConfig
 from app.engine.interface import (
@@ -93,7 +93,7 @@ from app.engine.interface import (
 )
 from app.engine.ops import CreateSession, Operation, decode
 from app.engine.placement import check_resources, shape_key
-from app.engine.router import Checked, Host, InProcessHost, SessionHost, parent_key
+from app.engine.router import Admit, Checked, Host, InProcessHost, SessionHost, parent_key
 from app.engine.shards import (
     ShardedSession,
     ShardLayout,
@@ -670,6 +670,11 @@ class RayOptions:
     host: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+#: how old a mark of a create whose front died must be before its entry is looked at
+#: (:meth:`RayRouter.drop_abandoned`): a host may still be making the session it asked for
+ABANDONED_AFTER_S = 30.0
+#: how long :meth:`RayRouter.drop_abandoned` waits for a host to say what it holds
+ABANDONED_ASK_S = 5.0
 #: how long placing a session waits for each existing host of its shape to say how many
 #: sessions it holds: one that does not answer (an actor Ray cannot place or restart) is
 #: passed over, not waited for under the placement lock, which every create of its shape takes
@@ -713,6 +718,11 @@ class RayRouter:
             self._started_ray = self.options.address == "local"
         log.info("ray engine: cluster %s, namespace %s, data in %s", self.options.address,
                  self.options.namespace, self.options.data_dir)
+        # creates whose front died before any host made their session (another front, or
+        # this one before a restart)
+        dropped = await self.drop_abandoned()
+        if dropped:
+            log.warning("dropped %d directory entries of creates cut short", dropped)
 
     async def stop(self, *, snapshot: bool = True) -> None:
         if self._started_ray:  # the local cluster ends with this process: snapshot first
@@ -749,6 +759,43 @@ class RayRouter:
 
     async def count(self, prefix: str) -> int:
         return len(self.directory.keys(prefix))
+
+    async def drop_abandoned(self, prefix: str = "") -> int:
+        """Drop the entries of unkeyed creates whose front died before their hosts made any of
+        the session (they would sit in the directory for good, counted toward
+        ``OPTSERVE_MAX_SESSIONS``): found by their marks left unlocked
+        (:meth:`Directory.abandoned_creates <app.engine.directory.Directory.abandoned_creates>`,
+        for keys under ``prefix``), once :data:`ABANDONED_AFTER_S` old (so that a host still
+        making the session for a front that just died is not raced). A create in flight
+        (its mark locked) is never looked at. An entry a host holds some of (a session the
+        client lists and deletes), one refused at start, or one whose hosts cannot say now is
+        kept; a keyed create's too (its retry finishes it under its key, :meth:`create`).
+        Each mark looked at goes, but one whose hosts cannot say. At start, and when a tenant
+        is at its session limit (:meth:`app.engine.front.Front.create`). How many went."""
+        dropped = 0
+        for made, key, mark in self.directory.abandoned_creates():
+            if not key.startswith(prefix):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - mark.stat().st_mtime < ABANDONED_AFTER_S:
+                    continue
+            entry = self.directory.get(key)
+            if entry is None or entry.get("made") != made or entry.get("created_by"):
+                self.directory.drop_mark(mark)
+                continue
+            try:
+                held = await asyncio.wait_for(self._held(key, entry), ABANDONED_ASK_S)
+                refused = await asyncio.wait_for(self._held(key, entry, refused=True),
+                                                 ABANDONED_ASK_S)
+            except (OptserveError, TimeoutError):
+                continue  # (a host cannot say now: looked at again next time)
+            if not any(held) and not any(refused) and self.directory.remove_made(key, made):
+                log.info("dropped the entry of %s: its create's front died before any host "
+                         "made it", key)
+                self._entries.pop(key, None)
+                dropped += 1
+            self.directory.drop_mark(mark)
+        return dropped
 
     async def find_create(self, tenant: str, idem: IdemKey) -> str | None:
         made = self.directory.created(tenant, idem.key)
@@ -920,8 +967,10 @@ class RayRouter:
             return chosen
 
     # ------------------------------------------------------------------ sessions
-    async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None
-                     ) -> SessionInfo:
+    async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None,
+                     admit: Admit | None = None) -> SessionInfo:
+        """``admit``: the front's check of the tenant's limits, run only before a new entry is
+        claimed (a retry finishing a create that holds its entry is not a new session)."""
         check_create(spec, self.options.host.get("default_nonfinite", "reject"))
         resources = spec.resources if spec.resources is not None else self.options.resources
         placement = spec.placement or self.options.placement
@@ -944,9 +993,13 @@ class RayRouter:
             if self.directory.get(key) is not None and not await self._stale(key):
                 raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
                                code="session_exists", field="id")
+            if admit is not None:
+                await admit()
             hosts = await self._place(resources, placement, layout.shards if layout else 1)
             # ("made": this creation's own, so that nothing kept of a session deleted since,
-            # e.g. its coordinator, is taken for one made again with its id)
+            # e.g. its coordinator, is taken for one made again with its id; its mark in the
+            # directory says the create is in flight, from before the claim until the hosts
+            # made it: no other front drops the entry meanwhile, _stale)
             entry: dict[str, Any] = {"resources": resources, "placement": placement,
                                      "created_by": idem.key if idem is not None else None,
                                      "made": uuid.uuid4().hex}
@@ -954,34 +1007,53 @@ class RayRouter:
                 entry.update(shards=[h.name for h in hosts], layout=layout.to_json())
             else:
                 entry["host"] = hosts[0].name
-            if not self.directory.claim(key, entry):
-                if idem is not None:
-                    continue  # (another front's try of this create, made under its key?)
-                raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
-                               code="session_exists", field="id")
-            # on disk before any host is asked, the decision between fronts running this create
-            # at once (the first indexed makes it, the others finish that one), and a front
-            # that dies once the hosts made the session leaves its key: the retry is answered
-            # with it (find_create)
-            if idem is not None and self.directory.claim_created(
-                    tenant, idem.key, idem.fingerprint, key) is not None:
-                self.directory.remove(key)  # (no host was asked)
-                continue
+            mark = self.directory.mark_creating(entry["made"], key)
             try:
-                if layout is not None:
-                    shards: list[tuple[Host, str]] = [(h, shard_key(key, i, layout.shards))
-                                                      for i, h in enumerate(hosts)]
-                    _, info = await ShardedSession.create(key, spec, layout, shards, idem=idem)
-                else:
-                    info = await hosts[0].create(key, spec, idem=idem)
-            except Exception as exc:
-                await self._undo_create(key, entry, idem, exc)
-                raise
-            self._entries[key] = entry
-            return self._placed(info, entry)
+                info = await self._make(key, entry, spec, idem, hosts, layout, mark)
+            finally:
+                mark.release()
+            if info is not None:
+                return info
         raise Unavailable("a create sent with this Idempotency-Key is being made through "
                           "another front; retry it with the same Idempotency-Key",
                           code="host_restarting", retry_after=1.0)
+
+    async def _make(self, key: str, entry: dict[str, Any], spec: CreateSpec,
+                    idem: IdemKey | None, hosts: list[RayHost], layout: ShardLayout | None,
+                    mark: CreateMark) -> SessionInfo | None:
+        """Claim the entry and make the session on its hosts (:meth:`create`, its ``mark``
+        held); None when a keyed create must look again (another front's try of it)."""
+        tenant = split_key(key)[0]
+        if not self.directory.claim(key, entry):
+            mark.done()
+            if idem is not None:
+                return None  # (another front's try of this create, made under its key?)
+            raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
+                           code="session_exists", field="id")
+        # on disk before any host is asked, the decision between fronts running this create
+        # at once (the first indexed makes it, the others finish that one), and a front
+        # that dies once the hosts made the session leaves its key: the retry is answered
+        # with it (find_create)
+        if idem is not None and self.directory.claim_created(
+                tenant, idem.key, idem.fingerprint, key) is not None:
+            self.directory.remove(key)  # (no host was asked)
+            mark.done()
+            return None
+        try:
+            if layout is not None:
+                shards: list[tuple[Host, str]] = [(h, shard_key(key, i, layout.shards))
+                                                  for i, h in enumerate(hosts)]
+                _, info = await ShardedSession.create(key, spec, layout, shards, idem=idem)
+            else:
+                info = await hosts[0].create(key, spec, idem=idem)
+        except Exception as exc:
+            if await self._undo_create(key, entry, idem, exc):
+                mark.done()  # (nothing of it left; else the mark stays, released: a later
+                # look at it drops the entry once no host holds any of it, drop_abandoned)
+            raise
+        mark.done()
+        self._entries[key] = entry
+        return self._placed(info, entry)
 
     def _indexed_create(self, tenant: str, idem: IdemKey
                         ) -> tuple[str, dict[str, Any]] | str | None:
@@ -1011,26 +1083,27 @@ class RayRouter:
         return key, entry
 
     async def _undo_create(self, key: str, entry: dict[str, Any], idem: IdemKey | None,
-                           exc: Exception) -> None:
+                           exc: Exception) -> bool:
         """After a create failed: its entry (and index) are removed when no host can hold any
         of the session (a host's refusal of an unsharded one; none of a sharded one's hosts
         holds a shard of it), else kept, so nothing a host made is left without them: a 503
         ``host_restarting`` (the host may have made it) or any failure of a keyed create keeps
         them, and its retry is answered with the session or finishes it on the same hosts
         (:meth:`create`); an unkeyed one's are kept while a host holds some of it (a session
-        the client can list and delete) or cannot say."""
+        the client can list and delete) or cannot say. True when they were removed."""
         refused = isinstance(exc, OptserveError) and 400 <= exc.status < 500
         if idem is not None and not refused:
-            return
+            return False
         if not (refused and "host" in entry):
             try:
                 if any(await self._held(key, entry)):
-                    return
+                    return False
             except OptserveError:
-                return
+                return False
         self.directory.remove(key)
         if idem is not None:
             self.directory.drop_created(split_key(key)[0], idem.key, key)
+        return True
 
     async def _finish_create(self, key: str, entry: dict[str, Any], spec: CreateSpec,
                              idem: IdemKey) -> SessionInfo:
@@ -1040,34 +1113,53 @@ class RayRouter:
         part made stays on a failure (the first try's, and this one's: a first try still at
         it may have made it), for the next retry (:meth:`_undo_create` for an unsharded
         session's refusal)."""
+        made = entry.get("made")
+        # (in flight again, on this front: no other front drops the entry meanwhile)
+        mark = self.directory.mark_creating(str(made), key) if made else None
         try:
-            if "host" in entry:
-                info = await self._host(str(entry["host"])).create(key, spec, idem=idem)
-            else:
-                layout = ShardLayout.from_json(entry["layout"])
-                shards: list[tuple[Host, str]] = [
-                    (self._host(name), shard_key(key, i, layout.shards))
-                    for i, name in enumerate(entry["shards"])]
-                _, info = await ShardedSession.create(key, spec, layout, shards, idem=idem,
-                                                      made=set(range(layout.shards)))
-        except Exception as exc:
-            if "host" in entry:
-                await self._undo_create(key, entry, idem, exc)
-            raise
+            try:
+                if "host" in entry:
+                    info = await self._host(str(entry["host"])).create(key, spec, idem=idem)
+                else:
+                    layout = ShardLayout.from_json(entry["layout"])
+                    shards: list[tuple[Host, str]] = [
+                        (self._host(name), shard_key(key, i, layout.shards))
+                        for i, name in enumerate(entry["shards"])]
+                    _, info = await ShardedSession.create(key, spec, layout, shards,
+                                                          idem=idem,
+                                                          made=set(range(layout.shards)))
+            except Exception as exc:
+                if "host" in entry and await self._undo_create(key, entry, idem, exc) and mark:
+                    mark.done()
+                raise
+            if mark is not None:
+                mark.done()
+        finally:
+            if mark is not None:
+                mark.release()
         self._entries[key] = entry
         return self._placed(info, entry)
 
     async def _stale(self, key: str) -> bool:
         """Drop the entry of a session its host does not hold (one kept in memory only, whose
-        host restarted; a create cut short): True when it was stale. One its host (a shard's)
-        refused at start is kept."""
+        host restarted; a create cut short, its front dead): True when it was stale. One its
+        host (a shard's) refused at start is kept, and so is one whose create is in flight
+        through a front that is alive (its mark is locked, :meth:`Directory.in_flight
+        <app.engine.directory.Directory.in_flight>`: its hosts do not hold the session yet).
+        The mark is looked at before the hosts, so a create done in between is seen held."""
+        entry = self.directory.get(key)
+        if entry is None:
+            self._entries.pop(key, None)
+            return True
+        if self.directory.in_flight(entry.get("made")):
+            return False
+        self._entries[key] = entry
         try:
             await (await self.route(key)).describe(key)
         except NotFound:
-            entry = self.directory.get(key)
-            if entry is not None and await self._refusal(key, entry) is not None:
+            if await self._refusal(key, entry) is not None:
                 return False
-            self.directory.remove(key)
+            self.directory.remove_made(key, entry.get("made"))
             self._entries.pop(key, None)
             return True
         return False

@@ -20,6 +20,7 @@ not applied again). See :mod:`app.engine.shards`.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,6 +44,10 @@ from app.errors import Conflict, Unavailable
 
 #: how long a prepared (checked, not committed) operation is kept for its commit
 PREPARED_TTL_S = 120.0
+#: the front's check of a tenant's limits (429 ``too_many_sessions``), which a router runs
+#: before it claims anything for a new session: a retry finishing a create that was cut part
+#: way (its entry already counted) is not refused by it
+Admit = Callable[[], Awaitable[None]]
 
 
 @dataclass
@@ -215,9 +220,10 @@ class Router(Protocol):
     async def status(self, *, memory: bool = False) -> EngineStatus: ...
     async def refused(self) -> dict[str, str]: ...
     async def count(self, prefix: str) -> int: ...
+    async def drop_abandoned(self, prefix: str = "") -> int: ...
     async def find_create(self, tenant: str, idem: IdemKey) -> str | None: ...
-    async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None
-                     ) -> SessionInfo: ...
+    async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None,
+                     admit: Admit | None = None) -> SessionInfo: ...
     async def route(self, key: str) -> SessionHost: ...
     async def list_sessions(self, prefix: str) -> list[SessionInfo]: ...
     async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool: ...
@@ -247,6 +253,9 @@ class LocalRouter:
         #: keyed creates of sharded sessions cut before their ``.creates`` index was written:
         #: (tenant, idempotency key) -> session key (:meth:`_cut_create`)
         self._unindexed: dict[tuple[str, str], str] = {}
+        #: sharded sessions being created (their entries claimed, their shards not all made):
+        #: a create of the same id meanwhile is a 409, not a drop of the entry (:meth:`_stale`)
+        self._creating: set[str] = set()
 
     async def start(self) -> None:
         await self.local.start()
@@ -291,6 +300,11 @@ class LocalRouter:
     async def count(self, prefix: str) -> int:
         return len(await self.local.keys(prefix)) + sum(k.startswith(prefix)
                                                         for k in self._sharded_keys)
+
+    async def drop_abandoned(self, prefix: str = "") -> int:
+        """Nothing: this router is its directory's only writer, and its start drops the
+        entries of sharded creates cut before any shard was made (:meth:`_stale`)."""
+        return 0
 
     async def find_create(self, tenant: str, idem: IdemKey) -> str | None:
         made = self.directory.created(tenant, idem.key)
@@ -365,17 +379,22 @@ class LocalRouter:
         """Whether every shard of this sharded session is held (none deleted yet)."""
         return set(self._shard_keys(key, entry)) <= set(await self.local.keys())
 
-    async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None
-                     ) -> SessionInfo:
+    async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None,
+                     admit: Admit | None = None) -> SessionInfo:
+        """``admit``: the front's check of the tenant's limits, run only for a new session (a
+        retry finishing a sharded create cut part way is not refused by it)."""
         from app.engine.shards import ShardedSession, check_shardable, plan_layout, shard_key
         check_shardable(spec)
         if idem is not None and (split_key(key)[0], idem.key) in self._unindexed:
             cut, whole = await self._cut_create(split_key(key)[0], idem)
             if cut is not None and not whole and not await self._stale(cut):
                 return await self._finish_create(cut, spec, idem)
-        if self.directory.get(key) is not None and not await self._stale(key):
+        if key in self._creating or (self.directory.get(key) is not None
+                                     and not await self._stale(key)):
             raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
                            code="session_exists", field="id")
+        if admit is not None:
+            await admit()
         if spec.shards <= 1:
             return await self.local.create(key, spec, idem=idem)
         if key in await self.local.keys(key) or key in await self.local.refused():
@@ -389,11 +408,14 @@ class LocalRouter:
                            code="session_exists", field="id")
         hosts: list[tuple[Host, str]] = [(self.local, shard_key(key, i, layout.shards))
                                          for i in range(layout.shards)]
+        self._creating.add(key)
         try:
             session, info = await ShardedSession.create(key, spec, layout, hosts, idem=idem)
         except BaseException:
             self.directory.remove(key)
             raise
+        finally:
+            self._creating.discard(key)
         self._sharded[key] = session
         self._sharded_keys.add(key)
         if idem is not None:

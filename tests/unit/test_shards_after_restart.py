@@ -14,8 +14,9 @@ import torch
 
 from app.engine import Front, embedded_engine
 from app.engine.directory import Directory
+from app.engine.front import Limits
 from app.engine.interface import CreateSpec, GroupSpec, IdemKey
-from app.errors import Conflict, Invalid, NotFound
+from app.errors import Conflict, Invalid, NotFound, TooMany
 from tests.torch_reference import Reference, assert_tensors_equal
 from tests.unit.test_deleted_creates import refused
 
@@ -233,3 +234,105 @@ def test_a_sharded_create_cut_before_its_index_then_deleted_is_not_made_again(
 
     asyncio.run(retried(delete=True))
     asyncio.run(retried(delete=False))
+
+
+def test_a_sharded_create_cut_part_way_is_finished_by_its_retry_at_the_session_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``OPTSERVE_MAX_SESSIONS=2``, one plain session, and a keyed create (no id) of a sharded
+    session cut by a crash once shard 0 was made (its entry claimed, counted toward the
+    limit). Its retry was a 429 ``too_many_sessions``: the limit was checked before the
+    router, counting the cut create's own entry. It finishes the create, as below the limit;
+    the session steps as torch, and the tenant's next new create is the 429 naming ``id``."""
+    key = IdemKey("k-limit", "create at the limit")
+
+    def limited() -> Front:
+        return embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False,
+                               limits=Limits(max_sessions=2))
+
+    async def cut() -> None:
+        eng = limited()
+        await eng.start()
+        plain = spec("plain")
+        plain.shards = 1
+        await eng.create(plain)
+
+        def note_created(d: Directory, *args: object) -> None:
+            raise Crash(args)
+        with monkeypatch.context() as m:
+            m.setattr(Directory, "note_created", note_created)
+            with pytest.raises(Crash):
+                await eng.create(spec(None), idem=key)
+        await eng.stop(snapshot=False)  # (what the kill leaves)
+
+    asyncio.run(cut())
+    [entry] = [p.name for p in (tmp_path / "directory").iterdir() if not p.name.startswith(".")]
+    made_id = entry.partition("~")[2]
+    shutil.rmtree(tmp_path / "sessions" / f"default#{made_id}~shard1of2")
+
+    async def retried() -> None:
+        eng = limited()
+        await eng.start()
+        try:
+            info = await eng.create(spec(None), idem=key)
+            assert info.id == made_id and info.version == 0 and not info.replayed
+            out = await eng.step(made_id, GRAD, return_params=True)
+            assert out.params is not None
+            assert_tensors_equal(dict(out.params), stepped(1), "after the retried create")
+            with pytest.raises(TooMany) as err:
+                await eng.create(spec("another"))
+            e = err.value
+            assert (e.status, e.code, e.field, e.extra) == \
+                (429, "too_many_sessions", "id", {"limit": 2}), e
+            assert sorted(s.id for s in await eng.list_sessions()) == sorted(["plain", made_id])
+        finally:
+            await eng.stop()
+    asyncio.run(retried())
+
+
+def test_a_create_of_a_sharded_id_in_flight_is_a_409_and_leaves_its_entry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sharded create with an id still making its shards while a second create of the id
+    arrives. The second took the entry for a create cut short (no shard there yet), dropped
+    it and made its session; the first then failed on its shard and removed the second's
+    entry: a session without its entry, lost at the next start. The second is a 409
+    ``session_exists`` naming ``id``; the first is made, keeps its entry, steps as torch, and
+    is there after a restart."""
+    from app.engine.shards import ShardedSession
+    real = ShardedSession.create
+    entered, go = asyncio.Event(), asyncio.Event()
+
+    async def gated(*args: object, **kw: object) -> object:
+        if not entered.is_set():
+            entered.set()
+            await go.wait()
+        return await real(*args, **kw)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        try:
+            with monkeypatch.context() as m:
+                m.setattr(ShardedSession, "create", staticmethod(gated))
+                first = asyncio.create_task(eng.create(spec("x")))
+                await entered.wait()
+                other = spec("x")
+                other.options = {"lr": 0.5}
+                with pytest.raises(Conflict) as err:
+                    await eng.create(other)
+                e = err.value
+                assert (e.status, e.code, e.field) == (409, "session_exists", "id"), e
+                go.set()
+                info = await first
+            assert info.id == "x" and info.lr == [0.1]
+            await eng.step("x", GRAD, return_params=False)
+        finally:
+            await eng.stop()
+        eng = engine(tmp_path)
+        await eng.start()
+        try:
+            assert [s.id for s in await eng.list_sessions()] == ["x"]
+            assert_tensors_equal(dict((await eng.pull("x", None)).params), stepped(1),
+                                 "after the restart")
+        finally:
+            await eng.stop()
+    asyncio.run(run())

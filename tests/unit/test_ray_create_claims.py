@@ -1,0 +1,312 @@
+"""The Ray engine's creates cut part way and in flight, against the session limit and other
+fronts, without a cluster (the host actors' real code in this process, as in
+:mod:`tests.unit.test_ray_deletes`): a retry finishing a create that holds its entry is not
+refused by ``OPTSERVE_MAX_SESSIONS``; an entry whose create is in flight through another front
+is not dropped by a create of its id (409 ``session_exists``), one whose front died is taken
+over; and the entries of unkeyed creates whose front died before any host made the session are
+dropped (at start, at the limit), never one in flight. A front that dies is one whose create
+raises and runs no clean-up: its create's mark in ``.creating/`` is left unlocked, as the kernel
+leaves it when a ``kill -9`` ends the process (the lock itself across processes:
+:func:`test_a_create_mark_is_in_flight_until_its_process_is_killed`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.engine.directory import Directory
+from app.engine.front import Front, Limits
+from app.engine.interface import IdemKey
+from app.errors import Conflict, TooMany
+from tests.unit.test_deleted_creates import Crash, create_key, spec
+from tests.unit.test_ray_deletes import AsTorch, Cluster, entries, entries_of, held_keys
+
+ray_host = pytest.importorskip("app.engine.ray_host")
+
+
+def limited(cluster: Cluster, max_sessions: int) -> Front:
+    front = cluster.front()
+    front.limits = Limits(max_sessions=max_sessions)
+    return front
+
+
+def marks(cluster: Cluster) -> list[str]:
+    """The marks of creates in ``.creating/`` (in flight, or left by a front that died)."""
+    folder = cluster.data_dir / "directory" / ".creating"
+    return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+def too_many(err: pytest.ExceptionInfo[TooMany], limit: int) -> None:
+    e = err.value
+    assert (e.status, e.code, e.field) == (429, "too_many_sessions", "id"), e
+    assert e.extra == {"limit": limit}, e.extra
+
+
+async def dies(front: Front, s: Any, monkeypatch: pytest.MonkeyPatch, *,
+               idem: IdemKey | None = None, made: bool = False) -> None:
+    """``front`` dies in the create: once its entry is claimed, before its host is asked (or
+    once the host made the session); no clean-up runs."""
+    real = ray_host.RayHost.create
+
+    async def host_dies(host: Any, key: str, s: Any, **kw: Any) -> Any:
+        if made:
+            await real(host, key, s, **kw)
+        raise Crash(key)
+
+    def remove(d: Directory, key: str) -> None:
+        raise Crash(key)
+    with monkeypatch.context() as m:
+        m.setattr(ray_host.RayHost, "create", host_dies)
+        m.setattr(Directory, "remove", remove)
+        with pytest.raises(Crash):
+            await front.create(s, idem=idem)
+
+
+class Gate:
+    """The first host create waits (a create in flight) until ``go``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
+        self.entered, self.go = asyncio.Event(), asyncio.Event()
+        self.calls = 0
+        gated = self.gated(ray_host.RayHost.create if shards == 1
+                           else ray_host.ShardedSession.create)
+        if shards == 1:
+            monkeypatch.setattr(ray_host.RayHost, "create", gated)
+        else:
+            monkeypatch.setattr(ray_host.ShardedSession, "create", staticmethod(gated))
+
+    def gated(self, real: Any) -> Any:
+        async def wait_first(*args: Any, **kw: Any) -> Any:
+            self.calls += 1
+            if self.calls == 1:
+                self.entered.set()
+                await self.go.wait()
+            return await real(*args, **kw)
+        return wait_first
+
+
+CUT = ["keyed", "keyed-sharded", "with-id"]
+
+
+@pytest.mark.parametrize("cut", CUT)
+def test_a_ray_create_cut_part_way_is_finished_by_its_retry_at_the_session_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: str) -> None:
+    """A tenant with one session and ``OPTSERVE_MAX_SESSIONS=2``; a create whose front dies
+    once its entry is claimed, before its hosts made the session (keyed, plain and 2 shards
+    with shard 0 made; unkeyed with an id). Its retry through the next front was a 429
+    ``too_many_sessions``: the limit was checked before the router, counting the cut create's
+    own entry. It finishes the create (as below the limit): the session steps as torch, and
+    the tenant's next new create is the 429 naming ``id`` and the limit."""
+    from app.engine.shards import shard_spec
+    cluster = Cluster(tmp_path, monkeypatch)
+    monkeypatch.setattr(ray_host, "ABANDONED_AFTER_S", 0.0, raising=False)
+    shards = 2 if cut == "keyed-sharded" else 1
+    ckey = None if cut == "with-id" else create_key("k-limit")
+    s = spec(shards)
+    s.id = "x" if cut == "with-id" else None
+
+    async def run() -> None:
+        try:
+            first = limited(cluster, 2)
+            other = await first.create(spec())
+            if shards == 1:
+                await dies(first, s, monkeypatch, idem=ckey)
+            else:
+                async def half(key: str, s_: Any, layout: Any, hosts: Any, **kw: Any) -> Any:
+                    host, skey = hosts[0]
+                    await host.create(skey, shard_spec(s_, layout, 0), idem=kw["idem"])
+                    raise Crash(key)  # (the front dies: shard 1's host is never asked)
+
+                def remove(d: Directory, key: str) -> None:
+                    raise Crash(key)
+                with monkeypatch.context() as m:
+                    m.setattr(ray_host.ShardedSession, "create", staticmethod(half))
+                    m.setattr(Directory, "remove", remove)
+                    with pytest.raises(Crash):
+                        await first.create(s, idem=ckey)
+            made = [k for k in entries(first) if k != f"default~{other.id}"]
+            assert len(made) == 1 and len(entries(first)) == 2
+            await cluster.kill()
+
+            second = limited(cluster, 2)
+            again = await second.create(s, idem=ckey)
+            assert f"default~{again.id}" == made[0] and not again.replayed, again
+            assert again.version == 0
+            assert entries(second) == sorted([f"default~{other.id}", made[0]])
+            assert sorted(i.id for i in await second.list_sessions()) == \
+                sorted([other.id, again.id])
+            torch_ = AsTorch(spec(shards))
+            await torch_.step(second, again.id)
+            with pytest.raises(TooMany) as err:
+                await second.create(spec())
+            too_many(err, 2)
+            assert entries(second) == sorted([f"default~{other.id}", made[0]])
+            assert marks(cluster) == []
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_ray_create_of_an_id_in_flight_through_another_front_is_a_409(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
+    """A create with an id (a keyed sharded one, an unkeyed plain one) in flight through one
+    front (its entry claimed, its hosts not done) while another front gets a create of the same
+    id. The second front took the entry for a create cut short (no host holds the session
+    yet), dropped it and made its own session, leaving the first one's on its host without an
+    entry. It is a 409 ``session_exists`` naming ``id``; the entry is the first one's, which
+    is answered (201), steps as torch through both fronts, and is all the hosts hold. Once a
+    create's front died (its mark left unlocked) a create of its id takes the entry over."""
+    cluster = Cluster(tmp_path, monkeypatch)
+
+    async def run() -> None:
+        try:
+            first, second = cluster.front(), cluster.front()
+            s = spec(shards)
+            s.id = "x"
+            ckey = create_key("k-x") if shards == 2 else None
+            with monkeypatch.context() as m:
+                gate = Gate(m, shards)
+                one = asyncio.create_task(first.create(s, idem=ckey))
+                await gate.entered.wait()
+                claimed = entries_of(first, "x")
+                other = spec(shards, lr=0.5)
+                other.id = "x"
+                for idem in (None, create_key("k-other")):
+                    with pytest.raises(Conflict) as err:
+                        await second.create(other, idem=idem)
+                    e = err.value
+                    assert (e.status, e.code, e.field) == (409, "session_exists", "id"), e
+                    assert entries_of(second, "x") == claimed
+                gate.go.set()
+                info = await one
+            assert info.id == "x" and info.version == 0 and not info.replayed
+            assert entries(second) == ["default~x"] and entries_of(second, "x") == claimed
+            assert held_keys(cluster) == (["default~x"] if shards == 1 else
+                                          [f"default#x~shard{i}of2" for i in range(2)])
+            torch_ = AsTorch(spec(shards))
+            for front in (second, first):
+                await torch_.step(front, "x")
+            assert marks(cluster) == []
+
+            # a create whose front died: its entry is taken over by a create of its id
+            y = spec()
+            y.id = "y"
+            await dies(first, y, monkeypatch)
+            dead = entries_of(second, "y")
+            assert len(marks(cluster)) == 1
+            taken = spec(lr=0.5)
+            taken.id = "y"
+            assert (await second.create(taken)).lr == [0.5]
+            assert entries_of(second, "y")["made"] != dead["made"]
+            assert (await first.describe("y")).lr == [0.5]
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
+
+
+def test_unkeyed_ray_creates_whose_front_died_are_dropped_never_one_in_flight(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fronts die in creates: an unkeyed one before its host was asked, an unkeyed one once
+    its host made the session, a keyed one before its host was asked; a fourth create is in
+    flight through a live front. The first one's entry sat in the directory for good, counted
+    toward ``OPTSERVE_MAX_SESSIONS``: a front at the limit (4 here) refused a new create with
+    a 429. That entry is dropped when the limit is reached (the new create is made), and so is
+    the entry of the next unkeyed create whose front dies, at the next front's start. The
+    session a host made (listed, deletable), the keyed create's entry (its retry finishes it)
+    and the create in flight (answered once let go, stepping as torch) are kept; the tenant's
+    next new create is the 429."""
+    cluster = Cluster(tmp_path, monkeypatch)
+    monkeypatch.setattr(ray_host, "ABANDONED_AFTER_S", 0.0, raising=False)
+    monkeypatch.setattr(ray_host.ray, "is_initialized", lambda: True)
+    ckey = create_key("k-dies")
+
+    async def run() -> None:
+        try:
+            await dies(cluster.front(), spec(), monkeypatch)
+            [abandoned] = entries(cluster.front())
+            await dies(cluster.front(), spec(), monkeypatch, made=True)
+            [held] = [k for k in entries(cluster.front()) if k != abandoned]
+            await dies(cluster.front(), spec(), monkeypatch, idem=ckey)
+            [keyed] = [k for k in entries(cluster.front()) if k not in (abandoned, held)]
+
+            busy, front = cluster.front(), limited(cluster, 4)
+            with monkeypatch.context() as m:
+                gate = Gate(m, 1)
+                flying = asyncio.create_task(busy.create(spec()))
+                await gate.entered.wait()
+                [in_flight] = [k for k in entries(front) if k not in (abandoned, held, keyed)]
+                new = await front.create(spec())
+                kept = sorted([held, keyed, in_flight, f"default~{new.id}"])
+                assert entries(front) == kept
+                with pytest.raises(TooMany) as err:
+                    await front.create(spec())
+                too_many(err, 4)
+                assert entries(front) == kept
+                gate.go.set()
+                flown = await flying
+            assert f"default~{flown.id}" == in_flight and flown.version == 0
+            await AsTorch(spec()).step(front, flown.id)
+
+            await dies(cluster.front(), spec(), monkeypatch)
+            # (the marks looked at went with the sweep at the limit: this one's is left)
+            assert len(entries(front)) == 5 and len(marks(cluster)) == 1
+            await cluster.kill()
+            restarted = limited(cluster, 4)
+            await restarted.start()
+            assert entries(restarted) == kept and marks(cluster) == []
+            assert sorted(f"default~{i.id}" for i in await restarted.list_sessions()) == \
+                sorted([held, in_flight, f"default~{new.id}"])
+            retried = await restarted.create(spec(), idem=ckey)
+            assert f"default~{retried.id}" == keyed and not retried.replayed
+            with pytest.raises(TooMany) as err:
+                await restarted.create(spec())
+            too_many(err, 4)
+            assert not await restarted.delete(held.partition("~")[2])
+            assert entries(restarted) == sorted(k for k in kept if k != held)
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
+
+
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from app.engine.directory import Directory
+Directory(Path(sys.argv[1])).mark_creating("m1", "default~x")
+print("marked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_create_mark_is_in_flight_until_its_process_is_killed(tmp_path: Path) -> None:
+    """Another process marks a create in flight (its lock held): this one sees it in flight,
+    not abandoned; once that process is killed (``kill -9``) the mark is left unlocked, so the
+    create is no longer in flight and its mark is found abandoned, naming its key."""
+    root = tmp_path / "directory"
+    directory = Directory(root)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(root)],
+                              stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "marked\n"
+        assert directory.in_flight("m1") and not directory.in_flight("m2")
+        assert directory.abandoned_creates() == []
+        assert directory.in_flight("m1")  # (looking at it did not take the lock)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+    assert not directory.in_flight("m1")
+    [(made, key, mark)] = directory.abandoned_creates()
+    assert (made, key) == ("m1", "default~x") and mark.parent == root / ".creating"
+    directory.drop_mark(mark)
+    assert os.listdir(root / ".creating") == []
