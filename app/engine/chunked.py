@@ -35,10 +35,9 @@ made once. So no step holds whole-sized temporaries, nor the state twice. (Optim
 hooks, which sessions do not register, run once per call; the state's entries are put back
 in the order torch's one call makes them.)
 
-When the step's metrics want the update norm (``metrics.before_step``), the chunks step a
-few at a time (:data:`WATCH_CHUNKS`), each run in an ``optimizer.step()`` call of its own
-between a copy of its values and the subtraction (:class:`Watch`): the session then keeps no
-whole copy of a large parameter for that norm.
+When the step's metrics want the update norm (``metrics.before_step``), each chunk steps in
+an ``optimizer.step()`` call of its own between a copy of its values and the subtraction
+(:class:`Watch`): the session then keeps no whole copy of a large parameter for that norm.
 
 Not chunked (the whole step as before): other optimizers (Adafactor and Muon treat a
 matrix as one; LBFGS and SparseAdam step elsewhere), ``foreach``/``fused`` groups (their
@@ -74,13 +73,6 @@ DEFAULT_CHUNK = 1 << 18
 #: at the default) a parameter's tensors stay in a CPU's L3 cache between passes anyway, and
 #: the chunks' own costs (a Python loop of torch calls per chunk) would outweigh the gain
 SMALLEST_IN_CHUNKS = 8
-
-#: with a :class:`Watch`, chunks step this many at a time, one ``opt.step()`` call each run
-#: of them (the call's own cost, about 50 us for SGD and 130 us for Adam on this project's
-#: 2-core test machine, paid a quarter as often as one call per chunk); the copy, the
-#: subtraction and the norms take the run's span while it is in the cache (4 MiB of float32
-#: per tensor at the default chunk)
-WATCH_CHUNKS = 4
 
 #: the per-step metrics take the update and parameter norms of a tensor as the norms of its
 #: pieces of this many elements, at fixed offsets from its start, combined in float64
@@ -139,12 +131,11 @@ class Split:
 @dataclass
 class Watch:
     """Norms a step's metrics want of its chunked parameters' updates (``metrics``: the update
-    norm needs each parameter as it was before the step). With a watch, the chunks step in
-    runs of :data:`WATCH_CHUNKS`, an ``opt.step()`` call each, between a copy of the run's
-    values into a buffer and the subtraction, both while the run is in the cache: so no step
-    keeps a whole copy of a large parameter. Per parameter (by ``id``): per piece
-    (:func:`pieces`), the norm of its update and of its values after the step (0-dim tensors
-    on its device, in its dtype)."""
+    norm needs each parameter as it was before the step). With a watch, every chunk steps in
+    an ``opt.step()`` call of its own, between a copy of its values into a chunk-sized buffer
+    and the subtraction, both while the chunk is in the cache: so no step keeps a whole copy
+    of a large parameter. Per parameter (by ``id``): per piece (:func:`pieces`), the norm of
+    its update and of its values after the step (0-dim tensors on its device, in its dtype)."""
 
     update: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     param: dict[int, list[torch.Tensor]] = field(default_factory=dict)
@@ -155,8 +146,7 @@ class Watch:
 
     def stepped(self, opt: torch.optim.Optimizer, param: torch.Tensor, view: torch.Tensor
                 ) -> None:
-        """``opt.step()``, with ``view`` (adjacent chunks of ``param`` as one view: the chunks
-        the groups hold now) the values it steps."""
+        """``opt.step()``, with ``view`` (a chunk of ``param``) the one tensor it steps."""
         before = None if self.failed else self._copy(view)
         opt.step()
         if before is None:
@@ -293,24 +283,11 @@ def _alone(opt: torch.optim.Optimizer, sp: Split, saved: list[list[torch.Tensor]
             only(views)
             opt.step()
             return
-        for batch in _batches(views, WATCH_CHUNKS):
-            only(batch)
-            watch.stepped(opt, sp.param, _joined(sp.param, batch))
+        for view in views:
+            only([view])
+            watch.stepped(opt, sp.param, view)
 
     return alone
-
-
-def _batches(views: list[torch.Tensor], count: int) -> list[list[torch.Tensor]]:
-    """``views`` (adjacent chunks of one parameter, in order) in runs of ``count``."""
-    return [views[i:i + count] for i in range(0, len(views), count)]
-
-
-def _joined(param: torch.Tensor, views: list[torch.Tensor]) -> torch.Tensor:
-    """Adjacent chunks of ``param`` (flattened) as one view."""
-    if len(views) == 1:
-        return views[0]
-    start = views[0].storage_offset() - param.storage_offset()
-    return param.view(-1)[start:start + sum(v.numel() for v in views)]
 
 
 #: per optimizer: its number of parameters, and the elements of its largest (a parameter's

@@ -1,7 +1,6 @@
 """The metrics' copy for the next step's update norm, refilled as the norms of a step whose
 answer does not carry them are taken (``metrics._norms_into``): tensors of more than
-``metrics.FUSED`` elements (here 262,144) are subtracted, normed and refilled chunk by chunk
-(chunks of ``metrics.FUSED_CHUNK`` elements, here 262,144 too).
+``metrics.FUSED`` elements (here 262,144) are subtracted, normed and refilled chunk by chunk.
 At the server's own step chunk: a parameter of 2.2e6 elements (stepped in chunks; with
 ``?metrics=history`` compared with a kept copy of it), one of 7e5 (a run of its own), one of
 3e5 beside a small one (a run of both), one small. Every step's norms must equal torch's,
@@ -30,7 +29,6 @@ def _rows(fused: bool, answered: bool, monkeypatch: pytest.MonkeyPatch
     """Four SGD-with-momentum steps (the third leaves "alone" and "small" out), each step's
     per-group norms (from its answer, or its history row), checked against torch's."""
     monkeypatch.setattr(metrics, "FUSED", 1 << 18 if fused else 1 << 40)
-    monkeypatch.setattr(metrics, "FUSED_CHUNK", 1 << 18)
     monkeypatch.setattr(host_module, "INLINE_BYTES", -1)  # on the worker, as large ones run
     eng = embedded_engine("cpu", warm_up=False)
     run(eng.start())
