@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from app.engine import ps
+from app.engine import ps, state_aliases
 from app.engine.history import HistoryQuery, HistoryResult, downsample
 from app.engine.host import EmbeddedHost
 from app.engine.interface import (
@@ -371,8 +371,12 @@ class Front:
                            tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
                            base_version: int | None = None, base_revision: int | None = None
                            ) -> SessionInfo:
+        # what a torch.save file held as one tensor, found before anything encodes the state
+        # (off the event loop: every tensor of it is looked at)
+        shared = await asyncio.to_thread(state_aliases.examine, state)
         op = ImportState(state, request=True, scheduler_range=True, tensor_range=True,
-                         base_version=base_version, base_revision=base_revision)
+                         base_version=base_version, base_revision=base_revision,
+                         shared=shared)
         out: SessionInfo = await self._execute(tenant, session_id, op, idem)
         return out
 

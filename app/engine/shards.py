@@ -533,7 +533,8 @@ class ShardedSession:
                                              scheduler_range=op.scheduler_range,
                                              tensor_range=op.tensor_range,
                                              base_version=op.base_version,
-                                             base_revision=op.base_revision, ranks=ranks)
+                                             base_revision=op.base_revision, ranks=ranks,
+                                             shared=op.shared)
                                  for sd, ranks in split_state(op.state, layout)))
         elif isinstance(op, Configure):
             if op.options.get("sync") is not None:

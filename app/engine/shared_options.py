@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from app.errors import Invalid
+
 #: where a tensor option is: ``"defaults"`` or a group's index, and the option's key
 Slot = list[Any]
 
@@ -48,3 +50,34 @@ def relink(optimizer: torch.optim.Optimizer, defaults: dict[str, Any],
         target = optimizer.defaults[key] if owner == "defaults" else groups[owner][key]
         for where, name in slots[1:]:
             groups[where][name] = target
+
+
+def link_groups(groups: list[dict[str, Any]], shared: list[list[Slot]]) -> None:
+    """Make each set of ``shared`` group option slots (``[group index, key]``) hold one
+    tensor, the first slot's: what an imported state dict held as one tensor, as torch's
+    ``load_state_dict`` keeps it (:func:`app.engine.state_aliases.shared_group_options`)."""
+    for slots in shared:
+        owner, key = slots[0]
+        target = groups[owner][key]
+        for where, name in slots[1:]:
+            groups[where][name] = target
+
+
+def check_group_links(options: list[dict[str, Any]], shared: list[list[Slot]]) -> None:
+    """``shared`` names group option slots that exist and hold tensors alike (one dtype and
+    shape) in ``options``, the groups' options as an import gives them."""
+    for slots in shared:
+        held = []
+        for slot in slots:
+            index, key = slot if isinstance(slot, list) and len(slot) == 2 else (None, None)
+            value = (options[index].get(key) if type(index) is int
+                     and 0 <= index < len(options) and isinstance(key, str) else None)
+            if not isinstance(value, torch.Tensor):
+                raise Invalid(f"shared option slot {slot!r:.60} names no tensor option of the "
+                              "imported groups", code="state_mismatch",
+                              field="state_dict.param_groups")
+            held.append(value)
+        if len(held) < 2 or any(t.dtype != held[0].dtype or t.shape != held[0].shape
+                                for t in held):
+            raise Invalid(f"shared option slots {slots!r:.80} do not hold one tensor",
+                          code="state_mismatch", field="state_dict.param_groups")

@@ -30,16 +30,23 @@ SCHEDULER_GROUP_KEYS = {"initial_lr": 0.0, "max_lr": 0.0, "min_lr": 0.0,
 _TOP_KEYS = {"state", "param_groups", "scheduler"}
 
 
-def detach_tree(obj: Any) -> Any:
-    """Deep copy with every tensor copied to the CPU (later steps cannot change the copy)."""
+def detach_tree(obj: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
+    """Deep copy with every tensor copied to the CPU (later steps cannot change the copy); a
+    tensor held in several places is one copy, as torch's ``state_dict()`` holds it (groups
+    sharing one tensor ``lr``: a ``torch.save`` of the export keeps them one)."""
+    memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
-        return obj.detach().clone() if obj.device.type == "cpu" else obj.detach().cpu()
+        copied = memo.get(id(obj))
+        if copied is None:
+            copied = memo[id(obj)] = (obj.detach().clone() if obj.device.type == "cpu"
+                                      else obj.detach().cpu())
+        return copied
     if isinstance(obj, dict):
-        return {k: detach_tree(v) for k, v in obj.items()}
+        return {k: detach_tree(v, memo) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [detach_tree(v) for v in obj]
+        return [detach_tree(v, memo) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(detach_tree(v) for v in obj)
+        return tuple(detach_tree(v, memo) for v in obj)
     return obj
 
 

@@ -217,6 +217,63 @@ def test_frozen_param_and_add_param_group(client: optserve.Client) -> None:
     assert local_sd["state"].keys() == remote_sd["state"].keys()
 
 
+def _same_tree(got: Any, want: Any, path: str = "") -> None:
+    """Equal trees, tensors bitwise with their dtypes and shapes."""
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype, (path, got, want)
+        assert got.shape == want.shape and torch.equal(got, want), (path, got, want)
+    elif isinstance(want, dict):
+        assert {str(k) for k in got} == {str(k) for k in want}, (path, got, want)
+        by_str = {str(k): v for k, v in got.items()}
+        for k, v in want.items():
+            _same_tree(by_str[str(k)], v, f"{path}.{k}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), (path, got, want)
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            _same_tree(a, b, f"{path}.{i}")
+    else:
+        assert got == want, (path, got, want)
+
+
+def test_a_local_scheduler_filling_a_tensor_lr_default_steps_as_torch(
+        client: optserve.Client) -> None:
+    """A tensor lr given as the default is one tensor in torch (the defaults' and every
+    group's built from them); a local scheduler fills it in place, and a group added later
+    without an lr starts from the scheduled value. The remote optimizer's groups and defaults
+    share it locally as torch's do, and every value it steps with and reports (parameters,
+    ``state_dict()``, the session's groups) equals torch's, the added group's included."""
+    opts: dict[str, torch.optim.Optimizer] = {}
+    models: dict[str, nn.Module] = {}
+    x, y = batch()
+    for kind in ("local", "remote"):
+        model = models[kind] = mlp()
+        groups = [{"params": list(model[0].parameters())}, {"params": [model[2].weight]}]
+        opt: torch.optim.Optimizer = (
+            torch.optim.Adam(groups, lr=torch.tensor(0.01)) if kind == "local" else
+            optserve.RemoteOptimizer(groups, "Adam", client, lr=torch.tensor(0.01)))
+        opts[kind] = opt
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        for k in range(5):
+            if k == 3:  # (its lr: the defaults' tensor, filled twice by now)
+                opt.add_param_group({"params": [model[2].bias]})
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+            sched.step()
+        assert opt.param_groups[2]["lr"] is opt.defaults["lr"], kind
+        assert opt.param_groups[0]["lr"] is opt.defaults["lr"], kind
+    local, remote = opts["local"], opts["remote"]
+    assert isinstance(remote, optserve.RemoteOptimizer)
+    assert_same_params(models["local"], models["remote"])
+    assert torch.equal(remote.defaults["lr"], local.defaults["lr"])
+    local_sd, remote_sd = local.state_dict(), remote.state_dict()
+    _same_tree(remote_sd["param_groups"], local_sd["param_groups"], "param_groups")
+    _same_tree(remote_sd["state"], local_sd["state"], "state")
+    info = client.get_session(remote.session_id)
+    assert [float(g.options["lr"]) for g in info.param_groups] == [
+        float(g["lr"]) for g in local.param_groups]
+
+
 def test_groups_of_submodules_named_parameters_with_the_same_names(
         client: optserve.Client) -> None:
     """torch takes ``param_names`` as labels only: groups made of each submodule's

@@ -7,7 +7,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.engine import optimizers, scheduler_writes, schedulers, state_dicts, state_order
+from app.engine import (
+    optimizers,
+    scheduler_writes,
+    schedulers,
+    shared_options,
+    state_dicts,
+    state_order,
+)
 from app.engine.interface import SchedulerResult, SessionInfo
 from app.engine.ops.base import Operation, register
 from app.engine.ops.params import discarded_answers
@@ -55,6 +62,12 @@ class ImportState(Operation):
     #: entries with them (:mod:`app.engine.state_order`), and a part whose first entry is not
     #: the session's may begin with an empty one. Logged; None for a whole session's import
     ranks: list[int] | None = None
+    #: the group option slots (``[group index, key]``) the state held as one tensor (a
+    #: ``torch.save`` file of groups sharing one tensor lr: what the front found, before
+    #: anything encodes the state), one list per tensor; the import keeps each one tensor, as
+    #: torch's ``load_state_dict`` does (:func:`app.engine.state_aliases.shared_group_options`).
+    #: Logged: the record's tensors are each their own
+    shared: list[list[list[Any]]] = field(default_factory=list)
 
     def check(self, s: Session) -> state_dicts.PreparedImport:
         if self.base_version is not None and self.base_version != s.version:
@@ -77,12 +90,17 @@ class ImportState(Operation):
         if self.ranks is not None and len(self.ranks) != len(prepared.optimizer["state"]):
             raise Invalid(f"{len(self.ranks)} ranks for {len(prepared.optimizer['state'])} "
                           "states", code="state_mismatch", field="state_dict.state")
+        new_groups = prepared.optimizer["param_groups"]
+        shared_options.check_group_links(new_groups, self.shared)
         if s.scheduler is not None:
             saved = schedulers.capture(s.optimizer, s.scheduler)
             try:
-                for group, new in zip(s.optimizer.param_groups,
-                                      prepared.optimizer["param_groups"], strict=True):
-                    group.update({k: copy.deepcopy(v) for k, v in new.items() if k != "params"})
+                # (one copy of them all, linked as the import links them)
+                options = copy.deepcopy([{k: v for k, v in new.items() if k != "params"}
+                                         for new in new_groups])
+                shared_options.link_groups(options, self.shared)
+                for group, new in zip(s.optimizer.param_groups, options, strict=True):
+                    group.update(new)
                 if prepared.scheduler is not None:
                     try:
                         s.scheduler.load_state_dict(copy.deepcopy(prepared.scheduler))
@@ -107,6 +125,7 @@ class ImportState(Operation):
                      else None)
         try:
             state_dicts.load_optimizer_state(opt, plan.optimizer)
+            shared_options.link_groups(opt.param_groups, self.shared)
             for group, names in zip(opt.param_groups, plan.names, strict=True):
                 group["param_names"] = names
             if plan.scheduler is not None and s.scheduler is not None:
@@ -142,6 +161,8 @@ class ImportState(Operation):
             tree["base_revision"] = self.base_revision
         if self.ranks is not None:
             tree["ranks"] = self.ranks
+        if self.shared:
+            tree["shared"] = self.shared
         return tree
 
     @classmethod
@@ -153,7 +174,8 @@ class ImportState(Operation):
                    tree.get("scheduler_range") is True, tree.get("tensor_range") is True,
                    None if base_version is None else int(base_version),
                    None if base_revision is None else int(base_revision),
-                   None if ranks is None else [int(r) for r in ranks])
+                   None if ranks is None else [int(r) for r in ranks],
+                   [[[int(i), str(k)] for i, k in slots] for slots in tree.get("shared") or []])
 
     def replayed(self) -> ImportState:
         return dataclasses.replace(self, base_version=None, base_revision=None)
