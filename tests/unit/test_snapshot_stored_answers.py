@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 from app.engine import Front, GroupSpec, embedded_engine, persist
 from app.engine.idempotency import IdempotencyTable
 from app.engine.interface import IdemKey, StepResult
+from app.engine.session import Session
 from app.engine.store import read_log
 from app.wire.tree import tree_to_json
 from tests.unit.test_tensor_lr_aliasing import PARAMS, SID, Twin, check, grads, seeded
@@ -170,6 +172,70 @@ def test_a_kept_answer_with_a_tensor_lr_is_snapshotted_and_replayed_alike(
         finally:
             await eng.stop(snapshot=False)
     asyncio.run(go())
+
+
+def test_a_snapshot_that_fails_fails_neither_the_step_nor_the_stop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever makes one session's snapshot fail (here a tree its encoder refuses), the step
+    that made it due is answered and a stop snapshots the other sessions; the failure is
+    logged, and the failed session comes back from its log."""
+    real = Session.snapshot_tree
+
+    def broken(self: Session) -> dict[str, Any]:
+        tree = real(self)
+        if self.id == "bad":
+            tree["meta"]["unencodable"] = object()
+        return tree
+    monkeypatch.setattr(Session, "snapshot_tree", broken)
+    twins = {sid: Twin(SCHED, GROUPS) for sid in ("bad", "good")}
+
+    async def go() -> None:
+        eng = engine(tmp_path, every=2)
+        await eng.start()
+        try:
+            for sid, twin in twins.items():
+                spec = twin.spec(SCHED, GROUPS)
+                spec.id = sid
+                await eng.create(spec)
+            for k in range(3):  # the first step is the second record: a snapshot is due
+                for sid, twin in twins.items():
+                    out = await eng.step(sid, grads(k, twin.names()), return_params=False)
+                    twin.step(k)
+                    assert (out.version, out.step) == (k + 1, k + 1)
+        except BaseException:
+            await eng.stop(snapshot=False)
+            raise
+        with caplog.at_level(logging.ERROR, logger="app.engine.host"):
+            await eng.stop()  # "bad" fails again; "good" is snapshotted all the same
+        failed = [r for r in caplog.records if "snapshot of default~bad failed" in r.message]
+        assert failed and all(r.exc_info is not None for r in failed)
+        assert not any("default~good" in r.message for r in caplog.records)
+        bad, good = (tmp_path / "sessions" / f"default~{sid}" for sid in ("bad", "good"))
+        assert not (bad / "snapshot.bin").exists() and len(read_log(bad / "wal.bin")[0]) == 4
+        assert (good / "snapshot.bin").exists() and read_log(good / "wal.bin")[0] == []
+
+        monkeypatch.setattr(Session, "snapshot_tree", real)
+        eng = engine(tmp_path)
+        await eng.start()
+        try:
+            for sid, twin in twins.items():
+                await check_session(eng, twin, sid)
+        finally:
+            await eng.stop(snapshot=False)
+    asyncio.run(go())
+
+
+async def check_session(eng: Front, twin: Twin, sid: str) -> None:
+    got = (await eng.pull(sid, None)).params
+    for name in twin.names():
+        assert torch.equal(got[name], twin.params[name]), (sid, name)
+    sd = (await eng.export_state(sid)).state_dict
+    want = twin.opt.state_dict()
+    for i, st in want["state"].items():
+        for k, v in st.items():
+            assert torch.equal(sd["state"][i][k], v), (sid, i, k)
+    assert sd["scheduler"]["last_epoch"] == twin.sched.last_epoch
 
 
 def test_kept_answers_are_plain_json_that_a_snapshot_keeps() -> None:
