@@ -1232,22 +1232,27 @@ class EmbeddedHost:
         meanwhile, so the encoding may reference its tensors). Its tree is taken on the device
         worker, as every read of a session is: after what earlier jobs deferred there
         (``worker.after_job``: the norms of a ``?metrics=history`` step are filled into its
-        history row outside the lock)."""
+        history row outside the lock). A snapshot that fails, for whatever reason, is logged
+        and changes nothing (its log still holds every operation): the operation that made it
+        due is answered, and a stop goes on to the other sessions."""
         store = self._store
         if store is None or s.durability == "memory":
             return
         seq = s.seq
-        tree = (await self._worker.run(s.snapshot_tree, "snapshot") if self._worker.alive()
-                else s.snapshot_tree())  # (a dead worker runs nothing more)
 
         def write() -> None:
             parts = persist.encode_tree_parts(tree, persist.SNAPSHOT_KEY)
             store.write_snapshot(key, parts)
         try:
+            tree = (await self._worker.run(s.snapshot_tree, "snapshot") if self._worker.alive()
+                    else s.snapshot_tree())  # (a dead worker runs nothing more)
             await self._in_io_whole(write)
         except OptserveError as exc:
             log.error("snapshot of %s failed: %s (its log still holds every operation)", key,
                       exc.detail)
+            return
+        except Exception:  # (a bug: never an operation's or a stop's failure)
+            log.exception("snapshot of %s failed (its log still holds every operation)", key)
             return
         s.seq_at_snapshot = seq
         s.snapshot_time = time.monotonic()

@@ -4,7 +4,9 @@ operations with the answer each got.
 A key travels in the operation's log record, so the table is rebuilt by replay (and kept in
 snapshots): a repeat is answered, not applied again, also after a restart. The answer kept is
 the operation's scalar result (never tensors: a replayed step returns the session's current
-parameters, with their version). A repeat with another request fingerprint is a 422.
+parameters, with their version), as plain JSON values (:func:`plain_json`: a description's
+tensor ``lr`` as a JSON tensor whose ``data`` is a list), which a snapshot keeps as they are. A
+repeat with another request fingerprint is a 422.
 
 An entry may also keep a refusal (:func:`refusal`): the answer of a request that an operation
 decided without applying it, a sync push whose round an overwrite discarded. A repeat of its
@@ -18,7 +20,12 @@ import re
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
+import orjson
+import torch
+
 from app.errors import Conflict, Invalid, OptserveError
+from app.wire.tree import tree_to_json
 
 KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
 DEFAULT_WINDOW = 1000
@@ -30,6 +37,31 @@ def refusal(exc: OptserveError) -> dict[str, Any]:
     """A refusal as the table keeps it (JSON)."""
     return {REFUSED: {"status": exc.status, "code": exc.code, "detail": exc.detail,
                       "field": exc.field, "extra": dict(exc.extra)}}
+
+
+def plain_json(answer: dict[str, Any]) -> dict[str, Any]:
+    """An answer as the table keeps it: plain JSON values, the ones the wire carried (a tensor
+    as a JSON tensor; numpy arrays and numbers, such as a JSON tensor's ``data``, as the lists
+    and numbers orjson writes for them), so that a snapshot can hold it and a retry answers
+    what the first answer said, byte for byte, whatever the session does after it."""
+    try:  # (the common answer, scalars only: no walk)
+        orjson.dumps(answer)
+        return answer
+    except TypeError:
+        out: dict[str, Any] = _plain(answer)
+        return out
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _plain(tree_to_json(obj))
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return orjson.loads(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY))
+    return obj
 
 
 def _refused(kept: dict[str, Any]) -> OptserveError:
@@ -81,9 +113,12 @@ class IdempotencyTable:
                      refused: list[tuple[str, str, dict[str, Any]]] | None = None) -> None:
         """The keys (with their fingerprints) of one operation, all answered by ``result``,
         and the keys it refused (``refused``: key, fingerprint, :func:`refusal`); the oldest
-        others are forgotten past the window."""
+        others are forgotten past the window. Answers are kept as :func:`plain_json` makes
+        them."""
+        result = plain_json(result)
         entries = [(key, fingerprint, result) for key, fingerprint in keys]
-        entries += refused or []
+        entries += [(key, fingerprint, plain_json(answer))
+                    for key, fingerprint, answer in refused or []]
         for key, fingerprint, answer in entries:
             self._entries[key] = (fingerprint, answer)
             self._entries.move_to_end(key)
