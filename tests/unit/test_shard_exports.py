@@ -12,37 +12,24 @@ every export with the other two.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import random
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from app.engine import CreateSpec, Front, GroupSpec, embedded_engine
+from app.engine import CreateSpec, Front, GroupSpec
 from tests.torch_reference import (
     Reference,
     assert_tensors_equal,
     assert_trees_equal,
     build_scheduler,
 )
+from tests.unit.test_shards import run
 
 SHARDS = (1, 2, 3)
-
-
-def run(coro_fn: Callable[[Front], Awaitable[None]], *, snapshot: bool = True,
-        **engine: Any) -> None:
-    async def main() -> None:
-        eng = embedded_engine("cpu", warm_up=False, **engine)
-        await eng.start()
-        try:
-            await coro_fn(eng)
-        finally:
-            await eng.stop(snapshot=snapshot)
-    asyncio.run(main())
 
 
 def assert_same_order(got: Any, want: Any, path: str = "") -> None:

@@ -34,14 +34,15 @@ MUON_SHAPES = [{"weight": [4, 3], "proj": [3, 5]}, {"emb": [6, 2], "mat": [2, 2]
 STEPS, MORE = 5, 3
 
 
-def run(coro_fn: Callable[[Front], Awaitable[None]], **engine: Any) -> None:
+def run(coro_fn: Callable[[Front], Awaitable[None]], *, snapshot: bool = True,
+        **engine: Any) -> None:
     async def main() -> None:
         eng = embedded_engine("cpu", warm_up=False, **engine)
         await eng.start()
         try:
             await coro_fn(eng)
         finally:
-            await eng.stop()
+            await eng.stop(snapshot=snapshot)
     asyncio.run(main())
 
 

@@ -112,6 +112,19 @@ class Crash(Exception):
     """Where a ``kill -9`` stops the create: nothing after it runs, nothing more is written."""
 
 
+async def create_cut_before_its_index(eng: Front, made: CreateSpec, key: IdemKey,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``eng.create`` of ``made`` under ``key``, cut (:class:`Crash`) where its ``.creates``
+    index would be written, then the engine stopped as a ``kill -9`` leaves it."""
+    def note_created(d: Directory, *args: object) -> None:
+        raise Crash(args)
+    with monkeypatch.context() as m:
+        m.setattr(Directory, "note_created", note_created)
+        with pytest.raises(Crash):
+            await eng.create(made, idem=key)
+    await eng.stop(snapshot=False)
+
+
 @pytest.mark.parametrize(("shards_made", "sid"), [(2, "c"), (2, None), (1, None)])
 def test_a_sharded_create_cut_before_its_index_is_answered_or_finished_by_its_retry(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards_made: int,
@@ -131,13 +144,7 @@ def test_a_sharded_create_cut_before_its_index_is_answered_or_finished_by_its_re
         eng = engine(tmp_path)
         await eng.start()
 
-        def note_created(d: Directory, *args: object) -> None:
-            raise Crash(args)
-        with monkeypatch.context() as m:
-            m.setattr(Directory, "note_created", note_created)
-            with pytest.raises(Crash):
-                await eng.create(spec(sid), idem=key)
-        await eng.stop(snapshot=False)  # (what the kill leaves)
+        await create_cut_before_its_index(eng, spec(sid), key, monkeypatch)
 
     asyncio.run(cut())
     [entry] = [p.name for p in (tmp_path / "directory").iterdir() if not p.name.startswith(".")]
@@ -200,13 +207,7 @@ def test_a_sharded_create_cut_before_its_index_then_deleted_is_not_made_again(
         eng = engine(tmp_path)
         await eng.start()
 
-        def note_created(d: Directory, *args: object) -> None:
-            raise Crash(args)
-        with monkeypatch.context() as m:
-            m.setattr(Directory, "note_created", note_created)
-            with pytest.raises(Crash):
-                await eng.create(spec(None), idem=key)
-        await eng.stop(snapshot=False)
+        await create_cut_before_its_index(eng, spec(None), key, monkeypatch)
 
     asyncio.run(cut())
     [entry] = [p.name for p in (tmp_path / "directory").iterdir() if not p.name.startswith(".")]
@@ -256,13 +257,7 @@ def test_a_sharded_create_cut_part_way_is_finished_by_its_retry_at_the_session_l
         plain.shards = 1
         await eng.create(plain)
 
-        def note_created(d: Directory, *args: object) -> None:
-            raise Crash(args)
-        with monkeypatch.context() as m:
-            m.setattr(Directory, "note_created", note_created)
-            with pytest.raises(Crash):
-                await eng.create(spec(None), idem=key)
-        await eng.stop(snapshot=False)  # (what the kill leaves)
+        await create_cut_before_its_index(eng, spec(None), key, monkeypatch)
 
     asyncio.run(cut())
     [entry] = [p.name for p in (tmp_path / "directory").iterdir() if not p.name.startswith(".")]

@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from app.api.requests import state_from_torch
 from app.engine import CreateSpec, Front, GroupSpec, embedded_engine
 from app.errors import Invalid
+from tests.unit.test_tensor_lr_aliasing import assert_same, seeded
 
 PARAMS = {"w": (3, 2), "b": (2,), "h": (4,)}
 GROUPS = [["w", "b"], ["h"]]
@@ -33,33 +34,8 @@ SCHEDULERS: dict[str, dict[str, Any]] = {
 LIMIT = 1 << 24
 
 
-def seeded(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(torch.float32)
-
-
 def grads(k: int) -> dict[str, torch.Tensor]:
     return {n: seeded(PARAMS[n], 1000 * k + i) for i, n in enumerate(PARAMS)}
-
-
-def assert_same(got: Any, want: Any, path: str = "") -> None:
-    """Equal trees, tensors bitwise (dtype and shape included)."""
-    if isinstance(want, torch.Tensor):
-        assert isinstance(got, torch.Tensor), (path, got, want)
-        assert got.dtype == want.dtype and got.shape == want.shape, (path, got, want)
-        assert torch.equal(got.reshape(-1).view(torch.uint8),
-                           want.detach().reshape(-1).view(torch.uint8)), (path, got, want)
-    elif isinstance(want, dict):
-        assert {str(k) for k in got} == {str(k) for k in want}, (path, set(got), set(want))
-        by_str = {str(k): v for k, v in got.items()}
-        for k in want:
-            assert_same(by_str[str(k)], want[k], f"{path}.{k}")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), (path, got, want)
-        for i, (a, b) in enumerate(zip(got, want, strict=True)):
-            assert_same(a, b, f"{path}.{i}")
-    else:
-        assert got == want, (path, got, want)
 
 
 def shared_lr_groups(groups: list[dict[str, Any]]) -> list[list[int]]:

@@ -45,10 +45,11 @@ def assert_same(got: Any, want: Any, path: str = "") -> None:
         assert got.dtype == want.dtype and got.shape == want.shape, (path, got, want)
         assert torch.equal(got.reshape(-1).view(torch.uint8),
                            want.detach().reshape(-1).view(torch.uint8)), (path, got, want)
-    elif isinstance(want, dict):
-        assert set(got) == set(want), (path, set(got), set(want))
+    elif isinstance(want, dict):  # (keys compared as text: a torch.load's ints, JSON's str)
+        assert {str(k) for k in got} == {str(k) for k in want}, (path, set(got), set(want))
+        by_str = {str(k): v for k, v in got.items()}
         for k in want:
-            assert_same(got[k], want[k], f"{path}.{k}")
+            assert_same(by_str[str(k)], want[k], f"{path}.{k}")
     elif isinstance(want, (list, tuple)):
         assert len(got) == len(want), (path, got, want)
         for i, (a, b) in enumerate(zip(got, want, strict=True)):
