@@ -1339,12 +1339,12 @@ class RayRouter:
                     raise reused()
                 entry = self.directory.get(key)
                 # (an entry a crash left, between the delete and its removal: its hosts no
-                # longer hold the session; else it is a session made since, left alone)
-                if entry is not None:
+                # longer hold the session; else it is a session made since, left alone, also
+                # while its create is in flight, or its host still makes it for a front that
+                # died: _drop_unheld)
+                if entry is not None and not self.directory.in_flight(entry.get("made")):
                     with contextlib.suppress(OptserveError):
-                        if not any(await self._held(key, entry)):
-                            self.directory.remove(key)
-                            self._entries.pop(key, None)
+                        await self._drop_unheld(key, entry)
                 return True
         entry = self._entry(key, fresh=True)
         refusal = await self._refusal(key, entry, deleting=True)

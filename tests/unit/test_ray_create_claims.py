@@ -469,3 +469,42 @@ def test_a_keyed_ray_create_whose_creation_a_dead_front_dropped_is_made_anew(
         finally:
             await cluster.kill()
     asyncio.run(run())
+
+
+def test_a_retried_ray_delete_leaves_the_entry_of_a_create_of_its_id_in_flight(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyed delete of ``x``, then a create of ``x`` in flight (its entry claimed, its host
+    not asked yet) while the delete is retried. The retry took the new entry for one a crash
+    left behind the delete (no host holds it) and removed it: the create was then answered 201
+    with a session no entry named (never listed, a 404, its files kept for good). The retry
+    is answered (204) and the entry left: the session is listed and steps as torch."""
+    cluster = Cluster(tmp_path, monkeypatch)
+    dkey = IdemKey("d-x", "delete x")
+
+    async def run() -> None:
+        try:
+            front = cluster.front()
+            s = spec()
+            s.id = "x"
+            await front.create(s)
+            assert not await front.delete("x", idem=dkey)
+            with monkeypatch.context() as m:
+                gate = Gate(m, 1)
+                again = spec(lr=0.5)
+                again.id = "x"
+                flying = asyncio.create_task(front.create(again))
+                await gate.entered.wait()
+                claimed = entries_of(front, "x")
+                assert await cluster.front().delete("x", idem=dkey)
+                assert entries_of(front, "x") == claimed
+                gate.go.set()
+                made = await flying
+            assert made.id == "x" and made.lr == [0.5] and not made.replayed
+            assert entries(front) == ["default~x"] and entries_of(front, "x") == claimed
+            assert [i.id for i in await front.list_sessions()] == ["x"]
+            assert in_memory(cluster) == {claimed["host"]: ["default~x"]}
+            await AsTorch(again).step(front, "x")
+            assert marks(cluster) == []
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
