@@ -27,6 +27,12 @@ name (``ray.get_actor``), so any number of fronts serve the same sessions. A hos
 gone (a cluster restart, a kill without restart) is started again from ``host.json`` by the
 first front that needs it, and restores its sessions from storage.
 
+**Creates cut short.** A create's entry carries its creation's ``made``; a host makes a
+session only for the creation its entry names, under a per-key lock that a front takes too
+(:meth:`HostActor.forget`) before it drops the entry of a create whose front died: so a host
+still making the session then is waited for (its entry kept), and one asked later makes
+nothing (:meth:`RayRouter._drop_unheld`). No host holds a session no entry names.
+
 **Deletes.** A delete marks the session's create key deleted in the directory before any host
 deletes the session (a retried create is answered with the session while its hosts all hold
 it, else 409 ``session_deleted``), and a keyed delete is kept there before the entry goes, so
@@ -49,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -58,7 +65,8 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,6 +278,19 @@ def check_create(spec: CreateSpec, default_nonfinite: Any) -> None:
 
 
 # ============================================================================ the actor
+#: how many dropped creations a host keeps (:meth:`HostActor.forget`)
+_DROPPED_KEPT = 4096
+
+
+def create_dropped(key: str) -> Unavailable:
+    """503 ``create_dropped``: a host asked to make a session whose create a front dropped
+    (its front died while the host was asked; another front dropped its directory entry);
+    nothing was made. A keyed create's retry makes it again."""
+    return Unavailable(f"the create of session {split_key(parent_key(key))[1]!r:.140} was cut "
+                       "short and dropped; nothing was made: retry it (with the same "
+                       "Idempotency-Key)", code="create_dropped", retry_after=1.0)
+
+
 class HostActor:
     """A session host in a Ray actor: the embedded host's code, its store under
     ``<data dir>/hosts/<name>``. Its start restores the sessions stored there (after Ray
@@ -286,6 +307,12 @@ class HostActor:
         #: the directory (``<data dir>/directory``), which says which creation is current
         self._directory = Path(config["root"]).parent.parent / "directory"
         self._peers: dict[str, RayHost] = {}
+        #: per host key: held by a create from its check of the directory until the session
+        #: is made (or refused), and by a front's :meth:`forget` (see :meth:`create`)
+        self._making: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        #: the creations (entries' ``made``) a front dropped: never made here (the last
+        #: :data:`_DROPPED_KEPT`, in memory: a create in flight does not outlive its actor)
+        self._dropped: OrderedDict[str, None] = OrderedDict()
 
     async def _ready(self) -> InProcessHost:
         if self._host is not None:
@@ -340,8 +367,58 @@ class HostActor:
             self._host = None
 
     # ------------------------------------------------------------------ sessions
-    async def create(self, key: str, spec: CreateSpec, idem: IdemKey | None) -> SessionInfo:
-        return await (await self._ready()).create(key, spec_from_wire(spec), idem=idem)
+    @contextlib.asynccontextmanager
+    async def _making_lock(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._making.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._making[key]
+
+    async def create(self, key: str, spec: CreateSpec, idem: IdemKey | None,
+                     made: str | None = None) -> SessionInfo:
+        """Make the session (a shard) of the creation ``made`` (its directory entry's), only
+        while that entry is the directory's and no front dropped it: else 503
+        ``create_dropped``, nothing made. The order that leaves no session without its entry
+        (a front that asked for it died, kill -9, and another front drops the entry: a
+        :meth:`RayRouter._drop_unheld <RayRouter._drop_unheld>`): the check and the whole
+        create (its files and its place in the host's table) run under the key's lock here,
+        and a front drops an entry only once every host of it answered :meth:`forget`, which
+        takes that lock, with nothing held; so a create either is done before the forget,
+        which then finds it held (the entry stays), or checks after it, and finds its
+        creation dropped (or its entry gone)."""
+        host = await self._ready()
+        if made is None:  # (an entry of an older version, without one)
+            return await host.create(key, spec_from_wire(spec), idem=idem)
+        async with self._making_lock(key):
+            entry = entry_at(self._directory, parent_key(key))
+            if made in self._dropped or entry is None or entry.get("made") != made:
+                raise create_dropped(key)
+            return await host.create(key, spec_from_wire(spec), idem=idem)
+
+    async def forget(self, key: str, made: str | None) -> bool:
+        """A front is about to drop the entry of the creation ``made``: True when this host
+        holds ``key`` (or refused it at start), and the entry is to stay; else the creation
+        is never made here (:meth:`create`), and False."""
+        host = await self._ready()
+        async with self._making_lock(key):
+            if key in await host.keys(key) or key in await host.refused():
+                return True
+            if made is not None:
+                self._dropped[made] = None
+                while len(self._dropped) > _DROPPED_KEPT:
+                    self._dropped.popitem(last=False)
+            return False
+
+    async def unforget(self, key: str, made: str) -> None:
+        """Another host of the creation ``made`` holds some of it: its entry stays, so this
+        host may make its part again (a keyed create's retry finishing it)."""
+        async with self._making_lock(key):
+            self._dropped.pop(made, None)
 
     async def execute(self, key: str, op: tuple[str, Any], idem: IdemKey | None,
                       want_params: bool) -> Any:
@@ -483,6 +560,16 @@ class RayHost:
         #: the actor again by its name (started again if gone) when this handle's actor is
         #: dead for good (killed without restart, its cluster restarted)
         self.revive = revive
+        #: the creation (its directory entry's ``made``) this host's creates are of
+        #: (:meth:`making`; :meth:`HostActor.create`)
+        self.made: str | None = None
+
+    def making(self, made: str | None) -> RayHost:
+        """This host, asked to make parts of the creation ``made`` only (a sharded session's
+        creates its shards through it)."""
+        host = copy.copy(self)
+        host.made = made
+        return host
 
     def _dead(self, exc: BaseException) -> None:
         if isinstance(exc, ActorDiedError) and self.revive is not None:
@@ -552,8 +639,14 @@ class RayHost:
 
     async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None
                      ) -> SessionInfo:
-        out: SessionInfo = await self.call("create", key, spec_to_wire(spec), idem)
+        out: SessionInfo = await self.call("create", key, spec_to_wire(spec), idem, self.made)
         return out
+
+    async def forget(self, key: str, made: str | None) -> bool:
+        return bool(await self.call("forget", key, made))
+
+    async def unforget(self, key: str, made: str) -> None:
+        await self.call("unforget", key, made)
 
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
                       want_params: bool = False) -> Any:
@@ -784,15 +877,12 @@ class RayRouter:
                 self.directory.drop_mark(mark)
                 continue
             try:
-                held = await asyncio.wait_for(self._held(key, entry), ABANDONED_ASK_S)
-                refused = await asyncio.wait_for(self._held(key, entry, refused=True),
-                                                 ABANDONED_ASK_S)
+                gone = await asyncio.wait_for(self._drop_unheld(key, entry), ABANDONED_ASK_S)
             except (OptserveError, TimeoutError):
                 continue  # (a host cannot say now: looked at again next time)
-            if not any(held) and not any(refused) and self.directory.remove_made(key, made):
+            if gone:
                 log.info("dropped the entry of %s: its create's front died before any host "
                          "made it", key)
-                self._entries.pop(key, None)
                 dropped += 1
             self.directory.drop_mark(mark)
         return dropped
@@ -852,6 +942,39 @@ class RayRouter:
             except NotFound:  # (a host whose host.json is gone)
                 return False
         return list(await asyncio.gather(*(held(name, k) for name, k in where)))
+
+    async def _drop_unheld(self, key: str, entry: dict[str, Any]) -> bool:
+        """Remove the entry of a create none of whose hosts holds (or refused at start) any
+        of the session: True when it went. The order that leaves no host holding a session
+        without its entry, a host still making it for a front that died included: each host
+        first forgets the creation (:meth:`HostActor.forget`: under the key's lock that a
+        host's create holds from its check of the entry until the session is made, so a
+        create is done before, and is found held, or is refused after: 503
+        ``create_dropped``), and only then the entry goes (if still this creation's). A front
+        that dies between the two leaves an entry no host makes, dropped by the next look
+        (this again). When some host holds some of it the entry stays and the others may
+        make their part again (:meth:`HostActor.unforget`). 503 while a host restarts."""
+        made = entry.get("made")
+        if "host" in entry:
+            where = [(str(entry["host"]), key)]
+        else:
+            where = [(str(name), shard_key(key, i, len(entry["shards"])))
+                     for i, name in enumerate(entry["shards"])]
+
+        async def forget(name: str, k: str) -> bool:
+            try:
+                return await self._host(name).forget(k, made)
+            except NotFound:  # (a host whose host.json is gone)
+                return False
+        held = await asyncio.gather(*(forget(name, k) for name, k in where))
+        if any(held):
+            if made is not None:
+                await asyncio.gather(*(self._host(name).unforget(k, made)
+                                       for (name, k), h in zip(where, held, strict=True)
+                                       if not h))
+            return False
+        self._entries.pop(key, None)
+        return self.directory.remove_made(key, made)
 
     # ------------------------------------------------------------------ hosts
     def _host_names(self) -> list[str]:
@@ -987,7 +1110,10 @@ class RayRouter:
                 # run it (each host answers the key's create once)
                 indexed = self._indexed_create(tenant, idem)
                 if isinstance(indexed, tuple):
-                    return await self._finish_create(*indexed, spec, idem)
+                    finished = await self._finish_create(*indexed, spec, idem)
+                    if finished is not None:
+                        return finished
+                    continue  # (its creation was dropped: looked at again)
                 if indexed is not None:
                     key = indexed  # (its entry went, its index stayed: made under that key)
             if self.directory.get(key) is not None and not await self._stale(key):
@@ -1039,6 +1165,7 @@ class RayRouter:
             self.directory.remove(key)  # (no host was asked)
             mark.done()
             return None
+        hosts = [h.making(entry["made"]) for h in hosts]  # (HostActor.create checks it)
         try:
             if layout is not None:
                 shards: list[tuple[Host, str]] = [(h, shard_key(key, i, layout.shards))
@@ -1106,29 +1233,38 @@ class RayRouter:
         return True
 
     async def _finish_create(self, key: str, entry: dict[str, Any], spec: CreateSpec,
-                             idem: IdemKey) -> SessionInfo:
+                             idem: IdemKey) -> SessionInfo | None:
         """The retry of a keyed create indexed before (:meth:`_indexed_create`): made on its
         entry's hosts under its key; each host answers the key's create once (from the key, a
         replay, when it made its part already, also while a first try is still at it). Any
         part made stays on a failure (the first try's, and this one's: a first try still at
         it may have made it), for the next retry (:meth:`_undo_create` for an unsharded
-        session's refusal)."""
+        session's refusal). None when a host answers that another front dropped this creation
+        (``create_dropped``, :meth:`HostActor.create`): its entry goes once no host holds any
+        of it (:meth:`_drop_unheld`, also when that front died before it removed it), and the
+        create looks again (:meth:`create`: made anew, or finished on the entry kept)."""
         made = entry.get("made")
         # (in flight again, on this front: no other front drops the entry meanwhile)
         mark = self.directory.mark_creating(str(made), key) if made else None
         try:
             try:
                 if "host" in entry:
-                    info = await self._host(str(entry["host"])).create(key, spec, idem=idem)
+                    info = await self._host(str(entry["host"])).making(made).create(
+                        key, spec, idem=idem)
                 else:
                     layout = ShardLayout.from_json(entry["layout"])
                     shards: list[tuple[Host, str]] = [
-                        (self._host(name), shard_key(key, i, layout.shards))
+                        (self._host(name).making(made), shard_key(key, i, layout.shards))
                         for i, name in enumerate(entry["shards"])]
                     _, info = await ShardedSession.create(key, spec, layout, shards,
                                                           idem=idem,
                                                           made=set(range(layout.shards)))
             except Exception as exc:
+                if isinstance(exc, Unavailable) and exc.code == "create_dropped":
+                    await self._drop_unheld(key, entry)
+                    if mark is not None:
+                        mark.done()
+                    return None
                 if "host" in entry and await self._undo_create(key, entry, idem, exc) and mark:
                     mark.done()
                 raise
@@ -1146,23 +1282,19 @@ class RayRouter:
         host (a shard's) refused at start is kept, and so is one whose create is in flight
         through a front that is alive (its mark is locked, :meth:`Directory.in_flight
         <app.engine.directory.Directory.in_flight>`: its hosts do not hold the session yet).
-        The mark is looked at before the hosts, so a create done in between is seen held."""
+        The mark is looked at before the hosts, so a create done in between is seen held; a
+        host still making the session for a front that died is waited for, or never makes it
+        (:meth:`_drop_unheld`). One a host (a shard's) holds some of is kept."""
         entry = self.directory.get(key)
         if entry is None:
             self._entries.pop(key, None)
             return True
         if self.directory.in_flight(entry.get("made")):
             return False
-        self._entries[key] = entry
-        try:
-            await (await self.route(key)).describe(key)
-        except NotFound:
-            if await self._refusal(key, entry) is not None:
-                return False
-            self.directory.remove_made(key, entry.get("made"))
-            self._entries.pop(key, None)
-            return True
-        return False
+        if not await self._drop_unheld(key, entry):
+            self._entries[key] = entry
+            return False
+        return True
 
     def _placed(self, info: SessionInfo, entry: dict[str, Any]) -> SessionInfo:
         placement = {"resources": entry["resources"], "placement": entry["placement"]}
@@ -1207,12 +1339,12 @@ class RayRouter:
                     raise reused()
                 entry = self.directory.get(key)
                 # (an entry a crash left, between the delete and its removal: its hosts no
-                # longer hold the session; else it is a session made since, left alone)
-                if entry is not None:
+                # longer hold the session; else it is a session made since, left alone, also
+                # while its create is in flight, or its host still makes it for a front that
+                # died: _drop_unheld)
+                if entry is not None and not self.directory.in_flight(entry.get("made")):
                     with contextlib.suppress(OptserveError):
-                        if not any(await self._held(key, entry)):
-                            self.directory.remove(key)
-                            self._entries.pop(key, None)
+                        await self._drop_unheld(key, entry)
                 return True
         entry = self._entry(key, fresh=True)
         refusal = await self._refusal(key, entry, deleting=True)

@@ -310,3 +310,201 @@ def test_a_create_mark_is_in_flight_until_its_process_is_killed(tmp_path: Path) 
     assert (made, key) == ("m1", "default~x") and mark.parent == root / ".creating"
     directory.drop_mark(mark)
     assert os.listdir(root / ".creating") == []
+
+
+def in_memory(cluster: Cluster) -> dict[str, list[str]]:
+    """The sessions each host actor holds in its table (hosts holding none left out)."""
+    return {name: keys for name, handle in sorted(cluster.actors.items())
+            if handle.actor._host is not None
+            and (keys := sorted(handle.actor._host.embedded.keys()))}
+
+
+ORDERS = [(at, by) for at in ("mid", "late") for by in ("abandoned", "stale")]
+
+
+@pytest.mark.parametrize(("at", "by"), ORDERS, ids=[f"{a}-{b}" for a, b in ORDERS])
+def test_a_ray_create_whose_front_died_while_its_host_made_it_leaves_no_orphan(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: str, by: str) -> None:
+    """A create of id ``x`` whose front dies (``kill -9``: no clean-up, its mark unlocked) once
+    it asked its host, while the host is still making the session (``mid``: paused in its
+    create) or before the request reached it (``late``). Another front drops the entry, as no
+    host holds the session yet: at the limit or at start (``abandoned``), or through a create
+    of ``x`` on another host (``stale``). Then the host finished, holding a session (files and
+    table) that no entry named: never listed, counted or deleted, a second ``x`` beside the
+    other front's. Now a host mid-create is waited for and the entry kept (the drop finds it
+    held; the other create is a 409 ``session_exists``; the session steps as torch), and one
+    asked after the drop makes nothing (503 ``create_dropped``): the hosts hold exactly the
+    sessions the directory names, the surviving one stepping as torch."""
+    cluster = Cluster(tmp_path, monkeypatch)
+    monkeypatch.setattr(ray_host, "ABANDONED_AFTER_S", 0.0)
+
+    async def run() -> None:
+        entered, go = asyncio.Event(), asyncio.Event()
+        asked: list[asyncio.Future[Any]] = []
+        real_create, real_host_create = ray_host.RayHost.create, ray_host.InProcessHost.create
+        paused = at != "mid"
+
+        async def host_pauses(host: Any, key: str, s_: Any, **kw: Any) -> Any:
+            nonlocal paused  # (the first create, in the host: mid-create)
+            if not paused:
+                paused = True
+                entered.set()
+                await go.wait()
+            return await real_host_create(host, key, s_, **kw)
+
+        async def delivered(host: Any, key: str, s_: Any, **kw: Any) -> Any:
+            if at == "late":
+                await go.wait()
+            return await real_create(host, key, s_, **kw)
+
+        async def asked_then_dies(host: Any, key: str, s_: Any, **kw: Any) -> Any:
+            # (the request goes on without its front, as an actor task does)
+            asked.append(asyncio.ensure_future(delivered(host, key, s_, **kw)))
+            raise Crash(key)
+
+        def remove(d: Directory, key: str) -> None:
+            raise Crash(key)
+        try:
+            first, second = cluster.front(), cluster.front()
+            s = spec()
+            s.id = "x"
+            monkeypatch.setattr(ray_host.InProcessHost, "create", host_pauses)
+            with monkeypatch.context() as m:
+                m.setattr(ray_host.RayHost, "create", asked_then_dies)
+                m.setattr(Directory, "remove", remove)
+                with pytest.raises(Crash):
+                    await first.create(s)
+            claimed = entries_of(first, "x")
+            if at == "mid":
+                await entered.wait()
+            other = spec(lr=0.5)
+            other.id = "x"
+            other.placement = "spread"  # (a new host)
+
+            async def drop() -> Any:
+                if by == "abandoned":
+                    return await second.router.drop_abandoned()  # type: ignore[attr-defined]
+                return await second.create(other)
+            dropping = asyncio.ensure_future(drop())
+            # (late: the drop is done first; mid: it may wait for the host, which goes on)
+            await asyncio.wait({dropping}, timeout=None if at == "late" else 0.5)
+            go.set()
+            [host_made] = await asyncio.gather(*asked, return_exceptions=True)
+            [dropped] = await asyncio.gather(dropping, return_exceptions=True)
+
+            if at == "mid":  # the host's create was done first: the entry stays
+                assert not isinstance(host_made, BaseException), host_made
+                assert host_made.id == "x" and host_made.version == 0
+                if by == "abandoned":
+                    assert dropped == 0
+                else:
+                    assert isinstance(dropped, Conflict), dropped
+                    assert (dropped.status, dropped.code, dropped.field) == \
+                        (409, "session_exists", "id")
+                assert entries(second) == ["default~x"] and entries_of(second, "x") == claimed
+                assert in_memory(cluster) == {claimed["host"]: ["default~x"]}
+                survivor = spec()
+            else:  # the host was asked once the entry was dropped: it made nothing
+                assert isinstance(host_made, ray_host.Unavailable), host_made
+                assert (host_made.status, host_made.code) == (503, "create_dropped")
+                if by == "abandoned":
+                    assert dropped == 1 and entries(second) == []
+                    assert in_memory(cluster) == {} and held_keys(cluster) == []
+                    assert await second.list_sessions() == []
+                    return
+                assert not isinstance(dropped, BaseException), dropped
+                assert dropped.id == "x" and dropped.lr == [0.5]
+                taken = entries_of(second, "x")
+                assert taken["made"] != claimed["made"] and taken["host"] != claimed["host"]
+                assert in_memory(cluster) == {taken["host"]: ["default~x"]}
+                survivor = other
+            assert held_keys(cluster) == ["default~x"]
+            assert [i.id for i in await second.list_sessions()] == ["x"]
+            torch_ = AsTorch(survivor)
+            for front in (second, first):
+                await torch_.step(front, "x")
+            assert await second.router.drop_abandoned() == 0  # type: ignore[attr-defined]
+            assert marks(cluster) == []
+        finally:
+            go.set()
+            await cluster.kill()
+    asyncio.run(run())
+
+
+def test_a_keyed_ray_create_whose_creation_a_dead_front_dropped_is_made_anew(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyed create whose front dies before its host was asked; another front, dropping its
+    entry, had its host forget the creation (so a late request of it makes nothing) and died
+    before the entry went. The retry, finishing the create on that entry, meets the host's 503
+    ``create_dropped``: it drops the entry (no host holds any of it) and makes the session anew
+    under its key, once: answered 201 with the first try's id, the hosts holding it alone, its
+    entry a new creation's, stepping as torch; a further retry is answered with it."""
+    cluster = Cluster(tmp_path, monkeypatch)
+    ckey = create_key("k-dropped")
+
+    async def run() -> None:
+        try:
+            first = cluster.front()
+            await dies(first, spec(), monkeypatch, idem=ckey)
+            [key] = entries(first)
+            cut = first.router.directory.get(key)  # type: ignore[attr-defined]
+            assert cut is not None
+            second = cluster.front()
+            router: Any = second.router
+            assert not await router._host(cut["host"]).forget(key, cut["made"])
+            again = await second.create(spec(), idem=ckey)
+            assert f"default~{again.id}" == key and not again.replayed and again.version == 0
+            assert entries(second) == [key]
+            remade = entries_of(second, again.id)
+            assert remade["made"] != cut["made"] and remade["created_by"] == ckey.key
+            assert in_memory(cluster) == {remade["host"]: [key]}
+            assert held_keys(cluster) == [key]
+            await AsTorch(spec()).step(second, again.id)
+            replayed = await cluster.front().create(spec(), idem=ckey)
+            assert replayed.replayed and replayed.id == again.id and replayed.version == 1
+            # (the dead front's mark goes with the next look at marks, the entry kept)
+            monkeypatch.setattr(ray_host, "ABANDONED_AFTER_S", 0.0)
+            assert await router.drop_abandoned() == 0 and entries(second) == [key]
+            assert marks(cluster) == []
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
+
+
+def test_a_retried_ray_delete_leaves_the_entry_of_a_create_of_its_id_in_flight(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyed delete of ``x``, then a create of ``x`` in flight (its entry claimed, its host
+    not asked yet) while the delete is retried. The retry took the new entry for one a crash
+    left behind the delete (no host holds it) and removed it: the create was then answered 201
+    with a session no entry named (never listed, a 404, its files kept for good). The retry
+    is answered (204) and the entry left: the session is listed and steps as torch."""
+    cluster = Cluster(tmp_path, monkeypatch)
+    dkey = IdemKey("d-x", "delete x")
+
+    async def run() -> None:
+        try:
+            front = cluster.front()
+            s = spec()
+            s.id = "x"
+            await front.create(s)
+            assert not await front.delete("x", idem=dkey)
+            with monkeypatch.context() as m:
+                gate = Gate(m, 1)
+                again = spec(lr=0.5)
+                again.id = "x"
+                flying = asyncio.create_task(front.create(again))
+                await gate.entered.wait()
+                claimed = entries_of(front, "x")
+                assert await cluster.front().delete("x", idem=dkey)
+                assert entries_of(front, "x") == claimed
+                gate.go.set()
+                made = await flying
+            assert made.id == "x" and made.lr == [0.5] and not made.replayed
+            assert entries(front) == ["default~x"] and entries_of(front, "x") == claimed
+            assert [i.id for i in await front.list_sessions()] == ["x"]
+            assert in_memory(cluster) == {claimed["host"]: ["default~x"]}
+            await AsTorch(again).step(front, "x")
+            assert marks(cluster) == []
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
