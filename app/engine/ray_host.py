@@ -277,6 +277,15 @@ def check_create(spec: CreateSpec, default_nonfinite: Any) -> None:
                             "memory").build(torch.device("cpu"))
 
 
+def _hosts_of(key: str, entry: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where a directory entry's session lies: (host name, the key there) for its host, or for
+    each shard's host."""
+    if "host" in entry:
+        return [(str(entry["host"]), key)]
+    return [(str(name), shard_key(key, i, len(entry["shards"])))
+            for i, name in enumerate(entry["shards"])]
+
+
 # ============================================================================ the actor
 #: how many dropped creations a host keeps (:meth:`HostActor.forget`)
 _DROPPED_KEPT = 4096
@@ -929,11 +938,7 @@ class RayRouter:
         """Whether the session's host holds it (a sharded session's: whether each shard's host
         holds its shard); not held by a host that is gone for good. 503 while one restarts.
         ``refused``: whether each refused it at start instead."""
-        if "host" in entry:
-            where = [(str(entry["host"]), key)]
-        else:
-            where = [(str(name), shard_key(key, i, len(entry["shards"])))
-                     for i, name in enumerate(entry["shards"])]
+        where = _hosts_of(key, entry)
 
         async def held(name: str, k: str) -> bool:
             try:
@@ -955,11 +960,7 @@ class RayRouter:
         (this again). When some host holds some of it the entry stays and the others may
         make their part again (:meth:`HostActor.unforget`). 503 while a host restarts."""
         made = entry.get("made")
-        if "host" in entry:
-            where = [(str(entry["host"]), key)]
-        else:
-            where = [(str(name), shard_key(key, i, len(entry["shards"])))
-                     for i, name in enumerate(entry["shards"])]
+        where = _hosts_of(key, entry)
 
         async def forget(name: str, k: str) -> bool:
             try:
