@@ -67,6 +67,11 @@ async def _receive(request: Request, take: Callable[[bytes], None]) -> None:
     settings = getattr(request.app.state, "settings", None)
     timeout: float | None = getattr(settings, "body_timeout_s", None)
     loop = asyncio.get_running_loop()
+    read = getattr(request, "_body", None)
+    if isinstance(read, bytes):  # (read before, kept by Starlette: as request.stream() gives it)
+        if read:
+            take(read)
+        return
     receive = request.receive
     try:
         async with asyncio.timeout(timeout) as deadline:
