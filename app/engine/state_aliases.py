@@ -18,8 +18,7 @@ Two per-parameter state tensors on overlapping memory (two parameters' ``exp_avg
 or ``exp_avg`` and ``exp_avg_sq`` views of one storage), or one over the scheduler's state,
 is nothing torch makes, and each update would write into the other: a 422 ``invalid_state``
 naming the second of them, as a safetensors body whose skeleton references a tensor twice is
-refused (:func:`refuse_aliased_state`). So is a state tensor that overlaps itself (an
-expanded one, a stride of 0), which torch's next step would refuse to write into."""
+refused (:func:`refuse_aliased_state`)."""
 
 from __future__ import annotations
 
@@ -63,13 +62,6 @@ def _span(t: torch.Tensor) -> tuple[int, int] | None:
     return low, high + size
 
 
-def _overlaps_itself(t: torch.Tensor) -> bool:
-    """A dense tensor some of whose elements are one memory location (a dimension of more than
-    one element with a stride of 0: what ``expand`` makes)."""
-    return t.layout == torch.strided and any(
-        n > 1 and stride == 0 for n, stride in zip(t.shape, t.stride(), strict=True))
-
-
 def refuse_aliased_state(state: object) -> None:
     """A 422 ``invalid_state`` naming a per-parameter state tensor whose memory overlaps
     another state tensor's or the scheduler state's (see the module's docs)."""
@@ -81,11 +73,6 @@ def refuse_aliased_state(state: object) -> None:
     _tensors(state.get("scheduler"), "state_dict.scheduler", found)
     spans = []
     for index, (path, t) in enumerate(found):
-        if index < held and _overlaps_itself(t):
-            raise Invalid(f"{path} overlaps itself (a stride of 0: an expanded tensor): each "
-                          "of its elements must be its own (torch never saves one, and its "
-                          "next step would refuse to write into it); save it contiguous",
-                          code="invalid_state", field=path)
         span = _span(t)
         if span is not None:
             spans.append((span, index < held, path))

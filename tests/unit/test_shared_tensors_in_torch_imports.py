@@ -304,35 +304,3 @@ def test_the_refusal_holds_at_the_engine_too() -> None:
         refuse_aliased_state(sd)
     assert caught.value.field == field
     refuse_aliased_state(_adam_state())  # (each its own: nothing to say)
-
-
-def test_an_expanded_state_tensor_is_refused_naming_it(app_client: TestClient) -> None:
-    """An ``exp_avg`` whose elements are one memory location (``expand``: a stride of 0) is
-    nothing torch saves, and torch's own next step would refuse to write into it: a 422
-    ``invalid_state`` naming it, the session unchanged; the same values each its own import
-    and equal torch's load of them."""
-    c = app_client
-    sid = "expanded-exp-avg"
-    body = {"id": sid, "optimizer": "Adam", "options": {"lr": 0.01}, "params": {
-        n: {"dtype": "float32", "shape": list(shape),
-            "data": seeded(shape, i).reshape(-1).tolist()}
-        for i, (n, shape) in enumerate(TWINS.items())}}
-    assert c.post("/v1/sessions", json=body).status_code == 201
-    before = _whole(c, sid)
-    sd = _adam_state()
-    first = sd["state"][0]["exp_avg"]
-    sd["state"][0]["exp_avg"] = torch.full((1,), 0.25).expand(first.shape)
-    r = _put_torch(c, sid, sd)
-    assert r.status_code == 422, r.text
-    assert r.headers["content-type"].startswith("application/problem+json")
-    problem = r.json()
-    assert (problem["code"], problem["field"]) == ("invalid_state",
-                                                   "state_dict.state.0.exp_avg"), problem
-    assert "overlaps itself" in problem["detail"], problem
-    assert _whole(c, sid) == before
-    own = torch.load(io.BytesIO(_saved(sd)), weights_only=True)
-    own["state"][0]["exp_avg"] = own["state"][0]["exp_avg"].contiguous()
-    assert _put_torch(c, sid, own).status_code == 200
-    exported = torch.load(io.BytesIO(c.get(f"/v1/sessions/{sid}/state_dict?format=torch")
-                                     .content), weights_only=True)
-    assert torch.equal(exported["state"][0]["exp_avg"], torch.full(first.shape, 0.25))
