@@ -306,14 +306,15 @@ def test_sparse_or_meta_tensors_in_a_torch_import_are_422(
 
 
 def test_expanded_and_shared_state_tensors_are_imported_as_copies() -> None:
-    """Stride-0 (expanded) and aliased state tensors (exp_avg and exp_avg_sq the same tensor)
-    used to be accepted as they were and diverge after a restart. Each is now imported into
-    memory of its own: the session continues exactly as torch does with copies, also after a
-    restart."""
+    """A stride-0 (expanded) state tensor used to be accepted as it was and diverge after a
+    restart. It is now imported into memory of its own: the session continues exactly as torch
+    does with a copy, also after a restart. (The old ``exp_avg_sq`` given as ``exp_avg`` here is
+    no longer shared once ``exp_avg_sq`` is replaced; state tensors that do share memory are a
+    422 ``invalid_state``: ``tests/unit/test_shared_tensors_in_torch_imports.py``.)"""
     data = Path(tempfile.mkdtemp(prefix="optserve-alias-"))
     p, opt = local_adam()
     sd = copy.deepcopy(opt.state_dict())
-    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg_sq"]  # aliased
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg_sq"]  # (no longer shared below)
     shape = sd["state"][0]["exp_avg_sq"].shape
     sd["state"][0]["exp_avg_sq"] = torch.tensor(0.01).expand(shape)  # stride 0
     live, c = restarted(data)
