@@ -44,21 +44,19 @@ def relink(optimizer: torch.optim.Optimizer, defaults: dict[str, Any],
             held = optimizer.defaults.get(key)
             if isinstance(value, torch.Tensor) and isinstance(held, torch.Tensor):
                 held.copy_(value)
-    groups = optimizer.param_groups
-    for slots in shared:
-        owner, key = slots[0]
-        target = optimizer.defaults[key] if owner == "defaults" else groups[owner][key]
-        for where, name in slots[1:]:
-            groups[where][name] = target
+    link_groups(optimizer.param_groups, shared, optimizer.defaults)
 
 
-def link_groups(groups: list[dict[str, Any]], shared: list[list[Slot]]) -> None:
-    """Make each set of ``shared`` group option slots (``[group index, key]``) hold one
-    tensor, the first slot's: what an imported state dict held as one tensor, as torch's
-    ``load_state_dict`` keeps it (:func:`app.engine.state_aliases.shared_group_options`)."""
+def link_groups(groups: list[dict[str, Any]], shared: list[list[Slot]],
+                defaults: dict[str, Any] | None = None) -> None:
+    """Make each set of ``shared`` option slots hold one tensor, the first slot's (a group's,
+    ``[group index, key]``, or ``["defaults", key]`` in ``defaults``; only the first slot may
+    be the defaults'): what a snapshot recorded (:func:`relink`), or what an imported state
+    dict held as one tensor, as torch's ``load_state_dict`` keeps it
+    (:func:`app.engine.state_aliases.shared_group_options`)."""
     for slots in shared:
         owner, key = slots[0]
-        target = groups[owner][key]
+        target = (defaults or {})[key] if owner == "defaults" else groups[owner][key]
         for where, name in slots[1:]:
             groups[where][name] = target
 

@@ -576,6 +576,16 @@ def test_a_ray_session_refused_at_start_is_kept_whole(
     assert files() == before
 
 
+async def answered_after_a_restart(cluster: Cluster, shards: int, ckey: IdemKey, sid: str,
+                                   version: int) -> None:
+    """After every actor is killed, a new front answers the key's create with session ``sid``
+    (replayed, at ``version``), and the hosts hold its files and nothing else."""
+    await cluster.kill()
+    replayed = await cluster.front().create(spec(shards), idem=ckey)
+    assert replayed.replayed and replayed.id == sid and replayed.version == version
+    assert held_keys(cluster) == session_files(sid, shards)
+
+
 def session_files(sid: str, shards: int) -> list[str]:
     """What :func:`held_keys` lists for one session."""
     if shards == 1:
@@ -646,11 +656,7 @@ def test_a_ray_create_cut_by_a_503_leaves_no_session_without_its_entry(
             assert held_keys(cluster) == session_files(again.id, shards)
             torch_ = AsTorch(spec(shards))
             await torch_.step(second, again.id)
-            await cluster.kill()
-            third = cluster.front()
-            replayed = await third.create(spec(shards), idem=ckey)
-            assert replayed.replayed and replayed.id == again.id and replayed.version == 1
-            assert held_keys(cluster) == session_files(again.id, shards)
+            await answered_after_a_restart(cluster, shards, ckey, again.id, version=1)
         finally:
             await cluster.kill()
     asyncio.run(run())
@@ -712,11 +718,7 @@ def test_a_keyed_ray_create_run_by_two_fronts_at_once_makes_one_session(
             torch_ = AsTorch(spec(shards))
             for front in (first, second):
                 await torch_.step(front, two.id)
-            await cluster.kill()
-            third = cluster.front()
-            replayed = await third.create(spec(shards), idem=ckey)
-            assert replayed.replayed and replayed.id == two.id and replayed.version == 2
-            assert held_keys(cluster) == session_files(two.id, shards)
+            await answered_after_a_restart(cluster, shards, ckey, two.id, version=2)
         finally:
             await cluster.kill()
     asyncio.run(run())
