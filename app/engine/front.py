@@ -205,10 +205,12 @@ class Front:
         options: dict[int, dict[str, Any]] | None = None, params_into: Tensors | None = None,
         upcast: bool = False, params_dtype: torch.dtype | None = None,
         scalars: dict[str, Any] | None = None, answer_metrics: bool = True,
+        into_seen: bool = False,
     ) -> StepResult:
         """``answer_metrics=False`` (``?metrics=history``): the answer carries no ``metrics``
         (the step's row in the history has them; an embedded session takes its norms after
-        answering)."""
+        answering). ``into_seen``: the client sees ``params_into`` as it is written, so only
+        durable values go there (``EmbeddedHost.execute``)."""
         host, key = await self._host(tenant, session_id)
         checked = check_scalars(scalars) or None
         if isinstance(host, InProcessHost):
@@ -216,7 +218,8 @@ class Front:
                                            worker=worker, base_version=base_version,
                                            idem=idem, options=options, params_into=params_into,
                                            upcast=upcast, params_dtype=params_dtype,
-                                           scalars=checked, answer_metrics=answer_metrics)
+                                           scalars=checked, answer_metrics=answer_metrics,
+                                           into_seen=into_seen)
         else:
             for given, name in ((upcast, "upcast"), (params_dtype is not None, "params_dtype"),
                                 (checked, "scalars"), (return_params == "touched", "return")):

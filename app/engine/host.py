@@ -698,12 +698,15 @@ class EmbeddedHost:
     # ------------------------------------------------------------------ operations
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
                       want_params: ReturnParams = False, params_into: Tensors | None = None,
-                      params_dtype: torch.dtype | None = None) -> Any:
+                      params_dtype: torch.dtype | None = None, into_seen: bool = False) -> Any:
         """Apply one operation to the session, all or nothing; a repeated idempotency key is
         answered from the session's table without applying anything. A step's parameters come
         back packed in a new buffer (``want_params``; ``"touched"``: only the rows its sparse
         gradients touched), or copied into ``params_into`` (views a caller owns, e.g. a
-        shared-memory segment of the same-host transport)."""
+        shared-memory segment of the same-host transport). ``into_seen``: the client sees
+        ``params_into`` as it is written (the same-host segment, which the SDK's parameters
+        may live in), so it gets only values the session keeps: under durability ``step``,
+        once the record is durable (else they are copied while its fsync runs)."""
         self._evaluations.refuse_if_open(key)
 
         async def locked() -> Any:
@@ -726,7 +729,7 @@ class EmbeddedHost:
                 try:
                     result = await self._run(key, session, op, [idem] if idem else [],
                                              want_params, params_into=params_into,
-                                             params_dtype=params_dtype)
+                                             params_dtype=params_dtype, into_seen=into_seen)
                 except BaseException:
                     if seal is not None:  # refused: the rounds go on as they were
                         self._rounds.unseal(seal)
@@ -748,9 +751,11 @@ class EmbeddedHost:
         options: dict[int, dict[str, Any]] | None = None, params_into: Tensors | None = None,
         upcast: bool = False, params_dtype: torch.dtype | None = None,
         scalars: dict[str, float] | None = None, answer_metrics: bool = True,
+        into_seen: bool = False,
     ) -> StepResult:
         """One step now (async mode), or this worker's push into the open sync round (whose
-        parameters come back packed, ``want_params``, whatever ``params_into`` says).
+        parameters come back packed, ``want_params``, whatever ``params_into`` says;
+        ``into_seen``: see :meth:`execute`).
         ``upcast`` widens float16/bfloat16 gradients of wider parameters on the device;
         ``params_dtype`` narrows the parameters sent back (the session keeps its own).
         ``answer_metrics=False``: the answer need not carry the step's metrics, and an async
@@ -785,7 +790,8 @@ class EmbeddedHost:
                       touched=want_params == "touched", request=True,
                       refuse_replaced=True, scheduler_range=True, tensor_range=True),
             idem=idem,
-            want_params=want_params, params_into=params_into, params_dtype=params_dtype)
+            want_params=want_params, params_into=params_into, params_dtype=params_dtype,
+            into_seen=into_seen)
         return out
 
     # ------------------------------------------------------------------ LBFGS evaluations
@@ -879,8 +885,9 @@ class EmbeddedHost:
     async def _run(self, key: str, s: Session, op: Operation, keys: list[IdemKey],
                    want_params: ReturnParams, sync: dict[str, Any] | None = None,
                    params_into: Tensors | None = None,
-                   params_dtype: torch.dtype | None = None) -> Any:
-        """check, log ahead, apply (the caller holds the session's lock)."""
+                   params_dtype: torch.dtype | None = None, into_seen: bool = False) -> Any:
+        """check, log ahead, apply (the caller holds the session's lock); ``into_seen``: see
+        :meth:`execute`."""
         store = self._store if s.durability != "memory" else None
         record_keys = [(k.key, k.fingerprint) for k in keys]
 
@@ -910,10 +917,17 @@ class EmbeddedHost:
             plan, parts, before = await self._worker.run(check_and_encode, f"{op.kind}_check",
                                                          inline=inline)
             written = threading.Event()  # the record's write has returned (or failed)
+            # (into_seen: the answer's values go into params_into once they are durable)
+            later = params_into if into_seen else None
             result = await self._apply_while_syncing(
                 key, store, op, plan, parts, before, written,
-                lambda: self._apply(key, s, op, plan, keys, want_params, before, sync,
-                                    params_into, params_dtype, written.wait), inline)
+                lambda: self._apply(key, s, op, plan, keys, False if later else want_params,
+                                    before, sync, None if later else params_into,
+                                    params_dtype, written.wait), inline)
+            if later is not None:
+                result.params = await self._worker.run(
+                    lambda: answer_params(s, plan, want_params, later, params_dtype),
+                    "answer", inline=inline)
         elif store is not None and s.durability == "step":
             plan, parts, before = await self._worker.run(check_and_encode, f"{op.kind}_check")
             await self._in_io(lambda: store.append(key, parts, "step"))
@@ -1067,14 +1081,11 @@ class EmbeddedHost:
         s.idem.remember_all([(k.key, k.fingerprint) for k in keys], op.result_json(result),
                             op.refusals(s))
         if isinstance(result, StepResult):
-            if params_into is not None and s.fits_answer(params_into, params_dtype):
-                if written is not None:  # the views may be the request body the record is
-                    written()            # being written from: overwrite it only after that
-                result.params = s.copy_params_into(params_into)
-            elif want_params == "touched" and isinstance(plan, StepPlan):
-                result.params = sparse.touched(s, plan.total, params_dtype)
-            elif want_params or params_into is not None:
-                result.params = s.pack_params(dtype=params_dtype)
+            if (params_into is not None and written is not None
+                    and s.fits_answer(params_into, params_dtype)):
+                written()  # the views may be the request body the record is being written
+                # from: overwrite it only after that
+            result.params = answer_params(s, plan, want_params, params_into, params_dtype)
         return result
 
     def _widen(self, key: str, grads: Tensors) -> Tensors:
@@ -1347,6 +1358,20 @@ def export_state_dict(s: Session) -> dict[str, Any]:
     if s.scheduler is not None:
         sd["scheduler"] = state_dicts.detach_tree(s.scheduler.state_dict())
     return dict(sd)
+
+
+def answer_params(s: Session, plan: Any, want_params: ReturnParams,
+                  params_into: Tensors | None, params_dtype: torch.dtype | None
+                  ) -> Tensors | None:
+    """A step's parameters for its answer (on the worker): copied into ``params_into`` when
+    they fit it, only the rows its sparse gradients touched (``"touched"``), packed, or none."""
+    if params_into is not None and s.fits_answer(params_into, params_dtype):
+        return s.copy_params_into(params_into)
+    if want_params == "touched" and isinstance(plan, StepPlan):
+        return sparse.touched(s, plan.total, params_dtype)
+    if want_params or params_into is not None:
+        return s.pack_params(dtype=params_dtype)
+    return None
 
 
 def replay_answer(s: Session, op: Operation, hit: dict[str, Any], want_params: ReturnParams,

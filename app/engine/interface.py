@@ -310,7 +310,7 @@ class Engine(Protocol):
         idem: IdemKey | None = ..., options: dict[int, dict[str, Any]] | None = ...,
         params_into: Tensors | None = ..., upcast: bool = ...,
         params_dtype: torch.dtype | None = ..., scalars: dict[str, Any] | None = ...,
-        answer_metrics: bool = ...,
+        answer_metrics: bool = ..., into_seen: bool = ...,
     ) -> StepResult: ...
     async def uses_evaluations(self, session_id: str, *, tenant: str = ...) -> bool: ...
     async def open_evaluation_step(

@@ -6,7 +6,10 @@ as over HTTP), and *binds* a session: the server creates an anonymous shared-mem
 parameter, and hands its file descriptor over the connection (``SCM_RIGHTS``). Each step is
 then a small message: the client has written its gradients into their slots, the server steps
 on views of them (no copy) and writes the new parameters into the parameter slots, the answer
-carries only version, step and lr.
+carries only version, step and lr. The parameter slots get only acknowledged values (under
+durability ``step``, once the step's record is durable: ``into_seen``): the SDK's parameters
+may live in them (``RemoteOptimizer(zero_copy=True)``), and a step that fails must leave them
+as they were.
 
 Security: the socket lives in a directory only the server's user can enter (0700), every
 connection's peer is checked to be that user (``SO_PEERCRED``), and a segment is shared only
@@ -582,7 +585,7 @@ class _Connection(threading.Thread):
                 binding.session_id, grads, return_params=want, tenant=self.tenant or "",
                 worker=worker, base_version=base, idem=idem, options=options,
                 params_into=binding.params if want else None, scalars=m.get("scalars"),
-                answer_metrics=shown == "answer"))
+                answer_metrics=shown == "answer", into_seen=True))
         except Invalid as exc:
             slot = _misfit_slot(exc, names)
             if slot is None:

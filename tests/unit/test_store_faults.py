@@ -1013,3 +1013,44 @@ def test_a_start_on_a_full_disk_serves_what_is_stored_and_carries_on_once_space_
             await pair.stop()
         await pair.assert_restart_same(tmp_path)
     run(go())
+
+
+@pytest.mark.parametrize("size", ["small", "big"])
+@pytest.mark.parametrize("err", [None, errno.EIO])
+def test_views_the_client_sees_get_the_new_values_only_once_they_are_durable(
+        tmp_path: Path, size: str, err: int | None) -> None:
+    """The same-host transport's slots (``params_into`` with ``into_seen``): the SDK's
+    parameters may live in them (``RemoteOptimizer(zero_copy=True)``), so a step whose fsync
+    is still running has not written them yet, and one whose fsync fails never does (they
+    were written while the fsync ran, and kept values the session took back). Records small
+    (written, then fsynced beside the step) and large (written beside it)."""
+    files = GatedFiles()
+    make, grads = (spec, grad) if size == "small" else (big_spec, big_grad)
+
+    async def go() -> None:
+        pair = Pair(engine(tmp_path, files, "step"), make, grads)
+        await pair.start()
+        await pair.step()
+        slots = {name: torch.full_like(t, 7.0)
+                 for name, t in (await pair.eng.pull(SID, None)).params.items()}
+        files.close_gate()
+        stepping = asyncio.ensure_future(pair.eng.step(
+            SID, grads(pair.k), return_params=True, params_into=slots, into_seen=True))
+        assert await asyncio.to_thread(files.held.wait, 20), "the fsync never started"
+        await asyncio.sleep(0.3)  # the step is applied meanwhile
+        assert all(bool((t == 7.0).all()) for t in slots.values()), "written before durable"
+        files.open_gate(err)
+        if err is None:
+            got = await stepping
+            await pair.twin_step()
+            want = await pair.twin.pull(SID, None)
+            assert got.params is not None and got.version == want.version
+            assert_tree_bitwise(dict(slots), want.params, "the slots")
+            assert all(got.params[n] is slots[n] for n in slots)
+        else:
+            with pytest.raises(OptserveError) as info:
+                await stepping
+            assert_refusal(info.value, err)
+            assert all(bool((t == 7.0).all()) for t in slots.values()), "a refused step's"
+        await pair.assert_goes_on(tmp_path)
+    run(go())

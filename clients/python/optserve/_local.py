@@ -5,8 +5,9 @@ socket. The client connects, authenticates with its API key, and binds a session
 hands over an anonymous shared-memory segment holding a gradient slot and a parameter slot per
 parameter. A step writes the gradients into their slots (one copy), sends a small message, and
 finds the new parameters in their slots (written there by the server: no socket transfer, no
-serialization). Only the connection that bound a segment holds it; a crashed client's
-segments go with its connection. The server's own docs: ``app/transport/local.py``.
+serialization), which ``RemoteOptimizer``'s parameters may live in (``optserve._zero_copy``).
+Only the connection that bound a segment holds it; a crashed client's segments go with its
+connection. The server's own docs: ``app/transport/local.py``.
 """
 
 from __future__ import annotations

@@ -55,6 +55,7 @@ from typing import Any, overload
 import torch
 from torch.optim.optimizer import ParamsT
 
+from . import _zero_copy
 from ._api import Durability, NonFinitePolicy
 from ._base_client import ReceiveBuffer
 from ._client import Client
@@ -169,6 +170,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
         durability, metrics, nonfinite: the new session's, as :meth:`Client.create_session`
             takes them (default: the server's settings). ``metrics=False`` saves the server
             the per-step norms (at 1e6 float32 parameters about 4 ms of a step).
+        zero_copy: over the same-host transport (a server on this machine), a parameter's
+            memory becomes its slot in the session's shared segment at its first step there,
+            and the server writes the new values straight into it: no copy per step. Only a
+            plain, contiguous CPU tensor whose memory nothing else views is moved (any other
+            is copied into, as with ``zero_copy=False``); see ``optserve._zero_copy``.
         worker: join the existing session ``session_id`` as this worker (parameter-server
             mode) instead of creating one; its parameter names must be the ones this
             optimizer gives (``(name, tensor)`` pairs, else ``"0"``, ``"1"``, ...), group by
@@ -191,6 +197,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         durability: Durability | None = None,
         metrics: bool | None = None,
         nonfinite: NonFinitePolicy | None = None,
+        zero_copy: bool = True,
         **options: Any,
     ) -> None:
         if client is not None and not isinstance(client, Client):
@@ -236,6 +243,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             raise ValueError(f"wire_dtype must be None, 'bfloat16' or 'float16', got "
                              f"{wire_dtype!r}")
         self._binary = binary
+        self._zero_copy = zero_copy
         self._wire_dtype = getattr(torch, wire_dtype) if wire_dtype else None
         #: every answer over HTTP is read into this one buffer (copied into the parameters
         #: before the next step)
@@ -507,14 +515,23 @@ class RemoteOptimizer(torch.optim.Optimizer):
             name: p for name, p in self._by_name.items() if p._version != self._seen_version[name]
         }
 
-    def _copy_in(self, params: Mapping[str, Tensor]) -> None:
+    def _copy_in(self, params: Mapping[str, Tensor], slots: bool = False) -> None:
         """The new values into the parameters: every dense one with one
-        ``torch._foreach_copy_`` (1,000 small tensors: one call, not 1,000)."""
+        ``torch._foreach_copy_`` (1,000 small tensors: one call, not 1,000). ``slots``: the
+        values are the same-host segment's slots, which the parameters may live in
+        (``zero_copy``: ``optserve._zero_copy``)."""
         dense: list[tuple[str, Tensor, Any]] = []
+        there: list[tuple[str, torch.Tensor]] = []  # living in their slots: nothing to copy
         with torch.no_grad():
             for name, value in params.items():
                 p = self._by_name.get(name)
                 if p is None:
+                    continue
+                if slots and self._zero_copy and isinstance(value, torch.Tensor) and (
+                        _zero_copy.same_memory(p, value) or _zero_copy.movable(p, value)):
+                    if not _zero_copy.same_memory(p, value):
+                        _zero_copy.move(p, value)
+                    there.append((name, p))
                     continue
                 if isinstance(value, torch.Tensor) and value.layout == torch.sparse_coo:
                     # some rows (?return=touched): only those changed
@@ -528,6 +545,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                      [v if type(v) is torch.Tensor else torch.as_tensor(v)
                                       for _, _, v in dense])
             for name, p, _ in dense:
+                self._seen_version[name] = p._version
+        if there:
+            _zero_copy.bump([p for _, p in there])
+            for name, p in there:
                 self._seen_version[name] = p._version
 
     def _take_lrs(self, lrs: list[float]) -> None:
@@ -629,6 +650,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         result = None
         key = uuid.uuid4().hex  # the step's, over either transport
         sent: list[bool] = []
+        local = False
         if self._client.transport != "http" and wire is None and not sparse:
             # same host: gradients and new values through shared memory; the values are
             # copied from the shared slots straight into the parameters
@@ -636,6 +658,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 self._session_id, grads, return_params=True, worker=self._worker,
                 base_version=base, param_groups=changes or None, views=True,
                 scalars=scalars or None, metrics="history", key=key, sent=sent)
+            local = result is not None
         if result is None:
             # a step the socket may have carried goes over HTTP asking what it asked there
             # (its norms in the history only): the same request, so its key's first answer.
@@ -654,7 +677,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             values = (self._widened_where_infinite(result.params) if wire == torch.float16
                       else result.params)
             with gc_paused(tensors):
-                self._copy_in(values)
+                self._copy_in(values, slots=local)
         self._at(result.params_at if result.params is not None else result.version)
         self._learn(result.version)
         self._take_lrs(result.lr)

@@ -1,0 +1,186 @@
+"""``RemoteOptimizer(zero_copy=True)``, the default over the same-host transport: a
+parameter's memory becomes its slot in the session's shared segment, the server writes the
+new values straight into it, and training is bitwise torch's. Parameters something else views
+keep their memory and are copied into; autograd still refuses a graph the step changed; a new
+binding moves them again; a forked child gets a snapshot of them, not the parent's memory."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+from conftest import LiveServer, _test_settings
+
+import optserve
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    # durability "step" (the server's default): the slots are written once the step is durable
+    live = LiveServer(_test_settings(durability="step"))
+    url = live.start()
+    try:
+        yield url
+    finally:
+        live.stop()
+
+
+def models(seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(seed)
+    local = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    return local, copy.deepcopy(local)
+
+
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, k: int) -> None:
+    g = torch.Generator().manual_seed(1000 + k)
+    x, y = torch.randn(16, 6, generator=g), torch.randn(16, 2, generator=g)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+
+
+def slots(opt: optserve.RemoteOptimizer) -> dict[str, torch.Tensor]:
+    channel = opt.client._local_channel()
+    assert channel is not None, "a loopback client steps through shared memory"
+    return channel._bindings[opt.session_id].params
+
+
+def assert_same(local: torch.nn.Module, remote: torch.nn.Module) -> None:
+    for (name, p), q in zip(local.named_parameters(), remote.parameters(), strict=True):
+        assert torch.equal(p.detach().view(torch.uint8), q.detach().view(torch.uint8)), name
+
+
+OPTIMIZERS = [("SGD", {"lr": 0.1, "momentum": 0.9}), ("Adam", {"lr": 1e-2})]
+
+
+@pytest.mark.parametrize("zero_copy", [True, False])
+@pytest.mark.parametrize(("name", "options"), OPTIMIZERS, ids=[o for o, _ in OPTIMIZERS])
+def test_parameters_live_in_their_slots_and_train_as_torch(server: str, name: str,
+                                                            options: dict[str, float],
+                                                            zero_copy: bool) -> None:
+    local_model, remote_model = models(0)
+    own = [p.data_ptr() for p in remote_model.parameters()]
+    local = getattr(torch.optim, name)(local_model.parameters(), **options)
+    with optserve.Client(server, transport="local") as c:
+        remote = optserve.RemoteOptimizer(remote_model.named_parameters(), name, c,
+                                          zero_copy=zero_copy, **options)
+        versions = [p._version for p in remote_model.parameters()]
+        for k in range(5):
+            train(local_model, local, k)
+            train(remote_model, remote, k)
+            assert_same(local_model, remote_model)
+            at = slots(remote)
+            for (pname, p), before, mine in zip(remote_model.named_parameters(), versions, own,
+                                                strict=True):
+                slot = at[pname]
+                if zero_copy:  # no copy: the server wrote the values where they live
+                    assert p.data_ptr() == slot.data_ptr(), pname
+                else:
+                    assert p.data_ptr() == mine != slot.data_ptr(), pname
+                assert p._version > before, "a step bumps the version as a copy would"
+            versions = [p._version for p in remote_model.parameters()]
+        remote.close(delete_session=True)
+
+
+def test_a_parameter_something_else_views_keeps_its_memory(server: str) -> None:
+    local_model, remote_model = models(1)
+    w, b = remote_model[0].weight, remote_model[0].bias
+    row, kept = w[0], b.data  # views of two parameters' memory, held by the training code
+    local = torch.optim.SGD(local_model.parameters(), lr=0.1, momentum=0.9)
+    with optserve.Client(server, transport="local") as c:
+        remote = optserve.RemoteOptimizer(remote_model.named_parameters(), "SGD", c, lr=0.1,
+                                          momentum=0.9)
+        for k in range(3):
+            train(local_model, local, k)
+            train(remote_model, remote, k)
+            assert_same(local_model, remote_model)
+            at = slots(remote)
+            assert w.data_ptr() == row.data_ptr() != at["0.weight"].data_ptr()
+            assert b.data_ptr() == kept.data_ptr() != at["0.bias"].data_ptr()
+            assert remote_model[2].weight.data_ptr() == at["2.weight"].data_ptr()
+            assert torch.equal(row, local_model[0].weight[0].detach())  # the view sees them
+            assert torch.equal(kept, local_model[0].bias.detach())
+        remote.close(delete_session=True)
+
+
+def test_autograd_refuses_a_graph_the_step_changed_as_torch_does(server: str) -> None:
+    local_model, remote_model = models(2)
+    local = torch.optim.SGD(local_model.parameters(), lr=0.1)
+    with optserve.Client(server, transport="local") as c:
+        remote = optserve.RemoteOptimizer(remote_model.named_parameters(), "SGD", c, lr=0.1)
+        train(remote_model, remote, 0)  # moved into the segment
+        assert remote_model[0].weight.data_ptr() == slots(remote)["0.weight"].data_ptr()
+        for model, opt in ((local_model, local), (remote_model, remote)):
+            w = model[0].weight
+            kept = (w * w).sum()  # saves w for its backward
+            w.grad = torch.ones_like(w)
+            opt.step()
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                kept.backward()
+        remote.close(delete_session=True)
+
+
+def test_a_new_binding_moves_the_parameters_again(server: str) -> None:
+    local_model, remote_model = models(3)
+    local = torch.optim.Adam(local_model.parameters(), lr=1e-2)
+    with optserve.Client(server, transport="local") as c:
+        remote = optserve.RemoteOptimizer(remote_model.named_parameters(), "Adam", c, lr=1e-2)
+        for k in range(2):
+            train(local_model, local, k)
+            train(remote_model, remote, k)
+        first = {n: t.data_ptr() for n, t in slots(remote).items()}
+        channel = c._local_channel()
+        assert channel is not None
+        channel.release(remote.session_id)  # its segment let go (as a stale binding is)
+        for k in range(2, 4):
+            train(local_model, local, k)
+            train(remote_model, remote, k)
+            assert_same(local_model, remote_model)
+        again = slots(remote)
+        for name, p in remote_model.named_parameters():
+            assert p.data_ptr() == again[name].data_ptr() != first[name], name
+        remote.close(delete_session=True)
+
+
+def test_a_forked_child_gets_a_snapshot_not_the_segment(server: str) -> None:
+    """The segment is shared memory: without its own copy at the fork, a child would see the
+    parent's later steps in its parameters, and the parent its writes into them."""
+    local_model, remote_model = models(4)
+    local = torch.optim.SGD(local_model.parameters(), lr=0.1, momentum=0.9)
+    with optserve.Client(server, transport="local") as c:
+        remote = optserve.RemoteOptimizer(remote_model.named_parameters(), "SGD", c, lr=0.1,
+                                          momentum=0.9)
+        train(local_model, local, 0)
+        train(remote_model, remote, 0)
+        w = remote_model[0].weight
+        assert w.data_ptr() == slots(remote)["0.weight"].data_ptr()
+        at_fork = w.detach().clone()
+        stepped_r, stepped_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 when its parameter kept the values of the fork
+            ok = False
+            try:
+                os.close(stepped_w)
+                os.read(stepped_r, 1)  # the parent has stepped
+                ok = torch.equal(w.detach(), at_fork)
+                with torch.no_grad():
+                    w.fill_(7.0)  # must not reach the parent
+            finally:
+                os._exit(0 if ok else 1)
+        os.close(stepped_r)
+        train(local_model, local, 1)
+        train(remote_model, remote, 1)
+        os.write(stepped_w, b"x")
+        os.close(stepped_w)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child saw the parent's step"
+        assert_same(local_model, remote_model)
+        train(local_model, local, 2)
+        train(remote_model, remote, 2)
+        assert_same(local_model, remote_model)
+        remote.close(delete_session=True)
