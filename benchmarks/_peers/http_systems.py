@@ -233,8 +233,9 @@ class OptserveShm(Optserve):
     ``optserve.RemoteOptimizer`` over a local parameter tensor (the session created by it),
     its ``optserve.Client`` choosing the transport automatically for a loopback server. A
     step writes ``p.grad`` into the session's shared segment, sends a small message over a
-    Unix socket, and copies the new values from the segment straight into ``p`` (as a
-    training loop needs them). No HTTP on the step path."""
+    Unix socket, and finds the new values in ``p``, which lives in its slot of the segment
+    (``zero_copy``, the default; ``optserve-shm-copy`` copies them in instead). No HTTP on the
+    step path."""
 
     name = "optserve-shm"
     #: the session's per-step metrics (None: the server's default, on)
@@ -243,6 +244,8 @@ class OptserveShm(Optserve):
     transport: ClassVar[str] = "local"
     #: ``RemoteOptimizer``'s ``wire_dtype`` (None: gradients and answers in float32)
     wire_dtype: ClassVar[str | None] = None
+    #: ``RemoteOptimizer``'s ``zero_copy`` (the parameter lives in its slot of the segment)
+    zero_copy: ClassVar[bool] = True
 
     def start(self) -> dict[str, Any]:
         facts = super().start()
@@ -259,7 +262,8 @@ class OptserveShm(Optserve):
         self.w = initial.clone()
         self.opt = optserve.RemoteOptimizer([("w", self.w)], case.spec.name, self.client,
                                             session_id=self.sid, metrics=self.metrics,
-                                            wire_dtype=self.wire_dtype, **case.spec.options)
+                                            wire_dtype=self.wire_dtype,
+                                            zero_copy=self.zero_copy, **case.spec.options)
         self.last = None
 
     def exchange(self, grad_index: int) -> None:
@@ -275,6 +279,16 @@ class OptserveShmNoMetrics(OptserveShm):
 
     name = "optserve-shm-nometrics"
     metrics = False
+
+
+@register
+class OptserveShmCopy(OptserveShm):
+    """``optserve-shm`` with ``RemoteOptimizer(..., zero_copy=False)``: the parameter keeps its
+    own memory and each step's new values are copied into it from the segment (what
+    ``zero_copy`` saves)."""
+
+    name = "optserve-shm-copy"
+    zero_copy = False
 
 
 @register

@@ -12,4 +12,5 @@ __all__ = ["REGISTRY", "disk", "http_systems", "local", "ray_ps", "torch_rpc"]
 #: the default --systems, in table order (peers, then optserve, then the disk probe)
 DEFAULT_ORDER = ("in-process", "in-process-heap", "echo", "ray", "torch-rpc",
                  "optserve-binary", "optserve-binary-st", "optserve-sdk-http", "optserve-shm",
+                 "optserve-shm-copy",
                  "optserve-shm-nometrics", "optserve-bf16", "optserve-json", "disk-fsync")
