@@ -184,3 +184,29 @@ def test_a_forked_child_gets_a_snapshot_not_the_segment(server: str) -> None:
         train(remote_model, remote, 2)
         assert_same(local_model, remote_model)
         remote.close(delete_session=True)
+
+
+def test_edits_in_place_between_steps_reach_the_session(server: str) -> None:
+    """A parameter living in its slot, edited in place between steps (weight clipping,
+    ``load_state_dict``): the edit is sent before the next step, as for any parameter."""
+    local_model, remote_model = models(5)
+    local = torch.optim.Adam(local_model.parameters(), lr=1e-2)
+    with optserve.Client(server, transport="local") as c:
+        remote = optserve.RemoteOptimizer(remote_model.named_parameters(), "Adam", c, lr=1e-2)
+        saved = copy.deepcopy(local_model.state_dict())
+        for k in range(4):
+            train(local_model, local, k)
+            train(remote_model, remote, k)
+            assert remote_model[0].weight.data_ptr() == slots(remote)["0.weight"].data_ptr()
+            for model in (local_model, remote_model):
+                if k == 1:
+                    model.load_state_dict(saved)
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.clamp_(-0.2, 0.2)
+            assert_same(local_model, remote_model)
+        remote.push_params(only_edited=True)  # (the last edits: sent before a next step)
+        pulled = c.get_params(remote.session_id)
+        for name, p in local_model.named_parameters():
+            assert torch.equal(pulled.params[name], p.detach()), name
+        remote.close(delete_session=True)
