@@ -490,7 +490,6 @@ class EmbeddedHost:
         """Rows of the session's history: copies, taken on the worker between operations."""
         def read() -> HistoryResult:
             session = self._get(key)
-            metrics.settle(session)  # (norms of the last step still being taken beside)
             h = session.history
             fields = expand_fields(query.fields, h.fields, len(session.optimizer.param_groups))
             first, last = h.bounds()
@@ -1255,13 +1254,9 @@ class EmbeddedHost:
         def write() -> None:
             parts = persist.encode_tree_parts(tree, persist.SNAPSHOT_KEY)
             store.write_snapshot(key, parts)
-
-        def take() -> dict[str, Any]:
-            metrics.settle(s)  # (its history holds the norms taken beside the last step)
-            return s.snapshot_tree()
         try:
-            tree = (await self._worker.run(take, "snapshot") if self._worker.alive()
-                    else take())  # (a dead worker runs nothing more)
+            tree = (await self._worker.run(s.snapshot_tree, "snapshot") if self._worker.alive()
+                    else s.snapshot_tree())  # (a dead worker runs nothing more)
             await self._in_io_whole(write)
         except OptserveError as exc:
             log.error("snapshot of %s failed: %s (its log still holds every operation)", key,

@@ -51,8 +51,6 @@ import itertools
 import logging
 import math
 import operator
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -189,10 +187,6 @@ class Layout:
     big_before: list[torch.Tensor] | None = None
     #: ``chunked.settings()`` when ``big`` was worked out
     chunking: tuple[int, int] = (0, 0)
-    #: a second set of the copies' buffers (``scratch``, ``copies``, ``before``,
-    #: ``big_before``), for norms taken beside the next step (:func:`after_answer`): the
-    #: parameters after a step go into it, and it changes places with the first
-    other: Buffers | None = None
 
     def fits(self, s: Session, names: list[list[str]]) -> bool:
         if names != self.names or self.chunking != chunked.settings():
@@ -201,47 +195,6 @@ class Layout:
         return (all(map(operator.is_, map(params.__getitem__, itertools.chain(*names)),
                         self.params))
                 and list(map(torch.Tensor.data_ptr, self.params)) == self.ptrs)
-
-
-@dataclass
-class Buffers:
-    """One set of a layout's copy buffers (see ``Layout.other``)."""
-
-    scratch: torch.Tensor | None
-    copies: list[tuple[torch.Tensor, torch.Tensor]]
-    before: list[torch.Tensor]
-    big_before: list[torch.Tensor] | None
-
-
-def _swap(layout: Layout, other: Buffers) -> Buffers:
-    """``other``'s buffers into ``layout``; the layout's own returned."""
-    assert layout.copies is not None
-    mine = Buffers(layout.scratch, layout.copies, layout.before, layout.big_before)
-    layout.scratch, layout.copies = other.scratch, other.copies
-    layout.before, layout.big_before = other.before, other.big_before
-    return mine
-
-
-def _other(layout: Layout) -> Buffers:
-    """``layout``'s second set of buffers, made on first use (or again when its large
-    parameters' copies came or went since)."""
-    other = layout.other
-    big = layout.big_before
-    if other is not None and (other.big_before is None) == (big is None):
-        return other
-    assert layout.copies is not None
-    raw = None if layout.scratch is None else torch.empty_like(layout.scratch)
-    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-    before: list[torch.Tensor] = []
-    for (dst, src), view in zip(layout.copies, layout.before, strict=True):
-        assert raw is not None
-        start = dst.storage_offset()
-        mine = raw[start:start + dst.numel()]
-        copies.append((mine, src))
-        before.append(mine.view(view.dtype))
-    layout.other = Buffers(raw, copies, before,
-                           None if big is None else [torch.empty_like(b) for b in big])
-    return layout.other
 
 
 def _layout(s: Session, names: list[list[str]]) -> Layout:
@@ -340,7 +293,6 @@ def before_step(s: Session, grads: dict[str, torch.Tensor],
     taken after the answer (``?metrics=history``) come from a copy of every parameter
     instead: the step then does none of that work, and its answer goes out sooner."""
     if not s.metrics_on:
-        settle(s)
         return None
     try:
         with torch.no_grad():
@@ -348,12 +300,6 @@ def before_step(s: Session, grads: dict[str, torch.Tensor],
             layout = s.metrics_layout
             if not isinstance(layout, Layout) or not layout.fits(s, names):
                 layout = s.metrics_layout = _layout(s, names)
-            if answered or layout.taken_at != s.version or (
-                    layout.big and layout.big_before is None):
-                # this step writes the copies' buffers before its answer: the norms taken
-                # beside it must be done with them (a step whose norms come after its answer
-                # and whose copy is current waits for them there: after_answer)
-                settle(s)
             if (layout.big and layout.copies is not None
                     and (layout.big_before is None) != answered):
                 # a copy of the large parameters for norms after the answer, or none
@@ -424,8 +370,6 @@ def after_step(s: Session, probe: Probe | None, lrs: list[float], nonfinite: int
                ) -> list[dict[str, float]]:
     """Per group: lr, and with a probe the norms (one device-to-host copy for all of them)."""
     groups: list[dict[str, float]] = [{"lr": lr} for lr in lrs]
-    if probe is not None:
-        settle(s)  # (before_step did, unless it found nothing to write: defensive)
     if probe is not None and _norms_into(s, probe, groups):
         layout = probe.layout
         if layout is not None:
@@ -454,13 +398,7 @@ def after_answer(s: Session, probe: Probe, lrs: list[float], n: int | None) -> N
     (nothing changes the parameters before the next job), the same torch calls."""
 
     def finish() -> None:
-        settle(s)  # (the last step's, if taken beside: its buffers are written below)
         groups: list[dict[str, float]] = [{"lr": lr} for lr in lrs]
-        if deferred and _beside(s, probe):
-            job = _copy_into_other(s, probe)
-            s.metrics_pending = Pending(_pool().submit(_norms_beside, s, job, groups), n,
-                                        groups)
-            return
         if _norms_into(s, probe, groups, refill=True) and n is not None:
             s.history.fill(n, group_columns(groups))
         if deferred and probe.layout is not None:
@@ -469,96 +407,6 @@ def after_answer(s: Session, probe: Probe, lrs: list[float], n: int | None) -> N
     deferred = after_job(finish)
     if not deferred:
         finish()
-
-
-#: a step whose norms come after its answer takes them on a thread of their own, beside the
-#: session's next step (:func:`after_answer`), from this many parameter elements on (below it
-#: the hand-over costs more than the norms)
-BESIDE_FROM = 1 << 20
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-@dataclass
-class Pending:
-    """Norms taken beside the next step: the job, and the history row they go into."""
-
-    job: Future[bool]
-    n: int | None
-    groups: list[dict[str, float]]
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(1, thread_name_prefix="optserve-norms")
-        return _POOL
-
-
-def settle(s: Session) -> None:
-    """Wait for the norms of ``s``'s last step taken beside (if any) and write them into its
-    history row: before anything reads the history or the snapshot, or writes the buffers the
-    norms read. On the thread that runs the session's operations."""
-    pending = s.metrics_pending
-    if pending is None:
-        return
-    s.metrics_pending = None
-    try:
-        ok = pending.job.result()
-    except Exception as exc:  # noqa: BLE001 - metrics never fail an operation
-        _warn(s, exc)
-        return
-    if ok and pending.n is not None:
-        s.history.fill(pending.n, group_columns(pending.groups))
-
-
-def _beside(s: Session, probe: Probe) -> bool:
-    """Whether this step's norms (taken after its answer) can be taken beside the next step:
-    every tensor they read is in the layout's copies (no parameter left unchanged by the
-    step, whose norm reads the live tensor; no chunked watch; no clone), on the CPU, and
-    enough of them to be worth a thread's hand-over."""
-    layout = probe.layout
-    if (layout is None or layout is not s.metrics_layout or layout.copies is None
-            or probe.unchanged or probe.watch is not None or probe.before is not layout.before):
-        return False
-    kept = {id(b) for b in layout.big_before or ()}
-    if any(id(before) not in kept for _, _, before in probe.copied):
-        return False
-    tensors = [*probe.after, *(p for _, p, _ in probe.copied)]
-    return (all(t.device.type == "cpu" for t in tensors)
-            and sum(t.numel() for t in tensors) >= BESIDE_FROM)
-
-
-def _copy_into_other(s: Session, probe: Probe) -> Probe:
-    """The parameters as they are now into the layout's second set of buffers, which then
-    changes places with the first (so it is the copy the next step's update norm compares
-    with: taken at the session's version); the probe the norms take: the step's copies from
-    before it against these."""
-    layout = probe.layout
-    assert layout is not None
-    other = _other(layout)
-    with torch.no_grad():
-        for dst, src in other.copies:
-            dst.copy_(src)
-        if other.big_before is not None:
-            for copy, (_, p, _) in zip(other.big_before, layout.big, strict=True):
-                copy.copy_(p)
-    index = {id(b): j for j, b in enumerate(layout.big_before or ())}
-    assert other.big_before is not None or not probe.copied
-    copied = [(gi, other.big_before[index[id(before)]], before)  # type: ignore[index]
-              for gi, _, before in probe.copied]
-    job = Probe(probe.groups, probe.grad_parts, probe.grad_owner, other.before, probe.before,
-                copied=copied)
-    layout.other = _swap(layout, other)
-    layout.taken_at = s.version
-    return job
-
-
-def _norms_beside(s: Session, job: Probe, groups: list[dict[str, float]]) -> bool:
-    """:func:`_norms_into` on the norms' own thread (its values: the same torch calls on the
-    same values, copies of them)."""
-    return _norms_into(s, job, groups)
 
 
 #: tensors of more elements than this (16 MiB of float32: with its copy, past a CPU's L3
@@ -703,7 +551,6 @@ def take_ahead(s: Session, layout: Layout) -> None:
     if (s.metrics_layout is not layout or not s.metrics_on
             or layout.taken_at == s.version):  # (a replay defers one per step it applies)
         return
-    settle(s)  # (norms taken beside read the buffers written here)
     try:
         copy_ahead(layout)
         layout.taken_at = s.version

@@ -213,8 +213,6 @@ class Session:
         #: how the metrics copy and norm the parameters, with the buffer the update norm's copy
         #: reuses every step (made on the first step with metrics: app.engine.metrics.Layout)
         self.metrics_layout: Any = None
-        #: the norms of the last step taken beside the next one (``metrics.Pending``)
-        self.metrics_pending: Any = None
         #: per-step metrics, a bounded ring (app.engine.history)
         self.history = History(DEFAULT_HISTORY)
         #: client scalars pushed with /grads for the next step: name -> [sum, count]
