@@ -17,8 +17,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.engine import CreateSpec, Front, GroupSpec
-from app.errors import Invalid
+from app.engine import CreateSpec, Front, GroupSpec, chunked
+from app.errors import Invalid, OptserveError
 from tests.unit.test_tensor_lr_aliasing import PARAMS, SID, Run, assert_same, grads, seeded
 
 GROUPS = [["w", "b"], ["h"]]  # two groups built from the defaults: one lr tensor in torch
@@ -191,6 +191,38 @@ def test_a_refused_fill_changes_nothing(tmp_path: Path, how: str) -> None:
                 await check(r.eng, twin, f"refused {value}")
             await r.maybe_restart()
             await check(r.eng, twin, "refused, restarted")
+    asyncio.run(go())
+
+
+def test_a_step_failing_after_its_fill_leaves_the_session_as_it_was(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The optimizer's step raising after the step's fill was made: the session is rebuilt
+    from its store without the step (the tensor the defaults and groups hold at its value
+    before), and steps on as torch does."""
+    async def go() -> None:
+        twin = Twin()
+        async with Run(tmp_path, "none") as r:
+            await r.eng.create(twin.spec())
+            await r.eng.step(SID, twin.grads(0), return_params=False)
+            twin.step(0)
+
+            real, failed_once = chunked.step, []
+
+            def fails(*args: Any, **kwargs: Any) -> None:  # (once: the rebuild replays steps)
+                if not failed_once:
+                    failed_once.append(True)
+                    raise RuntimeError("injected")
+                real(*args, **kwargs)
+            monkeypatch.setattr(chunked, "step", fails)
+            with pytest.raises(OptserveError) as failed:
+                await r.eng.step(SID, twin.grads(1), return_params=False,
+                                 options={0: {"lr": torch.tensor(0.005), FILL: ["lr"]}})
+            assert failed.value.code == "apply_failed", failed.value
+            monkeypatch.undo()
+            await check(r.eng, twin, "failed")
+            await r.eng.step(SID, twin.grads(2), return_params=False)
+            twin.step(2)
+            await check(r.eng, twin, "stepped after the failure")
     asyncio.run(go())
 
 

@@ -493,19 +493,24 @@ class RemoteOptimizer(torch.optim.Optimizer):
         so that every group and the defaults holding it there follow, as they do here; one
         assigned (``group["lr"] = v``) replaces the group's value only."""
         out: dict[int, dict[str, Any]] = {}
-        for index, group in enumerate(self.param_groups):
-            synced, held = self._synced[index], self._held[index]
-            changed = {
-                k: group[k]
-                for k, v in synced.items()
-                if k in group and not _same(_norm(group[k]), v)
-            }
-            fills = [k for k, v in changed.items() if held.get(k) is v]
-            if fills:
-                changed[_FILL] = fills
+        for index in range(len(self.param_groups)):
+            changed = self._group_changes(index)
             if changed:
                 out[index] = changed
         return out
+
+    def _group_changes(self, index: int) -> dict[str, Any]:
+        """What :meth:`_changed_options` holds for group ``index``."""
+        group, synced, held = self.param_groups[index], self._synced[index], self._held[index]
+        changed = {
+            k: group[k]
+            for k, v in synced.items()
+            if k in group and not _same(_norm(group[k]), v)
+        }
+        fills = [k for k, v in changed.items() if held.get(k) is v]
+        if fills:
+            changed[_FILL] = fills
+        return changed
 
     def _sent(self, changes: dict[int, dict[str, Any]]) -> None:
         """The server now holds these option values."""
@@ -513,13 +518,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self._synced[index].update({k: _norm(v) for k, v in changed.items() if k != _FILL})
             self._held[index] = _tensor_options(self.param_groups[index])
 
-    def _sync_param_groups(self) -> None:
-        """PATCH every option changed locally since the server last saw it: group by group,
-        each after the server's answer to the one before (a fill there may have changed the
-        groups holding the same tensor already)."""
+    def _sync_param_groups(self, *, fills_only: bool = False) -> None:
+        """PATCH every option changed locally since the server last saw it (``fills_only``:
+        of the groups where a tensor option was filled in place): group by group, each after
+        the server's answer to the one before (a fill there may have changed the groups
+        holding the same tensor already)."""
         for index in range(len(self.param_groups)):
-            changed = self._changed_options().get(index)
-            if changed:
+            changed = self._group_changes(index)
+            if changed and (_FILL in changed or not fills_only):
                 self._adopt(self._client.update_param_group(self._session_id, index,
                                                             **changed))
 
@@ -752,8 +758,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         explicit = {k: v for k, v in param_group.items()
                     if k not in _NOT_OPTIONS and k in self.defaults}
         # the server's defaults as torch's are now: a local scheduler's fills of a tensor lr
-        # the defaults hold sent first (the new group starts from them, there as here)
-        self._sync_param_groups()
+        # the defaults hold sent first (the new group starts from them, there as here; other
+        # changes ride with the next step as before)
+        self._sync_param_groups(fills_only=True)
         self._state_epoch += 1
         super().add_param_group(param_group)
         group = self.param_groups[-1]
