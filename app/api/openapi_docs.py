@@ -162,7 +162,11 @@ SCHEMAS: dict[str, Any] = {
     },
     "GroupOptions": {
         "type": "object",
-        "description": "Optimizer options of one param group to change (lr, momentum, ...).",
+        "description": "Optimizer options of one param group to change (lr, momentum, ...). "
+                       "Each replaces the group's value (torch's group[\"lr\"] = v), but "
+                       "those \"$fill\" lists (\"$fill\": [\"lr\"]): each of those is "
+                       "filled into the tensor the group holds, as a torch scheduler fills a "
+                       "tensor lr, so every group and the defaults holding that tensor follow.",
         "not": {"required": ["params"]},
         "example": {"lr": 0.05},
     },
@@ -283,7 +287,10 @@ SCHEMAS: dict[str, Any] = {
                          "description": "option changes made atomically with this step, by "
                                         "group index (an object keyed by index, or a list; "
                                         "validated like PATCH .../param_groups/{i}: a "
-                                        "refused option fails the whole step)",
+                                        "refused option fails the whole step; an entry's "
+                                        "\"$fill\": [\"lr\"] fills the tensor lr the group "
+                                        "holds, as a torch scheduler does, instead of "
+                                        "replacing the group's value)",
                          "oneOf": [{"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
                                     "additionalProperties": {"type": "object"}},
                                    {"type": "array", "items": {"type": ["object", "null"]}}]},

@@ -5,7 +5,10 @@ that same tensor to every group built from the defaults; a scheduler fills it in
 defaults follow the schedule and a group added later starts from the scheduled value. A
 snapshot records which option slots (``defaults`` or a group's index, and the key) hold one
 tensor; a restore, which rebuilds the optimizer and loads the groups' values from the state
-dict (separate tensors), links them again."""
+dict (separate tensors), links them again.
+
+A client's option change may fill such a tensor the same way (``$fill``, :data:`FILL`), as a
+scheduler run by the client does, instead of replacing the group's value."""
 
 from __future__ import annotations
 
@@ -79,3 +82,68 @@ def check_group_links(options: list[dict[str, Any]], shared: list[list[Slot]]) -
                                 for t in held):
             raise Invalid(f"shared option slots {slots!r:.80} do not hold one tensor",
                           code="state_mismatch", field="state_dict.param_groups")
+
+
+#: in a group's option changes (a step's ``param_groups`` entry, a ``PATCH
+#: .../param_groups/{i}`` body): the options, among those given there, to fill into the tensor
+#: the group holds, as torch's schedulers do (``group["lr"].fill_(v)``): every group and the
+#: defaults holding that tensor take the value. Without it a value replaces the group's own
+#: (torch's ``group["lr"] = v``), as before it existed
+FILL = "$fill"
+
+
+def take_fills(options: dict[str, Any], where: str) -> tuple[dict[str, Any], list[str]]:
+    """``options`` without :data:`FILL`, and the option names it lists: distinct names of
+    options ``options`` gives (422 ``invalid_option`` naming ``<where>.$fill`` otherwise)."""
+    if FILL not in options:
+        return options, []
+    rest = {k: v for k, v in options.items() if k != FILL}
+    names = options[FILL]
+    field = f"{where}.{FILL}"
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise Invalid(f"{FILL} must be a list of option names, got {names!r:.60}",
+                      code="invalid_option", field=field)
+    if len(set(names)) != len(names):
+        raise Invalid(f"{FILL} names an option twice: {names!r:.80}", code="invalid_option",
+                      field=field)
+    missing = [n for n in names if n not in rest]
+    if missing:
+        raise Invalid(f"{FILL} names {missing[0]!r:.60}, which this change does not give a "
+                      "value", code="invalid_option", field=field)
+    return rest, names
+
+
+def fill_value(value: Any, where: str) -> Any:
+    """What ``Tensor.fill_`` takes of a (normalized) option value: a number, or a one-element
+    tensor as a 0-dim one (422 ``invalid_option`` naming ``where`` otherwise)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.detach().reshape(())
+    if type(value) in (int, float):
+        return value
+    raise Invalid(f"only a number or a one-element tensor fills a tensor option in place "
+                  f"({FILL}), got {value!r:.60}", code="invalid_option", field=where)
+
+
+def filled(held: torch.Tensor, value: Any) -> torch.Tensor:
+    """``held`` as filling it with ``value`` (:func:`fill_value`) would leave it, in a tensor
+    of its own (the checks' view of the change)."""
+    with torch.no_grad():
+        return held.detach().clone().fill_(value)
+
+
+def apply_changes(groups: list[dict[str, Any]], changes: dict[int, dict[str, Any]]) -> None:
+    """Make checked option changes (:func:`app.engine.ops.params.check_group_changes`), in
+    their order: a value :data:`FILL` lists is filled into the tensor the group holds (every
+    group and the defaults holding it take it), any other replaces the group's value."""
+    for index, options in changes.items():
+        group = groups[index]
+        fills = options.get(FILL, ())
+        for key, value in options.items():
+            if key == FILL:
+                continue
+            held = group.get(key)
+            if key in fills and isinstance(held, torch.Tensor):
+                with torch.no_grad():
+                    held.fill_(value)
+            else:
+                group[key] = value

@@ -944,6 +944,9 @@ export class OptserveClient {
    * dense ones). A gradient may be SparseRows (some rows of an embedding table).
    * paramGroups: option changes made atomically with the step, by group index
    * ({0: {lr: 1e-3, betas: [0.9, 0.99]}}, or an array); a refused option fails the whole step.
+   * A value replaces the group's (torch's group["lr"] = v); the options an entry's "$fill" lists
+   * ({0: {lr: Tensor.scalar(5e-4), $fill: ["lr"]}}) are filled into the tensor the group holds,
+   * as a torch scheduler fills a tensor lr: the defaults and every group holding it follow.
    * upcast: accept float16/bfloat16 gradients for float32/float64 parameters (widened once on
    * the server, which keeps its precision); paramsDtype: "bfloat16" or "float16" sends the
    * parameters back narrowed (only those wider than it). scalars: {name: number} recorded in
@@ -1114,7 +1117,8 @@ export class OptserveClient {
 
   /**
    * PATCH /v1/sessions/{id}/param_groups/{index}: change a group's options (encoding "b64": a
-   * tensor option, a tensor lr, base64). Returns the description.
+   * tensor option, a tensor lr, base64; "$fill": ["lr"] fills the tensor lr the group holds
+   * instead of replacing it, as in a step's paramGroups). Returns the description.
    */
   updateParamGroup(id, index, options, { encoding = "data", idempotencyKey } = {}) {
     if (encoding !== "data" && encoding !== "b64") throw new TypeError(`encoding must be "data" or "b64", got ${JSON.stringify(encoding)}`);

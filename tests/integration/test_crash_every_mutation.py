@@ -4,8 +4,9 @@ answered, not applied again.
 One ``python -m app`` subprocess (durability ``step``) holds a session per mutation kind: create
 (JSON and safetensors bodies), step, push, zero_grad, overwrite, add_param_group,
 update_param_group, scheduler step (ReduceLROnPlateau with a metric; StepLR ``step_on:
-manual``), import (JSON, safetensors, ``torch.save``), configure, delete, and steps under nested
-schedulers (SequentialLR warmup-then-cosine, ChainedScheduler). Each session's mutation under
+manual``), import (JSON, safetensors, ``torch.save``), configure, delete, steps under nested
+schedulers (SequentialLR warmup-then-cosine, ChainedScheduler), and a tensor lr default filled
+in place (``$fill``: with a step, by a PATCH). Each session's mutation under
 test is the last thing it gets: all of them are sent at once, each with an ``Idempotency-Key``,
 and the server is killed with SIGKILL the moment the last 2xx arrives. After the restart on the
 same data directory:
@@ -407,6 +408,47 @@ class UpdateGroup(Case):
         return sent
 
 
+class FilledLr(Case):
+    """A tensor lr given as the default (one tensor in torch: the defaults' and both groups')
+    filled in place, as a client's scheduler fills it: a step's change with ``$fill`` (phase
+    0, safetensors), a ``PATCH`` with it (phase 1). The defaults and every group follow."""
+
+    def prepare(self, c: httpx.Client, phase: int) -> None:
+        if phase == 0:
+            groups = [(self.randn({"w": (3, 4)}), {}), (self.randn({"b": (4,)}), {})]
+            r = c.post("/v1/sessions", json={
+                "id": self.sid, "optimizer": "Adam",
+                "options": {"lr": json_tensor(torch.tensor(0.01))},
+                "param_groups": [{"params": jt(t)} for t, _ in groups]})
+            assert r.status_code == 201, r.text
+            self.sessions[self.sid] = Mirror("Adam", groups, {"lr": torch.tensor(0.01)})
+        self.step(c)
+
+    def final(self, c: httpx.Client, phase: int) -> Sent:
+        lr = self.m.opt.defaults["lr"]
+        assert all(g["lr"] is lr for g in self.m.opt.param_groups)
+        lr.fill_(lr * 0.5)  # (StepLR's fill: every group's lr too)
+        change = {"lr": json_tensor(lr), "$fill": ["lr"]}
+        if phase == 1:
+            _, sent = send(c, "PATCH", f"/v1/sessions/{self.sid}/param_groups/1", 200,
+                           json=change)
+            return sent
+        g = self.grads(self.m)
+        r, sent = send(c, "POST", f"/v1/sessions/{self.sid}/step", 200,
+                       content=st(g, {"param_groups": to_json({"0": change})}),
+                       headers={"Content-Type": BINARY, "Accept": BINARY})
+        self.m.step(g)
+        assert_tensors_equal(safetensors.torch.load(r.content), self.m.params, self.sid)
+        return sent
+
+    def after_restart(self, c: httpx.Client, phase: int) -> None:
+        d = c.get(f"/v1/sessions/{self.sid}").json()
+        want = {"lr": self.m.opt.defaults["lr"]}
+        for where in ("defaults", "param_groups.0", "param_groups.1"):
+            held = d["defaults"] if where == "defaults" else d["param_groups"][int(where[-1])]
+            assert_tensors_equal({"lr": from_wire(held["lr"])}, want, f"{self.sid} {where}")
+
+
 class Plateau(Case):
     """ReduceLROnPlateau stepped by hand with a metric that gets worse: the lr halves."""
 
@@ -566,7 +608,7 @@ def all_cases() -> list[Case]:
         Push("push", 4), ZeroGrad("zero-grad", 5), Overwrite("overwrite", 6),
         AddGroup("add-group", 7), UpdateGroup("update-group", 8), Plateau("plateau", 9),
         ManualStepLR("steplr-manual", 10), Configure("configure", 11), Delete("delete", 12),
-        Nested("sequential", 13), Nested("chained", 14)]
+        Nested("sequential", 13), Nested("chained", 14), FilledLr("filled-lr", 15)]
     cases += [Import(f"import-{fmt}", 20 + i, fmt=fmt)
               for i, fmt in enumerate(("json", "safetensors", "torch"))]
     return cases

@@ -7,7 +7,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.engine import chunked, metrics, optimizers, ps, scheduler_writes, schedulers, sparse
+from app.engine import (
+    chunked,
+    metrics,
+    optimizers,
+    ps,
+    scheduler_writes,
+    schedulers,
+    shared_options,
+    sparse,
+)
 from app.engine.interface import GradsResult, StepResult, Tensors
 from app.engine.ops.base import ApplyFailed, Operation, register
 from app.engine.ops.params import check_group_changes
@@ -146,8 +155,10 @@ class Step(Operation):
             # the checks see the groups as the step will: with this step's option changes
             saved = schedulers.capture(s.optimizer, None) if changes else None
             try:
-                for index, opts in changes.items():  # (copies: the dry run fills a tensor lr)
-                    s.optimizer.param_groups[index].update(optimizers.fresh(opts))
+                # (copies: the dry run fills a tensor lr; a ``$fill`` fills the session's
+                # tensor, which the restore puts back)
+                shared_options.apply_changes(s.optimizer.param_groups, {
+                    index: optimizers.fresh(opts) for index, opts in changes.items()})
                 s.check_group_scalars(self.tensor_range)
                 if s.steps_scheduler():
                     assert s.scheduler is not None
@@ -182,8 +193,7 @@ class Step(Operation):
         bad = metrics.count_nonfinite([plan.total[n] for n in plan.nonfinite])
         if self.touched and s.accum:
             self.accumulated = sparse.touched_rows(plan.total, s.accum)
-        for index, opts in plan.changes.items():  # made even when the step is skipped
-            groups[index].update(opts)
+        shared_options.apply_changes(groups, plan.changes)  # (even when the step is skipped)
         if plan.skip:
             s.accum.clear()
             found = self._record(s, plan, [{"lr": lr} for lr in s.lrs()], bad, skipped=True)

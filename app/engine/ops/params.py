@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from app.engine import optimizers, schedulers
+from app.engine import optimizers, schedulers, shared_options
 from app.engine.idempotency import refusal
 from app.engine.interface import GroupSpec, ParamsResult, SessionInfo, Tensors
 from app.engine.ops.base import Operation, register
@@ -243,7 +243,7 @@ class UpdateParamGroup(Operation):
                                    request=self.request, tensors=self.tensor_range)[self.index]
 
     def apply(self, s: Session, plan: dict[str, Any]) -> SessionInfo:
-        s.optimizer.param_groups[self.index].update(plan)
+        shared_options.apply_changes(s.optimizer.param_groups, {self.index: plan})
         return s.describe()
 
     def to_tree(self) -> dict[str, Any]:
@@ -267,41 +267,75 @@ def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
                         ) -> dict[int, dict[str, Any]]:
     """Option changes for some groups (by index), validated with torch's own constructor
     checks on each whole resulting group, whatever it held before, and against the dtype of
-    its parameters; the constructor values to set, by index. ``index_field`` names where an
-    unknown index came from (``PATCH``: its path's ``index``), else ``prefix.index``. A
-    ``request`` (not a logged record) is also refused a non-finite option and a scheduler-kept
-    key out of range (``initial_lr: -5``), which torch's checks let through; ``tensors``: a
-    tensor ``lr`` past the dtype's range too (422 ``option_overflow``), which some of torch's
-    step functions take and make the parameters infinite with."""
+    its parameters; the constructor values to set, by index, for
+    :func:`shared_options.apply_changes`. ``index_field`` names where an unknown index came
+    from (``PATCH``: its path's ``index``), else ``prefix.index``. A ``request`` (not a logged
+    record) is also refused a non-finite option and a scheduler-kept key out of range
+    (``initial_lr: -5``), which torch's checks let through; ``tensors``: a tensor ``lr`` past
+    the dtype's range too (422 ``option_overflow``), which some of torch's step functions take
+    and make the parameters infinite with.
+
+    An option an entry's ``$fill`` lists (:data:`shared_options.FILL`) is filled into the
+    tensor the group holds: every group holding that tensor (torch's defaults and the groups
+    built from them hold one) is checked with the value the fill leaves there. One that holds
+    a number there is replaced, as without ``$fill`` (nothing else holds it)."""
     groups = s.optimizer.param_groups
     current = s.group_options()
     proposed = [dict(g) for g in current]
+    # the objects each group's options hold as the changes before it in ``changes`` leave them
+    # (a replaced value shares nothing any more)
+    held = [dict(g) for g in current]
     out: dict[int, dict[str, Any]] = {}
     fields: dict[str, str] = {}
     group_fields: dict[int, tuple[dict[str, str], dict[str, str]]] = {}
+    checked: list[int] = []
     for index, options in changes.items():
         if type(index) is not int or not 0 <= index < len(groups):
             raise Invalid(f"param group {index} does not exist; this session has "
                           f"{len(groups)}", code="unknown_param_group",
                           field=index_field or f"{prefix}.{index}")
         where = f"{prefix}.{index}"
-        opts = optimizers.normalize_options(s.cls, options, where, current[index])
+        given, fills = shared_options.take_fills(options, where)
+        opts = optimizers.normalize_options(s.cls, given, where, current[index])
         if request:
             refuse_nonfinite_options(s.optimizer_name, opts, where)
             check_scheduler_group_keys(s.cls, opts, where)
         proposed[index].update(opts)
-        out[index] = opts
+        plan = dict(opts)
+        sharers: list[int] = []
+        filling: list[str] = []
+        for key in opts:
+            target = held[index].get(key)
+            if key not in fills or not isinstance(target, torch.Tensor):
+                held[index][key] = object()
+                continue
+            plan[key] = shared_options.fill_value(opts[key], f"{where}.{key}")
+            filling.append(key)
+            after = shared_options.filled(target, plan[key])
+            for j, slots in enumerate(held):
+                for name, value in slots.items():
+                    if value is target:
+                        proposed[j][name] = after
+                        if j != index:
+                            sharers.append(j)
+        if filling:
+            plan[shared_options.FILL] = filling
+        out[index] = plan
         # the whole resulting group is checked: name the option given, else the one torch names
         fields.update({k: f"{where}.{k}" for k in proposed[index]})
         fields.update({k: f"{where}.{k}" for k in opts})
-        group_fields[index] = ({k: f"{where}.{k}" for k in opts},
-                               {k: f"{where}.{k}" for k in proposed[index]})
-        optimizers.check_overflow(proposed[index], s.group_dtypes()[index], where, tensors)
+        for j in [index, *sharers]:
+            at = f"{prefix}.{j}"
+            sent = {k: f"{where}.{k}" for k in (opts if j == index else filling)}
+            group_fields[j] = (sent, {**{k: f"{at}.{k}" for k in proposed[j]}, **sent})
+            optimizers.check_overflow(proposed[j], s.group_dtypes()[j], at, tensors)
+            if j not in checked:
+                checked.append(j)
     if out:
         optimizers.probe(s.cls, s.defaults, proposed, s.group_dtypes(), s.device, fields,
-                         f"{prefix}.{next(iter(out))}", check=sorted(out),
+                         f"{prefix}.{next(iter(out))}", check=sorted(checked),
                          group_fields=group_fields)
-        for index in out:
+        for index in checked:
             optimizers.check_state_for_options(
                 s.cls, proposed[index], [s.optimizer.state.get(p, {})
                                          for p in groups[index]["params"]], f"{prefix}.{index}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from app.engine import shared_options
 from app.engine.interface import ParamsResult, StepResult
 from app.engine.ops.base import Operation, register
 from app.engine.ops.params import check_group_changes
@@ -33,8 +34,7 @@ class SkipStep(Operation):
         return check_group_changes(s, self.options) if self.options else {}
 
     def apply(self, s: Session, plan: dict[int, dict[str, Any]]) -> StepResult:
-        for index, opts in plan.items():
-            s.optimizer.param_groups[index].update(opts)
+        shared_options.apply_changes(s.optimizer.param_groups, plan)
         s.accum.clear()
         return StepResult(s.version, s.step_count, s.lrs(), skipped=True)
 

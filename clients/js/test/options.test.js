@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import { after, describe, test } from "node:test";
 
 import { Tensor } from "../optserve.js";
-import { NO_SERVER, assertBits, client, reference, uid } from "./helpers.js";
+import { NO_SERVER, assertBits, assertSameTensor, client, reference, uid } from "./helpers.js";
 
 describe("non-finite and tensor options", { skip: NO_SERVER }, () => {
   const c = client();
@@ -90,4 +90,26 @@ describe("non-finite and tensor options", { skip: NO_SERVER }, () => {
     assert.deepEqual(JSON.parse(sent.at(-1).body).params.v, { dtype: "float32", shape: [2], b64: bytesOf(Tensor.from([1, 2])) });
     assert.deepEqual(desc.lr, [ref.steps[3].lr.data[0], ref.steps[3].lr.data[0]]);
   });
+
+  for (const binary of [false, true]) {
+    test(`"$fill" fills the tensor lr the defaults and both groups hold, as a scheduler does; a PATCH without it replaces (${binary ? "safetensors" : "JSON"})`, async () => {
+      const id = uid("fill-lr");
+      made.push(id);
+      // a tensor lr given as the default: one tensor in torch, the defaults' and both groups'
+      await c.createSession({ id, optimizer: "Adam", options: { lr: Tensor.scalar(0.01) }, paramGroups: [{ params: { w: x0() } }, { params: { b: Tensor.from([1]) } }] });
+      const lrs = (d) => [d.defaults.lr, ...d.param_groups.map((g) => g.lr)];
+      const half = Tensor.scalar(0.005);
+      await c.step(id, { w: Tensor.from([0.1, 0.2, 0.3]) }, { binary, paramGroups: { 0: { lr: half, $fill: ["lr"] } } });
+      let desc = await c.getSession(id);
+      for (const [i, lr] of lrs(desc).entries()) assertSameTensor(lr, half, `lr ${i} after the fill`);
+      desc = await c.addParamGroup(id, { params: { v: Tensor.from([2]) } }); // starts from the defaults'
+      assertSameTensor(desc.param_groups[2].lr, half, "the added group's lr");
+      desc = await c.updateParamGroup(id, 1, { lr: Tensor.scalar(0.2) }); // group["lr"] = v
+      assertSameTensor(desc.param_groups[1].lr, Tensor.scalar(0.2), "the replaced lr");
+      for (const lr of [desc.defaults.lr, desc.param_groups[0].lr, desc.param_groups[2].lr]) assertSameTensor(lr, half, "left as it was");
+      const refused = await c.step(id, {}, { binary, paramGroups: { 0: { lr: Tensor.scalar(-1), $fill: ["lr"] } } }).catch((e) => e);
+      assert.equal(refused.status, 422);
+      assert.deepEqual(lrs(await c.getSession(id)), lrs(desc));
+    });
+  }
 });

@@ -72,6 +72,10 @@ STATE_ASSIGN_ATTEMPTS = 3
 __all__ = ["RemoteOptimizer"]
 
 _NOT_OPTIONS = ("params", "param_names")
+#: in a group's option changes: the options to fill into the tensor the session's group holds
+#: (what a scheduler does to a tensor lr: every group and the defaults holding it follow), not
+#: to replace the group's value with (docs/protocol.md, "Options with the step")
+_FILL = "$fill"
 #: the keys a torch scheduler adds to a group that a state import takes besides the optimizer's
 #: options (docs/protocol.md: checked as torch checks ``lr``)
 _SCHEDULER_GROUP_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum",
@@ -253,6 +257,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._by_name: dict[str, torch.Tensor] = {}
         self._seen_version: dict[str, int] = {}
         self._synced: list[dict[str, Any]] = []
+        #: each group's tensor options (a tensor lr) as the objects the server last saw: one
+        #: still there with another value was filled in place (by a scheduler)
+        self._held: list[dict[str, torch.Tensor]] = []
         self._worker = worker
         self._version = 0  # the session version the local parameter values belong to
         self._scalars: dict[str, float] = {}  # sent with the next step (record_scalars)
@@ -485,30 +492,50 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._synced = [
             {k: _norm(v) for k, v in g.options.items()} for g in info.param_groups
         ]
+        self._held = [_tensor_options(g) for g in self.param_groups]
 
     def _changed_options(self) -> dict[int, dict[str, Any]]:
-        """Every option changed locally since the server last saw it, by group index."""
+        """Every option changed locally since the server last saw it, by group index. A tensor
+        option changed in place (``group["lr"].fill_(v)``, as torch's schedulers change a
+        tensor lr) is listed under ``"$fill"``: the server fills the tensor its group holds,
+        so that every group and the defaults holding it there follow, as they do here; one
+        assigned (``group["lr"] = v``) replaces the group's value only."""
         out: dict[int, dict[str, Any]] = {}
-        for index, group in enumerate(self.param_groups):
-            synced = self._synced[index]
-            changed = {
-                k: group[k]
-                for k, v in synced.items()
-                if k in group and not _same(_norm(group[k]), v)
-            }
+        for index in range(len(self.param_groups)):
+            changed = self._group_changes(index)
             if changed:
                 out[index] = changed
         return out
 
+    def _group_changes(self, index: int) -> dict[str, Any]:
+        """What :meth:`_changed_options` holds for group ``index``."""
+        group, synced, held = self.param_groups[index], self._synced[index], self._held[index]
+        changed = {
+            k: group[k]
+            for k, v in synced.items()
+            if k in group and not _same(_norm(group[k]), v)
+        }
+        fills = [k for k, v in changed.items() if held.get(k) is v]
+        if fills:
+            changed[_FILL] = fills
+        return changed
+
     def _sent(self, changes: dict[int, dict[str, Any]]) -> None:
         """The server now holds these option values."""
         for index, changed in changes.items():
-            self._synced[index].update({k: _norm(v) for k, v in changed.items()})
+            self._synced[index].update({k: _norm(v) for k, v in changed.items() if k != _FILL})
+            self._held[index] = _tensor_options(self.param_groups[index])
 
-    def _sync_param_groups(self) -> None:
-        """PATCH every option changed locally since the server last saw it."""
-        for index, changed in self._changed_options().items():
-            self._adopt(self._client.update_param_group(self._session_id, index, **changed))
+    def _sync_param_groups(self, *, fills_only: bool = False) -> None:
+        """PATCH every option changed locally since the server last saw it (``fills_only``:
+        of the groups where a tensor option was filled in place): group by group, each after
+        the server's answer to the one before (a fill there may have changed the groups
+        holding the same tensor already)."""
+        for index in range(len(self.param_groups)):
+            changed = self._group_changes(index)
+            if changed and (_FILL in changed or not fills_only):
+                self._adopt(self._client.update_param_group(self._session_id, index,
+                                                            **changed))
 
     def _locally_edited(self) -> dict[str, torch.Tensor]:
         return {
@@ -753,6 +780,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         # (keys the optimizer has no option for stay in the local group: see _server_options)
         explicit = {k: v for k, v in param_group.items()
                     if k not in _NOT_OPTIONS and k in self.defaults}
+        # the server's defaults as torch's are now: a local scheduler's fills of a tensor lr
+        # the defaults hold sent first (the new group starts from them, there as here; other
+        # changes ride with the next step as before)
+        self._sync_param_groups(fills_only=True)
         self._state_epoch += 1
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -928,6 +959,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
             "connections. Save or copy its state_dict() instead and load_state_dict() it into "
             "another optimizer (a new RemoteOptimizer, or a local one of the same class); to "
             "copy a model, keep the optimizer out of what you deepcopy")
+
+
+def _tensor_options(group: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A group's options that are tensors (a tensor lr), by key."""
+    return {k: v for k, v in group.items()
+            if k not in _NOT_OPTIONS and isinstance(v, torch.Tensor)}
 
 
 def _refuses_scalars(exc: APIStatusError) -> bool:
