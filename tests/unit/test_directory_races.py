@@ -154,3 +154,143 @@ def test_lock_files_left_by_dead_processes_are_swept_at_start(tmp_path: Path) ->
         os.close(held)
     Directory(root)
     assert os.listdir(root / ".locks") == []
+
+
+def test_an_embedded_delete_leaves_the_entry_of_its_sharded_id_made_again_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded engine keeps a sharded session's layout in the directory. A delete of
+    sharded session ``x`` is held once its shards are deleted, before its entry goes;
+    meanwhile a create of ``x`` (2 shards, another lr) finds the entry stale, drops it and
+    makes its session. The delete then ends: the new session keeps its entry and its place
+    (before, the delete removed both: ``x`` stepped as a plain session that was not there, and
+    was lost at the next start). It steps as torch, and again after a restart."""
+    import asyncio
+
+    import torch
+
+    from app.engine import Front, embedded_engine
+    from app.engine.shards import ShardedSession
+    from tests.torch_reference import Reference, assert_tensors_equal
+    from tests.unit.test_deleted_creates import spec
+
+    grads = {"a": torch.tensor([0.5, -1.0]), "b": torch.tensor([1.0, 2.0, 3.0])}
+    other = spec(2, lr=0.5)
+    other.id = "x"
+    ref = Reference(torch.optim.SGD, [(dict(g.params), g.options) for g in other.groups],
+                    other.options)
+
+    def make() -> Front:
+        return embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False)
+
+    async def steps_as_torch(eng: Front) -> None:
+        await eng.step("x", grads, return_params=False)
+        ref.step(grads)
+        assert_tensors_equal(dict((await eng.pull("x", None)).params), ref.params, "x")
+
+    async def run() -> None:
+        eng = make()
+        await eng.start()
+        s = spec(2)
+        s.id = "x"
+        await eng.create(s)
+        deleted, go = asyncio.Event(), asyncio.Event()
+        real = ShardedSession.delete
+
+        async def delete_then_wait(session: ShardedSession, key: str, **kw: Any) -> bool:
+            replayed = await real(session, key, **kw)
+            deleted.set()
+            await go.wait()
+            return replayed
+        monkeypatch.setattr(ShardedSession, "delete", delete_then_wait)
+        deleting = asyncio.ensure_future(eng.delete("x"))
+        await deleted.wait()
+        await eng.create(other)
+        go.set()
+        await deleting
+        assert Directory(tmp_path / "directory").keys() == ["default~x"]
+        await steps_as_torch(eng)
+        await eng.stop(snapshot=False)
+        eng = make()
+        await eng.start()
+        try:
+            await steps_as_torch(eng)
+        finally:
+            await eng.stop()
+    asyncio.run(run())
+
+
+def test_two_embedded_creates_over_a_stale_entry_make_one_sharded_session(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry of a sharded session ``x`` none of whose shards exists (stale); two creates of
+    ``x`` at once both find it stale, the second's look at the host held until the first
+    create is done (the embedded host answers at once; a host that yields there is the
+    interleaving forced).
+    One makes the session; the other is a 409 ``session_exists`` and leaves its entry (before,
+    it removed the first's entry as stale: the session made had none, lost at the next
+    start). It steps as torch, and again after a restart."""
+    import asyncio
+
+    import torch
+
+    from app.engine import Front, embedded_engine
+    from app.engine.router import InProcessHost
+    from app.engine.shards import plan_layout
+    from app.errors import Conflict
+    from tests.torch_reference import Reference, assert_tensors_equal
+    from tests.unit.test_deleted_creates import spec
+
+    grads = {"a": torch.tensor([0.5, -1.0]), "b": torch.tensor([1.0, 2.0, 3.0])}
+    specs = [spec(2, lr=lr) for lr in (0.5, 0.25)]
+    for s in specs:
+        s.id = "x"
+
+    def make() -> Front:
+        return embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False)
+
+    async def run() -> None:
+        eng = make()
+        await eng.start()
+        layout = plan_layout(specs[0].groups, 2).to_json()
+        assert Directory(tmp_path / "directory").claim(
+            KEY, {"layout": layout, "shards": ["local"] * 2, "created_by": None,
+                  "made": "m-stale"})
+        first_done, second_in, looks = asyncio.Event(), asyncio.Event(), 0
+        real = InProcessHost.refused
+
+        async def looks_meet(host: InProcessHost) -> dict[str, str]:
+            # (a stale check's look at the host: the first waits for the second to be there,
+            # the second for the first create to be done)
+            nonlocal looks
+            if sys._getframe(1).f_code.co_name == "_stale":
+                looks += 1
+                if looks == 1:
+                    await asyncio.wait_for(second_in.wait(), 10.0)
+                elif looks == 2:
+                    second_in.set()
+                    await first_done.wait()
+            return await real(host)
+        monkeypatch.setattr(InProcessHost, "refused", looks_meet)
+        tasks = [asyncio.ensure_future(eng.create(s)) for s in specs]
+        for t in tasks:
+            t.add_done_callback(lambda _: first_done.set())
+        outs = await asyncio.gather(*tasks, return_exceptions=True)
+        monkeypatch.undo()
+        made = [i for i, o in enumerate(outs) if not isinstance(o, BaseException)]
+        assert len(made) == 1, outs
+        lost = outs[1 - made[0]]
+        assert isinstance(lost, Conflict) and lost.code == "session_exists", lost
+        entry = Directory(tmp_path / "directory").get(KEY)
+        assert entry is not None and entry.get("made") != "m-stale", entry
+        s = specs[made[0]]
+        ref = Reference(torch.optim.SGD, [(dict(g.params), g.options) for g in s.groups],
+                        s.options)
+        for restart in (False, True):
+            if restart:
+                await eng.stop(snapshot=False)
+                eng = make()
+                await eng.start()
+            await eng.step("x", grads, return_params=False)
+            ref.step(grads)
+            assert_tensors_equal(dict((await eng.pull("x", None)).params), ref.params, "x")
+        await eng.stop()
+    asyncio.run(run())
