@@ -13,6 +13,9 @@ any number of fronts see the same directory with no service of its own:
   the one that creation claimed) reads the entry and unlinks it holding the key's lock, a
   ``flock`` on ``.locks/<key>`` that claims and updates of the key take too, so no claim of
   the key by another front lands between the read and the unlink (:meth:`Directory._key_lock`);
+- claims and removals are on disk (the folder fsynced) when they return, and so is a create's
+  mark in flight before its entry is claimed (a machine that crashes keeps the entry of every
+  session a host was asked to make, and the mark that tells a create its front died with);
 - ``.creates/`` indexes creates by their idempotency key (per tenant), so a retried create is
   answered with the session the first one made, whichever front it reaches; as that session
   is deleted its entry moves to ``.deleted-creates/`` (the last
@@ -146,7 +149,8 @@ class Directory:
         return entry_at(self.root, key)
 
     def claim(self, key: str, entry: dict[str, Any]) -> bool:
-        """Write the entry if the key has none; False when it has one."""
+        """Write the entry if the key has none; False when it has one. On disk (its folder
+        fsynced) when this returns True."""
         if self.root is None:
             if key in self._memory:
                 return False
@@ -160,6 +164,7 @@ class Directory:
             return False
         finally:
             tmp.unlink(missing_ok=True)
+        Files().fsync_dir(self.root)
         return True
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
@@ -174,13 +179,14 @@ class Directory:
             tmp.unlink(missing_ok=True)
 
     def remove(self, key: str) -> None:
-        """Remove the entry of ``key``, whichever creation it is now (for a caller that means
-        one creation, :meth:`remove_made`)."""
+        """Remove the entry of ``key``, whichever creation it is now (on disk when this
+        returns). For a caller that means one creation, :meth:`remove_made`."""
         if self.root is None:
             self._memory.pop(key, None)
             return
         with contextlib.suppress(FileNotFoundError):
             (self.root / key).unlink()
+        Files().fsync_dir(self.root)
 
     def remove_made(self, key: str, made: str | None) -> bool:
         """Remove the entry of ``key`` if it is still the creation ``made`` (not one claimed
@@ -295,7 +301,7 @@ class Directory:
         ``.creating/`` named ``<made>.<random>``, holding ``key``, locked by this process until
         :meth:`CreateMark.release`. It is written and locked under a temporary name, then
         renamed, so every mark in place is locked by the front that made it until that front
-        releases it or dies."""
+        releases it or dies. On disk (the file and its folder fsynced) when this returns."""
         if self.root is None:
             self._in_flight.add(made)
             return CreateMark(self, made, None)
@@ -305,8 +311,14 @@ class Directory:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.write(fd, key.encode())
+            os.fsync(fd)
             path = folder / tmp.name.removeprefix(".tmp-")
             os.rename(tmp, path)
+            # (on disk before the entry is claimed: a machine that crashes once the entry is
+            # claimed leaves the mark, unlocked, by which the entry is found and dropped when
+            # no host made the session, drop_abandoned; without it, an unkeyed create's entry
+            # would stay for good, counted toward its tenant's session limit)
+            Files().fsync_dir(folder)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)

@@ -118,3 +118,62 @@ def test_an_undone_create_leaves_the_entry_of_its_id_made_again_meanwhile(
             await cluster.kill()
     asyncio.run(run())
 
+
+
+def test_a_ray_create_and_delete_are_on_disk_in_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a machine's crash (not only a process's) must find, in the order of the calls a
+    create and a delete make: the create's mark in flight (its file, then its folder) is
+    fsynced before the entry is claimed, and the entry's folder once it is claimed, both
+    before the host is asked to make the session (before, neither was: a crash could keep the
+    host's session and lose its entry, or keep an entry without the mark by which an
+    abandoned create's entry is found and dropped); a delete's removal of the entry is
+    fsynced before it answers."""
+    import os
+
+    from app.engine.store import Files
+    cluster = Cluster(tmp_path, monkeypatch)
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_fsync_dir, real_link = os.fsync, Files.fsync_dir, os.link
+    real_create = ray_host.RayHost.create
+
+    def fsync(fd: int) -> None:
+        events.append(("file", Path(os.readlink(f"/proc/self/fd/{fd}")).parent.name))
+        real_fsync(fd)
+
+    def fsync_dir(files: Files, path: Path) -> None:
+        exists = (tmp_path / "directory" / "default~x").exists()
+        events.append(("dir", Path(path).name, "x" if exists else "-"))
+        real_fsync_dir(files, path)
+
+    def link(src: Any, dst: Any, *args: Any, **kw: Any) -> None:
+        real_link(src, dst, *args, **kw)
+        events.append(("link", Path(dst).name))
+
+    async def create(host: Any, key: str, s: Any, **kw: Any) -> Any:
+        events.append(("host create",))
+        return await real_create(host, key, s, **kw)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Files, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(ray_host.RayHost, "create", create)
+
+    def in_order(expected: list[tuple[str, ...]]) -> None:
+        at = iter(events)
+        assert all(e in at for e in expected), (expected, events)
+
+    async def run() -> None:
+        try:
+            front = cluster.front()
+            s = spec()
+            s.id = "x"
+            await front.create(s)
+            in_order([("file", ".creating"), ("dir", ".creating", "-"),
+                      ("link", "default~x"), ("dir", "directory", "x"), ("host create",)])
+            events.clear()
+            await front.delete("x")
+            assert ("dir", "directory", "-") in events, events
+            assert entries(cluster.front()) == []
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
