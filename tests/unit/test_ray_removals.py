@@ -3,7 +3,8 @@ removes a session's entry (a delete, a create undone) once another front has mad
 leaves the new session's entry, which a plain removal took away (that session then had no
 entry: its id free for a second create, lost to the next start). Without a cluster, the host
 actors' real code in this process (:mod:`tests.unit.test_ray_deletes`); the interleaving is
-forced by holding the first front where the other front's create lands."""
+forced by holding the first front where the other front's create lands. And what a create and a
+delete leave on disk for a machine's crash, in order (fsynced)."""
 
 from __future__ import annotations
 
