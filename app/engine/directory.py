@@ -270,10 +270,12 @@ class Directory:
         assert self.root is not None
         folder = self.root / _LOCKS
         for name in os.listdir(folder):
-            with _KEY_LOCKS_GUARD:
+            # (under the guard: no thread of this process takes the key's lock meanwhile,
+            # whose lock a close of another descriptor of the file would drop where flock is
+            # emulated with POSIX locks; the attempt here never waits)
+            with _KEY_LOCKS_GUARD, contextlib.suppress(FileNotFoundError):
                 if name in _KEY_LOCKS:  # (this process is at it)
                     continue
-            with contextlib.suppress(FileNotFoundError):
                 fd = self._lock_file(folder / name, block=False)
                 if fd >= 0:
                     (folder / name).unlink(missing_ok=True)
