@@ -9,6 +9,13 @@ any number of fronts see the same directory with no service of its own:
 - a claim is exclusive: the entry is written to a temporary file and hard-linked to its name,
   which fails when the name exists (two fronts creating one id: one wins, the other gets 409);
 - an update replaces the file atomically (rename);
+- a removal of one creation's entry (:meth:`Directory.remove_made`: only if the entry is still
+  the one that creation claimed) reads the entry and unlinks it holding the key's lock, a
+  ``flock`` on ``.locks/<key>`` that claims and updates of the key take too, so no claim of
+  the key by another front lands between the read and the unlink (:meth:`Directory._key_lock`);
+- claims and removals are on disk (the folder fsynced) when they return, and so is a create's
+  mark in flight before its entry is claimed (a machine that crashes keeps the entry of every
+  session a host was asked to make, and the mark that tells a create its front died with);
 - ``.creates/`` indexes creates by their idempotency key (per tenant), so a retried create is
   answered with the session the first one made, whichever front it reaches; as that session
   is deleted its entry moves to ``.deleted-creates/`` (the last
@@ -37,8 +44,10 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +65,13 @@ _PRUNE_EVERY = 100
 _MARKS = (".deleted-creates", ".deletes")
 #: the marks of creates in flight
 _CREATING = ".creating"
+#: the keys' lock files (:meth:`Directory._key_lock`)
+_LOCKS = ".locks"
+#: the keys this process locks, each with how many threads are at or waiting for it (where
+#: ``flock`` is emulated with POSIX locks, e.g. on NFS, a process's own lock does not stop its
+#: other threads: they take the key's lock in this process first)
+_KEY_LOCKS: dict[str, tuple[threading.Lock, int]] = {}
+_KEY_LOCKS_GUARD = threading.Lock()
 #: the marks of creates in flight that this process holds, by path (the lock's descriptor):
 #: they are never opened again here (where ``flock`` is emulated with POSIX locks, e.g. on NFS,
 #: a process's own lock does not stop it, and closing any descriptor of the file drops it)
@@ -118,8 +134,9 @@ class Directory:
         #: the ``made`` of creates in flight (without a root)
         self._in_flight: set[str] = set()
         if root is not None:
-            for folder in (".creates", _CREATING, *_MARKS):
+            for folder in (".creates", _CREATING, _LOCKS, *_MARKS):
                 (root / folder).mkdir(parents=True, exist_ok=True)
+            self._sweep_locks()
             # (the count between prunes starts again with each front: a front that deletes
             # fewer than that before it ends would leave its marks to pile up)
             self.prune_deleted()
@@ -132,7 +149,8 @@ class Directory:
         return entry_at(self.root, key)
 
     def claim(self, key: str, entry: dict[str, Any]) -> bool:
-        """Write the entry if the key has none; False when it has one."""
+        """Write the entry if the key has none; False when it has one. On disk (its folder
+        fsynced) when this returns True."""
         if self.root is None:
             if key in self._memory:
                 return False
@@ -140,11 +158,13 @@ class Directory:
             return True
         tmp = self._write_tmp(entry)
         try:
-            os.link(tmp, self.root / key)
+            with self._key_lock(key):
+                os.link(tmp, self.root / key)
         except FileExistsError:
             return False
         finally:
             tmp.unlink(missing_ok=True)
+        Files().fsync_dir(self.root)
         return True
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
@@ -152,23 +172,114 @@ class Directory:
             self._memory[key] = dict(entry)
             return
         tmp = self._write_tmp(entry)
-        os.replace(tmp, self.root / key)
+        try:
+            with self._key_lock(key):
+                os.replace(tmp, self.root / key)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def remove(self, key: str) -> None:
+        """Remove the entry of ``key``, whichever creation it is now (on disk when this
+        returns). For a caller that means one creation, :meth:`remove_made`."""
         if self.root is None:
             self._memory.pop(key, None)
             return
         with contextlib.suppress(FileNotFoundError):
             (self.root / key).unlink()
+        Files().fsync_dir(self.root)
 
     def remove_made(self, key: str, made: str | None) -> bool:
         """Remove the entry of ``key`` if it is still the creation ``made`` (not one claimed
-        since by another create of its id): True when it was."""
-        entry = self.get(key)
-        if entry is None or entry.get("made") != made:
-            return False
-        self.remove(key)
+        since by another create of its id): True when it was. The read and the removal hold
+        the key's lock (:meth:`_key_lock`), which every claim and update of the key takes: no
+        other front's claim of the id lands between the two (without it, two fronts dropping
+        one entry at once, a claim landing between one's read and its unlink, removed the
+        entry just claimed)."""
+        if self.root is None:
+            entry = self._memory.get(key)
+            if entry is None or entry.get("made") != made:
+                return False
+            self.remove(key)
+            return True
+        with self._key_lock(key):
+            entry = self.get(key)
+            if entry is None or entry.get("made") != made:
+                return False
+            self.remove(key)
         return True
+
+    @contextlib.contextmanager
+    def _key_lock(self, key: str) -> Iterator[None]:
+        """Hold the key's lock: ``flock`` on ``.locks/<key>``, made when needed and removed
+        by its holder as it lets go, so no lock file stays for a key nobody is at. A waiter
+        that then gets the lock of the file removed (its inode is no longer the name's) takes
+        it again on the file now there. The kernel drops a lock whose process dies
+        (``kill -9`` too); the file it leaves is reused by the key's next lock and removed
+        then, or at a front's start (:meth:`_sweep_locks`). Reads take no lock (an entry is
+        replaced and linked whole). In this process the key's threads take it one at a time
+        first (:data:`_KEY_LOCKS`)."""
+        assert self.root is not None
+        path = self.root / _LOCKS / key
+        with _KEY_LOCKS_GUARD:
+            mutex, users = _KEY_LOCKS.get(key, (threading.Lock(), 0))
+            _KEY_LOCKS[key] = (mutex, users + 1)
+        try:
+            with mutex:
+                fd = self._lock_file(path, block=True)
+                assert fd >= 0
+                try:
+                    yield
+                finally:
+                    path.unlink(missing_ok=True)  # (while locked: a waiter takes it again)
+                    os.close(fd)
+        finally:
+            with _KEY_LOCKS_GUARD:
+                mutex, users = _KEY_LOCKS[key]
+                if users == 1:
+                    del _KEY_LOCKS[key]
+                else:
+                    _KEY_LOCKS[key] = (mutex, users - 1)
+
+    @staticmethod
+    def _lock_file(path: Path, *, block: bool) -> int:
+        """A descriptor of the lock file at ``path``, locked (exclusive), the file still in
+        place under that name; -1 when ``block`` is False and another holds it."""
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX if block else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    return -1
+                held = os.fstat(fd)
+                try:
+                    now = os.stat(path)
+                except FileNotFoundError:
+                    now = None
+            except BaseException:
+                os.close(fd)
+                raise
+            if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+            os.close(fd)  # (removed by the holder before: taken again)
+
+    def _sweep_locks(self) -> None:
+        """Remove the lock files a process that died holding a key's lock left (nobody
+        holds them); one held now is left to its holder."""
+        assert self.root is not None
+        folder = self.root / _LOCKS
+        for name in os.listdir(folder):
+            # (under the guard: no thread of this process takes the key's lock meanwhile,
+            # whose lock a close of another descriptor of the file would drop where flock is
+            # emulated with POSIX locks; the attempt here never waits)
+            with _KEY_LOCKS_GUARD, contextlib.suppress(FileNotFoundError):
+                if name in _KEY_LOCKS:  # (this process is at it)
+                    continue
+                fd = self._lock_file(folder / name, block=False)
+                if fd >= 0:
+                    (folder / name).unlink(missing_ok=True)
+                    os.close(fd)
 
     def keys(self, prefix: str = "") -> list[str]:
         if self.root is None:
@@ -192,7 +303,7 @@ class Directory:
         ``.creating/`` named ``<made>.<random>``, holding ``key``, locked by this process until
         :meth:`CreateMark.release`. It is written and locked under a temporary name, then
         renamed, so every mark in place is locked by the front that made it until that front
-        releases it or dies."""
+        releases it or dies. On disk (the file and its folder fsynced) when this returns."""
         if self.root is None:
             self._in_flight.add(made)
             return CreateMark(self, made, None)
@@ -202,8 +313,14 @@ class Directory:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.write(fd, key.encode())
+            os.fsync(fd)
             path = folder / tmp.name.removeprefix(".tmp-")
             os.rename(tmp, path)
+            # (on disk before the entry is claimed: a machine that crashes once the entry is
+            # claimed leaves the mark, unlocked, by which the entry is found and dropped when
+            # no host made the session, drop_abandoned; without it, an unkeyed create's entry
+            # would stay for good, counted toward its tenant's session limit)
+            Files().fsync_dir(folder)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)

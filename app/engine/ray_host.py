@@ -1163,7 +1163,7 @@ class RayRouter:
         # with it (find_create)
         if idem is not None and self.directory.claim_created(
                 tenant, idem.key, idem.fingerprint, key) is not None:
-            self.directory.remove(key)  # (no host was asked)
+            self.directory.remove_made(key, entry["made"])  # (no host was asked)
             mark.done()
             return None
         hosts = [h.making(entry["made"]) for h in hosts]  # (HostActor.create checks it)
@@ -1204,8 +1204,11 @@ class RayRouter:
                            code="session_exists", field="id")
         if "host" in entry and str(entry["host"]) not in self._host_names():
             # its host is gone for good (its host.json too): nothing of it is anywhere, and it
-            # is made again as new, on a host placed now
-            self.directory.remove(key)
+            # is made again as new, on a host placed now (its entry only if still this
+            # creation's: another front's retry of the create may have removed it, and a
+            # create of the id claimed it, since it was read)
+            if not self.directory.remove_made(key, entry.get("made")):
+                return self._indexed_create(tenant, idem)  # (looked at again)
             self.directory.drop_created(tenant, idem.key, key)
             return None
         return key, entry
@@ -1218,7 +1221,10 @@ class RayRouter:
         ``host_restarting`` (the host may have made it) or any failure of a keyed create keeps
         them, and its retry is answered with the session or finishes it on the same hosts
         (:meth:`create`); an unkeyed one's are kept while a host holds some of it (a session
-        the client can list and delete) or cannot say. True when they were removed."""
+        the client can list and delete) or cannot say. Only this creation's entry is removed
+        (not one claimed since by another create of the id), and the index unless the entry
+        there now is another try's of this create. True when nothing of this creation's is
+        left in the directory."""
         refused = isinstance(exc, OptserveError) and 400 <= exc.status < 500
         if idem is not None and not refused:
             return False
@@ -1228,9 +1234,15 @@ class RayRouter:
                     return False
             except OptserveError:
                 return False
-        self.directory.remove(key)
+        # (only this creation's entry: another front may have dropped it meanwhile, a retry
+        # of a keyed create finishing it there, and a create of the id claimed it again)
+        removed = self.directory.remove_made(key, entry.get("made"))
         if idem is not None:
-            self.directory.drop_created(split_key(key)[0], idem.key, key)
+            now = None if removed else self.directory.get(key)
+            if now is None or now.get("created_by") != idem.key:
+                # (kept for a try of this create that claimed the id again, through another
+                # front: its index)
+                self.directory.drop_created(split_key(key)[0], idem.key, key)
         return True
 
     async def _finish_create(self, key: str, entry: dict[str, Any], spec: CreateSpec,
@@ -1361,7 +1373,10 @@ class RayRouter:
         replayed = await host.delete(key, idem=idem)
         if idem is not None:  # (before the entry goes: a crash between leaves the hosts' keys)
             self.directory.note_deleted(tenant, idem.key, idem.fingerprint, key)
-        self.directory.remove(key)
+        # (the entry of the creation deleted, read above, not whichever is there now: once
+        # its hosts deleted the session, a create of the id through another front finds its
+        # entry stale, drops it and claims its own, which a plain removal would take away)
+        self.directory.remove_made(key, entry.get("made"))
         self._entries.pop(key, None)
         return replayed
 

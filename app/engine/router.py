@@ -20,6 +20,7 @@ not applied again). See :mod:`app.engine.shards`.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -280,7 +281,11 @@ class LocalRouter:
         held = set(await self.local.keys()) | set(await self.local.refused())
         if shards & held:
             return False
-        self.directory.remove(key)
+        # (only the entry read above: a create of the id that found it stale too may have
+        # dropped it and claimed its own meanwhile, which is not stale)
+        if not self.directory.remove_made(key, entry.get("made")) and \
+                self.directory.get(key) is not None:
+            return False
         self._sharded.pop(key, None)
         self._sharded_keys.discard(key)
         return True
@@ -401,8 +406,11 @@ class LocalRouter:
             raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
                            code="session_exists", field="id")
         layout = plan_layout(spec.groups, spec.shards)
+        # ("made": this creation's own, so that its removals never take the entry of another
+        # creation of the id, remove_made)
         entry: dict[str, Any] = {"layout": layout.to_json(), "shards": ["local"] * layout.shards,
-                                 "created_by": idem.key if idem is not None else None}
+                                 "created_by": idem.key if idem is not None else None,
+                                 "made": uuid.uuid4().hex}
         if not self.directory.claim(key, entry):
             raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
                            code="session_exists", field="id")
@@ -412,7 +420,7 @@ class LocalRouter:
         try:
             session, info = await ShardedSession.create(key, spec, layout, hosts, idem=idem)
         except BaseException:
-            self.directory.remove(key)
+            self.directory.remove_made(key, entry["made"])
             raise
         finally:
             self._creating.discard(key)
@@ -493,7 +501,11 @@ class LocalRouter:
             # session whole, which a retried create is still answered with (find_create)
             self.directory.forget_created(tenant, made_by)
         replayed = await host.delete(key, idem=idem)
-        self._sharded.pop(key, None)
-        self._sharded_keys.discard(key)
-        self.directory.remove(key)
+        # (the entry of the creation deleted, read above, not whichever is there now: once
+        # its shards are deleted, a create of the id finds the entry stale, drops it and makes
+        # its own session, whose entry, and place here, stay)
+        made = entry.get("made") if entry is not None else None
+        if self.directory.remove_made(key, made) or self.directory.get(key) is None:
+            self._sharded.pop(key, None)
+            self._sharded_keys.discard(key)
         return replayed
