@@ -18,7 +18,8 @@ any number of fronts see the same directory with no service of its own:
   session a host was asked to make, and the mark that tells a create its front died with);
 - ``.creates/`` indexes creates by their idempotency key (per tenant), so a retried create is
   answered with the session the first one made, whichever front it reaches (an index is
-  claimed, and dropped when its create failed, holding its own lock, ``.locks/.creates.<name>``:
+  claimed, and dropped when its create failed, holding its own lock, ``.locks/.creates.<name>``,
+  and dropped only while no try of its create holds the id's entry:
   :meth:`Directory.drop_created`); as that session
   is deleted its entry moves to ``.deleted-creates/`` (the last
   :data:`~app.engine.deleted_creates.KEEP`, and every one whose session is still there: a
@@ -457,26 +458,36 @@ class Directory:
         return None
 
     def drop_created(self, tenant: str, idem_key: str, key: str) -> bool:
-        """Remove the index of a create of ``key`` that failed (if it still names ``key``):
-        True when it went. The read and the removal hold the index's lock, which
-        :meth:`claim_created` takes too: without it, a claim of the index by another try of the
-        create landing between the read and the unlink (the index dropped by a third meanwhile)
-        lost the index just claimed."""
+        """Remove the index of a create of ``key`` that failed (or is made anew): only if it
+        still names ``key`` and no try of this create holds ``key``'s entry now (one that
+        claimed the id again, through another front, once this try's entry went: the index is
+        its). True when it went. The reads and the removal hold the index's lock, which
+        :meth:`claim_created` takes too, and a try claims its entry before its index: so a
+        claim of the index by another try lands before the look here (which then sees that
+        try's entry, and keeps the index) or after the removal (and writes the index again);
+        without the lock, a claim landing between the read and the unlink (the index dropped
+        and claimed again by other tries meanwhile) lost the index just claimed."""
         name = self._create_name(tenant, idem_key)
         if self.root is None:
-            if self._creates.get(name, {}).get("key") != key:
+            if self._creates.get(name, {}).get("key") != key or self._retried(key, idem_key):
                 return False
             del self._creates[name]
             return True
         path = self.root / ".creates" / name
         with self._key_lock(_index_lock(name)):
             try:
-                if orjson.loads(path.read_bytes()).get("key") != key:
+                if orjson.loads(path.read_bytes()).get("key") != key or \
+                        self._retried(key, idem_key):
                     return False
                 path.unlink()
             except FileNotFoundError:
                 return False
         return True
+
+    def _retried(self, key: str, idem_key: str) -> bool:
+        """Whether ``key``'s entry is a try's of the create sent with ``idem_key``."""
+        entry = self.get(key)
+        return entry is not None and entry.get("created_by") == idem_key
 
     def _lives(self, name: str, mark: dict[str, Any] | Path) -> bool:
         """Whether a deleted create's mark is of a session that is still there: its entry

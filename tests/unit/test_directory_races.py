@@ -335,3 +335,25 @@ def test_drop_created_leaves_an_index_claimed_between_its_read_and_its_unlink(
     assert directory.created(TENANT, IDEM) == {"key": KEY, "fingerprint": "fp"}
     assert results == {"first": True, "second": False, "claimed": None}
     assert os.listdir(tmp_path / ".locks") == []
+
+
+@pytest.mark.parametrize("on_disk", [True, False], ids=["on-disk", "in-memory"])
+def test_drop_created_leaves_the_index_of_a_try_holding_the_ids_entry(
+        tmp_path: Path, on_disk: bool) -> None:
+    """A failed keyed create's index goes only while no try of that create holds its id's
+    entry: one that claimed the id again (another front's retry) is making the session under
+    the index. An entry of another create of the id (another key, or none) does not keep it;
+    nor does an index naming another id get dropped."""
+    directory = Directory(tmp_path if on_disk else None)
+    assert directory.claim_created(TENANT, IDEM, "fp", KEY) is None
+    assert directory.claim(KEY, {"host": "h-2", "made": "m-2", "created_by": IDEM})
+    dropped = directory.drop_created(TENANT, IDEM, KEY)
+    assert directory.created(TENANT, IDEM) == {"key": KEY, "fingerprint": "fp"}
+    assert dropped is False
+    assert directory.remove_made(KEY, "m-2")
+    assert directory.claim(KEY, {"host": "h-3", "made": "m-3", "created_by": "other"})
+    dropped = directory.drop_created(TENANT, IDEM, "default~y")
+    assert directory.created(TENANT, IDEM) == {"key": KEY, "fingerprint": "fp"}
+    assert dropped is False
+    assert directory.drop_created(TENANT, IDEM, KEY) is True
+    assert directory.created(TENANT, IDEM) is None
