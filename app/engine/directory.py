@@ -17,7 +17,10 @@ any number of fronts see the same directory with no service of its own:
   mark in flight before its entry is claimed (a machine that crashes keeps the entry of every
   session a host was asked to make, and the mark that tells a create its front died with);
 - ``.creates/`` indexes creates by their idempotency key (per tenant), so a retried create is
-  answered with the session the first one made, whichever front it reaches; as that session
+  answered with the session the first one made, whichever front it reaches (an index is
+  claimed, and dropped when its create failed, holding its own lock, ``.locks/.creates.<name>``,
+  and dropped only while no try of its create holds the id's entry:
+  :meth:`Directory.drop_created`); as that session
   is deleted its entry moves to ``.deleted-creates/`` (the last
   :data:`~app.engine.deleted_creates.KEEP`, and every one whose session is still there: a
   delete refused or cut short), where a retry finds that it was deleted
@@ -79,6 +82,12 @@ _HELD: dict[str, int] = {}
 #: a mark still unlocked this long after it was written (its front died before it locked it,
 #: or, under a temporary name, before it was in place) is taken for left over
 _UNPLACED_S = 60.0
+
+
+def _index_lock(name: str) -> str:
+    """The name of the lock (:meth:`Directory._key_lock`) of the index ``.creates/<name>``
+    (never a session key's: those have a ``~``)."""
+    return f".creates.{name}"
 
 
 @dataclass
@@ -430,30 +439,55 @@ class Directory:
         if self.root is None:
             first = self._creates.setdefault(name, entry)
             return None if first.get("key") == key else str(first["key"])
+        path = self.root / ".creates" / name
         tmp = self._write_tmp(entry)
         try:
-            os.link(tmp, self.root / ".creates" / name)
-        except FileExistsError:
-            with contextlib.suppress(FileNotFoundError):
-                first_key = str(orjson.loads((self.root / ".creates" / name).read_bytes())["key"])
-                return None if first_key == key else first_key
-            return self.claim_created(tenant, idem_key, fingerprint, key)  # (dropped since)
+            with self._key_lock(_index_lock(name)):  # (as drop_created)
+                while True:
+                    try:
+                        os.link(tmp, path)
+                        break
+                    except FileExistsError:
+                        with contextlib.suppress(FileNotFoundError):
+                            first_key = str(orjson.loads(path.read_bytes())["key"])
+                            return None if first_key == key else first_key
+                    # (moved since to .deleted-creates: forget_created takes no lock)
         finally:
             tmp.unlink(missing_ok=True)
         Files().fsync_dir(self.root / ".creates")
         return None
 
-    def drop_created(self, tenant: str, idem_key: str, key: str) -> None:
-        """Remove the index of a create of ``key`` that failed (if it still names ``key``)."""
+    def drop_created(self, tenant: str, idem_key: str, key: str) -> bool:
+        """Remove the index of a create of ``key`` that failed (or is made anew): only if it
+        still names ``key`` and no try of this create holds ``key``'s entry now (one that
+        claimed the id again, through another front, once this try's entry went: the index is
+        its). True when it went. The reads and the removal hold the index's lock, which
+        :meth:`claim_created` takes too, and a try claims its entry before its index: so a
+        claim of the index by another try lands before the look here (which then sees that
+        try's entry, and keeps the index) or after the removal (and writes the index again);
+        without the lock, a claim landing between the read and the unlink (the index dropped
+        and claimed again by other tries meanwhile) lost the index just claimed."""
         name = self._create_name(tenant, idem_key)
         if self.root is None:
-            if self._creates.get(name, {}).get("key") == key:
-                del self._creates[name]
-            return
+            if self._creates.get(name, {}).get("key") != key or self._retried(key, idem_key):
+                return False
+            del self._creates[name]
+            return True
         path = self.root / ".creates" / name
-        with contextlib.suppress(FileNotFoundError):
-            if orjson.loads(path.read_bytes()).get("key") == key:
+        with self._key_lock(_index_lock(name)):
+            try:
+                if orjson.loads(path.read_bytes()).get("key") != key or \
+                        self._retried(key, idem_key):
+                    return False
                 path.unlink()
+            except FileNotFoundError:
+                return False
+        return True
+
+    def _retried(self, key: str, idem_key: str) -> bool:
+        """Whether ``key``'s entry is a try's of the create sent with ``idem_key``."""
+        entry = self.get(key)
+        return entry is not None and entry.get("created_by") == idem_key
 
     def _lives(self, name: str, mark: dict[str, Any] | Path) -> bool:
         """Whether a deleted create's mark is of a session that is still there: its entry

@@ -1209,7 +1209,13 @@ class RayRouter:
             # create of the id claimed it, since it was read)
             if not self.directory.remove_made(key, entry.get("made")):
                 return self._indexed_create(tenant, idem)  # (looked at again)
-            self.directory.drop_created(tenant, idem.key, key)
+            # (the index goes only while no try of this create holds the id's entry, looked at
+            # under the index's lock: another front's retry of it may have claimed the id again
+            # since the removal and be making the session under this index, which a later retry
+            # must still find; dropped, it would make a second session. Kept: that try's entry
+            # is finished, looked at again. Directory.drop_created)
+            if not self.directory.drop_created(tenant, idem.key, key):
+                return self._indexed_create(tenant, idem)
             return None
         return key, entry
 
@@ -1223,8 +1229,9 @@ class RayRouter:
         (:meth:`create`); an unkeyed one's are kept while a host holds some of it (a session
         the client can list and delete) or cannot say. Only this creation's entry is removed
         (not one claimed since by another create of the id), and the index unless the entry
-        there now is another try's of this create. True when nothing of this creation's is
-        left in the directory."""
+        there now is another try's of this create (looked at under the index's lock,
+        :meth:`Directory.drop_created <app.engine.directory.Directory.drop_created>`). True
+        when nothing of this creation's is left in the directory."""
         refused = isinstance(exc, OptserveError) and 400 <= exc.status < 500
         if idem is not None and not refused:
             return False
@@ -1236,13 +1243,15 @@ class RayRouter:
                 return False
         # (only this creation's entry: another front may have dropped it meanwhile, a retry
         # of a keyed create finishing it there, and a create of the id claimed it again)
-        removed = self.directory.remove_made(key, entry.get("made"))
+        self.directory.remove_made(key, entry.get("made"))
         if idem is not None:
-            now = None if removed else self.directory.get(key)
-            if now is None or now.get("created_by") != idem.key:
-                # (kept for a try of this create that claimed the id again, through another
-                # front: its index)
-                self.directory.drop_created(split_key(key)[0], idem.key, key)
+            # (kept for a try of this create that claimed the id again, through another front,
+            # before the removal or after it: its index. Looked at under the index's lock, which
+            # that try's claim of the index takes after its claim of the entry, so no claim
+            # lands between the look and the drop: a look here before the drop, without the
+            # lock, missed a try claiming the id between the two, whose session, once made,
+            # had no index, and the next retry made a second one)
+            self.directory.drop_created(split_key(key)[0], idem.key, key)
         return True
 
     async def _finish_create(self, key: str, entry: dict[str, Any], spec: CreateSpec,

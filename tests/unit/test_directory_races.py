@@ -3,7 +3,9 @@ claim of the same id between its read and its unlink, and the key's lock it hold
 across threads and processes (the fronts of a cluster share the folder): let go when its
 holder is killed (``kill -9``), its files never left to pile up. The interleaving is forced:
 the remover's read of the entry (``Directory.get``) waits there until the others are done, or
-a short while when they wait for it."""
+a short while when they wait for it. The same for a failed keyed create's index
+(:meth:`Directory.drop_created`) against another front's retry of the create claiming it
+again."""
 
 from __future__ import annotations
 
@@ -294,3 +296,64 @@ def test_two_embedded_creates_over_a_stale_entry_make_one_sharded_session(
             assert_tensors_equal(dict((await eng.pull("x", None)).params), ref.params, "x")
         await eng.stop()
     asyncio.run(run())
+
+
+TENANT, IDEM = "default", "k-1"
+
+
+def test_drop_created_leaves_an_index_claimed_between_its_read_and_its_unlink(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two fronts drop one failed keyed create's index (``.creates/``) at once; the second's
+    drop and another front's retry of the create, claiming the index again, land while the
+    first is between its read of the index and its unlink (it waits there until they are done,
+    or 0.3 s when they wait for it). Before, the first unlinked the index just claimed: the
+    session made under it had no index, and the next retry of the create made a second one.
+    The index stays; the first drop is the one that removed the old index, the second finds
+    it gone, and no lock file is left."""
+    directory = Directory(tmp_path)
+    assert directory.claim_created(TENANT, IDEM, "fp", KEY) is None
+    real_unlink, read, done = Path.unlink, threading.Event(), threading.Event()
+
+    def pause_then_unlink(path: Path, missing_ok: bool = False) -> None:
+        if threading.current_thread().name == "first" and path.parent.name == ".creates":
+            read.set()
+            done.wait(0.3)
+        real_unlink(path, missing_ok=missing_ok)
+    monkeypatch.setattr(Path, "unlink", pause_then_unlink)
+    results: dict[str, Any] = {}
+
+    def first() -> None:
+        results["first"] = directory.drop_created(TENANT, IDEM, KEY)
+    thread = threading.Thread(target=first, name="first")
+    thread.start()
+    assert read.wait(5.0)
+    results["second"] = directory.drop_created(TENANT, IDEM, KEY)
+    results["claimed"] = directory.claim_created(TENANT, IDEM, "fp", KEY)
+    done.set()
+    thread.join(5.0)
+    assert not thread.is_alive()
+    assert directory.created(TENANT, IDEM) == {"key": KEY, "fingerprint": "fp"}
+    assert results == {"first": True, "second": False, "claimed": None}
+    assert os.listdir(tmp_path / ".locks") == []
+
+
+@pytest.mark.parametrize("on_disk", [True, False], ids=["on-disk", "in-memory"])
+def test_drop_created_leaves_the_index_of_a_try_holding_the_ids_entry(
+        tmp_path: Path, on_disk: bool) -> None:
+    """A failed keyed create's index goes only while no try of that create holds its id's
+    entry: one that claimed the id again (another front's retry) is making the session under
+    the index. An entry of another create of the id (another key, or none) does not keep it;
+    nor does an index naming another id get dropped."""
+    directory = Directory(tmp_path if on_disk else None)
+    assert directory.claim_created(TENANT, IDEM, "fp", KEY) is None
+    assert directory.claim(KEY, {"host": "h-2", "made": "m-2", "created_by": IDEM})
+    dropped = directory.drop_created(TENANT, IDEM, KEY)
+    assert directory.created(TENANT, IDEM) == {"key": KEY, "fingerprint": "fp"}
+    assert dropped is False
+    assert directory.remove_made(KEY, "m-2")
+    assert directory.claim(KEY, {"host": "h-3", "made": "m-3", "created_by": "other"})
+    dropped = directory.drop_created(TENANT, IDEM, "default~y")
+    assert directory.created(TENANT, IDEM) == {"key": KEY, "fingerprint": "fp"}
+    assert dropped is False
+    assert directory.drop_created(TENANT, IDEM, KEY) is True
+    assert directory.created(TENANT, IDEM) is None

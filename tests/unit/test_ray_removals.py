@@ -178,3 +178,75 @@ def test_a_ray_create_and_delete_are_on_disk_in_order(
         finally:
             await cluster.kill()
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("where", ["made-anew", "undone"])
+def test_a_keyed_create_removed_by_one_front_keeps_its_index_for_a_retry_made_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """A keyed create without an id whose front died once its entry and index were claimed,
+    before its host was asked. A retry of it through front A removes that creation: its host
+    is gone for good, so it is to be made anew (``made-anew``), or its host refused it
+    (``undone``). A is held between the removal of the entry and that of the index (its code
+    there runs on a thread of its own); meanwhile a retry through front B finds the index
+    without an entry, claims the id again and makes the session under the index: 201. Before,
+    A then dropped the index: the next retry found no index and made a second session (and so
+    did A, made anew). The index stays: the next retry is answered with B's session, the only
+    one the hosts and the directory hold, which steps as torch."""
+    import shutil
+    import threading
+
+    from app.engine.directory import Directory
+    cluster = Cluster(tmp_path, monkeypatch)
+    ckey = create_key("k-index")
+
+    async def run() -> None:
+        try:
+            await dies(cluster.front(), spec(), monkeypatch, idem=ckey)
+            [key] = entries(cluster.front())
+            first = entries_of(cluster.front(), key.partition("~")[2])
+            if where == "made-anew":
+                await cluster.kill()
+                shutil.rmtree(tmp_path / "hosts" / first["host"])
+            router: Any = cluster.front().router
+            real = Directory.remove_made
+            removed, go = threading.Event(), threading.Event()
+            out: dict[str, Any] = {}
+
+            def remove_then_wait(d: Directory, k: str, made: str | None) -> bool:
+                gone: bool = real(d, k, made)
+                if threading.current_thread().name == "A":
+                    removed.set()
+                    out["released"] = go.wait(30.0)
+                return gone
+            monkeypatch.setattr(Directory, "remove_made", remove_then_wait)
+
+            def front_a() -> None:
+                if where == "made-anew":
+                    out["a"] = router._indexed_create("default", ckey)
+                else:
+                    refusal = Invalid("the host refuses it", field="params",
+                                      code="invalid_body")
+                    out["a"] = asyncio.run(router._undo_create(key, first, ckey, refusal))
+            thread = threading.Thread(target=front_a, name="A")
+            thread.start()
+            try:
+                assert await asyncio.to_thread(removed.wait, 30.0)
+                made = await cluster.front().create(spec(), idem=ckey)
+                assert f"default~{made.id}" == key and not made.replayed, made
+            finally:
+                go.set()
+                await asyncio.to_thread(thread.join, 30.0)
+            assert not thread.is_alive() and out["released"]
+            remade = entries_of(cluster.front(), made.id)
+            assert remade["made"] != first["made"] and remade["created_by"] == ckey.key
+            later = await cluster.front().create(spec(), idem=ckey)
+            assert later.replayed and later.id == made.id, (later, made)
+            assert entries(cluster.front()) == [key] and held_keys(cluster) == [key]
+            if where == "made-anew":  # (A finishes B's create: looked at again)
+                assert out["a"] == (key, remade), out["a"]
+            else:
+                assert out["a"] is True
+            await AsTorch(spec()).step(cluster.front(), made.id)
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
