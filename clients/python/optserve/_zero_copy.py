@@ -18,9 +18,9 @@ made again, the server restarted) it moves to the new slot under the same condit
 the values are copied into it. Its old segment stays mapped for as long as anything views it.
 
 A child forked from the process (``DataLoader`` workers, ``multiprocessing`` with fork) gets
-a copy of each moved parameter at the fork (:func:`_in_child`), as a fork's snapshot; for
-large CPU models with many forked workers that is memory each child holds (``zero_copy=False``
-avoids it).
+a copy of each moved parameter taken just before the fork (:func:`_before_fork`,
+:func:`_in_child`), as a fork's snapshot; for large CPU models forked often that is a copy per
+fork in the parent, and memory each child holds (``zero_copy=False`` avoids both).
 
 Each step bumps the moved parameters' version counters, as the copy did: autograd still
 refuses a backward through a graph that saved a parameter the step changed.
@@ -99,18 +99,39 @@ def move(p: torch.Tensor, slot: torch.Tensor) -> None:
     _MOVED[id(p)] = p
 
 
+#: copies of the moved parameters taken just before a fork (:func:`_before_fork`)
+_AT_FORK: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
+def _before_fork() -> None:
+    """In the process about to fork: a copy of every moved parameter, for the child. Taken
+    here, not in the child: the parent goes on at once after the fork, and its next step
+    writes the segment the child still shares until it has copied it."""
+    _AT_FORK.clear()
+    for p in list(_MOVED.values()):
+        try:
+            _AT_FORK.append((p, p.detach().clone()))
+        except Exception:  # noqa: BLE001 - an unusual tensor by now: left as it is
+            continue
+
+
 def _in_child() -> None:
     """In a child forked from this process (``DataLoader`` workers, ``multiprocessing``):
-    every moved parameter gets memory of its own again, a copy of its values at the fork. The
-    segment is shared memory, so the child would otherwise see the parent's later steps in
-    its parameters, and the parent (and the server) the child's writes into them, where a
-    fork gives the child a snapshot."""
-    for p in list(_MOVED.values()):
-        p.data = p.data.clone()
+    every moved parameter gets memory of its own again, its values at the fork. The segment
+    is shared memory, so the child would otherwise see the parent's later steps in its
+    parameters, and the parent (and the server) the child's writes into them, where a fork
+    gives the child a snapshot."""
+    for p, copy in _AT_FORK:
+        try:
+            p.data = copy
+        except Exception:  # noqa: BLE001 - an unusual tensor by now: left as it is
+            continue
+    _AT_FORK.clear()
     _MOVED.clear()
 
 
-os.register_at_fork(after_in_child=_in_child)
+os.register_at_fork(before=_before_fork, after_in_child=_in_child,
+                    after_in_parent=_AT_FORK.clear)
 
 
 def bump(params: Sequence[torch.Tensor]) -> None:
