@@ -921,9 +921,10 @@ class EmbeddedHost:
             later = params_into if into_seen else None
             result = await self._apply_while_syncing(
                 key, store, op, plan, parts, before, written,
-                lambda: self._apply(key, s, op, plan, keys, False if later else want_params,
-                                    before, sync, None if later else params_into,
-                                    params_dtype, written.wait), inline)
+                lambda: self._apply(key, s, op, plan, keys,
+                                    want_params if later is None else False, before, sync,
+                                    params_into if later is None else None, params_dtype,
+                                    written.wait), inline)
             if later is not None:
                 result.params = await self._worker.run(
                     lambda: answer_params(s, plan, want_params, later, params_dtype),

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import optserve
+from tests.integration.test_sdk_optimizer import batch, mlp
 
 pytestmark = pytest.mark.integration
 
@@ -30,16 +31,6 @@ TRANSPORTS = [pytest.param("http", False, id="json"),
 def client(live_server: str, request: pytest.FixtureRequest) -> Iterator[optserve.Client]:
     with optserve.Client(live_server, max_retries=0, transport=request.param) as c:
         yield c
-
-
-def mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
 
 
 def as_tensor(value: Any) -> torch.Tensor:

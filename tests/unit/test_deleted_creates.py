@@ -21,9 +21,9 @@ from app.errors import Conflict, Invalid, OptserveError
 from tests.torch_reference import Reference, assert_tensors_equal
 
 
-def spec(shards: int = 1, lr: float = 0.1) -> CreateSpec:
+def spec(shards: int = 1, lr: float = 0.1, id: str | None = None) -> CreateSpec:
     return CreateSpec("SGD", [GroupSpec({"a": torch.ones(2), "b": torch.zeros(3)})],
-                      {"lr": lr}, shards=shards)
+                      {"lr": lr}, shards=shards, id=id)
 
 
 def create_key(name: str) -> IdemKey:

@@ -176,8 +176,7 @@ def test_an_embedded_delete_leaves_the_entry_of_its_sharded_id_made_again_meanwh
     from tests.unit.test_deleted_creates import spec
 
     grads = {"a": torch.tensor([0.5, -1.0]), "b": torch.tensor([1.0, 2.0, 3.0])}
-    other = spec(2, lr=0.5)
-    other.id = "x"
+    other = spec(2, lr=0.5, id="x")
     ref = Reference(torch.optim.SGD, [(dict(g.params), g.options) for g in other.groups],
                     other.options)
 
@@ -192,8 +191,7 @@ def test_an_embedded_delete_leaves_the_entry_of_its_sharded_id_made_again_meanwh
     async def run() -> None:
         eng = make()
         await eng.start()
-        s = spec(2)
-        s.id = "x"
+        s = spec(2, id="x")
         await eng.create(s)
         deleted, go = asyncio.Event(), asyncio.Event()
         real = ShardedSession.delete
@@ -242,9 +240,7 @@ def test_two_embedded_creates_over_a_stale_entry_make_one_sharded_session(
     from tests.unit.test_deleted_creates import spec
 
     grads = {"a": torch.tensor([0.5, -1.0]), "b": torch.tensor([1.0, 2.0, 3.0])}
-    specs = [spec(2, lr=lr) for lr in (0.5, 0.25)]
-    for s in specs:
-        s.id = "x"
+    specs = [spec(2, lr=lr, id="x") for lr in (0.5, 0.25)]
 
     def make() -> Front:
         return embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False)

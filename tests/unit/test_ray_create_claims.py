@@ -169,16 +169,14 @@ def test_a_ray_create_of_an_id_in_flight_through_another_front_is_a_409(
     async def run() -> None:
         try:
             first, second = cluster.front(), cluster.front()
-            s = spec(shards)
-            s.id = "x"
+            s = spec(shards, id="x")
             ckey = create_key("k-x") if shards == 2 else None
             with monkeypatch.context() as m:
                 gate = Gate(m, shards)
                 one = asyncio.create_task(first.create(s, idem=ckey))
                 await gate.entered.wait()
                 claimed = entries_of(first, "x")
-                other = spec(shards, lr=0.5)
-                other.id = "x"
+                other = spec(shards, lr=0.5, id="x")
                 for idem in (None, create_key("k-other")):
                     with pytest.raises(Conflict) as err:
                         await second.create(other, idem=idem)
@@ -366,8 +364,7 @@ def test_a_ray_create_whose_front_died_while_its_host_made_it_leaves_no_orphan(
             raise Crash(key)
         try:
             first, second = cluster.front(), cluster.front()
-            s = spec()
-            s.id = "x"
+            s = spec(id="x")
             monkeypatch.setattr(ray_host.InProcessHost, "create", host_pauses)
             with monkeypatch.context() as m:
                 m.setattr(ray_host.RayHost, "create", asked_then_dies)
@@ -377,8 +374,7 @@ def test_a_ray_create_whose_front_died_while_its_host_made_it_leaves_no_orphan(
             claimed = entries_of(first, "x")
             if at == "mid":
                 await entered.wait()
-            other = spec(lr=0.5)
-            other.id = "x"
+            other = spec(lr=0.5, id="x")
             other.placement = "spread"  # (a new host)
 
             async def drop() -> Any:
@@ -484,14 +480,12 @@ def test_a_retried_ray_delete_leaves_the_entry_of_a_create_of_its_id_in_flight(
     async def run() -> None:
         try:
             front = cluster.front()
-            s = spec()
-            s.id = "x"
+            s = spec(id="x")
             await front.create(s)
             assert not await front.delete("x", idem=dkey)
             with monkeypatch.context() as m:
                 gate = Gate(m, 1)
-                again = spec(lr=0.5)
-                again.id = "x"
+                again = spec(lr=0.5, id="x")
                 flying = asyncio.create_task(front.create(again))
                 await gate.entered.wait()
                 claimed = entries_of(front, "x")

@@ -34,8 +34,7 @@ def test_a_delete_leaves_the_entry_of_its_id_made_again_meanwhile(
     async def run() -> None:
         try:
             first, second = cluster.front(), cluster.front()
-            s = spec()
-            s.id = "x"
+            s = spec(id="x")
             await first.create(s)
             deleted, go = asyncio.Event(), asyncio.Event()
             real = ray_host._Placed.delete
@@ -48,8 +47,7 @@ def test_a_delete_leaves_the_entry_of_its_id_made_again_meanwhile(
             monkeypatch.setattr(ray_host._Placed, "delete", delete_then_wait)
             deleting = asyncio.ensure_future(first.delete("x"))
             await deleted.wait()
-            other = spec(lr=0.5)
-            other.id = "x"
+            other = spec(lr=0.5, id="x")
             again = await second.create(other)
             made = entries_of(second, "x")["made"]
             go.set()
@@ -74,8 +72,7 @@ def test_an_undone_create_leaves_the_entry_of_its_id_made_again_meanwhile(
     key's next retry is a 409 ``session_exists``, not a second ``x``."""
     cluster = Cluster(tmp_path, monkeypatch)
     ckey = create_key("k-undo")
-    s = spec()
-    s.id = "x"
+    s = spec(id="x")
 
     async def run() -> None:
         try:
@@ -100,8 +97,7 @@ def test_an_undone_create_leaves_the_entry_of_its_id_made_again_meanwhile(
             with pytest.raises(Invalid):
                 await cluster.front().create(s, idem=ckey)
             assert entries(cluster.front()) == []
-            other = spec(lr=0.5)
-            other.id = "x"
+            other = spec(lr=0.5, id="x")
             await cluster.front().create(other)
             made = entries_of(cluster.front(), "x")["made"]
             go.set()
@@ -166,8 +162,7 @@ def test_a_ray_create_and_delete_are_on_disk_in_order(
     async def run() -> None:
         try:
             front = cluster.front()
-            s = spec()
-            s.id = "x"
+            s = spec(id="x")
             await front.create(s)
             in_order([("file", ".creating"), ("dir", ".creating", "-"),
                       ("link", "default~x"), ("dir", "directory", "x"), ("host create",)])

@@ -248,8 +248,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                              f"{wire_dtype!r}")
         self._binary = binary
         self._zero_copy = zero_copy
-        #: parameters living in their same-host slots: the slot's view, and its data pointer
-        self._in_slot: dict[str, tuple[torch.Tensor, int]] = {}
+        self._in_slots = _zero_copy.InSlots()
         self._wire_dtype = getattr(torch, wire_dtype) if wire_dtype else None
         #: every answer over HTTP is read into this one buffer (copied into the parameters
         #: before the next step)
@@ -551,27 +550,15 @@ class RemoteOptimizer(torch.optim.Optimizer):
         (``zero_copy``: ``optserve._zero_copy``)."""
         dense: list[tuple[str, Tensor, Any]] = []
         there: list[tuple[str, torch.Tensor]] = []  # living in their slots: nothing to copy
-        in_slot = self._in_slot
+        in_slots = self._in_slots if slots and self._zero_copy else None
         with torch.no_grad():
             for name, value in params.items():
                 p = self._by_name.get(name)
                 if p is None:
                     continue
-                if slots and self._zero_copy:
-                    # (the common case, one lookup and one call per tensor: 1,000 tensors)
-                    known = in_slot.get(name)
-                    if known is not None and known[0] is value and p.data_ptr() == known[1]:
-                        there.append((name, p))
-                        continue
-                    known = None
-                    in_slot.pop(name, None)  # (its view of an old slot: not another holder)
-                    if isinstance(value, torch.Tensor) and (
-                            _zero_copy.same_memory(p, value) or _zero_copy.movable(p, value)):
-                        if not _zero_copy.same_memory(p, value):
-                            _zero_copy.move(p, value)
-                        in_slot[name] = (value, value.data_ptr())
-                        there.append((name, p))
-                        continue
+                if in_slots is not None and in_slots.lives_in(name, p, value):
+                    there.append((name, p))
+                    continue
                 if isinstance(value, torch.Tensor) and value.layout == torch.sparse_coo:
                     # some rows (?return=touched): only those changed
                     rows = value._indices()[0].to(p.device)
@@ -691,8 +678,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         sent: list[bool] = []
         local = False
         if self._client.transport != "http" and wire is None and not sparse:
-            # same host: gradients and new values through shared memory; the values are
-            # copied from the shared slots straight into the parameters
+            # same host: gradients and new values through shared memory; the parameters
+            # live in their slots (zero_copy), or the values are copied from there into them
             result = self._client._step_local(
                 self._session_id, grads, return_params=True, worker=self._worker,
                 base_version=base, param_groups=changes or None, views=True,

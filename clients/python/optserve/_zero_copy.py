@@ -72,8 +72,7 @@ def same_memory(p: torch.Tensor, slot: torch.Tensor) -> bool:
 
 def movable(p: torch.Tensor, slot: torch.Tensor) -> bool:
     """Whether ``p``'s memory may become ``slot`` (see the module's docstring)."""
-    if (type(p) not in _PLAIN or type(slot) is not torch.Tensor or p.is_inference()
-            or getattr(torch.autograd.graph, "increment_version", None) is None):
+    if type(p) not in _PLAIN or type(slot) is not torch.Tensor or p.is_inference():
         return False  # (inference tensors have no version counter to bump)
     if (p.device.type != "cpu" or p.layout != torch.strided or p.dtype != slot.dtype
             or p.shape != slot.shape or not p.is_contiguous() or not slot.is_contiguous()
@@ -86,6 +85,33 @@ def movable(p: torch.Tensor, slot: torch.Tensor) -> bool:
         return False
     alone = _alone()
     return alone is not None and _use_count(p) == alone
+
+
+class InSlots:
+    """One optimizer's parameters that live in their slots: each one's slot (the view the
+    binding hands out, the same object every step) and its data pointer, so that a step finds
+    a parameter still there with one lookup and one ``data_ptr()`` call (1,000 tensors: the
+    full checks cost the client more than the copies they save)."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def lives_in(self, name: str, p: torch.Tensor, slot: object) -> bool:
+        """Whether ``p`` (the parameter ``name``) lives in ``slot`` now: it did, or it was
+        moved there (:func:`movable`); False: copy into it."""
+        known = self._known.pop(name, None)
+        if known is not None and known[0] is slot and p.data_ptr() == known[1]:
+            self._known[name] = known
+            return True
+        del known  # (its view of an old slot would count as another holder of p's memory)
+        if not isinstance(slot, torch.Tensor):
+            return False
+        if not same_memory(p, slot):
+            if not movable(p, slot):
+                return False
+            move(p, slot)
+        self._known[name] = (slot, slot.data_ptr())
+        return True
 
 
 #: the parameters moved into a segment (a forked child takes them back: :func:`_in_child`)
