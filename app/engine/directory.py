@@ -46,7 +46,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -68,6 +70,8 @@ _PRUNE_EVERY = 100
 _MARKS = (".deleted-creates", ".deletes")
 #: the marks of creates in flight
 _CREATING = ".creating"
+#: what a create's mark holds: a session key, ``<tenant>~<id>`` (the name of its entry)
+_MARK_KEY = re.compile(r"[^./~\0][^/~\0]*~[^./~\0][^/~\0]*")
 #: the keys' lock files (:meth:`Directory._key_lock`)
 _LOCKS = ".locks"
 #: the keys this process locks, each with how many threads are at or waiting for it (where
@@ -82,6 +86,8 @@ _HELD: dict[str, int] = {}
 #: a mark still unlocked this long after it was written (its front died before it locked it,
 #: or, under a temporary name, before it was in place) is taken for left over
 _UNPLACED_S = 60.0
+
+log = logging.getLogger("optserve.directory")
 
 
 def _index_lock(name: str) -> str:
@@ -369,7 +375,10 @@ class Directory:
         """The marks of creates whose front died before it was done with them (unlocked, so
         that front is gone or has let it go): ``(made, key, mark)`` each, to be dropped with
         :meth:`drop_mark` once the create's entry is seen to. Leftovers of a front that died
-        before its mark was in place go."""
+        before its mark was in place go, and so does a mark that names no session key (empty
+        or garbled: one an older version wrote without an fsync, cut by a machine's crash;
+        nothing says which entry it was of), with a warning; one that cannot be read now is
+        left, with a warning, for the next look."""
         if self.root is None:
             return []
         folder = self.root / _CREATING
@@ -383,7 +392,26 @@ class Directory:
                         path.unlink()
                     continue
                 if self._locked(path) is False:
-                    found.append((name.partition(".")[0], path.read_text(), path))
+                    made = name.partition(".")[0]
+                    try:
+                        raw = path.read_bytes()
+                    except FileNotFoundError:
+                        continue  # (gone meanwhile: another front's look dropped it)
+                    except OSError as exc:
+                        log.warning("the mark %s of a create whose front died cannot be read "
+                                    "(%s): left for the next look", path, exc)
+                        continue
+                    try:
+                        key = raw.decode()
+                    except UnicodeDecodeError:
+                        key = ""
+                    if not _MARK_KEY.fullmatch(key):
+                        log.warning("dropped the mark %s of a create whose front died: it "
+                                    "names no session (%d bytes: %r), so its entry (made %s) "
+                                    "cannot be seen to", path, len(raw), raw[:64], made)
+                        path.unlink()
+                        continue
+                    found.append((made, key, path))
         return found
 
     def drop_mark(self, mark: Path) -> None:
