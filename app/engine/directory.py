@@ -542,10 +542,9 @@ class Directory:
         returns. The read and the move hold the index's lock, as :meth:`claim_created` and
         :meth:`drop_created` do (without it, a retry's claim of the index reading it as the
         move landed took it for gone and wrote it again: a live index of a session deleted).
-        The embedded engine's router marks
-        a sharded session before its shards' files start to go, so a crash anywhere in the
-        delete leaves the whole session or the mark; while the session is still whole, a
-        retried create is answered with it (:meth:`LocalRouter.find_create
+        The embedded engine's router marks a sharded session before its shards' files start to
+        go, so a crash anywhere in the delete leaves the whole session or the mark; while the
+        session is still whole, a retried create is answered with it (:meth:`LocalRouter.find_create
         <app.engine.router.LocalRouter.find_create>`); the Ray engine's router marks every
         session before its hosts delete it, in the same way (:meth:`RayRouter.find_create
         <app.engine.ray_host.RayRouter.find_create>`)."""
