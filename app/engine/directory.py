@@ -18,10 +18,10 @@ any number of fronts see the same directory with no service of its own:
   session a host was asked to make, and the mark that tells a create its front died with);
 - ``.creates/`` indexes creates by their idempotency key (per tenant), so a retried create is
   answered with the session the first one made, whichever front it reaches (an index is
-  claimed, and dropped when its create failed, holding its own lock, ``.locks/.creates.<name>``,
-  and dropped only while no try of its create holds the id's entry:
-  :meth:`Directory.drop_created`); as that session
-  is deleted its entry moves to ``.deleted-creates/`` (the last
+  claimed, dropped when its create failed, and moved when its session is deleted, holding its
+  own lock, ``.locks/.creates.<name>``; dropped only while no try of its create holds the id's
+  entry: :meth:`Directory.drop_created`); as that session
+  is deleted its entry moves to ``.deleted-creates/`` (:meth:`Directory.forget_created`; the last
   :data:`~app.engine.deleted_creates.KEEP`, and every one whose session is still there: a
   delete refused or cut short), where a retry finds that it was deleted
   (:mod:`app.engine.deleted_creates`);
@@ -46,7 +46,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -68,6 +70,8 @@ _PRUNE_EVERY = 100
 _MARKS = (".deleted-creates", ".deletes")
 #: the marks of creates in flight
 _CREATING = ".creating"
+#: what a create's mark holds: a session key, ``<tenant>~<id>`` (the name of its entry)
+_MARK_KEY = re.compile(r"[^./~\0][^/~\0]*~[^./~\0][^/~\0]*")
 #: the keys' lock files (:meth:`Directory._key_lock`)
 _LOCKS = ".locks"
 #: the keys this process locks, each with how many threads are at or waiting for it (where
@@ -82,6 +86,8 @@ _HELD: dict[str, int] = {}
 #: a mark still unlocked this long after it was written (its front died before it locked it,
 #: or, under a temporary name, before it was in place) is taken for left over
 _UNPLACED_S = 60.0
+
+log = logging.getLogger("optserve.directory")
 
 
 def _index_lock(name: str) -> str:
@@ -369,7 +375,10 @@ class Directory:
         """The marks of creates whose front died before it was done with them (unlocked, so
         that front is gone or has let it go): ``(made, key, mark)`` each, to be dropped with
         :meth:`drop_mark` once the create's entry is seen to. Leftovers of a front that died
-        before its mark was in place go."""
+        before its mark was in place go, and so does a mark that names no session key (empty
+        or garbled: one an older version wrote without an fsync, cut by a machine's crash;
+        nothing says which entry it was of), with a warning; one that cannot be read now is
+        left, with a warning, for the next look."""
         if self.root is None:
             return []
         folder = self.root / _CREATING
@@ -383,7 +392,26 @@ class Directory:
                         path.unlink()
                     continue
                 if self._locked(path) is False:
-                    found.append((name.partition(".")[0], path.read_text(), path))
+                    made = name.partition(".")[0]
+                    try:
+                        raw = path.read_bytes()
+                    except FileNotFoundError:
+                        continue  # (gone meanwhile: another front's look dropped it)
+                    except OSError as exc:
+                        log.warning("the mark %s of a create whose front died cannot be read "
+                                    "(%s): left for the next look", path, exc)
+                        continue
+                    try:
+                        key = raw.decode()
+                    except UnicodeDecodeError:
+                        key = ""
+                    if not _MARK_KEY.fullmatch(key):
+                        log.warning("dropped the mark %s of a create whose front died: it "
+                                    "names no session (%d bytes: %r), so its entry (made %s) "
+                                    "cannot be seen to", path, len(raw), raw[:64], made)
+                        path.unlink()
+                        continue
+                    found.append((made, key, path))
         return found
 
     def drop_mark(self, mark: Path) -> None:
@@ -451,7 +479,8 @@ class Directory:
                         with contextlib.suppress(FileNotFoundError):
                             first_key = str(orjson.loads(path.read_bytes())["key"])
                             return None if first_key == key else first_key
-                    # (moved since to .deleted-creates: forget_created takes no lock)
+                    # (gone since the link: moved by a front that took no lock, an older
+                    # version's; every removal here holds it now)
         finally:
             tmp.unlink(missing_ok=True)
         Files().fsync_dir(self.root / ".creates")
@@ -505,20 +534,25 @@ class Directory:
         return made_by is not None and \
             self._create_name(split_key(key)[0], str(made_by)) == name
 
-    def forget_created(self, tenant: str, idem_key: str) -> None:
-        """The session this key's create made is deleted: its entry is kept, marked deleted (a
-        retried create is refused, not run again), among the last :data:`KEEP`. The mark is
-        on disk (its folders fsynced) when this returns. The embedded engine's router marks
-        a sharded session before its shards' files start to go, so a crash anywhere in the
-        delete leaves the whole session or the mark; while the session is still whole, a
-        retried create is answered with it (:meth:`LocalRouter.find_create
+    def forget_created(self, tenant: str, idem_key: str, key: str) -> None:
+        """The session ``key`` this key's create made is deleted: its entry is kept, marked
+        deleted (a retried create is refused, not run again), among the last :data:`KEEP`;
+        only if it still names ``key`` (not the index of another create under the key, made
+        once this one's was dropped). The mark is on disk (its folders fsynced) when this
+        returns. The read and the move hold the index's lock, as :meth:`claim_created` and
+        :meth:`drop_created` do (without it, a retry's claim of the index reading it as the
+        move landed took it for gone and wrote it again: a live index of a session deleted).
+        The embedded engine's router marks a sharded session before its shards' files start to
+        go, so a crash anywhere in the delete leaves the whole session or the mark; while the
+        session is still whole, a retried create is answered with it (:meth:`LocalRouter.find_create
         <app.engine.router.LocalRouter.find_create>`); the Ray engine's router marks every
         session before its hosts delete it, in the same way (:meth:`RayRouter.find_create
         <app.engine.ray_host.RayRouter.find_create>`)."""
         name = self._create_name(tenant, idem_key)
         if self.root is None:
-            entry = self._creates.pop(name, None)
-            if entry is not None:
+            entry = self._creates.get(name)
+            if entry is not None and entry.get("key") == key:
+                del self._creates[name]
                 self._deleted.pop(name, None)
                 self._deleted[name] = {**entry, "deleted": True}
                 excess = len(self._deleted) - KEEP
@@ -529,13 +563,20 @@ class Directory:
                         del self._deleted[old]
                         excess -= 1
             return
-        with contextlib.suppress(FileNotFoundError):
-            mark = self.root / ".deleted-creates" / name
-            os.replace(self.root / ".creates" / name, mark)
-            os.utime(mark)  # (marked now: the oldest marks are pruned first)
+        path = self.root / ".creates" / name
+        mark = self.root / ".deleted-creates" / name
+        with self._key_lock(_index_lock(name)):
+            try:
+                if orjson.loads(path.read_bytes()).get("key") != key:
+                    return
+                os.replace(path, mark)
+            except FileNotFoundError:
+                return
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(mark)  # (marked now: the oldest marks are pruned first)
             for folder in (".deleted-creates", ".creates"):
                 Files().fsync_dir(self.root / folder)
-            self._count_mark()
+        self._count_mark()
 
     def _count_mark(self) -> None:
         self._marked += 1

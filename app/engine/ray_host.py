@@ -1378,7 +1378,7 @@ class RayRouter:
             # return: a crash anywhere after leaves the key marked, and one before, or a host's
             # refusal, leaves the session whole, which a retried create is still answered with
             # (find_create), through any front
-            self.directory.forget_created(tenant, entry["created_by"])
+            self.directory.forget_created(tenant, entry["created_by"], key)
         replayed = await host.delete(key, idem=idem)
         if idem is not None:  # (before the entry goes: a crash between leaves the hosts' keys)
             self.directory.note_deleted(tenant, idem.key, idem.fingerprint, key)

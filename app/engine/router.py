@@ -499,7 +499,7 @@ class LocalRouter:
             # marked (on disk) before the first shard's files go, the delete's point of no
             # return: a crash anywhere after leaves the key marked, and one before leaves the
             # session whole, which a retried create is still answered with (find_create)
-            self.directory.forget_created(tenant, made_by)
+            self.directory.forget_created(tenant, made_by, key)
         replayed = await host.delete(key, idem=idem)
         # (the entry of the creation deleted, read above, not whichever is there now: once
         # its shards are deleted, a create of the id finds the entry stale, drops it and makes

@@ -119,7 +119,7 @@ def test_directory_claims_are_exclusive(tmp_path: Path) -> None:
         assert d.created("t", "key-1") == {"key": "t~x", "fingerprint": "fp"}
         assert d.created("u", "key-1") is None
         d.remove("t~x")
-        d.forget_created("t", "key-1")  # kept, marked deleted (a retried create is a 409)
+        d.forget_created("t", "key-1", "t~x")  # kept, marked deleted (a retried create is a 409)
         assert d.get("t~x") is None
         assert d.created("t", "key-1") == {"key": "t~x", "fingerprint": "fp", "deleted": True}
 

@@ -132,7 +132,7 @@ def test_the_deleted_creates_kept_are_bounded(tmp_path: Path,
     on_disk = Directory(tmp_path / "dir")
     for i in range(5):
         on_disk.note_created("t", f"k{i}", "fp", f"t~s{i}")
-        on_disk.forget_created("t", f"k{i}")
+        on_disk.forget_created("t", f"k{i}", f"t~s{i}")
         mark = tmp_path / "dir" / ".deleted-creates" / Directory._create_name("t", f"k{i}")
         os.utime(mark, (1000.0 + i, 1000.0 + i))  # (marked a second apart)
     assert on_disk.created("t", "k0") == {"key": "t~s0", "fingerprint": "fp", "deleted": True}
@@ -144,7 +144,7 @@ def test_the_deleted_creates_kept_are_bounded(tmp_path: Path,
     in_memory = Directory(None)
     for i in range(5):
         in_memory.note_created("t", f"k{i}", "fp", f"t~s{i}")
-        in_memory.forget_created("t", f"k{i}")
+        in_memory.forget_created("t", f"k{i}", f"t~s{i}")
     assert in_memory.created("t", "k1") is None
     assert in_memory.created("t", "k2") == {"key": "t~s2", "fingerprint": "fp",
                                             "deleted": True}
@@ -158,7 +158,7 @@ def test_the_deleted_creates_on_disk_stay_bounded_across_restarts(
     for i in range(8):  # eight fronts, one delete each
         front = Directory(tmp_path / "dir")
         front.note_created("t", f"k{i}", "fp", f"t~s{i}")
-        front.forget_created("t", f"k{i}")
+        front.forget_created("t", f"k{i}", f"t~s{i}")
         mark = tmp_path / "dir" / ".deleted-creates" / Directory._create_name("t", f"k{i}")
         os.utime(mark, (1000.0 + i, 1000.0 + i))  # (marked a second apart)
         assert len(os.listdir(tmp_path / "dir" / ".deleted-creates")) <= 3 + 1

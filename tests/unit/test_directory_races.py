@@ -5,7 +5,7 @@ holder is killed (``kill -9``), its files never left to pile up. The interleavin
 the remover's read of the entry (``Directory.get``) waits there until the others are done, or
 a short while when they wait for it. The same for a failed keyed create's index
 (:meth:`Directory.drop_created`) against another front's retry of the create claiming it
-again."""
+again, and for its move by a delete (:meth:`Directory.forget_created`)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from app.engine import directory
 from app.engine.directory import Directory
 
 KEY = "default~x"
@@ -66,6 +67,7 @@ def test_remove_made_leaves_an_entry_claimed_between_its_read_and_its_unlink(
 CHILD = """
 import sys, time
 from pathlib import Path
+from app.engine import directory
 from app.engine.directory import Directory
 
 root, key, made, go = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
@@ -353,3 +355,67 @@ def test_drop_created_leaves_the_index_of_a_try_holding_the_ids_entry(
     assert dropped is False
     assert directory.drop_created(TENANT, IDEM, KEY) is True
     assert directory.created(TENANT, IDEM) is None
+
+
+def test_forget_created_waits_for_a_claim_of_the_index_reading_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One front deletes a keyed create's session (its index moves to ``.deleted-creates/``)
+    while another front's retry of the create claims the index: the retry's link finds the
+    index there, and the delete's move lands before the retry reads it (it waits there until
+    the move is done, or waits for the index's lock). Before, the move took no lock: the retry
+    read the index as gone and linked it again, a live index of the session being deleted
+    beside its mark (the next retry was answered with a session that is gone, or made it
+    again). The move now waits for the claim, which holds the index's lock, and then moves
+    the index the claim read: only the mark is left, and no lock file."""
+    deleting, retrying = Directory(tmp_path), Directory(tmp_path)
+    assert deleting.claim_created(TENANT, IDEM, "fp", KEY) is None
+    held = f".creates.{Directory._create_name(TENANT, IDEM)}"  # (the index's lock)
+    real_link, failed = os.link, []
+
+    def move() -> None:
+        try:
+            deleting.forget_created(TENANT, IDEM, KEY)
+        except BaseException as exc:  # (seen by the test's thread)
+            failed.append(exc)
+            raise
+    mover = threading.Thread(target=move)
+
+    def link_then_move(src: Any, dst: Any, *args: Any, **kw: Any) -> None:
+        try:
+            real_link(src, dst, *args, **kw)
+        except FileExistsError:
+            if Path(dst).parent.name == ".creates" and mover.ident is None:
+                mover.start()
+                until = time.monotonic() + 10.0
+                while mover.is_alive() and directory._KEY_LOCKS.get(held, (None, 0))[1] < 2:
+                    assert time.monotonic() < until, "the move neither ended nor waited"
+                    time.sleep(0.001)
+            raise
+    monkeypatch.setattr(os, "link", link_then_move)
+    claimed = retrying.claim_created(TENANT, IDEM, "fp", KEY)
+    monkeypatch.undo()
+    mover.join(10.0)
+    assert not mover.is_alive() and failed == []
+    assert claimed is None  # (the index named this session: the retry finishes it)
+    assert os.listdir(tmp_path / ".creates") == []
+    assert retrying.created(TENANT, IDEM) == {"key": KEY, "fingerprint": "fp", "deleted": True}
+    assert os.listdir(tmp_path / ".locks") == []
+
+
+@pytest.mark.parametrize("on_disk", [True, False], ids=["on-disk", "in-memory"])
+def test_forget_created_leaves_the_index_of_another_session(tmp_path: Path,
+                                                           on_disk: bool) -> None:
+    """A delete of session ``x`` made by a keyed create marks the key's index deleted only
+    while it names ``x``: an index of another create under the key, made once ``x``'s index
+    was dropped (``y``), stays live (before, the delete moved it, and ``y``'s retry was a 409
+    ``session_deleted``, naming ``y``, a session that is there); ``y``'s own delete marks
+    it."""
+    d = Directory(tmp_path if on_disk else None)
+    other = "default~y"
+    assert d.claim_created(TENANT, IDEM, "fp-y", other) is None
+    d.forget_created(TENANT, IDEM, KEY)
+    assert d.created(TENANT, IDEM) == {"key": other, "fingerprint": "fp-y"}
+    d.forget_created(TENANT, IDEM, other)
+    assert d.created(TENANT, IDEM) == {"key": other, "fingerprint": "fp-y", "deleted": True}
+    if on_disk:
+        assert os.listdir(tmp_path / ".creates") == [] and os.listdir(tmp_path / ".locks") == []

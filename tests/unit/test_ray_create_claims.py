@@ -12,6 +12,7 @@ leaves it when a ``kill -9`` ends the process (the lock itself across processes:
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -309,6 +310,67 @@ def test_a_create_mark_is_in_flight_until_its_process_is_killed(tmp_path: Path) 
     directory.drop_mark(mark)
     assert os.listdir(root / ".creating") == []
 
+
+
+
+def test_marks_naming_no_session_go_and_unreadable_ones_stay(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The marks of creates whose front died, looked at: one written as this version writes it
+    is found, naming its key, as before; an empty one (an older version's, cut by a crash) goes
+    with a warning; one that cannot be read now (an I/O error: here a folder in its place) is
+    left, with a warning, for the next look."""
+    root = tmp_path / "directory"
+    directory = Directory(root)
+    directory.mark_creating("m1", "default~x").release()  # (its front let go of it, not done)
+    folder = root / ".creating"
+    (folder / "m2.00000001").write_bytes(b"")
+    (folder / "m3.00000001").mkdir()
+    with caplog.at_level(logging.WARNING, logger="optserve.directory"):
+        [(made, key, mark)] = directory.abandoned_creates()
+    assert (made, key) == ("m1", "default~x") and mark.parent == folder
+    assert sorted(os.listdir(folder)) == sorted([mark.name, "m3.00000001"])
+    warned = sorted(r.getMessage() for r in caplog.records if r.name == "optserve.directory")
+    assert len(warned) == 2, warned
+    assert "m2.00000001" in warned[0] and "names no session" in warned[0], warned
+    assert "m3.00000001" in warned[1] and "left for the next look" in warned[1], warned
+
+def test_a_ray_front_starts_over_create_marks_that_name_no_session(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """Marks in ``.creating/`` of creates whose front died that name no session: empty (an
+    older version wrote its marks without an fsync, and a machine's crash cut one), bytes that
+    are no UTF-8, a key cut to NUL bytes. Before, a front's start failed on them (the empty
+    key's entry read as the directory itself, ``IsADirectoryError``; the others could not be
+    decoded or opened). Now each goes with a warning, and the front starts; the mark of an
+    unkeyed create whose front died beside them is still seen to as before (its entry, which
+    no host made, is dropped), and a new create steps as torch."""
+    cluster = Cluster(tmp_path, monkeypatch)
+    monkeypatch.setattr(ray_host, "ABANDONED_AFTER_S", 0.0)
+    monkeypatch.setattr(ray_host.ray, "is_initialized", lambda: True)
+    garbled = {"m-empty.00000001": b"", "m-bytes.00000002": b"\xff\xfe\x00default~x",
+               "m-nul.00000003": b"default~\x00\x00\x00"}
+
+    async def run() -> None:
+        try:
+            await dies(cluster.front(), spec(), monkeypatch)
+            assert len(entries(cluster.front())) == 1 and len(marks(cluster)) == 1
+            for name, raw in garbled.items():
+                (tmp_path / "directory" / ".creating" / name).write_bytes(raw)
+            restarted = cluster.front()
+            with caplog.at_level(logging.WARNING, logger="optserve.directory"):
+                await restarted.start()
+            assert marks(cluster) == [] and entries(restarted) == []
+            warned = sorted(r.getMessage() for r in caplog.records
+                            if r.name == "optserve.directory")
+            assert len(warned) == len(garbled), warned
+            for name, said in zip(sorted(garbled), warned, strict=True):
+                assert name in said and "names no session" in said, said
+            made = await restarted.create(spec())
+            assert entries(restarted) == [f"default~{made.id}"]
+            await AsTorch(spec()).step(restarted, made.id)
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
 
 def in_memory(cluster: Cluster) -> dict[str, list[str]]:
     """The sessions each host actor holds in its table (hosts holding none left out)."""
