@@ -697,6 +697,20 @@ class Store:
                 self._spoil(lg)
                 raise
 
+    def cut_pending(self, session_id: str) -> None:
+        """Cut the records a failed truncate left past the session's log's last good length
+        now (before a replay reads the file: they must not count); OSError when it still
+        cannot be cut (the log stays marked for repair)."""
+        with self._lock:
+            lg = self._logs.get(session_id)
+        if lg is None:
+            return
+        with lg.lock:
+            if lg.repair:
+                self.files.ftruncate(lg.fd, lg.good)
+                self.files.fsync(lg.fd)
+                lg.repair = False
+
     def repair(self) -> None:
         """Retry cutting every log a failed write left long (readiness waits for it)."""
         with self._lock:
