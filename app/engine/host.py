@@ -12,11 +12,22 @@ Every operation on a session runs under that session's lock, in four stages:
 3. ``apply`` on the worker thread; an apply that fails after touching tensors it cannot put
    back cheaply is cut from the log and the session is rebuilt from its store, through the
    same replay a restart runs (a session that keeps nothing on disk is then taken out of
-   service: 503 ``session_damaged``). A gradient step with durability ``step`` is applied
-   while its record is written and fsynced: no reader sees it and nothing is answered until
-   the fsync returns, and a failed write or fsync cuts the record and rebuilds the session
-   from its store (:meth:`EmbeddedHost._apply_while_syncing`);
+   service for good: 503 ``session_damaged`` without ``Retry-After``; delete it). A gradient
+   step with durability ``step`` is applied while its record is written and fsynced: no
+   reader sees it and nothing is answered until the fsync returns, and a failed write or
+   fsync cuts the record and rebuilds the session from its store
+   (:meth:`EmbeddedHost._apply_while_syncing`);
 4. the idempotency keys are remembered with the answer, and the answer is returned.
+
+When that rebuild fails too (a second storage fault in a row: the cut of the record or the
+read of the log fails), the session is out of service: every operation but delete gets 503
+``session_damaged`` with ``Retry-After`` the time to its next try. Its first use after
+``HostConfig.damaged_retry_s`` (5 s) since the last try cuts what the failed cut left in its
+log (``Store.cut_pending``), then restores it through the restart's replay
+(:meth:`EmbeddedHost._healed`): it comes back as a restart would bring it back (the
+acknowledged operations only, its idempotency table with them), or stays out of service with
+the new reason until the next try. A damaged session is never snapshotted (its tensors may
+hold what must not count).
 
 On start every stored session is rebuilt: its snapshot (if any), then a replay of its log
 through the same ``check`` and ``apply`` (the first record of a log without a snapshot is the
@@ -1093,7 +1104,7 @@ class EmbeddedHost:
     def _rebuild(self, key: str, why: str, cut: int | None = None) -> Exception | None:
         """The session as its store holds it, after an operation that changed it but must not
         count (its record first cut back to ``cut`` when given); taken out of service when
-        that fails (the failure is returned)."""
+        that fails (the failure is returned), until :meth:`_healed` restores it."""
         try:
             assert self._store is not None
             if cut is not None:

@@ -33,7 +33,12 @@ the rest). Until that retry comes, the shards disagree on their version, and eve
 operation and read is refused with a retryable 503 ``shards_out_of_step`` (another client's
 operation may well arrive first). A disagreement that outlasts the grace (twice
 ``commit_timeout_s``: the client never retried) takes the session out of service: every
-operation but delete gets 503 ``session_damaged``.
+operation but delete gets 503 ``session_damaged``, without ``Retry-After`` (nothing brings it
+back; delete it). So does a commit a shard fails for good, ``session_damaged`` included: a
+shard's host restores a shard that storage faults took out of service
+(``EmbeddedHost._healed``), but the other shards may have applied the operation by then,
+and nothing here reconciles them. A prepare that meets such a shard is refused with its
+retryable 503 and changes nothing, so the session goes on once the shard is back.
 """
 
 from __future__ import annotations
@@ -663,8 +668,8 @@ class ShardedSession:
                 raise NotFound(f"no session {split_key(self.key)[1]!r:.140}",
                                code="session_not_found", field="session_id")
             raise Unavailable(f"sharded session {split_key(self.key)[1]!r:.140} is out of "
-                              f"service: {self._damaged}; export what you need and delete it",
-                              code="session_damaged", retry_after=30.0)
+                              f"service: {self._damaged}; it cannot be restored: delete it",
+                              code="session_damaged", retry_after=None)
 
     def _check_lockstep(self, versions: list[int]) -> None:
         """Shards at different versions: an operation reached some of them only (its
