@@ -26,7 +26,17 @@ from app.engine.host import EmbeddedHost
 from app.engine.interface import IdemKey
 from app.errors import OptserveError, Unavailable
 from tests.unit.test_engine import assert_tree_bitwise
-from tests.unit.test_store_faults import SID, FaultyFiles, Pair, engine, grad, spec, wal_of
+from tests.unit.test_store_faults import (
+    SID,
+    FaultyFiles,
+    GatedFiles,
+    Pair,
+    assert_refusal,
+    engine,
+    grad,
+    spec,
+    wal_of,
+)
 
 RETRY_S = 0.3
 
@@ -80,10 +90,10 @@ def test_a_session_damaged_by_two_storage_faults_heals_once_its_store_works(
     reads = {"fail": False}
     real_read_log = store_module.read_log
 
-    def read_log(path: Path) -> Any:
+    def read_log(path: Path, limit: int | None = None) -> Any:
         if reads["fail"]:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return real_read_log(path)
+        return real_read_log(path, limit)
     monkeypatch.setattr(store_module, "read_log", read_log)
     poison = grad(99)["w"]
     real_step = torch.optim.Adam.step
@@ -231,4 +241,36 @@ def test_a_damaged_session_is_not_snapshotted(tmp_path: Path,
             await ref.assert_same(again)
         finally:
             await again.stop(snapshot=False)
+    asyncio.run(go())
+
+
+def test_a_rebuild_never_replays_a_record_whose_cut_and_zeroing_failed(tmp_path: Path) -> None:
+    """A step's record is written, its fsync fails, and so do its cut and the zeroing of its
+    header (the disk fails every write by then): the record is whole in the file, past the
+    log's good length. The session's rebuild reads the log only up to that length, so the
+    refused step is not in it; once the disk works the next append cuts the record first."""
+    files = GatedFiles()
+
+    async def go() -> None:
+        pair = Pair(engine(tmp_path, files, "step"))
+        await pair.start()
+        await pair.step()
+        logged = wal_of(tmp_path).stat().st_size
+        files.close_gate()
+        stepping = asyncio.ensure_future(pair.eng.step(SID, grad(pair.k),
+                                                       return_params=False))
+        assert await asyncio.to_thread(files.held.wait, 20), "the fsync never started"
+        files.arm("ftruncate", errno.EIO, times=-1)
+        files.arm("pwritev", errno.EIO, times=-1)
+        files.open_gate(errno.EIO)
+        with pytest.raises(OptserveError) as info:
+            await stepping
+        assert_refusal(info.value, errno.EIO)
+        assert wal_of(tmp_path).stat().st_size > logged  # the refused record is whole there
+        await pair.assert_same()  # not replayed
+        files.disarm()
+        await pair.step()  # (cuts the record first)
+        await pair.assert_same()
+        await pair.stop()
+        await pair.assert_restart_same(tmp_path)
     asyncio.run(go())
