@@ -274,3 +274,65 @@ def test_a_rebuild_never_replays_a_record_whose_cut_and_zeroing_failed(tmp_path:
         await pair.stop()
         await pair.assert_restart_same(tmp_path)
     asyncio.run(go())
+
+
+def test_a_sharded_sessions_commit_rolls_forward_through_a_shard_that_heals(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sharded session's step: one shard's apply fails half-way and the cut of its record
+    fails too, so that shard is out of service (503 ``session_damaged`` with a retry) while
+    the other shard has applied the step. The coordinator rolls the commit forward as it does
+    for a host that restarts: once the shard's host restores it from its store, the commit
+    applies the step there, once, and the session equals torch's."""
+    from app.engine.host import HostConfig
+    from app.engine.shards import ShardedSession
+    from tests.unit.test_shards import sharded_step, two_flaky_shards
+
+    files = FaultyFiles()
+    real_step = torch.optim.Adam.step
+    fail = {"left": 0}
+
+    def half_way(self: torch.optim.Optimizer, closure: Any = None) -> Any:
+        g = self.param_groups[0]["params"][0].grad
+        out = real_step(self, closure)
+        if fail["left"] and g is not None and g.shape == (4,):  # shard "a" only, once
+            fail["left"] -= 1
+            raise RuntimeError("simulated: out of memory")
+        return out
+    monkeypatch.setattr(torch.optim.Adam, "step", half_way)
+
+    async def body() -> None:
+        host = EmbeddedHost(HostConfig("cpu", data_dir=tmp_path, durability="step",
+                                       warm_up=False, files=files, damaged_retry_s=RETRY_S))
+        await host.start()
+        try:
+            shards, groups, layout, pairs = two_flaky_shards(host)
+            session, _ = await ShardedSession.create(
+                "t~s", CreateSpec("Adam", groups, {"lr": 0.1}), layout, pairs,
+                commit_timeout_s=10.0)
+            ref = torch.optim.Adam([p := torch.nn.Parameter(torch.ones(4)),
+                                    q := torch.nn.Parameter(torch.ones(3))], lr=0.1)
+
+            def ref_step(g: float) -> None:
+                p.grad, q.grad = torch.full((4,), g), torch.full((3,), g)
+                ref.step()
+
+            await sharded_step(session, 1.0, "x")
+            ref_step(1.0)
+            fail["left"] = 1
+            cut = files.arm("ftruncate", errno.EIO, times=1)
+            out = await sharded_step(session, 2.0, "y")
+            assert cut.hits == 1 and fail["left"] == 0
+            ref_step(2.0)
+            assert out.version == 2 and out.step == 2
+            assert_tree_bitwise(dict(out.params), {"a": p.detach(), "b": q.detach()}, "y")
+            again = await sharded_step(session, 2.0, "y")  # the retry is answered
+            assert again.version == 2
+            out = await sharded_step(session, 3.0, "z")
+            ref_step(3.0)
+            assert out.version == 3
+            assert_tree_bitwise(dict(out.params), {"a": p.detach(), "b": q.detach()}, "z")
+            state = (await session.export_state("t~s")).state_dict
+            assert_tree_bitwise(state["state"], ref.state_dict()["state"], "state")
+        finally:
+            await host.stop()
+    asyncio.run(body())
