@@ -137,12 +137,13 @@ class StorageFull(OptserveError):
 
 class Unavailable(OptserveError):
     """The server cannot take this operation now; nothing was applied. ``retry_after`` (seconds)
-    becomes the ``Retry-After`` header."""
+    becomes the ``Retry-After`` header (None: none; a retry cannot help, e.g. a session that
+    cannot be restored)."""
 
     status = 503
     code = "unavailable"
     title = "Service unavailable"
 
-    def __init__(self, detail: str, *, retry_after: float = 1.0, **kwargs: Any) -> None:
+    def __init__(self, detail: str, *, retry_after: float | None = 1.0, **kwargs: Any) -> None:
         super().__init__(detail, **kwargs)
         self.retry_after = retry_after

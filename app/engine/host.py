@@ -12,11 +12,22 @@ Every operation on a session runs under that session's lock, in four stages:
 3. ``apply`` on the worker thread; an apply that fails after touching tensors it cannot put
    back cheaply is cut from the log and the session is rebuilt from its store, through the
    same replay a restart runs (a session that keeps nothing on disk is then taken out of
-   service: 503 ``session_damaged``). A gradient step with durability ``step`` is applied
-   while its record is written and fsynced: no reader sees it and nothing is answered until
-   the fsync returns, and a failed write or fsync cuts the record and rebuilds the session
-   from its store (:meth:`EmbeddedHost._apply_while_syncing`);
+   service for good: 503 ``session_damaged`` without ``Retry-After``; delete it). A gradient
+   step with durability ``step`` is applied while its record is written and fsynced: no
+   reader sees it and nothing is answered until the fsync returns, and a failed write or
+   fsync cuts the record and rebuilds the session from its store
+   (:meth:`EmbeddedHost._apply_while_syncing`);
 4. the idempotency keys are remembered with the answer, and the answer is returned.
+
+When that rebuild fails too (a second storage fault in a row: the cut of the record or the
+read of the log fails), the session is out of service: every operation but delete gets 503
+``session_damaged`` with ``Retry-After`` the time to its next try. Its first use after
+``HostConfig.damaged_retry_s`` (5 s) since the last try cuts what the failed cut left in its
+log (``Store.cut_pending``), then restores it through the restart's replay
+(:meth:`EmbeddedHost._healed`): it comes back as a restart would bring it back (the
+acknowledged operations only, its idempotency table with them), or stays out of service with
+the new reason until the next try. A damaged session is never snapshotted (its tensors may
+hold what must not count).
 
 On start every stored session is rebuilt: its snapshot (if any), then a replay of its log
 through the same ``check`` and ``apply`` (the first record of a log without a snapshot is the
@@ -30,6 +41,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -260,6 +272,30 @@ class HostConfig:
     files: Files | None = None
     #: how long an LBFGS step waits for each evaluation before it is abandoned
     evaluation_timeout_s: float = 60.0
+    #: a session taken out of service because its store failed twice in a row is restored
+    #: from its store at its next use once this long has passed since the last try (503
+    #: ``session_damaged`` answers ``Retry-After`` with the time left)
+    damaged_retry_s: float = 5.0
+
+
+@dataclass
+class _Damage:
+    """Why a session is out of service, and when it may next be restored from its store
+    (monotonic seconds; None: it keeps nothing on disk to restore it from)."""
+
+    reason: str
+    retry_at: float | None
+
+    def error(self, session_id: str) -> Unavailable:
+        """The 503 ``session_damaged`` that every operation on it gets meanwhile."""
+        shown = f"session {session_id!r:.140} is out of service: {self.reason}"
+        if self.retry_at is None:
+            return Unavailable(f"{shown}; it cannot be restored: delete it",
+                               code="session_damaged", retry_after=None)
+        wait = float(math.ceil(max(self.retry_at - time.monotonic(), 0.0)))
+        return Unavailable(f"{shown}; it is restored from its store at its first use after "
+                           f"{wait:.0f} s, once the store works again (or delete it)",
+                           code="session_damaged", retry_after=wait)
 
 
 class EmbeddedHost:
@@ -276,7 +312,7 @@ class EmbeddedHost:
                                                 else "memory")
         self._sessions: dict[str, Session] = {}
         self._refused: dict[str, str] = {}
-        self._damaged: dict[str, str] = {}
+        self._damaged: dict[str, _Damage] = {}
         self._locks: dict[str, _KeyLock] = {}
         self._key_locks: dict[tuple[str, str], _KeyLock] = {}
         self._changed: dict[str, asyncio.Event] = {}
@@ -379,16 +415,48 @@ class EmbeddedHost:
         return _SessionLock(self._locks, key, self._sessions)
 
     def _get(self, key: str) -> Session:
-        damaged = self._damaged.get(key)
-        if damaged is not None:
-            raise Unavailable(f"session {split_key(key)[1]!r:.140} is out of service: {damaged}; "
-                              "delete it or restart the server", code="session_damaged",
-                              retry_after=30.0)
+        damage = self._damaged.get(key)
+        if damage is not None:
+            raise damage.error(split_key(key)[1])
         session = self._sessions.get(key)
         if session is None:
             raise NotFound(f"no session {split_key(key)[1]!r:.140}", code="session_not_found",
                            field="session_id")
         return session
+
+    async def _healed(self, key: str, *, locked: bool = False) -> None:
+        """Restore a session that a second storage fault in a row took out of service
+        (:meth:`_rebuild`), when its next try is due: through the replay a restart runs, after
+        the cut of its log that failed (``Store.cut_pending``), so that no record of an
+        operation that did not count is replayed. Restored, it is served again as a restart
+        would have restored it (its idempotency table included); otherwise it stays out of
+        service with the new reason until the next try. ``locked``: the caller holds the
+        session's lock."""
+        damage = self._damaged.get(key)
+        if damage is None or damage.retry_at is None or time.monotonic() < damage.retry_at:
+            return
+        if not locked:
+            async with self._lock(key):
+                await self._healed(key, locked=True)
+            return
+        store = self._store
+        assert store is not None  # (only a session restored from a store retries)
+
+        def restore() -> Session:
+            store.cut_pending(key)
+            return self._restore(key, live=True)[0]
+        try:
+            session = await self._worker.run(restore, "restore")
+        except Exception as exc:  # noqa: BLE001 - whatever failed, it stays out of service
+            log.error("restoring %s, out of service (%s), failed again: %s", key,
+                      damage.reason, exc)
+            damage.reason = f"its restore from its store failed: {exc}"
+            damage.retry_at = time.monotonic() + self.config.damaged_retry_s
+            return
+        self._sessions[key] = session
+        del self._damaged[key]
+        log.info("restored session %s, out of service since %s, at version %d", key,
+                 damage.reason, session.version)
 
     def _version_changed(self, key: str) -> None:
         """Wake the long polls on this session (they check the version again)."""
@@ -404,6 +472,7 @@ class EmbeddedHost:
         return dict(self._refused)
 
     async def describe(self, key: str) -> SessionInfo:
+        await self._healed(key)
         await self._settled(key)
         info = await self._worker.run(lambda: self._get(key).describe())
         info.pending = self._rounds.pending(key)
@@ -426,6 +495,7 @@ class EmbeddedHost:
     ) -> ParamsResult:
         """The parameters; first waiting up to ``wait_s`` (capped) for ``min_version``.
         ``not_modified`` (no tensors) when the version is one of ``unless_versions``."""
+        await self._healed(key)
         if min_version is not None and wait_s > 0:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + min(wait_s, MAX_WAIT_S)
@@ -469,6 +539,7 @@ class EmbeddedHost:
             if s.version in unless_versions:
                 return ParamsResult(s.version, s.step_count, s.lrs(), {}, not_modified=True)
             return ParamsResult(s.version, s.step_count, s.lrs(), sparse.gather_rows(s, rows))
+        await self._healed(key)
         if min_version is not None and wait_s > 0:
             await self._worker.run(lambda: read(check_only=True), "pull_rows")
             await self.pull(key, [], min_version=min_version, wait_s=wait_s)
@@ -483,6 +554,7 @@ class EmbeddedHost:
             sd = export_state_dict(s)
             order = None if s.state_order is None else dict(s.state_order)
             return StateExport(sd, s.version, s.step_count, s.revision, order)
+        await self._healed(key)
         await self._settled(key)
         return await self._worker.run(read)
 
@@ -495,6 +567,7 @@ class EmbeddedHost:
             first, last = h.bounds()
             cols = h.select(query.since, query.until, fields)
             return HistoryResult(h.capacity, first, last, len(cols["n"]), query.points, cols)
+        await self._healed(key)
         await self._settled(key)
         return await self._worker.run(read, "history")
 
@@ -711,6 +784,7 @@ class EmbeddedHost:
 
         async def locked() -> Any:
             async with self._lock(key):
+                await self._healed(key, locked=True)
                 session = self._get(key)
                 if idem is not None:
                     hit = session.idem.lookup(idem.key, idem.fingerprint, idem.legacy)
@@ -763,6 +837,7 @@ class EmbeddedHost:
         takes them before; ``Front.step`` leaves them out of this worker's answer)."""
         if worker is not None:
             ps.check_worker(worker)
+        await self._healed(key)
         if self._rounds.config(key) is not None:
             if options:
                 raise Invalid("option changes travel with a step only in sessions without sync "
@@ -807,6 +882,7 @@ class EmbeddedHost:
     ) -> EvaluationRequest | StepResult:
         """Open an LBFGS step (:mod:`app.engine.evaluations`): its first question, or its end."""
         timeout = self.config.evaluation_timeout_s if timeout_s is None else timeout_s
+        await self._healed(key)
         return await self._evaluations.open(key, first, idem=idem, timeout_s=timeout,
                                             want_params=want_params, base_version=base_version)
 
@@ -1028,15 +1104,17 @@ class EmbeddedHost:
     def _rebuild(self, key: str, why: str, cut: int | None = None) -> Exception | None:
         """The session as its store holds it, after an operation that changed it but must not
         count (its record first cut back to ``cut`` when given); taken out of service when
-        that fails (the failure is returned)."""
+        that fails (the failure is returned), until :meth:`_healed` restores it."""
         try:
             assert self._store is not None
             if cut is not None:
                 self._store.truncate(key, cut)
             self._sessions[key] = self._restore(key, live=True)[0]
         except Exception as exc:  # noqa: BLE001 - any failure here takes it out of service
-            log.error("restoring %s after %s: %s", key, why, exc)
-            self._damaged[key] = f"{why} and its restore failed: {exc}"
+            log.error("restoring %s after %s: %s (it is out of service; tried again at its "
+                      "first use after %s s)", key, why, exc, self.config.damaged_retry_s)
+            self._damaged[key] = _Damage(f"{why} and its restore failed: {exc}",
+                                         time.monotonic() + self.config.damaged_retry_s)
             return exc
         return None
 
@@ -1108,14 +1186,18 @@ class EmbeddedHost:
         cause = exc.__cause__
         log.error("%s on %s failed after it changed the session: %s", op.kind, key, exc)
         if before is None:
-            self._damaged[key] = (f"a {op.kind} failed half-way ({exc}) and this session keeps "
-                                  "nothing on disk to restore it from")
+            self._damaged[key] = _Damage(f"a {op.kind} failed half-way ({exc}) and this session "
+                                         "keeps nothing on disk to restore it from", None)
             raise Unavailable(f"the {op.kind} failed and the session could not be restored: "
-                              f"{exc}", code="session_damaged", retry_after=30.0) from None
+                              f"{exc}; it keeps nothing on disk to restore it from: delete it",
+                              code="session_damaged", retry_after=None) from None
         again = self._rebuild(key, f"a {op.kind} failed half-way", cut=before)
         if again is not None:
             raise Unavailable(f"the {op.kind} failed and the session could not be restored: "
-                              f"{again}", code="session_damaged", retry_after=30.0) from None
+                              f"{again}; it is restored from its store at its first use after "
+                              f"{self.config.damaged_retry_s:.1f} s, once the store works "
+                              "again", code="session_damaged",
+                              retry_after=self.config.damaged_retry_s) from None
         if isinstance(cause, (ValueError, TypeError)):
             raise Invalid(f"torch refused this {op.kind}: {cause}; the session is as it was",
                           code=f"{op.kind}_failed", field="param_groups") from None
@@ -1248,8 +1330,8 @@ class EmbeddedHost:
         and changes nothing (its log still holds every operation): the operation that made it
         due is answered, and a stop goes on to the other sessions."""
         store = self._store
-        if store is None or s.durability == "memory":
-            return
+        if store is None or s.durability == "memory" or key in self._damaged:
+            return  # (a damaged session's tensors may hold what must not count)
         seq = s.seq
 
         def write() -> None:

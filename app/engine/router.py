@@ -178,6 +178,7 @@ class InProcessHost:
             del self._prepared[stale]
         # EmbeddedHost's own lock and worker: the check sees the session between operations
         async with host._lock(key):
+            await host._healed(key, locked=True)
             session = host._get(key)
 
             def check() -> Checked:

@@ -33,7 +33,12 @@ the rest). Until that retry comes, the shards disagree on their version, and eve
 operation and read is refused with a retryable 503 ``shards_out_of_step`` (another client's
 operation may well arrive first). A disagreement that outlasts the grace (twice
 ``commit_timeout_s``: the client never retried) takes the session out of service: every
-operation but delete gets 503 ``session_damaged``.
+operation but delete gets 503 ``session_damaged``, without ``Retry-After`` (nothing brings it
+back; delete it). So does a commit a shard refuses for good. A shard that storage faults took
+out of service (503 ``session_damaged`` with a ``Retry-After``: its host restores it from its
+store once the disk works, ``EmbeddedHost._healed``) is rolled forward like a host that
+restarts: restored without the operation, it applies it at the commit's next try; a prepare
+that meets it is refused with that 503 and changes nothing.
 """
 
 from __future__ import annotations
@@ -333,9 +338,13 @@ def import_refusal(exc: BaseException, index: int, state: dict[str, Any],
 
 # ---------------------------------------------------------------------------- errors
 def retryable(exc: BaseException) -> bool:
-    """A failure to reach a shard (its host restarting, its disk), not a refusal."""
-    return isinstance(exc, (Unavailable, StorageFull)) and getattr(exc, "code", "") != \
-        "session_damaged"
+    """A failure to reach a shard (its host restarting, its disk), or a shard that storage
+    faults took out of service and its host restores from its store once the disk works
+    (``session_damaged`` with a ``retry_after``); not a refusal, nor a shard that nothing
+    restores (``session_damaged`` without one)."""
+    if isinstance(exc, Unavailable) and exc.code == "session_damaged":
+        return exc.retry_after is not None
+    return isinstance(exc, (Unavailable, StorageFull))
 
 
 def first_refusal(errors: dict[int, BaseException], layout: ShardLayout) -> BaseException:
@@ -663,8 +672,8 @@ class ShardedSession:
                 raise NotFound(f"no session {split_key(self.key)[1]!r:.140}",
                                code="session_not_found", field="session_id")
             raise Unavailable(f"sharded session {split_key(self.key)[1]!r:.140} is out of "
-                              f"service: {self._damaged}; export what you need and delete it",
-                              code="session_damaged", retry_after=30.0)
+                              f"service: {self._damaged}; it cannot be restored: delete it",
+                              code="session_damaged", retry_after=None)
 
     def _check_lockstep(self, versions: list[int]) -> None:
         """Shards at different versions: an operation reached some of them only (its

@@ -14,7 +14,9 @@ before its operation touches the session, so a failed write or fsync leaves noth
 A failed append truncates the file back to its last good length; when even that fails, the
 log is marked for repair, the failed record's header is zeroed (so a crash before the repair
 leaves a torn tail, never a refused operation), every later append to it first retries the
-truncate, and :meth:`Store.health` names the problem until it succeeds. The interval flusher
+truncate, and :meth:`Store.health` names the problem until it succeeds. A replay of an open
+log (a live session's rebuild) reads only its good length, so such a record is never in it,
+whether its header could be zeroed or not. The interval flusher
 never dies: a failed background fsync marks the log *suspect* (the kernel may have dropped
 pages it could not write), health reports it, and the engine heals such a log by writing a
 fresh snapshot from memory. After ENOSPC, health reports the full disk until the free space
@@ -241,11 +243,14 @@ def _next_valid_record(data: bytes, view: memoryview, pos: int) -> int | None:
     return min(found) if found else None
 
 
-def read_log(path: Path) -> tuple[list[bytes], int, bool]:
-    """(records, length of the valid prefix, whether a torn tail was dropped)."""
+def read_log(path: Path, limit: int | None = None) -> tuple[list[bytes], int, bool]:
+    """(records, length of the valid prefix, whether a torn tail was dropped), of the file's
+    first ``limit`` bytes when given."""
     if not path.exists():
         return [], 0, False
     data = path.read_bytes()
+    if limit is not None:
+        data = data[:limit]
     view = memoryview(data)
     records: list[bytes] = []
     pos = 0
@@ -427,11 +432,17 @@ class Store:
              ) -> tuple[bytes | None, list[bytes], bool]:
         """(snapshot payload or None, log records, torn tail dropped). The torn tail is also cut
         from the file unless ``cut_torn`` is False (a live session's log: its repair is the
-        next append's, under the log's lock)."""
+        next append's, under the log's lock). Of an open log only its good length is read."""
         d = self._dir(session_id)
         snap = d / "snapshot.bin"
         payload = read_snapshot(snap) if snap.exists() else None
-        records, valid, torn = read_log(d / "wal.bin")
+        with self._lock:
+            lg = self._logs.get(session_id)
+        limit = None
+        if lg is not None:  # (open: a live session's) past ``good`` is no part of the log: a
+            with lg.lock:  # record whose cut failed (and its header's zeroing too) may be whole
+                limit = lg.good
+        records, valid, torn = read_log(d / "wal.bin", limit)
         if torn and cut_torn:
             with open(d / "wal.bin", "r+b") as f:
                 f.truncate(valid)
@@ -696,6 +707,20 @@ class Store:
                 lg.repair = True
                 self._spoil(lg)
                 raise
+
+    def cut_pending(self, session_id: str) -> None:
+        """Cut the records a failed truncate left past the session's log's last good length
+        now (before a replay reads the file: they must not count); OSError when it still
+        cannot be cut (the log stays marked for repair)."""
+        with self._lock:
+            lg = self._logs.get(session_id)
+        if lg is None:
+            return
+        with lg.lock:
+            if lg.repair:
+                self.files.ftruncate(lg.fd, lg.good)
+                self.files.fsync(lg.fd)
+                lg.repair = False
 
     def repair(self) -> None:
         """Retry cutting every log a failed write left long (readiness waits for it)."""
