@@ -224,7 +224,10 @@ def test_a_joining_worker_shares_the_sessions_tensor_lr_as_torch(client: optserv
     one_step(local_model, local)
     one_step(worker_model, worker)
     assert_session_is(client, worker, local, "after the worker's steps")
-    _same_state(worker.state_dict(), local.state_dict())
+    worker_sd, local_sd = worker.state_dict(), local.state_dict()
+    _same_state(worker_sd, local_sd)
+    assert group_sharing(worker_sd["param_groups"]) == group_sharing(
+        local_sd["param_groups"]) == [[0, 1]]
 
 
 def _same_state(got: dict[str, Any], want: dict[str, Any]) -> None:
@@ -276,7 +279,11 @@ def test_a_group_lr_given_as_the_defaults_tensor_is_one_tensor_in_the_session(
         for (name, p), q in zip(local_model.named_parameters(), remote_model.parameters(),
                                 strict=True):
             assert torch.equal(p, q), (k, name)
-    _same_state(remote.state_dict(), local.state_dict())
+    remote_sd, local_sd = remote.state_dict(), local.state_dict()
+    _same_state(remote_sd, local_sd)
+    # (one tensor in the state dict's groups, as torch's: a torch.save of it keeps it one)
+    assert group_sharing(remote_sd["param_groups"]) == group_sharing(
+        local_sd["param_groups"]) == [[0, 1]]
     assert_session_is(client, remote, local, "after the LambdaLR's steps")
     assert client.get_session(remote.session_id).raw["shared_tensors"] == want
     assert exported_group_sharing(client, remote.session_id) == group_sharing(
@@ -288,4 +295,50 @@ def test_a_group_lr_given_as_the_defaults_tensor_is_one_tensor_in_the_session(
         opt.add_param_group({"params": list(layer.parameters()), "lr": opt.defaults["lr"]})
     want = shared_slots(local)
     assert want == [[["defaults", "lr"], [0, "lr"], [1, "lr"], [3, "lr"]]]
+    assert client.get_session(remote.session_id).raw["shared_tensors"] == want
+
+
+@pytest.mark.parametrize(("client", "binary"), TRANSPORTS[:2], indirect=["client"])
+def test_a_loaded_state_dicts_shared_group_lr_stays_one_tensor(client: optserve.Client,
+                                                                binary: bool) -> None:
+    """A state dict whose groups hold one tensor lr (torch's, of a tensor lr default) loads
+    as torch's ``load_state_dict`` takes it: the groups one tensor (a copy: not the defaults'
+    any more), locally and in the session, so a local ReduceLROnPlateau lowers it once per
+    group and the parameters stay bitwise torch's."""
+    source_model = mlp()
+    source = torch.optim.Adam([{"params": list(source_model[0].parameters())},
+                               {"params": list(source_model[2].parameters())}],
+                              lr=torch.tensor(0.01))
+    one_step(source_model, source)
+    saved = source.state_dict()
+    models = {"local": mlp(), "remote": mlp()}
+    opts: dict[str, torch.optim.Optimizer] = {}
+    for kind, model in models.items():
+        groups = [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}]
+        opts[kind] = (torch.optim.Adam(groups, lr=torch.tensor(0.03)) if kind == "local" else
+                      optserve.RemoteOptimizer(groups, "Adam", client, binary=binary,
+                                               lr=torch.tensor(0.03)))
+        opts[kind].load_state_dict(saved)
+    local, remote = opts["local"], opts["remote"]
+    assert isinstance(remote, optserve.RemoteOptimizer)
+    want = shared_slots(local)
+    assert want == [[[0, "lr"], [1, "lr"]]]
+    assert shared_slots(remote) == want
+    assert exported_group_sharing(client, remote.session_id) == [[0, 1]]
+    assert client.get_session(remote.session_id).raw["shared_tensors"] == want
+    scheds = {kind: plateau(opt) for kind, opt in opts.items()}
+    for k in range(3):
+        for kind, opt in opts.items():
+            one_step(models[kind], opt)
+            scheds[kind].step(1.0)
+        for (name, p), q in zip(models["local"].named_parameters(),
+                                models["remote"].parameters(), strict=True):
+            assert torch.equal(p, q), (k, name)
+    one_step(models["local"], local)
+    one_step(models["remote"], remote)
+    assert_session_is(client, remote, local, "after the plateau's steps")
+    remote_sd, local_sd = remote.state_dict(), local.state_dict()
+    _same_state(remote_sd, local_sd)
+    assert group_sharing(remote_sd["param_groups"]) == group_sharing(
+        local_sd["param_groups"]) == [[0, 1]]
     assert client.get_session(remote.session_id).raw["shared_tensors"] == want

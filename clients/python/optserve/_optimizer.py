@@ -830,6 +830,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             if "param_names" in local:
                 packed["param_names"] = list(local["param_names"])
             groups.append(packed)
+        _link_as(groups, self.param_groups)
         state_dict: dict[str, Any] = {"state": sd["state"], "param_groups": groups}
         if "scheduler" in sd:
             state_dict["scheduler"] = sd["scheduler"]
@@ -859,9 +860,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 )
         self.push_params(only_edited=True)
         self._state_epoch += 1
+        # groups holding one tensor (a tensor lr default's groups, as torch.save keeps them)
+        # stay one tensor in the session only as a torch.save file says it (docs/protocol.md)
         info = self._client.import_state(
             self._session_id, self._importable(state_dict, saved_groups),
-            format="safetensors" if self._binary else "json")
+            format="torch" if _groups_share_tensors(saved_groups) else
+            "safetensors" if self._binary else "json")
         new_groups = []
         for group, saved in zip(self.param_groups, saved_groups, strict=True):
             saved["params"] = group["params"]
@@ -970,6 +974,35 @@ def _tensor_options(group: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """A group's options that are tensors (a tensor lr), by key."""
     return {k: v for k, v in group.items()
             if k not in _NOT_OPTIONS and isinstance(v, torch.Tensor)}
+
+
+def _link_as(groups: list[dict[str, Any]], local: list[dict[str, Any]]) -> None:
+    """Make the options of ``groups`` (a state dict's, as the session exported them: a tensor
+    each) one tensor where the ``local`` groups' are one tensor object, as torch's
+    ``state_dict()`` holds them (a ``torch.save`` of it keeps them one)."""
+    first: dict[int, Any] = {}
+    for group, mine in zip(groups, local, strict=True):
+        for key, value in mine.items():
+            if key in _NOT_OPTIONS or not isinstance(value, torch.Tensor):
+                continue
+            held = group.get(key)
+            target = first.setdefault(id(value), held)
+            if isinstance(held, torch.Tensor) and isinstance(target, torch.Tensor) \
+                    and held.dtype == target.dtype and held.shape == target.shape \
+                    and torch.equal(held, target):
+                group[key] = target
+
+
+def _groups_share_tensors(groups: list[dict[str, Any]]) -> bool:
+    """Whether two of the groups' options are one tensor object."""
+    seen: set[int] = set()
+    for group in groups:
+        for key, value in group.items():
+            if key not in _NOT_OPTIONS and isinstance(value, torch.Tensor):
+                if id(value) in seen:
+                    return True
+                seen.add(id(value))
+    return False
 
 
 def _without_defaults(options: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
