@@ -183,7 +183,7 @@ def plateau(opt: torch.optim.Optimizer) -> Any:
     return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
 
 
-@pytest.mark.parametrize(("client", "binary"), TRANSPORTS[:2], indirect=["client"])
+@pytest.mark.parametrize(("client", "binary"), TRANSPORTS, indirect=["client"])
 def test_a_joining_worker_shares_the_sessions_tensor_lr_as_torch(client: optserve.Client,
                                                                  binary: bool) -> None:
     """A worker joining a session whose tensor lr default is the defaults' and two groups'
