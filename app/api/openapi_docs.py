@@ -264,6 +264,13 @@ SCHEMAS: dict[str, Any] = {
             "defaults": {"type": "object"},
             "param_groups": {"type": "array", "items": {"type": "object"}},
             "scheduler": {"type": ["object", "null"]},
+            "shared_tensors": {
+                "type": "array", "items": {"type": "array", "items": {"type": "array"}},
+                "description": "the option slots that hold one tensor, one list per tensor "
+                               "held by more than one: [\"defaults\", key] or [group index, "
+                               "key] (a tensor lr given as the default is the defaults' and "
+                               "every group's built from them, as in torch); left out where "
+                               "there are none"},
         },
         "additionalProperties": True,
     },

@@ -121,6 +121,11 @@ class SessionInfo:
     replayed: bool = False
     #: where the session lives (engines that place sessions: host, resources, shards)
     placement: dict[str, Any] | None = None
+    #: the option slots that hold one tensor object (``["defaults", key]`` or ``[group index,
+    #: key]``), one list per tensor held by more than one
+    #: (:func:`app.engine.shared_options.shared_slots`): a tensor lr given as the default is the
+    #: defaults' and every group's built from them, as in torch. None when there are none
+    shared_tensors: list[list[list[Any]]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -136,6 +141,8 @@ class SessionInfo:
             out["sync"] = {**out["sync"], "pending": self.pending}
         if self.placement is not None:
             out["placement"] = self.placement
+        if self.shared_tensors:
+            out["shared_tensors"] = self.shared_tensors
         return out
 
 

@@ -352,6 +352,7 @@ class Session:
                     for n, p in self.params.items()},
             accumulated=sorted(self.accum), scheduler=sched, ps=self.ps.to_json(),
             metrics=self.metrics_on, history=self.history.capacity,
+            shared_tensors=shared_options.shared_slots(self.optimizer) or None,
         )
 
     def memory_bytes(self) -> int:

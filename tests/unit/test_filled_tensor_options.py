@@ -79,6 +79,23 @@ async def check(eng: Front, twin: Twin, when: str) -> None:
         want_lr = (twin.opt.defaults if key == "defaults"
                    else twin.opt.param_groups[int(key.rsplit(".", 1)[1])])["lr"]
         assert_same(got_lr, want_lr, f"{when}: {key}.lr")
+    # which slots hold one tensor, as the description says it: torch's
+    assert (info.to_json().get("shared_tensors") or []) == torch_shared_slots(twin.opt), when
+
+
+def torch_shared_slots(opt: torch.optim.Optimizer) -> list[list[list[Any]]]:
+    """The option slots of ``opt`` holding one tensor object (``["defaults", key]``, ``[group
+    index, key]``), one list per tensor held by more than one."""
+    found: dict[int, list[list[Any]]] = {}
+    for key, value in opt.defaults.items():
+        if isinstance(value, torch.Tensor):
+            found.setdefault(id(value), []).append(["defaults", key])
+    for index, group in enumerate(opt.param_groups):
+        for key, value in group.items():
+            if key not in ("params", "param_names", "initial_lr") \
+                    and isinstance(value, torch.Tensor):
+                found.setdefault(id(value), []).append([index, key])
+    return [slots for slots in found.values() if len(slots) > 1]
 
 
 @pytest.mark.parametrize("restart", ["none", "log", "snapshot"])
@@ -150,15 +167,16 @@ def test_fills_and_replacements_apply_in_the_order_given(tmp_path: Path) -> None
             twin.opt.param_groups[0]["lr"].fill_(0.002)
             twin.step(0)
             await check(r.eng, twin, "replaced, then filled")
-            twin.opt.param_groups[1]["lr"] = twin.opt.defaults["lr"]
+            twin.opt.param_groups[1]["lr"] = torch.tensor(0.002)
             await r.eng.update_param_group(SID, 1, {"lr": torch.tensor(0.002)})
             await r.eng.add_param_group(SID, GroupSpec({"x": twin.initial("x")}, {}))
             twin.opt.add_param_group({"params": [("x", twin.params["x"])]})
-            # (group 1 holds its own tensor on the server, torch's shared one here: both 0.002)
+            # (group 1 holds its own tensor: its fill is its own)
             await r.eng.step(SID, twin.grads(1), return_params=False, options={
                 0: {"lr": 0.004, FILL: ["lr"]}, 2: {"lr": 0.003, FILL: ["lr"]},
                 1: {"lr": torch.tensor(0.003), FILL: ["lr"]}})
             twin.opt.param_groups[0]["lr"].fill_(0.003)
+            twin.opt.param_groups[1]["lr"].fill_(0.003)
             twin.step(1)
             await r.maybe_restart()
             await check(r.eng, twin, "two fills of one tensor")

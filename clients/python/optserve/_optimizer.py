@@ -233,6 +233,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
             ]
         super().__init__(items, dict(options))
         self._initializing = False
+        # a group's option that is the default's very tensor (``lr=t`` given both ways) is the
+        # session's group's by being left out: the group takes the defaults' tensor there, one
+        # tensor as here (torch's groups hold the object given)
+        explicit = [_without_defaults(g, options) for g in explicit]
 
         self._owns_client = client is None
         self._client: Client = client if client is not None else Client()
@@ -444,6 +448,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.defaults = dict(info.defaults)
         for group, server in zip(self.param_groups, info.param_groups, strict=True):
             group.update(server.options)
+        _link_shared(self.defaults, self.param_groups, info.shared_tensors)
         self._adopt(info)
         self.pull_params()
 
@@ -777,8 +782,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
             super().add_param_group(param_group)
             return
         # (keys the optimizer has no option for stay in the local group: see _server_options)
-        explicit = {k: v for k, v in param_group.items()
-                    if k not in _NOT_OPTIONS and k in self.defaults}
+        explicit = _without_defaults({k: v for k, v in param_group.items()
+                                      if k not in _NOT_OPTIONS and k in self.defaults},
+                                     self.defaults)
         # the server's defaults as torch's are now: a local scheduler's fills of a tensor lr
         # the defaults hold sent first (the new group starts from them, there as here; other
         # changes ride with the next step as before)
@@ -824,6 +830,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             if "param_names" in local:
                 packed["param_names"] = list(local["param_names"])
             groups.append(packed)
+        _link_as(groups, self.param_groups)
         state_dict: dict[str, Any] = {"state": sd["state"], "param_groups": groups}
         if "scheduler" in sd:
             state_dict["scheduler"] = sd["scheduler"]
@@ -853,9 +860,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 )
         self.push_params(only_edited=True)
         self._state_epoch += 1
+        # groups holding one tensor (a tensor lr default's groups, as torch.save keeps them)
+        # stay one tensor in the session only as a torch.save file says it (docs/protocol.md)
         info = self._client.import_state(
             self._session_id, self._importable(state_dict, saved_groups),
-            format="safetensors" if self._binary else "json")
+            format="torch" if _groups_share_tensors(saved_groups) else
+            "safetensors" if self._binary else "json")
         new_groups = []
         for group, saved in zip(self.param_groups, saved_groups, strict=True):
             saved["params"] = group["params"]
@@ -964,6 +974,70 @@ def _tensor_options(group: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """A group's options that are tensors (a tensor lr), by key."""
     return {k: v for k, v in group.items()
             if k not in _NOT_OPTIONS and isinstance(v, torch.Tensor)}
+
+
+def _link_as(groups: list[dict[str, Any]], local: list[dict[str, Any]]) -> None:
+    """Make the options of ``groups`` (a state dict's, as the session exported them: a tensor
+    each) one tensor where the ``local`` groups' are one tensor object, as torch's
+    ``state_dict()`` holds them (a ``torch.save`` of it keeps them one)."""
+    first: dict[int, Any] = {}
+    for group, mine in zip(groups, local, strict=True):
+        for key, value in mine.items():
+            if key in _NOT_OPTIONS or not isinstance(value, torch.Tensor):
+                continue
+            held = group.get(key)
+            target = first.setdefault(id(value), held)
+            if isinstance(held, torch.Tensor) and isinstance(target, torch.Tensor) \
+                    and held.dtype == target.dtype and held.shape == target.shape \
+                    and torch.equal(held, target):
+                group[key] = target
+
+
+def _groups_share_tensors(groups: list[dict[str, Any]]) -> bool:
+    """Whether two of the groups' options are one tensor object."""
+    seen: set[int] = set()
+    for group in groups:
+        for key, value in group.items():
+            if key not in _NOT_OPTIONS and isinstance(value, torch.Tensor):
+                if id(value) in seen:
+                    return True
+                seen.add(id(value))
+    return False
+
+
+def _without_defaults(options: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """A group's ``options`` less those that are the defaults' very tensor object: left out, the
+    session's group takes the defaults' tensor, so the two stay one tensor there as they are in
+    torch (a scheduler's fill moves both)."""
+    return {k: v for k, v in options.items()
+            if not (isinstance(v, torch.Tensor) and v is defaults.get(k))}
+
+
+def _link_shared(defaults: dict[str, Any], groups: list[dict[str, Any]],
+                 shared: list[list[tuple[str | int, str]]]) -> None:
+    """Make the option slots the session holds as one tensor (its description's
+    ``shared_tensors``) one tensor object here too: the first slot's (the defaults' where they
+    are among them), as torch's groups built from a tensor default hold it. Slots that hold
+    no tensor alike here are left as they are."""
+    def held(slot: tuple[str | int, str]) -> Any:
+        where, key = slot
+        if where == "defaults":
+            return defaults.get(key)
+        return groups[where].get(key) if type(where) is int and 0 <= where < len(groups) \
+            else None
+
+    for slots in shared:
+        target = held(slots[0])
+        if not isinstance(target, torch.Tensor):
+            continue
+        for where, key in slots[1:]:
+            value = held((where, key))
+            if isinstance(value, torch.Tensor) and value.dtype == target.dtype \
+                    and value.shape == target.shape:
+                if where == "defaults":
+                    defaults[key] = target
+                else:
+                    groups[int(where)][key] = target
 
 
 def _refuses_scalars(exc: APIStatusError) -> bool:

@@ -41,6 +41,20 @@ class ParamGroupInfo:
         return self.options.get("lr")
 
 
+def _shared_slots(value: object) -> list[list[tuple[str | int, str]]]:
+    """A description's ``shared_tensors``: the well-formed slots of each list that has two or
+    more (servers before it send none)."""
+    out: list[list[tuple[str | int, str]]] = []
+    for slots in value if isinstance(value, list) else []:
+        kept: list[tuple[str | int, str]] = [
+            (slot[0], slot[1]) for slot in (slots if isinstance(slots, list) else [])
+            if isinstance(slot, list) and len(slot) == 2 and isinstance(slot[1], str)
+            and (slot[0] == "defaults" or type(slot[0]) is int)]
+        if len(kept) > 1:
+            out.append(kept)
+    return out
+
+
 @dataclass(frozen=True)
 class SessionInfo:
     """A session's description (``POST /v1/sessions``, ``GET /v1/sessions/{id}``).
@@ -73,6 +87,10 @@ class SessionInfo:
     #: the session's change counter (every step, import, overwrite, option change, scheduler
     #: step...; not pushes): what ``import_state(..., base_revision=)`` names
     revision: int | None = None
+    #: the option slots that hold one tensor object on the server, one list per tensor held by
+    #: more than one: ``("defaults", key)`` or ``(group index, key)`` (a tensor lr given as the
+    #: default is the defaults' and every group's built from them, as in torch)
+    shared_tensors: list[list[tuple[str | int, str]]] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -115,6 +133,7 @@ class SessionInfo:
             history=obj.get("history"),
             durability=obj.get("durability"),
             revision=obj.get("revision") if type(obj.get("revision")) is int else None,
+            shared_tensors=_shared_slots(obj.get("shared_tensors")),
             raw=obj,
         )
 
