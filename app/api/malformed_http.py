@@ -6,8 +6,9 @@ space, ...) never reaches the app: uvicorn answers it itself, ``400`` in ``text/
 ("Invalid HTTP request received."). These subclasses answer it as every other bad input is
 answered: a 400 ``malformed_http`` problem naming the part the parser refused (``field``:
 ``Content-Length``, ``Transfer-Encoding``, ``request-line``, ``headers`` or ``body``) and its
-reason, then close the connection, as uvicorn does. ``python -m app`` serves with
-:func:`http_protocol`.
+reason, then close the connection, as uvicorn does. A refused request pipelined behind ones
+still being answered is refused after their answers (uvicorn's answer took the first one's
+place). ``python -m app`` serves with :func:`http_protocol`.
 
 They override uvicorn's ``send_400_response``, which it calls inside the ``except`` of the
 parser's error (that error is read from there). Where the installed uvicorn has no such method
@@ -82,6 +83,17 @@ def _mid_response(protocol: Any) -> bool:
     return bool(cycle is not None and cycle.response_started and not cycle.response_complete)
 
 
+def _close(protocol: Any) -> None:
+    """Close the connection, and tell the request being read that its client is gone at once,
+    as uvicorn does once the loop reports the connection lost: its app, run meanwhile, would
+    write an answer after the refusal (h11 refuses that, an error logged per request)."""
+    cycle = getattr(protocol, "cycle", None)
+    if cycle is not None and not cycle.response_complete:
+        cycle.disconnected = True
+        cycle.message_event.set()
+    protocol.transport.close()
+
+
 def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] | None]:
     """The httptools and h11 protocols answering in problem+json, or None for one that cannot
     be made (its library missing, or a uvicorn without ``send_400_response``)."""
@@ -95,7 +107,11 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
         if callable(getattr(HttpToolsProtocol, "send_400_response", None)):
 
             class ProblemHttpToolsProtocol(HttpToolsProtocol):
-                """uvicorn's httptools protocol; a refused request gets problem+json."""
+                """uvicorn's httptools protocol; a refused request gets problem+json. A
+                refusal of a request pipelined after one still being answered waits for that
+                answer (uvicorn's own answer took its place, closing the connection)."""
+
+                _refusal: bytes | None = None
 
                 def send_400_response(self, msg: str) -> None:
                     try:
@@ -110,9 +126,23 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                         log.exception("could not build the problem for a refused request")
                         super().send_400_response(msg)
                         return
+                    cycle = self.cycle  # the last request whose headers were read
+                    if (cycle is not None and not cycle.response_complete
+                            and getattr(cycle, "more_body", True) is False):
+                        # read whole, so refused is one after it: answered once it is
+                        self._refusal = answer
+                        self.flow.pause_reading()
+                        return
                     if not _mid_response(self):
                         self.transport.write(answer)
-                    self.transport.close()
+                    _close(self)
+
+                def on_response_complete(self) -> None:
+                    super().on_response_complete()
+                    if (self._refusal is not None and self.cycle.response_complete
+                            and not self.transport.is_closing()):
+                        self.transport.write(self._refusal)
+                        self.transport.close()
 
             httptools_protocol = ProblemHttpToolsProtocol
     try:
@@ -128,7 +158,7 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
 
                 def send_400_response(self, msg: str) -> None:
                     if _mid_response(self):
-                        self.transport.close()
+                        _close(self)
                         return
                     try:
                         status, body = problem_body(sys.exception())
@@ -148,7 +178,7 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                             self.transport.close()
                         return
                     self.transport.write(answer)
-                    self.transport.close()
+                    _close(self)
 
             h11_protocol = ProblemH11Protocol
     return httptools_protocol, h11_protocol

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +28,13 @@ from app.config import Settings
 
 
 class Transport(asyncio.Transport):
-    """Records what the protocol writes and whether it closed the connection."""
+    """Records what the protocol writes and whether it closed the connection; closed, it
+    tells the protocol the connection is lost on the loop's next turn, as asyncio's do."""
 
-    def __init__(self) -> None:
+    def __init__(self, protocol: asyncio.Protocol, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
+        self.protocol = protocol
+        self.loop = loop
         self.written = b""
         self.closed = False
 
@@ -43,7 +47,9 @@ class Transport(asyncio.Transport):
         self.written += bytes(data)
 
     def close(self) -> None:
-        self.closed = True
+        if not self.closed:
+            self.closed = True
+            self.loop.call_soon(self.protocol.connection_lost, None)
 
     def is_closing(self) -> bool:
         return self.closed
@@ -56,7 +62,7 @@ class Transport(asyncio.Transport):
 
 
 @pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
+def loop(caplog: pytest.LogCaptureFixture) -> Iterator[asyncio.AbstractEventLoop]:
     loop = asyncio.new_event_loop()
     yield loop
     # the app's task of a request refused in its body (its headers were read): it ends on
@@ -66,13 +72,18 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
         _, pending = loop.run_until_complete(asyncio.wait(tasks, timeout=10))
         assert not pending
     loop.close()
+    failures = [r.getMessage() for when in ("call", "teardown") for r in caplog.get_records(when)
+                if r.name.startswith("uvicorn") and r.levelno >= logging.ERROR]
+    assert not failures  # an app's task that failed (a write after close, ...)
 
 
-def feed(protocol_class: Any, data: bytes, loop: asyncio.AbstractEventLoop) -> Transport:
-    config = uvicorn.Config(FastAPI(), http=protocol_class, log_level="critical")
+def feed(protocol_class: Any, data: bytes, loop: asyncio.AbstractEventLoop,
+         app: FastAPI | None = None) -> Transport:
+    # log_config=None: uvicorn leaves this process's logging as it is
+    config = uvicorn.Config(app or FastAPI(), http=protocol_class, log_config=None)
     protocol = protocol_class(config=config, server_state=ServerState(), app_state={},
                               _loop=loop)
-    transport = Transport()
+    transport = Transport(protocol, loop)
     protocol.connection_made(transport)
     protocol.data_received(data)
     return transport
@@ -121,6 +132,24 @@ def test_h11_refusals_are_problems(loop: asyncio.AbstractEventLoop, raw: bytes, 
     assert problem["detail"].startswith(f"{reason}: {malformed_http._HINTS[field]}; ")
 
 
+@pytest.mark.parametrize("protocol", ["httptools", "h11"])
+def test_the_app_answering_a_request_refused_in_its_body_writes_nothing_after(
+        loop: asyncio.AbstractEventLoop, protocol: str) -> None:
+    """The app had the request's headers (a route that does not read the body: 404 at once);
+    its answer is not written after the refusal, nor fails on the closed connection (the
+    loop fixture fails on an error uvicorn logs)."""
+    cls = malformed_http.PROBLEM_HTTPTOOLS if protocol == "httptools" else \
+        malformed_http.PROBLEM_H11
+    transport = feed(cls, b"POST /nowhere HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked"
+                          b"\r\n\r\nzz\r\n", loop)
+    written = transport.written
+    loop.run_until_complete(asyncio.wait(asyncio.all_tasks(loop), timeout=10))
+    assert transport.closed and transport.written == written
+    status, headers, body = answer(transport)
+    assert (status, headers["content-type"], json.loads(body)["field"]) == (
+        400, "application/problem+json", "body")
+
+
 def test_h11_headers_past_its_buffer_are_a_431(loop: asyncio.AbstractEventLoop) -> None:
     raw = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 20_000
     transport = feed(malformed_http.PROBLEM_H11, raw, loop)
@@ -133,6 +162,31 @@ def test_h11_headers_past_its_buffer_are_a_431(loop: asyncio.AbstractEventLoop) 
     assert problem["detail"] == ("Receive buffer too long: the request line and headers take "
                                  "at most 16 KiB; the connection is closed")
     assert len(body) == int(headers["content-length"]) < 400  # the 20,000 bytes not echoed
+
+
+@pytest.mark.parametrize("protocol", ["httptools", "h11"])
+def test_a_refusal_pipelined_after_a_request_comes_after_its_answer(
+        loop: asyncio.AbstractEventLoop, protocol: str) -> None:
+    app = FastAPI()
+
+    @app.get("/hello")
+    async def hello() -> dict[str, str]:
+        await asyncio.sleep(0.01)  # answered after the garbage behind it was read
+        return {"hello": "world"}
+
+    cls = malformed_http.PROBLEM_HTTPTOOLS if protocol == "httptools" else \
+        malformed_http.PROBLEM_H11
+    transport = feed(cls, b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\nNOT HTTP\r\n\r\n", loop,
+                     app)
+    assert transport.written == b"" and not transport.closed
+    loop.run_until_complete(asyncio.wait(asyncio.all_tasks(loop), timeout=10))
+    assert transport.closed
+    first, _, rest = transport.written.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200 ") and rest.startswith(b'{"hello":"world"}HTTP/1.1 400')
+    transport.written = rest.removeprefix(b'{"hello":"world"}')
+    status, headers, body = answer(transport)
+    assert (status, headers["content-type"], json.loads(body)["field"]) == (
+        400, "application/problem+json", "request-line")
 
 
 @pytest.mark.parametrize("protocol", ["httptools", "h11"])
