@@ -5,15 +5,16 @@ two different ``Content-Length`` lines, a chunk size that is not hex, a header n
 space, ...) never reaches the app: uvicorn answers it itself, ``400`` in ``text/plain``
 ("Invalid HTTP request received."). These subclasses answer it as every other bad input is
 answered: a 400 ``malformed_http`` problem naming the part the parser refused (``field``:
-``Content-Length``, ``Transfer-Encoding``, ``request-line``, ``headers`` or ``body``) and its
-reason, then close the connection, as uvicorn does. A refused request pipelined behind ones
+``Content-Length``, ``Transfer-Encoding``, ``request-line``, ``headers``, ``Host`` or ``body``)
+and its reason, then close the connection, as uvicorn does. A refused request pipelined behind ones
 still being answered is refused after their answers (uvicorn's answer took the first one's
 place). ``python -m app`` serves with :func:`http_protocol`.
 
 They override uvicorn's ``send_400_response``, which it calls inside the ``except`` of the
-parser's error (that error is read from there). Where the installed uvicorn has no such method
-:func:`http_protocol` gives ``"auto"`` (uvicorn's own plain-text answer), and an answer that
-cannot be built falls back to uvicorn's.
+parser's error (that error is read from there), and read the state of the request being
+answered where uvicorn keeps it (its ``cycle``), each with a default where it is missing. Where
+the installed uvicorn has no such method :func:`http_protocol` gives ``"auto"`` (uvicorn's own
+plain-text answer), and an answer that cannot be built falls back to uvicorn's.
 """
 
 from __future__ import annotations
@@ -44,8 +45,7 @@ _HINTS = {
 _PARTS = (("transfer-encoding", "Transfer-Encoding"), ("content-length", "Content-Length"),
           ("chunk", "body"), ("host:", "Host"), ("header", "headers"),
           ("request line", "request-line"), ("method", "request-line"),
-          ("url", "request-line"), ("version", "request-line"), ("http/", "request-line"),
-          ("buffer", "headers"))
+          ("url", "request-line"), ("version", "request-line"), ("http/", "request-line"))
 #: the longest reason shown: h11's quote the refused line
 _REASON_CHARS = 200
 
@@ -80,15 +80,16 @@ def _mid_response(protocol: Any) -> bool:
     """Whether the connection's current response has begun and not ended: an answer written
     now would land inside it, so the connection is only closed."""
     cycle = getattr(protocol, "cycle", None)
-    return bool(cycle is not None and cycle.response_started and not cycle.response_complete)
+    return bool(getattr(cycle, "response_started", False)
+                and not getattr(cycle, "response_complete", True))
 
 
 def _close(protocol: Any) -> None:
     """Close the connection, and tell the request being read that its client is gone at once,
     as uvicorn does once the loop reports the connection lost: its app, run meanwhile, would
     write an answer after the refusal (h11 refuses that, an error logged per request)."""
-    cycle = getattr(protocol, "cycle", None)
-    if cycle is not None and not cycle.response_complete:
+    cycle: Any = getattr(protocol, "cycle", None)
+    if not getattr(cycle, "response_complete", True) and hasattr(cycle, "message_event"):
         cycle.disconnected = True
         cycle.message_event.set()
     protocol.transport.close()
@@ -126,9 +127,10 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                         log.exception("could not build the problem for a refused request")
                         super().send_400_response(msg)
                         return
-                    cycle = self.cycle  # the last request whose headers were read
-                    if (cycle is not None and not cycle.response_complete
-                            and getattr(cycle, "more_body", True) is False):
+                    cycle = getattr(self, "cycle", None)  # the last one whose headers were read
+                    if (not getattr(cycle, "response_complete", True)
+                            and getattr(cycle, "more_body", True) is False
+                            and hasattr(self, "flow")):
                         # read whole, so refused is one after it: answered once it is
                         self._refusal = answer
                         self.flow.pause_reading()
