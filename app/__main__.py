@@ -26,6 +26,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from app.api.malformed_http import http_protocol
 from app.config import (
     EXIT_CONFIG,
     ConfigError,
@@ -102,6 +103,14 @@ def _could_make(path: Path) -> str | None:
     return None
 
 
+def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """How ``python -m app`` runs uvicorn: a request its HTTP parser refuses is answered in
+    problem+json (:mod:`app.api.malformed_http`), not uvicorn's ``text/plain``."""
+    return uvicorn.Config(app, host=settings.host, port=settings.port,
+                          log_level=settings.log_level, timeout_graceful_shutdown=30,
+                          access_log=False, log_config=None, http=http_protocol())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = argv or []
     if args and args != ["--check-config"] or "-h" in args or "--help" in args:
@@ -140,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     app = create_app(settings)
     settle_gc()
-    config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            log_level=settings.log_level, timeout_graceful_shutdown=30,
-                            access_log=False, log_config=None)
-    server = DrainingServer(config, app)
+    server = DrainingServer(server_config(app, settings), app)
     server.run()
     return 0 if server.started else 1
 

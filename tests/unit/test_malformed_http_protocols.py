@@ -1,0 +1,215 @@
+"""app.api.malformed_http without a server: ``python -m app`` gives uvicorn the problem+json
+protocol; its h11 fallback (uvicorn's choice where httptools is not installed) answers a
+refused request in problem+json too, 431 for a header section past h11's buffer; and where
+the override cannot work, uvicorn's own ``text/plain`` answer is what is sent. The protocols
+are uvicorn's own, fed bytes through a transport that records what they write (the httptools
+one against a real server: tests/integration/test_malformed_http.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+import app.api.malformed_http as malformed_http
+from app.__main__ import server_config
+from app.config import Settings
+
+
+class Transport(asyncio.Transport):
+    """Records what the protocol writes and whether it closed the connection; closed, it
+    tells the protocol the connection is lost on the loop's next turn, as asyncio's do."""
+
+    def __init__(self, protocol: asyncio.Protocol, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.protocol = protocol
+        self.loop = loop
+        self.written = b""
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8000)}.get(name,
+                                                                                      default)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self.closed, "written after close"
+        self.written += bytes(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.call_soon(self.protocol.connection_lost, None)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+@pytest.fixture
+def loop(caplog: pytest.LogCaptureFixture) -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    # the app's task of a request refused in its body (its headers were read): it ends on
+    # the disconnect the closed transport gives it
+    tasks = asyncio.all_tasks(loop)
+    if tasks:
+        _, pending = loop.run_until_complete(asyncio.wait(tasks, timeout=10))
+        assert not pending
+    loop.close()
+    failures = [r.getMessage() for when in ("call", "teardown") for r in caplog.get_records(when)
+                if r.name.startswith("uvicorn") and r.levelno >= logging.ERROR]
+    assert not failures  # an app's task that failed (a write after close, ...)
+
+
+def feed(protocol_class: Any, data: bytes, loop: asyncio.AbstractEventLoop,
+         app: FastAPI | None = None) -> Transport:
+    # log_config=None: uvicorn leaves this process's logging as it is
+    config = uvicorn.Config(app or FastAPI(), http=protocol_class, log_config=None)
+    protocol = protocol_class(config=config, server_state=ServerState(), app_state={},
+                              _loop=loop)
+    transport = Transport(protocol, loop)
+    protocol.connection_made(transport)
+    protocol.data_received(data)
+    return transport
+
+
+def answer(transport: Transport) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = transport.written.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip()
+               for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split(" ")[1]), headers, body
+
+
+def test_python_m_app_serves_with_the_problem_protocol() -> None:
+    settings = Settings(device="cpu", data_dir=Path(tempfile.mkdtemp(prefix="optserve-test-")))
+    config = server_config(FastAPI(), settings)
+    config.load()
+    assert config.http_protocol_class is malformed_http.PROBLEM_HTTPTOOLS
+    assert issubclass(config.http_protocol_class, HttpToolsProtocol)
+
+
+@pytest.mark.parametrize(("raw", "field", "reason"), [
+    (b"POST /v1/sessions HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n",
+     "Content-Length", "bad Content-Length"),
+    (b"POST /v1/sessions HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
+     "Content-Length", "conflicting Content-Length headers"),
+    (b"POST /v1/sessions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+     "body", "illegal chunk header: bytearray(b'zz\\r\\n')"),
+    (b"GET /healthz HTTP/1.1\r\nHost: t\r\nBad Name: 1\r\n\r\n",
+     "headers", "illegal header line: bytearray(b'Bad Name: 1')"),
+    (b"GET /healthz HTTP/1.1\r\n\r\n", "Host", "Missing mandatory Host: header"),
+    (b"NOT HTTP\r\n\r\n", "request-line", "illegal request line: bytearray(b'NOT HTTP')"),
+])
+def test_h11_refusals_are_problems(loop: asyncio.AbstractEventLoop, raw: bytes, field: str,
+                                   reason: str) -> None:
+    assert malformed_http.PROBLEM_H11 is not None
+    transport = feed(malformed_http.PROBLEM_H11, raw, loop)
+    status, headers, body = answer(transport)
+    assert transport.closed
+    assert (status, headers["content-type"], headers["connection"]) == (
+        400, "application/problem+json", "close")
+    assert int(headers["content-length"]) == len(body)
+    problem = json.loads(body)
+    assert (problem["type"], problem["code"], problem["status"], problem["field"]) == (
+        "urn:optserve:problem:malformed_http", "malformed_http", 400, field)
+    assert problem["detail"].startswith(f"{reason}: {malformed_http._HINTS[field]}; ")
+
+
+@pytest.mark.parametrize("protocol", ["httptools", "h11"])
+def test_the_app_answering_a_request_refused_in_its_body_writes_nothing_after(
+        loop: asyncio.AbstractEventLoop, protocol: str) -> None:
+    """The app had the request's headers (a route that does not read the body: 404 at once);
+    its answer is not written after the refusal, nor fails on the closed connection (the
+    loop fixture fails on an error uvicorn logs)."""
+    cls = malformed_http.PROBLEM_HTTPTOOLS if protocol == "httptools" else \
+        malformed_http.PROBLEM_H11
+    transport = feed(cls, b"POST /nowhere HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked"
+                          b"\r\n\r\nzz\r\n", loop)
+    written = transport.written
+    loop.run_until_complete(asyncio.wait(asyncio.all_tasks(loop), timeout=10))
+    assert transport.closed and transport.written == written
+    status, headers, body = answer(transport)
+    assert (status, headers["content-type"], json.loads(body)["field"]) == (
+        400, "application/problem+json", "body")
+
+
+def test_h11_headers_past_its_buffer_are_a_431(loop: asyncio.AbstractEventLoop) -> None:
+    raw = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 20_000
+    transport = feed(malformed_http.PROBLEM_H11, raw, loop)
+    status, headers, body = answer(transport)
+    assert transport.closed
+    assert (status, headers["content-type"]) == (431, "application/problem+json")
+    problem = json.loads(body)
+    assert (problem["code"], problem["status"], problem["field"]) == (
+        "headers_too_large", 431, "headers")
+    assert problem["detail"] == ("Receive buffer too long: the request line and headers take "
+                                 "at most 16 KiB; the connection is closed")
+    assert len(body) == int(headers["content-length"]) < 400  # the 20,000 bytes not echoed
+
+
+@pytest.mark.parametrize("protocol", ["httptools", "h11"])
+def test_a_refusal_pipelined_after_a_request_comes_after_its_answer(
+        loop: asyncio.AbstractEventLoop, protocol: str) -> None:
+    app = FastAPI()
+
+    @app.get("/hello")
+    async def hello() -> dict[str, str]:
+        await asyncio.sleep(0.01)  # answered after the garbage behind it was read
+        return {"hello": "world"}
+
+    cls = malformed_http.PROBLEM_HTTPTOOLS if protocol == "httptools" else \
+        malformed_http.PROBLEM_H11
+    transport = feed(cls, b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\nNOT HTTP\r\n\r\n", loop,
+                     app)
+    assert transport.written == b"" and not transport.closed
+    loop.run_until_complete(asyncio.wait(asyncio.all_tasks(loop), timeout=10))
+    assert transport.closed
+    first, _, rest = transport.written.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200 ") and rest.startswith(b'{"hello":"world"}HTTP/1.1 400')
+    transport.written = rest.removeprefix(b'{"hello":"world"}')
+    status, headers, body = answer(transport)
+    assert (status, headers["content-type"], json.loads(body)["field"]) == (
+        400, "application/problem+json", "request-line")
+
+
+@pytest.mark.parametrize("protocol", ["httptools", "h11"])
+def test_an_answer_that_cannot_be_built_is_uvicorns(loop: asyncio.AbstractEventLoop,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    protocol: str) -> None:
+    def broken(exc: BaseException | None) -> tuple[int, bytes]:
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(malformed_http, "problem_body", broken)
+    cls = malformed_http.PROBLEM_HTTPTOOLS if protocol == "httptools" else \
+        malformed_http.PROBLEM_H11
+    transport = feed(cls, b"NOT HTTP\r\n\r\n", loop)
+    status, headers, body = answer(transport)
+    assert (status, headers["content-type"], body) == (
+        400, "text/plain; charset=utf-8", b"Invalid HTTP request received.")
+    assert transport.closed
+
+
+def test_a_uvicorn_without_send_400_response_keeps_its_own(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    monkeypatch.delattr(HttpToolsProtocol, "send_400_response")
+    monkeypatch.delattr(H11Protocol, "send_400_response")
+    monkeypatch.setattr(malformed_http, "PROBLEM_HTTPTOOLS", malformed_http._protocols()[0])
+    monkeypatch.setattr(malformed_http, "PROBLEM_H11", malformed_http._protocols()[1])
+    assert malformed_http.http_protocol() == "auto"
