@@ -100,8 +100,9 @@ def raw_answer(status: int, body: bytes, default_headers: list[tuple[bytes, byte
 
 def problem_body(exc: BaseException | None) -> tuple[int, bytes]:
     """The status and problem+json body answering a request the parser refused with ``exc``
-    (None: the reason is unknown). 431 only where the parser says so (h11: a request line and
-    headers past its buffer); every other refusal is a 400."""
+    (None: the reason is unknown). 431 for a head past its bounds (:class:`HeadTooLarge`, under
+    httptools the context of its callback error) and where the parser says so (h11: a request
+    line and headers past its buffer); every other refusal is a 400."""
     if exc is not None and isinstance(exc.__context__, HeadTooLarge):  # (httptools' wrapper)
         exc = exc.__context__
     if isinstance(exc, HeadTooLarge):
