@@ -294,7 +294,7 @@ def test_the_head_clock_stops_at_a_read_head_and_restarts_after_its_answer(
      "the request line and headers take more than 1 KiB (OPTSERVE_MAX_HEAD_KB)"),
     (b"GET /slow?" + b"a" * 1024 + b" HTTP/1.1\r\nHost: t\r\n\r\n",
      "the request line and headers take more than 1 KiB (OPTSERVE_MAX_HEAD_KB)"),
-])
+], ids=["header-lines", "header-bytes", "url-bytes"])
 def test_httptools_heads_past_their_bounds_are_a_431(loop: asyncio.AbstractEventLoop,
                                                      raw: bytes, detail: str) -> None:
     transport = feed(malformed_http.PROBLEM_HTTPTOOLS, raw, loop,
