@@ -66,6 +66,16 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         default=30.0, gt=0, description="408 when a request body stalls this long (no bytes)"
     )
+    head_timeout_s: float = Field(
+        default=10.0, gt=0, le=3600,
+        description="408 and close when a request line and headers are not complete this long "
+        "after the connection opened or its previous answer ended (python -m app)")
+    max_head_kb: int = Field(
+        default=64, ge=1, le=1024,
+        description="431 when a request line and headers pass this many KiB (python -m app)")
+    max_headers: int = Field(
+        default=200, ge=1, le=10_000,
+        description="431 when a request has more header lines than this (python -m app)")
     torch_threads: int = Field(
         default=0, ge=0, description="torch intra-op threads on the worker (0: torch's default)"
     )

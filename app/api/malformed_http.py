@@ -10,6 +10,19 @@ and its reason, then close the connection, as uvicorn does. A refused request pi
 still being answered is refused after their answers (uvicorn's answer took the first one's
 place). ``python -m app`` serves with :func:`http_protocol`.
 
+They also bound the request head, which uvicorn does not (its keep-alive timeout runs only
+between an answer and the next request's first byte): a request line and headers not complete
+within ``OPTSERVE_HEAD_TIMEOUT_S`` (10 s) of the connection's start or of its previous answer's
+end get a 408 ``request_timeout`` problem (``field``: ``headers``) and the connection is
+closed; a connection that sent no byte of a request in that time is closed without an answer
+(there is no request to answer, and a 408 written as a client sends one would read as its
+answer). A head past ``OPTSERVE_MAX_HEAD_KB`` (64 KiB) or with more than
+``OPTSERVE_MAX_HEADERS`` (200) header lines gets a 431 ``headers_too_large`` (httptools has no
+bound; h11 has its own 16 KiB one). The clock stops once a head is read: a body's own bound is
+``OPTSERVE_BODY_TIMEOUT_S`` (app.api.bodies), and a long poll or an LBFGS step waits as long
+as its request says. The bounds are the served app's settings (``app.state.settings``; the
+defaults here where it has none).
+
 They override uvicorn's ``send_400_response``, which it calls inside the ``except`` of the
 parser's error (that error is read from there), and read the state of the request being
 answered where uvicorn keeps it (its ``cycle``), each with a default where it is missing. Where
@@ -20,6 +33,7 @@ plain-text answer), and an answer that cannot be built falls back to uvicorn's.
 from __future__ import annotations
 
 import asyncio
+import http
 import logging
 import sys
 from typing import Any
@@ -48,12 +62,52 @@ _PARTS = (("transfer-encoding", "Transfer-Encoding"), ("content-length", "Conten
           ("url", "request-line"), ("version", "request-line"), ("http/", "request-line"))
 #: the longest reason shown: h11's quote the refused line
 _REASON_CHARS = 200
+#: the request head's bounds where the served app has no settings (``OPTSERVE_HEAD_TIMEOUT_S``,
+#: ``OPTSERVE_MAX_HEAD_KB``, ``OPTSERVE_MAX_HEADERS``)
+HEAD_TIMEOUT_S = 10.0
+MAX_HEAD_KB = 64
+MAX_HEADERS = 200
+
+
+class HeadTooLarge(Exception):
+    """A request head past its bounds; raised in a parser callback, it stops the parser."""
+
+
+def head_bounds(config: Any) -> tuple[float, int, int]:
+    """The served app's head timeout (s), largest head (bytes) and most header lines."""
+    settings = getattr(getattr(getattr(config, "app", None), "state", None), "settings", None)
+    return (float(getattr(settings, "head_timeout_s", HEAD_TIMEOUT_S)),
+            int(getattr(settings, "max_head_kb", MAX_HEAD_KB)) * 1024,
+            int(getattr(settings, "max_headers", MAX_HEADERS)))
+
+
+def head_timeout_body(timeout: float) -> bytes:
+    """The 408 answering a request whose head was not complete within ``timeout`` s."""
+    return _encode(408, "Request timeout", code="request_timeout", field="headers",
+                   detail=f"the request line and headers were not complete within {timeout:g} s "
+                          "(OPTSERVE_HEAD_TIMEOUT_S); the connection is closed")
+
+
+def raw_answer(status: int, body: bytes, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A whole problem+json answer with ``Connection: close``, as bytes."""
+    head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()]
+    for name, value in default_headers:
+        head += [name, b": ", value, b"\r\n"]
+    head += [b"content-type: ", PROBLEM.encode(), b"\r\ncontent-length: ",
+             str(len(body)).encode(), b"\r\nconnection: close\r\n\r\n"]
+    return b"".join(head) + body
 
 
 def problem_body(exc: BaseException | None) -> tuple[int, bytes]:
     """The status and problem+json body answering a request the parser refused with ``exc``
-    (None: the reason is unknown). 431 only where the parser says so (h11: a request line and
-    headers past its buffer); every other refusal is a 400."""
+    (None: the reason is unknown). 431 for a head past its bounds (:class:`HeadTooLarge`, under
+    httptools the context of its callback error) and where the parser says so (h11: a request
+    line and headers past its buffer); every other refusal is a 400."""
+    if exc is not None and isinstance(exc.__context__, HeadTooLarge):  # (httptools' wrapper)
+        exc = exc.__context__
+    if isinstance(exc, HeadTooLarge):
+        return 431, _encode(431, "Request header fields too large", code="headers_too_large",
+                            field="headers", detail=f"{exc}; the connection is closed")
     reason = (str(exc) or type(exc).__name__) if exc is not None else "unreadable request"
     reason = reason[:_REASON_CHARS]
     if getattr(exc, "error_status_hint", 400) == 431:
@@ -95,13 +149,39 @@ def _close(protocol: Any) -> None:
     protocol.transport.close()
 
 
+def _start_head_clock(protocol: Any) -> None:
+    """Give the connection's next request head ``protocol._head_timeout`` s from now."""
+    _stop_head_clock(protocol)
+    if not protocol.transport.is_closing():
+        protocol._head_timer = protocol.loop.call_later(protocol._head_timeout,
+                                                        protocol._head_timed_out)
+
+
+def _stop_head_clock(protocol: Any) -> None:
+    if protocol._head_timer is not None:
+        protocol._head_timer.cancel()
+        protocol._head_timer = None
+
+
+def _answer_head_timeout(protocol: Any, begun: bool) -> None:
+    """The head clock ran out: a 408 where a request had begun (``begun``), then close."""
+    protocol._head_timer = None
+    if protocol.transport.is_closing():
+        return
+    if begun and not _mid_response(protocol):
+        log.debug("request head not complete within %g s: 408", protocol._head_timeout)
+        protocol.transport.write(raw_answer(408, head_timeout_body(protocol._head_timeout),
+                                            protocol.server_state.default_headers))
+    _close(protocol)
+
+
 def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] | None]:
     """The httptools and h11 protocols answering in problem+json, or None for one that cannot
     be made (its library missing, or a uvicorn without ``send_400_response``)."""
     httptools_protocol: type[asyncio.Protocol] | None = None
     h11_protocol: type[asyncio.Protocol] | None = None
     try:
-        from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         pass
     else:
@@ -110,23 +190,95 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
             class ProblemHttpToolsProtocol(HttpToolsProtocol):
                 """uvicorn's httptools protocol; a refused request gets problem+json. A
                 refusal of a request pipelined after one still being answered waits for that
-                answer (uvicorn's own answer took its place, closing the connection)."""
+                answer (uvicorn's own answer took its place, closing the connection). Its
+                request heads are bounded in time, bytes and lines (the module's docstring)."""
 
                 _refusal: bytes | None = None
+                _head_timer: asyncio.TimerHandle | None = None
+                #: a request's first byte is read and not yet all its headers
+                _in_head = False
+                _heads_begun = 0
+                #: the head's URL and whole header lines, in bytes, and its header lines
+                _head_size = 0
+                _header_lines = 0
+                #: the bytes of the chunks read wholly inside the head (a header line that
+                #: never ends is in none of the above: httptools holds it until its end)
+                _head_chunks = 0
+
+                def __init__(self, *args: Any, **kwargs: Any) -> None:
+                    super().__init__(*args, **kwargs)
+                    self._head_timeout, self._max_head, self._max_headers = head_bounds(
+                        self.config)
+
+                def connection_made(self, transport: asyncio.Transport  # type: ignore[override]
+                                    ) -> None:
+                    super().connection_made(transport)
+                    _start_head_clock(self)
+
+                def connection_lost(self, exc: Exception | None) -> None:
+                    _stop_head_clock(self)
+                    super().connection_lost(exc)
+
+                def _head_timed_out(self) -> None:
+                    _answer_head_timeout(self, self._in_head)
+
+                def data_received(self, data: bytes) -> None:
+                    before = (self._in_head, self._heads_begun)
+                    super().data_received(data)
+                    if (self._in_head and before == (True, self._heads_begun)
+                            and not self.transport.is_closing()):
+                        self._head_chunks += len(data)
+                        if self._head_chunks > self._max_head:
+                            self._refuse(raw_answer(*problem_body(HeadTooLarge(
+                                self._too_large())), self.server_state.default_headers))
+
+                def on_message_begin(self) -> None:
+                    super().on_message_begin()
+                    self._in_head = True
+                    self._heads_begun += 1
+                    self._head_size = self._header_lines = self._head_chunks = 0
+
+                def on_url(self, url: bytes) -> None:
+                    super().on_url(url)
+                    self._grow_head(len(url), 0)
+
+                def on_header(self, name: bytes, value: bytes) -> None:
+                    super().on_header(name, value)
+                    self._grow_head(len(name) + len(value) + 4, 1)  # name: value CRLF
+
+                def _grow_head(self, size: int, lines: int) -> None:
+                    """Count a part of the head; past a bound, stop the parser (uvicorn then
+                    calls ``send_400_response``, inside the parser's error)."""
+                    self._head_size += size
+                    self._header_lines += lines
+                    if self._head_size > self._max_head or self._header_lines > self._max_headers:
+                        raise HeadTooLarge(self._too_large())
+
+                def _too_large(self) -> str:
+                    if self._header_lines > self._max_headers:
+                        return (f"more than {self._max_headers} header lines "
+                                "(OPTSERVE_MAX_HEADERS)")
+                    return (f"the request line and headers take more than "
+                            f"{self._max_head // 1024} KiB (OPTSERVE_MAX_HEAD_KB)")
+
+                def on_headers_complete(self) -> None:
+                    self._in_head = False
+                    _stop_head_clock(self)
+                    super().on_headers_complete()
 
                 def send_400_response(self, msg: str) -> None:
                     try:
                         status, body = problem_body(sys.exception())
-                        head = [STATUS_LINE[status]]
-                        for name, value in self.server_state.default_headers:
-                            head += [name, b": ", value, b"\r\n"]
-                        head += [b"content-type: ", PROBLEM.encode(), b"\r\ncontent-length: ",
-                                 str(len(body)).encode(), b"\r\nconnection: close\r\n\r\n"]
-                        answer = b"".join(head) + body
+                        answer = raw_answer(status, body, self.server_state.default_headers)
                     except Exception:  # never worse than uvicorn's own answer
                         log.exception("could not build the problem for a refused request")
                         super().send_400_response(msg)
                         return
+                    self._refuse(answer)
+
+                def _refuse(self, answer: bytes) -> None:
+                    """Answer the request being read with ``answer`` and close, after the
+                    answer of one before it still being written."""
                     cycle = getattr(self, "cycle", None)  # the last one whose headers were read
                     if (not getattr(cycle, "response_complete", True)
                             and getattr(cycle, "more_body", True) is False
@@ -145,6 +297,8 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                             and not self.transport.is_closing()):
                         self.transport.write(self._refusal)
                         self.transport.close()
+                    if self.cycle.response_complete:  # none in flight: the next head's clock
+                        _start_head_clock(self)
 
             httptools_protocol = ProblemHttpToolsProtocol
     try:
@@ -156,7 +310,40 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
         if callable(getattr(H11Protocol, "send_400_response", None)):
 
             class ProblemH11Protocol(H11Protocol):
-                """uvicorn's h11 protocol; a refused request gets problem+json."""
+                """uvicorn's h11 protocol; a refused request gets problem+json. Its request
+                heads are bounded in time (the module's docstring); h11 bounds their size."""
+
+                _head_timer: asyncio.TimerHandle | None = None
+
+                def __init__(self, *args: Any, **kwargs: Any) -> None:
+                    super().__init__(*args, **kwargs)
+                    self._head_timeout = head_bounds(self.config)[0]
+
+                def connection_made(self, transport: asyncio.Transport  # type: ignore[override]
+                                    ) -> None:
+                    super().connection_made(transport)
+                    _start_head_clock(self)
+
+                def connection_lost(self, exc: Exception | None) -> None:
+                    _stop_head_clock(self)
+                    super().connection_lost(exc)
+
+                def _head_timed_out(self) -> None:
+                    # a request begun: h11 holds the bytes of a head it has not parsed yet
+                    _answer_head_timeout(self, self.conn.their_state is h11.IDLE
+                                    and bool(self.conn.trailing_data[0]))
+
+                def data_received(self, data: bytes) -> None:
+                    cycle = self.cycle
+                    super().data_received(data)
+                    if self.cycle is not cycle:  # a head read: its request is in flight
+                        _stop_head_clock(self)
+
+                def on_response_complete(self) -> None:
+                    cycle = self.cycle
+                    super().on_response_complete()
+                    if self.cycle is cycle:  # no request pipelined behind it started
+                        _start_head_clock(self)
 
                 def send_400_response(self, msg: str) -> None:
                     if _mid_response(self):

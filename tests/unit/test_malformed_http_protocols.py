@@ -85,7 +85,8 @@ def feed(protocol_class: Any, data: bytes, loop: asyncio.AbstractEventLoop,
                               _loop=loop)
     transport = Transport(protocol, loop)
     protocol.connection_made(transport)
-    protocol.data_received(data)
+    if data:  # (asyncio never passes b"": to h11 it is the end of the connection)
+        protocol.data_received(data)
     return transport
 
 
@@ -213,3 +214,109 @@ def test_a_uvicorn_without_send_400_response_keeps_its_own(monkeypatch: pytest.M
     monkeypatch.setattr(malformed_http, "PROBLEM_HTTPTOOLS", malformed_http._protocols()[0])
     monkeypatch.setattr(malformed_http, "PROBLEM_H11", malformed_http._protocols()[1])
     assert malformed_http.http_protocol() == "auto"
+
+
+def bounded_app(**bounds: float) -> FastAPI:
+    """An app whose settings bound request heads (``head_timeout_s``, ``max_head_kb``,
+    ``max_headers``), with a route answering after 0.2 s."""
+    app = FastAPI()
+    app.state.settings = Settings(**bounds)  # type: ignore[arg-type]
+
+    @app.get("/slow")
+    async def slow() -> dict[str, str]:
+        await asyncio.sleep(0.2)
+        return {"hello": "world"}
+
+    return app
+
+
+PROTOCOLS = ["httptools", "h11"]
+
+
+def protocol_class(name: str) -> Any:
+    return malformed_http.PROBLEM_HTTPTOOLS if name == "httptools" else malformed_http.PROBLEM_H11
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_head_not_complete_in_time_gets_a_408(loop: asyncio.AbstractEventLoop,
+                                                protocol: str) -> None:
+    transport = feed(protocol_class(protocol), b"POST /v1/sessions HTTP/1.1\r\nHost: t\r\n",
+                     loop, bounded_app(head_timeout_s=0.05))
+    loop.run_until_complete(asyncio.sleep(0.02))
+    assert transport.written == b"" and not transport.closed
+    loop.run_until_complete(asyncio.sleep(0.1))
+    assert transport.closed
+    status, headers, body = answer(transport)
+    assert (status, headers["content-type"], headers["connection"]) == (
+        408, "application/problem+json", "close")
+    assert int(headers["content-length"]) == len(body)
+    assert json.loads(body) == {
+        "type": "urn:optserve:problem:request_timeout", "title": "Request timeout",
+        "status": 408, "code": "request_timeout", "field": "headers",
+        "detail": "the request line and headers were not complete within 0.05 s "
+                  "(OPTSERVE_HEAD_TIMEOUT_S); the connection is closed"}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_connection_that_sends_nothing_is_closed_unanswered(
+        loop: asyncio.AbstractEventLoop, protocol: str) -> None:
+    transport = feed(protocol_class(protocol), b"", loop, bounded_app(head_timeout_s=0.05))
+    loop.run_until_complete(asyncio.sleep(0.1))
+    assert transport.closed and transport.written == b""
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_head_clock_stops_at_a_read_head_and_restarts_after_its_answer(
+        loop: asyncio.AbstractEventLoop, protocol: str) -> None:
+    """A request answered 0.2 s after its head (4 head timeouts) is answered; the clock of the
+    next head on the connection runs from that answer's end."""
+    cls = protocol_class(protocol)
+    transport = feed(cls, b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n", loop,
+                     bounded_app(head_timeout_s=0.05))
+    started = loop.time()
+    while not transport.written.endswith(b"}") and loop.time() < started + 5:
+        loop.run_until_complete(asyncio.sleep(0.005))
+    assert loop.time() - started >= 0.2 and not transport.closed
+    status, _, body = answer(transport)
+    assert (status, json.loads(body)) == (200, {"hello": "world"})
+    transport.written = b""
+    protocol_object = transport.protocol
+    protocol_object.data_received(b"GET /slow HTTP/1.1\r\n")
+    loop.run_until_complete(asyncio.sleep(0.1))
+    assert transport.closed
+    assert answer(transport)[0] == 408
+
+
+@pytest.mark.parametrize(("raw", "detail"), [
+    (b"GET /slow HTTP/1.1\r\nHost: t\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n",
+     "more than 3 header lines (OPTSERVE_MAX_HEADERS)"),
+    (b"GET /slow HTTP/1.1\r\nHost: t\r\nA: " + b"a" * 1024 + b"\r\n\r\n",
+     "the request line and headers take more than 1 KiB (OPTSERVE_MAX_HEAD_KB)"),
+    (b"GET /slow?" + b"a" * 1024 + b" HTTP/1.1\r\nHost: t\r\n\r\n",
+     "the request line and headers take more than 1 KiB (OPTSERVE_MAX_HEAD_KB)"),
+], ids=["header-lines", "header-bytes", "url-bytes"])
+def test_httptools_heads_past_their_bounds_are_a_431(loop: asyncio.AbstractEventLoop,
+                                                     raw: bytes, detail: str) -> None:
+    transport = feed(malformed_http.PROBLEM_HTTPTOOLS, raw, loop,
+                     bounded_app(max_head_kb=1, max_headers=3))
+    assert transport.closed
+    status, headers, body = answer(transport)
+    assert (status, headers["content-type"]) == (431, "application/problem+json")
+    assert json.loads(body) == {
+        "type": "urn:optserve:problem:headers_too_large",
+        "title": "Request header fields too large", "status": 431,
+        "code": "headers_too_large", "field": "headers",
+        "detail": f"{detail}; the connection is closed"}
+
+
+def test_httptools_a_header_line_read_in_pieces_past_the_bound_is_a_431(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """httptools keeps a header line until it ends: the bytes read inside a head count."""
+    transport = feed(malformed_http.PROBLEM_HTTPTOOLS, b"GET /slow HTTP/1.1\r\nHost: t\r\nA: ",
+                     loop, bounded_app(max_head_kb=1))
+    for _ in range(3):
+        transport.protocol.data_received(b"a" * 300)
+    assert not transport.closed  # 900 bytes read in pieces wholly inside the head
+    transport.protocol.data_received(b"a" * 300)
+    assert transport.closed
+    assert answer(transport)[0] == 431
