@@ -732,7 +732,10 @@ export class OptserveClient {
         // a 503 asking for a longer wait than maxRetryAfterMs: thrown now (its retryAfter says
         // how long), not retried early
         const tooLong = err.retryAfter !== undefined && err.retryAfter * 1000 > this.maxRetryAfterMs;
-        const retryable = (err instanceof ConnectionError || err instanceof UnavailableError) && !tooLong;
+        // a session out of service that nothing restores (session_damaged without Retry-After:
+        // it keeps nothing on disk; delete it): a retry cannot help
+        const gone = err.code === "session_damaged" && err.retryAfter === undefined;
+        const retryable = (err instanceof ConnectionError || err instanceof UnavailableError) && !tooLong && !gone;
         if (!retryable || attempt >= this.maxRetries) {
           if (key !== undefined && err instanceof OptserveError) err.idempotencyKey = key;
           throw err;

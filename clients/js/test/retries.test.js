@@ -101,6 +101,27 @@ describe("Retry-After", () => {
     assert.deepEqual(delays, [10000]);
   });
 
+  test("session_damaged without Retry-After (nothing restores it) is thrown at once; with one it is retried", async () => {
+    const calls = [];
+    const delays = [];
+    const gone = async (url, init) => {
+      calls.push({ url, init });
+      if (calls.length > 1) return new Response('{"status":"ok"}', { status: 200, headers: { "Content-Type": "application/json" } });
+      return new Response(JSON.stringify({ status: 503, code: "session_damaged", detail: "delete it" }), {
+        status: 503, headers: { "Content-Type": "application/problem+json" },
+      });
+    };
+    const c = new OptserveClient({ baseUrl: "http://optserve.invalid", fetch: gone, sleep: recorder(delays) });
+    const err = await c.health().catch((e) => e);
+    assert.ok(err instanceof UnavailableError, String(err));
+    assert.equal(err.code, "session_damaged");
+    assert.equal(calls.length, 1);
+    assert.deepEqual(delays, []);
+    const healing = new OptserveClient({ baseUrl: "http://optserve.invalid", fetch: unavailableThenOk([], 3), sleep: recorder(delays) });
+    assert.deepEqual(await healing.health(), { status: "ok" });
+    assert.deepEqual(delays, [3000]);
+  });
+
   test("a short Retry-After still waits at least the backoff", async () => {
     const delays = [];
     const c = new OptserveClient({ baseUrl: "http://optserve.invalid", fetch: unavailableThenOk([], 0), sleep: recorder(delays), random: () => 0 });

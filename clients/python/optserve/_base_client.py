@@ -8,7 +8,8 @@ already applied with the original answer instead of applying it again (also afte
 
 Retry policy: when no HTTP response came back (connection refused or dropped, timeouts), and
 when the server answers 503 (it could not take the operation now and applied nothing: a storage
-error, a session host restarting). Never on other statuses. The delay grows exponentially from
+error, a session host restarting). Never on other statuses, nor on a 503 ``session_damaged``
+without ``Retry-After`` (a session nothing restores: delete it). The delay grows exponentially from
 ``INITIAL_RETRY_DELAY``, is capped at ``MAX_RETRY_DELAY`` and carries random jitter; a 503's
 ``Retry-After`` is waited in full when longer, up to the client's ``max_retry_after`` (default
 ``DEFAULT_MAX_RETRY_AFTER``, 60 s): a 503 asking for longer is raised at once, not retried
@@ -167,11 +168,17 @@ class BaseClient(Generic[HttpxClientT]):
         after = response.headers.get("retry-after", "")
         # (an ASCII number only: "²" is a digit to str.isdigit, not to float)
         seconds = float(after) if after.isascii() and after.isdigit() else None
-        return self._wait_503(attempt, seconds)
+        return self._wait_503(attempt, seconds, _problem_code(response))
 
-    def _wait_503(self, attempt: int, retry_after: float | None) -> float | None:
+    def _wait_503(self, attempt: int, retry_after: float | None,
+                  code: object = None) -> float | None:
         """Seconds to wait before retrying a 503: the backoff, or the server's Retry-After
-        when longer; None (raise it now) when Retry-After is past ``max_retry_after``."""
+        when longer; None (raise it now) when Retry-After is past ``max_retry_after``, or
+        for a session out of service that no retry brings back (``session_damaged`` without
+        a Retry-After: nothing on disk restores it; one with a Retry-After is restored from its
+        store once its disk works)."""
+        if code == "session_damaged" and retry_after is None:
+            return None
         delay = self._retry_delay(attempt)
         if retry_after is not None:
             if retry_after > self.max_retry_after:
@@ -385,4 +392,16 @@ class AsyncAPIClient(BaseClient[httpx.AsyncClient]):
         return self._client.is_closed
 
 
+def _problem_code(response: httpx.Response) -> object:
+    """The ``code`` of a problem+json answer, or None."""
+    if "json" not in response.headers.get("content-type", ""):
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body.get("code") if isinstance(body, dict) else None
+
+
 __all__ = ["BaseClient", "SyncAPIClient", "AsyncAPIClient"]
+

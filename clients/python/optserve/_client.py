@@ -274,7 +274,8 @@ class Client(SyncAPIClient):
                 # nothing was applied: wait as the server asks, then the same key
                 after = exc.problem.get("retry_after")
                 delay = self._wait_503(attempt, float(after)
-                                       if isinstance(after, (int, float)) else None)
+                                       if isinstance(after, (int, float)) else None,
+                                       exc.problem.get("code"))
                 if delay is None:  # longer than max_retry_after: the caller decides
                     raise
                 time.sleep(delay)

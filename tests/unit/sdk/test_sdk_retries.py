@@ -291,3 +291,24 @@ def test_async_client_honours_retry_after_up_to_its_maximum(sleeps: list[float])
 
     asyncio.run(main())
     assert len(script.requests) == 3 and sleeps == [30.0]
+
+
+def test_a_session_no_retry_restores_is_raised_at_once(sleeps: list[float]) -> None:
+    """``session_damaged`` without ``Retry-After`` (a session with nothing on disk to restore
+    it from: delete it) is raised without a retry; with one (restored from its store once its
+    disk works) it is retried after the wait asked, like any 503."""
+    gone = Script(lambda: httpx.Response(503, json={"detail": "delete it",
+                                                    "code": "session_damaged"}), STEP_OK)
+    with client(gone) as c, pytest.raises(optserve.APIStatusError) as info:
+        c.step("s", {"w": [1.0]}, return_params=False)
+    assert len(gone.requests) == 1 and sleeps == []
+    assert info.value.status_code == 503 and info.value.problem["code"] == "session_damaged"
+    other = Script(lambda: httpx.Response(503, json={"detail": "later", "code": "unavailable"}),
+                   STEP_OK)
+    with client(other) as c:
+        c.step("s", {"w": [1.0]}, return_params=False)
+    assert len(other.requests) == 2 and len(sleeps) == 1
+    healing = Script(unavailable_for("3"), STEP_OK)
+    with client(healing) as c:
+        c.step("s", {"w": [1.0]}, return_params=False)
+    assert len(healing.requests) == 2 and sleeps[-1] == 3.0
