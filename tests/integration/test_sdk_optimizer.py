@@ -780,3 +780,36 @@ def test_five_thousand_tiny_parameters_step_like_torch_without_collections(
         assert during_steps <= 3 * 4, during_steps
         assert during_create <= 5, during_create
         remote.close(delete_session=True)
+
+
+def _typed(value: Any) -> Any:
+    """A tree with each list and tuple tagged by its type (``==`` ignores the difference)."""
+    if isinstance(value, dict):
+        return {k: _typed(v) for k, v in value.items() if k != "params"}
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, [_typed(v) for v in value])
+    return value
+
+
+def test_adafactor_eps_pair_with_none_stays_a_tuple_as_in_torch(client: optserve.Client) -> None:
+    """Adafactor's default ``eps`` is ``(None, 1e-3)``: the remote optimizer's defaults, groups
+    and ``state_dict()`` hold it as the tuple torch holds (JSON made it a list), and the run is
+    bitwise torch's."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    twin = copy.deepcopy(model)
+    local = torch.optim.Adafactor(twin.parameters(), lr=0.01)
+    remote = optserve.RemoteOptimizer(model.parameters(), "Adafactor", client, lr=0.01)
+    for i in range(3):
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(i))
+        for m, opt in ((twin, local), (model, remote)):
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+    assert_same_params(model, twin)
+    assert remote.defaults["eps"] == (None, 1e-3)
+    assert _typed(remote.defaults) == _typed(local.defaults)
+    assert _typed(remote.param_groups) == _typed(local.param_groups)
+    remote_sd, local_sd = remote.state_dict(), local.state_dict()
+    assert _typed(remote_sd["param_groups"]) == _typed(local_sd["param_groups"])
+    _same_tree(remote_sd["state"], local_sd["state"])

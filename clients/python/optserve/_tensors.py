@@ -391,12 +391,10 @@ _NOT_OPTIONS = ("params", "param_names")
 
 
 def _tupleize(v: Any) -> Any:
-    """torch keeps pairs such as Adam's ``betas`` as tuples; JSON made them lists."""
-    if (
-        isinstance(v, list)
-        and v
-        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-    ):
+    """torch keeps pairs such as Adam's ``betas`` as tuples; JSON made them lists. An element
+    may be ``None`` where torch's is (Adafactor's default ``eps`` is ``(None, 1e-3)``)."""
+    numbers = [x for x in v if x is not None] if isinstance(v, list) else []
+    if numbers and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
         return tuple(v)
     return v
 
