@@ -175,6 +175,21 @@ def _answer_head_timeout(protocol: Any, begun: bool) -> None:
     _close(protocol)
 
 
+class _HeadClock:
+    """The head clock's start as a connection opens and its stop as it is lost, before the
+    uvicorn protocol it is mixed into (which starts and stops it at each request head too)."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        _start_head_clock(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        _stop_head_clock(self)
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
 def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] | None]:
     """The httptools and h11 protocols answering in problem+json, or None for one that cannot
     be made (its library missing, or a uvicorn without ``send_400_response``)."""
@@ -187,14 +202,13 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
     else:
         if callable(getattr(HttpToolsProtocol, "send_400_response", None)):
 
-            class ProblemHttpToolsProtocol(HttpToolsProtocol):
+            class ProblemHttpToolsProtocol(_HeadClock, HttpToolsProtocol):
                 """uvicorn's httptools protocol; a refused request gets problem+json. A
                 refusal of a request pipelined after one still being answered waits for that
                 answer (uvicorn's own answer took its place, closing the connection). Its
                 request heads are bounded in time, bytes and lines (the module's docstring)."""
 
                 _refusal: bytes | None = None
-                _head_timer: asyncio.TimerHandle | None = None
                 #: a request's first byte is read and not yet all its headers
                 _in_head = False
                 _heads_begun = 0
@@ -209,15 +223,6 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                     super().__init__(*args, **kwargs)
                     self._head_timeout, self._max_head, self._max_headers = head_bounds(
                         self.config)
-
-                def connection_made(self, transport: asyncio.Transport  # type: ignore[override]
-                                    ) -> None:
-                    super().connection_made(transport)
-                    _start_head_clock(self)
-
-                def connection_lost(self, exc: Exception | None) -> None:
-                    _stop_head_clock(self)
-                    super().connection_lost(exc)
 
                 def _head_timed_out(self) -> None:
                     _answer_head_timeout(self, self._in_head)
@@ -309,24 +314,13 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
     else:
         if callable(getattr(H11Protocol, "send_400_response", None)):
 
-            class ProblemH11Protocol(H11Protocol):
+            class ProblemH11Protocol(_HeadClock, H11Protocol):
                 """uvicorn's h11 protocol; a refused request gets problem+json. Its request
                 heads are bounded in time (the module's docstring); h11 bounds their size."""
-
-                _head_timer: asyncio.TimerHandle | None = None
 
                 def __init__(self, *args: Any, **kwargs: Any) -> None:
                     super().__init__(*args, **kwargs)
                     self._head_timeout = head_bounds(self.config)[0]
-
-                def connection_made(self, transport: asyncio.Transport  # type: ignore[override]
-                                    ) -> None:
-                    super().connection_made(transport)
-                    _start_head_clock(self)
-
-                def connection_lost(self, exc: Exception | None) -> None:
-                    _stop_head_clock(self)
-                    super().connection_lost(exc)
 
                 def _head_timed_out(self) -> None:
                     # a request begun: h11 holds the bytes of a head it has not parsed yet

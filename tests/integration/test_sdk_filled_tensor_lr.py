@@ -18,6 +18,7 @@ from torch import nn
 
 import optserve
 from tests.integration.test_sdk_optimizer import batch, mlp
+from tests.unit.test_filled_tensor_options import torch_shared_slots as shared_slots
 
 pytestmark = pytest.mark.integration
 
@@ -149,20 +150,6 @@ def test_a_replaced_lr_leaves_the_defaults(client: optserve.Client, binary: bool
 
 
 # ------------------------------------------------------------------ which options are one tensor
-def shared_slots(opt: torch.optim.Optimizer) -> list[list[list[Any]]]:
-    """The option slots (``["defaults", key]`` or ``[group index, key]``) that hold one tensor
-    object, one list per tensor held by more than one, defaults first, then group order."""
-    found: dict[int, list[list[Any]]] = {}
-    for key, value in opt.defaults.items():
-        if isinstance(value, torch.Tensor):
-            found.setdefault(id(value), []).append(["defaults", key])
-    for index, group in enumerate(opt.param_groups):
-        for key, value in group.items():
-            if key not in ("params", "param_names") and isinstance(value, torch.Tensor):
-                found.setdefault(id(value), []).append([index, key])
-    return [slots for slots in found.values() if len(slots) > 1]
-
-
 def exported_group_sharing(client: optserve.Client, session_id: str) -> list[list[int]]:
     """Which groups' lr are one tensor in the session's ``torch.save`` export (``?format=
     torch``, which keeps tensor identity, as torch's own ``state_dict()`` does)."""
