@@ -98,7 +98,7 @@ def backward(m: nn.Module, k: int) -> None:
     m(torch.randn(4, 6, generator=torch.Generator().manual_seed(k))).pow(2).sum().backward()
 
 
-def torch_run(steps: int) -> nn.Linear:
+def torch_run(steps: int) -> tuple[nn.Linear, torch.optim.SGD]:
     """In-process torch.optim.SGD: the first ``steps`` of batches 1, 2, ..."""
     m = model()
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
@@ -106,7 +106,7 @@ def torch_run(steps: int) -> nn.Linear:
         opt.zero_grad()
         backward(m, k)
         opt.step()
-    return m
+    return m, opt
 
 
 def assert_equal(a: nn.Module, b: nn.Module) -> None:
@@ -114,11 +114,20 @@ def assert_equal(a: nn.Module, b: nn.Module) -> None:
         assert torch.equal(x.detach(), y.detach()), name
 
 
+@pytest.mark.parametrize("worker", [False, True], ids=["own-session", "worker"])
 @pytest.mark.parametrize("mode", ["lost", "unsent"], ids=["applied", "not-applied"])
-def test_the_users_retry_of_an_unanswered_step_is_applied_once(setup: Setup,
-                                                               mode: str) -> None:
+def test_the_users_retry_of_an_unanswered_step_is_applied_once(setup: Setup, mode: str,
+                                                               worker: bool) -> None:
     m = model()
-    opt = optserve.RemoteOptimizer(m.parameters(), "SGD", setup.client, lr=0.1, momentum=0.9)
+    if worker:  # a parameter-server worker (its steps carry base_version)
+        sid = setup.client.create_session(
+            "SGD", {n: p.detach() for n, p in m.named_parameters()},
+            options={"lr": 0.1, "momentum": 0.9}).id
+        opt = optserve.RemoteOptimizer(m.named_parameters(), client=setup.client,
+                                       session_id=sid, worker="w1")
+    else:
+        opt = optserve.RemoteOptimizer(m.parameters(), "SGD", setup.client, lr=0.1,
+                                       momentum=0.9)
     opt.zero_grad()
     backward(m, 1)
     setup.set(mode)
@@ -131,14 +140,14 @@ def test_the_users_retry_of_an_unanswered_step_is_applied_once(setup: Setup,
     assert setup.client.get_session(opt.session_id).step == 1
     keys = setup.step_keys()
     assert len(keys) == 2 and keys[0] == keys[1]
-    assert_equal(m, torch_run(1))
+    assert_equal(m, torch_run(1)[0])
     # and training goes on from there as torch's does
     opt.zero_grad()
     backward(m, 2)
     opt.step()
     assert setup.client.get_session(opt.session_id).step == 2
     assert len(set(setup.step_keys())) == 2
-    assert_equal(m, torch_run(2))
+    assert_equal(m, torch_run(2)[0])
 
 
 @pytest.mark.parametrize("change", ["backward", "zero_grad-backward", "lr"])
@@ -160,9 +169,7 @@ def test_a_step_after_an_unanswered_one_with_new_gradients_is_a_step_of_its_own(
             opt.zero_grad()
         backward(m, 2)  # (else accumulated into the same .grad tensors: their versions move)
     # torch's run of what the server applied: its first step, then this one's gradients
-    ref = torch_run(1)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
-    ref_opt.load_state_dict(torch_state(1))
+    ref, ref_opt = torch_run(1)
     ref_opt.param_groups[0]["lr"] = opt.param_groups[0]["lr"]
     for p, q in zip(ref.parameters(), m.parameters(), strict=True):
         assert q.grad is not None
@@ -175,13 +182,3 @@ def test_a_step_after_an_unanswered_one_with_new_gradients_is_a_step_of_its_own(
     assert setup.client.get_session(opt.session_id).step == 2
     assert_equal(m, ref)
 
-
-def torch_state(steps: int) -> dict[str, Any]:
-    """torch's SGD state dict after ``steps`` (its momentum buffers)."""
-    m = model()
-    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-    for k in range(1, steps + 1):
-        opt.zero_grad()
-        backward(m, k)
-        opt.step()
-    return opt.state_dict()
