@@ -182,3 +182,29 @@ def test_a_step_after_an_unanswered_one_with_new_gradients_is_a_step_of_its_own(
     assert setup.client.get_session(opt.session_id).step == 2
     assert_equal(m, ref)
 
+
+
+def test_a_same_host_step_without_an_answer_retried_over_http_is_answered(
+        live_server: str) -> None:
+    """The socket step got no answer, then the socket is gone (``"auto"`` steps over HTTP):
+    the user's retry over HTTP is the same request (its norms asked in the history, as the
+    socket's was), so the server answers it (not a 422 ``idempotency_key_reused``)."""
+    s = Setup(live_server, "auto")
+    try:
+        m = model()
+        opt = optserve.RemoteOptimizer(m.parameters(), "SGD", s.client, lr=0.1, momentum=0.9)
+        backward(m, 1)
+        s.set("lost")
+        with pytest.raises(OSError):
+            opt.step()
+        s.set(None)
+        s.client._thread.channel = None  # the same-host transport gone: HTTP from now on
+        s.client._local_path, s.client._local_checked = None, True
+        opt.step()
+        keys = s.step_keys()
+        assert len(keys) == 2 and keys[0] == keys[1] and len(s.http.keys) == 1
+        assert s.client.get_session(opt.session_id).step == 1
+        assert_equal(m, torch_run(1)[0])
+    finally:
+        s.client.close()
+        s.http_client.close()
