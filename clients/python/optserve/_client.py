@@ -240,6 +240,11 @@ class Client(SyncAPIClient):
         channel = self._local_channel()
         if channel is None:
             return None
+        # a connection that broke on an earlier step's last try (closed then): anew, before
+        # this step is sent (else it would fail on it at once, and with no retries left for
+        # good)
+        if not channel.connected and not self._reconnect(channel):
+            return None
         changes = _api.group_changes(param_groups) or None
         for attempt in range(self.max_retries + 1):
             if sent is not None and not sent:

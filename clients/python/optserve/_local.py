@@ -130,6 +130,11 @@ class LocalChannel:
             self._sock.close()
             self._sock = None
 
+    @property
+    def connected(self) -> bool:
+        """Whether it holds a connection (not closed after a failure)."""
+        return self._sock is not None
+
     def close_when_free(self) -> None:
         """:meth:`close` for good, once no call of another thread is in flight on it (a step
         under way ends with its values)."""

@@ -46,9 +46,11 @@ from __future__ import annotations
 import inspect
 import math
 import uuid
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from copy import deepcopy
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, overload
 
@@ -118,6 +120,37 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
     return bool(a == b)
+
+
+def _same_tree(a: Any, b: Any) -> bool:
+    """Equal normalized option changes (:func:`_norm` of them), group by group."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
+    return _same(a, b)
+
+
+@dataclass
+class _UnansweredStep:
+    """A step sent without an answer coming back (its outcome unknown: it may have been
+    applied), and what it sent: the next ``step()`` sending the same (the user's retry) goes
+    with its key, answered if it was applied and applied if it was not, once either way."""
+
+    key: str
+    #: each gradient sent: the ``p.grad`` tensor (weakly: a freed one matches nothing) and its
+    #: version counter (a backward into it or any in-place edit bumps it)
+    grads: dict[str, tuple[weakref.ref[torch.Tensor], int]]
+    changes: Any  # the option changes sent with it, normalized
+    scalars: dict[str, float]
+    version: int  # the session version the local parameters (and its base_version) were at
+    history: bool  # it asked for its norms in the history only (the same-host path's way)
+
+    def matches(self, grads: Mapping[str, torch.Tensor], changes: Any,
+                scalars: dict[str, float], version: int) -> bool:
+        return (version == self.version and scalars == self.scalars
+                and grads.keys() == self.grads.keys()
+                and all(ref() is grads[n] and grads[n]._version == seen
+                        for n, (ref, seen) in self.grads.items())
+                and _same_tree(changes, self.changes))
 
 
 def _narrowed(grads: dict[str, torch.Tensor], wire: torch.dtype) -> dict[str, torch.Tensor]:
@@ -268,6 +301,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._worker = worker
         self._version = 0  # the session version the local parameter values belong to
         self._scalars: dict[str, float] = {}  # sent with the next step (record_scalars)
+        #: the last step if no answer came back for it (``_UnansweredStep``)
+        self._unanswered: _UnansweredStep | None = None
         #: a closure's loss goes with the step as its ``loss`` scalar (off once the session
         #: refused scalars: a sharded or Ray-hosted one)
         self._loss_scalar = True
@@ -640,7 +675,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         scalars, self._scalars = self._scalars, {}
         try:
             try:
-                self._step(scalars)
+                self._step(scalars, retry=closure is None)
             except APIStatusError as exc:
                 if not (automatic and _refuses_scalars(exc)):
                     raise
@@ -656,8 +691,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
             raise
         return loss
 
-    def _step(self, scalars: dict[str, float]) -> None:
-        """:meth:`step` after the closure: send the gradients, copy the new values in."""
+    def _step(self, scalars: dict[str, float], *, retry: bool = False) -> None:
+        """:meth:`step` after the closure: send the gradients, copy the new values in.
+
+        A step whose request got no answer (a connection error or a timeout once the client's
+        retries were spent: it may or may not have been applied) is remembered with its key;
+        the next step (``retry``: one without a closure) that sends the same (the same
+        ``p.grad`` tensors at the same versions, the same option changes, from the same
+        session version; the scalars it carried unless recorded anew) is that step's retry
+        and goes with its key: answered if it was applied, applied if it was not. Anything
+        else is a step of its own, with a fresh key (its answer's parameters are the
+        session's, whether the unanswered one was applied or not)."""
         self.push_params(only_edited=True)
         # options changed locally (by hand or by any torch scheduler) ride with the step: one
         # round trip, applied atomically with it (a sync round's step is every worker's: there
@@ -673,7 +717,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         tensors = len(self._by_name)
         wire = self._wire_dtype
         with gc_paused(tensors):
-            grads = self._grads()
+            grads = sent_grads = self._grads()
             sparse = any(g.layout != torch.strided for g in grads.values())
             if wire is not None:  # narrower gradients on the wire; the server widens them
                 grads = _narrowed(grads, wire)
@@ -681,27 +725,49 @@ class RemoteOptimizer(torch.optim.Optimizer):
         result = None
         key = uuid.uuid4().hex  # the step's, over either transport
         sent: list[bool] = []
+        socket_ok = True  # the same-host path may carry it
+        unanswered, self._unanswered = self._unanswered, None
+        sent_changes = _norm(changes)
+        if retry and unanswered is not None and unanswered.matches(
+                sent_grads, sent_changes, {**unanswered.scalars, **scalars}, self._version):
+            # the user's retry of a step that got no answer: its key and its very request
+            # (the fingerprint the server keeps covers the scalars and the metrics asked)
+            key, scalars = unanswered.key, unanswered.scalars
+            if unanswered.history:
+                sent.append(True)  # its norms in the history, over either transport
+            else:
+                socket_ok = False  # it asked over HTTP for its norms in the answer
         local = False
-        if self._client.transport != "http" and wire is None and not sparse:
-            # same host: gradients and new values through shared memory; the parameters
-            # live in their slots (zero_copy), or the values are copied from there into them
-            result = self._client._step_local(
-                self._session_id, grads, return_params=True, worker=self._worker,
-                base_version=base, param_groups=changes or None, views=True,
-                scalars=scalars or None, metrics="history", key=key, sent=sent)
-            local = result is not None
-        if result is None:
-            # a step the socket may have carried goes over HTTP asking what it asked there
-            # (its norms in the history only): the same request, so its key's first answer.
-            # Straight to HTTP: the same-host path was tried above if this step could take it
-            # (Client.step would try it a second time, to fail the same way)
-            result = self._client._step_http(
-                self._session_id, grads, return_params="touched" if sparse else True,
-                binary=self._binary, worker=self._worker, base_version=base,
-                param_groups=changes or None, upcast=wire is not None,
-                params_dtype=str(wire).removeprefix("torch.") if wire is not None else None,
-                scalars=scalars or None, into=self._answers,
-                metrics="history" if sent else "answer", key=key)
+        try:
+            if self._client.transport != "http" and wire is None and not sparse and socket_ok:
+                # same host: gradients and new values through shared memory; the parameters
+                # live in their slots (zero_copy), or the values are copied from there into
+                # them
+                result = self._client._step_local(
+                    self._session_id, grads, return_params=True, worker=self._worker,
+                    base_version=base, param_groups=changes or None, views=True,
+                    scalars=scalars or None, metrics="history", key=key, sent=sent)
+                local = result is not None
+            if result is None:
+                # a step the socket may have carried goes over HTTP asking what it asked there
+                # (its norms in the history only): the same request, so its key's first
+                # answer. Straight to HTTP: the same-host path was tried above if this step
+                # could take it (Client.step would try it a second time, to fail the same way)
+                result = self._client._step_http(
+                    self._session_id, grads, return_params="touched" if sparse else True,
+                    binary=self._binary, worker=self._worker, base_version=base,
+                    param_groups=changes or None, upcast=wire is not None,
+                    params_dtype=str(wire).removeprefix("torch.") if wire is not None else None,
+                    scalars=scalars or None, into=self._answers,
+                    metrics="history" if sent else "answer", key=key)
+        except APIStatusError as exc:
+            if exc.status_code == 503:  # (host_restarting: maybe applied; the key is safe)
+                self._remember_unanswered(key, sent_grads, sent_changes, scalars, bool(sent))
+            raise  # answered: refused, nothing applied (a retry is a step of its own)
+        except BaseException:
+            # no answer (a timeout, a broken connection, an interrupt): maybe applied
+            self._remember_unanswered(key, sent_grads, sent_changes, scalars, bool(sent))
+            raise
         self._sent(changes)
         if result.params is not None:
             # (narrowed to float16, a value past its range came back infinite)
@@ -712,6 +778,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._at(result.params_at if result.params is not None else result.version)
         self._learn(result.version)
         self._take_lrs(result.lr)
+
+    def _remember_unanswered(self, key: str, grads: Mapping[str, torch.Tensor], changes: Any,
+                             scalars: dict[str, float], history: bool) -> None:
+        self._unanswered = _UnansweredStep(
+            key, {n: (weakref.ref(g), g._version) for n, g in grads.items()}, changes,
+            dict(scalars), self._version, history)
 
     def _widened_where_infinite(self, params: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         """The parameters answered narrowed to float16, those holding an infinity pulled again
