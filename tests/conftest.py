@@ -7,6 +7,7 @@ ones carry the ``ray`` marker, and the run ends with the Ray suite's time.
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import tempfile
@@ -86,6 +87,25 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """The logging setup as it was before the test. An in-process ``python -m app``
+    (``app.__main__.main``, refusing a setting after it set up logging) points the root logger
+    at the ``sys.stderr`` of that moment, pytest's capture, which is closed after the test:
+    every later record in that worker (a live server's access log) then failed to write
+    ("I/O operation on closed file")."""
+    root = logging.getLogger()
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate)
+             for lg in (root, logging.getLogger("uvicorn"), logging.getLogger("uvicorn.error"))]
+    multiprocessing_names = logging.logMultiprocessing
+    yield
+    for lg, handlers, level, propagate in saved:
+        lg.handlers = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+    logging.logMultiprocessing = multiprocessing_names
 
 
 @pytest.fixture(scope="session")
