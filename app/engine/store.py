@@ -36,6 +36,7 @@ calls go through :class:`Files`, which tests replace to inject faults (EIO, ENOS
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -248,9 +249,8 @@ def read_log(path: Path, limit: int | None = None) -> tuple[list[bytes], int, bo
     first ``limit`` bytes when given."""
     if not path.exists():
         return [], 0, False
-    data = path.read_bytes()
-    if limit is not None:
-        data = data[:limit]
+    with open(path, "rb") as f:
+        data = f.read() if limit is None else f.read(limit)
     view = memoryview(data)
     records: list[bytes] = []
     pos = 0
@@ -632,9 +632,7 @@ class Store:
                                   code="storage_error")
             try:
                 if lg.repair:
-                    self.files.ftruncate(lg.fd, lg.good)
-                    self.files.fsync(lg.fd)
-                    lg.repair = False
+                    self._cut_to_good(lg)
                 n = _write_all(self.files, lg.fd, [head, *parts], lg.good)
                 if durability == "step" and fsync:
                     self.files.fsync(lg.fd)
@@ -673,9 +671,7 @@ class Store:
         failed), and a crash before the repair must leave a torn tail that restart drops,
         never an operation that was refused."""
         try:
-            self.files.ftruncate(lg.fd, lg.good)
-            self.files.fsync(lg.fd)
-            lg.repair = False
+            self._cut_to_good(lg)
         except OSError as exc:
             log.error("truncating %s back to %d bytes failed: %s (retried before its next "
                       "write)", lg.path, lg.good, exc)
@@ -700,9 +696,7 @@ class Store:
         with lg.lock:
             lg.good = min(lg.good, length)
             try:
-                self.files.ftruncate(lg.fd, lg.good)
-                self.files.fsync(lg.fd)
-                lg.repair = False
+                self._cut_to_good(lg)
             except OSError:
                 lg.repair = True
                 self._spoil(lg)
@@ -718,9 +712,7 @@ class Store:
             return
         with lg.lock:
             if lg.repair:
-                self.files.ftruncate(lg.fd, lg.good)
-                self.files.fsync(lg.fd)
-                lg.repair = False
+                self._cut_to_good(lg)
 
     def repair(self) -> None:
         """Retry cutting every log a failed write left long (readiness waits for it)."""
@@ -728,12 +720,15 @@ class Store:
             logs = [lg for lg in self._logs.values() if lg.repair]
         for lg in logs:
             with lg.lock:
-                try:
-                    self.files.ftruncate(lg.fd, lg.good)
-                    self.files.fsync(lg.fd)
-                    lg.repair = False
-                except OSError:
-                    continue
+                with contextlib.suppress(OSError):
+                    self._cut_to_good(lg)
+
+    def _cut_to_good(self, lg: _Log) -> None:
+        """Cut the log's file back to its last good length, durably (under ``lg.lock``); the
+        log is then no longer marked for repair. OSError when it cannot be cut."""
+        self.files.ftruncate(lg.fd, lg.good)
+        self.files.fsync(lg.fd)
+        lg.repair = False
 
     def log_length(self, session_id: str) -> int:
         try:

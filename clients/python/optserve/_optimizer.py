@@ -112,21 +112,17 @@ def _scalar(value: Any) -> float | None:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equal option values (NaN equals NaN; a bool equals only a bool)."""
+    """Equal option values, or option changes by group (NaN equals NaN; a bool equals only a
+    bool)."""
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
     return bool(a == b)
-
-
-def _same_tree(a: Any, b: Any) -> bool:
-    """Equal normalized option changes (:func:`_norm` of them), group by group."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
-    return _same(a, b)
 
 
 @dataclass
@@ -150,7 +146,7 @@ class _UnansweredStep:
                 and grads.keys() == self.grads.keys()
                 and all(ref() is grads[n] and grads[n]._version == seen
                         for n, (ref, seen) in self.grads.items())
-                and _same_tree(changes, self.changes))
+                and _same(changes, self.changes))
 
 
 def _narrowed(grads: dict[str, torch.Tensor], wire: torch.dtype) -> dict[str, torch.Tensor]:
