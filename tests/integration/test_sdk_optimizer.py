@@ -505,6 +505,26 @@ def test_scheduler_state_dicts_work_with_remote(client: optserve.Client) -> None
     assert client.get_session(remote2.session_id).lr == [remote.param_groups[0]["lr"]]
 
 
+@pytest.mark.parametrize("name, options", [
+    ("Adam", {"lr": -1.0}), ("Adam", {"betas": (0.9, 1.5)}), ("Adam", {"eps": -1.0}),
+    ("AdamW", {"weight_decay": -1.0}), ("SGD", {"lr": 0.1, "nesterov": True}),
+    ("RMSprop", {"alpha": -1.0}), ("Rprop", {"etas": (1.5, 1.2)}),
+])
+def test_constructor_refusals_are_torchs_exception_type(client: optserve.Client, name: str,
+                                                        options: dict[str, Any]) -> None:
+    """What torch's constructor refuses, ``RemoteOptimizer`` refuses with an exception of the
+    same built-in type (the server's 422 ``ValidationError`` is a ``ValueError``): code that
+    catches torch's ``ValueError`` catches ours."""
+    with pytest.raises(Exception) as local:
+        getattr(torch.optim, name)(mlp().parameters(), **options)
+    with pytest.raises(Exception) as remote:
+        optserve.RemoteOptimizer(mlp().parameters(), name, client, **options)
+    assert type(local.value) is ValueError
+    assert isinstance(remote.value, ValueError)
+    assert isinstance(remote.value, optserve.ValidationError)
+    assert remote.value.field is not None and remote.value.field.startswith("options.")
+
+
 def test_constructor_errors(client: optserve.Client) -> None:
     with pytest.raises(TypeError, match="iterable of Tensors"):
         optserve.RemoteOptimizer(torch.zeros(2, requires_grad=True), client=client)

@@ -15,6 +15,7 @@ Our exception hierarchy::
         ├── PreconditionFailedError    412  a conditional import's session changed meanwhile
         ├── PayloadTooLargeError       413  body over the server's limit
         ├── ValidationError            422  bad option, shape/dtype mismatch, unknown name, ...
+        │                                   (also a ValueError, as torch raises for these)
         ├── RateLimitError             429
         └── InternalServerError        5xx
 
@@ -214,8 +215,12 @@ class PayloadTooLargeError(APIStatusError):
     """413: the body is larger than the server accepts."""
 
 
-class ValidationError(APIStatusError):
-    """422: anything else the client got wrong; :attr:`field` names the input."""
+class ValidationError(APIStatusError, ValueError):
+    """422: anything else the client got wrong; :attr:`field` names the input.
+
+    Also a ``ValueError``, as what torch raises for the same mistakes (an invalid lr, betas
+    out of range, a state_dict that does not fit): code written for ``torch.optim`` that
+    catches ``ValueError`` catches it from ``RemoteOptimizer`` too."""
 
 
 class RateLimitError(APIStatusError):
