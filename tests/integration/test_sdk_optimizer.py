@@ -525,6 +525,54 @@ def test_constructor_refusals_are_torchs_exception_type(client: optserve.Client,
     assert remote.value.field is not None and remote.value.field.startswith("options.")
 
 
+def assert_same_form(a: Any, b: Any, where: str = "") -> None:
+    """``a`` and ``b`` equal and of the same types all the way down (a list is not a tuple;
+    tensors bitwise)."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} {a!r} vs {type(b).__name__} {b!r}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            assert_same_form(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_form(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("name, options, group", [
+    ("Adam", {"betas": [0.9, 0.99]}, {"betas": [0.8, 0.9]}),  # torch: the default a tuple
+    ("AdamW", {"betas": [0.85, 0.95]}, {}),
+    ("NAdam", {"betas": [0.9, 0.99]}, {"betas": (0.8, 0.9)}),  # torch: kept as given
+    ("RAdam", {"betas": [0.9, 0.99]}, {}),
+    ("Adamax", {"betas": (0.9, 0.99)}, {"betas": [0.8, 0.9]}),
+    ("Rprop", {"etas": [0.4, 1.3], "step_sizes": [1e-6, 40]}, {"etas": (0.3, 1.1)}),
+])
+def test_pair_options_keep_torchs_form(client: optserve.Client, name: str,
+                                       options: dict[str, Any], group: dict[str, Any]) -> None:
+    """Pairs given as lists or tuples, in the defaults or a group, are held as torch's own
+    optimizer holds them (Adam makes its default ``betas`` a tuple; the others keep what was
+    given), in ``param_groups``, ``defaults`` and ``state_dict()`` (a list never equals a
+    tuple: code comparing the two state dicts saw them differ)."""
+    def groups(model: nn.Module) -> list[dict[str, Any]]:
+        return [{"params": [model[0].weight, model[0].bias]},
+                {"params": list(model[2].parameters()), **group}]
+    local_model, remote_model = mlp(), mlp()
+    local = getattr(torch.optim, name)(groups(local_model), **options)
+    remote = optserve.RemoteOptimizer(groups(remote_model), name, client, **options)
+    train(local_model, local, 2)
+    train(remote_model, remote, 2)
+    for lg, rg in zip(local.param_groups, remote.param_groups, strict=True):
+        assert_same_form({k: v for k, v in lg.items() if k != "params"},
+                         {k: rg[k] for k in lg if k != "params"}, "param_groups")
+    for k in options:
+        assert_same_form(local.defaults[k], remote.defaults[k], f"defaults.{k}")
+    assert_same_form(local.state_dict(), remote.state_dict(), "state_dict")
+
+
 def test_constructor_errors(client: optserve.Client) -> None:
     with pytest.raises(TypeError, match="iterable of Tensors"):
         optserve.RemoteOptimizer(torch.zeros(2, requires_grad=True), client=client)

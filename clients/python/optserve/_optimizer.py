@@ -251,6 +251,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 raise ValueError("a worker joining a session takes the session's options, "
                                  "scheduler and policies; pass none of them")
         self._initializing = True
+        options = _as_torch_makes(optimizer, options)
         items: list[Any] = list(params)
         # Each group's own options, before torch fills in the defaults.
         explicit: list[dict[str, Any]] = [{}]
@@ -890,7 +891,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._learn(version)  # (opt.state read next is not older than this)
         groups = []
         for local, server in zip(self.param_groups, sd["param_groups"], strict=True):
-            packed = {k: v for k, v in server.items() if k not in _NOT_OPTIONS}
+            packed = {k: _in_form_of(v, local.get(k)) for k, v in server.items()
+                      if k not in _NOT_OPTIONS}
             packed.update(
                 {k: v for k, v in local.items() if k not in _NOT_OPTIONS and k not in packed}
             )
@@ -1071,6 +1073,34 @@ def _groups_share_tensors(groups: list[dict[str, Any]]) -> bool:
                     return True
                 seen.add(id(value))
     return False
+
+
+def _as_torch_makes(optimizer: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with each list that torch's own constructor of ``optimizer`` holds as a
+    tuple (Adam's and AdamW's ``betas``) as that tuple, so that the defaults, and the groups
+    that take them, hold what a local optimizer's would. Others keep the list given, as torch
+    does (NAdam's ``betas``, Rprop's ``etas``). Worked out by torch itself: its class made here
+    on one placeholder tensor (nothing changes when there is no such class here, or it refuses
+    the options: the server's create then says what is wrong)."""
+    lists = [k for k, v in options.items() if type(v) is list]
+    local = getattr(torch.optim, optimizer, None)
+    if not lists or not (isinstance(local, type) and issubclass(local, torch.optim.Optimizer)):
+        return options
+    try:
+        made = local([torch.zeros(1, requires_grad=True)], **options).defaults
+    except Exception:  # noqa: BLE001 - the server's create answers what is wrong
+        return options
+    return {**options, **{k: made[k] for k in lists
+                          if type(made.get(k)) is tuple and len(made[k]) == len(options[k])}}
+
+
+def _in_form_of(value: Any, local: Any) -> Any:
+    """A server's option ``value`` (pairs decoded as tuples) as a list where the local group
+    holds that option as a list of the same length (torch's groups hold the object given:
+    NAdam's ``betas=[0.9, 0.99]`` stays a list in a local optimizer's state_dict)."""
+    if type(local) is list and type(value) is tuple and len(value) == len(local):
+        return list(value)
+    return value
 
 
 def _without_defaults(options: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
