@@ -435,27 +435,29 @@ class LocalRouter:
         hosts: list[tuple[Host, str]] = [(self.local, shard_key(key, i, layout.shards))
                                          for i in range(layout.shards)]
         self._creating.add(key)
-        kept = False  # (the shards made, kept for the retry that finishes the create)
         try:
-            session, info = await ShardedSession.create(key, spec, layout, hosts, idem=idem)
+            try:
+                session, info = await ShardedSession.create(key, spec, layout, hosts, idem=idem)
+            except BaseException:
+                self._drop_entry(key, entry["made"])
+                raise
             if idem is not None:
                 try:
                     self.directory.note_created(split_key(key)[0], idem.key, idem.fingerprint,
                                                 key)
                 except OSError as exc:
-                    kept = not await self._undo_shards(hosts)
-                    if kept:  # as a create a crash cut before its index (_cut_create)
-                        self._unindexed[(split_key(key)[0], idem.key)] = key
-                        self._sharded_keys.add(key)
+                    # not acknowledged: its shards and its entry go, so nothing is left
+                    if await self._undo_shards(hosts):
+                        self._drop_entry(key, entry["made"])
+                        raise storage_failure(exc, "indexing the create's Idempotency-Key") \
+                            from exc
+                    # (they stay: as a create a crash cut before its index, :meth:`_cut_create`)
+                    self._unindexed[(split_key(key)[0], idem.key)] = key
+                    self._sharded_keys.add(key)
                     raise storage_failure(
                         exc, "indexing the create's Idempotency-Key",
                         outcome="the create was not completed; retry it with the same "
-                                "Idempotency-Key to complete it" if kept
-                        else "nothing was applied") from exc
-        except BaseException:
-            if not kept:
-                self._drop_entry(key, entry["made"])
-            raise
+                                "Idempotency-Key to complete it") from exc
         finally:
             self._creating.discard(key)
         self._sharded[key] = session
