@@ -225,7 +225,11 @@ class _Capped:
             self._refused_linger = True
             transport.close()
             return
-        if transport.can_write_eof():
+        try:
+            half_close = transport.can_write_eof()
+        except NotImplementedError:
+            half_close = False
+        if half_close:  # (the answer, then FIN: the client reads it whole)
             transport.write_eof()
         self._refused_linger = protocol.loop.call_later(connection_cap.LINGER_S, transport.close)
         self._lingering_in = slots
