@@ -20,6 +20,7 @@ not applied again). See :mod:`app.engine.shards`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -449,6 +450,10 @@ class LocalRouter:
                     # not acknowledged: its shards and its entry go, so nothing is left
                     if await self._undo_shards(hosts):
                         self._drop_entry(key, entry["made"])
+                        # (an index in place, its folder's fsync failed: it goes too; one
+                        # left names no session, and the retry makes one and indexes it)
+                        with contextlib.suppress(OSError):
+                            self.directory.drop_created(split_key(key)[0], idem.key, key)
                         raise storage_failure(exc, "indexing the create's Idempotency-Key") \
                             from exc
                     # (they stay: as a create a crash cut before its index, :meth:`_cut_create`)

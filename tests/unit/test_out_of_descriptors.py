@@ -29,6 +29,7 @@ from app.api.connection_cap import ConnectionSlots, default_limit
 from app.engine import Front, embedded_engine
 from app.engine.directory import Directory
 from app.engine.interface import CreateSpec, GroupSpec, IdemKey, SessionInfo
+from app.engine.store import Files
 from app.errors import StorageFull, Unavailable
 from app.main import create_app
 from app.transport import local as local_module
@@ -111,13 +112,24 @@ def test_a_create_whose_directory_read_fails_changes_nothing(
     asyncio.run(run())
 
 
+def fsync_creates_fails(real: Any) -> Any:
+    """``Files.fsync_dir`` failing (EMFILE: it opens the folder) for ``.creates`` only: the
+    index is in place, not known to be on disk."""
+    def fsync_dir(files: Files, path: Path) -> None:
+        if path.name == ".creates":
+            emfile()
+        real(files, path)
+    return fsync_dir
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
 def test_a_sharded_create_whose_index_write_fails_leaves_no_session(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     """A keyed sharded create made its shards, then its ``.creates`` index could not be
-    written (EMFILE): the OSError went out as a 500 and left the session made and its entry
-    claimed, unindexed; its retry (same key) was a 409 ``session_exists``. Its shards are
-    deleted and its entry dropped: a 503, no session; the retry makes it and it steps as
-    torch does; a later retry is answered with it."""
+    written, or its folder not fsynced (EMFILE): the OSError went out as a 500 and left the
+    session made and its entry claimed; its retry (same key) was a 409 ``session_exists``.
+    Its shards are deleted, its entry and its index dropped: a 503, no session; the retry
+    makes it and it steps as torch does; a later retry is answered with it."""
     idem = IdemKey("k-sharded", "create sharded s")
 
     async def run() -> None:
@@ -125,12 +137,16 @@ def test_a_sharded_create_whose_index_write_fails_leaves_no_session(
         await eng.start()
         try:
             with monkeypatch.context() as m:
-                m.setattr(Directory, "note_created", emfile)
+                if where == "write":
+                    m.setattr(Directory, "note_created", emfile)
+                else:
+                    m.setattr(Files, "fsync_dir", fsync_creates_fails(Files.fsync_dir))
                 with pytest.raises(Unavailable) as err:
                     await eng.create(spec("s", 2), idem=idem)
             assert_out_of_descriptors(err.value)
             assert await eng.list_sessions() == []
             assert Directory(tmp_path / "directory").keys() == []
+            assert list((tmp_path / "directory" / ".creates").iterdir()) == []
             info = await eng.create(spec("s", 2), idem=idem)
             assert (info.id, info.replayed) == ("s", False)
             await step_once_equals_torch(eng, "s")
@@ -196,6 +212,38 @@ def test_a_sharded_delete_whose_directory_write_fails_keeps_the_session(
             await eng.stop()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_a_directory_write_that_fails_leaves_no_temporary_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    """An entry, index or mark whose temporary file could not be fsynced or renamed into
+    place was left as a ``.tmp-*`` file in the directory, one more per failure (nothing
+    removes them). The write fails and leaves none; once the disk works it succeeds."""
+    d = Directory(tmp_path / "directory")
+    writes = {
+        "claim": lambda: d.claim("default~a", {"made": "m"}),
+        "put": lambda: d.put("default~a", {"made": "m"}),
+        "note_created": lambda: d.note_created("default", "k", "f", "default~a"),
+        "claim_created": lambda: d.claim_created("default", "k2", "f", "default~a"),
+        "note_deleted": lambda: d.note_deleted("default", "k", "f", "default~a"),
+    }
+    # (replace: only the writes that rename; the others link, then remove their temporary)
+    names = ["note_created", "note_deleted", "put"] if failing == "replace" else list(writes)
+
+    def eio(*_: object) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    for name in names:
+        with monkeypatch.context() as m:
+            m.setattr(directory_module.os, failing, eio)
+            with pytest.raises(OSError):
+                writes[name]()
+        left = [p.name for p in (tmp_path / "directory").rglob(".tmp-*")]
+        assert left == [], (name, left)
+    for name in names:
+        writes[name]()
+    assert d.get("default~a") == {"made": "m"}
+    assert d.created("default", "k") is not None and d.deleted("default", "k") is not None
 
 
 # ----------------------------------------------------------------------------- over HTTP
