@@ -50,11 +50,26 @@ log = logging.getLogger("optserve.api")
 def default_limit(soft: int | None = None) -> int:
     """The connections allowed by default, for the soft descriptor limit ``soft`` (this
     process's when None)."""
-    if soft is None:
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft == resource.RLIM_INFINITY or soft < 0 or soft > UNLIMITED:
-        soft = UNLIMITED
+    soft = min(soft_limit() if soft is None else soft, UNLIMITED)
     return max(FLOOR, soft - max(RESERVE_MIN, soft // RESERVE_SHARE))
+
+
+def soft_limit() -> int:
+    """This process's soft descriptor limit (an unlimited one as :data:`UNLIMITED`)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return UNLIMITED if soft == resource.RLIM_INFINITY or soft < 0 else soft
+
+
+def reserve_warning(setting: int, soft: int | None = None) -> str | None:
+    """What to warn about a set ``OPTSERVE_MAX_CONNECTIONS`` (``setting``; 0: the default)
+    that leaves fewer descriptors for the server's files than the default would, or None."""
+    soft = soft_limit() if soft is None else soft
+    if not setting or setting <= default_limit(soft):
+        return None
+    return (f"OPTSERVE_MAX_CONNECTIONS={setting} leaves {max(soft - setting, 0)} of this "
+            f"process's {soft} file descriptors (ulimit -n) for its files: with that many "
+            "connections open, operations may fail (503 out_of_file_descriptors); raise the "
+            f"limit or leave the setting at 0 ({default_limit(soft)} here)")
 
 
 class ConnectionSlots:

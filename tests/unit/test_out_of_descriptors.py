@@ -25,7 +25,7 @@ import torch
 from fastapi.testclient import TestClient
 
 import app.engine.directory as directory_module
-from app.api.connection_cap import ConnectionSlots, default_limit
+from app.api.connection_cap import ConnectionSlots, default_limit, reserve_warning
 from app.engine import Front, embedded_engine
 from app.engine.directory import Directory
 from app.engine.interface import CreateSpec, GroupSpec, IdemKey, SessionInfo
@@ -414,6 +414,13 @@ def test_same_host_connections_count_against_the_bound(
     (120, 56), (1024, 768), (65536, 49152), (40, 8), (2 ** 40, 786432)])
 def test_the_default_bound_keeps_a_reserve_of_descriptors(soft: int, limit: int) -> None:
     assert default_limit(soft) == limit
+
+
+def test_a_bound_that_eats_the_reserve_is_warned_about() -> None:
+    assert reserve_warning(0, 1024) is None and reserve_warning(768, 1024) is None
+    warning = reserve_warning(1000, 1024)
+    assert warning is not None and warning.startswith(
+        "OPTSERVE_MAX_CONNECTIONS=1000 leaves 24 of this process's 1024 file descriptors")
 
 
 def test_storage_full_is_unchanged() -> None:
