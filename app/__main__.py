@@ -26,6 +26,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from app.api.connection_cap import reserve_warning
 from app.api.malformed_http import http_protocol
 from app.config import (
     EXIT_CONFIG,
@@ -144,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     if not keys and not is_loopback(settings.host):
         log.warning("serving %s WITHOUT authentication (OPTSERVE_ALLOW_OPEN=1): anyone who can "
                     "reach it can read and change every session", settings.host)
+    crowded = reserve_warning(settings.max_connections)
+    if crowded:
+        log.warning("%s", crowded)
     from app.main import create_app  # torch and the engine: only once the settings are sound
     from app.runtime import settle_gc
 

@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     max_headers: int = Field(
         default=200, ge=1, le=10_000,
         description="431 when a request has more header lines than this (python -m app)")
+    max_connections: int = Field(
+        default=0, ge=0,
+        description="503 too_many_connections and close for a connection (HTTP or same-host) "
+        "past this many open at once (0: the soft RLIMIT_NOFILE less a quarter of it, at least "
+        "64, kept for the server's files)")
     torch_threads: int = Field(
         default=0, ge=0, description="torch intra-op threads on the worker (0: torch's default)"
     )

@@ -31,6 +31,7 @@ from app.api import (
     ui,
 )
 from app.api.auth import AuthMiddleware, parse_keys
+from app.api.connection_cap import ConnectionSlots, default_limit
 from app.api.cors import ProblemCORSMiddleware
 from app.api.step_lane import StepLane
 from app.config import EXIT_CONFIG, ConfigError, Settings, load_settings, metrics_readers
@@ -81,7 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         local = None
         # (the Ray engine's sessions live in other processes, often on other machines)
         if settings.local_transport and settings.engine == "embedded":
-            local = LocalTransport(engine, keys, DEFAULT_TENANT, settings.local_dir)
+            local = LocalTransport(engine, keys, DEFAULT_TENANT, settings.local_dir,
+                                   slots=app.state.connections)
             local.start(asyncio.get_running_loop())
         app.state.local_transport = local
         logging.getLogger("optserve").info("optserve ready on device %s", engine.device)
@@ -100,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # self-hosted below (app/static): no CDN
         redoc_url=None,
     )
+    app.state.connections = ConnectionSlots(settings.max_connections or default_limit())
     problems.install(app)
     openapi_docs.install(app)
     docs_pages.install(app)

@@ -40,6 +40,7 @@ from typing import Any
 
 import orjson
 
+from app.api import connection_cap
 from app.api.problems import PROBLEM
 
 log = logging.getLogger("optserve.api")
@@ -190,6 +191,69 @@ class _HeadClock:
         super().connection_lost(exc)  # type: ignore[misc]
 
 
+class _Capped:
+    """The bound on open connections (:mod:`app.api.connection_cap`), before the head clock
+    and the uvicorn protocol it is mixed into: a connection past it is answered at once with
+    a 503 ``too_many_connections`` problem and closed (kept a moment, what it sends dropped,
+    so a request in flight does not turn the close into a reset that loses the answer)."""
+
+    _slots: connection_cap.ConnectionSlots | None = None
+    #: past the bound: what arrives is dropped (None: counted, served)
+    _refused_linger: asyncio.TimerHandle | bool | None = None
+    #: the count a refused connection kept to drain is counted in (``linger``)
+    _lingering_in: connection_cap.ConnectionSlots | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        slots = connection_cap.slots_of(getattr(self.config, "app", None))  # type: ignore[attr-defined]
+        if slots is None:
+            return
+        if slots.take():
+            self._slots = slots
+            return
+        self._refuse_connection(slots)
+
+    def _refuse_connection(self, slots: connection_cap.ConnectionSlots) -> None:
+        protocol: Any = self
+        _stop_head_clock(protocol)
+        slots.refused("HTTP")
+        headers = [*protocol.server_state.default_headers,
+                   (b"retry-after", str(connection_cap.RETRY_AFTER_S).encode())]
+        transport = protocol.transport
+        transport.write(raw_answer(503, connection_cap.refusal_body(slots.limit), headers))
+        if not slots.linger():
+            self._refused_linger = True
+            transport.close()
+            return
+        try:
+            half_close = transport.can_write_eof()
+        except NotImplementedError:
+            half_close = False
+        if half_close:  # (the answer, then FIN: the client reads it whole)
+            transport.write_eof()
+        self._refused_linger = protocol.loop.call_later(connection_cap.LINGER_S, transport.close)
+        self._lingering_in = slots
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused_linger is None:
+            super().data_received(data)  # type: ignore[misc]
+
+    def eof_received(self) -> None:
+        if self._refused_linger is None:  # (else: nothing, and the transport closes)
+            super().eof_received()  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._slots is not None:
+            self._slots.give()
+            self._slots = None
+        if isinstance(self._refused_linger, asyncio.TimerHandle):
+            self._refused_linger.cancel()
+            self._refused_linger = True
+            if self._lingering_in is not None:
+                self._lingering_in.done_lingering()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
 def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] | None]:
     """The httptools and h11 protocols answering in problem+json, or None for one that cannot
     be made (its library missing, or a uvicorn without ``send_400_response``)."""
@@ -202,7 +266,7 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
     else:
         if callable(getattr(HttpToolsProtocol, "send_400_response", None)):
 
-            class ProblemHttpToolsProtocol(_HeadClock, HttpToolsProtocol):
+            class ProblemHttpToolsProtocol(_Capped, _HeadClock, HttpToolsProtocol):
                 """uvicorn's httptools protocol; a refused request gets problem+json. A
                 refusal of a request pipelined after one still being answered waits for that
                 answer (uvicorn's own answer took its place, closing the connection). Its
@@ -314,7 +378,7 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
     else:
         if callable(getattr(H11Protocol, "send_400_response", None)):
 
-            class ProblemH11Protocol(_HeadClock, H11Protocol):
+            class ProblemH11Protocol(_Capped, _HeadClock, H11Protocol):
                 """uvicorn's h11 protocol; a refused request gets problem+json. Its request
                 heads are bounded in time (the module's docstring); h11 bounds their size."""
 

@@ -587,7 +587,7 @@ MUTATING_PROBLEMS: dict[str, str] = {
     "500": "apply_failed: the operation failed on the server after it began; the session was "
            "rebuilt from its store as it was before",
     "503": "Nothing was applied, retry after Retry-After: storage_error (an I/O error), "
-           "session_damaged",
+           "out_of_file_descriptors (the server had no file descriptor left), session_damaged",
     "507": "storage_full: the operation's log record did not fit on the disk; nothing was "
            "applied",
 }

@@ -92,6 +92,18 @@ async def _client_gone(_: Request, exc: Exception) -> Response:
                    "the client went away before sending its whole body")
 
 
+async def _os_error(request: Request, exc: Exception) -> Response:
+    """The last resort for a file operation's error that no layer below turned into a
+    problem (each that can is meant to, saying what was left as it was): 503
+    ``out_of_file_descriptors`` for EMFILE/ENFILE, 507 ``storage_full``, else 503
+    ``storage_error``, never a 500. Logged with its traceback: the site is worth a look."""
+    assert isinstance(exc, OSError)
+    from app.engine.store import storage_failure
+    log.error("unhandled file operation error", exc_info=exc)
+    return await _optserve_error(request, storage_failure(
+        exc, "a file operation failed", outcome="the request could not be completed"))
+
+
 async def _unexpected(_: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
     return problem(500, "internal_error", "Internal error",
@@ -103,4 +115,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ClientDisconnect, _client_gone)
+    app.add_exception_handler(OSError, _os_error)
     app.add_exception_handler(Exception, _unexpected)

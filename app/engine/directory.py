@@ -305,11 +305,28 @@ class Directory:
     def _write_tmp(self, entry: dict[str, Any]) -> Path:
         assert self.root is not None
         tmp = self.root / f".tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(orjson.dumps(entry))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(orjson.dumps(entry))
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # (a write or fsync that failed leaves no temporary file)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
         return tmp
+
+    def _place(self, entry: dict[str, Any], path: Path) -> None:
+        """Write ``entry`` to ``path`` atomically (a temporary file renamed over it), and
+        fsync ``path``'s folder; a failure leaves no temporary file."""
+        tmp = self._write_tmp(entry)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+        Files().fsync_dir(path.parent)
 
     # ------------------------------------------------------------------ creates in flight
     def mark_creating(self, made: str, key: str) -> CreateMark:
@@ -449,9 +466,7 @@ class Directory:
         if self.root is None:
             self._creates[name] = entry
             return
-        tmp = self._write_tmp(entry)
-        os.replace(tmp, self.root / ".creates" / name)
-        Files().fsync_dir(self.root / ".creates")
+        self._place(entry, self.root / ".creates" / name)
 
     def claim_created(self, tenant: str, idem_key: str, fingerprint: str, key: str
                       ) -> str | None:
@@ -623,9 +638,7 @@ class Directory:
             while len(self._deletes) > KEEP:
                 del self._deletes[next(iter(self._deletes))]
             return
-        tmp = self._write_tmp(entry)
-        os.replace(tmp, self.root / ".deletes" / name)
-        Files().fsync_dir(self.root / ".deletes")
+        self._place(entry, self.root / ".deletes" / name)
         self._count_mark()
 
     def deleted(self, tenant: str, idem_key: str) -> dict[str, Any] | None:

@@ -19,6 +19,9 @@ not applied again). See :mod:`app.engine.shards`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -41,7 +44,12 @@ from app.engine.interface import (
 )
 from app.engine.ops import Operation
 from app.engine.ops.gradients import StepPlan
-from app.errors import Conflict, Unavailable
+from app.engine.store import files_failing, storage_failure
+from app.errors import Conflict, NotFound, Unavailable
+
+log = logging.getLogger("optserve.router")
+#: what a failed read of the directory was doing (:func:`~app.engine.store.files_failing`)
+_READING = "reading the session directory"
 
 #: how long a prepared (checked, not committed) operation is kept for its commit
 PREPARED_TTL_S = 120.0
@@ -313,21 +321,24 @@ class LocalRouter:
         return 0
 
     async def find_create(self, tenant: str, idem: IdemKey) -> str | None:
-        made = self.directory.created(tenant, idem.key)
-        if made is not None:
-            key = str(made["key"])
-            entry = self.directory.get(key)
-            found = await indexed_session(made, entry, idem,
-                                          lambda: self._whole(key, entry or {}))
-            if found is not None:
-                await self._check_not_refused(found, idem, self.directory.get(found))
-                return found
-        elif (tenant, idem.key) in self._unindexed:
-            cut, whole = await self._cut_create(tenant, idem)
-            if cut is not None and whole:  # (the index the crash cut, written now)
-                self.directory.note_created(tenant, idem.key, idem.fingerprint, cut)
-                self._unindexed.pop((tenant, idem.key), None)
-                return cut
+        # (reads, and the index of a create a crash cut, written whole or not at all: a
+        # failure leaves it to the next retry)
+        with files_failing(_READING):
+            made = self.directory.created(tenant, idem.key)
+            if made is not None:
+                key = str(made["key"])
+                entry = self.directory.get(key)
+                found = await indexed_session(made, entry, idem,
+                                              lambda: self._whole(key, entry or {}))
+                if found is not None:
+                    await self._check_not_refused(found, idem, self.directory.get(found))
+                    return found
+            elif (tenant, idem.key) in self._unindexed:
+                cut, whole = await self._cut_create(tenant, idem)
+                if cut is not None and whole:  # (the index the crash cut, written now)
+                    self.directory.note_created(tenant, idem.key, idem.fingerprint, cut)
+                    self._unindexed.pop((tenant, idem.key), None)
+                    return cut
         return await self.local.find_create(tenant, idem)
 
     def _shard_keys(self, key: str, entry: dict[str, Any]) -> list[str]:
@@ -391,12 +402,14 @@ class LocalRouter:
         retry finishing a sharded create cut part way is not refused by it)."""
         from app.engine.shards import ShardedSession, check_shardable, plan_layout, shard_key
         check_shardable(spec)
-        if idem is not None and (split_key(key)[0], idem.key) in self._unindexed:
-            cut, whole = await self._cut_create(split_key(key)[0], idem)
-            if cut is not None and not whole and not await self._stale(cut):
-                return await self._finish_create(cut, spec, idem)
-        if key in self._creating or (self.directory.get(key) is not None
-                                     and not await self._stale(key)):
+        with files_failing(_READING):  # (reads, and the drop of a stale entry: nothing made)
+            if idem is not None and (split_key(key)[0], idem.key) in self._unindexed:
+                cut, whole = await self._cut_create(split_key(key)[0], idem)
+                if cut is not None and not whole and not await self._stale(cut):
+                    return await self._finish_create(cut, spec, idem)
+            taken = key in self._creating or (self.directory.get(key) is not None
+                                              and not await self._stale(key))
+        if taken:
             raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
                            code="session_exists", field="id")
         if admit is not None:
@@ -412,24 +425,71 @@ class LocalRouter:
         entry: dict[str, Any] = {"layout": layout.to_json(), "shards": ["local"] * layout.shards,
                                  "created_by": idem.key if idem is not None else None,
                                  "made": uuid.uuid4().hex}
-        if not self.directory.claim(key, entry):
+        try:
+            claimed = self.directory.claim(key, entry)
+        except OSError as exc:  # (linked but not fsynced: dropped; else a stale entry)
+            self._drop_entry(key, entry["made"])
+            raise storage_failure(exc, "claiming the session's directory entry") from exc
+        if not claimed:
             raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
                            code="session_exists", field="id")
         hosts: list[tuple[Host, str]] = [(self.local, shard_key(key, i, layout.shards))
                                          for i in range(layout.shards)]
         self._creating.add(key)
         try:
-            session, info = await ShardedSession.create(key, spec, layout, hosts, idem=idem)
-        except BaseException:
-            self.directory.remove_made(key, entry["made"])
-            raise
+            try:
+                session, info = await ShardedSession.create(key, spec, layout, hosts, idem=idem)
+            except BaseException:
+                self._drop_entry(key, entry["made"])
+                raise
+            if idem is not None:
+                try:
+                    self.directory.note_created(split_key(key)[0], idem.key, idem.fingerprint,
+                                                key)
+                except OSError as exc:
+                    # not acknowledged: its shards and its entry go, so nothing is left
+                    if await self._undo_shards(hosts):
+                        self._drop_entry(key, entry["made"])
+                        # (an index in place, its folder's fsync failed: it goes too; one
+                        # left names no session, and the retry makes one and indexes it)
+                        with contextlib.suppress(OSError):
+                            self.directory.drop_created(split_key(key)[0], idem.key, key)
+                        raise storage_failure(exc, "indexing the create's Idempotency-Key") \
+                            from exc
+                    # (they stay: as a create a crash cut before its index, :meth:`_cut_create`)
+                    self._unindexed[(split_key(key)[0], idem.key)] = key
+                    self._sharded_keys.add(key)
+                    raise storage_failure(
+                        exc, "indexing the create's Idempotency-Key",
+                        outcome="the create was not completed; retry it with the same "
+                                "Idempotency-Key to complete it") from exc
         finally:
             self._creating.discard(key)
         self._sharded[key] = session
         self._sharded_keys.add(key)
-        if idem is not None:
-            self.directory.note_created(split_key(key)[0], idem.key, idem.fingerprint, key)
         return info
+
+    def _drop_entry(self, key: str, made: str) -> None:
+        """Remove this creation's entry of ``key`` as its create fails; where the directory
+        fails that too, the entry is left stale (no shard of it is held): the next create of
+        the id, and the next start, drop it (:meth:`_stale`)."""
+        try:
+            self.directory.remove_made(key, made)
+        except OSError as exc:
+            log.warning("the directory entry of the failed create of %s is left for the next "
+                        "create of its id to drop: %s", key, exc)
+
+    async def _undo_shards(self, hosts: list[tuple[Host, str]]) -> bool:
+        """Delete the shards a sharded create made before it failed (as
+        :meth:`ShardedSession.create <app.engine.shards.ShardedSession.create>` deletes those
+        of a create a shard refused): True when none is left."""
+        results = await asyncio.gather(*(host.delete(skey) for host, skey in hosts),
+                                       return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)
+                  and not isinstance(r, NotFound)]
+        for exc in failed:
+            log.warning("a shard of a failed sharded create is kept for its retry: %s", exc)
+        return not failed
 
     async def _finish_create(self, key: str, spec: CreateSpec, idem: IdemKey) -> SessionInfo:
         """The retry of a keyed create cut by a crash before every shard was made (see
@@ -456,7 +516,8 @@ class LocalRouter:
         session = self._sharded.get(key)
         if session is not None:
             return session
-        entry = self.directory.get(key) if key in self._sharded_keys else None
+        with files_failing(_READING):
+            entry = self.directory.get(key) if key in self._sharded_keys else None
         if entry is None:
             return self.local
         refused = await self._refused_shard(key, entry)
@@ -483,8 +544,9 @@ class LocalRouter:
     async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
         from app.engine.shards import shard_index
         # (a session already routed had every shard: none of them was refused at start)
-        refused = (await self._refused_shard(key, self.directory.get(key))
-                   if key in self._sharded_keys and key not in self._sharded else None)
+        with files_failing(_READING):
+            refused = (await self._refused_shard(key, self.directory.get(key))
+                       if key in self._sharded_keys and key not in self._sharded else None)
         if refused is not None:
             # as an unsharded session refused at start: not deleted (none of its shards),
             # its files left to an operator
@@ -492,21 +554,31 @@ class LocalRouter:
         host = await self.route(key)
         if host is self.local:  # (a plain session's create key goes with its tombstone)
             return await host.delete(key, idem=idem)
-        entry = self.directory.get(key)
-        if entry is not None and entry.get("created_by"):
-            tenant, made_by = split_key(key)[0], str(entry["created_by"])
-            if self._unindexed.pop((tenant, made_by), None) is not None:
-                self._index_cut_create(key, entry, made_by)
-            # marked (on disk) before the first shard's files go, the delete's point of no
-            # return: a crash anywhere after leaves the key marked, and one before leaves the
-            # session whole, which a retried create is still answered with (find_create)
-            self.directory.forget_created(tenant, made_by, key)
+        # (before any shard is touched: a failure leaves the session as it was, and the
+        # create's index, moved or not, answers a retried create as a crash here would)
+        with files_failing("marking the session's create deleted"):
+            entry = self.directory.get(key)
+            if entry is not None and entry.get("created_by"):
+                tenant, made_by = split_key(key)[0], str(entry["created_by"])
+                if (tenant, made_by) in self._unindexed:
+                    self._index_cut_create(key, entry, made_by)
+                    del self._unindexed[(tenant, made_by)]
+                # marked (on disk) before the first shard's files go, the delete's point of
+                # no return: a crash anywhere after leaves the key marked, and one before
+                # leaves the session whole, which a retried create is still answered with
+                # (find_create)
+                self.directory.forget_created(tenant, made_by, key)
         replayed = await host.delete(key, idem=idem)
         # (the entry of the creation deleted, read above, not whichever is there now: once
         # its shards are deleted, a create of the id finds the entry stale, drops it and makes
         # its own session, whose entry, and place here, stay)
         made = entry.get("made") if entry is not None else None
-        if self.directory.remove_made(key, made) or self.directory.get(key) is None:
+        try:
+            gone = self.directory.remove_made(key, made) or self.directory.get(key) is None
+        except OSError as exc:  # (deleted: its entry, stale now, is dropped by a later create)
+            log.warning("the directory entry of deleted session %s is left stale: %s", key, exc)
+            gone = True
+        if gone:
             self._sharded.pop(key, None)
             self._sharded_keys.discard(key)
         return replayed

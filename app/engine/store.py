@@ -69,6 +69,11 @@ _REC_HEAD_V1 = struct.Struct("<4sIII")  # magic, length, zlib crc32(payload), cr
 _REC_HEAD_BODY_V1 = struct.Struct("<4sII")
 _IOV_MAX = 512
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+#: the process (EMFILE) or the system (ENFILE) has no file descriptor left
+_NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+#: the ``Retry-After`` of an operation refused for want of file descriptors: they come back as
+#: soon as connections or files are closed
+DESCRIPTORS_RETRY_S = 2.0
 TOMBSTONE = "tombstone"  # in a session directory being deleted: the delete's idempotency key
 TOMBSTONES = "tombstones.jsonl"  # under the data directory: the keys of past deletes
 
@@ -77,14 +82,31 @@ class StoreCorrupt(Exception):
     """A snapshot or log that cannot be trusted; the session is refused, not guessed at."""
 
 
-def storage_failure(exc: OSError, what: str) -> OptserveError:
-    """The client's answer for a store error: 507 when the disk is full, else 503."""
+def storage_failure(exc: OSError, what: str, *, outcome: str = "nothing was applied"
+                    ) -> OptserveError:
+    """The client's answer for a store error: 507 ``storage_full`` when the disk is full, 503
+    ``out_of_file_descriptors`` when the process or the system has no file descriptor left
+    (EMFILE, ENFILE), else 503 ``storage_error``. ``outcome`` opens the detail."""
     reason = f"{what}: {os.strerror(exc.errno) if exc.errno else exc}"
     if exc.errno in _FULL:
-        return StorageFull(f"nothing was applied: {reason}; free space in the data directory "
-                           "and retry", code="storage_full")
-    return Unavailable(f"nothing was applied: {reason}; retry later", code="storage_error",
+        return StorageFull(f"{outcome}: {reason}; free space in the data directory and retry",
+                           code="storage_full")
+    if exc.errno in _NO_DESCRIPTORS:
+        return Unavailable(f"{outcome}: {reason}: the server is out of file descriptors "
+                           "(too many connections or open files); retry later",
+                           code="out_of_file_descriptors", retry_after=DESCRIPTORS_RETRY_S)
+    return Unavailable(f"{outcome}: {reason}; retry later", code="storage_error",
                        retry_after=5.0)
+
+
+@contextlib.contextmanager
+def files_failing(what: str) -> Iterator[None]:
+    """Raise an OSError of the block as :func:`storage_failure` says (``what``: what the
+    block does, in its detail), from the OSError."""
+    try:
+        yield
+    except OSError as exc:
+        raise storage_failure(exc, what) from exc
 
 
 class Files:

@@ -39,6 +39,7 @@ again).
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import logging
 import mmap
@@ -48,6 +49,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +60,13 @@ import torch
 
 from app.api.bodies import parse_json
 from app.api.conditions import body_digest, step_fingerprint
+from app.api.connection_cap import ConnectionSlots
 from app.api.requests import step_options
 from app.engine import metrics, ps
 from app.engine.idempotency import check_key
 from app.engine.interface import Engine, IdemKey, SessionInfo, json_floats
 from app.engine.session import check_session_id, stale_binding
+from app.engine.store import storage_failure
 from app.errors import BadRequest, Invalid, NotFound, OptserveError, TooMany, Unauthorized
 from app.transport import stale_dirs
 from app.wire.dtypes import TORCH_DTYPES
@@ -127,9 +131,13 @@ class Binding:
             self.slots.append(Slot(name, dtype, shape, grad, param, _nbytes(dtype, shape)))
         self.size = max(_aligned(end), ALIGN)
         self.fd = os.memfd_create(f"optserve-{session_id}"[:200], os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, self.size)
-        self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
-                             mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            os.ftruncate(self.fd, self.size)
+            self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:  # (no segment: its descriptor is not left open)
+            os.close(self.fd)
+            raise
         base = torch.frombuffer(self.map, dtype=torch.uint8)
         self.grads: dict[str, torch.Tensor] = {}
         self.params: dict[str, torch.Tensor] = {}
@@ -316,10 +324,21 @@ def problem_of(exc: Exception, message: dict[str, Any] | None = None) -> dict[st
         if retry is not None:
             out["retry_after"] = retry
         return out
+    if isinstance(exc, OSError):  # (a segment or a file that could not be made: EMFILE, ...)
+        log.error("local transport: file operation error", exc_info=exc)
+        return problem_of(storage_failure(exc, "a file operation failed",
+                                          outcome="the request could not be completed"))
     log.exception("local transport: unexpected error", exc_info=exc)
     return {"type": "urn:optserve:problem:internal_error", "title": "Internal error",
             "status": 500, "detail": "the server failed to handle this request; it has been "
             "logged", "code": "internal_error"}
+
+
+#: accept errors tried again: short of descriptors or memory (after a pause), and a
+#: connection reset or aborted before it was taken
+_ACCEPT_SHORT = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_ACCEPT_AGAIN = (*_ACCEPT_SHORT, errno.ECONNABORTED, errno.EINTR, errno.EPROTO)
+_ACCEPT_RETRY_S = 0.1
 
 
 class LocalTransport:
@@ -327,8 +346,12 @@ class LocalTransport:
     event loop, called with ``run_coroutine_threadsafe``)."""
 
     def __init__(self, engine: Engine, keys: dict[str, str], default_tenant: str,
-                 parent: Path | None = None) -> None:
+                 parent: Path | None = None, slots: ConnectionSlots | None = None) -> None:
         self.engine = engine
+        #: the count of open connections this transport shares with HTTP's (a connection past
+        #: its limit is closed at once), None: unbounded
+        self.slots = slots
+        self._stopping = False
         self.keys = [(k.encode(), t) for k, t in keys.items()]
         self.default_tenant = default_tenant
         self.parent = parent
@@ -363,6 +386,7 @@ class LocalTransport:
         log.info("same-host transport on %s", self.path)
 
     def stop(self) -> None:
+        self._stopping = True
         if self._listener is not None:
             try:
                 self._listener.shutdown(socket.SHUT_RDWR)
@@ -379,25 +403,64 @@ class LocalTransport:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def _accept(self) -> None:
+        """Accept connections until :meth:`stop`. An accept that fails for want of
+        descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) or for a connection gone
+        before it was taken is tried again (after :data:`_ACCEPT_RETRY_S` for the first), not
+        the end of the transport; a connection past the shared bound (``slots``) is closed
+        at once."""
         assert self._listener is not None
+        last_warned = 0.0
         while True:
             try:
                 sock, _ = self._listener.accept()
-            except OSError:
-                return
-            uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                      struct.calcsize("3i")))[1]
-            if uid != os.getuid():
-                sock.close()  # the directory's mode makes this unreachable; belt and braces
+            except OSError as exc:
+                if self._stopping or exc.errno not in _ACCEPT_AGAIN:
+                    if not self._stopping:
+                        log.error("same-host transport: accept failed, no longer serving: %s",
+                                  exc)
+                    return
+                if exc.errno in _ACCEPT_SHORT and time.monotonic() - last_warned > 60:
+                    last_warned = time.monotonic()
+                    log.warning("same-host transport: cannot accept a connection: %s; "
+                                "retrying every %g s", exc, _ACCEPT_RETRY_S)
+                if exc.errno in _ACCEPT_SHORT:
+                    time.sleep(_ACCEPT_RETRY_S)
                 continue
-            conn = _Connection(self, sock)
-            with self._lock:
-                self._conns.add(conn)
+            try:
+                self._serve(sock)
+            except Exception as exc:  # noqa: BLE001 - (a thread that cannot start) never the end
+                log.warning("same-host transport: connection dropped: %s", exc)
+
+    def _serve(self, sock: socket.socket) -> None:
+        """Serve an accepted connection on a thread of its own, or close it: a peer of
+        another user (unreachable: the directory's mode; belt and braces), or one past the
+        shared bound on connections."""
+        uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  struct.calcsize("3i")))[1]
+        if uid != os.getuid():
+            sock.close()
+            return
+        if self.slots is not None and not self.slots.take():
+            self.slots.refused("same-host")
+            sock.close()
+            return
+        conn = _Connection(self, sock)
+        with self._lock:
+            self._conns.add(conn)
+        try:
             conn.start()
+        except BaseException:
+            sock.close()
+            self.forget(conn)
+            raise
 
     def forget(self, conn: _Connection) -> None:
         with self._lock:
+            if conn not in self._conns:
+                return
             self._conns.discard(conn)
+        if self.slots is not None:
+            self.slots.give()
 
     def tenant_for(self, key: object) -> str | None:
         if not self.keys:

@@ -24,6 +24,8 @@ from uvicorn.server import ServerState
 
 import app.api.malformed_http as malformed_http
 from app.__main__ import server_config
+from app.api import connection_cap
+from app.api.connection_cap import ConnectionSlots
 from app.config import Settings
 
 
@@ -320,3 +322,41 @@ def test_httptools_a_header_line_read_in_pieces_past_the_bound_is_a_431(
     transport.protocol.data_received(b"a" * 300)
     assert transport.closed
     assert answer(transport)[0] == 431
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_connection_past_the_bound_is_answered_503_and_closed(
+        loop: asyncio.AbstractEventLoop, protocol: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both protocols count their connections in the app's ``ConnectionSlots`` (shared with
+    the same-host transport): past the bound a connection gets a 503 ``too_many_connections``
+    problem at once, what it sends is dropped (never parsed, never answered again), and it
+    is closed after the linger; a connection closing gives its slot back."""
+    monkeypatch.setattr(connection_cap, "LINGER_S", 0.05)
+    app = FastAPI()
+    app.state.connections = slots = ConnectionSlots(1)
+    first = feed(protocol_class(protocol), b"", loop, app)
+    assert (slots.open, first.written, first.closed) == (1, b"", False)
+    refused = feed(protocol_class(protocol), b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n",
+                   loop, app)
+    status, headers, body = answer(refused)
+    assert (status, headers["content-type"], headers["connection"], headers["retry-after"]) == (
+        503, "application/problem+json", "close", "1")
+    assert int(headers["content-length"]) == len(body)
+    assert json.loads(body) == {
+        "type": "urn:optserve:problem:too_many_connections", "title": "Too many connections",
+        "status": 503, "code": "too_many_connections",
+        "detail": "the server holds its most connections (1, OPTSERVE_MAX_CONNECTIONS); retry "
+                  "after 1 s; the connection is closed"}
+    assert (slots.open, slots.lingering) == (1, 1)
+    written = refused.written
+    refused.protocol.data_received(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    loop.run_until_complete(asyncio.sleep(0.1))
+    assert refused.closed and refused.written == written
+    assert (slots.open, slots.lingering) == (1, 0)
+    first.close()
+    loop.run_until_complete(asyncio.sleep(0))
+    assert slots.open == 0
+    third = feed(protocol_class(protocol), b"", loop, app)
+    assert (slots.open, third.written, third.closed) == (1, b"", False)
+    third.close()
+    loop.run_until_complete(asyncio.sleep(0))
