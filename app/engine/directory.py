@@ -510,7 +510,8 @@ class Directory:
         claim of the index by another try lands before the look here (which then sees that
         try's entry, and keeps the index) or after the removal (and writes the index again);
         without the lock, a claim landing between the read and the unlink (the index dropped
-        and claimed again by other tries meanwhile) lost the index just claimed."""
+        and claimed again by other tries meanwhile) lost the index just claimed. On disk (its
+        folder fsynced) when this returns True."""
         name = self._create_name(tenant, idem_key)
         if self.root is None:
             if self._creates.get(name, {}).get("key") != key or self._retried(key, idem_key):
@@ -526,6 +527,7 @@ class Directory:
                 path.unlink()
             except FileNotFoundError:
                 return False
+            Files().fsync_dir(path.parent)  # (gone for good: a machine's crash keeps it gone)
         return True
 
     def _retried(self, key: str, idem_key: str) -> bool:

@@ -419,3 +419,24 @@ def test_forget_created_leaves_the_index_of_another_session(tmp_path: Path,
     assert d.created(TENANT, IDEM) == {"key": other, "fingerprint": "fp-y", "deleted": True}
     if on_disk:
         assert os.listdir(tmp_path / ".creates") == [] and os.listdir(tmp_path / ".locks") == []
+
+
+def test_a_dropped_index_is_on_disk_when_drop_created_returns(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index's folder is fsynced after the unlink, before ``drop_created`` returns (as
+    every claim and removal of the directory): before, a machine's crash right after could
+    bring the dropped index back."""
+    from app.engine.store import Files
+    directory = Directory(tmp_path)
+    assert directory.claim_created(TENANT, IDEM, "fp", KEY) is None
+    index = tmp_path / ".creates" / Directory._create_name(TENANT, IDEM)
+    synced: list[tuple[Path, bool]] = []
+    real = Files.fsync_dir
+
+    def fsync_dir(files: Files, path: Path) -> None:
+        synced.append((path, index.exists()))
+        real(files, path)
+    monkeypatch.setattr(Files, "fsync_dir", fsync_dir)
+    assert directory.drop_created(TENANT, IDEM, KEY) is True
+    assert synced == [(tmp_path / ".creates", False)]
+    assert directory.created(TENANT, IDEM) is None
