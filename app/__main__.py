@@ -106,10 +106,12 @@ def _could_make(path: Path) -> str | None:
 
 def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     """How ``python -m app`` runs uvicorn: a request its HTTP parser refuses is answered in
-    problem+json (:mod:`app.api.malformed_http`), not uvicorn's ``text/plain``."""
+    problem+json (:mod:`app.api.malformed_http`), not uvicorn's ``text/plain``; a request asking
+    to upgrade (a WebSocket handshake, ``curl --http2``'s h2c) is served as plain HTTP, its body
+    read (``ws="none"``: the API has no WebSocket routes)."""
     return uvicorn.Config(app, host=settings.host, port=settings.port,
                           log_level=settings.log_level, timeout_graceful_shutdown=30,
-                          access_log=False, log_config=None, http=http_protocol())
+                          access_log=False, log_config=None, http=http_protocol(), ws="none")
 
 
 def main(argv: list[str] | None = None) -> int:

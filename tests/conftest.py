@@ -70,7 +70,7 @@ class LiveServer:
         self.app = create_app(settings)
         # the HTTP protocol `python -m app` serves with (a refused request gets problem+json)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                lifespan="on", http=http_protocol())
+                                lifespan="on", http=http_protocol(), ws="none")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -33,6 +33,7 @@ plain-text answer), and an answer that cannot be built falls back to uvicorn's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import logging
 import sys
@@ -124,6 +125,29 @@ def problem_body(exc: BaseException | None) -> tuple[int, bytes]:
     detail = f"{reason}: {_HINTS[field]}; the request was not read, the connection is closed"
     return 400, _encode(400, "Malformed HTTP request", code="malformed_http", field=field,
                         detail=detail)
+
+
+#: request headers that only ask for another protocol (and its settings): left out of a
+#: request served as plain HTTP instead
+_UPGRADE_ONLY = frozenset({b"upgrade", b"http2-settings"})
+
+
+def plain_head(parser: Any, url: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A request head as read (``headers`` lower-cased, as uvicorn keeps them), less what asks
+    for another protocol: the ``Upgrade`` and ``HTTP2-Settings`` headers and those tokens of
+    ``Connection`` (a ``Connection`` left empty goes)."""
+    lines = [b"%s %s HTTP/%s\r\n" % (parser.get_method(), url,
+                                      parser.get_http_version().encode())]
+    for name, value in headers:
+        if name in _UPGRADE_ONLY:
+            continue
+        if name == b"connection":
+            tokens = [t.strip() for t in value.split(b",")]
+            value = b", ".join(t for t in tokens if t and t.lower() not in _UPGRADE_ONLY)
+            if not value:
+                continue
+        lines.append(b"%s: %s\r\n" % (name, value))
+    return b"".join(lines) + b"\r\n"
 
 
 def _encode(status: int, title: str, *, code: str, field: str, detail: str) -> bytes:
@@ -260,6 +284,7 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
     httptools_protocol: type[asyncio.Protocol] | None = None
     h11_protocol: type[asyncio.Protocol] | None = None
     try:
+        import httptools
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         pass
@@ -273,6 +298,10 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                 request heads are bounded in time, bytes and lines (the module's docstring)."""
 
                 _refusal: bytes | None = None
+                #: the bytes being parsed, and the head of a request whose Upgrade is not
+                #: taken, without it (read again by a new parser)
+                _fed: bytes | None = None
+                _plain_head: bytes | None = None
                 #: a request's first byte is read and not yet all its headers
                 _in_head = False
                 _heads_begun = 0
@@ -293,7 +322,11 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
 
                 def data_received(self, data: bytes) -> None:
                     before = (self._in_head, self._heads_begun)
-                    super().data_received(data)
+                    self._fed = data
+                    try:
+                        super().data_received(data)
+                    finally:
+                        self._fed = None
                     if (self._in_head and before == (True, self._heads_begun)
                             and not self.transport.is_closing()):
                         self._head_chunks += len(data)
@@ -333,7 +366,37 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                 def on_headers_complete(self) -> None:
                     self._in_head = False
                     _stop_head_clock(self)
+                    if self.parser.should_upgrade() and not self._should_upgrade():
+                        # an Upgrade this server does not take (curl --http2's h2c, a
+                        # WebSocket handshake): served as plain HTTP (RFC 9110 7.8). httptools
+                        # stops at the head, the body unread: read again, head and all, by a
+                        # parser that sees no Upgrade (_unsupported_upgrade_warning)
+                        self._plain_head = plain_head(self.parser, self.url, self.headers)
+                        return
                     super().on_headers_complete()
+
+                def on_body(self, body: bytes) -> None:
+                    if self._plain_head is None:
+                        super().on_body(body)
+
+                def on_message_complete(self) -> None:
+                    if self._plain_head is None:
+                        super().on_message_complete()
+
+                def _unsupported_upgrade_warning(self) -> None:
+                    """Called by ``data_received`` as the parser stops at an Upgrade (its
+                    exception, which holds where the unread bytes start, being handled): the
+                    head without the Upgrade and the unread bytes go to a new parser."""
+                    head, self._plain_head = self._plain_head, None
+                    stopped, fed = sys.exception(), self._fed
+                    if head is None or fed is None or not isinstance(
+                            stopped, httptools.HttpParserUpgrade):
+                        super()._unsupported_upgrade_warning()
+                        return
+                    self.parser = httptools.HttpRequestParser(self)
+                    with contextlib.suppress(AttributeError):  # (as uvicorn makes its parser)
+                        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+                    self.data_received(head + fed[stopped.args[0]:])
 
                 def send_400_response(self, msg: str) -> None:
                     try:

@@ -193,3 +193,56 @@ def test_a_step_with_a_broken_chunk_changes_nothing(live_server: str) -> None:
         local.step()
         assert r.json()["version"] == 1
         assert r.json()["params"]["x"]["data"] == x.detach().tolist()
+
+
+H2C = (b"Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+       b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n")
+WEBSOCKET = (b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+
+
+def test_a_request_asking_to_upgrade_is_served_as_plain_http(live_server: str) -> None:
+    """``curl --http2`` on an ``http://`` URL asks to upgrade to h2c; a WebSocket handshake asks
+    for WebSocket. The server takes neither, and serves the request as HTTP/1.1 (RFC 9110 7.8).
+    Before, httptools stopped at such a head: its body was never read (a create answered
+    "the request body is empty", a step lost its gradients) and a WebSocket handshake got 403
+    ``text/plain``. Here: a create and a pipelined request in one packet, a step whose body
+    comes in later packets, a handshake; the step equals torch's, the connection serves on."""
+    sid = f"upgrade-{uuid.uuid4().hex[:12]}"
+    x0 = torch.tensor([2.0, -1.0, 0.5])
+    grad = torch.tensor([0.25, 4.0, -2.0])
+    create = json.dumps({
+        "id": sid, "optimizer": "SGD", "options": {"lr": 0.5, "momentum": 0.9},
+        "params": {"x": {"dtype": "float32", "shape": [3], "data": x0.tolist()}}}).encode()
+    step = json.dumps({"grads": {"x": {"dtype": "float32", "shape": [3],
+                                       "data": grad.tolist()}}}).encode()
+    with connect(live_server) as sock:
+        answers = Answers(sock)
+        sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: t\r\n" + H2C
+                     + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                     % len(create) + create + b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        status, _, body = answers.next()
+        assert status == 201, body
+        assert json.loads(body)["id"] == sid
+        status, _, body = answers.next()
+        assert status == 200, body
+        sock.sendall(f"POST /v1/sessions/{sid}/step HTTP/1.1\r\nHost: t\r\n".encode() + H2C
+                     + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                     % len(step))
+        sock.sendall(step[:7])
+        sock.sendall(step[7:])
+        status, _, body = answers.next()
+        assert status == 200, body
+        sock.sendall(f"GET /v1/sessions/{sid} HTTP/1.1\r\nHost: t\r\n".encode() + WEBSOCKET
+                     + b"\r\n")
+        status, headers, body = answers.next()
+        assert status == 200 and headers["content-type"] == "application/json", body
+        assert (json.loads(body)["version"], json.loads(body)["step"]) == (1, 1)
+    x = x0.clone().requires_grad_()
+    local = torch.optim.SGD([x], lr=0.5, momentum=0.9)
+    x.grad = grad.clone()
+    local.step()
+    with httpx.Client(base_url=live_server, timeout=60) as http:
+        r = http.get(f"/v1/sessions/{sid}/params")
+        assert r.status_code == 200, r.text
+        assert r.json()["params"]["x"]["data"] == x.detach().tolist()

@@ -360,3 +360,37 @@ def test_a_connection_past_the_bound_is_answered_503_and_closed(
     assert (slots.open, third.written, third.closed) == (1, b"", False)
     third.close()
     loop.run_until_complete(asyncio.sleep(0))
+
+
+def test_plain_head_leaves_out_what_asks_for_another_protocol() -> None:
+    """The head a request asking to upgrade is read again with: the request line as read, every
+    header but ``Upgrade`` and ``HTTP2-Settings``, ``Connection`` less those tokens (gone when
+    nothing else is left in it)."""
+    import httptools
+
+    from app.api.malformed_http import plain_head
+
+    class Heads:
+        url = b""
+
+        def __init__(self) -> None:
+            self.headers: list[tuple[bytes, bytes]] = []
+
+        def on_url(self, url: bytes) -> None:
+            self.url += url
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.headers.append((name.lower(), value))
+
+    for connection, kept in [(b"keep-alive, Upgrade, HTTP2-Settings", b"connection: keep-alive"),
+                             (b"Upgrade", None)]:
+        heads = Heads()
+        parser = httptools.HttpRequestParser(heads)
+        with pytest.raises(httptools.HttpParserUpgrade):
+            parser.feed_data(b"POST /v1/sessions?x=1 HTTP/1.1\r\nHost: t\r\nConnection: "
+                             + connection + b"\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMA\r\n"
+                             b"Content-Length: 2\r\n\r\n{}")
+        head = plain_head(parser, heads.url, heads.headers)
+        expected = [b"POST /v1/sessions?x=1 HTTP/1.1", b"host: t"]
+        expected += [kept] if kept else []
+        assert head == b"\r\n".join([*expected, b"content-length: 2", b"", b""])
