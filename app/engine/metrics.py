@@ -414,6 +414,9 @@ def after_answer(s: Session, probe: Probe, lrs: list[float], n: int | None) -> N
 #: chunk's passes then run in the cache, not from memory. Smaller ones stay in the cache
 #: anyway, and there the chunks' own calls cost more than they save
 FUSED = 1 << 22
+#: the chunk :func:`_in_chunks` takes: 1 MiB of float32 per tensor, as the chunked step's
+#: (chunks of :data:`FUSED` elements, 16 MiB per tensor, left the cache between their passes)
+FUSED_CHUNK = 1 << 18
 
 
 def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]],
@@ -520,7 +523,7 @@ def _in_chunks(before: torch.Tensor, after: torch.Tensor, refill: bool
     are the tensor's); with ``refill``, each chunk of ``before`` gets ``after``'s values once
     normed (what :func:`take_ahead` copies)."""
     b, a = before.reshape(-1), after.reshape(-1)
-    step = max(1, FUSED // chunked.piece()) * chunked.piece()
+    step = max(1, FUSED_CHUNK // chunked.piece()) * chunked.piece()
     if not (b.is_contiguous() and a.is_contiguous()) or b.data_ptr() == a.data_ptr():
         step = max(1, b.numel())  # (whole, as the one-piece path: pieces() copies strided values)
     update_norms: list[torch.Tensor] = []
