@@ -37,6 +37,7 @@ from app.engine.interface import (
 )
 from app.errors import Conflict, Invalid
 from app.wire.dtypes import DTYPE_NAMES
+from app.wire.integers import INT64
 from app.wire.safetensors_body import (
     BodyTensors,
     PackedTensors,
@@ -876,7 +877,6 @@ _SCHEDULER_KEY_SOURCES = {"momentum": ("max_momentum",), "betas": ("max_momentum
 #: the scheduler options an integer a scheduler keeps comes from, when not its own name
 _SCHEDULER_STATE_SOURCES = {"total_steps": ("epochs", "steps_per_epoch"),
                             "end_step": ("total_steps", "epochs", "steps_per_epoch")}
-INT64 = (-(2**63), 2**63 - 1)
 
 
 def _check_scheduler_built(cls: type[torch.optim.Optimizer], opt: torch.optim.Optimizer,

@@ -18,7 +18,7 @@ import torch
 
 from app.engine import optimizers, option_values
 from app.errors import Invalid, shown
-from app.wire.integers import int_text
+from app.wire.integers import INT64, int_text
 from app.wire.tree import tree_to_json
 
 if TYPE_CHECKING:
@@ -268,6 +268,30 @@ def _check_finite(obj: Any, field: str) -> None:
             _check_finite(v, f"{field}.{i}")
 
 
+def refuse_wide_ints(state: object, where: str = "state_dict") -> None:
+    """422 ``invalid_state`` naming the first integer (a value or a key) past int64 in an
+    imported state: a ``torch.save`` file holds any Python int (``lr`` 2**70, a scheduler's
+    ``last_epoch``), a JSON text up to 2**64 - 1, and the session's log record, its
+    description and its export cannot (taken, the import was a 500, or a later step made its
+    export and the tenant's session list 500s). Walked without recursion, in order."""
+    stack: list[tuple[Any, str]] = [(state, where)]
+    while stack:
+        node, at = stack.pop()
+        if isinstance(node, dict):
+            items = list(node.items())
+            for k, _ in items:
+                if type(k) is int and not INT64[0] <= k <= INT64[1]:
+                    raise Invalid(f"a key here, an integer of {k.bit_length()} bits, is past "
+                                  "int64", code="invalid_state", field=at)
+            stack.extend((v, f"{at}.{k}") for k, v in reversed(items))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, f"{at}.{i}") for i, v in reversed(list(enumerate(node))))
+        elif type(node) is int and not INT64[0] <= node <= INT64[1]:
+            raise Invalid(f"an integer of {node.bit_length()} bits is past int64 (from "
+                          f"{INT64[0]} to {INT64[1]}): a state holds integers its JSON "
+                          "export can write back", code="invalid_state", field=at)
+
+
 def prepare_import(session: Session, state: object, request: bool = False,
                    tensors: bool = False, first_elsewhere: bool = False) -> PreparedImport:
     """The state checked completely, ready to load. ``first_elsewhere``: the state is a shard's
@@ -280,6 +304,8 @@ def prepare_import(session: Session, state: object, request: bool = False,
     if not isinstance(state, dict):
         raise Invalid("a state dict must be an object with state and param_groups",
                       code="state_mismatch", field="state_dict")
+    if request:
+        refuse_wide_ints(state)
     unknown = {str(k) for k in state} - _TOP_KEYS
     if unknown:
         raise Invalid(f"unknown key(s) {sorted(unknown)}; a state dict has state, param_groups "

@@ -1,0 +1,171 @@
+"""A state import holding an integer past int64, or a tensor option with no value to read, is a
+422 naming it, and the session is left exactly as it was.
+
+A ``torch.save`` file holds any Python int (``lr`` 2**70, a scheduler's ``last_epoch``), a JSON
+text up to 2**64 - 1; the session's log record, description and export hold int64. Taken,
+such an import was a 500 (its record could not be written), or, from JSON, taken whole, after
+which a step made the session's export, its description and the tenant's session list 500s.
+A meta tensor ``lr`` in a torch file was a 500 too, and a sparse one was refused naming
+another option. The same file with values in range imports, and the session then equals torch
+doing the same (its export and its next step)."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import io
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from tests.unit.test_tensor_lr_aliasing import assert_same, seeded
+
+SHAPES = {"w": (3, 2), "b": (2,)}
+SCHED = {"name": "MultiStepLR", "options": {"milestones": [2, 5], "gamma": 0.5}}
+
+
+def _local() -> tuple[list[torch.Tensor], torch.optim.Adam, Any]:
+    params = [seeded(shape, i).requires_grad_() for i, shape in enumerate(SHAPES.values())]
+    opt = torch.optim.Adam([{"params": [params[0]]}, {"params": [params[1]]}], lr=0.01)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, **SCHED["options"])  # type: ignore[arg-type]
+    return params, opt, sched
+
+
+def _step(params: list[torch.Tensor], opt: torch.optim.Adam, sched: Any, k: int) -> None:
+    for i, p in enumerate(params):
+        p.grad = seeded(tuple(p.shape), 100 * k + i)
+    opt.step()
+    sched.step()
+
+
+def _grads(k: int) -> dict[str, Any]:
+    return {n: {"dtype": "float32", "shape": list(shape),
+                "data": seeded(shape, 100 * k + i).reshape(-1).tolist()}
+            for i, (n, shape) in enumerate(SHAPES.items())}
+
+
+def _source() -> dict[str, Any]:
+    """A torch-made state dict (two steps), with its scheduler's state."""
+    params, opt, sched = _local()
+    for k in range(2):
+        _step(params, opt, sched, 50 + k)
+    return {**opt.state_dict(), "scheduler": sched.state_dict()}
+
+
+def _saved(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _session(c: TestClient, sid: str) -> None:
+    body = {"id": sid, "optimizer": "Adam", "options": {"lr": 0.01}, "scheduler": SCHED,
+            "param_groups": [{"params": {n: {"dtype": "float32", "shape": list(shape),
+                                             "data": seeded(shape, i).reshape(-1).tolist()}}}
+                             for i, (n, shape) in enumerate(SHAPES.items())]}
+    assert c.post("/v1/sessions", json=body).status_code == 201
+    assert c.post(f"/v1/sessions/{sid}/step", json={"grads": _grads(0)}).status_code == 200
+
+
+def _whole(c: TestClient, sid: str) -> Any:
+    return (c.get(f"/v1/sessions/{sid}").json(), c.get(f"/v1/sessions/{sid}/state_dict").json(),
+            c.get(f"/v1/sessions/{sid}/params").json())
+
+
+def _setter(*path: Any) -> Callable[[dict[str, Any], Any], None]:
+    def put(sd: dict[str, Any], value: Any) -> None:
+        node = sd
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return put
+
+
+#: (what is changed, the value, the problem's code and field)
+CASES = [
+    ("lr", _setter("param_groups", 1, "lr"), 2**70, "invalid_state",
+     "state_dict.param_groups.1.lr"),
+    ("last_epoch", _setter("scheduler", "last_epoch"), 2**70, "invalid_state",
+     "state_dict.scheduler.last_epoch"),
+    ("a milestone's count", _setter("scheduler", "milestones"),
+     collections.Counter({2: 1, 5: 2**70}), "invalid_state", "state_dict.scheduler.milestones.5"),
+    ("base_lrs", _setter("scheduler", "base_lrs"), [0.01, -(2**64)], "invalid_state",
+     "state_dict.scheduler.base_lrs.1"),
+    ("a meta tensor lr", _setter("param_groups", 0, "lr"), torch.empty((), device="meta"),
+     "invalid_option", "state_dict.param_groups.0.lr"),
+    ("a sparse tensor lr", _setter("param_groups", 0, "lr"), torch.tensor([0.01]).to_sparse(),
+     "invalid_option", "state_dict.param_groups.0.lr"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_torch_import_past_int64_or_of_a_valueless_tensor_is_refused_whole(
+        app_client: TestClient, case: Any) -> None:
+    c = app_client
+    what, change, value, code, field = case
+    sid = f"wide-{CASES.index(case)}"
+    _session(c, sid)
+    before = _whole(c, sid)
+    sd = _source()
+    bad = copy.deepcopy(sd)
+    change(bad, value)
+    r = c.put(f"/v1/sessions/{sid}/state_dict?format=torch", content=_saved(bad),
+              headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 422, r.text
+    assert (r.json()["code"], r.json()["field"]) == (code, field), r.json()
+    assert _whole(c, sid) == before
+    assert c.get("/v1/sessions").status_code == 200
+    # the file as torch made it imports; the session then equals torch, and steps as torch does
+    r = c.put(f"/v1/sessions/{sid}/state_dict?format=torch", content=_saved(sd),
+              headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    params, opt, sched = _local()
+    _step(params, opt, sched, 0)  # (the session's step before the import)
+    opt.load_state_dict({k: v for k, v in copy.deepcopy(sd).items() if k != "scheduler"})
+    sched.load_state_dict(sd["scheduler"])
+    r = c.post(f"/v1/sessions/{sid}/step", json={"grads": _grads(1)})
+    assert r.status_code == 200, r.text
+    _step(params, opt, sched, 1)
+    got = torch.load(io.BytesIO(c.get(f"/v1/sessions/{sid}/state_dict?format=torch").content),
+                     weights_only=True)
+    for g in (*got["param_groups"], *opt.state_dict()["param_groups"]):
+        g.pop("param_names", None)
+    assert_same(got["state"], opt.state_dict()["state"], "state")
+    assert_same(got["param_groups"], opt.state_dict()["param_groups"], "param_groups")
+    assert_same(got["scheduler"], sched.state_dict(), "scheduler")
+    pulled = c.get(f"/v1/sessions/{sid}/params").json()["params"]
+    for (name, shape), p in zip(SHAPES.items(), params, strict=True):
+        want = p.detach()
+        assert torch.equal(torch.tensor(pulled[name]["data"], dtype=torch.float32).reshape(shape),
+                           want), name
+
+
+@pytest.mark.parametrize("key", ["last_epoch", "_step_count"])
+def test_json_import_of_a_scheduler_count_past_int64_is_refused_whole(
+        app_client: TestClient, key: str) -> None:
+    """From JSON (which reads integers up to 2**64 - 1): taken, the next step made the count
+    2**64, and the session's export, description and the session list were 500s."""
+    c = app_client
+    sid = f"wide-json-{key}"
+    _session(c, sid)
+    before = _whole(c, sid)
+    sd = c.get(f"/v1/sessions/{sid}/state_dict").json()
+    sd.pop("version", None)
+    sd["scheduler"][key] = 2**64 - 1
+    r = c.put(f"/v1/sessions/{sid}/state_dict", json=sd)
+    assert r.status_code == 422, r.text
+    assert (r.json()["code"], r.json()["field"]) == ("invalid_state", f"state_dict.scheduler.{key}")
+    assert _whole(c, sid) == before
+    assert c.post(f"/v1/sessions/{sid}/step", json={"grads": _grads(1)}).status_code == 200
+    assert c.get(f"/v1/sessions/{sid}/state_dict").status_code == 200
+    assert c.get("/v1/sessions").status_code == 200
+    # int64's largest is taken, as torch takes it
+    sd = c.get(f"/v1/sessions/{sid}/state_dict").json()
+    sd.pop("version", None)
+    sd["scheduler"][key] = 2**63 - 1
+    r = c.put(f"/v1/sessions/{sid}/state_dict", json=sd)
+    assert r.status_code == 200, r.text
+    assert c.get(f"/v1/sessions/{sid}/state_dict").json()["scheduler"][key] == 2**63 - 1
