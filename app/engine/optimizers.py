@@ -97,13 +97,6 @@ def _option_value(name: str, value: Any, default: Any, field: str) -> Any:
             raise Invalid("only lr may be given as a tensor (and initial_lr, the scheduler's "
                           "copy of a tensor lr), and only as a floating tensor",
                           code="invalid_option", field=field)
-        if tensor.layout != torch.strided or tensor.device.type == "meta":
-            # (a torch.save file's: a meta tensor has no value to read, the checks after
-            # this one were a 500; a sparse one was refused naming another option)
-            kind = "meta" if tensor.device.type == "meta" else str(tensor.layout).removeprefix(
-                "torch.")
-            raise Invalid(f"a tensor {name} must be a dense tensor holding its value, got a "
-                          f"{kind} tensor", code="invalid_option", field=field)
         # Its size is torch's to check ("Tensor lr must be 1-element"), in the probe.
         return tensor.detach().clone()
     if isinstance(default, bool):

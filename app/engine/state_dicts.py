@@ -18,6 +18,7 @@ import torch
 
 from app.engine import optimizers, option_values
 from app.errors import Invalid, shown
+from app.wire.dtypes import DTYPE_NAMES, TORCH_DTYPES
 from app.wire.integers import INT64, int_text
 from app.wire.tree import tree_to_json
 
@@ -268,12 +269,15 @@ def _check_finite(obj: Any, field: str) -> None:
             _check_finite(v, f"{field}.{i}")
 
 
-def refuse_wide_ints(state: object, where: str = "state_dict") -> None:
-    """422 ``invalid_state`` naming the first integer (a value or a key) past int64 in an
-    imported state: a ``torch.save`` file holds any Python int (``lr`` 2**70, a scheduler's
-    ``last_epoch``), a JSON text up to 2**64 - 1, and the session's log record, its
-    description and its export cannot (taken, the import was a 500, or a later step made its
-    export and the tenant's session list 500s). Walked without recursion, in order."""
+def refuse_unwritable(state: object, where: str = "state_dict") -> None:
+    """422 ``invalid_state`` naming the first value of an imported state that no log record,
+    description or export could hold: an integer (a value or a key) past int64, or a tensor
+    that is not a dense CPU tensor of a dtype the wire carries (a meta, sparse, quantized or
+    complex one, a float8 one). A ``torch.save`` file holds any Python int (``lr`` 2**70, a
+    scheduler's ``last_epoch``) and any tensor, a JSON text integers up to 2**64 - 1: taken,
+    the import was a 500 (its record could not be written; a meta tensor could not even be
+    checked), or from JSON, a later step made the session's export, its description and the
+    tenant's session list 500s. Walked without recursion, in order."""
     stack: list[tuple[Any, str]] = [(state, where)]
     while stack:
         node, at = stack.pop()
@@ -290,6 +294,14 @@ def refuse_wide_ints(state: object, where: str = "state_dict") -> None:
             raise Invalid(f"an integer of {node.bit_length()} bits is past int64 (from "
                           f"{INT64[0]} to {INT64[1]}): a state holds integers its JSON "
                           "export can write back", code="invalid_state", field=at)
+        elif isinstance(node, torch.Tensor) and (
+                node.layout != torch.strided or node.device.type == "meta"
+                or node.is_quantized or node.dtype not in DTYPE_NAMES):
+            kind = "meta" if node.device.type == "meta" else str(node.layout).removeprefix(
+                "torch.")
+            raise Invalid(f"a {kind} tensor of {str(node.dtype).removeprefix('torch.')}: a "
+                          "state's tensors are dense, of the dtypes "
+                          f"{', '.join(TORCH_DTYPES)}", code="invalid_state", field=at)
 
 
 def prepare_import(session: Session, state: object, request: bool = False,
@@ -305,7 +317,7 @@ def prepare_import(session: Session, state: object, request: bool = False,
         raise Invalid("a state dict must be an object with state and param_groups",
                       code="state_mismatch", field="state_dict")
     if request:
-        refuse_wide_ints(state)
+        refuse_unwritable(state)
     unknown = {str(k) for k in state} - _TOP_KEYS
     if unknown:
         raise Invalid(f"unknown key(s) {sorted(unknown)}; a state dict has state, param_groups "

@@ -1,13 +1,14 @@
-"""A state import holding an integer past int64, or a tensor option with no value to read, is a
-422 naming it, and the session is left exactly as it was.
+"""A state import holding a value no log record or export can hold is a 422 naming it, and the
+session is left exactly as it was: an integer past int64, or a tensor that is not a dense CPU
+tensor of a wire dtype (meta, sparse, float8).
 
-A ``torch.save`` file holds any Python int (``lr`` 2**70, a scheduler's ``last_epoch``), a JSON
-text up to 2**64 - 1; the session's log record, description and export hold int64. Taken,
-such an import was a 500 (its record could not be written), or, from JSON, taken whole, after
-which a step made the session's export, its description and the tenant's session list 500s.
-A meta tensor ``lr`` in a torch file was a 500 too, and a sparse one was refused naming
-another option. The same file with values in range imports, and the session then equals torch
-doing the same (its export and its next step)."""
+A ``torch.save`` file holds any Python int (``lr`` 2**70, a scheduler's ``last_epoch``) and any
+tensor, a JSON text integers up to 2**64 - 1; the session's log record, description and export
+hold int64 and the wire's dtypes. Taken, such an import was a 500 (its record could not be
+written; a meta tensor could not be checked), or, from JSON, taken whole, after which a step
+made the session's export, its description and the tenant's session list 500s; a sparse
+tensor ``lr`` was refused naming another option. The same file with values in range imports,
+and the session then equals torch doing the same (its export and its next step)."""
 
 from __future__ import annotations
 
@@ -95,18 +96,25 @@ CASES = [
     ("base_lrs", _setter("scheduler", "base_lrs"), [0.01, -(2**64)], "invalid_state",
      "state_dict.scheduler.base_lrs.1"),
     ("a meta tensor lr", _setter("param_groups", 0, "lr"), torch.empty((), device="meta"),
-     "invalid_option", "state_dict.param_groups.0.lr"),
+     "invalid_state", "state_dict.param_groups.0.lr"),
     ("a sparse tensor lr", _setter("param_groups", 0, "lr"), torch.tensor([0.01]).to_sparse(),
-     "invalid_option", "state_dict.param_groups.0.lr"),
+     "invalid_state", "state_dict.param_groups.0.lr"),
+    ("a float8 tensor lr", _setter("param_groups", 1, "lr"),
+     torch.tensor(0.01).to(torch.float8_e4m3fn), "invalid_state", "state_dict.param_groups.1.lr"),
+    ("a float8 tensor in _last_lr", _setter("scheduler", "_last_lr"),
+     [0.01, torch.tensor(0.01).to(torch.float8_e5m2)], "invalid_state",
+     "state_dict.scheduler._last_lr.1"),
+    ("a meta tensor in base_lrs", _setter("scheduler", "base_lrs"),
+     [torch.empty((), device="meta"), 0.01], "invalid_state", "state_dict.scheduler.base_lrs.0"),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_torch_import_past_int64_or_of_a_valueless_tensor_is_refused_whole(
+def test_torch_import_of_a_value_no_record_holds_is_refused_whole(
         app_client: TestClient, case: Any) -> None:
     c = app_client
     what, change, value, code, field = case
-    sid = f"wide-{CASES.index(case)}"
+    sid = f"unwritable-{CASES.index(case)}"
     _session(c, sid)
     before = _whole(c, sid)
     sd = _source()
