@@ -14,9 +14,11 @@ as they were.
 Security: the socket lives in a directory only the server's user can enter (0700), every
 connection's peer is checked to be that user (``SO_PEERCRED``), and a segment is shared only
 with the authenticated connection that bound it, for a session of its tenant: no other local
-user and no other tenant can read or write it. A client that crashes closes its connection;
-its segments go with it at once. The socket's path is told only to loopback clients
-(``GET /v1/transport``); remote clients never see it and keep to HTTP, as do other languages.
+user and no other tenant can read or write it. A segment's size is sealed (``F_SEAL_SHRINK``,
+``F_SEAL_GROW``): a client cannot truncate it under the server's mappings. A client that
+crashes closes its connection; its segments go with it at once. The socket's path is told
+only to loopback clients (``GET /v1/transport``); remote clients never see it and keep to
+HTTP, as do other languages.
 
 Messages are frames: a little-endian u32 length, then a JSON object. Requests: ``hello``
 (``key``), ``bind`` (``session``), ``step`` (``binding``, ``grads``: the names whose slots hold
@@ -39,6 +41,7 @@ again).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hmac
 import logging
 import mmap
@@ -126,8 +129,14 @@ class Binding:
         for (name, dtype, shape), grad, param in zip(sizes, grad_at, param_at, strict=True):
             self.slots.append(Slot(name, dtype, shape, grad, param, _nbytes(dtype, shape)))
         self.size = max(_aligned(end), ALIGN)
-        self.fd = os.memfd_create(f"optserve-{session_id}"[:200], os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(f"optserve-{session_id}"[:200],
+                                  os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, self.size)
+        # its size sealed: the client gets the descriptor, and one that shrank the segment
+        # (ftruncate) made the server's next read or write of a slot past the new end a
+        # SIGBUS, which ended the whole server, every tenant's sessions with it
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)
         base = torch.frombuffer(self.map, dtype=torch.uint8)

@@ -378,3 +378,40 @@ def test_a_step_messages_options_are_read_as_an_http_steps(server: str) -> None:
         p.grad = torch.zeros(8)  # (the slot's fresh bytes)
         opt.step()
         assert torch.equal(h.get_params(sid).params["x"], p.detach())
+
+
+def test_a_client_cannot_resize_the_segment_it_was_handed(server: str) -> None:
+    """The segment's size is sealed: a client that truncated the descriptor it got made the
+    server's next read of a gradient slot past the new end a SIGBUS, which ended the whole
+    server (every tenant's sessions with it). Now its ``ftruncate`` fails (EPERM), growing too,
+    and the session steps on as torch does."""
+    import mmap
+
+    p0 = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(8, generator=torch.Generator().manual_seed(2))
+    with optserve.Client(server, api_key=KEY, transport="http") as h, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        sid = adam_session(h, p0)
+        hello(s, server)
+        body = json.dumps({"op": "bind", "session": sid}).encode()
+        s.sendall(struct.pack("<I", len(body)) + body)
+        data, fds, _, _ = socket.recv_fds(s, 1 << 20, 4)
+        assert len(fds) == 1
+        fd = fds[0]
+        try:
+            (n,) = struct.unpack("<I", data[:4])
+            while len(data) < 4 + n:
+                data += s.recv(4 + n - len(data))
+            bound = json.loads(data[4:4 + n])
+            for size in (0, bound["size"] // 2, bound["size"] * 2):
+                with pytest.raises(PermissionError):
+                    os.ftruncate(fd, size)
+            assert os.fstat(fd).st_size == bound["size"]
+            slot = bound["params"][0]
+            with mmap.mmap(fd, bound["size"]) as m:
+                m[slot["grad"]:slot["grad"] + slot["nbytes"]] = g.numpy().tobytes()
+            assert frames(s, {"op": "step", "binding": bound["binding"], "grads": ["x"],
+                              "return": "none"})["version"] == 1
+        finally:
+            os.close(fd)
+        assert torch.equal(h.get_params(sid).params["x"], torch_adam(p0, [g]))
