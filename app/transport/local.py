@@ -30,6 +30,8 @@ answers (extras without a value left out; ``retry_after`` for the ``Retry-After`
 ``field`` names the message's field (the engine's ``Idempotency-Key``, ``X-Optserve-Worker`` and
 ``session_id`` become ``idempotency_key``, ``worker`` and ``binding`` / ``session``): a frame
 that is empty, not JSON or not a JSON object is a 400 ``invalid_json`` naming ``message``, one
+over :data:`MAX_FRAME` a 413 ``payload_too_large`` naming ``message`` (then the connection is
+closed: its body is not read), one
 that repeats a key a 400 ``duplicate_key`` naming its path, a field the operation does not take
 a 422 ``unknown_field`` naming it. A connection holds at most :data:`MAX_BINDINGS` bindings (429
 ``too_many_bindings``); a binding whose slots no longer fit its session's parameters (the session
@@ -66,7 +68,15 @@ from app.engine import metrics, ps
 from app.engine.idempotency import check_key
 from app.engine.interface import Engine, IdemKey, SessionInfo, json_floats
 from app.engine.session import check_session_id, stale_binding
-from app.errors import BadRequest, Invalid, NotFound, OptserveError, TooMany, Unauthorized
+from app.errors import (
+    BadRequest,
+    Invalid,
+    NotFound,
+    OptserveError,
+    PayloadTooLarge,
+    TooMany,
+    Unauthorized,
+)
 from app.transport import stale_dirs
 from app.wire.dtypes import TORCH_DTYPES
 from app.wire.safetensors_body import BodyTensors
@@ -480,7 +490,12 @@ class _Connection(threading.Thread):
             return None
         (length,) = _HEAD.unpack(head)
         if length > MAX_FRAME:
-            raise OSError("frame too large")
+            # answered, then the connection closed (its body is not read: the frames after it
+            # cannot be found); it was closed without a word
+            exc = PayloadTooLarge(f"a frame of {length} bytes is over the limit of "
+                                  f"{MAX_FRAME}", field="message", limit=MAX_FRAME)
+            self._send({"ok": False, "problem": problem_of(exc)}, [])
+            return None
         return self._recv_exact(length)
 
     def _send(self, answer: dict[str, Any], fds: list[int]) -> None:

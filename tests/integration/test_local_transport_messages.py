@@ -415,3 +415,41 @@ def test_a_client_cannot_resize_the_segment_it_was_handed(server: str) -> None:
         finally:
             os.close(fd)
         assert torch.equal(h.get_params(sid).params["x"], torch_adam(p0, [g]))
+
+
+def test_a_frame_over_the_limit_is_answered_before_the_connection_closes(server: str) -> None:
+    """A length prefix past the frame limit: a 413 ``payload_too_large`` naming ``message``
+    with the limit, then the connection closes (the frames after it cannot be found); it
+    closed without an answer. The session is unchanged, and steps as torch does over a new
+    connection."""
+    from app.transport.local import MAX_FRAME
+
+    p0 = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(8, generator=torch.Generator().manual_seed(2))
+    with optserve.Client(server, api_key=KEY, transport="http") as h:
+        sid = adam_session(h, p0)
+        before = state_of(h, sid)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            hello(s, server)
+            s.sendall(struct.pack("<I", MAX_FRAME + 1) + b'{"op": "pull"')
+            data = b""
+            try:
+                while chunk := s.recv(1 << 16):
+                    data += chunk
+            except ConnectionResetError:  # (closed with the frame's bytes unread: a reset)
+                pass
+            assert len(data) >= 4, "closed without an answer"
+            (n,) = struct.unpack("<I", data[:4])
+            answer = json.loads(data[4:4 + n])
+            problem = problem_of(answer)
+            assert (problem["status"], problem["code"], problem["field"], problem["limit"]) == (
+                413, "payload_too_large", "message", MAX_FRAME)
+            assert len(data) == 4 + n  # nothing after it: closed
+        assert same_state(state_of(h, sid), before)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            hello(s, server)
+            b = frames(s, {"op": "bind", "session": sid})["binding"]
+            assert frames(s, {"op": "pull", "binding": b})["version"] == 0
+        out = h.step(sid, {"x": g})
+        assert out.params is not None and torch.equal(out.params["x"], torch_adam(p0, [g]))
