@@ -177,3 +177,38 @@ def test_json_import_of_a_scheduler_count_past_int64_is_refused_whole(
     r = c.put(f"/v1/sessions/{sid}/state_dict", json=sd)
     assert r.status_code == 200, r.text
     assert c.get(f"/v1/sessions/{sid}/state_dict").json()["scheduler"][key] == 2**63 - 1
+
+
+def test_a_torch_tensor_holding_more_than_its_file_is_refused_whole(
+        app_client: TestClient) -> None:
+    """A tensor of a ``torch.save`` file may view one float with stride 0 (``expand``): a file
+    of 2 KB held an ``lr`` of 2**40 elements, and the copy the import's checks made of it
+    tried to allocate 4 TiB (a 500; at 16 GiB it would have been taken). 422
+    ``torch_file_too_large`` naming it, with the limit; nothing imported. An expanded state
+    tensor of the parameter's shape imports, as its own copy, equal to torch's."""
+    c = app_client
+    sid = "expanded-lr"
+    _session(c, sid)
+    before = _whole(c, sid)
+    sd = _source()
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["lr"] = torch.zeros(1).expand(2**40)
+    data = _saved(bad)
+    assert len(data) < 1 << 14
+    r = c.put(f"/v1/sessions/{sid}/state_dict?format=torch", content=data,
+              headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 422, r.text
+    problem = r.json()
+    assert (problem["code"], problem["field"]) == ("torch_file_too_large",
+                                                   "state_dict.param_groups.0.lr"), problem
+    assert isinstance(problem["limit"], int) and problem["limit"] < 2**40
+    assert _whole(c, sid) == before
+    expanded = copy.deepcopy(sd)
+    expanded["state"][1]["exp_avg"] = torch.full((1,), 0.25).expand(2)
+    r = c.put(f"/v1/sessions/{sid}/state_dict?format=torch", content=_saved(expanded),
+              headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    got = torch.load(io.BytesIO(c.get(f"/v1/sessions/{sid}/state_dict?format=torch").content),
+                     weights_only=True)
+    assert torch.equal(got["state"][1]["exp_avg"], torch.full((2,), 0.25))
+    assert_same(got["state"][0], sd["state"][0], "state.0")
