@@ -911,11 +911,14 @@ def _check_scheduler_built(cls: type[torch.optim.Optimizer], opt: torch.optim.Op
 
 
 def _ints(tree: Any, key: str = "") -> Iterator[tuple[str, int]]:
-    """Every int in a state tree, with the key it is under."""
+    """Every int in a state tree, with the key it is under; an int key with the key of its
+    dict (MultiStepLR's milestones are a ``Counter``'s keys: one past int64 made an export
+    that no import takes)."""
     stack: list[tuple[Any, str]] = [(tree, key)]
     while stack:
         node, at = stack.pop()
         if isinstance(node, dict):
+            yield from ((at, k) for k in node if type(k) is int)
             stack.extend((v, str(k)) for k, v in node.items())
         elif isinstance(node, (list, tuple)):
             stack.extend((v, at) for v in node)

@@ -212,3 +212,33 @@ def test_a_torch_tensor_holding_more_than_its_file_is_refused_whole(
                      weights_only=True)
     assert torch.equal(got["state"][1]["exp_avg"], torch.full((2,), 0.25))
     assert_same(got["state"][0], sd["state"][0], "state.0")
+
+
+def test_a_milestone_at_int64s_largest_exports_and_imports_back(app_client: TestClient) -> None:
+    """The largest milestone a create takes (int64's largest: one past it is refused at
+    create) exports, JSON and torch, and imports into a session made with the same body; the
+    imported scheduler state equals the exported one."""
+    c = app_client
+    sched = {"name": "MultiStepLR", "options": {"milestones": [3, 2**63 - 1]}}
+    body = {"optimizer": "SGD", "options": {"lr": 0.1}, "scheduler": sched,
+            "params": {"w": {"dtype": "float32", "shape": [2], "data": [1.0, 2.0]}}}
+    assert c.post("/v1/sessions", json={**body, "id": "far-milestone"}).status_code == 201
+    grads = {"grads": {"w": {"dtype": "float32", "shape": [2], "data": [0.5, 0.25]}}}
+    assert c.post("/v1/sessions/far-milestone/step", json=grads).status_code == 200
+    data = c.get("/v1/sessions/far-milestone/state_dict?format=torch").content
+    exported = torch.load(io.BytesIO(data), weights_only=True)
+    assert exported["scheduler"]["milestones"] == {3: 1, 2**63 - 1: 1}
+    for fmt in ("torch", "json"):
+        sid = f"far-milestone-{fmt}"
+        assert c.post("/v1/sessions", json={**body, "id": sid}).status_code == 201
+        if fmt == "torch":
+            r = c.put(f"/v1/sessions/{sid}/state_dict?format=torch", content=data,
+                      headers={"content-type": "application/octet-stream"})
+        else:
+            sd = c.get("/v1/sessions/far-milestone/state_dict").json()
+            sd.pop("version", None)
+            r = c.put(f"/v1/sessions/{sid}/state_dict", json=sd)
+        assert r.status_code == 200, r.text
+        got = torch.load(io.BytesIO(c.get(f"/v1/sessions/{sid}/state_dict?format=torch").content),
+                         weights_only=True)
+        assert got["scheduler"] == exported["scheduler"], fmt
