@@ -270,10 +270,11 @@ def _check_finite(obj: Any, field: str) -> None:
 
 
 def refuse_unwritable(state: object, where: str = "state_dict") -> None:
-    """422 ``invalid_state`` naming the first value of an imported state that no log record,
-    description or export could hold: an integer (a value or a key) past int64, or a tensor
-    that is not a dense CPU tensor of a dtype the wire carries (a meta, sparse, quantized or
-    complex one, a float8 one). A ``torch.save`` file holds any Python int (``lr`` 2**70, a
+    """422 naming the first value of an imported state that no log record, description or
+    export could hold: ``invalid_state`` for an integer (a value or a key) past int64,
+    ``state_mismatch`` (as for a state tensor before) for a tensor that is not a dense CPU
+    tensor of a dtype the wire carries (a meta, sparse, quantized or complex one, a float8
+    one). A ``torch.save`` file holds any Python int (``lr`` 2**70, a
     scheduler's ``last_epoch``) and any tensor, a JSON text integers up to 2**64 - 1: taken,
     the import was a 500 (its record could not be written; a meta tensor could not even be
     checked), or from JSON, a later step made the session's export, its description and the
@@ -301,7 +302,7 @@ def refuse_unwritable(state: object, where: str = "state_dict") -> None:
                 "torch.")
             raise Invalid(f"a {kind} tensor of {str(node.dtype).removeprefix('torch.')}: a "
                           "state's tensors are dense, of the dtypes "
-                          f"{', '.join(TORCH_DTYPES)}", code="invalid_state", field=at)
+                          f"{', '.join(TORCH_DTYPES)}", code="state_mismatch", field=at)
 
 
 def prepare_import(session: Session, state: object, request: bool = False,

@@ -96,16 +96,16 @@ CASES = [
     ("base_lrs", _setter("scheduler", "base_lrs"), [0.01, -(2**64)], "invalid_state",
      "state_dict.scheduler.base_lrs.1"),
     ("a meta tensor lr", _setter("param_groups", 0, "lr"), torch.empty((), device="meta"),
-     "invalid_state", "state_dict.param_groups.0.lr"),
+     "state_mismatch", "state_dict.param_groups.0.lr"),
     ("a sparse tensor lr", _setter("param_groups", 0, "lr"), torch.tensor([0.01]).to_sparse(),
-     "invalid_state", "state_dict.param_groups.0.lr"),
+     "state_mismatch", "state_dict.param_groups.0.lr"),
     ("a float8 tensor lr", _setter("param_groups", 1, "lr"),
-     torch.tensor(0.01).to(torch.float8_e4m3fn), "invalid_state", "state_dict.param_groups.1.lr"),
+     torch.tensor(0.01).to(torch.float8_e4m3fn), "state_mismatch", "state_dict.param_groups.1.lr"),
     ("a float8 tensor in _last_lr", _setter("scheduler", "_last_lr"),
-     [0.01, torch.tensor(0.01).to(torch.float8_e5m2)], "invalid_state",
+     [0.01, torch.tensor(0.01).to(torch.float8_e5m2)], "state_mismatch",
      "state_dict.scheduler._last_lr.1"),
     ("a meta tensor in base_lrs", _setter("scheduler", "base_lrs"),
-     [torch.empty((), device="meta"), 0.01], "invalid_state", "state_dict.scheduler.base_lrs.0"),
+     [torch.empty((), device="meta"), 0.01], "state_mismatch", "state_dict.scheduler.base_lrs.0"),
 ]
 
 
