@@ -41,6 +41,9 @@ _TENSOR_OPTIONS = ("lr", "initial_lr")
 # support autograd" is about differentiable, unless only foreach was given).
 _MESSAGE_HINTS = (
     ("autograd", "differentiable"), ("_foreach", "foreach"),
+    # (Muon's "Adjust learning rate function ... is not supported", "Number of steps must be
+    # less than 100": they were blamed on lr and, "eps" read in "steps", on eps)
+    ("adjust learning rate function", "adjust_lr_fn"), ("number of steps", "ns_steps"),
     ("learning rate", "lr"), ("beta", "betas"), ("epsilon", "eps"), ("eps", "eps"),
     ("weight_decay", "weight_decay"), ("weight decay", "weight_decay"),
     ("momentum", "momentum"), ("nesterov", "nesterov"), ("dampening", "dampening"),
@@ -196,7 +199,8 @@ def _named(message: str, fields: dict[str, str]) -> str | None:
         if re.search(rf"\b{re.escape(name.lower())}\b", lowered):
             return fields[name]
     for words, name in _MESSAGE_HINTS:
-        if words in lowered and name in fields:
+        # (a hint starts a word: "eps" is not in "steps")
+        if name in fields and re.search(rf"(?<![a-z]){re.escape(words)}", lowered):
             return fields[name]
     return None
 
