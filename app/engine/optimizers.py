@@ -44,6 +44,10 @@ _MESSAGE_HINTS = (
     # (Muon's "Adjust learning rate function ... is not supported", "Number of steps must be
     # less than 100": they were blamed on lr and, "eps" read in "steps", on eps)
     ("adjust learning rate function", "adjust_lr_fn"), ("number of steps", "ns_steps"),
+    # (schedulers': LinearLR's factors, ReduceLROnPlateau's min_lr kept as min_lrs; they named
+    # only scheduler.options)
+    ("starting multiplicative factor", "start_factor"),
+    ("ending multiplicative factor", "end_factor"), ("min_lrs", "min_lr"),
     ("learning rate", "lr"), ("beta", "betas"), ("epsilon", "eps"), ("eps", "eps"),
     ("weight_decay", "weight_decay"), ("weight decay", "weight_decay"),
     ("momentum", "momentum"), ("nesterov", "nesterov"), ("dampening", "dampening"),

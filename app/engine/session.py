@@ -876,7 +876,8 @@ _SCHEDULER_KEY_SOURCES = {"momentum": ("max_momentum",), "betas": ("max_momentum
 
 #: the scheduler options an integer a scheduler keeps comes from, when not its own name
 _SCHEDULER_STATE_SOURCES = {"total_steps": ("epochs", "steps_per_epoch"),
-                            "end_step": ("total_steps", "epochs", "steps_per_epoch")}
+                            "end_step": ("total_steps", "epochs", "steps_per_epoch"),
+                            "min_lrs": ("min_lr",)}
 
 
 def _check_scheduler_built(cls: type[torch.optim.Optimizer], opt: torch.optim.Optimizer,
