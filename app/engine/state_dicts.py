@@ -269,31 +269,38 @@ def _check_finite(obj: Any, field: str) -> None:
             _check_finite(v, f"{field}.{i}")
 
 
+#: the integers a group option may hold: what a JSON text carries, and a create takes (an
+#: option is never counted up: its session's export imports back)
+OPTION_INTS = (INT64[0], 2**64 - 1)
+
+
 def refuse_unwritable(state: object, where: str = "state_dict") -> None:
     """422 naming the first value of an imported state that no log record, description or
-    export could hold: ``invalid_state`` for an integer (a value or a key) past int64,
-    ``state_mismatch`` (as for a state tensor before) for a tensor that is not a dense CPU
-    tensor of a dtype the wire carries (a meta, sparse, quantized or complex one, a float8
-    one). A ``torch.save`` file holds any Python int (``lr`` 2**70, a
-    scheduler's ``last_epoch``) and any tensor, a JSON text integers up to 2**64 - 1: taken,
-    the import was a 500 (its record could not be written; a meta tensor could not even be
-    checked), or from JSON, a later step made the session's export, its description and the
-    tenant's session list 500s. Walked without recursion, in order."""
-    stack: list[tuple[Any, str]] = [(state, where)]
+    export could hold: ``invalid_state`` for an integer (a value or a key) past int64 (a group
+    option's past :data:`OPTION_INTS`), ``state_mismatch`` (as for a state tensor before) for
+    a tensor that is not a dense CPU tensor of a dtype the wire carries (a meta, sparse,
+    quantized or complex one, a float8 one). A ``torch.save`` file holds any Python int
+    (``lr`` 2**70, a scheduler's ``last_epoch``) and any tensor, a JSON text integers up to
+    2**64 - 1: taken, the import was a 500 (its record could not be written; a meta tensor
+    could not even be checked), or from JSON, a scheduler's count there made the session's
+    export, its description and the tenant's session list 500s once a step counted it past
+    2**64 - 1. Walked without recursion, in order."""
+    stack: list[tuple[Any, str, tuple[int, int]]] = [(state, where, INT64)]
     while stack:
-        node, at = stack.pop()
+        node, at, bounds = stack.pop()
         if isinstance(node, dict):
             items = list(node.items())
             for k, _ in items:
                 if type(k) is int and not INT64[0] <= k <= INT64[1]:
                     raise Invalid(f"a key here, an integer of {k.bit_length()} bits, is past "
                                   "int64", code="invalid_state", field=at)
-            stack.extend((v, f"{at}.{k}") for k, v in reversed(items))
+            stack.extend((v, f"{at}.{k}", OPTION_INTS if f"{at}.{k}" == f"{where}.param_groups"
+                          else bounds) for k, v in reversed(items))
         elif isinstance(node, (list, tuple)):
-            stack.extend((v, f"{at}.{i}") for i, v in reversed(list(enumerate(node))))
-        elif type(node) is int and not INT64[0] <= node <= INT64[1]:
-            raise Invalid(f"an integer of {node.bit_length()} bits is past int64 (from "
-                          f"{INT64[0]} to {INT64[1]}): a state holds integers its JSON "
+            stack.extend((v, f"{at}.{i}", bounds) for i, v in reversed(list(enumerate(node))))
+        elif type(node) is int and not bounds[0] <= node <= bounds[1]:
+            raise Invalid(f"an integer of {node.bit_length()} bits is out of range (from "
+                          f"{bounds[0]} to {bounds[1]}): a state holds integers its JSON "
                           "export can write back", code="invalid_state", field=at)
         elif isinstance(node, torch.Tensor) and (
                 node.layout != torch.strided or node.device.type == "meta"

@@ -242,3 +242,34 @@ def test_a_milestone_at_int64s_largest_exports_and_imports_back(app_client: Test
         got = torch.load(io.BytesIO(c.get(f"/v1/sessions/{sid}/state_dict?format=torch").content),
                          weights_only=True)
         assert got["scheduler"] == exported["scheduler"], fmt
+
+
+def test_a_group_option_a_create_takes_exports_and_imports_back(app_client: TestClient) -> None:
+    """A group option a create takes from JSON (an integer up to 2**64 - 1: an ``lr`` of
+    2**63) exports and imports back into a session made with the same body (an option is never
+    counted up, unlike a scheduler's counts, which stay within int64); one past 2**64 - 1,
+    which only a ``torch.save`` file holds, is refused naming it."""
+    c = app_client
+    body = {"optimizer": "SGD", "options": {"lr": 2**63},
+            "params": {"w": {"dtype": "float64", "shape": [2], "data": [1.0, 2.0]}}}
+    assert c.post("/v1/sessions", json={**body, "id": "wide-lr"}).status_code == 201
+    grads = {"grads": {"w": {"dtype": "float64", "shape": [2], "data": [0.0, 0.0]}}}
+    assert c.post("/v1/sessions/wide-lr/step", json=grads).status_code == 200
+    sd = c.get("/v1/sessions/wide-lr/state_dict").json()
+    sd.pop("version", None)
+    data = c.get("/v1/sessions/wide-lr/state_dict?format=torch").content
+    for fmt in ("json", "torch"):
+        sid = f"wide-lr-{fmt}"
+        assert c.post("/v1/sessions", json={**body, "id": sid}).status_code == 201
+        r = (c.put(f"/v1/sessions/{sid}/state_dict", json=sd) if fmt == "json" else
+             c.put(f"/v1/sessions/{sid}/state_dict?format=torch", content=data,
+                   headers={"content-type": "application/octet-stream"}))
+        assert r.status_code == 200, r.text
+        assert c.get(f"/v1/sessions/{sid}").json()["param_groups"][0]["lr"] == 2**63
+    sd2 = torch.load(io.BytesIO(data), weights_only=True)
+    sd2["param_groups"][0]["lr"] = 2**64
+    r = c.put("/v1/sessions/wide-lr-json/state_dict?format=torch", content=_saved(sd2),
+              headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 422, r.text
+    assert (r.json()["code"], r.json()["field"]) == ("invalid_state",
+                                                     "state_dict.param_groups.0.lr")
