@@ -453,3 +453,56 @@ def test_a_frame_over_the_limit_is_answered_before_the_connection_closes(server:
             assert frames(s, {"op": "pull", "binding": b})["version"] == 0
         out = h.step(sid, {"x": g})
         assert out.params is not None and torch.equal(out.params["x"], torch_adam(p0, [g]))
+
+
+def test_a_sharded_session_steps_through_the_segment_as_torch(server: str) -> None:
+    """A sharded session binds and steps through the shared segment (its parameters written
+    into their slots once acknowledged), bitwise as torch's Adam; what only plain sessions
+    offer (client scalars) is a 422 ``not_supported_here`` naming it, nothing applied."""
+    import mmap
+
+    gen = torch.Generator().manual_seed(5)
+    p0 = {"a": torch.randn(6, generator=gen), "b": torch.randn(3, 2, generator=gen)}
+    grads = [{n: torch.randn(t.shape, generator=gen) for n, t in p0.items()} for _ in range(3)]
+    with optserve.Client(server, api_key=KEY, transport="http") as h, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        sid = h.create_session(optimizer="Adam", options={"lr": 1e-2}, params=p0, shards=2).id
+        hello(s, server)
+        body = json.dumps({"op": "bind", "session": sid}).encode()
+        s.sendall(struct.pack("<I", len(body)) + body)
+        data, fds, _, _ = socket.recv_fds(s, 1 << 20, 4)
+        (n,) = struct.unpack("<I", data[:4])
+        while len(data) < 4 + n:
+            data += s.recv(4 + n - len(data))
+        bound = json.loads(data[4:4 + n])
+        slots = {slot["name"]: slot for slot in bound["params"]}
+        try:
+            with mmap.mmap(fds[0], bound["size"]) as m:
+                def view(name: str, key: str) -> torch.Tensor:
+                    slot = slots[name]
+                    raw = torch.frombuffer(m, dtype=torch.uint8, count=slot["nbytes"],
+                                           offset=slot[key])
+                    return raw.view(torch.float32).view(slot["shape"])
+                step = {"op": "step", "binding": bound["binding"], "grads": ["a", "b"]}
+                for k, g in enumerate(grads):
+                    for name, t in g.items():
+                        view(name, "grad").copy_(t)
+                    if k == 1:
+                        before = state_of(h, sid)
+                        problem = problem_of(frames(s, {**step, "scalars": {"loss": 1.0}}))
+                        assert (problem["code"], problem["field"]) == ("not_supported_here",
+                                                                       "scalars")
+                        assert same_state(state_of(h, sid), before)
+                    assert frames(s, step)["version"] == k + 1
+                got = {name: view(name, "param").clone() for name in slots}
+                del view
+        finally:
+            os.close(fds[0])
+    local = {n: t.clone().requires_grad_(True) for n, t in p0.items()}
+    opt = torch.optim.Adam(list(local.values()), lr=1e-2)
+    for g in grads:
+        for name, t in g.items():
+            local[name].grad = t.clone()
+        opt.step()
+    for name, t in local.items():
+        assert torch.equal(got[name], t.detach()), name
