@@ -305,11 +305,18 @@ def _check_tensor_sizes(state: Any, limit: int) -> None:
     ``limit``. A tensor of a ``torch.save`` file may view its storage with stride 0 (an
     ``expand``): a file of 2 KB held an ``lr`` of 2**40 elements over one float, and the copy
     the checks make of it tried to allocate 4 TiB (a 500; at 16 GiB it would have been taken,
-    on a machine with less, the server killed). Walked without recursion."""
+    on a machine with less, the server killed). Walked without recursion, each list or dict
+    once (a pickle may hold one many times: a file of 3 KB, a tree of 10**9 leaves); a tensor
+    is counted at each place it is held."""
     total = 0
     stack: list[tuple[Any, str]] = [(state, "state_dict")]
+    seen: set[int] = set()
     while stack:
         node, at = stack.pop()
+        if isinstance(node, (dict, list, tuple)):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
         if isinstance(node, dict):
             stack.extend((v, f"{at}.{k}") for k, v in reversed(list(node.items())))
         elif isinstance(node, (list, tuple)):

@@ -284,10 +284,17 @@ def refuse_unwritable(state: object, where: str = "state_dict") -> None:
     2**64 - 1: taken, the import was a 500 (its record could not be written; a meta tensor
     could not even be checked), or from JSON, a scheduler's count there made the session's
     export, its description and the tenant's session list 500s once a step counted it past
-    2**64 - 1. Walked without recursion, in order."""
+    2**64 - 1. Walked without recursion, in order, each list or dict once: a ``torch.save``
+    file's pickle may hold one list many times (``[[[None] * 1000] * 1000] * 1000``: a file of
+    3 KB, a tree of 10**9 leaves)."""
     stack: list[tuple[Any, str, tuple[int, int]]] = [(state, where, INT64)]
+    seen: set[int] = set()
     while stack:
         node, at, bounds = stack.pop()
+        if isinstance(node, (dict, list, tuple)):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
         if isinstance(node, dict):
             items = list(node.items())
             for k, _ in items:
