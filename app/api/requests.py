@@ -292,10 +292,42 @@ def state_from_torch(buf: bytearray, limit: int) -> Any:
     data = bytes(buf)
     _check_zip(data, limit)
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure to read a client's file is the client's 422
         raise Invalid(f"not a torch.save file loadable with weights_only=True: "
                       f"{_torch_reason(exc)}", code="invalid_torch_file", field="body") from None
+    _check_tensor_sizes(state, limit)
+    return state
+
+
+def _check_tensor_sizes(state: Any, limit: int) -> None:
+    """Bound what the loaded tensors hold once copied: each one's elements, summed, against
+    ``limit``. A tensor of a ``torch.save`` file may view its storage with stride 0 (an
+    ``expand``): a file of 2 KB held an ``lr`` of 2**40 elements over one float, and the copy
+    the checks make of it tried to allocate 4 TiB (a 500; at 16 GiB it would have been taken,
+    on a machine with less, the server killed). Walked without recursion, each list or dict
+    once (a pickle may hold one many times: a file of 3 KB, a tree of 10**9 leaves); a tensor
+    is counted at each place it is held."""
+    total = 0
+    stack: list[tuple[Any, str]] = [(state, "state_dict")]
+    seen: set[int] = set()
+    while stack:
+        node, at = stack.pop()
+        if isinstance(node, (dict, list, tuple)):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+        if isinstance(node, dict):
+            stack.extend((v, f"{at}.{k}") for k, v in reversed(list(node.items())))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, f"{at}.{i}") for i, v in reversed(list(enumerate(node))))
+        elif isinstance(node, torch.Tensor):
+            total += node.numel() * node.element_size()
+            if total > limit:
+                raise Invalid(f"the torch.save file's tensors hold more than {limit} bytes "
+                              "once copied (a tensor may view fewer bytes than it holds: "
+                              "expand), more than this session's state can hold",
+                              code="torch_file_too_large", field=at, limit=limit)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -36,7 +36,7 @@ from app.api.deps import EngineDep, SettingsDep, TenantDep
 from app.api.instrument import metrics_of, outcome, phase
 from app.api.requests import StepQuery
 from app.engine.interface import Engine, IdemKey, ReturnParams, SessionInfo
-from app.errors import Invalid, PreconditionFailed
+from app.errors import Invalid, OptserveError, PreconditionFailed
 from app.wire.content_digest import cheap
 from app.wire.integers import int_text
 from app.wire.safetensors_body import read_safetensors, write_safetensors
@@ -144,37 +144,51 @@ async def step(session_id: SessionId, request: Request) -> Response:
         b64 = tensor_encoding(request)
         returned: ReturnParams = query.return_params
         base = conditions.base_version(request, query.base_version)
-        if await engine.uses_evaluations(session_id, tenant=tenant):  # LBFGS: the closure protocol
-            return await evaluations.open_step(request, engine, tenant, max_bytes,
-                                               session_id, returned, binary, b64, base)
-        if query.timeout_given:
-            raise Invalid("timeout_s bounds an LBFGS step's wait for each evaluation; this "
-                          "session's optimizer takes none", code="invalid_query",
-                          field="timeout_s")
-        worker = conditions.worker_id(request)
-        with phase(request, "decode"):
-            grads, fields, buf = await read_tensors(request, max_bytes, "grads", STEP_FIELDS,
-                                                    sparse=True)
-            options = parse.step_options(fields.get("param_groups"))
-            idem = await _step_idempotency(request, buf, session_id, grads, fields, query,
-                                           base, worker)
-            # a binary answer of every parameter can be written over the spent gradients
-            # (narrowed ones too, over narrow gradients: the engine checks each dtype)
-            in_place = (answer_in_place(grads, buf) if binary and returned is True
-                        and body_kind(request) == "binary"
-                        and (query.params_dtype is not None or not query.upcast) else None)
-        result = await engine.step(session_id, grads, return_params=returned,
-                                   worker=worker, base_version=base, tenant=tenant, idem=idem,
-                                   options=options, upcast=query.upcast,
-                                   params_dtype=query.params_dtype, params_into=in_place,
-                                   scalars=fields.get("scalars"),
-                                   answer_metrics=query.answer_metrics)
-        if result.skipped:
-            counted["outcome"] = "skipped"
-        with phase(request, "encode"):
-            return await tensors_response(
-                binary, b64, result.scalars(), result.params,
-                _headers(result.version, result.step, result.replayed))
+        try:
+            return await _step(request, engine, counted, session_id, query, tenant, max_bytes,
+                               binary, b64, returned, base)
+        except OptserveError as exc:
+            if exc.field == "base_version" and query.base_version is None:
+                exc.field = "If-Match"  # (the version came in the header)
+            raise
+
+
+async def _step(request: Request, engine: Engine, counted: dict[str, Any], session_id: str,
+                query: StepQuery, tenant: str, max_bytes: int, binary: bool,
+                b64: bool, returned: ReturnParams, base: int | None) -> Response:
+    """The step after its query and base version are read (a refusal of the base version
+    names ``If-Match`` when the version came in that header: :func:`step`)."""
+    if await engine.uses_evaluations(session_id, tenant=tenant):  # LBFGS: the closure protocol
+        return await evaluations.open_step(request, engine, tenant, max_bytes,
+                                           session_id, returned, binary, b64, base)
+    if query.timeout_given:
+        raise Invalid("timeout_s bounds an LBFGS step's wait for each evaluation; this "
+                      "session's optimizer takes none", code="invalid_query",
+                      field="timeout_s")
+    worker = conditions.worker_id(request)
+    with phase(request, "decode"):
+        grads, fields, buf = await read_tensors(request, max_bytes, "grads", STEP_FIELDS,
+                                                sparse=True)
+        options = parse.step_options(fields.get("param_groups"))
+        idem = await _step_idempotency(request, buf, session_id, grads, fields, query,
+                                       base, worker)
+        # a binary answer of every parameter can be written over the spent gradients
+        # (narrowed ones too, over narrow gradients: the engine checks each dtype)
+        in_place = (answer_in_place(grads, buf) if binary and returned is True
+                    and body_kind(request) == "binary"
+                    and (query.params_dtype is not None or not query.upcast) else None)
+    result = await engine.step(session_id, grads, return_params=returned,
+                               worker=worker, base_version=base, tenant=tenant, idem=idem,
+                               options=options, upcast=query.upcast,
+                               params_dtype=query.params_dtype, params_into=in_place,
+                               scalars=fields.get("scalars"),
+                               answer_metrics=query.answer_metrics)
+    if result.skipped:
+        counted["outcome"] = "skipped"
+    with phase(request, "encode"):
+        return await tensors_response(
+            binary, b64, result.scalars(), result.params,
+            _headers(result.version, result.step, result.replayed))
 
 
 async def _step_idempotency(request: Request, buf: bytearray | memoryview, session_id: str,

@@ -41,6 +41,13 @@ _TENSOR_OPTIONS = ("lr", "initial_lr")
 # support autograd" is about differentiable, unless only foreach was given).
 _MESSAGE_HINTS = (
     ("autograd", "differentiable"), ("_foreach", "foreach"),
+    # (Muon's "Adjust learning rate function ... is not supported", "Number of steps must be
+    # less than 100": they were blamed on lr and, "eps" read in "steps", on eps)
+    ("adjust learning rate function", "adjust_lr_fn"), ("number of steps", "ns_steps"),
+    # (schedulers': LinearLR's factors, ReduceLROnPlateau's min_lr kept as min_lrs; they named
+    # only scheduler.options)
+    ("starting multiplicative factor", "start_factor"),
+    ("ending multiplicative factor", "end_factor"), ("min_lrs", "min_lr"),
     ("learning rate", "lr"), ("beta", "betas"), ("epsilon", "eps"), ("eps", "eps"),
     ("weight_decay", "weight_decay"), ("weight decay", "weight_decay"),
     ("momentum", "momentum"), ("nesterov", "nesterov"), ("dampening", "dampening"),
@@ -196,7 +203,8 @@ def _named(message: str, fields: dict[str, str]) -> str | None:
         if re.search(rf"\b{re.escape(name.lower())}\b", lowered):
             return fields[name]
     for words, name in _MESSAGE_HINTS:
-        if words in lowered and name in fields:
+        # (a hint starts a word: "eps" is not in "steps")
+        if name in fields and re.search(rf"(?<![a-z]){re.escape(words)}", lowered):
             return fields[name]
     return None
 

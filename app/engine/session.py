@@ -37,6 +37,7 @@ from app.engine.interface import (
 )
 from app.errors import Conflict, Invalid
 from app.wire.dtypes import DTYPE_NAMES
+from app.wire.integers import INT64
 from app.wire.safetensors_body import (
     BodyTensors,
     PackedTensors,
@@ -875,8 +876,8 @@ _SCHEDULER_KEY_SOURCES = {"momentum": ("max_momentum",), "betas": ("max_momentum
 
 #: the scheduler options an integer a scheduler keeps comes from, when not its own name
 _SCHEDULER_STATE_SOURCES = {"total_steps": ("epochs", "steps_per_epoch"),
-                            "end_step": ("total_steps", "epochs", "steps_per_epoch")}
-INT64 = (-(2**63), 2**63 - 1)
+                            "end_step": ("total_steps", "epochs", "steps_per_epoch"),
+                            "min_lrs": ("min_lr",)}
 
 
 def _check_scheduler_built(cls: type[torch.optim.Optimizer], opt: torch.optim.Optimizer,
@@ -911,11 +912,14 @@ def _check_scheduler_built(cls: type[torch.optim.Optimizer], opt: torch.optim.Op
 
 
 def _ints(tree: Any, key: str = "") -> Iterator[tuple[str, int]]:
-    """Every int in a state tree, with the key it is under."""
+    """Every int in a state tree, with the key it is under; an int key with the key of its
+    dict (MultiStepLR's milestones are a ``Counter``'s keys: one past int64 made an export
+    that no import takes)."""
     stack: list[tuple[Any, str]] = [(tree, key)]
     while stack:
         node, at = stack.pop()
         if isinstance(node, dict):
+            yield from ((at, k) for k in node if type(k) is int)
             stack.extend((v, str(k)) for k, v in node.items())
         elif isinstance(node, (list, tuple)):
             stack.extend((v, at) for v in node)

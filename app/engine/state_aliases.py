@@ -32,17 +32,31 @@ from app.errors import Invalid
 GroupSlot = list[Any]
 
 
-def _tensors(obj: Any, path: str, out: list[tuple[str, torch.Tensor]], depth: int = 0) -> None:
+def _tensors(obj: Any, path: str, out: list[tuple[str, torch.Tensor]], depth: int = 0,
+             memo: dict[int, torch.Tensor | None] | None = None) -> None:
+    """The tensors of ``obj`` with their paths, each list or dict walked once: a pickle may
+    hold one many times (``[[[None] * 1000] * 1000] * 1000``, a file of 3 KB, was a walk of
+    10**9 leaves). A list or dict met again holding a tensor is given as that tensor at the
+    second place (it is held twice: shared memory)."""
     if depth > 64:  # (deeper trees are refused where the state is checked)
         return
+    memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
         out.append((path, obj))
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _tensors(v, f"{path}.{k}", out, depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _tensors(v, f"{path}.{i}", out, depth + 1)
+        return
+    if not isinstance(obj, (dict, list, tuple)):
+        return
+    if id(obj) in memo:
+        first = memo[id(obj)]
+        if first is not None:
+            out.append((path, first))
+        return
+    memo[id(obj)] = None  # (met again while walked: a cycle, nothing to add)
+    before = len(out)
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+    for k, v in items:
+        _tensors(v, f"{path}.{k}", out, depth + 1, memo)
+    memo[id(obj)] = out[before][1] if len(out) > before else None
 
 
 def _span(t: torch.Tensor) -> tuple[int, int] | None:
@@ -68,9 +82,10 @@ def refuse_aliased_state(state: object) -> None:
     if not isinstance(state, dict):
         return  # (the state's own checks say what is wrong with it)
     found: list[tuple[str, torch.Tensor]] = []
-    _tensors(state.get("state"), "state_dict.state", found)
+    memo: dict[int, torch.Tensor | None] = {}
+    _tensors(state.get("state"), "state_dict.state", found, memo=memo)
     held = len(found)
-    _tensors(state.get("scheduler"), "state_dict.scheduler", found)
+    _tensors(state.get("scheduler"), "state_dict.scheduler", found, memo=memo)
     spans = []
     for index, (path, t) in enumerate(found):
         span = _span(t)

@@ -18,7 +18,8 @@ import torch
 
 from app.engine import optimizers, option_values
 from app.errors import Invalid, shown
-from app.wire.integers import int_text
+from app.wire.dtypes import DTYPE_NAMES, TORCH_DTYPES
+from app.wire.integers import INT64, int_text
 from app.wire.tree import tree_to_json
 
 if TYPE_CHECKING:
@@ -268,6 +269,56 @@ def _check_finite(obj: Any, field: str) -> None:
             _check_finite(v, f"{field}.{i}")
 
 
+#: the integers a group option may hold: what a JSON text carries, and a create takes (an
+#: option is never counted up: its session's export imports back)
+OPTION_INTS = (INT64[0], 2**64 - 1)
+
+
+def refuse_unwritable(state: object, where: str = "state_dict") -> None:
+    """422 naming the first value of an imported state that no log record, description or
+    export could hold: ``invalid_state`` for an integer (a value or a key) past int64 (a group
+    option's past :data:`OPTION_INTS`), ``state_mismatch`` (as for a state tensor before) for
+    a tensor that is not a dense CPU tensor of a dtype the wire carries (a meta, sparse,
+    quantized or complex one, a float8 one). A ``torch.save`` file holds any Python int
+    (``lr`` 2**70, a scheduler's ``last_epoch``) and any tensor, a JSON text integers up to
+    2**64 - 1: taken, the import was a 500 (its record could not be written; a meta tensor
+    could not even be checked), or from JSON, a scheduler's count there made the session's
+    export, its description and the tenant's session list 500s once a step counted it past
+    2**64 - 1. Walked without recursion, in order, each list or dict once: a ``torch.save``
+    file's pickle may hold one list many times (``[[[None] * 1000] * 1000] * 1000``: a file of
+    3 KB, a tree of 10**9 leaves)."""
+    stack: list[tuple[Any, str, tuple[int, int]]] = [(state, where, INT64)]
+    seen: set[int] = set()
+    while stack:
+        node, at, bounds = stack.pop()
+        if isinstance(node, (dict, list, tuple)):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+        if isinstance(node, dict):
+            items = list(node.items())
+            for k, _ in items:
+                if type(k) is int and not INT64[0] <= k <= INT64[1]:
+                    raise Invalid(f"a key here, an integer of {k.bit_length()} bits, is past "
+                                  "int64", code="invalid_state", field=at)
+            stack.extend((v, f"{at}.{k}", OPTION_INTS if f"{at}.{k}" == f"{where}.param_groups"
+                          else bounds) for k, v in reversed(items))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, f"{at}.{i}", bounds) for i, v in reversed(list(enumerate(node))))
+        elif type(node) is int and not bounds[0] <= node <= bounds[1]:
+            raise Invalid(f"an integer of {node.bit_length()} bits is out of range (from "
+                          f"{bounds[0]} to {bounds[1]}): a state holds integers its JSON "
+                          "export can write back", code="invalid_state", field=at)
+        elif isinstance(node, torch.Tensor) and (
+                node.layout != torch.strided or node.device.type == "meta"
+                or node.is_quantized or node.dtype not in DTYPE_NAMES):
+            kind = "meta" if node.device.type == "meta" else str(node.layout).removeprefix(
+                "torch.")
+            raise Invalid(f"a {kind} tensor of {str(node.dtype).removeprefix('torch.')}: a "
+                          "state's tensors are dense, of the dtypes "
+                          f"{', '.join(TORCH_DTYPES)}", code="state_mismatch", field=at)
+
+
 def prepare_import(session: Session, state: object, request: bool = False,
                    tensors: bool = False, first_elsewhere: bool = False) -> PreparedImport:
     """The state checked completely, ready to load. ``first_elsewhere``: the state is a shard's
@@ -280,6 +331,8 @@ def prepare_import(session: Session, state: object, request: bool = False,
     if not isinstance(state, dict):
         raise Invalid("a state dict must be an object with state and param_groups",
                       code="state_mismatch", field="state_dict")
+    if request:
+        refuse_unwritable(state)
     unknown = {str(k) for k in state} - _TOP_KEYS
     if unknown:
         raise Invalid(f"unknown key(s) {sorted(unknown)}; a state dict has state, param_groups "

@@ -14,9 +14,11 @@ as they were.
 Security: the socket lives in a directory only the server's user can enter (0700), every
 connection's peer is checked to be that user (``SO_PEERCRED``), and a segment is shared only
 with the authenticated connection that bound it, for a session of its tenant: no other local
-user and no other tenant can read or write it. A client that crashes closes its connection;
-its segments go with it at once. The socket's path is told only to loopback clients
-(``GET /v1/transport``); remote clients never see it and keep to HTTP, as do other languages.
+user and no other tenant can read or write it. A segment's size is sealed (``F_SEAL_SHRINK``,
+``F_SEAL_GROW``): a client cannot truncate it under the server's mappings. A client that
+crashes closes its connection; its segments go with it at once. The socket's path is told
+only to loopback clients (``GET /v1/transport``); remote clients never see it and keep to
+HTTP, as do other languages.
 
 Messages are frames: a little-endian u32 length, then a JSON object. Requests: ``hello``
 (``key``), ``bind`` (``session``), ``step`` (``binding``, ``grads``: the names whose slots hold
@@ -28,6 +30,8 @@ answers (extras without a value left out; ``retry_after`` for the ``Retry-After`
 ``field`` names the message's field (the engine's ``Idempotency-Key``, ``X-Optserve-Worker`` and
 ``session_id`` become ``idempotency_key``, ``worker`` and ``binding`` / ``session``): a frame
 that is empty, not JSON or not a JSON object is a 400 ``invalid_json`` naming ``message``, one
+over :data:`MAX_FRAME` a 413 ``payload_too_large`` naming ``message`` (then the connection is
+closed: its body is not read), one
 that repeats a key a 400 ``duplicate_key`` naming its path, a field the operation does not take
 a 422 ``unknown_field`` naming it. A connection holds at most :data:`MAX_BINDINGS` bindings (429
 ``too_many_bindings``); a binding whose slots no longer fit its session's parameters (the session
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import hmac
 import logging
 import mmap
@@ -67,7 +72,15 @@ from app.engine.idempotency import check_key
 from app.engine.interface import Engine, IdemKey, SessionInfo, json_floats
 from app.engine.session import check_session_id, stale_binding
 from app.engine.store import storage_failure
-from app.errors import BadRequest, Invalid, NotFound, OptserveError, TooMany, Unauthorized
+from app.errors import (
+    BadRequest,
+    Invalid,
+    NotFound,
+    OptserveError,
+    PayloadTooLarge,
+    TooMany,
+    Unauthorized,
+)
 from app.transport import stale_dirs
 from app.wire.dtypes import TORCH_DTYPES
 from app.wire.safetensors_body import BodyTensors
@@ -130,9 +143,15 @@ class Binding:
         for (name, dtype, shape), grad, param in zip(sizes, grad_at, param_at, strict=True):
             self.slots.append(Slot(name, dtype, shape, grad, param, _nbytes(dtype, shape)))
         self.size = max(_aligned(end), ALIGN)
-        self.fd = os.memfd_create(f"optserve-{session_id}"[:200], os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(f"optserve-{session_id}"[:200],
+                                  os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, self.size)
+            # its size sealed: the client gets the descriptor, and one that shrank the
+            # segment (ftruncate) made the server's next read or write of a slot past the new
+            # end a SIGBUS, which ended the whole server, every tenant's sessions with it
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:  # (no segment: its descriptor is not left open)
@@ -534,7 +553,12 @@ class _Connection(threading.Thread):
             return None
         (length,) = _HEAD.unpack(head)
         if length > MAX_FRAME:
-            raise OSError("frame too large")
+            # answered, then the connection closed (its body is not read: the frames after it
+            # cannot be found); it was closed without a word
+            exc = PayloadTooLarge(f"a frame of {length} bytes is over the limit of "
+                                  f"{MAX_FRAME}", field="message", limit=MAX_FRAME)
+            self._send({"ok": False, "problem": problem_of(exc)}, [])
+            return None
         return self._recv_exact(length)
 
     def _send(self, answer: dict[str, Any], fds: list[int]) -> None:

@@ -6,6 +6,10 @@ every place that reads an integer from text asks :func:`int_text`."""
 
 from __future__ import annotations
 
+#: the integers a service file or answer can hold (a log record's JSON, a description): what a
+#: JSON text writes of a C ``int64``
+INT64 = (-(2**63), 2**63 - 1)
+
 
 def int_text(text: object, max_digits: int, *, signed: bool = False) -> int | None:
     """``text`` as an int when it is a string of 1 to ``max_digits`` ASCII decimal digits

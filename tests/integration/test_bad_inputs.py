@@ -838,6 +838,24 @@ CREATE_CASES: list[tuple[str, Any, int, str, str | None, str | None]] = [
         scheduler={"name": "OneCycleLR", "options": {"max_lr": 0.1, "epochs": 10**10,
                                                      "steps_per_epoch": 10**10}}),
      422, "invalid_option", "scheduler.options.epochs", "int64"),
+    # MultiStepLR keeps its milestones as a Counter's keys: one past int64 made a torch export
+    # that no import takes (and a JSON one whose milestone imported back as a string)
+    ("multistep-milestone-past-int64", _create_body(
+        scheduler={"name": "MultiStepLR", "options": {"milestones": [3, 2**63]}}),
+     422, "invalid_option", "scheduler.options.milestones", "int64"),
+    # torch's words for a scheduler option name it (they named only scheduler.options)
+    ("linear-start-factor", _create_body(
+        scheduler={"name": "LinearLR", "options": {"start_factor": 2.0, "total_iters": 3}}),
+     422, "invalid_option", "scheduler.options.start_factor", "Starting multiplicative"),
+    ("linear-end-factor", _create_body(
+        scheduler={"name": "LinearLR", "options": {"end_factor": -0.5, "total_iters": 3}}),
+     422, "invalid_option", "scheduler.options.end_factor", "Ending multiplicative"),
+    ("plateau-min-lr-list", _create_body(
+        scheduler={"name": "ReduceLROnPlateau", "options": {"min_lr": [], "patience": 2}}),
+     422, "invalid_option", "scheduler.options.min_lr", "min_lrs"),
+    ("plateau-min-lr-past-int64", _create_body(
+        scheduler={"name": "ReduceLROnPlateau", "options": {"min_lr": 2**63, "patience": 2}}),
+     422, "invalid_option", "scheduler.options.min_lr", "int64"),
     ("bad-id-space", _create_body(id="bad id!"), 422, "invalid_id", "id", None),
     ("bad-id-slash", _create_body(id="../etc/passwd"), 422, "invalid_id", "id", None),
     ("bad-id-empty", _create_body(id=""), 422, "invalid_id", "id", None),

@@ -378,3 +378,131 @@ def test_a_step_messages_options_are_read_as_an_http_steps(server: str) -> None:
         p.grad = torch.zeros(8)  # (the slot's fresh bytes)
         opt.step()
         assert torch.equal(h.get_params(sid).params["x"], p.detach())
+
+
+def test_a_client_cannot_resize_the_segment_it_was_handed(server: str) -> None:
+    """The segment's size is sealed: a client that truncated the descriptor it got made the
+    server's next read of a gradient slot past the new end a SIGBUS, which ended the whole
+    server (every tenant's sessions with it). Now its ``ftruncate`` fails (EPERM), growing too,
+    and the session steps on as torch does."""
+    import mmap
+
+    p0 = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(8, generator=torch.Generator().manual_seed(2))
+    with optserve.Client(server, api_key=KEY, transport="http") as h, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        sid = adam_session(h, p0)
+        hello(s, server)
+        body = json.dumps({"op": "bind", "session": sid}).encode()
+        s.sendall(struct.pack("<I", len(body)) + body)
+        data, fds, _, _ = socket.recv_fds(s, 1 << 20, 4)
+        assert len(fds) == 1
+        fd = fds[0]
+        try:
+            (n,) = struct.unpack("<I", data[:4])
+            while len(data) < 4 + n:
+                data += s.recv(4 + n - len(data))
+            bound = json.loads(data[4:4 + n])
+            for size in (0, bound["size"] // 2, bound["size"] * 2):
+                with pytest.raises(PermissionError):
+                    os.ftruncate(fd, size)
+            assert os.fstat(fd).st_size == bound["size"]
+            slot = bound["params"][0]
+            with mmap.mmap(fd, bound["size"]) as m:
+                m[slot["grad"]:slot["grad"] + slot["nbytes"]] = g.numpy().tobytes()
+            assert frames(s, {"op": "step", "binding": bound["binding"], "grads": ["x"],
+                              "return": "none"})["version"] == 1
+        finally:
+            os.close(fd)
+        assert torch.equal(h.get_params(sid).params["x"], torch_adam(p0, [g]))
+
+
+def test_a_frame_over_the_limit_is_answered_before_the_connection_closes(server: str) -> None:
+    """A length prefix past the frame limit: a 413 ``payload_too_large`` naming ``message``
+    with the limit, then the connection closes (the frames after it cannot be found); it
+    closed without an answer. The session is unchanged, and steps as torch does over a new
+    connection."""
+    from app.transport.local import MAX_FRAME
+
+    p0 = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(8, generator=torch.Generator().manual_seed(2))
+    with optserve.Client(server, api_key=KEY, transport="http") as h:
+        sid = adam_session(h, p0)
+        before = state_of(h, sid)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            hello(s, server)
+            s.sendall(struct.pack("<I", MAX_FRAME + 1) + b'{"op": "pull"')
+            data = b""
+            try:
+                while chunk := s.recv(1 << 16):
+                    data += chunk
+            except ConnectionResetError:  # (closed with the frame's bytes unread: a reset)
+                pass
+            assert len(data) >= 4, "closed without an answer"
+            (n,) = struct.unpack("<I", data[:4])
+            answer = json.loads(data[4:4 + n])
+            problem = problem_of(answer)
+            assert (problem["status"], problem["code"], problem["field"], problem["limit"]) == (
+                413, "payload_too_large", "message", MAX_FRAME)
+            assert len(data) == 4 + n  # nothing after it: closed
+        assert same_state(state_of(h, sid), before)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            hello(s, server)
+            b = frames(s, {"op": "bind", "session": sid})["binding"]
+            assert frames(s, {"op": "pull", "binding": b})["version"] == 0
+        out = h.step(sid, {"x": g})
+        assert out.params is not None and torch.equal(out.params["x"], torch_adam(p0, [g]))
+
+
+def test_a_sharded_session_steps_through_the_segment_as_torch(server: str) -> None:
+    """A sharded session binds and steps through the shared segment (its parameters written
+    into their slots once acknowledged), bitwise as torch's Adam; what only plain sessions
+    offer (client scalars) is a 422 ``not_supported_here`` naming it, nothing applied."""
+    import mmap
+
+    gen = torch.Generator().manual_seed(5)
+    p0 = {"a": torch.randn(6, generator=gen), "b": torch.randn(3, 2, generator=gen)}
+    grads = [{n: torch.randn(t.shape, generator=gen) for n, t in p0.items()} for _ in range(3)]
+    with optserve.Client(server, api_key=KEY, transport="http") as h, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        sid = h.create_session(optimizer="Adam", options={"lr": 1e-2}, params=p0, shards=2).id
+        hello(s, server)
+        body = json.dumps({"op": "bind", "session": sid}).encode()
+        s.sendall(struct.pack("<I", len(body)) + body)
+        data, fds, _, _ = socket.recv_fds(s, 1 << 20, 4)
+        (n,) = struct.unpack("<I", data[:4])
+        while len(data) < 4 + n:
+            data += s.recv(4 + n - len(data))
+        bound = json.loads(data[4:4 + n])
+        slots = {slot["name"]: slot for slot in bound["params"]}
+        try:
+            with mmap.mmap(fds[0], bound["size"]) as m:
+                def view(name: str, key: str) -> torch.Tensor:
+                    slot = slots[name]
+                    raw = torch.frombuffer(m, dtype=torch.uint8, count=slot["nbytes"],
+                                           offset=slot[key])
+                    return raw.view(torch.float32).view(slot["shape"])
+                step = {"op": "step", "binding": bound["binding"], "grads": ["a", "b"]}
+                for k, g in enumerate(grads):
+                    for name, t in g.items():
+                        view(name, "grad").copy_(t)
+                    if k == 1:
+                        before = state_of(h, sid)
+                        problem = problem_of(frames(s, {**step, "scalars": {"loss": 1.0}}))
+                        assert (problem["code"], problem["field"]) == ("not_supported_here",
+                                                                       "scalars")
+                        assert same_state(state_of(h, sid), before)
+                    assert frames(s, step)["version"] == k + 1
+                got = {name: view(name, "param").clone() for name in slots}
+                del view
+        finally:
+            os.close(fds[0])
+    local = {n: t.clone().requires_grad_(True) for n, t in p0.items()}
+    opt = torch.optim.Adam(list(local.values()), lr=1e-2)
+    for g in grads:
+        for name, t in g.items():
+            local[name].grad = t.clone()
+        opt.step()
+    for name, t in local.items():
+        assert torch.equal(got[name], t.detach()), name
