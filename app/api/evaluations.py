@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any
 
 import crc32c
@@ -70,14 +71,16 @@ def parse_evaluation(buf: bytearray, binary: bool, required: bool) -> Evaluation
     return Evaluation(loss_value(obj["loss"], "loss"), tensor_map(obj.get("grads", {}), "grads"))
 
 
+_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _timeout(request: Request) -> float | None:
     raw = request.query_params.get("timeout_s")
     if raw is None:
         return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
+    # plain ASCII decimals only, as the integer queries take (Python's float() also takes
+    # "1_0", other scripts' digits and surrounding spaces)
+    value = float(raw) if _DECIMAL.fullmatch(raw) else math.nan
     if not 0 < value <= MAX_TIMEOUT_S:
         raise Invalid(f"timeout_s must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]",
                       code="invalid_query", field="timeout_s")

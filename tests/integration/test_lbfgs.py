@@ -378,8 +378,10 @@ def test_protocol_refusals_and_retries(http: httpx.Client) -> None:
                                     "params": {"x": json_tensor(torch.ones(2))}})
     r = http.post(f"/v1/sessions/{other}/step/{eid}", json={"loss": 1.0})
     assert r.status_code == 404
-    r = http.post(f"/v1/sessions/{sid}/step?timeout_s=0", json={})
-    assert r.status_code == 422 and r.json()["field"] == "timeout_s"
+    for bad in ("0", "1_0", "\u0663", " 5", "inf", "nan", "1e9", "-1", "0x10"):
+        r = http.post(f"/v1/sessions/{sid}/step", params={"timeout_s": bad}, json={})
+        assert r.status_code == 422 and r.json()["field"] == "timeout_s", (bad, r.text)
+    assert http.get(f"/v1/sessions/{sid}").json()["version"] == 1
     # pushed gradients are refused on an LBFGS session: it takes evaluations
     r = http.post(f"/v1/sessions/{sid}/grads", json={"grads": {"w": json_tensor(torch.ones(4))}})
     assert r.status_code == 422 and r.json()["code"] == "evaluation_protocol"
