@@ -567,6 +567,14 @@ def check_lbfgs_state(session: Session, options: dict[str, Any], position: int,
         raise Invalid(f"the history holds {history} entries; history_size is {size} and al "
                       f"has {len(lists['al'])}", code="state_mismatch",
                       field=f"{where}.old_dirs")
+    # (torch makes al history_size long once, and keeps it: at most that, or as long as this
+    # session's own is. Unbounded, a torch file's list of millions of references to one
+    # scalar became that many tensors here)
+    held = session.optimizer.state.get(params[0], {}).get("al")
+    most = max(size, len(held) if isinstance(held, list) else 0)
+    if len(lists["al"]) > most:
+        raise Invalid(f"al has {len(lists['al'])} entries; LBFGS keeps history_size ({size}) "
+                      "of them", code="state_mismatch", field=f"{where}.al")
     for i in range(history):
         vector(lists["old_dirs"][i], f"{where}.old_dirs.{i}")
         vector(lists["old_stps"][i], f"{where}.old_stps.{i}")

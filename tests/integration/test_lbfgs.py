@@ -7,6 +7,7 @@ acknowledged step surviving ``kill -9``."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import threading
@@ -205,6 +206,41 @@ def test_lbfgs_equals_torch(http: httpx.Client, options: dict[str, Any], fmt: st
             for n, p in local.params.items():
                 assert bitwise(answer["params"][n], p.detach()), (target, n)
                 assert bitwise(resumed.params[n].detach(), p.detach()), n
+
+
+def test_an_al_list_longer_than_lbfgs_keeps_is_refused(http: httpx.Client) -> None:
+    """torch makes an LBFGS state's scratch list ``al`` ``history_size`` long and keeps it so:
+    a ``torch.save`` file whose ``al`` holds more (one more tensor, or 200,000 entries at a
+    byte each) is a 422 naming it, and the session is as it was; the local state itself
+    imports, and the session then steps as torch."""
+    options = {"lr": 0.1, "max_iter": 4, "history_size": 5}
+    sid = create(http, options)
+    local = Local(options)
+    local.step()
+    remote_step(http, sid)
+    sd = local.opt.state_dict()
+    assert len(sd["state"][0]["al"]) == 5
+    before = _snapshot(http, sid)
+    for al in ([torch.tensor(float(i)) for i in range(6)], [None] * 200_000):
+        long = copy.deepcopy(sd)
+        long["state"][0]["al"] = al
+        buf = io.BytesIO()
+        torch.save(long, buf)
+        r = http.put(f"/v1/sessions/{sid}/state_dict?format=torch", content=buf.getvalue(),
+                     headers={"content-type": BINARY})
+        assert r.status_code == 422, r.text
+        assert (r.json()["code"], r.json()["field"]) == ("state_mismatch",
+                                                         "state_dict.state.0.al"), r.text
+        _assert_snapshot(http, sid, before)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    r = http.put(f"/v1/sessions/{sid}/state_dict?format=torch", content=buf.getvalue(),
+                 headers={"content-type": BINARY})
+    assert r.status_code == 200, r.text
+    local.step()
+    answer, _ = remote_step(http, sid)
+    for n, p in local.params.items():
+        assert bitwise(answer["params"][n], p.detach()), n
 
 
 def test_lbfgs_with_scheduler_and_return_none(http: httpx.Client) -> None:
