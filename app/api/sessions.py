@@ -148,7 +148,7 @@ async def step(session_id: SessionId, request: Request) -> Response:
             return await _step(request, engine, counted, session_id, query, tenant, max_bytes,
                                binary, b64, returned, base)
         except OptserveError as exc:
-            if exc.field == "base_version" and query.base_version is None:
+            if exc.field == "base_version" and base is not None and query.base_version is None:
                 exc.field = "If-Match"  # (the version came in the header)
             raise
 
