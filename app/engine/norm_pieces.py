@@ -57,12 +57,50 @@ def norms(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return list(torch._foreach_norm(cut)) if cut else []
 
 
+#: consecutive tensors smaller than a piece are joined by one torch call into copies of up to
+#: this many elements (the same elements in the same order: the same pieces); one by one, a
+#: group of 1,000 gradients of 4 floats laid out of the group's order (a safetensors body
+#: sorted by name) took 6.5 ms of Python per step, joined 0.6 ms
+BATCH = 1 << 20
+
+
+def _batched(ts: list[torch.Tensor], size: int) -> list[torch.Tensor]:
+    """``ts`` with each stretch of consecutive tensors of fewer than ``size`` elements joined
+    flat into one tensor (up to :data:`BATCH` elements each); the others as they are."""
+    out: list[torch.Tensor] = []
+    small: list[torch.Tensor] = []
+    held = 0
+
+    def flush() -> None:
+        nonlocal held
+        if len(small) == 1:
+            out.append(small[0])
+        elif small:
+            out.append(torch._C._nn.flatten_dense_tensors(small))
+        small.clear()
+        held = 0
+    for t in ts:
+        n = t.numel()
+        if n >= size:
+            flush()
+            out.append(t)
+            continue
+        if held + n > BATCH:
+            flush()
+        small.append(t)
+        held += n
+    flush()
+    return out
+
+
 def _run(ts: list[torch.Tensor]) -> list[torch.Tensor]:
     """Pieces of tensors of one dtype and device (non-empty)."""
     span = _tiled(ts)
     if span is not None:
         return chunked.pieces(span)
     size = chunked.piece()
+    if len(ts) > 2:
+        ts = _batched(ts, size)
     out: list[torch.Tensor] = []
     open_parts: list[torch.Tensor] = []  # the piece being gathered across tensors
     have = 0

@@ -58,6 +58,31 @@ def odd_pieces() -> Iterator[int]:
 
 
 @settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(0, 12), min_size=1, max_size=40),
+       seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 40))
+def test_many_small_tensors_apart_give_the_joins_pieces(sizes: list[int], seed: int,
+                                                        batch: int) -> None:
+    """Many gradients smaller than a piece, laid apart or out of the group's order (a
+    safetensors body sorted by name), are joined a stretch at a time (``norm_pieces.BATCH``
+    elements, small here so that stretches end inside pieces): the same pieces, bit for bit."""
+    chunked.configure(7, smallest=1 << 40)
+    kept = norm_pieces.BATCH
+    norm_pieces.BATCH = batch
+    try:
+        g = torch.Generator().manual_seed(seed)
+        values = [torch.randn(n, generator=g) for n in sizes]
+        expected = list(torch.cat(values).split(7)) if sum(sizes) else []
+        for how in ("apart", "reversed", "strided"):
+            got = norm_pieces.joined(laid_out(values, how))
+            assert [p.numel() for p in got] == [p.numel() for p in expected], how
+            for p, e in zip(got, expected, strict=True):
+                assert torch.equal(p, e), how
+    finally:
+        norm_pieces.BATCH = kept
+        chunked.configure(chunked.DEFAULT_CHUNK)
+
+
+@settings(max_examples=200, deadline=None)
 @given(sizes=st.lists(st.integers(0, 30), min_size=1, max_size=6),
        seed=st.integers(0, 2**31 - 1))
 def test_the_pieces_are_the_join_cut_alike_whatever_the_layout(sizes: list[int],
