@@ -5,7 +5,8 @@ client already holds), ``X-Optserve-Worker`` (which worker of a sync round is pu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import crc32c
@@ -15,7 +16,7 @@ from fastapi import Request
 
 from app.engine.idempotency import check_key
 from app.engine.interface import IdemKey
-from app.errors import BadHeader, Invalid
+from app.errors import BadHeader, Invalid, OptserveError
 from app.wire.content_digest import tensors_digest
 from app.wire.integers import int_text
 
@@ -23,6 +24,19 @@ WORKER_HEADER = "x-optserve-worker"
 IDEMPOTENCY_HEADER = "idempotency-key"
 #: request headers that change what a mutation does (part of its fingerprint)
 _MEANINGFUL = ("content-type", "if-match", "x-optserve-worker")
+
+
+@contextlib.contextmanager
+def base_named_as_sent(base: int | None, query_version: int | None) -> Iterator[None]:
+    """A refusal of the base version (the engine names it ``base_version``) names
+    ``If-Match`` when that header gave it (``base`` given, ``?base_version=`` not): not a
+    field the request had."""
+    try:
+        yield
+    except OptserveError as exc:
+        if exc.field == "base_version" and base is not None and query_version is None:
+            exc.field = "If-Match"
+        raise
 
 
 def one_header(request: Request, name: str, shown: str) -> str | None:

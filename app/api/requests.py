@@ -22,7 +22,7 @@ from app.errors import BadRequest, Invalid
 from app.wire.integers import int_text
 from app.wire.json_tensor import refuse_loose_b64
 from app.wire.safetensors_body import read_safetensors
-from app.wire.tree import tree_from_json
+from app.wire.tree import nodes_once, tree_from_json
 
 _CREATE_KEYS = {"optimizer", "options", "params", "param_groups", "scheduler", "id", "nonfinite",
                 "durability", "sync", "max_staleness", "staleness_lr", "metrics", "history",
@@ -306,22 +306,10 @@ def _check_tensor_sizes(state: Any, limit: int) -> None:
     ``expand``): a file of 2 KB held an ``lr`` of 2**40 elements over one float, and the copy
     the checks make of it tried to allocate 4 TiB (a 500; at 16 GiB it would have been taken,
     on a machine with less, the server killed). Walked without recursion, each list or dict
-    once (a pickle may hold one many times: a file of 3 KB, a tree of 10**9 leaves); a tensor
-    is counted at each place it is held."""
+    once (:func:`~app.wire.tree.nodes_once`); a tensor is counted at each place it is held."""
     total = 0
-    stack: list[tuple[Any, str]] = [(state, "state_dict")]
-    seen: set[int] = set()
-    while stack:
-        node, at = stack.pop()
-        if isinstance(node, (dict, list, tuple)):
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-        if isinstance(node, dict):
-            stack.extend((v, f"{at}.{k}") for k, v in reversed(list(node.items())))
-        elif isinstance(node, (list, tuple)):
-            stack.extend((v, f"{at}.{i}") for i, v in reversed(list(enumerate(node))))
-        elif isinstance(node, torch.Tensor):
+    for node, at in nodes_once(state, "state_dict"):
+        if isinstance(node, torch.Tensor):
             total += node.numel() * node.element_size()
             if total > limit:
                 raise Invalid(f"the torch.save file's tensors hold more than {limit} bytes "

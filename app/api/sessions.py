@@ -36,7 +36,7 @@ from app.api.deps import EngineDep, SettingsDep, TenantDep
 from app.api.instrument import metrics_of, outcome, phase
 from app.api.requests import StepQuery
 from app.engine.interface import Engine, IdemKey, ReturnParams, SessionInfo
-from app.errors import Invalid, OptserveError, PreconditionFailed
+from app.errors import Invalid
 from app.wire.content_digest import cheap
 from app.wire.integers import int_text
 from app.wire.safetensors_body import read_safetensors, write_safetensors
@@ -144,20 +144,16 @@ async def step(session_id: SessionId, request: Request) -> Response:
         b64 = tensor_encoding(request)
         returned: ReturnParams = query.return_params
         base = conditions.base_version(request, query.base_version)
-        try:
+        with conditions.base_named_as_sent(base, query.base_version):
             return await _step(request, engine, counted, session_id, query, tenant, max_bytes,
                                binary, b64, returned, base)
-        except OptserveError as exc:
-            if exc.field == "base_version" and base is not None and query.base_version is None:
-                exc.field = "If-Match"  # (the version came in the header)
-            raise
 
 
 async def _step(request: Request, engine: Engine, counted: dict[str, Any], session_id: str,
                 query: StepQuery, tenant: str, max_bytes: int, binary: bool,
                 b64: bool, returned: ReturnParams, base: int | None) -> Response:
     """The step after its query and base version are read (a refusal of the base version
-    names ``If-Match`` when the version came in that header: :func:`step`)."""
+    names ``If-Match`` when the version came in that header: ``base_named_as_sent``)."""
     if await engine.uses_evaluations(session_id, tenant=tenant):  # LBFGS: the closure protocol
         return await evaluations.open_step(request, engine, tenant, max_bytes,
                                            session_id, returned, binary, b64, base)
@@ -418,13 +414,9 @@ async def import_state(
         state = await offload(lambda: parse.state_from_safetensors(buf), len(buf))
     else:
         state = await offload(lambda: parse.state_from_json(buf), len(buf))
-    try:
+    with conditions.base_named_as_sent(base, query_version):
         info = await engine.import_state(session_id, state, tenant=tenant, idem=idem,
                                          base_version=base, base_revision=base_revision)
-    except PreconditionFailed as exc:
-        if exc.field == "base_version" and query_version is None:
-            exc.field = "If-Match"  # (the version came in the header)
-        raise
     return _described(info)
 
 

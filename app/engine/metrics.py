@@ -416,7 +416,7 @@ def after_answer(s: Session, probe: Probe, lrs: list[float], n: int | None) -> N
 FUSED = 1 << 22
 #: the chunk :func:`_in_chunks` takes: 1 MiB of float32 per tensor, as the chunked step's
 #: (chunks of :data:`FUSED` elements, 16 MiB per tensor, left the cache between their passes)
-FUSED_CHUNK = 1 << 18
+FUSED_CHUNK = chunked.DEFAULT_CHUNK
 
 
 def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]],

@@ -516,8 +516,10 @@ class LocalRouter:
         session = self._sharded.get(key)
         if session is not None:
             return session
+        if key not in self._sharded_keys:  # (a plain session's every step comes here)
+            return self.local
         with files_failing(_READING):
-            entry = self.directory.get(key) if key in self._sharded_keys else None
+            entry = self.directory.get(key)
         if entry is None:
             return self.local
         refused = await self._refused_shard(key, entry)

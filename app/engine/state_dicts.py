@@ -20,7 +20,7 @@ from app.engine import optimizers, option_values
 from app.errors import Invalid, shown
 from app.wire.dtypes import DTYPE_NAMES, TORCH_DTYPES
 from app.wire.integers import INT64, int_text
-from app.wire.tree import tree_to_json
+from app.wire.tree import nodes_once, tree_to_json
 
 if TYPE_CHECKING:
     from app.engine.session import Session
@@ -284,31 +284,21 @@ def refuse_unwritable(state: object, where: str = "state_dict") -> None:
     2**64 - 1: taken, the import was a 500 (its record could not be written; a meta tensor
     could not even be checked), or from JSON, a scheduler's count there made the session's
     export, its description and the tenant's session list 500s once a step counted it past
-    2**64 - 1. Walked without recursion, in order, each list or dict once: a ``torch.save``
-    file's pickle may hold one list many times (``[[[None] * 1000] * 1000] * 1000``: a file of
-    3 KB, a tree of 10**9 leaves)."""
-    stack: list[tuple[Any, str, tuple[int, int]]] = [(state, where, INT64)]
-    seen: set[int] = set()
-    while stack:
-        node, at, bounds = stack.pop()
-        if isinstance(node, (dict, list, tuple)):
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
+    2**64 - 1. Walked without recursion, in order, each list or dict once
+    (:func:`~app.wire.tree.nodes_once`)."""
+    groups = f"{where}.param_groups"
+    for node, at in nodes_once(state, where):
         if isinstance(node, dict):
-            items = list(node.items())
-            for k, _ in items:
+            for k in node:
                 if type(k) is int and not INT64[0] <= k <= INT64[1]:
                     raise Invalid(f"a key here, an integer of {k.bit_length()} bits, is past "
                                   "int64", code="invalid_state", field=at)
-            stack.extend((v, f"{at}.{k}", OPTION_INTS if f"{at}.{k}" == f"{where}.param_groups"
-                          else bounds) for k, v in reversed(items))
-        elif isinstance(node, (list, tuple)):
-            stack.extend((v, f"{at}.{i}", bounds) for i, v in reversed(list(enumerate(node))))
-        elif type(node) is int and not bounds[0] <= node <= bounds[1]:
-            raise Invalid(f"an integer of {node.bit_length()} bits is out of range (from "
-                          f"{bounds[0]} to {bounds[1]}): a state holds integers its JSON "
-                          "export can write back", code="invalid_state", field=at)
+        elif type(node) is int:
+            bounds = OPTION_INTS if at == groups or at.startswith(f"{groups}.") else INT64
+            if not bounds[0] <= node <= bounds[1]:
+                raise Invalid(f"an integer of {node.bit_length()} bits is out of range (from "
+                              f"{bounds[0]} to {bounds[1]}): a state holds integers its JSON "
+                              "export can write back", code="invalid_state", field=at)
         elif isinstance(node, torch.Tensor) and (
                 node.layout != torch.strided or node.device.type == "meta"
                 or node.is_quantized or node.dtype not in DTYPE_NAMES):

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -25,6 +25,24 @@ SPARSE_TAG = "$sparse"
 #: keys there, and a parameter may be named ``$float`` or ``dtype``), wrapped in this one
 DICT_TAG = "$dict"
 _TAGS = frozenset({"$float", "$tensor", SPARSE_TAG, DICT_TAG})
+
+
+def nodes_once(tree: Any, path: str) -> Iterator[tuple[Any, str]]:
+    """Every node of ``tree`` with its dotted path (``path`` for the root), in order, depth
+    first, without recursion; each dict, list or tuple once: a ``torch.save`` file's pickle
+    may hold one list many times (``[[[None] * 1000] * 1000] * 1000``, a file of 3 KB, is a
+    tree of 10**9 leaves). Anything else is given at every place it is held."""
+    stack: list[tuple[Any, str]] = [(tree, path)]
+    seen: set[int] = set()
+    while stack:
+        node, at = stack.pop()
+        if isinstance(node, (dict, list, tuple)):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            stack.extend((v, f"{at}.{k}") for k, v in reversed(list(items)))
+        yield node, at
 
 
 def _looks_tagged(obj: dict[str, Any]) -> bool:
