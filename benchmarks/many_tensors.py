@@ -28,7 +28,10 @@ Per shape (K tensors of S float32 each) and optimizer, median ms per step of:
 - ``SDK same host``: ``optserve.RemoteOptimizer`` on that server (its same-host shared-memory
   transport; session durability ``memory``), the gradients set on K ``torch.nn.Parameter`` s
   and ``step()`` timed (the SDK's copies in and out included);
-- ``SDK http``: the same over TCP (``optserve.Client(url, transport="http")``).
+- ``SDK http``: the same over TCP (``optserve.Client(url, transport="http")``);
+- ``SDK http client CPU``: this process's CPU time per step of ``SDK http`` (its encoding of
+  the gradients, its decoding of the answer and its copies into the parameters, warm-up steps
+  included).
 
 The issue-9 target reads ``optserve <= 1.5 x (in-process + echo)``. The server's last answer
 is checked bitwise against the in-process run of the same gradients. Prints a markdown table.
@@ -41,6 +44,7 @@ import base64
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,7 +88,7 @@ def _grads_then(params: dict[str, torch.Tensor], grads: list[dict[str, torch.Ten
         step()
         count[0] += 1
 
-    return median_ms(one, reps, warmup=3)
+    return median_ms(one, reps, warmup=WARMUP)
 
 
 def cpu_s(pid: int) -> float:
@@ -135,10 +139,11 @@ def optserve(url: str, k: int, s: int, opt: str, reps: int, metrics: bool,
     return ms, st_load(last[0])
 
 
-def sdk(url: str, k: int, s: int, opt: str, reps: int, transport: str = "local"
-        ) -> tuple[float, dict[str, torch.Tensor]]:
+def sdk(url: str, k: int, s: int, opt: str, reps: int, transport: str = "local",
+        cpu: list[float] | None = None) -> tuple[float, dict[str, torch.Tensor]]:
     """``RemoteOptimizer.step()`` over the same-host transport (``transport="http"``: over
-    TCP, safetensors both ways)."""
+    TCP, safetensors both ways). ``cpu``: the client's (this process's) CPU ms per step,
+    warm-up steps included, appended (the SDK's own cost, however busy the machine is)."""
     import optserve
 
     spec = OPTIMIZERS[opt]
@@ -147,7 +152,10 @@ def sdk(url: str, k: int, s: int, opt: str, reps: int, transport: str = "local"
     with optserve.Client(url, transport=transport) as client, optserve.RemoteOptimizer(
             list(params.values()), optimizer=spec.name, client=client, durability="memory",
             **spec.options) as remote:
+        before = time.process_time()
         ms = _grads_then(params, grads, remote.step, reps)  # type: ignore[arg-type]
+        if cpu is not None:
+            cpu.append((time.process_time() - before) / (reps + WARMUP) * 1e3)
     return ms, {n: p.detach() for n, p in params.items()}
 
 
@@ -191,26 +199,30 @@ def main() -> None:
                 off_ms, _ = optserve(url, k, s, opt, reps, False)
                 meta_ms, _ = optserve(url, k, s, opt, reps, True, new_metadata=True)
                 sdk_ms, sdk_got = sdk(url, k, s, opt, reps)
-                http_ms, http_got = sdk(url, k, s, opt, reps, transport="http")
+                http_cpu: list[float] = []
+                http_ms, http_got = sdk(url, k, s, opt, reps, transport="http", cpu=http_cpu)
                 # each ran 3 warm-up + reps steps of the same alternating gradients
                 same = all(torch.equal(got[n], want[n]) and torch.equal(sdk_got[n], want[n])
                            and torch.equal(http_got[n], want[n]) for n in want)
                 rows.append((k, s, opt, local_ms, echo_ms, on_ms, cpu[0], off_ms, meta_ms,
-                             sdk_ms, http_ms, same))
+                             sdk_ms, http_ms, http_cpu[0], same))
                 print(f"  {k}x{s} {opt}: in-process {local_ms:.2f}, echo {echo_ms:.2f}, "
                       f"optserve {on_ms:.2f} (server CPU {cpu[0]:.1f}, metrics off "
                       f"{off_ms:.2f}, new metadata "
-                      f"{meta_ms:.2f}), SDK same host {sdk_ms:.2f}, SDK http {http_ms:.2f}",
+                      f"{meta_ms:.2f}), SDK same host {sdk_ms:.2f}, SDK http {http_ms:.2f} "
+                      f"(client CPU {http_cpu[0]:.1f})",
                       flush=True)
-    print(f"\ndurability {args.durability}; ms per step (median), server CPU ms per step (mean)")
+    print(f"\ndurability {args.durability}; ms per step (median), server and SDK client CPU ms "
+          "per step (mean)")
     print("\n| tensors x floats | optimizer | in-process | echo | optserve | server CPU | "
-          "metrics off | new metadata | SDK same host | SDK http | "
+          "metrics off | new metadata | SDK same host | SDK http | SDK http client CPU | "
           "optserve / (in-process + echo) | bitwise |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (k, s, opt, local_ms, echo_ms, on_ms, cpu_ms, off_ms, meta_ms, sdk_ms, http_ms,
-         same) in rows:
+         http_cpu_ms, same) in rows:
         print(f"| {k:,} x {s} | {opt} | {local_ms:.2f} | {echo_ms:.2f} | {on_ms:.2f} | "
               f"{cpu_ms:.1f} | {off_ms:.2f} | {meta_ms:.2f} | {sdk_ms:.2f} | {http_ms:.2f} | "
+              f"{http_cpu_ms:.1f} | "
               f"{on_ms / (local_ms + echo_ms):.2f} | {'ok' if same else 'DIFFERS'} |")
 
 

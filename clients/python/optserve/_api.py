@@ -143,7 +143,7 @@ def answer_tensors(response: httpx.Response) -> int:
 def _tensor_response(response: httpx.Response) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
     """(scalars, params) from a JSON body or a safetensors body with scalars in metadata."""
     if _is_binary(response):
-        wires, metadata = _safetensors.loads(response.content)
+        params, metadata = T.tensors_from_safetensors(response.content)
         scalars = {}
         for k, v in metadata.items():
             try:
@@ -151,8 +151,9 @@ def _tensor_response(response: httpx.Response) -> tuple[dict[str, Any], dict[str
             except ValueError:
                 scalars[k] = v
         if "sparse" in scalars:  # row-sparse answers: .indices / .values pairs
+            wires, _ = _safetensors.loads(response.content)
             return scalars, _sparse.pair_wires(wires, scalars.pop("sparse"))
-        return scalars, {name: T.from_wire(w) for name, w in wires.items()}
+        return scalars, params
     body = _json(response)
     params = body.pop("params", None)
     return body, (_sparse.decode_json_map(params) if params is not None else None)

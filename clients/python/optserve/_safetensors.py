@@ -53,6 +53,17 @@ class WireTensor:
                 f"{self.data.nbytes} bytes cannot hold shape {list(self.shape)} of {self.dtype}"
             )
 
+    @classmethod
+    def trusted(cls, dtype: str, shape: tuple[int, ...], data: memoryview) -> WireTensor:
+        """One whose bytes are known to fit (made from a tensor of that dtype and shape):
+        without :meth:`__post_init__`'s checks, which cost more than the rest of a small
+        tensor's encoding."""
+        made = object.__new__(cls)
+        object.__setattr__(made, "dtype", dtype)
+        object.__setattr__(made, "shape", shape)
+        object.__setattr__(made, "data", data)
+        return made
+
     @property
     def itemsize(self) -> int:
         return DTYPES[self.dtype][1]
@@ -153,7 +164,27 @@ def loads(body: bytes | bytearray | memoryview) -> tuple[dict[str, WireTensor], 
     The returned tensors' ``data`` are writable views into one private copy of ``body``
     (or into a fresh copy where a tensor is not aligned to its element size).
     """
-    # A writable memoryview is a buffer the client filled for this call alone: use it as is.
+    buf, entries, metadata = parse(body)
+    view = memoryview(buf)
+    tensors: dict[str, WireTensor] = {}
+    for name, dtype, shape, begin, end in entries:
+        chunk = view[begin:end]
+        if begin % DTYPES[dtype][1]:
+            chunk = memoryview(bytearray(chunk))
+        tensors[name] = WireTensor.trusted(dtype, shape, chunk)
+    return tensors, metadata
+
+
+#: a tensor's entry in a parsed header: name, wire dtype, shape, and where its bytes begin and
+#: end in the buffer (checked: within it, and as many as the dtype and shape need)
+Entry = tuple[str, str, tuple[int, ...], int, int]
+
+
+def parse(body: bytes | bytearray | memoryview
+          ) -> tuple[bytearray | memoryview, list[Entry], dict[str, str]]:
+    """A safetensors file's buffer (``body`` itself when it is a writable memoryview: a
+    buffer the client filled for this call alone; else a private copy), its tensors' entries
+    in the header's order, and its ``__metadata__``. Raises ``ValueError``."""
     buf = body if isinstance(body, memoryview) and not body.readonly else bytearray(body)
     if len(buf) < 8:
         raise ValueError("not a safetensors file: shorter than its 8-byte header length")
@@ -173,27 +204,35 @@ def loads(body: bytes | bytearray | memoryview) -> tuple[dict[str, WireTensor], 
         raise ValueError("safetensors __metadata__ must map strings to strings")
     start = 8 + n
     size = len(buf) - start
-    view = memoryview(buf)
-    tensors: dict[str, WireTensor] = {}
+    entries: list[Entry] = []
     for name, info in header.items():
-        if not isinstance(info, dict):
+        if type(info) is not dict:
             raise ValueError(f"safetensors entry {name!r} is not an object")
         code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(code, str) or code not in _FROM_CODE:
+        dtype = _FROM_CODE.get(code) if type(code) is str else None
+        if dtype is None:
             raise ValueError(f"tensor {name!r}: unsupported safetensors dtype {code!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        if type(shape) is not list or not _dims(shape):
             raise ValueError(f"tensor {name!r}: bad shape {shape!r}")
         if (
-            not isinstance(offsets, list)
+            type(offsets) is not list
             or len(offsets) != 2
-            or not all(type(o) is int for o in offsets)
+            or type(offsets[0]) is not int
+            or type(offsets[1]) is not int
             or not 0 <= offsets[0] <= offsets[1] <= size
         ):
             raise ValueError(f"tensor {name!r}: bad data_offsets {offsets!r}")
-        dtype = _FROM_CODE[code]
-        begin, end = start + offsets[0], start + offsets[1]
-        chunk = view[begin:end]
-        if begin % DTYPES[dtype][1]:
-            chunk = memoryview(bytearray(chunk))
-        tensors[name] = WireTensor(dtype, tuple(shape), chunk)
-    return tensors, dict(metadata)
+        dims = tuple(shape)
+        if offsets[1] - offsets[0] != math.prod(dims) * DTYPES[dtype][1]:
+            raise ValueError(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes cannot hold "
+                             f"shape {shape} of {dtype}")
+        entries.append((name, dtype, dims, start + offsets[0], start + offsets[1]))
+    return buf, entries, dict(metadata)
+
+
+def _dims(shape: list[object]) -> bool:
+    """Each a non-negative int (bool is not)."""
+    for d in shape:
+        if type(d) is not int or d < 0:
+            return False
+    return True

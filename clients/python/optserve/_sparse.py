@@ -48,7 +48,8 @@ class SparseWire:
 def is_sparse(x: object) -> bool:
     if isinstance(x, RowSparse):
         return True
-    return T.is_torch_tensor(x) and x.layout != T.torch.strided  # type: ignore[attr-defined]
+    loaded = T._torch_loaded()  # (torch itself: not the lazy proxy, once per tensor of a step)
+    return loaded is not None and isinstance(x, loaded.Tensor) and x.layout != loaded.strided
 
 
 def to_sparse_wire(x: Any, what: str) -> SparseWire:
@@ -72,11 +73,20 @@ def encode_tensor_map(tensors: Mapping[str, Any], what: str
         raise TypeError(f"{what} must be a mapping of names to tensors, got "
                         f"{type(tensors).__name__}")
     out: dict[str, WireTensor | SparseWire] = {}
+    dense: dict[str, Any] = {}
+    loaded = T._torch_loaded()  # (is_sparse inlined: once per tensor of a step)
+    kind: Any = loaded.Tensor if loaded is not None else RowSparse
+    strided = loaded.strided if loaded is not None else None
     for name, t in tensors.items():
         if not isinstance(name, str):
             raise TypeError(f"{what}: names must be strings, got {name!r}")
-        out[name] = to_sparse_wire(t, f"{what}[{name!r}]") if is_sparse(t) else T.to_wire(
-            t, f"{what}[{name!r}]")
+        if isinstance(t, RowSparse) or (isinstance(t, kind) and t.layout is not strided):
+            out[name] = to_sparse_wire(t, f"{what}[{name!r}]")
+        else:
+            out[name] = dense[name] = t  # (its place in the order; encoded below)
+    if len(dense) == len(out):
+        return dict(T.encode_dense(dense, what))
+    out.update(T.encode_dense(dense, what))
     return out
 
 
