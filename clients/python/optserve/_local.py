@@ -311,13 +311,15 @@ class LocalChannel:
 def _copy_all(slots: Mapping[str, Any], grads: Mapping[str, TensorLike]) -> None:
     """Copy each gradient into its slot (:func:`_copy`), the torch tensors that fit theirs
     exactly with one ``torch._foreach_copy_`` (1,000 small tensors: one call, not 1,000)."""
-    torch = _tensors.torch
+    # torch itself, not the lazy proxy (whose every attribute is an import: once per tensor)
+    torch = _tensors._torch_loaded() or _tensors.torch
     tensor = torch.Tensor if torch is not None else ()
+    strided = torch.strided if torch is not None else None
     dests: list[Any] = []
     srcs: list[Any] = []
     for name, grad in grads.items():
         dest = slots[name]
-        if (isinstance(grad, tensor) and isinstance(dest, tensor) and grad.layout == torch.strided
+        if (isinstance(grad, tensor) and isinstance(dest, tensor) and grad.layout is strided
                 and grad.dtype == dest.dtype and grad.shape == dest.shape):
             dests.append(dest)
             srcs.append(grad)  # (any device: copy_ brings it over)
