@@ -42,6 +42,7 @@ from typing import Any
 import orjson
 
 from app.api import connection_cap
+from app.api.held_head import hold_head
 from app.api.problems import PROBLEM
 
 log = logging.getLogger("optserve.api")
@@ -374,6 +375,7 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                         self._plain_head = plain_head(self.parser, self.url, self.headers)
                         return
                     super().on_headers_complete()
+                    hold_head(self.cycle, self.loop)  # (the head written with the body)
 
                 def on_body(self, body: bytes) -> None:
                     if self._plain_head is None:
