@@ -162,18 +162,24 @@ class RequestContextMiddleware:
                 sizes["in"] += len(message.get("body", b""))
             return message
 
+        head = scope["method"] == "HEAD"
+
         async def tagging_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", rid.encode()))
                 message = {**message, "headers": headers}
-            elif message["type"] == "http.response.body":
+            elif message["type"] == "http.response.body" and not head:
                 sizes["out"] += len(message.get("body", b""))
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tagging_send)
+            # HEAD is GET without the body (RFC 9110 9.3.2; every general-purpose server
+            # serves it): the routes see a GET, and the server, whose own scope still says
+            # HEAD, sends the head alone
+            await self.app({**scope, "method": "GET"} if head else scope, counting_receive,
+                           tagging_send)
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.bytes_in.inc(sizes["in"])

@@ -72,9 +72,8 @@ def test_a_head_request_gets_its_head_alone_and_the_connection_goes_on(live_serv
             assert chunk, data
             data += chunk
         head, _, rest = data.partition(b"\r\n\r\n")
-        # (405: the routes answer GET only; the head comes whole, with its Content-Length)
-        assert head.startswith(b"HTTP/1.1 405"), head
-        assert b"\r\ncontent-length: " in head.lower()
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert b"\r\ncontent-length: 15\r\n" in head.lower()  # GET's body: {"status":"ok"}
         assert rest == b""  # no body
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
         status, _, body = Answers(sock).next()
@@ -115,3 +114,26 @@ def test_pipelined_requests_are_answered_in_order(live_server: str) -> None:
         answers = Answers(sock)
         statuses = [answers.next()[0] for _ in range(5)]
         assert statuses == [200, 200, 200, 404, 200]
+
+
+def test_head_is_get_without_the_body(live_server: str) -> None:
+    """Every GET route answers HEAD with GET's status and headers and no body (RFC 9110
+    9.3.2); a route without GET answers 405 naming what it allows."""
+    import httpx
+
+    with httpx.Client(base_url=live_server, timeout=30) as http:
+        sid = http.post("/v1/sessions", json={
+            "optimizer": "SGD", "options": {"lr": 0.1},
+            "params": {"w": {"dtype": "float32", "shape": [3], "data": [1, 2, 3]}}}).json()["id"]
+        http.post(f"/v1/sessions/{sid}/step",
+                  json={"grads": {"w": {"dtype": "float32", "shape": [3], "data": [1, 1, 1]}}})
+        for path in ("/healthz", f"/v1/sessions/{sid}", f"/v1/sessions/{sid}/params",
+                     f"/v1/sessions/{sid}/state_dict", "/v1/sessions/nope"):
+            got, head = http.get(path), http.head(path)
+            assert head.status_code == got.status_code, path
+            assert head.content == b"", path
+            assert head.headers["content-length"] == got.headers["content-length"], path
+            assert head.headers["content-type"] == got.headers["content-type"], path
+            assert head.headers.get("etag") == got.headers.get("etag"), path
+        refused = http.head(f"/v1/sessions/{sid}/step")
+        assert (refused.status_code, refused.headers["allow"]) == (405, "POST")
