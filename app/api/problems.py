@@ -66,6 +66,8 @@ def allowed_methods(request: Request) -> list[str]:
         if any(not isinstance(route, Mount) and route.matches(scope)[0] == Match.FULL
                for route in request.app.router.routes):
             allowed.append(method)
+    if "GET" in allowed and "HEAD" not in allowed:
+        allowed.insert(allowed.index("GET") + 1, "HEAD")  # (served as GET: observability.py)
     return allowed
 
 

@@ -137,3 +137,7 @@ def test_head_is_get_without_the_body(live_server: str) -> None:
             assert head.headers.get("etag") == got.headers.get("etag"), path
         refused = http.head(f"/v1/sessions/{sid}/step")
         assert (refused.status_code, refused.headers["allow"]) == (405, "POST")
+        # where GET is allowed, so is HEAD
+        refused = http.request("TRACE", "/v1/sessions")
+        assert (refused.status_code, refused.headers["allow"]) == (405, "GET, HEAD, POST")
+        assert refused.json()["detail"] == "TRACE is not allowed here; allowed: GET, HEAD, POST"

@@ -203,13 +203,13 @@ def test_every_operation_with_an_answer_checks_accept() -> None:
 
 
 @pytest.mark.parametrize("method,path,allowed", [
-    ("DELETE", "/v1/sessions", "GET, POST"),
-    ("PUT", "/v1/sessions/x", "GET, PATCH, DELETE"),
-    ("POST", "/v1/sessions/x/params", "GET, PUT"),
+    ("DELETE", "/v1/sessions", "GET, HEAD, POST"),
+    ("PUT", "/v1/sessions/x", "GET, HEAD, PATCH, DELETE"),
+    ("POST", "/v1/sessions/x/params", "GET, HEAD, PUT"),
     ("GET", "/v1/sessions/x/state_dict/extra", None),
-    ("PATCH", "/v1/sessions/x/state_dict", "GET, PUT"),
+    ("PATCH", "/v1/sessions/x/state_dict", "GET, HEAD, PUT"),
     ("GET", "/v1/sessions/x/step", "POST"),
-    ("POST", "/healthz", "GET"),
+    ("POST", "/healthz", "GET, HEAD"),
 ])
 def test_405_lists_every_method_of_the_path(app_client: TestClient, method: str, path: str,
                                             allowed: str | None) -> None:
