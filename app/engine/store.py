@@ -748,6 +748,8 @@ class Store:
             # A crash between the rename above and this truncate is harmless: replay skips the
             # records the snapshot already holds. A truncate that fails leaves them for the
             # same reason, and a suspect log is healed: the snapshot holds everything.
+            if lg.closed:  # (deleted or the store closed meanwhile: nothing to empty)
+                return
             try:
                 fd = self._opened(lg)
             except OSError as exc:  # its records stay: replay skips what the snapshot holds
