@@ -904,14 +904,21 @@ class Store:
         lg.repair = lg.unsynced = False
 
     def log_length(self, session_id: str) -> int:
-        """The length of the session's log (its whole records); the log is opened only when
-        this store has not opened it yet (its length is then the file's)."""
+        """The length of the session's log (its whole records). Opens nothing (it may run on
+        the event loop's thread): a log not written since the start is as long as its file."""
         lg = self._entry(session_id)
         good = lg.good
         if good >= 0:
             return good
         with lg.lock:
-            self._opened_or_refused(session_id, lg)
+            if lg.good < 0:
+                try:
+                    lg.good = os.stat(lg.path).st_size
+                except FileNotFoundError:
+                    lg.good = 0  # (made by its first write)
+                except OSError as exc:
+                    self._failed(f"reading the length of the log of {session_id}", exc)
+                    raise storage_failure(exc, "reading the session's log") from None
             return lg.good
 
     def _flush_loop(self) -> None:
