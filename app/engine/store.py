@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
@@ -98,6 +99,9 @@ OPEN_LOGS_SHARE = 8
 OPEN_LOGS_MIN = 32
 #: an unlimited ``RLIMIT_NOFILE`` is taken as this
 _UNLIMITED_FILES = 1 << 20
+#: logs in use (or awaiting an fsync) passed over at most, beyond those to close, as room is
+#: made for another
+_SKIPPABLE = 16
 TOMBSTONE = "tombstone"  # in a session directory being deleted: the delete's idempotency key
 TOMBSTONES = "tombstones.jsonl"  # under the data directory: the keys of past deletes
 
@@ -702,11 +706,14 @@ class Store:
         in use now (its lock free), with no ``step`` record awaiting its fsync, and fsynced
         first when it holds ``interval`` writes not yet on disk (when that fsync fails, it is
         marked suspect, as the flusher marks it, and stays open). Logs in use are skipped:
-        while they are, the bound is passed."""
+        while they are, the bound is passed. Only the least recently used few are looked at
+        (not every open log, each reopen)."""
         with self._lock:
-            if len(self._open) < self.max_open:
+            over = len(self._open) - self.max_open + 1
+            if over <= 0:
                 return
-            candidates = [lg for lg in self._open if lg is not keep]
+            candidates = list(itertools.islice((lg for lg in self._open if lg is not keep),
+                                               over + _SKIPPABLE))
         for lg in candidates:
             with self._lock:
                 if len(self._open) < self.max_open:
