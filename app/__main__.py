@@ -10,6 +10,13 @@ SIGTERM drains: uvicorn stops accepting, in-flight requests finish, readiness tu
 lifespan snapshots every session, and the process exits 0 (uvicorn alone would re-raise the
 signal and exit 143). Without API keys the server refuses a non-loopback bind unless
 ``OPTSERVE_ALLOW_OPEN=1``.
+
+A listening socket that stops listening while the server runs (uvloop closes it without a word
+when an accept fails in a way it does not recover from: EMFILE when libuv's spare descriptor
+could not be taken back) would leave a process that is alive and never accepts a connection
+again. The server checks its listeners every second (:func:`listener_problem`); one that is
+gone is logged as an error and the server drains and exits 1, for its supervisor to restart
+it.
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -40,11 +49,59 @@ from app.observability import configure_logging
 
 log = logging.getLogger("optserve")
 
+#: the listening sockets are checked every this many ticks of uvicorn's main loop (0.1 s each)
+LISTENER_CHECK_TICKS = 10
+
+
+def listener_identity(sock: Any) -> tuple[int, int]:
+    """(device, inode) of a listening socket's descriptor, to tell it from another file that
+    takes its number once it is closed."""
+    st = os.fstat(sock.fileno())
+    return st.st_dev, st.st_ino
+
+
+def listener_problem(sock: Any, identity: tuple[int, int]) -> str | None:
+    """Why the listening socket ``sock`` (``identity``: :func:`listener_identity` at start)
+    no longer accepts connections, or None. Takes no descriptor."""
+    try:
+        if listener_identity(sock) != identity:
+            return "its descriptor was closed (another file has its number now)"
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return "it no longer listens"
+    except OSError as exc:
+        return f"its descriptor was closed ({exc.strerror or exc})"
+    return None
+
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
         self.optserve_app = app
+        #: why a listening socket stopped accepting connections (the server then exits 1)
+        self.listener_lost: str | None = None
+        #: each listening socket, its identity and its address, as they were at start
+        self._listeners: list[tuple[Any, tuple[int, int], str]] = []
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self._listeners = [(sock, listener_identity(sock), str(sock.getsockname()))
+                           for server in self.servers for sock in server.sockets]
+
+    async def on_tick(self, counter: int) -> bool:
+        if counter % LISTENER_CHECK_TICKS == 0 and self.listener_lost is None:
+            for sock, identity, where in self._listeners:
+                problem = listener_problem(sock, identity)
+                if problem is None:
+                    continue
+                self.listener_lost = f"the listening socket {where}: {problem}"
+                log.error("%s: no connection can be accepted any more (the event loop closes "
+                          "it when an accept fails, e.g. out of file descriptors); draining "
+                          "and exiting with status 1 for a supervisor to restart the server",
+                          self.listener_lost)
+                self.optserve_app.state.draining = True
+                self.should_exit = True
+                break
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.optserve_app.state.draining = True
@@ -157,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     settle_gc()
     server = DrainingServer(server_config(app, settings), app)
     server.run()
-    return 0 if server.started else 1
+    return 0 if server.started and server.listener_lost is None else 1
 
 
 if __name__ == "__main__":

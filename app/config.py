@@ -112,6 +112,10 @@ class Settings(BaseSettings):
         default="", description="with API keys: the tenants whose keys may read /metrics "
         "(its totals are server-wide), comma-separated; empty: any key's tenant")
     max_sessions: int = Field(default=0, ge=0, description="per tenant; 0 = unlimited")
+    max_open_logs: int = Field(
+        default=0, ge=0, le=1_000_000,
+        description="session logs kept open at once; the least recently used are closed and "
+        "reopened by their session's next write (0: the soft RLIMIT_NOFILE / 8, at least 32)")
     max_session_elements: int = Field(default=0, ge=0, description="0 = unlimited")
     idempotency_window: int = Field(
         default=1000, ge=1, le=1_000_000,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import resource
 import runpy
 import subprocess
 import sys
@@ -49,9 +50,16 @@ def forking() -> bool:
     return os.environ.get("OPTSERVE_TEST_FORK_SERVERS", "1") != "0"
 
 
-def _serve(env: dict[str, str], cwd: str, log: str) -> None:
+def _limit_files(nofile: int | None) -> None:
+    """Lower this process's descriptor limit (soft and hard, as ``prlimit --nofile=N``)."""
+    if nofile is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+
+def _serve(env: dict[str, str], cwd: str, log: str, nofile: int | None = None) -> None:
     """In the forked child: ``python -m app`` with this environment, in ``cwd``, its output
-    (stdout and stderr) appended to ``log``."""
+    (stdout and stderr) appended to ``log``, its descriptor limit ``nofile`` when given."""
+    _limit_files(nofile)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -99,19 +107,23 @@ class _Forked:
 _CONTEXT: Any = None
 
 
-def start(env: dict[str, str], cwd: Path, log: Path) -> ServerProcess:
-    """``python -m app`` with ``env`` in ``cwd``, its output appended to ``log``."""
+def start(env: dict[str, str], cwd: Path, log: Path, nofile: int | None = None
+          ) -> ServerProcess:
+    """``python -m app`` with ``env`` in ``cwd``, its output appended to ``log``, with at most
+    ``nofile`` descriptors (``RLIMIT_NOFILE``) when given."""
     args = [sys.executable, "-m", "app"]
     with open(log, "ab") as out:  # there before the server starts, as for a subprocess
         if not forking():
             return subprocess.Popen(args, cwd=cwd, env=env, stdout=out,
-                                    stderr=subprocess.STDOUT)
+                                    stderr=subprocess.STDOUT,
+                                    preexec_fn=lambda: _limit_files(nofile))
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = multiprocessing.get_context("forkserver")
         # app.main: what `python -m app` imports once its settings are sound (torch included)
         _CONTEXT.set_forkserver_preload(["app.__main__", "app.main", "tests.forked_server"])
     # daemonic: one a test left running is stopped when its test process exits
-    process = _CONTEXT.Process(target=_serve, args=(env, str(cwd), str(log)), daemon=True)
+    process = _CONTEXT.Process(target=_serve, args=(env, str(cwd), str(log), nofile),
+                               daemon=True)
     process.start()
     return _Forked(process, args)

@@ -260,6 +260,9 @@ class HostConfig:
     #: also snapshot once the session's log holds this many MB since its last snapshot (a
     #: 1e7-parameter session logs 40 MB per step: 1000 steps would be 40 GB of log)
     snapshot_every_mb: float = 1024.0
+    #: session logs kept open at once (0: the store's default from ``RLIMIT_NOFILE``,
+    #: :func:`app.engine.store.default_open_logs`)
+    max_open_logs: int = 0
     fsync_interval_s: float = 0.05
     idempotency_window: int = 1000
     #: per-step norms for sessions that do not say (``"metrics"`` on create)
@@ -306,7 +309,8 @@ class EmbeddedHost:
         self.device = str(self._device)
         self._worker = DeviceWorker(self._device, config.torch_threads, observer)
         chunked.configure(config.step_chunk)
-        self._store = (Store(config.data_dir, config.fsync_interval_s, config.files)
+        self._store = (Store(config.data_dir, config.fsync_interval_s, config.files,
+                             config.max_open_logs)
                        if config.data_dir is not None else None)
         self._default_durability: Durability = (config.durability if self._store is not None
                                                 else "memory")
@@ -1065,6 +1069,10 @@ class EmbeddedHost:
 
         size = sum(memoryview(p).nbytes for p in parts)
         beside = not (store.failing or size < OVERLAP_WRITE_BYTES)
+        if beside and not store.is_open(key):
+            # a log the store's bound closed is reopened first: when that fails (no descriptor
+            # left), the step is refused before it is applied, not rebuilt after
+            await self._in_io(lambda: store.open_log(key))
         if not beside:
             try:
                 await self._in_io(lambda: store.append(key, parts, "step", fsync=False))

@@ -340,6 +340,7 @@ class HostActor:
             durability=c["durability"], snapshot_every_steps=c["snapshot_every_steps"],
             snapshot_every_s=c["snapshot_every_s"],
             snapshot_every_mb=c.get("snapshot_every_mb", 1024.0),
+            max_open_logs=c.get("max_open_logs", 0),
             fsync_interval_s=c["fsync_interval_s"],
             idempotency_window=c["idempotency_window"], warm_up=c["warm_up"]))
         started = time.perf_counter()
@@ -1475,6 +1476,7 @@ def ray_options(settings: Any) -> RayOptions:
               "snapshot_every_steps": settings.snapshot_every_steps,
               "snapshot_every_s": settings.snapshot_every_s,
               "snapshot_every_mb": settings.snapshot_every_mb,
+              "max_open_logs": settings.max_open_logs,
               "fsync_interval_s": settings.fsync_interval_ms / 1000,
               "idempotency_window": settings.idempotency_window,
               "step_chunk": settings.step_chunk,

@@ -32,20 +32,38 @@ Durability levels: ``step`` (a record is fsynced before the operation is applied
 acknowledged), ``interval`` (written at once, fsynced by a background flusher every
 ``interval_s``), ``memory`` (nothing on disk). Payloads are opaque bytes here. All file system
 calls go through :class:`Files`, which tests replace to inject faults (EIO, ENOSPC).
+
+Open logs are bounded (``max_open``, ``OPTSERVE_MAX_OPEN_LOGS``; by default
+:func:`default_open_logs`: the soft ``RLIMIT_NOFILE`` / 8, at least 32): a log's descriptor is
+not kept for as long as its session exists, or enough idle sessions would take every descriptor
+the process may have (each operation then a 503 ``out_of_file_descriptors``). Past the bound,
+the least recently used logs are closed as another opens, and a closed log is reopened by its
+session's next write; its length, repair and suspect marks stay in memory. A log is closed only
+when nothing it holds is waiting for an fsync: an ``interval`` log written since its last fsync
+is fsynced first (a failure marks it suspect, as the flusher does, and it stays open), and one
+holding a ``step`` record whose :meth:`Store.sync` has not run yet is not closed. A log in use
+(its lock held: an operation writing it) is skipped, so while operations are writing the
+bound can be passed by the logs they hold. A reopen that fails (EMFILE, ENOSPC, ...) fails the
+operation before anything is written: the session and its log stay as they were. The store
+takes no file locks (the directory's ``flock`` locks are on files of their own), so closing a
+log drops no lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
+import resource
 import shutil
 import struct
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,8 +92,29 @@ _NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 #: the ``Retry-After`` of an operation refused for want of file descriptors: they come back as
 #: soon as connections or files are closed
 DESCRIPTORS_RETRY_S = 2.0
+#: the session logs kept open at once by default: the soft descriptor limit divided by this
+#: (within the quarter of it that ``OPTSERVE_MAX_CONNECTIONS``'s default keeps for files) ...
+OPEN_LOGS_SHARE = 8
+#: ... and at least this many
+OPEN_LOGS_MIN = 32
+#: an unlimited ``RLIMIT_NOFILE`` is taken as this
+_UNLIMITED_FILES = 1 << 20
+#: logs in use (or awaiting an fsync) passed over at most, beyond those to close, as room is
+#: made for another
+_SKIPPABLE = 16
 TOMBSTONE = "tombstone"  # in a session directory being deleted: the delete's idempotency key
 TOMBSTONES = "tombstones.jsonl"  # under the data directory: the keys of past deletes
+
+
+def default_open_logs(soft: int | None = None) -> int:
+    """The session logs kept open at once by default, for the soft descriptor limit ``soft``
+    (this process's when None): a eighth of it, at least :data:`OPEN_LOGS_MIN` (1024 -> 128,
+    65536 -> 8192)."""
+    if soft is None:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY or soft < 0:
+            soft = _UNLIMITED_FILES
+    return max(OPEN_LOGS_MIN, min(soft, _UNLIMITED_FILES) // OPEN_LOGS_SHARE)
 
 
 class StoreCorrupt(Exception):
@@ -123,6 +162,10 @@ class Files:
 
     def ftruncate(self, fd: int, length: int) -> None:
         os.ftruncate(fd, length)
+
+    def truncate(self, path: Path, length: int) -> None:
+        """Cut the file at ``path`` (no descriptor needed)."""
+        os.truncate(path, length)
 
     def close(self, fd: int) -> None:
         os.close(fd)
@@ -292,24 +335,32 @@ def read_log(path: Path, limit: int | None = None) -> tuple[list[bytes], int, bo
 @dataclass(eq=False)
 class _Log:
     path: Path
-    fd: int
-    good: int  # bytes of whole records: everything past this is not part of the log
+    fd: int = -1  # -1: not open (closed to keep within the bound, or not yet opened)
+    good: int = -1  # bytes of whole records: everything past this is not part of the log
+    #               (-1: not known before the log is first opened)
     lock: threading.Lock = field(default_factory=threading.Lock)
     dirty: bool = False  # written since the last fsync (durability interval)
     repair: bool = False  # a failed append left bytes past ``good`` that a truncate must drop
     suspect: str | None = None  # a background fsync failed: heal with a fresh snapshot
-    closed: bool = False
+    closed: bool = False  # forgotten (its session deleted, or the store closed): never reopened
+    unsynced: bool = False  # a ``step`` record written without its fsync, which is to come
 
 
 class Store:
     """Snapshots and logs for every session, with a background fsync thread (``interval``)."""
 
-    def __init__(self, root: Path, interval_s: float = 0.05, files: Files | None = None) -> None:
+    def __init__(self, root: Path, interval_s: float = 0.05, files: Files | None = None,
+                 max_open: int = 0) -> None:
         self.root = root
         self.sessions_dir = root / "sessions"
         self.interval_s = interval_s
         self.files = files or Files()
+        #: logs kept open at once (0: :func:`default_open_logs`)
+        self.max_open = max_open or default_open_logs()
+        #: every session's log written since the start (open or not), until it is forgotten
         self._logs: dict[str, _Log] = {}
+        #: the open logs, least recently used first
+        self._open: OrderedDict[_Log, None] = OrderedDict()
         self._lock = threading.Condition()
         self._stop = False
         self._flusher = threading.Thread(target=self._flush_loop, name="optserve-fsync",
@@ -346,7 +397,7 @@ class Store:
             self._logs.clear()
         for lg in logs:
             with lg.lock:
-                if lg.dirty:
+                if lg.dirty and lg.fd >= 0:
                     try:
                         self.files.fsync(lg.fd)
                     except OSError as exc:
@@ -461,9 +512,9 @@ class Store:
         with self._lock:
             lg = self._logs.get(session_id)
         limit = None
-        if lg is not None:  # (open: a live session's) past ``good`` is no part of the log: a
+        if lg is not None:  # (written: a live session's) past ``good`` is no part of the log: a
             with lg.lock:  # record whose cut failed (and its header's zeroing too) may be whole
-                limit = lg.good
+                limit = lg.good if lg.good >= 0 else None
         records, valid, torn = read_log(d / "wal.bin", limit)
         if torn and cut_torn:
             with open(d / "wal.bin", "r+b") as f:
@@ -581,12 +632,108 @@ class Store:
                 self._close(lg)
 
     def _close(self, lg: _Log) -> None:
+        """Forget the log for good (under ``lg.lock``): closed, never reopened."""
         if not lg.closed:
             lg.closed = True
+            self._shut(lg)
+
+    def _shut(self, lg: _Log) -> None:
+        """Close the log's descriptor (under ``lg.lock``); a later use reopens it unless it is
+        :attr:`_Log.closed`."""
+        with self._lock:
+            self._open.pop(lg, None)
+        if lg.fd >= 0:
+            fd, lg.fd = lg.fd, -1
             try:
-                self.files.close(lg.fd)
+                self.files.close(fd)
             except OSError as exc:
                 log.warning("closing %s: %s", lg.path, exc)
+
+    def open_logs(self) -> int:
+        """How many session logs are open now."""
+        with self._lock:
+            return len(self._open)
+
+    def is_open(self, session_id: str) -> bool:
+        """Whether the session's log is open now (its next write needs no descriptor)."""
+        with self._lock:
+            lg = self._logs.get(session_id)
+            return lg is not None and lg.fd >= 0
+
+    def open_log(self, session_id: str) -> None:
+        """Open the session's log unless it is (an operation that must not fail half-way for
+        want of a descriptor opens it first); :class:`OptserveError` (503, 507) when it cannot
+        be opened."""
+        lg = self._entry(session_id)
+        with lg.lock:
+            self._opened_or_refused(session_id, lg)
+
+    def _opened(self, lg: _Log) -> int:
+        """The log's descriptor (under ``lg.lock``), reopened when the bound closed it, after
+        closing the least recently used logs past the bound (:meth:`_make_room`). OSError when
+        it cannot be opened (nothing changed); 503 when the log was forgotten."""
+        if lg.closed:
+            raise Unavailable("the session's log was closed (deleted or shutting down)",
+                              code="storage_error")
+        if lg.fd >= 0:
+            with self._lock:
+                if lg in self._open:
+                    self._open.move_to_end(lg)
+            return lg.fd
+        self._make_room(lg)
+        fd = self.files.open_append(lg.path)
+        if lg.good < 0:
+            try:
+                lg.good = os.fstat(fd).st_size
+            except OSError:
+                self.files.close(fd)
+                raise
+        lg.fd = fd
+        with self._lock:
+            self._open[lg] = None
+        return fd
+
+    def _opened_or_refused(self, session_id: str, lg: _Log) -> int:
+        """:meth:`_opened`, its OSError as the client's answer (507, 503)."""
+        try:
+            return self._opened(lg)
+        except OSError as exc:
+            self._failed(f"opening the log of {session_id}", exc)
+            raise storage_failure(exc, "opening the session's log") from None
+
+    def _make_room(self, keep: _Log) -> None:
+        """Close the least recently used open logs until one more fits the bound: each one not
+        in use now (its lock free), with no ``step`` record awaiting its fsync, and fsynced
+        first when it holds ``interval`` writes not yet on disk (when that fsync fails, it is
+        marked suspect, as the flusher marks it, and stays open). Logs in use are skipped:
+        while they are, the bound is passed. Only the least recently used few are looked at
+        (not every open log, each reopen)."""
+        with self._lock:
+            over = len(self._open) - self.max_open + 1
+            if over <= 0:
+                return
+            candidates = list(itertools.islice((lg for lg in self._open if lg is not keep),
+                                               over + _SKIPPABLE))
+        for lg in candidates:
+            with self._lock:
+                if len(self._open) < self.max_open:
+                    return
+            if not lg.lock.acquire(blocking=False):
+                continue  # in use: the next one
+            try:
+                if lg.fd < 0 or lg.unsynced:
+                    continue
+                if lg.dirty:
+                    try:
+                        self.files.fsync(lg.fd)
+                    except OSError as exc:
+                        lg.suspect = os.strerror(exc.errno) if exc.errno else str(exc)
+                        self._failed(f"fsync of {lg.path.parent.name} before closing it", exc)
+                        continue
+                    lg.dirty = False
+                self._shut(lg)
+            finally:
+                lg.lock.release()
 
     # ------------------------------------------------------------- snapshots
     def write_snapshot(self, session_id: str, payload: Buffer | Sequence[Buffer]) -> None:
@@ -603,20 +750,24 @@ class Store:
             self._failed(f"snapshot of {session_id}", exc, sum(len(p) for p in framed))
             raise storage_failure(exc, "writing a snapshot") from None
         self._succeeded()
-        try:
-            lg = self._log(session_id)
-        except OSError as exc:  # its records stay: replay skips what the snapshot holds
-            log.warning("opening the log of %s after its snapshot: %s (its records stay and "
-                        "are skipped at replay)", session_id, exc)
-            return
+        lg = self._entry(session_id)
         with lg.lock:
             # A crash between the rename above and this truncate is harmless: replay skips the
             # records the snapshot already holds. A truncate that fails leaves them for the
             # same reason, and a suspect log is healed: the snapshot holds everything.
+            if lg.closed:  # (deleted or the store closed meanwhile: nothing to empty)
+                return
             try:
-                self.files.ftruncate(lg.fd, 0)
-                self.files.fsync(lg.fd)
-                lg.good, lg.repair, lg.dirty = 0, False, False
+                fd = self._opened(lg)
+            except OSError as exc:  # its records stay: replay skips what the snapshot holds
+                log.warning("opening the log of %s after its snapshot: %s (its records stay "
+                            "and are skipped at replay)", session_id, exc)
+                lg.suspect = None
+                return
+            try:
+                self.files.ftruncate(fd, 0)
+                self.files.fsync(fd)
+                lg.good, lg.repair, lg.dirty, lg.unsynced = 0, False, False, False
             except OSError as exc:
                 log.warning("emptying %s after a snapshot failed: %s (its records are skipped "
                             "at replay)", lg.path, exc)
@@ -624,14 +775,12 @@ class Store:
             lg.suspect = None
 
     # ------------------------------------------------------------- log
-    def _log(self, session_id: str) -> _Log:
+    def _entry(self, session_id: str) -> _Log:
+        """The session's log, open or not (:meth:`_opened` opens it)."""
         with self._lock:
             lg = self._logs.get(session_id)
             if lg is None:
-                path = self._dir(session_id) / "wal.bin"
-                fd = self.files.open_append(path)
-                lg = _Log(path, fd, os.fstat(fd).st_size)
-                self._logs[session_id] = lg
+                lg = self._logs[session_id] = _Log(self._dir(session_id) / "wal.bin")
             return lg
 
     def append(self, session_id: str, payload: Buffer | Sequence[Buffer],
@@ -643,21 +792,15 @@ class Store:
         ``storage_error``) says why."""
         parts = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
         head = record_head(parts)
-        try:
-            lg = self._log(session_id)
-        except OSError as exc:
-            self._failed(f"opening the log of {session_id}", exc)
-            raise storage_failure(exc, "opening the session's log") from None
+        lg = self._entry(session_id)
         with lg.lock:
-            if lg.closed:
-                raise Unavailable("the session's log was closed (deleted or shutting down)",
-                                  code="storage_error")
+            fd = self._opened_or_refused(session_id, lg)  # (nothing written when it fails)
             try:
                 if lg.repair:
                     self._cut_to_good(lg)
-                n = _write_all(self.files, lg.fd, [head, *parts], lg.good)
+                n = _write_all(self.files, fd, [head, *parts], lg.good)
                 if durability == "step" and fsync:
-                    self.files.fsync(lg.fd)
+                    self.files.fsync(fd)
             except OSError as exc:
                 self._undo(lg)
                 self._failed(f"log of {session_id}", exc,
@@ -666,6 +809,8 @@ class Store:
             lg.good += n
             if durability == "interval":
                 lg.dirty = True
+            # (a step record whose fsync is to come: the log is not closed before it)
+            lg.unsynced = durability == "step" and not fsync
             self._succeeded()
             return lg.good
 
@@ -673,18 +818,22 @@ class Store:
         """fsync the record that ``append(..., fsync=False)`` wrote past ``before``. On failure
         the record is cut off (the log back at ``before``, as :meth:`append` leaves a failed
         write) and :class:`OptserveError` says why."""
-        lg = self._log(session_id)
+        lg = self._entry(session_id)
         with lg.lock:
             if lg.good <= before:  # cut meanwhile (its operation was refused): nothing to sync
+                lg.unsynced = False
                 return
             try:
-                self.files.fsync(lg.fd)
+                # (open: a log is not closed before its step record's fsync, this one)
+                self.files.fsync(self._opened(lg))
             except OSError as exc:
+                lg.unsynced = False
                 size = lg.good - before
                 lg.good = before
                 self._undo(lg)
                 self._failed(f"log of {session_id}", exc, size)
                 raise storage_failure(exc, "writing the operation's log record") from None
+            lg.unsynced = False
             self._succeeded()
 
     def _undo(self, lg: _Log) -> None:
@@ -702,8 +851,13 @@ class Store:
 
     def _spoil(self, lg: _Log) -> None:
         """Zero the header of the record at ``lg.good`` (one that could not be cut off): a
-        crash before the repair then leaves a torn tail, which restart drops."""
+        crash before the repair then leaves a torn tail, which restart drops. A log the bound
+        closed, which could not be reopened, is cut by its path instead (no descriptor needed;
+        on disk once the repair's fsync runs)."""
         try:
+            if lg.fd < 0:
+                self.files.truncate(lg.path, lg.good)
+                return
             self.files.pwritev(lg.fd, [bytes(_REC_HEAD.size)], lg.good)
             self.files.fsync(lg.fd)
         except OSError as exc:
@@ -714,8 +868,10 @@ class Store:
         """Drop the records past ``length`` (an operation that was logged but could not be
         applied). Raises OSError when the file cannot be cut (the log is then marked for repair
         and cut before its next write, and the record's header is zeroed meanwhile)."""
-        lg = self._log(session_id)
+        lg = self._entry(session_id)
         with lg.lock:
+            if lg.good < 0:  # (never opened here: its length is the file's)
+                self._opened(lg)
             lg.good = min(lg.good, length)
             try:
                 self._cut_to_good(lg)
@@ -733,7 +889,7 @@ class Store:
         if lg is None:
             return
         with lg.lock:
-            if lg.repair:
+            if lg.repair and not lg.closed:
                 self._cut_to_good(lg)
 
     def repair(self) -> None:
@@ -742,22 +898,35 @@ class Store:
             logs = [lg for lg in self._logs.values() if lg.repair]
         for lg in logs:
             with lg.lock:
-                with contextlib.suppress(OSError):
-                    self._cut_to_good(lg)
+                if not lg.closed:
+                    with contextlib.suppress(OSError):
+                        self._cut_to_good(lg)
 
     def _cut_to_good(self, lg: _Log) -> None:
         """Cut the log's file back to its last good length, durably (under ``lg.lock``); the
         log is then no longer marked for repair. OSError when it cannot be cut."""
-        self.files.ftruncate(lg.fd, lg.good)
-        self.files.fsync(lg.fd)
-        lg.repair = False
+        fd = self._opened(lg)
+        self.files.ftruncate(fd, lg.good)
+        self.files.fsync(fd)
+        lg.repair = lg.unsynced = False
 
     def log_length(self, session_id: str) -> int:
-        try:
-            return self._log(session_id).good
-        except OSError as exc:
-            self._failed(f"opening the log of {session_id}", exc)
-            raise storage_failure(exc, "opening the session's log") from None
+        """The length of the session's log (its whole records). Opens nothing (it may run on
+        the event loop's thread): a log not written since the start is as long as its file."""
+        lg = self._entry(session_id)
+        good = lg.good
+        if good >= 0:
+            return good
+        with lg.lock:
+            if lg.good < 0:
+                try:
+                    lg.good = os.stat(lg.path).st_size
+                except FileNotFoundError:
+                    lg.good = 0  # (made by its first write)
+                except OSError as exc:
+                    self._failed(f"reading the length of the log of {session_id}", exc)
+                    raise storage_failure(exc, "reading the session's log") from None
+            return lg.good
 
     def _flush_loop(self) -> None:
         """Every ``interval_s``: fsync the logs written since their last fsync. Never dies: a
@@ -773,7 +942,7 @@ class Store:
             for lg in pending:
                 try:
                     with lg.lock:
-                        if lg.closed or not lg.dirty:
+                        if lg.closed or lg.fd < 0 or not lg.dirty:
                             continue
                         lg.dirty = False
                         try:

@@ -138,6 +138,8 @@ class Proc:
     log_path: Path | None = None
     #: importing torch and warming up takes a few seconds, a minute on a loaded machine
     ready_timeout_s: float = 180.0
+    #: the server's descriptor limit (``RLIMIT_NOFILE``, soft and hard); None: this process's
+    nofile: int | None = None
 
     @property
     def url(self) -> str:
@@ -166,7 +168,7 @@ class Proc:
                 "OPTSERVE_LOG_FORMAT": "text", "OPTSERVE_LOG_LEVEL": "info",
                 "OPTSERVE_WARM_UP": "0", **self.env, **env}
         self.log_path = self.data_dir.parent / f"server-{self.port}-{time.monotonic_ns()}.log"
-        self.proc = forked_server.start(full, REPO, self.log_path)
+        self.proc = forked_server.start(full, REPO, self.log_path, self.nofile)
         deadline = time.monotonic() + self.ready_timeout_s
         # one client for the whole wait: httpx.get would build a new TLS context (about 45 ms
         # of CPU) every 50 ms, taking the CPU the starting server needs
