@@ -23,7 +23,8 @@ from torch.optim import lr_scheduler
 
 from app.engine.optimizers import TORCH_ERRORS, blame, probe_step
 from app.errors import Conflict, Invalid, shown
-from app.wire.tree import is_float_tag, untag_float
+from app.wire.integers import INT64
+from app.wire.tree import is_float_tag, nodes_once, untag_float
 
 SUPPORTED = (
     "StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "PolynomialLR",
@@ -307,12 +308,16 @@ def step(sched: Scheduler, metric: float | None = None) -> None:
 
 def dry_run(optimizer: torch.optim.Optimizer, sched: Scheduler, metric: float | None,
             field: str = "scheduler",
-            written: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+            written: Callable[[list[dict[str, Any]]], None] | None = None,
+            counters: bool = False) -> None:
     """Step the scheduler once and put everything back: a scheduler that would raise is refused
     here, before the optimizer or anything else has changed (torch steps the scheduler after
     the optimizer, when a failure could no longer be undone cheaply). ``written(before)`` sees
     the groups as the step left them (``before``: their options as they were), before they are
-    put back, and may refuse what it wrote (:mod:`app.engine.scheduler_writes`)."""
+    put back, and may refuse what it wrote (:mod:`app.engine.scheduler_writes`).
+    ``counters``: a step that would count an integer of the scheduler's state past int64
+    (``last_epoch``, ``_step_count``, ``num_bad_epochs``, ...) is refused too
+    (:func:`refuse_counted_past_int64`)."""
     check_can_step(sched)
     saved = capture(optimizer, sched)
     try:
@@ -324,10 +329,26 @@ def dry_run(optimizer: torch.optim.Optimizer, sched: Scheduler, metric: float | 
             raise Invalid(f"the scheduler cannot step: {name}.step() raises "
                           f"{type(exc).__name__}{': ' + str(exc) if str(exc) else ''}; nothing "
                           "was changed", code="scheduler_failed", field=field) from None
+        if counters:
+            refuse_counted_past_int64(saved[2], sched.state_dict(), "state_dict.scheduler")
         if written is not None:
             written(saved[1])
     finally:
         restore(optimizer, sched, saved)
+
+
+def refuse_counted_past_int64(before: Any, after: Any, where: str, what: str = "step") -> None:
+    """422 ``counter_overflow`` naming the first integer of ``after`` (a state as a step left
+    it) that is past int64 and not what ``before`` held there: a count the step took past what
+    a state's JSON export, and so its import, holds (an imported ``last_epoch`` of 2**63 - 1,
+    stepped). Nothing has changed (the caller steps a copy, or puts the state back)."""
+    held = {at: node for node, at in nodes_once(before, where) if type(node) is int}
+    for node, at in nodes_once(after, where):
+        if type(node) is int and not INT64[0] <= node <= INT64[1] and held.get(at) != node:
+            raise Invalid(f"this {what} would count {at} past int64 (to {node}), which no "
+                          "state can hold: its export could not be imported; nothing was "
+                          "changed. Import a state with a smaller count, or remove the "
+                          "scheduler", code="counter_overflow", field=at, limit=INT64[1])
 
 
 def exhausted(sched: Scheduler) -> lr_scheduler.OneCycleLR | None:

@@ -134,6 +134,11 @@ class Step(Operation):
     #: never holds what its own import refuses. Logged; records logged before this check lack
     #: it and replay as they ran
     finite_result: bool = False
+    #: set for steps asked for now (requests, sync rounds): refused (422 ``counter_overflow``
+    #: naming it) when the scheduler's step after it would count an integer of its state past
+    #: int64 (an imported ``last_epoch`` of 2**63 - 1). Logged; records logged before this
+    #: check lack it and replay as they ran
+    counter_range: bool = False
 
     def check(self, s: Session) -> StepPlan:
         # a body whose header the session has checked: no per-tensor checks, the gradients
@@ -175,7 +180,7 @@ class Step(Operation):
                     assert s.scheduler is not None
                     schedulers.dry_run(s.optimizer, s.scheduler, None, written=(
                         scheduler_writes.written_check(s, tensors=self.tensor_range)
-                        if self.scheduler_range else None))
+                        if self.scheduler_range else None), counters=self.counter_range)
             finally:
                 if saved is not None:
                     schedulers.restore(s.optimizer, None, saved)
@@ -323,6 +328,8 @@ class Step(Operation):
             out["tensor_range"] = True
         if self.finite_result:
             out["finite_result"] = True
+        if self.counter_range:
+            out["counter_range"] = True
         return out
 
     @classmethod
@@ -343,7 +350,8 @@ class Step(Operation):
                    refuse_replaced=tree.get("refuse_replaced") is True,
                    scheduler_range=tree.get("scheduler_range") is True,
                    tensor_range=tree.get("tensor_range") is True,
-                   finite_result=tree.get("finite_result") is True)
+                   finite_result=tree.get("finite_result") is True,
+                   counter_range=tree.get("counter_range") is True)
 
 
 class _Undo:

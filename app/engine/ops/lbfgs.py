@@ -77,7 +77,8 @@ def make_copy(s: Session, scheduler_range: bool = False) -> Copy:
     if s.steps_scheduler():
         assert s.scheduler is not None
         schedulers.dry_run(s.optimizer, s.scheduler, None, written=(
-            scheduler_writes.written_check(s, tensors=True) if scheduler_range else None))
+            scheduler_writes.written_check(s, tensors=True) if scheduler_range else None),
+            counters=scheduler_range)
     names = s.names()
     params = [s.params[n].detach().clone() for n in names]
     opt = torch.optim.LBFGS(params)
@@ -127,6 +128,11 @@ class LbfgsStep(Operation):
     def check(self, s: Session) -> LbfgsPlan:
         check_lbfgs(s)
         if self.plan is not None and self.plan.version == s.version:
+            # (the live run: its counts, n_iter and func_evals, stay within int64, as its
+            # export and import hold them; replay takes what was logged)
+            before = s.optimizer.state.get(s.params[s.names()[0]], {})
+            schedulers.refuse_counted_past_int64(before, self.plan.state, "state_dict.state.0",
+                                                 "LBFGS step")
             return self.plan
         for i, ev in enumerate(self.evaluations):
             s.check_tensors(ev.grads, f"evaluations.{i}.grads")
