@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import dataclasses
 import inspect
 import math
 import re
@@ -197,9 +198,46 @@ def _construct(spec: SchedulerSpec, optimizer: torch.optim.Optimizer) -> Schedul
     return cls(optimizer, **spec.options)
 
 
+def option_fields(spec: SchedulerSpec, field: str) -> dict[str, str]:
+    """Each option of ``spec`` and of its nested schedulers by name, with where it is (the
+    first place a name is given): a nested scheduler's option is named in its place, not put on
+    its parent's (a SequentialLR's only option, ``milestones``, was blamed for whatever its
+    children's options made torch raise)."""
+    out: dict[str, str] = {}
+    for at, _, key in _option_paths(spec, field):
+        out.setdefault(key, at)
+    return out
+
+
+def _option_paths(spec: SchedulerSpec, field: str
+                  ) -> list[tuple[str, SchedulerSpec, str]]:
+    """(field, the spec holding it, option name) of every option in the tree, parents first."""
+    out: list[tuple[str, SchedulerSpec, str]] = []
+    stack = [(spec, field)]
+    while stack:
+        node, at = stack.pop(0)
+        out.extend((f"{at}.options.{k}", node, k) for k in node.options)
+        stack.extend((child, f"{at}.options.schedulers.{i}")
+                     for i, child in enumerate(node.children))
+    return out
+
+
+def _without(spec: SchedulerSpec, target: SchedulerSpec, key: str) -> SchedulerSpec:
+    """``spec`` with ``target``'s option ``key`` left out (torch's default then)."""
+    if spec is target:
+        return dataclasses.replace(spec, options={k: v for k, v in spec.options.items()
+                                                  if k != key})
+    return dataclasses.replace(spec, children=[_without(c, target, key)
+                                               for c in spec.children])
+
+
+#: at most this many options are tried one by one to find the one a refusal is about
+_MOST_TRIALS = 64
+
+
 def build(spec: SchedulerSpec, optimizer: torch.optim.Optimizer, field: str) -> Scheduler:
     """Make the scheduler on ``optimizer``; torch's errors become 422 naming the option."""
-    fields = {k: f"{field}.options.{k}" for k in spec.options}
+    fields = option_fields(spec, field)
     try:
         return _construct(spec, optimizer)
     except TORCH_ERRORS as exc:
@@ -211,12 +249,52 @@ def probe(spec: SchedulerSpec, make_optimizer: Any, field: str,
           check_built: Callable[[torch.optim.Optimizer, Scheduler], None] | None = None
           ) -> None:
     """Build the scheduler on a throwaway optimizer and step both once; ``check_built``
-    sees the throwaway and its scheduler as built, before the step."""
+    sees the throwaway and its scheduler as built, before the step. A refusal whose message
+    names no option (``(34, 'Numerical result out of range')``, PolynomialLR's ``power: -1e6``;
+    ``float division by zero``) names the option whose leaving out (torch's default in its
+    place) lets the probe through, the first such in the spec's order, where there is one."""
+    try:
+        _probe_once(spec, make_optimizer, field, check_built)
+    except Invalid as exc:
+        vague = exc.field in (f"{field}.options", field) or getattr(exc, "guessed", False)
+        if exc.code == "invalid_option" and vague:
+            exc.field = _blame_by_trial(spec, make_optimizer, field, check_built,
+                                        exc.detail) or exc.field
+        raise
+
+
+def _blame_by_trial(spec: SchedulerSpec, make_optimizer: Any, field: str,
+                    check_built: Callable[[torch.optim.Optimizer, Scheduler], None] | None,
+                    message: str) -> str | None:
+    """The option whose leaving out lets the probe through (the first in the spec's order);
+    else, for a division by zero, the first option that is 0; else None."""
+    paths = _option_paths(spec, field)
+    for at, node, key in paths[:_MOST_TRIALS]:
+        default = _signature(node.name).get(key)
+        if default is None or default.default is inspect.Parameter.empty \
+                or key == "schedulers":
+            continue
+        try:
+            _probe_once(_without(spec, node, key), make_optimizer, field, check_built)
+        except Invalid:
+            continue
+        return at
+    if "by zero" in message:
+        for at, node, key in paths:
+            value = node.options[key]
+            if type(value) in (int, float) and value == 0:
+                return at
+    return None
+
+
+def _probe_once(spec: SchedulerSpec, make_optimizer: Any, field: str,
+                check_built: Callable[[torch.optim.Optimizer, Scheduler], None] | None
+                ) -> None:
     opt = make_optimizer()
     sched = build(spec, opt, field)
     if check_built is not None:
         check_built(opt, sched)
-    fields = {k: f"{field}.options.{k}" for k in spec.options}
+    fields = option_fields(spec, field)
     try:
         probe_step(opt)
         if spec.name == "ReduceLROnPlateau":
