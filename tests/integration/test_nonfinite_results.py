@@ -249,3 +249,55 @@ def test_steps_older_servers_took_still_replay(data: Path) -> None:
             same_as_twin(c, "old", twin)
     finally:
         live.stop()
+
+
+def test_an_lbfgs_step_that_makes_a_parameter_nonfinite_is_refused(server: httpx.Client
+                                                                   ) -> None:
+    """An LBFGS step runs on a copy: under ``reject`` the one that would leave a parameter
+    infinite (lr 3e38 from 3e38: torch's own step gives inf) is refused after its last
+    evaluation, the session as it was; with a small lr it then steps as torch does."""
+    c = server
+    start = torch.tensor([3e38, 1.0])
+
+    def loss_of(p: torch.Tensor) -> torch.Tensor:
+        return -p.sum()
+
+    twin = Twin("LBFGS", {"lr": 3e38, "max_iter": 1}, start)
+    twin.p.requires_grad_()
+
+    def torch_step(t: Twin) -> None:
+        def closure() -> torch.Tensor:
+            t.opt.zero_grad()
+            loss = loss_of(t.p)
+            loss.backward()
+            return loss
+        t.opt.step(closure)  # type: ignore[no-untyped-call]
+
+    probe = Twin("LBFGS", {"lr": 3e38, "max_iter": 1}, start)
+    probe.p.requires_grad_()
+    torch_step(probe)
+    assert not bool(torch.isfinite(probe.p.detach()).all())  # torch's own step goes to inf
+    create(c, "nf-lbfgs", "LBFGS", {"lr": 3e38, "max_iter": 1}, start)
+
+    def remote_step() -> httpx.Response:
+        r = c.post("/v1/sessions/nf-lbfgs/step")
+        while r.status_code == 200 and r.json().get("needs") == "evaluation":
+            at = tensor_from_json(r.json()["params"]["p"]).requires_grad_()
+            loss = loss_of(at)
+            loss.backward()
+            assert at.grad is not None
+            r = c.post(f"/v1/sessions/nf-lbfgs/step/{r.json()['evaluation']}",
+                       json={"loss": float(loss.detach()), "grads": {"p": json_tensor(at.grad)}})
+        return r
+
+    before = whole(c, "nf-lbfgs")
+    r = remote_step()
+    assert r.status_code == 422, r.text
+    assert (r.json()["code"], r.json()["field"]) == ("nonfinite_parameter", "params.p")
+    assert whole(c, "nf-lbfgs") == before
+    r = c.patch("/v1/sessions/nf-lbfgs/param_groups/0", json={"lr": 1e30})
+    assert r.status_code == 200, r.text
+    twin.opt.param_groups[0]["lr"] = 1e30
+    assert remote_step().status_code == 200
+    torch_step(twin)
+    same_as_twin(c, "nf-lbfgs", twin)
