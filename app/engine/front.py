@@ -357,7 +357,7 @@ class Front:
     async def scheduler_step(self, session_id: str, metric: float | None, *,
                              tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
                              ) -> SchedulerResult:
-        op = SchedulerStep(metric, scheduler_range=True, tensor_range=True)
+        op = SchedulerStep(metric, scheduler_range=True, tensor_range=True, counter_range=True)
         out: SchedulerResult = await self._execute(tenant, session_id, op, idem)
         return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import dataclasses
 import inspect
 import math
 import re
@@ -23,7 +24,8 @@ from torch.optim import lr_scheduler
 
 from app.engine.optimizers import TORCH_ERRORS, blame, probe_step
 from app.errors import Conflict, Invalid, shown
-from app.wire.tree import is_float_tag, untag_float
+from app.wire.integers import INT64
+from app.wire.tree import is_float_tag, nodes_once, untag_float
 
 SUPPORTED = (
     "StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "PolynomialLR",
@@ -196,9 +198,46 @@ def _construct(spec: SchedulerSpec, optimizer: torch.optim.Optimizer) -> Schedul
     return cls(optimizer, **spec.options)
 
 
+def option_fields(spec: SchedulerSpec, field: str) -> dict[str, str]:
+    """Each option of ``spec`` and of its nested schedulers by name, with where it is (the
+    first place a name is given): a nested scheduler's option is named in its place, not put on
+    its parent's (a SequentialLR's only option, ``milestones``, was blamed for whatever its
+    children's options made torch raise)."""
+    out: dict[str, str] = {}
+    for at, _, key in _option_paths(spec, field):
+        out.setdefault(key, at)
+    return out
+
+
+def _option_paths(spec: SchedulerSpec, field: str
+                  ) -> list[tuple[str, SchedulerSpec, str]]:
+    """(field, the spec holding it, option name) of every option in the tree, parents first."""
+    out: list[tuple[str, SchedulerSpec, str]] = []
+    stack = [(spec, field)]
+    while stack:
+        node, at = stack.pop(0)
+        out.extend((f"{at}.options.{k}", node, k) for k in node.options)
+        stack.extend((child, f"{at}.options.schedulers.{i}")
+                     for i, child in enumerate(node.children))
+    return out
+
+
+def _without(spec: SchedulerSpec, target: SchedulerSpec, key: str) -> SchedulerSpec:
+    """``spec`` with ``target``'s option ``key`` left out (torch's default then)."""
+    if spec is target:
+        return dataclasses.replace(spec, options={k: v for k, v in spec.options.items()
+                                                  if k != key})
+    return dataclasses.replace(spec, children=[_without(c, target, key)
+                                               for c in spec.children])
+
+
+#: at most this many options are tried one by one to find the one a refusal is about
+_MOST_TRIALS = 64
+
+
 def build(spec: SchedulerSpec, optimizer: torch.optim.Optimizer, field: str) -> Scheduler:
     """Make the scheduler on ``optimizer``; torch's errors become 422 naming the option."""
-    fields = {k: f"{field}.options.{k}" for k in spec.options}
+    fields = option_fields(spec, field)
     try:
         return _construct(spec, optimizer)
     except TORCH_ERRORS as exc:
@@ -210,12 +249,52 @@ def probe(spec: SchedulerSpec, make_optimizer: Any, field: str,
           check_built: Callable[[torch.optim.Optimizer, Scheduler], None] | None = None
           ) -> None:
     """Build the scheduler on a throwaway optimizer and step both once; ``check_built``
-    sees the throwaway and its scheduler as built, before the step."""
+    sees the throwaway and its scheduler as built, before the step. A refusal whose message
+    names no option (``(34, 'Numerical result out of range')``, PolynomialLR's ``power: -1e6``;
+    ``float division by zero``) names the option whose leaving out (torch's default in its
+    place) lets the probe through, the first such in the spec's order, where there is one."""
+    try:
+        _probe_once(spec, make_optimizer, field, check_built)
+    except Invalid as exc:
+        vague = exc.field in (f"{field}.options", field) or getattr(exc, "guessed", False)
+        if exc.code == "invalid_option" and vague:
+            exc.field = _blame_by_trial(spec, make_optimizer, field, check_built,
+                                        exc.detail) or exc.field
+        raise
+
+
+def _blame_by_trial(spec: SchedulerSpec, make_optimizer: Any, field: str,
+                    check_built: Callable[[torch.optim.Optimizer, Scheduler], None] | None,
+                    message: str) -> str | None:
+    """The option whose leaving out lets the probe through (the first in the spec's order);
+    else, for a division by zero, the first option that is 0; else None."""
+    paths = _option_paths(spec, field)
+    for at, node, key in paths[:_MOST_TRIALS]:
+        default = _signature(node.name).get(key)
+        if default is None or default.default is inspect.Parameter.empty \
+                or key == "schedulers":
+            continue
+        try:
+            _probe_once(_without(spec, node, key), make_optimizer, field, check_built)
+        except Invalid:
+            continue
+        return at
+    if "by zero" in message:
+        for at, node, key in paths:
+            value = node.options[key]
+            if type(value) in (int, float) and value == 0:
+                return at
+    return None
+
+
+def _probe_once(spec: SchedulerSpec, make_optimizer: Any, field: str,
+                check_built: Callable[[torch.optim.Optimizer, Scheduler], None] | None
+                ) -> None:
     opt = make_optimizer()
     sched = build(spec, opt, field)
     if check_built is not None:
         check_built(opt, sched)
-    fields = {k: f"{field}.options.{k}" for k in spec.options}
+    fields = option_fields(spec, field)
     try:
         probe_step(opt)
         if spec.name == "ReduceLROnPlateau":
@@ -307,12 +386,16 @@ def step(sched: Scheduler, metric: float | None = None) -> None:
 
 def dry_run(optimizer: torch.optim.Optimizer, sched: Scheduler, metric: float | None,
             field: str = "scheduler",
-            written: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+            written: Callable[[list[dict[str, Any]]], None] | None = None,
+            counters: bool = False) -> None:
     """Step the scheduler once and put everything back: a scheduler that would raise is refused
     here, before the optimizer or anything else has changed (torch steps the scheduler after
     the optimizer, when a failure could no longer be undone cheaply). ``written(before)`` sees
     the groups as the step left them (``before``: their options as they were), before they are
-    put back, and may refuse what it wrote (:mod:`app.engine.scheduler_writes`)."""
+    put back, and may refuse what it wrote (:mod:`app.engine.scheduler_writes`).
+    ``counters``: a step that would count an integer of the scheduler's state past int64
+    (``last_epoch``, ``_step_count``, ``num_bad_epochs``, ...) is refused too
+    (:func:`refuse_counted_past_int64`)."""
     check_can_step(sched)
     saved = capture(optimizer, sched)
     try:
@@ -324,10 +407,26 @@ def dry_run(optimizer: torch.optim.Optimizer, sched: Scheduler, metric: float | 
             raise Invalid(f"the scheduler cannot step: {name}.step() raises "
                           f"{type(exc).__name__}{': ' + str(exc) if str(exc) else ''}; nothing "
                           "was changed", code="scheduler_failed", field=field) from None
+        if counters:
+            refuse_counted_past_int64(saved[2], sched.state_dict(), "state_dict.scheduler")
         if written is not None:
             written(saved[1])
     finally:
         restore(optimizer, sched, saved)
+
+
+def refuse_counted_past_int64(before: Any, after: Any, where: str, what: str = "step") -> None:
+    """422 ``counter_overflow`` naming the first integer of ``after`` (a state as a step left
+    it) that is past int64 and not what ``before`` held there: a count the step took past what
+    a state's JSON export, and so its import, holds (an imported ``last_epoch`` of 2**63 - 1,
+    stepped). Nothing has changed (the caller steps a copy, or puts the state back)."""
+    held = {at: node for node, at in nodes_once(before, where) if type(node) is int}
+    for node, at in nodes_once(after, where):
+        if type(node) is int and not INT64[0] <= node <= INT64[1] and held.get(at) != node:
+            raise Invalid(f"this {what} would count {at} past int64 (to {node}), which no "
+                          "state can hold: its export could not be imported; nothing was "
+                          "changed. Import a state with a smaller count, or remove the "
+                          "scheduler", code="counter_overflow", field=at, limit=INT64[1])
 
 
 def exhausted(sched: Scheduler) -> lr_scheduler.OneCycleLR | None:

@@ -877,7 +877,10 @@ _SCHEDULER_KEY_SOURCES = {"momentum": ("max_momentum",), "betas": ("max_momentum
 #: the scheduler options an integer a scheduler keeps comes from, when not its own name
 _SCHEDULER_STATE_SOURCES = {"total_steps": ("epochs", "steps_per_epoch"),
                             "end_step": ("total_steps", "epochs", "steps_per_epoch"),
-                            "min_lrs": ("min_lr",)}
+                            "min_lrs": ("min_lr",), "T_i": ("T_0",),
+                            "base_lrs": ("base_lr",), "max_lrs": ("max_lr",),
+                            "base_momentums": ("base_momentum",),
+                            "max_momentums": ("max_momentum",)}
 
 
 def _check_scheduler_built(cls: type[torch.optim.Optimizer], opt: torch.optim.Optimizer,
@@ -908,6 +911,8 @@ def _check_scheduler_built(cls: type[torch.optim.Optimizer], opt: torch.optim.Op
             found = [fields[k] for k in (key, *_SCHEDULER_KEY_SOURCES.get(key, ()))
                      if k in fields]
             exc.field = found[0] if found else "scheduler.options"
+            # (a guess from where the key comes from: the probe tries the options one by one)
+            exc.guessed = True  # type: ignore[attr-defined]
             raise
 
 

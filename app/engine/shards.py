@@ -514,7 +514,8 @@ class ShardedSession:
         out: StepResult = await self.execute(key, Step(grads, base_version, options=options,
                                                        request=True, refuse_replaced=True,
                                                        scheduler_range=True,
-                                                       tensor_range=True),
+                                                       tensor_range=True,
+                                                       counter_range=True),
                                              idem=idem, want_params=want_params)
         return out
 

@@ -510,8 +510,11 @@ def check_lbfgs_state(session: Session, options: dict[str, Any], position: int,
                       code="state_mismatch", field=where)
     keys = {str(k) for k in entry}
     allowed = {*_LBFGS_COUNTERS, *_LBFGS_HISTORY}
+    # (``al`` is made at the first update of the history: a state whose steps have all been
+    # first iterations, max_iter 1 or a step that stopped at once, has none)
+    history_keys = set(_LBFGS_HISTORY) - {"al"}
     if not keys <= allowed or not set(_LBFGS_COUNTERS) <= keys or (
-            keys & set(_LBFGS_HISTORY) and not set(_LBFGS_HISTORY) <= keys):
+            keys & set(_LBFGS_HISTORY) and not history_keys <= keys):
         raise Invalid(f"an LBFGS state has {', '.join(_LBFGS_COUNTERS)} and, once it has "
                       f"moved, {', '.join(_LBFGS_HISTORY)}; got {sorted(keys)[:12]}",
                       code="state_mismatch", field=where)
@@ -544,7 +547,7 @@ def check_lbfgs_state(session: Session, options: dict[str, Any], position: int,
     scalar(entry["t"], f"{where}.t", True)
     scalar(entry["H_diag"], f"{where}.H_diag", True)
     scalar(entry["prev_loss"], f"{where}.prev_loss", True)
-    lists = {k: entry[k] for k in ("old_dirs", "old_stps", "ro", "al")}
+    lists = {k: entry.get(k, []) for k in ("old_dirs", "old_stps", "ro", "al")}
     for k, v in lists.items():
         if not isinstance(v, (list, tuple)):
             raise Invalid("expected a list", code="state_mismatch", field=f"{where}.{k}")

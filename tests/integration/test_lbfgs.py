@@ -243,6 +243,37 @@ def test_an_al_list_longer_than_lbfgs_keeps_is_refused(http: httpx.Client) -> No
         assert bitwise(answer["params"][n], p.detach()), n
 
 
+def test_an_export_made_before_the_history_updates_imports_back(http: httpx.Client) -> None:
+    """torch makes ``al`` at the first update of the history: after steps of one iteration
+    each (``max_iter: 1``) the state has none. That export was refused by the import of a
+    session made alike (422 ``state_mismatch``, ``al`` missing); it now imports, in JSON and as
+    a torch file, and the session steps on as torch does."""
+    options = {"lr": 0.1, "max_iter": 1}
+    sid = create(http, options)
+    local = Local(options)
+    local.step()
+    remote_step(http, sid)
+    assert "al" not in local.opt.state_dict()["state"][0]
+    assert_same_state(state_of(http, sid)["state"], local.opt.state_dict()["state"])
+    exported = http.get(f"/v1/sessions/{sid}/state_dict").json()
+    as_file = http.get(f"/v1/sessions/{sid}/state_dict?format=torch").content
+    for body in ({"json": exported},
+                 {"content": as_file, "headers": {"content-type": BINARY}}):
+        new = create(http, options)
+        query = "" if "json" in body else "?format=torch"
+        r = http.put(f"/v1/sessions/{new}/state_dict{query}", **body)  # type: ignore[arg-type]
+        assert r.status_code == 200, r.text
+        assert http.put(f"/v1/sessions/{new}/params", json={"params": {
+            n: json_tensor(p.detach()) for n, p in local.params.items()}}).status_code == 200
+        twin = Local(options, {n: p.detach() for n, p in local.params.items()})
+        twin.opt.load_state_dict(copy.deepcopy(local.opt.state_dict()))
+        twin.step()
+        answer, _ = remote_step(http, new)
+        for n, p in twin.params.items():
+            assert bitwise(answer["params"][n], p.detach()), n
+        assert_same_state(state_of(http, new)["state"], twin.opt.state_dict()["state"])
+
+
 def test_lbfgs_with_scheduler_and_return_none(http: httpx.Client) -> None:
     options = {"lr": 1, "max_iter": 4, "history_size": 3}
     sid = create(http, options, scheduler={"name": "StepLR",

@@ -201,6 +201,9 @@ class SchedulerStep(Operation):
     #: set by requests: what it writes into a tensor ``lr`` is checked by its value too
     #: (:func:`app.engine.scheduler_writes.out_of_range`). Logged, as ``scheduler_range``
     tensor_range: bool = False
+    #: set by requests: refused (422 ``counter_overflow``) when the step would count an
+    #: integer of the scheduler's state past int64. Logged, as ``scheduler_range``
+    counter_range: bool = False
 
     def check(self, s: Session) -> None:
         if s.scheduler is None or s.scheduler_spec is None:
@@ -215,7 +218,7 @@ class SchedulerStep(Operation):
                           field="metric")
         schedulers.dry_run(s.optimizer, s.scheduler, self.metric, written=(
             scheduler_writes.written_check(s, by_hand=True, tensors=self.tensor_range)
-            if self.scheduler_range else None))
+            if self.scheduler_range else None), counters=self.counter_range)
 
     def apply(self, s: Session, plan: None) -> SchedulerResult:
         assert s.scheduler is not None
@@ -235,10 +238,13 @@ class SchedulerStep(Operation):
             tree["scheduler_range"] = True
         if self.tensor_range:
             tree["tensor_range"] = True
+        if self.counter_range:
+            tree["counter_range"] = True
         return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> SchedulerStep:
         metric = tree.get("metric")
         return cls(None if metric is None else float(metric),
-                   tree.get("scheduler_range") is True, tree.get("tensor_range") is True)
+                   tree.get("scheduler_range") is True, tree.get("tensor_range") is True,
+                   tree.get("counter_range") is True)
