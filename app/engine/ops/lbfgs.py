@@ -31,7 +31,6 @@ from app.engine.interface import Evaluation, StepResult, Tensors
 from app.engine.ops.base import ApplyFailed, Operation, register
 from app.engine.session import Session
 from app.errors import Invalid
-from app.wire.tree import nodes_once
 
 NAME = "LBFGS"
 
@@ -134,8 +133,6 @@ class LbfgsStep(Operation):
             before = s.optimizer.state.get(s.params[s.names()[0]], {})
             schedulers.refuse_counted_past_int64(before, self.plan.state, "state_dict.state.0",
                                                  "LBFGS step")
-            if s.nonfinite == "reject":  # (as a pushed step's: the session never holds them)
-                refuse_nonfinite_plan(self.plan)
             return self.plan
         for i, ev in enumerate(self.evaluations):
             s.check_tensors(ev.grads, f"evaluations.{i}.grads")
@@ -186,30 +183,6 @@ class LbfgsStep(Operation):
     def from_tree(cls, tree: dict[str, Any]) -> LbfgsStep:
         return cls([Evaluation(float(ev["loss"]), dict(ev["grads"]))
                     for ev in tree["evaluations"]])
-
-
-def refuse_nonfinite_plan(plan: LbfgsPlan) -> None:
-    """422 ``nonfinite_parameter`` / ``nonfinite_state`` for an LBFGS step (run on a copy:
-    nothing has changed) that would leave a NaN or an infinity in a parameter or in its state,
-    under ``nonfinite: reject``."""
-    done = ("; this session rejects them (nonfinite: reject): the step was refused whole and "
-            "nothing changed")
-    bad = Session.nonfinite_names(plan.params)
-    if bad:
-        raise Invalid(f"this LBFGS step would leave non-finite values in parameter(s) "
-                      f"{', '.join(map(repr, bad[:20]))}{done}", code="nonfinite_parameter",
-                      field=f"params.{bad[0]}", names=bad)
-    values: Tensors = {}
-    for node, at in nodes_once(plan.state, "state_dict.state.0"):
-        if isinstance(node, torch.Tensor) and node.is_floating_point():
-            values[at] = node
-        elif type(node) is float and not math.isfinite(node):
-            values[at] = torch.tensor(node)
-    bad = Session.nonfinite_names(values)
-    if bad:
-        raise Invalid(f"this LBFGS step would leave non-finite values in its state "
-                      f"({', '.join(b.removeprefix('state_dict.state.0.') for b in bad[:20])})"
-                      f"{done}", code="nonfinite_state", field=bad[0], names=bad)
 
 
 def loss_value(value: object, field: str) -> float:
