@@ -100,7 +100,6 @@ from app.engine.ops import (
     ImportState,
     Operation,
     Overwrite,
-    RefusedAfterApply,
     Step,
     apply_counted,
 )
@@ -869,7 +868,7 @@ class EmbeddedHost:
                       scalars=scalars or None, answer_metrics=answer_metrics,
                       touched=want_params == "touched", request=True,
                       refuse_replaced=True, scheduler_range=True, tensor_range=True,
-                      finite_result=True, counter_range=True),
+                      counter_range=True),
             idem=idem,
             want_params=want_params, params_into=params_into, params_dtype=params_dtype,
             into_seen=into_seen)
@@ -957,7 +956,7 @@ class EmbeddedHost:
             step = Step(reduced, workers=list(sync["workers"]),
                         scalars=metrics.mean_scalars([scalars[w] for w in sorted(scalars)])
                         if scalars else None, scheduler_range=True, tensor_range=True,
-                        finite_result=True, counter_range=True)
+                        counter_range=True)
             result: StepResult = await self._run(key, session, step, list(rnd.keys.values()),
                                                  rnd.want_params, sync)
         if isinstance(result.params, PackedTensors):  # every worker's answer sends them
@@ -1195,11 +1194,7 @@ class EmbeddedHost:
         """An apply failed half-way: rebuild the session from its store without the
         operation, or take it out of service. Always raises."""
         cause = exc.__cause__
-        if isinstance(exc, RefusedAfterApply):
-            log.warning("%s on %s refused after it changed the session (restored from its "
-                        "store): %s", op.kind, key, exc)
-        else:
-            log.error("%s on %s failed after it changed the session: %s", op.kind, key, exc)
+        log.error("%s on %s failed after it changed the session: %s", op.kind, key, exc)
         if before is None:
             self._damaged[key] = _Damage(f"a {op.kind} failed half-way ({exc}) and this session "
                                          "keeps nothing on disk to restore it from", None)
@@ -1213,8 +1208,6 @@ class EmbeddedHost:
                               f"{self.config.damaged_retry_s:.1f} s, once the store works "
                               "again", code="session_damaged",
                               retry_after=self.config.damaged_retry_s) from None
-        if isinstance(exc, RefusedAfterApply):
-            raise exc.refusal from None
         if isinstance(cause, (ValueError, TypeError)):
             raise Invalid(f"torch refused this {op.kind}: {cause}; the session is as it was",
                           code=f"{op.kind}_failed", field="param_groups") from None

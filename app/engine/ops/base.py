@@ -31,16 +31,6 @@ class ApplyFailed(Exception):
     restores the session from its store (and cuts the operation's record from the log)."""
 
 
-class RefusedAfterApply(ApplyFailed):
-    """``apply`` found, after it had changed the session, that the operation must be refused
-    (a step under ``nonfinite: reject`` that made a value non-finite): the host restores the
-    session from its store as for :class:`ApplyFailed`, then answers ``refusal``."""
-
-    def __init__(self, message: str, refusal: Exception) -> None:
-        super().__init__(message)
-        self.refusal = refusal
-
-
 @dataclass
 class Operation:
     kind: ClassVar[str]

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from app.engine import (
     chunked,
@@ -21,7 +18,7 @@ from app.engine import (
     sparse,
 )
 from app.engine.interface import GradsResult, StepResult, Tensors
-from app.engine.ops.base import ApplyFailed, Operation, RefusedAfterApply, register
+from app.engine.ops.base import ApplyFailed, Operation, register
 from app.engine.ops.params import check_group_changes
 from app.engine.rounds import DISCARDED_BY
 from app.engine.session import Session, TakenNorms, lr_value
@@ -126,14 +123,6 @@ class Step(Operation):
     #: too (a float64 tensor holds values past float32's range). Logged; records logged
     #: before this check lack it and replay as they ran
     tensor_range: bool = False
-    #: set for steps asked for now (requests, sync rounds): under ``nonfinite: reject`` the
-    #: step is refused whole (422 ``nonfinite_parameter`` / ``nonfinite_state`` naming the
-    #: first value) when torch's arithmetic on finite gradients would leave a parameter it
-    #: stepped, or that parameter's optimizer state, holding a NaN or an infinity (Adagrad's
-    #: ``weight_decay: 2**63`` overflows its ``sum``, a huge lr the parameters): the session
-    #: never holds what its own import refuses. Logged; records logged before this check lack
-    #: it and replay as they ran
-    finite_result: bool = False
     #: set for steps asked for now (requests, sync rounds): refused (422 ``counter_overflow``
     #: naming it) when the scheduler's step after it would count an integer of its state past
     #: int64 (an imported ``last_epoch`` of 2**63 - 1). Logged; records logged before this
@@ -209,11 +198,6 @@ class Step(Operation):
         bad = metrics.count_nonfinite([plan.total[n] for n in plan.nonfinite])
         if self.touched and s.accum:
             self.accumulated = sparse.touched_rows(plan.total, s.accum)
-        guard = (self.finite_result and not plan.skip and s.nonfinite == "reject"
-                 and s.optimizer_name != "LBFGS")
-        # a session without a store cannot be rebuilt from it: what the step changes is kept
-        undo = (_Undo(s, plan.total, bool(plan.changes))
-                if guard and s.durability == "memory" else None)
         shared_options.apply_changes(groups, plan.changes)  # (even when the step is skipped)
         if plan.skip:
             s.accum.clear()
@@ -243,13 +227,6 @@ class Step(Operation):
                 group["lr"] = lr
             for p in s.params.values():
                 p.grad = None
-        if guard:
-            refusal = nonfinite_result(s, plan.total)
-            if refusal is not None:
-                if undo is None:  # (the host rebuilds the session from its store)
-                    raise RefusedAfterApply(refusal.detail, refusal)
-                undo.restore()
-                raise refusal
         if s.steps_scheduler():
             assert s.scheduler is not None
             try:
@@ -326,8 +303,6 @@ class Step(Operation):
             out["scheduler_range"] = True
         if self.tensor_range:
             out["tensor_range"] = True
-        if self.finite_result:
-            out["finite_result"] = True
         if self.counter_range:
             out["counter_range"] = True
         return out
@@ -350,76 +325,7 @@ class Step(Operation):
                    refuse_replaced=tree.get("refuse_replaced") is True,
                    scheduler_range=tree.get("scheduler_range") is True,
                    tensor_range=tree.get("tensor_range") is True,
-                   finite_result=tree.get("finite_result") is True,
                    counter_range=tree.get("counter_range") is True)
-
-
-class _Undo:
-    """What a step changes in a session kept before it (a session without a store, under
-    ``nonfinite: reject``): the group options, and each stepped parameter's values and
-    optimizer state; :meth:`restore` puts them back, the parameters in place."""
-
-    def __init__(self, s: Session, stepped: Tensors, changes: bool) -> None:
-        self.s = s
-        # (the groups change only by the step's option changes: its lr_div is put back)
-        self.groups = schedulers.capture(s.optimizer, None) if changes else None
-        self.params = {n: s.params[n].detach().clone() for n in stepped}
-        self.state: dict[str, dict[str, Any] | None] = {}
-        for n in stepped:
-            p = s.params[n]
-            self.state[n] = ({k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-                              for k, v in s.optimizer.state[p].items()}
-                             if p in s.optimizer.state else None)
-
-    def restore(self) -> None:
-        s = self.s
-        if self.groups is not None:
-            schedulers.restore(s.optimizer, None, self.groups)
-        with torch.no_grad():
-            for n, value in self.params.items():
-                s.params[n].copy_(value)
-        for n, kept in self.state.items():
-            p = s.params[n]
-            if kept is None:
-                s.optimizer.state.pop(p, None)
-            else:
-                s.optimizer.state[p] = kept
-
-
-def nonfinite_result(s: Session, stepped: Tensors) -> Invalid | None:
-    """The refusal of a step under ``nonfinite: reject`` that left a NaN or an infinity in a
-    parameter it stepped, or in that parameter's optimizer state (named as the export names
-    it: ``state_dict.state.<id>.<key>``); None when every such value is finite."""
-    names = [n for g in s.optimizer.param_groups for n in g["param_names"]]
-    ids = {n: i for i, n in enumerate(names)}
-    done = "; the step was refused whole and nothing changed"
-    # one check of both (one device-to-host copy), keyed by position (a parameter's name may
-    # be any string): the parameters, then their state values
-    entries: list[tuple[str, str | None, torch.Tensor]] = [(n, None, s.params[n])
-                                                          for n in stepped]
-    for n in stepped:
-        for k, v in s.optimizer.state.get(s.params[n], {}).items():
-            if isinstance(v, torch.Tensor) and v.is_floating_point() \
-                    and v.layout == torch.strided:
-                entries.append((n, str(k), v))
-    found = Session.nonfinite_names({str(j): t for j, (_, _, t) in enumerate(entries)})
-    if not found:
-        return None
-    bad = [entries[j][:2] for j in sorted(map(int, found))]
-    params = [n for n, k in bad if k is None]
-    if params:
-        return Invalid(f"this step would leave non-finite values in parameter(s) "
-                       f"{', '.join(map(repr, params[:20]))} (torch's arithmetic overflowed "
-                       "with these gradients and options); this session rejects them "
-                       f"(nonfinite: reject){done}", code="nonfinite_parameter",
-                       field=f"params.{params[0]}", names=params)
-    name, key = bad[0]
-    return Invalid(f"this step would leave non-finite values in the optimizer state of "
-                   f"{name!r} ({key}; torch's arithmetic overflowed with these gradients and "
-                   "options, and this session's export could not be imported back); this "
-                   f"session rejects them (nonfinite: reject){done}", code="nonfinite_state",
-                   field=f"state_dict.state.{ids[name]}.{key}",
-                   names=[f"{n}.{k}" for n, k in bad])
 
 
 @register
