@@ -1,0 +1,133 @@
+"""Edits through ``p.data`` (``RemoteOptimizer(..., detect_data_edits=True)``, the default).
+
+``RemoteOptimizer`` sends a parameter edited locally before the next step. An edit in place on
+the parameter (``with torch.no_grad(): p.mul_(...)``, ``module.load_state_dict``) bumps its
+version counter, which costs nothing to read. An edit through ``p.data`` does not: ``p.data``
+is a new tensor with a version counter of its own, so ``p.data.clamp_(-c, c)`` (WGAN weight
+clipping), ``p.data.copy_(...)`` and ``p.data = tensor`` (``vector_to_parameters``) leave
+``p._version`` as it was, and the server would step from its own copy of the old values.
+
+So each parameter's values are kept as they were when last in step with the session (the
+values the optimizer wrote into it, or sent), and a parameter whose version counter did not
+move is compared with them bit for bit before each step (as integers: a NaN equals the same
+NaN, ``-0.0`` differs from ``0.0``). What is kept is, where it can be, the answer the values
+were copied from, which nothing else writes until the next step's answer, so that no copy is
+made for it:
+
+- over HTTP, the step's answer tensors (the ``ReceiveBuffer`` a large answer is read into,
+  the bytes of a small one, a JSON answer's tensors), a pull's, an LBFGS evaluation's;
+- over the same-host transport without ``zero_copy`` (or for a parameter that was not moved),
+  the parameter's slot in the shared segment, which the server writes only at the next step.
+
+Elsewhere it is a copy of the parameter's own (made once, then copied into): a parameter that
+lives in its slot (``zero_copy``: the slot is the parameter), one on another device than the
+answer (a CUDA model), one answered narrowed (``wire_dtype``), one stepped by rows
+(``?return=touched``), one pushed, and every parameter before its first answer.
+
+A step's answer overwrites the previous one: the parameters it leaves out (an answer of the
+touched rows only, of the parameters with a gradient) whose reference was there get copies of
+their own values, which that answer did not change. A step that fails after something may have
+been written there (the buffer, the slots) takes copies of the parameters as they are then,
+which the session holds (the failed step's retry with its key brings the new values). An
+answer of touched rows only is copied into the references of its own, not kept: the next one
+would leave the others out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+#: an integer dtype of each element size: values compared as their bits
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point() or t.is_complex():
+        width = _BITS.get(t.element_size())
+        if width is not None:
+            return t.view(width)
+    return t
+
+
+def bitwise_equal(p: torch.Tensor, ref: torch.Tensor) -> bool:
+    """``p`` holds exactly ``ref``'s bits (same dtype, shape and device)."""
+    a = p.detach()
+    if (a.layout != torch.strided or a.dtype != ref.dtype or a.shape != ref.shape
+            or a.device != ref.device):
+        return False
+    return bool(torch.equal(_bits(a), _bits(ref)))
+
+
+class References:
+    """Each parameter's values as last in step with the session (see the module's docs)."""
+
+    def __init__(self) -> None:
+        self._refs: dict[str, torch.Tensor] = {}
+        #: names whose reference is a tensor of this object's own (copied into, never an
+        #: answer's memory)
+        self._owned: set[str] = set()
+
+    def edited(self, name: str, p: torch.Tensor) -> bool:
+        """``p`` differs from its reference (none kept: edited)."""
+        ref = self._refs.get(name)
+        return ref is None or not bitwise_equal(p, ref)
+
+    def usable(self, p: torch.Tensor, value: object) -> bool:
+        """``value`` (an answer's tensor just copied into ``p``) holds ``p``'s bits and may serve
+        as its reference."""
+        return (type(value) is torch.Tensor and value.layout == torch.strided
+                and value.dtype == p.dtype and value.shape == p.shape
+                and value.device == p.device and value.data_ptr() != p.data_ptr())
+
+    def adopt(self, name: str, value: torch.Tensor) -> None:
+        """An answer's tensor (see :meth:`usable`) is ``name``'s reference now."""
+        self._refs[name] = value
+        self._owned.discard(name)
+
+    def snapshot(self, params: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies of the parameters' current values become their references (into the copies
+        kept already where they fit: one ``torch._foreach_copy_``)."""
+        into: list[torch.Tensor] = []
+        froms: list[torch.Tensor] = []
+        with torch.no_grad():
+            for name, p in params:
+                value = p.detach()
+                ref = self._refs.get(name) if name in self._owned else None
+                if (ref is not None and ref.dtype == value.dtype and ref.shape == value.shape
+                        and ref.device == value.device and value.layout == torch.strided):
+                    into.append(ref)
+                    froms.append(value)
+                    continue
+                self._refs[name] = value.clone(memory_format=torch.contiguous_format) \
+                    if value.layout == torch.strided else value.clone()
+                self._owned.add(name)
+            if into:
+                torch._foreach_copy_(into, froms)
+
+    def rows(self, name: str, p: torch.Tensor, rows: torch.Tensor, values: torch.Tensor
+             ) -> None:
+        """``p``'s ``rows`` were set to ``values`` (a touched-rows answer): the same rows of its
+        own reference, else a copy of ``p``."""
+        ref = self._refs.get(name) if name in self._owned else None
+        if ref is None or ref.dtype != p.dtype or ref.shape != p.shape \
+                or ref.device != p.device:
+            self.snapshot([(name, p)])
+            return
+        with torch.no_grad():
+            ref.index_copy_(0, rows.to(ref.device), values.to(device=ref.device,
+                                                              dtype=ref.dtype))
+
+    def settle(self, params: Iterable[tuple[str, torch.Tensor]], answered: Iterable[str]
+               ) -> None:
+        """After a step's answer was read (into the kept buffer, or the slots written): the
+        parameters whose reference was an answer's memory and that this answer did not give
+        a new one (it left them out) get copies of their current values, which the answer
+        did not change (what that memory held before the answer overwrote it)."""
+        done = set(answered)
+        self.snapshot([(n, p) for n, p in params if n not in self._owned and n not in done])
+
+    def forget(self, name: str) -> None:
+        self._refs.pop(name, None)
+        self._owned.discard(name)
