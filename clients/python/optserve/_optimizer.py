@@ -528,7 +528,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self._by_name[name] = p
             self._seen_version[name] = p._version
         if self._refs is not None:  # (the values the session is made with, or joined to)
-            self._refs.snapshot(zip(names, params, strict=True))
+            with gc_paused(len(params)):
+                self._refs.snapshot(zip(names, params, strict=True))
 
     def _adopt(self, info: SessionInfo) -> None:
         """Take the server's view of every group's options: fill in what the local groups
@@ -813,7 +814,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             with gc_paused(tensors):
                 self._copy_in(values, slots=local, keep=not sparse)
         if self._refs is not None:
-            self._refs.settle(self._by_name.items(), result.params or ())
+            with gc_paused(tensors):
+                self._refs.settle(self._by_name.items(), result.params or ())
         self._at(result.params_at if result.params is not None else result.version)
         self._learn(result.version)
         self._take_lrs(result.lr)
@@ -1037,7 +1039,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def push_params(self, *, only_edited: bool = False) -> None:
         """Send the local parameter values to the session (``PUT .../params``); with
         ``only_edited``, only those changed in place since the last step."""
-        params = self._locally_edited() if only_edited else dict(self._by_name)
+        # (the comparisons make views of every parameter: the collector paused, see
+        # optserve._gc)
+        with gc_paused(len(self._by_name) if only_edited else 0):
+            params = self._locally_edited() if only_edited else dict(self._by_name)
         if not params:
             return
         self._at(self._client.put_params(self._session_id, params,
@@ -1045,7 +1050,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         for name, p in params.items():
             self._seen_version[name] = p._version
         if self._refs is not None:
-            self._refs.snapshot(params.items())
+            with gc_paused(len(params)):
+                self._refs.snapshot(params.items())
 
     def pull_params(self) -> None:
         """Copy the session's current parameter values into the local tensors (e.g. after
