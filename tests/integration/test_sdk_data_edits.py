@@ -43,9 +43,11 @@ WAYS = {
 }
 
 
-def critic(seed: int) -> tuple[nn.Module, nn.Module]:
+def critic(seed: int, hidden: int = 16) -> tuple[nn.Module, nn.Module]:
+    """A small critic; ``hidden=4096``: one weight of 24,576 values (compared on its own, not
+    joined with the small ones) and answers over 256 KB (read into the kept buffer)."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+    model = nn.Sequential(nn.Linear(6, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
     return model, copy.deepcopy(model)
 
 
@@ -101,12 +103,13 @@ def assert_bitwise(a: nn.Module, b: nn.Module) -> None:
 
 
 def run(server: str, way: str, optimizer: str, edit: Edit, steps: int = 5,
-        detect: bool | None = None) -> tuple[nn.Module, nn.Module, dict[str, torch.Tensor]]:
+        detect: bool | None = None, hidden: int = 16
+        ) -> tuple[nn.Module, nn.Module, dict[str, torch.Tensor]]:
     """The same loop (a step, then the edit through .data) with a local torch optimizer and a
     RemoteOptimizer; returns both models and the session's parameters at the end."""
     transport, binary, zero_copy = WAYS[way]
     options = OPTIMIZERS[optimizer]
-    local_model, remote_model = critic(3)
+    local_model, remote_model = critic(3, hidden)
     local = getattr(torch.optim, optimizer)(local_model.parameters(), **options)
     extra = {} if detect is None else {"detect_data_edits": detect}
     with optserve.Client(server, transport=transport, max_retries=0) as c:
@@ -124,11 +127,13 @@ def run(server: str, way: str, optimizer: str, edit: Edit, steps: int = 5,
     return local_model, remote_model, pulled
 
 
+@pytest.mark.parametrize("hidden", [16, 4096])
 @pytest.mark.parametrize("way", list(WAYS))
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_wgan_weight_clipping_through_data_trains_as_torch(server: str, way: str,
-                                                           optimizer: str) -> None:
-    local_model, remote_model, pulled = run(server, way, optimizer, clamp, steps=6)
+                                                           optimizer: str, hidden: int) -> None:
+    local_model, remote_model, pulled = run(server, way, optimizer, clamp, steps=6,
+                                            hidden=hidden)
     assert_bitwise(local_model, remote_model)
     # the clipping of the last step is sent with the next one: the session holds the values
     # the last step gave, which the local ones are clamped from
@@ -136,10 +141,13 @@ def test_wgan_weight_clipping_through_data_trains_as_torch(server: str, way: str
         assert torch.equal(bits(p), bits(q.clamp(-0.01, 0.01))), name
 
 
+@pytest.mark.parametrize("hidden", [16, 4096])
 @pytest.mark.parametrize("way", list(WAYS))
 @pytest.mark.parametrize("edit", ["copy_", "replace", "vector_to_parameters"])
-def test_other_edits_through_data_train_as_torch(server: str, way: str, edit: str) -> None:
-    local_model, remote_model, _ = run(server, way, "Adam", EDITS[edit], steps=4)
+def test_other_edits_through_data_train_as_torch(server: str, way: str, edit: str,
+                                                 hidden: int) -> None:
+    local_model, remote_model, _ = run(server, way, "Adam", EDITS[edit], steps=4,
+                                       hidden=hidden)
     assert_bitwise(local_model, remote_model)
 
 
@@ -235,3 +243,65 @@ def test_a_negative_zero_written_through_data_is_sent(server: str) -> None:
             assert torch.equal(bits(p), bits(got))
         finally:
             remote.close(delete_session=True)
+
+
+def test_edits_among_row_sparse_steps_are_sent_once_and_only_they(server: str) -> None:
+    """An embedding stepped by rows (its answer holds only the touched rows, and leaves out the
+    parameters without a gradient) beside dense ones, over HTTP with answers read into the kept
+    buffer: edits through .data are sent (only the edited parameters, once each) and the run
+    is torch's; a parameter the row-sparse answer left out is not sent unedited."""
+    gen = torch.Generator().manual_seed(8)
+    # ("idle" first: its values lead the whole answers, where the row-sparse ones are read)
+    init = {"idle": torch.randn(128, 128, generator=gen),
+            "emb": torch.randn(3000, 48, generator=gen),
+            "lin": torch.randn(512, 512, generator=gen)}
+    local = {n: nn.Parameter(t.clone()) for n, t in init.items()}
+    mine = {n: nn.Parameter(t.clone()) for n, t in init.items()}
+    local_opt = torch.optim.SGD(list(local.values()), lr=0.1)
+
+    def grads(k: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(80 + k)
+        out = {"lin": torch.randn(512, 512, generator=g)}
+        if k in (1, 2):  # row-sparse steps: the answer (1 MB: read into the kept buffer)
+            # has the touched rows and "lin" only
+            rows = torch.randint(0, 3000, (20,), generator=g)
+            out["emb"] = torch.sparse_coo_tensor(rows[None], torch.randn(20, 48, generator=g),
+                                                 (3000, 48), check_invariants=True)
+        return out
+
+    def edit(params: dict[str, nn.Parameter], k: int) -> None:
+        if k == 1:
+            params["emb"].data.clamp_(-0.5, 0.5)
+        if k == 2:
+            params["lin"].data = params["lin"].data.clone()  # the same values: not an edit
+        if k == 3:
+            params["idle"].data.mul_(0.5)
+
+    sent: list[list[str]] = []
+    with optserve.Client(server, transport="http", max_retries=0) as c:
+        put = c.put_params
+
+        def spy(id: str, params: dict[str, torch.Tensor], **kw: object
+                ) -> optserve.ParamsResult:
+            sent.append(sorted(params))
+            return put(id, params, **kw)  # type: ignore[arg-type]
+
+        c.put_params = spy  # type: ignore[method-assign]
+        remote = optserve.RemoteOptimizer(list(mine.items()), "SGD", c, lr=0.1)
+        try:
+            for k in range(5):
+                for params, opt in ((local, local_opt), (mine, remote)):
+                    opt.zero_grad(set_to_none=True)
+                    for name, g in grads(k).items():
+                        params[name].grad = g.clone()
+                    opt.step()
+                    edit(params, k)
+            for name in init:
+                assert torch.equal(bits(local[name]), bits(mine[name])), name
+            pulled = c.get_params(remote.session_id).params
+            for name in init:
+                assert torch.equal(bits(pulled[name]), bits(mine[name])), name
+        finally:
+            remote.close(delete_session=True)
+    # "idle", left out of the row-sparse answers, was sent only once edited
+    assert sent == [["emb"], ["idle"]]

@@ -38,9 +38,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch._utils import _flatten_dense_tensors
 
 #: an integer dtype of each element size: values compared as their bits
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: parameters of at most this many values are compared together, those of one dtype and
+#: device joined into one buffer each side (1,000 parameters of 4 values: one comparison, not
+#: 1,000; a difference found there is looked for one by one)
+SMALL = 1 << 14
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -60,6 +65,17 @@ def bitwise_equal(p: torch.Tensor, ref: torch.Tensor) -> bool:
     return bool(torch.equal(_bits(a), _bits(ref)))
 
 
+def _joined_equal(ps: list[torch.Tensor], refs: list[torch.Tensor]) -> bool:
+    """Each of ``ps`` holds its reference's bits (of the same dtype and number of values each,
+    the caller checked): both lists joined end to end, compared as integers. False also
+    where they cannot be joined (on several devices): each is then compared on its own."""
+    try:
+        a, b = _flatten_dense_tensors(ps), _flatten_dense_tensors(refs)
+    except RuntimeError:
+        return False
+    return a.dtype == b.dtype and a.device == b.device and torch.equal(_bits(a), _bits(b))
+
+
 class References:
     """Each parameter's values as last in step with the session (see the module's docs)."""
 
@@ -69,10 +85,35 @@ class References:
         #: answer's memory)
         self._owned: set[str] = set()
 
-    def edited(self, name: str, p: torch.Tensor) -> bool:
-        """``p`` differs from its reference (none kept: edited)."""
-        ref = self._refs.get(name)
-        return ref is None or not bitwise_equal(p, ref)
+    def edited_among(self, params: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """The names of those ``params`` that differ from their references: large ones compared
+        one by one, small ones together (:data:`SMALL`): those of one dtype joined into one
+        buffer each side, compared at once, and one by one only where that buffer differs."""
+        out: set[str] = set()
+        groups: dict[torch.dtype, tuple[list[str], list[torch.Tensor], list[torch.Tensor]]] = {}
+        refs = self._refs
+        with torch.no_grad():
+            for name, p in params:
+                ref = refs.get(name)
+                n = p.numel()
+                if ref is None or n != ref.numel() or p.dtype != ref.dtype:
+                    out.add(name)
+                elif n > SMALL:
+                    if not bitwise_equal(p, ref):
+                        out.add(name)
+                else:
+                    group = groups.get(p.dtype)
+                    if group is None:
+                        group = groups[p.dtype] = ([], [], [])
+                    group[0].append(name)
+                    group[1].append(p)
+                    group[2].append(ref)
+            for names, ps, rs in groups.values():
+                if len(ps) > 1 and _joined_equal(ps, rs):
+                    continue
+                out.update(n for n, p, r in zip(names, ps, rs, strict=True)
+                           if not bitwise_equal(p, r))
+        return out
 
     def usable(self, p: torch.Tensor, value: object) -> bool:
         """``value`` (an answer's tensor just copied into ``p``) holds ``p``'s bits and may serve

@@ -595,12 +595,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """The parameters edited locally since they were last in step with the session: their
         version counter moved (in place), or, with ``detect_data_edits``, their values differ
         bit for bit from those last written or sent (through ``p.data``)."""
-        refs = self._refs
-        return {
-            name: p for name, p in self._by_name.items()
-            if p._version != self._seen_version[name]
-            or (refs is not None and refs.edited(name, p))
-        }
+        seen = self._seen_version
+        moved = {name for name, p in self._by_name.items() if p._version != seen[name]}
+        if self._refs is not None:  # (those whose counter moved need no comparison)
+            moved |= self._refs.edited_among(
+                (name, p) for name, p in self._by_name.items() if name not in moved)
+        return {name: p for name, p in self._by_name.items() if name in moved}
 
     def _copy_in(self, params: Mapping[str, Tensor], slots: bool = False,
                  keep: bool = True) -> None:

@@ -1,0 +1,76 @@
+"""What finding edits through ``p.data`` costs ``RemoteOptimizer`` (``detect_data_edits``,
+``optserve._edits``): one parameter of N float32 values, Adam, a server in a subprocess
+(durability ``memory``), over HTTP (safetensors) and the same-host transport with and without
+``zero_copy``.
+
+    .venv/bin/python -m benchmarks.data_edits              # N = 1e7, 15 steps per variant
+    .venv/bin/python -m benchmarks.data_edits --n 1e6 --steps 30
+
+Per transport it prints the median ms of
+
+- ``check``: the comparison alone (``push_params(only_edited=True)`` with nothing edited: every
+  parameter compared bit for bit with its reference);
+- ``step on`` / ``step off``: a whole ``step()`` with ``detect_data_edits`` True / False, the
+  two optimizers stepping in turn (interleaved), after a CPU spin and untimed warm-up steps.
+
+Nothing is asserted: the figures go into the CHANGELOG with this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import optserve
+from benchmarks._peers.timing import spin
+from benchmarks._server import server
+
+WAYS = {"http": ("http", True), "local zero_copy": ("local", True),
+        "local copy": ("local", False)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=float, default=1e7)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args()
+    n = int(args.n)
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    print(f"N = {n:.0e} float32, Adam, torch threads {torch.get_num_threads()}, "
+          f"median ms over {args.steps} steps")
+    print(f"{'transport':<18}{'check':>8}{'step on':>10}{'step off':>10}")
+    with server(env={"OPTSERVE_DURABILITY": "memory"}) as url:
+        for way, (transport, zero_copy) in WAYS.items():
+            with optserve.Client(url, transport=transport, timeout=300) as c:
+                params = {d: torch.nn.Parameter(torch.randn(n)) for d in (True, False)}
+                opts = {d: optserve.RemoteOptimizer([params[d]], "Adam", c, lr=1e-3,
+                                                    zero_copy=zero_copy,
+                                                    detect_data_edits=d)
+                        for d in (True, False)}
+                times: dict[bool, list[float]] = {True: [], False: []}
+                checks: list[float] = []
+                spin(2.0)
+                for k in range(args.warmup + args.steps):
+                    for d in (True, False):
+                        params[d].grad = grad
+                        t0 = time.perf_counter()
+                        opts[d].step()
+                        if k >= args.warmup:
+                            times[d].append((time.perf_counter() - t0) * 1e3)
+                    t0 = time.perf_counter()
+                    opts[True].push_params(only_edited=True)
+                    if k >= args.warmup:
+                        checks.append((time.perf_counter() - t0) * 1e3)
+                for opt in opts.values():
+                    opt.close(delete_session=True)
+            print(f"{way:<18}{statistics.median(checks):>8.1f}"
+                  f"{statistics.median(times[True]):>10.1f}"
+                  f"{statistics.median(times[False]):>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
