@@ -11,7 +11,9 @@ Per transport it prints the median ms of
 - ``check``: the comparison alone (``push_params(only_edited=True)`` with nothing edited: every
   parameter compared bit for bit with its reference);
 - ``step on`` / ``step off``: a whole ``step()`` with ``detect_data_edits`` True / False, the
-  two optimizers stepping in turn (interleaved), after a CPU spin and untimed warm-up steps.
+  two optimizers stepping in turn (interleaved), after a CPU spin and untimed warm-up steps;
+- ``cpu on`` / ``cpu off``: this process's CPU time in those steps (all its threads: the
+  client's share, less exposed to the server's and other processes' noise than wall time).
 
 Nothing is asserted: the figures go into the CHANGELOG with this command.
 """
@@ -42,7 +44,8 @@ def main() -> None:
     grad = torch.randn(n, generator=torch.Generator().manual_seed(1))
     print(f"N = {n:.0e} float32, Adam, torch threads {torch.get_num_threads()}, "
           f"median ms over {args.steps} steps")
-    print(f"{'transport':<18}{'check':>8}{'step on':>10}{'step off':>10}")
+    print(f"{'transport':<18}{'check':>8}{'step on':>10}{'step off':>10}{'cpu on':>9}"
+          f"{'cpu off':>9}")
     with server(env={"OPTSERVE_DURABILITY": "memory"}) as url:
         for way, (transport, zero_copy) in WAYS.items():
             with optserve.Client(url, transport=transport, timeout=300) as c:
@@ -52,15 +55,17 @@ def main() -> None:
                                                     detect_data_edits=d)
                         for d in (True, False)}
                 times: dict[bool, list[float]] = {True: [], False: []}
+                cpu: dict[bool, list[float]] = {True: [], False: []}
                 checks: list[float] = []
                 spin(2.0)
                 for k in range(args.warmup + args.steps):
                     for d in (True, False):
                         params[d].grad = grad
-                        t0 = time.perf_counter()
+                        t0, c0 = time.perf_counter(), time.process_time()
                         opts[d].step()
                         if k >= args.warmup:
                             times[d].append((time.perf_counter() - t0) * 1e3)
+                            cpu[d].append((time.process_time() - c0) * 1e3)
                     t0 = time.perf_counter()
                     opts[True].push_params(only_edited=True)
                     if k >= args.warmup:
@@ -69,7 +74,8 @@ def main() -> None:
                     opt.close(delete_session=True)
             print(f"{way:<18}{statistics.median(checks):>8.1f}"
                   f"{statistics.median(times[True]):>10.1f}"
-                  f"{statistics.median(times[False]):>10.1f}")
+                  f"{statistics.median(times[False]):>10.1f}"
+                  f"{statistics.median(cpu[True]):>9.1f}{statistics.median(cpu[False]):>9.1f}")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch._utils import _flatten_dense_tensors
+from torch._C._nn import flatten_dense_tensors
 
 #: an integer dtype of each element size: values compared as their bits
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -70,7 +70,7 @@ def _joined_equal(ps: list[torch.Tensor], refs: list[torch.Tensor]) -> bool:
     the caller checked): both lists joined end to end, compared as integers. False also
     where they cannot be joined (on several devices): each is then compared on its own."""
     try:
-        a, b = _flatten_dense_tensors(ps), _flatten_dense_tensors(refs)
+        a, b = flatten_dense_tensors(ps), flatten_dense_tensors(refs)
     except RuntimeError:
         return False
     return a.dtype == b.dtype and a.device == b.device and torch.equal(_bits(a), _bits(b))
