@@ -1,10 +1,10 @@
 """What finding edits through ``p.data`` costs ``RemoteOptimizer`` (``detect_data_edits``,
-``optserve._edits``): one parameter of N float32 values, Adam, a server in a subprocess
-(durability ``memory``), over HTTP (safetensors) and the same-host transport with and without
-``zero_copy``.
+``optserve._edits``): N float32 values in one parameter (or ``--tensors`` of them), Adam, a
+server in a subprocess (durability ``memory``), over HTTP (safetensors) and the same-host
+transport with and without ``zero_copy``.
 
     .venv/bin/python -m benchmarks.data_edits              # N = 1e7, 15 steps per variant
-    .venv/bin/python -m benchmarks.data_edits --n 1e6 --steps 30
+    .venv/bin/python -m benchmarks.data_edits --n 4000 --tensors 1000 --steps 40
 
 Per transport it prints the median ms of
 
@@ -39,18 +39,21 @@ def main() -> None:
     ap.add_argument("--n", type=float, default=1e7)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--tensors", type=int, default=1, help="N split into this many parameters")
     args = ap.parse_args()
-    n = int(args.n)
-    grad = torch.randn(n, generator=torch.Generator().manual_seed(1))
-    print(f"N = {n:.0e} float32, Adam, torch threads {torch.get_num_threads()}, "
-          f"median ms over {args.steps} steps")
+    n = int(args.n) // args.tensors
+    grads = [torch.randn(n, generator=torch.Generator().manual_seed(i))
+             for i in range(args.tensors)]
+    print(f"N = {n * args.tensors:.0e} float32 in {args.tensors} parameter(s), Adam, torch "
+          f"threads {torch.get_num_threads()}, median ms over {args.steps} steps")
     print(f"{'transport':<18}{'check':>8}{'step on':>10}{'step off':>10}{'cpu on':>9}"
           f"{'cpu off':>9}")
     with server(env={"OPTSERVE_DURABILITY": "memory"}) as url:
         for way, (transport, zero_copy) in WAYS.items():
             with optserve.Client(url, transport=transport, timeout=300) as c:
-                params = {d: torch.nn.Parameter(torch.randn(n)) for d in (True, False)}
-                opts = {d: optserve.RemoteOptimizer([params[d]], "Adam", c, lr=1e-3,
+                params = {d: [torch.nn.Parameter(torch.randn(n)) for _ in grads]
+                          for d in (True, False)}
+                opts = {d: optserve.RemoteOptimizer(params[d], "Adam", c, lr=1e-3,
                                                     zero_copy=zero_copy,
                                                     detect_data_edits=d)
                         for d in (True, False)}
@@ -60,7 +63,8 @@ def main() -> None:
                 spin(2.0)
                 for k in range(args.warmup + args.steps):
                     for d in (True, False):
-                        params[d].grad = grad
+                        for p, g in zip(params[d], grads, strict=True):
+                            p.grad = g
                         t0, c0 = time.perf_counter(), time.process_time()
                         opts[d].step()
                         if k >= args.warmup:

@@ -252,7 +252,7 @@ def test_edits_among_row_sparse_steps_are_sent_once_and_only_they(server: str) -
     is torch's; a parameter the row-sparse answer left out is not sent unedited."""
     gen = torch.Generator().manual_seed(8)
     # ("idle" first: its values lead the whole answers, where the row-sparse ones are read)
-    init = {"idle": torch.randn(128, 128, generator=gen),
+    init = {"idle": torch.randn(160, 160, generator=gen),
             "emb": torch.randn(3000, 48, generator=gen),
             "lin": torch.randn(512, 512, generator=gen)}
     local = {n: nn.Parameter(t.clone()) for n, t in init.items()}

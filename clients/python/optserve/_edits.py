@@ -35,7 +35,7 @@ would leave the others out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Set
 
 import torch
 from torch._C._nn import flatten_dense_tensors
@@ -76,6 +76,32 @@ def _joined_equal(ps: list[torch.Tensor], refs: list[torch.Tensor]) -> bool:
     return a.dtype == b.dtype and a.device == b.device and torch.equal(_bits(a), _bits(b))
 
 
+class _Joined:
+    """The small parameters of one dtype (:data:`SMALL`): their names, the parameters, their
+    references and their sizes, in one order (kept while no reference among them changes)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.params: list[torch.Tensor] = []
+        self.refs: list[torch.Tensor] = []
+        self.numels: list[int] = []
+
+    def add(self, name: str, p: torch.Tensor, ref: torch.Tensor) -> None:
+        self.names.append(name)
+        self.params.append(p)
+        self.refs.append(ref)
+        self.numels.append(ref.numel())
+
+    def edited(self) -> list[str]:
+        """The names of those that differ: nothing when the joined buffers are equal and no
+        parameter changed its size, else each compared on its own."""
+        if len(self.params) > 1 and [p.numel() for p in self.params] == self.numels \
+                and _joined_equal(self.params, self.refs):
+            return []
+        return [n for n, p, r in zip(self.names, self.params, self.refs, strict=True)
+                if not bitwise_equal(p, r)]
+
+
 class References:
     """Each parameter's values as last in step with the session (see the module's docs)."""
 
@@ -84,68 +110,105 @@ class References:
         #: names whose reference is a tensor of this object's own (copied into, never an
         #: answer's memory)
         self._owned: set[str] = set()
+        #: bumped whenever a small parameter's reference becomes another tensor
+        self._generation = 0
+        #: (generation, how many parameters, the large ones' names, the small ones by dtype)
+        self._plan: tuple[int, int, list[str], list[_Joined]] | None = None
 
-    def edited_among(self, params: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """The names of those ``params`` that differ from their references: large ones compared
-        one by one, small ones together (:data:`SMALL`): those of one dtype joined into one
-        buffer each side, compared at once, and one by one only where that buffer differs."""
-        out: set[str] = set()
-        groups: dict[torch.dtype, tuple[list[str], list[torch.Tensor], list[torch.Tensor]]] = {}
-        refs = self._refs
+    def _set(self, name: str, ref: torch.Tensor) -> None:
+        if ref.numel() <= SMALL or name not in self._refs \
+                or self._refs[name].numel() <= SMALL:
+            self._generation += 1
+        self._refs[name] = ref
+
+    def edited_among(self, params: Mapping[str, torch.Tensor], skip: Set[str]) -> set[str]:
+        """The names of the ``params`` not in ``skip`` that differ from their references: large
+        ones compared one by one, small ones together (:data:`SMALL`): those of one dtype
+        joined into one buffer each side, compared at once, and one by one only where that
+        buffer differs. Which is which is worked out once while no small one's reference
+        changes (they are copies, copied into: see :meth:`usable`) and nothing is skipped,
+        not at every step."""
         with torch.no_grad():
-            for name, p in params:
-                ref = refs.get(name)
-                n = p.numel()
-                if ref is None or n != ref.numel() or p.dtype != ref.dtype:
+            plan = self._plan
+            if skip or plan is None or plan[0] != self._generation or plan[1] != len(params):
+                out, large, joined = self._sort(params, skip)
+                if not skip:
+                    self._plan = (self._generation, len(params), large, joined)
+            else:
+                out, large, joined = set(), plan[2], plan[3]
+            for name in large:
+                ref = self._refs.get(name)
+                if ref is None or not bitwise_equal(params[name], ref):
                     out.add(name)
-                elif n > SMALL:
-                    if not bitwise_equal(p, ref):
-                        out.add(name)
-                else:
-                    group = groups.get(p.dtype)
-                    if group is None:
-                        group = groups[p.dtype] = ([], [], [])
-                    group[0].append(name)
-                    group[1].append(p)
-                    group[2].append(ref)
-            for names, ps, rs in groups.values():
-                if len(ps) > 1 and _joined_equal(ps, rs):
-                    continue
-                out.update(n for n, p, r in zip(names, ps, rs, strict=True)
-                           if not bitwise_equal(p, r))
+            for group in joined:
+                out.update(group.edited())
         return out
+
+    def _sort(self, params: Mapping[str, torch.Tensor], skip: Set[str]
+              ) -> tuple[set[str], list[str], list[_Joined]]:
+        """The ``params`` (less ``skip``) without a reference, the large ones' names and the
+        small ones by dtype."""
+        out: set[str] = set()
+        large: list[str] = []
+        joined: dict[torch.dtype, _Joined] = {}
+        for name, p in params.items():
+            if name in skip:
+                continue
+            ref = self._refs.get(name)
+            if ref is None:
+                out.add(name)
+            elif ref.numel() > SMALL:
+                large.append(name)
+            else:
+                group = joined.get(ref.dtype)
+                if group is None:
+                    group = joined[ref.dtype] = _Joined()
+                group.add(name, p, ref)
+        return out, large, list(joined.values())
 
     def usable(self, p: torch.Tensor, value: object) -> bool:
         """``value`` (an answer's tensor just copied into ``p``) holds ``p``'s bits and may serve
-        as its reference."""
-        return (type(value) is torch.Tensor and value.layout == torch.strided
-                and value.dtype == p.dtype and value.shape == p.shape
-                and value.device == p.device and value.data_ptr() != p.data_ptr())
+        as its reference. Not a small one's (:data:`SMALL`): one ``torch._foreach_copy_`` of
+        all of those costs less than these checks of each, and their references then stay
+        the same tensors from step to step."""
+        return (type(value) is torch.Tensor and value.numel() > SMALL
+                and value.layout == torch.strided and value.dtype == p.dtype
+                and value.shape == p.shape and value.device == p.device
+                and value.data_ptr() != p.data_ptr())
 
     def adopt(self, name: str, value: torch.Tensor) -> None:
         """An answer's tensor (see :meth:`usable`) is ``name``'s reference now."""
-        self._refs[name] = value
+        self._set(name, value)
         self._owned.discard(name)
 
     def snapshot(self, params: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copies of the parameters' current values become their references (into the copies
-        kept already where they fit: one ``torch._foreach_copy_``)."""
+        """Copies of the parameters' current values become their references: copied into the
+        copies kept already (one ``torch._foreach_copy_``), else new ones."""
         into: list[torch.Tensor] = []
-        froms: list[torch.Tensor] = []
+        froms: list[tuple[str, torch.Tensor]] = []
+        new: list[tuple[str, torch.Tensor]] = []
         with torch.no_grad():
             for name, p in params:
-                value = p.detach()
                 ref = self._refs.get(name) if name in self._owned else None
-                if (ref is not None and ref.dtype == value.dtype and ref.shape == value.shape
-                        and ref.device == value.device and value.layout == torch.strided):
+                if ref is None:
+                    new.append((name, p))
+                else:
                     into.append(ref)
-                    froms.append(value)
-                    continue
-                self._refs[name] = value.clone(memory_format=torch.contiguous_format) \
-                    if value.layout == torch.strided else value.clone()
-                self._owned.add(name)
+                    froms.append((name, p))
             if into:
-                torch._foreach_copy_(into, froms)
+                try:
+                    torch._foreach_copy_(into, [p for _, p in froms])
+                except RuntimeError:  # (a parameter now on another device, or sparse)
+                    new += froms
+                else:
+                    # (a parameter given another dtype or size: a copy of its own)
+                    new += [(n, p) for (n, p), r in zip(froms, into, strict=True)
+                            if p.dtype != r.dtype or p.shape != r.shape]
+            for name, p in new:
+                value = p.detach()
+                self._set(name, value.clone(memory_format=torch.contiguous_format)
+                          if value.layout == torch.strided else value.clone())
+                self._owned.add(name)
 
     def rows(self, name: str, p: torch.Tensor, rows: torch.Tensor, values: torch.Tensor
              ) -> None:
@@ -166,9 +229,8 @@ class References:
         parameters whose reference was an answer's memory and that this answer did not give
         a new one (it left them out) get copies of their current values, which the answer
         did not change (what that memory held before the answer overwrote it)."""
+        owned = self._owned
+        if len(owned) == len(self._refs):
+            return
         done = set(answered)
-        self.snapshot([(n, p) for n, p in params if n not in self._owned and n not in done])
-
-    def forget(self, name: str) -> None:
-        self._refs.pop(name, None)
-        self._owned.discard(name)
+        self.snapshot([(n, p) for n, p in params if n not in owned and n not in done])

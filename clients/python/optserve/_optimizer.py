@@ -598,8 +598,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         seen = self._seen_version
         moved = {name for name, p in self._by_name.items() if p._version != seen[name]}
         if self._refs is not None:  # (those whose counter moved need no comparison)
-            moved |= self._refs.edited_among(
-                (name, p) for name, p in self._by_name.items() if name not in moved)
+            moved |= self._refs.edited_among(self._by_name, moved)
         return {name: p for name, p in self._by_name.items() if name in moved}
 
     def _copy_in(self, params: Mapping[str, Tensor], slots: bool = False,

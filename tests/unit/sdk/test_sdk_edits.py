@@ -31,41 +31,43 @@ def test_edited_among_finds_exactly_the_edited(numel: int) -> None:
     params["3"].data[0] = float("nan")
     refs = References()
     refs.snapshot(params.items())
-    assert refs.edited_among(params.items()) == set()
+    assert refs.edited_among(params, set()) == set()
     params["1"].data.clamp_(-0.01, 0.01)  # through .data: the version counter stays
     params["3"].data[0] = float("nan")  # the same NaN again: no edit
     params["4"].data[1] = -params["4"].data[1]
     params["5"].data = params["5"].data.clone()  # a new tensor of the same values: no edit
     params["6"].data[-1] += 1
-    assert refs.edited_among(params.items()) == {"1", "4", "6"}
+    assert refs.edited_among(params, set()) == {"1", "4", "6"}
     params["2"].data = params["2"].data.float().reshape(1, numel)[:, :-1]  # fewer values
-    assert refs.edited_among(params.items()) == {"1", "2", "4", "6"}
+    assert refs.edited_among(params, set()) == {"1", "2", "4", "6"}
     refs.snapshot(params.items())
-    assert refs.edited_among(params.items()) == set()
+    assert refs.edited_among(params, set()) == set()
 
 
 def test_answer_tensors_serve_as_references_and_copies_are_reused() -> None:
-    p = torch.nn.Parameter(torch.randn(8))
+    small = torch.nn.Parameter(torch.randn(8))
     refs = References()
+    assert not refs.usable(small, small.detach().clone())  # copied into a copy: cheaper
+    p = torch.nn.Parameter(torch.randn(SMALL + 8))
     refs.snapshot([("p", p)])
     owned = refs._refs["p"]
     assert owned.data_ptr() != p.data_ptr()
     p.data.add_(1.0)
     refs.snapshot([("p", p)])  # copied into the copy it keeps
     assert refs._refs["p"] is owned and torch.equal(owned, p.detach())
-    answer = torch.randn(8)
+    answer = torch.randn(SMALL + 8)
     assert refs.usable(p, answer)
     assert not refs.usable(p, answer.double())
     assert not refs.usable(p, p.data)  # (the parameter's own memory: zero_copy)
     with torch.no_grad():
         p.copy_(answer)
     refs.adopt("p", answer)
-    assert refs._refs["p"] is answer and refs.edited_among([("p", p)]) == set()
+    assert refs._refs["p"] is answer and refs.edited_among({"p": p}, set()) == set()
     # an answer that left "p" out (its memory then overwritten): a copy of p, as it was
     refs.settle([("p", p)], answered=[])
-    assert refs._refs["p"] is not answer and refs.edited_among([("p", p)]) == set()
+    assert refs._refs["p"] is not answer and refs.edited_among({"p": p}, set()) == set()
     answer.zero_()
-    assert refs.edited_among([("p", p)]) == set()
+    assert refs.edited_among({"p": p}, set()) == set()
 
 
 def test_rows_update_the_kept_copy() -> None:
@@ -76,4 +78,21 @@ def test_rows_update_the_kept_copy() -> None:
     with torch.no_grad():
         table.index_copy_(0, rows, values)
     refs.rows("t", table, rows, values)
-    assert refs.edited_among([("t", table)]) == set()
+    assert refs.edited_among({"t": table}, set()) == set()
+
+
+def test_skipped_parameters_are_not_compared_and_the_plan_follows_new_references() -> None:
+    params = {str(i): torch.nn.Parameter(torch.randn(4)) for i in range(5)}
+    refs = References()
+    refs.snapshot(params.items())
+    assert refs.edited_among(params, set()) == set()  # (the plan is made here)
+    params["2"].data.add_(1.0)
+    assert refs.edited_among(params, {"2"}) == set()
+    assert refs.edited_among(params, set()) == {"2"}
+    # a new reference of one of them (a new copy, of the edited values): the plan is made
+    # again with it
+    refs._owned.discard("2")
+    refs.snapshot([("2", params["2"])])
+    assert refs.edited_among(params, set()) == set()
+    params["0"].data = params["0"].data.double()  # another dtype, the same numbers
+    assert refs.edited_among(params, set()) == {"0"}
