@@ -22,7 +22,10 @@ made for it:
 Elsewhere it is a copy of the parameter's own (made once, then copied into): a parameter that
 lives in its slot (``zero_copy``: the slot is the parameter), one on another device than the
 answer (a CUDA model), one answered narrowed (``wire_dtype``), one stepped by rows
-(``?return=touched``), one pushed, and every parameter before its first answer.
+(``?return=touched``), one pushed, every parameter before its first answer, and every small
+one (:data:`SMALL` values or fewer): those are copied into with one ``torch._foreach_copy_``
+and compared joined end to end, one comparison for all of a dtype (1,000 parameters of 4
+values: checking each answer's tensor cost more than the copy).
 
 A step's answer overwrites the previous one: the parameters it leaves out (an answer of the
 touched rows only, of the parameters with a gradient) whose reference was there get copies of

@@ -1037,7 +1037,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ extras
     def push_params(self, *, only_edited: bool = False) -> None:
         """Send the local parameter values to the session (``PUT .../params``); with
-        ``only_edited``, only those changed in place since the last step."""
+        ``only_edited``, only those edited since the last step (in place, or through
+        ``p.data`` with ``detect_data_edits``: see :meth:`_locally_edited`)."""
         # (the comparisons make views of every parameter: the collector paused, see
         # optserve._gc)
         with gc_paused(len(self._by_name) if only_edited else 0):
