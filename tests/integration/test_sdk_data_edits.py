@@ -305,3 +305,35 @@ def test_edits_among_row_sparse_steps_are_sent_once_and_only_they(server: str) -
             remote.close(delete_session=True)
     # "idle", left out of the row-sparse answers, was sent only once edited
     assert sent == [["emb"], ["idle"]]
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_lbfgs_steps_after_edits_through_data_are_torchs(server: str, binary: bool) -> None:
+    """LBFGS (the server asks for the loss and gradients at each point its line search tries,
+    the parameters set to that point here): values scaled through .data between its steps are
+    sent before the next one, and the run is torch's."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(32, 6, generator=g), torch.randn(32, 2, generator=g)
+    options = {"lr": 1, "max_iter": 5, "history_size": 4, "line_search_fn": "strong_wolfe"}
+    local_model, remote_model = (nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2))
+                                 for _ in range(2))
+    remote_model.load_state_dict(local_model.state_dict())
+    local = torch.optim.LBFGS(local_model.parameters(), **options)  # type: ignore[arg-type]
+    with optserve.Client(server, transport="http", max_retries=0) as c:
+        remote = optserve.RemoteOptimizer(remote_model.parameters(), "LBFGS", c,
+                                          binary=binary, **options)
+        try:
+            for _ in range(3):
+                for model, opt in ((local_model, local), (remote_model, remote)):
+                    def closure(model: nn.Module = model,
+                                opt: torch.optim.Optimizer = opt) -> torch.Tensor:
+                        opt.zero_grad()
+                        loss = nn.functional.mse_loss(model(x), y)
+                        loss.backward()
+                        return loss
+                    opt.step(closure)  # type: ignore[no-untyped-call]
+                    for p in model.parameters():
+                        p.data.mul_(0.75)
+            assert_bitwise(local_model, remote_model)
+        finally:
+            remote.close(delete_session=True)
