@@ -80,7 +80,7 @@ def _joined_equal(ps: list[torch.Tensor], refs: list[torch.Tensor]) -> bool:
 
 
 class _Joined:
-    """The small parameters of one dtype (:data:`SMALL`): their names, the parameters, their
+    """The small parameters of one dtype and device (:data:`SMALL`): their names, the parameters, their
     references and their sizes, in one order (kept while no reference among them changes)."""
 
     def __init__(self) -> None:
@@ -128,7 +128,7 @@ class References:
         """The names of the ``params`` not in ``skip`` that differ from their references: large
         ones compared one by one, small ones together (:data:`SMALL`): those of one dtype
         joined into one buffer each side, compared at once, and one by one only where that
-        buffer differs. Which is which is worked out once while no small one's reference
+        buffer differs (and of one device). Which is which is worked out once while no small one's reference
         changes (they are copies, copied into: see :meth:`usable`) and nothing is skipped,
         not at every step."""
         with torch.no_grad():
@@ -150,10 +150,10 @@ class References:
     def _sort(self, params: Mapping[str, torch.Tensor], skip: Set[str]
               ) -> tuple[set[str], list[str], list[_Joined]]:
         """The ``params`` (less ``skip``) without a reference, the large ones' names and the
-        small ones by dtype."""
+        small ones by dtype and device."""
         out: set[str] = set()
         large: list[str] = []
-        joined: dict[torch.dtype, _Joined] = {}
+        joined: dict[tuple[torch.dtype, torch.device], _Joined] = {}
         for name, p in params.items():
             if name in skip:
                 continue
@@ -163,9 +163,9 @@ class References:
             elif ref.numel() > SMALL:
                 large.append(name)
             else:
-                group = joined.get(ref.dtype)
+                group = joined.get((ref.dtype, ref.device))
                 if group is None:
-                    group = joined[ref.dtype] = _Joined()
+                    group = joined[ref.dtype, ref.device] = _Joined()
                 group.add(name, p, ref)
         return out, large, list(joined.values())
 
