@@ -80,8 +80,9 @@ def _joined_equal(ps: list[torch.Tensor], refs: list[torch.Tensor]) -> bool:
 
 
 class _Joined:
-    """The small parameters of one dtype and device (:data:`SMALL`): their names, the parameters, their
-    references and their sizes, in one order (kept while no reference among them changes)."""
+    """The small parameters of one dtype and device (:data:`SMALL`): their names, the
+    parameters, their references and their sizes, in one order (kept while no reference
+    among them changes)."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
@@ -126,11 +127,11 @@ class References:
 
     def edited_among(self, params: Mapping[str, torch.Tensor], skip: Set[str]) -> set[str]:
         """The names of the ``params`` not in ``skip`` that differ from their references: large
-        ones compared one by one, small ones together (:data:`SMALL`): those of one dtype
-        joined into one buffer each side, compared at once, and one by one only where that
-        buffer differs (and of one device). Which is which is worked out once while no small one's reference
-        changes (they are copies, copied into: see :meth:`usable`) and nothing is skipped,
-        not at every step."""
+        ones compared one by one, small ones together (:data:`SMALL`): those of one dtype and
+        device joined into one buffer each side, compared at once, and one by one only where
+        that buffer differs. Which is which is worked out once while no small one's
+        reference changes (they are copies, copied into: see :meth:`usable`) and nothing is
+        skipped, not at every step."""
         with torch.no_grad():
             plan = self._plan
             if skip or plan is None or plan[0] != self._generation or plan[1] != len(params):
