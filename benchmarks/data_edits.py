@@ -5,6 +5,7 @@ transport with and without ``zero_copy``.
 
     .venv/bin/python -m benchmarks.data_edits              # N = 1e7, 15 steps per variant
     .venv/bin/python -m benchmarks.data_edits --n 4000 --tensors 1000 --steps 40
+    .venv/bin/python -m benchmarks.data_edits --in-process     # no server: the pieces alone
 
 Per transport it prints the median ms of
 
@@ -14,6 +15,10 @@ Per transport it prints the median ms of
   two optimizers stepping in turn (interleaved), after a CPU spin and untimed warm-up steps;
 - ``cpu on`` / ``cpu off``: this process's CPU time in those steps (all its threads: the
   client's share, less exposed to the server's and other processes' noise than wall time).
+
+``--in-process`` times the pieces alone, with no server or optimizer, at 1 and 2 torch
+threads: the comparison of one parameter with its reference (an answer's tensor) and the copy
+into a kept reference (``zero_copy``, small parameters).
 
 Nothing is asserted: the figures go into the CHANGELOG with this command.
 """
@@ -29,9 +34,36 @@ import torch
 import optserve
 from benchmarks._peers.timing import spin
 from benchmarks._server import server
+from optserve._edits import References
 
 WAYS = {"http": ("http", True), "local zero_copy": ("local", True),
         "local copy": ("local", False)}
+
+
+def in_process(n: int, tensors: int, reps: int) -> None:
+    params = {str(i): torch.nn.Parameter(torch.randn(n // tensors)) for i in range(tensors)}
+    answers, kept = References(), References()
+    for name, p in params.items():
+        answers.adopt(name, p.detach().clone())
+    kept.snapshot(params.items())
+
+    def median(fn: object) -> float:
+        times = []
+        for k in range(reps + 3):
+            t0 = time.perf_counter()
+            fn()  # type: ignore[operator]
+            if k >= 3:
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        spin(1.0)
+        compare = median(lambda: answers.edited_among(params, set()))
+        copy = median(lambda: kept.snapshot(params.items()))
+        print(f"torch threads {threads}: compare {compare:.2f} ms, copy into the kept "
+              f"references {copy:.2f} ms (N = {n:.0e} in {tensors} parameter(s), median of "
+              f"{reps})")
 
 
 def main() -> None:
@@ -40,7 +72,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tensors", type=int, default=1, help="N split into this many parameters")
+    ap.add_argument("--in-process", action="store_true", help="the pieces alone, no server")
     args = ap.parse_args()
+    if args.in_process:
+        in_process(int(args.n), args.tensors, max(args.steps, 30))
+        return
     n = int(args.n) // args.tensors
     grads = [torch.randn(n, generator=torch.Generator().manual_seed(i))
              for i in range(args.tensors)]
