@@ -34,6 +34,12 @@ been written there (the buffer, the slots) takes copies of the parameters as the
 which the session holds (the failed step's retry with its key brings the new values). An
 answer of touched rows only is copied into the references of its own, not kept: the next one
 would leave the others out.
+
+A limit: the same-host slots are one per client thread and session, so two optimizers of one
+session stepping through one ``Client`` in one thread share them (as ``zero_copy`` would share
+the parameters' memory): the other's step rewrites the slot a large parameter of this one is
+compared with, and this one then sends its own values as an edit. Give each its own client
+(each thread has its own slots anyway).
 """
 
 from __future__ import annotations
