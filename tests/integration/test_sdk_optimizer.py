@@ -413,7 +413,8 @@ def test_pull_and_push_params_for_shared_sessions(client: optserve.Client) -> No
     remote.pull_params()
     for name, p in zip("0123", model.parameters(), strict=True):
         assert torch.equal(p.detach(), stepped[name])
-    # an edit through .data is invisible to the version counter: push it by hand
+    # push_params() sends the local values at once (an edit through .data, which the next
+    # step would send by itself: test_sdk_data_edits)
     model[0].bias.data.fill_(7.0)
     remote.push_params()
     assert client.get_params(remote.session_id, names=["1"]).params["1"].eq(7.0).all()

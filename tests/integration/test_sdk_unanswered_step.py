@@ -184,6 +184,42 @@ def test_a_step_after_an_unanswered_one_with_new_gradients_is_a_step_of_its_own(
 
 
 
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["zero-copy", "copy"])
+def test_an_unanswered_step_after_answered_ones_is_no_edit_through_data(
+        setup: Setup, zero_copy: bool) -> None:
+    """``detect_data_edits`` (the default) compares each parameter with the values last
+    written into it, kept where the answer left them (the same-host slot, the kept answer
+    buffer) or copied (``zero_copy``: the parameter is its slot). A step applied without its
+    answer coming back has written the slots (the new values in a ``zero_copy`` parameter, or
+    in the slot another one is compared with): that is no edit through ``.data`` to send
+    before the user's retry, which goes with its key and is answered, applied once; an edit
+    through ``.data`` after it is."""
+    m = model()
+    opt = optserve.RemoteOptimizer(m.parameters(), "SGD", setup.client, lr=0.1, momentum=0.9,
+                                   zero_copy=zero_copy)
+    opt.zero_grad()
+    backward(m, 1)
+    opt.step()
+    opt.zero_grad()
+    backward(m, 2)
+    setup.set("lost")
+    with pytest.raises((optserve.OptserveError, OSError)):
+        opt.step()
+    setup.set(None)
+    opt.step()  # the user's retry: the same gradients
+    keys = setup.step_keys()
+    assert len(keys) == 3 and keys[1] == keys[2]
+    assert setup.client.get_session(opt.session_id).step == 2
+    ref, ref_opt = torch_run(2)
+    assert_equal(m, ref)
+    for net, o in ((m, opt), (ref, ref_opt)):
+        net.weight.data.mul_(0.5)
+        o.zero_grad()
+        backward(net, 3)
+        o.step()
+    assert_equal(m, ref)
+
+
 def test_a_same_host_step_without_an_answer_retried_over_http_is_answered(
         live_server: str) -> None:
     """The socket step got no answer, then the socket is gone (``"auto"`` steps over HTTP):

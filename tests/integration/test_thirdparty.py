@@ -1,9 +1,10 @@
 """Third-party training code against ``RemoteOptimizer``: the scripts of
 ``examples/thirdparty`` (PyTorch Lightning's ``Trainer`` with a checkpoint resumed by
-``fit(ckpt_path=...)``), run as a subprocess against the live server. The script trains once
-with the local ``torch.optim`` optimizer and once with the remote one and exits 1 when
-parameters or optimizer state differ (bitwise). pytorch-lightning comes with the
-``thirdparty`` extra (in requirements-lock.txt, installed by scripts/bootstrap);
+``fit(ckpt_path=...)``, and a WGAN under its manual optimization), run as a subprocess
+against the live server. The script trains once with the local ``torch.optim`` optimizer and
+once with the remote one and exits 1 when parameters or optimizer state differ (bitwise).
+pytorch-lightning comes with the ``thirdparty`` extra (in requirements-lock.txt, installed by
+scripts/bootstrap);
 ``accelerate_prepare`` and ``transformers_trainer`` are run by hand: their huggingface-hub
 brings httpx2, which would change starlette's TestClient under the rest of the suite (README,
 "Third-party training code")."""
@@ -22,8 +23,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_a_lightning_run_equals_the_local_one(live_server: str) -> None:
-    script = "lightning_trainer"
+@pytest.mark.parametrize("script", ["lightning_trainer", "lightning_wgan"])
+def test_a_lightning_run_equals_the_local_one(live_server: str, script: str) -> None:
+    """``lightning_wgan``: manual optimization with two optimizers, the critic's weights
+    clipped through ``.data`` after each of its steps (WGAN's reference code)."""
     env = {k: v for k, v in os.environ.items() if k != "OPTSERVE_API_KEY"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "clients" / "python"),
                                          env.get("PYTHONPATH", "")])

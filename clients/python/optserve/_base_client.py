@@ -279,8 +279,11 @@ class ReceiveBuffer:
 
     def __init__(self) -> None:
         self._buffer: np.ndarray[Any, np.dtype[np.uint8]] | None = None
+        #: how many answers were read into it (one may have been read part way)
+        self.taken = 0
 
     def __call__(self, size: int) -> memoryview:
+        self.taken += 1
         if self._buffer is None or len(self._buffer) < size:
             self._buffer = None  # the old block goes before the larger one is taken
             # room to spare: an answer's JSON header differs by a few bytes from step to step

@@ -10,9 +10,10 @@ How it maps onto the service:
 - construction creates a session from the parameters' current values (names: the given
   ``(name, tensor)`` pairs, a repeated name made unique as ``name#2``, ... in the session only,
   else ``"0"``, ``"1"``, ... by position across groups);
-- ``step()`` first sends any parameter changed locally in place since the last step (e.g. by
+- ``step()`` first sends any parameter changed locally since the last step (in place, e.g. by
   ``module.load_state_dict`` or an ``nn.init`` function: anything that bumps the tensor's
-  version counter; edits through ``.data`` are invisible, call :meth:`push_params` after them)
+  version counter; or through ``.data``: ``p.data.clamp_(...)``, ``p.data = t``, found by
+  comparing the values bit for bit with those last written or sent, see ``optserve._edits``)
   and any param-group option changed locally (``group["lr"]`` set by a scheduler, ...), then
   sends every ``p.grad`` that is not ``None`` and copies the returned values into the
   parameters in place;
@@ -57,7 +58,7 @@ from typing import Any, overload
 import torch
 from torch.optim.optimizer import ParamsT
 
-from . import _zero_copy
+from . import _edits, _zero_copy
 from ._api import Durability, NonFinitePolicy
 from ._base_client import ReceiveBuffer
 from ._client import Client
@@ -213,6 +214,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
             optimizer gives (``(name, tensor)`` pairs, else ``"0"``, ``"1"``, ...), group by
             group, with the same shapes. Takes no ``optimizer`` options or ``scheduler``: the
             session's are used.
+        detect_data_edits: before each step, also send the parameters edited through
+            ``p.data`` since the last one (``p.data.clamp_(...)``, ``p.data.copy_(...)``,
+            ``p.data = t``, ``vector_to_parameters``), which the version counter does not
+            show: each parameter whose version counter did not move is compared bit for bit
+            with the values last written into it or sent (kept without a copy where the
+            answer's memory can hold them: ``optserve._edits``). ``False``: only edits that
+            bump the version counter are sent (call :meth:`push_params` after others).
         **options: the optimizer's options (``lr=1e-3``, ``betas=(0.9, 0.99)``, ...).
     """
 
@@ -231,6 +239,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         metrics: bool | None = None,
         nonfinite: NonFinitePolicy | None = None,
         zero_copy: bool = True,
+        detect_data_edits: bool = True,
         **options: Any,
     ) -> None:
         if client is not None and not isinstance(client, Client):
@@ -291,6 +300,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._param_names: list[list[str]] = []
         self._by_name: dict[str, torch.Tensor] = {}
         self._seen_version: dict[str, int] = {}
+        #: each parameter's values as last in step with the session, to find edits made
+        #: through ``p.data`` (None: not looked for)
+        self._refs: _edits.References | None = (_edits.References() if detect_data_edits
+                                                 else None)
         self._synced: list[dict[str, Any]] = []
         #: each group's tensor options (a tensor lr) as the objects the server last saw: one
         #: still there with another value was filled in place (by a scheduler)
@@ -514,6 +527,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         for name, p in zip(names, params, strict=True):
             self._by_name[name] = p
             self._seen_version[name] = p._version
+        if self._refs is not None:  # (the values the session is made with, or joined to)
+            with gc_paused(len(params)):
+                self._refs.snapshot(zip(names, params, strict=True))
 
     def _adopt(self, info: SessionInfo) -> None:
         """Take the server's view of every group's options: fill in what the local groups
@@ -576,15 +592,23 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                                             **changed))
 
     def _locally_edited(self) -> dict[str, torch.Tensor]:
-        return {
-            name: p for name, p in self._by_name.items() if p._version != self._seen_version[name]
-        }
+        """The parameters edited locally since they were last in step with the session: their
+        version counter moved (in place), or, with ``detect_data_edits``, their values differ
+        bit for bit from those last written or sent (through ``p.data``)."""
+        seen = self._seen_version
+        moved = {name for name, p in self._by_name.items() if p._version != seen[name]}
+        if self._refs is not None:  # (those whose counter moved need no comparison)
+            moved |= self._refs.edited_among(self._by_name, moved)
+        return {name: p for name, p in self._by_name.items() if name in moved}
 
-    def _copy_in(self, params: Mapping[str, Tensor], slots: bool = False) -> None:
+    def _copy_in(self, params: Mapping[str, Tensor], slots: bool = False,
+                 keep: bool = True) -> None:
         """The new values into the parameters: every dense one with one
         ``torch._foreach_copy_`` (1,000 small tensors: one call, not 1,000). ``slots``: the
         values are the same-host segment's slots, which the parameters may live in
-        (``zero_copy``: ``optserve._zero_copy``)."""
+        (``zero_copy``: ``optserve._zero_copy``). ``keep``: the values' tensors may serve as
+        the parameters' references for ``detect_data_edits`` (``optserve._edits``), else
+        copies are made (an answer of touched rows only)."""
         dense: list[tuple[str, Tensor, Any]] = []
         there: list[tuple[str, torch.Tensor]] = []  # living in their slots: nothing to copy
         in_slots = self._in_slots if slots and self._zero_copy else None
@@ -601,6 +625,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     rows = value._indices()[0].to(p.device)
                     p.index_copy_(0, rows, value._values().to(device=p.device, dtype=p.dtype))
                     self._seen_version[name] = p._version
+                    if self._refs is not None:
+                        self._refs.rows(name, p, rows, value._values())
                 else:
                     dense.append((name, p, value))
             if dense:
@@ -613,6 +639,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
             _zero_copy.bump([p for _, p in there])
             for name, p in there:
                 self._seen_version[name] = p._version
+        refs = self._refs
+        if refs is not None:
+            # what the parameters hold now, to find edits through p.data before the next step:
+            # the answer's own tensor where it can serve, else a copy (optserve._edits)
+            copies = [(name, p) for name, p in there]
+            for name, p, value in dense:
+                if keep and refs.usable(p, value):
+                    refs.adopt(name, value)
+                else:
+                    copies.append((name, p))
+            refs.snapshot(copies)
 
     def _take_lrs(self, lrs: list[float]) -> None:
         """Learning rates the server set (its own scheduler) become the local ones."""
@@ -735,6 +772,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             else:
                 socket_ok = False  # it asked over HTTP for its norms in the answer
         local = False
+        taken = self._answers.taken  # (a failed step that wrote into it: see _failed)
         try:
             if self._client.transport != "http" and wire is None and not sparse and socket_ok:
                 # same host: gradients and new values through shared memory; the parameters
@@ -760,10 +798,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
         except APIStatusError as exc:
             if exc.status_code == 503:  # (host_restarting: maybe applied; the key is safe)
                 self._remember_unanswered(key, sent_grads, sent_changes, scalars, bool(sent))
+            self._failed(exc, taken)
             raise  # answered: refused, nothing applied (a retry is a step of its own)
-        except BaseException:
+        except BaseException as exc:
             # no answer (a timeout, a broken connection, an interrupt): maybe applied
             self._remember_unanswered(key, sent_grads, sent_changes, scalars, bool(sent))
+            self._failed(exc, taken)
             raise
         self._sent(changes)
         if result.params is not None:
@@ -771,10 +811,27 @@ class RemoteOptimizer(torch.optim.Optimizer):
             values = (self._widened_where_infinite(result.params) if wire == torch.float16
                       else result.params)
             with gc_paused(tensors):
-                self._copy_in(values, slots=local)
+                self._copy_in(values, slots=local, keep=not sparse)
+        if self._refs is not None:
+            with gc_paused(tensors):
+                self._refs.settle(self._by_name.items(), result.params or ())
         self._at(result.params_at if result.params is not None else result.version)
         self._learn(result.version)
         self._take_lrs(result.lr)
+
+    def _failed(self, exc: BaseException, taken: int) -> None:
+        """A step failed: unless it was refused before anything was written where the
+        parameters' references may be (a 4xx, no answer read into the kept buffer), each
+        reference becomes a copy of its parameter as it is now, which the session holds (the
+        edits were sent before the step; a step applied without its answer coming back brings
+        its values with its retry)."""
+        refs = self._refs
+        if refs is None:
+            return
+        if isinstance(exc, APIStatusError) and 400 <= exc.status_code < 500 \
+                and self._answers.taken == taken:
+            return
+        refs.snapshot(self._by_name.items())
 
     def _remember_unanswered(self, key: str, grads: Mapping[str, torch.Tensor], changes: Any,
                              scalars: dict[str, float], history: bool) -> None:
@@ -980,14 +1037,21 @@ class RemoteOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ extras
     def push_params(self, *, only_edited: bool = False) -> None:
         """Send the local parameter values to the session (``PUT .../params``); with
-        ``only_edited``, only those changed in place since the last step."""
-        params = self._locally_edited() if only_edited else dict(self._by_name)
+        ``only_edited``, only those edited since the last step (in place, or through
+        ``p.data`` with ``detect_data_edits``: see :meth:`_locally_edited`)."""
+        # (the comparisons make views of every parameter: the collector paused, see
+        # optserve._gc)
+        with gc_paused(len(self._by_name) if only_edited else 0):
+            params = self._locally_edited() if only_edited else dict(self._by_name)
         if not params:
             return
         self._at(self._client.put_params(self._session_id, params,
                                          binary=self._binary).version)
         for name, p in params.items():
             self._seen_version[name] = p._version
+        if self._refs is not None:
+            with gc_paused(len(params)):
+                self._refs.snapshot(params.items())
 
     def pull_params(self) -> None:
         """Copy the session's current parameter values into the local tensors (e.g. after
