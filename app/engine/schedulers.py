@@ -308,9 +308,13 @@ def _probe_once(spec: SchedulerSpec, make_optimizer: Any, field: str,
 
 
 def _probe_restarts(spec: SchedulerSpec, sched: Scheduler, field: str) -> None:
-    """At each milestone SequentialLR restarts its next child with ``_update_lr(0)``; do that
-    on the throwaway now, so a child torch cannot restart (a nested ChainedScheduler or
-    SequentialLR raises NotImplementedError) is refused here, not after an optimizer step."""
+    """At each milestone SequentialLR restarts its next child with ``_update_lr(0)`` and steps
+    it from then on; do both on the throwaway now (the restart, then one step where the child
+    runs for one), so a child torch cannot restart (a nested ChainedScheduler or SequentialLR
+    raises NotImplementedError) or step (PolynomialLR's ``power: -1e6`` overflows at its first
+    step) is refused here, naming the child's option, not at its milestone: there every step
+    would be refused, all or nothing, and the session could never step past it. The probe's
+    own step steps only the child that runs first."""
     kids = getattr(sched, "_schedulers", None)
     if spec.name not in NESTED or not isinstance(kids, list):
         return
@@ -319,12 +323,40 @@ def _probe_restarts(spec: SchedulerSpec, sched: Scheduler, field: str) -> None:
         if spec.name == "SequentialLR" and i > 0:
             try:
                 child._update_lr(0)
-            except TORCH_ERRORS as exc:
+            except NotImplementedError as exc:  # (a nested scheduler: no option helps)
                 raise Invalid(f"SequentialLR cannot switch to {child_spec.name} at its "
                               f"milestone: torch raises {type(exc).__name__}"
                               f"{': ' + str(exc) if str(exc) else ''} when it restarts it",
                               code="invalid_scheduler", field=where) from None
+            except TORCH_ERRORS as exc:
+                raise _child_refused(child_spec, where, exc, "restart at its milestone"
+                                     ) from None
+            if _runs_after_restart(sched, i):
+                try:
+                    step(child)
+                except TORCH_ERRORS as exc:
+                    raise _child_refused(child_spec, where, exc, "step after its milestone"
+                                         ) from None
         _probe_restarts(child_spec, child, where)
+
+
+def _runs_after_restart(sched: lr_scheduler.SequentialLR, i: int) -> bool:
+    """Whether SequentialLR's child ``i`` (restarted at milestone ``i - 1``) is stepped before
+    the next milestone restarts the child after it (the last one always is)."""
+    milestones = list(sched._milestones)
+    return i == len(milestones) or milestones[i] > milestones[i - 1] + 1
+
+
+def _child_refused(spec: SchedulerSpec, field: str, exc: Exception, what: str) -> Invalid:
+    """torch's refusal of a SequentialLR's child, restarted or stepped on the throwaway as the
+    SequentialLR will at its milestone: a 422 naming the child's option in its place (by
+    torch's words, else left to :func:`probe`'s trial)."""
+    at = blame(str(exc), option_fields(spec, field), f"{field}.options")
+    problem = Invalid(f"SequentialLR's {spec.name} ({field}) cannot {what}: torch raises "
+                      f"{type(exc).__name__}{': ' + str(exc) if str(exc) else ''}",
+                      code="invalid_option", field=at)
+    problem.guessed = at == f"{field}.options"  # type: ignore[attr-defined]
+    return problem
 
 
 def _stepped_leaves(sched: Scheduler) -> list[Scheduler]:
