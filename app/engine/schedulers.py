@@ -380,6 +380,19 @@ def _stepped_leaves(sched: Scheduler) -> list[Scheduler]:
     return [sched]
 
 
+def _path_of(sched: Scheduler, leaf: Scheduler, field: str) -> str | None:
+    """Where ``leaf`` is in ``sched``'s spec (``scheduler.options.schedulers.1``); None where
+    it is ``sched`` itself or not in it."""
+    for i, kid in enumerate(getattr(sched, "_schedulers", None) or []):
+        at = f"{field}.options.schedulers.{i}"
+        if kid is leaf:
+            return at
+        found = _path_of(kid, leaf, at)
+        if found is not None:
+            return found
+    return None
+
+
 def capture(optimizer: torch.optim.Optimizer, sched: Scheduler | None) -> Any:
     """The small state a scheduler step changes: every group's options and the scheduler's
     own state. A tensor value (a tensor lr, which torch's schedulers fill in place) is kept as
@@ -438,6 +451,7 @@ def dry_run(optimizer: torch.optim.Optimizer, sched: Scheduler, metric: float | 
     so a refusal also says how to step on (every later step would be refused the same way:
     the scheduler's state is as it was)."""
     check_can_step(sched, session_id)
+    leaves = _stepped_leaves(sched)
     saved = capture(optimizer, sched)
     try:
         try:
@@ -445,7 +459,9 @@ def dry_run(optimizer: torch.optim.Optimizer, sched: Scheduler, metric: float | 
             step(sched, 1.0 if is_plateau and metric is None else metric)
         except TORCH_ERRORS as exc:
             name = type(sched).__name__
-            raise Invalid(f"the scheduler cannot step: {name}.step() raises "
+            at = _path_of(sched, leaves[0], "scheduler") if len(leaves) == 1 else None
+            child = f" (its {type(leaves[0]).__name__}, {at})" if at else ""
+            raise Invalid(f"the scheduler cannot step: {name}.step(){child} raises "
                           f"{type(exc).__name__}{': ' + str(exc) if str(exc) else ''}; nothing "
                           f"was changed{way_out(session_id)}", code="scheduler_failed",
                           field=field) from None

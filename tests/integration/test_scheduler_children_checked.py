@@ -185,23 +185,26 @@ def test_valid_nested_specs_step_past_their_milestones_as_torch(http: httpx.Clie
     assert http.delete(f"/v1/sessions/{sid}").status_code in (200, 204)
 
 
-#: id: (scheduler, the answer's status and code) for schedules torch runs, then refuses
-STUCK: dict[str, tuple[dict[str, Any], int, str]] = {
+#: id: (scheduler, the answer's status and code, how its detail names the scheduler) for
+#: schedules torch runs, then refuses
+STUCK: dict[str, tuple[dict[str, Any], int, str, str]] = {
     "polynomial-negative-power": (spec("PolynomialLR", total_iters=3, power=-1.0), 422,
-                                  "scheduler_failed"),
+                                  "scheduler_failed", "PolynomialLR.step() raises"),
     "constant-factor-zero": (spec("ConstantLR", factor=0.0, total_iters=2), 422,
-                             "scheduler_failed"),
+                             "scheduler_failed", "ConstantLR.step() raises"),
     "one-cycle-past-total-steps": (spec("OneCycleLR", max_lr=0.1, total_steps=3), 409,
-                                   "scheduler_exhausted"),
-    "in-sequential-after-milestone": (seq([2], spec("ConstantLR", factor=0.5),
-                                          spec("PolynomialLR", total_iters=2, power=-1.0)),
-                                      422, "scheduler_failed"),
+                                   "scheduler_exhausted", "OneCycleLR has run its 3"),
+    "in-sequential-after-milestone": (
+        seq([2], spec("ConstantLR", factor=0.5), spec("PolynomialLR", total_iters=2,
+                                                         power=-1.0)),
+        422, "scheduler_failed",
+        "SequentialLR.step() (its PolynomialLR, scheduler.options.schedulers.1) raises"),
 }
 
 
 @pytest.mark.parametrize("case", list(STUCK))
 def test_a_schedule_torch_stops_says_how_to_step_on(http: httpx.Client, case: str) -> None:
-    sched, status, code = STUCK[case]
+    sched, status, code, names = STUCK[case]
     fails_at = torch_fails_at(sched)
     sid = f"children-stuck-{case}"
     r = http.post("/v1/sessions", json=create_body(sid, sched))
@@ -222,6 +225,7 @@ def test_a_schedule_torch_stops_says_how_to_step_on(http: httpx.Client, case: st
         assert r.headers["content-type"].startswith(PROBLEM)
         problem = r.json()
         assert (problem["code"], problem["field"]) == (code, "scheduler"), problem
+        assert names in problem["detail"], problem
         assert f'PATCH /v1/sessions/{sid} with {{"scheduler": null}}' in problem["detail"]
         assert state(http, sid) == before
     # doing what it says steps on, as torch would without the scheduler
