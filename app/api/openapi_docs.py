@@ -244,8 +244,10 @@ SCHEMAS: dict[str, Any] = {
                                                     "(the groups keep their lr): the way out "
                                                     "of a schedule refused with 409 "
                                                     "scheduler_out_of_range that a PATCH of "
-                                                    "the lr cannot steer. A scheduler is given "
-                                                    "only at create."}},
+                                                    "the lr cannot steer, and of one torch "
+                                                    "cannot step on (422 scheduler_failed, "
+                                                    "409 scheduler_exhausted). A scheduler is "
+                                                    "given only at create."}},
         "additionalProperties": False,
         "example": {"sync": {"workers": 2}},
     },

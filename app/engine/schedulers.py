@@ -246,26 +246,29 @@ def build(spec: SchedulerSpec, optimizer: torch.optim.Optimizer, field: str) -> 
 
 
 def probe(spec: SchedulerSpec, make_optimizer: Any, field: str,
-          check_built: Callable[[torch.optim.Optimizer, Scheduler], None] | None = None
-          ) -> None:
+          check_built: Callable[[torch.optim.Optimizer, Scheduler], None] | None = None,
+          children: bool = False) -> None:
     """Build the scheduler on a throwaway optimizer and step both once; ``check_built``
     sees the throwaway and its scheduler as built, before the step. A refusal whose message
     names no option (``(34, 'Numerical result out of range')``, PolynomialLR's ``power: -1e6``;
     ``float division by zero``) names the option whose leaving out (torch's default in its
-    place) lets the probe through, the first such in the spec's order, where there is one."""
+    place) lets the probe through, the first such in the spec's order, where there is one.
+    ``children``: each later child of a SequentialLR is also stepped once after its restart
+    (:func:`_probe_restarts`; made by requests: a create logged before this check, which a
+    server took, replays as it ran)."""
     try:
-        _probe_once(spec, make_optimizer, field, check_built)
+        _probe_once(spec, make_optimizer, field, check_built, children)
     except Invalid as exc:
         vague = exc.field in (f"{field}.options", field) or getattr(exc, "guessed", False)
         if exc.code == "invalid_option" and vague:
             exc.field = _blame_by_trial(spec, make_optimizer, field, check_built,
-                                        exc.detail) or exc.field
+                                        exc.detail, children) or exc.field
         raise
 
 
 def _blame_by_trial(spec: SchedulerSpec, make_optimizer: Any, field: str,
                     check_built: Callable[[torch.optim.Optimizer, Scheduler], None] | None,
-                    message: str) -> str | None:
+                    message: str, children: bool = False) -> str | None:
     """The option whose leaving out lets the probe through (the first in the spec's order);
     else, for a division by zero, the first option that is 0; else None."""
     paths = _option_paths(spec, field)
@@ -275,7 +278,8 @@ def _blame_by_trial(spec: SchedulerSpec, make_optimizer: Any, field: str,
                 or key == "schedulers":
             continue
         try:
-            _probe_once(_without(spec, node, key), make_optimizer, field, check_built)
+            _probe_once(_without(spec, node, key), make_optimizer, field, check_built,
+                        children)
         except Invalid:
             continue
         return at
@@ -288,8 +292,8 @@ def _blame_by_trial(spec: SchedulerSpec, make_optimizer: Any, field: str,
 
 
 def _probe_once(spec: SchedulerSpec, make_optimizer: Any, field: str,
-                check_built: Callable[[torch.optim.Optimizer, Scheduler], None] | None
-                ) -> None:
+                check_built: Callable[[torch.optim.Optimizer, Scheduler], None] | None,
+                children: bool = False) -> None:
     opt = make_optimizer()
     sched = build(spec, opt, field)
     if check_built is not None:
@@ -304,13 +308,19 @@ def _probe_once(spec: SchedulerSpec, make_optimizer: Any, field: str,
     except TORCH_ERRORS as exc:
         raise Invalid(str(exc) or type(exc).__name__, code="invalid_option",
                       field=blame(str(exc), fields, f"{field}.options")) from None
-    _probe_restarts(spec, sched, field)
+    _probe_restarts(spec, sched, field, children)
 
 
-def _probe_restarts(spec: SchedulerSpec, sched: Scheduler, field: str) -> None:
-    """At each milestone SequentialLR restarts its next child with ``_update_lr(0)``; do that
-    on the throwaway now, so a child torch cannot restart (a nested ChainedScheduler or
-    SequentialLR raises NotImplementedError) is refused here, not after an optimizer step."""
+def _probe_restarts(spec: SchedulerSpec, sched: Scheduler, field: str,
+                    children: bool = False) -> None:
+    """At each milestone SequentialLR restarts its next child with ``_update_lr(0)`` and steps
+    it from then on; do both on the throwaway now (the restart, then one step where the child
+    runs for one), so a child torch cannot restart (a nested ChainedScheduler or SequentialLR
+    raises NotImplementedError) or step (PolynomialLR's ``power: -1e6`` overflows at its first
+    step) is refused here, naming the child's option, not at its milestone: there every step
+    would be refused, all or nothing, and the session could never step past it. The probe's
+    own step steps only the child that runs first. ``children``: as :func:`probe`'s (without
+    it, only the restarts)."""
     kids = getattr(sched, "_schedulers", None)
     if spec.name not in NESTED or not isinstance(kids, list):
         return
@@ -319,12 +329,40 @@ def _probe_restarts(spec: SchedulerSpec, sched: Scheduler, field: str) -> None:
         if spec.name == "SequentialLR" and i > 0:
             try:
                 child._update_lr(0)
-            except TORCH_ERRORS as exc:
+            except NotImplementedError as exc:  # (a nested scheduler: no option helps)
                 raise Invalid(f"SequentialLR cannot switch to {child_spec.name} at its "
                               f"milestone: torch raises {type(exc).__name__}"
                               f"{': ' + str(exc) if str(exc) else ''} when it restarts it",
                               code="invalid_scheduler", field=where) from None
-        _probe_restarts(child_spec, child, where)
+            except TORCH_ERRORS as exc:
+                raise _child_refused(child_spec, where, exc, "restart at its milestone"
+                                     ) from None
+            if children and _runs_after_restart(sched, i):
+                try:
+                    step(child)
+                except TORCH_ERRORS as exc:
+                    raise _child_refused(child_spec, where, exc, "step after its milestone"
+                                         ) from None
+        _probe_restarts(child_spec, child, where, children)
+
+
+def _runs_after_restart(sched: lr_scheduler.SequentialLR, i: int) -> bool:
+    """Whether SequentialLR's child ``i`` (restarted at milestone ``i - 1``) is stepped before
+    the next milestone restarts the child after it (the last one always is)."""
+    milestones = list(sched._milestones)
+    return i == len(milestones) or milestones[i] > milestones[i - 1] + 1
+
+
+def _child_refused(spec: SchedulerSpec, field: str, exc: Exception, what: str) -> Invalid:
+    """torch's refusal of a SequentialLR's child, restarted or stepped on the throwaway as the
+    SequentialLR will at its milestone: a 422 naming the child's option in its place (by
+    torch's words, else left to :func:`probe`'s trial)."""
+    at = blame(str(exc), option_fields(spec, field), f"{field}.options")
+    problem = Invalid(f"SequentialLR's {spec.name} ({field}) cannot {what}: torch raises "
+                      f"{type(exc).__name__}{': ' + str(exc) if str(exc) else ''}",
+                      code="invalid_option", field=at)
+    problem.guessed = at == f"{field}.options"  # type: ignore[attr-defined]
+    return problem
 
 
 def _stepped_leaves(sched: Scheduler) -> list[Scheduler]:
@@ -340,6 +378,19 @@ def _stepped_leaves(sched: Scheduler) -> list[Scheduler]:
     if isinstance(kids, list):
         return [leaf for k in kids for leaf in _stepped_leaves(k)]
     return [sched]
+
+
+def _path_of(sched: Scheduler, leaf: Scheduler, field: str) -> str | None:
+    """Where ``leaf`` is in ``sched``'s spec (``scheduler.options.schedulers.1``); None where
+    it is ``sched`` itself or not in it."""
+    for i, kid in enumerate(getattr(sched, "_schedulers", None) or []):
+        at = f"{field}.options.schedulers.{i}"
+        if kid is leaf:
+            return at
+        found = _path_of(kid, leaf, at)
+        if found is not None:
+            return found
+    return None
 
 
 def capture(optimizer: torch.optim.Optimizer, sched: Scheduler | None) -> Any:
@@ -387,7 +438,7 @@ def step(sched: Scheduler, metric: float | None = None) -> None:
 def dry_run(optimizer: torch.optim.Optimizer, sched: Scheduler, metric: float | None,
             field: str = "scheduler",
             written: Callable[[list[dict[str, Any]]], None] | None = None,
-            counters: bool = False) -> None:
+            counters: bool = False, session_id: str | None = None) -> None:
     """Step the scheduler once and put everything back: a scheduler that would raise is refused
     here, before the optimizer or anything else has changed (torch steps the scheduler after
     the optimizer, when a failure could no longer be undone cheaply). ``written(before)`` sees
@@ -395,8 +446,12 @@ def dry_run(optimizer: torch.optim.Optimizer, sched: Scheduler, metric: float | 
     put back, and may refuse what it wrote (:mod:`app.engine.scheduler_writes`).
     ``counters``: a step that would count an integer of the scheduler's state past int64
     (``last_epoch``, ``_step_count``, ``num_bad_epochs``, ...) is refused too
-    (:func:`refuse_counted_past_int64`)."""
-    check_can_step(sched)
+    (:func:`refuse_counted_past_int64`). ``session_id`` (the session's id as its path names
+    it): the step is one of the session's own (an optimizer step, or the scheduler's by hand),
+    so a refusal also says how to step on (every later step would be refused the same way:
+    the scheduler's state is as it was)."""
+    check_can_step(sched, session_id)
+    leaves = _stepped_leaves(sched)
     saved = capture(optimizer, sched)
     try:
         try:
@@ -404,9 +459,12 @@ def dry_run(optimizer: torch.optim.Optimizer, sched: Scheduler, metric: float | 
             step(sched, 1.0 if is_plateau and metric is None else metric)
         except TORCH_ERRORS as exc:
             name = type(sched).__name__
-            raise Invalid(f"the scheduler cannot step: {name}.step() raises "
+            at = _path_of(sched, leaves[0], "scheduler") if len(leaves) == 1 else None
+            child = f" (its {type(leaves[0]).__name__}, {at})" if at else ""
+            raise Invalid(f"the scheduler cannot step: {name}.step(){child} raises "
                           f"{type(exc).__name__}{': ' + str(exc) if str(exc) else ''}; nothing "
-                          "was changed", code="scheduler_failed", field=field) from None
+                          f"was changed{way_out(session_id)}", code="scheduler_failed",
+                          field=field) from None
         if counters:
             refuse_counted_past_int64(saved[2], sched.state_dict(), "state_dict.scheduler")
         if written is not None:
@@ -438,10 +496,22 @@ def exhausted(sched: Scheduler) -> lr_scheduler.OneCycleLR | None:
     return None
 
 
-def check_can_step(sched: Scheduler) -> None:
+def way_out(session_id: str | None) -> str:
+    """What a refusal of a session's own scheduler step that every later step would meet says
+    to do ("" where the refused step is not the session's own: an import, an added group)."""
+    if session_id is None:
+        return ""
+    return (f". The scheduler cannot step from here, so every later step would be refused the "
+            f"same way: remove it (PATCH /v1/sessions/{session_id} with {{\"scheduler\": "
+            "null}; the param groups keep their current lr) and step again, or import a state "
+            "whose scheduler can step")
+
+
+def check_can_step(sched: Scheduler, session_id: str | None = None) -> None:
     """Refuse before anything changes when stepping would make torch raise (OneCycleLR past
-    its total_steps)."""
+    its total_steps); ``session_id``: as :func:`dry_run`'s."""
     leaf = exhausted(sched)
     if leaf is not None:
         raise Conflict(f"OneCycleLR has run its {leaf.total_steps} total_steps; it cannot "
-                       "step again", code="scheduler_exhausted", field="scheduler")
+                       f"step again; nothing was changed{way_out(session_id)}",
+                       code="scheduler_exhausted", field="scheduler")

@@ -296,7 +296,7 @@ class Session:
                 return cls(tiny, **optimizers.fresh(defaults))
             schedulers.probe(sched_spec, make_probe, "scheduler", check_built=(
                 (lambda opt, sched: _check_scheduler_built(cls, opt, sched, scheduler, dtypes))
-                if request else None))
+                if request else None), children=request)
 
         params = flat_block({n: t for g in groups for n, t in g.params.items()}, device)
         torch_groups = [torch_group([(n, params[n]) for n in group.params], opts)

@@ -169,7 +169,8 @@ class Step(Operation):
                     assert s.scheduler is not None
                     schedulers.dry_run(s.optimizer, s.scheduler, None, written=(
                         scheduler_writes.written_check(s, tensors=self.tensor_range)
-                        if self.scheduler_range else None), counters=self.counter_range)
+                        if self.scheduler_range else None), counters=self.counter_range,
+                        session_id=s.shown_id)
             finally:
                 if saved is not None:
                     schedulers.restore(s.optimizer, None, saved)

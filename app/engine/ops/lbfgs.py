@@ -78,7 +78,7 @@ def make_copy(s: Session, scheduler_range: bool = False) -> Copy:
         assert s.scheduler is not None
         schedulers.dry_run(s.optimizer, s.scheduler, None, written=(
             scheduler_writes.written_check(s, tensors=True) if scheduler_range else None),
-            counters=scheduler_range)
+            counters=scheduler_range, session_id=s.shown_id)
     names = s.names()
     params = [s.params[n].detach().clone() for n in names]
     opt = torch.optim.LBFGS(params)

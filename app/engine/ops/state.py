@@ -218,7 +218,8 @@ class SchedulerStep(Operation):
                           field="metric")
         schedulers.dry_run(s.optimizer, s.scheduler, self.metric, written=(
             scheduler_writes.written_check(s, by_hand=True, tensors=self.tensor_range)
-            if self.scheduler_range else None), counters=self.counter_range)
+            if self.scheduler_range else None), counters=self.counter_range,
+            session_id=s.shown_id)
 
     def apply(self, s: Session, plan: None) -> SchedulerResult:
         assert s.scheduler is not None
