@@ -460,7 +460,7 @@ class LocalTransport:
         self.engine = engine
         #: the live bindings of all connections together (``OPTSERVE_MAX_BINDINGS``; 0: the
         #: default, :func:`default_bindings`)
-        self.bindings = BindingSlots(max_bindings or default_bindings())
+        self.binding_slots = BindingSlots(max_bindings or default_bindings())
         #: the count of open connections this transport shares with HTTP's (a connection past
         #: its limit is closed at once), None: unbounded
         self.slots = slots
@@ -693,7 +693,7 @@ class _Connection(threading.Thread):
                 raise TooMany(f"at most {MAX_BINDINGS} sessions may be bound on one "
                               "connection; unbind one first", code="too_many_bindings",
                               field="session", limit=MAX_BINDINGS)
-            slots = self.transport.bindings
+            slots = self.transport.binding_slots
             if not slots.take():
                 raise Unavailable(
                     f"the server holds its most bindings ({slots.limit}, "
@@ -725,7 +725,7 @@ class _Connection(threading.Thread):
     def _let_go(self, binding: Binding) -> None:
         """Close a binding of this connection and count it no longer live."""
         binding.close()
-        self.transport.bindings.give()
+        self.transport.binding_slots.give()
 
     @staticmethod
     def _legacy_fingerprint(binding: Binding, m: dict[str, Any], names: list[str],
