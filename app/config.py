@@ -123,6 +123,11 @@ class Settings(BaseSettings):
     local_transport: bool = Field(
         default=True, description="offer clients on this machine the shared-memory transport "
         "(a Unix socket in a private directory; GET /v1/transport tells loopback clients where)")
+    max_bindings: int = Field(
+        default=0, ge=0, le=1_000_000,
+        description="sessions bound to shared-memory segments at once on all same-host "
+        "connections together; one more bind is a 503 server_bindings_full (Retry-After: 1) "
+        "and the SDK steps that session over HTTP (0: vm.max_map_count / 8, at least 64)")
     local_dir: Path | None = Field(
         default=None, description="where the same-host transport's private socket directory is "
         "made (default: the system's temporary directory)")

@@ -83,7 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # (the Ray engine's sessions live in other processes, often on other machines)
         if settings.local_transport and settings.engine == "embedded":
             local = LocalTransport(engine, keys, DEFAULT_TENANT, settings.local_dir,
-                                   slots=app.state.connections)
+                                   slots=app.state.connections,
+                                   max_bindings=settings.max_bindings)
             local.start(asyncio.get_running_loop())
         app.state.local_transport = local
         logging.getLogger("optserve").info("optserve ready on device %s", engine.device)

@@ -34,15 +34,17 @@ over :data:`MAX_FRAME` a 413 ``payload_too_large`` naming ``message`` (then the 
 closed: its body is not read), one
 that repeats a key a 400 ``duplicate_key`` naming its path, a field the operation does not take
 a 422 ``unknown_field`` naming it. A connection holds at most :data:`MAX_BINDINGS` bindings (429
-``too_many_bindings``); a binding whose slots no longer fit its session's parameters (the session
-was deleted and made again under its id) is refused before anything is applied wherever a step
-or a pull would use such a slot, a gradient read from it included (409 ``binding_stale``: bind
-again).
+``too_many_bindings``), the server at most ``OPTSERVE_MAX_BINDINGS`` on all its connections
+together (:class:`BindingSlots`: 503 ``server_bindings_full`` with ``retry_after``); a binding
+whose slots no longer fit its session's parameters (the session was deleted and made again
+under its id) is refused before anything is applied wherever a step or a pull would use such a
+slot, a gradient read from it included (409 ``binding_stale``: bind again).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import fcntl
 import hmac
@@ -55,6 +57,7 @@ import struct
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +83,7 @@ from app.errors import (
     PayloadTooLarge,
     TooMany,
     Unauthorized,
+    Unavailable,
 )
 from app.transport import stale_dirs
 from app.wire.dtypes import TORCH_DTYPES
@@ -91,11 +95,81 @@ T = TypeVar("T")
 PROTOCOL = 1
 _HEAD = struct.Struct("<I")
 MAX_FRAME = 16 * 1024 * 1024
-#: sessions one connection may hold bound at once (each binding holds a segment and its file
-#: descriptor: a client that binds without unbinding would otherwise run the server out of
-#: descriptors)
+#: sessions one connection may hold bound at once (each binding holds a segment: its memory and
+#: a mapping; the server's bound on all connections together is :class:`BindingSlots`)
 MAX_BINDINGS = 64
 ALIGN = 64
+#: the ``Retry-After`` of a bind refused for the server-wide bound, in seconds
+BINDINGS_RETRY_AFTER_S = 1
+#: the kernel's bound on a process's mappings when /proc does not say (vm.max_map_count)
+MAP_COUNT_DEFAULT = 65530
+#: the share of the process's mappings the bindings may take by default (the rest: libraries,
+#: thread stacks, the allocator's large blocks: a mapping torch cannot get fails its step)
+MAP_SHARE = 8
+#: the fewest bindings a default allows
+BINDINGS_FLOOR = 64
+
+
+def default_bindings(max_map_count: int | None = None) -> int:
+    """The live bindings allowed on the whole server by default (``OPTSERVE_MAX_BINDINGS`` 0):
+    an eighth of the process's mappings (``vm.max_map_count``: 65530 -> 8191), at least
+    :data:`BINDINGS_FLOOR`. A binding holds no descriptor once its segment is handed over (the
+    server maps it without one: :func:`_map_segment`), but it holds a mapping and its memory."""
+    if max_map_count is None:
+        try:
+            max_map_count = int(Path("/proc/sys/vm/max_map_count").read_text())
+        except (OSError, ValueError):
+            max_map_count = MAP_COUNT_DEFAULT
+    return max(BINDINGS_FLOOR, max_map_count // MAP_SHARE)
+
+
+class BindingSlots:
+    """How many bindings are live on all the same-host connections together, against ``limit``
+    (thread-safe: every connection has a thread)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.live = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """Count a binding made: False (not counted) when ``limit`` are live."""
+        with self._lock:
+            if self.live >= self.limit:
+                return False
+            self.live += 1
+            return True
+
+    def give(self) -> None:
+        """A binding counted by :meth:`take` let go."""
+        with self._lock:
+            self.live -= 1
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _map_segment(fd: int, size: int) -> ctypes.Array[ctypes.c_uint8]:
+    """The segment behind ``fd`` mapped shared, read and write, as a buffer of ``size`` bytes
+    that holds no descriptor (``mmap.mmap`` keeps a duplicate of ``fd`` for as long as it is
+    open: a descriptor per binding; Python 3.11 has no ``trackfd=False``): ``fd`` may be closed
+    at once. The mapping is let go (``munmap``) when the buffer is no longer referenced: the
+    tensors viewing it (``torch.frombuffer``) hold it, so no view ever outlives the memory."""
+    addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of a shared segment: {os.strerror(err)}")
+    buf = (ctypes.c_uint8 * size).from_address(addr)
+    # (not at exit: a thread may still read a view while the interpreter ends; the process's
+    # end unmaps it)
+    weakref.finalize(buf, _libc.munmap, addr, size).atexit = False
+    return buf
 
 
 def _aligned(n: int, to: int = ALIGN) -> int:
@@ -143,6 +217,8 @@ class Binding:
         for (name, dtype, shape), grad, param in zip(sizes, grad_at, param_at, strict=True):
             self.slots.append(Slot(name, dtype, shape, grad, param, _nbytes(dtype, shape)))
         self.size = max(_aligned(end), ALIGN)
+        #: the segment's descriptor until it is handed to the client (:meth:`hand_over`; -1
+        #: after): the server's mapping holds none, so a binding holds no descriptor
         self.fd = os.memfd_create(f"optserve-{session_id}"[:200],
                                   os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
@@ -152,12 +228,13 @@ class Binding:
             # end a SIGBUS, which ended the whole server, every tenant's sessions with it
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS,
                         fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-            self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
-                                 mmap.PROT_READ | mmap.PROT_WRITE)
+            buf: ctypes.Array[ctypes.c_uint8] | None = _map_segment(self.fd, self.size)
         except BaseException:  # (no segment: its descriptor is not left open)
             os.close(self.fd)
             raise
-        base = torch.frombuffer(self.map, dtype=torch.uint8)
+        base = torch.frombuffer(buf, dtype=torch.uint8)
+        # (the views hold the mapping; the last one gone unmaps it)
+        buf = None
         self.grads: dict[str, torch.Tensor] = {}
         self.params: dict[str, torch.Tensor] = {}
         for s in self.slots:
@@ -235,18 +312,31 @@ class Binding:
         return ";".join(f"{n}={body_digest(grads[n].view(-1).view(torch.uint8).numpy().data)}"
                         for n in names)
 
+    def hand_over(self) -> int:
+        """The segment's descriptor, to send to the client; the caller closes it once sent
+        (the binding no longer holds it)."""
+        fd, self.fd = self.fd, -1
+        return fd
+
     def close(self) -> None:
+        """Let go of the segment: its views here are dropped, and the mapping goes with the
+        last view (one an operation in flight still holds goes when that ends)."""
         self.private.clear()
         self.private_bytes = None
         self._runs = None
         self.grad_bytes = torch.empty(0, dtype=torch.uint8)
         self.grads.clear()
         self.params.clear()
-        try:
-            self.map.close()
-        except BufferError:  # a view is still referenced somewhere: the GC frees it later
-            pass
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _close_all(fds: list[int]) -> None:
+    """Close the descriptors of ``fds`` (a segment's, once handed to the client) and empty it."""
+    for fd in fds:
+        os.close(fd)
+    fds.clear()
 
 
 def _text(m: dict[str, Any], name: str, check: Callable[[str], str]) -> str | None:
@@ -365,8 +455,12 @@ class LocalTransport:
     event loop, called with ``run_coroutine_threadsafe``)."""
 
     def __init__(self, engine: Engine, keys: dict[str, str], default_tenant: str,
-                 parent: Path | None = None, slots: ConnectionSlots | None = None) -> None:
+                 parent: Path | None = None, slots: ConnectionSlots | None = None,
+                 max_bindings: int = 0) -> None:
         self.engine = engine
+        #: the live bindings of all connections together (``OPTSERVE_MAX_BINDINGS``; 0: the
+        #: default, :func:`default_bindings`)
+        self.binding_slots = BindingSlots(max_bindings or default_bindings())
         #: the count of open connections this transport shares with HTTP's (a connection past
         #: its limit is closed at once), None: unbounded
         self.slots = slots
@@ -518,19 +612,24 @@ class _Connection(threading.Thread):
                 body = self._read()
                 if body is None:
                     return
+                # descriptors to send with the answer, closed here once sent (or not)
                 fds: list[int] = []
                 message = None
                 try:
-                    message = _message(body)
-                    answer = self._handle(message, fds)
-                except Exception as exc:  # every failure is an answer, never a dead thread
-                    answer, fds = {"ok": False, "problem": problem_of(exc, message)}, []
-                self._send(answer, fds)
+                    try:
+                        message = _message(body)
+                        answer = self._handle(message, fds)
+                    except Exception as exc:  # every failure is an answer, never a dead thread
+                        answer = {"ok": False, "problem": problem_of(exc, message)}
+                        _close_all(fds)
+                    self._send(answer, fds)
+                finally:
+                    _close_all(fds)
         except OSError:
             return
         finally:
             for binding in self.bindings.values():
-                binding.close()
+                self._let_go(binding)
             self.bindings.clear()
             self.sock.close()
             self.transport.forget(self)
@@ -594,22 +693,39 @@ class _Connection(threading.Thread):
                 raise TooMany(f"at most {MAX_BINDINGS} sessions may be bound on one "
                               "connection; unbind one first", code="too_many_bindings",
                               field="session", limit=MAX_BINDINGS)
-            info = self.transport.call(engine.describe(session_id, tenant=tenant))
-            binding = Binding(session_id, info)
+            slots = self.transport.binding_slots
+            if not slots.take():
+                raise Unavailable(
+                    f"the server holds its most bindings ({slots.limit}, "
+                    "OPTSERVE_MAX_BINDINGS, all connections together); step over HTTP, or "
+                    f"bind again after {BINDINGS_RETRY_AFTER_S} s",
+                    code="server_bindings_full", field="session", limit=slots.limit,
+                    retry_after=BINDINGS_RETRY_AFTER_S)
+            try:
+                info = self.transport.call(engine.describe(session_id, tenant=tenant))
+                binding = Binding(session_id, info)
+            except BaseException:
+                slots.give()
+                raise
             number = self.next_binding
             self.next_binding += 1
             self.bindings[number] = binding
-            fds.append(binding.fd)
+            fds.append(binding.hand_over())
             return {"ok": True, "binding": number, **binding.layout}
         binding = self._binding(m.get("binding"))
         if op == "unbind":
-            self.bindings.pop(int(m["binding"])).close()
+            self._let_go(self.bindings.pop(int(m["binding"])))
             return {"ok": True}
         if op == "step":
             return self._step(binding, m)
         result = self.transport.call(engine.pull(binding.session_id, None, tenant=tenant,
                                                  params_into=binding.params))
         return {"ok": True, **result.scalars()}
+
+    def _let_go(self, binding: Binding) -> None:
+        """Close a binding of this connection and count it no longer live."""
+        binding.close()
+        self.transport.binding_slots.give()
 
     @staticmethod
     def _legacy_fingerprint(binding: Binding, m: dict[str, Any], names: list[str],

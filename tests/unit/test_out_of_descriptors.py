@@ -308,7 +308,7 @@ def test_a_segment_that_cannot_be_mapped_leaves_no_descriptor(
 
     def no_memory(*_: object) -> Any:
         raise OSError(errno.ENOMEM, "no memory")
-    monkeypatch.setattr(local_module.mmap, "mmap", no_memory)
+    monkeypatch.setattr(local_module, "_map_segment", no_memory)
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(5):
         with pytest.raises(OSError):

@@ -17,6 +17,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +96,10 @@ class LocalChannel:
         #: sessions the server would not bind (its limit of bindings per connection): over
         #: HTTP until a binding of this connection is let go
         self._refused: set[str] = set()
+        #: sessions the server would not bind for its bound on all connections together
+        #: (``server_bindings_full``): over HTTP until this time (``time.monotonic``; its
+        #: ``Retry-After``), then asked again
+        self._refused_until: dict[str, float] = {}
         #: sessions whose slots this process cannot view (a bfloat16 parameter without torch):
         #: over HTTP for as long as this connection lasts, not bound again at every step
         self._unviewable: dict[str, str] = {}
@@ -125,6 +130,7 @@ class LocalChannel:
             binding.close()
         self._bindings.clear()
         self._refused.clear()
+        self._refused_until.clear()
         self._unviewable.clear()
         if self._sock is not None:
             self._sock.close()
@@ -192,6 +198,11 @@ class LocalChannel:
             raise LocalUnavailable("the server holds as many bindings as it allows")
         if session_id in self._unviewable:
             raise LocalUnavailable(self._unviewable[session_id])
+        until = self._refused_until.get(session_id)
+        if until is not None:
+            if time.monotonic() < until:
+                raise LocalUnavailable("the server holds as many bindings as it allows")
+            del self._refused_until[session_id]
         try:
             with gc_paused(tensors):
                 answer, fds = self.call({"op": "bind", "session": session_id})
@@ -200,6 +211,13 @@ class LocalChannel:
                 # this session goes over HTTP (without asking again each step) until a
                 # binding of this connection is let go
                 self._refused.add(session_id)
+                raise LocalUnavailable(str(exc.problem.get("detail"))) from None
+            if exc.problem.get("code") == "server_bindings_full":
+                # the server's bound on all its connections: this session goes over HTTP,
+                # asking again once its Retry-After has passed (others may have let go)
+                wait = exc.problem.get("retry_after")
+                wait = float(wait) if isinstance(wait, (int, float)) and wait > 0 else 1.0
+                self._refused_until[session_id] = time.monotonic() + min(wait, 60.0)
                 raise LocalUnavailable(str(exc.problem.get("detail"))) from None
             raise
         if len(fds) != 1:

@@ -1,0 +1,252 @@
+"""Many same-host bindings on a server with few file descriptors: ``python -m app`` under
+``RLIMIT_NOFILE`` = 200 (as ``prlimit --nofile=200``) with 4 same-host connections binding 64
+sessions each (256 bindings, each connection's most). Each binding held its memfd and the
+duplicate ``mmap.mmap`` makes of it, 2 descriptors a binding outside
+``OPTSERVE_MAX_CONNECTIONS``: past some 70 bindings every bind, create and step was a 503
+``out_of_file_descriptors``. Now a binding holds a mapping and no descriptor: the server's
+``/proc/<pid>/fd`` stays where it was, creates and steps over HTTP and through shared memory
+still answer, equal to an in-process ``torch.optim`` run bitwise, and an unbind or a closed
+connection unmaps its segments (``/proc/<pid>/maps``).
+
+Then the server-wide bound on live bindings (``OPTSERVE_MAX_BINDINGS``): the bind past it is a
+503 ``server_bindings_full`` naming the limit, with ``retry_after``; the SDK steps that session
+over HTTP (equal to torch), and binds it once its ``Retry-After`` has passed and a binding was
+let go.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+import optserve
+from tests.integration.test_durability import Proc
+from tests.torch_reference import Reference, assert_tensors_equal, json_tensor, tensor_from_json
+
+pytestmark = pytest.mark.integration
+
+NOFILE = 200
+CONNECTIONS = 4
+PER_CONNECTION = 64  # app.transport.local.MAX_BINDINGS
+OPTIONS = {"lr": 1e-2}
+
+
+def frames(sock: socket.socket, message: dict[str, object]) -> dict[str, object]:
+    """One same-host request and its answer (a segment's descriptor sent with it closed)."""
+    body = json.dumps(message).encode()
+    sock.sendall(struct.pack("<I", len(body)) + body)
+    data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 4)
+    for fd in fds:
+        os.close(fd)
+    while len(data) < 4:
+        data += sock.recv(4 - len(data))
+    (n,) = struct.unpack("<I", data[:4])
+    while len(data) < 4 + n:
+        data += sock.recv(4 + n - len(data))
+    return dict(json.loads(data[4:4 + n]))
+
+
+def socket_path(url: str) -> str:
+    with optserve.Client(url, transport="http") as c:
+        local = c._request(optserve._api.transport())["local"]
+    assert local is not None
+    return str(local["socket"])
+
+
+def descriptors(pid: int) -> list[str]:
+    """What the process's open descriptors point at."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:  # (closed meanwhile)
+            pass
+    return found
+
+
+def segments_mapped(pid: int) -> int:
+    """The same-host segments the process has mapped (one mapping each)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return sum("memfd:optserve-" in line for line in maps)
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def params_of(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g)}
+
+
+def grads_of(seed: int, k: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * (k + 1) + seed)
+    return {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g)}
+
+
+def http_create_and_step(c: httpx.Client, sid: str, seed: int, steps: int) -> None:
+    """Create session ``sid`` over HTTP (JSON) and step it ``steps`` times, each answer equal
+    to in-process Adam bitwise."""
+    ref = Reference(torch.optim.Adam, [(params_of(seed), {})], OPTIONS)
+    r = c.post("/v1/sessions", json={
+        "id": sid, "optimizer": "Adam", "options": OPTIONS,
+        "params": {n: json_tensor(t) for n, t in params_of(seed).items()}})
+    assert r.status_code == 201, r.text
+    for k in range(steps):
+        grads = grads_of(seed, k)
+        r = c.post(f"/v1/sessions/{sid}/step",
+                   json={"grads": {n: json_tensor(t) for n, t in grads.items()}})
+        assert r.status_code == 200, r.text
+        ref.step(grads)
+        assert_tensors_equal({n: tensor_from_json(t) for n, t in r.json()["params"].items()},
+                             ref.params, f"{sid} step {k} over HTTP")
+
+
+def local_steps(url: str, seed: int, steps: int, transport: str = "local") -> str:
+    """A session created and stepped through the SDK (``transport``), each step's parameters
+    equal to in-process Adam bitwise; its id."""
+    ref = Reference(torch.optim.Adam, [(params_of(seed), {})], OPTIONS)
+    with optserve.Client(url, transport=transport) as c:
+        sid = c.create_session("Adam", params_of(seed), options=OPTIONS).id
+        for k in range(steps):
+            out = c.step(sid, grads_of(seed, k))
+            ref.step(grads_of(seed, k))
+            assert out.params is not None
+            assert_tensors_equal(dict(out.params), ref.params, f"{sid} step {k} ({transport})")
+        if transport == "local":
+            assert c._local is not None and sid in c._local._bindings
+    return sid
+
+
+@pytest.fixture
+def proc(tmp_path: Path) -> Iterator[Proc]:
+    p = Proc(tmp_path / "data", nofile=NOFILE)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def test_many_bindings_hold_no_descriptors_and_unbinding_unmaps(proc: Proc) -> None:
+    proc.start()
+    assert proc.proc is not None
+    pid = proc.proc.pid
+    path = socket_path(proc.url)
+    with httpx.Client(base_url=proc.url, timeout=60) as c:
+        http_create_and_step(c, "target", 0, 1)
+    socks = []
+    try:
+        for _ in range(CONNECTIONS):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            socks.append(s)
+            s.connect(path)
+            assert frames(s, {"op": "hello"})["ok"] is True
+        before = len(descriptors(pid))
+        numbers: list[list[int]] = []
+        for s in socks:
+            got = []
+            for i in range(PER_CONNECTION):
+                answer = frames(s, {"op": "bind", "session": "target"})
+                assert answer["ok"] is True, (len(numbers), i, answer)
+                got.append(int(answer["binding"]))  # type: ignore[call-overload]
+            numbers.append(got)
+        # no descriptor per binding (each held 2: 512 here, more than the process may have);
+        # the last bind's memfd is closed just after its answer went out
+        wait_for(lambda: not [d for d in descriptors(pid) if "memfd:" in d],
+                 "the server holds a segment's descriptor")
+        held = descriptors(pid)
+        assert len(held) <= before + 4, (before, held)
+        assert segments_mapped(pid) == CONNECTIONS * PER_CONNECTION
+        # the server still creates and steps, over HTTP and through shared memory
+        with httpx.Client(base_url=proc.url, timeout=60) as c:
+            for i in range(3):
+                http_create_and_step(c, f"h{i}", 10 + i, 3)
+        for i in range(2):
+            local_steps(proc.url, 20 + i, 3)
+        assert len(descriptors(pid)) <= before + 8
+        # an unbind unmaps its segment; a closed connection unmaps all of its
+        for number in numbers[0]:
+            assert frames(socks[0], {"op": "unbind", "binding": number})["ok"] is True
+        assert segments_mapped(pid) == (CONNECTIONS - 1) * PER_CONNECTION
+        socks.pop(1).close()
+        wait_for(lambda: segments_mapped(pid) == (CONNECTIONS - 2) * PER_CONNECTION,
+                 "a closed connection's segments stay mapped")
+    finally:
+        for s in socks:
+            s.close()
+    wait_for(lambda: segments_mapped(pid) == 0, "segments outlived their connections")
+    # and the session they bound steps on, equal to torch (over HTTP: its reference)
+    with httpx.Client(base_url=proc.url, timeout=60) as c:
+        http_create_and_step(c, "after", 30, 2)
+
+
+def test_the_server_wide_bound_on_bindings_sends_the_sdk_to_http(
+        proc: Proc, monkeypatch: pytest.MonkeyPatch) -> None:
+    proc.env["OPTSERVE_MAX_BINDINGS"] = "3"
+    proc.env["OPTSERVE_DURABILITY"] = "memory"
+    proc.start()
+    assert proc.proc is not None
+    path = socket_path(proc.url)
+    with httpx.Client(base_url=proc.url, timeout=60) as c:
+        http_create_and_step(c, "held", 0, 0)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as a, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as b:
+        for s in (a, b):
+            s.connect(path)
+            assert frames(s, {"op": "hello"})["ok"] is True
+        # a bind refused for another reason takes no place (then 3 are made)
+        for _ in range(4):
+            missing = frames(a, {"op": "bind", "session": "nope"})
+            assert missing["ok"] is False
+            assert missing["problem"]["status"] == 404  # type: ignore[index]
+        first = frames(a, {"op": "bind", "session": "held"})
+        assert first["ok"] is True
+        assert frames(a, {"op": "bind", "session": "held"})["ok"] is True
+        assert frames(b, {"op": "bind", "session": "held"})["ok"] is True
+        # the fourth, on any connection: refused, naming the limit, with a time to retry
+        answer = frames(b, {"op": "bind", "session": "held"})
+        problem = answer["problem"]
+        assert answer["ok"] is False and isinstance(problem, dict), answer
+        assert (problem["status"], problem["code"]) == (503, "server_bindings_full")
+        assert problem["field"] == "session" and problem["limit"] == 3
+        assert problem["retry_after"] == 1 and "OPTSERVE_MAX_BINDINGS" in problem["detail"]
+        # the SDK steps over HTTP instead (auto), equal to torch, not asking again each step
+        ref = Reference(torch.optim.Adam, [(params_of(5), {})], OPTIONS)
+        binds = 0
+        real_exchange = optserve._local.LocalChannel._exchange
+
+        def counting(self: optserve._local.LocalChannel, message: dict[str, Any]) -> Any:
+            nonlocal binds
+            binds += message.get("op") == "bind"
+            return real_exchange(self, message)
+        monkeypatch.setattr(optserve._local.LocalChannel, "_exchange", counting)
+        with optserve.Client(proc.url, transport="auto") as sdk:
+            sid = sdk.create_session("Adam", params_of(5), options=OPTIONS).id
+            for k in range(3):
+                out = sdk.step(sid, grads_of(5, k))
+                ref.step(grads_of(5, k))
+                assert out.params is not None
+                assert_tensors_equal(dict(out.params), ref.params, f"step {k} over HTTP")
+            channel = sdk._local
+            assert channel is not None and not channel._bindings and binds == 1
+            # a binding let go, and the Retry-After passed: the next step binds
+            assert frames(a, {"op": "unbind", "binding": first["binding"]})["ok"] is True
+            time.sleep(1.1)
+            out = sdk.step(sid, grads_of(5, 3))
+            ref.step(grads_of(5, 3))
+            assert out.params is not None
+            assert_tensors_equal(dict(out.params), ref.params, "step 3 through the segment")
+            assert set(channel._bindings) == {sid} and binds == 2

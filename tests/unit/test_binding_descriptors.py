@@ -1,0 +1,88 @@
+"""A same-host binding holds no descriptor once its segment is handed over (the server maps it
+through libc ``mmap``, not ``mmap.mmap``, which kept a duplicate of the memfd: with the memfd
+itself, 2 descriptors a binding), its mapping lasts as long as any view of it (a view kept past
+:meth:`Binding.close` still reads and writes the segment; the last one gone unmaps it), and the
+server-wide bound on bindings is a setting (``OPTSERVE_MAX_BINDINGS``) validated as the others
+are. Against a real server: tests/integration/test_many_bindings_few_descriptors.py."""
+
+from __future__ import annotations
+
+import gc
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from app.config import Settings
+from app.transport.local import Binding
+
+
+def fds() -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def mapped(name: str) -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(f"memfd:optserve-{name}" in line for line in maps)
+
+
+INFO: Any = SimpleNamespace(params={"w": {"dtype": "float32", "shape": [3, 4]},
+                                    "b": {"dtype": "float64", "shape": [5]}},
+                            durability="memory")
+
+
+def test_a_handed_over_binding_holds_no_descriptor_and_its_views_keep_the_mapping() -> None:
+    before = len(fds())
+    binding = Binding("unit-a", INFO)
+    fd = binding.hand_over()
+    assert binding.fd == -1 and fd >= 0
+    os.close(fd)  # (sent to the client: closed by the connection once sent)
+    assert len(fds()) == before and not [d for d in fds() if "optserve-unit-a" in d]
+    assert mapped("unit-a") == 1
+    binding.grads["w"].copy_(torch.arange(12.0).view(3, 4))
+    kept = binding.params["b"]
+    kept.fill_(2.5)
+    grad = binding.grads["w"]
+    binding.close()
+    # a view an operation still holds reads and writes the segment, not freed memory
+    assert mapped("unit-a") == 1
+    assert torch.equal(grad, torch.arange(12.0).view(3, 4))
+    kept.add_(1.0)
+    assert torch.equal(kept, torch.full((5,), 3.5, dtype=torch.float64))
+    del grad, kept
+    gc.collect()
+    assert mapped("unit-a") == 0
+    assert len(fds()) == before
+
+
+def test_closing_a_binding_not_handed_over_closes_its_descriptor() -> None:
+    before = len(fds())
+    binding = Binding("unit-b", INFO)
+    assert len(fds()) == before + 1  # its memfd alone: the mapping holds none
+    binding.close()
+    gc.collect()
+    assert len(fds()) == before and mapped("unit-b") == 0
+
+
+def test_the_bound_on_bindings_is_a_setting_with_a_default() -> None:
+    from app.transport.local import BindingSlots, default_bindings
+
+    assert Settings(max_bindings=5).max_bindings == 5
+    with pytest.raises(ValueError, match="max_bindings"):
+        Settings(max_bindings=-1)
+    assert Settings().max_bindings == 0
+    # an eighth of the process's mappings (vm.max_map_count), at least 64
+    assert default_bindings(65530) == 8191
+    assert default_bindings(100) == 64
+    slots = BindingSlots(2)
+    assert slots.take() and slots.take() and not slots.take()
+    slots.give()
+    assert slots.take() and slots.live == 2
