@@ -125,6 +125,9 @@ class Invalid(OptserveError):
     status = 422
     code = "invalid"
     title = "Invalid input"
+    #: the ``field`` is a guess (where a key a scheduler keeps may come from): a caller that can
+    #: find the option by trial (``app.engine.schedulers.probe``) names it instead
+    guessed = False
 
 
 class StorageFull(OptserveError):

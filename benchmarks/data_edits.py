@@ -1,7 +1,8 @@
 """What finding edits through ``p.data`` costs ``RemoteOptimizer`` (``detect_data_edits``,
-``optserve._edits``): N float32 values in one parameter (or ``--tensors`` of them), Adam, a
-server in a subprocess (durability ``memory``), over HTTP (safetensors) and the same-host
-transport with and without ``zero_copy``.
+``optserve._edits``): N float32 values in one parameter (or ``--tensors`` of them), Adam, the
+server as ``scripts/serve`` starts it (``python -m app``, every setting at its default but
+``OPTSERVE_TORCH_THREADS=1`` and ``OPTSERVE_DURABILITY=memory``), one torch thread here, over
+HTTP (safetensors) and the same-host transport with and without ``zero_copy``.
 
     .venv/bin/python -m benchmarks.data_edits              # N = 1e7, 15 steps per variant
     .venv/bin/python -m benchmarks.data_edits --n 4000 --tensors 1000 --steps 40
@@ -27,13 +28,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
 
 import optserve
 from benchmarks._peers.timing import spin
-from benchmarks._server import server
+from benchmarks._server import free_port, server, user_defaults
 from optserve._edits import References
 
 WAYS = {"http": ("http", True), "local zero_copy": ("local", True),
@@ -84,7 +86,12 @@ def main() -> None:
           f"threads {torch.get_num_threads()}, median ms over {args.steps} steps")
     print(f"{'transport':<18}{'check':>8}{'step on':>10}{'step off':>10}{'cpu on':>9}"
           f"{'cpu off':>9}")
-    with server(env={"OPTSERVE_DURABILITY": "memory"}) as url:
+    torch.set_num_threads(1)
+    port = free_port()
+    env = {"OPTSERVE_PORT": str(port), "OPTSERVE_TORCH_THREADS": "1",
+           "OPTSERVE_DURABILITY": "memory"}
+    with server(env, command=[sys.executable, "-m", "app"], port=port,
+                unset=user_defaults(env)) as url:
         for way, (transport, zero_copy) in WAYS.items():
             with optserve.Client(url, transport=transport, timeout=300) as c:
                 params = {d: [torch.nn.Parameter(torch.randn(n)) for _ in grads]

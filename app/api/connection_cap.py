@@ -72,31 +72,51 @@ def reserve_warning(setting: int, soft: int | None = None) -> str | None:
             f"limit or leave the setting at 0 ({default_limit(soft)} here)")
 
 
-class ConnectionSlots:
-    """How many connections are open, HTTP and same-host together (thread-safe: the
-    same-host transport counts from its threads), against ``limit``."""
+class Bounded:
+    """A count of things held at once against ``limit`` (thread-safe: the same-host transport
+    counts from its connections' threads): connections, refused ones kept to drain, same-host
+    bindings."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.open = 0
-        self.lingering = 0
-        #: connections refused since the last warning, and when that was (monotonic)
-        self._unwarned = 0
-        self._warned_at = -WARN_EVERY_S
+        self.held = 0
         self._lock = threading.Lock()
 
     def take(self) -> bool:
-        """Count a connection opening: False (not counted) when ``limit`` are open."""
+        """Count one more: False (not counted) when ``limit`` are held."""
         with self._lock:
-            if self.open >= self.limit:
+            if self.held >= self.limit:
                 return False
-            self.open += 1
+            self.held += 1
             return True
 
     def give(self) -> None:
-        """A connection counted by :meth:`take` closed."""
+        """One counted by :meth:`take` let go."""
         with self._lock:
-            self.open -= 1
+            self.held -= 1
+
+
+class ConnectionSlots(Bounded):
+    """How many connections are open, HTTP and same-host together, against ``limit``
+    (:meth:`take` as one opens, :meth:`give` as it closes), and the refused ones kept to
+    drain (:meth:`linger`)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self._lingering = Bounded(MAX_LINGERING)
+        #: connections refused since the last warning, and when that was (monotonic)
+        self._unwarned = 0
+        self._warned_at = -WARN_EVERY_S
+
+    @property
+    def open(self) -> int:
+        """The connections open now."""
+        return self.held
+
+    @property
+    def lingering(self) -> int:
+        """The refused connections kept to drain now."""
+        return self._lingering.held
 
     def refused(self, kind: str) -> None:
         """Log a refused connection (``kind``: HTTP or same-host), at most once in
@@ -113,15 +133,10 @@ class ConnectionSlots:
 
     def linger(self) -> bool:
         """Count a refused connection kept to drain: False when :data:`MAX_LINGERING` are."""
-        with self._lock:
-            if self.lingering >= MAX_LINGERING:
-                return False
-            self.lingering += 1
-            return True
+        return self._lingering.take()
 
     def done_lingering(self) -> None:
-        with self._lock:
-            self.lingering -= 1
+        self._lingering.give()
 
 
 def slots_of(app: Any) -> ConnectionSlots | None:

@@ -25,7 +25,7 @@ from torch.optim import lr_scheduler
 from app.engine.optimizers import TORCH_ERRORS, blame, probe_step
 from app.errors import Conflict, Invalid, shown
 from app.wire.integers import INT64
-from app.wire.tree import is_float_tag, nodes_once, untag_float
+from app.wire.tree import int_outside, is_float_tag, nodes_once, untag_float
 
 SUPPORTED = (
     "StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "PolynomialLR",
@@ -259,7 +259,7 @@ def probe(spec: SchedulerSpec, make_optimizer: Any, field: str,
     try:
         _probe_once(spec, make_optimizer, field, check_built, children)
     except Invalid as exc:
-        vague = exc.field in (f"{field}.options", field) or getattr(exc, "guessed", False)
+        vague = exc.field in (f"{field}.options", field) or exc.guessed
         if exc.code == "invalid_option" and vague:
             exc.field = _blame_by_trial(spec, make_optimizer, field, check_built,
                                         exc.detail, children) or exc.field
@@ -361,7 +361,7 @@ def _child_refused(spec: SchedulerSpec, field: str, exc: Exception, what: str) -
     problem = Invalid(f"SequentialLR's {spec.name} ({field}) cannot {what}: torch raises "
                       f"{type(exc).__name__}{': ' + str(exc) if str(exc) else ''}",
                       code="invalid_option", field=at)
-    problem.guessed = at == f"{field}.options"  # type: ignore[attr-defined]
+    problem.guessed = at == f"{field}.options"
     return problem
 
 
@@ -477,7 +477,11 @@ def refuse_counted_past_int64(before: Any, after: Any, where: str, what: str = "
     """422 ``counter_overflow`` naming the first integer of ``after`` (a state as a step left
     it) that is past int64 and not what ``before`` held there: a count the step took past what
     a state's JSON export, and so its import, holds (an imported ``last_epoch`` of 2**63 - 1,
-    stepped). Nothing has changed (the caller steps a copy, or puts the state back)."""
+    stepped). Nothing has changed (the caller steps a copy, or puts the state back). Every step
+    of a session with a scheduler asks: a state with no such integer (all but the rarest) is
+    passed by one quick walk of ``after``."""
+    if not int_outside(after, *INT64):
+        return
     held = {at: node for node, at in nodes_once(before, where) if type(node) is int}
     for node, at in nodes_once(after, where):
         if type(node) is int and not INT64[0] <= node <= INT64[1] and held.get(at) != node:

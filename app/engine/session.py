@@ -912,7 +912,7 @@ def _check_scheduler_built(cls: type[torch.optim.Optimizer], opt: torch.optim.Op
                      if k in fields]
             exc.field = found[0] if found else "scheduler.options"
             # (a guess from where the key comes from: the probe tries the options one by one)
-            exc.guessed = True  # type: ignore[attr-defined]
+            exc.guessed = True
             raise
 
 

@@ -35,10 +35,11 @@ closed: its body is not read), one
 that repeats a key a 400 ``duplicate_key`` naming its path, a field the operation does not take
 a 422 ``unknown_field`` naming it. A connection holds at most :data:`MAX_BINDINGS` bindings (429
 ``too_many_bindings``), the server at most ``OPTSERVE_MAX_BINDINGS`` on all its connections
-together (:class:`BindingSlots`: 503 ``server_bindings_full`` with ``retry_after``); a binding
-whose slots no longer fit its session's parameters (the session was deleted and made again
-under its id) is refused before anything is applied wherever a step or a pull would use such a
-slot, a gradient read from it included (409 ``binding_stale``: bind again).
+together (``LocalTransport.binding_slots``: 503 ``server_bindings_full`` with
+``retry_after``); a binding whose slots no longer fit its session's parameters (the session was
+deleted and made again under its id) is refused before anything is applied wherever a step or
+a pull would use such a slot, a gradient read from it included (409 ``binding_stale``: bind
+again).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ import torch
 
 from app.api.bodies import parse_json
 from app.api.conditions import body_digest, step_fingerprint
-from app.api.connection_cap import ConnectionSlots
+from app.api.connection_cap import Bounded, ConnectionSlots
 from app.api.requests import step_options
 from app.engine import metrics, ps
 from app.engine.idempotency import check_key
@@ -96,7 +97,7 @@ PROTOCOL = 1
 _HEAD = struct.Struct("<I")
 MAX_FRAME = 16 * 1024 * 1024
 #: sessions one connection may hold bound at once (each binding holds a segment: its memory and
-#: a mapping; the server's bound on all connections together is :class:`BindingSlots`)
+#: a mapping; the server's bound on all connections together is ``LocalTransport.binding_slots``)
 MAX_BINDINGS = 64
 ALIGN = 64
 #: the ``Retry-After`` of a bind refused for the server-wide bound, in seconds
@@ -121,29 +122,6 @@ def default_bindings(max_map_count: int | None = None) -> int:
         except (OSError, ValueError):
             max_map_count = MAP_COUNT_DEFAULT
     return max(BINDINGS_FLOOR, max_map_count // MAP_SHARE)
-
-
-class BindingSlots:
-    """How many bindings are live on all the same-host connections together, against ``limit``
-    (thread-safe: every connection has a thread)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.live = 0
-        self._lock = threading.Lock()
-
-    def take(self) -> bool:
-        """Count a binding made: False (not counted) when ``limit`` are live."""
-        with self._lock:
-            if self.live >= self.limit:
-                return False
-            self.live += 1
-            return True
-
-    def give(self) -> None:
-        """A binding counted by :meth:`take` let go."""
-        with self._lock:
-            self.live -= 1
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -460,7 +438,7 @@ class LocalTransport:
         self.engine = engine
         #: the live bindings of all connections together (``OPTSERVE_MAX_BINDINGS``; 0: the
         #: default, :func:`default_bindings`)
-        self.binding_slots = BindingSlots(max_bindings or default_bindings())
+        self.binding_slots = Bounded(max_bindings or default_bindings())
         #: the count of open connections this transport shares with HTTP's (a connection past
         #: its limit is closed at once), None: unbounded
         self.slots = slots

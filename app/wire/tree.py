@@ -45,6 +45,22 @@ def nodes_once(tree: Any, path: str) -> Iterator[tuple[Any, str]]:
         yield node, at
 
 
+def int_outside(tree: Any, low: int, high: int) -> bool:
+    """Whether ``tree`` holds an int (values only) outside ``low..high``: the quick test before
+    :func:`nodes_once`'s walk names one (no paths made; each dict, list or tuple once)."""
+    stack: list[Any] = [tree]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if type(node) is int:
+            if not low <= node <= high:
+                return True
+        elif isinstance(node, (dict, list, tuple)) and id(node) not in seen:
+            seen.add(id(node))
+            stack.extend(node.values() if isinstance(node, dict) else node)
+    return False
+
+
 def _looks_tagged(obj: dict[str, Any]) -> bool:
     return (len(obj) == 1 and next(iter(obj)) in _TAGS) or is_json_tensor(obj)
 

@@ -79,7 +79,8 @@ def test_closing_a_binding_not_handed_over_closes_its_descriptor() -> None:
 
 
 def test_the_bound_on_bindings_is_a_setting_with_a_default() -> None:
-    from app.transport.local import BindingSlots, default_bindings
+    from app.api.connection_cap import Bounded
+    from app.transport.local import default_bindings
 
     assert Settings(max_bindings=5).max_bindings == 5
     with pytest.raises(ValueError, match="max_bindings"):
@@ -88,7 +89,7 @@ def test_the_bound_on_bindings_is_a_setting_with_a_default() -> None:
     # an eighth of the process's mappings (vm.max_map_count), at least 64
     assert default_bindings(65530) == 8191
     assert default_bindings(100) == 64
-    slots = BindingSlots(2)
+    slots = Bounded(2)  # (LocalTransport.binding_slots)
     assert slots.take() and slots.take() and not slots.take()
     slots.give()
-    assert slots.take() and slots.live == 2
+    assert slots.take() and slots.held == 2

@@ -74,13 +74,10 @@ def encode_tensor_map(tensors: Mapping[str, Any], what: str
                         f"{type(tensors).__name__}")
     out: dict[str, WireTensor | SparseWire] = {}
     dense: dict[str, Any] = {}
-    loaded = T._torch_loaded()  # (is_sparse inlined: once per tensor of a step)
-    kind: Any = loaded.Tensor if loaded is not None else RowSparse
-    strided = loaded.strided if loaded is not None else None
     for name, t in tensors.items():
         if not isinstance(name, str):
             raise TypeError(f"{what}: names must be strings, got {name!r}")
-        if isinstance(t, RowSparse) or (isinstance(t, kind) and t.layout is not strided):
+        if is_sparse(t):
             out[name] = to_sparse_wire(t, f"{what}[{name!r}]")
         else:
             out[name] = dense[name] = t  # (its place in the order; encoded below)
