@@ -79,6 +79,7 @@ def main() -> None:
     if args.in_process:
         in_process(int(args.n), args.tensors, max(args.steps, 30))
         return
+    torch.set_num_threads(1)  # (as the server's OPTSERVE_TORCH_THREADS=1)
     n = int(args.n) // args.tensors
     grads = [torch.randn(n, generator=torch.Generator().manual_seed(i))
              for i in range(args.tensors)]
@@ -86,7 +87,6 @@ def main() -> None:
           f"threads {torch.get_num_threads()}, median ms over {args.steps} steps")
     print(f"{'transport':<18}{'check':>8}{'step on':>10}{'step off':>10}{'cpu on':>9}"
           f"{'cpu off':>9}")
-    torch.set_num_threads(1)
     port = free_port()
     env = {"OPTSERVE_PORT": str(port), "OPTSERVE_TORCH_THREADS": "1",
            "OPTSERVE_DURABILITY": "memory"}
