@@ -9,8 +9,9 @@ clipping), ``p.data.copy_(...)`` and ``p.data = tensor`` (``vector_to_parameters
 
 So each parameter's values are kept as they were when last in step with the session (the
 values the optimizer wrote into it, or sent), and a parameter whose version counter did not
-move is compared with them bit for bit before each step (as integers: a NaN equals the same
-NaN, ``-0.0`` differs from ``0.0``). What is kept is, where it can be, the answer the values
+move is compared with them bit for bit before each step (their bytes, by the C library's
+``memcmp`` where both are contiguous CPU tensors, else as integers: a NaN equals the same NaN,
+``-0.0`` differs from ``0.0``). What is kept is, where it can be, the answer the values
 were copied from, which nothing else writes until the next step's answer, so that no copy is
 made for it:
 
@@ -44,7 +45,9 @@ compared with, and this one then sends its own values as an edit. Give each its 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Set
+import ctypes
+import ctypes.util
+from collections.abc import Callable, Iterable, Mapping, Set
 
 import torch
 from torch._C._nn import flatten_dense_tensors
@@ -57,7 +60,42 @@ _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 SMALL = 1 << 14
 
 
+def _libc_memcmp() -> Callable[[int, int, int], int] | None:
+    """The C library's ``memcmp`` (ctypes lets go of the GIL while it runs), or None where
+    there is none to load."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        fn = libc.memcmp
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+#: ``memcmp``: compares two CPU tensors' bytes about 2.7x faster than ``torch.equal`` does
+#: their integer views (1e7 float32 values on one core of the development machine: 2.9 ms
+#: against 7.7 ms; ``benchmarks.data_edits --in-process``)
+_MEMCMP = _libc_memcmp()
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool | None:
+    """Whether ``a`` and ``b`` (of one dtype and shape) hold the same bytes, by ``memcmp``,
+    or None where that does not answer it: not both plain contiguous CPU tensors (a view
+    with a conjugate or negative bit holds other bytes than its values)."""
+    if (_MEMCMP is None or a.device.type != "cpu" or b.device.type != "cpu"
+            or not a.is_contiguous() or not b.is_contiguous() or a.is_quantized
+            or a.is_conj() or b.is_conj() or a.is_neg() or b.is_neg()):
+        return None
+    size = a.numel() * a.element_size()
+    if size == 0:
+        return True
+    return _MEMCMP(a.data_ptr(), b.data_ptr(), size) == 0
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
+    if t.is_conj() or t.is_neg():  # (a view whose values are not its bytes: no integer view)
+        t = t.resolve_conj().resolve_neg()
     if t.is_floating_point() or t.is_complex():
         width = _BITS.get(t.element_size())
         if width is not None:
@@ -71,7 +109,8 @@ def bitwise_equal(p: torch.Tensor, ref: torch.Tensor) -> bool:
     if (a.layout != torch.strided or a.dtype != ref.dtype or a.shape != ref.shape
             or a.device != ref.device):
         return False
-    return bool(torch.equal(_bits(a), _bits(ref)))
+    same = _same_bytes(a, ref)
+    return bool(torch.equal(_bits(a), _bits(ref))) if same is None else same
 
 
 def _joined_equal(ps: list[torch.Tensor], refs: list[torch.Tensor]) -> bool:
@@ -82,7 +121,10 @@ def _joined_equal(ps: list[torch.Tensor], refs: list[torch.Tensor]) -> bool:
         a, b = flatten_dense_tensors(ps), flatten_dense_tensors(refs)
     except RuntimeError:
         return False
-    return a.dtype == b.dtype and a.device == b.device and torch.equal(_bits(a), _bits(b))
+    if a.dtype != b.dtype or a.device != b.device or a.shape != b.shape:
+        return False
+    same = _same_bytes(a, b)
+    return bool(torch.equal(_bits(a), _bits(b))) if same is None else same
 
 
 class _Joined:

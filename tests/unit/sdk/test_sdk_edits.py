@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from optserve import _edits
 from optserve._edits import SMALL, References, bitwise_equal
 
 
@@ -21,6 +24,56 @@ def test_bitwise_equal_compares_bits() -> None:
     assert not bitwise_equal(zero, zero.double())
     assert not bitwise_equal(zero, zero.reshape(2, 1))
     assert bitwise_equal(torch.nn.Parameter(zero.clone()), zero)
+
+
+def _as_integers(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The comparison ``memcmp`` stands in for: the values' bits as integers, each tensor
+    read through its own strides."""
+    return a.shape == b.shape and bool(torch.equal(_edits._bits(a), _edits._bits(b)))
+
+
+_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64,
+           torch.int64, torch.uint8]
+
+
+@settings(max_examples=150, deadline=None)
+@given(dtype=st.sampled_from(_DTYPES), numel=st.integers(0, 3 * SMALL),
+       offset=st.integers(0, 7), flip=st.one_of(st.none(), st.integers(0, 1 << 30)),
+       bit=st.integers(0, 7), seed=st.integers(0, 1 << 16))
+def test_byte_comparison_agrees_with_the_integer_one(
+        dtype: torch.dtype, numel: int, offset: int, flip: int | None, bit: int, seed: int
+) -> None:
+    """Contiguous CPU tensors are compared by ``memcmp`` over exactly their own bytes (a view
+    into a larger storage at an offset, the last byte included): it answers as the integer
+    comparison does, one flipped bit anywhere included."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 256, ((numel + offset + 3) * 16,), dtype=torch.uint8, generator=gen)
+    storage = base.view(dtype)
+    a = storage[offset:offset + numel]
+    b = a.clone()
+    raw = b.view(torch.uint8) if numel else b
+    if flip is not None and numel:
+        raw.view(-1)[flip % raw.numel()] ^= 1 << bit
+    # the bytes around the view differ in the clone's neighbours: they must not count
+    assert _edits._same_bytes(a, b) is not None  # the memcmp path answers
+    assert bitwise_equal(a, b) == _as_integers(a, b) == (flip is None or numel == 0)
+    joined = _edits._joined_equal([a, a], [b, b]) if numel else True
+    assert joined == (flip is None or numel == 0)
+
+
+def test_views_whose_bytes_are_not_their_values_are_compared_as_values() -> None:
+    """A strided view, a conjugate view and a negative view: not by ``memcmp`` (their bytes
+    are another tensor's), and still bit for bit."""
+    z = torch.randn(64, dtype=torch.complex64)
+    assert _edits._same_bytes(z.conj(), z.conj().resolve_conj()) is None
+    assert bitwise_equal(z.conj(), z.conj().resolve_conj())
+    assert not bitwise_equal(z.conj(), z)
+    m = torch.randn(8, 8)
+    assert _edits._same_bytes(m.t(), m.t().contiguous()) is None
+    assert bitwise_equal(m.t(), m.t().contiguous())
+    flipped = m.t().contiguous()
+    flipped[7, 0] = -flipped[7, 0]
+    assert not bitwise_equal(m.t(), flipped)
 
 
 @pytest.mark.parametrize("numel", [4, SMALL + 1], ids=["joined", "alone"])
