@@ -327,17 +327,23 @@ class OptserveBf16(OptserveBinary):
 
     name = "optserve-bf16"
     grad_transform = "bf16"
+    #: the step's query
+    query: ClassVar[str] = "upcast=true&params_dtype=bfloat16"
 
     def prepare(self, case: Case, initial: torch.Tensor) -> None:
         super().prepare(case, initial)
-        self.path += "?upcast=true&params_dtype=bfloat16"
+        self.path += f"?{self.query}"
         # the worker's float32 copy of the parameters, widened into in place at every step (as
         # RemoteOptimizer copies an answer into the model's parameter): a fresh 4N-byte
         # tensor per step would add its page faults (glibc maps a block above 32 MB afresh)
         self.values = torch.empty(case.n)
+        # and the narrowed gradient, narrowed into in place (sent before the next step
+        # narrows): a fresh 2N-byte tensor per step came with 380-1,270 page faults a step
+        # at Adam 1e7 in some runs (glibc trimming its heap's top and faulting it in again)
+        self.narrow = torch.empty(case.n, dtype=torch.bfloat16)
 
     def encode(self, grad: torch.Tensor) -> list[bytes | memoryview]:
-        return transfer.safetensors_buffers({"w": grad.to(torch.bfloat16)})
+        return transfer.safetensors_buffers({"w": self.narrow.copy_(grad)})
 
     def decode(self, body: bytearray) -> npt.NDArray[np.float32]:
         self.values.copy_(transfer.read_safetensors(body)["w"])
@@ -348,3 +354,14 @@ class OptserveBf16(OptserveBinary):
         r = self.http.get(f"/v1/sessions/{self.sid}/params", headers={"Accept": BINARY})
         out: npt.NDArray[np.float32] = st_load(r.content)["w"].numpy()
         return out
+
+
+@register
+class OptserveBf16History(OptserveBf16):
+    """``optserve-bf16`` asking ``?metrics=history``: the answer carries no ``metrics``, and the
+    server takes the step's norms after answering (into the session's history, the same
+    values), while the half-size answer goes out and the client widens it, narrows the next
+    gradient and sends it. What the norms on the step's path cost a bfloat16 step."""
+
+    name = "optserve-bf16-history"
+    query = "upcast=true&params_dtype=bfloat16&metrics=history"

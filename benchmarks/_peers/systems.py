@@ -13,4 +13,5 @@ __all__ = ["REGISTRY", "disk", "http_systems", "local", "ray_ps", "torch_rpc"]
 DEFAULT_ORDER = ("in-process", "in-process-heap", "echo", "ray", "torch-rpc",
                  "optserve-binary", "optserve-binary-st", "optserve-sdk-http", "optserve-shm",
                  "optserve-shm-copy",
-                 "optserve-shm-nometrics", "optserve-bf16", "optserve-json", "disk-fsync")
+                 "optserve-shm-nometrics", "optserve-bf16", "optserve-bf16-history",
+                 "optserve-json", "disk-fsync")

@@ -82,3 +82,26 @@ def test_peers_smoke_bitwise(tmp_path: Path) -> None:
     assert len(rows) == 2
     for row in rows:
         assert row.count(" / ") == len(SYSTEMS) - 1, row  # all but in-process have servers
+
+
+def test_the_bfloat16_cells_step_bitwise(tmp_path: Path) -> None:
+    """``optserve-bf16`` (the gradient narrowed into a kept buffer every step) and
+    ``optserve-bf16-history`` (the same asking ``?metrics=history``) at 1e3: every step's
+    parameters equal torch stepping the rounded gradients, bitwise (the benchmark's own check
+    of the server's float32 parameters after the timed steps)."""
+    out = tmp_path / "bf16.json"
+    systems = ["optserve-bf16", "optserve-bf16-history"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.peers", "--sizes", "1e3", "--systems",
+         ",".join(systems), "--durability", "memory", "--rounds", "2", "--reps", "3",
+         "--warmup", "1", "--spin", "0", "--case-spin", "0", "--json", str(out),
+         "--data-dir", str(tmp_path / "data")],
+        cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = orjson.loads(out.read_bytes())
+    assert record["ok"] is True and record["failures"] == []
+    cells = {(c["system"], c["optimizer"]): c for c in record["cells"]}
+    assert {s for s, _ in cells} == {f"{s}[memory]" for s in systems}
+    for key, cell in cells.items():
+        assert cell["check"] == "ok", key
+        assert cell["steps"] == 1 + 2 * 3, key

@@ -718,6 +718,49 @@ def test_narrow_wire_gradients_step_like_torch_on_the_upcast_gradients(
         remote.close(delete_session=True)
 
 
+def test_narrow_wire_gradients_are_narrowed_into_kept_buffers(
+        live_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``wire_dtype="bfloat16"``: each step narrows every dense gradient into one buffer kept
+    for it (the same memory sent at every step, not a fresh block); the values sent are the
+    gradient's own, rounded as
+    ``Tensor.to`` rounds them, so the server's parameters equal torch stepping the rounded
+    gradients bit for bit, step after step, whatever the buffer held before."""
+    sent: list[dict[str, tuple[int, torch.Tensor]]] = []
+    real_api_step = optserve._api.step
+
+    def api_step(session_id: str, grads: Any, **kwargs: Any) -> Any:
+        sent.append({n: (g.data_ptr(), g.clone()) for n, g in grads.items()})
+        return real_api_step(session_id, grads, **kwargs)
+    monkeypatch.setattr(optserve._api, "step", api_step)
+    gen = torch.Generator().manual_seed(8)
+    init = [torch.randn(400, 300, generator=gen), torch.randn(300, generator=gen)]
+    # very different magnitudes from step to step: stale values would show
+    grads = [[torch.randn(p.shape, generator=gen) * 10.0 ** (3 * k - 4) for p in init]
+             for k in range(4)]
+    master = [p.clone() for p in init]
+    local = torch.optim.Adam(master, lr=1e-2)
+    with optserve.Client(live_server, transport="http", max_retries=0) as c:
+        params = [p.clone() for p in init]
+        remote = optserve.RemoteOptimizer([("w", params[0]), ("b", params[1])], "Adam", c,
+                                          lr=1e-2, wire_dtype="bfloat16")
+        for k, step in enumerate(grads):
+            for p, g in zip(master, step, strict=True):
+                p.grad = g.to(torch.bfloat16).to(torch.float32)
+            local.step()
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.clone()
+            remote.step()
+            for name, g in zip(["w", "b"], step, strict=True):
+                ptr, value = sent[k][name]
+                assert ptr == remote._narrow[name].data_ptr() == sent[0][name][0], name
+                assert torch.equal(value, g.to(torch.bfloat16)), name
+        server = c.get_params(remote.session_id).params
+        for name, p, want in zip(["w", "b"], params, master, strict=True):
+            assert torch.equal(server[name], want), name
+            assert torch.equal(p, want.to(torch.bfloat16).to(torch.float32)), name
+        remote.close(delete_session=True)
+
+
 def test_values_past_float16s_range_neither_travel_nor_come_back_infinite(
         live_server: str) -> None:
     """``wire_dtype="float16"``: a finite gradient past float16's range (65504) would travel as

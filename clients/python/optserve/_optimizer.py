@@ -150,19 +150,31 @@ class _UnansweredStep:
                 and _same(changes, self.changes))
 
 
-def _narrowed(grads: dict[str, torch.Tensor], wire: torch.dtype) -> dict[str, torch.Tensor]:
+def _narrowed(grads: dict[str, torch.Tensor], wire: torch.dtype,
+              kept: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Floating gradients wider than ``wire``, narrowed to it: dense ones, and row-sparse ones'
     values (the server widens both). To float16, a finite value past its range (65504) would
     travel as an infinity the server then refuses or steps with as the gradient's own: a
-    ``ValueError`` naming the gradient instead."""
+    ``ValueError`` naming the gradient instead. ``kept``: dense ones are narrowed into the
+    buffers kept there by name (made at the first step, or when a gradient's shape or device
+    changes), which the caller sends before it narrows again: no fresh block per step, whose
+    pages a process faults in again whenever glibc has given its heap's top back (540 to
+    1,630 page faults a step at 1e7 in ``benchmarks.peers``' ``optserve-sdk-bf16``)."""
     out: dict[str, torch.Tensor] = {}
     for name, g in grads.items():
         if g.layout not in (torch.strided, torch.sparse_coo) or not g.is_floating_point() \
                 or g.element_size() <= wire.itemsize:
             out[name] = g
             continue
-        narrow = g.to(wire)
         sparse = g.layout == torch.sparse_coo
+        if kept is not None and not sparse:
+            buffer = kept.get(name)
+            if buffer is None or buffer.shape != g.shape or buffer.device != g.device:
+                buffer = kept[name] = torch.empty(g.shape, dtype=wire, device=g.device)
+            with torch.no_grad():
+                narrow = buffer.copy_(g)
+        else:
+            narrow = g.to(wire)
         wide_values, narrow_values = (g._values(), narrow._values()) if sparse else (g, narrow)
         if wire == torch.float16 and bool(torch.isinf(narrow_values).any()) \
                 and not bool(torch.isinf(wide_values).any()):
@@ -200,7 +212,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             gradients on its device, so the local parameters hold the narrowed values of the
             server's (mixed-precision training with the master copy on the server).
             Row-sparse gradients (``nn.Embedding(sparse=True)``) travel with narrowed
-            values too, and their touched rows come back narrowed.
+            values too, and their touched rows come back narrowed. Each dense gradient is
+            narrowed into a buffer kept for it (half a float32 parameter's bytes).
         durability, metrics, nonfinite: the new session's, as :meth:`Client.create_session`
             takes them (default: the server's settings). ``metrics=False`` saves the server
             the per-step norms (at 1e6 float32 parameters about 4 ms of a step).
@@ -293,6 +306,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._zero_copy = zero_copy
         self._in_slots = _zero_copy.InSlots()
         self._wire_dtype = getattr(torch, wire_dtype) if wire_dtype else None
+        #: the dense gradients narrowed to ``wire_dtype`` are narrowed into these, by name
+        #: (:func:`_narrowed`)
+        self._narrow: dict[str, torch.Tensor] = {}
         #: every answer over HTTP is read into this one buffer (copied into the parameters
         #: before the next step)
         self._answers = ReceiveBuffer()
@@ -754,7 +770,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             grads = sent_grads = self._grads()
             sparse = any(g.layout != torch.strided for g in grads.values())
             if wire is not None:  # narrower gradients on the wire; the server widens them
-                grads = _narrowed(grads, wire)
+                grads = _narrowed(grads, wire, self._narrow)
         base = self._version if self._worker is not None else None
         result = None
         key = uuid.uuid4().hex  # the step's, over either transport
