@@ -276,6 +276,11 @@ class OptserveShm(Optserve):
         self.opt.step()
         self.last = self.w.numpy()
 
+    def info(self) -> dict[str, Any]:
+        """Whether the optimizer checked for edits through ``p.data`` (kept references of the
+        parameters' values: ``optserve._edits``)."""
+        return {"detect_data_edits": self.opt._refs is not None}
+
 
 @register
 class OptserveShmNoMetrics(OptserveShm):
