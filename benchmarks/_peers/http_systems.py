@@ -246,6 +246,9 @@ class OptserveShm(Optserve):
     wire_dtype: ClassVar[str | None] = None
     #: ``RemoteOptimizer``'s ``zero_copy`` (the parameter lives in its slot of the segment)
     zero_copy: ClassVar[bool] = True
+    #: ``RemoteOptimizer``'s ``detect_data_edits`` (each step compares the parameters with a
+    #: reference and keeps a copy of the new values as the next one: ``optserve._edits``)
+    detect_data_edits: ClassVar[bool] = True
 
     def start(self) -> dict[str, Any]:
         facts = super().start()
@@ -263,13 +266,20 @@ class OptserveShm(Optserve):
         self.opt = optserve.RemoteOptimizer([("w", self.w)], case.spec.name, self.client,
                                             session_id=self.sid, metrics=self.metrics,
                                             wire_dtype=self.wire_dtype,
-                                            zero_copy=self.zero_copy, **case.spec.options)
+                                            zero_copy=self.zero_copy,
+                                            detect_data_edits=self.detect_data_edits,
+                                            **case.spec.options)
         self.last = None
 
     def exchange(self, grad_index: int) -> None:
         self.w.grad = self.grads[grad_index]
         self.opt.step()
         self.last = self.w.numpy()
+
+    def info(self) -> dict[str, Any]:
+        """Whether the optimizer checked for edits through ``p.data`` (kept references of the
+        parameters' values: ``optserve._edits``)."""
+        return {"detect_data_edits": self.opt._refs is not None}
 
 
 @register
@@ -279,6 +289,28 @@ class OptserveShmNoMetrics(OptserveShm):
 
     name = "optserve-shm-nometrics"
     metrics = False
+
+
+@register
+class OptserveShmNoEdits(OptserveShm):
+    """``optserve-shm`` with ``RemoteOptimizer(..., detect_data_edits=False)``: what the SDK's
+    check for edits through ``p.data`` costs the same-host path (the comparison with the
+    reference before each step, and the copy of the new values into it after: a parameter
+    living in its slot cannot be its own reference)."""
+
+    name = "optserve-shm-noedits"
+    detect_data_edits = False
+
+
+@register
+class OptserveShmBare(OptserveShm):
+    """``optserve-shm`` with neither the session's per-step metrics nor the SDK's edit check
+    (``metrics=False, detect_data_edits=False``): the optimizer, the copies the transport needs
+    (gradients into the segment, new values into the parameter slots) and the round trip."""
+
+    name = "optserve-shm-bare"
+    metrics = False
+    detect_data_edits = False
 
 
 @register

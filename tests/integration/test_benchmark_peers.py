@@ -1,5 +1,6 @@
 """``benchmarks/peers.py`` end to end at N = 1e3 (in-process, echo, optserve-binary as a lean
-httpx client and as a ``safetensors.torch`` one, the same-host path through ``RemoteOptimizer``,
+httpx client and as a ``safetensors.torch`` one, the same-host path through ``RemoteOptimizer``
+(with its defaults, and without the session's metrics or the SDK's edit check),
 ``RemoteOptimizer`` over HTTP with bfloat16 gradients, torch RPC; 2 rounds): every system's
 result must equal in-process torch bitwise. No timing asserts. About 40 s of CPU (ten processes
 import torch): 60-80 s at load 5 on a 2-core machine, up to 3 min at load 10."""
@@ -17,7 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMS = ["in-process", "echo", "torch-rpc", "optserve-binary", "optserve-binary-st",
-           "optserve-shm", "optserve-sdk-bf16"]
+           "optserve-shm", "optserve-shm-bare", "optserve-sdk-bf16"]
 
 
 #: a peer whose own transport breaks now and then on a loaded 2-core machine (TensorPipe's
@@ -62,6 +63,9 @@ def test_peers_smoke_bitwise(tmp_path: Path) -> None:
     cells = {(c["system"], c["optimizer"]): c for c in record["cells"]}
     want = {f"{s}[memory]" if s.startswith("optserve") else s for s in SYSTEMS}
     assert {s for s, _ in cells} == want
+    # the same-host systems stepped as asked: with the SDK's edit check, and without it
+    assert record["facts"]["optserve-shm[memory]"]["detect_data_edits"] is True
+    assert record["facts"]["optserve-shm-bare[memory]"]["detect_data_edits"] is False
     for (system, optimizer), cell in cells.items():
         assert cell["check"] == "ok", (system, optimizer, cell["check"])
         assert len(cell["samples_ms"]) == 2 * 5
