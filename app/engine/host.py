@@ -1090,7 +1090,10 @@ class EmbeddedHost:
         settled = asyncio.get_running_loop().create_future()
         self._unsettled[key] = settled
         try:
-            writing = asyncio.ensure_future(self._in_io(write))
+            # submitted now, not from a task's first step: an apply that runs inline (on this
+            # thread, before anything here awaits) would otherwise run before the write or the
+            # fsync had even started, not beside it
+            writing = asyncio.get_running_loop().run_in_executor(self._io, write)
             try:
                 result = await self._worker.run(run_apply, op.kind,
                                                 inline=inline and not beside)

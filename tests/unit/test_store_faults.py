@@ -419,6 +419,48 @@ def test_a_step_is_applied_during_its_fsync_and_readers_wait_for_it(
     run(go())
 
 
+def test_a_small_steps_fsync_starts_before_its_inline_apply(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Durability ``step``, a small session (its step applied inline, on the event loop's
+    thread): the record's fsync is handed to an I/O thread before the step is applied, so that
+    the two run at once. (It was handed over from a task's first step, which ran only after the
+    inline apply: the fsync then came after the step, not beside it.) The step waits inside
+    the optimizer until the fsync has started; the fsync is held until the step has run."""
+    from app.engine.ops import gradients
+
+    files = GatedFiles()
+    seen: list[bool] = []
+    applied = threading.Event()
+    real_apply = gradients.Step.apply
+
+    def apply(self: gradients.Step, s: Any, plan: Any) -> Any:
+        if files.gate is not None or files.held.is_set():  # (the gated step only)
+            seen.append(files.held.wait(3))
+        out = real_apply(self, s, plan)
+        applied.set()
+        return out
+    monkeypatch.setattr(gradients.Step, "apply", apply)
+
+    async def go() -> None:
+        pair = Pair(engine(tmp_path, files, "step"))
+        await pair.start()
+        await pair.step()
+        applied.clear()
+        files.close_gate()
+        stepping = asyncio.ensure_future(pair.eng.step(SID, grad(pair.k), return_params=True))
+        assert await asyncio.to_thread(applied.wait, 20), "the step was never applied"
+        files.open_gate()
+        got = await stepping
+        assert seen == [True], "the step was applied before its record's fsync started"
+        await pair.twin.step(SID, grad(pair.k), return_params=False)
+        pair.k += 1
+        want = await pair.twin.pull(SID, None)
+        assert got.version == want.version
+        assert_tree_bitwise(got.params, want.params, "params")
+        await pair.assert_goes_on(tmp_path)
+    run(go())
+
+
 @pytest.mark.parametrize("err", [None, errno.EIO])
 def test_a_caller_that_gives_up_mid_step_leaves_a_whole_step_or_none(tmp_path: Path,
                                                                        err: int | None) -> None:
