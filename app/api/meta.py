@@ -74,4 +74,12 @@ async def metrics(request: Request, engine: EngineDep) -> Response:
     status = await engine.status(memory=True)
     registry.sessions.set(status.sessions)
     registry.device_memory.set(status.memory_bytes)
+    connections = getattr(request.app.state, "connections", None)
+    if connections is not None:
+        registry.connections.set(connections.open)
+        registry.connections_limit.set(connections.limit)
+    local = getattr(request.app.state, "local_transport", None)
+    if local is not None:
+        registry.bindings.set(local.binding_slots.held)
+        registry.bindings_limit.set(local.binding_slots.limit)
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)

@@ -8,8 +8,9 @@ duplicate ``mmap.mmap`` makes of it, 2 descriptors a binding outside
 still answer, equal to an in-process ``torch.optim`` run bitwise, and an unbind or a closed
 connection unmaps its segments (``/proc/<pid>/maps``).
 
-Then the server-wide bound on live bindings (``OPTSERVE_MAX_BINDINGS``): the bind past it is a
-503 ``server_bindings_full`` naming the limit, with ``retry_after``; the SDK steps that session
+Then the server-wide bound on live bindings (``OPTSERVE_MAX_BINDINGS``): ``/metrics`` counts
+the bindings held and gives the bound; the bind past it is a 503 ``server_bindings_full``
+naming the limit, with ``retry_after``; the SDK steps that session
 over HTTP (equal to torch), and binds it once its ``Retry-After`` has passed and a binding was
 let go.
 """
@@ -54,6 +55,15 @@ def frames(sock: socket.socket, message: dict[str, object]) -> dict[str, object]
     while len(data) < 4 + n:
         data += sock.recv(4 + n - len(data))
     return dict(json.loads(data[4:4 + n]))
+
+
+def gauge(url: str, name: str) -> float:
+    """A gauge's value in the server's ``/metrics``."""
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    values = [float(line.split()[-1]) for line in text.splitlines()
+              if line.split(" ")[0] == name]
+    assert len(values) == 1, (name, text)
+    return values[0]
 
 
 def socket_path(url: str) -> str:
@@ -223,6 +233,12 @@ def test_the_server_wide_bound_on_bindings_sends_the_sdk_to_http(
         assert (problem["status"], problem["code"]) == (503, "server_bindings_full")
         assert problem["field"] == "session" and problem["limit"] == 3
         assert problem["retry_after"] == 1 and "OPTSERVE_MAX_BINDINGS" in problem["detail"]
+        # /metrics says how many are held, and the bound
+        assert gauge(proc.url, "optserve_local_bindings") == 3
+        assert gauge(proc.url, "optserve_local_bindings_limit") == 3
+        # (a, b and the connection asking: same-host and HTTP counted together)
+        assert gauge(proc.url, "optserve_connections_open") >= 3
+        assert gauge(proc.url, "optserve_connections_limit") >= 64
         # the SDK steps over HTTP instead (auto), equal to torch, not asking again each step
         ref = Reference(torch.optim.Adam, [(params_of(5), {})], OPTIONS)
         binds = 0
@@ -244,6 +260,7 @@ def test_the_server_wide_bound_on_bindings_sends_the_sdk_to_http(
             assert channel is not None and not channel._bindings and binds == 1
             # a binding let go, and the Retry-After passed: the next step binds
             assert frames(a, {"op": "unbind", "binding": first["binding"]})["ok"] is True
+            assert gauge(proc.url, "optserve_local_bindings") == 2
             time.sleep(1.1)
             out = sdk.step(sid, grads_of(5, 3))
             ref.step(grads_of(5, 3))
