@@ -117,6 +117,23 @@ def default_open_logs(soft: int | None = None) -> int:
     return max(OPEN_LOGS_MIN, min(soft, _UNLIMITED_FILES) // OPEN_LOGS_SHARE)
 
 
+def open_logs_warning(max_open: int, soft: int | None = None) -> str | None:
+    """What to warn of when ``OPTSERVE_MAX_OPEN_LOGS`` (``max_open``) may take more than half of
+    the soft descriptor limit ``soft`` (this process's when None): the logs held open would
+    leave too few descriptors for connections and snapshots. None when it fits."""
+    if soft is None:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY or soft < 0:
+            return None
+    if max_open <= soft // 2:
+        return None
+    return (f"OPTSERVE_MAX_OPEN_LOGS={max_open} is more than half of this process's "
+            f"descriptor limit ({soft}): the session logs held open can take the descriptors "
+            "connections and snapshots need (503 out_of_file_descriptors). Raise the limit "
+            "(ulimit -n, LimitNOFILE=, docker --ulimit nofile=) or lower OPTSERVE_MAX_OPEN_LOGS "
+            f"(0: {default_open_logs(soft)} here)")
+
+
 class StoreCorrupt(Exception):
     """A snapshot or log that cannot be trusted; the session is refused, not guessed at."""
 
@@ -357,6 +374,10 @@ class Store:
         self.files = files or Files()
         #: logs kept open at once (0: :func:`default_open_logs`)
         self.max_open = max_open or default_open_logs()
+        if max_open:
+            warning = open_logs_warning(max_open)
+            if warning is not None:
+                log.warning("%s", warning)
         #: every session's log written since the start (open or not), until it is forgotten
         self._logs: dict[str, _Log] = {}
         #: the open logs, least recently used first

@@ -24,7 +24,14 @@ import pytest
 import torch
 
 from app.engine import CreateSpec, Front, GroupSpec, embedded_engine
-from app.engine.store import Buffer, Files, Store, default_open_logs, read_log
+from app.engine.store import (
+    Buffer,
+    Files,
+    Store,
+    default_open_logs,
+    open_logs_warning,
+    read_log,
+)
 from app.errors import OptserveError
 from tests.torch_reference import Reference, assert_tensors_equal
 
@@ -99,6 +106,28 @@ def test_the_default_bound_is_an_eighth_of_the_soft_limit_at_least_32() -> None:
     assert [default_open_logs(n) for n in (64, 120, 256, 1024, 65536)] == \
         [32, 32, 32, 128, 8192]
     assert default_open_logs() >= 32
+
+
+def test_a_bound_past_half_the_descriptor_limit_is_warned_of(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``OPTSERVE_MAX_OPEN_LOGS`` set above half of the soft ``RLIMIT_NOFILE``: the store warns
+    at start, naming the setting, the limit and the default it would get; at or below half,
+    and left at 0 (the default, an eighth), it says nothing."""
+    assert open_logs_warning(512, 1024) is None
+    warning = open_logs_warning(513, 1024)
+    assert warning is not None
+    assert "OPTSERVE_MAX_OPEN_LOGS=513" in warning and "(1024)" in warning
+    assert f"(0: {default_open_logs(1024)} here)" in warning
+    import resource
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (256, 4096))
+    with caplog.at_level("WARNING", logger="optserve.store"):
+        Store(tmp_path / "a", max_open=129)
+        Store(tmp_path / "b", max_open=128)
+        Store(tmp_path / "c")
+    warned = [r.getMessage() for r in caplog.records if r.name == "optserve.store"]
+    assert len(warned) == 1 and "OPTSERVE_MAX_OPEN_LOGS=129" in warned[0], warned
+    assert "(256)" in warned[0]
 
 
 def test_at_most_the_bound_are_open_and_every_record_lands_in_its_log(
