@@ -58,18 +58,18 @@ class Metrics:
         self.device_memory = Gauge("optserve_device_memory_bytes",
                                    "Bytes of tensors the sessions hold on the device "
                                    "(CUDA: torch.cuda.memory_allocated)", registry=r)
-        self.connections = Gauge("optserve_connections_open", "Connections open now, HTTP and "
-                                 "same-host together (OPTSERVE_MAX_CONNECTIONS bounds them)",
-                                 registry=r)
-        self.connections_limit = Gauge("optserve_connections_limit",
-                                       "The most connections open at once "
-                                       "(OPTSERVE_MAX_CONNECTIONS)", registry=r)
-        self.bindings = Gauge("optserve_local_bindings", "Same-host bindings held now (a "
-                              "session's shared segment mapped for a same-host connection)",
-                              registry=r)
-        self.bindings_limit = Gauge("optserve_local_bindings_limit",
-                                    "The most same-host bindings held at once "
-                                    "(OPTSERVE_MAX_BINDINGS)", registry=r)
+
+        def bounded(name: str, what: str, setting: str) -> tuple[Gauge, Gauge]:
+            return (Gauge(f"optserve_{name}", f"{what} now ({setting} bounds them)",
+                          registry=r),
+                    Gauge(f"optserve_{name}_limit", f"{setting}: the most at once",
+                          registry=r))
+        self.connections, self.connections_limit = bounded(
+            "connections", "Connections open, HTTP and same-host together",
+            "OPTSERVE_MAX_CONNECTIONS")
+        self.bindings, self.bindings_limit = bounded(
+            "local_bindings", "Same-host bindings held (a session's segment mapped for a "
+            "same-host connection)", "OPTSERVE_MAX_BINDINGS")
 
         # the (counter, outcome) series each session has, so a deleted session's go with it
         self._series: dict[str, set[tuple[Counter, str]]] = {}

@@ -237,7 +237,7 @@ def test_the_server_wide_bound_on_bindings_sends_the_sdk_to_http(
         assert gauge(proc.url, "optserve_local_bindings") == 3
         assert gauge(proc.url, "optserve_local_bindings_limit") == 3
         # (a, b and the connection asking: same-host and HTTP counted together)
-        assert gauge(proc.url, "optserve_connections_open") >= 3
+        assert gauge(proc.url, "optserve_connections") >= 3
         assert gauge(proc.url, "optserve_connections_limit") >= 64
         # the SDK steps over HTTP instead (auto), equal to torch, not asking again each step
         ref = Reference(torch.optim.Adam, [(params_of(5), {})], OPTIONS)

@@ -360,6 +360,25 @@ class GatedFiles(FaultyFiles):
         super().fsync(fd)
 
 
+def watch_applies(monkeypatch: pytest.MonkeyPatch, first: Callable[[], None] | None = None
+                  ) -> threading.Event:
+    """``Step.apply`` patched for the test: ``first`` runs before each apply, and the event
+    returned is set after each."""
+    from app.engine.ops import gradients
+
+    applied = threading.Event()
+    real_apply = gradients.Step.apply
+
+    def apply(self: gradients.Step, s: Any, plan: Any) -> Any:
+        if first is not None:
+            first()
+        out = real_apply(self, s, plan)
+        applied.set()
+        return out
+    monkeypatch.setattr(gradients.Step, "apply", apply)
+    return applied
+
+
 @pytest.mark.parametrize("err", [None, errno.EIO, errno.ENOSPC])
 def test_a_step_is_applied_during_its_fsync_and_readers_wait_for_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int | None) -> None:
@@ -368,17 +387,8 @@ def test_a_step_is_applied_during_its_fsync_and_readers_wait_for_it(
     until the fsync is done. When the fsync fails, the session is rebuilt from its store: the
     pull that waited sees the session as it was, the step is refused, and the next step and a
     restart are bitwise the twin's."""
-    from app.engine.ops import gradients
-
     files = GatedFiles()
-    applied = threading.Event()
-    real_apply = gradients.Step.apply
-
-    def apply(self: gradients.Step, s: Any, plan: Any) -> Any:
-        out = real_apply(self, s, plan)
-        applied.set()
-        return out
-    monkeypatch.setattr(gradients.Step, "apply", apply)
+    applied = watch_applies(monkeypatch)
 
     async def go() -> None:
         pair = Pair(engine(tmp_path, files, "step"))
@@ -426,20 +436,13 @@ def test_a_small_steps_fsync_starts_before_its_inline_apply(
     the two run at once. (It was handed over from a task's first step, which ran only after the
     inline apply: the fsync then came after the step, not beside it.) The step waits inside
     the optimizer until the fsync has started; the fsync is held until the step has run."""
-    from app.engine.ops import gradients
-
     files = GatedFiles()
     seen: list[bool] = []
-    applied = threading.Event()
-    real_apply = gradients.Step.apply
 
-    def apply(self: gradients.Step, s: Any, plan: Any) -> Any:
+    def first() -> None:
         if files.gate is not None or files.held.is_set():  # (the gated step only)
             seen.append(files.held.wait(3))
-        out = real_apply(self, s, plan)
-        applied.set()
-        return out
-    monkeypatch.setattr(gradients.Step, "apply", apply)
+    applied = watch_applies(monkeypatch, first)
 
     async def go() -> None:
         pair = Pair(engine(tmp_path, files, "step"))
