@@ -40,7 +40,7 @@ from typing import Any
 import orjson
 import torch
 
-from benchmarks._peers import transfer
+from benchmarks._peers import cpu, transfer
 from benchmarks._server import PIDS, free_port, server, user_defaults
 
 BINARY = "application/octet-stream"
@@ -69,26 +69,12 @@ def _worker(port: int, sid: str, body: bytes, start_at: float, seconds: float
 
 
 def _cpu_s(pid: int) -> tuple[float, float]:
-    """CPU seconds (user + system) the process ``pid`` has used: its main thread's (the event
-    loop's), and all its other threads' together (Linux ``/proc``; zeros elsewhere)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    main = rest = 0.0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0.0, 0.0
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # (a thread that ended meanwhile)
-            continue
-        used = (int(fields[11]) + int(fields[12])) / tick
-        if int(tid) == pid:
-            main += used
-        else:
-            rest += used
-    return main, rest
+    """CPU seconds the process ``pid`` has used (``benchmarks._peers.cpu``): its main thread's
+    (the event loop's), and all its other threads' together."""
+    snapshot = cpu.threads(pid)
+    main = sum(run for tid, (run, _) in snapshot.items() if tid == pid)
+    rest = sum(run for tid, (run, _) in snapshot.items() if tid not in (pid, cpu.FAULTS))
+    return main / 1e9, rest / 1e9
 
 
 def _disk_rate(directory: Path, k: int, nbytes: int, seconds: float) -> float:
@@ -126,11 +112,17 @@ def _expected(initial: torch.Tensor, grad: torch.Tensor, steps: int) -> torch.Te
     return p.detach()
 
 
-def _request(conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None = None,
+def _request(port: int, method: str, path: str, body: bytes | None = None,
              headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    conn.request(method, path, body, headers or {})
-    r = conn.getresponse()
-    return r.status, r.read()
+    """One untimed request, on a connection of its own (the setup's and the checks' requests
+    are far apart: a kept one would outlive the server's keep-alive)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        conn.request(method, path, body, headers or {})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
 
 
 def run(n: int, sessions: list[int], seconds: float, warmup: int) -> list[dict[str, Any]]:
@@ -150,10 +142,7 @@ def run(n: int, sessions: list[int], seconds: float, warmup: int) -> list[dict[s
     with server(env, command=[sys.executable, "-m", "app"], port=port,
                 unset=user_defaults(env)) as url, ctx.Pool(max(sessions)) as pool:
         pid = PIDS[url]
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
         for k in sessions:
-            conn.close()  # (idle past the server's keep-alive while the disk was timed)
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
             row: dict[str, Any] = {"sessions": k, "bitwise": True}
             for level in LEVELS:
                 sids = [f"c{k}-{level}-{i}" for i in range(k)]
@@ -163,12 +152,12 @@ def run(n: int, sessions: list[int], seconds: float, warmup: int) -> list[dict[s
                             "params": {"w": {"dtype": "float32", "shape": [n], "b64":
                                              base64.b64encode(initial.numpy().tobytes())
                                              .decode()}}}
-                    status, answer = _request(conn, "POST", "/v1/sessions", orjson.dumps(spec),
+                    status, answer = _request(port, "POST", "/v1/sessions", orjson.dumps(spec),
                                               {"Content-Type": "application/json"})
                     if status != 201:
                         raise RuntimeError(f"create: {status} {answer[:300]!r}")
                     for _ in range(warmup):
-                        status, _ = _request(conn, "POST", f"/v1/sessions/{sid}/step", body,
+                        status, _ = _request(port, "POST", f"/v1/sessions/{sid}/step", body,
                                              headers)
                         assert status == 200
                 start_at = time.time() + 0.5
@@ -176,8 +165,6 @@ def run(n: int, sessions: list[int], seconds: float, warmup: int) -> list[dict[s
                 done = pool.starmap(_worker, [(port, sid, body, start_at, seconds)
                                               for sid in sids])
                 cpu_after = _cpu_s(pid)
-                conn.close()  # (idle past the server's keep-alive meanwhile)
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
                 total = sum(count for count, _ in done)
                 row[f"{level} steps/s"] = total / seconds
                 row[f"{level} ms"] = statistics.median(t for _, ts in done for t in ts)
@@ -185,13 +172,13 @@ def run(n: int, sessions: list[int], seconds: float, warmup: int) -> list[dict[s
                 row[f"{level} cpu"] = tuple((a - b) / total * 1e3 for a, b in
                                             zip(cpu_after, cpu_before, strict=True))
                 for sid, (count, _) in zip(sids, done, strict=True):
-                    status, answer = _request(conn, "GET", f"/v1/sessions/{sid}/params",
+                    status, answer = _request(port, "GET", f"/v1/sessions/{sid}/params",
                                               None, {"Accept": BINARY})
                     got = transfer.read_safetensors(bytearray(answer))["w"]
                     want = _expected(initial, grad, warmup + count)
                     row["bitwise"] &= status == 200 and torch.equal(
                         got.view(torch.int32), want.view(torch.int32))
-                    _request(conn, "DELETE", f"/v1/sessions/{sid}")
+                    _request(port, "DELETE", f"/v1/sessions/{sid}")
             row["disk writes+fsyncs/s"] = _disk_rate(data_dir / "disk", k, 4 * n, seconds)
             rows.append(row)
             print(f"  K={k}: memory {row['memory steps/s']:.0f}/s, step "

@@ -46,7 +46,7 @@ def keyed_server() -> Iterator[str]:
         live.stop()
 
 
-def socket_path(url: str, key: str = KEY_A) -> str:
+def socket_path(url: str, key: str | None = KEY_A) -> str:
     with optserve.Client(url, api_key=key, transport="http") as c:
         local = c._request(optserve._api.transport())["local"]
     assert local is not None
@@ -155,11 +155,14 @@ def test_the_path_is_told_only_to_loopback_clients() -> None:
 
 
 def frames(sock: socket.socket, message: dict[str, object]) -> dict[str, object]:
+    """One same-host request and its answer (a segment's descriptor sent with it closed)."""
     body = json.dumps(message).encode()
     sock.sendall(struct.pack("<I", len(body)) + body)
     data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 4)
     for fd in fds:
         os.close(fd)
+    while len(data) < 4:
+        data += sock.recv(4 - len(data))
     (n,) = struct.unpack("<I", data[:4])
     while len(data) < 4 + n:
         data += sock.recv(4 + n - len(data))

@@ -17,10 +17,8 @@ let go.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +30,7 @@ import torch
 
 import optserve
 from tests.integration.test_durability import Proc
+from tests.integration.test_local_transport import frames, socket_path
 from tests.torch_reference import Reference, assert_tensors_equal, json_tensor, tensor_from_json
 
 pytestmark = pytest.mark.integration
@@ -42,21 +41,6 @@ PER_CONNECTION = 64  # app.transport.local.MAX_BINDINGS
 OPTIONS = {"lr": 1e-2}
 
 
-def frames(sock: socket.socket, message: dict[str, object]) -> dict[str, object]:
-    """One same-host request and its answer (a segment's descriptor sent with it closed)."""
-    body = json.dumps(message).encode()
-    sock.sendall(struct.pack("<I", len(body)) + body)
-    data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 4)
-    for fd in fds:
-        os.close(fd)
-    while len(data) < 4:
-        data += sock.recv(4 - len(data))
-    (n,) = struct.unpack("<I", data[:4])
-    while len(data) < 4 + n:
-        data += sock.recv(4 + n - len(data))
-    return dict(json.loads(data[4:4 + n]))
-
-
 def gauge(url: str, name: str) -> float:
     """A gauge's value in the server's ``/metrics``."""
     text = httpx.get(f"{url}/metrics", timeout=60).text
@@ -64,13 +48,6 @@ def gauge(url: str, name: str) -> float:
               if line.split(" ")[0] == name]
     assert len(values) == 1, (name, text)
     return values[0]
-
-
-def socket_path(url: str) -> str:
-    with optserve.Client(url, transport="http") as c:
-        local = c._request(optserve._api.transport())["local"]
-    assert local is not None
-    return str(local["socket"])
 
 
 def descriptors(pid: int) -> list[str]:
@@ -154,7 +131,7 @@ def test_many_bindings_hold_no_descriptors_and_unbinding_unmaps(proc: Proc) -> N
     proc.start()
     assert proc.proc is not None
     pid = proc.proc.pid
-    path = socket_path(proc.url)
+    path = socket_path(proc.url, None)
     with httpx.Client(base_url=proc.url, timeout=60) as c:
         http_create_and_step(c, "target", 0, 1)
     socks = []
@@ -209,7 +186,7 @@ def test_the_server_wide_bound_on_bindings_sends_the_sdk_to_http(
     proc.env["OPTSERVE_DURABILITY"] = "memory"
     proc.start()
     assert proc.proc is not None
-    path = socket_path(proc.url)
+    path = socket_path(proc.url, None)
     with httpx.Client(base_url=proc.url, timeout=60) as c:
         http_create_and_step(c, "held", 0, 0)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as a, \

@@ -127,6 +127,19 @@ def run(server: str, way: str, optimizer: str, edit: Edit, steps: int = 5,
     return local_model, remote_model, pulled
 
 
+def spy_on_puts(c: optserve.Client) -> list[list[str]]:
+    """The names of the parameters each ``put_params`` of ``c`` sends, in order, from now on."""
+    sent: list[list[str]] = []
+    put = c.put_params
+
+    def spy(id: str, params: dict[str, torch.Tensor], **kw: object) -> optserve.ParamsResult:
+        sent.append(sorted(params))
+        return put(id, params, **kw)  # type: ignore[arg-type]
+
+    c.put_params = spy  # type: ignore[method-assign]
+    return sent
+
+
 @pytest.mark.parametrize("hidden", [16, 4096])
 @pytest.mark.parametrize("way", list(WAYS))
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
@@ -158,16 +171,8 @@ def test_only_the_edited_parameters_are_sent(server: str, way: str) -> None:
     transport, binary, zero_copy = WAYS[way]
     local_model, remote_model = critic(4)
     local = torch.optim.Adam(local_model.parameters(), lr=1e-2)
-    sent: list[list[str]] = []
     with optserve.Client(server, transport=transport, max_retries=0) as c:
-        put = c.put_params
-
-        def spy(id: str, params: dict[str, torch.Tensor], **kw: object
-                ) -> optserve.ParamsResult:
-            sent.append(sorted(params))
-            return put(id, params, **kw)  # type: ignore[arg-type]
-
-        c.put_params = spy  # type: ignore[method-assign]
+        sent = spy_on_puts(c)
         remote = optserve.RemoteOptimizer(remote_model.named_parameters(), "Adam", c,
                                           binary=binary, zero_copy=zero_copy, lr=1e-2)
         try:
@@ -277,16 +282,8 @@ def test_edits_among_row_sparse_steps_are_sent_once_and_only_they(server: str) -
         if k == 3:
             params["idle"].data.mul_(0.5)
 
-    sent: list[list[str]] = []
     with optserve.Client(server, transport="http", max_retries=0) as c:
-        put = c.put_params
-
-        def spy(id: str, params: dict[str, torch.Tensor], **kw: object
-                ) -> optserve.ParamsResult:
-            sent.append(sorted(params))
-            return put(id, params, **kw)  # type: ignore[arg-type]
-
-        c.put_params = spy  # type: ignore[method-assign]
+        sent = spy_on_puts(c)
         remote = optserve.RemoteOptimizer(list(mine.items()), "SGD", c, lr=0.1)
         try:
             for k in range(5):
