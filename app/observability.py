@@ -23,6 +23,8 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.body_sink import BYTES_KEY
+
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "optserve_request_id", default=None)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -194,6 +196,8 @@ class RequestContextMiddleware:
                            tagging_send)
         finally:
             elapsed = time.perf_counter() - started
+            # (a body read through the protocol's sink passed no receive(): app.api.body_sink)
+            sizes["in"] += scope.get("state", {}).get(BYTES_KEY, 0)
             self.metrics.bytes_in.inc(sizes["in"])
             self.metrics.bytes_out.inc(sizes["out"])
             self.metrics.series(self.metrics.requests, scope["method"], str(status["code"])).inc()

@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from app.api import body_sink
 from app.api.conditions import one_header, one_query
 from app.api.openapi_docs import OPERATIONS
 from app.errors import (
@@ -95,6 +96,27 @@ async def _receive(request: Request, take: Callable[[bytes], None]) -> None:
                           "(OPTSERVE_BODY_TIMEOUT_S)", field="body", limit=timeout) from None
 
 
+async def _receive_into(request: Request, take: Callable[[bytes], None]) -> None:
+    """As :func:`_receive`, through the server protocol's sink where it offers one (the parts
+    go straight to ``take``, without ``receive()``'s copies: :mod:`app.api.body_sink`)."""
+    attach = request.scope.get("extensions", {}).get(body_sink.EXTENSION)
+    sink = (attach(take) if attach is not None and getattr(request, "_body", None) is None
+            else None)
+    if sink is None:
+        await _receive(request, take)
+        return
+    settings = getattr(request.app.state, "settings", None)
+    timeout: float | None = getattr(settings, "body_timeout_s", None)
+    state = request.scope.setdefault("state", {})
+    try:
+        await sink.wait(timeout)
+    except body_sink.SinkTimeout:
+        raise BodyTimeout(f"no request body bytes for {timeout:g} s "
+                          "(OPTSERVE_BODY_TIMEOUT_S)", field="body", limit=timeout) from None
+    finally:
+        state[body_sink.BYTES_KEY] = state.get(body_sink.BYTES_KEY, 0) + sink.received
+
+
 async def read_body(request: Request, max_bytes: int) -> bytearray:
     """The whole body in a fresh ``bytearray``; 413 past ``max_bytes``; 408 when it stalls."""
     out = await _read_body(request, max_bytes, raw=False)
@@ -130,7 +152,7 @@ async def _read_body(
                     raise BadRequest("body is longer than its Content-Length")
                 view[pos:end] = chunk
                 pos = end
-            await _receive(request, into)
+            await _receive_into(request, into)
             if pos != size:
                 raise BadRequest("body is shorter than its Content-Length")
             return out

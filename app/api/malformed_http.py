@@ -42,6 +42,7 @@ from typing import Any
 import orjson
 
 from app.api import connection_cap
+from app.api.body_sink import SinkingProtocol
 from app.api.held_head import hold_head
 from app.api.problems import PROBLEM
 
@@ -292,11 +293,14 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
     else:
         if callable(getattr(HttpToolsProtocol, "send_400_response", None)):
 
-            class ProblemHttpToolsProtocol(_Capped, _HeadClock, HttpToolsProtocol):
+            class ProblemHttpToolsProtocol(_Capped, _HeadClock, SinkingProtocol,
+                                           HttpToolsProtocol):
                 """uvicorn's httptools protocol; a refused request gets problem+json. A
                 refusal of a request pipelined after one still being answered waits for that
                 answer (uvicorn's own answer took its place, closing the connection). Its
-                request heads are bounded in time, bytes and lines (the module's docstring)."""
+                request heads are bounded in time, bytes and lines (the module's docstring).
+                A large body can be written straight into the app's buffer
+                (:mod:`app.api.body_sink`)."""
 
                 _refusal: bytes | None = None
                 #: the bytes being parsed, and the head of a request whose Upgrade is not

@@ -65,3 +65,46 @@ def test_a_stalled_body_times_out() -> None:
         asyncio.run(read_body(req, 1 << 20))
     assert (caught.value.status, caught.value.code, caught.value.field) == (
         408, "body_timeout", "body")
+
+
+def test_a_sink_raises_what_its_take_raised_and_drops_what_follows() -> None:
+    """``app.api.body_sink.Sink``: a part ``take`` refuses ends the wait with that error;
+    parts after it are dropped, not taken; a disconnect is ``ClientDisconnect``; a sink given
+    no part for its timeout times out, one given parts in time does not."""
+    from app.api.body_sink import Sink, SinkTimeout
+
+    async def main() -> None:
+        taken: list[bytes] = []
+
+        def take(part: bytes) -> None:
+            if part == b"bad":
+                raise ValueError("refused")
+            taken.append(part)
+        sink = Sink(take)
+        sink.part(b"one")
+        sink.part(b"bad")
+        sink.part(b"two")
+        with pytest.raises(ValueError, match="refused"):
+            await sink.wait(5.0)
+        assert taken == [b"one"] and sink.received == 3
+
+        gone = Sink(taken.append)
+        gone.finish(disconnected=True)
+        with pytest.raises(ClientDisconnect):
+            await gone.wait(5.0)
+
+        stalled = Sink(taken.append)
+        with pytest.raises(SinkTimeout):
+            await stalled.wait(0.1)
+
+        steady = Sink(taken.append)
+
+        async def feed() -> None:
+            for _ in range(4):
+                await asyncio.sleep(0.06)
+                steady.part(b"x")
+            steady.finish()
+        feeding = asyncio.create_task(feed())
+        assert await steady.wait(0.1) == 4  # 0.24 s in all, never 0.1 s without a part
+        await feeding
+    asyncio.run(main())

@@ -1,0 +1,156 @@
+"""A large request body written straight into the buffer it is read into.
+
+uvicorn's httptools protocol hands an app each part of a body through ``receive()``: the part
+is appended to the request's ``bytearray`` (a copy), which past 64 KiB pauses reading until
+the app's task wakes; ``receive()`` then copies it into a ``bytes`` message, and the app copies
+that into its own buffer. For a 40 MB step that is two copies more than needed and one wake of
+the app's task per 256 KiB read from the socket (about 150), all on the event loop's thread,
+between the client's send and the server's step.
+
+A sink skips them. The protocol (:class:`SinkingProtocol`, mixed into the server's httptools
+protocol) offers each request whose head it has read an ``attach`` under
+``scope["extensions"][EXTENSION]``. The app (``bodies._read_body``, for a body with a
+``Content-Length`` too large to read in one part) calls it with the function that copies a
+part into its buffer; from then on the protocol calls that function with each part as httptools
+parses it, reading on without pausing, and wakes the app once: when the body is whole, when the
+connection is lost, or when the function raises. What was already received is handed over at
+``attach``; an ``Expect: 100-continue`` is answered there, as ``receive()`` would.
+:meth:`Sink.wait` keeps the body timeout's meaning (no bytes for ``OPTSERVE_BODY_TIMEOUT_S``)
+and raises what ``receive()`` would have led to. The bytes a sink took are counted into the
+access log's ``bytes_in`` (:data:`BYTES_KEY`). Without the extension (another protocol, an
+in-process test client, a body of unknown length) the app reads through ``receive()`` as ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from starlette.requests import ClientDisconnect
+
+#: the scope extension a protocol offers ``attach`` under
+EXTENSION = "optserve.body_sink"
+#: where, in ``scope["state"]``, the bytes a sink took are counted (the access log adds them)
+BYTES_KEY = "optserve.body_sink_bytes"
+
+
+class SinkTimeout(Exception):
+    """No body bytes for the timeout (the caller turns it into its 408)."""
+
+
+class Sink:
+    """One request's body, handed part by part to ``take`` by the protocol."""
+
+    def __init__(self, take: Callable[[bytes], None]) -> None:
+        self.take = take
+        self.received = 0
+        self.error: BaseException | None = None
+        self.disconnected = False
+        self.whole = False
+        self._done = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
+
+    def part(self, body: bytes) -> None:
+        """A part of the body (the protocol calls it; never raises)."""
+        if self._done.is_set():
+            return  # (after an error or a disconnect: dropped)
+        try:
+            self.take(body)
+        except BaseException as exc:  # noqa: BLE001 - raised in the app's task, by wait()
+            self.error = exc
+            self._done.set()
+            return
+        self.received += len(body)
+        self._last = self._loop.time()
+
+    def finish(self, disconnected: bool = False) -> None:
+        if disconnected:
+            self.disconnected = True
+        else:
+            self.whole = True
+        self._done.set()
+
+    async def wait(self, timeout: float | None) -> int:
+        """Until the body is whole: its size. Raises what ``take`` raised,
+        ``ClientDisconnect`` when the connection was lost first, and :class:`SinkTimeout`
+        when no part arrived for ``timeout`` seconds."""
+        while not self._done.is_set():
+            if timeout is None:
+                await self._done.wait()
+                break
+            left = self._last + timeout - self._loop.time()
+            if left <= 0:
+                raise SinkTimeout()
+            try:
+                async with asyncio.timeout(left):
+                    await self._done.wait()
+            except TimeoutError:
+                continue  # (a part may have come since: the loop looks again)
+        if self.error is not None:
+            raise self.error
+        if not self.whole:
+            raise ClientDisconnect()
+        return self.received
+
+
+class SinkingProtocol:
+    """Mixed into uvicorn's ``HttpToolsProtocol`` (before it): offers each request's ``attach``
+    and hands an attached request's body parts to its :class:`Sink`."""
+
+    _sink: tuple[Any, Sink] | None = None
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()  # type: ignore[misc]
+        protocol: Any = self
+        cycle = getattr(protocol, "cycle", None)
+        scope = getattr(protocol, "scope", None)
+        if cycle is None or not isinstance(scope, dict) or scope.get("type") != "http":
+            return
+
+        def attach(take: Callable[[bytes], None]) -> Sink | None:
+            return self._attach(cycle, take)
+        scope.setdefault("extensions", {})[EXTENSION] = attach
+
+    def _attach(self, cycle: Any, take: Callable[[bytes], None]) -> Sink | None:
+        protocol: Any = self
+        if (protocol.cycle is not cycle or cycle.response_complete or cycle.disconnected
+                or self._sink is not None):
+            return None
+        sink = Sink(take)
+        if getattr(cycle, "waiting_for_100_continue", False) and not cycle.transport.is_closing():
+            cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            cycle.waiting_for_100_continue = False
+        if cycle.body:  # (received before: handed over now)
+            body, cycle.body = bytes(cycle.body), bytearray()
+            sink.part(body)
+        if not cycle.more_body:
+            sink.finish()
+            return sink
+        self._sink = (cycle, sink)
+        protocol.flow.resume_reading()
+        return sink
+
+    def on_body(self, body: bytes) -> None:
+        entry = self._sink
+        protocol: Any = self
+        if entry is not None and entry[0] is protocol.cycle:
+            if not entry[0].response_complete:
+                entry[1].part(body)
+            return
+        super().on_body(body)  # type: ignore[misc]
+
+    def on_message_complete(self) -> None:
+        entry = self._sink
+        protocol: Any = self
+        if entry is not None and entry[0] is protocol.cycle:
+            self._sink = None
+            entry[1].finish()
+        super().on_message_complete()  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        entry, self._sink = self._sink, None
+        if entry is not None:
+            entry[1].finish(disconnected=True)
+        super().connection_lost(exc)  # type: ignore[misc]

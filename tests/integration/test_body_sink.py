@@ -1,0 +1,239 @@
+"""Large bodies read through the protocol's sink (``app.api.body_sink``), against a real
+uvicorn on 127.0.0.1 with the server's own HTTP protocol, over raw sockets: every step's
+parameters equal an in-process torch run's, bit for bit.
+
+- a large body goes through the sink (not ``receive()``), in one piece or trickling in, and
+  the access log counts its bytes;
+- a stall mid-body is a 408 and a client gone mid-body changes nothing, as before;
+- ``Expect: 100-continue`` is answered; keep-alive and a request pipelined behind a large
+  body are read right;
+- a large body that is not valid safetensors is a 4xx, and the connection serves on.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from app.api import body_sink
+from tests.conftest import LiveServer, _test_settings
+from tests.torch_reference import json_tensor
+
+pytestmark = pytest.mark.integration
+
+N = 300_000  # 1.2 MB of float32: past bodies.OFFLOAD_BYTES, so read into a buffer
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    live = LiveServer(_test_settings(body_timeout_s=0.5))
+    url = live.start()
+    try:
+        yield url
+    finally:
+        live.stop()
+
+
+@pytest.fixture
+def parts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the body parts every sink took (the server runs in this process)."""
+    seen: list[int] = []
+    part = body_sink.Sink.part
+
+    def spy(self: body_sink.Sink, body: bytes) -> None:
+        seen.append(len(body))
+        part(self, body)
+    monkeypatch.setattr(body_sink.Sink, "part", spy)
+    return seen
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def request(method: str, path: str, body: bytes = b"", *, binary: bool = False,
+            extra: str = "") -> tuple[bytes, bytes]:
+    kind = "application/octet-stream" if binary else "application/json"
+    head = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\n"
+            f"Accept: {kind}\r\nContent-Length: {len(body)}\r\n{extra}\r\n").encode()
+    return head, body
+
+
+def read_answer(sock: socket.socket, buffered: bytearray) -> tuple[int, bytes]:
+    """One answer from ``sock`` (what follows it stays in ``buffered``)."""
+    while b"\r\n\r\n" not in buffered:
+        chunk = sock.recv(1 << 20)
+        assert chunk, "connection closed before an answer"
+        buffered += chunk
+    head, _, _ = bytes(buffered).partition(b"\r\n\r\n")
+    del buffered[:len(head) + 4]
+    status = int(head.split(b" ")[1])
+    if status == 100:
+        return status, b""
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(buffered) < length:
+        chunk = sock.recv(1 << 20)
+        assert chunk, "connection closed in an answer"
+        buffered += chunk
+    body = bytes(buffered[:length])
+    del buffered[:length]
+    return status, body
+
+
+def create(url: str, sid: str, init: torch.Tensor) -> None:
+    import orjson
+    spec = {"id": sid, "optimizer": "Adam", "options": {"lr": 1e-3},
+            "params": {"w": json_tensor(init, b64=True)}}
+    with connect(url) as sock:
+        head, body = request("POST", "/v1/sessions", orjson.dumps(spec))
+        sock.sendall(head + body)
+        status, answer = read_answer(sock, bytearray())
+    assert status == 201, answer
+
+
+class Local:
+    """The same steps in process."""
+
+    def __init__(self, init: torch.Tensor) -> None:
+        self.w = init.clone()
+        self.opt = torch.optim.Adam([self.w], lr=1e-3)
+
+    def step(self, grad: torch.Tensor) -> torch.Tensor:
+        self.w.grad = grad.clone()
+        self.opt.step()
+        return self.w
+
+
+def setup(url: str, sid: str) -> tuple[Local, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    init = torch.randn(N, generator=g)
+    create(url, sid, init)
+    return Local(init), [torch.randn(N, generator=g) for _ in range(3)]
+
+
+def answered(body: bytes) -> torch.Tensor:
+    return st_load(body)["w"]
+
+
+def test_a_large_body_goes_through_the_sink_whole_or_trickling(
+        server: str, parts: list[int], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="optserve.access")
+    local, grads = setup(server, "s")
+    with connect(server) as sock:
+        buffered = bytearray()
+        # whole, then in pieces with pauses shorter than the body timeout (0.5 s) and a
+        # whole upload longer than it, on one kept-alive connection
+        head, body = request("POST", "/v1/sessions/s/step", st_save({"w": grads[0]}),
+                             binary=True)
+        sock.sendall(head + body)
+        status, answer = read_answer(sock, buffered)
+        assert status == 200, answer
+        assert torch.equal(answered(answer), local.step(grads[0]))
+        assert sum(parts) > 0, "the body did not go through the sink"
+
+        parts.clear()
+        head, body = request("POST", "/v1/sessions/s/step", st_save({"w": grads[1]}),
+                             binary=True)
+        sock.sendall(head)
+        started = time.monotonic()
+        pieces = [body[i:i + len(body) // 4 + 1] for i in range(0, len(body), len(body) // 4 + 1)]
+        for piece in pieces:
+            time.sleep(0.3)
+            sock.sendall(piece)
+        status, answer = read_answer(sock, buffered)
+        assert time.monotonic() - started > 0.5 * 2
+        assert status == 200, answer
+        assert torch.equal(answered(answer), local.step(grads[1]))
+        # what arrived before the sink was attached is handed over with the first part
+        assert sum(parts) == len(body) and len(parts) > 1
+    logged = [r.fields for r in caplog.records  # type: ignore[attr-defined]
+              if r.name == "optserve.access" and r.fields["path"] == "/v1/sessions/s/step"]
+    assert [f["bytes_in"] for f in logged] == [len(body)] * 2
+
+
+def test_a_stalled_or_abandoned_large_body_changes_nothing(server: str, parts: list[int]
+                                                           ) -> None:
+    local, grads = setup(server, "t")
+    head, body = request("POST", "/v1/sessions/t/step", st_save({"w": grads[0]}), binary=True)
+    # stalls halfway: 408 body_timeout after about the timeout
+    with connect(server) as sock:
+        started = time.monotonic()
+        sock.sendall(head + body[:len(body) // 2])
+        status, answer = read_answer(sock, bytearray())
+        assert status == 408 and b'"body_timeout"' in answer, answer
+        assert 0.4 < time.monotonic() - started < 5
+    assert sum(parts) > 0
+    # goes away halfway
+    with connect(server) as sock:
+        sock.sendall(head + body[:len(body) // 2])
+        time.sleep(0.1)
+    time.sleep(0.2)
+    # the session is as it was: the next step equals torch's first
+    with connect(server) as sock:
+        sock.sendall(head + body)
+        status, answer = read_answer(sock, bytearray())
+    assert status == 200, answer
+    assert torch.equal(answered(answer), local.step(grads[0]))
+
+
+def test_expect_100_continue_keep_alive_and_pipelining(server: str, parts: list[int]) -> None:
+    local, grads = setup(server, "u")
+    with connect(server) as sock:
+        buffered = bytearray()
+        # the client waits for 100 Continue before it sends the body
+        head, body = request("POST", "/v1/sessions/u/step", st_save({"w": grads[0]}),
+                             binary=True, extra="Expect: 100-continue\r\n")
+        sock.sendall(head)
+        sock.settimeout(5)
+        status, _ = read_answer(sock, buffered)
+        assert status == 100
+        sock.sendall(body)
+        status, answer = read_answer(sock, buffered)
+        assert status == 200, answer
+        assert torch.equal(answered(answer), local.step(grads[0]))
+        # a large step and a small request pipelined behind it, in one send
+        head, body = request("POST", "/v1/sessions/u/step", st_save({"w": grads[1]}),
+                             binary=True)
+        after = b"GET /v1/sessions/u HTTP/1.1\r\nHost: x\r\n\r\n"
+        sock.sendall(head + body + after)
+        status, answer = read_answer(sock, buffered)
+        assert status == 200, answer
+        assert torch.equal(answered(answer), local.step(grads[1]))
+        status, answer = read_answer(sock, buffered)
+        assert status == 200 and b'"step":2' in answer.replace(b" ", b""), answer
+    assert sum(parts) > 0
+
+
+def test_a_large_body_that_is_not_safetensors_is_refused_and_the_connection_serves_on(
+        server: str, parts: list[int]) -> None:
+    local, grads = setup(server, "v")
+    good = st_save({"w": grads[0]})
+    bad: list[tuple[bytes, str]] = [
+        (b"\xff" * len(good), "a header length past the body"),
+        (good[:8] + b"[" + good[9:], "a header that is not a JSON object"),
+    ]
+    with connect(server) as sock:
+        buffered = bytearray()
+        for body, why in bad:
+            head, _ = request("POST", "/v1/sessions/v/step", body, binary=True)
+            sock.sendall(head + body)
+            status, answer = read_answer(sock, buffered)
+            assert 400 <= status < 500, (why, status, answer)
+            problem: Any = __import__("orjson").loads(answer)
+            assert problem["code"] and problem["detail"], why
+        head, body = request("POST", "/v1/sessions/v/step", good, binary=True)
+        sock.sendall(head + body)
+        status, answer = read_answer(sock, buffered)
+    assert status == 200, answer
+    assert torch.equal(answered(answer), local.step(grads[0]))
+    assert sum(parts) >= 3 * len(good)
