@@ -96,25 +96,33 @@ async def _receive(request: Request, take: Callable[[bytes], None]) -> None:
                           "(OPTSERVE_BODY_TIMEOUT_S)", field="body", limit=timeout) from None
 
 
-async def _receive_into(request: Request, take: Callable[[bytes], None]) -> None:
-    """As :func:`_receive`, through the server protocol's sink where it offers one (the parts
-    go straight to ``take``, without ``receive()``'s copies: :mod:`app.api.body_sink`)."""
+async def _receive_into(request: Request, take: Callable[[bytes], None],
+                        target: memoryview) -> int | None:
+    """As :func:`_receive`, through the server protocol's sink where it offers one
+    (:mod:`app.api.body_sink`): what has arrived goes to ``take``, and the rest is read from
+    the socket into ``target`` after it, the whole body's buffer. Returns the bytes the sink
+    took in all (None: read through ``receive()``, all of it given to ``take``)."""
     attach = request.scope.get("extensions", {}).get(body_sink.EXTENSION)
-    sink = (attach(take) if attach is not None and getattr(request, "_body", None) is None
-            else None)
+    sink = (attach(take, target) if attach is not None
+            and getattr(request, "_body", None) is None else None)
     if sink is None:
         await _receive(request, take)
-        return
+        return None
     settings = getattr(request.app.state, "settings", None)
     timeout: float | None = getattr(settings, "body_timeout_s", None)
     state = request.scope.setdefault("state", {})
     try:
-        await sink.wait(timeout)
+        received: int = await sink.wait(timeout)
     except body_sink.SinkTimeout:
+        sink.abandon()
         raise BodyTimeout(f"no request body bytes for {timeout:g} s "
                           "(OPTSERVE_BODY_TIMEOUT_S)", field="body", limit=timeout) from None
+    except BaseException:
+        sink.abandon()
+        raise
     finally:
         state[body_sink.BYTES_KEY] = state.get(body_sink.BYTES_KEY, 0) + sink.received
+    return received
 
 
 async def read_body(request: Request, max_bytes: int) -> bytearray:
@@ -152,8 +160,8 @@ async def _read_body(
                     raise BadRequest("body is longer than its Content-Length")
                 view[pos:end] = chunk
                 pos = end
-            await _receive_into(request, into)
-            if pos != size:
+            received = await _receive_into(request, into, view)
+            if (pos if received is None else received) != size:
                 raise BadRequest("body is shorter than its Content-Length")
             return out
     buf = bytearray()

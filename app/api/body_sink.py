@@ -11,19 +11,28 @@ A sink skips them. The protocol (:class:`SinkingProtocol`, mixed into the server
 protocol) offers each request whose head it has read an ``attach`` under
 ``scope["extensions"][EXTENSION]``. The app (``bodies._read_body``, for a body with a
 ``Content-Length`` too large to read in one part) calls it with the function that copies a
-part into its buffer; from then on the protocol calls that function with each part as httptools
-parses it, reading on without pausing, and wakes the app once: when the body is whole, when the
-connection is lost, or when the function raises. What was already received is handed over at
-``attach``; an ``Expect: 100-continue`` is answered there, as ``receive()`` would.
-:meth:`Sink.wait` keeps the body timeout's meaning (no bytes for ``OPTSERVE_BODY_TIMEOUT_S``)
-and raises what ``receive()`` would have led to. The bytes a sink took are counted into the
-access log's ``bytes_in`` (:data:`BYTES_KEY`). Without the extension (another protocol, an
-in-process test client, a body of unknown length) the app reads through ``receive()`` as ever.
+part into its buffer, and the buffer itself. What has arrived is handed to that function at
+once; the rest is read from the socket straight into the buffer, after it: for that stretch
+the transport's protocol is a :class:`DirectBody` (an ``asyncio.BufferedProtocol``, which
+uvloop and asyncio both read into a buffer it gives), which hands the transport back when the
+body is whole, with a fresh httptools parser for the next request (its old one was left
+expecting the body's bytes). Where that cannot be done (a ``Transfer-Encoding``, a
+``Content-Length`` not the buffer's), each part httptools parses goes to the function,
+reading on without pausing. The app's task is woken once: when the body is whole, when the
+connection is lost, or when the function raises. An ``Expect: 100-continue`` is answered at
+``attach``, as ``receive()`` would. :meth:`Sink.wait` keeps the body timeout's meaning (no
+bytes for ``OPTSERVE_BODY_TIMEOUT_S``) and raises what ``receive()`` would have led to; a body
+the app stops reading (a timeout) is abandoned (:meth:`Sink.abandon`): its answer closes the
+connection, so its buffer is not held for a client that never sends the rest. The
+bytes a sink took are counted into the access log's ``bytes_in`` (:data:`BYTES_KEY`).
+Without the extension (another protocol, an in-process test client, a body of unknown
+length) the app reads through ``receive()`` as ever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +60,8 @@ class Sink:
         self._done = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._last = self._loop.time()
+        #: the protocol's: stop feeding this sink (:meth:`abandon`)
+        self.on_abandon: Callable[[], None] | None = None
 
     def part(self, body: bytes) -> None:
         """A part of the body (the protocol calls it; never raises)."""
@@ -65,12 +76,25 @@ class Sink:
         self.received += len(body)
         self._last = self._loop.time()
 
+    def read(self, n: int) -> None:
+        """``n`` bytes read into the buffer directly (:class:`DirectBody`)."""
+        self.received += n
+        self._last = self._loop.time()
+
     def finish(self, disconnected: bool = False) -> None:
         if disconnected:
             self.disconnected = True
         else:
             self.whole = True
         self._done.set()
+
+    def abandon(self) -> None:
+        """The app reads no more of this body (it timed out, or ``take`` refused a part): the
+        rest is left to the protocol, which closes the connection after the answer (its
+        parser is in the middle of the body, and its buffer need not be kept)."""
+        callback, self.on_abandon = self.on_abandon, None
+        if callback is not None:
+            callback()
 
     async def wait(self, timeout: float | None) -> int:
         """Until the body is whole: its size. Raises what ``take`` raised,
@@ -109,11 +133,13 @@ class SinkingProtocol:
         if cycle is None or not isinstance(scope, dict) or scope.get("type") != "http":
             return
 
-        def attach(take: Callable[[bytes], None]) -> Sink | None:
-            return self._attach(cycle, take)
+        def attach(take: Callable[[bytes], None], target: memoryview | None = None
+                   ) -> Sink | None:
+            return self._attach(cycle, take, target)
         scope.setdefault("extensions", {})[EXTENSION] = attach
 
-    def _attach(self, cycle: Any, take: Callable[[bytes], None]) -> Sink | None:
+    def _attach(self, cycle: Any, take: Callable[[bytes], None],
+                target: memoryview | None) -> Sink | None:
         protocol: Any = self
         if (protocol.cycle is not cycle or cycle.response_complete or cycle.disconnected
                 or self._sink is not None):
@@ -129,8 +155,33 @@ class SinkingProtocol:
             sink.finish()
             return sink
         self._sink = (cycle, sink)
+        sink.on_abandon = lambda: self._abandon(cycle)
+        if (target is not None and sink.error is None and sink.received < len(target)
+                and _direct_fits(cycle.scope, len(target))
+                and callable(getattr(protocol.transport, "set_protocol", None))):
+            protocol.transport.set_protocol(DirectBody(self, sink, target, sink.received))
         protocol.flow.resume_reading()
         return sink
+
+    def _abandon(self, cycle: Any) -> None:
+        protocol: Any = self
+        entry = self._sink
+        if entry is None or entry[0] is not cycle:
+            return  # (the body ended first)
+        self._sink = None
+        cycle.keep_alive = False  # ("connection: close" on the answer, and closed after it)
+        if isinstance(protocol.transport.get_protocol(), DirectBody):
+            protocol.transport.set_protocol(protocol)
+
+    def _direct_done(self) -> None:
+        """The body read whole by :class:`DirectBody`: the transport back, a fresh parser (the
+        old one still waits for the body), and the message complete."""
+        protocol: Any = self
+        protocol.transport.set_protocol(protocol)
+        protocol.parser = type(protocol.parser)(protocol)
+        with contextlib.suppress(AttributeError):  # (as uvicorn makes its parser)
+            protocol.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        protocol.on_message_complete()  # (the sink's end: on_message_complete below)
 
     def on_body(self, body: bytes) -> None:
         entry = self._sink
@@ -154,3 +205,48 @@ class SinkingProtocol:
         if entry is not None:
             entry[1].finish(disconnected=True)
         super().connection_lost(exc)  # type: ignore[misc]
+
+
+def _direct_fits(scope: dict[str, Any], size: int) -> bool:
+    """The request's body is exactly its one ``Content-Length``, ``size``, and no transfer
+    coding frames it (so the next ``size`` bytes on the connection are the body)."""
+    lengths = []
+    for name, value in scope.get("headers", ()):
+        if name == b"transfer-encoding":
+            return False
+        if name == b"content-length":
+            lengths.append(value)
+    return lengths == [str(size).encode()]
+
+
+class DirectBody(asyncio.BufferedProtocol):
+    """The transport's protocol while the rest of a body is read into its buffer: the
+    connection's events go on to the HTTP protocol (``owner``)."""
+
+    def __init__(self, owner: SinkingProtocol, sink: Sink, target: memoryview, start: int
+                 ) -> None:
+        self.owner: Any = owner
+        self.sink = sink
+        self.target = target.cast("B") if target.format != "B" else target
+        self.pos = start
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.target[self.pos:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.pos += nbytes
+        self.sink.read(nbytes)
+        if self.pos >= len(self.target):
+            self.owner._direct_done()
+
+    def eof_received(self) -> bool | None:
+        return self.owner.eof_received()  # type: ignore[no-any-return]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.owner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.owner.resume_writing()
