@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
-from app.engine import chunked
+from app.engine import chunked, foreach_steps
 from tests.conftest import ENGINES
 from tests.torch_reference import (
     Reference,
@@ -469,6 +469,24 @@ def small_chunks(http: httpx.Client) -> Iterator[None]:
     chunked.configure(5, smallest=6)
     yield
     chunked.configure(chunked.DEFAULT_CHUNK)
+
+
+@pytest.fixture
+def foreach_from_one(http: httpx.Client) -> Iterator[None]:
+    """The embedded server in this process steps every group of at least one parameter with
+    the optimizer's foreach twin where it may (``app.engine.foreach_steps``)."""
+    foreach_steps.configure(1)
+    yield
+    foreach_steps.configure(foreach_steps.SMALLEST_GROUP)
+
+
+@pytest.mark.parametrize(("cls", "oi"), [c for c in CONFIGS
+                                         if c.values[0].__name__ in foreach_steps.SAME_CALLS])
+def test_optimizer_config_stepped_foreach(foreach_from_one: None, http: httpx.Client,
+                                          cls: type[torch.optim.Optimizer], oi: Any) -> None:
+    """Every config of the optimizers whose foreach twin may step for their for-loop again,
+    each group switched where the module allows: the same values, exports and imports."""
+    test_optimizer_config(http, cls, oi)
 
 
 @pytest.mark.parametrize(("cls", "oi"), [c for c in CONFIGS

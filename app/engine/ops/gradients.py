@@ -9,6 +9,7 @@ from typing import Any
 
 from app.engine import (
     chunked,
+    foreach_steps,
     metrics,
     optimizers,
     ps,
@@ -219,8 +220,9 @@ class Step(Operation):
             if plan.lr_div is not None:
                 for group in groups:
                     group["lr"] = group["lr"] / plan.lr_div
-            chunked.step(s.optimizer, s.optimizer_name, splits,
-                         probe.watch if probe is not None else None)
+            with foreach_steps.switched(s.optimizer, s.optimizer_name, splits):
+                chunked.step(s.optimizer, s.optimizer_name, splits,
+                             probe.watch if probe is not None else None)
         except BaseException as exc:
             raise ApplyFailed(f"optimizer.step() raised {type(exc).__name__}: {exc}") from exc
         finally:
