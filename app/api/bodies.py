@@ -92,6 +92,11 @@ async def _receive(request: Request, take: Callable[[bytes], None]) -> None:
                 if chunk and timeout is not None:
                     deadline.reschedule(loop.time() + timeout)
     except TimeoutError:
+        # the answer closes the connection (as for a body read through a sink), so that a
+        # client that never sends the rest does not hold it open midway through a body
+        close_after = request.scope.get("extensions", {}).get(body_sink.CLOSE_AFTER)
+        if close_after is not None:
+            close_after()
         raise BodyTimeout(f"no request body bytes for {timeout:g} s "
                           "(OPTSERVE_BODY_TIMEOUT_S)", field="body", limit=timeout) from None
 

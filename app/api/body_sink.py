@@ -40,6 +40,9 @@ from starlette.requests import ClientDisconnect
 
 #: the scope extension a protocol offers ``attach`` under
 EXTENSION = "optserve.body_sink"
+#: the scope extension a protocol offers ``close_after`` under: the request's answer closes
+#: the connection (a body the app stopped reading midway, read through ``receive()``)
+CLOSE_AFTER = "optserve.close_after"
 #: where, in ``scope["state"]``, the bytes a sink took are counted (the access log adds them)
 BYTES_KEY = "optserve.body_sink_bytes"
 
@@ -136,7 +139,11 @@ class SinkingProtocol:
         def attach(take: Callable[[bytes], None], target: memoryview | None = None
                    ) -> Sink | None:
             return self._attach(cycle, take, target)
-        scope.setdefault("extensions", {})[EXTENSION] = attach
+        def close_after() -> None:
+            cycle.keep_alive = False
+        extensions = scope.setdefault("extensions", {})
+        extensions[EXTENSION] = attach
+        extensions[CLOSE_AFTER] = close_after
 
     def _attach(self, cycle: Any, take: Callable[[bytes], None],
                 target: memoryview | None) -> Sink | None:

@@ -508,6 +508,7 @@ def test_body_limit_timeout_and_disconnect(server: tuple[str, FastAPI], client: 
                            b"a\r\n{\"grads\": \r\n")
         try:
             status, body = read_response(sock, 10)
+            assert sock.recv(1) == b""  # and the connection closed, midway through a body
         finally:
             sock.close()
         assert status == 408, body
