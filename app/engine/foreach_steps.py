@@ -241,15 +241,8 @@ def _probe(cls: type[torch.optim.Optimizer], options: dict[str, Any],
     return True
 
 
-_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
-         torch.bfloat16: torch.int16}
-
-
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit for bit (so -0.0 is not 0.0, and a NaN is its own bits)."""
-    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
-        return False
-    bits = _BITS.get(a.dtype)
-    if bits is None:
-        return torch.equal(a, b)
-    return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+    return (a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
+            and torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
+                            b.contiguous().reshape(-1).view(torch.uint8)))
