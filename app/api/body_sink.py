@@ -177,7 +177,9 @@ class SinkingProtocol:
             return  # (the body ended first)
         self._sink = None
         cycle.keep_alive = False  # ("connection: close" on the answer, and closed after it)
-        if isinstance(protocol.transport.get_protocol(), DirectBody):
+        direct = protocol.transport.get_protocol()
+        if isinstance(direct, DirectBody):
+            direct.release()
             protocol.transport.set_protocol(protocol)
 
     def _direct_done(self) -> None:
@@ -226,6 +228,9 @@ def _direct_fits(scope: dict[str, Any], size: int) -> bool:
     return lengths == [str(size).encode()]
 
 
+_EMPTY = memoryview(bytearray())
+
+
 class DirectBody(asyncio.BufferedProtocol):
     """The transport's protocol while the rest of a body is read into its buffer: the
     connection's events go on to the HTTP protocol (``owner``)."""
@@ -233,7 +238,7 @@ class DirectBody(asyncio.BufferedProtocol):
     def __init__(self, owner: SinkingProtocol, sink: Sink, target: memoryview, start: int
                  ) -> None:
         self.owner: Any = owner
-        self.sink = sink
+        self.sink: Sink | None = sink
         self.target = target.cast("B") if target.format != "B" else target
         self.pos = start
 
@@ -242,9 +247,18 @@ class DirectBody(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.pos += nbytes
-        self.sink.read(nbytes)
+        if self.sink is not None:
+            self.sink.read(nbytes)
         if self.pos >= len(self.target):
+            self.release()
             self.owner._direct_done()
+
+    def release(self) -> None:
+        """Let go of the buffer: uvloop keeps the bound methods of a transport's last buffered
+        protocol (and so this object) after it is handed another, until the connection closes
+        or the next body, and a buffer kept here would be as large as that body."""
+        self.target = _EMPTY
+        self.sink = None
 
     def eof_received(self) -> bool | None:
         return self.owner.eof_received()  # type: ignore[no-any-return]

@@ -48,6 +48,13 @@ def server(request: pytest.FixtureRequest) -> Iterator[str]:
 
 class Parts(list[int]):
     mode = ""
+    #: the DirectBody protocols made (direct mode)
+    directs: list[body_sink.DirectBody]
+
+    def released(self) -> bool:
+        """Every DirectBody let go of its buffer (uvloop keeps the last one; a buffer it held
+        would be a body's size, kept per connection: 1.28x the 1e7 Adam session's memory)."""
+        return all(d.target.nbytes == 0 and d.sink is None for d in self.directs)
 
 
 @pytest.fixture(params=["direct", "parts"])
@@ -57,6 +64,13 @@ def parts(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Pa
     as a negative size). ``parts``: the server never reads directly."""
     seen = Parts()
     seen.mode = request.param
+    seen.directs = []
+    init = body_sink.DirectBody.__init__
+
+    def spy_init(self: body_sink.DirectBody, *args: Any) -> None:
+        init(self, *args)
+        seen.directs.append(self)
+    monkeypatch.setattr(body_sink.DirectBody, "__init__", spy_init)
     part, read = body_sink.Sink.part, body_sink.Sink.read
 
     def spy_part(self: body_sink.Sink, body: bytes) -> None:
@@ -173,6 +187,7 @@ def test_a_large_body_goes_through_the_sink_whole_or_trickling(
         assert torch.equal(answered(answer), local.step(grads[0]))
         assert taken(parts) == len(body), "the body did not go through the sink"
         assert (min(parts) < 0) == (parts.mode == "direct"), parts
+        assert bool(parts.directs) == (parts.mode == "direct") and parts.released()
 
         parts.clear()
         head, body = request("POST", "/v1/sessions/s/step", st_save({"w": grads[1]}),
@@ -211,6 +226,7 @@ def test_a_stalled_or_abandoned_large_body_changes_nothing(server: str, parts: P
         # is kept for a client that never sends the rest)
         sock.settimeout(5)
         assert buffered == b"" and sock.recv(1) == b""
+    assert parts.released()
     assert taken(parts) > 0
     # goes away halfway
     with connect(server) as sock:
@@ -277,4 +293,4 @@ def test_a_large_body_that_is_not_safetensors_is_refused_and_the_connection_serv
         status, answer = read_answer(sock, buffered)
     assert status == 200, answer
     assert torch.equal(answered(answer), local.step(grads[0]))
-    assert taken(parts) == 3 * len(good)
+    assert taken(parts) == 3 * len(good) and parts.released()
