@@ -10,8 +10,9 @@ the twin makes the same kernel calls per tensor with the same scalars, so every 
 out with the same bits; for some it computes the same update in another order (NAdam, RAdam
 and ASGD, in torch 2.13), which rounds otherwise.
 
-So a group of an optimizer in :data:`SAME_CALLS` (whose two paths torch writes with the same
-calls, read line by line against the installed torch: see there) that the client left at
+So a group of an optimizer in :data:`SAME_CALLS` (Adam, AdamW, RMSprop and SGD, whose two
+paths torch writes with the same calls, read line by line against the installed torch: see
+there) that the client left at
 ``foreach=None`` (torch's own choice), of at least
 :data:`SMALLEST_GROUP` parameters with gradients, all dense float32 or float64 CPU tensors,
 with no tensor among its options and neither ``fused``, ``capturable`` nor ``differentiable``
@@ -55,10 +56,14 @@ log = logging.getLogger("optserve.engine")
 #: ``addcdiv_`` with ``(lr / bc) * -1`` where the loop writes ``-(lr / bc)`` (the same float),
 #: ``maximum`` for amsgrad, ``neg`` for maximize, ``add(param, alpha=wd)`` or
 #: ``mul_(1 - lr * wd)``; SGD: ``add(param, alpha=wd)``, ``mul_``/``add_`` into the momentum
-#: buffer (a clone of the gradient at first), ``add_(grad, alpha=-lr)``. (Nesterov SGD adds
+#: buffer (a clone of the gradient at first), ``add_(grad, alpha=-lr)``; RMSprop: ``mul_`` and
+#: ``addcmul_`` into the square average, ``lerp_``, ``addcmul(value=-1)`` and ``sqrt_`` when
+#: centered, ``add_(eps)``, ``mul_``/``addcdiv_`` into the momentum buffer and
+#: ``add_(buf, alpha=-lr)``, else ``addcdiv_(grad, avg, value=-lr)``. (Nesterov SGD adds
 #: into the gradients in place: the probe's check of the gradients turns it down unless
-#: weight decay or maximize made them copies first.)
-SAME_CALLS = frozenset({"Adam", "AdamW", "SGD"})
+#: weight decay or maximize made them copies first. Not Adagrad: its twin multiplies the
+#: gradient by ``-clr`` before dividing, where the loop's ``addcdiv_`` divides first.)
+SAME_CALLS = frozenset({"Adam", "AdamW", "RMSprop", "SGD"})
 #: a group is switched from this many parameters (with gradients) on: below it the for-loop's
 #: Python work is small beside the rest of a step
 SMALLEST_GROUP = 16

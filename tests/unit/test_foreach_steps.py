@@ -30,6 +30,9 @@ CASES = [
     ("SGD", {"lr": 0.1, "momentum": 0.9, "dampening": 0.3, "weight_decay": 0.01}),
     ("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
     ("SGD", {"lr": 0.1, "momentum": 0.9, "maximize": True, "nesterov": True}),
+    ("RMSprop", {"lr": 1e-2}),
+    ("RMSprop", {"lr": 1e-2, "centered": True, "momentum": 0.5, "weight_decay": 0.1}),
+    ("RMSprop", {"lr": 1e-2, "maximize": True, "momentum": 0.9, "alpha": 0.9}),
 ]
 SIZES = [1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100, 257, 300]
 
@@ -40,7 +43,9 @@ def multi(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     the probe's few tensors)."""
     ran: list[str] = []
     for path, fn in (("torch.optim.adam", "_multi_tensor_adam"),
-                     ("torch.optim.sgd", "_multi_tensor_sgd")):
+                     ("torch.optim.sgd", "_multi_tensor_sgd"),
+                     ("torch.optim.rmsprop", "_multi_tensor_rmsprop"),
+                     ("torch.optim.adagrad", "_multi_tensor_adagrad")):
         module = importlib.import_module(path)
         real = getattr(module, fn)
 
@@ -117,7 +122,8 @@ def test_nesterov_sgd_adding_into_its_gradients_is_not_switched(multi: list[str]
     ("foreach set by the client", "Adam", {"lr": 1e-3}, 40, {"foreach": False}),
     ("a tensor lr", "Adam", {"lr": 1e-3}, 40, {"betas": (0.9, torch.tensor(0.99))}),
     ("an optimizer whose twin rounds otherwise", "NAdam", {"lr": 1e-3}, 40, None),
-    ("not in SAME_CALLS", "Adagrad", {"lr": 1e-2}, 40, None),
+    ("a twin that divides in another order (not in SAME_CALLS)", "Adagrad", {"lr": 1e-2}, 40,
+     None),
 ])
 def test_groups_that_may_not_switch_step_as_ever(multi: list[str], why: str, name: str,
                                                  kwargs: dict[str, Any], n: int,
