@@ -10,8 +10,8 @@ the twin makes the same kernel calls per tensor with the same scalars, so every 
 out with the same bits; for some it computes the same update in another order (NAdam, RAdam
 and ASGD, in torch 2.13), which rounds otherwise.
 
-So a group of an optimizer in :data:`SAME_CALLS` (Adam, AdamW, RMSprop and SGD, whose two
-paths torch writes with the same calls, read line by line against the installed torch: see
+So a group of an optimizer in :data:`SAME_CALLS` (Adam, AdamW, Adamax, RMSprop and SGD, whose
+two paths torch writes with the same calls, read line by line against the installed torch: see
 there) that the client left at
 ``foreach=None`` (torch's own choice), of at least
 :data:`SMALLEST_GROUP` parameters with gradients, all dense float32 or float64 CPU tensors,
@@ -59,11 +59,13 @@ log = logging.getLogger("optserve.engine")
 #: buffer (a clone of the gradient at first), ``add_(grad, alpha=-lr)``; RMSprop: ``mul_`` and
 #: ``addcmul_`` into the square average, ``lerp_``, ``addcmul(value=-1)`` and ``sqrt_`` when
 #: centered, ``add_(eps)``, ``mul_``/``addcdiv_`` into the momentum buffer and
-#: ``add_(buf, alpha=-lr)``, else ``addcdiv_(grad, avg, value=-lr)``. (Nesterov SGD adds
+#: ``add_(buf, alpha=-lr)``, else ``addcdiv_(grad, avg, value=-lr)``; Adamax: ``lerp_``,
+#: ``mul_(beta2)``, ``abs`` and ``add_(eps)``, ``maximum`` into the infinity norm, ``addcdiv_``
+#: with ``(lr / bc) * -1`` for ``-(lr / bc)``. (Nesterov SGD adds
 #: into the gradients in place: the probe's check of the gradients turns it down unless
 #: weight decay or maximize made them copies first. Not Adagrad: its twin multiplies the
 #: gradient by ``-clr`` before dividing, where the loop's ``addcdiv_`` divides first.)
-SAME_CALLS = frozenset({"Adam", "AdamW", "RMSprop", "SGD"})
+SAME_CALLS = frozenset({"Adam", "Adamax", "AdamW", "RMSprop", "SGD"})
 #: a group is switched from this many parameters (with gradients) on: below it the for-loop's
 #: Python work is small beside the rest of a step
 SMALLEST_GROUP = 16

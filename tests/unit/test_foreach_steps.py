@@ -33,6 +33,8 @@ CASES = [
     ("RMSprop", {"lr": 1e-2}),
     ("RMSprop", {"lr": 1e-2, "centered": True, "momentum": 0.5, "weight_decay": 0.1}),
     ("RMSprop", {"lr": 1e-2, "maximize": True, "momentum": 0.9, "alpha": 0.9}),
+    ("Adamax", {"lr": 2e-3}),
+    ("Adamax", {"lr": 2e-2, "weight_decay": 0.1, "maximize": True, "betas": (0.8, 0.95)}),
 ]
 SIZES = [1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100, 257, 300]
 
@@ -45,6 +47,7 @@ def multi(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     for path, fn in (("torch.optim.adam", "_multi_tensor_adam"),
                      ("torch.optim.sgd", "_multi_tensor_sgd"),
                      ("torch.optim.rmsprop", "_multi_tensor_rmsprop"),
+                     ("torch.optim.adamax", "_multi_tensor_adamax"),
                      ("torch.optim.adagrad", "_multi_tensor_adagrad")):
         module = importlib.import_module(path)
         real = getattr(module, fn)
