@@ -23,12 +23,13 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.body_sink import BYTES_KEY
-
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "optserve_request_id", default=None)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 access_log = logging.getLogger("optserve.access")
+#: where, in ``scope["state"]``, a request counts the body bytes it read without ``receive()``
+#: (``app.api.body_sink``): the access log and ``bytes_in`` add them
+SUNK_BYTES = "optserve.body_sink_bytes"
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -197,7 +198,7 @@ class RequestContextMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             # (a body read through the protocol's sink passed no receive(): app.api.body_sink)
-            sizes["in"] += scope.get("state", {}).get(BYTES_KEY, 0)
+            sizes["in"] += scope.get("state", {}).get(SUNK_BYTES, 0)
             self.metrics.bytes_in.inc(sizes["in"])
             self.metrics.bytes_out.inc(sizes["out"])
             self.metrics.series(self.metrics.requests, scope["method"], str(status["code"])).inc()

@@ -29,6 +29,7 @@ from app.errors import (
     PayloadTooLarge,
     UnsupportedMedia,
 )
+from app.observability import SUNK_BYTES
 from app.wire import sparse as wire_sparse
 from app.wire.json_tensor import decode_json_tensor
 from app.wire.safetensors_body import (
@@ -65,8 +66,7 @@ async def _receive(request: Request, take: Callable[[bytes], None]) -> None:
     a buffer forever). One timeout for the whole body, moved on at every chunk (a timeout per
     chunk cost as much as the rest of a small step's decoding); ``take`` runs inside it and
     may raise (the timeout then ends with it)."""
-    settings = getattr(request.app.state, "settings", None)
-    timeout: float | None = getattr(settings, "body_timeout_s", None)
+    timeout = _body_timeout(request)
     loop = asyncio.get_running_loop()
     read = getattr(request, "_body", None)
     if isinstance(read, bytes):  # (read before, kept by Starlette: as request.stream() gives it)
@@ -97,8 +97,19 @@ async def _receive(request: Request, take: Callable[[bytes], None]) -> None:
         close_after = request.scope.get("extensions", {}).get(body_sink.CLOSE_AFTER)
         if close_after is not None:
             close_after()
-        raise BodyTimeout(f"no request body bytes for {timeout:g} s "
-                          "(OPTSERVE_BODY_TIMEOUT_S)", field="body", limit=timeout) from None
+        raise _stalled(timeout) from None
+
+
+def _body_timeout(request: Request) -> float | None:
+    """``OPTSERVE_BODY_TIMEOUT_S`` (None: no timeout, as for an app without settings)."""
+    settings = getattr(request.app.state, "settings", None)
+    timeout: float | None = getattr(settings, "body_timeout_s", None)
+    return timeout
+
+
+def _stalled(timeout: float | None) -> BodyTimeout:
+    return BodyTimeout(f"no request body bytes for {timeout:g} s (OPTSERVE_BODY_TIMEOUT_S)",
+                       field="body", limit=timeout)
 
 
 async def _receive_into(request: Request, take: Callable[[bytes], None],
@@ -113,20 +124,17 @@ async def _receive_into(request: Request, take: Callable[[bytes], None],
     if sink is None:
         await _receive(request, take)
         return None
-    settings = getattr(request.app.state, "settings", None)
-    timeout: float | None = getattr(settings, "body_timeout_s", None)
+    timeout = _body_timeout(request)
     state = request.scope.setdefault("state", {})
     try:
         received: int = await sink.wait(timeout)
-    except body_sink.SinkTimeout:
+    except BaseException as exc:
         sink.abandon()
-        raise BodyTimeout(f"no request body bytes for {timeout:g} s "
-                          "(OPTSERVE_BODY_TIMEOUT_S)", field="body", limit=timeout) from None
-    except BaseException:
-        sink.abandon()
+        if isinstance(exc, body_sink.SinkTimeout):
+            raise _stalled(timeout) from None
         raise
     finally:
-        state[body_sink.BYTES_KEY] = state.get(body_sink.BYTES_KEY, 0) + sink.received
+        state[SUNK_BYTES] = state.get(SUNK_BYTES, 0) + sink.received
     return received
 
 

@@ -24,7 +24,8 @@ connection is lost, or when the function raises. An ``Expect: 100-continue`` is 
 bytes for ``OPTSERVE_BODY_TIMEOUT_S``) and raises what ``receive()`` would have led to; a body
 the app stops reading (a timeout) is abandoned (:meth:`Sink.abandon`): its answer closes the
 connection, so its buffer is not held for a client that never sends the rest. The
-bytes a sink took are counted into the access log's ``bytes_in`` (:data:`BYTES_KEY`).
+bytes a sink took are counted into the access log's ``bytes_in``
+(``app.observability.SUNK_BYTES``).
 Without the extension (another protocol, an in-process test client, a body of unknown
 length) the app reads through ``receive()`` as ever.
 """
@@ -43,8 +44,6 @@ EXTENSION = "optserve.body_sink"
 #: the scope extension a protocol offers ``close_after`` under: the request's answer closes
 #: the connection (a body the app stopped reading midway, read through ``receive()``)
 CLOSE_AFTER = "optserve.close_after"
-#: where, in ``scope["state"]``, the bytes a sink took are counted (the access log adds them)
-BYTES_KEY = "optserve.body_sink_bytes"
 
 
 class SinkTimeout(Exception):
@@ -58,7 +57,7 @@ class Sink:
         self.take = take
         self.received = 0
         self.error: BaseException | None = None
-        self.disconnected = False
+        #: the body arrived to its end (not cut off by a lost connection)
         self.whole = False
         self._done = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -84,11 +83,8 @@ class Sink:
         self.received += n
         self._last = self._loop.time()
 
-    def finish(self, disconnected: bool = False) -> None:
-        if disconnected:
-            self.disconnected = True
-        else:
-            self.whole = True
+    def finish(self, whole: bool = True) -> None:
+        self.whole = whole
         self._done.set()
 
     def abandon(self) -> None:
@@ -212,7 +208,7 @@ class SinkingProtocol:
     def connection_lost(self, exc: Exception | None) -> None:
         entry, self._sink = self._sink, None
         if entry is not None:
-            entry[1].finish(disconnected=True)
+            entry[1].finish(whole=False)
         super().connection_lost(exc)  # type: ignore[misc]
 
 

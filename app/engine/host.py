@@ -407,12 +407,16 @@ class EmbeddedHost:
             cls = optimizers.optimizer_class(name)
             optimizers.probe(cls, {}, [{}], [torch.float32], self._device, {})
 
+    def _submit_io(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """``fn`` handed to an I/O thread now (not when a task first runs)."""
+        return asyncio.get_running_loop().run_in_executor(self._io, fn)
+
     async def _in_io(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._io, fn)
+        return await self._submit_io(fn)
 
     async def _in_io_whole(self, fn: Callable[[], T]) -> T:
         """:meth:`_in_io`, and a caller cancelled meanwhile waits for ``fn`` to end first."""
-        return await _finished_first(asyncio.get_running_loop().run_in_executor(self._io, fn))
+        return await _finished_first(self._submit_io(fn))
 
     def _lock(self, key: str) -> _SessionLock:
         """The session's lock, to hold with ``async with``."""
@@ -1093,7 +1097,7 @@ class EmbeddedHost:
             # submitted now, not from a task's first step: an apply that runs inline (on this
             # thread, before anything here awaits) would otherwise run before the write or the
             # fsync had even started, not beside it
-            writing = asyncio.get_running_loop().run_in_executor(self._io, write)
+            writing = self._submit_io(write)
             try:
                 result = await self._worker.run(run_apply, op.kind,
                                                 inline=inline and not beside)

@@ -14,12 +14,11 @@ parameters equal an in-process torch run's, bit for bit.
 from __future__ import annotations
 
 import logging
-import re
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 import torch
 from safetensors.torch import load as st_load
@@ -27,6 +26,7 @@ from safetensors.torch import save as st_save
 
 from app.api import body_sink
 from tests.conftest import LiveServer, _test_settings
+from tests.integration.test_malformed_http import Answers, connect
 from tests.torch_reference import json_tensor
 
 pytestmark = pytest.mark.integration
@@ -101,11 +101,6 @@ def taken(parts: list[int]) -> int:
     return sum(map(abs, parts))
 
 
-def connect(url: str) -> socket.socket:
-    host, port = url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=10)
-
-
 def request(method: str, path: str, body: bytes = b"", *, binary: bool = False,
             extra: str = "") -> tuple[bytes, bytes]:
     kind = "application/octet-stream" if binary else "application/json"
@@ -114,35 +109,13 @@ def request(method: str, path: str, body: bytes = b"", *, binary: bool = False,
     return head, body
 
 
-def read_answer(sock: socket.socket, buffered: bytearray) -> tuple[int, bytes]:
-    """One answer from ``sock`` (what follows it stays in ``buffered``)."""
-    while b"\r\n\r\n" not in buffered:
-        chunk = sock.recv(1 << 20)
-        assert chunk, "connection closed before an answer"
-        buffered += chunk
-    head, _, _ = bytes(buffered).partition(b"\r\n\r\n")
-    del buffered[:len(head) + 4]
-    status = int(head.split(b" ")[1])
-    if status == 100:
-        return status, b""
-    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
-    while len(buffered) < length:
-        chunk = sock.recv(1 << 20)
-        assert chunk, "connection closed in an answer"
-        buffered += chunk
-    body = bytes(buffered[:length])
-    del buffered[:length]
-    return status, body
-
-
 def create(url: str, sid: str, init: torch.Tensor) -> None:
-    import orjson
     spec = {"id": sid, "optimizer": "Adam", "options": {"lr": 1e-3},
             "params": {"w": json_tensor(init, b64=True)}}
     with connect(url) as sock:
         head, body = request("POST", "/v1/sessions", orjson.dumps(spec))
         sock.sendall(head + body)
-        status, answer = read_answer(sock, bytearray())
+        status, _, answer = Answers(sock).next()
     assert status == 201, answer
 
 
@@ -176,13 +149,13 @@ def test_a_large_body_goes_through_the_sink_whole_or_trickling(
     local, grads = setup(server, "s")
     parts.clear()  # (the session\'s creation, a large JSON body, went through one too)
     with connect(server) as sock:
-        buffered = bytearray()
+        answers = Answers(sock)
         # whole, then in pieces with pauses shorter than the body timeout (0.5 s) and a
         # whole upload longer than it, on one kept-alive connection
         head, body = request("POST", "/v1/sessions/s/step", st_save({"w": grads[0]}),
                              binary=True)
         sock.sendall(head + body)
-        status, answer = read_answer(sock, buffered)
+        status, _, answer = answers.next()
         assert status == 200, answer
         assert torch.equal(answered(answer), local.step(grads[0]))
         assert taken(parts) == len(body), "the body did not go through the sink"
@@ -198,7 +171,7 @@ def test_a_large_body_goes_through_the_sink_whole_or_trickling(
         for piece in pieces:
             time.sleep(0.3)
             sock.sendall(piece)
-        status, answer = read_answer(sock, buffered)
+        status, _, answer = answers.next()
         assert time.monotonic() - started > 0.5 * 2
         assert status == 200, answer
         assert torch.equal(answered(answer), local.step(grads[1]))
@@ -218,14 +191,14 @@ def test_a_stalled_or_abandoned_large_body_changes_nothing(server: str, parts: P
     with connect(server) as sock:
         started = time.monotonic()
         sock.sendall(head + body[:len(body) // 2])
-        buffered = bytearray()
-        status, answer = read_answer(sock, buffered)
+        answers = Answers(sock)
+        status, _, answer = answers.next()
         assert status == 408 and b'"body_timeout"' in answer, answer
         assert 0.4 < time.monotonic() - started < 5
         # and closes the connection (its parser is in the middle of the body; nothing of it
         # is kept for a client that never sends the rest)
         sock.settimeout(5)
-        assert buffered == b"" and sock.recv(1) == b""
+        answers.assert_closed()
     assert parts.released()
     assert taken(parts) > 0
     # goes away halfway
@@ -236,7 +209,7 @@ def test_a_stalled_or_abandoned_large_body_changes_nothing(server: str, parts: P
     # the session is as it was: the next step equals torch's first
     with connect(server) as sock:
         sock.sendall(head + body)
-        status, answer = read_answer(sock, bytearray())
+        status, _, answer = Answers(sock).next()
     assert status == 200, answer
     assert torch.equal(answered(answer), local.step(grads[0]))
 
@@ -245,16 +218,16 @@ def test_expect_100_continue_keep_alive_and_pipelining(server: str, parts: Parts
     local, grads = setup(server, "u")
     parts.clear()  # (the session\'s creation, a large JSON body, went through one too)
     with connect(server) as sock:
-        buffered = bytearray()
+        answers = Answers(sock)
         # the client waits for 100 Continue before it sends the body
         head, body = request("POST", "/v1/sessions/u/step", st_save({"w": grads[0]}),
                              binary=True, extra="Expect: 100-continue\r\n")
         sock.sendall(head)
         sock.settimeout(5)
-        status, _ = read_answer(sock, buffered)
+        status, _, _ = answers.next()
         assert status == 100
         sock.sendall(body)
-        status, answer = read_answer(sock, buffered)
+        status, _, answer = answers.next()
         assert status == 200, answer
         assert torch.equal(answered(answer), local.step(grads[0]))
         # a large step and a small request pipelined behind it, in one send
@@ -262,10 +235,10 @@ def test_expect_100_continue_keep_alive_and_pipelining(server: str, parts: Parts
                              binary=True)
         after = b"GET /v1/sessions/u HTTP/1.1\r\nHost: x\r\n\r\n"
         sock.sendall(head + body + after)
-        status, answer = read_answer(sock, buffered)
+        status, _, answer = answers.next()
         assert status == 200, answer
         assert torch.equal(answered(answer), local.step(grads[1]))
-        status, answer = read_answer(sock, buffered)
+        status, _, answer = answers.next()
         assert status == 200 and b'"step":2' in answer.replace(b" ", b""), answer
     assert taken(parts) > 0
 
@@ -280,17 +253,17 @@ def test_a_large_body_that_is_not_safetensors_is_refused_and_the_connection_serv
         (good[:8] + b"[" + good[9:], "a header that is not a JSON object"),
     ]
     with connect(server) as sock:
-        buffered = bytearray()
+        answers = Answers(sock)
         for body, why in bad:
             head, _ = request("POST", "/v1/sessions/v/step", body, binary=True)
             sock.sendall(head + body)
-            status, answer = read_answer(sock, buffered)
+            status, _, answer = answers.next()
             assert 400 <= status < 500, (why, status, answer)
-            problem: Any = __import__("orjson").loads(answer)
+            problem: Any = orjson.loads(answer)
             assert problem["code"] and problem["detail"], why
         head, body = request("POST", "/v1/sessions/v/step", good, binary=True)
         sock.sendall(head + body)
-        status, answer = read_answer(sock, buffered)
+        status, _, answer = answers.next()
     assert status == 200, answer
     assert torch.equal(answered(answer), local.step(grads[0]))
     assert taken(parts) == 3 * len(good) and parts.released()

@@ -78,11 +78,14 @@ class Answers:
             name, _, value = line.partition(":")
             assert name.lower() not in headers, f"{name} given twice: {head!r}"
             headers[name.lower()] = value.strip()
+        status = int(status_line.split(" ")[1])
+        if status < 200:  # (an interim answer, 100 Continue: no body)
+            return status, headers, b""
         length = int(headers["content-length"])
         while len(self.data) < length:
             self._more("body")
         body, self.data = self.data[:length], self.data[length:]
-        return int(status_line.split(" ")[1]), headers, body
+        return status, headers, body
 
     def assert_closed(self) -> None:
         assert self.data == b"", f"more than Content-Length came: {self.data!r}"

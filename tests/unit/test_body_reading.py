@@ -89,7 +89,7 @@ def test_a_sink_raises_what_its_take_raised_and_drops_what_follows() -> None:
         assert taken == [b"one"] and sink.received == 3
 
         gone = Sink(taken.append)
-        gone.finish(disconnected=True)
+        gone.finish(whole=False)
         with pytest.raises(ClientDisconnect):
             await gone.wait(5.0)
 

@@ -111,8 +111,7 @@ def bitwise_equal(p: torch.Tensor, ref: torch.Tensor) -> bool:
     if (a.layout != torch.strided or a.dtype != ref.dtype or a.shape != ref.shape
             or a.device != ref.device):
         return False
-    same = _same_bytes(a, ref)
-    return bool(torch.equal(_bits(a), _bits(ref))) if same is None else same
+    return _equal_bits(a, ref)
 
 
 def _joined_equal(ps: list[torch.Tensor], refs: list[torch.Tensor]) -> bool:
@@ -125,6 +124,12 @@ def _joined_equal(ps: list[torch.Tensor], refs: list[torch.Tensor]) -> bool:
         return False
     if a.dtype != b.dtype or a.device != b.device or a.shape != b.shape:
         return False
+    return _equal_bits(a, b)
+
+
+def _equal_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` (of one dtype, shape and device) hold the same bits: by ``memcmp``
+    where it answers, else as integers."""
     same = _same_bytes(a, b)
     return bool(torch.equal(_bits(a), _bits(b))) if same is None else same
 
