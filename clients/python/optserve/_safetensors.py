@@ -13,9 +13,13 @@ without torch. The unit tests check both directions against the ``safetensors`` 
 from __future__ import annotations
 
 import math
+import re
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 from ._json import json_dumps, json_loads
 
@@ -34,6 +38,48 @@ DTYPES: dict[str, tuple[str, int]] = {
 }
 _FROM_CODE: dict[str, str] = {code: name for name, (code, _) in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class _Recent(Generic[_K, _V]):
+    """A few values kept by key, the least recently used let go first, and at most ``limit``
+    bytes of keys held (a key's size is the caller's to say): a header seen again (every step
+    of one model sends and gets back the same one) is worked out once. Safe across threads."""
+
+    def __init__(self, entries: int, limit: int) -> None:
+        self._items: OrderedDict[_K, tuple[_V, int]] = OrderedDict()
+        self._entries = entries
+        self._limit = limit
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: _K) -> _V | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: _K, value: _V, size: int) -> None:
+        if size > self._limit:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._held -= old[1]
+            self._items[key] = (value, size)
+            self._held += size
+            while len(self._items) > self._entries or self._held > self._limit:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._held -= dropped
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._held = 0
 
 
 @dataclass(frozen=True)
@@ -129,18 +175,42 @@ def dumps(tensors: Mapping[str, WireTensor], metadata: Mapping[str, str] | None 
     return bytes(body(tensors, metadata))
 
 
+#: tensor entries :func:`body` wrote lately, by what they describe (the tensors' names,
+#: dtypes, shapes and sizes in the mapping's order): the entries' JSON object and the tensors'
+#: names in the order their bytes follow the header. A model's gradients make the same
+#: entries every step (1,000 tensors' took 2.1 ms to write; their key takes 0.4 ms); the
+#: metadata (a step's loss) is written anew each time.
+_MADE: _Recent[tuple[Any, ...], tuple[bytes, tuple[str, ...]]] = _Recent(8, 32 << 20)
+
+
 def body(tensors: Mapping[str, WireTensor], metadata: Mapping[str, str] | None = None) -> Body:
     """Tensors (and string metadata) as a safetensors :class:`Body`, without copying them.
 
     Tensors are laid out widest element first, so every tensor's data is aligned to its
     element size when the file is loaded at an aligned address.
     """
-    header: dict[str, object] = {}
     if metadata:
         for k, v in metadata.items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError("safetensors metadata must map strings to strings")
-        header["__metadata__"] = dict(metadata)
+    key = tuple([(name, t.dtype, t.shape, t.data.nbytes) for name, t in tensors.items()])
+    made = _MADE.get(key)
+    if made is None:
+        made = _entries(tensors)
+        _MADE.put(key, made, len(made[0]))
+    entries, order = made
+    if metadata:  # (the JSON the whole header as one object would give: metadata first)
+        meta = b'{"__metadata__":' + json_dumps(dict(metadata))
+        head = meta + b"}" if entries == b"{}" else meta + b"," + entries[1:]
+    else:
+        head = entries
+    head += b" " * (-len(head) % 8)
+    return Body((struct.pack("<Q", len(head)) + head, *(tensors[name].data for name in order)))
+
+
+def _entries(tensors: Mapping[str, WireTensor]) -> tuple[bytes, tuple[str, ...]]:
+    """:func:`body`'s tensor entries as a JSON object, and the order of the tensors' bytes."""
+    header: dict[str, object] = {}
     order = sorted(tensors.items(), key=lambda kv: -kv[1].itemsize)
     offset = 0
     for name, t in order:
@@ -153,9 +223,7 @@ def body(tensors: Mapping[str, WireTensor], metadata: Mapping[str, str] | None =
             "data_offsets": [offset, offset + n],
         }
         offset += n
-    head = json_dumps(header)
-    head += b" " * (-len(head) % 8)
-    return Body((struct.pack("<Q", len(head)) + head, *(t.data for _, t in order)))
+    return json_dumps(header), tuple(name for name, _ in order)
 
 
 def loads(body: bytes | bytearray | memoryview) -> tuple[dict[str, WireTensor], dict[str, str]]:
@@ -180,30 +248,116 @@ def loads(body: bytes | bytearray | memoryview) -> tuple[dict[str, WireTensor], 
 Entry = tuple[str, str, tuple[int, ...], int, int]
 
 
+@dataclass(frozen=True, eq=False)
+class Header:
+    """A header's tensor entries, parsed and checked (:func:`parsed`), in the header's order,
+    where their bytes begin and end counted from the data's start. Kept while headers with
+    the same entries come back (a model's step answers differ in their ``__metadata__``
+    only), so callers may keep what they work out from the entries in ``derived``."""
+
+    entries: tuple[Entry, ...]
+    #: the header's ``__metadata__`` where it is part of the key (not split off: see
+    #: :func:`_split`), else None
+    metadata: Mapping[str, str] | None
+    derived: dict[str, Any] = field(default_factory=dict)
+
+
+#: headers :func:`parsed` lately, by their bytes less a leading ``__metadata__`` (which is
+#: parsed each time; whether there was one is part of the key) and less their padding, the
+#: size of the data after them and the data's alignment (what the checks of the entries
+#: depend on): 1,000 tensors' entries took 2.1 ms to parse and check
+_PARSED: _Recent[tuple[bytes, int, int, bool], Header] = _Recent(8, 32 << 20)
+_META = b'{"__metadata__":'
+#: a flat JSON object of strings (``__metadata__`` as writers write it)
+_STRING = rb'"(?:[^"\\]|\\.)*"'
+_FLAT = re.compile(rb"\{\s*(?:%s\s*:\s*%s\s*(?:,\s*%s\s*:\s*%s\s*)*)?\}"
+                   % (_STRING, _STRING, _STRING, _STRING), re.DOTALL)
+
+
 def parse(body: bytes | bytearray | memoryview
           ) -> tuple[bytearray | memoryview, list[Entry], dict[str, str]]:
     """A safetensors file's buffer (``body`` itself when it is a writable memoryview: a
     buffer the client filled for this call alone; else a private copy), its tensors' entries
-    in the header's order, and its ``__metadata__``. Raises ``ValueError``."""
+    in the header's order (where each one's bytes begin and end in the buffer), and its
+    ``__metadata__``. Raises ``ValueError``."""
+    buf, header, start, metadata = parsed(body)
+    return buf, [(n, d, s, start + b, start + e) for n, d, s, b, e in header.entries], metadata
+
+
+def parsed(body: bytes | bytearray | memoryview
+           ) -> tuple[bytearray | memoryview, Header, int, dict[str, str]]:
+    """:func:`parse`'s buffer, the :class:`Header` (shared: not to be changed), where the data
+    starts in the buffer, and the ``__metadata__``."""
     buf = body if isinstance(body, memoryview) and not body.readonly else bytearray(body)
     if len(buf) < 8:
         raise ValueError("not a safetensors file: shorter than its 8-byte header length")
     (n,) = struct.unpack_from("<Q", buf, 0)
     if n > len(buf) - 8 or n > _MAX_HEADER:
         raise ValueError(f"safetensors header claims {n} bytes but the body has {len(buf) - 8}")
+    head = bytes(buf[8 : 8 + n])
+    start, size = 8 + n, len(buf) - 8 - n
+    meta, rest = _split(head)
+    # (trailing whitespace is the writer's padding, which follows the metadata's length)
+    key = (rest.rstrip(), size, start % 8, meta is not None)
+    header = _PARSED.get(key)
+    if header is not None:
+        if header.metadata is not None:
+            return buf, header, start, dict(header.metadata)
+        assert meta is not None
+        return buf, header, start, _metadata(_loaded(meta))
+    entries, metadata = _checked(head, size)
+    if meta is None:
+        header = Header(entries, metadata)
+    elif b'"__metadata__"' not in rest and _metadata(_loaded(meta)) == metadata:
+        header = Header(entries, None)
+    else:  # (another ``__metadata__`` further on, which JSON lets win: not kept)
+        return buf, Header(entries, metadata), start, metadata
+    _PARSED.put(key, header, n)
+    return buf, header, start, dict(metadata)
+
+
+def _split(head: bytes) -> tuple[bytes | None, bytes]:
+    """A header's leading ``__metadata__`` object (a flat one of strings, as writers write
+    it: first) and the header without it; (None, the header) where it has none such."""
+    if not head.startswith(_META):
+        return None, head
+    m = _FLAT.match(head, len(_META))
+    if m is None:
+        return None, head
+    after = m.end()
+    while after < len(head) and head[after] in b" \t\r\n":
+        after += 1
+    if head[after:after + 1] == b",":
+        return m.group(), b"{" + head[after + 1:]
+    if head[after:after + 1] == b"}":
+        return m.group(), b"{" + head[after:]
+    return None, head
+
+
+def _loaded(raw: bytes) -> Any:
     try:
-        header = json_loads(bytes(buf[8 : 8 + n]))
+        return json_loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"safetensors header is not valid JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise ValueError("safetensors header must be a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+
+
+def _metadata(metadata: Any) -> dict[str, str]:
+    """A header's ``__metadata__`` value, checked."""
+    metadata = metadata or {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise ValueError("safetensors __metadata__ must map strings to strings")
-    start = 8 + n
-    size = len(buf) - start
+    return metadata
+
+
+def _checked(head: bytes, size: int) -> tuple[tuple[Entry, ...], dict[str, str]]:
+    """A header's bytes parsed and checked, its data ``size`` bytes long: its entries (where
+    each one's bytes begin and end, from the data's start) and its ``__metadata__``."""
+    header = _loaded(head)
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header must be a JSON object")
+    metadata = _metadata(header.pop("__metadata__", None))
     entries: list[Entry] = []
     for name, info in header.items():
         if type(info) is not dict:
@@ -226,8 +380,8 @@ def parse(body: bytes | bytearray | memoryview
         if offsets[1] - offsets[0] != math.prod(dims) * DTYPES[dtype][1]:
             raise ValueError(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes cannot hold "
                              f"shape {shape} of {dtype}")
-        entries.append((name, dtype, dims, start + offsets[0], start + offsets[1]))
-    return buf, entries, dict(metadata)
+        entries.append((name, dtype, dims, offsets[0], offsets[1]))
+    return tuple(entries), dict(metadata)
 
 
 def _dims(shape: list[object]) -> bool:

@@ -74,10 +74,16 @@ def encode_tensor_map(tensors: Mapping[str, Any], what: str
                         f"{type(tensors).__name__}")
     out: dict[str, WireTensor | SparseWire] = {}
     dense: dict[str, Any] = {}
+    loaded = T._torch_loaded()
+    # (a plain dense tensor, the common case, with two checks: 1,000 gradients a step)
+    plain = T._joinable() if loaded is not None else frozenset()
+    strided = loaded.strided if loaded is not None else None
     for name, t in tensors.items():
         if not isinstance(name, str):
             raise TypeError(f"{what}: names must be strings, got {name!r}")
-        if is_sparse(t):
+        if type(t) in plain and t.layout is strided:
+            out[name] = dense[name] = t
+        elif is_sparse(t):
             out[name] = to_sparse_wire(t, f"{what}[{name!r}]")
         else:
             out[name] = dense[name] = t  # (its place in the order; encoded below)

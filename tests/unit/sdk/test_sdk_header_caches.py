@@ -1,0 +1,177 @@
+"""The SDK keeps the safetensors headers it made and parsed lately (``optserve._safetensors``:
+a model's steps send and get back the same tensor entries every time, with other
+``__metadata__``). A header met again must give exactly what it gave the first time it was
+worked out, whatever the metadata around the same entries, and never another header's
+entries."""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+
+from optserve import _safetensors as st
+from optserve import _tensors as T
+from optserve._json import json_dumps
+from tests.unit.sdk.test_sdk_many_tensors_codec import bits_equal, handmade
+
+TEXT = hs.text(alphabet=hs.characters(codec="utf-8"), max_size=12)
+METADATA = hs.dictionaries(TEXT, TEXT, max_size=4)
+
+
+def _header(body: bytes) -> dict[str, Any]:
+    header: dict[str, Any] = json.loads(body[8:8 + struct.unpack_from("<Q", body)[0]])
+    return header
+
+
+def _package_metadata(body: bytes) -> dict[str, str]:
+    """The ``__metadata__`` as the header holds it (the package writes it)."""
+    return _header(body).get("__metadata__") or {}
+
+
+@settings(max_examples=60, deadline=None)
+@given(metas=hs.lists(METADATA, min_size=2, max_size=5), count=hs.integers(1, 40))
+def test_the_same_entries_under_other_metadata_decode_as_the_package_reads_them(
+        metas: list[dict[str, str]], count: int) -> None:
+    st._PARSED.clear()
+    gen = torch.Generator().manual_seed(count)
+    for meta in metas:  # the same entries each time, other values and other metadata
+        tensors = {f"p{i}": torch.randn(3, generator=gen) for i in range(count)}
+        body = safetensors.torch.save(tensors, metadata=meta or None)
+        decoded, metadata = T.tensors_from_safetensors(body)
+        assert metadata == _package_metadata(body) == meta
+        assert list(decoded) == [n for n in _header(body) if n != "__metadata__"]
+        for name, t in tensors.items():
+            assert bits_equal(decoded[name], t), name
+        _, entries, metadata = st.parse(body)
+        assert metadata == meta
+        wires, metadata = st.loads(body)
+        assert metadata == meta
+        assert all(bytes(wires[n].data) == tensors[n].numpy().tobytes() for n in tensors)
+    # one header's entries, kept once (twice where some bodies had no metadata at all)
+    assert len(st._PARSED._items) == len({bool(meta) for meta in metas})
+
+
+def _with_metadata(head: bytes, tail: bytes) -> bytes:
+    """A body of a hand-written header (padded to 8) and its data."""
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + tail
+
+
+def test_a_later_metadata_key_wins_as_in_json_every_time() -> None:
+    """JSON lets a repeated key's last value win: a header whose ``__metadata__`` comes again
+    after the entries is not kept by the entries, and each such body answers its own."""
+    data = torch.ones(2).numpy().tobytes()
+    # (the first two alike: the later one decides even where the first alone would agree)
+    for first, last in (("1", "1"), ("3", "1"), ("1", "2"), ("3", "4"), ("1", "5")):
+        head = (b'{"__metadata__":{"a":"%s"},"t":{"dtype":"F32","shape":[2],'
+                b'"data_offsets":[0,8]},"__metadata__":{"a":"%s"}}' % (first.encode(),
+                                                                       last.encode()))
+        body = _with_metadata(head, data)
+        decoded, metadata = T.tensors_from_safetensors(body)
+        assert metadata == {"a": last}
+        assert torch.equal(decoded["t"], torch.ones(2))
+
+
+def test_metadata_that_is_not_a_flat_object_of_strings_is_refused_every_time() -> None:
+    tensors = b'"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+    good = _with_metadata(b'{"__metadata__":{"a":"1"},' + tensors + b"}", bytes(4))
+    assert T.tensors_from_safetensors(good)[1] == {"a": "1"}
+    for meta in (b'{"a":1}', b'{"a":{"b":"c"}}', b'["a"]', b'{"a":"1"'):
+        bad = _with_metadata(b'{"__metadata__":' + meta + b"," + tensors + b"}", bytes(4))
+        with pytest.raises(ValueError, match="metadata|JSON"):
+            T.tensors_from_safetensors(bad)
+    # and the entries kept from the good one still serve the next good one
+    again = _with_metadata(b'{"__metadata__":{"a":"}\\"{"},' + tensors + b"}",
+                           torch.full((1,), 2.0).numpy().tobytes())
+    decoded, metadata = T.tensors_from_safetensors(again)
+    assert metadata == {"a": '}"{'}
+    assert decoded["t"].item() == 2.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(gaps=hs.lists(hs.integers(0, 9), min_size=1, max_size=3), pads=hs.lists(
+    hs.integers(0, 7), min_size=2, max_size=4))
+def test_the_same_entries_at_another_alignment_are_decoded_for_that_alignment(
+        gaps: list[int], pads: list[int]) -> None:
+    """A writer that does not pad its header puts the data at any alignment: which tensors
+    are copies of their own (not aligned to their element size) depends on it, so it is
+    part of what is kept."""
+    entries = [("a", torch.randn(3)), ("b", torch.randn(2).double()),
+               ("c", torch.arange(5, dtype=torch.int16))]
+    base = handmade(entries, [0, 1, 2], gaps, align=False)
+    n = struct.unpack_from("<Q", base)[0]
+    head = base[8:8 + n].rstrip(b" ")
+    for pad in pads:
+        padded = head + b" " * pad  # (the same entries, the data moved by pad bytes)
+        body = struct.pack("<Q", len(padded)) + padded + base[8 + n:]
+        decoded, _ = T.tensors_from_safetensors(body)
+        for name, t in entries:
+            assert bits_equal(decoded[name], t), (name, pad)
+            # (each aligned to its element size: a view where it lies so, else a copy)
+            assert decoded[name].data_ptr() % t.element_size() == 0, (name, pad)
+
+
+def test_another_shape_of_the_same_bytes_makes_another_header() -> None:
+    a = st.body({"w": T.to_wire(torch.ones(4))})
+    b = st.body({"w": T.to_wire(torch.ones(2, 2))})
+    assert safetensors.torch.load(bytes(a))["w"].shape == (4,)
+    assert safetensors.torch.load(bytes(b))["w"].shape == (2, 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(metas=hs.lists(hs.one_of(hs.none(), METADATA), min_size=2, max_size=4),
+       count=hs.integers(0, 12))
+def test_a_kept_headers_body_is_what_one_object_would_write(
+        metas: list[dict[str, str] | None], count: int) -> None:
+    """The entries are written once and the metadata spliced in front each time: the bytes
+    are those of the whole header written as one object (metadata first), and the package
+    reads them back."""
+    tensors = {f"p{i}": torch.full((i % 3 + 1,), float(i),
+                                   dtype=torch.float64 if i % 2 else torch.float32)
+               for i in range(count)}
+    wires = T.encode_tensor_map(tensors, "t")
+    for meta in metas:
+        body = bytes(st.body(wires, meta))
+        order = sorted(wires, key=lambda n: -wires[n].itemsize)
+        whole: dict[str, Any] = {"__metadata__": meta} if meta else {}
+        offset = 0
+        for name in order:
+            size = wires[name].data.nbytes
+            whole[name] = {"dtype": st.DTYPES[wires[name].dtype][0],
+                           "shape": list(wires[name].shape),
+                           "data_offsets": [offset, offset + size]}
+            offset += size
+        head = json_dumps(whole)
+        head += b" " * (-len(head) % 8)
+        assert body[:8 + len(head)] == struct.pack("<Q", len(head)) + head
+        assert _package_metadata(body) == (meta or {})
+        back = safetensors.torch.load(body)
+        for name, t in tensors.items():
+            assert bits_equal(back[name], t), name
+
+
+def test_the_kept_headers_are_bounded() -> None:
+    kept: st._Recent[str, int] = st._Recent(3, 100)
+    for i in range(5):
+        kept.put(f"k{i}", i, 10)
+    assert kept.get("k0") is None and kept.get("k1") is None
+    assert [kept.get(f"k{i}") for i in (2, 3, 4)] == [2, 3, 4]
+    kept.put("big", 9, 101)  # over the limit on its own: not kept
+    assert kept.get("big") is None
+    kept.put("k5", 5, 60)  # 10 + 10 + 60 of 100: the oldest goes for the limit too
+    kept.put("k6", 6, 30)
+    assert kept.get("k2") is None and kept.get("k3") is None
+    assert kept.get("k5") == 5 and kept.get("k6") == 6
+    body = safetensors.torch.save({f"p{i}": torch.ones(1) for i in range(20)})
+    for i in range(20):  # headers that all differ: at most the bound of them kept
+        T.tensors_from_safetensors(safetensors.torch.save({f"q{i}": torch.ones(1)}))
+    T.tensors_from_safetensors(body)
+    assert len(st._PARSED._items) <= 8
