@@ -128,6 +128,13 @@ class Settings(BaseSettings):
         description="sessions bound to shared-memory segments at once on all same-host "
         "connections together; one more bind is a 503 server_bindings_full (Retry-After: 1) "
         "and the SDK steps that session over HTTP (0: vm.max_map_count / 8, at least 64)")
+    max_binding_mb: int = Field(
+        default=0, ge=0, le=1 << 30,
+        description="MiB of memory the same-host bindings may hold at once, all connections "
+        "together (a binding holds its session's parameter bytes twice, three times under "
+        "durability interval or step); a bind past it is a 503 server_bindings_full and the "
+        "SDK steps that session over HTTP (0: half of the memory the server may use: its "
+        "cgroup's limit, else the machine's)")
     local_dir: Path | None = Field(
         default=None, description="where the same-host transport's private socket directory is "
         "made (default: the system's temporary directory)")

@@ -84,7 +84,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.local_transport and settings.engine == "embedded":
             local = LocalTransport(engine, keys, DEFAULT_TENANT, settings.local_dir,
                                    slots=app.state.connections,
-                                   max_bindings=settings.max_bindings)
+                                   max_bindings=settings.max_bindings,
+                                   max_binding_bytes=settings.max_binding_mb << 20)
             local.start(asyncio.get_running_loop())
         app.state.local_transport = local
         logging.getLogger("optserve").info("optserve ready on device %s", engine.device)

@@ -73,6 +73,10 @@ class Metrics:
         self.bindings, self.bindings_limit = bounded(
             "local_bindings", "Same-host bindings held (a session's segment mapped for a "
             "same-host connection)", "OPTSERVE_MAX_BINDINGS")
+        self.binding_bytes, self.binding_bytes_limit = bounded(
+            "local_binding_bytes", "Bytes of memory the same-host bindings hold (their "
+            "segments, and logged sessions' private copies of the gradients)",
+            "OPTSERVE_MAX_BINDING_MB")
 
         # the (counter, outcome) series each session has, so a deleted session's go with it
         self._series: dict[str, set[tuple[Counter, str]]] = {}

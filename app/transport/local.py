@@ -36,10 +36,12 @@ that repeats a key a 400 ``duplicate_key`` naming its path, a field the operatio
 a 422 ``unknown_field`` naming it. A connection holds at most :data:`MAX_BINDINGS` bindings (429
 ``too_many_bindings``), the server at most ``OPTSERVE_MAX_BINDINGS`` on all its connections
 together (``LocalTransport.binding_slots``: 503 ``server_bindings_full`` with
-``retry_after``); a binding whose slots no longer fit its session's parameters (the session was
-deleted and made again under its id) is refused before anything is applied wherever a step or
-a pull would use such a slot, a gradient read from it included (409 ``binding_stale``: bind
-again).
+``retry_after``), and their memory at most ``OPTSERVE_MAX_BINDING_MB``
+(``LocalTransport.binding_memory``, :func:`footprint`: the same 503, with ``limit_bytes``,
+``held_bytes`` and ``needed_bytes``); a binding whose slots no longer fit its session's
+parameters (the session was deleted and made again under its id) is refused before anything
+is applied wherever a step or a pull would use such a slot, a gradient read from it included
+(409 ``binding_stale``: bind again).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ from app.api.connection_cap import Bounded, ConnectionSlots
 from app.api.requests import step_options
 from app.engine import metrics, ps
 from app.engine.idempotency import check_key
+from app.engine.idle import available
 from app.engine.interface import Engine, IdemKey, SessionInfo, json_floats
 from app.engine.session import check_session_id, stale_binding
 from app.engine.store import storage_failure
@@ -178,23 +181,76 @@ class Slot:
     nbytes: int
 
 
+def _sizes(info: SessionInfo) -> list[tuple[str, str, list[int]]]:
+    return [(n, p["dtype"], list(p["shape"])) for n, p in info.params.items()]
+
+
+def _laid_out(sizes: list[tuple[str, str, list[int]]]) -> tuple[list[int], int, list[int], int]:
+    """A segment's layout: the gradient slots' offsets and where they end, the parameter
+    slots' offsets, and the segment's size."""
+    grad_at, grads_end = _placed(sizes, 0)
+    param_at, end = _placed(sizes, _aligned(grads_end))
+    return grad_at, grads_end, param_at, max(_aligned(end), ALIGN)
+
+
+def footprint(info: SessionInfo) -> int:
+    """The bytes of memory a binding of the session holds at most: its segment (a slot for each
+    parameter's gradient and one for its values), and for a logged session (durability
+    ``interval`` or ``step``) the private copy of the gradients its steps read
+    (:meth:`Binding.gradients`)."""
+    _, grads_end, _, size = _laid_out(_sizes(info))
+    return size + (grads_end if info.durability != "memory" else 0)
+
+
+class Budget:
+    """Bytes held at once against ``limit`` (None: no bound), thread-safe: the memory of the
+    same-host bindings of all connections together (``OPTSERVE_MAX_BINDING_MB``)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        """Count ``n`` more bytes: False (not counted) when they would pass ``limit``."""
+        with self._lock:
+            if self.limit is not None and self.held + n > self.limit:
+                return False
+            self.held += n
+            return True
+
+    def give(self, n: int) -> None:
+        """Bytes counted by :meth:`take` let go."""
+        with self._lock:
+            self.held -= n
+
+
+def default_binding_bytes(root: Path = Path("/")) -> int | None:
+    """The bytes the bindings may hold by default (``OPTSERVE_MAX_BINDING_MB`` 0): half of the
+    memory the server may use (its cgroup's limit where it has one below the machine's, else
+    the machine's), None where that cannot be read."""
+    memory = available(root)
+    return None if memory is None else memory[1] // 2
+
+
 class Binding:
     """One session's shared segment on one connection."""
+
+    #: the bytes counted against the server's bound for this binding (:func:`footprint`)
+    counted = 0
 
     def __init__(self, session_id: str, info: SessionInfo) -> None:
         self.session_id = session_id
         self.slots: list[Slot] = []
-        sizes = [(n, p["dtype"], list(p["shape"])) for n, p in info.params.items()]
+        sizes = _sizes(info)
         # the gradient slots laid end to end, widest dtypes first (each then aligned to its
         # item size with no padding), so that the tensors of one dtype tile one span: the
         # non-finite check and the gradient norms take one reduction for all of them, not
         # one per tensor; then the parameter slots likewise. The slots stay in the session's
         # order (their offsets say where each lies).
-        grad_at, grads_end = _placed(sizes, 0)
-        param_at, end = _placed(sizes, _aligned(grads_end))
-        for (name, dtype, shape), grad, param in zip(sizes, grad_at, param_at, strict=True):
-            self.slots.append(Slot(name, dtype, shape, grad, param, _nbytes(dtype, shape)))
-        self.size = max(_aligned(end), ALIGN)
+        grad_at, grads_end, param_at, self.size = _laid_out(sizes)
+        for (name, wire, shape), grad, param in zip(sizes, grad_at, param_at, strict=True):
+            self.slots.append(Slot(name, wire, shape, grad, param, _nbytes(wire, shape)))
         #: the segment's descriptor until it is handed to the client (:meth:`hand_over`; -1
         #: after): the server's mapping holds none, so a binding holds no descriptor
         self.fd = os.memfd_create(f"optserve-{session_id}"[:200],
@@ -434,11 +490,14 @@ class LocalTransport:
 
     def __init__(self, engine: Engine, keys: dict[str, str], default_tenant: str,
                  parent: Path | None = None, slots: ConnectionSlots | None = None,
-                 max_bindings: int = 0) -> None:
+                 max_bindings: int = 0, max_binding_bytes: int = 0) -> None:
         self.engine = engine
         #: the live bindings of all connections together (``OPTSERVE_MAX_BINDINGS``; 0: the
         #: default, :func:`default_bindings`)
         self.binding_slots = Bounded(max_bindings or default_bindings())
+        #: the memory they hold (``OPTSERVE_MAX_BINDING_MB``; 0: the default,
+        #: :func:`default_binding_bytes`)
+        self.binding_memory = Budget(max_binding_bytes or default_binding_bytes())
         #: the count of open connections this transport shares with HTTP's (a connection past
         #: its limit is closed at once), None: unbounded
         self.slots = slots
@@ -681,7 +740,7 @@ class _Connection(threading.Thread):
                     retry_after=BINDINGS_RETRY_AFTER_S)
             try:
                 info = self.transport.call(engine.describe(session_id, tenant=tenant))
-                binding = Binding(session_id, info)
+                binding = self._bound(session_id, info)
             except BaseException:
                 slots.give()
                 raise
@@ -700,10 +759,35 @@ class _Connection(threading.Thread):
                                                  params_into=binding.params))
         return {"ok": True, **result.scalars()}
 
+    def _bound(self, session_id: str, info: SessionInfo) -> Binding:
+        """A new binding of the session, its memory counted against the server's bound."""
+        memory = self.transport.binding_memory
+        need = footprint(info)
+        if not memory.take(need):
+            limit = memory.limit or 0
+            # (one that can never fit is asked for again rarely: the SDK waits at most 60 s)
+            wait = BINDINGS_RETRY_AFTER_S if need <= limit else 60
+            raise Unavailable(
+                f"a binding of this session holds {need} bytes of shared memory, and the "
+                f"bindings of all connections together may hold {limit} "
+                f"(OPTSERVE_MAX_BINDING_MB; {memory.held} held now); step over HTTP, or "
+                f"bind again after {wait} s",
+                code="server_bindings_full", field="session", limit_bytes=limit,
+                held_bytes=memory.held, needed_bytes=need, retry_after=wait)
+        try:
+            binding = Binding(session_id, info)
+        except BaseException:
+            memory.give(need)
+            raise
+        binding.counted = need
+        return binding
+
     def _let_go(self, binding: Binding) -> None:
         """Close a binding of this connection and count it no longer live."""
         binding.close()
         self.transport.binding_slots.give()
+        self.transport.binding_memory.give(binding.counted)
+        binding.counted = 0
 
     @staticmethod
     def _legacy_fingerprint(binding: Binding, m: dict[str, Any], names: list[str],

@@ -12,7 +12,9 @@ Then the server-wide bound on live bindings (``OPTSERVE_MAX_BINDINGS``): ``/metr
 the bindings held and gives the bound; the bind past it is a 503 ``server_bindings_full``
 naming the limit, with ``retry_after``; the SDK steps that session
 over HTTP (equal to torch), and binds it once its ``Retry-After`` has passed and a binding was
-let go.
+let go. The same for the bound on the bindings' memory (``OPTSERVE_MAX_BINDING_MB``): a bind
+past it is the same 503 naming the bytes, and a closed connection's bindings are counted no
+longer.
 """
 
 from __future__ import annotations
@@ -244,3 +246,83 @@ def test_the_server_wide_bound_on_bindings_sends_the_sdk_to_http(
             assert out.params is not None
             assert_tensors_equal(dict(out.params), ref.params, "step 3 through the segment")
             assert set(channel._bindings) == {sid} and binds == 2
+
+
+def big_of(seed: int, k: int | None = None) -> dict[str, torch.Tensor]:
+    """100,000 float32 values: a binding of them holds 800,000 bytes (a gradient and a value
+    slot), 1,200,000 under durability step (the private copy of the gradient)."""
+    g = torch.Generator().manual_seed(seed if k is None else 1000 * (k + 1) + seed)
+    return {"w": torch.randn(100_000, generator=g)}
+
+
+def test_the_server_wide_bound_on_binding_memory_sends_the_sdk_to_http(
+        proc: Proc, monkeypatch: pytest.MonkeyPatch) -> None:
+    proc.env["OPTSERVE_MAX_BINDING_MB"] = "1"
+    proc.env["OPTSERVE_DURABILITY"] = "memory"
+    proc.start()
+    path = socket_path(proc.url, None)
+    with optserve.Client(proc.url, transport="http") as c:
+        c.create_session("Adam", big_of(0), options=OPTIONS, id="big")
+        c.create_session("Adam", big_of(1), options=OPTIONS, id="logged",
+                         durability="step")
+    assert gauge(proc.url, "optserve_local_binding_bytes_limit") == 1 << 20
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as a:
+        a.connect(path)
+        assert frames(a, {"op": "hello"})["ok"] is True
+        # a session whose binding can never fit: refused, asked again only after 60 s
+        answer = frames(a, {"op": "bind", "session": "logged"})
+        problem = answer["problem"]
+        assert answer["ok"] is False and isinstance(problem, dict), answer
+        assert (problem["status"], problem["code"]) == (503, "server_bindings_full")
+        assert problem["field"] == "session" and problem["limit_bytes"] == 1 << 20
+        assert problem["needed_bytes"] == 1_200_000 and problem["held_bytes"] == 0
+        assert problem["retry_after"] == 60 and "OPTSERVE_MAX_BINDING_MB" in problem["detail"]
+        assert gauge(proc.url, "optserve_local_binding_bytes") == 0
+        assert gauge(proc.url, "optserve_local_bindings") == 0  # (its place given back)
+        # one that fits, then a second of it that does not
+        first = frames(a, {"op": "bind", "session": "big"})
+        assert first["ok"] is True, first
+        assert gauge(proc.url, "optserve_local_binding_bytes") == 800_000
+        answer = frames(a, {"op": "bind", "session": "big"})
+        problem = answer["problem"]
+        assert answer["ok"] is False and isinstance(problem, dict), answer
+        assert (problem["code"], problem["held_bytes"], problem["needed_bytes"],
+                problem["retry_after"]) == ("server_bindings_full", 800_000, 800_000, 1)
+        assert gauge(proc.url, "optserve_local_bindings") == 1
+        # the SDK steps over HTTP instead (auto), equal to torch, not asking again each step
+        ref = Reference(torch.optim.Adam, [(big_of(0), {})], OPTIONS)
+        binds = 0
+        real_exchange = optserve._local.LocalChannel._exchange
+
+        def counting(self: optserve._local.LocalChannel, message: dict[str, Any]) -> Any:
+            nonlocal binds
+            binds += message.get("op") == "bind"
+            return real_exchange(self, message)
+        monkeypatch.setattr(optserve._local.LocalChannel, "_exchange", counting)
+        with optserve.Client(proc.url, transport="auto") as sdk:
+            for k in range(3):
+                out = sdk.step("big", big_of(0, k))
+                ref.step(big_of(0, k))
+                assert out.params is not None
+                assert_tensors_equal(dict(out.params), ref.params, f"step {k} over HTTP")
+            channel = sdk._local
+            assert channel is not None and not channel._bindings and binds == 1
+            # the connection holding the first binding is gone (as a killed client's is): its
+            # memory is counted no longer, and once the Retry-After passed the next step binds
+            a.close()
+            wait_for(lambda: gauge(proc.url, "optserve_local_binding_bytes") == 0,
+                     "a closed connection's binding memory is still counted")
+            time.sleep(1.1)
+            out = sdk.step("big", big_of(0, 3))
+            ref.step(big_of(0, 3))
+            assert out.params is not None
+            assert_tensors_equal(dict(out.params), ref.params, "step 3 through the segment")
+            assert set(channel._bindings) == {"big"} and binds == 2
+            assert gauge(proc.url, "optserve_local_binding_bytes") == 800_000
+            # the logged session steps over HTTP, equal to torch
+            logged = Reference(torch.optim.Adam, [(big_of(1), {})], OPTIONS)
+            out = sdk.step("logged", big_of(1, 0))
+            logged.step(big_of(1, 0))
+            assert out.params is not None
+            assert_tensors_equal(dict(out.params), logged.params, "the logged session")
+            assert set(channel._bindings) == {"big"}

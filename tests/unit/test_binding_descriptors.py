@@ -3,7 +3,8 @@ through libc ``mmap``, not ``mmap.mmap``, which kept a duplicate of the memfd: w
 itself, 2 descriptors a binding), its mapping lasts as long as any view of it (a view kept past
 :meth:`Binding.close` still reads and writes the segment; the last one gone unmaps it), and the
 server-wide bound on bindings is a setting (``OPTSERVE_MAX_BINDINGS``) validated as the others
-are. Against a real server: tests/integration/test_many_bindings_few_descriptors.py."""
+are, as is the bound on their memory (``OPTSERVE_MAX_BINDING_MB``). Against a real server:
+tests/integration/test_many_bindings_few_descriptors.py."""
 
 from __future__ import annotations
 
@@ -93,3 +94,38 @@ def test_the_bound_on_bindings_is_a_setting_with_a_default() -> None:
     assert slots.take() and slots.take() and not slots.take()
     slots.give()
     assert slots.take() and slots.held == 2
+
+
+def test_the_bound_on_binding_memory_is_a_setting_with_a_default(tmp_path: Any) -> None:
+    from app.transport.local import Budget, default_binding_bytes, footprint
+
+    assert Settings(max_binding_mb=5).max_binding_mb == 5
+    with pytest.raises(ValueError, match="max_binding_mb"):
+        Settings(max_binding_mb=-1)
+    assert Settings().max_binding_mb == 0
+    # a binding holds its segment (a gradient and a value slot per parameter, each dtype's
+    # run aligned), and a logged session's private copy of the gradients too
+    binding = Binding("unit-c", INFO)
+    try:
+        assert footprint(INFO) == binding.size
+        grads = sum(t.numel() * t.element_size() for t in binding.grads.values())
+        assert binding.size >= 2 * grads
+        logged: Any = SimpleNamespace(params=INFO.params, durability="step")
+        assert footprint(logged) == binding.size + (binding.grad_bytes.numel())
+    finally:
+        binding.close()
+    # the default: half of what the cgroup may use where it has a limit, else of the machine
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/meminfo").write_text("MemTotal: 8000 kB\nMemAvailable: 6000 kB\n")
+    assert default_binding_bytes(tmp_path) == 4000 * 1024
+    (tmp_path / "sys/fs/cgroup").mkdir(parents=True)
+    (tmp_path / "sys/fs/cgroup/memory.max").write_text("2048000\n")
+    (tmp_path / "sys/fs/cgroup/memory.current").write_text("100\n")
+    assert default_binding_bytes(tmp_path) == 1024000
+    assert default_binding_bytes(tmp_path / "nothing") is None
+    memory = Budget(100)
+    assert memory.take(60) and not memory.take(41) and memory.take(40)
+    memory.give(60)
+    assert memory.held == 40 and memory.take(60) and not memory.take(1)
+    unbounded = Budget(None)
+    assert unbounded.take(1 << 60) and unbounded.held == 1 << 60
