@@ -10,9 +10,9 @@ the twin makes the same kernel calls per tensor with the same scalars, so every 
 out with the same bits; for some it computes the same update in another order (NAdam, RAdam
 and ASGD, in torch 2.13), which rounds otherwise.
 
-So a group of an optimizer in :data:`SAME_CALLS` (Adam, AdamW, Adamax, RMSprop and SGD, whose
-two paths torch writes with the same calls, read line by line against the installed torch: see
-there) that the client left at
+So a group of an optimizer in :data:`SAME_CALLS` (Adadelta, Adam, AdamW, Adamax, RMSprop,
+Rprop and SGD, whose two paths torch writes with the same calls, read line by line against the
+installed torch: see there) that the client left at
 ``foreach=None`` (torch's own choice), of at least
 :data:`SMALLEST_GROUP` parameters with gradients, all dense float32 or float64 CPU tensors,
 with no tensor among its options and neither ``fused``, ``capturable`` nor ``differentiable``
@@ -61,11 +61,20 @@ log = logging.getLogger("optserve.engine")
 #: centered, ``add_(eps)``, ``mul_``/``addcdiv_`` into the momentum buffer and
 #: ``add_(buf, alpha=-lr)``, else ``addcdiv_(grad, avg, value=-lr)``; Adamax: ``lerp_``,
 #: ``mul_(beta2)``, ``abs`` and ``add_(eps)``, ``maximum`` into the infinity norm, ``addcdiv_``
-#: with ``(lr / bc) * -1`` for ``-(lr / bc)``. (Nesterov SGD adds
+#: with ``(lr / bc) * -1`` for ``-(lr / bc)``; Adadelta: ``neg`` for maximize,
+#: ``add(param, alpha=wd)``, ``mul_(rho)``/``addcmul_`` into the square average and into the
+#: accumulated delta, ``add(eps)`` and ``sqrt_`` of both, ``div_`` and ``mul_(grad)`` of the
+#: delta, ``add_(delta, alpha=-lr)``; Rprop: ``mul`` of gradient and previous gradient
+#: (for maximize the twin negates the product where the loop multiplies the negated
+#: gradient: the same values, and a NaN's sign goes where ``sign`` makes it 0 either way),
+#: ``sign``, the masked writes of ``etaplus``, ``etaminus`` and 1, ``mul_`` and ``clamp_`` of
+#: the step sizes, zeros where the sign was ``etaminus`` (a ``where`` into its copy of the
+#: gradient, where the loop writes through a mask: the same values), ``addcmul_(sign,
+#: step_size, value=-1)``. (Nesterov SGD adds
 #: into the gradients in place: the probe's check of the gradients turns it down unless
 #: weight decay or maximize made them copies first. Not Adagrad: its twin multiplies the
 #: gradient by ``-clr`` before dividing, where the loop's ``addcdiv_`` divides first.)
-SAME_CALLS = frozenset({"Adam", "Adamax", "AdamW", "RMSprop", "SGD"})
+SAME_CALLS = frozenset({"Adadelta", "Adam", "Adamax", "AdamW", "RMSprop", "Rprop", "SGD"})
 #: a group is switched from this many parameters (with gradients) on: below it the for-loop's
 #: Python work is small beside the rest of a step
 SMALLEST_GROUP = 16

@@ -35,6 +35,13 @@ CASES = [
     ("RMSprop", {"lr": 1e-2, "maximize": True, "momentum": 0.9, "alpha": 0.9}),
     ("Adamax", {"lr": 2e-3}),
     ("Adamax", {"lr": 2e-2, "weight_decay": 0.1, "maximize": True, "betas": (0.8, 0.95)}),
+    ("Adadelta", {"lr": 1.0}),
+    ("Adadelta", {"lr": 0.5, "rho": 0.8, "eps": 1e-4, "weight_decay": 0.1}),
+    ("Adadelta", {"lr": 0.5, "maximize": True, "weight_decay": 0.05}),
+    ("Adadelta", {"lr": 0.5, "maximize": True}),
+    ("Rprop", {"lr": 1e-2}),
+    ("Rprop", {"lr": 1e-1, "etas": (0.3, 1.5), "step_sizes": (1e-4, 0.05)}),
+    ("Rprop", {"lr": 1e-2, "maximize": True}),
 ]
 SIZES = [1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100, 257, 300]
 
@@ -48,7 +55,9 @@ def multi(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
                      ("torch.optim.sgd", "_multi_tensor_sgd"),
                      ("torch.optim.rmsprop", "_multi_tensor_rmsprop"),
                      ("torch.optim.adamax", "_multi_tensor_adamax"),
-                     ("torch.optim.adagrad", "_multi_tensor_adagrad")):
+                     ("torch.optim.adagrad", "_multi_tensor_adagrad"),
+                     ("torch.optim.adadelta", "_multi_tensor_adadelta"),
+                     ("torch.optim.rprop", "_multi_tensor_rprop")):
         module = importlib.import_module(path)
         real = getattr(module, fn)
 
@@ -186,3 +195,38 @@ def test_a_parameter_replaced_in_a_group_is_checked_again(multi: list[str]) -> N
     half.grad = torch.ones_like(half)
     opt.param_groups[0]["params"][5] = half
     assert foreach_steps._switchable(opt, "Adam", []) == []
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [
+    ("Rprop", {"lr": 1e-2, "maximize": True}), ("Rprop", {"lr": 1e-2}),
+    ("Adadelta", {"lr": 0.5, "maximize": True, "weight_decay": 0.1}),
+], ids=str)
+def test_non_finite_gradients_end_bitwise_where_the_loop_ends(multi: list[str], name: str,
+                                                              kwargs: dict[str, Any]) -> None:
+    """A session that lets non-finite gradients through (``nonfinite: allow``): NaNs of
+    either sign and infinities, some steps, NaN bits included (Rprop's twin negates the
+    product of the gradient and the previous one where the loop negates the gradient)."""
+    def run(switch: bool) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        params = _params(0, 40)
+        opt = getattr(torch.optim, name)(params, **kwargs)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(5):
+            for p in params:
+                g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+                pick = torch.rand(p.shape, generator=gen)
+                g[pick < 0.1] = float("nan")
+                g[(pick >= 0.1) & (pick < 0.2)] = -float("nan")
+                g[(pick >= 0.2) & (pick < 0.25)] = float("inf")
+                p.grad = g
+            if switch:
+                with foreach_steps.switched(opt, name):
+                    opt.step()
+            else:
+                opt.step()
+        return params, opt.state_dict()
+
+    want, want_sd = run(False)
+    got, got_sd = run(True)
+    assert len(multi) == 5
+    assert_tensors_equal(named(got), named(want), name)  # (bit for bit, NaNs too)
+    assert_trees_equal(got_sd, want_sd, f"{name} state_dict")
