@@ -86,6 +86,18 @@ def grads_of(seed: int, k: int) -> dict[str, torch.Tensor]:
     return {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g)}
 
 
+def counted_binds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list whose one item counts the bind messages the SDK sends from now on."""
+    binds = [0]
+    real_exchange = optserve._local.LocalChannel._exchange
+
+    def counting(self: optserve._local.LocalChannel, message: dict[str, Any]) -> Any:
+        binds[0] += message.get("op") == "bind"
+        return real_exchange(self, message)
+    monkeypatch.setattr(optserve._local.LocalChannel, "_exchange", counting)
+    return binds
+
+
 def http_create_and_step(c: httpx.Client, sid: str, seed: int, steps: int) -> None:
     """Create session ``sid`` over HTTP (JSON) and step it ``steps`` times, each answer equal
     to in-process Adam bitwise."""
@@ -220,14 +232,7 @@ def test_the_server_wide_bound_on_bindings_sends_the_sdk_to_http(
         assert gauge(proc.url, "optserve_connections_limit") >= 64
         # the SDK steps over HTTP instead (auto), equal to torch, not asking again each step
         ref = Reference(torch.optim.Adam, [(params_of(5), {})], OPTIONS)
-        binds = 0
-        real_exchange = optserve._local.LocalChannel._exchange
-
-        def counting(self: optserve._local.LocalChannel, message: dict[str, Any]) -> Any:
-            nonlocal binds
-            binds += message.get("op") == "bind"
-            return real_exchange(self, message)
-        monkeypatch.setattr(optserve._local.LocalChannel, "_exchange", counting)
+        binds = counted_binds(monkeypatch)
         with optserve.Client(proc.url, transport="auto") as sdk:
             sid = sdk.create_session("Adam", params_of(5), options=OPTIONS).id
             for k in range(3):
@@ -236,7 +241,7 @@ def test_the_server_wide_bound_on_bindings_sends_the_sdk_to_http(
                 assert out.params is not None
                 assert_tensors_equal(dict(out.params), ref.params, f"step {k} over HTTP")
             channel = sdk._local
-            assert channel is not None and not channel._bindings and binds == 1
+            assert channel is not None and not channel._bindings and binds == [1]
             # a binding let go, and the Retry-After passed: the next step binds
             assert frames(a, {"op": "unbind", "binding": first["binding"]})["ok"] is True
             assert gauge(proc.url, "optserve_local_bindings") == 2
@@ -245,7 +250,7 @@ def test_the_server_wide_bound_on_bindings_sends_the_sdk_to_http(
             ref.step(grads_of(5, 3))
             assert out.params is not None
             assert_tensors_equal(dict(out.params), ref.params, "step 3 through the segment")
-            assert set(channel._bindings) == {sid} and binds == 2
+            assert set(channel._bindings) == {sid} and binds == [2]
 
 
 def big_of(seed: int, k: int | None = None) -> dict[str, torch.Tensor]:
@@ -291,14 +296,7 @@ def test_the_server_wide_bound_on_binding_memory_sends_the_sdk_to_http(
         assert gauge(proc.url, "optserve_local_bindings") == 1
         # the SDK steps over HTTP instead (auto), equal to torch, not asking again each step
         ref = Reference(torch.optim.Adam, [(big_of(0), {})], OPTIONS)
-        binds = 0
-        real_exchange = optserve._local.LocalChannel._exchange
-
-        def counting(self: optserve._local.LocalChannel, message: dict[str, Any]) -> Any:
-            nonlocal binds
-            binds += message.get("op") == "bind"
-            return real_exchange(self, message)
-        monkeypatch.setattr(optserve._local.LocalChannel, "_exchange", counting)
+        binds = counted_binds(monkeypatch)
         with optserve.Client(proc.url, transport="auto") as sdk:
             for k in range(3):
                 out = sdk.step("big", big_of(0, k))
@@ -306,7 +304,7 @@ def test_the_server_wide_bound_on_binding_memory_sends_the_sdk_to_http(
                 assert out.params is not None
                 assert_tensors_equal(dict(out.params), ref.params, f"step {k} over HTTP")
             channel = sdk._local
-            assert channel is not None and not channel._bindings and binds == 1
+            assert channel is not None and not channel._bindings and binds == [1]
             # the connection holding the first binding is gone (as a killed client's is): its
             # memory is counted no longer, and once the Retry-After passed the next step binds
             a.close()
@@ -317,7 +315,7 @@ def test_the_server_wide_bound_on_binding_memory_sends_the_sdk_to_http(
             ref.step(big_of(0, 3))
             assert out.params is not None
             assert_tensors_equal(dict(out.params), ref.params, "step 3 through the segment")
-            assert set(channel._bindings) == {"big"} and binds == 2
+            assert set(channel._bindings) == {"big"} and binds == [2]
             assert gauge(proc.url, "optserve_local_binding_bytes") == 800_000
             # the logged session steps over HTTP, equal to torch
             logged = Reference(torch.optim.Adam, [(big_of(1), {})], OPTIONS)
