@@ -175,3 +175,71 @@ def test_the_kept_headers_are_bounded() -> None:
         T.tensors_from_safetensors(safetensors.torch.save({f"q{i}": torch.ones(1)}))
     T.tensors_from_safetensors(body)
     assert len(st._PARSED._items) <= 8
+
+
+def _reference(body: bytes) -> tuple[dict[str, tuple[str, list[int], bytes]], dict[str, str]]:
+    """What a body holds, read without the SDK: the header by the standard library's JSON (a
+    repeated key's last value wins there too), each tensor's dtype, shape and bytes."""
+    n = struct.unpack_from("<Q", body)[0]
+    header = json.loads(body[8:8 + n])
+    metadata = header.pop("__metadata__", None) or {}
+    data = body[8 + n:]
+    return ({name: (info["dtype"], info["shape"],
+                    data[info["data_offsets"][0]:info["data_offsets"][1]])
+             for name, info in header.items()}, metadata)
+
+
+ENTRY_SETS = [
+    [("a", "F32", [3]), ("b", "F64", [2]), ("c", "I16", [5])],
+    [("a", "F32", [3]), ("b", "F64", [2])],
+    [("x", "F32", [2, 2])],
+    [("x", "F32", [4])],
+]
+SIZES_OF = {"F32": 4, "F64": 8, "I16": 2}
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=hs.lists(hs.tuples(
+    hs.integers(0, len(ENTRY_SETS) - 1),  # which tensors
+    hs.one_of(hs.none(), METADATA),  # the metadata
+    hs.sampled_from(["first", "last", "middle", "twice"]),  # where the metadata lies
+    hs.sampled_from(["", " ", "\n  "]),  # whitespace after the metadata's value
+    hs.integers(0, 9),  # padding after the header
+    hs.integers(0, 3),  # bytes before the data (its alignment)
+), min_size=1, max_size=12))
+def test_any_sequence_of_headers_reads_as_each_body_holds(steps: list[Any]) -> None:
+    """Headers that share their entries and differ in everything else, one after the other:
+    each body's tensors and metadata are what a plain JSON reading of it gives."""
+    for which, meta, where, space, pad, gap in steps:
+        parts = []
+        offset = gap
+        for name, code, shape in ENTRY_SETS[which]:
+            size = SIZES_OF[code] * int(torch.tensor(shape).prod())
+            parts.append(f'"{name}":{{"dtype":"{code}","shape":{json.dumps(shape)},'
+                         f'"data_offsets":[{offset},{offset + size}]}}')
+            offset += size
+        if meta is not None:
+            text = f'"__metadata__":{space}{json.dumps(meta)}{space}'
+            if where == "first":
+                parts.insert(0, text)
+            elif where == "last":
+                parts.append(text)
+            elif where == "middle":
+                parts.insert(len(parts) // 2, text)
+            else:  # (the first one loses)
+                parts.insert(0, '"__metadata__":{"lost":"1"}')
+                parts.append(text)
+        head = ("{" + ",".join(parts) + "}" + " " * pad).encode()
+        data = bytes(range(256)) * (offset // 256 + 1)
+        body = struct.pack("<Q", len(head)) + head + data[:offset]
+        want, want_meta = _reference(body)
+        decoded, metadata = T.tensors_from_safetensors(body)
+        assert metadata == want_meta
+        assert list(decoded) == list(want)
+        for name, (_, shape, raw) in want.items():
+            assert list(decoded[name].shape) == shape
+            assert decoded[name].contiguous().view(torch.uint8).numpy().tobytes() == raw
+        wires, metadata = st.loads(body)
+        assert metadata == want_meta
+        assert {n: bytes(w.data) for n, w in wires.items()} == {n: r for n, (_, _, r)
+                                                               in want.items()}
