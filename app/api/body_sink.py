@@ -260,6 +260,7 @@ class DirectBody(asyncio.BufferedProtocol):
         return self.owner.eof_received()  # type: ignore[no-any-return]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.release()  # (the body is abandoned: nothing is read into its buffer any more)
         self.owner.connection_lost(exc)
 
     def pause_writing(self) -> None:

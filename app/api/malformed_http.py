@@ -165,6 +165,22 @@ def _mid_response(protocol: Any) -> bool:
                 and not getattr(cycle, "response_complete", True))
 
 
+def _answer_owed(protocol: Any) -> bool:
+    """The client closed its side of the connection (``shutdown(SHUT_WR)``, as ``nc -N`` does
+    at the end of its input) after a whole request whose answer is not written yet: the answer
+    still goes out, and then the connection closes (keep-alive off). uvicorn closed the
+    transport at once, so the request ran and its answer was lost (a step applied and never
+    acknowledged); one half-closed inside its request (its head or body unfinished) is gone
+    as before."""
+    cycle: Any = getattr(protocol, "cycle", None)
+    if (cycle is None or getattr(cycle, "more_body", True)
+            or getattr(cycle, "response_complete", True) or getattr(cycle, "disconnected", True)
+            or protocol.transport.is_closing()):
+        return False
+    cycle.keep_alive = False
+    return True
+
+
 def _close(protocol: Any) -> None:
     """Close the connection, and tell the request being read that its client is gone at once,
     as uvicorn does once the loop reports the connection lost: its app, run meanwhile, would
@@ -264,9 +280,13 @@ class _Capped:
         if self._refused_linger is None:
             super().data_received(data)  # type: ignore[misc]
 
-    def eof_received(self) -> None:
-        if self._refused_linger is None:  # (else: nothing, and the transport closes)
-            super().eof_received()  # type: ignore[misc]
+    def eof_received(self) -> bool | None:
+        if self._refused_linger is not None:  # (nothing, and the transport closes)
+            return None
+        if _answer_owed(self):
+            return True  # (the transport stays open for the answer)
+        super().eof_received()  # type: ignore[misc]
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._slots is not None:
@@ -293,7 +313,9 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
     else:
         if callable(getattr(HttpToolsProtocol, "send_400_response", None)):
 
-            class ProblemHttpToolsProtocol(_Capped, _HeadClock, SinkingProtocol,
+            # (misc: eof_received may keep the transport open, as asyncio's protocols may,
+            # where uvicorn's says None)
+            class ProblemHttpToolsProtocol(_Capped, _HeadClock, SinkingProtocol,  # type: ignore[misc]
                                            HttpToolsProtocol):
                 """uvicorn's httptools protocol; a refused request gets problem+json. A
                 refusal of a request pipelined after one still being answered waits for that
@@ -447,7 +469,7 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
     else:
         if callable(getattr(H11Protocol, "send_400_response", None)):
 
-            class ProblemH11Protocol(_Capped, _HeadClock, H11Protocol):
+            class ProblemH11Protocol(_Capped, _HeadClock, H11Protocol):  # type: ignore[misc]
                 """uvicorn's h11 protocol; a refused request gets problem+json. Its request
                 heads are bounded in time (the module's docstring); h11 bounds their size."""
 

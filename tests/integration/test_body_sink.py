@@ -8,12 +8,14 @@ parameters equal an in-process torch run's, bit for bit.
   nothing;
 - ``Expect: 100-continue`` is answered; keep-alive and a request pipelined behind a large
   body are read right;
-- a large body that is not valid safetensors is a 4xx, and the connection serves on.
+- a large body that is not valid safetensors is a 4xx, and the connection serves on;
+- a client that half-closes after its body still reads its answer.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -267,3 +269,45 @@ def test_a_large_body_that_is_not_safetensors_is_refused_and_the_connection_serv
     assert status == 200, answer
     assert torch.equal(answered(answer), local.step(grads[0]))
     assert taken(parts) == 3 * len(good) and parts.released()
+
+
+def test_a_client_that_half_closes_after_its_body_reads_its_answer(server: str,
+                                                                  parts: Parts) -> None:
+    """``shutdown(SHUT_WR)`` right after the body (``nc -N`` at the end of its input): the
+    step's answer comes back whole, then the connection closes. With the body read straight
+    from the socket the end of the input was read at once and the connection closed before
+    the answer: the step was applied and never acknowledged. One half-closed inside its body
+    changes nothing."""
+    local, grads = setup(server, "w")
+    parts.clear()  # (the session's creation, a large JSON body, went through one too)
+    head, body = request("POST", "/v1/sessions/w/step", st_save({"w": grads[0]}), binary=True)
+    with connect(server) as sock:
+        sock.sendall(head + body[:len(body) // 2])
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(10)
+        assert sock.recv(65536) == b""  # (gone, unanswered)
+    for grad in grads[:2]:
+        head, body = request("POST", "/v1/sessions/w/step", st_save({"w": grad}), binary=True)
+        with connect(server) as sock:
+            sock.sendall(head + body)
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(10)
+            answers = Answers(sock)
+            status, headers, answer = answers.next()
+            assert status == 200, answer
+            assert headers.get("connection") == "close"
+            assert torch.equal(answered(answer), local.step(grad))
+            answers.assert_closed()
+    assert taken(parts) == len(body) * 2 + len(body) // 2 and parts.released()
+    # a small request too (no sink): a create answered, then closed
+    spec = orjson.dumps({"id": "w2", "optimizer": "SGD", "options": {"lr": 0.1},
+                         "params": {"w": json_tensor(torch.ones(2))}})
+    head, body = request("POST", "/v1/sessions", spec)
+    with connect(server) as sock:
+        sock.sendall(head + body)
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(10)
+        answers = Answers(sock)
+        status, _, answer = answers.next()
+        assert status == 201, answer
+        answers.assert_closed()

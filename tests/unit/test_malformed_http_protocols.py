@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from starlette.requests import ClientDisconnect, Request
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -394,3 +395,43 @@ def test_plain_head_leaves_out_what_asks_for_another_protocol() -> None:
         expected = [b"POST /v1/sessions?x=1 HTTP/1.1", b"host: t"]
         expected += [kept] if kept else []
         assert head == b"\r\n".join([*expected, b"content-length: 2", b"", b""])
+
+
+@pytest.mark.parametrize("protocol", ["httptools", "h11"])
+def test_a_client_that_half_closes_after_its_request_reads_its_answer(
+        loop: asyncio.AbstractEventLoop, protocol: str) -> None:
+    """``shutdown(SHUT_WR)`` after a whole request (``nc -N`` does it at the end of its input):
+    the transport stays open for the answer, which is written whole, and then closes. uvicorn
+    closed it at once: the request ran and its answer was lost. One half-closed inside its
+    body is gone, as before."""
+    cls = malformed_http.PROBLEM_HTTPTOOLS if protocol == "httptools" else \
+        malformed_http.PROBLEM_H11
+    app = FastAPI()
+    ran: list[bytes] = []
+
+    @app.post("/slow")
+    async def slow(request: Request) -> dict[str, int]:
+        try:
+            body = await request.body()
+        except ClientDisconnect:
+            ran.append(b"gone")
+            return {"got": -1}
+        await asyncio.sleep(0.05)  # (the answer is owed when the end of the input arrives)
+        ran.append(body)
+        return {"got": len(body)}
+
+    transport = feed(cls, b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc",
+                     loop, app)
+    assert transport.protocol.eof_received() is True  # (kept open for the answer)
+    assert not transport.closed
+    loop.run_until_complete(asyncio.wait(asyncio.all_tasks(loop), timeout=10))
+    status, headers, body = answer(transport)
+    assert (status, json.loads(body), ran) == (200, {"got": 3}, [b"abc"])
+    assert transport.closed  # (then closed: nothing more can come)
+    # the end of the input inside a body: the request is gone (not kept open for it)
+    transport = feed(cls, b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: 9\r\n\r\nabc",
+                     loop, app)
+    assert not transport.protocol.eof_received()
+    transport.close()  # (what the loop's transport does then)
+    loop.run_until_complete(asyncio.wait(asyncio.all_tasks(loop), timeout=10))
+    assert transport.written == b"" and ran == [b"abc", b"gone"]
