@@ -23,7 +23,8 @@ HTTP, as do other languages.
 Messages are frames: a little-endian u32 length, then a JSON object. Requests: ``hello``
 (``key``), ``bind`` (``session``), ``step`` (``binding``, ``grads``: the names whose slots hold
 gradients, ``return``: params or none, ``idempotency_key``, ``base_version``, ``worker``,
-``param_groups``, ``scalars``, ``metrics``: answer or history, as ``?metrics=`` over HTTP),
+``param_groups``, ``scalars``, ``metrics``: answer or history, as ``?metrics=`` over HTTP;
+a name in ``grads`` twice is a 400 ``duplicate_key``),
 ``pull`` (``binding``), ``unbind`` (``binding``). Answers:
 ``{"ok": true, ...}`` or ``{"ok": false, "problem": {problem+json fields}}``, as an HTTP route
 answers (extras without a value left out; ``retry_after`` for the ``Retry-After`` header), whose
@@ -813,6 +814,10 @@ class _Connection(threading.Thread):
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise Invalid("grads must list the names whose slots hold gradients",
                           code="invalid_message", field="grads")
+        if len(set(names)) != len(names):  # (a body's object names each tensor once too)
+            twice = next(n for i, n in enumerate(names) if n in names[:i])
+            raise BadRequest(f"grads names {twice!r:.80} twice (each gradient's slot once)",
+                             code="duplicate_key", field=f"grads.{twice[:200]}")
         unknown = [n for n in names if n not in binding.grads]
         if unknown:
             raise Invalid(f"{unknown[0]!r:.80} has no slot in this binding (bind again after "
