@@ -298,7 +298,8 @@ def test_a_client_that_half_closes_after_its_body_reads_its_answer(server: str,
             assert headers.get("connection") == "close"
             assert torch.equal(answered(answer), local.step(grad))
             answers.assert_closed()
-    assert taken(parts) == len(body) * 2 + len(body) // 2 and parts.released()
+    assert taken(parts) == len(body) * 2 + len(body) // 2
+    assert parts.released()
     # a small request too (no sink): a create answered, then closed
     spec = orjson.dumps({"id": "w2", "optimizer": "SGD", "options": {"lr": 0.1},
                          "params": {"w": json_tensor(torch.ones(2))}})
@@ -310,4 +311,20 @@ def test_a_client_that_half_closes_after_its_body_reads_its_answer(server: str,
         answers = Answers(sock)
         status, _, answer = answers.next()
         assert status == 201, answer
+        answers.assert_closed()
+    # and requests pipelined before the end of the input: each answered in order, then closed
+    with connect(server) as sock:
+        head, body = request("POST", "/v1/sessions/w/step", st_save({"w": grads[2]}),
+                             binary=True)
+        sock.sendall(head + body + b"GET /v1/sessions/w HTTP/1.1\r\nHost: x\r\n\r\n"
+                     + b"GET /v1/sessions/w2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(10)
+        answers = Answers(sock)
+        status, _, answer = answers.next()
+        assert status == 200 and torch.equal(answered(answer), local.step(grads[2])), answer
+        status, _, answer = answers.next()
+        assert status == 200 and b'"step":3' in answer.replace(b" ", b""), answer
+        status, _, answer = answers.next()
+        assert status == 200 and b'"w2"' in answer, answer
         answers.assert_closed()
