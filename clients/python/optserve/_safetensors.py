@@ -297,8 +297,9 @@ def parsed(body: bytes | bytearray | memoryview
     head = bytes(buf[8 : 8 + n])
     start, size = 8 + n, len(buf) - 8 - n
     meta, rest = _split(head)
-    # (trailing whitespace is the writer's padding, which follows the metadata's length)
-    key = (rest.rstrip(), size, start % 8, meta is not None)
+    # (trailing whitespace is the writer's padding, which follows the metadata's length;
+    # JSON's four whitespace bytes only: a header ending in another is not valid JSON)
+    key = (rest.rstrip(b" \t\r\n"), size, start % 8, meta is not None)
     header = _PARSED.get(key)
     if header is not None:
         if header.metadata is not None:
