@@ -325,14 +325,21 @@ def _split(head: bytes) -> tuple[bytes | None, bytes]:
     m = _FLAT.match(head, len(_META))
     if m is None:
         return None, head
-    after = m.end()
-    while after < len(head) and head[after] in b" \t\r\n":
-        after += 1
-    if head[after:after + 1] == b",":
+    after = _skip_space(head, m.end())
+    if head[after:after + 1] == b"," and head[_skip_space(head, after + 1):][:1] == b'"':
         return m.group(), b"{" + head[after + 1:]
     if head[after:after + 1] == b"}":
         return m.group(), b"{" + head[after:]
+    # (anything else is not JSON, or not a header whose entries follow its metadata: a
+    # header that differs from a kept one only there must not find it)
     return None, head
+
+
+def _skip_space(head: bytes, at: int) -> int:
+    """Where the JSON whitespace from ``at`` on ends."""
+    while at < len(head) and head[at] in b" \t\r\n":
+        at += 1
+    return at
 
 
 def _loaded(raw: bytes) -> Any:

@@ -255,3 +255,17 @@ def test_a_header_padded_with_what_json_does_not_take_is_refused_after_a_good_on
     bad = struct.pack("<Q", len(head) + 3) + head + b"\x0b\x0b\x0b" + bytes(4)
     with pytest.raises(ValueError, match="JSON"):
         T.tensors_from_safetensors(bad)
+
+
+def test_a_header_with_a_comma_too_many_after_its_metadata_is_refused_after_a_good_one(
+        ) -> None:
+    """The header less its metadata is what it is kept by: one whose metadata is followed by a
+    comma and no entry (not JSON) does not find the header kept for the same metadata without
+    the comma."""
+    head_good = b'{"__metadata__":{"a":"1"}}'
+    head_bad = b'{"__metadata__":{"a":"1"},}'
+    body_good = struct.pack("<Q", len(head_good) + 1) + head_good + b" "
+    body_bad = struct.pack("<Q", len(head_bad)) + head_bad
+    assert T.tensors_from_safetensors(body_good) == ({}, {"a": "1"})
+    with pytest.raises(ValueError, match="JSON"):
+        T.tensors_from_safetensors(body_bad)
