@@ -14,6 +14,7 @@ parameters equal an in-process torch run's, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -271,6 +272,16 @@ def test_a_large_body_that_is_not_safetensors_is_refused_and_the_connection_serv
     assert taken(parts) == 3 * len(good) and parts.released()
 
 
+@contextlib.contextmanager
+def half_closed(server: str, data: bytes) -> Iterator[Answers]:
+    """A connection that sends ``data`` and then closes its sending side; its answers."""
+    with connect(server) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(10)
+        yield Answers(sock)
+
+
 def test_a_client_that_half_closes_after_its_body_reads_its_answer(server: str,
                                                                   parts: Parts) -> None:
     """``shutdown(SHUT_WR)`` right after the body (``nc -N`` at the end of its input): the
@@ -288,11 +299,7 @@ def test_a_client_that_half_closes_after_its_body_reads_its_answer(server: str,
         assert sock.recv(65536) == b""  # (gone, unanswered)
     for grad in grads[:2]:
         head, body = request("POST", "/v1/sessions/w/step", st_save({"w": grad}), binary=True)
-        with connect(server) as sock:
-            sock.sendall(head + body)
-            sock.shutdown(socket.SHUT_WR)
-            sock.settimeout(10)
-            answers = Answers(sock)
+        with half_closed(server, head + body) as answers:
             status, headers, answer = answers.next()
             assert status == 200, answer
             assert headers.get("connection") == "close"
@@ -304,23 +311,14 @@ def test_a_client_that_half_closes_after_its_body_reads_its_answer(server: str,
     spec = orjson.dumps({"id": "w2", "optimizer": "SGD", "options": {"lr": 0.1},
                          "params": {"w": json_tensor(torch.ones(2))}})
     head, body = request("POST", "/v1/sessions", spec)
-    with connect(server) as sock:
-        sock.sendall(head + body)
-        sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(10)
-        answers = Answers(sock)
+    with half_closed(server, head + body) as answers:
         status, _, answer = answers.next()
         assert status == 201, answer
         answers.assert_closed()
     # and requests pipelined before the end of the input: each answered in order, then closed
-    with connect(server) as sock:
-        head, body = request("POST", "/v1/sessions/w/step", st_save({"w": grads[2]}),
-                             binary=True)
-        sock.sendall(head + body + b"GET /v1/sessions/w HTTP/1.1\r\nHost: x\r\n\r\n"
-                     + b"GET /v1/sessions/w2 HTTP/1.1\r\nHost: x\r\n\r\n")
-        sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(10)
-        answers = Answers(sock)
+    head, body = request("POST", "/v1/sessions/w/step", st_save({"w": grads[2]}), binary=True)
+    with half_closed(server, head + body + b"GET /v1/sessions/w HTTP/1.1\r\nHost: x\r\n\r\n"
+                     + b"GET /v1/sessions/w2 HTTP/1.1\r\nHost: x\r\n\r\n") as answers:
         status, _, answer = answers.next()
         assert status == 200 and torch.equal(answered(answer), local.step(grads[2])), answer
         status, _, answer = answers.next()

@@ -208,6 +208,10 @@ def adam_session(h: optserve.Client, p0: torch.Tensor, **extra: Any) -> str:
     (b'{"op": "pull", "binding": 9, "binding": 1}', "duplicate_key", "binding"),
     (b'{"op": "step", "binding": 1, "grads": ["x"], "param_groups": {"0": {"lr": 0.5, '
      b'"lr": 0.01}}}', "duplicate_key", "param_groups.0.lr"),
+    # a gradient named twice, as a body's object naming a tensor twice (it was stepped as if
+    # named once)
+    (b'{"op": "step", "binding": 1, "grads": ["x", "x"], "idempotency_key": "twice"}',
+     "duplicate_key", "grads.x"),
 ])
 def test_a_frame_that_is_not_one_json_object_is_a_problem_naming_the_message(
         server: str, body: bytes, code: str, field: str) -> None:
@@ -507,22 +511,3 @@ def test_a_sharded_session_steps_through_the_segment_as_torch(server: str) -> No
     for name, t in local.items():
         assert torch.equal(got[name], t.detach()), name
 
-
-def test_a_step_naming_a_gradient_twice_is_refused_naming_it(server: str) -> None:
-    """``grads`` naming a slot twice: 400 ``duplicate_key`` naming it, as a body's object
-    naming a tensor twice is (it was stepped as if named once). Nothing is done."""
-    p0 = torch.randn(8, generator=torch.Generator().manual_seed(1))
-    g = torch.randn(8, generator=torch.Generator().manual_seed(2))
-    with optserve.Client(server, api_key=KEY, transport="http") as h, \
-            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        sid = adam_session(h, p0)
-        hello(s, server)
-        binding = frames(s, {"op": "bind", "session": sid})["binding"]
-        before = state_of(h, sid)
-        problem = problem_of(frames(s, {"op": "step", "binding": binding, "grads": ["x", "x"],
-                                        "idempotency_key": "twice"}))
-        assert (problem["status"], problem["code"], problem["field"]) == (
-            400, "duplicate_key", "grads.x")
-        assert same_state(state_of(h, sid), before)
-        out = h.step(sid, {"x": g})
-        assert out.params is not None and torch.equal(out.params["x"], torch_adam(p0, [g]))
