@@ -75,25 +75,25 @@ def reserve_warning(setting: int, soft: int | None = None) -> str | None:
 class Bounded:
     """A count of things held at once against ``limit`` (thread-safe: the same-host transport
     counts from its connections' threads): connections, refused ones kept to drain, same-host
-    bindings."""
+    bindings, the bytes of their memory."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
         self._lock = threading.Lock()
 
-    def take(self) -> bool:
-        """Count one more: False (not counted) when ``limit`` are held."""
+    def take(self, n: int = 1) -> bool:
+        """Count ``n`` more: False (not counted) when they would pass ``limit``."""
         with self._lock:
-            if self.held >= self.limit:
+            if self.held + n > self.limit:
                 return False
-            self.held += 1
+            self.held += n
             return True
 
-    def give(self) -> None:
-        """One counted by :meth:`take` let go."""
+    def give(self, n: int = 1) -> None:
+        """``n`` counted by :meth:`take` let go."""
         with self._lock:
-            self.held -= 1
+            self.held -= n
 
 
 class ConnectionSlots(Bounded):

@@ -83,6 +83,5 @@ async def metrics(request: Request, engine: EngineDep) -> Response:
         registry.bindings.set(local.binding_slots.held)
         registry.bindings_limit.set(local.binding_slots.limit)
         registry.binding_bytes.set(local.binding_memory.held)
-        if local.binding_memory.limit is not None:
-            registry.binding_bytes_limit.set(local.binding_memory.limit)
+        registry.binding_bytes_limit.set(local.binding_memory.limit)
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)

@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,10 +83,10 @@ _REFUSING = ("fused", "capturable", "differentiable")
 #: the probe: element counts of its tensors (per dtype), and its steps
 _PROBE_SIZES = (1, 7, 33, 130)
 _PROBE_STEPS = 3
-#: verdicts kept (least recently used dropped first)
+#: verdicts kept (all dropped when there are this many, as ``sparse``'s probe cache does: a
+#: verdict probed again costs a few small steps)
 _KEPT = 512
-_verdicts: OrderedDict[tuple[Any, ...], bool] = OrderedDict()
-_lock = threading.Lock()
+_verdicts: dict[tuple[Any, ...], bool] = {}
 
 
 def configure(smallest: int) -> None:
@@ -201,20 +199,17 @@ def agrees(cls: type[torch.optim.Optimizer], group: dict[str, Any], shape: tuple
     with ``foreach`` as without, leaving gradients unchanged (probed once per ``shape`` and
     ``dtypes``)."""
     key = (cls, shape, dtypes)
-    with _lock:
-        known = _verdicts.get(key)
-        if known is not None:
-            _verdicts.move_to_end(key)
-            return known
+    known = _verdicts.get(key)
+    if known is not None:
+        return known
     try:
         verdict = _probe(cls, {k: v for k, v in group.items() if k != "params"}, dtypes)
     except Exception:  # noqa: BLE001 - an optimizer the probe cannot run is not switched
         log.debug("foreach probe of %s failed", cls.__name__, exc_info=True)
         verdict = False
-    with _lock:
-        _verdicts[key] = verdict
-        while len(_verdicts) > _KEPT:
-            _verdicts.popitem(last=False)
+    if len(_verdicts) >= _KEPT:
+        _verdicts.clear()
+    _verdicts[key] = verdict
     return verdict
 
 

@@ -106,14 +106,18 @@ TOMBSTONE = "tombstone"  # in a session directory being deleted: the delete's id
 TOMBSTONES = "tombstones.jsonl"  # under the data directory: the keys of past deletes
 
 
+def _soft_files() -> int | None:
+    """This process's soft descriptor limit (None: unlimited)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY or soft < 0 else soft
+
+
 def default_open_logs(soft: int | None = None) -> int:
     """The session logs kept open at once by default, for the soft descriptor limit ``soft``
     (this process's when None): a eighth of it, at least :data:`OPEN_LOGS_MIN` (1024 -> 128,
     65536 -> 8192)."""
     if soft is None:
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if soft == resource.RLIM_INFINITY or soft < 0:
-            soft = _UNLIMITED_FILES
+        soft = _soft_files() or _UNLIMITED_FILES
     return max(OPEN_LOGS_MIN, min(soft, _UNLIMITED_FILES) // OPEN_LOGS_SHARE)
 
 
@@ -122,8 +126,8 @@ def open_logs_warning(max_open: int, soft: int | None = None) -> str | None:
     the soft descriptor limit ``soft`` (this process's when None): the logs held open would
     leave too few descriptors for connections and snapshots. None when it fits."""
     if soft is None:
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if soft == resource.RLIM_INFINITY or soft < 0:
+        soft = _soft_files()
+        if soft is None:
             return None
     if max_open <= soft // 2:
         return None

@@ -58,6 +58,7 @@ import os
 import shutil
 import socket
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -106,6 +107,9 @@ MAX_BINDINGS = 64
 ALIGN = 64
 #: the ``Retry-After`` of a bind refused for the server-wide bound, in seconds
 BINDINGS_RETRY_AFTER_S = 1
+#: ... and of one whose memory alone is past the bound on the bindings' memory (the SDK waits
+#: at most 60 s before it asks again)
+NEVER_FITS_RETRY_AFTER_S = 60
 #: the kernel's bound on a process's mappings when /proc does not say (vm.max_map_count)
 MAP_COUNT_DEFAULT = 65530
 #: the share of the process's mappings the bindings may take by default (the rest: libraries,
@@ -201,29 +205,6 @@ def footprint(info: SessionInfo) -> int:
     (:meth:`Binding.gradients`)."""
     _, grads_end, _, size = _laid_out(_sizes(info))
     return size + (grads_end if info.durability != "memory" else 0)
-
-
-class Budget:
-    """Bytes held at once against ``limit`` (None: no bound), thread-safe: the memory of the
-    same-host bindings of all connections together (``OPTSERVE_MAX_BINDING_MB``)."""
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit = limit
-        self.held = 0
-        self._lock = threading.Lock()
-
-    def take(self, n: int) -> bool:
-        """Count ``n`` more bytes: False (not counted) when they would pass ``limit``."""
-        with self._lock:
-            if self.limit is not None and self.held + n > self.limit:
-                return False
-            self.held += n
-            return True
-
-    def give(self, n: int) -> None:
-        """Bytes counted by :meth:`take` let go."""
-        with self._lock:
-            self.held -= n
 
 
 def default_binding_bytes(root: Path = Path("/")) -> int | None:
@@ -496,9 +477,10 @@ class LocalTransport:
         #: the live bindings of all connections together (``OPTSERVE_MAX_BINDINGS``; 0: the
         #: default, :func:`default_bindings`)
         self.binding_slots = Bounded(max_bindings or default_bindings())
-        #: the memory they hold (``OPTSERVE_MAX_BINDING_MB``; 0: the default,
-        #: :func:`default_binding_bytes`)
-        self.binding_memory = Budget(max_binding_bytes or default_binding_bytes())
+        #: the bytes of memory they hold (``OPTSERVE_MAX_BINDING_MB``; 0: the default,
+        #: :func:`default_binding_bytes`; no bound where the memory cannot be read)
+        self.binding_memory = Bounded(max_binding_bytes or default_binding_bytes()
+                                      or sys.maxsize)
         #: the count of open connections this transport shares with HTTP's (a connection past
         #: its limit is closed at once), None: unbounded
         self.slots = slots
@@ -765,9 +747,9 @@ class _Connection(threading.Thread):
         memory = self.transport.binding_memory
         need = footprint(info)
         if not memory.take(need):
-            limit = memory.limit or 0
+            limit = memory.limit
             # (one that can never fit is asked for again rarely: the SDK waits at most 60 s)
-            wait = BINDINGS_RETRY_AFTER_S if need <= limit else 60
+            wait = BINDINGS_RETRY_AFTER_S if need <= limit else NEVER_FITS_RETRY_AFTER_S
             raise Unavailable(
                 f"a binding of this session holds {need} bytes of shared memory, and the "
                 f"bindings of all connections together may hold {limit} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -97,7 +98,8 @@ def test_the_bound_on_bindings_is_a_setting_with_a_default() -> None:
 
 
 def test_the_bound_on_binding_memory_is_a_setting_with_a_default(tmp_path: Any) -> None:
-    from app.transport.local import Budget, default_binding_bytes, footprint
+    from app.api.connection_cap import Bounded
+    from app.transport.local import default_binding_bytes, footprint
 
     assert Settings(max_binding_mb=5).max_binding_mb == 5
     with pytest.raises(ValueError, match="max_binding_mb"):
@@ -123,9 +125,9 @@ def test_the_bound_on_binding_memory_is_a_setting_with_a_default(tmp_path: Any) 
     (tmp_path / "sys/fs/cgroup/memory.current").write_text("100\n")
     assert default_binding_bytes(tmp_path) == 1024000
     assert default_binding_bytes(tmp_path / "nothing") is None
-    memory = Budget(100)
+    memory = Bounded(100)  # (LocalTransport.binding_memory: bytes, counted n at a time)
     assert memory.take(60) and not memory.take(41) and memory.take(40)
     memory.give(60)
     assert memory.held == 40 and memory.take(60) and not memory.take(1)
-    unbounded = Budget(None)
+    unbounded = Bounded(sys.maxsize)  # (where the memory cannot be read)
     assert unbounded.take(1 << 60) and unbounded.held == 1 << 60
