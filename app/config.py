@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         default="auto", description="auto | cpu | cuda | cuda:N (auto: cuda when available)"
     )
     max_body_mb: float = Field(default=512.0, gt=0, description="largest accepted request body")
+    max_bodies_mb: int = Field(
+        default=0, ge=0, le=1 << 30,
+        description="MiB of request bodies (those above 256 KiB) held at once, all connections "
+        "together; a body that does not fit waits for room for at most body_timeout_s, then "
+        "is a 503 server_bodies_full (Retry-After: 1) (0: half of the memory the server may "
+        "use: its cgroup's limit, else the machine's; never less than max_body_mb)")
     body_timeout_s: float = Field(
         default=30.0, gt=0, description="408 when a request body stalls this long (no bytes)"
     )

@@ -31,6 +31,7 @@ from app.api import (
     ui,
 )
 from app.api.auth import AuthMiddleware, parse_keys
+from app.api.body_memory import BodyMemory, BodyMemoryRelease, bound
 from app.api.connection_cap import ConnectionSlots, default_limit
 from app.api.cors import ProblemCORSMiddleware
 from app.api.step_lane import StepLane
@@ -105,11 +106,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.connections = ConnectionSlots(settings.max_connections or default_limit())
+    app.state.body_memory = BodyMemory(bound(settings.max_bodies_mb,
+                                             int(settings.max_body_mb * 1024 * 1024)))
     problems.install(app)
     openapi_docs.install(app)
     docs_pages.install(app)
     ui.install(app)
     app.add_middleware(StepLane, owner=app)  # innermost: inside auth and request context
+    app.add_middleware(BodyMemoryRelease)  # (around every endpoint, the step's lane too)
     app.add_middleware(AuthMiddleware, keys=keys, metrics_tenants=metrics_tenants)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     origins = settings.cors_origin_list()

@@ -77,6 +77,12 @@ class Metrics:
             "local_binding_bytes", "Bytes of memory the same-host bindings hold (their "
             "segments, and logged sessions' private copies of the gradients)",
             "OPTSERVE_MAX_BINDING_MB")
+        self.body_bytes, self.body_bytes_limit = bounded(
+            "request_body_bytes", "Bytes of request bodies above 256 KiB being read or held "
+            "until their answers", "OPTSERVE_MAX_BODIES_MB")
+        self.bodies_waiting = Gauge("optserve_request_bodies_waiting",
+                                    "Request bodies waiting for room under "
+                                    "OPTSERVE_MAX_BODIES_MB before they are read", registry=r)
 
         # the (counter, outcome) series each session has, so a deleted session's go with it
         self._series: dict[str, set[tuple[Counter, str]]] = {}

@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.api import body_sink
+from app.api import body_memory, body_sink
 from app.api.conditions import one_header, one_query
 from app.api.openapi_docs import OPERATIONS
 from app.errors import (
@@ -162,6 +162,7 @@ async def _read_body(
             raise PayloadTooLarge(f"body of {size} bytes exceeds the limit of {max_bytes}",
                                   limit=max_bytes)
         if size > OFFLOAD_BYTES:  # one copy into a buffer of the announced size
+            await body_memory.hold(request.scope, size, _body_timeout(request))
             out: bytearray | memoryview = (_raw_buffer(request, size) if raw
                                            else bytearray(size))
             view, pos = memoryview(out), 0
@@ -178,11 +179,18 @@ async def _read_body(
                 raise BadRequest("body is shorter than its Content-Length")
             return out
     buf = bytearray()
+    # (a body of no announced size counts against OPTSERVE_MAX_BODIES_MB once it is large)
+    counted = OFFLOAD_BYTES if declared is None else max_bytes
 
     def grow(chunk: bytes) -> None:
+        nonlocal counted
         buf.extend(chunk)
         if len(buf) > max_bytes:
             raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes", limit=max_bytes)
+        if len(buf) > counted:
+            more = max(len(buf) - counted, body_memory.CHUNKED_STEP)
+            body_memory.hold_now(request.scope, more)
+            counted += more
     await _receive(request, grow)
     return buf
 

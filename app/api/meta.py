@@ -78,6 +78,11 @@ async def metrics(request: Request, engine: EngineDep) -> Response:
     if connections is not None:
         registry.connections.set(connections.open)
         registry.connections_limit.set(connections.limit)
+    bodies = getattr(request.app.state, "body_memory", None)
+    if bodies is not None:
+        registry.body_bytes.set(bodies.held)
+        registry.body_bytes_limit.set(bodies.limit)
+        registry.bodies_waiting.set(bodies.waiting)
     local = getattr(request.app.state, "local_transport", None)
     if local is not None:
         registry.bindings.set(local.binding_slots.held)

@@ -106,6 +106,14 @@ def available(root: Path = Path("/")) -> tuple[int, int] | None:
     return machine
 
 
+def half_of_memory(root: Path = Path("/")) -> int | None:
+    """Half of the memory this process may use (the total :func:`available` reads), None
+    where it cannot be read: the default bound on what same-host bindings hold, and on what
+    request bodies hold."""
+    memory = available(root)
+    return None if memory is None else memory[1] // 2
+
+
 def short_of_memory(heap_free: Callable[[], int | None] = heap_free_bytes,
                     root: Path = Path("/")) -> bool:
     """Whether the heap's free bytes are worth more to others now (see the module's

@@ -77,7 +77,7 @@ from app.api.connection_cap import Bounded, ConnectionSlots
 from app.api.requests import step_options
 from app.engine import metrics, ps
 from app.engine.idempotency import check_key
-from app.engine.idle import available
+from app.engine.idle import half_of_memory
 from app.engine.interface import Engine, IdemKey, SessionInfo, json_floats
 from app.engine.session import check_session_id, stale_binding
 from app.engine.store import storage_failure
@@ -211,8 +211,7 @@ def default_binding_bytes(root: Path = Path("/")) -> int | None:
     """The bytes the bindings may hold by default (``OPTSERVE_MAX_BINDING_MB`` 0): half of the
     memory the server may use (its cgroup's limit where it has one below the machine's, else
     the machine's), None where that cannot be read."""
-    memory = available(root)
-    return None if memory is None else memory[1] // 2
+    return half_of_memory(root)
 
 
 class Binding:

@@ -1,0 +1,173 @@
+"""The bound on the memory request bodies hold at once, all connections together
+(``OPTSERVE_MAX_BODIES_MB``).
+
+``OPTSERVE_MAX_BODY_MB`` bounds one body; nothing bounded them together. A body with a
+``Content-Length`` is read into a buffer of that size, held until its answer has gone out (a
+step decodes its gradients in place and writes its answer into the same buffer; a push waits
+in its round with it). So clients sending many large bodies at once (or sending most of each
+and then a byte every little while, inside the body timeout) made the server hold all of them,
+and past the machine's memory the kernel ended it: every session's connections with it.
+
+:class:`BodyMemory` counts the bytes of the bodies being read or held (on ``app.state``),
+against a limit: by default half of the memory the server may use (its cgroup's limit where it
+has one below the machine's, else the machine's), and never less than one body of the largest
+size allowed. A body with a ``Content-Length`` takes its size before any of it is read; when
+that does not fit it waits, first come first served (the connection is not read meanwhile, so
+the client's sending waits too), until enough is given back, for at most the body timeout
+(``OPTSERVE_BODY_TIMEOUT_S``); then it is answered 503 ``server_bodies_full`` with
+``Retry-After`` and nothing applied (the SDKs retry it). A body without a ``Content-Length``
+(chunked) takes its bytes as they arrive, without waiting: past the limit it is answered the
+same way. What a request took is given back when its answer has gone out (or it ended
+otherwise): :class:`BodyMemoryRelease`, a middleware around the endpoints.
+
+A sync round's pushes hold their bodies until the round steps: a round of K workers needs K of
+them to fit at once (the default, half the memory, holds K * body as long as they fit in
+memory at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import sys
+from pathlib import Path
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.engine.idle import half_of_memory
+from app.errors import Unavailable
+
+#: where a request's taken bytes are counted in its ASGI scope
+TAKEN = "optserve.body_bytes"
+#: a body without a Content-Length takes at least this much more at a time
+CHUNKED_STEP = 1 << 20
+#: the Retry-After of a refused body, in seconds
+RETRY_AFTER_S = 1.0
+
+
+def bound(setting_mb: int, max_body: int, root: Path = Path("/")) -> int:
+    """The bytes bodies may hold at once: ``setting_mb`` MiB, or (0) half of the memory the
+    server may use (:func:`app.engine.idle.half_of_memory`; no bound where it cannot be read),
+    never less than ``max_body`` (one body of the largest size allowed always fits)."""
+    limit = (setting_mb << 20) if setting_mb else half_of_memory(root)
+    return max(sys.maxsize if limit is None else limit, max_body)
+
+
+class BodyMemory:
+    """Bytes of request bodies held, against ``limit``; used on the event loop's thread only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        #: bodies waiting for bytes, in the order they asked: (bytes, woken when taken)
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        """Bodies waiting for bytes now."""
+        return len(self._waiting)
+
+    def try_take(self, n: int) -> bool:
+        """Take ``n`` bytes now, if they fit and no body waits before them."""
+        if self._waiting or self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
+
+    async def take(self, n: int, timeout: float | None) -> bool:
+        """Take ``n`` bytes, waiting behind the bodies that asked first for at most
+        ``timeout`` seconds (None: as long as it takes). False: not taken in time."""
+        if self.try_take(n):
+            return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (n, waiter)
+        self._waiting.append(entry)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():  # (taken as the wait ended)
+                if isinstance(exc, TimeoutError):
+                    return True
+                self.give(n)
+                raise
+            with contextlib.suppress(ValueError):  # (unless a wake dropped it already)
+                self._waiting.remove(entry)
+            self._wake()  # (a body behind it may fit now)
+            if isinstance(exc, TimeoutError):
+                return False
+            raise
+        return True
+
+    def give(self, n: int) -> None:
+        """``n`` bytes taken before let go; the bodies waiting that now fit take theirs."""
+        self.held -= n
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiting:
+            n, waiter = self._waiting[0]
+            if not waiter.done():
+                if self.held + n > self.limit:
+                    return
+                self.held += n
+                waiter.set_result(None)
+            self._waiting.popleft()
+
+
+def memory_of(scope: Scope) -> BodyMemory | None:
+    """The served app's :class:`BodyMemory` (``app.state.body_memory``), None without one (an
+    app built without it)."""
+    app = scope.get("app")
+    memory = getattr(getattr(app, "state", None), "body_memory", None)
+    return memory if isinstance(memory, BodyMemory) else None
+
+
+def _refused(memory: BodyMemory, n: int) -> Unavailable:
+    return Unavailable(
+        f"the request bodies the server holds now ({memory.held} bytes, of at most "
+        f"{memory.limit}: OPTSERVE_MAX_BODIES_MB) leave no room for this one ({n} bytes); "
+        f"nothing was applied, retry after {RETRY_AFTER_S:g} s",
+        retry_after=RETRY_AFTER_S, code="server_bodies_full", field="body",
+        limit_bytes=memory.limit, held_bytes=memory.held, needed_bytes=n)
+
+
+async def hold(scope: Scope, n: int, timeout: float | None) -> None:
+    """Count ``n`` bytes of a body against the bound for the request of ``scope``, waiting
+    for at most ``timeout`` seconds; 503 ``server_bodies_full`` when they do not fit by then.
+    Given back by :class:`BodyMemoryRelease`."""
+    memory = memory_of(scope)
+    if memory is None or n <= 0:
+        return
+    if not await memory.take(n, timeout):
+        raise _refused(memory, n)
+    scope[TAKEN] = scope.get(TAKEN, 0) + n
+
+
+def hold_now(scope: Scope, n: int) -> None:
+    """As :func:`hold`, without waiting (a body read as it arrives, of no announced size)."""
+    memory = memory_of(scope)
+    if memory is None or n <= 0:
+        return
+    if not memory.try_take(n):
+        raise _refused(memory, n)
+    scope[TAKEN] = scope.get(TAKEN, 0) + n
+
+
+class BodyMemoryRelease:
+    """Gives back what a request's body took (:func:`hold`) once its answer has gone out, or
+    the request ended otherwise."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            taken = scope.pop(TAKEN, 0)
+            if taken:
+                memory = memory_of(scope)
+                if memory is not None:
+                    memory.give(taken)

@@ -1,0 +1,232 @@
+"""The server-wide bound on request bodies held at once (``OPTSERVE_MAX_BODIES_MB``), against a
+real uvicorn on 127.0.0.1 with the server's own HTTP protocol, over raw sockets and the SDK.
+
+Without it, clients that send most of many large bodies and then stall (a byte now and then,
+inside the body timeout) made the server hold every one of them, past its memory. Here the
+bound is 2 MiB and each step body is about 800 KB: two bodies held mid-way leave no room for
+a third, which waits (not read) and steps once one of them is answered, in the order torch
+would; one that finds no room within the body timeout is a 503 ``server_bodies_full`` that
+changes nothing, and the SDK's retry steps once room is made. Every answer's parameters equal
+an in-process ``torch.optim`` run's, bit for bit.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import orjson
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+import optserve
+from tests.conftest import LiveServer, _test_settings
+from tests.integration.test_malformed_http import Answers, connect
+from tests.torch_reference import Reference, assert_tensors_equal, json_tensor, tensor_from_json
+
+pytestmark = pytest.mark.integration
+
+N = 200_000  # 800 KB of float32 a body: past bodies.OFFLOAD_BYTES, so counted
+BOUND_MB = 2  # two such bodies fit, three do not
+TIMEOUT_S = 3.0  # OPTSERVE_BODY_TIMEOUT_S: how long a body waits for room
+OPTIONS = {"lr": 1e-2}
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    live = LiveServer(_test_settings(max_body_mb=1.5, max_bodies_mb=BOUND_MB,
+                                     body_timeout_s=TIMEOUT_S))
+    started = live.start()
+    try:
+        yield started
+    finally:
+        live.stop()
+
+
+def gauge(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    values = [float(line.split()[-1]) for line in text.splitlines()
+              if line.split(" ")[0] == name]
+    assert len(values) == 1, (name, text)
+    return values[0]
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def grads(seed: int) -> torch.Tensor:
+    return torch.randn(N, generator=torch.Generator().manual_seed(seed))
+
+
+def session(url: str) -> tuple[str, Reference]:
+    init = grads(0)
+    r = httpx.post(f"{url}/v1/sessions", timeout=30, json={
+        "optimizer": "Adam", "options": OPTIONS, "durability": "memory",
+        "params": {"w": json_tensor(init, b64=True)}})
+    assert r.status_code == 201, r.text
+    return r.json()["id"], Reference(torch.optim.Adam, [({"w": init}, {})], OPTIONS)
+
+
+def step_head(sid: str, size: int, extra: str = "") -> bytes:
+    return (f"POST /v1/sessions/{sid}/step HTTP/1.1\r\nHost: x\r\n"
+            "Content-Type: application/octet-stream\r\nAccept: application/json\r\n"
+            f"Content-Length: {size}\r\n{extra}\r\n").encode()
+
+
+class Held:
+    """A step whose body is sent half-way, then a byte at a time on :meth:`trickle` (inside
+    the body timeout): it holds its body's bytes on the server."""
+
+    def __init__(self, url: str, sid: str, grad: torch.Tensor) -> None:
+        self.body = st_save({"w": grad})
+        self.sent = len(self.body) // 2
+        self.sock = connect(url)
+        self.sock.sendall(step_head(sid, len(self.body)) + self.body[:self.sent])
+
+    def trickle(self) -> None:
+        self.sock.sendall(self.body[self.sent:self.sent + 1])
+        self.sent += 1
+
+    def finish(self) -> tuple[int, dict[str, object]]:
+        self.sock.sendall(self.body[self.sent:])
+        status, _, body = Answers(self.sock).next()
+        self.sock.close()
+        return status, orjson.loads(body)
+
+
+class Trickling:
+    """Keeps held steps alive (a byte each every 0.3 s) until stopped."""
+
+    def __init__(self, held: list[Held]) -> None:
+        self.held = held
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.3):
+            for h in self.held:
+                h.trickle()
+
+    def __enter__(self) -> Trickling:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def params_of(answer: dict[str, object]) -> dict[str, torch.Tensor]:
+    params = answer["params"]
+    assert isinstance(params, dict)
+    return {k: tensor_from_json(v) for k, v in params.items()}
+
+
+def version(url: str, sid: str) -> int:
+    got: int = httpx.get(f"{url}/v1/sessions/{sid}", timeout=30).json()["version"]
+    return got
+
+
+def test_a_body_past_the_bound_waits_unread_and_steps_when_room_is_made(url: str) -> None:
+    sid, ref = session(url)
+    a, b = Held(url, sid, grads(1)), Held(url, sid, grads(2))
+    size = len(a.body)
+    assert gauge(url, "optserve_request_body_bytes_limit") == BOUND_MB << 20
+    wait_for(lambda: gauge(url, "optserve_request_body_bytes") == 2 * size,
+             "the two held bodies counted")
+
+    third: dict[str, httpx.Response] = {}
+
+    def post() -> None:
+        third["r"] = httpx.post(f"{url}/v1/sessions/{sid}/step", content=st_save({"w": grads(3)}),
+                                headers={"Content-Type": "application/octet-stream"},
+                                timeout=60)
+    thread = threading.Thread(target=post)
+    thread.start()
+    wait_for(lambda: gauge(url, "optserve_request_bodies_waiting") == 1,
+             "the third body waiting for room")
+    assert gauge(url, "optserve_request_body_bytes") == 2 * size
+    assert version(url, sid) == 0
+
+    # the first held body completes: answered, and its bytes let the third one in
+    status, answer = a.finish()
+    assert status == 200, answer
+    ref.step({"w": grads(1)})
+    assert_tensors_equal(params_of(answer), ref.params, "the first held step")
+    thread.join(timeout=60)
+    assert third["r"].status_code == 200, third["r"].text
+    ref.step({"w": grads(3)})
+    assert_tensors_equal(params_of(third["r"].json()), ref.params, "the step that waited")
+
+    status, answer = b.finish()
+    assert status == 200, answer
+    ref.step({"w": grads(2)})
+    assert_tensors_equal(params_of(answer), ref.params, "the second held step")
+    assert version(url, sid) == 3
+    wait_for(lambda: gauge(url, "optserve_request_body_bytes") == 0, "every body given back")
+    assert gauge(url, "optserve_request_bodies_waiting") == 0
+
+
+def test_a_body_that_finds_no_room_in_time_is_a_503_and_changes_nothing(url: str) -> None:
+    sid, ref = session(url)
+    held = [Held(url, sid, grads(1)), Held(url, sid, grads(2))]
+    size = len(held[0].body)
+    wait_for(lambda: gauge(url, "optserve_request_body_bytes") == 2 * size,
+             "the two held bodies counted")
+    with Trickling(held):
+        body = st_save({"w": grads(3)})
+        with connect(url) as sock:
+            sock.sendall(step_head(sid, len(body)) + body)
+            status, headers, raw = Answers(sock).next()
+        assert status == 503, raw
+        assert headers["content-type"] == "application/problem+json"
+        assert headers["retry-after"] == "1"
+        problem = orjson.loads(raw)
+        assert problem["code"] == "server_bodies_full" and problem["field"] == "body", problem
+        assert problem["limit_bytes"] == BOUND_MB << 20
+        assert problem["held_bytes"] == 2 * size
+        assert problem["needed_bytes"] == len(body)
+        assert "OPTSERVE_MAX_BODIES_MB" in problem["detail"]
+
+        # a body of no announced size takes its bytes as they come, without waiting
+        chunked = (step_head(sid, 0).replace(b"Content-Length: 0\r\n",
+                                             b"Transfer-Encoding: chunked\r\n")
+                   + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+        with connect(url) as sock:
+            sock.sendall(chunked)
+            status, headers, raw = Answers(sock).next()
+        assert status == 503, raw
+        assert orjson.loads(raw)["code"] == "server_bodies_full"
+        assert version(url, sid) == 0
+        assert gauge(url, "optserve_request_body_bytes") == 2 * size
+
+        # the SDK retries the 503; the held steps' clients go away (nothing applied), and
+        # the retry steps
+        client = optserve.Client(url, transport="http", max_retries=8)
+        result: dict[str, object] = {}
+
+        def sdk_step() -> None:
+            result["r"] = client.step(sid, {"w": grads(3)}, binary=True)
+        thread = threading.Thread(target=sdk_step)
+        thread.start()
+        refused = gauge(url, 'optserve_http_requests_total{method="POST",status="503"}')
+        wait_for(lambda: gauge(url, 'optserve_http_requests_total{method="POST",status="503"}')
+                 > refused, "the SDK's first attempt refused", timeout=TIMEOUT_S * 4)
+    for h in held:
+        h.sock.close()
+    thread.join(timeout=60)
+    client.close()
+    ref.step({"w": grads(3)})
+    got = result["r"]
+    assert isinstance(got, optserve.StepResult)
+    assert_tensors_equal({k: torch.as_tensor(v) for k, v in got.params.items()}, ref.params,
+                         "the SDK's retried step")
+    assert version(url, sid) == 1
+    wait_for(lambda: gauge(url, "optserve_request_body_bytes") == 0, "every body given back")
