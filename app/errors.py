@@ -13,7 +13,9 @@ them to RFC 9457 problem+json in one place (``app.api.problems``).
     ├── Invalid             422  anything else the client got wrong
     ├── StorageFull         507  the data directory is full: nothing was applied
     └── Unavailable         503  retry later (``retry_after`` seconds): a storage error, a
-                                 session host restarting, a damaged session being restored
+        │                        session host restarting, a damaged session being restored
+        └── Overloaded      503  the server holds as much as it may of something clients
+                                 send (request bodies): logged as a warning, not an error
 """
 
 from __future__ import annotations
@@ -150,3 +152,8 @@ class Unavailable(OptserveError):
     def __init__(self, detail: str, *, retry_after: float | None = 1.0, **kwargs: Any) -> None:
         super().__init__(detail, **kwargs)
         self.retry_after = retry_after
+
+
+class Overloaded(Unavailable):
+    """A bound on what clients make the server hold was reached (``server_bodies_full``):
+    nothing is wrong with the server, so it is logged as a warning, not an error."""

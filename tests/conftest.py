@@ -66,11 +66,12 @@ def _test_settings(**overrides: object) -> Settings:
 class LiveServer:
     """uvicorn.Server running in a thread, as httpx's own test suite does."""
 
-    def __init__(self, settings: Settings, loop: str = "auto") -> None:
+    def __init__(self, settings: Settings, loop: str = "auto", http: Any = None) -> None:
         self.app = create_app(settings)
         # the HTTP protocol `python -m app` serves with (a refused request gets problem+json)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                lifespan="on", http=http_protocol(), ws="none", loop=loop)
+                                lifespan="on", http=http or http_protocol(), ws="none",
+                                loop=loop)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

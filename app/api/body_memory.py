@@ -36,7 +36,7 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.engine.idle import half_of_memory
-from app.errors import Unavailable
+from app.errors import Overloaded
 
 #: where a request's taken bytes are counted in its ASGI scope
 TAKEN = "optserve.body_bytes"
@@ -124,8 +124,8 @@ def memory_of(scope: Scope) -> BodyMemory | None:
     return memory if isinstance(memory, BodyMemory) else None
 
 
-def _refused(memory: BodyMemory, n: int) -> Unavailable:
-    return Unavailable(
+def _refused(memory: BodyMemory, n: int) -> Overloaded:
+    return Overloaded(
         f"the request bodies the server holds now ({memory.held} bytes, of at most "
         f"{memory.limit}: OPTSERVE_MAX_BODIES_MB) leave no room for this one ({n} bytes); "
         f"nothing was applied, retry after {RETRY_AFTER_S:g} s",

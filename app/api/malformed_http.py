@@ -21,7 +21,8 @@ answer). A head past ``OPTSERVE_MAX_HEAD_KB`` (64 KiB) or with more than
 bound; h11 has its own 16 KiB one). The clock stops once a head is read: a body's own bound is
 ``OPTSERVE_BODY_TIMEOUT_S`` (app.api.bodies), and a long poll or an LBFGS step waits as long
 as its request says. The bounds are the served app's settings (``app.state.settings``; the
-defaults here where it has none).
+defaults here where it has none). An answer the client takes none of for
+``OPTSERVE_BODY_TIMEOUT_S`` drops the connection (:mod:`app.api.send_clock`).
 
 They override uvicorn's ``send_400_response``, which it calls inside the ``except`` of the
 parser's error (that error is read from there), and read the state of the request being
@@ -45,6 +46,7 @@ from app.api import connection_cap
 from app.api.body_sink import SinkingProtocol
 from app.api.held_head import hold_head
 from app.api.problems import PROBLEM
+from app.api.send_clock import SendClock
 
 log = logging.getLogger("optserve.api")
 
@@ -315,8 +317,8 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
 
             # (misc: eof_received may keep the transport open, as asyncio's protocols may,
             # where uvicorn's says None)
-            class ProblemHttpToolsProtocol(_Capped, _HeadClock, SinkingProtocol,  # type: ignore[misc]
-                                           HttpToolsProtocol):
+            class ProblemHttpToolsProtocol(_Capped, _HeadClock, SendClock,  # type: ignore[misc]
+                                           SinkingProtocol, HttpToolsProtocol):
                 """uvicorn's httptools protocol; a refused request gets problem+json. A
                 refusal of a request pipelined after one still being answered waits for that
                 answer (uvicorn's own answer took its place, closing the connection). Its
@@ -469,7 +471,8 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
     else:
         if callable(getattr(H11Protocol, "send_400_response", None)):
 
-            class ProblemH11Protocol(_Capped, _HeadClock, H11Protocol):  # type: ignore[misc]
+            class ProblemH11Protocol(_Capped, _HeadClock, SendClock,  # type: ignore[misc]
+                                     H11Protocol):
                 """uvicorn's h11 protocol; a refused request gets problem+json. Its request
                 heads are bounded in time (the module's docstring); h11 bounds their size."""
 

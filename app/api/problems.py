@@ -13,7 +13,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match, Mount
 
-from app.errors import OptserveError
+from app.errors import OptserveError, Overloaded
 from app.observability import request_id_var
 
 log = logging.getLogger("optserve.api")
@@ -35,7 +35,8 @@ def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> Re
 async def _optserve_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, OptserveError)
     if exc.status >= 500:
-        log.error("%s: %s", exc.code, exc.detail)
+        (log.warning if isinstance(exc, Overloaded) else log.error)("%s: %s", exc.code,
+                                                                    exc.detail)
     response = problem(exc.status, exc.code, exc.title, exc.detail, field=exc.field, **exc.extra)
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
