@@ -6,13 +6,16 @@ and a fresh data directory.
     .venv/bin/python -m benchmarks.hostile_memory                       # the defaults
     .venv/bin/python -m benchmarks.hostile_memory --env OPTSERVE_MAX_BODIES_MB=2000
 
-Two rounds, each on its own connections:
+Three rounds, each on its own connections:
 
 - ``stalled bodies``: ``--bodies`` connections each send the head of a step with a
   ``Content-Length`` of ``--body-mb`` MB and all of that body but its last MiB, then send
   nothing more;
 - ``unread answers``: a session of ``--n`` float32 parameters; ``--answers`` connections (each
-  with a 4 KiB receive buffer) ask for its parameters (safetensors) and read nothing.
+  with a 4 KiB receive buffer) ask for its parameters (safetensors) and read nothing;
+- ``wide header``: one connection sends a step whose safetensors header names ``--entries``
+  empty tensors (1.5 million: 89 MB), none of them the session's, and its answer is read at
+  the end.
 
 Each round runs on a server of its own, in ``--waves`` waves: each wave makes its
 connections and waits ``--hold-bodies`` / ``--hold-answers`` seconds, the earlier waves' still
@@ -36,6 +39,7 @@ import time
 from collections.abc import Callable
 
 import httpx
+import orjson
 import torch
 
 from benchmarks._server import PIDS, free_port, server, user_defaults
@@ -128,12 +132,28 @@ def unread_answers(port: int, sid: str, count: int) -> list[socket.socket]:
     return held
 
 
+def wide_header(port: int, sid: str, entries: int) -> list[socket.socket]:
+    """A step whose safetensors header names ``entries`` empty tensors (none of them the
+    session's)."""
+    header = orjson.dumps({f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+                           for i in range(entries)})
+    header += b" " * (-len(header) % 8)
+    body = len(header).to_bytes(8, "little") + header
+    sock = connect(port)
+    sock.sendall(f"POST /v1/sessions/{sid}/step HTTP/1.1\r\nHost: x\r\n"
+                 "Content-Type: application/octet-stream\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    return [sock]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bodies", type=int, default=8, help="stalled bodies (connections)")
     ap.add_argument("--body-mb", type=int, default=500, help="each body's Content-Length, MB")
     ap.add_argument("--answers", type=int, default=20, help="unread answers (connections)")
     ap.add_argument("--n", type=float, default=1e7, help="the session's float32 parameters")
+    ap.add_argument("--entries", type=int, default=1_500_000,
+                    help="the wide header's entries (0: no such round)")
     ap.add_argument("--hold-bodies", type=float, default=10.0,
                     help="seconds the stalled bodies are held before the figures are read "
                     "(under OPTSERVE_BODY_TIMEOUT_S, 30: they then get 408s)")
@@ -157,7 +177,9 @@ def main() -> None:
                lambda port, sid: stalled_bodies(port, sid, args.bodies,
                                                 args.body_mb * 1000 * 1000)),
               ("unread answers", args.hold_answers,
-               lambda port, sid: unread_answers(port, sid, args.answers)))
+               lambda port, sid: unread_answers(port, sid, args.answers)),
+              ("wide header", args.hold_bodies,
+               lambda port, sid: wide_header(port, sid, args.entries) if args.entries else []))
     for name, hold, attack in rounds:  # (each on a server of its own)
         with server(env, command=[sys.executable, "-m", "app"], port=port,
                     unset=user_defaults(env)) as url:

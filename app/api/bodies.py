@@ -152,6 +152,7 @@ async def _read_body(
     408 when it stalls (see ``_receive``). With ``raw`` a large body lands in an uninitialized
     buffer (a writable memoryview: no zero-filling 40 MB before overwriting it)."""
     _check_encoding(request)
+    expansion = body_memory.JSON_EXPANSION if _json_like(request) else 1
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -162,7 +163,7 @@ async def _read_body(
             raise PayloadTooLarge(f"body of {size} bytes exceeds the limit of {max_bytes}",
                                   limit=max_bytes)
         if size > OFFLOAD_BYTES:  # one copy into a buffer of the announced size
-            await body_memory.hold(request.scope, size, _body_timeout(request))
+            await body_memory.hold(request.scope, size * expansion, _body_timeout(request))
             out: bytearray | memoryview = (_raw_buffer(request, size) if raw
                                            else bytearray(size))
             view, pos = memoryview(out), 0
@@ -189,10 +190,20 @@ async def _read_body(
             raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes", limit=max_bytes)
         if len(buf) > counted:
             more = max(len(buf) - counted, body_memory.CHUNKED_STEP)
-            body_memory.hold_now(request.scope, more)
+            body_memory.hold_now(request.scope, more * expansion)
             counted += more
     await _receive(request, grow)
     return buf
+
+
+def _json_type(ctype: str) -> bool:
+    """A media type (lower case, no parameters) read as JSON."""
+    return ctype in (JSON, "application/problem+json", "text/json") or ctype.endswith("+json")
+
+
+def _json_like(request: Request) -> bool:
+    """The body is (or would be read as) JSON: no Content-Type, or a JSON one."""
+    return _json_type((request.headers.get("content-type") or JSON).split(";")[0].strip().lower())
 
 
 def _check_encoding(request: Request) -> None:
@@ -215,7 +226,7 @@ def _raw_buffer(request: Request, size: int) -> memoryview:
 def body_kind(request: Request) -> str:
     ctype = (one_header(request, "content-type", "content-type") or JSON).split(";")[0]
     ctype = ctype.strip().lower()
-    if ctype in (JSON, "application/problem+json", "text/json") or ctype.endswith("+json"):
+    if _json_type(ctype):
         return "json"
     if ctype in (BINARY, "application/safetensors", "application/x-safetensors"):
         return "binary"
@@ -395,6 +406,10 @@ async def read_tensors(
     change), but for :data:`FOREIGN_METADATA` that other writers add."""
     buf = await _read_body(request, max_bytes, raw=True)
     if body_kind(request) == "binary":
+        if len(buf) >= 8:  # (what parsing its header may take, on top: counted now)
+            header = min(int.from_bytes(buf[:8], "little"), len(buf))
+            if header > OFFLOAD_BYTES // body_memory.HEADER_EXPANSION:
+                body_memory.hold_now(request.scope, header * body_memory.HEADER_EXPANSION)
         def decode_binary() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             tensors, metadata = read_safetensors(buf)
             only_keys({k: None for k in metadata if k not in FOREIGN_METADATA}, set(extra),

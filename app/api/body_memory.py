@@ -20,6 +20,13 @@ the client's sending waits too), until enough is given back, for at most the bod
 same way. What a request took is given back when its answer has gone out (or it ended
 otherwise): :class:`BodyMemoryRelease`, a middleware around the endpoints.
 
+What a body counts is what reading and decoding it may take: its size, ten times its size
+for a JSON body (:data:`JSON_EXPANSION`: its numbers become Python objects before they become
+a tensor), and for a safetensors body 32 times its header's size on top
+(:data:`HEADER_EXPANSION`, counted once the body is read, without waiting). A body that could
+never fit is a 413 ``payload_too_large`` at once, not a wait (``benchmarks.hostile_memory``
+measures a step whose 89 MB header names 1.5 million tensors).
+
 A sync round's pushes hold their bodies until the round steps: a round of K workers needs K of
 them to fit at once (the default, half the memory, holds K * body as long as they fit in
 memory at all).
@@ -36,7 +43,7 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.engine.idle import half_of_memory
-from app.errors import Overloaded
+from app.errors import Overloaded, PayloadTooLarge
 
 #: where a request's taken bytes are counted in its ASGI scope
 TAKEN = "optserve.body_bytes"
@@ -44,6 +51,12 @@ TAKEN = "optserve.body_bytes"
 CHUNKED_STEP = 1 << 20
 #: the Retry-After of a refused body, in seconds
 RETRY_AFTER_S = 1.0
+#: what decoding a JSON body may make of each of its bytes: a list of numbers becomes a Python
+#: float (24 bytes) and its list slot (8) for as little as 4 bytes of text ("0.5,"), then
+#: its array
+JSON_EXPANSION = 10
+#: the same for a safetensors header: an object per tensor, about 1.7 KB for a 60-byte entry
+HEADER_EXPANSION = 32
 
 
 def bound(setting_mb: int, max_body: int, root: Path = Path("/")) -> int:
@@ -133,13 +146,25 @@ def _refused(memory: BodyMemory, n: int) -> Overloaded:
         limit_bytes=memory.limit, held_bytes=memory.held, needed_bytes=n)
 
 
+def _never_fits(memory: BodyMemory, n: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"reading and decoding this body may take {n} bytes (a JSON text up to "
+        f"{JSON_EXPANSION} times its size, a safetensors header {HEADER_EXPANSION} times); the "
+        f"server holds at most {memory.limit} for request bodies (OPTSERVE_MAX_BODIES_MB): send "
+        "the tensors as safetensors, or in a smaller body", field="body",
+        limit=memory.limit, needed_bytes=n)
+
+
 async def hold(scope: Scope, n: int, timeout: float | None) -> None:
     """Count ``n`` bytes of a body against the bound for the request of ``scope``, waiting
-    for at most ``timeout`` seconds; 503 ``server_bodies_full`` when they do not fit by then.
-    Given back by :class:`BodyMemoryRelease`."""
+    for at most ``timeout`` seconds; 503 ``server_bodies_full`` when they do not fit by then,
+    413 ``payload_too_large`` when they never would. Given back by
+    :class:`BodyMemoryRelease`."""
     memory = memory_of(scope)
     if memory is None or n <= 0:
         return
+    if n > memory.limit:
+        raise _never_fits(memory, n)
     if not await memory.take(n, timeout):
         raise _refused(memory, n)
     scope[TAKEN] = scope.get(TAKEN, 0) + n
@@ -150,6 +175,8 @@ def hold_now(scope: Scope, n: int) -> None:
     memory = memory_of(scope)
     if memory is None or n <= 0:
         return
+    if n > memory.limit:
+        raise _never_fits(memory, n)
     if not memory.try_take(n):
         raise _refused(memory, n)
     scope[TAKEN] = scope.get(TAKEN, 0) + n

@@ -66,13 +66,13 @@ def grads(seed: int) -> torch.Tensor:
     return torch.randn(N, generator=torch.Generator().manual_seed(seed))
 
 
-def session(url: str) -> tuple[str, Reference]:
-    init = grads(0)
-    r = httpx.post(f"{url}/v1/sessions", timeout=30, json={
-        "optimizer": "Adam", "options": OPTIONS, "durability": "memory",
-        "params": {"w": json_tensor(init, b64=True)}})
-    assert r.status_code == 201, r.text
-    return r.json()["id"], Reference(torch.optim.Adam, [({"w": init}, {})], OPTIONS)
+def session(url: str, n: int = N) -> tuple[str, Reference]:
+    """A session made from a safetensors body (a JSON one this large counts ten times its size:
+    past the bound here)."""
+    init = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    with optserve.Client(url, transport="http") as client:
+        info = client.create_session("Adam", {"w": init}, options=OPTIONS, durability="memory")
+    return info.id, Reference(torch.optim.Adam, [({"w": init}, {})], OPTIONS)
 
 
 def step_head(sid: str, size: int, extra: str = "") -> bytes:
@@ -234,4 +234,74 @@ def test_a_body_that_finds_no_room_in_time_is_a_503_and_changes_nothing(
     assert_tensors_equal({k: torch.as_tensor(v) for k, v in got.params.items()}, ref.params,
                          "the SDK's retried step")
     assert version(url, sid) == 1
+    wait_for(lambda: gauge(url, "optserve_request_body_bytes") == 0, "every body given back")
+
+
+def padded_body(grad: torch.Tensor, header_bytes: int) -> bytes:
+    """A safetensors body of ``grad`` whose header is padded (with spaces, as the format
+    allows) to ``header_bytes``."""
+    body = st_save({"w": grad})
+    n = int.from_bytes(body[:8], "little")
+    assert header_bytes >= n and header_bytes % 8 == 0
+    return (header_bytes.to_bytes(8, "little") + body[8:8 + n] + b" " * (header_bytes - n)
+            + body[8 + n:])
+
+
+def test_what_decoding_may_take_counts_a_json_body_ten_times_and_a_header_32_times(
+        url: str) -> None:
+    sid, ref = session(url)
+    limit = BOUND_MB << 20
+
+    # a JSON step of 320 KB may take ten times that to decode: past the bound on its own,
+    # a 413 at once naming the bytes (not a wait)
+    small, small_ref = session(url, 60_000)
+    body = orjson.dumps({"grads": {"w": json_tensor(grads(5)[:60_000], b64=True)}})
+    assert 10 * len(body) > limit
+    r = httpx.post(f"{url}/v1/sessions/{small}/step", content=body,
+                   headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413, r.text
+    problem = r.json()
+    assert problem["code"] == "payload_too_large" and problem["field"] == "body", problem
+    assert problem["needed_bytes"] == 10 * len(body) and problem["limit"] == limit
+    assert "safetensors" in problem["detail"]
+    assert version(url, small) == 0
+    # the same gradient as safetensors: stepped, equal to torch
+    r = httpx.post(f"{url}/v1/sessions/{small}/step", content=st_save({"w": grads(5)[:60_000]}),
+                   headers={"Content-Type": "application/octet-stream"}, timeout=30)
+    assert r.status_code == 200, r.text
+    small_ref.step({"w": grads(5)[:60_000]})
+    assert_tensors_equal(params_of(r.json()), small_ref.params, "the safetensors step")
+
+    # a header of 72 KiB may take 32 times that to parse: with the body, past the bound
+    big = padded_body(grads(6), 72 * 1024)
+    r = httpx.post(f"{url}/v1/sessions/{sid}/step", content=big,
+                   headers={"Content-Type": "application/octet-stream"}, timeout=30)
+    assert r.status_code == 413, r.text
+    assert r.json()["needed_bytes"] == 32 * 72 * 1024
+    # one of 16 KiB fits (512 KiB counted with its 800 KB body)...
+    body = padded_body(grads(6), 16 * 1024)
+    r = httpx.post(f"{url}/v1/sessions/{sid}/step", content=body,
+                   headers={"Content-Type": "application/octet-stream"}, timeout=30)
+    assert r.status_code == 200, r.text
+    ref.step({"w": grads(6)})
+    assert_tensors_equal(params_of(r.json()), ref.params, "the padded header's step")
+    # ...but not beside two held bodies: its header's share is taken without waiting (the
+    # body is read by then), so a 503 at once, and nothing applied
+    held = [Held(url, sid, grads(1)), Held(url, sid, grads(2))]
+    size = len(held[0].body)
+    wait_for(lambda: gauge(url, "optserve_request_body_bytes") == 2 * size,
+             "the two held bodies counted")
+    with Trickling(held):
+        with connect(url) as sock:
+            # (the body itself fits: the bound less the two held ones leaves 497 KB)
+            small_body = padded_body(grads(7)[:60_000], 16 * 1024)
+            assert 2 * size + len(small_body) <= limit
+            assert 2 * size + len(small_body) + 32 * 16 * 1024 > limit
+            sock.sendall(step_head(small, len(small_body)) + small_body)
+            status, headers, raw = Answers(sock).next()
+        assert status == 503, raw
+        assert orjson.loads(raw)["code"] == "server_bodies_full"
+        assert version(url, small) == 1
+    for h in held:
+        h.sock.close()
     wait_for(lambda: gauge(url, "optserve_request_body_bytes") == 0, "every body given back")
