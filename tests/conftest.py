@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,15 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+    @contextmanager
+    def serving(self) -> Iterator[str]:
+        """The base URL while it serves: :meth:`start`, then :meth:`stop`."""
+        url = self.start()
+        try:
+            yield url
+        finally:
+            self.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -81,9 +81,10 @@ class BodyMemory:
         """Bodies waiting for bytes now."""
         return len(self._waiting)
 
-    def try_take(self, n: int) -> bool:
-        """Take ``n`` bytes now, if they fit and no body waits before them."""
-        if self._waiting or self.held + n > self.limit:
+    def try_take(self, n: int, *, first: bool = False) -> bool:
+        """Take ``n`` bytes now, if they fit and no body waits before them (``first``: ahead
+        of those waiting: more for a body already being read)."""
+        if (self._waiting and not first) or self.held + n > self.limit:
             return False
         self.held += n
         return True
@@ -171,13 +172,14 @@ async def hold(scope: Scope, n: int, timeout: float | None) -> None:
 
 
 def hold_now(scope: Scope, n: int) -> None:
-    """As :func:`hold`, without waiting (a body read as it arrives, of no announced size)."""
+    """As :func:`hold`, without waiting, ahead of the bodies waiting: more for a body already
+    being read (one of no announced size, as it arrives; a safetensors header's parse)."""
     memory = memory_of(scope)
     if memory is None or n <= 0:
         return
     if n > memory.limit:
         raise _never_fits(memory, n)
-    if not memory.try_take(n):
+    if not memory.try_take(n, first=True):
         raise _refused(memory, n)
     scope[TAKEN] = scope.get(TAKEN, 0) + n
 

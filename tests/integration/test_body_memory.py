@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import orjson
@@ -26,6 +25,7 @@ from safetensors.torch import save as st_save
 import optserve
 from tests.conftest import LiveServer, _test_settings
 from tests.integration.test_malformed_http import Answers, connect
+from tests.integration.test_many_bindings_few_descriptors import gauge, wait_for
 from tests.torch_reference import Reference, assert_tensors_equal, json_tensor, tensor_from_json
 
 pytestmark = pytest.mark.integration
@@ -40,26 +40,8 @@ OPTIONS = {"lr": 1e-2}
 def url() -> Iterator[str]:
     live = LiveServer(_test_settings(max_body_mb=1.5, max_bodies_mb=BOUND_MB,
                                      body_timeout_s=TIMEOUT_S))
-    started = live.start()
-    try:
+    with live.serving() as started:
         yield started
-    finally:
-        live.stop()
-
-
-def gauge(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    values = [float(line.split()[-1]) for line in text.splitlines()
-              if line.split(" ")[0] == name]
-    assert len(values) == 1, (name, text)
-    return values[0]
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 def grads(seed: int) -> torch.Tensor:

@@ -39,11 +39,8 @@ def url(request: pytest.FixtureRequest) -> Iterator[str]:
     # that close waits for the answer to be written: a client that reads nothing must still
     # be dropped (the server's default, 5 s, is longer than the body timeout here)
     live.server.config.timeout_keep_alive = TIMEOUT_S / 5
-    started = live.start()
-    try:
+    with live.serving() as started:
         yield started
-    finally:
-        live.stop()
 
 
 def small_window(url: str) -> socket.socket:

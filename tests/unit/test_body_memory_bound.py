@@ -46,7 +46,10 @@ def test_bodies_take_their_bytes_in_the_order_they_asked() -> None:
         small = asyncio.create_task(body("small", 10))  # fits, but waits behind "big"
         await asyncio.sleep(0)
         assert memory.waiting == 2 and memory.held == 60
-        assert not memory.try_take(1)  # (nor may anything pass the queue)
+        assert not memory.try_take(1)  # (nor may anything pass the queue...)
+        assert memory.try_take(1, first=True)  # (...but more for a body being read)
+        memory.give(1)
+        assert memory.held == 60 and memory.waiting == 2
         memory.give(60)  # both fit now: taken in order
         assert await big and await small
         assert order == ["big:True", "small:True"] and memory.held == 80
