@@ -152,7 +152,6 @@ async def _read_body(
     408 when it stalls (see ``_receive``). With ``raw`` a large body lands in an uninitialized
     buffer (a writable memoryview: no zero-filling 40 MB before overwriting it)."""
     _check_encoding(request)
-    expansion = body_memory.JSON_EXPANSION if _json_like(request) else 1
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -163,7 +162,8 @@ async def _read_body(
             raise PayloadTooLarge(f"body of {size} bytes exceeds the limit of {max_bytes}",
                                   limit=max_bytes)
         if size > OFFLOAD_BYTES:  # one copy into a buffer of the announced size
-            await body_memory.hold(request.scope, size * expansion, _body_timeout(request))
+            await body_memory.hold(request.scope, size * _expansion(request),
+                                   _body_timeout(request))
             out: bytearray | memoryview = (_raw_buffer(request, size) if raw
                                            else bytearray(size))
             view, pos = memoryview(out), 0
@@ -190,7 +190,7 @@ async def _read_body(
             raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes", limit=max_bytes)
         if len(buf) > counted:
             more = max(len(buf) - counted, body_memory.CHUNKED_STEP)
-            body_memory.hold_now(request.scope, more * expansion)
+            body_memory.hold_now(request.scope, more * _expansion(request))
             counted += more
     await _receive(request, grow)
     return buf
@@ -201,9 +201,11 @@ def _json_type(ctype: str) -> bool:
     return ctype in (JSON, "application/problem+json", "text/json") or ctype.endswith("+json")
 
 
-def _json_like(request: Request) -> bool:
-    """The body is (or would be read as) JSON: no Content-Type, or a JSON one."""
-    return _json_type((request.headers.get("content-type") or JSON).split(";")[0].strip().lower())
+def _expansion(request: Request) -> int:
+    """What the body counts against ``OPTSERVE_MAX_BODIES_MB`` per byte: ten for a body read
+    as JSON (no Content-Type, or a JSON one), else one."""
+    ctype = (request.headers.get("content-type") or JSON).split(";")[0].strip().lower()
+    return body_memory.JSON_EXPANSION if _json_type(ctype) else 1
 
 
 def _check_encoding(request: Request) -> None:

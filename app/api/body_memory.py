@@ -37,12 +37,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import sys
 from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.engine.idle import half_of_memory
+from app.api.connection_cap import Bounded
+from app.engine.idle import default_memory_bound
 from app.errors import Overloaded, PayloadTooLarge
 
 #: where a request's taken bytes are counted in its ASGI scope
@@ -61,18 +61,17 @@ HEADER_EXPANSION = 32
 
 def bound(setting_mb: int, max_body: int, root: Path = Path("/")) -> int:
     """The bytes bodies may hold at once: ``setting_mb`` MiB, or (0) half of the memory the
-    server may use (:func:`app.engine.idle.half_of_memory`; no bound where it cannot be read),
-    never less than ``max_body`` (one body of the largest size allowed always fits)."""
-    limit = (setting_mb << 20) if setting_mb else half_of_memory(root)
-    return max(sys.maxsize if limit is None else limit, max_body)
+    server may use (:func:`app.engine.idle.default_memory_bound`), never less than
+    ``max_body`` (one body of the largest size allowed always fits)."""
+    return max((setting_mb << 20) or default_memory_bound(root), max_body)
 
 
-class BodyMemory:
-    """Bytes of request bodies held, against ``limit``; used on the event loop's thread only."""
+class BodyMemory(Bounded):
+    """Bytes of request bodies held, against ``limit``, and the bodies waiting for theirs (on
+    the event loop's thread)."""
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
+        super().__init__(limit)
         #: bodies waiting for bytes, in the order they asked: (bytes, woken when taken)
         self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
@@ -84,12 +83,9 @@ class BodyMemory:
     def try_take(self, n: int, *, first: bool = False) -> bool:
         """Take ``n`` bytes now, if they fit and no body waits before them (``first``: ahead
         of those waiting: more for a body already being read)."""
-        if (self._waiting and not first) or self.held + n > self.limit:
-            return False
-        self.held += n
-        return True
+        return (first or not self._waiting) and self.take(n)
 
-    async def take(self, n: int, timeout: float | None) -> bool:
+    async def wait_take(self, n: int, timeout: float | None) -> bool:
         """Take ``n`` bytes, waiting behind the bodies that asked first for at most
         ``timeout`` seconds (None: as long as it takes). False: not taken in time."""
         if self.try_take(n):
@@ -114,18 +110,17 @@ class BodyMemory:
             raise
         return True
 
-    def give(self, n: int) -> None:
+    def give(self, n: int = 1) -> None:
         """``n`` bytes taken before let go; the bodies waiting that now fit take theirs."""
-        self.held -= n
+        super().give(n)
         self._wake()
 
     def _wake(self) -> None:
         while self._waiting:
             n, waiter = self._waiting[0]
             if not waiter.done():
-                if self.held + n > self.limit:
+                if not self.take(n):
                     return
-                self.held += n
                 waiter.set_result(None)
             self._waiting.popleft()
 
@@ -156,32 +151,37 @@ def _never_fits(memory: BodyMemory, n: int) -> PayloadTooLarge:
         limit=memory.limit, needed_bytes=n)
 
 
+def _counting(scope: Scope, n: int) -> BodyMemory | None:
+    """The bound ``n`` bytes of the request of ``scope`` count against (None: no bound, or
+    nothing to count); 413 ``payload_too_large`` when they could never fit."""
+    memory = memory_of(scope)
+    if memory is None or n <= 0:
+        return None
+    if n > memory.limit:
+        raise _never_fits(memory, n)
+    return memory
+
+
 async def hold(scope: Scope, n: int, timeout: float | None) -> None:
     """Count ``n`` bytes of a body against the bound for the request of ``scope``, waiting
     for at most ``timeout`` seconds; 503 ``server_bodies_full`` when they do not fit by then,
     413 ``payload_too_large`` when they never would. Given back by
     :class:`BodyMemoryRelease`."""
-    memory = memory_of(scope)
-    if memory is None or n <= 0:
-        return
-    if n > memory.limit:
-        raise _never_fits(memory, n)
-    if not await memory.take(n, timeout):
-        raise _refused(memory, n)
-    scope[TAKEN] = scope.get(TAKEN, 0) + n
+    memory = _counting(scope, n)
+    if memory is not None:
+        if not await memory.wait_take(n, timeout):
+            raise _refused(memory, n)
+        scope[TAKEN] = scope.get(TAKEN, 0) + n
 
 
 def hold_now(scope: Scope, n: int) -> None:
     """As :func:`hold`, without waiting, ahead of the bodies waiting: more for a body already
     being read (one of no announced size, as it arrives; a safetensors header's parse)."""
-    memory = memory_of(scope)
-    if memory is None or n <= 0:
-        return
-    if n > memory.limit:
-        raise _never_fits(memory, n)
-    if not memory.try_take(n, first=True):
-        raise _refused(memory, n)
-    scope[TAKEN] = scope.get(TAKEN, 0) + n
+    memory = _counting(scope, n)
+    if memory is not None:
+        if not memory.try_take(n, first=True):
+            raise _refused(memory, n)
+        scope[TAKEN] = scope.get(TAKEN, 0) + n
 
 
 class BodyMemoryRelease:

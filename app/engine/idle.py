@@ -17,6 +17,7 @@ them in again.) Where the heap's free bytes cannot be read, less than half avail
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -106,12 +107,12 @@ def available(root: Path = Path("/")) -> tuple[int, int] | None:
     return machine
 
 
-def half_of_memory(root: Path = Path("/")) -> int | None:
-    """Half of the memory this process may use (the total :func:`available` reads), None
-    where it cannot be read: the default bound on what same-host bindings hold, and on what
-    request bodies hold."""
+def default_memory_bound(root: Path = Path("/")) -> int:
+    """Half of the memory this process may use (the total :func:`available` reads), and no
+    bound (``sys.maxsize``) where that cannot be read: the default bound on what same-host
+    bindings hold, and on what request bodies hold."""
     memory = available(root)
-    return None if memory is None else memory[1] // 2
+    return sys.maxsize if memory is None else memory[1] // 2
 
 
 def short_of_memory(heap_free: Callable[[], int | None] = heap_free_bytes,

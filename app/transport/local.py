@@ -58,7 +58,6 @@ import os
 import shutil
 import socket
 import struct
-import sys
 import tempfile
 import threading
 import time
@@ -77,7 +76,7 @@ from app.api.connection_cap import Bounded, ConnectionSlots
 from app.api.requests import step_options
 from app.engine import metrics, ps
 from app.engine.idempotency import check_key
-from app.engine.idle import half_of_memory
+from app.engine.idle import default_memory_bound
 from app.engine.interface import Engine, IdemKey, SessionInfo, json_floats
 from app.engine.session import check_session_id, stale_binding
 from app.engine.store import storage_failure
@@ -205,13 +204,6 @@ def footprint(info: SessionInfo) -> int:
     (:meth:`Binding.gradients`)."""
     _, grads_end, _, size = _laid_out(_sizes(info))
     return size + (grads_end if info.durability != "memory" else 0)
-
-
-def default_binding_bytes(root: Path = Path("/")) -> int | None:
-    """The bytes the bindings may hold by default (``OPTSERVE_MAX_BINDING_MB`` 0): half of the
-    memory the server may use (its cgroup's limit where it has one below the machine's, else
-    the machine's), None where that cannot be read."""
-    return half_of_memory(root)
 
 
 class Binding:
@@ -477,9 +469,8 @@ class LocalTransport:
         #: default, :func:`default_bindings`)
         self.binding_slots = Bounded(max_bindings or default_bindings())
         #: the bytes of memory they hold (``OPTSERVE_MAX_BINDING_MB``; 0: the default,
-        #: :func:`default_binding_bytes`; no bound where the memory cannot be read)
-        self.binding_memory = Bounded(max_binding_bytes or default_binding_bytes()
-                                      or sys.maxsize)
+        #: :func:`~app.engine.idle.default_memory_bound`)
+        self.binding_memory = Bounded(max_binding_bytes or default_memory_bound())
         #: the count of open connections this transport shares with HTTP's (a connection past
         #: its limit is closed at once), None: unbounded
         self.slots = slots

@@ -10,10 +10,10 @@ the server is idle (:func:`forget_all`, from the host's trim)."""
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
+
+from optserve._recent import Recent
 
 V = TypeVar("V")
 
@@ -40,50 +40,28 @@ class KeptByHeader(Generic[V]):
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self._weigh = weigh
-        self._values: OrderedDict[bytes, tuple[V, int]] = OrderedDict()
-        self._charged = 0
-        self._lock = threading.Lock()
+        self._kept: Recent[bytes, V] = Recent(max_entries, max_bytes, oversized=True)
         _every.append(self)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._values)
+        return len(self._kept)
 
     @property
     def charged(self) -> int:
         """The bytes the kept values are charged."""
-        with self._lock:
-            return self._charged
+        return self._kept.held
 
     def get(self, header: bytes) -> V | None:
-        with self._lock:
-            kept = self._values.get(header)
-            if kept is None:
-                return None
-            self._values.move_to_end(header)
-            return kept[0]
+        return self._kept.get(header)
 
     def __contains__(self, header: bytes) -> bool:
-        with self._lock:
-            return header in self._values
+        return header in self._kept
 
     def put(self, header: bytes, value: V) -> None:
-        cost = len(header) + self._weigh(value) + ENTRY_OVERHEAD
-        with self._lock:
-            old = self._values.pop(header, None)
-            if old is not None:
-                self._charged -= old[1]
-            self._values[header] = (value, cost)
-            self._charged += cost
-            while len(self._values) > 1 and (self._charged > self.max_bytes
-                                             or len(self._values) > self.max_entries):
-                _, (_, dropped) = self._values.popitem(last=False)
-                self._charged -= dropped
+        self._kept.put(header, value, len(header) + self._weigh(value) + ENTRY_OVERHEAD)
 
     def clear(self) -> None:
-        with self._lock:
-            self._values.clear()
-            self._charged = 0
+        self._kept.clear()
 
 
 def forget_all() -> None:

@@ -99,7 +99,8 @@ def test_the_bound_on_bindings_is_a_setting_with_a_default() -> None:
 
 def test_the_bound_on_binding_memory_is_a_setting_with_a_default(tmp_path: Any) -> None:
     from app.api.connection_cap import Bounded
-    from app.transport.local import default_binding_bytes, footprint
+    from app.engine.idle import default_memory_bound
+    from app.transport.local import footprint
 
     assert Settings(max_binding_mb=5).max_binding_mb == 5
     with pytest.raises(ValueError, match="max_binding_mb"):
@@ -119,12 +120,12 @@ def test_the_bound_on_binding_memory_is_a_setting_with_a_default(tmp_path: Any) 
     # the default: half of what the cgroup may use where it has a limit, else of the machine
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc/meminfo").write_text("MemTotal: 8000 kB\nMemAvailable: 6000 kB\n")
-    assert default_binding_bytes(tmp_path) == 4000 * 1024
+    assert default_memory_bound(tmp_path) == 4000 * 1024
     (tmp_path / "sys/fs/cgroup").mkdir(parents=True)
     (tmp_path / "sys/fs/cgroup/memory.max").write_text("2048000\n")
     (tmp_path / "sys/fs/cgroup/memory.current").write_text("100\n")
-    assert default_binding_bytes(tmp_path) == 1024000
-    assert default_binding_bytes(tmp_path / "nothing") is None
+    assert default_memory_bound(tmp_path) == 1024000
+    assert default_memory_bound(tmp_path / "nothing") == sys.maxsize  # (no bound)
     memory = Bounded(100)  # (LocalTransport.binding_memory: bytes, counted n at a time)
     assert memory.take(60) and not memory.take(41) and memory.take(40)
     memory.give(60)

@@ -38,7 +38,7 @@ def test_bodies_take_their_bytes_in_the_order_they_asked() -> None:
         order: list[str] = []
 
         async def body(name: str, n: int, timeout: float | None = None) -> bool:
-            got = await memory.take(n, timeout)
+            got = await memory.wait_take(n, timeout)
             order.append(f"{name}:{got}")
             return got
         big = asyncio.create_task(body("big", 70))
@@ -79,7 +79,7 @@ def test_a_wait_that_ends_as_room_is_made_keeps_what_it_took() -> None:
     async def run() -> None:
         memory = BodyMemory(10)
         assert memory.try_take(10)
-        waiting = asyncio.create_task(memory.take(5, None))
+        waiting = asyncio.create_task(memory.wait_take(5, None))
         await asyncio.sleep(0)
         memory.give(10)  # taken for it on the spot...
         waiting.cancel()  # ...and its request cancelled before it ran again

@@ -15,13 +15,12 @@ from __future__ import annotations
 import math
 import re
 import struct
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from ._json import json_dumps, json_loads
+from ._recent import Recent
 
 # wire dtype name -> (safetensors dtype, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -38,49 +37,6 @@ DTYPES: dict[str, tuple[str, int]] = {
 }
 _FROM_CODE: dict[str, str] = {code: name for name, (code, _) in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
-
-_K = TypeVar("_K")
-_V = TypeVar("_V")
-
-
-class _Recent(Generic[_K, _V]):
-    """A few values kept by key, the least recently used let go first, and at most ``limit``
-    bytes of keys held (a key's size is the caller's to say): a header seen again (every step
-    of one model sends and gets back the same one) is worked out once. Safe across threads."""
-
-    def __init__(self, entries: int, limit: int) -> None:
-        self._items: OrderedDict[_K, tuple[_V, int]] = OrderedDict()
-        self._entries = entries
-        self._limit = limit
-        self._held = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: _K) -> _V | None:
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                return None
-            self._items.move_to_end(key)
-            return item[0]
-
-    def put(self, key: _K, value: _V, size: int) -> None:
-        if size > self._limit:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._held -= old[1]
-            self._items[key] = (value, size)
-            self._held += size
-            while len(self._items) > self._entries or self._held > self._limit:
-                _, (_, dropped) = self._items.popitem(last=False)
-                self._held -= dropped
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._held = 0
-
 
 @dataclass(frozen=True)
 class WireTensor:
@@ -180,7 +136,7 @@ def dumps(tensors: Mapping[str, WireTensor], metadata: Mapping[str, str] | None 
 #: names in the order their bytes follow the header. A model's gradients make the same
 #: entries every step (1,000 tensors' took 2.1 ms to write; their key takes 0.4 ms); the
 #: metadata (a step's loss) is written anew each time.
-_MADE: _Recent[tuple[Any, ...], tuple[bytes, tuple[str, ...]]] = _Recent(8, 32 << 20)
+_MADE: Recent[tuple[Any, ...], tuple[bytes, tuple[str, ...]]] = Recent(8, 32 << 20)
 
 
 def body(tensors: Mapping[str, WireTensor], metadata: Mapping[str, str] | None = None) -> Body:
@@ -266,7 +222,7 @@ class Header:
 #: parsed each time; whether there was one is part of the key) and less their padding, the
 #: size of the data after them and the data's alignment (what the checks of the entries
 #: depend on): 1,000 tensors' entries took 2.1 ms to parse and check
-_PARSED: _Recent[tuple[bytes, int, int, bool], Header] = _Recent(8, 32 << 20)
+_PARSED: Recent[tuple[bytes, int, int, bool], Header] = Recent(8, 32 << 20)
 _META = b'{"__metadata__":'
 #: a flat JSON object of strings (``__metadata__`` as writers write it)
 _STRING = rb'"(?:[^"\\]|\\.)*"'

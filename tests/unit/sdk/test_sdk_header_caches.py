@@ -20,6 +20,7 @@ from hypothesis import strategies as hs
 from optserve import _safetensors as st
 from optserve import _tensors as T
 from optserve._json import json_dumps
+from optserve._recent import Recent
 from tests.unit.sdk.test_sdk_many_tensors_codec import bits_equal, handmade
 
 TEXT = hs.text(alphabet=hs.characters(codec="utf-8"), max_size=12)
@@ -159,7 +160,7 @@ def test_a_kept_headers_body_is_what_one_object_would_write(
 
 
 def test_the_kept_headers_are_bounded() -> None:
-    kept: st._Recent[str, int] = st._Recent(3, 100)
+    kept: Recent[str, int] = Recent(3, 100)
     for i in range(5):
         kept.put(f"k{i}", i, 10)
     assert kept.get("k0") is None and kept.get("k1") is None
@@ -174,7 +175,7 @@ def test_the_kept_headers_are_bounded() -> None:
     for i in range(20):  # headers that all differ: at most the bound of them kept
         T.tensors_from_safetensors(safetensors.torch.save({f"q{i}": torch.ones(1)}))
     T.tensors_from_safetensors(body)
-    assert len(st._PARSED._items) <= 8
+    assert len(st._PARSED) <= 8
 
 
 def _reference(body: bytes) -> tuple[dict[str, tuple[str, list[int], bytes]], dict[str, str]]:
