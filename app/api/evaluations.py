@@ -37,13 +37,14 @@ from app.api.bodies import (
 )
 from app.api.conditions import idempotency
 from app.api.deps import EngineDep, SettingsDep, TenantDep
+from app.api.strict_requests import StrictRoute
 from app.engine.evaluations import MAX_TIMEOUT_S
 from app.engine.interface import Evaluation, EvaluationRequest, ReturnParams, StepResult
 from app.engine.ops.lbfgs import loss_value
 from app.errors import Invalid
 from app.wire.safetensors_body import read_safetensors
 
-router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"], route_class=StrictRoute)
 SessionId = Annotated[str, Path(description="session id", max_length=200)]
 REPLAYED_HEADER = "Idempotent-Replayed"
 

@@ -11,6 +11,7 @@ from starlette.responses import Response
 from app.api.bodies import JSON, check_accept, negotiate, offload
 from app.api.conditions import one_query
 from app.api.deps import EngineDep, TenantDep
+from app.api.strict_requests import StrictRoute
 from app.engine.history import HistoryQuery, HistoryResult, csv_text, jsonable
 from app.errors import Invalid
 
@@ -18,7 +19,8 @@ CSV = "text/csv"
 MAX_POINTS = 100_000
 MAX_FIELDS = 256
 
-router = APIRouter(prefix="/v1/sessions", tags=["history"], dependencies=[Depends(check_accept)])
+router = APIRouter(prefix="/v1/sessions", tags=["history"], route_class=StrictRoute,
+                   dependencies=[Depends(check_accept)])
 SessionId = Annotated[str, Path(description="session id", max_length=200)]
 
 

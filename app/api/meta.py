@@ -11,9 +11,10 @@ from starlette.responses import Response
 from app.api.bodies import check_accept, json_response
 from app.api.deps import EngineDep, TenantDep
 from app.api.problems import problem
+from app.api.strict_requests import StrictRoute
 from app.engine import optimizers, schedulers
 
-router = APIRouter(dependencies=[Depends(check_accept)])
+router = APIRouter(dependencies=[Depends(check_accept)], route_class=StrictRoute)
 
 
 @router.get("/healthz", tags=["health"], summary="Liveness")

@@ -732,7 +732,9 @@ def _document(op: Op, method: str, path: str, doc_op: dict[str, Any]) -> None:
     code = next((k for k in responses if k.startswith("2")), "200")
     responses[code] = _success(op, method)
     params: list[dict[str, Any]] = doc_op.setdefault("parameters", [])
-    params.extend(QUERY[q] for q in op.query)
+    # (one a route also declares in its signature is listed once: OpenAPI names are unique)
+    given = {(p.get("in"), p.get("name")) for p in params}
+    params.extend(QUERY[q] for q in op.query if ("query", QUERY[q]["name"]) not in given)
     params.extend(HEADERS[h] for h in op.headers)
     if op.body is not None:
         doc_op["requestBody"] = _request_body(op)

@@ -32,12 +32,13 @@ from app.api.bodies import (
     wants_binary,
 )
 from app.api.deps import EngineDep, SettingsDep, TenantDep
+from app.api.strict_requests import StrictRoute
 from app.engine.interface import ParamsResult
 from app.errors import Invalid
 from app.wire.safetensors_body import read_safetensors
 from app.wire.sparse import MAX_INDICES, indices_from_json
 
-router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"], route_class=StrictRoute)
 _ROW = re.compile(r"-?[0-9]{1,18}")
 SessionId = Annotated[str, Path(description="session id", max_length=200)]
 

@@ -35,6 +35,7 @@ from app.api.conditions import idempotency
 from app.api.deps import EngineDep, SettingsDep, TenantDep
 from app.api.instrument import metrics_of, outcome, phase
 from app.api.requests import StepQuery
+from app.api.strict_requests import StrictRoute, refuse_unevaluated
 from app.engine.interface import Engine, IdemKey, ReturnParams, SessionInfo
 from app.errors import Invalid
 from app.wire.content_digest import cheap
@@ -50,7 +51,7 @@ STEP_FIELDS = frozenset({"param_groups", "scalars"})
 #: what a push (/grads) body may carry besides its gradients
 PUSH_FIELDS = frozenset({"scalars"})
 
-router = APIRouter(prefix="/v1/sessions", tags=["sessions"],
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"], route_class=StrictRoute,
                    dependencies=[Depends(check_accept)])  # 406 before any work
 #: the longest session id a path may carry (longer: 422)
 SESSION_ID_MAX = 200
@@ -139,6 +140,8 @@ async def step(session_id: SessionId, request: Request) -> Response:
     with outcome(metrics, metrics.steps, session_id) as counted:
         binary = wants_binary(request)  # 406 before any work
         query = StepQuery.parse(request)
+        if "if-none-match" in request.headers:  # (If-Match: the base version, below)
+            refuse_unevaluated(request, frozenset({"if-match"}), "POST .../step")
         tenant = tenant_of(request.scope)
         max_bytes = _max_bytes(request.app.state.settings)
         b64 = tensor_encoding(request)

@@ -88,3 +88,13 @@ def test_a_header_or_status_for_every_mutating_route_is_one_line(
                 assert op["responses"]["507"]["content"] == {
                     "application/problem+json": {"schema": {
                         "$ref": "#/components/schemas/Problem"}}}
+
+
+def test_each_parameter_is_listed_once_per_operation() -> None:
+    """OpenAPI names a parameter by its name and location, once per operation (``pushGrads``
+    listed ``upcast`` twice: from its signature and from the hand-written list)."""
+    doc = create_app().openapi()
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            keys = [(p["in"], p["name"]) for p in op.get("parameters", ())]
+            assert len(keys) == len(set(keys)), (method, path, keys)

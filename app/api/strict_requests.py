@@ -1,0 +1,101 @@
+"""Every ``/v1`` operation refuses what it would otherwise ignore and run anyway: a query
+parameter it does not take, and on a change, a precondition it does not evaluate.
+
+A misspelt query parameter that is ignored changes what a request does without a word:
+``PUT .../state_dict?base_verison=3`` would import unconditionally, ``GET .../params?
+min_verison=9&wait_s=30`` would answer at once. So each operation takes exactly the query
+parameters its OpenAPI document lists (those FastAPI sees in the endpoint's signature and those
+``app.api.openapi_docs.OPERATIONS`` adds for the ones it reads itself); any other name is a 422
+``invalid_query`` naming it, before the body is read or anything is done.
+
+Likewise ``If-Match`` / ``If-None-Match`` on a change (``POST``, ``PUT``, ``PATCH``,
+``DELETE``): RFC 9110 has a server not perform a method whose precondition is false. Only the
+step and the state import evaluate ``If-Match``; anywhere else (a ``DELETE`` of a session, a
+``PUT`` of its parameters) the change would happen whatever the session's version, so it is a
+422 ``unsupported_precondition`` naming the header, with nothing done. ``If-None-Match: *`` on
+a create asks what a create always does (it never replaces a session: 409 ``session_exists``).
+
+The step checks its own (``requests.StepQuery``, ``conditions.no_unevaluated_preconditions``:
+its lane does not pass through the router). ``/healthz``, ``/readyz`` and ``/metrics`` take and
+ignore any query (probes and scrapers add their own)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi.routing import APIRoute
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.errors import Invalid
+
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+#: the preconditions an operation either evaluates or refuses on a change (RFC 9110 13.1;
+#: If-Modified-Since and If-Unmodified-Since: no resource here has a modification date, and a
+#: recipient ignores them then)
+PRECONDITIONS = {"if-match": "If-Match", "if-none-match": "If-None-Match"}
+CHANGES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def documented(app: Any, path: str, method: str, where: str) -> frozenset[str]:
+    """The parameters ``method path`` takes in ``where`` (query, header), as the app's OpenAPI
+    document lists them (header names lowercase)."""
+    doc = app.openapi()
+    op = doc.get("paths", {}).get(path, {}).get(method.lower(), {})
+    names = (p["name"] for p in op.get("parameters", ()) if p.get("in") == where)
+    return frozenset(n.lower() for n in names) if where == "header" else frozenset(names)
+
+
+def refuse_unevaluated(request: Request, evaluated: frozenset[str], what: str,
+                       create: bool = False) -> None:
+    """422 ``unsupported_precondition`` for an ``If-Match``/``If-None-Match`` ``what`` (an
+    operation, as a detail names it) does not evaluate (``evaluated``: lowercase names)."""
+    headers = request.headers
+    for key, name in PRECONDITIONS.items():
+        if key in evaluated or key not in headers:
+            continue
+        if create and key == "if-none-match" and headers.getlist(key) == ["*"]:
+            continue
+        raise Invalid(f"{what} does not evaluate {name}: it would run whatever the session's "
+                      f"version; nothing was done (If-Match is a precondition of PUT "
+                      f".../state_dict, and the base version of POST .../step)",
+                      code="unsupported_precondition", field=name)
+
+
+class StrictRoute(APIRoute):
+    """A route whose handler first refuses the query parameters its operation does not
+    document, and on a change the preconditions it does not evaluate (on ``/v1`` paths; a
+    request with no query string and no precondition costs two lookups)."""
+
+    def get_route_handler(self) -> Handler:
+        handler = super().get_route_handler()
+        if not self.path_format.startswith("/v1/"):
+            return handler
+        taken: dict[tuple[str, str], frozenset[str]] = {}  # read from the document once
+        path = self.path_format
+
+        def names(app: Any, method: str, where: str) -> frozenset[str]:
+            out = taken.get((method, where))
+            if out is None:
+                out = taken[method, where] = documented(app, path, method, where)
+            return out
+
+        async def checked(request: Request) -> Response:
+            method = "GET" if request.method == "HEAD" else request.method
+            if request.scope.get("query_string"):
+                query = names(request.app, method, "query")
+                for name in request.query_params:
+                    if name not in query:
+                        raise Invalid(
+                            f"{name!r:.60} is not a query parameter of {method} {path} (it "
+                            f"takes {', '.join(sorted(query)) if query else 'none'})",
+                            code="invalid_query", field=name[:60])
+            if method in CHANGES and any(k in request.headers for k in PRECONDITIONS):
+                refuse_unevaluated(request, names(request.app, method, "header"),
+                                   f"{method} {path}",
+                                   create=method == "POST" and path == "/v1/sessions")
+            return await handler(request)
+
+        return checked
