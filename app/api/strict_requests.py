@@ -1,5 +1,6 @@
 """Every ``/v1`` operation refuses what it would otherwise ignore and run anyway: a query
-parameter it does not take, and on a change, a precondition it does not evaluate.
+parameter it does not take, and on a change, a header it does not act on (a precondition, a
+worker).
 
 A misspelt query parameter that is ignored changes what a request does without a word:
 ``PUT .../state_dict?base_verison=3`` would import unconditionally, ``GET .../params?
@@ -8,16 +9,21 @@ parameters its OpenAPI document lists (those FastAPI sees in the endpoint's sign
 ``app.api.openapi_docs.OPERATIONS`` adds for the ones it reads itself); any other name is a 422
 ``invalid_query`` naming it, before the body is read or anything is done.
 
-Likewise ``If-Match`` / ``If-None-Match`` on a change (``POST``, ``PUT``, ``PATCH``,
-``DELETE``): RFC 9110 has a server not perform a method whose precondition is false. Only the
-step and the state import evaluate ``If-Match``; anywhere else (a ``DELETE`` of a session, a
-``PUT`` of its parameters) the change would happen whatever the session's version, so it is a
-422 ``unsupported_precondition`` naming the header, with nothing done. ``If-None-Match: *`` on
-a create asks what a create always does (it never replaces a session: 409 ``session_exists``).
+On a change (``POST``, ``PUT``, ``PATCH``, ``DELETE``), likewise:
+- ``If-Match`` / ``If-None-Match`` where not evaluated: RFC 9110 has a server not perform a
+  method whose precondition is false. Only the step (its base version) and the state import
+  evaluate ``If-Match``, and row pulls ``If-None-Match``; anywhere else (a ``DELETE`` of a
+  session, a ``PUT`` of its parameters) the change would happen whatever the session's
+  version, so it is a 422 ``unsupported_precondition`` naming the header, with nothing done.
+  ``If-None-Match: *`` on a create asks what a create always does (it never replaces a
+  session: 409 ``session_exists``);
+- ``X-Optserve-Worker`` where not taken (only a step takes it): on ``POST .../grads`` a
+  worker's gradients would go to the accumulator every worker shares, not into its push to a
+  round. A 422 ``unsupported_header``.
 
-The step checks its own (``requests.StepQuery``, ``conditions.no_unevaluated_preconditions``:
-its lane does not pass through the router). ``/healthz``, ``/readyz`` and ``/metrics`` take and
-ignore any query (probes and scrapers add their own)."""
+The step checks its own query (``requests.StepQuery``) and ``If-None-Match``
+(``sessions.step``): its lane does not pass through the router. ``/healthz``, ``/readyz`` and
+``/metrics`` take and ignore any query (probes and scrapers add their own)."""
 
 from __future__ import annotations
 
@@ -64,6 +70,19 @@ def refuse_unevaluated(request: Request, evaluated: frozenset[str], what: str,
                       code="unsupported_precondition", field=name)
 
 
+WORKER = "x-optserve-worker"
+
+
+def refuse_worker(request: Request, what: str) -> None:
+    """422 ``unsupported_header``: ``X-Optserve-Worker`` on a change that does not take it (a
+    worker's gradients named on ``POST .../grads`` would go to the session's accumulator, which
+    every worker shares, not into that worker's push to a round)."""
+    if WORKER in request.headers:
+        raise Invalid(f"{what} does not take X-Optserve-Worker: a worker pushes its gradients "
+                      f"in a step (POST .../step); nothing was done",
+                      code="unsupported_header", field="X-Optserve-Worker")
+
+
 class StrictRoute(APIRoute):
     """A route whose handler first refuses the query parameters its operation does not
     document, and on a change the preconditions it does not evaluate (on ``/v1`` paths; a
@@ -92,10 +111,14 @@ class StrictRoute(APIRoute):
                             f"{name!r:.60} is not a query parameter of {method} {path} (it "
                             f"takes {', '.join(sorted(query)) if query else 'none'})",
                             code="invalid_query", field=name[:60])
-            if method in CHANGES and any(k in request.headers for k in PRECONDITIONS):
-                refuse_unevaluated(request, names(request.app, method, "header"),
-                                   f"{method} {path}",
-                                   create=method == "POST" and path == "/v1/sessions")
+            if method in CHANGES:
+                headers = request.headers
+                if any(k in headers for k in PRECONDITIONS):
+                    refuse_unevaluated(request, names(request.app, method, "header"),
+                                       f"{method} {path}",
+                                       create=method == "POST" and path == "/v1/sessions")
+                if WORKER in headers and WORKER not in names(request.app, method, "header"):
+                    refuse_worker(request, f"{method} {path}")
             return await handler(request)
 
         return checked

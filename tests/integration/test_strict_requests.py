@@ -255,3 +255,43 @@ def test_reads_ignore_preconditions_as_a_cache_revalidation_does(live_server: st
         for path in ("", "/params", "/state_dict", "/history"):
             r = http.get(f"/v1/sessions/{sid}{path}", headers={"If-Match": '"999"'})
             assert r.status_code == 200, (path, r.text)
+
+
+@pytest.mark.parametrize("method,path", sorted({(m, p) for m, p, _ in unevaluated()
+                                                 if p != "/v1/sessions/{session_id}/step"}),
+                         ids=lambda v: str(v))
+def test_a_worker_named_on_a_change_other_than_a_step_is_refused(
+    live_server: str, method: str, path: str
+) -> None:
+    """A sync session: a worker's gradients pushed to /grads would join the shared
+    accumulator, not that worker's push; refused, and the round still closes as torch would."""
+    sid = "strict-worker"
+    with httpx.Client(base_url=live_server, timeout=60) as http:
+        http.delete(f"/v1/sessions/{sid}")
+        w = torch.randn(5, generator=torch.Generator().manual_seed(3))
+        r = http.post("/v1/sessions", json={"id": sid, "optimizer": "SGD",
+                                            "options": {"lr": 0.1, "momentum": 0.9},
+                                            "params": {"w": json_tensor(w)},
+                                            "sync": {"workers": 1}})
+        assert r.status_code == 201, r.text
+        before, params = current(http, sid)
+        url = path.format(**{k: v.format(sid=sid) for k, v in PLACEHOLDERS.items()})
+        body = ({"grads": {"w": json_tensor(torch.ones(5))}} if method == "POST"
+                else {"params": {"w": json_tensor(torch.zeros(5))}} if method == "PUT"
+                else {"lr": 0.5} if method == "PATCH" and path.endswith("{index}")
+                else {"max_staleness": 3} if method == "PATCH" else None)
+        r = http.request(method, url, json=body, headers={"X-Optserve-Worker": "w1"})
+        assert r.status_code == 422, (r.status_code, r.text)
+        assert r.json()["code"] == "unsupported_header"
+        assert r.json()["field"] == "X-Optserve-Worker"
+        after, params = current(http, sid)
+        assert after == before
+        assert_tensors_equal(params, {"w": w}, "unchanged")
+        # the round of its one worker: exactly torch's step of that worker's gradient
+        g = torch.randn(5, generator=torch.Generator().manual_seed(4))
+        r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {"w": json_tensor(g)}},
+                      headers={"X-Optserve-Worker": "w1"})
+        assert r.status_code == 200, r.text
+        ref = Reference(torch.optim.SGD, [({"w": w}, {})], {"lr": 0.1, "momentum": 0.9})
+        ref.step({"w": g})
+        assert_tensors_equal(tensors_from_json(r.json()["params"]), ref.params, "the round")
