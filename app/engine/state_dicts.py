@@ -252,15 +252,24 @@ def _check_step(value: Any, field: str) -> None:
                       code="state_mismatch", field=field)
 
 
+#: the way out a refusal of non-finite state names: a session's own steps can make its state
+#: non-finite (Adam's exp_avg_sq from a finite gradient past 1.8e19), and its export then
+#: holds it
+NONFINITE_WAY_OUT = ("; nonfinite is set at create: import it into a session created with "
+                     "\"nonfinite\": \"skip\" or \"allow\"")
+
+
 def _check_finite(obj: Any, field: str) -> None:
     if isinstance(obj, torch.Tensor):
         if obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all()):
             raise Invalid("non-finite values in the state; this session rejects them "
-                          "(nonfinite: reject)", code="nonfinite_state", field=field)
+                          "(nonfinite: reject)" + NONFINITE_WAY_OUT, code="nonfinite_state",
+                          field=field)
     elif isinstance(obj, float):
         if not math.isfinite(obj):
             raise Invalid("non-finite value in the state; this session rejects them "
-                          "(nonfinite: reject)", code="nonfinite_state", field=field)
+                          "(nonfinite: reject)" + NONFINITE_WAY_OUT, code="nonfinite_state",
+                          field=field)
     elif isinstance(obj, dict):
         for k, v in obj.items():
             _check_finite(v, f"{field}.{k}")

@@ -394,3 +394,56 @@ def test_round_trip_keeps_everything(http: httpx.Client) -> None:
         assert after[1]["params"] == before[1]["params"]
         assert after[2] == before[2]
     http.delete(f"/v1/sessions/{sid}")
+
+
+def test_a_state_its_own_steps_made_non_finite_moves_to_a_session_that_takes_it(
+    http: httpx.Client,
+) -> None:
+    """Adam under ``nonfinite: reject`` takes a finite gradient of 3e38: its exp_avg_sq (the
+    gradient squared) is infinite, as torch's is. The export holds it; an import into a
+    ``reject`` session is refused (422 ``nonfinite_state``, naming the way out) and changes
+    nothing; into a session created with ``"nonfinite": "allow"`` it is taken, and that
+    session then steps equal to in-process torch from the same state."""
+    w = torch.tensor([1.0, 2.0, -3.0])
+    big = torch.tensor([3e38, -3e38, 1.0])
+    ids = []
+    for policy in ("reject", "allow"):
+        r = http.post("/v1/sessions", json={"optimizer": "Adam", "options": {"lr": 0.1},
+                                            "params": {"w": json_tensor(w)},
+                                            "nonfinite": policy})
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    source, target = ids
+    ref_p = w.clone().requires_grad_(True)
+    ref = torch.optim.Adam([ref_p], lr=0.1)
+    r = http.post(f"/v1/sessions/{source}/step", json={"grads": {"w": json_tensor(big)}})
+    assert r.status_code == 200, r.text
+    ref_p.grad = big.clone()
+    ref.step()
+    exported = http.get(f"/v1/sessions/{source}/state_dict")
+    assert exported.status_code == 200
+    state = from_wire(exported.json())
+    assert torch.isinf(state["state"]["0"]["exp_avg_sq"]).any()
+    assert_trees_equal(torch_state_dict(state)["state"], ref.state_dict()["state"])
+
+    before = http.get(f"/v1/sessions/{source}").json()
+    r = http.put(f"/v1/sessions/{source}/state_dict", json=exported.json())
+    assert r.status_code == 422, r.text
+    problem = r.json()
+    assert problem["code"] == "nonfinite_state"
+    assert problem["field"] == "state_dict.state.0.exp_avg_sq"
+    assert 'created with "nonfinite": "skip" or "allow"' in problem["detail"]
+    assert http.get(f"/v1/sessions/{source}").json() == before
+
+    # the parameters too (an import carries the optimizer's state, not them)
+    params = http.get(f"/v1/sessions/{source}/params").json()["params"]
+    assert http.put(f"/v1/sessions/{target}/params", json={"params": params}).status_code == 200
+    r = http.put(f"/v1/sessions/{target}/state_dict", json=exported.json())
+    assert r.status_code == 200, r.text
+    g = torch.tensor([0.5, -0.25, 2.0])
+    r = http.post(f"/v1/sessions/{target}/step", json={"grads": {"w": json_tensor(g)}})
+    assert r.status_code == 200, r.text
+    ref_p.grad = g.clone()
+    ref.step()
+    assert_tensors_equal(tensors_from_json(r.json()["params"]), {"w": ref_p.detach()},
+                         "stepped from the moved state")
