@@ -44,6 +44,7 @@ from app.config import (
     load_settings,
     metrics_readers,
     parse_keys,
+    warn_misspelt_settings,
 )
 from app.observability import configure_logging
 
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"optserve: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(settings.log_level, settings.log_format)
+    warn_misspelt_settings(log)
     problem = check_exposure(settings)
     if problem:
         print(f"optserve: {problem}", file=sys.stderr)

@@ -7,7 +7,11 @@ else starts.
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -305,6 +309,49 @@ def describe(exc: ValidationError) -> str:
         parts.append(f"{name}{shown}: {msg}")
     return "; ".join(parts)
 
+
+
+#: OPTSERVE_* names that are no server setting but another tool's here, close to a setting's
+#: name (the Python SDK's key; the tests' body bound): never reported as a misspelt setting
+NOT_SETTINGS = frozenset({"OPTSERVE_API_KEY"})
+NOT_SETTINGS_PREFIXES = ("OPTSERVE_TEST_",)
+
+
+def misspelt_settings(names: Iterable[str]) -> list[tuple[str, str]]:
+    """Of ``names`` (environment variables, ``.env`` keys), the ``OPTSERVE_*`` ones that are
+    no setting but come close to one, each with the setting it likely meant
+    (``OPTSERVE_DURABILTY`` -> ``OPTSERVE_DURABILITY``). The settings ignore names they do not
+    know, so a typo would otherwise run the server at that setting's default without a word.
+    Names close to none (the scripts' ``OPTSERVE_PUBLISH_PORT``, the SDK's
+    ``OPTSERVE_BASE_URL``) are left alone."""
+    settings = sorted(env_name(f) for f in Settings.model_fields)
+    known = set(settings)
+    out = []
+    for name in sorted(set(names)):
+        upper = name.upper()
+        if (not upper.startswith(ENV_PREFIX) or upper in known or upper in NOT_SETTINGS
+                or upper.startswith(NOT_SETTINGS_PREFIXES)):
+            continue
+        close = difflib.get_close_matches(upper, settings, n=1, cutoff=0.85)
+        if close:
+            out.append((name, close[0]))
+    return out
+
+
+def warn_misspelt_settings(log: logging.Logger) -> None:
+    """Warn once per :func:`misspelt_settings` name of the environment and ``.env``."""
+    for name, meant in misspelt_settings([*os.environ, *dotenv_names()]):
+        log.warning("%s is not a setting and is ignored; did you mean %s? (the server runs "
+                    "with %s as set, or at its default)", name, meant, meant)
+
+
+def dotenv_names(path: str | Path = ".env") -> list[str]:
+    """The names the ``.env`` file the settings read sets (none when there is none)."""
+    try:
+        from dotenv import dotenv_values
+        return [k for k in dotenv_values(path) if k]
+    except (OSError, ImportError, UnicodeDecodeError, ValueError):
+        return []
 
 def load_settings(**overrides: object) -> Settings:
     """The settings from the environment (and ``.env``); :class:`ConfigError` (one line naming

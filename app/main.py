@@ -35,7 +35,14 @@ from app.api.body_memory import BodyMemory, BodyMemoryRelease, bound
 from app.api.connection_cap import ConnectionSlots, default_limit
 from app.api.cors import ProblemCORSMiddleware
 from app.api.step_lane import StepLane
-from app.config import EXIT_CONFIG, ConfigError, Settings, load_settings, metrics_readers
+from app.config import (
+    EXIT_CONFIG,
+    ConfigError,
+    Settings,
+    load_settings,
+    metrics_readers,
+    warn_misspelt_settings,
+)
 from app.engine import DEFAULT_TENANT, make_engine
 from app.observability import Metrics, RequestContextMiddleware
 from app.runtime import tune_allocator
@@ -62,6 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from_environment = settings is None
     try:
         settings = settings if settings is not None else load_settings()
+        if from_environment:  # (uvicorn --factory: python -m app warns in its own start)
+            warn_misspelt_settings(logging.getLogger("optserve"))
         keys = parse_keys(settings.api_keys, settings.api_keys_file)
         metrics_tenants = metrics_readers(settings, keys)
     except ConfigError as exc:

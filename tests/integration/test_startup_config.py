@@ -144,3 +144,38 @@ def test_metrics_tenants_without_a_key_are_refused(monkeypatch: pytest.MonkeyPat
     assert app_main(["--check-config"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "OPTSERVE_METRICS_TENANTS" in err[0], err
+
+
+def test_a_misspelt_setting_is_named_with_the_one_it_likely_meant(tmp_path: Path) -> None:
+    """The settings ignore names they do not know: a typo would run the server at the
+    default without a word. ``python -m app`` warns, naming the setting it likely meant, for
+    the environment and for ``.env``; other tools' ``OPTSERVE_*`` names stay quiet."""
+    (tmp_path / ".env").write_text("OPTSERVE_TORCH_THREAD=1\n")
+    proc = _run([sys.executable, "-m", "app", "--check-config"],
+                {"OPTSERVE_DURABILTY": "memory", "OPTSERVE_API_KEY": "the-sdk-key",
+                 "OPTSERVE_PUBLISH_PORT": "8001", "OPTSERVE_TEST_MAX_BODY_MB": "1",
+                 "OPTSERVE_BASE_URL": "http://127.0.0.1:1"}, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "durability step" in proc.stdout  # the typo is not taken: the default runs
+    warned = [line for line in proc.stderr.splitlines() if "is not a setting" in line]
+    assert len(warned) == 2, proc.stderr
+    assert "OPTSERVE_DURABILTY is not a setting" in warned[0]
+    assert "did you mean OPTSERVE_DURABILITY?" in warned[0]
+    assert "OPTSERVE_TORCH_THREAD is not a setting" in warned[1]
+    assert "did you mean OPTSERVE_TORCH_THREADS?" in warned[1]
+
+
+def test_the_factory_warns_about_a_misspelt_setting_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from app.main import create_app
+    for k in [k for k in os.environ if k.startswith("OPTSERVE_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPTSERVE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("OPTSERVE_MAX_BODY", "2048")
+    with caplog.at_level("WARNING", logger="optserve"):
+        create_app()
+    assert any("OPTSERVE_MAX_BODY is not a setting" in r.getMessage()
+               and "did you mean OPTSERVE_MAX_BODY_MB?" in r.getMessage()
+               for r in caplog.records), caplog.text
