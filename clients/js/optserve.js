@@ -97,6 +97,24 @@ function prod(shape) {
 }
 
 /**
+ * An options object checked against the names a call takes: a misspelt one
+ * (`{baseVerison: 3}` on importState: an unconditional import) throws a TypeError naming it,
+ * where a destructuring would drop it without a word.
+ */
+function optionsOf(given, names, where) {
+  if (given === undefined || given === null) return {};
+  if (typeof given !== "object" || Array.isArray(given)) {
+    throw new TypeError(`${where}: options must be an object, got ${Array.isArray(given) ? "an array" : typeof given}`);
+  }
+  for (const key of Object.keys(given)) {
+    if (!names.includes(key)) {
+      throw new TypeError(`${where}: unknown option ${JSON.stringify(key)} (it takes ${names.join(", ")})`);
+    }
+  }
+  return given;
+}
+
+/**
  * A tensor on the wire: dtype name, shape and a flat row-major TypedArray.
  * float16/bfloat16 data are Uint16Array raw bits, int64 is BigInt64Array, bool is Uint8Array.
  */
@@ -118,7 +136,8 @@ export class Tensor {
   }
 
   /** Build from plain numbers (or bigints / booleans), converting to the dtype's storage. */
-  static from(values, { dtype = "float32", shape } = {}) {
+  static from(values, callOptions = {}) {
+    let { dtype = "float32", shape } = optionsOf(callOptions, ["dtype", "shape"], "from");
     const info = dtypeInfo(dtype);
     const flat = ArrayBuffer.isView(values) ? Array.from(values) : flatten(values);
     const shp = shape ?? (ArrayBuffer.isView(values) ? [values.length] : inferShape(values));
@@ -364,7 +383,8 @@ function jsonNumber(x) {
 }
 
 /** A Tensor to a JSON tensor object: `data` (non-finite as "NaN"/"Infinity"/"-Infinity") or `b64`. */
-export function encodeJsonTensor(t, { b64 = false } = {}) {
+export function encodeJsonTensor(t, callOptions = {}) {
+  let { b64 = false } = optionsOf(callOptions, ["b64"], "encodeJsonTensor");
   t = asTensor(t);
   const out = { dtype: t.dtype, shape: t.shape.slice() };
   if (b64) {
@@ -416,7 +436,8 @@ export function stringify(value) {
 // ------------------------------------------------------------------- state-dict trees
 
 /** A tree (state dict) with Tensors to plain JSON (tensors as JSON tensors, non-finite floats tagged). */
-export function treeToJson(obj, { b64 = false } = {}) {
+export function treeToJson(obj, callOptions = {}) {
+  let { b64 = false } = optionsOf(callOptions, ["b64"], "treeToJson");
   return mapTree(obj, (t) => encodeJsonTensor(t, { b64 }));
 }
 
@@ -679,10 +700,12 @@ function versionFromHeaders(res) {
  *   const { params } = await c.step(id, { x: Tensor.from([16]) });
  */
 export class OptserveClient {
-  constructor({
-    baseUrl = "http://127.0.0.1:8000", apiKey, timeoutMs = 30000, fetch: fetchImpl, binary = false, maxRetries = 2,
-    retryDelayMs = 500, maxRetryAfterMs = DEFAULT_MAX_RETRY_AFTER_MS, sleep, random,
-  } = {}) {
+  constructor(callOptions = {}) {
+    const {
+      baseUrl = "http://127.0.0.1:8000", apiKey, timeoutMs = 30000, fetch: fetchImpl, binary = false, maxRetries = 2,
+      retryDelayMs = 500, maxRetryAfterMs = DEFAULT_MAX_RETRY_AFTER_MS, sleep, random,
+    } = optionsOf(callOptions, ["baseUrl", "apiKey", "timeoutMs", "fetch", "binary", "maxRetries", "retryDelayMs",
+      "maxRetryAfterMs", "sleep", "random"], "OptserveClient");
     this.baseUrl = String(baseUrl).replace(/\/+$/, "");
     this.apiKey = apiKey;
     this.timeoutMs = timeoutMs;
@@ -890,7 +913,8 @@ export class OptserveClient {
    * a tensor option (a tensor lr) too.
    * Returns the session description.
    */
-  createSession(spec, { binary = false, encoding = "data", idempotencyKey } = {}) {
+  createSession(spec, callOptions = {}) {
+    let { binary = false, encoding = "data", idempotencyKey } = optionsOf(callOptions, ["binary", "encoding", "idempotencyKey"], "createSession");
     if (encoding !== "data" && encoding !== "b64") throw new TypeError(`encoding must be "data" or "b64", got ${JSON.stringify(encoding)}`);
     const { paramGroups, param_groups: pg, params, ...rest } = spec;
     const groups = paramGroups ?? pg;
@@ -936,7 +960,8 @@ export class OptserveClient {
   }
 
   /** DELETE /v1/sessions/{id} */
-  async deleteSession(id, { idempotencyKey } = {}) {
+  async deleteSession(id, callOptions = {}) {
+    let { idempotencyKey } = optionsOf(callOptions, ["idempotencyKey"], "deleteSession");
     await this.request("DELETE", this._sid(id), { idempotencyKey });
   }
 
@@ -960,7 +985,10 @@ export class OptserveClient {
    * encoding "b64").
    * Returns {version, step, lr, skipped, nonfinite?, metrics?, params?: {name: Tensor}, etag}.
    */
-  step(id, grads = {}, { binary, encoding, returnParams = true, worker, baseVersion, paramGroups, upcast, paramsDtype, scalars, metrics, idempotencyKey } = {}) {
+  step(id, grads = {}, callOptions = {}) {
+    let { binary, encoding, returnParams = true, worker, baseVersion, paramGroups, upcast, paramsDtype, scalars, metrics, idempotencyKey } =
+      optionsOf(callOptions, ["binary", "encoding", "returnParams", "worker", "baseVersion", "paramGroups", "upcast", "paramsDtype",
+        "scalars", "metrics", "idempotencyKey"], "step");
     // worker: this push's worker id in a sync (parameter-server) session (X-Optserve-Worker);
     // baseVersion: the version the gradients were computed from (bounded staleness).
     const query = returnParams === "touched" ? { return: "touched" } : returnParams ? {} : { return: "none" };
@@ -985,7 +1013,8 @@ export class OptserveClient {
    * PATCH /v1/sessions/{id}: parameter-server options ({sync: {workers, reduce, timeout_s,
    * on_timeout} | null, max_staleness, staleness_lr}); absent fields keep their value.
    */
-  configureSession(id, options, { idempotencyKey } = {}) {
+  configureSession(id, options, callOptions = {}) {
+    let { idempotencyKey } = optionsOf(callOptions, ["idempotencyKey"], "configureSession");
     return this._described("PATCH", this._sid(id), { json: treeToJson(options), idempotencyKey });
   }
 
@@ -994,7 +1023,8 @@ export class OptserveClient {
    * gradients for wider parameters; scalars: {name: number} recorded with the next step (several
    * pushes: their mean). Returns {version, step, accumulated}.
    */
-  pushGrads(id, grads, { binary, upcast, scalars, idempotencyKey } = {}) {
+  pushGrads(id, grads, callOptions = {}) {
+    let { binary, upcast, scalars, idempotencyKey } = optionsOf(callOptions, ["binary", "upcast", "scalars", "idempotencyKey"], "pushGrads");
     binary = binary ?? this.binary;
     const map = tensorMap(grads);
     const query = upcast ? { upcast: "true" } : {};
@@ -1007,12 +1037,14 @@ export class OptserveClient {
   }
 
   /** POST /v1/sessions/{id}/zero_grad: clear the accumulated gradients. */
-  zeroGrad(id, { idempotencyKey } = {}) {
+  zeroGrad(id, callOptions = {}) {
+    let { idempotencyKey } = optionsOf(callOptions, ["idempotencyKey"], "zeroGrad");
     return this._json("POST", `${this._sid(id)}/zero_grad`, { idempotencyKey });
   }
 
   /** GET /v1/sessions/{id}/params (names: optional list). Returns {version, step, params, etag}. */
-  getParams(id, { names, binary, encoding, ifNoneMatch, minVersion, waitS } = {}) {
+  getParams(id, callOptions = {}) {
+    let { names, binary, encoding, ifNoneMatch, minVersion, waitS } = optionsOf(callOptions, ["names", "binary", "encoding", "ifNoneMatch", "minVersion", "waitS"], "getParams");
     // ifNoneMatch: a version; {notModified: true} comes back while it is current.
     // minVersion + waitS: long-poll until the session reaches minVersion (or waitS passes).
     for (const n of names ?? []) {
@@ -1033,7 +1065,8 @@ export class OptserveClient {
    * Returns {version, step, lr, params: {name: SparseRows}, etag} (rows in the order asked), or
    * {notModified: true} while ifNoneMatch names the current version.
    */
-  getRows(id, rows, { binary, encoding, ifNoneMatch, minVersion, waitS } = {}) {
+  getRows(id, rows, callOptions = {}) {
+    let { binary, encoding, ifNoneMatch, minVersion, waitS } = optionsOf(callOptions, ["binary", "encoding", "ifNoneMatch", "minVersion", "waitS"], "getRows");
     const lists = Object.fromEntries(Object.entries(rows).map(([n, r]) => [n, r instanceof Tensor ? Array.from(r.data, Number) : Array.from(r, Number)]));
     const names = Object.keys(lists);
     if (!names.length) throw new TypeError("rows must name at least one parameter");
@@ -1060,7 +1093,8 @@ export class OptserveClient {
    * client usually has already) saves one round trip. Returns the step's end: {version, step,
    * lr, loss (the first evaluation's, as torch's step returns it), evaluations, params}.
    */
-  async lbfgsStep(id, evaluate, { binary, first, timeoutS, returnParams = true } = {}) {
+  async lbfgsStep(id, evaluate, callOptions = {}) {
+    let { binary, first, timeoutS, returnParams = true } = optionsOf(callOptions, ["binary", "first", "timeoutS", "returnParams"], "lbfgsStep");
     let answer = await this.openEvaluationStep(id, first, { binary, timeoutS, returnParams });
     while (answer.needs === "evaluation") {
       const ev = await evaluate(answer.params);
@@ -1074,14 +1108,16 @@ export class OptserveClient {
    * when given): {needs: "evaluation", step_id, evaluation, evaluations, params, ...}, or the
    * step's end.
    */
-  openEvaluationStep(id, first, { binary, timeoutS, returnParams = true, idempotencyKey } = {}) {
+  openEvaluationStep(id, first, callOptions = {}) {
+    let { binary, timeoutS, returnParams = true, idempotencyKey } = optionsOf(callOptions, ["binary", "timeoutS", "returnParams", "idempotencyKey"], "openEvaluationStep");
     const query = returnParams ? {} : { return: "none" };
     if (timeoutS !== undefined) query.timeout_s = timeoutS;
     return this._evaluationCall(`${this._sid(id)}/step`, first, { binary, query, idempotencyKey });
   }
 
   /** POST /v1/sessions/{id}/step/{evaluation} with {loss, grads}: the next question, or the end (safe to retry). */
-  evaluate(id, evaluation, ev, { binary } = {}) {
+  evaluate(id, evaluation, ev, callOptions = {}) {
+    let { binary } = optionsOf(callOptions, ["binary"], "evaluate");
     return this._evaluationCall(`${this._sid(id)}/step/${encodeURIComponent(evaluation)}`, ev, { binary, query: {} });
   }
 
@@ -1098,7 +1134,8 @@ export class OptserveClient {
   }
 
   /** PUT /v1/sessions/{id}/params: overwrite. Returns {version, step, params, etag}. */
-  putParams(id, params, { binary, encoding, idempotencyKey } = {}) {
+  putParams(id, params, callOptions = {}) {
+    let { binary, encoding, idempotencyKey } = optionsOf(callOptions, ["binary", "encoding", "idempotencyKey"], "putParams");
     return this._tensorsCall("PUT", `${this._sid(id)}/params`, { tensors: params, key: "params", binary, encoding, idempotencyKey });
   }
 
@@ -1106,7 +1143,8 @@ export class OptserveClient {
    * POST /v1/sessions/{id}/param_groups: group = {params: {name: tensor}, ...options}. As JSON,
    * encoding "b64" sends its tensors (params and a tensor lr) base64. Returns the description.
    */
-  addParamGroup(id, group, { binary = false, encoding = "data", idempotencyKey } = {}) {
+  addParamGroup(id, group, callOptions = {}) {
+    let { binary = false, encoding = "data", idempotencyKey } = optionsOf(callOptions, ["binary", "encoding", "idempotencyKey"], "addParamGroup");
     if (encoding !== "data" && encoding !== "b64") throw new TypeError(`encoding must be "data" or "b64", got ${JSON.stringify(encoding)}`);
     const enc = { b64: !binary && encoding === "b64" };
     const { params, ...rest } = group;
@@ -1123,7 +1161,8 @@ export class OptserveClient {
    * tensor option, a tensor lr, base64; "$fill": ["lr"] fills the tensor lr the group holds
    * instead of replacing it, as in a step's paramGroups). Returns the description.
    */
-  updateParamGroup(id, index, options, { encoding = "data", idempotencyKey } = {}) {
+  updateParamGroup(id, index, options, callOptions = {}) {
+    let { encoding = "data", idempotencyKey } = optionsOf(callOptions, ["encoding", "idempotencyKey"], "updateParamGroup");
     if (encoding !== "data" && encoding !== "b64") throw new TypeError(`encoding must be "data" or "b64", got ${JSON.stringify(encoding)}`);
     return this._described("PATCH", `${this._sid(id)}/param_groups/${Number(index)}`, { json: treeToJson(options, { b64: encoding === "b64" }), idempotencyKey });
   }
@@ -1133,7 +1172,8 @@ export class OptserveClient {
    * tree with Tensors ({state: {"0": {...}}, param_groups: [...], scheduler?}); "torch" returns the
    * torch.save file as a Uint8Array. raw: true returns the body bytes for any format.
    */
-  async exportState(id, { format = "json", encoding, raw = false } = {}) {
+  async exportState(id, callOptions = {}) {
+    let { format = "json", encoding, raw = false } = optionsOf(callOptions, ["format", "encoding", "raw"], "exportState");
     const query = { format };
     if (format === "json" && encoding && encoding !== "data") query.encoding = encoding;
     const { buf } = await this.request("GET", `${this._sid(id)}/state_dict`, {
@@ -1158,7 +1198,8 @@ export class OptserveClient {
    * scheduler steps too: the description's `revision`). Otherwise PreconditionFailedError (412),
    * nothing imported. Returns the session description.
    */
-  importState(id, state, { format = "json", encoding, idempotencyKey, baseVersion, baseRevision } = {}) {
+  importState(id, state, callOptions = {}) {
+    let { format = "json", encoding, idempotencyKey, baseVersion, baseRevision } = optionsOf(callOptions, ["format", "encoding", "idempotencyKey", "baseVersion", "baseRevision"], "importState");
     const path = `${this._sid(id)}/state_dict`;
     const query = {};
     const headers = {};
@@ -1181,7 +1222,8 @@ export class OptserveClient {
    * goes as {"$float": "nan"} (JSON.stringify would write null: no metric); the server refuses
    * it (422 invalid_metric).
    */
-  schedulerStep(id, { metric, idempotencyKey } = {}) {
+  schedulerStep(id, callOptions = {}) {
+    let { metric, idempotencyKey } = optionsOf(callOptions, ["metric", "idempotencyKey"], "schedulerStep");
     return this._described("POST", `${this._sid(id)}/scheduler/step`, { json: metric === undefined ? {} : { metric: treeToJson(metric) }, idempotencyKey });
   }
 }

@@ -75,35 +75,57 @@ def assert_refused(r: httpx.Response, name: str) -> None:
     assert f"{name!r} is not a query parameter" in problem["detail"]
 
 
+def request_to(method: str, path: str, sid: str) -> tuple[str, dict[str, Any] | None]:
+    """The URL of ``method path`` for session ``sid``, and a body the operation would take
+    where it takes one (a refusal must not depend on the body being wrong)."""
+    url = path.format(**{k: v.format(sid=sid) for k, v in PLACEHOLDERS.items()})
+    body = ({"grads": {"w": json_tensor(torch.ones(5))}} if method == "POST"
+            else {"params": {"w": json_tensor(torch.zeros(5))}} if method == "PUT"
+            else {"lr": 0.5} if method == "PATCH" and path.endswith("{index}")
+            else {"max_staleness": 3} if method == "PATCH" else None)
+    return url, body
+
+
+def pending(http: httpx.Client, sid: str
+            ) -> tuple[Reference, dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`made`, plus gradients pushed for its next step; and its description."""
+    ref, want = made(http, sid)
+    http.post(f"/v1/sessions/{sid}/grads",
+              json={"grads": {"w": json_tensor(torch.ones(5))}}).raise_for_status()
+    before, params = current(http, sid)
+    assert_tensors_equal(params, want, "before")
+    return ref, want, before
+
+
+def assert_as_it_was(http: httpx.Client, sid: str, ref: Reference,
+                     want: dict[str, torch.Tensor], before: dict[str, Any]) -> None:
+    """The session as :func:`pending` left it: its description (version, revision, options,
+    scheduler, sync), its parameters, and its pending gradients, which its next step uses,
+    equal to torch."""
+    after, params = current(http, sid)
+    assert after == before
+    assert_tensors_equal(params, want, "after the refusals")
+    r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {}})
+    assert r.status_code == 200, r.text
+    ref.step({"w": torch.ones(5)})
+    assert_tensors_equal(tensors_from_json(r.json()["params"]), ref.params, "next step")
+
+
 @pytest.mark.parametrize("method,path,names", operations(), ids=lambda v: str(v))
 def test_an_unknown_query_parameter_is_refused_and_nothing_changes(
     live_server: str, method: str, path: str, names: tuple[str, ...]
 ) -> None:
     sid = "strict-q"
     with httpx.Client(base_url=live_server, timeout=60) as http:
-        ref, want = made(http, sid)
-        http.post(f"/v1/sessions/{sid}/grads",
-                  json={"grads": {"w": json_tensor(torch.ones(5))}}).raise_for_status()
-        before, params = current(http, sid)
-        assert_tensors_equal(params, want, "before")
-        url = path.format(**{k: v.format(sid=sid) for k, v in PLACEHOLDERS.items()})
-        # a body the operation would take where it takes one: the refusal must not depend on
-        # the body being wrong
-        body = {"grads": {"w": json_tensor(torch.ones(5))}} if method == "POST" else None
+        ref, want, before = pending(http, sid)
+        url, body = request_to(method, path, sid)
         r = http.request(method, url, params={"bogus": "1"}, json=body)
         assert_refused(r, "bogus")
         # one documented name beside it does not make it pass
         if names:
             r = http.request(method, url, params=[(names[0], "1"), ("bogus", "1")], json=body)
             assert_refused(r, "bogus")
-        after, params = current(http, sid)
-        assert after == before  # version, revision, options, scheduler, sync: all as they were
-        assert_tensors_equal(params, want, "after the refusals")
-        # the gradients pushed before are still pending: the step uses them, equal to torch
-        r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {}})
-        assert r.status_code == 200, r.text
-        ref.step({"w": torch.ones(5)})
-        assert_tensors_equal(tensors_from_json(r.json()["params"]), ref.params, "next step")
+        assert_as_it_was(http, sid, ref, want, before)
 
 
 @pytest.mark.parametrize("method,path,names", [op for op in operations() if op[2]],
@@ -116,7 +138,7 @@ def test_every_documented_query_parameter_is_taken(
     sid = "strict-q-known"
     with httpx.Client(base_url=live_server, timeout=60) as http:
         made(http, sid)
-        url = path.format(**{k: v.format(sid=sid) for k, v in PLACEHOLDERS.items()})
+        url, _ = request_to(method, path, sid)
         for name in names:
             r = http.request(method, url, params={name: "1"})
             assert "is not a query parameter" not in r.text, (name, r.text)
@@ -196,29 +218,14 @@ def test_a_precondition_a_change_does_not_evaluate_is_refused_and_nothing_change
 ) -> None:
     sid = "strict-pre"
     with httpx.Client(base_url=live_server, timeout=60) as http:
-        ref, want = made(http, sid)
-        http.post(f"/v1/sessions/{sid}/grads",
-                  json={"grads": {"w": json_tensor(torch.ones(5))}}).raise_for_status()
-        before, params = current(http, sid)
-        url = path.format(**{k: v.format(sid=sid) for k, v in PLACEHOLDERS.items()})
-        body = ({"grads": {"w": json_tensor(torch.ones(5))}} if method == "POST"
-                else {"params": {"w": json_tensor(torch.zeros(5))}} if method == "PUT"
-                else {"lr": 0.5} if method == "PATCH" and path.endswith("{index}")
-                else {"max_staleness": 3} if method == "PATCH" else None)
+        ref, want, before = pending(http, sid)
+        url, body = request_to(method, path, sid)
         # the session's own current version: refused all the same (not evaluated, not false)
-        tag = f'"{before["version"]}"'
-        r = http.request(method, url, json=body, headers={header: tag})
+        r = http.request(method, url, json=body, headers={header: f'"{before["version"]}"'})
         assert r.status_code == 422, (r.status_code, r.text)
-        problem = r.json()
-        assert problem["code"] == "unsupported_precondition"
-        assert problem["field"] == header
-        after, params = current(http, sid)
-        assert after == before
-        assert_tensors_equal(params, want, "after the refusal")
-        r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {}})
-        assert r.status_code == 200, r.text
-        ref.step({"w": torch.ones(5)})
-        assert_tensors_equal(tensors_from_json(r.json()["params"]), ref.params, "next step")
+        assert r.json()["code"] == "unsupported_precondition"
+        assert r.json()["field"] == header
+        assert_as_it_was(http, sid, ref, want, before)
 
 
 def test_a_conditional_delete_deletes_nothing(live_server: str) -> None:
@@ -275,11 +282,7 @@ def test_a_worker_named_on_a_change_other_than_a_step_is_refused(
                                             "sync": {"workers": 1}})
         assert r.status_code == 201, r.text
         before, params = current(http, sid)
-        url = path.format(**{k: v.format(sid=sid) for k, v in PLACEHOLDERS.items()})
-        body = ({"grads": {"w": json_tensor(torch.ones(5))}} if method == "POST"
-                else {"params": {"w": json_tensor(torch.zeros(5))}} if method == "PUT"
-                else {"lr": 0.5} if method == "PATCH" and path.endswith("{index}")
-                else {"max_staleness": 3} if method == "PATCH" else None)
+        url, body = request_to(method, path, sid)
         r = http.request(method, url, json=body, headers={"X-Optserve-Worker": "w1"})
         assert r.status_code == 422, (r.status_code, r.text)
         assert r.json()["code"] == "unsupported_header"

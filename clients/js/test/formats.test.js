@@ -5,7 +5,10 @@ import { after, describe, test } from "node:test";
 import { Tensor, ValidationError } from "../optserve.js";
 import { NO_SERVER, assertSameTensor, client, reference, uid } from "./helpers.js";
 
-const MODES = [{ name: "data" }, { name: "b64", encoding: "b64" }, { name: "safetensors", binary: true }];
+// each a call's options, with a name for messages that is not one of them (not enumerable: a
+// call refuses an option it does not take)
+const mode = (name, options) => Object.defineProperty(options, "name", { value: name });
+const MODES = [mode("data", {}), mode("b64", { encoding: "b64" }), mode("safetensors", { binary: true })];
 
 describe("wire formats and endpoints", { skip: NO_SERVER }, () => {
   const c = client();
