@@ -73,20 +73,19 @@ def refuse_unevaluated(request: Request, evaluated: frozenset[str], what: str,
 WORKER = "x-optserve-worker"
 
 
-def refuse_worker(request: Request, what: str) -> None:
+def worker_not_taken(what: str) -> Invalid:
     """422 ``unsupported_header``: ``X-Optserve-Worker`` on a change that does not take it (a
     worker's gradients named on ``POST .../grads`` would go to the session's accumulator, which
     every worker shares, not into that worker's push to a round)."""
-    if WORKER in request.headers:
-        raise Invalid(f"{what} does not take X-Optserve-Worker: a worker pushes its gradients "
-                      f"in a step (POST .../step); nothing was done",
-                      code="unsupported_header", field="X-Optserve-Worker")
+    return Invalid(f"{what} does not take X-Optserve-Worker: a worker pushes its gradients in "
+                   f"a step (POST .../step); nothing was done",
+                   code="unsupported_header", field="X-Optserve-Worker")
 
 
 class StrictRoute(APIRoute):
     """A route whose handler first refuses the query parameters its operation does not
-    document, and on a change the preconditions it does not evaluate (on ``/v1`` paths; a
-    request with no query string and no precondition costs two lookups)."""
+    document, and on a change the preconditions and the worker it does not act on (on ``/v1``
+    paths; what its document lists is read once per method)."""
 
     def get_route_handler(self) -> Handler:
         handler = super().get_route_handler()
@@ -118,7 +117,7 @@ class StrictRoute(APIRoute):
                                        f"{method} {path}",
                                        create=method == "POST" and path == "/v1/sessions")
                 if WORKER in headers and WORKER not in names(request.app, method, "header"):
-                    refuse_worker(request, f"{method} {path}")
+                    raise worker_not_taken(f"{method} {path}")
             return await handler(request)
 
         return checked

@@ -137,7 +137,7 @@ export class Tensor {
 
   /** Build from plain numbers (or bigints / booleans), converting to the dtype's storage. */
   static from(values, callOptions = {}) {
-    let { dtype = "float32", shape } = optionsOf(callOptions, ["dtype", "shape"], "from");
+    let { dtype = "float32", shape } = optionsOf(callOptions, ["dtype", "shape"], "Tensor.from");
     const info = dtypeInfo(dtype);
     const flat = ArrayBuffer.isView(values) ? Array.from(values) : flatten(values);
     const shp = shape ?? (ArrayBuffer.isView(values) ? [values.length] : inferShape(values));

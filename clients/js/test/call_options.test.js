@@ -30,7 +30,7 @@ describe("options of a call", () => {
     }
     assert.equal(requests, 0);
     assert.throws(() => new OptserveClient({ baseURL: "http://x" }), /OptserveClient: unknown option "baseURL"/);
-    assert.throws(() => Tensor.from([1], { dtpye: "float64" }), /from: unknown option "dtpye"/);
+    assert.throws(() => Tensor.from([1], { dtpye: "float64" }), /Tensor.from: unknown option "dtpye"/);
     assert.throws(() => encodeJsonTensor(Tensor.from([1]), { base64: true }), /unknown option "base64"/);
     assert.throws(() => treeToJson({}, [true]), /options must be an object, got an array/);
     // the names each call documents are taken
