@@ -326,6 +326,9 @@ async def update_param_group(
     engine: EngineDep, tenant: TenantDep,
     settings: SettingsDep,
 ) -> Response:
+    if request.path_params.get("index") != str(index):  # (what the path wrote: "01", "+0", "0.0")
+        raise Invalid("index is a param group's position as a plain whole number (0, 1, ...)",
+                      code="invalid", field="index")
     buf = await read_body(request, _max_bytes(settings))
     require_json(request)
     options = parse.group_changes(json_object(buf), index)

@@ -298,3 +298,19 @@ def test_a_worker_named_on_a_change_other_than_a_step_is_refused(
         ref = Reference(torch.optim.SGD, [({"w": w}, {})], {"lr": 0.1, "momentum": 0.9})
         ref.step({"w": g})
         assert_tensors_equal(tensors_from_json(r.json()["params"]), ref.params, "the round")
+
+
+@pytest.mark.parametrize("written", ["01", "+0", "%200", "0.0", "00"])
+def test_a_group_index_is_a_plain_whole_number(live_server: str, written: str) -> None:
+    """``PATCH .../param_groups/0.0`` changed group 0 (``01`` group 1): the index as the path
+    writes it must be the number itself, as a history field's ``lr.01`` must."""
+    sid = "strict-index"
+    with httpx.Client(base_url=live_server, timeout=60) as http:
+        ref, want, before = pending(http, sid)
+        r = http.patch(f"/v1/sessions/{sid}/param_groups/{written}", json={"lr": 0.5})
+        assert r.status_code == 422, (written, r.text)
+        assert r.json()["field"] == "index"
+        assert_as_it_was(http, sid, ref, want, before)
+        r = http.patch(f"/v1/sessions/{sid}/param_groups/0", json={"lr": 0.5})
+        assert r.status_code == 200, r.text
+        assert r.json()["param_groups"][0]["lr"] == 0.5
