@@ -268,7 +268,8 @@ class Front:
             for given, name in ((upcast, "upcast"), (checked, "scalars")):
                 if given:
                     raise _only_embedded(name)
-        out: GradsResult = await host.execute(key, Push(grads, upcast, checked), idem=idem)
+        out: GradsResult = await host.execute(
+            key, Push(grads, upcast, checked, scalar_names=True), idem=idem)
         return out
 
     async def history(self, session_id: str, query: HistoryQuery, *,

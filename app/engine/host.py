@@ -872,7 +872,7 @@ class EmbeddedHost:
                       scalars=scalars or None, answer_metrics=answer_metrics,
                       touched=want_params == "touched", request=True,
                       refuse_replaced=True, scheduler_range=True, tensor_range=True,
-                      counter_range=True),
+                      counter_range=True, scalar_names=True),
             idem=idem,
             want_params=want_params, params_into=params_into, params_dtype=params_dtype,
             into_seen=into_seen)
@@ -960,7 +960,7 @@ class EmbeddedHost:
             step = Step(reduced, workers=list(sync["workers"]),
                         scalars=metrics.mean_scalars([scalars[w] for w in sorted(scalars)])
                         if scalars else None, scheduler_range=True, tensor_range=True,
-                        counter_range=True)
+                        counter_range=True, scalar_names=True)
             result: StepResult = await self._run(key, session, step, list(rnd.keys.values()),
                                                  rnd.want_params, sync)
         if isinstance(result.params, PackedTensors):  # every worker's answer sends them

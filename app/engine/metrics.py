@@ -69,6 +69,10 @@ _F64 = torch.float64
 #: client scalars a step may carry
 MAX_SCALARS = 16
 MAX_SCALAR_NAME = 64
+#: distinct client scalar names a session's history keeps a column for (each column holds a
+#: value per row of the ring: 0.8 MB at the default 100,000 rows; a name per step would
+#: otherwise grow the session, its snapshots and a history answer without bound)
+MAX_SCALAR_NAMES = 128
 #: the per-group norms a probe gives (beside ``lr``)
 NORMS = ("grad_norm", "update_norm", "param_norm", "update_ratio")
 #: where a step's norms go (``?metrics=``, the same-host message's ``metrics``): into the
@@ -641,6 +645,25 @@ def mean_scalars(parts: list[dict[str, float]]) -> dict[str, float]:
         for k, v in part.items():
             sums.setdefault(k, []).append(v)
     return {k: math.fsum(vs) / len(vs) for k, vs in sums.items()}
+
+
+def check_scalar_names(s: Session, scalars: dict[str, float] | None,
+                       field: str = "scalars") -> None:
+    """422 ``invalid_scalars`` when ``scalars`` would bring the session's distinct scalar
+    names (its history's columns and those pushed for the next step) past
+    :data:`MAX_SCALAR_NAMES`; names it has already are always taken."""
+    if not scalars:
+        return
+    prefix = len("scalars.")
+    known = {name[prefix:] for name in s.history.fields if name.startswith("scalars.")}
+    known.update(s.pending_scalars)
+    new = [name for name in scalars if name not in known]
+    if new and len(known) + len(new) > MAX_SCALAR_NAMES:
+        raise Invalid(f"this session keeps at most {MAX_SCALAR_NAMES} distinct scalar names "
+                      f"and has {len(known)}: {new[0]!r} would be another (its history keeps "
+                      "a column per name; send a value per step under the same names, e.g. "
+                      "loss, not loss_<step>); nothing was applied", code="invalid_scalars",
+                      field=f"{field}.{new[0]}", limit=MAX_SCALAR_NAMES)
 
 
 _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./:-")

@@ -384,3 +384,70 @@ def test_concurrent_history_only_steps_fill_every_row(http: httpx.Client) -> Non
     for i in range(20):  # (float32 norms of 400,000 values)
         assert math.isclose(cols["update_norm.0"][i], want_update[i], rel_tol=1e-4), i
         assert math.isclose(cols["param_norm.0"][i], want_param[i], rel_tol=1e-4), i
+
+
+def test_scalar_names_are_bounded_per_session_and_survive_kill9(tmp_path: Path) -> None:
+    """A client naming a scalar per step (``loss_<step>``) grew the history by a column of
+    the ring's size per step (``benchmarks.scalar_names``: 8,000 such steps took the server
+    from 347 to 852 MB, and a 321 MB history answer to 2,140 MB):
+    :data:`metrics.MAX_SCALAR_NAMES` distinct names per session, then a 422
+    ``invalid_scalars`` naming the new one, for steps and pushes, with nothing applied; the
+    names it has are always taken. The bound is logged with each step and holds the same
+    after a kill -9 (a snapshot, then steps only in the log)."""
+    from app.engine.metrics import MAX_SCALAR_NAMES, MAX_SCALARS
+
+    proc = Proc(tmp_path / "data", env={"OPTSERVE_SNAPSHOT_EVERY_STEPS": "3"})
+    try:
+        proc.start()
+        with httpx.Client(base_url=proc.url, timeout=60) as http:
+            sid = create(http, id="names")
+            ref_w, ref_b = seeded((6, 4), 0).requires_grad_(), seeded((4,), 1).requires_grad_()
+            ref = torch.optim.Adam([{"params": [ref_w]}, {"params": [ref_b], "lr": 0.1}],
+                                   lr=0.01)
+            k = 0
+
+            def step_both(**extra: Any) -> None:
+                nonlocal k
+                step_json(http, sid, k, **extra)
+                ref_w.grad, ref_b.grad = seeded((6, 4), 100 + k), seeded((4,), 200 + k)
+                ref.step()
+                k += 1
+
+            names = [f"s{i}" for i in range(MAX_SCALAR_NAMES)]
+            for start in range(0, MAX_SCALAR_NAMES - 1, MAX_SCALARS):  # all but the last
+                step_both(scalars={n: 1.0 for n in names[start:start + MAX_SCALARS]
+                                   if n != names[-1]})
+            r = http.post(f"/v1/sessions/{sid}/grads",
+                          json={"grads": {}, "scalars": {names[-1]: 2.0}})
+            assert r.status_code == 200, r.text  # the 128th, pending for the next step
+            before = http.get(f"/v1/sessions/{sid}").json()
+            for path, body in ((f"/v1/sessions/{sid}/step",
+                                {"grads": {"b": jt(seeded((4,), 9))},
+                                 "scalars": {"loss_0": 1.0}}),
+                               (f"/v1/sessions/{sid}/grads",
+                                {"grads": {"b": jt(seeded((4,), 9))},
+                                 "scalars": {"s0": 1.0, "loss_1": 1.0}})):
+                body_ = problem(http.post(path, json=body), 422, problem_field(body))
+                assert body_["code"] == "invalid_scalars"
+                assert body_["limit"] == MAX_SCALAR_NAMES
+            assert http.get(f"/v1/sessions/{sid}").json() == before
+            step_both(scalars={"s0": 3.0, names[-1]: 4.0})  # names it has: taken
+        proc.kill9()
+        proc.start()
+        with httpx.Client(base_url=proc.url, timeout=60) as http:
+            r = http.post(f"/v1/sessions/{sid}/step",
+                          json={"grads": {}, "scalars": {"loss_2": 1.0}})
+            assert problem(r, 422, "scalars.loss_2")["code"] == "invalid_scalars"
+            step_both(scalars={"s5": 1.0})
+            params = http.get(f"/v1/sessions/{sid}/params").json()["params"]
+            got = {n: torch.tensor(p["data"]).reshape(p["shape"]) for n, p in params.items()}
+            assert torch.equal(got["w"], ref_w.detach()) and torch.equal(got["b"], ref_b.detach())
+            hist = http.get(f"/v1/sessions/{sid}/history?fields=scalars").json()
+            assert len(hist["fields"]) == 1 + MAX_SCALAR_NAMES  # n and the 128 names
+    finally:
+        proc.stop()
+
+
+def problem_field(body: dict[str, Any]) -> str:
+    """The field a refused step or push names: its first new scalar name."""
+    return "scalars." + next(n for n in body["scalars"] if n.startswith("loss_"))

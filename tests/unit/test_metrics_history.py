@@ -641,3 +641,30 @@ def test_a_snapshot_waits_for_the_norms_taken_after_the_answer(
         close(cols["param_norm.0"][0], want_param, "param_norm")
     finally:
         run(eng.stop())
+
+
+def test_records_logged_before_the_scalar_names_bound_replay_as_they_ran() -> None:
+    """A step's record without ``scalar_names`` (logged before the bound existed) is not
+    checked against it at replay, however many names the session has: a session restored
+    from such a log is never refused its own acknowledged steps. One with it is checked."""
+    from app.engine.interface import GroupSpec as Spec
+    from app.engine.ops.gradients import Step
+    from app.engine.session import Session
+
+    s = Session.build("old", "SGD", [Spec({"w": torch.zeros(2)})], {"lr": 0.1}, None, "reject",
+                      torch.device("cpu"))
+    s.history.append({f"scalars.n{i}": 1.0 for i in range(metrics.MAX_SCALAR_NAMES + 5)})
+    old = Step({"w": torch.ones(2)}, scalars={"another": 1.0}).to_tree()
+    assert "scalar_names" not in old
+    replayed = Step.from_tree(old)
+    assert replayed.scalar_names is False
+    replayed.check(s)  # taken
+    new = Step.from_tree(Step({"w": torch.ones(2)}, scalars={"another": 1.0},
+                              scalar_names=True).to_tree())
+    assert new.scalar_names is True
+    with pytest.raises(Invalid) as info:
+        new.check(s)
+    assert info.value.code == "invalid_scalars" and info.value.field == "scalars.another"
+    known = Step.from_tree(Step({"w": torch.ones(2)}, scalars={"n0": 2.0},
+                                scalar_names=True).to_tree())
+    known.check(s)  # a name it has: taken

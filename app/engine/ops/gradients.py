@@ -129,6 +129,10 @@ class Step(Operation):
     #: int64 (an imported ``last_epoch`` of 2**63 - 1). Logged; records logged before this
     #: check lack it and replay as they ran
     counter_range: bool = False
+    #: set for steps asked for now (requests, sync rounds): a scalar name past the session's
+    #: :data:`metrics.MAX_SCALAR_NAMES` is refused (422 ``invalid_scalars``). Logged; records
+    #: logged before this check lack it and replay as they ran
+    scalar_names: bool = False
 
     def check(self, s: Session) -> StepPlan:
         # a body whose header the session has checked: no per-tensor checks, the gradients
@@ -137,6 +141,8 @@ class Step(Operation):
         if not known:
             s.check_tensors(self.grads, "grads", self.upcast, sparse_ok=True)
         self.scalars = metrics.check_scalars(self.scalars) or None
+        if self.scalar_names:
+            metrics.check_scalar_names(s, self.scalars)
         if self.time is None:
             self.time = time.time()
         changes = (check_group_changes(s, self.options, request=self.request,
@@ -308,6 +314,8 @@ class Step(Operation):
             out["tensor_range"] = True
         if self.counter_range:
             out["counter_range"] = True
+        if self.scalar_names:
+            out["scalar_names"] = True
         return out
 
     @classmethod
@@ -328,7 +336,8 @@ class Step(Operation):
                    refuse_replaced=tree.get("refuse_replaced") is True,
                    scheduler_range=tree.get("scheduler_range") is True,
                    tensor_range=tree.get("tensor_range") is True,
-                   counter_range=tree.get("counter_range") is True)
+                   counter_range=tree.get("counter_range") is True,
+                   scalar_names=tree.get("scalar_names") is True)
 
 
 @register
@@ -341,11 +350,15 @@ class Push(Operation):
     upcast: bool = False
     #: the client's scalars, recorded with the next step (means of all sent for it)
     scalars: dict[str, float] | None = None
+    #: set by requests: as :attr:`Step.scalar_names`
+    scalar_names: bool = False
 
     def check(self, s: Session) -> Tensors:
         """The accumulator's new values for the pushed names: summed here, out of place, so
         that a sum torch refuses is a 422 before anything is applied."""
         self.scalars = metrics.check_scalars(self.scalars) or None
+        if self.scalar_names:
+            metrics.check_scalar_names(s, self.scalars)
         grads = s.check_grads(self.grads, self.upcast)
         return {n: (sparse.add_checked(n, s.accum[n], g) if n in s.accum else g)
                 for n, g in grads.items()}
@@ -364,12 +377,13 @@ class Push(Operation):
 
     def to_tree(self) -> dict[str, Any]:
         return {"grads": self.grads, **({"upcast": True} if self.upcast else {}),
-                **({"scalars": self.scalars} if self.scalars else {})}
+                **({"scalars": self.scalars} if self.scalars else {}),
+                **({"scalar_names": True} if self.scalar_names else {})}
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> Push:
         return cls(dict(tree["grads"]), bool(tree.get("upcast", False)),
-                   tree.get("scalars") or None)
+                   tree.get("scalars") or None, tree.get("scalar_names") is True)
 
 
 @register
