@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -102,3 +102,30 @@ def server(
         PROCS.pop(url, None)
         if out:
             out.close()
+
+
+def app_env(port: int, settings: Iterable[str] = ()) -> dict[str, str]:
+    """The environment of ``python -m app`` (what ``scripts/serve`` runs) on ``port`` at its
+    defaults but ``OPTSERVE_DURABILITY=memory`` and ``settings`` (``NAME=VALUE``); the line
+    that says so is printed."""
+    env = {"OPTSERVE_PORT": str(port), "OPTSERVE_DURABILITY": "memory",
+           **dict(e.split("=", 1) for e in settings)}
+    print("server: python -m app, defaults but " + " ".join(f"{k}={v}" for k, v in env.items()
+                                                              if k != "OPTSERVE_PORT"))
+    return env
+
+
+def app_server(env: dict[str, str], log: Path | None = None) -> AbstractContextManager[str]:
+    """:func:`server` running ``python -m app`` with ``env`` alone, as a user's
+    ``scripts/serve`` with those variables (:func:`user_defaults`)."""
+    return server(env, command=[sys.executable, "-m", "app"], port=int(env["OPTSERVE_PORT"]),
+                  log=log, unset=user_defaults(env))
+
+
+def memory_mb(pid: int) -> tuple[float, float]:
+    """A process's resident memory (``VmRSS``) and its peak (``VmHWM``), MB."""
+    status = open(f"/proc/{pid}/status").read()
+    rss = int(status.split("VmRSS:")[1].split()[0]) / 1024
+    hwm = int(status.split("VmHWM:")[1].split()[0]) / 1024
+    return rss, hwm
+

@@ -34,7 +34,6 @@ import argparse
 import base64
 import socket
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
@@ -42,17 +41,13 @@ import httpx
 import orjson
 import torch
 
-from benchmarks._server import PIDS, free_port, server, user_defaults
+from benchmarks._server import PIDS, app_env, app_server, free_port, memory_mb
 
 MIB = 1 << 20
 
 
 def rss_mb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) // 1024
-    return -1
+    return int(memory_mb(pid)[0])
 
 
 def connect(port: int, rcvbuf: int | None = None) -> socket.socket:
@@ -165,10 +160,7 @@ def main() -> None:
                     help="a server setting (repeatable)")
     args = ap.parse_args()
     port = free_port()
-    env = {"OPTSERVE_PORT": str(port), "OPTSERVE_DURABILITY": "memory",
-           **dict(e.split("=", 1) for e in args.env)}
-    print("server: python -m app, defaults but " + " ".join(f"{k}={v}" for k, v in env.items()
-                                                              if k != "OPTSERVE_PORT"))
+    env = app_env(port, args.env)
     waves = " ".join(f"{f'RSS w{w + 1}':>9}" for w in range(args.waves))
     print(f"{'round':<16}{'per wave':>9}{'RSS before':>11}{waves}{'RSS after':>10}  "
           "the held connections got")
@@ -181,8 +173,7 @@ def main() -> None:
               ("wide header", args.hold_bodies,
                lambda port, sid: wide_header(port, sid, args.entries) if args.entries else []))
     for name, hold, attack in rounds:  # (each on a server of its own)
-        with server(env, command=[sys.executable, "-m", "app"], port=port,
-                    unset=user_defaults(env)) as url:
+        with app_server(env) as url:
             pid = PIDS[url]
             sid = create(url, int(args.n))
             before = rss_mb(pid)

@@ -25,14 +25,7 @@ import httpx
 import torch
 from safetensors.torch import save
 
-from benchmarks._server import PIDS, free_port, server, user_defaults
-
-
-def memory_mb(pid: int) -> tuple[float, float]:
-    status = open(f"/proc/{pid}/status").read()
-    rss = int(status.split("VmRSS:")[1].split()[0]) / 1024
-    hwm = int(status.split("VmHWM:")[1].split()[0]) / 1024
-    return rss, hwm
+from benchmarks._server import PIDS, free_port, memory_mb, server, user_defaults
 
 
 def heap_mb(pid: int) -> float:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from benchmarks._server import PIDS, free_port, server, user_defaults
+from benchmarks._server import PIDS, app_env, app_server, free_port
 from benchmarks.hostile_memory import rss_mb
 
 
@@ -33,16 +32,11 @@ def main() -> None:
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                     help="a server setting (repeatable)")
     args = ap.parse_args()
-    port = free_port()
-    env = {"OPTSERVE_PORT": str(port), "OPTSERVE_DURABILITY": "memory",
-           **dict(e.split("=", 1) for e in args.env)}
-    print("server: python -m app, defaults but " + " ".join(f"{k}={v}" for k, v in env.items()
-                                                              if k != "OPTSERVE_PORT"))
+    env = app_env(free_port(), args.env)
     x = {"dtype": "float32", "shape": [1], "data": [1.0]}
     log = Path(tempfile.mkdtemp(prefix="optserve-names-")) / "server.log"
     print(f"server log: {log}")
-    with server(env, command=[sys.executable, "-m", "app"], port=port, log=log,
-                unset=user_defaults(env)) as url, httpx.Client(base_url=url, timeout=600) as c:
+    with app_server(env, log) as url, httpx.Client(base_url=url, timeout=600) as c:
         pid = PIDS[url]
         c.post("/v1/sessions", json={"id": "names", "optimizer": "SGD", "options": {"lr": 0.1},
                                      "params": {"x": x}}).raise_for_status()

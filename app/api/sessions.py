@@ -35,7 +35,7 @@ from app.api.conditions import idempotency
 from app.api.deps import EngineDep, SettingsDep, TenantDep
 from app.api.instrument import metrics_of, outcome, phase
 from app.api.requests import StepQuery
-from app.api.strict_requests import StrictRoute, refuse_unevaluated
+from app.api.strict_requests import StrictRoute
 from app.engine.interface import Engine, IdemKey, ReturnParams, SessionInfo
 from app.errors import Invalid
 from app.wire.content_digest import cheap
@@ -140,8 +140,6 @@ async def step(session_id: SessionId, request: Request) -> Response:
     with outcome(metrics, metrics.steps, session_id) as counted:
         binary = wants_binary(request)  # 406 before any work
         query = StepQuery.parse(request)
-        if "if-none-match" in request.headers:  # (If-Match: the base version, below)
-            refuse_unevaluated(request, frozenset({"if-match"}), "POST .../step")
         tenant = tenant_of(request.scope)
         max_bytes = _max_bytes(request.app.state.settings)
         b64 = tensor_encoding(request)

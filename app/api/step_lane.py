@@ -6,7 +6,8 @@ was more than the step itself. The lane sits inside the app's middleware (reques
 log, metrics, authentication all run as for any request) and in front of the router; it
 recognises the step's path and calls the same endpoint (``app.api.sessions.step``) with the
 same checks the route runs first (``Accept``: 406 before any work, which the endpoint does
-itself; the id's length: 422, by leaving a longer id to the router), and turns errors into
+itself; the id's length: 422, by leaving a longer id to the router; the headers a step does not
+act on: ``strict_requests.refuse_unacted_headers``), and turns errors into
 problems with the app's own exception handlers, as the router's exception middleware does.
 Anything else, or a path the lane does not take whole (a ``root_path``, an id the route would
 refuse), goes through the router unchanged.
@@ -21,9 +22,10 @@ from starlette._exception_handler import wrap_app_handling_exceptions
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api import sessions
+from app.api import sessions, strict_requests
 
 STEP_PATH = re.compile(r"/v1/sessions/([^/]+)/step")
+STEP_ROUTE = "/v1/sessions/{session_id}/step"  # (its route's path, as the document names it)
 
 
 def exception_handlers(app: Any) -> tuple[dict[Any, Any], dict[int, Any]]:
@@ -63,6 +65,8 @@ class StepLane:
         request = Request(scope, receive, send)
 
         async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+            # (the header check its route runs first: strict_requests.StrictRoute)
+            strict_requests.refuse_unacted_headers(request, STEP_ROUTE, "POST")
             response = await sessions.step(session_id, request)
             await response(scope, receive, send)
 

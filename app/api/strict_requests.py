@@ -21,9 +21,10 @@ On a change (``POST``, ``PUT``, ``PATCH``, ``DELETE``), likewise:
   worker's gradients would go to the accumulator every worker shares, not into its push to a
   round. A 422 ``unsupported_header``.
 
-The step checks its own query (``requests.StepQuery``) and ``If-None-Match``
-(``sessions.step``): its lane does not pass through the router. ``/healthz``, ``/readyz`` and
-``/metrics`` take and ignore any query (probes and scrapers add their own)."""
+The step's lane, which does not pass through the router, runs the same header check
+(:func:`refuse_unacted_headers`); the step checks its own query (``requests.StepQuery``).
+``/healthz``, ``/readyz`` and ``/metrics`` take and ignore any query (probes and scrapers add
+their own)."""
 
 from __future__ import annotations
 
@@ -47,11 +48,18 @@ CHANGES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 def documented(app: Any, path: str, method: str, where: str) -> frozenset[str]:
     """The parameters ``method path`` takes in ``where`` (query, header), as the app's OpenAPI
-    document lists them (header names lowercase)."""
-    doc = app.openapi()
-    op = doc.get("paths", {}).get(path, {}).get(method.lower(), {})
-    names = (p["name"] for p in op.get("parameters", ()) if p.get("in") == where)
-    return frozenset(n.lower() for n in names) if where == "header" else frozenset(names)
+    document lists them (header names lowercase); read once per app, operation and place."""
+    cache: dict[tuple[str, str, str], frozenset[str]] | None = getattr(
+        app.state, "documented_parameters", None)
+    if cache is None:
+        cache = app.state.documented_parameters = {}
+    out = cache.get((path, method, where))
+    if out is None:
+        op = app.openapi().get("paths", {}).get(path, {}).get(method.lower(), {})
+        names = [p["name"] for p in op.get("parameters", ()) if p.get("in") == where]
+        out = cache[path, method, where] = frozenset(
+            n.lower() for n in names) if where == "header" else frozenset(names)
+    return out
 
 
 def refuse_unevaluated(request: Request, evaluated: frozenset[str], what: str,
@@ -82,28 +90,33 @@ def worker_not_taken(what: str) -> Invalid:
                    code="unsupported_header", field="X-Optserve-Worker")
 
 
+def refuse_unacted_headers(request: Request, path: str, method: str) -> None:
+    """On a change, the preconditions and the worker ``method path`` does not act on: 422
+    ``unsupported_precondition`` / ``unsupported_header``. The route's check, and the step's
+    lane's (``step_lane``: it calls the step's endpoint without the router)."""
+    headers = request.headers
+    if any(k in headers for k in PRECONDITIONS):
+        refuse_unevaluated(request, documented(request.app, path, method, "header"),
+                           f"{method} {path}", create=method == "POST" and path == "/v1/sessions")
+    if WORKER in headers and WORKER not in documented(request.app, path, method, "header"):
+        raise worker_not_taken(f"{method} {path}")
+
+
 class StrictRoute(APIRoute):
     """A route whose handler first refuses the query parameters its operation does not
     document, and on a change the preconditions and the worker it does not act on (on ``/v1``
-    paths; what its document lists is read once per method)."""
+    paths)."""
 
     def get_route_handler(self) -> Handler:
         handler = super().get_route_handler()
         if not self.path_format.startswith("/v1/"):
             return handler
-        taken: dict[tuple[str, str], frozenset[str]] = {}  # read from the document once
         path = self.path_format
-
-        def names(app: Any, method: str, where: str) -> frozenset[str]:
-            out = taken.get((method, where))
-            if out is None:
-                out = taken[method, where] = documented(app, path, method, where)
-            return out
 
         async def checked(request: Request) -> Response:
             method = "GET" if request.method == "HEAD" else request.method
             if request.scope.get("query_string"):
-                query = names(request.app, method, "query")
+                query = documented(request.app, path, method, "query")
                 for name in request.query_params:
                     if name not in query:
                         raise Invalid(
@@ -111,13 +124,7 @@ class StrictRoute(APIRoute):
                             f"takes {', '.join(sorted(query)) if query else 'none'})",
                             code="invalid_query", field=name[:60])
             if method in CHANGES:
-                headers = request.headers
-                if any(k in headers for k in PRECONDITIONS):
-                    refuse_unevaluated(request, names(request.app, method, "header"),
-                                       f"{method} {path}",
-                                       create=method == "POST" and path == "/v1/sessions")
-                if WORKER in headers and WORKER not in names(request.app, method, "header"):
-                    raise worker_not_taken(f"{method} {path}")
+                refuse_unacted_headers(request, path, method)
             return await handler(request)
 
         return checked

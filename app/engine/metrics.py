@@ -669,9 +669,11 @@ def check_scalar_names(s: Session, scalars: dict[str, float] | None,
 _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./:-")
 
 
-def check_scalars(obj: object, field: str = "scalars") -> dict[str, float]:
+def check_scalars(obj: object, field: str = "scalars",
+                  session: Session | None = None) -> dict[str, float]:
     """A client's scalars for a step: ``{name: number}``, at most :data:`MAX_SCALARS`, names of
-    1-64 letters, digits and ``_ . / : -`` (starting with a letter or ``_``), finite numbers."""
+    1-64 letters, digits and ``_ . / : -`` (starting with a letter or ``_``), finite numbers;
+    with ``session``, new names only while it has room (:func:`check_scalar_names`)."""
     if obj is None:
         return {}
     if not isinstance(obj, dict):
@@ -691,4 +693,6 @@ def check_scalars(obj: object, field: str = "scalars") -> dict[str, float]:
             raise Invalid(f"scalar {name!r} must be a finite number", code="invalid_scalars",
                           field=f"{field}.{name}")
         out[name] = float(value)
+    if session is not None:
+        check_scalar_names(session, out, field)
     return out

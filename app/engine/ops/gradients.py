@@ -140,9 +140,8 @@ class Step(Operation):
         known = s.known_body(self.grads)
         if not known:
             s.check_tensors(self.grads, "grads", self.upcast, sparse_ok=True)
-        self.scalars = metrics.check_scalars(self.scalars) or None
-        if self.scalar_names:
-            metrics.check_scalar_names(s, self.scalars)
+        self.scalars = metrics.check_scalars(
+            self.scalars, session=s if self.scalar_names else None) or None
         if self.time is None:
             self.time = time.time()
         changes = (check_group_changes(s, self.options, request=self.request,
@@ -356,9 +355,8 @@ class Push(Operation):
     def check(self, s: Session) -> Tensors:
         """The accumulator's new values for the pushed names: summed here, out of place, so
         that a sum torch refuses is a 422 before anything is applied."""
-        self.scalars = metrics.check_scalars(self.scalars) or None
-        if self.scalar_names:
-            metrics.check_scalar_names(s, self.scalars)
+        self.scalars = metrics.check_scalars(
+            self.scalars, session=s if self.scalar_names else None) or None
         grads = s.check_grads(self.grads, self.upcast)
         return {n: (sparse.add_checked(n, s.accum[n], g) if n in s.accum else g)
                 for n, g in grads.items()}
