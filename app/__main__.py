@@ -215,7 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     settle_gc()
     server = DrainingServer(server_config(app, settings), app)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's exit when the lifespan failed to start
+        problem = getattr(app.state, "startup_problem", None)
+        if problem is None:
+            raise
+        print(f"optserve: cannot start: {problem}", file=sys.stderr)
+        return 1
     return 0 if server.started and server.listener_lost is None else 1
 
 

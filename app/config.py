@@ -102,6 +102,10 @@ class Settings(BaseSettings):
         f"of {NORM_PIECE}, the pieces the per-step metrics take norms of)")
     default_nonfinite: Literal["reject", "skip", "allow"] = "reject"
     data_dir: Path = Field(default=Path("data"), description="where sessions are persisted")
+    data_dir_wait_s: float = Field(
+        default=30.0, ge=0, le=3600,
+        description="how long a start waits for another process to release the data directory "
+        "(one process at a time holds it) before it fails")
     durability: Literal["step", "interval", "memory"] = Field(
         default="step",
         description="default for sessions: step (fsync before acknowledging), interval "

@@ -44,6 +44,7 @@ from app.config import (
     warn_misspelt_settings,
 )
 from app.engine import DEFAULT_TENANT, make_engine
+from app.engine.data_dir_lock import DataDirInUse
 from app.observability import Metrics, RequestContextMiddleware
 from app.runtime import tune_allocator
 from app.transport.local import LocalTransport
@@ -84,7 +85,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tune_allocator()
         engine = make_engine(settings, observer=metrics.observe_worker)
-        await engine.start()
+        try:
+            await engine.start()
+        except DataDirInUse as exc:
+            app.state.startup_problem = str(exc)  # python -m app prints it last
+            raise
         app.state.engine = engine
         app.state.settings = settings
         app.state.metrics = metrics

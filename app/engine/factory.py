@@ -41,6 +41,7 @@ def make_engine(settings: Any, observer: Observer | None = None) -> Front:
         limits=Limits(settings.max_sessions, settings.max_session_elements),
         observer=observer,
         warm_up=settings.warm_up,
+        data_dir_wait_s=settings.data_dir_wait_s,
     )
 
 
@@ -65,6 +66,7 @@ def embedded_engine(
     observer: Observer | None = None,
     files: Files | None = None,
     warm_up: bool = True,
+    data_dir_wait_s: float = 30.0,
 ) -> Front:
     """The embedded engine: sessions in this process, one worker thread for the device (a
     sharded session's shards too; their layouts in ``<data_dir>/directory``)."""
@@ -75,7 +77,7 @@ def embedded_engine(
         snapshot_every_s=snapshot_every_s, snapshot_every_mb=snapshot_every_mb,
         max_open_logs=max_open_logs,
         fsync_interval_s=fsync_interval_s, idempotency_window=idempotency_window, files=files,
-        warm_up=warm_up,
+        warm_up=warm_up, data_dir_wait_s=data_dir_wait_s,
         evaluation_timeout_s=evaluation_timeout_s, metrics=metrics,
         history_steps=history_steps), observer)
     directory = Directory(data_dir / "directory" if data_dir is not None else None)

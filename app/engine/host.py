@@ -271,6 +271,9 @@ class HostConfig:
     history_steps: int = 100_000
     #: load torch's lazily imported kernels before readiness (tests that restart often skip it)
     warm_up: bool = True
+    #: how long a start waits for another process to release the data directory
+    #: (:mod:`app.engine.data_dir_lock`) before it fails
+    data_dir_wait_s: float = 30.0
     #: the store's file system calls (tests inject faults here)
     files: Files | None = None
     #: how long an LBFGS step waits for each evaluation before it is abandoned
@@ -310,7 +313,7 @@ class EmbeddedHost:
         self._worker = DeviceWorker(self._device, config.torch_threads, observer)
         chunked.configure(config.step_chunk)
         self._store = (Store(config.data_dir, config.fsync_interval_s, config.files,
-                             config.max_open_logs)
+                             config.max_open_logs, config.data_dir_wait_s)
                        if config.data_dir is not None else None)
         self._default_durability: Durability = (config.durability if self._store is not None
                                                 else "memory")

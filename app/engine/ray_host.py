@@ -342,7 +342,8 @@ class HostActor:
             snapshot_every_mb=c.get("snapshot_every_mb", 1024.0),
             max_open_logs=c.get("max_open_logs", 0),
             fsync_interval_s=c["fsync_interval_s"],
-            idempotency_window=c["idempotency_window"], warm_up=c["warm_up"]))
+            idempotency_window=c["idempotency_window"], warm_up=c["warm_up"],
+            data_dir_wait_s=c.get("data_dir_wait_s", 30.0)))
         started = time.perf_counter()
         wrapped = InProcessHost(host, self.name)
         await wrapped.start()
@@ -1478,6 +1479,7 @@ def ray_options(settings: Any) -> RayOptions:
               "snapshot_every_mb": settings.snapshot_every_mb,
               "max_open_logs": settings.max_open_logs,
               "fsync_interval_s": settings.fsync_interval_ms / 1000,
+              "data_dir_wait_s": settings.data_dir_wait_s,
               "idempotency_window": settings.idempotency_window,
               "step_chunk": settings.step_chunk,
               "warm_up": settings.warm_up})

@@ -45,8 +45,8 @@ holding a ``step`` record whose :meth:`Store.sync` has not run yet is not closed
 (its lock held: an operation writing it) is skipped, so while operations are writing the
 bound can be passed by the logs they hold. A reopen that fails (EMFILE, ENOSPC, ...) fails the
 operation before anything is written: the session and its log stay as they were. The store
-takes no file locks (the directory's ``flock`` locks are on files of their own), so closing a
-log drops no lock.
+takes no lock on its logs (its own, :mod:`app.engine.data_dir_lock`, and the directory's
+``flock`` locks are on files of their own), so closing a log drops no lock.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ from typing import Literal
 
 import crc32c
 
+from app.engine.data_dir_lock import DataDirLock
 from app.errors import OptserveError, StorageFull, Unavailable
 
 log = logging.getLogger("optserve.store")
@@ -371,8 +372,12 @@ class Store:
     """Snapshots and logs for every session, with a background fsync thread (``interval``)."""
 
     def __init__(self, root: Path, interval_s: float = 0.05, files: Files | None = None,
-                 max_open: int = 0) -> None:
+                 max_open: int = 0, lock_wait_s: float = 0.0) -> None:
         self.root = root
+        #: held from :meth:`open` to :meth:`close`: one process at a time writes here
+        self.lock = DataDirLock(root)
+        #: how long :meth:`open` waits for another process to release the directory
+        self.lock_wait_s = lock_wait_s
         self.sessions_dir = root / "sessions"
         self.interval_s = interval_s
         self.files = files or Files()
@@ -395,6 +400,18 @@ class Store:
 
     # ------------------------------------------------------------- lifecycle and health
     def open(self) -> None:
+        """Take the data directory (:class:`~app.engine.data_dir_lock.DataDirLock`: raises
+        :class:`~app.engine.data_dir_lock.DataDirInUse` when another process keeps it), clean
+        what a crash left, and start the interval flusher."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire(self.lock_wait_s)
+        try:
+            self._clean_and_start()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _clean_and_start(self) -> None:
         self.sessions_dir.mkdir(parents=True, exist_ok=True)
         for leftover in self.sessions_dir.glob(".deleted-*"):  # a crash in the middle of delete
             self._bury(leftover)
@@ -428,6 +445,7 @@ class Store:
                     except OSError as exc:
                         log.error("fsync of %s at close failed: %s", lg.path, exc)
                 self._close(lg)
+        self.lock.release()
 
     def probe(self) -> None:
         """Write, fsync and remove a small file; raise OSError when the directory cannot."""
