@@ -33,6 +33,7 @@ from app.engine.store import (
     read_log,
 )
 from app.errors import OptserveError
+from tests.stored_files import stored_files as tree_files
 from tests.torch_reference import Reference, assert_tensors_equal
 
 
@@ -245,10 +246,6 @@ def params_of(i: int, n: int) -> dict[str, torch.Tensor]:
 def grads_of(i: int, k: int, n: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * (i + 1) + k)
     return {"w": torch.randn(n, generator=g), "b": torch.randn(3, generator=g)}
-
-
-def tree_files(root: Path) -> dict[Path, bytes]:
-    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 async def assert_equals(eng: Front, sid: str, ref: Reference, version: int) -> None:

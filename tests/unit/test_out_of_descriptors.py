@@ -35,6 +35,7 @@ from app.main import create_app
 from app.transport import local as local_module
 from app.transport.local import Binding, LocalTransport
 from tests.conftest import _test_settings
+from tests.stored_files import stored_files as files
 from tests.torch_reference import Reference, assert_tensors_equal
 
 PARAMS = {"a": torch.tensor([0.5, -1.0, 2.0]), "b": torch.tensor([1.0, 2.0])}
@@ -59,10 +60,6 @@ def stepped(steps: int) -> dict[str, torch.Tensor]:
     for _ in range(steps):
         ref.step(GRAD)
     return ref.params
-
-
-def files(root: Path) -> dict[Path, bytes]:
-    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def engine(tmp_path: Path) -> Front:

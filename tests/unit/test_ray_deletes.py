@@ -31,6 +31,7 @@ from app.engine.front import Front
 from app.engine.interface import CreateSpec, GroupSpec, IdemKey
 from app.engine.store import Store
 from app.errors import Conflict, Invalid, NotFound
+from tests.stored_files import stored_files
 from tests.torch_reference import Reference, assert_tensors_equal
 from tests.unit.test_deleted_creates import Crash, create_key, refused, spec
 
@@ -531,8 +532,7 @@ def test_a_ray_session_refused_at_start_is_kept_whole(
     raw = bytearray(snap.read_bytes())
     raw[-5] ^= 0x10  # (in its tensors: the checksum fails)
     snap.write_bytes(raw)
-    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*"))
-              if p.is_file() and ".probe" not in p.name}
+    before = stored_files(tmp_path)
 
     async def restarted() -> None:
         front = cluster.front()
@@ -567,13 +567,10 @@ def test_a_ray_session_refused_at_start_is_kept_whole(
         finally:
             await cluster.kill()
 
-    def files() -> dict[Path, bytes]:
-        return {p: p.read_bytes() for p in sorted(tmp_path.rglob("*"))
-                if p.is_file() and ".probe" not in p.name}
     asyncio.run(restarted())
-    assert files() == before
+    assert stored_files(tmp_path) == before
     asyncio.run(restarted())
-    assert files() == before
+    assert stored_files(tmp_path) == before
 
 
 async def answered_after_a_restart(cluster: Cluster, shards: int, ckey: IdemKey, sid: str,

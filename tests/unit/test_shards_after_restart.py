@@ -17,6 +17,7 @@ from app.engine.directory import Directory
 from app.engine.front import Limits
 from app.engine.interface import CreateSpec, GroupSpec, IdemKey
 from app.errors import Conflict, Invalid, NotFound, TooMany
+from tests.stored_files import stored_files as files
 from tests.torch_reference import Reference, assert_tensors_equal
 from tests.unit.test_deleted_creates import refused
 
@@ -38,10 +39,6 @@ def stepped(steps: int) -> dict[str, torch.Tensor]:
     for _ in range(steps):
         ref.step(GRAD)
     return ref.params
-
-
-def files(tmp_path: Path) -> dict[Path, bytes]:
-    return {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
 
 
 def test_a_sharded_session_with_a_refused_shard_is_kept_whole(tmp_path: Path) -> None:
