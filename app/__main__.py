@@ -46,6 +46,7 @@ from app.config import (
     parse_keys,
     warn_misspelt_settings,
 )
+from app.data_dir_engine import engine_problem
 from app.observability import configure_logging
 
 log = logging.getLogger("optserve")
@@ -135,7 +136,8 @@ def check_exposure(settings: Settings) -> str | None:
 def check_data_dir(settings: Settings, make: bool = True) -> str | None:
     """Why the data directory cannot hold sessions, or None. ``make``: make it when missing
     (the server); else (``--check-config``, which changes nothing) a missing one only needs
-    a nearest existing ancestor that is a directory this process may write in."""
+    a nearest existing ancestor that is a directory this process may write in. An existing
+    one must not hold the other engine's sessions (:mod:`app.data_dir_engine`)."""
     path = settings.data_dir
     if not make and not path.exists():
         return _could_make(path)
@@ -145,7 +147,7 @@ def check_data_dir(settings: Settings, make: bool = True) -> str | None:
             pass
     except OSError as exc:
         return f"OPTSERVE_DATA_DIR={str(path)!r:.200}: cannot write there: {exc.strerror or exc}"
-    return None
+    return engine_problem(path, settings.engine)
 
 
 def _could_make(path: Path) -> str | None:

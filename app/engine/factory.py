@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from app import data_dir_engine
 from app.engine.chunked import DEFAULT_CHUNK
 from app.engine.directory import Directory
 from app.engine.front import Front, Limits
@@ -18,7 +19,9 @@ from app.engine.worker import Observer
 def make_engine(settings: Any, observer: Observer | None = None) -> Front:
     """The engine ``settings`` (an :class:`app.config.Settings`) describe: ``embedded`` (every
     session in this process) or ``ray`` (sessions on Ray actor hosts, :mod:`app.engine.ray_host`;
-    needs the ``ray`` extra)."""
+    needs the ``ray`` extra). Either refuses a data directory that holds the other engine's
+    sessions (:mod:`app.data_dir_engine`)."""
+    data_dir_engine.claim(Path(settings.data_dir), settings.engine)
     if settings.engine == "ray":
         from app.engine.ray_host import ray_engine
         return ray_engine(settings)

@@ -179,3 +179,26 @@ def test_the_factory_warns_about_a_misspelt_setting_too(
     assert any("OPTSERVE_MAX_BODY is not a setting" in r.getMessage()
                and "did you mean OPTSERVE_MAX_BODY_MB?" in r.getMessage()
                for r in caplog.records), caplog.text
+
+
+@pytest.mark.parametrize("args", [["--check-config"], []])
+def test_python_m_app_refuses_the_other_engines_data_dir(
+        args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A data directory with the embedded engine's sessions (its log of keyed deletes, here),
+    and ``OPTSERVE_ENGINE=ray``: ``--check-config`` and the server both exit 2 in one line
+    naming both engines, before Ray is reached or anything is written
+    (:mod:`app.data_dir_engine`; the engines themselves: tests/unit/test_data_dir_engine.py)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tombstones.jsonl").write_text("")
+    monkeypatch.setenv("OPTSERVE_DATA_DIR", str(data))
+    monkeypatch.setenv("OPTSERVE_ENGINE", "ray")
+    monkeypatch.setenv("OPTSERVE_PORT", "1")
+    assert app_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"optserve: invalid configuration: OPTSERVE_DATA_DIR='{data}' "
+                             "holds the embedded engine's sessions, and this server runs the "
+                             "ray engine (OPTSERVE_ENGINE=ray)"), err
+    assert sorted(p.name for p in data.iterdir()) == ["tombstones.jsonl"]
