@@ -15,6 +15,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -43,7 +44,7 @@ from app.config import (
     metrics_readers,
     warn_misspelt_settings,
 )
-from app.engine import DEFAULT_TENANT, make_engine
+from app.engine import DEFAULT_TENANT, Front, make_engine
 from app.engine.data_dir_lock import DataDirInUse
 from app.observability import Metrics, RequestContextMiddleware
 from app.runtime import tune_allocator
@@ -61,6 +62,20 @@ def exit_on_config_error(exc: ConfigError) -> None:
     """One line on stderr and exit code 2 (what ``python -m app`` does too)."""
     print(f"optserve: invalid configuration: {exc}", file=sys.stderr)
     raise SystemExit(EXIT_CONFIG)
+
+
+async def _restored(engine: Front, settings: Settings) -> str:
+    """What the start restored and from where, for its log line: a server started from another
+    working directory than usual (``OPTSERVE_DATA_DIR`` is ``./data`` by default) shows a
+    directory the operator did not expect, and no sessions."""
+    where = Path(settings.data_dir).resolve()
+    if settings.engine == "ray":
+        return f"sessions on the Ray cluster, data in {where}"
+    status = await engine.status()
+    refused = (f", {len(status.refused)} refused (GET /readyz lists them)"
+               if status.refused else "")
+    return (f"{status.sessions} stored session(s) restored from {where}{refused} "
+            f"(durability {settings.durability})")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -103,7 +118,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                    max_binding_bytes=settings.max_binding_mb << 20)
             local.start(asyncio.get_running_loop())
         app.state.local_transport = local
-        logging.getLogger("optserve").info("optserve ready on device %s", engine.device)
+        logging.getLogger("optserve").info("optserve ready on device %s: %s", engine.device,
+                                           await _restored(engine, settings))
         try:
             yield
         finally:

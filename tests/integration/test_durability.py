@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import math
 import os
 import random
@@ -476,7 +477,8 @@ def crash_image(server: LiveServer, data: Path, dest: Path) -> None:
     shutil.copytree(data, dest)
 
 
-def test_damaged_files_are_refused_and_the_rest_served(tmp_path: Path) -> None:
+def test_damaged_files_are_refused_and_the_rest_served(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data, image = tmp_path / "data", tmp_path / "image"
     # the create and 7 steps: a snapshot after record 5, records 6-8 in the log
     live = LiveServer(_test_settings(data_dir=data, snapshot_every_steps=5))
@@ -522,9 +524,14 @@ def test_damaged_files_are_refused_and_the_rest_served(tmp_path: Path) -> None:
     (sdir("no-snap") / "snapshot.bin").unlink()  # a log without its start: not a torn create
     before = {p: p.read_bytes() for p in image.rglob("*.bin")}
 
+    caplog.set_level(logging.INFO, logger="optserve")
     live = LiveServer(_test_settings(data_dir=image))
     url = live.start()
     try:
+        # the start says what it restored, and from where
+        assert any(r.getMessage().endswith(
+            f": 3 stored session(s) restored from {image.resolve()}, 5 refused (GET /readyz "
+            "lists them) (durability step)") for r in caplog.records if r.name == "optserve")
         with httpx.Client(base_url=url, timeout=30) as c:
             listed = sorted(d["id"] for d in c.get("/v1/sessions").json()["sessions"])
             assert listed == ["good", "torn", "zeros"]

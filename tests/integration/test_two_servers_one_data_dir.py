@@ -153,6 +153,8 @@ def test_a_waiting_server_takes_over_with_every_acknowledged_step(tmp_path: Path
             time.sleep(0.05)
         assert_holds(second_url, local, 2)
         assert step(second_url, local, 3) == 3
+        assert (f"optserve ready on device cpu: 1 stored session(s) restored from "
+                f"{data.resolve()} (durability step)") in log.read_text(errors="replace")
         assert f"pid {second.pid} on " in (data / ".lock").read_text()
     finally:
         if second is not None and second.poll() is None:
