@@ -304,6 +304,18 @@ class _Damage:
                            code="session_damaged", retry_after=wait)
 
 
+def _misnamed(key: str, stored_id: str) -> str | None:
+    """Why the session folder ``key`` must not be served as it is: it holds another session
+    than its name says (a folder copied or renamed by hand: served, it would list the same
+    id twice, or answer under one id with another's), or None."""
+    named = split_key(key)[1]
+    if named == stored_id:
+        return None
+    return (f"its folder {key!r} holds session {stored_id!r} (copied or renamed by hand?): "
+            f"a session is served from the folder <tenant>~<its id>; name it so again, or "
+            "move it out of the sessions folder")
+
+
 class EmbeddedHost:
     def __init__(self, config: HostConfig | None = None, observer: Observer | None = None
                  ) -> None:
@@ -1247,6 +1259,11 @@ class EmbeddedHost:
                 self._refused[key] = reason
                 log.error("refusing stored session %s: %s", key, reason)
                 self._keep_refused_create(key)
+                continue
+            misnamed = _misnamed(key, session.id)
+            if misnamed is not None:  # (its create key is its original's, not this folder's)
+                self._refused[key] = misnamed
+                log.error("refusing stored session %s: %s", key, misnamed)
                 continue
             self._sessions[key] = session
             log.info("restored session %s at version %d (%d logged operations replayed%s) in "
