@@ -25,6 +25,7 @@ from pathlib import Path
 
 #: the file that names the engine a data directory belongs to
 ENGINE_FILE = "engine"
+#: what it may name (``OPTSERVE_ENGINE``'s values)
 ENGINES = ("embedded", "ray")
 
 log = logging.getLogger("optserve")
@@ -62,6 +63,10 @@ def engine_problem(data_dir: Path, engine: str) -> str | None:
     others = sorted(owners(data_dir) - {engine})
     if not others:
         return None
+    unknown = [o for o in others if o not in ENGINES]
+    if unknown:
+        return (f"{str(data_dir / ENGINE_FILE)!r:.200} names the engine {unknown[0]!r:.40}, "
+                f"not one of {', '.join(ENGINES)}: write the engine its sessions are for")
     what = " and ".join(f"the {o} engine's" for o in others)
     return (f"OPTSERVE_DATA_DIR={str(data_dir)!r:.200} holds {what} sessions, and this server "
             f"runs the {engine} engine (OPTSERVE_ENGINE={engine}), which would not serve them "

@@ -312,7 +312,7 @@ def _misnamed(key: str, stored_id: str) -> str | None:
     if named == stored_id:
         return None
     return (f"its folder {key!r} holds session {stored_id!r} (copied or renamed by hand?): "
-            f"a session is served from the folder <tenant>~<its id>; name it so again, or "
+            "a session is served from the folder <tenant>~<its id>; name it so again, or "
             "move it out of the sessions folder")
 
 

@@ -11,6 +11,8 @@ first acknowledged. Real servers (``python -m app``), values against in-process 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,91 +75,95 @@ def assert_holds(url: str, local: Local, version: int) -> None:
         assert bitwise(got[n], p.detach()), n
 
 
-def second_server(data: Path, wait_s: float, log: Path) -> tuple[forked_server.ServerProcess,
-                                                                  str]:
-    port = free_port()
-    env = {"OPTSERVE_HOST": "127.0.0.1", "OPTSERVE_PORT": str(port),
-           "OPTSERVE_DATA_DIR": str(data), "OPTSERVE_DEVICE": "cpu",
-           "OPTSERVE_DURABILITY": "step", "OPTSERVE_TORCH_THREADS": "1",
-           "OPTSERVE_LOG_FORMAT": "text", "OPTSERVE_WARM_UP": "0",
-           "OPTSERVE_DATA_DIR_WAIT_S": str(wait_s)}
-    return forked_server.start(env, REPO, log), f"http://127.0.0.1:{port}"
+@dataclass
+class Setup:
+    """The first server on ``data``, its session stepped once (``local`` its twin), and a
+    second ``python -m app`` on the same directory once :meth:`start_second` started it."""
 
+    data: Path
+    first: Proc
+    local: Local
+    log: Path
+    second: forked_server.ServerProcess | None = None
+    second_url: str = ""
 
-def wait_for(what: str, log: Path, proc: forked_server.ServerProcess) -> None:
-    deadline = time.monotonic() + 120
-    while what not in log.read_text(errors="replace"):
-        assert proc.poll() is None, log.read_text(errors="replace")
-        assert time.monotonic() < deadline, log.read_text(errors="replace")
-        time.sleep(0.05)
+    def start_second(self, wait_s: float) -> forked_server.ServerProcess:
+        port = free_port()
+        env = {"OPTSERVE_HOST": "127.0.0.1", "OPTSERVE_PORT": str(port),
+               "OPTSERVE_DATA_DIR": str(self.data), "OPTSERVE_DEVICE": "cpu",
+               "OPTSERVE_DURABILITY": "step", "OPTSERVE_TORCH_THREADS": "1",
+               "OPTSERVE_LOG_FORMAT": "text", "OPTSERVE_WARM_UP": "0",
+               "OPTSERVE_DATA_DIR_WAIT_S": str(wait_s)}
+        self.second = forked_server.start(env, REPO, self.log)
+        self.second_url = f"http://127.0.0.1:{port}"
+        return self.second
 
+    def second_log(self) -> str:
+        return self.log.read_text(errors="replace")
 
-def test_a_second_server_refuses_the_data_dir_and_leaves_the_first_whole(
-        tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    first = Proc(data).start()
-    second = None
-    try:
-        local = Local()
-        assert httpx.post(f"{first.url}/v1/sessions", json=local.create_body()).status_code == 201
-        assert step(first.url, local, 1) == 1
-        log = tmp_path / "second.log"
-        second, second_url = second_server(data, 1, log)
-        assert second.wait(120) == 1, log.read_text(errors="replace")
-        text = log.read_text(errors="replace")
-        assert first.proc is not None
-        assert (f"optserve: cannot start: the data directory {data.resolve()} is in use by "
-                f"another optserve process (pid {first.proc.pid} on ") in text
-        assert "still after 1 s" in text
-        with pytest.raises(httpx.TransportError):
-            httpx.get(f"{second_url}/readyz", timeout=2)
-        # the first goes on as if the second had never been started, and keeps what it acked
-        assert step(first.url, local, 2) == 2
-        assert_holds(first.url, local, 2)
-        first.kill9()
-        first.start()
-        assert_holds(first.url, local, 2)
-        assert step(first.url, local, 3) == 3
-    finally:
-        if second is not None and second.poll() is None:
-            second.kill()
-        first.stop()
-
-
-def test_a_waiting_server_takes_over_with_every_acknowledged_step(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    first = Proc(data).start()
-    second = None
-    try:
-        local = Local()
-        assert httpx.post(f"{first.url}/v1/sessions", json=local.create_body()).status_code == 201
-        assert step(first.url, local, 1) == 1
-        log = tmp_path / "second.log"
-        second, second_url = second_server(data, 600, log)
-        assert first.proc is not None
-        wait_for(f"in use by another optserve process (pid {first.proc.pid} on ", log, second)
-        # acknowledged by the first while the second waits: the second must restore it
-        assert step(first.url, local, 2) == 2
-        with pytest.raises(httpx.TransportError):
-            httpx.get(f"{second_url}/readyz", timeout=2)
-        first.kill9()
+    def wait_until(self, done: Callable[[], bool]) -> None:
+        """Until ``done()``, while the second server runs (2 minutes at most)."""
+        assert self.second is not None
         deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{second_url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert second.poll() is None, log.read_text(errors="replace")
-            assert time.monotonic() < deadline, log.read_text(errors="replace")
+        while not done():
+            assert self.second.poll() is None, self.second_log()
+            assert time.monotonic() < deadline, self.second_log()
             time.sleep(0.05)
-        assert_holds(second_url, local, 2)
-        assert step(second_url, local, 3) == 3
-        assert (f"optserve ready on device cpu: 1 stored session(s) restored from "
-                f"{data.resolve()} (durability step)") in log.read_text(errors="replace")
-        assert f"pid {second.pid} on " in (data / ".lock").read_text()
+
+    def second_ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.second_url}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    data = tmp_path / "data"
+    first = Proc(data).start()
+    it = Setup(data, first, Local(), tmp_path / "second.log")
+    try:
+        r = httpx.post(f"{first.url}/v1/sessions", json=it.local.create_body())
+        assert r.status_code == 201, r.text
+        assert step(first.url, it.local, 1) == 1
+        yield it
     finally:
-        if second is not None and second.poll() is None:
-            second.kill()
-            second.wait(30)
+        if it.second is not None and it.second.poll() is None:
+            it.second.kill()
+            it.second.wait(30)
         first.stop()
+
+
+def test_a_second_server_refuses_the_data_dir_and_leaves_the_first_whole(setup: Setup) -> None:
+    first, local = setup.first, setup.local
+    assert setup.start_second(1).wait(120) == 1, setup.second_log()
+    assert first.proc is not None
+    assert (f"optserve: cannot start: the data directory {setup.data.resolve()} is in use by "
+            f"another optserve process (pid {first.proc.pid} on ") in setup.second_log()
+    assert "still after 1 s" in setup.second_log()
+    assert not setup.second_ready()
+    # the first goes on as if the second had never been started, and keeps what it acked
+    assert step(first.url, local, 2) == 2
+    assert_holds(first.url, local, 2)
+    first.kill9()
+    first.start()
+    assert_holds(first.url, local, 2)
+    assert step(first.url, local, 3) == 3
+
+
+def test_a_waiting_server_takes_over_with_every_acknowledged_step(setup: Setup) -> None:
+    first, local = setup.first, setup.local
+    second = setup.start_second(600)
+    assert first.proc is not None
+    waiting = f"in use by another optserve process (pid {first.proc.pid} on "
+    setup.wait_until(lambda: waiting in setup.second_log())
+    # acknowledged by the first while the second waits: the second must restore it
+    assert step(first.url, local, 2) == 2
+    assert not setup.second_ready()
+    first.kill9()
+    setup.wait_until(setup.second_ready)
+    assert_holds(setup.second_url, local, 2)
+    assert step(setup.second_url, local, 3) == 3
+    assert (f"optserve ready on device cpu: 1 stored session(s) restored from "
+            f"{setup.data.resolve()} (durability step)") in setup.second_log()
+    assert f"pid {second.pid} on " in (setup.data / ".lock").read_text()

@@ -145,3 +145,7 @@ def test_what_a_directory_without_its_file_is_told_by(tmp_path: Path) -> None:
     (tmp_path / ENGINE_FILE).write_text("embedded\n")
     assert owners(tmp_path) == {"embedded"}
     claim(tmp_path, "embedded")
+    (tmp_path / ENGINE_FILE).write_text("rey\n")
+    with pytest.raises(DataDirOfAnotherEngine, match="names the engine 'rey', not one of "
+                       "embedded, ray"):
+        claim(tmp_path, "ray")

@@ -16,24 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine import CreateSpec, Front, GroupSpec, embedded_engine
+from app.engine import CreateSpec, GroupSpec
 from app.errors import Conflict, NotFound
 from tests.stored_files import stored_files
-from tests.torch_reference import Reference, assert_tensors_equal
-
-PARAMS = {"w": torch.tensor([0.5, -1.0, 2.0])}
-GRAD = {"w": torch.tensor([0.25, 1.0, -0.5])}
-
-
-def engine(tmp_path: Path) -> Front:
-    return embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False)
-
-
-def stepped(steps: int) -> dict[str, torch.Tensor]:
-    ref = Reference(torch.optim.Adam, [(PARAMS, {})], {"lr": 0.1})
-    for _ in range(steps):
-        ref.step(GRAD)
-    return ref.params
+from tests.torch_reference import assert_tensors_equal
+from tests.unit.test_shards_after_restart import GRAD, PARAMS, engine, stepped
 
 
 def test_a_copied_or_renamed_session_folder_is_refused_and_left_alone(tmp_path: Path) -> None:
