@@ -47,6 +47,9 @@ class DataDirLock:
         self.root = root
         self.path = root / LOCK_NAME
         self._fd: int | None = None
+        self._is_file = True
+        #: why the lock no longer keeps other processes out (:meth:`renew`), or None
+        self.lost: str | None = None
 
     @property
     def held(self) -> bool:
@@ -82,20 +85,66 @@ class DataDirLock:
                                     self.root.resolve(), holder, wait_s)
                     time.sleep(_POLL_S)
             if is_file:
-                stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-                holder_line = f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n"
-                try:
-                    os.ftruncate(fd, 0)
-                    os.pwrite(fd, holder_line.encode(), 0)
-                except OSError as exc:  # only the message loses it (a full disk)
-                    log.warning("could not note this process in %s: %s", self.path, exc)
+                self._note_holder(fd)
         except BaseException:
             os.close(fd)
             raise
-        self._fd = fd
+        self._fd, self._is_file = fd, is_file
+
+    def _note_holder(self, fd: int) -> None:
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        holder_line = f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n"
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder_line.encode(), 0)
+        except OSError as exc:  # only the message loses it (a full disk)
+            log.warning("could not note this process in %s: %s", self.path, exc)
+
+    def renew(self) -> None:
+        """Take the lock again when its file was removed or replaced while it was held (the
+        data directory removed under a running server): a lock on a file no folder holds
+        keeps no other process out. Where another process took the new file first,
+        :attr:`lost` says so (readiness reports it); the lock held stays as it was."""
+        fd = self._fd
+        if fd is None or not self._is_file:
+            return
+        try:
+            mine, there = os.fstat(fd), os.stat(self.path)
+            if (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino):
+                self.lost = None
+                return
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("checking the lock %s: %s", self.path, exc)
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            new = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            self.lost = (f"the data directory's lock {self.path} was removed while the server "
+                         f"ran and cannot be made again: {exc.strerror or exc}")
+            log.error("%s", self.lost)
+            return
+        try:
+            fcntl.flock(new, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(new)
+            self.lost = (f"the data directory's lock {self.path} was removed while the server "
+                         f"ran, and another process holds it now ({self._holder(True)}): two "
+                         "servers write one data directory; stop one of them")
+            log.error("%s", self.lost)
+            return
+        self._note_holder(new)
+        self._fd = new
+        os.close(fd)
+        self.lost = None
+        log.warning("the data directory's lock %s was removed while the server ran: taken "
+                    "again", self.path)
 
     def release(self) -> None:
         """Drop the lock (closing its descriptor drops the ``flock``)."""
+        self.lost = None
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)

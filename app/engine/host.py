@@ -1391,13 +1391,18 @@ class EmbeddedHost:
 
     async def _maintain(self) -> None:
         """Snapshot sessions that have logged operations for a while, heal logs a failed
-        background fsync left in doubt, and retry cutting logs a failed write left long."""
+        background fsync left in doubt, write again from memory the sessions whose files were
+        removed from the data directory while the server ran (``Store.removed``), and retry
+        cutting logs a failed write left long."""
         assert self._store is not None
+        store = self._store
         period = max(0.5, min(self.config.snapshot_every_s, 60.0) / 4)
         while True:
             await asyncio.sleep(period)
             try:
                 suspects = set(self._store.suspects())
+                kept = [k for k, s in self._sessions.items() if s.durability != "memory"]
+                removed = set(await self._in_io(functools.partial(store.removed, kept)))
                 now = time.monotonic()
                 for key in list(self._sessions):
                     s = self._sessions.get(key)
@@ -1405,9 +1410,13 @@ class EmbeddedHost:
                         continue
                     due = s.seq > s.seq_at_snapshot and \
                         now - s.snapshot_time >= self.config.snapshot_every_s
-                    if due or key in suspects:
+                    if due or key in suspects or key in removed:
                         async with self._lock(key):
                             if self._sessions.get(key) is s:
+                                if key in removed:
+                                    log.error("the files of session %s were removed from the "
+                                              "data directory while the server ran: writing "
+                                              "them again from memory", key)
                                 await self._snapshot(key, s)
                 await self._in_io_whole(self._store.repair)
             except asyncio.CancelledError:

@@ -455,6 +455,8 @@ class Store:
 
     def health(self) -> str | None:
         """Why the store cannot write now (readiness answers 503 with it), or None."""
+        if self.lock.lost is not None:
+            return self.lock.lost
         with self._lock:
             broken = [lg.path for lg in self._logs.values() if lg.repair]
             suspect = [lg.suspect for lg in self._logs.values() if lg.suspect is not None]
@@ -800,6 +802,9 @@ class Store:
             # same reason, and a suspect log is healed: the snapshot holds everything.
             if lg.closed:  # (deleted or the store closed meanwhile: nothing to empty)
                 return
+            if self._unlinked(lg):  # its file was removed: the next records go to a new one
+                self._shut(lg)
+                lg.good, lg.repair, lg.dirty, lg.unsynced = -1, False, False, False
             try:
                 fd = self._opened(lg)
             except OSError as exc:  # its records stay: replay skips what the snapshot holds
@@ -816,6 +821,37 @@ class Store:
                             "at replay)", lg.path, exc)
                 lg.repair = True
             lg.suspect = None
+
+    def removed(self, session_ids: Sequence[str]) -> list[str]:
+        """Those of ``session_ids`` whose files were removed from the data directory while the
+        server ran (an ``rm -rf``, a temp-file cleaner): their folder is gone, or their open
+        log is a file no folder holds. Their records since went nowhere a restart reads; a
+        snapshot (:meth:`write_snapshot`) writes them again from memory and starts a new log.
+        Changes nothing."""
+        gone = []
+        for session_id in session_ids:
+            with self._lock:
+                lg = self._logs.get(session_id)
+            if lg is not None:
+                with lg.lock:
+                    if lg.closed:
+                        continue
+                    if self._unlinked(lg):
+                        gone.append(session_id)
+                        continue
+            if not self._dir(session_id).is_dir():
+                gone.append(session_id)
+        return gone
+
+    def _unlinked(self, lg: _Log) -> bool:
+        """Whether the log's open descriptor is a file no folder holds any more (under
+        ``lg.lock``)."""
+        if lg.fd < 0:
+            return False
+        try:
+            return os.fstat(lg.fd).st_nlink == 0
+        except OSError:
+            return False
 
     # ------------------------------------------------------------- log
     def _entry(self, session_id: str) -> _Log:
@@ -936,7 +972,10 @@ class Store:
                 self._cut_to_good(lg)
 
     def repair(self) -> None:
-        """Retry cutting every log a failed write left long (readiness waits for it)."""
+        """Retry cutting every log a failed write left long (readiness waits for it), and take
+        the data directory's lock again if its file was removed
+        (:meth:`~app.engine.data_dir_lock.DataDirLock.renew`)."""
+        self.lock.renew()
         with self._lock:
             logs = [lg for lg in self._logs.values() if lg.repair]
         for lg in logs:

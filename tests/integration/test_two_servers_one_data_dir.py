@@ -53,11 +53,11 @@ class Local:
         self.opt.step()
 
 
-def step(url: str, local: Local, k: int) -> int:
+def step(url: str, local: Local, k: int, sid: str = "one") -> int:
     """Step the session with gradient ``k`` on the server and in ``local``; the answer's
     parameters must equal torch's bitwise. Returns the acknowledged version."""
     g = grads(k)
-    r = httpx.post(f"{url}/v1/sessions/one/step", content=safetensors.torch.save(g),
+    r = httpx.post(f"{url}/v1/sessions/{sid}/step", content=safetensors.torch.save(g),
                    headers={"Content-Type": BINARY, "Accept": BINARY}, timeout=30)
     assert r.status_code == 200, r.text
     local.step(g)
@@ -67,9 +67,9 @@ def step(url: str, local: Local, k: int) -> int:
     return int(r.headers["X-Optserve-Version"])
 
 
-def assert_holds(url: str, local: Local, version: int) -> None:
+def assert_holds(url: str, local: Local, version: int, sid: str = "one") -> None:
     with httpx.Client(base_url=url, timeout=30) as client:
-        got_version, got = pull(client, "one")
+        got_version, got = pull(client, sid)
     assert got_version == version
     for n, p in local.params.items():
         assert bitwise(got[n], p.detach()), n

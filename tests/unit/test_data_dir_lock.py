@@ -84,3 +84,30 @@ def test_the_store_holds_it_from_open_to_close(tmp_path: Path) -> None:
     assert second.lock.held
     second.close()
     assert not second.lock.held
+
+
+def test_a_removed_lock_is_taken_again_or_reported_lost(tmp_path: Path) -> None:
+    """The lock's file removed while it is held (the data directory removed under a running
+    server) keeps nobody out: :meth:`DataDirLock.renew` takes a new one, and where another
+    process took it first, says so (the store's health, so readiness, reports it)."""
+    store = Store(tmp_path)
+    store.open()
+    try:
+        first = store.lock
+        (tmp_path / LOCK_NAME).unlink()
+        store.repair()  # (the server's maintenance)
+        assert first.lost is None and (tmp_path / LOCK_NAME).exists()
+        with pytest.raises(DataDirInUse):  # the new file is held
+            DataDirLock(tmp_path).acquire(0)
+        (tmp_path / LOCK_NAME).unlink()
+        other = DataDirLock(tmp_path)
+        other.acquire(0)  # another process, first to the new file
+        store.repair()
+        assert first.lost is not None
+        assert "another process holds it now" in first.lost
+        assert store.health() == first.lost
+        other.release()
+        store.repair()  # free again: taken
+        assert first.lost is None and store.health() is None
+    finally:
+        store.close()

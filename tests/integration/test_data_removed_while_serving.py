@@ -1,0 +1,73 @@
+"""The data directory removed while the server runs (an operator's ``rm -rf``, a temp-file
+cleaner under ``/tmp``): what the server acknowledged, before and after, survives a restart.
+
+The server kept serving from memory and kept writing each session's records to its log's
+descriptor, a file no longer in any folder: steps were acknowledged and a ``kill -9`` then lost
+them, and a session with nothing to write lost everything. Its lock's file went too, so a
+second server could take the directory. Now its maintenance (every ``min(snapshot_every_s, 60)
+/ 4`` s) finds sessions whose files are gone and writes them again from memory, a snapshot
+that drops the unlinked log for a new one, and takes the lock again."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests import forked_server
+from tests.integration.test_durability import Proc
+from tests.integration.test_two_servers_one_data_dir import REPO, Local, assert_holds, step
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_removed_data_dir_is_written_again_and_nothing_acknowledged_is_lost(
+        tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    # maintenance every second (snapshots due after 4 s: an idle session is never due)
+    proc = Proc(data, env={"OPTSERVE_SNAPSHOT_EVERY_S": "4"}).start()
+    second = None
+    try:
+        url = proc.url
+        twins = {"idle": Local(), "busy": Local()}
+        for sid, local in twins.items():
+            r = httpx.post(f"{url}/v1/sessions", json={**local.create_body(), "id": sid})
+            assert r.status_code == 201, r.text
+        assert step(url, twins["busy"], 1, "busy") == 1
+        # idle: snapshotted once (its create's record then cut from its log), never due again
+        idle = data / "sessions" / "default~idle"
+        deadline = time.monotonic() + 60
+        while (idle / "wal.bin").stat().st_size or not (idle / "snapshot.bin").exists():
+            assert time.monotonic() < deadline, proc.log()
+            time.sleep(0.1)
+        shutil.rmtree(data)
+        for k in (2, 3):  # acknowledged while their files are gone
+            assert step(url, twins["busy"], k, "busy") == k
+        deadline = time.monotonic() + 60
+        while not all((data / "sessions" / f"default~{sid}" / "snapshot.bin").exists()
+                      for sid in twins) or not (data / ".lock").exists():
+            assert time.monotonic() < deadline, proc.log()
+            time.sleep(0.1)
+        assert "were removed from the data directory while the server ran" in proc.log()
+        assert step(url, twins["busy"], 4, "busy") == 4  # after the heal: to the new log
+        # the lock is held again: a second server is refused
+        log = tmp_path / "second.log"
+        env = {"OPTSERVE_HOST": "127.0.0.1", "OPTSERVE_PORT": "1", "OPTSERVE_DATA_DIR": str(data),
+               "OPTSERVE_DEVICE": "cpu", "OPTSERVE_WARM_UP": "0",
+               "OPTSERVE_DATA_DIR_WAIT_S": "0.5"}
+        second = forked_server.start(env, REPO, log)
+        assert second.wait(120) == 1, log.read_text(errors="replace")
+        assert "is in use by another optserve process" in log.read_text(errors="replace")
+        proc.kill9()
+        proc.start()
+        assert_holds(proc.url, twins["idle"], 0, "idle")
+        assert_holds(proc.url, twins["busy"], 4, "busy")
+        assert step(proc.url, twins["busy"], 5, "busy") == 5
+        assert step(proc.url, twins["idle"], 6, "idle") == 1
+    finally:
+        if second is not None and second.poll() is None:
+            second.kill()
+        proc.stop()
