@@ -991,6 +991,8 @@ class EmbeddedHost:
         :meth:`execute`."""
         store = self._store if s.durability != "memory" else None
         record_keys = [(k.key, k.fingerprint) for k in keys]
+        if store is not None and store.log_removed(key):
+            await self._write_again(key, s, store)
 
         def check() -> Any:
             plan = op.check(s)
@@ -1389,6 +1391,20 @@ class EmbeddedHost:
         s.snapshot_time = time.monotonic()
         await self._in_io(release_memory)
 
+    async def _write_again(self, key: str, s: Session, store: Store) -> None:
+        """The session's files were removed from the data directory while the server ran:
+        write them again from memory (a snapshot, then a new log; the caller holds its lock).
+        Where that fails, the operation that found it is refused (503): its record would go to
+        a file no restart reads."""
+        log.error("the files of session %s were removed from the data directory while the "
+                  "server ran: writing them again from memory", key)
+        await self._snapshot(key, s)
+        if store.log_removed(key) or not await self._in_io(lambda: store.exists(key)):
+            raise Unavailable(f"the files of session {split_key(key)[1]!r:.140} were removed "
+                              "from the data directory while the server ran, and writing them "
+                              "again failed: nothing was applied", code="storage_error",
+                              retry_after=2)
+
     async def _maintain(self) -> None:
         """Snapshot sessions that have logged operations for a while, heal logs a failed
         background fsync left in doubt, write again from memory the sessions whose files were
@@ -1412,11 +1428,12 @@ class EmbeddedHost:
                         now - s.snapshot_time >= self.config.snapshot_every_s
                     if due or key in suspects or key in removed:
                         async with self._lock(key):
-                            if self._sessions.get(key) is s:
-                                if key in removed:
-                                    log.error("the files of session %s were removed from the "
-                                              "data directory while the server ran: writing "
-                                              "them again from memory", key)
+                            if self._sessions.get(key) is not s:
+                                continue
+                            if key in removed:
+                                with contextlib.suppress(OptserveError):  # (logged)
+                                    await self._write_again(key, s, store)
+                            else:
                                 await self._snapshot(key, s)
                 await self._in_io_whole(self._store.repair)
             except asyncio.CancelledError:

@@ -843,6 +843,14 @@ class Store:
                 gone.append(session_id)
         return gone
 
+    def log_removed(self, session_id: str) -> bool:
+        """Whether the session's open log is a file no folder holds any more (the data
+        directory removed while the server runs): cheap enough for every operation (one
+        ``fstat``, no lock: a descriptor the bound closes meanwhile answers False, or, reused,
+        whatever its new file says)."""
+        lg = self._logs.get(session_id)
+        return lg is not None and not lg.closed and self._unlinked(lg)
+
     def _unlinked(self, lg: _Log) -> bool:
         """Whether the log's open descriptor is a file no folder holds any more (under
         ``lg.lock``)."""

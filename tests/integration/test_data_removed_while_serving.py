@@ -71,3 +71,27 @@ def test_a_removed_data_dir_is_written_again_and_nothing_acknowledged_is_lost(
         if second is not None and second.poll() is None:
             second.kill()
         proc.stop()
+
+
+def test_a_step_after_the_removal_writes_its_session_again_before_it_is_acknowledged(
+        tmp_path: Path) -> None:
+    """At the default maintenance period (15 s), a step that finds its log removed writes its
+    session again first: a ``kill -9`` right after its answer loses nothing."""
+    data = tmp_path / "data"
+    proc = Proc(data).start()
+    try:
+        local = Local()
+        r = httpx.post(f"{proc.url}/v1/sessions", json={**local.create_body(), "id": "busy"})
+        assert r.status_code == 201, r.text
+        assert step(proc.url, local, 1, "busy") == 1
+        shutil.rmtree(data)
+        assert step(proc.url, local, 2, "busy") == 2
+        assert step(proc.url, local, 3, "busy") == 3
+        proc.kill9()
+        killed_log = proc.log()
+        proc.start()
+        assert_holds(proc.url, local, 3, "busy")
+        assert "the files of session default~busy were removed" in killed_log
+        assert step(proc.url, local, 4, "busy") == 4
+    finally:
+        proc.stop()
