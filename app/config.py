@@ -314,7 +314,6 @@ def describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-
 #: OPTSERVE_* names that are no server setting but another tool's here, close to a setting's
 #: name (the Python SDK's key; the tests' body bound): never reported as a misspelt setting
 NOT_SETTINGS = frozenset({"OPTSERVE_API_KEY"})
@@ -356,6 +355,7 @@ def dotenv_names(path: str | Path = ".env") -> list[str]:
         return [k for k in dotenv_values(path) if k]
     except (OSError, ImportError, UnicodeDecodeError, ValueError):
         return []
+
 
 def load_settings(**overrides: object) -> Settings:
     """The settings from the environment (and ``.env``); :class:`ConfigError` (one line naming

@@ -18,7 +18,6 @@ a configuration to fix). A directory from before this file is told by what it ho
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -86,18 +85,12 @@ def claim(data_dir: Path, engine: str) -> None:
     path = data_dir / ENGINE_FILE
     if path.exists():
         return
-    tmp = data_dir / f".{ENGINE_FILE}.{os.getpid()}.tmp"
+    from app.engine.store import write_atomic  # (the engine's: only once the server starts)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            f.write(f"{engine}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, [f"{engine}\n".encode()])
     except OSError as exc:
         log.warning("could not note the engine in %s: %s", path, exc.strerror or exc)
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
 
 
 class DataDirOfAnotherEngine(RuntimeError):

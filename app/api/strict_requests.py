@@ -62,44 +62,32 @@ def documented(app: Any, path: str, method: str, where: str) -> frozenset[str]:
     return out
 
 
-def refuse_unevaluated(request: Request, evaluated: frozenset[str], what: str,
-                       create: bool = False) -> None:
-    """422 ``unsupported_precondition`` for an ``If-Match``/``If-None-Match`` ``what`` (an
-    operation, as a detail names it) does not evaluate (``evaluated``: lowercase names)."""
+WORKER = "x-optserve-worker"
+
+
+def refuse_unacted_headers(request: Request, path: str, method: str) -> None:
+    """On a change, the preconditions and the worker ``method path`` does not act on
+    (``documented``: the headers its operation lists): 422 ``unsupported_precondition`` /
+    ``unsupported_header``, with nothing done. The route's check, and the step's lane's
+    (``step_lane``: it calls the step's endpoint without the router)."""
     headers = request.headers
+    what = f"{method} {path}"
     for key, name in PRECONDITIONS.items():
-        if key in evaluated or key not in headers:
+        if key not in headers or key in documented(request.app, path, method, "header"):
             continue
-        if create and key == "if-none-match" and headers.getlist(key) == ["*"]:
-            continue
+        if (key == "if-none-match" and method == "POST" and path == "/v1/sessions"
+                and headers.getlist(key) == ["*"]):
+            continue  # (a create never replaces a session)
         raise Invalid(f"{what} does not evaluate {name}: it would run whatever the session's "
                       f"version; nothing was done (If-Match is a precondition of PUT "
                       f".../state_dict, and the base version of POST .../step)",
                       code="unsupported_precondition", field=name)
-
-
-WORKER = "x-optserve-worker"
-
-
-def worker_not_taken(what: str) -> Invalid:
-    """422 ``unsupported_header``: ``X-Optserve-Worker`` on a change that does not take it (a
-    worker's gradients named on ``POST .../grads`` would go to the session's accumulator, which
-    every worker shares, not into that worker's push to a round)."""
-    return Invalid(f"{what} does not take X-Optserve-Worker: a worker pushes its gradients in "
-                   f"a step (POST .../step); nothing was done",
-                   code="unsupported_header", field="X-Optserve-Worker")
-
-
-def refuse_unacted_headers(request: Request, path: str, method: str) -> None:
-    """On a change, the preconditions and the worker ``method path`` does not act on: 422
-    ``unsupported_precondition`` / ``unsupported_header``. The route's check, and the step's
-    lane's (``step_lane``: it calls the step's endpoint without the router)."""
-    headers = request.headers
-    if any(k in headers for k in PRECONDITIONS):
-        refuse_unevaluated(request, documented(request.app, path, method, "header"),
-                           f"{method} {path}", create=method == "POST" and path == "/v1/sessions")
     if WORKER in headers and WORKER not in documented(request.app, path, method, "header"):
-        raise worker_not_taken(f"{method} {path}")
+        # (a worker's gradients named on POST .../grads would go to the session's
+        # accumulator, which every worker shares, not into that worker's push to a round)
+        raise Invalid(f"{what} does not take X-Optserve-Worker: a worker pushes its gradients "
+                      "in a step (POST .../step); nothing was done",
+                      code="unsupported_header", field="X-Optserve-Worker")
 
 
 class StrictRoute(APIRoute):

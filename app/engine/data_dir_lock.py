@@ -118,29 +118,27 @@ class DataDirLock:
         except OSError as exc:
             log.warning("checking the lock %s: %s", self.path, exc)
             return
+        gone = f"the data directory's lock {self.path} was removed while the server ran"
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            new = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            new, is_file = self._open()
         except OSError as exc:
-            self.lost = (f"the data directory's lock {self.path} was removed while the server "
-                         f"ran and cannot be made again: {exc.strerror or exc}")
+            self.lost = f"{gone} and cannot be made again: {exc.strerror or exc}"
             log.error("%s", self.lost)
             return
         try:
             fcntl.flock(new, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(new)
-            self.lost = (f"the data directory's lock {self.path} was removed while the server "
-                         f"ran, and another process holds it now ({self._holder(True)}): two "
-                         "servers write one data directory; stop one of them")
+            self.lost = (f"{gone}, and another process holds it now ({self._holder(is_file)}): "
+                         "two servers write one data directory; stop one of them")
             log.error("%s", self.lost)
             return
-        self._note_holder(new)
-        self._fd = new
+        if is_file:
+            self._note_holder(new)
+        self._fd, self._is_file = new, is_file
         os.close(fd)
         self.lost = None
-        log.warning("the data directory's lock %s was removed while the server ran: taken "
-                    "again", self.path)
+        log.warning("%s: taken again", gone)
 
     def release(self) -> None:
         """Drop the lock (closing its descriptor drops the ``flock``)."""
@@ -150,8 +148,10 @@ class DataDirLock:
             os.close(fd)
 
     def _open(self) -> tuple[int, bool]:
-        """A descriptor to lock: the lock's file, or the directory where the file cannot be
-        made for want of space; and whether it is the file."""
+        """A descriptor to lock (the directory made first where it is missing): the lock's
+        file, or the directory where the file cannot be made for want of space; and whether it
+        is the file."""
+        self.root.mkdir(parents=True, exist_ok=True)
         try:
             return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), True
         except OSError as exc:

@@ -70,6 +70,10 @@ class History:
     def fields(self) -> list[str]:
         return list(self._cols)
 
+    def has(self, name: str) -> bool:
+        """Whether the history has a column ``name``."""
+        return name in self._cols
+
     def append(self, row: dict[str, float]) -> int:
         """Add a row (``n`` is assigned here); returns its n."""
         n = self.next_n

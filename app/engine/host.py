@@ -1256,22 +1256,25 @@ class EmbeddedHost:
                 continue
             except Exception as exc:  # noqa: BLE001 - refuse this one, serve the rest
                 # relative to the sessions directory: /readyz shows it to the tenant
-                reason = f"{type(exc).__name__}: {exc}".replace(
-                    f"{self._store.sessions_dir}/", "")
-                self._refused[key] = reason
-                log.error("refusing stored session %s: %s", key, reason)
+                self._refuse_stored(key, f"{type(exc).__name__}: {exc}".replace(
+                    f"{self._store.sessions_dir}/", ""))
                 self._keep_refused_create(key)
                 continue
             misnamed = _misnamed(key, session.id)
             if misnamed is not None:  # (its create key is its original's, not this folder's)
-                self._refused[key] = misnamed
-                log.error("refusing stored session %s: %s", key, misnamed)
+                self._refuse_stored(key, misnamed)
                 continue
             self._sessions[key] = session
             log.info("restored session %s at version %d (%d logged operations replayed%s) in "
                      "%.2f s", key, session.version, replayed,
                      ", torn last record dropped" if torn else "",
                      time.perf_counter() - started)
+
+    def _refuse_stored(self, key: str, reason: str) -> None:
+        """Leave the stored session ``key`` out of service, its files as they are (``/readyz``
+        lists it with ``reason``)."""
+        self._refused[key] = reason
+        log.error("refusing stored session %s: %s", key, reason)
 
     def _keep_refused_create(self, key: str) -> None:
         """Keep the create key of a session refused at start, as its snapshot's or its
@@ -1416,7 +1419,7 @@ class EmbeddedHost:
         while True:
             await asyncio.sleep(period)
             try:
-                suspects = set(self._store.suspects())
+                suspects = set(store.suspects())
                 kept = [k for k, s in self._sessions.items() if s.durability != "memory"]
                 removed = set(await self._in_io(functools.partial(store.removed, kept)))
                 now = time.monotonic()
@@ -1435,7 +1438,7 @@ class EmbeddedHost:
                                     await self._write_again(key, s, store)
                             else:
                                 await self._snapshot(key, s)
-                await self._in_io_whole(self._store.repair)
+                await self._in_io_whole(store.repair)
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let maintenance die

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from app.engine import chunked, norm_pieces
+from app.engine.history import SCALARS_PREFIX
 from app.engine.interface import json_float
 from app.engine.worker import after_job
 from app.errors import Invalid
@@ -149,7 +150,7 @@ class StepMetrics:
             row["workers"] = len(self.workers)
         row.update(group_columns(self.groups))
         for k, v in self.scalars.items():
-            row[f"scalars.{k}"] = v
+            row[SCALARS_PREFIX + k] = v
         return row
 
 
@@ -652,13 +653,14 @@ def check_scalar_names(s: Session, scalars: dict[str, float] | None,
     """422 ``invalid_scalars`` when ``scalars`` would bring the session's distinct scalar
     names (its history's columns and those pushed for the next step) past
     :data:`MAX_SCALAR_NAMES`; names it has already are always taken."""
-    if not scalars:
-        return
-    prefix = len("scalars.")
-    known = {name[prefix:] for name in s.history.fields if name.startswith("scalars.")}
+    if not scalars or all(s.history.has(SCALARS_PREFIX + name) or name in s.pending_scalars
+                          for name in scalars):
+        return  # (names it has: the usual step, not a scan of every column)
+    known = {name[len(SCALARS_PREFIX):] for name in s.history.fields
+             if name.startswith(SCALARS_PREFIX)}
     known.update(s.pending_scalars)
     new = [name for name in scalars if name not in known]
-    if new and len(known) + len(new) > MAX_SCALAR_NAMES:
+    if len(known) + len(new) > MAX_SCALAR_NAMES:
         raise Invalid(f"this session keeps at most {MAX_SCALAR_NAMES} distinct scalar names "
                       f"and has {len(known)}: {new[0]!r} would be another (its history keeps "
                       "a column per name; send a value per step under the same names, e.g. "

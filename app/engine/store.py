@@ -403,7 +403,6 @@ class Store:
         """Take the data directory (:class:`~app.engine.data_dir_lock.DataDirLock`: raises
         :class:`~app.engine.data_dir_lock.DataDirInUse` when another process keeps it), clean
         what a crash left, and start the interval flusher."""
-        self.root.mkdir(parents=True, exist_ok=True)
         self.lock.acquire(self.lock_wait_s)
         try:
             self._clean_and_start()

@@ -12,6 +12,7 @@ The Ray side is the real router and host actors, in this process (``tests.unit.t
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -59,17 +60,28 @@ async def assert_both_served(front: Front) -> None:
         assert_tensors_equal(out.params, expected)
 
 
+def run_on(make: Callable[[], Front], stop: Callable[[Front], Awaitable[None]],
+           work: Callable[[Front], Awaitable[None]]) -> None:
+    """``work`` on a front ``make`` gives, started, then ``stop``."""
+    async def run() -> None:
+        front = make()
+        await front.start()
+        try:
+            await work(front)
+        finally:
+            await stop(front)
+
+    asyncio.run(run())
+
+
 def test_the_embedded_engine_refuses_a_ray_data_dir_and_leaves_it_whole(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cluster = Cluster(tmp_path, monkeypatch)
 
-    async def made() -> None:
-        front = cluster.front()
-        await front.start()
-        await make_two(front)
+    async def killed(front: Front) -> None:
         await cluster.kill()
 
-    asyncio.run(made())
+    run_on(cluster.front, killed, make_two)
     assert owners(tmp_path) == {"ray"}  # (told by its layout: the router made no file)
     before = stored_files(tmp_path)
     with pytest.raises(DataDirOfAnotherEngine) as refused:
@@ -79,15 +91,7 @@ def test_the_embedded_engine_refuses_a_ray_data_dir_and_leaves_it_whole(
     assert "runs the embedded engine (OPTSERVE_ENGINE=embedded)" in message
     assert stored_files(tmp_path) == before  # the sharded session's entry included
 
-    async def served() -> None:
-        front = cluster.front()
-        await front.start()
-        try:
-            await assert_both_served(front)
-        finally:
-            await cluster.kill()
-
-    asyncio.run(served())
+    run_on(cluster.front, killed, assert_both_served)
     claim(tmp_path, "ray")  # what a Ray front's start does: noted, and still refused
     assert (tmp_path / ENGINE_FILE).read_text() == "ray\n"
     with pytest.raises(DataDirOfAnotherEngine):
@@ -96,13 +100,10 @@ def test_the_embedded_engine_refuses_a_ray_data_dir_and_leaves_it_whole(
 
 def test_the_ray_engine_refuses_an_embedded_data_dir_and_leaves_it_whole(
         tmp_path: Path) -> None:
-    async def made() -> None:
-        front = make_engine(settings(tmp_path, "embedded"))
-        await front.start()
-        await make_two(front)
-        await front.stop()
+    def embedded() -> Front:
+        return make_engine(settings(tmp_path, "embedded"))
 
-    asyncio.run(made())
+    run_on(embedded, Front.stop, make_two)
     assert (tmp_path / ENGINE_FILE).read_text() == "embedded\n"
     for noted in (True, False):  # noted in its file, then told by its layout
         if not noted:
@@ -113,15 +114,7 @@ def test_the_ray_engine_refuses_an_embedded_data_dir_and_leaves_it_whole(
         assert "holds the embedded engine's sessions" in str(refused.value)
         assert stored_files(tmp_path) == before
 
-    async def served() -> None:
-        front = make_engine(settings(tmp_path, "embedded"))
-        await front.start()
-        try:
-            await assert_both_served(front)
-        finally:
-            await front.stop()
-
-    asyncio.run(served())
+    run_on(embedded, Front.stop, assert_both_served)
 
 
 def test_what_a_directory_without_its_file_is_told_by(tmp_path: Path) -> None:
