@@ -12,7 +12,7 @@ of them is one line.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from fastapi import FastAPI
 
@@ -467,13 +467,12 @@ HEADERS: dict[str, dict[str, Any]] = {
                        "409 stale_gradient past max_staleness, or when older than the "
                        "session's latest overwrite or state import",
         "schema": _VERSION_TAG},
-    "If-Match (import)": {
+    "If-Match (change)": {
         "name": "If-Match", "in": "header", "required": False,
-        "description": "import only if the session is still at this version (the ETag the "
-                       "state was read with; as ?base_version=): 412 precondition_failed "
-                       "otherwise, nothing imported. A version moves with steps, imports and "
-                       "overwrites only: name ?base_revision= to also refuse after option "
-                       "changes",
+        "description": "apply only if the session is still at this version (the ETag it was "
+                       "read with; as ?base_version=): 412 precondition_failed otherwise, "
+                       "nothing done. A version moves with steps, imports and overwrites "
+                       "only: name ?base_revision= to also refuse after option changes",
         "schema": _VERSION_TAG},
     "If-None-Match": {
         "name": "If-None-Match", "in": "header", "required": False,
@@ -507,17 +506,17 @@ QUERY: dict[str, dict[str, Any]] = {
                        "stale_gradient past max_staleness, or when older than the session's "
                        "latest overwrite or state import",
         "schema": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}},
-    "base_version (import)": {
+    "base_version (change)": {
         "name": "base_version", "in": "query", "required": False,
-        "description": "import only if the session is still at this version (or If-Match): "
-                       "412 precondition_failed otherwise, nothing imported",
+        "description": "apply only if the session is still at this version (or If-Match): "
+                       "412 precondition_failed otherwise, nothing done",
         "schema": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}},
     "base_revision": {
         "name": "base_revision", "in": "query", "required": False,
-        "description": "import only if the session is still at this revision (its "
+        "description": "apply only if the session is still at this revision (its "
                        "X-Optserve-Revision: nothing at all changed since, option changes and "
                        "scheduler steps included): 412 precondition_failed otherwise, nothing "
-                       "imported",
+                       "done",
         "schema": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}},
     "upcast": {
         "name": "upcast", "in": "query", "required": False,
@@ -625,6 +624,19 @@ class Op:
 
 
 S = "/v1/sessions/{session_id}"
+
+
+class _Conditional(TypedDict):
+    query: tuple[str, ...]
+    headers: tuple[str, ...]
+    problems: tuple[str, ...]
+
+
+#: what a change that takes a precondition lists (``Expected``: If-Match / ?base_version=,
+#: ?base_revision=; 412 when the session is no longer there)
+CONDITIONAL: _Conditional = {
+    "query": ("base_version (change)", "base_revision"), "headers": ("If-Match (change)",),
+    "problems": ("412",)}
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("get", "/healthz"): Op("health", ok="Health"),
     ("get", "/readyz"): Op("ready", ok="Ready", problems=("503",)),
@@ -636,8 +648,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("post", "/v1/sessions"): Op("createSession", "CreateSession", body_binary=True,
                                  ok="Session", versioned=True, links=True),
     ("get", S): Op("getSession", ok="Session", versioned=True),
-    ("delete", S): Op("deleteSession", ok=None),
-    ("patch", S): Op("configureSession", "PsOptions", ok="Session", versioned=True),
+    ("delete", S): Op("deleteSession", ok=None, **CONDITIONAL),
+    ("patch", S): Op("configureSession", "PsOptions", ok="Session", versioned=True,
+                     **CONDITIONAL),
     ("post", f"{S}/step"): Op("step", "StepBody", body_binary=True, ok="StepResult",
                               ok_binary=True, versioned=True,
                               query=STEP_QUERY,
@@ -655,19 +668,23 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                          query=("encoding",)),
     ("delete", f"{S}/step/{{step_id}}"): Op("abandonStep", ok="Object"),
     ("put", f"{S}/params"): Op("putParams", "ParamsBody", body_binary=True, ok="Params",
-                               ok_binary=True, versioned=True, query=("encoding",)),
+                               ok_binary=True, versioned=True,
+                               query=("encoding", *CONDITIONAL["query"]),
+                               headers=CONDITIONAL["headers"],
+                               problems=CONDITIONAL["problems"]),
     ("post", f"{S}/param_groups"): Op("addParamGroup", "ParamGroup", body_binary=True,
-                                      ok="Session", versioned=True),
+                                      ok="Session", versioned=True, **CONDITIONAL),
     ("patch", f"{S}/param_groups/{{index}}"): Op("updateParamGroup", "GroupOptions",
-                                                 ok="Session", versioned=True),
+                                                 ok="Session", versioned=True, **CONDITIONAL),
     ("post", f"{S}/scheduler/step"): Op("schedulerStep", "SchedulerStep", body_optional=True,
-                                        ok="Version", versioned=True),
+                                        ok="Version", versioned=True, **CONDITIONAL),
     ("get", f"{S}/state_dict"): Op("exportState", ok="StateDict", ok_binary=True,
                                    versioned=True, query=("format", "encoding")),
     ("put", f"{S}/state_dict"): Op("importState", "StateDict", body_binary=True, ok="Session",
                                    versioned=True,
-                                   query=("format", "base_version (import)", "base_revision"),
-                                   headers=("If-Match (import)",), problems=("412",)),
+                                   query=("format", *CONDITIONAL["query"]),
+                                   headers=CONDITIONAL["headers"],
+                                   problems=CONDITIONAL["problems"]),
     ("get", f"{S}/history"): Op("getHistory", ok="History", ok_also=(CSV,)),
 }
 ALSO_DESCRIPTIONS = {CSV: "the same columns as CSV: a header row, then one line per row (or "

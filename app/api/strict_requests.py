@@ -11,10 +11,11 @@ parameters its OpenAPI document lists (those FastAPI sees in the endpoint's sign
 
 On a change (``POST``, ``PUT``, ``PATCH``, ``DELETE``), likewise:
 - ``If-Match`` / ``If-None-Match`` where not evaluated: RFC 9110 has a server not perform a
-  method whose precondition is false. Only the step (its base version) and the state import
-  evaluate ``If-Match``, and row pulls ``If-None-Match``; anywhere else (a ``DELETE`` of a
-  session, a ``PUT`` of its parameters) the change would happen whatever the session's
-  version, so it is a 422 ``unsupported_precondition`` naming the header, with nothing done.
+  method whose precondition is false. The step (its base version) and the changes whose
+  operation lists it (``openapi_docs.CONDITIONAL``: the state import, an overwrite, PATCHes,
+  ...) evaluate ``If-Match``, and row pulls ``If-None-Match``; anywhere else (a ``DELETE`` of a
+  session, a push) the change would happen whatever the session's version, so it is a 422
+  ``unsupported_precondition`` naming the header, with nothing done.
   ``If-None-Match: *`` on a create asks what a create always does (it never replaces a
   session: 409 ``session_exists``);
 - ``X-Optserve-Worker`` where not taken (only a step takes it): on ``POST .../grads`` a
@@ -79,8 +80,8 @@ def refuse_unacted_headers(request: Request, path: str, method: str) -> None:
                 and headers.getlist(key) == ["*"]):
             continue  # (a create never replaces a session)
         raise Invalid(f"{what} does not evaluate {name}: it would run whatever the session's "
-                      f"version; nothing was done (If-Match is a precondition of PUT "
-                      f".../state_dict, and the base version of POST .../step)",
+                      f"version; nothing was done (If-Match is a precondition of the changes "
+                      f"that list it in /openapi.json, and the base version of POST .../step)",
                       code="unsupported_precondition", field=name)
     if WORKER in headers and WORKER not in documented(request.app, path, method, "header"):
         # (a worker's gradients named on POST .../grads would go to the session's

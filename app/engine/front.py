@@ -43,6 +43,7 @@ from app.engine.metrics import check_scalars
 from app.engine.ops import (
     AddParamGroup,
     Configure,
+    Expected,
     ImportState,
     Operation,
     Overwrite,
@@ -176,13 +177,14 @@ class Front:
         return await self.router.list_sessions(session_key(tenant, ""))
 
     async def delete(self, session_id: str, *, tenant: str = DEFAULT_TENANT,
-                     idem: IdemKey | None = None) -> bool:
+                     idem: IdemKey | None = None, expected: Expected | None = None) -> bool:
         """Delete the session; True when this was a retry of a delete already done (the
         session's host keeps keyed deletes durably; this front also remembers the keys it
         answered, for hosts that no longer know the session)."""
         gone = self._tombstones.get((tenant, idem.key)) if idem is not None else None
         try:
-            replayed = await self.router.delete(session_key(tenant, session_id), idem=idem)
+            replayed = await self.router.delete(session_key(tenant, session_id), idem=idem,
+                                                expected=expected)
         except NotFound:
             if gone is None:
                 raise
@@ -314,14 +316,15 @@ class Front:
                                         unless_versions=unless_versions)
 
     async def overwrite(self, session_id: str, params: Tensors, *,
-                        tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
-                        ) -> ParamsResult:
-        out: ParamsResult = await self._execute(tenant, session_id, Overwrite(params), idem)
+                        tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
+                        expected: Expected | None = None) -> ParamsResult:
+        out: ParamsResult = await self._execute(tenant, session_id,
+                                                Overwrite(params, expected=expected), idem)
         return out
 
     async def add_param_group(self, session_id: str, group: GroupSpec, *,
-                              tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
-                              ) -> SessionInfo:
+                              tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
+                              expected: Expected | None = None) -> SessionInfo:
         host, key = await self._host(tenant, session_id)
         if self.limits.max_session_elements:
             info = await host.describe(key)
@@ -330,35 +333,36 @@ class Front:
         # (the groups' bound is checked with the operation, under the session's lock)
         out: SessionInfo = await host.execute(
             key, AddParamGroup(group.params, group.options, request=True,
-                               max_groups=self.limits.max_param_groups, tensor_range=True),
+                               max_groups=self.limits.max_param_groups, tensor_range=True,
+                               expected=expected),
             idem=idem)
         return out
 
     async def update_param_group(self, session_id: str, index: int, options: dict[str, Any],
-                                 *, tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
-                                 ) -> SessionInfo:
-        out: SessionInfo = await self._execute(tenant, session_id,
-                                               UpdateParamGroup(index, options, request=True,
-                                                                tensor_range=True),
-                                               idem)
+                                 *, tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
+                                 expected: Expected | None = None) -> SessionInfo:
+        op = UpdateParamGroup(index, options, request=True, tensor_range=True,
+                              expected=expected)
+        out: SessionInfo = await self._execute(tenant, session_id, op, idem)
         return out
 
     async def configure(self, session_id: str, options: dict[str, Any], *,
-                        tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
-                        ) -> SessionInfo:
+                        tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
+                        expected: Expected | None = None) -> SessionInfo:
         host, key = await self._host(tenant, session_id)
         ps.check_requested(options)  # (here, not in the record's check: older records replay)
-        done: SessionInfo = await host.execute(key, Configure(options, request=True),
-                                               idem=idem)
+        done: SessionInfo = await host.execute(
+            key, Configure(options, request=True, expected=expected), idem=idem)
         info = await host.describe(key)  # with the open sync round's pending workers
         info.replayed = done.replayed
         return info
 
     # ------------------------------------------------------------------ state
     async def scheduler_step(self, session_id: str, metric: float | None, *,
-                             tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None
-                             ) -> SchedulerResult:
-        op = SchedulerStep(metric, scheduler_range=True, tensor_range=True, counter_range=True)
+                             tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
+                             expected: Expected | None = None) -> SchedulerResult:
+        op = SchedulerStep(metric, scheduler_range=True, tensor_range=True, counter_range=True,
+                           expected=expected)
         out: SchedulerResult = await self._execute(tenant, session_id, op, idem)
         return out
 
@@ -373,14 +377,12 @@ class Front:
 
     async def import_state(self, session_id: str, state: dict[str, Any], *,
                            tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
-                           base_version: int | None = None, base_revision: int | None = None
-                           ) -> SessionInfo:
+                           expected: Expected | None = None) -> SessionInfo:
         # what a torch.save file held as one tensor, found before anything encodes the state
         # (off the event loop: every tensor of it is looked at)
         shared = await asyncio.to_thread(state_aliases.examine, state)
         op = ImportState(state, request=True, scheduler_range=True, tensor_range=True,
-                         base_version=base_version, base_revision=base_revision,
-                         shared=shared)
+                         shared=shared, expected=expected)
         out: SessionInfo = await self._execute(tenant, session_id, op, idem)
         return out
 

@@ -97,6 +97,7 @@ from app.engine.ops import (
     ApplyFailed,
     Configure,
     CreateSession,
+    Expected,
     ImportState,
     Operation,
     Overwrite,
@@ -109,7 +110,14 @@ from app.engine.session import Session
 from app.engine.shards import shard_index, shown_id
 from app.engine.store import Files, Store, StoreCorrupt
 from app.engine.worker import DeviceWorker, Observer
-from app.errors import Conflict, Invalid, NotFound, OptserveError, Unavailable
+from app.errors import (
+    Conflict,
+    Invalid,
+    NotFound,
+    OptserveError,
+    PreconditionFailed,
+    Unavailable,
+)
 from app.runtime import release_memory
 from app.wire.kept_by_header import forget_all as forget_kept_by_header
 from app.wire.safetensors_body import pack
@@ -724,12 +732,28 @@ class EmbeddedHost:
             state_order.note_new(session)
         return session
 
-    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
-        """Delete the session; True when this was a retry of a delete already done."""
+    async def delete(self, key: str, *, idem: IdemKey | None = None,
+                     expected: Expected | None = None) -> bool:
+        """Delete the session; True when this was a retry of a delete already done.
+        ``expected``: only if the session is still at that version and/or revision (412
+        otherwise, nothing done)."""
         async with self._keyed(split_key(key)[0], idem):
-            return await self._delete(key, idem)
+            return await self._delete(key, idem, expected)
 
-    async def _delete(self, key: str, idem: IdemKey | None) -> bool:
+    def _delete_expected(self, key: str, expected: Expected | None) -> None:
+        """A conditional delete's precondition (412 unless it holds; NotFound without the
+        session). A session refused at start has no version to hold."""
+        if key in self._damaged:
+            if expected is not None:
+                raise PreconditionFailed(
+                    f"session {split_key(key)[1]!r:.140} could not be read at start, so it is "
+                    "at no version; delete it without a precondition", field="base_version")
+            return
+        s = self._get(key)
+        if expected is not None:
+            expected.check(s)
+
+    async def _delete(self, key: str, idem: IdemKey | None, expected: Expected | None) -> bool:
         from app.engine.shards import parent_of, shard_index
         tenant, session_id = split_key(key)
         parent = parent_of(key)
@@ -751,10 +775,12 @@ class EmbeddedHost:
                                   "request; use a fresh key for every new operation",
                                   code="idempotency_key_reused", field="Idempotency-Key")
                 return True
+        # (before an open LBFGS step is abandoned, and again under the lock: a refused delete
+        # leaves everything as it was)
+        self._delete_expected(key, expected)
         await self._evaluations.abandon_all(key)
         async with self._lock(key):
-            if key not in self._damaged:
-                self._get(key)
+            self._delete_expected(key, expected)
             created = self._created_by(key)
             if self._store is not None:
                 store = self._store
@@ -995,7 +1021,7 @@ class EmbeddedHost:
             await self._write_again(key, s, store)
 
         def check() -> Any:
-            plan = op.check(s)
+            plan = op.checked(s)
             if params_into is not None and params_dtype is None and isinstance(op, Step):
                 s.check_room(params_into, op.grads)  # (slots no gradient came in for)
             return plan

@@ -99,7 +99,7 @@ from app.engine.interface import (
     Tensors,
     split_key,
 )
-from app.engine.ops import CreateSession, Operation, decode
+from app.engine.ops import CreateSession, Expected, Operation, decode, wire_tree
 from app.engine.placement import check_resources, shape_key
 from app.engine.router import Admit, Checked, Host, InProcessHost, SessionHost, parent_key
 from app.engine.shards import (
@@ -243,7 +243,7 @@ def result_from_wire(result: Any) -> Any:
 
 
 def op_to_wire(op: Operation) -> tuple[str, Any]:
-    return op.kind, tree_to_wire(op.to_tree())
+    return op.kind, tree_to_wire(wire_tree(op))
 
 
 def op_from_wire(wire: tuple[str, Any]) -> Operation:
@@ -460,8 +460,9 @@ class HostActor:
     async def export_state(self, key: str) -> Any:
         return result_to_wire(await (await self._ready()).export_state(key))
 
-    async def delete(self, key: str, idem: IdemKey | None) -> bool:
-        return bool(await (await self._ready()).delete(key, idem=idem))
+    async def delete(self, key: str, idem: IdemKey | None, expected: Expected | None = None
+                     ) -> bool:
+        return bool(await (await self._ready()).delete(key, idem=idem, expected=expected))
 
     async def prepare(self, key: str, op: tuple[str, Any], idem: IdemKey) -> Checked:
         return await (await self._ready()).prepare(key, op_from_wire(op), idem)
@@ -500,8 +501,8 @@ class HostActor:
         if method == "export_state":
             return result_to_wire(await session.export_state(key))
         if method == "delete":
-            (idem,) = args
-            replayed = await session.delete(key, idem=idem)
+            idem, expected = args
+            replayed = await session.delete(key, idem=idem, expected=expected)
             if self._coordinators.get(key, (None, None))[1] is session:
                 del self._coordinators[key]
             return replayed  # (a retry every shard answered from its tombstone: True)
@@ -694,8 +695,9 @@ class RayHost:
         out: StateExport = result_from_wire(await self.call("export_state", key, read=True))
         return out
 
-    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
-        return bool(await self.call("delete", key, idem))
+    async def delete(self, key: str, *, idem: IdemKey | None = None,
+                     expected: Expected | None = None) -> bool:
+        return bool(await self.call("delete", key, idem, expected))
 
     async def prepare(self, key: str, op: Operation, idem: IdemKey) -> Checked:
         out: Checked = await self.call("prepare", key, op_to_wire(op), idem)
@@ -753,8 +755,9 @@ class RemoteSharded:
         out: StateExport = await self._coordinate("export_state", read=True)
         return out
 
-    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
-        return bool(await self._coordinate("delete", idem))
+    async def delete(self, key: str, *, idem: IdemKey | None = None,
+                     expected: Expected | None = None) -> bool:
+        return bool(await self._coordinate("delete", idem, expected))
 
 
 # ============================================================================ the router
@@ -1352,7 +1355,8 @@ class RayRouter:
                                     return_exceptions=True)
         return [o for o in outs if isinstance(o, SessionInfo)]
 
-    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
+    async def delete(self, key: str, *, idem: IdemKey | None = None,
+                     expected: Expected | None = None) -> bool:
         tenant = split_key(key)[0]
         if idem is not None:
             # a keyed delete done already: answered, through any front (its hosts keep the
@@ -1381,7 +1385,7 @@ class RayRouter:
             # refusal, leaves the session whole, which a retried create is still answered with
             # (find_create), through any front
             self.directory.forget_created(tenant, entry["created_by"], key)
-        replayed = await host.delete(key, idem=idem)
+        replayed = await host.delete(key, idem=idem, expected=expected)
         if idem is not None:  # (before the entry goes: a crash between leaves the hosts' keys)
             self.directory.note_deleted(tenant, idem.key, idem.fingerprint, key)
         # (the entry of the creation deleted, read above, not whichever is there now: once
@@ -1452,8 +1456,9 @@ class _Placed:
         out: StateExport = await self._again(lambda h: h.export_state(key))
         return out
 
-    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
-        return await self.host.delete(key, idem=idem)
+    async def delete(self, key: str, *, idem: IdemKey | None = None,
+                     expected: Expected | None = None) -> bool:
+        return await self.host.delete(key, idem=idem, expected=expected)
 
 
 # ============================================================================ the engine

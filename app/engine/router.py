@@ -42,7 +42,7 @@ from app.engine.interface import (
     Tensors,
     split_key,
 )
-from app.engine.ops import Operation
+from app.engine.ops import Expected, Operation
 from app.engine.ops.gradients import StepPlan
 from app.engine.store import files_failing, storage_failure
 from app.errors import Conflict, NotFound, Unavailable
@@ -88,7 +88,8 @@ class SessionHost(Protocol):
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
     ) -> ParamsResult: ...
     async def export_state(self, key: str) -> StateExport: ...
-    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool: ...
+    async def delete(self, key: str, *, idem: IdemKey | None = None,
+                     expected: Expected | None = None) -> bool: ...
 
 
 class Host(SessionHost, Protocol):
@@ -173,8 +174,9 @@ class InProcessHost:
     async def export_state(self, key: str) -> StateExport:
         return await self.embedded.export_state(key)
 
-    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
-        return await self.embedded.delete(key, idem=idem)
+    async def delete(self, key: str, *, idem: IdemKey | None = None,
+                     expected: Expected | None = None) -> bool:
+        return await self.embedded.delete(key, idem=idem, expected=expected)
 
     # ------------------------------------------------------------------ two phases
     async def prepare(self, key: str, op: Operation, idem: IdemKey) -> Checked:
@@ -193,7 +195,7 @@ class InProcessHost:
                 if session.idem.lookup(idem.key, idem.fingerprint, idem.legacy) is not None:
                     return Checked(applied=True, version=session.version,
                                    step=session.step_count)
-                plan = op.check(session)
+                plan = op.checked(session)
                 if isinstance(plan, StepPlan):
                     return Checked(False, plan.skip, list(plan.nonfinite), session.version,
                                    session.step_count)
@@ -236,7 +238,8 @@ class Router(Protocol):
                      admit: Admit | None = None) -> SessionInfo: ...
     async def route(self, key: str) -> SessionHost: ...
     async def list_sessions(self, prefix: str) -> list[SessionInfo]: ...
-    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool: ...
+    async def delete(self, key: str, *, idem: IdemKey | None = None,
+                     expected: Expected | None = None) -> bool: ...
     async def trim(self) -> None: ...
 
 
@@ -543,7 +546,8 @@ class LocalRouter:
     async def trim(self) -> None:
         await self.local.embedded.trim()
 
-    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
+    async def delete(self, key: str, *, idem: IdemKey | None = None,
+                     expected: Expected | None = None) -> bool:
         from app.engine.shards import shard_index
         # (a session already routed had every shard: none of them was refused at start)
         with files_failing(_READING):
@@ -555,7 +559,7 @@ class LocalRouter:
             raise refused_at_start(key, shard_index(refused), deleting=True)
         host = await self.route(key)
         if host is self.local:  # (a plain session's create key goes with its tombstone)
-            return await host.delete(key, idem=idem)
+            return await host.delete(key, idem=idem, expected=expected)
         # (before any shard is touched: a failure leaves the session as it was, and the
         # create's index, moved or not, answers a retried create as a crash here would)
         with files_failing("marking the session's create deleted"):
@@ -570,7 +574,9 @@ class LocalRouter:
                 # leaves the session whole, which a retried create is still answered with
                 # (find_create)
                 self.directory.forget_created(tenant, made_by, key)
-        replayed = await host.delete(key, idem=idem)
+        # (a refusal, the precondition's included, leaves the session whole, and the create's
+        # index moved: a retried create is answered with the session, as above)
+        replayed = await host.delete(key, idem=idem, expected=expected)
         # (the entry of the creation deleted, read above, not whichever is there now: once
         # its shards are deleted, a create of the id finds the entry stale, drops it and makes
         # its own session, whose entry, and place here, stay)

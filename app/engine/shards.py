@@ -73,6 +73,7 @@ from app.engine.ops import (
     AddParamGroup,
     Bump,
     Configure,
+    Expected,
     ImportState,
     Operation,
     Overwrite,
@@ -422,8 +423,15 @@ class ShardedSession:
         session._version = infos[0].version
         return session, merge_info(key, infos, layout, [h.name for h, _ in shards])
 
-    async def delete(self, key: str, *, idem: IdemKey | None = None) -> bool:
+    async def delete(self, key: str, *, idem: IdemKey | None = None,
+                     expected: Expected | None = None) -> bool:
         async with self._lock:
+            if expected is not None:  # (held by every shard, read before any is deleted)
+                self._check_usable()
+                infos = await self._all(lambda host, skey: host.describe(skey))
+                self._check_lockstep([i.version for i in infos])
+                expected.check(merge_info(self.key, infos, self.layout,
+                                          [h.name for h, _ in self.shards]))
             results = await asyncio.gather(*(host.delete(skey, idem=idem)
                                              for host, skey in self.shards),
                                            return_exceptions=True)
@@ -541,9 +549,7 @@ class ShardedSession:
         elif isinstance(op, ImportState):
             ops = dict(enumerate(ImportState(sd, op.request,
                                              scheduler_range=op.scheduler_range,
-                                             tensor_range=op.tensor_range,
-                                             base_version=op.base_version,
-                                             base_revision=op.base_revision, ranks=ranks,
+                                             tensor_range=op.tensor_range, ranks=ranks,
                                              shared=op.shared)
                                  for sd, ranks in split_state(op.state, layout)))
         elif isinstance(op, Configure):
@@ -560,6 +566,7 @@ class ShardedSession:
         else:  # pragma: no cover - every operation kind is listed above
             raise Invalid(f"{op.kind} is not supported on a sharded session",
                           code="not_supported")
+        ops = {i: part.expecting(op) for i, part in ops.items()}  # (every shard checks it)
         async with self._lock:
             self._check_usable()
             await self._finish_pending()

@@ -8,7 +8,8 @@ Before, only the step refused unknown query names: ``PUT .../state_dict?base_ver
 imported unconditionally over a session that had moved on, and ``GET .../params?min_verison=9
 &wait_s=5`` answered at once with the version the client meant to wait past. And every change
 but the step and the import ignored ``If-Match``: a ``DELETE`` with ``If-Match: "999"`` deleted
-the session.
+the session. (The changes whose operation lists ``If-Match`` evaluate it now:
+``test_conditional_changes``.)
 """
 
 from __future__ import annotations
@@ -205,11 +206,16 @@ def unevaluated() -> list[tuple[str, str, str]]:
 def test_the_contract_lists_the_preconditions_the_server_evaluates() -> None:
     listed = set(unevaluated())
     S = "/v1/sessions/{session_id}"
-    for evaluated in (("PUT", f"{S}/state_dict", "If-Match"), ("POST", f"{S}/step", "If-Match"),
-                      ("POST", f"{S}/params/rows", "If-None-Match")):
-        assert evaluated not in listed
-    assert ("DELETE", S, "If-Match") in listed and ("PUT", f"{S}/params", "If-Match") in listed
-    assert len(listed) == 2 * 14 - 3  # 14 changes
+    evaluated = [("POST", f"{S}/step", "If-Match"), ("POST", f"{S}/params/rows", "If-None-Match")]
+    evaluated += [(method, path, "If-Match") for method, path in (
+        ("PUT", f"{S}/state_dict"), ("PUT", f"{S}/params"), ("DELETE", S), ("PATCH", S),
+        ("POST", f"{S}/param_groups"), ("PATCH", f"{S}/param_groups/{{index}}"),
+        ("POST", f"{S}/scheduler/step"))]
+    for each in evaluated:
+        assert each not in listed
+    assert ("POST", f"{S}/grads", "If-Match") in listed
+    assert ("DELETE", S, "If-None-Match") in listed
+    assert len(listed) == 2 * 14 - len(evaluated)  # 14 changes
 
 
 @pytest.mark.parametrize("method,path,header", unevaluated(), ids=lambda v: str(v))
@@ -228,12 +234,12 @@ def test_a_precondition_a_change_does_not_evaluate_is_refused_and_nothing_change
         assert_as_it_was(http, sid, ref, want, before)
 
 
-def test_a_conditional_delete_deletes_nothing(live_server: str) -> None:
+def test_a_stale_conditional_delete_deletes_nothing(live_server: str) -> None:
     sid = "strict-pre-delete"
     with httpx.Client(base_url=live_server, timeout=60) as http:
         _, want = made(http, sid)
         r = http.delete(f"/v1/sessions/{sid}", headers={"If-Match": '"999"'})
-        assert r.status_code == 422, r.text
+        assert r.status_code == 412, r.text
         assert r.json()["field"] == "If-Match"
         _, params = current(http, sid)
         assert_tensors_equal(params, want, "still there")

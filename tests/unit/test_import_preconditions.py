@@ -1,8 +1,9 @@
 """A conditional import's preconditions in the engine: checked against the session's version and
 revision in the same hop as the import (a refusal changes nothing, revision included); carried
-to a remote host as part of the operation; logged with it but not checked again at replay (they
-held when it ran), so the log replays, and the revision comes back the same after a restart,
-from the log and from a snapshot."""
+to a remote host as part of the operation; not logged and not checked again at replay (they
+held when it ran; a record logged when imports kept them as arguments replays without them),
+so the log replays, and the revision comes back the same after a restart, from the log and
+from a snapshot. (Every conditional change: ``test_conditional_changes``.)"""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from app.engine import Front, embedded_engine, persist
 from app.engine.interface import CreateSpec, GroupSpec
-from app.engine.ops import ImportState
+from app.engine.ops import Expected, ImportState
 from app.errors import PreconditionFailed
 
 ray_host = pytest.importorskip("app.engine.ray_host")
@@ -26,16 +27,26 @@ def spec(session_id: str) -> CreateSpec:
                       {"lr": 0.1, "momentum": 0.9}, id=session_id)
 
 
-def test_preconditions_cross_to_a_remote_host_and_are_dropped_at_replay() -> None:
-    op = ImportState({"state": {}, "param_groups": []}, True, base_version=5, base_revision=9)
+def test_preconditions_cross_to_a_remote_host_and_are_not_logged() -> None:
+    op = ImportState({"state": {}, "param_groups": []}, True, expected=Expected(5, 9))
     back = ray_host.op_from_wire(ray_host.op_to_wire(op))
     assert isinstance(back, ImportState)
-    assert (back.base_version, back.base_revision, back.request) == (5, 9, True)
+    assert (back.expected, back.request) == (Expected(5, 9), True)
     logged = persist.decode_record(persist.encode_record(persist.Record(op, 3, 6, []))).op
-    assert isinstance(logged, ImportState) and logged.base_revision == 9
-    replayed = logged.replayed()
-    assert (replayed.base_version, replayed.base_revision) == (None, None)
-    assert replayed.state == op.state and replayed.request
+    assert isinstance(logged, ImportState) and logged.expected is None
+    assert logged.state == op.state and logged.request
+    assert op.replayed().expected is None and op.expected == Expected(5, 9)
+
+
+def test_a_record_logged_with_its_preconditions_replays_without_them() -> None:
+    """Before every change took a precondition, an import logged its own (``base_version``,
+    ``base_revision`` in its record's arguments): such a record reads back with them, and its
+    replay drops them."""
+    tree = {"state": {"state": {}, "param_groups": []}, "request": True, "base_version": 5,
+            "base_revision": 9}
+    old = ImportState.from_tree(tree)
+    assert old.expected == Expected(5, 9) and old.request
+    assert old.replayed().expected is None
 
 
 def test_revisions_count_changes_and_survive_restarts(tmp_path: Path) -> None:
@@ -60,14 +71,13 @@ def test_revisions_count_changes_and_survive_restarts(tmp_path: Path) -> None:
             for version, revision, field in ((0, None, "base_version"),
                                              (None, 1, "base_revision")):
                 with pytest.raises(PreconditionFailed) as refused:
-                    await eng.import_state("r", state, base_version=version,
-                                           base_revision=revision)
+                    await eng.import_state("r", state, expected=Expected(version, revision))
                 assert refused.value.field == field
                 assert (refused.value.extra["current_version"],
                         refused.value.extra["current_revision"]) == (1, 2)
             info = await eng.describe("r")
             assert (info.version, info.revision) == (1, 2)
-            info = await eng.import_state("r", state, base_version=1, base_revision=2)
+            info = await eng.import_state("r", state, expected=Expected(1, 2))
             assert (info.version, info.revision) == (2, 3)
         finally:
             await eng.stop(snapshot=False)  # (as a crash leaves it: the log only)
@@ -80,7 +90,7 @@ def test_revisions_count_changes_and_survive_restarts(tmp_path: Path) -> None:
             info = await eng.describe("r")
             assert (info.version, info.revision) == expected
             state = (await eng.export_state("r")).state_dict
-            info = await eng.import_state("r", state, base_revision=info.revision)
+            info = await eng.import_state("r", state, expected=Expected(None, info.revision))
             await eng.step("r", {"w": torch.ones(4)}, return_params=False,
                            base_version=info.version)
         finally:
@@ -114,8 +124,8 @@ def test_a_skipped_step_revises_only_with_option_changes() -> None:
             assert (info.version, info.revision, info.lr) == (0, 1, [0.2])
             state = (await eng.export_state("s")).state_dict
             with pytest.raises(PreconditionFailed):
-                await eng.import_state("s", state, base_revision=0)
-            info = await eng.import_state("s", state, base_revision=1)
+                await eng.import_state("s", state, expected=Expected(None, 0))
+            info = await eng.import_state("s", state, expected=Expected(None, 1))
             assert (info.version, info.revision) == (1, 2)
         finally:
             await eng.stop()

@@ -1,7 +1,15 @@
 """Operations as values: one typed value per mutation, with its validation, its ``apply`` and
 its log record in one place (see :mod:`app.engine.ops.base`)."""
 
-from app.engine.ops.base import REGISTRY, ApplyFailed, Operation, apply_counted, decode
+from app.engine.ops.base import (
+    REGISTRY,
+    ApplyFailed,
+    Expected,
+    Operation,
+    apply_counted,
+    decode,
+    wire_tree,
+)
 from app.engine.ops.gradients import Push, Step, ZeroGrad
 from app.engine.ops.lbfgs import LbfgsStep
 from app.engine.ops.lifecycle import Configure, CreateSession
@@ -10,7 +18,8 @@ from app.engine.ops.shard import Bump, SkipStep
 from app.engine.ops.state import ImportState, SchedulerStep
 
 __all__ = [
-    "REGISTRY", "AddParamGroup", "ApplyFailed", "Bump", "Configure", "CreateSession",
+    "REGISTRY", "AddParamGroup", "ApplyFailed", "Bump", "Configure", "CreateSession", "Expected",
     "ImportState", "LbfgsStep", "Operation", "Overwrite", "Push", "SchedulerStep", "SkipStep",
     "Step", "UpdateParamGroup", "ZeroGrad", "apply_counted", "decode",
+    "wire_tree",
 ]

@@ -15,12 +15,15 @@ values. :data:`REGISTRY` maps each ``kind`` to its class.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import KW_ONLY, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from app.engine import state_order
+from app.errors import PreconditionFailed
 
 if TYPE_CHECKING:
+    from app.engine.interface import SessionInfo
     from app.engine.session import Session
 
 REGISTRY: dict[str, type[Operation]] = {}
@@ -31,11 +34,63 @@ class ApplyFailed(Exception):
     restores the session from its store (and cuts the operation's record from the log)."""
 
 
+@dataclass(frozen=True)
+class Expected:
+    """A conditional request's precondition: the session ``version`` (``If-Match:
+    "<version>"`` or ``?base_version=``) and/or ``revision`` (``?base_revision=``) the client
+    read. Checked with the operation's own check, under the session's lock, so nothing comes
+    between it and the apply; a session no longer there is a 412 ``precondition_failed``, with
+    nothing done. Not logged: a replay runs what was applied, whose precondition held then."""
+
+    version: int | None = None
+    revision: int | None = None
+
+    def check(self, s: Session | SessionInfo) -> None:
+        """412 unless the session (or its description) is at :attr:`version` and
+        :attr:`revision`."""
+        version, revision = s.version, s.revision
+        if self.version is not None and self.version != version:
+            raise PreconditionFailed(
+                f"the session is at version {version}, not {self.version}: it changed since "
+                "it was read (nothing was done); read it again", field="base_version",
+                current_version=version, base_version=self.version, current_revision=revision)
+        if self.revision is not None and self.revision != revision:
+            raise PreconditionFailed(
+                f"the session is at revision {revision}, not {self.revision}: it changed "
+                "since it was read (a step, an option change, ...; nothing was done); read it "
+                "again", field="base_revision", current_revision=revision,
+                base_revision=self.revision, current_version=version)
+
+    def to_json(self) -> dict[str, int]:
+        return {k: v for k, v in (("version", self.version), ("revision", self.revision))
+                if v is not None}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Expected | None:
+        version, revision = obj.get("version"), obj.get("revision")
+        if version is None and revision is None:
+            return None
+        return cls(None if version is None else int(version),
+                   None if revision is None else int(revision))
+
+
 @dataclass
 class Operation:
     kind: ClassVar[str]
     #: whether a successful apply bumps the session's version (predicted in the log record)
     bumps_version: ClassVar[bool] = False
+    _: KW_ONLY
+    #: a conditional request's precondition (None: unconditional). Set by the request, checked
+    #: before ``check`` (:meth:`checked`), carried to a remote host (:func:`wire_tree`), never
+    #: logged (:meth:`replayed` drops it)
+    expected: Expected | None = None
+
+    def checked(self, session: Session) -> Any:
+        """The precondition (:attr:`expected`), then :meth:`check`: what a live request runs."""
+        if self.expected is not None:
+            self.expected.check(session)
+        return self.check(session)
+
     def check(self, session: Session) -> Any:
         """Validate against the session as it is; change nothing. Returns the plan."""
         return None
@@ -63,8 +118,14 @@ class Operation:
 
     def replayed(self) -> Operation:
         """This operation as a log replay runs it: without what was checked only when it was
-        asked (a conditional import's preconditions, which held then)."""
-        return self
+        asked (a conditional request's precondition, which held then)."""
+        return dataclasses.replace(self, expected=None) if self.expected is not None else self
+
+    def expecting(self, other: Operation) -> Operation:
+        """This operation with ``other``'s precondition (a shard's part of a session's)."""
+        if other.expected is None or self.expected == other.expected:
+            return self
+        return dataclasses.replace(self, expected=other.expected)
 
     def refusals(self, session: Session) -> list[tuple[str, str, dict[str, Any]]]:
         """Idempotency keys of other requests this operation answered with a refusal (key,
@@ -87,7 +148,25 @@ def decode(kind: str, tree: dict[str, Any]) -> Operation:
     cls = REGISTRY.get(kind)
     if cls is None:
         raise ValueError(f"unknown logged operation {kind!r}")
-    return cls.from_tree(tree)
+    op = cls.from_tree(tree)
+    expected = tree.get(EXPECTED_KEY)
+    if isinstance(expected, dict):
+        op.expected = Expected.from_json(expected)
+    return op
+
+
+#: where :func:`wire_tree` puts an operation's precondition (no operation has an argument of
+#: this name)
+EXPECTED_KEY = "$expected"
+
+
+def wire_tree(op: Operation) -> dict[str, Any]:
+    """An operation as it travels to a remote host: its log record's tree, and its
+    precondition (:func:`decode` reads both)."""
+    tree = op.to_tree()
+    if op.expected is not None:
+        tree = {**tree, EXPECTED_KEY: op.expected.to_json()}
+    return tree
 
 
 def apply_counted(op: Operation, s: Session, plan: Any) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,11 +15,11 @@ from app.engine import (
     state_order,
 )
 from app.engine.interface import SchedulerResult, SessionInfo
-from app.engine.ops.base import Operation, register
+from app.engine.ops.base import Expected, Operation, register
 from app.engine.ops.params import discarded_answers
 from app.engine.rounds import DiscardedPush
 from app.engine.session import Session
-from app.errors import Invalid, PreconditionFailed
+from app.errors import Invalid
 
 
 @register
@@ -32,11 +31,10 @@ class ImportState(Operation):
     sync session it discards the open round as an overwrite does (``discarded``: the keyed
     pushes it answers with 409 ``stale_gradient``, logged with it).
 
-    A conditional import names the session ``version`` (``base_version``: ``If-Match`` or
-    ``?base_version=``) and/or ``revision`` (``base_revision``) it was prepared from: when the
-    session is no longer there, 412 ``precondition_failed`` before anything else is checked,
-    in the same hop to the worker as the import itself (nothing can come between the check and
-    the apply: the host runs one operation of a session at a time)."""
+    A conditional import (:attr:`~app.engine.ops.base.Operation.expected`, as any operation's)
+    names the session ``version`` and/or ``revision`` it was prepared from: when the session is
+    no longer there, 412 ``precondition_failed`` before anything else is checked, in the same
+    hop to the worker as the import itself."""
 
     kind = "import"
     bumps_version = True
@@ -55,8 +53,6 @@ class ImportState(Operation):
     #: set by requests: a tensor ``lr`` in the state is checked against the parameters' dtype
     #: by its value (422 ``option_overflow``). Logged, as ``scheduler_range``
     tensor_range: bool = False
-    base_version: int | None = None
-    base_revision: int | None = None
     #: a shard's part of a sharded session's import: the position in the session's state of
     #: each of its entries (in ``state``'s order, which is the session's). The shard stamps its
     #: entries with them (:mod:`app.engine.state_order`), and a part whose first entry is not
@@ -70,19 +66,6 @@ class ImportState(Operation):
     shared: list[list[list[Any]]] = field(default_factory=list)
 
     def check(self, s: Session) -> state_dicts.PreparedImport:
-        if self.base_version is not None and self.base_version != s.version:
-            raise PreconditionFailed(
-                f"the session is at version {s.version}, not {self.base_version}: it changed "
-                "since the state was read (nothing was imported); read it again",
-                code="precondition_failed", field="base_version", current_version=s.version,
-                base_version=self.base_version, current_revision=s.revision)
-        if self.base_revision is not None and self.base_revision != s.revision:
-            raise PreconditionFailed(
-                f"the session is at revision {s.revision}, not {self.base_revision}: it "
-                "changed since it was read (a step, an option change, ...; nothing was "
-                "imported); read it again", code="precondition_failed", field="base_revision",
-                current_revision=s.revision, base_revision=self.base_revision,
-                current_version=s.version)
         ranks = self.ranks
         prepared = state_dicts.prepare_import(
             s, self.state, request=self.request, tensors=self.tensor_range,
@@ -155,10 +138,6 @@ class ImportState(Operation):
             tree["scheduler_range"] = True
         if self.tensor_range:
             tree["tensor_range"] = True
-        if self.base_version is not None:
-            tree["base_version"] = self.base_version
-        if self.base_revision is not None:
-            tree["base_revision"] = self.base_revision
         if self.ranks is not None:
             tree["ranks"] = self.ranks
         if self.shared:
@@ -167,18 +146,17 @@ class ImportState(Operation):
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> ImportState:
-        base_version, base_revision = tree.get("base_version"), tree.get("base_revision")
         ranks = tree.get("ranks")
+        # (records logged before preconditions were every operation's held them as
+        # arguments: a replay drops them, as it drops any operation's)
+        expected = Expected.from_json({"version": tree.get("base_version"),
+                                       "revision": tree.get("base_revision")})
         return cls(dict(tree["state"]), tree.get("request") is True,
                    [DiscardedPush.from_json(d) for d in tree.get("discarded") or []],
                    tree.get("scheduler_range") is True, tree.get("tensor_range") is True,
-                   None if base_version is None else int(base_version),
-                   None if base_revision is None else int(base_revision),
                    None if ranks is None else [int(r) for r in ranks],
-                   [[[int(i), str(k)] for i, k in slots] for slots in tree.get("shared") or []])
-
-    def replayed(self) -> ImportState:
-        return dataclasses.replace(self, base_version=None, base_revision=None)
+                   [[[int(i), str(k)] for i, k in slots] for slots in tree.get("shared") or []],
+                   expected=expected)
 
     def refusals(self, s: Session) -> list[tuple[str, str, dict[str, Any]]]:
         return discarded_answers(self.kind, self.discarded, s.version)
