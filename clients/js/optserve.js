@@ -595,8 +595,9 @@ export class AuthenticationError extends OptserveError {}
 export class PermissionDeniedError extends OptserveError {}
 export class NotFoundError extends OptserveError {} // 404
 export class ConflictError extends OptserveError {} // 409
-/** 412 precondition_failed: a conditional importState (baseVersion, baseRevision) named a session
- * version or revision the session has left; nothing was applied. */
+/** 412 precondition_failed: a conditional change (baseVersion, baseRevision on importState,
+ * putParams, updateParamGroup, ...) named a session version or revision the session has left;
+ * nothing was applied. */
 export class PreconditionFailedError extends OptserveError {}
 export class PayloadTooLargeError extends OptserveError {} // 413
 export class ValidationError extends OptserveError {} // 422
@@ -959,10 +960,15 @@ export class OptserveClient {
     return this._described("GET", this._sid(id));
   }
 
-  /** DELETE /v1/sessions/{id} */
+  /**
+   * DELETE /v1/sessions/{id}.
+   * Conditional, as importState: baseVersion (sent as If-Match) and/or baseRevision
+   * (?base_revision=); PreconditionFailedError (412), nothing done, when the session is no
+   * longer at them.
+   */
   async deleteSession(id, callOptions = {}) {
-    let { idempotencyKey } = optionsOf(callOptions, ["idempotencyKey"], "deleteSession");
-    await this.request("DELETE", this._sid(id), { idempotencyKey });
+    let { idempotencyKey, baseVersion, baseRevision } = optionsOf(callOptions, ["idempotencyKey", "baseVersion", "baseRevision"], "deleteSession");
+    await this.request("DELETE", this._sid(id), { ...preconditions(baseVersion, baseRevision), idempotencyKey });
   }
 
   /**
@@ -1012,10 +1018,13 @@ export class OptserveClient {
   /**
    * PATCH /v1/sessions/{id}: parameter-server options ({sync: {workers, reduce, timeout_s,
    * on_timeout} | null, max_staleness, staleness_lr}); absent fields keep their value.
+   * Conditional, as importState: baseVersion (sent as If-Match) and/or baseRevision
+   * (?base_revision=); PreconditionFailedError (412), nothing done, when the session is no
+   * longer at them.
    */
   configureSession(id, options, callOptions = {}) {
-    let { idempotencyKey } = optionsOf(callOptions, ["idempotencyKey"], "configureSession");
-    return this._described("PATCH", this._sid(id), { json: treeToJson(options), idempotencyKey });
+    let { idempotencyKey, baseVersion, baseRevision } = optionsOf(callOptions, ["idempotencyKey", "baseVersion", "baseRevision"], "configureSession");
+    return this._described("PATCH", this._sid(id), { ...preconditions(baseVersion, baseRevision), json: treeToJson(options), idempotencyKey });
   }
 
   /**
@@ -1133,38 +1142,50 @@ export class OptserveClient {
     return this._tensorsCall("POST", path, { tensors: ev.grads ?? {}, key: "grads", binary, query, extra: { loss }, idempotencyKey });
   }
 
-  /** PUT /v1/sessions/{id}/params: overwrite. Returns {version, step, params, etag}. */
+  /**
+   * PUT /v1/sessions/{id}/params: overwrite. Returns {version, step, params, etag}.
+   * Conditional, as importState: baseVersion (sent as If-Match) and/or baseRevision
+   * (?base_revision=); PreconditionFailedError (412), nothing done, when the session is no
+   * longer at them.
+   */
   putParams(id, params, callOptions = {}) {
-    let { binary, encoding, idempotencyKey } = optionsOf(callOptions, ["binary", "encoding", "idempotencyKey"], "putParams");
-    return this._tensorsCall("PUT", `${this._sid(id)}/params`, { tensors: params, key: "params", binary, encoding, idempotencyKey });
+    let { binary, encoding, idempotencyKey, baseVersion, baseRevision } = optionsOf(callOptions, ["binary", "encoding", "idempotencyKey", "baseVersion", "baseRevision"], "putParams");
+    return this._tensorsCall("PUT", `${this._sid(id)}/params`, { ...preconditions(baseVersion, baseRevision), tensors: params, key: "params", binary, encoding, idempotencyKey });
   }
 
   /**
    * POST /v1/sessions/{id}/param_groups: group = {params: {name: tensor}, ...options}. As JSON,
    * encoding "b64" sends its tensors (params and a tensor lr) base64. Returns the description.
+   * Conditional, as importState: baseVersion (sent as If-Match) and/or baseRevision
+   * (?base_revision=); PreconditionFailedError (412), nothing done, when the session is no
+   * longer at them.
    */
   addParamGroup(id, group, callOptions = {}) {
-    let { binary = false, encoding = "data", idempotencyKey } = optionsOf(callOptions, ["binary", "encoding", "idempotencyKey"], "addParamGroup");
+    let { binary = false, encoding = "data", idempotencyKey, baseVersion, baseRevision } = optionsOf(callOptions, ["binary", "encoding", "idempotencyKey", "baseVersion", "baseRevision"], "addParamGroup");
+    const conditions = preconditions(baseVersion, baseRevision);
     if (encoding !== "data" && encoding !== "b64") throw new TypeError(`encoding must be "data" or "b64", got ${JSON.stringify(encoding)}`);
     const enc = { b64: !binary && encoding === "b64" };
     const { params, ...rest } = group;
     const options = treeToJson(rest, enc); // Infinity as {"$float": "inf"}, tensors as JSON tensors
     if (binary) {
       const meta = Object.fromEntries(Object.entries(options).map(([k, v]) => [k, stringify(v)]));
-      return this._described("POST", `${this._sid(id)}/param_groups`, { body: writeSafetensors(tensorMap(params), meta), idempotencyKey });
+      return this._described("POST", `${this._sid(id)}/param_groups`, { ...conditions, body: writeSafetensors(tensorMap(params), meta), idempotencyKey });
     }
-    return this._described("POST", `${this._sid(id)}/param_groups`, { json: { ...options, params: encodeMap(params, enc) }, idempotencyKey });
+    return this._described("POST", `${this._sid(id)}/param_groups`, { ...conditions, json: { ...options, params: encodeMap(params, enc) }, idempotencyKey });
   }
 
   /**
    * PATCH /v1/sessions/{id}/param_groups/{index}: change a group's options (encoding "b64": a
    * tensor option, a tensor lr, base64; "$fill": ["lr"] fills the tensor lr the group holds
    * instead of replacing it, as in a step's paramGroups). Returns the description.
+   * Conditional, as importState: baseVersion (sent as If-Match) and/or baseRevision
+   * (?base_revision=); PreconditionFailedError (412), nothing done, when the session is no
+   * longer at them.
    */
   updateParamGroup(id, index, options, callOptions = {}) {
-    let { encoding = "data", idempotencyKey } = optionsOf(callOptions, ["encoding", "idempotencyKey"], "updateParamGroup");
+    let { encoding = "data", idempotencyKey, baseVersion, baseRevision } = optionsOf(callOptions, ["encoding", "idempotencyKey", "baseVersion", "baseRevision"], "updateParamGroup");
     if (encoding !== "data" && encoding !== "b64") throw new TypeError(`encoding must be "data" or "b64", got ${JSON.stringify(encoding)}`);
-    return this._described("PATCH", `${this._sid(id)}/param_groups/${Number(index)}`, { json: treeToJson(options, { b64: encoding === "b64" }), idempotencyKey });
+    return this._described("PATCH", `${this._sid(id)}/param_groups/${Number(index)}`, { ...preconditions(baseVersion, baseRevision), json: treeToJson(options, { b64: encoding === "b64" }), idempotencyKey });
   }
 
   /**
@@ -1201,10 +1222,7 @@ export class OptserveClient {
   importState(id, state, callOptions = {}) {
     let { format = "json", encoding, idempotencyKey, baseVersion, baseRevision } = optionsOf(callOptions, ["format", "encoding", "idempotencyKey", "baseVersion", "baseRevision"], "importState");
     const path = `${this._sid(id)}/state_dict`;
-    const query = {};
-    const headers = {};
-    if (baseVersion !== undefined) headers["If-Match"] = `"${wholeNumber(baseVersion, "baseVersion")}"`;
-    if (baseRevision !== undefined) query.base_revision = wholeNumber(baseRevision, "baseRevision");
+    const { query, headers } = preconditions(baseVersion, baseRevision);
     if (state instanceof Uint8Array || state instanceof ArrayBuffer) {
       const ctype = format === "json" ? JSON_TYPE : BINARY;
       return this._json("PUT", path, { query: { ...query, format }, headers, body: toBytes(state), contentType: ctype, idempotencyKey });
@@ -1221,11 +1239,26 @@ export class OptserveClient {
    * POST /v1/sessions/{id}/scheduler/step ({metric} for ReduceLROnPlateau). A non-finite metric
    * goes as {"$float": "nan"} (JSON.stringify would write null: no metric); the server refuses
    * it (422 invalid_metric).
+   * Conditional, as importState: baseVersion (sent as If-Match) and/or baseRevision
+   * (?base_revision=); PreconditionFailedError (412), nothing done, when the session is no
+   * longer at them.
    */
   schedulerStep(id, callOptions = {}) {
-    let { metric, idempotencyKey } = optionsOf(callOptions, ["metric", "idempotencyKey"], "schedulerStep");
-    return this._described("POST", `${this._sid(id)}/scheduler/step`, { json: metric === undefined ? {} : { metric: treeToJson(metric) }, idempotencyKey });
+    let { metric, idempotencyKey, baseVersion, baseRevision } = optionsOf(callOptions, ["metric", "idempotencyKey", "baseVersion", "baseRevision"], "schedulerStep");
+    return this._described("POST", `${this._sid(id)}/scheduler/step`, { ...preconditions(baseVersion, baseRevision), json: metric === undefined ? {} : { metric: treeToJson(metric) }, idempotencyKey });
   }
+}
+
+/**
+ * A conditional change's query and headers: baseVersion as If-Match, baseRevision as
+ * ?base_revision= (each checked to be a whole number before anything is sent).
+ */
+function preconditions(baseVersion, baseRevision) {
+  const query = {};
+  const headers = {};
+  if (baseVersion !== undefined) headers["If-Match"] = `"${wholeNumber(baseVersion, "baseVersion")}"`;
+  if (baseRevision !== undefined) query.base_revision = wholeNumber(baseRevision, "baseRevision");
+  return { query, headers };
 }
 
 function encodeMap(tensors, opts) {

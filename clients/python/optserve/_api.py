@@ -437,8 +437,22 @@ def get_session(session_id: str) -> APICall[SessionInfo]:
     return APICall("GET", _sid(session_id), _parse_session)
 
 
-def delete_session(session_id: str) -> APICall[None]:
-    return APICall("DELETE", _sid(session_id), _parse_none)
+def delete_session(session_id: str, *, base_version: int | None = None,
+                   base_revision: int | None = None) -> APICall[None]:
+    params, headers = _preconditions(base_version, base_revision)
+    return APICall("DELETE", _sid(session_id), _parse_none, params=params, headers=headers)
+
+
+def _preconditions(base_version: int | None, base_revision: int | None
+                   ) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """A conditional change's query and headers: ``base_version`` as ``If-Match``,
+    ``base_revision`` as ``?base_revision=`` (the server answers 412 when the session is no
+    longer at them, with nothing done)."""
+    for name, value in (("base_version", base_version), ("base_revision", base_revision)):
+        if value is not None and (type(value) is not int or value < 0):
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    params = [] if base_revision is None else [("base_revision", str(base_revision))]
+    return params, {} if base_version is None else {"If-Match": f'"{base_version}"'}
 
 
 def group_changes(param_groups: Mapping[int, Mapping[str, Any]] | None) -> dict[str, Any]:
@@ -763,24 +777,29 @@ def abandon_step(session_id: str, step_id: str) -> APICall[dict[str, Any]]:
     return APICall("DELETE", f"{_sid(session_id)}/step/{quote(step_id, safe='')}", _parse_dict)
 
 
-def configure_session(session_id: str, options: Mapping[str, Any]) -> APICall[SessionInfo]:
+def configure_session(session_id: str, options: Mapping[str, Any], *,
+                      base_version: int | None = None, base_revision: int | None = None
+                      ) -> APICall[SessionInfo]:
     if not isinstance(options, Mapping):
         raise TypeError(f"options must be a mapping, got {type(options).__name__}")
+    params, headers = _preconditions(base_version, base_revision)
     content, ctype = _json_body(dict(options))
     return APICall("PATCH", _sid(session_id), _parse_session, content=content,
-                   content_type=ctype)
+                   content_type=ctype, params=params, headers=headers)
 
 
 def put_params(
-    session_id: str, params: Mapping[str, TensorLike], *, binary: bool
+    session_id: str, params: Mapping[str, TensorLike], *, binary: bool,
+    base_version: int | None = None, base_revision: int | None = None,
 ) -> APICall[ParamsResult]:
     """``PUT .../params``; the collector paused while 1,000 parameters or more are encoded and
     while an answer of 1,000 tensors or more is decoded (see optserve._gc)."""
+    query, headers = _preconditions(base_version, base_revision)
     with gc_paused(_count(params)):
         content, ctype = _tensor_body(T.encode_tensor_map(params, "params"), "params", binary)
     return APICall("PUT", _sid(session_id) + "/params", _parse_params, content=content,
                    content_type=ctype, accept=OCTET_STREAM if binary else JSON,
-                   gc_tensors=None)
+                   gc_tensors=None, params=query, headers=headers)
 
 
 def add_param_group(
@@ -790,7 +809,10 @@ def add_param_group(
     *,
     start: int,
     binary: bool,
+    base_version: int | None = None,
+    base_revision: int | None = None,
 ) -> APICall[SessionInfo]:
+    query, headers = _preconditions(base_version, base_revision)
     tensors = _named(params, start, "params")
     opts = _options_json(options, "options")
     if binary:
@@ -800,17 +822,19 @@ def add_param_group(
     else:
         content, ctype = _json_body({"params": T.json_tensor_map(tensors), **opts})
     return APICall("POST", _sid(session_id) + "/param_groups", _parse_session, content=content,
-                   content_type=ctype, idempotent=False)
+                   content_type=ctype, idempotent=False, params=query, headers=headers)
 
 
 def update_param_group(
-    session_id: str, index: int, options: Mapping[str, Any]
+    session_id: str, index: int, options: Mapping[str, Any], *,
+    base_version: int | None = None, base_revision: int | None = None,
 ) -> APICall[SessionInfo]:
     if not isinstance(index, int) or isinstance(index, bool) or index < 0:
         raise ValueError(f"param group index must be a non-negative int, got {index!r}")
+    params, headers = _preconditions(base_version, base_revision)
     content, ctype = _json_body(_options_json(options, "options"))
     return APICall("PATCH", f"{_sid(session_id)}/param_groups/{index}", _parse_session,
-                   content=content, content_type=ctype)
+                   content=content, content_type=ctype, params=params, headers=headers)
 
 
 def _check_format(format: str) -> None:
@@ -865,9 +889,7 @@ def import_state(
     base_version: int | None = None, base_revision: int | None = None,
 ) -> APICall[SessionInfo]:
     _check_format(format)
-    for name, value in (("base_version", base_version), ("base_revision", base_revision)):
-        if value is not None and (type(value) is not int or value < 0):
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    conditions, headers = _preconditions(base_version, base_revision)
     if isinstance(state_dict, (bytes, bytearray, memoryview)):
         if format != "torch":
             raise TypeError("raw bytes are accepted only with format='torch' (a torch.save file)")
@@ -880,12 +902,9 @@ def import_state(
         content, ctype = T.encode_state_safetensors(state_dict), OCTET_STREAM
     else:
         content, ctype = T.encode_state_json(state_dict), JSON
-    params: list[tuple[str, str]] = [("format", format)]
-    if base_revision is not None:
-        params.append(("base_revision", str(base_revision)))
     return APICall("PUT", _sid(session_id) + "/state_dict", _parse_session,
-                   params=params, content=content, content_type=ctype,
-                   headers={} if base_version is None else {"If-Match": f'"{base_version}"'})
+                   params=[("format", format), *conditions], content=content,
+                   content_type=ctype, headers=headers)
 
 
 def _torch_save(state_dict: Mapping[str, Any]) -> bytes:
@@ -900,7 +919,9 @@ def _torch_save(state_dict: Mapping[str, Any]) -> bytes:
     return f.getvalue()
 
 
-def scheduler_step(session_id: str, metric: float | None) -> APICall[SchedulerStepResult]:
+def scheduler_step(session_id: str, metric: float | None, *, base_version: int | None = None,
+                   base_revision: int | None = None) -> APICall[SchedulerStepResult]:
+    params, headers = _preconditions(base_version, base_revision)
     body: dict[str, Any] = {}
     if metric is not None:
         if isinstance(metric, bool):
@@ -911,4 +932,5 @@ def scheduler_step(session_id: str, metric: float | None) -> APICall[SchedulerSt
         body["metric"] = value if math.isfinite(value) else T._float_tag(value)
     content, ctype = _json_body(body)
     return APICall("POST", _sid(session_id) + "/scheduler/step", _parse_scheduler_step,
-                   content=content, content_type=ctype, idempotent=False)
+                   content=content, content_type=ctype, idempotent=False, params=params,
+                   headers=headers)

@@ -391,10 +391,16 @@ class Client(SyncAPIClient):
         """``GET /v1/sessions/{id}``: the session's description."""
         return self._request(_api.get_session(id))
 
-    def delete_session(self, id: str) -> None:
-        """``DELETE /v1/sessions/{id}`` (and its shared segment, when it was bound)."""
+    def delete_session(self, id: str, *, base_version: int | None = None,
+                       base_revision: int | None = None) -> None:
+        """``DELETE /v1/sessions/{id}`` (and its shared segment, when it was bound).
+
+        Conditional, as :meth:`import_state`: ``base_version`` (sent as ``If-Match``) and/or
+        ``base_revision``; :class:`~optserve.PreconditionFailedError` (412), nothing deleted,
+        when the session is no longer at them."""
         try:
-            self._request(_api.delete_session(id))
+            self._request(_api.delete_session(id, base_version=base_version,
+                                              base_revision=base_revision))
         finally:
             with self._channels_lock:
                 channels = list(self._channels)
@@ -573,40 +579,76 @@ class Client(SyncAPIClient):
         return self._request(_api.get_params(id, names, binary=binary,
                                              min_version=min_version, wait_s=wait_s))
 
-    def configure_session(self, id: str, **options: Any) -> SessionInfo:
+    def configure_session(self, id: str, *, base_version: int | None = None,
+                          base_revision: int | None = None, **options: Any) -> SessionInfo:
         """``PATCH /v1/sessions/{id}``: change parameter-server options between rounds:
         ``sync={"workers": K2}`` (merged into the current sync options; ``sync=None`` turns
         rounds off), ``max_staleness=S``, ``staleness_lr="inverse" | "none"``; ``metrics``,
         ``history``; ``scheduler=None`` removes the session's scheduler (after a
-        ``ConflictError`` with ``code == "scheduler_out_of_range"``)."""
-        return self._request(_api.configure_session(id, options))
+        ``ConflictError`` with ``code == "scheduler_out_of_range"``).
+
+        Conditional, as :meth:`import_state`: ``base_version`` (sent as ``If-Match``) and/or
+        ``base_revision``; :class:`~optserve.PreconditionFailedError` (412), nothing done,
+        when the session is no longer at them."""
+        return self._request(_api.configure_session(id, options,
+                                                    base_version=base_version,
+                                                    base_revision=base_revision))
 
     def put_params(
-        self, id: str, params: Mapping[str, TensorLike], *, binary: bool = True
+        self, id: str, params: Mapping[str, TensorLike], *, binary: bool = True,
+        base_version: int | None = None, base_revision: int | None = None,
     ) -> ParamsResult:
-        """``PUT .../params``: overwrite some or all parameters."""
-        return self._request(_api.put_params(id, params, binary=binary))
+        """``PUT .../params``: overwrite some or all parameters.
+
+        Conditional, as :meth:`import_state`: ``base_version`` (sent as ``If-Match``) and/or
+        ``base_revision``; :class:`~optserve.PreconditionFailedError` (412), nothing done,
+        when the session is no longer at them."""
+        return self._request(_api.put_params(id, params, binary=binary,
+                                             base_version=base_version,
+                                             base_revision=base_revision))
 
     def add_param_group(
-        self, id: str, params: AddParams, *, binary: bool = True, **options: Any
+        self, id: str, params: AddParams, *, binary: bool = True,
+        base_version: int | None = None, base_revision: int | None = None, **options: Any
     ) -> SessionInfo:
         """``POST .../param_groups``: torch's ``add_param_group``.
 
         ``params`` is ``{name: tensor}``, ``[(name, tensor), ...]`` or ``[tensor, ...]``
         (unnamed tensors continue the positional names: the session's parameter count, ...).
+
+        Conditional, as :meth:`import_state`: ``base_version`` (sent as ``If-Match``) and/or
+        ``base_revision``; :class:`~optserve.PreconditionFailedError` (412), nothing done,
+        when the session is no longer at them.
         """
         start = len(self.get_session(id).param_names) if _needs_count(params) else 0
         return self._request(_api.add_param_group(id, params, options, start=start,
-                                                  binary=binary))
+                                                  binary=binary,
+                                                  base_version=base_version,
+                                                  base_revision=base_revision))
 
-    def update_param_group(self, id: str, index: int, **options: Any) -> SessionInfo:
-        """``PATCH .../param_groups/{index}``: change a group's options (``lr=0.01``, ...)."""
-        return self._request(_api.update_param_group(id, index, options))
+    def update_param_group(self, id: str, index: int, *, base_version: int | None = None,
+                           base_revision: int | None = None, **options: Any) -> SessionInfo:
+        """``PATCH .../param_groups/{index}``: change a group's options (``lr=0.01``, ...).
 
-    def scheduler_step(self, id: str, metric: float | None = None) -> SchedulerStepResult:
+        Conditional, as :meth:`import_state`: ``base_version`` (sent as ``If-Match``) and/or
+        ``base_revision``; :class:`~optserve.PreconditionFailedError` (412), nothing done,
+        when the session is no longer at them."""
+        return self._request(_api.update_param_group(id, index, options,
+                                                     base_version=base_version,
+                                                     base_revision=base_revision))
+
+    def scheduler_step(self, id: str, metric: float | None = None, *,
+                       base_version: int | None = None, base_revision: int | None = None
+                       ) -> SchedulerStepResult:
         """``POST .../scheduler/step``: step the session's scheduler by hand (``metric`` for
-        ReduceLROnPlateau)."""
-        return self._request(_api.scheduler_step(id, metric))
+        ReduceLROnPlateau).
+
+        Conditional, as :meth:`import_state`: ``base_version`` (sent as ``If-Match``) and/or
+        ``base_revision``; :class:`~optserve.PreconditionFailedError` (412), nothing done,
+        when the session is no longer at them."""
+        return self._request(_api.scheduler_step(id, metric,
+                                                 base_version=base_version,
+                                                 base_revision=base_revision))
 
     # ------------------------------------------------------------------ state
     def export_state(self, id: str, format: StateFormat = "safetensors") -> dict[str, Any]:
@@ -730,9 +772,12 @@ class AsyncClient(AsyncAPIClient):
         """``GET /v1/sessions/{id}``."""
         return await self._request(_api.get_session(id))
 
-    async def delete_session(self, id: str) -> None:
-        """``DELETE /v1/sessions/{id}``."""
-        await self._request(_api.delete_session(id))
+    async def delete_session(self, id: str, *, base_version: int | None = None,
+                             base_revision: int | None = None) -> None:
+        """``DELETE /v1/sessions/{id}``: see :meth:`Client.delete_session`."""
+        await self._request(_api.delete_session(id,
+                                                base_version=base_version,
+                                                base_revision=base_revision))
 
     async def step(
         self,
@@ -822,31 +867,49 @@ class AsyncClient(AsyncAPIClient):
         return await self._request(_api.get_params(id, names, binary=binary,
                                                    min_version=min_version, wait_s=wait_s))
 
-    async def configure_session(self, id: str, **options: Any) -> SessionInfo:
+    async def configure_session(self, id: str, *, base_version: int | None = None,
+                                base_revision: int | None = None, **options: Any
+                                ) -> SessionInfo:
         """``PATCH /v1/sessions/{id}``: see :meth:`Client.configure_session`."""
-        return await self._request(_api.configure_session(id, options))
+        return await self._request(_api.configure_session(id, options,
+                                                          base_version=base_version,
+                                                          base_revision=base_revision))
 
     async def put_params(
-        self, id: str, params: Mapping[str, TensorLike], *, binary: bool = True
+        self, id: str, params: Mapping[str, TensorLike], *, binary: bool = True,
+        base_version: int | None = None, base_revision: int | None = None,
     ) -> ParamsResult:
-        """``PUT .../params``."""
-        return await self._request(_api.put_params(id, params, binary=binary))
+        """``PUT .../params``: see :meth:`Client.put_params`."""
+        return await self._request(_api.put_params(id, params, binary=binary,
+                                                   base_version=base_version,
+                                                   base_revision=base_revision))
 
     async def add_param_group(
-        self, id: str, params: AddParams, *, binary: bool = True, **options: Any
+        self, id: str, params: AddParams, *, binary: bool = True,
+        base_version: int | None = None, base_revision: int | None = None, **options: Any
     ) -> SessionInfo:
         """``POST .../param_groups``: see :meth:`Client.add_param_group`."""
         start = len((await self.get_session(id)).param_names) if _needs_count(params) else 0
         return await self._request(_api.add_param_group(id, params, options, start=start,
-                                                        binary=binary))
+                                                        binary=binary,
+                                                        base_version=base_version,
+                                                        base_revision=base_revision))
 
-    async def update_param_group(self, id: str, index: int, **options: Any) -> SessionInfo:
-        """``PATCH .../param_groups/{index}``."""
-        return await self._request(_api.update_param_group(id, index, options))
+    async def update_param_group(self, id: str, index: int, *, base_version: int | None = None,
+                                 base_revision: int | None = None, **options: Any
+                                 ) -> SessionInfo:
+        """``PATCH .../param_groups/{index}``: see :meth:`Client.update_param_group`."""
+        return await self._request(_api.update_param_group(id, index, options,
+                                                           base_version=base_version,
+                                                           base_revision=base_revision))
 
-    async def scheduler_step(self, id: str, metric: float | None = None) -> SchedulerStepResult:
-        """``POST .../scheduler/step``."""
-        return await self._request(_api.scheduler_step(id, metric))
+    async def scheduler_step(self, id: str, metric: float | None = None, *,
+                             base_version: int | None = None, base_revision: int | None = None
+                             ) -> SchedulerStepResult:
+        """``POST .../scheduler/step``: see :meth:`Client.scheduler_step`."""
+        return await self._request(_api.scheduler_step(id, metric,
+                                                       base_version=base_version,
+                                                       base_revision=base_revision))
 
     async def export_state(self, id: str, format: StateFormat = "safetensors") -> dict[str, Any]:
         """``GET .../state_dict``: see :meth:`Client.export_state`."""

@@ -207,8 +207,9 @@ class ConflictError(APIStatusError):
 
 
 class PreconditionFailedError(APIStatusError):
-    """412: a conditional request (``import_state(..., base_version=, base_revision=)``) named
-    a session version or revision the session is no longer at; nothing was applied."""
+    """412: a conditional change (``base_version=``, ``base_revision=`` on ``import_state``,
+    ``put_params``, ``update_param_group``, ...) named a session version or revision the
+    session is no longer at; nothing was applied."""
 
 
 class PayloadTooLargeError(APIStatusError):
