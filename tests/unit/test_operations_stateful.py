@@ -47,7 +47,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from app.engine import CreateSpec, Front, GroupSpec, embedded_engine, optimizers, persist
 from app.engine.interface import IdemKey
-from app.engine.ops import Step
+from app.engine.ops import Expected, Step
 from app.engine.ops.params import takes_added_groups
 from app.engine.store import frame_record
 from app.errors import OptserveError
@@ -422,7 +422,8 @@ class SessionMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------ parameters and groups
     @rule(name=st.sampled_from(list(SHAPES)), seed=st.integers(0, 999),
           bad=st.sampled_from(["", "", "shape", "nan", "unknown"]))
-    def overwrite(self, name: str, seed: int, bad: str) -> None:
+    def overwrite(self, name: str, seed: int, bad: str,
+                  expected: Expected | None = None) -> None:
         assert self.mirror is not None
         value = seeded(tuple(self.mirror.params[name].shape), seed)
         if bad == "shape":
@@ -430,7 +431,10 @@ class SessionMachine(RuleBasedStateMachine):
         elif bad == "nan":
             value[0, 0] = float("nan")
         target = "nope" if bad == "unknown" else name
-        a, _ = self.both(lambda e: e.overwrite(self.sid, {target: value.clone()}))
+        a, _ = self.both(lambda e: e.overwrite(self.sid, {target: value.clone()},
+                                               expected=expected))
+        if self.refused_for(expected, a):
+            return
         STATS["op overwrite"] += 1
         if bad:
             assert isinstance(a, OptserveError)
@@ -466,10 +470,13 @@ class SessionMachine(RuleBasedStateMachine):
         self.extra_groups += 1
 
     @rule(index=st.integers(0, 2), lr=st.sampled_from([0.05, 0.001, -0.5, 1e39, math.inf]))
-    def patch_group(self, index: int, lr: float) -> None:
+    def patch_group(self, index: int, lr: float, expected: Expected | None = None) -> None:
         assert self.mirror is not None
         value: Any = {"$float": "inf"} if math.isinf(lr) else lr
-        a, _ = self.both(lambda e: e.update_param_group(self.sid, index, {"lr": value}))
+        a, _ = self.both(lambda e: e.update_param_group(self.sid, index, {"lr": value},
+                                                        expected=expected))
+        if self.refused_for(expected, a):
+            return
         STATS["op update_group"] += 1
         if index >= len(self.mirror.opt.param_groups) or lr < 0 or lr == 1e39 or \
                 math.isinf(lr):
@@ -480,9 +487,11 @@ class SessionMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ scheduler and state
     @rule(metric=st.sampled_from([None, 1.0, 2.0, 0.5]))
-    def scheduler_step(self, metric: float | None) -> None:
+    def scheduler_step(self, metric: float | None, expected: Expected | None = None) -> None:
         assert self.mirror is not None
-        a, _ = self.both(lambda e: e.scheduler_step(self.sid, metric))
+        a, _ = self.both(lambda e: e.scheduler_step(self.sid, metric, expected=expected))
+        if self.refused_for(expected, a):
+            return
         STATS["op scheduler_step"] += 1
         if not isinstance(a, OptserveError):
             assert self.mirror.sched is not None
@@ -546,9 +555,51 @@ class SessionMachine(RuleBasedStateMachine):
         self.mirror.version += 1
 
     @rule(bound=st.sampled_from([None, 3, 100]))
-    def configure(self, bound: int | None) -> None:
-        self.both(lambda e: e.configure(self.sid, {"max_staleness": bound}))
-        STATS["op configure"] += 1
+    def configure(self, bound: int | None, expected: Expected | None = None) -> None:
+        a, _ = self.both(lambda e: e.configure(self.sid, {"max_staleness": bound},
+                                               expected=expected))
+        if not self.refused_for(expected, a):
+            STATS["op configure"] += 1
+
+    # ------------------------------------------------------------------ conditional changes
+    @rule(change=st.sampled_from(["overwrite", "patch_group", "scheduler_step", "configure"]),
+          which=st.sampled_from(["version", "revision", "both"]),
+          off=st.sampled_from([0, 0, -1, 1]), seed=st.integers(0, 999))
+    def conditional(self, change: str, which: str, off: int, seed: int) -> None:
+        """A change with a precondition: the session's own version and/or revision (``off``
+        0: applied as without one), or another (refused, 412, nothing changed: ``both``'s
+        check)."""
+        assert self.engine is not None and self.mirror is not None
+        info = run(self.loop, self.engine.describe(self.sid))
+        version = info.version + off if which != "revision" else None
+        revision = info.revision + off if which != "version" else None
+        if (version is not None and version < 0) or (revision is not None and revision < 0):
+            return
+        expected = Expected(version, revision)
+        self.stale = off != 0
+        if change == "overwrite":
+            self.overwrite(sorted(self.mirror.params)[seed % len(self.mirror.params)], seed,
+                           "", expected)
+        elif change == "patch_group":
+            self.patch_group(seed % 2, 0.05 if seed % 3 else 0.001, expected)
+        elif change == "scheduler_step":
+            self.scheduler_step(None, expected)
+        else:
+            self.configure(3 if seed % 2 else None, expected)
+        self.stale = False
+
+    #: whether the condition of the change under way names where the session is not
+    stale = False
+
+    def refused_for(self, expected: Expected | None, answer: Any) -> bool:
+        """A conditional change's answer: refused with ``precondition_failed`` (True) exactly
+        when its condition was stale; otherwise as the change without it."""
+        if expected is None:
+            return False
+        precondition = isinstance(answer, OptserveError) and answer.code == "precondition_failed"
+        assert precondition == self.stale, (expected, answer)
+        STATS["op conditional" + (" refused" if precondition else "")] += 1
+        return precondition
 
     # ------------------------------------------------------------------ restarts
     @rule(torn=st.booleans())

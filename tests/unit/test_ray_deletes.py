@@ -29,6 +29,7 @@ from app.engine import directory
 from app.engine.directory import Directory
 from app.engine.front import Front
 from app.engine.interface import CreateSpec, GroupSpec, IdemKey
+from app.engine.ops import Expected
 from app.engine.store import Store
 from app.errors import Conflict, Invalid, NotFound
 from tests.stored_files import stored_files
@@ -220,8 +221,9 @@ def test_a_keyed_ray_delete_retried_through_another_front_is_answered(
             await first.step("gone", GRADS, return_params=False)
             real = ray_host._Placed.delete
 
-            async def dies_after(placed: Any, key: str, *, idem: IdemKey | None = None) -> bool:
-                await real(placed, key, idem=idem)
+            async def dies_after(placed: Any, key: str, *, idem: IdemKey | None = None,
+                                 expected: Expected | None = None) -> bool:
+                await real(placed, key, idem=idem, expected=expected)
                 raise Crash(key)
             with monkeypatch.context() as m:
                 m.setattr(ray_host._Placed, "delete", dies_after)
