@@ -15,11 +15,9 @@ import httpx
 import pytest
 
 from tests.conftest import LiveServer, _test_settings
+from tests.unit.test_old_data_dirs import COMMITS, FIXTURES
 
 pytestmark = pytest.mark.integration
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "old_data_dirs"
-COMMITS = sorted(p.name for p in FIXTURES.iterdir() if (p / "answers.json").is_file())
 #: commits from before creates kept their Idempotency-Key
 NO_CREATE_KEYS = {"4921d32"}
 

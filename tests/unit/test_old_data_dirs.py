@@ -25,14 +25,22 @@ from app.errors import NotFound
 from app.wire.tree import tree_from_json
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "old_data_dirs"
-COMMITS = sorted(p.name for p in FIXTURES.iterdir() if (p / "answers.json").is_file())
+
+
+def fixtures(engine: str) -> list[str]:
+    return sorted(p.name for p in FIXTURES.iterdir() if (p / "answers.json").is_file() and
+                  json.loads((p / "answers.json").read_text()).get("engine", "embedded")
+                  == engine)
+
+
+COMMITS, RAY_COMMITS = fixtures("embedded"), fixtures("ray")
 #: each scenario session's optimizer (and scheduler), as make_fixture.py made it
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "sharded": torch.optim.Adam,
               "keyed": torch.optim.RMSprop}
 
 
 def test_there_are_fixtures_from_the_first_formats_on() -> None:
-    assert len(COMMITS) >= 3
+    assert len(COMMITS) >= 3 and len(RAY_COMMITS) >= 2
     first = FIXTURES / "4921d32" / "stored" / "sessions" / "default~adam"
     assert (first / "snapshot.bin").read_bytes()[:8] == b"OPTSNAP1"
     assert (first / "wal.bin").read_bytes()[:4] == b"OPTR"
@@ -66,17 +74,45 @@ def test_an_older_data_directory_is_restored_as_it_was_acknowledged(tmp_path: Pa
         eng: Front = embedded_engine("cpu", data_dir=data, durability="step", warm_up=False)
         await eng.start()
         try:
-            assert await eng.refused() == {}
-            listed = sorted(info.id for info in await eng.list_sessions())
-            assert listed == sorted(answers["sessions"])
-            for sid in answers["deleted"]:
-                with pytest.raises(NotFound):
-                    await eng.describe(sid)
-            for sid, answer in answers["sessions"].items():
-                await restored(eng, sid, answer)
+            await all_restored(eng, answers)
         finally:
             await eng.stop()
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("commit", RAY_COMMITS)
+def test_an_older_ray_data_directory_is_restored_as_it_was_acknowledged(
+        tmp_path: Path, commit: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Ray engine's layout (``directory/`` entries naming host actors, each host's
+    sessions under ``hosts/<name>/``), restored by the real router and host actors in this
+    process (``test_ray_deletes``' ``Cluster``): each host is started from its files when the
+    front first needs it, as after a whole cluster's restart."""
+    from tests.unit.test_ray_deletes import Cluster
+    answers = json.loads((FIXTURES / commit / "answers.json").read_text())
+    data = tmp_path / "data"
+    shutil.copytree(FIXTURES / commit / "stored", data)
+    cluster = Cluster(data, monkeypatch)
+
+    async def run() -> None:
+        front = cluster.front()
+        await front.start()
+        try:
+            await all_restored(front, answers)
+        finally:
+            await front.stop()
+            await cluster.kill()
+    asyncio.run(run())
+
+
+async def all_restored(eng: Front, answers: dict[str, Any]) -> None:
+    assert await eng.refused() == {}
+    listed = sorted(info.id for info in await eng.list_sessions())
+    assert listed == sorted(answers["sessions"])
+    for sid in answers["deleted"]:
+        with pytest.raises(NotFound):
+            await eng.describe(sid)
+    for sid, answer in answers["sessions"].items():
+        await restored(eng, sid, answer)
 
 
 async def restored(eng: Front, sid: str, answer: dict[str, Any]) -> None:
