@@ -587,9 +587,7 @@ class Client(SyncAPIClient):
         ``history``; ``scheduler=None`` removes the session's scheduler (after a
         ``ConflictError`` with ``code == "scheduler_out_of_range"``).
 
-        Conditional, as :meth:`import_state`: ``base_version`` (sent as ``If-Match``) and/or
-        ``base_revision``; :class:`~optserve.PreconditionFailedError` (412), nothing done,
-        when the session is no longer at them."""
+        ``base_version`` / ``base_revision``: conditional, as in :meth:`import_state`."""
         return self._request(_api.configure_session(id, options,
                                                     base_version=base_version,
                                                     base_revision=base_revision))
@@ -600,9 +598,7 @@ class Client(SyncAPIClient):
     ) -> ParamsResult:
         """``PUT .../params``: overwrite some or all parameters.
 
-        Conditional, as :meth:`import_state`: ``base_version`` (sent as ``If-Match``) and/or
-        ``base_revision``; :class:`~optserve.PreconditionFailedError` (412), nothing done,
-        when the session is no longer at them."""
+        ``base_version`` / ``base_revision``: conditional, as in :meth:`import_state`."""
         return self._request(_api.put_params(id, params, binary=binary,
                                              base_version=base_version,
                                              base_revision=base_revision))
@@ -616,9 +612,7 @@ class Client(SyncAPIClient):
         ``params`` is ``{name: tensor}``, ``[(name, tensor), ...]`` or ``[tensor, ...]``
         (unnamed tensors continue the positional names: the session's parameter count, ...).
 
-        Conditional, as :meth:`import_state`: ``base_version`` (sent as ``If-Match``) and/or
-        ``base_revision``; :class:`~optserve.PreconditionFailedError` (412), nothing done,
-        when the session is no longer at them.
+        ``base_version`` / ``base_revision``: conditional, as in :meth:`import_state`.
         """
         start = len(self.get_session(id).param_names) if _needs_count(params) else 0
         return self._request(_api.add_param_group(id, params, options, start=start,
@@ -630,9 +624,7 @@ class Client(SyncAPIClient):
                            base_revision: int | None = None, **options: Any) -> SessionInfo:
         """``PATCH .../param_groups/{index}``: change a group's options (``lr=0.01``, ...).
 
-        Conditional, as :meth:`import_state`: ``base_version`` (sent as ``If-Match``) and/or
-        ``base_revision``; :class:`~optserve.PreconditionFailedError` (412), nothing done,
-        when the session is no longer at them."""
+        ``base_version`` / ``base_revision``: conditional, as in :meth:`import_state`."""
         return self._request(_api.update_param_group(id, index, options,
                                                      base_version=base_version,
                                                      base_revision=base_revision))
@@ -643,9 +635,7 @@ class Client(SyncAPIClient):
         """``POST .../scheduler/step``: step the session's scheduler by hand (``metric`` for
         ReduceLROnPlateau).
 
-        Conditional, as :meth:`import_state`: ``base_version`` (sent as ``If-Match``) and/or
-        ``base_revision``; :class:`~optserve.PreconditionFailedError` (412), nothing done,
-        when the session is no longer at them."""
+        ``base_version`` / ``base_revision``: conditional, as in :meth:`import_state`."""
         return self._request(_api.scheduler_step(id, metric,
                                                  base_version=base_version,
                                                  base_revision=base_revision))
