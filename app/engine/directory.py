@@ -149,12 +149,18 @@ class Directory:
         #: the ``made`` of creates in flight (without a root)
         self._in_flight: set[str] = set()
         if root is not None:
-            for folder in (".creates", _CREATING, _LOCKS, *_MARKS):
-                (root / folder).mkdir(parents=True, exist_ok=True)
+            self.make_folders()
             self._sweep_locks()
             # (the count between prunes starts again with each front: a front that deletes
             # fewer than that before it ends would leave its marks to pile up)
             self.prune_deleted()
+
+    def make_folders(self) -> None:
+        """The directory's folders, where they are missing (at start; again after the data
+        directory was removed while the server ran)."""
+        assert self.root is not None
+        for folder in (".creates", _CREATING, _LOCKS, *_MARKS):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ entries
     def get(self, key: str) -> dict[str, Any] | None:

@@ -357,6 +357,11 @@ class EmbeddedHost:
         self._evaluations = Evaluations(self)
         #: sessions with a step applied whose log record's fsync is still running
         self._unsettled: dict[str, asyncio.Future[None]] = {}
+        #: called with a session's key once its files, removed from the data directory while
+        #: the server ran, are written again (:meth:`_write_again`): a router writes again
+        #: what it keeps there for the session (a sharded session's directory entry). An
+        #: OSError fails the operation that found the removal (503)
+        self.written_again: list[Callable[[str], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -1428,11 +1433,16 @@ class EmbeddedHost:
         log.error("the files of session %s were removed from the data directory while the "
                   "server ran: writing them again from memory", key)
         await self._snapshot(key, s)
-        if store.log_removed(key) or not await self._in_io(lambda: store.exists(key)):
+        try:
+            if store.log_removed(key) or not await self._in_io(lambda: store.exists(key)):
+                raise OSError("its snapshot was not written")
+            for hook in self.written_again:
+                hook(key)
+        except OSError as exc:
             raise Unavailable(f"the files of session {split_key(key)[1]!r:.140} were removed "
                               "from the data directory while the server ran, and writing them "
-                              "again failed: nothing was applied", code="storage_error",
-                              retry_after=2)
+                              f"again failed ({exc}): nothing was applied",
+                              code="storage_error", retry_after=2) from None
 
     async def _maintain(self) -> None:
         """Snapshot sessions that have logged operations for a while, heal logs a failed

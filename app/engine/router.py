@@ -269,6 +269,10 @@ class LocalRouter:
         #: sharded sessions being created (their entries claimed, their shards not all made):
         #: a create of the same id meanwhile is a 409, not a drop of the entry (:meth:`_stale`)
         self._creating: set[str] = set()
+        #: each sharded session's entry as it is in the directory, to write it again when the
+        #: data directory was removed while the server ran (:meth:`_write_entry_again`)
+        self._entries: dict[str, dict[str, Any]] = {}
+        host.written_again.append(self._write_entry_again)
 
     async def start(self) -> None:
         await self.local.start()
@@ -276,7 +280,10 @@ class LocalRouter:
         for key in sorted(self._sharded_keys):  # sharded sessions whose shards are gone
             await self._stale(key)
         for key in self._sharded_keys:
-            made_by = (self.directory.get(key) or {}).get("created_by")
+            entry = self.directory.get(key)
+            if entry is not None:
+                self._entries[key] = entry
+            made_by = (entry or {}).get("created_by")
             tenant = split_key(key)[0]
             if made_by and self.directory.created(tenant, made_by) is None:
                 self._unindexed[(tenant, made_by)] = key
@@ -300,7 +307,25 @@ class LocalRouter:
             return False
         self._sharded.pop(key, None)
         self._sharded_keys.discard(key)
+        self._entries.pop(key, None)
         return True
+
+    def _write_entry_again(self, host_key: str) -> None:
+        """A shard's files were written again after the data directory was removed while the
+        server ran: its sharded session's entry too, where it is gone (without it, a restart
+        would not know the session: 404, its shards on disk). Runs on the event loop, between
+        a delete's removal of the entry and its forgetting of the key, never inside it."""
+        from app.engine.shards import parent_of
+        key = parent_of(host_key)
+        entry = self._entries.get(key) if key is not None else None
+        if key is None or entry is None or key not in self._sharded_keys or \
+                key in self._creating or self.directory.root is None or \
+                self.directory.get(key) is not None:
+            return
+        self.directory.make_folders()
+        if self.directory.claim(key, entry):
+            log.error("the directory entry of sharded session %s was removed from the data "
+                      "directory while the server ran: written again", key)
 
     async def stop(self, *, snapshot: bool = True) -> None:
         await self.local.stop(snapshot=snapshot)
@@ -462,6 +487,7 @@ class LocalRouter:
                     # (they stay: as a create a crash cut before its index, :meth:`_cut_create`)
                     self._unindexed[(split_key(key)[0], idem.key)] = key
                     self._sharded_keys.add(key)
+                    self._entries[key] = entry
                     raise storage_failure(
                         exc, "indexing the create's Idempotency-Key",
                         outcome="the create was not completed; retry it with the same "
@@ -470,6 +496,7 @@ class LocalRouter:
             self._creating.discard(key)
         self._sharded[key] = session
         self._sharded_keys.add(key)
+        self._entries[key] = entry
         return info
 
     def _drop_entry(self, key: str, made: str) -> None:
@@ -589,4 +616,5 @@ class LocalRouter:
         if gone:
             self._sharded.pop(key, None)
             self._sharded_keys.discard(key)
+            self._entries.pop(key, None)
         return replayed

@@ -6,7 +6,9 @@ descriptor, a file no longer in any folder: steps were acknowledged and a ``kill
 them, and a session with nothing to write lost everything. Its lock's file went too, so a
 second server could take the directory. Now its maintenance (every ``min(snapshot_every_s, 60)
 / 4`` s) finds sessions whose files are gone and writes them again from memory, a snapshot
-that drops the unlinked log for a new one, and takes the lock again."""
+that drops the unlinked log for a new one, and takes the lock again; a sharded session's
+directory entry is written again with its shards (before, a restart answered 404 for it, its
+shards on disk)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ from tests.integration.test_two_servers_one_data_dir import REPO, Local, assert_
 
 pytestmark = pytest.mark.integration
 
+#: the unsharded sessions of the first test
+PLAIN = ("idle", "busy")
+
 
 def test_a_removed_data_dir_is_written_again_and_nothing_acknowledged_is_lost(
         tmp_path: Path) -> None:
@@ -32,11 +37,15 @@ def test_a_removed_data_dir_is_written_again_and_nothing_acknowledged_is_lost(
     second = None
     try:
         url = proc.url
-        twins = {"idle": Local(), "busy": Local()}
+        twins = {"idle": Local(), "busy": Local(), "sharded": Local()}
         for sid, local in twins.items():
-            r = httpx.post(f"{url}/v1/sessions", json={**local.create_body(), "id": sid})
+            body = {**local.create_body(), "id": sid}
+            if sid == "sharded":
+                body["shards"] = 2
+            r = httpx.post(f"{url}/v1/sessions", json=body)
             assert r.status_code == 201, r.text
         assert step(url, twins["busy"], 1, "busy") == 1
+        assert step(url, twins["sharded"], 1, "sharded") == 1
         # idle: snapshotted once (its create's record then cut from its log), never due again
         idle = data / "sessions" / "default~idle"
         deadline = time.monotonic() + 60
@@ -46,9 +55,12 @@ def test_a_removed_data_dir_is_written_again_and_nothing_acknowledged_is_lost(
         shutil.rmtree(data)
         for k in (2, 3):  # acknowledged while their files are gone
             assert step(url, twins["busy"], k, "busy") == k
+        written = [data / "sessions" / f"default~{sid}" / "snapshot.bin" for sid in PLAIN]
+        written += [data / "sessions" / f"default#sharded~shard{i}of2" / "snapshot.bin"
+                    for i in range(2)]
+        written += [data / ".lock", data / "directory" / "default~sharded"]
         deadline = time.monotonic() + 60
-        while not all((data / "sessions" / f"default~{sid}" / "snapshot.bin").exists()
-                      for sid in twins) or not (data / ".lock").exists():
+        while not all(path.exists() for path in written):
             assert time.monotonic() < deadline, proc.log()
             time.sleep(0.1)
         assert "were removed from the data directory while the server ran" in proc.log()
@@ -65,8 +77,10 @@ def test_a_removed_data_dir_is_written_again_and_nothing_acknowledged_is_lost(
         proc.start()
         assert_holds(proc.url, twins["idle"], 0, "idle")
         assert_holds(proc.url, twins["busy"], 4, "busy")
+        assert_holds(proc.url, twins["sharded"], 1, "sharded")
         assert step(proc.url, twins["busy"], 5, "busy") == 5
         assert step(proc.url, twins["idle"], 6, "idle") == 1
+        assert step(proc.url, twins["sharded"], 7, "sharded") == 2
     finally:
         if second is not None and second.poll() is None:
             second.kill()
@@ -76,22 +90,31 @@ def test_a_removed_data_dir_is_written_again_and_nothing_acknowledged_is_lost(
 def test_a_step_after_the_removal_writes_its_session_again_before_it_is_acknowledged(
         tmp_path: Path) -> None:
     """At the default maintenance period (15 s), a step that finds its log removed writes its
-    session again first: a ``kill -9`` right after its answer loses nothing."""
+    session again first (a sharded one's shards and its directory entry): a ``kill -9`` right
+    after its answer loses nothing."""
     data = tmp_path / "data"
     proc = Proc(data).start()
     try:
-        local = Local()
-        r = httpx.post(f"{proc.url}/v1/sessions", json={**local.create_body(), "id": "busy"})
-        assert r.status_code == 201, r.text
-        assert step(proc.url, local, 1, "busy") == 1
+        twins = {"busy": Local(), "sharded": Local()}
+        for sid, local in twins.items():
+            body = {**local.create_body(), "id": sid, **({"shards": 2} if sid == "sharded"
+                                                       else {})}
+            r = httpx.post(f"{proc.url}/v1/sessions", json=body)
+            assert r.status_code == 201, r.text
+            assert step(proc.url, local, 1, sid) == 1
         shutil.rmtree(data)
-        assert step(proc.url, local, 2, "busy") == 2
-        assert step(proc.url, local, 3, "busy") == 3
+        for sid, local in twins.items():
+            assert step(proc.url, local, 2, sid) == 2
+            assert step(proc.url, local, 3, sid) == 3
         proc.kill9()
         killed_log = proc.log()
         proc.start()
-        assert_holds(proc.url, local, 3, "busy")
+        for sid, local in twins.items():
+            assert_holds(proc.url, local, 3, sid)
         assert "the files of session default~busy were removed" in killed_log
-        assert step(proc.url, local, 4, "busy") == 4
+        assert "the directory entry of sharded session default~sharded was removed" in \
+            killed_log
+        for sid, local in twins.items():
+            assert step(proc.url, local, 4, sid) == 4
     finally:
         proc.stop()
