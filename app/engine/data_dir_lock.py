@@ -100,31 +100,32 @@ class DataDirLock:
         except OSError as exc:  # only the message loses it (a full disk)
             log.warning("could not note this process in %s: %s", self.path, exc)
 
-    def renew(self) -> None:
+    def renew(self) -> bool:
         """Take the lock again when its file was removed or replaced while it was held (the
         data directory removed under a running server): a lock on a file no folder holds
         keeps no other process out. Where another process took the new file first,
-        :attr:`lost` says so (readiness reports it); the lock held stays as it was."""
+        :attr:`lost` says so (readiness reports it); the lock held stays as it was. True when
+        it was taken again (the directory is this process's again, made anew)."""
         fd = self._fd
         if fd is None or not self._is_file:
-            return
+            return False
         try:
             mine, there = os.fstat(fd), os.stat(self.path)
             if (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino):
                 self.lost = None
-                return
+                return False
         except FileNotFoundError:
             pass
         except OSError as exc:
             log.warning("checking the lock %s: %s", self.path, exc)
-            return
+            return False
         gone = f"the data directory's lock {self.path} was removed while the server ran"
         try:
             new, is_file = self._open()
         except OSError as exc:
             self.lost = f"{gone} and cannot be made again: {exc.strerror or exc}"
             log.error("%s", self.lost)
-            return
+            return False
         try:
             fcntl.flock(new, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -132,13 +133,14 @@ class DataDirLock:
             self.lost = (f"{gone}, and another process holds it now ({self._holder(is_file)}): "
                          "two servers write one data directory; stop one of them")
             log.error("%s", self.lost)
-            return
+            return False
         if is_file:
             self._note_holder(new)
         self._fd, self._is_file = new, is_file
         os.close(fd)
         self.lost = None
         log.warning("%s: taken again", gone)
+        return True
 
     def release(self) -> None:
         """Drop the lock (closing its descriptor drops the ``flock``)."""

@@ -95,6 +95,11 @@ class DeletedCreates:
         while len(self._kept) > self.keep:
             self._kept.popitem(last=False)
 
+    def stones(self) -> list[dict[str, str]]:
+        """Their tombstone-log lines, oldest first."""
+        return [stone(tenant, key, fingerprint, sid)
+                for (tenant, key), (fingerprint, sid) in self._kept.items()]
+
     def check(self, tenant: str, idem: IdemKey) -> None:
         """Raise the answer of a create retried with a key whose session was deleted."""
         kept = self._kept.get((tenant, idem.key))

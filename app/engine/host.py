@@ -1444,6 +1444,23 @@ class EmbeddedHost:
                               f"again failed ({exc}): nothing was applied",
                               code="storage_error", retry_after=2) from None
 
+    async def _stones_again(self, store: Store) -> None:
+        """The data directory was removed while the server ran (its lock taken again): the
+        keys of past deletes (and of deleted sessions' creates) this host keeps in memory go
+        back into the tombstone log, so that a keyed retry after a restart is still answered."""
+        stones = [{"tenant": owner, "key": key, "fingerprint": fingerprint, "id": sid}
+                  for (owner, key), (fingerprint, sid) in self._tombstones.items()]
+        stones += self._deleted_creates.stones()
+        try:
+            written = await self._in_io(lambda: store.tombstones_again(stones))
+        except OSError as exc:
+            log.error("the tombstone log was removed from the data directory while the server "
+                      "ran, and writing it again failed: %s", exc)
+            return
+        if written:
+            log.error("the tombstone log was removed from the data directory while the server "
+                      "ran: %d line(s) written again", written)
+
     async def _maintain(self) -> None:
         """Snapshot sessions that have logged operations for a while, heal logs a failed
         background fsync left in doubt, write again from memory the sessions whose files were
@@ -1474,7 +1491,8 @@ class EmbeddedHost:
                                     await self._write_again(key, s, store)
                             else:
                                 await self._snapshot(key, s)
-                await self._in_io_whole(store.repair)
+                if await self._in_io_whole(store.repair):
+                    await self._stones_again(store)
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let maintenance die

@@ -392,6 +392,8 @@ class Store:
         #: the open logs, least recently used first
         self._open: OrderedDict[_Log, None] = OrderedDict()
         self._lock = threading.Condition()
+        #: taken by each append to the tombstone log (a delete's, :meth:`tombstones_again`)
+        self._stones = threading.Lock()
         self._stop = False
         self._flusher = threading.Thread(target=self._flush_loop, name="optserve-fsync",
                                          daemon=True)
@@ -626,18 +628,9 @@ class Store:
         stone = trash / TOMBSTONE
         if stone.exists():
             try:
-                line = stone.read_bytes().strip() + b"\n"
-                path = self.root / TOMBSTONES
-                new = not path.exists()
-                with open(path, "a+b") as f:
-                    size = f.seek(0, os.SEEK_END)
-                    if size and os.pread(f.fileno(), 1, size - 1) != b"\n":
-                        line = b"\n" + line  # after a line a crash tore
-                    f.write(line)
-                    f.flush()
-                    os.fsync(f.fileno())
-                if new:
-                    self.files.fsync_dir(self.root)
+                with self._stones:
+                    self._append_stones(self.root / TOMBSTONES,
+                                        stone.read_bytes().strip() + b"\n")
             except OSError as exc:
                 log.error("could not log the tombstone of %s: %s", trash.name, exc)
                 return
@@ -978,11 +971,12 @@ class Store:
             if lg.repair and not lg.closed:
                 self._cut_to_good(lg)
 
-    def repair(self) -> None:
+    def repair(self) -> bool:
         """Retry cutting every log a failed write left long (readiness waits for it), and take
         the data directory's lock again if its file was removed
-        (:meth:`~app.engine.data_dir_lock.DataDirLock.renew`)."""
-        self.lock.renew()
+        (:meth:`~app.engine.data_dir_lock.DataDirLock.renew`): True when it was (the data
+        directory was removed while the server ran, and is this process's again)."""
+        renewed = self.lock.renew()
         with self._lock:
             logs = [lg for lg in self._logs.values() if lg.repair]
         for lg in logs:
@@ -990,6 +984,37 @@ class Store:
                 if not lg.closed:
                     with contextlib.suppress(OSError):
                         self._cut_to_good(lg)
+        return renewed
+
+    def tombstones_again(self, stones: Sequence[dict[str, str]]) -> int:
+        """After the data directory was removed while the server ran: append to the tombstone
+        log each of these lines (the ones the host keeps in memory) that it lacks, under the
+        lock a delete's append takes; how many were written. OSError when it cannot."""
+        with self._stones:
+            path = self.root / TOMBSTONES
+            try:
+                have = set(path.read_bytes().splitlines())
+            except FileNotFoundError:
+                have = set()
+            lines = [json.dumps(t).encode() for t in stones]
+            missing = [line for line in lines if line not in have]
+            if missing:
+                self._append_stones(path, b"\n".join(missing) + b"\n")
+            return len(missing)
+
+    def _append_stones(self, path: Path, lines: bytes) -> None:
+        """Append whole lines to the tombstone log, durably (a line a crash tore before them
+        is ended first); the caller holds ``_stones``."""
+        new = not path.exists()
+        with open(path, "a+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size and os.pread(f.fileno(), 1, size - 1) != b"\n":
+                lines = b"\n" + lines  # after a line a crash tore
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        if new:
+            self.files.fsync_dir(self.root)
 
     def _cut_to_good(self, lg: _Log) -> None:
         """Cut the log's file back to its last good length, durably (under ``lg.lock``); the

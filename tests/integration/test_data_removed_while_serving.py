@@ -8,7 +8,8 @@ second server could take the directory. Now its maintenance (every ``min(snapsho
 / 4`` s) finds sessions whose files are gone and writes them again from memory, a snapshot
 that drops the unlinked log for a new one, and takes the lock again; a sharded session's
 directory entry is written again with its shards (before, a restart answered 404 for it, its
-shards on disk)."""
+shards on disk), and the tombstone log with the keys of past deletes the server keeps in
+memory (before, a keyed delete or create retried after a restart ran as new)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,13 @@ def test_a_removed_data_dir_is_written_again_and_nothing_acknowledged_is_lost(
             assert r.status_code == 201, r.text
         assert step(url, twins["busy"], 1, "busy") == 1
         assert step(url, twins["sharded"], 1, "sharded") == 1
+        # a keyed create and a keyed delete: their keys live in the tombstone log
+        gone = {**Local().create_body(), "id": "gone"}
+        r = httpx.post(f"{url}/v1/sessions", json=gone, headers={"Idempotency-Key": "c-1"})
+        assert r.status_code == 201, r.text
+        r = httpx.delete(f"{url}/v1/sessions/gone", headers={"Idempotency-Key": "d-1"})
+        assert r.status_code == 204, r.text
+        assert (data / "tombstones.jsonl").exists()
         # idle: snapshotted once (its create's record then cut from its log), never due again
         idle = data / "sessions" / "default~idle"
         deadline = time.monotonic() + 60
@@ -58,7 +66,8 @@ def test_a_removed_data_dir_is_written_again_and_nothing_acknowledged_is_lost(
         written = [data / "sessions" / f"default~{sid}" / "snapshot.bin" for sid in PLAIN]
         written += [data / "sessions" / f"default#sharded~shard{i}of2" / "snapshot.bin"
                     for i in range(2)]
-        written += [data / ".lock", data / "directory" / "default~sharded"]
+        written += [data / ".lock", data / "directory" / "default~sharded",
+                    data / "tombstones.jsonl"]
         deadline = time.monotonic() + 60
         while not all(path.exists() for path in written):
             assert time.monotonic() < deadline, proc.log()
@@ -81,6 +90,13 @@ def test_a_removed_data_dir_is_written_again_and_nothing_acknowledged_is_lost(
         assert step(proc.url, twins["busy"], 5, "busy") == 5
         assert step(proc.url, twins["idle"], 6, "idle") == 1
         assert step(proc.url, twins["sharded"], 7, "sharded") == 2
+        # the keys of the delete and of the deleted session's create, answered as before
+        r = httpx.delete(f"{proc.url}/v1/sessions/gone", headers={"Idempotency-Key": "d-1"})
+        assert r.status_code == 204, r.text
+        assert r.headers.get("idempotent-replayed") == "true"
+        r = httpx.post(f"{proc.url}/v1/sessions", json=gone, headers={"Idempotency-Key": "c-1"})
+        assert r.status_code == 409, r.text
+        assert r.json()["code"] == "session_deleted"
     finally:
         if second is not None and second.poll() is None:
             second.kill()
