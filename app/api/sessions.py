@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 import orjson
@@ -38,7 +36,6 @@ from app.api.deps import EngineDep, SettingsDep, TenantDep
 from app.api.instrument import metrics_of, outcome, phase
 from app.api.requests import StepQuery
 from app.api.strict_requests import StrictRoute
-from app.config import Settings
 from app.engine.interface import Engine, IdemKey, ReturnParams, SessionInfo
 from app.engine.ops import Expected
 from app.errors import Invalid
@@ -118,22 +115,22 @@ async def configure_session(
     tenant: TenantDep,
     settings: SettingsDep,
 ) -> Response:
-    with _conditional(request) as expected:
-        buf = await read_body(request, _max_bytes(settings))
-        require_json(request)
-        options = json_object(buf)
-        idem = await idempotency(request, buf)
-        return _described(await engine.configure(session_id, options, tenant=tenant,
-                                                 idem=idem, expected=expected))
+    expected = _expected(request)
+    buf = await read_body(request, _max_bytes(settings))
+    require_json(request)
+    options = json_object(buf)
+    idem = await idempotency(request, buf)
+    return _described(await engine.configure(session_id, options, tenant=tenant, idem=idem,
+                                             expected=expected))
 
 
 @router.delete("/{session_id}", status_code=204, summary="Delete a session")
 async def delete_session(
     session_id: SessionId, request: Request, engine: EngineDep, tenant: TenantDep
 ) -> Response:
-    with _conditional(request) as expected:
-        replayed = await engine.delete(session_id, tenant=tenant,
-                                       idem=await idempotency(request), expected=expected)
+    expected = _expected(request)
+    replayed = await engine.delete(session_id, tenant=tenant, idem=await idempotency(request),
+                                   expected=expected)
     metrics_of(request).forget_session(session_id)
     return Response(status_code=204, headers={REPLAYED_HEADER: "true"} if replayed else None)
 
@@ -299,11 +296,11 @@ async def put_params(
     settings: SettingsDep,
 ) -> Response:
     binary, b64 = wants_binary(request), tensor_encoding(request)
-    with _conditional(request) as expected:
-        params, _, buf = await read_tensors(request, _max_bytes(settings), "params")
-        idem = await idempotency(request, buf)
-        result = await engine.overwrite(session_id, params, tenant=tenant, idem=idem,
-                                        expected=expected)
+    expected = _expected(request)
+    params, _, buf = await read_tensors(request, _max_bytes(settings), "params")
+    idem = await idempotency(request, buf)
+    result = await engine.overwrite(session_id, params, tenant=tenant, idem=idem,
+                                    expected=expected)
     headers = _headers(result.version, result.step, result.replayed)
     return await tensors_response(binary, b64, result.scalars(), result.params, headers)
 
@@ -316,15 +313,15 @@ async def add_param_group(
     tenant: TenantDep,
     settings: SettingsDep,
 ) -> Response:
-    with _conditional(request) as expected:
-        buf = await read_body(request, _max_bytes(settings))
-        idem = await idempotency(request, buf)
-        if body_kind(request) == "binary":
-            group = await offload(lambda: parse.group_spec_binary(buf), len(buf))
-        else:
-            group = await offload(lambda: parse.group_spec(json_object(buf)), len(buf))
-        return _described(await engine.add_param_group(session_id, group, tenant=tenant,
-                                                        idem=idem, expected=expected), 201)
+    expected = _expected(request)
+    buf = await read_body(request, _max_bytes(settings))
+    idem = await idempotency(request, buf)
+    if body_kind(request) == "binary":
+        group = await offload(lambda: parse.group_spec_binary(buf), len(buf))
+    else:
+        group = await offload(lambda: parse.group_spec(json_object(buf)), len(buf))
+    return _described(await engine.add_param_group(session_id, group, tenant=tenant,
+                                                    idem=idem, expected=expected), 201)
 
 
 @router.patch("/{session_id}/param_groups/{index}", summary="Change a group's options")
@@ -338,14 +335,14 @@ async def update_param_group(
     if request.path_params.get("index") != str(index):  # (what the path wrote: "01", "+0", "0.0")
         raise Invalid("index is a param group's position as a plain whole number (0, 1, ...)",
                       code="invalid", field="index")
-    with _conditional(request) as expected:
-        buf = await read_body(request, _max_bytes(settings))
-        require_json(request)
-        options = parse.group_changes(json_object(buf), index)
-        idem = await idempotency(request, buf)
-        return _described(await engine.update_param_group(session_id, index, options,
-                                                          tenant=tenant, idem=idem,
-                                                          expected=expected))
+    expected = _expected(request)
+    buf = await read_body(request, _max_bytes(settings))
+    require_json(request)
+    options = parse.group_changes(json_object(buf), index)
+    idem = await idempotency(request, buf)
+    return _described(await engine.update_param_group(session_id, index, options,
+                                                      tenant=tenant, idem=idem,
+                                                      expected=expected))
 
 
 @router.post("/{session_id}/scheduler/step", summary="Step the scheduler by hand")
@@ -356,20 +353,20 @@ async def scheduler_step(
     tenant: TenantDep,
     settings: SettingsDep,
 ) -> Response:
-    with _conditional(request) as expected:
-        buf = await read_body(request, _max_bytes(settings))
-        if buf.strip():
-            require_json(request)
-        obj = json_object(buf) if buf.strip() else {}
-        only_keys(obj, {"metric"})
-        metric = obj.get("metric")
-        if isinstance(metric, dict) and is_float_tag(metric):  # {"$float": "nan"}: no literal
-            metric = untag_float(metric, "metric", "invalid_metric")
-        if metric is not None and type(metric) not in (int, float):
-            raise Invalid("metric must be a number", code="invalid_metric", field="metric")
-        out = await engine.scheduler_step(
-            session_id, None if metric is None else float(metric), tenant=tenant,
-            idem=await idempotency(request, buf), expected=expected)
+    expected = _expected(request)
+    buf = await read_body(request, _max_bytes(settings))
+    if buf.strip():
+        require_json(request)
+    obj = json_object(buf) if buf.strip() else {}
+    only_keys(obj, {"metric"})
+    metric = obj.get("metric")
+    if isinstance(metric, dict) and is_float_tag(metric):  # {"$float": "nan"}: no JSON literal
+        metric = untag_float(metric, "metric", "invalid_metric")
+    if metric is not None and type(metric) not in (int, float):
+        raise Invalid("metric must be a number", code="invalid_metric", field="metric")
+    out = await engine.scheduler_step(
+        session_id, None if metric is None else float(metric), tenant=tenant,
+        idem=await idempotency(request, buf), expected=expected)
     return json_response(out.to_json(), headers=_headers(out.version, out.step, out.replayed))
 
 
@@ -418,12 +415,7 @@ async def import_state(
 ) -> Response:
     """Conditional with ``If-Match: "<version>"`` / ``?base_version=`` and/or
     ``?base_revision=``: imported only if the session is still at them (412 otherwise)."""
-    with _conditional(request) as expected:
-        return await _import_state(session_id, request, engine, tenant, settings, expected)
-
-
-async def _import_state(session_id: str, request: Request, engine: Engine, tenant: str,
-                        settings: Settings, expected: Expected | None) -> Response:
+    expected = _expected(request)
     buf = await read_body(request, _max_bytes(settings))
     kind = body_kind(request)
     fmt = _state_format(request, "safetensors" if kind == "binary" else "json")
@@ -440,16 +432,16 @@ async def _import_state(session_id: str, request: Request, engine: Engine, tenan
     return _described(info)
 
 
-@contextlib.contextmanager
-def _conditional(request: Request) -> Iterator[Expected | None]:
+def _expected(request: Request) -> Expected | None:
     """A change's precondition (``If-Match: "<version>"`` / ``?base_version=``, and/or
-    ``?base_revision=``), read before its body; a refusal of it inside the block names
-    ``If-Match`` when that header gave the version."""
+    ``?base_revision=``), read before its body; its refusal names ``If-Match`` when that
+    header gave the version."""
     query_version = _query_int(request, "base_version")
     base = conditions.base_version(request, query_version)
     revision = _query_int(request, "base_revision")
-    with conditions.base_named_as_sent(base, query_version):
-        yield None if base is None and revision is None else Expected(base, revision)
+    if base is None and revision is None:
+        return None
+    return Expected(base, revision, "base_version" if query_version is not None else "If-Match")
 
 
 def _query_int(request: Request, name: str) -> int | None:

@@ -70,8 +70,14 @@ def refused_at_start(key: str, shard: int | None, *, deleting: bool = False) -> 
 
 def stone(tenant: str, idem_key: str, fingerprint: str, session_id: str) -> dict[str, str]:
     """The tombstone-log line of a deleted session's create key."""
-    return {"tenant": tenant, "key": idem_key, "fingerprint": fingerprint, "id": session_id,
-            "kind": KIND}
+    return {**delete_stone(tenant, idem_key, fingerprint, session_id), "kind": KIND}
+
+
+def delete_stone(owner: str, idem_key: str, fingerprint: str, session_id: str
+                 ) -> dict[str, str]:
+    """The tombstone-log line of a keyed delete (``owner``: the key's scope, a tenant or a
+    shard's key)."""
+    return {"tenant": owner, "key": idem_key, "fingerprint": fingerprint, "id": session_id}
 
 
 def is_create(line: dict[str, str]) -> bool:

@@ -66,6 +66,7 @@ from app.engine import (
 from app.engine.chunked import DEFAULT_CHUNK
 from app.engine.deleted_creates import (
     DeletedCreates,
+    delete_stone,
     is_create,
     reused,
     session_refused,
@@ -789,9 +790,8 @@ class EmbeddedHost:
             created = self._created_by(key)
             if self._store is not None:
                 store = self._store
-                stones = [] if idem is None else [
-                    {"tenant": owner, "key": idem.key, "fingerprint": idem.fingerprint,
-                     "id": sid} for owner, sid in scopes]
+                stones = [] if idem is None else [delete_stone(owner, idem.key, idem.fingerprint,
+                                                               sid) for owner, sid in scopes]
                 if created is not None:
                     stones.append(stone(tenant, created[0], created[1], session_id))
                 await self._in_io(lambda: store.delete(key, stones))
@@ -1432,23 +1432,25 @@ class EmbeddedHost:
         a file no restart reads."""
         log.error("the files of session %s were removed from the data directory while the "
                   "server ran: writing them again from memory", key)
-        await self._snapshot(key, s)
-        try:
-            if store.log_removed(key) or not await self._in_io(lambda: store.exists(key)):
-                raise OSError("its snapshot was not written")
-            for hook in self.written_again:
-                hook(key)
-        except OSError as exc:
-            raise Unavailable(f"the files of session {split_key(key)[1]!r:.140} were removed "
-                              "from the data directory while the server ran, and writing them "
-                              f"again failed ({exc}): nothing was applied",
-                              code="storage_error", retry_after=2) from None
+        await self._snapshot(key, s)  # (logs its own failure)
+        failed = "its snapshot was not written"
+        if not store.log_removed(key) and await self._in_io(lambda: store.exists(key)):
+            try:
+                for hook in self.written_again:
+                    hook(key)
+                return
+            except OSError as exc:
+                failed = str(exc)
+        raise Unavailable(f"the files of session {split_key(key)[1]!r:.140} were removed from "
+                          "the data directory while the server ran, and writing them again "
+                          f"failed ({failed}): nothing was applied", code="storage_error",
+                          retry_after=2)
 
     async def _stones_again(self, store: Store) -> None:
         """The data directory was removed while the server ran (its lock taken again): the
         keys of past deletes (and of deleted sessions' creates) this host keeps in memory go
         back into the tombstone log, so that a keyed retry after a restart is still answered."""
-        stones = [{"tenant": owner, "key": key, "fingerprint": fingerprint, "id": sid}
+        stones = [delete_stone(owner, key, fingerprint, sid)
                   for (owner, key), (fingerprint, sid) in self._tombstones.items()]
         stones += self._deleted_creates.stones()
         try:

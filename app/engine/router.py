@@ -260,30 +260,29 @@ class LocalRouter:
         self.device = host.device
         self.directory = directory or Directory(None)
         self._sharded: dict[str, ShardedSession] = {}
-        #: the keys of sharded sessions (this router is its directory's only writer, so the
-        #: step path never reads the directory)
-        self._sharded_keys: set[str] = set()
+        #: every sharded session's directory entry, as this router wrote or read it (it is its
+        #: directory's only writer, so the step path never reads the directory; and an entry
+        #: removed with the data directory while the server ran is written again from here:
+        #: :meth:`_write_entry_again`)
+        self._entries: dict[str, dict[str, Any]] = {}
         #: keyed creates of sharded sessions cut before their ``.creates`` index was written:
         #: (tenant, idempotency key) -> session key (:meth:`_cut_create`)
         self._unindexed: dict[tuple[str, str], str] = {}
         #: sharded sessions being created (their entries claimed, their shards not all made):
         #: a create of the same id meanwhile is a 409, not a drop of the entry (:meth:`_stale`)
         self._creating: set[str] = set()
-        #: each sharded session's entry as it is in the directory, to write it again when the
-        #: data directory was removed while the server ran (:meth:`_write_entry_again`)
-        self._entries: dict[str, dict[str, Any]] = {}
         host.written_again.append(self._write_entry_again)
 
     async def start(self) -> None:
         await self.local.start()
-        self._sharded_keys = set(self.directory.keys())
-        for key in sorted(self._sharded_keys):  # sharded sessions whose shards are gone
-            await self._stale(key)
-        for key in self._sharded_keys:
+        for key in self.directory.keys():
             entry = self.directory.get(key)
             if entry is not None:
                 self._entries[key] = entry
-            made_by = (entry or {}).get("created_by")
+        for key in sorted(self._entries):  # sharded sessions whose shards are gone
+            await self._stale(key)
+        for key, entry in self._entries.items():
+            made_by = entry.get("created_by")
             tenant = split_key(key)[0]
             if made_by and self.directory.created(tenant, made_by) is None:
                 self._unindexed[(tenant, made_by)] = key
@@ -306,7 +305,6 @@ class LocalRouter:
                 self.directory.get(key) is not None:
             return False
         self._sharded.pop(key, None)
-        self._sharded_keys.discard(key)
         self._entries.pop(key, None)
         return True
 
@@ -318,9 +316,8 @@ class LocalRouter:
         from app.engine.shards import parent_of
         key = parent_of(host_key)
         entry = self._entries.get(key) if key is not None else None
-        if key is None or entry is None or key not in self._sharded_keys or \
-                key in self._creating or self.directory.root is None or \
-                self.directory.get(key) is not None:
+        if key is None or entry is None or key in self._creating or \
+                self.directory.root is None or self.directory.get(key) is not None:
             return
         self.directory.make_folders()
         if self.directory.claim(key, entry):
@@ -333,7 +330,7 @@ class LocalRouter:
     async def status(self, *, memory: bool = False) -> EngineStatus:
         status = await self.local.status(memory=memory)
         plain = [k for k in await self.local.keys() if parent_key(k) == k]
-        status.sessions = len(plain) + len(self._sharded_keys)
+        status.sessions = len(plain) + len(self._entries)
         return status
 
     async def refused(self) -> dict[str, str]:
@@ -341,7 +338,7 @@ class LocalRouter:
 
     async def count(self, prefix: str) -> int:
         return len(await self.local.keys(prefix)) + sum(k.startswith(prefix)
-                                                        for k in self._sharded_keys)
+                                                        for k in self._entries)
 
     async def drop_abandoned(self, prefix: str = "") -> int:
         """Nothing: this router is its directory's only writer, and its start drops the
@@ -486,7 +483,6 @@ class LocalRouter:
                             from exc
                     # (they stay: as a create a crash cut before its index, :meth:`_cut_create`)
                     self._unindexed[(split_key(key)[0], idem.key)] = key
-                    self._sharded_keys.add(key)
                     self._entries[key] = entry
                     raise storage_failure(
                         exc, "indexing the create's Idempotency-Key",
@@ -495,7 +491,6 @@ class LocalRouter:
         finally:
             self._creating.discard(key)
         self._sharded[key] = session
-        self._sharded_keys.add(key)
         self._entries[key] = entry
         return info
 
@@ -546,11 +541,8 @@ class LocalRouter:
         session = self._sharded.get(key)
         if session is not None:
             return session
-        if key not in self._sharded_keys:  # (a plain session's every step comes here)
-            return self.local
-        with files_failing(_READING):
-            entry = self.directory.get(key)
-        if entry is None:
+        entry = self._entries.get(key)
+        if entry is None:  # (a plain session's every step comes here)
             return self.local
         refused = await self._refused_shard(key, entry)
         if refused is not None:  # (as an unsharded session refused at start: not found)
@@ -563,7 +555,7 @@ class LocalRouter:
 
     async def list_sessions(self, prefix: str) -> list[SessionInfo]:
         infos = await self.local.list_sessions(prefix)
-        for key in sorted(k for k in self._sharded_keys if k.startswith(prefix)):
+        for key in sorted(k for k in self._entries if k.startswith(prefix)):
             try:
                 infos.append(await (await self.route(key)).describe(key))
             except Exception:  # noqa: BLE001 - a damaged sharded session is left out
@@ -577,9 +569,8 @@ class LocalRouter:
                      expected: Expected | None = None) -> bool:
         from app.engine.shards import shard_index
         # (a session already routed had every shard: none of them was refused at start)
-        with files_failing(_READING):
-            refused = (await self._refused_shard(key, self.directory.get(key))
-                       if key in self._sharded_keys and key not in self._sharded else None)
+        refused = (await self._refused_shard(key, self._entries.get(key))
+                   if key not in self._sharded else None)
         if refused is not None:
             # as an unsharded session refused at start: not deleted (none of its shards),
             # its files left to an operator
@@ -615,6 +606,5 @@ class LocalRouter:
             gone = True
         if gone:
             self._sharded.pop(key, None)
-            self._sharded_keys.discard(key)
             self._entries.pop(key, None)
         return replayed

@@ -629,8 +629,7 @@ class Store:
         if stone.exists():
             try:
                 with self._stones:
-                    self._append_stones(self.root / TOMBSTONES,
-                                        stone.read_bytes().strip() + b"\n")
+                    self._append_stones(stone.read_bytes().strip() + b"\n")
             except OSError as exc:
                 log.error("could not log the tombstone of %s: %s", trash.name, exc)
                 return
@@ -999,12 +998,13 @@ class Store:
             lines = [json.dumps(t).encode() for t in stones]
             missing = [line for line in lines if line not in have]
             if missing:
-                self._append_stones(path, b"\n".join(missing) + b"\n")
+                self._append_stones(b"\n".join(missing) + b"\n")
             return len(missing)
 
-    def _append_stones(self, path: Path, lines: bytes) -> None:
+    def _append_stones(self, lines: bytes) -> None:
         """Append whole lines to the tombstone log, durably (a line a crash tore before them
         is ended first); the caller holds ``_stones``."""
+        path = self.root / TOMBSTONES
         new = not path.exists()
         with open(path, "a+b") as f:
             size = f.seek(0, os.SEEK_END)

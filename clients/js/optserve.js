@@ -962,9 +962,7 @@ export class OptserveClient {
 
   /**
    * DELETE /v1/sessions/{id}.
-   * Conditional, as importState: baseVersion (sent as If-Match) and/or baseRevision
-   * (?base_revision=); PreconditionFailedError (412), nothing done, when the session is no
-   * longer at them.
+   * Conditional with baseVersion / baseRevision, as importState.
    */
   async deleteSession(id, callOptions = {}) {
     let { idempotencyKey, baseVersion, baseRevision } = optionsOf(callOptions, ["idempotencyKey", "baseVersion", "baseRevision"], "deleteSession");
@@ -1018,9 +1016,7 @@ export class OptserveClient {
   /**
    * PATCH /v1/sessions/{id}: parameter-server options ({sync: {workers, reduce, timeout_s,
    * on_timeout} | null, max_staleness, staleness_lr}); absent fields keep their value.
-   * Conditional, as importState: baseVersion (sent as If-Match) and/or baseRevision
-   * (?base_revision=); PreconditionFailedError (412), nothing done, when the session is no
-   * longer at them.
+   * Conditional with baseVersion / baseRevision, as importState.
    */
   configureSession(id, options, callOptions = {}) {
     let { idempotencyKey, baseVersion, baseRevision } = optionsOf(callOptions, ["idempotencyKey", "baseVersion", "baseRevision"], "configureSession");
@@ -1144,9 +1140,7 @@ export class OptserveClient {
 
   /**
    * PUT /v1/sessions/{id}/params: overwrite. Returns {version, step, params, etag}.
-   * Conditional, as importState: baseVersion (sent as If-Match) and/or baseRevision
-   * (?base_revision=); PreconditionFailedError (412), nothing done, when the session is no
-   * longer at them.
+   * Conditional with baseVersion / baseRevision, as importState.
    */
   putParams(id, params, callOptions = {}) {
     let { binary, encoding, idempotencyKey, baseVersion, baseRevision } = optionsOf(callOptions, ["binary", "encoding", "idempotencyKey", "baseVersion", "baseRevision"], "putParams");
@@ -1156,9 +1150,7 @@ export class OptserveClient {
   /**
    * POST /v1/sessions/{id}/param_groups: group = {params: {name: tensor}, ...options}. As JSON,
    * encoding "b64" sends its tensors (params and a tensor lr) base64. Returns the description.
-   * Conditional, as importState: baseVersion (sent as If-Match) and/or baseRevision
-   * (?base_revision=); PreconditionFailedError (412), nothing done, when the session is no
-   * longer at them.
+   * Conditional with baseVersion / baseRevision, as importState.
    */
   addParamGroup(id, group, callOptions = {}) {
     let { binary = false, encoding = "data", idempotencyKey, baseVersion, baseRevision } = optionsOf(callOptions, ["binary", "encoding", "idempotencyKey", "baseVersion", "baseRevision"], "addParamGroup");
@@ -1178,9 +1170,7 @@ export class OptserveClient {
    * PATCH /v1/sessions/{id}/param_groups/{index}: change a group's options (encoding "b64": a
    * tensor option, a tensor lr, base64; "$fill": ["lr"] fills the tensor lr the group holds
    * instead of replacing it, as in a step's paramGroups). Returns the description.
-   * Conditional, as importState: baseVersion (sent as If-Match) and/or baseRevision
-   * (?base_revision=); PreconditionFailedError (412), nothing done, when the session is no
-   * longer at them.
+   * Conditional with baseVersion / baseRevision, as importState.
    */
   updateParamGroup(id, index, options, callOptions = {}) {
     let { encoding = "data", idempotencyKey, baseVersion, baseRevision } = optionsOf(callOptions, ["encoding", "idempotencyKey", "baseVersion", "baseRevision"], "updateParamGroup");
@@ -1239,9 +1229,7 @@ export class OptserveClient {
    * POST /v1/sessions/{id}/scheduler/step ({metric} for ReduceLROnPlateau). A non-finite metric
    * goes as {"$float": "nan"} (JSON.stringify would write null: no metric); the server refuses
    * it (422 invalid_metric).
-   * Conditional, as importState: baseVersion (sent as If-Match) and/or baseRevision
-   * (?base_revision=); PreconditionFailedError (412), nothing done, when the session is no
-   * longer at them.
+   * Conditional with baseVersion / baseRevision, as importState.
    */
   schedulerStep(id, callOptions = {}) {
     let { metric, idempotencyKey, baseVersion, baseRevision } = optionsOf(callOptions, ["metric", "idempotencyKey", "baseVersion", "baseRevision"], "schedulerStep");

@@ -12,73 +12,38 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
 import torch
 
-from app.wire.tree import tree_from_json, tree_to_json
+from app.wire.tree import tree_from_json
 from tests.conftest import ENGINES
+from tests.integration.test_conditional_import import NAMES, SIZES, wire
+from tests.integration.test_conditional_import import Pair as Twin
 
 pytestmark = pytest.mark.integration
 
-NAMES, SIZES = ("w", "b"), (6, 3)
 
-
-def wire(t: torch.Tensor) -> Any:
-    return tree_to_json(t, b64=True)
-
-
-class Pair:
+class Pair(Twin):
     """A session and an in-process Adam (with a StepLR stepped by hand) that take the same
-    steps and changes."""
+    steps and changes (the import test's twin: its steps, with a group added here)."""
+
+    options: ClassVar[dict[str, float]] = {"lr": 0.05}
+    extra: ClassVar[dict[str, Any]] = {"scheduler": {
+        "name": "StepLR", "options": {"step_size": 1, "gamma": 0.5}, "step_on": "manual"}}
+    params_seed, id_prefix, seed_base = 11, "cc", 70
 
     def __init__(self, http: httpx.Client, shards: int) -> None:
-        g = torch.Generator().manual_seed(11)
-        params = [torch.randn(n, generator=g) for n in SIZES]
-        self.http, self.sid = http, f"cc-{uuid.uuid4().hex[:10]}"
-        self.local = [p.clone() for p in params]
-        self.opt = torch.optim.Adam(self.local, lr=0.05)
+        super().__init__(http, shards)
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=1, gamma=0.5)
-        body: dict[str, Any] = {
-            "id": self.sid, "optimizer": "Adam", "options": {"lr": 0.05},
-            "scheduler": {"name": "StepLR", "options": {"step_size": 1, "gamma": 0.5},
-                          "step_on": "manual"},
-            "params": {n: wire(p) for n, p in zip(NAMES, params, strict=True)}}
-        if shards > 1:
-            body["shards"] = shards
-        r = http.post("/v1/sessions", json=body)
-        assert r.status_code == 201, r.text
-        self.steps = 0
         self.max_staleness: int | None = None
-
-    @property
-    def url(self) -> str:
-        return f"/v1/sessions/{self.sid}"
-
-    def step(self) -> None:
-        g = torch.Generator().manual_seed(70 + self.steps)
-        self.steps += 1
-        grads = {n: torch.randn(p.shape, generator=g) for n, p in self.named().items()}
-        for n, p in self.named().items():
-            p.grad = grads[n].clone()
-        self.opt.step()
-        r = self.http.post(f"{self.url}/step", json={
-            "grads": {n: wire(grad) for n, grad in grads.items()}})
-        assert r.status_code == 200, r.text
-        self.same_params(r.json()["params"])
 
     def named(self) -> dict[str, torch.Tensor]:
         names = [*NAMES, *(["c"] if len(self.opt.param_groups) > 1 else [])]
         flat = [p for g in self.opt.param_groups for p in g["params"]]
         return dict(zip(names, flat, strict=True))
-
-    def same_params(self, got: dict[str, Any]) -> None:
-        mine = self.named()
-        assert sorted(got) == sorted(mine)
-        for n, p in mine.items():
-            assert torch.equal(tree_from_json(got[n], n), p), n
 
     def read(self) -> tuple[str, int]:
         """The ETag and revision a client reads the session at."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -39,14 +39,21 @@ def wire(obj: Any) -> Any:
 class Pair:
     """A session and an in-process Adam that take the same steps."""
 
+    #: Adam's options, on both sides
+    options: ClassVar[dict[str, float]] = {"lr": 0.05, "weight_decay": 0.01}
+    #: the create body's fields beyond the optimizer, its options and the parameters
+    extra: ClassVar[dict[str, Any]] = {}
+    #: the parameters' seed, and the session id's prefix
+    params_seed, id_prefix = 3, "cond"
+
     def __init__(self, http: httpx.Client, shards: int = 1) -> None:
-        g = torch.Generator().manual_seed(3)
+        g = torch.Generator().manual_seed(self.params_seed)
         params = [torch.randn(n, generator=g) for n in SIZES]
-        self.http, self.sid = http, f"cond-{uuid.uuid4().hex[:10]}"
+        self.http, self.sid = http, f"{self.id_prefix}-{uuid.uuid4().hex[:10]}"
         self.local = [p.clone() for p in params]
-        self.opt = torch.optim.Adam(self.local, lr=0.05, weight_decay=0.01)
+        self.opt = torch.optim.Adam(self.local, **self.options)
         body: dict[str, Any] = {
-            "id": self.sid, "optimizer": "Adam", "options": {"lr": 0.05, "weight_decay": 0.01},
+            "id": self.sid, "optimizer": "Adam", "options": self.options, **self.extra,
             "params": {n: wire(p) for n, p in zip(NAMES, params, strict=True)}}
         if shards > 1:
             body["shards"] = shards
@@ -54,22 +61,35 @@ class Pair:
         assert r.status_code == 201, r.text
         self.steps = 0
 
+    #: the step gradients' seeds start here
+    seed_base = 40
+
     @property
     def url(self) -> str:
         return f"/v1/sessions/{self.sid}"
 
+    def named(self) -> dict[str, torch.Tensor]:
+        """The twin's parameters by name, in the session's order."""
+        return dict(zip(NAMES, self.local, strict=True))
+
     def step(self) -> None:
-        g = torch.Generator().manual_seed(40 + self.steps)
+        g = torch.Generator().manual_seed(self.seed_base + self.steps)
         self.steps += 1
-        grads = [torch.randn(n, generator=g) for n in SIZES]
-        for p, grad in zip(self.local, grads, strict=True):
-            p.grad = grad.clone()
+        grads = {n: torch.randn(p.shape, generator=g) for n, p in self.named().items()}
+        for n, p in self.named().items():
+            p.grad = grads[n].clone()
         self.opt.step()
         r = self.http.post(f"{self.url}/step", json={
-            "grads": {n: wire(grad) for n, grad in zip(NAMES, grads, strict=True)}})
+            "grads": {n: wire(grad) for n, grad in grads.items()}})
         assert r.status_code == 200, r.text
-        for n, p in zip(NAMES, self.local, strict=True):
-            assert torch.equal(tree_from_json(r.json()["params"][n], n), p), n
+        self.same_params(r.json()["params"])
+
+    def same_params(self, got: dict[str, Any]) -> None:
+        """Parameters a session answered (JSON tensors) equal the twin's, bit for bit."""
+        mine = self.named()
+        assert sorted(got) == sorted(mine)
+        for n, p in mine.items():
+            assert torch.equal(tree_from_json(got[n], n), p), n
 
     def patch_lr(self, lr: float) -> None:
         self.opt.param_groups[0]["lr"] = lr

@@ -23,6 +23,7 @@ import torch
 from app.engine import Front, embedded_engine
 from app.errors import NotFound
 from app.wire.tree import tree_from_json
+from tests.torch_reference import assert_trees_equal
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "old_data_dirs"
 
@@ -44,23 +45,6 @@ def test_there_are_fixtures_from_the_first_formats_on() -> None:
     first = FIXTURES / "4921d32" / "stored" / "sessions" / "default~adam"
     assert (first / "snapshot.bin").read_bytes()[:8] == b"OPTSNAP1"
     assert (first / "wal.bin").read_bytes()[:4] == b"OPTR"
-
-
-def same(got: Any, want: Any, where: str) -> None:
-    if isinstance(want, torch.Tensor):
-        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype, where
-        assert torch.equal(got, want), where
-    elif isinstance(want, dict):
-        assert sorted(map(str, got)) == sorted(map(str, want)), where
-        by_text = {str(k): v for k, v in got.items()}
-        for k, v in want.items():
-            same(by_text[str(k)], v, f"{where}.{k}")
-    elif isinstance(want, list):
-        assert len(got) == len(want), where
-        for i, (a, b) in enumerate(zip(got, want, strict=True)):
-            same(a, b, f"{where}[{i}]")
-    else:
-        assert got == want, (where, got, want)
 
 
 @pytest.mark.parametrize("commit", COMMITS)
@@ -119,18 +103,19 @@ async def restored(eng: Front, sid: str, answer: dict[str, Any]) -> None:
     params = await eng.pull(sid, None)
     told = answer["params"]
     assert (params.version, params.step) == (told["version"], told["step"]), sid
-    same(dict(params.params), tree_from_json(told["params"], "params"), f"{sid} params")
+    assert_trees_equal(dict(params.params), tree_from_json(told["params"], "params"),
+                       f"{sid} params")
     export = await eng.export_state(sid)
     state = export.state_dict
     old = tree_from_json(answer["state_dict"], "state_dict")
-    same(state["state"], old["state"], f"{sid} state")
+    assert_trees_equal(state["state"], old["state"], f"{sid} state")
     for i, (group, was) in enumerate(zip(state["param_groups"], old["param_groups"],
                                          strict=True)):
         for key, value in was.items():  # (options a later commit added: not in the old one)
-            same(group[key], value, f"{sid} param_groups[{i}].{key}")
+            assert_trees_equal(group[key], value, f"{sid} param_groups[{i}].{key}")
     if "scheduler" in old:
         for key, value in old["scheduler"].items():
-            same(state["scheduler"][key], value, f"{sid} scheduler.{key}")
+            assert_trees_equal(state["scheduler"][key], value, f"{sid} scheduler.{key}")
 
     # the next step, as torch takes it from the restored state on this machine
     names = [n for g in state["param_groups"] for n in g["param_names"]]
@@ -152,4 +137,4 @@ async def restored(eng: Front, sid: str, answer: dict[str, Any]) -> None:
     out = await eng.step(sid, grads, return_params=True)
     assert out.version == told["version"] + 1, sid
     assert out.params is not None
-    same(dict(out.params), local, f"{sid} the next step")
+    assert_trees_equal(dict(out.params), local, f"{sid} the next step")

@@ -44,6 +44,9 @@ class Expected:
 
     version: int | None = None
     revision: int | None = None
+    #: what a refusal of :attr:`version` names: what the request gave it in (``If-Match``, or
+    #: the query's ``base_version``)
+    version_field: str = "base_version"
 
     def check(self, s: Session | SessionInfo) -> None:
         """412 unless the session (or its description) is at :attr:`version` and
@@ -52,7 +55,7 @@ class Expected:
         if self.version is not None and self.version != version:
             raise PreconditionFailed(
                 f"the session is at version {version}, not {self.version}: it changed since "
-                "it was read (nothing was done); read it again", field="base_version",
+                "it was read (nothing was done); read it again", field=self.version_field,
                 current_version=version, base_version=self.version, current_revision=revision)
         if self.revision is not None and self.revision != revision:
             raise PreconditionFailed(
@@ -61,9 +64,9 @@ class Expected:
                 "again", field="base_revision", current_revision=revision,
                 base_revision=self.revision, current_version=version)
 
-    def to_json(self) -> dict[str, int]:
-        return {k: v for k, v in (("version", self.version), ("revision", self.revision))
-                if v is not None}
+    def to_json(self) -> dict[str, int | str]:
+        return {k: v for k, v in (("version", self.version), ("revision", self.revision),
+                                  ("version_field", self.version_field)) if v is not None}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Expected | None:
@@ -71,7 +74,8 @@ class Expected:
         if version is None and revision is None:
             return None
         return cls(None if version is None else int(version),
-                   None if revision is None else int(revision))
+                   None if revision is None else int(revision),
+                   str(obj.get("version_field", "base_version")))
 
 
 @dataclass
