@@ -136,6 +136,26 @@ def entry_at(root: Path, key: str) -> dict[str, Any] | None:
     return entry
 
 
+def created_at(root: Path, tenant: str, idem_key: str) -> dict[str, Any] | None:
+    """``{"key", "fingerprint"}`` of the create ``idem_key`` made in the directory at ``root``,
+    with ``"deleted": true`` once that session was deleted, or None (read only: what a host
+    actor reads; :meth:`Directory.created`)."""
+    name = create_name(tenant, idem_key)
+    for where, deleted in ((".creates", False), (".deleted-creates", True)):
+        try:
+            found: dict[str, Any] = orjson.loads((root / where / name).read_bytes())
+        except FileNotFoundError:
+            continue
+        return {**found, "deleted": True} if deleted else found
+    return None
+
+
+def create_name(tenant: str, idem_key: str) -> str:
+    """The file name of a keyed create's index (``.creates/``) and of its mark once its
+    session is deleted (``.deleted-creates/``)."""
+    return hashlib.sha256(f"{tenant}\0{idem_key}".encode()).hexdigest()
+
+
 class Directory:
     def __init__(self, root: Path | None) -> None:
         self.root = root
@@ -305,7 +325,11 @@ class Directory:
     def keys(self, prefix: str = "") -> list[str]:
         if self.root is None:
             return sorted(k for k in self._memory if k.startswith(prefix))
-        return sorted(n for n in os.listdir(self.root)
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:  # (the data directory removed while the server runs: its
+            return []  # hosts write their entries again, app.engine.kept_entries)
+        return sorted(n for n in names
                       if n.startswith(prefix) and not n.startswith(".") and n != "")
 
     def _write_tmp(self, entry: dict[str, Any]) -> Path:
@@ -441,24 +465,14 @@ class Directory:
         mark.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ creates by key
-    @staticmethod
-    def _create_name(tenant: str, idem_key: str) -> str:
-        return hashlib.sha256(f"{tenant}\0{idem_key}".encode()).hexdigest()
-
     def created(self, tenant: str, idem_key: str) -> dict[str, Any] | None:
         """``{"key", "fingerprint"}`` of the create this idempotency key made, or None; with
         ``"deleted": true`` when that session has been deleted (:meth:`forget_created`)."""
-        name = self._create_name(tenant, idem_key)
         if self.root is None:
+            name = create_name(tenant, idem_key)
             live = self._creates.get(name)
             return live if live is not None else self._deleted.get(name)
-        for where, deleted in ((".creates", False), (".deleted-creates", True)):
-            try:
-                found: dict[str, Any] = orjson.loads((self.root / where / name).read_bytes())
-            except FileNotFoundError:
-                continue
-            return {**found, "deleted": True} if deleted else found
-        return None
+        return created_at(self.root, tenant, idem_key)
 
     def note_created(self, tenant: str, idem_key: str, fingerprint: str, key: str) -> None:
         """Index a keyed create of ``key`` (its folder fsynced when this returns), replacing
@@ -468,7 +482,7 @@ class Directory:
         session keeps its key (its retry is answered with it, or finishes it on the entry's
         hosts: :meth:`RayRouter.create <app.engine.ray_host.RayRouter.create>`)."""
         entry = {"key": key, "fingerprint": fingerprint}
-        name = self._create_name(tenant, idem_key)
+        name = create_name(tenant, idem_key)
         if self.root is None:
             self._creates[name] = entry
             return
@@ -484,7 +498,7 @@ class Directory:
         whose index is written makes the session, the others finish that one
         (:meth:`RayRouter.create <app.engine.ray_host.RayRouter.create>`)."""
         entry = {"key": key, "fingerprint": fingerprint}
-        name = self._create_name(tenant, idem_key)
+        name = create_name(tenant, idem_key)
         if self.root is None:
             first = self._creates.setdefault(name, entry)
             return None if first.get("key") == key else str(first["key"])
@@ -518,7 +532,7 @@ class Directory:
         without the lock, a claim landing between the read and the unlink (the index dropped
         and claimed again by other tries meanwhile) lost the index just claimed. On disk (its
         folder fsynced) when this returns True."""
-        name = self._create_name(tenant, idem_key)
+        name = create_name(tenant, idem_key)
         if self.root is None:
             if self._creates.get(name, {}).get("key") != key or self._retried(key, idem_key):
                 return False
@@ -555,7 +569,7 @@ class Directory:
         entry = self.get(key)
         made_by = entry.get("created_by") if entry is not None else None
         return made_by is not None and \
-            self._create_name(split_key(key)[0], str(made_by)) == name
+            create_name(split_key(key)[0], str(made_by)) == name
 
     def forget_created(self, tenant: str, idem_key: str, key: str) -> None:
         """The session ``key`` this key's create made is deleted: its entry is kept, marked
@@ -571,7 +585,7 @@ class Directory:
         <app.engine.router.LocalRouter.find_create>`); the Ray engine's router marks every
         session before its hosts delete it, in the same way (:meth:`RayRouter.find_create
         <app.engine.ray_host.RayRouter.find_create>`)."""
-        name = self._create_name(tenant, idem_key)
+        name = create_name(tenant, idem_key)
         if self.root is None:
             entry = self._creates.get(name)
             if entry is not None and entry.get("key") == key:
@@ -639,7 +653,7 @@ class Directory:
         this returns. (The Ray engine's: its hosts keep the keys of their deletes too, but a
         front finds the host only through the session's entry, which goes with the delete.)"""
         entry = {"key": key, "fingerprint": fingerprint}
-        name = self._create_name(tenant, idem_key)
+        name = create_name(tenant, idem_key)
         if self.root is None:
             self._deletes.pop(name, None)
             self._deletes[name] = entry
@@ -651,7 +665,7 @@ class Directory:
 
     def deleted(self, tenant: str, idem_key: str) -> dict[str, Any] | None:
         """``{"key", "fingerprint"}`` of the delete sent with this idempotency key, or None."""
-        name = self._create_name(tenant, idem_key)
+        name = create_name(tenant, idem_key)
         if self.root is None:
             return self._deletes.get(name)
         try:

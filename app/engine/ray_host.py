@@ -60,6 +60,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -99,6 +100,7 @@ from app.engine.interface import (
     Tensors,
     split_key,
 )
+from app.engine.kept_entries import HOST_JSON, KeptEntries
 from app.engine.ops import CreateSession, Expected, Operation, decode, wire_tree
 from app.engine.placement import check_resources, shape_key
 from app.engine.router import Admit, Checked, Host, InProcessHost, SessionHost, parent_key
@@ -109,6 +111,7 @@ from app.engine.shards import (
     plan_layout,
     shard_key,
 )
+from app.engine.store import Files, storage_failure, write_atomic
 from app.errors import Conflict, Invalid, NotFound, OptserveError, Unavailable
 from app.wire.dtypes import DTYPE_NAMES, TORCH_DTYPES
 from app.wire.safetensors_body import PackedTensors
@@ -315,6 +318,9 @@ class HostActor:
         self._coordinators: dict[str, tuple[str | None, ShardedSession]] = {}
         #: the directory (``<data dir>/directory``), which says which creation is current
         self._directory = Path(config["root"]).parent.parent / "directory"
+        #: the entries of the sessions held here, written again after the data directory was
+        #: removed while the server ran
+        self._kept = KeptEntries(self._directory, Path(config["root"]), config.get("host_json"))
         self._peers: dict[str, RayHost] = {}
         #: per host key: held by a create from its check of the directory until the session
         #: is made (or refused), and by a front's :meth:`forget` (see :meth:`create`)
@@ -347,6 +353,9 @@ class HostActor:
         started = time.perf_counter()
         wrapped = InProcessHost(host, self.name)
         await wrapped.start()
+        for key in {parent_key(k) for k in host.keys()}:
+            self._kept.keep(key)
+        host.written_again.append(self._kept.write_again)
         log.info("host %s ready on %s with %d sessions in %.2f s", self.name, host.device,
                  len(host.keys()), time.perf_counter() - started)
         self._host = wrapped
@@ -404,12 +413,15 @@ class HostActor:
         creation dropped (or its entry gone)."""
         host = await self._ready()
         if made is None:  # (an entry of an older version, without one)
-            return await host.create(key, spec_from_wire(spec), idem=idem)
-        async with self._making_lock(key):
-            entry = entry_at(self._directory, parent_key(key))
-            if made in self._dropped or entry is None or entry.get("made") != made:
-                raise create_dropped(key)
-            return await host.create(key, spec_from_wire(spec), idem=idem)
+            info = await host.create(key, spec_from_wire(spec), idem=idem)
+        else:
+            async with self._making_lock(key):
+                entry = entry_at(self._directory, parent_key(key))
+                if made in self._dropped or entry is None or entry.get("made") != made:
+                    raise create_dropped(key)
+                info = await host.create(key, spec_from_wire(spec), idem=idem)
+        self._kept.keep(parent_key(key))
+        return info
 
     async def forget(self, key: str, made: str | None) -> bool:
         """A front is about to drop the entry of the creation ``made``: True when this host
@@ -462,7 +474,13 @@ class HostActor:
 
     async def delete(self, key: str, idem: IdemKey | None, expected: Expected | None = None
                      ) -> bool:
-        return bool(await (await self._ready()).delete(key, idem=idem, expected=expected))
+        host = await self._ready()
+        replayed = bool(await host.delete(key, idem=idem, expected=expected))
+        session = parent_key(key)
+        # (a shard's key, <tenant>#<id>~shard<i>of<S>: this host may hold other shards of it)
+        if session == key or not await host.keys(key.partition("~")[0] + "~"):
+            self._kept.drop(session)
+        return replayed
 
     async def prepare(self, key: str, op: tuple[str, Any], idem: IdemKey) -> Checked:
         return await (await self._ready()).prepare(key, op_from_wire(op), idem)
@@ -985,7 +1003,7 @@ class RayRouter:
     # ------------------------------------------------------------------ hosts
     def _host_names(self) -> list[str]:
         return sorted(p.name for p in self.hosts_dir.iterdir()
-                      if (p / "host.json").exists())
+                      if (p / HOST_JSON).exists())
 
     def _host(self, name: str) -> RayHost:
         host = self._hosts.get(name)
@@ -1001,17 +1019,21 @@ class RayRouter:
         except ValueError:
             pass
         try:
-            saved = orjson.loads((self.hosts_dir / name / "host.json").read_bytes())
+            saved = orjson.loads((self.hosts_dir / name / HOST_JSON).read_bytes())
         except FileNotFoundError:
             raise NotFound(f"host {name} is gone", code="session_not_found") from None
         log.warning("host %s has no actor: starting it again (it restores its sessions)", name)
-        return self._spawn(name, saved["resources"], saved.get("placement", "spread"))
+        return self._spawn(name, saved)
 
-    def _spawn(self, name: str, resources: dict[str, Any], placement: str) -> Any:
+    def _spawn(self, name: str, saved: dict[str, Any]) -> Any:
+        """Start the host actor ``name`` of this ``host.json`` (which it writes again if the
+        data directory is removed while it runs: :mod:`app.engine.kept_entries`)."""
+        resources: dict[str, Any] = saved["resources"]
+        placement = saved.get("placement", "spread")
         custom = dict(resources.get("resources") or {})
         config = {**self.options.host, "root": str(self.hosts_dir / name),
                   "namespace": self.options.namespace,
-                  "commit_timeout_s": self.options.commit_timeout_s}
+                  "commit_timeout_s": self.options.commit_timeout_s, "host_json": saved}
         if not config.get("torch_threads") and resources.get("num_cpus", 0) >= 1:
             config["torch_threads"] = int(resources["num_cpus"])
         opts: dict[str, Any] = {
@@ -1028,17 +1050,25 @@ class RayRouter:
     async def _new_host(self, resources: dict[str, Any], placement: str) -> RayHost:
         name = f"h-{uuid.uuid4().hex[:12]}"
         root = self.hosts_dir / name
-        root.mkdir(parents=True)
-        (root / "host.json").write_bytes(orjson.dumps(
-            {"name": name, "resources": resources, "placement": placement,
-             "created": time.time()}))
-        handle = self._spawn(name, resources, placement)
+        saved = {"name": name, "resources": resources, "placement": placement,
+                 "created": time.time()}
+        try:
+            root.mkdir(parents=True)
+            Files().fsync_dir(self.hosts_dir)
+            # (whole or not there, and on disk before any session is made on the host: a
+            # restart starts the host again from it, and a host without one is gone)
+            write_atomic(root / HOST_JSON, [orjson.dumps(saved)])
+        except OSError as exc:
+            shutil.rmtree(root, ignore_errors=True)
+            raise storage_failure(exc, "the new session host's folder could not be written",
+                                  outcome="nothing was made") from None
+        handle = self._spawn(name, saved)
         host = RayHost(handle, name, revive=lambda: self._handle(name))
         try:
             info = await asyncio.wait_for(host.call("ping"), self.options.host_start_timeout_s)
         except TimeoutError:
             ray.kill(handle, no_restart=True)
-            (root / "host.json").unlink(missing_ok=True)
+            (root / HOST_JSON).unlink(missing_ok=True)
             raise Unavailable(f"the Ray cluster has no room for a session host asking "
                               f"{resources} (none started in "
                               f"{self.options.host_start_timeout_s:g} s)",
@@ -1054,7 +1084,7 @@ class RayRouter:
         names = []
         for name in self._host_names():
             try:
-                saved = orjson.loads((self.hosts_dir / name / "host.json").read_bytes())
+                saved = orjson.loads((self.hosts_dir / name / HOST_JSON).read_bytes())
             except (FileNotFoundError, orjson.JSONDecodeError):
                 continue
             if shape_key(saved["resources"]) == want:

@@ -133,7 +133,7 @@ def test_the_deleted_creates_kept_are_bounded(tmp_path: Path,
     for i in range(5):
         on_disk.note_created("t", f"k{i}", "fp", f"t~s{i}")
         on_disk.forget_created("t", f"k{i}", f"t~s{i}")
-        mark = tmp_path / "dir" / ".deleted-creates" / Directory._create_name("t", f"k{i}")
+        mark = tmp_path / "dir" / ".deleted-creates" / directory.create_name("t", f"k{i}")
         os.utime(mark, (1000.0 + i, 1000.0 + i))  # (marked a second apart)
     assert on_disk.created("t", "k0") == {"key": "t~s0", "fingerprint": "fp", "deleted": True}
     on_disk.prune_deleted(keep=2)  # (every 100 marks, KEEP of them)
@@ -159,7 +159,7 @@ def test_the_deleted_creates_on_disk_stay_bounded_across_restarts(
         front = Directory(tmp_path / "dir")
         front.note_created("t", f"k{i}", "fp", f"t~s{i}")
         front.forget_created("t", f"k{i}", f"t~s{i}")
-        mark = tmp_path / "dir" / ".deleted-creates" / Directory._create_name("t", f"k{i}")
+        mark = tmp_path / "dir" / ".deleted-creates" / directory.create_name("t", f"k{i}")
         os.utime(mark, (1000.0 + i, 1000.0 + i))  # (marked a second apart)
         assert len(os.listdir(tmp_path / "dir" / ".deleted-creates")) <= 3 + 1
     Directory(tmp_path / "dir")
@@ -397,7 +397,7 @@ def test_a_refused_deletes_create_key_outlives_the_keys_pruned(
                 await eng.delete(info.id, idem=IdemKey("d-live", "delete live"))
         if shards > 1:
             mark = tmp_path / "directory" / ".deleted-creates" / \
-                Directory._create_name("default", "k-live")
+                directory.create_name("default", "k-live")
             os.utime(mark, (1000.0, 1000.0))  # (the oldest mark)
         for i in range(3):
             other = await eng.create(spec(shards), idem=create_key(f"k-{i}"))

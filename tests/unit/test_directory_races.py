@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from app.engine import directory
-from app.engine.directory import Directory
+from app.engine.directory import Directory, create_name
 
 KEY = "default~x"
 OLD, NEW = {"host": "h-1", "made": "m-old"}, {"host": "h-2", "made": "m-new"}
@@ -369,7 +369,7 @@ def test_forget_created_waits_for_a_claim_of_the_index_reading_it(
     the index the claim read: only the mark is left, and no lock file."""
     deleting, retrying = Directory(tmp_path), Directory(tmp_path)
     assert deleting.claim_created(TENANT, IDEM, "fp", KEY) is None
-    held = f".creates.{Directory._create_name(TENANT, IDEM)}"  # (the index's lock)
+    held = f".creates.{create_name(TENANT, IDEM)}"  # (the index's lock)
     real_link, failed = os.link, []
 
     def move() -> None:
@@ -429,7 +429,7 @@ def test_a_dropped_index_is_on_disk_when_drop_created_returns(
     from app.engine.store import Files
     directory = Directory(tmp_path)
     assert directory.claim_created(TENANT, IDEM, "fp", KEY) is None
-    index = tmp_path / ".creates" / Directory._create_name(TENANT, IDEM)
+    index = tmp_path / ".creates" / create_name(TENANT, IDEM)
     synced: list[tuple[Path, bool]] = []
     real = Files.fsync_dir
 

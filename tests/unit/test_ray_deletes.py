@@ -417,7 +417,7 @@ def test_a_refused_ray_deletes_create_mark_outlives_the_marks_pruned(
                     await front.delete(live.id, idem=IdemKey("d-live", "delete live"))
             assert live.id in str(err.value) or isinstance(err.value, Crash), err.value
             mark = tmp_path / "directory" / ".deleted-creates" / \
-                Directory._create_name("default", "k-live")
+                directory.create_name("default", "k-live")
             os.utime(mark, (1000.0, 1000.0))  # (the oldest mark)
             for i in range(3):
                 other = await front.create(spec(shards), idem=create_key(f"k-{i}"))

@@ -1,0 +1,107 @@
+"""What a Ray host actor keeps of the directory, to write it again after the data directory
+was removed while the server ran (an ``rm -rf`` of it, a volume mounted over it).
+
+The embedded host writes a removed session's files again from memory (its snapshot and a new
+log: :meth:`EmbeddedHost._write_again <app.engine.host.EmbeddedHost._write_again>`), and the
+embedded router its sharded sessions' entries. On the Ray engine the session's files are not
+all: a restart finds a session through its directory entry (which host holds it), starts that
+host from its ``host.json``, and answers a keyed create's retry through the create's index
+(``.creates/``). A front knows only the entries it read, so each host keeps, for every session
+it holds some of, the entry and the index as they were when it made the session (or found it
+at its start): both are written once, when the session is created, and never changed after.
+When its files are written again (the host's ``written_again`` hook, before the operation that
+found them removed is acknowledged, or by the host's maintenance), this writes again, where they
+are missing, the host's ``host.json``, the entry (a claim: a front's entry, or another shard's
+host's, is never replaced) and the index (only while the directory holds neither it nor the
+mark of that session's delete).
+
+Before, after such a removal the sessions were held again but a restart found none of them
+(404), and a keyed create's retry made a second session.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from app.engine.directory import Directory, created_at, entry_at
+from app.engine.interface import split_key
+from app.engine.router import parent_key
+from app.engine.store import write_atomic
+
+log = logging.getLogger("optserve.ray")
+
+#: the name of a host's own file in its folder (its shape, read to start it again)
+HOST_JSON = "host.json"
+
+
+@dataclass(frozen=True)
+class _Kept:
+    entry: dict[str, Any]
+    #: (tenant, idempotency key, fingerprint) of the keyed create that made the session
+    index: tuple[str, str, str] | None
+
+
+class KeptEntries:
+    """The directory entries (and create indexes) of the sessions one host holds some of."""
+
+    def __init__(self, directory: Path, host_root: Path,
+                 host_json: dict[str, Any] | None) -> None:
+        self.directory = directory
+        self.host_root = host_root
+        #: the host's ``host.json`` as the front wrote it (None: a host started by an older
+        #: front, which did not pass it)
+        self.host_json = host_json
+        self._kept: dict[str, _Kept] = {}
+        self._writer: Directory | None = None  # (made at the first write: it makes folders)
+
+    def keep(self, key: str) -> None:
+        """Keep the entry of the session ``key`` (not a shard's key) as the directory holds
+        it, with its create's index (nothing when it has no entry)."""
+        entry = entry_at(self.directory, key)
+        if entry is None:
+            return
+        index = None
+        made_by = entry.get("created_by")
+        if made_by:
+            tenant = split_key(key)[0]
+            found = created_at(self.directory, tenant, str(made_by))
+            if found is not None and found.get("key") == key and not found.get("deleted"):
+                index = (tenant, str(made_by), str(found["fingerprint"]))
+        self._kept[key] = _Kept(entry, index)
+
+    def drop(self, key: str) -> None:
+        self._kept.pop(key, None)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._kept
+
+    def write_again(self, host_key: str) -> None:
+        """The files of ``host_key`` (a session's, or a shard's) were written again: the host's
+        ``host.json``, its session's entry and index too, where they are missing. An OSError
+        goes to the caller (the operation that found the files removed is refused)."""
+        if self.host_json is not None and not (self.host_root / HOST_JSON).exists():
+            write_atomic(self.host_root / HOST_JSON, [orjson.dumps(self.host_json)])
+            log.error("host.json of %s was removed from the data directory while the server "
+                      "ran: written again", self.host_root.name)
+        key = parent_key(host_key)
+        kept = self._kept.get(key)
+        if kept is None:
+            return
+        if self._writer is None:
+            self._writer = Directory(self.directory)
+        else:
+            self._writer.make_folders()
+        if self._writer.get(key) is None and self._writer.claim(key, kept.entry):
+            log.error("the directory entry of session %s was removed from the data directory "
+                      "while the server ran: written again", key)
+        if kept.index is not None:
+            tenant, made_by, fingerprint = kept.index
+            if self._writer.created(tenant, made_by) is None and \
+                    self._writer.claim_created(tenant, made_by, fingerprint, key) is None:
+                log.error("the index of the keyed create of session %s was removed from the "
+                          "data directory while the server ran: written again", key)

@@ -1,0 +1,165 @@
+"""The Ray engine's data directory removed while the server runs (``rm -rf``): its hosts write
+their sessions' files again from memory, and with them what a restart needs to find those
+sessions (``app.engine.kept_entries``): each host's ``host.json``, the sessions' directory
+entries and their keyed creates' indexes. Fronts and host actors run their real code in this
+process (``test_ray_deletes``' ``Cluster``); a restart stops every host without a snapshot
+(a ``kill -9``) and makes a new front."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.engine.front import Front
+from app.engine.interface import IdemKey
+from app.errors import Conflict, NotFound
+from tests.torch_reference import Reference, assert_tensors_equal
+from tests.unit.test_deleted_creates import create_key, refused, spec
+
+pytest.importorskip("app.engine.ray_host")
+pytest.importorskip("ray")
+
+from tests.unit.test_ray_deletes import Cluster, entries  # noqa: E402
+
+GRADS = [{"a": torch.tensor([0.5, -1.0]), "b": torch.tensor([1.0, 2.0, 3.0])},
+         {"a": torch.tensor([-2.0, 0.25]), "b": torch.tensor([0.5, 0.0, -1.5])}]
+
+
+def stepped(steps: int) -> dict[str, torch.Tensor]:
+    """torch's parameters after the first ``steps`` of GRADS."""
+    ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+    for g in GRADS[:steps]:
+        ref.step(g)
+    return ref.params
+
+
+async def assert_params(front: Front, sid: str, steps: int) -> None:
+    assert_tensors_equal(dict((await front.pull(sid, None)).params), stepped(steps),
+                         f"{sid} after {steps} steps")
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_ray_data_directory_removed_while_serving_keeps_every_session(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
+    """Two keyed creates (one with an id the server chose), a step each, the data directory
+    removed, another step each (which writes the session's files again before it is
+    acknowledged), then a restart: both sessions are found again with torch's parameters after
+    both steps, a retried create is answered with its session (not a second one), and a keyed
+    delete after it is kept as before (its retry answered, the create's retry refused)."""
+    data = tmp_path / "data"
+    cluster = Cluster(data, monkeypatch)
+    keys = {"named": create_key("k-named"), "chosen": create_key("k-chosen")}
+    made: dict[str, str] = {}
+
+    async def before() -> None:
+        front = cluster.front()
+        made["named"] = (await front.create(spec(shards, id="named"), idem=keys["named"])).id
+        made["chosen"] = (await front.create(spec(shards), idem=keys["chosen"])).id
+        for sid in made.values():
+            await front.step(sid, GRADS[0], return_params=False)
+        hosts = sorted(p.name for p in (data / "hosts").iterdir())
+        shutil.rmtree(data)
+        for sid in made.values():
+            await front.step(sid, GRADS[1], return_params=False)
+        # (written again before the steps were answered, not by a restart)
+        assert sorted(entries(front)) == sorted(f"default~{sid}" for sid in made.values())
+        assert sorted(p.name for p in (data / "hosts").iterdir()
+                      if (p / "host.json").exists()) == hosts
+        assert len(list((data / "directory" / ".creates").iterdir())) == 2
+        await cluster.kill()
+
+    async def after() -> None:
+        front = cluster.front()
+        try:
+            for name, sid in made.items():
+                await assert_params(front, sid, 2)
+                again = await front.create(spec(shards, id=None if name == "chosen" else name),
+                                           idem=keys[name])
+                assert again.replayed and again.id == sid and again.version == 2
+            assert sorted(i.id for i in await front.list_sessions()) == sorted(made.values())
+            dkey = IdemKey("d-chosen", "delete chosen")
+            assert await front.delete(made["chosen"], idem=dkey) is False
+            assert await front.delete(made["chosen"], idem=dkey) is True
+            with pytest.raises(Conflict) as err:
+                await front.create(spec(shards), idem=keys["chosen"])
+            refused(err.value, "k-chosen", made["chosen"])
+            with pytest.raises(NotFound):
+                await front.describe(made["chosen"])
+            await assert_params(front, made["named"], 2)
+        finally:
+            await cluster.kill()
+    asyncio.run(before())
+    asyncio.run(after())
+
+
+def test_the_entries_are_written_again_by_the_hosts_maintenance(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no operation after the removal, each host's maintenance writes its sessions again
+    (and their entries) within its period: a restart then finds them."""
+    data = tmp_path / "data"
+    cluster = Cluster(data, monkeypatch)
+    # (the maintenance's period: a quarter of the snapshot interval, at least 0.5 s)
+    monkeypatch.setenv("OPTSERVE_SNAPSHOT_EVERY_S", "2")
+
+    async def before() -> None:
+        front = cluster.front()
+        for sid, shards in (("plain", 1), ("sharded", 2)):
+            await front.create(spec(shards, id=sid), idem=create_key(f"k-{sid}"))
+            await front.step(sid, GRADS[0], return_params=False)
+        shutil.rmtree(data)
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if len(entries(front)) == 2:
+                break
+        assert sorted(entries(front)) == ["default~plain", "default~sharded"]
+        await cluster.kill()
+
+    async def after() -> None:
+        front = cluster.front()
+        try:
+            for sid in ("plain", "sharded"):
+                await assert_params(front, sid, 1)
+        finally:
+            await cluster.kill()
+    asyncio.run(before())
+    asyncio.run(after())
+
+
+def test_a_new_hosts_folder_that_cannot_be_written_makes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A create that needs a new host on a full disk: 507 ``storage_full``, no host started
+    and no folder of it left (a ``host.json`` cut short was taken for a host whose restart
+    failed); once there is room, the create makes the session."""
+    import errno
+
+    from app.engine import ray_host
+    from app.errors import StorageFull
+
+    data = tmp_path / "data"
+    cluster = Cluster(data, monkeypatch)
+    real = ray_host.write_atomic
+
+    def full(path: Path, parts: list[bytes], files: object = None) -> None:
+        path.write_bytes(bytes(parts[0])[:3])  # (what a write cut by ENOSPC may leave)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def run() -> None:
+        front = cluster.front()
+        try:
+            monkeypatch.setattr(ray_host, "write_atomic", full)
+            with pytest.raises(StorageFull) as err:
+                await front.create(spec(id="full"))
+            assert err.value.code == "storage_full" and "No space left" in str(err.value)
+            assert list((data / "hosts").iterdir()) == [] and cluster.actors == {}
+            assert entries(front) == []
+            monkeypatch.setattr(ray_host, "write_atomic", real)
+            await front.create(spec(id="full"))
+            await front.step("full", GRADS[0], return_params=False)
+            await assert_params(front, "full", 1)
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
