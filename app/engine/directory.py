@@ -663,6 +663,25 @@ class Directory:
         self._place(entry, self.root / ".deletes" / name)
         self._count_mark()
 
+    def marks_again(self, key: str, create: tuple[str, str] | None,
+                    delete: tuple[str, str] | None) -> int:
+        """The marks of the deleted session ``key`` written again where the directory holds
+        none under their keys (it was removed while the server ran): its keyed create's
+        (``(idempotency key, fingerprint)``, in ``.deleted-creates/``: a retried create is
+        refused) and its keyed delete's (in ``.deletes/``: a retried delete is answered).
+        How many were written."""
+        assert self.root is not None
+        tenant = split_key(key)[0]
+        written = 0
+        if create is not None and self.created(tenant, create[0]) is None:
+            self._place({"key": key, "fingerprint": create[1]},
+                        self.root / ".deleted-creates" / create_name(tenant, create[0]))
+            written += 1
+        if delete is not None and self.deleted(tenant, delete[0]) is None:
+            self.note_deleted(tenant, delete[0], delete[1], key)
+            written += 1
+        return written
+
     def deleted(self, tenant: str, idem_key: str) -> dict[str, Any] | None:
         """``{"key", "fingerprint"}`` of the delete sent with this idempotency key, or None."""
         name = create_name(tenant, idem_key)

@@ -363,6 +363,10 @@ class EmbeddedHost:
         #: what it keeps there for the session (a sharded session's directory entry). An
         #: OSError fails the operation that found the removal (503)
         self.written_again: list[Callable[[str], None]] = []
+        #: called once the maintenance took the data directory's lock again (the directory
+        #: had been removed while the server ran), after the tombstone log: a Ray host writes
+        #: again the marks of its sessions' deletes (logged: an OSError fails nothing)
+        self.directory_again: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -1462,6 +1466,12 @@ class EmbeddedHost:
         if written:
             log.error("the tombstone log was removed from the data directory while the server "
                       "ran: %d line(s) written again", written)
+        for hook in self.directory_again:
+            try:
+                hook()
+            except OSError as exc:
+                log.error("writing again what the data directory held (removed while the "
+                          "server ran) failed: %s", exc)
 
     async def _maintain(self) -> None:
         """Snapshot sessions that have logged operations for a while, heal logs a failed

@@ -13,7 +13,12 @@ When its files are written again (the host's ``written_again`` hook, before the 
 found them removed is acknowledged, or by the host's maintenance), this writes again, where they
 are missing, the host's ``host.json``, the entry (a claim: a front's entry, or another shard's
 host's, is never replaced) and the index (only while the directory holds neither it nor the
-mark of that session's delete).
+mark of that session's delete). The host also keeps, for the last
+:data:`~app.engine.deleted_creates.KEEP` sessions it deleted, their keyed create's and keyed
+delete's keys, and once its maintenance took the data directory's lock again (the sign that
+the directory was removed) writes their marks again (``.deleted-creates/``, ``.deletes/``)
+where the directory holds none under those keys: a retried create of such a session is still
+refused, and a retried delete still answered.
 
 Before, after such a removal the sessions were held again but a restart found none of them
 (404), and a keyed create's retry made a second session.
@@ -22,14 +27,16 @@ Before, after such a removal the sessions were held again but a restart found no
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from app.engine.deleted_creates import KEEP
 from app.engine.directory import Directory, created_at, entry_at
-from app.engine.interface import split_key
+from app.engine.interface import IdemKey, split_key
 from app.engine.router import parent_key
 from app.engine.store import write_atomic
 
@@ -57,6 +64,10 @@ class KeptEntries:
         #: front, which did not pass it)
         self.host_json = host_json
         self._kept: dict[str, _Kept] = {}
+        #: sessions deleted here, oldest first: (idempotency key, fingerprint) of their keyed
+        #: create, and of their keyed delete
+        self._deleted: OrderedDict[str, tuple[tuple[str, str] | None,
+                                              tuple[str, str] | None]] = OrderedDict()
         self._writer: Directory | None = None  # (made at the first write: it makes folders)
 
     def keep(self, key: str) -> None:
@@ -74,11 +85,40 @@ class KeptEntries:
                 index = (tenant, str(made_by), str(found["fingerprint"]))
         self._kept[key] = _Kept(entry, index)
 
-    def drop(self, key: str) -> None:
-        self._kept.pop(key, None)
+    def deleted(self, key: str, idem: IdemKey | None) -> None:
+        """The session ``key`` was deleted here (``idem``: its delete's key): its entry is no
+        longer kept, and its keyed create's and delete's keys are, for :meth:`marks_again`."""
+        kept = self._kept.pop(key, None)
+        create = ((kept.index[1], kept.index[2]) if kept is not None and kept.index is not None
+                  else None)
+        delete = (idem.key, idem.fingerprint) if idem is not None else None
+        if create is None and delete is None:
+            return
+        self._deleted.pop(key, None)
+        self._deleted[key] = (create, delete)
+        while len(self._deleted) > KEEP:
+            self._deleted.popitem(last=False)
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._kept
+    def marks_again(self) -> None:
+        """The data directory was removed while the server ran: the marks of the deletes
+        kept here, where the directory holds none under their keys (an OSError goes to the
+        caller)."""
+        if not self._deleted:
+            return
+        writer = self._directory()
+        written = sum(writer.marks_again(key, create, delete)
+                      for key, (create, delete) in list(self._deleted.items()))
+        if written:
+            log.error("the marks of past deletes were removed from the data directory while "
+                      "the server ran: %d written again", written)
+
+    def _directory(self) -> Directory:
+        """The directory to write in, its folders made where they are missing."""
+        if self._writer is None:
+            self._writer = Directory(self.directory)
+        else:
+            self._writer.make_folders()
+        return self._writer
 
     def write_again(self, host_key: str) -> None:
         """The files of ``host_key`` (a session's, or a shard's) were written again: the host's
@@ -92,16 +132,13 @@ class KeptEntries:
         kept = self._kept.get(key)
         if kept is None:
             return
-        if self._writer is None:
-            self._writer = Directory(self.directory)
-        else:
-            self._writer.make_folders()
-        if self._writer.get(key) is None and self._writer.claim(key, kept.entry):
+        writer = self._directory()
+        if writer.get(key) is None and writer.claim(key, kept.entry):
             log.error("the directory entry of session %s was removed from the data directory "
                       "while the server ran: written again", key)
         if kept.index is not None:
             tenant, made_by, fingerprint = kept.index
-            if self._writer.created(tenant, made_by) is None and \
-                    self._writer.claim_created(tenant, made_by, fingerprint, key) is None:
+            if writer.created(tenant, made_by) is None and \
+                    writer.claim_created(tenant, made_by, fingerprint, key) is None:
                 log.error("the index of the keyed create of session %s was removed from the "
                           "data directory while the server ran: written again", key)

@@ -356,6 +356,7 @@ class HostActor:
         for key in {parent_key(k) for k in host.keys()}:
             self._kept.keep(key)
         host.written_again.append(self._kept.write_again)
+        host.directory_again.append(self._kept.marks_again)
         log.info("host %s ready on %s with %d sessions in %.2f s", self.name, host.device,
                  len(host.keys()), time.perf_counter() - started)
         self._host = wrapped
@@ -479,7 +480,7 @@ class HostActor:
         session = parent_key(key)
         # (a shard's key, <tenant>#<id>~shard<i>of<S>: this host may hold other shards of it)
         if session == key or not await host.keys(key.partition("~")[0] + "~"):
-            self._kept.drop(session)
+            self._kept.deleted(session, idem)
         return replayed
 
     async def prepare(self, key: str, op: tuple[str, Any], idem: IdemKey) -> Checked:

@@ -96,26 +96,38 @@ def test_a_ray_data_directory_removed_while_serving_keeps_every_session(
     asyncio.run(after())
 
 
-def test_the_entries_are_written_again_by_the_hosts_maintenance(
+def test_the_entries_and_the_marks_of_deletes_are_written_again_by_the_maintenance(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With no operation after the removal, each host's maintenance writes its sessions again
-    (and their entries) within its period: a restart then finds them."""
+    (and their entries) within its period, and the marks of a session deleted before the
+    removal (its keyed create's and its keyed delete's): after a restart the sessions are
+    found, the deleted one's create retried is refused (not made again) and its delete retried
+    is answered."""
     data = tmp_path / "data"
     cluster = Cluster(data, monkeypatch)
     # (the maintenance's period: a quarter of the snapshot interval, at least 0.5 s)
     monkeypatch.setenv("OPTSERVE_SNAPSHOT_EVERY_S", "2")
+    dkey = IdemKey("d-gone", "delete gone")
+
+    def marks() -> list[str]:
+        return sorted(f"{folder}/{len(list((data / 'directory' / folder).iterdir()))}"
+                      for folder in (".deletes", ".deleted-creates")
+                      if (data / "directory" / folder).is_dir())
 
     async def before() -> None:
         front = cluster.front()
-        for sid, shards in (("plain", 1), ("sharded", 2)):
+        for sid, shards in (("plain", 1), ("sharded", 2), ("gone", 2)):
             await front.create(spec(shards, id=sid), idem=create_key(f"k-{sid}"))
             await front.step(sid, GRADS[0], return_params=False)
+        assert await front.delete("gone", idem=dkey) is False
+        assert marks() == [".deleted-creates/1", ".deletes/1"]
         shutil.rmtree(data)
         for _ in range(100):
             await asyncio.sleep(0.1)
-            if len(entries(front)) == 2:
+            if len(entries(front)) == 2 and len(marks()) == 2 and "/0" not in str(marks()):
                 break
         assert sorted(entries(front)) == ["default~plain", "default~sharded"]
+        assert marks() == [".deleted-creates/1", ".deletes/1"]
         await cluster.kill()
 
     async def after() -> None:
@@ -123,6 +135,12 @@ def test_the_entries_are_written_again_by_the_hosts_maintenance(
         try:
             for sid in ("plain", "sharded"):
                 await assert_params(front, sid, 1)
+            assert await front.delete("gone", idem=dkey) is True
+            for shards in (1, 2):
+                with pytest.raises(Conflict) as err:
+                    await front.create(spec(shards, id="gone"), idem=create_key("k-gone"))
+                refused(err.value, "k-gone", "gone")
+            assert sorted(i.id for i in await front.list_sessions()) == ["plain", "sharded"]
         finally:
             await cluster.kill()
     asyncio.run(before())
