@@ -87,7 +87,7 @@ class KeptEntries:
 
     def deleted(self, key: str, idem: IdemKey | None) -> None:
         """The session ``key`` was deleted here (``idem``: its delete's key): its entry is no
-        longer kept, and its keyed create's and delete's keys are, for :meth:`marks_again`."""
+        longer kept, and its keyed create's and delete's keys are, for :meth:`directory_again`."""
         kept = self._kept.pop(key, None)
         create = ((kept.index[1], kept.index[2]) if kept is not None and kept.index is not None
                   else None)
@@ -99,10 +99,11 @@ class KeptEntries:
         while len(self._deleted) > KEEP:
             self._deleted.popitem(last=False)
 
-    def marks_again(self) -> None:
-        """The data directory was removed while the server ran: the marks of the deletes
-        kept here, where the directory holds none under their keys (an OSError goes to the
-        caller)."""
+    def directory_again(self) -> None:
+        """The data directory was removed while the server ran: the host's ``host.json`` and
+        the marks of the deletes kept here, where the directory holds none under their keys
+        (an OSError goes to the caller)."""
+        self._host_json_again()
         if not self._deleted:
             return
         writer = self._directory()
@@ -111,6 +112,13 @@ class KeptEntries:
         if written:
             log.error("the marks of past deletes were removed from the data directory while "
                       "the server ran: %d written again", written)
+
+    def _host_json_again(self) -> None:
+        if self.host_json is not None and not (self.host_root / HOST_JSON).exists():
+            self.host_root.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.host_root / HOST_JSON, [orjson.dumps(self.host_json)])
+            log.error("host.json of %s was removed from the data directory while the server "
+                      "ran: written again", self.host_root.name)
 
     def _directory(self) -> Directory:
         """The directory to write in, its folders made where they are missing."""
@@ -124,10 +132,7 @@ class KeptEntries:
         """The files of ``host_key`` (a session's, or a shard's) were written again: the host's
         ``host.json``, its session's entry and index too, where they are missing. An OSError
         goes to the caller (the operation that found the files removed is refused)."""
-        if self.host_json is not None and not (self.host_root / HOST_JSON).exists():
-            write_atomic(self.host_root / HOST_JSON, [orjson.dumps(self.host_json)])
-            log.error("host.json of %s was removed from the data directory while the server "
-                      "ran: written again", self.host_root.name)
+        self._host_json_again()
         key = parent_key(host_key)
         kept = self._kept.get(key)
         if kept is None:

@@ -356,7 +356,7 @@ class HostActor:
         for key in {parent_key(k) for k in host.keys()}:
             self._kept.keep(key)
         host.written_again.append(self._kept.write_again)
-        host.directory_again.append(self._kept.marks_again)
+        host.directory_again.append(self._kept.directory_again)
         log.info("host %s ready on %s with %d sessions in %.2f s", self.name, host.device,
                  len(host.keys()), time.perf_counter() - started)
         self._host = wrapped
@@ -863,7 +863,11 @@ class RayRouter:
             reason = "not connected to the Ray cluster"
         else:
             try:
-                self.directory.put(".probe", {"t": time.time()})
+                try:
+                    self.directory.put(".probe", {"t": time.time()})
+                except FileNotFoundError:  # (the data directory removed while the server
+                    self.directory.make_folders()  # runs: made again, as the hosts' are)
+                    self.directory.put(".probe", {"t": time.time()})
             except OSError as exc:
                 reason = f"the data directory cannot be written: {os.strerror(exc.errno or 0)}"
         used = 0
@@ -1003,8 +1007,11 @@ class RayRouter:
 
     # ------------------------------------------------------------------ hosts
     def _host_names(self) -> list[str]:
-        return sorted(p.name for p in self.hosts_dir.iterdir()
-                      if (p / HOST_JSON).exists())
+        try:
+            folders = list(self.hosts_dir.iterdir())
+        except FileNotFoundError:  # (the data directory removed while the server runs: each
+            return []  # host writes its host.json again, app.engine.kept_entries)
+        return sorted(p.name for p in folders if (p / HOST_JSON).exists())
 
     def _host(self, name: str) -> RayHost:
         host = self._hosts.get(name)
@@ -1023,6 +1030,12 @@ class RayRouter:
             saved = orjson.loads((self.hosts_dir / name / HOST_JSON).read_bytes())
         except FileNotFoundError:
             raise NotFound(f"host {name} is gone", code="session_not_found") from None
+        except orjson.JSONDecodeError as exc:  # (cut short by an older version's write)
+            log.error("%s of host %s cannot be read: %s", HOST_JSON, name, exc)
+            raise Unavailable(f"the session's host {name} cannot be started: its {HOST_JSON} "
+                              "in the data directory is damaged (an operator can write it "
+                              "again: docs/cluster.md)", code="storage_error",
+                              retry_after=30.0) from None
         log.warning("host %s has no actor: starting it again (it restores its sessions)", name)
         return self._spawn(name, saved)
 

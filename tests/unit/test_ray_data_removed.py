@@ -21,7 +21,7 @@ from tests.torch_reference import Reference, assert_tensors_equal
 from tests.unit.test_deleted_creates import create_key, refused, spec
 
 pytest.importorskip("app.engine.ray_host")
-pytest.importorskip("ray")
+ray = pytest.importorskip("ray")
 
 from tests.unit.test_ray_deletes import Cluster, entries  # noqa: E402
 
@@ -181,3 +181,75 @@ def test_a_new_hosts_folder_that_cannot_be_written_makes_nothing(
         finally:
             await cluster.kill()
     asyncio.run(run())
+
+
+def test_a_front_serves_on_when_the_data_directory_is_removed_with_no_session_left(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The removal when no session is left to write again: the front is ready (its directory
+    made again), lists nothing, and makes a new session (not a 500); the host that held the
+    deleted one writes its ``host.json`` again with its maintenance; after a restart the new
+    session is there."""
+    data = tmp_path / "data"
+    cluster = Cluster(data, monkeypatch)
+    monkeypatch.setenv("OPTSERVE_SNAPSHOT_EVERY_S", "2")
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # (the readiness's first check)
+
+    async def before() -> None:
+        front = cluster.front()
+        await front.create(spec(id="old"))
+        host = next((data / "hosts").iterdir()).name
+        await front.delete("old")
+        shutil.rmtree(data)
+        status = await front.router.status()
+        assert status.ready, status.reason
+        assert await front.list_sessions() == []
+        await front.create(spec(id="new"))
+        await front.step("new", GRADS[0], return_params=False)
+        for _ in range(100):
+            if (data / "hosts" / host / "host.json").exists():
+                break
+            await asyncio.sleep(0.1)
+        assert (data / "hosts" / host / "host.json").exists()
+        await cluster.kill()
+
+    async def after() -> None:
+        front = cluster.front()
+        try:
+            assert [i.id for i in await front.list_sessions()] == ["new"]
+            await assert_params(front, "new", 1)
+        finally:
+            await cluster.kill()
+    asyncio.run(before())
+    asyncio.run(after())
+
+
+def test_a_damaged_host_json_is_a_503_naming_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``host.json`` an older version's write cut short: the sessions of that host are a
+    503 ``storage_error`` naming the file (not a 500); written again, they are served."""
+    from app.errors import Unavailable
+
+    data = tmp_path / "data"
+    cluster = Cluster(data, monkeypatch)
+
+    async def before() -> None:
+        front = cluster.front()
+        await front.create(spec(id="s"))
+        await front.step("s", GRADS[0], return_params=False)
+        await cluster.kill()
+
+    async def after() -> None:
+        (saved,) = (data / "hosts").glob("*/host.json")
+        whole = saved.read_bytes()
+        saved.write_bytes(whole[:5])
+        front = cluster.front()
+        try:
+            with pytest.raises(Unavailable) as err:
+                await front.pull("s", None)
+            assert err.value.code == "storage_error" and "host.json" in str(err.value)
+            saved.write_bytes(whole)
+            await assert_params(front, "s", 1)
+        finally:
+            await cluster.kill()
+    asyncio.run(before())
+    asyncio.run(after())
