@@ -87,10 +87,17 @@ class KeptEntries:
 
     def deleted(self, key: str, idem: IdemKey | None) -> None:
         """The session ``key`` was deleted here (``idem``: its delete's key): its entry is no
-        longer kept, and its keyed create's and delete's keys are, for :meth:`directory_again`."""
+        longer kept, and its keyed delete's key is, for :meth:`directory_again`, with its
+        keyed create's where the directory marks that create's session deleted (a front marks
+        it before its hosts delete; a create undone, whose shards a refusal deleted, is not
+        marked: its retry makes it)."""
         kept = self._kept.pop(key, None)
-        create = ((kept.index[1], kept.index[2]) if kept is not None and kept.index is not None
-                  else None)
+        create = None
+        if kept is not None and kept.index is not None:
+            tenant, made_by, fingerprint = kept.index
+            found = created_at(self.directory, tenant, made_by)
+            if found is not None and found.get("deleted") and found.get("key") == key:
+                create = (made_by, fingerprint)
         delete = (idem.key, idem.fingerprint) if idem is not None else None
         if create is None and delete is None:
             return

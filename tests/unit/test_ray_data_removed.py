@@ -253,3 +253,48 @@ def test_a_damaged_host_json_is_a_503_naming_it(
             await cluster.kill()
     asyncio.run(before())
     asyncio.run(after())
+
+
+def test_a_create_undone_by_a_shards_refusal_is_not_marked_deleted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyed sharded create one of whose shards is refused (4xx): the shard made is deleted
+    again and the create's index dropped, so its retry makes the session. A removal of the
+    data directory after it does not bring that create back as a deleted session's (the host
+    that deleted the shard keeps no mark of it): the retry still makes the session."""
+    from app.engine import ray_host
+    from app.errors import Invalid
+
+    data = tmp_path / "data"
+    cluster = Cluster(data, monkeypatch)
+    monkeypatch.setenv("OPTSERVE_SNAPSHOT_EVERY_S", "2")
+    real = ray_host.HostActor.create
+
+    async def refusing(actor: ray_host.HostActor, key: str, *args: object) -> object:
+        if key.endswith("shard1of2"):
+            raise Invalid("refused here", field="params")
+        return await real(actor, key, *args)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        front = cluster.front()
+        try:
+            with monkeypatch.context() as m:
+                m.setattr(ray_host.HostActor, "create", refusing)
+                with pytest.raises(Invalid):
+                    await front.create(spec(2, id="undone"), idem=create_key("k-undone"))
+            await front.create(spec(id="live"))
+            hosts = sorted(p.name for p in (data / "hosts").iterdir())
+            shutil.rmtree(data)
+            for _ in range(100):
+                if all((data / "hosts" / h / "host.json").exists() for h in hosts):
+                    break
+                await asyncio.sleep(0.1)
+            assert all((data / "hosts" / h / "host.json").exists() for h in hosts)
+            marks = data / "directory" / ".deleted-creates"
+            assert not marks.exists() or list(marks.iterdir()) == []
+            made = await front.create(spec(2, id="undone"), idem=create_key("k-undone"))
+            assert made.id == "undone" and not made.replayed
+            await front.step("undone", GRADS[0], return_params=False)
+            await assert_params(front, "undone", 1)
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
