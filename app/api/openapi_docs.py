@@ -474,6 +474,12 @@ HEADERS: dict[str, dict[str, Any]] = {
                        "nothing done. A version moves with steps, imports and overwrites "
                        "only: name ?base_revision= to also refuse after option changes",
         "schema": _VERSION_TAG},
+    "If-Match (read)": {
+        "name": "If-Match", "in": "header", "required": False,
+        "description": "answer only if the session is at this version (the ETag it was read "
+                       "with): 412 precondition_failed otherwise (e.g. a state dict read at the "
+                       "version of the parameters read before it)",
+        "schema": _VERSION_TAG},
     "If-None-Match": {
         "name": "If-None-Match", "in": "header", "required": False,
         "description": "304 when the current version is one of these",
@@ -637,6 +643,9 @@ class _Conditional(TypedDict):
 CONDITIONAL: _Conditional = {
     "query": ("base_version (change)", "base_revision"), "headers": ("If-Match (change)",),
     "problems": ("412",)}
+#: what a versioned read lists: If-Match evaluated on its answer (412 when of another version)
+READ_CONDITIONAL: _Conditional = {"query": (), "headers": ("If-Match (read)",),
+                                  "problems": ("412",)}
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("get", "/healthz"): Op("health", ok="Health"),
     ("get", "/readyz"): Op("ready", ok="Ready", problems=("503",)),
@@ -647,7 +656,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("get", "/v1/transport"): Op("transport", ok="Transport"),
     ("post", "/v1/sessions"): Op("createSession", "CreateSession", body_binary=True,
                                  ok="Session", versioned=True, links=True),
-    ("get", S): Op("getSession", ok="Session", versioned=True),
+    ("get", S): Op("getSession", ok="Session", versioned=True, **READ_CONDITIONAL),
     ("delete", S): Op("deleteSession", ok=None, **CONDITIONAL),
     ("patch", S): Op("configureSession", "PsOptions", ok="Session", versioned=True,
                      **CONDITIONAL),
@@ -659,7 +668,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                versioned=True, query=("upcast",)),
     ("post", f"{S}/zero_grad"): Op("zeroGrad", ok="Version", versioned=True),
     ("get", f"{S}/params"): Op("getParams", ok="Params", ok_binary=True, versioned=True,
-                               query=("encoding",), headers=("If-None-Match",)),
+                               query=("encoding",),
+                               headers=("If-None-Match", *READ_CONDITIONAL["headers"]),
+                               problems=READ_CONDITIONAL["problems"]),
     ("post", f"{S}/params/rows"): Op("pullRows", "Rows", body_binary=True, ok="Params",
                                      ok_binary=True, versioned=True, query=("encoding",),
                                      headers=("If-None-Match",)),
@@ -679,7 +690,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("post", f"{S}/scheduler/step"): Op("schedulerStep", "SchedulerStep", body_optional=True,
                                         ok="Version", versioned=True, **CONDITIONAL),
     ("get", f"{S}/state_dict"): Op("exportState", ok="StateDict", ok_binary=True,
-                                   versioned=True, query=("format", "encoding")),
+                                   versioned=True, query=("format", "encoding"),
+                                   headers=READ_CONDITIONAL["headers"],
+                                   problems=READ_CONDITIONAL["problems"]),
     ("put", f"{S}/state_dict"): Op("importState", "StateDict", body_binary=True, ok="Session",
                                    versioned=True,
                                    query=("format", *CONDITIONAL["query"]),

@@ -93,11 +93,13 @@ async def answer(request: Request, result: ParamsResult, binary: bool, b64: bool
 async def pull(request: Request, engine: Any, tenant: str, session_id: str,
                rows: dict[str, torch.Tensor], min_version: int | None, wait_s: float,
                binary: bool, b64: bool) -> Response:
+    expected = conditions.read_match(request)  # (GET only: a POST refuses If-Match first)
     held = conditions.none_match_versions(request)
     if min_version is None and wait_s > 0 and held:
         min_version = max(held) + 1
     result = await engine.pull_rows(session_id, rows, min_version=min_version, wait_s=wait_s,
                                     unless_versions=held, tenant=tenant)
+    conditions.check_read(expected, result.version)
     return await answer(request, result, binary, b64)
 
 

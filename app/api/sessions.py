@@ -103,8 +103,12 @@ async def list_sessions(engine: EngineDep, tenant: TenantDep) -> Response:
 
 
 @router.get("/{session_id}", summary="Describe a session")
-async def get_session(session_id: SessionId, engine: EngineDep, tenant: TenantDep) -> Response:
-    return _described(await engine.describe(session_id, tenant=tenant))
+async def get_session(session_id: SessionId, request: Request, engine: EngineDep,
+                      tenant: TenantDep) -> Response:
+    expected = conditions.read_match(request)
+    info = await engine.describe(session_id, tenant=tenant)
+    conditions.check_read(expected, info.version, info.revision)
+    return _described(info)
 
 
 @router.patch("/{session_id}", summary="Change session options (or remove the scheduler)")
@@ -276,11 +280,13 @@ async def get_params(
         return await row_pulls.pull(request, engine, tenant, session_id, wanted_rows,
                                     min_version, wait_s, binary, b64)
     wanted = [n for item in names for n in item.split(",") if n] if names else None
+    expected = conditions.read_match(request)
     held = conditions.none_match_versions(request)
     if min_version is None and wait_s > 0 and held:
         min_version = max(held) + 1  # If-None-Match + wait_s: wait for anything newer
     result = await engine.pull(session_id, wanted, min_version=min_version, wait_s=wait_s,
                                unless_versions=held, tenant=tenant)
+    conditions.check_read(expected, result.version)  # (before If-None-Match: RFC 9110 13.2.2)
     headers = version_headers(result.version, result.step)
     if result.not_modified:
         return Response(status_code=304, headers=headers)
@@ -386,7 +392,9 @@ async def export_state(
     default = "safetensors" if wants_binary(request) else "json"
     fmt = _state_format(request, default)
     b64 = tensor_encoding(request)
+    expected = conditions.read_match(request)
     out = await engine.export_state(session_id, tenant=tenant)
+    conditions.check_read(expected, out.version, out.revision)
     headers = version_headers(out.version, out.step)
     headers[REVISION_HEADER] = str(out.revision)
     sd = out.state_dict

@@ -261,13 +261,20 @@ def test_a_create_takes_if_none_match_star_only(live_server: str) -> None:
         assert r.status_code == 409 and r.json()["code"] == "session_exists", r.text
 
 
-def test_reads_ignore_preconditions_as_a_cache_revalidation_does(live_server: str) -> None:
+def test_a_read_without_a_version_ignores_preconditions_and_a_versioned_one_evaluates_them(
+        live_server: str) -> None:
+    """The history and the list ignore ``If-Match`` (as a cache's revalidation would); the
+    session, its parameters and its state dict answer a version and evaluate it (412:
+    ``test_conditional_reads``)."""
     sid = "strict-pre-read"
     with httpx.Client(base_url=live_server, timeout=60) as http:
         made(http, sid)
-        for path in ("", "/params", "/state_dict", "/history"):
-            r = http.get(f"/v1/sessions/{sid}{path}", headers={"If-Match": '"999"'})
+        for path in (f"/v1/sessions/{sid}/history", "/v1/sessions"):
+            r = http.get(path, headers={"If-Match": '"999"'})
             assert r.status_code == 200, (path, r.text)
+        for path in ("", "/params", "/state_dict"):
+            r = http.get(f"/v1/sessions/{sid}{path}", headers={"If-Match": '"999"'})
+            assert r.status_code == 412, (path, r.text)
 
 
 @pytest.mark.parametrize("method,path", sorted({(m, p) for m, p, _ in unevaluated()
