@@ -955,9 +955,13 @@ export class OptserveClient {
     return (await this._described("GET", "/v1/sessions")).sessions;
   }
 
-  /** GET /v1/sessions/{id}: the session description. */
-  getSession(id) {
-    return this._described("GET", this._sid(id));
+  /**
+   * GET /v1/sessions/{id}: the session description. atVersion: answered only at that version
+   * (sent as If-Match), else a 412 OptserveError (precondition_failed, with current_version).
+   */
+  getSession(id, callOptions = {}) {
+    const { atVersion } = optionsOf(callOptions, ["atVersion"], "getSession");
+    return this._described("GET", this._sid(id), { headers: readAt(atVersion) });
   }
 
   /**
@@ -1049,9 +1053,10 @@ export class OptserveClient {
 
   /** GET /v1/sessions/{id}/params (names: optional list). Returns {version, step, params, etag}. */
   getParams(id, callOptions = {}) {
-    let { names, binary, encoding, ifNoneMatch, minVersion, waitS } = optionsOf(callOptions, ["names", "binary", "encoding", "ifNoneMatch", "minVersion", "waitS"], "getParams");
+    let { names, binary, encoding, ifNoneMatch, minVersion, waitS, atVersion } = optionsOf(callOptions, ["names", "binary", "encoding", "ifNoneMatch", "minVersion", "waitS", "atVersion"], "getParams");
     // ifNoneMatch: a version; {notModified: true} comes back while it is current.
     // minVersion + waitS: long-poll until the session reaches minVersion (or waitS passes).
+    // atVersion: answered only at that version (If-Match), else a 412, as getSession.
     for (const n of names ?? []) {
       if (typeof n !== "string" || n.includes(",")) {
         throw new TypeError(`cannot ask for parameter ${JSON.stringify(n)} by name (a comma separates names in ?names=); pull all parameters instead`);
@@ -1060,7 +1065,8 @@ export class OptserveClient {
     const query = names ? { names: names.join(",") } : {};
     if (minVersion !== undefined) query.min_version = minVersion;
     if (waitS !== undefined) query.wait_s = waitS;
-    const headers = ifNoneMatch !== undefined ? { "If-None-Match": `"${ifNoneMatch}"` } : undefined;
+    const headers = readAt(atVersion);
+    if (ifNoneMatch !== undefined) headers["If-None-Match"] = `"${ifNoneMatch}"`;
     return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers });
   }
 
@@ -1184,11 +1190,11 @@ export class OptserveClient {
    * torch.save file as a Uint8Array. raw: true returns the body bytes for any format.
    */
   async exportState(id, callOptions = {}) {
-    let { format = "json", encoding, raw = false } = optionsOf(callOptions, ["format", "encoding", "raw"], "exportState");
+    let { format = "json", encoding, raw = false, atVersion } = optionsOf(callOptions, ["format", "encoding", "raw", "atVersion"], "exportState");
     const query = { format };
     if (format === "json" && encoding && encoding !== "data") query.encoding = encoding;
     const { buf } = await this.request("GET", `${this._sid(id)}/state_dict`, {
-      query, accept: format === "json" ? JSON_TYPE : BINARY,
+      query, accept: format === "json" ? JSON_TYPE : BINARY, headers: readAt(atVersion),
     });
     if (raw || format === "torch") return buf;
     if (format === "safetensors") {
@@ -1247,6 +1253,12 @@ function preconditions(baseVersion, baseRevision) {
   if (baseVersion !== undefined) headers["If-Match"] = `"${wholeNumber(baseVersion, "baseVersion")}"`;
   if (baseRevision !== undefined) query.base_revision = wholeNumber(baseRevision, "baseRevision");
   return { query, headers };
+}
+
+// A conditional read's header: atVersion as If-Match (the server answers 412 when the answer
+// would be of another version).
+function readAt(atVersion) {
+  return atVersion === undefined ? {} : { "If-Match": `"${wholeNumber(atVersion, "atVersion")}"` };
 }
 
 function encodeMap(tensors, opts) {

@@ -81,4 +81,28 @@ describe("conditional changes", { skip: NO_SERVER }, () => {
     assert.equal(gone.status, 404);
     assert.throws(() => c.putParams(a, { x: Tensor.from([1]) }, { baseRevision: 1.5 }), TypeError);
   });
+
+  test("reads with atVersion (If-Match): answered at that version, 412 at another", async () => {
+    const { a, both } = await twins("reads");
+    await both();
+    await both();
+    assert.equal((await c.getSession(a, { atVersion: 2 })).version, 2);
+    const params = await c.getParams(a, { atVersion: 2 });
+    assert.equal(params.version, 2);
+    assertSameTensor(params.params.x, (await c.getParams(a)).params.x, "params at version 2");
+    for (const format of ["json", "safetensors"]) {
+      assertSameTree(await c.exportState(a, { format, atVersion: 2 }), await c.exportState(a, { format }), `state (${format})`);
+    }
+    const reads = [() => c.getSession(a, { atVersion: 1 }), () => c.getParams(a, { atVersion: 3 }),
+      () => c.exportState(a, { atVersion: 1 })];
+    for (const read of reads) {
+      const err = await read().catch((e) => e);
+      assert.ok(err instanceof PreconditionFailedError, String(err));
+      assert.equal(err.status, 412);
+      assert.equal(err.field, "If-Match");
+      assert.equal(err.problem.current_version, 2);
+    }
+    assert.throws(() => c.getSession(a, { atVersion: -1 }), TypeError);
+    await assert.rejects(() => c.exportState(a, { atVersion: "2" }), TypeError);
+  });
 });

@@ -433,8 +433,18 @@ def list_sessions() -> APICall[list[SessionInfo]]:
     return APICall("GET", "/v1/sessions", _parse_sessions)
 
 
-def get_session(session_id: str) -> APICall[SessionInfo]:
-    return APICall("GET", _sid(session_id), _parse_session)
+def get_session(session_id: str, *, at_version: int | None = None) -> APICall[SessionInfo]:
+    return APICall("GET", _sid(session_id), _parse_session, headers=_read_at(at_version))
+
+
+def _read_at(at_version: int | None) -> dict[str, str]:
+    """A conditional read's header: ``at_version`` as ``If-Match`` (the server answers 412
+    when the answer would be of another version)."""
+    if at_version is None:
+        return {}
+    if type(at_version) is not int or at_version < 0:
+        raise ValueError(f"at_version must be a non-negative int, got {at_version!r}")
+    return {"If-Match": f'"{at_version}"'}
 
 
 def delete_session(session_id: str, *, base_version: int | None = None,
@@ -627,7 +637,9 @@ def zero_grad(session_id: str) -> APICall[VersionInfo]:
 def get_params(
     session_id: str, names: Iterable[str] | None, *, binary: bool,
     min_version: int | None = None, wait_s: float | None = None,
+    at_version: int | None = None,
 ) -> APICall[ParamsResult]:
+    headers = _read_at(at_version)
     query: list[tuple[str, str]] = []
     held = 0.0
     if min_version is not None:
@@ -650,7 +662,8 @@ def get_params(
     # (the collector paused while an answer of 1,000 tensors or more is decoded, not while a
     # long poll waits for it: see optserve._gc)
     return APICall("GET", _sid(session_id) + "/params", _parse_params, params=query,
-                   accept=OCTET_STREAM if binary else JSON, wait_s=held, gc_tensors=None)
+                   accept=OCTET_STREAM if binary else JSON, wait_s=held, gc_tensors=None,
+                   headers=headers)
 
 
 #: at most this many rows travel in the query string (GET); more go in a body (POST)
@@ -842,8 +855,10 @@ def _check_format(format: str) -> None:
         raise ValueError(f"format must be 'safetensors', 'json' or 'torch', got {format!r}")
 
 
-def export_state(session_id: str, *, format: StateFormat) -> APICall[dict[str, Any]]:
+def export_state(session_id: str, *, format: StateFormat, at_version: int | None = None
+                 ) -> APICall[dict[str, Any]]:
     _check_format(format)
+    headers = _read_at(at_version)
 
     def parse(response: httpx.Response) -> dict[str, Any]:
         if format == "torch":
@@ -857,7 +872,7 @@ def export_state(session_id: str, *, format: StateFormat) -> APICall[dict[str, A
 
     accept = JSON if format == "json" else OCTET_STREAM
     return APICall("GET", _sid(session_id) + "/state_dict", parse,
-                   params=[("format", format)], accept=accept)
+                   params=[("format", format)], accept=accept, headers=headers)
 
 
 def export_state_at(session_id: str, *, format: StateFormat
@@ -868,7 +883,8 @@ def export_state_at(session_id: str, *, format: StateFormat
     def parse(response: httpx.Response) -> tuple[dict[str, Any], int | None]:
         return call.parse(response), _header_int(response, VERSION_HEADER)
 
-    return APICall(call.method, call.path, parse, params=call.params, accept=call.accept)
+    return APICall(call.method, call.path, parse, params=call.params, accept=call.accept,
+                   headers=call.headers)
 
 
 def _load_torch(content: bytes) -> dict[str, Any]:

@@ -387,9 +387,13 @@ class Client(SyncAPIClient):
         """``GET /v1/sessions``."""
         return self._request(_api.list_sessions())
 
-    def get_session(self, id: str) -> SessionInfo:
-        """``GET /v1/sessions/{id}``: the session's description."""
-        return self._request(_api.get_session(id))
+    def get_session(self, id: str, *, at_version: int | None = None) -> SessionInfo:
+        """``GET /v1/sessions/{id}``: the session's description.
+
+        ``at_version``: answered only at that version (sent as ``If-Match``), else
+        :class:`~optserve.PreconditionFailedError` (412): read the state dict at the version
+        of the parameters read before it."""
+        return self._request(_api.get_session(id, at_version=at_version))
 
     def delete_session(self, id: str, *, base_version: int | None = None,
                        base_revision: int | None = None) -> None:
@@ -571,13 +575,19 @@ class Client(SyncAPIClient):
     def get_params(
         self, id: str, names: Iterable[str] | None = None, *, binary: bool = True,
         min_version: int | None = None, wait_s: float | None = None,
+        at_version: int | None = None,
     ) -> ParamsResult:
         """``GET .../params``: the parameters (all, or only ``names``). With ``min_version``
         and ``wait_s``: wait (at most ``wait_s``, which the server caps at 60 s) until the
         session reaches ``min_version``, then return the current state (check its
-        ``version``: after a timeout it may still be older)."""
+        ``version``: after a timeout it may still be older).
+
+        ``at_version``: answered only at that version (sent as ``If-Match``), else
+        :class:`~optserve.PreconditionFailedError` (412): the parameters of the version
+        of a state dict or description read before."""
         return self._request(_api.get_params(id, names, binary=binary,
-                                             min_version=min_version, wait_s=wait_s))
+                                             min_version=min_version, wait_s=wait_s,
+                                             at_version=at_version))
 
     def configure_session(self, id: str, *, base_version: int | None = None,
                           base_revision: int | None = None, **options: Any) -> SessionInfo:
@@ -641,7 +651,8 @@ class Client(SyncAPIClient):
                                                  base_revision=base_revision))
 
     # ------------------------------------------------------------------ state
-    def export_state(self, id: str, format: StateFormat = "safetensors") -> dict[str, Any]:
+    def export_state(self, id: str, format: StateFormat = "safetensors", *,
+                     at_version: int | None = None) -> dict[str, Any]:
         """``GET .../state_dict``: torch's ``{"state": {int: {...}}, "param_groups": [...]}``
         (plus ``"scheduler"`` when the session has one), tensors as torch tensors (numpy
         without torch).
@@ -649,8 +660,12 @@ class Client(SyncAPIClient):
         ``format`` is only how it travels: ``"safetensors"`` (default), ``"json"``, or
         ``"torch"`` (a ``torch.save`` file, loaded here with ``weights_only=True``; needs
         torch). All three return the same dict.
+
+        ``at_version``: answered only at that version (sent as ``If-Match``), else
+        :class:`~optserve.PreconditionFailedError` (412): read the state dict at the version
+        of the parameters read before it.
         """
-        return self._request(_api.export_state(id, format=format))
+        return self._request(_api.export_state(id, format=format, at_version=at_version))
 
     def _export_state_at(self, id: str, format: StateFormat = "safetensors"
                          ) -> tuple[dict[str, Any], int | None]:
@@ -758,9 +773,9 @@ class AsyncClient(AsyncAPIClient):
         """``GET /v1/sessions``."""
         return await self._request(_api.list_sessions())
 
-    async def get_session(self, id: str) -> SessionInfo:
-        """``GET /v1/sessions/{id}``."""
-        return await self._request(_api.get_session(id))
+    async def get_session(self, id: str, *, at_version: int | None = None) -> SessionInfo:
+        """``GET /v1/sessions/{id}``: see :meth:`Client.get_session`."""
+        return await self._request(_api.get_session(id, at_version=at_version))
 
     async def delete_session(self, id: str, *, base_version: int | None = None,
                              base_revision: int | None = None) -> None:
@@ -852,10 +867,12 @@ class AsyncClient(AsyncAPIClient):
     async def get_params(
         self, id: str, names: Iterable[str] | None = None, *, binary: bool = True,
         min_version: int | None = None, wait_s: float | None = None,
+        at_version: int | None = None,
     ) -> ParamsResult:
         """``GET .../params``: see :meth:`Client.get_params`."""
         return await self._request(_api.get_params(id, names, binary=binary,
-                                                   min_version=min_version, wait_s=wait_s))
+                                                   min_version=min_version, wait_s=wait_s,
+                                                   at_version=at_version))
 
     async def configure_session(self, id: str, *, base_version: int | None = None,
                                 base_revision: int | None = None, **options: Any
@@ -901,9 +918,10 @@ class AsyncClient(AsyncAPIClient):
                                                        base_version=base_version,
                                                        base_revision=base_revision))
 
-    async def export_state(self, id: str, format: StateFormat = "safetensors") -> dict[str, Any]:
+    async def export_state(self, id: str, format: StateFormat = "safetensors", *,
+                           at_version: int | None = None) -> dict[str, Any]:
         """``GET .../state_dict``: see :meth:`Client.export_state`."""
-        return await self._request(_api.export_state(id, format=format))
+        return await self._request(_api.export_state(id, format=format, at_version=at_version))
 
     async def import_state(
         self,
