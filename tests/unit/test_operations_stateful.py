@@ -200,6 +200,8 @@ STEPPED = [*optimizers.GRADIENT_STEPPED, "SparseAdam"]
 class SessionMachine(RuleBasedStateMachine):
     optimizer_choices: list[str] = list(STEPPED)
     scheduler_choices: list[str] = list(SCHEDULERS)
+    #: the session's shards (engine and twin alike)
+    shards: int = 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -276,7 +278,8 @@ class SessionMachine(RuleBasedStateMachine):
         self.twin = embedded_engine("cpu", warm_up=False)
         run(self.loop, self.twin.start())
         spec = CreateSpec(optimizer, [GroupSpec(dict(params))], dict(options),
-                          scheduler=copy.deepcopy(scheduler), id=self.sid, nonfinite=nonfinite)
+                          scheduler=copy.deepcopy(scheduler), id=self.sid, nonfinite=nonfinite,
+                          shards=self.shards)
         for eng in (self.engine, self.twin):
             run(self.loop, eng.create(copy.deepcopy(spec)))
         self.mirror = Mirror(optimizer, options, params, scheduler)

@@ -23,12 +23,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import rule
+from hypothesis.stateful import precondition, rule
 
 from app.config import Settings
-from app.engine import Front, persist
+from app.engine import Front, GroupSpec, persist
 from app.engine.ops import Step
 from app.engine.store import frame_record
+from app.errors import OptserveError
 from tests.unit import test_operations_stateful as base
 
 ray_host = pytest.importorskip("app.engine.ray_host")
@@ -36,9 +37,10 @@ pytest.importorskip("ray")
 
 from tests.unit.test_ray_deletes import Cluster  # noqa: E402
 
-#: the optimizers the CI run takes (every scheduler with each): one of each kind of state
-#: (momentum buffers, two moments, per-element step sizes, row-sparse steps)
-OPTIMIZERS = ["SGD", "Adam", "Rprop", "Adagrad"]
+#: the machines the CI run takes, (optimizer, shards), every scheduler with each: one of each
+#: kind of state (momentum buffers, two moments, per-element step sizes, row-sparse steps),
+#: and sessions sharded over two hosts (a coordinator's two phases, a shard's files each)
+MACHINES = [("SGD", 1), ("Adam", 1), ("Rprop", 1), ("Adagrad", 1), ("Adam", 2), ("SGD", 2)]
 
 
 class RaySessionMachine(base.SessionMachine):
@@ -75,6 +77,20 @@ class RaySessionMachine(base.SessionMachine):
         ``?return=touched`` (a 422 naming ``return``, where the embedded twin answers it)."""
         base.SessionMachine.keyed_step(self, rows, dense, seed, True)
 
+    @precondition(lambda self: self.extra_groups < 2)
+    @rule(seed=st.integers(0, 999), lr=st.sampled_from([0.02, 0.005, -1.0]))
+    def add_group(self, seed: int, lr: float) -> None:
+        """The other machine's; a sharded session refuses every added group (its layout is
+        fixed at create), whatever its options, with nothing changed (``both``)."""
+        if self.shards == 1:
+            base.SessionMachine.add_group(self, seed, lr)
+            return
+        value = base.seeded(base.EXTRA_SHAPE, seed)
+        a, _ = self.both(lambda e: e.add_param_group(self.sid, GroupSpec({"g": value.clone()},
+                                                                         {"lr": lr})))
+        assert isinstance(a, OptserveError) and a.field == "param_groups", a
+        base.STATS["op add_group refused sharded"] += 1
+
     @rule(torn=st.booleans())
     def crash(self, torn: bool) -> None:
         """Every host actor dies without a snapshot (its files are what it leaves; a torn,
@@ -83,7 +99,8 @@ class RaySessionMachine(base.SessionMachine):
         assert self.engine is not None and self.mirror is not None
         base.run(self.loop, self.cluster.kill())
         if torn:
-            (wal,) = self.dir.glob(f"hosts/*/sessions/default~{self.sid}/wal.bin")
+            # (the session's log, or its first shard's: the only session in this directory)
+            wal = sorted(self.dir.glob("hosts/*/sessions/*/wal.bin"))[0]
             g = {n: base.seeded(tuple(p.shape), 4242) for n, p in self.mirror.params.items()}
             record = frame_record(persist.encode_record(persist.Record(Step(g), 10**6, 10**6,
                                                                        [])))
@@ -105,19 +122,21 @@ class RaySessionMachine(base.SessionMachine):
         base.STATS["ray restart graceful"] += 1
 
 
-def _machine(optimizer: str) -> type[RaySessionMachine]:
+def _machine(optimizer: str, shards: int) -> type[RaySessionMachine]:
     class Machine(RaySessionMachine):
         optimizer_choices = [optimizer]
         scheduler_choices = list(base.SCHEDULERS)
+    Machine.shards = shards
     Machine.TestCase.settings = settings(
         max_examples=3 * base.EXAMPLES, stateful_step_count=base.STEPS, deadline=None,
         derandomize=True, suppress_health_check=list(HealthCheck))
-    return seed(zlib.crc32(repr(("ray", optimizer, base.SEED)).encode()))(Machine)
+    return seed(zlib.crc32(repr(("ray", optimizer, shards, base.SEED)).encode()))(Machine)
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_random_operations_on_the_ray_engine(optimizer: str) -> None:
+@pytest.mark.parametrize(("optimizer", "shards"), MACHINES,
+                         ids=[f"{o}-{s}-shard{'s' if s > 1 else ''}" for o, s in MACHINES])
+def test_random_operations_on_the_ray_engine(optimizer: str, shards: int) -> None:
     before = base.STATS["checks"]
     torch.manual_seed(0)
-    _machine(optimizer).TestCase().runTest()
+    _machine(optimizer, shards).TestCase().runTest()
     assert base.STATS["checks"] > before
