@@ -453,12 +453,17 @@ class SessionMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.extra_groups < 2)
     @rule(seed=st.integers(0, 999), lr=st.sampled_from([0.02, 0.005, -1.0]))
     def add_group(self, seed: int, lr: float) -> None:
+        """A group added (refused when its lr is negative); a sharded session refuses every
+        added group (its layout is fixed at create), whatever its options."""
         assert self.mirror is not None
         name = f"g{self.extra_groups}"
         value = seeded(EXTRA_SHAPE, seed)
         a, _ = self.both(lambda e: e.add_param_group(self.sid, GroupSpec({name: value.clone()},
                                                                          {"lr": lr})))
         STATS["op add_group"] += 1
+        if self.shards > 1:
+            assert isinstance(a, OptserveError) and a.field == "param_groups", a
+            return
         if lr < 0:
             assert isinstance(a, OptserveError) and a.code == "invalid_option"
         if isinstance(a, OptserveError):
@@ -616,7 +621,8 @@ class SessionMachine(RuleBasedStateMachine):
         assert self.engine is not None and self.mirror is not None
         run(self.loop, self.engine.stop(snapshot=False))
         if torn:
-            wal = self.dir / "sessions" / f"default~{self.sid}" / "wal.bin"
+            # (the session's log, or its first shard's: the only session in this directory)
+            wal = sorted(self.dir.glob("sessions/*/wal.bin"))[0]
             g = {n: seeded(tuple(p.shape), 4242) for n, p in self.mirror.params.items()}
             record = frame_record(persist.encode_record(persist.Record(Step(g), 10**6, 10**6,
                                                                        [])))
@@ -660,10 +666,12 @@ def _float(x: Any) -> float:
     return float(x)
 
 
-def _machine(optimizers_: list[str], schedulers_: list[str]) -> type[SessionMachine]:
+def _machine(optimizers_: list[str], schedulers_: list[str], shards: int = 1
+             ) -> type[SessionMachine]:
     class Machine(SessionMachine):
         optimizer_choices = optimizers_
         scheduler_choices = schedulers_
+    Machine.shards = shards
     Machine.TestCase.settings = settings(
         max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, derandomize=True,
         suppress_health_check=list(HealthCheck))
@@ -671,7 +679,9 @@ def _machine(optimizers_: list[str], schedulers_: list[str]) -> type[SessionMach
     # Hypothesis wraps the machine in, whose signature's text holds an address here, so the
     # examples changed with whatever the process had imported before (and a run's coverage,
     # which test_keyed_steps_and_their_retries_across_restarts asserts, with them)
-    return seed(zlib.crc32(repr((optimizers_, schedulers_, SEED)).encode()))(Machine)
+    what = (optimizers_, schedulers_, SEED) if shards == 1 else (optimizers_, schedulers_,
+                                                                  SEED, shards)
+    return seed(zlib.crc32(repr(what).encode()))(Machine)
 
 
 @pytest.mark.parametrize("optimizer", STEPPED)
@@ -682,6 +692,13 @@ def test_every_optimizer(optimizer: str) -> None:
 @pytest.mark.parametrize("scheduler", [s for s in SCHEDULERS if s != "none"])
 def test_every_scheduler(scheduler: str) -> None:
     _machine(list(STEPPED), [scheduler]).TestCase().runTest()
+
+
+@pytest.mark.parametrize("optimizer", ["Adam", "SGD"])
+def test_sharded_sessions(optimizer: str) -> None:
+    """A session sharded in two (one device: its shards, their logs and the coordinator's two
+    phases), with every scheduler."""
+    _machine([optimizer], list(SCHEDULERS), shards=2).TestCase().runTest()
 
 
 

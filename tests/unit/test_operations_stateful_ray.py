@@ -23,13 +23,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import precondition, rule
+from hypothesis.stateful import rule
 
 from app.config import Settings
-from app.engine import Front, GroupSpec, persist
+from app.engine import Front, persist
 from app.engine.ops import Step
 from app.engine.store import frame_record
-from app.errors import OptserveError
 from tests.unit import test_operations_stateful as base
 
 ray_host = pytest.importorskip("app.engine.ray_host")
@@ -76,20 +75,6 @@ class RaySessionMachine(base.SessionMachine):
         """The other machine's keyed step, answering every parameter: the Ray engine offers no
         ``?return=touched`` (a 422 naming ``return``, where the embedded twin answers it)."""
         base.SessionMachine.keyed_step(self, rows, dense, seed, True)
-
-    @precondition(lambda self: self.extra_groups < 2)
-    @rule(seed=st.integers(0, 999), lr=st.sampled_from([0.02, 0.005, -1.0]))
-    def add_group(self, seed: int, lr: float) -> None:
-        """The other machine's; a sharded session refuses every added group (its layout is
-        fixed at create), whatever its options, with nothing changed (``both``)."""
-        if self.shards == 1:
-            base.SessionMachine.add_group(self, seed, lr)
-            return
-        value = base.seeded(base.EXTRA_SHAPE, seed)
-        a, _ = self.both(lambda e: e.add_param_group(self.sid, GroupSpec({"g": value.clone()},
-                                                                         {"lr": lr})))
-        assert isinstance(a, OptserveError) and a.field == "param_groups", a
-        base.STATS["op add_group refused sharded"] += 1
 
     @rule(torn=st.booleans())
     def crash(self, torn: bool) -> None:
