@@ -13,6 +13,7 @@ import torch
 from benchmarks._peers import cpu
 from benchmarks._peers.cases import fmt_n
 from benchmarks._peers.driver import Cell, Result
+from benchmarks._peers.targets import targets_table
 from benchmarks._peers.timing import median_ms, quantile_ms, reps_for
 
 PEERS = ("ray", "torch-rpc")  # what a user would pick instead of optserve
@@ -191,6 +192,10 @@ def markdown(result: Result, command: str) -> str:
     if any(c.system == "disk-fsync" for c in result.cells):
         out += ["", "#### disk: write + fsync of one 4N-byte record (in the data directory)", ""]
         out += disk_table(result)
+    targets = targets_table(result)
+    if targets:
+        out += ["", "#### issue 9's targets, from this run (benchmarks/_peers/targets.py)", ""]
+        out += targets
     if any(c.usage for c in result.cells):
         out += ["", "#### CPU ms per step: worker process + server main thread / other server "
                 "threads and processes (run-queue wait: in --json)", ""]

@@ -132,3 +132,39 @@ def test_benchmark_servers_get_only_the_variables_they_print(
     assert set(SERVER_DEFAULTS) | {"OPTSERVE_METRICS"} <= unset
     assert not unset & (set(env) | {"OPTSERVE_DATA_DIR"})
     assert all(k.startswith("OPTSERVE_") for k in unset)
+
+
+def test_the_targets_are_judged_from_a_runs_medians() -> None:
+    """``benchmarks._peers.targets``: each target from the medians of the systems it names
+    (made-up milliseconds), reached or not at its limit; one whose systems did not run is
+    left out; a saved run (``--json``) gives the same."""
+    from types import SimpleNamespace
+
+    from benchmarks._peers.driver import Cell, Result
+    from benchmarks._peers.targets import from_json, judge
+
+    ms = {("echo", 1_000): 0.5, ("optserve-binary[memory]", 1_000): 0.99,
+          ("in-process", 10_000_000): 20.0, ("echo", 10_000_000): 50.0,
+          ("optserve-binary[memory]", 10_000_000): 71.0,
+          ("optserve-binary[step]", 10_000_000): 110.0, ("disk-fsync", 10_000_000): 30.0,
+          ("optserve-bf16[memory]", 10_000_000): 42.0,
+          ("optserve-shm[memory]", 10_000_000): 25.0, ("ray", 10_000_000): 24.0,
+          ("torch-rpc", 10_000_000): 60.0}
+    cells = [Cell(system, "Adam", n, [v / 1e3, v / 1e3, 9.0], 3, "ok")  # (9 s: one outlier)
+             for (system, n), v in ms.items()]
+    plan = SimpleNamespace(optimizers=["Adam"], sizes=[1_000, 10_000_000])
+    got = {t.what.split(":")[0]: t for t in judge(Result(plan, [], cells=cells))}  # type: ignore[arg-type]
+    assert sorted(got) == ["TCP binary, `memory`, 1e3", "TCP binary, `memory`, 1e7",
+                           "`step` at 1e7", "bf16 gradients at 1e7", "same host, 1e7"]
+    assert got["TCP binary, `memory`, 1e3"].reached  # 0.99 / 0.5 = 1.98 <= 2
+    assert got["TCP binary, `memory`, 1e3"].figure.startswith("1.98")
+    assert not got["TCP binary, `memory`, 1e7"].reached  # 71 / (50 + 20) > 1
+    assert not got["`step` at 1e7"].reached  # +39 > 1.2 x 30
+    assert got["bf16 gradients at 1e7"].reached  # 42 / 71 = 0.59
+    same_host = got["same host, 1e7"]
+    assert not same_host.reached and "ray's 24" in same_host.figure  # 25 > 24, the fastest
+    record = {"optimizers": ["Adam"], "sizes": [1_000, 10_000_000], "systems": [],
+              "cells": [{"system": c.system, "optimizer": c.optimizer, "n": c.n,
+                         "samples_ms": [s * 1e3 for s in c.samples], "steps": c.steps,
+                         "check": c.check} for c in cells]}
+    assert judge(from_json(record)) == list(got.values())
