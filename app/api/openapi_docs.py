@@ -573,7 +573,8 @@ PROBLEMS: dict[str, str] = {
     "406": "Accept names no media type this operation answers with",
     "408": "The request body stalled for OPTSERVE_BODY_TIMEOUT_S (the connection is closed)",
     "412": "precondition_failed: the session is no longer at the version (If-Match, "
-           "?base_version=) or revision (?base_revision=) named; nothing was applied",
+           "?base_version=) or revision (?base_revision=) named; nothing was applied (a "
+           "read: nothing is answered)",
     "503": "Not ready (device worker down, data directory not writable, or draining)",
 }
 
