@@ -1,9 +1,10 @@
 """The Ray engine's data directory removed while the server runs (``rm -rf``): its hosts write
 their sessions' files again from memory, and with them what a restart needs to find those
 sessions (``app.engine.kept_entries``): each host's ``host.json``, the sessions' directory
-entries and their keyed creates' indexes. Fronts and host actors run their real code in this
-process (``test_ray_deletes``' ``Cluster``); a restart stops every host without a snapshot
-(a ``kill -9``) and makes a new front."""
+entries, their keyed creates' indexes and the marks of past deletes. Also a new host's
+``host.json`` on a full disk, and a damaged one. Fronts and host actors run their real code
+in this process (``test_ray_deletes``' ``Cluster``); a restart stops every host without a
+snapshot (a ``kill -9``) and makes a new front."""
 
 from __future__ import annotations
 
