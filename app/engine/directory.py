@@ -52,10 +52,10 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -88,6 +88,7 @@ _HELD: dict[str, int] = {}
 _UNPLACED_S = 60.0
 
 log = logging.getLogger("optserve.directory")
+T = TypeVar("T")
 
 
 def _index_lock(name: str) -> str:
@@ -182,6 +183,16 @@ class Directory:
         for folder in (".creates", _CREATING, _LOCKS, *_MARKS):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
 
+    def _in_folders(self, write: Callable[[], T]) -> T:
+        """``write()``, once more after making the folders when a folder of it was missing
+        (the data directory removed while the server ran: the first write after it makes
+        them, as the hosts' writes and a readiness probe do)."""
+        try:
+            return write()
+        except FileNotFoundError:
+            self.make_folders()
+            return write()
+
     # ------------------------------------------------------------------ entries
     def get(self, key: str) -> dict[str, Any] | None:
         if self.root is None:
@@ -266,7 +277,7 @@ class Directory:
             _KEY_LOCKS[key] = (mutex, users + 1)
         try:
             with mutex:
-                fd = self._lock_file(path, block=True)
+                fd = self._in_folders(lambda: self._lock_file(path, block=True))
                 assert fd >= 0
                 try:
                     yield
@@ -333,6 +344,9 @@ class Directory:
                       if n.startswith(prefix) and not n.startswith(".") and n != "")
 
     def _write_tmp(self, entry: dict[str, Any]) -> Path:
+        return self._in_folders(lambda: self._write_tmp_once(entry))
+
+    def _write_tmp_once(self, entry: dict[str, Any]) -> Path:
         assert self.root is not None
         tmp = self.root / f".tmp-{uuid.uuid4().hex}"
         try:
@@ -351,7 +365,7 @@ class Directory:
         fsync ``path``'s folder; a failure leaves no temporary file."""
         tmp = self._write_tmp(entry)
         try:
-            os.replace(tmp, path)
+            self._in_folders(lambda: os.replace(tmp, path))
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
@@ -371,7 +385,7 @@ class Directory:
             return CreateMark(self, made, None)
         folder = self.root / _CREATING
         tmp = folder / f".tmp-{made}.{uuid.uuid4().hex[:8]}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = self._in_folders(lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.write(fd, key.encode())
@@ -508,7 +522,7 @@ class Directory:
             with self._key_lock(_index_lock(name)):  # (as drop_created)
                 while True:
                     try:
-                        os.link(tmp, path)
+                        self._in_folders(lambda: os.link(tmp, path))
                         break
                     except FileExistsError:
                         with contextlib.suppress(FileNotFoundError):

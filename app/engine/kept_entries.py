@@ -90,13 +90,26 @@ class KeptEntries:
         longer kept, and its keyed delete's key is, for :meth:`directory_again`, with its
         keyed create's where the directory marks that create's session deleted (a front marks
         it before its hosts delete; a create undone, whose shards a refusal deleted, is not
-        marked: its retry makes it)."""
+        marked: its retry makes it, its index still there when its hosts delete). Where the
+        directory holds neither the create's index nor its mark (removed while the server ran,
+        before this host wrote them again), this host marks it now: its front found no index
+        to mark, and a retry of the create would make the session again."""
         kept = self._kept.pop(key, None)
         create = None
         if kept is not None and kept.index is not None:
             tenant, made_by, fingerprint = kept.index
             found = created_at(self.directory, tenant, made_by)
-            if found is not None and found.get("deleted") and found.get("key") == key:
+            if found is None:
+                found = {"key": key, "deleted": True}
+                try:
+                    self._directory().marks_again(key, (made_by, fingerprint), None)
+                    log.error("the index of the keyed create of session %s was removed from "
+                              "the data directory while the server ran: its delete marked it",
+                              key)
+                except OSError as exc:  # (the session is deleted: kept for directory_again)
+                    log.error("marking the keyed create of deleted session %s failed: %s",
+                              key, exc)
+            if found.get("deleted") and found.get("key") == key:
                 create = (made_by, fingerprint)
         delete = (idem.key, idem.fingerprint) if idem is not None else None
         if create is None and delete is None:

@@ -863,11 +863,9 @@ class RayRouter:
             reason = "not connected to the Ray cluster"
         else:
             try:
-                try:
-                    self.directory.put(".probe", {"t": time.time()})
-                except FileNotFoundError:  # (the data directory removed while the server
-                    self.directory.make_folders()  # runs: made again, as the hosts' are)
-                    self.directory.put(".probe", {"t": time.time()})
+                # (the data directory removed while the server runs: the write makes the
+                # directory's folders again, Directory._in_folders)
+                self.directory.put(".probe", {"t": time.time()})
             except OSError as exc:
                 reason = f"the data directory cannot be written: {os.strerror(exc.errno or 0)}"
         used = 0
@@ -1385,6 +1383,19 @@ class RayRouter:
             self._entries[key] = entry
         return entry
 
+    async def _entry_again(self, key: str, cached: dict[str, Any] | None) -> dict[str, Any]:
+        """The entry this front read before (``cached``), written again when the directory no
+        longer holds it but every host it names still holds the session (the data directory
+        was removed while the server ran, and no host wrote it again yet:
+        app.engine.kept_entries); else the 404 (deleted through another front)."""
+        if cached is None or not all(await self._held(key, cached)):
+            raise NotFound(f"no session {split_key(key)[1]!r:.140}", code="session_not_found",
+                           field="session_id")
+        if self.directory.claim(key, cached):
+            log.error("the directory entry of session %s was removed from the data directory "
+                      "while the server ran: written again", key)
+        return self._entry(key, fresh=True)  # (the one claimed, or one claimed meanwhile)
+
     async def route(self, key: str) -> SessionHost:
         entry = self._entry(key)
         if "host" in entry:
@@ -1418,7 +1429,11 @@ class RayRouter:
                     with contextlib.suppress(OptserveError):
                         await self._drop_unheld(key, entry)
                 return True
-        entry = self._entry(key, fresh=True)
+        cached = self._entries.get(key)
+        try:
+            entry = self._entry(key, fresh=True)
+        except NotFound:
+            entry = await self._entry_again(key, cached)
         refusal = await self._refusal(key, entry, deleting=True)
         if refusal is not None:  # (nothing deleted, nothing marked: left to an operator)
             raise refusal

@@ -186,8 +186,9 @@ def test_a_new_hosts_folder_that_cannot_be_written_makes_nothing(
 
 def test_a_front_serves_on_when_the_data_directory_is_removed_with_no_session_left(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The removal when no session is left to write again: the front is ready (its directory
-    made again), lists nothing, and makes a new session (not a 500); the host that held the
+    """The removal when no session is left to write again: the front lists nothing, makes a
+    new session (its first write makes the directory's folders again) and is ready; the host
+    that held the
     deleted one writes its ``host.json`` again with its maintenance; after a restart the new
     session is there."""
     data = tmp_path / "data"
@@ -201,11 +202,11 @@ def test_a_front_serves_on_when_the_data_directory_is_removed_with_no_session_le
         host = next((data / "hosts").iterdir()).name
         await front.delete("old")
         shutil.rmtree(data)
+        assert await front.list_sessions() == []
+        await front.create(spec(id="new"))  # (before any probe: its writes make the folders)
+        await front.step("new", GRADS[0], return_params=False)
         status = await front.router.status()
         assert status.ready, status.reason
-        assert await front.list_sessions() == []
-        await front.create(spec(id="new"))
-        await front.step("new", GRADS[0], return_params=False)
         for _ in range(100):
             if (data / "hosts" / host / "host.json").exists():
                 break
@@ -299,3 +300,37 @@ def test_a_create_undone_by_a_shards_refusal_is_not_marked_deleted(
         finally:
             await cluster.kill()
     asyncio.run(run())
+
+
+def test_a_keyed_delete_right_after_the_removal_is_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyed delete of a keyed create's session right after the removal, before any host
+    wrote anything again (no maintenance runs in this test): answered, and so is its retry
+    (the front's mark of it makes the directory's folders again); the host marks the create's
+    key itself (its front found no index to mark), so after a restart the create's retry is
+    refused, not made again."""
+    data = tmp_path / "data"
+    cluster = Cluster(data, monkeypatch)
+    dkey = IdemKey("d-x", "delete x")
+
+    async def before() -> None:
+        front = cluster.front()
+        made = await front.create(spec(2), idem=create_key("k-x"))
+        await front.step(made.id, GRADS[0], return_params=False)
+        shutil.rmtree(data)
+        assert await front.delete(made.id, idem=dkey) is False
+        assert await front.delete(made.id, idem=dkey) is True
+        await cluster.kill()
+
+    async def after() -> None:
+        front = cluster.front()
+        try:
+            for shards in (1, 2):
+                with pytest.raises(Conflict) as err:
+                    await front.create(spec(shards), idem=create_key("k-x"))
+                assert err.value.code == "session_deleted"
+            assert await front.list_sessions() == []
+        finally:
+            await cluster.kill()
+    asyncio.run(before())
+    asyncio.run(after())
