@@ -123,7 +123,7 @@ class KeptEntries:
         """The data directory was removed while the server ran: the host's ``host.json`` and
         the marks of the deletes kept here, where the directory holds none under their keys
         (an OSError goes to the caller)."""
-        self._host_json_again()
+        self.host_json_again()
         if not self._deleted:
             return
         writer = self._directory()
@@ -133,7 +133,8 @@ class KeptEntries:
             log.error("the marks of past deletes were removed from the data directory while "
                       "the server ran: %d written again", written)
 
-    def _host_json_again(self) -> None:
+    def host_json_again(self) -> None:
+        """The host's ``host.json``, where it is missing (an OSError goes to the caller)."""
         if self.host_json is not None and not (self.host_root / HOST_JSON).exists():
             self.host_root.mkdir(parents=True, exist_ok=True)
             write_atomic(self.host_root / HOST_JSON, [orjson.dumps(self.host_json)])
@@ -152,7 +153,7 @@ class KeptEntries:
         """The files of ``host_key`` (a session's, or a shard's) were written again: the host's
         ``host.json``, its session's entry and index too, where they are missing. An OSError
         goes to the caller (the operation that found the files removed is refused)."""
-        self._host_json_again()
+        self.host_json_again()
         key = parent_key(host_key)
         kept = self._kept.get(key)
         if kept is None:

@@ -413,6 +413,9 @@ class HostActor:
         which then finds it held (the entry stays), or checks after it, and finds its
         creation dropped (or its entry gone)."""
         host = await self._ready()
+        # (a session made on this host after the data directory was removed while the server
+        # ran must find the host again at a restart: its host.json first)
+        self._kept.host_json_again()
         if made is None:  # (an entry of an older version, without one)
             info = await host.create(key, spec_from_wire(spec), idem=idem)
         else:
@@ -821,6 +824,10 @@ class RayRouter:
         self.hosts_dir = options.data_dir / "hosts"
         self.hosts_dir.mkdir(parents=True, exist_ok=True)
         self._hosts: dict[str, RayHost] = {}
+        #: every host's host.json as this front wrote or read it (a host's shape never
+        #: changes): placement still finds a host whose file was removed with the data
+        #: directory while the server ran, until the host writes it again
+        self._saved: dict[str, dict[str, Any]] = {}
         self._entries: dict[str, dict[str, Any]] = {}
         self._started_ray = False
         self._actor = _actor_class()
@@ -1005,11 +1012,26 @@ class RayRouter:
 
     # ------------------------------------------------------------------ hosts
     def _host_names(self) -> list[str]:
+        """The hosts with a host.json, and those whose host.json this front read before (the
+        data directory removed while the server runs: each host writes it again,
+        app.engine.kept_entries)."""
         try:
             folders = list(self.hosts_dir.iterdir())
-        except FileNotFoundError:  # (the data directory removed while the server runs: each
-            return []  # host writes its host.json again, app.engine.kept_entries)
-        return sorted(p.name for p in folders if (p / HOST_JSON).exists())
+        except FileNotFoundError:
+            folders = []
+        return sorted({p.name for p in folders if (p / HOST_JSON).exists()} | set(self._saved))
+
+    def _host_json(self, name: str) -> dict[str, Any]:
+        """The host's host.json (FileNotFoundError when neither the file nor this front's copy
+        of it is there; a damaged one raises orjson.JSONDecodeError)."""
+        try:
+            saved: dict[str, Any] = orjson.loads((self.hosts_dir / name / HOST_JSON).read_bytes())
+        except FileNotFoundError:
+            if name in self._saved:
+                return self._saved[name]
+            raise
+        self._saved[name] = saved
+        return saved
 
     def _host(self, name: str) -> RayHost:
         host = self._hosts.get(name)
@@ -1025,7 +1047,7 @@ class RayRouter:
         except ValueError:
             pass
         try:
-            saved = orjson.loads((self.hosts_dir / name / HOST_JSON).read_bytes())
+            saved = self._host_json(name)
         except FileNotFoundError:
             raise NotFound(f"host {name} is gone", code="session_not_found") from None
         except orjson.JSONDecodeError as exc:  # (cut short by an older version's write)
@@ -1074,6 +1096,7 @@ class RayRouter:
             shutil.rmtree(root, ignore_errors=True)
             raise storage_failure(exc, "the new session host's folder could not be written",
                                   outcome="nothing was made") from None
+        self._saved[name] = saved
         handle = self._spawn(name, saved)
         host = RayHost(handle, name, revive=lambda: self._handle(name))
         try:
@@ -1081,6 +1104,7 @@ class RayRouter:
         except TimeoutError:
             ray.kill(handle, no_restart=True)
             (root / HOST_JSON).unlink(missing_ok=True)
+            self._saved.pop(name, None)
             raise Unavailable(f"the Ray cluster has no room for a session host asking "
                               f"{resources} (none started in "
                               f"{self.options.host_start_timeout_s:g} s)",
@@ -1096,7 +1120,7 @@ class RayRouter:
         names = []
         for name in self._host_names():
             try:
-                saved = orjson.loads((self.hosts_dir / name / HOST_JSON).read_bytes())
+                saved = self._host_json(name)
             except (FileNotFoundError, orjson.JSONDecodeError):
                 continue
             if shape_key(saved["resources"]) == want:

@@ -334,3 +334,46 @@ def test_a_keyed_delete_right_after_the_removal_is_kept(
             await cluster.kill()
     asyncio.run(before())
     asyncio.run(after())
+
+
+def test_new_sessions_go_to_the_hosts_already_running_after_the_removal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `pack` placement and no cap per host, a session made right after the removal goes
+    to the host already running (its host.json gone with the directory, known to the front),
+    not to a new one (which a full cluster has no room for: a 503 after the host start's
+    timeout), and the host writes its host.json again first: a restart (a ``kill -9`` before
+    any maintenance) finds that session. (The first one, idle since the removal, is written
+    again by the maintenance, which does not run here: a crash before it loses it.)"""
+    from app.config import Settings
+    from app.engine import ray_host
+
+    data = tmp_path / "data"
+    cluster = Cluster(data, monkeypatch)
+
+    def front() -> Front:
+        settings = Settings(engine="ray", data_dir=data, device="cpu", warm_up=False,
+                            ray_placement="pack", ray_sessions_per_host=0)
+        router = ray_host.RayRouter(ray_host.ray_options(settings))
+        router._actor = cluster
+        return Front(router)
+
+    async def before() -> None:
+        f = front()
+        first = await f.create(spec(id="first"))
+        shutil.rmtree(data)
+        second = await f.create(spec(id="second"))
+        assert first.placement is not None and second.placement is not None
+        assert second.placement["host"] == first.placement["host"]
+        assert len(cluster.actors) == 1
+        await f.step("second", GRADS[0], return_params=False)
+        await cluster.kill()
+
+    async def after() -> None:
+        f = front()
+        try:
+            assert "second" in [i.id for i in await f.list_sessions()]
+            await assert_params(f, "second", 1)
+        finally:
+            await cluster.kill()
+    asyncio.run(before())
+    asyncio.run(after())
