@@ -93,7 +93,7 @@ async def answer(request: Request, result: ParamsResult, binary: bool, b64: bool
 async def pull(request: Request, engine: Any, tenant: str, session_id: str,
                rows: dict[str, torch.Tensor], min_version: int | None, wait_s: float,
                binary: bool, b64: bool) -> Response:
-    expected = conditions.read_match(request)  # (GET only: a POST refuses If-Match first)
+    expected = conditions.read_match(request)
     held = conditions.none_match_versions(request)
     if min_version is None and wait_s > 0 and held:
         min_version = max(held) + 1

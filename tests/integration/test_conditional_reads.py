@@ -1,9 +1,9 @@
 """Conditional reads against a real uvicorn server: ``GET`` of the session, of its parameters
-(whole, and rows) and of its state dict evaluate ``If-Match: "<version>"`` (RFC 9110 has an
-origin server evaluate it on any method). At the session's version they answer as without it,
-bit for bit as an in-process ``torch.optim``; at another, a 412 ``precondition_failed`` naming
-``If-Match`` with the current version, and nothing else. So a client reads the state dict only
-at the version of the parameters it read."""
+(whole, and rows: also ``POST .../params/rows``) and of its state dict evaluate ``If-Match:
+"<version>"`` (RFC 9110 has an origin server evaluate it on any method). At the session's
+version they answer as without it, bit for bit as an in-process ``torch.optim``; at another, a
+412 ``precondition_failed`` naming ``If-Match`` with the current version, and nothing else. So
+a client reads the state dict only at the version of the parameters it read."""
 
 from __future__ import annotations
 
@@ -18,10 +18,14 @@ from tests.integration.test_conditional_import import Pair, http  # noqa: F401 -
 
 pytestmark = pytest.mark.integration
 
-READS = ["session", "params", "params binary", "rows", "state_dict", "state_dict binary"]
+READS = ["session", "params", "params binary", "rows", "rows posted", "state_dict",
+         "state_dict binary"]
 
 
 def read(pair: Pair, what: str, headers: dict[str, str]) -> httpx.Response:
+    if what == "rows posted":  # (POST .../params/rows: a read, for long row lists)
+        return pair.http.post(f"{pair.url}/params/rows", params={"encoding": "b64"},
+                              json={"rows": {"w": [1, 4]}}, headers=headers)
     url = {"session": pair.url, "rows": f"{pair.url}/params",
            "state_dict": f"{pair.url}/state_dict", "state_dict binary": f"{pair.url}/state_dict",
            "params": f"{pair.url}/params", "params binary": f"{pair.url}/params"}[what]
@@ -42,7 +46,7 @@ def answered_as_torch(pair: Pair, what: str, r: httpx.Response) -> None:
         assert r.json()["lr"] == [g["lr"] for g in pair.opt.param_groups]
     elif what == "params":
         pair.same_params(r.json()["params"])
-    elif what == "rows":
+    elif what in ("rows", "rows posted"):
         rows = r.json()["params"]["w"]  # (row-sparse: the rows asked, app.wire.sparse)
         assert rows["indices"] == [1, 4]
         assert torch.equal(tree_from_json(rows["values"], "w"), pair.local[0][[1, 4]])

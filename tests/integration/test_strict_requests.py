@@ -206,7 +206,8 @@ def unevaluated() -> list[tuple[str, str, str]]:
 def test_the_contract_lists_the_preconditions_the_server_evaluates() -> None:
     listed = set(unevaluated())
     S = "/v1/sessions/{session_id}"
-    evaluated = [("POST", f"{S}/step", "If-Match"), ("POST", f"{S}/params/rows", "If-None-Match")]
+    evaluated = [("POST", f"{S}/step", "If-Match"), ("POST", f"{S}/params/rows", "If-None-Match"),
+                 ("POST", f"{S}/params/rows", "If-Match")]  # (a read: test_conditional_reads)
     evaluated += [(method, path, "If-Match") for method, path in (
         ("PUT", f"{S}/state_dict"), ("PUT", f"{S}/params"), ("DELETE", S), ("PATCH", S),
         ("POST", f"{S}/param_groups"), ("PATCH", f"{S}/param_groups/{{index}}"),
