@@ -278,9 +278,17 @@ def test_a_read_without_a_version_ignores_preconditions_and_a_versioned_one_eval
             assert r.status_code == 412, (path, r.text)
 
 
-@pytest.mark.parametrize("method,path", sorted({(m, p) for m, p, _ in unevaluated()
-                                                 if p != "/v1/sessions/{session_id}/step"}),
-                         ids=lambda v: str(v))
+def changes() -> list[tuple[str, str]]:
+    """(method, path) of each /v1 change (POST, PUT, PATCH, DELETE) but the step, the one
+    change that takes a worker (a POST that only reads, the row pull, included: it is refused
+    a worker as any POST is)."""
+    return sorted((method.upper(), path) for path, ops in OPENAPI["paths"].items()
+                  for method in ops if path.startswith("/v1/")
+                  and method in ("post", "put", "patch", "delete")
+                  and path != "/v1/sessions/{session_id}/step")
+
+
+@pytest.mark.parametrize("method,path", changes(), ids=lambda v: str(v))
 def test_a_worker_named_on_a_change_other_than_a_step_is_refused(
     live_server: str, method: str, path: str
 ) -> None:
