@@ -16,7 +16,8 @@ from fastapi import Request
 
 from app.engine.idempotency import check_key
 from app.engine.interface import IdemKey
-from app.errors import BadHeader, Invalid, OptserveError, PreconditionFailed
+from app.engine.ops import Expected
+from app.errors import BadHeader, Invalid, OptserveError
 from app.wire.content_digest import tensors_digest
 from app.wire.integers import int_text
 
@@ -158,24 +159,19 @@ def base_version(request: Request, query: int | None) -> int | None:
     return query if query is not None else from_header
 
 
-def read_match(request: Request) -> int | None:
+def read_match(request: Request) -> Expected | None:
     """A read's ``If-Match: "<version>"`` (RFC 9110 has an origin server evaluate it on any
-    method): the version its answer must be of (:func:`check_read`), or None. Parsed as a
-    change's: one version (``W/"5"`` and a bare ``5`` too), else a 422 naming ``If-Match``."""
-    return base_version(request, None)
+    method), parsed as a change's (one version; ``W/"5"`` and a bare ``5`` too; else a 422
+    naming ``If-Match``), or None: :func:`check_read` holds the read's answer to it."""
+    version = base_version(request, None)
+    return None if version is None else Expected(version, version_field="If-Match")
 
 
-def check_read(expected: int | None, version: int, revision: int | None = None) -> None:
+def check_read(expected: Expected | None, version: int, revision: int | None = None) -> None:
     """412 ``precondition_failed`` naming ``If-Match`` when a read's answer is not of the
     version it named (checked on the answer itself: what was read, at one version)."""
-    if expected is not None and expected != version:
-        extra: dict[str, Any] = {"current_version": version, "base_version": expected}
-        if revision is not None:
-            extra["current_revision"] = revision
-        raise PreconditionFailed(
-            f"the session is at version {version}, not {expected} (If-Match): it changed "
-            "since it was read; nothing is answered (read it again without If-Match)",
-            field="If-Match", **extra)
+    if expected is not None:
+        expected.check_at(version, revision, "nothing is answered")
 
 
 def worker_id(request: Request) -> str | None:

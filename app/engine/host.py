@@ -91,6 +91,7 @@ from app.engine.interface import (
     StateExport,
     StepResult,
     Tensors,
+    no_session,
     split_key,
 )
 from app.engine.ops import (
@@ -461,8 +462,7 @@ class EmbeddedHost:
             raise damage.error(split_key(key)[1])
         session = self._sessions.get(key)
         if session is None:
-            raise NotFound(f"no session {split_key(key)[1]!r:.140}", code="session_not_found",
-                           field="session_id")
+            raise no_session(key)
         return session
 
     async def _healed(self, key: str, *, locked: bool = False) -> None:

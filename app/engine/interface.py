@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
+from app.errors import NotFound
+
 if TYPE_CHECKING:
     from app.engine.history import HistoryQuery, HistoryResult
     from app.engine.ops.base import Expected
@@ -34,6 +36,12 @@ def split_key(key: str) -> tuple[str, str]:
     """(tenant, session id) of a session key."""
     tenant, _, session_id = key.partition("~")
     return tenant, session_id
+
+
+def no_session(key: str) -> NotFound:
+    """The 404 of a session key nothing holds (its id, as the request named it)."""
+    return NotFound(f"no session {split_key(key)[1]!r:.140}", code="session_not_found",
+                    field="session_id")
 
 
 def json_float(x: float) -> float | dict[str, str]:

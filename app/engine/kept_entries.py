@@ -70,10 +70,12 @@ class KeptEntries:
                                               tuple[str, str] | None]] = OrderedDict()
         self._writer: Directory | None = None  # (made at the first write: it makes folders)
 
-    def keep(self, key: str) -> None:
+    def keep(self, key: str, entry: dict[str, Any] | None = None) -> None:
         """Keep the entry of the session ``key`` (not a shard's key) as the directory holds
-        it, with its create's index (nothing when it has no entry)."""
-        entry = entry_at(self.directory, key)
+        it (``entry``: as the caller just read it), with its create's index (nothing when it
+        has no entry)."""
+        if entry is None:
+            entry = entry_at(self.directory, key)
         if entry is None:
             return
         index = None
@@ -142,11 +144,10 @@ class KeptEntries:
                       "ran: written again", self.host_root.name)
 
     def _directory(self) -> Directory:
-        """The directory to write in, its folders made where they are missing."""
+        """The directory to write in (its writes make its folders again where they are
+        missing: ``Directory._in_folders``)."""
         if self._writer is None:
             self._writer = Directory(self.directory)
-        else:
-            self._writer.make_folders()
         return self._writer
 
     def write_again(self, host_key: str) -> None:

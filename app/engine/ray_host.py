@@ -98,6 +98,7 @@ from app.engine.interface import (
     StateExport,
     StepResult,
     Tensors,
+    no_session,
     split_key,
 )
 from app.engine.kept_entries import HOST_JSON, KeptEntries
@@ -416,6 +417,7 @@ class HostActor:
         # (a session made on this host after the data directory was removed while the server
         # ran must find the host again at a restart: its host.json first)
         self._kept.host_json_again()
+        entry = None
         if made is None:  # (an entry of an older version, without one)
             info = await host.create(key, spec_from_wire(spec), idem=idem)
         else:
@@ -424,7 +426,7 @@ class HostActor:
                 if made in self._dropped or entry is None or entry.get("made") != made:
                     raise create_dropped(key)
                 info = await host.create(key, spec_from_wire(spec), idem=idem)
-        self._kept.keep(parent_key(key))
+        self._kept.keep(parent_key(key), entry)
         return info
 
     async def forget(self, key: str, made: str | None) -> bool:
@@ -541,8 +543,7 @@ class HostActor:
             return cached[1]
         current = entry_at(self._directory, key)
         if current is None or current.get("made") != made:
-            raise NotFound(f"no session {split_key(key)[1]!r:.140}", code="session_not_found",
-                           field="session_id")
+            raise no_session(key)
         local = await self._ready()
         layout = ShardLayout.from_json(entry["layout"])
         hosts: list[tuple[Host, str]] = []
@@ -1402,8 +1403,7 @@ class RayRouter:
             entry = self.directory.get(key)
             if entry is None:
                 self._entries.pop(key, None)
-                raise NotFound(f"no session {split_key(key)[1]!r:.140}",
-                               code="session_not_found", field="session_id")
+                raise no_session(key)
             self._entries[key] = entry
         return entry
 
@@ -1413,8 +1413,7 @@ class RayRouter:
         was removed while the server ran, and no host wrote it again yet:
         app.engine.kept_entries); else the 404 (deleted through another front)."""
         if cached is None or not all(await self._held(key, cached)):
-            raise NotFound(f"no session {split_key(key)[1]!r:.140}", code="session_not_found",
-                           field="session_id")
+            raise no_session(key)
         if self.directory.claim(key, cached):
             log.error("the directory entry of session %s was removed from the data directory "
                       "while the server ran: written again", key)

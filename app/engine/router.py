@@ -319,8 +319,7 @@ class LocalRouter:
         if key is None or entry is None or key in self._creating or \
                 self.directory.root is None or self.directory.get(key) is not None:
             return
-        self.directory.make_folders()
-        if self.directory.claim(key, entry):
+        if self.directory.claim(key, entry):  # (its write makes the folders again)
             log.error("the directory entry of sharded session %s was removed from the data "
                       "directory while the server ran: written again", key)
 

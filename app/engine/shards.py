@@ -67,6 +67,7 @@ from app.engine.interface import (
     StateExport,
     StepResult,
     Tensors,
+    no_session,
     split_key,
 )
 from app.engine.ops import (
@@ -677,8 +678,7 @@ class ShardedSession:
     def _check_usable(self) -> None:
         if self._damaged is not None:
             if self._damaged == "the session was deleted":
-                raise NotFound(f"no session {split_key(self.key)[1]!r:.140}",
-                               code="session_not_found", field="session_id")
+                raise no_session(self.key)
             raise Unavailable(f"sharded session {split_key(self.key)[1]!r:.140} is out of "
                               f"service: {self._damaged}; it cannot be restored: delete it",
                               code="session_damaged", retry_after=None)

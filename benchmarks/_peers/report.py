@@ -13,10 +13,8 @@ import torch
 from benchmarks._peers import cpu
 from benchmarks._peers.cases import fmt_n
 from benchmarks._peers.driver import Cell, Result
-from benchmarks._peers.targets import targets_table
+from benchmarks._peers.targets import PEERS, targets_table
 from benchmarks._peers.timing import median_ms, quantile_ms, reps_for
-
-PEERS = ("ray", "torch-rpc")  # what a user would pick instead of optserve
 
 
 def fmt_ms(ms: float) -> str:

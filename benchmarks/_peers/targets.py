@@ -20,7 +20,7 @@ from benchmarks._peers.cases import fmt_n
 from benchmarks._peers.driver import Cell, Result
 from benchmarks._peers.timing import median_ms
 
-PEERS = ("ray", "torch-rpc")
+PEERS = ("ray", "torch-rpc")  # what a user would pick instead of optserve
 #: over TCP, durability ``memory``: (N, the most optserve's binary step may take, as a multiple
 #: of the floor, and whether the floor holds the in-process step): 1e3 against the echo alone
 #: ("the request path without the framework's fixed costs"), 1e6 and 1e7 against the echo plus

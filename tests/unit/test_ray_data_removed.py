@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,20 @@ def stepped(steps: int) -> dict[str, torch.Tensor]:
     return ref.params
 
 
+def in_turn(cluster: Cluster, *phases: Callable[[Front], Awaitable[None]],
+            front: Callable[[], Front] | None = None) -> None:
+    """Each phase on a new front over the cluster (``front``: how to make one), in an event
+    loop of its own; after it, pass or fail, every host stops without a snapshot (a ``kill
+    -9``: the next phase's front starts them again from their files)."""
+    for phase in phases:
+        async def run(phase: Callable[[Front], Awaitable[None]] = phase) -> None:
+            try:
+                await phase((front or cluster.front)())
+            finally:
+                await cluster.kill()
+        asyncio.run(run())
+
+
 async def assert_params(front: Front, sid: str, steps: int) -> None:
     assert_tensors_equal(dict((await front.pull(sid, None)).params), stepped(steps),
                          f"{sid} after {steps} steps")
@@ -56,8 +71,7 @@ def test_a_ray_data_directory_removed_while_serving_keeps_every_session(
     keys = {"named": create_key("k-named"), "chosen": create_key("k-chosen")}
     made: dict[str, str] = {}
 
-    async def before() -> None:
-        front = cluster.front()
+    async def before(front: Front) -> None:
         made["named"] = (await front.create(spec(shards, id="named"), idem=keys["named"])).id
         made["chosen"] = (await front.create(spec(shards), idem=keys["chosen"])).id
         for sid in made.values():
@@ -71,30 +85,24 @@ def test_a_ray_data_directory_removed_while_serving_keeps_every_session(
         assert sorted(p.name for p in (data / "hosts").iterdir()
                       if (p / "host.json").exists()) == hosts
         assert len(list((data / "directory" / ".creates").iterdir())) == 2
-        await cluster.kill()
 
-    async def after() -> None:
-        front = cluster.front()
-        try:
-            for name, sid in made.items():
-                await assert_params(front, sid, 2)
-                again = await front.create(spec(shards, id=None if name == "chosen" else name),
-                                           idem=keys[name])
-                assert again.replayed and again.id == sid and again.version == 2
-            assert sorted(i.id for i in await front.list_sessions()) == sorted(made.values())
-            dkey = IdemKey("d-chosen", "delete chosen")
-            assert await front.delete(made["chosen"], idem=dkey) is False
-            assert await front.delete(made["chosen"], idem=dkey) is True
-            with pytest.raises(Conflict) as err:
-                await front.create(spec(shards), idem=keys["chosen"])
-            refused(err.value, "k-chosen", made["chosen"])
-            with pytest.raises(NotFound):
-                await front.describe(made["chosen"])
-            await assert_params(front, made["named"], 2)
-        finally:
-            await cluster.kill()
-    asyncio.run(before())
-    asyncio.run(after())
+    async def after(front: Front) -> None:
+        for name, sid in made.items():
+            await assert_params(front, sid, 2)
+            again = await front.create(spec(shards, id=None if name == "chosen" else name),
+                                       idem=keys[name])
+            assert again.replayed and again.id == sid and again.version == 2
+        assert sorted(i.id for i in await front.list_sessions()) == sorted(made.values())
+        dkey = IdemKey("d-chosen", "delete chosen")
+        assert await front.delete(made["chosen"], idem=dkey) is False
+        assert await front.delete(made["chosen"], idem=dkey) is True
+        with pytest.raises(Conflict) as err:
+            await front.create(spec(shards), idem=keys["chosen"])
+        refused(err.value, "k-chosen", made["chosen"])
+        with pytest.raises(NotFound):
+            await front.describe(made["chosen"])
+        await assert_params(front, made["named"], 2)
+    in_turn(cluster, before, after)
 
 
 def test_the_entries_and_the_marks_of_deletes_are_written_again_by_the_maintenance(
@@ -115,8 +123,7 @@ def test_the_entries_and_the_marks_of_deletes_are_written_again_by_the_maintenan
                       for folder in (".deletes", ".deleted-creates")
                       if (data / "directory" / folder).is_dir())
 
-    async def before() -> None:
-        front = cluster.front()
+    async def before(front: Front) -> None:
         for sid, shards in (("plain", 1), ("sharded", 2), ("gone", 2)):
             await front.create(spec(shards, id=sid), idem=create_key(f"k-{sid}"))
             await front.step(sid, GRADS[0], return_params=False)
@@ -129,23 +136,17 @@ def test_the_entries_and_the_marks_of_deletes_are_written_again_by_the_maintenan
                 break
         assert sorted(entries(front)) == ["default~plain", "default~sharded"]
         assert marks() == [".deleted-creates/1", ".deletes/1"]
-        await cluster.kill()
 
-    async def after() -> None:
-        front = cluster.front()
-        try:
-            for sid in ("plain", "sharded"):
-                await assert_params(front, sid, 1)
-            assert await front.delete("gone", idem=dkey) is True
-            for shards in (1, 2):
-                with pytest.raises(Conflict) as err:
-                    await front.create(spec(shards, id="gone"), idem=create_key("k-gone"))
-                refused(err.value, "k-gone", "gone")
-            assert sorted(i.id for i in await front.list_sessions()) == ["plain", "sharded"]
-        finally:
-            await cluster.kill()
-    asyncio.run(before())
-    asyncio.run(after())
+    async def after(front: Front) -> None:
+        for sid in ("plain", "sharded"):
+            await assert_params(front, sid, 1)
+        assert await front.delete("gone", idem=dkey) is True
+        for shards in (1, 2):
+            with pytest.raises(Conflict) as err:
+                await front.create(spec(shards, id="gone"), idem=create_key("k-gone"))
+            refused(err.value, "k-gone", "gone")
+        assert sorted(i.id for i in await front.list_sessions()) == ["plain", "sharded"]
+    in_turn(cluster, before, after)
 
 
 def test_a_new_hosts_folder_that_cannot_be_written_makes_nothing(
@@ -166,22 +167,18 @@ def test_a_new_hosts_folder_that_cannot_be_written_makes_nothing(
         path.write_bytes(bytes(parts[0])[:3])  # (what a write cut by ENOSPC may leave)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    async def run() -> None:
-        front = cluster.front()
-        try:
-            monkeypatch.setattr(ray_host, "write_atomic", full)
-            with pytest.raises(StorageFull) as err:
-                await front.create(spec(id="full"))
-            assert err.value.code == "storage_full" and "No space left" in str(err.value)
-            assert list((data / "hosts").iterdir()) == [] and cluster.actors == {}
-            assert entries(front) == []
-            monkeypatch.setattr(ray_host, "write_atomic", real)
+    async def run(front: Front) -> None:
+        monkeypatch.setattr(ray_host, "write_atomic", full)
+        with pytest.raises(StorageFull) as err:
             await front.create(spec(id="full"))
-            await front.step("full", GRADS[0], return_params=False)
-            await assert_params(front, "full", 1)
-        finally:
-            await cluster.kill()
-    asyncio.run(run())
+        assert err.value.code == "storage_full" and "No space left" in str(err.value)
+        assert list((data / "hosts").iterdir()) == [] and cluster.actors == {}
+        assert entries(front) == []
+        monkeypatch.setattr(ray_host, "write_atomic", real)
+        await front.create(spec(id="full"))
+        await front.step("full", GRADS[0], return_params=False)
+        await assert_params(front, "full", 1)
+    in_turn(cluster, run)
 
 
 def test_a_front_serves_on_when_the_data_directory_is_removed_with_no_session_left(
@@ -196,8 +193,7 @@ def test_a_front_serves_on_when_the_data_directory_is_removed_with_no_session_le
     monkeypatch.setenv("OPTSERVE_SNAPSHOT_EVERY_S", "2")
     monkeypatch.setattr(ray, "is_initialized", lambda: True)  # (the readiness's first check)
 
-    async def before() -> None:
-        front = cluster.front()
+    async def before(front: Front) -> None:
         await front.create(spec(id="old"))
         host = next((data / "hosts").iterdir()).name
         await front.delete("old")
@@ -212,17 +208,11 @@ def test_a_front_serves_on_when_the_data_directory_is_removed_with_no_session_le
                 break
             await asyncio.sleep(0.1)
         assert (data / "hosts" / host / "host.json").exists()
-        await cluster.kill()
 
-    async def after() -> None:
-        front = cluster.front()
-        try:
-            assert [i.id for i in await front.list_sessions()] == ["new"]
-            await assert_params(front, "new", 1)
-        finally:
-            await cluster.kill()
-    asyncio.run(before())
-    asyncio.run(after())
+    async def after(front: Front) -> None:
+        assert [i.id for i in await front.list_sessions()] == ["new"]
+        await assert_params(front, "new", 1)
+    in_turn(cluster, before, after)
 
 
 def test_a_damaged_host_json_is_a_503_naming_it(
@@ -234,27 +224,20 @@ def test_a_damaged_host_json_is_a_503_naming_it(
     data = tmp_path / "data"
     cluster = Cluster(data, monkeypatch)
 
-    async def before() -> None:
-        front = cluster.front()
+    async def before(front: Front) -> None:
         await front.create(spec(id="s"))
         await front.step("s", GRADS[0], return_params=False)
-        await cluster.kill()
 
-    async def after() -> None:
+    async def after(front: Front) -> None:  # (a front reads host.json at its first route)
         (saved,) = (data / "hosts").glob("*/host.json")
         whole = saved.read_bytes()
         saved.write_bytes(whole[:5])
-        front = cluster.front()
-        try:
-            with pytest.raises(Unavailable) as err:
-                await front.pull("s", None)
-            assert err.value.code == "storage_error" and "host.json" in str(err.value)
-            saved.write_bytes(whole)
-            await assert_params(front, "s", 1)
-        finally:
-            await cluster.kill()
-    asyncio.run(before())
-    asyncio.run(after())
+        with pytest.raises(Unavailable) as err:
+            await front.pull("s", None)
+        assert err.value.code == "storage_error" and "host.json" in str(err.value)
+        saved.write_bytes(whole)
+        await assert_params(front, "s", 1)
+    in_turn(cluster, before, after)
 
 
 def test_a_create_undone_by_a_shards_refusal_is_not_marked_deleted(
@@ -276,30 +259,26 @@ def test_a_create_undone_by_a_shards_refusal_is_not_marked_deleted(
             raise Invalid("refused here", field="params")
         return await real(actor, key, *args)  # type: ignore[arg-type]
 
-    async def run() -> None:
-        front = cluster.front()
-        try:
-            with monkeypatch.context() as m:
-                m.setattr(ray_host.HostActor, "create", refusing)
-                with pytest.raises(Invalid):
-                    await front.create(spec(2, id="undone"), idem=create_key("k-undone"))
-            await front.create(spec(id="live"))
-            hosts = sorted(p.name for p in (data / "hosts").iterdir())
-            shutil.rmtree(data)
-            for _ in range(100):
-                if all((data / "hosts" / h / "host.json").exists() for h in hosts):
-                    break
-                await asyncio.sleep(0.1)
-            assert all((data / "hosts" / h / "host.json").exists() for h in hosts)
-            marks = data / "directory" / ".deleted-creates"
-            assert not marks.exists() or list(marks.iterdir()) == []
-            made = await front.create(spec(2, id="undone"), idem=create_key("k-undone"))
-            assert made.id == "undone" and not made.replayed
-            await front.step("undone", GRADS[0], return_params=False)
-            await assert_params(front, "undone", 1)
-        finally:
-            await cluster.kill()
-    asyncio.run(run())
+    async def run(front: Front) -> None:
+        with monkeypatch.context() as m:
+            m.setattr(ray_host.HostActor, "create", refusing)
+            with pytest.raises(Invalid):
+                await front.create(spec(2, id="undone"), idem=create_key("k-undone"))
+        await front.create(spec(id="live"))
+        hosts = sorted(p.name for p in (data / "hosts").iterdir())
+        shutil.rmtree(data)
+        for _ in range(100):
+            if all((data / "hosts" / h / "host.json").exists() for h in hosts):
+                break
+            await asyncio.sleep(0.1)
+        assert all((data / "hosts" / h / "host.json").exists() for h in hosts)
+        marks = data / "directory" / ".deleted-creates"
+        assert not marks.exists() or list(marks.iterdir()) == []
+        made = await front.create(spec(2, id="undone"), idem=create_key("k-undone"))
+        assert made.id == "undone" and not made.replayed
+        await front.step("undone", GRADS[0], return_params=False)
+        await assert_params(front, "undone", 1)
+    in_turn(cluster, run)
 
 
 def test_a_keyed_delete_right_after_the_removal_is_kept(
@@ -313,27 +292,20 @@ def test_a_keyed_delete_right_after_the_removal_is_kept(
     cluster = Cluster(data, monkeypatch)
     dkey = IdemKey("d-x", "delete x")
 
-    async def before() -> None:
-        front = cluster.front()
+    async def before(front: Front) -> None:
         made = await front.create(spec(2), idem=create_key("k-x"))
         await front.step(made.id, GRADS[0], return_params=False)
         shutil.rmtree(data)
         assert await front.delete(made.id, idem=dkey) is False
         assert await front.delete(made.id, idem=dkey) is True
-        await cluster.kill()
 
-    async def after() -> None:
-        front = cluster.front()
-        try:
-            for shards in (1, 2):
-                with pytest.raises(Conflict) as err:
-                    await front.create(spec(shards), idem=create_key("k-x"))
-                assert err.value.code == "session_deleted"
-            assert await front.list_sessions() == []
-        finally:
-            await cluster.kill()
-    asyncio.run(before())
-    asyncio.run(after())
+    async def after(front: Front) -> None:
+        for shards in (1, 2):
+            with pytest.raises(Conflict) as err:
+                await front.create(spec(shards), idem=create_key("k-x"))
+            assert err.value.code == "session_deleted"
+        assert await front.list_sessions() == []
+    in_turn(cluster, before, after)
 
 
 def test_new_sessions_go_to_the_hosts_already_running_after_the_removal(
@@ -357,8 +329,7 @@ def test_new_sessions_go_to_the_hosts_already_running_after_the_removal(
         router._actor = cluster
         return Front(router)
 
-    async def before() -> None:
-        f = front()
+    async def before(f: Front) -> None:
         first = await f.create(spec(id="first"))
         shutil.rmtree(data)
         second = await f.create(spec(id="second"))
@@ -366,14 +337,8 @@ def test_new_sessions_go_to_the_hosts_already_running_after_the_removal(
         assert second.placement["host"] == first.placement["host"]
         assert len(cluster.actors) == 1
         await f.step("second", GRADS[0], return_params=False)
-        await cluster.kill()
 
-    async def after() -> None:
-        f = front()
-        try:
-            assert "second" in [i.id for i in await f.list_sessions()]
-            await assert_params(f, "second", 1)
-        finally:
-            await cluster.kill()
-    asyncio.run(before())
-    asyncio.run(after())
+    async def after(f: Front) -> None:
+        assert "second" in [i.id for i in await f.list_sessions()]
+        await assert_params(f, "second", 1)
+    in_turn(cluster, before, after, front=front)

@@ -51,18 +51,25 @@ class Expected:
     def check(self, s: Session | SessionInfo) -> None:
         """412 unless the session (or its description) is at :attr:`version` and
         :attr:`revision`."""
-        version, revision = s.version, s.revision
+        self.check_at(s.version, s.revision)
+
+    def check_at(self, version: int, revision: int | None,
+                 outcome: str = "nothing was done") -> None:
+        """:meth:`check` against a version and revision read elsewhere (a read's answer,
+        which says what ``outcome`` was: ``nothing is answered``; its revision may be
+        unknown: None)."""
+        extra: dict[str, Any] = {} if revision is None else {"current_revision": revision}
         if self.version is not None and self.version != version:
             raise PreconditionFailed(
                 f"the session is at version {version}, not {self.version}: it changed since "
-                "it was read (nothing was done); read it again", field=self.version_field,
-                current_version=version, base_version=self.version, current_revision=revision)
+                f"it was read ({outcome}); read it again", field=self.version_field,
+                current_version=version, base_version=self.version, **extra)
         if self.revision is not None and self.revision != revision:
             raise PreconditionFailed(
                 f"the session is at revision {revision}, not {self.revision}: it changed "
-                "since it was read (a step, an option change, ...; nothing was done); read it "
-                "again", field="base_revision", current_revision=revision,
-                base_revision=self.revision, current_version=version)
+                f"since it was read (a step, an option change, ...; {outcome}); read it "
+                "again", field="base_revision", base_revision=self.revision,
+                current_version=version, **extra)
 
     def to_json(self) -> dict[str, int | str]:
         return {k: v for k, v in (("version", self.version), ("revision", self.revision),
