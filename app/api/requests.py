@@ -51,6 +51,12 @@ def _group(obj: object, field: str, tensors: dict[str, torch.Tensor] | None) -> 
     if missing:
         raise Invalid(f"tensor {missing[0]!r:.60} is not in the body", code="unknown_parameter",
                       field=f"{field}.params")
+    seen: set[str] = set()
+    for n in names:  # (as a name in two groups is: one parameter, listed once)
+        if n in seen:
+            raise Invalid(f"parameter {n!r:.60} appears twice", code="invalid_params",
+                          field=f"{field}.params.{n}")
+        seen.add(n)
     return GroupSpec({n: tensors[n] for n in names}, options)
 
 
@@ -68,6 +74,10 @@ def create_spec(obj: dict[str, Any], tensors: dict[str, torch.Tensor] | None = N
         raise Invalid("give params or param_groups, not both", code="invalid_body",
                       field="params")
     groups: list[GroupSpec]
+    if tensors is not None and "params" in obj:
+        raise Invalid("a safetensors create's parameters are the body's tensors: its "
+                      "__metadata__ takes no params (param_groups groups the tensors by name)",
+                      code="unknown_field", field="params")
     if "param_groups" in obj:
         raw = obj["param_groups"]
         if not isinstance(raw, list) or not raw:

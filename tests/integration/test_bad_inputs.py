@@ -1025,6 +1025,12 @@ def test_create_safetensors_bad_metadata(sess: Sess) -> None:
          "param_groups"),
         ({"optimizer": "Adam", "id": "no good"}, "invalid_id", "id"),
         ({"optimizer": "Adam", "colour": "red"}, "unknown_field", "colour"),
+        # the parameters are the body's tensors: a params entry would be dropped unread
+        ({"optimizer": "Adam", "params": json.dumps({"y": jt(torch.ones(1))})},
+         "unknown_field", "params"),
+        # one tensor listed twice in a group, as in two groups (not made one parameter quietly)
+        ({"optimizer": "Adam", "param_groups": '[{"params": ["x", "x"]}]'}, "invalid_params",
+         "param_groups.0.params.x"),
     ]:
         r = sess.http.post("/v1/sessions", content=st_file({"__metadata__": metadata, **good}, raw),
                            headers=BIN_CT)
