@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import torch
 
-from app.api.bodies import only_keys, parse_json, tensor_map, unique_json
+from app.api.bodies import FOREIGN_METADATA, only_keys, parse_json, tensor_map, unique_json
 from app.api.openapi_docs import STEP_QUERY
 from app.engine.interface import CreateSpec, GroupSpec, ReturnParams, SessionInfo
 from app.engine.metrics import SHOWN
@@ -219,6 +219,11 @@ def state_from_safetensors(buf: bytearray) -> Any:
         raise Invalid("safetensors state dict lacks __metadata__.optserve_state (the JSON "
                       "skeleton of the state dict)", code="invalid_state",
                       field="__metadata__.optserve_state")
+    unknown = sorted(set(metadata) - {"optserve_state"} - FOREIGN_METADATA)
+    if unknown:  # (as in a step's body: never dropped unread)
+        raise Invalid(f"unknown __metadata__ entry {unknown[0]!r:.60}; a safetensors state dict "
+                      "holds its skeleton in __metadata__.optserve_state",
+                      code="unknown_field", field=f"__metadata__.{unknown[0]}")
     skeleton = parse_json(metadata["optserve_state"].encode(), "__metadata__.optserve_state",
                           within="__metadata__.optserve_state")
     unused = sorted(set(tensors) - _tensor_refs(skeleton))

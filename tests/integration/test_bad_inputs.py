@@ -1107,6 +1107,27 @@ def test_a_state_tensor_referenced_twice_is_refused(sess: Sess) -> None:
     assert snapshot(sess.http, sess.id).state_dict == sess.before.state_dict  # b64: bitwise
 
 
+def test_a_state_import_refuses_an_unknown_metadata_entry(sess: Sess) -> None:
+    """A safetensors state import's ``__metadata__`` holds the skeleton (and ``format``, which
+    other writers add); any other entry is a 422 ``unknown_field``, as in a step's body, with
+    nothing imported: a misspelt entry is never dropped unread."""
+    url = f"{sess.url}/state_dict"
+    exported = sess.http.get(url, headers={"accept": "application/octet-stream"}).content
+    n = struct.unpack("<Q", exported[:8])[0]
+    header = json.loads(exported[8:8 + n])
+    data = exported[8 + n:]
+    meta = header["__metadata__"]
+    for extra in ["scheduler", "optserve_stat"]:
+        header["__metadata__"] = {**meta, extra: "{}"}
+        r = sess.http.put(url, content=st_file(header, data), headers=BIN_CT)
+        assert_problem(r, 422, "unknown_field", f"__metadata__.{extra}")
+    sess.assert_unchanged()
+    header["__metadata__"] = {**meta, "format": "pt"}
+    r = sess.http.put(url, content=st_file(header, data), headers=BIN_CT)
+    assert r.status_code == 200, r.text
+    assert snapshot(sess.http, sess.id).state_dict == sess.before.state_dict
+
+
 # --------------------------------------------------------------------------- nonfinite policies
 
 def _nonfinite_session(http: httpx.Client, policy: str) -> str:
