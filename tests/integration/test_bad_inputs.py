@@ -593,6 +593,25 @@ def test_get_params_rejects(sess: Sess) -> None:
     sess.assert_unchanged()
 
 
+def test_a_row_pulls_unknown_metadata_entry_is_422(sess: Sess) -> None:
+    """A safetensors ``POST .../params/rows`` body is its ``int64 [n]`` tensors: another
+    ``__metadata__`` entry is a 422 ``unknown_field`` naming it, as ``{"rows": ..., "foo": 1}``
+    is in JSON (it was dropped unread); ``format``, which other writers add, is taken."""
+    rows = torch.tensor([1, 0], dtype=torch.int64).numpy().tobytes()
+    header = {"w": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}}
+    url = f"{sess.url}/params/rows"
+    for meta in [{"min_version": "9"}, {"rows": '{"w": [0]}'}]:
+        r = sess.http.post(url, content=st_file({"__metadata__": meta, **header}, rows),
+                           headers=BIN_CT)
+        assert_problem(r, 422, "unknown_field", f"__metadata__.{next(iter(meta))}")
+    r = sess.http.post(url, content=st_file({"__metadata__": {"format": "pt"}, **header}, rows),
+                       headers=BIN_CT)
+    assert r.status_code == 200, r.text
+    want = sess.http.post(url, json={"rows": {"w": [1, 0]}}).json()
+    assert r.json() == want
+    sess.assert_unchanged()
+
+
 @pytest.mark.parametrize(("method", "path", "query", "fld"), [
     ("GET", "params", [("min_version", "0"), ("min_version", "5")], "min_version"),
     ("GET", "params", [("wait_s", "0"), ("wait_s", "30")], "wait_s"),
