@@ -358,8 +358,9 @@ def step_options(value: object) -> dict[int, dict[str, Any]] | None:
         seen: set[int] = set()
         for k, v in value.items():
             index = int_text(k, 6)
-            if index is None:
-                raise Invalid(f"param_groups keys are group indexes, got {k!r:.40}",
+            if index is None or str(index) != k:  # (as PATCH's index: "01" is not group 1)
+                raise Invalid(f"param_groups keys are group indexes, written as plain whole "
+                              f"numbers (0, 1, ...), got {k!r:.40}",
                               code="invalid_body", field=f"param_groups.{k}")
             if index in seen:
                 raise Invalid(f"param_groups names group {index} twice", code="invalid_body",

@@ -322,6 +322,26 @@ def test_a_worker_named_on_a_change_other_than_a_step_is_refused(
         assert_tensors_equal(tensors_from_json(r.json()["params"]), ref.params, "the round")
 
 
+@pytest.mark.parametrize("written", ["00", "01", "000"])
+def test_a_steps_group_index_is_a_plain_whole_number(live_server: str, written: str) -> None:
+    """A step's ``param_groups`` object keyed ``"00"`` changed group 0 (``"01"`` group 1) as
+    ``"0"`` does: a key is the index itself, as ``PATCH .../param_groups/{i}``'s is; a 422
+    naming it, nothing stepped."""
+    sid = "strict-step-index"
+    with httpx.Client(base_url=live_server, timeout=60) as http:
+        ref, want, before = pending(http, sid)
+        g = {"w": json_tensor(torch.ones(5))}
+        r = http.post(f"/v1/sessions/{sid}/step",
+                      json={"grads": g, "param_groups": {written: {"lr": 0.5}}})
+        assert r.status_code == 422, (written, r.text)
+        assert (r.json()["code"], r.json()["field"]) == ("invalid_body", f"param_groups.{written}")
+        assert_as_it_was(http, sid, ref, want, before)
+        r = http.post(f"/v1/sessions/{sid}/step",
+                      json={"grads": g, "param_groups": {"0": {"lr": 0.5}}})
+        assert r.status_code == 200, r.text
+        assert r.json()["lr"] == [0.5]
+
+
 @pytest.mark.parametrize("written", ["01", "+0", "%200", "0.0", "00"])
 def test_a_group_index_is_a_plain_whole_number(live_server: str, written: str) -> None:
     """``PATCH .../param_groups/0.0`` changed group 0 (``01`` group 1): the index as the path
