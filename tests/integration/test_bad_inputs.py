@@ -1095,6 +1095,50 @@ def test_import_state_rejects(sess: Sess) -> None:
     sess.assert_unchanged()
 
 
+@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("keys", [("+0",), (" 0",), ("\u0660",), ("0", "00")],
+                         ids=["plus", "space", "arabic-indic", "twice"])
+def test_a_state_key_is_a_parameter_id_on_every_session(http: httpx.Client, shards: int,
+                                                        keys: tuple[str, ...]) -> None:
+    """A JSON state import's keys are parameter ids in decimal digits, the same on a sharded
+    session, which read them with ``int()`` (``"+0"``, ``" 0"`` or ``"\u0660"`` was parameter
+    0, and of ``"0"`` and ``"00"`` the later one was taken, the other dropped): a 422
+    ``state_mismatch`` naming the key, nothing imported, as on an unsharded session."""
+    sid = new_session(http, shards=shards)
+    r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {n: jt(t) for n, t in G1.items()}})
+    assert r.status_code == 200, r.text
+    before = snapshot(http, sid)
+    exported = http.get(f"/v1/sessions/{sid}/state_dict").json()
+    state = dict(exported["state"])
+    entry = state.pop("0")
+    for key in keys:
+        state[key] = entry
+    r = http.put(f"/v1/sessions/{sid}/state_dict", json={**exported, "state": state})
+    assert_problem(r, 422, "state_mismatch", f"state_dict.state.{keys[-1]}")
+    assert snapshot(http, sid) == before
+    r = http.put(f"/v1/sessions/{sid}/state_dict", json=exported)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("names", ["short", "long", "not-names", "text"])
+def test_param_names_of_another_length_are_refused_on_every_session(
+        http: httpx.Client, shards: int, names: str) -> None:
+    """An imported group's ``param_names`` lists one name per parameter: another count (or
+    not a list of names) is a 422 ``state_mismatch`` naming it, nothing imported; a sharded
+    session took any."""
+    sid = new_session(http, shards=shards)
+    before = snapshot(http, sid)
+    exported = http.get(f"/v1/sessions/{sid}/state_dict").json()
+    own = exported["param_groups"][0]["param_names"]
+    given = {"short": own[:-1], "long": [*own, "x"], "not-names": [*own[:-1], 5],
+             "text": ",".join(own)}[names]
+    group = {**exported["param_groups"][0], "param_names": given}
+    r = http.put(f"/v1/sessions/{sid}/state_dict", json={**exported, "param_groups": [group]})
+    assert_problem(r, 422, "state_mismatch", "state_dict.param_groups.0.param_names")
+    assert snapshot(http, sid) == before
+
+
 def test_a_state_tensor_referenced_twice_is_refused(sess: Sess) -> None:
     """A safetensors state whose skeleton points two entries (``exp_avg`` and
     ``exp_avg_sq``) at one tensor was imported as two copies of it; torch never exports a
