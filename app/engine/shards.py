@@ -548,6 +548,8 @@ class ShardedSession:
             ops = {i: Overwrite(layout.part(op.params, i)) if layout.part(op.params, i)
                    else Bump() for i in every}
         elif isinstance(op, ImportState):
+            if op.request:  # (before the split, which would read a key past int64 as an id)
+                state_dicts.refuse_unwritable(op.state)
             ops = dict(enumerate(ImportState(sd, op.request,
                                              scheduler_range=op.scheduler_range,
                                              tensor_range=op.tensor_range, ranks=ranks,

@@ -1139,6 +1139,34 @@ def test_param_names_of_another_length_are_refused_on_every_session(
     assert snapshot(http, sid) == before
 
 
+@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("where", ["key", "params"])
+def test_an_id_past_int64_in_a_torch_file_is_invalid_state_on_every_session(
+        http: httpx.Client, shards: int, where: str) -> None:
+    """A ``torch.save`` state naming a parameter id past int64 (a state key, or in a group's
+    ``params``) is a 422 ``invalid_state`` naming it on a sharded session too (its split read
+    it as an id no group lists: ``state_mismatch``), nothing imported."""
+    sid = new_session(http, shards=shards)
+    r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {n: jt(t) for n, t in G1.items()}})
+    assert r.status_code == 200, r.text
+    before = snapshot(http, sid)
+    url = f"/v1/sessions/{sid}/state_dict"
+    state = torch.load(io.BytesIO(http.get(url, params={"format": "torch"}).content),
+                       weights_only=True)
+    last = len(state["param_groups"][0]["params"]) - 1
+    if where == "key":
+        state["state"][2**70] = state["state"].pop(last)
+        fld = "state_dict.state"
+    else:
+        state["param_groups"][0]["params"][last] = 2**70
+        fld = f"state_dict.param_groups.0.params.{last}"
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    r = http.put(url, params={"format": "torch"}, content=buf.getvalue(), headers=BIN_CT)
+    assert_problem(r, 422, "invalid_state", fld)
+    assert snapshot(http, sid) == before
+
+
 def test_a_state_tensor_referenced_twice_is_refused(sess: Sess) -> None:
     """A safetensors state whose skeleton points two entries (``exp_avg`` and
     ``exp_avg_sq``) at one tensor was imported as two copies of it; torch never exports a
