@@ -322,6 +322,35 @@ def test_a_worker_named_on_a_change_other_than_a_step_is_refused(
         assert_tensors_equal(tensors_from_json(r.json()["params"]), ref.params, "the round")
 
 
+@pytest.mark.parametrize(("method", "path", "body", "code"), [
+    ("PATCH", "{sid}%2Fparam_groups%2F0", {"lr": 0.5}, "session_not_found"),
+    ("POST", "{sid}%2Fparam_groups", {"params": {"z": [1.0]}}, "session_not_found"),
+    ("PUT", "{sid}%2Fparams", {"params": {"w": [0.0] * 5}}, "session_not_found"),
+    ("POST", "{sid}%2Fstep", {"grads": {"w": [1.0] * 5}}, "session_not_found"),
+    ("POST", "{sid}%2Fzero_grad", None, "session_not_found"),
+    ("GET", "{sid}%2fparams", None, "session_not_found"),
+    ("PATCH", "{sid}/param_groups/0%2F", {"lr": 0.5}, "not_found"),
+])
+def test_an_encoded_slash_in_a_segment_names_no_route(live_server: str, method: str, path: str,
+                                                      body: Any, code: str) -> None:
+    """``PATCH /v1/sessions/s%2Fparam_groups%2F0`` (what the SDK sends for a session id
+    ``s/param_groups/0``, quoted) changed group 0 of ``s``: the server routed on the decoded
+    path. A segment that encodes a slash is a 404, nothing run (an id never holds a slash)."""
+    sid = "strict-slash"
+    with httpx.Client(base_url=live_server, timeout=60) as http:
+        ref, want, before = pending(http, sid)
+        tensors = ({k: ({n: json_tensor(torch.tensor(v)) for n, v in t.items()}
+                        if isinstance(t, dict) else t) for k, t in body.items()}
+                   if body is not None else None)
+        r = http.request(method, f"/v1/sessions/{path.format(sid=sid)}", json=tensors)
+        assert r.status_code == 404, r.text
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["code"] == code
+        if code == "session_not_found":
+            assert r.json()["field"] == "session_id"
+        assert_as_it_was(http, sid, ref, want, before)
+
+
 @pytest.mark.parametrize("written", ["00", "01", "000"])
 def test_a_steps_group_index_is_a_plain_whole_number(live_server: str, written: str) -> None:
     """A step's ``param_groups`` object keyed ``"00"`` changed group 0 (``"01"`` group 1) as
