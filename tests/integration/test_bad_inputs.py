@@ -1167,6 +1167,23 @@ def test_an_id_past_int64_in_a_torch_file_is_invalid_state_on_every_session(
     assert snapshot(http, sid) == before
 
 
+@pytest.mark.parametrize(("offset", "value"), [(6, 106), (10, 99), (8, 1)],
+                         ids=["zip-version-10.6", "compression-99", "encrypted"])
+def test_a_torch_file_whose_zip_python_cannot_read_is_422(sess: Sess, offset: int,
+                                                          value: int) -> None:
+    """A ``torch.save`` file whose zip directory asks for a later zip version (``zipfile``
+    raises ``NotImplementedError``, which the check before ``torch.load`` let through: a 500
+    and the connection reset), an unknown compression method or encryption: a 422
+    ``invalid_torch_file``, nothing imported."""
+    url = f"{sess.url}/state_dict"
+    data = bytearray(sess.http.get(url, params={"format": "torch"}).content)
+    at = data.find(b"PK\x01\x02")  # the first central directory entry
+    data[at + offset:at + offset + 2] = struct.pack("<H", value)
+    r = sess.http.put(url, params={"format": "torch"}, content=bytes(data), headers=BIN_CT)
+    assert_problem(r, 422, "invalid_torch_file", "body")
+    sess.assert_unchanged()
+
+
 def test_a_state_tensor_referenced_twice_is_refused(sess: Sess) -> None:
     """A safetensors state whose skeleton points two entries (``exp_avg`` and
     ``exp_avg_sq``) at one tensor was imported as two copies of it; torch never exports a
