@@ -35,6 +35,7 @@ from app.api.auth import AuthMiddleware, parse_keys
 from app.api.body_memory import BodyMemory, BodyMemoryRelease, bound
 from app.api.connection_cap import ConnectionSlots, default_limit
 from app.api.cors import ProblemCORSMiddleware
+from app.api.encoded_slash import EncodedSlash
 from app.api.step_lane import StepLane
 from app.config import (
     EXIT_CONFIG,
@@ -143,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     docs_pages.install(app)
     ui.install(app)
     app.add_middleware(StepLane, owner=app)  # innermost: inside auth and request context
+    app.add_middleware(EncodedSlash)  # (before the step's lane, which reads the path too)
     app.add_middleware(BodyMemoryRelease)  # (around every endpoint, the step's lane too)
     app.add_middleware(AuthMiddleware, keys=keys, metrics_tenants=metrics_tenants)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)

@@ -23,6 +23,7 @@ from fastapi import APIRouter, Path, Request
 from starlette.responses import Response
 
 from app.api.bodies import (
+    FOREIGN_METADATA,
     body_kind,
     json_object,
     json_response,
@@ -55,6 +56,10 @@ def parse_evaluation(buf: bytearray, binary: bool, required: bool) -> Evaluation
         return None
     if binary:
         tensors, metadata = read_safetensors(buf)
+        # (its loss and gradients only, as in JSON: a param_groups or scalars entry, which a
+        # step of another optimizer takes, would be dropped unread)
+        only_keys({k: None for k in metadata if k not in FOREIGN_METADATA}, {"loss"},
+                  "__metadata__")
         if "loss" not in metadata:
             raise Invalid("an evaluation carries its loss in __metadata__.loss",
                           code="missing_field", field="loss")

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import torch
 
-from app.api.bodies import only_keys, parse_json, tensor_map, unique_json
+from app.api.bodies import FOREIGN_METADATA, only_keys, parse_json, tensor_map, unique_json
 from app.api.openapi_docs import STEP_QUERY
 from app.engine.interface import CreateSpec, GroupSpec, ReturnParams, SessionInfo
 from app.engine.metrics import SHOWN
@@ -51,6 +51,12 @@ def _group(obj: object, field: str, tensors: dict[str, torch.Tensor] | None) -> 
     if missing:
         raise Invalid(f"tensor {missing[0]!r:.60} is not in the body", code="unknown_parameter",
                       field=f"{field}.params")
+    seen: set[str] = set()
+    for n in names:  # (as a name in two groups is: one parameter, listed once)
+        if n in seen:
+            raise Invalid(f"parameter {n!r:.60} appears twice", code="invalid_params",
+                          field=f"{field}.params.{n}")
+        seen.add(n)
     return GroupSpec({n: tensors[n] for n in names}, options)
 
 
@@ -68,6 +74,10 @@ def create_spec(obj: dict[str, Any], tensors: dict[str, torch.Tensor] | None = N
         raise Invalid("give params or param_groups, not both", code="invalid_body",
                       field="params")
     groups: list[GroupSpec]
+    if tensors is not None and "params" in obj:
+        raise Invalid("a safetensors create's parameters are the body's tensors: its "
+                      "__metadata__ takes no params (param_groups groups the tensors by name)",
+                      code="unknown_field", field="params")
     if "param_groups" in obj:
         raw = obj["param_groups"]
         if not isinstance(raw, list) or not raw:
@@ -209,6 +219,11 @@ def state_from_safetensors(buf: bytearray) -> Any:
         raise Invalid("safetensors state dict lacks __metadata__.optserve_state (the JSON "
                       "skeleton of the state dict)", code="invalid_state",
                       field="__metadata__.optserve_state")
+    unknown = sorted(set(metadata) - {"optserve_state"} - FOREIGN_METADATA)
+    if unknown:  # (as in a step's body: never dropped unread)
+        raise Invalid(f"unknown __metadata__ entry {unknown[0]!r:.60}; a safetensors state dict "
+                      "holds its skeleton in __metadata__.optserve_state",
+                      code="unknown_field", field=f"__metadata__.{unknown[0]}")
     skeleton = parse_json(metadata["optserve_state"].encode(), "__metadata__.optserve_state",
                           within="__metadata__.optserve_state")
     unused = sorted(set(tensors) - _tensor_refs(skeleton))
@@ -274,7 +289,7 @@ def _check_zip(data: bytes, limit: int) -> None:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             entries = zf.infolist()
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+    except Exception:  # (as torch.load's below: "zip file version 10.6" is NotImplementedError)
         raise Invalid("not a torch.save file: only the zip format (torch.save's default since "
                       "torch 1.6) is accepted", code="invalid_torch_file", field="body") from None
     total = 0
@@ -343,8 +358,9 @@ def step_options(value: object) -> dict[int, dict[str, Any]] | None:
         seen: set[int] = set()
         for k, v in value.items():
             index = int_text(k, 6)
-            if index is None:
-                raise Invalid(f"param_groups keys are group indexes, got {k!r:.40}",
+            if index is None or str(index) != k:  # (as PATCH's index: "01" is not group 1)
+                raise Invalid(f"param_groups keys are group indexes, written as plain whole "
+                              f"numbers (0, 1, ...), got {k!r:.40}",
                               code="invalid_body", field=f"param_groups.{k}")
             if index in seen:
                 raise Invalid(f"param_groups names group {index} twice", code="invalid_body",

@@ -21,6 +21,7 @@ from starlette.responses import Response
 
 from app.api import conditions
 from app.api.bodies import (
+    FOREIGN_METADATA,
     body_kind,
     json_object,
     offload,
@@ -68,7 +69,10 @@ def rows_from_query(names: list[str] | None, name: list[str], rows: list[str]
 
 def rows_from_body(buf: bytearray, binary: bool) -> dict[str, torch.Tensor]:
     if binary:
-        tensors, _ = read_safetensors(buf)
+        tensors, metadata = read_safetensors(buf)
+        # (a POST's rows are its tensors: any other entry is refused, as a JSON field is)
+        only_keys({k: None for k in metadata if k not in FOREIGN_METADATA}, set(),
+                  "__metadata__")
         for n, t in tensors.items():
             if t.dtype != torch.int64 or t.dim() != 1:
                 raise Invalid("each tensor holds one parameter's rows: int64 of shape [n]",

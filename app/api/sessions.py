@@ -16,11 +16,13 @@ from app.api import rows as row_pulls
 from app.api.auth import tenant_of
 from app.api.bodies import (
     BINARY,
+    JSON,
     answer_in_place,
     body_kind,
     check_accept,
     json_object,
     json_response,
+    negotiate,
     offload,
     only_keys,
     read_body,
@@ -391,6 +393,9 @@ async def export_state(
 ) -> Response:
     default = "safetensors" if wants_binary(request) else "json"
     fmt = _state_format(request, default)
+    # a ?format= the Accept header excludes (?format=torch, Accept: application/json): 406
+    # before any work, as without it, not an answer the client said it cannot take
+    negotiate(request, (JSON if fmt == "json" else BINARY,))
     b64 = tensor_encoding(request)
     expected = conditions.read_match(request)
     out = await engine.export_state(session_id, tenant=tenant)

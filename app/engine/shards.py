@@ -286,14 +286,14 @@ def split_state(state: dict[str, Any], layout: ShardLayout
                       field="state_dict.state")
     by_name: dict[str, Any] = {}
     for key, entry in raw_state.items():
-        try:
-            pid = int(key)
-        except (TypeError, ValueError):
-            raise Invalid(f"state keys must be integer parameter ids, got {key!r:.40}",
-                          code="state_mismatch", field=f"state_dict.state.{key}") from None
+        # (read as the unsharded import reads it: int() took " 0", "+0", "١", True and 1.0)
+        pid = state_dicts.state_id(key, f"state_dict.state.{key}")
         if pid not in name_of:
             raise Invalid(f"state for parameter id {pid}, which no param group lists",
                           code="state_mismatch", field=f"state_dict.state.{key}")
+        if name_of[pid] in by_name:  # ("0" and "00": one would be dropped)
+            raise Invalid(f"two states for parameter id {pid}", code="state_mismatch",
+                          field=f"state_dict.state.{key}")
         by_name[name_of[pid]] = entry
     place = {n: i for i, n in enumerate(by_name)}
     out = []
@@ -548,6 +548,8 @@ class ShardedSession:
             ops = {i: Overwrite(layout.part(op.params, i)) if layout.part(op.params, i)
                    else Bump() for i in every}
         elif isinstance(op, ImportState):
+            if op.request:  # (before the split, which would read a key past int64 as an id)
+                state_dicts.refuse_unwritable(op.state)
             ops = dict(enumerate(ImportState(sd, op.request,
                                              scheduler_range=op.scheduler_range,
                                              tensor_range=op.tensor_range, ranks=ranks,

@@ -63,7 +63,8 @@ class PreparedImport:
     names: list[list[str]]
 
 
-def _state_id(key: object, field: str) -> int:
+def state_id(key: object, field: str) -> int:
+    """A state key: an int (a torch file's) or its plain decimal text (a JSON key's)."""
     if type(key) is int:
         return key
     number = int_text(key, 18)
@@ -350,11 +351,6 @@ def prepare_import(session: Session, state: object, request: bool = False,
     for i, (g, cur) in enumerate(zip(groups, current, strict=True)):
         where = f"state_dict.param_groups.{i}"
         ids = group_ids(g, i, len(cur["params"]))
-        names = g.get("param_names")
-        if names is not None and (not isinstance(names, list) or len(names) != len(ids)
-                                  or not all(isinstance(n, str) for n in names)):
-            raise Invalid("param_names must list one name per parameter",
-                          code="state_mismatch", field=f"{where}.param_names")
         extra = {**SCHEDULER_GROUP_KEYS,
                  **{k: v for k, v in cur.items() if k not in ("params", "param_names")}}
         raw = {k: v for k, v in g.items() if k not in ("params", "param_names")}
@@ -416,7 +412,7 @@ def prepare_import(session: Session, state: object, request: bool = False,
     new_state: dict[int, Any] = {}
     for key, entry in raw_state.items():
         where = f"state_dict.state.{key}"
-        pid = _state_id(key, where)
+        pid = state_id(key, where)
         if pid in new_state:
             raise Invalid(f"two states for parameter id {pid}", code="state_mismatch",
                           field=where)
@@ -599,4 +595,10 @@ def group_ids(g: object, i: int, count: int) -> list[int]:
     if len(ids) != count:
         raise Invalid(f"group {i} has {len(ids)} parameters in the state but {count} in this "
                       "session", code="state_mismatch", field=f"{where}.params")
+    # (checked here, for a sharded session's import too, which took any param_names)
+    names = g.get("param_names")
+    if names is not None and (not isinstance(names, list) or len(names) != len(ids)
+                              or not all(isinstance(n, str) for n in names)):
+        raise Invalid("param_names must list one name per parameter",
+                      code="state_mismatch", field=f"{where}.param_names")
     return ids

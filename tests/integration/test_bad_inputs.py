@@ -593,6 +593,25 @@ def test_get_params_rejects(sess: Sess) -> None:
     sess.assert_unchanged()
 
 
+def test_a_row_pulls_unknown_metadata_entry_is_422(sess: Sess) -> None:
+    """A safetensors ``POST .../params/rows`` body is its ``int64 [n]`` tensors: another
+    ``__metadata__`` entry is a 422 ``unknown_field`` naming it, as ``{"rows": ..., "foo": 1}``
+    is in JSON (it was dropped unread); ``format``, which other writers add, is taken."""
+    rows = torch.tensor([1, 0], dtype=torch.int64).numpy().tobytes()
+    header = {"w": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}}
+    url = f"{sess.url}/params/rows"
+    for meta in [{"min_version": "9"}, {"rows": '{"w": [0]}'}]:
+        r = sess.http.post(url, content=st_file({"__metadata__": meta, **header}, rows),
+                           headers=BIN_CT)
+        assert_problem(r, 422, "unknown_field", f"__metadata__.{next(iter(meta))}")
+    r = sess.http.post(url, content=st_file({"__metadata__": {"format": "pt"}, **header}, rows),
+                       headers=BIN_CT)
+    assert r.status_code == 200, r.text
+    want = sess.http.post(url, json={"rows": {"w": [1, 0]}}).json()
+    assert r.json() == want
+    sess.assert_unchanged()
+
+
 @pytest.mark.parametrize(("method", "path", "query", "fld"), [
     ("GET", "params", [("min_version", "0"), ("min_version", "5")], "min_version"),
     ("GET", "params", [("wait_s", "0"), ("wait_s", "30")], "wait_s"),
@@ -1025,6 +1044,12 @@ def test_create_safetensors_bad_metadata(sess: Sess) -> None:
          "param_groups"),
         ({"optimizer": "Adam", "id": "no good"}, "invalid_id", "id"),
         ({"optimizer": "Adam", "colour": "red"}, "unknown_field", "colour"),
+        # the parameters are the body's tensors: a params entry would be dropped unread
+        ({"optimizer": "Adam", "params": json.dumps({"y": jt(torch.ones(1))})},
+         "unknown_field", "params"),
+        # one tensor listed twice in a group, as in two groups (not made one parameter quietly)
+        ({"optimizer": "Adam", "param_groups": '[{"params": ["x", "x"]}]'}, "invalid_params",
+         "param_groups.0.params.x"),
     ]:
         r = sess.http.post("/v1/sessions", content=st_file({"__metadata__": metadata, **good}, raw),
                            headers=BIN_CT)
@@ -1070,6 +1095,95 @@ def test_import_state_rejects(sess: Sess) -> None:
     sess.assert_unchanged()
 
 
+@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("keys", [("+0",), (" 0",), ("\u0660",), ("0", "00")],
+                         ids=["plus", "space", "arabic-indic", "twice"])
+def test_a_state_key_is_a_parameter_id_on_every_session(http: httpx.Client, shards: int,
+                                                        keys: tuple[str, ...]) -> None:
+    """A JSON state import's keys are parameter ids in decimal digits, the same on a sharded
+    session, which read them with ``int()`` (``"+0"``, ``" 0"`` or ``"\u0660"`` was parameter
+    0, and of ``"0"`` and ``"00"`` the later one was taken, the other dropped): a 422
+    ``state_mismatch`` naming the key, nothing imported, as on an unsharded session."""
+    sid = new_session(http, shards=shards)
+    r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {n: jt(t) for n, t in G1.items()}})
+    assert r.status_code == 200, r.text
+    before = snapshot(http, sid)
+    exported = http.get(f"/v1/sessions/{sid}/state_dict").json()
+    state = dict(exported["state"])
+    entry = state.pop("0")
+    for key in keys:
+        state[key] = entry
+    r = http.put(f"/v1/sessions/{sid}/state_dict", json={**exported, "state": state})
+    assert_problem(r, 422, "state_mismatch", f"state_dict.state.{keys[-1]}")
+    assert snapshot(http, sid) == before
+    r = http.put(f"/v1/sessions/{sid}/state_dict", json=exported)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("names", ["short", "long", "not-names", "text"])
+def test_param_names_of_another_length_are_refused_on_every_session(
+        http: httpx.Client, shards: int, names: str) -> None:
+    """An imported group's ``param_names`` lists one name per parameter: another count (or
+    not a list of names) is a 422 ``state_mismatch`` naming it, nothing imported; a sharded
+    session took any."""
+    sid = new_session(http, shards=shards)
+    before = snapshot(http, sid)
+    exported = http.get(f"/v1/sessions/{sid}/state_dict").json()
+    own = exported["param_groups"][0]["param_names"]
+    given = {"short": own[:-1], "long": [*own, "x"], "not-names": [*own[:-1], 5],
+             "text": ",".join(own)}[names]
+    group = {**exported["param_groups"][0], "param_names": given}
+    r = http.put(f"/v1/sessions/{sid}/state_dict", json={**exported, "param_groups": [group]})
+    assert_problem(r, 422, "state_mismatch", "state_dict.param_groups.0.param_names")
+    assert snapshot(http, sid) == before
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("where", ["key", "params"])
+def test_an_id_past_int64_in_a_torch_file_is_invalid_state_on_every_session(
+        http: httpx.Client, shards: int, where: str) -> None:
+    """A ``torch.save`` state naming a parameter id past int64 (a state key, or in a group's
+    ``params``) is a 422 ``invalid_state`` naming it on a sharded session too (its split read
+    it as an id no group lists: ``state_mismatch``), nothing imported."""
+    sid = new_session(http, shards=shards)
+    r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {n: jt(t) for n, t in G1.items()}})
+    assert r.status_code == 200, r.text
+    before = snapshot(http, sid)
+    url = f"/v1/sessions/{sid}/state_dict"
+    state = torch.load(io.BytesIO(http.get(url, params={"format": "torch"}).content),
+                       weights_only=True)
+    last = len(state["param_groups"][0]["params"]) - 1
+    if where == "key":
+        state["state"][2**70] = state["state"].pop(last)
+        fld = "state_dict.state"
+    else:
+        state["param_groups"][0]["params"][last] = 2**70
+        fld = f"state_dict.param_groups.0.params.{last}"
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    r = http.put(url, params={"format": "torch"}, content=buf.getvalue(), headers=BIN_CT)
+    assert_problem(r, 422, "invalid_state", fld)
+    assert snapshot(http, sid) == before
+
+
+@pytest.mark.parametrize(("offset", "value"), [(6, 106), (10, 99), (8, 1)],
+                         ids=["zip-version-10.6", "compression-99", "encrypted"])
+def test_a_torch_file_whose_zip_python_cannot_read_is_422(sess: Sess, offset: int,
+                                                          value: int) -> None:
+    """A ``torch.save`` file whose zip directory asks for a later zip version (``zipfile``
+    raises ``NotImplementedError``, which the check before ``torch.load`` let through: a 500
+    and the connection reset), an unknown compression method or encryption: a 422
+    ``invalid_torch_file``, nothing imported."""
+    url = f"{sess.url}/state_dict"
+    data = bytearray(sess.http.get(url, params={"format": "torch"}).content)
+    at = data.find(b"PK\x01\x02")  # the first central directory entry
+    data[at + offset:at + offset + 2] = struct.pack("<H", value)
+    r = sess.http.put(url, params={"format": "torch"}, content=bytes(data), headers=BIN_CT)
+    assert_problem(r, 422, "invalid_torch_file", "body")
+    sess.assert_unchanged()
+
+
 def test_a_state_tensor_referenced_twice_is_refused(sess: Sess) -> None:
     """A safetensors state whose skeleton points two entries (``exp_avg`` and
     ``exp_avg_sq``) at one tensor was imported as two copies of it; torch never exports a
@@ -1099,6 +1213,27 @@ def test_a_state_tensor_referenced_twice_is_refused(sess: Sess) -> None:
     r = sess.http.put(url, content=exported, headers=BIN_CT)
     assert r.status_code == 200, r.text
     assert snapshot(sess.http, sess.id).state_dict == sess.before.state_dict  # b64: bitwise
+
+
+def test_a_state_import_refuses_an_unknown_metadata_entry(sess: Sess) -> None:
+    """A safetensors state import's ``__metadata__`` holds the skeleton (and ``format``, which
+    other writers add); any other entry is a 422 ``unknown_field``, as in a step's body, with
+    nothing imported: a misspelt entry is never dropped unread."""
+    url = f"{sess.url}/state_dict"
+    exported = sess.http.get(url, headers={"accept": "application/octet-stream"}).content
+    n = struct.unpack("<Q", exported[:8])[0]
+    header = json.loads(exported[8:8 + n])
+    data = exported[8 + n:]
+    meta = header["__metadata__"]
+    for extra in ["scheduler", "optserve_stat"]:
+        header["__metadata__"] = {**meta, extra: "{}"}
+        r = sess.http.put(url, content=st_file(header, data), headers=BIN_CT)
+        assert_problem(r, 422, "unknown_field", f"__metadata__.{extra}")
+    sess.assert_unchanged()
+    header["__metadata__"] = {**meta, "format": "pt"}
+    r = sess.http.put(url, content=st_file(header, data), headers=BIN_CT)
+    assert r.status_code == 200, r.text
+    assert snapshot(sess.http, sess.id).state_dict == sess.before.state_dict
 
 
 # --------------------------------------------------------------------------- nonfinite policies

@@ -413,6 +413,14 @@ def test_protocol_refusals_and_retries(http: httpx.Client) -> None:
         r = http.post(f"/v1/sessions/{sid}/step/{eid}", json=body)
         assert r.status_code == 422 and (r.json()["code"], r.json()["field"]) == (code, field), \
             r.text
+    # in a safetensors body, __metadata__ holds the loss (and format) only: a param_groups or
+    # scalars entry (which other optimizers' steps take) is refused, never dropped unread
+    for extra in ("param_groups", "scalars", "lose"):
+        r = http.post(f"/v1/sessions/{sid}/step/{eid}",
+                      content=write_safetensors({}, {"loss": "1.0", extra: "{}"}),
+                      headers={"content-type": BINARY})
+        assert r.status_code == 422 and (r.json()["code"], r.json()["field"]) == (
+            "unknown_field", f"__metadata__.{extra}"), r.text
     r = http.post(f"/v1/sessions/{sid}/step/{first['step_id']}.9", json={"loss": 1.0})
     assert r.status_code == 409 and r.json()["code"] == "evaluation_not_pending"
     r = http.post(f"/v1/sessions/{sid}/step/nope.1", json={"loss": 1.0})
@@ -452,6 +460,32 @@ def test_protocol_refusals_and_retries(http: httpx.Client) -> None:
     # pushed gradients are refused on an LBFGS session: it takes evaluations
     r = http.post(f"/v1/sessions/{sid}/grads", json={"grads": {"w": json_tensor(torch.ones(4))}})
     assert r.status_code == 422 and r.json()["code"] == "evaluation_protocol"
+
+
+def test_an_opening_evaluations_unknown_metadata_is_refused(http: httpx.Client) -> None:
+    """The first evaluation riding with the open, in safetensors: an option change in its
+    ``__metadata__.param_groups`` (or any entry but ``loss`` and ``format``) is a 422
+    ``unknown_field``, no step opened; the step ran at the group's own lr before."""
+    options = {"lr": 1, "max_iter": 5, "history_size": 3}
+    sid = create(http, options)
+    loss, grads = evaluate(START)
+    for extra in ({"param_groups": '[{"lr": 0.5}]'}, {"scalars": '{"acc": 1}'}):
+        r = http.post(f"/v1/sessions/{sid}/step", content=write_safetensors(
+            grads, {"loss": json.dumps(loss), **extra}), headers={"content-type": BINARY})
+        assert r.status_code == 422 and (r.json()["code"], r.json()["field"]) == (
+            "unknown_field", f"__metadata__.{next(iter(extra))}"), r.text
+    assert http.get(f"/v1/sessions/{sid}").json()["version"] == 0
+    local = Local(options)
+    local.step()
+    r = http.post(f"/v1/sessions/{sid}/step", content=write_safetensors(
+        grads, {"loss": json.dumps(loss), "format": "pt"}), headers={"content-type": BINARY})
+    answer = _decode(r)
+    while answer.get("needs"):
+        loss, grads = evaluate(answer["params"])
+        answer = _decode(http.post(f"/v1/sessions/{sid}/step/{answer['evaluation']}",
+                                   **_body(loss, grads, "json")))
+    for n, p in local.params.items():
+        assert bitwise(answer["params"][n], p.detach()), n
 
 
 def test_nonfinite_skip_policy_skips_the_step(http: httpx.Client) -> None:

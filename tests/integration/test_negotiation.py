@@ -87,6 +87,25 @@ def test_tensor_routes_pick_the_format_from_accept(app_client: TestClient) -> No
     assert_406(r, "text/html")
 
 
+@pytest.mark.parametrize("fmt,accept", [("torch", "application/json"),
+                                        ("safetensors", "application/json"),
+                                        ("json", "application/octet-stream"),
+                                        ("torch", "application/octet-stream;q=0, */*")])
+def test_a_state_format_the_accept_header_excludes_is_406(app_client: TestClient, fmt: str,
+                                                          accept: str) -> None:
+    """``GET .../state_dict?format=torch`` with ``Accept: application/json`` answered a
+    ``torch.save`` file: the query picks the format, and an ``Accept`` that excludes its media
+    type is a 406, as without the query; one that takes it answers."""
+    create(app_client, "f")
+    r = app_client.get("/v1/sessions/f/state_dict", params={"format": fmt},
+                       headers={"accept": accept})
+    assert_406(r, accept)
+    media = "application/json" if fmt == "json" else "application/octet-stream"
+    r = app_client.get("/v1/sessions/f/state_dict", params={"format": fmt},
+                       headers={"accept": f"{media}, text/html;q=0.5"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith(media), r.text
+
+
 @pytest.mark.parametrize("accept,path,expected", [
     # q=0 says "not this one" (RFC 9110, 12.5.1), also beside a wildcard that would take it
     ("application/json;q=0, */*", "params", "application/octet-stream"),

@@ -144,6 +144,33 @@ def test_a_later_child_torch_refuses_is_refused_at_create(http: httpx.Client,
     assert http.get(f"/v1/sessions/{sid}").status_code == 404
 
 
+@pytest.mark.parametrize("milestone", [1, 2, 3])
+@pytest.mark.parametrize("nested", ["chained", "sequential"])
+def test_a_nested_child_torch_cannot_restart_is_named_at_any_milestone(
+        http: httpx.Client, milestone: int, nested: str) -> None:
+    """A SequentialLR whose later child is a ChainedScheduler or SequentialLR, which torch
+    cannot restart at its milestone (``NotImplementedError``), is a 422 ``invalid_scheduler``
+    naming that child, whatever the milestone: at milestone 1 the create probe's own step
+    crossed it first, and the refusal was a bare ``"NotImplementedError"`` naming only
+    ``scheduler.options`` (an ``invalid_option`` no option of the spec causes)."""
+    child = (chain(spec("ExponentialLR", gamma=0.9)) if nested == "chained"
+             else seq([1], spec("ExponentialLR", gamma=0.9), spec("StepLR", step_size=1)))
+    sched = seq([milestone], spec("LinearLR", start_factor=0.5, total_iters=2), child)
+    ref = local(sched)
+    stream = grad_stream(SHAPES, seed=2)
+    with pytest.raises(NotImplementedError):  # (the premise: torch stops at the milestone)
+        for _ in range(milestone):
+            local_step(ref, next(stream))
+    sid = f"children-restart-{nested}-{milestone}"
+    r = http.post("/v1/sessions", json=create_body(sid, sched))
+    assert r.status_code == 422, r.text
+    problem = r.json()
+    assert (problem["code"], problem["field"]) == ("invalid_scheduler",
+                                                   "scheduler.options.schedulers.1"), problem
+    assert "cannot switch to" in problem["detail"]
+    assert http.get(f"/v1/sessions/{sid}").status_code == 404
+
+
 #: id: (scheduler, optimizer steps): valid nested specs run past every milestone
 VALID: dict[str, tuple[dict[str, Any], int]] = {
     "warmup-cosine": (seq([3], spec("LinearLR", start_factor=0.25, total_iters=3),

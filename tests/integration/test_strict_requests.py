@@ -322,6 +322,55 @@ def test_a_worker_named_on_a_change_other_than_a_step_is_refused(
         assert_tensors_equal(tensors_from_json(r.json()["params"]), ref.params, "the round")
 
 
+@pytest.mark.parametrize(("method", "path", "body", "code"), [
+    ("PATCH", "{sid}%2Fparam_groups%2F0", {"lr": 0.5}, "session_not_found"),
+    ("POST", "{sid}%2Fparam_groups", {"params": {"z": [1.0]}}, "session_not_found"),
+    ("PUT", "{sid}%2Fparams", {"params": {"w": [0.0] * 5}}, "session_not_found"),
+    ("POST", "{sid}%2Fstep", {"grads": {"w": [1.0] * 5}}, "session_not_found"),
+    ("POST", "{sid}%2Fzero_grad", None, "session_not_found"),
+    ("GET", "{sid}%2fparams", None, "session_not_found"),
+    ("PATCH", "{sid}/param_groups/0%2F", {"lr": 0.5}, "not_found"),
+])
+def test_an_encoded_slash_in_a_segment_names_no_route(live_server: str, method: str, path: str,
+                                                      body: Any, code: str) -> None:
+    """``PATCH /v1/sessions/s%2Fparam_groups%2F0`` (what the SDK sends for a session id
+    ``s/param_groups/0``, quoted) changed group 0 of ``s``: the server routed on the decoded
+    path. A segment that encodes a slash is a 404, nothing run (an id never holds a slash)."""
+    sid = "strict-slash"
+    with httpx.Client(base_url=live_server, timeout=60) as http:
+        ref, want, before = pending(http, sid)
+        tensors = ({k: ({n: json_tensor(torch.tensor(v)) for n, v in t.items()}
+                        if isinstance(t, dict) else t) for k, t in body.items()}
+                   if body is not None else None)
+        r = http.request(method, f"/v1/sessions/{path.format(sid=sid)}", json=tensors)
+        assert r.status_code == 404, r.text
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["code"] == code
+        if code == "session_not_found":
+            assert r.json()["field"] == "session_id"
+        assert_as_it_was(http, sid, ref, want, before)
+
+
+@pytest.mark.parametrize("written", ["00", "01", "000"])
+def test_a_steps_group_index_is_a_plain_whole_number(live_server: str, written: str) -> None:
+    """A step's ``param_groups`` object keyed ``"00"`` changed group 0 (``"01"`` group 1) as
+    ``"0"`` does: a key is the index itself, as ``PATCH .../param_groups/{i}``'s is; a 422
+    naming it, nothing stepped."""
+    sid = "strict-step-index"
+    with httpx.Client(base_url=live_server, timeout=60) as http:
+        ref, want, before = pending(http, sid)
+        g = {"w": json_tensor(torch.ones(5))}
+        r = http.post(f"/v1/sessions/{sid}/step",
+                      json={"grads": g, "param_groups": {written: {"lr": 0.5}}})
+        assert r.status_code == 422, (written, r.text)
+        assert (r.json()["code"], r.json()["field"]) == ("invalid_body", f"param_groups.{written}")
+        assert_as_it_was(http, sid, ref, want, before)
+        r = http.post(f"/v1/sessions/{sid}/step",
+                      json={"grads": g, "param_groups": {"0": {"lr": 0.5}}})
+        assert r.status_code == 200, r.text
+        assert r.json()["lr"] == [0.5]
+
+
 @pytest.mark.parametrize("written", ["01", "+0", "%200", "0.0", "00"])
 def test_a_group_index_is_a_plain_whole_number(live_server: str, written: str) -> None:
     """``PATCH .../param_groups/0.0`` changed group 0 (``01`` group 1): the index as the path
