@@ -194,6 +194,39 @@ def test_a_forked_child_gets_a_snapshot_not_the_segment(server: str) -> None:
         remote.close(delete_session=True)
 
 
+def test_parameters_in_their_slots_can_be_swapped_as_torch_swaps_them(server: str) -> None:
+    """``torch.utils.swap_tensors`` on a parameter living in its slot (what ``load_state_dict``
+    and ``Module.to`` do under ``torch.__future__.set_swap_module_params_on_conversion``): it
+    works as on a local optimizer's parameter, the new values reach the session and training
+    goes on as torch's. It raised ``RuntimeError`` ("Cannot swap t1 because it has weakref
+    associated with it"): the SDK held a weak reference to every moved parameter."""
+    local_model, remote_model = models(9)
+    checkpoint = copy.deepcopy(local_model.state_dict())
+    local = torch.optim.Adam(local_model.parameters(), lr=1e-2)
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    with optserve.Client(server, transport="local") as c:
+        remote = optserve.RemoteOptimizer(remote_model.named_parameters(), "Adam", c, lr=1e-2)
+        try:
+            torch.__future__.set_swap_module_params_on_conversion(True)
+            for k in range(4):
+                train(local_model, local, k)
+                train(remote_model, remote, k)
+                assert_same(local_model, remote_model)
+                if k == 0:
+                    weight = remote_model.get_parameter("0.weight")
+                    assert weight.data_ptr() == slots(remote)["0.weight"].data_ptr()
+                    for model in (local_model, remote_model):
+                        model.load_state_dict(checkpoint)
+                if k == 1:
+                    for model in (local_model, remote_model):
+                        bias = model.get_parameter("2.bias")
+                        torch.utils.swap_tensors(  # type: ignore[no-untyped-call]
+                            bias, torch.nn.Parameter(torch.full_like(bias, 0.25)))
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(swapping)
+        remote.close(delete_session=True)
+
+
 def test_edits_in_place_between_steps_reach_the_session(server: str) -> None:
     """A parameter living in its slot, edited in place between steps (weight clipping,
     ``load_state_dict``): the edit is sent before the next step, as for any parameter."""

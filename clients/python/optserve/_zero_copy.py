@@ -94,13 +94,18 @@ class InSlots:
     full checks cost the client more than the copies they save)."""
 
     def __init__(self) -> None:
-        self._known: dict[str, tuple[torch.Tensor, int]] = {}
+        #: by name: the slot, its data pointer and the parameter living in it (held as the
+        #: optimizer holds it: no weak reference to a parameter, which
+        #: ``torch.utils.swap_tensors`` refuses to swap)
+        self._known: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        _MOVED.add(self)
 
     def lives_in(self, name: str, p: torch.Tensor, slot: object) -> bool:
         """Whether ``p`` (the parameter ``name``) lives in ``slot`` now: it did, or it was
         moved there (:func:`movable`); False: copy into it."""
         known = self._known.pop(name, None)
-        if known is not None and known[0] is slot and p.data_ptr() == known[1]:
+        if known is not None and known[0] is slot and known[2] is p \
+                and p.data_ptr() == known[1]:
             self._known[name] = known
             return True
         del known  # (its view of an old slot would count as another holder of p's memory)
@@ -110,19 +115,24 @@ class InSlots:
             if not movable(p, slot):
                 return False
             move(p, slot)
-        self._known[name] = (slot, slot.data_ptr())
+        self._known[name] = (slot, slot.data_ptr(), p)
         return True
 
+    def living(self) -> list[torch.Tensor]:
+        """The parameters that live in their slots now."""
+        return [p for _, ptr, p in self._known.values() if p.data_ptr() == ptr]
 
-#: the parameters moved into a segment (a forked child takes them back: :func:`_in_child`)
-#: (by id: a ``WeakSet`` compares tensors with ``==``)
-_MOVED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+#: every optimizer's parameters moved into a segment (a forked child takes them back:
+#: :func:`_in_child`), weakly: its :class:`InSlots`, never a weak reference to a parameter
+#: (``torch.utils.swap_tensors``, which ``load_state_dict`` and ``Module.to`` use under
+#: ``torch.__future__.set_swap_module_params_on_conversion(True)``, refuses a tensor with one)
+_MOVED: weakref.WeakSet[InSlots] = weakref.WeakSet()
 
 
 def move(p: torch.Tensor, slot: torch.Tensor) -> None:
     """``p``'s memory becomes ``slot`` (which holds its new values)."""
     p.data = slot
-    _MOVED[id(p)] = p
 
 
 #: copies of the moved parameters taken just before a fork (:func:`_before_fork`)
@@ -134,7 +144,7 @@ def _before_fork() -> None:
     here, not in the child: the parent goes on at once after the fork, and its next step
     writes the segment the child still shares until it has copied it."""
     _AT_FORK.clear()
-    for p in list(_MOVED.values()):
+    for p in [p for moved in list(_MOVED) for p in moved.living()]:
         try:
             _AT_FORK.append((p, p.detach().clone()))
         except Exception:  # noqa: BLE001 - an unusual tensor by now: left as it is
@@ -153,7 +163,8 @@ def _in_child() -> None:
         except Exception:  # noqa: BLE001 - an unusual tensor by now: left as it is
             continue
     _AT_FORK.clear()
-    _MOVED.clear()
+    for moved in list(_MOVED):
+        moved._known.clear()
 
 
 os.register_at_fork(before=_before_fork, after_in_child=_in_child,
