@@ -282,6 +282,40 @@ def test_a_broken_connection_is_retried_with_the_steps_key(keyed_server: str) ->
         assert c.get_session(sid).version == 2
 
 
+def test_an_interrupted_step_leaves_no_answer_to_the_next(keyed_server: str) -> None:
+    """A step interrupted while it awaits its answer (a ``KeyboardInterrupt``, any exception
+    in the read) closes its connection: the next step connects again and reads its own
+    answer. The connection stayed open with the interrupted step's answer unread, so the next
+    step took that answer as its own (its version, and the parameter slots while the server
+    was still writing them), and every later step the answer of the one before."""
+    import select
+
+    with optserve.Client(keyed_server, api_key=KEY_A, timeout=10) as c:
+        sid = c.create_session(optimizer="SGD", options={"lr": 1.0},
+                               params={"x": torch.tensor([2.0])}).id
+        first = c.step(sid, {"x": torch.tensor([1.0])}).params
+        assert first is not None and first["x"].tolist() == [1.0]
+        channel = c._local
+        assert channel is not None
+        real = channel._recv_exact
+        armed = [True]
+
+        def interrupted(n: int, fds: list[int]) -> bytes:
+            if armed and armed.pop():
+                assert channel._sock is not None
+                select.select([channel._sock], [], [], 10)  # (its answer has come, unread)
+                raise KeyboardInterrupt
+            return real(n, fds)
+        channel._recv_exact = interrupted  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            c.step(sid, {"x": torch.tensor([1.0])})  # applied by the server: x = 0
+        for version, x in ((3, -1.0), (4, -2.0), (5, -3.0)):
+            out = c.step(sid, {"x": torch.tensor([1.0])})
+            assert out.params is not None
+            assert (out.version, out.params["x"].tolist()) == (version, [x])
+        assert c._local is channel and c.get_session(sid).version == 5
+
+
 @pytest.mark.parametrize("sync", [True, False], ids=["sync-round", "async"])
 def test_threads_that_share_a_client_step_through_their_own_segments(keyed_server: str,
                                                                       sync: bool) -> None:

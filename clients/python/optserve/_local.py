@@ -169,10 +169,20 @@ class LocalChannel:
         if self._sock is None:
             raise ConnectionError("not connected")
         body = json.dumps(message, allow_nan=False).encode()
-        self._sock.sendall(_HEAD.pack(len(body)) + body)
         fds: list[int] = []
-        (length,) = _HEAD.unpack(self._recv_exact(_HEAD.size, fds))
-        answer = json.loads(self._recv_exact(length, fds))
+        try:
+            self._sock.sendall(_HEAD.pack(len(body)) + body)
+            (length,) = _HEAD.unpack(self._recv_exact(_HEAD.size, fds))
+            answer = json.loads(self._recv_exact(length, fds))
+        except BaseException:
+            # the frames on the connection are past knowing (a request sent in part, an answer
+            # left unread: a KeyboardInterrupt, a timeout): the next exchange would read this
+            # one's answer as its own. It is closed (the next step connects again); so are
+            # the descriptors of an answer read in part
+            for fd in fds:
+                os.close(fd)
+            self.close()
+            raise
         return answer, fds
 
     def call(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
