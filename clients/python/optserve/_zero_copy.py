@@ -94,10 +94,12 @@ class InSlots:
     full checks cost the client more than the copies they save)."""
 
     def __init__(self) -> None:
-        #: by name: the slot, its data pointer and the parameter living in it (held as the
+        #: by name: the slot, its data pointer, the parameter living in it (held as the
         #: optimizer holds it: no weak reference to a parameter, which
-        #: ``torch.utils.swap_tensors`` refuses to swap)
-        self._known: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        #: ``torch.utils.swap_tensors`` refuses to swap) and a detached alias of it (:func:`move`
+        #: gives it a storage of its own: the alias counts as another holder of that memory,
+        #: which another optimizer's segment then never takes: :func:`movable`)
+        self._known: dict[str, tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = {}
         _MOVED.add(self)
 
     def lives_in(self, name: str, p: torch.Tensor, slot: object) -> bool:
@@ -108,19 +110,19 @@ class InSlots:
                 and p.data_ptr() == known[1]:
             self._known[name] = known
             return True
-        del known  # (its view of an old slot would count as another holder of p's memory)
+        del known  # (its alias of p would count as another holder of p's memory)
         if not isinstance(slot, torch.Tensor):
             return False
         if not same_memory(p, slot):
             if not movable(p, slot):
                 return False
             move(p, slot)
-        self._known[name] = (slot, slot.data_ptr(), p)
+        self._known[name] = (slot, slot.data_ptr(), p, p.detach())
         return True
 
     def living(self) -> list[torch.Tensor]:
         """The parameters that live in their slots now."""
-        return [p for _, ptr, p in self._known.values() if p.data_ptr() == ptr]
+        return [p for _, ptr, p, _ in self._known.values() if p.data_ptr() == ptr]
 
 
 #: every optimizer's parameters moved into a segment (a forked child takes them back:
@@ -131,8 +133,13 @@ _MOVED: weakref.WeakSet[InSlots] = weakref.WeakSet()
 
 
 def move(p: torch.Tensor, slot: torch.Tensor) -> None:
-    """``p``'s memory becomes ``slot`` (which holds its new values)."""
-    p.data = slot
+    """``p``'s memory becomes ``slot``'s (which holds its new values), through a storage of
+    its own over the same bytes (a numpy view of them holds the slot): an in-place change of
+    ``p``'s storage (``share_memory_()``, which ``Module.share_memory()`` and
+    ``torch.multiprocessing``'s pickling make) moves ``p`` alone, never the binding's view of
+    the segment, where the server's next values are (they are then copied into ``p``)."""
+    raw = slot.detach().reshape(-1).view(torch.uint8).numpy()
+    p.data = torch.from_numpy(raw).view(slot.dtype).view(slot.shape)
 
 
 #: copies of the moved parameters taken just before a fork (:func:`_before_fork`)
