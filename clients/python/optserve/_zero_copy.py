@@ -5,7 +5,8 @@ of the session's shared segment (``optserve._local``). Copying them from there i
 parameter is one more pass over every parameter's bytes per step: at 1e7 float32 values
 about 5 ms of the worker's CPU on a 2-core machine, half of what a step costs it. Instead, the
 first time a parameter comes back through a slot, the parameter's memory becomes the slot
-(``p.data = slot``), and every later step finds its new values already there.
+(``p.data`` set to a view of the slot's bytes), and every later step finds its new values
+already there.
 
 That is only done where nobody could tell: a plain CPU tensor (``torch.Tensor`` or
 ``nn.Parameter``, no subclass), dense, contiguous, not pinned, not in shared memory, of the
