@@ -6,6 +6,7 @@ once; and ``transport="http"`` never uses it."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -281,6 +282,40 @@ def test_a_broken_connection_is_retried_with_the_steps_key(keyed_server: str) ->
         assert c.get_session(sid).version == 2
 
 
+def test_an_interrupted_step_leaves_no_answer_to_the_next(keyed_server: str) -> None:
+    """A step interrupted while it awaits its answer (a ``KeyboardInterrupt``, any exception
+    in the read) closes its connection: the next step connects again and reads its own
+    answer. The connection stayed open with the interrupted step's answer unread, so the next
+    step took that answer as its own (its version, and the parameter slots while the server
+    was still writing them), and every later step the answer of the one before."""
+    import select
+
+    with optserve.Client(keyed_server, api_key=KEY_A, timeout=10) as c:
+        sid = c.create_session(optimizer="SGD", options={"lr": 1.0},
+                               params={"x": torch.tensor([2.0])}).id
+        first = c.step(sid, {"x": torch.tensor([1.0])}).params
+        assert first is not None and first["x"].tolist() == [1.0]
+        channel = c._local
+        assert channel is not None
+        real = channel._recv_exact
+        armed = [True]
+
+        def interrupted(n: int, fds: list[int]) -> bytes:
+            if armed and armed.pop():
+                assert channel._sock is not None
+                select.select([channel._sock], [], [], 10)  # (its answer has come, unread)
+                raise KeyboardInterrupt
+            return real(n, fds)
+        channel._recv_exact = interrupted  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            c.step(sid, {"x": torch.tensor([1.0])})  # applied by the server: x = 0
+        for version, x in ((3, -1.0), (4, -2.0), (5, -3.0)):
+            out = c.step(sid, {"x": torch.tensor([1.0])})
+            assert out.params is not None
+            assert (out.version, out.params["x"].tolist()) == (version, [x])
+        assert c._local is channel and c.get_session(sid).version == 5
+
+
 @pytest.mark.parametrize("sync", [True, False], ids=["sync-round", "async"])
 def test_threads_that_share_a_client_step_through_their_own_segments(keyed_server: str,
                                                                       sync: bool) -> None:
@@ -449,6 +484,40 @@ def test_the_sdk_steps_over_http_past_the_limit_and_deleting_unbinds(
         assert set(channel._bindings) == {sids[1], sids[2]}
         got = c.get_params(sids[2]).params["p"]
         assert torch.equal(got, local_adam(p0, [*grads, grads[0]]))
+
+
+def test_an_optimizer_closed_or_dropped_lets_go_of_its_segment(keyed_server: str) -> None:
+    """A ``RemoteOptimizer`` on a client that outlives it lets go of its session's binding
+    when it is closed (``close()`` keeps the session) or garbage collected (at its client's
+    next step on that thread), as a dropped ``torch.optim`` optimizer frees its memory. Each
+    kept its segment (a descriptor and a mapping here, a mapping in the server) until the
+    client closed: one more per optimizer, up to the connection's limit of bindings, past
+    which every later optimizer stepped over HTTP."""
+    with optserve.Client(keyed_server, api_key=KEY_A) as c:
+        def trained(zero_copy: bool) -> tuple[optserve.RemoteOptimizer, str]:
+            model = torch.nn.Linear(3, 2)
+            opt = optserve.RemoteOptimizer(model.parameters(), "Adam", c, lr=1e-2,
+                                           zero_copy=zero_copy)
+            model(torch.ones(1, 3)).sum().backward()
+            opt.step()
+            segment = f"memfd:optserve-{opt.session_id}"
+            assert c._local is not None and opt.session_id in c._local._bindings
+            assert any(segment in fd for fd in held())
+            return opt, segment
+
+        closed, segment = trained(zero_copy=False)
+        closed.close()
+        assert c._local is not None and not c._local._bindings
+        assert not any(segment in fd for fd in held())
+        c.get_session(closed.session_id)  # (close() keeps the session)
+        for zero_copy in (False, True):
+            dropped, segment = trained(zero_copy)
+            del dropped
+            gc.collect()
+            kept, _ = trained(zero_copy=False)  # its step lets go of the dropped one's binding
+            assert set(c._local._bindings) == {kept.session_id}
+            assert not any(segment in fd for fd in held())
+            kept.close()
 
 
 def train_counting_attempts(client: optserve.Client, monkeypatch: pytest.MonkeyPatch,

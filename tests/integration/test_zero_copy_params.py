@@ -194,6 +194,86 @@ def test_a_forked_child_gets_a_snapshot_not_the_segment(server: str) -> None:
         remote.close(delete_session=True)
 
 
+def test_parameters_in_their_slots_can_be_swapped_as_torch_swaps_them(server: str) -> None:
+    """``torch.utils.swap_tensors`` on a parameter living in its slot (what ``load_state_dict``
+    and ``Module.to`` do under ``torch.__future__.set_swap_module_params_on_conversion``): it
+    works as on a local optimizer's parameter, the new values reach the session and training
+    goes on as torch's. It raised ``RuntimeError`` ("Cannot swap t1 because it has weakref
+    associated with it"): the SDK held a weak reference to every moved parameter."""
+    local_model, remote_model = models(9)
+    checkpoint = copy.deepcopy(local_model.state_dict())
+    local = torch.optim.Adam(local_model.parameters(), lr=1e-2)
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    with optserve.Client(server, transport="local") as c:
+        remote = optserve.RemoteOptimizer(remote_model.named_parameters(), "Adam", c, lr=1e-2)
+        try:
+            torch.__future__.set_swap_module_params_on_conversion(True)
+            for k in range(4):
+                train(local_model, local, k)
+                train(remote_model, remote, k)
+                assert_same(local_model, remote_model)
+                if k == 0:
+                    weight = remote_model.get_parameter("0.weight")
+                    assert weight.data_ptr() == slots(remote)["0.weight"].data_ptr()
+                    for model in (local_model, remote_model):
+                        model.load_state_dict(checkpoint)
+                if k == 1:
+                    for model in (local_model, remote_model):
+                        bias = model.get_parameter("2.bias")
+                        torch.utils.swap_tensors(  # type: ignore[no-untyped-call]
+                            bias, torch.nn.Parameter(torch.full_like(bias, 0.25)))
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(swapping)
+        remote.close(delete_session=True)
+
+
+def test_parameters_moved_to_shared_memory_keep_training_as_torch(server: str) -> None:
+    """``Module.share_memory()`` (and ``torch.multiprocessing``'s pickling of a parameter,
+    which does the same) on parameters living in their slots moves their memory to torch's
+    shared memory in place: the next steps copy the new values into them, as torch's
+    optimizer goes on updating them. It moved the binding's view of each slot along (one
+    storage), so the views no longer showed the segment the server writes: every later step
+    left the parameters as they were."""
+    local_model, remote_model = models(10)
+    local = torch.optim.Adam(local_model.parameters(), lr=1e-2)
+    with optserve.Client(server, transport="local") as c:
+        remote = optserve.RemoteOptimizer(remote_model.named_parameters(), "Adam", c, lr=1e-2)
+        for k in range(4):
+            train(local_model, local, k)
+            train(remote_model, remote, k)
+            assert_same(local_model, remote_model)
+            if k == 1:
+                at = {name: slot.data_ptr() for name, slot in slots(remote).items()}
+                assert remote_model.get_parameter("0.weight").data_ptr() == at["0.weight"]
+                remote_model.share_memory()
+                assert all(p.untyped_storage().is_shared() for p in remote_model.parameters())
+                assert {name: slot.data_ptr() for name, slot in slots(remote).items()} == at
+        remote.close(delete_session=True)
+
+
+def test_a_parameter_in_one_optimizers_slot_stays_out_of_anothers(server: str) -> None:
+    """Two optimizers stepping the same parameters (as torch's can): each parameter lives in
+    the slot of the one that stepped it first; the other copies into it (its segment never
+    takes memory an optimizer's record holds), and both train as torch's."""
+    local_model, remote_model = models(11)
+    firsts = [torch.optim.Adam(local_model.parameters(), lr=1e-2),
+              torch.optim.SGD(local_model.parameters(), lr=0.1, momentum=0.9)]
+    with optserve.Client(server, transport="local") as c:
+        remotes = [optserve.RemoteOptimizer(remote_model.named_parameters(), "Adam", c, lr=1e-2),
+                   optserve.RemoteOptimizer(remote_model.named_parameters(), "SGD", c, lr=0.1,
+                                            momentum=0.9)]
+        for k in range(3):
+            for model, opts in ((local_model, firsts), (remote_model, remotes)):
+                train(model, opts[0], k)
+                opts[1].step()
+            assert_same(local_model, remote_model)
+            at = slots(remotes[0])
+            for name, p in remote_model.named_parameters():
+                assert p.data_ptr() == at[name].data_ptr(), name
+        for remote in remotes:
+            remote.close(delete_session=True)
+
+
 def test_edits_in_place_between_steps_reach_the_session(server: str) -> None:
     """A parameter living in its slot, edited in place between steps (weight clipping,
     ``load_state_dict``): the edit is sent before the next step, as for any parameter."""

@@ -406,10 +406,21 @@ class Client(SyncAPIClient):
             self._request(_api.delete_session(id, base_version=base_version,
                                               base_revision=base_revision))
         finally:
-            with self._channels_lock:
-                channels = list(self._channels)
-            for _, channel in channels:
-                channel.release(id)
+            self._release_local(id)
+
+    def _release_local(self, id: str) -> None:
+        """Let go of the session's shared segment on every thread's channel now (the server's
+        and this process's mappings; bound again at its next step here)."""
+        with self._channels_lock:
+            channels = list(self._channels)
+        for _, channel in channels:
+            channel.release(id)
+
+    def _release_local_later(self, id: str) -> None:
+        """:meth:`_release_local` at each channel's next step: a garbage collector's finalizer
+        (a ``RemoteOptimizer`` dropped unclosed) takes no lock and makes no exchange."""
+        for _, channel in list(self._channels):
+            channel.release_later(id)
 
     # ------------------------------------------------------------------ training
     def step(

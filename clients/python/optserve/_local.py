@@ -106,6 +106,9 @@ class LocalChannel:
         self._lock = threading.Lock()
         #: closed for good (its client was closed): no connecting again
         self._ended = False
+        #: sessions whose ``RemoteOptimizer`` was garbage collected, unbound at this channel's
+        #: next step (:meth:`release_later`)
+        self._dropped: list[str] = []
 
     # ------------------------------------------------------------------ connection
     def connect(self) -> None:
@@ -166,10 +169,20 @@ class LocalChannel:
         if self._sock is None:
             raise ConnectionError("not connected")
         body = json.dumps(message, allow_nan=False).encode()
-        self._sock.sendall(_HEAD.pack(len(body)) + body)
         fds: list[int] = []
-        (length,) = _HEAD.unpack(self._recv_exact(_HEAD.size, fds))
-        answer = json.loads(self._recv_exact(length, fds))
+        try:
+            self._sock.sendall(_HEAD.pack(len(body)) + body)
+            (length,) = _HEAD.unpack(self._recv_exact(_HEAD.size, fds))
+            answer = json.loads(self._recv_exact(length, fds))
+        except BaseException:
+            # the frames on the connection are past knowing (a request sent in part, an answer
+            # left unread: a KeyboardInterrupt, a timeout): the next exchange would read this
+            # one's answer as its own. It is closed (the next step connects again); so are
+            # the descriptors of an answer read in part
+            for fd in fds:
+                os.close(fd)
+            self.close()
+            raise
         return answer, fds
 
     def call(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
@@ -257,6 +270,12 @@ class LocalChannel:
             self._unviewable.pop(session_id, None)
             self.forget(session_id)
 
+    def release_later(self, session_id: str) -> None:
+        """:meth:`release` at this channel's next step: what a garbage collector's finalizer
+        may do (it runs at any allocation, in any thread, maybe while this thread holds the
+        lock or is mid-exchange), a list's append only."""
+        self._dropped.append(session_id)
+
     def forget(self, session_id: str) -> None:
         binding = self._bindings.pop(session_id, None)
         if binding is not None:
@@ -279,6 +298,11 @@ class LocalChannel:
         with self._lock:
             if self._ended:
                 raise LocalUnavailable("the client was closed")
+            while self._dropped:
+                dropped = self._dropped.pop()
+                if dropped != session_id:  # (stepped again here: still in use)
+                    self._unviewable.pop(dropped, None)
+                    self.forget(dropped)
             binding = self.binding(session_id, len(grads))
             # the collector paused while the gradients are copied into their slots, not while
             # the answer is awaited (a sync round waits for the other workers): optserve._gc

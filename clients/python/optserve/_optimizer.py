@@ -367,6 +367,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 self._client.close()
             raise
         self._session_id = info.id
+        self._release_when_dropped()
         self._at(info.version)
         self.defaults = {**info.defaults, **options}
         self._adopt(info)
@@ -506,6 +507,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"parameter {name!r} has shape {tuple(p.shape)} here but "
                                  f"{tuple(shape.shape)} in session {session_id!r}")
         self._session_id = info.id
+        self._release_when_dropped()
         self.defaults = dict(info.defaults)
         for group, server in zip(self.param_groups, info.param_groups, strict=True):
             group.update(server.options)
@@ -1077,15 +1079,31 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self._copy_in(result.params)
         self._at(result.version)
 
+    def _release_when_dropped(self) -> None:
+        """Garbage collected without :meth:`close` on a client that outlives it, this optimizer
+        lets go of its session's same-host binding (the segment, in the server and here) at
+        the client's next step on each thread, as a dropped ``torch.optim`` optimizer frees
+        its memory (the session stays, as :meth:`close` leaves it)."""
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        if not self._owns_client:  # (a client of its own goes with it, its channels too)
+            self._finalizer = weakref.finalize(self, _release_later, weakref.ref(self._client),
+                                               self._session_id)
+
     def close(self, *, delete_session: bool = False) -> None:
         """Optionally delete the server session, then close the client if this optimizer made
-        it."""
+        it, else let go of the session's same-host binding on it (bound again if the session
+        is stepped through the client later)."""
         try:
             if delete_session:
                 self._client.delete_session(self._session_id)
         finally:
             if self._owns_client:
                 self._client.close()
+            else:
+                finalizer = self.__dict__.get("_finalizer")
+                if finalizer is not None:
+                    finalizer.detach()
+                self._client._release_local(self._session_id)
 
     def __enter__(self) -> RemoteOptimizer:
         return self
@@ -1118,6 +1136,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
             "connections. Save or copy its state_dict() instead and load_state_dict() it into "
             "another optimizer (a new RemoteOptimizer, or a local one of the same class); to "
             "copy a model, keep the optimizer out of what you deepcopy")
+
+
+def _release_later(client: weakref.ref[Client], session_id: str) -> None:
+    """A dropped optimizer's finalizer: its session's bindings on ``client`` are let go at
+    their channels' next step (a finalizer takes no lock: ``Client._release_local_later``)."""
+    found = client()
+    if found is not None:
+        found._release_local_later(session_id)
 
 
 def _tensor_options(group: Mapping[str, Any]) -> dict[str, torch.Tensor]:

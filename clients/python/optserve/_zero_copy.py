@@ -5,7 +5,8 @@ of the session's shared segment (``optserve._local``). Copying them from there i
 parameter is one more pass over every parameter's bytes per step: at 1e7 float32 values
 about 5 ms of the worker's CPU on a 2-core machine, half of what a step costs it. Instead, the
 first time a parameter comes back through a slot, the parameter's memory becomes the slot
-(``p.data = slot``), and every later step finds its new values already there.
+(``p.data`` set to a view of the slot's bytes), and every later step finds its new values
+already there.
 
 That is only done where nobody could tell: a plain CPU tensor (``torch.Tensor`` or
 ``nn.Parameter``, no subclass), dense, contiguous, not pinned, not in shared memory, of the
@@ -94,35 +95,52 @@ class InSlots:
     full checks cost the client more than the copies they save)."""
 
     def __init__(self) -> None:
-        self._known: dict[str, tuple[torch.Tensor, int]] = {}
+        #: by name: the slot, its data pointer, the parameter living in it (held as the
+        #: optimizer holds it: no weak reference to a parameter, which
+        #: ``torch.utils.swap_tensors`` refuses to swap) and a detached alias of it (:func:`move`
+        #: gives it a storage of its own: the alias counts as another holder of that memory,
+        #: which another optimizer's segment then never takes: :func:`movable`)
+        self._known: dict[str, tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = {}
+        _MOVED.add(self)
 
     def lives_in(self, name: str, p: torch.Tensor, slot: object) -> bool:
         """Whether ``p`` (the parameter ``name``) lives in ``slot`` now: it did, or it was
         moved there (:func:`movable`); False: copy into it."""
         known = self._known.pop(name, None)
-        if known is not None and known[0] is slot and p.data_ptr() == known[1]:
+        if known is not None and known[0] is slot and known[2] is p \
+                and p.data_ptr() == known[1]:
             self._known[name] = known
             return True
-        del known  # (its view of an old slot would count as another holder of p's memory)
+        del known  # (its alias of p would count as another holder of p's memory)
         if not isinstance(slot, torch.Tensor):
             return False
         if not same_memory(p, slot):
             if not movable(p, slot):
                 return False
             move(p, slot)
-        self._known[name] = (slot, slot.data_ptr())
+        self._known[name] = (slot, slot.data_ptr(), p, p.detach())
         return True
 
+    def living(self) -> list[torch.Tensor]:
+        """The parameters that live in their slots now."""
+        return [p for _, ptr, p, _ in self._known.values() if p.data_ptr() == ptr]
 
-#: the parameters moved into a segment (a forked child takes them back: :func:`_in_child`)
-#: (by id: a ``WeakSet`` compares tensors with ``==``)
-_MOVED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+#: every optimizer's parameters moved into a segment (a forked child takes them back:
+#: :func:`_in_child`), weakly: its :class:`InSlots`, never a weak reference to a parameter
+#: (``torch.utils.swap_tensors``, which ``load_state_dict`` and ``Module.to`` use under
+#: ``torch.__future__.set_swap_module_params_on_conversion(True)``, refuses a tensor with one)
+_MOVED: weakref.WeakSet[InSlots] = weakref.WeakSet()
 
 
 def move(p: torch.Tensor, slot: torch.Tensor) -> None:
-    """``p``'s memory becomes ``slot`` (which holds its new values)."""
-    p.data = slot
-    _MOVED[id(p)] = p
+    """``p``'s memory becomes ``slot``'s (which holds its new values), through a storage of
+    its own over the same bytes (a numpy view of them holds the slot): an in-place change of
+    ``p``'s storage (``share_memory_()``, which ``Module.share_memory()`` and
+    ``torch.multiprocessing``'s pickling make) moves ``p`` alone, never the binding's view of
+    the segment, where the server's next values are (they are then copied into ``p``)."""
+    raw = slot.detach().reshape(-1).view(torch.uint8).numpy()
+    p.data = torch.from_numpy(raw).view(slot.dtype).view(slot.shape)
 
 
 #: copies of the moved parameters taken just before a fork (:func:`_before_fork`)
@@ -134,7 +152,7 @@ def _before_fork() -> None:
     here, not in the child: the parent goes on at once after the fork, and its next step
     writes the segment the child still shares until it has copied it."""
     _AT_FORK.clear()
-    for p in list(_MOVED.values()):
+    for p in [p for moved in list(_MOVED) for p in moved.living()]:
         try:
             _AT_FORK.append((p, p.detach().clone()))
         except Exception:  # noqa: BLE001 - an unusual tensor by now: left as it is
@@ -153,7 +171,8 @@ def _in_child() -> None:
         except Exception:  # noqa: BLE001 - an unusual tensor by now: left as it is
             continue
     _AT_FORK.clear()
-    _MOVED.clear()
+    for moved in list(_MOVED):
+        moved._known.clear()
 
 
 os.register_at_fork(before=_before_fork, after_in_child=_in_child,
