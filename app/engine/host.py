@@ -750,6 +750,19 @@ class EmbeddedHost:
         async with self._keyed(split_key(key)[0], idem):
             return await self._delete(key, idem, expected)
 
+    def deleted_with(self, scope: str, idem: IdemKey) -> bool:
+        """Whether a delete sent with this key was done (its tombstone is kept under
+        ``scope``: the tenant, or a shard's own key); 422 ``idempotency_key_reused`` when the
+        key was used for another request."""
+        gone = self._tombstones.get((scope, idem.key))
+        if gone is None:
+            return False
+        if gone[0] != idem.fingerprint:
+            raise Invalid("this Idempotency-Key was already used for a different request; use "
+                          "a fresh key for every new operation", code="idempotency_key_reused",
+                          field="Idempotency-Key")
+        return True
+
     def _delete_expected(self, key: str, expected: Expected | None) -> None:
         """A conditional delete's precondition (412 unless it holds; NotFound without the
         session). A session refused at start has no version to hold."""
@@ -776,15 +789,8 @@ class EmbeddedHost:
         scopes = [(tenant if parent is None else key, session_id)]
         if parent is not None and shard_index(key) == 0:
             scopes.append(split_key(parent))
-        scope = scopes[0][0]
-        if idem is not None:
-            gone = self._tombstones.get((scope, idem.key))
-            if gone is not None:
-                if gone[0] != idem.fingerprint:
-                    raise Invalid("this Idempotency-Key was already used for a different "
-                                  "request; use a fresh key for every new operation",
-                                  code="idempotency_key_reused", field="Idempotency-Key")
-                return True
+        if idem is not None and self.deleted_with(scopes[0][0], idem):
+            return True
         # (before an open LBFGS step is abandoned, and again under the lock: a refused delete
         # leaves everything as it was)
         self._delete_expected(key, expected)

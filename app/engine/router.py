@@ -564,6 +564,21 @@ class LocalRouter:
     async def trim(self) -> None:
         await self.local.embedded.trim()
 
+    def _deleted_before(self, key: str, session: SessionHost, idem: IdemKey) -> bool:
+        """Whether this keyed delete was done before and the sharded session held now under
+        the id was made since: its first shard is held, while a delete done whole (or cut
+        short after its first shard went) keeps the key under the session's id in that shard's
+        tombstone. Such a retry is answered (204) and leaves the new session alone, as a plain
+        session's is: it went on to mark the new session's create deleted, delete its
+        directory entry (a 404 from then on) and leave its shards' files for good. A delete
+        cut short before its first shard went keeps no such tombstone: its retry finishes
+        it."""
+        from app.engine.shards import ShardedSession
+        if not isinstance(session, ShardedSession) or \
+                not self.local.embedded.deleted_with(split_key(key)[0], idem):
+            return False
+        return session.shards[0][1] in self.local.embedded.keys(session.shards[0][1])
+
     async def delete(self, key: str, *, idem: IdemKey | None = None,
                      expected: Expected | None = None) -> bool:
         from app.engine.shards import shard_index
@@ -577,6 +592,8 @@ class LocalRouter:
         host = await self.route(key)
         if host is self.local:  # (a plain session's create key goes with its tombstone)
             return await host.delete(key, idem=idem, expected=expected)
+        if idem is not None and self._deleted_before(key, host, idem):
+            return True
         # (before any shard is touched: a failure leaves the session as it was, and the
         # create's index, moved or not, answers a retried create as a crash here would)
         with files_failing("marking the session's create deleted"):

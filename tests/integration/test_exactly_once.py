@@ -37,7 +37,7 @@ import torch
 
 import optserve
 from tests.integration.test_durability import Proc, pull
-from tests.torch_reference import assert_tensors_equal
+from tests.torch_reference import assert_tensors_equal, json_tensor
 
 pytestmark = pytest.mark.integration
 
@@ -811,4 +811,51 @@ def test_an_overwrite_discards_the_open_round_live_and_after_a_kill9(server: Pro
         if life == "replayed from the log":
             restarted_gracefully(server)
     with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
+@pytest.mark.parametrize("shards", [None, 2])
+def test_a_retried_delete_leaves_the_session_made_again_under_its_id_alone(
+        server: Proc, shards: int | None) -> None:
+    """A keyed delete, the session made again under the same id, then the delete retried
+    (its answer was lost): 204, and the new session is left whole, live and after a kill -9
+    and restart: its values, and its own create's retry answered with it. A sharded session's
+    retried delete went on to the new session: its directory entry removed (404) with its
+    shards left on disk, and its create's key marked deleted."""
+    server = running(server)
+    sid = f"again-{shards}-{time.time_ns()}"
+    start = tensors(1)
+    body: dict[str, Any] = {"id": sid, "optimizer": "Adam", "options": {"lr": LR},
+                            "params": {n: json_tensor(t) for n, t in start.items()}}
+    if shards is not None:
+        body["shards"] = shards
+    create1, create2 = ({"Idempotency-Key": f"{sid}-c{i}"} for i in (1, 2))
+    delete1 = {"Idempotency-Key": f"{sid}-d1"}
+    grads = tensors(2)
+    local = adam_after(start, grads)
+
+    def whole(c: httpx.Client) -> None:
+        version, got = pull(c, sid)
+        assert version == 1
+        assert_tensors_equal(got, local, f"{sid} made again")
+        again = c.post("/v1/sessions", json=body, headers=create2)
+        assert again.status_code == 201, again.text
+        assert again.headers["Idempotent-Replayed"] == "true"
+
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.post("/v1/sessions", json=body, headers=create1).status_code == 201
+        assert c.delete(f"/v1/sessions/{sid}", headers=delete1).status_code == 204
+        assert c.post("/v1/sessions", json=body, headers=create2).status_code == 201
+        r = c.post(f"/v1/sessions/{sid}/step", content=safetensors.torch.save(grads),
+                   headers={"Content-Type": BINARY})
+        assert r.status_code == 200, r.text
+        retried = c.delete(f"/v1/sessions/{sid}", headers=delete1)
+        assert retried.status_code == 204, retried.text
+        whole(c)
+    server.kill9()
+    server.start()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        retried = c.delete(f"/v1/sessions/{sid}", headers=delete1)
+        assert retried.status_code == 204, retried.text
+        whole(c)
         assert c.delete(f"/v1/sessions/{sid}").status_code == 204
