@@ -445,11 +445,15 @@ class ShardedSession:
         return bool(results) and all(r is True for r in results)
 
     # ------------------------------------------------------------------ reads
-    async def describe(self, key: str) -> SessionInfo:
+    async def describe(self, key: str, *, lockstep: bool = True) -> SessionInfo:
+        """``lockstep=False``: also while the shards are at different versions (the first
+        shard's then), for what only the layout matters to: sizing a ``torch.save`` import,
+        whose retry is what completes an import that reached some shards only."""
         async with self._lock:
             self._check_usable()
             infos = await self._all(lambda host, skey: host.describe(skey))
-        self._check_lockstep([i.version for i in infos])
+        if lockstep:
+            self._check_lockstep([i.version for i in infos])
         return merge_info(self.key, infos, self.layout, [h.name for h, _ in self.shards])
 
     async def list_sessions(self, prefix: str) -> list[SessionInfo]:

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import threading
@@ -37,7 +38,7 @@ import torch
 
 import optserve
 from tests.integration.test_durability import Proc, pull
-from tests.torch_reference import assert_tensors_equal, json_tensor
+from tests.torch_reference import assert_tensors_equal, json_tensor, to_wire, torch_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -858,4 +859,61 @@ def test_a_retried_delete_leaves_the_session_made_again_under_its_id_alone(
         retried = c.delete(f"/v1/sessions/{sid}", headers=delete1)
         assert retried.status_code == 204, retried.text
         whole(c)
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
+@pytest.mark.parametrize("fmt", ["json", "torch"])
+def test_an_import_that_reached_one_shard_only_is_completed_by_its_retry(
+        server: Proc, fmt: str) -> None:
+    """A keyed state import into a sharded session that a crash cut between its shards'
+    commits (the files as a kill -9 leaves them: one shard's log holds the import, the
+    other's does not) is completed by the client's retry with the same key, as the docs
+    promise, and the session is torch's after the import. With ``?format=torch`` the retry was
+    a 503 ``shards_out_of_step`` for good (the route described the session, to size the
+    file, before the import could complete it): the session went out of service."""
+    from tests.integration.test_crash_every_mutation import Mirror, check_session
+
+    server = running(server)
+    sid = f"cut-import-{fmt}-{time.time_ns()}"
+    start = tensors(3)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        made = c.post("/v1/sessions", json={
+            "id": sid, "optimizer": "Adam", "options": {"lr": LR}, "shards": 2,
+            "params": {n: json_tensor(t) for n, t in start.items()}})
+        assert made.status_code == 201, made.text
+        m = Mirror("Adam", [(start, {})], {"lr": LR})
+        grads = tensors(4)
+        r = c.post(f"/v1/sessions/{sid}/step", content=safetensors.torch.save(grads),
+                   headers={"Content-Type": BINARY})
+        assert r.status_code == 200, r.text
+        m.step(grads)
+    server.kill9()
+    shard = server.data_dir / "sessions" / f"default#{sid}~shard1of2"
+    before = server.data_dir.parent / f"{sid}-shard1-before"
+    shutil.copytree(shard, before)
+    server.start()
+    donor = Mirror("Adam", [(tensors(5), {})], {"lr": LR})
+    for seed in (6, 7):
+        donor.step(tensors(seed))
+    sd = donor.state()
+    key = {"Idempotency-Key": f"{sid}-import"}
+    kwargs: dict[str, Any] = (
+        {"json": to_wire(sd)} if fmt == "json" else
+        {"content": torch_bytes(sd), "params": {"format": "torch"},
+         "headers": {"Content-Type": BINARY, **key}})
+    kwargs.setdefault("headers", key)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.put(f"/v1/sessions/{sid}/state_dict", **kwargs)
+        assert r.status_code == 200, r.text
+    server.kill9()
+    shutil.rmtree(shard)
+    shutil.copytree(before, shard)  # (the import reached shard 0 only)
+    server.start()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        apart = c.get(f"/v1/sessions/{sid}")
+        assert apart.status_code == 503 and apart.json()["code"] == "shards_out_of_step"
+        r = c.put(f"/v1/sessions/{sid}/state_dict", **kwargs)
+        assert r.status_code == 200, r.text
+        m.import_state(sd)
+        check_session(c, sid, m)
         assert c.delete(f"/v1/sessions/{sid}").status_code == 204
