@@ -70,6 +70,8 @@ class Checked:
     nonfinite: list[str] = field(default_factory=list)
     version: int = 0
     step: int = 0
+    #: the shard's change counter (an option change moves it, not the version)
+    revision: int = 0
 
 
 class SessionHost(Protocol):
@@ -194,12 +196,13 @@ class InProcessHost:
             def check() -> Checked:
                 if session.idem.lookup(idem.key, idem.fingerprint, idem.legacy) is not None:
                     return Checked(applied=True, version=session.version,
-                                   step=session.step_count)
+                                   step=session.step_count, revision=session.revision)
                 plan = op.checked(session)
                 if isinstance(plan, StepPlan):
                     return Checked(False, plan.skip, list(plan.nonfinite), session.version,
-                                   session.step_count)
-                return Checked(version=session.version, step=session.step_count)
+                                   session.step_count, session.revision)
+                return Checked(version=session.version, step=session.step_count,
+                               revision=session.revision)
             checked = await host._worker.run(check, f"{op.kind}_prepare")
         if not checked.applied:
             self._prepared[(key, idem.key)] = (op, now)

@@ -917,3 +917,53 @@ def test_an_import_that_reached_one_shard_only_is_completed_by_its_retry(
         m.import_state(sd)
         check_session(c, sid, m)
         assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
+def test_an_option_change_that_reached_one_shard_only_is_seen_and_completed(
+        server: Proc) -> None:
+    """A keyed ``PATCH .../param_groups/0`` of a sharded session that a crash cut between its
+    shards' commits (the files a kill -9 there leaves) moves one shard's revision, not its
+    version. The shards are apart as after a cut step: reads are a retryable 503
+    ``shards_out_of_step`` until the client's retry with the same key completes the change,
+    and then every shard steps with the new lr (torch's values). The shards' versions were all
+    that was compared: the session was served as if whole, described with the first shard's
+    lr while the other shard stepped with the old one."""
+    from tests.integration.test_crash_every_mutation import Mirror, check_session
+
+    server = running(server)
+    sid = f"cut-patch-{time.time_ns()}"
+    start = tensors(8)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        made = c.post("/v1/sessions", json={
+            "id": sid, "optimizer": "Adam", "options": {"lr": LR}, "shards": 2,
+            "params": {n: json_tensor(t) for n, t in start.items()}})
+        assert made.status_code == 201, made.text
+    m = Mirror("Adam", [(start, {})], {"lr": LR})
+    server.kill9()
+    shard = server.data_dir / "sessions" / f"default#{sid}~shard1of2"
+    before = server.data_dir.parent / f"{sid}-shard1-before"
+    shutil.copytree(shard, before)
+    server.start()
+    change = {"lr": 0.5}
+    key = {"Idempotency-Key": f"{sid}-patch"}
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.patch(f"/v1/sessions/{sid}/param_groups/0", json=change, headers=key)
+        assert r.status_code == 200, r.text
+    server.kill9()
+    shutil.rmtree(shard)
+    shutil.copytree(before, shard)  # (the change reached shard 0 only)
+    server.start()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        apart = c.get(f"/v1/sessions/{sid}")
+        assert apart.status_code == 503, apart.text
+        assert apart.json()["code"] == "shards_out_of_step"
+        r = c.patch(f"/v1/sessions/{sid}/param_groups/0", json=change, headers=key)
+        assert r.status_code == 200, r.text
+        m.opt.param_groups[0].update(change)
+        grads = tensors(9)
+        r = c.post(f"/v1/sessions/{sid}/step", content=safetensors.torch.save(grads),
+                   headers={"Content-Type": BINARY})
+        assert r.status_code == 200, r.text
+        m.step(grads)
+        check_session(c, sid, m)
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204
