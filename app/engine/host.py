@@ -341,6 +341,9 @@ class EmbeddedHost:
                                                 else "memory")
         self._sessions: dict[str, Session] = {}
         self._refused: dict[str, str] = {}
+        #: the sessions this start discarded as creates a crash interrupted (never
+        #: acknowledged): a sharded session's router undoes the rest of such a create
+        self.interrupted: set[str] = set()
         self._damaged: dict[str, _Damage] = {}
         self._locks: dict[str, _KeyLock] = {}
         self._key_locks: dict[tuple[str, str], _KeyLock] = {}
@@ -1287,6 +1290,7 @@ class EmbeddedHost:
             if self._store.incomplete(key):  # a create cut short: never acknowledged
                 log.warning("discarding %s: a create that a crash interrupted", key)
                 self._store.discard(key)
+                self.interrupted.add(key)
                 continue
             try:
                 session, replayed, torn = self._restore(key)
@@ -1294,6 +1298,7 @@ class EmbeddedHost:
                 log.warning("discarding %s: a create that a crash interrupted (its record "
                             "torn)", key)
                 self._store.discard(key)
+                self.interrupted.add(key)
                 continue
             except Exception as exc:  # noqa: BLE001 - refuse this one, serve the rest
                 # relative to the sessions directory: /readyz shows it to the tenant

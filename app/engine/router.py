@@ -45,7 +45,7 @@ from app.engine.interface import (
 from app.engine.ops import Expected, Operation
 from app.engine.ops.gradients import StepPlan
 from app.engine.store import files_failing, storage_failure
-from app.errors import Conflict, NotFound, Unavailable
+from app.errors import Conflict, NotFound, OptserveError, Unavailable
 
 log = logging.getLogger("optserve.router")
 #: what a failed read of the directory was doing (:func:`~app.engine.store.files_failing`)
@@ -284,6 +284,8 @@ class LocalRouter:
                 self._entries[key] = entry
         for key in sorted(self._entries):  # sharded sessions whose shards are gone
             await self._stale(key)
+        for key in sorted(self._entries):
+            await self._undo_cut_create(key)
         for key, entry in self._entries.items():
             made_by = entry.get("created_by")
             tenant = split_key(key)[0]
@@ -310,6 +312,36 @@ class LocalRouter:
         self._sharded.pop(key, None)
         self._entries.pop(key, None)
         return True
+
+    async def _undo_cut_create(self, key: str) -> None:
+        """Undo an unkeyed create of a sharded session that a crash cut part way: a shard
+        this start discarded as an interrupted create (never acknowledged: the answer waits
+        for every shard) and others made. No retry can finish it (a keyed one's finishes it,
+        :meth:`_cut_create`), and served, its reads were 404s naming the missing shard and
+        a create of its id a 409 for good: its shards and its entry go, with a warning (what
+        cannot be removed now stays, as before, for a delete of the id)."""
+        from app.engine.shards import ShardLayout, shard_key
+        entry = self._entries[key]
+        if entry.get("created_by"):
+            return
+        shards = ShardLayout.from_json(entry["layout"]).shards
+        keys = [shard_key(key, i, shards) for i in range(shards)]
+        cut = [k for k in keys if k in self.local.embedded.interrupted]
+        if not cut or set(keys) & set(await self.local.refused()):
+            return  # (a shard refused at start: every file is left to an operator)
+        log.warning("sharded session %s: its create was cut by a crash (%s discarded): its "
+                    "other shards and its directory entry are removed", key, ", ".join(cut))
+        try:
+            for skey in keys:
+                if skey not in cut:
+                    with contextlib.suppress(NotFound):
+                        await self.local.delete(skey)
+            self.directory.remove_made(key, entry.get("made"))
+        except (OSError, OptserveError) as exc:
+            log.warning("could not undo the cut create of %s: %s", key, exc)
+            return
+        self._sharded.pop(key, None)
+        self._entries.pop(key, None)
 
     def _write_entry_again(self, host_key: str) -> None:
         """A shard's files were written again after the data directory was removed while the
