@@ -1316,6 +1316,43 @@ class EmbeddedHost:
                      ", torn last record dropped" if torn else "",
                      time.perf_counter() - started)
 
+    def undo_cut(self, keys: list[str]) -> list[str]:
+        """At start, for the shards ``keys`` of one sharded session: where they are at
+        different versions or revisions because an operation a crash cut between their
+        commits (never acknowledged: its answer waits for every shard) reached some of them
+        only, cut its record off the logs of those (the last record of each, under a key the
+        other shards never saw) and restore them without it, so that the session is whole
+        again as it was before that operation. The keys of the shards so restored; none where
+        that does not make every shard agree (a snapshot holds the operation already): the
+        session stays apart, and the operation's keyed retry completes it."""
+        assert self._store is not None
+        sessions = {k: self._sessions[k] for k in keys if k in self._sessions}
+        if len(sessions) != len(keys) or \
+                len({(s.version, s.revision) for s in sessions.values()}) <= 1:
+            return []
+        lasts: dict[str, str] = {}
+        for k, s in sessions.items():
+            records = self._store.read(k)[1]
+            if records:
+                last = persist.decode_record(records[-1])
+                if last.seq == s.seq and last.keys and not isinstance(last.op, CreateSession):
+                    lasts[k] = last.keys[0][0]
+        for tx in sorted(set(lasts.values())):
+            cut = [k for k, t in lasts.items() if t == tx]
+            if any(s.idem.holds(tx) for k, s in sessions.items() if k not in cut):
+                continue
+            before = {k: self._restore(k, but_last=True)[0] for k in cut}
+            whole = {**sessions, **before}
+            if len({(s.version, s.revision) for s in whole.values()}) != 1:
+                continue
+            for k in cut:
+                self._store.truncate(k, self._store.last_record_start(k))
+                self._sessions[k] = before[k]
+                log.warning("%s: its last logged operation reached some shards of its session "
+                            "only (a crash cut it): undone", k)
+            return cut
+        return []
+
     def _refuse_stored(self, key: str, reason: str) -> None:
         """Leave the stored session ``key`` out of service, its files as they are (``/readyz``
         lists it with ``reason``)."""
@@ -1338,12 +1375,16 @@ class EmbeddedHost:
         tenant, session_id = split_key(key)
         self._refused_creates[(tenant, made[0])] = (made[1], session_id)
 
-    def _restore(self, key: str, *, live: bool = False) -> tuple[Session, int, bool]:
+    def _restore(self, key: str, *, live: bool = False, but_last: bool = False
+                 ) -> tuple[Session, int, bool]:
         """The session as its snapshot and log make it: the snapshot, then each record through
         the operation's own ``check`` and ``apply`` (``live``: a running session's rebuild,
-        which leaves a torn tail in the file to its log's repair)."""
+        which leaves a torn tail in the file to its log's repair; ``but_last``: without the
+        log's last record)."""
         assert self._store is not None
         payload, records, torn = self._store.read(key, cut_torn=not live)
+        if but_last:
+            records = records[:-1]
         session = (Session.restore(persist.decode_tree(payload, persist.SNAPSHOT_KEY),
                                    self._device) if payload is not None else None)
         if session is not None:  # the replayed records' keys kept as many as live ones are

@@ -286,6 +286,8 @@ class LocalRouter:
             await self._stale(key)
         for key in sorted(self._entries):
             await self._undo_cut_create(key)
+        for key in sorted(self._entries):
+            self._undo_cut_operation(key)
         for key, entry in self._entries.items():
             made_by = entry.get("created_by")
             tenant = split_key(key)[0]
@@ -342,6 +344,22 @@ class LocalRouter:
             return
         self._sharded.pop(key, None)
         self._entries.pop(key, None)
+
+    def _undo_cut_operation(self, key: str) -> None:
+        """Make a sharded session whole again where an operation a crash cut between its
+        shards' commits reached some of them only (:meth:`EmbeddedHost.undo_cut
+        <app.engine.host.EmbeddedHost.undo_cut>`). Left apart, it answered 503
+        ``shards_out_of_step`` until that operation's retry with its key completed it, and
+        went out of service for good without one (an unkeyed operation has none)."""
+        from app.engine.shards import ShardLayout, shard_key
+        if self.directory.root is None:
+            return
+        shards = ShardLayout.from_json(self._entries[key]["layout"]).shards
+        try:
+            self.local.embedded.undo_cut([shard_key(key, i, shards) for i in range(shards)])
+        except Exception as exc:  # noqa: BLE001 - as it was: apart, for the retry to complete
+            log.warning("could not undo the operation that reached some shards of %s only: "
+                        "%s", key, exc)
 
     def _write_entry_again(self, host_key: str) -> None:
         """A shard's files were written again after the data directory was removed while the

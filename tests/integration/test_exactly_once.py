@@ -86,6 +86,16 @@ def restarted_gracefully(server: Proc) -> None:
     server.start()
 
 
+def stop_with_snapshots(server: Proc) -> None:
+    """SIGTERM: every session snapshotted on the way out. A shard's snapshot holding an
+    operation its sibling lacks (what a crash between their commits leaves, once a snapshot
+    took it) cannot be undone at the next start: the session stays apart until the
+    operation's retry completes it."""
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(120) == 0
+
+
 def running(server: Proc) -> Proc:
     if server.proc is None or server.proc.poll() is not None:  # a test before failed mid-kill
         server.start()
@@ -866,11 +876,11 @@ def test_a_retried_delete_leaves_the_session_made_again_under_its_id_alone(
 def test_an_import_that_reached_one_shard_only_is_completed_by_its_retry(
         server: Proc, fmt: str) -> None:
     """A keyed state import into a sharded session that a crash cut between its shards'
-    commits (the files as a kill -9 leaves them: one shard's log holds the import, the
-    other's does not) is completed by the client's retry with the same key, as the docs
-    promise, and the session is torch's after the import. With ``?format=torch`` the retry was
-    a 503 ``shards_out_of_step`` for good (the route described the session, to size the
-    file, before the import could complete it): the session went out of service."""
+    commits, where a snapshot of the shard that took it holds it (so the start cannot undo
+    it), is completed by the client's retry with the same key, as the docs promise, and the
+    session is torch's after the import. With ``?format=torch`` the retry was a 503
+    ``shards_out_of_step`` for good (the route described the session, to size the file,
+    before the import could complete it): the session went out of service."""
     from tests.integration.test_crash_every_mutation import Mirror, check_session
 
     server = running(server)
@@ -905,9 +915,9 @@ def test_an_import_that_reached_one_shard_only_is_completed_by_its_retry(
     with httpx.Client(base_url=server.url, timeout=60) as c:
         r = c.put(f"/v1/sessions/{sid}/state_dict", **kwargs)
         assert r.status_code == 200, r.text
-    server.kill9()
+    stop_with_snapshots(server)
     shutil.rmtree(shard)
-    shutil.copytree(before, shard)  # (the import reached shard 0 only)
+    shutil.copytree(before, shard)  # (the import reached shard 0 only, now in its snapshot)
     server.start()
     with httpx.Client(base_url=server.url, timeout=60) as c:
         apart = c.get(f"/v1/sessions/{sid}")
@@ -922,12 +932,13 @@ def test_an_import_that_reached_one_shard_only_is_completed_by_its_retry(
 def test_an_option_change_that_reached_one_shard_only_is_seen_and_completed(
         server: Proc) -> None:
     """A keyed ``PATCH .../param_groups/0`` of a sharded session that a crash cut between its
-    shards' commits (the files a kill -9 there leaves) moves one shard's revision, not its
-    version. The shards are apart as after a cut step: reads are a retryable 503
-    ``shards_out_of_step`` until the client's retry with the same key completes the change,
-    and then every shard steps with the new lr (torch's values). The shards' versions were all
-    that was compared: the session was served as if whole, described with the first shard's
-    lr while the other shard stepped with the old one."""
+    shards' commits, where a snapshot of the shard that took it holds it (so the start cannot
+    undo it), moves one shard's revision, not its version. The shards are apart as after a
+    cut step: reads are a retryable 503 ``shards_out_of_step`` until the client's retry with
+    the same key completes the change, and then every shard steps with the new lr (torch's
+    values). The shards' versions were all that was compared: the session was served as if
+    whole, described with the first shard's lr while the other shard stepped with the old
+    one."""
     from tests.integration.test_crash_every_mutation import Mirror, check_session
 
     server = running(server)
@@ -949,9 +960,9 @@ def test_an_option_change_that_reached_one_shard_only_is_seen_and_completed(
     with httpx.Client(base_url=server.url, timeout=60) as c:
         r = c.patch(f"/v1/sessions/{sid}/param_groups/0", json=change, headers=key)
         assert r.status_code == 200, r.text
-    server.kill9()
+    stop_with_snapshots(server)
     shutil.rmtree(shard)
-    shutil.copytree(before, shard)  # (the change reached shard 0 only)
+    shutil.copytree(before, shard)  # (the change reached shard 0 only, now in its snapshot)
     server.start()
     with httpx.Client(base_url=server.url, timeout=60) as c:
         apart = c.get(f"/v1/sessions/{sid}")

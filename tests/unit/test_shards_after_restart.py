@@ -371,3 +371,53 @@ def test_an_unkeyed_sharded_create_cut_part_way_is_undone_at_start(
     asyncio.run(restarted())
     assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == [
         "default#u~shard0of2", "default#u~shard1of2"]
+
+
+@pytest.mark.parametrize("behind", [0, 1])
+@pytest.mark.parametrize("keyed", [False, True])
+def test_a_step_that_reached_some_shards_only_is_undone_at_start(
+        tmp_path: Path, behind: int, keyed: bool) -> None:
+    """A step of a sharded session that a crash cut between its shards' commits (the files
+    as the kill leaves them: one shard's log holds it, the other's does not; never
+    acknowledged) is undone at the next start: the shard that applied it is restored without
+    it, and the session is whole, as before the step (torch's values after one step, not
+    two), and steps on. Left apart, it answered 503 ``shards_out_of_step`` until the step's
+    retry with its key, and an unkeyed step has none: out of service for good. A keyed
+    step's retry is then applied once."""
+    key = IdemKey("k-cut-step", "step cut") if keyed else None
+
+    async def made() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        await eng.create(spec("c"))
+        await eng.step("c", GRAD, return_params=False)
+        await eng.stop(snapshot=True)
+
+    asyncio.run(made())
+    shard = tmp_path / "sessions" / f"default#c~shard{behind}of2"
+    saved = tmp_path.parent / f"{tmp_path.name}-saved"
+    shutil.copytree(shard, saved)
+
+    async def cut() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        await eng.step("c", GRAD, return_params=False, idem=key)
+        await eng.stop(snapshot=False)
+
+    asyncio.run(cut())
+    shutil.rmtree(shard)
+    shutil.copytree(saved, shard)  # (the step reached the other shard only)
+
+    async def restarted() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        try:
+            assert (await eng.describe("c")).version == 1
+            assert_tensors_equal(dict((await eng.pull("c", None)).params), stepped(1), "undone")
+            out = await eng.step("c", GRAD, return_params=False, idem=key)
+            assert (out.version, out.replayed) == (2, False)
+            assert_tensors_equal(dict((await eng.pull("c", None)).params), stepped(2), "on")
+        finally:
+            await eng.stop(snapshot=False)
+
+    asyncio.run(restarted())
