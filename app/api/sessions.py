@@ -434,7 +434,7 @@ async def import_state(
     fmt = _state_format(request, "safetensors" if kind == "binary" else "json")
     idem = await idempotency(request, buf)
     if fmt == "torch":
-        limit = parse.torch_file_limit(await engine.describe(session_id, tenant=tenant))
+        limit = parse.torch_file_limit(await engine.describe_layout(session_id, tenant=tenant))
         state = await offload(lambda: parse.state_from_torch(buf, limit), len(buf))
     elif fmt == "safetensors":
         state = await offload(lambda: parse.state_from_safetensors(buf), len(buf))

@@ -173,6 +173,19 @@ class Front:
         host, key = await self._host(tenant, session_id)
         return await host.describe(key)
 
+    async def describe_layout(self, session_id: str, *, tenant: str = DEFAULT_TENANT
+                              ) -> SessionInfo:
+        """The session's description for what only its parameters' shapes and dtypes matter
+        to (sizing a ``torch.save`` import): as :meth:`describe`, but a sharded session's is
+        given also while its shards are at different versions, where :meth:`describe` is a
+        503 ``shards_out_of_step``. The import that reached some shards only is completed by
+        its retry, which is sized here first: refused there, it never could be."""
+        from app.engine.shards import ShardedSession
+        host, key = await self._host(tenant, session_id)
+        if isinstance(host, ShardedSession):
+            return await host.describe(key, lockstep=False)
+        return await host.describe(key)
+
     async def list_sessions(self, *, tenant: str = DEFAULT_TENANT) -> list[SessionInfo]:
         return await self.router.list_sessions(session_key(tenant, ""))
 

@@ -341,6 +341,9 @@ class EmbeddedHost:
                                                 else "memory")
         self._sessions: dict[str, Session] = {}
         self._refused: dict[str, str] = {}
+        #: the sessions this start discarded as creates a crash interrupted (never
+        #: acknowledged): a sharded session's router undoes the rest of such a create
+        self.interrupted: set[str] = set()
         self._damaged: dict[str, _Damage] = {}
         self._locks: dict[str, _KeyLock] = {}
         self._key_locks: dict[tuple[str, str], _KeyLock] = {}
@@ -750,6 +753,19 @@ class EmbeddedHost:
         async with self._keyed(split_key(key)[0], idem):
             return await self._delete(key, idem, expected)
 
+    def deleted_with(self, scope: str, idem: IdemKey) -> bool:
+        """Whether a delete sent with this key was done (its tombstone is kept under
+        ``scope``: the tenant, or a shard's own key); 422 ``idempotency_key_reused`` when the
+        key was used for another request."""
+        gone = self._tombstones.get((scope, idem.key))
+        if gone is None:
+            return False
+        if gone[0] != idem.fingerprint:
+            raise Invalid("this Idempotency-Key was already used for a different request; use "
+                          "a fresh key for every new operation", code="idempotency_key_reused",
+                          field="Idempotency-Key")
+        return True
+
     def _delete_expected(self, key: str, expected: Expected | None) -> None:
         """A conditional delete's precondition (412 unless it holds; NotFound without the
         session). A session refused at start has no version to hold."""
@@ -776,15 +792,8 @@ class EmbeddedHost:
         scopes = [(tenant if parent is None else key, session_id)]
         if parent is not None and shard_index(key) == 0:
             scopes.append(split_key(parent))
-        scope = scopes[0][0]
-        if idem is not None:
-            gone = self._tombstones.get((scope, idem.key))
-            if gone is not None:
-                if gone[0] != idem.fingerprint:
-                    raise Invalid("this Idempotency-Key was already used for a different "
-                                  "request; use a fresh key for every new operation",
-                                  code="idempotency_key_reused", field="Idempotency-Key")
-                return True
+        if idem is not None and self.deleted_with(scopes[0][0], idem):
+            return True
         # (before an open LBFGS step is abandoned, and again under the lock: a refused delete
         # leaves everything as it was)
         self._delete_expected(key, expected)
@@ -1281,6 +1290,7 @@ class EmbeddedHost:
             if self._store.incomplete(key):  # a create cut short: never acknowledged
                 log.warning("discarding %s: a create that a crash interrupted", key)
                 self._store.discard(key)
+                self.interrupted.add(key)
                 continue
             try:
                 session, replayed, torn = self._restore(key)
@@ -1288,6 +1298,7 @@ class EmbeddedHost:
                 log.warning("discarding %s: a create that a crash interrupted (its record "
                             "torn)", key)
                 self._store.discard(key)
+                self.interrupted.add(key)
                 continue
             except Exception as exc:  # noqa: BLE001 - refuse this one, serve the rest
                 # relative to the sessions directory: /readyz shows it to the tenant
@@ -1304,6 +1315,43 @@ class EmbeddedHost:
                      "%.2f s", key, session.version, replayed,
                      ", torn last record dropped" if torn else "",
                      time.perf_counter() - started)
+
+    def undo_cut(self, keys: list[str]) -> list[str]:
+        """At start, for the shards ``keys`` of one sharded session: where they are at
+        different versions or revisions because an operation a crash cut between their
+        commits (never acknowledged: its answer waits for every shard) reached some of them
+        only, cut its record off the logs of those (the last record of each, under a key the
+        other shards never saw) and restore them without it, so that the session is whole
+        again as it was before that operation. The keys of the shards so restored; none where
+        that does not make every shard agree (a snapshot holds the operation already): the
+        session stays apart, and the operation's keyed retry completes it."""
+        assert self._store is not None
+        sessions = {k: self._sessions[k] for k in keys if k in self._sessions}
+        if len(sessions) != len(keys) or \
+                len({(s.version, s.revision) for s in sessions.values()}) <= 1:
+            return []
+        lasts: dict[str, str] = {}
+        for k, s in sessions.items():
+            records = self._store.read(k)[1]
+            if records:
+                last = persist.decode_record(records[-1])
+                if last.seq == s.seq and last.keys and not isinstance(last.op, CreateSession):
+                    lasts[k] = last.keys[0][0]
+        for tx in sorted(set(lasts.values())):
+            cut = [k for k, t in lasts.items() if t == tx]
+            if any(s.idem.holds(tx) for k, s in sessions.items() if k not in cut):
+                continue
+            before = {k: self._restore(k, but_last=True)[0] for k in cut}
+            whole = {**sessions, **before}
+            if len({(s.version, s.revision) for s in whole.values()}) != 1:
+                continue
+            for k in cut:
+                self._store.truncate(k, self._store.last_record_start(k))
+                self._sessions[k] = before[k]
+                log.warning("%s: its last logged operation reached some shards of its session "
+                            "only (a crash cut it): undone", k)
+            return cut
+        return []
 
     def _refuse_stored(self, key: str, reason: str) -> None:
         """Leave the stored session ``key`` out of service, its files as they are (``/readyz``
@@ -1327,12 +1375,16 @@ class EmbeddedHost:
         tenant, session_id = split_key(key)
         self._refused_creates[(tenant, made[0])] = (made[1], session_id)
 
-    def _restore(self, key: str, *, live: bool = False) -> tuple[Session, int, bool]:
+    def _restore(self, key: str, *, live: bool = False, but_last: bool = False
+                 ) -> tuple[Session, int, bool]:
         """The session as its snapshot and log make it: the snapshot, then each record through
         the operation's own ``check`` and ``apply`` (``live``: a running session's rebuild,
-        which leaves a torn tail in the file to its log's repair)."""
+        which leaves a torn tail in the file to its log's repair; ``but_last``: without the
+        log's last record)."""
         assert self._store is not None
         payload, records, torn = self._store.read(key, cut_torn=not live)
+        if but_last:
+            records = records[:-1]
         session = (Session.restore(persist.decode_tree(payload, persist.SNAPSHOT_KEY),
                                    self._device) if payload is not None else None)
         if session is not None:  # the replayed records' keys kept as many as live ones are

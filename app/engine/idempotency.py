@@ -106,6 +106,10 @@ class IdempotencyTable:
             raise _refused(kept)
         return entry[1]
 
+    def holds(self, key: str) -> bool:
+        """Whether ``key`` is among the keys kept (whatever request it came with)."""
+        return key in self._entries
+
     def remember(self, key: str, fingerprint: str, result: dict[str, Any]) -> None:
         self.remember_all([(key, fingerprint)], result)
 

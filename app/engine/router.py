@@ -45,7 +45,7 @@ from app.engine.interface import (
 from app.engine.ops import Expected, Operation
 from app.engine.ops.gradients import StepPlan
 from app.engine.store import files_failing, storage_failure
-from app.errors import Conflict, NotFound, Unavailable
+from app.errors import Conflict, NotFound, OptserveError, Unavailable
 
 log = logging.getLogger("optserve.router")
 #: what a failed read of the directory was doing (:func:`~app.engine.store.files_failing`)
@@ -70,6 +70,8 @@ class Checked:
     nonfinite: list[str] = field(default_factory=list)
     version: int = 0
     step: int = 0
+    #: the shard's change counter (an option change moves it, not the version)
+    revision: int = 0
 
 
 class SessionHost(Protocol):
@@ -194,12 +196,13 @@ class InProcessHost:
             def check() -> Checked:
                 if session.idem.lookup(idem.key, idem.fingerprint, idem.legacy) is not None:
                     return Checked(applied=True, version=session.version,
-                                   step=session.step_count)
+                                   step=session.step_count, revision=session.revision)
                 plan = op.checked(session)
                 if isinstance(plan, StepPlan):
                     return Checked(False, plan.skip, list(plan.nonfinite), session.version,
-                                   session.step_count)
-                return Checked(version=session.version, step=session.step_count)
+                                   session.step_count, session.revision)
+                return Checked(version=session.version, step=session.step_count,
+                               revision=session.revision)
             checked = await host._worker.run(check, f"{op.kind}_prepare")
         if not checked.applied:
             self._prepared[(key, idem.key)] = (op, now)
@@ -281,6 +284,10 @@ class LocalRouter:
                 self._entries[key] = entry
         for key in sorted(self._entries):  # sharded sessions whose shards are gone
             await self._stale(key)
+        for key in sorted(self._entries):
+            await self._undo_cut_create(key)
+        for key in sorted(self._entries):
+            self._undo_cut_operation(key)
         for key, entry in self._entries.items():
             made_by = entry.get("created_by")
             tenant = split_key(key)[0]
@@ -307,6 +314,52 @@ class LocalRouter:
         self._sharded.pop(key, None)
         self._entries.pop(key, None)
         return True
+
+    async def _undo_cut_create(self, key: str) -> None:
+        """Undo an unkeyed create of a sharded session that a crash cut part way: a shard
+        this start discarded as an interrupted create (never acknowledged: the answer waits
+        for every shard) and others made. No retry can finish it (a keyed one's finishes it,
+        :meth:`_cut_create`), and served, its reads were 404s naming the missing shard and
+        a create of its id a 409 for good: its shards and its entry go, with a warning (what
+        cannot be removed now stays, as before, for a delete of the id)."""
+        from app.engine.shards import ShardLayout, shard_key
+        entry = self._entries[key]
+        if entry.get("created_by"):
+            return
+        shards = ShardLayout.from_json(entry["layout"]).shards
+        keys = [shard_key(key, i, shards) for i in range(shards)]
+        cut = [k for k in keys if k in self.local.embedded.interrupted]
+        if not cut or set(keys) & set(await self.local.refused()):
+            return  # (a shard refused at start: every file is left to an operator)
+        log.warning("sharded session %s: its create was cut by a crash (%s discarded): its "
+                    "other shards and its directory entry are removed", key, ", ".join(cut))
+        try:
+            for skey in keys:
+                if skey not in cut:
+                    with contextlib.suppress(NotFound):
+                        await self.local.delete(skey)
+            self.directory.remove_made(key, entry.get("made"))
+        except (OSError, OptserveError) as exc:
+            log.warning("could not undo the cut create of %s: %s", key, exc)
+            return
+        self._sharded.pop(key, None)
+        self._entries.pop(key, None)
+
+    def _undo_cut_operation(self, key: str) -> None:
+        """Make a sharded session whole again where an operation a crash cut between its
+        shards' commits reached some of them only (:meth:`EmbeddedHost.undo_cut
+        <app.engine.host.EmbeddedHost.undo_cut>`). Left apart, it answered 503
+        ``shards_out_of_step`` until that operation's retry with its key completed it, and
+        went out of service for good without one (an unkeyed operation has none)."""
+        from app.engine.shards import ShardLayout, shard_key
+        if self.directory.root is None:
+            return
+        shards = ShardLayout.from_json(self._entries[key]["layout"]).shards
+        try:
+            self.local.embedded.undo_cut([shard_key(key, i, shards) for i in range(shards)])
+        except Exception as exc:  # noqa: BLE001 - as it was: apart, for the retry to complete
+            log.warning("could not undo the operation that reached some shards of %s only: "
+                        "%s", key, exc)
 
     def _write_entry_again(self, host_key: str) -> None:
         """A shard's files were written again after the data directory was removed while the
@@ -564,6 +617,21 @@ class LocalRouter:
     async def trim(self) -> None:
         await self.local.embedded.trim()
 
+    def _deleted_before(self, key: str, session: SessionHost, idem: IdemKey) -> bool:
+        """Whether this keyed delete was done before and the sharded session held now under
+        the id was made since: its first shard is held, while a delete done whole (or cut
+        short after its first shard went) keeps the key under the session's id in that shard's
+        tombstone. Such a retry is answered (204) and leaves the new session alone, as a plain
+        session's is: it went on to mark the new session's create deleted, delete its
+        directory entry (a 404 from then on) and leave its shards' files for good. A delete
+        cut short before its first shard went keeps no such tombstone: its retry finishes
+        it."""
+        from app.engine.shards import ShardedSession
+        if not isinstance(session, ShardedSession) or \
+                not self.local.embedded.deleted_with(split_key(key)[0], idem):
+            return False
+        return session.shards[0][1] in self.local.embedded.keys(session.shards[0][1])
+
     async def delete(self, key: str, *, idem: IdemKey | None = None,
                      expected: Expected | None = None) -> bool:
         from app.engine.shards import shard_index
@@ -577,6 +645,8 @@ class LocalRouter:
         host = await self.route(key)
         if host is self.local:  # (a plain session's create key goes with its tombstone)
             return await host.delete(key, idem=idem, expected=expected)
+        if idem is not None and self._deleted_before(key, host, idem):
+            return True
         # (before any shard is touched: a failure leaves the session as it was, and the
         # create's index, moved or not, answers a retried create as a crash here would)
         with files_failing("marking the session's create deleted"):

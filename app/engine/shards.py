@@ -430,7 +430,7 @@ class ShardedSession:
             if expected is not None:  # (held by every shard, read before any is deleted)
                 self._check_usable()
                 infos = await self._all(lambda host, skey: host.describe(skey))
-                self._check_lockstep([i.version for i in infos])
+                self._check_lockstep([i.version for i in infos], [i.revision for i in infos])
                 expected.check(merge_info(self.key, infos, self.layout,
                                           [h.name for h, _ in self.shards]))
             results = await asyncio.gather(*(host.delete(skey, idem=idem)
@@ -445,11 +445,15 @@ class ShardedSession:
         return bool(results) and all(r is True for r in results)
 
     # ------------------------------------------------------------------ reads
-    async def describe(self, key: str) -> SessionInfo:
+    async def describe(self, key: str, *, lockstep: bool = True) -> SessionInfo:
+        """``lockstep=False``: also while the shards are at different versions (the first
+        shard's then), for what only the layout matters to: sizing a ``torch.save`` import,
+        whose retry is what completes an import that reached some shards only."""
         async with self._lock:
             self._check_usable()
             infos = await self._all(lambda host, skey: host.describe(skey))
-        self._check_lockstep([i.version for i in infos])
+        if lockstep:
+            self._check_lockstep([i.version for i in infos], [i.revision for i in infos])
         return merge_info(self.key, infos, self.layout, [h.name for h, _ in self.shards])
 
     async def list_sessions(self, prefix: str) -> list[SessionInfo]:
@@ -504,7 +508,7 @@ class ShardedSession:
         async with self._lock:
             self._check_usable()
             outs = await self._all(lambda host, skey: host.export_state(skey))
-        self._check_lockstep([o.version for o in outs])
+        self._check_lockstep([o.version for o in outs], [o.revision for o in outs])
         return StateExport(merge_state([o.state_dict for o in outs], self.layout,
                                        [o.state_order for o in outs]),
                            outs[0].version, outs[0].step, outs[0].revision)
@@ -608,11 +612,11 @@ class ShardedSession:
             await asyncio.gather(*(self.shards[i][0].abort(self.shards[i][1], idem)
                                    for i in checked), return_exceptions=True)
             raise first_refusal(errors, self.layout)
-        fresh = [c.version for c in checked.values() if not c.applied]
-        if len(set(fresh)) > 1:
+        fresh = [c for c in checked.values() if not c.applied]
+        if len({(c.version, c.revision) for c in fresh}) > 1:
             await asyncio.gather(*(self.shards[i][0].abort(self.shards[i][1], idem)
                                    for i in checked), return_exceptions=True)
-        self._check_lockstep(fresh)
+        self._check_lockstep([c.version for c in fresh], [c.revision for c in fresh])
         commit: dict[int, Operation | None] = {i: None for i in ops}
         if any(c.skip for c in checked.values()):  # the whole session skips this step
             for i, op in ops.items():
@@ -685,18 +689,21 @@ class ShardedSession:
                               f"service: {self._damaged}; it cannot be restored: delete it",
                               code="session_damaged", retry_after=None)
 
-    def _check_lockstep(self, versions: list[int]) -> None:
-        """Shards at different versions: an operation reached some of them only (its
-        coordinator died mid-commit). Its client's retry, with the same key, completes it;
-        until then everything else is refused with a retryable 503, and a disagreement that
-        outlasts the grace takes the session out of service."""
-        if len(set(versions)) <= 1:
+    def _check_lockstep(self, versions: list[int], revisions: Sequence[int] = ()) -> None:
+        """Shards at different versions, or revisions (an option change moves only the
+        revision): an operation reached some of them only (its coordinator died mid-commit).
+        Its client's retry, with the same key, completes it; until then everything else is
+        refused with a retryable 503, and a disagreement that outlasts the grace takes the
+        session out of service."""
+        if len(set(versions)) <= 1 and len(set(revisions)) <= 1:
             self._out_of_step_since = None
             return
         now = time.monotonic()
         if self._out_of_step_since is None:
             self._out_of_step_since = now
         what = (f"its shards are at different versions ({sorted(set(versions))}): an operation "
+                "reached some shards only" if len(set(versions)) > 1 else
+                f"its shards are at different revisions ({sorted(set(revisions))}): a change "
                 "reached some shards only")
         if now - self._out_of_step_since >= 2 * self.commit_timeout_s:
             self._damaged = what
@@ -720,7 +727,8 @@ class ShardedSession:
     def _merge(self, op: Operation, results: dict[int, Any], want_params: bool,
                nonfinite: list[str]) -> Any:
         outs = [results[i] for i in sorted(results)]
-        self._check_lockstep([r.version for r in outs if hasattr(r, "version")])
+        self._check_lockstep([r.version for r in outs if hasattr(r, "version")],
+                             [r.revision for r in outs if isinstance(r, SessionInfo)])
         first = outs[0]
         replayed = all(getattr(r, "replayed", False) for r in outs)
         if isinstance(first, StepResult):

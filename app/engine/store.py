@@ -958,6 +958,22 @@ class Store:
                 self._spoil(lg)
                 raise
 
+    def last_record_start(self, session_id: str) -> int:
+        """Where the last whole record of the session's log starts (0 for an empty log)."""
+        path = self._dir(session_id) / "wal.bin"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        view = memoryview(data)
+        pos = start = 0
+        while pos < len(data):
+            span = _record_at(view, pos)
+            if span is None:
+                break
+            start, pos = pos, span[1]
+        return start
+
     def cut_pending(self, session_id: str) -> None:
         """Cut the records a failed truncate left past the session's log's last good length
         now (before a replay reads the file: they must not count); OSError when it still

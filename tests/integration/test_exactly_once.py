@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import threading
@@ -37,7 +38,7 @@ import torch
 
 import optserve
 from tests.integration.test_durability import Proc, pull
-from tests.torch_reference import assert_tensors_equal
+from tests.torch_reference import assert_tensors_equal, json_tensor, to_wire, torch_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -83,6 +84,16 @@ def restarted_gracefully(server: Proc) -> None:
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(120) == 0
     server.start()
+
+
+def stop_with_snapshots(server: Proc) -> None:
+    """SIGTERM: every session snapshotted on the way out. A shard's snapshot holding an
+    operation its sibling lacks (what a crash between their commits leaves, once a snapshot
+    took it) cannot be undone at the next start: the session stays apart until the
+    operation's retry completes it."""
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(120) == 0
 
 
 def running(server: Proc) -> Proc:
@@ -811,4 +822,159 @@ def test_an_overwrite_discards_the_open_round_live_and_after_a_kill9(server: Pro
         if life == "replayed from the log":
             restarted_gracefully(server)
     with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
+@pytest.mark.parametrize("shards", [None, 2])
+def test_a_retried_delete_leaves_the_session_made_again_under_its_id_alone(
+        server: Proc, shards: int | None) -> None:
+    """A keyed delete, the session made again under the same id, then the delete retried
+    (its answer was lost): 204, and the new session is left whole, live and after a kill -9
+    and restart: its values, and its own create's retry answered with it. A sharded session's
+    retried delete went on to the new session: its directory entry removed (404) with its
+    shards left on disk, and its create's key marked deleted."""
+    server = running(server)
+    sid = f"again-{shards}-{time.time_ns()}"
+    start = tensors(1)
+    body: dict[str, Any] = {"id": sid, "optimizer": "Adam", "options": {"lr": LR},
+                            "params": {n: json_tensor(t) for n, t in start.items()}}
+    if shards is not None:
+        body["shards"] = shards
+    create1, create2 = ({"Idempotency-Key": f"{sid}-c{i}"} for i in (1, 2))
+    delete1 = {"Idempotency-Key": f"{sid}-d1"}
+    grads = tensors(2)
+    local = adam_after(start, grads)
+
+    def whole(c: httpx.Client) -> None:
+        version, got = pull(c, sid)
+        assert version == 1
+        assert_tensors_equal(got, local, f"{sid} made again")
+        again = c.post("/v1/sessions", json=body, headers=create2)
+        assert again.status_code == 201, again.text
+        assert again.headers["Idempotent-Replayed"] == "true"
+
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.post("/v1/sessions", json=body, headers=create1).status_code == 201
+        assert c.delete(f"/v1/sessions/{sid}", headers=delete1).status_code == 204
+        assert c.post("/v1/sessions", json=body, headers=create2).status_code == 201
+        r = c.post(f"/v1/sessions/{sid}/step", content=safetensors.torch.save(grads),
+                   headers={"Content-Type": BINARY})
+        assert r.status_code == 200, r.text
+        retried = c.delete(f"/v1/sessions/{sid}", headers=delete1)
+        assert retried.status_code == 204, retried.text
+        whole(c)
+    server.kill9()
+    server.start()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        retried = c.delete(f"/v1/sessions/{sid}", headers=delete1)
+        assert retried.status_code == 204, retried.text
+        whole(c)
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
+@pytest.mark.parametrize("fmt", ["json", "torch"])
+def test_an_import_that_reached_one_shard_only_is_completed_by_its_retry(
+        server: Proc, fmt: str) -> None:
+    """A keyed state import into a sharded session that a crash cut between its shards'
+    commits, where a snapshot of the shard that took it holds it (so the start cannot undo
+    it), is completed by the client's retry with the same key, as the docs promise, and the
+    session is torch's after the import. With ``?format=torch`` the retry was a 503
+    ``shards_out_of_step`` for good (the route described the session, to size the file,
+    before the import could complete it): the session went out of service."""
+    from tests.integration.test_crash_every_mutation import Mirror, check_session
+
+    server = running(server)
+    sid = f"cut-import-{fmt}-{time.time_ns()}"
+    start = tensors(3)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        made = c.post("/v1/sessions", json={
+            "id": sid, "optimizer": "Adam", "options": {"lr": LR}, "shards": 2,
+            "params": {n: json_tensor(t) for n, t in start.items()}})
+        assert made.status_code == 201, made.text
+        m = Mirror("Adam", [(start, {})], {"lr": LR})
+        grads = tensors(4)
+        r = c.post(f"/v1/sessions/{sid}/step", content=safetensors.torch.save(grads),
+                   headers={"Content-Type": BINARY})
+        assert r.status_code == 200, r.text
+        m.step(grads)
+    server.kill9()
+    shard = server.data_dir / "sessions" / f"default#{sid}~shard1of2"
+    before = server.data_dir.parent / f"{sid}-shard1-before"
+    shutil.copytree(shard, before)
+    server.start()
+    donor = Mirror("Adam", [(tensors(5), {})], {"lr": LR})
+    for seed in (6, 7):
+        donor.step(tensors(seed))
+    sd = donor.state()
+    key = {"Idempotency-Key": f"{sid}-import"}
+    kwargs: dict[str, Any] = (
+        {"json": to_wire(sd)} if fmt == "json" else
+        {"content": torch_bytes(sd), "params": {"format": "torch"},
+         "headers": {"Content-Type": BINARY, **key}})
+    kwargs.setdefault("headers", key)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.put(f"/v1/sessions/{sid}/state_dict", **kwargs)
+        assert r.status_code == 200, r.text
+    stop_with_snapshots(server)
+    shutil.rmtree(shard)
+    shutil.copytree(before, shard)  # (the import reached shard 0 only, now in its snapshot)
+    server.start()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        apart = c.get(f"/v1/sessions/{sid}")
+        assert apart.status_code == 503 and apart.json()["code"] == "shards_out_of_step"
+        r = c.put(f"/v1/sessions/{sid}/state_dict", **kwargs)
+        assert r.status_code == 200, r.text
+        m.import_state(sd)
+        check_session(c, sid, m)
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
+def test_an_option_change_that_reached_one_shard_only_is_seen_and_completed(
+        server: Proc) -> None:
+    """A keyed ``PATCH .../param_groups/0`` of a sharded session that a crash cut between its
+    shards' commits, where a snapshot of the shard that took it holds it (so the start cannot
+    undo it), moves one shard's revision, not its version. The shards are apart as after a
+    cut step: reads are a retryable 503 ``shards_out_of_step`` until the client's retry with
+    the same key completes the change, and then every shard steps with the new lr (torch's
+    values). The shards' versions were all that was compared: the session was served as if
+    whole, described with the first shard's lr while the other shard stepped with the old
+    one."""
+    from tests.integration.test_crash_every_mutation import Mirror, check_session
+
+    server = running(server)
+    sid = f"cut-patch-{time.time_ns()}"
+    start = tensors(8)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        made = c.post("/v1/sessions", json={
+            "id": sid, "optimizer": "Adam", "options": {"lr": LR}, "shards": 2,
+            "params": {n: json_tensor(t) for n, t in start.items()}})
+        assert made.status_code == 201, made.text
+    m = Mirror("Adam", [(start, {})], {"lr": LR})
+    server.kill9()
+    shard = server.data_dir / "sessions" / f"default#{sid}~shard1of2"
+    before = server.data_dir.parent / f"{sid}-shard1-before"
+    shutil.copytree(shard, before)
+    server.start()
+    change = {"lr": 0.5}
+    key = {"Idempotency-Key": f"{sid}-patch"}
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.patch(f"/v1/sessions/{sid}/param_groups/0", json=change, headers=key)
+        assert r.status_code == 200, r.text
+    stop_with_snapshots(server)
+    shutil.rmtree(shard)
+    shutil.copytree(before, shard)  # (the change reached shard 0 only, now in its snapshot)
+    server.start()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        apart = c.get(f"/v1/sessions/{sid}")
+        assert apart.status_code == 503, apart.text
+        assert apart.json()["code"] == "shards_out_of_step"
+        r = c.patch(f"/v1/sessions/{sid}/param_groups/0", json=change, headers=key)
+        assert r.status_code == 200, r.text
+        m.opt.param_groups[0].update(change)
+        grads = tensors(9)
+        r = c.post(f"/v1/sessions/{sid}/step", content=safetensors.torch.save(grads),
+                   headers={"Content-Type": BINARY})
+        assert r.status_code == 200, r.text
+        m.step(grads)
+        check_session(c, sid, m)
         assert c.delete(f"/v1/sessions/{sid}").status_code == 204

@@ -328,3 +328,96 @@ def test_a_create_of_a_sharded_id_in_flight_is_a_409_and_leaves_its_entry(
         finally:
             await eng.stop()
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("cut", ["torn", "empty"])
+def test_an_unkeyed_sharded_create_cut_part_way_is_undone_at_start(
+        tmp_path: Path, cut: str) -> None:
+    """An unkeyed create of a sharded session that a crash cut once shard 0 was made and while
+    shard 1's create record was being written (torn, or not yet written: an empty log), so
+    never acknowledged: the start discards shard 1 (an interrupted create) and now undoes the
+    rest too, shard 0's files and the directory entry, so the id is free: a 404 naming the
+    session, a create of the id made whole, the list and the count without it. It was left
+    half made: its reads were 404s naming ``shard1of2``, and a create of its id a 409
+    ``session_exists`` for good (a delete of a session nobody had made freed it)."""
+
+    async def made() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        await eng.create(spec("u"))
+        await eng.stop(snapshot=False)
+
+    asyncio.run(made())
+    wal = tmp_path / "sessions" / "default#u~shard1of2" / "wal.bin"
+    raw = wal.read_bytes()
+    wal.write_bytes(raw[:len(raw) // 2] if cut == "torn" else b"")
+
+    async def restarted() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        try:
+            with pytest.raises(NotFound) as gone:
+                await eng.describe("u")
+            assert "'u'" in str(gone.value), gone.value
+            assert [i.id for i in await eng.list_sessions()] == []
+            assert (await eng.status()).sessions == 0
+            info = await eng.create(spec("u"))
+            assert (info.id, info.version) == ("u", 0)
+            await eng.step("u", GRAD, return_params=False)
+            assert_tensors_equal(dict((await eng.pull("u", None)).params), stepped(1), "u")
+        finally:
+            await eng.stop(snapshot=False)
+
+    asyncio.run(restarted())
+    assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == [
+        "default#u~shard0of2", "default#u~shard1of2"]
+
+
+@pytest.mark.parametrize("behind", [0, 1])
+@pytest.mark.parametrize("keyed", [False, True])
+def test_a_step_that_reached_some_shards_only_is_undone_at_start(
+        tmp_path: Path, behind: int, keyed: bool) -> None:
+    """A step of a sharded session that a crash cut between its shards' commits (the files
+    as the kill leaves them: one shard's log holds it, the other's does not; never
+    acknowledged) is undone at the next start: the shard that applied it is restored without
+    it, and the session is whole, as before the step (torch's values after one step, not
+    two), and steps on. Left apart, it answered 503 ``shards_out_of_step`` until the step's
+    retry with its key, and an unkeyed step has none: out of service for good. A keyed
+    step's retry is then applied once."""
+    key = IdemKey("k-cut-step", "step cut") if keyed else None
+
+    async def made() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        await eng.create(spec("c"))
+        await eng.step("c", GRAD, return_params=False)
+        await eng.stop(snapshot=True)
+
+    asyncio.run(made())
+    shard = tmp_path / "sessions" / f"default#c~shard{behind}of2"
+    saved = tmp_path.parent / f"{tmp_path.name}-saved"
+    shutil.copytree(shard, saved)
+
+    async def cut() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        await eng.step("c", GRAD, return_params=False, idem=key)
+        await eng.stop(snapshot=False)
+
+    asyncio.run(cut())
+    shutil.rmtree(shard)
+    shutil.copytree(saved, shard)  # (the step reached the other shard only)
+
+    async def restarted() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        try:
+            assert (await eng.describe("c")).version == 1
+            assert_tensors_equal(dict((await eng.pull("c", None)).params), stepped(1), "undone")
+            out = await eng.step("c", GRAD, return_params=False, idem=key)
+            assert (out.version, out.replayed) == (2, False)
+            assert_tensors_equal(dict((await eng.pull("c", None)).params), stepped(2), "on")
+        finally:
+            await eng.stop(snapshot=False)
+
+    asyncio.run(restarted())
