@@ -366,6 +366,14 @@ class Evaluations:
                 step.outcome = "failed"
             error = exc if isinstance(exc, OptserveError) else OptserveError(
                 f"the LBFGS step failed: {type(exc).__name__}: {exc}", code="step_failed")
+            if isinstance(exc, OptserveError):
+                # (a commit refused for want of room or a storage error: the step has ended
+                # with it, and the answer kept for its evaluation's repeats says so; a repeat
+                # cannot succeed once there is room, a new step can)
+                error.detail = (f"{error.detail}; LBFGS step {step.id} has ended with it (the "
+                                "session as it was before the step): once that is done, open "
+                                "a new step, as a repeat of this evaluation gets this answer")
+                error.extra.setdefault("outcome", step.outcome)
             _settle(step.answers[step.last], error)
             if not isinstance(exc, Exception):
                 raise

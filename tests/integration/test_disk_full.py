@@ -16,10 +16,12 @@ the server acknowledged.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -28,6 +30,7 @@ import torch
 
 from app.engine import persist
 from app.engine.store import read_log, read_snapshot
+from app.wire.safetensors_body import read_safetensors
 from tests.conftest import LiveServer, _test_settings
 from tests.integration.test_durability import (
     BINARY,
@@ -404,5 +407,93 @@ def test_snapshots_without_space(tmpfs: Mount) -> None:
     try:
         with httpx.Client(base_url=url, timeout=60) as c:
             big.assert_same(c, state=True)
+    finally:
+        live.stop()
+
+
+# --------------------------------------------------------------------------- LBFGS
+
+def _lbfgs_answer(r: httpx.Response) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """An LBFGS step's safetensors answer: (the evaluation it asks for, or None at its end;
+    the parameters it carries)."""
+    assert r.status_code == 200, r.text
+    tensors, meta = read_safetensors(bytearray(r.content))
+    asked = meta.get("evaluation") if meta.get("needs") == "evaluation" else None
+    return asked, {n: t.clone() for n, t in tensors.items()}
+
+
+def test_an_lbfgs_step_whose_commit_finds_the_disk_full(tmpfs: Mount) -> None:
+    """An LBFGS step (the closure as a round trip) whose commit finds no room: the evaluation
+    that ended it answers 507 and nothing is applied; its repeat gets the same answer, which
+    says the step has ended with it (a repeat cannot succeed once there is room: it once
+    said only that nothing was applied); with space back a new step commits, bitwise
+    torch's ``LBFGS.step`` over the same closure."""
+    disk = tmpfs(16)
+    n = 250_000  # (1 MB of gradients per evaluation: its commit's record needs more than
+    # the slack the filler leaves)
+    gen = torch.Generator().manual_seed(11)
+    p0, target = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    options = {"lr": 1, "max_iter": 3, "history_size": 3}
+
+    def closure_at(params: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+        leaf = params["p"].clone().requires_grad_()
+        loss = 0.5 * ((leaf - target) ** 2).sum()
+        loss.backward()
+        assert leaf.grad is not None
+        return float(loss.detach()), {"p": leaf.grad}
+
+    def evaluation(params: dict[str, torch.Tensor]) -> dict[str, Any]:
+        loss, grads = closure_at(params)
+        return {"content": safetensors.torch.save(grads, {"loss": json.dumps(loss)}),
+                "headers": {"Content-Type": BINARY, "Accept": BINARY}}
+
+    live = LiveServer(_test_settings(data_dir=disk))
+    url = live.start()
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            meta = {"id": "lb", "optimizer": "LBFGS", "options": json.dumps(options)}
+            r = c.post("/v1/sessions", content=safetensors.torch.save({"p": p0}, meta),
+                       headers={"Content-Type": BINARY})
+            assert r.status_code == 201, r.text
+            asked, at = _lbfgs_answer(c.post("/v1/sessions/lb/step",
+                                             headers={"Accept": BINARY}))
+            filler = fill(disk)
+            while True:  # evaluations are held in memory; the commit writes
+                assert asked is not None
+                body = evaluation(at)
+                r = c.post(f"/v1/sessions/lb/step/{asked}", **body)
+                if r.status_code != 200:
+                    break
+                asked, at = _lbfgs_answer(r)
+            assert_storage_full(r)
+            first = r.json()
+            assert "has ended with it" in first["detail"], first
+            assert "open a new step" in first["detail"] and first["outcome"] == "failed", first
+            again = c.post(f"/v1/sessions/lb/step/{asked}", **body)
+            assert again.status_code == 507
+            assert {**again.json(), "request_id": None} == {**first, "request_id": None}
+            version, got = pull(c, "lb")
+            assert version == 0 and bitwise(got["p"], p0)
+
+            filler.unlink()
+            answer = c.post("/v1/sessions/lb/step", headers={"Accept": BINARY})
+            asked, at = _lbfgs_answer(answer)
+            while asked is not None:
+                asked, at = _lbfgs_answer(c.post(f"/v1/sessions/lb/step/{asked}",
+                                                 **evaluation(at)))
+            assert answer.headers  # (the step's end carried the new parameters)
+            version, got = pull(c, "lb")
+
+            local = p0.clone().requires_grad_()
+            opt = torch.optim.LBFGS([local], **options)  # type: ignore[arg-type]
+
+            def closure() -> torch.Tensor:
+                opt.zero_grad()
+                loss = 0.5 * ((local - target) ** 2).sum()
+                loss.backward()
+                return loss
+            opt.step(closure)
+            assert version == 1 and bitwise(got["p"], local.detach())
+            assert bitwise(at["p"], local.detach())
     finally:
         live.stop()
