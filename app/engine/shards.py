@@ -678,7 +678,16 @@ class ShardedSession:
                                        return_exceptions=True)
         errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
         if errors:
-            raise first_refusal(errors, self.layout)
+            error = first_refusal(errors, self.layout)
+            if isinstance(error, NotFound) and error.code == "session_not_found":
+                # (a shard's own 404 named the shard: ``no session 'shard1of2'``)
+                missing = min(i for i, e in errors.items() if e is error)
+                raise NotFound(f"no session {split_key(self.key)[1]!r:.140}: its shard "
+                               f"{missing} of {self.layout.shards} is missing (a create a crash "
+                               "cut part way: its retry with the same Idempotency-Key finishes "
+                               "it, a delete of the id removes the rest)",
+                               code="session_not_found", field="session_id") from None
+            raise error
         return [r for r in results if not isinstance(r, BaseException)]
 
     def _check_usable(self) -> None:

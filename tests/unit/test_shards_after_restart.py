@@ -155,6 +155,13 @@ def test_a_sharded_create_cut_before_its_index_is_answered_or_finished_by_its_re
         eng = engine(tmp_path)
         await eng.start()
         try:
+            if shards_made == 1:  # its reads name the session, not its missing shard
+                with pytest.raises(NotFound) as gone:
+                    await eng.describe(made_id)
+                assert gone.value.code == "session_not_found"
+                assert gone.value.detail.startswith(f"no session {made_id!r}: its shard 1 of 2 "
+                                                    "is missing"), gone.value.detail
+                assert "Idempotency-Key" in gone.value.detail
             with pytest.raises(Invalid) as bad:
                 await eng.create(spec(sid), idem=IdemKey("k-cut", "another request"))
             assert bad.value.code == "idempotency_key_reused"
