@@ -103,6 +103,7 @@ from app.engine.ops import (
     ImportState,
     Operation,
     Overwrite,
+    Push,
     Step,
     apply_counted,
 )
@@ -1317,25 +1318,31 @@ class EmbeddedHost:
                      time.perf_counter() - started)
 
     def undo_cut(self, keys: list[str]) -> list[str]:
-        """At start, for the shards ``keys`` of one sharded session: where they are at
-        different versions or revisions because an operation a crash cut between their
-        commits (never acknowledged: its answer waits for every shard) reached some of them
-        only, cut its record off the logs of those (the last record of each, under a key the
-        other shards never saw) and restore them without it, so that the session is whole
-        again as it was before that operation. The keys of the shards so restored; none where
-        that does not make every shard agree (a snapshot holds the operation already): the
-        session stays apart, and the operation's keyed retry completes it."""
+        """At start, for the shards ``keys`` of one sharded session: where an operation a crash
+        cut between their commits (never acknowledged: its answer waits for every shard)
+        reached some of them only, cut its record off the logs of those (the last record of
+        each, under a key the other shards never saw) and restore them without it, so that
+        the session is whole again as it was before that operation. Such a cut shows as shards
+        at different versions or revisions, or, for an operation that moves neither (a push
+        into the accumulator, ``zero_grad``: every shard takes each of them), as shards whose
+        latest keys differ. The keys of the shards so restored; none where that does not make
+        every shard agree (a snapshot holds the operation already): the session stays apart,
+        and the operation's keyed retry completes it. A push logged before pushes went to
+        every shard (to some only: ``Push.every_shard`` unset) is never undone."""
         assert self._store is not None
         sessions = {k: self._sessions[k] for k in keys if k in self._sessions}
-        if len(sessions) != len(keys) or \
-                len({(s.version, s.revision) for s in sessions.values()}) <= 1:
+        if len(sessions) != len(keys):
+            return []
+        apart = len({(s.version, s.revision) for s in sessions.values()}) > 1
+        if not apart and len({s.idem.newest() for s in sessions.values()}) <= 1:
             return []
         lasts: dict[str, str] = {}
         for k, s in sessions.items():
             records = self._store.read(k)[1]
             if records:
                 last = persist.decode_record(records[-1])
-                if last.seq == s.seq and last.keys and not isinstance(last.op, CreateSession):
+                if last.seq == s.seq and last.keys and not isinstance(last.op, CreateSession) \
+                        and (not isinstance(last.op, Push) or last.op.every_shard):
                     lasts[k] = last.keys[0][0]
         for tx in sorted(set(lasts.values())):
             cut = [k for k, t in lasts.items() if t == tx]

@@ -106,6 +106,10 @@ class IdempotencyTable:
             raise _refused(kept)
         return entry[1]
 
+    def newest(self) -> str | None:
+        """The key remembered last (one of the latest operation's), or None."""
+        return next(reversed(self._entries), None)
+
     def holds(self, key: str) -> bool:
         """Whether ``key`` is among the keys kept (whatever request it came with)."""
         return key in self._entries

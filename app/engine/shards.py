@@ -542,8 +542,10 @@ class ShardedSession:
             ops = {i: dataclasses.replace(op, grads=layout.part(op.grads, i)) for i in every}
         elif isinstance(op, Push):
             self._check_names(op.grads, "grads")
-            ops = {i: Push(layout.part(op.grads, i)) for i in every
-                   if layout.part(op.grads, i)} or {0: Push({})}
+            # (to every shard, with its part or nothing: a push cut between the shards'
+            # commits is found and undone at start, and the answer's ``accumulated`` lists
+            # what every shard holds, not only the shards pushed to)
+            ops = {i: Push(layout.part(op.grads, i), every_shard=True) for i in every}
         elif isinstance(op, Overwrite):
             if not op.params:
                 raise Invalid("give at least one parameter", code="invalid_params",

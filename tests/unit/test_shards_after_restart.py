@@ -428,3 +428,145 @@ def test_a_step_that_reached_some_shards_only_is_undone_at_start(
             await eng.stop(snapshot=False)
 
     asyncio.run(restarted())
+
+
+@pytest.mark.parametrize("behind", [0, 1])
+@pytest.mark.parametrize("keyed", [False, True])
+@pytest.mark.parametrize("kind", ["push", "zero_grad"])
+def test_a_push_or_zero_grad_that_reached_some_shards_only_is_undone_at_start(
+        tmp_path: Path, behind: int, keyed: bool, kind: str) -> None:
+    """A push into the accumulator, or a ``zero_grad``, of a sharded session that a crash cut
+    between its shards' commits (the files as the kill leaves them: one shard's log holds it,
+    the other's not; never acknowledged). Neither moves the version or the revision, so the
+    shards looked whole: the session was served half pushed (the next step took one shard's
+    part of the push) or half cleared. It is undone at the next start: the accumulator is
+    whole as before it, a step then takes exactly that (torch's values), and a keyed one's
+    retry is applied once."""
+    key = IdemKey(f"k-cut-{kind}", f"{kind} cut") if keyed else None
+    names = sorted(PARAMS)
+
+    async def cut_op(eng: Front) -> None:
+        if kind == "push":
+            await eng.push("c", GRAD, idem=key)
+        else:
+            await eng.zero_grad("c", idem=key)
+
+    async def made() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        await eng.create(spec("c"))
+        if kind == "zero_grad":
+            assert (await eng.push("c", GRAD)).accumulated == names
+        await eng.stop(snapshot=True)
+
+    asyncio.run(made())
+    shard = tmp_path / "sessions" / f"default#c~shard{behind}of2"
+    saved = tmp_path.parent / f"{tmp_path.name}-saved"
+    shutil.copytree(shard, saved)
+
+    async def cut() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        await cut_op(eng)
+        await eng.stop(snapshot=False)
+
+    asyncio.run(cut())
+    shutil.rmtree(shard)
+    shutil.copytree(saved, shard)  # (the operation reached the other shard only)
+    before = [] if kind == "push" else names  # the accumulator as the operation found it
+
+    async def restarted() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        try:
+            assert (await eng.describe("c")).accumulated == before
+            if keyed:  # its retry is applied, once
+                await cut_op(eng)
+                await cut_op(eng)
+                after = names if kind == "push" else []
+                assert (await eng.describe("c")).accumulated == after
+            else:
+                after = before
+            out = await eng.step("c", GRAD if not after else {}, return_params=True)
+            assert out.version == 1 and out.params is not None
+            assert_tensors_equal(dict(out.params), stepped(1), "the accumulator whole")
+        finally:
+            await eng.stop(snapshot=False)
+
+    asyncio.run(restarted())
+
+
+def test_a_push_answers_what_every_shard_accumulated(tmp_path: Path) -> None:
+    """Pushes of a sharded session's parameters one at a time (each into one shard): each
+    answer's ``accumulated`` lists every parameter pushed so far, as an unsharded session's
+    does (it listed only those of the shards the push went to), and the step takes them
+    all."""
+
+    async def run() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        try:
+            await eng.create(spec("c"))
+            pushed: list[str] = []
+            for name in sorted(GRAD):
+                pushed.append(name)
+                assert (await eng.push("c", {name: GRAD[name]})).accumulated == pushed
+            assert (await eng.describe("c")).accumulated == pushed
+            out = await eng.step("c", {}, return_params=True)
+            assert out.params is not None
+            assert_tensors_equal(dict(out.params), stepped(1), "every push stepped")
+        finally:
+            await eng.stop(snapshot=False)
+
+    asyncio.run(run())
+
+
+def test_a_push_logged_before_pushes_went_to_every_shard_is_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data directory of an older server, whose push of one shard's parameter went to that
+    shard alone (its record without ``every_shard``, the other shard never told): at start
+    it looks like a push that reached some shards only, but it was acknowledged, and it is
+    kept: the step then takes it."""
+    from app.engine.ops.gradients import Push
+
+    async def made() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        await eng.create(spec("c"))
+        await eng.stop(snapshot=True)
+
+    asyncio.run(made())
+    other = tmp_path / "sessions" / "default#c~shard1of2"
+    saved = tmp_path.parent / f"{tmp_path.name}-saved"
+    shutil.copytree(other, saved)
+    plain = Push.to_tree
+
+    def as_before(self: Push) -> dict[str, object]:
+        return {k: v for k, v in plain(self).items() if k != "every_shard"}
+
+    async def pushed() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        with monkeypatch.context() as m:
+            m.setattr(Push, "to_tree", as_before)
+            assert (await eng.push("c", {"a": GRAD["a"]})).accumulated == ["a"]
+        await eng.stop(snapshot=False)
+
+    asyncio.run(pushed())
+    shutil.rmtree(other)
+    shutil.copytree(saved, other)  # (the push went to shard 0 alone, as it then did)
+
+    async def restarted() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        try:
+            assert (await eng.describe("c")).accumulated == ["a"]
+            out = await eng.step("c", {}, return_params=True)
+            assert out.params is not None
+            ref = Reference(torch.optim.Adam, [(PARAMS, {})], {"lr": 0.1})
+            ref.step({"a": GRAD["a"]})
+            assert_tensors_equal(dict(out.params), ref.params, "the push kept")
+        finally:
+            await eng.stop(snapshot=False)
+
+    asyncio.run(restarted())

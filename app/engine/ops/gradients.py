@@ -351,6 +351,12 @@ class Push(Operation):
     scalars: dict[str, float] | None = None
     #: set by requests: as :attr:`Step.scalar_names`
     scalar_names: bool = False
+    #: one shard's part of a sharded session's push, which goes to every shard (its part
+    #: empty where the push has none there): a crash that cuts it between their commits is
+    #: then found at start (some shards hold its key, others not) and undone
+    #: (``EmbeddedHost.undo_cut``). Pushes logged before it was sent went to some shards only:
+    #: never undone
+    every_shard: bool = False
 
     def check(self, s: Session) -> Tensors:
         """The accumulator's new values for the pushed names: summed here, out of place, so
@@ -376,12 +382,14 @@ class Push(Operation):
     def to_tree(self) -> dict[str, Any]:
         return {"grads": self.grads, **({"upcast": True} if self.upcast else {}),
                 **({"scalars": self.scalars} if self.scalars else {}),
-                **({"scalar_names": True} if self.scalar_names else {})}
+                **({"scalar_names": True} if self.scalar_names else {}),
+                **({"every_shard": True} if self.every_shard else {})}
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> Push:
         return cls(dict(tree["grads"]), bool(tree.get("upcast", False)),
-                   tree.get("scalars") or None, tree.get("scalar_names") is True)
+                   tree.get("scalars") or None, tree.get("scalar_names") is True,
+                   tree.get("every_shard") is True)
 
 
 @register
