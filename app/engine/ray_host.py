@@ -35,8 +35,10 @@ nothing (:meth:`RayRouter._drop_unheld`). No host holds a session no entry names
 
 **Deletes.** A delete marks the session's create key deleted in the directory before any host
 deletes the session (a retried create is answered with the session while its hosts all hold
-it, else 409 ``session_deleted``), and a keyed delete is kept there before the entry goes, so
-its retry is answered through any front (:meth:`RayRouter.delete`).
+it, else 409 ``session_deleted``), and a keyed delete is kept there before its hosts are
+asked (with the creation it deletes) and again once they deleted it, so its retry is answered
+through any front, and spares a session made again with the id since
+(:meth:`RayRouter.delete`).
 
 **Failures.** Hosts have ``max_restarts=-1``: Ray restarts a host whose process dies or whose
 node goes away, on any node with room; its start restores every session it holds (snapshot,
@@ -488,6 +490,14 @@ class HostActor:
             self._kept.deleted(session, idem)
         return replayed
 
+    async def deleted_with(self, tenant: str, idem: IdemKey) -> bool:
+        """Whether a delete sent with this key deleted a session of ``tenant`` (a shard 0 of
+        it) here (:meth:`EmbeddedHost.deleted_with <app.engine.host.EmbeddedHost.
+        deleted_with>`; 422 for another request under the key)."""
+        host = await self._ready()
+        assert isinstance(host, InProcessHost)
+        return host.embedded.deleted_with(tenant, idem)
+
     async def prepare(self, key: str, op: tuple[str, Any], idem: IdemKey) -> Checked:
         return await (await self._ready()).prepare(key, op_from_wire(op), idem)
 
@@ -721,6 +731,9 @@ class RayHost:
     async def delete(self, key: str, *, idem: IdemKey | None = None,
                      expected: Expected | None = None) -> bool:
         return bool(await self.call("delete", key, idem, expected))
+
+    async def deleted_with(self, tenant: str, idem: IdemKey) -> bool:
+        return bool(await self.call("deleted_with", tenant, idem, read=True))
 
     async def prepare(self, key: str, op: Operation, idem: IdemKey) -> Checked:
         out: Checked = await self.call("prepare", key, op_to_wire(op), idem)
@@ -1433,6 +1446,32 @@ class RayRouter:
                                     return_exceptions=True)
         return [o for o in outs if isinstance(o, SessionInfo)]
 
+    async def _deleted_before(self, key: str, deleting: dict[str, Any], idem: IdemKey
+                              ) -> bool:
+        """Whether the keyed delete whose key the directory kept before its hosts were asked
+        (``deleting``, :meth:`Directory.note_deleted <app.engine.directory.Directory.
+        note_deleted>`), and no more (a crash cut it there), was done and the session held
+        under the id now (if any) was made since: the directory's entry is another creation's
+        and the host that keeps the key (the session's, its first shard's) answers that it
+        deleted it (:meth:`EmbeddedHost.deleted_with <app.engine.host.EmbeddedHost.
+        deleted_with>`, the embedded engine's check). Then the delete is noted done and its
+        retry answered (204), the new session left alone: it was deleted (on hosts without
+        the key's tombstone), or its entry removed and its shards left on their hosts for
+        good (on the same hosts). False when the session it was sent for is still there (or
+        its hosts never deleted it): the retry deletes it."""
+        entry = self.directory.get(key)
+        if entry is not None and entry.get("made") == deleting["deleting"].get("made"):
+            return False
+        try:
+            done = await self._host(str(deleting["deleting"]["host"])).deleted_with(
+                split_key(key)[0], idem)
+        except NotFound:  # (its host is gone for good, its host.json too)
+            return False
+        if done:
+            self.directory.note_deleted(split_key(key)[0], idem.key, idem.fingerprint,
+                                        str(deleting["key"]))
+        return done
+
     async def delete(self, key: str, *, idem: IdemKey | None = None,
                      expected: Expected | None = None) -> bool:
         tenant = split_key(key)[0]
@@ -1440,6 +1479,10 @@ class RayRouter:
             # a keyed delete done already: answered, through any front (its hosts keep the
             # key too, but the entry naming them may be gone, or name a session made since)
             done = self.directory.deleted(tenant, idem.key)
+            if done is not None and "deleting" in done:
+                if await self._deleted_before(key, done, idem):
+                    return True
+                done = None  # (not done, or its session is still there: deleted now)
             if done is not None:
                 if done["fingerprint"] != idem.fingerprint:
                     raise reused()
@@ -1467,6 +1510,10 @@ class RayRouter:
             # refusal, leaves the session whole, which a retried create is still answered with
             # (find_create), through any front
             self.directory.forget_created(tenant, entry["created_by"], key)
+        if idem is not None:  # (on disk before any host deletes: _deleted_before)
+            first = entry["host"] if "host" in entry else entry["shards"][0]
+            self.directory.note_deleted(tenant, idem.key, idem.fingerprint, key, deleting={
+                "made": entry.get("made"), "host": first})
         replayed = await host.delete(key, idem=idem, expected=expected)
         if idem is not None:  # (before the entry goes: a crash between leaves the hosts' keys)
             self.directory.note_deleted(tenant, idem.key, idem.fingerprint, key)

@@ -762,3 +762,67 @@ def test_a_keyed_ray_create_cut_on_a_host_gone_since_is_made_anew(
         finally:
             await cluster.kill()
     asyncio.run(run())
+
+
+REMADE = [(1, "same-hosts"), (1, "other-hosts"), (2, "same-hosts"), (2, "other-hosts")]
+
+
+@pytest.mark.parametrize(("shards", "where"), REMADE, ids=[f"{s}-{w}" for s, w in REMADE])
+def test_a_keyed_ray_delete_cut_before_the_directory_heard_spares_the_id_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int, where: str) -> None:
+    """A keyed delete (plain, sharded) whose front dies once the hosts deleted the session,
+    before the directory kept the delete's key; the cluster restarts, and a session is made
+    again with the id: on the hosts that deleted the old one (which keep the key's
+    tombstone) or on others (other sessions took those). The delete's retry, through a new
+    front and again after another restart, is answered (204) and leaves the new session
+    alone, as the embedded engine does: before, it deleted it (other hosts) or removed its
+    entry, its shards left on their hosts for good (the same hosts)."""
+    cluster = Cluster(tmp_path, monkeypatch)
+    dkey = IdemKey("d-cut", "delete cut")
+
+    async def run() -> None:
+        try:
+            first = cluster.front()
+            s = spec(shards)
+            s.id = "again"
+            await first.create(s)
+            await first.step("again", GRADS, return_params=False)
+            real = ray_host._Placed.delete
+
+            async def dies_after(placed: Any, key: str, *, idem: IdemKey | None = None,
+                                 expected: Expected | None = None) -> bool:
+                await real(placed, key, idem=idem, expected=expected)
+                raise Crash(key)
+            with monkeypatch.context() as m:
+                m.setattr(ray_host._Placed, "delete", dies_after)
+                with pytest.raises(Crash):
+                    await first.delete("again", idem=dkey)
+            await cluster.kill()
+
+            second = cluster.front()
+            fillers = []
+            if where == "other-hosts":
+                for i in range(shards):
+                    filler = spec()
+                    filler.id = f"filler{i}"
+                    await second.create(filler)
+                    fillers.append(filler.id)
+            remade = spec(shards, lr=0.5)
+            remade.id = "again"
+            await second.create(remade)
+            torch_ = AsTorch(spec(shards, lr=0.5))
+            await torch_.step(second, "again")
+            for front in (second, cluster.front()):
+                assert await front.delete("again", idem=dkey)
+                info = await front.describe("again")
+                assert info.version == torch_.steps and info.lr == [0.5]  # (left alone)
+                assert sorted(i.id for i in await front.list_sessions()) == \
+                    sorted([*fillers, "again"])
+                await torch_.step(front, "again")
+                await cluster.kill()
+            with pytest.raises(Invalid) as bad:
+                await cluster.front().delete("again", idem=IdemKey("d-cut", "another"))
+            assert bad.value.code == "idempotency_key_reused"
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
