@@ -936,8 +936,10 @@ class RayRouter:
                 gone = await asyncio.wait_for(self._drop_unheld(key, entry), ABANDONED_ASK_S)
             except (OptserveError, TimeoutError):
                 continue  # (a host cannot say now: looked at again next time)
+            if not gone:
+                gone = await self._undo_part_made(key, entry)
             if gone:
-                log.info("dropped the entry of %s: its create's front died before any host "
+                log.info("dropped the entry of %s: its create's front died before its hosts "
                          "made it", key)
                 dropped += 1
             self.directory.drop_mark(mark)
@@ -1398,10 +1400,54 @@ class RayRouter:
             return True
         if self.directory.in_flight(entry.get("made")):
             return False
-        if not await self._drop_unheld(key, entry):
+        if not await self._drop_unheld(key, entry) and \
+                not await self._undo_part_made(key, entry):
             self._entries[key] = entry
             return False
         return True
+
+    async def _undo_part_made(self, key: str, entry: dict[str, Any]) -> bool:
+        """Undo an unkeyed create of a sharded session that was cut part way (its front died,
+        or a host's crash discarded its shard as a create it interrupted) and is no longer in
+        flight: some of its shards' hosts hold theirs, the others none. It was never
+        acknowledged (the answer waits for every shard) and no retry can finish it (a keyed
+        one's does, :meth:`_finish_create`); kept, its reads were 404s naming the missing
+        shard and a create of its id a 409 for good. The hosts without a shard forget the
+        creation first (:meth:`HostActor.forget`: a host still making its shard is waited
+        for, and then the session is left as it is), then the shards made are deleted and the
+        entry removed, with a warning (the embedded engine's start undoes such a create:
+        :meth:`LocalRouter._undo_cut_create <app.engine.router.LocalRouter.
+        _undo_cut_create>`). Nothing is done while a host cannot say, or refused a shard at
+        start, or is gone for good. True when the entry went."""
+        if "shards" not in entry or entry.get("created_by") or \
+                self.directory.in_flight(entry.get("made")):
+            return False
+        made = entry.get("made")
+        where = _hosts_of(key, entry)
+        try:
+            hosts = [self._host(name) for name, _ in where]
+            if await self._refusal(key, entry) is not None:
+                return False
+            held = [k in await h.keys(k) for h, (_, k) in zip(hosts, where, strict=True)]
+            if all(held) or not any(held):
+                return False
+            made_since = await asyncio.gather(*(
+                h.forget(k, made) for h, (_, k), had in zip(hosts, where, held, strict=True)
+                if not had))
+            if any(made_since):
+                return False
+            log.warning("sharded session %s: its create was cut part way (shards %s missing): "
+                        "its other shards and its directory entry are removed", key,
+                        ", ".join(str(i) for i, had in enumerate(held) if not had))
+            for h, (_, k), had in zip(hosts, where, held, strict=True):
+                if had:
+                    with contextlib.suppress(NotFound):
+                        await h.delete(k)
+        except OptserveError as exc:
+            log.warning("could not undo the cut create of %s: %s", key, exc)
+            return False
+        self._entries.pop(key, None)
+        return self.directory.remove_made(key, made)
 
     def _placed(self, info: SessionInfo, entry: dict[str, Any]) -> SessionInfo:
         placement = {"resources": entry["resources"], "placement": entry["placement"]}

@@ -826,3 +826,70 @@ def test_a_keyed_ray_delete_cut_before_the_directory_heard_spares_the_id_made_ag
         finally:
             await cluster.kill()
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("then", ["start", "create", "discarded"])
+def test_an_unkeyed_sharded_ray_create_cut_part_way_is_undone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, then: str) -> None:
+    """An unkeyed create of a 2-shard session with an id whose front dies once shard 0's host
+    made its shard, before shard 1's was asked (no clean-up runs), or (``discarded``) whose
+    shard 1's host crashed before its create record was whole (an empty log: its start
+    discards the shard as a create a crash interrupted); the cluster restarts. No
+    retry can finish it (it has no key), and it was never acknowledged. Before, it was kept
+    for good: reads were 404s naming the missing shard, the list left it out and a create of
+    its id was a 409 ``session_exists``, shard 0 on its host for good. Now it is undone (its
+    shard deleted, its entry removed) by the next front's start, or by a create of its id,
+    as the embedded engine's start undoes it: the id is made anew, steps as torch, and the
+    hosts hold that session's shards and nothing else."""
+    from app.engine.shards import shard_spec
+    cluster = Cluster(tmp_path, monkeypatch)
+    monkeypatch.setattr(ray_host, "ABANDONED_AFTER_S", 0.0)
+    monkeypatch.setattr(ray_host.ray, "is_initialized", lambda: True)
+
+    async def run() -> None:
+        try:
+            first = cluster.front()
+
+            async def half(key: str, s: Any, layout: Any, shards: Any, **kw: Any) -> Any:
+                host, skey = shards[0]
+                await host.create(skey, shard_spec(s, layout, 0), idem=kw["idem"])
+                raise Crash(key)  # (the front dies: shard 1's host is never asked)
+
+            def remove(d: Directory, key: str) -> None:
+                raise Crash(key)  # (a kill runs no clean-up)
+            if then == "discarded":
+                await first.create(spec(2, id="half"))
+                await cluster.kill()
+                [wal] = (tmp_path / "hosts").glob("*/sessions/default#half~shard1of2/wal.bin")
+                wal.write_bytes(b"")  # (the crash cut its create record: never acknowledged)
+            else:
+                with monkeypatch.context() as m:
+                    m.setattr(ray_host.ShardedSession, "create", staticmethod(half))
+                    m.setattr(Directory, "remove", remove)
+                    with pytest.raises(Crash):
+                        await first.create(spec(2, id="half"))
+                assert entries(first) == ["default~half"]
+                assert held_keys(cluster) == ["default#half~shard0of2"]
+                await cluster.kill()
+
+            second = cluster.front()
+            if then == "start":
+                await second.start()
+                assert entries(second) == [] and held_keys(cluster) == []
+                with pytest.raises(NotFound):
+                    await second.describe("half")
+            remade = await second.create(spec(2, lr=0.5, id="half"))
+            assert remade.id == "half" and remade.version == 0
+            assert entries(second) == ["default~half"]
+            assert held_keys(cluster) == session_files("half", 2)
+            torch_ = AsTorch(spec(2, lr=0.5))
+            for _ in range(2):
+                await torch_.step(second, "half")
+            await cluster.kill()
+            third = cluster.front()
+            await third.start()
+            assert [i.id for i in await third.list_sessions()] == ["half"]
+            await torch_.step(third, "half")
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
