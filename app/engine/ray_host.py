@@ -110,6 +110,7 @@ from app.engine.router import Admit, Checked, Host, InProcessHost, SessionHost, 
 from app.engine.shards import (
     ShardedSession,
     ShardLayout,
+    Tip,
     check_shardable,
     plan_layout,
     shard_key,
@@ -510,6 +511,15 @@ class HostActor:
     async def abort(self, key: str, idem: IdemKey) -> None:
         await (await self._ready()).abort(key, idem)
 
+    async def cut_tip(self, key: str) -> Tip:
+        return await (await self._ready()).cut_tip(key)
+
+    async def holds_key(self, key: str, idem_key: str) -> bool:
+        return await (await self._ready()).holds_key(key, idem_key)
+
+    async def undo_last(self, key: str, idem_key: str, want: tuple[int, int]) -> bool:
+        return await (await self._ready()).undo_last(key, idem_key, want)
+
     # ------------------------------------------------------------------ sharded sessions
     async def coordinate(self, key: str, entry: dict[str, Any], method: str,
                          args: tuple[Any, ...]) -> Any:
@@ -563,6 +573,18 @@ class HostActor:
         session = ShardedSession(key, layout, hosts,
                                  commit_timeout_s=float(self.config["commit_timeout_s"]))
         self._coordinators[key] = (made, session)
+        # (made anew: the commits of the one before, if any, went with its host. An operation
+        # that reached some shards only is undone, as the embedded engine's start does; taken
+        # before any other operation can take the session's lock)
+        try:
+            if await session.undo_cut():
+                log.warning("sharded session %s: an operation a crash cut between its shards "
+                            "was undone", key)
+        except NotFound:
+            pass  # (a shard missing: a create cut part way, RayRouter._undo_part_made)
+        except Exception as exc:  # noqa: BLE001 - as it was: apart, for its keyed retry
+            log.warning("could not undo the operation that reached some shards of %s only: "
+                        "%s", key, exc)
         return session
 
     def _peer(self, name: str) -> RayHost:
@@ -746,6 +768,16 @@ class RayHost:
 
     async def abort(self, key: str, idem: IdemKey) -> None:
         await self.call("abort", key, idem)
+
+    async def cut_tip(self, key: str) -> Tip:
+        out: Tip = await self.call("cut_tip", key, read=True)
+        return out
+
+    async def holds_key(self, key: str, idem_key: str) -> bool:
+        return bool(await self.call("holds_key", key, idem_key, read=True))
+
+    async def undo_last(self, key: str, idem_key: str, want: tuple[int, int]) -> bool:
+        return bool(await self.call("undo_last", key, idem_key, want))
 
 
 class RemoteSharded:
