@@ -1530,21 +1530,27 @@ class RayRouter:
         (``deleting``, :meth:`Directory.note_deleted <app.engine.directory.Directory.
         note_deleted>`), and no more (a crash cut it there), was done and the session held
         under the id now (if any) was made since: the directory's entry is another creation's
-        and the host that keeps the key (the session's, its first shard's) answers that it
-        deleted it (:meth:`EmbeddedHost.deleted_with <app.engine.host.EmbeddedHost.
-        deleted_with>`, the embedded engine's check). Then the delete is noted done and its
-        retry answered (204), the new session left alone: it was deleted (on hosts without
-        the key's tombstone), or its entry removed and its shards left on their hosts for
-        good (on the same hosts). False when the session it was sent for is still there (or
-        its hosts never deleted it): the retry deletes it."""
+        and a host of the session it was sent for answers that it deleted it, or its shard
+        (:meth:`EmbeddedHost.deleted_with <app.engine.host.EmbeddedHost.deleted_with>`, the
+        embedded engine's check, under the key's tenant, or the shard's key: a delete cut
+        between the shards, whose rest a create of the id undid since, :meth:`_undo_part_made`).
+        Then the delete is noted done and its retry answered (204), the new session left
+        alone: it was deleted (on hosts without the key's tombstone), or its entry removed
+        and its shards left on their hosts for good (on the same hosts). False when the
+        session it was sent for is still there (or its hosts never deleted any of it): the
+        retry deletes it."""
         entry = self.directory.get(key)
         if entry is not None and entry.get("made") == deleting["deleting"].get("made"):
             return False
-        try:
-            done = await self._host(str(deleting["deleting"]["host"])).deleted_with(
-                split_key(key)[0], idem)
-        except NotFound:  # (its host is gone for good, its host.json too)
-            return False
+
+        async def deleted_there(name: str, host_key: str) -> bool:
+            try:
+                return await self._host(name).deleted_with(
+                    split_key(key)[0] if host_key == key else host_key, idem)
+            except NotFound:  # (a host gone for good, its host.json too)
+                return False
+        done = any(await asyncio.gather(*(deleted_there(str(name), str(host_key))
+                                          for name, host_key in deleting["deleting"]["hosts"])))
         if done:
             self.directory.note_deleted(split_key(key)[0], idem.key, idem.fingerprint,
                                         str(deleting["key"]))
@@ -1589,9 +1595,8 @@ class RayRouter:
             # (find_create), through any front
             self.directory.forget_created(tenant, entry["created_by"], key)
         if idem is not None:  # (on disk before any host deletes: _deleted_before)
-            first = entry["host"] if "host" in entry else entry["shards"][0]
             self.directory.note_deleted(tenant, idem.key, idem.fingerprint, key, deleting={
-                "made": entry.get("made"), "host": first})
+                "made": entry.get("made"), "hosts": _hosts_of(key, entry)})
         replayed = await host.delete(key, idem=idem, expected=expected)
         if idem is not None:  # (before the entry goes: a crash between leaves the hosts' keys)
             self.directory.note_deleted(tenant, idem.key, idem.fingerprint, key)

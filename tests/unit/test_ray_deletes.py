@@ -893,3 +893,52 @@ def test_an_unkeyed_sharded_ray_create_cut_part_way_is_undone(
         finally:
             await cluster.kill()
     asyncio.run(run())
+
+
+def test_a_keyed_ray_delete_cut_between_the_shards_spares_the_id_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyed delete of an unkeyed 2-shard session whose front dies once shard 1's host
+    deleted its shard, before shard 0's did; the cluster restarts. A create of the id undoes
+    what is left (shard 0 and the entry: test_an_unkeyed_sharded_ray_create_cut_part_way_is_
+    undone) and makes the id anew. The delete's retry is answered (204) and leaves the new
+    session alone, through two fronts: the host of shard 1 kept the key (the host of shard 0,
+    which keeps the tenant's tombstone of a whole delete, never saw it)."""
+    cluster = Cluster(tmp_path, monkeypatch)
+    dkey = IdemKey("d-half", "delete half")
+
+    async def run() -> None:
+        try:
+            first = cluster.front()
+            await first.create(spec(2, id="half"))
+            await first.step("half", GRADS, return_params=False)
+            real_delete, real_remove = Store.delete, Directory.remove
+
+            def store_delete(store: Store, key: str, *args: Any, **kw: Any) -> None:
+                if key.endswith("shard0of2"):
+                    raise Crash(key)  # (its host dies first: shard 1's deleted its shard)
+                real_delete(store, key, *args, **kw)
+
+            def remove(d: Directory, key: str) -> None:
+                raise Crash(key)
+            with monkeypatch.context() as m:
+                m.setattr(Store, "delete", store_delete)
+                m.setattr(Directory, "remove", remove)
+                with pytest.raises(Exception):  # noqa: B017, PT011 - the crash
+                    await first.delete("half", idem=dkey)
+            assert held_keys(cluster) == ["default#half~shard0of2"]
+            await cluster.kill()
+            del real_remove
+
+            second = cluster.front()
+            await second.create(spec(2, lr=0.5, id="half"))
+            torch_ = AsTorch(spec(2, lr=0.5))
+            await torch_.step(second, "half")
+            for front in (second, cluster.front()):
+                assert await front.delete("half", idem=dkey)
+                info = await front.describe("half")
+                assert info.version == torch_.steps and info.lr == [0.5]  # (left alone)
+                await torch_.step(front, "half")
+            assert held_keys(cluster) == session_files("half", 2)
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
