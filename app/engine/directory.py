@@ -661,12 +661,19 @@ class Directory:
                 excess -= 1
 
     # ------------------------------------------------------------------ deletes by key
-    def note_deleted(self, tenant: str, idem_key: str, fingerprint: str, key: str) -> None:
+    def note_deleted(self, tenant: str, idem_key: str, fingerprint: str, key: str, *,
+                     deleting: dict[str, Any] | None = None) -> None:
         """A delete sent with this idempotency key deleted ``key``: its retry is answered,
         through any front, among the last :data:`KEEP`. On disk (its folder fsynced) when
         this returns. (The Ray engine's: its hosts keep the keys of their deletes too, but a
-        front finds the host only through the session's entry, which goes with the delete.)"""
-        entry = {"key": key, "fingerprint": fingerprint}
+        front finds the host only through the session's entry, which goes with the delete.)
+        ``deleting``: not yet, its hosts are about to be asked; kept with the creation it
+        deletes (``made``) and the host that keeps its key (``host``), so that a retry after
+        a crash tells that session from one made again with the id since
+        (:meth:`RayRouter.delete <app.engine.ray_host.RayRouter.delete>`)."""
+        entry: dict[str, Any] = {"key": key, "fingerprint": fingerprint}
+        if deleting is not None:
+            entry["deleting"] = deleting
         name = create_name(tenant, idem_key)
         if self.root is None:
             self._deletes.pop(name, None)
@@ -697,7 +704,8 @@ class Directory:
         return written
 
     def deleted(self, tenant: str, idem_key: str) -> dict[str, Any] | None:
-        """``{"key", "fingerprint"}`` of the delete sent with this idempotency key, or None."""
+        """``{"key", "fingerprint"}`` of the delete sent with this idempotency key (with
+        ``"deleting"`` while it may not be done: :meth:`note_deleted`), or None."""
         name = create_name(tenant, idem_key)
         if self.root is None:
             return self._deletes.get(name)

@@ -110,7 +110,7 @@ from app.engine.ops import (
 from app.engine.ops.gradients import StepPlan, staleness_of
 from app.engine.rounds import Round, SyncRounds
 from app.engine.session import Session
-from app.engine.shards import shard_index, shown_id
+from app.engine.shards import Tip, cut_candidates, shard_index, shown_id
 from app.engine.store import Files, Store, StoreCorrupt
 from app.engine.worker import DeviceWorker, Observer
 from app.errors import (
@@ -1322,43 +1322,80 @@ class EmbeddedHost:
         cut between their commits (never acknowledged: its answer waits for every shard)
         reached some of them only, cut its record off the logs of those (the last record of
         each, under a key the other shards never saw) and restore them without it, so that
-        the session is whole again as it was before that operation. Such a cut shows as shards
-        at different versions or revisions, or, for an operation that moves neither (a push
-        into the accumulator, ``zero_grad``: every shard takes each of them), as shards whose
-        latest keys differ. The keys of the shards so restored; none where that does not make
-        every shard agree (a snapshot holds the operation already): the session stays apart,
-        and the operation's keyed retry completes it. A push logged before pushes went to
-        every shard (to some only: ``Push.every_shard`` unset) is never undone."""
-        assert self._store is not None
-        sessions = {k: self._sessions[k] for k in keys if k in self._sessions}
-        if len(sessions) != len(keys):
+        the session is whole again as it was before that operation (:func:`~app.engine.
+        shards.cut_candidates`, and :meth:`undo_last` on each, as a Ray coordinator does
+        through the shards' hosts: :meth:`ShardedSession.undo_cut <app.engine.shards.
+        ShardedSession.undo_cut>`). Such a cut shows as shards at different versions or
+        revisions, or, for an operation that moves neither (a push into the accumulator,
+        ``zero_grad``: every shard takes each of them), as shards whose latest operations'
+        keys differ. The keys of the shards so restored; none where that does not make every
+        shard agree (a snapshot holds the operation already): the session stays apart, and
+        the operation's keyed retry completes it."""
+        if any(k not in self._sessions for k in keys):
             return []
-        apart = len({(s.version, s.revision) for s in sessions.values()}) > 1
-        if not apart and len({s.idem.newest() for s in sessions.values()}) <= 1:
-            return []
-        lasts: dict[str, str] = {}
-        for k, s in sessions.items():
-            records = self._store.read(k)[1]
-            if records:
-                last = persist.decode_record(records[-1])
-                if last.seq == s.seq and last.keys and not isinstance(last.op, CreateSession) \
-                        and (not isinstance(last.op, Push) or last.op.every_shard):
-                    lasts[k] = last.keys[0][0]
-        for tx in sorted(set(lasts.values())):
-            cut = [k for k, t in lasts.items() if t == tx]
-            if any(s.idem.holds(tx) for k, s in sessions.items() if k not in cut):
+        for tx, cut, want in cut_candidates([self.cut_tip(k) for k in keys]):
+            if any(self.holds_key(k, tx) for i, k in enumerate(keys) if i not in cut):
                 continue
-            before = {k: self._restore(k, but_last=True)[0] for k in cut}
-            whole = {**sessions, **before}
-            if len({(s.version, s.revision) for s in whole.values()}) != 1:
-                continue
-            for k in cut:
-                self._store.truncate(k, self._store.last_record_start(k))
-                self._sessions[k] = before[k]
-                log.warning("%s: its last logged operation reached some shards of its session "
-                            "only (a crash cut it): undone", k)
-            return cut
+            return [keys[i] for i in cut if self.undo_last(keys[i], tx, want)]
         return []
+
+    def cut_tip(self, key: str) -> Tip:
+        """The session's version and revision, and the key of its latest operation (the newest
+        of its idempotency table: a sharded session's operations all carry one): what
+        :func:`~app.engine.shards.cut_candidates` compares, read without its log."""
+        s = self._get(key)
+        return s.version, s.revision, s.idem.newest()
+
+    def _undoable_key(self, key: str) -> str | None:
+        """The key its log's last record was sent with where that record is the session's
+        last operation (not its create, nor one a snapshot took since) and one that went to
+        every shard of its session (a push logged before pushes did, to some shards only,
+        never is: ``Push.every_shard``), else None: the operation :meth:`undo_last` may cut."""
+        assert self._store is not None
+        s = self._get(key)
+        records = self._store.read(key)[1]
+        if records:
+            last = persist.decode_record(records[-1])
+            if last.seq == s.seq and last.keys and not isinstance(last.op, CreateSession) \
+                    and (not isinstance(last.op, Push) or last.op.every_shard):
+                return last.keys[0][0]
+        return None
+
+    def holds_key(self, key: str, idem_key: str) -> bool:
+        """Whether the session's idempotency table holds ``idem_key``."""
+        return self._get(key).idem.holds(idem_key)
+
+    def undo_last(self, key: str, idem_key: str, want: tuple[int, int]) -> bool:
+        """Cut the session's last logged operation, sent with ``idem_key``, off its log and
+        restore it without it, where that gives the version and revision ``want`` (the other
+        shards' of its session, which never took it: :meth:`undo_cut`); else nothing changes.
+        Whether it was undone."""
+        assert self._store is not None
+        if self._undoable_key(key) != idem_key:
+            return False
+        before = self._restore(key, but_last=True)[0]
+        if (before.version, before.revision) != want:
+            return False
+        self._store.truncate(key, self._store.last_record_start(key))
+        self._sessions[key] = before
+        log.warning("%s: its last logged operation reached some shards of its session only (a "
+                    "crash cut it): undone", key)
+        return True
+
+    async def cut_tip_live(self, key: str) -> Tip:
+        """:meth:`cut_tip` of a session served (its operations settled, under its lock)."""
+        async with self._lock(key):
+            await self._settled(key)
+            return await self._worker.run(lambda: self.cut_tip(key), "restore")
+
+    async def undo_last_live(self, key: str, idem_key: str, want: tuple[int, int]) -> bool:
+        """:meth:`undo_last` on a session served (under its lock, on the worker: a Ray
+        coordinator made anew, :meth:`ShardedSession.undo_cut
+        <app.engine.shards.ShardedSession.undo_cut>`)."""
+        async with self._lock(key):
+            await self._settled(key)
+            return await self._worker.run(lambda: self.undo_last(key, idem_key, want),
+                                          "restore")
 
     def _refuse_stored(self, key: str, reason: str) -> None:
         """Leave the stored session ``key`` out of service, its files as they are (``/readyz``

@@ -35,8 +35,10 @@ nothing (:meth:`RayRouter._drop_unheld`). No host holds a session no entry names
 
 **Deletes.** A delete marks the session's create key deleted in the directory before any host
 deletes the session (a retried create is answered with the session while its hosts all hold
-it, else 409 ``session_deleted``), and a keyed delete is kept there before the entry goes, so
-its retry is answered through any front (:meth:`RayRouter.delete`).
+it, else 409 ``session_deleted``), and a keyed delete is kept there before its hosts are
+asked (with the creation it deletes) and again once they deleted it, so its retry is answered
+through any front, and spares a session made again with the id since
+(:meth:`RayRouter.delete`).
 
 **Failures.** Hosts have ``max_restarts=-1``: Ray restarts a host whose process dies or whose
 node goes away, on any node with room; its start restores every session it holds (snapshot,
@@ -108,6 +110,7 @@ from app.engine.router import Admit, Checked, Host, InProcessHost, SessionHost, 
 from app.engine.shards import (
     ShardedSession,
     ShardLayout,
+    Tip,
     check_shardable,
     plan_layout,
     shard_key,
@@ -488,6 +491,14 @@ class HostActor:
             self._kept.deleted(session, idem)
         return replayed
 
+    async def deleted_with(self, tenant: str, idem: IdemKey) -> bool:
+        """Whether a delete sent with this key deleted a session of ``tenant`` (a shard 0 of
+        it) here (:meth:`EmbeddedHost.deleted_with <app.engine.host.EmbeddedHost.
+        deleted_with>`; 422 for another request under the key)."""
+        host = await self._ready()
+        assert isinstance(host, InProcessHost)
+        return host.embedded.deleted_with(tenant, idem)
+
     async def prepare(self, key: str, op: tuple[str, Any], idem: IdemKey) -> Checked:
         return await (await self._ready()).prepare(key, op_from_wire(op), idem)
 
@@ -499,6 +510,15 @@ class HostActor:
 
     async def abort(self, key: str, idem: IdemKey) -> None:
         await (await self._ready()).abort(key, idem)
+
+    async def cut_tip(self, key: str) -> Tip:
+        return await (await self._ready()).cut_tip(key)
+
+    async def holds_key(self, key: str, idem_key: str) -> bool:
+        return await (await self._ready()).holds_key(key, idem_key)
+
+    async def undo_last(self, key: str, idem_key: str, want: tuple[int, int]) -> bool:
+        return await (await self._ready()).undo_last(key, idem_key, want)
 
     # ------------------------------------------------------------------ sharded sessions
     async def coordinate(self, key: str, entry: dict[str, Any], method: str,
@@ -553,6 +573,18 @@ class HostActor:
         session = ShardedSession(key, layout, hosts,
                                  commit_timeout_s=float(self.config["commit_timeout_s"]))
         self._coordinators[key] = (made, session)
+        # (made anew: the commits of the one before, if any, went with its host. An operation
+        # that reached some shards only is undone, as the embedded engine's start does; taken
+        # before any other operation can take the session's lock)
+        try:
+            if await session.undo_cut():
+                log.warning("sharded session %s: an operation a crash cut between its shards "
+                            "was undone", key)
+        except NotFound:
+            pass  # (a shard missing: a create cut part way, RayRouter._undo_part_made)
+        except Exception as exc:  # noqa: BLE001 - as it was: apart, for its keyed retry
+            log.warning("could not undo the operation that reached some shards of %s only: "
+                        "%s", key, exc)
         return session
 
     def _peer(self, name: str) -> RayHost:
@@ -722,6 +754,9 @@ class RayHost:
                      expected: Expected | None = None) -> bool:
         return bool(await self.call("delete", key, idem, expected))
 
+    async def deleted_with(self, tenant: str, idem: IdemKey) -> bool:
+        return bool(await self.call("deleted_with", tenant, idem, read=True))
+
     async def prepare(self, key: str, op: Operation, idem: IdemKey) -> Checked:
         out: Checked = await self.call("prepare", key, op_to_wire(op), idem)
         return out
@@ -733,6 +768,16 @@ class RayHost:
 
     async def abort(self, key: str, idem: IdemKey) -> None:
         await self.call("abort", key, idem)
+
+    async def cut_tip(self, key: str) -> Tip:
+        out: Tip = await self.call("cut_tip", key, read=True)
+        return out
+
+    async def holds_key(self, key: str, idem_key: str) -> bool:
+        return bool(await self.call("holds_key", key, idem_key, read=True))
+
+    async def undo_last(self, key: str, idem_key: str, want: tuple[int, int]) -> bool:
+        return bool(await self.call("undo_last", key, idem_key, want))
 
 
 class RemoteSharded:
@@ -923,8 +968,10 @@ class RayRouter:
                 gone = await asyncio.wait_for(self._drop_unheld(key, entry), ABANDONED_ASK_S)
             except (OptserveError, TimeoutError):
                 continue  # (a host cannot say now: looked at again next time)
+            if not gone:
+                gone = await self._undo_part_made(key, entry)
             if gone:
-                log.info("dropped the entry of %s: its create's front died before any host "
+                log.info("dropped the entry of %s: its create's front died before its hosts "
                          "made it", key)
                 dropped += 1
             self.directory.drop_mark(mark)
@@ -1385,10 +1432,54 @@ class RayRouter:
             return True
         if self.directory.in_flight(entry.get("made")):
             return False
-        if not await self._drop_unheld(key, entry):
+        if not await self._drop_unheld(key, entry) and \
+                not await self._undo_part_made(key, entry):
             self._entries[key] = entry
             return False
         return True
+
+    async def _undo_part_made(self, key: str, entry: dict[str, Any]) -> bool:
+        """Undo an unkeyed create of a sharded session that was cut part way (its front died,
+        or a host's crash discarded its shard as a create it interrupted) and is no longer in
+        flight: some of its shards' hosts hold theirs, the others none. It was never
+        acknowledged (the answer waits for every shard) and no retry can finish it (a keyed
+        one's does, :meth:`_finish_create`); kept, its reads were 404s naming the missing
+        shard and a create of its id a 409 for good. The hosts without a shard forget the
+        creation first (:meth:`HostActor.forget`: a host still making its shard is waited
+        for, and then the session is left as it is), then the shards made are deleted and the
+        entry removed, with a warning (the embedded engine's start undoes such a create:
+        :meth:`LocalRouter._undo_cut_create <app.engine.router.LocalRouter.
+        _undo_cut_create>`). Nothing is done while a host cannot say, or refused a shard at
+        start, or is gone for good. True when the entry went."""
+        if "shards" not in entry or entry.get("created_by") or \
+                self.directory.in_flight(entry.get("made")):
+            return False
+        made = entry.get("made")
+        where = _hosts_of(key, entry)
+        try:
+            hosts = [self._host(name) for name, _ in where]
+            if await self._refusal(key, entry) is not None:
+                return False
+            held = [k in await h.keys(k) for h, (_, k) in zip(hosts, where, strict=True)]
+            if all(held) or not any(held):
+                return False
+            made_since = await asyncio.gather(*(
+                h.forget(k, made) for h, (_, k), had in zip(hosts, where, held, strict=True)
+                if not had))
+            if any(made_since):
+                return False
+            log.warning("sharded session %s: its create was cut part way (shards %s missing): "
+                        "its other shards and its directory entry are removed", key,
+                        ", ".join(str(i) for i, had in enumerate(held) if not had))
+            for h, (_, k), had in zip(hosts, where, held, strict=True):
+                if had:
+                    with contextlib.suppress(NotFound):
+                        await h.delete(k)
+        except OptserveError as exc:
+            log.warning("could not undo the cut create of %s: %s", key, exc)
+            return False
+        self._entries.pop(key, None)
+        return self.directory.remove_made(key, made)
 
     def _placed(self, info: SessionInfo, entry: dict[str, Any]) -> SessionInfo:
         placement = {"resources": entry["resources"], "placement": entry["placement"]}
@@ -1433,6 +1524,38 @@ class RayRouter:
                                     return_exceptions=True)
         return [o for o in outs if isinstance(o, SessionInfo)]
 
+    async def _deleted_before(self, key: str, deleting: dict[str, Any], idem: IdemKey
+                              ) -> bool:
+        """Whether the keyed delete whose key the directory kept before its hosts were asked
+        (``deleting``, :meth:`Directory.note_deleted <app.engine.directory.Directory.
+        note_deleted>`), and no more (a crash cut it there), was done and the session held
+        under the id now (if any) was made since: the directory's entry is another creation's
+        and a host of the session it was sent for answers that it deleted it, or its shard
+        (:meth:`EmbeddedHost.deleted_with <app.engine.host.EmbeddedHost.deleted_with>`, the
+        embedded engine's check, under the key's tenant, or the shard's key: a delete cut
+        between the shards, whose rest a create of the id undid since, :meth:`_undo_part_made`).
+        Then the delete is noted done and its retry answered (204), the new session left
+        alone: it was deleted (on hosts without the key's tombstone), or its entry removed
+        and its shards left on their hosts for good (on the same hosts). False when the
+        session it was sent for is still there (or its hosts never deleted any of it): the
+        retry deletes it."""
+        entry = self.directory.get(key)
+        if entry is not None and entry.get("made") == deleting["deleting"].get("made"):
+            return False
+
+        async def deleted_there(name: str, host_key: str) -> bool:
+            try:
+                return await self._host(name).deleted_with(
+                    split_key(key)[0] if host_key == key else host_key, idem)
+            except NotFound:  # (a host gone for good, its host.json too)
+                return False
+        done = any(await asyncio.gather(*(deleted_there(str(name), str(host_key))
+                                          for name, host_key in deleting["deleting"]["hosts"])))
+        if done:
+            self.directory.note_deleted(split_key(key)[0], idem.key, idem.fingerprint,
+                                        str(deleting["key"]))
+        return done
+
     async def delete(self, key: str, *, idem: IdemKey | None = None,
                      expected: Expected | None = None) -> bool:
         tenant = split_key(key)[0]
@@ -1440,6 +1563,10 @@ class RayRouter:
             # a keyed delete done already: answered, through any front (its hosts keep the
             # key too, but the entry naming them may be gone, or name a session made since)
             done = self.directory.deleted(tenant, idem.key)
+            if done is not None and "deleting" in done:
+                if await self._deleted_before(key, done, idem):
+                    return True
+                done = None  # (not done, or its session is still there: deleted now)
             if done is not None:
                 if done["fingerprint"] != idem.fingerprint:
                     raise reused()
@@ -1467,6 +1594,9 @@ class RayRouter:
             # refusal, leaves the session whole, which a retried create is still answered with
             # (find_create), through any front
             self.directory.forget_created(tenant, entry["created_by"], key)
+        if idem is not None:  # (on disk before any host deletes: _deleted_before)
+            self.directory.note_deleted(tenant, idem.key, idem.fingerprint, key, deleting={
+                "made": entry.get("made"), "hosts": _hosts_of(key, entry)})
         replayed = await host.delete(key, idem=idem, expected=expected)
         if idem is not None:  # (before the entry goes: a crash between leaves the hosts' keys)
             self.directory.note_deleted(tenant, idem.key, idem.fingerprint, key)

@@ -44,6 +44,7 @@ from app.engine.interface import (
 )
 from app.engine.ops import Expected, Operation
 from app.engine.ops.gradients import StepPlan
+from app.engine.shards import Tip
 from app.engine.store import files_failing, storage_failure
 from app.errors import Conflict, NotFound, OptserveError, Unavailable
 
@@ -114,6 +115,9 @@ class Host(SessionHost, Protocol):
     async def commit(self, key: str, idem: IdemKey, op: Operation | None = None, *,
                      want_params: bool = False) -> Any: ...
     async def abort(self, key: str, idem: IdemKey) -> None: ...
+    async def cut_tip(self, key: str) -> Tip: ...
+    async def holds_key(self, key: str, idem_key: str) -> bool: ...
+    async def undo_last(self, key: str, idem_key: str, want: tuple[int, int]) -> bool: ...
 
 
 class InProcessHost:
@@ -223,6 +227,15 @@ class InProcessHost:
 
     async def abort(self, key: str, idem: IdemKey) -> None:
         self._prepared.pop((key, idem.key), None)
+
+    async def cut_tip(self, key: str) -> Tip:
+        return await self.embedded.cut_tip_live(key)
+
+    async def holds_key(self, key: str, idem_key: str) -> bool:
+        return self.embedded.holds_key(key, idem_key)
+
+    async def undo_last(self, key: str, idem_key: str, want: tuple[int, int]) -> bool:
+        return await self.embedded.undo_last_live(key, idem_key, want)
 
 
 class Router(Protocol):

@@ -339,6 +339,33 @@ def import_refusal(exc: BaseException, index: int, state: dict[str, Any],
 
 
 # ---------------------------------------------------------------------------- errors
+#: a shard's tip (:meth:`EmbeddedHost.cut_tip <app.engine.host.EmbeddedHost.cut_tip>`): its
+#: version, its revision, and the key of its latest operation (None: none kept)
+Tip = tuple[int, int, str | None]
+
+
+def cut_candidates(tips: Sequence[Tip]) -> list[tuple[str, list[int], tuple[int, int]]]:
+    """Where a sharded session's shards disagree (``tips``, one per shard) because an
+    operation a crash cut between their commits reached some of them only: at different
+    versions or revisions, or (an operation that moves neither: a push, ``zero_grad``) with
+    different latest operations. For each key that is the latest operation of some shards,
+    those shards and the version and revision every other shard agrees at (which undoing it
+    there must give). The caller checks that the other shards never saw the key (else the
+    operation is what they did, and the shards apart for another reason), and undoes it
+    where the shards' logs allow (:meth:`EmbeddedHost.undo_last <app.engine.host.
+    EmbeddedHost.undo_last>`): at the embedded engine's start, and by a Ray coordinator made
+    anew (:meth:`ShardedSession.undo_cut`)."""
+    if len(set(tips)) <= 1:
+        return []
+    found = []
+    for tx in sorted({t[2] for t in tips if t[2] is not None}):
+        cut = [i for i, t in enumerate(tips) if t[2] == tx]
+        rest = {(t[0], t[1]) for i, t in enumerate(tips) if i not in cut}
+        if len(rest) == 1:
+            found.append((tx, cut, rest.pop()))
+    return found
+
+
 def retryable(exc: BaseException) -> bool:
     """A failure to reach a shard (its host restarting, its disk), or a shard that storage
     faults took out of service and its host restores from its store once the disk works
@@ -443,6 +470,31 @@ class ShardedSession:
             self._damaged = "the session was deleted"
         self._wake()
         return bool(results) and all(r is True for r in results)
+
+    async def undo_cut(self) -> list[int]:
+        """Make the session whole again where an operation a crash cut between its shards'
+        commits reached some of them only (:func:`cut_candidates`), run by a coordinator made
+        anew (its host started again, its operations' commits gone with the one before): the
+        shards that took it are restored without it (:meth:`EmbeddedHost.undo_last
+        <app.engine.host.EmbeddedHost.undo_last>`), as the embedded engine's start does
+        (:meth:`EmbeddedHost.undo_cut <app.engine.host.EmbeddedHost.undo_cut>`). It was
+        never acknowledged; left apart, the session answered 503 ``shards_out_of_step`` until
+        its keyed retry completed it, and went out of service for good without one. The
+        shards undone (none where the shards agree, or that does not make them agree)."""
+        async with self._lock:
+            # (each shard's version, revision and latest key: cheap, no log read)
+            tips = await self._all(lambda host, skey: host.cut_tip(skey))
+            for tx, cut, want in cut_candidates(tips):
+                seen = await asyncio.gather(*(host.holds_key(skey, tx)
+                                              for i, (host, skey) in enumerate(self.shards)
+                                              if i not in cut))
+                if any(seen):
+                    continue
+                done = [i for i in cut
+                        if await self.shards[i][0].undo_last(self.shards[i][1], tx, want)]
+                self._out_of_step_since = None
+                return done
+            return []
 
     # ------------------------------------------------------------------ reads
     async def describe(self, key: str, *, lockstep: bool = True) -> SessionInfo:

@@ -762,3 +762,183 @@ def test_a_keyed_ray_create_cut_on_a_host_gone_since_is_made_anew(
         finally:
             await cluster.kill()
     asyncio.run(run())
+
+
+REMADE = [(1, "same-hosts"), (1, "other-hosts"), (2, "same-hosts"), (2, "other-hosts")]
+
+
+@pytest.mark.parametrize(("shards", "where"), REMADE, ids=[f"{s}-{w}" for s, w in REMADE])
+def test_a_keyed_ray_delete_cut_before_the_directory_heard_spares_the_id_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int, where: str) -> None:
+    """A keyed delete (plain, sharded) whose front dies once the hosts deleted the session,
+    before the directory kept the delete's key; the cluster restarts, and a session is made
+    again with the id: on the hosts that deleted the old one (which keep the key's
+    tombstone) or on others (other sessions took those). The delete's retry, through a new
+    front and again after another restart, is answered (204) and leaves the new session
+    alone, as the embedded engine does: before, it deleted it (other hosts) or removed its
+    entry, its shards left on their hosts for good (the same hosts)."""
+    cluster = Cluster(tmp_path, monkeypatch)
+    dkey = IdemKey("d-cut", "delete cut")
+
+    async def run() -> None:
+        try:
+            first = cluster.front()
+            s = spec(shards)
+            s.id = "again"
+            await first.create(s)
+            await first.step("again", GRADS, return_params=False)
+            real = ray_host._Placed.delete
+
+            async def dies_after(placed: Any, key: str, *, idem: IdemKey | None = None,
+                                 expected: Expected | None = None) -> bool:
+                await real(placed, key, idem=idem, expected=expected)
+                raise Crash(key)
+            with monkeypatch.context() as m:
+                m.setattr(ray_host._Placed, "delete", dies_after)
+                with pytest.raises(Crash):
+                    await first.delete("again", idem=dkey)
+            await cluster.kill()
+
+            second = cluster.front()
+            fillers = []
+            if where == "other-hosts":
+                for i in range(shards):
+                    filler = spec()
+                    filler.id = f"filler{i}"
+                    await second.create(filler)
+                    fillers.append(filler.id)
+            remade = spec(shards, lr=0.5)
+            remade.id = "again"
+            await second.create(remade)
+            torch_ = AsTorch(spec(shards, lr=0.5))
+            await torch_.step(second, "again")
+            for front in (second, cluster.front()):
+                assert await front.delete("again", idem=dkey)
+                info = await front.describe("again")
+                assert info.version == torch_.steps and info.lr == [0.5]  # (left alone)
+                assert sorted(i.id for i in await front.list_sessions()) == \
+                    sorted([*fillers, "again"])
+                await torch_.step(front, "again")
+                await cluster.kill()
+            with pytest.raises(Invalid) as bad:
+                await cluster.front().delete("again", idem=IdemKey("d-cut", "another"))
+            assert bad.value.code == "idempotency_key_reused"
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("then", ["start", "create", "discarded"])
+def test_an_unkeyed_sharded_ray_create_cut_part_way_is_undone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, then: str) -> None:
+    """An unkeyed create of a 2-shard session with an id whose front dies once shard 0's host
+    made its shard, before shard 1's was asked (no clean-up runs), or (``discarded``) whose
+    shard 1's host crashed before its create record was whole (an empty log: its start
+    discards the shard as a create a crash interrupted); the cluster restarts. No
+    retry can finish it (it has no key), and it was never acknowledged. Before, it was kept
+    for good: reads were 404s naming the missing shard, the list left it out and a create of
+    its id was a 409 ``session_exists``, shard 0 on its host for good. Now it is undone (its
+    shard deleted, its entry removed) by the next front's start, or by a create of its id,
+    as the embedded engine's start undoes it: the id is made anew, steps as torch, and the
+    hosts hold that session's shards and nothing else."""
+    from app.engine.shards import shard_spec
+    cluster = Cluster(tmp_path, monkeypatch)
+    monkeypatch.setattr(ray_host, "ABANDONED_AFTER_S", 0.0)
+    monkeypatch.setattr(ray_host.ray, "is_initialized", lambda: True)
+
+    async def run() -> None:
+        try:
+            first = cluster.front()
+
+            async def half(key: str, s: Any, layout: Any, shards: Any, **kw: Any) -> Any:
+                host, skey = shards[0]
+                await host.create(skey, shard_spec(s, layout, 0), idem=kw["idem"])
+                raise Crash(key)  # (the front dies: shard 1's host is never asked)
+
+            def remove(d: Directory, key: str) -> None:
+                raise Crash(key)  # (a kill runs no clean-up)
+            if then == "discarded":
+                await first.create(spec(2, id="half"))
+                await cluster.kill()
+                [wal] = (tmp_path / "hosts").glob("*/sessions/default#half~shard1of2/wal.bin")
+                wal.write_bytes(b"")  # (the crash cut its create record: never acknowledged)
+            else:
+                with monkeypatch.context() as m:
+                    m.setattr(ray_host.ShardedSession, "create", staticmethod(half))
+                    m.setattr(Directory, "remove", remove)
+                    with pytest.raises(Crash):
+                        await first.create(spec(2, id="half"))
+                assert entries(first) == ["default~half"]
+                assert held_keys(cluster) == ["default#half~shard0of2"]
+                await cluster.kill()
+
+            second = cluster.front()
+            if then == "start":
+                await second.start()
+                assert entries(second) == [] and held_keys(cluster) == []
+                with pytest.raises(NotFound):
+                    await second.describe("half")
+            remade = await second.create(spec(2, lr=0.5, id="half"))
+            assert remade.id == "half" and remade.version == 0
+            assert entries(second) == ["default~half"]
+            assert held_keys(cluster) == session_files("half", 2)
+            torch_ = AsTorch(spec(2, lr=0.5))
+            for _ in range(2):
+                await torch_.step(second, "half")
+            await cluster.kill()
+            third = cluster.front()
+            await third.start()
+            assert [i.id for i in await third.list_sessions()] == ["half"]
+            await torch_.step(third, "half")
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
+
+
+def test_a_keyed_ray_delete_cut_between_the_shards_spares_the_id_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyed delete of an unkeyed 2-shard session whose front dies once shard 1's host
+    deleted its shard, before shard 0's did; the cluster restarts. A create of the id undoes
+    what is left (shard 0 and the entry: test_an_unkeyed_sharded_ray_create_cut_part_way_is_
+    undone) and makes the id anew. The delete's retry is answered (204) and leaves the new
+    session alone, through two fronts: the host of shard 1 kept the key (the host of shard 0,
+    which keeps the tenant's tombstone of a whole delete, never saw it)."""
+    cluster = Cluster(tmp_path, monkeypatch)
+    dkey = IdemKey("d-half", "delete half")
+
+    async def run() -> None:
+        try:
+            first = cluster.front()
+            await first.create(spec(2, id="half"))
+            await first.step("half", GRADS, return_params=False)
+            real_delete, real_remove = Store.delete, Directory.remove
+
+            def store_delete(store: Store, key: str, *args: Any, **kw: Any) -> None:
+                if key.endswith("shard0of2"):
+                    raise Crash(key)  # (its host dies first: shard 1's deleted its shard)
+                real_delete(store, key, *args, **kw)
+
+            def remove(d: Directory, key: str) -> None:
+                raise Crash(key)
+            with monkeypatch.context() as m:
+                m.setattr(Store, "delete", store_delete)
+                m.setattr(Directory, "remove", remove)
+                with pytest.raises(Exception):  # noqa: B017, PT011 - the crash
+                    await first.delete("half", idem=dkey)
+            assert held_keys(cluster) == ["default#half~shard0of2"]
+            await cluster.kill()
+            del real_remove
+
+            second = cluster.front()
+            await second.create(spec(2, lr=0.5, id="half"))
+            torch_ = AsTorch(spec(2, lr=0.5))
+            await torch_.step(second, "half")
+            for front in (second, cluster.front()):
+                assert await front.delete("half", idem=dkey)
+                info = await front.describe("half")
+                assert info.version == torch_.steps and info.lr == [0.5]  # (left alone)
+                await torch_.step(front, "half")
+            assert held_keys(cluster) == session_files("half", 2)
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
