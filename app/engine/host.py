@@ -913,14 +913,14 @@ class EmbeddedHost:
             wanted = bool(want_params) or params_into is not None
             if idem is not None and self._answered(key, idem):
                 # a retry of a push whose round already stepped (or was discarded: raised)
-                return await self._replay_push(key, idem, grads, wanted)
+                return await self._replay_push(key, idem, grads, wanted, params_dtype)
             if upcast:
                 grads = await self._worker.run(lambda: self._widen(key, grads), "upcast")
             pushed = await self._rounds.push(key, worker, grads, base_version, idem, wanted,
                                              scalars, room=params_into)
             if pushed is None:  # a retry whose push was answered meanwhile
                 assert idem is not None
-                return await self._replay_push(key, idem, grads, wanted)
+                return await self._replay_push(key, idem, grads, wanted, params_dtype)
             result = pushed
             if params_dtype is not None and result.params is not None:
                 result = dataclasses.replace(result, params=_narrowed(result.params,
@@ -969,14 +969,16 @@ class EmbeddedHost:
         hit = self._get(key).idem.lookup(idem.key, idem.fingerprint, idem.legacy)
         return hit is not None
 
-    async def _replay_push(self, key: str, idem: IdemKey, grads: Tensors, want_params: bool
-                           ) -> StepResult:
+    async def _replay_push(self, key: str, idem: IdemKey, grads: Tensors, want_params: bool,
+                           params_dtype: torch.dtype | None) -> StepResult:
+        """A retried push's answer from the idempotency table: its parameters (the session's
+        current ones) narrowed to ``params_dtype`` as the push asked, as its first answer was."""
         session = self._get(key)
         hit = session.idem.lookup(idem.key, idem.fingerprint, idem.legacy)
         assert hit is not None
         op = Step(grads)
         result: StepResult = await self._worker.run(
-            lambda: replay_answer(session, op, hit, want_params))
+            lambda: replay_answer(session, op, hit, want_params, params_dtype=params_dtype))
         return result
 
     async def _check_push(self, key: str, grads: Tensors, base_version: int | None,

@@ -632,3 +632,33 @@ def test_a_rounds_narrowed_answer_narrows_only_wider_parameters(live_server: str
     assert torch.equal(out.params["w"], ref["w"].detach().bfloat16())
     assert out.params["h"].dtype == torch.float16
     assert torch.equal(out.params["h"], ref["h"].detach())
+
+
+def test_a_retried_sync_push_is_answered_in_the_dtype_it_asked_for(
+        live_server: str, pool: ThreadPoolExecutor) -> None:
+    """A keyed push with ``params_dtype`` retried after its round stepped gets the parameters
+    narrowed as its first answer had them (bfloat16), as an async step's retry does; the
+    replay sent them float32."""
+    params = {"w": torch.randn(4, generator=torch.Generator().manual_seed(5))}
+    grads = [{"w": torch.randn(4, generator=torch.Generator().manual_seed(6 + k))}
+             for k in range(2)]
+    s = sid()
+    with optserve.Client(live_server, max_retries=0, transport="http") as c:
+        c.create_session("SGD", params, options={"lr": 0.5}, id=s,
+                         sync={"workers": 2, "reduce": "mean", "timeout_s": 30})
+    futures = [pool.submit(push, live_server, s, g, w, params_dtype="bfloat16",
+                           idempotency_key=f"key-{w}")
+               for w, g in zip(["a", "b"], grads, strict=True)]
+    first = [f.result(timeout=30) for f in futures]
+    ref = params["w"].clone().requires_grad_(True)
+    opt = torch.optim.SGD([ref], lr=0.5)
+    ref.grad = (grads[0]["w"].clone().add_(grads[1]["w"])).div_(2)
+    opt.step()
+    want = ref.detach().bfloat16()
+    for w, g, answer in zip(["a", "b"], grads, first, strict=True):
+        assert answer.params is not None and torch.equal(answer.params["w"], want)
+        again = push(live_server, s, g, w, params_dtype="bfloat16", idempotency_key=f"key-{w}")
+        assert again.replayed and again.version == answer.version == 1
+        assert again.params is not None
+        assert again.params["w"].dtype == torch.bfloat16
+        assert torch.equal(again.params["w"], want)
