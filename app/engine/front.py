@@ -99,6 +99,13 @@ class Front:
     async def stop(self, *, snapshot: bool = True) -> None:
         await self.router.stop(snapshot=snapshot)
 
+    def drain(self) -> None:
+        """The server is draining (SIGTERM): the in-process host's open sync rounds fail now
+        with 409 ``round_aborted`` rather than keep the drain waiting for their workers."""
+        local = getattr(self.router, "local", None)
+        if isinstance(local, InProcessHost):
+            local.embedded.drain()
+
     async def status(self, *, memory: bool = False) -> EngineStatus:
         return await self.router.status(memory=memory)
 

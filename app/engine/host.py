@@ -374,6 +374,8 @@ class EmbeddedHost:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        self._draining = False  # (a host started again after a drain serves as before)
+        self._rounds.reopen()
         self._worker.start()
         if self.config.warm_up:
             await self._worker.run(self._warm_up)
@@ -394,6 +396,11 @@ class EmbeddedHost:
         for key, session in self._sessions.items():
             self._rounds.set(key, session.ps.sync)
         self._trimmer = asyncio.create_task(self._trim_when_idle())
+
+    def drain(self) -> None:
+        """The server is draining (SIGTERM): open sync rounds fail now with 409
+        ``round_aborted`` (:meth:`SyncRounds.abort`) instead of holding the drain."""
+        self._rounds.abort()
 
     async def stop(self, *, snapshot: bool = True) -> None:
         """Snapshot every session (so the next start replays nothing), then stop. Without

@@ -185,6 +185,8 @@ class SyncRounds:
         #: pushes with an idempotency key, from their arrival until their round's step is
         #: answered (after that the session's idempotency table answers a retry)
         self._in_flight: dict[tuple[str, str], tuple[IdemKey, asyncio.Future[StepResult]]] = {}
+        #: the server is shutting down (:meth:`abort`): no round gathers pushes any more
+        self._aborted = False
 
     def config(self, key: str) -> ps.SyncConfig | None:
         return self._configs.get(key)
@@ -217,11 +219,23 @@ class SyncRounds:
         if rnd is not None:
             rnd.fail(exc)
 
-    async def stop(self) -> None:
+    def abort(self) -> None:
+        """The server is shutting down (SIGTERM): every open round fails now with 409
+        ``round_aborted`` (nothing of it was applied: its workers' retries, same keys, form the
+        next round once a server runs again), and so does every push that would join a round
+        later; rounds closed already still step. Without it the waiting workers held the drain
+        until their rounds timed out (or the graceful shutdown ran out: a bare 500)."""
+        self._aborted = True
         for rnd in self._rounds.values():
-            rnd.fail(Conflict("the server is shutting down; this round's gradients were "
-                              "discarded", code="round_aborted"))
+            rnd.fail(_shutting_down())
         self._rounds.clear()
+
+    def reopen(self) -> None:
+        """Rounds gather pushes again (a host started again after :meth:`abort`)."""
+        self._aborted = False
+
+    async def stop(self) -> None:
+        self.abort()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -330,6 +344,8 @@ class SyncRounds:
             return _for(await asyncio.shield(pending[1]), want_params)
         if idem is not None and self._answered(key, idem):
             return None
+        if self._aborted:
+            raise _shutting_down()
         config = self._configs.get(key)
         if config is None:
             raise Conflict("the session left synchronous mode while this push waited; push "
@@ -378,6 +394,8 @@ class SyncRounds:
                 if self._checking.get(key, {}).get(worker) is mine:
                     del self._checking[key][worker]
             config = self._configs.get(key) or config
+            if self._aborted:  # the server began shutting down while it was checked
+                raise _shutting_down()
             if key not in self._configs:  # sync turned off (or deleted) meanwhile
                 raise Conflict("the session left synchronous mode while this push was checked; "
                                "push again", code="round_aborted")
@@ -464,6 +482,12 @@ class SyncRounds:
                           "its gradients were discarded (on_timeout: fail)",
                           code="round_timeout", workers=arrived, expected=config.workers,
                           timeout_s=config.timeout_s))
+
+
+def _shutting_down() -> Conflict:
+    return Conflict("the server is shutting down; this round's gradients were discarded (nothing "
+                    "was applied): push again, with the same Idempotency-Key, once it runs "
+                    "again", code="round_aborted")
 
 
 def _retrieved(done: asyncio.Future[StepResult]) -> None:

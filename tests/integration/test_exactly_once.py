@@ -181,6 +181,55 @@ def test_a_sync_round_open_at_kill9_steps_once_after_the_restart(server: Proc) -
         assert c.delete(f"/v1/sessions/{sid}").status_code == 204
 
 
+def test_a_sync_round_open_at_sigterm_is_aborted_at_once_and_retried_after(
+        server: Proc) -> None:
+    """SIGTERM while a round waits for its third worker: the waiting workers get 409
+    ``round_aborted`` at once (not a bare 500 when the 30 s graceful shutdown runs out, as
+    before), the server exits 0 without waiting for the round's timeout, and after the restart
+    the same pushes (same keys) with the third worker's step once: torch's Adam on the mean."""
+    server = running(server)
+    sid, p0 = "round-at-sigterm", tensors(2)
+    g = {w: tensors(20 + i) for i, w in enumerate(("w1", "w2", "w3"))}
+    keys = {w: f"term-{w}-{time.time_ns()}" for w in g}
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        body = {"id": sid, "optimizer": "Adam", "options": {"lr": LR},
+                "sync": {"workers": 3, "timeout_s": 600},
+                "params": {n: {"dtype": "float32", "shape": list(t.shape),
+                               "data": t.reshape(-1).tolist()} for n, t in p0.items()}}
+        assert c.post("/v1/sessions", json=body).status_code == 201
+        answers: list[httpx.Response | Exception] = []
+        waiting = threading.Thread(target=lambda: answers.extend(push_all(
+            server.url, sid, [(w, keys[w], g[w]) for w in ("w1", "w2")])))
+        waiting.start()
+        while c.get(f"/v1/sessions/{sid}").json()["sync"].get("pending") != ["w1", "w2"]:
+            assert waiting.is_alive(), answers
+            time.sleep(0.02)
+    assert server.proc is not None
+    sent = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    waiting.join(60)
+    assert server.proc.wait(60) == 0
+    assert time.monotonic() - sent < 20  # not the graceful shutdown's 30 s
+    assert len(answers) == 2, answers
+    for a in answers:
+        assert isinstance(a, httpx.Response) and a.status_code == 409, a
+        assert a.json()["code"] == "round_aborted"
+
+    server.start()
+    answers = push_all(server.url, sid, [(w, keys[w], g[w]) for w in ("w1", "w2", "w3")])
+    mean = {n: g["w1"][n].clone().add_(g["w2"][n]).add_(g["w3"][n]).div_(3) for n in p0}
+    want = adam_after(p0, mean)
+    for a in answers:
+        assert isinstance(a, httpx.Response) and a.status_code == 200, a
+        assert a.headers["X-Optserve-Version"] == "1"
+        assert_tensors_equal(safetensors.torch.load(a.content), want, "round answer")
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        version, got = pull(c, sid)
+        assert version == 1
+        assert_tensors_equal(got, want, "after the round")
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
 # --------------------------------------------------------------------------- the cutting proxy
 
 Cut = Callable[[bytes], bool]
