@@ -87,9 +87,9 @@ class DrainingServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _drain(self) -> None:
-        """Readiness turns false, and the engine's open sync rounds fail at once (409
-        ``round_aborted``): their workers' requests would otherwise keep the drain waiting
-        until the rounds time out."""
+        """Readiness turns false, the engine's open sync rounds fail at once (409
+        ``round_aborted``) and its long polls answer at once: their requests would otherwise
+        keep the drain waiting until the rounds time out, the polls' waits end."""
         self.optserve_app.state.draining = True
         engine = getattr(self.optserve_app.state, "engine", None)
         drain = getattr(engine, "drain", None)

@@ -101,7 +101,8 @@ class Front:
 
     def drain(self) -> None:
         """The server is draining (SIGTERM): the in-process host's open sync rounds fail now
-        with 409 ``round_aborted`` rather than keep the drain waiting for their workers."""
+        with 409 ``round_aborted``, and its long polls answer now, rather than keep the drain
+        waiting for them."""
         local = getattr(self.router, "local", None)
         if isinstance(local, InProcessHost):
             local.embedded.drain()

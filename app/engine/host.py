@@ -348,6 +348,8 @@ class EmbeddedHost:
         self._locks: dict[str, _KeyLock] = {}
         self._key_locks: dict[tuple[str, str], _KeyLock] = {}
         self._changed: dict[str, asyncio.Event] = {}
+        #: the server is draining (:meth:`drain`): long polls answer at once
+        self._draining = False
         self._rounds = SyncRounds(self._apply_round, self._check_push, self._answered)
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="optserve-io")
         # tenant-wide idempotency: creates (by the session they made) and deletes
@@ -399,8 +401,12 @@ class EmbeddedHost:
 
     def drain(self) -> None:
         """The server is draining (SIGTERM): open sync rounds fail now with 409
-        ``round_aborted`` (:meth:`SyncRounds.abort`) instead of holding the drain."""
+        ``round_aborted`` (:meth:`SyncRounds.abort`), and long polls answer now with the
+        current state (as at the end of their wait), instead of holding the drain."""
+        self._draining = True
         self._rounds.abort()
+        for key in list(self._changed):
+            self._version_changed(key)
 
     async def stop(self, *, snapshot: bool = True) -> None:
         """Snapshot every session (so the next start replays nothing), then stop. Without
@@ -556,7 +562,7 @@ class EmbeddedHost:
                 await self._settled(key)
                 version = await self._worker.run(lambda: self._get(key).version, "version")
                 remaining = deadline - loop.time()
-                if version >= min_version or remaining <= 0:
+                if version >= min_version or remaining <= 0 or self._draining:
                     break
                 try:
                     await asyncio.wait_for(changed.wait(), remaining)

@@ -230,6 +230,45 @@ def test_a_sync_round_open_at_sigterm_is_aborted_at_once_and_retried_after(
         assert c.delete(f"/v1/sessions/{sid}").status_code == 204
 
 
+def test_a_long_poll_open_at_sigterm_is_answered_at_once(server: Proc) -> None:
+    """SIGTERM while a worker long-polls for a version the session has not reached: the poll
+    is answered at once with the current state (200, version 0: check it), as at the end of
+    its wait, not a bare 500 when the 30 s graceful shutdown ran out, as before; the server
+    exits 0 without waiting for the poll's 60 s."""
+    server = running(server)
+    sid, p0 = "poll-at-sigterm", tensors(3)
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        body = {"id": sid, "optimizer": "SGD", "options": {"lr": LR},
+                "params": {n: {"dtype": "float32", "shape": list(t.shape),
+                               "data": t.reshape(-1).tolist()} for n, t in p0.items()}}
+        assert c.post("/v1/sessions", json=body).status_code == 201
+        answer: list[httpx.Response | Exception] = []
+
+        def poll() -> None:
+            try:
+                answer.append(c.get(f"/v1/sessions/{sid}/params?min_version=5&wait_s=60",
+                                    headers={"Accept": BINARY}))
+            except httpx.HTTPError as exc:
+                answer.append(exc)
+        polling = threading.Thread(target=poll)
+        polling.start()
+        time.sleep(1.0)  # (the poll waits for version 5)
+        assert polling.is_alive() and not answer
+        assert server.proc is not None
+        sent = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        polling.join(60)
+        assert server.proc.wait(60) == 0
+        assert time.monotonic() - sent < 20  # not the graceful shutdown's 30 s
+    assert len(answer) == 1 and isinstance(answer[0], httpx.Response), answer
+    assert answer[0].status_code == 200, answer[0].text
+    assert answer[0].headers["X-Optserve-Version"] == "0"
+    assert_tensors_equal(safetensors.torch.load(answer[0].content), p0, "polled")
+    server.start()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
 # --------------------------------------------------------------------------- the cutting proxy
 
 Cut = Callable[[bytes], bool]
