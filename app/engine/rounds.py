@@ -97,6 +97,8 @@ class Round:
     versions: set[int] = field(default_factory=set)
     want_params: bool = False
     timer: asyncio.TimerHandle | None = None
+    #: the timeout its timer started with (a PATCH of ``timeout_s`` is the next round's)
+    timeout_s: float | None = None
     timed_out: bool = False  # its timer fired while the session was sealed
     discarded: bool = False
     #: done once the round has stepped, failed or been discarded
@@ -421,6 +423,7 @@ class SyncRounds:
             rnd.scalars[worker] = scalars
         rnd.want_params = rnd.want_params or want_params
         if rnd.timer is None and not rnd.timed_out:
+            rnd.timeout_s = config.timeout_s
             rnd.timer = asyncio.get_running_loop().call_later(
                 config.timeout_s, self._timeout, key, rnd)
         if len(rnd.pushes) >= config.workers and key not in self._seals:
@@ -477,11 +480,12 @@ class SyncRounds:
             return
         del self._rounds[key]
         arrived = sorted(rnd.pushes)
-        rnd.fail(Conflict(f"the round timed out after {config.timeout_s:g} s with "
+        ran = config.timeout_s if rnd.timeout_s is None else rnd.timeout_s
+        rnd.fail(Conflict(f"the round timed out after {ran:g} s with "
                           f"{len(arrived)} of {config.workers} workers ({', '.join(arrived)}); "
                           "its gradients were discarded (on_timeout: fail)",
                           code="round_timeout", workers=arrived, expected=config.workers,
-                          timeout_s=config.timeout_s))
+                          timeout_s=ran))
 
 
 def _shutting_down() -> Conflict:

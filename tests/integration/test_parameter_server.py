@@ -662,3 +662,25 @@ def test_a_retried_sync_push_is_answered_in_the_dtype_it_asked_for(
         assert again.params is not None
         assert again.params["w"].dtype == torch.bfloat16
         assert torch.equal(again.params["w"], want)
+
+
+def test_a_round_timeout_names_the_timeout_the_round_ran_under(
+        client: optserve.Client, live_server: str, pool: ThreadPoolExecutor) -> None:
+    """A round's timer keeps the timeout it started with; a PATCH of ``timeout_s`` while it
+    runs is the next round's. The 409 ``round_timeout`` says the timeout that ran out (0.5 s),
+    not the new one (it said "timed out after 50 s", ``timeout_s`` 50, after half a second);
+    the session is unchanged."""
+    s = sid()
+    client.create_session("SGD", {"w": torch.zeros(2)}, options={"lr": 1.0}, id=s,
+                          sync={"workers": 2, "timeout_s": 0.5, "on_timeout": "fail"})
+    first = pool.submit(push, live_server, s, {"w": torch.ones(2)}, "a")
+    wait_pending(client, s, 1)
+    client.configure_session(s, sync={"timeout_s": 50})
+    with pytest.raises(optserve.ConflictError) as err:
+        first.result(timeout=10)
+    assert err.value.code == "round_timeout"
+    assert err.value.problem["timeout_s"] == 0.5
+    assert "after 0.5 s" in (err.value.problem.get("detail") or "")
+    after = client.get_params(s)
+    assert after.version == 0 and after.params["w"].tolist() == [0.0, 0.0]
+    assert client.get_session(s).sync["timeout_s"] == 50  # type: ignore[index]
