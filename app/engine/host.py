@@ -995,16 +995,19 @@ class EmbeddedHost:
         return result
 
     async def _check_push(self, key: str, grads: Tensors, base_version: int | None,
-                          room: Tensors | None = None) -> tuple[Tensors, int]:
-        """A push's gradients checked (and its staleness, and ``room``: a same-host binding's
-        slots, :meth:`Session.check_room`), in one hop to the worker; with the version they
-        were checked at."""
+                          room: Tensors | None = None, scalars: dict[str, float] | None = None,
+                          gathered: frozenset[str] = frozenset()) -> tuple[Tensors, int]:
+        """A push's gradients checked (and its staleness, ``room``: a same-host binding's
+        slots, :meth:`Session.check_room`, and its scalars' names with those the round has
+        ``gathered`` against the session's bound), in one hop to the worker; with the version
+        they were checked at."""
         def check() -> tuple[Tensors, int]:
             s = self._get(key)
             if room is not None:  # (a binding's slots: still the session's?)
                 s.check_room(room, grads)
             if base_version is not None:
                 staleness_of(s, base_version, replaced=True)
+            metrics.check_scalar_names(s, scalars, gathered=gathered)
             return s.check_grads(grads), s.version
         await self._settled(key)
         return await self._worker.run(check, "sync_push")

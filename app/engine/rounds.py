@@ -156,9 +156,10 @@ class Seal:
 #: meanwhile, or one gathered at another version than the session's
 ApplyRound = Callable[[str, Round, ps.Reduce, dict[str, Any]], Awaitable[StepResult]]
 #: checks one push against the session: (key, grads, base version, the views a same-host
-#: binding takes the answer in) -> (grads on the device, the session's version it was
-#: checked at)
-CheckPush = Callable[[str, Tensors, int | None, Tensors | None], Awaitable[tuple[Tensors, int]]]
+#: binding takes the answer in, its scalars, the scalar names the open round has gathered)
+#: -> (grads on the device, the session's version it was checked at)
+CheckPush = Callable[[str, Tensors, int | None, Tensors | None, dict[str, float] | None,
+                      frozenset[str]], Awaitable[tuple[Tensors, int]]]
 #: whether the session's idempotency table answers this push already (raises what it keeps
 #: for a discarded push, or 422 for a key reused with another request)
 Answered = Callable[[str, IdemKey], bool]
@@ -371,9 +372,10 @@ class SyncRounds:
                     if mine.discarded is not None:
                         raise mine.discarded
                     closed = self._closed.get(key, 0)
+                    gathered = self._scalar_names(key)
                     try:
                         checked, version = await self._check_push(key, grads, base_version,
-                                                                  room)
+                                                                  room, scalars, gathered)
                     except Exception:
                         seal = self._seals.get(key)
                         if seal is not None and mine in seal.checking:
@@ -382,8 +384,11 @@ class SyncRounds:
                         raise
                     if mine.discarded is not None:
                         raise mine.discarded
-                    if self._closed.get(key, 0) == closed:
+                    if self._closed.get(key, 0) == closed and (
+                            not scalars or self._scalar_names(key) == gathered):
                         break
+                    # (or pushes joined the round meanwhile with scalar names of their own:
+                    # checked again with them, the session's bound on names counting them)
                     # a round closed while this push was checked (filled by pushes checked
                     # before it, K lowered, a partial timeout): it steps from the version
                     # this push was checked at, so the push joins the next round, checked
@@ -429,6 +434,13 @@ class SyncRounds:
         if len(rnd.pushes) >= config.workers and key not in self._seals:
             self._close(key, config, partial=False)
         return _for(await asyncio.shield(waiter), want_params)
+
+    def _scalar_names(self, key: str) -> frozenset[str]:
+        """The scalar names of the pushes the open round holds (its step records them all)."""
+        rnd = self._rounds.get(key)
+        if rnd is None:
+            return frozenset()
+        return frozenset(name for sent in rnd.scalars.values() for name in sent)
 
     def _landed(self, key: str, idem_key: str, done: asyncio.Future[StepResult]) -> None:
         entry = self._in_flight.get((key, idem_key))

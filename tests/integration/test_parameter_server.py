@@ -684,3 +684,40 @@ def test_a_round_timeout_names_the_timeout_the_round_ran_under(
     after = client.get_params(s)
     assert after.version == 0 and after.params["w"].tolist() == [0.0, 0.0]
     assert client.get_session(s).sync["timeout_s"] == 50  # type: ignore[index]
+
+
+def test_a_push_whose_scalar_names_overflow_the_session_is_its_own_422(
+        client: optserve.Client, live_server: str, pool: ThreadPoolExecutor) -> None:
+    """A session keeps at most 128 scalar names. In a sync round, a push bringing one name too
+    many (with the names the round has gathered: "x" fits, "y" after it does not) is that
+    worker's own 422 ``invalid_scalars``; the round goes on and steps with the other pushes,
+    torch's step on their mean. It was taken into the round, whose step then failed with the
+    same 422 for every worker, nothing applied."""
+    s = sid()
+    client.create_session("SGD", {"w": torch.zeros(3)}, options={"lr": 0.5}, id=s,
+                          sync={"workers": 1, "timeout_s": 30})
+    names = [f"m{i}" for i in range(127)]
+    for start in range(0, len(names), 16):
+        client.step(s, {"w": torch.zeros(3)}, worker="w0",
+                    scalars={n: 1.0 for n in names[start:start + 16]})
+    client.configure_session(s, sync={"workers": 2})
+    p = client.get_params(s).params["w"]
+    g = [torch.randn(3, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    first = pool.submit(push, live_server, s, {"w": g[0]}, "a", scalars={"x": 1.0})
+    wait_pending(client, s, 1)
+    for worker, scalars in (("b", {"y": 2.0}), ("a2", {"m0": 1.0, "z": 1.0})):
+        with pytest.raises(optserve.ValidationError) as err:
+            push(live_server, s, {"w": g[1]}, worker, scalars=scalars)
+        assert err.value.code == "invalid_scalars"
+        assert err.value.problem["field"] in ("scalars.y", "scalars.z")
+    assert client.get_session(s).sync["pending"] == ["a"]  # type: ignore[index]
+    second = push(live_server, s, {"w": g[2]}, "c", scalars={"m1": 3.0})
+    answers = [first.result(timeout=30), second]
+    ref = p.clone().requires_grad_(True)
+    opt = torch.optim.SGD([ref], lr=0.5)
+    ref.grad = g[0].clone().add_(g[2]).div_(2)
+    opt.step()
+    for out in answers:
+        assert out.version == 9 and out.params is not None
+        assert out.sync == {"workers": ["a", "c"], "expected": 2, "partial": False}
+        assert torch.equal(out.params["w"], ref.detach())
