@@ -230,15 +230,16 @@ def test_a_sync_round_open_at_sigterm_is_aborted_at_once_and_retried_after(
         assert c.delete(f"/v1/sessions/{sid}").status_code == 204
 
 
-def test_a_long_poll_open_at_sigterm_is_answered_at_once(server: Proc) -> None:
-    """SIGTERM while a worker long-polls for a version the session has not reached: the poll
-    is answered at once with the current state (200, version 0: check it), as at the end of
-    its wait, not a bare 500 when the 30 s graceful shutdown ran out, as before; the server
-    exits 0 without waiting for the poll's 60 s."""
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_long_poll_open_at_sigterm_is_answered_at_once(server: Proc, shards: int) -> None:
+    """SIGTERM while a worker long-polls for a version the session (plain or sharded) has not
+    reached: the poll is answered at once with the current state (200, version 0: check it),
+    as at the end of its wait, not a bare 500 when the 30 s graceful shutdown ran out, as
+    before; the server exits 0 without waiting for the poll's 60 s."""
     server = running(server)
-    sid, p0 = "poll-at-sigterm", tensors(3)
+    sid, p0 = f"poll-at-sigterm-{shards}", tensors(3)
     with httpx.Client(base_url=server.url, timeout=120) as c:
-        body = {"id": sid, "optimizer": "SGD", "options": {"lr": LR},
+        body = {"id": sid, "optimizer": "SGD", "options": {"lr": LR}, "shards": shards,
                 "params": {n: {"dtype": "float32", "shape": list(t.shape),
                                "data": t.reshape(-1).tolist()} for n, t in p0.items()}}
         assert c.post("/v1/sessions", json=body).status_code == 201
