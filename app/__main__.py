@@ -21,6 +21,7 @@ it.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
@@ -83,8 +84,20 @@ class DrainingServer(uvicorn.Server):
         self.listener_lost: str | None = None
         #: each listening socket, its identity and its address, as they were at start
         self._listeners: list[tuple[Any, tuple[int, int], str]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _drain(self) -> None:
+        """Readiness turns false, the engine's open sync rounds fail at once (409
+        ``round_aborted``) and its long polls answer at once: their requests would otherwise
+        keep the drain waiting until the rounds time out, the polls' waits end."""
+        self.optserve_app.state.draining = True
+        engine = getattr(self.optserve_app.state, "engine", None)
+        drain = getattr(engine, "drain", None)
+        if callable(drain) and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(drain)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
         self._listeners = [(sock, listener_identity(sock), str(sock.getsockname()))
                            for server in self.servers for sock in server.sockets]
@@ -100,13 +113,13 @@ class DrainingServer(uvicorn.Server):
                           "it when an accept fails, e.g. out of file descriptors); draining "
                           "and exiting with status 1 for a supervisor to restart the server",
                           self.listener_lost)
-                self.optserve_app.state.draining = True
+                self._drain()
                 self.should_exit = True
                 break
         return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.optserve_app.state.draining = True
+        self._drain()
         super().handle_exit(sig, frame)
         if sig == signal.SIGTERM:  # a drained SIGTERM (even a repeated one) is a clean exit
             self._captured_signals[:] = [s for s in self._captured_signals if s != sig]

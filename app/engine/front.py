@@ -99,6 +99,13 @@ class Front:
     async def stop(self, *, snapshot: bool = True) -> None:
         await self.router.stop(snapshot=snapshot)
 
+    def drain(self) -> None:
+        """The server is draining (SIGTERM): the embedded engine's open sync rounds fail now
+        with 409 ``round_aborted``, and its long polls (plain and sharded sessions) answer
+        now, rather than keep the drain waiting for them (:meth:`LocalRouter.drain`)."""
+        if isinstance(self.router, LocalRouter):
+            self.router.drain()
+
     async def status(self, *, memory: bool = False) -> EngineStatus:
         return await self.router.status(memory=memory)
 

@@ -349,6 +349,8 @@ class EmbeddedHost:
         self._locks: dict[str, _KeyLock] = {}
         self._key_locks: dict[tuple[str, str], _KeyLock] = {}
         self._changed: dict[str, asyncio.Event] = {}
+        #: the server is draining (:meth:`drain`): long polls answer at once
+        self._draining = False
         self._rounds = SyncRounds(self._apply_round, self._check_push, self._answered)
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="optserve-io")
         # tenant-wide idempotency: creates (by the session they made) and deletes
@@ -375,6 +377,8 @@ class EmbeddedHost:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        self._draining = False  # (a host started again after a drain serves as before)
+        self._rounds.reopen()
         self._worker.start()
         if self.config.warm_up:
             await self._worker.run(self._warm_up)
@@ -395,6 +399,15 @@ class EmbeddedHost:
         for key, session in self._sessions.items():
             self._rounds.set(key, session.ps.sync)
         self._trimmer = asyncio.create_task(self._trim_when_idle())
+
+    def drain(self) -> None:
+        """The server is draining (SIGTERM): open sync rounds fail now with 409
+        ``round_aborted`` (:meth:`SyncRounds.abort`), and long polls answer now with the
+        current state (as at the end of their wait), instead of holding the drain."""
+        self._draining = True
+        self._rounds.abort()
+        for key in list(self._changed):
+            self._version_changed(key)
 
     async def stop(self, *, snapshot: bool = True) -> None:
         """Snapshot every session (so the next start replays nothing), then stop. Without
@@ -550,7 +563,7 @@ class EmbeddedHost:
                 await self._settled(key)
                 version = await self._worker.run(lambda: self._get(key).version, "version")
                 remaining = deadline - loop.time()
-                if version >= min_version or remaining <= 0:
+                if version >= min_version or remaining <= 0 or self._draining:
                     break
                 try:
                     await asyncio.wait_for(changed.wait(), remaining)
@@ -914,14 +927,14 @@ class EmbeddedHost:
             wanted = bool(want_params) or params_into is not None
             if idem is not None and self._answered(key, idem):
                 # a retry of a push whose round already stepped (or was discarded: raised)
-                return await self._replay_push(key, idem, grads, wanted)
+                return await self._replay_push(key, idem, grads, wanted, params_dtype)
             if upcast:
                 grads = await self._worker.run(lambda: self._widen(key, grads), "upcast")
             pushed = await self._rounds.push(key, worker, grads, base_version, idem, wanted,
                                              scalars, room=params_into)
             if pushed is None:  # a retry whose push was answered meanwhile
                 assert idem is not None
-                return await self._replay_push(key, idem, grads, wanted)
+                return await self._replay_push(key, idem, grads, wanted, params_dtype)
             result = pushed
             if params_dtype is not None and result.params is not None:
                 result = dataclasses.replace(result, params=_narrowed(result.params,
@@ -970,27 +983,32 @@ class EmbeddedHost:
         hit = self._get(key).idem.lookup(idem.key, idem.fingerprint, idem.legacy)
         return hit is not None
 
-    async def _replay_push(self, key: str, idem: IdemKey, grads: Tensors, want_params: bool
-                           ) -> StepResult:
+    async def _replay_push(self, key: str, idem: IdemKey, grads: Tensors, want_params: bool,
+                           params_dtype: torch.dtype | None) -> StepResult:
+        """A retried push's answer from the idempotency table: its parameters (the session's
+        current ones) narrowed to ``params_dtype`` as the push asked, as its first answer was."""
         session = self._get(key)
         hit = session.idem.lookup(idem.key, idem.fingerprint, idem.legacy)
         assert hit is not None
         op = Step(grads)
         result: StepResult = await self._worker.run(
-            lambda: replay_answer(session, op, hit, want_params))
+            lambda: replay_answer(session, op, hit, want_params, params_dtype=params_dtype))
         return result
 
     async def _check_push(self, key: str, grads: Tensors, base_version: int | None,
-                          room: Tensors | None = None) -> tuple[Tensors, int]:
-        """A push's gradients checked (and its staleness, and ``room``: a same-host binding's
-        slots, :meth:`Session.check_room`), in one hop to the worker; with the version they
-        were checked at."""
+                          room: Tensors | None = None, scalars: dict[str, float] | None = None,
+                          gathered: frozenset[str] = frozenset()) -> tuple[Tensors, int]:
+        """A push's gradients checked (and its staleness, ``room``: a same-host binding's
+        slots, :meth:`Session.check_room`, and its scalars' names with those the round has
+        ``gathered`` against the session's bound), in one hop to the worker; with the version
+        they were checked at."""
         def check() -> tuple[Tensors, int]:
             s = self._get(key)
             if room is not None:  # (a binding's slots: still the session's?)
                 s.check_room(room, grads)
             if base_version is not None:
                 staleness_of(s, base_version, replaced=True)
+            metrics.check_scalar_names(s, scalars, gathered=gathered)
             return s.check_grads(grads), s.version
         await self._settled(key)
         return await self._worker.run(check, "sync_push")

@@ -649,16 +649,18 @@ def mean_scalars(parts: list[dict[str, float]]) -> dict[str, float]:
 
 
 def check_scalar_names(s: Session, scalars: dict[str, float] | None,
-                       field: str = "scalars") -> None:
+                       field: str = "scalars", gathered: frozenset[str] = frozenset()) -> None:
     """422 ``invalid_scalars`` when ``scalars`` would bring the session's distinct scalar
-    names (its history's columns and those pushed for the next step) past
-    :data:`MAX_SCALAR_NAMES`; names it has already are always taken."""
+    names (its history's columns and those pushed for the next step; ``gathered``: those of
+    the pushes a sync round holds for it) past :data:`MAX_SCALAR_NAMES`; names it has already
+    are always taken."""
     if not scalars or all(s.history.has(SCALARS_PREFIX + name) or name in s.pending_scalars
-                          for name in scalars):
+                          or name in gathered for name in scalars):
         return  # (names it has: the usual step, not a scan of every column)
     known = {name[len(SCALARS_PREFIX):] for name in s.history.fields
              if name.startswith(SCALARS_PREFIX)}
     known.update(s.pending_scalars)
+    known.update(gathered)
     new = [name for name in scalars if name not in known]
     if len(known) + len(new) > MAX_SCALAR_NAMES:
         raise Invalid(f"this session keeps at most {MAX_SCALAR_NAMES} distinct scalar names "

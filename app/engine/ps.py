@@ -34,7 +34,7 @@ MAX_WORKERS = 10_000
 MAX_TIMEOUT_S = 86_400.0
 DEFAULT_TIMEOUT_S = 60.0
 MAX_WAIT_S = 60.0  # long-poll cap for GET .../params?wait_s=
-_WORKER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+_WORKER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # (whole: fullmatch)
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def check_takes(optimizer: str, config: PsConfig) -> PsConfig:
 
 
 def check_worker(worker: str) -> str:
-    if not _WORKER_RE.match(worker):
+    if not _WORKER_RE.fullmatch(worker):  # (match's $ took a trailing "\n")
         raise Invalid("a worker id (X-Optserve-Worker) is 1-128 characters of letters, digits, "
                       "'.', '_', ':', '@' or '-', starting with a letter or digit",
                       code="invalid_worker", field="X-Optserve-Worker")

@@ -97,6 +97,8 @@ class Round:
     versions: set[int] = field(default_factory=set)
     want_params: bool = False
     timer: asyncio.TimerHandle | None = None
+    #: the timeout its timer started with (a PATCH of ``timeout_s`` is the next round's)
+    timeout_s: float | None = None
     timed_out: bool = False  # its timer fired while the session was sealed
     discarded: bool = False
     #: done once the round has stepped, failed or been discarded
@@ -154,9 +156,10 @@ class Seal:
 #: meanwhile, or one gathered at another version than the session's
 ApplyRound = Callable[[str, Round, ps.Reduce, dict[str, Any]], Awaitable[StepResult]]
 #: checks one push against the session: (key, grads, base version, the views a same-host
-#: binding takes the answer in) -> (grads on the device, the session's version it was
-#: checked at)
-CheckPush = Callable[[str, Tensors, int | None, Tensors | None], Awaitable[tuple[Tensors, int]]]
+#: binding takes the answer in, its scalars, the scalar names the open round has gathered)
+#: -> (grads on the device, the session's version it was checked at)
+CheckPush = Callable[[str, Tensors, int | None, Tensors | None, dict[str, float] | None,
+                      frozenset[str]], Awaitable[tuple[Tensors, int]]]
 #: whether the session's idempotency table answers this push already (raises what it keeps
 #: for a discarded push, or 422 for a key reused with another request)
 Answered = Callable[[str, IdemKey], bool]
@@ -185,6 +188,8 @@ class SyncRounds:
         #: pushes with an idempotency key, from their arrival until their round's step is
         #: answered (after that the session's idempotency table answers a retry)
         self._in_flight: dict[tuple[str, str], tuple[IdemKey, asyncio.Future[StepResult]]] = {}
+        #: the server is shutting down (:meth:`abort`): no round gathers pushes any more
+        self._aborted = False
 
     def config(self, key: str) -> ps.SyncConfig | None:
         return self._configs.get(key)
@@ -217,11 +222,23 @@ class SyncRounds:
         if rnd is not None:
             rnd.fail(exc)
 
-    async def stop(self) -> None:
+    def abort(self) -> None:
+        """The server is shutting down (SIGTERM): every open round fails now with 409
+        ``round_aborted`` (nothing of it was applied: its workers' retries, same keys, form the
+        next round once a server runs again), and so does every push that would join a round
+        later; rounds closed already still step. Without it the waiting workers held the drain
+        until their rounds timed out (or the graceful shutdown ran out: a bare 500)."""
+        self._aborted = True
         for rnd in self._rounds.values():
-            rnd.fail(Conflict("the server is shutting down; this round's gradients were "
-                              "discarded", code="round_aborted"))
+            rnd.fail(_shutting_down())
         self._rounds.clear()
+
+    def reopen(self) -> None:
+        """Rounds gather pushes again (a host started again after :meth:`abort`)."""
+        self._aborted = False
+
+    async def stop(self) -> None:
+        self.abort()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -330,6 +347,8 @@ class SyncRounds:
             return _for(await asyncio.shield(pending[1]), want_params)
         if idem is not None and self._answered(key, idem):
             return None
+        if self._aborted:
+            raise _shutting_down()
         config = self._configs.get(key)
         if config is None:
             raise Conflict("the session left synchronous mode while this push waited; push "
@@ -353,9 +372,10 @@ class SyncRounds:
                     if mine.discarded is not None:
                         raise mine.discarded
                     closed = self._closed.get(key, 0)
+                    gathered = self._scalar_names(key)
                     try:
                         checked, version = await self._check_push(key, grads, base_version,
-                                                                  room)
+                                                                  room, scalars, gathered)
                     except Exception:
                         seal = self._seals.get(key)
                         if seal is not None and mine in seal.checking:
@@ -364,8 +384,11 @@ class SyncRounds:
                         raise
                     if mine.discarded is not None:
                         raise mine.discarded
-                    if self._closed.get(key, 0) == closed:
+                    if self._closed.get(key, 0) == closed and (
+                            not scalars or self._scalar_names(key) == gathered):
                         break
+                    # (or pushes joined the round meanwhile with scalar names of their own:
+                    # checked again with them, the session's bound on names counting them)
                     # a round closed while this push was checked (filled by pushes checked
                     # before it, K lowered, a partial timeout): it steps from the version
                     # this push was checked at, so the push joins the next round, checked
@@ -378,6 +401,8 @@ class SyncRounds:
                 if self._checking.get(key, {}).get(worker) is mine:
                     del self._checking[key][worker]
             config = self._configs.get(key) or config
+            if self._aborted:  # the server began shutting down while it was checked
+                raise _shutting_down()
             if key not in self._configs:  # sync turned off (or deleted) meanwhile
                 raise Conflict("the session left synchronous mode while this push was checked; "
                                "push again", code="round_aborted")
@@ -403,11 +428,19 @@ class SyncRounds:
             rnd.scalars[worker] = scalars
         rnd.want_params = rnd.want_params or want_params
         if rnd.timer is None and not rnd.timed_out:
+            rnd.timeout_s = config.timeout_s
             rnd.timer = asyncio.get_running_loop().call_later(
                 config.timeout_s, self._timeout, key, rnd)
         if len(rnd.pushes) >= config.workers and key not in self._seals:
             self._close(key, config, partial=False)
         return _for(await asyncio.shield(waiter), want_params)
+
+    def _scalar_names(self, key: str) -> frozenset[str]:
+        """The scalar names of the pushes the open round holds (its step records them all)."""
+        rnd = self._rounds.get(key)
+        if rnd is None:
+            return frozenset()
+        return frozenset(name for sent in rnd.scalars.values() for name in sent)
 
     def _landed(self, key: str, idem_key: str, done: asyncio.Future[StepResult]) -> None:
         entry = self._in_flight.get((key, idem_key))
@@ -459,11 +492,18 @@ class SyncRounds:
             return
         del self._rounds[key]
         arrived = sorted(rnd.pushes)
-        rnd.fail(Conflict(f"the round timed out after {config.timeout_s:g} s with "
+        ran = config.timeout_s if rnd.timeout_s is None else rnd.timeout_s
+        rnd.fail(Conflict(f"the round timed out after {ran:g} s with "
                           f"{len(arrived)} of {config.workers} workers ({', '.join(arrived)}); "
                           "its gradients were discarded (on_timeout: fail)",
                           code="round_timeout", workers=arrived, expected=config.workers,
-                          timeout_s=config.timeout_s))
+                          timeout_s=ran))
+
+
+def _shutting_down() -> Conflict:
+    return Conflict("the server is shutting down; this round's gradients were discarded (nothing "
+                    "was applied): push again, with the same Idempotency-Key, once it runs "
+                    "again", code="round_aborted")
 
 
 def _retrieved(done: asyncio.Future[StepResult]) -> None:

@@ -392,6 +392,13 @@ class LocalRouter:
     async def stop(self, *, snapshot: bool = True) -> None:
         await self.local.stop(snapshot=snapshot)
 
+    def drain(self) -> None:
+        """The server is draining (SIGTERM): open sync rounds fail now, and long polls, of
+        plain and sharded sessions, answer now (:meth:`EmbeddedHost.drain`)."""
+        self.local.embedded.drain()
+        for session in self._sharded.values():
+            session.drain()
+
     async def status(self, *, memory: bool = False) -> EngineStatus:
         status = await self.local.status(memory=memory)
         plain = [k for k in await self.local.keys() if parent_key(k) == k]

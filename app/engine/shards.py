@@ -422,6 +422,8 @@ class ShardedSession:
         self._damaged: str | None = None
         #: since when the shards have disagreed on their version (None: they agree)
         self._out_of_step_since: float | None = None
+        #: the server is draining (:meth:`drain`): long polls answer at once
+        self._draining = False
 
     # ------------------------------------------------------------------ create and delete
     @classmethod
@@ -529,7 +531,7 @@ class ShardedSession:
                 if version is None:
                     version = (await self.describe(self.key)).version
                 remaining = deadline - loop.time()
-                if version >= min_version or remaining <= 0:
+                if version >= min_version or remaining <= 0 or self._draining:
                     break
                 try:
                     await asyncio.wait_for(changed.wait(), remaining)
@@ -786,6 +788,12 @@ class ShardedSession:
     def _wake(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+    def drain(self) -> None:
+        """The server is draining (SIGTERM): its long polls answer now with the current
+        state, as at the end of their wait."""
+        self._draining = True
+        self._wake()
 
     def _merge(self, op: Operation, results: dict[int, Any], want_params: bool,
                nonfinite: list[str]) -> Any:

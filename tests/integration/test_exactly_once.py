@@ -181,6 +181,95 @@ def test_a_sync_round_open_at_kill9_steps_once_after_the_restart(server: Proc) -
         assert c.delete(f"/v1/sessions/{sid}").status_code == 204
 
 
+def test_a_sync_round_open_at_sigterm_is_aborted_at_once_and_retried_after(
+        server: Proc) -> None:
+    """SIGTERM while a round waits for its third worker: the waiting workers get 409
+    ``round_aborted`` at once (not a bare 500 when the 30 s graceful shutdown runs out, as
+    before), the server exits 0 without waiting for the round's timeout, and after the restart
+    the same pushes (same keys) with the third worker's step once: torch's Adam on the mean."""
+    server = running(server)
+    sid, p0 = "round-at-sigterm", tensors(2)
+    g = {w: tensors(20 + i) for i, w in enumerate(("w1", "w2", "w3"))}
+    keys = {w: f"term-{w}-{time.time_ns()}" for w in g}
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        body = {"id": sid, "optimizer": "Adam", "options": {"lr": LR},
+                "sync": {"workers": 3, "timeout_s": 600},
+                "params": {n: {"dtype": "float32", "shape": list(t.shape),
+                               "data": t.reshape(-1).tolist()} for n, t in p0.items()}}
+        assert c.post("/v1/sessions", json=body).status_code == 201
+        answers: list[httpx.Response | Exception] = []
+        waiting = threading.Thread(target=lambda: answers.extend(push_all(
+            server.url, sid, [(w, keys[w], g[w]) for w in ("w1", "w2")])))
+        waiting.start()
+        while c.get(f"/v1/sessions/{sid}").json()["sync"].get("pending") != ["w1", "w2"]:
+            assert waiting.is_alive(), answers
+            time.sleep(0.02)
+    assert server.proc is not None
+    sent = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    waiting.join(60)
+    assert server.proc.wait(60) == 0
+    assert time.monotonic() - sent < 20  # not the graceful shutdown's 30 s
+    assert len(answers) == 2, answers
+    for a in answers:
+        assert isinstance(a, httpx.Response) and a.status_code == 409, a
+        assert a.json()["code"] == "round_aborted"
+
+    server.start()
+    answers = push_all(server.url, sid, [(w, keys[w], g[w]) for w in ("w1", "w2", "w3")])
+    mean = {n: g["w1"][n].clone().add_(g["w2"][n]).add_(g["w3"][n]).div_(3) for n in p0}
+    want = adam_after(p0, mean)
+    for a in answers:
+        assert isinstance(a, httpx.Response) and a.status_code == 200, a
+        assert a.headers["X-Optserve-Version"] == "1"
+        assert_tensors_equal(safetensors.torch.load(a.content), want, "round answer")
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        version, got = pull(c, sid)
+        assert version == 1
+        assert_tensors_equal(got, want, "after the round")
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_long_poll_open_at_sigterm_is_answered_at_once(server: Proc, shards: int) -> None:
+    """SIGTERM while a worker long-polls for a version the session (plain or sharded) has not
+    reached: the poll is answered at once with the current state (200, version 0: check it),
+    as at the end of its wait, not a bare 500 when the 30 s graceful shutdown ran out, as
+    before; the server exits 0 without waiting for the poll's 60 s."""
+    server = running(server)
+    sid, p0 = f"poll-at-sigterm-{shards}", tensors(3)
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        body = {"id": sid, "optimizer": "SGD", "options": {"lr": LR}, "shards": shards,
+                "params": {n: {"dtype": "float32", "shape": list(t.shape),
+                               "data": t.reshape(-1).tolist()} for n, t in p0.items()}}
+        assert c.post("/v1/sessions", json=body).status_code == 201
+        answer: list[httpx.Response | Exception] = []
+
+        def poll() -> None:
+            try:
+                answer.append(c.get(f"/v1/sessions/{sid}/params?min_version=5&wait_s=60",
+                                    headers={"Accept": BINARY}))
+            except httpx.HTTPError as exc:
+                answer.append(exc)
+        polling = threading.Thread(target=poll)
+        polling.start()
+        time.sleep(1.0)  # (the poll waits for version 5)
+        assert polling.is_alive() and not answer
+        assert server.proc is not None
+        sent = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        polling.join(60)
+        assert server.proc.wait(60) == 0
+        assert time.monotonic() - sent < 20  # not the graceful shutdown's 30 s
+    assert len(answer) == 1 and isinstance(answer[0], httpx.Response), answer
+    assert answer[0].status_code == 200, answer[0].text
+    assert answer[0].headers["X-Optserve-Version"] == "0"
+    assert_tensors_equal(safetensors.torch.load(answer[0].content), p0, "polled")
+    server.start()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
 # --------------------------------------------------------------------------- the cutting proxy
 
 Cut = Callable[[bytes], bool]

@@ -339,6 +339,41 @@ def test_a_second_push_of_a_worker_names_the_worker_field(server: str) -> None:
             assert torch.equal(out.params["x"], want)
 
 
+@pytest.mark.parametrize("worker", ["w0\n", "w" * 128 + "\n"])
+def test_a_worker_id_with_a_trailing_newline_is_refused(server: str, worker: str) -> None:
+    """A worker id is 1-128 of letters, digits and ``._:@-``: ``"w0\n"`` is a 422
+    ``invalid_worker`` naming ``worker``, not another worker than ``w0`` (it joined w0's round
+    as a second worker, so one worker's gradients counted twice); the round is left alone and
+    w1's push closes it with torch's step on the mean."""
+    p0 = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    g0, g1 = (torch.randn(8, generator=torch.Generator().manual_seed(k)) for k in (2, 3))
+    with optserve.Client(server, api_key=KEY, transport="http") as h, \
+            optserve.Client(server, api_key=KEY, transport="local") as c0, \
+            optserve.Client(server, api_key=KEY, transport="local") as c1, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        sid = adam_session(h, p0, sync={"workers": 2, "timeout_s": 60})
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(c0.step, sid, {"x": g0}, worker="w0")
+            deadline = time.monotonic() + 30
+            while (h.get_session(sid).sync or {}).get("pending") != ["w0"]:
+                assert time.monotonic() < deadline and not first.done()
+                time.sleep(0.01)
+            hello(s, server)
+            b = frames(s, {"op": "bind", "session": sid})["binding"]
+            problem = problem_of(frames(s, {"op": "step", "binding": b, "grads": ["x"],
+                                            "worker": worker}))
+            assert (problem["status"], problem["code"], problem["field"]) == (
+                422, "invalid_worker", "worker")
+            assert (h.get_session(sid).sync or {}).get("pending") == ["w0"]
+            second = c1.step(sid, {"x": g1}, worker="w1")
+            answers = [first.result(timeout=30), second]
+        want = torch_adam(p0, [(g0 + g1) / 2])
+        for out in answers:
+            assert out.version == 1 and out.params is not None
+            assert out.sync == {"workers": ["w0", "w1"], "expected": 2, "partial": False}
+            assert torch.equal(out.params["x"], want)
+
+
 def test_problem_extras_without_a_value_are_left_out_as_over_http() -> None:
     """An extra problem field whose value is None is left out, as the HTTP routes leave it
     out (``app.api.problems.problem``); it went out as ``null``."""

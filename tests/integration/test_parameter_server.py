@@ -632,3 +632,92 @@ def test_a_rounds_narrowed_answer_narrows_only_wider_parameters(live_server: str
     assert torch.equal(out.params["w"], ref["w"].detach().bfloat16())
     assert out.params["h"].dtype == torch.float16
     assert torch.equal(out.params["h"], ref["h"].detach())
+
+
+def test_a_retried_sync_push_is_answered_in_the_dtype_it_asked_for(
+        live_server: str, pool: ThreadPoolExecutor) -> None:
+    """A keyed push with ``params_dtype`` retried after its round stepped gets the parameters
+    narrowed as its first answer had them (bfloat16), as an async step's retry does; the
+    replay sent them float32."""
+    params = {"w": torch.randn(4, generator=torch.Generator().manual_seed(5))}
+    grads = [{"w": torch.randn(4, generator=torch.Generator().manual_seed(6 + k))}
+             for k in range(2)]
+    s = sid()
+    with optserve.Client(live_server, max_retries=0, transport="http") as c:
+        c.create_session("SGD", params, options={"lr": 0.5}, id=s,
+                         sync={"workers": 2, "reduce": "mean", "timeout_s": 30})
+    futures = [pool.submit(push, live_server, s, g, w, params_dtype="bfloat16",
+                           idempotency_key=f"key-{w}")
+               for w, g in zip(["a", "b"], grads, strict=True)]
+    first = [f.result(timeout=30) for f in futures]
+    ref = params["w"].clone().requires_grad_(True)
+    opt = torch.optim.SGD([ref], lr=0.5)
+    ref.grad = (grads[0]["w"].clone().add_(grads[1]["w"])).div_(2)
+    opt.step()
+    want = ref.detach().bfloat16()
+    for w, g, answer in zip(["a", "b"], grads, first, strict=True):
+        assert answer.params is not None and torch.equal(answer.params["w"], want)
+        again = push(live_server, s, g, w, params_dtype="bfloat16", idempotency_key=f"key-{w}")
+        assert again.replayed and again.version == answer.version == 1
+        assert again.params is not None
+        assert again.params["w"].dtype == torch.bfloat16
+        assert torch.equal(again.params["w"], want)
+
+
+def test_a_round_timeout_names_the_timeout_the_round_ran_under(
+        client: optserve.Client, live_server: str, pool: ThreadPoolExecutor) -> None:
+    """A round's timer keeps the timeout it started with; a PATCH of ``timeout_s`` while it
+    runs is the next round's. The 409 ``round_timeout`` says the timeout that ran out (0.5 s),
+    not the new one (it said "timed out after 50 s", ``timeout_s`` 50, after half a second);
+    the session is unchanged."""
+    s = sid()
+    client.create_session("SGD", {"w": torch.zeros(2)}, options={"lr": 1.0}, id=s,
+                          sync={"workers": 2, "timeout_s": 0.5, "on_timeout": "fail"})
+    first = pool.submit(push, live_server, s, {"w": torch.ones(2)}, "a")
+    wait_pending(client, s, 1)
+    client.configure_session(s, sync={"timeout_s": 50})
+    with pytest.raises(optserve.ConflictError) as err:
+        first.result(timeout=10)
+    assert err.value.code == "round_timeout"
+    assert err.value.problem["timeout_s"] == 0.5
+    assert "after 0.5 s" in (err.value.problem.get("detail") or "")
+    after = client.get_params(s)
+    assert after.version == 0 and after.params["w"].tolist() == [0.0, 0.0]
+    assert client.get_session(s).sync["timeout_s"] == 50  # type: ignore[index]
+
+
+def test_a_push_whose_scalar_names_overflow_the_session_is_its_own_422(
+        client: optserve.Client, live_server: str, pool: ThreadPoolExecutor) -> None:
+    """A session keeps at most 128 scalar names. In a sync round, a push bringing one name too
+    many (with the names the round has gathered: "x" fits, "y" after it does not) is that
+    worker's own 422 ``invalid_scalars``; the round goes on and steps with the other pushes,
+    torch's step on their mean. It was taken into the round, whose step then failed with the
+    same 422 for every worker, nothing applied."""
+    s = sid()
+    client.create_session("SGD", {"w": torch.zeros(3)}, options={"lr": 0.5}, id=s,
+                          sync={"workers": 1, "timeout_s": 30})
+    names = [f"m{i}" for i in range(127)]
+    for start in range(0, len(names), 16):
+        client.step(s, {"w": torch.zeros(3)}, worker="w0",
+                    scalars={n: 1.0 for n in names[start:start + 16]})
+    client.configure_session(s, sync={"workers": 2})
+    p = client.get_params(s).params["w"]
+    g = [torch.randn(3, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    first = pool.submit(push, live_server, s, {"w": g[0]}, "a", scalars={"x": 1.0})
+    wait_pending(client, s, 1)
+    for worker, scalars in (("b", {"y": 2.0}), ("a2", {"m0": 1.0, "z": 1.0})):
+        with pytest.raises(optserve.ValidationError) as err:
+            push(live_server, s, {"w": g[1]}, worker, scalars=scalars)
+        assert err.value.code == "invalid_scalars"
+        assert err.value.problem["field"] in ("scalars.y", "scalars.z")
+    assert client.get_session(s).sync["pending"] == ["a"]  # type: ignore[index]
+    second = push(live_server, s, {"w": g[2]}, "c", scalars={"m1": 3.0})
+    answers = [first.result(timeout=30), second]
+    ref = p.clone().requires_grad_(True)
+    opt = torch.optim.SGD([ref], lr=0.5)
+    ref.grad = g[0].clone().add_(g[2]).div_(2)
+    opt.step()
+    for out in answers:
+        assert out.version == 9 and out.params is not None
+        assert out.sync == {"workers": ["a", "c"], "expected": 2, "partial": False}
+        assert torch.equal(out.params["w"], ref.detach())
