@@ -53,15 +53,16 @@ def test_a_removed_data_dir_is_written_again_and_nothing_acknowledged_is_lost(
             body = {**local.create_body(), "id": sid}
             if sid == "sharded":
                 body["shards"] = 2
-            r = httpx.post(f"{url}/v1/sessions", json=body)
+            r = httpx.post(f"{url}/v1/sessions", json=body, timeout=60)
             assert r.status_code == 201, r.text
         assert step(url, twins["busy"], 1, "busy") == 1
         assert step(url, twins["sharded"], 1, "sharded") == 1
         # a keyed create and a keyed delete: their keys live in the tombstone log
         gone = {**Local().create_body(), "id": "gone"}
-        r = httpx.post(f"{url}/v1/sessions", json=gone, headers={"Idempotency-Key": "c-1"})
+        r = httpx.post(f"{url}/v1/sessions", json=gone,
+                       headers={"Idempotency-Key": "c-1"}, timeout=60)
         assert r.status_code == 201, r.text
-        r = httpx.delete(f"{url}/v1/sessions/gone", headers={"Idempotency-Key": "d-1"})
+        r = httpx.delete(f"{url}/v1/sessions/gone", headers={"Idempotency-Key": "d-1"}, timeout=60)
         assert r.status_code == 204, r.text
         assert (data / "tombstones.jsonl").exists()
         # idle: snapshotted once (its create's record then cut from its log), never due again
@@ -101,10 +102,12 @@ def test_a_removed_data_dir_is_written_again_and_nothing_acknowledged_is_lost(
         assert step(proc.url, twins["idle"], 6, "idle") == 1
         assert step(proc.url, twins["sharded"], 7, "sharded") == 2
         # the keys of the delete and of the deleted session's create, answered as before
-        r = httpx.delete(f"{proc.url}/v1/sessions/gone", headers={"Idempotency-Key": "d-1"})
+        r = httpx.delete(f"{proc.url}/v1/sessions/gone",
+                         headers={"Idempotency-Key": "d-1"}, timeout=60)
         assert r.status_code == 204, r.text
         assert r.headers.get("idempotent-replayed") == "true"
-        r = httpx.post(f"{proc.url}/v1/sessions", json=gone, headers={"Idempotency-Key": "c-1"})
+        r = httpx.post(f"{proc.url}/v1/sessions", json=gone,
+                       headers={"Idempotency-Key": "c-1"}, timeout=60)
         assert r.status_code == 409, r.text
         assert r.json()["code"] == "session_deleted"
     finally:
@@ -125,7 +128,7 @@ def test_a_step_after_the_removal_writes_its_session_again_before_it_is_acknowle
         for sid, local in twins.items():
             body = {**local.create_body(), "id": sid, **({"shards": 2} if sid == "sharded"
                                                        else {})}
-            r = httpx.post(f"{proc.url}/v1/sessions", json=body)
+            r = httpx.post(f"{proc.url}/v1/sessions", json=body, timeout=60)
             assert r.status_code == 201, r.text
             assert step(proc.url, local, 1, sid) == 1
         remove(data)

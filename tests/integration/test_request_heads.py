@@ -51,7 +51,7 @@ def create(url: str, sid: str) -> torch.Tensor:
     """An SGD session ``sid`` (momentum 0.9); its initial parameter."""
     w = torch.randn(6, generator=torch.Generator().manual_seed(7))
     r = httpx.post(f"{url}/v1/sessions", json={"id": sid, "optimizer": "SGD", "options": {
-        "lr": 0.1, "momentum": 0.9}, "params": {"w": jt(w)}})
+        "lr": 0.1, "momentum": 0.9}, "params": {"w": jt(w)}}, timeout=60)
     assert r.status_code == 201, r.text
     return w
 

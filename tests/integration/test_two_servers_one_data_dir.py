@@ -123,7 +123,7 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
     first = Proc(data).start()
     it = Setup(data, first, Local(), tmp_path / "second.log")
     try:
-        r = httpx.post(f"{first.url}/v1/sessions", json=it.local.create_body())
+        r = httpx.post(f"{first.url}/v1/sessions", json=it.local.create_body(), timeout=60)
         assert r.status_code == 201, r.text
         assert step(first.url, it.local, 1) == 1
         yield it
