@@ -118,3 +118,23 @@ def test_remote_optimizer_sends_the_closures_loss(live_server: str, transport: s
         assert h.columns["scalars.loss"] == losses
         assert h.columns["scalars.accuracy"] == [None, None, 0.75]
         assert all(math.isfinite(v) for v in losses)
+
+
+def test_watch_draws_a_session_of_one_step(live_server: str, client: optserve.Client) -> None:
+    """A run watched from its first step: each log-scale chart holds one value (here all ≤ 1,
+    which plotext's flat range of value ± 1 cannot take the log of). It is drawn, not a
+    traceback."""
+    sid = new_id("watch1")
+    client.create_session("SGD", {"x": torch.tensor([0.75])}, options={"lr": 0.5}, id=sid)
+    r = client.step(sid, {"x": torch.tensor([0.5])}, return_params=False)
+    assert r.metrics is not None
+    norms = r.metrics["groups"][0]
+    assert 0 < norms["update_norm"] <= 1 and 0 < norms["param_norm"] <= 1  # flat and ≤ 1
+    p = cli("watch", sid, "--frames", "1", "--interval", "0.1", "--color", "never",
+            url=live_server, env={"COLUMNS": "120", "LINES": "48"})
+    assert p.returncode == 0, err(p)
+    text = out(p)
+    assert "Traceback" not in err(p)
+    assert "1 steps" in text.splitlines()[0]
+    for title in ("gradient norm", "update norm", "update / parameter norm", "parameter norm"):
+        assert f"{title} (no data)" not in text and title in text, title
