@@ -299,14 +299,24 @@ def cmd_sessions_show(ns: argparse.Namespace) -> int:
 
 
 def cmd_sessions_rm(ns: argparse.Namespace) -> int:
+    """Deletes every id it can, as rm(1) goes on past a missing file: a refusal of one (a 404,
+    a 412, ...) is said and the rest are still deleted (exit 1 then); a server out of reach
+    stops it (exit 3)."""
+    code = EXIT_OK
     with _client(ns) as client:
         for sid in ns.ids:
-            client.delete_session(sid)
+            try:
+                client.delete_session(sid)
+            except APIStatusError as exc:
+                print(format_api_error(exc), file=sys.stderr)
+                code = EXIT_API_ERROR
+                continue
             if ns.json:
                 print(json.dumps({"deleted": sid}))
             else:
                 print(f"deleted session {sid!r}")
-    return EXIT_OK
+            sys.stdout.flush()
+    return code
 
 
 def cmd_history(ns: argparse.Namespace) -> int:
@@ -638,7 +648,10 @@ def build_parser() -> argparse.ArgumentParser:
     show = ssub.add_parser("show", parents=[common], help="a session's description (JSON)")
     show.add_argument("id", metavar="ID", type=_session_id)
     show.set_defaults(func=cmd_sessions_show)
-    rm = ssub.add_parser("rm", parents=[common], help="delete sessions")
+    rm = ssub.add_parser("rm", parents=[common], help="delete sessions",
+                        description="Delete each session named. One that cannot be deleted "
+                        "(no such session, ...) is reported and the others are still deleted; "
+                        "the exit code is then 1.")
     rm.add_argument("ids", metavar="ID", nargs="+", type=_session_id)
     rm.set_defaults(func=cmd_sessions_rm)
 
