@@ -173,6 +173,22 @@ def test_sessions_rm_goes_on_past_a_missing_session(live_server: str,
         with pytest.raises(optserve.NotFoundError):
             client.get_session(sid)
 
+
+def test_python_dash_m_optserve_is_the_command_line(live_server: str,
+                                                    client: optserve.Client) -> None:
+    """``python -m optserve`` runs the same tool as the ``optserve`` script and ``-m
+    optserve.cli`` (the README's way without the script on ``PATH``)."""
+    sid = make_session(client, steps=0)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPTSERVE_BASE_URL", "OPTSERVE_API_KEY")}
+    p = subprocess.run([sys.executable, "-m", "optserve", "--url", live_server, "sessions",
+                        "show", sid], capture_output=True, env=env, timeout=120, check=False)
+    assert p.returncode == 0, p.stderr.decode()
+    assert json.loads(p.stdout)["id"] == sid
+    usage = subprocess.run([sys.executable, "-m", "optserve", "--help"], capture_output=True,
+                           env=env, timeout=120, check=False)
+    assert usage.returncode == 0 and usage.stdout.decode().startswith("usage: optserve ")
+
 # ----------------------------------------------------------------------------- export
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_export_writes_a_file_equal_to_the_servers_state(
