@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 
@@ -138,3 +139,27 @@ def test_watch_draws_a_session_of_one_step(live_server: str, client: optserve.Cl
     assert "1 steps" in text.splitlines()[0]
     for title in ("gradient norm", "update norm", "update / parameter norm", "parameter norm"):
         assert f"{title} (no data)" not in text and title in text, title
+
+
+def test_history_json_of_infinite_norms_is_json(live_server: str, client: optserve.Client,
+                                                tmp_path: Path) -> None:
+    """An infinite norm (a step with an infinite gradient under ``nonfinite: "allow"``) is
+    written as the server writes it, ``{"$float": "inf"}``, never as Python's ``Infinity``,
+    which is no JSON (``JSON.parse``, jq and strict parsers refuse the file)."""
+    sid = new_id("histinf")
+    client.create_session("SGD", {"x": torch.tensor([1.0, 2.0])}, options={"lr": 0.1}, id=sid,
+                          nonfinite="allow")
+    client.step(sid, {"x": torch.tensor([math.inf, 1.0])}, return_params=False)
+    served = httpx.get(f"{live_server}/v1/sessions/{sid}/history").json()
+    assert served["columns"]["grad_norm.0"] == [{"$float": "inf"}]
+
+    def strict(text: str) -> Any:
+        def refuse(literal: str) -> Any:
+            raise AssertionError(f"{literal} is not JSON")
+        return json.loads(text, parse_constant=refuse)
+
+    p = ok(cli("history", sid, "--format", "json", url=live_server))
+    assert strict(out(p))["columns"] == served["columns"]
+    dest = tmp_path / "run.json"
+    ok(cli("history", sid, "-o", str(dest), url=live_server))
+    assert strict(dest.read_text())["columns"] == served["columns"]

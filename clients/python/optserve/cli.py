@@ -62,6 +62,7 @@ from ._exceptions import (
     make_status_error,
 )
 from ._progress import ProgressBar, should_show
+from ._tensors import tree_to_json
 from ._types import SessionInfo
 from ._version import __version__
 
@@ -329,9 +330,12 @@ def cmd_history(ns: argparse.Namespace) -> int:
         else:
             h = client.history(ns.id, since=ns.since, until=ns.until, fields=fields,
                                points=ns.points)
-            text = json.dumps({"id": h.id, "capacity": h.capacity, "first": h.first,
-                               "last": h.last, "rows": h.rows, "points": h.points,
-                               "fields": h.fields, "columns": h.columns}) + "\n"
+            # infinities as the server writes them ({"$float": "inf"}): Python's Infinity
+            # literal is no JSON
+            text = json.dumps(tree_to_json(
+                {"id": h.id, "capacity": h.capacity, "first": h.first, "last": h.last,
+                 "rows": h.rows, "points": h.points, "fields": h.fields,
+                 "columns": h.columns}), allow_nan=False) + "\n"
     if ns.output == "-":
         sys.stdout.write(text)
         return EXIT_OK
