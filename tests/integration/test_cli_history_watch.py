@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +164,20 @@ def test_history_json_of_infinite_norms_is_json(live_server: str, client: optser
     dest = tmp_path / "run.json"
     ok(cli("history", sid, "-o", str(dest), url=live_server))
     assert strict(dest.read_text())["columns"] == served["columns"]
+
+
+def test_history_to_a_path_it_cannot_write_is_a_usage_error(live_server: str,
+                                                            client: optserve.Client,
+                                                            tmp_path: Path) -> None:
+    """``-o`` naming a directory, or a file in a missing one, is refused as ``export``
+    refuses it (exit 2, before anything is asked of the server), and no temporary file is
+    left beside it."""
+    sid, _ = stepped(client, steps=2)
+    (tmp_path / "out").mkdir()
+    for dest, says in ((tmp_path / "out", "is a directory"),
+                       (tmp_path / "missing" / "run.csv", "does not exist")):
+        p = cli("history", sid, "-o", str(dest), url=live_server)
+        assert p.returncode == 2 and says in err(p), err(p)
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(tmp_path / "out") == []
+    ok(cli("history", sid, "-o", str(tmp_path / "out" / "run.csv"), url=live_server))
+    assert sorted(os.listdir(tmp_path / "out")) == ["run.csv"]

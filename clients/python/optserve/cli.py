@@ -323,6 +323,8 @@ def cmd_sessions_rm(ns: argparse.Namespace) -> int:
 def cmd_history(ns: argparse.Namespace) -> int:
     fmt = ns.format or ("json" if str(ns.output).lower().endswith(".json") else "csv")
     fields = [f for f in ns.fields.split(",") if f] if ns.fields else None
+    if ns.output != "-":
+        _check_output(ns.output)
     with _client(ns) as client:
         if fmt == "csv":
             text = client.history_csv(ns.id, since=ns.since, until=ns.until, fields=fields,
@@ -341,9 +343,7 @@ def cmd_history(ns: argparse.Namespace) -> int:
         return EXIT_OK
     dest = Path(ns.output)
     try:
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, dest)
+        write_atomically(dest, iter([text.encode()]))  # its temporary file removed on failure
     except OSError as exc:
         raise CommandError(f"cannot write {str(dest)!r}: {exc.strerror or exc}") from None
     rows = max(0, text.count("\n") - 1) if fmt == "csv" else None
@@ -376,15 +376,22 @@ def _export_format(ns: argparse.Namespace) -> _api.StateFormat:
     return guess_format(ns.output) or "safetensors"
 
 
+def _check_output(output: str) -> None:
+    """A usage error (exit 2), before anything is asked of the server, for an output path
+    that cannot be written: a directory, or a file in a directory that does not exist."""
+    dest = Path(output)
+    if dest.is_dir():
+        raise UsageError(f"{output}: is a directory")
+    if not dest.parent.is_dir():
+        raise UsageError(f"{output}: directory {str(dest.parent)!r} does not exist")
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
     fmt = _export_format(ns)
     to_stdout = ns.output == "-"
     dest = Path(ns.output)
     if not to_stdout:
-        if dest.is_dir():
-            raise UsageError(f"{ns.output}: is a directory")
-        if not dest.parent.is_dir():
-            raise UsageError(f"{ns.output}: directory {str(dest.parent)!r} does not exist")
+        _check_output(ns.output)
     accept = JSON if fmt == "json" else OCTET_STREAM
     with _client(ns) as client:
         response = _send_streaming(client, "GET", _api._sid(ns.id) + "/state_dict",
