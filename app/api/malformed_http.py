@@ -38,6 +38,7 @@ import contextlib
 import http
 import logging
 import sys
+import uuid
 from typing import Any
 
 import orjson
@@ -95,10 +96,16 @@ def head_timeout_body(timeout: float) -> bytes:
 
 
 def raw_answer(status: int, body: bytes, default_headers: list[tuple[bytes, bytes]]) -> bytes:
-    """A whole problem+json answer with ``Connection: close``, as bytes."""
+    """A whole problem+json answer with ``Connection: close``, as bytes. It carries a request
+    id of its own, in ``X-Request-Id`` and the body's ``request_id``, as every answer does
+    (the request was not read: no client id to echo)."""
+    rid = uuid.uuid4().hex.encode()
+    if body.endswith(b"}"):  # a problem object (orjson's, compact)
+        body = body[:-1] + b',"request_id":"' + rid + b'"}'
     head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()]
     for name, value in default_headers:
         head += [name, b": ", value, b"\r\n"]
+    head += [b"x-request-id: ", rid, b"\r\n"]
     head += [b"content-type: ", PROBLEM.encode(), b"\r\ncontent-length: ",
              str(len(body)).encode(), b"\r\nconnection: close\r\n\r\n"]
     return b"".join(head) + body

@@ -274,7 +274,7 @@ async def get_params(
     rows: Annotated[list[str] | None, Query(description="row indices, repeated or "
                                             "comma-separated (with name)")] = None,
 ) -> Response:
-    conditions.one_query(request, "min_version", "wait_s")
+    conditions.one_query(request, "min_version", "wait_s", "name")
     binary, b64 = wants_binary(request), tensor_encoding(request)
     if rows is not None or name is not None:
         wanted_rows = row_pulls.rows_from_query(names, request.query_params.getlist("name"),

@@ -1054,7 +1054,8 @@ export class OptserveClient {
   /** GET /v1/sessions/{id}/params (names: optional list). Returns {version, step, params, etag}. */
   getParams(id, callOptions = {}) {
     let { names, binary, encoding, ifNoneMatch, minVersion, waitS, atVersion } = optionsOf(callOptions, ["names", "binary", "encoding", "ifNoneMatch", "minVersion", "waitS", "atVersion"], "getParams");
-    // ifNoneMatch: a version; {notModified: true} comes back while it is current.
+    // ifNoneMatch: a version, or the etag a result carries; {notModified: true} comes back
+    // while it is current.
     // minVersion + waitS: long-poll until the session reaches minVersion (or waitS passes).
     // atVersion: answered only at that version (If-Match), else a 412, as getSession.
     for (const n of names ?? []) {
@@ -1066,7 +1067,7 @@ export class OptserveClient {
     if (minVersion !== undefined) query.min_version = minVersion;
     if (waitS !== undefined) query.wait_s = waitS;
     const headers = readAt(atVersion);
-    if (ifNoneMatch !== undefined) headers["If-None-Match"] = `"${ifNoneMatch}"`;
+    if (ifNoneMatch !== undefined) headers["If-None-Match"] = noneMatch(ifNoneMatch);
     return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers });
   }
 
@@ -1084,7 +1085,7 @@ export class OptserveClient {
     const query = {};
     if (minVersion !== undefined) query.min_version = minVersion;
     if (waitS !== undefined) query.wait_s = waitS;
-    const headers = ifNoneMatch !== undefined ? { "If-None-Match": `"${ifNoneMatch}"` } : undefined;
+    const headers = ifNoneMatch !== undefined ? { "If-None-Match": noneMatch(ifNoneMatch) } : undefined;
     if (names.length === 1 && lists[names[0]].length <= 256 && !names[0].includes(",")) {
       Object.assign(query, { name: names[0], rows: lists[names[0]].join(",") });
       return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers });
@@ -1257,6 +1258,15 @@ function preconditions(baseVersion, baseRevision) {
 
 // A conditional read's header: atVersion as If-Match (the server answers 412 when the answer
 // would be of another version).
+// A conditional read's If-None-Match: a version (5), or the etag a result carries ('"5"',
+// 'W/"5"') as it is: quoting an etag again would make a tag the server ignores (a whole answer
+// every time, never a 304). Anything else is a TypeError before anything is sent.
+function noneMatch(value) {
+  if (typeof value === "string" && /^(W\/)?"\d+"$/.test(value)) return value;
+  if (typeof value === "string") throw new TypeError(`ifNoneMatch must be a version or an etag such as '"5"', got ${JSON.stringify(value)}`);
+  return `"${wholeNumber(value, "ifNoneMatch")}"`;
+}
+
 function readAt(atVersion) {
   return atVersion === undefined ? {} : { "If-Match": `"${wholeNumber(atVersion, "atVersion")}"` };
 }

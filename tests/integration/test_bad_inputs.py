@@ -618,6 +618,7 @@ def test_a_row_pulls_unknown_metadata_entry_is_422(sess: Sess) -> None:
     ("GET", "params", [("encoding", "b64"), ("encoding", "data")], "encoding"),
     ("GET", "params", [("name", "w"), ("rows", "0"), ("min_version", "0"),
                        ("min_version", "9")], "min_version"),
+    ("GET", "params", [("name", "w"), ("name", "w"), ("rows", "0")], "name"),
     ("POST", "params/rows", [("min_version", "0"), ("min_version", "9")], "min_version"),
     ("POST", "params/rows", [("encoding", "b64"), ("encoding", "b64")], "encoding"),
     ("GET", "state_dict", [("format", "json"), ("format", "safetensors")], "format"),

@@ -158,6 +158,37 @@ def test_sessions_rm_deletes(live_server: str, client: optserve.Client) -> None:
     assert a not in out(ok(cli("sessions", "ls", url=live_server)))
 
 
+
+def test_sessions_rm_goes_on_past_a_missing_session(live_server: str,
+                                                    client: optserve.Client) -> None:
+    """``rm gone a b`` deletes a and b (as rm(1) goes on past a missing file), says what it
+    could not delete, and exits 1."""
+    a, b = make_session(client, steps=0), make_session(client, steps=0)
+    gone = new_id("gone")
+    p = cli("sessions", "rm", gone, a, b, url=live_server)
+    assert p.returncode == 1, err(p)
+    assert out(p).splitlines() == [f"deleted session {a!r}", f"deleted session {b!r}"]
+    assert "404 session_not_found" in err(p) and gone in err(p)
+    for sid in (a, b):
+        with pytest.raises(optserve.NotFoundError):
+            client.get_session(sid)
+
+
+def test_python_dash_m_optserve_is_the_command_line(live_server: str,
+                                                    client: optserve.Client) -> None:
+    """``python -m optserve`` runs the same tool as the ``optserve`` script and ``-m
+    optserve.cli`` (the README's way without the script on ``PATH``)."""
+    sid = make_session(client, steps=0)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPTSERVE_BASE_URL", "OPTSERVE_API_KEY")}
+    p = subprocess.run([sys.executable, "-m", "optserve", "--url", live_server, "sessions",
+                        "show", sid], capture_output=True, env=env, timeout=120, check=False)
+    assert p.returncode == 0, p.stderr.decode()
+    assert json.loads(p.stdout)["id"] == sid
+    usage = subprocess.run([sys.executable, "-m", "optserve", "--help"], capture_output=True,
+                           env=env, timeout=120, check=False)
+    assert usage.returncode == 0 and usage.stdout.decode().startswith("usage: optserve ")
+
 # ----------------------------------------------------------------------------- export
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_export_writes_a_file_equal_to_the_servers_state(

@@ -8,9 +8,11 @@ import csv
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 
@@ -118,3 +120,64 @@ def test_remote_optimizer_sends_the_closures_loss(live_server: str, transport: s
         assert h.columns["scalars.loss"] == losses
         assert h.columns["scalars.accuracy"] == [None, None, 0.75]
         assert all(math.isfinite(v) for v in losses)
+
+
+def test_watch_draws_a_session_of_one_step(live_server: str, client: optserve.Client) -> None:
+    """A run watched from its first step: each log-scale chart holds one value (here all ≤ 1,
+    which plotext's flat range of value ± 1 cannot take the log of). It is drawn, not a
+    traceback."""
+    sid = new_id("watch1")
+    client.create_session("SGD", {"x": torch.tensor([0.75])}, options={"lr": 0.5}, id=sid)
+    r = client.step(sid, {"x": torch.tensor([0.5])}, return_params=False)
+    assert r.metrics is not None
+    norms = r.metrics["groups"][0]
+    assert 0 < norms["update_norm"] <= 1 and 0 < norms["param_norm"] <= 1  # flat and ≤ 1
+    p = cli("watch", sid, "--frames", "1", "--interval", "0.1", "--color", "never",
+            url=live_server, env={"COLUMNS": "120", "LINES": "48"})
+    assert p.returncode == 0, err(p)
+    text = out(p)
+    assert "Traceback" not in err(p)
+    assert "1 steps" in text.splitlines()[0]
+    for title in ("gradient norm", "update norm", "update / parameter norm", "parameter norm"):
+        assert f"{title} (no data)" not in text and title in text, title
+
+
+def test_history_json_of_infinite_norms_is_json(live_server: str, client: optserve.Client,
+                                                tmp_path: Path) -> None:
+    """An infinite norm (a step with an infinite gradient under ``nonfinite: "allow"``) is
+    written as the server writes it, ``{"$float": "inf"}``, never as Python's ``Infinity``,
+    which is no JSON (``JSON.parse``, jq and strict parsers refuse the file)."""
+    sid = new_id("histinf")
+    client.create_session("SGD", {"x": torch.tensor([1.0, 2.0])}, options={"lr": 0.1}, id=sid,
+                          nonfinite="allow")
+    client.step(sid, {"x": torch.tensor([math.inf, 1.0])}, return_params=False)
+    served = httpx.get(f"{live_server}/v1/sessions/{sid}/history").json()
+    assert served["columns"]["grad_norm.0"] == [{"$float": "inf"}]
+
+    def strict(text: str) -> Any:
+        def refuse(literal: str) -> Any:
+            raise AssertionError(f"{literal} is not JSON")
+        return json.loads(text, parse_constant=refuse)
+
+    p = ok(cli("history", sid, "--format", "json", url=live_server))
+    assert strict(out(p))["columns"] == served["columns"]
+    dest = tmp_path / "run.json"
+    ok(cli("history", sid, "-o", str(dest), url=live_server))
+    assert strict(dest.read_text())["columns"] == served["columns"]
+
+
+def test_history_to_a_path_it_cannot_write_is_a_usage_error(live_server: str,
+                                                            client: optserve.Client,
+                                                            tmp_path: Path) -> None:
+    """``-o`` naming a directory, or a file in a missing one, is refused as ``export``
+    refuses it (exit 2, before anything is asked of the server), and no temporary file is
+    left beside it."""
+    sid, _ = stepped(client, steps=2)
+    (tmp_path / "out").mkdir()
+    for dest, says in ((tmp_path / "out", "is a directory"),
+                       (tmp_path / "missing" / "run.csv", "does not exist")):
+        p = cli("history", sid, "-o", str(dest), url=live_server)
+        assert p.returncode == 2 and says in err(p), err(p)
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(tmp_path / "out") == []
+    ok(cli("history", sid, "-o", str(tmp_path / "out" / "run.csv"), url=live_server))
+    assert sorted(os.listdir(tmp_path / "out")) == ["run.csv"]

@@ -8,6 +8,7 @@ step equals in-process torch's. A server of its own, bound at 5."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -60,6 +61,9 @@ def assert_refused(status: int, headers: dict[str, str], body: bytes) -> None:
     problem = json.loads(body)
     assert (problem["status"], problem["code"]) == (503, "too_many_connections"), problem
     assert f"({LIMIT}, OPTSERVE_MAX_CONNECTIONS)" in problem["detail"], problem
+    # every response carries X-Request-Id, echoed in its problem body (protocol.md)
+    assert re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"]), headers
+    assert problem["request_id"] == headers["x-request-id"], problem
 
 
 def test_a_connection_past_the_bound_gets_a_503_problem_and_is_closed(

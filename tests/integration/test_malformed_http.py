@@ -11,6 +11,7 @@ Raw bytes over a socket to the shared live server, which serves with the HTTP pr
 from __future__ import annotations
 
 import json
+import re
 import socket
 import uuid
 from typing import Any
@@ -112,6 +113,9 @@ def assert_refused(status: int, headers: dict[str, str], body: bytes, field: str
     assert problem["title"] == "Malformed HTTP request"
     assert problem["detail"].startswith(f"{reason}: {hint}"), problem["detail"]
     assert problem["detail"].endswith("the connection is closed"), problem["detail"]
+    # every response carries X-Request-Id, echoed in its problem body (protocol.md)
+    assert re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"]), headers
+    assert problem["request_id"] == headers["x-request-id"], problem
 
 
 def assert_serves(url: str) -> None:

@@ -13,6 +13,7 @@ the default, 10 s), which serves with the HTTP protocol ``python -m app`` does.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -72,6 +73,9 @@ def assert_problem(status: int, headers: dict[str, str], body: bytes, want: int,
     assert (problem["type"], problem["status"], problem["code"], problem["field"]) == (
         f"urn:optserve:problem:{code}", want, code, "headers"), problem
     assert problem["detail"].endswith("; the connection is closed"), problem
+    # every response carries X-Request-Id, echoed in its problem body (protocol.md)
+    assert re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"]), headers
+    assert problem["request_id"] == headers["x-request-id"], problem
     return problem
 
 

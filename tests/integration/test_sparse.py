@@ -383,7 +383,8 @@ def test_row_pull_long_poll(http: httpx.Client) -> None:
     ({"rows": "1"}, None, "invalid_rows", "name"),
     ({"names": "emb,s", "rows": "1"}, None, "invalid_rows", "name"),
     # a repeated name, or one beside names: the last was pulled, the others dropped unsaid
-    ([("name", "emb"), ("name", "s"), ("rows", "0")], None, "invalid_rows", "name"),
+    # (repeated: invalid_query, as any query parameter that takes one value given twice)
+    ([("name", "emb"), ("name", "s"), ("rows", "0")], None, "invalid_query", "name"),
     ([("name", "emb"), ("names", "s"), ("rows", "0")], None, "invalid_rows", "name"),
     # indices that are not integers: invalid_rows as in the GET form (was invalid_sparse)
     (None, {"rows": {"emb": [1.5]}}, "invalid_rows", "rows.emb"),

@@ -81,6 +81,25 @@ describe("parameter-server mode", { skip: NO_SERVER }, () => {
     assert.equal(got.params.x.data[0], -3);
   });
 
+  test("ifNoneMatch takes the etag a result carries as well as its version", async () => {
+    const id = await session("ps-etag");
+    const got = await c.getParams(id);
+    assert.equal(got.etag, '"0"');
+    const same = await c.getParams(id, { ifNoneMatch: got.etag });
+    assert.equal(same.notModified, true);
+    assert.equal((await c.getParams(id, { ifNoneMatch: 'W/"0"' })).notModified, true);
+    assert.equal((await c.getRows(id, { x: [0] }, { ifNoneMatch: got.etag })).notModified, true);
+    const out = await c.step(id, { x: grad(1) });
+    assert.equal((await c.getParams(id, { ifNoneMatch: out.etag })).notModified, true);
+    const moved = await c.getParams(id, { ifNoneMatch: got.etag });
+    assert.equal(moved.notModified, undefined);
+    assert.equal(moved.version, 1);
+    for (const bad of ["abc", '"x"', -1, 1.5]) {
+      assert.throws(() => c.getParams(id, { ifNoneMatch: bad }), TypeError, String(bad));
+      assert.throws(() => c.getRows(id, { x: [0] }, { ifNoneMatch: bad }), TypeError, String(bad));
+    }
+  });
+
   test("a long poll longer than timeoutMs waits its wait_s out and answers", async () => {
     const id = await session("ps-longpoll");
     const short = client({ timeoutMs: 400, maxRetries: 0 });

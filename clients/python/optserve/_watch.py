@@ -94,6 +94,7 @@ def render(h: History, title: str, width: int, height: int, color: bool = False)
     for i, (name, what, log) in enumerate(CHARTS):
         p = fig.subplot(i // 2 + 1, i % 2 + 1)
         drawn = 0
+        plotted: set[float] = set()
         for label, highs, lows in _series(h, what):
             # one row per bucket: min and max are the same curve
             same = all(a == b for a, b in zip(highs, lows, strict=False))
@@ -101,6 +102,7 @@ def render(h: History, title: str, width: int, height: int, color: bool = False)
                 pts = [(a, b) for a, b in zip(x, values, strict=False) if _usable(b, log)]
                 if not pts:
                     continue
+                plotted.update(b for _, b in pts)
                 s = p.signal([a for a, _ in pts], [b for _, b in pts])
                 s.lines()
                 if named:
@@ -108,7 +110,9 @@ def render(h: History, title: str, width: int, height: int, color: bool = False)
                 p.draw(s)
                 drawn += 1
         p.title(name if drawn else f"{name} (no data)")
-        if log and drawn:
+        # a log scale needs a range: plotext widens a flat one to value ± 1 and takes the log of
+        # that (a ValueError at or below 1: a first step's update ratio); flat stays linear
+        if log and len(plotted) > 1:
             p.ruler("y").scale("log")
     out: str = fig.build().string(colorless=not color)
     return f"{title}\n{out}"

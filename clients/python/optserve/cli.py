@@ -62,6 +62,7 @@ from ._exceptions import (
     make_status_error,
 )
 from ._progress import ProgressBar, should_show
+from ._tensors import tree_to_json
 from ._types import SessionInfo
 from ._version import __version__
 
@@ -299,19 +300,31 @@ def cmd_sessions_show(ns: argparse.Namespace) -> int:
 
 
 def cmd_sessions_rm(ns: argparse.Namespace) -> int:
+    """Deletes every id it can, as rm(1) goes on past a missing file: a refusal of one (a 404,
+    a 412, ...) is said and the rest are still deleted (exit 1 then); a server out of reach
+    stops it (exit 3)."""
+    code = EXIT_OK
     with _client(ns) as client:
         for sid in ns.ids:
-            client.delete_session(sid)
+            try:
+                client.delete_session(sid)
+            except APIStatusError as exc:
+                print(format_api_error(exc), file=sys.stderr)
+                code = EXIT_API_ERROR
+                continue
             if ns.json:
                 print(json.dumps({"deleted": sid}))
             else:
                 print(f"deleted session {sid!r}")
-    return EXIT_OK
+            sys.stdout.flush()
+    return code
 
 
 def cmd_history(ns: argparse.Namespace) -> int:
     fmt = ns.format or ("json" if str(ns.output).lower().endswith(".json") else "csv")
     fields = [f for f in ns.fields.split(",") if f] if ns.fields else None
+    if ns.output != "-":
+        _check_output(ns.output)
     with _client(ns) as client:
         if fmt == "csv":
             text = client.history_csv(ns.id, since=ns.since, until=ns.until, fields=fields,
@@ -319,17 +332,18 @@ def cmd_history(ns: argparse.Namespace) -> int:
         else:
             h = client.history(ns.id, since=ns.since, until=ns.until, fields=fields,
                                points=ns.points)
-            text = json.dumps({"id": h.id, "capacity": h.capacity, "first": h.first,
-                               "last": h.last, "rows": h.rows, "points": h.points,
-                               "fields": h.fields, "columns": h.columns}) + "\n"
+            # infinities as the server writes them ({"$float": "inf"}): Python's Infinity
+            # literal is no JSON
+            text = json.dumps(tree_to_json(
+                {"id": h.id, "capacity": h.capacity, "first": h.first, "last": h.last,
+                 "rows": h.rows, "points": h.points, "fields": h.fields,
+                 "columns": h.columns}), allow_nan=False) + "\n"
     if ns.output == "-":
         sys.stdout.write(text)
         return EXIT_OK
     dest = Path(ns.output)
     try:
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, dest)
+        write_atomically(dest, iter([text.encode()]))  # its temporary file removed on failure
     except OSError as exc:
         raise CommandError(f"cannot write {str(dest)!r}: {exc.strerror or exc}") from None
     rows = max(0, text.count("\n") - 1) if fmt == "csv" else None
@@ -362,15 +376,22 @@ def _export_format(ns: argparse.Namespace) -> _api.StateFormat:
     return guess_format(ns.output) or "safetensors"
 
 
+def _check_output(output: str) -> None:
+    """A usage error (exit 2), before anything is asked of the server, for an output path
+    that cannot be written: a directory, or a file in a directory that does not exist."""
+    dest = Path(output)
+    if dest.is_dir():
+        raise UsageError(f"{output}: is a directory")
+    if not dest.parent.is_dir():
+        raise UsageError(f"{output}: directory {str(dest.parent)!r} does not exist")
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
     fmt = _export_format(ns)
     to_stdout = ns.output == "-"
     dest = Path(ns.output)
     if not to_stdout:
-        if dest.is_dir():
-            raise UsageError(f"{ns.output}: is a directory")
-        if not dest.parent.is_dir():
-            raise UsageError(f"{ns.output}: directory {str(dest.parent)!r} does not exist")
+        _check_output(ns.output)
     accept = JSON if fmt == "json" else OCTET_STREAM
     with _client(ns) as client:
         response = _send_streaming(client, "GET", _api._sid(ns.id) + "/state_dict",
@@ -638,7 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
     show = ssub.add_parser("show", parents=[common], help="a session's description (JSON)")
     show.add_argument("id", metavar="ID", type=_session_id)
     show.set_defaults(func=cmd_sessions_show)
-    rm = ssub.add_parser("rm", parents=[common], help="delete sessions")
+    rm = ssub.add_parser("rm", parents=[common], help="delete sessions",
+                        description="Delete each session named. One that cannot be deleted "
+                        "(no such session, ...) is reported and the others are still deleted; "
+                        "the exit code is then 1.")
     rm.add_argument("ids", metavar="ID", nargs="+", type=_session_id)
     rm.set_defaults(func=cmd_sessions_rm)
 
