@@ -52,7 +52,7 @@ from app.engine.ops import (
     UpdateParamGroup,
     ZeroGrad,
 )
-from app.engine.ops.params import check_group_count
+from app.engine.ops.params import check_element_count, check_group_count
 from app.engine.router import InProcessHost, LocalRouter, Router, SessionHost
 from app.engine.session import check_session_id
 from app.errors import Invalid, NotFound, TooMany
@@ -170,11 +170,7 @@ class Front:
         check_group_count(n, self.limits.max_param_groups)
 
     def _check_elements(self, n: int) -> None:
-        limit = self.limits.max_session_elements
-        if limit and n > limit:
-            raise Invalid(f"the session would hold {n} parameter elements; the limit "
-                          f"(OPTSERVE_MAX_SESSION_ELEMENTS) is {limit}",
-                          code="session_too_large", field="params", limit=limit)
+        check_element_count(n, self.limits.max_session_elements)
 
     async def describe(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> SessionInfo:
         host, key = await self._host(tenant, session_id)
@@ -350,10 +346,12 @@ class Front:
             info = await host.describe(key)
             have = sum(_numel(p["shape"]) for p in info.params.values())
             self._check_elements(have + sum(t.numel() for t in group.params.values()))
-        # (the groups' bound is checked with the operation, under the session's lock)
+        # (the groups' bound and the elements' are checked with the operation, under the
+        # session's lock: the check above, before it, answers a sharded session's)
         out: SessionInfo = await host.execute(
             key, AddParamGroup(group.params, group.options, request=True,
                                max_groups=self.limits.max_param_groups, tensor_range=True,
+                               max_elements=self.limits.max_session_elements or None,
                                expected=expected),
             idem=idem)
         return out
