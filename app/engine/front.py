@@ -83,6 +83,9 @@ class Front:
         self.limits = limits or Limits()
         # keyed deletes this front answered, so a retry that finds nothing still gets its 204
         self._tombstones: OrderedDict[tuple[str, str], str] = OrderedDict()
+        #: per tenant, held by a create from its count's check (``OPTSERVE_MAX_SESSIONS``)
+        #: until its session is counted: creates at once each passed the check otherwise
+        self._admitting: dict[str, asyncio.Lock] = {}
 
     @property
     def host(self) -> EmbeddedHost:
@@ -144,12 +147,22 @@ class Front:
         self._check_elements(sum(t.numel() for g in spec.groups for t in g.params.values()))
         self._check_groups(len(spec.groups))
 
+        held: list[asyncio.Lock] = []
+
         async def admit() -> None:
+            if self.limits.max_sessions:
+                lock = self._admitting.setdefault(tenant, asyncio.Lock())
+                await lock.acquire()
+                held.append(lock)
             await self._check_session_count(tenant)
         # (the count is checked by the router, only for a new session: a create cut part way,
         # its entry counted already, is finished by its retry at the limit too)
-        return await self.router.create(session_key(tenant, session_id), spec, idem=idem,
-                                        admit=admit)
+        try:
+            return await self.router.create(session_key(tenant, session_id), spec, idem=idem,
+                                            admit=admit)
+        finally:
+            for lock in held:
+                lock.release()
 
     async def _check_session_count(self, tenant: str) -> None:
         """429 ``too_many_sessions`` when the tenant has ``OPTSERVE_MAX_SESSIONS`` sessions

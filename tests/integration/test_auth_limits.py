@@ -397,6 +397,27 @@ def concurrently(n: int, call: Any) -> list[httpx.Response]:
         return list(pool.map(call, range(n)))
 
 
+@server_settings(max_sessions=3)
+def test_concurrent_creates_never_pass_the_sessions_limit(server: tuple[str, FastAPI]) -> None:
+    """The count was checked before each create and the session counted once made: 30
+    creates at once all passed the check, and the tenant had 30 sessions past a limit of 3.
+    Exactly 3 are made, the others are 429 ``too_many_sessions``; another tenant is not
+    affected."""
+    def create(i: int) -> httpx.Response:
+        return httpx.post(f"{server[0]}/v1/sessions", json=create_body(f"c{i}"), headers=A,
+                          timeout=120)
+    answers = concurrently(30, create)
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [201] * 3 + [429] * 27, [r.text for r in answers if r.status_code != 201]
+    assert all(r.json()["code"] == "too_many_sessions" for r in answers
+               if r.status_code == 429)
+    made = {r.json()["id"] for r in answers if r.status_code == 201}
+    listed = httpx.get(f"{server[0]}/v1/sessions", headers=A, timeout=30).json()["sessions"]
+    assert {d["id"] for d in listed} == made
+    r = httpx.post(f"{server[0]}/v1/sessions", json=create_body("b"), headers=B, timeout=30)
+    assert r.status_code == 201, r.text
+
+
 @server_settings(max_session_elements=100)
 def test_concurrent_param_groups_never_pass_the_element_limit(server: tuple[str, FastAPI]
                                                               ) -> None:
