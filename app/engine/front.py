@@ -86,6 +86,8 @@ class Front:
         #: per tenant, held by a create from its count's check (``OPTSERVE_MAX_SESSIONS``)
         #: until its session is counted: creates at once each passed the check otherwise
         self._admitting: dict[str, asyncio.Lock] = {}
+        #: keyed creates under way, by (tenant, key): a create of the same key waits for them
+        self._keyed_creates: dict[tuple[str, str], asyncio.Event] = {}
 
     @property
     def host(self) -> EmbeddedHost:
@@ -137,6 +139,22 @@ class Front:
     # ------------------------------------------------------------------ sessions
     async def create(self, spec: CreateSpec, *, tenant: str = DEFAULT_TENANT,
                      idem: IdemKey | None = None) -> SessionInfo:
+        if idem is None:
+            return await self._create(spec, tenant, None)
+        # one create of a key at a time: a sharded create's key is indexed once it is done,
+        # so creates of the key at once found none and each made a session
+        scope = (tenant, idem.key)
+        while (busy := self._keyed_creates.get(scope)) is not None:
+            await busy.wait()
+        done = self._keyed_creates[scope] = asyncio.Event()
+        try:
+            return await self._create(spec, tenant, idem)
+        finally:
+            del self._keyed_creates[scope]
+            done.set()
+
+    async def _create(self, spec: CreateSpec, tenant: str, idem: IdemKey | None
+                      ) -> SessionInfo:
         if idem is not None:
             made = await self.router.find_create(tenant, idem)
             if made is not None:
