@@ -429,8 +429,11 @@ def test_an_lbfgs_step_whose_commit_finds_the_disk_full(tmpfs: Mount) -> None:
     said only that nothing was applied); with space back a new step commits, bitwise
     torch's ``LBFGS.step`` over the same closure."""
     disk = tmpfs(16)
-    n = 250_000  # (1 MB of gradients per evaluation: its commit's record needs more than
-    # the slack the filler leaves)
+    # 32 KB of gradients per evaluation: the commit's record needs more than the slack the
+    # filler leaves (a block), and at so few values torch's reductions and BLAS's dot
+    # products (LBFGS's) run on one thread whatever the thread count of the thread that runs
+    # them (the server's device worker sets its own), so that the step is bitwise this one
+    n = 8_000
     gen = torch.Generator().manual_seed(11)
     p0, target = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
     options = {"lr": 1, "max_iter": 3, "history_size": 3}
