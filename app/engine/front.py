@@ -52,7 +52,7 @@ from app.engine.ops import (
     UpdateParamGroup,
     ZeroGrad,
 )
-from app.engine.ops.params import check_group_count
+from app.engine.ops.params import check_element_count, check_group_count
 from app.engine.router import InProcessHost, LocalRouter, Router, SessionHost
 from app.engine.session import check_session_id
 from app.errors import Invalid, NotFound, TooMany
@@ -83,6 +83,11 @@ class Front:
         self.limits = limits or Limits()
         # keyed deletes this front answered, so a retry that finds nothing still gets its 204
         self._tombstones: OrderedDict[tuple[str, str], str] = OrderedDict()
+        #: per tenant, held by a create from its count's check (``OPTSERVE_MAX_SESSIONS``)
+        #: until its session is counted: creates at once each passed the check otherwise
+        self._admitting: dict[str, asyncio.Lock] = {}
+        #: keyed creates under way, by (tenant, key): a create of the same key waits for them
+        self._keyed_creates: dict[tuple[str, str], asyncio.Event] = {}
 
     @property
     def host(self) -> EmbeddedHost:
@@ -134,6 +139,22 @@ class Front:
     # ------------------------------------------------------------------ sessions
     async def create(self, spec: CreateSpec, *, tenant: str = DEFAULT_TENANT,
                      idem: IdemKey | None = None) -> SessionInfo:
+        if idem is None:
+            return await self._create(spec, tenant, None)
+        # one create of a key at a time: a sharded create's key is indexed once it is done,
+        # so creates of the key at once found none and each made a session
+        scope = (tenant, idem.key)
+        while (busy := self._keyed_creates.get(scope)) is not None:
+            await busy.wait()
+        done = self._keyed_creates[scope] = asyncio.Event()
+        try:
+            return await self._create(spec, tenant, idem)
+        finally:
+            del self._keyed_creates[scope]
+            done.set()
+
+    async def _create(self, spec: CreateSpec, tenant: str, idem: IdemKey | None
+                      ) -> SessionInfo:
         if idem is not None:
             made = await self.router.find_create(tenant, idem)
             if made is not None:
@@ -144,12 +165,22 @@ class Front:
         self._check_elements(sum(t.numel() for g in spec.groups for t in g.params.values()))
         self._check_groups(len(spec.groups))
 
+        held: list[asyncio.Lock] = []
+
         async def admit() -> None:
+            if self.limits.max_sessions:
+                lock = self._admitting.setdefault(tenant, asyncio.Lock())
+                await lock.acquire()
+                held.append(lock)
             await self._check_session_count(tenant)
         # (the count is checked by the router, only for a new session: a create cut part way,
         # its entry counted already, is finished by its retry at the limit too)
-        return await self.router.create(session_key(tenant, session_id), spec, idem=idem,
-                                        admit=admit)
+        try:
+            return await self.router.create(session_key(tenant, session_id), spec, idem=idem,
+                                            admit=admit)
+        finally:
+            for lock in held:
+                lock.release()
 
     async def _check_session_count(self, tenant: str) -> None:
         """429 ``too_many_sessions`` when the tenant has ``OPTSERVE_MAX_SESSIONS`` sessions
@@ -170,11 +201,7 @@ class Front:
         check_group_count(n, self.limits.max_param_groups)
 
     def _check_elements(self, n: int) -> None:
-        limit = self.limits.max_session_elements
-        if limit and n > limit:
-            raise Invalid(f"the session would hold {n} parameter elements; the limit "
-                          f"(OPTSERVE_MAX_SESSION_ELEMENTS) is {limit}",
-                          code="session_too_large", field="params", limit=limit)
+        check_element_count(n, self.limits.max_session_elements)
 
     async def describe(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> SessionInfo:
         host, key = await self._host(tenant, session_id)
@@ -350,10 +377,12 @@ class Front:
             info = await host.describe(key)
             have = sum(_numel(p["shape"]) for p in info.params.values())
             self._check_elements(have + sum(t.numel() for t in group.params.values()))
-        # (the groups' bound is checked with the operation, under the session's lock)
+        # (the groups' bound and the elements' are checked with the operation, under the
+        # session's lock: the check above, before it, answers a sharded session's)
         out: SessionInfo = await host.execute(
             key, AddParamGroup(group.params, group.options, request=True,
                                max_groups=self.limits.max_param_groups, tensor_range=True,
+                               max_elements=self.limits.max_session_elements or None,
                                expected=expected),
             idem=idem)
         return out

@@ -469,6 +469,10 @@ class ShardedSession:
                       and not isinstance(r, NotFound)}
             if errors:
                 raise first_refusal(errors, self.layout)
+            if idem is None and all(isinstance(r, NotFound) for r in results):
+                # (deleted by another delete while this one waited for the lock: its 204 is
+                # that delete's; a keyed retry is answered by the shards' tombstones above)
+                raise no_session(self.key)
             self._damaged = "the session was deleted"
         self._wake()
         return bool(results) and all(r is True for r in results)

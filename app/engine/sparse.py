@@ -244,8 +244,15 @@ def _try_sparse(cls: type[torch.optim.Optimizer], opts: dict[str, Any], dtype: t
 
 
 # ---------------------------------------------------------------------------- reading rows
+#: the elements a row pull may always answer (64 MiB of float32), however small its session:
+#: past it a pull answers at most as many elements as a whole pull of the session would
+#: (rows repeat, so a few bytes of indices could otherwise ask for any number of bytes)
+ROWS_FLOOR = 1 << 24
+
+
 def check_rows(s: Session, rows: dict[str, torch.Tensor], field: str = "rows") -> None:
-    """Rows asked of parameters: known names, parameters with rows, indices in range."""
+    """Rows asked of parameters: known names, parameters with rows, indices in range, and in
+    all no more elements than :data:`ROWS_FLOOR` or the session's parameters hold."""
     if not rows:
         raise Invalid("name at least one parameter and its rows", code="invalid_rows",
                       field=field)
@@ -267,6 +274,13 @@ def check_rows(s: Session, rows: dict[str, torch.Tensor], field: str = "rows") -
                 raise Invalid(f"row {bad} is out of range for {name!r:.80}, which has "
                               f"{p.shape[0]} rows", code="index_out_of_range",
                               field=f"{field}.{name}")
+    asked = sum(idx.numel() * (s.params[name][0].numel() if idx.numel() else 0)
+                for name, idx in rows.items())
+    limit = max(ROWS_FLOOR, sum(p.numel() for p in s.params.values()))
+    if asked > limit:
+        raise Invalid(f"these rows hold {asked} elements in all, more than a row pull answers "
+                      f"({limit}: the session's parameters, or {ROWS_FLOOR} if more); ask "
+                      "fewer rows at a time", code="rows_too_large", field=field, limit=limit)
 
 
 def gather_rows(s: Session, rows: dict[str, torch.Tensor]) -> Tensors:

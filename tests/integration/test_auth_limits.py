@@ -390,6 +390,61 @@ def test_add_param_group_respects_the_element_limit(client: httpx.Client) -> Non
     assert r.status_code == 422, r.text
 
 
+def concurrently(n: int, call: Any) -> list[httpx.Response]:
+    """``call(i)`` for i < n, all at once from threads of their own (their own connections)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(call, range(n)))
+
+
+@server_settings(max_sessions=3)
+def test_concurrent_creates_never_pass_the_sessions_limit(server: tuple[str, FastAPI]) -> None:
+    """The count was checked before each create and the session counted once made: 30
+    creates at once all passed the check, and the tenant had 30 sessions past a limit of 3.
+    Exactly 3 are made, the others are 429 ``too_many_sessions``; another tenant is not
+    affected."""
+    def create(i: int) -> httpx.Response:
+        return httpx.post(f"{server[0]}/v1/sessions", json=create_body(f"c{i}"), headers=A,
+                          timeout=120)
+    answers = concurrently(30, create)
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [201] * 3 + [429] * 27, [r.text for r in answers if r.status_code != 201]
+    assert all(r.json()["code"] == "too_many_sessions" for r in answers
+               if r.status_code == 429)
+    made = {r.json()["id"] for r in answers if r.status_code == 201}
+    listed = httpx.get(f"{server[0]}/v1/sessions", headers=A, timeout=30).json()["sessions"]
+    assert {d["id"] for d in listed} == made
+    r = httpx.post(f"{server[0]}/v1/sessions", json=create_body("b"), headers=B, timeout=30)
+    assert r.status_code == 201, r.text
+
+
+@server_settings(max_session_elements=100)
+def test_concurrent_param_groups_never_pass_the_element_limit(server: tuple[str, FastAPI]
+                                                              ) -> None:
+    """The session's elements were counted before the group was added, outside its lock:
+    groups added at once each fit the session as it was, and together passed the limit
+    (10 + 4 x 40 = 170 of 100). Two fit (10 + 2 x 40); every other is a 422
+    ``session_too_large``, and the session holds exactly the groups acknowledged."""
+    url = server[0]
+    assert httpx.post(f"{url}/v1/sessions", json=create_body("s", n=10), headers=A,
+                      timeout=30).status_code == 201
+
+    def add(i: int) -> httpx.Response:
+        return httpx.post(f"{url}/v1/sessions/s/param_groups",
+                          json={"params": {f"v{i}": jt(torch.full((40,), float(i)))}},
+                          headers=A, timeout=120)
+    answers = concurrently(10, add)
+    assert sorted(r.status_code for r in answers) == [201] * 2 + [422] * 8, \
+        [r.text for r in answers]
+    assert all(r.json()["code"] == "session_too_large" for r in answers
+               if r.status_code == 422)
+    params = httpx.get(f"{url}/v1/sessions/s/params", headers=A, timeout=30).json()["params"]
+    added = {f"v{i}" for i, r in enumerate(answers) if r.status_code == 201}
+    assert set(params) == {"w"} | added
+    for name in added:
+        assert params[name]["data"] == [float(name[1:])] * 40
+
+
 def test_param_groups_per_session_are_bounded(server: tuple[str, FastAPI],
                                               client: httpx.Client) -> None:
     """torch's add_param_group costs grow with the square of the groups: a small body of

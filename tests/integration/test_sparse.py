@@ -365,6 +365,51 @@ def test_row_pulls(http: httpx.Client) -> None:
     assert bitwise(tensor_from_json(r.json()["params"]["emb"]["values"]), ref.detach()[[1]])
 
 
+def test_a_row_pull_answers_no_more_than_a_whole_pull_or_the_floor(http: httpx.Client
+                                                                    ) -> None:
+    """Rows may repeat, so a few bytes of row indices could ask for any number of bytes of
+    rows: 8 KB of indices of a table with long rows made the server gather 100 MB, and a
+    body or query of a few hundred KiB more than the memory it had. A pull's rows hold at most
+    as many elements as the session's parameters (what a whole pull answers) or
+    ``ROWS_FLOOR`` (2**24), whichever is more: one past it is a 422 ``rows_too_large`` with
+    ``limit``, before anything is gathered; one at it is answered, as is a short table's rows
+    asked many times over."""
+    from app.engine.sparse import ROWS_FLOOR
+    wide = 1 << 20  # a row of 1,048,576 elements; the table (2 rows) is smaller than the floor
+    start = torch.randn(2, wide, generator=torch.Generator().manual_seed(3))
+    r = http.post("/v1/sessions", content=write_safetensors({"emb": start}, {"optimizer": "SGD"}),
+                  headers={"content-type": BINARY})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    at = ROWS_FLOOR // wide
+    for pull in (lambda n: http.get(f"/v1/sessions/{sid}/params",
+                                    params={"name": "emb", "rows": ",".join(["1"] * n)},
+                                    headers={"accept": BINARY}),
+                 lambda n: http.post(f"/v1/sessions/{sid}/params/rows",
+                                     content=write_safetensors(
+                                         {"emb": torch.ones(n, dtype=torch.int64)}, None),
+                                     headers={"content-type": BINARY, "accept": BINARY})):
+        r = pull(at + 1)
+        assert r.status_code == 422, r.text
+        problem = r.json()
+        assert problem["code"] == "rows_too_large" and problem["field"] == "rows"
+        assert problem["limit"] == ROWS_FLOOR
+        r = pull(at)
+        assert r.status_code == 200, r.text
+        tensors, _ = read_safetensors(bytearray(r.content))
+        assert tensors["emb.indices"].tolist() == [1] * at
+        assert bitwise(tensors["emb.values"], start[[1] * at])
+    # a short table's rows asked many times over (a batch's tokens): answered
+    small = table(7)
+    sid = create(http, "SGD", {"lr": 0.1}, emb=small)
+    many = [i % ROWS for i in range(20_000)]
+    r = http.post(f"/v1/sessions/{sid}/params/rows",
+                  content=write_safetensors({"emb": torch.tensor(many)}, None),
+                  headers={"content-type": BINARY, "accept": BINARY})
+    assert r.status_code == 200, r.text
+    assert bitwise(read_safetensors(bytearray(r.content))[0]["emb.values"], small[many])
+
+
 def test_row_pull_long_poll(http: httpx.Client) -> None:
     sid = create(http, "SGD", {"lr": 0.1}, emb=table())
     r = http.get(f"/v1/sessions/{sid}/params?name=emb&rows=1&min_version=1&wait_s=0.2")

@@ -106,12 +106,20 @@ class AddParamGroup(Operation):
     #: (422 ``option_overflow``). Logged; records logged before this check lack it and replay
     #: as they ran
     tensor_range: bool = False
+    #: the most parameter elements the session may hold after it (a request's bound,
+    #: ``OPTSERVE_MAX_SESSION_ELEMENTS``), checked here, under the session's lock: groups
+    #: added at once each fitting the session as it was could pass it together
+    max_elements: int | None = None
 
     def check(self, s: Session) -> GroupPlan:
         index = len(s.optimizer.param_groups)
         where = f"param_groups.{index}"
         if self.max_groups is not None:
             check_group_count(index + 1, self.max_groups)
+        if self.max_elements is not None:
+            check_element_count(sum(p.numel() for p in s.params.values())
+                                + sum(t.numel() for t in self.params.values()),
+                                self.max_elements)
         opts = optimizers.normalize_options(s.cls, self.options, where)
         for name, t in self.params.items():  # (none: torch takes an empty group too)
             check_param_name(name, f"{where}.params")
@@ -157,17 +165,29 @@ class AddParamGroup(Operation):
             tree["max_groups"] = self.max_groups
         if self.tensor_range:
             tree["tensor_range"] = True
+        if self.max_elements is not None:
+            tree["max_elements"] = self.max_elements
         return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> AddParamGroup:
-        bound = tree.get("max_groups")
+        bound, elements = tree.get("max_groups"), tree.get("max_elements")
         return cls(dict(tree["params"]), dict(tree["options"]),
                    tree.get("request") is True, bound if type(bound) is int else None,
-                   tree.get("tensor_range") is True)
+                   tree.get("tensor_range") is True,
+                   elements if type(elements) is int else None)
 
     def group(self) -> GroupSpec:
         return GroupSpec(self.params, self.options)
+
+
+def check_element_count(n: int, limit: int) -> None:
+    """422 ``session_too_large`` for a session of ``n`` parameter elements past ``limit``
+    (``OPTSERVE_MAX_SESSION_ELEMENTS``; 0: none)."""
+    if limit and n > limit:
+        raise Invalid(f"the session would hold {n} parameter elements; the limit "
+                      f"(OPTSERVE_MAX_SESSION_ELEMENTS) is {limit}",
+                      code="session_too_large", field="params", limit=limit)
 
 
 def check_group_count(n: int, limit: int) -> None:
