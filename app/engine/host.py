@@ -110,7 +110,7 @@ from app.engine.ops import (
 from app.engine.ops.gradients import StepPlan, staleness_of
 from app.engine.rounds import Round, SyncRounds
 from app.engine.session import Session
-from app.engine.shards import Tip, cut_candidates, shard_index, shown_id
+from app.engine.shards import Tip, shard_index, shown_id
 from app.engine.store import Files, Store, StoreCorrupt
 from app.engine.worker import DeviceWorker, Observer
 from app.errors import (
@@ -1335,28 +1335,6 @@ class EmbeddedHost:
                      ", torn last record dropped" if torn else "",
                      time.perf_counter() - started)
 
-    def undo_cut(self, keys: list[str]) -> list[str]:
-        """At start, for the shards ``keys`` of one sharded session: where an operation a crash
-        cut between their commits (never acknowledged: its answer waits for every shard)
-        reached some of them only, cut its record off the logs of those (the last record of
-        each, under a key the other shards never saw) and restore them without it, so that
-        the session is whole again as it was before that operation (:func:`~app.engine.
-        shards.cut_candidates`, and :meth:`undo_last` on each, as a Ray coordinator does
-        through the shards' hosts: :meth:`ShardedSession.undo_cut <app.engine.shards.
-        ShardedSession.undo_cut>`). Such a cut shows as shards at different versions or
-        revisions, or, for an operation that moves neither (a push into the accumulator,
-        ``zero_grad``: every shard takes each of them), as shards whose latest operations'
-        keys differ. The keys of the shards so restored; none where that does not make every
-        shard agree (a snapshot holds the operation already): the session stays apart, and
-        the operation's keyed retry completes it."""
-        if any(k not in self._sessions for k in keys):
-            return []
-        for tx, cut, want in cut_candidates([self.cut_tip(k) for k in keys]):
-            if any(self.holds_key(k, tx) for i, k in enumerate(keys) if i not in cut):
-                continue
-            return [keys[i] for i in cut if self.undo_last(keys[i], tx, want)]
-        return []
-
     def cut_tip(self, key: str) -> Tip:
         """The session's version and revision, and the key of its latest operation (the newest
         of its idempotency table: a sharded session's operations all carry one): what
@@ -1386,7 +1364,8 @@ class EmbeddedHost:
     def undo_last(self, key: str, idem_key: str, want: tuple[int, int]) -> bool:
         """Cut the session's last logged operation, sent with ``idem_key``, off its log and
         restore it without it, where that gives the version and revision ``want`` (the other
-        shards' of its session, which never took it: :meth:`undo_cut`); else nothing changes.
+        shards' of its session, which never took it: :meth:`ShardedSession.undo_cut
+        <app.engine.shards.ShardedSession.undo_cut>`); else nothing changes.
         Whether it was undone."""
         assert self._store is not None
         if self._undoable_key(key) != idem_key:

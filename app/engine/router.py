@@ -298,9 +298,8 @@ class LocalRouter:
         for key in sorted(self._entries):  # sharded sessions whose shards are gone
             await self._stale(key)
         for key in sorted(self._entries):
-            await self._undo_cut_create(key)
-        for key in sorted(self._entries):
-            self._undo_cut_operation(key)
+            if await self._undo_cut_create(key):
+                await self._undo_cut_operation(key)
         for key, entry in self._entries.items():
             made_by = entry.get("created_by")
             tenant = split_key(key)[0]
@@ -328,22 +327,21 @@ class LocalRouter:
         self._entries.pop(key, None)
         return True
 
-    async def _undo_cut_create(self, key: str) -> None:
+    async def _undo_cut_create(self, key: str) -> bool:
         """Undo an unkeyed create of a sharded session that a crash cut part way: a shard
         this start discarded as an interrupted create (never acknowledged: the answer waits
         for every shard) and others made. No retry can finish it (a keyed one's finishes it,
         :meth:`_cut_create`), and served, its reads were 404s naming the missing shard and
         a create of its id a 409 for good: its shards and its entry go, with a warning (what
-        cannot be removed now stays, as before, for a delete of the id)."""
-        from app.engine.shards import ShardLayout, shard_key
+        cannot be removed now stays, as before, for a delete of the id). Whether the session
+        is still there."""
         entry = self._entries[key]
         if entry.get("created_by"):
-            return
-        shards = ShardLayout.from_json(entry["layout"]).shards
-        keys = [shard_key(key, i, shards) for i in range(shards)]
+            return True
+        keys = self._shard_keys(key, entry)
         cut = [k for k in keys if k in self.local.embedded.interrupted]
         if not cut or set(keys) & set(await self.local.refused()):
-            return  # (a shard refused at start: every file is left to an operator)
+            return True  # (a shard refused at start: every file is left to an operator)
         log.warning("sharded session %s: its create was cut by a crash (%s discarded): its "
                     "other shards and its directory entry are removed", key, ", ".join(cut))
         try:
@@ -354,22 +352,27 @@ class LocalRouter:
             self.directory.remove_made(key, entry.get("made"))
         except (OSError, OptserveError) as exc:
             log.warning("could not undo the cut create of %s: %s", key, exc)
-            return
+            return True
         self._sharded.pop(key, None)
         self._entries.pop(key, None)
+        return False
 
-    def _undo_cut_operation(self, key: str) -> None:
+    async def _undo_cut_operation(self, key: str) -> None:
         """Make a sharded session whole again where an operation a crash cut between its
-        shards' commits reached some of them only (:meth:`EmbeddedHost.undo_cut
-        <app.engine.host.EmbeddedHost.undo_cut>`). Left apart, it answered 503
-        ``shards_out_of_step`` until that operation's retry with its key completed it, and
-        went out of service for good without one (an unkeyed operation has none)."""
-        from app.engine.shards import ShardLayout, shard_key
+        shards' commits reached some of them only (:meth:`ShardedSession.undo_cut
+        <app.engine.shards.ShardedSession.undo_cut>`, as a Ray coordinator made anew does).
+        Left apart, it answered 503 ``shards_out_of_step`` until that operation's retry with
+        its key completed it, and went out of service for good without one (an unkeyed
+        operation has none)."""
+        from app.engine.shards import ShardedSession
         if self.directory.root is None:
             return
-        shards = ShardLayout.from_json(self._entries[key]["layout"]).shards
         try:
-            self.local.embedded.undo_cut([shard_key(key, i, shards) for i in range(shards)])
+            session = await self.route(key)
+            if isinstance(session, ShardedSession):
+                await session.undo_cut()
+        except NotFound:
+            pass  # (a shard missing or refused: a create cut part way, finished by its retry)
         except Exception as exc:  # noqa: BLE001 - as it was: apart, for the retry to complete
             log.warning("could not undo the operation that reached some shards of %s only: "
                         "%s", key, exc)

@@ -352,9 +352,8 @@ def cut_candidates(tips: Sequence[Tip]) -> list[tuple[str, list[int], tuple[int,
     those shards and the version and revision every other shard agrees at (which undoing it
     there must give). The caller checks that the other shards never saw the key (else the
     operation is what they did, and the shards apart for another reason), and undoes it
-    where the shards' logs allow (:meth:`EmbeddedHost.undo_last <app.engine.host.
-    EmbeddedHost.undo_last>`): at the embedded engine's start, and by a Ray coordinator made
-    anew (:meth:`ShardedSession.undo_cut`)."""
+    where the shards' logs allow (:meth:`ShardedSession.undo_cut`: at the embedded engine's
+    start, and by a Ray coordinator made anew)."""
     if len(set(tips)) <= 1:
         return []
     found = []
@@ -459,7 +458,7 @@ class ShardedSession:
             if expected is not None:  # (held by every shard, read before any is deleted)
                 self._check_usable()
                 infos = await self._all(lambda host, skey: host.describe(skey))
-                self._check_lockstep([i.version for i in infos], [i.revision for i in infos])
+                self._check_lockstep(infos)
                 expected.check(merge_info(self.key, infos, self.layout,
                                           [h.name for h, _ in self.shards]))
             results = await asyncio.gather(*(host.delete(skey, idem=idem)
@@ -482,8 +481,9 @@ class ShardedSession:
         commits reached some of them only (:func:`cut_candidates`), run by a coordinator made
         anew (its host started again, its operations' commits gone with the one before): the
         shards that took it are restored without it (:meth:`EmbeddedHost.undo_last
-        <app.engine.host.EmbeddedHost.undo_last>`), as the embedded engine's start does
-        (:meth:`EmbeddedHost.undo_cut <app.engine.host.EmbeddedHost.undo_cut>`). It was
+        <app.engine.host.EmbeddedHost.undo_last>`); the embedded engine's start runs it too
+        (:meth:`LocalRouter._undo_cut_operation <app.engine.router.LocalRouter.
+        _undo_cut_operation>`). It was
         never acknowledged; left apart, the session answered 503 ``shards_out_of_step`` until
         its keyed retry completed it, and went out of service for good without one. The
         shards undone (none where the shards agree, or that does not make them agree)."""
@@ -511,7 +511,7 @@ class ShardedSession:
             self._check_usable()
             infos = await self._all(lambda host, skey: host.describe(skey))
         if lockstep:
-            self._check_lockstep([i.version for i in infos], [i.revision for i in infos])
+            self._check_lockstep(infos)
         return merge_info(self.key, infos, self.layout, [h.name for h, _ in self.shards])
 
     async def list_sessions(self, prefix: str) -> list[SessionInfo]:
@@ -555,7 +555,7 @@ class ShardedSession:
         if errors:
             raise first_refusal(errors, self.layout)
         outs = [r for r in results if isinstance(r, ParamsResult)]
-        self._check_lockstep([r.version for r in outs])
+        self._check_lockstep(outs)
         first = outs[0]
         if first.not_modified:
             return ParamsResult(first.version, first.step, first.lr, {}, not_modified=True)
@@ -566,7 +566,7 @@ class ShardedSession:
         async with self._lock:
             self._check_usable()
             outs = await self._all(lambda host, skey: host.export_state(skey))
-        self._check_lockstep([o.version for o in outs], [o.revision for o in outs])
+        self._check_lockstep(outs)
         return StateExport(merge_state([o.state_dict for o in outs], self.layout,
                                        [o.state_order for o in outs]),
                            outs[0].version, outs[0].step, outs[0].revision)
@@ -676,7 +676,7 @@ class ShardedSession:
         if len({(c.version, c.revision) for c in fresh}) > 1:
             await asyncio.gather(*(self.shards[i][0].abort(self.shards[i][1], idem)
                                    for i in checked), return_exceptions=True)
-        self._check_lockstep([c.version for c in fresh], [c.revision for c in fresh])
+        self._check_lockstep(fresh)
         commit: dict[int, Operation | None] = {i: None for i in ops}
         if any(c.skip for c in checked.values()):  # the whole session skips this step
             for i, op in ops.items():
@@ -758,21 +758,24 @@ class ShardedSession:
                               f"service: {self._damaged}; it cannot be restored: delete it",
                               code="session_damaged", retry_after=None)
 
-    def _check_lockstep(self, versions: list[int], revisions: Sequence[int] = ()) -> None:
-        """Shards at different versions, or revisions (an option change moves only the
-        revision): an operation reached some of them only (its coordinator died mid-commit).
-        Its client's retry, with the same key, completes it; until then everything else is
+    def _check_lockstep(self, shards: Sequence[Any]) -> None:
+        """Shards (their answers: each one's ``version``, and its ``revision`` where it has
+        one) at different versions, or revisions (an option change moves only the revision):
+        an operation reached some of them only (its coordinator died mid-commit). Its
+        client's retry, with the same key, completes it; until then everything else is
         refused with a retryable 503, and a disagreement that outlasts the grace takes the
         session out of service."""
-        if len(set(versions)) <= 1 and len(set(revisions)) <= 1:
+        versions = {s.version for s in shards}
+        revisions: set[int] = {s.revision for s in shards if hasattr(s, "revision")}
+        if len(versions) <= 1 and len(revisions) <= 1:
             self._out_of_step_since = None
             return
         now = time.monotonic()
         if self._out_of_step_since is None:
             self._out_of_step_since = now
-        what = (f"its shards are at different versions ({sorted(set(versions))}): an operation "
-                "reached some shards only" if len(set(versions)) > 1 else
-                f"its shards are at different revisions ({sorted(set(revisions))}): a change "
+        what = (f"its shards are at different versions ({sorted(versions)}): an operation "
+                "reached some shards only" if len(versions) > 1 else
+                f"its shards are at different revisions ({sorted(revisions)}): a change "
                 "reached some shards only")
         if now - self._out_of_step_since >= 2 * self.commit_timeout_s:
             self._damaged = what
@@ -802,8 +805,7 @@ class ShardedSession:
     def _merge(self, op: Operation, results: dict[int, Any], want_params: bool,
                nonfinite: list[str]) -> Any:
         outs = [results[i] for i in sorted(results)]
-        self._check_lockstep([r.version for r in outs if hasattr(r, "version")],
-                             [r.revision for r in outs if isinstance(r, SessionInfo)])
+        self._check_lockstep([r for r in outs if hasattr(r, "version")])
         first = outs[0]
         replayed = all(getattr(r, "replayed", False) for r in outs)
         if isinstance(first, StepResult):

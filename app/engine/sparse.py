@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -274,8 +275,9 @@ def check_rows(s: Session, rows: dict[str, torch.Tensor], field: str = "rows") -
                 raise Invalid(f"row {bad} is out of range for {name!r:.80}, which has "
                               f"{p.shape[0]} rows", code="index_out_of_range",
                               field=f"{field}.{name}")
-    asked = sum(idx.numel() * (s.params[name][0].numel() if idx.numel() else 0)
-                for name, idx in rows.items())
+    asked = sum(idx.numel() * math.prod(s.params[name].shape[1:]) for name, idx in rows.items())
+    if asked <= ROWS_FLOOR:  # (the usual pull: the session's parameters are not counted)
+        return
     limit = max(ROWS_FLOOR, sum(p.numel() for p in s.params.values()))
     if asked > limit:
         raise Invalid(f"these rows hold {asked} elements in all, more than a row pull answers "

@@ -128,25 +128,49 @@ def push_all(url: str, sid: str, pushes: list[tuple[str, str, Tensors]]
     return out
 
 
+def open_round(c: httpx.Client, url: str, sid: str, p0: dict[str, torch.Tensor],
+               g: dict[str, dict[str, torch.Tensor]], keys: dict[str, str],
+               sync: dict[str, Any]) -> tuple[threading.Thread, list[Any]]:
+    """An Adam session ``sid`` of ``p0`` in synchronous mode (``sync``), and a round workers
+    w1 and w2 pushed to (keyed), waiting for w3: the thread their requests wait in, and the
+    list their answers (or errors) land in."""
+    body = {"id": sid, "optimizer": "Adam", "options": {"lr": LR}, "sync": sync,
+            "params": {n: {"dtype": "float32", "shape": list(t.shape),
+                           "data": t.reshape(-1).tolist()} for n, t in p0.items()}}
+    assert c.post("/v1/sessions", json=body).status_code == 201
+    answers: list[httpx.Response | Exception] = []
+    waiting = threading.Thread(target=lambda: answers.extend(push_all(
+        url, sid, [(w, keys[w], g[w]) for w in ("w1", "w2")])))
+    waiting.start()
+    while c.get(f"/v1/sessions/{sid}").json()["sync"].get("pending") != ["w1", "w2"]:
+        assert waiting.is_alive(), answers
+        time.sleep(0.02)
+    return waiting, answers
+
+
+def round_of_three(url: str, sid: str, p0: dict[str, torch.Tensor],
+                   g: dict[str, dict[str, torch.Tensor]], keys: dict[str, str]
+                   ) -> dict[str, torch.Tensor]:
+    """Workers w1, w2 and w3 push (keyed) to the session's next round: each answer is torch's
+    Adam step on the mean of their gradients (returned), at version 1."""
+    answers = push_all(url, sid, [(w, keys[w], g[w]) for w in ("w1", "w2", "w3")])
+    mean = {n: g["w1"][n].clone().add_(g["w2"][n]).add_(g["w3"][n]).div_(3) for n in p0}
+    want = adam_after(p0, mean)
+    for a in answers:
+        assert isinstance(a, httpx.Response) and a.status_code == 200, a
+        assert a.headers["X-Optserve-Version"] == "1"
+        assert_tensors_equal(safetensors.torch.load(a.content), want, "round answer")
+    return want
+
+
 def test_a_sync_round_open_at_kill9_steps_once_after_the_restart(server: Proc) -> None:
     server = running(server)
     sid, p0 = "round", tensors(1)
     g = {w: tensors(10 + i) for i, w in enumerate(("w1", "w2", "w3"))}
     keys = {w: f"round-{w}-{time.time_ns()}" for w in g}
     with httpx.Client(base_url=server.url, timeout=60) as c:
-        body = {"id": sid, "optimizer": "Adam", "options": {"lr": LR}, "sync": {"workers": 3},
-                "params": {n: {"dtype": "float32", "shape": list(t.shape),
-                               "data": t.reshape(-1).tolist()} for n, t in p0.items()}}
-        assert c.post("/v1/sessions", json=body).status_code == 201
-
         # two of three workers push; their requests wait for the round
-        answers: list[httpx.Response | Exception] = []
-        waiting = threading.Thread(target=lambda: answers.extend(push_all(
-            server.url, sid, [(w, keys[w], g[w]) for w in ("w1", "w2")])))
-        waiting.start()
-        while c.get(f"/v1/sessions/{sid}").json()["sync"].get("pending") != ["w1", "w2"]:
-            assert waiting.is_alive(), answers
-            time.sleep(0.02)
+        waiting, answers = open_round(c, server.url, sid, p0, g, keys, {"workers": 3})
         server.kill9()
         waiting.join(60)
         assert len(answers) == 2 and all(isinstance(a, httpx.TransportError) for a in answers), \
@@ -157,13 +181,7 @@ def test_a_sync_round_open_at_kill9_steps_once_after_the_restart(server: Proc) -
         desc = c.get(f"/v1/sessions/{sid}").json()
         assert (desc["version"], desc["sync"]["pending"]) == (0, [])  # never acknowledged
         # the same two pushes again, same keys, and the third worker
-        answers = push_all(server.url, sid, [(w, keys[w], g[w]) for w in ("w1", "w2", "w3")])
-        mean = {n: g["w1"][n].clone().add_(g["w2"][n]).add_(g["w3"][n]).div_(3) for n in p0}
-        want = adam_after(p0, mean)
-        for a in answers:
-            assert isinstance(a, httpx.Response) and a.status_code == 200, a
-            assert a.headers["X-Optserve-Version"] == "1"
-            assert_tensors_equal(safetensors.torch.load(a.content), want, "round answer")
+        want = round_of_three(server.url, sid, p0, g, keys)
         version, got = pull(c, sid)
         assert version == 1
         assert_tensors_equal(got, want, "after the round")
@@ -192,18 +210,8 @@ def test_a_sync_round_open_at_sigterm_is_aborted_at_once_and_retried_after(
     g = {w: tensors(20 + i) for i, w in enumerate(("w1", "w2", "w3"))}
     keys = {w: f"term-{w}-{time.time_ns()}" for w in g}
     with httpx.Client(base_url=server.url, timeout=60) as c:
-        body = {"id": sid, "optimizer": "Adam", "options": {"lr": LR},
-                "sync": {"workers": 3, "timeout_s": 600},
-                "params": {n: {"dtype": "float32", "shape": list(t.shape),
-                               "data": t.reshape(-1).tolist()} for n, t in p0.items()}}
-        assert c.post("/v1/sessions", json=body).status_code == 201
-        answers: list[httpx.Response | Exception] = []
-        waiting = threading.Thread(target=lambda: answers.extend(push_all(
-            server.url, sid, [(w, keys[w], g[w]) for w in ("w1", "w2")])))
-        waiting.start()
-        while c.get(f"/v1/sessions/{sid}").json()["sync"].get("pending") != ["w1", "w2"]:
-            assert waiting.is_alive(), answers
-            time.sleep(0.02)
+        waiting, answers = open_round(c, server.url, sid, p0, g, keys,
+                                      {"workers": 3, "timeout_s": 600})
     assert server.proc is not None
     sent = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
@@ -216,13 +224,7 @@ def test_a_sync_round_open_at_sigterm_is_aborted_at_once_and_retried_after(
         assert a.json()["code"] == "round_aborted"
 
     server.start()
-    answers = push_all(server.url, sid, [(w, keys[w], g[w]) for w in ("w1", "w2", "w3")])
-    mean = {n: g["w1"][n].clone().add_(g["w2"][n]).add_(g["w3"][n]).div_(3) for n in p0}
-    want = adam_after(p0, mean)
-    for a in answers:
-        assert isinstance(a, httpx.Response) and a.status_code == 200, a
-        assert a.headers["X-Optserve-Version"] == "1"
-        assert_tensors_equal(safetensors.torch.load(a.content), want, "round answer")
+    want = round_of_three(server.url, sid, p0, g, keys)
     with httpx.Client(base_url=server.url, timeout=60) as c:
         version, got = pull(c, sid)
         assert version == 1

@@ -13,6 +13,8 @@ retry completed it, and was out of service for good without one (an unkeyed oper
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,21 @@ pytest.importorskip("app.engine.ray_host")
 
 GRADS = {"a": torch.tensor([0.5, -1.0]), "b": torch.tensor([1.0, 2.0, 3.0])}
 LATER = {"a": torch.tensor([-0.25, 2.0]), "b": torch.tensor([0.5, 0.5, -4.0])}
+@contextlib.contextmanager
+def commits_lost_on(monkeypatch: pytest.MonkeyPatch, behind: int) -> Iterator[None]:
+    """Within it, shard ``behind``'s host dies before it commits (the other shards' hosts
+    commit): an operation then reaches the other shard only."""
+    real = InProcessHost.commit
+
+    async def lands_on_one(host: Any, key: str, *args: Any, **kw: Any) -> Any:
+        if key.endswith(f"shard{behind}of2"):
+            raise Crash(key)
+        return await real(host, key, *args, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(InProcessHost, "commit", lands_on_one)
+        yield
+
+
 CUT = [(behind, keyed, died) for behind in (0, 1) for keyed in (False, True)
        for died in ("cluster", "coordinator")]
 
@@ -59,17 +76,10 @@ def test_a_ray_step_that_reached_some_shards_only_is_undone(
             await front.create(s)
             await front.step("cut", GRADS, return_params=False)
             ref.step(GRADS)
-            real = InProcessHost.commit
-
-            async def lands_on_one(host: Any, key: str, *args: Any, **kw: Any) -> Any:
-                if key.endswith(f"shard{behind}of2"):
-                    raise Crash(key)  # (its host dies before it commits)
-                return await real(host, key, *args, **kw)
-            with monkeypatch.context() as m:
-                m.setattr(InProcessHost, "commit", lands_on_one)
-                with pytest.raises(Exception):  # noqa: B017, PT011 - the crash
-                    await front.step("cut", GRADS if keyed else LATER, return_params=False,
-                                     idem=idem)
+            with commits_lost_on(monkeypatch, behind), \
+                    pytest.raises(Exception):  # noqa: B017, PT011 - the crash
+                await front.step("cut", GRADS if keyed else LATER, return_params=False,
+                                 idem=idem)
             if died == "cluster":
                 await cluster.kill()
             else:  # (the first shard's host: the coordinator's)
@@ -116,16 +126,9 @@ def test_a_ray_option_change_that_reached_some_shards_only_is_undone(
             await front.step("cut", GRADS, return_params=False)
             ref.step(GRADS)
             revision = (await front.describe("cut")).revision
-            real = InProcessHost.commit
-
-            async def lands_on_one(host: Any, key: str, *args: Any, **kw: Any) -> Any:
-                if key.endswith(f"shard{behind}of2"):
-                    raise Crash(key)
-                return await real(host, key, *args, **kw)
-            with monkeypatch.context() as m:
-                m.setattr(InProcessHost, "commit", lands_on_one)
-                with pytest.raises(Exception):  # noqa: B017, PT011 - the crash
-                    await front.update_param_group("cut", 0, {"lr": 0.5})
+            with commits_lost_on(monkeypatch, behind), \
+                    pytest.raises(Exception):  # noqa: B017, PT011 - the crash
+                await front.update_param_group("cut", 0, {"lr": 0.5})
             await cluster.kill()
 
             again = cluster.front()
@@ -157,16 +160,9 @@ def test_a_ray_push_that_reached_some_shards_only_is_undone(
             await front.create(spec(2, id="cut"))
             await front.step("cut", GRADS, return_params=False)
             ref.step(GRADS)
-            real = InProcessHost.commit
-
-            async def lands_on_one(host: Any, key: str, *args: Any, **kw: Any) -> Any:
-                if key.endswith(f"shard{behind}of2"):
-                    raise Crash(key)
-                return await real(host, key, *args, **kw)
-            with monkeypatch.context() as m:
-                m.setattr(InProcessHost, "commit", lands_on_one)
-                with pytest.raises(Exception):  # noqa: B017, PT011 - the crash
-                    await front.push("cut", LATER)
+            with commits_lost_on(monkeypatch, behind), \
+                    pytest.raises(Exception):  # noqa: B017, PT011 - the crash
+                await front.push("cut", LATER)
             await cluster.kill()
 
             again = cluster.front()

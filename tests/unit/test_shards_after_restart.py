@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,25 @@ def stepped(steps: int) -> dict[str, torch.Tensor]:
     for _ in range(steps):
         ref.step(GRAD)
     return ref.params
+
+
+def on_other_shard_only(tmp_path: Path, behind: int,
+                        op: Callable[[Front], Awaitable[object]]) -> None:
+    """The files a crash leaves when ``op`` (on a started engine, which then stops without a
+    snapshot) reached every shard of session ``c`` but ``behind``: that shard's files are put
+    back as they were before it."""
+    shard = tmp_path / "sessions" / f"default#c~shard{behind}of2"
+    saved = tmp_path.parent / f"{tmp_path.name}-saved"
+    shutil.copytree(shard, saved)
+
+    async def run() -> None:
+        eng = engine(tmp_path)
+        await eng.start()
+        await op(eng)
+        await eng.stop(snapshot=False)
+    asyncio.run(run())
+    shutil.rmtree(shard)
+    shutil.copytree(saved, shard)
 
 
 def test_a_sharded_session_with_a_refused_shard_is_kept_whole(tmp_path: Path) -> None:
@@ -401,19 +421,10 @@ def test_a_step_that_reached_some_shards_only_is_undone_at_start(
         await eng.stop(snapshot=True)
 
     asyncio.run(made())
-    shard = tmp_path / "sessions" / f"default#c~shard{behind}of2"
-    saved = tmp_path.parent / f"{tmp_path.name}-saved"
-    shutil.copytree(shard, saved)
 
-    async def cut() -> None:
-        eng = engine(tmp_path)
-        await eng.start()
+    async def cut(eng: Front) -> None:
         await eng.step("c", GRAD, return_params=False, idem=key)
-        await eng.stop(snapshot=False)
-
-    asyncio.run(cut())
-    shutil.rmtree(shard)
-    shutil.copytree(saved, shard)  # (the step reached the other shard only)
+    on_other_shard_only(tmp_path, behind, cut)
 
     async def restarted() -> None:
         eng = engine(tmp_path)
@@ -460,19 +471,7 @@ def test_a_push_or_zero_grad_that_reached_some_shards_only_is_undone_at_start(
         await eng.stop(snapshot=True)
 
     asyncio.run(made())
-    shard = tmp_path / "sessions" / f"default#c~shard{behind}of2"
-    saved = tmp_path.parent / f"{tmp_path.name}-saved"
-    shutil.copytree(shard, saved)
-
-    async def cut() -> None:
-        eng = engine(tmp_path)
-        await eng.start()
-        await cut_op(eng)
-        await eng.stop(snapshot=False)
-
-    asyncio.run(cut())
-    shutil.rmtree(shard)
-    shutil.copytree(saved, shard)  # (the operation reached the other shard only)
+    on_other_shard_only(tmp_path, behind, cut_op)
     before = [] if kind == "push" else names  # the accumulator as the operation found it
 
     async def restarted() -> None:
@@ -536,25 +535,16 @@ def test_a_push_logged_before_pushes_went_to_every_shard_is_kept(
         await eng.stop(snapshot=True)
 
     asyncio.run(made())
-    other = tmp_path / "sessions" / "default#c~shard1of2"
-    saved = tmp_path.parent / f"{tmp_path.name}-saved"
-    shutil.copytree(other, saved)
     plain = Push.to_tree
 
     def as_before(self: Push) -> dict[str, object]:
         return {k: v for k, v in plain(self).items() if k != "every_shard"}
 
-    async def pushed() -> None:
-        eng = engine(tmp_path)
-        await eng.start()
+    async def pushed(eng: Front) -> None:
         with monkeypatch.context() as m:
             m.setattr(Push, "to_tree", as_before)
             assert (await eng.push("c", {"a": GRAD["a"]})).accumulated == ["a"]
-        await eng.stop(snapshot=False)
-
-    asyncio.run(pushed())
-    shutil.rmtree(other)
-    shutil.copytree(saved, other)  # (the push went to shard 0 alone, as it then did)
+    on_other_shard_only(tmp_path, 1, pushed)  # (the push went to shard 0 alone, as it then did)
 
     async def restarted() -> None:
         eng = engine(tmp_path)

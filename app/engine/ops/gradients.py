@@ -354,7 +354,7 @@ class Push(Operation):
     #: one shard's part of a sharded session's push, which goes to every shard (its part
     #: empty where the push has none there): a crash that cuts it between their commits is
     #: then found at start (some shards hold its key, others not) and undone
-    #: (``EmbeddedHost.undo_cut``). Pushes logged before it was sent went to some shards only:
+    #: (``ShardedSession.undo_cut``). Pushes logged before it was sent went to some shards only:
     #: never undone
     every_shard: bool = False
 
