@@ -425,15 +425,40 @@ class EmbeddedHost:
         await self._evaluations.abandon_all()
         await self._rounds.stop()
         if self._store is not None and self._worker.alive() and snapshot:
-            for key in list(self._sessions):
-                async with self._lock(key):
-                    session = self._sessions.get(key)
-                    if session is not None and session.seq > session.seq_at_snapshot:
-                        await self._snapshot(key, session)
+            await self._snapshot_all(self._store)
         if self._store is not None:
             self._store.close()
         self._worker.stop()
         self._io.shutdown(wait=True)
+
+    async def _snapshot_all(self, store: Store) -> None:
+        """At a stop: snapshot every session that logged operations since its last snapshot,
+        and, as the maintenance does (:meth:`_maintain`), write again from memory what was
+        removed from the data directory while the server ran and the maintenance had not
+        found yet (the sessions whose files are gone, snapshotted lately or not; the
+        directory's lock and the tombstone log). Before, a stop right after an ``rm -rf``
+        lost every session with nothing new to snapshot, and the keys of past deletes."""
+        kept = [k for k, s in self._sessions.items() if s.durability != "memory"]
+        try:
+            removed = set(await self._in_io(functools.partial(store.removed, kept)))
+        except Exception:  # (a bug: never a stop's failure)
+            log.exception("looking for sessions removed from the data directory at the stop")
+            removed = set()
+        for key in list(self._sessions):
+            async with self._lock(key):
+                session = self._sessions.get(key)
+                if session is None:
+                    continue
+                if key in removed:
+                    with contextlib.suppress(OptserveError):  # (logged)
+                        await self._write_again(key, session, store)
+                elif session.seq > session.seq_at_snapshot:
+                    await self._snapshot(key, session)
+        try:
+            if await self._in_io_whole(store.repair):
+                await self._stones_again(store)
+        except Exception:  # (a bug: never a stop's failure)
+            log.exception("store maintenance at the stop")
 
     async def status(self, *, memory: bool = False) -> EngineStatus:
         reason = None
@@ -1491,26 +1516,32 @@ class EmbeddedHost:
             return False
         return logged >= self.config.snapshot_every_mb * 2**20
 
-    async def _snapshot(self, key: str, s: Session) -> None:
+    async def _snapshot(self, key: str, s: Session, *, removed: bool = False) -> None:
         """Write the session's snapshot (the caller holds its lock: no operation changes it
         meanwhile, so the encoding may reference its tensors). Its tree is taken on the device
         worker, as every read of a session is: after what earlier jobs deferred there
         (``worker.after_job``: the norms of a ``?metrics=history`` step are filled into its
         history row outside the lock). A snapshot that fails, for whatever reason, is logged
         and changes nothing (its log still holds every operation): the operation that made it
-        due is answered, and a stop goes on to the other sessions."""
+        due is answered, and a stop goes on to the other sessions.
+
+        A snapshot that finds the session's files removed from the data directory (after the
+        maintenance looked for removed ones: ``removed`` when the caller,
+        :meth:`_write_again`, knows) writes them again, and then, as :meth:`_write_again`
+        does, what else the directory held for it (``written_again``: a sharded session's
+        directory entry, without which a restart answers 404 for it, its shards on disk)."""
         store = self._store
         if store is None or s.durability == "memory" or key in self._damaged:
             return  # (a damaged session's tensors may hold what must not count)
         seq = s.seq
 
-        def write() -> None:
+        def write() -> bool:
             parts = persist.encode_tree_parts(tree, persist.SNAPSHOT_KEY)
-            store.write_snapshot(key, parts)
+            return store.write_snapshot(key, parts)
         try:
             tree = (await self._worker.run(s.snapshot_tree, "snapshot") if self._worker.alive()
                     else s.snapshot_tree())  # (a dead worker runs nothing more)
-            await self._in_io_whole(write)
+            made_again = await self._in_io_whole(write)
         except OptserveError as exc:
             log.error("snapshot of %s failed: %s (its log still holds every operation)", key,
                       exc.detail)
@@ -1520,6 +1551,15 @@ class EmbeddedHost:
             return
         s.seq_at_snapshot = seq
         s.snapshot_time = time.monotonic()
+        if made_again and not removed:
+            log.error("the files of session %s were removed from the data directory while the "
+                      "server ran: its snapshot wrote them again from memory", key)
+            try:
+                for hook in self.written_again:
+                    hook(key)
+            except OSError as exc:
+                log.error("writing again what the data directory held for session %s (removed "
+                          "while the server ran) failed: %s", key, exc)
         await self._in_io(release_memory)
 
     async def _write_again(self, key: str, s: Session, store: Store) -> None:
@@ -1529,7 +1569,7 @@ class EmbeddedHost:
         a file no restart reads."""
         log.error("the files of session %s were removed from the data directory while the "
                   "server ran: writing them again from memory", key)
-        await self._snapshot(key, s)  # (logs its own failure)
+        await self._snapshot(key, s, removed=True)  # (logs its own failure)
         failed = "its snapshot was not written"
         if not store.log_removed(key) and await self._in_io(lambda: store.exists(key)):
             try:

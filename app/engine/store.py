@@ -772,15 +772,22 @@ class Store:
                 lg.lock.release()
 
     # ------------------------------------------------------------- snapshots
-    def write_snapshot(self, session_id: str, payload: Buffer | Sequence[Buffer]) -> None:
+    def write_snapshot(self, session_id: str, payload: Buffer | Sequence[Buffer]) -> bool:
         """Atomically replace the session's snapshot, then empty its log (the snapshot holds
-        every record in it). Raises :class:`OptserveError` (507/503) when the disk refuses."""
+        every record in it). Raises :class:`OptserveError` (507/503) when the disk refuses.
+        True when the session's files had been removed from the data directory while the
+        server ran (its folder gone, or its open log a file no folder holds) and this snapshot
+        made them again: what else the data directory held for it (a sharded session's
+        directory entry) must be written again too (the host's ``written_again``)."""
         d = self._dir(session_id)
         framed = frame_snapshot(payload)
+        made_again = False
         try:
-            if not d.exists():
+            if not d.exists():  # (a create makes it: only a removal takes it away)
+                made_again = True
                 self.files.mkdir(d)
                 self.files.fsync_dir(self.sessions_dir)
+                self.files.fsync_dir(self.root)
             write_atomic(d / "snapshot.bin", framed, self.files)
         except OSError as exc:
             self._failed(f"snapshot of {session_id}", exc, sum(len(p) for p in framed))
@@ -792,8 +799,9 @@ class Store:
             # records the snapshot already holds. A truncate that fails leaves them for the
             # same reason, and a suspect log is healed: the snapshot holds everything.
             if lg.closed:  # (deleted or the store closed meanwhile: nothing to empty)
-                return
+                return made_again
             if self._unlinked(lg):  # its file was removed: the next records go to a new one
+                made_again = True
                 self._shut(lg)
                 lg.good, lg.repair, lg.dirty, lg.unsynced = -1, False, False, False
             try:
@@ -802,7 +810,7 @@ class Store:
                 log.warning("opening the log of %s after its snapshot: %s (its records stay "
                             "and are skipped at replay)", session_id, exc)
                 lg.suspect = None
-                return
+                return made_again and (d / "snapshot.bin").exists()
             try:
                 self.files.ftruncate(fd, 0)
                 self.files.fsync(fd)
@@ -812,6 +820,7 @@ class Store:
                             "at replay)", lg.path, exc)
                 lg.repair = True
             lg.suspect = None
+        return made_again
 
     def removed(self, session_ids: Sequence[str]) -> list[str]:
         """Those of ``session_ids`` whose files were removed from the data directory while the

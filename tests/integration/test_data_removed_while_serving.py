@@ -14,6 +14,7 @@ memory (before, a keyed delete or create retried after a restart ran as new)."""
 from __future__ import annotations
 
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -145,5 +146,52 @@ def test_a_step_after_the_removal_writes_its_session_again_before_it_is_acknowle
             killed_log
         for sid, local in twins.items():
             assert step(proc.url, local, 4, sid) == 4
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("every_steps", ["1000", "1"])
+def test_a_stop_right_after_the_removal_writes_everything_again(
+        tmp_path: Path, every_steps: str) -> None:
+    """The data directory removed, then SIGTERM before the maintenance looked (its period is
+    15 s by default). The stop snapshotted the sessions with operations since their last
+    snapshot, and did nothing else: a snapshot did not know it wrote removed files again
+    (no ``written_again``), so a sharded session's directory entry stayed gone and the
+    restart answered 404 for it, its shards on disk (as when the maintenance's own snapshot of
+    a due session ran just after a removal: its next pass found nothing removed); and the
+    sessions with nothing new (every step snapshotted: ``OPTSERVE_SNAPSHOT_EVERY_STEPS=1``)
+    and the tombstone log were lost. Now the stop writes again what the maintenance would."""
+    data = tmp_path / "data"
+    proc = Proc(data, env={"OPTSERVE_SNAPSHOT_EVERY_STEPS": every_steps}).start()
+    try:
+        twins = {"plain": Local(), "sharded": Local()}
+        for sid, local in twins.items():
+            body = {**local.create_body(), "id": sid, **({"shards": 2} if sid == "sharded"
+                                                       else {})}
+            r = httpx.post(f"{proc.url}/v1/sessions", json=body, timeout=60)
+            assert r.status_code == 201, r.text
+            assert step(proc.url, local, 1, sid) == 1
+        r = httpx.post(f"{proc.url}/v1/sessions", json={**Local().create_body(), "id": "gone"},
+                       timeout=60)
+        assert r.status_code == 201, r.text
+        r = httpx.delete(f"{proc.url}/v1/sessions/gone", headers={"Idempotency-Key": "d-1"},
+                         timeout=60)
+        assert r.status_code == 204, r.text
+        remove(data)
+        assert proc.proc is not None
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(60) == 0, proc.log()
+        stopped_log = proc.log()
+        assert "the directory entry of sharded session default~sharded was removed" in \
+            stopped_log
+        assert "the tombstone log was removed" in stopped_log
+        proc.start()
+        for sid, local in twins.items():
+            assert_holds(proc.url, local, 1, sid)
+            assert step(proc.url, local, 2, sid) == 2
+        r = httpx.delete(f"{proc.url}/v1/sessions/gone", headers={"Idempotency-Key": "d-1"},
+                         timeout=60)
+        assert r.status_code == 204, r.text
+        assert r.headers.get("idempotent-replayed") == "true"
     finally:
         proc.stop()
