@@ -174,6 +174,9 @@ class DeviceWorker:
                             deferred()
                         except BaseException:  # noqa: BLE001 - nobody waits for it
                             log.exception("work deferred after a %s job failed", op)
+                    # (the last deferred work holds its session, whole: a session deleted
+                    # since was kept until another job deferred something)
+                    del deferred
                 self._finished += 1
             self._observe(op, started - submitted, ran)
             if not later:

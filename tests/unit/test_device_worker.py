@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -215,3 +216,70 @@ def test_work_deferred_after_a_job_runs_after_its_answer_and_before_the_next_job
     assert events == ["job", "caller has the answer", "deferred", "next job"]
     assert inline_deferred is False
     assert any("deferred after" in r.message for r in caplog.records)
+
+
+def test_the_worker_lets_go_of_the_work_it_deferred_once_that_ran(worker: DeviceWorker) -> None:
+    """Deferred work (a step's norms for its next step, which holds the session it steps) is
+    let go as soon as it ran, as the job itself is: the worker thread kept the last deferred
+    function until another job deferred something, and with it a deleted session, whole
+    (its parameters and optimizer state), however large."""
+    import gc
+    import weakref
+
+    class Held:
+        pass
+
+    held = [Held()]
+    gone = weakref.ref(held[0])
+
+    def job(kept: Held) -> None:
+        assert after_job(lambda: kept.__class__)
+
+    async def main() -> None:
+        await worker.run(lambda: job(held[0]))
+        await worker.run(lambda: None)  # (the deferred work has run: the worker is idle after)
+
+    asyncio.run(main())
+    held.clear()
+    deadline = time.monotonic() + 30
+    while gone() is not None and time.monotonic() < deadline:  # (only a hang is timed)
+        gc.collect()
+        time.sleep(0.05)
+    assert gone() is None
+
+
+def test_a_deleted_sessions_tensors_are_freed_once_its_delete_is_answered(
+        tmp_path: Path) -> None:
+    """A session of many parameters (stepped on the worker thread, its norms for the next
+    step deferred) deleted: none of its tensors stays in the server's memory."""
+    import gc
+
+    from app.engine import embedded_engine
+    from app.engine.interface import CreateSpec, GroupSpec
+
+    n, shape = 2000, (3, 1, 7)  # (a shape no other tensor of the test has)
+
+    def left() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects()
+                   if issubclass(type(o), torch.Tensor) and tuple(o.shape) == shape)
+
+    async def main() -> None:
+        before = left()  # (tests run before it in this process may have left some)
+        eng = embedded_engine("cpu", data_dir=tmp_path, durability="memory", warm_up=False)
+        await eng.start()
+        try:
+            info = await eng.create(CreateSpec(
+                "Adam", [GroupSpec({f"p{i}": torch.zeros(shape) for i in range(n)})],
+                {"lr": 1e-3}))
+            await eng.step(info.id, {f"p{i}": torch.ones(shape) for i in range(n)},
+                           return_params=False)
+            assert left() >= before + 3 * n  # (parameters, exp_avg, exp_avg_sq)
+            await eng.delete(info.id)
+            deadline = time.monotonic() + 30  # (only a hang is timed)
+            while left() > before and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert left() <= before
+        finally:
+            await eng.stop()
+    asyncio.run(main())
