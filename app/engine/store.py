@@ -394,6 +394,10 @@ class Store:
         self._lock = threading.Condition()
         #: taken by each append to the tombstone log (a delete's, :meth:`tombstones_again`)
         self._stones = threading.Lock()
+        #: the tombstone lines kept (set by :meth:`tombstones` at the start; None: no cut)
+        #: and about how many lines the log holds: past twice the lines kept an append cuts it
+        self._stones_keep: int | None = None
+        self._stones_lines = 0
         self._stop = False
         self._flusher = threading.Thread(target=self._flush_loop, name="optserve-fsync",
                                          daemon=True)
@@ -639,16 +643,15 @@ class Store:
         """The last ``keep`` tombstones of deletes (oldest first); the log is cut to them when
         it holds more than twice as many. A line a crash tore is skipped."""
         path = self.root / TOMBSTONES
-        try:
-            lines = path.read_bytes().splitlines()
-        except FileNotFoundError:
-            return []
-        if len(lines) > 2 * keep:
-            lines = lines[-keep:]
+        with self._stones:
+            self._stones_keep = keep
             try:
-                write_atomic(path, [b"".join(ln + b"\n" for ln in lines)], self.files)
-            except OSError as exc:  # (a full disk): cut at a later start
-                log.warning("could not cut the tombstone log %s: %s", path, exc)
+                lines = path.read_bytes().splitlines()
+            except FileNotFoundError:
+                return []
+            self._stones_lines = len(lines)
+            if len(lines) > 2 * keep:
+                lines = self._cut_stones(lines, keep)
         out = []
         for line in lines[-keep:]:
             try:
@@ -1040,6 +1043,23 @@ class Store:
             os.fsync(f.fileno())
         if new:
             self.files.fsync_dir(self.root)
+        self._stones_lines += lines.count(b"\n")
+        keep = self._stones_keep
+        if keep is not None and self._stones_lines > 2 * keep:  # while the server runs too
+            self._cut_stones(path.read_bytes().splitlines(), keep)
+
+    def _cut_stones(self, lines: list[bytes], keep: int) -> list[bytes]:
+        """Cut the tombstone log to its last ``keep`` lines (the caller holds ``_stones``);
+        those lines. When it cannot be written (a full disk) it stays whole, cut later."""
+        lines = lines[-keep:]
+        try:
+            write_atomic(self.root / TOMBSTONES, [b"".join(ln + b"\n" for ln in lines)],
+                         self.files)
+        except OSError as exc:
+            log.warning("could not cut the tombstone log %s: %s", self.root / TOMBSTONES, exc)
+        else:
+            self._stones_lines = len(lines)
+        return lines
 
     def _cut_to_good(self, lg: _Log) -> None:
         """Cut the log's file back to its last good length, durably (under ``lg.lock``); the

@@ -418,3 +418,52 @@ def test_a_refused_deletes_create_key_outlives_the_keys_pruned(
             await eng.stop()
     asyncio.run(restarted(asyncio.run(live())))
 
+
+
+def test_the_tombstone_log_stays_bounded_while_the_server_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every keyed create and keyed delete of a session (the SDK keys each) appends a line to
+    the tombstone log. It was cut to the lines kept only at a start, so a server that ran
+    long with sessions made and deleted grew it without bound (and its next start read all of
+    it at once). It stays within twice the lines kept (3 keys a side here) while the server
+    runs, and the keys kept still answer: the last creates' retries are refused, live and
+    after a restart, the last deletes' retries answered as done."""
+    from app.engine import host as host_module
+    monkeypatch.setattr(host_module, "_TOMBSTONES", 3)
+    log = tmp_path / "tombstones.jsonl"
+
+    def make() -> Front:
+        return embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False)
+
+    async def kept(eng: Front, made: dict[str, str]) -> None:
+        for name, sid in list(made.items())[-3:]:
+            with pytest.raises(Conflict) as err:
+                await eng.create(spec(), idem=create_key(name))
+            refused(err.value, name, sid)
+            assert await eng.delete(sid, idem=IdemKey(f"d-{name}", f"delete {sid}"))
+        assert await eng.list_sessions() == []
+
+    async def live() -> dict[str, str]:
+        eng = make()
+        await eng.start()
+        made: dict[str, str] = {}
+        try:
+            for i in range(40):
+                info = await eng.create(spec(), idem=create_key(f"k-{i}"))
+                made[f"k-{i}"] = info.id
+                assert not await eng.delete(info.id, idem=IdemKey(f"d-k-{i}",
+                                                                  f"delete {info.id}"))
+                assert len(log.read_bytes().splitlines()) <= 4 * 3, i
+            await kept(eng, made)
+        finally:
+            await eng.stop()
+        return made
+
+    async def restarted(made: dict[str, str]) -> None:
+        eng = make()
+        await eng.start()
+        try:
+            await kept(eng, made)
+        finally:
+            await eng.stop()
+    asyncio.run(restarted(asyncio.run(live())))
