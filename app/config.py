@@ -131,6 +131,11 @@ class Settings(BaseSettings):
         description="session logs kept open at once; the least recently used are closed and "
         "reopened by their session's next write (0: the soft RLIMIT_NOFILE / 8, at least 32)")
     max_session_elements: int = Field(default=0, ge=0, description="0 = unlimited")
+    max_session_params: int = Field(
+        default=100_000, ge=0,
+        description="parameters (tensors) per session; 0 = unlimited. Each costs the server "
+        "some kilobytes and some microseconds a step whatever its size: a 60 MB JSON create of "
+        "a million one-element parameters took a server 3 GB and a minute, its first step 5 GB")
     idempotency_window: int = Field(
         default=1000, ge=1, le=1_000_000,
         description="Idempotency-Key answers each session remembers (its last N keys)")

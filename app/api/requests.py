@@ -16,6 +16,7 @@ from app.api.bodies import FOREIGN_METADATA, only_keys, parse_json, tensor_map, 
 from app.api.openapi_docs import STEP_QUERY
 from app.engine.interface import CreateSpec, GroupSpec, ReturnParams, SessionInfo
 from app.engine.metrics import SHOWN
+from app.engine.ops.params import check_param_count
 from app.engine.placement import check_placement, check_resources
 from app.engine.shards import check_shards
 from app.errors import BadRequest, Invalid
@@ -60,9 +61,13 @@ def _group(obj: object, field: str, tensors: dict[str, torch.Tensor] | None) -> 
     return GroupSpec({n: tensors[n] for n in names}, options)
 
 
-def create_spec(obj: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> CreateSpec:
-    """The create body (JSON, or safetensors metadata plus its tensors) to a CreateSpec."""
+def create_spec(obj: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, *,
+                max_params: int = 0) -> CreateSpec:
+    """The create body (JSON, or safetensors metadata plus its tensors) to a CreateSpec.
+    ``max_params`` (``OPTSERVE_MAX_SESSION_PARAMS``; 0: none): a body of more parameters is
+    refused before any of its tensors is made (the engine checks it again, for every caller)."""
     only_keys(obj, _CREATE_KEYS)
+    check_param_count(_params_in(obj, tensors), max_params)
     if "optimizer" not in obj:
         raise Invalid("optimizer is required (e.g. \"SGD\", \"Adam\")", code="missing_field",
                       field="optimizer")
@@ -121,6 +126,19 @@ def create_spec(obj: dict[str, Any], tensors: dict[str, torch.Tensor] | None = N
                       shards=check_shards(obj.get("shards", 1)),
                       resources=check_resources(resources) if resources is not None else None,
                       placement=check_placement(placement) if placement is not None else None)
+
+
+def _params_in(obj: dict[str, Any], tensors: dict[str, torch.Tensor] | None) -> int:
+    """How many parameters the create body names, counted without decoding any (what is
+    not a mapping or a list here is refused later, by the decoding)."""
+    if tensors is not None:
+        return len(tensors)
+    groups = obj.get("param_groups")
+    if isinstance(groups, list):
+        return sum(len(g["params"]) for g in groups
+                   if isinstance(g, dict) and isinstance(g.get("params"), dict | list))
+    params = obj.get("params")
+    return len(params) if isinstance(params, dict | list) else 0
 
 
 #: how deep schedulers may nest (SequentialLR / ChainedScheduler children), how many one spec

@@ -87,10 +87,12 @@ async def create_session(
     if body_kind(request) == "binary":
         def decode_binary() -> Any:
             tensors, metadata = read_safetensors(buf)
-            return parse.create_spec(parse.metadata_fields(metadata), tensors)
+            return parse.create_spec(parse.metadata_fields(metadata), tensors,
+                                     max_params=settings.max_session_params)
         spec = await offload(decode_binary, len(buf))
     else:
-        spec = await offload(lambda: parse.create_spec(json_object(buf)), len(buf))
+        spec = await offload(lambda: parse.create_spec(
+            json_object(buf), max_params=settings.max_session_params), len(buf))
     buf = bytearray()  # a JSON body's bytes, freed before the session is made
     info = await engine.create(spec, tenant=tenant, idem=idem)
     response = _described(info, 201)

@@ -52,7 +52,7 @@ from app.engine.ops import (
     UpdateParamGroup,
     ZeroGrad,
 )
-from app.engine.ops.params import check_element_count, check_group_count
+from app.engine.ops.params import check_element_count, check_group_count, check_param_count
 from app.engine.router import InProcessHost, LocalRouter, Router, SessionHost
 from app.engine.session import check_session_id
 from app.errors import Invalid, NotFound, TooMany
@@ -70,6 +70,7 @@ MAX_PARAM_GROUPS = 1024
 class Limits:
     max_sessions: int = 0  # per tenant; 0 = unlimited
     max_session_elements: int = 0  # parameter elements per session; 0 = unlimited
+    max_session_params: int = 0  # parameters (tensors) per session; 0 = unlimited
     max_param_groups: int = MAX_PARAM_GROUPS  # param groups per session
 
 
@@ -162,6 +163,8 @@ class Front:
                 info.replayed = True
                 return info
         session_id = check_session_id(spec.id) if spec.id is not None else uuid.uuid4().hex
+        check_param_count(sum(len(g.params) for g in spec.groups),
+                          self.limits.max_session_params)
         self._check_elements(sum(t.numel() for g in spec.groups for t in g.params.values()))
         self._check_groups(len(spec.groups))
 
@@ -373,8 +376,11 @@ class Front:
                               tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
                               expected: Expected | None = None) -> SessionInfo:
         host, key = await self._host(tenant, session_id)
-        if self.limits.max_session_elements:
+        lim = self.limits
+        check_param_count(len(group.params), lim.max_session_params)  # (before a describe)
+        if lim.max_session_elements or lim.max_session_params:
             info = await host.describe(key)
+            check_param_count(len(info.params) + len(group.params), lim.max_session_params)
             have = sum(_numel(p["shape"]) for p in info.params.values())
             self._check_elements(have + sum(t.numel() for t in group.params.values()))
         # (the groups' bound and the elements' are checked with the operation, under the
@@ -383,6 +389,7 @@ class Front:
             key, AddParamGroup(group.params, group.options, request=True,
                                max_groups=self.limits.max_param_groups, tensor_range=True,
                                max_elements=self.limits.max_session_elements or None,
+                               max_params=self.limits.max_session_params or None,
                                expected=expected),
             idem=idem)
         return out

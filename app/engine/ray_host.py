@@ -1705,4 +1705,5 @@ def ray_options(settings: Any) -> RayOptions:
 def ray_engine(settings: Any) -> Front:
     """The Ray engine: the front over a :class:`RayRouter`."""
     return Front(RayRouter(ray_options(settings)),
-                 Limits(settings.max_sessions, settings.max_session_elements))
+                 Limits(settings.max_sessions, settings.max_session_elements,
+                        max_session_params=settings.max_session_params))

@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+import safetensors.torch
 import torch
 from fastapi import FastAPI
 
@@ -443,6 +444,95 @@ def test_concurrent_param_groups_never_pass_the_element_limit(server: tuple[str,
     assert set(params) == {"w"} | added
     for name in added:
         assert params[name]["data"] == [float(name[1:])] * 40
+
+
+def many_params_body(sid: str, n: int) -> dict[str, Any]:
+    """A JSON create of ``n`` one-element parameters (the value of each its index)."""
+    return {"optimizer": "Adam", "options": {"lr": 0.1}, "id": sid,
+            "params": {f"p{i}": jt(torch.tensor([float(i)])) for i in range(n)}}
+
+
+def test_parameters_per_session_are_bounded_by_default(client: httpx.Client) -> None:
+    """Each parameter costs the server kilobytes and microseconds a step whatever its size: a
+    60 MB JSON create of a million one-element parameters took a server 3 GB and a minute, its
+    first step 5 GB. ``OPTSERVE_MAX_SESSION_PARAMS`` is 100,000 by default; one past it is a
+    422 ``too_many_params``, refused before any tensor is decoded."""
+    assert Settings().max_session_params == 100_000
+    body = {"optimizer": "SGD", "options": {"lr": 0.1}, "id": "many",
+            "params": {f"p{i}": {"dtype": "float32", "shape": [1], "data": [0.0]}
+                       for i in range(100_001)}}
+    r = client.post("/v1/sessions", json=body, headers=A, timeout=120)
+    assert r.status_code == 422 and r.headers["content-type"].startswith(PROBLEM), r.text
+    problem = r.json()
+    assert problem["code"] == "too_many_params" and problem["field"] == "params"
+    assert problem["limit"] == 100_000 and "OPTSERVE_MAX_SESSION_PARAMS" in problem["detail"]
+    assert "100001 parameters" in problem["detail"]
+    assert client.get("/v1/sessions/many", headers=A).status_code == 404
+
+
+@server_settings(max_session_params=3)
+def test_parameters_per_session_in_every_create_form_and_added_groups(
+        client: httpx.Client) -> None:
+    """The bound counts a create's parameters over all its groups, in JSON and safetensors
+    bodies, and a group added later; the session refused is not made, the one refused a group
+    is left as it was (its state_dict equal), and what fits steps as torch does."""
+    def refused(r: httpx.Response) -> None:
+        assert r.status_code == 422, r.text
+        assert r.json()["code"] == "too_many_params" and r.json()["limit"] == 3
+
+    refused(client.post("/v1/sessions", json=many_params_body("a", 4), headers=A))
+    grouped = {"optimizer": "SGD", "options": {"lr": 0.1}, "id": "b", "param_groups": [
+        {"params": {"x": jt(torch.ones(1)), "y": jt(torch.ones(1))}},
+        {"params": {"z": jt(torch.ones(1)), "u": jt(torch.ones(1))}, "lr": 0.5}]}
+    refused(client.post("/v1/sessions", json=grouped, headers=A))
+    binary = safetensors.torch.save({f"p{i}": torch.ones(2) for i in range(4)},
+                                    metadata={"optimizer": "SGD", "id": "c",
+                                              "options": '{"lr": 0.1}'})
+    refused(client.post("/v1/sessions", content=binary,
+                        headers={**A, "Content-Type": "application/octet-stream"}))
+    assert {d["id"] for d in client.get("/v1/sessions", headers=A).json()["sessions"]} == set()
+
+    assert client.post("/v1/sessions", json=many_params_body("s", 3), headers=A).status_code \
+        == 201
+    before = client.get("/v1/sessions/s/state_dict", headers=A).json()
+    refused(client.post("/v1/sessions/s/param_groups",
+                        json={"params": {"v": jt(torch.ones(1))}}, headers=A))
+    assert client.get("/v1/sessions/s/state_dict", headers=A).json() == before
+    params = [torch.tensor([float(i)]) for i in range(3)]
+    opt = torch.optim.Adam(params, lr=0.1)
+    for p in params:
+        p.grad = torch.full((1,), 0.25)
+    opt.step()
+    r = client.post("/v1/sessions/s/step", headers=A, json={"grads": {
+        f"p{i}": jt(torch.full((1,), 0.25)) for i in range(3)}})
+    assert r.status_code == 200, r.text
+    got = r.json()["params"]
+    for i, p in enumerate(params):
+        assert torch.equal(torch.tensor(got[f"p{i}"]["data"]), p.detach()), i
+
+
+@server_settings(max_session_params=3)
+def test_concurrent_param_groups_never_pass_the_parameter_limit(server: tuple[str, FastAPI]
+                                                                ) -> None:
+    """Checked with the operation, under the session's lock, as the element limit is: of ten
+    one-parameter groups added at once to a one-parameter session, two fit."""
+    url = server[0]
+    assert httpx.post(f"{url}/v1/sessions", json=many_params_body("s", 1), headers=A,
+                      timeout=30).status_code == 201
+
+    def add(i: int) -> httpx.Response:
+        return httpx.post(f"{url}/v1/sessions/s/param_groups",
+                          json={"params": {f"v{i}": jt(torch.full((2,), float(i)))}},
+                          headers=A, timeout=120)
+    answers = concurrently(10, add)
+    assert sorted(r.status_code for r in answers) == [201] * 2 + [422] * 8, \
+        [r.text for r in answers]
+    assert all(r.json()["code"] == "too_many_params" for r in answers if r.status_code == 422)
+    params = httpx.get(f"{url}/v1/sessions/s/params", headers=A, timeout=30).json()["params"]
+    added = {f"v{i}" for i, r in enumerate(answers) if r.status_code == 201}
+    assert set(params) == {"p0"} | added
+    for name in added:
+        assert params[name]["data"] == [float(name[1:])] * 2
 
 
 def test_param_groups_per_session_are_bounded(server: tuple[str, FastAPI],

@@ -110,6 +110,9 @@ class AddParamGroup(Operation):
     #: ``OPTSERVE_MAX_SESSION_ELEMENTS``), checked here, under the session's lock: groups
     #: added at once each fitting the session as it was could pass it together
     max_elements: int | None = None
+    #: the most parameters the session may hold after it (a request's bound,
+    #: ``OPTSERVE_MAX_SESSION_PARAMS``), checked here for the same reason
+    max_params: int | None = None
 
     def check(self, s: Session) -> GroupPlan:
         index = len(s.optimizer.param_groups)
@@ -120,6 +123,8 @@ class AddParamGroup(Operation):
             check_element_count(sum(p.numel() for p in s.params.values())
                                 + sum(t.numel() for t in self.params.values()),
                                 self.max_elements)
+        if self.max_params is not None:
+            check_param_count(len(s.params) + len(self.params), self.max_params)
         opts = optimizers.normalize_options(s.cls, self.options, where)
         for name, t in self.params.items():  # (none: torch takes an empty group too)
             check_param_name(name, f"{where}.params")
@@ -167,15 +172,19 @@ class AddParamGroup(Operation):
             tree["tensor_range"] = True
         if self.max_elements is not None:
             tree["max_elements"] = self.max_elements
+        if self.max_params is not None:
+            tree["max_params"] = self.max_params
         return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> AddParamGroup:
         bound, elements = tree.get("max_groups"), tree.get("max_elements")
+        params = tree.get("max_params")
         return cls(dict(tree["params"]), dict(tree["options"]),
                    tree.get("request") is True, bound if type(bound) is int else None,
                    tree.get("tensor_range") is True,
-                   elements if type(elements) is int else None)
+                   elements if type(elements) is int else None,
+                   params if type(params) is int else None)
 
     def group(self) -> GroupSpec:
         return GroupSpec(self.params, self.options)
@@ -188,6 +197,15 @@ def check_element_count(n: int, limit: int) -> None:
         raise Invalid(f"the session would hold {n} parameter elements; the limit "
                       f"(OPTSERVE_MAX_SESSION_ELEMENTS) is {limit}",
                       code="session_too_large", field="params", limit=limit)
+
+
+def check_param_count(n: int, limit: int) -> None:
+    """422 ``too_many_params`` for a session of ``n`` parameters (tensors) past ``limit``
+    (``OPTSERVE_MAX_SESSION_PARAMS``; 0: none)."""
+    if limit and n > limit:
+        raise Invalid(f"the session would hold {n} parameters (tensors); the limit "
+                      f"(OPTSERVE_MAX_SESSION_PARAMS) is {limit}",
+                      code="too_many_params", field="params", limit=limit)
 
 
 def check_group_count(n: int, limit: int) -> None:
