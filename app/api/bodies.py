@@ -178,6 +178,7 @@ async def _read_body(
             received = await _receive_into(request, into, view)
             if (pos if received is None else received) != size:
                 raise BadRequest("body is shorter than its Content-Length")
+            await _hold_json_objects(request, out)
             return out
     buf = bytearray()
     # (a body of no announced size counts against OPTSERVE_MAX_BODIES_MB once it is large)
@@ -193,7 +194,29 @@ async def _read_body(
             body_memory.hold_now(request.scope, more * _expansion(request))
             counted += more
     await _receive(request, grow)
+    if len(buf) > OFFLOAD_BYTES:
+        await _hold_json_objects(request, buf)
     return buf
+
+
+def _count_byte(buf: bytearray | memoryview, byte: bytes) -> int:
+    """How many times ``byte`` is in ``buf``, a piece at a time (each piece's count holds the
+    interpreter lock; between pieces the event loop may run)."""
+    view, piece = memoryview(buf), 1 << 20
+    return sum(view[i:i + piece].tobytes().count(byte) for i in range(0, len(view), piece))
+
+
+async def _hold_json_objects(request: Request, buf: bytearray | memoryview) -> None:
+    """A large JSON body counts, on top of :data:`~app.api.body_memory.JSON_EXPANSION` times
+    its size, :data:`~app.api.body_memory.JSON_OBJECT_BYTES` for each ``{`` it holds (an upper
+    bound on its objects, which no escape can hide): each object, a tensor above all, costs
+    more than its text times the expansion (a body of one-element tensors: 33 times its
+    size). Counted once read, without waiting, as a safetensors header's parse is."""
+    if _expansion(request) == 1:
+        return
+    objects = await anyio.to_thread.run_sync(_count_byte, buf, b"{")
+    if objects:
+        body_memory.hold_now(request.scope, objects * body_memory.JSON_OBJECT_BYTES)
 
 
 def _json_type(ctype: str) -> bool:

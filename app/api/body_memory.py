@@ -20,9 +20,11 @@ the client's sending waits too), until enough is given back, for at most the bod
 same way. What a request took is given back when its answer has gone out (or it ended
 otherwise): :class:`BodyMemoryRelease`, a middleware around the endpoints.
 
-What a body counts is what reading and decoding it may take: its size, ten times its size
-for a JSON body (:data:`JSON_EXPANSION`: its numbers become Python objects before they become
-a tensor), and for a safetensors body 32 times its header's size on top
+What a body counts is what reading and decoding it may take: its size, sixteen times its
+size for a JSON body (:data:`JSON_EXPANSION`: its numbers become Python objects before they
+become a tensor) and 2 KB for each ``{`` of a large one on top (:data:`JSON_OBJECT_BYTES`,
+counted once the body is read, without waiting), and for a safetensors body 32 times its
+header's size on top
 (:data:`HEADER_EXPANSION`, counted once the body is read, without waiting). A body that could
 never fit is a 413 ``payload_too_large`` at once, not a wait (``benchmarks.hostile_memory``
 measures a step whose 89 MB header names 1.5 million tensors).
@@ -52,9 +54,14 @@ CHUNKED_STEP = 1 << 20
 #: the Retry-After of a refused body, in seconds
 RETRY_AFTER_S = 1.0
 #: what decoding a JSON body may make of each of its bytes: a list of numbers becomes a Python
-#: float (24 bytes) and its list slot (8) for as little as 4 bytes of text ("0.5,"), then
-#: its array
-JSON_EXPANSION = 10
+#: float (24 bytes) and its list slot (8) for as little as 4 bytes of text ("0.5,"), the
+#: parser's list grows by copies, then the array: a tensor of 1e7 "0.5"s peaked at 15 times
+#: its body, of 1e7 "1"s at 13 times (decoded in a fresh process, its peak RSS above the body)
+JSON_EXPANSION = 16
+#: and on top, for each ``{`` of a large JSON body (each object: a tensor's dict, its
+#: strings and lists, the tensor itself): a body of a million one-element tensors peaked at 33
+#: times its size, about 1.7 KB a tensor
+JSON_OBJECT_BYTES = 2048
 #: the same for a safetensors header: an object per tensor, about 1.7 KB for a 60-byte entry
 HEADER_EXPANSION = 32
 
@@ -145,7 +152,8 @@ def _refused(memory: BodyMemory, n: int) -> Overloaded:
 def _never_fits(memory: BodyMemory, n: int) -> PayloadTooLarge:
     return PayloadTooLarge(
         f"reading and decoding this body may take {n} bytes (a JSON text up to "
-        f"{JSON_EXPANSION} times its size, a safetensors header {HEADER_EXPANSION} times); the "
+        f"{JSON_EXPANSION} times its size and {JSON_OBJECT_BYTES} bytes for each '{{' in it, a "
+        f"safetensors header {HEADER_EXPANSION} times); the "
         f"server holds at most {memory.limit} for request bodies (OPTSERVE_MAX_BODIES_MB): send "
         "the tensors as safetensors, or in a smaller body", field="body",
         limit=memory.limit, needed_bytes=n)
