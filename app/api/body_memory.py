@@ -56,11 +56,11 @@ RETRY_AFTER_S = 1.0
 #: what decoding a JSON body may make of each of its bytes: a list of numbers becomes a Python
 #: float (24 bytes) and its list slot (8) for as little as 4 bytes of text ("0.5,"), the
 #: parser's list grows by copies, then the array: a tensor of 1e7 "0.5"s peaked at 15 times
-#: its body, of 1e7 "1"s at 13 times (decoded in a fresh process, its peak RSS above the body)
+#: its body, of 1e7 "NaN"s at 15.7 (``python -m benchmarks.json_decode_peak``)
 JSON_EXPANSION = 16
 #: and on top, for each ``{`` of a large JSON body (each object: a tensor's dict, its
-#: strings and lists, the tensor itself): a body of a million one-element tensors peaked at 33
-#: times its size, about 1.7 KB a tensor
+#: strings and lists, the tensor itself): a body of a million one-element tensors peaked at
+#: 32.8 times its size, about 1.7 KB a tensor (the same benchmark)
 JSON_OBJECT_BYTES = 2048
 #: the same for a safetensors header: an object per tensor, about 1.7 KB for a 60-byte entry
 HEADER_EXPANSION = 32
