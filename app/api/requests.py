@@ -136,9 +136,9 @@ def _params_in(obj: dict[str, Any], tensors: dict[str, torch.Tensor] | None) -> 
     groups = obj.get("param_groups")
     if isinstance(groups, list):
         return sum(len(g["params"]) for g in groups
-                   if isinstance(g, dict) and isinstance(g.get("params"), dict | list))
+                   if isinstance(g, dict) and isinstance(g.get("params"), dict))
     params = obj.get("params")
-    return len(params) if isinstance(params, dict | list) else 0
+    return len(params) if isinstance(params, dict) else 0
 
 
 #: how deep schedulers may nest (SequentialLR / ChainedScheduler children), how many one spec
