@@ -37,6 +37,16 @@ def remove(data: Path) -> None:
 
 pytestmark = pytest.mark.integration
 
+
+def made_and_stepped(url: str, twins: dict[str, Local]) -> None:
+    """Each twin's session made (``sharded``: in two shards) and stepped once, as torch."""
+    for sid, local in twins.items():
+        body = {**local.create_body(), "id": sid, **({"shards": 2} if sid == "sharded"
+                                                   else {})}
+        r = httpx.post(f"{url}/v1/sessions", json=body, timeout=60)
+        assert r.status_code == 201, r.text
+        assert step(url, local, 1, sid) == 1
+
 #: the unsharded sessions of the first test
 PLAIN = ("idle", "busy")
 
@@ -126,12 +136,7 @@ def test_a_step_after_the_removal_writes_its_session_again_before_it_is_acknowle
     proc = Proc(data).start()
     try:
         twins = {"busy": Local(), "sharded": Local()}
-        for sid, local in twins.items():
-            body = {**local.create_body(), "id": sid, **({"shards": 2} if sid == "sharded"
-                                                       else {})}
-            r = httpx.post(f"{proc.url}/v1/sessions", json=body, timeout=60)
-            assert r.status_code == 201, r.text
-            assert step(proc.url, local, 1, sid) == 1
+        made_and_stepped(proc.url, twins)
         remove(data)
         for sid, local in twins.items():
             assert step(proc.url, local, 2, sid) == 2
@@ -165,12 +170,7 @@ def test_a_stop_right_after_the_removal_writes_everything_again(
     proc = Proc(data, env={"OPTSERVE_SNAPSHOT_EVERY_STEPS": every_steps}).start()
     try:
         twins = {"plain": Local(), "sharded": Local()}
-        for sid, local in twins.items():
-            body = {**local.create_body(), "id": sid, **({"shards": 2} if sid == "sharded"
-                                                       else {})}
-            r = httpx.post(f"{proc.url}/v1/sessions", json=body, timeout=60)
-            assert r.status_code == 201, r.text
-            assert step(proc.url, local, 1, sid) == 1
+        made_and_stepped(proc.url, twins)
         r = httpx.post(f"{proc.url}/v1/sessions", json={**Local().create_body(), "id": "gone"},
                        timeout=60)
         assert r.status_code == 201, r.text
