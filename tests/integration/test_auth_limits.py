@@ -429,21 +429,26 @@ def test_concurrent_param_groups_never_pass_the_element_limit(server: tuple[str,
     url = server[0]
     assert httpx.post(f"{url}/v1/sessions", json=create_body("s", n=10), headers=A,
                       timeout=30).status_code == 201
+    two_of_ten_groups_fit(url, 40, "session_too_large", {"w"})
 
+
+def two_of_ten_groups_fit(url: str, size: int, code: str, before: set[str]) -> None:
+    """Ten one-parameter groups of ``size`` elements added at once to session ``s`` (holding
+    parameters ``before``): two are made, the others are 422 ``code``, and the session holds
+    exactly the groups acknowledged, with their values."""
     def add(i: int) -> httpx.Response:
         return httpx.post(f"{url}/v1/sessions/s/param_groups",
-                          json={"params": {f"v{i}": jt(torch.full((40,), float(i)))}},
+                          json={"params": {f"v{i}": jt(torch.full((size,), float(i)))}},
                           headers=A, timeout=120)
     answers = concurrently(10, add)
     assert sorted(r.status_code for r in answers) == [201] * 2 + [422] * 8, \
         [r.text for r in answers]
-    assert all(r.json()["code"] == "session_too_large" for r in answers
-               if r.status_code == 422)
+    assert all(r.json()["code"] == code for r in answers if r.status_code == 422)
     params = httpx.get(f"{url}/v1/sessions/s/params", headers=A, timeout=30).json()["params"]
     added = {f"v{i}" for i, r in enumerate(answers) if r.status_code == 201}
-    assert set(params) == {"w"} | added
+    assert set(params) == before | added
     for name in added:
-        assert params[name]["data"] == [float(name[1:])] * 40
+        assert params[name]["data"] == [float(name[1:])] * size
 
 
 def many_params_body(sid: str, n: int) -> dict[str, Any]:
@@ -519,20 +524,7 @@ def test_concurrent_param_groups_never_pass_the_parameter_limit(server: tuple[st
     url = server[0]
     assert httpx.post(f"{url}/v1/sessions", json=many_params_body("s", 1), headers=A,
                       timeout=30).status_code == 201
-
-    def add(i: int) -> httpx.Response:
-        return httpx.post(f"{url}/v1/sessions/s/param_groups",
-                          json={"params": {f"v{i}": jt(torch.full((2,), float(i)))}},
-                          headers=A, timeout=120)
-    answers = concurrently(10, add)
-    assert sorted(r.status_code for r in answers) == [201] * 2 + [422] * 8, \
-        [r.text for r in answers]
-    assert all(r.json()["code"] == "too_many_params" for r in answers if r.status_code == 422)
-    params = httpx.get(f"{url}/v1/sessions/s/params", headers=A, timeout=30).json()["params"]
-    added = {f"v{i}" for i, r in enumerate(answers) if r.status_code == 201}
-    assert set(params) == {"p0"} | added
-    for name in added:
-        assert params[name]["data"] == [float(name[1:])] * 2
+    two_of_ten_groups_fit(url, 2, "too_many_params", {"p0"})
 
 
 def test_param_groups_per_session_are_bounded(server: tuple[str, FastAPI],
