@@ -1368,6 +1368,27 @@ class EmbeddedHost:
                      ", torn last record dropped" if torn else "",
                      time.perf_counter() - started)
 
+    def align_old_revisions(self, keys: list[str]) -> int | None:
+        """Put a sharded session's shards (``keys``) at one revision where some were restored
+        from snapshots written before revisions were counted (``Session.revision_unknown``:
+        such a snapshot holds none, so that shard counted only what it logged after it, while
+        a shard restored from its log alone counted every change; apart, the session was left
+        out of the listing and answered 503 ``shards_out_of_step`` until it went out of
+        service). Only where the shards agree on their version (a step a crash cut between
+        them is left to :meth:`undo_last`'s caller) and no other revision was counted by a
+        server that knew them. Their highest revision is taken (a revision is a change
+        counter: no older server gave one to a client); the revision aligned, if any."""
+        sessions = [self._sessions.get(k) for k in keys]
+        held = [s for s in sessions if s is not None]
+        if len(held) != len(keys) or not any(s.revision_unknown for s in held):
+            return None
+        if len({s.version for s in held}) > 1 or len({s.revision for s in held}) <= 1:
+            return None
+        top = max(s.revision for s in held)
+        for s in held:
+            s.revision = top
+        return top
+
     def cut_tip(self, key: str) -> Tip:
         """The session's version and revision, and the key of its latest operation (the newest
         of its idempotency table: a sharded session's operations all carry one): what

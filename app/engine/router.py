@@ -297,6 +297,12 @@ class LocalRouter:
                 self._entries[key] = entry
         for key in sorted(self._entries):  # sharded sessions whose shards are gone
             await self._stale(key)
+        for key in sorted(self._entries):  # shards snapshotted before revisions existed
+            aligned = self.local.embedded.align_old_revisions(
+                self._shard_keys(key, self._entries[key]))
+            if aligned is not None:
+                log.warning("sharded session %s: shards restored from snapshots older than "
+                            "revisions put at revision %d", key, aligned)
         for key in sorted(self._entries):
             if await self._undo_cut_create(key):
                 await self._undo_cut_operation(key)
