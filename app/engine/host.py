@@ -1403,9 +1403,9 @@ class EmbeddedHost:
         a shard restored from its log alone counted every change; apart, the session was left
         out of the listing and answered 503 ``shards_out_of_step`` until it went out of
         service). Only where the shards agree on their version (a step a crash cut between
-        them is left to :meth:`undo_last`'s caller) and no other revision was counted by a
-        server that knew them. Their highest revision is taken (a revision is a change
-        counter: no older server gave one to a client); the revision aligned, if any."""
+        them is left to :meth:`undo_last`'s caller). Their highest revision is taken (a
+        revision is a change counter, and no server from before them gave a client one); the
+        revision aligned, if any."""
         sessions = [self._sessions.get(k) for k in keys]
         held = [s for s in sessions if s is not None]
         if len(held) != len(keys) or not any(s.revision_unknown for s in held):
