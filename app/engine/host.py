@@ -42,6 +42,7 @@ import dataclasses
 import functools
 import logging
 import math
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -92,6 +93,7 @@ from app.engine.interface import (
     StepResult,
     Tensors,
     no_session,
+    session_key,
     split_key,
 )
 from app.engine.ops import (
@@ -327,6 +329,21 @@ def _misnamed(key: str, stored_id: str) -> str | None:
             "move it out of the sessions folder")
 
 
+_OLD_SHARD_ID = re.compile(r"shard[0-9]+of[0-9]+")
+
+
+def old_sharded_delete(stone: Mapping[str, str]) -> tuple[str, str] | None:
+    """(its shard's key, its sharded session's key) for the tombstone of a keyed delete of a
+    sharded session as commits before 118a618 logged it: under the first shard's own tenant
+    and id (``<tenant>#<id>``, ``shard0of<S>``), never the session's, so that after a restart
+    the delete's retry was a 404 (and its other shards stayed, out of sight, their id taken).
+    None for any other tombstone (this commit scopes a shard's by its whole key)."""
+    owner, sep, session_id = stone["tenant"].partition("#")
+    if not sep or "~" in stone["tenant"] or not _OLD_SHARD_ID.fullmatch(stone["id"]):
+        return None
+    return f"{stone['tenant']}~{stone['id']}", session_key(owner, session_id)
+
+
 class EmbeddedHost:
     def __init__(self, config: HostConfig | None = None, observer: Observer | None = None
                  ) -> None:
@@ -357,6 +374,10 @@ class EmbeddedHost:
         self._tombstones: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()
         #: the create keys of deleted sessions (a retried create is refused, not run again)
         self._deleted_creates = DeletedCreates(_TOMBSTONES)
+        #: sharded sessions (their keys) whose keyed delete a commit from before 118a618
+        #: logged (:func:`old_sharded_delete`): it deleted their first shard only, and the
+        #: router deletes the others at start
+        self.old_sharded_deletes: set[str] = set()
         #: the create keys of sessions refused at start, as their files still tell them:
         #: (tenant, key) -> (fingerprint, session id)
         self._refused_creates: dict[tuple[str, str], tuple[str, str]] = {}
@@ -392,6 +413,13 @@ class EmbeddedHost:
                                                t["id"])
                     continue
                 self._tombstones[(t["tenant"], t["key"])] = (t["fingerprint"], t["id"])
+                old = old_sharded_delete(t)
+                if old is not None:  # (as a delete of this commit keeps its key)
+                    shard, parent = old
+                    self._tombstones[(shard, t["key"])] = (t["fingerprint"], t["id"])
+                    self._tombstones[split_key(parent)[0], t["key"]] = (
+                        t["fingerprint"], split_key(parent)[1])
+                    self.old_sharded_deletes.add(parent)
                 while len(self._tombstones) > _TOMBSTONES:
                     self._tombstones.popitem(last=False)
             await self._worker.run(self._restore_all)
@@ -1367,6 +1395,27 @@ class EmbeddedHost:
                      "%.2f s", key, session.version, replayed,
                      ", torn last record dropped" if torn else "",
                      time.perf_counter() - started)
+
+    def align_old_revisions(self, keys: list[str]) -> int | None:
+        """Put a sharded session's shards (``keys``) at one revision where some were restored
+        from snapshots written before revisions were counted (``Session.revision_unknown``:
+        such a snapshot holds none, so that shard counted only what it logged after it, while
+        a shard restored from its log alone counted every change; apart, the session was left
+        out of the listing and answered 503 ``shards_out_of_step`` until it went out of
+        service). Only where the shards agree on their version (a step a crash cut between
+        them is left to :meth:`undo_last`'s caller). Their highest revision is taken (a
+        revision is a change counter, and no server from before them gave a client one); the
+        revision aligned, if any."""
+        sessions = [self._sessions.get(k) for k in keys]
+        held = [s for s in sessions if s is not None]
+        if len(held) != len(keys) or not any(s.revision_unknown for s in held):
+            return None
+        if len({s.version for s in held}) > 1 or len({s.revision for s in held}) <= 1:
+            return None
+        top = max(s.revision for s in held)
+        for s in held:
+            s.revision = top
+        return top
 
     def cut_tip(self, key: str) -> Tip:
         """The session's version and revision, and the key of its latest operation (the newest

@@ -297,6 +297,13 @@ class LocalRouter:
                 self._entries[key] = entry
         for key in sorted(self._entries):  # sharded sessions whose shards are gone
             await self._stale(key)
+        await self._finish_old_sharded_deletes()
+        for key in sorted(self._entries):  # shards snapshotted before revisions existed
+            aligned = self.local.embedded.align_old_revisions(
+                self._shard_keys(key, self._entries[key]))
+            if aligned is not None:
+                log.warning("sharded session %s: shards restored from snapshots older than "
+                            "revisions put at revision %d", key, aligned)
         for key in sorted(self._entries):
             if await self._undo_cut_create(key):
                 await self._undo_cut_operation(key)
@@ -305,6 +312,27 @@ class LocalRouter:
             tenant = split_key(key)[0]
             if made_by and self.directory.created(tenant, made_by) is None:
                 self._unindexed[(tenant, made_by)] = key
+
+    async def _finish_old_sharded_deletes(self) -> None:
+        """Delete the shards a keyed delete of their sharded session left, as commits before
+        118a618 did (they deleted its first shard and its directory entry only, and answered
+        204: :func:`~app.engine.host.old_sharded_delete`). Held, they were out of sight (no
+        entry routes to them) and took the id for good (its create a 409 naming a shard)."""
+        from app.engine.shards import parent_of
+        gone = self.local.embedded.old_sharded_deletes
+        for skey in sorted(await self.local.keys()):
+            parent = parent_of(skey)
+            entry = self._entries.get(parent) if parent is not None else None
+            if parent is None or parent not in gone or \
+                    (entry is not None and skey in self._shard_keys(parent, entry)):
+                continue  # (a session made again under the id keeps its shards)
+            log.warning("sharded session %s: deleted with an Idempotency-Key by an older "
+                        "commit, which left its shard %s: deleted now", parent, skey)
+            try:
+                with contextlib.suppress(NotFound):
+                    await self.local.delete(skey)
+            except (OSError, OptserveError) as exc:
+                log.warning("could not delete the left shard %s: %s", skey, exc)
 
     async def _stale(self, key: str) -> bool:
         """Drop the entry of a sharded session none of whose shards exists (a session kept in

@@ -196,6 +196,11 @@ class Session:
         #: zero_grad: steps, imports, overwrites, option changes, scheduler steps, ...): a
         #: conditional import names the one it was read at (``base_revision``)
         self.revision = 0
+        #: restored from a snapshot written before revisions were counted (it holds none):
+        #: its revision counts only what was logged after that snapshot. A sharded session's
+        #: shards are put in step at start (:meth:`EmbeddedHost.align_old_revisions
+        #: <app.engine.host.EmbeddedHost.align_old_revisions>`)
+        self.revision_unknown = False
         self.durability: Durability = "memory"
         self.ps = ps.PsConfig()  # parameter-server options (sync rounds, bounded staleness)
         #: the version the latest overwrite or state import left the session at, and which of
@@ -698,6 +703,7 @@ class Session:
         session.seq = session.seq_at_snapshot = int(meta["seq"])
         # (snapshots from before it lack it: no client holds a revision those servers gave)
         session.revision = int(meta.get("revision", 0))
+        session.revision_unknown = "revision" not in meta
         session.ps = ps.parse(meta.get("ps") or {})
         # (snapshots from before it lack it: no overwrite known, as those servers knew none)
         replaced = meta.get("replaced")

@@ -1,0 +1,49 @@
+"""Small data directories of older commits (``tests/fixtures/upgrade/``, see
+``tests/unit/test_upgrade_fixtures.py``) restored by a real server of this one, where what is
+checked is what a client sees over HTTP (an ``Idempotency-Key``'s fingerprint included)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LiveServer, _test_settings
+from tests.unit.test_upgrade_fixtures import FIXTURES
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_keyed_delete_of_a_sharded_session_an_older_server_acknowledged_is_done(
+        tmp_path: Path) -> None:
+    """c938206 answered a keyed delete of a sharded session 204 but kept its key under the
+    first shard's own scope (``<tenant>#<id>``, ``shard0of2``) and deleted that shard only
+    (a bug fixed since). Restored here, the retry of that delete was a 404, the other shard
+    stayed held out of sight, and a create of the id was a 409 naming ``shard1of2`` (the
+    id unusable for good). Now the retry is answered as the delete it repeats, the leftover
+    shard is deleted at start, and the id can be made again."""
+    case = FIXTURES / "c938206-sharded-keyed-delete"
+    inputs = json.loads((case / "inputs.json").read_text())
+    shutil.copytree(case / "stored", tmp_path / "data")
+    live = LiveServer(_test_settings(data_dir=tmp_path / "data"))
+    try:
+        import httpx
+        with httpx.Client(base_url=live.start(), timeout=60) as http:
+            assert http.get("/readyz").json().get("refused") is None
+            assert http.get("/v1/sessions").json()["sessions"] == []
+            key = inputs["delete"]["Idempotency-Key"]
+            r = http.delete("/v1/sessions/gone", headers={"Idempotency-Key": key})
+            assert r.status_code == inputs["delete"]["status"], r.text
+            assert r.headers.get("Idempotent-Replayed") == "true"
+            made = inputs["create"]
+            body = {**made, "params": {n: {"dtype": "float32", "shape": [len(v)], "data": v}
+                                       for n, v in made["params"].items()}}
+            r = http.post("/v1/sessions", json=body)
+            assert r.status_code == 201, r.text
+            params = http.get("/v1/sessions/gone/params").json()
+            assert (params["version"], params["step"]) == (0, 0)
+            assert {n: t["data"] for n, t in params["params"].items()} == made["params"]
+    finally:
+        live.stop()
