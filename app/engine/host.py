@@ -391,6 +391,9 @@ class EmbeddedHost:
         #: what it keeps there for the session (a sharded session's directory entry). An
         #: OSError fails the operation that found the removal (503)
         self.written_again: list[Callable[[str], None]] = []
+        #: sessions whose ``written_again`` hooks failed (a full disk just then): retried by
+        #: the maintenance, the stop, and before the session's next operation
+        self._hooks_owed: set[str] = set()
         #: called once the maintenance took the data directory's lock again (the directory
         #: had been removed while the server ran), after the tombstone log: a Ray host writes
         #: again the marks of its sessions' deletes (logged: an OSError fails nothing)
@@ -482,6 +485,7 @@ class EmbeddedHost:
                         await self._write_again(key, session, store)
                 elif session.seq > session.seq_at_snapshot:
                     await self._snapshot(key, session)
+        self._owed_hooks_again()
         try:
             if await self._in_io_whole(store.repair):
                 await self._stones_again(store)
@@ -1117,6 +1121,13 @@ class EmbeddedHost:
         record_keys = [(k.key, k.fingerprint) for k in keys]
         if store is not None and store.log_removed(key):
             await self._write_again(key, s, store)
+        if key in self._hooks_owed:  # (what a restart needs to find it, written first)
+            failed = self._hooks_again(key)
+            if failed is not None:
+                raise Unavailable(f"the files of session {split_key(key)[1]!r:.140} were "
+                                  "removed from the data directory while the server ran, and "
+                                  f"writing them again failed ({failed}): nothing was applied",
+                                  code="storage_error", retry_after=2)
 
         def check() -> Any:
             plan = op.checked(s)
@@ -1611,13 +1622,32 @@ class EmbeddedHost:
         if made_again and not removed:
             log.error("the files of session %s were removed from the data directory while the "
                       "server ran: its snapshot wrote them again from memory", key)
-            try:
-                for hook in self.written_again:
-                    hook(key)
-            except OSError as exc:
-                log.error("writing again what the data directory held for session %s (removed "
-                          "while the server ran) failed: %s", key, exc)
+            self._hooks_again(key)
         await self._in_io(release_memory)
+
+    def _hooks_again(self, key: str) -> str | None:
+        """Run the ``written_again`` hooks for the session ``key`` (its files were written
+        again): None when they all ran, else what failed, the session then owed them
+        (:attr:`_hooks_owed`: retried by the maintenance, the stop, and before its next
+        operation; without them a restart would not find a sharded session's shards)."""
+        try:
+            for hook in self.written_again:
+                hook(key)
+        except OSError as exc:
+            self._hooks_owed.add(key)
+            log.error("writing again what the data directory held for session %s (removed "
+                      "while the server ran) failed: %s (tried again later)", key, exc)
+            return str(exc)
+        self._hooks_owed.discard(key)
+        return None
+
+    def _owed_hooks_again(self) -> None:
+        """Retry the ``written_again`` hooks the sessions are owed (:meth:`_hooks_again`)."""
+        for key in sorted(self._hooks_owed):
+            if key in self._sessions:
+                self._hooks_again(key)
+            else:  # (deleted since: nothing to write for it)
+                self._hooks_owed.discard(key)
 
     async def _write_again(self, key: str, s: Session, store: Store) -> None:
         """The session's files were removed from the data directory while the server ran:
@@ -1627,14 +1657,11 @@ class EmbeddedHost:
         log.error("the files of session %s were removed from the data directory while the "
                   "server ran: writing them again from memory", key)
         await self._snapshot(key, s, removed=True)  # (logs its own failure)
-        failed = "its snapshot was not written"
+        failed: str | None = "its snapshot was not written"
         if not store.log_removed(key) and await self._in_io(lambda: store.exists(key)):
-            try:
-                for hook in self.written_again:
-                    hook(key)
+            failed = self._hooks_again(key)
+            if failed is None:
                 return
-            except OSError as exc:
-                failed = str(exc)
         raise Unavailable(f"the files of session {split_key(key)[1]!r:.140} were removed from "
                           "the data directory while the server ran, and writing them again "
                           f"failed ({failed}): nothing was applied", code="storage_error",
@@ -1674,6 +1701,7 @@ class EmbeddedHost:
         while True:
             await asyncio.sleep(period)
             try:
+                self._owed_hooks_again()
                 suspects = set(store.suspects())
                 kept = [k for k, s in self._sessions.items() if s.durability != "memory"]
                 removed = set(await self._in_io(functools.partial(store.removed, kept)))
