@@ -106,11 +106,13 @@ class Front:
         await self.router.stop(snapshot=snapshot)
 
     def drain(self) -> None:
-        """The server is draining (SIGTERM): the embedded engine's open sync rounds fail now
-        with 409 ``round_aborted``, and its long polls (plain and sharded sessions) answer
-        now, rather than keep the drain waiting for them (:meth:`LocalRouter.drain`)."""
-        if isinstance(self.router, LocalRouter):
-            self.router.drain()
+        """The server is draining (SIGTERM): sync pushes and long polls waiting through it
+        are answered now, rather than keep the drain waiting for them. The embedded engine's
+        open sync rounds fail with 409 ``round_aborted`` (:meth:`LocalRouter.drain`); a Ray
+        front takes its own pushes out of their rounds (409 ``round_aborted``), leaving those
+        of other fronts waiting (:meth:`app.engine.ray_host.RayRouter.drain`). Long polls
+        answer with the current state on both."""
+        self.router.drain()
 
     async def status(self, *, memory: bool = False) -> EngineStatus:
         return await self.router.status(memory=memory)

@@ -440,6 +440,12 @@ class EmbeddedHost:
         for key in list(self._changed):
             self._version_changed(key)
 
+    def withdraw_push(self, key: str, worker: str, idem: IdemKey | None) -> bool:
+        """Take a push waiting in the session's open sync round out of it, failing it with 409
+        ``round_aborted`` (:meth:`SyncRounds.withdraw`): a Ray front draining asks it for the
+        pushes that wait through it. Whether it was there."""
+        return self._rounds.withdraw(key, worker, idem)
+
     async def stop(self, *, snapshot: bool = True) -> None:
         """Snapshot every session (so the next start replays nothing), then stop. Without
         ``snapshot`` the disk stays as the operations left it (what a crash leaves, minus the

@@ -69,7 +69,7 @@ import time
 import uuid
 import warnings
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -466,6 +466,11 @@ class HostActor:
             key, {n: tensor_from_wire(w) for n, w in grads.items()}, want_params=want_params,
             worker=worker, base_version=base_version, idem=idem, options=options))
 
+    async def withdraw(self, key: str, worker: str, idem: IdemKey | None) -> bool:
+        """Take a push waiting in the session's open sync round out of it (409
+        ``round_aborted``): the front it came through drains (:meth:`RayRouter.drain`)."""
+        return (await self._ready()).embedded.withdraw_push(key, worker, idem)
+
     async def describe(self, key: str) -> SessionInfo:
         return await (await self._ready()).describe(key)
 
@@ -730,6 +735,9 @@ class RayHost:
             base_version, idem, options))
         return out
 
+    async def withdraw(self, key: str, worker: str, idem: IdemKey | None) -> bool:
+        return bool(await self.call("withdraw", key, worker, idem))
+
     async def describe(self, key: str) -> SessionInfo:
         out: SessionInfo = await self.call("describe", key, read=True)
         return out
@@ -881,9 +889,16 @@ class RayRouter:
         #: start (up to ``host_start_timeout_s``, e.g. one the cluster has no room for) delays
         #: only the creates of that shape
         self._place_locks: dict[str, asyncio.Lock] = {}
+        #: set when this front drains (SIGTERM, :meth:`drain`)
+        self._draining = asyncio.Event()
+        #: the sync pushes waiting through this front (a step naming its worker), each with
+        #: the call that waits for its answer
+        self._pushes: dict[_Push, asyncio.Future[StepResult]] = {}
+        self._withdrawals: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        self._draining.clear()  # (a front started again after a drain serves as before)
         if not ray.is_initialized():
             address = None if self.options.address == "local" else self.options.address
             # ray.init replaces the SIGTERM handler with one that exits at once: keep the
@@ -909,6 +924,79 @@ class RayRouter:
                 await asyncio.gather(*(h.stop() for h in self._hosts.values()),
                                      return_exceptions=True)
             ray.shutdown()
+
+    # ------------------------------------------------------------------ draining
+    def drain(self) -> None:
+        """This front is draining (SIGTERM): what waits through it is answered now, and only
+        that (other fronts of the cluster, and the host actors, go on as before; a rolling
+        restart of the fronts disturbs no round of workers on the others). Each sync push
+        waiting in its session's open round is taken out of it in its host (409
+        ``round_aborted``: nothing of it applied, its retry with the same key joins a round
+        through any front; the round keeps the other workers' pushes), and so is every push
+        that reaches a round through this front from now on; one whose round closed already
+        gets that round's answer. Long polls answer now with the current state
+        (:meth:`polled`). The embedded engine fails the whole round instead: every worker of
+        it waits through the one server draining."""
+        self._draining.set()
+        for push, call in self._pushes.items():
+            self._withdraw_soon(push, call)
+
+    def _withdraw_soon(self, push: _Push, call: asyncio.Future[StepResult]) -> None:
+        task = asyncio.get_running_loop().create_task(self._withdraw(push, call))
+        self._withdrawals.add(task)
+        task.add_done_callback(self._withdrawals.discard)
+
+    async def _withdraw(self, push: _Push, call: asyncio.Future[StepResult]) -> None:
+        """Ask the push's host to take it out of its round until its call is answered: asked
+        again while it is not in the open round yet (on its way to the host, being checked,
+        waiting for a discarding operation), since only there it can be taken out whole. A
+        push in a round that closed is answered by that round's step (no long wait)."""
+        delay = 0.05
+        while not call.done():
+            try:
+                placed = await self.route(push.key)
+                host = placed.host if isinstance(placed, _Placed) else placed
+                if isinstance(host, RayHost):
+                    await host.withdraw(push.key, push.worker, push.idem)
+            except OptserveError:  # (the host restarts, the session is gone: the call says)
+                pass
+            await asyncio.wait({call}, timeout=delay)
+            delay = min(delay * 2, 1.0)
+
+    async def pushed(self, push: _Push, step: Awaitable[StepResult]) -> StepResult:
+        """A sync push's step through this front: withdrawn from its round once this front
+        drains (:meth:`drain`)."""
+        call = asyncio.ensure_future(step)
+        self._pushes[push] = call
+        try:
+            if self._draining.is_set():
+                self._withdraw_soon(push, call)
+            return await call
+        finally:
+            del self._pushes[push]
+
+    async def polled(self, read: Callable[[float], Awaitable[ParamsResult]], wait_s: float
+                     ) -> ParamsResult:
+        """A pull that may wait (``wait_s``, a long poll) through this front: when the front
+        drains (:meth:`drain`) it stops waiting for the host's answer and reads the current
+        state at once, as the poll answers at the end of its wait (a ``not_modified`` one
+        too), so that the drain does not wait for the poll (up to 60 s). A poll arriving
+        while it drains waits for nothing."""
+        if wait_s <= 0 or self._draining.is_set():
+            return await read(0.0)
+        waiting = asyncio.ensure_future(read(wait_s))
+        drained = asyncio.ensure_future(self._draining.wait())
+        try:
+            done, _ = await asyncio.wait({waiting, drained},
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drained.cancel()
+            if not waiting.done():
+                # (the host's wait runs out by itself: nothing changes there)
+                waiting.cancel()
+        if waiting in done:
+            return waiting.result()
+        return await read(0.0)
 
     async def status(self, *, memory: bool = False) -> EngineStatus:
         reason = None
@@ -1611,6 +1699,15 @@ class RayRouter:
         """Each host actor returns its own free heap pages when it is idle."""
 
 
+@dataclass(eq=False)
+class _Push:
+    """A sync push waiting through this front (:meth:`RayRouter.pushed`)."""
+
+    key: str
+    worker: str
+    idem: IdemKey | None
+
+
 class _Placed:
     """A session's host as the front sees it: describes carry the placement, and a host that
     says the session is not there makes the front read the directory again (another front may
@@ -1646,10 +1743,13 @@ class _Placed:
         base_version: int | None = None, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None,
     ) -> StepResult:
-        out: StepResult = await self._again(lambda h: h.step(
+        step = self._again(lambda h: h.step(
             key, grads, want_params=want_params, worker=worker, base_version=base_version,
             idem=idem, options=options))
-        return out
+        if worker is None or not isinstance(self.host, RayHost):
+            out: StepResult = await step  # (no sync round: a sharded session has none)
+            return out
+        return await self.router.pushed(_Push(key, worker, idem), step)
 
     async def describe(self, key: str) -> SessionInfo:
         info: SessionInfo = await self._again(lambda h: h.describe(key))
@@ -1659,10 +1759,12 @@ class _Placed:
         self, key: str, names: list[str] | None, *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
     ) -> ParamsResult:
-        out: ParamsResult = await self._again(lambda h: h.pull(
-            key, names, min_version=min_version, wait_s=wait_s,
-            unless_versions=unless_versions))
-        return out
+        async def read(wait: float) -> ParamsResult:
+            out: ParamsResult = await self._again(lambda h: h.pull(
+                key, names, min_version=min_version, wait_s=wait,
+                unless_versions=unless_versions))
+            return out
+        return await self.router.polled(read, wait_s)
 
     async def export_state(self, key: str) -> StateExport:
         out: StateExport = await self._again(lambda h: h.export_state(key))

@@ -233,6 +233,31 @@ class SyncRounds:
             rnd.fail(_shutting_down())
         self._rounds.clear()
 
+    def withdraw(self, key: str, worker: str, idem: IdemKey | None) -> bool:
+        """Take this worker's push (with this idempotency key, or none) out of the session's
+        open round, and fail it with 409 ``round_aborted``: the Ray front it came through is
+        draining (SIGTERM, :meth:`app.engine.ray_host.RayRouter.drain`). Nothing of it was
+        applied, nor ever will be, and its key is not recorded: its retry (same key, through
+        any front) joins a round as a new push. The round goes on with the other workers'
+        pushes (a round left empty is dropped, its timer with it). False, leaving everything
+        as it is, when the push is not waiting in the open round (not there yet, being
+        checked, in a round that closed: that one steps) or a discarding operation holds the
+        rounds (it answers the push)."""
+        rnd = self._rounds.get(key)
+        if rnd is None or key in self._seals or worker not in rnd.waiters \
+                or rnd.keys.get(worker) != idem:
+            return False
+        waiter = rnd.waiters.pop(worker)
+        del rnd.pushes[worker]
+        for kept in (rnd.keys, rnd.scalars, rnd.bases):
+            kept.pop(worker, None)
+        if not rnd.pushes:
+            rnd.cancel_timer()
+            del self._rounds[key]
+        if not waiter.done():
+            waiter.set_exception(_front_draining())
+        return True
+
     def reopen(self) -> None:
         """Rounds gather pushes again (a host started again after :meth:`abort`)."""
         self._aborted = False
@@ -504,6 +529,13 @@ def _shutting_down() -> Conflict:
     return Conflict("the server is shutting down; this round's gradients were discarded (nothing "
                     "was applied): push again, with the same Idempotency-Key, once it runs "
                     "again", code="round_aborted")
+
+
+def _front_draining() -> Conflict:
+    return Conflict("the server this push came through is shutting down; the push was taken "
+                    "out of its round (nothing of it was applied): push again, with the same "
+                    "Idempotency-Key, through another server or this one once it runs again",
+                    code="round_aborted")
 
 
 def _retrieved(done: asyncio.Future[StepResult]) -> None:
