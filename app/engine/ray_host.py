@@ -900,7 +900,10 @@ class RayRouter:
     async def start(self) -> None:
         self._draining.clear()  # (a front started again after a drain serves as before)
         if not ray.is_initialized():
-            address = None if self.options.address == "local" else self.options.address
+            # ("local": a new cluster, whatever runs beside it. None would join the one
+            # RAY_ADDRESS or /tmp/ray/ray_current_cluster names, and leave this front's
+            # detached hosts there, serving the data directory, once it stopped)
+            address = self.options.address
             # ray.init replaces the SIGTERM handler with one that exits at once: keep the
             # server's own (it drains in-flight requests, then stops the engine)
             main = threading.current_thread() is threading.main_thread()
