@@ -900,7 +900,10 @@ class RayRouter:
     async def start(self) -> None:
         self._draining.clear()  # (a front started again after a drain serves as before)
         if not ray.is_initialized():
-            address = None if self.options.address == "local" else self.options.address
+            # ("local": a new cluster, whatever runs beside it. None would join the one
+            # RAY_ADDRESS or /tmp/ray/ray_current_cluster names, and leave this front's
+            # detached hosts there, serving the data directory, once it stopped)
+            address = self.options.address
             # ray.init replaces the SIGTERM handler with one that exits at once: keep the
             # server's own (it drains in-flight requests, then stops the engine)
             main = threading.current_thread() is threading.main_thread()
@@ -1644,6 +1647,26 @@ class RayRouter:
                                         str(deleting["key"]))
         return done
 
+    async def _deleted_by_older(self, key: str, idem: IdemKey) -> bool:
+        """Whether a host deleted the session with this key while the directory kept no mark
+        of it: commits before ``.deletes/`` (c938206) kept a keyed delete's key in its hosts'
+        tombstones only, so its retry after an upgrade was a 404. Asked only of a keyed delete
+        of an id the directory holds no session under (each host answers from memory; 422 for
+        another request under the key); the mark is written then, so it is asked once."""
+        tenant = split_key(key)[0]
+
+        async def deleted_there(name: str) -> bool:
+            try:
+                return await self._host(name).deleted_with(tenant, idem)
+            except NotFound:  # (a host gone for good, its host.json too)
+                return False
+        if not any(await asyncio.gather(*(deleted_there(n) for n in self._host_names()))):
+            return False
+        self.directory.note_deleted(tenant, idem.key, idem.fingerprint, key)
+        log.warning("keyed delete of %s: answered from a host's tombstone (an older commit "
+                    "kept no mark of it in the directory); marked now", key)
+        return True
+
     async def delete(self, key: str, *, idem: IdemKey | None = None,
                      expected: Expected | None = None) -> bool:
         tenant = split_key(key)[0]
@@ -1671,7 +1694,12 @@ class RayRouter:
         try:
             entry = self._entry(key, fresh=True)
         except NotFound:
-            entry = await self._entry_again(key, cached)
+            try:
+                entry = await self._entry_again(key, cached)
+            except NotFound:
+                if idem is not None and await self._deleted_by_older(key, idem):
+                    return True
+                raise
         refusal = await self._refusal(key, entry, deleting=True)
         if refusal is not None:  # (nothing deleted, nothing marked: left to an operator)
             raise refusal

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import LiveServer, _test_settings
+from tests.conftest import LiveServer, _test_settings, kill_hosts, ray_settings
 from tests.unit.test_upgrade_fixtures import FIXTURES
 
 pytestmark = pytest.mark.integration
@@ -47,3 +48,34 @@ def test_a_keyed_delete_of_a_sharded_session_an_older_server_acknowledged_is_don
             assert {n: t["data"] for n, t in params["params"].items()} == made["params"]
     finally:
         live.stop()
+
+
+@pytest.mark.ray
+def test_a_keyed_delete_an_older_ray_front_acknowledged_answers_its_retry(
+        tmp_path: Path, ray_cluster: Any) -> None:
+    """c938206's Ray engine kept a keyed delete's key in its hosts' tombstones only (no
+    ``directory/.deletes/``, which a Ray front answers retries from since). Restored here, the
+    retry of such a delete (of a plain session, and of a sharded one) was a 404. Now a keyed
+    delete of an id the directory holds nothing under asks the hosts, and is answered (204,
+    replayed) by the one that kept it, and the directory marks it."""
+    case = FIXTURES / "c938206-ray-keyed-delete"
+    inputs = json.loads((case / "inputs.json").read_text())
+    data = tmp_path / "data"
+    shutil.copytree(case / "stored", data)
+    live = LiveServer(ray_settings(ray_cluster, data_dir=data))
+    try:
+        import httpx
+        with httpx.Client(base_url=live.start(), timeout=120) as http:
+            for _ in range(2):  # (the second from the directory's mark)
+                for sent in inputs["deletes"]:
+                    r = http.delete(f"/v1/sessions/{sent['id']}",
+                                    headers={"Idempotency-Key": sent["Idempotency-Key"]})
+                    assert r.status_code == sent["status"], r.text
+                    assert r.headers.get("Idempotent-Replayed") == "true"
+            r = http.delete("/v1/sessions/todel", headers={"Idempotency-Key": "kd-2"})
+            assert r.status_code == 422, r.text  # (the key of another request)
+            r = http.delete("/v1/sessions/never", headers={"Idempotency-Key": "kd-9"})
+            assert r.status_code == 404, r.text
+    finally:
+        live.stop()
+        kill_hosts(data)
