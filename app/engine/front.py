@@ -379,7 +379,6 @@ class Front:
                               expected: Expected | None = None) -> SessionInfo:
         host, key = await self._host(tenant, session_id)
         lim = self.limits
-        check_param_count(len(group.params), lim.max_session_params)  # (before a describe)
         if lim.max_session_elements or lim.max_session_params:
             info = await host.describe(key)
             check_param_count(len(info.params) + len(group.params), lim.max_session_params)

@@ -470,31 +470,13 @@ class EmbeddedHost:
 
     async def _snapshot_all(self, store: Store) -> None:
         """At a stop: snapshot every session that logged operations since its last snapshot,
-        and, as the maintenance does (:meth:`_maintain`), write again from memory what was
+        and, as the maintenance does (:meth:`_write_back`), write again from memory what was
         removed from the data directory while the server ran and the maintenance had not
         found yet (the sessions whose files are gone, snapshotted lately or not; the
         directory's lock and the tombstone log). Before, a stop right after an ``rm -rf``
         lost every session with nothing new to snapshot, and the keys of past deletes."""
-        kept = [k for k, s in self._sessions.items() if s.durability != "memory"]
         try:
-            removed = set(await self._in_io(functools.partial(store.removed, kept)))
-        except Exception:  # (a bug: never a stop's failure)
-            log.exception("looking for sessions removed from the data directory at the stop")
-            removed = set()
-        for key in list(self._sessions):
-            async with self._lock(key):
-                session = self._sessions.get(key)
-                if session is None:
-                    continue
-                if key in removed:
-                    with contextlib.suppress(OptserveError):  # (logged)
-                        await self._write_again(key, session, store)
-                elif session.seq > session.seq_at_snapshot:
-                    await self._snapshot(key, session)
-        self._owed_hooks_again()
-        try:
-            if await self._in_io_whole(store.repair):
-                await self._stones_again(store)
+            await self._write_back(store, lambda key, s: s.seq > s.seq_at_snapshot)
         except Exception:  # (a bug: never a stop's failure)
             log.exception("store maintenance at the stop")
 
@@ -1696,6 +1678,36 @@ class EmbeddedHost:
                 log.error("writing again what the data directory held (removed while the "
                           "server ran) failed: %s", exc)
 
+    async def _write_back(self, store: Store, due: Callable[[str, Session], bool]) -> None:
+        """One pass of the maintenance (:meth:`_maintain`, and a stop's): each session whose
+        files were removed from the data directory while the server ran (``Store.removed``)
+        written again from memory, each other one that ``due`` names snapshotted (none with an
+        LBFGS evaluation open: busy for a while); the hooks sessions are owed
+        (:meth:`_hooks_again`); then the directory's lock and tombstone log taken again where
+        they were removed too."""
+        kept = [k for k, s in self._sessions.items() if s.durability != "memory"]
+        try:
+            removed = set(await self._in_io(functools.partial(store.removed, kept)))
+        except Exception:  # (a bug: the due snapshots are still taken)
+            log.exception("looking for sessions removed from the data directory")
+            removed = set()
+        for key in list(self._sessions):
+            s = self._sessions.get(key)
+            if s is None or self._evaluations.is_open(key) or \
+                    not (key in removed or due(key, s)):
+                continue
+            async with self._lock(key):
+                if self._sessions.get(key) is not s:
+                    continue
+                if key in removed:
+                    with contextlib.suppress(OptserveError):  # (logged)
+                        await self._write_again(key, s, store)
+                else:
+                    await self._snapshot(key, s)
+        self._owed_hooks_again()  # (this pass's failures too: a stop has no next pass)
+        if await self._in_io_whole(store.repair):
+            await self._stones_again(store)
+
     async def _maintain(self) -> None:
         """Snapshot sessions that have logged operations for a while, heal logs a failed
         background fsync left in doubt, write again from memory the sessions whose files were
@@ -1707,32 +1719,18 @@ class EmbeddedHost:
         while True:
             await asyncio.sleep(period)
             try:
-                self._owed_hooks_again()
-                suspects = set(store.suspects())
-                kept = [k for k, s in self._sessions.items() if s.durability != "memory"]
-                removed = set(await self._in_io(functools.partial(store.removed, kept)))
-                now = time.monotonic()
-                for key in list(self._sessions):
-                    s = self._sessions.get(key)
-                    if s is None or self._evaluations.is_open(key):  # busy for a while
-                        continue
-                    due = s.seq > s.seq_at_snapshot and \
-                        now - s.snapshot_time >= self.config.snapshot_every_s
-                    if due or key in suspects or key in removed:
-                        async with self._lock(key):
-                            if self._sessions.get(key) is not s:
-                                continue
-                            if key in removed:
-                                with contextlib.suppress(OptserveError):  # (logged)
-                                    await self._write_again(key, s, store)
-                            else:
-                                await self._snapshot(key, s)
-                if await self._in_io_whole(store.repair):
-                    await self._stones_again(store)
+                await self._write_back(store, functools.partial(
+                    _due, set(store.suspects()), time.monotonic() - self.config.snapshot_every_s))
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let maintenance die
                 log.exception("store maintenance")
+
+
+def _due(suspects: set[str], before: float, key: str, s: Session) -> bool:
+    """Whether the maintenance snapshots the session: its log is in doubt (``suspects``), or
+    it logged operations and its last snapshot is older than ``before``."""
+    return key in suspects or (s.seq > s.seq_at_snapshot and s.snapshot_time <= before)
 
 
 class CreateInterrupted(Exception):

@@ -307,44 +307,11 @@ def test_engine_problems_name_the_messages_fields_not_http_headers(server: str) 
         assert (problem["code"], problem["field"]) == ("session_not_found", "session")
 
 
-def test_a_second_push_of_a_worker_names_the_worker_field(server: str) -> None:
-    """A sync round: worker w0's second push while its first waits in the round is a 409
-    ``duplicate_push`` naming ``worker`` (was ``X-Optserve-Worker``) and leaves the round
-    alone: w1's push then closes it, and both answers are torch's step on the mean."""
-    p0 = torch.randn(8, generator=torch.Generator().manual_seed(1))
-    g0, g1 = (torch.randn(8, generator=torch.Generator().manual_seed(k)) for k in (2, 3))
-    with optserve.Client(server, api_key=KEY, transport="http") as h, \
-            optserve.Client(server, api_key=KEY, transport="local") as c0, \
-            optserve.Client(server, api_key=KEY, transport="local") as c1, \
-            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        sid = adam_session(h, p0, sync={"workers": 2, "timeout_s": 60})
-        with ThreadPoolExecutor(1) as pool:
-            first = pool.submit(c0.step, sid, {"x": g0}, worker="w0")
-            deadline = time.monotonic() + 30
-            while (h.get_session(sid).sync or {}).get("pending") != ["w0"]:
-                assert time.monotonic() < deadline and not first.done()
-                time.sleep(0.01)
-            hello(s, server)
-            b = frames(s, {"op": "bind", "session": sid})["binding"]
-            problem = problem_of(frames(s, {"op": "step", "binding": b, "grads": ["x"],
-                                            "worker": "w0"}))
-            assert (problem["status"], problem["code"], problem["field"]) == (
-                409, "duplicate_push", "worker")
-            assert problem["worker"] == "w0"
-            second = c1.step(sid, {"x": g1}, worker="w1")
-            answers = [first.result(timeout=30), second]
-        want = torch_adam(p0, [(g0 + g1) / 2])
-        for out in answers:
-            assert out.version == 1 and out.params is not None
-            assert torch.equal(out.params["x"], want)
-
-
-@pytest.mark.parametrize("worker", ["w0\n", "w" * 128 + "\n"])
-def test_a_worker_id_with_a_trailing_newline_is_refused(server: str, worker: str) -> None:
-    """A worker id is 1-128 of letters, digits and ``._:@-``: ``"w0\n"`` is a 422
-    ``invalid_worker`` naming ``worker``, not another worker than ``w0`` (it joined w0's round
-    as a second worker, so one worker's gradients counted twice); the round is left alone and
-    w1's push closes it with torch's step on the mean."""
+def stray_push_in_a_round(server: str, worker: str) -> tuple[dict[str, Any], Any, list[Any]]:
+    """A sync round of two (Adam) whose worker w0 waits in it; a raw same-host step frame
+    naming ``worker`` then: its problem, the round's pending workers just after it, and the
+    answers of w0 and of w1, whose push then closes the round (each checked here: torch's
+    step on the mean of their gradients, at version 1)."""
     p0 = torch.randn(8, generator=torch.Generator().manual_seed(1))
     g0, g1 = (torch.randn(8, generator=torch.Generator().manual_seed(k)) for k in (2, 3))
     with optserve.Client(server, api_key=KEY, transport="http") as h, \
@@ -362,16 +329,38 @@ def test_a_worker_id_with_a_trailing_newline_is_refused(server: str, worker: str
             b = frames(s, {"op": "bind", "session": sid})["binding"]
             problem = problem_of(frames(s, {"op": "step", "binding": b, "grads": ["x"],
                                             "worker": worker}))
-            assert (problem["status"], problem["code"], problem["field"]) == (
-                422, "invalid_worker", "worker")
-            assert (h.get_session(sid).sync or {}).get("pending") == ["w0"]
+            pending = (h.get_session(sid).sync or {}).get("pending")
             second = c1.step(sid, {"x": g1}, worker="w1")
             answers = [first.result(timeout=30), second]
-        want = torch_adam(p0, [(g0 + g1) / 2])
-        for out in answers:
-            assert out.version == 1 and out.params is not None
-            assert out.sync == {"workers": ["w0", "w1"], "expected": 2, "partial": False}
-            assert torch.equal(out.params["x"], want)
+    want = torch_adam(p0, [(g0 + g1) / 2])
+    for out in answers:
+        assert out.version == 1 and out.params is not None
+        assert torch.equal(out.params["x"], want)
+    return problem, pending, answers
+
+
+def test_a_second_push_of_a_worker_names_the_worker_field(server: str) -> None:
+    """A sync round: worker w0's second push while its first waits in the round is a 409
+    ``duplicate_push`` naming ``worker`` (was ``X-Optserve-Worker``) and leaves the round
+    alone: w1's push then closes it, and both answers are torch's step on the mean."""
+    problem, _, _ = stray_push_in_a_round(server, "w0")
+    assert (problem["status"], problem["code"], problem["field"]) == (
+        409, "duplicate_push", "worker")
+    assert problem["worker"] == "w0"
+
+
+@pytest.mark.parametrize("worker", ["w0\n", "w" * 128 + "\n"])
+def test_a_worker_id_with_a_trailing_newline_is_refused(server: str, worker: str) -> None:
+    """A worker id is 1-128 of letters, digits and ``._:@-``: ``"w0\n"`` is a 422
+    ``invalid_worker`` naming ``worker``, not another worker than ``w0`` (it joined w0's round
+    as a second worker, so one worker's gradients counted twice); the round is left alone and
+    w1's push closes it with torch's step on the mean."""
+    problem, pending, answers = stray_push_in_a_round(server, worker)
+    assert (problem["status"], problem["code"], problem["field"]) == (
+        422, "invalid_worker", "worker")
+    assert pending == ["w0"]
+    for out in answers:
+        assert out.sync == {"workers": ["w0", "w1"], "expected": 2, "partial": False}
 
 
 def test_problem_extras_without_a_value_are_left_out_as_over_http() -> None:

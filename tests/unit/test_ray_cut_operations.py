@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 
+from app.engine import Front
 from app.engine.interface import IdemKey
 from app.engine.router import InProcessHost
 from tests.torch_reference import Reference, assert_tensors_equal
@@ -46,6 +47,29 @@ def commits_lost_on(monkeypatch: pytest.MonkeyPatch, behind: int) -> Iterator[No
         yield
 
 
+
+async def made_and_stepped(cluster: Cluster, ref: Reference,
+                           options: dict[str, Any] | None = None) -> Front:
+    """A front on ``cluster`` holding the 2-shard SGD session ``cut`` (``options``, else
+    lr 0.1), stepped once with ``GRADS``, as ``ref`` is."""
+    front = cluster.front()
+    s = spec(2, id="cut")
+    if options is not None:
+        s.options = options
+    await front.create(s)
+    await front.step("cut", GRADS, return_params=False)
+    ref.step(GRADS)
+    return front
+
+
+async def steps_as_torch(front: Front, ref: Reference, grads: dict[str, torch.Tensor],
+                         what: str) -> None:
+    """``cut`` stepped with ``grads`` through ``front``: its parameters are ``ref``'s after
+    the same step."""
+    await front.step("cut", grads, return_params=False)
+    ref.step(grads)
+    assert_tensors_equal(dict((await front.pull("cut", None)).params), ref.params, what)
+
 CUT = [(behind, keyed, died) for behind in (0, 1) for keyed in (False, True)
        for died in ("cluster", "coordinator")]
 
@@ -70,12 +94,7 @@ def test_a_ray_step_that_reached_some_shards_only_is_undone(
 
     async def run() -> None:
         try:
-            front = cluster.front()
-            s = spec(2, id="cut")
-            s.options = {"lr": 0.1, "momentum": 0.9}
-            await front.create(s)
-            await front.step("cut", GRADS, return_params=False)
-            ref.step(GRADS)
+            front = await made_and_stepped(cluster, ref, {"lr": 0.1, "momentum": 0.9})
             with commits_lost_on(monkeypatch, behind), \
                     pytest.raises(Exception):  # noqa: B017, PT011 - the crash
                 await front.step("cut", GRADS if keyed else LATER, return_params=False,
@@ -96,10 +115,7 @@ def test_a_ray_step_that_reached_some_shards_only_is_undone(
                 ref.step(GRADS)
                 replayed = await again.step("cut", GRADS, return_params=False, idem=idem)
                 assert replayed.version == 2
-            await again.step("cut", LATER, return_params=False)
-            ref.step(LATER)
-            assert_tensors_equal(dict((await again.pull("cut", None)).params), ref.params,
-                                 "a step after")
+            await steps_as_torch(again, ref, LATER, "a step after")
             await cluster.kill()
             third = cluster.front()
             assert (await third.describe("cut")).version == (3 if keyed else 2)
@@ -121,10 +137,7 @@ def test_a_ray_option_change_that_reached_some_shards_only_is_undone(
 
     async def run() -> None:
         try:
-            front = cluster.front()
-            await front.create(spec(2, id="cut"))
-            await front.step("cut", GRADS, return_params=False)
-            ref.step(GRADS)
+            front = await made_and_stepped(cluster, ref)
             revision = (await front.describe("cut")).revision
             with commits_lost_on(monkeypatch, behind), \
                     pytest.raises(Exception):  # noqa: B017, PT011 - the crash
@@ -134,10 +147,7 @@ def test_a_ray_option_change_that_reached_some_shards_only_is_undone(
             again = cluster.front()
             info = await again.describe("cut")
             assert (info.version, info.revision, info.lr) == (1, revision, [0.1]), info
-            await again.step("cut", LATER, return_params=False)
-            ref.step(LATER)
-            assert_tensors_equal(dict((await again.pull("cut", None)).params), ref.params,
-                                 "a step at the lr before the change")
+            await steps_as_torch(again, ref, LATER, "a step at the lr before the change")
         finally:
             await cluster.kill()
     asyncio.run(run())
@@ -156,10 +166,7 @@ def test_a_ray_push_that_reached_some_shards_only_is_undone(
 
     async def run() -> None:
         try:
-            front = cluster.front()
-            await front.create(spec(2, id="cut"))
-            await front.step("cut", GRADS, return_params=False)
-            ref.step(GRADS)
+            front = await made_and_stepped(cluster, ref)
             with commits_lost_on(monkeypatch, behind), \
                     pytest.raises(Exception):  # noqa: B017, PT011 - the crash
                 await front.push("cut", LATER)
@@ -168,10 +175,7 @@ def test_a_ray_push_that_reached_some_shards_only_is_undone(
             again = cluster.front()
             info = await again.describe("cut")
             assert (info.version, info.accumulated) == (1, []), info
-            await again.step("cut", GRADS, return_params=False)
-            ref.step(GRADS)
-            assert_tensors_equal(dict((await again.pull("cut", None)).params), ref.params,
-                                 "a step without the cut push")
+            await steps_as_torch(again, ref, GRADS, "a step without the cut push")
         finally:
             await cluster.kill()
     asyncio.run(run())

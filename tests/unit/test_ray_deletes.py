@@ -117,6 +117,22 @@ CUTS = [(1, "before-the-hosts"), (1, "after-the-hosts"), (1, "after-the-entry"),
         (2, "after-the-entry")]
 
 
+async def delete_and_die(front: Any, sid: str, idem: IdemKey,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyed delete of ``sid`` whose front dies once the hosts have run it (``Crash``
+    instead of its answer)."""
+    real = ray_host._Placed.delete
+
+    async def dies_after(placed: Any, key: str, *, idem: IdemKey | None = None,
+                         expected: Expected | None = None) -> bool:
+        await real(placed, key, idem=idem, expected=expected)
+        raise Crash(key)
+    with monkeypatch.context() as m:
+        m.setattr(ray_host._Placed, "delete", dies_after)
+        with pytest.raises(Crash):
+            await front.delete(sid, idem=idem)
+
+
 @pytest.mark.parametrize(("shards", "at"), CUTS, ids=[f"{s}-{a}" for s, a in CUTS])
 def test_a_ray_delete_cut_anywhere_leaves_the_session_or_its_key_marked(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int, at: str) -> None:
@@ -219,16 +235,7 @@ def test_a_keyed_ray_delete_retried_through_another_front_is_answered(
             s.id = "gone"
             await first.create(s, idem=create_key("k-gone"))
             await first.step("gone", GRADS, return_params=False)
-            real = ray_host._Placed.delete
-
-            async def dies_after(placed: Any, key: str, *, idem: IdemKey | None = None,
-                                 expected: Expected | None = None) -> bool:
-                await real(placed, key, idem=idem, expected=expected)
-                raise Crash(key)
-            with monkeypatch.context() as m:
-                m.setattr(ray_host._Placed, "delete", dies_after)
-                with pytest.raises(Crash):
-                    await first.delete("gone", idem=dkey)
+            await delete_and_die(first, "gone", dkey, monkeypatch)
             assert entries(first) == ["default~gone"]
 
             second = cluster.front()  # (a restart, or another front)
@@ -787,16 +794,7 @@ def test_a_keyed_ray_delete_cut_before_the_directory_heard_spares_the_id_made_ag
             s.id = "again"
             await first.create(s)
             await first.step("again", GRADS, return_params=False)
-            real = ray_host._Placed.delete
-
-            async def dies_after(placed: Any, key: str, *, idem: IdemKey | None = None,
-                                 expected: Expected | None = None) -> bool:
-                await real(placed, key, idem=idem, expected=expected)
-                raise Crash(key)
-            with monkeypatch.context() as m:
-                m.setattr(ray_host._Placed, "delete", dies_after)
-                with pytest.raises(Crash):
-                    await first.delete("again", idem=dkey)
+            await delete_and_die(first, "again", dkey, monkeypatch)
             await cluster.kill()
 
             second = cluster.front()
