@@ -10,7 +10,9 @@ every other setting its default, durability ``step`` included), with
 refuses a session of more). For each K: a JSON create of K one-element Adam parameters
 (``{"dtype", "shape", "data"}`` each), then binary steps (safetensors in and out, all K
 parameters back; the first step of a layout works out what later ones reuse), while another
-thread of this process asks ``/healthz`` every 20 ms on its own connection. Prints, per phase,
+process asks ``/healthz`` every 20 ms on its own connection (a thread of this one would count
+this process's own pauses: encoding and decoding K tensors holds its interpreter lock). Prints,
+per phase,
 the request's own time and the longest ``/healthz`` answer during it (what any other client,
 of any tenant, waited at most): a request's work on the event loop shows there; on the device
 worker or a thread it does not. The last step's parameters are checked bitwise against
@@ -20,8 +22,8 @@ torch's Adam on the same gradients.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
-import threading
 import time
 from typing import Any
 
@@ -36,35 +38,57 @@ from benchmarks._server import free_port, server, user_defaults
 BINARY = "application/octet-stream"
 
 
+def _poll(url: str, longest: Any, asked: Any, stop: Any) -> None:
+    """The poller process: ``/healthz`` every 20 ms, the longest answer into ``longest``."""
+    with httpx.Client(base_url=url, timeout=600) as client:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            client.get("/healthz").raise_for_status()
+            took = time.perf_counter() - t0
+            with longest.get_lock():
+                longest.value = max(longest.value, took)
+                asked.value += 1
+            stop.wait(0.02)
+
+
 class Poller:
-    """``/healthz`` asked every 20 ms from a thread; the longest answer since :meth:`reset`."""
+    """``/healthz`` asked every 20 ms from a process of its own (a thread of this one would
+    wait for this process's interpreter lock, which encoding and decoding K tensors hold: the
+    client's own pauses would count as the server's); the longest answer since
+    :meth:`reset`."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
-        self.longest = 0.0
-        self.asked = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        ctx = multiprocessing.get_context("spawn")
+        self._longest = ctx.Value("d", 0.0)
+        self._asked = ctx.Value("q", 0, lock=False)
+        self._stop = ctx.Event()
+        self._process = ctx.Process(target=_poll, daemon=True,
+                                    args=(url, self._longest, self._asked, self._stop))
 
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=600) as client:
-            while not self._stop.is_set():
-                t0 = time.perf_counter()
-                client.get("/healthz").raise_for_status()
-                self.longest = max(self.longest, time.perf_counter() - t0)
-                self.asked += 1
-                self._stop.wait(0.02)
+    @property
+    def longest(self) -> float:
+        return float(self._longest.value)
+
+    @property
+    def asked(self) -> int:
+        return int(self._asked.value)
 
     def __enter__(self) -> Poller:
-        self._thread.start()
+        self._process.start()
+        deadline = time.monotonic() + 60
+        while not self.asked and self._process.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)  # (the process imports this module, torch with it)
+        if not self.asked:
+            raise RuntimeError("the /healthz poller did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        self._process.join(30)
 
     def reset(self) -> None:
-        self.longest, self.asked = 0.0, 0
+        with self._longest.get_lock():
+            self._longest.value, self._asked.value = 0.0, 0
 
 
 def measure(url: str, k: int, steps: int) -> list[dict[str, Any]]:
@@ -80,13 +104,14 @@ def measure(url: str, k: int, steps: int) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         r = client.post("/v1/sessions", content=body, headers={"Content-Type": "application/json"})
         took = time.perf_counter() - t0
+        longest, asked = poller.longest, poller.asked
         if r.status_code != 201:
             print(f"K={k}: create answered {r.status_code}: {r.text[:300]}", file=sys.stderr)
             return [{"k": k, "phase": "create", "status": r.status_code, "took": took,
-                     "longest": poller.longest, "asked": poller.asked}]
+                     "longest": longest, "asked": asked}]
         sid = r.json()["id"]
         rows.append({"k": k, "phase": "create", "status": r.status_code, "took": took,
-                     "longest": poller.longest, "asked": poller.asked})
+                     "longest": longest, "asked": asked})
         got: dict[str, torch.Tensor] = {}
         for step in range(steps):
             grads = {n: torch.tensor([((i + step) % 89) / 89 - 0.5]) for i, n in enumerate(params)}
@@ -96,10 +121,11 @@ def measure(url: str, k: int, steps: int) -> list[dict[str, Any]]:
             r = client.post(f"/v1/sessions/{sid}/step", content=sent,
                             headers={"Content-Type": BINARY, "Accept": BINARY})
             took = time.perf_counter() - t0
+            longest, asked = poller.longest, poller.asked  # (before this process decodes)
             r.raise_for_status()
             got = st_load(r.content)
             rows.append({"k": k, "phase": f"step {step + 1}", "status": r.status_code,
-                         "took": took, "longest": poller.longest, "asked": poller.asked})
+                         "took": took, "longest": longest, "asked": asked})
             for n, p in local.items():
                 p.grad = grads[n]
             opt.step()
