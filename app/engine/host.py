@@ -112,7 +112,13 @@ from app.engine.ops import (
 from app.engine.ops.gradients import StepPlan, staleness_of
 from app.engine.rounds import Round, SyncRounds
 from app.engine.session import Session
-from app.engine.shards import Tip, shard_index, shown_id
+from app.engine.shards import (
+    RevisionTip,
+    Tip,
+    old_revisions_aligned,
+    shard_index,
+    shown_id,
+)
 from app.engine.store import Files, Store, StoreCorrupt
 from app.engine.worker import DeviceWorker, Observer
 from app.errors import (
@@ -1396,25 +1402,49 @@ class EmbeddedHost:
                      time.perf_counter() - started)
 
     def align_old_revisions(self, keys: list[str]) -> int | None:
-        """Put a sharded session's shards (``keys``) at one revision where some were restored
-        from snapshots written before revisions were counted (``Session.revision_unknown``:
-        such a snapshot holds none, so that shard counted only what it logged after it, while
-        a shard restored from its log alone counted every change; apart, the session was left
-        out of the listing and answered 503 ``shards_out_of_step`` until it went out of
-        service). Only where the shards agree on their version (a step a crash cut between
-        them is left to :meth:`undo_last`'s caller). Their highest revision is taken (a
-        revision is a change counter, and no server from before them gave a client one); the
-        revision aligned, if any."""
+        """Put a sharded session's shards (``keys``, all held here: the embedded engine's
+        start) at one revision where some were restored from snapshots written before
+        revisions were counted (``Session.revision_unknown``), by the rule of
+        :func:`~app.engine.shards.old_revisions_aligned`; the revision aligned, if any. (A Ray
+        coordinator asks its shards' hosts: :meth:`ShardedSession.align_old_revisions
+        <app.engine.shards.ShardedSession.align_old_revisions>`.)"""
         sessions = [self._sessions.get(k) for k in keys]
         held = [s for s in sessions if s is not None]
-        if len(held) != len(keys) or not any(s.revision_unknown for s in held):
+        if len(held) != len(keys):
             return None
-        if len({s.version for s in held}) > 1 or len({s.revision for s in held}) <= 1:
-            return None
-        top = max(s.revision for s in held)
-        for s in held:
-            s.revision = top
+        top = old_revisions_aligned([(s.version, s.revision, s.revision_unknown)
+                                     for s in held])
+        if top is not None:
+            for s in held:
+                s.revision = top
         return top
+
+    async def revision_tip(self, key: str) -> RevisionTip:
+        """The session's version and revision, and whether it was restored from a snapshot
+        written before revisions were counted (its revision unknown: it counts only what was
+        logged after that snapshot); read with its operations settled, under its lock."""
+        async with self._lock(key):
+            await self._settled(key)
+            s = self._get(key)
+            return s.version, s.revision, s.revision_unknown
+
+    async def put_at_revision(self, key: str, revision: int) -> bool:
+        """Put the session (a shard) at ``revision``, the one its sharded session's shards are
+        aligned at (:func:`~app.engine.shards.old_revisions_aligned`), and snapshot it, so that
+        it holds that revision when its host is restored again by itself (a Ray host restarted
+        while the coordinator, on another host, stays; its old snapshot would give it the
+        revision it counted before). A snapshot that fails leaves it put in memory only (its
+        coordinator made anew aligns it again). Whether it moved."""
+        async with self._lock(key):
+            await self._settled(key)
+            s = self._get(key)
+            if s.revision == revision:
+                return False
+            log.info("%s: restored from a snapshot older than revisions, at revision %d: "
+                     "put at its sharded session's revision %d", key, s.revision, revision)
+            s.revision = revision
+            await self._snapshot(key, s)
+            return True
 
     def cut_tip(self, key: str) -> Tip:
         """The session's version and revision, and the key of its latest operation (the newest

@@ -44,7 +44,7 @@ from app.engine.interface import (
 )
 from app.engine.ops import Expected, Operation
 from app.engine.ops.gradients import StepPlan
-from app.engine.shards import Tip
+from app.engine.shards import RevisionTip, Tip
 from app.engine.store import files_failing, storage_failure
 from app.errors import Conflict, NotFound, OptserveError, Unavailable
 
@@ -116,6 +116,8 @@ class Host(SessionHost, Protocol):
                      want_params: bool = False) -> Any: ...
     async def abort(self, key: str, idem: IdemKey) -> None: ...
     async def cut_tip(self, key: str) -> Tip: ...
+    async def revision_tip(self, key: str) -> RevisionTip: ...
+    async def put_at_revision(self, key: str, revision: int) -> bool: ...
     async def holds_key(self, key: str, idem_key: str) -> bool: ...
     async def undo_last(self, key: str, idem_key: str, want: tuple[int, int]) -> bool: ...
 
@@ -230,6 +232,12 @@ class InProcessHost:
 
     async def cut_tip(self, key: str) -> Tip:
         return await self.embedded.cut_tip_live(key)
+
+    async def revision_tip(self, key: str) -> RevisionTip:
+        return await self.embedded.revision_tip(key)
+
+    async def put_at_revision(self, key: str, revision: int) -> bool:
+        return await self.embedded.put_at_revision(key, revision)
 
     async def holds_key(self, key: str, idem_key: str) -> bool:
         return self.embedded.holds_key(key, idem_key)

@@ -344,6 +344,28 @@ def import_refusal(exc: BaseException, index: int, state: dict[str, Any],
 Tip = tuple[int, int, str | None]
 
 
+#: a shard's revision as restored (:meth:`EmbeddedHost.revision_tip
+#: <app.engine.host.EmbeddedHost.revision_tip>`): its version, its revision, and whether that
+#: revision is unknown (restored from a snapshot written before revisions were counted)
+RevisionTip = tuple[int, int, bool]
+
+
+def old_revisions_aligned(tips: Sequence[RevisionTip]) -> int | None:
+    """The revision a sharded session's shards (``tips``, one per shard) are put at where some
+    were restored from snapshots written before revisions were counted: such a snapshot holds
+    none, so that shard counted only what it logged after it, while a shard restored from its
+    log alone counted every change; apart, the session was left out of the listing and
+    answered 503 ``shards_out_of_step`` until it went out of service. Only where the shards
+    agree on their version (a step a crash cut between them is :meth:`ShardedSession.undo_cut`'s)
+    and some revision is unknown; their highest revision (a revision is a change counter, and no
+    server from before them gave a client one). None: nothing to align."""
+    if not any(unknown for _, _, unknown in tips):
+        return None
+    if len({v for v, _, _ in tips}) > 1 or len({r for _, r, _ in tips}) <= 1:
+        return None
+    return max(r for _, r, _ in tips)
+
+
 def cut_candidates(tips: Sequence[Tip]) -> list[tuple[str, list[int], tuple[int, int]]]:
     """Where a sharded session's shards disagree (``tips``, one per shard) because an
     operation a crash cut between their commits reached some of them only: at different
@@ -475,6 +497,26 @@ class ShardedSession:
             self._damaged = "the session was deleted"
         self._wake()
         return bool(results) and all(r is True for r in results)
+
+    async def align_old_revisions(self) -> int | None:
+        """Put the shards at one revision where some were restored from snapshots written
+        before revisions were counted (:func:`old_revisions_aligned`: only where they agree on
+        their version), run by a coordinator made anew, before :meth:`undo_cut`, as the
+        embedded engine's start does (:meth:`EmbeddedHost.align_old_revisions
+        <app.engine.host.EmbeddedHost.align_old_revisions>`) for shards on hosts of their own:
+        each shard's host says its tip, and the shards below the revision taken are put at it
+        (and snapshotted there: :meth:`EmbeddedHost.put_at_revision
+        <app.engine.host.EmbeddedHost.put_at_revision>`). The revision aligned, if any."""
+        async with self._lock:
+            tips = await self._all(lambda host, skey: host.revision_tip(skey))
+            top = old_revisions_aligned(tips)
+            if top is None:
+                return None
+            await asyncio.gather(*(host.put_at_revision(skey, top)
+                                   for (host, skey), tip in zip(self.shards, tips, strict=True)
+                                   if tip[1] != top))
+            self._out_of_step_since = None
+            return top
 
     async def undo_cut(self) -> list[int]:
         """Make the session whole again where an operation a crash cut between its shards'

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,7 +34,7 @@ from app.__main__ import check_exposure, main
 from app.api.auth import parse_keys
 from app.config import Settings
 from app.engine.front import MAX_PARAM_GROUPS
-from tests.conftest import LiveServer, _test_settings
+from tests.conftest import LiveServer, _test_settings, kill_hosts, ray_settings
 
 pytestmark = pytest.mark.integration
 
@@ -667,3 +668,69 @@ def test_body_limit_timeout_and_disconnect(server: tuple[str, FastAPI], client: 
     statuses = [getattr(r, "fields", {}).get("status") for r in caplog.records
                 if r.name == "optserve.access"]
     assert 500 not in statuses and statuses.count(408) == 2
+
+
+@pytest.mark.ray
+def test_parameters_per_session_on_the_ray_engine(tmp_path: Path, ray_cluster: Any) -> None:
+    """``OPTSERVE_MAX_SESSION_PARAMS`` on the Ray engine: a create past it (plain, over its
+    groups, sharded) is the same 422 ``too_many_params`` naming ``params`` and the ``limit``,
+    and nothing is made (no directory entry, no session on any host); a group added past it
+    is refused with the session left as it was (its state_dict equal), and the session then
+    steps as torch does; of ten groups added at once, as many as fit are made."""
+    data = tmp_path / "data"
+    live = LiveServer(ray_settings(ray_cluster, data_dir=data, api_keys=KEYS,
+                                   max_session_params=3, ray_resources='{"num_cpus": 0}'))
+    try:
+        url = live.start()
+        with httpx.Client(base_url=url, timeout=120) as client:
+            def refused(r: httpx.Response, n: int) -> None:
+                assert r.status_code == 422, r.text
+                assert r.headers["content-type"].startswith(PROBLEM)
+                problem = r.json()
+                assert problem["code"] == "too_many_params" and problem["field"] == "params"
+                assert problem["limit"] == 3 and f"{n} parameters" in problem["detail"]
+                assert "OPTSERVE_MAX_SESSION_PARAMS" in problem["detail"]
+
+            refused(client.post("/v1/sessions", json=many_params_body("a", 4), headers=A), 4)
+            refused(client.post("/v1/sessions", json={**many_params_body("b", 4), "shards": 2},
+                                headers=A), 4)
+            grouped = {"optimizer": "SGD", "options": {"lr": 0.1}, "id": "c", "param_groups": [
+                {"params": {"x": jt(torch.ones(1)), "y": jt(torch.ones(1))}},
+                {"params": {"z": jt(torch.ones(1)), "u": jt(torch.ones(1))}, "lr": 0.5}]}
+            refused(client.post("/v1/sessions", json=grouped, headers=A), 4)
+            assert client.get("/v1/sessions", headers=A).json()["sessions"] == []
+            for sid in "abc":
+                assert client.get(f"/v1/sessions/{sid}", headers=A).status_code == 404
+            assert not [p for p in (data / "directory").glob("*") if "~" in p.name]
+            assert not list(data.glob("hosts/*/sessions/*"))
+
+            r = client.post("/v1/sessions", json=many_params_body("t", 3), headers=A)
+            assert r.status_code == 201, r.text
+            assert r.json()["placement"]["host"].startswith("h-")  # (on a Ray host)
+            params = [torch.tensor([float(i)]) for i in range(3)]
+            opt = torch.optim.Adam(params, lr=0.1)
+
+            def step(g: float) -> None:
+                for p in params:
+                    p.grad = torch.full((1,), g)
+                opt.step()
+                r = client.post("/v1/sessions/t/step", headers=A, json={"grads": {
+                    f"p{i}": jt(torch.full((1,), g)) for i in range(3)}})
+                assert r.status_code == 200, r.text
+                got = r.json()["params"]
+                for i, p in enumerate(params):
+                    assert torch.equal(torch.tensor(got[f"p{i}"]["data"]), p.detach()), i
+
+            step(0.25)
+            before = client.get("/v1/sessions/t/state_dict", headers=A).json()
+            refused(client.post("/v1/sessions/t/param_groups",
+                                json={"params": {"v": jt(torch.ones(1))}}, headers=A), 4)
+            assert client.get("/v1/sessions/t/state_dict", headers=A).json() == before
+            step(-0.5)
+
+            assert client.post("/v1/sessions", json=many_params_body("s", 1),
+                               headers=A).status_code == 201
+        two_of_ten_groups_fit(url, 2, "too_many_params", {"p0"})
+    finally:
+        live.stop()
+        kill_hosts(data)

@@ -10,8 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from tests.conftest import LiveServer, _test_settings, kill_hosts, ray_settings
+from tests.torch_reference import (
+    assert_trees_equal,
+    json_tensor,
+    tensor_from_json,
+    tensors_from_json,
+)
 from tests.unit.test_upgrade_fixtures import FIXTURES
 
 pytestmark = pytest.mark.integration
@@ -80,6 +87,79 @@ def test_a_keyed_delete_an_older_ray_front_acknowledged_answers_its_retry(
             assert r.status_code == 422, r.text  # (the key of another request)
             r = http.delete("/v1/sessions/never", headers={"Idempotency-Key": "kd-9"})
             assert r.status_code == 404, r.text
+    finally:
+        live.stop()
+        kill_hosts(data)
+
+
+def _f32(values: Any) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+@pytest.mark.ray
+def test_a_sharded_session_an_older_ray_front_snapshotted_one_shard_of_is_served_whole(
+        tmp_path: Path, ray_cluster: Any) -> None:
+    """c938206's Ray engine (before revisions were counted) snapshotted one shard of a sharded
+    SGD session (its shard 0, on one host: create, step and a push of its parameter's
+    gradient, three logged updates) and left the other, on another host, with its log only.
+    That snapshot holds no revision, while the other shard's log replay counts the step: the
+    shards' revisions differed, and the session was missing from the listing and every read
+    and step of it a 503 ``shards_out_of_step`` (``/readyz`` 200). Now its coordinator puts
+    them at one revision, as the embedded engine's start does, and the session is served as
+    that front acknowledged it, and steps as torch does."""
+    case = FIXTURES / "c938206-ray-sharded-push"
+    inputs = json.loads((case / "inputs.json").read_text())
+    data = tmp_path / "data"
+    shutil.copytree(case / "stored", data)
+    for host in data.glob("hosts/*/host.json"):  # (no CPU of the shared test cluster)
+        saved = json.loads(host.read_text())
+        host.write_text(json.dumps({**saved, "resources": {"num_cpus": 0}}))
+
+    made = inputs["create"]
+    local = {n: _f32(v) for n, v in made["params"].items()}
+    opt = torch.optim.SGD([local["u"], local["v"]], **made["options"])
+    for n, p in local.items():
+        p.grad = _f32(inputs["step"][n])
+    opt.step()
+    acknowledged = {n: p.detach().clone() for n, p in local.items()}
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in local.values()]
+    pushed = {n: _f32(v) for n, v in inputs["push"].items()}
+    nxt = {"u": _f32([0.5, -1.0, 2.0]), "v": _f32([-3.0, 0.25])}
+    for n, p in local.items():
+        p.grad = nxt[n] + pushed[n] if n in pushed else nxt[n].clone()
+    opt.step()
+
+    live = LiveServer(ray_settings(ray_cluster, data_dir=data))
+    try:
+        import httpx
+        with httpx.Client(base_url=live.start(), timeout=120) as http:
+            r = http.get("/readyz")
+            assert r.status_code == 200 and r.json().get("refused") is None, r.text
+            assert [s["id"] for s in http.get("/v1/sessions").json()["sessions"]] == ["sh"]
+            r = http.get("/v1/sessions/sh")
+            assert r.status_code == 200, r.text
+            assert (r.json()["version"], r.json()["step"]) == (1, 1)
+            r = http.get("/v1/sessions/sh/params")
+            assert r.status_code == 200, r.text
+            params = tensors_from_json(r.json()["params"])
+            assert_trees_equal(params, acknowledged, "restored")
+            r = http.get("/v1/sessions/sh/state_dict")
+            assert r.status_code == 200, r.text
+            state = r.json()["state"]
+            assert_trees_equal([tensor_from_json(state[str(i)]["momentum_buffer"])
+                                for i in range(2)], momentum, "momentum")
+            r = http.post("/v1/sessions/sh/step",
+                          json={"grads": {n: json_tensor(t) for n, t in nxt.items()}})
+            assert r.status_code == 200, r.text
+            assert r.json()["version"] == 2
+            assert_trees_equal(tensors_from_json(r.json()["params"]), dict(local),
+                               "the next step")
+            kill_hosts(data, restart=True)  # (each host restored again from its store)
+            r = http.get("/v1/sessions/sh/params")
+            assert r.status_code == 200, r.text
+            assert r.json()["version"] == 2
+            assert_trees_equal(tensors_from_json(r.json()["params"]), dict(local),
+                               "after its hosts restarted")
     finally:
         live.stop()
         kill_hosts(data)

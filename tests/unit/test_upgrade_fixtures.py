@@ -11,9 +11,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from app.engine import Front, embedded_engine
+from app.engine.host import EmbeddedHost, HostConfig
+from app.engine.router import Host, InProcessHost
+from app.engine.shards import ShardedSession, ShardLayout, old_revisions_aligned, shard_key
+from app.errors import Unavailable
 from tests.torch_reference import assert_trees_equal
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "upgrade"
@@ -75,3 +80,70 @@ def test_a_sharded_session_with_a_shard_snapshotted_before_revisions_is_restored
         finally:
             await eng.stop()
     asyncio.run(again())
+
+
+def test_the_rule_that_aligns_old_revisions() -> None:
+    """Shards at one version whose revisions differ where some was restored from a snapshot
+    older than revisions are put at the highest; shards at different versions (an operation
+    a crash cut between them) or with every revision known never are."""
+    assert old_revisions_aligned([(1, 0, True), (1, 1, False)]) == 1
+    assert old_revisions_aligned([(4, 3, False), (4, 1, True), (4, 2, True)]) == 3
+    assert old_revisions_aligned([(1, 0, True), (2, 1, False)]) is None
+    assert old_revisions_aligned([(1, 0, False), (1, 1, False)]) is None
+    assert old_revisions_aligned([(1, 1, True), (1, 1, False)]) is None
+
+
+def test_a_coordinator_puts_its_shards_at_one_revision_and_they_keep_it(tmp_path: Path) -> None:
+    """What a Ray coordinator made anew does (its shards on hosts of their own, asked through
+    the host interface): the c938206 shards, one restored from a snapshot without a revision,
+    are put at one revision, and the shard moved is snapshotted there, so that its host
+    restored again by itself (a Ray host restarted while the coordinator stays) still agrees
+    with the other shard."""
+    case = FIXTURES / "c938206-sharded-push"
+    inputs: dict[str, Any] = json.loads((case / "inputs.json").read_text())
+    data = tmp_path / "data"
+    shutil.copytree(case / "stored", data)
+    layout = ShardLayout.from_json(
+        json.loads((data / "directory" / "default~sh").read_text())["layout"])
+    keys = [shard_key("default~sh", i, 2) for i in range(2)]
+
+    made = inputs["create"]
+    local = {n: _tensor(v) for n, v in made["params"].items()}
+    opt = torch.optim.SGD([local["u"], local["v"]], **made["options"])
+    for n, p in local.items():
+        p.grad = _tensor(inputs["step"][n])
+    opt.step()
+
+    def embedded() -> EmbeddedHost:
+        return EmbeddedHost(HostConfig("cpu", data_dir=data, durability="step",
+                                       warm_up=False))
+
+    async def run() -> None:
+        host = embedded()
+        await host.start()
+        try:
+            shards: list[tuple[Host, str]] = [(InProcessHost(host), k) for k in keys]
+            session = ShardedSession("default~sh", layout, shards)
+            assert [await h.revision_tip(k) for h, k in shards] == [(1, 0, True),
+                                                                    (1, 1, False)]
+            with pytest.raises(Unavailable) as apart:
+                await session.describe("default~sh")
+            assert apart.value.code == "shards_out_of_step"
+            assert await session.align_old_revisions() == 1
+            assert await session.align_old_revisions() is None  # (in step now)
+            assert (await session.describe("default~sh")).version == 1
+        finally:
+            await host.stop(snapshot=False)  # (as a kill: only what was written stays)
+        host = embedded()
+        await host.start()
+        try:
+            shards = [(InProcessHost(host), k) for k in keys]
+            assert [await h.revision_tip(k) for h, k in shards] == [(1, 1, False),
+                                                                    (1, 1, False)]
+            session = ShardedSession("default~sh", layout, shards)
+            params = await session.pull("default~sh", None)
+            assert (params.version, params.step) == (1, 1)
+            assert_trees_equal(dict(params.params), dict(local), "restored again")
+        finally:
+            await host.stop()
+    asyncio.run(run())
