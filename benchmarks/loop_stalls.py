@@ -1,5 +1,5 @@
 """How long a request of one session can keep every other request waiting: the longest
-``GET /healthz`` answer while a session of K one-element tensors is created and stepped.
+``GET /healthz`` answer while a session of K one-element tensors is created, stepped and deleted.
 
     .venv/bin/python -m benchmarks.loop_stalls                        # 10,000 and 100,000
     .venv/bin/python -m benchmarks.loop_stalls --counts 300000 --max-params 0
@@ -9,14 +9,13 @@ every other setting its default, durability ``step`` included), with
 ``OPTSERVE_MAX_SESSION_PARAMS`` set from ``--max-params`` when given (its default, 100,000,
 refuses a session of more). For each K: a JSON create of K one-element Adam parameters
 (``{"dtype", "shape", "data"}`` each), then binary steps (safetensors in and out, all K
-parameters back; the first step of a layout works out what later ones reuse), while another
-process asks ``/healthz`` every 20 ms on its own connection (a thread of this one would count
-this process's own pauses: encoding and decoding K tensors holds its interpreter lock). Prints,
-per phase,
-the request's own time and the longest ``/healthz`` answer during it (what any other client,
-of any tenant, waited at most): a request's work on the event loop shows there; on the device
-worker or a thread it does not. The last step's parameters are checked bitwise against
-torch's Adam on the same gradients.
+parameters back; the first step of a layout works out what later ones reuse), then its delete,
+while another process asks ``/healthz`` every 20 ms on its own connection (a thread of this one
+would count this process's own pauses: encoding and decoding K tensors holds its interpreter
+lock). Prints, per phase, the request's own time and the longest ``/healthz`` answer during it
+(what any other client, of any tenant, waited at most): a request's work on the event loop
+shows there; on the device worker or a thread it does not. The last step's parameters are
+checked bitwise against torch's Adam on the same gradients.
 """
 
 from __future__ import annotations
@@ -38,16 +37,20 @@ from benchmarks._server import free_port, server, user_defaults
 BINARY = "application/octet-stream"
 
 
-def _poll(url: str, longest: Any, asked: Any, stop: Any) -> None:
-    """The poller process: ``/healthz`` every 20 ms, the longest answer into ``longest``."""
+def _poll(url: str, longest: Any, asked: Any, asking: Any, stop: Any) -> None:
+    """The poller process: ``/healthz`` every 20 ms, the longest answer into ``longest``, the
+    start of the one in flight into ``asking`` (``time.monotonic``, one clock for every
+    process: 0 between them)."""
     with httpx.Client(base_url=url, timeout=600) as client:
         while not stop.is_set():
-            t0 = time.perf_counter()
+            t0 = time.monotonic()
+            asking.value = t0
             client.get("/healthz").raise_for_status()
-            took = time.perf_counter() - t0
+            took = time.monotonic() - t0
             with longest.get_lock():
                 longest.value = max(longest.value, took)
                 asked.value += 1
+                asking.value = 0.0
             stop.wait(0.02)
 
 
@@ -61,13 +64,19 @@ class Poller:
         ctx = multiprocessing.get_context("spawn")
         self._longest = ctx.Value("d", 0.0)
         self._asked = ctx.Value("q", 0, lock=False)
+        self._asking = ctx.Value("d", 0.0, lock=False)
         self._stop = ctx.Event()
-        self._process = ctx.Process(target=_poll, daemon=True,
-                                    args=(url, self._longest, self._asked, self._stop))
+        self._process = ctx.Process(target=_poll, daemon=True, args=(
+            url, self._longest, self._asked, self._asking, self._stop))
 
     @property
     def longest(self) -> float:
-        return float(self._longest.value)
+        """The longest answer since :meth:`reset`, the one still awaited counted as far as it
+        has waited (a stall near a request's end is answered only after it)."""
+        with self._longest.get_lock():
+            since = self._asking.value
+            waited = time.monotonic() - since if since else 0.0
+            return max(float(self._longest.value), waited)
 
     @property
     def asked(self) -> int:
@@ -131,7 +140,12 @@ def measure(url: str, k: int, steps: int) -> list[dict[str, Any]]:
             opt.step()
         same = all(torch.equal(got[n], p.detach()) for n, p in local.items())
         rows[-1]["ok"] = same
-        client.delete(f"/v1/sessions/{sid}")
+        poller.reset()
+        t0 = time.perf_counter()
+        r = client.delete(f"/v1/sessions/{sid}")
+        rows.append({"k": k, "phase": "delete", "status": r.status_code,
+                     "took": time.perf_counter() - t0, "longest": poller.longest,
+                     "asked": poller.asked})
     if not same:
         print(f"K={k}: the last step's parameters differ from torch's", file=sys.stderr)
     return rows
