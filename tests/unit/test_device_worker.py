@@ -14,6 +14,7 @@ from typing import TypeVar
 import pytest
 import torch
 
+from app.engine.interface import Engine
 from app.engine.worker import DeviceWorker, after_job
 
 T = TypeVar("T")
@@ -248,6 +249,24 @@ def test_the_worker_lets_go_of_the_work_it_deferred_once_that_ran(worker: Device
     assert gone() is None
 
 
+def _tensors_of_shape(shape: tuple[int, ...]) -> int:
+    """The tensors of ``shape`` in this process (a test's session takes a shape no other
+    tensor of the tests has)."""
+    import gc
+    return sum(1 for o in gc.get_objects()
+               if issubclass(type(o), torch.Tensor) and tuple(o.shape) == shape)
+
+
+async def _made_and_stepped(eng: Engine, n: int, shape: tuple[int, ...]) -> str:
+    """A session of ``n`` Adam parameters of ``shape`` stepped once (its state made): its id."""
+    from app.engine.interface import CreateSpec, GroupSpec
+    info = await eng.create(CreateSpec(
+        "Adam", [GroupSpec({f"p{i}": torch.zeros(shape) for i in range(n)})], {"lr": 1e-3}))
+    await eng.step(info.id, {f"p{i}": torch.ones(shape) for i in range(n)},
+                   return_params=False)
+    return info.id
+
+
 def test_a_deleted_sessions_tensors_are_freed_once_its_delete_is_answered(
         tmp_path: Path) -> None:
     """A session of many parameters (stepped on the worker thread, its norms for the next
@@ -255,27 +274,21 @@ def test_a_deleted_sessions_tensors_are_freed_once_its_delete_is_answered(
     import gc
 
     from app.engine import embedded_engine
-    from app.engine.interface import CreateSpec, GroupSpec
 
     n, shape = 2000, (3, 1, 7)  # (a shape no other tensor of the test has)
 
     def left() -> int:
         gc.collect()
-        return sum(1 for o in gc.get_objects()
-                   if issubclass(type(o), torch.Tensor) and tuple(o.shape) == shape)
+        return _tensors_of_shape(shape)
 
     async def main() -> None:
         before = left()  # (tests run before it in this process may have left some)
         eng = embedded_engine("cpu", data_dir=tmp_path, durability="memory", warm_up=False)
         await eng.start()
         try:
-            info = await eng.create(CreateSpec(
-                "Adam", [GroupSpec({f"p{i}": torch.zeros(shape) for i in range(n)})],
-                {"lr": 1e-3}))
-            await eng.step(info.id, {f"p{i}": torch.ones(shape) for i in range(n)},
-                           return_params=False)
+            sid = await _made_and_stepped(eng, n, shape)
             assert left() >= before + 3 * n  # (parameters, exp_avg, exp_avg_sq)
-            await eng.delete(info.id)
+            await eng.delete(sid)
             deadline = time.monotonic() + 30  # (only a hang is timed)
             while left() > before and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
@@ -300,39 +313,31 @@ def test_a_deleted_session_of_many_parameters_is_freed_on_the_device_worker(
 
     n, shape = 1500, (2, 1, 9)  # (a shape no other tensor of the test has)
 
-    def left() -> int:
-        return sum(1 for o in gc.get_objects()
-                   if issubclass(type(o), torch.Tensor) and tuple(o.shape) == shape)
-
     async def main() -> list[str]:
         freed_on: list[str] = []
         eng = embedded_engine("cpu", data_dir=tmp_path, durability="memory", warm_up=False)
         await eng.start()
         try:
-            info = await eng.create(CreateSpec(
-                "Adam", [GroupSpec({f"p{i}": torch.zeros(shape) for i in range(n)})],
-                {"lr": 1e-3}))
+            sid = await _made_and_stepped(eng, n, shape)
             other = await eng.create(CreateSpec("Adam", [GroupSpec({"w": torch.zeros(3)})],
                                                 {"lr": 0.1}))
-            await eng.step(info.id, {f"p{i}": torch.ones(shape) for i in range(n)},
-                           return_params=False)
             gc.collect()
-            before = left()
+            before = _tensors_of_shape(shape)
             assert before >= 3 * n  # (parameters, exp_avg, exp_avg_sq)
-            found = [o for o in gc.get_objects() if type(o) is Session and o.id == info.id]
+            found = [o for o in gc.get_objects() if type(o) is Session and o.id == sid]
             assert len(found) == 1
             weakref.finalize(found[0], lambda: freed_on.append(threading.current_thread().name))
             del found
-            await eng.delete(info.id)
+            await eng.delete(sid)
             assert freed_on == [f"optserve-{torch.device('cpu')}"]
-            assert left() <= before - 3 * n
+            assert _tensors_of_shape(shape) <= before - 3 * n  # (freed, no collection needed)
             got = await eng.step(other.id, {"w": torch.tensor([1.0, -2.0, 0.5])},
                                  return_params=True)
             w = torch.zeros(3, requires_grad=True)
             opt = torch.optim.Adam([w], lr=0.1)
             w.grad = torch.tensor([1.0, -2.0, 0.5])
             opt.step()
-            assert torch.equal(got.params["w"], w.detach())
+            assert got.params is not None and torch.equal(got.params["w"], w.detach())
         finally:
             await eng.stop()
         return freed_on
