@@ -5,12 +5,10 @@ checked is what a client sees over HTTP (an ``Idempotency-Key``'s fingerprint in
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from tests.conftest import LiveServer, _test_settings, kill_hosts, ray_settings
 from tests.torch_reference import (
@@ -19,7 +17,7 @@ from tests.torch_reference import (
     tensor_from_json,
     tensors_from_json,
 )
-from tests.unit.test_upgrade_fixtures import FIXTURES
+from tests.upgrade_cases import copied_case, f32, sgd_after_its_step
 
 pytestmark = pytest.mark.integration
 
@@ -32,10 +30,8 @@ def test_a_keyed_delete_of_a_sharded_session_an_older_server_acknowledged_is_don
     stayed held out of sight, and a create of the id was a 409 naming ``shard1of2`` (the
     id unusable for good). Now the retry is answered as the delete it repeats, the leftover
     shard is deleted at start, and the id can be made again."""
-    case = FIXTURES / "c938206-sharded-keyed-delete"
-    inputs = json.loads((case / "inputs.json").read_text())
-    shutil.copytree(case / "stored", tmp_path / "data")
-    live = LiveServer(_test_settings(data_dir=tmp_path / "data"))
+    inputs, data = copied_case("c938206-sharded-keyed-delete", tmp_path)
+    live = LiveServer(_test_settings(data_dir=data))
     try:
         import httpx
         with httpx.Client(base_url=live.start(), timeout=60) as http:
@@ -65,14 +61,8 @@ def test_a_keyed_delete_an_older_ray_front_acknowledged_answers_its_retry(
     retry of such a delete (of a plain session, and of a sharded one) was a 404. Now a keyed
     delete of an id the directory holds nothing under asks the hosts, and is answered (204,
     replayed) by the one that kept it, and the directory marks it."""
-    case = FIXTURES / "c938206-ray-keyed-delete"
-    inputs = json.loads((case / "inputs.json").read_text())
-    data = tmp_path / "data"
-    shutil.copytree(case / "stored", data)
-    for host in data.glob("hosts/*/host.json"):  # (no CPU of the shared test cluster: it runs
-        # late in the Ray suite, whose earlier tests' hosts may hold all of them)
-        saved = json.loads(host.read_text())
-        host.write_text(json.dumps({**saved, "resources": {"num_cpus": 0}}))
+    inputs, data = copied_case("c938206-ray-keyed-delete", tmp_path)
+    _hosts_without_cpus(data)
     live = LiveServer(ray_settings(ray_cluster, data_dir=data))
     try:
         import httpx
@@ -92,8 +82,12 @@ def test_a_keyed_delete_an_older_ray_front_acknowledged_answers_its_retry(
         kill_hosts(data)
 
 
-def _f32(values: Any) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32)
+def _hosts_without_cpus(data: Path) -> None:
+    """The Ray hosts of a copied case take no CPU of the shared test cluster (these tests run
+    late in the Ray suite, whose earlier tests' hosts may hold all of them)."""
+    for host in data.glob("hosts/*/host.json"):
+        saved = json.loads(host.read_text())
+        host.write_text(json.dumps({**saved, "resources": {"num_cpus": 0}}))
 
 
 @pytest.mark.ray
@@ -107,24 +101,14 @@ def test_a_sharded_session_an_older_ray_front_snapshotted_one_shard_of_is_served
     and step of it a 503 ``shards_out_of_step`` (``/readyz`` 200). Now its coordinator puts
     them at one revision, as the embedded engine's start does, and the session is served as
     that front acknowledged it, and steps as torch does."""
-    case = FIXTURES / "c938206-ray-sharded-push"
-    inputs = json.loads((case / "inputs.json").read_text())
-    data = tmp_path / "data"
-    shutil.copytree(case / "stored", data)
-    for host in data.glob("hosts/*/host.json"):  # (no CPU of the shared test cluster)
-        saved = json.loads(host.read_text())
-        host.write_text(json.dumps({**saved, "resources": {"num_cpus": 0}}))
+    inputs, data = copied_case("c938206-ray-sharded-push", tmp_path)
+    _hosts_without_cpus(data)
 
-    made = inputs["create"]
-    local = {n: _f32(v) for n, v in made["params"].items()}
-    opt = torch.optim.SGD([local["u"], local["v"]], **made["options"])
-    for n, p in local.items():
-        p.grad = _f32(inputs["step"][n])
-    opt.step()
+    local, opt = sgd_after_its_step(inputs)
     acknowledged = {n: p.detach().clone() for n, p in local.items()}
     momentum = [opt.state[p]["momentum_buffer"].clone() for p in local.values()]
-    pushed = {n: _f32(v) for n, v in inputs["push"].items()}
-    nxt = {"u": _f32([0.5, -1.0, 2.0]), "v": _f32([-3.0, 0.25])}
+    pushed = {n: f32(v) for n, v in inputs["push"].items()}
+    nxt = {"u": f32([0.5, -1.0, 2.0]), "v": f32([-3.0, 0.25])}
     for n, p in local.items():
         p.grad = nxt[n] + pushed[n] if n in pushed else nxt[n].clone()
     opt.step()

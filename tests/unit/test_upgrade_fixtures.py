@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 
 from app.engine import Front, embedded_engine
 from app.engine.host import EmbeddedHost, HostConfig
@@ -20,12 +17,7 @@ from app.engine.router import Host, InProcessHost
 from app.engine.shards import ShardedSession, ShardLayout, old_revisions_aligned, shard_key
 from app.errors import Unavailable
 from tests.torch_reference import assert_trees_equal
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "upgrade"
-
-
-def _tensor(values: list[float]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32)
+from tests.upgrade_cases import copied_case, f32, sgd_after_its_step
 
 
 def test_a_sharded_session_with_a_shard_snapshotted_before_revisions_is_restored_whole(
@@ -35,20 +27,11 @@ def test_a_sharded_session_with_a_shard_snapshotted_before_revisions_is_restored
     other with its log only. Its snapshot holds no revision, while the other shard's log replay
     counts the step: the shards' revisions differed ([0, 1]), the session was missing from the
     listing and every read of it a 503 shards_out_of_step, until it went out of service."""
-    case = FIXTURES / "c938206-sharded-push"
-    inputs: dict[str, Any] = json.loads((case / "inputs.json").read_text())
-    data = tmp_path / "data"
-    shutil.copytree(case / "stored", data)
-
-    made = inputs["create"]
-    local = {n: _tensor(v) for n, v in made["params"].items()}
-    opt = torch.optim.SGD([local["u"], local["v"]], **made["options"])
-    for n, p in local.items():
-        p.grad = _tensor(inputs["step"][n])
-    opt.step()
+    inputs, data = copied_case("c938206-sharded-push", tmp_path)
+    local, opt = sgd_after_its_step(inputs)
     acknowledged = {n: p.detach().clone() for n, p in local.items()}
-    pushed = {n: _tensor(v) for n, v in inputs["push"].items()}
-    nxt = {"u": _tensor([0.5, -1.0, 2.0]), "v": _tensor([-3.0, 0.25])}
+    pushed = {n: f32(v) for n, v in inputs["push"].items()}
+    nxt = {"u": f32([0.5, -1.0, 2.0]), "v": f32([-3.0, 0.25])}
     for n, p in local.items():
         p.grad = nxt[n] + pushed[n] if n in pushed else nxt[n].clone()
     opt.step()
@@ -99,20 +82,11 @@ def test_a_coordinator_puts_its_shards_at_one_revision_and_they_keep_it(tmp_path
     are put at one revision, and the shard moved is snapshotted there, so that its host
     restored again by itself (a Ray host restarted while the coordinator stays) still agrees
     with the other shard."""
-    case = FIXTURES / "c938206-sharded-push"
-    inputs: dict[str, Any] = json.loads((case / "inputs.json").read_text())
-    data = tmp_path / "data"
-    shutil.copytree(case / "stored", data)
+    inputs, data = copied_case("c938206-sharded-push", tmp_path)
     layout = ShardLayout.from_json(
         json.loads((data / "directory" / "default~sh").read_text())["layout"])
     keys = [shard_key("default~sh", i, 2) for i in range(2)]
-
-    made = inputs["create"]
-    local = {n: _tensor(v) for n, v in made["params"].items()}
-    opt = torch.optim.SGD([local["u"], local["v"]], **made["options"])
-    for n, p in local.items():
-        p.grad = _tensor(inputs["step"][n])
-    opt.step()
+    local, opt = sgd_after_its_step(inputs)
 
     def embedded() -> EmbeddedHost:
         return EmbeddedHost(HostConfig("cpu", data_dir=data, durability="step",
