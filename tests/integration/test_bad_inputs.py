@@ -527,6 +527,65 @@ def test_an_index_written_twice_is_422(sess: Sess) -> None:
     sess.assert_unchanged()
 
 
+@pytest.mark.parametrize(("changes", "fld"), [
+    ([{}, {}], "param_groups.1"),
+    ([None, None], "param_groups.1"),
+    ({"1": {}}, "param_groups.1"),
+    ({"0": {"lr": 0.5}, "3": {}}, "param_groups.3"),
+    ("st", "param_groups.2"),
+], ids=["list-empty", "list-null", "object-empty", "change-and-empty", "safetensors"])
+def test_a_step_entry_for_a_group_the_session_lacks_is_422(sess: Sess, changes: Any,
+                                                           fld: str) -> None:
+    """A step's ``{}`` or ``null`` for a group the session does not have is a client's mistake
+    (its groups are not what it thinks), as a change for that group is: it was stepped as if
+    the entry were not there. A 422 naming the entry, nothing changed."""
+    if changes == "st":
+        header = {"__metadata__": {"param_groups": json.dumps({"2": {}})},
+                  "w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}
+        r = sess.http.post(f"{sess.url}/step", content=st_file(
+            header, G1["w"].numpy().tobytes()), headers=BIN_CT)
+    else:
+        r = sess.http.post(f"{sess.url}/step", json={"grads": {}, "param_groups": changes})
+    assert_problem(r, 422, "unknown_param_group", fld, "does not exist; this session has 1")
+    sess.assert_unchanged()
+
+
+@pytest.mark.parametrize("changes", [[{}], [None], {"0": {}}, []],
+                         ids=["list-empty", "list-null", "object-empty", "no-entries"])
+def test_a_step_entry_that_changes_nothing_steps_as_torch(sess: Sess, changes: Any) -> None:
+    """``{}`` and ``null`` for the session's own groups leave them alone: the step is the step
+    without them, equal to in-process torch."""
+    r = sess.http.post(f"{sess.url}/step", params={"encoding": "b64"},
+                       json={"grads": {}, "param_groups": changes})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["version"], body["step"], body["skipped"]) == (2, 2, False)
+    expected = reference_params()
+    for n in NAMES:
+        assert torch.equal(from_jt(body["params"][n]), expected[n].detach()), n
+    assert sess.http.get(sess.url).json()["revision"] == sess.before.describe["revision"] + 1
+
+
+def test_a_sync_push_entry_for_a_group_the_session_lacks_is_422(http: httpx.Client) -> None:
+    """In a session with sync rounds too (which takes no option changes with a push, but
+    ``{}`` for its groups): a 422 naming the entry, and the round holds no push of it."""
+    sid = new_session(http, sync={"workers": 2, "timeout_s": 30})
+    before = snapshot(http, sid)
+    url = f"/v1/sessions/{sid}/step"
+    grads = {n: jt(t) for n, t in G1.items()}
+    for changes, fld in (({"1": {}}, "param_groups.1"), ([{}, None], "param_groups.1")):
+        r = http.post(url, json={"grads": grads, "param_groups": changes},
+                      headers={"X-Optserve-Worker": "a"})
+        assert_problem(r, 422, "unknown_param_group", fld)
+    assert http.get(f"/v1/sessions/{sid}").json()["sync"]["pending"] == []
+    after = snapshot(http, sid)
+    assert (after.describe, after.params, after.state_dict) == (
+        before.describe, before.params, before.state_dict)
+    r = http.post(url, json={"grads": grads, "param_groups": {"0": {"lr": 0.5}}},
+                  headers={"X-Optserve-Worker": "a"})
+    assert_problem(r, 422, "invalid_body", "param_groups")
+
+
 # --------------------------------------------------------------------------- other session routes
 
 def test_unknown_session(http: httpx.Client) -> None:

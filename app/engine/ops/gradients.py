@@ -20,7 +20,7 @@ from app.engine import (
 )
 from app.engine.interface import GradsResult, StepResult, Tensors
 from app.engine.ops.base import ApplyFailed, Operation, register
-from app.engine.ops.params import check_group_changes
+from app.engine.ops.params import changed_groups, check_group_changes
 from app.engine.rounds import DISCARDED_BY
 from app.engine.session import Session, TakenNorms, lr_value
 from app.errors import Conflict, Invalid
@@ -144,6 +144,8 @@ class Step(Operation):
             self.scalars, session=s if self.scalar_names else None) or None
         if self.time is None:
             self.time = time.time()
+        # (entries that change nothing go, once they are checked to name a group)
+        self.options = changed_groups(len(s.optimizer.param_groups), self.options)
         changes = (check_group_changes(s, self.options, request=self.request,
                                        tensors=self.tensor_range) if self.options else {})
         staleness, lr_div = None, self.lr_div
