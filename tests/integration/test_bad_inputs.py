@@ -1841,6 +1841,54 @@ def test_nonfinite_scheduler_state_is_refused_on_import(http: httpx.Client) -> N
                    "state_dict.scheduler.factor")
 
 
+@pytest.mark.parametrize(("lr_dtype", "value"), [
+    ("float32", 1e39),
+    ("float16", 70000.0),
+    ("float32", {"dtype": "float64", "shape": [], "data": [1e39]}),
+], ids=["number-past-float32", "number-past-float16", "float64-tensor-past-float32"])
+@pytest.mark.parametrize("how", ["patch", "step"])
+def test_a_fill_past_the_tensor_lrs_range_is_422(http: httpx.Client, lr_dtype: str,
+                                                  value: Any, how: str) -> None:
+    """``$fill`` of a value the session's tensor lr cannot hold: torch's ``fill_`` raises for
+    a number past the dtype's range (the check's fill of a copy did too: a bare 500), and
+    leaves the tensor infinite for a float16 one or a wider tensor's value. A 422
+    ``option_overflow`` naming the option, nothing changed; a value in range is filled and
+    steps as torch."""
+    dtype = getattr(torch, lr_dtype)
+    number = value if isinstance(value, float) else torch.tensor(value["data"][0],
+                                                                 dtype=torch.float64)
+    held = torch.tensor(LR, dtype=dtype)
+    try:
+        held.fill_(number)
+    except RuntimeError:
+        pass  # (torch refuses it)
+    else:
+        assert not torch.isfinite(held)  # (torch takes it as an infinite lr)
+    sid = new_session(http, options={"lr": {"dtype": lr_dtype, "shape": [], "data": [LR]}})
+    url = f"/v1/sessions/{sid}"
+    before = snapshot(http, sid)
+    change = {"lr": value, "$fill": ["lr"]}
+    grads = {n: jt(t) for n, t in G1.items()}
+    r = (http.patch(f"{url}/param_groups/0", json=change) if how == "patch"
+         else http.post(f"{url}/step", json={"grads": grads, "param_groups": [change]}))
+    assert_problem(r, 422, "option_overflow", "param_groups.0.lr", "beyond the range")
+    after = snapshot(http, sid)
+    assert (after.describe, after.params, after.state_dict) == (
+        before.describe, before.params, before.state_dict)
+    r = http.post(f"{url}/step", params={"encoding": "b64"},
+                  json={"grads": grads, "param_groups": [{"lr": 0.05, "$fill": ["lr"]}]})
+    assert r.status_code == 200, r.text
+    params = {n: t.clone() for n, t in p0().items()}
+    lr = torch.tensor(LR, dtype=dtype)
+    opt = torch.optim.Adam([params[n] for n in NAMES], lr=lr)
+    lr.fill_(0.05)
+    for n in NAMES:
+        params[n].grad = G1[n].clone()
+    opt.step()
+    for n in NAMES:
+        assert torch.equal(from_jt(r.json()["params"][n]), params[n]), n
+
+
 # --------------------------------------------------------------------------- zero_grad's body
 
 def test_zero_grad_takes_no_body(sess: Sess) -> None:

@@ -368,7 +368,7 @@ def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
                 continue
             plan[key] = shared_options.fill_value(opts[key], f"{where}.{key}")
             filling.append(key)
-            after = shared_options.filled(target, plan[key])
+            after = shared_options.filled(target, plan[key], f"{where}.{key}")
             for j, slots in enumerate(held):
                 for name, value in slots.items():
                     if value is target:
