@@ -52,6 +52,8 @@ _MESSAGE_HINTS = (
     ("weight_decay", "weight_decay"), ("weight decay", "weight_decay"),
     ("momentum", "momentum"), ("nesterov", "nesterov"), ("dampening", "dampening"),
     ("eta values", "etas"),
+    # (LBFGS's line search with max_eval < 1: "cannot access local variable 'bracket_f'")
+    ("no evaluation left", "max_eval"),
 )
 
 
@@ -209,8 +211,11 @@ def _named(message: str, fields: dict[str, str]) -> str | None:
     return None
 
 
+#: what torch raises for options it cannot work with. NameError: LBFGS's strong_wolfe line
+#: search, given no evaluation to spend (``max_eval`` < 1), reads a variable it never set
+#: (UnboundLocalError)
 TORCH_ERRORS = (ValueError, TypeError, RuntimeError, KeyError, IndexError, AssertionError,
-                NotImplementedError, ZeroDivisionError, OverflowError)
+                NotImplementedError, ZeroDivisionError, OverflowError, NameError)
 
 
 _FLOAT_MAX: dict[torch.dtype, float] = {}
@@ -350,6 +355,12 @@ def probe(
         for t in tensors:
             t.grad = probe_grad(cls, t, 0.25)
         probe_step(opt)
+    except NameError as exc:  # (see TORCH_ERRORS)
+        why = (": its line search has no evaluation left (max_eval must be at least 1)"
+               if cls is torch.optim.LBFGS else "")
+        raise _refused(ValueError(f"torch's {cls.__name__}.step fails with these options "
+                                  f"({type(exc).__name__}: {exc}){why}"),
+                       fields, fallback) from None
     except TORCH_ERRORS as exc:
         # (the options the client gave, of every group checked, come first here too: foreach
         # sent to a differentiable group is named, not the differentiable it held)

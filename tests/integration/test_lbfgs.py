@@ -274,6 +274,43 @@ def test_an_export_made_before_the_history_updates_imports_back(http: httpx.Clie
         assert_same_state(state_of(http, new)["state"], twin.opt.state_dict()["state"])
 
 
+@pytest.mark.parametrize("max_eval", [0, -3])
+def test_a_line_search_with_no_evaluation_to_spend_is_refused(http: httpx.Client,
+                                                              max_eval: int) -> None:
+    """torch's strong_wolfe line search given ``max_eval`` < 1 raises UnboundLocalError at the
+    step (its constructor takes it): a create, or a PATCH that makes a group so, was a bare
+    500 (the options' check steps a throwaway LBFGS). A 422 naming ``max_eval``, nothing made
+    or changed; with ``max_eval`` 1 the session steps as torch."""
+    wolfe = {"lr": 1, "max_iter": 4, "line_search_fn": "strong_wolfe"}
+    with pytest.raises(UnboundLocalError):
+        Local({**wolfe, "max_eval": max_eval}).step()
+    sid = f"lbfgs-{uuid.uuid4().hex[:10]}"
+    r = http.post("/v1/sessions", json={
+        "id": sid, "optimizer": "LBFGS", "options": {**wolfe, "max_eval": max_eval},
+        "params": {n: json_tensor(t) for n, t in START.items()}})
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert (r.json()["code"], r.json()["field"]) == ("invalid_option", "options.max_eval")
+    assert "max_eval must be at least 1" in r.json()["detail"]
+    assert http.get(f"/v1/sessions/{sid}").status_code == 404
+    sid = create(http, wolfe)
+    before = state_of(http, sid), http.get(f"/v1/sessions/{sid}").json()
+    r = http.patch(f"/v1/sessions/{sid}/param_groups/0", json={"max_eval": max_eval})
+    assert r.status_code == 422, r.text
+    assert (r.json()["code"], r.json()["field"]) == ("invalid_option", "param_groups.0.max_eval")
+    assert_same_state(state_of(http, sid), before[0])
+    assert http.get(f"/v1/sessions/{sid}").json() == before[1]
+    r = http.patch(f"/v1/sessions/{sid}/param_groups/0", json={"max_eval": 1})
+    assert r.status_code == 200, r.text
+    local = Local({**wolfe, "max_eval": 1})
+    for _ in range(2):
+        answer, evaluations = remote_step(http, sid)
+        loss, calls = local.step()
+        assert (answer["loss"], evaluations) == (loss, calls)
+    for n, t in params_of(http, sid).items():
+        assert bitwise(t, local.params[n].detach()), n
+
+
 def test_lbfgs_with_scheduler_and_return_none(http: httpx.Client) -> None:
     options = {"lr": 1, "max_iter": 4, "history_size": 3}
     sid = create(http, options, scheduler={"name": "StepLR",
