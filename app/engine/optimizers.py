@@ -368,6 +368,23 @@ def probe(
         raise _refused(exc, fields, fallback, given or None) from None
 
 
+def empty_step_refusal(cls: type[torch.optim.Optimizer], defaults: dict[str, Any],
+                       options: dict[str, Any], shape: torch.Size, dtype: torch.dtype,
+                       device: torch.device) -> str | None:
+    """Why torch cannot step a parameter of ``shape`` with no elements in a group of these
+    options (None when it can): its Adafactor, and its Muon for some shapes, divide by a count
+    of the elements and raise ZeroDivisionError in the middle of the step. Tried on a throwaway
+    parameter of that shape, which costs nothing (it has no elements)."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    try:
+        opt = cls([{"params": [t], **fresh(options)}], **fresh(defaults))
+        t.grad = probe_grad(cls, t, 0.0)
+        probe_step(opt)
+    except TORCH_ERRORS as exc:
+        return f"torch's {cls.__name__}.step raises {type(exc).__name__}: {exc}"
+    return None
+
+
 def _refused(exc: Exception, fields: dict[str, str], fallback: str,
              given: dict[str, str] | None = None) -> Invalid:
     """torch's refusal of options as a 422 naming the option it is about."""

@@ -1484,6 +1484,51 @@ def test_step_torch_cannot_take_is_not_500(http: httpx.Client) -> None:
         before.params, before.describe, before.state_dict)
 
 
+@pytest.mark.parametrize(("optimizer", "shape"), [("Adafactor", (0, 3)), ("Adafactor", (0,)),
+                                                ("Muon", (3, 0))])
+@pytest.mark.parametrize("how", ["step", "pushed"])
+def test_a_gradient_with_no_elements_torch_cannot_step_is_422(
+        http: httpx.Client, optimizer: str, shape: tuple[int, ...], how: str) -> None:
+    """torch's Adafactor (and its Muon for some shapes) divides by a parameter's element count
+    and raises ZeroDivisionError in the middle of a step with a gradient for a parameter with
+    no elements (its constructor takes the parameter): that step was a 500 ``apply_failed``.
+    A 422 ``invalid_gradient`` naming the gradient, sent or accumulated, nothing changed; the
+    step with that gradient left out steps as torch does."""
+    w = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
+    z = torch.zeros(shape)
+    gw = torch.tensor([[0.1, -0.2], [0.3, 0.4]])
+    ref = {"w": w.clone(), "z": z.clone()}
+    opt = getattr(torch.optim, optimizer)(list(ref.values()), lr=LR)
+    ref["w"].grad, ref["z"].grad = gw.clone(), torch.zeros(shape)
+    with pytest.raises(ZeroDivisionError):
+        opt.step()
+    ref = {"w": w.clone(), "z": z.clone()}
+    opt = getattr(torch.optim, optimizer)(list(ref.values()), lr=LR)
+    ref["w"].grad = gw.clone()
+    opt.step()
+    sid = f"bad-{uuid.uuid4().hex[:12]}"
+    _CREATED.append((http, sid))
+    r = http.post("/v1/sessions", json={"id": sid, "optimizer": optimizer, "options": {"lr": LR},
+                                        "params": {"w": jt(w), "z": jt(z)}})
+    assert r.status_code == 201, r.text
+    url = f"/v1/sessions/{sid}"
+    grads = {"w": jt(gw), "z": jt(torch.zeros(shape))}
+    if how == "pushed":
+        assert http.post(f"{url}/grads", json={"grads": {"z": grads.pop("z")}}).status_code == 200
+    before = snapshot(http, sid)
+    r = http.post(f"{url}/step", json={"grads": grads})
+    assert_problem(r, 422, "invalid_gradient", "grads.z", "ZeroDivisionError")
+    after = snapshot(http, sid)
+    assert (after.params, after.describe, after.state_dict) == (
+        before.params, before.describe, before.state_dict)
+    assert http.post(f"{url}/zero_grad").status_code == 200
+    r = http.post(f"{url}/step", params={"encoding": "b64"}, json={"grads": {"w": jt(gw)}})
+    assert r.status_code == 200, r.text
+    got = r.json()["params"]
+    assert torch.equal(from_jt(got["w"]), ref["w"])
+    assert got["z"]["shape"] == list(shape) and not base64.b64decode(got["z"]["b64"])
+
+
 def test_own_state_reimports_after_linear_decay_to_zero(http: httpx.Client) -> None:
     """LinearLR(end_factor=0) ends at lr = -1.48e-18 in torch's own arithmetic (in-process
     torch gives the same). The session's exported state must import back into it, as torch's

@@ -67,6 +67,26 @@ class StepPlan:
     grad_norms: TakenNorms = field(default_factory=TakenNorms)
 
 
+def check_empty_gradients(s: Session, grads: Tensors, field: str = "grads") -> None:
+    """A gradient with no elements, for a parameter torch's step cannot take one for
+    (:func:`optimizers.empty_step_refusal`): a 422 naming it, before anything changes, where
+    the step would raise in the middle (torch steps a parameter only with a gradient: one
+    left out is no refusal)."""
+    empty = [n for n, g in grads.items() if g.numel() == 0]
+    if not empty:
+        return
+    group_of = {n: i for i, g in enumerate(s.optimizer.param_groups) for n in g["param_names"]}
+    groups = s.group_options()
+    for name in empty:
+        g = grads[name]
+        why = optimizers.empty_step_refusal(s.cls, s.defaults, groups[group_of[name]], g.shape,
+                                            g.dtype, s.device)
+        if why is not None:
+            raise Invalid(f"{s.optimizer_name} cannot step {name!r:.80}, a parameter with no "
+                          f"elements ({why}); leave its gradient out", code="invalid_gradient",
+                          field=f"{field}.{name}")
+
+
 @register
 @dataclass
 class Step(Operation):
@@ -172,6 +192,7 @@ class Step(Operation):
                 # tensor, which the restore puts back)
                 shared_options.apply_changes(s.optimizer.param_groups, {
                     index: optimizers.fresh(opts) for index, opts in changes.items()})
+                check_empty_gradients(s, total)
                 s.check_group_scalars(self.tensor_range)
                 if s.steps_scheduler():
                     assert s.scheduler is not None
