@@ -273,6 +273,12 @@ def option_numbers(value: Any, tensors: bool = False) -> list[float]:
     return out
 
 
+#: options torch never converts to the parameters' dtype: ASGD's ``t0`` is subtracted from the
+#: step count (a float32 tensor, or a Python number). Its default, 1e6, is past float16's range:
+#: an ASGD session of float16 parameters was refused every step and every PATCH for it
+NOT_IN_PARAMS_DTYPE = frozenset({"t0"})
+
+
 def overflowing(options: dict[str, Any], dtype: torch.dtype, tensors: bool = False
                 ) -> tuple[str, float] | None:
     """The first option (its name and number) past the range of a floating ``dtype``, finite
@@ -281,6 +287,8 @@ def overflowing(options: dict[str, Any], dtype: torch.dtype, tensors: bool = Fal
         return None
     top = float_max(dtype)
     for key, value in options.items():
+        if key in NOT_IN_PARAMS_DTYPE:
+            continue
         for v in option_numbers(value, tensors):
             if math.isfinite(v) and abs(v) > top:
                 return key, v

@@ -1807,6 +1807,42 @@ def test_an_infinity_that_means_no_bound_is_taken(http: httpx.Client, optimizer:
                    "invalid_option", fld)
 
 
+@pytest.mark.parametrize(("dtype", "t0"), [("float16", None), ("float16", 1e300),
+                                         ("float32", 1e39), ("bfloat16", 1e300)],
+                         ids=["f16-default", "f16-1e300", "f32-1e39", "bf16-1e300"])
+def test_asgd_t0_past_the_parameters_dtype_steps_as_torch(http: httpx.Client, dtype: str,
+                                                          t0: float | None) -> None:
+    """ASGD's ``t0`` never meets the parameters' dtype (torch subtracts it from the step
+    count), so no value of it overflows one; but it was checked as if it did: the default
+    t0, 1e6, is past float16's range, and an ASGD session of float16 parameters was refused
+    every step and every PATCH (422 ``option_overflow`` naming t0) that torch steps. Now it
+    steps as in-process torch, and an lr PATCH is taken."""
+    wide = getattr(torch, dtype)
+    options: dict[str, Any] = {"lr": 0.01, **({} if t0 is None else {"t0": t0})}
+    start = {n: t.to(wide) for n, t in p0().items()}
+    sid = f"bad-{uuid.uuid4().hex[:12]}"
+    _CREATED.append((http, sid))
+    r = http.post("/v1/sessions", json={"id": sid, "optimizer": "ASGD", "options": options,
+                                        "params": {n: jt(t) for n, t in start.items()}})
+    assert r.status_code == 201, r.text
+    params = {n: t.clone() for n, t in start.items()}
+    opt = torch.optim.ASGD([params[n] for n in NAMES], **options)
+    for k in range(3):
+        if k == 2:
+            r = http.patch(f"/v1/sessions/{sid}/param_groups/0", json={"lr": 0.02})
+            assert r.status_code == 200, r.text
+            opt.param_groups[0]["lr"] = 0.02
+        grads = {n: (G1[n] * (k + 1)).to(wide) for n in NAMES}
+        r = http.post(f"/v1/sessions/{sid}/step", params={"encoding": "b64"},
+                      json={"grads": {n: jt(g) for n, g in grads.items()}})
+        assert r.status_code == 200, r.text
+        for n in NAMES:
+            params[n].grad = grads[n].clone()
+        opt.step()
+        for n in NAMES:
+            assert torch.equal(from_jt(r.json()["params"][n]), params[n]), n
+
+
 def _scheduled(http: httpx.Client, optimizer: str, scheduler: dict[str, Any],
                options: dict[str, Any] | None = None) -> tuple[str, Snapshot]:
     sid = new_session(http, optimizer=optimizer, scheduler=scheduler,
