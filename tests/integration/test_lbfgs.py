@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import signal
 import threading
 import time
 import uuid
@@ -562,6 +563,56 @@ def test_lbfgs_step_survives_kill9(tmp_path: Path) -> None:
             answer, _ = remote_step(http, sid)
             for n, p in local.params.items():
                 assert bitwise(answer["params"][n], p.detach()), n
+    finally:
+        proc.stop()
+
+
+def test_a_tensor_lr_filled_between_steps_moves_t_as_in_torch(tmp_path: Path) -> None:
+    """torch's LBFGS leaves its ``t`` the group's tensor lr itself (``t = lr``, past a step's
+    first iteration without a line search), and the next step's first update reads it: a
+    scheduler's in-place fill of the lr, or a client's ``$fill``, moves it. The step ran on a
+    copy and kept the copy's lr as ``t``, so after a fill the session went on unlike torch
+    (StepLR halving a 0.5 lr: [2.6411, 2.8206] for torch's [2.5514, 2.7757] after three steps).
+    Bitwise torch now, live, after a SIGTERM restart (restored from the snapshot the stop
+    writes) and after kill -9 (replayed)."""
+    options = {"lr": 0.5, "max_iter": 3}
+    lr = torch.tensor(0.5)
+    local = Local({**options, "lr": lr})
+    sched = torch.optim.lr_scheduler.StepLR(local.opt, step_size=1, gamma=0.5)
+    proc = Proc(tmp_path / "data").start()
+    try:
+        def step_both(http: httpx.Client) -> None:
+            local.step()
+            sched.step()
+            answer, _ = remote_step(http, "lbfgs-t")
+            for n, p in local.params.items():
+                assert bitwise(answer["params"][n], p.detach()), n
+
+        def fill_both(http: httpx.Client, value: float) -> None:
+            r = http.patch("/v1/sessions/lbfgs-t/param_groups/0",
+                           json={"lr": value, "$fill": ["lr"]})
+            assert r.status_code == 200, r.text
+            lr.fill_(value)
+
+        with httpx.Client(base_url=proc.url, timeout=30) as http:
+            create(http, {**options, "lr": json_tensor(torch.tensor(0.5))}, sid="lbfgs-t",
+                   scheduler={"name": "StepLR", "options": {"step_size": 1, "gamma": 0.5}})
+            for _ in range(3):
+                step_both(http)
+            fill_both(http, 0.3)
+            step_both(http)
+        assert proc.proc is not None
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(60) == 0
+        proc.start()
+        with httpx.Client(base_url=proc.url, timeout=30) as http:
+            fill_both(http, 0.2)
+            step_both(http)
+        proc.kill9()
+        proc.start()
+        with httpx.Client(base_url=proc.url, timeout=30) as http:
+            fill_both(http, 0.4)
+            step_both(http)
     finally:
         proc.stop()
 
