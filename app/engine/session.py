@@ -228,6 +228,9 @@ class Session:
         self.known_header: tuple[bytes, list[torch.Tensor]] | None = None
         #: how its parameters are copied out with one copy (:class:`BlockPlan`), kept
         self.block_plan: BlockPlan | None = None
+        #: the parameters with no elements, for as many parameters as counted
+        #: (:meth:`empty_params`)
+        self._empty: tuple[int, list[str]] | None = None
         #: a shard's stamps on its optimizer's per-parameter states: name -> (the version when
         #: the state was made, its place among those made then); None for any other session
         #: (:mod:`app.engine.state_order`)
@@ -552,6 +555,14 @@ class Session:
                 f"\"param_groups\": {{\"{i}\": {{...}}}}); if the scheduler would take it out "
                 f"of range again, remove it (PATCH /v1/sessions/{self.shown_id} with "
                 "{\"scheduler\": null})")
+
+    def empty_params(self) -> list[str]:
+        """The names of the parameters with no elements. Kept between steps (a walk of 100,000
+        parameters is 15 ms): parameters are only ever added (a group), never reshaped."""
+        if self._empty is None or self._empty[0] != len(self.params):
+            self._empty = (len(self.params),
+                           [n for n, p in self.params.items() if p.numel() == 0])
+        return self._empty[1]
 
     def check_names(self, names: list[str] | None) -> None:
         if names is not None:

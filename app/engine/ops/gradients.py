@@ -72,7 +72,7 @@ def check_empty_gradients(s: Session, grads: Tensors, field: str = "grads") -> N
     (:func:`optimizers.empty_step_refusal`): a 422 naming it, before anything changes, where
     the step would raise in the middle (torch steps a parameter only with a gradient: one
     left out is no refusal)."""
-    empty = [n for n, g in grads.items() if g.numel() == 0]
+    empty = [n for n in s.empty_params() if n in grads]  # (a gradient has its parameter's shape)
     if not empty:
         return
     group_of = {n: i for i, g in enumerate(s.optimizer.param_groups) for n in g["param_names"]}
