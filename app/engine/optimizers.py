@@ -413,10 +413,23 @@ def probe_grad(cls: type[torch.optim.Optimizer], t: torch.Tensor, fill: float) -
     return torch.sparse_coo_tensor(rows, dense, t.shape, check_invariants=False)
 
 
+#: the iterations (and closure calls) a throwaway LBFGS step may take: what torch refuses shows
+#: in the first (a line search with no evaluation to spend, ...); its loop otherwise runs the
+#: client's ``max_iter`` on the device's worker, every other session waiting (a create with
+#: ``max_iter`` 200,000 and negative tolerances held it 9.8 s, 10**6 about 50 s)
+PROBE_LBFGS_ITERATIONS = 2
+
+
 def probe_step(opt: torch.optim.Optimizer) -> None:
     """One throwaway step with the gradients already set (LBFGS: through a closure that
-    leaves them as they are)."""
+    leaves them as they are, for at most :data:`PROBE_LBFGS_ITERATIONS` iterations: ``opt``
+    is the probe's own)."""
     if isinstance(opt, torch.optim.LBFGS):
+        for group in opt.param_groups:
+            for key in ("max_iter", "max_eval"):
+                most = group.get(key)
+                if isinstance(most, (int, float)) and most > PROBE_LBFGS_ITERATIONS:
+                    group[key] = PROBE_LBFGS_ITERATIONS
         opt.step(lambda: 0.0)  # type: ignore[no-untyped-call]
     else:
         opt.step()

@@ -312,6 +312,40 @@ def test_a_line_search_with_no_evaluation_to_spend_is_refused(http: httpx.Client
         assert bitwise(t, local.params[n].detach()), n
 
 
+def test_a_create_with_a_huge_max_iter_holds_no_other_session(http: httpx.Client) -> None:
+    """The checks of a create's (and a PATCH's) options step a throwaway LBFGS on the device's
+    worker, which every session's step waits for: with ``max_iter`` 10**7 and tolerances that
+    never stop it, that step ran some 8 minutes (200,000: 9.8 s). Both are answered at once
+    now, another session's step beside them too, and the session's options are the client's;
+    it then steps as torch (the real step's iterations are the client's evaluations)."""
+    huge = {"lr": 1, "max_iter": 10**7, "tolerance_grad": -1.0, "tolerance_change": -1.0}
+    other = create(http, {"lr": 1, "max_iter": 2})
+    done: list[int] = []
+
+    def step_other() -> None:
+        time.sleep(0.2)
+        answer, _ = remote_step(http, other)
+        done.append(answer["version"])
+
+    beside = threading.Thread(target=step_other)
+    beside.start()
+    with httpx.Client(base_url=str(http.base_url), timeout=60) as slow:
+        sid = create(slow, huge)
+        r = slow.patch(f"/v1/sessions/{sid}/param_groups/0", json={"max_iter": 10**7 + 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["param_groups"][0]["max_iter"] == 10**7 + 1
+        r = slow.patch(f"/v1/sessions/{sid}/param_groups/0", json={"max_iter": 3})
+        assert r.status_code == 200, r.text
+    beside.join(60)
+    assert done == [1]
+    local = Local({**huge, "max_iter": 3, "max_eval": 10**7 * 5 // 4})  # (made at create)
+    loss, calls = local.step()
+    answer, evaluations = remote_step(http, sid)
+    assert (answer["loss"], evaluations) == (loss, calls)
+    for n, p in local.params.items():
+        assert bitwise(answer["params"][n], p.detach()), n
+
+
 def test_lbfgs_with_scheduler_and_return_none(http: httpx.Client) -> None:
     options = {"lr": 1, "max_iter": 4, "history_size": 3}
     sid = create(http, options, scheduler={"name": "StepLR",
