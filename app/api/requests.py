@@ -366,11 +366,13 @@ def _torch_reason(exc: Exception) -> str:
 
 def step_options(value: object) -> dict[int, dict[str, Any]] | None:
     """A step's ``param_groups``: option changes per group, as a list (``null`` or ``{}`` for
-    groups left alone) or an object keyed by group index."""
+    groups left alone) or an object keyed by group index. Every group named is kept, ``{}``
+    for one left alone: the engine refuses an entry for a group the session lacks
+    (:func:`app.engine.ops.params.changed_groups`)."""
     if value is None:
         return None
     if isinstance(value, list):
-        items = [(i, v) for i, v in enumerate(value) if v is not None]
+        items = [(i, {} if v is None else v) for i, v in enumerate(value)]
     elif isinstance(value, dict):
         items = []
         seen: set[int] = set()
@@ -395,8 +397,7 @@ def step_options(value: object) -> dict[int, dict[str, Any]] | None:
             raise Invalid("each param group's changes must be an object of options",
                           code="invalid_body", field=f"param_groups.{index}")
         refuse_loose_b64(options, f"param_groups.{index}")
-        if options:
-            out[index] = options
+        out[index] = options  # (``{}`` too: the engine checks that it names a group)
     return out or None
 
 

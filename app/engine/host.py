@@ -110,6 +110,7 @@ from app.engine.ops import (
     apply_counted,
 )
 from app.engine.ops.gradients import StepPlan, staleness_of
+from app.engine.ops.params import check_group_indexes
 from app.engine.rounds import Round, SyncRounds
 from app.engine.session import Session
 from app.engine.shards import (
@@ -997,7 +998,11 @@ class EmbeddedHost:
             ps.check_worker(worker)
         await self._healed(key)
         if self._rounds.config(key) is not None:
-            if options:
+            held = self._sessions.get(key)
+            if options and held is not None:  # (entries that change nothing: checked to
+                # name a group, as the step of a session without rounds checks them)
+                check_group_indexes(len(held.optimizer.param_groups), options)
+            if options and any(options.values()):
                 raise Invalid("option changes travel with a step only in sessions without sync "
                               "rounds (a round's step is every worker's); PATCH the group "
                               "between rounds", code="invalid_body", field="param_groups")

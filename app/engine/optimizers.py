@@ -52,6 +52,8 @@ _MESSAGE_HINTS = (
     ("weight_decay", "weight_decay"), ("weight decay", "weight_decay"),
     ("momentum", "momentum"), ("nesterov", "nesterov"), ("dampening", "dampening"),
     ("eta values", "etas"),
+    # (LBFGS's line search with max_eval < 1: "cannot access local variable 'bracket_f'")
+    ("no evaluation left", "max_eval"),
 )
 
 
@@ -209,8 +211,11 @@ def _named(message: str, fields: dict[str, str]) -> str | None:
     return None
 
 
+#: what torch raises for options it cannot work with. NameError: LBFGS's strong_wolfe line
+#: search, given no evaluation to spend (``max_eval`` < 1), reads a variable it never set
+#: (UnboundLocalError)
 TORCH_ERRORS = (ValueError, TypeError, RuntimeError, KeyError, IndexError, AssertionError,
-                NotImplementedError, ZeroDivisionError, OverflowError)
+                NotImplementedError, ZeroDivisionError, OverflowError, NameError)
 
 
 _FLOAT_MAX: dict[torch.dtype, float] = {}
@@ -268,6 +273,12 @@ def option_numbers(value: Any, tensors: bool = False) -> list[float]:
     return out
 
 
+#: options torch never converts to the parameters' dtype: ASGD's ``t0`` is subtracted from the
+#: step count (a float32 tensor, or a Python number). Its default, 1e6, is past float16's range:
+#: an ASGD session of float16 parameters was refused every step and every PATCH for it
+NOT_IN_PARAMS_DTYPE = frozenset({"t0"})
+
+
 def overflowing(options: dict[str, Any], dtype: torch.dtype, tensors: bool = False
                 ) -> tuple[str, float] | None:
     """The first option (its name and number) past the range of a floating ``dtype``, finite
@@ -276,6 +287,8 @@ def overflowing(options: dict[str, Any], dtype: torch.dtype, tensors: bool = Fal
         return None
     top = float_max(dtype)
     for key, value in options.items():
+        if key in NOT_IN_PARAMS_DTYPE:
+            continue
         for v in option_numbers(value, tensors):
             if math.isfinite(v) and abs(v) > top:
                 return key, v
@@ -350,11 +363,34 @@ def probe(
         for t in tensors:
             t.grad = probe_grad(cls, t, 0.25)
         probe_step(opt)
+    except NameError as exc:  # (see TORCH_ERRORS)
+        why = (": its line search has no evaluation left (max_eval must be at least 1)"
+               if cls is torch.optim.LBFGS else "")
+        raise _refused(ValueError(f"torch's {cls.__name__}.step fails with these options "
+                                  f"({type(exc).__name__}: {exc}){why}"),
+                       fields, fallback) from None
     except TORCH_ERRORS as exc:
         # (the options the client gave, of every group checked, come first here too: foreach
         # sent to a differentiable group is named, not the differentiable it held)
         given = {k: v for sent, _ in (group_fields or {}).values() for k, v in sent.items()}
         raise _refused(exc, fields, fallback, given or None) from None
+
+
+def empty_step_refusal(cls: type[torch.optim.Optimizer], defaults: dict[str, Any],
+                       options: dict[str, Any], shape: torch.Size, dtype: torch.dtype,
+                       device: torch.device) -> str | None:
+    """Why torch cannot step a parameter of ``shape`` with no elements in a group of these
+    options (None when it can): its Adafactor, and its Muon for some shapes, divide by a count
+    of the elements and raise ZeroDivisionError in the middle of the step. Tried on a throwaway
+    parameter of that shape, which costs nothing (it has no elements)."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    try:
+        opt = cls([{"params": [t], **fresh(options)}], **fresh(defaults))
+        t.grad = probe_grad(cls, t, 0.0)
+        probe_step(opt)
+    except TORCH_ERRORS as exc:
+        return f"torch's {cls.__name__}.step raises {type(exc).__name__}: {exc}"
+    return None
 
 
 def _refused(exc: Exception, fields: dict[str, str], fallback: str,
@@ -377,10 +413,23 @@ def probe_grad(cls: type[torch.optim.Optimizer], t: torch.Tensor, fill: float) -
     return torch.sparse_coo_tensor(rows, dense, t.shape, check_invariants=False)
 
 
+#: the iterations (and closure calls) a throwaway LBFGS step may take: what torch refuses shows
+#: in the first (a line search with no evaluation to spend, ...); its loop otherwise runs the
+#: client's ``max_iter`` on the device's worker, every other session waiting (a create with
+#: ``max_iter`` 200,000 and negative tolerances held it 9.8 s, 10**6 about 50 s)
+PROBE_LBFGS_ITERATIONS = 2
+
+
 def probe_step(opt: torch.optim.Optimizer) -> None:
     """One throwaway step with the gradients already set (LBFGS: through a closure that
-    leaves them as they are)."""
+    leaves them as they are, for at most :data:`PROBE_LBFGS_ITERATIONS` iterations: ``opt``
+    is the probe's own)."""
     if isinstance(opt, torch.optim.LBFGS):
+        for group in opt.param_groups:
+            for key in ("max_iter", "max_eval"):
+                most = group.get(key)
+                if isinstance(most, (int, float)) and most > PROBE_LBFGS_ITERATIONS:
+                    group[key] = PROBE_LBFGS_ITERATIONS
         opt.step(lambda: 0.0)  # type: ignore[no-untyped-call]
     else:
         opt.step()

@@ -12,6 +12,7 @@ scheduler run by the client does, instead of replacing the group's value."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -124,11 +125,26 @@ def fill_value(value: Any, where: str) -> Any:
                   f"({FILL}), got {value!r:.60}", code="invalid_option", field=where)
 
 
-def filled(held: torch.Tensor, value: Any) -> torch.Tensor:
+def filled(held: torch.Tensor, value: Any, where: str) -> torch.Tensor:
     """``held`` as filling it with ``value`` (:func:`fill_value`) would leave it, in a tensor
-    of its own (the checks' view of the change)."""
+    of its own (the checks' view of the change). A finite value past the range of ``held``'s
+    dtype is a 422 ``option_overflow`` naming ``where``: ``fill_`` raises for a number
+    (``value cannot be converted to type float without overflow``), and makes a one-element
+    tensor's value, or a number in a float16 tensor, infinite without a word."""
     with torch.no_grad():
-        return held.detach().clone().fill_(value)
+        try:
+            out: torch.Tensor | None = held.detach().clone().fill_(value)
+        except (RuntimeError, OverflowError):
+            out = None
+        finite = (bool(value.isfinite().all()) if isinstance(value, torch.Tensor)
+                  else type(value) is int or math.isfinite(value))
+        if out is None or (finite and not bool(out.isfinite().all())):
+            number = value.item() if isinstance(value, torch.Tensor) else value
+            name = str(held.dtype).removeprefix("torch.")
+            raise Invalid(f"{where.rsplit('.', 1)[-1]} is {number!r:.40}, beyond the range of "
+                          f"the tensor it fills ({name}, at most {torch.finfo(held.dtype).max!r} "
+                          f"in magnitude)", code="option_overflow", field=where)
+        return out
 
 
 def apply_changes(groups: list[dict[str, Any]], changes: dict[int, dict[str, Any]]) -> None:

@@ -527,6 +527,65 @@ def test_an_index_written_twice_is_422(sess: Sess) -> None:
     sess.assert_unchanged()
 
 
+@pytest.mark.parametrize(("changes", "fld"), [
+    ([{}, {}], "param_groups.1"),
+    ([None, None], "param_groups.1"),
+    ({"1": {}}, "param_groups.1"),
+    ({"0": {"lr": 0.5}, "3": {}}, "param_groups.3"),
+    ("st", "param_groups.2"),
+], ids=["list-empty", "list-null", "object-empty", "change-and-empty", "safetensors"])
+def test_a_step_entry_for_a_group_the_session_lacks_is_422(sess: Sess, changes: Any,
+                                                           fld: str) -> None:
+    """A step's ``{}`` or ``null`` for a group the session does not have is a client's mistake
+    (its groups are not what it thinks), as a change for that group is: it was stepped as if
+    the entry were not there. A 422 naming the entry, nothing changed."""
+    if changes == "st":
+        header = {"__metadata__": {"param_groups": json.dumps({"2": {}})},
+                  "w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}
+        r = sess.http.post(f"{sess.url}/step", content=st_file(
+            header, G1["w"].numpy().tobytes()), headers=BIN_CT)
+    else:
+        r = sess.http.post(f"{sess.url}/step", json={"grads": {}, "param_groups": changes})
+    assert_problem(r, 422, "unknown_param_group", fld, "does not exist; this session has 1")
+    sess.assert_unchanged()
+
+
+@pytest.mark.parametrize("changes", [[{}], [None], {"0": {}}, []],
+                         ids=["list-empty", "list-null", "object-empty", "no-entries"])
+def test_a_step_entry_that_changes_nothing_steps_as_torch(sess: Sess, changes: Any) -> None:
+    """``{}`` and ``null`` for the session's own groups leave them alone: the step is the step
+    without them, equal to in-process torch."""
+    r = sess.http.post(f"{sess.url}/step", params={"encoding": "b64"},
+                       json={"grads": {}, "param_groups": changes})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["version"], body["step"], body["skipped"]) == (2, 2, False)
+    expected = reference_params()
+    for n in NAMES:
+        assert torch.equal(from_jt(body["params"][n]), expected[n].detach()), n
+    assert sess.http.get(sess.url).json()["revision"] == sess.before.describe["revision"] + 1
+
+
+def test_a_sync_push_entry_for_a_group_the_session_lacks_is_422(http: httpx.Client) -> None:
+    """In a session with sync rounds too (which takes no option changes with a push, but
+    ``{}`` for its groups): a 422 naming the entry, and the round holds no push of it."""
+    sid = new_session(http, sync={"workers": 2, "timeout_s": 30})
+    before = snapshot(http, sid)
+    url = f"/v1/sessions/{sid}/step"
+    grads = {n: jt(t) for n, t in G1.items()}
+    for changes, fld in (({"1": {}}, "param_groups.1"), ([{}, None], "param_groups.1")):
+        r = http.post(url, json={"grads": grads, "param_groups": changes},
+                      headers={"X-Optserve-Worker": "a"})
+        assert_problem(r, 422, "unknown_param_group", fld)
+    assert http.get(f"/v1/sessions/{sid}").json()["sync"]["pending"] == []
+    after = snapshot(http, sid)
+    assert (after.describe, after.params, after.state_dict) == (
+        before.describe, before.params, before.state_dict)
+    r = http.post(url, json={"grads": grads, "param_groups": {"0": {"lr": 0.5}}},
+                  headers={"X-Optserve-Worker": "a"})
+    assert_problem(r, 422, "invalid_body", "param_groups")
+
+
 # --------------------------------------------------------------------------- other session routes
 
 def test_unknown_session(http: httpx.Client) -> None:
@@ -1425,6 +1484,51 @@ def test_step_torch_cannot_take_is_not_500(http: httpx.Client) -> None:
         before.params, before.describe, before.state_dict)
 
 
+@pytest.mark.parametrize(("optimizer", "shape"), [("Adafactor", (0, 3)), ("Adafactor", (0,)),
+                                                ("Muon", (3, 0))])
+@pytest.mark.parametrize("how", ["step", "pushed"])
+def test_a_gradient_with_no_elements_torch_cannot_step_is_422(
+        http: httpx.Client, optimizer: str, shape: tuple[int, ...], how: str) -> None:
+    """torch's Adafactor (and its Muon for some shapes) divides by a parameter's element count
+    and raises ZeroDivisionError in the middle of a step with a gradient for a parameter with
+    no elements (its constructor takes the parameter): that step was a 500 ``apply_failed``.
+    A 422 ``invalid_gradient`` naming the gradient, sent or accumulated, nothing changed; the
+    step with that gradient left out steps as torch does."""
+    w = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
+    z = torch.zeros(shape)
+    gw = torch.tensor([[0.1, -0.2], [0.3, 0.4]])
+    ref = {"w": w.clone(), "z": z.clone()}
+    opt = getattr(torch.optim, optimizer)(list(ref.values()), lr=LR)
+    ref["w"].grad, ref["z"].grad = gw.clone(), torch.zeros(shape)
+    with pytest.raises(ZeroDivisionError):
+        opt.step()
+    ref = {"w": w.clone(), "z": z.clone()}
+    opt = getattr(torch.optim, optimizer)(list(ref.values()), lr=LR)
+    ref["w"].grad = gw.clone()
+    opt.step()
+    sid = f"bad-{uuid.uuid4().hex[:12]}"
+    _CREATED.append((http, sid))
+    r = http.post("/v1/sessions", json={"id": sid, "optimizer": optimizer, "options": {"lr": LR},
+                                        "params": {"w": jt(w), "z": jt(z)}})
+    assert r.status_code == 201, r.text
+    url = f"/v1/sessions/{sid}"
+    grads = {"w": jt(gw), "z": jt(torch.zeros(shape))}
+    if how == "pushed":
+        assert http.post(f"{url}/grads", json={"grads": {"z": grads.pop("z")}}).status_code == 200
+    before = snapshot(http, sid)
+    r = http.post(f"{url}/step", json={"grads": grads})
+    assert_problem(r, 422, "invalid_gradient", "grads.z", "ZeroDivisionError")
+    after = snapshot(http, sid)
+    assert (after.params, after.describe, after.state_dict) == (
+        before.params, before.describe, before.state_dict)
+    assert http.post(f"{url}/zero_grad").status_code == 200
+    r = http.post(f"{url}/step", params={"encoding": "b64"}, json={"grads": {"w": jt(gw)}})
+    assert r.status_code == 200, r.text
+    got = r.json()["params"]
+    assert torch.equal(from_jt(got["w"]), ref["w"])
+    assert got["z"]["shape"] == list(shape) and not base64.b64decode(got["z"]["b64"])
+
+
 def test_own_state_reimports_after_linear_decay_to_zero(http: httpx.Client) -> None:
     """LinearLR(end_factor=0) ends at lr = -1.48e-18 in torch's own arithmetic (in-process
     torch gives the same). The session's exported state must import back into it, as torch's
@@ -1703,6 +1807,42 @@ def test_an_infinity_that_means_no_bound_is_taken(http: httpx.Client, optimizer:
                    "invalid_option", fld)
 
 
+@pytest.mark.parametrize(("dtype", "t0"), [("float16", None), ("float16", 1e300),
+                                         ("float32", 1e39), ("bfloat16", 1e300)],
+                         ids=["f16-default", "f16-1e300", "f32-1e39", "bf16-1e300"])
+def test_asgd_t0_past_the_parameters_dtype_steps_as_torch(http: httpx.Client, dtype: str,
+                                                          t0: float | None) -> None:
+    """ASGD's ``t0`` never meets the parameters' dtype (torch subtracts it from the step
+    count), so no value of it overflows one; but it was checked as if it did: the default
+    t0, 1e6, is past float16's range, and an ASGD session of float16 parameters was refused
+    every step and every PATCH (422 ``option_overflow`` naming t0) that torch steps. Now it
+    steps as in-process torch, and an lr PATCH is taken."""
+    wide = getattr(torch, dtype)
+    options: dict[str, Any] = {"lr": 0.01, **({} if t0 is None else {"t0": t0})}
+    start = {n: t.to(wide) for n, t in p0().items()}
+    sid = f"bad-{uuid.uuid4().hex[:12]}"
+    _CREATED.append((http, sid))
+    r = http.post("/v1/sessions", json={"id": sid, "optimizer": "ASGD", "options": options,
+                                        "params": {n: jt(t) for n, t in start.items()}})
+    assert r.status_code == 201, r.text
+    params = {n: t.clone() for n, t in start.items()}
+    opt = torch.optim.ASGD([params[n] for n in NAMES], **options)
+    for k in range(3):
+        if k == 2:
+            r = http.patch(f"/v1/sessions/{sid}/param_groups/0", json={"lr": 0.02})
+            assert r.status_code == 200, r.text
+            opt.param_groups[0]["lr"] = 0.02
+        grads = {n: (G1[n] * (k + 1)).to(wide) for n in NAMES}
+        r = http.post(f"/v1/sessions/{sid}/step", params={"encoding": "b64"},
+                      json={"grads": {n: jt(g) for n, g in grads.items()}})
+        assert r.status_code == 200, r.text
+        for n in NAMES:
+            params[n].grad = grads[n].clone()
+        opt.step()
+        for n in NAMES:
+            assert torch.equal(from_jt(r.json()["params"][n]), params[n]), n
+
+
 def _scheduled(http: httpx.Client, optimizer: str, scheduler: dict[str, Any],
                options: dict[str, Any] | None = None) -> tuple[str, Snapshot]:
     sid = new_session(http, optimizer=optimizer, scheduler=scheduler,
@@ -1780,6 +1920,54 @@ def test_nonfinite_scheduler_state_is_refused_on_import(http: httpx.Client) -> N
     bad["scheduler"]["factor"] = NAN
     assert_problem(http.put(f"/v1/sessions/{sid}/state_dict", json=bad), 422, "invalid_state",
                    "state_dict.scheduler.factor")
+
+
+@pytest.mark.parametrize(("lr_dtype", "value"), [
+    ("float32", 1e39),
+    ("float16", 70000.0),
+    ("float32", {"dtype": "float64", "shape": [], "data": [1e39]}),
+], ids=["number-past-float32", "number-past-float16", "float64-tensor-past-float32"])
+@pytest.mark.parametrize("how", ["patch", "step"])
+def test_a_fill_past_the_tensor_lrs_range_is_422(http: httpx.Client, lr_dtype: str,
+                                                  value: Any, how: str) -> None:
+    """``$fill`` of a value the session's tensor lr cannot hold: torch's ``fill_`` raises for
+    a number past the dtype's range (the check's fill of a copy did too: a bare 500), and
+    leaves the tensor infinite for a float16 one or a wider tensor's value. A 422
+    ``option_overflow`` naming the option, nothing changed; a value in range is filled and
+    steps as torch."""
+    dtype = getattr(torch, lr_dtype)
+    number = value if isinstance(value, float) else torch.tensor(value["data"][0],
+                                                                 dtype=torch.float64)
+    held = torch.tensor(LR, dtype=dtype)
+    try:
+        held.fill_(number)
+    except RuntimeError:
+        pass  # (torch refuses it)
+    else:
+        assert not torch.isfinite(held)  # (torch takes it as an infinite lr)
+    sid = new_session(http, options={"lr": {"dtype": lr_dtype, "shape": [], "data": [LR]}})
+    url = f"/v1/sessions/{sid}"
+    before = snapshot(http, sid)
+    change = {"lr": value, "$fill": ["lr"]}
+    grads = {n: jt(t) for n, t in G1.items()}
+    r = (http.patch(f"{url}/param_groups/0", json=change) if how == "patch"
+         else http.post(f"{url}/step", json={"grads": grads, "param_groups": [change]}))
+    assert_problem(r, 422, "option_overflow", "param_groups.0.lr", "beyond the range")
+    after = snapshot(http, sid)
+    assert (after.describe, after.params, after.state_dict) == (
+        before.describe, before.params, before.state_dict)
+    r = http.post(f"{url}/step", params={"encoding": "b64"},
+                  json={"grads": grads, "param_groups": [{"lr": 0.05, "$fill": ["lr"]}]})
+    assert r.status_code == 200, r.text
+    params = {n: t.clone() for n, t in p0().items()}
+    lr = torch.tensor(LR, dtype=dtype)
+    opt = torch.optim.Adam([params[n] for n in NAMES], lr=lr)
+    lr.fill_(0.05)
+    for n in NAMES:
+        params[n].grad = G1[n].clone()
+    opt.step()
+    for n in NAMES:
+        assert torch.equal(from_jt(r.json()["params"][n]), params[n]), n
 
 
 # --------------------------------------------------------------------------- zero_grad's body

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import signal
 import threading
 import time
 import uuid
@@ -274,6 +275,77 @@ def test_an_export_made_before_the_history_updates_imports_back(http: httpx.Clie
         assert_same_state(state_of(http, new)["state"], twin.opt.state_dict()["state"])
 
 
+@pytest.mark.parametrize("max_eval", [0, -3])
+def test_a_line_search_with_no_evaluation_to_spend_is_refused(http: httpx.Client,
+                                                              max_eval: int) -> None:
+    """torch's strong_wolfe line search given ``max_eval`` < 1 raises UnboundLocalError at the
+    step (its constructor takes it): a create, or a PATCH that makes a group so, was a bare
+    500 (the options' check steps a throwaway LBFGS). A 422 naming ``max_eval``, nothing made
+    or changed; with ``max_eval`` 1 the session steps as torch."""
+    wolfe = {"lr": 1, "max_iter": 4, "line_search_fn": "strong_wolfe"}
+    with pytest.raises(UnboundLocalError):
+        Local({**wolfe, "max_eval": max_eval}).step()
+    sid = f"lbfgs-{uuid.uuid4().hex[:10]}"
+    r = http.post("/v1/sessions", json={
+        "id": sid, "optimizer": "LBFGS", "options": {**wolfe, "max_eval": max_eval},
+        "params": {n: json_tensor(t) for n, t in START.items()}})
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert (r.json()["code"], r.json()["field"]) == ("invalid_option", "options.max_eval")
+    assert "max_eval must be at least 1" in r.json()["detail"]
+    assert http.get(f"/v1/sessions/{sid}").status_code == 404
+    sid = create(http, wolfe)
+    before = state_of(http, sid), http.get(f"/v1/sessions/{sid}").json()
+    r = http.patch(f"/v1/sessions/{sid}/param_groups/0", json={"max_eval": max_eval})
+    assert r.status_code == 422, r.text
+    assert (r.json()["code"], r.json()["field"]) == ("invalid_option", "param_groups.0.max_eval")
+    assert_same_state(state_of(http, sid), before[0])
+    assert http.get(f"/v1/sessions/{sid}").json() == before[1]
+    r = http.patch(f"/v1/sessions/{sid}/param_groups/0", json={"max_eval": 1})
+    assert r.status_code == 200, r.text
+    local = Local({**wolfe, "max_eval": 1})
+    for _ in range(2):
+        answer, evaluations = remote_step(http, sid)
+        loss, calls = local.step()
+        assert (answer["loss"], evaluations) == (loss, calls)
+    for n, t in params_of(http, sid).items():
+        assert bitwise(t, local.params[n].detach()), n
+
+
+def test_a_create_with_a_huge_max_iter_holds_no_other_session(http: httpx.Client) -> None:
+    """The checks of a create's (and a PATCH's) options step a throwaway LBFGS on the device's
+    worker, which every session's step waits for: with ``max_iter`` 10**7 and tolerances that
+    never stop it, that step ran some 8 minutes (200,000: 9.8 s). Both are answered at once
+    now, another session's step beside them too, and the session's options are the client's;
+    it then steps as torch (the real step's iterations are the client's evaluations)."""
+    huge = {"lr": 1, "max_iter": 10**7, "tolerance_grad": -1.0, "tolerance_change": -1.0}
+    other = create(http, {"lr": 1, "max_iter": 2})
+    done: list[int] = []
+
+    def step_other() -> None:
+        time.sleep(0.2)
+        answer, _ = remote_step(http, other)
+        done.append(answer["version"])
+
+    beside = threading.Thread(target=step_other)
+    beside.start()
+    with httpx.Client(base_url=str(http.base_url), timeout=60) as slow:
+        sid = create(slow, huge)
+        r = slow.patch(f"/v1/sessions/{sid}/param_groups/0", json={"max_iter": 10**7 + 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["param_groups"][0]["max_iter"] == 10**7 + 1
+        r = slow.patch(f"/v1/sessions/{sid}/param_groups/0", json={"max_iter": 3})
+        assert r.status_code == 200, r.text
+    beside.join(60)
+    assert done == [1]
+    local = Local({**huge, "max_iter": 3, "max_eval": 10**7 * 5 // 4})  # (made at create)
+    loss, calls = local.step()
+    answer, evaluations = remote_step(http, sid)
+    assert (answer["loss"], evaluations) == (loss, calls)
+    for n, p in local.params.items():
+        assert bitwise(answer["params"][n], p.detach()), n
+
+
 def test_lbfgs_with_scheduler_and_return_none(http: httpx.Client) -> None:
     options = {"lr": 1, "max_iter": 4, "history_size": 3}
     sid = create(http, options, scheduler={"name": "StepLR",
@@ -525,6 +597,56 @@ def test_lbfgs_step_survives_kill9(tmp_path: Path) -> None:
             answer, _ = remote_step(http, sid)
             for n, p in local.params.items():
                 assert bitwise(answer["params"][n], p.detach()), n
+    finally:
+        proc.stop()
+
+
+def test_a_tensor_lr_filled_between_steps_moves_t_as_in_torch(tmp_path: Path) -> None:
+    """torch's LBFGS leaves its ``t`` the group's tensor lr itself (``t = lr``, past a step's
+    first iteration without a line search), and the next step's first update reads it: a
+    scheduler's in-place fill of the lr, or a client's ``$fill``, moves it. The step ran on a
+    copy and kept the copy's lr as ``t``, so after a fill the session went on unlike torch
+    (StepLR halving a 0.5 lr: [2.6411, 2.8206] for torch's [2.5514, 2.7757] after three steps).
+    Bitwise torch now, live, after a SIGTERM restart (restored from the snapshot the stop
+    writes) and after kill -9 (replayed)."""
+    options = {"lr": 0.5, "max_iter": 3}
+    lr = torch.tensor(0.5)
+    local = Local({**options, "lr": lr})
+    sched = torch.optim.lr_scheduler.StepLR(local.opt, step_size=1, gamma=0.5)
+    proc = Proc(tmp_path / "data").start()
+    try:
+        def step_both(http: httpx.Client) -> None:
+            local.step()
+            sched.step()
+            answer, _ = remote_step(http, "lbfgs-t")
+            for n, p in local.params.items():
+                assert bitwise(answer["params"][n], p.detach()), n
+
+        def fill_both(http: httpx.Client, value: float) -> None:
+            r = http.patch("/v1/sessions/lbfgs-t/param_groups/0",
+                           json={"lr": value, "$fill": ["lr"]})
+            assert r.status_code == 200, r.text
+            lr.fill_(value)
+
+        with httpx.Client(base_url=proc.url, timeout=30) as http:
+            create(http, {**options, "lr": json_tensor(torch.tensor(0.5))}, sid="lbfgs-t",
+                   scheduler={"name": "StepLR", "options": {"step_size": 1, "gamma": 0.5}})
+            for _ in range(3):
+                step_both(http)
+            fill_both(http, 0.3)
+            step_both(http)
+        assert proc.proc is not None
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(60) == 0
+        proc.start()
+        with httpx.Client(base_url=proc.url, timeout=30) as http:
+            fill_both(http, 0.2)
+            step_both(http)
+        proc.kill9()
+        proc.start()
+        with httpx.Client(base_url=proc.url, timeout=30) as http:
+            fill_both(http, 0.4)
+            step_both(http)
     finally:
         proc.stop()
 

@@ -156,3 +156,27 @@ def test_a_record_that_does_not_replay_is_refused() -> None:
         finally:
             await eng.stop()
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_a_throwaway_lbfgs_step_takes_a_few_iterations_whatever_max_iter_says(
+        line_search_fn: str | None) -> None:
+    """The options' checks step a throwaway LBFGS on the device's worker: with the client's
+    ``max_iter`` and tolerances that never stop it (negative), that step ran every iteration
+    (10**6: about 50 s, every other session waiting). It takes at most two now
+    (:data:`optimizers.PROBE_LBFGS_ITERATIONS`), and torch still speaks in it (a line search
+    with no evaluation to spend is refused)."""
+    from app.engine import optimizers
+
+    t = torch.full((2, 2), 0.5)
+    opt = torch.optim.LBFGS([t], max_iter=5000, tolerance_grad=-1, tolerance_change=-1,
+                            line_search_fn=line_search_fn)
+    t.grad = torch.full_like(t, 0.25)
+    optimizers.probe_step(opt)
+    assert 1 <= opt.state[t]["n_iter"] <= 2
+    assert opt.state[t]["func_evals"] <= 3
+    if line_search_fn is not None:
+        with pytest.raises(Invalid, match="max_eval must be at least 1"):
+            optimizers.probe(torch.optim.LBFGS, {}, [{"max_iter": 5000, "max_eval": 0,
+                                                      "line_search_fn": line_search_fn}],
+                             [torch.float32], torch.device("cpu"), {"max_eval": "options"})

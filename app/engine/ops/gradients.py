@@ -20,7 +20,7 @@ from app.engine import (
 )
 from app.engine.interface import GradsResult, StepResult, Tensors
 from app.engine.ops.base import ApplyFailed, Operation, register
-from app.engine.ops.params import check_group_changes
+from app.engine.ops.params import changed_groups, check_group_changes
 from app.engine.rounds import DISCARDED_BY
 from app.engine.session import Session, TakenNorms, lr_value
 from app.errors import Conflict, Invalid
@@ -65,6 +65,26 @@ class StepPlan:
     changes: dict[int, dict[str, Any]]
     #: gradient norms the non-finite check took (the metrics reuse them)
     grad_norms: TakenNorms = field(default_factory=TakenNorms)
+
+
+def check_empty_gradients(s: Session, grads: Tensors, field: str = "grads") -> None:
+    """A gradient with no elements, for a parameter torch's step cannot take one for
+    (:func:`optimizers.empty_step_refusal`): a 422 naming it, before anything changes, where
+    the step would raise in the middle (torch steps a parameter only with a gradient: one
+    left out is no refusal)."""
+    empty = [n for n in s.empty_params() if n in grads]  # (a gradient has its parameter's shape)
+    if not empty:
+        return
+    group_of = {n: i for i, g in enumerate(s.optimizer.param_groups) for n in g["param_names"]}
+    groups = s.group_options()
+    for name in empty:
+        g = grads[name]
+        why = optimizers.empty_step_refusal(s.cls, s.defaults, groups[group_of[name]], g.shape,
+                                            g.dtype, s.device)
+        if why is not None:
+            raise Invalid(f"{s.optimizer_name} cannot step {name!r:.80}, a parameter with no "
+                          f"elements ({why}); leave its gradient out", code="invalid_gradient",
+                          field=f"{field}.{name}")
 
 
 @register
@@ -144,6 +164,8 @@ class Step(Operation):
             self.scalars, session=s if self.scalar_names else None) or None
         if self.time is None:
             self.time = time.time()
+        # (entries that change nothing go, once they are checked to name a group)
+        self.options = changed_groups(len(s.optimizer.param_groups), self.options)
         changes = (check_group_changes(s, self.options, request=self.request,
                                        tensors=self.tensor_range) if self.options else {})
         staleness, lr_div = None, self.lr_div
@@ -170,6 +192,7 @@ class Step(Operation):
                 # tensor, which the restore puts back)
                 shared_options.apply_changes(s.optimizer.param_groups, {
                     index: optimizers.fresh(opts) for index, opts in changes.items()})
+                check_empty_gradients(s, total)
                 s.check_group_scalars(self.tensor_range)
                 if s.steps_scheduler():
                     assert s.scheduler is not None

@@ -44,6 +44,11 @@ class LbfgsPlan:
     evaluations: int
     #: the session version the step ran from
     version: int
+    #: the step left its ``t`` the group's tensor lr itself (torch's ``t = lr`` at an iteration
+    #: past the first, without a line search): a scheduler's fill of the lr moves it too, and
+    #: the next step's first update reads it. The run's lr is the copy's: ``apply`` makes
+    #: ``t`` the session's lr tensor, as torch holds it (it held a copy apart from the lr)
+    t_is_lr: bool = False
 
 
 @dataclass
@@ -110,7 +115,10 @@ def run(work: Copy, next_evaluation: Callable[[dict[str, torch.Tensor]], Evaluat
     for p in work.params:
         p.grad = None
     state = dict(work.optimizer.state[work.params[0]])
-    return LbfgsPlan(dict(named), state, float(loss), len(answered), work.version), answered
+    lr = work.optimizer.param_groups[0]["lr"]
+    t_is_lr = isinstance(lr, torch.Tensor) and state.get("t") is lr
+    return LbfgsPlan(dict(named), state, float(loss), len(answered), work.version,
+                     t_is_lr), answered
 
 
 @register
@@ -159,7 +167,10 @@ class LbfgsStep(Operation):
         with torch.no_grad():
             for name, value in plan.params.items():
                 s.params[name].copy_(value)
-        s.optimizer.state[first] = plan.state
+        state = dict(plan.state)
+        if plan.t_is_lr:
+            state["t"] = s.optimizer.param_groups[0]["lr"]  # (the same value: see LbfgsPlan)
+        s.optimizer.state[first] = state
         # what torch's lr_scheduler notes when the optimizer's own step() runs (it ran on the
         # copy): without it the scheduler's first step warns that it came first
         s.optimizer._opt_called = True  # type: ignore[attr-defined]

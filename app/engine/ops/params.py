@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -298,6 +299,27 @@ class UpdateParamGroup(Operation):
                    tree.get("tensor_range") is True)
 
 
+def check_group_indexes(count: int, indexes: Iterable[int], prefix: str = "param_groups",
+                        index_field: str | None = None) -> None:
+    """Each of ``indexes`` names one of a session's ``count`` groups, else a 422
+    ``unknown_param_group`` naming it: also one whose entry changes nothing (a step's ``{}``
+    or ``null`` for a group the session lacks is a client's mistake, not a no-op)."""
+    for index in indexes:
+        if type(index) is not int or not 0 <= index < count:
+            raise Invalid(f"param group {index} does not exist; this session has {count}",
+                          code="unknown_param_group", field=index_field or f"{prefix}.{index}")
+
+
+def changed_groups(count: int, options: dict[int, dict[str, Any]] | None
+                   ) -> dict[int, dict[str, Any]] | None:
+    """A step's option changes without its entries that change nothing, once every entry is
+    checked to name one of the session's ``count`` groups (:func:`check_group_indexes`)."""
+    if not options:
+        return None
+    check_group_indexes(count, options)
+    return {index: opts for index, opts in options.items() if opts} or None
+
+
 def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
                         prefix: str = "param_groups",
                         index_field: str | None = None,
@@ -327,11 +349,8 @@ def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
     fields: dict[str, str] = {}
     group_fields: dict[int, tuple[dict[str, str], dict[str, str]]] = {}
     checked: list[int] = []
+    check_group_indexes(len(groups), changes, prefix, index_field)
     for index, options in changes.items():
-        if type(index) is not int or not 0 <= index < len(groups):
-            raise Invalid(f"param group {index} does not exist; this session has "
-                          f"{len(groups)}", code="unknown_param_group",
-                          field=index_field or f"{prefix}.{index}")
         where = f"{prefix}.{index}"
         given, fills = shared_options.take_fills(options, where)
         opts = optimizers.normalize_options(s.cls, given, where, current[index])
@@ -349,7 +368,7 @@ def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
                 continue
             plan[key] = shared_options.fill_value(opts[key], f"{where}.{key}")
             filling.append(key)
-            after = shared_options.filled(target, plan[key])
+            after = shared_options.filled(target, plan[key], f"{where}.{key}")
             for j, slots in enumerate(held):
                 for name, value in slots.items():
                     if value is target:

@@ -18,7 +18,7 @@ from typing import Any
 from app.engine import shared_options
 from app.engine.interface import ParamsResult, StepResult
 from app.engine.ops.base import Operation, register
-from app.engine.ops.params import check_group_changes
+from app.engine.ops.params import changed_groups, check_group_changes
 from app.engine.session import Session
 
 
@@ -31,6 +31,7 @@ class SkipStep(Operation):
     options: dict[int, dict[str, Any]] | None = None
 
     def check(self, s: Session) -> dict[int, dict[str, Any]]:
+        self.options = changed_groups(len(s.optimizer.param_groups), self.options)
         return check_group_changes(s, self.options) if self.options else {}
 
     def apply(self, s: Session, plan: dict[int, dict[str, Any]]) -> StepResult:
