@@ -789,6 +789,36 @@ def test_values_past_float16s_range_neither_travel_nor_come_back_infinite(
         remote.close(delete_session=True)
 
 
+@pytest.mark.parametrize("wire", ["bfloat16", "float16"])
+def test_narrow_wire_is_refused_for_lbfgs_not_left_unused(live_server: str, wire: str) -> None:
+    """``RemoteOptimizer(..., "LBFGS", wire_dtype=...)``: LBFGS steps go as evaluations, which
+    travel at the parameters' own width, so the step would be torch's on the full gradients
+    and the parameters would come back unnarrowed, not what ``wire_dtype`` promises. It is a
+    ``ValueError`` at construction, no session made (before, the option was silently unused);
+    without it the same optimizer steps as torch's LBFGS."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 3)
+    x, y = torch.randn(16, 3), torch.randn(16, 4)
+    with optserve.Client(live_server, transport="http", max_retries=0) as c:
+        before = {s.id for s in c.list_sessions()}
+        with pytest.raises(ValueError, match="wire_dtype is not offered for LBFGS"):
+            optserve.RemoteOptimizer([w.clone().requires_grad_()], "LBFGS", c, lr=0.5,
+                                     max_iter=3, wire_dtype=wire)
+        assert {s.id for s in c.list_sessions()} == before
+        local_w, remote_w = w.clone().requires_grad_(), w.clone().requires_grad_()
+        local = torch.optim.LBFGS([local_w], lr=0.5, max_iter=3)
+        remote = optserve.RemoteOptimizer([remote_w], "LBFGS", c, lr=0.5, max_iter=3)
+        for opt, p in ((local, local_w), (remote, remote_w)):
+            def closure(opt: torch.optim.Optimizer = opt, p: torch.Tensor = p) -> torch.Tensor:
+                opt.zero_grad()
+                loss = F.mse_loss(x @ p.t(), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+        assert torch.equal(remote_w, local_w)
+        remote.close(delete_session=True)
+
+
 @pytest.mark.parametrize("transport", ["http", "auto"], ids=["http", "shared memory"])
 def test_remote_optimizer_leaves_the_norms_to_the_history_through_shared_memory(
         live_server: str, transport: str, monkeypatch: pytest.MonkeyPatch) -> None:

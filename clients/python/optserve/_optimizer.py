@@ -214,6 +214,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             Row-sparse gradients (``nn.Embedding(sparse=True)``) travel with narrowed
             values too, and their touched rows come back narrowed. Each dense gradient is
             narrowed into a buffer kept for it (half a float32 parameter's bytes).
+            Not for ``"LBFGS"`` (a ``ValueError``): its evaluations travel at the
+            parameters' own width.
         durability, metrics, nonfinite: the new session's, as :meth:`Client.create_session`
             takes them (default: the server's settings). ``metrics=False`` saves the server
             the per-step norms (at 1e6 float32 parameters about 4 ms of a step).
@@ -260,6 +262,15 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 f"client must be an optserve.Client (not {type(client).__name__}); "
                 "RemoteOptimizer steps synchronously"
             )
+        if wire_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"wire_dtype must be None, 'bfloat16' or 'float16', got "
+                             f"{wire_dtype!r}")
+        if wire_dtype is not None and optimizer == "LBFGS":
+            # (its steps go as evaluations, which travel at the parameters' own width: the
+            # step would be torch's on the unnarrowed gradients, not what wire_dtype promises)
+            raise ValueError("wire_dtype is not offered for LBFGS: its closure's gradients "
+                             "and the points its line search tries travel at the parameters' "
+                             "own width (leave wire_dtype out)")
         if isinstance(params, torch.Tensor):
             raise TypeError(
                 "params argument given to the optimizer should be an iterable of Tensors or "
@@ -299,9 +310,6 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 if self._owns_client:
                     self._client.close()
                 raise
-        if wire_dtype not in (None, "bfloat16", "float16"):
-            raise ValueError(f"wire_dtype must be None, 'bfloat16' or 'float16', got "
-                             f"{wire_dtype!r}")
         self._binary = binary
         self._zero_copy = zero_copy
         self._in_slots = _zero_copy.InSlots()
