@@ -789,6 +789,109 @@ def test_values_past_float16s_range_neither_travel_nor_come_back_infinite(
         remote.close(delete_session=True)
 
 
+@pytest.mark.parametrize("wire", ["bfloat16", "float16"])
+def test_narrow_wire_checkpoint_resumes_from_the_master_weights(live_server: str,
+                                                                 wire: str) -> None:
+    """With ``wire_dtype`` the model's parameters hold the session's values narrowed: a
+    checkpoint of ``model.state_dict()`` and ``opt.state_dict()`` resumed into a new model and
+    a new ``RemoteOptimizer`` made a session of the narrowed values, so the run went on from
+    other weights than the uninterrupted one (every parameter off after three more steps).
+    ``state_dict()`` now carries the master weights (``"master_params"``, torch's ids, at
+    their own width) and ``load_state_dict`` puts them into the new session: the resumed run
+    equals torch stepping float32 master weights on the narrowed gradients, bit for bit, the
+    local parameters those narrowed. A local torch optimizer loads the same state dict
+    (ignoring the key), and a master tensor of the wrong shape is a ``ValueError`` before
+    anything is sent."""
+    narrow = getattr(torch, wire)
+    x, y = batch()
+
+    def grads_at(model: nn.Module) -> list[torch.Tensor]:
+        model.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        return [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+
+    # torch: float32 master weights stepped on the narrowed gradients, which are taken at
+    # the master weights narrowed
+    work = mlp()
+    master = [p.detach().clone() for p in work.parameters()]
+    local = torch.optim.Adam(master, lr=1e-2)
+    for _ in range(6):
+        for p, g in zip(master, grads_at(work), strict=True):
+            p.grad = g.to(narrow).to(torch.float32)
+        local.step()
+        with torch.no_grad():
+            for w, p in zip(work.parameters(), master, strict=True):
+                w.copy_(p.to(narrow).to(torch.float32))
+    with optserve.Client(live_server, transport="http", max_retries=0) as c:
+        model = mlp()
+        opt = optserve.RemoteOptimizer(model.parameters(), "Adam", c, lr=1e-2, wire_dtype=wire)
+        for _ in range(3):
+            grads_at(model)
+            opt.step()
+        buf = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+        opt.close(delete_session=True)
+        buf.seek(0)
+        checkpoint = torch.load(buf, weights_only=True)
+        resumed = mlp()
+        resumed.load_state_dict(checkpoint["model"])
+        opt = optserve.RemoteOptimizer(resumed.parameters(), "Adam", c, lr=1e-2,
+                                       wire_dtype=wire)
+        opt.load_state_dict(checkpoint["opt"])
+        for _ in range(3):
+            grads_at(resumed)
+            opt.step()
+        server = c.get_params(opt.session_id).params
+        for i, (p, want) in enumerate(zip(resumed.parameters(), master, strict=True)):
+            assert torch.equal(server[str(i)], want), i
+            assert torch.equal(p, want.to(narrow).to(torch.float32)), i
+        mine, torchs = opt.state_dict(), local.state_dict()
+        for pid, entry in torchs["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(mine["state"][pid][key], value), (pid, key)
+            assert torch.equal(mine["master_params"][pid], master[pid]), pid
+        opt.close(delete_session=True)
+
+        assert set(checkpoint["opt"]["master_params"]) == {0, 1, 2, 3}
+        torch.optim.Adam(mlp().parameters(), lr=1e-2).load_state_dict(checkpoint["opt"])
+        opt = optserve.RemoteOptimizer(mlp().parameters(), "Adam", c, lr=1e-2, wire_dtype=wire)
+        bad = {**checkpoint["opt"], "master_params": {0: torch.zeros(3)}}
+        with pytest.raises(ValueError, match="master_params.*param 0"):
+            opt.load_state_dict(bad)
+        assert c.get_session(opt.session_id).version == 0
+        opt.close(delete_session=True)
+
+
+@pytest.mark.parametrize("wire", ["bfloat16", "float16"])
+def test_narrow_wire_is_refused_for_lbfgs_not_left_unused(live_server: str, wire: str) -> None:
+    """``RemoteOptimizer(..., "LBFGS", wire_dtype=...)``: LBFGS steps go as evaluations, which
+    travel at the parameters' own width, so the step would be torch's on the full gradients
+    and the parameters would come back unnarrowed, not what ``wire_dtype`` promises. It is a
+    ``ValueError`` at construction, no session made (before, the option was silently unused);
+    without it the same optimizer steps as torch's LBFGS."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 3)
+    x, y = torch.randn(16, 3), torch.randn(16, 4)
+    with optserve.Client(live_server, transport="http", max_retries=0) as c:
+        before = {s.id for s in c.list_sessions()}
+        with pytest.raises(ValueError, match="wire_dtype is not offered for LBFGS"):
+            optserve.RemoteOptimizer([w.clone().requires_grad_()], "LBFGS", c, lr=0.5,
+                                     max_iter=3, wire_dtype=wire)
+        assert {s.id for s in c.list_sessions()} == before
+        local_w, remote_w = w.clone().requires_grad_(), w.clone().requires_grad_()
+        local = torch.optim.LBFGS([local_w], lr=0.5, max_iter=3)
+        remote = optserve.RemoteOptimizer([remote_w], "LBFGS", c, lr=0.5, max_iter=3)
+        for opt, p in ((local, local_w), (remote, remote_w)):
+            def closure(opt: torch.optim.Optimizer = opt, p: torch.Tensor = p) -> torch.Tensor:
+                opt.zero_grad()
+                loss = F.mse_loss(x @ p.t(), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+        assert torch.equal(remote_w, local_w)
+        remote.close(delete_session=True)
+
+
 @pytest.mark.parametrize("transport", ["http", "auto"], ids=["http", "shared memory"])
 def test_remote_optimizer_leaves_the_norms_to_the_history_through_shared_memory(
         live_server: str, transport: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -59,7 +59,7 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from . import _edits, _zero_copy
-from ._api import Durability, NonFinitePolicy
+from ._api import Durability, NonFinitePolicy, StateFormat
 from ._base_client import ReceiveBuffer
 from ._client import Client
 from ._exceptions import APIStatusError, OptserveError, PreconditionFailedError
@@ -86,6 +86,14 @@ _SCHEDULER_GROUP_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momen
 #: the top-level keys of a state dict the session takes (torch's ``load_state_dict`` reads
 #: ``state`` and ``param_groups`` and ignores any other, such as one a state-dict hook added)
 _STATE_DICT_KEYS = ("state", "param_groups", "scheduler")
+#: with ``wire_dtype``, :meth:`RemoteOptimizer.state_dict` carries the session's parameters that
+#: travel narrowed, at their own width, under this key (``{param id: tensor}``), as optimizers
+#: that keep master weights carry them in theirs: the model's own (narrowed) values lose their
+#: low bits, so a run resumed from them would go on from other weights than the session's
+MASTER_PARAMS = "master_params"
+#: how many times ``state_dict()`` exports the state and reads the master weights of its
+#: version before it gives up (each failure: another worker stepped the session in between)
+MASTER_READ_ATTEMPTS = 3
 
 
 def _norm(value: Any) -> Any:
@@ -214,6 +222,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             Row-sparse gradients (``nn.Embedding(sparse=True)``) travel with narrowed
             values too, and their touched rows come back narrowed. Each dense gradient is
             narrowed into a buffer kept for it (half a float32 parameter's bytes).
+            Not for ``"LBFGS"`` (a ``ValueError``): its evaluations travel at the
+            parameters' own width.
         durability, metrics, nonfinite: the new session's, as :meth:`Client.create_session`
             takes them (default: the server's settings). ``metrics=False`` saves the server
             the per-step norms (at 1e6 float32 parameters about 4 ms of a step).
@@ -260,6 +270,15 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 f"client must be an optserve.Client (not {type(client).__name__}); "
                 "RemoteOptimizer steps synchronously"
             )
+        if wire_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"wire_dtype must be None, 'bfloat16' or 'float16', got "
+                             f"{wire_dtype!r}")
+        if wire_dtype is not None and optimizer == "LBFGS":
+            # (its steps go as evaluations, which travel at the parameters' own width: the
+            # step would be torch's on the unnarrowed gradients, not what wire_dtype promises)
+            raise ValueError("wire_dtype is not offered for LBFGS: its closure's gradients "
+                             "and the points its line search tries travel at the parameters' "
+                             "own width (leave wire_dtype out)")
         if isinstance(params, torch.Tensor):
             raise TypeError(
                 "params argument given to the optimizer should be an iterable of Tensors or "
@@ -299,9 +318,6 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 if self._owns_client:
                     self._client.close()
                 raise
-        if wire_dtype not in (None, "bfloat16", "float16"):
-            raise ValueError(f"wire_dtype must be None, 'bfloat16' or 'float16', got "
-                             f"{wire_dtype!r}")
         self._binary = binary
         self._zero_copy = zero_copy
         self._in_slots = _zero_copy.InSlots()
@@ -956,14 +972,18 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
         ``torch.save`` it, or load it into a local optimizer of the same class. When the
         session runs a scheduler, its state comes along under ``"scheduler"`` (local torch
-        optimizers ignore that key)."""
+        optimizers ignore that key). With ``wire_dtype``, the session's values of the
+        parameters that travel narrowed (the master weights, at their own width, of the same
+        session version as the state) come along under ``"master_params"`` (``{param id:
+        tensor}``, torch's ids): the model's parameters hold them narrowed, and
+        :meth:`load_state_dict` of this state dict into a new ``RemoteOptimizer`` with a
+        ``wire_dtype`` puts them back into its session, so a run resumed from a checkpoint
+        goes on as the uninterrupted one (local torch optimizers ignore that key)."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         self.push_params(only_edited=True)
         self._sync_param_groups()
-        sd, version = self._client._export_state_at(
-            self._session_id, format="safetensors" if self._binary else "json")
-        self._learn(version)  # (opt.state read next is not older than this)
+        sd, masters = self._export_with_masters()
         groups = []
         for local, server in zip(self.param_groups, sd["param_groups"], strict=True):
             packed = {k: _in_form_of(v, local.get(k)) for k, v in server.items()
@@ -979,6 +999,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         state_dict: dict[str, Any] = {"state": sd["state"], "param_groups": groups}
         if "scheduler" in sd:
             state_dict["scheduler"] = sd["scheduler"]
+        if masters:
+            state_dict[MASTER_PARAMS] = masters
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -988,7 +1010,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Import a state dict into the session (one from :meth:`state_dict`, a ``torch.load``
         of it, or a local optimizer's of the same class) and take its group options locally,
-        as torch does."""
+        as torch does. With ``wire_dtype``, its ``"master_params"`` (see :meth:`state_dict`)
+        then become the session's parameters (each checked first: one of this optimizer's
+        ids, a tensor of its parameter's shape and dtype, else a ``ValueError`` and nothing
+        sent); without, they are ignored, as a local optimizer ignores them."""
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -1003,6 +1028,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     "loaded state dict contains a parameter group "
                     "that doesn't match the size of optimizer's group"
                 )
+        masters = self._masters_to_load(state_dict.get(MASTER_PARAMS), saved_groups)
         self.push_params(only_edited=True)
         self._state_epoch += 1
         # groups holding one tensor (a tensor lr default's groups, as torch.save keeps them)
@@ -1019,8 +1045,83 @@ class RemoteOptimizer(torch.optim.Optimizer):
             new_groups.append(saved)
         self.param_groups = new_groups
         self._imported(info)
+        if masters:
+            # the session's parameters at their own width; the local ones keep the narrowed
+            # values the model was loaded with, as after a step (nothing to send at the next)
+            self._at(self._client.put_params(self._session_id, masters,
+                                             binary=self._binary).version)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _narrowed_names(self) -> list[str]:
+        """The parameters whose values travel narrowed (``wire_dtype``: floating ones wider
+        than it), by name."""
+        wire = self._wire_dtype
+        if wire is None:
+            return []
+        return [name for name, p in self._by_name.items()
+                if p.is_floating_point() and p.element_size() > wire.itemsize]
+
+    def _export_with_masters(self) -> tuple[dict[str, Any], dict[int, torch.Tensor]]:
+        """The session's state dict and, with ``wire_dtype``, the values of the parameters
+        that travel narrowed at that same session version, by torch's param id (exported
+        again when another worker's step came between the two reads)."""
+        fmt: StateFormat = "safetensors" if self._binary else "json"
+        narrowed = self._narrowed_names()
+        for attempt in range(1, MASTER_READ_ATTEMPTS + 1):
+            sd, version = self._client._export_state_at(self._session_id, format=fmt)
+            self._learn(version)  # (opt.state read next is not older than this)
+            if not narrowed:
+                return sd, {}
+            try:
+                pulled = self._client.get_params(self._session_id, narrowed,
+                                                 binary=self._binary, at_version=version)
+            except PreconditionFailedError:
+                if attempt == MASTER_READ_ATTEMPTS:
+                    raise
+                continue
+            ids = {name: index
+                   for names, server in zip(self._param_names, sd["param_groups"], strict=True)
+                   for name, index in zip(names, server["params"], strict=True)}
+            return sd, {ids[name]: torch.as_tensor(pulled.params[name]).clone()
+                        for name in narrowed}
+        raise AssertionError("unreachable")  # (the loop returns or raises)
+
+    def _masters_to_load(self, masters: Any, saved_groups: list[dict[str, Any]]
+                         ) -> dict[str, torch.Tensor]:
+        """A state dict's ``"master_params"`` as the session's parameters to put, by name,
+        each checked against this optimizer's parameter of that id (the state dict's group
+        ids, in order, as torch maps its state): nothing when this optimizer has no
+        ``wire_dtype`` or the state dict carries none."""
+        if masters is None or self._wire_dtype is None:
+            return {}
+        if not isinstance(masters, Mapping):
+            raise ValueError(f"the state dict's {MASTER_PARAMS!r} must map param ids to "
+                             f"tensors, not {type(masters).__name__}")
+        by_id = {int(index): (name, p)
+                 for names, group, saved in zip(self._param_names, self.param_groups,
+                                                saved_groups, strict=True)
+                 for name, p, index in zip(names, group["params"], saved["params"],
+                                           strict=True)}
+        out: dict[str, torch.Tensor] = {}
+        for index, value in masters.items():
+            found = by_id.get(int(index)) if isinstance(index, (int, str)) \
+                and str(index).isdigit() else None
+            if found is None:
+                raise ValueError(f"the state dict's {MASTER_PARAMS!r} names param id "
+                                 f"{index!r}, which none of its param groups holds")
+            name, p = found
+            if not isinstance(value, torch.Tensor) or value.shape != p.shape \
+                    or value.dtype != p.dtype:
+                what = (f"a {str(value.dtype).removeprefix('torch.')} tensor of shape "
+                        f"{list(value.shape)}" if isinstance(value, torch.Tensor)
+                        else type(value).__name__)
+                raise ValueError(f"the state dict's {MASTER_PARAMS!r} holds {what} for param "
+                                 f"{index} ({name!r}), whose parameter is a "
+                                 f"{str(p.dtype).removeprefix('torch.')} tensor of shape "
+                                 f"{list(p.shape)}")
+            out[name] = value
+        return out
 
     def _importable(self, state_dict: Mapping[str, Any], groups: list[dict[str, Any]]
                     ) -> dict[str, Any]:
