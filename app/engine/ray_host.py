@@ -886,6 +886,10 @@ ABANDONED_ASK_S = 5.0
 #: sessions it holds: one that does not answer (an actor Ray cannot place or restart) is
 #: passed over, not waited for under the placement lock, which every create of its shape takes
 PLACE_PING_TIMEOUT_S = 5.0
+#: how long a keyed create that finds the id's entry claimed by another front's try of it
+#: waits for that try's index (written right after the claim: :meth:`RayRouter._indexed_soon`)
+INDEX_WAIT_S = 10.0
+INDEX_POLL_S = 0.01
 
 
 def _actor_class() -> Any:
@@ -1351,7 +1355,11 @@ class RayRouter:
                     continue  # (its creation was dropped: looked at again)
                 if indexed is not None:
                     key = indexed  # (its entry went, its index stayed: made under that key)
-            if self.directory.get(key) is not None and not await self._stale(key):
+            held = self.directory.get(key)
+            if held is not None and not await self._stale(key):
+                if idem is not None and held.get("created_by") == idem.key and \
+                        await self._indexed_soon(tenant, idem, key, held):
+                    continue  # (another front's try of this create: finished, or refused)
                 raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
                                code="session_exists", field="id")
             if admit is not None:
@@ -1378,6 +1386,28 @@ class RayRouter:
         raise Unavailable("a create sent with this Idempotency-Key is being made through "
                           "another front; retry it with the same Idempotency-Key",
                           code="host_restarting", retry_after=1.0)
+
+    async def _indexed_soon(self, tenant: str, idem: IdemKey, key: str,
+                            held: dict[str, Any]) -> bool:
+        """Whether the try of this keyed create that holds the id's entry (``held``, claimed
+        under this key through another front, in flight) indexes it: it claims the entry, then
+        the index (:meth:`_make`), and a try that found the entry between the two was a 409
+        ``session_exists`` where it is the same create (the client's retry through another
+        front, or the same request sent to several): now it waits for the index (up to
+        :data:`INDEX_WAIT_S`), and the create looks again (answered with that session, or
+        finished on its hosts, or 422 for another request under the key). False, for the 409,
+        when the entry is another creation's by then, or that try left it unindexed (its
+        front died: the entry goes once its mark is seen unlocked, :meth:`_stale`)."""
+        deadline = time.monotonic() + INDEX_WAIT_S
+        while True:
+            if self.directory.created(tenant, idem.key) is not None:
+                return True
+            now = self.directory.get(key)
+            if now is None or now.get("made") != held.get("made"):
+                return True  # (gone or made again since: looked at again)
+            if not self.directory.in_flight(held.get("made")) or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(INDEX_POLL_S)
 
     async def _make(self, key: str, entry: dict[str, Any], spec: CreateSpec,
                     idem: IdemKey | None, hosts: list[RayHost], layout: ShardLayout | None,
