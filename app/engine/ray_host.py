@@ -461,16 +461,19 @@ class HostActor:
 
     async def step(self, key: str, grads: dict[str, WireTensor | SparseWire], want_params: bool,
                    worker: str | None, base_version: int | None, idem: IdemKey | None,
-                   options: dict[int, dict[str, Any]] | None) -> Any:
+                   options: dict[int, dict[str, Any]] | None, front: str | None = None) -> Any:
+        """``front``: the identity of the front the step came through (a sync push is
+        withdrawn only by that front's drain, :meth:`withdraw`)."""
         host = await self._ready()
         return result_to_wire(await host.step(
             key, {n: tensor_from_wire(w) for n, w in grads.items()}, want_params=want_params,
-            worker=worker, base_version=base_version, idem=idem, options=options))
+            worker=worker, base_version=base_version, idem=idem, options=options, front=front))
 
-    async def withdraw(self, key: str, worker: str, idem: IdemKey | None) -> bool:
-        """Take a push waiting in the session's open sync round out of it (409
-        ``round_aborted``): the front it came through drains (:meth:`RayRouter.drain`)."""
-        return (await self._ready()).embedded.withdraw_push(key, worker, idem)
+    async def withdraw(self, key: str, worker: str, idem: IdemKey | None,
+                       front: str | None = None) -> bool:
+        """Take a push that came through ``front`` and waits in the session's open sync round
+        out of it (409 ``round_aborted``): that front drains (:meth:`RayRouter.drain`)."""
+        return (await self._ready()).embedded.withdraw_push(key, worker, idem, front)
 
     async def describe(self, key: str) -> SessionInfo:
         return await (await self._ready()).describe(key)
@@ -642,10 +645,13 @@ class RayHost:
     outages as 503 ``host_restarting``)."""
 
     def __init__(self, handle: Any, name: str, device: str = "remote",
-                 revive: Callable[[], Any] | None = None) -> None:
+                 revive: Callable[[], Any] | None = None, front: str | None = None) -> None:
         self.handle = handle
         self.name = name
         self.device = device
+        #: the identity of the front this handle is of (:attr:`RayRouter.front`): its sync
+        #: pushes carry it, and its drain withdraws only those (:meth:`withdraw`)
+        self.front = front
         #: the actor again by its name (started again if gone) when this handle's actor is
         #: dead for good (killed without restart, its cluster restarted)
         self.revive = revive
@@ -749,11 +755,11 @@ class RayHost:
     ) -> StepResult:
         out: StepResult = result_from_wire(await self.call(
             "step", key, {n: tensor_to_wire(t) for n, t in grads.items()}, want_params, worker,
-            base_version, idem, options))
+            base_version, idem, options, self.front))
         return out
 
     async def withdraw(self, key: str, worker: str, idem: IdemKey | None) -> bool:
-        return bool(await self.call("withdraw", key, worker, idem))
+        return bool(await self.call("withdraw", key, worker, idem, self.front))
 
     async def describe(self, key: str) -> SessionInfo:
         out: SessionInfo = await self.call("describe", key, read=True)
@@ -919,6 +925,9 @@ class RayRouter:
         self._place_locks: dict[str, asyncio.Lock] = {}
         #: set when this front drains (SIGTERM, :meth:`drain`)
         self._draining = asyncio.Event()
+        #: this front's identity, carried by its sync pushes: its drain withdraws only those
+        #: (another front's push of the same worker, keyless too, stays in its round)
+        self.front = uuid.uuid4().hex
         #: the sync pushes waiting through this front (a step naming its worker), each with
         #: the call that waits for its answer
         self._pushes: dict[_Push, asyncio.Future[StepResult]] = {}
@@ -961,7 +970,8 @@ class RayRouter:
         """This front is draining (SIGTERM): what waits through it is answered now, and only
         that (other fronts of the cluster, and the host actors, go on as before; a rolling
         restart of the fronts disturbs no round of workers on the others). Each sync push
-        waiting in its session's open round is taken out of it in its host (409
+        through this front (its pushes carry :attr:`front`) waiting in its session's open
+        round is taken out of it in its host (409
         ``round_aborted``: nothing of it applied, its retry with the same key joins a round
         through any front; the round keeps the other workers' pushes), and so is every push
         that reaches a round through this front from now on; one whose round closed already
@@ -1204,7 +1214,8 @@ class RayRouter:
         host = self._hosts.get(name)
         if host is None:
             host = self._hosts[name] = RayHost(self._handle(name), name,
-                                               revive=lambda: self._handle(name))
+                                               revive=lambda: self._handle(name),
+                                               front=self.front)
         return host
 
     def _handle(self, name: str) -> Any:
@@ -1265,7 +1276,7 @@ class RayRouter:
                                   outcome="nothing was made") from None
         self._saved[name] = saved
         handle = self._spawn(name, saved)
-        host = RayHost(handle, name, revive=lambda: self._handle(name))
+        host = RayHost(handle, name, revive=lambda: self._handle(name), front=self.front)
         try:
             info = await asyncio.wait_for(host.call("ping"), self.options.host_start_timeout_s)
         except TimeoutError:

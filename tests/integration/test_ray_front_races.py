@@ -7,9 +7,12 @@ Every value is compared with in-process torch computed here.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ import pytest
 import torch
 
 from app.engine.directory import Directory
+from app.engine.ray_host import RayHost
 from tests.conftest import LiveServer, kill_hosts, ray_settings
 from tests.torch_reference import json_tensor, tensor_from_json
 
@@ -77,23 +81,32 @@ def assert_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], wh
         assert torch.equal(got[n], want[n]), f"{what}: {n}"
 
 
+@dataclass
+class InProcessFront:
+    live: LiveServer
+    url: str
+
+
 @pytest.fixture
-def two_fronts(ray_cluster: Any, tmp_path: Path) -> Iterator[list[str]]:
+def fronts(ray_cluster: Any, tmp_path: Path) -> Iterator[list[InProcessFront]]:
     """Two fronts in this process on one data directory (hosts asking for no CPU)."""
     data = tmp_path / "data"
-    fronts = [LiveServer(ray_settings(ray_cluster, data_dir=data,
-                                      ray_resources='{"num_cpus": 0}')) for _ in range(2)]
+    started: list[InProcessFront] = []
     try:
-        yield [f.start() for f in fronts]
+        for _ in range(2):
+            live = LiveServer(ray_settings(ray_cluster, data_dir=data,
+                                           ray_resources='{"num_cpus": 0}'))
+            started.append(InProcessFront(live, live.start()))
+        yield started
     finally:
-        for f in fronts:
-            f.stop()
+        for f in started:
+            f.live.stop()
         kill_hosts(data)
 
 
 @pytest.mark.parametrize("shards", [1, 2])
 def test_one_keyed_create_sent_through_two_fronts_at_once_makes_one_session(
-        two_fronts: list[str], monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
+        fronts: list[InProcessFront], monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
     """The same keyed create (one ``Idempotency-Key``, one id) sent through two fronts at
     once: the try that claimed the id's entry indexes the key right after the claim, and a try
     reaching the directory between the two found the entry and answered 409
@@ -108,7 +121,7 @@ def test_one_keyed_create_sent_through_two_fronts_at_once_makes_one_session(
         time.sleep(0.5)
         return claim_created(self, *args, **kwargs)
     monkeypatch.setattr(Directory, "claim_created", slow_index)
-    a, b = two_fronts
+    a, b = (f.url for f in fronts)
     for rep in range(3):
         sid, p0 = f"raced-{shards}-{rep}", tensors(rep)
         body: dict[str, Any] = {"id": sid, "optimizer": "Adam", "options": {"lr": LR},
@@ -139,3 +152,75 @@ def test_one_keyed_create_sent_through_two_fronts_at_once_makes_one_session(
         assert_equal({n: tensor_from_json(t) for n, t in r.json()["params"].items()}, want,
                      "stepped")
         assert_equal(pulled(a, sid), want, "pulled through the other front")
+
+
+def test_a_draining_front_withdraws_no_other_fronts_keyless_push_of_its_worker(
+        fronts: list[InProcessFront], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sync round (two workers) holds worker w1's keyless push through front B. A keyless
+    push of the same worker name through front A is on its way to the host (held 2 s here
+    before its actor call) when A drains: A asks the host, again and again until its push is
+    answered, to withdraw ``w1``'s keyless push, and the host matched it by worker name and
+    key alone, so it took B's push out of the round (409 ``round_aborted`` for B's worker,
+    which A's drain had nothing to do with). Now each push carries the identity of the front
+    it came through and a drain withdraws only its own: B's push stays in the round, A's gets
+    the 409 ``duplicate_push`` it would get from any front, and once w2 pushes through B the
+    round steps as torch's Adam on the mean of B's two pushes."""
+    a, b = fronts
+    sid, p0 = "drain-keyless", tensors(1)
+    body = {"id": sid, "optimizer": "Adam", "options": {"lr": LR},
+            "sync": {"workers": 2, "reduce": "mean", "timeout_s": 600},
+            "params": {n: json_tensor(t) for n, t in p0.items()}}
+    r = httpx.post(f"{a.url}/v1/sessions", json=body, timeout=300)
+    assert r.status_code == 201, r.text
+    g1, g2, g_a = tensors(11), tensors(12), tensors(13)
+
+    def push(url: str, worker: str, grads: dict[str, torch.Tensor]) -> httpx.Response:
+        return httpx.post(f"{url}/v1/sessions/{sid}/step", timeout=300,
+                          headers={"X-Optserve-Worker": worker},
+                          json={"grads": {n: json_tensor(t) for n, t in grads.items()}})
+
+    def pending() -> list[str]:
+        out: list[str] = httpx.get(f"{b.url}/v1/sessions/{sid}",
+                                   timeout=60).json()["sync"]["pending"]
+        return out
+
+    with ThreadPoolExecutor(3) as pool:
+        w1_b = pool.submit(push, b.url, "w1", g1)
+        wait_until(lambda: pending() == ["w1"], "w1's push through B in the round")
+
+        on_its_way = threading.Event()
+        loops: list[asyncio.AbstractEventLoop] = []
+        step = RayHost.step
+
+        async def held_step(self: RayHost, key: str, grads: Any, **kwargs: Any) -> Any:
+            if kwargs.get("worker") == "w1" and not on_its_way.is_set():
+                loops.append(asyncio.get_running_loop())
+                on_its_way.set()
+                await asyncio.sleep(2.0)
+            return await step(self, key, grads, **kwargs)
+        monkeypatch.setattr(RayHost, "step", held_step)
+        w1_a = pool.submit(push, a.url, "w1", g_a)
+        assert on_its_way.wait(60)
+        loops[0].call_soon_threadsafe(a.live.app.state.engine.drain)
+        answer_a = w1_a.result(300)
+        assert not w1_b.done(), w1_b.result().text  # (B's push still waits in the round)
+        assert pending() == ["w1"]
+        assert answer_a.status_code == 409, answer_a.text
+        assert answer_a.json()["code"] == "duplicate_push", answer_a.text
+
+        w2 = pool.submit(push, b.url, "w2", g2)
+        want = adam_after(p0, {n: (g1[n] + g2[n]) / 2 for n in p0})
+        for done in (w1_b, w2):
+            r = done.result(300)
+            assert r.status_code == 200, r.text
+            assert r.json()["version"] == 1
+            assert_equal({n: tensor_from_json(t) for n, t in r.json()["params"].items()}, want,
+                         "the round's step")
+    assert_equal(pulled(b.url, sid), want, "pulled")
+
+
+def wait_until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 120
+    while not check():
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        time.sleep(0.05)
