@@ -1712,6 +1712,21 @@ class RayRouter:
                                         str(deleting["key"]))
         return done
 
+    async def _deleted_meanwhile(self, key: str, idem: IdemKey) -> bool:
+        """Whether another try of this keyed delete (the same request through another front,
+        or the client's retry) deleted the session while this one was on its way to the
+        hosts: the directory marks the key done (or its hosts say they deleted it,
+        :meth:`_deleted_before`). A sharded session's coordinator answers a 404 once that
+        try removed its entry, where a plain session's host answers from its tombstone: the
+        first try of a keyed delete of a sharded session was a 404 while its retry through
+        another front was a 204. Now both are the 204."""
+        done = self.directory.deleted(split_key(key)[0], idem.key)
+        if done is None or done.get("key") != key or done.get("fingerprint") != idem.fingerprint:
+            return False
+        if "deleting" in done:
+            return await self._deleted_before(key, done, idem)
+        return True
+
     async def _deleted_by_older(self, key: str, idem: IdemKey) -> bool:
         """Whether a host deleted the session with this key while the directory kept no mark
         of it: commits before ``.deletes/`` (c938206) kept a keyed delete's key in its hosts'
@@ -1778,7 +1793,12 @@ class RayRouter:
         if idem is not None:  # (on disk before any host deletes: _deleted_before)
             self.directory.note_deleted(tenant, idem.key, idem.fingerprint, key, deleting={
                 "made": entry.get("made"), "hosts": _hosts_of(key, entry)})
-        replayed = await host.delete(key, idem=idem, expected=expected)
+        try:
+            replayed = await host.delete(key, idem=idem, expected=expected)
+        except NotFound:
+            if idem is None or not await self._deleted_meanwhile(key, idem):
+                raise
+            replayed = True
         if idem is not None:  # (before the entry goes: a crash between leaves the hosts' keys)
             self.directory.note_deleted(tenant, idem.key, idem.fingerprint, key)
         # (the entry of the creation deleted, read above, not whichever is there now: once

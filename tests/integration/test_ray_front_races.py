@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from app.engine.directory import Directory
-from app.engine.ray_host import RayHost
+from app.engine.ray_host import RayHost, RemoteSharded
 from tests.conftest import LiveServer, kill_hosts, ray_settings
 from tests.torch_reference import json_tensor, tensor_from_json
 
@@ -224,3 +224,59 @@ def wait_until(check: Callable[[], bool], what: str) -> None:
     while not check():
         assert time.monotonic() < deadline, f"still waiting for {what}"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_one_keyed_delete_sent_through_two_fronts_at_once_answers_both_204(
+        fronts: list[InProcessFront], monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
+    """The same keyed delete sent through front A and, while A's is on its way to the session
+    (held 2 s here), through front B: B's deletes the session and removes its entry; A's then
+    reached a sharded session's coordinator, which found no entry and answered 404
+    ``session_not_found``, for a delete that was done under its key (a plain session's host
+    answers from its tombstone: 204). Now a keyed delete that meets a 404 asks the directory
+    whether another try of its key deleted the session meanwhile: both answer 204 (one
+    replayed), the session is gone from both fronts, and a session made again with the id
+    steps as torch does."""
+    held = {"once": True}
+    deletes = {RayHost: RayHost.delete, RemoteSharded: RemoteSharded.delete}
+
+    def holding(cls: type) -> Callable[..., Any]:
+        async def delete(self: Any, key: str, **kwargs: Any) -> Any:
+            if held.pop("once", False):
+                await asyncio.sleep(2.0)
+            return await deletes[cls](self, key, **kwargs)
+        return delete
+    for cls in deletes:
+        monkeypatch.setattr(cls, "delete", holding(cls))
+    a, b = (f.url for f in fronts)
+    sid, p0 = f"deleted-twice-{shards}", tensors(3)
+    body: dict[str, Any] = {"id": sid, "optimizer": "Adam", "options": {"lr": LR},
+                            "params": {n: json_tensor(t) for n, t in p0.items()}}
+    if shards > 1:
+        body["shards"] = shards
+    r = httpx.post(f"{a}/v1/sessions", json=body, timeout=300)
+    assert r.status_code == 201, r.text
+    key = {"Idempotency-Key": f"deleted-twice-{shards}-{time.time_ns()}"}
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(httpx.delete, f"{a}/v1/sessions/{sid}", headers=key, timeout=300)
+        time.sleep(0.5)
+        second = pool.submit(httpx.delete, f"{b}/v1/sessions/{sid}", headers=key, timeout=300)
+        answers = [first.result(300), second.result(300)]
+    assert [r.status_code for r in answers] == [204, 204], [r.text for r in answers]
+    assert answers[0].headers.get("Idempotent-Replayed") == "true"
+    for url in (a, b):
+        assert httpx.get(f"{url}/v1/sessions/{sid}", timeout=60).status_code == 404
+        r = httpx.delete(f"{url}/v1/sessions/{sid}", headers=key, timeout=300)
+        assert r.status_code == 204, r.text
+    p1 = tensors(4)
+    again = {**body, "params": {n: json_tensor(t) for n, t in p1.items()}}
+    r = httpx.post(f"{b}/v1/sessions", json=again, timeout=300)
+    assert r.status_code == 201, r.text
+    g = tensors(5)
+    r = httpx.post(f"{a}/v1/sessions/{sid}/step", timeout=300,
+                   json={"grads": {n: json_tensor(t) for n, t in g.items()}})
+    assert r.status_code == 200, r.text
+    want = adam_after(p1, g)
+    assert_equal({n: tensor_from_json(t) for n, t in r.json()["params"].items()}, want,
+                 "made again and stepped")
+    assert_equal(pulled(b, sid), want, "pulled through the other front")
