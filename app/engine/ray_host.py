@@ -1783,6 +1783,14 @@ class RayRouter:
         refusal = await self._refusal(key, entry, deleting=True)
         if refusal is not None:  # (nothing deleted, nothing marked: left to an operator)
             raise refusal
+        if "shards" in entry and self.directory.in_flight(entry.get("made")) and \
+                not all(await self._held(key, entry)):
+            # a sharded create still at its hosts through a front that is alive, some shards
+            # not made yet: no session yet, as a plain session's host says of one it has not
+            # made (404, nothing deleted, nothing marked). Deleted, the shards made went, and
+            # the create, its entry gone, answered 503 create_dropped for a session this
+            # delete answered 204
+            raise no_session(key)
         host = await self.route(key)
         if entry.get("created_by"):
             # marked (on disk) before any host deletes the session, the delete's point of no

@@ -280,3 +280,50 @@ def test_one_keyed_delete_sent_through_two_fronts_at_once_answers_both_204(
     assert_equal({n: tensor_from_json(t) for n, t in r.json()["params"].items()}, want,
                  "made again and stepped")
     assert_equal(pulled(b, sid), want, "pulled through the other front")
+
+
+@pytest.mark.parametrize("shard", [0, 1])
+def test_a_delete_while_a_sharded_create_is_at_its_hosts_leaves_the_create_whole(
+        fronts: list[InProcessFront], monkeypatch: pytest.MonkeyPatch, shard: int) -> None:
+    """A sharded create through front A, one shard's create (the first's, whose host holds
+    the coordinator, or the second's) held 2 s on its way to its host,
+    and an unkeyed delete of its id through front B meanwhile: the delete went to the
+    session's coordinator, deleted the shard made already, answered 204 and removed the
+    entry, and the create answered 503 ``create_dropped`` (a delete of a session no client
+    had been answered for, and a create cut by it). Now a delete that finds the create in
+    flight and some shards not made yet is a 404 that changes nothing, as a plain session's
+    host answers for one it has not made: the create answers 201, every front serves the
+    session whole, and it steps as torch does."""
+    held = {"once": True}
+    at_its_host = threading.Event()
+    create = RayHost.create
+
+    async def holding(self: RayHost, key: str, spec: Any, **kwargs: Any) -> Any:
+        if key.endswith(f"~shard{shard}of2") and held.pop("once", False):
+            at_its_host.set()
+            await asyncio.sleep(2.0)
+        return await create(self, key, spec, **kwargs)
+    monkeypatch.setattr(RayHost, "create", holding)
+    a, b = (f.url for f in fronts)
+    sid, p0 = f"deleted-while-made-{shard}", tensors(6)
+    body = {"id": sid, "optimizer": "Adam", "options": {"lr": LR}, "shards": 2,
+            "params": {n: json_tensor(t) for n, t in p0.items()}}
+    with ThreadPoolExecutor(1) as pool:
+        made = pool.submit(httpx.post, f"{a}/v1/sessions", json=body, timeout=300)
+        assert at_its_host.wait(300)  # (its entry claimed, the other shard's create sent)
+        time.sleep(0.5)
+        deleted = httpx.delete(f"{b}/v1/sessions/{sid}", timeout=300)
+        created = made.result(300)
+    assert created.status_code == 201, created.text
+    assert deleted.status_code == 404, deleted.text
+    assert not held
+    for url in (a, b):
+        assert_equal(pulled(url, sid), p0, "created")
+    g = tensors(7)
+    r = httpx.post(f"{b}/v1/sessions/{sid}/step", timeout=300,
+                   json={"grads": {n: json_tensor(t) for n, t in g.items()}})
+    assert r.status_code == 200, r.text
+    want = adam_after(p0, g)
+    assert_equal({n: tensor_from_json(t) for n, t in r.json()["params"].items()}, want,
+                 "stepped")
+    assert_equal(pulled(a, sid), want, "pulled through the other front")
