@@ -240,9 +240,11 @@ class SyncRounds:
         """Take this worker's push (with this idempotency key, or none) that came through
         ``front`` out of the session's open round, and fail it with 409 ``round_aborted``:
         that Ray front is draining (SIGTERM, :meth:`app.engine.ray_host.RayRouter.drain`).
-        A push of the same worker through another front is left alone, a keyless one too
-        (matched by the worker's name and key only, a draining front asking for its own
-        keyless push, still on its way to the host, took another front's out of the round).
+        A keyless push of the same worker through another front is left alone (matched by
+        the worker's name alone, a draining front asking for its own keyless push, still on
+        its way to the host, took another front's out of the round); a keyed one is its
+        key's, whichever front it came through (a retry of it through another front waits
+        on the same push, and is answered with it).
         Nothing of it was applied, nor ever will be, and its key is not recorded: its retry
         (same key, through any front) joins a round as a new push. The round goes on with
         the other workers' pushes (a round left empty is dropped, its timer with it). False,
@@ -251,7 +253,8 @@ class SyncRounds:
         operation holds the rounds (it answers the push)."""
         rnd = self._rounds.get(key)
         if rnd is None or key in self._seals or worker not in rnd.waiters \
-                or rnd.keys.get(worker) != idem or rnd.fronts.get(worker) != front:
+                or rnd.keys.get(worker) != idem \
+                or (idem is None and rnd.fronts.get(worker) != front):
             return False
         waiter = rnd.waiters.pop(worker)
         del rnd.pushes[worker]
