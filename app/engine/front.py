@@ -156,14 +156,33 @@ class Front:
             del self._keyed_creates[scope]
             done.set()
 
+    async def _replayed_create(self, tenant: str, idem: IdemKey) -> SessionInfo | None:
+        """The session a create under this key made before, described (replayed), or None.
+        One deleted between the look and the description (through another front, or another
+        request here) is looked at again: its delete marked the key deleted before any host
+        deleted it, so the look answers 409 ``session_deleted`` now; before, the retry of
+        the create was a 404 ``session_not_found``."""
+        missing: NotFound | None = None
+        for _ in range(3):
+            made = await self.router.find_create(tenant, idem)
+            if made is None:
+                return None
+            try:
+                info = await (await self.router.route(made)).describe(made)
+            except NotFound as exc:
+                missing = exc
+                continue
+            info.replayed = True
+            return info
+        assert missing is not None
+        raise missing
+
     async def _create(self, spec: CreateSpec, tenant: str, idem: IdemKey | None
                       ) -> SessionInfo:
         if idem is not None:
-            made = await self.router.find_create(tenant, idem)
-            if made is not None:
-                info = await (await self.router.route(made)).describe(made)
-                info.replayed = True
-                return info
+            replayed = await self._replayed_create(tenant, idem)
+            if replayed is not None:
+                return replayed
         session_id = check_session_id(spec.id) if spec.id is not None else uuid.uuid4().hex
         check_param_count(sum(len(g.params) for g in spec.groups),
                           self.limits.max_session_params)

@@ -450,11 +450,12 @@ class EmbeddedHost:
         for key in list(self._changed):
             self._version_changed(key)
 
-    def withdraw_push(self, key: str, worker: str, idem: IdemKey | None) -> bool:
-        """Take a push waiting in the session's open sync round out of it, failing it with 409
-        ``round_aborted`` (:meth:`SyncRounds.withdraw`): a Ray front draining asks it for the
-        pushes that wait through it. Whether it was there."""
-        return self._rounds.withdraw(key, worker, idem)
+    def withdraw_push(self, key: str, worker: str, idem: IdemKey | None,
+                      front: str | None = None) -> bool:
+        """Take a push that came through ``front`` and waits in the session's open sync round
+        out of it, failing it with 409 ``round_aborted`` (:meth:`SyncRounds.withdraw`): a Ray
+        front draining asks it for the pushes that wait through it. Whether it was there."""
+        return self._rounds.withdraw(key, worker, idem, front)
 
     async def stop(self, *, snapshot: bool = True) -> None:
         """Snapshot every session (so the next start replays nothing), then stop. Without
@@ -984,11 +985,12 @@ class EmbeddedHost:
         options: dict[int, dict[str, Any]] | None = None, params_into: Tensors | None = None,
         upcast: bool = False, params_dtype: torch.dtype | None = None,
         scalars: dict[str, float] | None = None, answer_metrics: bool = True,
-        into_seen: bool = False,
+        into_seen: bool = False, front: str | None = None,
     ) -> StepResult:
         """One step now (async mode), or this worker's push into the open sync round (whose
         parameters come back packed, ``want_params``, whatever ``params_into`` says;
-        ``into_seen``: see :meth:`execute`).
+        ``into_seen``: see :meth:`execute`; ``front``: the Ray front it came through, whose
+        drain withdraws it, :meth:`withdraw_push`).
         ``upcast`` widens float16/bfloat16 gradients of wider parameters on the device;
         ``params_dtype`` narrows the parameters sent back (the session keeps its own).
         ``answer_metrics=False``: the answer need not carry the step's metrics, and an async
@@ -1013,7 +1015,7 @@ class EmbeddedHost:
             if upcast:
                 grads = await self._worker.run(lambda: self._widen(key, grads), "upcast")
             pushed = await self._rounds.push(key, worker, grads, base_version, idem, wanted,
-                                             scalars, room=params_into)
+                                             scalars, room=params_into, front=front)
             if pushed is None:  # a retry whose push was answered meanwhile
                 assert idem is not None
                 return await self._replay_push(key, idem, grads, wanted, params_dtype)

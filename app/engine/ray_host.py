@@ -461,16 +461,19 @@ class HostActor:
 
     async def step(self, key: str, grads: dict[str, WireTensor | SparseWire], want_params: bool,
                    worker: str | None, base_version: int | None, idem: IdemKey | None,
-                   options: dict[int, dict[str, Any]] | None) -> Any:
+                   options: dict[int, dict[str, Any]] | None, front: str | None = None) -> Any:
+        """``front``: the identity of the front the step came through (a sync push is
+        withdrawn only by that front's drain, :meth:`withdraw`)."""
         host = await self._ready()
         return result_to_wire(await host.step(
             key, {n: tensor_from_wire(w) for n, w in grads.items()}, want_params=want_params,
-            worker=worker, base_version=base_version, idem=idem, options=options))
+            worker=worker, base_version=base_version, idem=idem, options=options, front=front))
 
-    async def withdraw(self, key: str, worker: str, idem: IdemKey | None) -> bool:
-        """Take a push waiting in the session's open sync round out of it (409
-        ``round_aborted``): the front it came through drains (:meth:`RayRouter.drain`)."""
-        return (await self._ready()).embedded.withdraw_push(key, worker, idem)
+    async def withdraw(self, key: str, worker: str, idem: IdemKey | None,
+                       front: str | None = None) -> bool:
+        """Take a push that came through ``front`` and waits in the session's open sync round
+        out of it (409 ``round_aborted``): that front drains (:meth:`RayRouter.drain`)."""
+        return (await self._ready()).embedded.withdraw_push(key, worker, idem, front)
 
     async def describe(self, key: str) -> SessionInfo:
         return await (await self._ready()).describe(key)
@@ -642,10 +645,13 @@ class RayHost:
     outages as 503 ``host_restarting``)."""
 
     def __init__(self, handle: Any, name: str, device: str = "remote",
-                 revive: Callable[[], Any] | None = None) -> None:
+                 revive: Callable[[], Any] | None = None, front: str | None = None) -> None:
         self.handle = handle
         self.name = name
         self.device = device
+        #: the identity of the front this handle is of (:attr:`RayRouter.front`): its sync
+        #: pushes carry it, and its drain withdraws only those (:meth:`withdraw`)
+        self.front = front
         #: the actor again by its name (started again if gone) when this handle's actor is
         #: dead for good (killed without restart, its cluster restarted)
         self.revive = revive
@@ -749,11 +755,11 @@ class RayHost:
     ) -> StepResult:
         out: StepResult = result_from_wire(await self.call(
             "step", key, {n: tensor_to_wire(t) for n, t in grads.items()}, want_params, worker,
-            base_version, idem, options))
+            base_version, idem, options, self.front))
         return out
 
     async def withdraw(self, key: str, worker: str, idem: IdemKey | None) -> bool:
-        return bool(await self.call("withdraw", key, worker, idem))
+        return bool(await self.call("withdraw", key, worker, idem, self.front))
 
     async def describe(self, key: str) -> SessionInfo:
         out: SessionInfo = await self.call("describe", key, read=True)
@@ -886,6 +892,10 @@ ABANDONED_ASK_S = 5.0
 #: sessions it holds: one that does not answer (an actor Ray cannot place or restart) is
 #: passed over, not waited for under the placement lock, which every create of its shape takes
 PLACE_PING_TIMEOUT_S = 5.0
+#: how long a keyed create that finds the id's entry claimed by another front's try of it
+#: waits for that try's index (written right after the claim: :meth:`RayRouter._indexed_soon`)
+INDEX_WAIT_S = 10.0
+INDEX_POLL_S = 0.01
 
 
 def _actor_class() -> Any:
@@ -915,6 +925,9 @@ class RayRouter:
         self._place_locks: dict[str, asyncio.Lock] = {}
         #: set when this front drains (SIGTERM, :meth:`drain`)
         self._draining = asyncio.Event()
+        #: this front's identity, carried by its sync pushes: its drain withdraws only those
+        #: (another front's push of the same worker, keyless too, stays in its round)
+        self.front = uuid.uuid4().hex
         #: the sync pushes waiting through this front (a step naming its worker), each with
         #: the call that waits for its answer
         self._pushes: dict[_Push, asyncio.Future[StepResult]] = {}
@@ -957,7 +970,8 @@ class RayRouter:
         """This front is draining (SIGTERM): what waits through it is answered now, and only
         that (other fronts of the cluster, and the host actors, go on as before; a rolling
         restart of the fronts disturbs no round of workers on the others). Each sync push
-        waiting in its session's open round is taken out of it in its host (409
+        through this front (its pushes carry :attr:`front`) waiting in its session's open
+        round is taken out of it in its host (409
         ``round_aborted``: nothing of it applied, its retry with the same key joins a round
         through any front; the round keeps the other workers' pushes), and so is every push
         that reaches a round through this front from now on; one whose round closed already
@@ -1200,7 +1214,8 @@ class RayRouter:
         host = self._hosts.get(name)
         if host is None:
             host = self._hosts[name] = RayHost(self._handle(name), name,
-                                               revive=lambda: self._handle(name))
+                                               revive=lambda: self._handle(name),
+                                               front=self.front)
         return host
 
     def _handle(self, name: str) -> Any:
@@ -1261,7 +1276,7 @@ class RayRouter:
                                   outcome="nothing was made") from None
         self._saved[name] = saved
         handle = self._spawn(name, saved)
-        host = RayHost(handle, name, revive=lambda: self._handle(name))
+        host = RayHost(handle, name, revive=lambda: self._handle(name), front=self.front)
         try:
             info = await asyncio.wait_for(host.call("ping"), self.options.host_start_timeout_s)
         except TimeoutError:
@@ -1351,7 +1366,11 @@ class RayRouter:
                     continue  # (its creation was dropped: looked at again)
                 if indexed is not None:
                     key = indexed  # (its entry went, its index stayed: made under that key)
-            if self.directory.get(key) is not None and not await self._stale(key):
+            held = self.directory.get(key)
+            if held is not None and not await self._stale(key):
+                if idem is not None and held.get("created_by") == idem.key and \
+                        await self._indexed_soon(tenant, idem, key, held):
+                    continue  # (another front's try of this create: finished, or refused)
                 raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
                                code="session_exists", field="id")
             if admit is not None:
@@ -1378,6 +1397,28 @@ class RayRouter:
         raise Unavailable("a create sent with this Idempotency-Key is being made through "
                           "another front; retry it with the same Idempotency-Key",
                           code="host_restarting", retry_after=1.0)
+
+    async def _indexed_soon(self, tenant: str, idem: IdemKey, key: str,
+                            held: dict[str, Any]) -> bool:
+        """Whether the try of this keyed create that holds the id's entry (``held``, claimed
+        under this key through another front, in flight) indexes it: it claims the entry, then
+        the index (:meth:`_make`), and a try that found the entry between the two was a 409
+        ``session_exists`` where it is the same create (the client's retry through another
+        front, or the same request sent to several): now it waits for the index (up to
+        :data:`INDEX_WAIT_S`), and the create looks again (answered with that session, or
+        finished on its hosts, or 422 for another request under the key). False, for the 409,
+        when the entry is another creation's by then, or that try left it unindexed (its
+        front died: the entry goes once its mark is seen unlocked, :meth:`_stale`)."""
+        deadline = time.monotonic() + INDEX_WAIT_S
+        while True:
+            if self.directory.created(tenant, idem.key) is not None:
+                return True
+            now = self.directory.get(key)
+            if now is None or now.get("made") != held.get("made"):
+                return True  # (gone or made again since: looked at again)
+            if not self.directory.in_flight(held.get("made")) or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(INDEX_POLL_S)
 
     async def _make(self, key: str, entry: dict[str, Any], spec: CreateSpec,
                     idem: IdemKey | None, hosts: list[RayHost], layout: ShardLayout | None,
@@ -1671,6 +1712,21 @@ class RayRouter:
                                         str(deleting["key"]))
         return done
 
+    async def _deleted_meanwhile(self, key: str, idem: IdemKey) -> bool:
+        """Whether another try of this keyed delete (the same request through another front,
+        or the client's retry) deleted the session while this one was on its way to the
+        hosts: the directory marks the key done (or its hosts say they deleted it,
+        :meth:`_deleted_before`). A sharded session's coordinator answers a 404 once that
+        try removed its entry, where a plain session's host answers from its tombstone: the
+        first try of a keyed delete of a sharded session was a 404 while its retry through
+        another front was a 204. Now both are the 204."""
+        done = self.directory.deleted(split_key(key)[0], idem.key)
+        if done is None or done.get("key") != key or done.get("fingerprint") != idem.fingerprint:
+            return False
+        if "deleting" in done:
+            return await self._deleted_before(key, done, idem)
+        return True
+
     async def _deleted_by_older(self, key: str, idem: IdemKey) -> bool:
         """Whether a host deleted the session with this key while the directory kept no mark
         of it: commits before ``.deletes/`` (c938206) kept a keyed delete's key in its hosts'
@@ -1727,6 +1783,14 @@ class RayRouter:
         refusal = await self._refusal(key, entry, deleting=True)
         if refusal is not None:  # (nothing deleted, nothing marked: left to an operator)
             raise refusal
+        if "shards" in entry and self.directory.in_flight(entry.get("made")) and \
+                not all(await self._held(key, entry)):
+            # a sharded create still at its hosts through a front that is alive, some shards
+            # not made yet: no session yet, as a plain session's host says of one it has not
+            # made (404, nothing deleted, nothing marked). Deleted, the shards made went, and
+            # the create, its entry gone, answered 503 create_dropped for a session this
+            # delete answered 204
+            raise no_session(key)
         host = await self.route(key)
         if entry.get("created_by"):
             # marked (on disk) before any host deletes the session, the delete's point of no
@@ -1737,7 +1801,12 @@ class RayRouter:
         if idem is not None:  # (on disk before any host deletes: _deleted_before)
             self.directory.note_deleted(tenant, idem.key, idem.fingerprint, key, deleting={
                 "made": entry.get("made"), "hosts": _hosts_of(key, entry)})
-        replayed = await host.delete(key, idem=idem, expected=expected)
+        try:
+            replayed = await host.delete(key, idem=idem, expected=expected)
+        except NotFound:
+            if idem is None or not await self._deleted_meanwhile(key, idem):
+                raise
+            replayed = True
         if idem is not None:  # (before the entry goes: a crash between leaves the hosts' keys)
             self.directory.note_deleted(tenant, idem.key, idem.fingerprint, key)
         # (the entry of the creation deleted, read above, not whichever is there now: once

@@ -93,6 +93,8 @@ class Round:
     keys: dict[str, IdemKey] = field(default_factory=dict)  # worker -> its idempotency key
     scalars: dict[str, dict[str, float]] = field(default_factory=dict)  # worker -> its scalars
     bases: dict[str, int | None] = field(default_factory=dict)  # worker -> its base_version
+    #: worker -> the front its push came through (a Ray front's identity; None: unnamed)
+    fronts: dict[str, str | None] = field(default_factory=dict)
     #: the session versions its pushes were checked at (one, unless something went wrong)
     versions: set[int] = field(default_factory=set)
     want_params: bool = False
@@ -233,23 +235,30 @@ class SyncRounds:
             rnd.fail(_shutting_down())
         self._rounds.clear()
 
-    def withdraw(self, key: str, worker: str, idem: IdemKey | None) -> bool:
-        """Take this worker's push (with this idempotency key, or none) out of the session's
-        open round, and fail it with 409 ``round_aborted``: the Ray front it came through is
-        draining (SIGTERM, :meth:`app.engine.ray_host.RayRouter.drain`). Nothing of it was
-        applied, nor ever will be, and its key is not recorded: its retry (same key, through
-        any front) joins a round as a new push. The round goes on with the other workers'
-        pushes (a round left empty is dropped, its timer with it). False, leaving everything
-        as it is, when the push is not waiting in the open round (not there yet, being
-        checked, in a round that closed: that one steps) or a discarding operation holds the
-        rounds (it answers the push)."""
+    def withdraw(self, key: str, worker: str, idem: IdemKey | None,
+                 front: str | None = None) -> bool:
+        """Take this worker's push (with this idempotency key, or none) that came through
+        ``front`` out of the session's open round, and fail it with 409 ``round_aborted``:
+        that Ray front is draining (SIGTERM, :meth:`app.engine.ray_host.RayRouter.drain`).
+        A keyless push of the same worker through another front is left alone (matched by
+        the worker's name alone, a draining front asking for its own keyless push, still on
+        its way to the host, took another front's out of the round); a keyed one is its
+        key's, whichever front it came through (a retry of it through another front waits
+        on the same push, and is answered with it).
+        Nothing of it was applied, nor ever will be, and its key is not recorded: its retry
+        (same key, through any front) joins a round as a new push. The round goes on with
+        the other workers' pushes (a round left empty is dropped, its timer with it). False,
+        leaving everything as it is, when the push is not waiting in the open round (not
+        there yet, being checked, in a round that closed: that one steps) or a discarding
+        operation holds the rounds (it answers the push)."""
         rnd = self._rounds.get(key)
         if rnd is None or key in self._seals or worker not in rnd.waiters \
-                or rnd.keys.get(worker) != idem:
+                or rnd.keys.get(worker) != idem \
+                or (idem is None and rnd.fronts.get(worker) != front):
             return False
         waiter = rnd.waiters.pop(worker)
         del rnd.pushes[worker]
-        for kept in (rnd.keys, rnd.scalars, rnd.bases):
+        for kept in (rnd.keys, rnd.scalars, rnd.bases, rnd.fronts):
             kept.pop(worker, None)
         if not rnd.pushes:
             rnd.cancel_timer()
@@ -349,9 +358,11 @@ class SyncRounds:
     async def push(self, key: str, worker: str | None, grads: Tensors, base_version: int | None,
                    idem: IdemKey | None, want_params: bool,
                    scalars: dict[str, float] | None = None,
-                   room: Tensors | None = None) -> StepResult | None:
+                   room: Tensors | None = None, front: str | None = None
+                   ) -> StepResult | None:
         """This worker's push into the open round; waits for the round's step. ``room``: the
-        views a same-host binding will take the answer in, checked with the gradients. None
+        views a same-host binding will take the answer in, checked with the gradients;
+        ``front``: the front it came through (:meth:`withdraw`). None
         when the session's idempotency table answers the push (a retry of one answered
         meanwhile: its caller replays that answer)."""
         if worker is None:
@@ -446,6 +457,7 @@ class SyncRounds:
         rnd.pushes[worker] = checked
         rnd.waiters[worker] = waiter
         rnd.bases[worker] = base_version
+        rnd.fronts[worker] = front
         rnd.versions.add(version)
         if idem is not None:
             rnd.keys[worker] = idem

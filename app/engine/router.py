@@ -161,10 +161,11 @@ class InProcessHost:
     async def step(
         self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
-        options: dict[int, dict[str, Any]] | None = None,
+        options: dict[int, dict[str, Any]] | None = None, front: str | None = None,
     ) -> StepResult:
         return await self.embedded.step(key, grads, want_params=want_params, worker=worker,
-                                        base_version=base_version, idem=idem, options=options)
+                                        base_version=base_version, idem=idem, options=options,
+                                        front=front)
 
     async def describe(self, key: str) -> SessionInfo:
         return await self.embedded.describe(key)
