@@ -10,7 +10,7 @@ import base64
 import io
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -156,9 +156,21 @@ def grad_stream(shapes: dict[str, list[int]], seed: int) -> Iterator[dict[str, t
         yield {n: torch.randn(s, generator=gen, dtype=torch.float32) for n, s in shapes.items()}
 
 
-def make_params(shapes: dict[str, list[int]], seed: int) -> dict[str, torch.Tensor]:
+def make_params(shapes: Mapping[str, Sequence[int]], seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return {n: torch.randn(s, generator=gen, dtype=torch.float32) for n, s in shapes.items()}
+
+
+def adam_after(params: dict[str, torch.Tensor], *grads: dict[str, torch.Tensor], lr: float
+               ) -> dict[str, torch.Tensor]:
+    """Copies of ``params`` after one in-process torch Adam step (at ``lr``) per gradient."""
+    local = {n: t.clone() for n, t in params.items()}
+    opt = torch.optim.Adam(list(local.values()), lr=lr)
+    for g in grads:
+        for n, p in local.items():
+            p.grad = g[n].clone()
+        opt.step()
+    return local
 
 
 # ----------------------------------------------------------------------------- references

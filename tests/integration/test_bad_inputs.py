@@ -1771,6 +1771,20 @@ def test_nonfinite_options_in_an_imported_state_are_refused(sess: Sess) -> None:
     assert after.state_dict == good
 
 
+def _stepped_alike(http: httpx.Client, sid: str, opt: torch.optim.Optimizer,
+                   params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    """One step of ``sid`` over JSON (base64) and of the in-process ``opt`` over ``params``,
+    both with ``grads``: the session's answer."""
+    r = http.post(f"/v1/sessions/{sid}/step", params={"encoding": "b64"},
+                  json={"grads": {n: jt(g) for n, g in grads.items()}})
+    assert r.status_code == 200, r.text
+    for n in NAMES:
+        params[n].grad = grads[n].clone()
+    opt.step()
+    return {n: from_jt(r.json()["params"][n]) for n in NAMES}
+
+
 @pytest.mark.parametrize(
     ("optimizer", "options"),
     [("ASGD", {"lr": 0.01, "t0": INF}), ("Rprop", {"lr": 0.01, "step_sizes": [1e-6, INF]}),
@@ -1788,16 +1802,9 @@ def test_an_infinity_that_means_no_bound_is_taken(http: httpx.Client, optimizer:
     params = {n: t.clone() for n, t in p0().items()}
     opt = getattr(torch.optim, optimizer)([params[n] for n in NAMES], **local)
     for k in range(3):
-        grads = {n: G1[n] * (k + 1) for n in NAMES}
-        r = http.post(f"/v1/sessions/{sid}/step", params={"encoding": "b64"},
-                      json={"grads": {n: jt(g) for n, g in grads.items()}})
-        assert r.status_code == 200, r.text
+        got = _stepped_alike(http, sid, opt, params, {n: G1[n] * (k + 1) for n in NAMES})
         for n in NAMES:
-            params[n].grad = grads[n].clone()
-        opt.step()
-        for n in NAMES:
-            got = from_jt(r.json()["params"][n])
-            assert torch.isfinite(got).all() and torch.equal(got, params[n].detach()), n
+            assert torch.isfinite(got[n]).all() and torch.equal(got[n], params[n].detach()), n
     (name, value), = ((k, v) for k, v in options.items() if k != "lr")
     r = http.patch(f"/v1/sessions/{sid}/param_groups/0", json={name: value})
     assert r.status_code == 200, r.text
@@ -1832,15 +1839,10 @@ def test_asgd_t0_past_the_parameters_dtype_steps_as_torch(http: httpx.Client, dt
             r = http.patch(f"/v1/sessions/{sid}/param_groups/0", json={"lr": 0.02})
             assert r.status_code == 200, r.text
             opt.param_groups[0]["lr"] = 0.02
-        grads = {n: (G1[n] * (k + 1)).to(wide) for n in NAMES}
-        r = http.post(f"/v1/sessions/{sid}/step", params={"encoding": "b64"},
-                      json={"grads": {n: jt(g) for n, g in grads.items()}})
-        assert r.status_code == 200, r.text
+        got = _stepped_alike(http, sid, opt, params,
+                             {n: (G1[n] * (k + 1)).to(wide) for n in NAMES})
         for n in NAMES:
-            params[n].grad = grads[n].clone()
-        opt.step()
-        for n in NAMES:
-            assert torch.equal(from_jt(r.json()["params"][n]), params[n]), n
+            assert torch.equal(got[n], params[n]), n
 
 
 def _scheduled(http: httpx.Client, optimizer: str, scheduler: dict[str, Any],

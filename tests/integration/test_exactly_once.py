@@ -29,6 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import httpx
@@ -38,7 +39,14 @@ import torch
 
 import optserve
 from tests.integration.test_durability import Proc, pull
-from tests.torch_reference import assert_tensors_equal, json_tensor, to_wire, torch_bytes
+from tests.torch_reference import adam_after as reference_adam_after
+from tests.torch_reference import (
+    assert_tensors_equal,
+    json_tensor,
+    make_params,
+    to_wire,
+    torch_bytes,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -48,20 +56,8 @@ LR = 0.01
 Tensors = dict[str, torch.Tensor]
 
 
-def tensors(seed: int) -> Tensors:
-    gen = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s, generator=gen) for n, s in SHAPES.items()}
-
-
-def adam_after(params: Tensors, *grads: Tensors) -> Tensors:
-    """``params`` after one torch Adam step per gradient."""
-    local = {n: t.clone() for n, t in params.items()}
-    opt = torch.optim.Adam(list(local.values()), lr=LR)
-    for g in grads:
-        for n, p in local.items():
-            p.grad = g[n].clone()
-        opt.step()
-    return local
+tensors = partial(make_params, SHAPES)
+adam_after = partial(reference_adam_after, lr=LR)
 
 
 def sessions(c: httpx.Client) -> list[str]:

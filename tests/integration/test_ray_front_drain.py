@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ import torch
 
 from tests.conftest import kill_hosts
 from tests.integration.test_ray_cluster import Front, ready_front, start_front
-from tests.torch_reference import assert_tensors_equal
+from tests.torch_reference import adam_after as reference_adam_after
+from tests.torch_reference import assert_tensors_equal, make_params
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
@@ -38,19 +40,8 @@ Tensors = dict[str, torch.Tensor]
 Answer = httpx.Response | Exception
 
 
-def tensors(seed: int) -> Tensors:
-    gen = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s, generator=gen) for n, s in SHAPES.items()}
-
-
-def adam_after(params: Tensors, grads: Tensors) -> Tensors:
-    """``params`` after one in-process torch Adam step with ``grads``."""
-    local = {n: t.clone() for n, t in params.items()}
-    opt = torch.optim.Adam(list(local.values()), lr=LR)
-    for n, p in local.items():
-        p.grad = grads[n].clone()
-    opt.step()
-    return local
+tensors = partial(make_params, SHAPES)
+adam_after = partial(reference_adam_after, lr=LR)
 
 
 def push(url: str, sid: str, worker: str, key: str, grads: Tensors) -> httpx.Response:

@@ -24,28 +24,17 @@ import torch
 from app.engine.directory import Directory
 from app.engine.ray_host import RayHost, RayRouter, RemoteSharded
 from tests.conftest import LiveServer, kill_hosts, ray_settings
-from tests.torch_reference import json_tensor, tensor_from_json
+from tests.torch_reference import adam_after as reference_adam_after
+from tests.torch_reference import json_tensor, make_params, tensor_from_json
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 LR = 0.01
 
 
-def tensors(seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {"w": torch.randn(3, 2, generator=gen), "b": torch.randn(4, generator=gen),
-            "e": torch.randn(5, generator=gen)}
-
-
-def adam_after(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
-               ) -> dict[str, torch.Tensor]:
-    """``params`` after one in-process torch Adam step with ``grads``."""
-    local = {n: t.clone() for n, t in params.items()}
-    opt = torch.optim.Adam(list(local.values()), lr=LR)
-    for n, p in local.items():
-        p.grad = grads[n].clone()
-    opt.step()
-    return local
+SHAPES = {"w": (3, 2), "b": (4,), "e": (5,)}
+tensors = partial(make_params, SHAPES)
+adam_after = partial(reference_adam_after, lr=LR)
 
 
 def at_once(calls: list[Callable[[], httpx.Response]]) -> list[httpx.Response]:
@@ -79,6 +68,29 @@ def assert_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], wh
     assert set(got) == set(want), what
     for n in want:
         assert torch.equal(got[n], want[n]), f"{what}: {n}"
+
+
+def adam_create(sid: str, params: dict[str, torch.Tensor], shards: int = 1) -> dict[str, Any]:
+    """The body of a create of ``sid``: Adam at :data:`LR` over ``params``, in ``shards``."""
+    body: dict[str, Any] = {"id": sid, "optimizer": "Adam", "options": {"lr": LR},
+                            "params": {n: json_tensor(t) for n, t in params.items()}}
+    if shards > 1:
+        body["shards"] = shards
+    return body
+
+
+def stepped_as_torch(step_at: str, pull_at: str, sid: str, params: dict[str, torch.Tensor],
+                     seed: int, what: str) -> None:
+    """A step of ``sid`` through the front at ``step_at`` with the gradients of ``seed``: its
+    answer, and the parameters pulled through the front at ``pull_at``, are torch's Adam step
+    from ``params``."""
+    g = tensors(seed)
+    r = httpx.post(f"{step_at}/v1/sessions/{sid}/step", timeout=300,
+                   json={"grads": {n: json_tensor(t) for n, t in g.items()}})
+    assert r.status_code == 200, r.text
+    want = adam_after(params, g)
+    assert_equal({n: tensor_from_json(t) for n, t in r.json()["params"].items()}, want, what)
+    assert_equal(pulled(pull_at, sid), want, "pulled through the other front")
 
 
 @dataclass
@@ -124,10 +136,7 @@ def test_one_keyed_create_sent_through_two_fronts_at_once_makes_one_session(
     a, b = (f.url for f in fronts)
     for rep in range(3):
         sid, p0 = f"raced-{shards}-{rep}", tensors(rep)
-        body: dict[str, Any] = {"id": sid, "optimizer": "Adam", "options": {"lr": LR},
-                                "params": {n: json_tensor(t) for n, t in p0.items()}}
-        if shards > 1:
-            body["shards"] = shards
+        body = adam_create(sid, p0, shards)
         key = {"Idempotency-Key": f"raced-{shards}-{rep}-{time.time_ns()}"}
         answers = at_once([partial(httpx.post, f"{u}/v1/sessions", json=body, headers=key,
                                    timeout=300) for u in (a, b)])
@@ -144,14 +153,7 @@ def test_one_keyed_create_sent_through_two_fronts_at_once_makes_one_session(
             r = httpx.post(f"{url}/v1/sessions", json=other, headers=key, timeout=300)
             assert r.status_code == 422, r.text
             assert r.json()["code"] == "idempotency_key_reused"
-        g = tensors(100 + rep)
-        r = httpx.post(f"{b}/v1/sessions/{sid}/step", timeout=300,
-                       json={"grads": {n: json_tensor(t) for n, t in g.items()}})
-        assert r.status_code == 200, r.text
-        want = adam_after(p0, g)
-        assert_equal({n: tensor_from_json(t) for n, t in r.json()["params"].items()}, want,
-                     "stepped")
-        assert_equal(pulled(a, sid), want, "pulled through the other front")
+        stepped_as_torch(b, a, sid, p0, 100 + rep, "stepped")
 
 
 def test_a_draining_front_withdraws_no_other_fronts_keyless_push_of_its_worker(
@@ -167,9 +169,8 @@ def test_a_draining_front_withdraws_no_other_fronts_keyless_push_of_its_worker(
     round steps as torch's Adam on the mean of B's two pushes."""
     a, b = fronts
     sid, p0 = "drain-keyless", tensors(1)
-    body = {"id": sid, "optimizer": "Adam", "options": {"lr": LR},
-            "sync": {"workers": 2, "reduce": "mean", "timeout_s": 600},
-            "params": {n: json_tensor(t) for n, t in p0.items()}}
+    body = {**adam_create(sid, p0),
+            "sync": {"workers": 2, "reduce": "mean", "timeout_s": 600}}
     r = httpx.post(f"{a.url}/v1/sessions", json=body, timeout=300)
     assert r.status_code == 201, r.text
     g1, g2, g_a = tensors(11), tensors(12), tensors(13)
@@ -250,10 +251,7 @@ def test_one_keyed_delete_sent_through_two_fronts_at_once_answers_both_204(
         monkeypatch.setattr(cls, "delete", holding(cls))
     a, b = (f.url for f in fronts)
     sid, p0 = f"deleted-twice-{shards}", tensors(3)
-    body: dict[str, Any] = {"id": sid, "optimizer": "Adam", "options": {"lr": LR},
-                            "params": {n: json_tensor(t) for n, t in p0.items()}}
-    if shards > 1:
-        body["shards"] = shards
+    body = adam_create(sid, p0, shards)
     r = httpx.post(f"{a}/v1/sessions", json=body, timeout=300)
     assert r.status_code == 201, r.text
     key = {"Idempotency-Key": f"deleted-twice-{shards}-{time.time_ns()}"}
@@ -272,14 +270,7 @@ def test_one_keyed_delete_sent_through_two_fronts_at_once_answers_both_204(
     again = {**body, "params": {n: json_tensor(t) for n, t in p1.items()}}
     r = httpx.post(f"{b}/v1/sessions", json=again, timeout=300)
     assert r.status_code == 201, r.text
-    g = tensors(5)
-    r = httpx.post(f"{a}/v1/sessions/{sid}/step", timeout=300,
-                   json={"grads": {n: json_tensor(t) for n, t in g.items()}})
-    assert r.status_code == 200, r.text
-    want = adam_after(p1, g)
-    assert_equal({n: tensor_from_json(t) for n, t in r.json()["params"].items()}, want,
-                 "made again and stepped")
-    assert_equal(pulled(b, sid), want, "pulled through the other front")
+    stepped_as_torch(a, b, sid, p1, 5, "made again and stepped")
 
 
 @pytest.mark.parametrize("shard", [0, 1])
@@ -306,8 +297,7 @@ def test_a_delete_while_a_sharded_create_is_at_its_hosts_leaves_the_create_whole
     monkeypatch.setattr(RayHost, "create", holding)
     a, b = (f.url for f in fronts)
     sid, p0 = f"deleted-while-made-{shard}", tensors(6)
-    body = {"id": sid, "optimizer": "Adam", "options": {"lr": LR}, "shards": 2,
-            "params": {n: json_tensor(t) for n, t in p0.items()}}
+    body = adam_create(sid, p0, 2)
     with ThreadPoolExecutor(1) as pool:
         made = pool.submit(httpx.post, f"{a}/v1/sessions", json=body, timeout=300)
         assert at_its_host.wait(300)  # (its entry claimed, the other shard's create sent)
@@ -319,14 +309,7 @@ def test_a_delete_while_a_sharded_create_is_at_its_hosts_leaves_the_create_whole
     assert not held
     for url in (a, b):
         assert_equal(pulled(url, sid), p0, "created")
-    g = tensors(7)
-    r = httpx.post(f"{b}/v1/sessions/{sid}/step", timeout=300,
-                   json={"grads": {n: json_tensor(t) for n, t in g.items()}})
-    assert r.status_code == 200, r.text
-    want = adam_after(p0, g)
-    assert_equal({n: tensor_from_json(t) for n, t in r.json()["params"].items()}, want,
-                 "stepped")
-    assert_equal(pulled(a, sid), want, "pulled through the other front")
+    stepped_as_torch(b, a, sid, p0, 7, "stepped")
 
 
 @pytest.mark.parametrize("shards", [1, 2])
@@ -353,10 +336,7 @@ def test_a_keyed_create_retried_while_its_session_is_deleted_is_never_a_404(
     monkeypatch.setattr(RayRouter, "find_create", holding)
     a, b = (f.url for f in fronts)
     sid, p0 = f"retried-while-deleted-{shards}", tensors(8)
-    body: dict[str, Any] = {"id": sid, "optimizer": "Adam", "options": {"lr": LR},
-                            "params": {n: json_tensor(t) for n, t in p0.items()}}
-    if shards > 1:
-        body["shards"] = shards
+    body = adam_create(sid, p0, shards)
     key = {"Idempotency-Key": f"retried-while-deleted-{shards}-{time.time_ns()}"}
     r = httpx.post(f"{a}/v1/sessions", json=body, headers=key, timeout=300)
     assert r.status_code == 201, r.text
@@ -375,11 +355,4 @@ def test_a_keyed_create_retried_while_its_session_is_deleted_is_never_a_404(
         assert r.status_code == 409 and r.json()["code"] == "session_deleted", r.text
     r = httpx.post(f"{b}/v1/sessions", json=body, timeout=300)
     assert r.status_code == 201, r.text
-    g = tensors(9)
-    r = httpx.post(f"{a}/v1/sessions/{sid}/step", timeout=300,
-                   json={"grads": {n: json_tensor(t) for n, t in g.items()}})
-    assert r.status_code == 200, r.text
-    want = adam_after(p0, g)
-    assert_equal({n: tensor_from_json(t) for n, t in r.json()["params"].items()}, want,
-                 "made again and stepped")
-    assert_equal(pulled(b, sid), want, "pulled through the other front")
+    stepped_as_torch(a, b, sid, p0, 9, "made again and stepped")
