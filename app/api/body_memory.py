@@ -25,7 +25,10 @@ size for a JSON body (:data:`JSON_EXPANSION`: its numbers become Python objects 
 become a tensor) and 2 KB for each ``{`` of a large one on top (:data:`JSON_OBJECT_BYTES`,
 counted once the body is read, without waiting), and for a safetensors body 32 times its
 header's size on top
-(:data:`HEADER_EXPANSION`, counted once the body is read, without waiting). A body that could
+(:data:`HEADER_EXPANSION`, counted once the body is read, without waiting), and for a
+``torch.save`` import what its zip entries expand to on top (their declared sizes: torch's
+reader inflates deflated entries, a file of zeros a thousand times; counted the same way,
+``app.api.requests.torch_file_expansion``). A body that could
 never fit is a 413 ``payload_too_large`` at once, not a wait (``benchmarks.hostile_memory``
 measures a step whose 89 MB header names 1.5 million tensors).
 

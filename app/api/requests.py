@@ -300,10 +300,19 @@ def _lbfgs_bytes(info: SessionInfo, sizes: dict[str, int]) -> int:
     return (2 * history + 2) * elements * width
 
 
-def _check_zip(data: bytes, limit: int) -> None:
+def torch_file_expansion(buf: bytearray, limit: int) -> int:
+    """The bytes a ``torch.save`` file expands to when torch reads it (its zip entries'
+    declared sizes, summed: a deflated entry of zeros is about a thousandth of its size, and
+    torch's reader inflates it); 422 ``torch_file_too_large`` past ``limit``, 422
+    ``invalid_torch_file`` for a file that is not a zip: what the caller counts against the
+    memory request bodies may hold (``OPTSERVE_MAX_BODIES_MB``)."""
+    return _check_zip(bytes(buf), limit)
+
+
+def _check_zip(data: bytes, limit: int) -> int:
     """Bound what a ``torch.save`` file expands to before torch reads it: every entry's
     declared size (torch's reader allocates that much and refuses a stream that inflates
-    past it), summed, against ``limit``."""
+    past it), summed, against ``limit``; the sum."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             entries = zf.infolist()
@@ -317,6 +326,7 @@ def _check_zip(data: bytes, limit: int) -> None:
             raise Invalid(f"the torch.save file expands to more than {limit} bytes, more than "
                           "this session's state can hold", code="torch_file_too_large",
                           field="body", limit=limit)
+    return total
 
 
 def state_from_torch(buf: bytearray, limit: int) -> Any:

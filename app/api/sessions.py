@@ -10,7 +10,7 @@ import torch
 from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
 
-from app.api import conditions, evaluations
+from app.api import body_memory, conditions, evaluations
 from app.api import requests as parse
 from app.api import rows as row_pulls
 from app.api.auth import tenant_of
@@ -439,6 +439,10 @@ async def import_state(
     idem = await idempotency(request, buf)
     if fmt == "torch":
         limit = parse.torch_file_limit(await engine.describe_layout(session_id, tenant=tenant))
+        # (what torch's reader inflates it to counts as the body's: a 98 KB file of deflated
+        # zeros expands to 100 MB, and an LBFGS session's limit grows with its history_size)
+        body_memory.hold_now(request.scope, await offload(
+            lambda: parse.torch_file_expansion(buf, limit), len(buf)))
         state = await offload(lambda: parse.state_from_torch(buf, limit), len(buf))
     elif fmt == "safetensors":
         state = await offload(lambda: parse.state_from_safetensors(buf), len(buf))

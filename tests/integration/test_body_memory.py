@@ -333,3 +333,56 @@ def test_a_json_body_of_many_small_tensors_counts_each_object() -> None:
         ref = Reference(torch.optim.Adam, [({"w": w0}, {})], OPTIONS)
         ref.step({"w": gw})
         assert_tensors_equal(params_of(r.json()), ref.params, "the one-tensor JSON step")
+
+
+def _deflated(obj: object) -> bytes:
+    """``torch.save`` of ``obj``, its zip entries deflated (torch's reader inflates them)."""
+    import io
+    import zipfile
+    raw = io.BytesIO()
+    torch.save(obj, raw)
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(raw.getvalue())) as zin, \
+            zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zout:
+        for entry in zin.infolist():
+            zout.writestr(entry.filename, zin.read(entry.filename))
+    return out.getvalue()
+
+
+def test_a_torch_file_counts_what_it_expands_to() -> None:
+    """A ``torch.save`` import counts, as a body, what torch's reader inflates it to: a file of
+    deflated zeros is about a thousandth of that. The session's own bound on such a file
+    grows with what its state may hold, and an LBFGS session's with its ``history_size``
+    (10**9 here: 32 GB for four parameters), so a small file could make the server allocate
+    past its memory. Here 17 KB expanding to 16 MB, past an 8 MiB bound, is a 413 naming what
+    it needs, and the session is left as it was; its own export still imports."""
+    bound = 8 << 20
+    live = LiveServer(_test_settings(max_body_mb=1.5, max_bodies_mb=bound >> 20,
+                                     body_timeout_s=TIMEOUT_S))
+    options = {"lr": 0.5, "history_size": 10**9}
+    w0 = torch.randn(4, generator=torch.Generator().manual_seed(5))
+    with live.serving() as url, optserve.Client(url, transport="http") as client:
+        sid = client.create_session("LBFGS", {"w": w0}, options=options,
+                                    durability="memory").id
+        before = httpx.get(f"{url}/v1/sessions/{sid}/state_dict", timeout=30).json()
+        body = _deflated({"state": {0: {"d": torch.zeros(4_000_000)}},
+                          "param_groups": [{**options, "params": [0]}]})
+        assert len(body) < 100_000
+        r = httpx.put(f"{url}/v1/sessions/{sid}/state_dict", params={"format": "torch"},
+                      content=body, headers={"Content-Type": "application/octet-stream"},
+                      timeout=60)
+        assert r.status_code == 413, r.text
+        problem = r.json()
+        assert problem["code"] == "payload_too_large" and problem["limit"] == bound
+        assert problem["needed_bytes"] >= 16_000_000
+        assert httpx.get(f"{url}/v1/sessions/{sid}/state_dict", timeout=30).json() == before
+        wait_for(lambda: gauge(url, "optserve_request_body_bytes") == 0, "the body given back")
+        own = httpx.get(f"{url}/v1/sessions/{sid}/state_dict", params={"format": "torch"},
+                        timeout=30).content
+        r = httpx.put(f"{url}/v1/sessions/{sid}/state_dict", params={"format": "torch"},
+                      content=own, headers={"Content-Type": "application/octet-stream"},
+                      timeout=60)
+        assert r.status_code == 200, r.text
+        assert httpx.get(f"{url}/v1/sessions/{sid}/state_dict", timeout=30).json() == before
+        got = httpx.get(f"{url}/v1/sessions/{sid}/params", timeout=30).json()
+        assert torch.equal(tensor_from_json(got["params"]["w"]), w0)
