@@ -48,6 +48,15 @@ or may not have been applied: a retry with the same ``Idempotency-Key`` is answe
 twice, since the key is in the operation's log record). Reads are retried by the front itself
 for a few seconds first.
 
+**One commit.** Host actors are detached and run the code installed on their node, so a front
+of one optserve commit may meet a host of another. Before its first call to a host actor (each
+handle: again once :meth:`RayHost._dead` took a new one) a front asks its code version
+(:func:`app.code_version.code_version`); a host of another commit, or one from before the
+method (its handle has no such method), answers that call and every later one 503
+``host_version_mismatch`` without being asked anything, and the front logs it once. The check
+is made again every :data:`VERSION_RECHECK_S` while it fails, so hosts an operator replaced
+are served.
+
 **Tensors** cross the process boundary as numpy arrays (Ray's object store hands them to the
 other side without a copy); parameters come back as one buffer the front re-views as the
 packed safetensors body it sends.
@@ -80,6 +89,7 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
+from app.code_version import code_version
 from app.engine.chunked import DEFAULT_CHUNK
 from app.engine.deleted_creates import (
     indexed_session,
@@ -127,6 +137,9 @@ READ_RETRY_S = 10.0
 #: how long the front holds a failed operation's 503 while its host restarts, so that the
 #: client's retry (after Retry-After) finds the host back
 RESTART_WAIT_S = 60.0
+#: how long a front answers a host of another commit 503 before it asks the host's code
+#: version again (the host replaced by an operator meanwhile), and that 503's Retry-After
+VERSION_RECHECK_S = 10.0
 
 
 # ============================================================================ the wire
@@ -373,6 +386,11 @@ class HostActor:
         return {"name": self.name, "device": host.device, "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id(),
                 "sessions": len(await host.keys())}
+
+    async def code_version(self) -> str:
+        """The code this host runs (:func:`app.code_version.code_version`): a front checks it
+        before its first call here (:meth:`RayHost.call`)."""
+        return code_version()
 
     async def status(self, memory: bool) -> EngineStatus:
         return await (await self._ready()).status(memory=memory)
@@ -640,9 +658,34 @@ def _unwrap(exc: BaseException, name: str) -> BaseException:
     return exc
 
 
+class _VersionCheck:
+    """Whether a host actor runs this process's code (:meth:`RayHost._check_version`); one per
+    host, shared by its :meth:`RayHost.making` copies."""
+
+    def __init__(self) -> None:
+        #: the handle whose actor answered this process's code version: calls through it go
+        self.matched: Any = None
+        #: the handle whose actor runs another commit, until when that is not asked again, and
+        #: its code version (None: an actor from before the check)
+        self.mismatched: tuple[Any, float, str | None] | None = None
+        #: the hosts' code versions logged as not this front's (each once)
+        self.logged: set[str | None] = set()
+
+
+def version_mismatch(name: str, theirs: str | None) -> Unavailable:
+    """503 ``host_version_mismatch``: the host ``name`` runs another optserve commit than this
+    process; it was asked nothing."""
+    there = f"code version {theirs}" if theirs is not None else "a commit from before versions"
+    return Unavailable(f"the session's host {name} runs another optserve commit than this front "
+                       f"({there}, here {code_version()}): fronts and host actors must run one "
+                       "commit; nothing was applied (upgrading: docs/cluster.md, Several "
+                       "fronts)", code="host_version_mismatch", retry_after=VERSION_RECHECK_S)
+
+
 class RayHost:
     """:class:`app.engine.router.Host` over a host actor's handle (wire forms both ways; actor
-    outages as 503 ``host_restarting``)."""
+    outages as 503 ``host_restarting``; a host of another commit as 503
+    ``host_version_mismatch``)."""
 
     def __init__(self, handle: Any, name: str, device: str = "remote",
                  revive: Callable[[], Any] | None = None, front: str | None = None) -> None:
@@ -658,6 +701,7 @@ class RayHost:
         #: the creation (its directory entry's ``made``) this host's creates are of
         #: (:meth:`making`; :meth:`HostActor.create`)
         self.made: str | None = None
+        self._version = _VersionCheck()
 
     def making(self, made: str | None) -> RayHost:
         """This host, asked to make parts of the creation ``made`` only (a sharded session's
@@ -676,11 +720,14 @@ class RayHost:
     async def call(self, method: str, *args: Any, read: bool = False) -> Any:
         """One actor method. A read (nothing changes) is retried while the host restarts; any
         other call that meets a restarting host answers 503 once the host is back (or after
-        RESTART_WAIT_S), so the client's retry finds it."""
+        RESTART_WAIT_S), so the client's retry finds it. The first call through a handle
+        checks that its actor runs this process's code (:meth:`_check_version`)."""
         deadline = time.monotonic() + READ_RETRY_S
         delay = 0.1
         while True:
             try:
+                if self._version.matched is not self.handle:
+                    await self._check_version()
                 return await getattr(self.handle, method).remote(*args)
             except (RayTaskError, RayActorError) as exc:
                 self._dead(exc)
@@ -695,6 +742,36 @@ class RayHost:
                     raise err from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    async def _check_version(self) -> None:
+        """Ask the actor its code version: this process's lets every later call through this
+        handle go unchecked; another (or none: an actor from before the method, whose handle
+        has no such method) is 503 ``host_version_mismatch``, logged once per version, and
+        answered so without asking for :data:`VERSION_RECHECK_S`. Ray's errors (the actor
+        restarting, dead) are raised as a call's."""
+        handle, check = self.handle, self._version
+        mismatched = check.mismatched
+        if mismatched is not None and mismatched[0] is handle and time.monotonic() < mismatched[1]:
+            raise version_mismatch(self.name, mismatched[2])
+        theirs: str | None
+        try:
+            ask = handle.code_version
+        except AttributeError:  # an actor from before the check
+            theirs = None
+            await handle.ping.remote()  # (dead: a call's error, and _dead takes a new handle)
+        else:
+            theirs = str(await ask.remote())
+        if theirs == code_version():
+            check.matched, check.mismatched = handle, None
+            return
+        check.mismatched = (handle, time.monotonic() + VERSION_RECHECK_S, theirs)
+        if theirs not in check.logged:
+            check.logged.add(theirs)
+            log.error("host %s runs another optserve commit (code version %s) than this front "
+                      "(%s): it is answered 503 host_version_mismatch; fronts and host actors "
+                      "must run one commit (docs/cluster.md, Several fronts)", self.name,
+                      theirs or "from before versions", code_version())
+        raise version_mismatch(self.name, theirs)
 
     async def wait_back(self, timeout: float) -> bool:
         """Wait until the host answers (True) or ``timeout`` passes (False)."""

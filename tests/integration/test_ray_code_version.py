@@ -1,0 +1,152 @@
+"""A Ray front and a host actor of another optserve commit (fronts in this process, hosts on
+the shared test cluster asking for no CPU): the front's code version is patched, the host's is
+its process's own. Every value is compared with in-process torch computed here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.code_version import code_version
+from tests.conftest import LiveServer, kill_hosts, ray_settings
+from tests.torch_reference import adam_after as reference_adam_after
+from tests.torch_reference import json_tensor, make_params, tensor_from_json
+
+ray = pytest.importorskip("ray")
+ray_host = pytest.importorskip("app.engine.ray_host")
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
+LR = 0.01
+tensors = partial(make_params, {"w": (3, 2), "b": (4,)})
+adam_after = partial(reference_adam_after, lr=LR)
+
+
+@pytest.fixture
+def data(ray_cluster: Any, tmp_path: Path) -> Iterator[Path]:
+    data = tmp_path / "data"
+    try:
+        yield data
+    finally:
+        kill_hosts(data)
+
+
+def step(url: str, sid: str, seed: int) -> httpx.Response:
+    return httpx.post(f"{url}/v1/sessions/{sid}/step", timeout=300,
+                      json={"grads": {n: json_tensor(t) for n, t in tensors(seed).items()}})
+
+
+def params_of(r: httpx.Response) -> dict[str, Any]:
+    assert r.status_code == 200, r.text
+    return {n: tensor_from_json(t) for n, t in r.json()["params"].items()}
+
+
+def assert_equal(got: dict[str, Any], want: dict[str, Any], what: str) -> None:
+    assert set(got) == set(want), what
+    for n in want:
+        assert bool((got[n] == want[n]).all()), f"{what}: {n}"
+
+
+def test_a_front_of_another_commit_gets_503_and_the_session_is_unchanged(
+        ray_cluster: Any, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session made and stepped through a front; a front whose code version is not its
+    host's gets 503 ``host_version_mismatch`` (problem+json, ``Retry-After``, the host named)
+    for a read and a step, again on a second try; the front of the host's commit (checked
+    once, before its first call) reads the session as it was and steps it as torch's Adam."""
+    settings = partial(ray_settings, ray_cluster, data_dir=data, ray_resources='{"num_cpus": 0}')
+    same = LiveServer(settings())
+    url = same.start()
+    other = None
+    try:
+        p0 = tensors(0)
+        r = httpx.post(f"{url}/v1/sessions", timeout=300, json={
+            "id": "versioned", "optimizer": "Adam", "options": {"lr": LR},
+            "params": {n: json_tensor(t) for n, t in p0.items()}})
+        assert r.status_code == 201, r.text
+        host = r.json()["placement"]["host"]
+        assert_equal(params_of(step(url, "versioned", 1)), adam_after(p0, tensors(1)), "step")
+
+        monkeypatch.setattr(ray_host, "code_version", lambda: "0123456789abcdef")
+        other = LiveServer(settings())
+        other_url = other.start()
+        for _ in range(2):
+            for r in (httpx.get(f"{other_url}/v1/sessions/versioned/params", timeout=120),
+                      step(other_url, "versioned", 2)):
+                assert r.status_code == 503, r.text
+                assert r.headers["content-type"].startswith("application/problem+json")
+                assert r.headers["retry-after"] == "10"
+                problem = r.json()
+                assert problem["code"] == "host_version_mismatch", problem
+                assert host in problem["detail"] and "docs/cluster.md" in problem["detail"]
+                assert code_version() in problem["detail"], problem
+        monkeypatch.undo()
+
+        want = adam_after(p0, tensors(1))
+        assert_equal(params_of(httpx.get(f"{url}/v1/sessions/versioned/params", timeout=120)),
+                     want, "unchanged")
+        assert_equal(params_of(step(url, "versioned", 2)),
+                     adam_after(p0, tensors(1), tensors(2)), "stepped after")
+    finally:
+        if other is not None:
+            other.stop()
+        same.stop()
+
+
+def older_host_class() -> Any:
+    """An actor class as an older commit's: the host actor's methods but ``code_version``
+    (pickled by value: no module holds it)."""
+    methods = {k: v for k, v in vars(ray_host.HostActor).items()
+               if k not in ("code_version", "__dict__", "__weakref__")}
+    older = type("OlderHostActor", (), methods)
+    return ray.remote(max_restarts=-1, max_task_retries=0)(older)
+
+
+def test_a_host_actor_from_before_the_check_is_refused_until_replaced(
+        ray_cluster: Any, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session's host actor killed and started again as an older commit's (Ray's handle of
+    it has no ``code_version``: AttributeError): the front that made the session takes the new
+    actor's handle and answers 503 ``host_version_mismatch`` for a read and a step; once that
+    actor is killed too, the front starts the host again from its own commit, and the session
+    is as it was and steps as torch's Adam."""
+    monkeypatch.setattr(ray_host, "VERSION_RECHECK_S", 0.0)
+    settings = partial(ray_settings, ray_cluster, data_dir=data, ray_resources='{"num_cpus": 0}')
+    front = LiveServer(settings())
+    url = front.start()
+    older = None
+    try:
+        p0 = tensors(3)
+        r = httpx.post(f"{url}/v1/sessions", timeout=300, json={
+            "id": "older", "optimizer": "Adam", "options": {"lr": LR},
+            "params": {n: json_tensor(t) for n, t in p0.items()}})
+        assert r.status_code == 201, r.text
+        host = r.json()["placement"]["host"]
+        assert_equal(params_of(step(url, "older", 4)), adam_after(p0, tensors(4)), "step")
+
+        assert kill_hosts(data) == [host]
+        with monkeypatch.context() as m:  # (a front of the older commit starts it again)
+            m.setattr(ray_host, "_actor_class", older_host_class)
+            older = LiveServer(settings())
+            older_url = older.start()
+        # (its host started again as the older commit's: refused by this commit's front too)
+        r = httpx.get(f"{older_url}/v1/sessions/older/params", timeout=120)
+        assert r.status_code == 503 and r.json()["code"] == "host_version_mismatch", r.text
+        for _ in range(2):
+            for r in (httpx.get(f"{url}/v1/sessions/older/params", timeout=120),
+                      step(url, "older", 5)):
+                assert r.status_code == 503, r.text
+                problem = r.json()
+                assert problem["code"] == "host_version_mismatch", problem
+                assert host in problem["detail"] and "before versions" in problem["detail"]
+
+        assert kill_hosts(data) == [host]
+        assert_equal(params_of(httpx.get(f"{url}/v1/sessions/older/params", timeout=120)),
+                     adam_after(p0, tensors(4)), "unchanged")
+        assert_equal(params_of(step(url, "older", 5)),
+                     adam_after(p0, tensors(4), tensors(5)), "stepped after")
+    finally:
+        if older is not None:
+            older.stop()
+        front.stop()

@@ -1,0 +1,144 @@
+"""A Ray front checks that each host actor runs its own optserve commit before its first call
+to it (:meth:`RayHost._check_version <app.engine.ray_host.RayHost._check_version>`), without a
+cluster: fronts over host actors running their real code in this process
+(:mod:`tests.unit.test_ray_deletes`). A host of another commit, or one from before the check
+(its handle has no ``code_version``), is a 503 ``host_version_mismatch`` and is asked nothing;
+the front logs it once; a host replaced meanwhile is served."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ray.exceptions import ActorDiedError
+
+from app.code_version import code_version
+from app.errors import Unavailable
+from tests.unit.test_deleted_creates import spec
+from tests.unit.test_ray_deletes import AsTorch, Cluster, Handle, entries_of
+
+ray_host = pytest.importorskip("app.engine.ray_host")
+
+OTHER = "0123456789abcdef"
+
+
+def test_the_code_version_is_a_digest_of_the_source_made_once() -> None:
+    assert re.fullmatch(r"[0-9a-f]{16}", code_version())
+    code_version.cache_clear()
+    first = code_version()
+    assert code_version() is first
+    assert code_version.cache_info().hits >= 1 and code_version.cache_info().misses == 1
+
+
+class OlderHandle(Handle):
+    """The handle of a host actor from before the check: no ``code_version`` method (Ray's
+    handle raises AttributeError for a method its actor's class lacks). ``dead``: its actor
+    was killed (every call raises Ray's ActorDiedError)."""
+
+    dead = False
+    asked: list[str]
+
+    def __getattr__(self, method: str) -> Any:
+        if method == "code_version":
+            raise AttributeError(method)
+        self.__dict__.setdefault("asked", []).append(method)
+        if self.dead:
+            raise ActorDiedError()
+        return super().__getattr__(method)
+
+
+async def host_version(actor: Any) -> str:
+    """The hosts' code version (in this process, beside fronts whose version is patched)."""
+    return code_version()
+
+
+def mismatch(exc: BaseException, host: str) -> None:
+    assert isinstance(exc, Unavailable) and exc.code == "host_version_mismatch", exc
+    assert exc.retry_after == ray_host.VERSION_RECHECK_S
+    assert host in exc.detail and "one commit" in exc.detail and "docs/cluster.md" in exc.detail
+
+
+def test_a_front_of_another_commit_is_refused_and_changes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session made and stepped through a front; then a front whose code version is another
+    gets 503 ``host_version_mismatch`` for a read and a step (logged once, though it asks again
+    each time here), and the session is as it was: the first front (checked once, before its
+    first call) reads it and steps it as torch. Once the second front's code is the host's, it
+    is served too."""
+    cluster = Cluster(tmp_path, monkeypatch)
+
+    async def run() -> None:
+        try:
+            first = cluster.front()
+            s = spec(id="v")
+            await first.create(s)
+            torch_twin = AsTorch(s)
+            await torch_twin.step(first, "v")
+            host = entries_of(first, "v")["host"]
+            monkeypatch.setattr(ray_host.HostActor, "code_version", host_version)
+            monkeypatch.setattr(ray_host, "code_version", lambda: OTHER)  # (the fronts')
+            monkeypatch.setattr(ray_host, "VERSION_RECHECK_S", 0.0)  # (asked every time)
+            other = cluster.front()
+            caplog.clear()
+            with caplog.at_level(logging.ERROR, "optserve.ray"):
+                for _ in range(2):
+                    with pytest.raises(Unavailable) as read:
+                        await other.describe("v")
+                    mismatch(read.value, host)
+                    with pytest.raises(Unavailable) as step:
+                        await other.step("v", torch_twin.grads, return_params=False)
+                    mismatch(step.value, host)
+            logged = [r for r in caplog.records if r.levelno == logging.ERROR]
+            assert len(logged) == 1, logged
+            assert host in logged[0].getMessage() and OTHER in logged[0].getMessage()
+            assert code_version() in logged[0].getMessage()
+            assert (await first.describe("v")).version == 1
+            await torch_twin.step(first, "v")  # (checked already: not asked again)
+            monkeypatch.setattr(ray_host, "code_version", code_version)
+            await torch_twin.step(other, "v")
+            assert (await other.describe("v")).version == 3
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
+
+
+def test_a_host_actor_from_before_the_check_is_refused_until_replaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host actor whose handle has no ``code_version`` (an older commit's) is a 503
+    ``host_version_mismatch`` for every call, and asked nothing but whether it lives (its
+    ``ping``, so that one killed is seen); once an operator killed it, the front takes the
+    host started again (this commit's) and serves the session as it was."""
+    cluster = Cluster(tmp_path, monkeypatch)
+
+    async def run() -> None:
+        try:
+            first = cluster.front()
+            s = spec(id="old")
+            await first.create(s)
+            torch_twin = AsTorch(s)
+            await torch_twin.step(first, "old")
+            host = entries_of(first, "old")["host"]
+            older = cluster.actors[host] = OlderHandle(cluster.actors[host].actor)
+            monkeypatch.setattr(ray_host, "VERSION_RECHECK_S", 0.0)
+            front = cluster.front()
+            for _ in range(2):
+                with pytest.raises(Unavailable) as read:
+                    await front.describe("old")
+                mismatch(read.value, host)
+                assert "before versions" in read.value.detail
+                with pytest.raises(Unavailable) as step:
+                    await front.step("old", torch_twin.grads, return_params=False)
+                mismatch(step.value, host)
+            assert set(older.asked) == {"ping"}, older.asked
+            older.dead = True  # (ray.kill: the next front's call starts it again)
+            cluster.actors[host] = Handle(older.actor)
+            assert (await front.describe("old")).version == 1
+            await torch_twin.step(front, "old")
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
