@@ -5,6 +5,7 @@ checked is what a client sees over HTTP (an ``Idempotency-Key``'s fingerprint in
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,20 @@ def test_a_keyed_delete_an_older_ray_front_acknowledged_answers_its_retry(
         kill_hosts(data)
 
 
+def _read_through_restarts(http: Any, path: str, within_s: float = 180.0) -> Any:
+    """``GET path``, asked again while it answers 503 ``host_restarting`` (as a client honouring
+    ``Retry-After`` does: the front retries a read for 10 s itself, and hosts Ray restarts on
+    a loaded test machine, each restoring its sessions and a sharded session's coordinator
+    asking the other, can take longer); only a hang is timed."""
+    deadline = time.monotonic() + within_s
+    while True:
+        r = http.get(path)
+        if r.status_code != 503 or r.json().get("code") != "host_restarting" \
+                or time.monotonic() > deadline:
+            return r
+        time.sleep(float(r.headers.get("Retry-After", "1")))
+
+
 def _hosts_without_cpus(data: Path) -> None:
     """The Ray hosts of a copied case take no CPU of the shared test cluster (these tests run
     late in the Ray suite, whose earlier tests' hosts may hold all of them)."""
@@ -139,7 +154,7 @@ def test_a_sharded_session_an_older_ray_front_snapshotted_one_shard_of_is_served
             assert_trees_equal(tensors_from_json(r.json()["params"]), dict(local),
                                "the next step")
             kill_hosts(data, restart=True)  # (each host restored again from its store)
-            r = http.get("/v1/sessions/sh/params")
+            r = _read_through_restarts(http, "/v1/sessions/sh/params")
             assert r.status_code == 200, r.text
             assert r.json()["version"] == 2
             assert_trees_equal(tensors_from_json(r.json()["params"]), dict(local),
