@@ -300,13 +300,15 @@ def _lbfgs_bytes(info: SessionInfo, sizes: dict[str, int]) -> int:
     return (2 * history + 2) * elements * width
 
 
-def torch_file_expansion(buf: bytearray, limit: int) -> int:
-    """The bytes a ``torch.save`` file expands to when torch reads it (its zip entries'
-    declared sizes, summed: a deflated entry of zeros is about a thousandth of its size, and
-    torch's reader inflates it); 422 ``torch_file_too_large`` past ``limit``, 422
-    ``invalid_torch_file`` for a file that is not a zip: what the caller counts against the
-    memory request bodies may hold (``OPTSERVE_MAX_BODIES_MB``)."""
-    return _check_zip(bytes(buf), limit)
+def torch_file(buf: bytearray, limit: int) -> tuple[bytes, int]:
+    """A ``torch.save`` body as the bytes torch's reader takes (:func:`state_from_torch`), and
+    what it expands to when read (its zip entries' declared sizes, summed: a deflated entry of
+    zeros is about a thousandth of its size, and torch's reader inflates it); 422
+    ``torch_file_too_large`` past ``limit``, 422 ``invalid_torch_file`` for a file that is not
+    a zip. The caller counts the expansion against the memory request bodies may hold
+    (``OPTSERVE_MAX_BODIES_MB``)."""
+    data = bytes(buf)
+    return data, _check_zip(data, limit)
 
 
 def _check_zip(data: bytes, limit: int) -> int:
@@ -329,10 +331,11 @@ def _check_zip(data: bytes, limit: int) -> int:
     return total
 
 
-def state_from_torch(buf: bytearray, limit: int) -> Any:
-    """A ``torch.save`` file, loaded only with ``weights_only=True`` (never plain unpickling),
-    and only after its zip entries are bounded by ``limit`` bytes."""
-    data = bytes(buf)
+def state_from_torch(buf: bytes | bytearray, limit: int) -> Any:
+    """A ``torch.save`` file (the bytes :func:`torch_file` made, or a body), loaded only with
+    ``weights_only=True`` (never plain unpickling), and only after its zip entries are bounded
+    by ``limit`` bytes."""
+    data = buf if isinstance(buf, bytes) else bytes(buf)
     _check_zip(data, limit)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

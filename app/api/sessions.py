@@ -441,9 +441,9 @@ async def import_state(
         limit = parse.torch_file_limit(await engine.describe_layout(session_id, tenant=tenant))
         # (what torch's reader inflates it to counts as the body's: a 98 KB file of deflated
         # zeros expands to 100 MB, and an LBFGS session's limit grows with its history_size)
-        body_memory.hold_now(request.scope, await offload(
-            lambda: parse.torch_file_expansion(buf, limit), len(buf)))
-        state = await offload(lambda: parse.state_from_torch(buf, limit), len(buf))
+        data, expands = await offload(lambda: parse.torch_file(buf, limit), len(buf))
+        body_memory.hold_now(request.scope, expands)
+        state = await offload(lambda: parse.state_from_torch(data, limit), len(buf))
     elif fmt == "safetensors":
         state = await offload(lambda: parse.state_from_safetensors(buf), len(buf))
     else:

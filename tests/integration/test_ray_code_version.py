@@ -15,6 +15,7 @@ import pytest
 from app.code_version import code_version
 from tests.conftest import LiveServer, kill_hosts, ray_settings
 from tests.torch_reference import adam_after as reference_adam_after
+from tests.torch_reference import assert_tensors_equal as assert_equal
 from tests.torch_reference import json_tensor, make_params, tensor_from_json
 
 ray = pytest.importorskip("ray")
@@ -44,11 +45,30 @@ def params_of(r: httpx.Response) -> dict[str, Any]:
     return {n: tensor_from_json(t) for n, t in r.json()["params"].items()}
 
 
-def assert_equal(got: dict[str, Any], want: dict[str, Any], what: str) -> None:
-    assert set(got) == set(want), what
-    for n in want:
-        assert bool((got[n] == want[n]).all()), f"{what}: {n}"
+def made_and_stepped(url: str, sid: str, seed: int, grads_seed: int) -> tuple[Any, str]:
+    """A session ``sid`` of Adam over ``tensors(seed)`` made through the front at ``url`` and
+    stepped once with ``tensors(grads_seed)``, as torch's Adam: its first parameters and its
+    host."""
+    p0 = tensors(seed)
+    r = httpx.post(f"{url}/v1/sessions", timeout=300, json={
+        "id": sid, "optimizer": "Adam", "options": {"lr": LR},
+        "params": {n: json_tensor(t) for n, t in p0.items()}})
+    assert r.status_code == 201, r.text
+    host = r.json()["placement"]["host"]
+    assert_equal(params_of(step(url, sid, grads_seed)), adam_after(p0, tensors(grads_seed)),
+                 "step")
+    return p0, host
 
+
+
+def unchanged_then_stepped(url: str, sid: str, p0: Any, stepped: int, grads_seed: int) -> None:
+    """Read through the front at ``url``, ``sid`` holds torch's Adam step from ``p0`` with
+    ``tensors(stepped)`` (nothing else applied), and its next step with ``tensors(grads_seed)``
+    is torch's."""
+    assert_equal(params_of(httpx.get(f"{url}/v1/sessions/{sid}/params", timeout=120)),
+                 adam_after(p0, tensors(stepped)), "unchanged")
+    assert_equal(params_of(step(url, sid, grads_seed)),
+                 adam_after(p0, tensors(stepped), tensors(grads_seed)), "stepped after")
 
 def test_a_front_of_another_commit_gets_503_and_the_session_is_unchanged(
         ray_cluster: Any, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,13 +81,7 @@ def test_a_front_of_another_commit_gets_503_and_the_session_is_unchanged(
     url = same.start()
     other = None
     try:
-        p0 = tensors(0)
-        r = httpx.post(f"{url}/v1/sessions", timeout=300, json={
-            "id": "versioned", "optimizer": "Adam", "options": {"lr": LR},
-            "params": {n: json_tensor(t) for n, t in p0.items()}})
-        assert r.status_code == 201, r.text
-        host = r.json()["placement"]["host"]
-        assert_equal(params_of(step(url, "versioned", 1)), adam_after(p0, tensors(1)), "step")
+        p0, host = made_and_stepped(url, "versioned", 0, 1)
 
         monkeypatch.setattr(ray_host, "code_version", lambda: "0123456789abcdef")
         other = LiveServer(settings())
@@ -84,11 +98,7 @@ def test_a_front_of_another_commit_gets_503_and_the_session_is_unchanged(
                 assert code_version() in problem["detail"], problem
         monkeypatch.undo()
 
-        want = adam_after(p0, tensors(1))
-        assert_equal(params_of(httpx.get(f"{url}/v1/sessions/versioned/params", timeout=120)),
-                     want, "unchanged")
-        assert_equal(params_of(step(url, "versioned", 2)),
-                     adam_after(p0, tensors(1), tensors(2)), "stepped after")
+        unchanged_then_stepped(url, "versioned", p0, 1, 2)
     finally:
         if other is not None:
             other.stop()
@@ -117,13 +127,7 @@ def test_a_host_actor_from_before_the_check_is_refused_until_replaced(
     url = front.start()
     older = None
     try:
-        p0 = tensors(3)
-        r = httpx.post(f"{url}/v1/sessions", timeout=300, json={
-            "id": "older", "optimizer": "Adam", "options": {"lr": LR},
-            "params": {n: json_tensor(t) for n, t in p0.items()}})
-        assert r.status_code == 201, r.text
-        host = r.json()["placement"]["host"]
-        assert_equal(params_of(step(url, "older", 4)), adam_after(p0, tensors(4)), "step")
+        p0, host = made_and_stepped(url, "older", 3, 4)
 
         assert kill_hosts(data) == [host]
         with monkeypatch.context() as m:  # (a front of the older commit starts it again)
@@ -142,10 +146,7 @@ def test_a_host_actor_from_before_the_check_is_refused_until_replaced(
                 assert host in problem["detail"] and "before versions" in problem["detail"]
 
         assert kill_hosts(data) == [host]
-        assert_equal(params_of(httpx.get(f"{url}/v1/sessions/older/params", timeout=120)),
-                     adam_after(p0, tensors(4)), "unchanged")
-        assert_equal(params_of(step(url, "older", 5)),
-                     adam_after(p0, tensors(4), tensors(5)), "stepped after")
+        unchanged_then_stepped(url, "older", p0, 4, 5)
     finally:
         if older is not None:
             older.stop()

@@ -25,6 +25,7 @@ from app.engine.directory import Directory
 from app.engine.ray_host import RayHost, RayRouter, RemoteSharded
 from tests.conftest import LiveServer, kill_hosts, ray_settings
 from tests.torch_reference import adam_after as reference_adam_after
+from tests.torch_reference import assert_tensors_equal as assert_equal
 from tests.torch_reference import json_tensor, make_params, tensor_from_json
 
 ray = pytest.importorskip("ray")
@@ -62,12 +63,6 @@ def pulled(url: str, sid: str) -> dict[str, torch.Tensor]:
     r = httpx.get(f"{url}/v1/sessions/{sid}/params", timeout=120)
     assert r.status_code == 200, r.text
     return {n: tensor_from_json(t) for n, t in r.json()["params"].items()}
-
-
-def assert_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
-    assert set(got) == set(want), what
-    for n in want:
-        assert torch.equal(got[n], want[n]), f"{what}: {n}"
 
 
 def adam_create(sid: str, params: dict[str, torch.Tensor], shards: int = 1) -> dict[str, Any]:

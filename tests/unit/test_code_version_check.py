@@ -51,6 +51,17 @@ class OlderHandle(Handle):
         return super().__getattr__(method)
 
 
+async def made_and_stepped(cluster: Cluster, sid: str) -> tuple[Any, AsTorch, str]:
+    """A session ``sid`` made through a new front and stepped once, beside its torch twin: the
+    front, the twin and the session's host."""
+    first = cluster.front()
+    s = spec(id=sid)
+    await first.create(s)
+    torch_twin = AsTorch(s)
+    await torch_twin.step(first, sid)
+    return first, torch_twin, entries_of(first, sid)["host"]
+
+
 async def host_version(actor: Any) -> str:
     """The hosts' code version (in this process, beside fronts whose version is patched)."""
     return code_version()
@@ -74,12 +85,7 @@ def test_a_front_of_another_commit_is_refused_and_changes_nothing(
 
     async def run() -> None:
         try:
-            first = cluster.front()
-            s = spec(id="v")
-            await first.create(s)
-            torch_twin = AsTorch(s)
-            await torch_twin.step(first, "v")
-            host = entries_of(first, "v")["host"]
+            first, torch_twin, host = await made_and_stepped(cluster, "v")
             monkeypatch.setattr(ray_host.HostActor, "code_version", host_version)
             monkeypatch.setattr(ray_host, "code_version", lambda: OTHER)  # (the fronts')
             monkeypatch.setattr(ray_host, "VERSION_RECHECK_S", 0.0)  # (asked every time)
@@ -117,12 +123,7 @@ def test_a_host_actor_from_before_the_check_is_refused_until_replaced(
 
     async def run() -> None:
         try:
-            first = cluster.front()
-            s = spec(id="old")
-            await first.create(s)
-            torch_twin = AsTorch(s)
-            await torch_twin.step(first, "old")
-            host = entries_of(first, "old")["host"]
+            _, torch_twin, host = await made_and_stepped(cluster, "old")
             older = cluster.actors[host] = OlderHandle(cluster.actors[host].actor)
             monkeypatch.setattr(ray_host, "VERSION_RECHECK_S", 0.0)
             front = cluster.front()

@@ -194,19 +194,21 @@ class AddParamGroup(Operation):
 def check_element_count(n: int, limit: int) -> None:
     """422 ``session_too_large`` for a session of ``n`` parameter elements past ``limit``
     (``OPTSERVE_MAX_SESSION_ELEMENTS``; 0: none)."""
-    if limit and n > limit:
-        raise Invalid(f"the session would hold {n} parameter elements; the limit "
-                      f"(OPTSERVE_MAX_SESSION_ELEMENTS) is {limit}",
-                      code="session_too_large", field="params", limit=limit)
+    _within(n, limit, "parameter elements", "OPTSERVE_MAX_SESSION_ELEMENTS", "session_too_large")
 
 
 def check_param_count(n: int, limit: int) -> None:
     """422 ``too_many_params`` for a session of ``n`` parameters (tensors) past ``limit``
     (``OPTSERVE_MAX_SESSION_PARAMS``; 0: none)."""
+    _within(n, limit, "parameters (tensors)", "OPTSERVE_MAX_SESSION_PARAMS", "too_many_params")
+
+
+def _within(n: int, limit: int, what: str, setting: str, code: str) -> None:
+    """A 422 ``code`` naming ``params`` when a session would hold ``n`` of ``what``, past the
+    ``limit`` of ``setting`` (0: none)."""
     if limit and n > limit:
-        raise Invalid(f"the session would hold {n} parameters (tensors); the limit "
-                      f"(OPTSERVE_MAX_SESSION_PARAMS) is {limit}",
-                      code="too_many_params", field="params", limit=limit)
+        raise Invalid(f"the session would hold {n} {what}; the limit ({setting}) is {limit}",
+                      code=code, field="params", limit=limit)
 
 
 def check_group_count(n: int, limit: int) -> None:
