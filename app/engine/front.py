@@ -52,7 +52,13 @@ from app.engine.ops import (
     UpdateParamGroup,
     ZeroGrad,
 )
-from app.engine.ops.params import check_element_count, check_group_count, check_param_count
+from app.engine.ops.params import (
+    LBFGS_HISTORY,
+    check_element_count,
+    check_group_count,
+    check_lbfgs_history,
+    check_param_count,
+)
 from app.engine.router import InProcessHost, LocalRouter, Router, SessionHost
 from app.engine.session import check_session_id
 from app.errors import Invalid, NotFound, TooMany
@@ -186,8 +192,15 @@ class Front:
         session_id = check_session_id(spec.id) if spec.id is not None else uuid.uuid4().hex
         check_param_count(sum(len(g.params) for g in spec.groups),
                           self.limits.max_session_params)
-        self._check_elements(sum(t.numel() for g in spec.groups for t in g.params.values()))
+        n = sum(t.numel() for g in spec.groups for t in g.params.values())
+        self._check_elements(n)
         self._check_groups(len(spec.groups))
+        if spec.optimizer == "LBFGS":
+            for i, g in enumerate(spec.groups):
+                where = (f"param_groups.{i}.history_size" if "history_size" in g.options
+                         else "options.history_size")
+                self._check_history(n, g.options.get(
+                    "history_size", spec.options.get("history_size", LBFGS_HISTORY)), where)
 
         held: list[asyncio.Lock] = []
 
@@ -226,6 +239,21 @@ class Front:
 
     def _check_elements(self, n: int) -> None:
         check_element_count(n, self.limits.max_session_elements)
+
+    def _check_history(self, n: int, history_size: Any, field: str) -> None:
+        check_lbfgs_history(n, history_size, self.limits.max_session_elements, field)
+
+    async def _check_new_history(self, host: SessionHost, key: str, history_size: Any,
+                                 field: str) -> None:
+        """An import's LBFGS ``history_size`` against the elements' limit: the session's
+        parameters are fixed (LBFGS takes one group), so checking before the operation holds
+        for it (and the import's own check keeps its history within its ``history_size``)."""
+        if not self.limits.max_session_elements:
+            return
+        info = await host.describe(key)
+        if info.optimizer == "LBFGS":
+            self._check_history(sum(_numel(p["shape"]) for p in info.params.values()),
+                                history_size, field)
 
     async def describe(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> SessionInfo:
         host, key = await self._host(tenant, session_id)
@@ -418,6 +446,7 @@ class Front:
                                  *, tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
                                  expected: Expected | None = None) -> SessionInfo:
         op = UpdateParamGroup(index, options, request=True, tensor_range=True,
+                              max_elements=self.limits.max_session_elements or None,
                               expected=expected)
         out: SessionInfo = await self._execute(tenant, session_id, op, idem)
         return out
@@ -456,6 +485,13 @@ class Front:
                            expected: Expected | None = None) -> SessionInfo:
         # what a torch.save file held as one tensor, found before anything encodes the state
         # (off the event loop: every tensor of it is looked at)
+        groups = state.get("param_groups")
+        if isinstance(groups, list):
+            for i, g in enumerate(groups):
+                if isinstance(g, dict) and "history_size" in g:
+                    host, key = await self._host(tenant, session_id)
+                    await self._check_new_history(host, key, g["history_size"],
+                                                  f"param_groups.{i}.history_size")
         shared = await asyncio.to_thread(state_aliases.examine, state)
         op = ImportState(state, request=True, scheduler_range=True, tensor_range=True,
                          shared=shared, expected=expected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,6 +198,35 @@ def check_element_count(n: int, limit: int) -> None:
     _within(n, limit, "parameter elements", "OPTSERVE_MAX_SESSION_ELEMENTS", "session_too_large")
 
 
+#: torch's ``LBFGS`` default ``history_size``
+LBFGS_HISTORY = 100
+
+
+def check_lbfgs_history(n: int, history_size: Any, limit: int, field: str) -> None:
+    """422 ``session_too_large`` for an LBFGS session of ``n`` parameter elements whose history
+    would take it past ``limit`` (``OPTSERVE_MAX_SESSION_ELEMENTS``; 0: none). LBFGS keeps
+    ``2 * history_size`` vectors of every parameter's elements between steps (``old_dirs``,
+    ``old_stps``), so the limit counts them with the parameters; and where ``history_size`` is
+    negative or not a whole number torch keeps every step's pair (its ``len(old_dirs) ==
+    history_size`` never holds), a history without bound: refused where there is a limit.
+    A value that is not a number is left to the options' own check."""
+    if not limit or isinstance(history_size, bool) or not isinstance(history_size, int | float):
+        return
+    if not (math.isfinite(history_size) and history_size >= 0
+            and float(history_size).is_integer()):
+        raise Invalid(f"history_size {history_size!r}: LBFGS would keep every step's history "
+                      "(2 vectors of the parameters' size per step) without bound; with a limit "
+                      "on a session's elements (OPTSERVE_MAX_SESSION_ELEMENTS) it must be a "
+                      "whole number, 0 or more", code="session_too_large", field=field,
+                      limit=limit)
+    total = n * (1 + 2 * int(history_size))
+    if total > limit:
+        raise Invalid(f"the session would hold {total} elements: {n} parameter elements and "
+                      f"an LBFGS history of 2 x history_size ({int(history_size)}) vectors of "
+                      f"them; the limit (OPTSERVE_MAX_SESSION_ELEMENTS) is {limit}",
+                      code="session_too_large", field=field, limit=limit)
+
+
 def check_param_count(n: int, limit: int) -> None:
     """422 ``too_many_params`` for a session of ``n`` parameters (tensors) past ``limit``
     (``OPTSERVE_MAX_SESSION_PARAMS``; 0: none)."""
@@ -278,10 +308,19 @@ class UpdateParamGroup(Operation):
     #: (422 ``option_overflow``). Logged; records logged before this check lack it and replay
     #: as they ran
     tensor_range: bool = False
+    #: the most elements the session may hold after it (a request's bound,
+    #: ``OPTSERVE_MAX_SESSION_ELEMENTS``): an LBFGS ``history_size`` is checked against it
+    #: with the history the session holds (:func:`check_history_change`). Logged; records
+    #: logged before this check lack it and replay as they ran
+    max_elements: int | None = None
 
     def check(self, s: Session) -> dict[str, Any]:
-        return check_group_changes(s, {self.index: self.options}, index_field="index",
+        plan = check_group_changes(s, {self.index: self.options}, index_field="index",
                                    request=self.request, tensors=self.tensor_range)[self.index]
+        if self.max_elements is not None and "history_size" in self.options:
+            check_history_change(s, self.options["history_size"], self.max_elements,
+                                 f"param_groups.{self.index}.history_size")
+        return plan
 
     def apply(self, s: Session, plan: dict[str, Any]) -> SessionInfo:
         shared_options.apply_changes(s.optimizer.param_groups, {self.index: plan})
@@ -293,12 +332,36 @@ class UpdateParamGroup(Operation):
             tree["request"] = True
         if self.tensor_range:
             tree["tensor_range"] = True
+        if self.max_elements is not None:
+            tree["max_elements"] = self.max_elements
         return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> UpdateParamGroup:
+        bound = tree.get("max_elements")
         return cls(int(tree["index"]), dict(tree["options"]), tree.get("request") is True,
-                   tree.get("tensor_range") is True)
+                   tree.get("tensor_range") is True, bound if type(bound) is int else None)
+
+
+def check_history_change(s: Session, history_size: Any, limit: int, field: str) -> None:
+    """An LBFGS session's new ``history_size`` against the elements' ``limit``
+    (:func:`check_lbfgs_history`), and against the history it holds: torch drops its oldest
+    pair only when the history is exactly ``history_size`` long, so below what it holds it
+    keeps every later step's pair, without bound (422 ``session_too_large`` where there is a
+    limit; without one the session does as torch)."""
+    if s.optimizer_name != "LBFGS":
+        return
+    check_lbfgs_history(sum(p.numel() for p in s.params.values()), history_size, limit, field)
+    if isinstance(history_size, bool) or not isinstance(history_size, int | float):
+        return
+    held = max((len(st.get("old_dirs", ())) for st in s.optimizer.state.values()), default=0)
+    if held > history_size:
+        raise Invalid(f"history_size {history_size!r} is below the {held} pairs the LBFGS "
+                      "history holds: torch drops its oldest pair only when the history is "
+                      "exactly history_size long, so the session would keep every later "
+                      "step's pair, without bound; with a limit on a session's elements "
+                      f"(OPTSERVE_MAX_SESSION_ELEMENTS, {limit}) give at least {held}",
+                      code="session_too_large", field=field, limit=limit)
 
 
 def check_group_indexes(count: int, indexes: Iterable[int], prefix: str = "param_groups",

@@ -1,0 +1,132 @@
+"""An LBFGS session's history counts against ``OPTSERVE_MAX_SESSION_ELEMENTS``.
+
+LBFGS keeps ``2 * history_size`` vectors of every parameter's elements between steps, so a
+session of 5 elements with ``history_size`` 10**9 passed a limit of 100 and grew by 10 elements
+a step without bound (and a negative or fractional ``history_size``, which torch never reaches,
+keeps every step's pair, as it does once a PATCH makes ``history_size`` shorter than the
+history it holds). With a limit, the create, a PATCH and an import that would take the session
+past it are 422 ``session_too_large`` naming ``history_size``, and change nothing; a session
+within it steps bitwise as torch. Against a real server (uvicorn on 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from tests.conftest import LiveServer, _test_settings
+from tests.integration.test_lbfgs import (
+    START,
+    Local,
+    assert_same_state,
+    bitwise,
+    create,
+    remote_step,
+    state_of,
+)
+from tests.torch_reference import json_tensor
+
+pytestmark = pytest.mark.integration
+
+LIMIT = 100  # START holds 5 elements: history_size 9 takes 5 * (1 + 18) = 95, 10 takes 105
+OPTIONS = {"lr": 1, "max_iter": 5, "history_size": 9}
+
+
+@pytest.fixture(scope="module")
+def limited() -> Iterator[httpx.Client]:
+    live = LiveServer(_test_settings(max_session_elements=LIMIT))
+    with live.serving() as url, httpx.Client(base_url=url, timeout=120) as client:
+        yield client
+
+
+def refused(r: httpx.Response, field: str) -> dict[str, Any]:
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    problem: dict[str, Any] = r.json()
+    assert problem["code"] == "session_too_large" and problem["field"] == field, problem
+    assert problem["limit"] == LIMIT and "OPTSERVE_MAX_SESSION_ELEMENTS" in problem["detail"]
+    return problem
+
+
+def post_create(http: httpx.Client, sid: str, options: dict[str, Any], **extra: Any
+                ) -> httpx.Response:
+    return http.post("/v1/sessions", json={
+        "id": sid, "optimizer": "LBFGS", "options": options,
+        "params": {n: json_tensor(t) for n, t in START.items()}, **extra})
+
+
+@pytest.mark.parametrize("size", [None, 10, 10**9, -1, 2.5, 1e300])
+def test_a_create_whose_history_passes_the_limit_is_refused(limited: httpx.Client,
+                                                            size: float | None) -> None:
+    """torch's default ``history_size`` (100), one past what fits, a huge one, and those torch
+    keeps every step's pair for; nothing is made."""
+    options: dict[str, Any] = {"lr": 1} if size is None else {"lr": 1, "history_size": size}
+    problem = refused(post_create(limited, "too-long", options), "options.history_size")
+    if size in (None, 10):
+        assert f"{5 * (1 + 2 * (size or 100))} elements" in problem["detail"]
+    assert limited.get("/v1/sessions/too-long").status_code == 404
+    grouped = limited.post("/v1/sessions", json={
+        "id": "too-long", "optimizer": "LBFGS", "options": {"lr": 1},
+        "param_groups": [{"params": {n: json_tensor(t) for n, t in START.items()},
+                          **({} if size is None else {"history_size": size})}]})
+    refused(grouped, "options.history_size" if size is None
+            else "param_groups.0.history_size")
+    assert limited.get("/v1/sessions/too-long").status_code == 404
+
+
+def test_within_the_limit_steps_as_torch_and_refusals_change_nothing(limited: httpx.Client
+                                                                      ) -> None:
+    sid = create(limited, OPTIONS)
+    local = Local(OPTIONS)
+    for _ in range(3):
+        answer, _ = remote_step(limited, sid)
+        local.step()
+    want = local.opt.state_dict()
+    assert_same_state(state_of(limited, sid)["state"], want["state"])
+    for n, t in local.params.items():
+        assert bitwise(answer["params"][n], t.detach()), n
+
+    # a PATCH past the limit, and an import of a local state whose history_size is
+    before = state_of(limited, sid)
+    refused(limited.patch(f"/v1/sessions/{sid}/param_groups/0", json={"history_size": 10}),
+            "param_groups.0.history_size")
+    refused(limited.patch(f"/v1/sessions/{sid}/param_groups/0", json={"history_size": -1}),
+            "param_groups.0.history_size")
+    longer = Local({**OPTIONS, "history_size": 50})
+    longer.step()
+    buf = io.BytesIO()
+    torch.save(longer.opt.state_dict(), buf)
+    refused(limited.put(f"/v1/sessions/{sid}/state_dict?format=torch", content=buf.getvalue(),
+                        headers={"content-type": "application/octet-stream"}),
+            "param_groups.0.history_size")
+    after = state_of(limited, sid)
+    assert_same_state(after["state"], before["state"])
+    assert after["param_groups"] == before["param_groups"]
+
+    # below the pairs the history holds: torch would never drop one again (it drops the
+    # oldest only at exactly history_size), and the history would grow without bound
+    held = len(want["state"][0]["old_dirs"])
+    assert held >= 2
+    problem = refused(limited.patch(f"/v1/sessions/{sid}/param_groups/0",
+                                    json={"history_size": held - 1}),
+                      "param_groups.0.history_size")
+    assert f"{held} pairs" in problem["detail"]
+    assert_same_state(state_of(limited, sid)["state"], before["state"])
+
+    # within it: a PATCH to the history it holds steps as torch's own group change
+    r = limited.patch(f"/v1/sessions/{sid}/param_groups/0", json={"history_size": held})
+    assert r.status_code == 200, r.text
+    local.opt.param_groups[0]["history_size"] = held
+    for _ in range(2):
+        answer, _ = remote_step(limited, sid)
+        local.step()
+    assert_same_state(state_of(limited, sid)["state"], local.opt.state_dict()["state"])
+    assert len(local.opt.state_dict()["state"][0]["old_dirs"]) == held
+    for n, t in local.params.items():
+        assert bitwise(answer["params"][n], t.detach()), n
+    assert limited.delete(f"/v1/sessions/{sid}").status_code == 204
