@@ -116,8 +116,9 @@ async def post_rows(
     settings: SettingsDep,
     min_version: Annotated[int | None, Query(ge=0, description="long-poll until this version")]
     = None,
-    wait_s: Annotated[float, Query(ge=0, le=1e9, description="long-poll for at most this "
-                                   "long (capped at 60 s)")] = 0.0,
+    wait_s: Annotated[float, Query(ge=0, le=1e9, allow_inf_nan=False,
+                                   description="long-poll for at most this long (capped at "
+                                               "60 s)")] = 0.0,
 ) -> Response:
     conditions.one_query(request, "min_version", "wait_s")
     binary, b64 = wants_binary(request), tensor_encoding(request)

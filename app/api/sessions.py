@@ -272,8 +272,9 @@ async def get_params(
     = None,
     min_version: Annotated[int | None, Query(ge=0, description="long-poll until this version")]
     = None,
-    wait_s: Annotated[float, Query(ge=0, le=1e9, description="long-poll for at most this "
-                                   "long (capped at 60 s)")] = 0.0,
+    wait_s: Annotated[float, Query(ge=0, le=1e9, allow_inf_nan=False,
+                                   description="long-poll for at most this long (capped at "
+                                               "60 s)")] = 0.0,
     name: Annotated[str | None, Query(description="the parameter whose rows to pull")] = None,
     rows: Annotated[list[str] | None, Query(description="row indices, repeated or "
                                             "comma-separated (with name)")] = None,

@@ -409,6 +409,10 @@ def test_long_poll_waits_for_the_version_or_times_out(
     got = client.get_params(s, min_version=3, wait_s=0.3)
     assert got.version == 2
     assert http.get(f"/v1/sessions/{s}/params?wait_s=-1").status_code == 422
+    for bad in ("nan", "inf"):  # (its message said "less than or equal to 1e9")
+        r = http.get(f"/v1/sessions/{s}/params?wait_s={bad}")
+        assert r.status_code == 422 and r.json()["field"] == "wait_s"
+        assert "finite" in r.json()["detail"], r.text
 
 
 # --------------------------------------------------------------------------- SDK worker mode
