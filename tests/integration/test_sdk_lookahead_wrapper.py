@@ -256,28 +256,80 @@ def test_the_wrappers_keys_never_reach_the_server(logged: tuple[optserve.Client,
         base.close(delete_session=True)
 
 
+
 def test_a_group_key_a_wrapper_adds_survives_steps_and_checkpoints(client: optserve.Client
                                                                    ) -> None:
     """Extra group keys stay in ``param_groups`` through steps, ``state_dict()`` and a
-    ``load_state_dict()`` into another remote optimizer, as in a local one; an option the
-    server knows, edited locally, still goes with the next step."""
+    ``load_state_dict()`` into another remote optimizer, as in a local one; a group added
+    with one (a key the wrapper put in ``defaults`` too, as ``Lookahead`` does) is added, the
+    key kept locally; an option the server knows, edited locally, still goes with the next
+    step."""
     local_model, remote_model = mlp(), mlp()
+    local_extra = nn.Parameter(torch.linspace(-1, 1, 3))
+    remote_extra = nn.Parameter(torch.linspace(-1, 1, 3))
     local = torch.optim.Adam(local_model.parameters(), lr=0.05)
     remote = optserve.RemoteOptimizer(remote_model.parameters(), "Adam", client, lr=0.05)
-    other = optserve.RemoteOptimizer(mlp().parameters(), "Adam", client, lr=0.05)
+    other_model = mlp()
+    other = optserve.RemoteOptimizer(other_model.parameters(), "Adam", client, lr=0.05)
+    other.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
     try:
-        for opt in (local, remote):
+        for opt, extra in ((local, local_extra), (remote, remote_extra)):
+            opt.defaults.update(lookahead_k=3)
             opt.param_groups[0]["lookahead_k"] = 3
             opt.param_groups[0]["lr"] = 0.02
+            opt.add_param_group({"params": [extra], "lookahead_k": 5, "lr": 0.1})
         for i in range(2):
-            train(local_model, local, i)
-            train(remote_model, remote, i)
+            for model, opt, extra in ((local_model, local, local_extra),
+                                      (remote_model, remote, remote_extra)):
+                opt.zero_grad()
+                g = torch.Generator().manual_seed(40 + i)
+                x, y = torch.randn(12, 6, generator=g), torch.randn(12, 3, generator=g)
+                (F.mse_loss(model(x), y) + (extra * x[0, :3]).sum()).backward()
+                opt.step()
         assert_same_params(local_model, remote_model)
-        assert remote.param_groups[0]["lookahead_k"] == 3
+        assert torch.equal(local_extra, remote_extra)
+        assert [g["lookahead_k"] for g in remote.param_groups] == [3, 5]
         assert_same_state_dict(local.state_dict(), remote.state_dict())
         other.load_state_dict(saved(remote.state_dict()))
-        assert other.param_groups[0]["lookahead_k"] == 3
+        assert [g["lookahead_k"] for g in other.param_groups] == [3, 5]
         assert_same_state_dict(local.state_dict(), other.state_dict())
     finally:
         for opt in (remote, other):
             opt.close(delete_session=True)
+
+
+def test_a_state_assigned_with_a_wrappers_keys_keeps_them_here(
+        logged: tuple[optserve.Client, list[bytes]]) -> None:
+    """``opt.state = mapping`` whose entries hold a wrapper's keys beside Adam's: the
+    session takes Adam's, the wrapper's stay here (the same tensors), and training goes on
+    as a local optimizer whose state was assigned the same mapping."""
+    client, bodies = logged
+    local_model, remote_model = mlp(), mlp()
+    local = local_lookahead(local_model, 2)
+    remote = remote_lookahead(remote_model, client, 2)
+    base = remote._base_optimizer
+    assert isinstance(base, optserve.RemoteOptimizer)
+    try:
+        for i in range(3):
+            train(local_model, local, i)
+            train(remote_model, remote, i)
+        local_base = local._base_optimizer
+        assigned = {q: {k: v.clone() for k, v in local_base.state[p].items()}
+                    for p, q in zip(local_model.parameters(), remote_model.parameters(),
+                                    strict=True)}
+        local_base.state = defaultdict(dict, {p: {k: v.clone() for k, v in entry.items()}
+                                              for p, entry in zip(local_model.parameters(),
+                                                                  assigned.values(),
+                                                                  strict=True)})
+        base.state = assigned
+        first = next(remote_model.parameters())
+        assert base.state[first]["lookahead_slow_buff"] is \
+            assigned[first]["lookahead_slow_buff"]
+        for i in range(3, 8):
+            train(local_model, local, i)
+            train(remote_model, remote, i)
+            assert_same_params(local_model, remote_model)
+            assert_same_state_dict(local.state_dict(), remote.state_dict())
+        assert not any(b"lookahead" in body for body in bodies)
+    finally:
+        base.close(delete_session=True)
