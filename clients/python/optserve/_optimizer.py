@@ -26,8 +26,13 @@ How it maps onto the service:
   version from any answer (its steps, pulls, pushes, ``state_dict()``, ...) or after a
   ``load_state_dict`` or an ``add_param_group``: never older than the newest version it knows
   of, and no request while that has not moved (another worker's step shows once this one
-  learns of it: its next step or :meth:`pull_params`). Edits to its entries stay local;
-  assigning a mapping to it (``opt.state = defaultdict(dict)``) loads that state into the
+  learns of it: its next step or :meth:`pull_params`). Edits to the keys the session keeps
+  (``exp_avg``, ...: those it returned for the parameter) stay local, replaced by the session's
+  at the next fetch; any other key put in an entry (timm ``Lookahead``'s
+  ``lookahead_slow_buff``) is client-side state, kept across steps as a local optimizer keeps it
+  (the same objects), carried in ``state_dict()`` beside the session's keys and split out again
+  by ``load_state_dict()`` (``optserve._session_state``, ``optserve._state_keys``); assigning a
+  mapping to it (``opt.state = defaultdict(dict)``) loads that state into the
   session (:meth:`_assign_state`): an empty one resets it, as it does a local optimizer's;
 - ``with RemoteOptimizer(...) as opt:`` deletes the session it created at the end of the block
   (``close(delete_session=True)``); without ``with``, ``close()`` keeps it.
@@ -441,8 +446,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def state(self) -> defaultdict[torch.Tensor, Any]:
         """The session's state, torch's ``{param: {"step": ..., "exp_avg": ..., ...}}``: a
         view fetched when first read after this optimizer learned of a newer session version
-        or changed the state itself (see the module's docs). Assigning a mapping loads it into
-        the session: see :meth:`_assign_state`."""
+        or changed the state itself (see the module's docs). Keys the session's optimizer does
+        not keep, put in an entry by code around this optimizer, are kept here across steps.
+        Assigning a mapping loads it into the session: see :meth:`_assign_state`."""
         view: defaultdict[torch.Tensor, Any] | None = self.__dict__.get("_state_view")
         if view is None:  # (torch's Optimizer.__init__, before the session exists)
             torch_state: defaultdict[torch.Tensor, Any] = self.__dict__["_torch_state"]
