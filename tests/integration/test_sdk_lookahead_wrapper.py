@@ -127,8 +127,10 @@ def local_lookahead(model: nn.Module, k: int) -> Lookahead:
     return Lookahead(torch.optim.Adam(model.parameters(), lr=0.05), alpha=0.5, k=k)
 
 
-def remote_lookahead(model: nn.Module, client: optserve.Client, k: int) -> Lookahead:
-    return Lookahead(optserve.RemoteOptimizer(model.parameters(), "Adam", client, lr=0.05),
+def remote_lookahead(model: nn.Module, client: optserve.Client, k: int,
+                     detect_data_edits: bool = True) -> Lookahead:
+    return Lookahead(optserve.RemoteOptimizer(model.parameters(), "Adam", client, lr=0.05,
+                                              detect_data_edits=detect_data_edits),
                      alpha=0.5, k=k)
 
 
@@ -159,16 +161,19 @@ def saved(state_dict: dict[str, Any]) -> dict[str, Any]:
     return loaded
 
 
+@pytest.mark.parametrize("detect_data_edits", [True, False])
 @pytest.mark.parametrize("k", [2, 3])
-def test_lookahead_over_remote_adam_steps_as_over_local_adam(client: optserve.Client,
-                                                              k: int) -> None:
+def test_lookahead_over_remote_adam_steps_as_over_local_adam(client: optserve.Client, k: int,
+                                                              detect_data_edits: bool) -> None:
     """Each step: the same parameters and the same whole state dict (Adam's state with each
     parameter's ``lookahead_slow_buff``, the groups with their ``lookahead_*`` keys); the slow
     buffer is the one tensor the wrapper made, kept across the remote optimizer's steps as a
-    local optimizer's ``state`` keeps it."""
+    local optimizer's ``state`` keeps it. The wrapper's ``fast_p.copy_(slow)`` after a step
+    reaches the session before the next (by the version counter, with or without
+    ``detect_data_edits``)."""
     local_model, remote_model = mlp(), mlp()
     local = local_lookahead(local_model, k)
-    remote = remote_lookahead(remote_model, client, k)
+    remote = remote_lookahead(remote_model, client, k, detect_data_edits)
     base = remote._base_optimizer
     assert isinstance(base, optserve.RemoteOptimizer)
     first = next(remote_model.parameters())
