@@ -1044,7 +1044,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
         Each parameter's entry is split first: the keys the session's optimizer keeps (worked
         out by torch's class of that name here, with the state dict's group options:
-        ``optimizer._state_keys``) go to the session, the others (a wrapper's, such as timm's
+        ``optserve._state_keys``) go to the session, the others (a wrapper's, such as timm's
         ``Lookahead``'s ``lookahead_slow_buff``) become this optimizer's client-side state,
         in ``self.state[p]`` beside the session's keys and in :meth:`state_dict`; the state
         dict's group keys that are no option of the session's optimizer stay in the local
