@@ -26,8 +26,13 @@ How it maps onto the service:
   version from any answer (its steps, pulls, pushes, ``state_dict()``, ...) or after a
   ``load_state_dict`` or an ``add_param_group``: never older than the newest version it knows
   of, and no request while that has not moved (another worker's step shows once this one
-  learns of it: its next step or :meth:`pull_params`). Edits to its entries stay local;
-  assigning a mapping to it (``opt.state = defaultdict(dict)``) loads that state into the
+  learns of it: its next step or :meth:`pull_params`). Edits to the keys the session keeps
+  (``exp_avg``, ...: those it returned for the parameter) stay local, replaced by the session's
+  at the next fetch; any other key put in an entry (timm ``Lookahead``'s
+  ``lookahead_slow_buff``) is client-side state, kept across steps as a local optimizer keeps it
+  (the same objects), carried in ``state_dict()`` beside the session's keys and split out again
+  by ``load_state_dict()`` (``optserve._session_state``, ``optserve._state_keys``); assigning a
+  mapping to it (``opt.state = defaultdict(dict)``) loads that state into the
   session (:meth:`_assign_state`): an empty one resets it, as it does a local optimizer's;
 - ``with RemoteOptimizer(...) as opt:`` deletes the session it created at the end of the block
   (``close(delete_session=True)``); without ``with``, ``close()`` keeps it.
@@ -58,7 +63,7 @@ from typing import Any, overload
 import torch
 from torch.optim.optimizer import ParamsT
 
-from . import _edits, _zero_copy
+from . import _edits, _state_keys, _zero_copy
 from ._api import Durability, NonFinitePolicy, StateFormat
 from ._base_client import ReceiveBuffer
 from ._client import Client
@@ -386,6 +391,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._release_when_dropped()
         self._at(info.version)
         self.defaults = {**info.defaults, **options}
+        #: the options the session's optimizer has (other keys of a group stay local)
+        self._option_names = frozenset(info.defaults)
         self._adopt(info)
 
     def _server_options(self, optimizer: str, explicit: list[dict[str, Any]]
@@ -439,8 +446,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def state(self) -> defaultdict[torch.Tensor, Any]:
         """The session's state, torch's ``{param: {"step": ..., "exp_avg": ..., ...}}``: a
         view fetched when first read after this optimizer learned of a newer session version
-        or changed the state itself (see the module's docs). Assigning a mapping loads it into
-        the session: see :meth:`_assign_state`."""
+        or changed the state itself (see the module's docs). Keys the session's optimizer does
+        not keep, put in an entry by code around this optimizer, are kept here across steps.
+        Assigning a mapping loads it into the session: see :meth:`_assign_state`."""
         view: defaultdict[torch.Tensor, Any] | None = self.__dict__.get("_state_view")
         if view is None:  # (torch's Optimizer.__init__, before the session exists)
             torch_state: defaultdict[torch.Tensor, Any] = self.__dict__["_torch_state"]
@@ -466,7 +474,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         the same way. One atomic import: the session takes all of it or, refused (a wrong
         shape, a parameter that is not this optimizer's, ``TypeError`` for what is not a
         mapping of dicts), none of it. In a sync session it discards an open round, as
-        :meth:`load_state_dict` does.
+        :meth:`load_state_dict` does. Keys of an entry that the session's optimizer does not
+        keep (a wrapper's: see :meth:`load_state_dict`) are not sent: they become this
+        optimizer's client-side state, as the mapping's other keys become the session's.
 
         The import is conditional on the session being as the ``GET`` saw it (``If-Match``
         its version, ``base_revision`` its revision): another client's change in between (an
@@ -476,7 +486,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
         :class:`~optserve.PreconditionFailedError` is raised, the session's state as the
         other clients left it."""
         params = [p for group in self.param_groups for p in group["params"]]
-        entries = assigned_state(value, params)
+        ids: list[list[Any]] = []
+        for group in self.param_groups:
+            start = sum(len(g) for g in ids)
+            ids.append(list(range(start, start + len(group["params"]))))
+        entries, client_state = self._split_state(
+            assigned_state(value, params),
+            [{k: v for k, v in g.items() if k not in _NOT_OPTIONS} for g in self.param_groups],
+            ids)
         for attempt in range(1, STATE_ASSIGN_ATTEMPTS + 1):
             info = self._client.get_session(self._session_id)
             self._learn(info.version)
@@ -498,6 +515,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     raise
                 continue
             break
+        self._state_view.keep_only({params[index]: entry
+                                    for index, entry in client_state.items()})
         self._imported(imported)
         if not entries:
             self._state_view.known_empty()
@@ -525,6 +544,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._session_id = info.id
         self._release_when_dropped()
         self.defaults = dict(info.defaults)
+        self._option_names = frozenset(info.defaults)
         for group, server in zip(self.param_groups, info.param_groups, strict=True):
             group.update(server.options)
         _link_shared(self.defaults, self.param_groups, info.shared_tensors)
@@ -941,9 +961,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if getattr(self, "_initializing", True):
             super().add_param_group(param_group)
             return
-        # (keys the optimizer has no option for stay in the local group: see _server_options)
+        # (keys the optimizer has no option for stay in the local group: see _server_options;
+        # a wrapper may have added its own to the defaults, timm's Lookahead its lookahead_*)
         explicit = _without_defaults({k: v for k, v in param_group.items()
-                                      if k not in _NOT_OPTIONS and k in self.defaults},
+                                      if k not in _NOT_OPTIONS and k in self._option_names},
                                      self.defaults)
         # the server's defaults as torch's are now: a local scheduler's fills of a tensor lr
         # the defaults hold sent first (the new group starts from them, there as here; other
@@ -978,7 +999,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
         tensor}``, torch's ids): the model's parameters hold them narrowed, and
         :meth:`load_state_dict` of this state dict into a new ``RemoteOptimizer`` with a
         ``wire_dtype`` puts them back into its session, so a run resumed from a checkpoint
-        goes on as the uninterrupted one (local torch optimizers ignore that key)."""
+        goes on as the uninterrupted one (local torch optimizers ignore that key).
+
+        Keys that code around this optimizer put in ``self.state[p]`` and the session's
+        optimizer does not keep (timm's ``Lookahead``: ``lookahead_slow_buff``) are in each
+        parameter's entry beside the session's, the tensors themselves, as torch's
+        ``state_dict()`` holds them; so are keys of ``param_groups`` that are no option of it
+        (``lookahead_k``, a group's ``"name"``)."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         self.push_params(only_edited=True)
@@ -996,7 +1023,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 packed["param_names"] = list(local["param_names"])
             groups.append(packed)
         _link_as(groups, self.param_groups)
-        state_dict: dict[str, Any] = {"state": sd["state"], "param_groups": groups}
+        state_dict: dict[str, Any] = {"state": self._with_client_state(sd), "param_groups": groups}
         if "scheduler" in sd:
             state_dict["scheduler"] = sd["scheduler"]
         if masters:
@@ -1013,7 +1040,16 @@ class RemoteOptimizer(torch.optim.Optimizer):
         as torch does. With ``wire_dtype``, its ``"master_params"`` (see :meth:`state_dict`)
         then become the session's parameters (each checked first: one of this optimizer's
         ids, a tensor of its parameter's shape and dtype, else a ``ValueError`` and nothing
-        sent); without, they are ignored, as a local optimizer ignores them."""
+        sent); without, they are ignored, as a local optimizer ignores them.
+
+        Each parameter's entry is split first: the keys the session's optimizer keeps (worked
+        out by torch's class of that name here, with the state dict's group options:
+        ``optserve._state_keys``) go to the session, the others (a wrapper's, such as timm's
+        ``Lookahead``'s ``lookahead_slow_buff``) become this optimizer's client-side state,
+        in ``self.state[p]`` beside the session's keys and in :meth:`state_dict`; the state
+        dict's group keys that are no option of the session's optimizer stay in the local
+        groups. It replaces the client-side state as a whole (what the state dict does not
+        hold is dropped), once the session took its part."""
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -1029,6 +1065,15 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     "that doesn't match the size of optimizer's group"
                 )
         masters = self._masters_to_load(state_dict.get(MASTER_PARAMS), saved_groups)
+        saved_ids = [list(saved["params"]) for saved in saved_groups]
+        session_state, client_state = self._split_state(
+            state_dict.get("state", {}),
+            [{**{k: v for k, v in group.items() if k not in _NOT_OPTIONS},
+              **{k: v for k, v in saved.items() if k not in _NOT_OPTIONS}}
+             for group, saved in zip(self.param_groups, saved_groups, strict=True)],
+            saved_ids)
+        if "state" in state_dict:
+            state_dict["state"] = session_state
         self.push_params(only_edited=True)
         self._state_epoch += 1
         # groups holding one tensor (a tensor lr default's groups, as torch.save keeps them)
@@ -1044,6 +1089,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 saved["param_names"] = group["param_names"]
             new_groups.append(saved)
         self.param_groups = new_groups
+        by_id = {int(index): p
+                 for group, group_ids in zip(self.param_groups, saved_ids, strict=True)
+                 for p, index in zip(group["params"], group_ids, strict=True)
+                 if isinstance(index, (int, str)) and str(index).isdigit()}
+        self._state_view.keep_only({by_id[index]: entry for index, entry in client_state.items()
+                                    if index in by_id})
         self._imported(info)
         if masters:
             # the session's parameters at their own width; the local ones keep the narrowed
@@ -1137,6 +1188,45 @@ class RemoteOptimizer(torch.optim.Optimizer):
              if k in _NOT_OPTIONS or k in synced or k in _SCHEDULER_GROUP_KEYS}
             for g, synced in zip(groups, self._synced, strict=True)]
         return out
+
+    def _split_state(self, state: Any, options: list[dict[str, Any]],
+                     ids: list[list[Any]]) -> tuple[Any, dict[int, dict[Any, Any]]]:
+        """A state dict's ``"state"`` as what the session's optimizer keeps and the client's
+        keys by param id (``optserve._state_keys``): ``options`` each group's options, ``ids``
+        each group's param ids in the state dict. Anything but a mapping goes to the session
+        as it is (which refuses it)."""
+        if not isinstance(state, Mapping):
+            return state, {}
+        keys = _state_keys.state_keys(self._optimizer_name, options,
+                                      [group["params"] for group in self.param_groups])
+        by_id: dict[int, _state_keys.Keys] = {}
+        for group_ids, group_keys in zip(ids, keys, strict=True):
+            for index, kept in zip(group_ids, group_keys, strict=True):
+                if isinstance(index, (int, str)) and str(index).isdigit():
+                    by_id[int(index)] = kept
+        return _state_keys.split_state(state, by_id)
+
+    def _with_client_state(self, sd: dict[str, Any]) -> dict[Any, Any]:
+        """The session's exported ``"state"`` with the client's keys of each parameter's entry
+        (:meth:`SessionState.client_entries`) merged in, after the session's; a parameter with
+        only the client's keys gets an entry of them, after the others."""
+        state: dict[Any, Any] = sd["state"]
+        kept = self._state_view.client_entries()
+        if not kept:
+            return state
+        ids = {id(p): index
+               for group, server in zip(self.param_groups, sd["param_groups"], strict=True)
+               for p, index in zip(group["params"], server["params"], strict=True)}
+        for p, entry in kept.items():
+            index = ids.get(id(p))
+            if index is None:
+                continue
+            held = state.get(index)
+            if isinstance(held, dict):
+                held.update({k: v for k, v in entry.items() if k not in held})
+            else:
+                state[index] = dict(entry)
+        return state
 
     def _session_state(self) -> dict[torch.Tensor, Any]:
         """The session's state keyed by this optimizer's parameters (see :attr:`state`)."""

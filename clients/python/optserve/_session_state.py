@@ -7,6 +7,14 @@ the newest session version the optimizer has learned from any answer, and an epo
 whatever may change the state besides (a step under way, an import, ``add_param_group``).
 Reads while neither moved make no request.
 
+Each parameter's entry is one dict for the optimizer's life (as in a local optimizer's
+``state``), filled anew at each fetch with the session's keys. Keys the session's optimizer
+does not keep (anything not in what the server returned for that parameter at the last fetch:
+timm's ``Lookahead`` puts ``lookahead_slow_buff`` there) are the client's: they stay in the
+entry across fetches, the very objects put there, and :meth:`SessionState.client_entries`
+gives them to ``RemoteOptimizer.state_dict()``. The session's own keys are its copy: an edit of
+one stays local, replaced by the session's value at the next fetch.
+
 Assigning ``opt.state = mapping`` (training code that resets with
 ``opt.state = defaultdict(dict)``) loads that state into the session: :func:`assigned_state`
 checks it and gives it in a state dict's ``{id: {...}}`` form.
@@ -26,8 +34,9 @@ __all__ = ["SessionState", "assigned_state"]
 
 class SessionState(defaultdict[torch.Tensor, Any]):
     """``RemoteOptimizer.state``: the session's state, fetched by ``load`` when first read
-    after ``key()`` changed; never fetched while nothing reads it. Writes go to this copy only.
-    A ``defaultdict(dict)`` as torch's own ``state`` is."""
+    after ``key()`` changed; never fetched while nothing reads it. Writes to the session's
+    keys go to this copy only; other keys of an entry are kept (see the module's docs). A
+    ``defaultdict(dict)`` as torch's own ``state`` is."""
 
     def __init__(self, load: Callable[[], dict[torch.Tensor, Any]],
                  key: Callable[[], object]) -> None:
@@ -36,24 +45,81 @@ class SessionState(defaultdict[torch.Tensor, Any]):
         self._key = key
         self._loaded_at: object = None
         self._loaded = False
+        #: each entry's keys as the last fetch filled them from the session
+        self._session_keys: dict[torch.Tensor, frozenset[Any]] = {}
+
+    def _strip(self) -> None:
+        """Take the session's values out of the entries (the client's keys stay); an entry
+        left empty goes."""
+        for p, keys in self._session_keys.items():
+            entry = dict.get(self, p)
+            if isinstance(entry, dict):
+                for k in keys:
+                    entry.pop(k, None)
+        self._session_keys = {}
+        for p in [p for p, entry in dict.items(self) if not entry]:
+            dict.__delitem__(self, p)
 
     def forget(self) -> None:
-        """Drop the fetched copy (a step changes the session's state: the copy would only
-        hold memory until the next read fetched a new one)."""
-        dict.clear(self)
+        """Drop the fetched values (a step changes the session's state: the copy would only
+        hold memory until the next read fetched a new one); the client's keys stay."""
+        self._strip()
         self._loaded = False
 
     def known_empty(self) -> None:
         """The session holds no state now (it was just reset): reads need not fetch it."""
-        dict.clear(self)
+        self._strip()
         self._loaded, self._loaded_at = True, self._key()
+
+    def client_entries(self) -> dict[torch.Tensor, dict[Any, Any]]:
+        """Each parameter's keys that the session's optimizer does not keep (those the last
+        fetch did not fill), the values themselves; parameters with none left out."""
+        out = {}
+        for p, entry in dict.items(self):
+            if not isinstance(entry, dict):
+                continue
+            session = self._session_keys.get(p, frozenset())
+            kept = {k: v for k, v in entry.items() if k not in session}
+            if kept:
+                out[p] = kept
+        return out
+
+    def keep_only(self, entries: Mapping[torch.Tensor, Mapping[Any, Any]]) -> None:
+        """The client's keys become exactly ``entries`` (a state loaded or assigned: it
+        replaces the whole state, as torch's ``load_state_dict`` does); the session's are
+        fetched at the next read."""
+        dict.clear(self)
+        self._session_keys = {}
+        for p, entry in entries.items():
+            if entry:
+                dict.__setitem__(self, p, dict(entry))
+        self._loaded = False
 
     def _fresh(self) -> None:
         if self._loaded and self._key() == self._loaded_at:
             return
         values = self._load()
+        self._strip()
+        entries: dict[torch.Tensor, Any] = {}
+        for p, fetched in values.items():
+            entry = dict.get(self, p)
+            if isinstance(entry, dict) and isinstance(fetched, dict):
+                # the session's keys first, then the client's (as torch's entries hold them
+                # when a wrapper adds its keys after the optimizer's step); the session's win
+                kept = {k: v for k, v in entry.items() if k not in fetched}
+                entry.clear()
+                entry.update(fetched)
+                entry.update(kept)
+            else:
+                entry = fetched
+            entries[p] = entry
+            if isinstance(fetched, dict):
+                self._session_keys[p] = frozenset(fetched)
+        for p, entry in dict.items(self):  # (only the client's keys: no session state yet)
+            if p not in entries:
+                entries[p] = entry
         dict.clear(self)
-        dict.update(self, values)
+        dict.update(self, entries)
         # (after the load: the answer may have taught a newer version, which it shows)
         self._loaded, self._loaded_at = True, self._key()
 
