@@ -338,3 +338,38 @@ def test_a_state_assigned_with_a_wrappers_keys_keeps_them_here(
         assert not any(b"lookahead" in body for body in bodies)
     finally:
         base.close(delete_session=True)
+
+
+def test_another_optimizers_state_is_still_refused(client: optserve.Client) -> None:
+    """A key another optimizer of torch's keeps is that optimizer's state, not a wrapper's:
+    an SGD-with-momentum checkpoint loaded into a remote Adam goes to the server, which refuses
+    it (422 ``state_mismatch``) as before the wrappers' keys were kept here (torch's next Adam
+    step would fail on it), the session and the client-side state unchanged; a wrapper's key
+    beside it changes nothing of that."""
+    sgd_model, model = mlp(), mlp()
+    sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.05, momentum=0.9)
+    train(sgd_model, sgd, 0)
+    checkpoint = saved(sgd.state_dict())
+    local_model = mlp()
+    local = local_lookahead(local_model, 2)
+    remote = remote_lookahead(model, client, 2)
+    for i in range(3):
+        train(local_model, local, i)
+        train(model, remote, i)
+    before = remote.state_dict()
+    version = client.get_session(remote._base_optimizer.session_id).version
+    for extra in ({}, {"lookahead_slow_buff": torch.zeros(1)}):
+        # (Adam's groups, SGD's entries: the same model, so the same param ids)
+        bad = {"param_groups": before["param_groups"],
+               "state": {pid: {**entry, **extra} for pid, entry in checkpoint["state"].items()}}
+        with pytest.raises(optserve.ValidationError) as refused:
+            remote.load_state_dict(bad)
+        assert refused.value.code == "state_mismatch", refused.value
+        assert "momentum_buffer" in str(refused.value)
+        assert client.get_session(remote._base_optimizer.session_id).version == version
+        assert_same_state_dict(local.state_dict(), remote.state_dict())
+    for i in range(3, 5):  # and it goes on as the local run
+        train(local_model, local, i)
+        train(model, remote, i)
+        assert_same_params(local_model, model)
+    assert_same_state_dict(local.state_dict(), remote.state_dict())

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from optserve._state_keys import split_state, state_keys
+from optserve._state_keys import split_state, state_keys, torch_keys
 
 
 def params() -> list[torch.Tensor]:
@@ -71,3 +71,17 @@ def test_split_parts_each_entry() -> None:
                        3: {"step": t, "extra": 1}, 4: "not an entry"}
     assert client == {0: {"lookahead_slow_buff": t}, 1: {"lookahead_slow_buff": t}}
     assert client[0]["lookahead_slow_buff"] is t
+
+
+def test_another_optimizers_keys_go_to_the_session() -> None:
+    """SGD's ``momentum_buffer`` in an entry for an Adam session is no wrapper's key: it goes to
+    the session (which refuses it), where ``lookahead_slow_buff`` stays here."""
+    adam = frozenset({"step", "exp_avg", "exp_avg_sq"})
+    t = torch.zeros(2)
+    state: dict[Any, Any] = {0: {"momentum_buffer": t, "lookahead_slow_buff": t},
+                             1: {"step": t, "square_avg": t}}
+    session, client = split_state(state, {0: adam, 1: adam})
+    assert session == {0: {"momentum_buffer": t}, 1: {"step": t, "square_avg": t}}
+    assert client == {0: {"lookahead_slow_buff": t}}
+    assert {"momentum_buffer", "exp_avg", "square_avg", "max_exp_avg_sq", "grad_avg",
+            "old_dirs"} <= torch_keys()

@@ -14,11 +14,15 @@ Adafactor keeps other keys for a matrix than for a vector) with the groups' opti
 once with zero gradients; the keys of its state are the optimizer's. LBFGS keeps one state,
 under the first parameter, with the keys the server's check names. Where that cannot be
 worked out here (no such class in this torch, or it refuses the options), every key goes to
-the server, which says what is wrong.
+the server, which says what is wrong. So does a key that some other optimizer of torch's keeps
+(:func:`torch_keys`: SGD's ``momentum_buffer`` in a state dict loaded into an Adam session): that
+is another optimizer's state, not a wrapper's, and the server refuses it (422
+``state_mismatch``), as torch's next step would fail on it.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,6 +37,11 @@ _PROBE_SKIPS = frozenset({"foreach", "fused", "capturable", "differentiable"})
 #: what torch's LBFGS keeps, under its first parameter (the server's check of an LBFGS state)
 _LBFGS_KEYS = frozenset({"func_evals", "n_iter", "d", "t", "old_dirs", "old_stps", "ro",
                          "H_diag", "prev_flat_grad", "prev_loss", "al"})
+
+#: option variants the classes are made with for :func:`torch_keys` (each class takes those of
+#: them it has: the keys some options add, ``max_exp_avg_sq``, ``momentum_buffer``, ``grad_avg``)
+_VARIANTS: tuple[dict[str, Any], ...] = (
+    {}, {"amsgrad": True}, {"momentum": 0.9}, {"momentum": 0.9, "centered": True})
 
 Keys = frozenset[str] | None
 
@@ -61,6 +70,24 @@ def _probe(cls: type[torch.optim.Optimizer], options: Mapping[str, Any], ndim: i
     return frozenset(str(k) for k in opt.state[t])
 
 
+@functools.cache
+def torch_keys() -> frozenset[str]:
+    """Every key torch's optimizers keep per parameter: each class of ``torch.optim`` made on one
+    small vector and one small matrix with each of :data:`_VARIANTS`, stepped once, and
+    LBFGS's. Worked out once, when a state dict first holds a key the session's optimizer
+    does not keep."""
+    found = set(_LBFGS_KEYS)
+    for name in dir(torch.optim):
+        cls = getattr(torch.optim, name)
+        if (not isinstance(cls, type) or not issubclass(cls, torch.optim.Optimizer)
+                or cls in (torch.optim.Optimizer, torch.optim.LBFGS)):
+            continue
+        for variant in _VARIANTS:
+            for ndim in (1, 2):
+                found |= _probe(cls, variant, ndim) or frozenset()
+    return frozenset(found)
+
+
 def state_keys(optimizer: str, groups: Sequence[Mapping[str, Any]],
                params: Sequence[Sequence[torch.Tensor]]) -> list[list[Keys]]:
     """For each group's parameters, the keys of its state entry that the session's
@@ -84,8 +111,9 @@ def state_keys(optimizer: str, groups: Sequence[Mapping[str, Any]],
 def split_state(state: Mapping[Any, Any], keys: Mapping[int, Keys]
                 ) -> tuple[dict[Any, Any], dict[int, dict[Any, Any]]]:
     """A state dict's ``"state"`` as what the session takes (each entry's keys its optimizer
-    keeps, under the entry's own id; an entry of none of them left out) and what the client
-    keeps (the other keys, by param id). ``keys``: by param id, the keys the optimizer keeps
+    keeps, and those another optimizer of torch's keeps (:func:`torch_keys`), under the
+    entry's own id; an entry of none of them left out) and what the client keeps (the other
+    keys, by param id). ``keys``: by param id, the keys the optimizer keeps
     (an id missing or ``None``: every key goes to the session). Entries that are not dicts go
     to the session as they are (which refuses them)."""
     session: dict[Any, Any] = {}
@@ -98,6 +126,10 @@ def split_state(state: Mapping[Any, Any], keys: Mapping[int, Keys]
             continue
         theirs = {k: v for k, v in entry.items() if str(k) in kept}
         mine = {k: v for k, v in entry.items() if str(k) not in kept}
+        if mine:  # (another optimizer's keys go to the session, which refuses them)
+            other = torch_keys()
+            theirs.update((k, v) for k, v in mine.items() if str(k) in other)
+            mine = {k: v for k, v in mine.items() if str(k) not in other}
         if theirs or not entry:
             session[pid] = theirs
         if mine and index is not None:
