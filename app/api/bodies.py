@@ -157,10 +157,11 @@ async def _read_body(
         try:
             size = int(declared)
         except ValueError:
-            raise BadRequest("Content-Length is not a number") from None
+            raise BadRequest("Content-Length is not a number",
+                             field="Content-Length") from None
         if size > max_bytes:
             raise PayloadTooLarge(f"body of {size} bytes exceeds the limit of {max_bytes}",
-                                  limit=max_bytes)
+                                  field="body", limit=max_bytes)
         if size > OFFLOAD_BYTES:  # one copy into a buffer of the announced size
             await body_memory.hold(request.scope, size * _expansion(request),
                                    _body_timeout(request))
@@ -172,12 +173,14 @@ async def _read_body(
                 nonlocal pos
                 end = pos + len(chunk)
                 if end > size:
-                    raise BadRequest("body is longer than its Content-Length")
+                    raise BadRequest("body is longer than its Content-Length",
+                                     field="Content-Length")
                 view[pos:end] = chunk
                 pos = end
             received = await _receive_into(request, into, view)
             if (pos if received is None else received) != size:
-                raise BadRequest("body is shorter than its Content-Length")
+                raise BadRequest("body is shorter than its Content-Length",
+                                 field="Content-Length")
             await _hold_json_objects(request, out)
             return out
     buf = bytearray()
@@ -188,7 +191,8 @@ async def _read_body(
         nonlocal counted
         buf.extend(chunk)
         if len(buf) > max_bytes:
-            raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes", limit=max_bytes)
+            raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes", field="body",
+                                  limit=max_bytes)
         if len(buf) > counted:
             more = max(len(buf) - counted, body_memory.CHUNKED_STEP)
             body_memory.hold_now(request.scope, more * _expansion(request))

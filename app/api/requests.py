@@ -227,7 +227,8 @@ def group_spec_binary(buf: bytearray) -> GroupSpec:
 def state_from_json(buf: bytes | bytearray) -> Any:
     obj = parse_json(buf, within="state_dict")
     if not isinstance(obj, dict):
-        raise BadRequest("the state dict must be a JSON object", code="invalid_json")
+        raise BadRequest("the state dict must be a JSON object", code="invalid_json",
+                         field="body")
     return tree_from_json(obj, "state_dict")
 
 
