@@ -264,9 +264,13 @@ def body_kind(request: Request) -> str:
 
 
 def require_json(request: Request) -> None:
-    """415 unless the body is JSON (for endpoints that take no safetensors body)."""
-    if body_kind(request) != "json":
-        raise UnsupportedMedia(f"this endpoint takes a {JSON} body", field="content-type")
+    """415 unless the body is JSON (for endpoints that take no safetensors body): its detail
+    names JSON only, not the safetensors type the other endpoints also take."""
+    ctype = (one_header(request, "content-type", "content-type") or JSON).split(";")[0]
+    ctype = ctype.strip().lower()
+    if not _json_type(ctype):
+        raise UnsupportedMedia(f"Content-Type {ctype!r:.60} is not supported here: this "
+                               f"endpoint takes an {JSON} body", field="content-type")
 
 
 _ALIASES = {"application/safetensors": BINARY, "application/problem+json": JSON}
