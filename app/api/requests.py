@@ -196,9 +196,13 @@ def _check_scheduler_spec(spec: object, field: str) -> None:
 
 
 def metadata_fields(metadata: dict[str, str]) -> dict[str, Any]:
-    """safetensors ``__metadata__``: each value a JSON text, or a bare word taken as a string."""
+    """safetensors ``__metadata__`` of a create or an added group: each value a JSON text, or a
+    bare word taken as a string; what other writers add (:data:`FOREIGN_METADATA`, Hugging
+    Face's ``"format": "pt"``) left out, as the bodies of tensors leave it."""
     out: dict[str, Any] = {}
     for key, text in metadata.items():
+        if key in FOREIGN_METADATA:
+            continue
         try:
             out[key] = orjson.loads(text)
         except orjson.JSONDecodeError:
