@@ -1,7 +1,8 @@
 """The documentation's runnable examples, run as written against a live server, their results
 compared with in-process torch and with what the text says they print: the README's curl
-quickstart (through bash and curl), the JavaScript client's README example (through node) and
-the Python SDK README's client example. (The README's Python quickstart has its own module,
+quickstart (through bash and curl), the JavaScript client's README example (through node), the
+Python SDK README's client example and the parameter-server example
+(``python -m examples.parameter_server``). (The README's Python quickstart has its own module,
 test_readme.py; the curl scripts of clients/curl run under scripts/test-clients.)"""
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -163,3 +166,42 @@ def test_sdk_readme_client_example_prints_what_it_says(live_server: str) -> None
     assert namespace["r"].params["x"].tolist() == x.detach().tolist()
     with httpx.Client(base_url=live_server) as http:
         assert http.delete(f"/v1/sessions/{namespace['s'].id}").status_code == 204
+
+
+def test_parameter_server_example_runs_and_trains_as_full_batch_adam(live_server: str) -> None:
+    """README and docs/parameter-server.md: ``python -m examples.parameter_server`` (here its
+    sync half, against the live server, 20 rounds). A round's mean of the four equal shards'
+    mean-loss gradients is the full batch's, so the losses it prints are those of full-batch
+    Adam in process (to their four decimals and float rounding: the tests of the reduction
+    itself check 1e-6)."""
+    from examples.parameter_server.train import make_model, spirals
+
+    rounds = 20
+    run = subprocess.run(
+        [sys.executable, "-m", "examples.parameter_server", "--url", live_server,
+         "--mode", "sync", "--rounds", str(rounds)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), str(ROOT / "clients" / "python"), os.environ.get("PYTHONPATH", "")])})
+    assert run.returncode == 0, run.stdout + run.stderr
+    first = re.search(r"\[sync\] round   1: mean worker loss ([0-9.]+) \(session version 1\)",
+                      run.stdout)
+    late = re.search(rf"\[sync\] late joiner pulled version {rounds}: full-set loss ([0-9.]+), "
+                     r"accuracy ([0-9.]+)%", run.stdout)
+    assert first and late, run.stdout
+
+    x, y = spirals()
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    losses = []
+    for _ in range(rounds):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        final = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert abs(float(first.group(1)) - losses[0]) <= 6e-5, (first.group(1), losses[0])
+    assert abs(float(late.group(1)) - final) <= 6e-5, (late.group(1), final)
+    assert final < losses[0]
