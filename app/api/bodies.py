@@ -157,10 +157,11 @@ async def _read_body(
         try:
             size = int(declared)
         except ValueError:
-            raise BadRequest("Content-Length is not a number") from None
+            raise BadRequest("Content-Length is not a number",
+                             field="Content-Length") from None
         if size > max_bytes:
             raise PayloadTooLarge(f"body of {size} bytes exceeds the limit of {max_bytes}",
-                                  limit=max_bytes)
+                                  field="body", limit=max_bytes)
         if size > OFFLOAD_BYTES:  # one copy into a buffer of the announced size
             await body_memory.hold(request.scope, size * _expansion(request),
                                    _body_timeout(request))
@@ -172,12 +173,14 @@ async def _read_body(
                 nonlocal pos
                 end = pos + len(chunk)
                 if end > size:
-                    raise BadRequest("body is longer than its Content-Length")
+                    raise BadRequest("body is longer than its Content-Length",
+                                     field="Content-Length")
                 view[pos:end] = chunk
                 pos = end
             received = await _receive_into(request, into, view)
             if (pos if received is None else received) != size:
-                raise BadRequest("body is shorter than its Content-Length")
+                raise BadRequest("body is shorter than its Content-Length",
+                                 field="Content-Length")
             await _hold_json_objects(request, out)
             return out
     buf = bytearray()
@@ -188,7 +191,8 @@ async def _read_body(
         nonlocal counted
         buf.extend(chunk)
         if len(buf) > max_bytes:
-            raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes", limit=max_bytes)
+            raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes", field="body",
+                                  limit=max_bytes)
         if len(buf) > counted:
             more = max(len(buf) - counted, body_memory.CHUNKED_STEP)
             body_memory.hold_now(request.scope, more * _expansion(request))
@@ -260,9 +264,13 @@ def body_kind(request: Request) -> str:
 
 
 def require_json(request: Request) -> None:
-    """415 unless the body is JSON (for endpoints that take no safetensors body)."""
-    if body_kind(request) != "json":
-        raise UnsupportedMedia(f"this endpoint takes a {JSON} body", field="content-type")
+    """415 unless the body is JSON (for endpoints that take no safetensors body): its detail
+    names JSON only, not the safetensors type the other endpoints also take."""
+    ctype = (one_header(request, "content-type", "content-type") or JSON).split(";")[0]
+    ctype = ctype.strip().lower()
+    if not _json_type(ctype):
+        raise UnsupportedMedia(f"Content-Type {ctype!r:.60} is not supported here: this "
+                               f"endpoint takes an {JSON} body", field="content-type")
 
 
 _ALIASES = {"application/safetensors": BINARY, "application/problem+json": JSON}

@@ -196,9 +196,13 @@ def _check_scheduler_spec(spec: object, field: str) -> None:
 
 
 def metadata_fields(metadata: dict[str, str]) -> dict[str, Any]:
-    """safetensors ``__metadata__``: each value a JSON text, or a bare word taken as a string."""
+    """safetensors ``__metadata__`` of a create or an added group: each value a JSON text, or a
+    bare word taken as a string; what other writers add (:data:`FOREIGN_METADATA`, Hugging
+    Face's ``"format": "pt"``) left out, as the bodies of tensors leave it."""
     out: dict[str, Any] = {}
     for key, text in metadata.items():
+        if key in FOREIGN_METADATA:
+            continue
         try:
             out[key] = orjson.loads(text)
         except orjson.JSONDecodeError:
@@ -227,7 +231,8 @@ def group_spec_binary(buf: bytearray) -> GroupSpec:
 def state_from_json(buf: bytes | bytearray) -> Any:
     obj = parse_json(buf, within="state_dict")
     if not isinstance(obj, dict):
-        raise BadRequest("the state dict must be a JSON object", code="invalid_json")
+        raise BadRequest("the state dict must be a JSON object", code="invalid_json",
+                         field="body")
     return tree_from_json(obj, "state_dict")
 
 

@@ -1398,7 +1398,7 @@ def test_body_over_limit_is_413(small_server: str) -> None:
         assert len(body) > limit
         # declared in Content-Length
         r = http.post(f"/v1/sessions/{sid}/step", content=body, headers=JSON_CT)
-        problem = assert_problem(r, 413, "payload_too_large", None, str(limit))
+        problem = assert_problem(r, 413, "payload_too_large", "body", str(limit))
         assert problem["limit"] == limit
         # streamed (chunked, no Content-Length): refused once it passes the limit
 
@@ -1407,12 +1407,12 @@ def test_body_over_limit_is_413(small_server: str) -> None:
                 yield body[i:i + 512]
 
         r = http.post(f"/v1/sessions/{sid}/step", content=chunks(), headers=JSON_CT)
-        assert_problem(r, 413, "payload_too_large")
+        assert_problem(r, 413, "payload_too_large", "body")
         r = http.post("/v1/sessions", content=b"{" + b" " * (limit + 10) + b"}",
                       headers=JSON_CT)
-        assert_problem(r, 413, "payload_too_large")
+        assert_problem(r, 413, "payload_too_large", "body")
         r = http.put(f"/v1/sessions/{sid}/params", content=b"\0" * (limit + 1), headers=BIN_CT)
-        assert_problem(r, 413, "payload_too_large")
+        assert_problem(r, 413, "payload_too_large", "body")
         after = snapshot(http, sid)
         assert (after.describe, after.params, after.state_dict) == (
             before.describe, before.params, before.state_dict)
