@@ -149,7 +149,8 @@ def check_exposure(settings: Settings) -> str | None:
 def check_data_dir(settings: Settings, make: bool = True) -> str | None:
     """Why the data directory cannot hold sessions, or None. ``make``: make it when missing
     (the server); else (``--check-config``, which changes nothing) a missing one only needs
-    a nearest existing ancestor that is a directory this process may write in. An existing
+    a nearest existing ancestor that is a directory this process can make one in (one made
+    there and removed). An existing
     one must not hold the other engine's sessions (:mod:`app.data_dir_engine`)."""
     path = settings.data_dir
     if not make and not path.exists():
@@ -171,9 +172,13 @@ def _could_make(path: Path) -> str | None:
     if not ancestor.is_dir():
         return (f"OPTSERVE_DATA_DIR={str(path)!r:.200}: cannot make it: {ancestor} is not a "
                 "directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        return (f"OPTSERVE_DATA_DIR={str(path)!r:.200}: cannot make it: {ancestor} is not "
-                "writable")
+    # (a directory made there and removed: ``os.access`` says yes to root wherever the mode
+    # bits would, /proc included, where nothing can be made)
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".optserve-check-"))
+    except OSError as exc:
+        return (f"OPTSERVE_DATA_DIR={str(path)!r:.200}: cannot make it in {ancestor}: "
+                f"{exc.strerror or exc}")
     return None
 
 

@@ -133,3 +133,9 @@ def test_the_config_check_makes_nothing(tmp_path: Path) -> None:
                                        "OPTSERVE_DATA_DIR": str(under_a_file)})
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "cannot make it" in refused.stderr and "is not a directory" in refused.stderr
+    # a directory nothing can be made in, whatever its mode says (root's os.access said yes)
+    in_proc = _check_config(tmp_path, {"OPTSERVE_HOST": "127.0.0.1",
+                                       "OPTSERVE_DATA_DIR": "/proc/optserve-nope/data"})
+    assert in_proc.returncode == 2 and "Traceback" not in in_proc.stderr, in_proc.stderr
+    assert "cannot make it in /proc" in in_proc.stderr
+    assert list(tmp_path.iterdir()) == [tmp_path / "file"]
