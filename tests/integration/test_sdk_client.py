@@ -141,6 +141,22 @@ def test_typed_errors(client: optserve.Client) -> None:
         client.create_session("NoSuchOpt", {"w": torch.zeros(1)})
     assert unknown_opt.value.field == "optimizer"
 
+    # no such option: a TypeError too, as torch's constructor raises; other 422s are not
+    with pytest.raises(TypeError) as local_kind:
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, lrr=0.1)
+    for call in (lambda: client.create_session("SGD", {"w": torch.zeros(1)},
+                                               options={"lr": 0.1, "lrr": 0.1}),
+                 lambda: client.update_param_group(sid, 0, lrr=0.1),
+                 lambda: optserve.RemoteOptimizer([torch.zeros(1, requires_grad=True)], "SGD",
+                                                  client, lr=0.1, lrr=0.1)):
+        with pytest.raises(optserve.UnknownOptionError) as no_option:
+            call()
+        assert isinstance(no_option.value, TypeError) and isinstance(no_option.value,
+                                                                     optserve.ValidationError)
+        assert no_option.value.code == "unknown_option" and "lrr" in str(no_option.value)
+        assert "lrr" in str(local_kind.value)
+    assert not isinstance(bad_lr.value, TypeError) and not isinstance(shape.value, TypeError)
+
     # the refused requests changed nothing
     info = client.get_session(sid)
     assert (info.version, info.step) == (0, 0)

@@ -31,6 +31,7 @@ from ._exceptions import (
     PermissionDeniedError,
     PreconditionFailedError,
     RateLimitError,
+    UnknownOptionError,
     ValidationError,
 )
 from ._local import LocalUnavailable
@@ -95,6 +96,7 @@ __all__ = [
     "PreconditionFailedError",
     "PayloadTooLargeError",
     "ValidationError",
+    "UnknownOptionError",
     "RateLimitError",
     "InternalServerError",
 ]

@@ -15,7 +15,9 @@ Our exception hierarchy::
         ├── PreconditionFailedError    412  a conditional import's session changed meanwhile
         ├── PayloadTooLargeError       413  body over the server's limit
         ├── ValidationError            422  bad option, shape/dtype mismatch, unknown name, ...
-        │                                   (also a ValueError, as torch raises for these)
+        │   │                               (also a ValueError, as torch raises for these)
+        │   └── UnknownOptionError         422  ``unknown_option``: no such option (also a
+        │                                   TypeError, as torch's constructor raises for it)
         ├── RateLimitError             429
         └── InternalServerError        5xx
 
@@ -45,6 +47,7 @@ __all__ = [
     "PreconditionFailedError",
     "PayloadTooLargeError",
     "ValidationError",
+    "UnknownOptionError",
     "RateLimitError",
     "InternalServerError",
 ]
@@ -224,6 +227,15 @@ class ValidationError(APIStatusError, ValueError):
     catches ``ValueError`` catches it from ``RemoteOptimizer`` too."""
 
 
+class UnknownOptionError(ValidationError, TypeError):
+    """422 ``unknown_option``: the optimizer or scheduler has no option of that name
+    (``RemoteOptimizer(params, "Adam", client, lrr=0.1)``).
+
+    Also a ``TypeError``, as torch's own constructor raises for an unexpected keyword
+    argument (``torch.optim.Adam(params, lrr=0.1)``), and a ``ValueError`` as every
+    :class:`ValidationError` is."""
+
+
 class RateLimitError(APIStatusError):
     """429: too many requests."""
 
@@ -273,4 +285,7 @@ def make_status_error(response: httpx.Response) -> APIStatusError:
     field = problem.get("field")
     if isinstance(field, str) and field:
         message += f" (field: {field})"
-    return status_error_class(response.status_code)(message, response=response, problem=problem)
+    cls = status_error_class(response.status_code)
+    if cls is ValidationError and problem.get("code") == "unknown_option":
+        cls = UnknownOptionError
+    return cls(message, response=response, problem=problem)
