@@ -414,8 +414,8 @@ def tensor_map(obj: object, field: str, sparse: bool = False) -> dict[str, torch
     return {name: decode_json_tensor(t, f"{field}.{name}") for name, t in obj.items()}
 
 
-#: ``__metadata__`` entries other safetensors writers add (``safetensors.torch.save_model``,
-#: Hugging Face checkpoints: ``{"format": "pt"}``), taken and ignored
+#: ``__metadata__`` entries other safetensors writers add (Hugging Face's ``save_pretrained``:
+#: ``{"format": "pt"}``), taken and ignored
 FOREIGN_METADATA = frozenset({"format"})
 
 
