@@ -373,18 +373,22 @@ class Directory:
         Files().fsync_dir(path.parent)
 
     # ------------------------------------------------------------------ creates in flight
-    def mark_creating(self, made: str, key: str) -> CreateMark:
+    def mark_creating(self, made: str, key: str, *, retry: bool = False) -> CreateMark:
         """Mark a create of ``key`` (its entry's ``made``) in flight, before its entry is
-        claimed (or, for a retry finishing it, before its hosts are asked): a file in
-        ``.creating/`` named ``<made>.<random>``, holding ``key``, locked by this process until
-        :meth:`CreateMark.release`. It is written and locked under a temporary name, then
-        renamed, so every mark in place is locked by the front that made it until that front
-        releases it or dies. On disk (the file and its folder fsynced) when this returns."""
+        claimed (or, for a retry finishing it, ``retry``, before its hosts are asked): a file
+        in ``.creating/`` named ``<made>.<order><random>``, holding ``key``, locked by this
+        process until :meth:`CreateMark.release`. It is written and locked under a temporary
+        name, then renamed, so every mark in place is locked by the front that made it until
+        that front releases it or dies. On disk (the file and its folder fsynced) when this
+        returns. ``<order>`` sorts the tries of one creation as they began: ``a`` for the try
+        that claims the entry (always the first), ``b`` and the time for a retry
+        (:meth:`earlier_try_in_flight`)."""
         if self.root is None:
             self._in_flight.add(made)
             return CreateMark(self, made, None)
         folder = self.root / _CREATING
-        tmp = folder / f".tmp-{made}.{uuid.uuid4().hex[:8]}"
+        order = f"b{time.time_ns():020d}" if retry else "a"
+        tmp = folder / f".tmp-{made}.{order}{uuid.uuid4().hex[:8]}"
         fd = self._in_folders(lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -420,6 +424,18 @@ class Directory:
         finally:
             os.close(fd)  # (drops the shared lock just taken, if it was)
         return False
+
+    def earlier_try_in_flight(self, mark: CreateMark) -> bool:
+        """Whether another try of ``mark``'s creation that began before it is in flight (its
+        mark sorts before ``mark``'s and is locked: :meth:`mark_creating`): a keyed retry
+        finishing a sharded create waits for it (:meth:`RayRouter._finish_create
+        <app.engine.ray_host.RayRouter._finish_create>`). False without a data directory (one
+        front's)."""
+        if mark.path is None:
+            return False
+        folder, mine = mark.path.parent, mark.path.name
+        return any(self._locked(folder / name) for name in os.listdir(folder)
+                   if name.partition(".")[0] == mark.made and name < mine)
 
     def in_flight(self, made: str | None) -> bool:
         """Whether a create of the entry made ``made`` is in flight: a front that is alive is
