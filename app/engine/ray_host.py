@@ -609,25 +609,9 @@ class HostActor:
         # (made anew: the commits of the one before, if any, went with its host. Shards
         # restored from snapshots older than revisions are put at one revision, and an
         # operation that reached some shards only is undone, as the embedded engine's start
-        # does; taken before any other operation can take the session's lock)
-        try:
-            aligned = await session.align_old_revisions()
-            if aligned is not None:
-                log.warning("sharded session %s: shards restored from snapshots older than "
-                            "revisions put at revision %d", key, aligned)
-        except NotFound:
-            pass  # (a shard missing: a create cut part way, RayRouter._undo_part_made)
-        except Exception as exc:  # noqa: BLE001 - as it was: apart (503 shards_out_of_step)
-            log.warning("could not align the revisions of the shards of %s: %s", key, exc)
-        try:
-            if await session.undo_cut():
-                log.warning("sharded session %s: an operation a crash cut between its shards "
-                            "was undone", key)
-        except NotFound:
-            pass  # (a shard missing: a create cut part way, RayRouter._undo_part_made)
-        except Exception as exc:  # noqa: BLE001 - as it was: apart, for its keyed retry
-            log.warning("could not undo the operation that reached some shards of %s only: "
-                        "%s", key, exc)
+        # does; taken before any other operation can take the session's lock, and tried
+        # again by its next call where a shard's host could not be reached)
+        await session.settle()
         return session
 
     def _peer(self, name: str) -> RayHost:
