@@ -565,11 +565,12 @@ class ShardedSession:
 
     async def _align_old_revisions(self) -> int | None:
         """:meth:`align_old_revisions` under the session's lock. A shard that cannot be put
-        (its host restarting) raises that failure once the others asked are done, and the
-        shards whose revision is known are put first, the ones restored from old snapshots
-        last: a shard put is snapshotted at its revision (known from then on), so while some
-        shard is below the others, one whose revision is unknown stays, and the next try
-        (:meth:`settle`) takes the same revision and puts the rest there."""
+        (its host restarting) raises that failure once the others asked are done; the next
+        try (:meth:`settle`, before the session is served) takes the same revision (shards
+        only move up to the highest) and puts the rest there. A shard put is snapshotted at
+        its revision (known from then on), so the shards whose revision is known are put
+        first and those restored from old snapshots last: one still marked as restored from
+        one stays while others are below, which the rule needs to align them."""
         tips = await self._all(lambda host, skey: host.revision_tip(skey))
         top = old_revisions_aligned(tips)
         if top is None:
