@@ -170,12 +170,11 @@ def test_a_sharded_session_whose_alignment_met_a_passing_failure_is_served_after
     """The c938206 sharded session above, its coordinator's first look at the other shard's
     revision failing as a host restarting does, past a read's retries (503
     ``host_restarting`` for 12 s, injected in that host's actor). The alignment was logged
-    and left:
-    the shards stayed apart, and every read and step was a 503 ``shards_out_of_step`` until
-    the coordinator's host restarted (out of service for good after twice
-    ``commit_timeout_s``). Now it is tried again by the session's next call: once the failure
-    passed, the session reads as that front acknowledged it and steps as torch does, also
-    after its hosts restarted."""
+    and left: the shards stayed apart, the session missing from the listing, its description
+    and every step a 503 ``shards_out_of_step`` until the coordinator's host restarted (out of
+    service for good after twice ``commit_timeout_s``). Now it is tried again by the
+    session's next call: once the failure passed, the session reads as that front
+    acknowledged it and steps as torch does, also after its hosts restarted."""
     from app.engine import ray_host
     from tests.ray_faults import revision_tip_fails_once
 
