@@ -169,6 +169,9 @@ class Directory:
         self._marked = 0  # marks written since the last prune (with a root)
         #: the ``made`` of creates in flight (without a root)
         self._in_flight: set[str] = set()
+        #: the ``made`` of creations whose hosts a try is asking (without a root:
+        #: :meth:`try_making`)
+        self._making: set[str] = set()
         if root is not None:
             self.make_folders()
             self._sweep_locks()
@@ -292,6 +295,52 @@ class Directory:
                 else:
                     _KEY_LOCKS[key] = (mutex, users - 1)
 
+    def try_making(self, made: str) -> Callable[[], None] | None:
+        """Take the lock of the creation ``made``'s shard creates, without waiting: the call
+        that lets it go, or None while another try of that create (another front, another
+        thread) holds it. A keyed sharded create asks its shards' hosts holding it
+        (:meth:`RayRouter._alone <app.engine.ray_host.RayRouter._alone>`), so tries of one
+        create through several fronts at once ask them one after the other. It is the key
+        lock (:meth:`_key_lock`) of ``.making.<made>``: ``flock`` on its file, which the
+        kernel drops with its process, and in this process its key's mutex."""
+        if self.root is None:
+            if made in self._making:
+                return None
+            self._making.add(made)
+            return lambda: self._making.discard(made)
+        key = f".making.{made}"
+        path = self.root / _LOCKS / key
+        with _KEY_LOCKS_GUARD:
+            mutex, users = _KEY_LOCKS.get(key, (threading.Lock(), 0))
+            if not mutex.acquire(blocking=False):
+                return None
+            _KEY_LOCKS[key] = (mutex, users + 1)
+
+        def unused() -> None:
+            mutex.release()
+            with _KEY_LOCKS_GUARD:
+                left = _KEY_LOCKS[key][1] - 1
+                if left:
+                    _KEY_LOCKS[key] = (mutex, left)
+                else:
+                    del _KEY_LOCKS[key]
+        try:
+            fd = self._in_folders(lambda: self._lock_file(path, block=False))
+        except BaseException:
+            unused()
+            raise
+        if fd < 0:
+            unused()
+            return None
+
+        def release() -> None:
+            try:
+                path.unlink(missing_ok=True)  # (while locked, as _key_lock does)
+                os.close(fd)
+            finally:
+                unused()
+        return release
+
     @staticmethod
     def _lock_file(path: Path, *, block: bool) -> int:
         """A descriptor of the lock file at ``path``, locked (exclusive), the file still in
@@ -373,22 +422,18 @@ class Directory:
         Files().fsync_dir(path.parent)
 
     # ------------------------------------------------------------------ creates in flight
-    def mark_creating(self, made: str, key: str, *, retry: bool = False) -> CreateMark:
+    def mark_creating(self, made: str, key: str) -> CreateMark:
         """Mark a create of ``key`` (its entry's ``made``) in flight, before its entry is
-        claimed (or, for a retry finishing it, ``retry``, before its hosts are asked): a file
-        in ``.creating/`` named ``<made>.<order><random>``, holding ``key``, locked by this
-        process until :meth:`CreateMark.release`. It is written and locked under a temporary
-        name, then renamed, so every mark in place is locked by the front that made it until
-        that front releases it or dies. On disk (the file and its folder fsynced) when this
-        returns. ``<order>`` sorts the tries of one creation as they began: ``a`` for the try
-        that claims the entry (always the first), ``b`` and the time for a retry
-        (:meth:`earlier_try_in_flight`)."""
+        claimed (or, for a retry finishing it, before its hosts are asked): a file in
+        ``.creating/`` named ``<made>.<random>``, holding ``key``, locked by this process until
+        :meth:`CreateMark.release`. It is written and locked under a temporary name, then
+        renamed, so every mark in place is locked by the front that made it until that front
+        releases it or dies. On disk (the file and its folder fsynced) when this returns."""
         if self.root is None:
             self._in_flight.add(made)
             return CreateMark(self, made, None)
         folder = self.root / _CREATING
-        order = f"b{time.time_ns():020d}" if retry else "a"
-        tmp = folder / f".tmp-{made}.{order}{uuid.uuid4().hex[:8]}"
+        tmp = folder / f".tmp-{made}.{uuid.uuid4().hex[:8]}"
         fd = self._in_folders(lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -424,18 +469,6 @@ class Directory:
         finally:
             os.close(fd)  # (drops the shared lock just taken, if it was)
         return False
-
-    def earlier_try_in_flight(self, mark: CreateMark) -> bool:
-        """Whether another try of ``mark``'s creation that began before it is in flight (its
-        mark sorts before ``mark``'s and is locked: :meth:`mark_creating`): a keyed retry
-        finishing a sharded create waits for it (:meth:`RayRouter._finish_create
-        <app.engine.ray_host.RayRouter._finish_create>`). False without a data directory (one
-        front's)."""
-        if mark.path is None:
-            return False
-        folder, mine = mark.path.parent, mark.path.name
-        return any(self._locked(folder / name) for name in os.listdir(folder)
-                   if name.partition(".")[0] == mark.made and name < mine)
 
     def in_flight(self, made: str | None) -> bool:
         """Whether a create of the entry made ``made`` is in flight: a front that is alive is

@@ -957,10 +957,10 @@ PLACE_PING_TIMEOUT_S = 5.0
 #: waits for that try's index (written right after the claim: :meth:`RayRouter._indexed_soon`)
 INDEX_WAIT_S = 10.0
 INDEX_POLL_S = 0.01
-#: how long a keyed retry of a sharded create waits for an earlier try of it, in flight through
-#: another front, before it answers 503 (:meth:`RayRouter._after_earlier_tries`): past a
+#: how long a try of a keyed sharded create waits for another try of it asking the shards'
+#: hosts through another front, before it answers 503 (:meth:`RayRouter._alone`): past a
 #: host's restart (a shard's create waits :data:`RESTART_WAIT_S` for it)
-EARLIER_TRY_WAIT_S = 2 * RESTART_WAIT_S
+MAKING_WAIT_S = 2 * RESTART_WAIT_S
 
 
 def _actor_class() -> Any:
@@ -1511,7 +1511,9 @@ class RayRouter:
             if layout is not None:
                 shards: list[tuple[Host, str]] = [(h, shard_key(key, i, layout.shards))
                                                   for i, h in enumerate(hosts)]
-                _, info = await ShardedSession.create(key, spec, layout, shards, idem=idem)
+                _, info = await ShardedSession.create(
+                    key, spec, layout, shards, idem=idem,
+                    alone=self._alone(key, entry["made"]) if idem is not None else None)
             else:
                 info = await hosts[0].create(key, spec, idem=idem)
         except Exception as exc:
@@ -1607,10 +1609,8 @@ class RayRouter:
         create looks again (:meth:`create`: made anew, or finished on the entry kept)."""
         made = entry.get("made")
         # (in flight again, on this front: no other front drops the entry meanwhile)
-        mark = self.directory.mark_creating(str(made), key, retry=True) if made else None
+        mark = self.directory.mark_creating(str(made), key) if made else None
         try:
-            if mark is not None and "shards" in entry:
-                await self._after_earlier_tries(key, mark)
             try:
                 if "host" in entry:
                     info = await self._host(str(entry["host"])).making(made).create(
@@ -1622,7 +1622,8 @@ class RayRouter:
                         for i, name in enumerate(entry["shards"])]
                     _, info = await ShardedSession.create(key, spec, layout, shards,
                                                           idem=idem,
-                                                          made=set(range(layout.shards)))
+                                                          made=set(range(layout.shards)),
+                                                          alone=self._alone(key, str(made)))
             except Exception as exc:
                 if isinstance(exc, Unavailable) and exc.code == "create_dropped":
                     await self._drop_unheld(key, entry)
@@ -1640,27 +1641,32 @@ class RayRouter:
         self._entries[key] = entry
         return self._placed(info, entry)
 
-    async def _after_earlier_tries(self, key: str, mark: CreateMark) -> None:
-        """Wait while a try of this sharded create that began before this one (``mark``'s) is
-        in flight, through another front (the first try, which claimed its entry, or an
-        earlier retry): its hosts answer each shard's create once under the key, and two tries
-        at once each made some shards, so neither found every shard made before, and both
-        answered as the original (201 without ``Idempotent-Replayed``, where a plain session's
-        host answers one try as the original and the others as replays). Once that try is
-        done this one finds what it made (replayed), or finishes what it left; a 503 (retry
-        with the same key, nothing done here) when it is still at it after
-        :data:`EARLIER_TRY_WAIT_S`."""
-        deadline = time.monotonic() + EARLIER_TRY_WAIT_S
+    @contextlib.asynccontextmanager
+    async def _alone(self, key: str, made: str) -> AsyncIterator[None]:
+        """Hold the creation ``made``'s lock (:meth:`Directory.try_making
+        <app.engine.directory.Directory.try_making>`) while a keyed sharded create asks its
+        shards' hosts, waiting while another try of it holds it (through another front: the
+        first try, or a retry finishing it). The hosts answer each shard's create once under
+        the key; two tries asking them at once each made some shards, so neither found every
+        shard made before, and both answered as the original (201 without
+        ``Idempotent-Replayed``, where a plain session's host answers one try as the original
+        and the others as replays). One after the other, the later try finds what the first
+        made (replayed), or finishes what it left. A 503 (retry with the same key; nothing
+        done) when the other still holds it after :data:`MAKING_WAIT_S`."""
+        deadline = time.monotonic() + MAKING_WAIT_S
         delay = INDEX_POLL_S
-        while self.directory.earlier_try_in_flight(mark):
+        while (release := self.directory.try_making(made)) is None:
             if time.monotonic() > deadline:
-                mark.done()  # (nothing done under it)
                 raise Unavailable(f"the create of session {split_key(key)[1]!r:.140} sent with "
                                   "this Idempotency-Key is still being made through another "
                                   "front; retry it with the same Idempotency-Key",
                                   code="host_restarting", retry_after=1.0)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
+        try:
+            yield
+        finally:
+            release()
 
     async def _stale(self, key: str) -> bool:
         """Drop the entry of a session its host does not hold (one kept in memory only, whose

@@ -44,6 +44,7 @@ that meets it is refused with that 503 and changes nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import re
@@ -456,25 +457,30 @@ class ShardedSession:
     @classmethod
     async def create(cls, key: str, spec: CreateSpec, layout: ShardLayout,
                      shards: list[tuple[Host, str]], *, idem: IdemKey | None = None,
-                     commit_timeout_s: float = 30.0, made: frozenset[int] | set[int] = frozenset()
+                     commit_timeout_s: float = 30.0, made: frozenset[int] | set[int] = frozenset(),
+                     alone: contextlib.AbstractAsyncContextManager[Any] | None = None,
                      ) -> tuple[ShardedSession, SessionInfo]:
         """Create every shard, or none: a shard refusing the create deletes the others it made
         (``made``: the shards an earlier try of this keyed create made, which answer it and
-        are kept)."""
+        are kept). ``alone``: held while the shards' hosts are asked (the Ray engine's tries
+        of one keyed create through several fronts ask them one after the other, so that one
+        answers as the original: :meth:`RayRouter._alone <app.engine.ray_host.RayRouter.
+        _alone>`)."""
         if spec.ps_options.get("sync") is not None:
             raise Invalid("a sharded session steps without synchronous rounds (a round's "
                           "reduction would have to gather every shard's gradients in one "
                           "place); use max_staleness, or one shard", code="invalid_body",
                           field="sync")
-        results = await asyncio.gather(
-            *(host.create(skey, shard_spec(spec, layout, i), idem=idem)
-              for i, (host, skey) in enumerate(shards)), return_exceptions=True)
-        errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
-        if errors:
-            await asyncio.gather(*(host.delete(skey) for i, (host, skey) in enumerate(shards)
-                                   if i not in errors and i not in made),
-                                 return_exceptions=True)
-            raise first_refusal(errors, layout)
+        async with alone or contextlib.nullcontext():
+            results = await asyncio.gather(
+                *(host.create(skey, shard_spec(spec, layout, i), idem=idem)
+                  for i, (host, skey) in enumerate(shards)), return_exceptions=True)
+            errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
+            if errors:
+                await asyncio.gather(*(host.delete(skey) for i, (host, skey)
+                                       in enumerate(shards) if i not in errors and i not in made),
+                                     return_exceptions=True)
+                raise first_refusal(errors, layout)
         infos = [r for r in results if isinstance(r, SessionInfo)]
         session = cls(key, layout, shards, commit_timeout_s=commit_timeout_s)
         session._version = infos[0].version
