@@ -531,24 +531,30 @@ class ShardedSession:
                             if self._settle_due else "", exc)
 
     async def _settle(self) -> None:
-        """:meth:`settle` under the session's lock; raises a failure that passes (still
-        due), after any other is logged (done)."""
-        try:
+        """:meth:`settle` under the session's lock: raises a failure that passes (still due);
+        any other is logged, and the rest done (due no more)."""
+        async def align() -> None:
             aligned = await self._align_old_revisions()
             if aligned is not None:
                 log.warning("sharded session %s: shards restored from snapshots older than "
                             "revisions put at revision %d", self.key, aligned)
+
+        async def undo() -> None:
             if await self._undo_cut():
                 log.warning("sharded session %s: an operation a crash cut between its shards "
                             "was undone", self.key)
-        except NotFound:
-            pass  # (a shard missing: a create cut part way, RayRouter._undo_part_made)
-        except Exception as exc:
-            if retryable(exc):
-                raise
-            # (as it was: apart, 503 shards_out_of_step, for an operation's keyed retry)
-            log.warning("sharded session %s: could not put its shards in step: %s", self.key,
-                        exc)
+        for work, what in ((align, "align the revisions of"), (undo, "undo the operation a "
+                                                                      "crash cut between")):
+            try:
+                await work()
+            except NotFound:
+                pass  # (a shard missing: a create cut part way, RayRouter._undo_part_made)
+            except Exception as exc:
+                if retryable(exc):
+                    raise
+                # (as it was: apart, 503 shards_out_of_step, for an operation's keyed retry)
+                log.warning("sharded session %s: could not %s its shards: %s", self.key,
+                            what, exc)
         self._settle_due = False
 
     async def _settled(self) -> None:
