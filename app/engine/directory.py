@@ -169,6 +169,9 @@ class Directory:
         self._marked = 0  # marks written since the last prune (with a root)
         #: the ``made`` of creates in flight (without a root)
         self._in_flight: set[str] = set()
+        #: the ``made`` of creations whose hosts a try is asking (without a root:
+        #: :meth:`try_making`)
+        self._making: set[str] = set()
         if root is not None:
             self.make_folders()
             self._sweep_locks()
@@ -291,6 +294,52 @@ class Directory:
                     del _KEY_LOCKS[key]
                 else:
                     _KEY_LOCKS[key] = (mutex, users - 1)
+
+    def try_making(self, made: str) -> Callable[[], None] | None:
+        """Take the lock of the creation ``made``'s shard creates, without waiting: the call
+        that lets it go, or None while another try of that create (another front, another
+        thread) holds it. A keyed sharded create asks its shards' hosts holding it
+        (:meth:`RayRouter._alone <app.engine.ray_host.RayRouter._alone>`), so tries of one
+        create through several fronts at once ask them one after the other. It is the key
+        lock (:meth:`_key_lock`) of ``.making.<made>``: ``flock`` on its file, which the
+        kernel drops with its process, and in this process its key's mutex."""
+        if self.root is None:
+            if made in self._making:
+                return None
+            self._making.add(made)
+            return lambda: self._making.discard(made)
+        key = f".making.{made}"
+        path = self.root / _LOCKS / key
+        with _KEY_LOCKS_GUARD:
+            mutex, users = _KEY_LOCKS.get(key, (threading.Lock(), 0))
+            if not mutex.acquire(blocking=False):
+                return None
+            _KEY_LOCKS[key] = (mutex, users + 1)
+
+        def unused() -> None:
+            mutex.release()
+            with _KEY_LOCKS_GUARD:
+                left = _KEY_LOCKS[key][1] - 1
+                if left:
+                    _KEY_LOCKS[key] = (mutex, left)
+                else:
+                    del _KEY_LOCKS[key]
+        try:
+            fd = self._in_folders(lambda: self._lock_file(path, block=False))
+        except BaseException:
+            unused()
+            raise
+        if fd < 0:
+            unused()
+            return None
+
+        def release() -> None:
+            try:
+                path.unlink(missing_ok=True)  # (while locked, as _key_lock does)
+                os.close(fd)
+            finally:
+                unused()
+        return release
 
     @staticmethod
     def _lock_file(path: Path, *, block: bool) -> int:

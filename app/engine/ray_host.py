@@ -609,25 +609,9 @@ class HostActor:
         # (made anew: the commits of the one before, if any, went with its host. Shards
         # restored from snapshots older than revisions are put at one revision, and an
         # operation that reached some shards only is undone, as the embedded engine's start
-        # does; taken before any other operation can take the session's lock)
-        try:
-            aligned = await session.align_old_revisions()
-            if aligned is not None:
-                log.warning("sharded session %s: shards restored from snapshots older than "
-                            "revisions put at revision %d", key, aligned)
-        except NotFound:
-            pass  # (a shard missing: a create cut part way, RayRouter._undo_part_made)
-        except Exception as exc:  # noqa: BLE001 - as it was: apart (503 shards_out_of_step)
-            log.warning("could not align the revisions of the shards of %s: %s", key, exc)
-        try:
-            if await session.undo_cut():
-                log.warning("sharded session %s: an operation a crash cut between its shards "
-                            "was undone", key)
-        except NotFound:
-            pass  # (a shard missing: a create cut part way, RayRouter._undo_part_made)
-        except Exception as exc:  # noqa: BLE001 - as it was: apart, for its keyed retry
-            log.warning("could not undo the operation that reached some shards of %s only: "
-                        "%s", key, exc)
+        # does; taken before any other operation can take the session's lock, and tried
+        # again by its next call where a shard's host could not be reached)
+        await session.settle()
         return session
 
     def _peer(self, name: str) -> RayHost:
@@ -973,6 +957,10 @@ PLACE_PING_TIMEOUT_S = 5.0
 #: waits for that try's index (written right after the claim: :meth:`RayRouter._indexed_soon`)
 INDEX_WAIT_S = 10.0
 INDEX_POLL_S = 0.01
+#: how long a try of a keyed sharded create waits for another try of it asking the shards'
+#: hosts through another front, before it answers 503 (:meth:`RayRouter._alone`): past a
+#: host's restart (a shard's create waits :data:`RESTART_WAIT_S` for it)
+MAKING_WAIT_S = 2 * RESTART_WAIT_S
 
 
 def _actor_class() -> Any:
@@ -1523,7 +1511,9 @@ class RayRouter:
             if layout is not None:
                 shards: list[tuple[Host, str]] = [(h, shard_key(key, i, layout.shards))
                                                   for i, h in enumerate(hosts)]
-                _, info = await ShardedSession.create(key, spec, layout, shards, idem=idem)
+                _, info = await ShardedSession.create(
+                    key, spec, layout, shards, idem=idem,
+                    alone=self._alone(key, entry["made"]) if idem is not None else None)
             else:
                 info = await hosts[0].create(key, spec, idem=idem)
         except Exception as exc:
@@ -1632,7 +1622,8 @@ class RayRouter:
                         for i, name in enumerate(entry["shards"])]
                     _, info = await ShardedSession.create(key, spec, layout, shards,
                                                           idem=idem,
-                                                          made=set(range(layout.shards)))
+                                                          made=set(range(layout.shards)),
+                                                          alone=self._alone(key, str(made)))
             except Exception as exc:
                 if isinstance(exc, Unavailable) and exc.code == "create_dropped":
                     await self._drop_unheld(key, entry)
@@ -1649,6 +1640,33 @@ class RayRouter:
                 mark.release()
         self._entries[key] = entry
         return self._placed(info, entry)
+
+    @contextlib.asynccontextmanager
+    async def _alone(self, key: str, made: str) -> AsyncIterator[None]:
+        """Hold the creation ``made``'s lock (:meth:`Directory.try_making
+        <app.engine.directory.Directory.try_making>`) while a keyed sharded create asks its
+        shards' hosts, waiting while another try of it holds it (through another front: the
+        first try, or a retry finishing it). The hosts answer each shard's create once under
+        the key; two tries asking them at once each made some shards, so neither found every
+        shard made before, and both answered as the original (201 without
+        ``Idempotent-Replayed``, where a plain session's host answers one try as the original
+        and the others as replays). One after the other, the later try finds what the first
+        made (replayed), or finishes what it left. A 503 (retry with the same key; nothing
+        done) when the other still holds it after :data:`MAKING_WAIT_S`."""
+        deadline = time.monotonic() + MAKING_WAIT_S
+        delay = INDEX_POLL_S
+        while (release := self.directory.try_making(made)) is None:
+            if time.monotonic() > deadline:
+                raise Unavailable(f"the create of session {split_key(key)[1]!r:.140} sent with "
+                                  "this Idempotency-Key is still being made through another "
+                                  "front; retry it with the same Idempotency-Key",
+                                  code="host_restarting", retry_after=1.0)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+        try:
+            yield
+        finally:
+            release()
 
     async def _stale(self, key: str) -> bool:
         """Drop the entry of a session its host does not hold (one kept in memory only, whose

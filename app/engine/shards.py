@@ -44,7 +44,9 @@ that meets it is refused with that 503 and changes nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
 import re
 import time
 import uuid
@@ -94,6 +96,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 MAX_SHARDS = 64
 MAX_WAIT_S = ps.MAX_WAIT_S
+log = logging.getLogger("optserve.shards")
 
 
 # ---------------------------------------------------------------------------- keys and layout
@@ -445,30 +448,39 @@ class ShardedSession:
         self._out_of_step_since: float | None = None
         #: the server is draining (:meth:`drain`): long polls answer at once
         self._draining = False
+        #: a coordinator made anew puts its shards in step before it serves them
+        #: (:meth:`settle`); True while that is still to be done: a failure to reach a shard
+        #: that passes (its host restarting) leaves it due, tried again by every later call
+        self._settle_due = False
 
     # ------------------------------------------------------------------ create and delete
     @classmethod
     async def create(cls, key: str, spec: CreateSpec, layout: ShardLayout,
                      shards: list[tuple[Host, str]], *, idem: IdemKey | None = None,
-                     commit_timeout_s: float = 30.0, made: frozenset[int] | set[int] = frozenset()
+                     commit_timeout_s: float = 30.0, made: frozenset[int] | set[int] = frozenset(),
+                     alone: contextlib.AbstractAsyncContextManager[Any] | None = None,
                      ) -> tuple[ShardedSession, SessionInfo]:
         """Create every shard, or none: a shard refusing the create deletes the others it made
         (``made``: the shards an earlier try of this keyed create made, which answer it and
-        are kept)."""
+        are kept). ``alone``: held while the shards' hosts are asked (the Ray engine's tries
+        of one keyed create through several fronts ask them one after the other, so that one
+        answers as the original: :meth:`RayRouter._alone <app.engine.ray_host.RayRouter.
+        _alone>`)."""
         if spec.ps_options.get("sync") is not None:
             raise Invalid("a sharded session steps without synchronous rounds (a round's "
                           "reduction would have to gather every shard's gradients in one "
                           "place); use max_staleness, or one shard", code="invalid_body",
                           field="sync")
-        results = await asyncio.gather(
-            *(host.create(skey, shard_spec(spec, layout, i), idem=idem)
-              for i, (host, skey) in enumerate(shards)), return_exceptions=True)
-        errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
-        if errors:
-            await asyncio.gather(*(host.delete(skey) for i, (host, skey) in enumerate(shards)
-                                   if i not in errors and i not in made),
-                                 return_exceptions=True)
-            raise first_refusal(errors, layout)
+        async with alone or contextlib.nullcontext():
+            results = await asyncio.gather(
+                *(host.create(skey, shard_spec(spec, layout, i), idem=idem)
+                  for i, (host, skey) in enumerate(shards)), return_exceptions=True)
+            errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
+            if errors:
+                await asyncio.gather(*(host.delete(skey) for i, (host, skey)
+                                       in enumerate(shards) if i not in errors and i not in made),
+                                     return_exceptions=True)
+                raise first_refusal(errors, layout)
         infos = [r for r in results if isinstance(r, SessionInfo)]
         session = cls(key, layout, shards, commit_timeout_s=commit_timeout_s)
         session._version = infos[0].version
@@ -479,6 +491,7 @@ class ShardedSession:
         async with self._lock:
             if expected is not None:  # (held by every shard, read before any is deleted)
                 self._check_usable()
+                await self._settled()
                 infos = await self._all(lambda host, skey: host.describe(skey))
                 self._check_lockstep(infos)
                 expected.check(merge_info(self.key, infos, self.layout,
@@ -498,6 +511,58 @@ class ShardedSession:
         self._wake()
         return bool(results) and all(r is True for r in results)
 
+    async def settle(self) -> None:
+        """Put the shards in step, as a coordinator made anew does before it serves them (a
+        Ray host's, :meth:`HostActor._coordinator <app.engine.ray_host.HostActor.
+        _coordinator>`): :meth:`align_old_revisions`, then :meth:`undo_cut`. A failure that
+        passes (a shard's host restarting: :func:`retryable`) leaves it due, and every later
+        call of the session tries it again before it is served (and answers that failure's
+        503 while it fails): it was logged and left, and the session answered 503
+        ``shards_out_of_step`` until its coordinator's host restarted (out of service for
+        good after twice ``commit_timeout_s``). A shard missing (a create cut part way) or a
+        failure that does not pass leaves the session as it is, logged."""
+        async with self._lock:
+            self._settle_due = True
+            try:
+                await self._settle()
+            except Exception as exc:  # noqa: BLE001 - logged; the calls see it (or not)
+                log.warning("sharded session %s: could not put its shards in step%s: %s",
+                            self.key, " (tried again at its next call)"
+                            if self._settle_due else "", exc)
+
+    async def _settle(self) -> None:
+        """:meth:`settle` under the session's lock: raises a failure that passes (still due);
+        any other is logged, and the rest done (due no more)."""
+        async def align() -> None:
+            aligned = await self._align_old_revisions()
+            if aligned is not None:
+                log.warning("sharded session %s: shards restored from snapshots older than "
+                            "revisions put at revision %d", self.key, aligned)
+
+        async def undo() -> None:
+            if await self._undo_cut():
+                log.warning("sharded session %s: an operation a crash cut between its shards "
+                            "was undone", self.key)
+        for work, what in ((align, "align the revisions of"), (undo, "undo the operation a "
+                                                                      "crash cut between")):
+            try:
+                await work()
+            except NotFound:
+                pass  # (a shard missing: a create cut part way, RayRouter._undo_part_made)
+            except Exception as exc:
+                if retryable(exc):
+                    raise
+                # (as it was: apart, 503 shards_out_of_step, for an operation's keyed retry)
+                log.warning("sharded session %s: could not %s its shards: %s", self.key,
+                            what, exc)
+        self._settle_due = False
+
+    async def _settled(self) -> None:
+        """Under the session's lock, before a call is served: :meth:`settle` again while it is
+        due (its failure the call's answer, a retryable 503)."""
+        if self._settle_due:
+            await self._settle()
+
     async def align_old_revisions(self) -> int | None:
         """Put the shards at one revision where some were restored from snapshots written
         before revisions were counted (:func:`old_revisions_aligned`: only where they agree on
@@ -508,15 +573,30 @@ class ShardedSession:
         (and snapshotted there: :meth:`EmbeddedHost.put_at_revision
         <app.engine.host.EmbeddedHost.put_at_revision>`). The revision aligned, if any."""
         async with self._lock:
-            tips = await self._all(lambda host, skey: host.revision_tip(skey))
-            top = old_revisions_aligned(tips)
-            if top is None:
-                return None
-            await asyncio.gather(*(host.put_at_revision(skey, top)
-                                   for (host, skey), tip in zip(self.shards, tips, strict=True)
-                                   if tip[1] != top))
-            self._out_of_step_since = None
-            return top
+            return await self._align_old_revisions()
+
+    async def _align_old_revisions(self) -> int | None:
+        """:meth:`align_old_revisions` under the session's lock. A shard that cannot be put
+        (its host restarting) raises that failure once the others asked are done; the next
+        try (:meth:`settle`, before the session is served) takes the same revision (shards
+        only move up to the highest) and puts the rest there. A shard put is snapshotted at
+        its revision (known from then on), so the shards whose revision is known are put
+        first and those restored from old snapshots last: one still marked as restored from
+        one stays while others are below, which the rule needs to align them."""
+        tips = await self._all(lambda host, skey: host.revision_tip(skey))
+        top = old_revisions_aligned(tips)
+        if top is None:
+            return None
+        for unknown in (False, True):
+            moved = [(host, skey) for (host, skey), tip in zip(self.shards, tips, strict=True)
+                     if tip[1] != top and tip[2] == unknown]
+            results = await asyncio.gather(*(host.put_at_revision(skey, top)
+                                             for host, skey in moved), return_exceptions=True)
+            errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
+            if errors:
+                raise first_refusal(errors, self.layout)
+        self._out_of_step_since = None
+        return top
 
     async def undo_cut(self) -> list[int]:
         """Make the session whole again where an operation a crash cut between its shards'
@@ -530,19 +610,22 @@ class ShardedSession:
         its keyed retry completed it, and went out of service for good without one. The
         shards undone (none where the shards agree, or that does not make them agree)."""
         async with self._lock:
-            # (each shard's version, revision and latest key: cheap, no log read)
-            tips = await self._all(lambda host, skey: host.cut_tip(skey))
-            for tx, cut, want in cut_candidates(tips):
-                seen = await asyncio.gather(*(host.holds_key(skey, tx)
-                                              for i, (host, skey) in enumerate(self.shards)
-                                              if i not in cut))
-                if any(seen):
-                    continue
-                done = [i for i in cut
-                        if await self.shards[i][0].undo_last(self.shards[i][1], tx, want)]
-                self._out_of_step_since = None
-                return done
-            return []
+            return await self._undo_cut()
+
+    async def _undo_cut(self) -> list[int]:
+        # (each shard's version, revision and latest key: cheap, no log read)
+        tips = await self._all(lambda host, skey: host.cut_tip(skey))
+        for tx, cut, want in cut_candidates(tips):
+            seen = await asyncio.gather(*(host.holds_key(skey, tx)
+                                          for i, (host, skey) in enumerate(self.shards)
+                                          if i not in cut))
+            if any(seen):
+                continue
+            done = [i for i in cut
+                    if await self.shards[i][0].undo_last(self.shards[i][1], tx, want)]
+            self._out_of_step_since = None
+            return done
+        return []
 
     # ------------------------------------------------------------------ reads
     async def describe(self, key: str, *, lockstep: bool = True) -> SessionInfo:
@@ -551,6 +634,7 @@ class ShardedSession:
         whose retry is what completes an import that reached some shards only."""
         async with self._lock:
             self._check_usable()
+            await self._settled()
             infos = await self._all(lambda host, skey: host.describe(skey))
         if lockstep:
             self._check_lockstep(infos)
@@ -585,6 +669,7 @@ class ShardedSession:
                     pass
         async with self._lock:
             self._check_usable()
+            await self._settled()
             wanted = names if names is not None else self.layout.names()
             parts = [(i, [n for n in wanted if self.layout.owner[n] == i])
                      for i in range(self.layout.shards)]
@@ -607,6 +692,7 @@ class ShardedSession:
     async def export_state(self, key: str) -> StateExport:
         async with self._lock:
             self._check_usable()
+            await self._settled()
             outs = await self._all(lambda host, skey: host.export_state(skey))
         self._check_lockstep(outs)
         return StateExport(merge_state([o.state_dict for o in outs], self.layout,
@@ -678,6 +764,7 @@ class ShardedSession:
         ops = {i: part.expecting(op) for i, part in ops.items()}  # (every shard checks it)
         async with self._lock:
             self._check_usable()
+            await self._settled()
             await self._finish_pending()
             refusal = None
             if isinstance(op, ImportState):

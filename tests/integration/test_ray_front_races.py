@@ -351,3 +351,50 @@ def test_a_keyed_create_retried_while_its_session_is_deleted_is_never_a_404(
     r = httpx.post(f"{b}/v1/sessions", json=body, timeout=300)
     assert r.status_code == 201, r.text
     stepped_as_torch(a, b, sid, p0, 9, "made again and stepped")
+
+
+def test_a_keyed_sharded_create_sent_through_two_fronts_at_once_is_replayed_once(
+        fronts: list[InProcessFront], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same keyed create of a sharded session (two shards) through front A and, while A's
+    create of shard 1 is on its way to its host (held 2 s here), through front B: B found
+    A's index and finished the create on its hosts under the key, where shard 0 was A's
+    already (replayed) and shard 1 was made by B, and then A's shard 1 was B's (replayed).
+    One session, consistent, but neither try found every shard made before: both answered
+    201 without ``Idempotent-Replayed`` (seen without a hold in 1 of 59 rounds). Now a retry
+    waits while an earlier try of its creation is in flight through another front: A answers
+    as the original, B as its replay (``Idempotent-Replayed: true``), as for a plain session;
+    every front serves the one session, which steps as torch does."""
+    held = {"once": True}
+    at_its_host = threading.Event()
+    create = RayHost.create
+
+    async def holding(self: RayHost, key: str, spec: Any, **kwargs: Any) -> Any:
+        if key.endswith("~shard1of2") and held.pop("once", False):
+            at_its_host.set()
+            await asyncio.sleep(2.0)
+        return await create(self, key, spec, **kwargs)
+    monkeypatch.setattr(RayHost, "create", holding)
+    a, b = (f.url for f in fronts)
+    sid, p0 = "keyed-sharded-twice", tensors(10)
+    body = adam_create(sid, p0, 2)
+    key = {"Idempotency-Key": f"keyed-sharded-twice-{time.time_ns()}"}
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.post, f"{a}/v1/sessions", json=body, headers=key,
+                            timeout=300)
+        assert at_its_host.wait(300)  # (A's entry and index written, shard 0's create sent)
+        time.sleep(0.5)
+        second = httpx.post(f"{b}/v1/sessions", json=body, headers=key, timeout=300)
+        original = first.result(300)
+    assert not held
+    assert [original.status_code, second.status_code] == [201, 201], \
+        [original.text, second.text]
+    assert original.headers.get("Idempotent-Replayed") is None, dict(original.headers)
+    assert second.headers.get("Idempotent-Replayed") == "true", dict(second.headers)
+    assert original.json()["id"] == second.json()["id"] == sid
+    for url in (a, b):
+        listed = httpx.get(f"{url}/v1/sessions", timeout=120).json()["sessions"]
+        assert [s["id"] for s in listed].count(sid) == 1
+        assert_equal(pulled(url, sid), p0, "created")
+        r = httpx.post(f"{url}/v1/sessions", json=body, headers=key, timeout=300)
+        assert r.status_code == 201 and r.headers.get("Idempotent-Replayed") == "true", r.text
+    stepped_as_torch(b, a, sid, p0, 11, "stepped")

@@ -162,3 +162,60 @@ def test_a_sharded_session_an_older_ray_front_snapshotted_one_shard_of_is_served
     finally:
         live.stop()
         kill_hosts(data)
+
+
+@pytest.mark.ray
+def test_a_sharded_session_whose_alignment_met_a_passing_failure_is_served_after_it(
+        tmp_path: Path, ray_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The c938206 sharded session above, its coordinator's first look at the other shard's
+    revision failing as a host restarting does, past a read's retries (503
+    ``host_restarting`` for 12 s, injected in that host's actor). The alignment was logged
+    and left: the shards stayed apart, the session missing from the listing, its description
+    and every step a 503 ``shards_out_of_step`` until the coordinator's host restarted (out of
+    service for good after twice ``commit_timeout_s``). Now it is tried again by the
+    session's next call: once the failure passed, the session reads as that front
+    acknowledged it and steps as torch does, also after its hosts restarted."""
+    from app.engine import ray_host
+    from tests.ray_faults import revision_tip_fails_once
+
+    monkeypatch.setattr(ray_host, "_actor_class", revision_tip_fails_once)
+    inputs, data = copied_case("c938206-ray-sharded-push", tmp_path)
+    _hosts_without_cpus(data)
+    other = json.loads((data / "directory" / "default~sh").read_text())["shards"][1]
+
+    local, opt = sgd_after_its_step(inputs)
+    acknowledged = {n: p.detach().clone() for n, p in local.items()}
+    pushed = {n: f32(v) for n, v in inputs["push"].items()}
+    nxt = {"u": f32([0.5, -1.0, 2.0]), "v": f32([-3.0, 0.25])}
+    for n, p in local.items():
+        p.grad = nxt[n] + pushed[n] if n in pushed else nxt[n].clone()
+    opt.step()
+
+    live = LiveServer(ray_settings(ray_cluster, data_dir=data))
+    try:
+        import httpx
+        import ray
+        with httpx.Client(base_url=live.start(), timeout=120) as http:
+            r = _read_through_restarts(http, "/v1/sessions/sh/params")
+            assert ray.get(ray.get_actor(other, namespace="optserve")
+                           .revision_tip_failures.remote())  # (the failure was injected)
+            assert r.status_code == 200, r.text
+            assert (r.json()["version"], r.json()["step"]) == (1, 1)
+            assert_trees_equal(tensors_from_json(r.json()["params"]), acknowledged,
+                               "read after the failure")
+            assert [s["id"] for s in http.get("/v1/sessions").json()["sessions"]] == ["sh"]
+            r = http.post("/v1/sessions/sh/step",
+                          json={"grads": {n: json_tensor(t) for n, t in nxt.items()}})
+            assert r.status_code == 200, r.text
+            assert r.json()["version"] == 2
+            assert_trees_equal(tensors_from_json(r.json()["params"]), dict(local),
+                               "stepped after the failure")
+            kill_hosts(data, restart=True)  # (each host restored again from its store)
+            r = _read_through_restarts(http, "/v1/sessions/sh/params")
+            assert r.status_code == 200, r.text
+            assert r.json()["version"] == 2
+            assert_trees_equal(tensors_from_json(r.json()["params"]), dict(local),
+                               "after its hosts restarted")
+    finally:
+        live.stop()
+        kill_hosts(data)

@@ -440,3 +440,55 @@ def test_a_dropped_index_is_on_disk_when_drop_created_returns(
     assert directory.drop_created(TENANT, IDEM, KEY) is True
     assert synced == [(tmp_path / ".creates", False)]
     assert directory.created(TENANT, IDEM) is None
+
+
+def test_a_creations_making_lock_is_held_by_one_try_across_fronts_and_processes(
+        tmp_path: Path) -> None:
+    """The lock a keyed sharded create holds while it asks its shards' hosts
+    (:meth:`Directory.try_making`): a second try (another front on the folder, in this
+    process or another) does not get it while the first holds it, gets it once it is let go,
+    and gets it when its holder is killed (``kill -9``); other creations' locks are their own,
+    and no lock file stays. Without a data directory it is held in memory."""
+    root = tmp_path / "directory"
+    one, two = Directory(root), Directory(root)
+    release = one.try_making("m-1")
+    assert release is not None
+    assert two.try_making("m-1") is None and one.try_making("m-1") is None
+    other = two.try_making("m-2")
+    assert other is not None
+    other()
+    release()
+    again = two.try_making("m-1")
+    assert again is not None
+    again()
+    assert os.listdir(root / ".locks") == []
+    code = textwrap.dedent("""
+        import os, sys, time
+        from pathlib import Path
+        from app.engine.directory import Directory
+        assert Directory(Path(sys.argv[1])).try_making("m-1") is not None
+        print("held", flush=True)
+        time.sleep(3600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "held"
+        assert one.try_making("m-1") is None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30.0)
+        after = one.try_making("m-1")
+        assert after is not None
+        after()
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert os.listdir(root / ".locks") == []
+    memory = Directory(None)
+    held = memory.try_making("m-1")
+    assert held is not None and memory.try_making("m-1") is None
+    held()
+    assert memory.try_making("m-1") is not None

@@ -121,3 +121,68 @@ def test_a_coordinator_puts_its_shards_at_one_revision_and_they_keep_it(tmp_path
         finally:
             await host.stop()
     asyncio.run(run())
+
+
+class _PutFailsTwice(InProcessHost):
+    """A shard's host that cannot be reached for its first two :meth:`put_at_revision` (a Ray
+    host restarting: the 503 a coordinator's call to it gets)."""
+
+    failed = 0
+
+    async def put_at_revision(self, key: str, revision: int) -> bool:
+        if self.failed < 2:
+            self.failed += 1
+            raise Unavailable("the session's host is restarting", code="host_restarting",
+                              retry_after=1.0)
+        return await super().put_at_revision(key, revision)
+
+
+def test_a_coordinator_whose_alignment_met_a_passing_failure_aligns_at_its_next_call(
+        tmp_path: Path) -> None:
+    """A Ray coordinator made anew aligns the c938206 shards' revisions; the shard to be put
+    (shard 0, restored from a snapshot without a revision) could not be reached (its host
+    restarting, for two asks). The failure was logged and left: the shards stayed apart, and
+    the session's description (the listing) and every step were a 503 ``shards_out_of_step``
+    until the coordinator's host restarted (out of service for good after twice
+    ``commit_timeout_s``). Now the alignment is due until it is done, tried again by every
+    call: a call while the host still cannot be reached answers its 503 (retryable), nothing
+    put, and the first after it passed aligns every shard, then reads and steps as torch
+    does."""
+    inputs, data = copied_case("c938206-sharded-push", tmp_path)
+    layout = ShardLayout.from_json(
+        json.loads((data / "directory" / "default~sh").read_text())["layout"])
+    keys = [shard_key("default~sh", i, 2) for i in range(2)]
+    local, opt = sgd_after_its_step(inputs)
+    acknowledged = {n: p.detach().clone() for n, p in local.items()}
+    pushed = {n: f32(v) for n, v in inputs["push"].items()}
+    nxt = {"u": f32([0.5, -1.0, 2.0]), "v": f32([-3.0, 0.25])}
+    for n, p in local.items():
+        p.grad = nxt[n] + pushed[n] if n in pushed else nxt[n].clone()
+    opt.step()
+
+    async def run() -> None:
+        host = EmbeddedHost(HostConfig("cpu", data_dir=data, durability="step", warm_up=False))
+        await host.start()
+        try:
+            flaky = _PutFailsTwice(host)
+            shards: list[tuple[Host, str]] = [(flaky, keys[0]), (InProcessHost(host), keys[1])]
+            session = ShardedSession("default~sh", layout, shards)
+            await session.settle()  # (logged, not raised: the coordinator is made anyway)
+            assert flaky.failed == 1
+            assert [await h.revision_tip(k) for h, k in shards] == [(1, 0, True),
+                                                                    (1, 1, False)]
+            with pytest.raises(Unavailable) as still:  # (tried again: the failure's 503)
+                await session.pull("default~sh", None)
+            assert still.value.code == "host_restarting" and still.value.retry_after == 1.0
+            assert flaky.failed == 2
+            info = await session.describe("default~sh")
+            assert (info.version, info.step) == (1, 1)
+            assert [(await h.revision_tip(k))[:2] for h, k in shards] == [(1, 1), (1, 1)]
+            params = await session.pull("default~sh", None)
+            assert_trees_equal(dict(params.params), acknowledged, "read after the failure")
+            out = await session.step("default~sh", nxt, want_params=True)
+            assert out.version == 2 and out.params is not None
+            assert_trees_equal(dict(out.params), dict(local), "stepped after the failure")
+        finally:
+            await host.stop()
+    asyncio.run(run())
