@@ -485,7 +485,7 @@ class Front:
                            expected: Expected | None = None) -> SessionInfo:
         # what a torch.save file held as one tensor, found before anything encodes the state
         # (off the event loop: every tensor of it is looked at)
-        groups = state.get("param_groups")
+        groups = state.get("param_groups") if isinstance(state, dict) else None
         if isinstance(groups, list):
             for i, g in enumerate(groups):
                 if isinstance(g, dict) and "history_size" in g:
