@@ -1267,8 +1267,29 @@ class RemoteOptimizer(torch.optim.Optimizer):
         other workers stepped the same session)."""
         result = self._client.get_params(self._session_id, binary=self._binary)
         with gc_paused(len(result.params)):  # (the copies: see optserve._gc)
-            self._copy_in(result.params)
+            self._copy_in(self._as_answered(result.params))
         self._at(result.version)
+
+    def _as_answered(self, params: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """Pulled values as a step's answer would hold them: with ``wire_dtype``, those that
+        travel narrowed rounded to it (the model holds the session's values narrowed after a
+        pull as after a step, not the master weights themselves; a parameter that would narrow
+        to an infinity (float16's range, 65504) stays at its own width, as a step's answer is
+        pulled again then). A pull travels at the parameters' own width: the server narrows
+        only a step's answer."""
+        wire = self._wire_dtype
+        if wire is None:
+            return params
+        out = dict(params)
+        for name in self._narrowed_names():
+            value = out.get(name)
+            if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+                continue
+            narrow = value.to(wire)
+            if wire == torch.float16 and bool(torch.isinf(narrow).any()):
+                continue
+            out[name] = narrow.to(value.dtype)
+        return out
 
     def _release_when_dropped(self) -> None:
         """Garbage collected without :meth:`close` on a client that outlives it, this optimizer
