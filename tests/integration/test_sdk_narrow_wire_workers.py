@@ -215,3 +215,26 @@ def test_a_sharded_session_refuses_wire_dtype_when_joined(client: optserve.Clien
         assert torch.equal(a, b)
     remote.close()
     client.delete_session(sid)
+
+
+def test_a_pulled_value_past_float16s_range_stays_at_its_own_width(
+        client: optserve.Client) -> None:
+    """``wire_dtype="float16"``: a worker joining (and pulling) takes the parameters narrowed,
+    except one that would narrow to an infinity (a value past 65504): that one keeps the
+    session's value at its own width, as a step's answer pulls it again."""
+    sid = f"narrow-range-{uuid.uuid4().hex[:8]}"
+    big, small = torch.tensor([70000.0, 1.0001]), torch.tensor([0.1, -0.3])
+    client.create_session("SGD", params={"big": big, "small": small}, id=sid,
+                          options={"lr": 0.5})
+    mine = [torch.zeros(2), torch.zeros(2)]
+    opt = optserve.RemoteOptimizer([("big", mine[0]), ("small", mine[1])], client=client,
+                                   session_id=sid, worker="w0", wire_dtype="float16")
+    assert torch.equal(mine[0], big)  # not [inf, 1.0]
+    assert torch.equal(mine[1], narrowed(small, "float16"))
+    client.put_params(sid, {"big": torch.tensor([1.0001, 2.0]),
+                            "small": torch.tensor([70000.0, 0.2])})
+    opt.pull_params()
+    assert torch.equal(mine[0], narrowed(torch.tensor([1.0001, 2.0]), "float16"))
+    assert torch.equal(mine[1], torch.tensor([70000.0, 0.2]))
+    opt.close()
+    client.delete_session(sid)
