@@ -127,12 +127,13 @@ def test_sync_round_workers_hold_and_step_narrowed_values(live_server: str,
 @pytest.mark.parametrize("wire", ["bfloat16", "float16"])
 def test_async_worker_pulls_narrowed_values_after_a_stale_push(client: optserve.Client,
                                                                wire: str) -> None:
-    """Two async workers (``max_staleness=1``) stepping in a fixed order; a push two versions
-    old is refused (``stale_gradient``) and the worker calls ``pull_params()``, as the
-    parameter-server example does. The pulled values are the session's narrowed, as a step's
-    answer holds them (before, the model held the master weights at full width after a pull
-    or a join, and its next gradient was taken there), so the session and both models equal
-    torch's run bit for bit."""
+    """Two async workers (``max_staleness=1``, ``staleness_lr="inverse"``) stepping in a fixed
+    order; a push one version old steps with half the lr, a push two versions old is refused
+    (``stale_gradient``) and the worker calls ``pull_params()``, as the parameter-server
+    example does. The pulled values are the session's narrowed, as a step's answer holds them
+    (before, the model held the master weights at full width after a pull or a join, and its
+    next gradient was taken there), so the session and both models equal torch's run bit for
+    bit."""
     order = [0, 0, 1, 1, 0, 1, 1, 0]
     work = [mlp() for _ in range(2)]
     master = [p.detach().clone() for p in mlp().parameters()]
@@ -147,6 +148,8 @@ def test_async_worker_pulls_narrowed_values_after_a_stale_push(client: optserve.
         else:
             for m, gk in zip(master, g, strict=True):
                 m.grad = narrowed(gk, wire)
+            # staleness_lr="inverse": a push s versions old steps with lr / (1 + s)
+            local.param_groups[0]["lr"] = 0.05 / (1.0 + (version - seen[k]))
             local.step()
             version += 1
             want_log.append((k, version))
@@ -155,7 +158,8 @@ def test_async_worker_pulls_narrowed_values_after_a_stale_push(client: optserve.
 
     sid = f"narrow-async-{uuid.uuid4().hex[:8]}"
     client.create_session("SGD", params=session_params(mlp()), id=sid,
-                          options={"lr": 0.05, "momentum": 0.9}, max_staleness=1)
+                          options={"lr": 0.05, "momentum": 0.9}, max_staleness=1,
+                          staleness_lr="inverse")
     models = [mlp() for _ in range(2)]
     opts = [optserve.RemoteOptimizer(m.named_parameters(), client=client, session_id=sid,
                                      worker=f"w{k}", wire_dtype=wire)
