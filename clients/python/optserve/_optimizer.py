@@ -1272,7 +1272,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def pull_params(self) -> None:
         """Copy the session's current parameter values into the local tensors (e.g. after
-        other workers stepped the same session)."""
+        other workers stepped the same session); with ``wire_dtype``, narrowed as a step's
+        answer is (:meth:`_as_answered`)."""
         result = self._client.get_params(self._session_id, binary=self._binary)
         with gc_paused(len(result.params)):  # (the copies: see optserve._gc)
             self._copy_in(self._as_answered(result.params))
