@@ -23,10 +23,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("script", ["lightning_trainer", "lightning_wgan"])
+@pytest.mark.parametrize("script", ["lightning_trainer", "lightning_wgan",
+                                    "lightning_gan_resume"])
 def test_a_lightning_run_equals_the_local_one(live_server: str, script: str) -> None:
     """``lightning_wgan``: manual optimization with two optimizers, the critic's weights
-    clipped through ``.data`` after each of its steps (WGAN's reference code)."""
+    clipped through ``.data`` after each of its steps (WGAN's reference code);
+    ``lightning_gan_resume``: manual optimization with ``toggle_optimizer``, two schedulers
+    stepped by hand from ``self.lr_schedulers()`` and a ``fit(ckpt_path=...)`` resume."""
     env = {k: v for k, v in os.environ.items() if k != "OPTSERVE_API_KEY"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "clients" / "python"),
                                          env.get("PYTHONPATH", "")])

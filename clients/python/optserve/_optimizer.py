@@ -530,6 +530,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def _join(self, session_id: str) -> None:
         info = self._client.get_session(session_id)
+        if self._wire_dtype is not None and info.raw.get("placement"):
+            # (a placement is described for a sharded or Ray-hosted session only) every step
+            # would be the server's 422 not_supported_here naming ?upcast, a query parameter
+            # this optimizer adds for wire_dtype: refused here, as for LBFGS, naming the option
+            raise ValueError(f"wire_dtype is not offered for session {session_id!r}: a "
+                             "sharded or Ray-hosted session takes gradients and answers "
+                             "parameters at the parameters' own width only (leave wire_dtype "
+                             "out)")
         local = [list(n) for n in self._param_names]
         remote = [list(g.params) for g in info.param_groups]
         if local != remote:
@@ -1264,11 +1272,33 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def pull_params(self) -> None:
         """Copy the session's current parameter values into the local tensors (e.g. after
-        other workers stepped the same session)."""
+        other workers stepped the same session); with ``wire_dtype``, narrowed as a step's
+        answer is (:meth:`_as_answered`)."""
         result = self._client.get_params(self._session_id, binary=self._binary)
         with gc_paused(len(result.params)):  # (the copies: see optserve._gc)
-            self._copy_in(result.params)
+            self._copy_in(self._as_answered(result.params))
         self._at(result.version)
+
+    def _as_answered(self, params: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """Pulled values as a step's answer would hold them: with ``wire_dtype``, those that
+        travel narrowed rounded to it (the model holds the session's values narrowed after a
+        pull as after a step, not the master weights themselves; a parameter that would narrow
+        to an infinity (float16's range, 65504) stays at its own width, as a step's answer is
+        pulled again then). A pull travels at the parameters' own width: the server narrows
+        only a step's answer."""
+        wire = self._wire_dtype
+        if wire is None:
+            return params
+        out = dict(params)
+        for name in self._narrowed_names():
+            value = out.get(name)
+            if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+                continue
+            narrow = value.to(wire)
+            if wire == torch.float16 and bool(torch.isinf(narrow).any()):
+                continue
+            out[name] = narrow.to(value.dtype)
+        return out
 
     def _release_when_dropped(self) -> None:
         """Garbage collected without :meth:`close` on a client that outlives it, this optimizer

@@ -64,7 +64,12 @@ def _probe(cls: type[torch.optim.Optimizer], options: Mapping[str, Any], ndim: i
     t.grad = grad
     try:
         opt = cls([t], **given)
-        opt.step()
+        # the class's own step, not torch's wrapper of it (Optimizer.profile_hook_step), which
+        # would run the process's global step hooks (torch.optim.optimizer
+        # .register_optimizer_step_pre_hook / _post_hook) for this probe: a user's hook counting
+        # or logging steps saw steps of an optimizer nobody made at each load_state_dict
+        step = type(opt).step
+        getattr(step, "__wrapped__", step)(opt)
     except Exception:  # noqa: BLE001 - unknown here: the server checks the entry whole
         return None
     return frozenset(str(k) for k in opt.state[t])
