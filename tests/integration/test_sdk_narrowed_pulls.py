@@ -92,6 +92,13 @@ def test_get_params_narrowed_sync_and_async(live_server: str, client: optserve.C
                        params["2.weight"].to(dtype).view(torch.int16))
     with pytest.raises(ValueError, match="params_dtype"):
         client.get_params(sid, params_dtype="float32")
+    # rows: a few in the query (GET), many in a body (POST)
+    for rows in ([3, 0, 3], list(range(96)) * 3):
+        got_rows = client.pull_rows(sid, {"0.weight": rows}, params_dtype=wire)
+        values = got_rows.params["0.weight"]._values()  # (in the order asked)
+        assert values.dtype == dtype
+        assert torch.equal(values.view(torch.int16),
+                           params["0.weight"][rows].to(dtype).view(torch.int16))
     client.delete_session(sid)
 
 
