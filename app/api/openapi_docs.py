@@ -533,6 +533,13 @@ QUERY: dict[str, dict[str, Any]] = {
         "name": "params_dtype", "in": "query", "required": False,
         "description": "send the parameters back narrowed to this dtype",
         "schema": {"type": "string", "enum": ["float16", "bfloat16"]}},
+    "params_dtype (pull)": {
+        "name": "params_dtype", "in": "query", "required": False,
+        "description": "send the parameters (or rows) narrowed to this dtype, as a step's "
+                       "?params_dtype= does (floating parameters wider than it; the session "
+                       "keeps its own; past float16's range a value narrows to an infinity); "
+                       "the version and ETag are the answer's version's, whatever the width",
+        "schema": {"type": "string", "enum": ["float16", "bfloat16"]}},
     "metrics": {
         "name": "metrics", "in": "query", "required": False,
         "description": "answer: the step's metrics (norms per group) in the answer; history: "
@@ -669,11 +676,12 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                versioned=True, query=("upcast",)),
     ("post", f"{S}/zero_grad"): Op("zeroGrad", ok="Version", versioned=True),
     ("get", f"{S}/params"): Op("getParams", ok="Params", ok_binary=True, versioned=True,
-                               query=("encoding",),
+                               query=("encoding", "params_dtype (pull)"),
                                headers=("If-None-Match", *READ_CONDITIONAL["headers"]),
                                problems=READ_CONDITIONAL["problems"]),
     ("post", f"{S}/params/rows"): Op("pullRows", "Rows", body_binary=True, ok="Params",
-                                     ok_binary=True, versioned=True, query=("encoding",),
+                                     ok_binary=True, versioned=True,
+                                     query=("encoding", "params_dtype (pull)"),
                                      headers=("If-None-Match", *READ_CONDITIONAL["headers"]),
                                      problems=READ_CONDITIONAL["problems"]),
     ("post", f"{S}/step/{{eval_id}}"): Op("evaluate", "Evaluation", body_binary=True,

@@ -423,6 +423,34 @@ _BOOLS = {"true": True, "1": True, "yes": True, "on": True,
           "false": False, "0": False, "no": False, "off": False}
 
 
+#: the dtypes ``?params_dtype=`` narrows answers to (a step's, a pull's, a row pull's)
+NARROW_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def narrow_dtype(text: str | None) -> torch.dtype | None:
+    """``?params_dtype=``'s dtype (None when not given); anything but float16 or bfloat16 is a
+    422 ``invalid_query`` naming it. The step's and the pulls' one reading of it."""
+    if text is None:
+        return None
+    dtype = NARROW_DTYPES.get(text)
+    if dtype is None:
+        raise Invalid("params_dtype must be float16 or bfloat16", code="invalid_query",
+                      field="params_dtype")
+    return dtype
+
+
+def params_dtype_query(request: Any) -> torch.dtype | None:
+    """A pull's ``?params_dtype=`` (``GET .../params``, rows too, ``POST .../params/rows``):
+    at most once, and read as the step reads it (:func:`narrow_dtype`)."""
+    if not request.scope.get("query_string"):
+        return None
+    given = request.query_params.getlist("params_dtype")
+    if len(given) > 1:
+        raise Invalid("params_dtype is given more than once", code="invalid_query",
+                      field="params_dtype")
+    return narrow_dtype(given[0] if given else None)
+
+
 @dataclass(frozen=True)
 class StepQuery:
     """The step's query string, read by hand (the step route solves no FastAPI dependencies):
@@ -465,16 +493,12 @@ class StepQuery:
         upcast = q.get("upcast", "false").lower()
         if upcast not in _BOOLS:
             raise Invalid("upcast must be true or false", code="invalid_query", field="upcast")
-        narrow = q.get("params_dtype")
-        if narrow is not None and narrow not in ("float16", "bfloat16"):
-            raise Invalid("params_dtype must be float16 or bfloat16", code="invalid_query",
-                          field="params_dtype")
+        narrow = narrow_dtype(q.get("params_dtype"))
         shown = q.get("metrics", "answer")
         if shown not in SHOWN:
             raise Invalid("metrics must be answer (the step's norms in the answer) or history "
                           "(only in the session's history, taken after the answer)",
                           code="invalid_query", field="metrics")
         returned: ReturnParams = "touched" if ret == "touched" else ret == "params"
-        return cls(returned, base, _BOOLS[upcast],
-                   None if narrow is None else getattr(torch, narrow), shown == "answer",
+        return cls(returned, base, _BOOLS[upcast], narrow, shown == "answer",
                    "timeout_s" in seen)

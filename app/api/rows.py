@@ -33,6 +33,7 @@ from app.api.bodies import (
     wants_binary,
 )
 from app.api.deps import EngineDep, SettingsDep, TenantDep
+from app.api.requests import params_dtype_query
 from app.api.strict_requests import StrictRoute
 from app.engine.interface import ParamsResult
 from app.errors import Invalid
@@ -96,13 +97,15 @@ async def answer(request: Request, result: ParamsResult, binary: bool, b64: bool
 
 async def pull(request: Request, engine: Any, tenant: str, session_id: str,
                rows: dict[str, torch.Tensor], min_version: int | None, wait_s: float,
-               binary: bool, b64: bool) -> Response:
+               binary: bool, b64: bool, params_dtype: torch.dtype | None = None) -> Response:
+    """``params_dtype``: the rows' values narrowed as a whole pull's (``?params_dtype=``)."""
     expected = conditions.read_match(request)
     held = conditions.none_match_versions(request)
     if min_version is None and wait_s > 0 and held:
         min_version = max(held) + 1
     result = await engine.pull_rows(session_id, rows, min_version=min_version, wait_s=wait_s,
-                                    unless_versions=held, tenant=tenant)
+                                    unless_versions=held, tenant=tenant,
+                                    params_dtype=params_dtype)
     conditions.check_read(expected, result.version)
     return await answer(request, result, binary, b64)
 
@@ -122,8 +125,9 @@ async def post_rows(
 ) -> Response:
     conditions.one_query(request, "min_version", "wait_s")
     binary, b64 = wants_binary(request), tensor_encoding(request)
+    narrow = params_dtype_query(request)
     buf = await read_body(request, int(settings.max_body_mb * 1024 * 1024))
     kind = body_kind(request)
     rows = await offload(lambda: rows_from_body(buf, kind == "binary"), len(buf))
     return await pull(request, engine, tenant, session_id, rows, min_version, wait_s, binary,
-                      b64)
+                      b64, narrow)

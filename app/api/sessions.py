@@ -36,7 +36,7 @@ from app.api.bodies import (
 from app.api.conditions import idempotency
 from app.api.deps import EngineDep, SettingsDep, TenantDep
 from app.api.instrument import metrics_of, outcome, phase
-from app.api.requests import StepQuery
+from app.api.requests import StepQuery, params_dtype_query
 from app.api.strict_requests import StrictRoute
 from app.engine.interface import Engine, IdemKey, ReturnParams, SessionInfo
 from app.engine.ops import Expected
@@ -281,18 +281,19 @@ async def get_params(
 ) -> Response:
     conditions.one_query(request, "min_version", "wait_s", "name")
     binary, b64 = wants_binary(request), tensor_encoding(request)
+    narrow = params_dtype_query(request)
     if rows is not None or name is not None:
         wanted_rows = row_pulls.rows_from_query(names, request.query_params.getlist("name"),
                                                 rows or [])
         return await row_pulls.pull(request, engine, tenant, session_id, wanted_rows,
-                                    min_version, wait_s, binary, b64)
+                                    min_version, wait_s, binary, b64, narrow)
     wanted = [n for item in names for n in item.split(",") if n] if names else None
     expected = conditions.read_match(request)
     held = conditions.none_match_versions(request)
     if min_version is None and wait_s > 0 and held:
         min_version = max(held) + 1  # If-None-Match + wait_s: wait for anything newer
     result = await engine.pull(session_id, wanted, min_version=min_version, wait_s=wait_s,
-                               unless_versions=held, tenant=tenant)
+                               unless_versions=held, tenant=tenant, params_dtype=narrow)
     conditions.check_read(expected, result.version)  # (before If-None-Match: RFC 9110 13.2.2)
     headers = version_headers(result.version, result.step)
     if result.not_modified:

@@ -394,12 +394,17 @@ class Front:
         self, session_id: str, names: list[str] | None, *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
         tenant: str = DEFAULT_TENANT, params_into: Tensors | None = None,
+        params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
+        """``params_dtype`` (``?params_dtype=``): the parameters narrowed as a step's answer
+        is; refused, as the step refuses it, for a session that is sharded or on a Ray host."""
         host, key = await self._host(tenant, session_id)
         if isinstance(host, InProcessHost):
             return await host.embedded.pull(key, names, min_version=min_version,
                                             wait_s=wait_s, unless_versions=unless_versions,
-                                            params_into=params_into)
+                                            params_into=params_into, params_dtype=params_dtype)
+        if params_dtype is not None:
+            raise _only_embedded("params_dtype")
         out = await host.pull(key, names, min_version=min_version, wait_s=wait_s,
                               unless_versions=unless_versions)
         _copy_into(params_into, out.params)
@@ -408,11 +413,12 @@ class Front:
     async def pull_rows(
         self, session_id: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
-        tenant: str = DEFAULT_TENANT,
+        tenant: str = DEFAULT_TENANT, params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
         embedded, key = await self._embedded(tenant, session_id, "rows")
         return await embedded.pull_rows(key, rows, min_version=min_version, wait_s=wait_s,
-                                        unless_versions=unless_versions)
+                                        unless_versions=unless_versions,
+                                        params_dtype=params_dtype)
 
     async def overwrite(self, session_id: str, params: Tensors, *,
                         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,

@@ -605,10 +605,14 @@ class EmbeddedHost:
     async def pull(
         self, key: str, names: list[str] | None, *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
-        params_into: Tensors | None = None,
+        params_into: Tensors | None = None, params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
         """The parameters; first waiting up to ``wait_s`` (capped) for ``min_version``.
-        ``not_modified`` (no tensors) when the version is one of ``unless_versions``."""
+        ``not_modified`` (no tensors) when the version is one of ``unless_versions``.
+        ``params_dtype``: narrowed as a step's answer is (``Session.pack_params``; the session
+        keeps its own); not with ``params_into`` (the same-host transport's full-width views)."""
+        if params_into is not None and params_dtype is not None:
+            raise ValueError("a pull into views is not narrowed")
         await self._healed(key)
         if min_version is not None and wait_s > 0:
             loop = asyncio.get_running_loop()
@@ -634,7 +638,7 @@ class EmbeddedHost:
             if params_into is not None:
                 s.check_room(params_into)
             params = (s.copy_params_into(params_into) if params_into is not None
-                      else s.pack_params(names))
+                      else s.pack_params(names, params_dtype))
             return ParamsResult(s.version, s.step_count, s.lrs(), params)
         await self._settled(key)
         return await self._worker.run(read)
@@ -642,9 +646,10 @@ class EmbeddedHost:
     async def pull_rows(
         self, key: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
         """Some rows of some parameters (row-sparse tensors), as :meth:`pull` answers whole
-        parameters (waiting, ``not_modified``)."""
+        parameters (waiting, ``not_modified``, narrowed to ``params_dtype``)."""
         def read(check_only: bool = False) -> ParamsResult | None:
             s = self._get(key)
             sparse.check_rows(s, rows)
@@ -652,7 +657,8 @@ class EmbeddedHost:
                 return None
             if s.version in unless_versions:
                 return ParamsResult(s.version, s.step_count, s.lrs(), {}, not_modified=True)
-            return ParamsResult(s.version, s.step_count, s.lrs(), sparse.gather_rows(s, rows))
+            return ParamsResult(s.version, s.step_count, s.lrs(),
+                                sparse.gather_rows(s, rows, params_dtype))
         await self._healed(key)
         if min_version is not None and wait_s > 0:
             await self._worker.run(lambda: read(check_only=True), "pull_rows")

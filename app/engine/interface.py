@@ -352,11 +352,12 @@ class Engine(Protocol):
     async def pull(
         self, session_id: str, names: list[str] | None, *, min_version: int | None = ...,
         wait_s: float = ..., unless_versions: frozenset[int] = ..., tenant: str = ...,
-        params_into: Tensors | None = ...,
+        params_into: Tensors | None = ..., params_dtype: torch.dtype | None = ...,
     ) -> ParamsResult: ...
     async def pull_rows(
         self, session_id: str, rows: dict[str, torch.Tensor], *, min_version: int | None = ...,
         wait_s: float = ..., unless_versions: frozenset[int] = ..., tenant: str = ...,
+        params_dtype: torch.dtype | None = ...,
     ) -> ParamsResult: ...
     async def overwrite(self, session_id: str, params: Tensors, *, tenant: str = ...,
                         idem: IdemKey | None = ..., expected: Expected | None = ...

@@ -285,12 +285,14 @@ def check_rows(s: Session, rows: dict[str, torch.Tensor], field: str = "rows") -
                       "fewer rows at a time", code="rows_too_large", field=field, limit=limit)
 
 
-def gather_rows(s: Session, rows: dict[str, torch.Tensor]) -> Tensors:
-    """CPU row-sparse copies of the asked rows (in the order asked, repeats kept)."""
+def gather_rows(s: Session, rows: dict[str, torch.Tensor], dtype: torch.dtype | None = None
+                ) -> Tensors:
+    """CPU row-sparse copies of the asked rows (in the order asked, repeats kept); narrowed to
+    ``dtype`` where asked (``?params_dtype=``), as a step's touched rows are."""
     out: Tensors = {}
     for name, idx in rows.items():
         p = s.params[name]
-        values = p.detach().index_select(0, idx.to(p.device)).cpu()
+        values = p.detach().index_select(0, idx.to(p.device)).to("cpu", narrowed_dtype(p, dtype))
         out[name] = row_sparse(idx.cpu(), values, p.shape)
     return out
 

@@ -1053,11 +1053,13 @@ export class OptserveClient {
 
   /** GET /v1/sessions/{id}/params (names: optional list). Returns {version, step, params, etag}. */
   getParams(id, callOptions = {}) {
-    let { names, binary, encoding, ifNoneMatch, minVersion, waitS, atVersion } = optionsOf(callOptions, ["names", "binary", "encoding", "ifNoneMatch", "minVersion", "waitS", "atVersion"], "getParams");
+    let { names, binary, encoding, ifNoneMatch, minVersion, waitS, atVersion, paramsDtype } = optionsOf(callOptions, ["names", "binary", "encoding", "ifNoneMatch", "minVersion", "waitS", "atVersion", "paramsDtype"], "getParams");
     // ifNoneMatch: a version, or the etag a result carries; {notModified: true} comes back
     // while it is current.
     // minVersion + waitS: long-poll until the session reaches minVersion (or waitS passes).
     // atVersion: answered only at that version (If-Match), else a 412, as getSession.
+    // paramsDtype: "bfloat16" or "float16" sends the parameters narrowed, as a step's answer
+    // with paramsDtype (raw bits in a Uint16Array; the session keeps its own).
     for (const n of names ?? []) {
       if (typeof n !== "string" || n.includes(",")) {
         throw new TypeError(`cannot ask for parameter ${JSON.stringify(n)} by name (a comma separates names in ?names=); pull all parameters instead`);
@@ -1066,6 +1068,7 @@ export class OptserveClient {
     const query = names ? { names: names.join(",") } : {};
     if (minVersion !== undefined) query.min_version = minVersion;
     if (waitS !== undefined) query.wait_s = waitS;
+    if (paramsDtype !== undefined) query.params_dtype = paramsDtype;
     const headers = readAt(atVersion);
     if (ifNoneMatch !== undefined) headers["If-None-Match"] = noneMatch(ifNoneMatch);
     return this._tensorsCall("GET", `${this._sid(id)}/params`, { binary, encoding, query, headers });
@@ -1075,16 +1078,18 @@ export class OptserveClient {
    * Some rows of some parameters: rows = {name: [i, ...] | BigInt64Array | int64 Tensor}.
    * GET .../params?name=&rows= for one parameter and at most 256 rows, else POST .../params/rows.
    * Returns {version, step, lr, params: {name: SparseRows}, etag} (rows in the order asked), or
-   * {notModified: true} while ifNoneMatch names the current version.
+   * {notModified: true} while ifNoneMatch names the current version. paramsDtype: the rows
+   * narrowed to "bfloat16" or "float16", as getParams.
    */
   getRows(id, rows, callOptions = {}) {
-    let { binary, encoding, ifNoneMatch, minVersion, waitS } = optionsOf(callOptions, ["binary", "encoding", "ifNoneMatch", "minVersion", "waitS"], "getRows");
+    let { binary, encoding, ifNoneMatch, minVersion, waitS, paramsDtype } = optionsOf(callOptions, ["binary", "encoding", "ifNoneMatch", "minVersion", "waitS", "paramsDtype"], "getRows");
     const lists = Object.fromEntries(Object.entries(rows).map(([n, r]) => [n, r instanceof Tensor ? Array.from(r.data, Number) : Array.from(r, Number)]));
     const names = Object.keys(lists);
     if (!names.length) throw new TypeError("rows must name at least one parameter");
     const query = {};
     if (minVersion !== undefined) query.min_version = minVersion;
     if (waitS !== undefined) query.wait_s = waitS;
+    if (paramsDtype !== undefined) query.params_dtype = paramsDtype;
     const headers = ifNoneMatch !== undefined ? { "If-None-Match": noneMatch(ifNoneMatch) } : undefined;
     if (names.length === 1 && lists[names[0]].length <= 256 && !names[0].includes(",")) {
       Object.assign(query, { name: names[0], rows: lists[names[0]].join(",") });

@@ -38,7 +38,20 @@ describe("bfloat16 gradients and answers vs torch.optim", { skip: NO_SERVER }, (
         assert.equal(out.metrics.scalars.loss, i + 0.5);
         const master = await c.getParams(id, mode);
         assertBits(master.params.w, s.master, `master weights after step ${i + 1}`);
+        // a pull narrowed on the wire: the master weights narrowed as the step's answer is
+        const pulled = await c.getParams(id, { ...mode, paramsDtype: "bfloat16" });
+        assert.equal(pulled.version, out.version);
+        assert.equal(pulled.params.w.dtype, "bfloat16");
+        assert.deepEqual(Array.from(pulled.params.w.data), s.answer_bits, `narrowed pull after step ${i + 1}`);
+        const rows = await c.getRows(id, { w: [2, 0, 2] }, { ...mode, paramsDtype: "bfloat16" });
+        assert.equal(rows.params.w.values.dtype, "bfloat16");
+        assert.deepEqual(Array.from(rows.params.w.values.data), [2, 0, 2].map((j) => s.answer_bits[j]), `narrowed rows after step ${i + 1}`);
       }
+      const held = await c.getParams(id, { ...mode, paramsDtype: "bfloat16" });
+      assert.equal((await c.getParams(id, { ...mode, paramsDtype: "bfloat16", ifNoneMatch: held.etag })).notModified, true);
+      const err = await c.getParams(id, { ...mode, paramsDtype: "float32" }).catch((e) => e);
+      assert.equal(err.status, 422, String(err));
+      assert.equal(err.field, "params_dtype");
     });
 
     test(`Adam, bfloat16 pushes then a step ${JSON.stringify(mode)}`, async () => {

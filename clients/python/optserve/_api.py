@@ -528,10 +528,7 @@ def _step_call(
     headers: dict[str, str] = {}
     if upcast:
         query.append(("upcast", "true"))
-    if params_dtype is not None:
-        if params_dtype not in ("float16", "bfloat16"):
-            raise ValueError(f"params_dtype must be 'float16' or 'bfloat16', got {params_dtype!r}")
-        query.append(("params_dtype", params_dtype))
+    _narrow_query(query, params_dtype)
     if base_version is not None:
         if not isinstance(base_version, int) or isinstance(base_version, bool) \
                 or base_version < 0:
@@ -634,14 +631,23 @@ def zero_grad(session_id: str) -> APICall[VersionInfo]:
     return APICall("POST", _sid(session_id) + "/zero_grad", _parse_version)
 
 
+def _narrow_query(query: list[tuple[str, str]], params_dtype: str | None) -> None:
+    """``?params_dtype=`` (a step's, a pull's): the parameters answered narrowed."""
+    if params_dtype is not None:
+        if params_dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"params_dtype must be 'float16' or 'bfloat16', got {params_dtype!r}")
+        query.append(("params_dtype", params_dtype))
+
+
 def get_params(
     session_id: str, names: Iterable[str] | None, *, binary: bool,
     min_version: int | None = None, wait_s: float | None = None,
-    at_version: int | None = None,
+    at_version: int | None = None, params_dtype: str | None = None,
 ) -> APICall[ParamsResult]:
     headers = _read_at(at_version)
     query: list[tuple[str, str]] = []
     held = 0.0
+    _narrow_query(query, params_dtype)
     if min_version is not None:
         if not isinstance(min_version, int) or isinstance(min_version, bool) or min_version < 0:
             raise ValueError(f"min_version must be a non-negative int, got {min_version!r}")
@@ -673,6 +679,7 @@ ROWS_IN_QUERY = 256
 def pull_rows(
     session_id: str, rows: Mapping[str, TensorLike], *, binary: bool,
     min_version: int | None = None, wait_s: float | None = None,
+    params_dtype: str | None = None,
 ) -> APICall[ParamsResult]:
     """Some rows of some parameters: ``GET .../params?name=&rows=`` for one parameter and a
     few rows, else ``POST .../params/rows``."""
@@ -680,12 +687,12 @@ def pull_rows(
         raise TypeError("rows must map parameter names to row indices")
     with gc_paused(_count(rows)):  # (the per-tensor encoding; see optserve._gc)
         return _pull_rows_call(session_id, rows, binary=binary, min_version=min_version,
-                               wait_s=wait_s)
+                               wait_s=wait_s, params_dtype=params_dtype)
 
 
 def _pull_rows_call(
     session_id: str, rows: Mapping[str, TensorLike], *, binary: bool,
-    min_version: int | None, wait_s: float | None,
+    min_version: int | None, wait_s: float | None, params_dtype: str | None,
 ) -> APICall[ParamsResult]:
     lists: dict[str, list[int]] = {}
     for name, idx in rows.items():
@@ -702,6 +709,7 @@ def _pull_rows_call(
     if wait_s is not None:
         query.append(("wait_s", repr(float(wait_s))))
         held = min(float(wait_s), MAX_WAIT_S)
+    _narrow_query(query, params_dtype)
     accept = OCTET_STREAM if binary else JSON
     (name, first), = list(lists.items())[:1]
     if len(lists) == 1 and len(first) <= ROWS_IN_QUERY and "," not in name:

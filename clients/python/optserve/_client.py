@@ -550,12 +550,13 @@ class Client(SyncAPIClient):
     def pull_rows(
         self, id: str, rows: Mapping[str, TensorLike], *, binary: bool = True,
         min_version: int | None = None, wait_s: float | None = None,
+        params_dtype: str | None = None,
     ) -> ParamsResult:
         """Some rows of some parameters (``{"emb": [1, 5, 9]}``), in the order asked: the
-        result's ``params`` are row-sparse tensors. Versions and long polls as
-        :meth:`get_params`."""
+        result's ``params`` are row-sparse tensors. Versions, long polls and ``params_dtype``
+        as :meth:`get_params`."""
         return self._request(_api.pull_rows(id, rows, binary=binary, min_version=min_version,
-                                            wait_s=wait_s))
+                                            wait_s=wait_s, params_dtype=params_dtype))
 
     def open_evaluation_step(
         self, id: str, loss: float | None = None,
@@ -586,7 +587,7 @@ class Client(SyncAPIClient):
     def get_params(
         self, id: str, names: Iterable[str] | None = None, *, binary: bool = True,
         min_version: int | None = None, wait_s: float | None = None,
-        at_version: int | None = None,
+        at_version: int | None = None, params_dtype: str | None = None,
     ) -> ParamsResult:
         """``GET .../params``: the parameters (all, or only ``names``). With ``min_version``
         and ``wait_s``: wait (at most ``wait_s``, which the server caps at 60 s) until the
@@ -595,10 +596,14 @@ class Client(SyncAPIClient):
 
         ``at_version``: answered only at that version (sent as ``If-Match``), else
         :class:`~optserve.PreconditionFailedError` (412): the parameters of the version
-        of a state dict or description read before."""
+        of a state dict or description read before.
+
+        ``params_dtype="bfloat16"`` (or ``"float16"``): the floating parameters wider than it
+        travel narrowed, as a step's answer with ``params_dtype`` (the session keeps its own;
+        in float16 a value past its range, 65504, comes as an infinity)."""
         return self._request(_api.get_params(id, names, binary=binary,
                                              min_version=min_version, wait_s=wait_s,
-                                             at_version=at_version))
+                                             at_version=at_version, params_dtype=params_dtype))
 
     def configure_session(self, id: str, *, base_version: int | None = None,
                           base_revision: int | None = None, **options: Any) -> SessionInfo:
@@ -850,10 +855,12 @@ class AsyncClient(AsyncAPIClient):
     async def pull_rows(
         self, id: str, rows: Mapping[str, TensorLike], *, binary: bool = True,
         min_version: int | None = None, wait_s: float | None = None,
+        params_dtype: str | None = None,
     ) -> ParamsResult:
         """See :meth:`Client.pull_rows`."""
         return await self._request(_api.pull_rows(id, rows, binary=binary,
-                                                  min_version=min_version, wait_s=wait_s))
+                                                  min_version=min_version, wait_s=wait_s,
+                                                  params_dtype=params_dtype))
 
     async def open_evaluation_step(
         self, id: str, loss: float | None = None,
@@ -878,12 +885,13 @@ class AsyncClient(AsyncAPIClient):
     async def get_params(
         self, id: str, names: Iterable[str] | None = None, *, binary: bool = True,
         min_version: int | None = None, wait_s: float | None = None,
-        at_version: int | None = None,
+        at_version: int | None = None, params_dtype: str | None = None,
     ) -> ParamsResult:
         """``GET .../params``: see :meth:`Client.get_params`."""
         return await self._request(_api.get_params(id, names, binary=binary,
                                                    min_version=min_version, wait_s=wait_s,
-                                                   at_version=at_version))
+                                                   at_version=at_version,
+                                                   params_dtype=params_dtype))
 
     async def configure_session(self, id: str, *, base_version: int | None = None,
                                 base_revision: int | None = None, **options: Any

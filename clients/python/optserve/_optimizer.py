@@ -1272,33 +1272,20 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def pull_params(self) -> None:
         """Copy the session's current parameter values into the local tensors (e.g. after
-        other workers stepped the same session); with ``wire_dtype``, narrowed as a step's
-        answer is (:meth:`_as_answered`)."""
-        result = self._client.get_params(self._session_id, binary=self._binary)
-        with gc_paused(len(result.params)):  # (the copies: see optserve._gc)
-            self._copy_in(self._as_answered(result.params))
-        self._at(result.version)
-
-    def _as_answered(self, params: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-        """Pulled values as a step's answer would hold them: with ``wire_dtype``, those that
-        travel narrowed rounded to it (the model holds the session's values narrowed after a
-        pull as after a step, not the master weights themselves; a parameter that would narrow
-        to an infinity (float16's range, 65504) stays at its own width, as a step's answer is
-        pulled again then). A pull travels at the parameters' own width: the server narrows
-        only a step's answer."""
+        other workers stepped the same session); with ``wire_dtype``, pulled narrowed on the
+        wire (``?params_dtype=``) as a step's answer is, so the model holds the session's
+        values narrowed after a pull or a join as after a step (in float16, a parameter that
+        came back infinite is pulled again at its own width, as a step's answer is: a value
+        past 65504 narrows to an infinity the session does not hold)."""
         wire = self._wire_dtype
-        if wire is None:
-            return params
-        out = dict(params)
-        for name in self._narrowed_names():
-            value = out.get(name)
-            if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
-                continue
-            narrow = value.to(wire)
-            if wire == torch.float16 and bool(torch.isinf(narrow).any()):
-                continue
-            out[name] = narrow.to(value.dtype)
-        return out
+        result = self._client.get_params(
+            self._session_id, binary=self._binary,
+            params_dtype=None if wire is None else str(wire).removeprefix("torch."))
+        values = (self._widened_where_infinite(result.params) if wire == torch.float16
+                  else result.params)
+        with gc_paused(len(values)):  # (the copies: see optserve._gc)
+            self._copy_in(values)
+        self._at(result.version)
 
     def _release_when_dropped(self) -> None:
         """Garbage collected without :meth:`close` on a client that outlives it, this optimizer
