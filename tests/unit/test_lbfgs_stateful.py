@@ -224,15 +224,20 @@ class LbfgsMachine(RuleBasedStateMachine):
     def abandon(self, evaluations: int) -> None:
         """A step opened, some evaluations answered, then abandoned: nothing changed (one that
         ended in fewer evaluations is a step taken)."""
-        ended = []
+        outcomes = []
         for eng in (self.engine, self.twin):
             assert eng is not None
-            pending = run(self.loop, self._steps(eng, None, evaluations))
+            try:
+                pending = run(self.loop, self._steps(eng, None, evaluations))
+            except OptserveError as exc:  # (torch's step failed: nothing changed)
+                assert exc.status < 500, exc.detail
+                outcomes.append(exc.code)
+                continue
             if isinstance(pending, EvaluationRequest):
                 run(self.loop, eng.abandon_step(self.sid, pending.step_id))
-            ended.append(isinstance(pending, StepResult))
-        assert ended[0] == ended[1], ended
-        if ended[0]:
+            outcomes.append("ended" if isinstance(pending, StepResult) else "abandoned")
+        assert outcomes[0] == outcomes[1], outcomes
+        if outcomes[0] == "ended":
             assert self.mirror is not None
             self.mirror.step()
         STATS["lbfgs op abandon"] += 1
@@ -301,8 +306,12 @@ class LbfgsMachine(RuleBasedStateMachine):
         """The engine dies (a step open when ``open_step``: never answered, so abandoned)."""
         assert self.engine is not None
         if open_step:
-            pending = run(self.loop, self._steps(self.engine, None, 1))
-            if not isinstance(pending, EvaluationRequest):  # it ended: the twin takes it too
+            try:
+                pending: Any = run(self.loop, self._steps(self.engine, None, 1))
+            except OptserveError as exc:  # (torch's step failed: nothing changed)
+                assert exc.status < 500, exc.detail
+                pending = None
+            if isinstance(pending, StepResult):  # it ended: the twin takes it too
                 assert self.twin is not None and self.mirror is not None
                 run(self.loop, self._steps(self.twin, None))
                 self.mirror.step()
