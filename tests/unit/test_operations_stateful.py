@@ -14,10 +14,15 @@ update_param_group, scheduler_step, import_state, configure), including inputs t
 refused, and row-sparse gradients (steps and pushes) on the embedding-shaped parameter ``w``:
 accepted where torch steps them (SGD without momentum, Adagrad without weight decay,
 SparseAdam), refused with the session unchanged elsewhere, out-of-range rows refused
-everywhere. After every rule: engine and twin agree bitwise (params, state dict, description) and
-with the mirror (params, optimizer state, lr, version, step); a refused operation changed
-nothing. Every optimizer is run with sampled schedulers and every scheduler (nested ones
-included) with sampled optimizers.
+everywhere; keyed changes other than steps (push, zero_grad, overwrite, scheduler_step, a
+group's PATCH, configure) and their retries, also with the key reused for another request;
+operations while the engine's disk fails (a full disk or a failed fsync under the log: refused,
+507 or 503, nothing applied, a keyed one applied when sent again; no room for a snapshot: the
+operation answered, the log keeping it); a sharded session rolls a commit a shard's disk
+refused forward. After every rule: engine and twin agree bitwise (params, state dict,
+description) and with the mirror (params, optimizer state, lr, version, step); a refused
+operation changed nothing. Every optimizer is run with sampled schedulers and every scheduler
+(nested ones included) with sampled optimizers.
 
 The CI run is bounded and reproducible (a fixed seed per machine, a fixed number of
 examples); a longer run, or another one (``OPTSERVE_STATEFUL_SEED``)::
@@ -61,7 +66,8 @@ EXAMPLES = int(os.environ.get("OPTSERVE_STATEFUL_EXAMPLES", "3"))
 STEPS = int(os.environ.get("OPTSERVE_STATEFUL_STEPS", "18"))
 #: mixed into every machine's seed: another value runs other examples
 SEED = int(os.environ.get("OPTSERVE_STATEFUL_SEED", "0"))
-#: what the runs covered, printed at the end of the test session (tests/conftest.py)
+#: what the runs covered (rules run, refusals by code, restarts: read it from a plugin's
+#: ``pytest_sessionfinish`` or a debugger; nothing prints it)
 STATS: Counter[str] = Counter()
 
 SHAPES = {"w": (3, 2), "b": (2, 2)}
