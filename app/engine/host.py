@@ -1876,7 +1876,8 @@ def replay_answer(s: Session, op: Operation, hit: dict[str, Any], want_params: R
                   params_into: Tensors | None = None,
                   params_dtype: torch.dtype | None = None) -> Any:
     """The answer to a repeated idempotency key, from what the table kept (no tensors): a step
-    returns the session's current parameters (with their version), other operations the
+    returns its own version, step and lr with the session's current parameters (with their
+    version); a push, zero_grad or scheduler step its answer as kept; other operations the
     session as it is now."""
     if isinstance(op, Step):
         result = StepResult(int(hit["version"]), int(hit["step"]),

@@ -145,6 +145,25 @@ def check_scheduler_group_keys(cls: type[torch.optim.Optimizer], options: Mappin
                           field=f"{where}.{key}")
 
 
+def refuse_lbfgs_history(optimizer: object, options: object, where: str) -> None:
+    """422 ``invalid_option`` naming an LBFGS ``history_size`` that is not a whole number of
+    at least 1 (an ``int``). torch's constructor takes any, and its step fails at the first
+    curvature pair it keeps, the second step: 0 pops from an empty history, a negative number
+    makes ``al`` too short, a float (3.0 too) cannot size it; every step of the session from
+    there would be refused (``step_failed``), blaming the evaluation."""
+    if optimizer != "LBFGS" or not isinstance(options, Mapping) or "history_size" not in options:
+        return
+    value = options["history_size"]
+    if type(value) is int and value >= 1:
+        return
+    if type(value) is not int and _number(value) is None and not is_float_tag(value):
+        return  # (not a number: the options' own check refuses it)
+    raise Invalid(f"history_size must be a whole number (an integer), at least 1, not "
+                  f"{value!r:.40}: torch's LBFGS keeps that many curvature pairs, and its "
+                  "second step fails with any other", code="invalid_option",
+                  field=f"{where}.history_size")
+
+
 def _number(value: Any) -> float | None:
     if type(value) in (int, float):
         return float(value)

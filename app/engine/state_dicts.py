@@ -382,6 +382,7 @@ def prepare_import(session: Session, state: object, request: bool = False,
             given = {k: v for k, v in new.items() if k not in old or not _same_value(v, old[k])}
             where = f"state_dict.param_groups.{i}"
             option_values.refuse_nonfinite_options(session.optimizer_name, given, where)
+            option_values.refuse_lbfgs_history(session.optimizer_name, given, where)
             option_values.check_scheduler_group_keys(session.cls, given, where)
     for i, (opts, dtype) in enumerate(zip(group_opts, dtypes, strict=True)):
         optimizers.check_overflow(

@@ -14,10 +14,15 @@ update_param_group, scheduler_step, import_state, configure), including inputs t
 refused, and row-sparse gradients (steps and pushes) on the embedding-shaped parameter ``w``:
 accepted where torch steps them (SGD without momentum, Adagrad without weight decay,
 SparseAdam), refused with the session unchanged elsewhere, out-of-range rows refused
-everywhere. After every rule: engine and twin agree bitwise (params, state dict, description) and
-with the mirror (params, optimizer state, lr, version, step); a refused operation changed
-nothing. Every optimizer is run with sampled schedulers and every scheduler (nested ones
-included) with sampled optimizers.
+everywhere; keyed changes other than steps (push, zero_grad, overwrite, scheduler_step, a
+group's PATCH, configure) and their retries, also with the key reused for another request;
+operations while the engine's disk fails (a full disk or a failed fsync under the log: refused,
+507 or 503, nothing applied, a keyed one applied when sent again; no room for a snapshot: the
+operation answered, the log keeping it); a sharded session rolls a commit a shard's disk
+refused forward. After every rule: engine and twin agree bitwise (params, state dict,
+description) and with the mirror (params, optimizer state, lr, version, step); a refused
+operation changed nothing. Every optimizer is run with sampled schedulers and every scheduler
+(nested ones included) with sampled optimizers.
 
 The CI run is bounded and reproducible (a fixed seed per machine, a fixed number of
 examples); a longer run, or another one (``OPTSERVE_STATEFUL_SEED``)::
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import errno
 import math
 import os
 import shutil
@@ -53,13 +59,15 @@ from app.engine.ops import Expected, Step
 from app.engine.ops.params import takes_added_groups
 from app.engine.store import frame_record
 from app.errors import OptserveError
+from tests.unit.test_store_faults import FaultyFiles
 
 T = TypeVar("T")
 EXAMPLES = int(os.environ.get("OPTSERVE_STATEFUL_EXAMPLES", "3"))
 STEPS = int(os.environ.get("OPTSERVE_STATEFUL_STEPS", "18"))
 #: mixed into every machine's seed: another value runs other examples
 SEED = int(os.environ.get("OPTSERVE_STATEFUL_SEED", "0"))
-#: what the runs covered, printed at the end of the test session (tests/conftest.py)
+#: what the runs covered (rules run, refusals by code, restarts: read it from a plugin's
+#: ``pytest_sessionfinish`` or a debugger; nothing prints it)
 STATS: Counter[str] = Counter()
 
 SHAPES = {"w": (3, 2), "b": (2, 2)}
@@ -207,6 +215,8 @@ class SessionMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.dir = Path(tempfile.mkdtemp(prefix="optserve-stateful-"))
+        #: the engine's file system calls (the storage_fault rule arms faults in them)
+        self.files = FaultyFiles()
         self.engine: Front | None = None
         self.twin: Front | None = None
         self.mirror: Mirror | None = None
@@ -215,11 +225,14 @@ class SessionMachine(RuleBasedStateMachine):
         self.seed = 0
         #: keyed steps the engine acknowledged: (key, gradients, return, what answered them)
         self.keyed: list[tuple[IdemKey, dict[str, torch.Tensor], Any, dict[str, Any]]] = []
+        #: keyed changes other than steps the engine applied: (key, operation, seed, answer)
+        self.changes: list[tuple[IdemKey, str, int, dict[str, Any]]] = []
 
     # ------------------------------------------------------------------ plumbing
     def _start_engine(self) -> Front:
+        self.files = FaultyFiles()
         eng = embedded_engine("cpu", data_dir=self.dir, durability="step",
-                              snapshot_every_steps=4, warm_up=False)
+                              snapshot_every_steps=4, warm_up=False, files=self.files)
         run(self.loop, eng.start())
         return eng
 
@@ -612,6 +625,188 @@ class SessionMachine(RuleBasedStateMachine):
         assert precondition == self.stale, (expected, answer)
         STATS["op conditional" + (" refused" if precondition else "")] += 1
         return precondition
+
+    # ------------------------------------------------------------------ keyed changes
+    def change_call(self, op: str, seed: int, key: IdemKey) -> Any:
+        """``call(engine)`` for a keyed change other than a step (what :meth:`keyed_change`
+        sends, and :meth:`retry_change` again)."""
+        assert self.mirror is not None
+        g = self.grads(["w", "b"], seed, False)
+        name = sorted(self.mirror.params)[seed % len(self.mirror.params)]
+        value = seeded(tuple(self.mirror.params[name].shape), seed)
+        if op == "push":
+            return lambda e: e.push(self.sid, {k: v.clone() for k, v in g.items()}, idem=key)
+        if op == "zero_grad":
+            return lambda e: e.zero_grad(self.sid, idem=key)
+        if op == "overwrite":
+            return lambda e: e.overwrite(self.sid, {name: value.clone()}, idem=key)
+        if op == "scheduler_step":
+            return lambda e: e.scheduler_step(self.sid, None, idem=key)
+        if op == "patch_group":
+            return lambda e: e.update_param_group(self.sid, 0, {"lr": 0.002 + seed * 1e-5},
+                                                  idem=key)
+        return lambda e: e.configure(self.sid, {"max_staleness": seed % 5}, idem=key)
+
+    @rule(op=st.sampled_from(["push", "zero_grad", "overwrite", "scheduler_step",
+                              "patch_group", "configure"]), seed=st.integers(0, 999))
+    def keyed_change(self, op: str, seed: int) -> None:
+        """A change other than a step with an ``Idempotency-Key`` (:meth:`retry_change`
+        sends it again): applied as without one; a refused one spends no key."""
+        assert self.mirror is not None
+        key = IdemKey(f"c{len(self.changes)}-{seed}", f"fpc-{op}-{seed}")
+        g = self.grads(["w", "b"], seed, False)
+        name = sorted(self.mirror.params)[seed % len(self.mirror.params)]
+        a, _ = self.both(self.change_call(op, seed, key))
+        STATS[f"op keyed {op}"] += 1
+        if isinstance(a, OptserveError):
+            return
+        assert not a.replayed, a
+        if op == "push":
+            self.mirror.push(g)
+        elif op == "zero_grad":
+            self.mirror.accum.clear()
+        elif op == "overwrite":
+            with torch.no_grad():
+                self.mirror.params[name].copy_(seeded(tuple(self.mirror.params[name].shape),
+                                                      seed))
+            self.mirror.version += 1
+        elif op == "scheduler_step":
+            assert self.mirror.sched is not None
+            quietly(self.mirror.sched.step)
+        elif op == "patch_group":
+            self.mirror.opt.param_groups[0]["lr"] = 0.002 + seed * 1e-5
+        self.changes.append((key, op, seed, self.kept(a)))
+
+    @staticmethod
+    def kept(result: Any) -> dict[str, Any]:
+        """A keyed change's answer, what its replay must repeat of it (push, zero_grad and
+        scheduler_step: all of it; the others answer the session now)."""
+        out = {"version": result.version, "step": getattr(result, "step", None)}
+        for name in ("accumulated", "lr", "last_epoch"):
+            if hasattr(result, name):
+                value = getattr(result, name)
+                out[name] = list(value) if isinstance(value, (list, tuple)) else value
+        return out
+
+    @precondition(lambda self: self.changes)
+    @rule(data=st.data(), other=st.booleans())
+    def retry_change(self, data: st.DataObject, other: bool) -> None:
+        """A keyed change sent again (after whatever came since): answered, not applied again
+        (push, zero_grad and scheduler_step with their first answer; the others with the
+        session as it is now); the key with another request (``other``: another
+        fingerprint) is refused, 422 ``idempotency_key_reused``, and changes nothing."""
+        assert self.engine is not None
+        key, op, seed, first = data.draw(st.sampled_from(self.changes), "change")
+        if other:
+            key = IdemKey(key.key, key.fingerprint + "-other")
+        before = self.snapshot(self.engine)
+        a, b = self.both(self.change_call(op, seed, key))
+        STATS["op retry change" + (" other" if other else "")] += 1
+        if other:
+            assert isinstance(a, OptserveError) and a.code == "idempotency_key_reused", a
+            return
+        assert not isinstance(a, OptserveError), a
+        assert a.replayed and b.replayed, (a, b)
+        if op in ("push", "zero_grad", "scheduler_step"):  # the answer kept, as it was
+            same_tree(self.kept(a), first, "retry vs first answer")
+            same_tree(self.kept(b), first, "twin's retry vs first answer")
+        else:  # the session as it is now (an overwrite's parameters are)
+            now = before["info"]["version"]
+            assert a.version == b.version == now >= first["version"], (a, b, now, first)
+        same_tree(self.snapshot(self.engine), before, "a retry changed the session")
+
+    # ------------------------------------------------------------------ storage faults
+    #: whether the engine's files are :attr:`files` (the storage_fault rule's faults reach it)
+    storage_faults = True
+
+    @precondition(lambda self: self.storage_faults)
+    @rule(fault=st.sampled_from(["log-full", "log-full-partial", "log-fsync-eio",
+                                 "snapshot-full", "snapshot-rename-full"]),
+          op=st.sampled_from(["step", "keyed_step", "push", "overwrite", "scheduler_step"]),
+          seed=st.integers(0, 999))
+    def storage_fault(self, fault: str, op: str, seed: int) -> None:
+        """An operation while the engine's disk fails (the twin's never does): the session's
+        log refuses its record once (full: 507 ``storage_full``; a failed fsync: 503
+        ``storage_error``), or the disk has no room for snapshots (the operation is answered;
+        a snapshot made due is not written: the log keeps every record). A refused operation
+        changed nothing, and a keyed one sent again once the disk is back is applied then (not
+        answered as the refusal). A sharded session rolls a commit a shard's disk refused
+        forward (``app.engine.shards``): answered as without the fault."""
+        assert self.engine is not None and self.twin is not None and self.mirror is not None
+        names = sorted(self.mirror.params)
+        name = names[seed % len(names)]
+        g = self.grads(["w", "b"], seed, False)
+        key = IdemKey(f"f{len(self.keyed)}-{seed}", f"fpf-{len(self.keyed)}") \
+            if op == "keyed_step" else None
+
+        async def call(e: Front) -> Any:
+            if op in ("step", "keyed_step"):
+                return await e.step(self.sid, {k: v.clone() for k, v in g.items()},
+                                    return_params=True, idem=key)
+            if op == "push":
+                return await e.push(self.sid, {k: v.clone() for k, v in g.items()})
+            if op == "overwrite":
+                return await e.overwrite(
+                    self.sid, {name: seeded(tuple(self.mirror.params[name].shape), seed)})
+            return await e.scheduler_step(self.sid, None)
+
+        armed = {
+            "log-full": lambda: self.files.arm("pwritev", errno.ENOSPC),
+            "log-full-partial": lambda: self.files.arm("pwritev", errno.ENOSPC, partial=True),
+            "log-fsync-eio": lambda: self.files.arm("fsync", errno.EIO),
+            "snapshot-full": lambda: self.files.arm("pwritev", errno.ENOSPC, target="other",
+                                                    times=-1),
+            "snapshot-rename-full": lambda: self.files.arm("replace", errno.ENOSPC, times=-1,
+                                                           dst="snapshot.bin"),
+        }[fault]()
+        before = self.snapshot(self.engine)
+        try:
+            a: Any = run(self.loop, call(self.engine))
+        except OptserveError as exc:
+            a = exc
+        finally:
+            self.files.disarm()
+        STATS[f"fault {fault} {op}" + (" hit" if armed.hits else "")] += 1
+        storage = isinstance(a, OptserveError) and a.code in ("storage_full", "storage_error")
+        if fault.startswith("log") and armed.hits and self.shards == 1:
+            assert storage, a  # (a refusal of its own comes before the record is written)
+        # (a sharded session's commit that a shard's disk refused is rolled forward: sent
+        # again, under its key, until the shard takes it: answered, applied everywhere)
+        if storage:
+            assert fault.startswith("log") and armed.hits, a
+            assert a.status == (507 if a.code == "storage_full" else 503), a
+            same_tree(self.snapshot(self.engine), before, "refused by the disk")
+            STATS[f"refused {a.code}"] += 1
+            if key is None:
+                return
+            a = run(self.loop, call(self.engine))  # the disk is back: the key was not spent
+            assert not isinstance(a, OptserveError) and not a.replayed, a
+        try:
+            b: Any = run(self.loop, call(self.twin))
+        except OptserveError as exc:
+            b = exc
+        if isinstance(a, OptserveError) or isinstance(b, OptserveError):
+            assert isinstance(a, OptserveError) and isinstance(b, OptserveError), (a, b)
+            assert (a.code, a.status) == (b.code, b.status), (a.detail, b.detail)
+            assert a.status < 500, a.detail
+            same_tree(self.snapshot(self.engine), before, "refused")
+            return
+        if op in ("step", "keyed_step"):
+            self.mirror.step(g, a.skipped)
+            same_tree(dict(a.params), self.mirror.params, "step params (disk fault)")
+            if key is not None:
+                self.keyed.append((key, g, True, self.answered(a)))
+        elif op == "push":
+            self.mirror.push(g)
+        elif op == "overwrite":
+            with torch.no_grad():
+                self.mirror.params[name].copy_(
+                    seeded(tuple(self.mirror.params[name].shape), seed))
+            self.mirror.version += 1
+        else:
+            assert self.mirror.sched is not None
+            quietly(self.mirror.sched.step)
+            same_tree(a.lr, self.mirror.lrs(), "scheduler lr (disk fault)")
 
     # ------------------------------------------------------------------ restarts
     @rule(torn=st.booleans())

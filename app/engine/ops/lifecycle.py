@@ -11,7 +11,11 @@ from app.engine import ps
 from app.engine.history import History, check_capacity
 from app.engine.interface import CreateSpec, Durability, GroupSpec, NonFinitePolicy, SessionInfo
 from app.engine.ops.base import Operation, register
-from app.engine.option_values import refuse_nonfinite_options, refuse_nonfinite_scheduler
+from app.engine.option_values import (
+    refuse_lbfgs_history,
+    refuse_nonfinite_options,
+    refuse_nonfinite_scheduler,
+)
 from app.engine.session import (
     DEFAULT_HISTORY,
     Session,
@@ -58,8 +62,10 @@ class CreateSession(Operation):
                 refuse_nonfinite_params(group.params, f"param_groups.{i}.params")
         # options: whatever the policy (it is about values, not options)
         refuse_nonfinite_options(spec.optimizer, spec.options, "options")
+        refuse_lbfgs_history(spec.optimizer, spec.options, "options")
         for i, group in enumerate(spec.groups):
             refuse_nonfinite_options(spec.optimizer, group.options, f"param_groups.{i}")
+            refuse_lbfgs_history(spec.optimizer, group.options, f"param_groups.{i}")
         refuse_nonfinite_scheduler(spec.scheduler)
         return cls(check_session_id(session_id), spec.optimizer, spec.groups, spec.options,
                    spec.scheduler, nonfinite, durability, spec.ps_options,

@@ -13,7 +13,11 @@ from app.engine import optimizers, schedulers, shared_options
 from app.engine.idempotency import refusal
 from app.engine.interface import GroupSpec, ParamsResult, SessionInfo, Tensors
 from app.engine.ops.base import Operation, register
-from app.engine.option_values import check_scheduler_group_keys, refuse_nonfinite_options
+from app.engine.option_values import (
+    check_scheduler_group_keys,
+    refuse_lbfgs_history,
+    refuse_nonfinite_options,
+)
 from app.engine.rounds import DiscardedPush, discarded_push
 from app.engine.session import (
     Session,
@@ -136,6 +140,7 @@ class AddParamGroup(Operation):
             check_param_tensor(name, t, f"{where}.params.{name}")
         if self.request:
             refuse_nonfinite_options(s.optimizer_name, opts, where)
+            refuse_lbfgs_history(s.optimizer_name, opts, where)
             if s.nonfinite != "allow":
                 refuse_nonfinite_params(self.params, f"{where}.params")
         dtype = group_dtype(self.params)
@@ -206,9 +211,10 @@ def check_lbfgs_history(n: int, history_size: Any, limit: int, field: str) -> No
     """422 ``session_too_large`` for an LBFGS session of ``n`` parameter elements whose history
     would take it past ``limit`` (``OPTSERVE_MAX_SESSION_ELEMENTS``; 0: none). LBFGS keeps
     ``2 * history_size`` vectors of every parameter's elements between steps (``old_dirs``,
-    ``old_stps``), so the limit counts them with the parameters; and where ``history_size`` is
-    negative or not a whole number torch keeps every step's pair (its ``len(old_dirs) ==
-    history_size`` never holds), a history without bound: refused where there is a limit.
+    ``old_stps``), so the limit counts them with the parameters; a ``history_size`` negative or
+    not a whole number (whose second step fails in torch: a request's is refused anyway,
+    :func:`app.engine.option_values.refuse_lbfgs_history`) is refused here too where there
+    is a limit.
     A value that is not a number is left to the options' own check."""
     if not limit or isinstance(history_size, bool) or not isinstance(history_size, int | float):
         return
@@ -421,6 +427,7 @@ def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
         opts = optimizers.normalize_options(s.cls, given, where, current[index])
         if request:
             refuse_nonfinite_options(s.optimizer_name, opts, where)
+            refuse_lbfgs_history(s.optimizer_name, opts, where)
             check_scheduler_group_keys(s.cls, opts, where)
         proposed[index].update(opts)
         plan = dict(opts)
