@@ -566,6 +566,13 @@ def check_lbfgs_state(session: Session, options: dict[str, Any], position: int,
         raise Invalid(f"the history holds {history} entries; history_size is {size} and al "
                       f"has {len(lists['al'])}", code="state_mismatch",
                       field=f"{where}.old_dirs")
+    if lists["al"] and isinstance(size, int) and size > len(lists["al"]):
+        # (torch sized al at its first curvature pair and keeps it: with a larger
+        # history_size its history grows past al, and a step some steps later fails)
+        raise Invalid(f"history_size is {size} but al has {len(lists['al'])} entries: torch "
+                      "sizes al once, at the first curvature pair, so the history would grow "
+                      "past it and a later step fail; give at most that history_size",
+                      code="state_mismatch", field=f"{where}.al")
     # (torch makes al history_size long once, and keeps it: at most that, or as long as this
     # session's own is. Unbounded, a torch file's list of millions of references to one
     # scalar became that many tensors here)

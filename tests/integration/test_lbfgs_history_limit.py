@@ -83,6 +83,11 @@ def test_a_create_whose_history_passes_the_limit_is_refused(limited: httpx.Clien
 def test_within_the_limit_steps_as_torch_and_refusals_change_nothing(limited: httpx.Client
                                                                       ) -> None:
     sid = create(limited, OPTIONS)
+    # a PATCH past the limit before any step (after one, a size above the history's scratch
+    # list is refused whatever the limit: tests/unit/test_lbfgs_history_size.py)
+    refused(limited.patch(f"/v1/sessions/{sid}/param_groups/0", json={"history_size": 10}),
+            "param_groups.0.history_size")
+    assert limited.get(f"/v1/sessions/{sid}").json()["param_groups"][0]["history_size"] == 9
     local = Local(OPTIONS)
     for _ in range(3):
         answer, _ = remote_step(limited, sid)
@@ -92,10 +97,8 @@ def test_within_the_limit_steps_as_torch_and_refusals_change_nothing(limited: ht
     for n, t in local.params.items():
         assert bitwise(answer["params"][n], t.detach()), n
 
-    # a PATCH past the limit, and an import of a local state whose history_size is
+    # an import of a local state whose history_size is past the limit
     before = state_of(limited, sid)
-    refused(limited.patch(f"/v1/sessions/{sid}/param_groups/0", json={"history_size": 10}),
-            "param_groups.0.history_size")
     # (-1: a history size torch's step fails with, refused whatever the limit:
     # tests/unit/test_lbfgs_history_size.py)
     r = limited.patch(f"/v1/sessions/{sid}/param_groups/0", json={"history_size": -1})
@@ -112,14 +115,13 @@ def test_within_the_limit_steps_as_torch_and_refusals_change_nothing(limited: ht
     assert_same_state(after["state"], before["state"])
     assert after["param_groups"] == before["param_groups"]
 
-    # below the pairs the history holds: torch would never drop one again (it drops the
-    # oldest only at exactly history_size), and the history would grow without bound
+    # below the pairs the history holds: torch's later steps would fail (refused whatever
+    # the limit: tests/unit/test_lbfgs_history_size.py)
     held = len(want["state"][0]["old_dirs"])
     assert held >= 2
-    problem = refused(limited.patch(f"/v1/sessions/{sid}/param_groups/0",
-                                    json={"history_size": held - 1}),
-                      "param_groups.0.history_size")
-    assert f"{held} pairs" in problem["detail"]
+    r = limited.patch(f"/v1/sessions/{sid}/param_groups/0", json={"history_size": held - 1})
+    assert r.status_code == 422 and r.json()["code"] == "invalid_option", r.text
+    assert r.json()["field"] == "param_groups.0.history_size", r.text
     assert_same_state(state_of(limited, sid)["state"], before["state"])
 
     # within it: a PATCH to the history it holds steps as torch's own group change

@@ -111,3 +111,133 @@ def test_a_history_of_one_steps_as_torch() -> None:
         finally:
             await eng.stop()
     asyncio.run(go())
+
+
+def _pairs(mirror: Mirror) -> tuple[int, int]:
+    """(the curvature pairs torch's LBFGS holds, the length of its scratch list ``al``)."""
+    state = next(iter(mirror.opt.state.values()))
+    return len(state["old_dirs"]), len(state["al"])
+
+
+def test_a_history_size_changed_past_what_the_history_holds_is_refused() -> None:
+    """Once LBFGS kept curvature pairs, torch's later steps fail with a ``history_size``
+    below the pairs held (it drops the oldest only at exactly that size, so the history grows
+    past its scratch list ``al``) or above ``al``'s length (sized once, at the first pair):
+    found by h23's LBFGS machine, checked here in process at test time. The server took such a
+    PATCH, and every step some steps later was a 422 ``step_failed``; now the PATCH is a 422
+    ``invalid_option`` naming ``history_size`` and changes nothing, and a size between the
+    two steps bitwise as torch's own group change."""
+    options = {**OPTIONS, "history_size": 5, "max_iter": 3}
+    mirror = Mirror(options, None)
+    steps = 0
+    while not mirror.opt.state or _pairs(mirror)[0] < 2:
+        mirror.step()
+        steps += 1
+    held, room = _pairs(mirror)
+    assert 1 < held < room == 5, (held, room)
+    for size in (held - 1, room + 1):  # what torch does with them
+        twin = Mirror(options, None)
+        for _ in range(steps):
+            twin.step()
+        twin.opt.param_groups[0]["history_size"] = size
+        with pytest.raises(IndexError):
+            for _ in range(8):
+                twin.step()
+
+    async def go() -> None:
+        eng = embedded_engine("cpu", warm_up=False)
+        await eng.start()
+        try:
+            await eng.create(CreateSpec("LBFGS", [GroupSpec(params())], dict(options), id="s"))
+            for _ in range(steps):
+                await lbfgs_step(eng, "s")
+            before = (await eng.export_state("s")).state_dict
+            same_tree(before["state"], mirror.opt.state_dict()["state"], "state")
+            for size in (held - 1, room + 1):
+                await refused(eng.update_param_group("s", 0, {"history_size": size}),
+                              "param_groups.0.history_size")
+            same_tree((await eng.export_state("s")).state_dict, before, "refusals")
+            fits = held + 1
+            await eng.update_param_group("s", 0, {"history_size": fits})
+            mirror.opt.param_groups[0]["history_size"] = fits
+            for _ in range(4):
+                result = await lbfgs_step(eng, "s")
+                mirror.step()
+            same_tree(dict(result.params or {}), mirror.params, "params")
+            same_tree((await eng.export_state("s")).state_dict["state"],
+                      mirror.opt.state_dict()["state"], "state")
+            assert _pairs(mirror)[0] == fits
+        finally:
+            await eng.stop()
+    asyncio.run(go())
+
+
+def test_an_import_whose_history_size_outgrows_its_scratch_list_is_refused() -> None:
+    """A torch state whose ``history_size`` is above its ``al``'s length (changed after the
+    first curvature pair: torch's own later steps fail on it, checked here) is refused on
+    import, 422 ``state_mismatch`` naming ``al``, nothing changed; the same state at its own
+    size imports and steps as torch."""
+    options = {**OPTIONS, "history_size": 3, "max_iter": 3}
+    mirror = Mirror(options, None)
+    for _ in range(2):
+        mirror.step()
+    assert _pairs(mirror)[1] == 3
+    outgrown = copy.deepcopy(mirror.opt.state_dict())
+    outgrown["param_groups"][0]["history_size"] = 4
+    twin = Mirror(options, None)
+    twin.opt.load_state_dict(copy.deepcopy(outgrown))
+    with pytest.raises(IndexError):
+        for _ in range(8):
+            twin.step()
+
+    async def go() -> None:
+        eng = embedded_engine("cpu", warm_up=False)
+        await eng.start()
+        try:
+            await eng.create(CreateSpec("LBFGS", [GroupSpec(params())], dict(options), id="s"))
+            for _ in range(2):
+                await lbfgs_step(eng, "s")
+            before = (await eng.export_state("s")).state_dict
+            with pytest.raises(OptserveError) as info:
+                await eng.import_state("s", copy.deepcopy(outgrown))
+            assert (info.value.status, info.value.code) == (422, "state_mismatch")
+            assert info.value.field is not None and info.value.field.endswith(".al")
+            same_tree((await eng.export_state("s")).state_dict, before, "refused")
+            await eng.import_state("s", copy.deepcopy(mirror.opt.state_dict()))
+            for _ in range(3):
+                result = await lbfgs_step(eng, "s")
+                mirror.step()
+            same_tree(dict(result.params or {}), mirror.params, "params")
+            same_tree((await eng.export_state("s")).state_dict["state"],
+                      mirror.opt.state_dict()["state"], "state")
+        finally:
+            await eng.stop()
+    asyncio.run(go())
+
+
+def test_a_history_size_changed_after_a_step_that_kept_no_history_steps_as_torch() -> None:
+    """A step of ``max_iter`` 0 leaves torch's ``old_dirs`` as ``None`` (its loop never ran):
+    the check of a new ``history_size`` against the history held raised a ``TypeError`` there
+    (a 500; found by h23's LBFGS machine, seed 2). It takes any size then, as torch does."""
+    options = {**OPTIONS, "max_iter": 0, "history_size": 3}
+    mirror = Mirror(options, None)
+    mirror.step()
+    assert next(iter(mirror.opt.state.values())).get("old_dirs") is None
+
+    async def go() -> None:
+        eng = embedded_engine("cpu", warm_up=False)
+        await eng.start()
+        try:
+            await eng.create(CreateSpec("LBFGS", [GroupSpec(params())], dict(options), id="s"))
+            await lbfgs_step(eng, "s")
+            await eng.update_param_group("s", 0, {"history_size": 1, "max_iter": 2})
+            mirror.opt.param_groups[0].update(history_size=1, max_iter=2)
+            for _ in range(3):
+                result = await lbfgs_step(eng, "s")
+                mirror.step()
+            same_tree(dict(result.params or {}), mirror.params, "params")
+            same_tree((await eng.export_state("s")).state_dict["state"],
+                      mirror.opt.state_dict()["state"], "state")
+        finally:
+            await eng.stop()
+    asyncio.run(go())

@@ -323,9 +323,12 @@ class UpdateParamGroup(Operation):
     def check(self, s: Session) -> dict[str, Any]:
         plan = check_group_changes(s, {self.index: self.options}, index_field="index",
                                    request=self.request, tensors=self.tensor_range)[self.index]
-        if self.max_elements is not None and "history_size" in self.options:
-            check_history_change(s, self.options["history_size"], self.max_elements,
-                                 f"param_groups.{self.index}.history_size")
+        if "history_size" in self.options:
+            where = f"param_groups.{self.index}.history_size"
+            if self.request:
+                check_history_fits(s, self.options["history_size"], where)
+            if self.max_elements is not None:
+                check_history_change(s, self.options["history_size"], self.max_elements, where)
         return plan
 
     def apply(self, s: Session, plan: dict[str, Any]) -> SessionInfo:
@@ -351,23 +354,36 @@ class UpdateParamGroup(Operation):
 
 def check_history_change(s: Session, history_size: Any, limit: int, field: str) -> None:
     """An LBFGS session's new ``history_size`` against the elements' ``limit``
-    (:func:`check_lbfgs_history`), and against the history it holds: torch drops its oldest
-    pair only when the history is exactly ``history_size`` long, so below what it holds it
-    keeps every later step's pair, without bound (422 ``session_too_large`` where there is a
-    limit; without one the session does as torch)."""
-    if s.optimizer_name != "LBFGS":
+    (:func:`check_lbfgs_history`)."""
+    if s.optimizer_name == "LBFGS":
+        check_lbfgs_history(sum(p.numel() for p in s.params.values()), history_size, limit,
+                            field)
+
+
+def check_history_fits(s: Session, history_size: Any, field: str) -> None:
+    """422 ``invalid_option`` for an LBFGS ``history_size`` changed after the session stepped
+    to one torch's next steps fail with. torch drops its oldest curvature pair only when the
+    history is exactly ``history_size`` long, and sizes its scratch list ``al`` once, at the
+    first pair it keeps: below the pairs the history holds, the history grows past ``al`` (an
+    ``IndexError`` some step later, and no bound on its memory until then); above ``al``'s
+    length, it grows past it too. So the new size must lie between the two (a session that has
+    kept no pair yet takes any). What torch's constructor refuses, and sizes that are no whole
+    number of at least 1, are refused by the options' own checks."""
+    if s.optimizer_name != "LBFGS" or type(history_size) is not int:
         return
-    check_lbfgs_history(sum(p.numel() for p in s.params.values()), history_size, limit, field)
-    if isinstance(history_size, bool) or not isinstance(history_size, int | float):
-        return
-    held = max((len(st.get("old_dirs", ())) for st in s.optimizer.state.values()), default=0)
-    if held > history_size:
-        raise Invalid(f"history_size {history_size!r} is below the {held} pairs the LBFGS "
-                      "history holds: torch drops its oldest pair only when the history is "
-                      "exactly history_size long, so the session would keep every later "
-                      "step's pair, without bound; with a limit on a session's elements "
-                      f"(OPTSERVE_MAX_SESSION_ELEMENTS, {limit}) give at least {held}",
-                      code="session_too_large", field=field, limit=limit)
+    for st in s.optimizer.state.values():
+        dirs, al = st.get("old_dirs"), st.get("al")
+        held = len(dirs) if isinstance(dirs, list) else 0
+        room = len(al) if isinstance(al, list) else None
+        if history_size < held or (room is not None and history_size > room):
+            span = (f"from {held} to {room}" if room is not None else f"at least {held}")
+            raise Invalid(f"history_size {history_size} does not fit the history this LBFGS "
+                          f"session holds ({held} curvature pairs"
+                          + (f", a scratch list of {room}" if room is not None else "")
+                          + "): torch drops its oldest pair only at exactly history_size and "
+                          "sizes its scratch list once, so its steps would fail from some "
+                          f"next step on; give a size {span}, or import a state made with "
+                          "the size you want", code="invalid_option", field=field)
 
 
 def check_group_indexes(count: int, indexes: Iterable[int], prefix: str = "param_groups",
