@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -31,6 +32,18 @@ OPTIONS = {"lr": 1, "max_iter": 2}
 
 def params() -> dict[str, torch.Tensor]:
     return {"w": seeded((3,), 1), "b": seeded((1,), 2)}
+
+
+def on_engine(go: Callable[[Front], Awaitable[None]]) -> None:
+    """``go`` on an embedded CPU engine of its own, started before and stopped after it."""
+    async def run() -> None:
+        eng = embedded_engine("cpu", warm_up=False)
+        await eng.start()
+        try:
+            await go(eng)
+        finally:
+            await eng.stop()
+    asyncio.run(run())
 
 
 async def lbfgs_step(eng: Front, sid: str) -> StepResult:
@@ -59,58 +72,48 @@ def test_torch_fails_on_its_second_step(history_size: float) -> None:
 
 @pytest.mark.parametrize("history_size", BAD)
 def test_a_history_size_torch_cannot_step_is_refused_everywhere(history_size: float) -> None:
-    async def go() -> None:
-        eng = embedded_engine("cpu", warm_up=False)
-        await eng.start()
-        try:
-            bad = {**OPTIONS, "history_size": history_size}
-            await refused(eng.create(CreateSpec("LBFGS", [GroupSpec(params())], bad, id="a")),
-                          "options.history_size")
-            await refused(eng.create(CreateSpec(
-                "LBFGS", [GroupSpec(params(), {"history_size": history_size})], dict(OPTIONS),
-                id="a")), "param_groups.0.history_size")
-            assert await eng.list_sessions() == []
+    async def go(eng: Front) -> None:
+        bad = {**OPTIONS, "history_size": history_size}
+        await refused(eng.create(CreateSpec("LBFGS", [GroupSpec(params())], bad, id="a")),
+                      "options.history_size")
+        await refused(eng.create(CreateSpec(
+            "LBFGS", [GroupSpec(params(), {"history_size": history_size})], dict(OPTIONS),
+            id="a")), "param_groups.0.history_size")
+        assert await eng.list_sessions() == []
 
-            await eng.create(CreateSpec("LBFGS", [GroupSpec(params())],
-                                        {**OPTIONS, "history_size": 2}, id="s"))
-            mirror = Mirror({**OPTIONS, "history_size": 2}, None)
-            await lbfgs_step(eng, "s")
+        await eng.create(CreateSpec("LBFGS", [GroupSpec(params())],
+                                    {**OPTIONS, "history_size": 2}, id="s"))
+        mirror = Mirror({**OPTIONS, "history_size": 2}, None)
+        await lbfgs_step(eng, "s")
+        mirror.step()
+        before = (await eng.export_state("s")).state_dict
+        await refused(eng.update_param_group("s", 0, {"history_size": history_size}),
+                      "param_groups.0.history_size")
+        sd = copy.deepcopy(mirror.opt.state_dict())
+        sd["param_groups"][0]["history_size"] = history_size
+        await refused(eng.import_state("s", sd), "state_dict.param_groups.0.history_size")
+        same_tree((await eng.export_state("s")).state_dict, before, "refusals")
+        for _ in range(2):  # the session steps on, as torch does
+            result = await lbfgs_step(eng, "s")
             mirror.step()
-            before = (await eng.export_state("s")).state_dict
-            await refused(eng.update_param_group("s", 0, {"history_size": history_size}),
-                          "param_groups.0.history_size")
-            sd = copy.deepcopy(mirror.opt.state_dict())
-            sd["param_groups"][0]["history_size"] = history_size
-            await refused(eng.import_state("s", sd), "state_dict.param_groups.0.history_size")
-            same_tree((await eng.export_state("s")).state_dict, before, "refusals")
-            for _ in range(2):  # the session steps on, as torch does
-                result = await lbfgs_step(eng, "s")
-                mirror.step()
-            same_tree(dict(result.params or {}), mirror.params, "params")
-            same_tree((await eng.export_state("s")).state_dict["state"],
-                      mirror.opt.state_dict()["state"], "state")
-        finally:
-            await eng.stop()
-    asyncio.run(go())
+        same_tree(dict(result.params or {}), mirror.params, "params")
+        same_tree((await eng.export_state("s")).state_dict["state"],
+                  mirror.opt.state_dict()["state"], "state")
+    on_engine(go)
 
 
 def test_a_history_of_one_steps_as_torch() -> None:
-    async def go() -> None:
-        eng = embedded_engine("cpu", warm_up=False)
-        await eng.start()
-        try:
-            await eng.create(CreateSpec("LBFGS", [GroupSpec(params())],
-                                        {**OPTIONS, "history_size": 1}, id="s"))
-            mirror = Mirror({**OPTIONS, "history_size": 1}, None)
-            for _ in range(4):
-                result = await lbfgs_step(eng, "s")
-                mirror.step()
-            same_tree(dict(result.params or {}), mirror.params, "params")
-            same_tree((await eng.export_state("s")).state_dict["state"],
-                      mirror.opt.state_dict()["state"], "state")
-        finally:
-            await eng.stop()
-    asyncio.run(go())
+    async def go(eng: Front) -> None:
+        await eng.create(CreateSpec("LBFGS", [GroupSpec(params())],
+                                    {**OPTIONS, "history_size": 1}, id="s"))
+        mirror = Mirror({**OPTIONS, "history_size": 1}, None)
+        for _ in range(4):
+            result = await lbfgs_step(eng, "s")
+            mirror.step()
+        same_tree(dict(result.params or {}), mirror.params, "params")
+        same_tree((await eng.export_state("s")).state_dict["state"],
+                  mirror.opt.state_dict()["state"], "state")
+    on_engine(go)
 
 
 def _pairs(mirror: Mirror) -> tuple[int, int]:
@@ -144,32 +147,27 @@ def test_a_history_size_changed_past_what_the_history_holds_is_refused() -> None
             for _ in range(8):
                 twin.step()
 
-    async def go() -> None:
-        eng = embedded_engine("cpu", warm_up=False)
-        await eng.start()
-        try:
-            await eng.create(CreateSpec("LBFGS", [GroupSpec(params())], dict(options), id="s"))
-            for _ in range(steps):
-                await lbfgs_step(eng, "s")
-            before = (await eng.export_state("s")).state_dict
-            same_tree(before["state"], mirror.opt.state_dict()["state"], "state")
-            for size in (held - 1, room + 1):
-                await refused(eng.update_param_group("s", 0, {"history_size": size}),
-                              "param_groups.0.history_size")
-            same_tree((await eng.export_state("s")).state_dict, before, "refusals")
-            fits = held + 1
-            await eng.update_param_group("s", 0, {"history_size": fits})
-            mirror.opt.param_groups[0]["history_size"] = fits
-            for _ in range(4):
-                result = await lbfgs_step(eng, "s")
-                mirror.step()
-            same_tree(dict(result.params or {}), mirror.params, "params")
-            same_tree((await eng.export_state("s")).state_dict["state"],
-                      mirror.opt.state_dict()["state"], "state")
-            assert _pairs(mirror)[0] == fits
-        finally:
-            await eng.stop()
-    asyncio.run(go())
+    async def go(eng: Front) -> None:
+        await eng.create(CreateSpec("LBFGS", [GroupSpec(params())], dict(options), id="s"))
+        for _ in range(steps):
+            await lbfgs_step(eng, "s")
+        before = (await eng.export_state("s")).state_dict
+        same_tree(before["state"], mirror.opt.state_dict()["state"], "state")
+        for size in (held - 1, room + 1):
+            await refused(eng.update_param_group("s", 0, {"history_size": size}),
+                          "param_groups.0.history_size")
+        same_tree((await eng.export_state("s")).state_dict, before, "refusals")
+        fits = held + 1
+        await eng.update_param_group("s", 0, {"history_size": fits})
+        mirror.opt.param_groups[0]["history_size"] = fits
+        for _ in range(4):
+            result = await lbfgs_step(eng, "s")
+            mirror.step()
+        same_tree(dict(result.params or {}), mirror.params, "params")
+        same_tree((await eng.export_state("s")).state_dict["state"],
+                  mirror.opt.state_dict()["state"], "state")
+        assert _pairs(mirror)[0] == fits
+    on_engine(go)
 
 
 def test_an_import_whose_history_size_outgrows_its_scratch_list_is_refused() -> None:
@@ -190,29 +188,24 @@ def test_an_import_whose_history_size_outgrows_its_scratch_list_is_refused() -> 
         for _ in range(8):
             twin.step()
 
-    async def go() -> None:
-        eng = embedded_engine("cpu", warm_up=False)
-        await eng.start()
-        try:
-            await eng.create(CreateSpec("LBFGS", [GroupSpec(params())], dict(options), id="s"))
-            for _ in range(2):
-                await lbfgs_step(eng, "s")
-            before = (await eng.export_state("s")).state_dict
-            with pytest.raises(OptserveError) as info:
-                await eng.import_state("s", copy.deepcopy(outgrown))
-            assert (info.value.status, info.value.code) == (422, "state_mismatch")
-            assert info.value.field is not None and info.value.field.endswith(".al")
-            same_tree((await eng.export_state("s")).state_dict, before, "refused")
-            await eng.import_state("s", copy.deepcopy(mirror.opt.state_dict()))
-            for _ in range(3):
-                result = await lbfgs_step(eng, "s")
-                mirror.step()
-            same_tree(dict(result.params or {}), mirror.params, "params")
-            same_tree((await eng.export_state("s")).state_dict["state"],
-                      mirror.opt.state_dict()["state"], "state")
-        finally:
-            await eng.stop()
-    asyncio.run(go())
+    async def go(eng: Front) -> None:
+        await eng.create(CreateSpec("LBFGS", [GroupSpec(params())], dict(options), id="s"))
+        for _ in range(2):
+            await lbfgs_step(eng, "s")
+        before = (await eng.export_state("s")).state_dict
+        with pytest.raises(OptserveError) as info:
+            await eng.import_state("s", copy.deepcopy(outgrown))
+        assert (info.value.status, info.value.code) == (422, "state_mismatch")
+        assert info.value.field is not None and info.value.field.endswith(".al")
+        same_tree((await eng.export_state("s")).state_dict, before, "refused")
+        await eng.import_state("s", copy.deepcopy(mirror.opt.state_dict()))
+        for _ in range(3):
+            result = await lbfgs_step(eng, "s")
+            mirror.step()
+        same_tree(dict(result.params or {}), mirror.params, "params")
+        same_tree((await eng.export_state("s")).state_dict["state"],
+                  mirror.opt.state_dict()["state"], "state")
+    on_engine(go)
 
 
 def test_a_history_size_changed_after_a_step_that_kept_no_history_steps_as_torch() -> None:
@@ -224,20 +217,15 @@ def test_a_history_size_changed_after_a_step_that_kept_no_history_steps_as_torch
     mirror.step()
     assert next(iter(mirror.opt.state.values())).get("old_dirs") is None
 
-    async def go() -> None:
-        eng = embedded_engine("cpu", warm_up=False)
-        await eng.start()
-        try:
-            await eng.create(CreateSpec("LBFGS", [GroupSpec(params())], dict(options), id="s"))
-            await lbfgs_step(eng, "s")
-            await eng.update_param_group("s", 0, {"history_size": 1, "max_iter": 2})
-            mirror.opt.param_groups[0].update(history_size=1, max_iter=2)
-            for _ in range(3):
-                result = await lbfgs_step(eng, "s")
-                mirror.step()
-            same_tree(dict(result.params or {}), mirror.params, "params")
-            same_tree((await eng.export_state("s")).state_dict["state"],
-                      mirror.opt.state_dict()["state"], "state")
-        finally:
-            await eng.stop()
-    asyncio.run(go())
+    async def go(eng: Front) -> None:
+        await eng.create(CreateSpec("LBFGS", [GroupSpec(params())], dict(options), id="s"))
+        await lbfgs_step(eng, "s")
+        await eng.update_param_group("s", 0, {"history_size": 1, "max_iter": 2})
+        mirror.opt.param_groups[0].update(history_size=1, max_iter=2)
+        for _ in range(3):
+            result = await lbfgs_step(eng, "s")
+            mirror.step()
+        same_tree(dict(result.params or {}), mirror.params, "params")
+        same_tree((await eng.export_state("s")).state_dict["state"],
+                  mirror.opt.state_dict()["state"], "state")
+    on_engine(go)
