@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from app.api.auth import tenant_of
 from app.config import Settings
@@ -31,3 +31,10 @@ async def get_tenant(request: Request) -> str:
 EngineDep = Annotated[Engine, Depends(get_engine)]
 TenantDep = Annotated[str, Depends(get_tenant)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+#: a pull's long poll (the whole parameters' and the rows'): until this version, for at most
+#: ``wait_s`` seconds (finite: NaN and infinity are refused as such)
+MinVersion = Annotated[int | None, Query(ge=0, description="long-poll until this version")]
+WaitSeconds = Annotated[float, Query(ge=0, le=1e9, allow_inf_nan=False,
+                                     description="long-poll for at most this long (capped at "
+                                                 "60 s)")]

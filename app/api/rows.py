@@ -16,7 +16,7 @@ import re
 from typing import Annotated, Any
 
 import torch
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Path, Request
 from starlette.responses import Response
 
 from app.api import conditions
@@ -32,7 +32,7 @@ from app.api.bodies import (
     version_headers,
     wants_binary,
 )
-from app.api.deps import EngineDep, SettingsDep, TenantDep
+from app.api.deps import EngineDep, MinVersion, SettingsDep, TenantDep, WaitSeconds
 from app.api.requests import params_dtype_query
 from app.api.strict_requests import StrictRoute
 from app.engine.interface import ParamsResult
@@ -117,11 +117,8 @@ async def post_rows(
     engine: EngineDep,
     tenant: TenantDep,
     settings: SettingsDep,
-    min_version: Annotated[int | None, Query(ge=0, description="long-poll until this version")]
-    = None,
-    wait_s: Annotated[float, Query(ge=0, le=1e9, allow_inf_nan=False,
-                                   description="long-poll for at most this long (capped at "
-                                               "60 s)")] = 0.0,
+    min_version: MinVersion = None,
+    wait_s: WaitSeconds = 0.0,
 ) -> Response:
     conditions.one_query(request, "min_version", "wait_s")
     binary, b64 = wants_binary(request), tensor_encoding(request)

@@ -34,7 +34,7 @@ from app.api.bodies import (
     wants_binary,
 )
 from app.api.conditions import idempotency
-from app.api.deps import EngineDep, SettingsDep, TenantDep
+from app.api.deps import EngineDep, MinVersion, SettingsDep, TenantDep, WaitSeconds
 from app.api.instrument import metrics_of, outcome, phase
 from app.api.requests import StepQuery, params_dtype_query
 from app.api.strict_requests import StrictRoute
@@ -270,11 +270,8 @@ async def get_params(
     engine: EngineDep, tenant: TenantDep,
     names: Annotated[list[str] | None, Query(description="names, repeated or comma-separated")]
     = None,
-    min_version: Annotated[int | None, Query(ge=0, description="long-poll until this version")]
-    = None,
-    wait_s: Annotated[float, Query(ge=0, le=1e9, allow_inf_nan=False,
-                                   description="long-poll for at most this long (capped at "
-                                               "60 s)")] = 0.0,
+    min_version: MinVersion = None,
+    wait_s: WaitSeconds = 0.0,
     name: Annotated[str | None, Query(description="the parameter whose rows to pull")] = None,
     rows: Annotated[list[str] | None, Query(description="row indices, repeated or "
                                             "comma-separated (with name)")] = None,

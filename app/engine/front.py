@@ -199,8 +199,9 @@ class Front:
             for i, g in enumerate(spec.groups):
                 where = (f"param_groups.{i}.history_size" if "history_size" in g.options
                          else "options.history_size")
-                self._check_history(n, g.options.get(
-                    "history_size", spec.options.get("history_size", LBFGS_HISTORY)), where)
+                check_lbfgs_history(n, g.options.get(
+                    "history_size", spec.options.get("history_size", LBFGS_HISTORY)),
+                    self.limits.max_session_elements, where)
 
         held: list[asyncio.Lock] = []
 
@@ -240,20 +241,25 @@ class Front:
     def _check_elements(self, n: int) -> None:
         check_element_count(n, self.limits.max_session_elements)
 
-    def _check_history(self, n: int, history_size: Any, field: str) -> None:
-        check_lbfgs_history(n, history_size, self.limits.max_session_elements, field)
-
-    async def _check_new_history(self, host: SessionHost, key: str, history_size: Any,
-                                 field: str) -> None:
+    async def _check_import_history(self, tenant: str, session_id: str, state: Any) -> None:
         """An import's LBFGS ``history_size`` against the elements' limit: the session's
         parameters are fixed (LBFGS takes one group), so checking before the operation holds
         for it (and the import's own check keeps its history within its ``history_size``)."""
-        if not self.limits.max_session_elements:
+        limit = self.limits.max_session_elements
+        groups = state.get("param_groups") if limit and isinstance(state, dict) else None
+        if not isinstance(groups, list):
             return
+        sizes = [(i, g["history_size"]) for i, g in enumerate(groups)
+                 if isinstance(g, dict) and "history_size" in g]
+        if not sizes:
+            return
+        host, key = await self._host(tenant, session_id)
         info = await host.describe(key)
-        if info.optimizer == "LBFGS":
-            self._check_history(sum(_numel(p["shape"]) for p in info.params.values()),
-                                history_size, field)
+        if info.optimizer != "LBFGS":
+            return
+        n = sum(_numel(p["shape"]) for p in info.params.values())
+        for i, size in sizes:
+            check_lbfgs_history(n, size, limit, f"param_groups.{i}.history_size")
 
     async def describe(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> SessionInfo:
         host, key = await self._host(tenant, session_id)
@@ -491,13 +497,7 @@ class Front:
                            expected: Expected | None = None) -> SessionInfo:
         # what a torch.save file held as one tensor, found before anything encodes the state
         # (off the event loop: every tensor of it is looked at)
-        groups = state.get("param_groups") if isinstance(state, dict) else None
-        if isinstance(groups, list):
-            for i, g in enumerate(groups):
-                if isinstance(g, dict) and "history_size" in g:
-                    host, key = await self._host(tenant, session_id)
-                    await self._check_new_history(host, key, g["history_size"],
-                                                  f"param_groups.{i}.history_size")
+        await self._check_import_history(tenant, session_id, state)
         shared = await asyncio.to_thread(state_aliases.examine, state)
         op = ImportState(state, request=True, scheduler_range=True, tensor_range=True,
                          shared=shared, expected=expected)

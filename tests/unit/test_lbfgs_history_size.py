@@ -54,6 +54,17 @@ async def lbfgs_step(eng: Front, sid: str) -> StepResult:
     return answer
 
 
+async def steps_alike(eng: Front, mirror: Mirror, steps: int) -> None:
+    """``steps`` LBFGS steps of session ``s`` and of ``mirror``: the same parameters and the
+    same state after them, bit for bit."""
+    for _ in range(steps):
+        result = await lbfgs_step(eng, "s")
+        mirror.step()
+    same_tree(dict(result.params or {}), mirror.params, "params")
+    same_tree((await eng.export_state("s")).state_dict["state"],
+              mirror.opt.state_dict()["state"], "state")
+
+
 async def refused(call: Any, field: str) -> None:
     with pytest.raises(OptserveError) as info:
         await call
@@ -93,12 +104,7 @@ def test_a_history_size_torch_cannot_step_is_refused_everywhere(history_size: fl
         sd["param_groups"][0]["history_size"] = history_size
         await refused(eng.import_state("s", sd), "state_dict.param_groups.0.history_size")
         same_tree((await eng.export_state("s")).state_dict, before, "refusals")
-        for _ in range(2):  # the session steps on, as torch does
-            result = await lbfgs_step(eng, "s")
-            mirror.step()
-        same_tree(dict(result.params or {}), mirror.params, "params")
-        same_tree((await eng.export_state("s")).state_dict["state"],
-                  mirror.opt.state_dict()["state"], "state")
+        await steps_alike(eng, mirror, 2)  # the session steps on, as torch does
     on_engine(go)
 
 
@@ -107,12 +113,7 @@ def test_a_history_of_one_steps_as_torch() -> None:
         await eng.create(CreateSpec("LBFGS", [GroupSpec(params())],
                                     {**OPTIONS, "history_size": 1}, id="s"))
         mirror = Mirror({**OPTIONS, "history_size": 1}, None)
-        for _ in range(4):
-            result = await lbfgs_step(eng, "s")
-            mirror.step()
-        same_tree(dict(result.params or {}), mirror.params, "params")
-        same_tree((await eng.export_state("s")).state_dict["state"],
-                  mirror.opt.state_dict()["state"], "state")
+        await steps_alike(eng, mirror, 4)
     on_engine(go)
 
 
@@ -160,12 +161,7 @@ def test_a_history_size_changed_past_what_the_history_holds_is_refused() -> None
         fits = held + 1
         await eng.update_param_group("s", 0, {"history_size": fits})
         mirror.opt.param_groups[0]["history_size"] = fits
-        for _ in range(4):
-            result = await lbfgs_step(eng, "s")
-            mirror.step()
-        same_tree(dict(result.params or {}), mirror.params, "params")
-        same_tree((await eng.export_state("s")).state_dict["state"],
-                  mirror.opt.state_dict()["state"], "state")
+        await steps_alike(eng, mirror, 4)
         assert _pairs(mirror)[0] == fits
     on_engine(go)
 
@@ -199,12 +195,7 @@ def test_an_import_whose_history_size_outgrows_its_scratch_list_is_refused() -> 
         assert info.value.field is not None and info.value.field.endswith(".al")
         same_tree((await eng.export_state("s")).state_dict, before, "refused")
         await eng.import_state("s", copy.deepcopy(mirror.opt.state_dict()))
-        for _ in range(3):
-            result = await lbfgs_step(eng, "s")
-            mirror.step()
-        same_tree(dict(result.params or {}), mirror.params, "params")
-        same_tree((await eng.export_state("s")).state_dict["state"],
-                  mirror.opt.state_dict()["state"], "state")
+        await steps_alike(eng, mirror, 3)
     on_engine(go)
 
 
@@ -222,10 +213,5 @@ def test_a_history_size_changed_after_a_step_that_kept_no_history_steps_as_torch
         await lbfgs_step(eng, "s")
         await eng.update_param_group("s", 0, {"history_size": 1, "max_iter": 2})
         mirror.opt.param_groups[0].update(history_size=1, max_iter=2)
-        for _ in range(3):
-            result = await lbfgs_step(eng, "s")
-            mirror.step()
-        same_tree(dict(result.params or {}), mirror.params, "params")
-        same_tree((await eng.export_state("s")).state_dict["state"],
-                  mirror.opt.state_dict()["state"], "state")
+        await steps_alike(eng, mirror, 3)
     on_engine(go)

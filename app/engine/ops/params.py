@@ -316,7 +316,7 @@ class UpdateParamGroup(Operation):
     tensor_range: bool = False
     #: the most elements the session may hold after it (a request's bound,
     #: ``OPTSERVE_MAX_SESSION_ELEMENTS``): an LBFGS ``history_size`` is checked against it
-    #: with the history the session holds (:func:`check_history_change`). Logged; records
+    #: with the session's elements (:func:`check_lbfgs_history`). Logged; records
     #: logged before this check lack it and replay as they ran
     max_elements: int | None = None
 
@@ -327,8 +327,9 @@ class UpdateParamGroup(Operation):
             where = f"param_groups.{self.index}.history_size"
             if self.request:
                 check_history_fits(s, self.options["history_size"], where)
-            if self.max_elements is not None:
-                check_history_change(s, self.options["history_size"], self.max_elements, where)
+            if self.max_elements is not None and s.optimizer_name == "LBFGS":
+                check_lbfgs_history(sum(p.numel() for p in s.params.values()),
+                                    self.options["history_size"], self.max_elements, where)
         return plan
 
     def apply(self, s: Session, plan: dict[str, Any]) -> SessionInfo:
@@ -350,14 +351,6 @@ class UpdateParamGroup(Operation):
         bound = tree.get("max_elements")
         return cls(int(tree["index"]), dict(tree["options"]), tree.get("request") is True,
                    tree.get("tensor_range") is True, bound if type(bound) is int else None)
-
-
-def check_history_change(s: Session, history_size: Any, limit: int, field: str) -> None:
-    """An LBFGS session's new ``history_size`` against the elements' ``limit``
-    (:func:`check_lbfgs_history`)."""
-    if s.optimizer_name == "LBFGS":
-        check_lbfgs_history(sum(p.numel() for p in s.params.values()), history_size, limit,
-                            field)
 
 
 def check_history_fits(s: Session, history_size: Any, field: str) -> None:
