@@ -259,7 +259,7 @@ class Front:
             return
         n = sum(_numel(p["shape"]) for p in info.params.values())
         for i, size in sizes:
-            check_lbfgs_history(n, size, limit, f"param_groups.{i}.history_size")
+            check_lbfgs_history(n, size, limit, f"state_dict.param_groups.{i}.history_size")
 
     async def describe(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> SessionInfo:
         host, key = await self._host(tenant, session_id)

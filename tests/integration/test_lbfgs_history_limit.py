@@ -110,7 +110,7 @@ def test_within_the_limit_steps_as_torch_and_refusals_change_nothing(limited: ht
     torch.save(longer.opt.state_dict(), buf)
     refused(limited.put(f"/v1/sessions/{sid}/state_dict?format=torch", content=buf.getvalue(),
                         headers={"content-type": "application/octet-stream"}),
-            "param_groups.0.history_size")
+            "state_dict.param_groups.0.history_size")  # (as the import's other refusals)
     after = state_of(limited, sid)
     assert_same_state(after["state"], before["state"])
     assert after["param_groups"] == before["param_groups"]
