@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,24 +210,16 @@ def check_lbfgs_history(n: int, history_size: Any, limit: int, field: str) -> No
     """422 ``session_too_large`` for an LBFGS session of ``n`` parameter elements whose history
     would take it past ``limit`` (``OPTSERVE_MAX_SESSION_ELEMENTS``; 0: none). LBFGS keeps
     ``2 * history_size`` vectors of every parameter's elements between steps (``old_dirs``,
-    ``old_stps``), so the limit counts them with the parameters; a ``history_size`` negative or
-    not a whole number (whose second step fails in torch: a request's is refused anyway,
-    :func:`app.engine.option_values.refuse_lbfgs_history`) is refused here too where there
-    is a limit.
-    A value that is not a number is left to the options' own check."""
-    if not limit or isinstance(history_size, bool) or not isinstance(history_size, int | float):
+    ``old_stps``), so the limit counts them with the parameters. A ``history_size`` that is
+    not an integer of at least 1 (whose second step fails in torch) is left to
+    :func:`app.engine.option_values.refuse_lbfgs_history`, which every create, PATCH and
+    import runs: a 422 ``invalid_option`` whether or not there is a limit."""
+    if not limit or type(history_size) is not int or history_size < 1:
         return
-    if not (math.isfinite(history_size) and history_size >= 0
-            and float(history_size).is_integer()):
-        raise Invalid(f"history_size {history_size!r}: LBFGS would keep every step's history "
-                      "(2 vectors of the parameters' size per step) without bound; with a limit "
-                      "on a session's elements (OPTSERVE_MAX_SESSION_ELEMENTS) it must be a "
-                      "whole number, 0 or more", code="session_too_large", field=field,
-                      limit=limit)
-    total = n * (1 + 2 * int(history_size))
+    total = n * (1 + 2 * history_size)
     if total > limit:
         raise Invalid(f"the session would hold {total} elements: {n} parameter elements and "
-                      f"an LBFGS history of 2 x history_size ({int(history_size)}) vectors of "
+                      f"an LBFGS history of 2 x history_size ({history_size}) vectors of "
                       f"them; the limit (OPTSERVE_MAX_SESSION_ELEMENTS) is {limit}",
                       code="session_too_large", field=field, limit=limit)
 
