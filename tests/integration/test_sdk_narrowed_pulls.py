@@ -150,3 +150,32 @@ def test_a_wire_dtype_worker_pulls_narrowed_bytes_and_holds_the_same_values(
         # float16: the parameter that came back infinite, pulled again at its own width
         assert [q.get("names") for q, _ in wide] == ([["2.bias"]] if wire == "float16" else [])
     client.delete_session(sid)
+
+
+@pytest.mark.parametrize("wire", ["bfloat16", "float16"])
+def test_module_level_pull_params_narrowed(live_server: str, client: optserve.Client,
+                                           wire: str) -> None:
+    """``optserve.pull_params(client, sid, into=model, params_dtype=...)``: the pull travels
+    narrowed (about half a float32 pull's bytes) and each local float32 parameter holds the
+    session's value narrowed and widened, as torch's ``m.to(wire).to(torch.float32)``."""
+    dtype = getattr(torch, wire)
+    sid = f"sdk-narrowpull-module-{uuid.uuid4().hex[:8]}"
+    client.create_session("Adam", params=dict(model().named_parameters()), id=sid,
+                          options={"lr": 1e-2})
+    master = {n: t.detach().clone() for n, t in client.get_params(sid).params.items()}
+    counted = Counted()
+    with httpx.Client(event_hooks={"response": [counted]}, timeout=60) as http, \
+            optserve.Client(live_server, max_retries=0, http_client=http,
+                            transport="http") as puller:
+        into = model()
+        with torch.no_grad():
+            for p in into.parameters():
+                p.zero_()
+        full = optserve.pull_params(puller, sid, into=model())
+        got = optserve.pull_params(puller, sid, into=into, params_dtype=wire)
+    assert got.version == full.version
+    assert_bitwise({n: p.detach() for n, p in into.named_parameters()},
+                   {n: m.to(dtype).to(torch.float32) for n, m in master.items()})
+    (full_query, full_bytes), (query, narrow_bytes) = counted.pulls
+    assert "params_dtype" not in full_query and query["params_dtype"] == [wire]
+    assert narrow_bytes < 0.55 * full_bytes, (narrow_bytes, full_bytes)

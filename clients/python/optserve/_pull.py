@@ -61,11 +61,16 @@ def pull_params(
     names: Iterable[str] | None = None,
     *,
     binary: bool = True,
+    params_dtype: str | None = None,
 ) -> ParamsResult:
     """Fetch the session's current parameters (``GET .../params``) and copy them in place into
     the matching local tensors (see the module docstring for the matching rule). Returns the
-    :class:`ParamsResult` (its ``version`` is the version the local values now come from)."""
-    result = client.get_params(session_id, names, binary=binary)
+    :class:`ParamsResult` (its ``version`` is the version the local values now come from).
+
+    ``params_dtype="bfloat16"`` (or ``"float16"``): the floating parameters wider than it
+    travel narrowed (:meth:`Client.get_params`) and are widened into the local tensors: each
+    then holds the session's value rounded to that dtype (half the bytes of a float32 pull)."""
+    result = client.get_params(session_id, names, binary=binary, params_dtype=params_dtype)
     local = _local_tensors(into, result.params)
     missing = [n for n in result.params if n not in local]
     if missing:
