@@ -532,8 +532,11 @@ class PartsResponse(Response):
                         "more_body": i < len(parts) - 1})
 
 
-def version_headers(version: int, step: int) -> dict[str, str]:
-    return {"ETag": f'"{version}"', "X-Optserve-Version": str(version),
+def version_headers(version: int, step: int, tag: int | None = None) -> dict[str, str]:
+    """``ETag`` (the parameters' version: ``tag`` where the answer's parameters are of
+    another version than the answer's, as a replayed step's current ones),
+    ``X-Optserve-Version``, ``X-Optserve-Step``."""
+    return {"ETag": f'"{version if tag is None else tag}"', "X-Optserve-Version": str(version),
             "X-Optserve-Step": str(step)}
 
 

@@ -94,9 +94,10 @@ def _timeout(request: Request) -> float | None:
 
 
 async def answer(result: EvaluationRequest | StepResult, binary: bool, b64: bool) -> Response:
-    headers = version_headers(result.version, result.step)
     if isinstance(result, EvaluationRequest):
+        headers = version_headers(result.version, result.step)
         return await tensors_response(binary, b64, result.scalars(), result.params, headers)
+    headers = version_headers(result.version, result.step, result.tag_version)
     if result.replayed:
         headers[REPLAYED_HEADER] = "true"
     return await tensors_response(binary, b64, result.scalars(), result.params, headers)

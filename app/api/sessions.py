@@ -71,8 +71,9 @@ def _described(info: SessionInfo, status: int = 200) -> Response:
     return json_response(info.to_json(), status, headers)
 
 
-def _headers(version: int, step: int, replayed: bool = False) -> dict[str, str]:
-    headers = version_headers(version, step)
+def _headers(version: int, step: int, replayed: bool = False, tag: int | None = None
+             ) -> dict[str, str]:
+    headers = version_headers(version, step, tag)
     if replayed:
         headers[REPLAYED_HEADER] = "true"
     return headers
@@ -200,7 +201,7 @@ async def _step(request: Request, engine: Engine, counted: dict[str, Any], sessi
     with phase(request, "encode"):
         return await tensors_response(
             binary, b64, result.scalars(), result.params,
-            _headers(result.version, result.step, result.replayed))
+            _headers(result.version, result.step, result.replayed, result.tag_version))
 
 
 async def _step_idempotency(request: Request, buf: bytearray | memoryview, session_id: str,

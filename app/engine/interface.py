@@ -178,6 +178,14 @@ class StepResult:
     #: the step's metrics (app.engine.metrics.StepMetrics.to_json), JSON-ready
     metrics: dict[str, Any] | None = None
 
+    @property
+    def tag_version(self) -> int:
+        """The version the answer's ``ETag`` names: its parameters' (``params_version`` for a
+        replayed answer carrying the current ones), else the step's."""
+        if self.params is not None and self.params_version is not None:
+            return self.params_version
+        return self.version
+
     def scalars(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.version, "step": self.step,
                                "lr": json_floats(self.lr), "skipped": self.skipped}
