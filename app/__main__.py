@@ -156,7 +156,7 @@ def check_data_dir(settings: Settings, make: bool = True) -> str | None:
     if not make and not path.exists():
         return _could_make(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
             pass
     except OSError as exc:

@@ -87,7 +87,7 @@ def claim(data_dir: Path, engine: str) -> None:
         return
     from app.engine.store import write_atomic  # (the engine's: only once the server starts)
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_atomic(path, [f"{engine}\n".encode()])
     except OSError as exc:
         log.warning("could not note the engine in %s: %s", path, exc.strerror or exc)

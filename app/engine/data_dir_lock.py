@@ -153,7 +153,7 @@ class DataDirLock:
         """A descriptor to lock (the directory made first where it is missing): the lock's
         file, or the directory where the file cannot be made for want of space; and whether it
         is the file."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), True
         except OSError as exc:

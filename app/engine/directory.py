@@ -183,8 +183,9 @@ class Directory:
         """The directory's folders, where they are missing (at start; again after the data
         directory was removed while the server ran)."""
         assert self.root is not None
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         for folder in (".creates", _CREATING, _LOCKS, *_MARKS):
-            (self.root / folder).mkdir(parents=True, exist_ok=True)
+            (self.root / folder).mkdir(mode=0o700, exist_ok=True)
 
     def _in_folders(self, write: Callable[[], T]) -> T:
         """``write()``, once more after making the folders when a folder of it was missing

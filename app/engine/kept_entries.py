@@ -138,7 +138,7 @@ class KeptEntries:
     def host_json_again(self) -> None:
         """The host's ``host.json``, where it is missing (an OSError goes to the caller)."""
         if self.host_json is not None and not (self.host_root / HOST_JSON).exists():
-            self.host_root.mkdir(parents=True, exist_ok=True)
+            self.host_root.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_atomic(self.host_root / HOST_JSON, [orjson.dumps(self.host_json)])
             log.error("host.json of %s was removed from the data directory while the server "
                       "ran: written again", self.host_root.name)

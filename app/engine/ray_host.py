@@ -975,7 +975,7 @@ class RayRouter:
         self.device = "ray"
         self.directory = Directory(options.data_dir / "directory")
         self.hosts_dir = options.data_dir / "hosts"
-        self.hosts_dir.mkdir(parents=True, exist_ok=True)
+        self.hosts_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._hosts: dict[str, RayHost] = {}
         #: every host's host.json as this front wrote or read it (a host's shape never
         #: changes): placement still finds a host whose file was removed with the data
@@ -1330,7 +1330,7 @@ class RayRouter:
         saved = {"name": name, "resources": resources, "placement": placement,
                  "created": time.time()}
         try:
-            root.mkdir(parents=True)
+            root.mkdir(mode=0o700, parents=True)
             Files().fsync_dir(self.hosts_dir)
             # (whole or not there, and on disk before any session is made on the host: a
             # restart starts the host again from it, and a host without one is gone)

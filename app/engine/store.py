@@ -203,7 +203,7 @@ class Files:
             os.close(fd)
 
     def mkdir(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def free_bytes(self, path: Path) -> int:
         st = os.statvfs(path)
@@ -417,7 +417,7 @@ class Store:
             raise
 
     def _clean_and_start(self) -> None:
-        self.sessions_dir.mkdir(parents=True, exist_ok=True)
+        self.sessions_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for leftover in self.sessions_dir.glob(".deleted-*"):  # a crash in the middle of delete
             self._bury(leftover)
         for stray in self.sessions_dir.glob(f"*/{TOMBSTONE}"):  # a delete that never happened
