@@ -147,12 +147,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(EncodedSlash)  # (before the step's lane, which reads the path too)
     app.add_middleware(BodyMemoryRelease)  # (around every endpoint, the step's lane too)
     app.add_middleware(AuthMiddleware, keys=keys, metrics_tenants=metrics_tenants)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
     origins = settings.cors_origin_list()
-    if origins:  # outermost: preflights need no key, and 401s carry the CORS headers too
+    if origins:  # outside auth: preflights need no key, and 401s carry the CORS headers too
         app.add_middleware(ProblemCORSMiddleware, allow_origins=origins, allow_methods=CORS_METHODS,
                            allow_headers=CORS_REQUEST_HEADERS,
                            expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
+    # outermost: every answer, a preflight's the CORS middleware gives itself too, carries
+    # X-Request-Id (and a refused preflight's problem+json its request_id)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.include_router(meta.router)
     app.include_router(sessions.router)
     app.include_router(rows.router)

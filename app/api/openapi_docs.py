@@ -273,6 +273,11 @@ SCHEMAS: dict[str, Any] = {
                                "key] (a tensor lr given as the default is the defaults' and "
                                "every group's built from them, as in torch); left out where "
                                "there are none"},
+            "replayed": {"type": "boolean", "enum": [True],
+                         "description": "the answer to a repeated Idempotency-Key (a create, "
+                                        "a PATCH, a param group added or changed, an import): "
+                                        "nothing was applied again, the session is described "
+                                        "as it is now; left out otherwise"},
         },
         "additionalProperties": True,
     },

@@ -152,6 +152,8 @@ class SessionInfo:
             out["placement"] = self.placement
         if self.shared_tensors:
             out["shared_tensors"] = self.shared_tensors
+        if self.replayed:  # a repeated Idempotency-Key's answer says so, as every other does
+            out["replayed"] = True
         return out
 
 
