@@ -500,10 +500,19 @@ def test_history_only_metrics_fill_the_row_after_the_answer_with_the_same_values
         return norms_into(s, probe, groups, **kwargs)
     monkeypatch.setattr(metrics, "_norms_into", slow_norms)
     real_hand_over = worker_module._hand_over
+    # (only answers handed to the loop the test's own calls run on: a server another test
+    # module left running in this process has device workers of its own, whose background
+    # jobs hand answers over too)
+    ours: list[asyncio.AbstractEventLoop] = []
 
-    def spy_hand_over(*args: Any) -> None:
-        events.append(("answer", ""))
-        real_hand_over(*args)
+    async def on_our_loop(coro: Coroutine[Any, Any, T]) -> T:
+        ours.append(asyncio.get_running_loop())
+        return await coro
+
+    def spy_hand_over(loop: asyncio.AbstractEventLoop, *args: Any) -> None:
+        if loop in ours:
+            events.append(("answer", ""))
+        real_hand_over(loop, *args)
     monkeypatch.setattr(worker_module, "_hand_over", spy_hand_over)
     if where == "worker":
         monkeypatch.setattr(host_module, "INLINE_BYTES", -1)
@@ -524,8 +533,8 @@ def test_history_only_metrics_fill_the_row_after_the_answer_with_the_same_values
         answered = run(engine.step("a", sent, return_params=True))
         assert_step_as_torch(answered, [list(g) for g in GROUPS], sent, local, before, f"a {k}")
         events.clear()
-        quiet = run(engine.step("h", sent, return_params=True, answer_metrics=False,
-                                scalars={"loss": float(k)}))
+        quiet = run(on_our_loop(engine.step("h", sent, return_params=True,
+                                            answer_metrics=False, scalars={"loss": float(k)})))
         assert quiet.metrics is None and quiet.params is not None
         for n in SHAPES:
             assert torch.equal(quiet.params[n], local[n]), n
