@@ -58,7 +58,7 @@ from collections.abc import Callable, Mapping
 from copy import deepcopy
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, overload
+from typing import Any, TypeVar, cast, overload
 
 import torch
 from torch.optim.optimizer import ParamsT
@@ -99,6 +99,17 @@ MASTER_PARAMS = "master_params"
 #: how many times ``state_dict()`` exports the state and reads the master weights of its
 #: version before it gives up (each failure: another worker stepped the session in between)
 MASTER_READ_ATTEMPTS = 3
+
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _outside_compile(fn: _Fn) -> _Fn:
+    """``fn`` run as it is, never traced by ``torch.compile`` (called from compiled code, the
+    graph breaks around it). A step is a request to the server, nothing a graph can hold, and
+    traced code sees each ``param_groups`` entry as dynamo shows it, with ``capturable`` set
+    to True (``OptimizerVariable._set_capturable``), which the step would send."""
+    return cast(_Fn, torch.compiler.disable(fn))  # type: ignore[no-untyped-call]
 
 
 def _norm(value: Any) -> Any:
@@ -738,6 +749,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
     @overload
     def step(self, closure: Callable[[], float]) -> float: ...
 
+    @_outside_compile
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Evaluate ``closure`` (if given, with grad enabled), send the gradients, step on the
         server and copy the updated values into the parameters. Returns the closure's loss,
