@@ -980,6 +980,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """torch's ``add_param_group``, on the server too."""
         if getattr(self, "_initializing", True):
             super().add_param_group(param_group)
+            self._refuse_duplicates()
             return
         # (keys the optimizer has no option for stay in the local group: see _server_options;
         # a wrapper may have added its own to the defaults, timm's Lookahead its lookahead_*)
@@ -992,6 +993,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._sync_param_groups(fills_only=True)
         self._state_epoch += 1
         super().add_param_group(param_group)
+        self._refuse_duplicates()
         group = self.param_groups[-1]
         names = self._names_for(group)
         try:
@@ -1004,6 +1006,24 @@ class RemoteOptimizer(torch.optim.Optimizer):
             raise
         self._remember(names, group["params"])
         self._adopt(info)
+
+    def _refuse_duplicates(self) -> None:
+        """The group torch's ``add_param_group`` just appended, taken back with a
+        ``ValueError`` when it lists a tensor twice. torch takes that with a deprecation
+        warning and steps the tensor once for each time it is listed; a session holds each
+        entry as a parameter of its own and steps it once (the tensor would end with one
+        entry's values), so it cannot be the same training."""
+        group = self.param_groups[-1]
+        first: dict[int, int] = {}
+        for i, p in enumerate(group["params"]):
+            j = first.setdefault(id(p), i)
+            if j != i:
+                self.param_groups.pop()
+                raise ValueError(
+                    f"param_groups[{len(self.param_groups)}] lists one tensor twice (index "
+                    f"{i} is the parameter at index {j}): torch steps such a parameter once "
+                    "for each time it is listed (deprecated: 'in future, this will cause an "
+                    "error'), a session steps each entry once; list each parameter once")
 
     def state_dict(self) -> dict[str, Any]:
         """The session's state in torch's format (fetched from the server)::
