@@ -166,6 +166,10 @@ def _from_torch(t: Any, what: str, module: Any) -> WireTensor:
         raise TypeError(f"{what}: dtype {t.dtype} cannot be sent; one of {sorted(DTYPES)}")
     t = t.detach()
     if t.device.type != "cpu":
+        if t.device.type == "meta":
+            raise ValueError(
+                f"{what}: a tensor on the meta device has no values to send; materialize it "
+                "first (module.to_empty(device=...) and initialize it)")
         t = t.cpu()
     if t.is_conj() or t.is_neg() or not t.is_contiguous():
         t = t.resolve_conj().resolve_neg().contiguous()
