@@ -1095,6 +1095,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        state_dict = _positional_ids(state_dict)
         saved_groups = deepcopy(state_dict["param_groups"])
         if len(self.param_groups) != len(saved_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
@@ -1482,6 +1483,42 @@ def _link_shared(defaults: dict[str, Any], groups: list[dict[str, Any]],
                     defaults[key] = target
                 else:
                     groups[int(where)][key] = target
+
+
+def _is_index(param_id: Any) -> bool:
+    """A param id the session takes as one: a whole number (or its digits, as JSON keeps
+    them)."""
+    return (isinstance(param_id, int) and not isinstance(param_id, bool)) or (
+        isinstance(param_id, str) and param_id.isdigit())
+
+
+def _positional_ids(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with its param ids numbered by position across its groups when any is
+    not a number. torch's ``load_state_dict`` maps the saved ids to the optimizer's
+    parameters by position, whatever they are (any hashable): ``torch.distributed.checkpoint``'s
+    ``set_optimizer_state_dict`` hands it the parameters' names (``"0.weight"``). The
+    session's import takes integer ids, so names become the numbers torch's own
+    ``state_dict()`` would give, in ``param_groups``, ``state`` and ``"master_params"`` alike
+    (an entry of ``state`` under an id no group lists is left as it is). Numbered ids are
+    left as they are."""
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list) or not all(
+            isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):
+        return state_dict  # (refused further on, as before)
+    ids = [i for g in groups for i in g["params"]]
+    if all(_is_index(i) for i in ids):
+        return state_dict
+    try:
+        position = {i: n for n, i in enumerate(ids)}  # (a repeated id: its last, as torch)
+    except TypeError:
+        return state_dict  # an unhashable id: torch's load fails on it too, as the import
+    out = dict(state_dict)
+    out["param_groups"] = [{**g, "params": [position[i] for i in g["params"]]} for g in groups]
+    for key in ("state", MASTER_PARAMS):
+        entries = state_dict.get(key)
+        if isinstance(entries, Mapping):
+            out[key] = {position.get(k, k): v for k, v in entries.items()}
+    return out
 
 
 def _refuses_scalars(exc: APIStatusError) -> bool:
