@@ -12,6 +12,9 @@ remote to remote, local to remote and remote to local."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,3 +155,44 @@ def test_set_optimizer_state_dict_in_memory_and_names_as_ids(client: optserve.Cl
     assert_same(expected.state_dict(), remote.state_dict())
     assert_same(train(local_model, local, local_sched, range(3, 6)),
                 train(remote_model, remote, remote_sched, range(3, 6)))
+
+
+#: FSDP2 in one process (gloo, world size 1): torch's Adam takes the DTensor parameters and
+#: steps; a RemoteOptimizer over them is refused before anything is sent
+FULLY_SHARDED = """
+import socket, sys, torch, torch.distributed as dist, optserve
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+try:
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    local = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.ones(2, 8)).sum().backward()
+    local.step()
+    with optserve.Client(sys.argv[1], max_retries=0) as client:
+        try:
+            optserve.RemoteOptimizer(model.parameters(), "Adam", client, lr=0.01)
+        except TypeError as exc:
+            print("TypeError:", exc)
+finally:
+    dist.destroy_process_group()
+"""
+
+
+def test_dtensor_parameters_are_refused_saying_why(client: optserve.Client,
+                                                   live_server: str) -> None:
+    """FSDP2's ``fully_shard`` (and tensor parallelism) make the parameters DTensors, each
+    one process's shard: a ``TypeError`` naming the parameter and saying so, not
+    ``.numpy()``'s ``RuntimeError`` about tensor subclasses; no session is made."""
+    before = {s.id for s in client.list_sessions()}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", FULLY_SHARDED, live_server], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert "TypeError: param_groups[0].params['0']: a DTensor cannot be sent" in done.stdout
+    assert {s.id for s in client.list_sessions()} == before
