@@ -594,6 +594,24 @@ def test_constructor_errors(client: optserve.Client) -> None:
         client.get_session("sdk-dup")
 
 
+def test_parameters_on_the_meta_device_are_refused_before_a_session_is_made(
+        client: optserve.Client) -> None:
+    """A model built on the meta device (deferred initialization) has no values to make a
+    session of: a ValueError that says to materialize it first, not torch's
+    ``NotImplementedError`` from deep in the encoding. torch's optimizer takes such
+    parameters (in-process, at test time); nothing is made on the server."""
+    with torch.device("meta"):
+        model = mlp()
+    torch.optim.Adam(model.parameters())
+    before = {s.id for s in client.list_sessions()}
+    with pytest.raises(ValueError, match=r"meta device.*to_empty"):
+        optserve.RemoteOptimizer(model.parameters(), "Adam", client)
+    with pytest.raises(ValueError, match=r"meta device"):
+        optserve.RemoteOptimizer([{"params": list(mlp().parameters())},
+                                  {"params": list(model.parameters())}], "Adam", client)
+    assert {s.id for s in client.list_sessions()} == before
+
+
 def test_with_block_deletes_the_session_it_created(live_server: str) -> None:
     """``with RemoteOptimizer(...)``: the session lives for the block (README quickstart)."""
     w = torch.nn.Parameter(torch.tensor([2.0]))

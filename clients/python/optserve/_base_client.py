@@ -58,7 +58,10 @@ def _has_key(call: APICall[Any]) -> bool:
     return any(k.lower() == IDEMPOTENCY_HEADER.lower() for k in call.headers)
 
 
-_jitter = random.random  # module-level hooks, so tests can make retries instant and exact
+# module-level hooks, so tests can make retries instant and exact. The jitter draws from a
+# generator of the SDK's own (seeded from the OS): a retry never moves the process's global
+# ``random`` stream, which seeded training code draws from
+_jitter = random.Random().random
 
 
 def _sleep(seconds: float) -> None:

@@ -58,7 +58,7 @@ from collections.abc import Callable, Mapping
 from copy import deepcopy
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, overload
+from typing import Any, TypeVar, cast, overload
 
 import torch
 from torch.optim.optimizer import ParamsT
@@ -99,6 +99,17 @@ MASTER_PARAMS = "master_params"
 #: how many times ``state_dict()`` exports the state and reads the master weights of its
 #: version before it gives up (each failure: another worker stepped the session in between)
 MASTER_READ_ATTEMPTS = 3
+
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _outside_compile(fn: _Fn) -> _Fn:
+    """``fn`` run as it is, never traced by ``torch.compile`` (called from compiled code, the
+    graph breaks around it). A step is a request to the server, nothing a graph can hold, and
+    traced code sees each ``param_groups`` entry as dynamo shows it, with ``capturable`` set
+    to True (``OptimizerVariable._set_capturable``), which the step would send."""
+    return cast(_Fn, torch.compiler.disable(fn))  # type: ignore[no-untyped-call]
 
 
 def _norm(value: Any) -> Any:
@@ -738,6 +749,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
     @overload
     def step(self, closure: Callable[[], float]) -> float: ...
 
+    @_outside_compile
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Evaluate ``closure`` (if given, with grad enabled), send the gradients, step on the
         server and copy the updated values into the parameters. Returns the closure's loss,
@@ -968,6 +980,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """torch's ``add_param_group``, on the server too."""
         if getattr(self, "_initializing", True):
             super().add_param_group(param_group)
+            self._refuse_duplicates()
             return
         # (keys the optimizer has no option for stay in the local group: see _server_options;
         # a wrapper may have added its own to the defaults, timm's Lookahead its lookahead_*)
@@ -980,6 +993,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._sync_param_groups(fills_only=True)
         self._state_epoch += 1
         super().add_param_group(param_group)
+        self._refuse_duplicates()
         group = self.param_groups[-1]
         names = self._names_for(group)
         try:
@@ -992,6 +1006,24 @@ class RemoteOptimizer(torch.optim.Optimizer):
             raise
         self._remember(names, group["params"])
         self._adopt(info)
+
+    def _refuse_duplicates(self) -> None:
+        """The group torch's ``add_param_group`` just appended, taken back with a
+        ``ValueError`` when it lists a tensor twice. torch takes that with a deprecation
+        warning and steps the tensor once for each time it is listed; a session holds each
+        entry as a parameter of its own and steps it once (the tensor would end with one
+        entry's values), so it cannot be the same training."""
+        group = self.param_groups[-1]
+        first: dict[int, int] = {}
+        for i, p in enumerate(group["params"]):
+            j = first.setdefault(id(p), i)
+            if j != i:
+                self.param_groups.pop()
+                raise ValueError(
+                    f"param_groups[{len(self.param_groups)}] lists one tensor twice (index "
+                    f"{i} is the parameter at index {j}): torch steps such a parameter once "
+                    "for each time it is listed (deprecated: 'in future, this will cause an "
+                    "error'), a session steps each entry once; list each parameter once")
 
     def state_dict(self) -> dict[str, Any]:
         """The session's state in torch's format (fetched from the server)::
@@ -1063,6 +1095,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        state_dict = _positional_ids(state_dict)
         saved_groups = deepcopy(state_dict["param_groups"])
         if len(self.param_groups) != len(saved_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
@@ -1450,6 +1483,42 @@ def _link_shared(defaults: dict[str, Any], groups: list[dict[str, Any]],
                     defaults[key] = target
                 else:
                     groups[int(where)][key] = target
+
+
+def _is_index(param_id: Any) -> bool:
+    """A param id the session takes as one: a whole number (or its digits, as JSON keeps
+    them)."""
+    return (isinstance(param_id, int) and not isinstance(param_id, bool)) or (
+        isinstance(param_id, str) and param_id.isdigit())
+
+
+def _positional_ids(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with its param ids numbered by position across its groups when any is
+    not a number. torch's ``load_state_dict`` maps the saved ids to the optimizer's
+    parameters by position, whatever they are (any hashable): ``torch.distributed.checkpoint``'s
+    ``set_optimizer_state_dict`` hands it the parameters' names (``"0.weight"``). The
+    session's import takes integer ids, so names become the numbers torch's own
+    ``state_dict()`` would give, in ``param_groups``, ``state`` and ``"master_params"`` alike
+    (an entry of ``state`` under an id no group lists is left as it is). Numbered ids are
+    left as they are."""
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list) or not all(
+            isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):
+        return state_dict  # (refused further on, as before)
+    ids = [i for g in groups for i in g["params"]]
+    if all(_is_index(i) for i in ids):
+        return state_dict
+    try:
+        position = {i: n for n, i in enumerate(ids)}  # (a repeated id: its last, as torch)
+    except TypeError:
+        return state_dict  # an unhashable id: torch's load fails on it too, as the import
+    out = dict(state_dict)
+    out["param_groups"] = [{**g, "params": [position[i] for i in g["params"]]} for g in groups]
+    for key in ("state", MASTER_PARAMS):
+        entries = state_dict.get(key)
+        if isinstance(entries, Mapping):
+            out[key] = {position.get(k, k): v for k, v in entries.items()}
+    return out
 
 
 def _refuses_scalars(exc: APIStatusError) -> bool:

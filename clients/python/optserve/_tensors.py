@@ -166,6 +166,10 @@ def _from_torch(t: Any, what: str, module: Any) -> WireTensor:
         raise TypeError(f"{what}: dtype {t.dtype} cannot be sent; one of {sorted(DTYPES)}")
     t = t.detach()
     if t.device.type != "cpu":
+        if t.device.type == "meta":
+            raise ValueError(
+                f"{what}: a tensor on the meta device has no values to send; materialize it "
+                "first (module.to_empty(device=...) and initialize it)")
         t = t.cpu()
     if t.is_conj() or t.is_neg() or not t.is_contiguous():
         t = t.resolve_conj().resolve_neg().contiguous()
@@ -174,8 +178,19 @@ def _from_torch(t: Any, what: str, module: Any) -> WireTensor:
         return WireTensor(name, shape, memoryview(b""))
     if name == "bfloat16":  # numpy has no bfloat16: its bits as bytes (a view of the same
         # element size, which takes any strides: one element may have any, contiguous or not)
-        return WireTensor(name, shape, t.view(module.int16).numpy().data.cast("B"))
-    return WireTensor(name, shape, t.numpy().data.cast("B"))
+        t = t.view(module.int16)
+    try:
+        values = t.numpy()
+    except RuntimeError as exc:
+        if type(t) is module.Tensor:
+            raise
+        # a wrapper subclass with no storage of its own: a DTensor (FSDP2's fully_shard,
+        # tensor parallelism) holds one process's shard of a tensor sharded over several
+        raise TypeError(
+            f"{what}: a {type(t).__name__} cannot be sent, only a plain tensor (a DTensor, as "
+            "FSDP2's fully_shard and tensor parallelism make, is one process's shard of a "
+            "tensor sharded over several; RemoteOptimizer does not take them)") from exc
+    return WireTensor(name, shape, values.data.cast("B"))
 
 
 def _from_numpy(a: npt.NDArray[Any], what: str) -> WireTensor:

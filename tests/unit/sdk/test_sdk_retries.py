@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 
 import httpx
@@ -72,6 +73,20 @@ def test_a_connection_error_then_success(sleeps: list[float]) -> None:
         assert c.health() == {"status": "ok"}
     assert len(script.requests) == 2
     assert len(sleeps) == 1
+
+
+def test_retries_leave_the_processs_random_state_alone(sleeps: list[float]) -> None:
+    """The backoff's jitter draws from a generator of the SDK's own: a retry does not move
+    Python's global ``random`` stream, which seeded training code (``random.shuffle`` of its
+    data) draws from, so a run with a retried request trains as one without."""
+    random.seed(1234)
+    want = [random.random() for _ in range(3)]
+    random.seed(1234)
+    script = Script(httpx.ConnectError("refused"), httpx.ConnectError("refused"), OK_HEALTH)
+    with client(script) as c:
+        assert c.health() == {"status": "ok"}
+    assert len(sleeps) == 2
+    assert [random.random() for _ in range(3)] == want
 
 
 @pytest.mark.parametrize("status", [400, 404, 409, 422, 429, 500, 507])
