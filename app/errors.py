@@ -62,6 +62,14 @@ class BadRequest(OptserveError):
     title = "Malformed request body"
 
 
+class MalformedHttp(BadRequest):
+    """A request framed in a way the server does not take, found by the app (a transfer coding
+    besides ``chunked``): 400 ``malformed_http``, as the HTTP parser's own refusals are."""
+
+    code = "malformed_http"
+    title = "Malformed HTTP request"
+
+
 class BadHeader(BadRequest):
     """A request header that is malformed (``Accept`` with a weight that is not an RFC 9110
     qvalue) or given on two lines where one counts: 400 ``bad_request`` naming it."""

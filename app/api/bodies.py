@@ -24,6 +24,7 @@ from app.errors import (
     BadHeader,
     BadRequest,
     Invalid,
+    MalformedHttp,
     NotAcceptable,
     OptserveError,
     PayloadTooLarge,
@@ -152,6 +153,7 @@ async def _read_body(
     408 when it stalls (see ``_receive``). With ``raw`` a large body lands in an uninitialized
     buffer (a writable memoryview: no zero-filling 40 MB before overwriting it)."""
     _check_encoding(request)
+    _check_transfer_coding(request)
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -242,6 +244,23 @@ def _check_encoding(request: Request) -> None:
     if encoding not in ("", "identity"):
         raise UnsupportedMedia(f"Content-Encoding {encoding!r:.40} is not supported; send the "
                                "body uncompressed", field="content-encoding")
+
+
+def _check_transfer_coding(request: Request) -> None:
+    """400 ``malformed_http`` naming ``Transfer-Encoding`` for a body framed with any transfer
+    coding besides one ``chunked`` (``gzip, chunked``, ``x, chunked``, a ``gzip`` line and a
+    ``chunked`` one): the parser takes the chunks, but the bytes in them are coded, and were
+    read as the body itself (a gzip-coded step refused as "not valid UTF-8", an unknown
+    coding's body applied as if it were not there)."""
+    lines = request.headers.getlist("transfer-encoding")
+    if not lines:
+        return
+    codings = [c.strip().lower() for line in lines for c in line.split(",")]
+    if codings != ["chunked"]:
+        shown = ", ".join(lines)
+        raise MalformedHttp(f"Transfer-Encoding {shown!r:.60} is not taken: the only transfer "
+                            "coding taken is chunked, never with Content-Length (send the body "
+                            "uncoded)", field="Transfer-Encoding")
 
 
 def _raw_buffer(request: Request, size: int) -> memoryview:

@@ -23,7 +23,7 @@ from app.errors import BadRequest, Invalid
 from app.wire.integers import int_text
 from app.wire.json_tensor import refuse_loose_b64
 from app.wire.safetensors_body import read_safetensors
-from app.wire.tree import nodes_once, tree_from_json
+from app.wire.tree import MAX_STATE_DEPTH, nodes_once, tree_from_json
 
 _CREATE_KEYS = {"optimizer", "options", "params", "param_groups", "scheduler", "id", "nonfinite",
                 "durability", "sync", "max_staleness", "staleness_lr", "metrics", "history",
@@ -357,16 +357,21 @@ def _check_tensor_sizes(state: Any, limit: int) -> None:
     ``expand``): a file of 2 KB held an ``lr`` of 2**40 elements over one float, and the copy
     the checks make of it tried to allocate 4 TiB (a 500; at 16 GiB it would have been taken,
     on a machine with less, the server killed). Walked without recursion, each list or dict
-    once (:func:`~app.wire.tree.nodes_once`); a tensor is counted at each place it is held."""
+    once (:func:`~app.wire.tree.nodes_once`); a tensor is counted at each place it is held.
+    A tree nested deeper than :data:`~app.wire.tree.MAX_STATE_DEPTH` levels is refused here
+    first, as a JSON state is (422 ``invalid_state``): a pickle nests a million levels in 2 MB,
+    and each later walk over the state would go down all of them."""
     total = 0
     for node, at in nodes_once(state, "state_dict"):
+        if at.depth > MAX_STATE_DEPTH:
+            raise Invalid("state is nested too deeply", code="invalid_state", field=str(at))
         if isinstance(node, torch.Tensor):
             total += node.numel() * node.element_size()
             if total > limit:
                 raise Invalid(f"the torch.save file's tensors hold more than {limit} bytes "
                               "once copied (a tensor may view fewer bytes than it holds: "
                               "expand), more than this session's state can hold",
-                              code="torch_file_too_large", field=at, limit=limit)
+                              code="torch_file_too_large", field=str(at), limit=limit)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -16,7 +16,7 @@ mistake).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -25,12 +25,16 @@ from app.engine.optimizers import default_options
 from app.errors import Invalid
 from app.wire.json_tensor import decode_json_tensor, is_json_tensor
 from app.wire.tree import is_float_tag, untag_float
+from app.wire.tree_path import TreePath
 
 #: the options where +inf means something (a bound that is not there), as torch takes it:
 #: Adafactor's update-clipping threshold ``d`` (no clipping), ASGD's ``t0`` (never start
 #: averaging), Rprop's largest step size (``step_sizes.1``: no cap). NaN is refused in every
 #: option, and -inf too.
 INF_OPTIONS = frozenset({("Adafactor", "d"), ("ASGD", "t0"), ("Rprop", "step_sizes.1")})
+#: the same, each as the optimizer and the keys of its path (``("Rprop", "step_sizes", 1)``)
+_INF_KEYS = frozenset((name, *(int(k) if k.isdigit() else k for k in option.split(".")))
+                      for name, option in INF_OPTIONS)
 #: scheduler state keys that hold an infinity by design (ReduceLROnPlateau's ``best`` before
 #: its first metric, and ``mode_worse``)
 INF_SCHEDULER_STATE = frozenset({"best", "mode_worse"})
@@ -40,36 +44,48 @@ LR_GROUP_KEYS = ("initial_lr", "max_lr", "min_lr")
 MOMENTUM_GROUP_KEYS = ("base_momentum", "max_momentum")
 
 
-def nonfinite_values(value: Any, path: str) -> Iterator[tuple[str, float]]:
+def nonfinite_values(value: Any, path: str) -> Iterator[tuple[TreePath, float]]:
     """Each non-finite number in ``value`` (a float, a ``{"$float": ...}`` tag, a tensor or a
-    JSON tensor, lists and objects of those), with its dotted path, in the order written.
-    Values that are not numbers, or are malformed, are left to the checks that refuse them.
-    Walked with a stack, not by recursion: a request's value may be nested as deep as its JSON
-    text (1,024 levels), past Python's recursion limit."""
-    stack: list[tuple[Any, str]] = [(value, path)]
-    while stack:
-        value, path = stack.pop()
+    JSON tensor, lists and objects of those), with its path, in the order written. Values
+    that are not numbers, or are malformed, are left to the checks that refuse them. Walked
+    with one iterator per level, not by recursion: a request's value may be nested as deep as
+    its JSON text (1,024 levels), past Python's recursion limit; and no path is written but
+    where a caller names one (a path string per item was a copy of the keys above it: a list
+    of 50,000 under a key of 20,000 characters, a 170 KB body, held 1 GB)."""
+    levels: list[Iterator[tuple[Any, TreePath]]] = [iter([(value, TreePath(path))])]
+    while levels:
+        entry = next(levels[-1], None)
+        if entry is None:
+            levels.pop()
+            continue
+        value, at = entry
         if type(value) is float:
             if not math.isfinite(value):
-                yield path, value
+                yield at, value
         elif is_float_tag(value):
             try:
-                yield path, untag_float(value, path, "invalid_option")
+                yield at, untag_float(value, str(at), "invalid_option")
             except (Invalid, TypeError):  # malformed: the option's own check refuses it
                 continue
         elif isinstance(value, torch.Tensor) or is_json_tensor(value):
             if not isinstance(value, torch.Tensor):
                 try:
-                    value = decode_json_tensor(value, path, canonical=False)
+                    value = decode_json_tensor(value, at, canonical=False)
                 except Invalid:
                     continue
             if (value.layout == torch.strided and value.is_floating_point() and value.numel()
                     and not bool(torch.isfinite(value).all())):
-                yield path, float(value[~torch.isfinite(value)].reshape(-1)[0].item())
+                yield at, float(value[~torch.isfinite(value)].reshape(-1)[0].item())
         elif isinstance(value, Mapping):
-            stack.extend(reversed([(item, f"{path}.{key}") for key, item in value.items()]))
+            levels.append(_children(value.items(), at))
         elif isinstance(value, (list, tuple)):
-            stack.extend(reversed([(item, f"{path}.{i}") for i, item in enumerate(value)]))
+            levels.append(_children(enumerate(value), at))
+
+
+def _children(items: Iterable[tuple[object, Any]], at: TreePath
+              ) -> Iterator[tuple[Any, TreePath]]:
+    for k, v in items:
+        yield v, at.child(k)
 
 
 def float_words(x: float) -> str:
@@ -85,9 +101,10 @@ def refuse_nonfinite_options(optimizer: object, options: object, where: str) -> 
         return  # (not an object: normalize_options refuses it)
     name = optimizer if isinstance(optimizer, str) else ""
     for key, value in options.items():
-        for path, x in nonfinite_values(value, str(key)):
-            if x == math.inf and (name, path) in INF_OPTIONS:
+        for at, x in nonfinite_values(value, str(key)):
+            if x == math.inf and at.depth <= 1 and (name, *at.keys()) in _INF_KEYS:
                 continue
+            path = str(at)
             allowed = sorted(f"{o}'s {p}" for o, p in INF_OPTIONS if o == name)
             note = f" (+inf is taken only for {', '.join(allowed)})" if allowed else ""
             raise Invalid(f"{path} is {float_words(x)}: an option must be a finite number{note}; "
@@ -100,7 +117,8 @@ def refuse_nonfinite_scheduler(spec: object, where: str = "scheduler") -> None:
     (nested schedulers' too): ``scheduler.options.gamma``."""
     if not isinstance(spec, Mapping):
         return  # (parse_spec refuses it)
-    for path, x in nonfinite_values(spec.get("options"), f"{where}.options"):
+    for at, x in nonfinite_values(spec.get("options"), f"{where}.options"):
+        path = str(at)
         raise Invalid(f"{path.removeprefix(where + '.options.')} is {float_words(x)}: a "
                       "scheduler's options must be finite numbers; its next step would make "
                       "the learning rate NaN or infinite", code="invalid_option", field=path)
@@ -111,10 +129,11 @@ def refuse_nonfinite_scheduler_state(state: object, where: str, live: object) ->
     but for ±inf in :data:`INF_SCHEDULER_STATE` (ReduceLROnPlateau's ``best``,
     ``mode_worse``) and what the ``live`` state holds at the same place (a session's own
     export imports back)."""
-    held = {path: float_words(x) for path, x in nonfinite_values(live, where)}
-    for path, x in nonfinite_values(state, where):
-        if math.isinf(x) and path.rsplit(".", 1)[-1] in INF_SCHEDULER_STATE:
+    held = {str(at): float_words(x) for at, x in nonfinite_values(live, where)}
+    for at, x in nonfinite_values(state, where):
+        if math.isinf(x) and at.key in INF_SCHEDULER_STATE:
             continue
+        path = str(at)  # (written for one not held at most: that one is refused)
         if held.get(path) == float_words(x):
             continue
         raise Invalid(f"{path.removeprefix(where + '.')} is {float_words(x)}: a scheduler's "

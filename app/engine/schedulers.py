@@ -487,13 +487,13 @@ def refuse_counted_past_int64(before: Any, after: Any, where: str, what: str = "
     passed by one quick walk of ``after``."""
     if not int_outside(after, *INT64):
         return
-    held = {at: node for node, at in nodes_once(before, where) if type(node) is int}
+    held = {str(at): node for node, at in nodes_once(before, where) if type(node) is int}
     for node, at in nodes_once(after, where):
-        if type(node) is int and not INT64[0] <= node <= INT64[1] and held.get(at) != node:
+        if type(node) is int and not INT64[0] <= node <= INT64[1] and held.get(str(at)) != node:
             raise Invalid(f"this {what} would count {at} past int64 (to {node}), which no "
                           "state can hold: its export could not be imported; nothing was "
                           "changed. Import a state with a smaller count, or remove the "
-                          "scheduler", code="counter_overflow", field=at, limit=INT64[1])
+                          "scheduler", code="counter_overflow", field=str(at), limit=INT64[1])
 
 
 def exhausted(sched: Scheduler) -> lr_scheduler.OneCycleLR | None:

@@ -27,18 +27,22 @@ from typing import Any
 import torch
 
 from app.errors import Invalid
+from app.wire.tree import MAX_STATE_DEPTH
+from app.wire.tree_path import TreePath
 
 #: a group option's place: the group's index and the option's key
 GroupSlot = list[Any]
 
 
-def _tensors(obj: Any, path: str, out: list[tuple[str, torch.Tensor]], depth: int = 0,
-             memo: dict[int, torch.Tensor | None] | None = None) -> None:
+def _tensors(obj: Any, path: TreePath, out: list[tuple[TreePath, torch.Tensor]],
+             depth: int = 0, memo: dict[int, torch.Tensor | None] | None = None) -> None:
     """The tensors of ``obj`` with their paths, each list or dict walked once: a pickle may
     hold one many times (``[[[None] * 1000] * 1000] * 1000``, a file of 3 KB, was a walk of
     10**9 leaves). A list or dict met again holding a tensor is given as that tensor at the
-    second place (it is held twice: shared memory)."""
-    if depth > 64:  # (deeper trees are refused where the state is checked)
+    second place (it is held twice: shared memory). The paths are written only for the one
+    an error names (a path string per node was a copy of every key above it: a long key
+    over a long list, gigabytes)."""
+    if depth > MAX_STATE_DEPTH:  # (deeper trees are refused where the state is read)
         return
     memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
@@ -55,15 +59,16 @@ def _tensors(obj: Any, path: str, out: list[tuple[str, torch.Tensor]], depth: in
     before = len(out)
     items = obj.items() if isinstance(obj, dict) else enumerate(obj)
     for k, v in items:
-        _tensors(v, f"{path}.{k}", out, depth + 1, memo)
+        _tensors(v, path.child(k), out, depth + 1, memo)
     memo[id(obj)] = out[before][1] if len(out) > before else None
 
 
 def _span(t: torch.Tensor) -> tuple[int, int] | None:
     """The bytes a dense tensor's elements lie in: its first and past-last address (memory
     that overlaps is one memory, whatever storage objects hold it), or None when it has none
-    to share (no elements, not a dense CPU tensor)."""
-    if t.layout != torch.strided or t.device.type != "cpu" or t.numel() == 0:
+    to share (no elements, not a dense CPU tensor: a nested one, whose sizes torch does not
+    give, is refused where the state is checked)."""
+    if t.is_nested or t.layout != torch.strided or t.device.type != "cpu" or t.numel() == 0:
         return None
     size = t.element_size()
     low = high = t.data_ptr()
@@ -81,33 +86,35 @@ def refuse_aliased_state(state: object) -> None:
     another state tensor's or the scheduler state's (see the module's docs)."""
     if not isinstance(state, dict):
         return  # (the state's own checks say what is wrong with it)
-    found: list[tuple[str, torch.Tensor]] = []
+    found: list[tuple[TreePath, torch.Tensor]] = []
     memo: dict[int, torch.Tensor | None] = {}
-    _tensors(state.get("state"), "state_dict.state", found, memo=memo)
+    root = TreePath("state_dict")
+    _tensors(state.get("state"), root.child("state"), found, memo=memo)
     held = len(found)
-    _tensors(state.get("scheduler"), "state_dict.scheduler", found, memo=memo)
+    _tensors(state.get("scheduler"), root.child("scheduler"), found, memo=memo)
     spans = []
-    for index, (path, t) in enumerate(found):
+    for index, (_, t) in enumerate(found):
         span = _span(t)
         if span is not None:
-            spans.append((span, index < held, path))
+            spans.append((span, index < held, index))
     spans.sort()
     # by first byte: a span overlaps one before it exactly when that one reaches past its
-    # first byte (the farthest reach of any, and of a state tensor, kept)
-    farthest: tuple[int, str] = (0, "")
-    farthest_state: tuple[int, str] = (0, "")
-    for (low, high), is_state, path in spans:
+    # first byte (the farthest reach of any, and of a state tensor, kept; by index in found)
+    farthest = (0, -1)
+    farthest_state = (0, -1)
+    for (low, high), is_state, index in spans:
         other = farthest if is_state else farthest_state
         if low < other[0]:
-            named, with_ = (path, other[1]) if is_state else (other[1], path)
+            path, other_path = str(found[index][0]), str(found[other[1]][0])
+            named, with_ = (path, other_path) if is_state else (other_path, path)
             raise Invalid(f"{named} shares memory with {with_}: each state tensor is its own "
                           "(torch never saves one shared by two entries, and each update would "
                           "write into the other); save each as its own tensor",
                           code="invalid_state", field=named)
         if high > farthest[0]:
-            farthest = (high, path)
+            farthest = (high, index)
         if is_state and high > farthest_state[0]:
-            farthest_state = (high, path)
+            farthest_state = (high, index)
 
 
 def shared_group_options(state: object) -> list[list[GroupSlot]]:

@@ -296,27 +296,26 @@ def refuse_unwritable(state: object, where: str = "state_dict") -> None:
     export, its description and the tenant's session list 500s once a step counted it past
     2**64 - 1. Walked without recursion, in order, each list or dict once
     (:func:`~app.wire.tree.nodes_once`)."""
-    groups = f"{where}.param_groups"
     for node, at in nodes_once(state, where):
         if isinstance(node, dict):
             for k in node:
                 if type(k) is int and not INT64[0] <= k <= INT64[1]:
                     raise Invalid(f"a key here, an integer of {k.bit_length()} bits, is past "
-                                  "int64", code="invalid_state", field=at)
+                                  "int64", code="invalid_state", field=str(at))
         elif type(node) is int:
-            bounds = OPTION_INTS if at == groups or at.startswith(f"{groups}.") else INT64
+            bounds = OPTION_INTS if at.top() == "param_groups" else INT64
             if not bounds[0] <= node <= bounds[1]:
                 raise Invalid(f"an integer of {node.bit_length()} bits is out of range (from "
                               f"{bounds[0]} to {bounds[1]}): a state holds integers its JSON "
-                              "export can write back", code="invalid_state", field=at)
+                              "export can write back", code="invalid_state", field=str(at))
         elif isinstance(node, torch.Tensor) and (
-                node.layout != torch.strided or node.device.type == "meta"
+                node.is_nested or node.layout != torch.strided or node.device.type == "meta"
                 or node.is_quantized or node.dtype not in DTYPE_NAMES):
-            kind = "meta" if node.device.type == "meta" else str(node.layout).removeprefix(
-                "torch.")
+            kind = ("meta" if node.device.type == "meta" else "nested" if node.is_nested
+                    else str(node.layout).removeprefix("torch."))
             raise Invalid(f"a {kind} tensor of {str(node.dtype).removeprefix('torch.')}: a "
                           "state's tensors are dense, of the dtypes "
-                          f"{', '.join(TORCH_DTYPES)}", code="state_mismatch", field=at)
+                          f"{', '.join(TORCH_DTYPES)}", code="state_mismatch", field=str(at))
 
 
 def prepare_import(session: Session, state: object, request: bool = False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 
 from app.errors import Invalid, shown
 from app.wire.dtypes import DTYPE_NAMES, MAX_DIMS, NUMPY_FOR_LIST, TORCH_DTYPES
+from app.wire.tree_path import TreePath
 
 _NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data", "b64"})
@@ -34,7 +36,7 @@ def is_json_tensor(obj: object) -> bool:
     )
 
 
-def parse_shape(shape: object, field: str) -> tuple[int, ...]:
+def parse_shape(shape: object, field: str | TreePath) -> tuple[int, ...]:
     if not isinstance(shape, list):
         raise Invalid(f"shape must be a list of non-negative integers, got {shown(shape, 80)}",
                       code="invalid_tensor", field=f"{field}.shape")
@@ -52,7 +54,7 @@ def parse_shape(shape: object, field: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _from_list(data: list[Any], dtype: str, numel: int, field: str) -> np.ndarray:
+def _from_list(data: list[Any], dtype: str, numel: int, field: str | TreePath) -> np.ndarray:
     if len(data) != numel:
         raise Invalid(f"data has {len(data)} values but shape holds {numel}",
                       code="invalid_tensor", field=f"{field}.data")
@@ -100,18 +102,19 @@ def _from_list(data: list[Any], dtype: str, numel: int, field: str) -> np.ndarra
     return arr
 
 
-def decode_json_tensor(obj: object, field: str, *, canonical: bool = True) -> torch.Tensor:
+def decode_json_tensor(obj: object, field: str | TreePath, *,
+                       canonical: bool = True) -> torch.Tensor:
     """A JSON tensor object to a CPU tensor (owning its memory). ``canonical``: a ``b64`` text
     must be the one base64 text of its bytes (:func:`_canonical_b64`); what the service's own
     files hold (snapshots, logged records: options as requests gave them) is decoded with
     False, as servers before this check took it."""
     if not isinstance(obj, dict):
         raise Invalid("a tensor must be an object {\"dtype\", \"shape\", \"data\" | \"b64\"}",
-                      code="invalid_tensor", field=field)
+                      code="invalid_tensor", field=str(field))
     extra = obj.keys() - _TENSOR_KEYS
     if extra:
         raise Invalid(f"unknown tensor key(s) {sorted(extra)}; expected dtype, shape and "
-                      "one of data/b64", code="invalid_tensor", field=field)
+                      "one of data/b64", code="invalid_tensor", field=str(field))
     dtype = obj.get("dtype")
     if not isinstance(dtype, str) or dtype not in TORCH_DTYPES:
         raise Invalid(f"unknown dtype {dtype!r:.40}; one of {sorted(TORCH_DTYPES)}",
@@ -122,7 +125,8 @@ def decode_json_tensor(obj: object, field: str, *, canonical: bool = True) -> to
     numel = math.prod(shape)
     has_data, has_b64 = "data" in obj, "b64" in obj
     if has_data == has_b64:
-        raise Invalid("give exactly one of data or b64", code="invalid_tensor", field=field)
+        raise Invalid("give exactly one of data or b64", code="invalid_tensor",
+                      field=str(field))
     torch_dtype = TORCH_DTYPES[dtype]
     if has_b64:
         text = obj["b64"]
@@ -161,7 +165,7 @@ def decode_json_tensor(obj: object, field: str, *, canonical: bool = True) -> to
 B64_PIECE = 1 << 22
 
 
-def _b64_bytes(text: str, size: int, field: str) -> bytearray:
+def _b64_bytes(text: str, size: int, field: str | TreePath) -> bytearray:
     """The bytes of ``text`` (strict base64, as ``base64.b64decode(validate=True)`` takes it)
     in a new writable buffer. A text of the length ``size`` bytes take is decoded piece by
     piece into one buffer; any other whole (the caller's size check then refuses it)."""
@@ -206,9 +210,13 @@ def refuse_loose_b64(value: object, field: str) -> None:
     base64 but not canonical (:func:`_canonical_b64`). Only a request's options are checked
     so: the engine decodes them as logged records hold them too (servers before this check
     took such text), and leaves any other problem of a tensor to its decoder."""
-    stack: list[tuple[object, str]] = [(value, field)]
-    while stack:
-        item, path = stack.pop()
+    levels: list[Iterator[tuple[object, TreePath]]] = [iter([(value, TreePath(field))])]
+    while levels:
+        entry = next(levels[-1], None)
+        if entry is None:
+            levels.pop()
+            continue
+        item, path = entry
         if isinstance(item, dict):
             text = item.get("b64")
             if is_json_tensor(item) and isinstance(text, str):
@@ -219,9 +227,17 @@ def refuse_loose_b64(value: object, field: str) -> None:
                 if not _canonical_b64(text, raw):
                     raise Invalid(_NOT_CANONICAL, code="invalid_tensor", field=f"{path}.b64")
                 continue
-            stack.extend((v, f"{path}.{k}") for k, v in item.items())
+            levels.append(_children(item.items(), path))
         elif isinstance(item, list):
-            stack.extend((v, f"{path}.{i}") for i, v in enumerate(item))
+            levels.append(_children(enumerate(item), path))
+
+
+def _children(items: Iterable[tuple[object, object]], at: TreePath
+              ) -> Iterator[tuple[object, TreePath]]:
+    """A node's items with their paths, made as the walk takes them (one level's at a time:
+    no path string and no entry per item held at once)."""
+    for k, v in items:
+        yield v, at.child(k)
 
 
 def tensor_values(t: torch.Tensor) -> Any:

@@ -15,6 +15,7 @@ import torch
 
 from app.errors import Invalid
 from app.wire.json_tensor import decode_json_tensor, encode_json_tensor, is_json_tensor
+from app.wire.tree_path import TreePath
 
 _FLOAT_TAGS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 #: a sparse COO tensor in the service's own files (log records, snapshots): its indices,
@@ -25,24 +26,40 @@ SPARSE_TAG = "$sparse"
 #: keys there, and a parameter may be named ``$float`` or ``dtype``), wrapped in this one
 DICT_TAG = "$dict"
 _TAGS = frozenset({"$float", "$tensor", SPARSE_TAG, DICT_TAG})
+#: the deepest a state dict from a client nests (levels below its root): deeper is a 422
+#: ``invalid_state`` "state is nested too deeply", JSON or ``torch.save``
+MAX_STATE_DEPTH = 64
 
 
-def nodes_once(tree: Any, path: str) -> Iterator[tuple[Any, str]]:
-    """Every node of ``tree`` with its dotted path (``path`` for the root), in order, depth
-    first, without recursion; each dict, list or tuple once: a ``torch.save`` file's pickle
-    may hold one list many times (``[[[None] * 1000] * 1000] * 1000``, a file of 3 KB, is a
-    tree of 10**9 leaves). Anything else is given at every place it is held."""
-    stack: list[tuple[Any, str]] = [(tree, path)]
+def nodes_once(tree: Any, path: str) -> Iterator[tuple[Any, TreePath]]:
+    """Every node of ``tree`` with its path (``path`` for the root), in order, depth first,
+    without recursion; each dict, list or tuple once: a ``torch.save`` file's pickle may hold
+    one list many times (``[[[None] * 1000] * 1000] * 1000``, a file of 3 KB, is a tree of
+    10**9 leaves). Anything else is given at every place it is held. The walk holds one
+    iterator per level it is down and writes no path (a :class:`TreePath` is written when an
+    error names it): a wide list under a long key made a path string per item at once, and
+    a deep tree paths as long as it is deep, memory and time past any bound."""
     seen: set[int] = set()
-    while stack:
-        node, at = stack.pop()
+    levels: list[Iterator[tuple[Any, TreePath]]] = [iter([(tree, TreePath(path))])]
+    while levels:
+        entry = next(levels[-1], None)
+        if entry is None:
+            levels.pop()
+            continue
+        node, at = entry
         if isinstance(node, (dict, list, tuple)):
             if id(node) in seen:
                 continue
             seen.add(id(node))
-            items = node.items() if isinstance(node, dict) else enumerate(node)
-            stack.extend((v, f"{at}.{k}") for k, v in reversed(list(items)))
+            levels.append(_children(node, at))
         yield node, at
+
+
+def _children(node: dict[Any, Any] | list[Any] | tuple[Any, ...], at: TreePath
+              ) -> Iterator[tuple[Any, TreePath]]:
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    for k, v in items:
+        yield v, at.child(k)
 
 
 def int_outside(tree: Any, low: int, high: int) -> bool:
@@ -131,18 +148,23 @@ def tree_from_json(
 ) -> Any:
     """Plain JSON (from :func:`tree_to_json` or :func:`tree_to_safetensors`) back to a tree;
     ``$sparse`` tags become sparse tensors and ``$dict`` ones their dicts only with ``sparse``
-    (the service's own files)."""
-    if depth > 64:
-        raise Invalid("state is nested too deeply", code="invalid_state", field=field)
+    (the service's own files). Each node's path is a :class:`TreePath`, written only where
+    an error names it."""
+    return _from_json(obj, TreePath(field), tensors, depth, sparse)
+
+
+def _from_json(obj: Any, at: TreePath, tensors: dict[str, torch.Tensor] | None, depth: int,
+               sparse: bool) -> Any:
+    if depth > MAX_STATE_DEPTH:
+        raise Invalid("state is nested too deeply", code="invalid_state", field=str(at))
     if isinstance(obj, dict):
         if obj.keys() == {"$float"}:
-            return untag_float(obj, field, "invalid_state")
+            return untag_float(obj, str(at), "invalid_state")
         if sparse and obj.keys() == {DICT_TAG} and isinstance(obj[DICT_TAG], dict):
-            return {k: tree_from_json(v, f"{field}.{k}" if field else str(k), tensors,
-                                      depth + 1, sparse=sparse)
+            return {k: _from_json(v, at.child(k), tensors, depth + 1, sparse)
                     for k, v in obj[DICT_TAG].items()}
         if sparse and obj.keys() == {SPARSE_TAG}:
-            parts = tree_from_json(obj[SPARSE_TAG], field, tensors, depth + 1)
+            parts = _from_json(obj[SPARSE_TAG], at, tensors, depth + 1, False)
             return torch.sparse_coo_tensor(parts["indices"], parts["values"],
                                            tuple(parts["shape"]),
                                            is_coalesced=bool(parts["coalesced"]),
@@ -151,15 +173,13 @@ def tree_from_json(
             key = obj["$tensor"]
             if tensors is None or not isinstance(key, str) or key not in tensors:
                 raise Invalid(f"$tensor reference {key!r:.60} names no tensor in the body",
-                              code="invalid_state", field=field)
+                              code="invalid_state", field=str(at))
             return tensors[key]
         if is_json_tensor(obj):  # (the service's own files: base64 as servers took it)
-            return decode_json_tensor(obj, field, canonical=not sparse)
-        return {k: tree_from_json(v, f"{field}.{k}" if field else str(k), tensors, depth + 1,
-                                  sparse=sparse)
+            return decode_json_tensor(obj, at, canonical=not sparse)
+        return {k: _from_json(v, at.child(k), tensors, depth + 1, sparse)
                 for k, v in obj.items()}
     if isinstance(obj, list):
-        return [tree_from_json(v, f"{field}.{i}" if field else str(i), tensors, depth + 1,
-                               sparse=sparse)
+        return [_from_json(v, at.child(i), tensors, depth + 1, sparse)
                 for i, v in enumerate(obj)]
     return obj

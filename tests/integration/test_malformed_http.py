@@ -10,6 +10,7 @@ Raw bytes over a socket to the shared live server, which serves with the HTTP pr
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import socket
@@ -200,6 +201,59 @@ def test_a_step_with_a_broken_chunk_changes_nothing(live_server: str) -> None:
         local.step()
         assert r.json()["version"] == 1
         assert r.json()["params"]["x"]["data"] == x.detach().tolist()
+
+
+@pytest.mark.parametrize("codings", [["gzip, chunked"], ["compress, chunked"], ["x, chunked"],
+                                     ["identity, chunked"], ["gzip", "chunked"]],
+                         ids=["gzip", "compress", "unknown", "identity", "two-lines"])
+def test_a_transfer_coding_besides_chunked_is_refused(live_server: str,
+                                                      codings: list[str]) -> None:
+    """``Transfer-Encoding: gzip, chunked`` (or any coding besides one ``chunked``) frames the
+    body with chunks the parser takes, but the bytes inside are coded: they were read as the
+    body itself, a gzip-coded step answered "request body is not valid JSON: str is not valid
+    UTF-8" and an unknown coding's (``x, chunked``) plain body applied as if the coding were
+    not there. It is a 400 ``malformed_http`` naming ``Transfer-Encoding`` (the only transfer
+    coding taken is chunked), nothing is applied, and a plain chunked step after it is torch's
+    first."""
+    sid = f"coding-{uuid.uuid4().hex[:12]}"
+    x0 = torch.tensor([1.5, -0.5])
+    grad = torch.tensor([0.5, 2.0])
+    step = json.dumps({"grads": {"x": {"dtype": "float32", "shape": [2],
+                                       "data": grad.tolist()}}}).encode()
+    coded = "gzip" in codings[0] or "compress" in codings[0]
+    payload = gzip.compress(step) if coded else step
+
+    def chunked(body: bytes, lines: list[str]) -> bytes:
+        head = "".join(f"Transfer-Encoding: {line}\r\n" for line in lines)
+        return (f"POST /v1/sessions/{sid}/step HTTP/1.1\r\nHost: t\r\n"
+                f"Content-Type: application/json\r\n{head}\r\n".encode()
+                + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+
+    with httpx.Client(base_url=live_server, timeout=60) as http:
+        r = http.post("/v1/sessions", json={
+            "id": sid, "optimizer": "SGD", "options": {"lr": 0.5},
+            "params": {"x": {"dtype": "float32", "shape": [2], "data": x0.tolist()}}})
+        assert r.status_code == 201, r.text
+        with connect(live_server) as sock:
+            sock.sendall(chunked(payload, codings))
+            status, headers, body = Answers(sock).next()
+        assert status == 400, body
+        assert headers["content-type"] == "application/problem+json"
+        problem = json.loads(body)
+        assert (problem["code"], problem["field"]) == ("malformed_http", "Transfer-Encoding")
+        assert problem["title"] == "Malformed HTTP request"
+        assert "the only transfer coding taken is chunked" in problem["detail"], problem
+        r = http.get(f"/v1/sessions/{sid}")
+        assert (r.json()["version"], r.json()["step"]) == (0, 0), r.text
+        with connect(live_server) as sock:
+            sock.sendall(chunked(step, ["Chunked"]))
+            status, _, body = Answers(sock).next()
+        assert status == 200, body
+        x = x0.clone().requires_grad_()
+        local = torch.optim.SGD([x], lr=0.5)
+        x.grad = grad.clone()
+        local.step()
+        assert json.loads(body)["params"]["x"]["data"] == x.detach().tolist()
 
 
 H2C = (b"Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n"

@@ -565,3 +565,46 @@ def test_a_group_added_under_a_scheduler_steps_for_good_or_is_refused(
         assert out["lr"] == ref.lrs()
     got = http.get(f"/v1/sessions/{sid}/params", params={"encoding": "b64"}).json()["params"]
     assert_tensors_equal(tensors_from_json(got), ref.params, "the added group")
+
+
+@pytest.mark.parametrize("sched", [
+    spec("StepLR", step_size=2, gamma=0.5),
+    spec("ExponentialLR", gamma=0.9),
+    spec("ReduceLROnPlateau", min_lr=0.001),
+    spec("ChainedScheduler", schedulers=[spec("StepLR", step_size=2),
+                                         spec("ExponentialLR", gamma=0.9)]),
+], ids=["steplr", "exponential", "plateau", "chained"])
+def test_a_group_added_without_an_lr_under_a_scheduler_takes_the_default(
+        http: httpx.Client, sched: dict[str, Any]) -> None:
+    """A group added without an ``lr`` (or without any option: the no-decay half of a
+    weight-decay split, empty here) to a session made without one takes the optimizer's default
+    lr, as torch's ``add_param_group`` fills it, also under a scheduler that takes added
+    groups. It was a 422 ``scheduler_incompatible`` ("StepLR.step() raises KeyError: 'lr'"):
+    the scheduler's trial step ran on a group holding only the options the client gave."""
+    groups = groups_for(None, seed=31)
+    sid = create(http, body("Adam", {}, groups, sched))["id"]
+    ref = local("Adam", {}, groups, sched)
+    gen = torch.Generator().manual_seed(32)
+    names = list(groups[0][0])
+    for k in range(2):
+        grads = {n: torch.randn(groups[0][0][n].shape, generator=gen) for n in names}
+        session_advance(http, sid, sched, grads, k)
+        local_advance(ref, sched, grads, k)
+    extra = torch.randn(3, generator=gen)
+    r = http.post(f"/v1/sessions/{sid}/param_groups",
+                  json={"params": {"extra": json_tensor(extra)}, "betas": [0.8, 0.99]})
+    assert r.status_code == 201, r.text
+    ref.params["extra"] = extra.clone()
+    ref.optimizer.add_param_group({"params": [ref.params["extra"]], "betas": (0.8, 0.99)})
+    r = http.post(f"/v1/sessions/{sid}/param_groups", json={"params": {}, "weight_decay": 0.0})
+    assert r.status_code == 201, r.text
+    ref.optimizer.add_param_group({"params": [], "weight_decay": 0.0})
+    assert r.json()["lr"] == ref.lrs()
+    for k in range(2, 8):
+        grads = {n: torch.randn(groups[0][0][n].shape, generator=gen) for n in names}
+        grads["extra"] = torch.randn(3, generator=gen)
+        out = session_advance(http, sid, sched, grads, k)
+        local_advance(ref, sched, grads, k)
+        assert out["lr"] == ref.lrs()
+    got = http.get(f"/v1/sessions/{sid}/params", params={"encoding": "b64"}).json()["params"]
+    assert_tensors_equal(tensors_from_json(got), ref.params, "the added group")

@@ -4,6 +4,7 @@ skeleton plus tensors) and come back equal, tensors bit for bit; malformed trees
 from __future__ import annotations
 
 import math
+import tracemalloc
 from typing import Any
 
 import orjson
@@ -12,7 +13,13 @@ import torch
 
 from app.errors import Invalid
 from app.wire.safetensors_body import read_safetensors, write_safetensors
-from app.wire.tree import to_jsonable, tree_from_json, tree_to_json, tree_to_safetensors
+from app.wire.tree import (
+    nodes_once,
+    to_jsonable,
+    tree_from_json,
+    tree_to_json,
+    tree_to_safetensors,
+)
 
 
 def optimizer_state(cls: type[torch.optim.Optimizer], **options: Any) -> dict[str, Any]:
@@ -200,3 +207,31 @@ def test_unserializable_leaf_is_a_type_error() -> None:
     """Server-side bug guard: only JSON-able leaves and tensors may be put on the wire."""
     with pytest.raises(TypeError, match="cannot put set"):
         to_jsonable({"a": [{1, 2}]}, lambda t, p: None)
+
+
+def test_nodes_once_names_each_node_by_its_path_in_order() -> None:
+    """Every node of a tree, depth first in order, each list or dict once (a list held twice
+    is walked at its first place), with the dotted path an error names it by."""
+    shared = [1, 2]
+    tree = {"a": [{"b": 1.5}, shared], "c": shared, "d": (3,)}
+    walked = [(str(at), at.depth, node) for node, at in nodes_once(tree, "root")]
+    assert [(p, d) for p, d, _ in walked] == [
+        ("root", 0), ("root.a", 1), ("root.a.0", 2), ("root.a.0.b", 3), ("root.a.1", 2),
+        ("root.a.1.0", 3), ("root.a.1.1", 3), ("root.d", 1), ("root.d.0", 2)]
+    assert walked[3][2] == 1.5 and walked[-1][2] == 3
+
+
+def test_a_walk_over_a_long_key_holds_no_path_per_item() -> None:
+    """A list under a long key (``{"k" * 10000: [0] * 50000}``, a body of 150 KB): the walks
+    wrote each item's path as they met it, all of a level's at once, 500 MB for this tree.
+    The walk and a JSON decode of it now hold a few MB."""
+    wide = {"state": {"k" * 10_000: [0] * 50_000}}
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        assert sum(1 for _ in nodes_once(wide, "state_dict")) == 50_003
+        tree_from_json(wide, "state_dict")
+        grown = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    assert grown < 16 << 20, f"{grown >> 20} MB"

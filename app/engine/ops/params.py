@@ -271,12 +271,16 @@ def takes_added_groups(scheduler: Any) -> bool:
 def _scheduler_takes_group(s: Session, opts: dict[str, Any], dtype: torch.dtype,
                            where: str) -> None:
     """Refuse a group the session's scheduler could not step with (CyclicLR, OneCycleLR and
-    others keep per-group lists sized at construction: torch would raise at the next step)."""
+    others keep per-group lists sized at construction: torch would raise at the next step).
+    The trial group holds what torch's ``add_param_group`` gives it: the optimizer's defaults
+    under the group's own options (``s.defaults`` holds only the options the create gave: a
+    group added without an ``lr`` to a session made without one was refused, the scheduler's
+    trial step raising ``KeyError: 'lr'``)."""
     assert s.scheduler is not None
     placeholder = torch.zeros(1, dtype=dtype, device=s.device)
     groups = s.optimizer.param_groups
-    groups.append({**optimizers.fresh({**s.defaults, **opts}), "params": [placeholder],
-                   "param_names": [_PROBE_NAME]})
+    groups.append({**optimizers.fresh({**s.optimizer.defaults, **opts}),
+                   "params": [placeholder], "param_names": [_PROBE_NAME]})
     try:
         schedulers.dry_run(s.optimizer, s.scheduler, None, field=where)
     except Invalid as exc:

@@ -1,0 +1,229 @@
+"""Trees a hostile client shapes to cost the server more than their size, against a real uvicorn
+on 127.0.0.1: each is a 4xx problem naming the field, leaves the session exactly as it was,
+and costs the server memory and time in proportion to the body.
+
+- A list under a long key (``{"k" * 10000: [0] * 50000}``, 150 KB) in a state import (JSON or
+  ``torch.save``), a step's or a create's options: the walks over it wrote every node's dotted
+  path as they met it, each a copy of the key above it, all of a level's at once: 500 MB held
+  for this body (a 300 KB one held 6 GB, the server out of memory; a 640 KB JSON import 8 GB).
+  Here the Python heap (``tracemalloc``, the server runs in this process) may grow by 64 MB at
+  most while it is answered.
+- A ``torch.save`` file nested a million levels deep (a pickle of 2 MB: a mark and a tuple
+  opcode a level) took a minute of CPU to refuse, its paths as long as it was deep; a state
+  nested past 64 levels is now refused as a JSON one is, 422 ``invalid_state`` "state is
+  nested too deeply".
+- A nested tensor (``torch.nested``) in a ``torch.save`` import was a 500 (torch gives no
+  sizes for it); it is a 422 ``state_mismatch`` naming it, as a sparse or meta tensor is.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import tracemalloc
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import torch
+
+from tests.torch_reference import Reference, assert_tensors_equal, json_tensor, tensor_from_json
+
+pytestmark = pytest.mark.integration
+
+PROBLEM = "application/problem+json"
+OPTIONS = {"lr": 0.01}
+HEAP_LIMIT = 64 << 20  # what answering one such body may add to the Python heap
+WIDE = {"k" * 10_000: [0] * 50_000}  # 150 KB of JSON; a path per item was 500 MB
+OCTET = {"Content-Type": "application/octet-stream"}
+
+
+@pytest.fixture
+def http(live_server: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=live_server, timeout=120) as client:
+        yield client
+
+
+def stepped_session(http: httpx.Client) -> tuple[str, Reference]:
+    """Adam under StepLR, stepped once (state for its parameter), and the same in torch."""
+    w = torch.randn(3, generator=torch.Generator().manual_seed(5))
+    scheduler = {"name": "StepLR", "options": {"step_size": 2, "gamma": 0.5}}
+    r = http.post("/v1/sessions", json={"optimizer": "Adam", "options": OPTIONS,
+                                        "params": {"w": json_tensor(w)}, "scheduler": scheduler,
+                                        "durability": "memory"})
+    assert r.status_code == 201, r.text
+    sid: str = r.json()["id"]
+    ref = Reference(torch.optim.Adam, [({"w": w}, {})], OPTIONS)
+    ref.scheduler = torch.optim.lr_scheduler.StepLR(ref.optimizer, step_size=2, gamma=0.5)
+    grad = torch.randn(3, generator=torch.Generator().manual_seed(6))
+    assert http.post(f"/v1/sessions/{sid}/step", json={"grads": {"w": json_tensor(grad)}}
+                     ).status_code == 200
+    ref.step({"w": grad})
+    return sid, ref
+
+
+def snapshot(http: httpx.Client, sid: str) -> tuple[Any, ...]:
+    """What a refused operation must leave as it was: the parameters, the exported state and the
+    description (its version, revision and options)."""
+    info = http.get(f"/v1/sessions/{sid}").json()
+    for moving in ("last_used", "idle_s"):
+        info.pop(moving, None)
+    return (http.get(f"/v1/sessions/{sid}/params").json(),
+            http.get(f"/v1/sessions/{sid}/state_dict").json(), info)
+
+
+def torch_export(http: httpx.Client, sid: str) -> dict[str, Any]:
+    r = http.get(f"/v1/sessions/{sid}/state_dict?format=torch")
+    assert r.status_code == 200, r.text
+    state: dict[str, Any] = torch.load(io.BytesIO(r.content), weights_only=True)
+    return state
+
+
+def torch_file(state: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def with_pickle(file: bytes, old: bytes, new: bytes) -> bytes:
+    """``file`` (a ``torch.save`` zip) with ``old`` in its pickle replaced by ``new``."""
+    src = zipfile.ZipFile(io.BytesIO(file))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                assert data.count(old) == 1
+                data = data.replace(old, new)
+            dst.writestr(item, data)
+    return out.getvalue()
+
+
+def refused(http: httpx.Client, sid: str, send: Callable[[], httpx.Response], code: str,
+            field: str, *, status: int = 422) -> dict[str, Any]:
+    """``send``'s answer is the problem ``code`` naming ``field`` (by its start where it
+    ends in a long key), and the session is as it was."""
+    before = snapshot(http, sid)
+    r = send()
+    assert r.status_code == status, r.text[:500]
+    assert r.headers["content-type"].startswith(PROBLEM)
+    problem: dict[str, Any] = r.json()
+    assert problem["code"] == code, problem
+    assert problem["field"].startswith(field), problem["field"][:200]
+    assert {"type", "title", "detail"} <= problem.keys()
+    assert snapshot(http, sid) == before
+    return problem
+
+
+def steps_as_torch(http: httpx.Client, sid: str, ref: Reference) -> None:
+    """A step after the refusals gives torch's parameters: nothing of them was kept."""
+    grad = torch.randn(3, generator=torch.Generator().manual_seed(7))
+    r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {"w": json_tensor(grad)}})
+    assert r.status_code == 200, r.text
+    ref.step({"w": grad})
+    assert_tensors_equal({"w": tensor_from_json(r.json()["params"]["w"])}, ref.params)
+
+
+def heap_growth(act: Callable[[], object]) -> int:
+    """How far the Python heap of this process (the server's too) rose above where it was
+    while ``act`` ran."""
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        act()
+        return tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+
+
+# ----------------------------------------------------------------------------- tests
+def test_nested_tensor_in_a_torch_import_is_a_422(http: httpx.Client) -> None:
+    sid, ref = stepped_session(http)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch calls nested tensors a prototype)
+        nested = torch.nested.nested_tensor([torch.zeros(3)])
+    for put in (["state", 0, "exp_avg"], ["param_groups", 0, "lr"], ["scheduler", "base_lrs", 0]):
+        state = torch_export(http, sid)
+        holder = state
+        for key in put[:-1]:
+            holder = holder[key]
+        holder[put[-1]] = nested
+        body = torch_file(state)
+        refused(http, sid, lambda b=body: http.put(f"/v1/sessions/{sid}/state_dict?format=torch",
+                                                   content=b, headers=OCTET),
+                "state_mismatch", "state_dict." + ".".join(map(str, put)))
+    steps_as_torch(http, sid, ref)
+
+
+def test_a_torch_state_nested_a_million_levels_is_refused_at_64(http: httpx.Client) -> None:
+    sid, ref = stepped_session(http)
+    state = torch_export(http, sid)
+    mark = "@@deep@@"
+    state["state"][0]["exp_avg"] = mark
+    levels = 1_000_000  # MARK, then TUPLE: a tuple in a tuple ... a million deep, in 2 MB
+    text = mark.encode()
+    body = with_pickle(torch_file(state), b"X" + len(text).to_bytes(4, "little") + text,
+                       b"(" * levels + b"t" * levels)
+    problem = refused(http, sid, lambda: http.put(f"/v1/sessions/{sid}/state_dict?format=torch",
+                                                  content=body, headers=OCTET),
+                      "invalid_state", "state_dict.state.0.exp_avg.0.0.0")
+    assert problem["detail"] == "state is nested too deeply"
+    assert problem["field"].count(".") == 65  # the first node below the 64th level
+    steps_as_torch(http, sid, ref)
+
+
+def test_a_long_key_over_a_long_list_costs_its_size(http: httpx.Client) -> None:
+    sid, ref = stepped_session(http)
+    exported = http.get(f"/v1/sessions/{sid}/state_dict").json()
+    cases: list[tuple[str, Callable[[], httpx.Response], str, str]] = []
+
+    def import_json(where: str) -> tuple[Callable[[], httpx.Response], str]:
+        state = copy.deepcopy(exported)
+        if where == "top":
+            state["zz"] = WIDE
+            field = "state_dict.zz"
+        else:
+            state["scheduler"]["base_lrs"] = [WIDE]
+            field = "state_dict.scheduler.base_lrs.0"
+        body = orjson.dumps(state)
+        return (lambda: http.put(f"/v1/sessions/{sid}/state_dict", content=body,
+                                 headers={"Content-Type": "application/json"})), field
+
+    for where in ("top", "scheduler"):
+        send, field = import_json(where)
+        cases.append((f"JSON import ({where})", send, "state_mismatch", field))
+    torch_state = torch_export(http, sid)
+    torch_state["zz"] = WIDE
+    torch_body = torch_file(torch_state)
+    cases.append(("torch.save import",
+                  lambda: http.put(f"/v1/sessions/{sid}/state_dict?format=torch",
+                                   content=torch_body, headers=OCTET),
+                  "state_mismatch", "state_dict.zz"))
+    step_body = orjson.dumps({"grads": {}, "param_groups": {"0": {"lr": WIDE}}})
+    cases.append(("a step's options",
+                  lambda: http.post(f"/v1/sessions/{sid}/step", content=step_body,
+                                    headers={"Content-Type": "application/json"}),
+                  "invalid_option", "param_groups.0.lr"))
+    patch_body = orjson.dumps({"betas": [WIDE, 0.9]})
+    cases.append(("a group's PATCH",
+                  lambda: http.patch(f"/v1/sessions/{sid}/param_groups/0", content=patch_body,
+                                     headers={"Content-Type": "application/json"}),
+                  "invalid_option", "param_groups.0.betas"))
+    for what, send, code, field in cases:
+        grown = heap_growth(lambda s=send, c=code, f=field: refused(http, sid, s, c, f))
+        assert grown < HEAP_LIMIT, f"{what}: the heap grew by {grown >> 20} MB"
+    create_body = orjson.dumps({"optimizer": "SGD", "options": {"lr": 0.1, "momentum": WIDE},
+                                "params": {"w": json_tensor(torch.zeros(2))}})
+    answers: list[httpx.Response] = []
+    grown = heap_growth(lambda: answers.append(
+        http.post("/v1/sessions", content=create_body,
+                  headers={"Content-Type": "application/json"})))
+    assert answers[0].status_code == 422, answers[0].text[:300]
+    assert answers[0].json()["field"] == "options.momentum", answers[0].text[:300]
+    assert grown < HEAP_LIMIT, f"a create's options: the heap grew by {grown >> 20} MB"
+    steps_as_torch(http, sid, ref)
+
