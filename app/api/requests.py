@@ -24,6 +24,7 @@ from app.wire.integers import int_text
 from app.wire.json_tensor import refuse_loose_b64
 from app.wire.safetensors_body import read_safetensors
 from app.wire.tree import MAX_STATE_DEPTH, nodes_once, tree_from_json
+from app.wire.tree_path import TreePath
 
 _CREATE_KEYS = {"optimizer", "options", "params", "param_groups", "scheduler", "id", "nonfinite",
                 "durability", "sync", "max_staleness", "staleness_lr", "metrics", "history",
@@ -261,24 +262,27 @@ def _tensor_refs(obj: Any) -> set[str]:
     """The keys the skeleton's ``{"$tensor": key}`` references name; a key named twice is a
     422 ``invalid_state`` naming the second reference's path: the two would be one tensor
     here (imported as two copies, or sharing memory), and torch never exports a state whose
-    entries alias one another (each state tensor is its parameter's own)."""
-    found: dict[str, str] = {}
-    stack: list[tuple[Any, str]] = [(obj, "state_dict")]
+    entries alias one another (each state tensor is its parameter's own). Paths are written
+    only for an error (:class:`~app.wire.tree_path.TreePath`): a skeleton of one long key over
+    a long list would otherwise hold a copy of the key per item."""
+    found: dict[str, TreePath] = {}
+    stack: list[tuple[Any, TreePath]] = [(obj, TreePath("state_dict"))]
     while stack:
         item, path = stack.pop()
         if isinstance(item, dict):
             if item.keys() == {"$tensor"} and isinstance(item["$tensor"], str):
                 key = item["$tensor"]
                 if key in found:
-                    raise Invalid(f"tensor {key!r:.80} is referenced twice, at {found[key]} and "
-                                  f"at {path:.200}: each state tensor is its own (torch never "
-                                  "exports one shared by two entries); give each its own key",
-                                  code="invalid_state", field=path)
+                    raise Invalid(f"tensor {key!r:.80} is referenced twice, at "
+                                  f"{str(found[key]):.200} and at {str(path):.200}: each state "
+                                  "tensor is its own (torch never exports one shared by two "
+                                  "entries); give each its own key",
+                                  code="invalid_state", field=str(path))
                 found[key] = path
             else:
-                stack.extend((v, f"{path}.{k}") for k, v in reversed(item.items()))
+                stack.extend((v, path.child(k)) for k, v in reversed(item.items()))
         elif isinstance(item, list):
-            stack.extend((v, f"{path}.{i}") for i, v in reversed(list(enumerate(item))))
+            stack.extend((v, path.child(i)) for i, v in reversed(list(enumerate(item))))
     return set(found)
 
 

@@ -203,6 +203,20 @@ def test_a_long_key_over_a_long_list_costs_its_size(http: httpx.Client) -> None:
                   lambda: http.put(f"/v1/sessions/{sid}/state_dict?format=torch",
                                    content=torch_body, headers=OCTET),
                   "state_mismatch", "state_dict.zz"))
+    # a safetensors import: the tree in its __metadata__'s optserve_state skeleton
+    exported_bin = http.get(f"/v1/sessions/{sid}/state_dict", headers={"Accept": OCTET[
+        "Content-Type"]}).content
+    n = int.from_bytes(exported_bin[:8], "little")
+    header = orjson.loads(exported_bin[8:8 + n])
+    skeleton = orjson.loads(header["__metadata__"]["optserve_state"])
+    skeleton["zz"] = WIDE
+    header["__metadata__"]["optserve_state"] = orjson.dumps(skeleton).decode()
+    head = orjson.dumps(header)
+    st_body = len(head).to_bytes(8, "little") + head + exported_bin[8 + n:]
+    cases.append(("safetensors import",
+                  lambda: http.put(f"/v1/sessions/{sid}/state_dict", content=st_body,
+                                   headers=OCTET),
+                  "state_mismatch", "state_dict.zz"))
     step_body = orjson.dumps({"grads": {}, "param_groups": {"0": {"lr": WIDE}}})
     cases.append(("a step's options",
                   lambda: http.post(f"/v1/sessions/{sid}/step", content=step_body,
