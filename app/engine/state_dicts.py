@@ -466,15 +466,33 @@ def load_optimizer_state(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None
     full = {k: v for k, v in state.items() if not (isinstance(v, dict) and not v)}
     if len(full) == len(state):
         opt.load_state_dict(sd)
-        return
-    opt.load_state_dict({**sd, "state": full})
-    by_id = {pid: p for saved, group in zip(sd["param_groups"], opt.param_groups, strict=True)
-             for pid, p in zip(saved["params"], group["params"], strict=True)}
-    ordered: defaultdict[torch.Tensor, Any] = defaultdict(dict)
-    for pid in state:
-        p = by_id[pid]
-        ordered[p] = opt.state[p] if p in opt.state else {}
-    opt.state = ordered
+    else:
+        opt.load_state_dict({**sd, "state": full})
+        by_id = {pid: p for saved, group in zip(sd["param_groups"], opt.param_groups,
+                                                strict=True)
+                 for pid, p in zip(saved["params"], group["params"], strict=True)}
+        ordered: defaultdict[torch.Tensor, Any] = defaultdict(dict)
+        for pid in state:
+            p = by_id[pid]
+            ordered[p] = opt.state[p] if p in opt.state else {}
+        opt.state = ordered
+    if isinstance(opt, torch.optim.LBFGS):
+        for p, kept in opt.state.items():
+            opt.state[p] = {k: _own_memory(v) for k, v in kept.items()}
+
+
+def _own_memory(value: Any) -> Any:
+    """A tensor (or a list's tensors) as a fresh allocation of its own. LBFGS dots its history
+    (``old_dirs``, ``old_stps``) at every iteration, and torch's CPU ``dot`` (MKL's sdot) rounds
+    by where the vectors start in memory: tensors decoded from a snapshot or a log record are
+    views at any offset of its bytes (torch's ``load_state_dict`` keeps a tensor of the right
+    dtype as it is), where the running session's are torch's own aligned allocations, so the
+    steps after a restart rounded otherwise than the session's that never stopped."""
+    if isinstance(value, torch.Tensor):
+        return value.clone(memory_format=torch.contiguous_format)
+    if isinstance(value, list):
+        return [_own_memory(v) for v in value]
+    return value
 
 
 def scheduled_lrs_taken(session: Session, state: dict[str, Any],

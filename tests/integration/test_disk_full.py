@@ -500,3 +500,60 @@ def test_an_lbfgs_step_whose_commit_finds_the_disk_full(tmpfs: Mount) -> None:
             assert bitwise(at["p"], local.detach())
     finally:
         live.stop()
+
+
+def test_an_sdk_lbfgs_step_refused_by_a_full_disk_leaves_the_model_as_it_was(
+        tmpfs: Mount) -> None:
+    """``RemoteOptimizer`` (LBFGS) copies each point the server's line search tries into the
+    model's parameters to run the closure there. A step whose commit finds the disk full (507,
+    nothing applied) must leave them as the session holds them: they were left at the last
+    point tried, so the next step's first evaluation (the closure at the local parameters,
+    sent as the loss and gradients at the session's) was taken elsewhere and that step went
+    astray. With space back the next step is torch's ``LBFGS.step``, bitwise."""
+    import optserve  # (the SDK: clients/python)
+
+    disk = tmpfs(16)
+    torch.manual_seed(0)
+    model, twin = torch.nn.Linear(200, 30), torch.nn.Linear(200, 30)
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randn(64, 200), torch.randn(64, 30)
+    options = {"lr": 0.5, "max_iter": 3, "history_size": 4}
+
+    def closure_of(m: torch.nn.Module, opt: torch.optim.Optimizer) -> Callable[[], torch.Tensor]:
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            return loss
+        return closure
+
+    def assert_model_is_torchs(what: str) -> None:
+        for (name, got), want in zip(model.named_parameters(), twin.parameters(), strict=True):
+            assert bitwise(got.detach(), want.detach()), f"{what}: {name}"
+
+    live = LiveServer(_test_settings(data_dir=disk))
+    url = live.start()
+    try:
+        with optserve.Client(url, transport="http", max_retries=0) as client:
+            remote = optserve.RemoteOptimizer(model.parameters(), "LBFGS", client=client,
+                                              session_id="lb", **options)
+            local = torch.optim.LBFGS(twin.parameters(), **options)  # type: ignore[arg-type]
+            for _ in range(2):
+                remote.step(closure_of(model, remote))
+                local.step(closure_of(twin, local))
+            assert_model_is_torchs("before the disk filled")
+            filler = fill(disk)
+            with pytest.raises(optserve.APIStatusError) as refused:
+                remote.step(closure_of(model, remote))
+            assert refused.value.status_code == 507, refused.value
+            assert_model_is_torchs("after the refused step")
+            filler.unlink()
+            remote.step(closure_of(model, remote))
+            local.step(closure_of(twin, local))
+            assert_model_is_torchs("after the next step")
+            held = client.get_params("lb")
+            assert held.step == 3
+            for name, p in zip(remote._by_name, twin.parameters(), strict=True):
+                assert bitwise(held.params[name], p.detach()), name
+    finally:
+        live.stop()

@@ -122,8 +122,14 @@ class LocalChannel:
             sock.close()
             raise LocalUnavailable(f"cannot connect to {self.path}: {exc}") from None
         self._sock = sock
-        answer, _ = self._exchange({"op": "hello", "key": self.api_key,
-                                    "protocol": PROTOCOL})
+        try:
+            answer, _ = self._exchange({"op": "hello", "key": self.api_key,
+                                        "protocol": PROTOCOL})
+        except OSError as exc:
+            # taken, then dropped before the hello was answered (a server killed just then:
+            # its socket still took connections): no more usable than a refused one, and the
+            # caller looks for the socket the server names now (_exchange closed this one)
+            raise LocalUnavailable(f"{self.path} dropped the connection: {exc}") from None
         if not answer.get("ok"):
             self.close()
             raise LocalUnavailable(f"the server refused the connection: {answer}")

@@ -959,15 +959,27 @@ class RemoteOptimizer(torch.optim.Optimizer):
             grads = self._grads()
         answer = self._client.open_evaluation_step(self._session_id, _loss_value(orig_loss),
                                                    grads, binary=self._binary)
-        while isinstance(answer, EvaluationRequest):
-            with gc_paused(tensors):
-                self._copy_in(answer.params)  # the point the line search tries
-            with torch.enable_grad():
-                loss = closure()
-            with gc_paused(tensors):
-                grads = self._grads()
-            answer = self._client.evaluate(self._session_id, answer.evaluation,
-                                           _loss_value(loss), grads, binary=self._binary)
+        # the values the session holds, put back when the step fails after the parameters
+        # took a point the line search tried (a 507 at its commit applies nothing: the next
+        # step's first evaluation must be at the session's values, not at that point)
+        held: dict[str, torch.Tensor] | None = None
+        try:
+            while isinstance(answer, EvaluationRequest):
+                with gc_paused(tensors):
+                    if held is None:
+                        held = {n: p.detach().clone() for n, p in self._by_name.items()}
+                    self._copy_in(answer.params)  # the point the line search tries
+                with torch.enable_grad():
+                    loss = closure()
+                with gc_paused(tensors):
+                    grads = self._grads()
+                answer = self._client.evaluate(self._session_id, answer.evaluation,
+                                               _loss_value(loss), grads, binary=self._binary)
+        except BaseException:
+            if held is not None:
+                with gc_paused(tensors):
+                    self._copy_in(held)
+            raise
         if answer.params is not None:
             with gc_paused(tensors):
                 self._copy_in(answer.params)
