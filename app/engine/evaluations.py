@@ -18,7 +18,12 @@ posts the loss and gradients there. When ``LBFGS.step`` returns, the step is one
   abandoned with ``DELETE``, or whose torch code raises, or that a shutdown or a delete
   interrupts) drops its copy; the session is exactly as before.
 - Evaluation posts are safe to retry: the evaluation id names what they answer; a repeat with
-  the same body gets the same answer.
+  the same body gets the same answer. Also after a restart, for the evaluation whose answer
+  was the step's commit (its answer lost with the server): the commit is kept in the
+  session's idempotency table under that evaluation's id as well (:func:`commit_key`), logged
+  with it, so the repeat is answered (``replayed``), not 404 ``evaluation_not_found`` with
+  the step applied (a client that then opened a new step from its own, older values went on
+  from the wrong parameters).
 """
 
 from __future__ import annotations
@@ -46,6 +51,12 @@ from app.engine.ops.lbfgs import Copy, LbfgsPlan, LbfgsStep, make_copy, run
 from app.engine.session import Session
 from app.errors import Conflict, Invalid, NotFound, OptserveError
 from app.wire.safetensors_body import pack
+
+
+def commit_key(eval_id: str) -> str:
+    """The key a committed step's answer is kept under besides its open's Idempotency-Key:
+    the id of the evaluation that answered last (a client's key has no spaces)."""
+    return f"lbfgs evaluation {eval_id}"
 
 if TYPE_CHECKING:
     from app.engine.host import EmbeddedHost
@@ -185,7 +196,13 @@ class Evaluations:
     async def evaluate(self, key: str, eval_id: str, ev: Evaluation, fingerprint: str
                        ) -> Answer:
         """The client's answer to evaluation ``eval_id``; the step's next question or end."""
-        step = self._locate(key, eval_id)
+        try:
+            step = self._locate(key, eval_id)
+        except NotFound:
+            committed = await self._committed(key, eval_id, fingerprint)
+            if committed is None:
+                raise
+            return committed
         state = step.states.get(eval_id)
         if state == "validating":
             raise Conflict(f"evaluation {eval_id} is being taken; wait for its answer",
@@ -250,6 +267,28 @@ class Evaluations:
         if step.pending is not None:
             return step.pending
         return await asyncio.shield(step.answers[step.last])
+
+    async def _committed(self, key: str, eval_id: str, fingerprint: str) -> StepResult | None:
+        """The commit of a step this server no longer knows (it restarted since) whose last
+        evaluation was ``eval_id``, replayed from the session's idempotency table, with the
+        session's parameters (``params_version``); None when no step committed with it. The
+        same evaluation answered with other values is 409 ``evaluation_answered``, as live.
+        On the device worker, without the session's lock (a step open now holds it until it
+        ends; the worker runs one job at a time, a commit included)."""
+        host = self._host
+
+        def replay() -> StepResult | None:
+            session = host._get(key)
+            if not session.idem.holds(commit_key(eval_id)):
+                return None
+            try:
+                hit = session.idem.lookup(commit_key(eval_id), fingerprint)
+            except Invalid:
+                raise Conflict(f"evaluation {eval_id} was already answered with other values",
+                               code="evaluation_answered", field="eval_id") from None
+            return None if hit is None else self._replayed(session, hit, True)
+        result: StepResult | None = await host._worker.run(replay)
+        return result
 
     def _locate(self, key: str, eval_id: str) -> OpenStep:
         step_id = eval_id.partition(".")[0]
@@ -345,6 +384,9 @@ class Evaluations:
                     if isinstance(event, _Done):
                         op = LbfgsStep(event.evaluations, plan=event.plan)
                         keys = [step.idem] if step.idem is not None else []
+                        if step.last != "open":  # (its last evaluation's repeat: see above)
+                            keys.append(IdemKey(commit_key(step.last),
+                                                str(step.states.get(step.last, ""))))
                         result = await host._run(step.key, session, op, keys,
                                                  step.want_params)
                         step.outcome = "committed"

@@ -495,6 +495,56 @@ def test_sdk_step_retried_after_a_kill9_and_restart_is_answered(
         client.delete_session(sid)
 
 
+def test_sdk_lbfgs_step_whose_commit_answer_is_lost_to_a_kill9_steps_once(
+        server: Proc, proxy: CuttingProxy) -> None:
+    """``RemoteOptimizer`` LBFGS: the answer to the evaluation that committed the step is cut
+    and the server killed and restarted; the SDK's retry of that evaluation is answered with
+    the commit (it was a 404, the step raised, the model kept its values while the session
+    held the step's, and the next step went on from parameters never evaluated there). The
+    model and the session equal torch's ``LBFGS`` step for step."""
+    torch.manual_seed(0)
+    model, twin = torch.nn.Linear(20, 3), torch.nn.Linear(20, 3)
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randn(16, 20), torch.randn(16, 3)
+    # (max_iter 2: one evaluation after the opening, whose answer is the commit)
+    options = {"lr": 0.5, "max_iter": 2, "history_size": 4}
+
+    def closure(m: torch.nn.Module, o: torch.optim.Optimizer) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            o.zero_grad()
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            return loss
+        return run
+
+    def restart() -> None:
+        server.kill9()
+        server.start()
+
+    def is_evaluation(line: bytes) -> bool:
+        return line.startswith(b"POST") and b"/step/" in line
+
+    with optserve.Client(proxy.url, timeout=300, transport="http") as client:
+        opt = optserve.RemoteOptimizer(model.parameters(), "LBFGS", client=client, **options)
+        ref = torch.optim.LBFGS(twin.parameters(), **options)  # type: ignore[arg-type]
+        for k in range(3):
+            if k == 1:
+                proxy.arm("cut", is_evaluation, restart)
+            opt.step(closure(model, opt))
+            ref.step(closure(twin, ref))
+            got = {n: p.detach() for n, p in model.named_parameters()}
+            want = {n: p.detach() for n, p in twin.named_parameters()}
+            assert_tensors_equal(got, want, f"the model after step {k + 1}")
+            held = client.get_params(opt.session_id).params
+            assert_tensors_equal({n: torch.as_tensor(held[str(i)]) for i, n in
+                                  enumerate(want)}, want, f"the session after step {k + 1}")
+        assert len(proxy.answers_dropped) == 1
+        posted = [line for line, _ in proxy.seen if is_evaluation(line)]
+        assert len(posted) == len(set(posted)) + 1, posted  # (the cut one, sent again)
+        assert client.get_session(opt.session_id).step == 3
+        opt.close(delete_session=True)
+
+
 def test_sdk_create_and_delete_cut_after_the_apply(server: Proc, proxy: CuttingProxy) -> None:
     with optserve.Client(proxy.url, timeout=60) as client, \
             httpx.Client(base_url=server.url, timeout=60) as c:
