@@ -11,6 +11,7 @@ with is still 404. Real ``python -m app``, ``kill -9``, durability ``step``."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,11 @@ def last_evaluation(c: httpx.Client, sid: str) -> tuple[str, dict[str, Any], htt
     return asked[0], asked[1], r
 
 
-def test_the_last_evaluation_repeated_after_a_kill9_is_answered_with_the_commit(
-        proc: Proc) -> None:
+@pytest.mark.parametrize("how", ["kill9", "sigterm"])
+def test_the_last_evaluation_repeated_after_a_restart_is_answered_with_the_commit(
+        proc: Proc, how: str) -> None:
+    """``kill9``: the commit replayed from the log; ``sigterm``: from the snapshot the
+    shutdown writes (the log emptied)."""
     proc.start()
     local = Local(w_start(7))
     with httpx.Client(base_url=proc.url, timeout=60) as c:
@@ -59,7 +63,12 @@ def test_the_last_evaluation_repeated_after_a_kill9_is_answered_with_the_commit(
         local.step()
         committed = first.json()
         assert committed["version"] == 1 and "replayed" not in committed
-    proc.kill9()  # (as if the answer above had been lost with the server)
+    if how == "kill9":
+        proc.kill9()  # (as if the answer above had been lost with the server)
+    else:
+        assert proc.proc is not None
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(60) == 0
     proc.start()
     with httpx.Client(base_url=proc.url, timeout=60) as c:
         again = c.post(f"/v1/sessions/lb/step/{eval_id}", json=body)
