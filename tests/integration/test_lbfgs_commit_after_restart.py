@@ -12,27 +12,22 @@ with is still 404. Real ``python -m app``, ``kill -9``, durability ``step``."""
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.integration.test_durability import Proc
-from tests.integration.test_lbfgs_restored_history import Local, closure_values, create, w_start
+from tests.integration.test_lbfgs_restored_history import (  # noqa: F401 - proc: a fixture
+    Local,
+    closure_values,
+    create,
+    proc,
+    w_start,
+)
 from tests.torch_reference import assert_tensors_equal, json_tensor, tensor_from_json
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def proc(tmp_path: Path) -> Iterator[Proc]:
-    p = Proc(tmp_path / "data")
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def last_evaluation(c: httpx.Client, sid: str) -> tuple[str, dict[str, Any], httpx.Response]:
@@ -52,7 +47,7 @@ def last_evaluation(c: httpx.Client, sid: str) -> tuple[str, dict[str, Any], htt
 
 @pytest.mark.parametrize("how", ["kill9", "sigterm"])
 def test_the_last_evaluation_repeated_after_a_restart_is_answered_with_the_commit(
-        proc: Proc, how: str) -> None:
+        proc: Proc, how: str) -> None:  # noqa: F811 - the fixture imported above
     """``kill9``: the commit replayed from the log; ``sigterm``: from the snapshot the
     shutdown writes (the log emptied)."""
     proc.start()
