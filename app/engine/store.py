@@ -847,12 +847,19 @@ class Store:
         return gone
 
     def log_removed(self, session_id: str) -> bool:
-        """Whether the session's open log is a file no folder holds any more (the data
-        directory removed while the server runs): cheap enough for every operation (one
-        ``fstat``, no lock: a descriptor the bound closes meanwhile answers False, or, reused,
-        whatever its new file says)."""
+        """Whether the session's files were removed from the data directory while the server
+        runs: its open log is a file no folder holds any more, or, where its log is not open
+        (closed by the open logs' bound, or by a snapshot that could not open its new log), its
+        folder is gone, so that reopening the log by its path would fail. Cheap enough for
+        every operation (one ``fstat``, or one ``stat`` for a log not open; no lock: a
+        descriptor the bound closes meanwhile answers False, or, reused, whatever its new file
+        says)."""
         lg = self._logs.get(session_id)
-        return lg is not None and not lg.closed and self._unlinked(lg)
+        if lg is None or lg.closed:
+            return False
+        if lg.fd < 0:
+            return not lg.path.parent.is_dir()
+        return self._unlinked(lg)
 
     def _unlinked(self, lg: _Log) -> bool:
         """Whether the log's open descriptor is a file no folder holds any more (under

@@ -155,6 +155,36 @@ def test_a_step_after_the_removal_writes_its_session_again_before_it_is_acknowle
         proc.stop()
 
 
+def test_a_session_whose_log_was_not_open_is_written_again_at_its_next_step(
+        tmp_path: Path) -> None:
+    """A session whose log descriptor was closed when its files went (by the open logs' bound,
+    ``OPTSERVE_MAX_OPEN_LOGS``, here 1: the other session's step closes it; or by a snapshot
+    whose new log could not be opened, the race the maintenance loses now and then): its next
+    step found no open log to see unlinked, reopened it by its path, in a folder no longer
+    there, and was a 503 ``storage_error`` (until the maintenance wrote the session again). It
+    writes the session again first, as a step that finds its open log removed does."""
+    data = tmp_path / "data"
+    proc = Proc(data, env={"OPTSERVE_MAX_OPEN_LOGS": "1"}).start()
+    try:
+        twins = {"first": Local(), "second": Local()}
+        for sid, local in twins.items():
+            r = httpx.post(f"{proc.url}/v1/sessions", json={**local.create_body(), "id": sid},
+                           timeout=60)
+            assert r.status_code == 201, r.text
+        assert step(proc.url, twins["first"], 1, "first") == 1
+        assert step(proc.url, twins["second"], 1, "second") == 1  # (first's log closed)
+        remove(data)
+        for k in (2, 3):
+            for sid in ("first", "second"):
+                assert step(proc.url, twins[sid], k, sid) == k
+        proc.kill9()
+        proc.start()
+        for sid, local in twins.items():
+            assert_holds(proc.url, local, 3, sid)
+    finally:
+        proc.stop()
+
+
 @pytest.mark.parametrize("every_steps", ["1000", "1"])
 def test_a_stop_right_after_the_removal_writes_everything_again(
         tmp_path: Path, every_steps: str) -> None:
