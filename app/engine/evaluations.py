@@ -52,14 +52,15 @@ from app.engine.session import Session
 from app.errors import Conflict, Invalid, NotFound, OptserveError
 from app.wire.safetensors_body import pack
 
+if TYPE_CHECKING:
+    from app.engine.host import EmbeddedHost
+
 
 def commit_key(eval_id: str) -> str:
     """The key a committed step's answer is kept under besides its open's Idempotency-Key:
     the id of the evaluation that answered last (a client's key has no spaces)."""
     return f"lbfgs evaluation {eval_id}"
 
-if TYPE_CHECKING:
-    from app.engine.host import EmbeddedHost
 
 log = logging.getLogger("optserve.evaluations")
 _FINISHED_KEPT = 256
@@ -279,8 +280,6 @@ class Evaluations:
 
         def replay() -> StepResult | None:
             session = host._get(key)
-            if not session.idem.holds(commit_key(eval_id)):
-                return None
             try:
                 hit = session.idem.lookup(commit_key(eval_id), fingerprint)
             except Invalid:

@@ -698,6 +698,7 @@ class Session:
                          for k, v in g.items()} for g in sd["param_groups"]]
         state_dicts.load_optimizer_state(session.optimizer,
                                          {"state": state, "param_groups": saved_groups})
+        state_dicts.own_lbfgs_memory(session.optimizer)
         keep_state_dtypes(session.optimizer, saved_groups, state)
         for group, names in zip(session.optimizer.param_groups, meta["groups"], strict=True):
             group["param_names"] = list(names)

@@ -476,18 +476,24 @@ def load_optimizer_state(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None
             p = by_id[pid]
             ordered[p] = opt.state[p] if p in opt.state else {}
         opt.state = ordered
+
+
+def own_lbfgs_memory(opt: torch.optim.Optimizer) -> None:
+    """An LBFGS optimizer's state tensors (its history's lists too) as fresh allocations of
+    their own, for a state loaded from a snapshot. LBFGS dots its history (``old_dirs``,
+    ``old_stps``) at every iteration, and torch's CPU ``dot`` (MKL's sdot) rounds by where the
+    vectors start in memory: tensors decoded from a snapshot are views at any offset of its
+    bytes (torch's ``load_state_dict`` keeps a tensor of the right dtype as it is), where the
+    running session's are torch's own aligned allocations, so the steps after a restart
+    rounded otherwise than the session's that never stopped. (An import's tensors are copies
+    already: :func:`own_tensors`.)"""
     if isinstance(opt, torch.optim.LBFGS):
         for p, kept in opt.state.items():
             opt.state[p] = {k: _own_memory(v) for k, v in kept.items()}
 
 
 def _own_memory(value: Any) -> Any:
-    """A tensor (or a list's tensors) as a fresh allocation of its own. LBFGS dots its history
-    (``old_dirs``, ``old_stps``) at every iteration, and torch's CPU ``dot`` (MKL's sdot) rounds
-    by where the vectors start in memory: tensors decoded from a snapshot or a log record are
-    views at any offset of its bytes (torch's ``load_state_dict`` keeps a tensor of the right
-    dtype as it is), where the running session's are torch's own aligned allocations, so the
-    steps after a restart rounded otherwise than the session's that never stopped."""
+    """A tensor (or a list's tensors) as a fresh allocation of its own."""
     if isinstance(value, torch.Tensor):
         return value.clone(memory_format=torch.contiguous_format)
     if isinstance(value, list):

@@ -7,7 +7,7 @@ values while the session held the committed ones: the session went on from param
 client never evaluated. Now the repeat is answered as the step's commit (``replayed``, the
 session's parameters, bitwise torch's ``LBFGS`` after that step), the same evaluation with
 other values is 409 ``evaluation_answered`` as it is live, and an evaluation no step committed
-with is still 404. Real ``python -m app``, ``kill -9``, durability ``step``."""
+with is still 404. Real ``python -m app``, ``kill -9`` or SIGTERM, durability ``step``."""
 
 from __future__ import annotations
 
@@ -17,17 +17,14 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.integration import test_lbfgs_restored_history as restored_history
 from tests.integration.test_durability import Proc
-from tests.integration.test_lbfgs_restored_history import (  # noqa: F401 - proc: a fixture
-    Local,
-    closure_values,
-    create,
-    proc,
-    w_start,
-)
+from tests.integration.test_lbfgs_restored_history import Local, closure_values, create, w_start
 from tests.torch_reference import assert_tensors_equal, json_tensor, tensor_from_json
 
 pytestmark = pytest.mark.integration
+#: a real ``python -m app`` on a data directory of its own (the other module's fixture)
+proc = restored_history.proc
 
 
 def last_evaluation(c: httpx.Client, sid: str) -> tuple[str, dict[str, Any], httpx.Response]:
@@ -47,7 +44,7 @@ def last_evaluation(c: httpx.Client, sid: str) -> tuple[str, dict[str, Any], htt
 
 @pytest.mark.parametrize("how", ["kill9", "sigterm"])
 def test_the_last_evaluation_repeated_after_a_restart_is_answered_with_the_commit(
-        proc: Proc, how: str) -> None:  # noqa: F811 - the fixture imported above
+        proc: Proc, how: str) -> None:
     """``kill9``: the commit replayed from the log; ``sigterm``: from the snapshot the
     shutdown writes (the log emptied)."""
     proc.start()

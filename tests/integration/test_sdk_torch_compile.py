@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from torch.optim import lr_scheduler as lrs
 
 import optserve
+from tests.integration.test_sdk_distributed_checkpoint import assert_same
 
 pytestmark = pytest.mark.integration
 
@@ -56,22 +57,6 @@ def snapshot(model: nn.Module, opt: torch.optim.Optimizer,
              sched: lrs.LRScheduler | None = None) -> Snapshot:
     return ([p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()),
             None if sched is None else copy.deepcopy(sched.state_dict()))
-
-
-def assert_same(a: Any, b: Any, where: str) -> None:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), where
-        assert a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list | tuple):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def compiled(fn: Callable[..., Any], compile: bool) -> Callable[..., Any]:

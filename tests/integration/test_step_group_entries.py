@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.integration import test_header_given_twice_fields as given_twice
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-W = {"w": {"dtype": "float32", "shape": [2], "data": [1.0, 2.0]}}
 GRADS = {"w": {"dtype": "float32", "shape": [2], "data": [0.5, -0.5]}}
+
+
+#: a session of one SGD group over one parameter (the other module's fixture)
+session = given_twice.session
 
 
 def documented() -> list[tuple[Any, str, str]]:
@@ -32,16 +36,6 @@ def documented() -> list[tuple[Any, str, str]]:
     null, code1, field1, code2, missing, nulls, field2 = match.groups()
     return [(json.loads(null), code1, field1), (json.loads(missing), code2, "param_groups.3"),
             (json.loads(nulls), code2, field2)]
-
-
-@pytest.fixture(scope="module")
-def session(live_server: str) -> Iterator[tuple[httpx.Client, str]]:
-    with httpx.Client(base_url=live_server) as client:
-        made = client.post("/v1/sessions", json={"optimizer": "SGD", "options": {"lr": 0.1},
-                                                 "params": W})
-        assert made.status_code == 201, made.text
-        yield client, made.json()["id"]
-        client.delete(f"/v1/sessions/{made.json()['id']}")
 
 
 @pytest.mark.parametrize("groups,code,field", documented())

@@ -41,10 +41,12 @@ from tests.unit.test_operations_stateful import (
     SEED,
     STATS,
     STEPS,
+    agrees,
     quietly,
     run,
     same_tree,
     seeded,
+    session_snapshot,
 )
 
 X = seeded((12, 3), 0)
@@ -136,11 +138,7 @@ class LbfgsMachine(RuleBasedStateMachine):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def snapshot(self, eng: Front) -> dict[str, Any]:
-        params = run(self.loop, eng.pull(self.sid, None))
-        state = run(self.loop, eng.export_state(self.sid))
-        info = run(self.loop, eng.describe(self.sid)).to_json()
-        info.pop("durability")
-        return {"params": dict(params.params), "state": state.state_dict, "info": info}
+        return session_snapshot(self.loop, eng, self.sid)
 
     def both(self, call: Any) -> tuple[Any, Any]:
         """``call(engine)`` and ``call(twin)``: both answer or both refuse alike (a refusal
@@ -332,17 +330,7 @@ class LbfgsMachine(RuleBasedStateMachine):
     def agree(self) -> None:
         if self.engine is None or self.twin is None or self.mirror is None:
             return
-        mine, twin = self.snapshot(self.engine), self.snapshot(self.twin)
-        same_tree(mine, twin, "engine vs twin")
-        same_tree(mine["params"], self.mirror.params, "params vs torch")
-        same_tree(mine["state"]["state"], self.mirror.opt.state_dict()["state"],
-                  "optimizer state vs torch")
-        if self.mirror.sched is not None:
-            same_tree(mine["state"]["scheduler"], self.mirror.sched.state_dict(),
-                      "scheduler state vs torch")
-        info = mine["info"]
-        assert (info["version"], info["step"]) == (self.mirror.version, self.mirror.step_count)
-        same_tree([float(x) for x in info["lr"]], self.mirror.lrs(), "lr")
+        agrees(self.snapshot(self.engine), self.snapshot(self.twin), self.mirror)
         STATS["lbfgs checks"] += 1
 
 

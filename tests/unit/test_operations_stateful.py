@@ -264,11 +264,7 @@ class SessionMachine(RuleBasedStateMachine):
         return a, b
 
     def snapshot(self, eng: Front) -> dict[str, Any]:
-        params = run(self.loop, eng.pull(self.sid, None))
-        state = run(self.loop, eng.export_state(self.sid))
-        info = run(self.loop, eng.describe(self.sid)).to_json()
-        info.pop("durability")
-        return {"params": dict(params.params), "state": state.state_dict, "info": info}
+        return session_snapshot(self.loop, eng, self.sid)
 
     def grads(self, names: list[str], seed: int, nan: bool) -> dict[str, torch.Tensor]:
         assert self.mirror is not None
@@ -840,19 +836,36 @@ class SessionMachine(RuleBasedStateMachine):
     def agree(self) -> None:
         if self.engine is None or self.twin is None or self.mirror is None:
             return
-        mine, twin = self.snapshot(self.engine), self.snapshot(self.twin)
-        same_tree(mine, twin, "engine vs twin")
-        same_tree(mine["params"], self.mirror.params, "params vs torch")
-        same_tree(mine["state"]["state"], self.mirror.opt.state_dict()["state"],
-                  "optimizer state vs torch")
-        if self.mirror.sched is not None:
-            same_tree(mine["state"]["scheduler"], self.mirror.sched.state_dict(),
-                      "scheduler state vs torch")
-        info = mine["info"]
-        assert (info["version"], info["step"]) == (self.mirror.version, self.mirror.step_count)
-        same_tree([_float(x) for x in info["lr"]], self.mirror.lrs(), "lr")
-        assert info["accumulated"] == sorted(self.mirror.accum)
+        mine = agrees(self.snapshot(self.engine), self.snapshot(self.twin), self.mirror)
+        assert mine["info"]["accumulated"] == sorted(self.mirror.accum)
         STATS["checks"] += 1
+
+
+def session_snapshot(loop: asyncio.AbstractEventLoop, eng: Front, sid: str) -> dict[str, Any]:
+    """A session as read back: its parameters, exported state and description (less its
+    durability, which a twin differs in)."""
+    params = run(loop, eng.pull(sid, None))
+    state = run(loop, eng.export_state(sid))
+    info = run(loop, eng.describe(sid)).to_json()
+    info.pop("durability")
+    return {"params": dict(params.params), "state": state.state_dict, "info": info}
+
+
+def agrees(mine: dict[str, Any], twin: dict[str, Any], mirror: Any) -> dict[str, Any]:
+    """The session (``mine``: :func:`session_snapshot`) equals its twin and the in-process
+    torch ``mirror`` (its ``params``, ``opt``, ``sched``, ``version``, ``step_count``,
+    ``lrs()``): parameters, optimizer and scheduler state, version, step, lr. ``mine``."""
+    same_tree(mine, twin, "engine vs twin")
+    same_tree(mine["params"], mirror.params, "params vs torch")
+    same_tree(mine["state"]["state"], mirror.opt.state_dict()["state"],
+              "optimizer state vs torch")
+    if mirror.sched is not None:
+        same_tree(mine["state"]["scheduler"], mirror.sched.state_dict(),
+                  "scheduler state vs torch")
+    info = mine["info"]
+    assert (info["version"], info["step"]) == (mirror.version, mirror.step_count)
+    same_tree([_float(x) for x in info["lr"]], mirror.lrs(), "lr")
+    return mine
 
 
 def _float(x: Any) -> float:
