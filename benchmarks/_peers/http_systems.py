@@ -186,6 +186,20 @@ class OptserveBinary(Optserve):
 
 
 @register
+class OptserveBinaryHistory(OptserveBinary):
+    """``optserve-binary`` asking ``?metrics=history``: the answer carries no ``metrics``, and
+    the server takes the step's norms after answering (into the session's history, the same
+    values). What the norms on the step's path cost a float32 step (``optserve-bf16-history``
+    is the same for a bfloat16 one)."""
+
+    name = "optserve-binary-history"
+
+    def prepare(self, case: Case, initial: torch.Tensor) -> None:
+        super().prepare(case, initial)
+        self.path += "?metrics=history"
+
+
+@register
 class OptserveBinarySafetensors(Optserve):
     """optserve-binary as a user of ``safetensors.torch`` and httpx's defaults writes it:
     ``save`` builds the body (a copy of the gradient), ``httpx.Client.post(content=...)``

@@ -92,9 +92,10 @@ def test_the_bfloat16_cells_step_bitwise(tmp_path: Path) -> None:
     """``optserve-bf16`` (the gradient narrowed into a kept buffer every step) and
     ``optserve-bf16-history`` (the same asking ``?metrics=history``) at 1e3: every step's
     parameters equal torch stepping the rounded gradients, bitwise (the benchmark's own check
-    of the server's float32 parameters after the timed steps)."""
+    of the server's float32 parameters after the timed steps); and ``optserve-binary-history``
+    (float32 gradients asking ``?metrics=history``) equal torch's float32 steps."""
     out = tmp_path / "bf16.json"
-    systems = ["optserve-bf16", "optserve-bf16-history"]
+    systems = ["optserve-bf16", "optserve-bf16-history", "optserve-binary-history"]
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.peers", "--sizes", "1e3", "--systems",
          ",".join(systems), "--durability", "memory", "--rounds", "2", "--reps", "3",
