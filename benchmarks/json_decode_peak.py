@@ -8,11 +8,13 @@ then ``tensor_map``) in a fresh process that first reads the body from a file: t
 above the RSS before decoding (``VmHWM``, the process's own high-water mark:
 ``ru_maxrss`` starts at the parent's RSS at the fork), as a multiple of the body's size, beside what
 the body counts (``body_memory.JSON_EXPANSION`` times its size plus
-``body_memory.JSON_OBJECT_BYTES`` for each ``{``). Cases: one float32 tensor of N elements
-written ``0.5`` (the shortest float text), ``1`` (a cached small integer), ``"NaN"`` (a string
-the decoder converts), a random float's shortest text (as ``json.dumps`` of torch's values
-writes it), and K one-element tensors (an object each). Prints a markdown table; a peak past
-what is counted is marked.
+``body_memory.JSON_STRUCTURE_BYTES`` for each ``{``, ``[`` and ``"``). Cases: one float32
+tensor of N elements written ``0.5`` (the shortest float text), ``1`` (a cached small integer),
+``"NaN"`` (a string the decoder converts), a random float's shortest text (as ``json.dumps`` of
+torch's values writes it), K one-element tensors (an object each), and what a hostile client
+could send in place of N values (the server refuses them once decoded): N ``[[]]`` (two list
+objects each), N ``[0]`` and N ``"ab"`` (a string object each). Prints a markdown table; a
+peak past what is counted is marked.
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ from pathlib import Path
 CHILD = r"""
 import sys
 from app.api.bodies import json_object, tensor_map
+from app.errors import Invalid
 body = open(sys.argv[1], "rb").read()
 def status(field):
     return int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) * 1024
 base = status("VmRSS")
-tensors = tensor_map(json_object(body)["grads"], "grads")
+try:
+    tensors = tensor_map(json_object(body)["grads"], "grads")
+except Invalid:  # (the hostile cases: decoded, then refused)
+    pass
 print(status("VmHWM") - base)
 """
 
@@ -47,7 +53,8 @@ def body_of(case: str, n: int, k: int) -> bytes:
         values = torch.randn(n, generator=torch.Generator().manual_seed(0)).tolist()
         return orjson.dumps({"grads": {"w": {"dtype": "float32", "shape": [n],
                                              "data": values}}})
-    text = {"0.5": b"0.5", "1": b"1", "NaN": b'"NaN"'}[case]
+    text = {"0.5": b"0.5", "1": b"1", "NaN": b'"NaN"', "[[]]": b"[[]]", "[0]": b"[0]",
+            '"ab"': b'"ab"'}[case]
     return (b'{"grads":{"w":{"dtype":"float32","shape":[%d],"data":[' % n
             + b",".join([text] * n) + b"]}}}")
 
@@ -63,22 +70,26 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="optserve-json-peak-") as tmp:
         path = Path(tmp) / "body.json"
-        for case in ("0.5", "1", "NaN", "random", "tensors"):
+        for case in ("0.5", "1", "NaN", "random", "tensors", "[[]]", "[0]", '"ab"'):
             body = body_of(case, n, k)
             path.write_bytes(body)
             objects = body.count(b"{")
+            structure = sum(body.count(byte) * cost
+                            for byte, cost in body_memory.JSON_STRUCTURE_BYTES)
             del body
             out = subprocess.run([sys.executable, "-c", CHILD, str(path)], check=True,
                                  capture_output=True, text=True,
                                  env={**os.environ, "PYTHONPATH": os.getcwd()})
             size = path.stat().st_size
             peak = int(out.stdout.strip().splitlines()[-1])
-            counted = body_memory.JSON_EXPANSION * size + objects * body_memory.JSON_OBJECT_BYTES
+            counted = body_memory.JSON_EXPANSION * size + structure
             label = f"{k:,} one-element tensors" if case == "tensors" else \
                 f"one tensor of {n:,} `{case}`"
             rows.append((label, size, objects, peak, counted))
     print(f"\nJSON_EXPANSION = {body_memory.JSON_EXPANSION}, "
-          f"JSON_OBJECT_BYTES = {body_memory.JSON_OBJECT_BYTES}\n")
+          f"JSON_OBJECT_BYTES = {body_memory.JSON_OBJECT_BYTES}, "
+          f"JSON_LIST_BYTES = {body_memory.JSON_LIST_BYTES}, "
+          f"JSON_STRING_BYTES = {body_memory.JSON_STRING_BYTES}\n")
     print("| body | MB | `{` | decoding peak MB | peak / size | counted MB | counted / size | "
           "peak within |")
     print("|---|---|---|---|---|---|---|---|")

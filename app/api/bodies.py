@@ -205,24 +205,30 @@ async def _read_body(
     return buf
 
 
-def _count_byte(buf: bytearray | memoryview, byte: bytes) -> int:
-    """How many times ``byte`` is in ``buf``, a piece at a time (each piece's count holds the
-    interpreter lock; between pieces the event loop may run)."""
-    view, piece = memoryview(buf), 1 << 20
-    return sum(view[i:i + piece].tobytes().count(byte) for i in range(0, len(view), piece))
+def _structure_bytes(buf: bytearray | memoryview) -> int:
+    """What ``buf``'s ``{``, ``[`` and ``"`` count on top of its expansion
+    (:data:`~app.api.body_memory.JSON_STRUCTURE_BYTES`), a piece at a time (each piece's
+    counts hold the interpreter lock; between pieces the event loop may run)."""
+    view, piece, total = memoryview(buf), 1 << 20, 0
+    for i in range(0, len(view), piece):
+        text = view[i:i + piece].tobytes()
+        total += sum(text.count(byte) * cost for byte, cost in body_memory.JSON_STRUCTURE_BYTES)
+    return total
 
 
 async def _hold_json_objects(request: Request, buf: bytearray | memoryview) -> None:
     """A large JSON body counts, on top of :data:`~app.api.body_memory.JSON_EXPANSION` times
-    its size, :data:`~app.api.body_memory.JSON_OBJECT_BYTES` for each ``{`` it holds (an upper
-    bound on its objects, which no escape can hide): each object, a tensor above all, costs
-    more than its text times the expansion (a body of one-element tensors: 33 times its
-    size). Counted once read, without waiting, as a safetensors header's parse is."""
+    its size, :data:`~app.api.body_memory.JSON_OBJECT_BYTES` for each ``{`` it holds,
+    :data:`~app.api.body_memory.JSON_LIST_BYTES` for each ``[`` and
+    :data:`~app.api.body_memory.JSON_STRING_BYTES` for each ``"`` (upper bounds on its objects,
+    lists and strings, which no escape can hide): each of them costs more than its text times
+    the expansion (a body of one-element tensors: 33 times its size; of empty lists, 38).
+    Counted once read, without waiting, as a safetensors header's parse is."""
     if _expansion(request) == 1:
         return
-    objects = await anyio.to_thread.run_sync(_count_byte, buf, b"{")
-    if objects:
-        body_memory.hold_now(request.scope, objects * body_memory.JSON_OBJECT_BYTES)
+    more = await anyio.to_thread.run_sync(_structure_bytes, buf)
+    if more:
+        body_memory.hold_now(request.scope, more)
 
 
 def _json_type(ctype: str) -> bool:

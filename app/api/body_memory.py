@@ -22,8 +22,10 @@ otherwise): :class:`BodyMemoryRelease`, a middleware around the endpoints.
 
 What a body counts is what reading and decoding it may take: its size, eighteen times its
 size for a JSON body (:data:`JSON_EXPANSION`: its numbers become Python objects before they
-become a tensor) and 2 KB for each ``{`` of a large one on top (:data:`JSON_OBJECT_BYTES`,
-counted once the body is read, without waiting), and for a safetensors body 32 times its
+become a tensor) and, for a large one, on top: 2 KB for each ``{`` (:data:`JSON_OBJECT_BYTES`),
+64 bytes for each ``[`` (:data:`JSON_LIST_BYTES`) and 24 for each ``"``
+(:data:`JSON_STRING_BYTES`), counted once the body is read, without waiting; and for a
+safetensors body 32 times its
 header's size on top
 (:data:`HEADER_EXPANSION`, counted once the body is read, without waiting), and for a
 ``torch.save`` import what its zip entries expand to on top (their declared sizes: torch's
@@ -66,6 +68,16 @@ JSON_EXPANSION = 18
 #: strings and lists, the tensor itself): a body of a million one-element tensors peaked at
 #: 32.8 times its size, about 1.7 KB a tensor (the same benchmark)
 JSON_OBJECT_BYTES = 2048
+#: and for each ``[`` (a list object and its slot in its parent): a body of a million ``[[]],``
+#: peaked at 37.9 times its size, of ``[0],`` at 31.1, of ``[0.5]`` rows at 26.4 (the same
+#: benchmark), past what 18 times their size covers
+JSON_LIST_BYTES = 64
+#: and for each ``"`` (half a string: a short string object and its slot): a million ``"ab",``
+#: peaked at 18.6 times their size (strings of one character are the interpreter's own)
+JSON_STRING_BYTES = 24
+#: what each of those bytes counts on top of the expansion, in the order counted
+JSON_STRUCTURE_BYTES = ((b"{", JSON_OBJECT_BYTES), (b"[", JSON_LIST_BYTES),
+                        (b'"', JSON_STRING_BYTES))
 #: the same for a safetensors header: an object per tensor, about 1.7 KB for a 60-byte entry
 HEADER_EXPANSION = 32
 
@@ -156,7 +168,8 @@ def _refused(memory: BodyMemory, n: int) -> Overloaded:
 def _never_fits(memory: BodyMemory, n: int) -> PayloadTooLarge:
     return PayloadTooLarge(
         f"reading and decoding this body may take {n} bytes (a JSON text up to "
-        f"{JSON_EXPANSION} times its size and {JSON_OBJECT_BYTES} bytes for each '{{' in it, a "
+        f"{JSON_EXPANSION} times its size, and {JSON_OBJECT_BYTES}, {JSON_LIST_BYTES} and "
+        f"{JSON_STRING_BYTES} bytes for each '{{', '[' and '\"' in it; a "
         f"safetensors header {HEADER_EXPANSION} times); the "
         f"server holds at most {memory.limit} for request bodies (OPTSERVE_MAX_BODIES_MB): send "
         "the tensors as safetensors, or in a smaller body", field="body",

@@ -310,12 +310,13 @@ def test_a_json_body_of_many_small_tensors_counts_each_object() -> None:
         assert 300_000 < len(body) and 18 * len(body) < bound
         objects = body.count(b"{")
         assert objects * body_memory.JSON_OBJECT_BYTES > bound
+        structure = _structure(body)
         r = httpx.post(f"{url}/v1/sessions/{info.id}/step", content=body,
                        headers={"Content-Type": "application/json"}, timeout=60)
         assert r.status_code == 413, r.text
         problem = r.json()
         assert problem["code"] == "payload_too_large" and problem["limit"] == bound
-        assert problem["needed_bytes"] == objects * body_memory.JSON_OBJECT_BYTES
+        assert problem["needed_bytes"] == structure
         assert version(url, info.id) == 0
         wait_for(lambda: gauge(url, "optserve_request_body_bytes") == 0, "the body given back")
         # a JSON body as large of one tensor (three objects) fits: stepped, equal to torch
@@ -326,13 +327,56 @@ def test_a_json_body_of_many_small_tensors_counts_each_object() -> None:
                                         durability="memory").id
         gw = grads(4)[:m]
         body = orjson.dumps({"grads": {"w": json_tensor(gw)}})
-        assert len(body) > 300_000 and 18 * len(body) + 3 * 2048 < bound
+        assert len(body) > 300_000 and 18 * len(body) + _structure(body) < bound
         r = httpx.post(f"{url}/v1/sessions/{one}/step", content=body,
                        headers={"Content-Type": "application/json"}, timeout=60)
         assert r.status_code == 200, r.text
         ref = Reference(torch.optim.Adam, [({"w": w0}, {})], OPTIONS)
         ref.step({"w": gw})
         assert_tensors_equal(params_of(r.json()), ref.params, "the one-tensor JSON step")
+
+
+def _structure(body: bytes) -> int:
+    """What a large JSON body's ``{``, ``[`` and ``"`` count on top of 18 times its size."""
+    return sum(body.count(byte) * cost for byte, cost in body_memory.JSON_STRUCTURE_BYTES)
+
+
+def test_a_json_body_of_empty_lists_counts_each_list() -> None:
+    """A million ``[[]],`` took 38 times their size to decode, past the 18 times counted:
+    each ``[`` now counts 64 bytes on top. Such a body, within 18 times its size of the bound,
+    is a 413 naming what its lists need, and nothing is applied; as large a body of numbers
+    steps, equal to torch."""
+    bound = 8 << 20
+    live = LiveServer(_test_settings(max_body_mb=1.5, max_bodies_mb=bound >> 20,
+                                     body_timeout_s=TIMEOUT_S))
+    with live.serving() as url:
+        m = 20_000
+        w0 = torch.randn(m, generator=torch.Generator().manual_seed(2))
+        with optserve.Client(url, transport="http") as client:
+            sid = client.create_session("Adam", {"w": w0}, options=OPTIONS,
+                                        durability="memory").id
+        lists = 90_000
+        body = (b'{"grads":{"w":{"dtype":"float32","shape":[%d],"data":[' % m
+                + b",".join([b"[[]]"] * lists) + b"]}}}")
+        assert 18 * len(body) < bound < 18 * len(body) + _structure(body)
+        r = httpx.post(f"{url}/v1/sessions/{sid}/step", content=body,
+                       headers={"Content-Type": "application/json"}, timeout=60)
+        assert r.status_code == 413, r.text
+        problem = r.json()
+        assert problem["code"] == "payload_too_large" and problem["limit"] == bound
+        assert problem["needed_bytes"] == _structure(body)
+        assert body.count(b"[") == 2 * lists + 2
+        assert version(url, sid) == 0
+        wait_for(lambda: gauge(url, "optserve_request_body_bytes") == 0, "the body given back")
+        gw = grads(5)[:m]
+        body = orjson.dumps({"grads": {"w": json_tensor(gw)}})
+        assert len(body) > 300_000 and 18 * len(body) + _structure(body) < bound
+        r = httpx.post(f"{url}/v1/sessions/{sid}/step", content=body,
+                       headers={"Content-Type": "application/json"}, timeout=60)
+        assert r.status_code == 200, r.text
+        ref = Reference(torch.optim.Adam, [({"w": w0}, {})], OPTIONS)
+        ref.step({"w": gw})
+        assert_tensors_equal(params_of(r.json()), ref.params, "the JSON step beside it")
 
 
 def _deflated(obj: object) -> bytes:
