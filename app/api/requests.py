@@ -19,6 +19,7 @@ from app.engine.metrics import SHOWN
 from app.engine.ops.params import check_param_count
 from app.engine.placement import check_placement, check_resources
 from app.engine.shards import check_shards
+from app.engine.state_dicts import refuse_unknown_keys
 from app.errors import BadRequest, Invalid
 from app.wire.integers import int_text
 from app.wire.json_tensor import refuse_loose_b64
@@ -234,6 +235,7 @@ def state_from_json(buf: bytes | bytearray) -> Any:
     if not isinstance(obj, dict):
         raise BadRequest("the state dict must be a JSON object", code="invalid_json",
                          field="body")
+    refuse_unknown_keys(obj)
     return tree_from_json(obj, "state_dict")
 
 
@@ -250,6 +252,8 @@ def state_from_safetensors(buf: bytearray) -> Any:
                       code="unknown_field", field=f"__metadata__.{unknown[0]}")
     skeleton = parse_json(metadata["optserve_state"].encode(), "__metadata__.optserve_state",
                           within="__metadata__.optserve_state")
+    if isinstance(skeleton, dict):
+        refuse_unknown_keys(skeleton)
     unused = sorted(set(tensors) - _tensor_refs(skeleton))
     if unused:
         raise Invalid(f"tensor {unused[0]!r:.80} is in the body but the optserve_state skeleton "

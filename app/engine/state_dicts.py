@@ -318,6 +318,17 @@ def refuse_unwritable(state: object, where: str = "state_dict") -> None:
                           f"{', '.join(TORCH_DTYPES)}", code="state_mismatch", field=str(at))
 
 
+def refuse_unknown_keys(state: dict[Any, Any]) -> None:
+    """422 ``state_mismatch`` naming a state dict's first unknown top-level key: checked
+    before anything walks the tree (an unknown key over two million empty objects took 6 s of
+    walks, on the device worker, before this refusal)."""
+    unknown = {str(k) for k in state} - _TOP_KEYS
+    if unknown:
+        raise Invalid(f"unknown key(s) {sorted(unknown)}; a state dict has state, param_groups "
+                      "and optionally scheduler", code="state_mismatch",
+                      field=f"state_dict.{sorted(unknown)[0]}")
+
+
 def prepare_import(session: Session, state: object, request: bool = False,
                    tensors: bool = False, first_elsewhere: bool = False) -> PreparedImport:
     """The state checked completely, ready to load. ``first_elsewhere``: the state is a shard's
@@ -330,13 +341,9 @@ def prepare_import(session: Session, state: object, request: bool = False,
     if not isinstance(state, dict):
         raise Invalid("a state dict must be an object with state and param_groups",
                       code="state_mismatch", field="state_dict")
+    refuse_unknown_keys(state)
     if request:
         refuse_unwritable(state)
-    unknown = {str(k) for k in state} - _TOP_KEYS
-    if unknown:
-        raise Invalid(f"unknown key(s) {sorted(unknown)}; a state dict has state, param_groups "
-                      "and optionally scheduler", code="state_mismatch",
-                      field=f"state_dict.{sorted(unknown)[0]}")
     groups = state.get("param_groups")
     current = session.optimizer.param_groups
     if not isinstance(groups, list) or len(groups) != len(current):
