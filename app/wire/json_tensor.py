@@ -247,9 +247,16 @@ def tensor_values(t: torch.Tensor) -> Any:
         flat = flat.float()
     arr = flat.numpy()
     # numpy's check: torch's isfinite().all() costs ~40 us of dispatch per tensor at 1e3
-    if flat.is_floating_point() and not bool(np.isfinite(arr).all()):
-        return [x if math.isfinite(x) else ("NaN" if math.isnan(x) else
-                ("Infinity" if x > 0 else "-Infinity")) for x in arr.tolist()]
+    if flat.is_floating_point():
+        finite = np.isfinite(arr)
+        if not bool(finite.all()):
+            # numpy scalars, not Python floats: orjson writes each in its own dtype's shortest
+            # text, as it writes the array (a float32 0.1 stays "0.1", not 0.10000000149011612)
+            values: list[Any] = list(arr)
+            for i in np.flatnonzero(~finite).tolist():
+                x = values[i]
+                values[i] = "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+            return values
     return arr
 
 

@@ -94,6 +94,23 @@ def test_nonfinite_written_as_words() -> None:
     assert isinstance(tensor_values(t), list)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32,
+                                   torch.float64])
+def test_finite_values_beside_a_nonfinite_one_keep_their_dtypes_text(dtype: torch.dtype
+                                                                     ) -> None:
+    """A tensor holding a NaN or an infinity writes its finite values as a finite tensor's
+    are written (its own dtype's shortest text: a float32 0.1 is ``0.1``), not as float64
+    text (``0.10000000149011612``, the same bits but not the same text, and longer)."""
+    finite = torch.randn(64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    mixed = torch.cat([finite, torch.tensor([math.nan, math.inf, -math.inf], dtype=dtype)])
+    shown = orjson.dumps(encode_json_tensor(finite), option=orjson.OPT_SERIALIZE_NUMPY)
+    words = orjson.dumps(encode_json_tensor(mixed), option=orjson.OPT_SERIALIZE_NUMPY)
+    numbers = shown.split(b'"data":[')[1].rstrip(b"]}")
+    assert words.split(b'"data":[')[1].rstrip(b"]}") == (
+        numbers + b',"NaN","Infinity","-Infinity"')
+    assert_same(decode_json_tensor(orjson.loads(words), "t"), mixed, nan_payload=False)
+
+
 def test_known_values_and_layout() -> None:
     obj = {"dtype": "float32", "shape": [2, 3], "data": [1, 2, 3, 4.5, -5, 6]}
     t = decode_json_tensor(obj, "w")
