@@ -180,6 +180,12 @@ def _from_json(obj: Any, at: TreePath, tensors: dict[str, torch.Tensor] | None, 
         return {k: _from_json(v, at.child(k), tensors, depth + 1, sparse)
                 for k, v in obj.items()}
     if isinstance(obj, list):
+        if depth < MAX_STATE_DEPTH and all(type(v) in _JSON_SCALARS for v in obj):
+            return list(obj)  # (what the walk below gives for them, without a path each)
         return [_from_json(v, at.child(i), tensors, depth + 1, sparse)
                 for i, v in enumerate(obj)]
     return obj
+
+
+#: the values a JSON text's list holds that :func:`_from_json` gives back as they are
+_JSON_SCALARS = frozenset({int, float, str, bool, type(None)})
