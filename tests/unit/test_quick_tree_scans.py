@@ -53,9 +53,7 @@ def _walked(state: object) -> bool:
                 return True
         if isinstance(node, torch.Tensor) and (
                 node.is_nested or node.layout != torch.strided or node.device.type == "meta"
-                or node.is_quantized or node.dtype not in (
-                    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64,
-                    torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)):
+                or node.is_quantized or node.dtype not in DTYPE_NAMES):
             return True
     return False
 
