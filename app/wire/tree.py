@@ -180,9 +180,12 @@ def _from_json(obj: Any, at: TreePath, tensors: dict[str, torch.Tensor] | None, 
         return {k: _from_json(v, at.child(k), tensors, depth + 1, sparse)
                 for k, v in obj.items()}
     if isinstance(obj, list):
-        if depth < MAX_STATE_DEPTH and all(type(v) in _JSON_SCALARS for v in obj):
-            return list(obj)  # (what the walk below gives for them, without a path each)
-        return [_from_json(v, at.child(i), tensors, depth + 1, sparse)
+        if depth >= MAX_STATE_DEPTH:  # (a value below is past the limit: named there)
+            return [_from_json(v, at.child(i), tensors, depth + 1, sparse)
+                    for i, v in enumerate(obj)]
+        # plain values as they are, without a path each (what the walk gives for them)
+        return [v if type(v) in _JSON_SCALARS else
+                _from_json(v, at.child(i), tensors, depth + 1, sparse)
                 for i, v in enumerate(obj)]
     return obj
 
