@@ -6,6 +6,7 @@ client already holds), ``X-Optserve-Worker`` (which worker of a sync round is pu
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from fastapi import Request
 
 from app.engine.idempotency import check_key
-from app.engine.interface import IdemKey
+from app.engine.interface import EVERY_VERSION, IdemKey
 from app.engine.ops import Expected
 from app.errors import BadHeader, Invalid, OptserveError
 from app.wire.content_digest import tensors_digest
@@ -136,12 +137,22 @@ def _tag_version(tag: str) -> int | None:
 
 
 def none_match_versions(request: Request) -> frozenset[int]:
-    """The versions named by ``If-None-Match`` (tags that are not versions are ignored)."""
+    """The versions named by ``If-None-Match`` (weak comparison: ``W/"5"`` names 5; tags that
+    are not versions are ignored); ``*``: :data:`EVERY_VERSION` (RFC 9110 13.1.2: false
+    whenever the session exists, a 304 on a read)."""
     header = ", ".join(request.headers.getlist("if-none-match"))  # (a list: lines combine)
     if not header:
         return frozenset()
+    if header.strip() == "*":
+        return EVERY_VERSION
     found = (_tag_version(t) for t in header.split(","))
     return frozenset(v for v in found if v is not None)
+
+
+def none_match_any(request: Request) -> bool:
+    """``If-None-Match: *`` (the reads that evaluate no version tag take it: 304 whenever the
+    session exists)."""
+    return none_match_versions(request) is EVERY_VERSION
 
 
 def base_version(request: Request, query: int | None) -> int | None:
@@ -159,12 +170,74 @@ def base_version(request: Request, query: int | None) -> int | None:
     return query if query is not None else from_header
 
 
+#: one member of an ``If-Match`` / ``If-None-Match`` list: an entity-tag (``"5"``, ``W/"5"``;
+#: its opaque part may hold commas) or, as servers before RFC 9110's strict reading took, a bare
+#: version (``5``); then a comma or the end
+_MEMBER = re.compile(r'[ \t]*(?:(W/)?"([^"]*)"|([^\s",]+))[ \t]*(?:,|$)')
+
+
+def strict_match(request: Request, query_version: int | None = None) -> Expected | None:
+    """A strict precondition's ``If-Match`` (a change's, or a read's), RFC 9110 13.1.1, with
+    ``?base_version=`` (a change's); None without either. ``*``: true whenever the session
+    exists, as every operation requires anyway (no version condition); a list (``"4", "5"``,
+    or lines that combine into one): true at any of its versions; compared strongly, so a
+    weak tag (``W/"5"``) matches no version (:class:`Expected` holds at none when the header
+    has no other). A bare ``5`` is taken as ``"5"``. A member that is no version (``"a"``,
+    ``""``, ``*`` in a list) is a 422 ``invalid_base_version`` naming ``If-Match`` (our ETags
+    are versions: such a tag is a client's mistake, not a condition that is merely false);
+    ``?base_version=`` with a header that does not name that one version, a 422 naming
+    ``base_version``."""
+    lines = request.headers.getlist("if-match")
+    field = "base_version" if query_version is not None else "If-Match"
+    if not lines:
+        return None if query_version is None else Expected(query_version,
+                                                           version_field=field)
+    header = ", ".join(lines)
+    if header.strip() == "*":
+        if query_version is not None:
+            raise Invalid(f"?base_version={query_version} and If-Match: * disagree (send one)",
+                          code="invalid_base_version", field="base_version")
+        return None
+    strong, weak = _match_list(header)
+    if query_version is not None:
+        if weak or strong != [query_version]:
+            raise Invalid(f"?base_version={query_version} and If-Match {header!r:.40} disagree",
+                          code="invalid_base_version", field="base_version")
+        return Expected(query_version, version_field=field)
+    distinct = tuple(dict.fromkeys(strong))
+    return Expected(distinct[0] if distinct else None, version_field=field,
+                    others=distinct[1:], weak=weak)
+
+
+def _match_list(header: str) -> tuple[list[int], bool]:
+    """An ``If-Match`` list's strong versions (in order) and whether it had a weak tag; a 422
+    ``invalid_base_version`` naming ``If-Match`` when a member is no version."""
+    strong: list[int] = []
+    weak = False
+    pos, end = 0, len(header)
+    while True:
+        found = _MEMBER.match(header, pos)
+        text = None if found is None else (found.group(2) if found.group(3) is None
+                                           else found.group(3))
+        version = int_text(text, 18)
+        if found is None or version is None or found.end() == pos:
+            raise Invalid("If-Match must carry versions as the ETag gives them (\"5\", or a "
+                          "list: \"4\", \"5\"), or be *; got "
+                          f"{header!r:.60}", code="invalid_base_version", field="If-Match")
+        if found.group(1):
+            weak = True
+        else:
+            strong.append(version)
+        pos = found.end()
+        if pos >= end:
+            return strong, weak
+
+
 def read_match(request: Request) -> Expected | None:
-    """A read's ``If-Match: "<version>"`` (RFC 9110 has an origin server evaluate it on any
-    method), parsed as a change's (one version; ``W/"5"`` and a bare ``5`` too; else a 422
-    naming ``If-Match``), or None: :func:`check_read` holds the read's answer to it."""
-    version = base_version(request, None)
-    return None if version is None else Expected(version, version_field="If-Match")
+    """A read's ``If-Match`` (RFC 9110 has an origin server evaluate it on any method),
+    parsed as a change's (:func:`strict_match`), or None: :func:`check_read` holds the read's
+    answer to it."""
+    return strict_match(request)
 
 
 def check_read(expected: Expected | None, version: int, revision: int | None = None) -> None:

@@ -433,6 +433,10 @@ SCHEMAS: dict[str, Any] = {
 
 # ----------------------------------------------------------------------------- headers
 _VERSION_TAG = {"type": "string", "pattern": '^(W/)?"?[0-9]{1,18}"?$', "example": '"5"'}
+_MATCH_MEMBER = '((W/)?"[0-9]{1,18}"|[0-9]{1,18})'
+#: a strict precondition's If-Match: *, or a list of versions (RFC 9110 13.1.1)
+_MATCH_LIST = {"type": "string", "example": '"5"',
+               "pattern": f"^([*]|{_MATCH_MEMBER}([ \\t]*,[ \\t]*{_MATCH_MEMBER})*)$"}
 # (each is required where an answer lists it: the server always sends it there)
 RESPONSE_HEADERS: dict[str, Any] = {
     "X-Request-Id": {"description": "this request's id (the client's own X-Request-Id when it "
@@ -475,20 +479,32 @@ HEADERS: dict[str, dict[str, Any]] = {
     "If-Match (change)": {
         "name": "If-Match", "in": "header", "required": False,
         "description": "apply only if the session is still at this version (the ETag it was "
-                       "read with; as ?base_version=): 412 precondition_failed otherwise, "
-                       "nothing done. A version moves with steps, imports and overwrites "
+                       "read with; as ?base_version=), or at one of a list (\"4\", \"5\"); "
+                       "* holds whenever the session exists: 412 precondition_failed "
+                       "otherwise, nothing done, with the current ETag and "
+                       "X-Optserve-Version. Compared strongly: a weak tag (W/\"5\") matches "
+                       "no version. A version moves with steps, imports and overwrites "
                        "only: name ?base_revision= to also refuse after option changes",
-        "schema": _VERSION_TAG},
+        "schema": _MATCH_LIST},
     "If-Match (read)": {
         "name": "If-Match", "in": "header", "required": False,
         "description": "answer only if the session is at this version (the ETag it was read "
-                       "with): 412 precondition_failed otherwise (e.g. a state dict read at the "
-                       "version of the parameters read before it)",
-        "schema": _VERSION_TAG},
+                       "with), or at one of a list; * whenever it exists: 412 "
+                       "precondition_failed otherwise, with the current ETag (e.g. a state "
+                       "dict read at the version of the parameters read before it). Compared "
+                       "strongly: a weak tag (W/\"5\") matches no version",
+        "schema": _MATCH_LIST},
     "If-None-Match": {
         "name": "If-None-Match", "in": "header", "required": False,
-        "description": "304 when the current version is one of these",
+        "description": "304 when the current version is one of these (W/\"5\" names 5 too); "
+                       "*: 304 whenever the session exists",
         "schema": {"type": "string", "example": '"5"'}},
+    "If-None-Match (star)": {
+        "name": "If-None-Match", "in": "header", "required": False,
+        "description": "only * is evaluated: 304 whenever the session exists (a version tag "
+                       "is not: this answer's ETag is the parameters' version, which option "
+                       "changes do not move)",
+        "schema": {"type": "string", "example": "*"}},
 }
 # Query parameters the routes read themselves.
 #: every query parameter a step takes (``encoding``: ``bodies.tensor_encoding``; ``timeout_s``:
@@ -586,7 +602,9 @@ PROBLEMS: dict[str, str] = {
     "408": "The request body stalled for OPTSERVE_BODY_TIMEOUT_S (the connection is closed)",
     "412": "precondition_failed: the session is no longer at the version (If-Match, "
            "?base_version=) or revision (?base_revision=) named; nothing was applied (a "
-           "read: nothing is answered)",
+           "read: nothing is answered). Its ETag and X-Optserve-Version (and "
+           "X-Optserve-Revision where known) give the session's current version, as a 200 "
+           "would (absent only for a session at no version: one out of service)",
     "503": "Not ready (device worker down, data directory not writable, or draining)",
 }
 
@@ -669,7 +687,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("get", "/v1/transport"): Op("transport", ok="Transport"),
     ("post", "/v1/sessions"): Op("createSession", "CreateSession", body_binary=True,
                                  ok="Session", versioned=True, links=True),
-    ("get", S): Op("getSession", ok="Session", versioned=True, **READ_CONDITIONAL),
+    ("get", S): Op("getSession", ok="Session", versioned=True, query=(),
+                   headers=("If-None-Match (star)", *READ_CONDITIONAL["headers"]),
+                   problems=READ_CONDITIONAL["problems"]),
     ("delete", S): Op("deleteSession", ok=None, **CONDITIONAL),
     ("patch", S): Op("configureSession", "PsOptions", ok="Session", versioned=True,
                      **CONDITIONAL),
@@ -706,7 +726,8 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                         ok="Version", versioned=True, **CONDITIONAL),
     ("get", f"{S}/state_dict"): Op("exportState", ok="StateDict", ok_binary=True,
                                    versioned=True, query=("format", "encoding"),
-                                   headers=READ_CONDITIONAL["headers"],
+                                   headers=("If-None-Match (star)",
+                                            *READ_CONDITIONAL["headers"]),
                                    problems=READ_CONDITIONAL["problems"]),
     ("put", f"{S}/state_dict"): Op("importState", "StateDict", body_binary=True, ok="Session",
                                    versioned=True,
@@ -796,10 +817,15 @@ def _document(op: Op, method: str, path: str, doc_op: dict[str, Any]) -> None:
         responses.setdefault(status, _problem(text))
         if status == "503":
             responses[status]["headers"] = _headers(("X-Request-Id", "Retry-After"))
-    if op.id == "getParams":
+    if op.id in ("getParams", "pullRows"):
         responses["304"] = {"description": "Not modified (If-None-Match names the current "
-                                           "version)",
+                                           "version, or is *)",
                             "headers": _headers(("X-Request-Id",) + _VERSION_HEADERS)}
+    if op.id in ("getSession", "exportState"):
+        responses["304"] = {"description": "Not modified (If-None-Match: *; the session "
+                                           "exists)",
+                            "headers": _headers(("X-Request-Id", *_VERSION_HEADERS,
+                                                 "X-Optserve-Revision"))}
     if path != "/healthz":
         doc_op["security"] = [{"bearer": []}, {}]
     if not params:

@@ -13,7 +13,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match, Mount
 
-from app.errors import OptserveError, Overloaded
+from app.errors import OptserveError, Overloaded, PreconditionFailed
 from app.observability import request_id_var
 
 log = logging.getLogger("optserve.api")
@@ -41,7 +41,23 @@ async def _optserve_error(_: Request, exc: Exception) -> Response:
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
         response.headers["Retry-After"] = str(max(1, round(retry_after)))
+    if isinstance(exc, PreconditionFailed):
+        response.headers.update(current_version_headers(exc.extra))
     return response
+
+
+def current_version_headers(extra: dict[str, Any]) -> dict[str, str]:
+    """A 412 ``precondition_failed``'s headers: the session's current version as a 200 gives
+    it (``ETag``, ``X-Optserve-Version``; ``X-Optserve-Revision`` where the refusal knows
+    it), so a client refreshes its precondition without another read; none where the
+    session is at no version (one out of service)."""
+    version, revision = extra.get("current_version"), extra.get("current_revision")
+    if type(version) is not int:
+        return {}
+    headers = {"ETag": f'"{version}"', "X-Optserve-Version": str(version)}
+    if type(revision) is int:
+        headers["X-Optserve-Revision"] = str(revision)
+    return headers
 
 
 async def _validation_error(_: Request, exc: Exception) -> Response:

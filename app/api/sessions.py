@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from typing import Annotated, Any
 
@@ -113,7 +114,19 @@ async def get_session(session_id: SessionId, request: Request, engine: EngineDep
     expected = conditions.read_match(request)
     info = await engine.describe(session_id, tenant=tenant)
     conditions.check_read(expected, info.version, info.revision)
+    if conditions.none_match_any(request):
+        return _not_modified(info)
     return _described(info)
+
+
+def _not_modified(info: SessionInfo) -> Response:
+    """304 for ``If-None-Match: *`` on a read of the session's description or state (RFC
+    9110 13.1.2: false whenever the session exists), with the version headers a 200 has. A
+    version tag is not evaluated there: their ETag is the parameters' version, which an
+    option change (in both answers) does not move."""
+    headers = _headers(info.version, info.step)
+    headers[REVISION_HEADER] = str(info.revision)
+    return Response(status_code=304, headers=headers)
 
 
 @router.patch("/{session_id}", summary="Change session options (or remove the scheduler)")
@@ -402,6 +415,10 @@ async def export_state(
     negotiate(request, (JSON if fmt == "json" else BINARY,))
     b64 = tensor_encoding(request)
     expected = conditions.read_match(request)
+    if conditions.none_match_any(request):  # (304 whatever the state: not exported)
+        info = await engine.describe(session_id, tenant=tenant)
+        conditions.check_read(expected, info.version, info.revision)
+        return _not_modified(info)
     out = await engine.export_state(session_id, tenant=tenant)
     conditions.check_read(expected, out.version, out.revision)
     headers = version_headers(out.version, out.step)
@@ -454,15 +471,16 @@ async def import_state(
 
 
 def _expected(request: Request) -> Expected | None:
-    """A change's precondition (``If-Match: "<version>"`` / ``?base_version=``, and/or
+    """A change's precondition (``If-Match`` / ``?base_version=``, and/or
     ``?base_revision=``), read before its body; its refusal names ``If-Match`` when that
-    header gave the version."""
+    header gave the version (:func:`conditions.strict_match`: ``*``, lists, strong
+    comparison)."""
     query_version = _query_int(request, "base_version")
-    base = conditions.base_version(request, query_version)
+    match = conditions.strict_match(request, query_version)
     revision = _query_int(request, "base_revision")
-    if base is None and revision is None:
-        return None
-    return Expected(base, revision, "base_version" if query_version is not None else "If-Match")
+    if revision is None:
+        return match
+    return dataclasses.replace(match, revision=revision) if match else Expected(None, revision)
 
 
 def _query_int(request: Request, name: str) -> int | None:

@@ -459,7 +459,7 @@ class Front:
                                  expected: Expected | None = None) -> SessionInfo:
         op = UpdateParamGroup(index, options, request=True, tensor_range=True,
                               max_elements=self.limits.max_session_elements or None,
-                              expected=expected)
+                              noop_kept=True, expected=expected)
         out: SessionInfo = await self._execute(tenant, session_id, op, idem)
         return out
 
@@ -469,7 +469,7 @@ class Front:
         host, key = await self._host(tenant, session_id)
         ps.check_requested(options)  # (here, not in the record's check: older records replay)
         done: SessionInfo = await host.execute(
-            key, Configure(options, request=True, expected=expected), idem=idem)
+            key, Configure(options, request=True, noop_kept=True, expected=expected), idem=idem)
         info = await host.describe(key)  # with the open sync round's pending workers
         info.replayed = done.replayed
         return info

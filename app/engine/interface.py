@@ -239,6 +239,22 @@ class EvaluationRequest:
                 "timeout_s": self.timeout_s}
 
 
+class EveryVersion(frozenset[int]):
+    """A pull's ``unless_versions`` for ``If-None-Match: *``: it holds every version (RFC
+    9110: ``*`` is false whenever the resource exists), so the pull answers ``not_modified``
+    whatever its version; empty otherwise (no version to wait past)."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+    def __reduce__(self) -> tuple[type[EveryVersion], tuple[()]]:
+        return (EveryVersion, ())
+
+
+#: :class:`EveryVersion`'s one value
+EVERY_VERSION = EveryVersion()
+
+
 @dataclass
 class ParamsResult:
     version: int

@@ -163,3 +163,39 @@ def apply_changes(groups: list[dict[str, Any]], changes: dict[int, dict[str, Any
                     held.fill_(value)
             else:
                 group[key] = value
+
+
+def holds_already(group: dict[str, Any], options: dict[str, Any]) -> bool:
+    """Whether :func:`apply_changes` of checked ``options`` would leave ``group`` as it is:
+    every value it sets is the one held (:func:`same_value`), every one it fills in place
+    already the tensor's value. Unsure (a tensor replaced by another) counts as a change."""
+    fills = options.get(FILL, ())
+    for key, value in options.items():
+        if key == FILL:
+            continue
+        if key not in group:
+            return False
+        held = group[key]
+        if key in fills and isinstance(held, torch.Tensor):
+            with torch.no_grad():
+                if not torch.equal(held.detach().clone().fill_(value), held):
+                    return False
+        elif not same_value(held, value):
+            return False
+    return True
+
+
+def same_value(held: Any, value: Any) -> bool:
+    """``value`` is ``held`` as a group holds it: the same object (a tensor: only itself, as
+    another would no longer be the one other slots share), or a number, string, ``None`` or
+    tuple/list of them of the same type and value (a float's sign of zero too)."""
+    if held is value:
+        return True
+    if type(held) is not type(value) or isinstance(held, torch.Tensor):
+        return False
+    if isinstance(held, (tuple, list)):
+        return len(held) == len(value) and all(
+            same_value(a, b) for a, b in zip(held, value, strict=True))
+    if isinstance(held, float):
+        return held == value and math.copysign(1.0, held) == math.copysign(1.0, value)
+    return isinstance(held, (bool, int, str)) and held == value

@@ -157,6 +157,10 @@ def test_a_change_applies_only_at_the_version_it_names(http: httpx.Client, name:
     assert problem["field"] == how
     assert f'"{problem["current_version"]}"' == now_etag
     assert problem["current_revision"] == now_revision
+    # (the current version headers, as a 200's: a client refreshes without another read)
+    assert (refused.headers["etag"], refused.headers["x-optserve-revision"]) == (
+        now_etag, str(now_revision))
+    assert refused.headers["x-optserve-version"] == now_etag.strip('"')
     assert pair.read() == (now_etag, now_revision)
     pair.same_as_torch()
     if how == "base_revision":  # (the version alone still holds: an lr change is no step)
@@ -210,14 +214,17 @@ def test_a_delete_deletes_only_at_the_version_it_names(http: httpx.Client, shard
 
 
 def test_a_precondition_that_is_not_a_version_is_refused(http: httpx.Client) -> None:
-    """``If-Match: *``, two tags, a query that disagrees with the header, and queries that are
-    no versions: 422, with nothing done."""
+    """``If-Match`` tags that are no versions (``*`` in a list), a query that disagrees with
+    the header (``*`` too), and queries that are no versions: 422, with nothing done."""
     pair = Pair(http, 1)
     pair.step()
     etag, revision = pair.read()
     url = f"{pair.url}/param_groups/0"
-    for headers, params, field in (({"If-Match": "*"}, {}, "If-Match"),
-                                   ({"If-Match": f"{etag}, {etag}"}, {}, "If-Match"),
+    for headers, params, field in (({"If-Match": '"a"'}, {}, "If-Match"),
+                                   ({"If-Match": f"*, {etag}"}, {}, "If-Match"),
+                                   ({"If-Match": "*"}, {"base_version": 1}, "base_version"),
+                                   ({"If-Match": f'{etag}, "7"'}, {"base_version": 1},
+                                    "base_version"),
                                    ({"If-Match": '"0"'}, {"base_version": 1}, "base_version"),
                                    ({}, {"base_revision": "x"}, "base_revision"),
                                    ({}, {"base_version": -1}, "base_version")):

@@ -40,13 +40,28 @@ class Expected:
     "<version>"`` or ``?base_version=``) and/or ``revision`` (``?base_revision=``) the client
     read. Checked with the operation's own check, under the session's lock, so nothing comes
     between it and the apply; a session no longer there is a 412 ``precondition_failed``, with
-    nothing done. Not logged: a replay runs what was applied, whose precondition held then."""
+    nothing done. Not logged: a replay runs what was applied, whose precondition held then.
+
+    ``If-Match`` compares strongly (RFC 9110 13.1.1): a list (``"4", "5"``) holds at any of
+    its versions (:attr:`version` and :attr:`others`); a weak tag (``W/"5"``) matches none, so
+    a header of weak tags only (:attr:`weak`, no :attr:`version`) holds at no version."""
 
     version: int | None = None
     revision: int | None = None
     #: what a refusal of :attr:`version` names: what the request gave it in (``If-Match``, or
     #: the query's ``base_version``)
     version_field: str = "base_version"
+    #: the further versions an ``If-Match`` list names (any one of them holds)
+    others: tuple[int, ...] = ()
+    #: the ``If-Match`` header named weak tags (``W/"5"``), which never match
+    weak: bool = False
+
+    @property
+    def versions(self) -> tuple[int, ...] | None:
+        """The versions at which it holds (empty: none), or None when it names no version."""
+        if self.version is None and not self.weak:
+            return None
+        return ((self.version,) if self.version is not None else ()) + self.others
 
     def check(self, s: Session | SessionInfo) -> None:
         """412 unless the session (or its description) is at :attr:`version` and
@@ -59,11 +74,23 @@ class Expected:
         which says what ``outcome`` was: ``nothing is answered``; its revision may be
         unknown: None)."""
         extra: dict[str, Any] = {} if revision is None else {"current_revision": revision}
-        if self.version is not None and self.version != version:
+        versions = self.versions
+        if versions is not None and version not in versions:
+            if not versions:
+                raise PreconditionFailed(
+                    f"the session is at version {version}, and {self.version_field} names "
+                    "only weak tags (W/\"<version>\"): RFC 9110 compares If-Match strongly, "
+                    f"so a weak tag matches no version ({outcome}); send the ETag as "
+                    f"answered (\"{version}\")", field=self.version_field,
+                    current_version=version, **extra)
+            named = (f"not {self.version}" if not self.others
+                     else f"at none of {', '.join(str(v) for v in versions)}")
+            if self.others:
+                extra["base_versions"] = list(versions)
             raise PreconditionFailed(
-                f"the session is at version {version}, not {self.version}: it changed since "
+                f"the session is at version {version}, {named}: it changed since "
                 f"it was read ({outcome}); read it again", field=self.version_field,
-                current_version=version, base_version=self.version, **extra)
+                current_version=version, base_version=versions[0], **extra)
         if self.revision is not None and self.revision != revision:
             raise PreconditionFailed(
                 f"the session is at revision {revision}, not {self.revision}: it changed "
@@ -71,18 +98,26 @@ class Expected:
                 "again", field="base_revision", base_revision=self.revision,
                 current_version=version, **extra)
 
-    def to_json(self) -> dict[str, int | str]:
-        return {k: v for k, v in (("version", self.version), ("revision", self.revision),
-                                  ("version_field", self.version_field)) if v is not None}
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: v for k, v in (
+            ("version", self.version), ("revision", self.revision),
+            ("version_field", self.version_field)) if v is not None}
+        if self.others:
+            out["others"] = list(self.others)
+        if self.weak:
+            out["weak"] = True
+        return out
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Expected | None:
         version, revision = obj.get("version"), obj.get("revision")
-        if version is None and revision is None:
+        weak = obj.get("weak") is True
+        if version is None and revision is None and not weak:
             return None
         return cls(None if version is None else int(version),
                    None if revision is None else int(revision),
-                   str(obj.get("version_field", "base_version")))
+                   str(obj.get("version_field", "base_version")),
+                   tuple(int(v) for v in obj.get("others") or ()), weak)
 
 
 @dataclass
@@ -119,6 +154,12 @@ class Operation:
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> Operation:
         raise NotImplementedError
+
+    def changes(self, session: Session, plan: Any) -> bool:
+        """Whether applying ``plan`` is a change at all, known before the apply: one that
+        leaves every value as it is (a ``PATCH`` of ``{}``, or of the values the session
+        holds) is no revision (:func:`apply_counted`)."""
+        return True
 
     def revised(self, result: Any) -> bool:
         """Whether this apply (its ``result``) changed the session, which its ``revision``
@@ -183,9 +224,11 @@ def wire_tree(op: Operation) -> dict[str, Any]:
 def apply_counted(op: Operation, s: Session, plan: Any) -> Any:
     """``op.apply(s, plan)`` with the session's ``revision`` counting it, live and at replay
     alike. Moved first, so that what the apply answers (a description) shows the session after
-    it; put back when the apply raises or changed nothing (:meth:`Operation.revised`)."""
+    it; put back when the apply raises or changed nothing (:meth:`Operation.revised`); not
+    moved at all for an apply that changes no value (:meth:`Operation.changes`)."""
     before = s.revision
-    s.revision += 1
+    if op.changes(s, plan):
+        s.revision += 1
     try:
         result = op.apply(s, plan)
     except BaseException:

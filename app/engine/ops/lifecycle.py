@@ -154,6 +154,10 @@ class Configure(Operation):
     #: It travels with the operation (its record, a remote host's copy); records logged
     #: before this check existed lack it and replay as they ran
     request: bool = False
+    #: set by requests: one that changes no option (``{}``, or the values the session has)
+    #: is no revision (:meth:`changes`). Logged; records logged before it lack it and replay
+    #: as they ran (each a revision)
+    noop_kept: bool = False
 
     def check(self, s: Session) -> ConfigurePlan:
         unknown = sorted(set(self.options) - set(ps.PS_KEYS) - set(SESSION_KEYS))
@@ -171,6 +175,15 @@ class Configure(Operation):
         drop = "scheduler" in self.options and check_scheduler_removal(self.options["scheduler"])
         return ConfigurePlan(config, on, rows, drop)
 
+    def changes(self, s: Session, plan: ConfigurePlan) -> bool:
+        if not self.noop_kept:
+            return True
+        return (plan.ps != s.ps or plan.metrics != s.metrics_on
+                or (not plan.metrics and s.metrics_layout is not None)
+                or plan.history != s.history.capacity
+                or (plan.drop_scheduler and (s.scheduler is not None
+                                             or s.scheduler_spec is not None)))
+
     def apply(self, s: Session, plan: ConfigurePlan) -> SessionInfo:
         if plan.drop_scheduler:
             s.scheduler = s.scheduler_spec = None
@@ -186,8 +199,11 @@ class Configure(Operation):
         tree: dict[str, Any] = {"options": self.options}
         if self.request:
             tree["request"] = True
+        if self.noop_kept:
+            tree["noop_kept"] = True
         return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> Configure:
-        return cls(dict(tree["options"]), tree.get("request") is True)
+        return cls(dict(tree["options"]), tree.get("request") is True,
+                   tree.get("noop_kept") is True)

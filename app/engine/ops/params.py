@@ -314,6 +314,10 @@ class UpdateParamGroup(Operation):
     #: with the session's elements (:func:`check_lbfgs_history`). Logged; records
     #: logged before this check lack it and replay as they ran
     max_elements: int | None = None
+    #: set by requests: one that changes no option (``{}``, or the values the group holds)
+    #: is no revision (:meth:`changes`). Logged; records logged before it lack it and replay
+    #: as they ran (each a revision)
+    noop_kept: bool = False
 
     def check(self, s: Session) -> dict[str, Any]:
         plan = check_group_changes(s, {self.index: self.options}, index_field="index",
@@ -327,6 +331,10 @@ class UpdateParamGroup(Operation):
                                     self.options["history_size"], self.max_elements, where)
         return plan
 
+    def changes(self, s: Session, plan: dict[str, Any]) -> bool:
+        return not self.noop_kept or not shared_options.holds_already(
+            s.optimizer.param_groups[self.index], plan)
+
     def apply(self, s: Session, plan: dict[str, Any]) -> SessionInfo:
         shared_options.apply_changes(s.optimizer.param_groups, {self.index: plan})
         return s.describe()
@@ -339,13 +347,16 @@ class UpdateParamGroup(Operation):
             tree["tensor_range"] = True
         if self.max_elements is not None:
             tree["max_elements"] = self.max_elements
+        if self.noop_kept:
+            tree["noop_kept"] = True
         return tree
 
     @classmethod
     def from_tree(cls, tree: dict[str, Any]) -> UpdateParamGroup:
         bound = tree.get("max_elements")
         return cls(int(tree["index"]), dict(tree["options"]), tree.get("request") is True,
-                   tree.get("tensor_range") is True, bound if type(bound) is int else None)
+                   tree.get("tensor_range") is True, bound if type(bound) is int else None,
+                   tree.get("noop_kept") is True)
 
 
 def check_history_fits(s: Session, history_size: Any, field: str) -> None:

@@ -1,0 +1,201 @@
+"""Conditional requests as RFC 9110 (section 13) reads them, against a real uvicorn server:
+
+- ``If-Match`` on a strict precondition (every conditional change, and the reads that evaluate
+  it) compares strongly: a weak tag (``W/"5"``) matches no version, so it is a 412
+  ``precondition_failed`` with nothing done, even at the session's version; ``*`` holds
+  whenever the session exists, and a list (``"4", "5"``) at any of its versions;
+- ``If-None-Match: *`` on a read is false whenever the session exists: 304 Not Modified;
+- a 412 carries the session's current version headers (``ETag``, ``X-Optserve-Version``,
+  ``X-Optserve-Revision``), as a 200 would.
+
+Whatever is applied or answered is compared with an in-process ``torch.optim`` twin (the
+conditional-change tests' :class:`Pair`), bit for bit; whatever is refused leaves the twin's
+state standing."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.test_conditional_changes import CASES, CHANGES, Pair
+from tests.integration.test_conditional_import import Pair as ReadPair
+from tests.integration.test_conditional_reads import READS, answered_as_torch, read
+
+pytestmark = pytest.mark.integration
+
+
+def version_headers_are(r: httpx.Response, etag: str, revision: int | None) -> None:
+    """``r`` carries the session's current version (and revision) headers, as a 200 would."""
+    assert r.headers["etag"] == etag, r.headers
+    assert r.headers["x-optserve-version"] == etag.strip('"')
+    if revision is not None:
+        assert r.headers["x-optserve-revision"] == str(revision)
+
+
+def refused_at(r: httpx.Response, etag: str, revision: int | None) -> dict[str, Any]:
+    assert r.status_code == 412, r.text
+    problem: dict[str, Any] = r.json()
+    assert (problem["code"], problem["field"]) == ("precondition_failed", "If-Match")
+    assert f'"{problem["current_version"]}"' == etag
+    version_headers_are(r, etag, revision)
+    return problem
+
+
+def read_at(pair: ReadPair) -> tuple[str, int]:
+    """The ETag and revision the session's description is read at."""
+    r = pair.http.get(pair.url)
+    assert r.status_code == 200, r.text
+    return r.headers["etag"], int(r.headers["x-optserve-revision"])
+
+
+def with_match(request: dict[str, Any], tag: str, key: str | None = None) -> dict[str, Any]:
+    headers = {**request.get("headers", {}), "If-Match": tag}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    return {**request, "headers": headers}
+
+
+@pytest.mark.parametrize(("name", "shards"), CASES)
+def test_a_weak_if_match_never_holds_and_star_holds_whenever_the_session_exists(
+        http: httpx.Client, name: str, shards: int) -> None:
+    """``W/"<current>"`` (alone, or with a stale strong tag): 412 with the current version
+    headers, nothing done; ``*``: applied as torch applies it; a bare version as its tag."""
+    request, mirror = CHANGES[name]
+    pair = Pair(http, shards)
+    pair.step()
+    etag, revision = pair.read()
+    for tag in (f"W/{etag}", f'W/{etag}, "0"', f'"0",W/{etag}'):
+        refused_at(http.request(**with_match(request(pair), tag)), etag, revision)
+        assert pair.read() == (etag, revision)
+        pair.same_as_torch()
+    done = http.request(**with_match(request(pair), "*", uuid.uuid4().hex))
+    assert done.status_code in (200, 201), done.text
+    mirror(pair)
+    pair.same_as_torch()
+    assert pair.read()[1] == revision + 1
+    pair.step()
+    pair.same_as_torch()
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_list_holds_at_any_of_its_versions(http: httpx.Client, shards: int) -> None:
+    """``If-Match: "<old>", "<current>"`` applies (a scheduler step, an overwrite), a list of
+    versions the session has left is a 412 naming them all; a bare version is taken as its
+    tag. A delete takes lists and ``*`` too."""
+    request, mirror = CHANGES["scheduler_step"]
+    pair = Pair(http, shards)
+    pair.step()
+    pair.step()
+    etag, revision = pair.read()
+    problem = refused_at(http.request(**with_match(request(pair), '"0", "1"')), etag, revision)
+    assert problem["base_versions"] == [0, 1]
+    pair.same_as_torch()
+    for tag in (f'"1", {etag}', f'{etag} , "7"', etag.strip('"')):
+        done = http.request(**with_match(request(pair), tag))
+        assert done.status_code == 200, done.text
+        mirror(pair)
+        pair.same_as_torch()
+    put, put_mirror = CHANGES["put_params"]
+    done = http.request(**with_match(put(pair), f'"0", {etag}'))
+    assert done.status_code == 200, done.text
+    put_mirror(pair)
+    pair.same_as_torch()
+    etag, revision = pair.read()
+    refused_at(http.request(**with_match({"method": "DELETE", "url": pair.url}, '"0", "1"')),
+               etag, revision)
+    pair.same_as_torch()
+    r = http.request(**with_match({"method": "DELETE", "url": pair.url}, "*"))
+    assert r.status_code == 204, r.text
+    assert http.get(pair.url).status_code == 404
+
+
+@pytest.mark.parametrize("what", READS)
+def test_a_read_compares_if_match_strongly_and_takes_lists_and_star(
+        http: httpx.Client, what: str) -> None:
+    """A read answers as torch for ``*``, a list naming its version and a bare version; a
+    weak tag of its version, or a list of others, is a 412 with the version headers."""
+    pair = ReadPair(http)
+    pair.step()
+    pair.step()
+    for tag in ("*", '"1", "2"', '"2",W/"1"', "2"):
+        answered_as_torch(pair, what, read(pair, what, {"If-Match": tag}))
+    for tag in ('W/"2"', 'W/"2", "1"', '"0", "1"'):
+        refused_at(read(pair, what, {"If-Match": tag}), '"2"',
+                   2 if what in ("session", "state_dict", "state_dict binary") else None)
+
+
+def test_if_none_match_star_is_a_304_on_every_versioned_read(http: httpx.Client) -> None:
+    """``If-None-Match: *``: 304 with the version headers and no body on a pull (whole,
+    rows, HEAD, with a long poll's ``wait_s``: at once), and on the session's description
+    and state dict (with the revision); after a false ``If-Match``, the 412. A version tag
+    is still ignored on the description (its ETag is the parameters' version)."""
+    pair = ReadPair(http)
+    pair.step()
+    etag, revision = read_at(pair)
+    star = {"If-None-Match": "*"}
+    for what in READS:
+        r = read(pair, what, star)
+        assert r.status_code == 304, (what, r.text)
+        assert r.content == b""
+        version_headers_are(r, etag, revision if what in ("session", "state_dict",
+                                                          "state_dict binary") else None)
+        refused_at(read(pair, what, {**star, "If-Match": '"0"'}), etag,
+                   revision if what.startswith(("session", "state_dict")) else None)
+        r = read(pair, what, {**star, "If-Match": etag})
+        assert r.status_code == 304, (what, r.text)
+    r = http.head(f"{pair.url}/params", headers=star)
+    assert r.status_code == 304 and r.headers["etag"] == etag
+    began = time.monotonic()
+    r = http.get(f"{pair.url}/params", params={"wait_s": 20}, headers=star)
+    assert r.status_code == 304 and time.monotonic() - began < 10
+    assert http.get("/v1/sessions/no-such-session/params", headers=star).status_code == 404
+    answered_as_torch(pair, "session", read(pair, "session", {"If-None-Match": etag}))
+    answered_as_torch(pair, "params", read(pair, "params", {"If-None-Match": 'W/"0"'}))
+    assert read_at(pair) == (etag, revision)
+    pair.same_as_torch()
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_patch_that_changes_nothing_keeps_the_revision(http: httpx.Client,
+                                                         shards: int) -> None:
+    """``PATCH`` of the session or of a group with ``{}``, or with the values they hold: 200
+    with the current description, revision and version unchanged (a conditional change
+    naming the revision still applies); a keyed one repeated is answered the same. A PATCH
+    that changes something is one revision; the session steps as torch all along."""
+    pair = Pair(http, shards)
+    pair.step()
+    etag, revision = pair.read()
+    described = http.get(pair.url).json()
+    lr = described["lr"][0]
+    key = uuid.uuid4().hex
+    for url, body in ((pair.url, {}), (f"{pair.url}/param_groups/0", {}),
+                      (f"{pair.url}/param_groups/0", {"lr": lr}),
+                      (pair.url, {"max_staleness": None, "metrics": described["metrics"]})):
+        r = http.patch(url, json=body)
+        assert r.status_code == 200, (url, body, r.text)
+        assert r.json() == described, (url, body)
+        version_headers_are(r, etag, revision)
+        assert pair.read() == (etag, revision)
+    first = http.patch(pair.url, json={}, headers={"Idempotency-Key": key})
+    again = http.patch(pair.url, json={}, headers={"Idempotency-Key": key})
+    assert first.status_code == again.status_code == 200
+    assert first.json() == described
+    assert again.json() == {**described, "replayed": True}
+    assert again.headers.get("idempotent-replayed") == "true"
+    r = http.patch(pair.url, json={"max_staleness": 3})  # (a change: one revision)
+    assert r.status_code == 200 and r.json()["revision"] == revision + 1
+    pair.max_staleness = 3
+    r = http.patch(pair.url, json={"max_staleness": 3})
+    assert r.status_code == 200 and r.json()["revision"] == revision + 1
+    r = http.patch(f"{pair.url}/param_groups/0", json={"lr": 0.02},
+                   params={"base_revision": revision + 1})
+    assert r.status_code == 200 and r.json()["revision"] == revision + 2
+    CHANGES["patch_group"][1](pair)
+    assert pair.read() == (etag, revision + 2)
+    pair.same_as_torch()
+    pair.step()
+    pair.same_as_torch()
