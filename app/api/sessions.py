@@ -280,12 +280,12 @@ async def get_params(
     conditions.one_query(request, "min_version", "wait_s", "name")
     binary, b64 = wants_binary(request), tensor_encoding(request)
     narrow = params_dtype_query(request)
+    wanted = row_pulls.names_from_query(names)
     if rows is not None or name is not None:
-        wanted_rows = row_pulls.rows_from_query(names, request.query_params.getlist("name"),
-                                                rows or [])
+        wanted_rows = row_pulls.rows_from_query(wanted, request.query_params.getlist("name"),
+                                                rows)
         return await row_pulls.pull(request, engine, tenant, session_id, wanted_rows,
                                     min_version, wait_s, binary, b64, narrow)
-    wanted = [n for item in names for n in item.split(",") if n] if names else None
     expected = conditions.read_match(request)
     held = conditions.none_match_versions(request)
     if min_version is None and wait_s > 0 and held:

@@ -645,6 +645,12 @@ def test_put_params_rejects(sess: Sess) -> None:
 def test_get_params_rejects(sess: Sess) -> None:
     r = sess.http.get(f"{sess.url}/params", params={"names": "w,nope"})
     assert_problem(r, 422, "unknown_parameter", "names.nope")
+    # names given but naming nothing pulled {} (200): an empty selection no client means
+    for empty in ("", ",", ",,"):
+        r = sess.http.get(f"{sess.url}/params", params={"names": empty})
+        assert_problem(r, 422, "invalid_query", "names")
+    r = sess.http.get(f"{sess.url}/params", params=[("names", ""), ("names", ",")])
+    assert_problem(r, 422, "invalid_query", "names")
     r = sess.http.get(f"{sess.url}/params", headers={"accept": "text/plain"})
     assert_problem(r, 406, "not_acceptable", "accept")
     r = sess.http.get(f"{sess.url}/state_dict", params={"format": "pickle"})
