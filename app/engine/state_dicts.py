@@ -64,14 +64,17 @@ class PreparedImport:
 
 
 def state_id(key: object, field: str) -> int:
-    """A state key: an int (a torch file's) or its plain decimal text (a JSON key's)."""
+    """A state key: an int (a torch file's) or its canonical decimal text (a JSON key's, as an
+    export writes it: ``"0"``, ``"12"``). Other text (``"00"``, ``"+1"``, ``" 1"``, ``"1_0"``,
+    ``"1.0"``, non-ASCII digits) is a 422 ``state_mismatch`` naming the key: ``"00"`` was taken
+    as parameter 0."""
     if type(key) is int:
         return key
     number = int_text(key, 18)
-    if number is not None:
+    if number is not None and str(number) == key:
         return number
-    raise Invalid(f"state keys must be integer parameter ids, got {key!r:.40}",
-                  code="state_mismatch", field=field)
+    raise Invalid(f"state keys must be integer parameter ids written as plain whole numbers "
+                  f"(0, 1, ...), got {key!r:.40}", code="state_mismatch", field=field)
 
 
 def _is_num(x: object) -> bool:
