@@ -332,8 +332,12 @@ async def add_param_group(
         group = await offload(lambda: parse.group_spec_binary(buf), len(buf))
     else:
         group = await offload(lambda: parse.group_spec(json_object(buf)), len(buf))
-    return _described(await engine.add_param_group(session_id, group, tenant=tenant,
-                                                    idem=idem, expected=expected), 201)
+    info = await engine.add_param_group(session_id, group, tenant=tenant, idem=idem,
+                                        expected=expected)
+    response = _described(info, 201)
+    if info.added_group is not None:  # (the group's URL: PATCH .../param_groups/{index})
+        response.headers["Location"] = f"/v1/sessions/{info.id}/param_groups/{info.added_group}"
+    return response
 
 
 @router.patch("/{session_id}/param_groups/{index}", summary="Change a group's options")
