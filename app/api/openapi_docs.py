@@ -456,6 +456,10 @@ RESPONSE_HEADERS: dict[str, Any] = {
                             "schema": {"type": "string", "pattern": "^[0-9]+$"}},
     "Location": {"description": "the new session's URL path",
                  "schema": {"type": "string", "example": "/v1/sessions/seed"}},
+    "GroupLocation": {"description": "the new param group's URL path (PATCH it there to change "
+                                     "its options), also on a replayed addition",
+                      "schema": {"type": "string",
+                                 "example": "/v1/sessions/seed/param_groups/1"}},
     "Idempotent-Replayed": {"description": "true: the answer to a repeated Idempotency-Key "
                                            "(nothing was applied again)",
                             "schema": {"type": "string", "enum": ["true"]}},
@@ -779,6 +783,8 @@ def _success(op: Op, method: str) -> dict[str, Any]:
     if op.id == "createSession":
         names += ("Location",)
     out["headers"] = _headers(names)
+    if op.id == "addParamGroup":
+        out["headers"]["Location"] = _ref("GroupLocation", "headers")
     if op.links:
         out["links"] = {target: {"operationId": target,
                                  "parameters": {"session_id": "$response.body#/id"}}

@@ -258,7 +258,7 @@ def state_from_safetensors(buf: bytearray) -> Any:
     if unused:
         raise Invalid(f"tensor {unused[0]!r:.80} is in the body but the optserve_state skeleton "
                       "does not reference it (write {\"$tensor\": key} where it belongs)",
-                      code="invalid_state", field=unused[0])
+                      code="invalid_state", field=f"body.{unused[0]}")
     return tree_from_json(skeleton, "state_dict", tensors)
 
 

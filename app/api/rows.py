@@ -45,14 +45,39 @@ _ROW = re.compile(r"-?[0-9]{1,18}")
 SessionId = Annotated[str, Path(description="session id", max_length=200)]
 
 
-def rows_from_query(names: list[str] | None, name: list[str], rows: list[str]
+def names_from_query(names: list[str] | None) -> list[str] | None:
+    """``?names=w,b`` (repeated or comma-separated) to ``["w", "b"]``; None without ``names``.
+    Given but naming nothing (``?names=``, ``?names=,``) is a 422 ``invalid_query`` naming
+    ``names``: it pulled ``{}``, an empty selection no client means (a stray comma beside a
+    name, ``?names=w,``, is only a separator)."""
+    if names is None:
+        return None
+    wanted = [n for item in names for n in item.split(",") if n]
+    if not wanted:
+        raise Invalid("names must name at least one parameter (leave it out to pull them all)",
+                      code="invalid_query", field="names")
+    return wanted
+
+
+def rows_from_query(names: list[str] | None, name: list[str], rows: list[str] | None
                     ) -> dict[str, torch.Tensor]:
     """``?name=emb&rows=1,5,9`` (or ``?names=emb``) to ``{"emb": tensor([1, 5, 9])}``; every
-    ``name`` given counts (a repeated one, or one beside ``names``, was dropped unsaid)."""
-    chosen = [*name, *(n for item in names or [] for n in item.split(",") if n)]
+    ``name`` given counts (a repeated one, or one beside ``names``, was dropped unsaid).
+    ``name`` given empty is a 422 ``invalid_query`` naming it (it was looked up as a parameter
+    named ``""``: ``unknown_parameter`` naming ``rows.``); ``rows`` left out is a 422
+    ``invalid_rows`` naming ``rows`` (it answered no rows: the whole parameter is
+    ``?names=emb``). ``rows=`` given empty asks no rows, as a POST's ``[]`` does."""
+    if any(not n for n in name):
+        raise Invalid("name must name the parameter whose rows to pull", code="invalid_query",
+                      field="name")
+    chosen = [*name, *(names or [])]
     if len(chosen) != 1:
         raise Invalid("rows are pulled from one parameter: name it with ?name=",
                       code="invalid_rows", field="name")
+    if rows is None:
+        raise Invalid("a row pull (?name=) needs the rows to pull: ?name=emb&rows=1,5,9 (a "
+                      "whole parameter is pulled with ?names=)", code="invalid_rows",
+                      field="rows")
     values: list[int] = []
     for item in rows:
         for part in item.split(","):

@@ -293,12 +293,12 @@ async def get_params(
     conditions.one_query(request, "min_version", "wait_s", "name")
     binary, b64 = wants_binary(request), tensor_encoding(request)
     narrow = params_dtype_query(request)
+    wanted = row_pulls.names_from_query(names)
     if rows is not None or name is not None:
-        wanted_rows = row_pulls.rows_from_query(names, request.query_params.getlist("name"),
-                                                rows or [])
+        wanted_rows = row_pulls.rows_from_query(wanted, request.query_params.getlist("name"),
+                                                rows)
         return await row_pulls.pull(request, engine, tenant, session_id, wanted_rows,
                                     min_version, wait_s, binary, b64, narrow)
-    wanted = [n for item in names for n in item.split(",") if n] if names else None
     expected = conditions.read_match(request)
     held = conditions.none_match_versions(request)
     if min_version is None and wait_s > 0 and held:
@@ -345,8 +345,12 @@ async def add_param_group(
         group = await offload(lambda: parse.group_spec_binary(buf), len(buf))
     else:
         group = await offload(lambda: parse.group_spec(json_object(buf)), len(buf))
-    return _described(await engine.add_param_group(session_id, group, tenant=tenant,
-                                                    idem=idem, expected=expected), 201)
+    info = await engine.add_param_group(session_id, group, tenant=tenant, idem=idem,
+                                        expected=expected)
+    response = _described(info, 201)
+    if info.added_group is not None:  # (the group's URL: PATCH .../param_groups/{index})
+        response.headers["Location"] = f"/v1/sessions/{info.id}/param_groups/{info.added_group}"
+    return response
 
 
 @router.patch("/{session_id}/param_groups/{index}", summary="Change a group's options")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from app.engine import ps, state_aliases
+from app.engine import ps, state_aliases, state_dicts
 from app.engine.history import HistoryQuery, HistoryResult, downsample
 from app.engine.host import EmbeddedHost
 from app.engine.interface import (
@@ -497,6 +497,8 @@ class Front:
                            expected: Expected | None = None) -> SessionInfo:
         # what a torch.save file held as one tensor, found before anything encodes the state
         # (off the event loop: every tensor of it is looked at)
+        # (here, not in the record's check: records of older imports replay as they ran)
+        state_dicts.check_state_keys(state)
         await self._check_import_history(tenant, session_id, state)
         shared = await asyncio.to_thread(state_aliases.examine, state)
         op = ImportState(state, request=True, scheduler_range=True, tensor_range=True,

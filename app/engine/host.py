@@ -1910,6 +1910,9 @@ def replay_answer(s: Session, op: Operation, hit: dict[str, Any], want_params: R
         return ParamsResult(s.version, s.step_count, s.lrs(), {}, replayed=True)
     info = s.describe()
     info.replayed = True
+    if isinstance(op, AddParamGroup):  # (the kept answer is the session as the group left it)
+        groups = hit.get("param_groups")
+        info.added_group = len(groups) - 1 if isinstance(groups, list) and groups else None
     return info
 
 

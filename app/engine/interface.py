@@ -135,6 +135,9 @@ class SessionInfo:
     #: (:func:`app.engine.shared_options.shared_slots`): a tensor lr given as the default is the
     #: defaults' and every group's built from them, as in torch. None when there are none
     shared_tensors: list[list[list[Any]]] | None = None
+    #: an added param group's answer (``POST .../param_groups``, its replays too): the new
+    #: group's index, for the answer's ``Location``; not in the description
+    added_group: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {

@@ -533,8 +533,8 @@ class SyncRounds:
         rnd.fail(Conflict(f"the round timed out after {ran:g} s with "
                           f"{len(arrived)} of {config.workers} workers ({', '.join(arrived)}); "
                           "its gradients were discarded (on_timeout: fail)",
-                          code="round_timeout", workers=arrived, expected=config.workers,
-                          timeout_s=ran))
+                          code="round_timeout", field="sync.timeout_s", workers=arrived,
+                          expected=config.workers, timeout_s=ran))
 
 
 def _shutting_down() -> Conflict:

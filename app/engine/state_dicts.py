@@ -64,7 +64,9 @@ class PreparedImport:
 
 
 def state_id(key: object, field: str) -> int:
-    """A state key: an int (a torch file's) or its plain decimal text (a JSON key's)."""
+    """A state key: an int (a torch file's) or its decimal text (a JSON key's). A request's
+    keys are checked for their canonical form first (:func:`check_state_keys`); a logged
+    import's replay takes them as they were taken then (``"00"`` as 0)."""
     if type(key) is int:
         return key
     number = int_text(key, 18)
@@ -72,6 +74,25 @@ def state_id(key: object, field: str) -> int:
         return number
     raise Invalid(f"state keys must be integer parameter ids, got {key!r:.40}",
                   code="state_mismatch", field=field)
+
+
+def check_state_keys(state: object) -> None:
+    """A requested import's ``state`` keys: ints (a torch file's) or the text an export writes
+    (``"0"``, ``"12"``); other text (``"00"``, ``"+1"``, ``" 1"``, ``"1_0"``, ``"1.0"``,
+    non-ASCII digits) is a 422 ``state_mismatch`` naming the key (``state_dict.state.00``):
+    ``"00"`` was taken as parameter 0. At the request only: records of imports a server took
+    before this check replay as they ran (:func:`state_id`)."""
+    raw = state.get("state") if isinstance(state, dict) else None
+    if not isinstance(raw, dict):
+        return  # (refused, or taken, by the import's own checks)
+    for key in raw:
+        if type(key) is int:
+            continue
+        number = int_text(key, 18)
+        if number is None or str(number) != key:
+            raise Invalid(f"state keys must be integer parameter ids written as plain whole "
+                          f"numbers (0, 1, ...), got {key!r:.40}", code="state_mismatch",
+                          field=f"state_dict.state.{key}")
 
 
 def _is_num(x: object) -> bool:

@@ -645,6 +645,12 @@ def test_put_params_rejects(sess: Sess) -> None:
 def test_get_params_rejects(sess: Sess) -> None:
     r = sess.http.get(f"{sess.url}/params", params={"names": "w,nope"})
     assert_problem(r, 422, "unknown_parameter", "names.nope")
+    # names given but naming nothing pulled {} (200): an empty selection no client means
+    for empty in ("", ",", ",,"):
+        r = sess.http.get(f"{sess.url}/params", params={"names": empty})
+        assert_problem(r, 422, "invalid_query", "names")
+    r = sess.http.get(f"{sess.url}/params", params=[("names", ""), ("names", ",")])
+    assert_problem(r, 422, "invalid_query", "names")
     r = sess.http.get(f"{sess.url}/params", headers={"accept": "text/plain"})
     assert_problem(r, 406, "not_acceptable", "accept")
     r = sess.http.get(f"{sess.url}/state_dict", params={"format": "pickle"})
@@ -1156,14 +1162,17 @@ def test_import_state_rejects(sess: Sess) -> None:
 
 
 @pytest.mark.parametrize("shards", [1, 2])
-@pytest.mark.parametrize("keys", [("+0",), (" 0",), ("\u0660",), ("0", "00")],
-                         ids=["plus", "space", "arabic-indic", "twice"])
+@pytest.mark.parametrize("keys", [("+0",), (" 0",), ("\u0660",), ("0", "00"), ("00",),
+                                  ("0_0",), ("0.0",), ("-0",), ("0 ",)],
+                         ids=["plus", "space", "arabic-indic", "twice", "leading-zero",
+                              "underscore", "decimal-point", "minus", "trailing-space"])
 def test_a_state_key_is_a_parameter_id_on_every_session(http: httpx.Client, shards: int,
                                                         keys: tuple[str, ...]) -> None:
-    """A JSON state import's keys are parameter ids in decimal digits, the same on a sharded
-    session, which read them with ``int()`` (``"+0"``, ``" 0"`` or ``"\u0660"`` was parameter
-    0, and of ``"0"`` and ``"00"`` the later one was taken, the other dropped): a 422
-    ``state_mismatch`` naming the key, nothing imported, as on an unsharded session."""
+    """A JSON state import's keys are parameter ids written as an export writes them (plain
+    decimal digits, no leading zero), the same on a sharded session, which read them with
+    ``int()`` (``"+0"``, ``" 0"`` or ``"\u0660"`` was parameter 0, and of ``"0"`` and ``"00"``
+    the later one was taken, the other dropped); ``"00"`` alone was parameter 0 on every
+    session: a 422 ``state_mismatch`` naming the key, nothing imported."""
     sid = new_session(http, shards=shards)
     r = http.post(f"/v1/sessions/{sid}/step", json={"grads": {n: jt(t) for n, t in G1.items()}})
     assert r.status_code == 200, r.text
@@ -1273,6 +1282,24 @@ def test_a_state_tensor_referenced_twice_is_refused(sess: Sess) -> None:
     r = sess.http.put(url, content=exported, headers=BIN_CT)
     assert r.status_code == 200, r.text
     assert snapshot(sess.http, sess.id).state_dict == sess.before.state_dict  # b64: bitwise
+
+
+def test_an_unreferenced_state_tensor_is_named_as_a_body_entry(sess: Sess) -> None:
+    """A safetensors state whose body holds a tensor the skeleton does not reference: a 422
+    ``invalid_state`` naming it as the body's other refusals name its entries,
+    ``body.<key>`` (``body.<key>.data_offsets`` for a bad one); it was named by its bare key
+    (``state.0.extra``), as if a path of the state dict. Nothing imported."""
+    url = f"{sess.url}/state_dict"
+    exported = sess.http.get(url, headers={"accept": "application/octet-stream"}).content
+    n = struct.unpack("<Q", exported[:8])[0]
+    header = json.loads(exported[8:8 + n])
+    data = exported[8 + n:]
+    extra = torch.tensor([1.0, 2.0]).numpy().tobytes()
+    header["state.0.extra"] = {"dtype": "F32", "shape": [2],
+                               "data_offsets": [len(data), len(data) + len(extra)]}
+    r = sess.http.put(url, content=st_file(header, data + extra), headers=BIN_CT)
+    assert_problem(r, 422, "invalid_state", "body.state.0.extra", "'state.0.extra'")
+    sess.assert_unchanged()
 
 
 def test_a_state_import_refuses_an_unknown_metadata_entry(sess: Sess) -> None:

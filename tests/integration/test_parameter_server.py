@@ -173,6 +173,7 @@ def test_round_timeout_fail_discards_the_round(
         with pytest.raises(optserve.ConflictError) as err:
             f.result(timeout=10)
         assert err.value.code == "round_timeout"
+        assert err.value.problem["field"] == "sync.timeout_s"  # the option that ran out
         assert err.value.problem["workers"] == ["a", "b"]
         assert err.value.problem["expected"] == 3
         assert "timed out" in (err.value.problem.get("detail") or "")
@@ -683,6 +684,7 @@ def test_a_round_timeout_names_the_timeout_the_round_ran_under(
     with pytest.raises(optserve.ConflictError) as err:
         first.result(timeout=10)
     assert err.value.code == "round_timeout"
+    assert err.value.problem["field"] == "sync.timeout_s"
     assert err.value.problem["timeout_s"] == 0.5
     assert "after 0.5 s" in (err.value.problem.get("detail") or "")
     after = client.get_params(s)

@@ -72,3 +72,29 @@ def test_a_replayed_create_says_so_in_its_body(client: httpx.Client) -> None:
     assert again.json()["replayed"] is True and again.json()["id"] == first.json()["id"]
     assert again.headers["location"] == first.headers["location"]
     assert client.delete(f"/v1/sessions/{first.json()['id']}").status_code == 204
+
+
+def test_an_added_group_is_located_also_when_replayed(client: httpx.Client) -> None:
+    """``POST .../param_groups`` answers 201 with ``Location``: the new group's URL, the one
+    ``PATCH .../param_groups/{index}`` takes (it had none). A replay of its key answers the
+    group it added, not the last one, after another group was added since; the URL changes
+    that group (its ``lr`` in the description, nothing else)."""
+    made = client.post("/v1/sessions", json=CREATE)
+    assert made.status_code == 201, made.text
+    sid = made.json()["id"]
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    body = {"params": {"v": {"dtype": "float32", "shape": [1], "data": [3.0]}}, "lr": 0.2}
+    first = client.post(f"/v1/sessions/{sid}/param_groups", json=body, headers=key)
+    assert first.status_code == 201, first.text
+    assert first.headers["location"] == f"/v1/sessions/{sid}/param_groups/1"
+    empty = client.post(f"/v1/sessions/{sid}/param_groups", json={"params": {}, "lr": 0.3})
+    assert empty.status_code == 201, empty.text
+    assert empty.headers["location"] == f"/v1/sessions/{sid}/param_groups/2"
+    again = client.post(f"/v1/sessions/{sid}/param_groups", json=body, headers=key)
+    assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    assert again.headers["location"] == first.headers["location"]
+    changed = client.patch(first.headers["location"], json={"lr": 0.25})
+    assert changed.status_code == 200, changed.text
+    assert [g["lr"] for g in changed.json()["param_groups"]] == [0.1, 0.25, 0.3]
+    assert [g["params"] for g in changed.json()["param_groups"]] == [["w"], ["v"], []]
+    assert client.delete(f"/v1/sessions/{sid}").status_code == 204

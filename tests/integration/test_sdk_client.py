@@ -268,6 +268,11 @@ def test_put_and_get_params(client: optserve.Client) -> None:
     assert client.get_params(sid).params["a"].tolist() == [0.0, 0.0]
     with pytest.raises(optserve.ValidationError):
         client.put_params(sid, {"a": torch.zeros(2, dtype=torch.float64)})
+    # names naming nothing pulled every parameter (an empty list) or sent ?names= (""), which
+    # the server refuses: the client refuses both, before any request
+    for empty in ([], iter(()), [""], ["a", ""]):
+        with pytest.raises(ValueError, match="names|by name"):
+            client.get_params(sid, names=empty)
 
 
 # --------------------------------------------------------------------------- param groups

@@ -431,6 +431,13 @@ def test_row_pull_long_poll(http: httpx.Client) -> None:
     # (repeated: invalid_query, as any query parameter that takes one value given twice)
     ([("name", "emb"), ("name", "s"), ("rows", "0")], None, "invalid_query", "name"),
     ([("name", "emb"), ("names", "s"), ("rows", "0")], None, "invalid_rows", "name"),
+    # a name without rows answered no rows (the whole parameter is ?names=emb); an empty name
+    # was looked up as a parameter "" (unknown_parameter naming "rows."); names naming nothing
+    ({"name": "emb"}, None, "invalid_rows", "rows"),
+    ([("name", "emb"), ("min_version", "0")], None, "invalid_rows", "rows"),
+    ({"name": "", "rows": "1"}, None, "invalid_query", "name"),
+    ({"name": ""}, None, "invalid_query", "name"),
+    ({"names": ",", "rows": "1"}, None, "invalid_query", "names"),
     # indices that are not integers: invalid_rows as in the GET form (was invalid_sparse)
     (None, {"rows": {"emb": [1.5]}}, "invalid_rows", "rows.emb"),
     (None, {"rows": {"emb": [1, True]}}, "invalid_rows", "rows.emb"),
@@ -452,6 +459,20 @@ def test_bad_row_pulls(http: httpx.Client, query: dict[str, str] | list[tuple[st
     else:
         r = http.post(f"/v1/sessions/{sid}/params/rows", json=body)
     problem(r, code, field)
+
+
+def test_a_row_pull_of_no_rows_answers_the_parameter_with_none(http: httpx.Client) -> None:
+    """``rows=`` given empty asks no rows, as a POST's ``[]`` does (the SDKs send an empty row
+    list so): the parameter's dense shape with no indices, not a refusal; ``rows`` left out is
+    the 422 of test_bad_row_pulls."""
+    sid = create(http, "SGD", {"lr": 0.1}, emb=table())
+    got = http.get(f"/v1/sessions/{sid}/params", params={"name": "emb", "rows": ""})
+    posted = http.post(f"/v1/sessions/{sid}/params/rows", json={"rows": {"emb": []}})
+    for r in (got, posted):
+        assert r.status_code == 200, r.text
+        emb = r.json()["params"]["emb"]
+        assert emb["shape"] == list(table().shape) and emb["indices"] == []
+        assert tensor_from_json(emb["values"]).shape == (0, DIM)
 
 
 def test_sync_round_of_sparse_pushes(http: httpx.Client) -> None:

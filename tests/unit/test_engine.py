@@ -9,12 +9,14 @@ import inspect
 import math
 import threading
 from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import torch
 
 from app.engine import CreateSpec, Front, GroupSpec, embedded_engine
+from app.engine.ops import ImportState
 from app.errors import Conflict, Invalid, NotFound
 
 T = TypeVar("T")
@@ -755,3 +757,44 @@ def test_a_creates_checks_of_every_parameter_run_off_the_event_loop(
     opt.step()
     for n, p in local.items():
         assert_bitwise(result.params[n], p.detach())
+
+
+def test_a_state_key_in_another_form_is_refused_and_older_records_still_replay(
+        tmp_path: Path) -> None:
+    """A requested import's state key is taken only as an export writes it: ``"00"`` (taken
+    as parameter 0) is a 422 ``state_mismatch`` naming ``state_dict.state.00``, nothing
+    imported. An import an older server took with it (straight to the host, logged) replays
+    after a crash as it ran: ``"00"`` is parameter 0's state, so the next step is torch's
+    Adam from its own state (it would start that state afresh were the key dropped)."""
+    async def go() -> None:
+        eng = embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False)
+        await eng.start()
+        sid = (await eng.create(two_group_spec())).id
+        await eng.step(sid, grads(1), return_params=False)
+        exported = (await eng.export_state(sid)).state_dict
+        states = exported["state"]
+        state = {"state": {("00" if pid == 0 else str(pid)): entry
+                           for pid, entry in states.items()},
+                 "param_groups": exported["param_groups"]}
+        before = await eng.describe(sid)
+        with pytest.raises(Invalid) as caught:
+            await eng.import_state(sid, copy.deepcopy(state))
+        assert (caught.value.code, caught.value.field) == ("state_mismatch",
+                                                           "state_dict.state.00")
+        assert (await eng.describe(sid)).revision == before.revision
+        host, key = await eng._host("default", sid)
+        await host.execute(key, ImportState(copy.deepcopy(state), request=True))
+        await eng.stop(snapshot=False)  # a crash: the log replays
+        again = embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False)
+        await again.start()
+        try:
+            got = await again.step(sid, grads(2), return_params=True)
+        finally:
+            await again.stop()
+        p, opt = local_two_group()
+        torch_step(opt, p, grads(1))
+        torch_step(opt, p, grads(2))
+        assert got.params is not None
+        for n in p:
+            assert_bitwise(got.params[n], p[n], n)
+    asyncio.run(go())

@@ -166,7 +166,9 @@ class AddParamGroup(Operation):
                           field=f"param_groups.{len(s.optimizer.param_groups)}") from None
         s.params.update(plan.params)
         s.group_spec_options.append(dict(self.options))
-        return s.describe()
+        info = s.describe()
+        info.added_group = len(s.optimizer.param_groups) - 1
+        return info
 
     def to_tree(self) -> dict[str, Any]:
         tree: dict[str, Any] = {"params": self.params, "options": self.options}

@@ -660,11 +660,15 @@ def get_params(
     if names is not None:
         if isinstance(names, str):
             names = [names]
+        asked = len(query)
         for n in names:
-            if not isinstance(n, str) or "," in n:
+            if not isinstance(n, str) or "," in n or not n:
                 raise ValueError(f"cannot ask for parameter {n!r} by name (a comma separates "
                                  "names in ?names=); pull all parameters instead")
             query.append(("names", n))
+        if len(query) == asked:  # (it pulled every parameter: the server refuses ?names=)
+            raise ValueError("names must name at least one parameter; leave it out (None) to "
+                             "pull them all")
     # (the collector paused while an answer of 1,000 tensors or more is decoded, not while a
     # long poll waits for it: see optserve._gc)
     return APICall("GET", _sid(session_id) + "/params", _parse_params, params=query,
