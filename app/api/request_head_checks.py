@@ -47,7 +47,8 @@ def host_problem(scope: Scope) -> str | None:
     if len(hosts) > 1:
         return f"{len(hosts)} Host header lines"
     if not hosts:
-        return "no Host header" if scope.get("http_version", "1.1") != "1.0" else None
+        # (HTTP/1.0 may leave it out; an ASGI server of HTTP/2 or 3 makes it of :authority)
+        return "no Host header" if scope.get("http_version", "1.1") == "1.1" else None
     if _HOST.fullmatch(hosts[0]) is None:
         return f"the Host header {hosts[0].decode('latin-1')!r:.120} is not host[:port]"
     return None
