@@ -106,6 +106,12 @@ class Settings(BaseSettings):
         default=30.0, ge=0, le=3600,
         description="how long a start waits for another process to release the data directory "
         "(one process at a time holds it) before it fails")
+    ready_min_free_bytes: int = Field(
+        default=16 << 20, ge=0,
+        description="/readyz answers 503 not_ready while the data directory has less free "
+        "space than this many bytes (statvfs f_bavail * f_frsize, measured at most once a "
+        "second), before a write fails for want of it; 0: never. Not checked with durability "
+        "memory")
     durability: Literal["step", "interval", "memory"] = Field(
         default="step",
         description="default for sessions: step (fsync before acknowledging), interval "

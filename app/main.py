@@ -36,6 +36,7 @@ from app.api.body_memory import BodyMemory, BodyMemoryRelease, bound
 from app.api.connection_cap import ConnectionSlots, default_limit
 from app.api.cors import ProblemCORSMiddleware
 from app.api.encoded_slash import EncodedSlash
+from app.api.request_head_checks import RequestHeadChecks
 from app.api.step_lane import StepLane
 from app.config import (
     EXIT_CONFIG,
@@ -152,6 +153,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(ProblemCORSMiddleware, allow_origins=origins, allow_methods=CORS_METHODS,
                            allow_headers=CORS_REQUEST_HEADERS,
                            expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
+    # a missing, repeated or invalid Host and every CONNECT are refused before auth, CORS or
+    # a route runs (inside the request context: the problem carries its request_id)
+    app.add_middleware(RequestHeadChecks)
     # outermost: every answer, a preflight's the CORS middleware gives itself too, carries
     # X-Request-Id (and a refused preflight's problem+json its request_id)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)

@@ -47,6 +47,7 @@ from app.api import connection_cap
 from app.api.body_sink import SinkingProtocol
 from app.api.held_head import hold_head
 from app.api.problems import PROBLEM
+from app.api.request_head_checks import connect_detail
 from app.api.send_clock import SendClock
 
 log = logging.getLogger("optserve.api")
@@ -93,6 +94,14 @@ def head_timeout_body(timeout: float) -> bytes:
     return _encode(408, "Request timeout", code="request_timeout", field="headers",
                    detail=f"the request line and headers were not complete within {timeout:g} s "
                           "(OPTSERVE_HEAD_TIMEOUT_S); the connection is closed")
+
+
+def connect_refusal_body() -> bytes:
+    """The 405 answering a CONNECT to an authority (``example.com:443``), which names no
+    route (uvicorn cannot make a path of it): as :mod:`app.api.request_head_checks` answers
+    one whose target is a path."""
+    return _encode(405, "Method not allowed", code="method_not_allowed", field="method",
+                   detail=connect_detail(""))
 
 
 def raw_answer(status: int, body: bytes, default_headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -338,6 +347,8 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                 #: taken, without it (read again by a new parser)
                 _fed: bytes | None = None
                 _plain_head: bytes | None = None
+                #: a CONNECT's head was read, its request not yet told it has no content
+                _connect = False
                 #: a request's first byte is read and not yet all its headers
                 _in_head = False
                 _heads_begun = 0
@@ -402,6 +413,22 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                 def on_headers_complete(self) -> None:
                     self._in_head = False
                     _stop_head_clock(self)
+                    if self.parser.get_method() == b"CONNECT":
+                        # llhttp takes every CONNECT as an upgrade and stops at its head, the
+                        # bytes after it a tunnel's: served as a request without content, the
+                        # connection closed after its answer (a 405, app.api.
+                        # request_head_checks). Read again as a plain head, it stopped again
+                        # (a CONNECT is an upgrade whatever its headers): a recursion that
+                        # closed the connection with no answer.
+                        if not self.url.startswith(b"/"):  # (example.com:443: no path)
+                            headers = [*self.server_state.default_headers, (b"allow", b"")]
+                            self._refuse(raw_answer(405, connect_refusal_body(), headers))
+                            return
+                        self._connect = True
+                        super().on_headers_complete()
+                        self.cycle.keep_alive = False
+                        hold_head(self.cycle, self.loop)
+                        return
                     if self.parser.should_upgrade() and not self._should_upgrade():
                         # an Upgrade this server does not take (curl --http2's h2c, a
                         # WebSocket handshake): served as plain HTTP (RFC 9110 7.8). httptools
@@ -424,6 +451,12 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                     """Called by ``data_received`` as the parser stops at an Upgrade (its
                     exception, which holds where the unread bytes start, being handled): the
                     head without the Upgrade and the unread bytes go to a new parser."""
+                    if self._connect:  # its head read: the request has no content
+                        self._connect = False
+                        super().on_message_complete()
+                        return
+                    if self._plain_head is None and self.parser.get_method() == b"CONNECT":
+                        return  # (bytes after a CONNECT's head: not read)
                     head, self._plain_head = self._plain_head, None
                     stopped, fed = sys.exception(), self._fed
                     if head is None or fed is None or not isinstance(

@@ -46,6 +46,7 @@ def make_engine(settings: Any, observer: Observer | None = None) -> Front:
         observer=observer,
         warm_up=settings.warm_up,
         data_dir_wait_s=settings.data_dir_wait_s,
+        ready_min_free_bytes=settings.ready_min_free_bytes,
     )
 
 
@@ -71,6 +72,7 @@ def embedded_engine(
     files: Files | None = None,
     warm_up: bool = True,
     data_dir_wait_s: float = 30.0,
+    ready_min_free_bytes: int = 0,
 ) -> Front:
     """The embedded engine: sessions in this process, one worker thread for the device (a
     sharded session's shards too; their layouts in ``<data_dir>/directory``)."""
@@ -82,6 +84,7 @@ def embedded_engine(
         max_open_logs=max_open_logs,
         fsync_interval_s=fsync_interval_s, idempotency_window=idempotency_window, files=files,
         warm_up=warm_up, data_dir_wait_s=data_dir_wait_s,
+        ready_min_free_bytes=ready_min_free_bytes,
         evaluation_timeout_s=evaluation_timeout_s, metrics=metrics,
         history_steps=history_steps), observer)
     directory = Directory(data_dir / "directory" if data_dir is not None else None)

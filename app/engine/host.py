@@ -297,6 +297,9 @@ class HostConfig:
     #: how long a start waits for another process to release the data directory
     #: (:mod:`app.engine.data_dir_lock`) before it fails
     data_dir_wait_s: float = 30.0
+    #: readiness fails while the data directory has less free space than this (0: never; a
+    #: ``memory`` durability host never checks: it writes only for a session that asks)
+    ready_min_free_bytes: int = 0
     #: the store's file system calls (tests inject faults here)
     files: Files | None = None
     #: how long an LBFGS step waits for each evaluation before it is abandoned
@@ -363,7 +366,9 @@ class EmbeddedHost:
         self._worker = DeviceWorker(self._device, config.torch_threads, observer)
         chunked.configure(config.step_chunk)
         self._store = (Store(config.data_dir, config.fsync_interval_s, config.files,
-                             config.max_open_logs, config.data_dir_wait_s)
+                             config.max_open_logs, config.data_dir_wait_s,
+                             config.ready_min_free_bytes if config.durability != "memory"
+                             else 0)
                        if config.data_dir is not None else None)
         self._default_durability: Durability = (config.durability if self._store is not None
                                                 else "memory")

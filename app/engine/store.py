@@ -88,6 +88,8 @@ _REC_HEAD_V1 = struct.Struct("<4sIII")  # magic, length, zlib crc32(payload), cr
 _REC_HEAD_BODY_V1 = struct.Struct("<4sII")
 _IOV_MAX = 512
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+#: how long a measure of the data directory's free space stands (:meth:`Store.health`)
+FREE_SPACE_TTL_S = 1.0
 #: the process (EMFILE) or the system (ENFILE) has no file descriptor left
 _NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 #: the ``Retry-After`` of an operation refused for want of file descriptors: they come back as
@@ -372,8 +374,12 @@ class Store:
     """Snapshots and logs for every session, with a background fsync thread (``interval``)."""
 
     def __init__(self, root: Path, interval_s: float = 0.05, files: Files | None = None,
-                 max_open: int = 0, lock_wait_s: float = 0.0) -> None:
+                 max_open: int = 0, lock_wait_s: float = 0.0, min_free_bytes: int = 0) -> None:
         self.root = root
+        #: :meth:`health` reports a data directory with less free space than this (0: never)
+        self.min_free_bytes = min_free_bytes
+        #: the last free space measured and when (``time.monotonic``; None: not yet)
+        self._free: tuple[float, int] | None = None
         #: held from :meth:`open` to :meth:`close`: one process at a time writes here
         self.lock = DataDirLock(root)
         #: how long :meth:`open` waits for another process to release the directory
@@ -467,7 +473,7 @@ class Store:
             suspect = [lg.suspect for lg in self._logs.values() if lg.suspect is not None]
             error, need = self._error, self._need
         if error is None and not broken and not suspect:
-            return None
+            return self._short_of_space()
         try:
             self.probe()
         except OSError as exc:
@@ -487,7 +493,29 @@ class Store:
                     "a fresh snapshot will replace them")
         with self._lock:
             self._error, self._need = None, 0  # the disk takes writes again
-        return None
+        return self._short_of_space()
+
+    def _short_of_space(self) -> str | None:
+        """Why the data directory's free space (``f_bavail * f_frsize``: what this process
+        may write) is under :attr:`min_free_bytes`, or None. Measured at most every
+        :data:`FREE_SPACE_TTL_S` (a probe polling ``/readyz`` costs no ``statvfs`` per call); a
+        directory that cannot be measured is left to the other checks."""
+        if self.min_free_bytes <= 0:
+            return None
+        now = time.monotonic()
+        cached = self._free
+        if cached is not None and now - cached[0] < FREE_SPACE_TTL_S:
+            free = cached[1]
+        else:
+            try:
+                free = self.files.free_bytes(self.root)
+            except OSError:
+                return None
+            self._free = (now, free)
+        if free >= self.min_free_bytes:
+            return None
+        return (f"the data directory is (nearly) full: {free} bytes free, under "
+                f"OPTSERVE_READY_MIN_FREE_BYTES ({self.min_free_bytes}); a write could fail")
 
     @property
     def failing(self) -> bool:

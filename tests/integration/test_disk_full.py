@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import safetensors.torch
 import torch
 
 from app.engine import persist
-from app.engine.store import read_log, read_snapshot
+from app.engine.store import FREE_SPACE_TTL_S, read_log, read_snapshot
 from app.wire.safetensors_body import read_safetensors
 from tests.conftest import LiveServer, _test_settings
 from tests.integration.test_durability import (
@@ -50,6 +51,9 @@ MB = 1_000_000
 MiB = 1 << 20
 PROBLEM = "application/problem+json"
 Mount = Callable[[int], Path]
+#: readiness from failed writes alone (no OPTSERVE_READY_MIN_FREE_BYTES): a disk of 8 or 16 MiB
+#: is under the default 16 MiB from the start (that check: test_ready_on_a_nearly_full_disk)
+WRITES_ONLY: dict[str, Any] = {"ready_min_free_bytes": 0}
 
 
 # --------------------------------------------------------------------------- the small disk
@@ -264,7 +268,7 @@ def test_create_that_does_not_fit(tmpfs: Mount) -> None:
     """A 4 MB create on a disk with 1 MB free: 507, no session and no directory left, the id
     free; after space returns the same create succeeds and steps like torch."""
     disk = tmpfs(8)
-    live = LiveServer(_test_settings(data_dir=disk))
+    live = LiveServer(_test_settings(data_dir=disk, **WRITES_ONLY))
     url = live.start()
     big = Big("big", MB)
     try:
@@ -297,7 +301,7 @@ def test_small_records_on_a_full_disk(tmpfs: Mount) -> None:
     readiness names the full disk; the fsync thread lives on; with space back the same server
     steps both sessions again, and a restart holds every acknowledged step."""
     disk = tmpfs(8)
-    settings = _test_settings(data_dir=disk, fsync_interval_ms=20.0,
+    settings = _test_settings(data_dir=disk, fsync_interval_ms=20.0, **WRITES_ONLY,
                               snapshot_every_steps=100_000)
     live = LiveServer(settings)
     url = live.start()
@@ -363,7 +367,7 @@ def test_snapshots_without_space(tmpfs: Mount) -> None:
     their records fit (then 507), the old snapshot and the log keep everything; with space
     back the next operation's snapshot is written and holds it all."""
     disk = tmpfs(16)
-    live = LiveServer(_test_settings(data_dir=disk, snapshot_every_steps=2))
+    live = LiveServer(_test_settings(data_dir=disk, snapshot_every_steps=2, **WRITES_ONLY))
     url = live.start()
     big = Big("snap", 250_000)
     d = session_dir(disk, big.sid)
@@ -557,3 +561,48 @@ def test_an_sdk_lbfgs_step_refused_by_a_full_disk_leaves_the_model_as_it_was(
                 assert bitwise(held.params[name], p.detach()), name
     finally:
         live.stop()
+
+
+# --------------------------------------------------------------------------- readiness ahead
+
+def test_ready_on_a_nearly_full_disk(tmpfs: Mount) -> None:
+    """``OPTSERVE_READY_MIN_FREE_BYTES``: a server whose data directory has less free space
+    than that says not ready (503 ``not_ready`` naming the bytes free and the setting) before
+    any write fails: steps still succeed meanwhile, the values torch.optim's. Once space
+    returns it is ready again. A ``memory`` durability server, which writes no log, stays
+    ready on a full disk."""
+    disk, memory_disk = tmpfs(8), tmpfs(8)
+    live = LiveServer(_test_settings(data_dir=disk, ready_min_free_bytes=4 * MiB))
+    memory = LiveServer(_test_settings(data_dir=memory_disk, durability="memory",
+                                       ready_min_free_bytes=4 * MiB))
+    url, memory_url = live.start(), memory.start()
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c, \
+                httpx.Client(base_url=memory_url, timeout=60) as m:
+            assert_ready(c)
+            assert_ready(m)
+            big = Big("nearly-full", 1000)
+            assert big.create(c).status_code == 201
+            filler = fill(disk, leave=3 * MiB)
+            fill(memory_disk)
+            time.sleep(FREE_SPACE_TTL_S + 0.05)  # (a measure stands that long)
+            r = c.get("/readyz")
+            assert r.headers["retry-after"] == "5"
+            detail = assert_not_ready(c, "OPTSERVE_READY_MIN_FREE_BYTES (4194304)")
+            assert detail == (f"the data directory is (nearly) full: {free_bytes(disk)} bytes "
+                              "free, under OPTSERVE_READY_MIN_FREE_BYTES (4194304); a write "
+                              "could fail")
+            assert_ready(m)
+            for k in range(2):  # not ready is ahead of the failure: writes still succeed
+                r = big.post_step(c, k)
+                assert r.status_code == 200, r.text
+                big.acknowledged(k)
+            big.assert_same(c, state=True)
+            assert_not_ready(c, "OPTSERVE_READY_MIN_FREE_BYTES")
+            filler.unlink()
+            time.sleep(FREE_SPACE_TTL_S + 0.05)
+            assert_ready(c)
+            assert_ready(m)
+    finally:
+        live.stop()
+        memory.stop()

@@ -1,0 +1,78 @@
+"""Requests refused for their head alone, before anything runs (auth, routing, a body read).
+
+- ``Host`` (RFC 9112 3.2): an HTTP/1.1 request without a ``Host`` header, and any request with
+  more than one ``Host`` line or a ``Host`` that is not ``uri-host [":" port]`` (RFC 3986),
+  gets a 400 ``malformed_http`` problem with ``field`` ``Host``, and the connection is closed,
+  as for the other requests the HTTP parser refuses (:mod:`app.api.malformed_http`). An
+  HTTP/1.0 request may leave ``Host`` out; an empty ``Host`` is valid (a target without an
+  authority). uvicorn's httptools parser checks none of this; h11 refuses a missing or repeated
+  ``Host`` itself (answered by :mod:`app.api.malformed_http` the same way).
+- ``CONNECT`` (RFC 9110 9.3.6): this server is no proxy and opens no tunnel: every CONNECT
+  gets a 405 ``method_not_allowed`` (``field``: ``method``) with ``Allow`` naming the methods
+  of the target's route (empty for an authority-form target such as ``example.com:443``, which
+  names no route), and the connection is closed (bytes after a CONNECT's head would be a
+  tunnel's, not a request). Under httptools the protocol hands such a request over as one
+  without content (:mod:`app.api.malformed_http`): its parser takes every CONNECT as an
+  upgrade and stops at its head.
+"""
+
+from __future__ import annotations
+
+import re
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.api.problems import allowed_methods, problem
+
+#: uri-host [":" port]: an IP-literal (IPv6 or IPvFuture in brackets), or a reg-name (which
+#: covers an IPv4 address): unreserved, sub-delims and percent-encoded octets
+_HOST = re.compile(rb"(?:\[(?:[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]"
+                   rb"|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
+
+
+def connect_detail(allowed: str) -> str:
+    """The 405's detail for a CONNECT whose target's route takes ``allowed``."""
+    return ("CONNECT is not served: this server is no proxy and opens no tunnel; allowed here: "
+            f"{allowed or 'none'}")
+
+
+_HOST_HINT = ("an HTTP/1.1 request names its Host once: Host: host[:port]; the request was not "
+              "read, the connection is closed")
+
+
+def host_problem(scope: Scope) -> str | None:
+    """What is wrong with the request's ``Host`` header (RFC 9112 3.2), or None."""
+    hosts = [value for name, value in scope["headers"] if name == b"host"]
+    if len(hosts) > 1:
+        return f"{len(hosts)} Host header lines"
+    if not hosts:
+        # (HTTP/1.0 may leave it out; an ASGI server of HTTP/2 or 3 makes it of :authority)
+        return "no Host header" if scope.get("http_version", "1.1") == "1.1" else None
+    if _HOST.fullmatch(hosts[0]) is None:
+        return f"the Host header {hosts[0].decode('latin-1')!r:.120} is not host[:port]"
+    return None
+
+
+class RequestHeadChecks:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        wrong = host_problem(scope)
+        if wrong is not None:
+            response = problem(400, "malformed_http", "Malformed HTTP request",
+                               f"{wrong}: {_HOST_HINT}", field="Host")
+        elif scope["method"] == "CONNECT":
+            allowed = ", ".join(m for m in allowed_methods(Request(scope)))
+            response = problem(405, "method_not_allowed", "Method not allowed",
+                               connect_detail(allowed), field="method")
+            response.headers["Allow"] = allowed
+        else:
+            await self.app(scope, receive, send)
+            return
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)

@@ -1,0 +1,189 @@
+"""RFC 9112 3.2 and RFC 9110 9.3.6 over raw sockets, on real uvicorn servers serving with both
+HTTP protocols ``python -m app`` may use (httptools, and h11 where httptools is missing):
+
+- an HTTP/1.1 request without ``Host``, any request with two ``Host`` lines or with a ``Host``
+  that is not ``host[:port]`` gets a 400 ``malformed_http`` problem naming ``Host``, the
+  connection closed, and nothing was done (a create made no session, a step changed nothing:
+  the parameters match torch.optim's run of the steps that were taken); an HTTP/1.0 request
+  without ``Host`` and one with an empty ``Host`` are served;
+- a ``CONNECT`` (to an authority or to a path, bytes after its head or not) gets a 405
+  ``method_not_allowed`` problem with ``Allow`` and the connection closed (httptools took it
+  as an upgrade and the server closed the connection without an answer).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import socket
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from app.api.malformed_http import PROBLEM_H11, PROBLEM_HTTPTOOLS
+from tests.conftest import LiveServer, _test_settings
+
+pytestmark = pytest.mark.integration
+
+LR = 0.1
+P0 = torch.tensor([1.0, -2.0, 3.5])
+GRAD = torch.tensor([0.5, 0.25, -1.0])
+
+
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def server(request: pytest.FixtureRequest) -> Iterator[str]:
+    protocol = PROBLEM_HTTPTOOLS if request.param == "httptools" else PROBLEM_H11
+    if protocol is None:
+        pytest.fail(f"the {request.param} protocol could not be made")
+    with LiveServer(_test_settings(), http=protocol).serving() as url:
+        yield url
+
+
+def exchange(url: str, raw: bytes) -> tuple[list[tuple[int, dict[str, str], bytes]], bool]:
+    """Send ``raw``; every answer that came back and whether the server then closed."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(raw)
+        data, answers = b"", []
+        while True:
+            while b"\r\n\r\n" not in data:
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    return answers, False
+                if not chunk:
+                    assert data == b"", f"a partial answer: {data!r}"
+                    return answers, True
+                data += chunk
+            head, _, data = data.partition(b"\r\n\r\n")
+            status_line, *lines = head.decode("latin-1").split("\r\n")
+            headers = {}
+            for line in lines:
+                name, _, value = line.partition(":")
+                headers[name.lower()] = value.strip()
+            length = int(headers["content-length"])
+            while len(data) < length:
+                chunk = sock.recv(65536)
+                assert chunk, "closed mid-body"
+                data += chunk
+            answers.append((int(status_line.split(" ")[1]), headers, data[:length]))
+            data = data[length:]
+            if headers.get("connection", "").lower() == "close":
+                sock.settimeout(2)
+
+
+def only_answer(url: str, raw: bytes) -> tuple[int, dict[str, str], dict[str, Any]]:
+    answers, closed = exchange(url, raw)
+    assert len(answers) == 1, answers
+    assert closed, "the server kept the connection after refusing"
+    status, headers, body = answers[0]
+    assert headers["content-type"] == "application/problem+json", (headers, body)
+    assert headers["connection"].lower() == "close"
+    return status, headers, json.loads(body)
+
+
+def assert_host_refused(status: int, problem: dict[str, Any], reason: str) -> None:
+    assert status == 400, problem
+    assert problem["type"] == "urn:optserve:problem:malformed_http"
+    assert (problem["status"], problem["code"], problem["field"]) == (
+        400, "malformed_http", "Host"), problem
+    assert reason.lower() in problem["detail"].lower(), problem["detail"]
+
+
+@pytest.mark.parametrize(("head", "reason"), [
+    (b"GET /healthz HTTP/1.1\r\n\r\n", "Host"),
+    (b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n", "Host"),
+    (b"GET /healthz HTTP/1.1\r\nHost: a\r\nAccept: */*\r\nhost: b:80\r\n\r\n", "Host"),
+    (b"GET /healthz HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", "Host"),
+    (b"GET /healthz HTTP/1.1\r\nHost: a b\r\n\r\n", "'a b' is not host[:port]"),
+    (b"GET /healthz HTTP/1.1\r\nHost: user@a\r\n\r\n", "'user@a' is not host[:port]"),
+    (b"GET /healthz HTTP/1.1\r\nHost: a:http\r\n\r\n", "'a:http' is not host[:port]"),
+    (b"GET /healthz HTTP/1.1\r\nHost: [::1\r\n\r\n", "'[::1' is not host[:port]"),
+    (b"GET /healthz HTTP/1.0\r\nHost: a/b\r\n\r\n", "'a/b' is not host[:port]"),
+])
+def test_bad_host_is_a_400_naming_it(server: str, head: bytes, reason: str) -> None:
+    status, _, problem = only_answer(server, head)
+    assert_host_refused(status, problem, reason)
+    # the server serves the next connection as before
+    assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /healthz HTTP/1.0\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: \r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: [::1]:8000\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: xn--bcher-kva.example\r\nConnection: close\r\n\r\n",
+])
+def test_good_host_is_served(server: str, head: bytes) -> None:
+    answers, _ = exchange(server, head)
+    assert [(status, json.loads(body)) for status, _, body in answers] == [
+        (200, {"status": "ok"})]
+
+
+def _params(http: httpx.Client, sid: str) -> torch.Tensor:
+    r = http.get(f"/v1/sessions/{sid}/params", params={"encoding": "b64"})
+    assert r.status_code == 200, r.text
+    w = r.json()["params"]["w"]
+    return torch.frombuffer(bytearray(base64.b64decode(w["b64"])),
+                            dtype=torch.float32).reshape(w["shape"]).clone()
+
+
+def _post(path: str, body: dict[str, Any], host_lines: bytes) -> bytes:
+    data = json.dumps(body).encode()
+    return (b"POST %s HTTP/1.1\r\n%sContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % (path.encode(), host_lines, len(data)) + data)
+
+
+def test_refused_for_its_host_nothing_is_done(server: str) -> None:
+    sid = f"host-{uuid.uuid4().hex[:12]}"
+    create = {"optimizer": "SGD", "options": {"lr": LR}, "id": sid,
+              "params": {"w": {"dtype": "float32", "shape": [3], "data": P0.tolist()}}}
+    status, _, problem = only_answer(server, _post("/v1/sessions", create, b""))
+    assert_host_refused(status, problem, "Host")
+    with httpx.Client(base_url=server) as http:
+        assert http.get(f"/v1/sessions/{sid}").status_code == 404  # no session was made
+        assert http.post("/v1/sessions", json=create).status_code == 201
+        step = {"grads": {"w": {"dtype": "float32", "shape": [3], "data": GRAD.tolist()}}}
+        for hosts in (b"", b"Host: a\r\nHost: a\r\n", b"Host: a\tb\r\n"):
+            status, _, problem = only_answer(server,
+                                             _post(f"/v1/sessions/{sid}/step", step, hosts))
+            assert_host_refused(status, problem, "Host")
+        r = http.post(f"/v1/sessions/{sid}/step", json=step)
+        assert r.status_code == 200, r.text
+        # the server's parameters are torch.optim's after exactly one step
+        w = P0.clone().requires_grad_(True)
+        opt = torch.optim.SGD([w], lr=LR)
+        w.grad = GRAD.clone()
+        opt.step()
+        assert torch.equal(_params(http, sid), w.detach())
+        assert http.get(f"/v1/sessions/{sid}").json()["step"] == 1
+        assert http.delete(f"/v1/sessions/{sid}").status_code in (200, 204)
+
+
+@pytest.mark.parametrize(("head", "allow"), [
+    (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", ""),
+    (b"CONNECT /healthz HTTP/1.1\r\nHost: t\r\n\r\n", "GET, HEAD"),
+    (b"CONNECT /v1/sessions HTTP/1.1\r\nHost: t\r\n\r\n", "GET, HEAD, POST"),
+    # bytes after a CONNECT's head would be the tunnel's: never read as a request
+    (b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n"
+     b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n", ""),
+    (b"CONNECT /healthz HTTP/1.1\r\nHost: t\r\n\r\nGET /healthz HTTP/1.1\r\nHost: t\r\n\r\n",
+     "GET, HEAD"),
+])
+def test_connect_is_a_405(server: str, head: bytes, allow: str) -> None:
+    status, headers, problem = only_answer(server, head)
+    assert status == 405, problem
+    assert headers["allow"] == allow
+    assert (problem["type"], problem["status"], problem["code"], problem["field"]) == (
+        "urn:optserve:problem:method_not_allowed", 405, "method_not_allowed", "method")
+    assert problem["detail"] == ("CONNECT is not served: this server is no proxy and opens no "
+                                 f"tunnel; allowed here: {allow or 'none'}")
+    assert re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"]), headers
+    assert problem["request_id"] == headers["x-request-id"]
+    assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
