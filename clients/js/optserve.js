@@ -1060,7 +1060,11 @@ export class OptserveClient {
     // atVersion: answered only at that version (If-Match), else a 412, as getSession.
     // paramsDtype: "bfloat16" or "float16" sends the parameters narrowed, as a step's answer
     // with paramsDtype (raw bits in a Uint16Array; the session keeps its own).
+    if (names !== undefined && names !== null && (!Array.isArray(names) || !names.length)) {
+      throw new TypeError("getParams: names must be a non-empty list of parameter names (leave it out to pull them all)");
+    }
     for (const n of names ?? []) {
+      if (n === "") throw new TypeError('getParams: a parameter name cannot be "" (?names= would name none)');
       if (typeof n !== "string" || n.includes(",")) {
         throw new TypeError(`cannot ask for parameter ${JSON.stringify(n)} by name (a comma separates names in ?names=); pull all parameters instead`);
       }

@@ -76,6 +76,19 @@ describe("client against a stub server", () => {
     assert.equal(seen.length, before); // nothing was sent
   });
 
+  test("an empty list of names, or an empty name, is refused before anything is sent (the server would 422)", async () => {
+    const c = new OptserveClient({ baseUrl });
+    const before = seen.length;
+    for (const names of [[], [""], ["w", ""]]) {
+      assert.throws(() => c.getParams("s", { names }), (err) => {
+        assert.ok(err instanceof TypeError);
+        assert.match(err.message, /names|name cannot/);
+        return true;
+      });
+    }
+    assert.equal(seen.length, before); // nothing was sent
+  });
+
   test("api key, JSON bodies, session ids in the path", async () => {
     const c = new OptserveClient({ baseUrl, apiKey: "secret" });
     const out = await c.step("a b/c", { x: Tensor.from([1, -0]) }, { encoding: "b64" });
