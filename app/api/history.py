@@ -25,12 +25,18 @@ SessionId = Annotated[str, Path(description="session id", max_length=200)]
 
 
 def _fields(values: list[str] | None) -> list[str] | None:
-    if not values:
+    """``?fields=``'s names (None: not given, every field); given, it must name one (a
+    ``?fields=`` naming none is a 422, not every field: an empty selection is a client's
+    mistake, as an empty ``?names=`` on a pull)."""
+    if values is None:
         return None
     out = [f.strip() for item in values for f in item.split(",") if f.strip()]
+    if not out:
+        raise Invalid("fields names no field: leave it out for every field, or name some "
+                      "(fields=lr,grad_norm)", code="invalid_query", field="fields")
     if len(out) > MAX_FIELDS:
         raise Invalid(f"at most {MAX_FIELDS} fields", code="invalid_query", field="fields")
-    return out or None
+    return out
 
 
 @router.get("/{session_id}/history", summary="Per-step metrics (JSON or CSV)")

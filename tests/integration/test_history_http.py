@@ -20,6 +20,7 @@ import pytest
 import safetensors.torch
 import torch
 
+import optserve
 from tests.integration.test_durability import Proc
 
 pytestmark = pytest.mark.integration
@@ -159,6 +160,13 @@ def test_history_bad_inputs_name_the_field(http: httpx.Client) -> None:
     sid = create(http)
     url = f"/v1/sessions/{sid}/history"
     problem(http.get(url, params={"fields": "nope"}), 422, "fields")
+    for empty in ("", ",", " , "):  # (naming no field: not every field)
+        assert problem(http.get(url, params={"fields": empty}), 422, "fields")[
+            "code"] == "invalid_query"
+    with optserve.Client(str(http.base_url), transport="http") as client:
+        for names in ([], [""], ["lr", " "]):
+            with pytest.raises(ValueError, match="fields"):
+                client.history(sid, fields=names)
     problem(http.get(url, params={"points": 0}), 422, "points")
     problem(http.get(url, params={"since": -1}), 422, "since")
     problem(http.get(f"/v1/sessions/nope-{sid}/history"), 404, "session_id")

@@ -600,6 +600,9 @@ def history(
             query.append((name, str(value)))
     if fields is not None:
         names = [fields] if isinstance(fields, str) else list(fields)
+        if not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise ValueError(f"fields must name at least one field, each a non-empty string, "
+                             f"got {names!r:.80} (None: every field)")
         query.append(("fields", ",".join(names)))
     if csv:
         return APICall("GET", _sid(session_id) + "/history", _parse_text, params=query,
