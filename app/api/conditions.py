@@ -209,13 +209,25 @@ def strict_match(request: Request, query_version: int | None = None) -> Expected
                     others=distinct[1:], weak=weak)
 
 
+#: an empty list element (RFC 9110 5.6.1.2: ``"4",,"5"``, a leading or trailing comma, a
+#: header line left empty beside another), which a recipient ignores
+_EMPTY_MEMBER = re.compile(r"[ \t]*,")
+_BLANK = re.compile(r"[ \t]*")
+
+
 def _match_list(header: str) -> tuple[list[int], bool]:
-    """An ``If-Match`` list's strong versions (in order) and whether it had a weak tag; a 422
-    ``invalid_base_version`` naming ``If-Match`` when a member is no version."""
+    """An ``If-Match`` list's strong versions (in order) and whether it had a weak tag; empty
+    elements ignored (RFC 9110 5.6.1.2: ``"4",,"5"``, ``"4", ``; ``If-None-Match`` ignored
+    them already); a 422 ``invalid_base_version`` naming ``If-Match`` when a member is no
+    version, or when the list has no member at all (``,``)."""
     strong: list[int] = []
     weak = False
     pos, end = 0, len(header)
     while True:
+        while (empty := _EMPTY_MEMBER.match(header, pos)) is not None:
+            pos = empty.end()
+        if (strong or weak) and _BLANK.fullmatch(header, pos) is not None:
+            return strong, weak  # (only empty elements, or whitespace, after the last one)
         found = _MEMBER.match(header, pos)
         text = None if found is None else (found.group(2) if found.group(3) is None
                                            else found.group(3))

@@ -49,7 +49,9 @@ def host_problem(scope: Scope) -> str | None:
     if not hosts:
         # (HTTP/1.0 may leave it out; an ASGI server of HTTP/2 or 3 makes it of :authority)
         return "no Host header" if scope.get("http_version", "1.1") == "1.1" else None
-    if _HOST.fullmatch(hosts[0]) is None:
+    # (a field value's surrounding whitespace is no part of it, RFC 9110 5.5: h11 strips it,
+    # httptools leaves the trailing one in, so "Host: example.com " was a 400)
+    if _HOST.fullmatch(hosts[0].strip(b" \t")) is None:
         return f"the Host header {hosts[0].decode('latin-1')!r:.120} is not host[:port]"
     return None
 

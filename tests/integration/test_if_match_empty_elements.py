@@ -1,0 +1,70 @@
+"""Empty elements of an ``If-Match`` list (RFC 9110 5.6.1.2: a recipient parses and ignores
+them): ``"4",,"5"``, a leading or trailing comma, a header line left empty beside another.
+They were a 422 ``invalid_base_version`` on every strict precondition and read, while
+``If-None-Match`` ignored them. Now the list's versions count as without them: a change at one
+of them applies as torch applies it, a list of versions the session has left is a 412 naming
+them, and a header of empty elements only (``,``) names no version: a 422 naming
+``If-Match``, with nothing done. Compared with the conditional-change tests' in-process
+``torch.optim`` twin, bit for bit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.test_conditional_changes import CHANGES, Pair
+from tests.integration.test_conditional_rfc9110 import refused_at
+
+pytestmark = pytest.mark.integration
+
+
+def with_lines(request: dict[str, Any], *lines: str) -> dict[str, Any]:
+    """``request`` with ``If-Match`` on each of ``lines`` (one header line each)."""
+    return {**request, "headers": [*request.get("headers", {}).items(),
+                                   *(("If-Match", line) for line in lines)]}
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_empty_list_elements_are_ignored(http: httpx.Client, shards: int) -> None:
+    request, mirror = CHANGES["scheduler_step"]
+    pair = Pair(http, shards)
+    pair.step()
+    pair.step()
+    for lines in (lambda tag: ('"0",,' + tag,), lambda tag: (f",{tag}",),
+                  lambda tag: (f"{tag},,",), lambda tag: (f'"1", ,{tag}', ""),
+                  lambda tag: ("", tag), lambda tag: (f", W/{tag},", f'{tag} , ,')):
+        etag, revision = pair.read()
+        done = http.request(**with_lines(request(pair), *lines(etag)))
+        assert done.status_code == 200, (lines(etag), done.text)
+        mirror(pair)
+        pair.same_as_torch()
+        assert pair.read()[1] == revision + 1
+        r = http.get(f"{pair.url}/params", headers=[("If-Match", f",{etag},")])
+        assert (r.status_code, r.headers["etag"]) == (200, etag), r.text
+        pair.same_params(r.json()["params"])
+    pair.step()
+    etag, revision = pair.read()
+    problem = refused_at(http.request(**with_lines(request(pair), '"0",,"1",')), etag,
+                         revision)
+    assert problem["base_versions"] == [0, 1]
+    assert pair.read() == (etag, revision)
+    pair.same_as_torch()
+
+
+def test_a_list_of_empty_elements_only_names_no_version(http: httpx.Client) -> None:
+    request, _ = CHANGES["patch_group"]
+    pair = Pair(http, 1)
+    pair.step()
+    etag, revision = pair.read()
+    for lines in ((",",), (", ,",), ("", "")):
+        for sent in (request(pair), {"method": "GET", "url": f"{pair.url}/params"}):
+            r = http.request(**with_lines(sent, *lines))
+            assert r.status_code == 422, (lines, r.text)
+            assert (r.json()["code"], r.json()["field"]) == ("invalid_base_version",
+                                                             "If-Match"), r.text
+    assert pair.read() == (etag, revision)
+    pair.same_as_torch()
+    pair.step()
+    pair.same_as_torch()
