@@ -200,7 +200,7 @@ def strict_match(request: Request, query_version: int | None = None) -> Expected
         return None
     strong, weak = _match_list(header)
     if query_version is not None:
-        if weak or strong != [query_version]:
+        if weak or set(strong) != {query_version}:  # ("5", "5" names 5 alone too)
             raise Invalid(f"?base_version={query_version} and If-Match {header!r:.40} disagree",
                           code="invalid_base_version", field="base_version")
         return Expected(query_version, version_field=field)

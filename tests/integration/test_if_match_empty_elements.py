@@ -68,3 +68,28 @@ def test_a_list_of_empty_elements_only_names_no_version(http: httpx.Client) -> N
     pair.same_as_torch()
     pair.step()
     pair.same_as_torch()
+
+
+def test_a_query_version_agrees_with_a_list_naming_it_alone(http: httpx.Client) -> None:
+    """``?base_version=5`` with ``If-Match: "5", "5"`` (or ``"5",``): both name version 5
+    alone, so the change applies as torch applies it (a 422 ``invalid_base_version`` said
+    they disagree); with another version in the list it is still a 422 naming
+    ``base_version``, with nothing done."""
+    request, mirror = CHANGES["patch_group"]
+    pair = Pair(http, 1)
+    pair.step()
+    etag, revision = pair.read()
+    version = int(etag.strip('"'))
+    r = http.request(**with_lines({**request(pair), "params": {"base_version": version}},
+                                  f'{etag}, "{version - 1}"'))
+    assert r.status_code == 422 and r.json()["field"] == "base_version", r.text
+    assert pair.read() == (etag, revision)
+    pair.same_as_torch()
+    for lines in ((f"{etag}, {etag}",), (f"{etag},", etag)):
+        done = http.request(**with_lines({**request(pair), "params": {"base_version": version}},
+                                         *lines))
+        assert done.status_code == 200, (lines, done.text)
+    mirror(pair)
+    pair.same_as_torch()
+    pair.step()
+    pair.same_as_torch()
