@@ -102,7 +102,9 @@ def legacy_fingerprint(request: Request, body: bytes | bytearray | memoryview = 
     """The fingerprint servers before :func:`step_fingerprint` kept for an HTTP step (method,
     path, query, the headers that matter, :func:`body_digest`): the one its records and
     snapshots hold, so that its retry after an upgrade is still answered."""
-    headers = ";".join(f"{h}={request.headers.get(h, '')}" for h in _MEANINGFUL)
+    # (a header on several lines counts whole, as its lines combine: If-Match "4" and "5" on
+    # two lines is If-Match: "4", "5"; one line reads as it did)
+    headers = ";".join(f"{h}={', '.join(request.headers.getlist(h))}" for h in _MEANINGFUL)
     return (f"{request.method} {request.url.path}?{request.url.query} {headers} "
             f"{body_digest(body)}")
 

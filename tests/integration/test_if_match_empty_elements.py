@@ -5,10 +5,13 @@ They were a 422 ``invalid_base_version`` on every strict precondition and read, 
 of them applies as torch applies it, a list of versions the session has left is a 412 naming
 them, and a header of empty elements only (``,``) names no version: a 422 naming
 ``If-Match``, with nothing done. Compared with the conditional-change tests' in-process
-``torch.optim`` twin, bit for bit."""
+``torch.optim`` twin, bit for bit. Also: ``?base_version=5`` with a list naming 5 alone
+(``"5", "5"``) applies, and an ``Idempotency-Key``'s fingerprint counts every ``If-Match``
+line (it counted the first)."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import httpx
@@ -90,6 +93,35 @@ def test_a_query_version_agrees_with_a_list_naming_it_alone(http: httpx.Client) 
                                          *lines))
         assert done.status_code == 200, (lines, done.text)
     mirror(pair)
+    pair.same_as_torch()
+    pair.step()
+    pair.same_as_torch()
+
+
+def test_a_keyed_retry_counts_every_if_match_line(http: httpx.Client) -> None:
+    """An ``Idempotency-Key`` fingerprints the whole ``If-Match`` list, its lines combined: a
+    retry with the same lines (or the same list on one line) is answered as the first was;
+    one whose second line names another version is another request, a 422
+    ``idempotency_key_reused`` with nothing done (only the first line counted: it was
+    answered as a replay)."""
+    request, mirror = CHANGES["patch_group"]
+    pair = Pair(http, 1)
+    pair.step()
+    etag, _ = pair.read()
+    keyed = {**request(pair), "headers": {"Idempotency-Key": uuid.uuid4().hex}}
+    done = http.request(**with_lines(keyed, etag, '"0"'))
+    assert done.status_code == 200, done.text
+    mirror(pair)
+    pair.same_as_torch()
+    after = pair.read()
+    for lines in ((etag, '"0"'), (f'{etag}, "0"',)):
+        again = http.request(**with_lines(keyed, *lines))
+        assert again.status_code == 200, (lines, again.text)
+        assert again.headers["idempotent-replayed"] == "true"
+    other = http.request(**with_lines(keyed, etag, '"9"'))
+    assert other.status_code == 422, other.text
+    assert other.json()["code"] == "idempotency_key_reused", other.text
+    assert pair.read() == after
     pair.same_as_torch()
     pair.step()
     pair.same_as_torch()
