@@ -128,9 +128,14 @@ def body_digest(body: bytes | bytearray | memoryview) -> str:
     return f"{n}:{checksum:08x}"
 
 
+#: the whitespace around a list member (RFC 9110 OWS: SP and HTAB; not ``str.strip``'s, which
+#: took a no-break space, ``\xa0`` as a header's latin-1 text reads it, around ``*`` or a tag)
+_OWS = " \t"
+
+
 def _tag_version(tag: str) -> int | None:
     """``"5"``, ``W/"5"`` or a bare ``5`` to 5; anything else to None."""
-    tag = tag.strip()
+    tag = tag.strip(_OWS)
     if tag.startswith("W/"):
         tag = tag[2:]
     if len(tag) >= 2 and tag[0] == tag[-1] == '"':
@@ -145,7 +150,7 @@ def none_match_versions(request: Request) -> frozenset[int]:
     header = ", ".join(request.headers.getlist("if-none-match"))  # (a list: lines combine)
     if not header:
         return frozenset()
-    if header.strip() == "*":
+    if header.strip(_OWS) == "*":
         return EVERY_VERSION
     found = (_tag_version(t) for t in header.split(","))
     return frozenset(v for v in found if v is not None)
@@ -195,7 +200,7 @@ def strict_match(request: Request, query_version: int | None = None) -> Expected
         return None if query_version is None else Expected(query_version,
                                                            version_field=field)
     header = ", ".join(lines)
-    if header.strip() == "*":
+    if header.strip(_OWS) == "*":
         if query_version is not None:
             raise Invalid(f"?base_version={query_version} and If-Match: * disagree (send one)",
                           code="invalid_base_version", field="base_version")

@@ -125,3 +125,32 @@ def test_a_keyed_retry_counts_every_if_match_line(http: httpx.Client) -> None:
     pair.same_as_torch()
     pair.step()
     pair.same_as_torch()
+
+
+def test_a_no_break_space_is_no_list_whitespace(http: httpx.Client) -> None:
+    """Only SP and HTAB surround a list member (RFC 9110 OWS): ``*`` or a tag beside a
+    no-break space (``\\xa0``, obs-text as the header's latin-1 reads it) is no condition the
+    server reads. It was stripped as whitespace: ``If-Match: *\\xa0`` applied a change as
+    ``*``, a step's ``If-Match: "<current>"\\xa0`` stepped, ``If-None-Match: *\\xa0`` was a
+    304. Now a 422 naming ``If-Match`` with nothing done, and an ``If-None-Match`` member
+    that is no version, ignored (the parameters answered, torch's)."""
+    request, _ = CHANGES["patch_group"]
+    pair = Pair(http, 1)
+    pair.step()
+    etag, revision = pair.read()
+    nbsp = b"\xa0"
+    step = {"method": "POST", "url": f"{pair.url}/step", "json": {"grads": {
+        n: {"dtype": "float32", "shape": list(p.shape), "data": [0.5] * p.numel()}
+        for n, p in pair.named().items()}}}
+    for sent, tag in ((request(pair), b"*" + nbsp), (request(pair), etag.encode() + nbsp),
+                      (step, etag.encode() + nbsp), (step, nbsp + etag.encode())):
+        r = http.request(**{**sent, "headers": {"If-Match": tag}})
+        assert r.status_code == 422, (tag, r.text)
+        assert (r.json()["code"], r.json()["field"]) == ("invalid_base_version", "If-Match")
+    assert pair.read() == (etag, revision)
+    pair.same_as_torch()
+    r = http.get(f"{pair.url}/params", headers={"If-None-Match": b"*" + nbsp})
+    assert (r.status_code, r.headers["etag"]) == (200, etag), r.text
+    pair.same_params(r.json()["params"])
+    pair.step()
+    pair.same_as_torch()
