@@ -144,12 +144,12 @@ def test_a_no_break_space_is_no_list_whitespace(http: httpx.Client) -> None:
         for n, p in pair.named().items()}}}
     for sent, tag in ((request(pair), b"*" + nbsp), (request(pair), etag.encode() + nbsp),
                       (step, etag.encode() + nbsp), (step, nbsp + etag.encode())):
-        r = http.request(**{**sent, "headers": {"If-Match": tag}})
+        r = http.request(**{**sent, "headers": {b"If-Match": tag}})
         assert r.status_code == 422, (tag, r.text)
         assert (r.json()["code"], r.json()["field"]) == ("invalid_base_version", "If-Match")
     assert pair.read() == (etag, revision)
     pair.same_as_torch()
-    r = http.get(f"{pair.url}/params", headers={"If-None-Match": b"*" + nbsp})
+    r = http.get(f"{pair.url}/params", headers={b"If-None-Match": b"*" + nbsp})
     assert (r.status_code, r.headers["etag"]) == (200, etag), r.text
     pair.same_params(r.json()["params"])
     pair.step()
