@@ -5,7 +5,8 @@
   gets a 400 ``malformed_http`` problem with ``field`` ``Host``, and the connection is closed,
   as for the other requests the HTTP parser refuses (:mod:`app.api.malformed_http`). An
   HTTP/1.0 request may leave ``Host`` out; an empty ``Host`` is valid (a target without an
-  authority). uvicorn's httptools parser checks none of this; h11 refuses a missing or repeated
+  authority; the spaces or tabs around it are no part of it, RFC 9110 5.5). uvicorn's
+  httptools parser checks none of this; h11 refuses a missing or repeated
   ``Host`` itself (answered by :mod:`app.api.malformed_http` the same way).
 - ``CONNECT`` (RFC 9110 9.3.6): this server is no proxy and opens no tunnel: every CONNECT
   gets a 405 ``method_not_allowed`` (``field``: ``method``) with ``Allow`` naming the methods
