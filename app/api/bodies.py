@@ -231,6 +231,23 @@ async def _hold_json_objects(request: Request, buf: bytearray | memoryview) -> N
         body_memory.hold_now(request.scope, more)
 
 
+async def hold_decoded_as_json(request: Request, buf: bytearray) -> None:
+    """What a body read under a Content-Type that is not JSON (counted once per byte, as
+    safetensors) counts on top when it is decoded as JSON all the same (``PUT
+    .../state_dict?format=json`` with ``application/octet-stream``): what it would have counted
+    sent as JSON (:func:`_read_body`'s :data:`~app.api.body_memory.JSON_EXPANSION` times its
+    size and :func:`_hold_json_objects`'s structure bytes). Uncounted, a JSON text of 3.9 MB
+    of empty lists was decoded under OPTSERVE_MAX_BODIES_MB of 4 MiB (70 MB as JSON: a 413)."""
+    if _expansion(request) != 1 or len(buf) <= OFFLOAD_BYTES:
+        return  # (counted as JSON already, or too small to count, as a JSON body is)
+    # (a body of no announced size was counted past its first OFFLOAD_BYTES only)
+    counted = len(buf) if request.headers.get("content-length") else len(buf) - OFFLOAD_BYTES
+    body_memory.hold_now(request.scope, counted * (body_memory.JSON_EXPANSION - 1))
+    more = await anyio.to_thread.run_sync(_structure_bytes, buf)
+    if more:
+        body_memory.hold_now(request.scope, more)
+
+
 def _json_type(ctype: str) -> bool:
     """A media type (lower case, no parameters) read as JSON."""
     return ctype in (JSON, "application/problem+json", "text/json") or ctype.endswith("+json")

@@ -102,7 +102,9 @@ def legacy_fingerprint(request: Request, body: bytes | bytearray | memoryview = 
     """The fingerprint servers before :func:`step_fingerprint` kept for an HTTP step (method,
     path, query, the headers that matter, :func:`body_digest`): the one its records and
     snapshots hold, so that its retry after an upgrade is still answered."""
-    headers = ";".join(f"{h}={request.headers.get(h, '')}" for h in _MEANINGFUL)
+    # (a header on several lines counts whole, as its lines combine: If-Match "4" and "5" on
+    # two lines is If-Match: "4", "5"; one line reads as it did)
+    headers = ";".join(f"{h}={', '.join(request.headers.getlist(h))}" for h in _MEANINGFUL)
     return (f"{request.method} {request.url.path}?{request.url.query} {headers} "
             f"{body_digest(body)}")
 
@@ -126,9 +128,14 @@ def body_digest(body: bytes | bytearray | memoryview) -> str:
     return f"{n}:{checksum:08x}"
 
 
+#: the whitespace around a list member (RFC 9110 OWS: SP and HTAB; not ``str.strip``'s, which
+#: took a no-break space, ``\xa0`` as a header's latin-1 text reads it, around ``*`` or a tag)
+_OWS = " \t"
+
+
 def _tag_version(tag: str) -> int | None:
     """``"5"``, ``W/"5"`` or a bare ``5`` to 5; anything else to None."""
-    tag = tag.strip()
+    tag = tag.strip(_OWS)
     if tag.startswith("W/"):
         tag = tag[2:]
     if len(tag) >= 2 and tag[0] == tag[-1] == '"':
@@ -143,7 +150,7 @@ def none_match_versions(request: Request) -> frozenset[int]:
     header = ", ".join(request.headers.getlist("if-none-match"))  # (a list: lines combine)
     if not header:
         return frozenset()
-    if header.strip() == "*":
+    if header.strip(_OWS) == "*":
         return EVERY_VERSION
     found = (_tag_version(t) for t in header.split(","))
     return frozenset(v for v in found if v is not None)
@@ -193,14 +200,14 @@ def strict_match(request: Request, query_version: int | None = None) -> Expected
         return None if query_version is None else Expected(query_version,
                                                            version_field=field)
     header = ", ".join(lines)
-    if header.strip() == "*":
+    if header.strip(_OWS) == "*":
         if query_version is not None:
             raise Invalid(f"?base_version={query_version} and If-Match: * disagree (send one)",
                           code="invalid_base_version", field="base_version")
         return None
     strong, weak = _match_list(header)
     if query_version is not None:
-        if weak or strong != [query_version]:
+        if weak or set(strong) != {query_version}:  # ("5", "5" names 5 alone too)
             raise Invalid(f"?base_version={query_version} and If-Match {header!r:.40} disagree",
                           code="invalid_base_version", field="base_version")
         return Expected(query_version, version_field=field)
@@ -209,13 +216,25 @@ def strict_match(request: Request, query_version: int | None = None) -> Expected
                     others=distinct[1:], weak=weak)
 
 
+#: an empty list element (RFC 9110 5.6.1.2: ``"4",,"5"``, a leading or trailing comma, a
+#: header line left empty beside another), which a recipient ignores
+_EMPTY_MEMBER = re.compile(r"[ \t]*,")
+_BLANK = re.compile(r"[ \t]*")
+
+
 def _match_list(header: str) -> tuple[list[int], bool]:
-    """An ``If-Match`` list's strong versions (in order) and whether it had a weak tag; a 422
-    ``invalid_base_version`` naming ``If-Match`` when a member is no version."""
+    """An ``If-Match`` list's strong versions (in order) and whether it had a weak tag; empty
+    elements ignored (RFC 9110 5.6.1.2: ``"4",,"5"``, ``"4", ``; ``If-None-Match`` ignored
+    them already); a 422 ``invalid_base_version`` naming ``If-Match`` when a member is no
+    version, or when the list has no member at all (``,``)."""
     strong: list[int] = []
     weak = False
     pos, end = 0, len(header)
     while True:
+        while (empty := _EMPTY_MEMBER.match(header, pos)) is not None:
+            pos = empty.end()
+        if (strong or weak) and _BLANK.fullmatch(header, pos) is not None:
+            return strong, weak  # (only empty elements, or whitespace, after the last one)
         found = _MEMBER.match(header, pos)
         text = None if found is None else (found.group(2) if found.group(3) is None
                                            else found.group(3))

@@ -392,7 +392,10 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                     self._grow_head(len(url), 0)
 
                 def on_header(self, name: bytes, value: bytes) -> None:
-                    super().on_header(name, value)
+                    # a field value without the whitespace after it (RFC 9110 5.5: no part of
+                    # it; llhttp leaves it in, h11 strips it): "Host: a " was a 400, and
+                    # "If-None-Match: * " on a create, "Idempotency-Key: k " 422s
+                    super().on_header(name, value.rstrip(b" \t"))
                     self._grow_head(len(name) + len(value) + 4, 1)  # name: value CRLF
 
                 def _grow_head(self, size: int, lines: int) -> None:

@@ -5,7 +5,8 @@
   gets a 400 ``malformed_http`` problem with ``field`` ``Host``, and the connection is closed,
   as for the other requests the HTTP parser refuses (:mod:`app.api.malformed_http`). An
   HTTP/1.0 request may leave ``Host`` out; an empty ``Host`` is valid (a target without an
-  authority). uvicorn's httptools parser checks none of this; h11 refuses a missing or repeated
+  authority; the spaces or tabs around it are no part of it, RFC 9110 5.5). uvicorn's
+  httptools parser checks none of this; h11 refuses a missing or repeated
   ``Host`` itself (answered by :mod:`app.api.malformed_http` the same way).
 - ``CONNECT`` (RFC 9110 9.3.6): this server is no proxy and opens no tunnel: every CONNECT
   gets a 405 ``method_not_allowed`` (``field``: ``method``) with ``Allow`` naming the methods
@@ -49,7 +50,9 @@ def host_problem(scope: Scope) -> str | None:
     if not hosts:
         # (HTTP/1.0 may leave it out; an ASGI server of HTTP/2 or 3 makes it of :authority)
         return "no Host header" if scope.get("http_version", "1.1") == "1.1" else None
-    if _HOST.fullmatch(hosts[0]) is None:
+    # (a field value's surrounding whitespace is no part of it, RFC 9110 5.5: h11 strips it,
+    # httptools leaves the trailing one in, so "Host: example.com " was a 400)
+    if _HOST.fullmatch(hosts[0].strip(b" \t")) is None:
         return f"the Host header {hosts[0].decode('latin-1')!r:.120} is not host[:port]"
     return None
 

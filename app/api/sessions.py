@@ -21,6 +21,7 @@ from app.api.bodies import (
     answer_in_place,
     body_kind,
     check_accept,
+    hold_decoded_as_json,
     json_object,
     json_response,
     negotiate,
@@ -468,6 +469,8 @@ async def import_state(
     elif fmt == "safetensors":
         state = await offload(lambda: parse.state_from_safetensors(buf), len(buf))
     else:
+        if kind == "binary":  # (?format=json: a JSON text, however its Content-Type reads)
+            await hold_decoded_as_json(request, buf)
         state = await offload(lambda: parse.state_from_json(buf), len(buf))
     info = await engine.import_state(session_id, state, tenant=tenant, idem=idem,
                                      expected=expected)

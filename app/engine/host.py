@@ -862,7 +862,9 @@ class EmbeddedHost:
             if expected is not None:
                 raise PreconditionFailed(
                     f"session {split_key(key)[1]!r:.140} could not be read at start, so it is "
-                    "at no version; delete it without a precondition", field="base_version")
+                    "at no version; delete it without a precondition",
+                    field=(expected.version_field if expected.versions is not None
+                           else "base_revision"))  # (what the request sent: If-Match too)
             return
         s = self._get(key)
         if expected is not None:

@@ -89,10 +89,15 @@ def test_a_conditional_delete_of_a_damaged_session_is_refused(
                 m.setattr(torch.optim.SGD, "step", half_way)
                 with pytest.raises(Unavailable):
                     await eng.step("d", {"p": torch.ones(3)}, return_params=False)
-            for expected in (Expected(0, None), Expected(None, 0), Expected(1, 1)):
+            for expected, field in ((Expected(0, None), "base_version"),
+                                    (Expected(None, 0), "base_revision"),
+                                    (Expected(1, 1), "base_version"),
+                                    (Expected(1, None, "If-Match", others=(2,)), "If-Match"),
+                                    (Expected(None, None, "If-Match", weak=True), "If-Match")):
                 with pytest.raises(PreconditionFailed) as refused:
                     await eng.delete("d", expected=expected)
                 assert "at no version" in refused.value.detail
+                assert refused.value.field == field  # (what the request sent)
             with pytest.raises(Unavailable):  # (still there, still out of service)
                 await eng.describe("d")
             assert not await eng.delete("d")

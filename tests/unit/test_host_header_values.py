@@ -18,6 +18,8 @@ def scope(version: str, *hosts: bytes) -> dict[str, object]:
     b"localhost", b"localhost:8000", b"127.0.0.1", b"127.0.0.1:80", b"[::1]", b"[::1]:8000",
     b"[v1.fe80::a+en1]", b"optserve.example.com", b"a-b_c~d.example",
     b"xn--bcher-kva.example:443", b"%41", b"a,b", b"", b"host:",
+    # (the whitespace around a field value is no part of it: httptools leaves a trailing one)
+    b"localhost ", b"[::1]:8000\t", b" \t127.0.0.1 \t",
 ])
 def test_valid_hosts(host: bytes) -> None:
     assert host_problem(scope("1.1", host)) is None
