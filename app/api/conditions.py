@@ -268,4 +268,6 @@ def check_read(expected: Expected | None, version: int, revision: int | None = N
 
 def worker_id(request: Request) -> str | None:
     value = one_header(request, WORKER_HEADER, "X-Optserve-Worker")
-    return value.strip() if value is not None else None
+    # (only SP/HTAB surround a header value, RFC 9110 5.5: str.strip() also took a no-break
+    # space, so "w\xa0" pushed as worker "w")
+    return value.strip(_OWS) if value is not None else None

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import struct
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -584,6 +585,37 @@ def test_a_sync_push_entry_for_a_group_the_session_lacks_is_422(http: httpx.Clie
     r = http.post(url, json={"grads": grads, "param_groups": {"0": {"lr": 0.5}}},
                   headers={"X-Optserve-Worker": "a"})
     assert_problem(r, 422, "invalid_body", "param_groups")
+
+
+def test_a_worker_id_with_a_no_break_space_is_no_other_workers_id(http: httpx.Client) -> None:
+    """Only spaces and tabs surround a header value: ``X-Optserve-Worker: a<NBSP>`` was taken
+    as worker ``a`` (``str.strip`` takes a no-break space too), so it pushed into ``a``'s
+    place in the round. It is a 422 ``invalid_worker`` naming the header, the round holds no
+    push, and the round then takes ``a`` and ``b`` as ever."""
+    sid = new_session(http, sync={"workers": 2, "timeout_s": 30})
+    before = snapshot(http, sid)
+    url = f"/v1/sessions/{sid}/step"
+    grads = {n: jt(t) for n, t in G1.items()}
+    r = http.post(url, json={"grads": grads}, headers={"X-Optserve-Worker": b"a\xa0"})
+    assert_problem(r, 422, "invalid_worker", "X-Optserve-Worker")
+    assert http.get(f"/v1/sessions/{sid}").json()["sync"]["pending"] == []
+    after = snapshot(http, sid)
+    assert (after.describe, after.params, after.state_dict) == (
+        before.describe, before.params, before.state_dict)
+    answers: list[httpx.Response] = []
+    with httpx.Client(base_url=http.base_url, timeout=60) as other:
+        first = threading.Thread(target=lambda: answers.append(other.post(
+            url, json={"grads": grads}, headers={"X-Optserve-Worker": "a"})))
+        first.start()
+        deadline = time.monotonic() + 30
+        while http.get(f"/v1/sessions/{sid}").json()["sync"]["pending"] != ["a"]:
+            assert time.monotonic() < deadline, "worker a's push never joined the round"
+            time.sleep(0.02)
+        second = http.post(url, json={"grads": grads}, headers={"X-Optserve-Worker": "b"})
+        first.join(60)
+    assert second.status_code == 200, second.text
+    assert [r.status_code for r in answers] == [200], answers
+    assert second.json()["version"] == before.describe["version"] + 1
 
 
 # --------------------------------------------------------------------------- other session routes
