@@ -20,7 +20,7 @@ from app.engine import optimizers, option_values
 from app.errors import Invalid, shown
 from app.wire.dtypes import DTYPE_NAMES, TORCH_DTYPES
 from app.wire.integers import INT64, int_text
-from app.wire.tree import nodes_once, tree_to_json
+from app.wire.tree import int_outside, nodes_once, tree_to_json
 
 if TYPE_CHECKING:
     from app.engine.session import Session
@@ -357,28 +357,7 @@ def _unwritable_somewhere(state: object) -> bool:
 
 
 def _unwritable_under(tree: object, bounds: tuple[int, int]) -> bool:
-    low, high = bounds
-    stack: list[Any] = [tree]
-    seen: set[int] = set()
-    while stack:
-        node = stack.pop()
-        if type(node) is int:
-            if not low <= node <= high:
-                return True
-        elif isinstance(node, (dict, list, tuple)):
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            if isinstance(node, dict):
-                for k in node:  # (a loop, not any(): a generator per dict cost 2 us)
-                    if type(k) is int and not INT64[0] <= k <= INT64[1]:
-                        return True
-                stack.extend(node.values())
-            else:
-                stack.extend(node)
-        elif isinstance(node, torch.Tensor) and _unwritable_tensor(node):
-            return True
-    return False
+    return int_outside(tree, *bounds, keys=INT64, odd=(torch.Tensor, _unwritable_tensor))
 
 
 def refuse_unknown_keys(state: dict[Any, Any]) -> None:

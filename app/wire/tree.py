@@ -62,9 +62,12 @@ def _children(node: dict[Any, Any] | list[Any] | tuple[Any, ...], at: TreePath
         yield v, at.child(k)
 
 
-def int_outside(tree: Any, low: int, high: int) -> bool:
-    """Whether ``tree`` holds an int (values only) outside ``low..high``: the quick test before
-    :func:`nodes_once`'s walk names one (no paths made; each dict, list or tuple once)."""
+def int_outside(tree: Any, low: int, high: int, *, keys: tuple[int, int] | None = None,
+                odd: tuple[type, Callable[[Any], bool]] | None = None) -> bool:
+    """Whether ``tree`` holds an int value outside ``low..high`` (with ``keys``, or an int
+    dict key outside those bounds; with ``odd`` = ``(kind, test)``, or a node of that kind that
+    ``test`` refuses): the quick test before :func:`nodes_once`'s walk names one (no paths
+    made; each dict, list or tuple once)."""
     stack: list[Any] = [tree]
     seen: set[int] = set()
     while stack:
@@ -72,9 +75,20 @@ def int_outside(tree: Any, low: int, high: int) -> bool:
         if type(node) is int:
             if not low <= node <= high:
                 return True
-        elif isinstance(node, (dict, list, tuple)) and id(node) not in seen:
+        elif isinstance(node, (dict, list, tuple)):
+            if id(node) in seen:
+                continue
             seen.add(id(node))
-            stack.extend(node.values() if isinstance(node, dict) else node)
+            if not isinstance(node, dict):
+                stack.extend(node)
+                continue
+            if keys is not None:
+                for k in node:  # (a loop, not any(): a generator per dict cost 2 us)
+                    if type(k) is int and not keys[0] <= k <= keys[1]:
+                        return True
+            stack.extend(node.values())
+        elif odd is not None and isinstance(node, odd[0]) and odd[1](node):
+            return True
     return False
 
 

@@ -310,30 +310,14 @@ def test_a_json_body_of_many_small_tensors_counts_each_object() -> None:
         assert 300_000 < len(body) and 18 * len(body) < bound
         objects = body.count(b"{")
         assert objects * body_memory.JSON_OBJECT_BYTES > bound
-        structure = _structure(body)
-        r = httpx.post(f"{url}/v1/sessions/{info.id}/step", content=body,
-                       headers={"Content-Type": "application/json"}, timeout=60)
-        assert r.status_code == 413, r.text
-        problem = r.json()
-        assert problem["code"] == "payload_too_large" and problem["limit"] == bound
-        assert problem["needed_bytes"] == structure
-        assert version(url, info.id) == 0
-        wait_for(lambda: gauge(url, "optserve_request_body_bytes") == 0, "the body given back")
+        assert _refused_whole(url, info.id, body, bound) == _structure(body)
         # a JSON body as large of one tensor (three objects) fits: stepped, equal to torch
         m = 20_000
         w0 = torch.randn(m, generator=torch.Generator().manual_seed(1))
         with optserve.Client(url, transport="http") as client:
             one = client.create_session("Adam", {"w": w0}, options=OPTIONS,
                                         durability="memory").id
-        gw = grads(4)[:m]
-        body = orjson.dumps({"grads": {"w": json_tensor(gw)}})
-        assert len(body) > 300_000 and 18 * len(body) + _structure(body) < bound
-        r = httpx.post(f"{url}/v1/sessions/{one}/step", content=body,
-                       headers={"Content-Type": "application/json"}, timeout=60)
-        assert r.status_code == 200, r.text
-        ref = Reference(torch.optim.Adam, [({"w": w0}, {})], OPTIONS)
-        ref.step({"w": gw})
-        assert_tensors_equal(params_of(r.json()), ref.params, "the one-tensor JSON step")
+        _json_step_as_torch(url, one, w0, grads(4)[:m], bound)
 
 
 def _structure(body: bytes) -> int:
@@ -359,24 +343,37 @@ def test_a_json_body_of_empty_lists_counts_each_list() -> None:
         body = (b'{"grads":{"w":{"dtype":"float32","shape":[%d],"data":[' % m
                 + b",".join([b"[[]]"] * lists) + b"]}}}")
         assert 18 * len(body) < bound < 18 * len(body) + _structure(body)
-        r = httpx.post(f"{url}/v1/sessions/{sid}/step", content=body,
-                       headers={"Content-Type": "application/json"}, timeout=60)
-        assert r.status_code == 413, r.text
-        problem = r.json()
-        assert problem["code"] == "payload_too_large" and problem["limit"] == bound
-        assert problem["needed_bytes"] == _structure(body)
         assert body.count(b"[") == 2 * lists + 2
-        assert version(url, sid) == 0
-        wait_for(lambda: gauge(url, "optserve_request_body_bytes") == 0, "the body given back")
-        gw = grads(5)[:m]
-        body = orjson.dumps({"grads": {"w": json_tensor(gw)}})
-        assert len(body) > 300_000 and 18 * len(body) + _structure(body) < bound
-        r = httpx.post(f"{url}/v1/sessions/{sid}/step", content=body,
-                       headers={"Content-Type": "application/json"}, timeout=60)
-        assert r.status_code == 200, r.text
-        ref = Reference(torch.optim.Adam, [({"w": w0}, {})], OPTIONS)
-        ref.step({"w": gw})
-        assert_tensors_equal(params_of(r.json()), ref.params, "the JSON step beside it")
+        assert _refused_whole(url, sid, body, bound) == _structure(body)
+        _json_step_as_torch(url, sid, w0, grads(5)[:m], bound)
+
+
+def _refused_whole(url: str, sid: str, body: bytes, bound: int) -> int:
+    """``body`` stepped as JSON is a 413 ``payload_too_large`` against ``bound``, nothing
+    applied and every byte given back; the bytes it said the body needs."""
+    r = httpx.post(f"{url}/v1/sessions/{sid}/step", content=body,
+                   headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413, r.text
+    problem = r.json()
+    assert problem["code"] == "payload_too_large" and problem["limit"] == bound
+    assert version(url, sid) == 0
+    wait_for(lambda: gauge(url, "optserve_request_body_bytes") == 0, "the body given back")
+    needed: int = problem["needed_bytes"]
+    return needed
+
+
+def _json_step_as_torch(url: str, sid: str, w0: torch.Tensor, grad: torch.Tensor,
+                        bound: int) -> None:
+    """A JSON body of one large tensor (above 300 KB, within ``bound`` as counted) steps the
+    one-tensor Adam session ``sid`` (created from ``w0``) as torch does."""
+    body = orjson.dumps({"grads": {"w": json_tensor(grad)}})
+    assert len(body) > 300_000 and 18 * len(body) + _structure(body) < bound
+    r = httpx.post(f"{url}/v1/sessions/{sid}/step", content=body,
+                   headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 200, r.text
+    ref = Reference(torch.optim.Adam, [({"w": w0}, {})], OPTIONS)
+    ref.step({"w": grad})
+    assert_tensors_equal(params_of(r.json()), ref.params, "the one-tensor JSON step")
 
 
 def _deflated(obj: object) -> bytes:

@@ -158,16 +158,7 @@ def test_refused_for_its_host_nothing_is_done(server: str) -> None:
             status, _, problem = only_answer(server,
                                              _post(f"/v1/sessions/{sid}/step", step, hosts))
             assert_host_refused(status, problem, "Host")
-        r = http.post(f"/v1/sessions/{sid}/step", json=step)
-        assert r.status_code == 200, r.text
-        # the server's parameters are torch.optim's after exactly one step
-        w = P0.clone().requires_grad_(True)
-        opt = torch.optim.SGD([w], lr=LR)
-        w.grad = GRAD.clone()
-        opt.step()
-        assert torch.equal(_params(http, sid), w.detach())
-        assert http.get(f"/v1/sessions/{sid}").json()["step"] == 1
-        assert http.delete(f"/v1/sessions/{sid}").status_code in (200, 204)
+        _steps_once_as_torch(http, sid, step)
 
 
 @pytest.mark.parametrize(("head", "allow"), [
@@ -210,12 +201,18 @@ def test_the_whitespace_after_a_header_value_is_no_part_of_it(server: str) -> No
         assert answers[0][1].get("idempotent-replayed") == replayed, answers[0][1]
     with httpx.Client(base_url=server) as http:
         step = {"grads": {"w": {"dtype": "float32", "shape": [3], "data": GRAD.tolist()}}}
-        r = http.post(f"/v1/sessions/{sid}/step", json=step)
-        assert r.status_code == 200, r.text
-        w = P0.clone().requires_grad_(True)
-        opt = torch.optim.SGD([w], lr=LR)
-        w.grad = GRAD.clone()
-        opt.step()
-        assert torch.equal(_params(http, sid), w.detach())
-        assert http.get(f"/v1/sessions/{sid}").json()["step"] == 1
-        assert http.delete(f"/v1/sessions/{sid}").status_code in (200, 204)
+        _steps_once_as_torch(http, sid, step)
+
+
+def _steps_once_as_torch(http: httpx.Client, sid: str, step: dict[str, object]) -> None:
+    """``step`` steps the SGD session ``sid`` (made from ``P0``): its parameters are then
+    torch.optim's after exactly one step (nothing refused before it was applied); deleted."""
+    r = http.post(f"/v1/sessions/{sid}/step", json=step)
+    assert r.status_code == 200, r.text
+    w = P0.clone().requires_grad_(True)
+    opt = torch.optim.SGD([w], lr=LR)
+    w.grad = GRAD.clone()
+    opt.step()
+    assert torch.equal(_params(http, sid), w.detach())
+    assert http.get(f"/v1/sessions/{sid}").json()["step"] == 1
+    assert http.delete(f"/v1/sessions/{sid}").status_code in (200, 204)
