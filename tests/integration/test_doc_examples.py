@@ -1,7 +1,7 @@
 """The documentation's runnable examples, run as written against a live server, their results
 compared with in-process torch and with what the text says they print: the README's curl
-quickstart and row-sparse example (through bash and curl), the JavaScript client's README example (through node), the
-Python SDK README's client example and the parameter-server example
+quickstart and row-sparse example (through bash and curl), the JavaScript client's README
+example (through node), the Python SDK README's client example and the parameter-server example
 (``python -m examples.parameter_server``). (The README's Python quickstart has its own module,
 test_readme.py; the curl scripts of clients/curl run under scripts/test-clients.)"""
 
