@@ -225,7 +225,7 @@ def test_readme_embedding_curl_example_runs_as_written(live_server: str, tmp_pat
     opt = torch.optim.SparseAdam([table], lr=0.01)
     table.grad = torch.sparse_coo_tensor(torch.tensor([[3, 17, 3]]),
                                          torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
-                                         (20, 2))
+                                         (20, 2), check_invariants=True)
     opt.step()
     want = table.detach()[[3, 17]]
     for answer in (stepped, pulled):
@@ -234,3 +234,27 @@ def test_readme_embedding_curl_example_runs_as_written(live_server: str, tmp_pat
         assert torch.equal(f32(rows["values"]["data"]).reshape(2, 2), want), answer
     assert (stepped["version"], pulled["version"]) == (1, 1)
     assert httpx.delete(f"{live_server}/v1/sessions/{sid}").status_code == 204
+
+
+def test_js_readme_names_every_option_each_call_takes() -> None:
+    """clients/js/README.md says a call's options take "the names the table gives it and no
+    other": each option ``optserve.js`` takes (its ``optionsOf`` list) is in the call's row of
+    that table, and the table names none the call refuses (``idempotencyKey``, which every
+    mutating call takes, is stated once under the table)."""
+    source = (ROOT / "clients" / "js" / "optserve.js").read_text()
+    readme = (ROOT / "clients" / "js" / "README.md").read_text()
+    table = [line for line in readme.splitlines() if line.startswith("| `")]
+    checked = 0
+    for names, call in re.findall(r'optionsOf\(callOptions, \[([^\]]*)\], "(\w+)"\)', source):
+        takes = set(re.findall(r'"(\w+)"', names)) - {"idempotencyKey"}
+        rows = [m for line in table for m in re.findall(rf"`{call}\(([^`]*)\)`", line)]
+        if not rows:
+            continue  # (not a method of the table: the constructor, codec helpers)
+        documented: set[str] = set()
+        for args in rows:
+            last = re.search(r"\{([^{}]*)\}\)?$", args)
+            if last and not last.group(1).startswith(("loss", "emb")):
+                documented |= {a.strip().split(":")[0] for a in last.group(1).split(",")}
+        assert takes == documented - {""}, (call, sorted(takes), sorted(documented))
+        checked += 1
+    assert checked >= 15, checked
