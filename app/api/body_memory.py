@@ -177,13 +177,18 @@ def _never_fits(memory: BodyMemory, n: int) -> PayloadTooLarge:
 
 
 def _counting(scope: Scope, n: int) -> BodyMemory | None:
-    """The bound ``n`` bytes of the request of ``scope`` count against (None: no bound, or
-    nothing to count); 413 ``payload_too_large`` when they could never fit."""
+    """The bound ``n`` bytes more of the request of ``scope`` count against (None: no bound,
+    or nothing to count); 413 ``payload_too_large`` when they could never fit with what the
+    request holds already (a JSON body's structure bytes on top of its expansion, a
+    safetensors header's parse on top of its body, a chunked body's later pieces: each
+    within the bound alone, past it together, was a 503 ``server_bodies_full`` that no
+    retry could pass)."""
     memory = memory_of(scope)
     if memory is None or n <= 0:
         return None
-    if n > memory.limit:
-        raise _never_fits(memory, n)
+    total = scope.get(TAKEN, 0) + n
+    if total > memory.limit:
+        raise _never_fits(memory, total)
     return memory
 
 

@@ -260,7 +260,7 @@ def test_what_decoding_may_take_counts_a_json_body_18_times_and_a_header_32_time
     r = httpx.post(f"{url}/v1/sessions/{sid}/step", content=big,
                    headers={"Content-Type": "application/octet-stream"}, timeout=30)
     assert r.status_code == 413, r.text
-    assert r.json()["needed_bytes"] == 32 * 72 * 1024
+    assert r.json()["needed_bytes"] == len(big) + 32 * 72 * 1024
     # one of 16 KiB fits (512 KiB counted with its 800 KB body)...
     body = padded_body(grads(6), 16 * 1024)
     r = httpx.post(f"{url}/v1/sessions/{sid}/step", content=body,
@@ -310,7 +310,7 @@ def test_a_json_body_of_many_small_tensors_counts_each_object() -> None:
         assert 300_000 < len(body) and 18 * len(body) < bound
         objects = body.count(b"{")
         assert objects * body_memory.JSON_OBJECT_BYTES > bound
-        assert _refused_whole(url, info.id, body, bound) == _structure(body)
+        assert _refused_whole(url, info.id, body, bound) == 18 * len(body) + _structure(body)
         # a JSON body as large of one tensor (three objects) fits: stepped, equal to torch
         m = 20_000
         w0 = torch.randn(m, generator=torch.Generator().manual_seed(1))
@@ -344,8 +344,31 @@ def test_a_json_body_of_empty_lists_counts_each_list() -> None:
                 + b",".join([b"[[]]"] * lists) + b"]}}}")
         assert 18 * len(body) < bound < 18 * len(body) + _structure(body)
         assert body.count(b"[") == 2 * lists + 2
-        assert _refused_whole(url, sid, body, bound) == _structure(body)
+        assert _refused_whole(url, sid, body, bound) == 18 * len(body) + _structure(body)
         _json_step_as_torch(url, sid, w0, grads(5)[:m], bound)
+
+
+def test_a_json_body_that_fits_by_parts_but_not_in_all_is_a_413() -> None:
+    """A JSON body whose 18 times its size fits the bound, and whose lists' count fits it too,
+    but not both together, can never be decoded here: a 413 naming all it needs (it was a 503
+    ``server_bodies_full``, which the SDKs retry, each retry refused the same), nothing
+    applied, and no bytes left held; a body of numbers as large steps, equal to torch."""
+    bound = 8 << 20
+    live = LiveServer(_test_settings(max_body_mb=1.5, max_bodies_mb=bound >> 20,
+                                     body_timeout_s=TIMEOUT_S))
+    with live.serving() as url:
+        m = 20_000
+        w0 = torch.randn(m, generator=torch.Generator().manual_seed(3))
+        with optserve.Client(url, transport="http") as client:
+            sid = client.create_session("Adam", {"w": w0}, options=OPTIONS,
+                                        durability="memory").id
+        body = (b'{"grads":{"w":{"dtype":"float32","shape":[%d],"data":[' % m
+                + b",".join([b"[[]]"] * 60_000) + b"]}}}")
+        needed = 18 * len(body) + _structure(body)
+        assert len(body) > 256 * 1024 and 18 * len(body) < bound
+        assert _structure(body) < bound < needed
+        assert _refused_whole(url, sid, body, bound) == needed
+        _json_step_as_torch(url, sid, w0, grads(6)[:m], bound)
 
 
 def _refused_whole(url: str, sid: str, body: bytes, bound: int) -> int:

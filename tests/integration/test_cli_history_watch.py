@@ -181,3 +181,19 @@ def test_history_to_a_path_it_cannot_write_is_a_usage_error(live_server: str,
     assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(tmp_path / "out") == []
     ok(cli("history", sid, "-o", str(tmp_path / "out" / "run.csv"), url=live_server))
     assert sorted(os.listdir(tmp_path / "out")) == ["run.csv"]
+
+
+def test_history_fields_naming_no_field_is_a_usage_error(live_server: str,
+                                                         client: optserve.Client) -> None:
+    """``--fields ""`` or ``--fields ,`` names no field: exit 2 before anything is asked of the
+    server, as the server refuses ``?fields=`` naming none and the SDK ``fields=[]`` (it
+    exported every field, and ``,`` ended in a traceback); an empty piece beside a name is
+    only a separator."""
+    sid, _ = stepped(client, steps=2)
+    for fields in ("", ",", ",,"):
+        p = cli("history", sid, "--fields", fields, url=live_server)
+        assert p.returncode == 2, (fields, p.returncode, err(p))
+        assert "names no field" in err(p) and "Traceback" not in err(p), err(p)
+        assert out(p) == ""
+    p = ok(cli("history", sid, "--fields", "step,,lr,", url=live_server))
+    assert out(p).splitlines()[0] == "n,step,lr.0,lr.1"

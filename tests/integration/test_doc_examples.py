@@ -1,7 +1,7 @@
 """The documentation's runnable examples, run as written against a live server, their results
 compared with in-process torch and with what the text says they print: the README's curl
-quickstart (through bash and curl), the JavaScript client's README example (through node), the
-Python SDK README's client example and the parameter-server example
+quickstart and row-sparse example (through bash and curl), the JavaScript client's README
+example (through node), the Python SDK README's client example and the parameter-server example
 (``python -m examples.parameter_server``). (The README's Python quickstart has its own module,
 test_readme.py; the curl scripts of clients/curl run under scripts/test-clients.)"""
 
@@ -205,3 +205,56 @@ def test_parameter_server_example_runs_and_trains_as_full_batch_adam(live_server
     assert abs(float(first.group(1)) - losses[0]) <= 6e-5, (first.group(1), losses[0])
     assert abs(float(late.group(1)) - final) <= 6e-5, (late.group(1), final)
     assert final < losses[0]
+
+
+def test_readme_embedding_curl_example_runs_as_written(live_server: str, tmp_path: Path) -> None:
+    """The README's row-sparse example: it makes its table (a new user has no ``emb``
+    session), pushes a gradient of rows 3, 17, 3 and pulls rows 3 and 17: the touched rows
+    answered and pulled are torch's SparseAdam's on the same sparse gradient."""
+    code = block(ROOT / "README.md", "## Embedding tables", "bash")
+    sid = f"emb-{uuid.uuid4().hex[:8]}"  # the live server is shared: an id of its own
+    assert code.count('"id": "emb"') == 1 and code.count("sessions/emb/") == 2
+    script = (f"B={live_server}\n" + code.replace('"id": "emb"', f'"id": "{sid}"')
+              .replace("sessions/emb/", f"sessions/{sid}/"))
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    created, stepped, pulled = json_values(run.stdout)
+    assert created["id"] == sid and created["optimizer"] == "SparseAdam", created
+    table = torch.nn.Parameter(torch.zeros(20, 2))
+    opt = torch.optim.SparseAdam([table], lr=0.01)
+    table.grad = torch.sparse_coo_tensor(torch.tensor([[3, 17, 3]]),
+                                         torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
+                                         (20, 2), check_invariants=True)
+    opt.step()
+    want = table.detach()[[3, 17]]
+    for answer in (stepped, pulled):
+        rows = answer["params"]["emb"]
+        assert rows["indices"] == [3, 17] and rows["shape"] == [20, 2], answer
+        assert torch.equal(f32(rows["values"]["data"]).reshape(2, 2), want), answer
+    assert (stepped["version"], pulled["version"]) == (1, 1)
+    assert httpx.delete(f"{live_server}/v1/sessions/{sid}").status_code == 204
+
+
+def test_js_readme_names_every_option_each_call_takes() -> None:
+    """clients/js/README.md says a call's options take "the names the table gives it and no
+    other": each option ``optserve.js`` takes (its ``optionsOf`` list) is in the call's row of
+    that table, and the table names none the call refuses (``idempotencyKey``, which every
+    mutating call takes, is stated once under the table)."""
+    source = (ROOT / "clients" / "js" / "optserve.js").read_text()
+    readme = (ROOT / "clients" / "js" / "README.md").read_text()
+    table = [line for line in readme.splitlines() if line.startswith("| `")]
+    checked = 0
+    for names, call in re.findall(r'optionsOf\(callOptions, \[([^\]]*)\], "(\w+)"\)', source):
+        takes = set(re.findall(r'"(\w+)"', names)) - {"idempotencyKey"}
+        rows = [m for line in table for m in re.findall(rf"`{call}\(([^`]*)\)`", line)]
+        if not rows:
+            continue  # (not a method of the table: the constructor, codec helpers)
+        documented: set[str] = set()
+        for args in rows:
+            last = re.search(r"\{([^{}]*)\}\)?$", args)
+            if last and not last.group(1).startswith(("loss", "emb")):
+                documented |= {a.strip().split(":")[0] for a in last.group(1).split(",")}
+        assert takes == documented - {""}, (call, sorted(takes), sorted(documented))
+        checked += 1
+    assert checked >= 15, checked

@@ -66,3 +66,34 @@ def test_an_lbfgs_steps_refused_if_match_names_it(app_client: TestClient) -> Non
     r = c.post("/v1/sessions/if-match-lbfgs/step", headers={"If-Match": '"9"'})
     assert r.status_code == 422, r.text
     assert (r.json()["code"], r.json()["field"]) == ("invalid_base_version", "If-Match")
+
+
+def test_a_steps_if_match_names_one_version(app_client: TestClient) -> None:
+    """A step's ``If-Match`` is its base version, not a precondition (docs/protocol.md,
+    "Request headers"): ``*`` or a list names no one version, a 422 ``invalid_base_version``
+    naming ``If-Match``, and the header on two lines a 400 ``bad_request`` naming it, nothing
+    applied, where the strict preconditions take all three; ``W/"1"`` is version 1 there and
+    steps as torch does."""
+    c = app_client
+    sid = "if-match-one-version"
+    session(c, sid)
+    body = {"grads": {"w": vector([0.25, -0.5])}}
+    assert c.post(f"/v1/sessions/{sid}/step", json=body).status_code == 200
+    before = c.get(f"/v1/sessions/{sid}/params").json()
+    for headers, status, code in (([("If-Match", "*")], 422, "invalid_base_version"),
+                                  ([("If-Match", '"1", "0"')], 422, "invalid_base_version"),
+                                  ([("If-Match", '"1"'), ("If-Match", '"0"')], 400,
+                                   "bad_request")):
+        r = c.post(f"/v1/sessions/{sid}/step", json=body, headers=headers)
+        assert r.status_code == status, (headers, r.text)
+        assert (r.json()["code"], r.json()["field"]) == (code, "If-Match")
+        assert c.get(f"/v1/sessions/{sid}/params").json() == before
+    r = c.post(f"/v1/sessions/{sid}/step", json=body, headers={"If-Match": 'W/"1"'})
+    assert r.status_code == 200, r.text
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.5)
+    for _ in range(2):
+        w.grad = torch.tensor([0.25, -0.5])
+        opt.step()
+    assert torch.equal(torch.tensor(r.json()["params"]["w"]["data"], dtype=torch.float32),
+                       w.detach())

@@ -705,6 +705,9 @@ def _pull_rows_call(
     for name, idx in rows.items():
         if not isinstance(name, str):
             raise TypeError(f"parameter names are strings, got {name!r}")
+        if isinstance(idx, (list, tuple)) and not idx:
+            lists[name] = []  # (no rows: numpy and torch would make it a float array)
+            continue
         wire = T.to_wire(idx, f"rows[{name!r}]")
         if wire.dtype not in ("int64", "int32", "int16", "int8", "uint8") or len(wire.shape) > 1:
             raise TypeError(f"rows[{name!r}]: row indices are a 1-D list of integers")

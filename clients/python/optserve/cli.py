@@ -322,7 +322,7 @@ def cmd_sessions_rm(ns: argparse.Namespace) -> int:
 
 def cmd_history(ns: argparse.Namespace) -> int:
     fmt = ns.format or ("json" if str(ns.output).lower().endswith(".json") else "csv")
-    fields = [f for f in ns.fields.split(",") if f] if ns.fields else None
+    fields: list[str] | None = ns.fields
     if ns.output != "-":
         _check_output(ns.output)
     with _client(ns) as client:
@@ -591,6 +591,17 @@ def _count(text: str) -> int:
     return value
 
 
+def _fields(text: str) -> list[str]:
+    """``--fields``: names separated by commas (an empty piece beside a name is only a
+    separator, as on the server); naming none is refused, as the server refuses ``?fields=``."""
+    names = [name for name in text.split(",") if name]
+    if not names:
+        raise argparse.ArgumentTypeError(
+            f"names no field: {text!r}; leave --fields out for every field, or name some "
+            "(--fields lr,grad_norm)")
+    return names
+
+
 def _session_id(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("a session id cannot be empty")
@@ -700,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="only rows with n > N")
     hist.add_argument("--until", type=_count, default=None, metavar="N",
                       help="only rows with n <= N")
-    hist.add_argument("--fields", default=None, metavar="F,...",
+    hist.add_argument("--fields", type=_fields, default=None, metavar="F,...",
                       help="columns or families (lr, grad_norm, scalars, scalars.loss, ...)")
     hist.add_argument("--points", type=_count, default=None, metavar="P",
                       help="downsample to P buckets (min and max of each column)")

@@ -95,6 +95,13 @@ def test_row_pulls_use_the_query_or_a_body() -> None:
     assert T.wire_values(wires["b"]).tolist() == [2] and wires["a"].dtype == "int64"
     with pytest.raises(TypeError):
         _api.pull_rows("s", {"a": [1.5]}, binary=True)
+    # an empty list asks no rows (it was a TypeError: numpy makes [] a float array), as an
+    # empty int64 tensor does
+    for no_rows in ([], (), torch.zeros(0, dtype=torch.int64)):
+        call = _api.pull_rows("s", {"emb": no_rows}, binary=True)
+        assert (call.method, call.params[:2]) == ("GET", [("name", "emb"), ("rows", "")])
+    call = _api.pull_rows("s", {"a": [], "b": [2]}, binary=False)
+    assert call.content is not None and json.loads(call.content)["rows"] == {"a": [], "b": [2]}
 
 
 def test_evaluation_bodies() -> None:
