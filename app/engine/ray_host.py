@@ -1951,8 +1951,11 @@ class _Placed:
 
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
                       want_params: bool = False) -> Any:
-        return await self._again(lambda h: h.execute(key, op, idem=idem,
-                                                     want_params=want_params))
+        out = await self._again(lambda h: h.execute(key, op, idem=idem,
+                                                    want_params=want_params))
+        if isinstance(out, SessionInfo):  # (a description answered: as describe gives it)
+            return self.router._placed(out, self.router._entry(key))
+        return out
 
     async def step(
         self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
