@@ -98,6 +98,7 @@ from app.engine.deleted_creates import (
     session_refused,
 )
 from app.engine.directory import CreateMark, Directory, entry_at
+from app.engine.free_space import FreeSpace
 from app.engine.front import Front, Limits
 from app.engine.host import EmbeddedHost, HostConfig
 from app.engine.interface import (
@@ -367,7 +368,8 @@ class HostActor:
             max_open_logs=c.get("max_open_logs", 0),
             fsync_interval_s=c["fsync_interval_s"],
             idempotency_window=c["idempotency_window"], warm_up=c["warm_up"],
-            data_dir_wait_s=c.get("data_dir_wait_s", 30.0)))
+            data_dir_wait_s=c.get("data_dir_wait_s", 30.0),
+            ready_min_free_bytes=c.get("ready_min_free_bytes", 0)))
         started = time.perf_counter()
         wrapped = InProcessHost(host, self.name)
         await wrapped.start()
@@ -976,6 +978,14 @@ class RayRouter:
         self.directory = Directory(options.data_dir / "directory")
         self.hosts_dir = options.data_dir / "hosts"
         self.hosts_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        #: readiness ahead of a full disk (``OPTSERVE_READY_MIN_FREE_BYTES``), measured here:
+        #: the hosts' stores (``hosts/<name>/``) are on the data directory's file system, which
+        #: every node mounts; not with durability ``memory`` (as the embedded engine's store)
+        self._free_space = FreeSpace(
+            options.data_dir,
+            (int(options.host.get("ready_min_free_bytes", 0))
+             if options.host.get("durability") != "memory" else 0),
+            Files().free_bytes)
         self._hosts: dict[str, RayHost] = {}
         #: every host's host.json as this front wrote or read it (a host's shape never
         #: changes): placement still finds a host whose file was removed with the data
@@ -1115,6 +1125,8 @@ class RayRouter:
                 self.directory.put(".probe", {"t": time.time()})
             except OSError as exc:
                 reason = f"the data directory cannot be written: {os.strerror(exc.errno or 0)}"
+            else:
+                reason = self._free_space.short()
         used = 0
         if memory and reason is None:
             outs = await asyncio.gather(*(self._host(n).status(memory=True)
@@ -2018,6 +2030,7 @@ def ray_options(settings: Any) -> RayOptions:
               "max_open_logs": settings.max_open_logs,
               "fsync_interval_s": settings.fsync_interval_ms / 1000,
               "data_dir_wait_s": settings.data_dir_wait_s,
+              "ready_min_free_bytes": settings.ready_min_free_bytes,
               "idempotency_window": settings.idempotency_window,
               "step_chunk": settings.step_chunk,
               "warm_up": settings.warm_up})
