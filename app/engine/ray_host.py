@@ -619,11 +619,38 @@ class HostActor:
     def _peer(self, name: str) -> RayHost:
         peer = self._peers.get(name)
         if peer is None:
-            namespace = self.config["namespace"]
-            handle = ray.get_actor(name, namespace=namespace)
-            peer = self._peers[name] = RayHost(
-                handle, name, revive=lambda: ray.get_actor(name, namespace=namespace))
+            peer = self._peers[name] = RayHost(self._peer_handle(name), name,
+                                               revive=lambda: self._peer_handle(name))
         return peer
+
+    def _peer_handle(self, name: str) -> Any:
+        """A shard's host actor, started again from its ``host.json`` when Ray has none by
+        this name (killed for good, its cluster restarted), as a front does
+        (:meth:`RayRouter._handle`): a front calls a sharded session's coordinator only, so
+        nothing else would start it, and the session answered a 500 ``host_failed`` (the
+        lookup's error) until an operator did."""
+        namespace = self.config["namespace"]
+        try:
+            return ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            pass
+        hosts_dir = Path(self.config["root"]).parent
+        try:
+            saved = orjson.loads((hosts_dir / name / HOST_JSON).read_bytes())
+        except FileNotFoundError:
+            raise NotFound(f"host {name} is gone", code="session_not_found") from None
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise Unavailable(f"a shard's host {name} cannot be started: its {HOST_JSON} "
+                              f"cannot be read ({exc})", code="storage_error",
+                              retry_after=30.0) from None
+        options = self.config.get("host_options")
+        if options is None:  # (a host started before the key: its own options, as given)
+            options = {k: v for k, v in self.config.items()
+                       if k not in ("root", "namespace", "commit_timeout_s", "host_json")}
+        log.warning("shard host %s has no actor: starting it again (it restores its "
+                    "sessions)", name)
+        return spawn_host(_actor_class(), name, saved, options, hosts_dir, namespace,
+                          float(self.config["commit_timeout_s"]))
 
 
 # ============================================================================ the client
@@ -967,6 +994,32 @@ MAKING_WAIT_S = 2 * RESTART_WAIT_S
 
 def _actor_class() -> Any:
     return ray.remote(max_restarts=-1, max_task_retries=0)(HostActor)
+
+
+def spawn_host(actor: Any, name: str, saved: dict[str, Any], host: dict[str, Any],
+               hosts_dir: Path, namespace: str, commit_timeout_s: float) -> Any:
+    """Start the host actor ``name`` of this ``host.json`` (which it writes again if the
+    data directory is removed while it runs: :mod:`app.engine.kept_entries`), each host made
+    with ``host`` (:attr:`RayOptions.host`): by a front (:meth:`RayRouter._handle`), or by a
+    sharded session's coordinator for a shard's host gone for good (:meth:`HostActor._peer`).
+    ``get_if_exists``: one started meanwhile by another is the one answered."""
+    resources: dict[str, Any] = saved["resources"]
+    placement = saved.get("placement", "spread")
+    custom = dict(resources.get("resources") or {})
+    config = {**host, "root": str(hosts_dir / name), "namespace": namespace,
+              "commit_timeout_s": commit_timeout_s, "host_json": saved, "host_options": host}
+    if not config.get("torch_threads") and resources.get("num_cpus", 0) >= 1:
+        config["torch_threads"] = int(resources["num_cpus"])
+    opts: dict[str, Any] = {
+        "name": name, "namespace": namespace, "lifetime": "detached",
+        "get_if_exists": True, "num_cpus": resources.get("num_cpus", 0),
+        "num_gpus": resources.get("num_gpus", 0),
+        "scheduling_strategy": "SPREAD" if placement == "spread" else "DEFAULT"}
+    if resources.get("memory"):
+        opts["memory"] = resources["memory"]
+    if custom:
+        opts["resources"] = custom
+    return actor.options(**opts).remote(name, config)
 
 
 class RayRouter:
@@ -1315,26 +1368,9 @@ class RayRouter:
         return self._spawn(name, saved)
 
     def _spawn(self, name: str, saved: dict[str, Any]) -> Any:
-        """Start the host actor ``name`` of this ``host.json`` (which it writes again if the
-        data directory is removed while it runs: :mod:`app.engine.kept_entries`)."""
-        resources: dict[str, Any] = saved["resources"]
-        placement = saved.get("placement", "spread")
-        custom = dict(resources.get("resources") or {})
-        config = {**self.options.host, "root": str(self.hosts_dir / name),
-                  "namespace": self.options.namespace,
-                  "commit_timeout_s": self.options.commit_timeout_s, "host_json": saved}
-        if not config.get("torch_threads") and resources.get("num_cpus", 0) >= 1:
-            config["torch_threads"] = int(resources["num_cpus"])
-        opts: dict[str, Any] = {
-            "name": name, "namespace": self.options.namespace, "lifetime": "detached",
-            "get_if_exists": True, "num_cpus": resources.get("num_cpus", 0),
-            "num_gpus": resources.get("num_gpus", 0),
-            "scheduling_strategy": "SPREAD" if placement == "spread" else "DEFAULT"}
-        if resources.get("memory"):
-            opts["memory"] = resources["memory"]
-        if custom:
-            opts["resources"] = custom
-        return self._actor.options(**opts).remote(name, config)
+        """Start the host actor ``name`` of this ``host.json`` (:func:`spawn_host`)."""
+        return spawn_host(self._actor, name, saved, self.options.host, self.hosts_dir,
+                          self.options.namespace, self.options.commit_timeout_s)
 
     async def _new_host(self, resources: dict[str, Any], placement: str) -> RayHost:
         name = f"h-{uuid.uuid4().hex[:12]}"

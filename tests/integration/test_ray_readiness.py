@@ -4,9 +4,9 @@ a Ray-engine front whose data directory (which its hosts' stores are under, ``ho
 has less free space than the bound says not ready, naming the bytes free and the setting,
 while steps still succeed with torch.optim's values; ready again once space returns. A front
 whose durability is ``memory`` does not check the bound (it stays ready under it; on a full
-disk it is not ready all the same, as its front writes the directory of sessions there). The hosts take the bound too: a
-host's own status says the same. Real small disks (tmpfs, as root) and hosts on the test
-cluster."""
+disk it is not ready all the same, as its front writes the directory of sessions there).
+The hosts take the bound too: a host's own status says the same. Real small disks (tmpfs, as
+root) and hosts on the test cluster."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import pytest
 
 from tests.conftest import LiveServer, kill_hosts, ray_settings
 from tests.integration.test_disk_full import (  # noqa: F401 - tmpfs is a fixture
-    MiB,
     Big,
+    MiB,
     Mount,
     assert_not_ready,
     assert_ready,
@@ -42,8 +42,8 @@ def host_status(data_dir: Path) -> Any:
     return ray.get(ray.get_actor(name, namespace="optserve").status.remote(False))
 
 
-def test_a_ray_front_is_not_ready_on_a_nearly_full_disk(ray_cluster: Any,
-                                                        tmpfs: Mount) -> None:
+def test_a_ray_front_is_not_ready_on_a_nearly_full_disk(
+        ray_cluster: Any, tmpfs: Mount) -> None:  # noqa: F811 - the fixture
     disk, memory_disk = tmpfs(8), tmpfs(8)
     live = LiveServer(ray_settings(ray_cluster, data_dir=disk, ready_min_free_bytes=4 * MiB))
     memory = LiveServer(ray_settings(ray_cluster, data_dir=memory_disk, durability="memory",
