@@ -47,14 +47,17 @@ def patched(http: httpx.Client, url: str, body: dict[str, Any],
 
 @pytest.mark.ray
 @pytest.mark.parametrize("engine_url", [ENGINES[1]], indirect=True)
-@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize(("shards", "killed"), [(1, "all"), (2, "all"), (2, "second")])
 def test_a_noop_patch_keeps_the_revision_through_host_restarts(http: httpx.Client,
-                                                               shards: int) -> None:
+                                                               shards: int, killed: str) -> None:
     """No-op PATCHes (the session's ``{}``, a group's ``{}`` and its own lr, one keyed), then
-    every host of the session killed: the first with ``kill -9`` (Ray restarts it), any other
-    with ``ray.kill`` for good (the front starts it again). The session comes back at the same
-    version and revision, the keyed no-op is answered from its key, a change naming the
-    revision applies, and the values are torch's."""
+    the session's hosts killed: ``all``: the first with ``kill -9`` (Ray restarts it; a
+    sharded session's coordinator is made anew there), any other with ``ray.kill`` for good;
+    ``second``: only the second shard's host, for good (the coordinator holds its dead
+    handle). A host killed for good is started again (by the front, or for a shard by the
+    coordinator). The session comes back at the same version and revision, the keyed no-op is
+    answered from its key, a change naming the revision applies, and the values are
+    torch's."""
     pair = Pair(http, shards)
     pair.step()
     etag, revision = pair.read()
@@ -69,8 +72,10 @@ def test_a_noop_patch_keeps_the_revision_through_host_restarts(http: httpx.Clien
     assert pair.read() == (etag, revision)
     before = host_pids(http, pair)
     for i, (name, pid) in enumerate(before):
-        if i == 0:
+        if i == 0 and killed == "all":
             os.kill(pid, signal.SIGKILL)
+        elif i == 0:
+            continue
         else:
             ray.kill(ray.get_actor(name, namespace="optserve"), no_restart=True)
     again = patched(http, pair.url, {}, {"Idempotency-Key": key})
@@ -78,7 +83,8 @@ def test_a_noop_patch_keeps_the_revision_through_host_restarts(http: httpx.Clien
     assert again.json() == {**described, "replayed": True}
     after = host_pids(http, pair)
     assert [n for n, _ in after] == [n for n, _ in before]
-    assert all(p != q for (_, p), (_, q) in zip(after, before, strict=True))
+    assert [p != q for (_, p), (_, q) in zip(after, before, strict=True)] == [
+        killed == "all", *[True] * (shards - 1)]
     assert pair.read() == (etag, revision)
     pair.same_as_torch()
     r = patched(http, f"{pair.url}/param_groups/0", {"lr": 0.02})  # (a change: one revision)
