@@ -98,6 +98,7 @@ from app.engine.deleted_creates import (
     session_refused,
 )
 from app.engine.directory import CreateMark, Directory, entry_at
+from app.engine.free_space import FreeSpace
 from app.engine.front import Front, Limits
 from app.engine.host import EmbeddedHost, HostConfig
 from app.engine.interface import (
@@ -367,7 +368,8 @@ class HostActor:
             max_open_logs=c.get("max_open_logs", 0),
             fsync_interval_s=c["fsync_interval_s"],
             idempotency_window=c["idempotency_window"], warm_up=c["warm_up"],
-            data_dir_wait_s=c.get("data_dir_wait_s", 30.0)))
+            data_dir_wait_s=c.get("data_dir_wait_s", 30.0),
+            ready_min_free_bytes=c.get("ready_min_free_bytes", 0)))
         started = time.perf_counter()
         wrapped = InProcessHost(host, self.name)
         await wrapped.start()
@@ -617,11 +619,38 @@ class HostActor:
     def _peer(self, name: str) -> RayHost:
         peer = self._peers.get(name)
         if peer is None:
-            namespace = self.config["namespace"]
-            handle = ray.get_actor(name, namespace=namespace)
-            peer = self._peers[name] = RayHost(
-                handle, name, revive=lambda: ray.get_actor(name, namespace=namespace))
+            peer = self._peers[name] = RayHost(self._peer_handle(name), name,
+                                               revive=lambda: self._peer_handle(name))
         return peer
+
+    def _peer_handle(self, name: str) -> Any:
+        """A shard's host actor, started again from its ``host.json`` when Ray has none by
+        this name (killed for good, its cluster restarted), as a front does
+        (:meth:`RayRouter._handle`): a front calls a sharded session's coordinator only, so
+        nothing else would start it, and the session answered a 500 ``host_failed`` (the
+        lookup's error) until an operator did."""
+        namespace = self.config["namespace"]
+        try:
+            return ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            pass
+        hosts_dir = Path(self.config["root"]).parent
+        try:
+            saved = orjson.loads((hosts_dir / name / HOST_JSON).read_bytes())
+        except FileNotFoundError:
+            raise NotFound(f"host {name} is gone", code="session_not_found") from None
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise Unavailable(f"a shard's host {name} cannot be started: its {HOST_JSON} "
+                              f"cannot be read ({exc})", code="storage_error",
+                              retry_after=30.0) from None
+        options = self.config.get("host_options")
+        if options is None:  # (a host started before the key: its own options, as given)
+            options = {k: v for k, v in self.config.items()
+                       if k not in ("root", "namespace", "commit_timeout_s", "host_json")}
+        log.warning("shard host %s has no actor: starting it again (it restores its "
+                    "sessions)", name)
+        return spawn_host(_actor_class(), name, saved, options, hosts_dir, namespace,
+                          float(self.config["commit_timeout_s"]))
 
 
 # ============================================================================ the client
@@ -967,6 +996,32 @@ def _actor_class() -> Any:
     return ray.remote(max_restarts=-1, max_task_retries=0)(HostActor)
 
 
+def spawn_host(actor: Any, name: str, saved: dict[str, Any], host: dict[str, Any],
+               hosts_dir: Path, namespace: str, commit_timeout_s: float) -> Any:
+    """Start the host actor ``name`` of this ``host.json`` (which it writes again if the
+    data directory is removed while it runs: :mod:`app.engine.kept_entries`), each host made
+    with ``host`` (:attr:`RayOptions.host`): by a front (:meth:`RayRouter._handle`), or by a
+    sharded session's coordinator for a shard's host gone for good (:meth:`HostActor._peer`).
+    ``get_if_exists``: one started meanwhile by another is the one answered."""
+    resources: dict[str, Any] = saved["resources"]
+    placement = saved.get("placement", "spread")
+    custom = dict(resources.get("resources") or {})
+    config = {**host, "root": str(hosts_dir / name), "namespace": namespace,
+              "commit_timeout_s": commit_timeout_s, "host_json": saved, "host_options": host}
+    if not config.get("torch_threads") and resources.get("num_cpus", 0) >= 1:
+        config["torch_threads"] = int(resources["num_cpus"])
+    opts: dict[str, Any] = {
+        "name": name, "namespace": namespace, "lifetime": "detached",
+        "get_if_exists": True, "num_cpus": resources.get("num_cpus", 0),
+        "num_gpus": resources.get("num_gpus", 0),
+        "scheduling_strategy": "SPREAD" if placement == "spread" else "DEFAULT"}
+    if resources.get("memory"):
+        opts["memory"] = resources["memory"]
+    if custom:
+        opts["resources"] = custom
+    return actor.options(**opts).remote(name, config)
+
+
 class RayRouter:
     """Places sessions on host actors and finds them again (see the module docstring)."""
 
@@ -976,6 +1031,14 @@ class RayRouter:
         self.directory = Directory(options.data_dir / "directory")
         self.hosts_dir = options.data_dir / "hosts"
         self.hosts_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        #: readiness ahead of a full disk (``OPTSERVE_READY_MIN_FREE_BYTES``), measured here:
+        #: the hosts' stores (``hosts/<name>/``) are on the data directory's file system, which
+        #: every node mounts; not with durability ``memory`` (as the embedded engine's store)
+        self._free_space = FreeSpace(
+            options.data_dir,
+            (int(options.host.get("ready_min_free_bytes", 0))
+             if options.host.get("durability") != "memory" else 0),
+            Files().free_bytes)
         self._hosts: dict[str, RayHost] = {}
         #: every host's host.json as this front wrote or read it (a host's shape never
         #: changes): placement still finds a host whose file was removed with the data
@@ -1115,6 +1178,8 @@ class RayRouter:
                 self.directory.put(".probe", {"t": time.time()})
             except OSError as exc:
                 reason = f"the data directory cannot be written: {os.strerror(exc.errno or 0)}"
+            else:
+                reason = self._free_space.short()
         used = 0
         if memory and reason is None:
             outs = await asyncio.gather(*(self._host(n).status(memory=True)
@@ -1303,26 +1368,9 @@ class RayRouter:
         return self._spawn(name, saved)
 
     def _spawn(self, name: str, saved: dict[str, Any]) -> Any:
-        """Start the host actor ``name`` of this ``host.json`` (which it writes again if the
-        data directory is removed while it runs: :mod:`app.engine.kept_entries`)."""
-        resources: dict[str, Any] = saved["resources"]
-        placement = saved.get("placement", "spread")
-        custom = dict(resources.get("resources") or {})
-        config = {**self.options.host, "root": str(self.hosts_dir / name),
-                  "namespace": self.options.namespace,
-                  "commit_timeout_s": self.options.commit_timeout_s, "host_json": saved}
-        if not config.get("torch_threads") and resources.get("num_cpus", 0) >= 1:
-            config["torch_threads"] = int(resources["num_cpus"])
-        opts: dict[str, Any] = {
-            "name": name, "namespace": self.options.namespace, "lifetime": "detached",
-            "get_if_exists": True, "num_cpus": resources.get("num_cpus", 0),
-            "num_gpus": resources.get("num_gpus", 0),
-            "scheduling_strategy": "SPREAD" if placement == "spread" else "DEFAULT"}
-        if resources.get("memory"):
-            opts["memory"] = resources["memory"]
-        if custom:
-            opts["resources"] = custom
-        return self._actor.options(**opts).remote(name, config)
+        """Start the host actor ``name`` of this ``host.json`` (:func:`spawn_host`)."""
+        return spawn_host(self._actor, name, saved, self.options.host, self.hosts_dir,
+                          self.options.namespace, self.options.commit_timeout_s)
 
     async def _new_host(self, resources: dict[str, Any], placement: str) -> RayHost:
         name = f"h-{uuid.uuid4().hex[:12]}"
@@ -1951,8 +1999,11 @@ class _Placed:
 
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
                       want_params: bool = False) -> Any:
-        return await self._again(lambda h: h.execute(key, op, idem=idem,
-                                                     want_params=want_params))
+        out = await self._again(lambda h: h.execute(key, op, idem=idem,
+                                                    want_params=want_params))
+        if isinstance(out, SessionInfo):  # (a description answered: as describe gives it)
+            return self.router._placed(out, self.router._entry(key))
+        return out
 
     async def step(
         self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
@@ -2015,6 +2066,7 @@ def ray_options(settings: Any) -> RayOptions:
               "max_open_logs": settings.max_open_logs,
               "fsync_interval_s": settings.fsync_interval_ms / 1000,
               "data_dir_wait_s": settings.data_dir_wait_s,
+              "ready_min_free_bytes": settings.ready_min_free_bytes,
               "idempotency_window": settings.idempotency_window,
               "step_chunk": settings.step_chunk,
               "warm_up": settings.warm_up})

@@ -72,6 +72,8 @@ from typing import Literal
 import crc32c
 
 from app.engine.data_dir_lock import DataDirLock
+from app.engine.free_space import FREE_SPACE_TTL_S as FREE_SPACE_TTL_S  # (tests read it here)
+from app.engine.free_space import FreeSpace
 from app.errors import OptserveError, StorageFull, Unavailable
 
 log = logging.getLogger("optserve.store")
@@ -88,8 +90,6 @@ _REC_HEAD_V1 = struct.Struct("<4sIII")  # magic, length, zlib crc32(payload), cr
 _REC_HEAD_BODY_V1 = struct.Struct("<4sII")
 _IOV_MAX = 512
 _FULL = (errno.ENOSPC, errno.EDQUOT)
-#: how long a measure of the data directory's free space stands (:meth:`Store.health`)
-FREE_SPACE_TTL_S = 1.0
 #: the process (EMFILE) or the system (ENFILE) has no file descriptor left
 _NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 #: the ``Retry-After`` of an operation refused for want of file descriptors: they come back as
@@ -376,10 +376,6 @@ class Store:
     def __init__(self, root: Path, interval_s: float = 0.05, files: Files | None = None,
                  max_open: int = 0, lock_wait_s: float = 0.0, min_free_bytes: int = 0) -> None:
         self.root = root
-        #: :meth:`health` reports a data directory with less free space than this (0: never)
-        self.min_free_bytes = min_free_bytes
-        #: the last free space measured and when (``time.monotonic``; None: not yet)
-        self._free: tuple[float, int] | None = None
         #: held from :meth:`open` to :meth:`close`: one process at a time writes here
         self.lock = DataDirLock(root)
         #: how long :meth:`open` waits for another process to release the directory
@@ -387,6 +383,8 @@ class Store:
         self.sessions_dir = root / "sessions"
         self.interval_s = interval_s
         self.files = files or Files()
+        #: :meth:`health` reports a data directory with less free space than its bound
+        self._free_space = FreeSpace(root, min_free_bytes, self.files.free_bytes)
         #: logs kept open at once (0: :func:`default_open_logs`)
         self.max_open = max_open or default_open_logs()
         if max_open:
@@ -495,27 +493,15 @@ class Store:
             self._error, self._need = None, 0  # the disk takes writes again
         return self._short_of_space()
 
+    @property
+    def min_free_bytes(self) -> int:
+        """:meth:`health` reports a data directory with less free space than this (0: never)."""
+        return self._free_space.min_free_bytes
+
     def _short_of_space(self) -> str | None:
-        """Why the data directory's free space (``f_bavail * f_frsize``: what this process
-        may write) is under :attr:`min_free_bytes`, or None. Measured at most every
-        :data:`FREE_SPACE_TTL_S` (a probe polling ``/readyz`` costs no ``statvfs`` per call); a
-        directory that cannot be measured is left to the other checks."""
-        if self.min_free_bytes <= 0:
-            return None
-        now = time.monotonic()
-        cached = self._free
-        if cached is not None and now - cached[0] < FREE_SPACE_TTL_S:
-            free = cached[1]
-        else:
-            try:
-                free = self.files.free_bytes(self.root)
-            except OSError:
-                return None
-            self._free = (now, free)
-        if free >= self.min_free_bytes:
-            return None
-        return (f"the data directory is (nearly) full: {free} bytes free, under "
-                f"OPTSERVE_READY_MIN_FREE_BYTES ({self.min_free_bytes}); a write could fail")
+        """Why the data directory's free space is under :attr:`min_free_bytes`, or None
+        (:class:`~app.engine.free_space.FreeSpace`)."""
+        return self._free_space.short()
 
     @property
     def failing(self) -> bool:
