@@ -76,7 +76,7 @@ def int_outside(tree: Any, low: int, high: int, *, keys: tuple[int, int] | None 
             if not low <= node <= high:
                 return True
         elif isinstance(node, (dict, list, tuple)):
-            if id(node) in seen:
+            if not node or id(node) in seen:  # (an empty one holds nothing to look at)
                 continue
             seen.add(id(node))
             if not isinstance(node, dict):
@@ -172,6 +172,8 @@ def _from_json(obj: Any, at: TreePath, tensors: dict[str, torch.Tensor] | None, 
     if depth > MAX_STATE_DEPTH:
         raise Invalid("state is nested too deeply", code="invalid_state", field=str(at))
     if isinstance(obj, dict):
+        if not obj:
+            return {}
         if obj.keys() == {"$float"}:
             return untag_float(obj, str(at), "invalid_state")
         if sparse and obj.keys() == {DICT_TAG} and isinstance(obj[DICT_TAG], dict):
@@ -191,7 +193,11 @@ def _from_json(obj: Any, at: TreePath, tensors: dict[str, torch.Tensor] | None, 
             return tensors[key]
         if is_json_tensor(obj):  # (the service's own files: base64 as servers took it)
             return decode_json_tensor(obj, at, canonical=not sparse)
-        return {k: _from_json(v, at.child(k), tensors, depth + 1, sparse)
+        if depth >= MAX_STATE_DEPTH:  # (a value below is past the limit: named there)
+            return {k: _from_json(v, at.child(k), tensors, depth + 1, sparse)
+                    for k, v in obj.items()}
+        return {k: v if type(v) in _JSON_SCALARS else
+                _from_json(v, at.child(k), tensors, depth + 1, sparse)
                 for k, v in obj.items()}
     if isinstance(obj, list):
         if depth >= MAX_STATE_DEPTH:  # (a value below is past the limit: named there)

@@ -76,6 +76,26 @@ def test_a_list_shared_under_two_top_keys_is_refused_as_the_walk_meets_it() -> N
 
 
 @pytest.mark.parametrize("depth", [MAX_STATE_DEPTH - 2, MAX_STATE_DEPTH - 1, MAX_STATE_DEPTH])
+@pytest.mark.parametrize("leaf", [{"a": 1, "b": 2.5, "c": "x", "d": None, "e": True}, {}])
+def test_an_object_of_plain_values_comes_back_as_it_is_at_any_depth_the_walk_takes(
+        depth: int, leaf: dict[str, Any]) -> None:
+    """The same for an object's plain values (and an empty object, which holds none)."""
+    tree: Any = dict(leaf)
+    for _ in range(depth):
+        tree = {"k": tree}
+    if depth >= MAX_STATE_DEPTH and leaf:
+        with pytest.raises(Invalid, match="nested too deeply"):
+            tree_from_json(tree, "state_dict")
+        return
+    got = tree_from_json(tree, "state_dict")
+    assert got == tree and got is not tree
+    inner = got
+    for _ in range(depth):
+        inner = inner["k"]
+    assert inner == leaf and [type(v) for v in inner.values()] == [type(v) for v in leaf.values()]
+
+
+@pytest.mark.parametrize("depth", [MAX_STATE_DEPTH - 2, MAX_STATE_DEPTH - 1, MAX_STATE_DEPTH])
 @pytest.mark.parametrize("leaf", [[1, 2.5, "x", None, True], []])
 def test_a_list_of_plain_values_comes_back_as_it_is_at_any_depth_the_walk_takes(
         depth: int, leaf: list[Any]) -> None:
