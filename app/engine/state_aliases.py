@@ -59,7 +59,9 @@ def _tensors(obj: Any, path: TreePath, out: list[tuple[TreePath, torch.Tensor]],
     before = len(out)
     items = obj.items() if isinstance(obj, dict) else enumerate(obj)
     for k, v in items:
-        _tensors(v, path.child(k), out, depth + 1, memo)
+        # (what holds no tensor gives none: no path made for a number, nor for an empty list)
+        if isinstance(v, torch.Tensor) or (isinstance(v, (dict, list, tuple)) and v):
+            _tensors(v, path.child(k), out, depth + 1, memo)
     memo[id(obj)] = out[before][1] if len(out) > before else None
 
 
