@@ -139,21 +139,26 @@ async def _receive_into(request: Request, take: Callable[[bytes], None],
     return received
 
 
-async def read_body(request: Request, max_bytes: int) -> bytearray:
-    """The whole body in a fresh ``bytearray``; 413 past ``max_bytes``; 408 when it stalls."""
-    out = await _read_body(request, max_bytes, raw=False)
+async def read_body(request: Request, max_bytes: int, *, as_json: bool | None = None
+                    ) -> bytearray:
+    """The whole body in a fresh ``bytearray``; 413 past ``max_bytes``; 408 when it stalls.
+    ``as_json``: whether it will be decoded as JSON, which is what it counts against
+    ``OPTSERVE_MAX_BODIES_MB`` as (None: as its Content-Type says; ``PUT
+    .../state_dict?format=json`` decodes a JSON text whatever its Content-Type reads)."""
+    out = await _read_body(request, max_bytes, raw=False, as_json=as_json)
     assert isinstance(out, bytearray)
     return out
 
 
 async def _read_body(
-    request: Request, max_bytes: int, raw: bool = False
+    request: Request, max_bytes: int, raw: bool = False, as_json: bool | None = None
 ) -> bytearray | memoryview:
     """The whole body in a fresh writable buffer; 413 as soon as it passes ``max_bytes``;
     408 when it stalls (see ``_receive``). With ``raw`` a large body lands in an uninitialized
     buffer (a writable memoryview: no zero-filling 40 MB before overwriting it)."""
     _check_encoding(request)
     _check_transfer_coding(request)
+    expansion = _expansion(request, as_json)
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -165,7 +170,7 @@ async def _read_body(
             raise PayloadTooLarge(f"body of {size} bytes exceeds the limit of {max_bytes}",
                                   field="body", limit=max_bytes)
         if size > OFFLOAD_BYTES:  # one copy into a buffer of the announced size
-            await body_memory.hold(request.scope, size * _expansion(request),
+            await body_memory.hold(request.scope, size * expansion,
                                    _body_timeout(request))
             out: bytearray | memoryview = (_raw_buffer(request, size) if raw
                                            else bytearray(size))
@@ -183,7 +188,8 @@ async def _read_body(
             if (pos if received is None else received) != size:
                 raise BadRequest("body is shorter than its Content-Length",
                                  field="Content-Length")
-            await _hold_json_objects(request, out)
+            if expansion != 1:
+                await _hold_structure(request, out)
             return out
     buf = bytearray()
     # (a body of no announced size counts against OPTSERVE_MAX_BODIES_MB once it is large)
@@ -197,11 +203,11 @@ async def _read_body(
                                   limit=max_bytes)
         if len(buf) > counted:
             more = max(len(buf) - counted, body_memory.CHUNKED_STEP)
-            body_memory.hold_now(request.scope, more * _expansion(request))
+            body_memory.hold_now(request.scope, more * expansion)
             counted += more
     await _receive(request, grow)
-    if len(buf) > OFFLOAD_BYTES:
-        await _hold_json_objects(request, buf)
+    if len(buf) > OFFLOAD_BYTES and expansion != 1:
+        await _hold_structure(request, buf)
     return buf
 
 
@@ -216,33 +222,15 @@ def _structure_bytes(buf: bytearray | memoryview) -> int:
     return total
 
 
-async def _hold_json_objects(request: Request, buf: bytearray | memoryview) -> None:
-    """A large JSON body counts, on top of :data:`~app.api.body_memory.JSON_EXPANSION` times
-    its size, :data:`~app.api.body_memory.JSON_OBJECT_BYTES` for each ``{`` it holds,
+async def _hold_structure(request: Request, buf: bytearray | memoryview) -> None:
+    """A large body read as JSON counts, on top of
+    :data:`~app.api.body_memory.JSON_EXPANSION` times its size,
+    :data:`~app.api.body_memory.JSON_OBJECT_BYTES` for each ``{`` it holds,
     :data:`~app.api.body_memory.JSON_LIST_BYTES` for each ``[`` and
     :data:`~app.api.body_memory.JSON_STRING_BYTES` for each ``"`` (upper bounds on its objects,
     lists and strings, which no escape can hide): each of them costs more than its text times
     the expansion (a body of one-element tensors: 33 times its size; of empty lists, 38).
     Counted once read, without waiting, as a safetensors header's parse is."""
-    if _expansion(request) == 1:
-        return
-    more = await anyio.to_thread.run_sync(_structure_bytes, buf)
-    if more:
-        body_memory.hold_now(request.scope, more)
-
-
-async def hold_decoded_as_json(request: Request, buf: bytearray) -> None:
-    """What a body read under a Content-Type that is not JSON (counted once per byte, as
-    safetensors) counts on top when it is decoded as JSON all the same (``PUT
-    .../state_dict?format=json`` with ``application/octet-stream``): what it would have counted
-    sent as JSON (:func:`_read_body`'s :data:`~app.api.body_memory.JSON_EXPANSION` times its
-    size and :func:`_hold_json_objects`'s structure bytes). Uncounted, a JSON text of 3.9 MB
-    of empty lists was decoded under OPTSERVE_MAX_BODIES_MB of 4 MiB (70 MB as JSON: a 413)."""
-    if _expansion(request) != 1 or len(buf) <= OFFLOAD_BYTES:
-        return  # (counted as JSON already, or too small to count, as a JSON body is)
-    # (a body of no announced size was counted past its first OFFLOAD_BYTES only)
-    counted = len(buf) if request.headers.get("content-length") else len(buf) - OFFLOAD_BYTES
-    body_memory.hold_now(request.scope, counted * (body_memory.JSON_EXPANSION - 1))
     more = await anyio.to_thread.run_sync(_structure_bytes, buf)
     if more:
         body_memory.hold_now(request.scope, more)
@@ -253,11 +241,14 @@ def _json_type(ctype: str) -> bool:
     return ctype in (JSON, "application/problem+json", "text/json") or ctype.endswith("+json")
 
 
-def _expansion(request: Request) -> int:
-    """What the body counts against ``OPTSERVE_MAX_BODIES_MB`` per byte: ten for a body read
-    as JSON (no Content-Type, or a JSON one), else one."""
-    ctype = (request.headers.get("content-type") or JSON).split(";")[0].strip().lower()
-    return body_memory.JSON_EXPANSION if _json_type(ctype) else 1
+def _expansion(request: Request, as_json: bool | None = None) -> int:
+    """What the body counts against ``OPTSERVE_MAX_BODIES_MB`` per byte:
+    :data:`~app.api.body_memory.JSON_EXPANSION` for a body read as JSON (``as_json``; None:
+    no Content-Type, or a JSON one), else one."""
+    if as_json is None:
+        ctype = (request.headers.get("content-type") or JSON).split(";")[0].strip().lower()
+        as_json = _json_type(ctype)
+    return body_memory.JSON_EXPANSION if as_json else 1
 
 
 def _check_encoding(request: Request) -> None:

@@ -252,13 +252,6 @@ def _match_list(header: str) -> tuple[list[int], bool]:
             return strong, weak
 
 
-def read_match(request: Request) -> Expected | None:
-    """A read's ``If-Match`` (RFC 9110 has an origin server evaluate it on any method),
-    parsed as a change's (:func:`strict_match`), or None: :func:`check_read` holds the read's
-    answer to it."""
-    return strict_match(request)
-
-
 def check_read(expected: Expected | None, version: int, revision: int | None = None) -> None:
     """412 ``precondition_failed`` naming ``If-Match`` when a read's answer is not of the
     version it named (checked on the answer itself: what was read, at one version)."""

@@ -124,7 +124,7 @@ async def pull(request: Request, engine: Any, tenant: str, session_id: str,
                rows: dict[str, torch.Tensor], min_version: int | None, wait_s: float,
                binary: bool, b64: bool, params_dtype: torch.dtype | None = None) -> Response:
     """``params_dtype``: the rows' values narrowed as a whole pull's (``?params_dtype=``)."""
-    expected = conditions.read_match(request)
+    expected = conditions.strict_match(request)
     held = conditions.none_match_versions(request)
     if min_version is None and wait_s > 0 and held:
         min_version = max(held) + 1

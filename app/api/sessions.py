@@ -21,7 +21,6 @@ from app.api.bodies import (
     answer_in_place,
     body_kind,
     check_accept,
-    hold_decoded_as_json,
     json_object,
     json_response,
     negotiate,
@@ -112,7 +111,7 @@ async def list_sessions(engine: EngineDep, tenant: TenantDep) -> Response:
 @router.get("/{session_id}", summary="Describe a session")
 async def get_session(session_id: SessionId, request: Request, engine: EngineDep,
                       tenant: TenantDep) -> Response:
-    expected = conditions.read_match(request)
+    expected = conditions.strict_match(request)
     info = await engine.describe(session_id, tenant=tenant)
     conditions.check_read(expected, info.version, info.revision)
     if conditions.none_match_any(request):
@@ -300,7 +299,7 @@ async def get_params(
                                                 rows)
         return await row_pulls.pull(request, engine, tenant, session_id, wanted_rows,
                                     min_version, wait_s, binary, b64, narrow)
-    expected = conditions.read_match(request)
+    expected = conditions.strict_match(request)
     held = conditions.none_match_versions(request)
     if min_version is None and wait_s > 0 and held:
         min_version = max(held) + 1  # If-None-Match + wait_s: wait for anything newer
@@ -419,7 +418,7 @@ async def export_state(
     # before any work, as without it, not an answer the client said it cannot take
     negotiate(request, (JSON if fmt == "json" else BINARY,))
     b64 = tensor_encoding(request)
-    expected = conditions.read_match(request)
+    expected = conditions.strict_match(request)
     if conditions.none_match_any(request):  # (304 whatever the state: not exported)
         info = await engine.describe(session_id, tenant=tenant)
         conditions.check_read(expected, info.version, info.revision)
@@ -455,9 +454,10 @@ async def import_state(
     """Conditional with ``If-Match: "<version>"`` / ``?base_version=`` and/or
     ``?base_revision=``: imported only if the session is still at them (412 otherwise)."""
     expected = _expected(request)
-    buf = await read_body(request, _max_bytes(settings))
     kind = body_kind(request)
     fmt = _state_format(request, "safetensors" if kind == "binary" else "json")
+    # (?format=json: a JSON text, however its Content-Type reads, counted as one)
+    buf = await read_body(request, _max_bytes(settings), as_json=fmt == "json")
     idem = await idempotency(request, buf)
     if fmt == "torch":
         limit = parse.torch_file_limit(await engine.describe_layout(session_id, tenant=tenant))
@@ -469,8 +469,6 @@ async def import_state(
     elif fmt == "safetensors":
         state = await offload(lambda: parse.state_from_safetensors(buf), len(buf))
     else:
-        if kind == "binary":  # (?format=json: a JSON text, however its Content-Type reads)
-            await hold_decoded_as_json(request, buf)
         state = await offload(lambda: parse.state_from_json(buf), len(buf))
     info = await engine.import_state(session_id, state, tenant=tenant, idem=idem,
                                      expected=expected)

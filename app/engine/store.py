@@ -72,7 +72,6 @@ from typing import Literal
 import crc32c
 
 from app.engine.data_dir_lock import DataDirLock
-from app.engine.free_space import FREE_SPACE_TTL_S as FREE_SPACE_TTL_S  # (tests read it here)
 from app.engine.free_space import FreeSpace
 from app.errors import OptserveError, StorageFull, Unavailable
 
@@ -471,7 +470,7 @@ class Store:
             suspect = [lg.suspect for lg in self._logs.values() if lg.suspect is not None]
             error, need = self._error, self._need
         if error is None and not broken and not suspect:
-            return self._short_of_space()
+            return self._free_space.short()
         try:
             self.probe()
         except OSError as exc:
@@ -491,17 +490,12 @@ class Store:
                     "a fresh snapshot will replace them")
         with self._lock:
             self._error, self._need = None, 0  # the disk takes writes again
-        return self._short_of_space()
+        return self._free_space.short()
 
     @property
     def min_free_bytes(self) -> int:
         """:meth:`health` reports a data directory with less free space than this (0: never)."""
         return self._free_space.min_free_bytes
-
-    def _short_of_space(self) -> str | None:
-        """Why the data directory's free space is under :attr:`min_free_bytes`, or None
-        (:class:`~app.engine.free_space.FreeSpace`)."""
-        return self._free_space.short()
 
     @property
     def failing(self) -> bool:

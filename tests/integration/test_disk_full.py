@@ -30,7 +30,8 @@ import safetensors.torch
 import torch
 
 from app.engine import persist
-from app.engine.store import FREE_SPACE_TTL_S, read_log, read_snapshot
+from app.engine.free_space import FREE_SPACE_TTL_S
+from app.engine.store import read_log, read_snapshot
 from app.wire.safetensors_body import read_safetensors
 from tests.conftest import LiveServer, _test_settings
 from tests.integration.test_durability import (
@@ -122,6 +123,31 @@ def assert_not_ready(c: httpx.Client, *words: str) -> str:
     for w in words:
         assert w in detail, detail
     return detail
+
+
+#: how long a measure of the free space stands, and a little more
+MEASURE_STANDS_S = FREE_SPACE_TTL_S + 0.05
+
+
+def assert_short_of_space(c: httpx.Client, disk: Path) -> None:
+    """Once the last measure stands no more: ``/readyz`` is a 503 naming the bytes free on
+    ``disk`` under a bound of 4 MiB, with ``Retry-After``."""
+    time.sleep(MEASURE_STANDS_S)
+    assert c.get("/readyz").headers["retry-after"] == "5"
+    detail = assert_not_ready(c, "OPTSERVE_READY_MIN_FREE_BYTES (4194304)")
+    assert detail == (f"the data directory is (nearly) full: {free_bytes(disk)} bytes free, "
+                      "under OPTSERVE_READY_MIN_FREE_BYTES (4194304); a write could fail")
+
+
+def steps_while_short(c: httpx.Client, big: Big) -> None:
+    """Not ready is ahead of a failure: two steps still succeed, the session torch's, and
+    the server is still not ready afterwards."""
+    for k in range(2):
+        r = big.post_step(c, k)
+        assert r.status_code == 200, r.text
+        big.acknowledged(k)
+    big.assert_same(c, state=True)
+    assert_not_ready(c, "OPTSERVE_READY_MIN_FREE_BYTES")
 
 
 def assert_ready(c: httpx.Client) -> None:
@@ -585,22 +611,11 @@ def test_ready_on_a_nearly_full_disk(tmpfs: Mount) -> None:
             assert big.create(c).status_code == 201
             filler = fill(disk, leave=3 * MiB)
             fill(memory_disk)
-            time.sleep(FREE_SPACE_TTL_S + 0.05)  # (a measure stands that long)
-            r = c.get("/readyz")
-            assert r.headers["retry-after"] == "5"
-            detail = assert_not_ready(c, "OPTSERVE_READY_MIN_FREE_BYTES (4194304)")
-            assert detail == (f"the data directory is (nearly) full: {free_bytes(disk)} bytes "
-                              "free, under OPTSERVE_READY_MIN_FREE_BYTES (4194304); a write "
-                              "could fail")
+            assert_short_of_space(c, disk)
             assert_ready(m)
-            for k in range(2):  # not ready is ahead of the failure: writes still succeed
-                r = big.post_step(c, k)
-                assert r.status_code == 200, r.text
-                big.acknowledged(k)
-            big.assert_same(c, state=True)
-            assert_not_ready(c, "OPTSERVE_READY_MIN_FREE_BYTES")
+            steps_while_short(c, big)
             filler.unlink()
-            time.sleep(FREE_SPACE_TTL_S + 0.05)
+            time.sleep(MEASURE_STANDS_S)
             assert_ready(c)
             assert_ready(m)
     finally:

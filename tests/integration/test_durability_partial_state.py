@@ -6,8 +6,6 @@ in-process ``torch.optim.Adagrad`` that loaded the same state dict."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,6 +15,7 @@ import torch
 from app.engine import persist
 from app.engine.store import read_log
 from app.wire.tree import tree_from_json, tree_to_json
+from tests.integration import test_durability as durability
 from tests.integration.test_durability import Proc, bitwise, session_dir
 
 pytestmark = pytest.mark.integration
@@ -24,13 +23,7 @@ pytestmark = pytest.mark.integration
 NAMES, SIZES = ("w", "b", "v"), (5, 3, 4)
 
 
-@pytest.fixture
-def proc(tmp_path: Path) -> Iterator[Proc]:
-    p = Proc(tmp_path / "data")
-    try:
-        yield p
-    finally:
-        p.stop()
+proc = durability.proc  # (a server process of its own data directory, stopped after)
 
 
 def grads(step: int) -> list[torch.Tensor]:

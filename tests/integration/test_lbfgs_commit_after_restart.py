@@ -11,7 +11,6 @@ with is still 404. Real ``python -m app``, ``kill -9`` or SIGTERM, durability ``
 
 from __future__ import annotations
 
-import signal
 from typing import Any
 
 import httpx
@@ -55,13 +54,7 @@ def test_the_last_evaluation_repeated_after_a_restart_is_answered_with_the_commi
         local.step()
         committed = first.json()
         assert committed["version"] == 1 and "replayed" not in committed
-    if how == "kill9":
-        proc.kill9()  # (as if the answer above had been lost with the server)
-    else:
-        assert proc.proc is not None
-        proc.proc.send_signal(signal.SIGTERM)
-        assert proc.proc.wait(60) == 0
-    proc.start()
+    restored_history.restart(proc, how)  # (kill -9: as if the answer were lost with it)
     with httpx.Client(base_url=proc.url, timeout=60) as c:
         again = c.post(f"/v1/sessions/lb/step/{eval_id}", json=body)
         assert again.status_code == 200, again.text

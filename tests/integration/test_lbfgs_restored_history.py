@@ -13,13 +13,12 @@ compares the parameters and the exported state after every step.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
+from tests.integration import test_durability as durability
 from tests.integration.test_durability import Proc
 from tests.torch_reference import (
     assert_tensors_equal,
@@ -89,13 +88,19 @@ def w_start(seed: int) -> torch.Tensor:
     return torch.randn(N, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture
-def proc(tmp_path: Path) -> Iterator[Proc]:
-    p = Proc(tmp_path / "data")
-    try:
-        yield p
-    finally:
-        p.stop()
+proc = durability.proc  # (a server process of its own data directory, stopped after)
+
+
+def restart(proc: Proc, how: str) -> None:
+    """Stop the server by ``kill -9`` (``"kill9"``: nothing snapshotted) or SIGTERM (every
+    session snapshotted, exit 0), then start it again on its data directory."""
+    if how == "kill9":
+        proc.kill9()
+    else:
+        assert proc.proc is not None
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(60) == 0
+    proc.start()
 
 
 @pytest.mark.parametrize("how", ["sigterm", "kill9"])
@@ -109,13 +114,7 @@ def test_steps_after_a_restore_from_the_snapshot_match_torch(proc: Proc, how: st
             server_step(c, "lb")
             local.step()
             assert_alike(c, "lb", local, f"before the restart, step {i + 1}")
-    if how == "kill9":
-        proc.kill9()
-    else:
-        assert proc.proc is not None
-        proc.proc.send_signal(signal.SIGTERM)
-        assert proc.proc.wait(60) == 0
-    proc.start()
+    restart(proc, how)
     with httpx.Client(base_url=proc.url, timeout=60) as c:
         assert_alike(c, "lb", local, "restored")
         for i in range(5):

@@ -19,22 +19,19 @@ import pytest
 
 from tests.conftest import LiveServer, kill_hosts, ray_settings
 from tests.integration.test_disk_full import (  # noqa: F401 - tmpfs is a fixture
+    MEASURE_STANDS_S,
     Big,
     MiB,
     Mount,
-    assert_not_ready,
     assert_ready,
+    assert_short_of_space,
     fill,
-    free_bytes,
+    steps_while_short,
     tmpfs,
 )
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
-
-#: how long a measure of the free space stands, and a little more
-MEASURE_STANDS_S = 1.05
-
 
 def host_status(data_dir: Path) -> Any:
     """The status the (one) host actor of a deployment gives of itself."""
@@ -59,23 +56,12 @@ def test_a_ray_front_is_not_ready_on_a_nearly_full_disk(
             assert host_status(disk).ready
             filler = fill(disk, leave=3 * MiB)
             fill(memory_disk, leave=3 * MiB)  # (under the bound, not full: see above)
-            time.sleep(MEASURE_STANDS_S)
-            r = c.get("/readyz")
-            assert r.headers["retry-after"] == "5"
-            detail = assert_not_ready(c, "OPTSERVE_READY_MIN_FREE_BYTES (4194304)")
-            assert detail == (f"the data directory is (nearly) full: {free_bytes(disk)} bytes "
-                              "free, under OPTSERVE_READY_MIN_FREE_BYTES (4194304); a write "
-                              "could fail")
+            assert_short_of_space(c, disk)
             status = host_status(disk)
             assert not status.ready
             assert "OPTSERVE_READY_MIN_FREE_BYTES (4194304)" in status.reason
             assert_ready(m)
-            for k in range(2):  # not ready is ahead of the failure: writes still succeed
-                r = big.post_step(c, k)
-                assert r.status_code == 200, r.text
-                big.acknowledged(k)
-            big.assert_same(c, state=True)
-            assert_not_ready(c, "OPTSERVE_READY_MIN_FREE_BYTES")
+            steps_while_short(c, big)
             filler.unlink()
             time.sleep(MEASURE_STANDS_S)
             assert_ready(c)

@@ -542,10 +542,7 @@ def test_a_group_added_under_a_scheduler_steps_for_good_or_is_refused(
     sid, ref, groups = sgd_pair(http, sched, 11)
     gen = torch.Generator().manual_seed(12)
     names = list(groups[0][0])
-    for k in range(2):
-        grads = {n: torch.randn(groups[0][0][n].shape, generator=gen) for n in names}
-        session_advance(http, sid, sched, grads, k)
-        local_advance(ref, sched, grads, k)
+    two_steps(http, sid, ref, sched, groups, gen)
     extra = torch.randn(3, generator=gen)
     before = snapshot(http, sid)
     r = http.post(f"/v1/sessions/{sid}/param_groups",
@@ -567,6 +564,17 @@ def test_a_group_added_under_a_scheduler_steps_for_good_or_is_refused(
     assert_tensors_equal(tensors_from_json(got), ref.params, "the added group")
 
 
+def two_steps(http: httpx.Client, sid: str, ref: Any, sched: dict[str, Any],
+              groups: Any, gen: torch.Generator) -> None:
+    """Two steps (and scheduler steps) of the session and of its torch twin, on the same
+    random gradients of the first group's parameters."""
+    names = list(groups[0][0])
+    for k in range(2):
+        grads = {n: torch.randn(groups[0][0][n].shape, generator=gen) for n in names}
+        session_advance(http, sid, sched, grads, k)
+        local_advance(ref, sched, grads, k)
+
+
 @pytest.mark.parametrize("sched", [
     spec("StepLR", step_size=2, gamma=0.5),
     spec("ExponentialLR", gamma=0.9),
@@ -586,10 +594,7 @@ def test_a_group_added_without_an_lr_under_a_scheduler_takes_the_default(
     ref = local("Adam", {}, groups, sched)
     gen = torch.Generator().manual_seed(32)
     names = list(groups[0][0])
-    for k in range(2):
-        grads = {n: torch.randn(groups[0][0][n].shape, generator=gen) for n in names}
-        session_advance(http, sid, sched, grads, k)
-        local_advance(ref, sched, grads, k)
+    two_steps(http, sid, ref, sched, groups, gen)
     extra = torch.randn(3, generator=gen)
     r = http.post(f"/v1/sessions/{sid}/param_groups",
                   json={"params": {"extra": json_tensor(extra)}, "betas": [0.8, 0.99]})

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +33,15 @@ from torch.nn import functional as F
 from torch.optim import lr_scheduler as lrs
 
 import optserve
+from tests.integration import test_sdk_torch_integrations as integrations
 
 pytestmark = [pytest.mark.integration,
               # (DCP in one process, without a process group, says so)
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
-@pytest.fixture
-def client(live_server: str) -> Iterator[optserve.Client]:
-    with optserve.Client(live_server, max_retries=0) as c:
-        yield c
-
-
-def mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+client = integrations.client  # (the fixture and the model the SDK's integration tests use)
+mlp = integrations.mlp
 
 
 def make(client: optserve.Client | None) -> tuple[nn.Module, torch.optim.Optimizer,
@@ -65,8 +58,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, sched: lrs.LRScheduler,
           steps: range) -> list[Any]:
     snapshots = []
     for i in steps:
-        g = torch.Generator().manual_seed(100 + i)
-        x, y = torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)
+        x, y = integrations.data(i)
         opt.zero_grad()
         F.mse_loss(model(x), y).backward()
         opt.step()

@@ -10,7 +10,6 @@ was. What torch does is checked here in-process, at test time."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,25 +17,18 @@ from torch import nn
 from torch.nn import functional as F
 
 import optserve
+from tests.integration import test_sdk_torch_integrations as integrations
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def client(live_server: str) -> Iterator[optserve.Client]:
-    with optserve.Client(live_server, max_retries=0) as c:
-        yield c
-
-
-def mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+client = integrations.client  # (the fixture and the model the SDK's integration tests use)
+mlp = integrations.mlp
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
     for i in range(steps):
-        g = torch.Generator().manual_seed(100 + i)
-        x, y = torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)
+        x, y = integrations.data(i)
         opt.zero_grad()
         F.mse_loss(model(x), y).backward()
         opt.step()

@@ -75,14 +75,19 @@ def test_a_list_shared_under_two_top_keys_is_refused_as_the_walk_meets_it() -> N
     assert _refused({"state": {0: shared}, "param_groups": [shared]})
 
 
+#: containers of plain values, and empty ones (which hold none)
+PLAIN = [{"a": 1, "b": 2.5, "c": "x", "d": None, "e": True}, {}, [1, 2.5, "x", None, True], []]
+
+
 @pytest.mark.parametrize("depth", [MAX_STATE_DEPTH - 2, MAX_STATE_DEPTH - 1, MAX_STATE_DEPTH])
-@pytest.mark.parametrize("leaf", [{"a": 1, "b": 2.5, "c": "x", "d": None, "e": True}, {}])
-def test_an_object_of_plain_values_comes_back_as_it_is_at_any_depth_the_walk_takes(
-        depth: int, leaf: dict[str, Any]) -> None:
-    """The same for an object's plain values (and an empty object, which holds none)."""
-    tree: Any = dict(leaf)
+@pytest.mark.parametrize("leaf", PLAIN, ids=["object", "empty-object", "list", "empty-list"])
+def test_plain_values_come_back_as_they_are_at_any_depth_the_walk_takes(
+        depth: int, leaf: dict[str, Any] | list[Any]) -> None:
+    """At the deepest level taken, a list's or an object's values are one level deeper than
+    it: past the limit unless it is empty (as the walk had it)."""
+    tree: Any = type(leaf)(leaf)
     for _ in range(depth):
-        tree = {"k": tree}
+        tree = {"k": tree} if isinstance(leaf, dict) else [tree]
     if depth >= MAX_STATE_DEPTH and leaf:
         with pytest.raises(Invalid, match="nested too deeply"):
             tree_from_json(tree, "state_dict")
@@ -91,26 +96,7 @@ def test_an_object_of_plain_values_comes_back_as_it_is_at_any_depth_the_walk_tak
     assert got == tree and got is not tree
     inner = got
     for _ in range(depth):
-        inner = inner["k"]
-    assert inner == leaf and [type(v) for v in inner.values()] == [type(v) for v in leaf.values()]
-
-
-@pytest.mark.parametrize("depth", [MAX_STATE_DEPTH - 2, MAX_STATE_DEPTH - 1, MAX_STATE_DEPTH])
-@pytest.mark.parametrize("leaf", [[1, 2.5, "x", None, True], []])
-def test_a_list_of_plain_values_comes_back_as_it_is_at_any_depth_the_walk_takes(
-        depth: int, leaf: list[Any]) -> None:
-    """At the deepest level taken, a list's values are one level deeper than the list: past
-    the limit unless it is empty (as the walk had it)."""
-    tree: Any = list(leaf)
-    for _ in range(depth):
-        tree = [tree]
-    if depth >= MAX_STATE_DEPTH and leaf:
-        with pytest.raises(Invalid, match="nested too deeply"):
-            tree_from_json(tree, "state_dict")
-        return
-    got = tree_from_json(tree, "state_dict")
-    assert got == tree and got is not tree
-    inner = got
-    for _ in range(depth):
-        inner = inner[0]
-    assert inner == leaf and type(inner[0] if leaf else None) is type(leaf[0] if leaf else None)
+        inner = inner["k"] if isinstance(leaf, dict) else inner[0]
+    values = list(inner.values()) if isinstance(inner, dict) else inner
+    wanted = list(leaf.values()) if isinstance(leaf, dict) else leaf
+    assert inner == leaf and [type(v) for v in values] == [type(v) for v in wanted]

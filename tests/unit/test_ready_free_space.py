@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from app.engine import store as store_module
+from app.engine.free_space import FREE_SPACE_TTL_S
 from app.engine.host import EmbeddedHost, HostConfig
-from app.engine.store import FREE_SPACE_TTL_S, Files, Store
+from app.engine.store import Files, Store
 
 
 class MeasuredFiles(Files):
