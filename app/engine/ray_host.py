@@ -250,7 +250,11 @@ def packed_from_wire(w: PackedWire) -> PackedTensors:
 
 def result_to_wire(result: Any) -> Any:
     if isinstance(result, (StepResult, ParamsResult)) and result.params is not None:
-        return dataclasses.replace(result, params=packed_to_wire(result.params))  # type: ignore[arg-type]
+        params = result.params
+        if any(t.layout == torch.sparse_coo for t in params.values()):  # (a row pull's rows)
+            rows = {n: tensor_to_wire(t) for n, t in params.items()}
+            return dataclasses.replace(result, params=rows)  # type: ignore[arg-type]
+        return dataclasses.replace(result, params=packed_to_wire(params))  # type: ignore[arg-type]
     if isinstance(result, StateExport):
         return dataclasses.replace(result, state_dict=tree_to_wire(result.state_dict))
     return result
@@ -259,6 +263,10 @@ def result_to_wire(result: Any) -> Any:
 def result_from_wire(result: Any) -> Any:
     if isinstance(result, (StepResult, ParamsResult)) and isinstance(result.params, PackedWire):
         return dataclasses.replace(result, params=packed_from_wire(result.params))
+    if isinstance(result, ParamsResult) and result.params and any(
+            isinstance(w, (WireTensor, SparseWire)) for w in result.params.values()):
+        return dataclasses.replace(result, params={
+            n: tensor_from_wire(w) for n, w in result.params.items()})  # type: ignore[arg-type]
     if isinstance(result, StateExport):
         return dataclasses.replace(result, state_dict=tree_from_wire(result.state_dict))
     return result
@@ -481,13 +489,15 @@ class HostActor:
 
     async def step(self, key: str, grads: dict[str, WireTensor | SparseWire], want_params: bool,
                    worker: str | None, base_version: int | None, idem: IdemKey | None,
-                   options: dict[int, dict[str, Any]] | None, front: str | None = None) -> Any:
+                   options: dict[int, dict[str, Any]] | None, front: str | None = None,
+                   upcast: bool = False) -> Any:
         """``front``: the identity of the front the step came through (a sync push is
         withdrawn only by that front's drain, :meth:`withdraw`)."""
         host = await self._ready()
         return result_to_wire(await host.step(
             key, {n: tensor_from_wire(w) for n, w in grads.items()}, want_params=want_params,
-            worker=worker, base_version=base_version, idem=idem, options=options, front=front))
+            worker=worker, base_version=base_version, idem=idem, options=options,
+            upcast=upcast, front=front))
 
     async def withdraw(self, key: str, worker: str, idem: IdemKey | None,
                        front: str | None = None) -> bool:
@@ -502,10 +512,21 @@ class HostActor:
         return await (await self._ready()).list_sessions(prefix)
 
     async def pull(self, key: str, names: list[str] | None, min_version: int | None,
-                   wait_s: float, unless_versions: frozenset[int]) -> Any:
+                   wait_s: float, unless_versions: frozenset[int],
+                   params_dtype: torch.dtype | None = None) -> Any:
         host = await self._ready()
         return result_to_wire(await host.pull(key, names, min_version=min_version,
-                                              wait_s=wait_s, unless_versions=unless_versions))
+                                              wait_s=wait_s, unless_versions=unless_versions,
+                                              params_dtype=params_dtype))
+
+    async def pull_rows(self, key: str, rows: dict[str, WireTensor | SparseWire],
+                        min_version: int | None, wait_s: float,
+                        unless_versions: frozenset[int], params_dtype: torch.dtype | None
+                        ) -> Any:
+        host = await self._ready()
+        return result_to_wire(await host.pull_rows(
+            key, {n: tensor_from_wire(w) for n, w in rows.items()}, min_version=min_version,
+            wait_s=wait_s, unless_versions=unless_versions, params_dtype=params_dtype))
 
     async def export_state(self, key: str) -> Any:
         return result_to_wire(await (await self._ready()).export_state(key))
@@ -566,17 +587,24 @@ class HostActor:
             return result_to_wire(await session.execute(key, op_from_wire(op), idem=idem,
                                                         want_params=want_params))
         if method == "step":
-            grads, want_params, worker, base_version, idem, options = args
+            grads, want_params, worker, base_version, idem, options, upcast = args
             return result_to_wire(await session.step(
                 key, {n: tensor_from_wire(w) for n, w in grads.items()},
                 want_params=want_params, worker=worker, base_version=base_version, idem=idem,
-                options=options))
+                options=options, upcast=upcast))
         if method == "describe":
             return await session.describe(key)
         if method == "pull":
-            names, min_version, wait_s, unless = args
+            names, min_version, wait_s, unless, params_dtype = args
             return result_to_wire(await session.pull(key, names, min_version=min_version,
-                                                     wait_s=wait_s, unless_versions=unless))
+                                                     wait_s=wait_s, unless_versions=unless,
+                                                     params_dtype=params_dtype))
+        if method == "pull_rows":
+            rows, min_version, wait_s, unless, params_dtype = args
+            return result_to_wire(await session.pull_rows(
+                key, {n: tensor_from_wire(w) for n, w in rows.items()},
+                min_version=min_version, wait_s=wait_s, unless_versions=unless,
+                params_dtype=params_dtype))
         if method == "export_state":
             return result_to_wire(await session.export_state(key))
         if method == "delete":
@@ -841,11 +869,11 @@ class RayHost:
     async def step(
         self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
-        options: dict[int, dict[str, Any]] | None = None,
+        options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
     ) -> StepResult:
         out: StepResult = result_from_wire(await self.call(
             "step", key, {n: tensor_to_wire(t) for n, t in grads.items()}, want_params, worker,
-            base_version, idem, options, self.front))
+            base_version, idem, options, self.front, upcast))
         return out
 
     async def withdraw(self, key: str, worker: str, idem: IdemKey | None) -> bool:
@@ -862,9 +890,20 @@ class RayHost:
     async def pull(
         self, key: str, names: list[str] | None, *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
         out: ParamsResult = result_from_wire(await self.call(
-            "pull", key, names, min_version, wait_s, unless_versions, read=True))
+            "pull", key, names, min_version, wait_s, unless_versions, params_dtype, read=True))
+        return out
+
+    async def pull_rows(
+        self, key: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
+    ) -> ParamsResult:
+        out: ParamsResult = result_from_wire(await self.call(
+            "pull_rows", key, {n: tensor_to_wire(t) for n, t in rows.items()}, min_version,
+            wait_s, unless_versions, params_dtype, read=True))
         return out
 
     async def export_state(self, key: str) -> StateExport:
@@ -928,11 +967,11 @@ class RemoteSharded:
     async def step(
         self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
-        options: dict[int, dict[str, Any]] | None = None,
+        options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
     ) -> StepResult:
         out: StepResult = await self._coordinate(
             "step", {n: tensor_to_wire(t) for n, t in grads.items()}, want_params, worker,
-            base_version, idem, options)
+            base_version, idem, options, upcast)
         return out
 
     async def describe(self, key: str) -> SessionInfo:
@@ -942,9 +981,20 @@ class RemoteSharded:
     async def pull(
         self, key: str, names: list[str] | None, *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
         out: ParamsResult = await self._coordinate("pull", names, min_version, wait_s,
-                                                   unless_versions, read=True)
+                                                   unless_versions, params_dtype, read=True)
+        return out
+
+    async def pull_rows(
+        self, key: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
+    ) -> ParamsResult:
+        out: ParamsResult = await self._coordinate(
+            "pull_rows", {n: tensor_to_wire(t) for n, t in rows.items()}, min_version, wait_s,
+            unless_versions, params_dtype, read=True)
         return out
 
     async def export_state(self, key: str) -> StateExport:
@@ -2008,11 +2058,11 @@ class _Placed:
     async def step(
         self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
-        options: dict[int, dict[str, Any]] | None = None,
+        options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
     ) -> StepResult:
         step = self._again(lambda h: h.step(
             key, grads, want_params=want_params, worker=worker, base_version=base_version,
-            idem=idem, options=options))
+            idem=idem, options=options, upcast=upcast))
         if worker is None or not isinstance(self.host, RayHost):
             out: StepResult = await step  # (no sync round: a sharded session has none)
             return out
@@ -2025,11 +2075,24 @@ class _Placed:
     async def pull(
         self, key: str, names: list[str] | None, *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
         async def read(wait: float) -> ParamsResult:
             out: ParamsResult = await self._again(lambda h: h.pull(
                 key, names, min_version=min_version, wait_s=wait,
-                unless_versions=unless_versions))
+                unless_versions=unless_versions, params_dtype=params_dtype))
+            return out
+        return await self.router.polled(read, wait_s)
+
+    async def pull_rows(
+        self, key: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
+    ) -> ParamsResult:
+        async def read(wait: float) -> ParamsResult:
+            out: ParamsResult = await self._again(lambda h: h.pull_rows(
+                key, rows, min_version=min_version, wait_s=wait,
+                unless_versions=unless_versions, params_dtype=params_dtype))
             return out
         return await self.router.polled(read, wait_s)
 

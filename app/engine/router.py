@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
+
 from app.engine.deleted_creates import indexed_session, refused_at_start, session_refused
 from app.engine.directory import Directory
 from app.engine.host import EmbeddedHost
@@ -83,12 +85,18 @@ class SessionHost(Protocol):
     async def step(
         self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
-        options: dict[int, dict[str, Any]] | None = None,
+        options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
     ) -> StepResult: ...
     async def describe(self, key: str) -> SessionInfo: ...
     async def pull(
         self, key: str, names: list[str] | None, *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
+    ) -> ParamsResult: ...
+    async def pull_rows(
+        self, key: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
     ) -> ParamsResult: ...
     async def export_state(self, key: str) -> StateExport: ...
     async def delete(self, key: str, *, idem: IdemKey | None = None,
@@ -161,11 +169,12 @@ class InProcessHost:
     async def step(
         self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
-        options: dict[int, dict[str, Any]] | None = None, front: str | None = None,
+        options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
+        front: str | None = None,
     ) -> StepResult:
         return await self.embedded.step(key, grads, want_params=want_params, worker=worker,
                                         base_version=base_version, idem=idem, options=options,
-                                        front=front)
+                                        upcast=upcast, front=front)
 
     async def describe(self, key: str) -> SessionInfo:
         return await self.embedded.describe(key)
@@ -176,9 +185,20 @@ class InProcessHost:
     async def pull(
         self, key: str, names: list[str] | None, *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
         return await self.embedded.pull(key, names, min_version=min_version, wait_s=wait_s,
-                                        unless_versions=unless_versions)
+                                        unless_versions=unless_versions,
+                                        params_dtype=params_dtype)
+
+    async def pull_rows(
+        self, key: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
+    ) -> ParamsResult:
+        return await self.embedded.pull_rows(key, rows, min_version=min_version,
+                                             wait_s=wait_s, unless_versions=unless_versions,
+                                             params_dtype=params_dtype)
 
     async def export_state(self, key: str) -> StateExport:
         return await self.embedded.export_state(key)

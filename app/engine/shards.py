@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from app.engine import metrics, ps, state_dicts, state_order
+from app.engine import metrics, ps, sparse, state_dicts, state_order
 from app.engine.interface import (
     CreateSpec,
     EngineStatus,
@@ -88,6 +88,7 @@ from app.engine.ops import (
     ZeroGrad,
 )
 from app.errors import Invalid, NotFound, OptserveError, StorageFull, Unavailable
+from app.wire.dtypes import TORCH_DTYPES
 from app.wire.safetensors_body import PackedTensors, pack
 
 if TYPE_CHECKING:
@@ -452,6 +453,9 @@ class ShardedSession:
         #: (:meth:`settle`); True while that is still to be done: a failure to reach a shard
         #: that passes (its host restarting) leaves it due, tried again by every later call
         self._settle_due = False
+        #: shape-only stand-ins of the parameters, for the checks of row pulls (described at
+        #: the first one: nothing changes a parameter's shape or dtype)
+        self._shapes: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ create and delete
     @classmethod
@@ -646,27 +650,17 @@ class ShardedSession:
     async def pull(
         self, key: str, names: list[str] | None, *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
+        """``params_dtype``: narrowed by each shard as an unsharded session narrows them
+        (the same code: :meth:`Session.pack_params <app.engine.session.Session.pack_params>`),
+        packed again in the session's order."""
         if names is not None:
             for n in names:
                 if n not in self.layout.owner:
                     raise Invalid(f"unknown parameter {n!r:.80}", code="unknown_parameter",
                                   field=f"names.{n}")
-        if min_version is not None and wait_s > 0:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + min(wait_s, MAX_WAIT_S)
-            while True:
-                changed = self._changed
-                version = self._version
-                if version is None:
-                    version = (await self.describe(self.key)).version
-                remaining = deadline - loop.time()
-                if version >= min_version or remaining <= 0 or self._draining:
-                    break
-                try:
-                    await asyncio.wait_for(changed.wait(), remaining)
-                except TimeoutError:
-                    pass
+        await self._wait_for(min_version, wait_s)
         async with self._lock:
             self._check_usable()
             await self._settled()
@@ -675,19 +669,89 @@ class ShardedSession:
                      for i in range(self.layout.shards)]
             asked = [(i, ns) for i, ns in parts if ns] or [(0, [])]
             results = await asyncio.gather(
-                *(self.shards[i][0].pull(self.shards[i][1], ns, unless_versions=unless_versions)
+                *(self.shards[i][0].pull(self.shards[i][1], ns, unless_versions=unless_versions,
+                                         params_dtype=params_dtype)
                   for i, ns in asked), return_exceptions=True)
-        errors = {i: r for (i, _), r in zip(asked, results, strict=True)
+        first = self._answered([i for i, _ in asked], results)
+        if first.not_modified:
+            return ParamsResult(first.version, first.step, first.lr, {}, not_modified=True)
+        outs = [r for r in results if isinstance(r, ParamsResult)]
+        return ParamsResult(first.version, first.step, first.lr,
+                            merge_params([r.params for r in outs], self.layout, wanted))
+
+    async def pull_rows(
+        self, key: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
+    ) -> ParamsResult:
+        """Rows of parameters, each from its shard (in the order asked, as an unsharded
+        session answers them). The coordinator checks them as that session would, against
+        the whole session's parameters (their shapes, described once: a sharded session's
+        parameters keep their shapes), before it waits; each shard then gathers its rows."""
+        await self._check_rows(rows)
+        await self._wait_for(min_version, wait_s)
+        async with self._lock:
+            self._check_usable()
+            await self._settled()
+            parts = [(i, {n: idx for n, idx in rows.items() if self.layout.owner[n] == i})
+                     for i in range(self.layout.shards)]
+            asked = [(i, part) for i, part in parts if part]
+            results = await asyncio.gather(
+                *(self.shards[i][0].pull_rows(self.shards[i][1], part,
+                                              unless_versions=unless_versions,
+                                              params_dtype=params_dtype)
+                  for i, part in asked), return_exceptions=True)
+        first = self._answered([i for i, _ in asked], results)
+        if first.not_modified:
+            return ParamsResult(first.version, first.step, first.lr, {}, not_modified=True)
+        merged: dict[str, torch.Tensor] = {}
+        for r in results:
+            if isinstance(r, ParamsResult) and r.params:
+                merged.update(r.params)
+        return ParamsResult(first.version, first.step, first.lr,
+                            {n: merged[n] for n in rows})
+
+    async def _check_rows(self, rows: dict[str, torch.Tensor]) -> None:
+        """A row pull's checks, as an unsharded session makes them (:func:`sparse.check_rows
+        <app.engine.sparse.check_rows>`), on shape-only stand-ins of the parameters."""
+        if self._shapes is None:
+            info = await self.describe(self.key)
+            self._shapes = {n: torch.empty(p["shape"], dtype=TORCH_DTYPES[p["dtype"]],
+                                           device="meta")
+                            for n, p in info.params.items()}
+        sparse.check_rows(self._shapes, rows)
+
+    async def _wait_for(self, min_version: int | None, wait_s: float) -> None:
+        """A long poll's wait: until the session reaches ``min_version``, ``wait_s`` (capped)
+        passes, or the server drains."""
+        if min_version is None or wait_s <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(wait_s, MAX_WAIT_S)
+        while True:
+            changed = self._changed
+            version = self._version
+            if version is None:
+                version = (await self.describe(self.key)).version
+            remaining = deadline - loop.time()
+            if version >= min_version or remaining <= 0 or self._draining:
+                return
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    def _answered(self, asked: list[int], results: Sequence[ParamsResult | BaseException]
+                  ) -> ParamsResult:
+        """The first of the shards' answers to a read, once none refused it and all are at
+        one version."""
+        errors = {i: r for i, r in zip(asked, results, strict=True)
                   if isinstance(r, BaseException)}
         if errors:
             raise first_refusal(errors, self.layout)
         outs = [r for r in results if isinstance(r, ParamsResult)]
         self._check_lockstep(outs)
-        first = outs[0]
-        if first.not_modified:
-            return ParamsResult(first.version, first.step, first.lr, {}, not_modified=True)
-        return ParamsResult(first.version, first.step, first.lr,
-                            merge_params([r.params for r in outs], self.layout, wanted))
+        return outs[0]
 
     async def export_state(self, key: str) -> StateExport:
         async with self._lock:
@@ -706,11 +770,14 @@ class ShardedSession:
     async def step(
         self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
-        options: dict[int, dict[str, Any]] | None = None,
+        options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
     ) -> StepResult:
+        """``upcast``: each shard widens its part of the gradients as an unsharded session
+        widens them (``?upcast=true``)."""
         if worker is not None:
             ps.check_worker(worker)
         out: StepResult = await self.execute(key, Step(grads, base_version, options=options,
+                                                       upcast=upcast,
                                                        request=True, refuse_replaced=True,
                                                        scheduler_range=True,
                                                        tensor_range=True,
@@ -731,7 +798,8 @@ class ShardedSession:
             # (to every shard, with its part or nothing: a push cut between the shards'
             # commits is found and undone at start, and the answer's ``accumulated`` lists
             # what every shard holds, not only the shards pushed to)
-            ops = {i: Push(layout.part(op.grads, i), every_shard=True) for i in every}
+            ops = {i: Push(layout.part(op.grads, i), op.upcast, every_shard=True)
+                   for i in every}
         elif isinstance(op, Overwrite):
             if not op.params:
                 raise Invalid("give at least one parameter", code="invalid_params",

@@ -541,14 +541,6 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def _join(self, session_id: str) -> None:
         info = self._client.get_session(session_id)
-        if self._wire_dtype is not None and info.raw.get("placement"):
-            # (a placement is described for a sharded or Ray-hosted session only) every step
-            # would be the server's 422 not_supported_here naming ?upcast, a query parameter
-            # this optimizer adds for wire_dtype: refused here, as for LBFGS, naming the option
-            raise ValueError(f"wire_dtype is not offered for session {session_id!r}: a "
-                             "sharded or Ray-hosted session takes gradients and answers "
-                             "parameters at the parameters' own width only (leave wire_dtype "
-                             "out)")
         local = [list(n) for n in self._param_names]
         remote = [list(g.params) for g in info.param_groups]
         if local != remote:
