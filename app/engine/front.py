@@ -140,7 +140,7 @@ class Front:
     async def _embedded(self, tenant: str, session_id: str, what: str
                         ) -> tuple[EmbeddedHost, str]:
         """The in-process host of a plain session, for what only it offers (LBFGS
-        evaluations, row pulls, history): a sharded session or one on a Ray host gets a 422."""
+        evaluations): a sharded session or one on a Ray host gets a 422."""
         host, key = await self._host(tenant, session_id)
         if isinstance(host, InProcessHost):
             return host.embedded, key
@@ -329,13 +329,12 @@ class Front:
                                            scalars=checked, answer_metrics=answer_metrics,
                                            into_seen=into_seen)
         else:
-            for given, name in ((checked, "scalars"), (return_params == "touched", "return")):
-                if given:
-                    raise _only_embedded(name)
+            if return_params == "touched":
+                raise _only_embedded("return")
             out = await host.step(key, grads, want_params=bool(return_params)
                                   or params_into is not None, worker=worker,
                                   base_version=base_version, idem=idem, options=options,
-                                  upcast=upcast)
+                                  upcast=upcast, scalars=checked)
             if params_dtype is not None and out.params is not None:
                 # (narrowed as the embedded host narrows a step's answer: the same code)
                 narrowed = await asyncio.to_thread(pack, out.params, params_dtype)
@@ -376,8 +375,6 @@ class Front:
                    scalars: dict[str, Any] | None = None) -> GradsResult:
         checked = check_scalars(scalars) or None
         host, key = await self._host(tenant, session_id)
-        if not isinstance(host, InProcessHost) and checked:
-            raise _only_embedded("scalars")
         out: GradsResult = await host.execute(
             key, Push(grads, upcast, checked, scalar_names=True), idem=idem)
         return out
@@ -385,9 +382,11 @@ class Front:
     async def history(self, session_id: str, query: HistoryQuery, *,
                       tenant: str = DEFAULT_TENANT) -> HistoryResult:
         """The session's per-step history (rows ``since < n <= until``, chosen fields),
-        downsampled to ``query.points`` buckets off the event loop."""
-        embedded, key = await self._embedded(tenant, session_id, "history")
-        result = await embedded.history(key, query)
+        downsampled to ``query.points`` buckets off the event loop; from the host that holds
+        the session, on either engine (a sharded session refuses it: 422
+        ``not_supported_here``, :func:`app.engine.shards.history_refused`)."""
+        host, key = await self._host(tenant, session_id)
+        result = await host.history(key, query)
         if query.points is not None:
             points = query.points
             result.columns = await asyncio.to_thread(downsample, result.columns, points)

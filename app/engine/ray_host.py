@@ -100,6 +100,7 @@ from app.engine.deleted_creates import (
 from app.engine.directory import CreateMark, Directory, entry_at
 from app.engine.free_space import FreeSpace
 from app.engine.front import Front, Limits
+from app.engine.history import HistoryQuery, HistoryResult
 from app.engine.host import EmbeddedHost, HostConfig
 from app.engine.interface import (
     CreateSpec,
@@ -124,7 +125,9 @@ from app.engine.shards import (
     ShardLayout,
     Tip,
     check_shardable,
+    history_refused,
     plan_layout,
+    scalars_refused,
     shard_key,
 )
 from app.engine.store import Files, storage_failure, write_atomic
@@ -490,14 +493,14 @@ class HostActor:
     async def step(self, key: str, grads: dict[str, WireTensor | SparseWire], want_params: bool,
                    worker: str | None, base_version: int | None, idem: IdemKey | None,
                    options: dict[int, dict[str, Any]] | None, front: str | None = None,
-                   upcast: bool = False) -> Any:
+                   upcast: bool = False, scalars: dict[str, float] | None = None) -> Any:
         """``front``: the identity of the front the step came through (a sync push is
         withdrawn only by that front's drain, :meth:`withdraw`)."""
         host = await self._ready()
         return result_to_wire(await host.step(
             key, {n: tensor_from_wire(w) for n, w in grads.items()}, want_params=want_params,
             worker=worker, base_version=base_version, idem=idem, options=options,
-            upcast=upcast, front=front))
+            upcast=upcast, scalars=scalars, front=front))
 
     async def withdraw(self, key: str, worker: str, idem: IdemKey | None,
                        front: str | None = None) -> bool:
@@ -530,6 +533,9 @@ class HostActor:
 
     async def export_state(self, key: str) -> Any:
         return result_to_wire(await (await self._ready()).export_state(key))
+
+    async def history(self, key: str, query: HistoryQuery) -> HistoryResult:
+        return await (await self._ready()).history(key, query)
 
     async def delete(self, key: str, idem: IdemKey | None, expected: Expected | None = None
                      ) -> bool:
@@ -870,10 +876,11 @@ class RayHost:
         self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
+        scalars: dict[str, float] | None = None,
     ) -> StepResult:
         out: StepResult = result_from_wire(await self.call(
             "step", key, {n: tensor_to_wire(t) for n, t in grads.items()}, want_params, worker,
-            base_version, idem, options, self.front, upcast))
+            base_version, idem, options, self.front, upcast, scalars))
         return out
 
     async def withdraw(self, key: str, worker: str, idem: IdemKey | None) -> bool:
@@ -908,6 +915,10 @@ class RayHost:
 
     async def export_state(self, key: str) -> StateExport:
         out: StateExport = result_from_wire(await self.call("export_state", key, read=True))
+        return out
+
+    async def history(self, key: str, query: HistoryQuery) -> HistoryResult:
+        out: HistoryResult = await self.call("history", key, query, read=True)
         return out
 
     async def delete(self, key: str, *, idem: IdemKey | None = None,
@@ -968,7 +979,10 @@ class RemoteSharded:
         self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
+        scalars: dict[str, float] | None = None,
     ) -> StepResult:
+        if scalars:
+            raise scalars_refused()
         out: StepResult = await self._coordinate(
             "step", {n: tensor_to_wire(t) for n, t in grads.items()}, want_params, worker,
             base_version, idem, options, upcast)
@@ -1000,6 +1014,9 @@ class RemoteSharded:
     async def export_state(self, key: str) -> StateExport:
         out: StateExport = await self._coordinate("export_state", read=True)
         return out
+
+    async def history(self, key: str, query: HistoryQuery) -> HistoryResult:
+        raise history_refused()
 
     async def delete(self, key: str, *, idem: IdemKey | None = None,
                      expected: Expected | None = None) -> bool:
@@ -2059,10 +2076,11 @@ class _Placed:
         self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
+        scalars: dict[str, float] | None = None,
     ) -> StepResult:
         step = self._again(lambda h: h.step(
             key, grads, want_params=want_params, worker=worker, base_version=base_version,
-            idem=idem, options=options, upcast=upcast))
+            idem=idem, options=options, upcast=upcast, scalars=scalars))
         if worker is None or not isinstance(self.host, RayHost):
             out: StepResult = await step  # (no sync round: a sharded session has none)
             return out
@@ -2098,6 +2116,10 @@ class _Placed:
 
     async def export_state(self, key: str) -> StateExport:
         out: StateExport = await self._again(lambda h: h.export_state(key))
+        return out
+
+    async def history(self, key: str, query: HistoryQuery) -> HistoryResult:
+        out: HistoryResult = await self._again(lambda h: h.history(key, query))
         return out
 
     async def delete(self, key: str, *, idem: IdemKey | None = None,

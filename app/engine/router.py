@@ -32,6 +32,7 @@ import torch
 
 from app.engine.deleted_creates import indexed_session, refused_at_start, session_refused
 from app.engine.directory import Directory
+from app.engine.history import HistoryQuery, HistoryResult
 from app.engine.host import EmbeddedHost
 from app.engine.interface import (
     CreateSpec,
@@ -86,6 +87,7 @@ class SessionHost(Protocol):
         self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
+        scalars: dict[str, float] | None = None,
     ) -> StepResult: ...
     async def describe(self, key: str) -> SessionInfo: ...
     async def pull(
@@ -99,6 +101,7 @@ class SessionHost(Protocol):
         params_dtype: torch.dtype | None = None,
     ) -> ParamsResult: ...
     async def export_state(self, key: str) -> StateExport: ...
+    async def history(self, key: str, query: HistoryQuery) -> HistoryResult: ...
     async def delete(self, key: str, *, idem: IdemKey | None = None,
                      expected: Expected | None = None) -> bool: ...
 
@@ -170,11 +173,11 @@ class InProcessHost:
         self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
-        front: str | None = None,
+        scalars: dict[str, float] | None = None, front: str | None = None,
     ) -> StepResult:
         return await self.embedded.step(key, grads, want_params=want_params, worker=worker,
                                         base_version=base_version, idem=idem, options=options,
-                                        upcast=upcast, front=front)
+                                        upcast=upcast, scalars=scalars, front=front)
 
     async def describe(self, key: str) -> SessionInfo:
         return await self.embedded.describe(key)
@@ -202,6 +205,9 @@ class InProcessHost:
 
     async def export_state(self, key: str) -> StateExport:
         return await self.embedded.export_state(key)
+
+    async def history(self, key: str, query: HistoryQuery) -> HistoryResult:
+        return await self.embedded.history(key, query)
 
     async def delete(self, key: str, *, idem: IdemKey | None = None,
                      expected: Expected | None = None) -> bool:

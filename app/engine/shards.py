@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from app.engine import metrics, ps, sparse, state_dicts, state_order
+from app.engine.history import HistoryQuery, HistoryResult
 from app.engine.interface import (
     CreateSpec,
     EngineStatus,
@@ -389,6 +390,25 @@ def cut_candidates(tips: Sequence[Tip]) -> list[tuple[str, list[int], tuple[int,
         if len(rest) == 1:
             found.append((tx, cut, rest.pop()))
     return found
+
+
+def history_refused() -> Invalid:
+    """422 ``not_supported_here`` for ``GET .../history`` of a sharded session: each shard
+    records the norms of its own part of the parameters, and norms merged from them (as a
+    step's answer merges its ``metrics``) equal the unsharded session's only within float
+    rounding, not bit for bit as a history row is."""
+    return Invalid("history: not offered for a sharded session (each shard records the "
+                   "norms of its own part of the parameters; a step's answer carries the "
+                   "session's metrics, merged)", code="not_supported_here", field="history")
+
+
+def scalars_refused() -> Invalid:
+    """422 ``not_supported_here`` for a sharded session's step or push carrying client
+    scalars: they are recorded in the session's history, which a sharded session does not
+    offer (:func:`history_refused`)."""
+    return Invalid("scalars: not offered for a sharded session (a step's scalars are "
+                   "recorded in its history, which a sharded session does not offer)",
+                   code="not_supported_here", field="scalars")
 
 
 def retryable(exc: BaseException) -> bool:
@@ -763,6 +783,9 @@ class ShardedSession:
                                        [o.state_order for o in outs]),
                            outs[0].version, outs[0].step, outs[0].revision)
 
+    async def history(self, key: str, query: HistoryQuery) -> HistoryResult:
+        raise history_refused()
+
     async def status(self, *, memory: bool = False) -> EngineStatus:  # pragma: no cover
         raise NotImplementedError
 
@@ -771,9 +794,12 @@ class ShardedSession:
         self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
+        scalars: dict[str, float] | None = None,
     ) -> StepResult:
         """``upcast``: each shard widens its part of the gradients as an unsharded session
-        widens them (``?upcast=true``)."""
+        widens them (``?upcast=true``). ``scalars`` are refused (:func:`scalars_refused`)."""
+        if scalars:
+            raise scalars_refused()
         if worker is not None:
             ps.check_worker(worker)
         out: StepResult = await self.execute(key, Step(grads, base_version, options=options,
@@ -794,6 +820,8 @@ class ShardedSession:
             self._check_names(op.grads, "grads")
             ops = {i: dataclasses.replace(op, grads=layout.part(op.grads, i)) for i in every}
         elif isinstance(op, Push):
+            if op.scalars:
+                raise scalars_refused()
             self._check_names(op.grads, "grads")
             # (to every shard, with its part or nothing: a push cut between the shards'
             # commits is found and undone at start, and the answer's ``accumulated`` lists
