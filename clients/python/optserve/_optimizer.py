@@ -362,7 +362,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         #: the last step if no answer came back for it (``_UnansweredStep``)
         self._unanswered: _UnansweredStep | None = None
         #: a closure's loss goes with the step as its ``loss`` scalar (off once the session
-        #: refused scalars: a sharded or Ray-hosted one)
+        #: refused scalars: a sharded one)
         self._loss_scalar = True
         #: the newest session version any answer showed (>= ``_version``)
         self._known_version = 0
@@ -779,7 +779,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             except APIStatusError as exc:
                 if not (automatic and _refuses_scalars(exc)):
                     raise
-                # a sharded or Ray-hosted session takes no scalars (422 before anything was
+                # a sharded session takes no scalars (422 before anything was
                 # applied): the step goes again without the loss nobody asked to send, and
                 # later steps of this optimizer leave it out (a scalar given through
                 # record_scalars is still sent, and refused)
@@ -1526,7 +1526,7 @@ def _positional_ids(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def _refuses_scalars(exc: APIStatusError) -> bool:
-    """The session takes no step scalars (a sharded or Ray-hosted one: 422
-    ``not_supported_here`` naming ``scalars``, answered before anything was applied)."""
+    """The session takes no step scalars (a sharded one: 422 ``not_supported_here`` naming
+    ``scalars``, answered before anything was applied)."""
     return (exc.status_code == 422 and exc.code == "not_supported_here"
             and exc.field == "scalars")
