@@ -254,7 +254,8 @@ def packed_from_wire(w: PackedWire) -> PackedTensors:
 def result_to_wire(result: Any) -> Any:
     if isinstance(result, (StepResult, ParamsResult)) and result.params is not None:
         params = result.params
-        if any(t.layout == torch.sparse_coo for t in params.values()):  # (a row pull's rows)
+        first = next(iter(params.values()), None)
+        if first is not None and first.layout == torch.sparse_coo:  # (a row pull's: all rows)
             rows = {n: tensor_to_wire(t) for n, t in params.items()}
             return dataclasses.replace(result, params=rows)  # type: ignore[arg-type]
         return dataclasses.replace(result, params=packed_to_wire(params))  # type: ignore[arg-type]
@@ -266,8 +267,8 @@ def result_to_wire(result: Any) -> Any:
 def result_from_wire(result: Any) -> Any:
     if isinstance(result, (StepResult, ParamsResult)) and isinstance(result.params, PackedWire):
         return dataclasses.replace(result, params=packed_from_wire(result.params))
-    if isinstance(result, ParamsResult) and result.params and any(
-            isinstance(w, (WireTensor, SparseWire)) for w in result.params.values()):
+    if isinstance(result, ParamsResult) and isinstance(
+            next(iter(result.params.values()), None), (WireTensor, SparseWire)):
         return dataclasses.replace(result, params={
             n: tensor_from_wire(w) for n, w in result.params.items()})  # type: ignore[arg-type]
     if isinstance(result, StateExport):
