@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from app.engine import ps, state_aliases, state_dicts
+from app.engine import ps, sparse, state_aliases, state_dicts
 from app.engine.history import HistoryQuery, HistoryResult, downsample
 from app.engine.host import EmbeddedHost
 from app.engine.interface import (
@@ -62,7 +62,6 @@ from app.engine.ops.params import (
 from app.engine.router import InProcessHost, LocalRouter, Router, SessionHost
 from app.engine.session import check_session_id
 from app.errors import Invalid, NotFound, TooMany
-from app.wire.safetensors_body import pack
 
 DEFAULT_TENANT = "default"
 _TOMBSTONES = 10_000
@@ -329,15 +328,15 @@ class Front:
                                            scalars=checked, answer_metrics=answer_metrics,
                                            into_seen=into_seen)
         else:
-            if return_params == "touched":
-                raise _only_embedded("return")
-            out = await host.step(key, grads, want_params=bool(return_params)
-                                  or params_into is not None, worker=worker,
+            wanted: ReturnParams = ("touched" if return_params == "touched"
+                                    else bool(return_params) or params_into is not None)
+            out = await host.step(key, grads, want_params=wanted, worker=worker,
                                   base_version=base_version, idem=idem, options=options,
                                   upcast=upcast, scalars=checked)
             if params_dtype is not None and out.params is not None:
-                # (narrowed as the embedded host narrows a step's answer: the same code)
-                narrowed = await asyncio.to_thread(pack, out.params, params_dtype)
+                # (narrowed as the embedded host narrows a step's answer, whole or touched)
+                narrowed = await asyncio.to_thread(sparse.narrowed_answer, out.params,
+                                                   params_dtype)
                 out = dataclasses.replace(out, params=narrowed)
             _copy_into(params_into, out.params)
         if not answer_metrics and out.metrics is not None:

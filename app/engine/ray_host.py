@@ -108,6 +108,7 @@ from app.engine.interface import (
     GroupSpec,
     IdemKey,
     ParamsResult,
+    ReturnParams,
     SessionInfo,
     StateExport,
     StepResult,
@@ -254,8 +255,8 @@ def packed_from_wire(w: PackedWire) -> PackedTensors:
 def result_to_wire(result: Any) -> Any:
     if isinstance(result, (StepResult, ParamsResult)) and result.params is not None:
         params = result.params
-        first = next(iter(params.values()), None)
-        if first is not None and first.layout == torch.sparse_coo:  # (a row pull's: all rows)
+        if not isinstance(params, PackedTensors) and any(  # (rows: a row pull's, a step's
+                t.layout == torch.sparse_coo for t in params.values()):  # touched ones)
             rows = {n: tensor_to_wire(t) for n, t in params.items()}
             return dataclasses.replace(result, params=rows)  # type: ignore[arg-type]
         return dataclasses.replace(result, params=packed_to_wire(params))  # type: ignore[arg-type]
@@ -267,8 +268,7 @@ def result_to_wire(result: Any) -> Any:
 def result_from_wire(result: Any) -> Any:
     if isinstance(result, (StepResult, ParamsResult)) and isinstance(result.params, PackedWire):
         return dataclasses.replace(result, params=packed_from_wire(result.params))
-    if isinstance(result, ParamsResult) and isinstance(
-            next(iter(result.params.values()), None), (WireTensor, SparseWire)):
+    if isinstance(result, (StepResult, ParamsResult)) and isinstance(result.params, dict):
         return dataclasses.replace(result, params={
             n: tensor_from_wire(w) for n, w in result.params.items()})  # type: ignore[arg-type]
     if isinstance(result, StateExport):
@@ -486,13 +486,14 @@ class HostActor:
             self._dropped.pop(made, None)
 
     async def execute(self, key: str, op: tuple[str, Any], idem: IdemKey | None,
-                      want_params: bool) -> Any:
+                      want_params: ReturnParams) -> Any:
         host = await self._ready()
         return result_to_wire(await host.execute(key, op_from_wire(op), idem=idem,
                                                  want_params=want_params))
 
-    async def step(self, key: str, grads: dict[str, WireTensor | SparseWire], want_params: bool,
-                   worker: str | None, base_version: int | None, idem: IdemKey | None,
+    async def step(self, key: str, grads: dict[str, WireTensor | SparseWire],
+                   want_params: ReturnParams, worker: str | None, base_version: int | None,
+                   idem: IdemKey | None,
                    options: dict[int, dict[str, Any]] | None, front: str | None = None,
                    upcast: bool = False, scalars: dict[str, float] | None = None) -> Any:
         """``front``: the identity of the front the step came through (a sync push is
@@ -560,7 +561,7 @@ class HostActor:
         return await (await self._ready()).prepare(key, op_from_wire(op), idem)
 
     async def commit(self, key: str, idem: IdemKey, op: tuple[str, Any] | None,
-                     want_params: bool) -> Any:
+                     want_params: ReturnParams) -> Any:
         host = await self._ready()
         return result_to_wire(await host.commit(
             key, idem, op_from_wire(op) if op is not None else None, want_params=want_params))
@@ -869,12 +870,12 @@ class RayHost:
         await self.call("unforget", key, made)
 
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
-                      want_params: bool = False) -> Any:
+                      want_params: ReturnParams = False) -> Any:
         return result_from_wire(await self.call("execute", key, op_to_wire(op), idem,
                                                 want_params))
 
     async def step(
-        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        self, key: str, grads: Tensors, *, want_params: ReturnParams, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
         scalars: dict[str, float] | None = None,
@@ -934,7 +935,7 @@ class RayHost:
         return out
 
     async def commit(self, key: str, idem: IdemKey, op: Operation | None = None, *,
-                     want_params: bool = False) -> Any:
+                     want_params: ReturnParams = False) -> Any:
         return result_from_wire(await self.call(
             "commit", key, idem, op_to_wire(op) if op is not None else None, want_params))
 
@@ -973,11 +974,11 @@ class RemoteSharded:
                                                      method, args, read=read))
 
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
-                      want_params: bool = False) -> Any:
+                      want_params: ReturnParams = False) -> Any:
         return await self._coordinate("execute", op_to_wire(op), idem, want_params)
 
     async def step(
-        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        self, key: str, grads: Tensors, *, want_params: ReturnParams, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
         scalars: dict[str, float] | None = None,
@@ -2066,7 +2067,7 @@ class _Placed:
             return await call(await self.router.route(self.key))
 
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
-                      want_params: bool = False) -> Any:
+                      want_params: ReturnParams = False) -> Any:
         out = await self._again(lambda h: h.execute(key, op, idem=idem,
                                                     want_params=want_params))
         if isinstance(out, SessionInfo):  # (a description answered: as describe gives it)
@@ -2074,7 +2075,7 @@ class _Placed:
         return out
 
     async def step(
-        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        self, key: str, grads: Tensors, *, want_params: ReturnParams, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
         scalars: dict[str, float] | None = None,

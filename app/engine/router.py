@@ -39,6 +39,7 @@ from app.engine.interface import (
     EngineStatus,
     IdemKey,
     ParamsResult,
+    ReturnParams,
     SessionInfo,
     StateExport,
     StepResult,
@@ -82,9 +83,9 @@ class SessionHost(Protocol):
     """What the front calls for one session key: a host, or a sharded session's coordinator."""
 
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
-                      want_params: bool = False) -> Any: ...
+                      want_params: ReturnParams = False) -> Any: ...
     async def step(
-        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        self, key: str, grads: Tensors, *, want_params: ReturnParams, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
         scalars: dict[str, float] | None = None,
@@ -124,7 +125,7 @@ class Host(SessionHost, Protocol):
 
     async def prepare(self, key: str, op: Operation, idem: IdemKey) -> Checked: ...
     async def commit(self, key: str, idem: IdemKey, op: Operation | None = None, *,
-                     want_params: bool = False) -> Any: ...
+                     want_params: ReturnParams = False) -> Any: ...
     async def abort(self, key: str, idem: IdemKey) -> None: ...
     async def cut_tip(self, key: str) -> Tip: ...
     async def revision_tip(self, key: str) -> RevisionTip: ...
@@ -166,11 +167,11 @@ class InProcessHost:
         return await self.embedded.create(key, spec, idem=idem)
 
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
-                      want_params: bool = False) -> Any:
+                      want_params: ReturnParams = False) -> Any:
         return await self.embedded.execute(key, op, idem=idem, want_params=want_params)
 
     async def step(
-        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        self, key: str, grads: Tensors, *, want_params: ReturnParams, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
         scalars: dict[str, float] | None = None, front: str | None = None,
@@ -242,7 +243,7 @@ class InProcessHost:
         return checked
 
     async def commit(self, key: str, idem: IdemKey, op: Operation | None = None, *,
-                     want_params: bool = False) -> Any:
+                     want_params: ReturnParams = False) -> Any:
         """Apply the prepared operation (or ``op``) under its idempotency key (a commit that
         already happened is answered from the session's table)."""
         kept = self._prepared.pop((key, idem.key), None)

@@ -65,6 +65,7 @@ from app.engine.interface import (
     GroupSpec,
     IdemKey,
     ParamsResult,
+    ReturnParams,
     SchedulerResult,
     SessionInfo,
     StateExport,
@@ -229,6 +230,17 @@ def merge_params(parts: Sequence[Tensors | None], layout: ShardLayout,
             merged.update(part)
     order = names if names is not None else layout.names()
     return pack({n: merged[n] for n in order if n in merged})
+
+
+def merge_touched(parts: Sequence[Tensors | None], layout: ShardLayout) -> Tensors:
+    """A ``?return=touched`` step's answer from its shards' (each the rows, or whole
+    parameters, its step touched): in the session's order, as the unsharded session answers
+    them; not packed (rows travel as row-sparse tensors)."""
+    merged: dict[str, torch.Tensor] = {}
+    for part in parts:
+        if part:
+            merged.update(part)
+    return {n: merged[n] for n in layout.names() if n in merged}
 
 
 def merge_state(sds: list[dict[str, Any]], layout: ShardLayout,
@@ -791,7 +803,7 @@ class ShardedSession:
 
     # ------------------------------------------------------------------ operations
     async def step(
-        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        self, key: str, grads: Tensors, *, want_params: ReturnParams, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
         options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
         scalars: dict[str, float] | None = None,
@@ -804,6 +816,7 @@ class ShardedSession:
             ps.check_worker(worker)
         out: StepResult = await self.execute(key, Step(grads, base_version, options=options,
                                                        upcast=upcast,
+                                                       touched=want_params == "touched",
                                                        request=True, refuse_replaced=True,
                                                        scheduler_range=True,
                                                        tensor_range=True,
@@ -812,7 +825,7 @@ class ShardedSession:
         return out
 
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
-                      want_params: bool = False) -> Any:
+                      want_params: ReturnParams = False) -> Any:
         layout = self.layout
         every = range(layout.shards)
         ops: dict[int, Operation]
@@ -876,7 +889,7 @@ class ShardedSession:
 
     # ------------------------------------------------------------------ the two phases
     async def _two_phase(
-        self, ops: dict[int, Operation], idem: IdemKey | None, want_params: bool,
+        self, ops: dict[int, Operation], idem: IdemKey | None, want_params: ReturnParams,
         refusal: Callable[[int, BaseException], BaseException] | None = None,
     ) -> tuple[dict[int, Any], list[str]]:
         """Prepare on every shard, then commit on every shard: the shards' results, and the
@@ -914,7 +927,7 @@ class ShardedSession:
         return results, [n for c in checked.values() for n in c.nonfinite]
 
     async def _commit(self, ops: dict[int, Operation], commit: dict[int, Operation | None],
-                      idem: IdemKey, want_params: bool) -> dict[int, Any]:
+                      idem: IdemKey, want_params: ReturnParams) -> dict[int, Any]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.commit_timeout_s
         results: dict[int, Any] = {}
@@ -1027,7 +1040,7 @@ class ShardedSession:
         self._draining = True
         self._wake()
 
-    def _merge(self, op: Operation, results: dict[int, Any], want_params: bool,
+    def _merge(self, op: Operation, results: dict[int, Any], want_params: ReturnParams,
                nonfinite: list[str]) -> Any:
         outs = [results[i] for i in sorted(results)]
         self._check_lockstep([r for r in outs if hasattr(r, "version")])
@@ -1038,7 +1051,9 @@ class ShardedSession:
             skipped = any(r.skipped for r in steps)
             order = self.layout.names()
             seen = set(nonfinite) | {n for r in steps for n in r.nonfinite}
-            params = (merge_params([r.params for r in steps], self.layout) if want_params
+            params = (merge_touched([r.params for r in steps], self.layout)
+                      if want_params == "touched" else
+                      merge_params([r.params for r in steps], self.layout) if want_params
                       else None)
             return dataclasses.replace(
                 first, skipped=skipped, nonfinite=[n for n in order if n in seen],

@@ -28,7 +28,7 @@ import torch
 from app.engine import optimizers
 from app.errors import Invalid
 from app.wire.dtypes import DTYPE_NAMES
-from app.wire.safetensors_body import narrowed_dtype
+from app.wire.safetensors_body import narrowed_dtype, pack
 from app.wire.tensor_maps import dense_body
 
 if TYPE_CHECKING:
@@ -289,6 +289,24 @@ def check_rows(params: Mapping[str, torch.Tensor], rows: dict[str, torch.Tensor]
         raise Invalid(f"these rows hold {asked} elements in all, more than a row pull answers "
                       f"({limit}: the session's parameters, or {ROWS_FLOOR} if more); ask "
                       "fewer rows at a time", code="rows_too_large", field=field, limit=limit)
+
+
+def narrowed_answer(params: Tensors, dtype: torch.dtype) -> Tensors:
+    """A step's answer that a host sent at full width (a sharded or Ray-hosted session's),
+    narrowed to ``dtype`` as the embedded host narrows its own (:func:`pack` for whole
+    parameters, :func:`touched` for rows: floating tensors wider than ``dtype``, by torch's
+    cast)."""
+    if not any(is_sparse(t) for t in params.values()):
+        return pack(params, dtype)
+    out: Tensors = {}
+    for name, t in params.items():
+        if is_sparse(t):
+            values = t._values()
+            out[name] = row_sparse(rows_of(t), values.to(narrowed_dtype(values, dtype)),
+                                   t.shape)
+        else:
+            out[name] = t.to(narrowed_dtype(t, dtype))
+    return out
 
 
 def gather_rows(s: Session, rows: dict[str, torch.Tensor], dtype: torch.dtype | None = None

@@ -271,3 +271,95 @@ def test_narrow_wires_step_push_and_pull_as_torch(http: httpx.Client, shards: in
         same_bits(got[name], want, f"master weights of {name}")
     assert http.get(f"/v1/sessions/{sid}").json()["accumulated"] == []
     http.delete(f"/v1/sessions/{sid}")
+
+
+TABLES = {"emb": (30, 4), "other": (16, 4), "bias": (4,)}
+
+
+def sparse_grad(rows: list[int], seed: int, n: int) -> torch.Tensor:
+    values = torch.randn(len(rows), 4, generator=torch.Generator().manual_seed(seed))
+    return torch.sparse_coo_tensor(torch.tensor([rows]), values, (n, 4), check_invariants=True)
+
+
+def sparse_json(t: torch.Tensor) -> dict[str, Any]:
+    return {"indices": t._indices()[0].tolist(), "values": json_tensor(t._values())}
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_touched_answers_as_torch(http: httpx.Client, shards: int) -> None:
+    """``?return=touched``: each stepped parameter's touched rows (each once, ascending) or
+    the whole parameter for a dense gradient, in the session's order; narrowed with
+    ``?params_dtype=``; a keyed retry answers the same rows; rows accumulated by a push are
+    answered with the step that takes them. Values as torch's SGD on the same sparse
+    gradients."""
+    g = torch.Generator().manual_seed(5)
+    start = {n: torch.randn(shape, generator=g) for n, shape in TABLES.items()}
+    sid = f"touched-{uuid.uuid4().hex[:8]}"
+    r = http.post("/v1/sessions", json={"id": sid, "optimizer": "SGD", "options": {"lr": 0.1},
+                                         "shards": shards,
+                                         "params": {n: json_tensor(t) for n, t in start.items()}})
+    assert r.status_code == 201, r.text
+    params = {n: t.clone().requires_grad_(True) for n, t in start.items()}
+    opt = torch.optim.SGD(list(params.values()), lr=0.1)
+
+    def twin(grads: dict[str, torch.Tensor]) -> None:
+        for n, p in params.items():
+            p.grad = grads.get(n)
+        opt.step()
+
+    def rows_of(answer: dict[str, Any], name: str) -> tuple[list[int], torch.Tensor]:
+        return answer[name]["indices"], tensor_from_json(answer[name]["values"])
+
+    # JSON: rows of emb (a repeat) and of other, bias whole
+    grads = {"emb": sparse_grad([3, 17, 3], 1, 30), "other": sparse_grad([5], 2, 16),
+             "bias": torch.randn(4, generator=g)}
+    r = http.post(f"/v1/sessions/{sid}/step?return=touched", json={"grads": {
+        "emb": sparse_json(grads["emb"]), "other": sparse_json(grads["other"]),
+        "bias": json_tensor(grads["bias"])}})
+    assert r.status_code == 200, r.text
+    twin(grads)
+    answer = r.json()["params"]
+    assert list(answer) == ["emb", "other", "bias"]
+    for name, rows in (("emb", [3, 17]), ("other", [5])):
+        idx, values = rows_of(answer, name)
+        assert idx == rows
+        same_bits(values, params[name].detach()[rows], f"touched rows of {name}")
+    same_bits(tensor_from_json(answer["bias"]), params["bias"].detach(), "bias whole")
+
+    # safetensors, narrowed, keyed; its retry answers the same rows
+    grads = {"other": sparse_grad([15, 0], 3, 16)}
+    body = safetensors.torch.save({"other.indices": grads["other"]._indices()[0].clone(),
+                                   "other.values": grads["other"]._values().clone()})
+    key = uuid.uuid4().hex
+    answers = []
+    for _ in range(2):
+        r = http.post(f"/v1/sessions/{sid}/step?return=touched&params_dtype=bfloat16",
+                      content=body, headers={"Content-Type": BINARY, "Accept": BINARY,
+                                             "Idempotency-Key": key})
+        assert r.status_code == 200, r.text
+        answers.append(safetensors.torch.load(r.content))
+    assert r.headers.get("idempotent-replayed") == "true"
+    twin(grads)
+    for got in answers:
+        assert set(got) == {"other.indices", "other.values"}
+        assert got["other.indices"].tolist() == [0, 15]
+        same_bits(got["other.values"], params["other"].detach()[[0, 15]].to(torch.bfloat16),
+                  "narrowed touched rows")
+
+    # rows pushed (accumulated) come back with the step that takes them
+    pushed = {"emb": sparse_grad([29, 1], 4, 30)}
+    r = http.post(f"/v1/sessions/{sid}/grads", json={"grads": {"emb": sparse_json(pushed["emb"])}})
+    assert r.status_code == 200, r.text
+    stepped = {"emb": sparse_grad([1, 8], 5, 30)}
+    r = http.post(f"/v1/sessions/{sid}/step?return=touched",
+                  json={"grads": {"emb": sparse_json(stepped["emb"])}})
+    assert r.status_code == 200, r.text
+    twin({"emb": pushed["emb"] + stepped["emb"]})
+    idx, values = rows_of(r.json()["params"], "emb")
+    assert idx == [1, 8, 29]
+    same_bits(values, params["emb"].detach()[[1, 8, 29]], "accumulated and stepped rows")
+    r = http.get(f"/v1/sessions/{sid}/params", headers={"Accept": BINARY})
+    got = safetensors.torch.load(r.content)
+    for name, p in params.items():
+        same_bits(got[name], p.detach(), f"{name} after the steps")
+    http.delete(f"/v1/sessions/{sid}")

@@ -68,35 +68,38 @@ def train(model: nn.Module, opts: list[torch.optim.Optimizer], steps: int) -> li
     return losses
 
 
+@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)
 @pytest.mark.parametrize("binary", [True, False])
 @pytest.mark.parametrize("setup", ["sgd-whole-model", "sparseadam-and-adam"])
 def test_remote_optimizer_with_sparse_embedding_equals_local(
-        client: optserve.Client, setup: str, binary: bool) -> None:
-    def optimizers(model: Recommender, remote: bool) -> list[torch.optim.Optimizer]:
-        def make(params: Any, name: str, **kw: Any) -> torch.optim.Optimizer:
-            if remote:
-                return optserve.RemoteOptimizer(params, name, client, binary=binary, **kw)
-            cls = getattr(torch.optim, name)
-            return cls(params, **kw)  # type: ignore[no-any-return]
-        if setup == "sgd-whole-model":
-            return [make(model.named_parameters(), "SGD", lr=0.5)]
-        return [make(model.emb.named_parameters(), "SparseAdam", lr=0.05),
-                make(model.head.named_parameters(), "Adam", lr=0.01)]
+        engine_url: str, setup: str, binary: bool) -> None:
+    """Touched rows back (``?return=touched``) on either engine: bitwise the local run."""
+    with optserve.Client(engine_url, max_retries=0) as client:
+        def optimizers(model: Recommender, remote: bool) -> list[torch.optim.Optimizer]:
+            def make(params: Any, name: str, **kw: Any) -> torch.optim.Optimizer:
+                if remote:
+                    return optserve.RemoteOptimizer(params, name, client, binary=binary, **kw)
+                cls = getattr(torch.optim, name)
+                return cls(params, **kw)  # type: ignore[no-any-return]
+            if setup == "sgd-whole-model":
+                return [make(model.named_parameters(), "SGD", lr=0.5)]
+            return [make(model.emb.named_parameters(), "SparseAdam", lr=0.05),
+                    make(model.head.named_parameters(), "Adam", lr=0.01)]
 
-    local_model, remote_model = Recommender(), Recommender()
-    local = train(local_model, optimizers(local_model, False), 6)
-    remote_opts = optimizers(remote_model, True)
-    remote = train(remote_model, remote_opts, 6)
-    assert all(bitwise(a, b) for a, b in zip(local, remote, strict=True))
-    for (n, a), (_, b) in zip(local_model.named_parameters(), remote_model.named_parameters(),
-                              strict=True):
-        assert bitwise(a.detach(), b.detach()), n
-    # the session's table is the local one too (only touched rows came back)
-    opt = remote_opts[0]
-    assert isinstance(opt, optserve.RemoteOptimizer)
-    name = "emb.weight" if setup == "sgd-whole-model" else "weight"
-    table = client.get_params(opt.session_id, [name]).params[name]
-    assert bitwise(table, local_model.emb.weight.detach())
+        local_model, remote_model = Recommender(), Recommender()
+        local = train(local_model, optimizers(local_model, False), 6)
+        remote_opts = optimizers(remote_model, True)
+        remote = train(remote_model, remote_opts, 6)
+        assert all(bitwise(a, b) for a, b in zip(local, remote, strict=True))
+        for (n, a), (_, b) in zip(local_model.named_parameters(), remote_model.named_parameters(),
+                                  strict=True):
+            assert bitwise(a.detach(), b.detach()), n
+        # the session's table is the local one too (only touched rows came back)
+        opt = remote_opts[0]
+        assert isinstance(opt, optserve.RemoteOptimizer)
+        name = "emb.weight" if setup == "sgd-whole-model" else "weight"
+        table = client.get_params(opt.session_id, [name]).params[name]
+        assert bitwise(table, local_model.emb.weight.detach())
 
 
 @pytest.mark.parametrize("engine_url", ENGINES, indirect=True)
