@@ -252,11 +252,13 @@ def _match_list(header: str) -> tuple[list[int], bool]:
             return strong, weak
 
 
-def check_read(expected: Expected | None, version: int, revision: int | None = None) -> None:
+def check_read(expected: Expected | None, version: int, step: int,
+               revision: int | None = None) -> None:
     """412 ``precondition_failed`` naming ``If-Match`` when a read's answer is not of the
-    version it named (checked on the answer itself: what was read, at one version)."""
+    version it named (checked on the answer itself: what was read, at one version; its
+    ``step`` and ``revision`` go in the refusal's headers, as a 200's)."""
     if expected is not None:
-        expected.check_at(version, revision, "nothing is answered")
+        expected.check_at(version, revision, "nothing is answered", step=step)
 
 
 def worker_id(request: Request) -> str | None:

@@ -606,9 +606,11 @@ PROBLEMS: dict[str, str] = {
     "408": "The request body stalled for OPTSERVE_BODY_TIMEOUT_S (the connection is closed)",
     "412": "precondition_failed: the session is no longer at the version (If-Match, "
            "?base_version=) or revision (?base_revision=) named; nothing was applied (a "
-           "read: nothing is answered). Its ETag and X-Optserve-Version (and "
+           "read: nothing is answered). Its ETag, X-Optserve-Version and X-Optserve-Step (and "
            "X-Optserve-Revision where known) give the session's current version, as a 200 "
-           "would (absent only for a session at no version: one out of service)",
+           "would (absent only for a session at no version: one out of service); an "
+           "If-Match list's first 16 versions are in base_versions, their number in "
+           "base_versions_count",
     "503": "Not ready (device worker down, data directory not writable, or draining)",
 }
 

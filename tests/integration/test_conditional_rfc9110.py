@@ -26,6 +26,7 @@ import pytest
 from tests.conftest import ENGINES
 from tests.integration.test_conditional_changes import CASES, CHANGES, Pair
 from tests.integration.test_conditional_import import Pair as ReadPair
+from tests.integration.test_conditional_import import wire
 from tests.integration.test_conditional_reads import READS, answered_as_torch, read
 
 pytestmark = [pytest.mark.integration,
@@ -107,7 +108,14 @@ def test_a_list_holds_at_any_of_its_versions(http: httpx.Client, shards: int) ->
     pair.step()
     etag, revision = pair.read()
     problem = refused_at(http.request(**with_match(request(pair), '"0", "1"')), etag, revision)
-    assert problem["base_versions"] == [0, 1]
+    assert problem["base_versions"] == [0, 1] and problem["base_versions_count"] == 2
+    # a long list: the first 16 versions named, in the order sent, and how many (not all
+    # 5,000 echoed); the versions of the session's past named twice count once
+    tags = ", ".join(f'"{v}"' for v in [1, 0, 1, *range(100, 5098)])
+    problem = refused_at(http.request(**with_match(request(pair), tags)), etag, revision)
+    assert problem["base_versions"] == [1, 0, *range(100, 114)]
+    assert problem["base_versions_count"] == 5000
+    assert "and 4984 more" in problem["detail"] and len(problem["detail"]) < 300
     pair.same_as_torch()
     for tag in (f'"1", {etag}', f'{etag} , "7"', etag.strip('"')):
         done = http.request(**with_match(request(pair), tag))
@@ -228,6 +236,64 @@ def test_a_patch_that_changes_nothing_keeps_the_revision(http: httpx.Client,
     assert r.status_code == 200 and r.json()["revision"] == revision + 2
     CHANGES["patch_group"][1](pair)
     assert pair.read() == (etag, revision + 2)
+    pair.same_as_torch()
+    pair.step()
+    pair.same_as_torch()
+
+
+def steps_taken(pair: Pair) -> int:
+    """The optimizer steps the twin's Adam took (its per-parameter ``step``)."""
+    counts = {int(entry["step"]) for entry in pair.opt.state.values()}
+    assert len(counts) == 1, counts
+    return counts.pop()
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_412_carries_the_step_count_a_200_does(http: httpx.Client, shards: int,
+                                                 request: pytest.FixtureRequest) -> None:
+    """Every 412 (each conditional change, ``PUT .../state_dict`` and ``DELETE`` included,
+    and each read evaluating ``If-Match``) carries ``X-Optserve-Step``, the session's step
+    count: what a GET of the session answers in it and in ``step``, and the steps torch's
+    twin took; not its version (an overwrite moved that past the step count), and beside the
+    version headers. It had only ``ETag``, ``X-Optserve-Version`` and
+    ``X-Optserve-Revision``. Nothing refused changes the session."""
+    pair = Pair(http, shards)
+    for _ in range(3):
+        pair.step()
+    put, put_mirror = CHANGES["put_params"]
+    done = http.request(**put(pair))  # (version 4, step count 3)
+    assert done.status_code == 200, done.text
+    put_mirror(pair)
+    got = http.get(pair.url)
+    assert got.status_code == 200, got.text
+    etag, revision, step = (got.headers["etag"], int(got.headers["x-optserve-revision"]),
+                            got.headers["x-optserve-step"])
+    assert step == str(got.json()["step"]) == str(steps_taken(pair)) == "3"
+    assert etag == '"4"'
+    changes = {name: change(pair) for name, (change, _) in CHANGES.items()
+               if not (name == "add_group" and shards > 1)}
+    changes["delete"] = {"method": "DELETE", "url": pair.url}
+    changes["put_state_dict"] = {"method": "PUT", "url": f"{pair.url}/state_dict",
+                                 "json": wire(pair.opt.state_dict())}
+    for name, change in changes.items():
+        for tag in ('"1"', '"0", "2"', 'W/"4"'):
+            r = http.request(**with_match(change, tag))
+            refused_at(r, etag, revision)
+            assert r.headers.get("x-optserve-step") == step, (name, tag, r.headers)
+        r = http.request(**{**change, "params": {"base_revision": revision - 1}})
+        assert r.status_code == 412 and r.json()["field"] == "base_revision", (name, r.text)
+        version_headers_are(r, etag, revision)
+        assert r.headers.get("x-optserve-step") == step, (name, r.headers)
+        assert r.json()["current_step"] == int(step)
+    for what in READS:
+        if no_rows_here(request, what, shards):
+            continue
+        ok = read(pair, what, {})
+        assert ok.status_code == 200 and ok.headers["x-optserve-step"] == step, (what, ok.text)
+        r = read(pair, what, {"If-Match": '"3"'})
+        refused_at(r, etag, revision if what.startswith(("session", "state_dict")) else None)
+        assert r.headers.get("x-optserve-step") == step, (what, r.headers)
+    assert pair.read() == (etag, revision)
     pair.same_as_torch()
     pair.step()
     pair.same_as_torch()
