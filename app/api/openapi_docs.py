@@ -501,13 +501,16 @@ HEADERS: dict[str, dict[str, Any]] = {
     "If-None-Match": {
         "name": "If-None-Match", "in": "header", "required": False,
         "description": "304 when the current version is one of these (W/\"5\" names 5 too); "
-                       "*: 304 whenever the session exists",
+                       "*: 304 whenever the session exists; tags that are no version are "
+                       "ignored; outside RFC 9110's grammar (* in a list, w/\"5\"): 422 "
+                       "invalid_precondition",
         "schema": {"type": "string", "example": '"5"'}},
     "If-None-Match (star)": {
         "name": "If-None-Match", "in": "header", "required": False,
         "description": "only * is evaluated: 304 whenever the session exists (a version tag "
                        "is not: this answer's ETag is the parameters' version, which option "
-                       "changes do not move)",
+                       "changes do not move); outside RFC 9110's grammar: 422 "
+                       "invalid_precondition",
         "schema": {"type": "string", "example": "*"}},
 }
 # Query parameters the routes read themselves.

@@ -112,9 +112,10 @@ async def list_sessions(engine: EngineDep, tenant: TenantDep) -> Response:
 async def get_session(session_id: SessionId, request: Request, engine: EngineDep,
                       tenant: TenantDep) -> Response:
     expected = conditions.strict_match(request)
+    star = conditions.none_match_any(request)  # (a malformed one: 422 before any work)
     info = await engine.describe(session_id, tenant=tenant)
     conditions.check_read(expected, info.version, info.step, info.revision)
-    if conditions.none_match_any(request):
+    if star:
         return _not_modified(info)
     return _described(info)
 

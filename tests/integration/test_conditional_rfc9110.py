@@ -297,3 +297,58 @@ def test_a_412_carries_the_step_count_a_200_does(http: httpx.Client, shards: int
     pair.same_as_torch()
     pair.step()
     pair.same_as_torch()
+
+
+#: ``If-None-Match`` values outside RFC 9110's grammar (``"*" / #entity-tag``): ``*`` in a
+#: list, a lower-case weak indicator, a tag unquoted, unclosed, spaced from its ``W/``, two
+#: tags without a comma, a quoted tag with a space in it, a no-break space beside ``*``
+MALFORMED_NONE_MATCH = ('"2", *', '*, "2"', "*, *", 'w/"2"', 'w/"9"', "abc", '"2', 'W/ "2"',
+                        '"1" "2"', '"a b"', "*\xa0")
+#: (value, whether a pull of the session at version 2 is a 304): valid ones, taken as before
+VALID_NONE_MATCH = (('W/"2"', True), ('"2"', True), ('"1", "2"', True), ("*", True),
+                    ('"1",, W/"2" ,', True), ('"1" ,\t"2"', True), ("2", True),
+                    ('"a,b", "2"', True),
+                    ('"abc"', False), ('"abc", W/"1"', False), ('"1",', False),
+                    ('"\xb2"', False), ('"99999999999999999999"', False))
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_malformed_if_none_match_is_a_422_naming_it(
+        http: httpx.Client, shards: int, request: pytest.FixtureRequest) -> None:
+    """An ``If-None-Match`` outside RFC 9110's grammar (``*`` in a list, ``w/"2"``, ...) on
+    every read that evaluates it is a 422 ``invalid_precondition`` naming it, as a malformed
+    ``If-Match`` is a 422 (it was read as naming no version: a full answer, silently); its
+    lines combine into one list (``"1"`` and ``*`` on two lines: ``*`` in a list). The valid
+    forms answer as before: a version named, weak or strong, bare or in a list (empty
+    elements ignored), is a 304 on a pull; ``*`` a 304 on every read; a tag that is no
+    version (``"abc"``) is ignored; the description and the state dict evaluate ``*`` only.
+    Nothing changes: the answers are torch's."""
+    pair = ReadPair(http, shards)
+    pair.step()
+    pair.step()
+    for what in READS:
+        if no_rows_here(request, what, shards):
+            continue
+        for value in MALFORMED_NONE_MATCH:
+            r = read(pair, what, {"If-None-Match": value.encode("latin-1")})
+            assert r.status_code == 422, (what, value, r.text)
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert (r.json()["code"], r.json()["field"]) == (
+                "invalid_precondition", "If-None-Match"), (what, value, r.text)
+        for value, not_modified in VALID_NONE_MATCH:
+            r = read(pair, what, {"If-None-Match": value.encode("latin-1")})
+            pulled = what.startswith(("params", "rows"))
+            if value == "*" or (not_modified and pulled):
+                assert (r.status_code, r.content) == (304, b""), (what, value, r.text)
+                assert r.headers["etag"] == '"2"'
+            else:
+                answered_as_torch(pair, what, r)
+    for lines, status in (([("If-None-Match", '"1"'), ("If-None-Match", "*")], 422),
+                          ([("If-None-Match", '"1"'), ("If-None-Match", 'W/"2"')], 304)):
+        r = http.get(f"{pair.url}/params", params={"encoding": "b64"}, headers=lines)
+        assert r.status_code == status, (lines, r.text)
+    r = http.get(f"{pair.url}/params", params={"wait_s": 5}, headers={"If-None-Match": 'w/"2"'})
+    assert r.status_code == 422, r.text  # (at once: refused before any wait)
+    assert http.get("/v1/sessions/no-such-session/params",
+                    headers={"If-None-Match": '"1", *'}).status_code == 422
+    pair.same_as_torch()
