@@ -143,17 +143,43 @@ def _tag_version(tag: str) -> int | None:
     return int_text(tag, 18)
 
 
+#: one member of an ``If-None-Match`` list (RFC 9110 8.8.3: ``[ "W/" ] DQUOTE *etagc DQUOTE``,
+#: etagc ``%x21 / %x23-7E / obs-text``, the weak indicator case-sensitive) or, as servers before
+#: took it, a bare version (``5``, ``W/5``); then a comma or the end
+_NONE_MATCH_MEMBER = re.compile(
+    r'[ \t]*(?:(?:W/)?"([\x21\x23-\x7e\x80-\xff]*)"|(?:W/)?([0-9]+))[ \t]*(?:,|$)')
+
+
 def none_match_versions(request: Request) -> frozenset[int]:
-    """The versions named by ``If-None-Match`` (weak comparison: ``W/"5"`` names 5; tags that
-    are not versions are ignored); ``*``: :data:`EVERY_VERSION` (RFC 9110 13.1.2: false
-    whenever the session exists, a 304 on a read)."""
+    """The versions named by ``If-None-Match`` (weak comparison: ``W/"5"`` names 5; entity
+    tags that are not versions, ``"abc"``, are ignored; so are empty list elements and an
+    empty header); ``*``: :data:`EVERY_VERSION` (RFC 9110 13.1.2: false whenever the session
+    exists, a 304 on a read). A header outside RFC 9110's grammar (``*`` in a list, ``w/"5"``:
+    the weak indicator is ``W/``, an unclosed quote, a bare word) is a 422
+    ``invalid_precondition`` naming ``If-None-Match``, as a malformed ``If-Match`` is a 422:
+    read as no version, it was silently a full answer."""
     header = ", ".join(request.headers.getlist("if-none-match"))  # (a list: lines combine)
-    if not header:
-        return frozenset()
     if header.strip(_OWS) == "*":
         return EVERY_VERSION
-    found = (_tag_version(t) for t in header.split(","))
-    return frozenset(v for v in found if v is not None)
+    found: set[int] = set()
+    pos, end = 0, len(header)
+    while pos < end:
+        if (empty := _EMPTY_MEMBER.match(header, pos)) is not None:
+            pos = empty.end()
+            continue
+        if _BLANK.fullmatch(header, pos) is not None:
+            break
+        member = _NONE_MATCH_MEMBER.match(header, pos)
+        if member is None:
+            raise Invalid("If-None-Match must be * alone or a list of entity tags as the ETag "
+                          "gives them (\"5\", W/\"5\"; \"4\", \"5\"); got "
+                          f"{header!r:.60}", code="invalid_precondition",
+                          field="If-None-Match")
+        version = int_text(member.group(1) if member.group(2) is None else member.group(2), 18)
+        if version is not None:
+            found.add(version)
+        pos = member.end()
+    return frozenset(found)
 
 
 def none_match_any(request: Request) -> bool:
@@ -252,11 +278,13 @@ def _match_list(header: str) -> tuple[list[int], bool]:
             return strong, weak
 
 
-def check_read(expected: Expected | None, version: int, revision: int | None = None) -> None:
+def check_read(expected: Expected | None, version: int, step: int,
+               revision: int | None = None) -> None:
     """412 ``precondition_failed`` naming ``If-Match`` when a read's answer is not of the
-    version it named (checked on the answer itself: what was read, at one version)."""
+    version it named (checked on the answer itself: what was read, at one version; its
+    ``step`` and ``revision`` go in the refusal's headers, as a 200's)."""
     if expected is not None:
-        expected.check_at(version, revision, "nothing is answered")
+        expected.check_at(version, revision, "nothing is answered", step=step)
 
 
 def worker_id(request: Request) -> str | None:

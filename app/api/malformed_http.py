@@ -5,7 +5,9 @@ two different ``Content-Length`` lines, a chunk size that is not hex, a header n
 space, ...) never reaches the app: uvicorn answers it itself, ``400`` in ``text/plain``
 ("Invalid HTTP request received."). These subclasses answer it as every other bad input is
 answered: a 400 ``malformed_http`` problem naming the part the parser refused (``field``:
-``Content-Length``, ``Transfer-Encoding``, ``request-line``, ``headers``, ``Host`` or ``body``)
+``Content-Length``, ``Transfer-Encoding``, ``request-line``, ``request-target`` (an
+absolute-form target with userinfo, :func:`~app.api.request_head_checks.target_problem`),
+``headers``, ``Host`` or ``body``)
 and its reason, then close the connection, as uvicorn does. A refused request pipelined behind ones
 still being answered is refused after their answers (uvicorn's answer took the first one's
 place). ``python -m app`` serves with :func:`http_protocol`.
@@ -47,7 +49,7 @@ from app.api import connection_cap
 from app.api.body_sink import SinkingProtocol
 from app.api.held_head import hold_head
 from app.api.problems import PROBLEM
-from app.api.request_head_checks import connect_detail
+from app.api.request_head_checks import connect_detail, target_problem
 from app.api.send_clock import SendClock
 
 log = logging.getLogger("optserve.api")
@@ -81,6 +83,12 @@ class HeadTooLarge(Exception):
     """A request head past its bounds; raised in a parser callback, it stops the parser."""
 
 
+class MalformedTarget(Exception):
+    """A request target the parser took and this server refuses
+    (:func:`~app.api.request_head_checks.target_problem`); raised in a parser callback (or
+    as the cause of h11's error), it stops the parser."""
+
+
 def head_bounds(config: Any) -> tuple[float, int, int]:
     """The served app's head timeout (s), largest head (bytes) and most header lines."""
     settings = getattr(getattr(getattr(config, "app", None), "state", None), "settings", None)
@@ -108,16 +116,25 @@ def raw_answer(status: int, body: bytes, default_headers: list[tuple[bytes, byte
     """A whole problem+json answer with ``Connection: close``, as bytes. It carries a request
     id of its own, in ``X-Request-Id`` and the body's ``request_id``, as every answer does
     (the request was not read: no client id to echo)."""
+    body, headers = answer_parts(body, default_headers)
+    head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()]
+    for name, value in headers:
+        head += [name, b": ", value, b"\r\n"]
+    return b"".join([*head, b"\r\n", body])
+
+
+def answer_parts(body: bytes, default_headers: list[tuple[bytes, bytes]]
+                 ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """A refusal's body with a request id of its own (the body's ``request_id``) and its
+    headers: the server's defaults, ``X-Request-Id`` with that id, ``Content-Type``,
+    ``Content-Length``, ``Connection: close``. Both protocols answer with them (h11's
+    answers had no ``X-Request-Id``)."""
     rid = uuid.uuid4().hex.encode()
     if body.endswith(b"}"):  # a problem object (orjson's, compact)
         body = body[:-1] + b',"request_id":"' + rid + b'"}'
-    head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()]
-    for name, value in default_headers:
-        head += [name, b": ", value, b"\r\n"]
-    head += [b"x-request-id: ", rid, b"\r\n"]
-    head += [b"content-type: ", PROBLEM.encode(), b"\r\ncontent-length: ",
-             str(len(body)).encode(), b"\r\nconnection: close\r\n\r\n"]
-    return b"".join(head) + body
+    return body, [*default_headers, (b"x-request-id", rid),
+                  (b"content-type", PROBLEM.encode()),
+                  (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
 
 
 def problem_body(exc: BaseException | None) -> tuple[int, bytes]:
@@ -125,8 +142,13 @@ def problem_body(exc: BaseException | None) -> tuple[int, bytes]:
     (None: the reason is unknown). 431 for a head past its bounds (:class:`HeadTooLarge`, under
     httptools the context of its callback error) and where the parser says so (h11: a request
     line and headers past its buffer); every other refusal is a 400."""
-    if exc is not None and isinstance(exc.__context__, HeadTooLarge):  # (httptools' wrapper)
-        exc = exc.__context__
+    if exc is not None:  # (httptools' wrapper of a callback's error; h11's, of ours)
+        exc = next((e for e in (exc.__context__, exc.__cause__)
+                    if isinstance(e, (HeadTooLarge, MalformedTarget))), exc)
+    if isinstance(exc, MalformedTarget):
+        return 400, _encode(400, "Malformed HTTP request", code="malformed_http",
+                            field="request-target",
+                            detail=f"{exc}; the request was not read, the connection is closed")
     if isinstance(exc, HeadTooLarge):
         return 431, _encode(431, "Request header fields too large", code="headers_too_large",
                             field="headers", detail=f"{exc}; the connection is closed")
@@ -416,6 +438,9 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                 def on_headers_complete(self) -> None:
                     self._in_head = False
                     _stop_head_clock(self)
+                    wrong = target_problem(self.url)
+                    if wrong is not None:  # (the parser stops: send_400_response answers)
+                        raise MalformedTarget(wrong)
                     if self.parser.get_method() == b"CONNECT":
                         # llhttp takes every CONNECT as an upgrade and stops at its head, the
                         # bytes after it a tunnel's: served as a request without content, the
@@ -514,6 +539,20 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
     else:
         if callable(getattr(H11Protocol, "send_400_response", None)):
 
+            class TargetCheckedConnection(h11.Connection):
+                """h11's connection, whose request with a target this server refuses
+                (:func:`~app.api.request_head_checks.target_problem`) is a protocol error, as
+                h11's own refusals are (uvicorn answers it with ``send_400_response``; the
+                request is read, so the answer can still be sent)."""
+
+                def next_event(self) -> Any:
+                    event = super().next_event()
+                    if isinstance(event, h11.Request):
+                        wrong = target_problem(event.target)
+                        if wrong is not None:
+                            raise h11.RemoteProtocolError(wrong) from MalformedTarget(wrong)
+                    return event
+
             class ProblemH11Protocol(_Capped, _HeadClock, SendClock,  # type: ignore[misc]
                                      H11Protocol):
                 """uvicorn's h11 protocol; a refused request gets problem+json. Its request
@@ -522,6 +561,7 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                 def __init__(self, *args: Any, **kwargs: Any) -> None:
                     super().__init__(*args, **kwargs)
                     self._head_timeout = head_bounds(self.config)[0]
+                    self.conn.__class__ = TargetCheckedConnection  # (uvicorn made it)
 
                 def _head_timed_out(self) -> None:
                     # a request begun: h11 holds the bytes of a head it has not parsed yet
@@ -546,12 +586,11 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                         return
                     try:
                         status, body = problem_body(sys.exception())
-                        headers = [(b"content-type", PROBLEM.encode()),
-                                   (b"content-length", str(len(body)).encode()),
-                                   (b"connection", b"close")]
+                        body, headers = answer_parts(body, self.server_state.default_headers)
                         answer = b"".join([
-                            self.conn.send(h11.Response(status_code=status, headers=headers))
-                            or b"",
+                            self.conn.send(h11.Response(
+                                status_code=status, headers=headers,
+                                reason=http.HTTPStatus(status).phrase.encode())) or b"",
                             self.conn.send(h11.Data(data=body)) or b"",
                             self.conn.send(h11.EndOfMessage()) or b""])
                     except Exception:  # uvicorn's answer, where h11 can still send it

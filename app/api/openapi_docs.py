@@ -501,13 +501,16 @@ HEADERS: dict[str, dict[str, Any]] = {
     "If-None-Match": {
         "name": "If-None-Match", "in": "header", "required": False,
         "description": "304 when the current version is one of these (W/\"5\" names 5 too); "
-                       "*: 304 whenever the session exists",
+                       "*: 304 whenever the session exists; tags that are no version are "
+                       "ignored; outside RFC 9110's grammar (* in a list, w/\"5\"): 422 "
+                       "invalid_precondition",
         "schema": {"type": "string", "example": '"5"'}},
     "If-None-Match (star)": {
         "name": "If-None-Match", "in": "header", "required": False,
         "description": "only * is evaluated: 304 whenever the session exists (a version tag "
                        "is not: this answer's ETag is the parameters' version, which option "
-                       "changes do not move)",
+                       "changes do not move); outside RFC 9110's grammar: 422 "
+                       "invalid_precondition",
         "schema": {"type": "string", "example": "*"}},
 }
 # Query parameters the routes read themselves.
@@ -606,9 +609,11 @@ PROBLEMS: dict[str, str] = {
     "408": "The request body stalled for OPTSERVE_BODY_TIMEOUT_S (the connection is closed)",
     "412": "precondition_failed: the session is no longer at the version (If-Match, "
            "?base_version=) or revision (?base_revision=) named; nothing was applied (a "
-           "read: nothing is answered). Its ETag and X-Optserve-Version (and "
+           "read: nothing is answered). Its ETag, X-Optserve-Version and X-Optserve-Step (and "
            "X-Optserve-Revision where known) give the session's current version, as a 200 "
-           "would (absent only for a session at no version: one out of service)",
+           "would (absent only for a session at no version: one out of service); an "
+           "If-Match list's first 16 versions are in base_versions, their number in "
+           "base_versions_count",
     "503": "Not ready (device worker down, data directory not writable, or draining)",
 }
 

@@ -48,13 +48,16 @@ async def _optserve_error(_: Request, exc: Exception) -> Response:
 
 def current_version_headers(extra: dict[str, Any]) -> dict[str, str]:
     """A 412 ``precondition_failed``'s headers: the session's current version as a 200 gives
-    it (``ETag``, ``X-Optserve-Version``; ``X-Optserve-Revision`` where the refusal knows
-    it), so a client refreshes its precondition without another read; none where the
-    session is at no version (one out of service)."""
+    it (``ETag``, ``X-Optserve-Version``, ``X-Optserve-Step``; ``X-Optserve-Revision`` where
+    the refusal knows it), so a client refreshes its precondition without another read; none
+    where the session is at no version (one out of service)."""
     version, revision = extra.get("current_version"), extra.get("current_revision")
     if type(version) is not int:
         return {}
     headers = {"ETag": f'"{version}"', "X-Optserve-Version": str(version)}
+    step = extra.get("current_step")
+    if type(step) is int:
+        headers["X-Optserve-Step"] = str(step)
     if type(revision) is int:
         headers["X-Optserve-Revision"] = str(revision)
     return headers

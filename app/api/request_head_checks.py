@@ -15,6 +15,10 @@
   tunnel's, not a request). Under httptools the protocol hands such a request over as one
   without content (:mod:`app.api.malformed_http`): its parser takes every CONNECT as an
   upgrade and stops at its head.
+- The request target (RFC 9110 4.2.4): an absolute-form target with userinfo
+  (``GET http://user@host/path``) is refused by :mod:`app.api.malformed_http`'s protocols
+  (:func:`target_problem`), a 400 ``malformed_http`` with ``field`` ``request-target`` and the
+  connection closed: uvicorn keeps no authority of the target in the request's scope.
 """
 
 from __future__ import annotations
@@ -55,6 +59,23 @@ def host_problem(scope: Scope) -> str | None:
     if _HOST.fullmatch(hosts[0].strip(b" \t")) is None:
         return f"the Host header {hosts[0].decode('latin-1')!r:.120} is not host[:port]"
     return None
+
+
+#: an absolute-form request target's scheme and authority (RFC 3986 3: scheme "://"
+#: authority, the authority up to the first "/", "?" or "#")
+_ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://([^/?#]*)")
+
+
+def target_problem(target: bytes) -> str | None:
+    """What is wrong with a request target (the request line's second word), or None: an
+    absolute-form target whose authority has userinfo (``http://user@host/path``, RFC 9110
+    4.2.4: a sender MUST NOT generate it, a recipient treats it as an error). The detail does
+    not repeat the target: its userinfo may be a password."""
+    found = _ABSOLUTE_FORM.match(target)
+    if found is None or b"@" not in found.group(1):
+        return None
+    return ("the request target's authority has userinfo (user@host): RFC 9110 4.2.4 forbids "
+            "it in an http(s) URI; send the target as /path with the host in Host")
 
 
 class RequestHeadChecks:

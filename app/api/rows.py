@@ -131,7 +131,7 @@ async def pull(request: Request, engine: Any, tenant: str, session_id: str,
     result = await engine.pull_rows(session_id, rows, min_version=min_version, wait_s=wait_s,
                                     unless_versions=held, tenant=tenant,
                                     params_dtype=params_dtype)
-    conditions.check_read(expected, result.version)
+    conditions.check_read(expected, result.version, result.step)
     return await answer(request, result, binary, b64)
 
 

@@ -112,9 +112,10 @@ async def list_sessions(engine: EngineDep, tenant: TenantDep) -> Response:
 async def get_session(session_id: SessionId, request: Request, engine: EngineDep,
                       tenant: TenantDep) -> Response:
     expected = conditions.strict_match(request)
+    star = conditions.none_match_any(request)  # (a malformed one: 422 before any work)
     info = await engine.describe(session_id, tenant=tenant)
-    conditions.check_read(expected, info.version, info.revision)
-    if conditions.none_match_any(request):
+    conditions.check_read(expected, info.version, info.step, info.revision)
+    if star:
         return _not_modified(info)
     return _described(info)
 
@@ -305,7 +306,8 @@ async def get_params(
         min_version = max(held) + 1  # If-None-Match + wait_s: wait for anything newer
     result = await engine.pull(session_id, wanted, min_version=min_version, wait_s=wait_s,
                                unless_versions=held, tenant=tenant, params_dtype=narrow)
-    conditions.check_read(expected, result.version)  # (before If-None-Match: RFC 9110 13.2.2)
+    # (before If-None-Match: RFC 9110 13.2.2)
+    conditions.check_read(expected, result.version, result.step)
     headers = version_headers(result.version, result.step)
     if result.not_modified:
         return Response(status_code=304, headers=headers)
@@ -421,10 +423,10 @@ async def export_state(
     expected = conditions.strict_match(request)
     if conditions.none_match_any(request):  # (304 whatever the state: not exported)
         info = await engine.describe(session_id, tenant=tenant)
-        conditions.check_read(expected, info.version, info.revision)
+        conditions.check_read(expected, info.version, info.step, info.revision)
         return _not_modified(info)
     out = await engine.export_state(session_id, tenant=tenant)
-    conditions.check_read(expected, out.version, out.revision)
+    conditions.check_read(expected, out.version, out.step, out.revision)
     headers = version_headers(out.version, out.step)
     headers[REVISION_HEADER] = str(out.revision)
     sd = out.state_dict

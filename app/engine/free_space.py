@@ -46,3 +46,21 @@ class FreeSpace:
             return None
         return (f"the data directory is (nearly) full: {free} bytes free, under "
                 f"OPTSERVE_READY_MIN_FREE_BYTES ({self.min_free_bytes}); a write could fail")
+
+    def unreachable(self, total_bytes: Callable[[Path], int]) -> str | None:
+        """A warning (the start logs it) when :attr:`min_free_bytes` is more than the whole
+        file system of :attr:`root` (``total_bytes(root)``: ``f_blocks * f_frsize``) holds:
+        so much can never be free, and :meth:`short` is never None. None otherwise, also
+        where the size cannot be measured."""
+        if self.min_free_bytes <= 0:
+            return None
+        try:
+            total = total_bytes(self.root)
+        except OSError:
+            return None
+        if self.min_free_bytes <= total:
+            return None
+        return (f"OPTSERVE_READY_MIN_FREE_BYTES ({self.min_free_bytes}) is more than the data "
+                f"directory's file system holds in all ({total} bytes, {self.root}): /readyz "
+                "will answer 503 not_ready for as long as this server runs; lower it (0 turns "
+                "the check off)")

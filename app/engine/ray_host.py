@@ -1108,6 +1108,9 @@ class RayRouter:
             (int(options.host.get("ready_min_free_bytes", 0))
              if options.host.get("durability") != "memory" else 0),
             Files().free_bytes)
+        never = self._free_space.unreachable(Files().total_bytes)
+        if never is not None:
+            log.warning("%s", never)
         self._hosts: dict[str, RayHost] = {}
         #: every host's host.json as this front wrote or read it (a host's shape never
         #: changes): placement still finds a host whose file was removed with the data

@@ -59,6 +59,7 @@ import logging
 import os
 import resource
 import shutil
+import stat
 import struct
 import threading
 import time
@@ -209,6 +210,11 @@ class Files:
     def free_bytes(self, path: Path) -> int:
         st = os.statvfs(path)
         return st.f_bavail * st.f_frsize
+
+    def total_bytes(self, path: Path) -> int:
+        """The size of the file system ``path`` is on."""
+        st = os.statvfs(path)
+        return st.f_blocks * st.f_frsize
 
 
 def _write_all(files: Files, fd: int, parts: Sequence[Buffer], offset: int) -> int:
@@ -421,6 +427,9 @@ class Store:
 
     def _clean_and_start(self) -> None:
         self.sessions_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        never = self._free_space.unreachable(self.files.total_bytes)
+        if never is not None:
+            log.warning("%s", never)
         for leftover in self.sessions_dir.glob(".deleted-*"):  # a crash in the middle of delete
             self._bury(leftover)
         for stray in self.sessions_dir.glob(f"*/{TOMBSTONE}"):  # a delete that never happened
@@ -465,6 +474,9 @@ class Store:
         """Why the store cannot write now (readiness answers 503 with it), or None."""
         if self.lock.lost is not None:
             return self.lock.lost
+        gone = self._root_gone()
+        if gone is not None:
+            return gone
         with self._lock:
             broken = [lg.path for lg in self._logs.values() if lg.repair]
             suspect = [lg.suspect for lg in self._logs.values() if lg.suspect is not None]
@@ -491,6 +503,22 @@ class Store:
         with self._lock:
             self._error, self._need = None, 0  # the disk takes writes again
         return self._free_space.short()
+
+    def _root_gone(self) -> str | None:
+        """Why the data directory is missing (removed while the server runs: no log can be
+        written there, and its free space cannot be measured), or None. The maintenance makes
+        it again (:meth:`repair`, then each session written again from memory)."""
+        try:
+            there = stat.S_ISDIR(os.stat(self.root).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            there = False
+        except OSError:
+            return None  # (left to the probe and the other checks)
+        if there:
+            return None
+        return (f"the data directory {self.root} is gone (removed while the server ran?): "
+                "the server cannot write its sessions' logs there until its maintenance "
+                "makes it again")
 
     @property
     def min_free_bytes(self) -> int:

@@ -26,6 +26,7 @@ import pytest
 from tests.conftest import ENGINES
 from tests.integration.test_conditional_changes import CASES, CHANGES, Pair
 from tests.integration.test_conditional_import import Pair as ReadPair
+from tests.integration.test_conditional_import import wire
 from tests.integration.test_conditional_reads import READS, answered_as_torch, read
 
 pytestmark = [pytest.mark.integration,
@@ -96,7 +97,14 @@ def test_a_list_holds_at_any_of_its_versions(http: httpx.Client, shards: int) ->
     pair.step()
     etag, revision = pair.read()
     problem = refused_at(http.request(**with_match(request(pair), '"0", "1"')), etag, revision)
-    assert problem["base_versions"] == [0, 1]
+    assert problem["base_versions"] == [0, 1] and problem["base_versions_count"] == 2
+    # a long list: the first 16 versions named, in the order sent, and how many (not all
+    # 5,000 echoed); the versions of the session's past named twice count once
+    tags = ", ".join(f'"{v}"' for v in [1, 0, 1, *range(100, 5098)])
+    problem = refused_at(http.request(**with_match(request(pair), tags)), etag, revision)
+    assert problem["base_versions"] == [1, 0, *range(100, 114)]
+    assert problem["base_versions_count"] == 5000
+    assert "and 4984 more" in problem["detail"] and len(problem["detail"]) < 300
     pair.same_as_torch()
     for tag in (f'"1", {etag}', f'{etag} , "7"', etag.strip('"')):
         done = http.request(**with_match(request(pair), tag))
@@ -213,4 +221,117 @@ def test_a_patch_that_changes_nothing_keeps_the_revision(http: httpx.Client,
     assert pair.read() == (etag, revision + 2)
     pair.same_as_torch()
     pair.step()
+    pair.same_as_torch()
+
+
+def steps_taken(pair: Pair) -> int:
+    """The optimizer steps the twin's Adam took (its per-parameter ``step``)."""
+    counts = {int(entry["step"]) for entry in pair.opt.state.values()}
+    assert len(counts) == 1, counts
+    return counts.pop()
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_412_carries_the_step_count_a_200_does(http: httpx.Client, shards: int,
+                                                 request: pytest.FixtureRequest) -> None:
+    """Every 412 (each conditional change, ``PUT .../state_dict`` and ``DELETE`` included,
+    and each read evaluating ``If-Match``) carries ``X-Optserve-Step``, the session's step
+    count: what a GET of the session answers in it and in ``step``, and the steps torch's
+    twin took; not its version (an overwrite moved that past the step count), and beside the
+    version headers. It had only ``ETag``, ``X-Optserve-Version`` and
+    ``X-Optserve-Revision``. Nothing refused changes the session."""
+    pair = Pair(http, shards)
+    for _ in range(3):
+        pair.step()
+    put, put_mirror = CHANGES["put_params"]
+    done = http.request(**put(pair))  # (version 4, step count 3)
+    assert done.status_code == 200, done.text
+    put_mirror(pair)
+    got = http.get(pair.url)
+    assert got.status_code == 200, got.text
+    etag, revision, step = (got.headers["etag"], int(got.headers["x-optserve-revision"]),
+                            got.headers["x-optserve-step"])
+    assert step == str(got.json()["step"]) == str(steps_taken(pair)) == "3"
+    assert etag == '"4"'
+    changes = {name: change(pair) for name, (change, _) in CHANGES.items()
+               if not (name == "add_group" and shards > 1)}
+    changes["delete"] = {"method": "DELETE", "url": pair.url}
+    changes["put_state_dict"] = {"method": "PUT", "url": f"{pair.url}/state_dict",
+                                 "json": wire(pair.opt.state_dict())}
+    for name, change in changes.items():
+        for tag in ('"1"', '"0", "2"', 'W/"4"'):
+            r = http.request(**with_match(change, tag))
+            refused_at(r, etag, revision)
+            assert r.headers.get("x-optserve-step") == step, (name, tag, r.headers)
+        r = http.request(**{**change, "params": {"base_revision": revision - 1}})
+        assert r.status_code == 412 and r.json()["field"] == "base_revision", (name, r.text)
+        version_headers_are(r, etag, revision)
+        assert r.headers.get("x-optserve-step") == step, (name, r.headers)
+        assert r.json()["current_step"] == int(step)
+    for what in READS:
+        if no_rows_here(request, what, shards):
+            continue
+        ok = read(pair, what, {})
+        assert ok.status_code == 200 and ok.headers["x-optserve-step"] == step, (what, ok.text)
+        r = read(pair, what, {"If-Match": '"3"'})
+        refused_at(r, etag, revision if what.startswith(("session", "state_dict")) else None)
+        assert r.headers.get("x-optserve-step") == step, (what, r.headers)
+    assert pair.read() == (etag, revision)
+    pair.same_as_torch()
+    pair.step()
+    pair.same_as_torch()
+
+
+#: ``If-None-Match`` values outside RFC 9110's grammar (``"*" / #entity-tag``): ``*`` in a
+#: list, a lower-case weak indicator, a tag unquoted, unclosed, spaced from its ``W/``, two
+#: tags without a comma, a quoted tag with a space in it, a no-break space beside ``*``
+MALFORMED_NONE_MATCH = ('"2", *', '*, "2"', "*, *", 'w/"2"', 'w/"9"', "abc", '"2', 'W/ "2"',
+                        '"1" "2"', '"a b"', "*\xa0")
+#: (value, whether a pull of the session at version 2 is a 304): valid ones, taken as before
+VALID_NONE_MATCH = (('W/"2"', True), ('"2"', True), ('"1", "2"', True), ("*", True),
+                    ('"1",, W/"2" ,', True), ('"1" ,\t"2"', True), ("2", True),
+                    ('"a,b", "2"', True),
+                    ('"abc"', False), ('"abc", W/"1"', False), ('"1",', False),
+                    ('"\xb2"', False), ('"99999999999999999999"', False))
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_malformed_if_none_match_is_a_422_naming_it(
+        http: httpx.Client, shards: int, request: pytest.FixtureRequest) -> None:
+    """An ``If-None-Match`` outside RFC 9110's grammar (``*`` in a list, ``w/"2"``, ...) on
+    every read that evaluates it is a 422 ``invalid_precondition`` naming it, as a malformed
+    ``If-Match`` is a 422 (it was read as naming no version: a full answer, silently); its
+    lines combine into one list (``"1"`` and ``*`` on two lines: ``*`` in a list). The valid
+    forms answer as before: a version named, weak or strong, bare or in a list (empty
+    elements ignored), is a 304 on a pull; ``*`` a 304 on every read; a tag that is no
+    version (``"abc"``) is ignored; the description and the state dict evaluate ``*`` only.
+    Nothing changes: the answers are torch's."""
+    pair = ReadPair(http, shards)
+    pair.step()
+    pair.step()
+    for what in READS:
+        if no_rows_here(request, what, shards):
+            continue
+        for value in MALFORMED_NONE_MATCH:
+            r = read(pair, what, {"If-None-Match": value.encode("latin-1")})
+            assert r.status_code == 422, (what, value, r.text)
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert (r.json()["code"], r.json()["field"]) == (
+                "invalid_precondition", "If-None-Match"), (what, value, r.text)
+        for value, not_modified in VALID_NONE_MATCH:
+            r = read(pair, what, {"If-None-Match": value.encode("latin-1")})
+            pulled = what.startswith(("params", "rows"))
+            if value == "*" or (not_modified and pulled):
+                assert (r.status_code, r.content) == (304, b""), (what, value, r.text)
+                assert r.headers["etag"] == '"2"'
+            else:
+                answered_as_torch(pair, what, r)
+    for lines, status in (([("If-None-Match", '"1"'), ("If-None-Match", "*")], 422),
+                          ([("If-None-Match", '"1"'), ("If-None-Match", 'W/"2"')], 304)):
+        r = http.get(f"{pair.url}/params", params={"encoding": "b64"}, headers=lines)
+        assert r.status_code == status, (lines, r.text)
+    r = http.get(f"{pair.url}/params", params={"wait_s": 5}, headers={"If-None-Match": 'w/"2"'})
+    assert r.status_code == 422, r.text  # (at once: refused before any wait)
+    assert http.get("/v1/sessions/no-such-session/params",
+                    headers={"If-None-Match": '"1", *'}).status_code == 422
     pair.same_as_torch()

@@ -225,3 +225,37 @@ def test_a_stop_right_after_the_removal_writes_everything_again(
         assert r.headers.get("idempotent-replayed") == "true"
     finally:
         proc.stop()
+
+
+def test_not_ready_while_the_data_dir_is_gone(tmp_path: Path) -> None:
+    """``/readyz`` answered 200 with the data directory removed (its free space could not be
+    measured, and that check stood aside), while no session's log could be written there: now
+    a 503 ``not_ready`` naming the directory, with ``Retry-After``, until the maintenance
+    makes it again (every 2 s here); then ready, and the session steps on as torch's. A
+    server whose bound the disk can meet logs no warning about it at its start."""
+    data = tmp_path / "data"
+    proc = Proc(data, env={"OPTSERVE_SNAPSHOT_EVERY_S": "8"}).start()
+    try:
+        local = Local()
+        made_and_stepped(proc.url, {"one": local})
+        with httpx.Client(base_url=proc.url, timeout=30) as client:
+            for _ in range(5):
+                remove(data)
+                r = client.get("/readyz")
+                if r.status_code != 200 or not data.exists():
+                    break  # (else the maintenance made it again first: remove it again)
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "5"
+            assert r.headers["content-type"].startswith("application/problem+json")
+            problem = r.json()
+            assert (problem["code"], problem["status"]) == ("not_ready", 503)
+            assert f"the data directory {data} is gone" in problem["detail"], problem
+            deadline = time.monotonic() + 60
+            while (r := client.get("/readyz")).status_code != 200:
+                assert time.monotonic() < deadline, r.text
+                time.sleep(0.1)
+            assert r.json()["status"] == "ready" and data.is_dir()
+        assert step(proc.url, local, 2, "one") == 2
+        assert "holds in all" not in proc.log()
+    finally:
+        proc.stop()

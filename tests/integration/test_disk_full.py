@@ -591,6 +591,29 @@ def test_an_sdk_lbfgs_step_refused_by_a_full_disk_leaves_the_model_as_it_was(
 
 # --------------------------------------------------------------------------- readiness ahead
 
+def test_a_bound_past_the_disks_size_is_a_warning_at_the_start(tmp_path: Path) -> None:
+    """``OPTSERVE_READY_MIN_FREE_BYTES`` more than the data directory's file system holds in
+    all: the server can never be ready, and its start now says so in a warning (it said
+    nothing: only ``/readyz``'s 503, for as long as it ran). A real ``python -m app``."""
+    data = tmp_path / "data"
+    st = os.statvfs(tmp_path)
+    total = st.f_blocks * st.f_frsize
+    proc = Proc(data, env={"OPTSERVE_READY_MIN_FREE_BYTES": str(total + 1)},
+                started=lambda r: r.status_code == 503 and "MIN_FREE_BYTES" in r.text)
+    proc.start()
+    try:
+        said = [line for line in proc.log().splitlines() if "holds in all" in line]
+        assert len(said) == 1, proc.log()
+        assert "WARNING" in said[0], said
+        assert (f"OPTSERVE_READY_MIN_FREE_BYTES ({total + 1}) is more than the data "
+                f"directory's file system holds in all ({total} bytes, ") in said[0]
+        assert "/readyz will answer 503 not_ready for as long as this server runs" in said[0]
+        with httpx.Client(base_url=proc.url, timeout=30) as c:
+            assert_not_ready(c, f"under OPTSERVE_READY_MIN_FREE_BYTES ({total + 1})")
+    finally:
+        proc.stop()
+
+
 def test_ready_on_a_nearly_full_disk(tmpfs: Mount) -> None:
     """``OPTSERVE_READY_MIN_FREE_BYTES``: a server whose data directory has less free space
     than that says not ready (503 ``not_ready`` naming the bytes free and the setting) before

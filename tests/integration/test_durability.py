@@ -28,7 +28,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +141,9 @@ class Proc:
     ready_timeout_s: float = 180.0
     #: the server's descriptor limit (``RLIMIT_NOFILE``, soft and hard); None: this process's
     nofile: int | None = None
+    #: the ``/readyz`` answer :meth:`start` waits for (a 200; a server that can never be
+    #: ready: its 503)
+    started: Callable[[httpx.Response], bool] = lambda r: r.status_code == 200
 
     @property
     def url(self) -> str:
@@ -176,7 +179,7 @@ class Proc:
         with httpx.Client(timeout=2) as poll:
             while True:
                 try:
-                    if poll.get(f"{self.url}/readyz").status_code == 200:
+                    if self.started(poll.get(f"{self.url}/readyz")):
                         return self
                 except httpx.TransportError:
                     pass

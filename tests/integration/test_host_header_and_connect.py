@@ -6,6 +6,11 @@ HTTP protocols ``python -m app`` may use (httptools, and h11 where httptools is 
   connection closed, and nothing was done (a create made no session, a step changed nothing:
   the parameters match torch.optim's run of the steps that were taken); an HTTP/1.0 request
   without ``Host`` and one with an empty ``Host`` are served;
+- an absolute-form request target with userinfo (``GET http://user@host/path``, RFC 9110
+  4.2.4) gets a 400 ``malformed_http`` problem naming ``request-target``, the connection
+  closed, nothing done;
+- every refusal carries a request id (``X-Request-Id`` and the body's ``request_id``), under
+  h11 as under httptools;
 - a ``CONNECT`` (to an authority or to a path, bytes after its head or not) gets a 405
   ``method_not_allowed`` problem with ``Allow`` and the connection closed (httptools took it
   as an upgrade and the server closed the connection without an answer).
@@ -107,8 +112,12 @@ def assert_host_refused(status: int, problem: dict[str, Any], reason: str) -> No
     (b"GET /healthz HTTP/1.0\r\nHost: a/b\r\n\r\n", "'a/b' is not host[:port]"),
 ])
 def test_bad_host_is_a_400_naming_it(server: str, head: bytes, reason: str) -> None:
-    status, _, problem = only_answer(server, head)
+    status, headers, problem = only_answer(server, head)
     assert_host_refused(status, problem, reason)
+    # a request id of its own, as every answer has (h11's refusal of a missing or repeated
+    # Host, answered by the protocol, had none)
+    assert re.fullmatch(r"[0-9a-f]{32}", headers.get("x-request-id", "")), headers
+    assert problem["request_id"] == headers["x-request-id"]
     # the server serves the next connection as before
     assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
 
@@ -158,6 +167,47 @@ def test_refused_for_its_host_nothing_is_done(server: str) -> None:
             status, _, problem = only_answer(server,
                                              _post(f"/v1/sessions/{sid}/step", step, hosts))
             assert_host_refused(status, problem, "Host")
+        _steps_once_as_torch(http, sid, step)
+
+
+@pytest.mark.parametrize("target", [
+    b"http://u@x/healthz", b"http://user:secret@127.0.0.1/healthz", b"HTTPS://@x/healthz?a=b",
+    b"http://u@x", b"http://a%40b@x/v1/sessions"])
+def test_a_target_with_userinfo_is_a_400_naming_it(server: str, target: bytes) -> None:
+    """RFC 9110 4.2.4: an absolute-form target whose authority has userinfo is an error (it
+    was served as its path): 400 ``malformed_http`` naming ``request-target``, the connection
+    closed, the userinfo not repeated; after a request answered on the same connection, too.
+    A target whose path (not its authority) has an ``@`` is served."""
+    head = b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % target
+    status, headers, problem = only_answer(server, head)
+    assert status == 400, problem
+    assert (problem["type"], problem["status"], problem["code"], problem["field"]) == (
+        "urn:optserve:problem:malformed_http", 400, "malformed_http", "request-target")
+    assert "userinfo" in problem["detail"] and "secret" not in problem["detail"], problem
+    assert re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"]), headers
+    assert problem["request_id"] == headers["x-request-id"]
+    answers, closed = exchange(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + head)
+    assert [status for status, _, _ in answers] == [200, 400] and closed, answers
+    assert json.loads(answers[1][2])["field"] == "request-target"
+    answers, _ = exchange(server, b"GET /healthz?who=u@x HTTP/1.1\r\nHost: x\r\n"
+                          b"Connection: close\r\n\r\n")
+    assert [(status, json.loads(body)) for status, _, body in answers] == [
+        (200, {"status": "ok"})]
+
+
+def test_refused_for_its_target_nothing_is_done(server: str) -> None:
+    """A step whose absolute-form target has userinfo is refused before it runs: the
+    session then steps once as torch.optim does."""
+    sid = f"target-{uuid.uuid4().hex[:12]}"
+    create = {"optimizer": "SGD", "options": {"lr": LR}, "id": sid,
+              "params": {"w": {"dtype": "float32", "shape": [3], "data": P0.tolist()}}}
+    with httpx.Client(base_url=server) as http:
+        assert http.post("/v1/sessions", json=create).status_code == 201
+        step = {"grads": {"w": {"dtype": "float32", "shape": [3], "data": GRAD.tolist()}}}
+        authority = server.removeprefix("http://")
+        status, _, problem = only_answer(server, _post(
+            f"http://me@{authority}/v1/sessions/{sid}/step", step, b"Host: t\r\n"))
+        assert (status, problem["field"]) == (400, "request-target"), problem
         _steps_once_as_torch(http, sid, step)
 
 

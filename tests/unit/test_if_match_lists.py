@@ -9,6 +9,7 @@ import pytest
 
 from app.engine import persist
 from app.engine.ops import Configure, Expected
+from app.engine.ops.base import ECHOED_VERSIONS
 from app.errors import PreconditionFailed
 
 ray_host = pytest.importorskip("app.engine.ray_host")
@@ -34,6 +35,25 @@ def test_a_list_holds_at_any_strong_version_and_a_weak_tag_at_none() -> None:
     assert "base_version" not in weak.extra and "weak" in weak.detail
     assert Expected(7, 3, "If-Match").versions == (7,) and Expected(None, 3).versions is None
     Expected(None, 3).check_at(6, 3)  # (a revision alone names no version)
+
+
+def test_a_long_list_is_named_in_part_with_its_count() -> None:
+    """A 412 names the first :data:`ECHOED_VERSIONS` versions of a list, in the order sent,
+    and how many it had (``base_versions_count``); its detail as many. It echoed them all (a
+    list as long as the request head allows: 10,000s)."""
+    many = Expected(999, None, "If-Match", others=tuple(range(5000)))
+    refused = refusal(many, 7000, 9)
+    assert refused.extra["base_versions"] == [999, *range(ECHOED_VERSIONS - 1)]
+    assert refused.extra["base_versions_count"] == 5001
+    shown = ", ".join(str(v) for v in [999, *range(ECHOED_VERSIONS - 1)])
+    assert f"at none of {shown} and {5001 - ECHOED_VERSIONS} more:" in refused.detail
+    assert len(refused.detail) < 300
+    exactly = Expected(0, None, "If-Match", others=tuple(range(1, ECHOED_VERSIONS)))
+    whole = refusal(exactly, 100, 9)
+    assert whole.extra["base_versions"] == list(range(ECHOED_VERSIONS))
+    assert whole.extra["base_versions_count"] == ECHOED_VERSIONS
+    assert "more" not in whole.detail
+    assert refusal(LIST, 6, 9).extra["base_versions_count"] == 2
 
 
 def test_a_list_crosses_to_a_remote_host_whole_and_is_not_logged() -> None:

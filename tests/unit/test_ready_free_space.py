@@ -7,6 +7,8 @@ store makes; a real small disk: tests/integration/test_disk_full.py)."""
 
 from __future__ import annotations
 
+import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,3 +118,69 @@ def test_the_host_bounds_a_durable_store_only(tmp_path: Path, durability: str,
                                    durability=durability,  # type: ignore[arg-type]
                                    ready_min_free_bytes=1 << 20))
     assert host._store is not None and host._store.min_free_bytes == bound
+
+
+def test_a_removed_data_dir_is_not_ready_until_it_is_made_again(store: Store,
+                                                                clock: Clock) -> None:
+    """The data directory removed while the server runs (its free space cannot be measured:
+    that check stands aside): not ready, naming it, whatever the bound; ready again once the
+    maintenance's repair made it again (the lock's file taken again). It answered ready."""
+    assert store.health() is None
+    aside = store.root.with_name("data.removed")
+    store.root.rename(aside)
+    shutil.rmtree(aside)
+    clock.now += FREE_SPACE_TTL_S
+    assert store.health() == (
+        f"the data directory {store.root} is gone (removed while the server ran?): the server "
+        "cannot write its sessions' logs there until its maintenance makes it again")
+    assert store.repair() is True and store.root.is_dir()
+    assert store.health() is None
+
+
+def test_a_removed_data_dir_is_not_ready_without_a_bound(tmp_path: Path) -> None:
+    s = Store(tmp_path / "data", files=MeasuredFiles(free=0), min_free_bytes=0)
+    s.open()
+    try:
+        shutil.rmtree(s.root)
+        assert str(s.root) in str(s.health())
+        s.repair()
+        assert s.health() is None
+    finally:
+        s.close()
+
+
+class SizedFiles(MeasuredFiles):
+    """A file system of ``total`` bytes, ``free`` of them free."""
+
+    def __init__(self, free: int, total: int) -> None:
+        super().__init__(free)
+        self.total = total
+
+    def total_bytes(self, path: Path) -> int:
+        return self.total
+
+
+@pytest.mark.parametrize(("bound", "warned"), [(1 << 30, False), ((1 << 30) + 1, True),
+                                               (0, False)])
+def test_a_bound_past_the_disks_size_is_a_warning_at_the_start(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, bound: int, warned: bool) -> None:
+    """``OPTSERVE_READY_MIN_FREE_BYTES`` more than the data directory's file system holds in
+    all can never be met: the start logs a warning saying so (nothing said before: the server
+    was simply never ready); the disk's size itself, or 0, says nothing."""
+    s = Store(tmp_path / "data", files=SizedFiles(free=1 << 29, total=1 << 30),
+              min_free_bytes=bound)
+    with caplog.at_level(logging.WARNING, logger="optserve.store"):
+        s.open()
+    try:
+        said = [r.getMessage() for r in caplog.records if "holds in all" in r.getMessage()]
+        if warned:
+            assert said == [
+                f"OPTSERVE_READY_MIN_FREE_BYTES ({bound}) is more than the data directory's "
+                f"file system holds in all ({1 << 30} bytes, {s.root}): /readyz will answer "
+                "503 not_ready for as long as this server runs; lower it (0 turns the check "
+                "off)"]
+            assert "under OPTSERVE_READY_MIN_FREE_BYTES" in str(s.health())
+        else:
+            assert said == []
+    finally:
+        s.close()

@@ -34,6 +34,11 @@ class ApplyFailed(Exception):
     restores the session from its store (and cuts the operation's record from the log)."""
 
 
+#: the most versions of an ``If-Match`` list a 412 names (its ``base_versions`` and detail:
+#: the first ones, in the order sent; ``base_versions_count`` says how many it had)
+ECHOED_VERSIONS = 16
+
+
 @dataclass(frozen=True)
 class Expected:
     """A conditional request's precondition: the session ``version`` (``If-Match:
@@ -66,14 +71,20 @@ class Expected:
     def check(self, s: Session | SessionInfo) -> None:
         """412 unless the session (or its description) is at :attr:`version` and
         :attr:`revision`."""
-        self.check_at(s.version, s.revision)
+        # (a Session counts its steps in step_count, its description in step)
+        step = getattr(s, "step_count", getattr(s, "step", None))
+        self.check_at(s.version, s.revision, step=step)
 
     def check_at(self, version: int, revision: int | None,
-                 outcome: str = "nothing was done") -> None:
+                 outcome: str = "nothing was done", *, step: int | None = None) -> None:
         """:meth:`check` against a version and revision read elsewhere (a read's answer,
         which says what ``outcome`` was: ``nothing is answered``; its revision may be
-        unknown: None)."""
+        unknown: None). A refusal names the current version, revision and ``step`` (the
+        optimizer steps taken, where known): the 412's version headers
+        (:func:`app.api.problems.current_version_headers`)."""
         extra: dict[str, Any] = {} if revision is None else {"current_revision": revision}
+        if step is not None:
+            extra["current_step"] = step
         versions = self.versions
         if versions is not None and version not in versions:
             if not versions:
@@ -83,10 +94,14 @@ class Expected:
                     f"so a weak tag matches no version ({outcome}); send the ETag as "
                     f"answered (\"{version}\")", field=self.version_field,
                     current_version=version, **extra)
+            shown = versions[:ECHOED_VERSIONS]
+            more = (f" and {len(versions) - len(shown)} more"
+                    if len(versions) > len(shown) else "")
             named = (f"not {self.version}" if not self.others
-                     else f"at none of {', '.join(str(v) for v in versions)}")
-            if self.others:
-                extra["base_versions"] = list(versions)
+                     else f"at none of {', '.join(str(v) for v in shown)}{more}")
+            if self.others:  # (bounded: a list as long as the head allows names 10,000s)
+                extra["base_versions"] = list(shown)
+                extra["base_versions_count"] = len(versions)
             raise PreconditionFailed(
                 f"the session is at version {version}, {named}: it changed since "
                 f"it was read ({outcome}); read it again", field=self.version_field,
