@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from app.engine import ps, state_aliases, state_dicts
+from app.engine import ps, sparse, state_aliases, state_dicts
 from app.engine.history import HistoryQuery, HistoryResult, downsample
 from app.engine.host import EmbeddedHost
 from app.engine.interface import (
@@ -139,7 +139,7 @@ class Front:
     async def _embedded(self, tenant: str, session_id: str, what: str
                         ) -> tuple[EmbeddedHost, str]:
         """The in-process host of a plain session, for what only it offers (LBFGS
-        evaluations, row pulls, history): a sharded session or one on a Ray host gets a 422."""
+        evaluations): a sharded session or one on a Ray host gets a 422."""
         host, key = await self._host(tenant, session_id)
         if isinstance(host, InProcessHost):
             return host.embedded, key
@@ -328,13 +328,16 @@ class Front:
                                            scalars=checked, answer_metrics=answer_metrics,
                                            into_seen=into_seen)
         else:
-            for given, name in ((upcast, "upcast"), (params_dtype is not None, "params_dtype"),
-                                (checked, "scalars"), (return_params == "touched", "return")):
-                if given:
-                    raise _only_embedded(name)
-            out = await host.step(key, grads, want_params=bool(return_params)
-                                  or params_into is not None, worker=worker,
-                                  base_version=base_version, idem=idem, options=options)
+            wanted: ReturnParams = ("touched" if return_params == "touched"
+                                    else bool(return_params) or params_into is not None)
+            out = await host.step(key, grads, want_params=wanted, worker=worker,
+                                  base_version=base_version, idem=idem, options=options,
+                                  upcast=upcast, scalars=checked)
+            if params_dtype is not None and out.params is not None:
+                # (narrowed as the embedded host narrows a step's answer, whole or touched)
+                narrowed = await asyncio.to_thread(sparse.narrowed_answer, out.params,
+                                                   params_dtype)
+                out = dataclasses.replace(out, params=narrowed)
             _copy_into(params_into, out.params)
         if not answer_metrics and out.metrics is not None:
             out = dataclasses.replace(out, metrics=None)
@@ -371,10 +374,6 @@ class Front:
                    scalars: dict[str, Any] | None = None) -> GradsResult:
         checked = check_scalars(scalars) or None
         host, key = await self._host(tenant, session_id)
-        if not isinstance(host, InProcessHost):
-            for given, name in ((upcast, "upcast"), (checked, "scalars")):
-                if given:
-                    raise _only_embedded(name)
         out: GradsResult = await host.execute(
             key, Push(grads, upcast, checked, scalar_names=True), idem=idem)
         return out
@@ -382,9 +381,11 @@ class Front:
     async def history(self, session_id: str, query: HistoryQuery, *,
                       tenant: str = DEFAULT_TENANT) -> HistoryResult:
         """The session's per-step history (rows ``since < n <= until``, chosen fields),
-        downsampled to ``query.points`` buckets off the event loop."""
-        embedded, key = await self._embedded(tenant, session_id, "history")
-        result = await embedded.history(key, query)
+        downsampled to ``query.points`` buckets off the event loop; from the host that holds
+        the session, on either engine (a sharded session refuses it: 422
+        ``not_supported_here``, :func:`app.engine.shards.history_refused`)."""
+        host, key = await self._host(tenant, session_id)
+        result = await host.history(key, query)
         if query.points is not None:
             points = query.points
             result.columns = await asyncio.to_thread(downsample, result.columns, points)
@@ -403,16 +404,14 @@ class Front:
         params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
         """``params_dtype`` (``?params_dtype=``): the parameters narrowed as a step's answer
-        is; refused, as the step refuses it, for a session that is sharded or on a Ray host."""
+        is (by the host, or each shard's host, that holds them)."""
         host, key = await self._host(tenant, session_id)
         if isinstance(host, InProcessHost):
             return await host.embedded.pull(key, names, min_version=min_version,
                                             wait_s=wait_s, unless_versions=unless_versions,
                                             params_into=params_into, params_dtype=params_dtype)
-        if params_dtype is not None:
-            raise _only_embedded("params_dtype")
         out = await host.pull(key, names, min_version=min_version, wait_s=wait_s,
-                              unless_versions=unless_versions)
+                              unless_versions=unless_versions, params_dtype=params_dtype)
         _copy_into(params_into, out.params)
         return out
 
@@ -421,10 +420,10 @@ class Front:
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
         tenant: str = DEFAULT_TENANT, params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
-        embedded, key = await self._embedded(tenant, session_id, "rows")
-        return await embedded.pull_rows(key, rows, min_version=min_version, wait_s=wait_s,
-                                        unless_versions=unless_versions,
-                                        params_dtype=params_dtype)
+        """Some rows of some parameters (on every engine, sharded sessions too)."""
+        host, key = await self._host(tenant, session_id)
+        return await host.pull_rows(key, rows, min_version=min_version, wait_s=wait_s,
+                                    unless_versions=unless_versions, params_dtype=params_dtype)
 
     async def overwrite(self, session_id: str, params: Tensors, *,
                         tenant: str = DEFAULT_TENANT, idem: IdemKey | None = None,
@@ -515,12 +514,15 @@ class Front:
 
 def _copy_into(dest: Tensors | None, params: Tensors | None) -> None:
     """Parameters a host sent back, copied into the views a caller owns (the embedded host
-    writes them there itself: a shared segment, or the request body answered in place)."""
+    writes them there itself: a shared segment, or the request body answered in place); a
+    view of another dtype or shape (a narrowed answer over wider gradients) is left alone:
+    the answer sends ``params``."""
     if dest is None or params is None:
         return
     for name, view in dest.items():
-        if name in params:
-            view.copy_(params[name])
+        sent = params.get(name)
+        if sent is not None and sent.dtype == view.dtype and sent.shape == view.shape:
+            view.copy_(sent)
 
 
 def _only_embedded(what: str) -> Invalid:

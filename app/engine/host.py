@@ -117,6 +117,7 @@ from app.engine.shards import (
     RevisionTip,
     Tip,
     old_revisions_aligned,
+    parent_of,
     shard_index,
     shown_id,
 )
@@ -654,10 +655,13 @@ class EmbeddedHost:
         params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
         """Some rows of some parameters (row-sparse tensors), as :meth:`pull` answers whole
-        parameters (waiting, ``not_modified``, narrowed to ``params_dtype``)."""
+        parameters (waiting, ``not_modified``, narrowed to ``params_dtype``). A shard's
+        rows are not sized here: its coordinator sized the pull against the whole session."""
+        sized = parent_of(key) is None
+
         def read(check_only: bool = False) -> ParamsResult | None:
             s = self._get(key)
-            sparse.check_rows(s, rows)
+            sparse.check_rows(s.params, rows, sized=sized)
             if check_only:
                 return None
             if s.version in unless_versions:

@@ -100,6 +100,7 @@ from app.engine.deleted_creates import (
 from app.engine.directory import CreateMark, Directory, entry_at
 from app.engine.free_space import FreeSpace
 from app.engine.front import Front, Limits
+from app.engine.history import HistoryQuery, HistoryResult
 from app.engine.host import EmbeddedHost, HostConfig
 from app.engine.interface import (
     CreateSpec,
@@ -107,6 +108,7 @@ from app.engine.interface import (
     GroupSpec,
     IdemKey,
     ParamsResult,
+    ReturnParams,
     SessionInfo,
     StateExport,
     StepResult,
@@ -124,7 +126,9 @@ from app.engine.shards import (
     ShardLayout,
     Tip,
     check_shardable,
+    history_refused,
     plan_layout,
+    scalars_refused,
     shard_key,
 )
 from app.engine.store import Files, storage_failure, write_atomic
@@ -250,7 +254,12 @@ def packed_from_wire(w: PackedWire) -> PackedTensors:
 
 def result_to_wire(result: Any) -> Any:
     if isinstance(result, (StepResult, ParamsResult)) and result.params is not None:
-        return dataclasses.replace(result, params=packed_to_wire(result.params))  # type: ignore[arg-type]
+        params = result.params
+        if not isinstance(params, PackedTensors) and any(  # (rows: a row pull's, a step's
+                t.layout == torch.sparse_coo for t in params.values()):  # touched ones)
+            rows = {n: tensor_to_wire(t) for n, t in params.items()}
+            return dataclasses.replace(result, params=rows)  # type: ignore[arg-type]
+        return dataclasses.replace(result, params=packed_to_wire(params))  # type: ignore[arg-type]
     if isinstance(result, StateExport):
         return dataclasses.replace(result, state_dict=tree_to_wire(result.state_dict))
     return result
@@ -259,6 +268,9 @@ def result_to_wire(result: Any) -> Any:
 def result_from_wire(result: Any) -> Any:
     if isinstance(result, (StepResult, ParamsResult)) and isinstance(result.params, PackedWire):
         return dataclasses.replace(result, params=packed_from_wire(result.params))
+    if isinstance(result, (StepResult, ParamsResult)) and isinstance(result.params, dict):
+        return dataclasses.replace(result, params={
+            n: tensor_from_wire(w) for n, w in result.params.items()})  # type: ignore[arg-type]
     if isinstance(result, StateExport):
         return dataclasses.replace(result, state_dict=tree_from_wire(result.state_dict))
     return result
@@ -474,20 +486,23 @@ class HostActor:
             self._dropped.pop(made, None)
 
     async def execute(self, key: str, op: tuple[str, Any], idem: IdemKey | None,
-                      want_params: bool) -> Any:
+                      want_params: ReturnParams) -> Any:
         host = await self._ready()
         return result_to_wire(await host.execute(key, op_from_wire(op), idem=idem,
                                                  want_params=want_params))
 
-    async def step(self, key: str, grads: dict[str, WireTensor | SparseWire], want_params: bool,
-                   worker: str | None, base_version: int | None, idem: IdemKey | None,
-                   options: dict[int, dict[str, Any]] | None, front: str | None = None) -> Any:
+    async def step(self, key: str, grads: dict[str, WireTensor | SparseWire],
+                   want_params: ReturnParams, worker: str | None, base_version: int | None,
+                   idem: IdemKey | None,
+                   options: dict[int, dict[str, Any]] | None, front: str | None = None,
+                   upcast: bool = False, scalars: dict[str, float] | None = None) -> Any:
         """``front``: the identity of the front the step came through (a sync push is
         withdrawn only by that front's drain, :meth:`withdraw`)."""
         host = await self._ready()
         return result_to_wire(await host.step(
             key, {n: tensor_from_wire(w) for n, w in grads.items()}, want_params=want_params,
-            worker=worker, base_version=base_version, idem=idem, options=options, front=front))
+            worker=worker, base_version=base_version, idem=idem, options=options,
+            upcast=upcast, scalars=scalars, front=front))
 
     async def withdraw(self, key: str, worker: str, idem: IdemKey | None,
                        front: str | None = None) -> bool:
@@ -502,13 +517,27 @@ class HostActor:
         return await (await self._ready()).list_sessions(prefix)
 
     async def pull(self, key: str, names: list[str] | None, min_version: int | None,
-                   wait_s: float, unless_versions: frozenset[int]) -> Any:
+                   wait_s: float, unless_versions: frozenset[int],
+                   params_dtype: torch.dtype | None = None) -> Any:
         host = await self._ready()
         return result_to_wire(await host.pull(key, names, min_version=min_version,
-                                              wait_s=wait_s, unless_versions=unless_versions))
+                                              wait_s=wait_s, unless_versions=unless_versions,
+                                              params_dtype=params_dtype))
+
+    async def pull_rows(self, key: str, rows: dict[str, WireTensor | SparseWire],
+                        min_version: int | None, wait_s: float,
+                        unless_versions: frozenset[int], params_dtype: torch.dtype | None
+                        ) -> Any:
+        host = await self._ready()
+        return result_to_wire(await host.pull_rows(
+            key, {n: tensor_from_wire(w) for n, w in rows.items()}, min_version=min_version,
+            wait_s=wait_s, unless_versions=unless_versions, params_dtype=params_dtype))
 
     async def export_state(self, key: str) -> Any:
         return result_to_wire(await (await self._ready()).export_state(key))
+
+    async def history(self, key: str, query: HistoryQuery) -> HistoryResult:
+        return await (await self._ready()).history(key, query)
 
     async def delete(self, key: str, idem: IdemKey | None, expected: Expected | None = None
                      ) -> bool:
@@ -532,7 +561,7 @@ class HostActor:
         return await (await self._ready()).prepare(key, op_from_wire(op), idem)
 
     async def commit(self, key: str, idem: IdemKey, op: tuple[str, Any] | None,
-                     want_params: bool) -> Any:
+                     want_params: ReturnParams) -> Any:
         host = await self._ready()
         return result_to_wire(await host.commit(
             key, idem, op_from_wire(op) if op is not None else None, want_params=want_params))
@@ -566,17 +595,24 @@ class HostActor:
             return result_to_wire(await session.execute(key, op_from_wire(op), idem=idem,
                                                         want_params=want_params))
         if method == "step":
-            grads, want_params, worker, base_version, idem, options = args
+            grads, want_params, worker, base_version, idem, options, upcast = args
             return result_to_wire(await session.step(
                 key, {n: tensor_from_wire(w) for n, w in grads.items()},
                 want_params=want_params, worker=worker, base_version=base_version, idem=idem,
-                options=options))
+                options=options, upcast=upcast))
         if method == "describe":
             return await session.describe(key)
         if method == "pull":
-            names, min_version, wait_s, unless = args
+            names, min_version, wait_s, unless, params_dtype = args
             return result_to_wire(await session.pull(key, names, min_version=min_version,
-                                                     wait_s=wait_s, unless_versions=unless))
+                                                     wait_s=wait_s, unless_versions=unless,
+                                                     params_dtype=params_dtype))
+        if method == "pull_rows":
+            rows, min_version, wait_s, unless, params_dtype = args
+            return result_to_wire(await session.pull_rows(
+                key, {n: tensor_from_wire(w) for n, w in rows.items()},
+                min_version=min_version, wait_s=wait_s, unless_versions=unless,
+                params_dtype=params_dtype))
         if method == "export_state":
             return result_to_wire(await session.export_state(key))
         if method == "delete":
@@ -834,18 +870,19 @@ class RayHost:
         await self.call("unforget", key, made)
 
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
-                      want_params: bool = False) -> Any:
+                      want_params: ReturnParams = False) -> Any:
         return result_from_wire(await self.call("execute", key, op_to_wire(op), idem,
                                                 want_params))
 
     async def step(
-        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        self, key: str, grads: Tensors, *, want_params: ReturnParams, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
-        options: dict[int, dict[str, Any]] | None = None,
+        options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
+        scalars: dict[str, float] | None = None,
     ) -> StepResult:
         out: StepResult = result_from_wire(await self.call(
             "step", key, {n: tensor_to_wire(t) for n, t in grads.items()}, want_params, worker,
-            base_version, idem, options, self.front))
+            base_version, idem, options, self.front, upcast, scalars))
         return out
 
     async def withdraw(self, key: str, worker: str, idem: IdemKey | None) -> bool:
@@ -862,13 +899,28 @@ class RayHost:
     async def pull(
         self, key: str, names: list[str] | None, *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
         out: ParamsResult = result_from_wire(await self.call(
-            "pull", key, names, min_version, wait_s, unless_versions, read=True))
+            "pull", key, names, min_version, wait_s, unless_versions, params_dtype, read=True))
+        return out
+
+    async def pull_rows(
+        self, key: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
+    ) -> ParamsResult:
+        out: ParamsResult = result_from_wire(await self.call(
+            "pull_rows", key, {n: tensor_to_wire(t) for n, t in rows.items()}, min_version,
+            wait_s, unless_versions, params_dtype, read=True))
         return out
 
     async def export_state(self, key: str) -> StateExport:
         out: StateExport = result_from_wire(await self.call("export_state", key, read=True))
+        return out
+
+    async def history(self, key: str, query: HistoryQuery) -> HistoryResult:
+        out: HistoryResult = await self.call("history", key, query, read=True)
         return out
 
     async def delete(self, key: str, *, idem: IdemKey | None = None,
@@ -883,7 +935,7 @@ class RayHost:
         return out
 
     async def commit(self, key: str, idem: IdemKey, op: Operation | None = None, *,
-                     want_params: bool = False) -> Any:
+                     want_params: ReturnParams = False) -> Any:
         return result_from_wire(await self.call(
             "commit", key, idem, op_to_wire(op) if op is not None else None, want_params))
 
@@ -922,17 +974,20 @@ class RemoteSharded:
                                                      method, args, read=read))
 
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
-                      want_params: bool = False) -> Any:
+                      want_params: ReturnParams = False) -> Any:
         return await self._coordinate("execute", op_to_wire(op), idem, want_params)
 
     async def step(
-        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        self, key: str, grads: Tensors, *, want_params: ReturnParams, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
-        options: dict[int, dict[str, Any]] | None = None,
+        options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
+        scalars: dict[str, float] | None = None,
     ) -> StepResult:
+        if scalars:
+            raise scalars_refused()
         out: StepResult = await self._coordinate(
             "step", {n: tensor_to_wire(t) for n, t in grads.items()}, want_params, worker,
-            base_version, idem, options)
+            base_version, idem, options, upcast)
         return out
 
     async def describe(self, key: str) -> SessionInfo:
@@ -942,14 +997,28 @@ class RemoteSharded:
     async def pull(
         self, key: str, names: list[str] | None, *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
         out: ParamsResult = await self._coordinate("pull", names, min_version, wait_s,
-                                                   unless_versions, read=True)
+                                                   unless_versions, params_dtype, read=True)
+        return out
+
+    async def pull_rows(
+        self, key: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
+    ) -> ParamsResult:
+        out: ParamsResult = await self._coordinate(
+            "pull_rows", {n: tensor_to_wire(t) for n, t in rows.items()}, min_version, wait_s,
+            unless_versions, params_dtype, read=True)
         return out
 
     async def export_state(self, key: str) -> StateExport:
         out: StateExport = await self._coordinate("export_state", read=True)
         return out
+
+    async def history(self, key: str, query: HistoryQuery) -> HistoryResult:
+        raise history_refused()
 
     async def delete(self, key: str, *, idem: IdemKey | None = None,
                      expected: Expected | None = None) -> bool:
@@ -2001,7 +2070,7 @@ class _Placed:
             return await call(await self.router.route(self.key))
 
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
-                      want_params: bool = False) -> Any:
+                      want_params: ReturnParams = False) -> Any:
         out = await self._again(lambda h: h.execute(key, op, idem=idem,
                                                     want_params=want_params))
         if isinstance(out, SessionInfo):  # (a description answered: as describe gives it)
@@ -2009,13 +2078,14 @@ class _Placed:
         return out
 
     async def step(
-        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        self, key: str, grads: Tensors, *, want_params: ReturnParams, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
-        options: dict[int, dict[str, Any]] | None = None,
+        options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
+        scalars: dict[str, float] | None = None,
     ) -> StepResult:
         step = self._again(lambda h: h.step(
             key, grads, want_params=want_params, worker=worker, base_version=base_version,
-            idem=idem, options=options))
+            idem=idem, options=options, upcast=upcast, scalars=scalars))
         if worker is None or not isinstance(self.host, RayHost):
             out: StepResult = await step  # (no sync round: a sharded session has none)
             return out
@@ -2028,16 +2098,33 @@ class _Placed:
     async def pull(
         self, key: str, names: list[str] | None, *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
         async def read(wait: float) -> ParamsResult:
             out: ParamsResult = await self._again(lambda h: h.pull(
                 key, names, min_version=min_version, wait_s=wait,
-                unless_versions=unless_versions))
+                unless_versions=unless_versions, params_dtype=params_dtype))
+            return out
+        return await self.router.polled(read, wait_s)
+
+    async def pull_rows(
+        self, key: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
+    ) -> ParamsResult:
+        async def read(wait: float) -> ParamsResult:
+            out: ParamsResult = await self._again(lambda h: h.pull_rows(
+                key, rows, min_version=min_version, wait_s=wait,
+                unless_versions=unless_versions, params_dtype=params_dtype))
             return out
         return await self.router.polled(read, wait_s)
 
     async def export_state(self, key: str) -> StateExport:
         out: StateExport = await self._again(lambda h: h.export_state(key))
+        return out
+
+    async def history(self, key: str, query: HistoryQuery) -> HistoryResult:
+        out: HistoryResult = await self._again(lambda h: h.history(key, query))
         return out
 
     async def delete(self, key: str, *, idem: IdemKey | None = None,

@@ -28,14 +28,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
+
 from app.engine.deleted_creates import indexed_session, refused_at_start, session_refused
 from app.engine.directory import Directory
+from app.engine.history import HistoryQuery, HistoryResult
 from app.engine.host import EmbeddedHost
 from app.engine.interface import (
     CreateSpec,
     EngineStatus,
     IdemKey,
     ParamsResult,
+    ReturnParams,
     SessionInfo,
     StateExport,
     StepResult,
@@ -79,18 +83,26 @@ class SessionHost(Protocol):
     """What the front calls for one session key: a host, or a sharded session's coordinator."""
 
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
-                      want_params: bool = False) -> Any: ...
+                      want_params: ReturnParams = False) -> Any: ...
     async def step(
-        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        self, key: str, grads: Tensors, *, want_params: ReturnParams, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
-        options: dict[int, dict[str, Any]] | None = None,
+        options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
+        scalars: dict[str, float] | None = None,
     ) -> StepResult: ...
     async def describe(self, key: str) -> SessionInfo: ...
     async def pull(
         self, key: str, names: list[str] | None, *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
+    ) -> ParamsResult: ...
+    async def pull_rows(
+        self, key: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
     ) -> ParamsResult: ...
     async def export_state(self, key: str) -> StateExport: ...
+    async def history(self, key: str, query: HistoryQuery) -> HistoryResult: ...
     async def delete(self, key: str, *, idem: IdemKey | None = None,
                      expected: Expected | None = None) -> bool: ...
 
@@ -113,7 +125,7 @@ class Host(SessionHost, Protocol):
 
     async def prepare(self, key: str, op: Operation, idem: IdemKey) -> Checked: ...
     async def commit(self, key: str, idem: IdemKey, op: Operation | None = None, *,
-                     want_params: bool = False) -> Any: ...
+                     want_params: ReturnParams = False) -> Any: ...
     async def abort(self, key: str, idem: IdemKey) -> None: ...
     async def cut_tip(self, key: str) -> Tip: ...
     async def revision_tip(self, key: str) -> RevisionTip: ...
@@ -155,17 +167,18 @@ class InProcessHost:
         return await self.embedded.create(key, spec, idem=idem)
 
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
-                      want_params: bool = False) -> Any:
+                      want_params: ReturnParams = False) -> Any:
         return await self.embedded.execute(key, op, idem=idem, want_params=want_params)
 
     async def step(
-        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        self, key: str, grads: Tensors, *, want_params: ReturnParams, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
-        options: dict[int, dict[str, Any]] | None = None, front: str | None = None,
+        options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
+        scalars: dict[str, float] | None = None, front: str | None = None,
     ) -> StepResult:
         return await self.embedded.step(key, grads, want_params=want_params, worker=worker,
                                         base_version=base_version, idem=idem, options=options,
-                                        front=front)
+                                        upcast=upcast, scalars=scalars, front=front)
 
     async def describe(self, key: str) -> SessionInfo:
         return await self.embedded.describe(key)
@@ -176,12 +189,26 @@ class InProcessHost:
     async def pull(
         self, key: str, names: list[str] | None, *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
         return await self.embedded.pull(key, names, min_version=min_version, wait_s=wait_s,
-                                        unless_versions=unless_versions)
+                                        unless_versions=unless_versions,
+                                        params_dtype=params_dtype)
+
+    async def pull_rows(
+        self, key: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
+    ) -> ParamsResult:
+        return await self.embedded.pull_rows(key, rows, min_version=min_version,
+                                             wait_s=wait_s, unless_versions=unless_versions,
+                                             params_dtype=params_dtype)
 
     async def export_state(self, key: str) -> StateExport:
         return await self.embedded.export_state(key)
+
+    async def history(self, key: str, query: HistoryQuery) -> HistoryResult:
+        return await self.embedded.history(key, query)
 
     async def delete(self, key: str, *, idem: IdemKey | None = None,
                      expected: Expected | None = None) -> bool:
@@ -216,7 +243,7 @@ class InProcessHost:
         return checked
 
     async def commit(self, key: str, idem: IdemKey, op: Operation | None = None, *,
-                     want_params: bool = False) -> Any:
+                     want_params: ReturnParams = False) -> Any:
         """Apply the prepared operation (or ``op``) under its idempotency key (a commit that
         already happened is answered from the session's table)."""
         kept = self._prepared.pop((key, idem.key), None)

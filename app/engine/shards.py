@@ -56,7 +56,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from app.engine import metrics, ps, state_dicts, state_order
+from app.engine import metrics, ps, sparse, state_dicts, state_order
+from app.engine.history import HistoryQuery, HistoryResult
 from app.engine.interface import (
     CreateSpec,
     EngineStatus,
@@ -64,6 +65,7 @@ from app.engine.interface import (
     GroupSpec,
     IdemKey,
     ParamsResult,
+    ReturnParams,
     SchedulerResult,
     SessionInfo,
     StateExport,
@@ -88,6 +90,7 @@ from app.engine.ops import (
     ZeroGrad,
 )
 from app.errors import Invalid, NotFound, OptserveError, StorageFull, Unavailable
+from app.wire.dtypes import TORCH_DTYPES
 from app.wire.safetensors_body import PackedTensors, pack
 
 if TYPE_CHECKING:
@@ -227,6 +230,17 @@ def merge_params(parts: Sequence[Tensors | None], layout: ShardLayout,
             merged.update(part)
     order = names if names is not None else layout.names()
     return pack({n: merged[n] for n in order if n in merged})
+
+
+def merge_touched(parts: Sequence[Tensors | None], layout: ShardLayout) -> Tensors:
+    """A ``?return=touched`` step's answer from its shards' (each the rows, or whole
+    parameters, its step touched): in the session's order, as the unsharded session answers
+    them; not packed (rows travel as row-sparse tensors)."""
+    merged: dict[str, torch.Tensor] = {}
+    for part in parts:
+        if part:
+            merged.update(part)
+    return {n: merged[n] for n in layout.names() if n in merged}
 
 
 def merge_state(sds: list[dict[str, Any]], layout: ShardLayout,
@@ -390,6 +404,25 @@ def cut_candidates(tips: Sequence[Tip]) -> list[tuple[str, list[int], tuple[int,
     return found
 
 
+def history_refused() -> Invalid:
+    """422 ``not_supported_here`` for ``GET .../history`` of a sharded session: each shard
+    records the norms of its own part of the parameters, and norms merged from them (as a
+    step's answer merges its ``metrics``) equal the unsharded session's only within float
+    rounding, not bit for bit as a history row is."""
+    return Invalid("history: not offered for a sharded session (each shard records the "
+                   "norms of its own part of the parameters; a step's answer carries the "
+                   "session's metrics, merged)", code="not_supported_here", field="history")
+
+
+def scalars_refused() -> Invalid:
+    """422 ``not_supported_here`` for a sharded session's step or push carrying client
+    scalars: they are recorded in the session's history, which a sharded session does not
+    offer (:func:`history_refused`)."""
+    return Invalid("scalars: not offered for a sharded session (a step's scalars are "
+                   "recorded in its history, which a sharded session does not offer)",
+                   code="not_supported_here", field="scalars")
+
+
 def retryable(exc: BaseException) -> bool:
     """A failure to reach a shard (its host restarting, its disk), or a shard that storage
     faults took out of service and its host restores from its store once the disk works
@@ -452,6 +485,9 @@ class ShardedSession:
         #: (:meth:`settle`); True while that is still to be done: a failure to reach a shard
         #: that passes (its host restarting) leaves it due, tried again by every later call
         self._settle_due = False
+        #: shape-only stand-ins of the parameters, for the checks of row pulls (described at
+        #: the first one: nothing changes a parameter's shape or dtype)
+        self._shapes: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ create and delete
     @classmethod
@@ -646,27 +682,17 @@ class ShardedSession:
     async def pull(
         self, key: str, names: list[str] | None, *, min_version: int | None = None,
         wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
+        """``params_dtype``: narrowed by each shard as an unsharded session narrows them
+        (the same code: :meth:`Session.pack_params <app.engine.session.Session.pack_params>`),
+        packed again in the session's order."""
         if names is not None:
             for n in names:
                 if n not in self.layout.owner:
                     raise Invalid(f"unknown parameter {n!r:.80}", code="unknown_parameter",
                                   field=f"names.{n}")
-        if min_version is not None and wait_s > 0:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + min(wait_s, MAX_WAIT_S)
-            while True:
-                changed = self._changed
-                version = self._version
-                if version is None:
-                    version = (await self.describe(self.key)).version
-                remaining = deadline - loop.time()
-                if version >= min_version or remaining <= 0 or self._draining:
-                    break
-                try:
-                    await asyncio.wait_for(changed.wait(), remaining)
-                except TimeoutError:
-                    pass
+        await self._wait_for(min_version, wait_s)
         async with self._lock:
             self._check_usable()
             await self._settled()
@@ -675,19 +701,89 @@ class ShardedSession:
                      for i in range(self.layout.shards)]
             asked = [(i, ns) for i, ns in parts if ns] or [(0, [])]
             results = await asyncio.gather(
-                *(self.shards[i][0].pull(self.shards[i][1], ns, unless_versions=unless_versions)
+                *(self.shards[i][0].pull(self.shards[i][1], ns, unless_versions=unless_versions,
+                                         params_dtype=params_dtype)
                   for i, ns in asked), return_exceptions=True)
-        errors = {i: r for (i, _), r in zip(asked, results, strict=True)
+        first = self._answered([i for i, _ in asked], results)
+        if first.not_modified:
+            return ParamsResult(first.version, first.step, first.lr, {}, not_modified=True)
+        outs = [r for r in results if isinstance(r, ParamsResult)]
+        return ParamsResult(first.version, first.step, first.lr,
+                            merge_params([r.params for r in outs], self.layout, wanted))
+
+    async def pull_rows(
+        self, key: str, rows: dict[str, torch.Tensor], *, min_version: int | None = None,
+        wait_s: float = 0.0, unless_versions: frozenset[int] = frozenset(),
+        params_dtype: torch.dtype | None = None,
+    ) -> ParamsResult:
+        """Rows of parameters, each from its shard (in the order asked, as an unsharded
+        session answers them). The coordinator checks them as that session would, against
+        the whole session's parameters (their shapes, described once: a sharded session's
+        parameters keep their shapes), before it waits; each shard then gathers its rows."""
+        await self._check_rows(rows)
+        await self._wait_for(min_version, wait_s)
+        async with self._lock:
+            self._check_usable()
+            await self._settled()
+            parts = [(i, {n: idx for n, idx in rows.items() if self.layout.owner[n] == i})
+                     for i in range(self.layout.shards)]
+            asked = [(i, part) for i, part in parts if part]
+            results = await asyncio.gather(
+                *(self.shards[i][0].pull_rows(self.shards[i][1], part,
+                                              unless_versions=unless_versions,
+                                              params_dtype=params_dtype)
+                  for i, part in asked), return_exceptions=True)
+        first = self._answered([i for i, _ in asked], results)
+        if first.not_modified:
+            return ParamsResult(first.version, first.step, first.lr, {}, not_modified=True)
+        merged: dict[str, torch.Tensor] = {}
+        for r in results:
+            if isinstance(r, ParamsResult) and r.params:
+                merged.update(r.params)
+        return ParamsResult(first.version, first.step, first.lr,
+                            {n: merged[n] for n in rows})
+
+    async def _check_rows(self, rows: dict[str, torch.Tensor]) -> None:
+        """A row pull's checks, as an unsharded session makes them (:func:`sparse.check_rows
+        <app.engine.sparse.check_rows>`), on shape-only stand-ins of the parameters."""
+        if self._shapes is None:
+            info = await self.describe(self.key)
+            self._shapes = {n: torch.empty(p["shape"], dtype=TORCH_DTYPES[p["dtype"]],
+                                           device="meta")
+                            for n, p in info.params.items()}
+        sparse.check_rows(self._shapes, rows)
+
+    async def _wait_for(self, min_version: int | None, wait_s: float) -> None:
+        """A long poll's wait: until the session reaches ``min_version``, ``wait_s`` (capped)
+        passes, or the server drains."""
+        if min_version is None or wait_s <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(wait_s, MAX_WAIT_S)
+        while True:
+            changed = self._changed
+            version = self._version
+            if version is None:
+                version = (await self.describe(self.key)).version
+            remaining = deadline - loop.time()
+            if version >= min_version or remaining <= 0 or self._draining:
+                return
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    def _answered(self, asked: list[int], results: Sequence[ParamsResult | BaseException]
+                  ) -> ParamsResult:
+        """The first of the shards' answers to a read, once none refused it and all are at
+        one version."""
+        errors = {i: r for i, r in zip(asked, results, strict=True)
                   if isinstance(r, BaseException)}
         if errors:
             raise first_refusal(errors, self.layout)
         outs = [r for r in results if isinstance(r, ParamsResult)]
         self._check_lockstep(outs)
-        first = outs[0]
-        if first.not_modified:
-            return ParamsResult(first.version, first.step, first.lr, {}, not_modified=True)
-        return ParamsResult(first.version, first.step, first.lr,
-                            merge_params([r.params for r in outs], self.layout, wanted))
+        return outs[0]
 
     async def export_state(self, key: str) -> StateExport:
         async with self._lock:
@@ -699,18 +795,28 @@ class ShardedSession:
                                        [o.state_order for o in outs]),
                            outs[0].version, outs[0].step, outs[0].revision)
 
+    async def history(self, key: str, query: HistoryQuery) -> HistoryResult:
+        raise history_refused()
+
     async def status(self, *, memory: bool = False) -> EngineStatus:  # pragma: no cover
         raise NotImplementedError
 
     # ------------------------------------------------------------------ operations
     async def step(
-        self, key: str, grads: Tensors, *, want_params: bool, worker: str | None = None,
+        self, key: str, grads: Tensors, *, want_params: ReturnParams, worker: str | None = None,
         base_version: int | None = None, idem: IdemKey | None = None,
-        options: dict[int, dict[str, Any]] | None = None,
+        options: dict[int, dict[str, Any]] | None = None, upcast: bool = False,
+        scalars: dict[str, float] | None = None,
     ) -> StepResult:
+        """``upcast``: each shard widens its part of the gradients as an unsharded session
+        widens them (``?upcast=true``). ``scalars`` are refused (:func:`scalars_refused`)."""
+        if scalars:
+            raise scalars_refused()
         if worker is not None:
             ps.check_worker(worker)
         out: StepResult = await self.execute(key, Step(grads, base_version, options=options,
+                                                       upcast=upcast,
+                                                       touched=want_params == "touched",
                                                        request=True, refuse_replaced=True,
                                                        scheduler_range=True,
                                                        tensor_range=True,
@@ -719,7 +825,7 @@ class ShardedSession:
         return out
 
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
-                      want_params: bool = False) -> Any:
+                      want_params: ReturnParams = False) -> Any:
         layout = self.layout
         every = range(layout.shards)
         ops: dict[int, Operation]
@@ -727,11 +833,14 @@ class ShardedSession:
             self._check_names(op.grads, "grads")
             ops = {i: dataclasses.replace(op, grads=layout.part(op.grads, i)) for i in every}
         elif isinstance(op, Push):
+            if op.scalars:
+                raise scalars_refused()
             self._check_names(op.grads, "grads")
             # (to every shard, with its part or nothing: a push cut between the shards'
             # commits is found and undone at start, and the answer's ``accumulated`` lists
             # what every shard holds, not only the shards pushed to)
-            ops = {i: Push(layout.part(op.grads, i), every_shard=True) for i in every}
+            ops = {i: Push(layout.part(op.grads, i), op.upcast, every_shard=True)
+                   for i in every}
         elif isinstance(op, Overwrite):
             if not op.params:
                 raise Invalid("give at least one parameter", code="invalid_params",
@@ -780,7 +889,7 @@ class ShardedSession:
 
     # ------------------------------------------------------------------ the two phases
     async def _two_phase(
-        self, ops: dict[int, Operation], idem: IdemKey | None, want_params: bool,
+        self, ops: dict[int, Operation], idem: IdemKey | None, want_params: ReturnParams,
         refusal: Callable[[int, BaseException], BaseException] | None = None,
     ) -> tuple[dict[int, Any], list[str]]:
         """Prepare on every shard, then commit on every shard: the shards' results, and the
@@ -818,7 +927,7 @@ class ShardedSession:
         return results, [n for c in checked.values() for n in c.nonfinite]
 
     async def _commit(self, ops: dict[int, Operation], commit: dict[int, Operation | None],
-                      idem: IdemKey, want_params: bool) -> dict[int, Any]:
+                      idem: IdemKey, want_params: ReturnParams) -> dict[int, Any]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.commit_timeout_s
         results: dict[int, Any] = {}
@@ -931,7 +1040,7 @@ class ShardedSession:
         self._draining = True
         self._wake()
 
-    def _merge(self, op: Operation, results: dict[int, Any], want_params: bool,
+    def _merge(self, op: Operation, results: dict[int, Any], want_params: ReturnParams,
                nonfinite: list[str]) -> Any:
         outs = [results[i] for i in sorted(results)]
         self._check_lockstep([r for r in outs if hasattr(r, "version")])
@@ -942,7 +1051,9 @@ class ShardedSession:
             skipped = any(r.skipped for r in steps)
             order = self.layout.names()
             seen = set(nonfinite) | {n for r in steps for n in r.nonfinite}
-            params = (merge_params([r.params for r in steps], self.layout) if want_params
+            params = (merge_touched([r.params for r in steps], self.layout)
+                      if want_params == "touched" else
+                      merge_params([r.params for r in steps], self.layout) if want_params
                       else None)
             return dataclasses.replace(
                 first, skipped=skipped, nonfinite=[n for n in order if n in seen],

@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 from app.engine import optimizers
 from app.errors import Invalid
 from app.wire.dtypes import DTYPE_NAMES
-from app.wire.safetensors_body import narrowed_dtype
+from app.wire.safetensors_body import narrowed_dtype, pack
 from app.wire.tensor_maps import dense_body
 
 if TYPE_CHECKING:
@@ -251,14 +251,18 @@ def _try_sparse(cls: type[torch.optim.Optimizer], opts: dict[str, Any], dtype: t
 ROWS_FLOOR = 1 << 24
 
 
-def check_rows(s: Session, rows: dict[str, torch.Tensor], field: str = "rows") -> None:
-    """Rows asked of parameters: known names, parameters with rows, indices in range, and in
-    all no more elements than :data:`ROWS_FLOOR` or the session's parameters hold."""
+def check_rows(params: Mapping[str, torch.Tensor], rows: dict[str, torch.Tensor],
+               field: str = "rows", *, sized: bool = True) -> None:
+    """Rows asked of a session's parameters (``params``: its tensors, or stand-ins of their
+    shapes): known names, parameters with rows, indices in range, and in all (``sized``) no
+    more elements than :data:`ROWS_FLOOR` or the session's parameters hold. A shard of a
+    sharded session is asked with ``sized`` False: its coordinator sized the pull against the
+    whole session's parameters (:meth:`app.engine.shards.ShardedSession.pull_rows`)."""
     if not rows:
         raise Invalid("name at least one parameter and its rows", code="invalid_rows",
                       field=field)
     for name, idx in rows.items():
-        p = s.params.get(name)
+        p = params.get(name)
         if p is None:
             raise Invalid(f"unknown parameter {name!r:.80}", code="unknown_parameter",
                           field=f"{field}.{name}")
@@ -275,14 +279,34 @@ def check_rows(s: Session, rows: dict[str, torch.Tensor], field: str = "rows") -
                 raise Invalid(f"row {bad} is out of range for {name!r:.80}, which has "
                               f"{p.shape[0]} rows", code="index_out_of_range",
                               field=f"{field}.{name}")
-    asked = sum(idx.numel() * math.prod(s.params[name].shape[1:]) for name, idx in rows.items())
+    if not sized:
+        return
+    asked = sum(idx.numel() * math.prod(params[name].shape[1:]) for name, idx in rows.items())
     if asked <= ROWS_FLOOR:  # (the usual pull: the session's parameters are not counted)
         return
-    limit = max(ROWS_FLOOR, sum(p.numel() for p in s.params.values()))
+    limit = max(ROWS_FLOOR, sum(p.numel() for p in params.values()))
     if asked > limit:
         raise Invalid(f"these rows hold {asked} elements in all, more than a row pull answers "
                       f"({limit}: the session's parameters, or {ROWS_FLOOR} if more); ask "
                       "fewer rows at a time", code="rows_too_large", field=field, limit=limit)
+
+
+def narrowed_answer(params: Tensors, dtype: torch.dtype) -> Tensors:
+    """A step's answer that a host sent at full width (a sharded or Ray-hosted session's),
+    narrowed to ``dtype`` as the embedded host narrows its own (:func:`pack` for whole
+    parameters, :func:`touched` for rows: floating tensors wider than ``dtype``, by torch's
+    cast)."""
+    if not any(is_sparse(t) for t in params.values()):
+        return pack(params, dtype)
+    out: Tensors = {}
+    for name, t in params.items():
+        if is_sparse(t):
+            values = t._values()
+            out[name] = row_sparse(rows_of(t), values.to(narrowed_dtype(values, dtype)),
+                                   t.shape)
+        else:
+            out[name] = t.to(narrowed_dtype(t, dtype))
+    return out
 
 
 def gather_rows(s: Session, rows: dict[str, torch.Tensor], dtype: torch.dtype | None = None

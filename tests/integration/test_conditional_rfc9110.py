@@ -11,8 +11,8 @@
 Whatever is applied or answered is compared with an in-process ``torch.optim`` twin (the
 conditional-change tests' :class:`Pair`), bit for bit; whatever is refused leaves the twin's
 state standing. Every test runs on both engines (:data:`~tests.conftest.ENGINES`: the Ray
-one's hosts on the test cluster), sessions sharded and not: they answer alike, but for the
-row pulls, which a sharded or Ray-hosted session refuses (422 ``not_supported_here``)."""
+one's hosts on the test cluster), sessions sharded and not: they answer alike, row pulls
+included."""
 
 from __future__ import annotations
 
@@ -31,17 +31,6 @@ from tests.integration.test_conditional_reads import READS, answered_as_torch, r
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.parametrize("engine_url", ENGINES, indirect=True)]
-
-
-def no_rows_here(request: pytest.FixtureRequest, what: str, shards: int) -> bool:
-    """Whether ``what`` is a row pull the session refuses (sharded, or on a Ray host)."""
-    return what.startswith("rows") and (
-        shards > 1 or request.node.callspec.params["engine_url"] == "ray")
-
-
-def refused_rows(r: httpx.Response) -> None:
-    assert r.status_code == 422, r.text
-    assert (r.json()["code"], r.json()["field"]) == ("not_supported_here", "rows")
 
 
 def version_headers_are(r: httpx.Response, etag: str, revision: int | None) -> None:
@@ -139,16 +128,13 @@ def test_a_list_holds_at_any_of_its_versions(http: httpx.Client, shards: int) ->
 @pytest.mark.parametrize("shards", [1, 2])
 @pytest.mark.parametrize("what", READS)
 def test_a_read_compares_if_match_strongly_and_takes_lists_and_star(
-        http: httpx.Client, what: str, shards: int, request: pytest.FixtureRequest) -> None:
+        http: httpx.Client, what: str, shards: int) -> None:
     """A read answers as torch for ``*``, a list naming its version and a bare version; a
     weak tag of its version, or a list of others, is a 412 with the version headers. A read
     takes no ``?base_revision=`` (nor ``?base_version=``): a 422 naming it, sharded or not."""
     pair = ReadPair(http, shards)
     pair.step()
     pair.step()
-    if no_rows_here(request, what, shards):
-        refused_rows(read(pair, what, {"If-Match": "*"}))
-        return
     if what in ("session", "params", "state_dict"):
         for query in ("base_revision", "base_version"):
             url = pair.url + {"session": "", "params": "/params",
@@ -165,7 +151,7 @@ def test_a_read_compares_if_match_strongly_and_takes_lists_and_star(
 
 @pytest.mark.parametrize("shards", [1, 2])
 def test_if_none_match_star_is_a_304_on_every_versioned_read(
-        http: httpx.Client, shards: int, request: pytest.FixtureRequest) -> None:
+        http: httpx.Client, shards: int) -> None:
     """``If-None-Match: *``: 304 with the version headers and no body on a pull (whole,
     rows, HEAD, with a long poll's ``wait_s``: at once), and on the session's description
     and state dict (with the revision); after a false ``If-Match``, the 412. A version tag
@@ -175,9 +161,6 @@ def test_if_none_match_star_is_a_304_on_every_versioned_read(
     etag, revision = read_at(pair)
     star = {"If-None-Match": "*"}
     for what in READS:
-        if no_rows_here(request, what, shards):
-            refused_rows(read(pair, what, star))
-            continue
         r = read(pair, what, star)
         assert r.status_code == 304, (what, r.text)
         assert r.content == b""
@@ -249,8 +232,7 @@ def steps_taken(pair: Pair) -> int:
 
 
 @pytest.mark.parametrize("shards", [1, 2])
-def test_a_412_carries_the_step_count_a_200_does(http: httpx.Client, shards: int,
-                                                 request: pytest.FixtureRequest) -> None:
+def test_a_412_carries_the_step_count_a_200_does(http: httpx.Client, shards: int) -> None:
     """Every 412 (each conditional change, ``PUT .../state_dict`` and ``DELETE`` included,
     and each read evaluating ``If-Match``) carries ``X-Optserve-Step``, the session's step
     count: what a GET of the session answers in it and in ``step``, and the steps torch's
@@ -286,8 +268,6 @@ def test_a_412_carries_the_step_count_a_200_does(http: httpx.Client, shards: int
         assert r.headers.get("x-optserve-step") == step, (name, r.headers)
         assert r.json()["current_step"] == int(step)
     for what in READS:
-        if no_rows_here(request, what, shards):
-            continue
         ok = read(pair, what, {})
         assert ok.status_code == 200 and ok.headers["x-optserve-step"] == step, (what, ok.text)
         r = read(pair, what, {"If-Match": '"3"'})
@@ -314,7 +294,7 @@ VALID_NONE_MATCH = (('W/"2"', True), ('"2"', True), ('"1", "2"', True), ("*", Tr
 
 @pytest.mark.parametrize("shards", [1, 2])
 def test_a_malformed_if_none_match_is_a_422_naming_it(
-        http: httpx.Client, shards: int, request: pytest.FixtureRequest) -> None:
+        http: httpx.Client, shards: int) -> None:
     """An ``If-None-Match`` outside RFC 9110's grammar (``*`` in a list, ``w/"2"``, ...) on
     every read that evaluates it is a 422 ``invalid_precondition`` naming it, as a malformed
     ``If-Match`` is a 422 (it was read as naming no version: a full answer, silently); its
@@ -327,8 +307,6 @@ def test_a_malformed_if_none_match_is_a_422_naming_it(
     pair.step()
     pair.step()
     for what in READS:
-        if no_rows_here(request, what, shards):
-            continue
         for value in MALFORMED_NONE_MATCH:
             r = read(pair, what, {"If-None-Match": value.encode("latin-1")})
             assert r.status_code == 422, (what, value, r.text)

@@ -6,7 +6,9 @@ Every answer is compared with an in-process ``torch.optim`` run on the gradients
 same way, bitwise, step after step (an answer written in the wrong dtype, or over a body it
 does not fit, shows up as a difference); the float32 master weights are compared too, and
 after a restart on the same data directory the log's replay must give the same session
-(replay widens through the same code).
+(replay widens through the same code). Sessions sharded and not (``shards``): each shard
+widens its part of the gradients, and the shards' answer is narrowed as the unsharded
+session's is (packed apart from the body).
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ def local_run(narrow: torch.dtype, steps: int, lr: float = 1e-2
     return after, opt
 
 
-def create(http: httpx.Client, sid: str) -> None:
-    r = http.post("/v1/sessions", json={"id": sid, "optimizer": "Adam",
+def create(http: httpx.Client, sid: str, shards: int = 1) -> None:
+    r = http.post("/v1/sessions", json={"id": sid, "optimizer": "Adam", "shards": shards,
                                          "options": {"lr": 1e-2},
                                          "params": {n: jt(t) for n, t in initial().items()}})
     assert r.status_code == 201, r.text
@@ -105,6 +107,7 @@ def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], wha
         assert torch.equal(got[n], want[n]), f"{what}: {n} differs"
 
 
+@pytest.mark.parametrize("shards", [1, 2])
 @pytest.mark.parametrize(("narrow", "answer"), [
     (torch.bfloat16, "bfloat16"),  # the answer over the spent gradients
     (torch.float16, "float16"),    # the same, float16
@@ -112,14 +115,14 @@ def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], wha
     (torch.bfloat16, None),        # float32 answers for bfloat16 gradients: packed apart
 ])
 def test_narrow_steps_equal_torch_step_after_step_and_after_a_restart(
-        data_dir: Path, narrow: torch.dtype, answer: str | None) -> None:
+        data_dir: Path, narrow: torch.dtype, answer: str | None, shards: int) -> None:
     steps = 4
     want, _ = local_run(narrow, steps + 2)
     sid = "narrow"
     query = "upcast=true" + (f"&params_dtype={answer}" if answer else "")
     live = LiveServer(_test_settings(data_dir=data_dir, durability="step"))
     with httpx.Client(base_url=live.start(), timeout=60) as http:
-        create(http, sid)
+        create(http, sid, shards)
         for k in range(steps):
             got = step(http, sid, grads_of(k, narrow), query)
             sent = {n: t if answer is None or t.element_size() <= 2
@@ -137,13 +140,14 @@ def test_narrow_steps_equal_torch_step_after_step_and_after_a_restart(
     again.stop()
 
 
-def test_pushed_narrow_gradients_add_to_a_narrow_step(server: str) -> None:
+@pytest.mark.parametrize("shards", [1, 2])
+def test_pushed_narrow_gradients_add_to_a_narrow_step(server: str, shards: int) -> None:
     """A push (kept for the next step) and a step, both widened: the step's gradient is the
-    sum, as a local run that adds the two widened gradients."""
+    sum, as a local run that adds the two widened gradients; sharded or not."""
     params = {n: t.clone().requires_grad_(True) for n, t in initial().items()}
     opt = torch.optim.Adam(list(params.values()), lr=1e-2)
     with httpx.Client(base_url=server, timeout=60) as http:
-        create(http, "pushed")
+        create(http, "pushed", shards)
         for k in range(3):
             pushed, stepped = grads_of(2 * k, torch.bfloat16), grads_of(2 * k + 1,
                                                                           torch.bfloat16)

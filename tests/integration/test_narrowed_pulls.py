@@ -5,7 +5,9 @@ The session's values are stepped by Adam on the server and by an in-process ``to
 here on the same gradients; every narrowed answer must equal that local run's float32 values
 ``.to(dtype)`` bit for bit (floating parameters wider than the dtype only), and equal the
 narrowed answer of a step of the same version (finite float32 values past float16's range
-included: the step narrows them to infinities, and so does the pull).
+included: the step narrows them to infinities, and so does the pull). Sessions sharded and
+not (``shards``): a sharded session's shards narrow their parts, as the unsharded session
+narrows them all.
 """
 
 from __future__ import annotations
@@ -76,9 +78,9 @@ def from_json(obj: dict[str, object]) -> torch.Tensor:
     return torch.tensor(data, dtype=torch.float64).to(dtype).reshape(shape)
 
 
-def create(http: httpx.Client) -> str:
+def create(http: httpx.Client, shards: int = 1) -> str:
     sid = f"narrowpull-{uuid.uuid4().hex[:8]}"
-    r = http.post("/v1/sessions", json={"id": sid, "optimizer": "Adam",
+    r = http.post("/v1/sessions", json={"id": sid, "optimizer": "Adam", "shards": shards,
                                          "options": {"lr": 1e-2},
                                          "params": {n: jt(t) for n, t in initial().items()}})
     assert r.status_code == 201, r.text
@@ -121,12 +123,13 @@ def http(live_server: str) -> httpx.Client:
         yield client  # type: ignore[misc]
 
 
+@pytest.mark.parametrize("shards", [1, 2])
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
 @pytest.mark.parametrize("encoding", ["binary", "json", "json-b64"])
 def test_narrowed_pull_equals_the_float32_values_narrowed(
-        http: httpx.Client, dtype_name: str, encoding: str) -> None:
+        http: httpx.Client, dtype_name: str, encoding: str, shards: int) -> None:
     dtype = NARROW[dtype_name]
-    sid = create(http)
+    sid = create(http, shards)
     stepped = step(http, sid, 0, f"params_dtype={dtype_name}")
     want = local_values(1)
     _, full = pull(http, sid, "")
@@ -148,10 +151,12 @@ def test_narrowed_pull_equals_the_float32_values_narrowed(
                    "names=w,h")
 
 
+@pytest.mark.parametrize("shards", [1, 2])
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
-def test_narrowed_pull_head_304_and_long_poll(http: httpx.Client, dtype_name: str) -> None:
+def test_narrowed_pull_head_304_and_long_poll(http: httpx.Client, dtype_name: str,
+                                              shards: int) -> None:
     dtype = NARROW[dtype_name]
-    sid = create(http)
+    sid = create(http, shards)
     step(http, sid, 0)
     query = f"params_dtype={dtype_name}"
     r, got = pull(http, sid, query)
@@ -179,8 +184,9 @@ def test_narrowed_pull_head_304_and_long_poll(http: httpx.Client, dtype_name: st
             assert_bitwise(got, want, "the long poll's answer")
 
 
-def test_narrowed_row_pulls(http: httpx.Client) -> None:
-    sid = create(http)
+@pytest.mark.parametrize("shards", [1, 2])
+def test_narrowed_row_pulls(http: httpx.Client, shards: int) -> None:
+    sid = create(http, shards)
     step(http, sid, 0)
     want = local_values(1)
     rows = [0, 3, 0, 5]
@@ -209,10 +215,12 @@ def test_narrowed_row_pulls(http: httpx.Client) -> None:
     "params_dtype=bfloat16&params_dtype=bfloat16",
     "name=w&rows=1&params_dtype=float64",
 ])
-def test_a_bad_params_dtype_is_a_422_naming_it(http: httpx.Client, query: str) -> None:
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_bad_params_dtype_is_a_422_naming_it(http: httpx.Client, query: str,
+                                               shards: int) -> None:
     """Refused as the step refuses it: the same problem, word for word (the pulls read the
-    query with the step's parser), where a good value is taken."""
-    sid = create(http)
+    query with the step's parser), where a good value is taken; sharded or not."""
+    sid = create(http, shards)
     assert http.get(f"/v1/sessions/{sid}/params?params_dtype=bfloat16").status_code == 200
     details = set()
     for r in (http.get(f"/v1/sessions/{sid}/params?{query}"),
@@ -230,22 +238,3 @@ def test_a_bad_params_dtype_is_a_422_naming_it(http: httpx.Client, query: str) -
                        "params_dtype is given more than once"} and len(details) == 1
     # the step refused it too: nothing was applied
     assert http.get(f"/v1/sessions/{sid}").json()["version"] == 0
-
-
-def test_a_sharded_session_refuses_a_narrowed_pull_as_its_step(http: httpx.Client) -> None:
-    """A sharded session takes no ``params_dtype`` on a step (422 ``not_supported_here``
-    naming it); a pull is refused the same way, not answered at full width unsaid."""
-    sid = f"narrowpull-sharded-{uuid.uuid4().hex[:8]}"
-    r = http.post("/v1/sessions", json={"id": sid, "optimizer": "Adam", "shards": 2,
-                                         "params": {n: jt(t) for n, t in initial().items()}})
-    assert r.status_code == 201, r.text
-    refused = [http.get(f"/v1/sessions/{sid}/params?params_dtype=bfloat16"),
-               http.post(f"/v1/sessions/{sid}/step?params_dtype=bfloat16",
-                         content=safetensors.torch.save(grads_of(0)),
-                         headers={"Content-Type": BINARY})]
-    for r in refused:
-        assert r.status_code == 422, r.text
-        assert (r.json()["code"], r.json()["field"]) == ("not_supported_here", "params_dtype")
-    assert refused[0].json()["detail"] == refused[1].json()["detail"]
-    _, full = pull(http, sid, "")
-    assert_bitwise(full, initial(), "the sharded session's full-width pull")

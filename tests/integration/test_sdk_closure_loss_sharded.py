@@ -1,5 +1,5 @@
-"""``RemoteOptimizer.step(closure)`` on a session that takes no step scalars (a sharded one;
-Ray-hosted ones answer alike): the closure's loss, which the SDK sends along as the step's
+"""``RemoteOptimizer.step(closure)`` on a session that takes no step scalars (a sharded one,
+on either engine): the closure's loss, which the SDK sends along as the step's
 ``loss`` scalar unasked, must not fail the step. Values compared with in-process torch."""
 
 from __future__ import annotations

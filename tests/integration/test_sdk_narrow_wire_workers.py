@@ -190,33 +190,38 @@ def test_async_worker_pulls_narrowed_values_after_a_stale_push(client: optserve.
 
 
 @pytest.mark.parametrize("wire", ["bfloat16", "float16"])
-def test_a_sharded_session_refuses_wire_dtype_when_joined(client: optserve.Client,
-                                                          wire: str) -> None:
-    """A sharded session takes no narrow wire (the server's 422 ``not_supported_here``). A
-    worker joining one with ``wire_dtype`` is a ``ValueError`` naming the option at
-    construction, as for LBFGS, nothing sent (before, it was made and then every step was a
-    422 naming ``upcast``, a query parameter the caller never gave). Without ``wire_dtype`` the
-    same worker steps the session as torch steps the parameters, bit for bit."""
+def test_a_worker_joining_a_sharded_session_steps_it_narrowed(client: optserve.Client,
+                                                              wire: str) -> None:
+    """A sharded session takes the narrow wire as an unsharded one (each shard widens its
+    part of the gradients, ``?upcast=true``, and narrows its part of the answer,
+    ``?params_dtype=``). A worker joining one with ``wire_dtype`` holds its values narrowed
+    and steps it on narrowed gradients: the session's master weights equal torch's run on
+    the narrowed-and-widened gradients bit for bit, and the model holds them narrowed (before,
+    the join was a ``ValueError``: the session took no narrow wire)."""
+    steps = 3
+    work = mlp()
+    master = [p.detach().clone() for p in work.parameters()]
+    local = torch.optim.Adam(master, lr=1e-2)
+    for i in range(steps):
+        hold(work, master, wire)
+        for m, g in zip(master, grads_at(work, 0, i), strict=True):
+            m.grad = narrowed(g, wire)
+        local.step()
+
     sid = f"narrow-sharded-{uuid.uuid4().hex[:8]}"
     client.create_session("Adam", params=session_params(mlp()), id=sid, shards=2,
                           options={"lr": 1e-2})
     model = mlp()
-    with pytest.raises(ValueError, match=f"wire_dtype is not offered for session '{sid}'"):
-        optserve.RemoteOptimizer(model.named_parameters(), client=client, session_id=sid,
-                                 worker="w0", wire_dtype=wire)
-    info = client.get_session(sid)
-    assert (info.version, info.step) == (0, 0)
-
-    local_model = mlp()
-    local = torch.optim.Adam(local_model.parameters(), lr=1e-2)
     remote = optserve.RemoteOptimizer(model.named_parameters(), client=client, session_id=sid,
-                                      worker="w0")
-    for i in range(3):
-        for m, opt in ((local_model, local), (model, remote)):
-            grads_at(m, 0, i)
-            opt.step()
-    for a, b in zip(model.parameters(), local_model.parameters(), strict=True):
-        assert torch.equal(a, b)
+                                      worker="w0", wire_dtype=wire)
+    for i in range(steps):
+        grads_at(model, 0, i)
+        remote.step()
+    server = client.get_params(sid).params
+    for (name, _), want in zip(mlp().named_parameters(), master, strict=True):
+        assert torch.equal(server[name], want), name
+    for p, want in zip(model.parameters(), master, strict=True):
+        assert torch.equal(p, narrowed(want, wire))
     remote.close()
     client.delete_session(sid)
 

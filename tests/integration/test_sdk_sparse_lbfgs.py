@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 import optserve
 from optserve import _tensors
+from tests.conftest import ENGINES
 
 pytestmark = pytest.mark.integration
 
@@ -67,80 +68,86 @@ def train(model: nn.Module, opts: list[torch.optim.Optimizer], steps: int) -> li
     return losses
 
 
+@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)
 @pytest.mark.parametrize("binary", [True, False])
 @pytest.mark.parametrize("setup", ["sgd-whole-model", "sparseadam-and-adam"])
 def test_remote_optimizer_with_sparse_embedding_equals_local(
-        client: optserve.Client, setup: str, binary: bool) -> None:
-    def optimizers(model: Recommender, remote: bool) -> list[torch.optim.Optimizer]:
-        def make(params: Any, name: str, **kw: Any) -> torch.optim.Optimizer:
-            if remote:
-                return optserve.RemoteOptimizer(params, name, client, binary=binary, **kw)
-            cls = getattr(torch.optim, name)
-            return cls(params, **kw)  # type: ignore[no-any-return]
-        if setup == "sgd-whole-model":
-            return [make(model.named_parameters(), "SGD", lr=0.5)]
-        return [make(model.emb.named_parameters(), "SparseAdam", lr=0.05),
-                make(model.head.named_parameters(), "Adam", lr=0.01)]
+        engine_url: str, setup: str, binary: bool) -> None:
+    """Touched rows back (``?return=touched``) on either engine: bitwise the local run."""
+    with optserve.Client(engine_url, max_retries=0) as client:
+        def optimizers(model: Recommender, remote: bool) -> list[torch.optim.Optimizer]:
+            def make(params: Any, name: str, **kw: Any) -> torch.optim.Optimizer:
+                if remote:
+                    return optserve.RemoteOptimizer(params, name, client, binary=binary, **kw)
+                cls = getattr(torch.optim, name)
+                return cls(params, **kw)  # type: ignore[no-any-return]
+            if setup == "sgd-whole-model":
+                return [make(model.named_parameters(), "SGD", lr=0.5)]
+            return [make(model.emb.named_parameters(), "SparseAdam", lr=0.05),
+                    make(model.head.named_parameters(), "Adam", lr=0.01)]
 
-    local_model, remote_model = Recommender(), Recommender()
-    local = train(local_model, optimizers(local_model, False), 6)
-    remote_opts = optimizers(remote_model, True)
-    remote = train(remote_model, remote_opts, 6)
-    assert all(bitwise(a, b) for a, b in zip(local, remote, strict=True))
-    for (n, a), (_, b) in zip(local_model.named_parameters(), remote_model.named_parameters(),
-                              strict=True):
-        assert bitwise(a.detach(), b.detach()), n
-    # the session's table is the local one too (only touched rows came back)
-    opt = remote_opts[0]
-    assert isinstance(opt, optserve.RemoteOptimizer)
-    name = "emb.weight" if setup == "sgd-whole-model" else "weight"
-    table = client.get_params(opt.session_id, [name]).params[name]
-    assert bitwise(table, local_model.emb.weight.detach())
+        local_model, remote_model = Recommender(), Recommender()
+        local = train(local_model, optimizers(local_model, False), 6)
+        remote_opts = optimizers(remote_model, True)
+        remote = train(remote_model, remote_opts, 6)
+        assert all(bitwise(a, b) for a, b in zip(local, remote, strict=True))
+        for (n, a), (_, b) in zip(local_model.named_parameters(), remote_model.named_parameters(),
+                                  strict=True):
+            assert bitwise(a.detach(), b.detach()), n
+        # the session's table is the local one too (only touched rows came back)
+        opt = remote_opts[0]
+        assert isinstance(opt, optserve.RemoteOptimizer)
+        name = "emb.weight" if setup == "sgd-whole-model" else "weight"
+        table = client.get_params(opt.session_id, [name]).params[name]
+        assert bitwise(table, local_model.emb.weight.detach())
 
 
-def test_remote_embedding_equals_local_embedding(client: optserve.Client) -> None:
+@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)
+def test_remote_embedding_equals_local_embedding(engine_url: str) -> None:
     """A table kept on the server, rows pulled per batch, stepped by SparseAdam there: the
-    same losses and table as a local nn.Embedding(sparse=True) + SparseAdam."""
-    torch.manual_seed(3)
-    weight = torch.randn(ROWS, DIM)
-    head_init = nn.Linear(DIM, 1)
+    same losses and table as a local nn.Embedding(sparse=True) + SparseAdam, on either engine (a
+    Ray-hosted session pulls its rows too)."""
+    with optserve.Client(engine_url, max_retries=0) as client:
+        torch.manual_seed(3)
+        weight = torch.randn(ROWS, DIM)
+        head_init = nn.Linear(DIM, 1)
 
-    local_emb = nn.Embedding(ROWS, DIM, sparse=True)
-    local_emb.weight.data.copy_(weight)
-    local_head = nn.Linear(DIM, 1)
-    local_head.load_state_dict(head_init.state_dict())
-    local_opts = [torch.optim.SparseAdam(local_emb.parameters(), lr=0.05),
-                  torch.optim.Adam(local_head.parameters(), lr=0.01)]
+        local_emb = nn.Embedding(ROWS, DIM, sparse=True)
+        local_emb.weight.data.copy_(weight)
+        local_head = nn.Linear(DIM, 1)
+        local_head.load_state_dict(head_init.state_dict())
+        local_opts = [torch.optim.SparseAdam(local_emb.parameters(), lr=0.05),
+                      torch.optim.Adam(local_head.parameters(), lr=0.01)]
 
-    table = optserve.RemoteEmbedding.create(client, ROWS, DIM, "SparseAdam", weight=weight,
-                                            lr=0.05)
-    assert (table.num_embeddings, table.embedding_dim) == (ROWS, DIM)
-    remote_head = nn.Linear(DIM, 1)
-    remote_head.load_state_dict(head_init.state_dict())
-    head_opt = torch.optim.Adam(remote_head.parameters(), lr=0.01)
+        table = optserve.RemoteEmbedding.create(client, ROWS, DIM, "SparseAdam", weight=weight,
+                                                lr=0.05)
+        assert (table.num_embeddings, table.embedding_dim) == (ROWS, DIM)
+        remote_head = nn.Linear(DIM, 1)
+        remote_head.load_state_dict(head_init.state_dict())
+        head_opt = torch.optim.Adam(remote_head.parameters(), lr=0.01)
 
-    for step, (ids, y) in enumerate(batches(6)):
-        for o in local_opts:
-            o.zero_grad()
-        local_loss = F.mse_loss(local_head(local_emb(ids).mean(1)).squeeze(1), y)
-        local_loss.backward()
-        for o in local_opts:
-            o.step()
+        for step, (ids, y) in enumerate(batches(6)):
+            for o in local_opts:
+                o.zero_grad()
+            local_loss = F.mse_loss(local_head(local_emb(ids).mean(1)).squeeze(1), y)
+            local_loss.backward()
+            for o in local_opts:
+                o.step()
 
-        head_opt.zero_grad()
-        remote_loss = F.mse_loss(remote_head(table(ids).mean(1)).squeeze(1), y)
-        remote_loss.backward()
-        assert bitwise(table.sparse_grad().coalesce().to_dense(),  # type: ignore[union-attr]
-                       local_emb.weight.grad.coalesce().to_dense())  # type: ignore[union-attr]
-        result = table.step()
-        head_opt.step()
-        assert result.version == step + 1
-        assert bitwise(local_loss.detach(), remote_loss.detach()), step
-    rows = client.pull_rows(table.session_id, {"weight": torch.arange(ROWS)})
-    assert bitwise(rows.params["weight"]._values(), local_emb.weight.detach())
-    with torch.no_grad():  # evaluation pulls rows, records nothing
-        table(torch.tensor([[1, 2]]))
-    assert table.sparse_grad() is None
+            head_opt.zero_grad()
+            remote_loss = F.mse_loss(remote_head(table(ids).mean(1)).squeeze(1), y)
+            remote_loss.backward()
+            assert bitwise(table.sparse_grad().coalesce().to_dense(),  # type: ignore[union-attr]
+                           local_emb.weight.grad.coalesce().to_dense())  # type: ignore[union-attr]
+            result = table.step()
+            head_opt.step()
+            assert result.version == step + 1
+            assert bitwise(local_loss.detach(), remote_loss.detach()), step
+        rows = client.pull_rows(table.session_id, {"weight": torch.arange(ROWS)})
+        assert bitwise(rows.params["weight"]._values(), local_emb.weight.detach())
+        with torch.no_grad():  # evaluation pulls rows, records nothing
+            table(torch.tensor([[1, 2]]))
+        assert table.sparse_grad() is None
 
 
 def test_pull_rows(client: optserve.Client) -> None:

@@ -71,13 +71,6 @@ class RaySessionMachine(base.SessionMachine):
         out["info"].pop("placement", None)  # (where the Ray engine put it: not the twin's)
         return out
 
-    @rule(rows=st.lists(st.integers(0, 2), max_size=4), dense=st.booleans(),
-          seed=st.integers(0, 999))
-    def keyed_step(self, rows: list[int], dense: bool, seed: int) -> None:  # type: ignore[override]
-        """The other machine's keyed step, answering every parameter: the Ray engine offers no
-        ``?return=touched`` (a 422 naming ``return``, where the embedded twin answers it)."""
-        base.SessionMachine.keyed_step(self, rows, dense, seed, True)
-
     @rule(torn=st.booleans())
     def crash(self, torn: bool) -> None:
         """Every host actor dies without a snapshot (its files are what it leaves; a torn,

@@ -362,7 +362,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         #: the last step if no answer came back for it (``_UnansweredStep``)
         self._unanswered: _UnansweredStep | None = None
         #: a closure's loss goes with the step as its ``loss`` scalar (off once the session
-        #: refused scalars: a sharded or Ray-hosted one)
+        #: refused scalars: a sharded one)
         self._loss_scalar = True
         #: the newest session version any answer showed (>= ``_version``)
         self._known_version = 0
@@ -541,14 +541,6 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def _join(self, session_id: str) -> None:
         info = self._client.get_session(session_id)
-        if self._wire_dtype is not None and info.raw.get("placement"):
-            # (a placement is described for a sharded or Ray-hosted session only) every step
-            # would be the server's 422 not_supported_here naming ?upcast, a query parameter
-            # this optimizer adds for wire_dtype: refused here, as for LBFGS, naming the option
-            raise ValueError(f"wire_dtype is not offered for session {session_id!r}: a "
-                             "sharded or Ray-hosted session takes gradients and answers "
-                             "parameters at the parameters' own width only (leave wire_dtype "
-                             "out)")
         local = [list(n) for n in self._param_names]
         remote = [list(g.params) for g in info.param_groups]
         if local != remote:
@@ -787,7 +779,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             except APIStatusError as exc:
                 if not (automatic and _refuses_scalars(exc)):
                     raise
-                # a sharded or Ray-hosted session takes no scalars (422 before anything was
+                # a sharded session takes no scalars (422 before anything was
                 # applied): the step goes again without the loss nobody asked to send, and
                 # later steps of this optimizer leave it out (a scalar given through
                 # record_scalars is still sent, and refused)
@@ -1534,7 +1526,7 @@ def _positional_ids(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def _refuses_scalars(exc: APIStatusError) -> bool:
-    """The session takes no step scalars (a sharded or Ray-hosted one: 422
-    ``not_supported_here`` naming ``scalars``, answered before anything was applied)."""
+    """The session takes no step scalars (a sharded one: 422 ``not_supported_here`` naming
+    ``scalars``, answered before anything was applied)."""
     return (exc.status_code == 422 and exc.code == "not_supported_here"
             and exc.field == "scalars")
