@@ -8,7 +8,7 @@ The reader returns tensors that are views into the given buffer where alignment 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import orjson
 import torch
@@ -44,9 +44,12 @@ def header_end(buf: bytes | bytearray | memoryview) -> int:
 
 
 def read_safetensors(
-    buf: bytes | bytearray | memoryview, field: str = "body"
+    buf: bytes | bytearray | memoryview, field: str = "body",
+    before_tensors: Callable[[HeaderLayout, dict[str, str]], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Parse a safetensors file held in memory: (tensors by name, ``__metadata__``)."""
+    """Parse a safetensors file held in memory: (tensors by name, ``__metadata__``).
+    ``before_tensors`` sees the checked header (its entries, its metadata) before any tensor
+    is made, and may refuse the body."""
     if len(buf) < 8:
         raise BadRequest("body is not a safetensors file: shorter than its 8-byte header length",
                          code="invalid_safetensors", field=field)
@@ -59,6 +62,8 @@ def read_safetensors(
     header = bytes(buf[8:data_start])
     with gc_paused() if n >= PAUSE_GC_HEADER else contextlib.nullcontext():
         layout, metadata = checked_header(header, data_len, field)
+        if before_tensors is not None:
+            before_tensors(layout, metadata)
         writable = isinstance(buf, bytearray) or (isinstance(buf, memoryview)
                                                   and not buf.readonly)
         view = memoryview(buf)[data_start:]
