@@ -37,7 +37,7 @@ from app.wire.safetensors_body import (
     BodyTensors,
     PackedTensors,
     header_end,
-    packed_header,
+    packed_header_parts,
     read_safetensors,
     write_safetensors,
 )
@@ -627,8 +627,8 @@ async def tensors_response(
 
     Callers decide ``binary``/``b64`` before doing any work, so a 406 changes nothing."""
     if binary and isinstance(tensors, PackedTensors):  # dense: a header, then its buffer as is
-        return PartsResponse([packed_header(tensors, _text_metadata(scalars)), tensors.buffer],
-                             media_type=BINARY, headers=headers)
+        return PartsResponse([*packed_header_parts(tensors, _text_metadata(scalars)),
+                              tensors.buffer], media_type=BINARY, headers=headers)
     if wire_sparse.has_sparse(tensors):  # some rows of some parameters
         assert tensors is not None
         if binary:  # their parts, and in __metadata__.sparse their parameters' shapes

@@ -88,7 +88,7 @@ def _parse_header(header: bytes, data_len: int, field: str) -> Parsed:
     ):
         raise BadRequest("safetensors __metadata__ must map strings to strings",
                          code="invalid_safetensors", field=f"{field}.__metadata__")
-    return _kept_layout(orjson.dumps(parsed), data_len, field, lambda: parsed), metadata_raw
+    return _kept_layout(dumps_object(parsed), data_len, field, lambda: parsed), metadata_raw
 
 
 def _json_object(raw: bytes, field: str) -> dict[str, Any]:
@@ -317,5 +317,26 @@ def header_entries(layout: Sequence[tuple[str, torch.dtype, Sequence[int]]]) -> 
         header[name] = {"dtype": ST_DTYPE_NAMES[dtype], "shape": list(shape),
                         "data_offsets": [pos, pos + n]}
         pos += n
-    return orjson.dumps(header)[1:-1]
+    return dumps_members(header)
+
+
+#: the most members one ``orjson.dumps`` writes in :func:`dumps_members`: the call holds the
+#: interpreter lock throughout, every other thread waiting (the event loop among them): a
+#: header of 100,000 entries held it ~20 ms, 8,192 entries ~1 ms
+DUMPS_PIECE = 8192
+
+
+def dumps_members(obj: dict[str, Any]) -> bytes:
+    """The members of ``obj`` as orjson writes them (``orjson.dumps(obj)`` without its braces),
+    written :data:`DUMPS_PIECE` members at a time: the same bytes."""
+    if len(obj) <= DUMPS_PIECE:
+        return orjson.dumps(obj)[1:-1]
+    items = list(obj.items())
+    return b",".join(orjson.dumps(dict(items[at:at + DUMPS_PIECE]))[1:-1]
+                     for at in range(0, len(items), DUMPS_PIECE))
+
+
+def dumps_object(obj: dict[str, Any]) -> bytes:
+    """``orjson.dumps(obj)``, written in pieces (:func:`dumps_members`): the same bytes."""
+    return b"{" + dumps_members(obj) + b"}"
 
