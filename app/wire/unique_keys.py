@@ -20,6 +20,7 @@ is refused, or parsed twice).
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -158,9 +159,11 @@ def _dumps(value: Any) -> bytes:
     counted: the pieces' braces and commas differ from the whole's, not its colons."""
     if type(value) is not dict or len(value) <= _DUMPS_PIECE:
         return orjson.dumps(value)
-    items = list(value.items())
-    return b"".join(orjson.dumps(dict(items[at:at + _DUMPS_PIECE]))
-                    for at in range(0, len(items), _DUMPS_PIECE))
+    members = iter(value.items())
+    pieces = []
+    while piece := dict(itertools.islice(members, _DUMPS_PIECE)):
+        pieces.append(orjson.dumps(piece))
+    return b"".join(pieces)
 
 
 class _Repeated:

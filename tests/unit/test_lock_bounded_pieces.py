@@ -24,6 +24,8 @@ from app.wire.safetensors_body import (
     packed_header,
     packed_header_parts,
     read_safetensors,
+)
+from app.wire.safetensors_body import (
     safetensors_header as whole_header,
 )
 
