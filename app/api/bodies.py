@@ -490,15 +490,21 @@ async def read_tensors(
 
         early: list[dict[str, Any]] = []  # (the fields, when read before the tensors)
 
-        def header_read(layout: HeaderLayout, metadata: dict[str, str]) -> None:
+        def known_fields(metadata: dict[str, str]) -> None:
             only_keys({k: None for k in metadata if k not in FOREIGN_METADATA}, set(extra),
                       "__metadata__")
+
+        def header_read(layout: HeaderLayout, metadata: dict[str, str]) -> None:
+            known_fields(metadata)
             if before_tensors is not None and not (sparse and sparse_pairs(layout)):
                 early.append(metadata_fields(metadata))
                 before_tensors(layout, early[0])
 
         def decode_binary() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-            tensors, metadata = read_safetensors(buf, before_tensors=header_read)
+            tensors, metadata = read_safetensors(
+                buf, before_tensors=None if before_tensors is None else header_read)
+            if before_tensors is None:
+                known_fields(metadata)
             if sparse:
                 tensors = wire_sparse.pair_safetensors(tensors, key)
             return tensors, early[0] if early else metadata_fields(metadata)

@@ -20,6 +20,7 @@ from safetensors.torch import save
 
 import app.wire.safetensors_body as safetensors_body
 from app.api import sessions
+from app.api.bodies import OFFLOAD_BYTES
 from tests.torch_reference import json_tensor, tensors_from_json
 
 pytestmark = pytest.mark.integration
@@ -77,9 +78,12 @@ def _held(client: TestClient, sid: str) -> tuple[Any, Any, Any]:
     return params, state, info
 
 
-def _excess(first: dict[str, torch.Tensor], extra: int = 27) -> dict[str, torch.Tensor]:
-    """``first``, then ``extra`` tensors no session here has (ten times its three in all)."""
-    return {**first, **{f"extra{i:03d}": torch.tensor([float(i)]) for i in range(extra)}}
+def _excess(first: dict[str, torch.Tensor], extra: int = 27, numel: int = 6000
+            ) -> dict[str, torch.Tensor]:
+    """``first``, then ``extra`` tensors of ``numel`` elements no session here has (ten times
+    its three in all; a body over OFFLOAD_BYTES, as one whose decoding costs is)."""
+    return {**first, **{f"extra{i:03d}": torch.full((numel,), float(i))
+                        for i in range(extra)}}
 
 
 def _json_answer(client: TestClient, sid: str, grads: dict[str, torch.Tensor],
@@ -216,3 +220,21 @@ def test_a_held_idempotency_key_keeps_its_answer(app_client: TestClient,
     assert (r.json()["code"], r.json()["field"]) == ("unknown_parameter", "grads.extra000")
     assert made == []
     assert _held(app_client, "k") == held
+
+
+def test_a_small_body_is_refused_as_it_was(app_client: TestClient, made: list[int],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body of up to OFFLOAD_BYTES is decoded inline (well under a millisecond) and refused
+    by the session as it was: the same answer, its tensors made."""
+    _session(app_client, "small")
+    held = _held(app_client, "small")
+    grads = _excess(dict(GRADS), numel=1)
+    body = save(grads)
+    assert len(body) <= OFFLOAD_BYTES
+    made.clear()
+    r = app_client.post("/v1/sessions/small/step", content=body, headers=BIN_CT)
+    assert r.status_code == 422, r.text
+    assert (r.json()["code"], r.json()["field"]) == ("unknown_parameter", "grads.extra000")
+    assert made == [len(grads)]
+    _same_problem(r, _whole_way(app_client, monkeypatch, made, "small", body))
+    assert _held(app_client, "small") == held
