@@ -1,12 +1,13 @@
-"""A step's safetensors body naming more tensors than its session holds is refused from its
-header, before any of its tensors is made (it was decoded whole first: 100,000 entries for a
-session of three), with the answer the step gave once its tensors were made: the one the same
-gradients get as a JSON body, which still goes the whole way (422 ``unknown_parameter`` naming
-the first name that is not a parameter's, or an earlier entry's ``dtype_mismatch`` /
+"""A step's safetensors body (over OFFLOAD_BYTES) naming more tensors than its session holds is
+refused from its header, before any of its tensors is made (it was decoded whole first: 100,000
+entries for a session of three), with the answer the step gave once its tensors were made: the
+same body's answer with the refusal from the header switched off (decoded whole, every tensor
+made), and the answer of the same gradients as a JSON body (422 ``unknown_parameter`` naming the
+first name that is not a parameter's, or an earlier entry's ``dtype_mismatch`` /
 ``shape_mismatch``; a malformed ``param_groups`` first, as before). Nothing changes: the
 parameters, the optimizer's state and the step count are as they were, and the next step is
-torch's. Bodies that may pair into row-sparse gradients, and a retry under an Idempotency-Key
-the session holds, go the whole way, with their answers as before."""
+torch's. Bodies that may pair into row-sparse gradients, a retry under an Idempotency-Key the
+session holds, and a small body go the whole way, with their answers as before."""
 
 from __future__ import annotations
 
