@@ -37,10 +37,11 @@ from app.wire.safetensors_body import (
     BodyTensors,
     PackedTensors,
     header_end,
-    packed_header,
+    packed_header_parts,
     read_safetensors,
     write_safetensors,
 )
+from app.wire.safetensors_header import HeaderLayout
 from app.wire.unique_keys import refuse_duplicate_keys
 
 JSON = "application/json"
@@ -463,30 +464,50 @@ def only_keys(obj: dict[str, Any], allowed: set[str], where: str = "") -> None:
 async def read_tensors(
     request: Request, max_bytes: int, key: str, extra: frozenset[str] = frozenset(),
     sparse: bool = False,
+    before_tensors: Callable[[HeaderLayout, dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bytearray | memoryview]:
     """A body of named tensors: ``{key: {name: tensor}, ...extra}`` as JSON, or a safetensors
     file (``extra`` fields as JSON texts in its ``__metadata__``); the ``extra`` fields given;
     and the body itself (its tensors may be views into it). With ``sparse``, tensors may be
     row-sparse (:mod:`app.wire.sparse`). Any other field is a 422 ``unknown_field``, in
     ``__metadata__`` as in JSON (a misspelt ``param_group`` would otherwise step without the
-    change), but for :data:`FOREIGN_METADATA` that other writers add."""
+    change), but for :data:`FOREIGN_METADATA` that other writers add. ``before_tensors``
+    sees a safetensors body's checked header and its ``extra`` fields before its tensors are
+    made (and may refuse it then), where its tensors are its entries as they are (none of
+    them can pair into a row-sparse tensor: :func:`sparse_pairs`)."""
     buf = await _read_body(request, max_bytes, raw=True)
     if body_kind(request) == "binary":
         if len(buf) >= 8:  # (what parsing its header may take, on top: counted now)
             header = min(int.from_bytes(buf[:8], "little"), len(buf))
             if header > OFFLOAD_BYTES // body_memory.HEADER_EXPANSION:
                 body_memory.hold_now(request.scope, header * body_memory.HEADER_EXPANSION)
-        def decode_binary() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-            tensors, metadata = read_safetensors(buf)
-            only_keys({k: None for k in metadata if k not in FOREIGN_METADATA}, set(extra),
-                      "__metadata__")
-            if sparse:
-                tensors = wire_sparse.pair_safetensors(tensors, key)
+        def metadata_fields(metadata: dict[str, str]) -> dict[str, Any]:
             fields = {}
             for name in sorted(set(metadata) & extra):
                 where = f"__metadata__.{name}"
                 fields[name] = parse_json(metadata[name].encode(), where, within=where)
-            return tensors, fields
+            return fields
+
+        early: list[dict[str, Any]] = []  # (the fields, when read before the tensors)
+
+        def known_fields(metadata: dict[str, str]) -> None:
+            only_keys({k: None for k in metadata if k not in FOREIGN_METADATA}, set(extra),
+                      "__metadata__")
+
+        def header_read(layout: HeaderLayout, metadata: dict[str, str]) -> None:
+            known_fields(metadata)
+            if before_tensors is not None and not (sparse and sparse_pairs(layout)):
+                early.append(metadata_fields(metadata))
+                before_tensors(layout, early[0])
+
+        def decode_binary() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            tensors, metadata = read_safetensors(
+                buf, before_tensors=None if before_tensors is None else header_read)
+            if before_tensors is None:
+                known_fields(metadata)
+            if sparse:
+                tensors = wire_sparse.pair_safetensors(tensors, key)
+            return tensors, early[0] if early else metadata_fields(metadata)
         tensors, fields = await offload(decode_binary, header_end(buf))
         return tensors, fields, buf
 
@@ -497,6 +518,13 @@ async def read_tensors(
                 {k: obj[k] for k in extra if k in obj})
     tensors, fields = await offload(decode_json, len(buf))
     return tensors, fields, buf
+
+
+def sparse_pairs(layout: HeaderLayout) -> bool:
+    """Whether any entry of a safetensors header may be the indices of a row-sparse pair
+    (:func:`app.wire.sparse.pair_safetensors`: ``<name>.indices``, an integer dtype)."""
+    return any(name.endswith(wire_sparse.INDICES) and not dtype.is_floating_point
+               and dtype != torch.bool for name, (dtype, _, _) in layout.entries.items())
 
 
 def answer_in_place(tensors: dict[str, torch.Tensor],
@@ -605,8 +633,8 @@ async def tensors_response(
 
     Callers decide ``binary``/``b64`` before doing any work, so a 406 changes nothing."""
     if binary and isinstance(tensors, PackedTensors):  # dense: a header, then its buffer as is
-        return PartsResponse([packed_header(tensors, _text_metadata(scalars)), tensors.buffer],
-                             media_type=BINARY, headers=headers)
+        return PartsResponse([*packed_header_parts(tensors, _text_metadata(scalars)),
+                              tensors.buffer], media_type=BINARY, headers=headers)
     if wire_sparse.has_sparse(tensors):  # some rows of some parameters
         assert tensors is not None
         if binary:  # their parts, and in __metadata__.sparse their parameters' shapes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 from typing import Annotated, Any
 
@@ -18,6 +19,7 @@ from app.api.auth import tenant_of
 from app.api.bodies import (
     BINARY,
     JSON,
+    OFFLOAD_BYTES,
     answer_in_place,
     body_kind,
     check_accept,
@@ -34,17 +36,19 @@ from app.api.bodies import (
     version_headers,
     wants_binary,
 )
-from app.api.conditions import idempotency
+from app.api.conditions import IDEMPOTENCY_HEADER, idempotency, one_header
 from app.api.deps import EngineDep, MinVersion, SettingsDep, TenantDep, WaitSeconds
 from app.api.instrument import metrics_of, outcome, phase
 from app.api.requests import StepQuery, params_dtype_query
 from app.api.strict_requests import StrictRoute
-from app.engine.interface import Engine, IdemKey, ReturnParams, SessionInfo
+from app.engine.idempotency import check_key
+from app.engine.interface import Engine, EntriesRefusal, IdemKey, ReturnParams, SessionInfo
 from app.engine.ops import Expected
 from app.errors import Invalid
 from app.wire.content_digest import cheap
 from app.wire.integers import int_text
 from app.wire.safetensors_body import header_end, read_safetensors, write_safetensors
+from app.wire.safetensors_header import HeaderLayout
 from app.wire.tree import is_float_tag, tree_to_json, tree_to_safetensors, untag_float
 
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -191,9 +195,18 @@ async def _step(request: Request, engine: Engine, counted: dict[str, Any], sessi
                       "session's optimizer takes none", code="invalid_query",
                       field="timeout_s")
     worker = conditions.worker_id(request)
+    # a body that may name more tensors than the session holds is refused from its header
+    # (a small one is decoded inline, in well under a millisecond, and refused as it was)
+    declared = request.headers.get("content-length")
+    refusal = (await engine.entries_refusal(session_id, tenant=tenant, worker=worker,
+                                            idem_key=request.headers.get(IDEMPOTENCY_HEADER))
+               if declared is None or not declared.isdigit() or int(declared) > OFFLOAD_BYTES
+               else None)
     with phase(request, "decode"):
-        grads, fields, buf = await read_tensors(request, max_bytes, "grads", STEP_FIELDS,
-                                                sparse=True)
+        grads, fields, buf = await read_tensors(
+            request, max_bytes, "grads", STEP_FIELDS, sparse=True,
+            before_tensors=None if refusal is None else functools.partial(
+                _refuse_entries, request, refusal, query.upcast))
         options = parse.step_options(fields.get("param_groups"))
         idem = await _step_idempotency(request, buf, session_id, grads, fields, query,
                                        base, worker)
@@ -216,6 +229,23 @@ async def _step(request: Request, engine: Engine, counted: dict[str, Any], sessi
         return await tensors_response(
             binary, b64, result.scalars(), result.params,
             _headers(result.version, result.step, result.replayed, result.tag_version))
+
+
+def _refuse_entries(request: Request, refusal: EntriesRefusal, upcast: bool,
+                    layout: HeaderLayout, fields: dict[str, Any]) -> None:
+    """A step's body naming more tensors than its session holds, refused from its header
+    before its tensors are made (a body of 100,000 entries for a session of ten was decoded
+    whole first), with the step's own answer (422 ``unknown_parameter`` naming the first name
+    that is not a parameter's, or an earlier entry's mismatch); what the step refuses before
+    its gradients (its ``param_groups``' form, its ``Idempotency-Key``) is refused first, as
+    it was."""
+    if len(layout.entries) <= refusal.held():
+        return
+    parse.step_options(fields.get("param_groups"))
+    key = one_header(request, IDEMPOTENCY_HEADER, "Idempotency-Key")
+    if key is not None:
+        check_key(key)
+    refusal.refuse(layout.entries, upcast)
 
 
 async def _step_idempotency(request: Request, buf: bytearray | memoryview, session_id: str,

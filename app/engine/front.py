@@ -24,6 +24,7 @@ from app.engine.host import EmbeddedHost
 from app.engine.interface import (
     CreateSpec,
     EngineStatus,
+    EntriesRefusal,
     Evaluation,
     EvaluationRequest,
     GradsResult,
@@ -348,6 +349,16 @@ class Front:
         """Whether ``POST .../step`` on this session opens an evaluation step (LBFGS)."""
         host, key = await self._host(tenant, session_id)
         return isinstance(host, InProcessHost) and host.embedded.uses_evaluations(key)
+
+    async def entries_refusal(self, session_id: str, *, tenant: str = DEFAULT_TENANT,
+                              idem_key: str | None = None, worker: str | None = None
+                              ) -> EntriesRefusal | None:
+        """:meth:`EmbeddedHost.entries_refusal` for a session of this process (None for a
+        sharded one or one on a Ray host: their checks run where their parameters are)."""
+        host, key = await self._host(tenant, session_id)
+        if isinstance(host, InProcessHost):
+            return host.embedded.entries_refusal(key, idem_key, worker)
+        return None
 
     async def open_evaluation_step(
         self, session_id: str, first: Evaluation | None, *, return_params: ReturnParams,

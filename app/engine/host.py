@@ -80,9 +80,11 @@ from app.engine.interface import (
     CreateSpec,
     Durability,
     EngineStatus,
+    EntriesRefusal,
     Evaluation,
     EvaluationRequest,
     GradsResult,
+    HeaderEntries,
     IdemKey,
     NonFinitePolicy,
     ParamsResult,
@@ -1051,6 +1053,36 @@ class EmbeddedHost:
             want_params=want_params, params_into=params_into, params_dtype=params_dtype,
             into_seen=into_seen)
         return out
+
+    def entries_refusal(self, key: str, idem_key: str | None, worker: str | None
+                        ) -> EntriesRefusal | None:
+        """For a step's body whose header names more tensors than the session holds: what
+        refuses it from the header's entries alone (safe on any thread: it reads only the
+        parameters' names, dtypes and shapes), with the answer :meth:`step` would give once
+        its tensors were made (the session's
+        :meth:`~app.engine.session.Session.check_tensors`: 422 ``unknown_parameter``, or an
+        earlier entry's ``dtype_mismatch``/``shape_mismatch``). None where that answer could
+        be another: no such session, a session with sync rounds (a push's staleness is
+        checked first), an idempotency key the session holds (its replay or its 422 comes
+        first), a worker id :func:`ps.check_worker` refuses."""
+        session = self._sessions.get(key)
+        if (session is None or self._rounds.config(key) is not None
+                or (idem_key is not None and session.idem.holds(idem_key))):
+            return None
+        if worker is not None:
+            try:
+                ps.check_worker(worker)
+            except Invalid:
+                return None
+        params = session.params
+
+        def refuse(entries: HeaderEntries, upcast: bool) -> None:
+            try:
+                session.refuse_entries(((name, dtype, shape) for name, (dtype, shape, _)
+                                        in entries.items()), "grads", upcast)
+            except RuntimeError:  # (its parameters changed meanwhile: the step will say)
+                return
+        return EntriesRefusal(held=params.__len__, refuse=refuse)
 
     # ------------------------------------------------------------------ LBFGS evaluations
     def uses_evaluations(self, key: str) -> bool:

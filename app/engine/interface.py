@@ -8,6 +8,7 @@ results back; the front drives session hosts (in-process, or Ray actors) with op
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -25,6 +26,20 @@ Tensors = dict[str, torch.Tensor]
 #: what a step answers with: every parameter, none, or (``"touched"``) the rows of each
 #: parameter stepped with a row-sparse gradient plus the parameters stepped with dense ones
 ReturnParams = bool | Literal["touched"]
+#: a safetensors header's tensor entries: name -> (dtype, shape, numel), in header order
+HeaderEntries = Mapping[str, tuple[torch.dtype, tuple[int, ...], int]]
+
+
+@dataclass(frozen=True)
+class EntriesRefusal:
+    """How a session refuses a step's body from its header's tensor entries, before its
+    tensors are made (:meth:`Engine.entries_refusal`)."""
+
+    #: how many parameters the session holds now (a body naming more is refused)
+    held: Callable[[], int]
+    #: the refusal of such a body's entries, and whether it asked for ``upcast``: the
+    #: answer the step would give once its tensors were made; returns where it finds none
+    refuse: Callable[[HeaderEntries, bool], None]
 
 
 def session_key(tenant: str, session_id: str) -> str:
@@ -359,6 +374,11 @@ class Engine(Protocol):
         answer_metrics: bool = ..., into_seen: bool = ...,
     ) -> StepResult: ...
     async def uses_evaluations(self, session_id: str, *, tenant: str = ...) -> bool: ...
+    async def entries_refusal(self, session_id: str, *, tenant: str = ...,
+                              idem_key: str | None = ..., worker: str | None = ...
+                              ) -> EntriesRefusal | None:
+        """What refuses a step's body naming more tensors than the session holds from its
+        header alone, with the answer the step would give (None: no such check here)."""
     async def open_evaluation_step(
         self, session_id: str, first: Evaluation | None, *, return_params: ReturnParams,
         tenant: str = ...,

@@ -387,11 +387,7 @@ class Session:
         if self.known_body(tensors):
             return
         for name, t in tensors.items():
-            p = self.params.get(name)
-            if p is None:
-                raise Invalid(f"unknown parameter {name!r:.80}; this session has "
-                              f"{', '.join(repr(n) for n in list(self.params)[:20])}",
-                              code="unknown_parameter", field=f"{field}.{name}")
+            p = self._named(name, field)
             if t.layout != torch.strided:
                 if not sparse_ok:
                     raise Invalid(f"{name!r:.80} must be a dense tensor here (only gradients "
@@ -399,16 +395,27 @@ class Session:
                                   field=f"{field}.{name}")
                 sparse.check_sparse(name, p, t, field, upcast and widens(t.dtype, p.dtype))
                 continue
-            if t.dtype != p.dtype and not (upcast and widens(t.dtype, p.dtype)):
-                hint = (" (send ?upcast=true to widen float16/bfloat16 gradients)"
-                        if widens(t.dtype, p.dtype) else " (no silent casts)")
-                raise Invalid(f"{name!r:.80} is {DTYPE_NAMES[p.dtype]} but the tensor sent is "
-                              f"{DTYPE_NAMES.get(t.dtype, str(t.dtype))}{hint}",
-                              code="dtype_mismatch", field=f"{field}.{name}")
-            if t.shape != p.shape:
-                raise Invalid(f"{name!r:.80} has shape {list(p.shape)} but the tensor sent has "
-                              f"{list(t.shape)}", code="shape_mismatch", field=f"{field}.{name}")
+            _check_dense(name, p, t.dtype, t.shape, field, upcast)
         self._learn_body(tensors)
+
+    def refuse_entries(self, entries: Iterable[tuple[str, torch.dtype, Sequence[int]]],
+                       field: str, upcast: bool = False) -> None:
+        """The refusal :meth:`check_tensors` gives dense tensors of these names, dtypes and
+        shapes, in this order (the first problem found), from a body's header alone: for a
+        body naming more tensors than the session holds, which is refused before its tensors
+        are made (one of its names is not a parameter's). Returns when none is found."""
+        for name, dtype, shape in entries:
+            _check_dense(name, self._named(name, field), dtype, shape, field, upcast)
+
+    def _named(self, name: str, field: str) -> torch.Tensor:
+        """The parameter ``name``; 422 ``unknown_parameter`` naming ``field.name`` when the
+        session has none."""
+        p = self.params.get(name)
+        if p is None:
+            raise Invalid(f"unknown parameter {name!r:.80}; this session has "
+                          f"{', '.join(repr(n) for n in list(self.params)[:20])}",
+                          code="unknown_parameter", field=f"{field}.{name}")
+        return p
 
     def known_body(self, tensors: Tensors) -> bool:
         """Whether ``tensors`` are a body's (:class:`BodyTensors`) whose header equals one this
@@ -877,6 +884,22 @@ class BlockPlan:
 
 
 _NARROW = (torch.float16, torch.bfloat16)
+
+
+def _check_dense(name: str, p: torch.Tensor, dtype: torch.dtype, shape: Sequence[int],
+                 field: str, upcast: bool) -> None:
+    """A dense tensor of ``dtype`` and ``shape`` sent for parameter ``p`` (``name``): 422
+    ``dtype_mismatch`` (no silent casts; with ``upcast``, a float16/bfloat16 one for a wider
+    floating parameter is taken) or ``shape_mismatch`` naming ``field.name``."""
+    if dtype != p.dtype and not (upcast and widens(dtype, p.dtype)):
+        hint = (" (send ?upcast=true to widen float16/bfloat16 gradients)"
+                if widens(dtype, p.dtype) else " (no silent casts)")
+        raise Invalid(f"{name!r:.80} is {DTYPE_NAMES[p.dtype]} but the tensor sent is "
+                      f"{DTYPE_NAMES.get(dtype, str(dtype))}{hint}",
+                      code="dtype_mismatch", field=f"{field}.{name}")
+    if tuple(shape) != tuple(p.shape):
+        raise Invalid(f"{name!r:.80} has shape {list(p.shape)} but the tensor sent has "
+                      f"{list(shape)}", code="shape_mismatch", field=f"{field}.{name}")
 
 
 def widens(sent: torch.dtype, param: torch.dtype) -> bool:

@@ -169,11 +169,27 @@ for _name in ("__getitem__", "__iter__", "__reversed__", "__len__", "__contains_
     setattr(PackedTensors, _name, _dict_method(_name, "_made"))
 
 
+#: the most views one ``split_with_sizes`` cuts: the call holds the interpreter lock while it
+#: makes its views' Python objects, every other thread waiting (the event loop among them):
+#: 100,000 in one call held it 30-70 ms, 8,192 hold it ~1-3 ms
+SPLIT_PIECE = 8192
+
+
 def cut_views(flat: torch.Tensor, names: Sequence[str], numels: list[int],
          shapes: Sequence[Sequence[int]] | None, into: dict[str, torch.Tensor]) -> None:
     """Views of tensors of one dtype laid out back to back in ``flat``, into ``into``: one
-    ``split_with_sizes`` for the run (one tensor: none; torch.split's Python wrapper alone
-    costs ~20 us), a ``view`` only where the shape is not 1-D (``shapes`` None: all are)."""
+    ``split_with_sizes`` per :data:`SPLIT_PIECE` tensors of the run (one tensor: none;
+    torch.split's Python wrapper alone costs ~20 us), a ``view`` only where the shape is not
+    1-D (``shapes`` None: all are)."""
+    if len(names) > SPLIT_PIECE:
+        pos = 0
+        for at in range(0, len(names), SPLIT_PIECE):
+            sizes = numels[at:at + SPLIT_PIECE]
+            size = sum(sizes)
+            cut_views(flat[pos:pos + size], names[at:at + SPLIT_PIECE], sizes,
+                      None if shapes is None else shapes[at:at + SPLIT_PIECE], into)
+            pos += size
+        return
     pieces = (flat,) if len(names) == 1 else flat.split_with_sizes(numels)
     if shapes is None:
         into.update(zip(names, pieces, strict=True))
