@@ -136,6 +136,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # self-hosted below (app/static): no CDN
         redoc_url=None,
+        # a path with a trailing '/' is a 404 naming the path without it (problems.py), not
+        # a 307 to it: a client that does not follow redirects (curl, curl -f) took the 307
+        # of a POST .../step/ for an answer and exited 0 with nothing done, and the
+        # Location was built from the request's Host (http:// behind a TLS proxy)
+        redirect_slashes=False,
     )
     app.state.connections = ConnectionSlots(settings.max_connections or default_limit())
     app.state.body_memory = BodyMemory(bound(settings.max_bodies_mb,

@@ -91,18 +91,40 @@ def allowed_methods(request: Request) -> list[str]:
     return allowed
 
 
+def _route_at(request: Request, path: str) -> bool:
+    """Whether some route of the app answers ``path`` (with any method)."""
+    scope = {**request.scope, "path": path}
+    return any(not isinstance(route, Mount) and route.matches(scope)[0] != Match.NONE
+               for route in request.app.router.routes)
+
+
+def _no_route(request: Request) -> str:
+    """A 404 ``not_found``'s detail: the path, and the one meant when only a trailing ``/``
+    (or several) kept it from a route (the app redirects none: main.py)."""
+    path = request.url.path
+    shown = f"{path!r:.200}"
+    stripped = path.rstrip("/")
+    if stripped != path and stripped and _route_at(request, stripped):
+        return (f"no route at {shown}: paths take no trailing '/'; "
+                f"did you mean {stripped!r:.200}?")
+    return f"no route at {shown}"
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     title = code.replace("_", " ").capitalize()
     headers = dict(exc.headers or {})
     detail = str(exc.detail)
+    field = None
     if exc.status_code == 405:
         allowed = allowed_methods(request) or headers.get("Allow", "").split(", ")
         headers["Allow"] = ", ".join(allowed)
         detail = f"{request.method} is not allowed here; allowed: {headers['Allow']}"
-    response = problem(exc.status_code, code, title, detail, field="method"
-                       if exc.status_code == 405 else None)
+        field = "method"
+    elif exc.status_code == 404 and detail == "Not Found":  # the router's: no route matched
+        detail, field = _no_route(request), "path"
+    response = problem(exc.status_code, code, title, detail, field=field)
     for k, v in headers.items():
         response.headers[k] = v
     return response

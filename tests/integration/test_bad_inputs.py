@@ -642,6 +642,31 @@ def test_unknown_route_and_wrong_method(sess: Sess) -> None:
     sess.assert_unchanged()
 
 
+@pytest.mark.parametrize("method, tail, body", [
+    ("POST", "/step/", {"grads": {}}), ("POST", "/grads/", {"grads": {}}),
+    ("POST", "/zero_grad/", None), ("PUT", "/params/", {"params": {}}),
+    ("PATCH", "/param_groups/0/", {"lr": 0.5}), ("POST", "/scheduler/step/", {}),
+    ("DELETE", "/", None), ("GET", "/params/", None), ("POST", "/step//", {"grads": {}}),
+])
+def test_a_trailing_slash_is_a_404_naming_the_path_meant(sess: Sess, method: str, tail: str,
+                                                         body: Any) -> None:
+    """A path with a trailing '/' is no route: a 404 problem naming the path without it,
+    nothing done, not a 307 to it (which curl, ``curl -f`` too, took for an answer and
+    exited 0 with the step not taken; its Location came from the request's Host)."""
+    kwargs = {"json": body} if body is not None else {}
+    r = sess.http.request(method, sess.url + tail, follow_redirects=False, **kwargs)
+    meant = (sess.url + tail).rstrip("/")
+    assert_problem(r, 404, "not_found", "path", f"did you mean '{meant}'?")
+    assert "location" not in r.headers
+    sess.assert_unchanged()
+
+
+def test_an_unknown_route_names_the_path(sess: Sess) -> None:
+    assert_problem(sess.http.get("/v2/sessions/"), 404, "not_found", "path",
+                   "no route at '/v2/sessions/'")
+    assert "did you mean" not in sess.http.get("/v2/sessions/").json()["detail"]
+
+
 def test_session_id_too_long_in_path(sess: Sess) -> None:
     r = sess.http.get(f"/v1/sessions/{'x' * 201}")
     assert_problem(r, 422, "invalid", "session_id")

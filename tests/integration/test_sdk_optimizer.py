@@ -594,6 +594,23 @@ def test_constructor_errors(client: optserve.Client) -> None:
         client.get_session("sdk-dup")
 
 
+@pytest.mark.parametrize("optimizer", ["Adam", "AdamW"])
+def test_tensor_betas_are_refused_saying_only_lr_travels_as_a_tensor(
+        client: optserve.Client, optimizer: str) -> None:
+    """torch takes Adam's betas as one-element tensors (and steps with them in float32
+    arithmetic, so their float values would not step alike): a clear refusal naming the
+    element, as for any other tensor option; it said "betas[0] must be a number, got
+    {'data': [0.8999999761581421], 'dtype': ...", the JSON tensor the SDK sent."""
+    betas = (torch.tensor(0.9), torch.tensor(0.99))
+    local_model = mlp()
+    getattr(torch.optim, optimizer)(local_model.parameters(), lr=0.01, betas=betas)  # torch: fine
+    with pytest.raises(optserve.ValidationError) as info:
+        optserve.RemoteOptimizer(mlp().parameters(), optimizer, client, lr=0.01, betas=betas)
+    assert info.value.field == "options.betas.0"
+    assert "betas[0] is a tensor: only lr may be given as a tensor" in str(info.value)
+    assert client.list_sessions() == []  # no session was made
+
+
 def test_parameters_on_the_meta_device_are_refused_before_a_session_is_made(
         client: optserve.Client) -> None:
     """A model built on the meta device (deferred initialization) has no values to make a

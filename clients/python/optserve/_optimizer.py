@@ -215,6 +215,32 @@ def _loss_value(loss: Any) -> float:
     return float(loss)
 
 
+
+#: optimizers whose steps compute with scalar state tensors torch makes in its default dtype
+#: (``_get_scalar_dtype``: float64 under ``torch.set_default_dtype(torch.float64)``); the
+#: session's are float32. Others read their ``step`` as a Python number (``_get_value``).
+_SCALAR_STATE_ARITHMETIC = {"ASGD": "step, eta, mu", "NAdam": "step, mu_product"}
+
+
+def _steps_as_the_session_keeps(state: Any) -> Any:
+    """A state dict's ``"state"`` with each float64 ``step`` tensor that float32 holds exactly
+    as float32, the session's (whose optimizer was made under torch's default dtype, float32).
+    A local optimizer made under ``torch.set_default_dtype(torch.float64)`` keeps its steps in
+    float64 (``_get_scalar_dtype``) and reads them as Python numbers, so the count is all that
+    matters, and it is the same; a step count float32 cannot hold is left as it is (the
+    session refuses it, no silent casts)."""
+    if not isinstance(state, Mapping):
+        return state
+    out: dict[Any, Any] = {}
+    for index, entry in state.items():
+        step = entry.get("step") if isinstance(entry, Mapping) else None
+        if isinstance(step, torch.Tensor) and step.dtype == torch.float64 and step.dim() == 0 \
+                and step.float().double().item() == step.item():
+            entry = {**entry, "step": step.float()}
+        out[index] = entry
+    return out
+
+
 class RemoteOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` backed by an optserve session.
 
@@ -300,6 +326,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 "params argument given to the optimizer should be an iterable of Tensors or "
                 "dicts, but got " + torch.typename(params)
             )
+        if optimizer in _SCALAR_STATE_ARITHMETIC and torch.get_default_dtype() == torch.float64:
+            raise ValueError(
+                f"torch's default dtype is float64 (torch.set_default_dtype): a local {optimizer} "
+                f"would keep its scalar state ({_SCALAR_STATE_ARITHMETIC[optimizer]}) in float64 "
+                "and step with it there, while the session keeps it in float32, so the steps "
+                "would not be the same; create it with the default dtype float32 (torch's own)")
         if worker is not None:
             if session_id is None:
                 raise ValueError("worker=... joins an existing session: give its session_id")
@@ -518,7 +550,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self._state_view.forget()
             try:
                 imported = self._client.import_state(
-                    self._session_id, {"state": entries, "param_groups": groups},
+                    self._session_id,
+                    {"state": _steps_as_the_session_keeps(entries), "param_groups": groups},
                     format="safetensors" if self._binary else "json",
                     base_version=info.version, base_revision=info.revision)
             except PreconditionFailedError:
@@ -1118,7 +1151,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
              for group, saved in zip(self.param_groups, saved_groups, strict=True)],
             saved_ids)
         if "state" in state_dict:
-            state_dict["state"] = session_state
+            state_dict["state"] = _steps_as_the_session_keeps(session_state)
         self.push_params(only_edited=True)
         self._state_epoch += 1
         # groups holding one tensor (a tensor lr default's groups, as torch.save keeps them)
