@@ -152,12 +152,12 @@ _NONE_MATCH_MEMBER = re.compile(
 
 def none_match_versions(request: Request) -> frozenset[int]:
     """The versions named by ``If-None-Match`` (weak comparison: ``W/"5"`` names 5; entity
-    tags that are not versions, ``"abc"``, are ignored; so are empty list elements and an
-    empty header); ``*``: :data:`EVERY_VERSION` (RFC 9110 13.1.2: false whenever the session
-    exists, a 304 on a read). A header outside RFC 9110's grammar (``*`` in a list, ``w/"5"``:
-    the weak indicator is ``W/``, an unclosed quote, a bare word) is a 422
-    ``invalid_precondition`` naming ``If-None-Match``, as a malformed ``If-Match`` is a 422:
-    read as no version, it was silently a full answer."""
+    tags that are not versions, ``"abc"`` or ``"02"``, are ignored; so are empty list
+    elements and an empty header); ``*``: :data:`EVERY_VERSION` (RFC 9110 13.1.2: false
+    whenever the session exists, a 304 on a read). A header outside RFC 9110's grammar
+    (``*`` in a list, ``w/"5"``: the weak indicator is ``W/``, an unclosed quote, a bare
+    word) is a 422 ``invalid_precondition`` naming ``If-None-Match``, as a malformed
+    ``If-Match`` is a 422: read as no version, it was silently a full answer."""
     header = ", ".join(request.headers.getlist("if-none-match"))  # (a list: lines combine)
     if header.strip(_OWS) == "*":
         return EVERY_VERSION
@@ -175,9 +175,10 @@ def none_match_versions(request: Request) -> frozenset[int]:
                           "gives them (\"5\", W/\"5\"; \"4\", \"5\"); got "
                           f"{header!r:.60}", code="invalid_precondition",
                           field="If-None-Match")
-        version = int_text(member.group(1) if member.group(2) is None else member.group(2), 18)
-        if version is not None:
-            found.add(version)
+        text = member.group(1) if member.group(2) is None else member.group(2)
+        version = int_text(text, 18)
+        if version is not None and str(version) == text:  # ("02" is no ETag given: opaque
+            found.add(version)  # tags compare character by character, RFC 9110 8.8.3.2)
         pos = member.end()
     return frozenset(found)
 

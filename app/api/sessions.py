@@ -43,6 +43,7 @@ from app.api.requests import StepQuery, params_dtype_query
 from app.api.strict_requests import StrictRoute
 from app.engine.idempotency import check_key
 from app.engine.interface import Engine, EntriesRefusal, IdemKey, ReturnParams, SessionInfo
+from app.engine.metrics import check_scalars
 from app.engine.ops import Expected
 from app.errors import Invalid
 from app.wire.content_digest import cheap
@@ -238,13 +239,14 @@ def _refuse_entries(request: Request, refusal: EntriesRefusal, upcast: bool,
     whole first), with the step's own answer (422 ``unknown_parameter`` naming the first name
     that is not a parameter's, or an earlier entry's mismatch); what the step refuses before
     its gradients (its ``param_groups``' form, its ``Idempotency-Key``) is refused first, as
-    it was."""
+    it was, and so is a malformed ``scalars``, which the engine checks before the gradients."""
     if len(layout.entries) <= refusal.held():
         return
     parse.step_options(fields.get("param_groups"))
     key = one_header(request, IDEMPOTENCY_HEADER, "Idempotency-Key")
     if key is not None:
         check_key(key)
+    check_scalars(fields.get("scalars"))  # (as Front.step does, before the session's checks)
     refusal.refuse(layout.entries, upcast)
 
 

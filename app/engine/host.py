@@ -43,6 +43,7 @@ import functools
 import logging
 import math
 import re
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -1074,15 +1075,26 @@ class EmbeddedHost:
                 ps.check_worker(worker)
             except Invalid:
                 return None
-        params = session.params
+
+        def unchanged() -> bool:
+            """Whether the session is still the one asked about, as it was (its body is read
+            after this: meanwhile it may have been deleted, made again with other parameters,
+            given sync rounds, or the key used), so the step's answer is still this one."""
+            return (self._sessions.get(key) is session and self._rounds.config(key) is None
+                    and not (idem_key is not None and session.idem.holds(idem_key)))
+
+        def held() -> int:
+            return len(session.params) if unchanged() else sys.maxsize  # (else: no refusal)
 
         def refuse(entries: HeaderEntries, upcast: bool) -> None:
+            if not unchanged():
+                return
             try:
                 session.refuse_entries(((name, dtype, shape) for name, (dtype, shape, _)
                                         in entries.items()), "grads", upcast)
             except RuntimeError:  # (its parameters changed meanwhile: the step will say)
                 return
-        return EntriesRefusal(held=params.__len__, refuse=refuse)
+        return EntriesRefusal(held=held, refuse=refuse)
 
     # ------------------------------------------------------------------ LBFGS evaluations
     def uses_evaluations(self, key: str) -> bool:

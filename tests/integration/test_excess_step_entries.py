@@ -11,6 +11,7 @@ session holds, and a small body go the whole way, with their answers as before."
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -183,6 +184,30 @@ def test_a_malformed_param_groups_is_still_the_answer(
     _same_problem(r, _whole_way(app_client, monkeypatch, made, "g", body))
     _same_problem(r, _json_answer(app_client, "g", grads, param_groups=5))
     assert _held(app_client, "g") == held
+
+
+@pytest.mark.parametrize("scalars,field", [
+    ({"loss": "x"}, "scalars.loss"),  # not a number
+    ([1.0], "scalars"),  # not an object
+    ({"1loss": 0.5}, "scalars.1loss"),  # a name that must start with a letter or '_'
+])
+def test_malformed_scalars_are_still_the_answer(
+        app_client: TestClient, made: list[int], monkeypatch: pytest.MonkeyPatch,
+        scalars: Any, field: str) -> None:
+    """The engine refuses a malformed ``scalars`` before it checks the gradients: so does the
+    refusal from the header (it answered 422 unknown_parameter instead)."""
+    _session(app_client, "m")
+    held = _held(app_client, "m")
+    grads = _excess(dict(GRADS))
+    made.clear()
+    body = save(grads, metadata={"scalars": json.dumps(scalars)})
+    r = app_client.post("/v1/sessions/m/step", headers=BIN_CT, content=body)
+    assert r.status_code == 422, r.text
+    assert (r.json()["code"], r.json()["field"]) == ("invalid_scalars", field)
+    assert made == []
+    _same_problem(r, _whole_way(app_client, monkeypatch, made, "m", body))
+    _same_problem(r, _json_answer(app_client, "m", grads, scalars=scalars))
+    assert _held(app_client, "m") == held
 
 
 def test_a_body_that_may_hold_sparse_pairs_goes_the_whole_way(app_client: TestClient,

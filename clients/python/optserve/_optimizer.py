@@ -54,7 +54,7 @@ import math
 import uuid
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
 from types import TracebackType
@@ -220,6 +220,33 @@ def _loss_value(loss: Any) -> float:
 #: (``_get_scalar_dtype``: float64 under ``torch.set_default_dtype(torch.float64)``); the
 #: session's are float32. Others read their ``step`` as a Python number (``_get_value``).
 _SCALAR_STATE_ARITHMETIC = {"ASGD": "step, eta, mu", "NAdam": "step, mu_product"}
+#: optimizers that, with ``differentiable=True``, compute their bias corrections with the
+#: ``step`` tensor itself (torch's ``_single_tensor_adam``: ``1 - beta1 ** step``), in float64
+#: under ``torch.set_default_dtype(torch.float64)`` where the session's is float32
+_DIFFERENTIABLE_STEP_ARITHMETIC = frozenset({"Adam", "AdamW"})
+
+
+def _refuse_float64_scalar_steps(optimizer: str, options: Mapping[str, Any],
+                                 groups: Sequence[Any]) -> None:
+    """A ValueError, under ``torch.set_default_dtype(torch.float64)``, for an optimizer whose
+    local steps would compute with float64 scalar state where the session's is float32 (the
+    steps would differ silently)."""
+    if torch.get_default_dtype() != torch.float64:
+        return
+    if optimizer in _SCALAR_STATE_ARITHMETIC:
+        raise ValueError(
+            f"torch's default dtype is float64 (torch.set_default_dtype): a local {optimizer} "
+            f"would keep its scalar state ({_SCALAR_STATE_ARITHMETIC[optimizer]}) in float64 "
+            "and step with it there, while the session keeps it in float32, so the steps "
+            "would not be the same; create it with the default dtype float32 (torch's own)")
+    if optimizer in _DIFFERENTIABLE_STEP_ARITHMETIC and any(
+            g.get("differentiable", options.get("differentiable"))
+            for g in [*(g for g in groups if isinstance(g, Mapping)), {}]):
+        raise ValueError(
+            f"torch's default dtype is float64 (torch.set_default_dtype): a local {optimizer} "
+            "with differentiable=True would compute its bias corrections with its step count "
+            "in float64, while the session keeps it in float32, so the steps would not be the "
+            "same; leave differentiable out, or create it with the default dtype float32")
 
 
 def _steps_as_the_session_keeps(state: Any) -> Any:
@@ -326,12 +353,6 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 "params argument given to the optimizer should be an iterable of Tensors or "
                 "dicts, but got " + torch.typename(params)
             )
-        if optimizer in _SCALAR_STATE_ARITHMETIC and torch.get_default_dtype() == torch.float64:
-            raise ValueError(
-                f"torch's default dtype is float64 (torch.set_default_dtype): a local {optimizer} "
-                f"would keep its scalar state ({_SCALAR_STATE_ARITHMETIC[optimizer]}) in float64 "
-                "and step with it there, while the session keeps it in float32, so the steps "
-                "would not be the same; create it with the default dtype float32 (torch's own)")
         if worker is not None:
             if session_id is None:
                 raise ValueError("worker=... joins an existing session: give its session_id")
@@ -342,6 +363,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._initializing = True
         options = _as_torch_makes(optimizer, options)
         items: list[Any] = list(params)
+        _refuse_float64_scalar_steps(optimizer, options, items)
         # Each group's own options, before torch fills in the defaults.
         explicit: list[dict[str, Any]] = [{}]
         if items and isinstance(items[0], dict):
@@ -1019,6 +1041,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             super().add_param_group(param_group)
             self._refuse_duplicates()
             return
+        _refuse_float64_scalar_steps(self._optimizer_name, self.defaults, [param_group])
         # (keys the optimizer has no option for stay in the local group: see _server_options;
         # a wrapper may have added its own to the defaults, timm's Lookahead its lookahead_*)
         explicit = _without_defaults({k: v for k, v in param_group.items()
