@@ -71,7 +71,7 @@ def _mount_here(where: Path, mib: int) -> Callable[[], None]:
     return unmount
 
 
-def _mount_in_a_namespace(where: Path, mib: int) -> tuple[Path, Callable[[], None]]:
+def _mount_in_a_namespace(where: Path, mib: int) -> tuple[Path, Callable[[], object]]:
     """A tmpfs of ``mib`` MiB on ``where`` in a user and mount namespace of its own, for a user
     who is not root (``unshare -rm``: unprivileged user namespaces). A process holds the
     namespace open (``cat``, until its stdin closes); every process of this user reaches the
@@ -87,18 +87,16 @@ def _mount_in_a_namespace(where: Path, mib: int) -> tuple[Path, Callable[[], Non
     except FileNotFoundError:
         pytest.skip("test_disk_full mounts a small tmpfs: not root, and no unshare(1) to "
                     "mount one in a user namespace")
-    assert holder.stdout is not None and holder.stdin is not None
-    if holder.stdout.readline().strip() != "mounted":
-        holder.stdin.close()
-        holder.wait(timeout=30)
-        error = holder.stderr.read().strip() if holder.stderr else ""
-        pytest.skip("test_disk_full mounts a small tmpfs: not root, and no user namespace "
-                    f"to mount one in (unshare --user --map-root-user --mount: {error})")
+    assert holder.stdout is not None
+    mounted = holder.stdout.readline().strip() == "mounted"
 
-    def release() -> None:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.wait(timeout=30)
+    def release() -> str:
+        """End the namespace; what its process said on stderr."""
+        _, error = holder.communicate(timeout=30)
+        return error.strip()
+    if not mounted:
+        pytest.skip("test_disk_full mounts a small tmpfs: not root, and no user namespace "
+                    f"to mount one in (unshare --user --map-root-user --mount: {release()})")
     return Path(f"/proc/{holder.pid}/root") / where.relative_to(where.anchor), release
 
 
@@ -108,7 +106,7 @@ def tmpfs(tmp_path: Path) -> Iterator[Mount]:
     root it is mounted here, and a mount that fails fails the test (CI runs as root: it cannot
     lose these tests silently); as another user, in a user namespace (it skips, saying why,
     where there is none)."""
-    releases: list[Callable[[], None]] = []
+    releases: list[Callable[[], object]] = []
 
     def mount(mib: int) -> Path:
         where = tmp_path / f"disk{len(releases)}"
