@@ -46,6 +46,18 @@ class ServerProcess(Protocol):
     def kill(self) -> None: ...
 
 
+#: what chooses the kernels torch runs: a server is told what this process was told (where the
+#: caller's environment for it names none), so that its arithmetic is the in-process torch's
+#: that the tests compare it with bitwise (``ATEN_CPU_CAPABILITY=default`` on an AVX-512 CPU
+#: rounds Adam otherwise; a server forked with an environment without it took the CPU's best)
+KERNEL_CHOICE = ("ATEN_CPU_CAPABILITY",)
+
+
+def with_this_kernel_choice(env: dict[str, str]) -> dict[str, str]:
+    """``env`` and, where it does not name them, this process's :data:`KERNEL_CHOICE`."""
+    return {**{k: os.environ[k] for k in KERNEL_CHOICE if k in os.environ}, **env}
+
+
 def forking() -> bool:
     return os.environ.get("OPTSERVE_TEST_FORK_SERVERS", "1") != "0"
 
@@ -110,7 +122,9 @@ _CONTEXT: Any = None
 def start(env: dict[str, str], cwd: Path, log: Path, nofile: int | None = None
           ) -> ServerProcess:
     """``python -m app`` with ``env`` in ``cwd``, its output appended to ``log``, with at most
-    ``nofile`` descriptors (``RLIMIT_NOFILE``) when given."""
+    ``nofile`` descriptors (``RLIMIT_NOFILE``) when given; torch's kernels are chosen as in
+    this process where ``env`` does not choose them (:func:`with_this_kernel_choice`)."""
+    env = with_this_kernel_choice(env)
     args = [sys.executable, "-m", "app"]
     with open(log, "ab") as out:  # there before the server starts, as for a subprocess
         if not forking():
