@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import ssl
 import tempfile
 import threading
@@ -117,6 +118,17 @@ def _logging_as_it_was() -> Iterator[None]:
         lg.setLevel(level)
         lg.propagate = propagate
     logging.logMultiprocessing = multiprocessing_names
+
+
+@pytest.fixture
+def refusing_url() -> Iterator[str]:
+    """``http://127.0.0.1:PORT`` where no server answers: a connection is refused. The port is
+    held bound (not listening) until the test ends, so that no other server takes it meanwhile:
+    one picked free and released (bound, then closed) was taken by a server of another test
+    process on a busy machine, which answered the test's "server down" requests with 404s."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}"
 
 
 @pytest.fixture(scope="session")
