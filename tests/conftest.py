@@ -26,8 +26,24 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from app.api.malformed_http import http_protocol
-from app.config import Settings
+from app.config import Settings, env_name
 from app.main import create_app
+
+# The server's settings are OPTSERVE_* variables: one set where the suite runs (a machine's
+# OPTSERVE_API_KEYS or OPTSERVE_DURABILITY, for the server it runs) configured every server the
+# tests start, in this process or not, and failed them (every request a 401). The suite's
+# servers take only the settings their tests give them. (The suite's own knobs, such as
+# OPTSERVE_TEST_FORK_SERVERS, and the SDK's OPTSERVE_API_KEY and OPTSERVE_BASE_URL, are none.)
+SERVER_SETTINGS_UNSET = sorted(name for name in map(env_name, Settings.model_fields)
+                               if os.environ.pop(name, None) is not None)
+
+
+def pytest_report_header() -> str | None:
+    if SERVER_SETTINGS_UNSET:
+        return ("server settings in the environment, unset for the suite's servers: "
+                + ", ".join(SERVER_SETTINGS_UNSET))
+    return None
+
 
 #: the engines a test runs on: ``@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)``
 ENGINES = [pytest.param("embedded", id="embedded"),
