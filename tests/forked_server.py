@@ -24,6 +24,7 @@ import resource
 import runpy
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,8 +59,21 @@ def with_this_kernel_choice(env: dict[str, str]) -> dict[str, str]:
     return {**{k: os.environ[k] for k in KERNEL_CHOICE if k in os.environ}, **env}
 
 
+#: what multiprocessing's fork server adds to the temporary directory's path for its socket
+#: (``/pymp-XXXXXXXX/listener-XXXXXXXX``), and the longest path a Unix socket takes
+_FORKSERVER_SOCKET_SUFFIX = len("/pymp-") + 8 + len("/listener-") + 8
+_MAX_SOCKET_PATH = 107
+
+
 def forking() -> bool:
-    return os.environ.get("OPTSERVE_TEST_FORK_SERVERS", "1") != "0"
+    """Whether servers are forked: unless ``OPTSERVE_TEST_FORK_SERVERS=0``, and where the fork
+    server can make its socket. It listens on a Unix socket in the temporary directory, which a
+    deep ``TMPDIR`` (a CI runner's work folder) put past a socket path's bytes: every server
+    start failed ("AF_UNIX path too long"); servers are ``python -m app`` subprocesses then."""
+    if os.environ.get("OPTSERVE_TEST_FORK_SERVERS", "1") == "0":
+        return False
+    depth = len(os.fsencode(tempfile.gettempdir()))
+    return depth + _FORKSERVER_SOCKET_SUFFIX <= _MAX_SOCKET_PATH
 
 
 def _limit_files(nofile: int | None) -> None:

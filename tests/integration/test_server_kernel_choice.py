@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 CHILD = r"""
-import socket, sys, tempfile, time
+import signal, socket, sys, tempfile, time
 from pathlib import Path
 
 import httpx, safetensors.torch, torch
@@ -73,8 +73,8 @@ try:
     differ = int((got.view(torch.int32) != local.detach().view(torch.int32)).sum())
     assert differ == 0, f"{differ} of {n} values differ from this process's torch"
 finally:
-    server.kill()
-    server.wait(30)
+    server.send_signal(signal.SIGTERM)  # (a graceful stop removes its socket directory)
+    server.wait(60)
 print("same")
 """
 

@@ -2,11 +2,16 @@
 socket's path has at most 107 bytes, and a server whose ``TMPDIR`` was deeper than about 58
 bytes (a CI runner's work folder) failed to start ("AF_UNIX path too long"). It makes its
 socket directory in ``/tmp`` then; an ``OPTSERVE_LOCAL_DIR`` too long for a socket is refused
-at start, naming the variable and the bound."""
+at start, naming the variable and the bound. The suite's own servers (``tests/forked_server.py``)
+start there too: multiprocessing's fork server, which makes its socket in the temporary
+directory as well, is not used then."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,6 +23,8 @@ from app.transport import stale_dirs
 from tests.conftest import LiveServer, _test_settings
 
 pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def socket_of(url: str) -> str:
@@ -67,3 +74,51 @@ def test_a_local_dir_too_long_for_a_socket_is_refused_naming_it(
     assert message.startswith("OPTSERVE_LOCAL_DIR='/tmp/lll"), message
     assert (f"must be at most {stale_dirs.MAX_PARENT_BYTES} bytes long, not {len(long)}: the "
             "same-host transport's socket") in message, message
+
+
+CHILD = r"""
+import signal, socket, sys, tempfile, time
+from pathlib import Path
+
+import httpx
+
+from tests import forked_server
+
+tmp, repo = Path(sys.argv[1]), Path(sys.argv[2])
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+env = {"OPTSERVE_HOST": "127.0.0.1", "OPTSERVE_PORT": str(port), "OPTSERVE_DEVICE": "cpu",
+       "OPTSERVE_DATA_DIR": str(tmp / "data"), "OPTSERVE_DURABILITY": "memory",
+       "OPTSERVE_WARM_UP": "0"}
+server = forked_server.start(env, repo, tmp / "server.log")
+try:
+    deadline = time.monotonic() + 180
+    while True:
+        assert server.poll() is None, (tmp / "server.log").read_text(errors="replace")
+        try:
+            r = httpx.get(f"http://127.0.0.1:{port}/v1/transport", timeout=5)
+            if r.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, (tmp / "server.log").read_text(errors="replace")
+        time.sleep(0.1)
+    print(r.json()["local"]["socket"])
+finally:
+    server.send_signal(signal.SIGTERM)  # (a graceful stop removes its socket directory)
+    server.wait(60)
+"""
+
+
+def test_the_suites_servers_start_under_a_deep_temporary_directory(tmp_path: Path) -> None:
+    deep = tmp_path / ("t" * 80)
+    deep.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")}
+    env.update(TMPDIR=str(deep),
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "clients" / "python")]))
+    p = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), str(REPO)], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout + p.stderr
+    path = p.stdout.strip().splitlines()[-1]
+    assert path.startswith(f"/tmp/{stale_dirs.PREFIX}"), p.stdout
