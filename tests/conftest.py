@@ -38,6 +38,13 @@ SERVER_SETTINGS_UNSET = sorted(name for name in map(env_name, Settings.model_fie
                                if os.environ.pop(name, None) is not None)
 
 
+# The Ray clusters the tests start are loopback test clusters: no token authentication. Ray
+# 2.60 turns it on by default, and a cluster started by ray.init() (the Ray engine's tests that
+# are not in the `ray` suite start their own) wrote a token into ~/.ray of whoever ran the
+# suite, and failed where HOME cannot be written (a CI user's read-only or missing home).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
 def pytest_report_header() -> str | None:
     if SERVER_SETTINGS_UNSET:
         return ("server settings in the environment, unset for the suite's servers: "
