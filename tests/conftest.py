@@ -43,6 +43,12 @@ SERVER_SETTINGS_UNSET = sorted(name for name in map(env_name, Settings.model_fie
 # are not in the `ray` suite start their own) wrote a token into ~/.ray of whoever ran the
 # suite, and failed where HOME cannot be written (a CI user's read-only or missing home).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray makes its sockets in its session folder under the temporary directory
+# (TMPDIR/ray/session_<date>_<time>_<pid>/sockets/plasma_store, some 70 bytes more): under a
+# deep TMPDIR (a CI runner's work folder) they were past a Unix socket's 107 bytes and no
+# cluster started. Its folder is /tmp/ray there, unless RAY_TMPDIR names one.
+if len(os.fsencode(tempfile.gettempdir())) + 72 > 107:
+    os.environ.setdefault("RAY_TMPDIR", "/tmp")
 
 
 def pytest_report_header() -> str | None:

@@ -122,3 +122,18 @@ def test_the_suites_servers_start_under_a_deep_temporary_directory(tmp_path: Pat
     assert p.returncode == 0, p.stdout + p.stderr
     path = p.stdout.strip().splitlines()[-1]
     assert path.startswith(f"/tmp/{stale_dirs.PREFIX}"), p.stdout
+
+
+def test_a_ray_engine_test_runs_under_a_deep_temporary_directory(tmp_path: Path) -> None:
+    """Ray's sockets go under its temporary folder; the suite's clusters put it in /tmp."""
+    deep = tmp_path / ("t" * 80)
+    deep.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_TMPDIR", "PYTEST_ADDOPTS")}
+    env["TMPDIR"] = str(deep)
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/unit/test_data_dir_engine.py::"
+         "test_the_embedded_engine_refuses_a_ray_data_dir_and_leaves_it_whole"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "1 passed" in p.stdout, p.stdout
