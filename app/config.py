@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.engine.chunked import DEFAULT_CHUNK, NORM_PIECE, SMALLEST_IN_CHUNKS
+from app.transport import stale_dirs
 
 ENV_PREFIX = "OPTSERVE_"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]{1,3})?)$")
@@ -214,6 +215,17 @@ class Settings(BaseSettings):
     @classmethod
     def _device(cls, value: str) -> str:
         return check_device(value)
+
+    @field_validator("local_dir")
+    @classmethod
+    def _local_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not stale_dirs.fits(value):
+            raise ValueError(
+                f"must be at most {stale_dirs.MAX_PARENT_BYTES} bytes long, not "
+                f"{len(os.fsencode(str(value)))}: the same-host transport's socket is made in a "
+                f"folder in it, and a Unix socket's path has at most "
+                f"{stale_dirs.MAX_SOCKET_PATH} bytes")
+        return value
 
     @field_validator("step_chunk")
     @classmethod

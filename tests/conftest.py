@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import ssl
 import tempfile
 import threading
@@ -25,8 +26,37 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from app.api.malformed_http import http_protocol
-from app.config import Settings
+from app.config import Settings, env_name
 from app.main import create_app
+
+# The server's settings are OPTSERVE_* variables: one set where the suite runs (a machine's
+# OPTSERVE_API_KEYS or OPTSERVE_DURABILITY, for the server it runs) configured every server the
+# tests start, in this process or not, and failed them (every request a 401). The suite's
+# servers take only the settings their tests give them. (The suite's own knobs, such as
+# OPTSERVE_TEST_FORK_SERVERS, and the SDK's OPTSERVE_API_KEY and OPTSERVE_BASE_URL, are none.)
+SERVER_SETTINGS_UNSET = sorted(name for name in map(env_name, Settings.model_fields)
+                               if os.environ.pop(name, None) is not None)
+
+
+# The Ray clusters the tests start are loopback test clusters: no token authentication. Ray
+# 2.60 turns it on by default, and a cluster started by ray.init() (the Ray engine's tests that
+# are not in the `ray` suite start their own) wrote a token into ~/.ray of whoever ran the
+# suite, and failed where HOME cannot be written (a CI user's read-only or missing home).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray makes its sockets in its session folder under the temporary directory
+# (TMPDIR/ray/session_<date>_<time>_<pid>/sockets/plasma_store, some 70 bytes more): under a
+# deep TMPDIR (a CI runner's work folder) they were past a Unix socket's 107 bytes and no
+# cluster started. Its folder is /tmp/ray there, unless RAY_TMPDIR names one.
+if len(os.fsencode(tempfile.gettempdir())) + 72 > 107:
+    os.environ.setdefault("RAY_TMPDIR", "/tmp")
+
+
+def pytest_report_header() -> str | None:
+    if SERVER_SETTINGS_UNSET:
+        return ("server settings in the environment, unset for the suite's servers: "
+                + ", ".join(SERVER_SETTINGS_UNSET))
+    return None
+
 
 #: the engines a test runs on: ``@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)``
 ENGINES = [pytest.param("embedded", id="embedded"),
@@ -117,6 +147,17 @@ def _logging_as_it_was() -> Iterator[None]:
         lg.setLevel(level)
         lg.propagate = propagate
     logging.logMultiprocessing = multiprocessing_names
+
+
+@pytest.fixture
+def refusing_url() -> Iterator[str]:
+    """``http://127.0.0.1:PORT`` where no server answers: a connection is refused. The port is
+    held bound (not listening) until the test ends, so that no other server takes it meanwhile:
+    one picked free and released (bound, then closed) was taken by a server of another test
+    process on a busy machine, which answered the test's "server down" requests with 404s."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}"
 
 
 @pytest.fixture(scope="session")

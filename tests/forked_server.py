@@ -24,6 +24,7 @@ import resource
 import runpy
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,8 +47,33 @@ class ServerProcess(Protocol):
     def kill(self) -> None: ...
 
 
+#: what chooses the kernels torch runs: a server is told what this process was told (where the
+#: caller's environment for it names none), so that its arithmetic is the in-process torch's
+#: that the tests compare it with bitwise (``ATEN_CPU_CAPABILITY=default`` on an AVX-512 CPU
+#: rounds Adam otherwise; a server forked with an environment without it took the CPU's best)
+KERNEL_CHOICE = ("ATEN_CPU_CAPABILITY",)
+
+
+def with_this_kernel_choice(env: dict[str, str]) -> dict[str, str]:
+    """``env`` and, where it does not name them, this process's :data:`KERNEL_CHOICE`."""
+    return {**{k: os.environ[k] for k in KERNEL_CHOICE if k in os.environ}, **env}
+
+
+#: what multiprocessing's fork server adds to the temporary directory's path for its socket
+#: (``/pymp-XXXXXXXX/listener-XXXXXXXX``), and the longest path a Unix socket takes
+_FORKSERVER_SOCKET_SUFFIX = len("/pymp-") + 8 + len("/listener-") + 8
+_MAX_SOCKET_PATH = 107
+
+
 def forking() -> bool:
-    return os.environ.get("OPTSERVE_TEST_FORK_SERVERS", "1") != "0"
+    """Whether servers are forked: unless ``OPTSERVE_TEST_FORK_SERVERS=0``, and where the fork
+    server can make its socket. It listens on a Unix socket in the temporary directory, which a
+    deep ``TMPDIR`` (a CI runner's work folder) put past a socket path's bytes: every server
+    start failed ("AF_UNIX path too long"); servers are ``python -m app`` subprocesses then."""
+    if os.environ.get("OPTSERVE_TEST_FORK_SERVERS", "1") == "0":
+        return False
+    depth = len(os.fsencode(tempfile.gettempdir()))
+    return depth + _FORKSERVER_SOCKET_SUFFIX <= _MAX_SOCKET_PATH
 
 
 def _limit_files(nofile: int | None) -> None:
@@ -110,7 +136,9 @@ _CONTEXT: Any = None
 def start(env: dict[str, str], cwd: Path, log: Path, nofile: int | None = None
           ) -> ServerProcess:
     """``python -m app`` with ``env`` in ``cwd``, its output appended to ``log``, with at most
-    ``nofile`` descriptors (``RLIMIT_NOFILE``) when given."""
+    ``nofile`` descriptors (``RLIMIT_NOFILE``) when given; torch's kernels are chosen as in
+    this process where ``env`` does not choose them (:func:`with_this_kernel_choice`)."""
+    env = with_this_kernel_choice(env)
     args = [sys.executable, "-m", "app"]
     with open(log, "ab") as out:  # there before the server starts, as for a subprocess
         if not forking():

@@ -490,7 +490,7 @@ class LocalTransport:
         self._loop = loop
         if self.parent is not None:
             self.parent.mkdir(parents=True, exist_ok=True)
-        parent = self.parent if self.parent is not None else Path(tempfile.gettempdir())
+        parent = self.parent if self.parent is not None else stale_dirs.default_parent()
         gone = stale_dirs.sweep(parent)
         if gone:
             log.info("same-host transport: removed %d socket directories of servers gone "

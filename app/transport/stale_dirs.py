@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import stat
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +24,31 @@ PREFIX = "optserve-local-"
 SOCKET_NAME = "optserve.sock"
 MIN_AGE_S = 60.0
 _NAME = re.compile(r"optserve-local-([0-9]{1,10})-[A-Za-z0-9_]+")
+
+
+#: the longest path a Unix socket can be bound at (``sun_path``: 108 bytes on Linux, the last
+#: a NUL)
+MAX_SOCKET_PATH = 107
+#: the longest parent directory a server's socket fits under: what the path adds to it is
+#: ``/optserve-local-<pid>-<8 random characters>/optserve.sock`` (a pid of at most 10 digits)
+MAX_PARENT_BYTES = MAX_SOCKET_PATH - len(f"/{PREFIX}") - 10 - 1 - 8 - len(f"/{SOCKET_NAME}")
+
+
+def fits(parent: Path) -> bool:
+    """Whether a server's socket directory can be made in ``parent``: its socket's path
+    stays within :data:`MAX_SOCKET_PATH` bytes."""
+    return len(os.fsencode(str(parent))) <= MAX_PARENT_BYTES
+
+
+def default_parent() -> Path:
+    """Where a server's socket directory goes unless ``OPTSERVE_LOCAL_DIR`` says: the system's
+    temporary directory (``TMPDIR``, ...), or ``/tmp`` where the former's path is too long for
+    a socket under it (a CI runner's deep TMPDIR: binding failed with "AF_UNIX path too long",
+    and the server did not start)."""
+    tmp = Path(tempfile.gettempdir())
+    if fits(tmp) or not os.path.isdir("/tmp"):
+        return tmp
+    return Path("/tmp")
 
 
 def prefix() -> str:

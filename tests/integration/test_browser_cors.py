@@ -11,7 +11,9 @@ them when missing (scripts/test runs it); this test never skips.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +28,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from app.main import CORS_EXPOSED_HEADERS, create_app
+from app.transport import stale_dirs
 from tests.conftest import LiveServer, _test_settings
 
 pytestmark = pytest.mark.integration
@@ -86,9 +89,20 @@ def expected_sgd() -> tuple[list[float], list[float]]:
     return out[0], out[1]
 
 
+def browser_env() -> dict[str, str]:
+    """The environment node and Chromium run in: this one, with ``TMPDIR=/tmp`` where the
+    temporary directory is too deep for the Unix sockets Chromium makes in it (it died:
+    "Socket path too long", a CI runner's deep TMPDIR)."""
+    env = dict(os.environ)
+    if not stale_dirs.fits(Path(tempfile.gettempdir())):
+        env["TMPDIR"] = "/tmp"
+    return env
+
+
 def drive(visits: list[dict[str, str]]) -> list[dict[str, Any]]:
     p = subprocess.run(["node", str(BROWSER / "drive.mjs"), json.dumps(visits)],
-                       capture_output=True, text=True, timeout=240, cwd=BROWSER)
+                       capture_output=True, text=True, timeout=240, cwd=BROWSER,
+                       env=browser_env())
     assert p.returncode == 0, f"drive.mjs failed:\n{p.stdout}\n{p.stderr}"
     results: list[dict[str, Any]] = json.loads(p.stdout.strip().splitlines()[-1])
     return results

@@ -362,8 +362,8 @@ def test_import_of_a_mismatched_state_names_the_field(live_server: str, client: 
     assert_trees_equal(client.export_state(b)["state"], before["state"])
 
 
-def test_server_down_is_exit_3(tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{free_port()}"
+def test_server_down_is_exit_3(tmp_path: Path, refusing_url: str) -> None:
+    url = refusing_url
     for args in (["sessions", "ls"], ["sessions", "show", "x"],
                  ["export", "x", "-o", str(tmp_path / "x.pt")]):
         p = cli(*args, url=url)

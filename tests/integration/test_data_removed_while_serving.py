@@ -13,6 +13,7 @@ memory (before, a keyed delete or create retried after a restart ran as new)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import time
@@ -98,7 +99,8 @@ def test_a_removed_data_dir_is_written_again_and_nothing_acknowledged_is_lost(
         assert step(url, twins["busy"], 4, "busy") == 4  # after the heal: to the new log
         # the lock is held again: a second server is refused
         log = tmp_path / "second.log"
-        env = {"OPTSERVE_HOST": "127.0.0.1", "OPTSERVE_PORT": "1", "OPTSERVE_DATA_DIR": str(data),
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")},
+               "OPTSERVE_HOST": "127.0.0.1", "OPTSERVE_PORT": "1", "OPTSERVE_DATA_DIR": str(data),
                "OPTSERVE_DEVICE": "cpu", "OPTSERVE_WARM_UP": "0",
                "OPTSERVE_DATA_DIR_WAIT_S": "0.5"}
         second = forked_server.start(env, REPO, log)

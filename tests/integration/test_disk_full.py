@@ -1,5 +1,6 @@
-"""A data directory on a real, small file system that fills up (a tmpfs mounted for the test,
-so this needs root, as CI has): the operation that needed the write fails with 507
+"""A data directory on a real, small file system that fills up (a tmpfs mounted for the test:
+as root, in this mount namespace; as another user, in a user and mount namespace of its own,
+reached through ``/proc/PID/root``): the operation that needed the write fails with 507
 ``storage_full`` and is not applied, the log stays valid, readiness answers 503 while the disk
 is full, and once space returns the same server carries on; restarts (SIGTERM and ``kill -9``)
 restore exactly the acknowledged operations.
@@ -59,27 +60,68 @@ WRITES_ONLY: dict[str, Any] = {"ready_min_free_bytes": 0}
 
 # --------------------------------------------------------------------------- the small disk
 
+def _mount_here(where: Path, mib: int) -> Callable[[], None]:
+    """A tmpfs of ``mib`` MiB on ``where`` in this mount namespace (root only); the unmount."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0700", "tmpfs",
+                    str(where)], check=True)
+
+    def unmount() -> None:
+        if subprocess.run(["umount", str(where)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], check=True)
+    return unmount
+
+
+def _mount_in_a_namespace(where: Path, mib: int) -> tuple[Path, Callable[[], object]]:
+    """A tmpfs of ``mib`` MiB on ``where`` in a user and mount namespace of its own, for a user
+    who is not root (``unshare -rm``: unprivileged user namespaces). A process holds the
+    namespace open (``cat``, until its stdin closes); every process of this user reaches the
+    mount through that process's root (``/proc/PID/root/...``), the servers this test starts
+    too. The path to use and the release (the file system goes with the namespace). Skips,
+    saying why, where the kernel allows no such namespace."""
+    script = 'mount -t tmpfs -o "size=$1m,mode=0700" tmpfs "$2" && echo mounted && exec cat'
+    try:
+        holder = subprocess.Popen(
+            ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private",
+             "sh", "-c", script, "sh", str(mib), str(where)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError:
+        pytest.skip("test_disk_full mounts a small tmpfs: not root, and no unshare(1) to "
+                    "mount one in a user namespace")
+    assert holder.stdout is not None
+    mounted = holder.stdout.readline().strip() == "mounted"
+
+    def release() -> str:
+        """End the namespace; what its process said on stderr."""
+        _, error = holder.communicate(timeout=30)
+        return error.strip()
+    if not mounted:
+        pytest.skip("test_disk_full mounts a small tmpfs: not root, and no user namespace "
+                    f"to mount one in (unshare --user --map-root-user --mount: {release()})")
+    return Path(f"/proc/{holder.pid}/root") / where.relative_to(where.anchor), release
+
+
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Mount]:
-    """``mount(mib)``: a fresh tmpfs of that size under ``tmp_path`` (unmounted afterwards)."""
-    if os.geteuid() != 0:
-        pytest.fail("test_disk_full mounts a small tmpfs to fill it for real: run it as root "
-                    "(CI does); it is not skipped, so that CI cannot lose it silently")
-    mounted: list[Path] = []
+    """``mount(mib)``: a fresh tmpfs of that size under ``tmp_path`` (gone afterwards). As
+    root it is mounted here, and a mount that fails fails the test (CI runs as root: it cannot
+    lose these tests silently); as another user, in a user namespace (it skips, saying why,
+    where there is none)."""
+    releases: list[Callable[[], object]] = []
 
     def mount(mib: int) -> Path:
-        where = tmp_path / f"disk{len(mounted)}"
+        where = tmp_path / f"disk{len(releases)}"
         where.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0700", "tmpfs",
-                        str(where)], check=True)
-        mounted.append(where)
-        return where
+        if os.geteuid() == 0:
+            releases.append(_mount_here(where, mib))
+            return where
+        disk, release = _mount_in_a_namespace(where, mib)
+        releases.append(release)
+        return disk
     try:
         yield mount
     finally:
-        for where in mounted:
-            if subprocess.run(["umount", str(where)]).returncode != 0:
-                subprocess.run(["umount", "-l", str(where)], check=True)
+        for release in releases:
+            release()
 
 
 def free_bytes(path: Path) -> int:

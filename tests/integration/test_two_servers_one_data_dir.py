@@ -10,6 +10,7 @@ first acknowledged. Real servers (``python -m app``), values against in-process 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -89,7 +90,8 @@ class Setup:
 
     def start_second(self, wait_s: float) -> forked_server.ServerProcess:
         port = free_port()
-        env = {"OPTSERVE_HOST": "127.0.0.1", "OPTSERVE_PORT": str(port),
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")},
+               "OPTSERVE_HOST": "127.0.0.1", "OPTSERVE_PORT": str(port),
                "OPTSERVE_DATA_DIR": str(self.data), "OPTSERVE_DEVICE": "cpu",
                "OPTSERVE_DURABILITY": "step", "OPTSERVE_TORCH_THREADS": "1",
                "OPTSERVE_LOG_FORMAT": "text", "OPTSERVE_WARM_UP": "0",

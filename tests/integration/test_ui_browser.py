@@ -31,7 +31,11 @@ import torch
 
 import optserve
 from tests.conftest import LiveServer, _test_settings
-from tests.integration.test_browser_cors import BROWSER, browser_ready  # noqa: F401 - fixture
+from tests.integration.test_browser_cors import (  # noqa: F401 - browser_ready: fixture
+    BROWSER,
+    browser_env,
+    browser_ready,
+)
 
 pytestmark = pytest.mark.integration
 KEY_A = "ui-tenant-a-key-0123456789"
@@ -147,7 +151,7 @@ def test_ui_page_in_a_browser(browser_ready: None, tmp_path: Path) -> None:  # n
                    "screenshot": str(shot), "timeoutMs": 20000}
             with tempfile.TemporaryFile("w+") as stderr:
                 with subprocess.Popen(["node", str(BROWSER / "ui.mjs"), json.dumps(cfg)],
-                                      cwd=BROWSER, stdin=subprocess.PIPE,
+                                      cwd=BROWSER, env=browser_env(), stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=stderr, text=True) as proc:
                     try:
                         first = read_line(proc, stderr)

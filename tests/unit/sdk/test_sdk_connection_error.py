@@ -4,6 +4,7 @@ running, and comes without httpx's chained traceback (the cause is kept as ``.ca
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import traceback
 
@@ -12,14 +13,6 @@ import pytest
 import torch
 
 import optserve
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def check(exc: optserve.APIConnectionError, url: str) -> None:
@@ -41,8 +34,8 @@ def check(exc: optserve.APIConnectionError, url: str) -> None:
     assert len(printed.splitlines()) <= 12, printed
 
 
-def test_client_names_the_url_and_the_likely_reason() -> None:
-    url = f"http://127.0.0.1:{closed_port()}"
+def test_client_names_the_url_and_the_likely_reason(refusing_url: str) -> None:
+    url = refusing_url
     with optserve.Client(url, max_retries=0) as client, \
             pytest.raises(optserve.APIConnectionError) as info:
         client.list_sessions()
@@ -50,19 +43,20 @@ def test_client_names_the_url_and_the_likely_reason() -> None:
     assert "(GET /v1/sessions)" in str(info.value)
 
 
-def test_retries_end_in_the_same_single_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_retries_end_in_the_same_single_error(monkeypatch: pytest.MonkeyPatch,
+                                              refusing_url: str) -> None:
     from optserve import _base_client
 
     monkeypatch.setattr(_base_client, "_sleep", lambda _: None)
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = refusing_url
     with optserve.Client(url + "/", max_retries=2) as client, \
             pytest.raises(optserve.APIConnectionError) as info:
         client.health()
     check(info.value, url)
 
 
-def test_async_client_too() -> None:
-    url = f"http://127.0.0.1:{closed_port()}"
+def test_async_client_too(refusing_url: str) -> None:
+    url = refusing_url
 
     async def run() -> optserve.APIConnectionError:
         async with optserve.AsyncClient(url, max_retries=0) as client:
@@ -75,8 +69,8 @@ def test_async_client_too() -> None:
     check(asyncio.run(run()), url)
 
 
-def test_remote_optimizer_without_a_server() -> None:
-    url = f"http://127.0.0.1:{closed_port()}"
+def test_remote_optimizer_without_a_server(refusing_url: str) -> None:
+    url = refusing_url
     client = optserve.Client(url, max_retries=0)
     with pytest.raises(optserve.APIConnectionError) as info:
         optserve.RemoteOptimizer([torch.zeros(2, requires_grad=True)], "SGD", client, lr=0.1)
@@ -91,3 +85,16 @@ def test_a_timeout_names_the_url_too() -> None:
     assert isinstance(exc, optserve.APITimeoutError)
     assert str(exc) == ("timed out talking to http://10.1.2.3:8000: read timed out "
                         "(POST /v1/sessions/s/step)")
+
+
+def test_the_refusing_port_is_not_taken_while_a_test_holds_it(refusing_url: str) -> None:
+    """``refusing_url``'s port refuses connections, and no server can bind it meanwhile (one
+    picked free and released could be: another test process's server answered there)."""
+    port = int(refusing_url.rsplit(":", 1)[1])
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
+        with pytest.raises(OSError) as bind:
+            other.bind(("127.0.0.1", port))
+    assert bind.value.errno == errno.EADDRINUSE
+    with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
+        probe.connect(("127.0.0.1", port))
