@@ -180,6 +180,7 @@ def _send_streaming(
     and raised as the SDK's typed error). Retried after connection errors as the SDK retries
     idempotent calls (export and import are both idempotent). The caller closes the response."""
     attempt = 0
+    first_failure: float | None = None
     while True:
         headers = dict(client.default_headers)
         headers["Accept"] = accept
@@ -195,7 +196,8 @@ def _send_streaming(
         try:
             response = client._client.send(request, stream=True)
         except httpx.TransportError as exc:
-            if attempt < client.max_retries:
+            first_failure = time.monotonic() if first_failure is None else first_failure
+            if client._may_retry(attempt, first_failure):
                 time.sleep(client._retry_delay(attempt))
                 attempt += 1
                 continue
