@@ -26,6 +26,7 @@ import dataclasses
 import os
 import random
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar, cast
@@ -79,6 +80,17 @@ async def _async_sleep(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
+def _checked_base_url(url: str, where: str) -> str:
+    """The base URL without its trailing slashes; a ValueError naming it unless it is an
+    absolute http(s) URL with a host (``"127.0.0.1:8000"`` without a scheme would fail only at
+    the first request)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{where} must be an absolute http:// or https:// URL "
+                         f"(e.g. {DEFAULT_BASE_URL!r}), got {url!r}")
+    return url.rstrip("/")
+
+
 class BaseClient(Generic[HttpxClientT]):
     """Configuration and the I/O-free half of every request."""
 
@@ -101,7 +113,7 @@ class BaseClient(Generic[HttpxClientT]):
         retry_budget: float | None = None,
     ) -> None:
         url = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
-        self.base_url = str(url).rstrip("/")
+        self.base_url = _checked_base_url(str(url), "base_url" if base_url else BASE_URL_ENV)
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         if isinstance(timeout, httpx.Timeout):
             self.timeout = timeout
