@@ -46,7 +46,7 @@ from typing import Any
 import orjson
 
 from app.api import connection_cap
-from app.api.body_sink import SinkingProtocol
+from app.api.body_sink import CLOSE_AFTER, SinkingProtocol
 from app.api.held_head import hold_head
 from app.api.problems import PROBLEM
 from app.api.request_head_checks import connect_detail, target_problem
@@ -579,6 +579,17 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                     super().on_response_complete()
                     if self.cycle is cycle:  # no request pipelined behind it started
                         _start_head_clock(self)
+
+                def handle_events(self) -> None:
+                    cycle = self.cycle
+                    super().handle_events()
+                    new = self.cycle
+                    if new is not cycle and new is not None:
+                        # a body the app stopped reading (a body timeout): its answer closes
+                        # the connection, as under httptools (before the app's task runs)
+                        def close_after() -> None:
+                            new.keep_alive = False
+                        new.scope.setdefault("extensions", {})[CLOSE_AFTER] = close_after
 
                 def send_400_response(self, msg: str) -> None:
                     if _mid_response(self):
