@@ -280,8 +280,17 @@ def _header_int(response: httpx.Response, name: str) -> int | None:
 
 
 # --------------------------------------------------------------------------- commands
+#: the tool's retries: a count, not the SDK's 60 s budget (a command against a server that is
+#: down says so in about 1.5 s)
+CLI_MAX_RETRIES = 2
+
+
 def _client(ns: argparse.Namespace) -> Client:
-    return Client(base_url=ns.url, api_key=ns.api_key, timeout=ns.timeout)
+    try:
+        return Client(base_url=ns.url, api_key=ns.api_key, timeout=ns.timeout,
+                      max_retries=CLI_MAX_RETRIES)
+    except ValueError as exc:  # (a base URL without http:// or https://)
+        raise UsageError(str(exc).replace("base_url", "--url", 1)) from None
 
 
 def cmd_sessions_ls(ns: argparse.Namespace) -> int:

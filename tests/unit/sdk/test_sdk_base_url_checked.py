@@ -30,3 +30,9 @@ def test_the_environment_variable_is_named_when_it_is_the_bad_one(
 def test_http_urls_are_taken(url: str) -> None:
     with optserve.Client(url, transport="http") as c:
         assert c.base_url == url.rstrip("/")
+
+
+def test_the_cli_names_its_url_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from optserve import cli
+    assert cli.main(["--url", "127.0.0.1:9", "sessions", "ls"]) == cli.EXIT_USAGE
+    assert "--url must be an absolute http:// or https:// URL" in capsys.readouterr().err
