@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         default=30.0, gt=0, description="408 when a request body stalls this long (no bytes)"
     )
+    body_min_kib_s: float = Field(
+        default=64.0, ge=0,
+        description="408 and close when a request body has not arrived whole within "
+        "body_timeout_s plus its bytes at this many KiB/s (a body trickled a byte at a time "
+        "gets body_timeout_s in all); 0: no whole-body deadline, only body_timeout_s between "
+        "bytes")
     head_timeout_s: float = Field(
         default=10.0, gt=0, le=3600,
         description="408 and close when a request line and headers are not complete this long "

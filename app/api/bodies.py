@@ -69,7 +69,11 @@ async def _receive(request: Request, take: Callable[[bytes], None]) -> None:
     chunk cost as much as the rest of a small step's decoding); ``take`` runs inside it and
     may raise (the timeout then ends with it)."""
     timeout = _body_timeout(request)
+    rate = _min_rate(request)
     loop = asyncio.get_running_loop()
+    start, received = loop.time(), 0
+    # (the first deadline, start + timeout, is both: no byte yet, and no body whole)
+    too_slow = False
     read = getattr(request, "_body", None)
     if isinstance(read, bytes):  # (read before, kept by Starlette: as request.stream() gives it)
         if read:
@@ -89,17 +93,25 @@ async def _receive(request: Request, take: Callable[[bytes], None]) -> None:
                 chunk = message.get("body", b"")
                 if chunk:
                     take(chunk)
+                    received += len(chunk)
                 if not message.get("more_body", False):
                     break
                 if chunk and timeout is not None:
-                    deadline.reschedule(loop.time() + timeout)
+                    # the next byte within the timeout, and the whole body within the
+                    # timeout plus its bytes at the minimum rate (a trickle of a byte every
+                    # few seconds moves the first on, never the second)
+                    gap = loop.time() + timeout
+                    whole = start + timeout + received / rate if rate else gap
+                    too_slow = whole < gap
+                    deadline.reschedule(min(gap, whole))
     except TimeoutError:
         # the answer closes the connection (as for a body read through a sink), so that a
         # client that never sends the rest does not hold it open midway through a body
         close_after = request.scope.get("extensions", {}).get(body_sink.CLOSE_AFTER)
         if close_after is not None:
             close_after()
-        raise _stalled(timeout) from None
+        raise (_too_slow(timeout, rate, received, loop.time() - start) if too_slow
+               else _stalled(timeout)) from None
 
 
 def _body_timeout(request: Request) -> float | None:
@@ -107,6 +119,22 @@ def _body_timeout(request: Request) -> float | None:
     settings = getattr(request.app.state, "settings", None)
     timeout: float | None = getattr(settings, "body_timeout_s", None)
     return timeout
+
+
+def _min_rate(request: Request) -> float | None:
+    """``OPTSERVE_BODY_MIN_KIB_S`` in bytes a second (None: no whole-body deadline)."""
+    settings = getattr(request.app.state, "settings", None)
+    kib: float | None = getattr(settings, "body_min_kib_s", None)
+    return kib * 1024.0 if kib else None
+
+
+def _too_slow(timeout: float | None, rate: float | None, received: int,
+              elapsed: float) -> BodyTimeout:
+    kib = (rate or 0.0) / 1024.0
+    return BodyTimeout(
+        f"the request body was not whole within OPTSERVE_BODY_TIMEOUT_S ({timeout:g} s) plus "
+        f"its bytes at OPTSERVE_BODY_MIN_KIB_S ({kib:g} KiB/s): {received} bytes in "
+        f"{elapsed:.1f} s", field="body", limit=timeout)
 
 
 def _stalled(timeout: float | None) -> BodyTimeout:
@@ -127,12 +155,16 @@ async def _receive_into(request: Request, take: Callable[[bytes], None],
         await _receive(request, take)
         return None
     timeout = _body_timeout(request)
+    rate = _min_rate(request)
     state = request.scope.setdefault("state", {})
     try:
-        received: int = await sink.wait(timeout)
+        received: int = await sink.wait(timeout, rate)
     except BaseException as exc:
         sink.abandon()
         if isinstance(exc, body_sink.SinkTimeout):
+            if sink.too_slow:
+                raise _too_slow(timeout, rate, sink.received,
+                                asyncio.get_running_loop().time() - sink.started_at) from None
             raise _stalled(timeout) from None
         raise
     finally:

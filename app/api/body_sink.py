@@ -61,7 +61,9 @@ class Sink:
         self.whole = False
         self._done = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        self._last = self._loop.time()
+        self._last = self.started_at = self._loop.time()
+        #: the whole-body deadline, not the gap between bytes, ran out (:meth:`wait`)
+        self.too_slow = False
         #: the protocol's: stop feeding this sink (:meth:`abandon`)
         self.on_abandon: Callable[[], None] | None = None
 
@@ -95,15 +97,24 @@ class Sink:
         if callback is not None:
             callback()
 
-    async def wait(self, timeout: float | None) -> int:
+    async def wait(self, timeout: float | None, min_rate: float | None = None) -> int:
         """Until the body is whole: its size. Raises what ``take`` raised,
         ``ClientDisconnect`` when the connection was lost first, and :class:`SinkTimeout`
-        when no part arrived for ``timeout`` seconds."""
+        when no part arrived for ``timeout`` seconds, or (``min_rate``, bytes a second) when
+        the body is not whole ``timeout`` seconds plus its bytes at ``min_rate`` after the
+        sink was made (its ``too_slow`` then True)."""
         while not self._done.is_set():
             if timeout is None:
                 await self._done.wait()
                 break
-            left = self._last + timeout - self._loop.time()
+            now = self._loop.time()
+            left = self._last + timeout - now
+            if min_rate:
+                whole = self.started_at + timeout + self.received / min_rate - now
+                if whole < left:
+                    left, self.too_slow = whole, True
+                else:
+                    self.too_slow = False
             if left <= 0:
                 raise SinkTimeout()
             try:

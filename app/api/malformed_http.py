@@ -46,10 +46,10 @@ from typing import Any
 import orjson
 
 from app.api import connection_cap
-from app.api.body_sink import SinkingProtocol
+from app.api.body_sink import CLOSE_AFTER, SinkingProtocol
 from app.api.held_head import hold_head
 from app.api.problems import PROBLEM
-from app.api.request_head_checks import connect_detail, target_problem
+from app.api.request_head_checks import connect_detail, origin_form, target_problem
 from app.api.send_clock import SendClock
 
 log = logging.getLogger("optserve.api")
@@ -551,6 +551,10 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                         wrong = target_problem(event.target)
                         if wrong is not None:
                             raise h11.RemoteProtocolError(wrong) from MalformedTarget(wrong)
+                        origin = origin_form(event.target)
+                        if origin is not None:  # (RFC 9112 3.2.2; httptools parses it so)
+                            event = h11.Request(method=event.method, headers=event.headers,
+                                                target=origin, http_version=event.http_version)
                     return event
 
             class ProblemH11Protocol(_Capped, _HeadClock, SendClock,  # type: ignore[misc]
@@ -579,6 +583,18 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                     super().on_response_complete()
                     if self.cycle is cycle:  # no request pipelined behind it started
                         _start_head_clock(self)
+
+                def handle_events(self) -> None:
+                    cycle = self.cycle
+                    super().handle_events()
+                    new = self.cycle
+                    if new is not cycle and new is not None:
+                        # a body the app stopped reading (a body timeout): its answer closes
+                        # the connection, as under httptools (before the app's task runs)
+                        def close_after() -> None:
+                            new.keep_alive = False
+                        extensions: dict[str, Any] = new.scope.setdefault("extensions", {})
+                        extensions[CLOSE_AFTER] = close_after
 
                 def send_400_response(self, msg: str) -> None:
                     if _mid_response(self):

@@ -606,7 +606,8 @@ COMMON_PROBLEMS: dict[str, str] = {
 }
 PROBLEMS: dict[str, str] = {
     "406": "Accept names no media type this operation answers with",
-    "408": "The request body stalled for OPTSERVE_BODY_TIMEOUT_S (the connection is closed)",
+    "408": ("The request body stalled for OPTSERVE_BODY_TIMEOUT_S, or was not whole within it plus "
+            "its bytes at OPTSERVE_BODY_MIN_KIB_S (the connection is closed)"),
     "412": "precondition_failed: the session is no longer at the version (If-Match, "
            "?base_version=) or revision (?base_revision=) named; nothing was applied (a "
            "read: nothing is answered). Its ETag, X-Optserve-Version and X-Optserve-Step (and "

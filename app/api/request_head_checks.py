@@ -18,7 +18,18 @@
 - The request target (RFC 9110 4.2.4): an absolute-form target with userinfo
   (``GET http://user@host/path``) is refused by :mod:`app.api.malformed_http`'s protocols
   (:func:`target_problem`), a 400 ``malformed_http`` with ``field`` ``request-target`` and the
-  connection closed: uvicorn keeps no authority of the target in the request's scope.
+  connection closed: uvicorn keeps no authority of the target in the request's scope. One
+  without userinfo (``GET http://host/healthz``, RFC 9112 3.2.2: a server MUST accept it) is
+  served as its origin form (``/healthz``): httptools parses it so; under h11 the protocol
+  rewrites it (:func:`origin_form`), which took the whole target for the path (a 404).
+- ``OPTIONS *`` (RFC 9110 9.3.7: the server as a whole) is answered here, before auth and
+  routing: 200 with ``Allow`` naming every method the server serves and ``Content-Length:
+  0`` (it was a 404 "no route at '/*'"). It needs no key: it says nothing a route's 405 does
+  not, and ``/healthz`` needs none either.
+- ``Expect`` (RFC 9110 10.1.1): an expectation other than ``100-continue`` (which uvicorn
+  answers) gets a 417 ``expectation_failed`` problem naming ``Expect``, the connection closed,
+  nothing run (it was ignored and the request served, which a client that asked for an
+  expectation it needs met must not take for success).
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from __future__ import annotations
 import re
 
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.problems import allowed_methods, problem
@@ -66,6 +78,34 @@ def host_problem(scope: Scope) -> str | None:
 _ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://([^/?#]*)")
 
 
+def origin_form(target: bytes) -> bytes | None:
+    """An absolute-form target's origin form (``http://host/p?q`` -> ``/p?q``; an empty path
+    is ``/``), or None for a target that is not absolute-form."""
+    found = _ABSOLUTE_FORM.match(target)
+    if found is None:
+        return None
+    rest = target[found.end():].partition(b"#")[0]
+    return rest if rest.startswith(b"/") else b"/" + rest
+
+
+def expect_problem(scope: Scope) -> str | None:
+    """The ``Expect`` expectation this server cannot meet (anything but ``100-continue``),
+    or None."""
+    for name, value in scope["headers"]:
+        if name != b"expect":
+            continue
+        for item in bytes(value).split(b","):
+            item = item.strip(b" \t")
+            if item and item.lower() != b"100-continue":
+                return str(item.decode("latin-1"))
+    return None
+
+
+#: what ``OPTIONS *`` names in ``Allow``: every method some route serves (openapi.json's, HEAD
+#: as GET), and OPTIONS itself
+SERVER_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def target_problem(target: bytes) -> str | None:
     """What is wrong with a request target (the request line's second word), or None: an
     absolute-form target whose authority has userinfo (``http://user@host/path``, RFC 9110
@@ -90,6 +130,17 @@ class RequestHeadChecks:
         if wrong is not None:
             response = problem(400, "malformed_http", "Malformed HTTP request",
                                f"{wrong}: {_HOST_HINT}", field="Host")
+        elif scope["method"] == "OPTIONS" and scope.get("raw_path") == b"*":
+            allowed = ", ".join(SERVER_METHODS)
+            response = Response(status_code=200, headers={"Allow": allowed,
+                                                          "Content-Length": "0"})
+            await response(scope, receive, send)
+            return
+        elif (unmet := expect_problem(scope)) is not None:
+            response = problem(417, "expectation_failed", "Expectation failed",
+                               f"Expect: {unmet!r:.80} is not an expectation this server "
+                               "meets (only 100-continue); nothing was done, the connection "
+                               "is closed", field="Expect")
         elif scope["method"] == "CONNECT":
             allowed = ", ".join(m for m in allowed_methods(Request(scope)))
             response = problem(405, "method_not_allowed", "Method not allowed",

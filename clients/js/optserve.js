@@ -617,7 +617,11 @@ const ERROR_CLASSES = {
 };
 /** Backoff: retryDelayMs * 2**attempt, capped at this, then scaled by a random factor in
  * [1 - RETRY_JITTER, 1] so that many workers do not retry in lockstep (as the Python SDK). */
-const MAX_RETRY_DELAY_MS = 8000;
+const MAX_RETRY_DELAY_MS = 4000;
+/** With maxRetries left out, a failed call is retried while less than this many milliseconds
+ * (retryBudgetMs) have passed since its first failure: a server restart takes 5-15 s on a
+ * loaded machine (the Python SDK's retry_budget). */
+const DEFAULT_RETRY_BUDGET_MS = 60000;
 const RETRY_JITTER = 0.25;
 /** A 503's Retry-After is waited in full up to this (maxRetryAfterMs); one asking for longer is
  * thrown at once, as the server said an earlier retry would fail (session_damaged and
@@ -625,6 +629,22 @@ const RETRY_JITTER = 0.25;
 const DEFAULT_MAX_RETRY_AFTER_MS = 60000;
 /** The server holds a long poll (?wait_s=) at most this long. */
 const MAX_WAIT_S = 60;
+
+/** The base URL without its trailing slashes; a RangeError naming it unless it is an absolute
+ * http(s) URL ("127.0.0.1:8000" without a scheme would fail only at the first request). */
+function checkedBaseUrl(baseUrl) {
+  const text = String(baseUrl).replace(/\/+$/, "");
+  let url;
+  try {
+    url = new URL(text);
+  } catch {
+    url = undefined;
+  }
+  if (url === undefined || (url.protocol !== "http:" && url.protocol !== "https:") || !url.host) {
+    throw new RangeError(`baseUrl must be an absolute http:// or https:// URL (e.g. "http://127.0.0.1:8000"), got ${JSON.stringify(String(baseUrl))}`);
+  }
+  return text;
+}
 
 /** Seconds the server holds a long poll of ?wait_s=waitS (it caps the wait at MAX_WAIT_S). */
 function held(waitS) {
@@ -703,15 +723,24 @@ function versionFromHeaders(res) {
 export class OptserveClient {
   constructor(callOptions = {}) {
     const {
-      baseUrl = "http://127.0.0.1:8000", apiKey, timeoutMs = 30000, fetch: fetchImpl, binary = false, maxRetries = 2,
-      retryDelayMs = 500, maxRetryAfterMs = DEFAULT_MAX_RETRY_AFTER_MS, sleep, random,
-    } = optionsOf(callOptions, ["baseUrl", "apiKey", "timeoutMs", "fetch", "binary", "maxRetries", "retryDelayMs",
-      "maxRetryAfterMs", "sleep", "random"], "OptserveClient");
-    this.baseUrl = String(baseUrl).replace(/\/+$/, "");
+      baseUrl = "http://127.0.0.1:8000", apiKey, timeoutMs = 30000, fetch: fetchImpl, binary = false, maxRetries,
+      retryBudgetMs, retryDelayMs = 500, maxRetryAfterMs = DEFAULT_MAX_RETRY_AFTER_MS, sleep, random, now,
+    } = optionsOf(callOptions, ["baseUrl", "apiKey", "timeoutMs", "fetch", "binary", "maxRetries", "retryBudgetMs",
+      "retryDelayMs", "maxRetryAfterMs", "sleep", "random", "now"], "OptserveClient");
+    this.baseUrl = checkedBaseUrl(baseUrl);
     this.apiKey = apiKey;
     this.timeoutMs = timeoutMs;
     this.binary = binary; // default for step / grads / params calls
-    this.maxRetries = maxRetries;
+    if (maxRetries !== undefined && maxRetries !== null && !(Number.isInteger(maxRetries) && maxRetries >= 0)) {
+      throw new RangeError(`maxRetries must be a non-negative integer, got ${maxRetries}`);
+    }
+    if (retryBudgetMs !== undefined && retryBudgetMs !== null && !(Number.isFinite(retryBudgetMs) && retryBudgetMs >= 0)) {
+      throw new RangeError(`retryBudgetMs must be a non-negative number of milliseconds, got ${retryBudgetMs}`);
+    }
+    // no count (the default): retried while retryBudgetMs (60 s) have not passed since the first
+    // failure; a count: that many retries, with no bound in time unless retryBudgetMs is given
+    this.maxRetries = maxRetries ?? null;
+    this.retryBudgetMs = retryBudgetMs ?? (this.maxRetries === null ? DEFAULT_RETRY_BUDGET_MS : null);
     this.retryDelayMs = retryDelayMs;
     if (!(Number(maxRetryAfterMs) >= 0)) throw new RangeError(`maxRetryAfterMs must be a non-negative number, got ${maxRetryAfterMs}`);
     this.maxRetryAfterMs = Number(maxRetryAfterMs);
@@ -720,6 +749,15 @@ export class OptserveClient {
     // (given by tests, or a caller with a scheduler of its own)
     this._sleep = sleep ?? ((ms) => new Promise((resolve) => setTimeout(resolve, ms)));
     this._random = random ?? Math.random;
+    // now() -> milliseconds: the clock of the retry budget (given by tests with their sleep)
+    this._now = now ?? (() => performance.now());
+  }
+
+  /** Whether retry number attempt + 1 is within maxRetries and the retry budget (milliseconds
+   * since the call's first failure, at firstFailure). */
+  _mayRetry(attempt, firstFailure) {
+    if (this.maxRetries !== null && attempt >= this.maxRetries) return false;
+    return this.retryBudgetMs === null || this._now() - firstFailure < this.retryBudgetMs;
   }
 
   /** Milliseconds before retry number attempt + 1: exponential, capped, with random jitter. */
@@ -731,7 +769,8 @@ export class OptserveClient {
   /**
    * One call, exactly once: a mutating call (anything but GET) carries a fresh Idempotency-Key,
    * kept for its retries, so the server answers a retry of what it already applied instead of
-   * applying it again. Retried (up to maxRetries, exponential delay with jitter): no answer at all
+   * applying it again. Retried (while retryBudgetMs, default 60 s, have not passed since the
+   * first failure, or up to maxRetries when given; exponential delay with jitter): no answer at all
    * (ConnectionError), and 503 after its Retry-After (the server applied nothing; one asking for
    * longer than maxRetryAfterMs, default 60 s, is thrown at once).
    * opts.idempotencyKey: the key to send (default: a fresh one). When every retry failed, the
@@ -749,10 +788,12 @@ export class OptserveClient {
       headers["Idempotency-Key"] = newIdempotencyKey();
     }
     const key = headers[Object.keys(headers).find((h) => h.toLowerCase() === "idempotency-key")];
+    let firstFailure;
     for (let attempt = 0; ; attempt++) {
       try {
         return await this._attempt(method, path, { ...opts, headers });
       } catch (err) {
+        firstFailure ??= this._now();
         // a 503 asking for a longer wait than maxRetryAfterMs: thrown now (its retryAfter says
         // how long), not retried early
         const tooLong = err.retryAfter !== undefined && err.retryAfter * 1000 > this.maxRetryAfterMs;
@@ -760,7 +801,7 @@ export class OptserveClient {
         // it keeps nothing on disk; delete it): a retry cannot help
         const gone = err.code === "session_damaged" && err.retryAfter === undefined;
         const retryable = (err instanceof ConnectionError || err instanceof UnavailableError) && !tooLong && !gone;
-        if (!retryable || attempt >= this.maxRetries) {
+        if (!retryable || !this._mayRetry(attempt, firstFailure)) {
           if (key !== undefined && err instanceof OptserveError) err.idempotencyKey = key;
           throw err;
         }

@@ -20,7 +20,7 @@ function recorder(delays) {
 }
 
 describe("retry delays", () => {
-  test("exponential, capped at 8 s, each scaled by a random factor in [0.75, 1] (as the Python SDK)", async () => {
+  test("exponential, capped at 4 s, each scaled by a random factor in [0.75, 1] (as the Python SDK)", async () => {
     const delays = [];
     const calls = [];
     const draws = [0, 1, 0.5, 0.25, 0.999, 0.1, 0.7, 0.3];
@@ -34,7 +34,7 @@ describe("retry delays", () => {
     assert.equal(calls.length, draws.length + 1);
     assert.equal(delays.length, draws.length);
     draws.forEach((r, attempt) => {
-      const full = Math.min(500 * 2 ** attempt, 8000);
+      const full = Math.min(500 * 2 ** attempt, 4000);
       assert.equal(delays[attempt], full * (1 - 0.25 * r), `retry ${attempt + 1}`);
     });
   });

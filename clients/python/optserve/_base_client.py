@@ -8,8 +8,11 @@ already applied with the original answer instead of applying it again (also afte
 
 Retry policy: when no HTTP response came back (connection refused or dropped, timeouts), and
 when the server answers 503 (it could not take the operation now and applied nothing: a storage
-error, a session host restarting). Never on other statuses, nor on a 503 ``session_damaged``
-without ``Retry-After`` (a session nothing restores: delete it). The delay grows exponentially from
+error, a session host restarting), while less than the client's ``retry_budget`` seconds (default
+``DEFAULT_RETRY_BUDGET``, 60 s: a server restart on a loaded machine) have passed since the call's
+first failure, or ``max_retries`` times when that is an int (then no budget unless one is
+given). Never on other statuses, nor on a 503 ``session_damaged`` without ``Retry-After`` (a
+session nothing restores: delete it). The delay grows exponentially from
 ``INITIAL_RETRY_DELAY``, is capped at ``MAX_RETRY_DELAY`` and carries random jitter; a 503's
 ``Retry-After`` is waited in full when longer, up to the client's ``max_retry_after`` (default
 ``DEFAULT_MAX_RETRY_AFTER``, 60 s): a 503 asking for longer is raised at once, not retried
@@ -23,6 +26,7 @@ import dataclasses
 import os
 import random
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar, cast
@@ -64,6 +68,10 @@ def _has_key(call: APICall[Any]) -> bool:
 _jitter = random.Random().random
 
 
+def _now() -> float:
+    return time.monotonic()
+
+
 def _sleep(seconds: float) -> None:
     time.sleep(seconds)
 
@@ -72,13 +80,25 @@ async def _async_sleep(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
+def _checked_base_url(url: str, where: str) -> str:
+    """The base URL without its trailing slashes; a ValueError naming it unless it is an
+    absolute http(s) URL with a host (``"127.0.0.1:8000"`` without a scheme would fail only at
+    the first request)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{where} must be an absolute http:// or https:// URL "
+                         f"(e.g. {DEFAULT_BASE_URL!r}), got {url!r}")
+    return url.rstrip("/")
+
+
 class BaseClient(Generic[HttpxClientT]):
     """Configuration and the I/O-free half of every request."""
 
     base_url: str
     api_key: str | None
     timeout: httpx.Timeout
-    max_retries: int
+    max_retries: int | None
+    retry_budget: float | None
     max_retry_after: float
     _client: HttpxClientT
     _owns_client: bool
@@ -88,19 +108,32 @@ class BaseClient(Generic[HttpxClientT]):
         base_url: str | None,
         api_key: str | None,
         timeout: float | httpx.Timeout | None,
-        max_retries: int,
+        max_retries: int | None,
         max_retry_after: float = _constants.DEFAULT_MAX_RETRY_AFTER,
+        retry_budget: float | None = None,
     ) -> None:
         url = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
-        self.base_url = str(url).rstrip("/")
+        self.base_url = _checked_base_url(str(url), "base_url" if base_url else BASE_URL_ENV)
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         if isinstance(timeout, httpx.Timeout):
             self.timeout = timeout
         else:
             self.timeout = httpx.Timeout(DEFAULT_TIMEOUT if timeout is None else timeout)
-        if not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"max_retries must be a non-negative int, got {max_retries!r}")
+        if max_retries is not None and (isinstance(max_retries, bool)
+                                        or not isinstance(max_retries, int) or max_retries < 0):
+            raise ValueError("max_retries must be a non-negative int or None, got "
+                             f"{max_retries!r}")
         self.max_retries = max_retries
+        if retry_budget is not None and (isinstance(retry_budget, bool)
+                                         or not isinstance(retry_budget, (int, float))
+                                         or not 0 <= retry_budget < float("inf")):
+            raise ValueError("retry_budget must be a non-negative number of seconds or None, "
+                             f"got {retry_budget!r}")
+        if retry_budget is None and max_retries is None:
+            retry_budget = _constants.DEFAULT_RETRY_BUDGET
+        #: seconds after a call's first failure during which it is retried (None: no bound
+        #: in time, only ``max_retries``)
+        self.retry_budget = None if retry_budget is None else float(retry_budget)
         if (isinstance(max_retry_after, bool) or not isinstance(max_retry_after, (int, float))
                 or not max_retry_after >= 0):
             raise ValueError("max_retry_after must be a non-negative number of seconds, got "
@@ -155,16 +188,26 @@ class BaseClient(Generic[HttpxClientT]):
             return call
         return with_key(call, uuid.uuid4().hex)
 
-    def _should_retry(self, call: APICall[Any], exc: httpx.TransportError, attempt: int) -> bool:
-        if attempt >= self.max_retries:
+    def _may_retry(self, attempt: int, first_failure: float) -> bool:
+        """Whether retry number ``attempt + 1`` is within ``max_retries`` and the retry
+        budget (seconds since the call's first failure, at ``first_failure``)."""
+        if self.max_retries is not None and attempt >= self.max_retries:
+            return False
+        return self.retry_budget is None or _now() - first_failure < self.retry_budget
+
+    def _should_retry(self, call: APICall[Any], exc: httpx.TransportError, attempt: int,
+                      first_failure: float) -> bool:
+        if not self._may_retry(attempt, first_failure):
             return False
         return isinstance(exc, _NEVER_SENT) or call.idempotent or _has_key(call)
 
     def _retry_status(self, call: APICall[Any], response: httpx.Response,
-                      attempt: int) -> float | None:
+                      attempt: int, first_failure: float | None) -> float | None:
         """Seconds to wait before retrying this answer, or None: only a 503 (nothing was
         applied) of a call that is safe to send again."""
-        if response.status_code != 503 or attempt >= self.max_retries:
+        if response.status_code != 503:
+            return None
+        if not self._may_retry(attempt, _now() if first_failure is None else first_failure):
             return None
         if not (call.idempotent or _has_key(call)):
             return None
@@ -221,11 +264,12 @@ class SyncAPIClient(BaseClient[httpx.Client]):
         base_url: str | None,
         api_key: str | None,
         timeout: float | httpx.Timeout | None,
-        max_retries: int,
+        max_retries: int | None,
         http_client: httpx.Client | None,
         max_retry_after: float = _constants.DEFAULT_MAX_RETRY_AFTER,
+        retry_budget: float | None = None,
     ) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries, max_retry_after)
+        super().__init__(base_url, api_key, timeout, max_retries, max_retry_after, retry_budget)
         self._owns_client = http_client is None
         self._client = http_client if http_client is not None else httpx.Client(
             timeout=self.timeout, follow_redirects=False
@@ -234,6 +278,7 @@ class SyncAPIClient(BaseClient[httpx.Client]):
     def _request(self, call: APICall[R]) -> R:
         call = self._keyed(call)
         attempt = 0
+        first_failure: float | None = None
         while True:
             request = self._build_request(call)
             try:
@@ -248,13 +293,15 @@ class SyncAPIClient(BaseClient[httpx.Client]):
                 finally:
                     response.close()
             except httpx.TransportError as exc:
-                if self._should_retry(call, exc, attempt):
+                first_failure = _now() if first_failure is None else first_failure
+                if self._should_retry(call, exc, attempt, first_failure):
                     _sleep(self._retry_delay(attempt))
                     attempt += 1
                     continue
                 raise self._connection_error(request, exc) from None
-            delay = self._retry_status(call, response, attempt)
+            delay = self._retry_status(call, response, attempt, first_failure)
             if delay is not None:
+                first_failure = _now() if first_failure is None else first_failure
                 _sleep(delay)
                 attempt += 1
                 continue
@@ -342,11 +389,12 @@ class AsyncAPIClient(BaseClient[httpx.AsyncClient]):
         base_url: str | None,
         api_key: str | None,
         timeout: float | httpx.Timeout | None,
-        max_retries: int,
+        max_retries: int | None,
         http_client: httpx.AsyncClient | None,
         max_retry_after: float = _constants.DEFAULT_MAX_RETRY_AFTER,
+        retry_budget: float | None = None,
     ) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries, max_retry_after)
+        super().__init__(base_url, api_key, timeout, max_retries, max_retry_after, retry_budget)
         self._owns_client = http_client is None
         self._client = http_client if http_client is not None else httpx.AsyncClient(
             timeout=self.timeout, follow_redirects=False
@@ -359,6 +407,7 @@ class AsyncAPIClient(BaseClient[httpx.AsyncClient]):
             # not change a body already asked for (nor differ between its retries)
             call = dataclasses.replace(call, content=bytes(call.content))
         attempt = 0
+        first_failure: float | None = None
         while True:
             request = self._build_request(call)
             try:
@@ -376,13 +425,15 @@ class AsyncAPIClient(BaseClient[httpx.AsyncClient]):
                 finally:
                     await response.aclose()
             except httpx.TransportError as exc:
-                if self._should_retry(call, exc, attempt):
+                first_failure = _now() if first_failure is None else first_failure
+                if self._should_retry(call, exc, attempt, first_failure):
                     await _async_sleep(self._retry_delay(attempt))
                     attempt += 1
                     continue
                 raise self._connection_error(request, exc) from None
-            delay = self._retry_status(call, response, attempt)
+            delay = self._retry_status(call, response, attempt, first_failure)
             if delay is not None:
+                first_failure = _now() if first_failure is None else first_failure
                 await _async_sleep(delay)
                 attempt += 1
                 continue

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import httpx
 
-from . import _api, _sparse
+from . import _api, _base_client, _sparse
 from ._api import Durability, NonFinitePolicy, ParamGroup, ParamsArg, StateFormat
 from ._base_client import AsyncAPIClient, SyncAPIClient
 from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_MAX_RETRY_AFTER, DEFAULT_TIMEOUT
@@ -60,8 +60,12 @@ class Client(SyncAPIClient):
             ``OPTSERVE_BASE_URL``, then ``http://127.0.0.1:8000``.
         api_key: sent as ``Authorization: Bearer <key>``; default: env ``OPTSERVE_API_KEY``.
         timeout: seconds (or an ``httpx.Timeout``) for each request.
-        max_retries: retries after connection errors and 503 answers (never after another
-            HTTP error status; see :mod:`optserve._base_client` for which requests are retried).
+        max_retries: how many retries after connection errors and 503 answers (never after
+            another HTTP error status; see :mod:`optserve._base_client` for which requests are
+            retried); None (the default): as many as ``retry_budget`` allows.
+        retry_budget: seconds after a call's first failure during which it is retried (the
+            last wait may end past it); default 60 when ``max_retries`` is None (a server
+            restart on a loaded machine takes 5-15 s), else no bound in time.
         max_retry_after: the longest ``Retry-After`` (seconds, default 60) a 503 is waited for
             before its retry; a 503 asking for longer is raised at once.
         http_client: an ``httpx.Client`` to send with (e.g. with a custom transport); it is not
@@ -91,13 +95,15 @@ class Client(SyncAPIClient):
         base_url: str | None = None,
         api_key: str | None = None,
         timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
-        max_retries: int = DEFAULT_MAX_RETRIES,
+        max_retries: int | None = DEFAULT_MAX_RETRIES,
         *,
         http_client: httpx.Client | None = None,
         transport: str = "auto",
         max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
+        retry_budget: float | None = None,
     ) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries, http_client, max_retry_after)
+        super().__init__(base_url, api_key, timeout, max_retries, http_client, max_retry_after,
+                         retry_budget)
         if transport not in ("auto", "http", "local"):
             raise ValueError(f"transport must be 'auto', 'http' or 'local', got {transport!r}")
         self.transport = transport
@@ -246,7 +252,10 @@ class Client(SyncAPIClient):
         if not channel.connected and not self._reconnect(channel):
             return None
         changes = _api.group_changes(param_groups) or None
-        for attempt in range(self.max_retries + 1):
+        attempt = -1
+        first_failure: float | None = None
+        while True:
+            attempt += 1
             if sent is not None and not sent:
                 sent.append(True)
             try:
@@ -262,19 +271,21 @@ class Client(SyncAPIClient):
                 return None
             except OSError:
                 channel.close()
-                if attempt == self.max_retries:
+                first_failure = _base_client._now() if first_failure is None else first_failure
+                if not self._may_retry(attempt, first_failure):
                     raise
                 try:
                     if not self._reconnect(channel):
                         return None  # over HTTP, with the same key: applied at most once
                 except APIConnectionError:  # no server answers yet (restarting): again
-                    if attempt + 1 == self.max_retries:
+                    if not self._may_retry(attempt + 1, first_failure):
                         raise
                 continue
             except APIStatusError as exc:
                 if exc.problem.get("code") == "not_supported_here" and self.transport == "auto":
                     return None  # this session steps over HTTP (nothing was applied)
-                if exc.status_code != 503 or attempt == self.max_retries:
+                first_failure = _base_client._now() if first_failure is None else first_failure
+                if exc.status_code != 503 or not self._may_retry(attempt, first_failure):
                     raise
                 # nothing was applied: wait as the server asks, then the same key
                 after = exc.problem.get("retry_after")
@@ -287,7 +298,6 @@ class Client(SyncAPIClient):
                 continue
             with gc_paused(len(params or ())):  # (copies of the new values: optserve._gc)
                 return _api.step_result(answer, params, copy=not views)
-        return None  # unreachable
 
     def __enter__(self) -> Client:
         return self
@@ -719,12 +729,14 @@ class AsyncClient(AsyncAPIClient):
         base_url: str | None = None,
         api_key: str | None = None,
         timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
-        max_retries: int = DEFAULT_MAX_RETRIES,
+        max_retries: int | None = DEFAULT_MAX_RETRIES,
         *,
         http_client: httpx.AsyncClient | None = None,
         max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
+        retry_budget: float | None = None,
     ) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries, http_client, max_retry_after)
+        super().__init__(base_url, api_key, timeout, max_retries, http_client, max_retry_after,
+                         retry_budget)
 
     async def __aenter__(self) -> AsyncClient:
         return self

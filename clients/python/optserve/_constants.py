@@ -7,12 +7,16 @@ API_KEY_ENV = "OPTSERVE_API_KEY"
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 
 DEFAULT_TIMEOUT = 60.0  # seconds, for connect, read, write and pool alike
-DEFAULT_MAX_RETRIES = 2
+# Retries: none counted by default (max_retries=None); a failed call is retried while less than
+# DEFAULT_RETRY_BUDGET seconds have passed since its first failure (a server restart takes
+# 5-15 s on a loaded machine). An int max_retries counts them instead, as before.
+DEFAULT_MAX_RETRIES: int | None = None
+DEFAULT_RETRY_BUDGET = 60.0
 
 # Retry delay: INITIAL_RETRY_DELAY * 2**attempt, capped at MAX_RETRY_DELAY, then scaled by a
 # random factor in [1 - RETRY_JITTER, 1] so that many workers do not retry in lockstep.
 INITIAL_RETRY_DELAY = 0.5
-MAX_RETRY_DELAY = 8.0
+MAX_RETRY_DELAY = 4.0
 RETRY_JITTER = 0.25
 # A 503's Retry-After is waited in full up to this (the client's max_retry_after); one past it
 # is raised at once, as the server said an earlier retry would fail (session_damaged and

@@ -180,6 +180,7 @@ def _send_streaming(
     and raised as the SDK's typed error). Retried after connection errors as the SDK retries
     idempotent calls (export and import are both idempotent). The caller closes the response."""
     attempt = 0
+    first_failure: float | None = None
     while True:
         headers = dict(client.default_headers)
         headers["Accept"] = accept
@@ -195,7 +196,8 @@ def _send_streaming(
         try:
             response = client._client.send(request, stream=True)
         except httpx.TransportError as exc:
-            if attempt < client.max_retries:
+            first_failure = time.monotonic() if first_failure is None else first_failure
+            if client._may_retry(attempt, first_failure):
                 time.sleep(client._retry_delay(attempt))
                 attempt += 1
                 continue
@@ -278,8 +280,17 @@ def _header_int(response: httpx.Response, name: str) -> int | None:
 
 
 # --------------------------------------------------------------------------- commands
+#: the tool's retries: a count, not the SDK's 60 s budget (a command against a server that is
+#: down says so in about 1.5 s)
+CLI_MAX_RETRIES = 2
+
+
 def _client(ns: argparse.Namespace) -> Client:
-    return Client(base_url=ns.url, api_key=ns.api_key, timeout=ns.timeout)
+    try:
+        return Client(base_url=ns.url, api_key=ns.api_key, timeout=ns.timeout,
+                      max_retries=CLI_MAX_RETRIES)
+    except ValueError as exc:  # (a base URL without http:// or https://)
+        raise UsageError(str(exc).replace("base_url", "--url", 1)) from None
 
 
 def cmd_sessions_ls(ns: argparse.Namespace) -> int:

@@ -65,7 +65,7 @@ def test_env_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
         assert c.base_url == "http://127.0.0.1:8000"
         assert c.api_key is None
         assert "Authorization" not in c.default_headers
-        assert c.max_retries == 2
+        assert c.max_retries is None and c.retry_budget == 60.0
         assert c.timeout == httpx.Timeout(60.0)
     monkeypatch.setenv("OPTSERVE_BASE_URL", "http://env-host:9000/")
     monkeypatch.setenv("OPTSERVE_API_KEY", "sk-env")
