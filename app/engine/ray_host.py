@@ -707,6 +707,19 @@ def _unwrap(exc: BaseException, name: str) -> BaseException:
     return exc
 
 
+def _arg_at(args: tuple[Any, ...], at: tuple[int, ...]) -> Any:
+    """``args[at[0]][at[1]]...``."""
+    for i in at:
+        args = args[i]
+    return args
+
+
+def _arg_replaced(args: tuple[Any, ...], at: tuple[int, ...], value: Any) -> tuple[Any, ...]:
+    """``args`` with the argument at ``at`` (as :func:`_arg_at`) replaced by ``value``."""
+    i, rest = at[0], at[1:]
+    return (*args[:i], _arg_replaced(args[i], rest, value) if rest else value, *args[i + 1:])
+
+
 class _VersionCheck:
     """Whether a host actor runs this process's code (:meth:`RayHost._check_version`); one per
     host, shared by its :meth:`RayHost.making` copies."""
@@ -766,12 +779,19 @@ class RayHost:
             except (OptserveError, ValueError):  # not there (yet): keep trying the old one
                 pass
 
-    async def call(self, method: str, *args: Any, read: bool = False) -> Any:
+    async def call(self, method: str, *args: Any, read: bool = False,
+                   wait_at: tuple[int, ...] | None = None) -> Any:
         """One actor method. A read (nothing changes) is retried while the host restarts; any
         other call that meets a restarting host answers 503 once the host is back (or after
         RESTART_WAIT_S), so the client's retry finds it. The first call through a handle
-        checks that its actor runs this process's code (:meth:`_check_version`)."""
+        checks that its actor runs this process's code (:meth:`_check_version`).
+
+        ``wait_at``: where in ``args`` a long poll's wait (seconds) is (an index, then indexes
+        into the tuples there): a retry waits what is left of it, not all of it again (a
+        ``wait_s=6`` poll whose host was killed at 4 s answered at 13 s)."""
         deadline = time.monotonic() + READ_RETRY_S
+        waited_until = (None if wait_at is None
+                        else time.monotonic() + float(_arg_at(args, wait_at)))
         delay = 0.1
         while True:
             try:
@@ -791,6 +811,8 @@ class RayHost:
                     raise err from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+            if waited_until is not None and wait_at is not None:
+                args = _arg_replaced(args, wait_at, max(0.0, waited_until - time.monotonic()))
 
     async def _check_version(self) -> None:
         """Ask the actor its code version: this process's lets every later call through this
@@ -902,7 +924,8 @@ class RayHost:
         params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
         out: ParamsResult = result_from_wire(await self.call(
-            "pull", key, names, min_version, wait_s, unless_versions, params_dtype, read=True))
+            "pull", key, names, min_version, wait_s, unless_versions, params_dtype, read=True,
+            wait_at=(3,)))
         return out
 
     async def pull_rows(
@@ -912,7 +935,7 @@ class RayHost:
     ) -> ParamsResult:
         out: ParamsResult = result_from_wire(await self.call(
             "pull_rows", key, {n: tensor_to_wire(t) for n, t in rows.items()}, min_version,
-            wait_s, unless_versions, params_dtype, read=True))
+            wait_s, unless_versions, params_dtype, read=True, wait_at=(3,)))
         return out
 
     async def export_state(self, key: str) -> StateExport:
@@ -969,9 +992,12 @@ class RemoteSharded:
         self.key = key
         self.entry = entry
 
-    async def _coordinate(self, method: str, *args: Any, read: bool = False) -> Any:
-        return result_from_wire(await self.host.call("coordinate", self.key, self.entry,
-                                                     method, args, read=read))
+    async def _coordinate(self, method: str, *args: Any, read: bool = False,
+                          wait_at: int | None = None) -> Any:
+        """``wait_at``: the index in ``args`` of a long poll's wait (:meth:`RayHost.call`)."""
+        return result_from_wire(await self.host.call(
+            "coordinate", self.key, self.entry, method, args, read=read,
+            wait_at=None if wait_at is None else (3, wait_at)))
 
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
                       want_params: ReturnParams = False) -> Any:
@@ -1000,7 +1026,8 @@ class RemoteSharded:
         params_dtype: torch.dtype | None = None,
     ) -> ParamsResult:
         out: ParamsResult = await self._coordinate("pull", names, min_version, wait_s,
-                                                   unless_versions, params_dtype, read=True)
+                                                   unless_versions, params_dtype, read=True,
+                                                   wait_at=2)
         return out
 
     async def pull_rows(
@@ -1010,7 +1037,7 @@ class RemoteSharded:
     ) -> ParamsResult:
         out: ParamsResult = await self._coordinate(
             "pull_rows", {n: tensor_to_wire(t) for n, t in rows.items()}, min_version, wait_s,
-            unless_versions, params_dtype, read=True)
+            unless_versions, params_dtype, read=True, wait_at=2)
         return out
 
     async def export_state(self, key: str) -> StateExport:
