@@ -134,13 +134,15 @@ _OWS = " \t"
 
 
 def _tag_version(tag: str) -> int | None:
-    """``"5"``, ``W/"5"`` or a bare ``5`` to 5; anything else to None."""
+    """``"5"``, ``W/"5"`` or a bare ``5`` to 5; anything else (``"05"`` too) to None."""
     tag = tag.strip(_OWS)
     if tag.startswith("W/"):
         tag = tag[2:]
     if len(tag) >= 2 and tag[0] == tag[-1] == '"':
         tag = tag[1:-1]
-    return int_text(tag, 18)
+    version = int_text(tag, 18)
+    # ("05" is no ETag this server gives: entity tags compare character by character)
+    return version if version is not None and str(version) == tag else None
 
 
 #: one member of an ``If-None-Match`` list (RFC 9110 8.8.3: ``[ "W/" ] DQUOTE *etagc DQUOTE``,
@@ -253,7 +255,8 @@ def _match_list(header: str) -> tuple[list[int], bool]:
     """An ``If-Match`` list's strong versions (in order) and whether it had a weak tag; empty
     elements ignored (RFC 9110 5.6.1.2: ``"4",,"5"``, ``"4", ``; ``If-None-Match`` ignored
     them already); a 422 ``invalid_base_version`` naming ``If-Match`` when a member is no
-    version, or when the list has no member at all (``,``)."""
+    version (``"05"`` too: no ETag this server gives, and tags compare character by
+    character), or when the list has no member at all (``,``)."""
     strong: list[int] = []
     weak = False
     pos, end = 0, len(header)
@@ -266,7 +269,7 @@ def _match_list(header: str) -> tuple[list[int], bool]:
         text = None if found is None else (found.group(2) if found.group(3) is None
                                            else found.group(3))
         version = int_text(text, 18)
-        if found is None or version is None or found.end() == pos:
+        if found is None or version is None or found.end() == pos or str(version) != text:
             raise Invalid("If-Match must carry versions as the ETag gives them (\"5\", or a "
                           "list: \"4\", \"5\"), or be *; got "
                           f"{header!r:.60}", code="invalid_base_version", field="If-Match")

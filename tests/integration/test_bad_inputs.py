@@ -513,6 +513,22 @@ def test_unicode_digits_are_not_numbers(sess: Sess) -> None:
     sess.assert_unchanged()
 
 
+def test_a_version_with_a_leading_zero_is_no_if_match_tag(sess: Sess) -> None:
+    """``If-Match: "01"`` is no ETag this server gives (entity tags compare character by
+    character, RFC 9110 8.8.3.2): a 422 naming ``If-Match`` on a step (a base version), a
+    strict change and in a list, as ``"a"`` is; it matched version 1. Nothing changes."""
+    step = _grads(w=jt(G1["w"]))
+    for tag in ('"01"', '"00"', 'W/"01"', '01'):
+        r = sess.http.post(f"{sess.url}/step", content=step,
+                           headers={**JSON_CT, "if-match": tag})
+        assert_problem(r, 422, "invalid_base_version", "If-Match")
+    for tag in ('"00"', '"01"', '"0", "01"'):
+        r = sess.http.patch(f"{sess.url}/param_groups/0", json={"lr": 0.5},
+                            headers={"if-match": tag})
+        assert_problem(r, 422, "invalid_base_version", "If-Match")
+    sess.assert_unchanged()
+
+
 def test_an_index_written_twice_is_422(sess: Sess) -> None:
     """``"0"`` and ``"00"`` name one group (one parameter id): one of the two was dropped
     without a word (a step's lr change lost to the other key's eps change, one of two states

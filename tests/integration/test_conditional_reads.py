@@ -99,7 +99,8 @@ def test_if_match_is_evaluated_before_if_none_match_and_on_the_long_polls_answer
     assert r.status_code == 412 and r.json()["current_version"] == 1
 
 
-@pytest.mark.parametrize("tag", ['"a"', '"1", "a"', '*, "1"', '""', 'W/"x"', '"1" "2"'])
+@pytest.mark.parametrize("tag", ['"a"', '"1", "a"', '*, "1"', '""', 'W/"x"', '"1" "2"',
+                                 '"01"', '"1", "00"'])
 def test_a_read_with_a_malformed_if_match_is_a_422(
         http: httpx.Client, tag: str) -> None:  # noqa: F811 - the fixture
     pair = Pair(http)
