@@ -290,7 +290,8 @@ def _client(ns: argparse.Namespace) -> Client:
         return Client(base_url=ns.url, api_key=ns.api_key, timeout=ns.timeout,
                       max_retries=CLI_MAX_RETRIES)
     except ValueError as exc:  # (a base URL without http:// or https://)
-        raise UsageError(str(exc).replace("base_url", "--url", 1)) from None
+        raise UsageError(str(exc).replace("base_url", getattr(ns, "url_source", "--url"),
+                                          1)) from None
 
 
 def cmd_sessions_ls(ns: argparse.Namespace) -> int:
@@ -745,8 +746,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(ns: argparse.Namespace) -> None:
     """Fill the client options from the environment where not given."""
-    url = getattr(ns, "url", None) or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+    given = getattr(ns, "url", None)
+    url = given or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
     ns.url = url.rstrip("/")
+    #: what a bad base URL's usage error names: the option, or the variable it came from
+    ns.url_source = "--url" if given or not os.environ.get(BASE_URL_ENV) else BASE_URL_ENV
     key = getattr(ns, "api_key", None)
     ns.api_key = key if key is not None else (os.environ.get(API_KEY_ENV) or None)
 

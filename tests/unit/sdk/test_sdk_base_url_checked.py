@@ -36,3 +36,17 @@ def test_the_cli_names_its_url_option(capsys: pytest.CaptureFixture[str]) -> Non
     from optserve import cli
     assert cli.main(["--url", "127.0.0.1:9", "sessions", "ls"]) == cli.EXIT_USAGE
     assert "--url must be an absolute http:// or https:// URL" in capsys.readouterr().err
+
+
+def test_the_cli_names_the_variable_a_bad_url_came_from(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad ``OPTSERVE_BASE_URL`` is named as such (the usage error said ``--url``, an option
+    not given); ``--url`` given still wins, and is named."""
+    from optserve import cli
+    monkeypatch.setenv("OPTSERVE_BASE_URL", "127.0.0.1:9")
+    assert cli.main(["sessions", "ls"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "OPTSERVE_BASE_URL must be an absolute http:// or https:// URL" in err
+    assert "--url must" not in err
+    assert cli.main(["--url", "localhost:9", "sessions", "ls"]) == cli.EXIT_USAGE
+    assert "--url must be an absolute" in capsys.readouterr().err
