@@ -136,6 +136,11 @@ class RequestHeadChecks:
                                                           "Content-Length": "0"})
             await response(scope, receive, send)
             return
+        elif scope.get("raw_path") == b"*":
+            response = problem(400, "malformed_http", "Malformed HTTP request",
+                               f"the asterisk-form target (*) is only for OPTIONS (RFC 9112 "
+                               f"3.2.4), not {scope['method']!r:.20}: send a path",
+                               field="request-target")
         elif (unmet := expect_problem(scope)) is not None:
             response = problem(417, "expectation_failed", "Expectation failed",
                                f"Expect: {unmet!r:.80} is not an expectation this server "

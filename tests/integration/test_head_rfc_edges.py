@@ -1,9 +1,10 @@
-"""Three request heads of RFC 9110/9112, over raw sockets against real uvicorn servers with
+"""Four request heads of RFC 9110/9112, over raw sockets against real uvicorn servers with
 both HTTP protocols ``python -m app`` may use (httptools, and h11), with API keys on:
 
 - ``OPTIONS *`` (RFC 9110 9.3.7) asks about the server as a whole: 200 with ``Allow`` naming
   every method the server serves (openapi.json's, HEAD and OPTIONS) and no content, with no
-  key (it was a 404 "no route at '/*'");
+  key (it was a 404 "no route at '/*'"); the asterisk-form with another method (``GET *``,
+  RFC 9112 3.2.4) is a 400 ``malformed_http`` naming the request target;
 - an ``Expect`` other than ``100-continue`` (RFC 9110 10.1.1) gets a 417
   ``expectation_failed`` problem naming ``Expect``, the connection closed and nothing applied
   (it was ignored and the step applied); ``100-continue`` is still met;
@@ -117,6 +118,20 @@ def test_options_star_names_the_servers_methods_without_a_key(server: str) -> No
     # another OPTIONS still needs the key
     answers, _ = exchange(server, b"OPTIONS /v1/sessions HTTP/1.1\r\nHost: x\r\n\r\n")
     assert answers[0][0] == 401
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE", "POST", "PUT"])
+def test_the_asterisk_form_is_only_for_options(server: str, method: str) -> None:
+    """``GET *`` (RFC 9112 3.2.4: the asterisk-form is only for OPTIONS) is a 400
+    ``malformed_http`` naming the request target, the connection closed (it was a 404 "no
+    route at '/*'")."""
+    answers, closed = exchange(server, f"{method} * HTTP/1.1\r\nHost: x\r\n{AUTH}"
+                                       "Content-Length: 0\r\n\r\n".encode())
+    ((status, headers, body),) = answers
+    assert status == 400 and closed, answers
+    problem = json.loads(body)
+    assert (problem["code"], problem["field"]) == ("malformed_http", "request-target")
+    assert "only for OPTIONS" in problem["detail"]
 
 
 @pytest.mark.parametrize("expect", ["foo", "100-continue, bar=1", "x-custom"])
