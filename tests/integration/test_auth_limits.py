@@ -586,11 +586,13 @@ def step_head(sid: str, length: int | None, key: str = KEY_A) -> str:
             f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n{size}")
 
 
-@server_settings(body_timeout_s=0.5)
+@server_settings(body_timeout_s=0.5, body_min_kib_s=0)
 def test_a_slow_steady_upload_is_not_cut(server: tuple[str, FastAPI],
                                          client: httpx.Client) -> None:
     """The body timeout bounds the wait for the next bytes, not the whole upload: a body
-    trickling in over 1.5 s, never 0.5 s without bytes, steps (equal to torch)."""
+    trickling in over 1.5 s, never 0.5 s without bytes, steps (equal to torch). (Without the
+    whole-body deadline, ``body_min_kib_s=0``: with it, this tiny body would get the timeout,
+    0.5 s, in all: test_body_whole_deadline.)"""
     assert client.post("/v1/sessions", json=create_body("t"), headers=A).status_code == 201
     init = torch.tensor(create_body("t")["params"]["w"]["data"])
     grad = torch.linspace(-1, 1, 4)

@@ -1,6 +1,8 @@
 // A page on another origin than the API: create a session, step it with a JSON body and a
 // safetensors body, read the exposed headers; the outcome goes to window.__result.
-// Query: api, key (optional), x0, g1, g2 (JSON lists of float32 values).
+// Query: api, key (optional), x0, g1, g2 (JSON lists of float32 values), retries (optional:
+// the client's maxRetries; a call the browser refuses, CORS off, fails at once with 0 instead
+// of being retried for the default 60 s budget).
 import { OptserveClient, Tensor } from "/optserve.js";
 
 const q = new URLSearchParams(location.search);
@@ -9,7 +11,9 @@ const x0 = floats("x0");
 const tensor = (values) => new Tensor("float32", [values.length], values);
 
 async function run() {
-  const c = new OptserveClient({ baseUrl: q.get("api"), apiKey: q.get("key") || undefined });
+  const retries = q.get("retries");
+  const c = new OptserveClient({ baseUrl: q.get("api"), apiKey: q.get("key") || undefined,
+                                 ...(retries === null ? {} : { maxRetries: Number(retries) }) });
   // raw request for the create, to read its Location header
   const created = await c.request("POST", "/v1/sessions", {
     json: { optimizer: "SGD", options: { lr: 0.1, momentum: 0.9, weight_decay: 0.01 },
