@@ -128,7 +128,11 @@ def test_zz_report_generated_cases(capsys: pytest.CaptureFixture[str]) -> None:
 # request with a documented 4xx problem (schemathesis' negative_data_rejection), never a 5xx:
 # what the document says is invalid, the server refuses.
 NEGATIVE_EXAMPLES = 6
-REJECTED = ["400", "401", "404", "405", "406", "408", "409", "413", "415", "422"]
+#: 412 too: a strict precondition (``?base_version=``, ``If-Match``) is evaluated before the
+#: request's content (RFC 9110 13.2.2 allows it), so a body that breaks the schema sent with a
+#: version the session left is refused as the failed precondition, nothing applied (a PATCH
+#: with ``max_staleness: -1`` and ``base_version=348030`` was "accepted" by this check)
+REJECTED = ["400", "401", "404", "405", "406", "408", "409", "412", "413", "415", "422"]
 # operations with no parameter and no body have nothing to negate (schemathesis would skip them)
 NOTHING_TO_NEGATE = ["health", "ready", "metrics", "listOptimizers", "listSchedulers",
                      "listSessions", "transport"]
