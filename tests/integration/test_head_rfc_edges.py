@@ -16,7 +16,6 @@ both HTTP protocols ``python -m app`` may use (httptools, and h11), with API key
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from app.api.malformed_http import PROBLEM_H11, PROBLEM_HTTPTOOLS
 from tests.conftest import LiveServer, _test_settings
+from tests.integration import test_host_header_and_connect as host_header
 
 pytestmark = pytest.mark.integration
 
@@ -47,34 +47,8 @@ def server(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 def exchange(url: str, raw: bytes) -> tuple[list[tuple[int, dict[str, str], bytes]], bool]:
-    """Send ``raw``; every answer that came back and whether the server then closed."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=3) as sock:
-        sock.sendall(raw)
-        data, answers = b"", []
-        while True:
-            while b"\r\n\r\n" not in data:
-                try:
-                    chunk = sock.recv(65536)
-                except TimeoutError:
-                    return answers, False
-                if not chunk:
-                    assert data == b"", f"a partial answer: {data!r}"
-                    return answers, True
-                data += chunk
-            head, _, data = data.partition(b"\r\n\r\n")
-            status_line, *lines = head.decode("latin-1").split("\r\n")
-            headers = {}
-            for line in lines:
-                name, _, value = line.partition(":")
-                headers[name.lower()] = value.strip()
-            length = int(headers.get("content-length", "0"))
-            while len(data) < length:
-                chunk = sock.recv(65536)
-                assert chunk, "closed mid-body"
-                data += chunk
-            answers.append((int(status_line.split(" ")[1]), headers, data[:length]))
-            data = data[length:]
+    """:func:`test_host_header_and_connect.exchange`, waiting 3 s for an answer."""
+    return host_header.exchange(url, raw, timeout=3)
 
 
 @contextmanager

@@ -49,10 +49,12 @@ def server(request: pytest.FixtureRequest) -> Iterator[str]:
         yield url
 
 
-def exchange(url: str, raw: bytes) -> tuple[list[tuple[int, dict[str, str], bytes]], bool]:
-    """Send ``raw``; every answer that came back and whether the server then closed."""
+def exchange(url: str, raw: bytes, timeout: float = 10
+             ) -> tuple[list[tuple[int, dict[str, str], bytes]], bool]:
+    """Send ``raw``; every answer that came back and whether the server then closed (no
+    answer for ``timeout`` seconds: it kept the connection open)."""
     host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
         sock.sendall(raw)
         data, answers = b"", []
         while True:
@@ -71,7 +73,7 @@ def exchange(url: str, raw: bytes) -> tuple[list[tuple[int, dict[str, str], byte
             for line in lines:
                 name, _, value = line.partition(":")
                 headers[name.lower()] = value.strip()
-            length = int(headers["content-length"])
+            length = int(headers.get("content-length", "0"))
             while len(data) < length:
                 chunk = sock.recv(65536)
                 assert chunk, "closed mid-body"

@@ -23,6 +23,12 @@ def test_a_ray_engine_test_runs_where_home_cannot_be_written(tmp_path: Path) -> 
     home.write_text("")  # a file: nothing can be made in it, whoever runs this (root too)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "PYTEST_ADDOPTS")}
     env["HOME"] = str(home)
+    runs_a_ray_engine_test(env)
+
+
+def runs_a_ray_engine_test(env: dict[str, str]) -> None:
+    """One of the suite's tests that start a Ray cluster of their own (``ray.init()``), run in
+    a pytest of its own under ``env``: it passes."""
     p = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          "tests/unit/test_data_dir_engine.py::"

@@ -21,6 +21,7 @@ import pytest
 from app.config import ConfigError, load_settings
 from app.transport import stale_dirs
 from tests.conftest import LiveServer, _test_settings
+from tests.integration import test_runner_home as runner_home
 
 pytestmark = pytest.mark.integration
 
@@ -130,10 +131,4 @@ def test_a_ray_engine_test_runs_under_a_deep_temporary_directory(tmp_path: Path)
     deep.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_TMPDIR", "PYTEST_ADDOPTS")}
     env["TMPDIR"] = str(deep)
-    p = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/unit/test_data_dir_engine.py::"
-         "test_the_embedded_engine_refuses_a_ray_data_dir_and_leaves_it_whole"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "1 passed" in p.stdout, p.stdout
+    runner_home.runs_a_ray_engine_test(env)
