@@ -39,6 +39,8 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect
 
+from app.api import lingering_close
+
 #: the scope extension a protocol offers ``attach`` under
 EXTENSION = "optserve.body_sink"
 #: the scope extension a protocol offers ``close_after`` under: the request's answer closes
@@ -148,6 +150,7 @@ class SinkingProtocol:
             return self._attach(cycle, take, target)
         def close_after() -> None:
             cycle.keep_alive = False
+            lingering_close.arm(self, cycle)
         extensions = scope.setdefault("extensions", {})
         extensions[EXTENSION] = attach
         extensions[CLOSE_AFTER] = close_after
@@ -184,6 +187,7 @@ class SinkingProtocol:
             return  # (the body ended first)
         self._sink = None
         cycle.keep_alive = False  # ("connection: close" on the answer, and closed after it)
+        lingering_close.arm(self, cycle)
         direct = protocol.transport.get_protocol()
         if isinstance(direct, DirectBody):
             direct.release()

@@ -45,7 +45,7 @@ from typing import Any
 
 import orjson
 
-from app.api import connection_cap
+from app.api import connection_cap, lingering_close
 from app.api.body_sink import CLOSE_AFTER, SinkingProtocol
 from app.api.held_head import hold_head
 from app.api.problems import PROBLEM
@@ -593,6 +593,7 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                         # the connection, as under httptools (before the app's task runs)
                         def close_after() -> None:
                             new.keep_alive = False
+                            lingering_close.arm(self, new)
                         extensions: dict[str, Any] = new.scope.setdefault("extensions", {})
                         extensions[CLOSE_AFTER] = close_after
 

@@ -1,0 +1,154 @@
+"""An answer given before its request's body ended is not lost to a reset.
+
+A request whose body stalls or trickles is answered 408 while its client is still sending
+(``app.api.bodies``), and the answer closes the connection. Closing a socket that has unread
+bytes, or that receives bytes after it is closed, makes the kernel send a reset: the client's
+next read or write fails with ``ECONNRESET`` (or ``EPIPE``), and a client that reads its
+answer only after its upload gives up never sees the 408 at all, only a reset. RFC 9112 9.6
+names the remedy: close the writing side first, and go on reading (and dropping) what the
+client sends until it closes too or a moment has passed.
+
+:func:`arm` is called for a request whose answer is to close the connection midway through
+its body (the ``close_after`` hook the HTTP protocols offer, and a sink's abandoned body). It
+puts a :class:`_ClosingTransport` in front of the connection's transport, for the protocol
+and the request's cycle; when uvicorn closes the connection after the answer, that writes
+the end of the stream after the answer (FIN), hands the transport to a :class:`_Drain` that
+drops whatever arrives, and closes for good when the client closes its side or after
+:data:`connection_cap.LINGER_S`. Lingering connections are counted with the refused ones
+(``ConnectionSlots.linger``, at most :data:`connection_cap.MAX_LINGERING`); past that, and
+where the transport cannot half-close, the connection is closed at once as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from app.api import connection_cap
+from app.api.held_head import HeldHead
+
+log = logging.getLogger("optserve.api")
+
+#: the most bytes dropped from a lingering connection before it is closed anyway
+MAX_DRAINED = 64 << 20
+
+
+def arm(protocol: Any, cycle: Any) -> None:
+    """Make the close that follows ``cycle``'s answer on ``protocol``'s connection a lingering
+    one (idempotent)."""
+    transport = getattr(protocol, "transport", None)
+    if transport is None:
+        return
+    if isinstance(transport, _ClosingTransport):
+        closing, transport = transport, transport._transport
+    else:
+        closing = _ClosingTransport(protocol, transport)
+        protocol.transport = closing
+    if cycle is None:
+        return
+    # the cycle writes through the connection's transport, or through a HeldHead around it
+    cycle_transport = getattr(cycle, "transport", None)
+    if cycle_transport is transport:
+        cycle.transport = closing
+    elif isinstance(cycle_transport, HeldHead) and cycle_transport._transport is transport:
+        cycle_transport._transport = closing  # type: ignore[assignment]
+
+
+class _ClosingTransport:
+    """The connection's transport, but for :meth:`close`, which lingers (the module's
+    docstring)."""
+
+    def __init__(self, protocol: Any, transport: Any) -> None:
+        self._protocol = protocol
+        self._transport = transport
+        self._closing = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def write(self, data: Any) -> None:
+        self._transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self._closing or bool(self._transport.is_closing())
+
+    def close(self) -> None:
+        transport = self._transport
+        if self._closing or transport.is_closing():
+            self._closing = True
+            transport.close()
+            return
+        self._closing = True
+        slots = connection_cap.slots_of(getattr(getattr(self._protocol, "config", None),
+                                                "app", None))
+        if slots is None or not _can_half_close(transport):
+            transport.close()
+            return
+        if not slots.linger():
+            transport.close()
+            return
+        drain = _Drain(self._protocol, transport, slots)
+        try:
+            transport.set_protocol(drain)
+            transport.write_eof()  # (after what is buffered: the answer, then FIN)
+            transport.resume_reading()
+        except Exception:  # (a transport that cannot: closed as before)
+            log.debug("could not half-close a connection", exc_info=True)
+            drain.end()
+            return
+        drain.timer = asyncio.get_running_loop().call_later(connection_cap.LINGER_S, drain.end)
+
+
+def _can_half_close(transport: Any) -> bool:
+    try:
+        return bool(transport.can_write_eof()) and callable(
+            getattr(transport, "set_protocol", None))
+    except NotImplementedError:
+        return False
+
+
+class _Drain(asyncio.Protocol):
+    """The transport's protocol while a closed connection lingers: what arrives is dropped;
+    the client's end of the stream, or the timer, closes it; its loss goes on to the HTTP
+    protocol (``owner``), as it would have without lingering."""
+
+    def __init__(self, owner: Any, transport: Any, slots: connection_cap.ConnectionSlots
+                 ) -> None:
+        self.owner = owner
+        self.transport = transport
+        self.slots: connection_cap.ConnectionSlots | None = slots
+        self.timer: asyncio.TimerHandle | None = None
+        self.drained = 0
+
+    def data_received(self, data: bytes) -> None:
+        self.drained += len(data)
+        if self.drained > MAX_DRAINED:
+            self.end()
+
+    def eof_received(self) -> bool | None:
+        return None  # (the transport closes)
+
+    def end(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.transport.close()
+
+    def _let_go(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.slots is not None:
+            self.slots.done_lingering()
+            self.slots = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._let_go()
+        self.owner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.owner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.owner.resume_writing()
