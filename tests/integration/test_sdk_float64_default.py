@@ -79,7 +79,8 @@ def test_a_checkpoint_made_under_a_float64_default_loads_and_goes_on_as_torch(
     steps(local_model, local, range(3, 6))
     steps(remote_model, remote, range(3, 6))
     assert_same_params(local_model, remote_model)
-    assert_same_state(local, remote)  # (torch.equal: the same counts, float64 and float32)
+    assert_same_state(local, remote)
+    assert_same_dtypes(local, remote)  # (float64 counts, as torch's: the checkpoint's)
 
 
 @pytest.mark.usefixtures("float64_default")

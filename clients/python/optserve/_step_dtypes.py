@@ -34,9 +34,9 @@ STATE_MADE_AT_CONSTRUCTION = frozenset({"Adagrad"})
 
 class StepDtypes:
     """Each parameter's ``step`` dtype as torch's optimizer would keep it (the tensors
-    themselves as keys, as torch's ``state``); a parameter not here has none yet (its next
-    step makes it) or joined a session whose state was made elsewhere (the session's dtype
-    stands)."""
+    themselves as keys, as torch's ``state``); a parameter not here has no count yet as a
+    local optimizer would see it (its next step with a gradient makes one; a worker joining
+    a session takes it as made there, at its first step), and its session's float32 stands."""
 
     def __init__(self) -> None:
         self._dtypes: dict[torch.Tensor, torch.dtype] = {}
