@@ -239,7 +239,8 @@ def _refuse_float64_scalar_steps(optimizer: str, options: Mapping[str, Any],
             f"torch's default dtype is float64 (torch.set_default_dtype): a local {optimizer} "
             f"would keep its scalar state ({_SCALAR_STATE_ARITHMETIC[optimizer]}) in float64 "
             "and step with it there, while the session keeps it in float32, so the steps "
-            "would not be the same; create it with the default dtype float32 (torch's own)")
+            "would not be the same; create and step it with the default dtype float32 "
+            "(torch's own)")
     if optimizer in _DIFFERENTIABLE_STEP_ARITHMETIC and any(
             g.get("differentiable", options.get("differentiable"))
             for g in [*(g for g in groups if isinstance(g, Mapping)), {}]):
@@ -247,7 +248,8 @@ def _refuse_float64_scalar_steps(optimizer: str, options: Mapping[str, Any],
             f"torch's default dtype is float64 (torch.set_default_dtype): a local {optimizer} "
             "with differentiable=True would compute its bias corrections with its step count "
             "in float64, while the session keeps it in float32, so the steps would not be the "
-            "same; leave differentiable out, or create it with the default dtype float32")
+            "same; leave differentiable out, or create and step it with the default dtype "
+            "float32")
 
 
 def _steps_as_the_session_keeps(state: Any) -> Any:
