@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match, Mount
+from starlette.staticfiles import StaticFiles
 
 from app.errors import OptserveError, Overloaded, PreconditionFailed
 from app.observability import request_id_var
@@ -98,11 +99,21 @@ def _route_at(request: Request, path: str) -> bool:
                for route in request.app.router.routes)
 
 
+def _mounted_at(request: Request) -> bool:
+    """Whether the request's path is under a mounted directory of static files (``/ui/assets``,
+    ``/ui/uplot``, the docs pages' assets): its 404 is a missing file, not a missing route."""
+    # (the router put the mount's app in the scope as the request's endpoint)
+    return isinstance(request.scope.get("endpoint"), StaticFiles)
+
+
 def _no_route(request: Request) -> str:
     """A 404 ``not_found``'s detail: the path, and the one meant when only a trailing ``/``
-    (or several) kept it from a route (the app redirects none: main.py)."""
+    (or several) kept it from a route (the app redirects none: main.py); under a mounted
+    directory of static files, that no such file exists there."""
     path = request.url.path
     shown = f"{path!r:.200}"
+    if _mounted_at(request):
+        return f"no such file: {shown} does not exist"
     stripped = path.rstrip("/")
     if stripped != path and stripped and _route_at(request, stripped):
         return (f"no route at {shown}: paths take no trailing '/'; "

@@ -129,11 +129,11 @@ def _option_value(name: str, value: Any, default: Any, field: str) -> Any:
             if is_json_tensor(v) or isinstance(v, torch.Tensor):
                 # (torch takes Adam's betas as tensors; a JSON tensor shown as a dict said
                 # only "must be a number, got {'data': ...")
-                raise Invalid(f"{name}[{i}] is a tensor: only lr may be given as a tensor (and "
+                raise Invalid(f"{field}.{i} is a tensor: only lr may be given as a tensor (and "
                               "initial_lr, the scheduler's copy of a tensor lr); give "
                               f"{name} as numbers", code="invalid_option", field=f"{field}.{i}")
             if not (_is_number(v) or (v is None and d is None)):
-                raise Invalid(f"{name}[{i}] must be a number, got {shown(v, 40)}",
+                raise Invalid(f"{field}.{i} must be a number, got {shown(v, 40)}",
                               code="invalid_option", field=f"{field}.{i}")
             items.append(v)
         return tuple(items)

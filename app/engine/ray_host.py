@@ -814,6 +814,15 @@ class RayHost:
             if waited_until is not None and wait_at is not None:
                 args = _arg_replaced(args, wait_at, max(0.0, waited_until - time.monotonic()))
 
+    async def same_commit(self) -> None:
+        """Refuse, as any call through this handle would be refused, when its actor runs another
+        commit (503 ``host_version_mismatch``): for an answer the front gives without calling
+        the host (a sharded session's refusals of ``history`` and ``scalars``), which must not
+        be that answer of this front's commit. Asks the actor only while its commit is not
+        known to be this one (its ``ping``, after the check, as :meth:`call` makes them)."""
+        if self._version.matched is not self.handle:
+            await self.call("ping", read=True)
+
     async def _check_version(self) -> None:
         """Ask the actor its code version: this process's lets every later call through this
         handle go unchecked; another (or none: an actor from before the method, whose handle
@@ -1010,6 +1019,7 @@ class RemoteSharded:
         scalars: dict[str, float] | None = None,
     ) -> StepResult:
         if scalars:
+            await self.host.same_commit()
             raise scalars_refused()
         out: StepResult = await self._coordinate(
             "step", {n: tensor_to_wire(t) for n, t in grads.items()}, want_params, worker,
@@ -1045,6 +1055,7 @@ class RemoteSharded:
         return out
 
     async def history(self, key: str, query: HistoryQuery) -> HistoryResult:
+        await self.host.same_commit()  # (a host of another commit: 503, as for any call)
         raise history_refused()
 
     async def delete(self, key: str, *, idem: IdemKey | None = None,

@@ -814,6 +814,21 @@ def test_patch_rejects(sess: Sess, index: int, body: Any, status: int, code: str
     sess.assert_unchanged()
 
 
+@pytest.mark.parametrize("betas", [[0.9, "fast"], [{"dtype": "float32", "shape": [],
+                                                    "data": [0.9]}, 0.999]],
+                         ids=["not-a-number", "tensor"])
+def test_a_betas_element_is_named_in_the_detail_as_in_the_field(sess: Sess,
+                                                                betas: list[Any]) -> None:
+    """The refusal of one element of ``betas`` names it in its detail as its field does
+    (``param_groups.0.betas.1``); the detail said ``betas[1]``."""
+    r = sess.http.patch(f"{sess.url}/param_groups/0", json={"betas": betas})
+    index = 1 if betas[1] == "fast" else 0
+    field = f"param_groups.0.betas.{index}"
+    problem = assert_problem(r, 422, "invalid_option", field)
+    assert problem["detail"].startswith(f"{field} "), problem
+    sess.assert_unchanged()
+
+
 def test_compressed_bodies_are_refused_by_name(sess: Sess) -> None:
     """A gzip body was parsed as it came ("not valid JSON: str is not valid UTF-8"): every
     route that reads a body now says that its Content-Encoding is not supported."""

@@ -79,3 +79,23 @@ def test_static_assets_ship_in_the_package_with_their_licences() -> None:
     assert not unshipped, f"app/static files not in the wheel's package-data: {unshipped}"
     bundle = (STATIC_DIR / "swagger-ui/swagger-ui-bundle.js").read_bytes()
     assert b"SwaggerUIBundle" in bundle and len(bundle) > 500_000
+
+
+@pytest.mark.parametrize("path", ["/ui/assets/missing.js", "/ui/uplot/nope.css",
+                                  "/static/not-there.js"])
+def test_a_missing_asset_is_a_404_saying_the_file_does_not_exist(app_client: TestClient,
+                                                                 path: str) -> None:
+    """A path under a mounted directory of assets names a route: its 404 says that the file
+    does not exist (it said "no route at ...")."""
+    r = app_client.get(path)
+    assert r.status_code == 404
+    problem = r.json()
+    assert problem["code"] == "not_found" and problem["field"] == "path", problem
+    assert problem["detail"] == f"no such file: {path!r} does not exist", problem
+    assert app_client.get("/ui/assets/ui.js").status_code == 200  # (a file that is there)
+
+
+def test_an_unknown_route_beside_the_assets_is_still_no_route(app_client: TestClient) -> None:
+    r = app_client.get("/ui/elsewhere.js")
+    assert r.status_code == 404
+    assert r.json()["detail"] == "no route at '/ui/elsewhere.js'"

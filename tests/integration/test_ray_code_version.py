@@ -151,3 +151,50 @@ def test_a_host_actor_from_before_the_check_is_refused_until_replaced(
         if older is not None:
             older.stop()
         front.stop()
+
+
+def test_a_sharded_sessions_history_through_a_front_of_another_commit_is_503(
+        ray_cluster: Any, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sharded session's ``GET .../history`` (which the front refuses itself, 422
+    ``not_supported_here``) and a step with scalars through a front of another commit are 503
+    ``host_version_mismatch``, as every other call there is (they were the 422); through the
+    host's commit's front they are the 422 still, and the session, untouched, steps as
+    torch's Adam."""
+    settings = partial(ray_settings, ray_cluster, data_dir=data, ray_resources='{"num_cpus": 0}')
+    same = LiveServer(settings())
+    url = same.start()
+    other = None
+    try:
+        p0 = tensors(6)
+        r = httpx.post(f"{url}/v1/sessions", timeout=300, json={
+            "id": "sharded", "optimizer": "Adam", "options": {"lr": LR}, "shards": 2,
+            "params": {n: json_tensor(t) for n, t in p0.items()}})
+        assert r.status_code == 201, r.text
+        assert_equal(params_of(step(url, "sharded", 7)), adam_after(p0, tensors(7)), "step")
+        with_scalars = {"grads": {n: json_tensor(t) for n, t in tensors(8).items()},
+                        "scalars": {"loss": 0.5}}
+
+        monkeypatch.setattr(ray_host, "code_version", lambda: "0123456789abcdef")
+        other = LiveServer(settings())
+        other_url = other.start()
+        for _ in range(2):
+            for r in (httpx.get(f"{other_url}/v1/sessions/sharded/history", timeout=120),
+                      httpx.post(f"{other_url}/v1/sessions/sharded/step", timeout=120,
+                                 json=with_scalars)):
+                assert r.status_code == 503, r.text
+                problem = r.json()
+                assert problem["code"] == "host_version_mismatch", problem
+                assert r.headers["retry-after"] == "10"
+        monkeypatch.undo()
+
+        for r, field in ((httpx.get(f"{url}/v1/sessions/sharded/history", timeout=120),
+                          "history"),
+                         (httpx.post(f"{url}/v1/sessions/sharded/step", timeout=120,
+                                     json=with_scalars), "scalars")):
+            assert r.status_code == 422, r.text
+            assert (r.json()["code"], r.json()["field"]) == ("not_supported_here", field)
+        unchanged_then_stepped(url, "sharded", p0, 7, 8)
+    finally:
+        if other is not None:
+            other.stop()
+        same.stop()

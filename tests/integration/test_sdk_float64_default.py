@@ -79,7 +79,8 @@ def test_a_checkpoint_made_under_a_float64_default_loads_and_goes_on_as_torch(
     steps(local_model, local, range(3, 6))
     steps(remote_model, remote, range(3, 6))
     assert_same_params(local_model, remote_model)
-    assert_same_state(local, remote)  # (torch.equal: the same counts, float64 and float32)
+    assert_same_state(local, remote)
+    assert_same_dtypes(local, remote)  # (float64 counts, as torch's: the checkpoint's)
 
 
 @pytest.mark.usefixtures("float64_default")
@@ -135,3 +136,119 @@ def test_differentiable_adam_is_refused(client: optserve.Client, name: str, wher
         local.step()
         remote.step()
     assert torch.equal(remote_w.detach(), local_w)
+
+
+@pytest.mark.parametrize("name,options", [("ASGD", {}), ("NAdam", {}),
+                                          ("Adam", {"differentiable": True}),
+                                          ("AdamW", {"differentiable": True})])
+def test_a_default_switched_to_float64_after_construction_is_refused_at_the_step(
+        client: optserve.Client, name: str, options: dict[str, bool]) -> None:
+    """The refusal holds at each step, not only at construction: a default switched to
+    float64 after the optimizer was made raised nothing, and NAdam's steps went on from a
+    float32 ``mu_product`` where torch's (made at the first step) was float64. The step is
+    refused before anything is sent (the session's version stays); switched back, the
+    optimizer steps as torch's."""
+    w = torch.tensor([1.0, -2.0, 0.5])
+    local_w, remote_w = w.clone(), torch.nn.Parameter(w.clone())
+    local = getattr(torch.optim, name)([local_w], lr=0.1, **options)
+    remote = optserve.RemoteOptimizer([remote_w], name, client, lr=0.1, **options)
+
+    def step(i: int) -> None:
+        local_w.grad = torch.tensor([0.3, -0.7, 1.1]) * (i + 1)
+        remote_w.grad = local_w.grad.clone()
+        local.step()
+        remote.step()
+
+    step(0)
+    version = client.get_session(remote.session_id).version
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with pytest.raises(ValueError, match="default dtype is float64"):
+            remote.step()
+        with pytest.raises(ValueError, match="default dtype is float64"):
+            remote.step(lambda: torch.tensor(0.5, dtype=torch.float32))
+    finally:
+        torch.set_default_dtype(before)
+    assert client.get_session(remote.session_id).version == version
+    for i in range(1, 3):
+        step(i)
+    assert torch.equal(remote_w.detach(), local_w)
+    assert_same_state(local, remote)
+
+
+def assert_same_dtypes(local: torch.optim.Optimizer, remote: optserve.RemoteOptimizer) -> None:
+    """``state_dict()`` and ``state`` hold each value in torch's dtype (its ``step`` counts
+    included), and the same values."""
+    local_sd, remote_sd = local.state_dict(), remote.state_dict()
+    assert local_sd["state"].keys() == remote_sd["state"].keys()
+    for pid, entry in local_sd["state"].items():
+        for key, value in entry.items():
+            held = remote_sd["state"][pid][key]
+            assert held.dtype == value.dtype, (pid, key)
+            assert torch.equal(held, value), (pid, key)
+    local_params = [p for g in local.param_groups for p in g["params"]]
+    remote_params = [p for g in remote.param_groups for p in g["params"]]
+    for p, q in zip(local_params, remote_params, strict=True):
+        assert {k: v.dtype for k, v in local.state[p].items()} == \
+            {k: v.dtype for k, v in remote.state[q].items()}
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "RAdam"])
+def test_step_counts_come_back_in_torchs_dtype(client: optserve.Client, name: str) -> None:
+    """Under a float64 default torch makes a parameter's ``step`` count float64 at its first
+    step (the session's is float32): ``state_dict()`` and ``state`` give it as torch's, dtype
+    for dtype (they gave float32), and a parameter whose state was made before the default
+    changed keeps float32 in both (torch's count stays as it was made); a checkpoint's float32
+    count loaded under the float64 default stays float32, as in torch's."""
+    before = torch.get_default_dtype()
+    w0, w1 = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.25, 3.0])
+    local_ws = [w0.clone().requires_grad_(), w1.clone().requires_grad_()]
+    remote_ws = [w0.clone().requires_grad_(), w1.clone().requires_grad_()]
+    local = getattr(torch.optim, name)(local_ws, lr=0.1)
+    remote = optserve.RemoteOptimizer(remote_ws, name, client, lr=0.1)
+
+    def step(ws: list[torch.Tensor], opt: torch.optim.Optimizer, i: int, which: int) -> None:
+        opt.zero_grad()
+        ((ws[which] * (i + 1.5)).sin().sum()).backward()
+        opt.step()
+
+    for ws, opt in ((local_ws, local), (remote_ws, remote)):
+        step(ws, opt, 0, 0)  # (w0's state made under float32)
+    checkpoint = copy.deepcopy(local.state_dict())
+    torch.set_default_dtype(torch.float64)
+    try:
+        for i in range(1, 3):
+            for ws, opt in ((local_ws, local), (remote_ws, remote)):
+                step(ws, opt, i, 1)  # (w1's state made under float64)
+        # (torch's, here: Adagrad makes every parameter's state at construction)
+        assert local.state[local_ws[1]]["step"].dtype == (
+            torch.float32 if name == "Adagrad" else torch.float64)
+        assert local.state[local_ws[0]]["step"].dtype == torch.float32
+        assert_same_dtypes(local, remote)
+        local.load_state_dict(copy.deepcopy(checkpoint))
+        remote.load_state_dict(copy.deepcopy(checkpoint))
+        for ws, opt in ((local_ws, local), (remote_ws, remote)):
+            step(ws, opt, 3, 1)  # (w1's made again: float64; w0's loaded float32)
+        assert_same_dtypes(local, remote)
+    finally:
+        torch.set_default_dtype(before)
+    assert all(torch.equal(p, q) for p, q in zip(local_ws, remote_ws, strict=True))
+    assert_same_dtypes(local, remote)  # (the default does not change a count made)
+
+
+@pytest.mark.usefixtures("float64_default")
+def test_adagrad_made_under_a_float64_default_gives_float64_counts(
+        client: optserve.Client) -> None:
+    """Adagrad makes each parameter's state at construction: made under a float64 default, its
+    counts are float64 in torch's ``state_dict()`` and ``state`` before any step and after,
+    and so they are in a ``RemoteOptimizer``'s."""
+    local_model, remote_model = mlp(), mlp()
+    local = torch.optim.Adagrad(local_model.parameters(), lr=1e-2)
+    remote = optserve.RemoteOptimizer(remote_model.parameters(), "Adagrad", client, lr=1e-2)
+    assert local.state_dict()["state"][0]["step"].dtype == torch.float64  # torch's, here
+    assert_same_dtypes(local, remote)
+    steps(local_model, local, range(2))
+    steps(remote_model, remote, range(2))
+    assert_same_params(local_model, remote_model)
+    assert_same_dtypes(local, remote)

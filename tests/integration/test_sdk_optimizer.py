@@ -600,7 +600,8 @@ def test_tensor_betas_are_refused_saying_only_lr_travels_as_a_tensor(
     """torch takes Adam's betas as one-element tensors (and steps with them in float32
     arithmetic, so their float values would not step alike): a clear refusal naming the
     element, as for any other tensor option; it said "betas[0] must be a number, got
-    {'data': [0.8999999761581421], 'dtype': ...", the JSON tensor the SDK sent."""
+    {'data': [0.8999999761581421], 'dtype': ...", the JSON tensor the SDK sent. The detail
+    names the element as its field does (it said ``betas[0]``)."""
     betas = (torch.tensor(0.9), torch.tensor(0.99))
     local_model = mlp()
     getattr(torch.optim, optimizer)(local_model.parameters(), lr=0.01, betas=betas)  # torch: fine
@@ -608,7 +609,7 @@ def test_tensor_betas_are_refused_saying_only_lr_travels_as_a_tensor(
     with pytest.raises(optserve.ValidationError) as info:
         optserve.RemoteOptimizer(mlp().parameters(), optimizer, client, lr=0.01, betas=betas)
     assert info.value.field == "options.betas.0"
-    assert "betas[0] is a tensor: only lr may be given as a tensor" in str(info.value)
+    assert "options.betas.0 is a tensor: only lr may be given as a tensor" in str(info.value)
     assert {s.id for s in client.list_sessions()} == before  # no session was made
 
 

@@ -17,7 +17,8 @@ import pytest
 from ray.exceptions import ActorDiedError
 
 from app.code_version import code_version
-from app.errors import Unavailable
+from app.engine.history import HistoryQuery
+from app.errors import Invalid, Unavailable
 from tests.unit.test_deleted_creates import spec
 from tests.unit.test_ray_deletes import AsTorch, Cluster, Handle, entries_of
 
@@ -140,6 +141,52 @@ def test_a_host_actor_from_before_the_check_is_refused_until_replaced(
             cluster.actors[host] = Handle(older.actor)
             assert (await front.describe("old")).version == 1
             await torch_twin.step(front, "old")
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
+
+
+def test_a_sharded_sessions_history_and_scalars_from_another_commit_are_refused_as_any_call(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sharded session's ``GET .../history`` and a step carrying scalars are refused by the
+    front itself (422 ``not_supported_here``), without calling the host: through a front of
+    another commit they are 503 ``host_version_mismatch``, as every other call there is (they
+    were the 422, a refusal of this front's commit). Through the host's commit's front they are
+    the 422 still, and the session, untouched, steps as torch."""
+    cluster = Cluster(tmp_path, monkeypatch)
+
+    async def run() -> None:
+        try:
+            first = cluster.front()
+            s = spec(2, id="sh")
+            await first.create(s)
+            torch_twin = AsTorch(s)
+            await torch_twin.step(first, "sh")
+            host = entries_of(first, "sh")["shards"][0]  # (its coordinator's)
+            monkeypatch.setattr(ray_host.HostActor, "code_version", host_version)
+            monkeypatch.setattr(ray_host, "code_version", lambda: OTHER)  # (the fronts')
+            other = cluster.front()
+            for _ in range(2):
+                with pytest.raises(Unavailable) as history:
+                    await other.history("sh", HistoryQuery())
+                mismatch(history.value, host)
+                with pytest.raises(Unavailable) as step:
+                    await other.step("sh", torch_twin.grads, return_params=False,
+                                     scalars={"loss": 0.5})
+                mismatch(step.value, host)
+            monkeypatch.setattr(ray_host, "code_version", code_version)
+            for front in (first, cluster.front()):
+                with pytest.raises(Invalid) as refused:
+                    await front.history("sh", HistoryQuery())
+                assert (refused.value.code, refused.value.field) == (
+                    "not_supported_here", "history")
+                with pytest.raises(Invalid) as refused:
+                    await front.step("sh", torch_twin.grads, return_params=False,
+                                     scalars={"loss": 0.5})
+                assert (refused.value.code, refused.value.field) == (
+                    "not_supported_here", "scalars")
+            assert (await first.describe("sh")).version == 1
+            await torch_twin.step(first, "sh")
         finally:
             await cluster.kill()
     asyncio.run(run())

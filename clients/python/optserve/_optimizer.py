@@ -70,6 +70,7 @@ from ._client import Client
 from ._exceptions import APIStatusError, OptserveError, PreconditionFailedError
 from ._gc import gc_paused
 from ._session_state import SessionState, assigned_state
+from ._step_dtypes import STATE_MADE_AT_CONSTRUCTION, StepDtypes
 from ._tensors import Tensor
 from ._types import EvaluationRequest, SessionInfo
 
@@ -238,7 +239,8 @@ def _refuse_float64_scalar_steps(optimizer: str, options: Mapping[str, Any],
             f"torch's default dtype is float64 (torch.set_default_dtype): a local {optimizer} "
             f"would keep its scalar state ({_SCALAR_STATE_ARITHMETIC[optimizer]}) in float64 "
             "and step with it there, while the session keeps it in float32, so the steps "
-            "would not be the same; create it with the default dtype float32 (torch's own)")
+            "would not be the same; create and step it with the default dtype float32 "
+            "(torch's own)")
     if optimizer in _DIFFERENTIABLE_STEP_ARITHMETIC and any(
             g.get("differentiable", options.get("differentiable"))
             for g in [*(g for g in groups if isinstance(g, Mapping)), {}]):
@@ -246,7 +248,8 @@ def _refuse_float64_scalar_steps(optimizer: str, options: Mapping[str, Any],
             f"torch's default dtype is float64 (torch.set_default_dtype): a local {optimizer} "
             "with differentiable=True would compute its bias corrections with its step count "
             "in float64, while the session keeps it in float32, so the steps would not be the "
-            "same; leave differentiable out, or create it with the default dtype float32")
+            "same; leave differentiable out, or create and step it with the default dtype "
+            "float32")
 
 
 def _steps_as_the_session_keeps(state: Any) -> Any:
@@ -424,6 +427,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._state_epoch = 0
         self._state_view = SessionState(self._session_state,
                                         lambda: (self._known_version, self._state_epoch))
+        #: the dtype torch's optimizer would keep each parameter's step count in
+        self._step_dtypes = StepDtypes()
         self.__dict__.pop("_torch_state", None)  # (what torch's __init__ assigned: unused)
 
         groups = []
@@ -459,6 +464,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         #: the options the session's optimizer has (other keys of a group stay local)
         self._option_names = frozenset(info.defaults)
         self._adopt(info)
+        if optimizer in STATE_MADE_AT_CONSTRUCTION:
+            self._step_dtypes.made(self.param_groups)
 
     def _server_options(self, optimizer: str, explicit: list[dict[str, Any]]
                         ) -> list[dict[str, Any]]:
@@ -583,6 +590,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             break
         self._state_view.keep_only({params[index]: entry
                                     for index, entry in client_state.items()})
+        self._step_dtypes.replaced({params[index]: entry for index, entry in entries.items()}
+                                   if isinstance(entries, Mapping) else {})
         self._imported(imported)
         if not entries:
             self._state_view.known_empty()
@@ -812,7 +821,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
         (``metrics="history"``): the server takes them after answering, off the step's path,
         into the session's history (:meth:`Client.history`, ``optserve watch``, the web page).
         Over HTTP they do (on one host, taking them while the answer's bytes go out made no
-        consistent difference)."""
+        consistent difference).
+
+        Under ``torch.set_default_dtype(torch.float64)`` a step of ASGD or NAdam, or of Adam
+        or AdamW with ``differentiable=True``, raises ``ValueError`` before anything is done
+        (their local steps would compute with float64 scalar state: see
+        ``_refuse_float64_scalar_steps``), as their construction does: the default may have
+        changed since."""
+        _refuse_float64_scalar_steps(self._optimizer_name, self.defaults, self.param_groups)
         self._state_epoch += 1
         self._state_view.forget()
         if self._optimizer_name == "LBFGS":
@@ -927,6 +943,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self._failed(exc, taken)
             raise
         self._sent(changes)
+        self._step_dtypes.stepped(self.param_groups)
         if result.params is not None:
             # (narrowed to float16, a value past its range came back infinite)
             values = (self._widened_where_infinite(result.params) if wire == torch.float16
@@ -1123,6 +1140,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 packed["param_names"] = list(local["param_names"])
             groups.append(packed)
         _link_as(groups, self.param_groups)
+        for group, server in zip(self.param_groups, sd["param_groups"], strict=True):
+            for p, index in zip(group["params"], server["params"], strict=True):
+                if index in sd["state"]:
+                    self._step_dtypes.as_torch_keeps(p, sd["state"][index])
         state_dict: dict[str, Any] = {"state": self._with_client_state(sd), "param_groups": groups}
         if "scheduler" in sd:
             state_dict["scheduler"] = sd["scheduler"]
@@ -1196,6 +1217,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
                  if isinstance(index, (int, str)) and str(index).isdigit()}
         self._state_view.keep_only({by_id[index]: entry for index, entry in client_state.items()
                                     if index in by_id})
+        if isinstance(session_state, Mapping):
+            self._step_dtypes.replaced(
+                {by_id[int(index)]: entry for index, entry in session_state.items()
+                 if isinstance(index, (int, str)) and str(index).isdigit()
+                 and int(index) in by_id}, self.param_groups)
         self._imported(info)
         if masters:
             # the session's parameters at their own width; the local ones keep the narrowed
@@ -1341,7 +1367,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             for p, index in zip(group["params"], server["params"], strict=True):
                 entry = sd["state"].get(index)
                 if entry is not None:
-                    state[p] = entry
+                    state[p] = self._step_dtypes.as_torch_keeps(p, entry)
         return state
 
     # ------------------------------------------------------------------ extras
