@@ -3,7 +3,8 @@ compared with in-process torch and with what the text says they print: the READM
 quickstart and row-sparse example (through bash and curl), the JavaScript client's README
 example (through node), the Python SDK README's client example and the parameter-server example
 (``python -m examples.parameter_server``). (The README's Python quickstart has its own module,
-test_readme.py; the curl scripts of clients/curl run under scripts/test-clients.)"""
+test_readme.py; the curl scripts of clients/curl run under scripts/test-clients; the docs'
+fragments, code that takes names from its surroundings, run in test_doc_fragments.py.)"""
 
 from __future__ import annotations
 
