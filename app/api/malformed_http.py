@@ -221,15 +221,30 @@ def _answer_owed(protocol: Any) -> bool:
     return True
 
 
-def _close(protocol: Any) -> None:
+def _close(protocol: Any, answered: bool = False) -> None:
     """Close the connection, and tell the request being read that its client is gone at once,
     as uvicorn does once the loop reports the connection lost: its app, run meanwhile, would
-    write an answer after the refusal (h11 refuses that, an error logged per request)."""
+    write an answer after the refusal (h11 refuses that, an error logged per request). After
+    an answer (``answered``) the close lingers (:mod:`app.api.lingering_close`): its client
+    may still be sending the rest of its request, which would turn the close into a reset
+    that loses the answer."""
     cycle: Any = getattr(protocol, "cycle", None)
     if not getattr(cycle, "response_complete", True) and hasattr(cycle, "message_event"):
         cycle.disconnected = True
         cycle.message_event.set()
+    if answered:
+        lingering_close.arm(protocol)
     protocol.transport.close()
+
+
+def _client_closes(scope: dict[str, Any]) -> bool:
+    """Whether the request's client asked for the connection to close after it (as h11 reads
+    it: an HTTP/1.0 request, or a ``Connection`` header with the ``close`` token)."""
+    if scope.get("http_version") == "1.0":
+        return True
+    return any(name == b"connection" and any(token.strip().lower() == b"close"
+                                             for token in value.split(b","))
+               for name, value in scope.get("headers", ()))
 
 
 def _start_head_clock(protocol: Any) -> None:
@@ -251,11 +266,12 @@ def _answer_head_timeout(protocol: Any, begun: bool) -> None:
     protocol._head_timer = None
     if protocol.transport.is_closing():
         return
-    if begun and not _mid_response(protocol):
+    answered = begun and not _mid_response(protocol)
+    if answered:
         log.debug("request head not complete within %g s: 408", protocol._head_timeout)
         protocol.transport.write(raw_answer(408, head_timeout_body(protocol._head_timeout),
                                             protocol.server_state.default_headers))
-    _close(protocol)
+    _close(protocol, answered)  # (none begun: nothing to answer, nor to wait for)
 
 
 class _HeadClock:
@@ -466,6 +482,10 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                         return
                     super().on_headers_complete()
                     hold_head(self.cycle, self.loop)  # (the head written with the body)
+                    if not self.cycle.keep_alive:
+                        # its client asked to close (Connection: close, HTTP/1.0): an answer
+                        # before its body ends closes the connection while it sends
+                        lingering_close.arm(self, self.cycle)
 
                 def on_body(self, body: bytes) -> None:
                     if self._plain_head is None:
@@ -517,15 +537,17 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                         self._refusal = answer
                         self.flow.pause_reading()
                         return
-                    if not _mid_response(self):
+                    answered = not _mid_response(self)
+                    if answered:
                         self.transport.write(answer)
-                    _close(self)
+                    _close(self, answered)
 
                 def on_response_complete(self) -> None:
                     super().on_response_complete()
                     if (self._refusal is not None and self.cycle.response_complete
                             and not self.transport.is_closing()):
                         self.transport.write(self._refusal)
+                        lingering_close.arm(self)
                         self.transport.close()
                     if self.cycle.response_complete:  # none in flight: the next head's clock
                         _start_head_clock(self)
@@ -596,6 +618,9 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                             lingering_close.arm(self, new)
                         extensions: dict[str, Any] = new.scope.setdefault("extensions", {})
                         extensions[CLOSE_AFTER] = close_after
+                        if _client_closes(new.scope):
+                            # h11 closes after the answer, before the body ends or not
+                            lingering_close.arm(self, new)
 
                 def send_400_response(self, msg: str) -> None:
                     if _mid_response(self):
@@ -618,7 +643,7 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                             self.transport.close()
                         return
                     self.transport.write(answer)
-                    _close(self)
+                    _close(self, answered=True)
 
             h11_protocol = ProblemH11Protocol
     return httptools_protocol, h11_protocol
