@@ -41,6 +41,7 @@ import http
 import logging
 import sys
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -237,7 +238,7 @@ def _close(protocol: Any, answered: bool = False) -> None:
     protocol.transport.close()
 
 
-def _client_closes(scope: dict[str, Any]) -> bool:
+def _client_closes(scope: Mapping[str, Any]) -> bool:
     """Whether the request's client asked for the connection to close after it (as h11 reads
     it: an HTTP/1.0 request, or a ``Connection`` header with the ``close`` token)."""
     if scope.get("http_version") == "1.0":

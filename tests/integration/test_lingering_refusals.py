@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import time
 from collections.abc import Iterator
 
@@ -187,3 +188,31 @@ def test_nothing_lingers_where_nothing_more_can_arrive(live: tuple[LiveServer, s
     with socket.create_connection((host, int(port)), timeout=HEAD_TIMEOUT_S + 10) as sock:
         assert sock.recv(100) == b""  # (the head timeout: closed, no answer)
         assert lingering(server) == 0
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+def test_a_client_gone_while_its_connection_lingers_is_let_go_at_once(
+        live: tuple[LiveServer, str], how: str) -> None:
+    """A client that resets its connection, or closes it whole, while the server lingers
+    after its 400: the lingering connection is let go then (not :data:`LINGER_S` later), and
+    the server goes on serving."""
+    server, url = live
+    wait_no_lingering(server)
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: a\r\nContent-Length: 12x\r\n\r\n")
+    answer = b""
+    while chunk := sock.recv(65536):  # (the answer, then the end of the stream)
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400") and whole(answer), answer[:300]
+    assert lingering(server) == 1  # (counted before the end of the stream was written)
+    if how == "reset":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    gone = time.monotonic()
+    sock.close()
+    while lingering(server):
+        assert time.monotonic() - gone < LINGER_S - 1, "still lingering"
+        time.sleep(0.02)
+    with socket.create_connection((host, int(port)), timeout=10) as again:
+        again.sendall(b"GET /v1/sessions HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        assert again.recv(100).startswith(b"HTTP/1.1 200")
