@@ -112,13 +112,19 @@ class _ClosingTransport:
         drain = _Drain(self._protocol, transport, slots)
         try:
             transport.set_protocol(drain)
-            transport.write_eof()  # (after what is buffered: the answer, then FIN)
-            transport.resume_reading()
-        except Exception:  # (a transport that cannot: closed as before)
-            log.debug("could not half-close a connection", exc_info=True)
-            drain.end()
+        except Exception as exc:  # (a transport that cannot: closed as before; its loss goes
+            # to the HTTP protocol, never to the drain, which lets go of its count now)
+            log.debug("could not hand a closed connection to a drain: %r", exc)
+            drain.let_go()
+            transport.close()
             return
         drain.timer = asyncio.get_running_loop().call_later(connection_cap.LINGER_S, drain.end)
+        try:
+            transport.write_eof()  # (after what is buffered: the answer, then FIN)
+            transport.resume_reading()
+        except Exception as exc:  # (the client gone meanwhile: closed as before)
+            log.debug("could not half-close a connection: %r", exc)
+            drain.end()
 
 
 def _still_sending(cycle: Any) -> bool:
@@ -162,7 +168,8 @@ class _Drain(asyncio.Protocol):
             self.timer = None
         self.transport.close()
 
-    def _let_go(self) -> None:
+    def let_go(self) -> None:
+        """No longer lingering: the timer stopped and the count let go of (once)."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -171,7 +178,7 @@ class _Drain(asyncio.Protocol):
             self.slots = None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._let_go()
+        self.let_go()
         self.owner.connection_lost(exc)
 
     def pause_writing(self) -> None:
