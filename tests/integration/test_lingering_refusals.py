@@ -216,3 +216,32 @@ def test_a_client_gone_while_its_connection_lingers_is_let_go_at_once(
     with socket.create_connection((host, int(port)), timeout=10) as again:
         again.sendall(b"GET /v1/sessions HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         assert again.recv(100).startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("protocol", ["httptools", "h11"])
+def test_a_server_shutting_down_does_not_wait_for_its_lingering_connections(
+        protocol: str) -> None:
+    """uvicorn's graceful shutdown closes a lingering connection at once (it waits for every
+    connection to close): it does not wait out the linger (30 s here)."""
+    http = PROBLEM_HTTPTOOLS if protocol == "httptools" else PROBLEM_H11
+    assert http is not None
+    linger_s = 30.0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(connection_cap, "LINGER_S", linger_s)
+        server = LiveServer(_test_settings(), http=http)
+        url = server.start()
+        host, port = url.removeprefix("http://").split(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: a\r\nContent-Length: 1x\r\n\r\n")
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+                assert answer.startswith(b"HTTP/1.1 400") and lingering(server) == 1, answer
+                stopping = time.monotonic()
+                server.stop()
+                assert not server.thread.is_alive()
+                assert time.monotonic() - stopping < linger_s / 2
+                assert lingering(server) == 0
+        finally:
+            server.stop()

@@ -172,3 +172,17 @@ def test_a_transport_that_cannot_be_handed_over_is_closed_and_not_counted(
     settle(loop)
     assert transport.events == ["closed"]
     assert (owner.lost, slots.lingering) == ([None], 0)
+
+
+def test_past_max_lingering_the_close_is_immediate(loop: asyncio.AbstractEventLoop) -> None:
+    owner, transport, slots = served(loop)
+    for _ in range(connection_cap.MAX_LINGERING):
+        assert slots.linger()
+
+    async def refuse() -> None:
+        lingering_close.arm(owner)
+        owner.transport.close()
+    loop.run_until_complete(refuse())
+    settle(loop)
+    assert transport.events == ["closed"]
+    assert (owner.lost, slots.lingering) == ([None], connection_cap.MAX_LINGERING)
