@@ -1,14 +1,16 @@
 """Every answer that closes the connection while its client may still be sending lingers
 (RFC 9112 9.6, :mod:`app.api.lingering_close`): a request head not complete in time (408), a
 head the parser refuses (400) or finds too large (431), an ``Expect`` the server does not meet
-(417), and an early answer (413) to a request whose client asked to close before its body
-ended (``Connection: close``, HTTP/1.0). The client goes on sending after the answer; it must
+(417), an early answer (413) to a request whose client asked to close before its body ended
+(``Connection: close``, HTTP/1.0), and a body answered early and still arriving when the next
+head's clock runs out. The client goes on sending after the answer; it must
 read the whole answer and then the end of the stream, with no reset (``ECONNRESET`` on a read,
 ``EPIPE`` on a send) while the server lingers, and the server closes once the client closes
 its side. A server that closed at once answered the client's next bytes with a reset. A close
 where nothing more can arrive (a whole request whose client asked to close, a connection that
-sent nothing in the head timeout) does not linger. Over raw sockets against real uvicorn
-servers on 127.0.0.1, with each HTTP protocol ``python -m app`` may use; the servers linger
+sent nothing in the head timeout) does not linger, nor does the server wait out a linger as it
+shuts down. Over raw sockets against real uvicorn servers on 127.0.0.1, with each HTTP
+protocol ``python -m app`` may use, on uvloop and on asyncio's loop; the servers linger
 :data:`LINGER_S` (longer than the suite's default, so that a loaded machine's client is not
 outlasted)."""
 
@@ -34,15 +36,20 @@ LINGER_S = 5.0
 SEND_AFTER_S = 0.4
 
 
-@pytest.fixture(scope="module", params=["httptools", "h11"])
+@pytest.fixture(scope="module", params=[("httptools", "auto"), ("h11", "auto"),
+                                        ("httptools", "asyncio"), ("h11", "asyncio")],
+                ids=lambda param: "-".join(param))
 def live(request: pytest.FixtureRequest) -> Iterator[tuple[LiveServer, str]]:
-    protocol = PROBLEM_HTTPTOOLS if request.param == "httptools" else PROBLEM_H11
+    """A server with each HTTP protocol, on the server's default event loop (uvloop where it
+    is installed) and on asyncio's own."""
+    name, loop = request.param
+    protocol = PROBLEM_HTTPTOOLS if name == "httptools" else PROBLEM_H11
     if protocol is None:
-        pytest.fail(f"the {request.param} protocol could not be made")
+        pytest.fail(f"the {name} protocol could not be made")
     settings = _test_settings(head_timeout_s=HEAD_TIMEOUT_S)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(connection_cap, "LINGER_S", LINGER_S)
-        server = LiveServer(settings, http=protocol)
+        server = LiveServer(settings, loop=loop, http=protocol)
         with server.serving() as url:
             yield server, url
 
@@ -71,14 +78,17 @@ def whole(answer: bytes) -> bool:
 
 def answer_while_sending(url: str, first: bytes, more: bytes) -> bytes:
     """Send ``first``, then ``more`` a few bytes every 0.05 s, reading meanwhile, on through
-    the answer until :data:`SEND_AFTER_S` after it: the whole answer, after which the server
-    wrote the end of the stream and went on reading (a reset, on a send or a read, fails).
-    Then the client closes its side and the server closes too (no reset)."""
+    the answer and the end of the stream until :data:`SEND_AFTER_S` after both: the whole
+    answer, after which the server wrote the end of the stream and went on reading (a reset,
+    on a send or a read, fails). Then the client closes its side and the server closes too
+    (no reset)."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(first)
         sock.setblocking(False)
-        answer, answered_at, eof, sent = b"", None, False, 0
+        answer, sent = b"", 0
+        answered_at: float | None = None
+        eof, eof_at = False, None
         started = time.monotonic()
         while time.monotonic() - started < 30:
             try:
@@ -92,7 +102,10 @@ def answer_while_sending(url: str, first: bytes, more: bytes) -> bytes:
                 if answered_at is None and whole(answer):
                     answered_at = time.monotonic()
                 continue
-            if answered_at is not None and time.monotonic() - answered_at > SEND_AFTER_S:
+            if eof_at is None and eof:
+                eof_at = time.monotonic()
+            if (answered_at is not None and eof_at is not None
+                    and time.monotonic() - max(answered_at, eof_at) > SEND_AFTER_S):
                 break
             assert sent < len(more), "ran out of bytes to send before the answer"
             sock.send(more[sent:sent + 16])  # (a reset here fails the test too)
@@ -106,9 +119,10 @@ def answer_while_sending(url: str, first: bytes, more: bytes) -> bytes:
     return answer
 
 
-def status_and_problem(answer: bytes) -> tuple[int, dict[str, object]]:
+def status_and_problem(answer: bytes, keep_alive: bool = False
+                       ) -> tuple[int, dict[str, object]]:
     head, _, body = answer.partition(b"\r\n\r\n")
-    assert b"\r\nconnection: close\r\n" in head.lower() + b"\r\n", head
+    assert (b"\r\nconnection: close\r\n" in head.lower() + b"\r\n") is not keep_alive, head
     problem = json.loads(body)
     return int(head.split(b" ", 2)[1]), problem
 
@@ -167,6 +181,21 @@ def test_an_early_413_to_a_client_that_asked_to_close_lingers(
     first = (f"POST /v1/sessions HTTP/{version}\r\nHost: a\r\n{connection}"
              f"Content-Type: application/json\r\nContent-Length: {100 << 20}\r\n\r\n").encode()
     status, problem = status_and_problem(answer_while_sending(url, first, FILLER))
+    assert (status, problem["code"], problem["field"]) == (413, "payload_too_large", "body")
+    wait_no_lingering(server)
+
+
+def test_a_body_still_arriving_when_the_head_clock_runs_out_lingers(
+        live: tuple[LiveServer, str]) -> None:
+    """A 413 at once for a body announced past the limit, on a connection kept alive: the
+    server reads on and drops the body, so as to read the next request after it, and gives
+    the next head :data:`HEAD_TIMEOUT_S` from the answer. A body still arriving then is
+    closed (not an idle connection: its client is sending), after a linger."""
+    server, url = live
+    first = (f"POST /v1/sessions HTTP/1.1\r\nHost: a\r\n"
+             f"Content-Type: application/json\r\nContent-Length: {100 << 20}\r\n\r\n").encode()
+    answer = answer_while_sending(url, first, FILLER)
+    status, problem = status_and_problem(answer, keep_alive=True)
     assert (status, problem["code"], problem["field"]) == (413, "payload_too_large", "body")
     wait_no_lingering(server)
 
