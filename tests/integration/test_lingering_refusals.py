@@ -16,6 +16,7 @@ that a loaded machine's client is not outlasted)."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import struct
 import time
@@ -51,6 +52,17 @@ def live(request: pytest.FixtureRequest) -> Iterator[tuple[LiveServer, str]]:
         server = LiveServer(settings, loop=loop, http=protocol)
         with server.serving() as url:
             yield server, url
+
+
+@pytest.fixture(autouse=True)
+def _nothing_logged_as_failed(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """No error, and nothing from the event loop (a callback that raised, a transport's fatal
+    error), is logged while a connection lingers and ends."""
+    yield
+    failed = [f"{r.name}: {r.getMessage()}" for r in caplog.get_records("call")
+              if r.levelno >= logging.ERROR or (r.name == "asyncio"
+                                                and r.levelno >= logging.WARNING)]
+    assert not failed
 
 
 def lingering(server: LiveServer) -> int:
