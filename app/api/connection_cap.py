@@ -36,7 +36,8 @@ RESERVE_SHARE = 4
 FLOOR = 8
 #: an unlimited ``RLIMIT_NOFILE`` is taken as this
 UNLIMITED = 1 << 20
-#: refused connections kept open at once to drain (each for :data:`LINGER_S` at most)
+#: connections kept open at once to drain after an answer that closes them (refused ones,
+#: and those of :mod:`app.api.lingering_close`), each for :data:`LINGER_S` at most
 MAX_LINGERING = 32
 LINGER_S = 1.0
 #: the ``Retry-After`` of a refused connection, in seconds
@@ -115,7 +116,7 @@ class ConnectionSlots(Bounded):
 
     @property
     def lingering(self) -> int:
-        """The refused connections kept to drain now."""
+        """The connections kept to drain after their answer now."""
         return self._lingering.held
 
     def refused(self, kind: str) -> None:
@@ -132,7 +133,8 @@ class ConnectionSlots(Bounded):
                     "(OPTSERVE_MAX_CONNECTIONS)", count, kind, self.limit)
 
     def linger(self) -> bool:
-        """Count a refused connection kept to drain: False when :data:`MAX_LINGERING` are."""
+        """Count a connection kept to drain after its answer: False when
+        :data:`MAX_LINGERING` are."""
         return self._lingering.take()
 
     def done_lingering(self) -> None:

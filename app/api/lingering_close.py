@@ -1,22 +1,30 @@
-"""An answer given before its request's body ended is not lost to a reset.
+"""An answer given while its client may still be sending is not lost to a reset.
 
 A request whose body stalls or trickles is answered 408 while its client is still sending
-(``app.api.bodies``), and the answer closes the connection. Closing a socket that has unread
-bytes, or that receives bytes after it is closed, makes the kernel send a reset: the client's
-next read or write fails with ``ECONNRESET`` (or ``EPIPE``), and a client that reads its
-answer only after its upload gives up never sees the 408 at all, only a reset. RFC 9112 9.6
-names the remedy: close the writing side first, and go on reading (and dropping) what the
+(``app.api.bodies``), and the answer closes the connection; so do a request head that is
+refused (400, 431; a 408 for one not complete in time, ``app.api.malformed_http``), an
+``Expect`` the server does not meet (417, ``app.api.request_head_checks``), and any early
+answer (a 413 for a ``Content-Length`` past the limit, a 404) to a request whose client asked
+to close (``Connection: close``, HTTP/1.0) before its body ended. Closing a socket that has
+unread bytes, or that receives bytes after it is closed, makes the kernel send a reset: the
+client's next read or write fails with ``ECONNRESET`` (or ``EPIPE``), and a client that reads
+its answer only after its upload gives up never sees the answer at all, only a reset. RFC 9112
+9.6 names the remedy: close the writing side first, and go on reading (and dropping) what the
 client sends until it closes too or a moment has passed.
 
-:func:`arm` is called for a request whose answer is to close the connection midway through
-its body (the ``close_after`` hook the HTTP protocols offer, and a sink's abandoned body). It
-puts a :class:`_ClosingTransport` in front of the connection's transport, for the protocol
-and the request's cycle; when uvicorn closes the connection after the answer, that writes
-the end of the stream after the answer (FIN), hands the transport to a :class:`_Drain` that
-drops whatever arrives, and closes for good when the client closes its side or after
+:func:`arm` is called for a connection whose next close may come while its client is still
+sending: with the request's cycle (the ``close_after`` hook the HTTP protocols offer, a sink's
+abandoned body, a request whose client asked to close), the close lingers if that request's
+body has not ended by then (otherwise nothing more can arrive: closed at once, as an idle
+keep-alive connection is); without one (a refused request head), it lingers whatever. It puts
+a :class:`_ClosingTransport` in front of the connection's transport, for the protocol and the
+request's cycle; when the connection is closed after the answer, that writes the end of the
+stream after the answer (FIN), hands the transport to a :class:`_Drain` that drops whatever
+arrives, and closes for good when the client closes its side or after
 :data:`connection_cap.LINGER_S`. Lingering connections are counted with the refused ones
 (``ConnectionSlots.linger``, at most :data:`connection_cap.MAX_LINGERING`); past that, and
-where the transport cannot half-close, the connection is closed at once as before.
+where the transport cannot half-close, the connection is closed at once as before. A close
+while the server shuts down (uvicorn's ``shutdown`` of a lingering connection) is immediate.
 """
 
 from __future__ import annotations
@@ -34,9 +42,10 @@ log = logging.getLogger("optserve.api")
 MAX_DRAINED = 64 << 20
 
 
-def arm(protocol: Any, cycle: Any) -> None:
-    """Make the close that follows ``cycle``'s answer on ``protocol``'s connection a lingering
-    one (idempotent)."""
+def arm(protocol: Any, cycle: Any = None) -> None:
+    """Make the next close of ``protocol``'s connection a lingering one: where ``cycle``'s
+    request body has not ended by then, or whatever (``cycle`` None: a refused request head,
+    whose client may be sending a body after it). Idempotent."""
     transport = getattr(protocol, "transport", None)
     if transport is None:
         return
@@ -46,7 +55,9 @@ def arm(protocol: Any, cycle: Any) -> None:
         closing = _ClosingTransport(protocol, transport)
         protocol.transport = closing
     if cycle is None:
+        closing.always = True
         return
+    closing.cycle = cycle
     # the cycle writes through the connection's transport, or through a HeldHead around it
     cycle_transport = getattr(cycle, "transport", None)
     if cycle_transport is transport:
@@ -63,12 +74,19 @@ class _ClosingTransport:
         self._protocol = protocol
         self._transport = transport
         self._closing = False
+        #: the request whose unfinished body makes the close linger, and whether it lingers
+        #: whatever (:func:`arm`)
+        self.cycle: Any = None
+        self.always = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
     def write(self, data: Any) -> None:
         self._transport.write(data)
+
+    def writelines(self, data: Any) -> None:
+        self._transport.writelines(data)
 
     def is_closing(self) -> bool:
         return self._closing or bool(self._transport.is_closing())
@@ -80,6 +98,9 @@ class _ClosingTransport:
             transport.close()
             return
         self._closing = True
+        if not (self.always or _still_sending(self.cycle)):
+            transport.close()
+            return
         slots = connection_cap.slots_of(getattr(getattr(self._protocol, "config", None),
                                                 "app", None))
         if slots is None or not _can_half_close(transport):
@@ -91,13 +112,25 @@ class _ClosingTransport:
         drain = _Drain(self._protocol, transport, slots)
         try:
             transport.set_protocol(drain)
-            transport.write_eof()  # (after what is buffered: the answer, then FIN)
-            transport.resume_reading()
-        except Exception:  # (a transport that cannot: closed as before)
-            log.debug("could not half-close a connection", exc_info=True)
-            drain.end()
+        except Exception as exc:  # (a transport that cannot: closed as before; its loss goes
+            # to the HTTP protocol, never to the drain, which lets go of its count now)
+            log.debug("could not hand a closed connection to a drain: %r", exc)
+            drain.let_go()
+            transport.close()
             return
         drain.timer = asyncio.get_running_loop().call_later(connection_cap.LINGER_S, drain.end)
+        try:
+            transport.write_eof()  # (after what is buffered: the answer, then FIN)
+            transport.resume_reading()
+        except Exception as exc:  # (the client gone meanwhile: closed as before)
+            log.debug("could not half-close a connection: %r", exc)
+            drain.end()
+
+
+def _still_sending(cycle: Any) -> bool:
+    """Whether ``cycle``'s request body has not ended (its client may still be sending it)."""
+    return (cycle is not None and bool(getattr(cycle, "more_body", False))
+            and not getattr(cycle, "disconnected", True))
 
 
 def _can_half_close(transport: Any) -> bool:
@@ -135,7 +168,8 @@ class _Drain(asyncio.Protocol):
             self.timer = None
         self.transport.close()
 
-    def _let_go(self) -> None:
+    def let_go(self) -> None:
+        """No longer lingering: the timer stopped and the count let go of (once)."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -144,7 +178,7 @@ class _Drain(asyncio.Protocol):
             self.slots = None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._let_go()
+        self.let_go()
         self.owner.connection_lost(exc)
 
     def pause_writing(self) -> None:

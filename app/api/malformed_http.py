@@ -18,9 +18,13 @@ within ``OPTSERVE_HEAD_TIMEOUT_S`` (10 s) of the connection's start or of its pr
 end get a 408 ``request_timeout`` problem (``field``: ``headers``) and the connection is
 closed; a connection that sent no byte of a request in that time is closed without an answer
 (there is no request to answer, and a 408 written as a client sends one would read as its
-answer). A head past ``OPTSERVE_MAX_HEAD_KB`` (64 KiB) or with more than
-``OPTSERVE_MAX_HEADERS`` (200) header lines gets a 431 ``headers_too_large`` (httptools has no
-bound; h11 has its own 16 KiB one). The clock stops once a head is read: a body's own bound is
+answer). Each answer here closes the connection while its client may still be sending (the
+rest of its head, a body after it), and so does the head clock running out on the body of a
+request answered early (a 413) that is still arriving: the close lingers
+(:mod:`app.api.lingering_close`), so that the answer is not lost to a reset. A head past
+``OPTSERVE_MAX_HEAD_KB`` (64 KiB) or with more than ``OPTSERVE_MAX_HEADERS`` (200) header
+lines gets a 431 ``headers_too_large`` (httptools has no bound; h11 has its own 16 KiB one).
+The clock stops once a head is read: a body's own bound is
 ``OPTSERVE_BODY_TIMEOUT_S`` (app.api.bodies), and a long poll or an LBFGS step waits as long
 as its request says. The bounds are the served app's settings (``app.state.settings``; the
 defaults here where it has none). An answer the client takes none of for
@@ -41,6 +45,7 @@ import http
 import logging
 import sys
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -221,15 +226,30 @@ def _answer_owed(protocol: Any) -> bool:
     return True
 
 
-def _close(protocol: Any) -> None:
+def _close(protocol: Any, linger: bool = False) -> None:
     """Close the connection, and tell the request being read that its client is gone at once,
     as uvicorn does once the loop reports the connection lost: its app, run meanwhile, would
-    write an answer after the refusal (h11 refuses that, an error logged per request)."""
+    write an answer after the refusal (h11 refuses that, an error logged per request). With
+    ``linger`` (after an answer, or with a body still arriving) the close lingers
+    (:mod:`app.api.lingering_close`): its client may still be sending the rest of its
+    request, which would turn the close into a reset that loses the answer."""
     cycle: Any = getattr(protocol, "cycle", None)
     if not getattr(cycle, "response_complete", True) and hasattr(cycle, "message_event"):
         cycle.disconnected = True
         cycle.message_event.set()
+    if linger:
+        lingering_close.arm(protocol)
     protocol.transport.close()
+
+
+def _client_closes(scope: Mapping[str, Any]) -> bool:
+    """Whether the request's client asked for the connection to close after it (as h11 reads
+    it: an HTTP/1.0 request, or a ``Connection`` header with the ``close`` token)."""
+    if scope.get("http_version") == "1.0":
+        return True
+    return any(name == b"connection" and any(token.strip().lower() == b"close"
+                                             for token in value.split(b","))
+               for name, value in scope.get("headers", ()))
 
 
 def _start_head_clock(protocol: Any) -> None:
@@ -246,16 +266,21 @@ def _stop_head_clock(protocol: Any) -> None:
         protocol._head_timer = None
 
 
-def _answer_head_timeout(protocol: Any, begun: bool) -> None:
-    """The head clock ran out: a 408 where a request had begun (``begun``), then close."""
+def _answer_head_timeout(protocol: Any, begun: bool, arriving: bool = False) -> None:
+    """The head clock ran out: a 408 where a request had begun (``begun``), then close. The
+    close lingers after the 408, and where the body of a request answered early is still
+    ``arriving`` (read on and dropped, the connection kept alive): its client is sending, the
+    connection is not idle."""
     protocol._head_timer = None
     if protocol.transport.is_closing():
         return
-    if begun and not _mid_response(protocol):
+    answered = begun and not _mid_response(protocol)
+    if answered:
         log.debug("request head not complete within %g s: 408", protocol._head_timeout)
         protocol.transport.write(raw_answer(408, head_timeout_body(protocol._head_timeout),
                                             protocol.server_state.default_headers))
-    _close(protocol)
+    # (none begun and no body arriving: an idle connection, nothing to answer or wait for)
+    _close(protocol, answered or arriving)
 
 
 class _HeadClock:
@@ -371,8 +396,10 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                 _plain_head: bytes | None = None
                 #: a CONNECT's head was read, its request not yet told it has no content
                 _connect = False
-                #: a request's first byte is read and not yet all its headers
+                #: a request's first byte is read and not yet all its headers; and not yet
+                #: the end of its body (one answered early is read on after its answer)
                 _in_head = False
+                _in_message = False
                 _heads_begun = 0
                 #: the head's URL and whole header lines, in bytes, and its header lines
                 _head_size = 0
@@ -387,7 +414,8 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                         self.config)
 
                 def _head_timed_out(self) -> None:
-                    _answer_head_timeout(self, self._in_head)
+                    _answer_head_timeout(self, self._in_head,
+                                         self._in_message and not self._in_head)
 
                 def data_received(self, data: bytes) -> None:
                     before = (self._in_head, self._heads_begun)
@@ -405,7 +433,7 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
 
                 def on_message_begin(self) -> None:
                     super().on_message_begin()
-                    self._in_head = True
+                    self._in_head = self._in_message = True
                     self._heads_begun += 1
                     self._head_size = self._header_lines = self._head_chunks = 0
 
@@ -466,12 +494,17 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                         return
                     super().on_headers_complete()
                     hold_head(self.cycle, self.loop)  # (the head written with the body)
+                    if not self.cycle.keep_alive:
+                        # its client asked to close (Connection: close, HTTP/1.0): an answer
+                        # before its body ends closes the connection while it sends
+                        lingering_close.arm(self, self.cycle)
 
                 def on_body(self, body: bytes) -> None:
                     if self._plain_head is None:
                         super().on_body(body)
 
                 def on_message_complete(self) -> None:
+                    self._in_message = False
                     if self._plain_head is None:
                         super().on_message_complete()
 
@@ -480,7 +513,7 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                     exception, which holds where the unread bytes start, being handled): the
                     head without the Upgrade and the unread bytes go to a new parser."""
                     if self._connect:  # its head read: the request has no content
-                        self._connect = False
+                        self._connect = self._in_message = False
                         super().on_message_complete()
                         return
                     if self._plain_head is None and self.parser.get_method() == b"CONNECT":
@@ -517,15 +550,17 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                         self._refusal = answer
                         self.flow.pause_reading()
                         return
-                    if not _mid_response(self):
+                    answered = not _mid_response(self)
+                    if answered:
                         self.transport.write(answer)
-                    _close(self)
+                    _close(self, answered)
 
                 def on_response_complete(self) -> None:
                     super().on_response_complete()
                     if (self._refusal is not None and self.cycle.response_complete
                             and not self.transport.is_closing()):
                         self.transport.write(self._refusal)
+                        lingering_close.arm(self)
                         self.transport.close()
                     if self.cycle.response_complete:  # none in flight: the next head's clock
                         _start_head_clock(self)
@@ -570,7 +605,8 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                 def _head_timed_out(self) -> None:
                     # a request begun: h11 holds the bytes of a head it has not parsed yet
                     _answer_head_timeout(self, self.conn.their_state is h11.IDLE
-                                    and bool(self.conn.trailing_data[0]))
+                                         and bool(self.conn.trailing_data[0]),
+                                         self.conn.their_state is h11.SEND_BODY)
 
                 def data_received(self, data: bytes) -> None:
                     cycle = self.cycle
@@ -596,6 +632,9 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                             lingering_close.arm(self, new)
                         extensions: dict[str, Any] = new.scope.setdefault("extensions", {})
                         extensions[CLOSE_AFTER] = close_after
+                        if _client_closes(new.scope):
+                            # h11 closes after the answer, before the body ends or not
+                            lingering_close.arm(self, new)
 
                 def send_400_response(self, msg: str) -> None:
                     if _mid_response(self):
@@ -618,7 +657,7 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                             self.transport.close()
                         return
                     self.transport.write(answer)
-                    _close(self)
+                    _close(self, linger=True)
 
             h11_protocol = ProblemH11Protocol
     return httptools_protocol, h11_protocol

@@ -40,6 +40,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api.body_sink import CLOSE_AFTER
 from app.api.problems import allowed_methods, problem
 
 #: uri-host [":" port]: an IP-literal (IPv6 or IPvFuture in brackets), or a reg-name (which
@@ -155,4 +156,9 @@ class RequestHeadChecks:
             await self.app(scope, receive, send)
             return
         response.headers["Connection"] = "close"
+        # (the server's protocols: the close lingers if the request's body has not ended, so
+        # that a client still sending it reads this answer, not a reset)
+        close_after = scope.get("extensions", {}).get(CLOSE_AFTER)
+        if close_after is not None:
+            close_after()
         await response(scope, receive, send)

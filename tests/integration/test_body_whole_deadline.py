@@ -19,6 +19,7 @@ import httpx
 import pytest
 import torch
 
+from app.api import connection_cap
 from app.api.malformed_http import PROBLEM_H11, PROBLEM_HTTPTOOLS
 from tests.conftest import LiveServer, _test_settings
 
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.integration
 TIMEOUT_S = 1.0
 MIN_KIB_S = 1024.0  # a 1 MiB body: 1 s more
 LR = 0.1
+LINGER_S = 3.0
 
 
 @pytest.fixture(scope="module", params=["httptools", "h11"])
@@ -35,8 +37,12 @@ def server(request: pytest.FixtureRequest) -> Iterator[str]:
     if protocol is None:
         pytest.fail(f"the {request.param} protocol could not be made")
     settings = _test_settings(body_timeout_s=TIMEOUT_S, body_min_kib_s=MIN_KIB_S)
-    with LiveServer(settings, http=protocol).serving() as url:
-        yield url
+    # a linger well past the 0.4 s the client goes on sending after its answer: a loaded
+    # machine's client thread may be late by more than the default's 0.6 s to spare
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(connection_cap, "LINGER_S", LINGER_S)
+        with LiveServer(settings, http=protocol).serving() as url:
+            yield url
 
 
 def step_body(n: int) -> bytes:
@@ -170,10 +176,8 @@ def _whole(answer: bytes) -> bool:
 
 def test_a_client_that_never_stops_sending_is_closed_after_the_linger(server: str) -> None:
     """The lingering is bounded: a client that goes on sending after its 408 (and never closes
-    its side) has its connection closed for good about ``connection_cap.LINGER_S`` after the
-    answer: its sends then meet the reset."""
-    from app.api.connection_cap import LINGER_S
-
+    its side) has its connection closed for good about ``connection_cap.LINGER_S`` (the
+    module's :data:`LINGER_S` here) after the answer: its sends then meet the reset."""
     n = 4096
     sid = "linger-forever"
     with httpx.Client(base_url=server, timeout=30) as c:
@@ -214,4 +218,6 @@ def test_a_client_that_never_stops_sending_is_closed_after_the_linger(server: st
             time.sleep(0.05)
         assert answer.startswith(b"HTTP/1.1 408") and answered_at is not None, answer[:300]
         assert refused_at is not None, "the connection was never closed"
-        assert LINGER_S * 0.8 < refused_at - answered_at < LINGER_S + 5, refused_at - answered_at
+        # (answered_at is when the client read the answer, after the linger began: a loaded
+        # machine's client reads it late)
+        assert LINGER_S / 2 < refused_at - answered_at < LINGER_S + 5, refused_at - answered_at
