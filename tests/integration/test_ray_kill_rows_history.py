@@ -279,8 +279,11 @@ def test_a_sharded_sessions_shard_hosts_killed_during_narrow_and_touched_steps(
     ``?return=touched`` step is answered, long-polled row pulls of both shards going on all
     along: every retry answers as the embedded session and torch, each pull's rows are
     torch's at the version it names (the shards at one version), the last pull's at the
-    last step, the parameters at the end torch's."""
-    front = LiveServer(ray_settings(ray_cluster, data_dir=data))
+    last step, the parameters at the end torch's. Its hosts ask no logical CPU, as the other
+    tests' here: hosts of one each waited for room on the test cluster, whose CPUs the run's
+    shared Ray server's hosts hold (a host started again after its kill too)."""
+    front = LiveServer(ray_settings(ray_cluster, data_dir=data,
+                                    ray_resources='{"num_cpus": 0}'))
     url = front.start()
     sid = f"kill-sh-{uuid.uuid4().hex[:8]}"
     twin = Twin()
