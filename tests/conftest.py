@@ -191,9 +191,13 @@ def app_client() -> Iterator[TestClient]:
 def ray_cluster() -> Iterator[Any]:
     """A local Ray cluster for the whole run (a head node with RAY_HEAD_CPUS logical CPUs on
     this machine; tests add and remove simulated nodes), this process connected as its driver.
-    Token authentication is off: a loopback test cluster only."""
+    Token authentication is off: a loopback test cluster only. Its workers (the session hosts)
+    keep this process's priority: Ray's default renices them to 15, and beside the run's
+    other pytest processes a host killed by a test took 60 to 80 s to start again (the
+    tests' timeouts ran out), its share of a busy core a thirtieth of theirs."""
     pytest.importorskip("ray")
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_worker_niceness"] = "0"
     import ray
     from ray.cluster_utils import Cluster
 
