@@ -1,11 +1,13 @@
 """Sessions' long-lived objects kept out of the cyclic garbage collector's walks (the server
-process only: :func:`app.runtime.settle_gc` turns it on).
+process only: :func:`app.runtime.settle_gc` turns it on unless
+``OPTSERVE_GC_FREEZE_SESSIONS=0``).
 
 A session of 100,000 one-element Adam parameters holds about 900,000 objects the collector
 tracks (each parameter, and once stepped its state: a dict and three tensors). Every full
-(generation 2) collection walked them all, 0.1-0.9 s holding the interpreter lock, so every
-other request (any tenant's, ``/healthz`` too) waited that long; a many-tensor step's own
-temporaries trigger one every step or two. :class:`Settler` moves them out of the collector's
+(generation 2) collection walked them all, 0.13-0.25 s of CPU holding the interpreter lock
+(up to 0.9 s of wall time on a loaded machine), so every other request (any tenant's,
+``/healthz`` too) waited that long; a many-tensor step's own temporaries trigger one every
+step or two. :class:`Settler` moves them out of the collector's
 sight (``gc.freeze``) once an operation has left enough new ones: after a create, an import, a
 new param group, an overwrite, a step that made optimizer state, a restart's restore.
 
@@ -13,16 +15,19 @@ What freezing costs, and how it is bounded:
 
 - objects freed by reference counting are freed frozen or not: a deleted session's parameters
   and state go at once (a deleted session leaves no cyclic garbage: no reference cycle holds
-  any of its objects, checked for every optimizer and scheduler kind in
-  ``tests/unit/test_gc_settle.py``);
+  any of its objects, checked for the optimizer and scheduler kinds of
+  ``tests/unit/test_gc_settle.py``). One exception: the first optimizer a process makes
+  imports parts of torch lazily, and that import leaves a cycle of frames that holds the first
+  session built (the server's warm-up makes that optimizer before any session);
 - but ``gc.freeze`` freezes every tracked object alive at that moment, also another request's
   in flight, and cyclic garbage among frozen objects is never collected while they stay
-  frozen. So once the host has been idle after work (:mod:`app.engine.idle`: the moment it
-  gives its heap back) and it froze since the last such moment, :meth:`Settler.sweep`
-  unfreezes everything, runs one full collection and freezes again: a full collection once
+  frozen. So once the host has been idle for a minute (``EmbeddedHost``'s idle loop,
+  ``SWEEP_IDLE_POLLS``) and it froze since the last sweep, :meth:`Settler.sweep` unfreezes
+  everything, runs one full collection and freezes again: one full collection of everything
   per idle stretch that follows a freeze (a training loop whose sessions stop growing
-  freezes nothing, and so sweeps nothing), when no request is waiting, instead of one every
-  step or two while they are.
+  freezes nothing, and so sweeps nothing). Swept after two idle seconds instead, it ran
+  between the steps of a client whose 100,000 tensors took seconds to encode (0.31 s of CPU),
+  and the next step waited for it.
 """
 
 from __future__ import annotations
@@ -82,11 +87,11 @@ class Settler:
             if not self.freezes:
                 return False
             self.freezes = 0
-            self.sweeps += 1
             started = time.perf_counter()
             gc.unfreeze()
             freed = gc.collect()
             gc.freeze()
+            self.sweeps += 1  # (counted once frozen again: another thread may look meanwhile)
         log.debug("garbage collector swept: %d objects freed in %.3f s", freed,
                   time.perf_counter() - started)
         return True
@@ -95,8 +100,3 @@ class Settler:
 #: the process's settler (the server's :func:`app.runtime.settle_gc` enables it)
 settler = Settler()
 
-
-def session_tensors(optimizer_state_len: int, params: int) -> int:
-    """The long-lived tensors a session's size stands for: its parameters and its optimizer
-    state entries (each a dict of a few tensors)."""
-    return params + optimizer_state_len

@@ -145,6 +145,12 @@ log = logging.getLogger("optserve.engine")
 T = TypeVar("T")
 MAX_WAIT_S = ps.MAX_WAIT_S
 _TOMBSTONES = 10_000
+#: idle polls in a row (a minute) before the garbage collector's sweep frees what freezing
+#: sessions' objects trapped (:meth:`~app.gc_settle.Settler.sweep`: a full collection of
+#: everything; after two seconds it ran between the steps of a client whose 100,000 tensors
+#: take seconds to encode, and the next step waited for it)
+SWEEP_IDLE_POLLS = 30
+
 #: a deleted session of fewer parameters is freed on the event loop's thread (a hop to the
 #: device worker would cost more than the freeing): :meth:`EmbeddedHost._let_go`
 _LET_GO_INLINE = 1000
@@ -725,6 +731,12 @@ class EmbeddedHost:
             if clock.poll(active, functools.partial(bool, short)):
                 try:
                     await self._worker.run(_at_rest, "trim")
+                except RuntimeError:
+                    return
+                last = self._worker.jobs
+            elif clock.idle >= SWEEP_IDLE_POLLS and settler.freezes:
+                try:  # (a full collection of everything: only once the host rests for long)
+                    await self._worker.run(settler.sweep, "trim")
                 except RuntimeError:
                     return
                 last = self._worker.jobs
@@ -2011,9 +2023,7 @@ def _narrowed(params: Tensors, dtype: torch.dtype) -> PackedTensors:
 
 def _at_rest() -> None:
     """What an idle host gives back: the kept parse of a big safetensors header (tens of MB
-    for 100,000 tensors), cyclic garbage that freezing long-lived objects may have trapped
-    (:meth:`~app.gc_settle.Settler.sweep`: only after a freeze), then the heap's free pages."""
+    for 100,000 tensors), then the heap's free pages."""
     forget_big_header()
     forget_kept_by_header()
-    settler.sweep()
     release_memory()

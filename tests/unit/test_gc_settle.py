@@ -132,10 +132,14 @@ def test_the_settler_freezes_once_enough_gathered_and_a_sweep_frees_what_it_trap
         gc.unfreeze()
 
 
-def test_a_create_and_a_first_step_freeze_and_later_steps_do_not(settler: Settler) -> None:
+def test_a_create_and_a_first_step_freeze_and_later_steps_do_not(
+        settler: Settler, monkeypatch: pytest.MonkeyPatch) -> None:
     """A create of 100 parameters freezes them; its first Adam step (100 new state entries)
-    freezes again, its later steps (no new ones) do not; an idle host's rest sweeps once. The
-    parameters equal torch's in-process Adam on the same gradients."""
+    freezes again, its later steps (no new ones) do not; the host idle long enough sweeps
+    once (its polls shortened here). The parameters equal torch's in-process Adam on the same
+    gradients."""
+    monkeypatch.setattr(host_module, "POLL_S", 0.01)
+    monkeypatch.setattr(host_module, "SWEEP_IDLE_POLLS", 3)
     init = params_of(100, 2)
     local = {n: t.clone().requires_grad_(True) for n, t in init.items()}
     opt = torch.optim.Adam(list(local.values()), lr=1e-2)
@@ -159,9 +163,13 @@ def test_a_create_and_a_first_step_freeze_and_later_steps_do_not(settler: Settle
             state = host._sessions["t~s"].optimizer.state[p]
             assert id(state["exp_avg"]) not in tracked_ids()
             got = result.params
+            assert got is not None
             for n, t in local.items():
                 assert torch.equal(got[n], t.detach()), n
-            await host._worker.run(host_module._at_rest, "trim")
+            for _ in range(2000):  # (the idle loop's polls, shortened)
+                if settler.sweeps:
+                    break
+                await asyncio.sleep(0.005)
             assert settler.sweeps == 1 and settler.freezes == 0
             assert id(p) not in tracked_ids()  # (frozen again after the sweep)
         finally:
