@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.runtime import settle_gc
 
     app = create_app(settings)
-    settle_gc()
+    settle_gc(sessions=settings.gc_freeze_sessions)
     server = DrainingServer(server_config(app, settings), app)
     try:
         server.run()

@@ -101,6 +101,11 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         default=0, ge=0, description="torch intra-op threads on the worker (0: torch's default)"
     )
+    gc_freeze_sessions: bool = Field(
+        default=True,
+        description="keep sessions' parameters and optimizer state out of Python's cyclic "
+        "garbage collector's walks (gc.freeze once 10,000 new ones gathered; one full "
+        "collection once idle after a freeze frees what a freeze trapped): python -m app only")
     step_chunk: int = Field(
         default=DEFAULT_CHUNK, ge=0,
         description="CPU steps of elementwise optimizers (Adam, SGD, ...) take float32/float64 "

@@ -7,6 +7,7 @@ import ctypes.util
 import gc
 import logging
 
+from app.gc_settle import settler
 from optserve._gc import paused
 
 log = logging.getLogger("optserve")
@@ -73,16 +74,19 @@ def tune_allocator() -> None:
         log.debug("mallopt not available; allocator left as is")
 
 
-def settle_gc() -> None:
+def settle_gc(*, sessions: bool = True) -> None:
     """For the server process, once its modules are loaded (before any session exists):
     everything alive now (the interpreter, torch, the app) leaves the cyclic collector's sight
     (``gc.freeze``), and the youngest generation grows to 10,000 objects before a collection.
     Each full collection used to walk torch's million-odd objects: a safetensors header of
-    100,000 tensors took 0.52 s to parse, 0.15 s after this. Not done in-process (tests, an
-    embedding application): frozen objects that later become cyclic garbage are never freed."""
+    100,000 tensors took 0.52 s to parse, 0.15 s after this. ``sessions``
+    (``OPTSERVE_GC_FREEZE_SESSIONS``): sessions' parameters and state leave it too, as they
+    are made (:mod:`app.gc_settle`). Not done in-process (tests, an embedding application):
+    frozen objects that later become cyclic garbage are freed only by a sweep."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
+    settler.enable(sessions)
 
 
 #: no cyclic collection while building a large tree of fresh objects that holds no cycles (a

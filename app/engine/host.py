@@ -134,6 +134,7 @@ from app.errors import (
     PreconditionFailed,
     Unavailable,
 )
+from app.gc_settle import settler
 from app.runtime import release_memory
 from app.wire.kept_by_header import forget_all as forget_kept_by_header
 from app.wire.safetensors_body import pack
@@ -144,6 +145,12 @@ log = logging.getLogger("optserve.engine")
 T = TypeVar("T")
 MAX_WAIT_S = ps.MAX_WAIT_S
 _TOMBSTONES = 10_000
+#: idle polls in a row (a minute) before the garbage collector's sweep frees what freezing
+#: sessions' objects trapped (:meth:`~app.gc_settle.Settler.sweep`: a full collection of
+#: everything; after two seconds it ran between the steps of a client whose 100,000 tensors
+#: take seconds to encode, and the next step waited for it)
+SWEEP_IDLE_POLLS = 30
+
 #: a deleted session of fewer parameters is freed on the event loop's thread (a hop to the
 #: device worker would cost more than the freeing): :meth:`EmbeddedHost._let_go`
 _LET_GO_INLINE = 1000
@@ -445,6 +452,8 @@ class EmbeddedHost:
                 while len(self._tombstones) > _TOMBSTONES:
                     self._tombstones.popitem(last=False)
             await self._worker.run(self._restore_all)
+            for key in list(self._sessions):  # (a restart's sessions: out of the collector's
+                self._settle(key)  # walks from the start)
             self._snapshotter = asyncio.create_task(self._maintain())
         for key, session in self._sessions.items():
             self._rounds.set(key, session.ps.sync)
@@ -577,6 +586,7 @@ class EmbeddedHost:
             damage.retry_at = time.monotonic() + self.config.damaged_retry_s
             return
         self._sessions[key] = session
+        self._settle(key)
         del self._damaged[key]
         log.info("restored session %s, out of service since %s, at version %d", key,
                  damage.reason, session.version)
@@ -724,6 +734,12 @@ class EmbeddedHost:
                 except RuntimeError:
                     return
                 last = self._worker.jobs
+            elif clock.idle >= SWEEP_IDLE_POLLS and settler.freezes:
+                try:  # (a full collection of everything: only once the host rests for long)
+                    await self._worker.run(settler.sweep, "trim")
+                except RuntimeError:
+                    return
+                last = self._worker.jobs
 
     async def trim(self) -> None:
         """Return the heap's free pages to the OS (after large one-off operations)."""
@@ -824,6 +840,7 @@ class EmbeddedHost:
                 await self._in_io(write)
                 session.seq = 1
             self._sessions[key] = session
+            self._settle(key)
             self._rounds.set(key, session.ps.sync)
             info = await self._worker.run(session.describe)
         await self._worker.run(release_memory, "trim")
@@ -1267,7 +1284,21 @@ class EmbeddedHost:
         session = self._sessions.get(key)
         if session is not None and self._snapshot_due(key, session):
             await self._snapshot(key, session)
+        self._settle(key, whole=isinstance(op, ImportState))
         return result
+
+    def _settle(self, key: str, *, whole: bool = False) -> None:
+        """Count the long-lived tensors the session gained since it was last counted
+        (``whole``: all of them, new objects in place of old ones, as an import's state) for
+        :data:`~app.gc_settle.settler`, which keeps them out of the cyclic collector's walks
+        once enough have gathered (the server process only)."""
+        s = self._sessions.get(key)
+        if s is None or not settler.enabled:
+            return
+        now = sum(len(g["params"]) for g in s.optimizer.param_groups) + len(s.optimizer.state)
+        grown = now if whole else now - s.settled_tensors
+        s.settled_tensors = now
+        settler.grew(grown)
 
     async def _apply_while_syncing(self, key: str, store: Store, op: Step, plan: StepPlan,
                                    parts: list[Any], before: int, written: threading.Event,

@@ -236,6 +236,9 @@ class Session:
         #: (:mod:`app.engine.state_order`)
         self.state_order: dict[str, tuple[int, int]] | None = None
         self.seq = 0  # records logged for this session, ever (persistence)
+        #: its parameters and optimizer state entries when last counted for the garbage
+        #: collector's settler (``EmbeddedHost._settle``)
+        self.settled_tensors = 0
         self.seq_at_snapshot = 0
         self.snapshot_time = 0.0
 

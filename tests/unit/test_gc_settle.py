@@ -1,0 +1,223 @@
+"""Sessions' long-lived objects kept out of the cyclic collector's walks (:mod:`app.gc_settle`):
+what freezing relies on (a deleted session is freed by reference counting alone: no cycle holds
+any of its objects), what it does (a create and a first step freeze, later steps do not), that
+a sweep frees what a freeze trapped, and that create/step/delete cycles with freezing on leave
+no memory behind. Results are the same as torch's in-process ones."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import tracemalloc
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from app.engine import host as host_module
+from app.engine.host import EmbeddedHost, HostConfig
+from app.engine.interface import CreateSpec, GroupSpec
+from app.gc_settle import Settler
+
+#: optimizers and schedulers whose deleted sessions must leave no cyclic garbage (the kinds
+#: whose objects differ: plain state, LBFGS's closure-driven state, Adagrad's state made at
+#: construction, schedulers that wrap the optimizer's step or keep their own state)
+KINDS: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [
+    ("Adam", {"lr": 1e-3}, None),
+    ("SGD", {"lr": 0.1, "momentum": 0.9}, None),
+    ("Adagrad", {"lr": 0.1}, None),
+    ("LBFGS", {"lr": 1.0}, None),
+    ("Adam", {"lr": 1e-3}, {"name": "StepLR", "options": {"step_size": 1}}),
+    ("SGD", {"lr": 0.1}, {"name": "OneCycleLR", "options": {"max_lr": 0.1, "total_steps": 50}}),
+    ("SGD", {"lr": 0.1}, {"name": "ReduceLROnPlateau", "options": {}}),
+    ("Adam", {"lr": 1e-3}, {"name": "CosineAnnealingWarmRestarts", "options": {"T_0": 3}}),
+]
+
+
+def params_of(n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"p{i}": torch.randn(4, generator=g) for i in range(n)}
+
+
+@pytest.fixture
+def settler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Settler]:
+    """A settler of the host's, on, freezing once 100 tensors gathered; what it froze is
+    unfrozen after the test (a test process freezes nothing of its own)."""
+    assert gc.get_freeze_count() == 0
+    s = Settler(settle_tensors=100)
+    s.enable()
+    monkeypatch.setattr(host_module, "settler", s)
+    try:
+        yield s
+    finally:
+        gc.unfreeze()
+
+
+def tracked_ids() -> set[int]:
+    """The objects the collector walks (``gc.get_objects`` leaves frozen ones out)."""
+    return {id(o) for o in gc.get_objects()}
+
+
+@pytest.mark.parametrize(("optimizer", "options", "scheduler"), KINDS)
+def test_a_deleted_session_is_freed_without_the_collector(
+        optimizer: str, options: dict[str, Any], scheduler: dict[str, Any] | None) -> None:
+    """With the collector off, a deleted session's parameters, optimizer, scheduler and the
+    session itself are gone as soon as the delete returns: reference counting frees them, so
+    freezing them (which hides them from the collector only) cannot keep them. (The second
+    session of its kind: the first optimizer a process makes imports parts of torch lazily, and
+    that import leaves a cycle of frames holding the first session, once.)"""
+    async def main() -> list[weakref.ref[Any]]:
+        host = EmbeddedHost(HostConfig(device="cpu", warm_up=False))
+        await host.start()
+        try:
+            for _ in range(2):
+                refs = await one_session(host)
+            return refs
+        finally:
+            await host.stop()
+
+    async def one_session(host: EmbeddedHost) -> list[weakref.ref[Any]]:
+        await host.create("t~s", CreateSpec(optimizer, [GroupSpec(params_of(30, 1))],
+                                            dict(options), scheduler=scheduler))
+        s = host._sessions["t~s"]
+        refs: list[weakref.ref[Any]] = [
+            weakref.ref(s), weakref.ref(s.optimizer),
+            weakref.ref(s.optimizer.param_groups[0]["params"][0])]
+        if s.scheduler is not None:
+            refs.append(weakref.ref(s.scheduler))
+        del s
+        if optimizer != "LBFGS":  # (its steps evaluate a closure: not a plain step)
+            for k in range(3):
+                await host.step("t~s", params_of(30, 10 + k), want_params=True)
+        await host.delete("t~s")
+        await asyncio.sleep(0)
+        return refs
+
+    gc.collect()
+    gc.disable()
+    try:
+        refs = asyncio.run(main())
+        assert [r() is None for r in refs] == [True] * len(refs)
+    finally:
+        gc.enable()
+
+
+def test_the_settler_freezes_once_enough_gathered_and_a_sweep_frees_what_it_trapped(
+        ) -> None:
+    """Below its count nothing is frozen; at it, everything tracked is. A cycle that became
+    garbage while frozen survives a full collection, and the sweep frees it."""
+    s = Settler(settle_tensors=10)
+    assert s.grew(50) is False and gc.get_freeze_count() == 0  # (off until enabled)
+    s.enable()
+    try:
+        class Node:
+            pass
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # type: ignore[attr-defined]
+        gone = weakref.ref(a)
+        assert s.grew(6) is False and id(a) in tracked_ids()
+        assert s.sweep() is False  # (nothing frozen yet)
+        assert s.grew(4) is True and s.freezes == 1
+        assert id(a) not in tracked_ids() and gc.get_freeze_count() > 0
+        del a, b
+        gc.collect()
+        assert gone() is not None  # trapped: frozen cyclic garbage
+        assert s.sweep() is True and s.sweeps == 1 and s.freezes == 0
+        assert gone() is None
+        assert gc.get_freeze_count() > 0  # (what lives is frozen again)
+        assert s.sweep() is False  # (no freeze since)
+    finally:
+        gc.unfreeze()
+
+
+def test_a_create_and_a_first_step_freeze_and_later_steps_do_not(
+        settler: Settler, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A create of 100 parameters freezes them; its first Adam step (100 new state entries)
+    freezes again, its later steps (no new ones) do not; the host idle long enough sweeps
+    once (its polls shortened here). The parameters equal torch's in-process Adam on the same
+    gradients."""
+    monkeypatch.setattr(host_module, "POLL_S", 0.01)
+    monkeypatch.setattr(host_module, "SWEEP_IDLE_POLLS", 3)
+    init = params_of(100, 2)
+    local = {n: t.clone().requires_grad_(True) for n, t in init.items()}
+    opt = torch.optim.Adam(list(local.values()), lr=1e-2)
+
+    async def main() -> None:
+        host = EmbeddedHost(HostConfig(device="cpu"))  # (its warm-up: as the server's)
+        await host.start()
+        try:
+            await host.create("t~s", CreateSpec("Adam", [GroupSpec(
+                {n: t.clone() for n, t in init.items()})], {"lr": 1e-2}))
+            assert settler.freezes == 1
+            p = host._sessions["t~s"].optimizer.param_groups[0]["params"][0]
+            assert id(p) not in tracked_ids()
+            for k in range(3):
+                grads = params_of(100, 20 + k)
+                result = await host.step("t~s", grads, want_params=True)
+                assert settler.freezes == 2  # (the first step's state; then none)
+                for n, t in local.items():
+                    t.grad = grads[n]
+                opt.step()
+            state = host._sessions["t~s"].optimizer.state[p]
+            assert id(state["exp_avg"]) not in tracked_ids()
+            got = result.params
+            assert got is not None
+            for n, t in local.items():
+                assert torch.equal(got[n], t.detach()), n
+            for _ in range(2000):  # (the idle loop's polls, shortened)
+                if settler.sweeps:
+                    break
+                await asyncio.sleep(0.005)
+            assert settler.sweeps == 1 and settler.freezes == 0
+            assert id(p) not in tracked_ids()  # (frozen again after the sweep)
+        finally:
+            await host.stop()
+
+    asyncio.run(main())
+
+
+def test_create_step_delete_cycles_with_freezing_leave_no_memory(settler: Settler) -> None:
+    """Sessions of 300 parameters created, stepped twice and deleted 24 times over, each
+    create and first step freezing: after every delete the session's parameters, optimizer
+    and state are gone (no sweep ran), and neither the memory Python allocated (tracemalloc)
+    nor the frozen objects grow from the 4th cycle to the 24th by a fraction of what one
+    session holds."""
+    async def main() -> None:
+        host = EmbeddedHost(HostConfig(device="cpu"))  # (its warm-up: as the server's)
+        await host.start()
+        try:
+            traced: list[int] = []
+            frozen: list[int] = []
+            held = 0
+            for cycle in range(24):
+                before = tracemalloc.get_traced_memory()[0]
+                await host.create("t~s", CreateSpec("Adam", [GroupSpec(params_of(300, cycle))],
+                                                    {"lr": 1e-3}))
+                for k in range(2):
+                    await host.step("t~s", params_of(300, 100 + k), want_params=True)
+                s = host._sessions["t~s"]
+                p = s.optimizer.param_groups[0]["params"][0]
+                refs: list[weakref.ref[Any]] = [weakref.ref(s), weakref.ref(s.optimizer),
+                                                weakref.ref(p),
+                                                weakref.ref(s.optimizer.state[p]["exp_avg"])]
+                held = max(held, tracemalloc.get_traced_memory()[0] - before)
+                del s, p
+                await host.delete("t~s")
+                await asyncio.sleep(0)
+                assert [r() is None for r in refs] == [True] * 4, cycle
+                traced.append(tracemalloc.get_traced_memory()[0])
+                frozen.append(gc.get_freeze_count())
+            assert settler.freezes >= 24 and settler.sweeps == 0
+            assert held > 0
+            assert traced[-1] - traced[3] < held / 4, (traced, held)
+            assert frozen[-1] - frozen[3] < 300, frozen  # (one session: 1,500 objects)
+        finally:
+            await host.stop()
+
+    tracemalloc.start()
+    try:
+        asyncio.run(main())
+    finally:
+        tracemalloc.stop()
