@@ -22,6 +22,7 @@ import torch
 from app.api import connection_cap
 from app.api.malformed_http import PROBLEM_H11, PROBLEM_HTTPTOOLS
 from tests.conftest import LiveServer, _test_settings
+from tests.integration import test_lingering_refusals as lingering_refusals
 
 pytestmark = pytest.mark.integration
 
@@ -110,7 +111,7 @@ def test_a_trickled_body_gets_408_and_nothing_is_applied(server: str, n: int) ->
         assert torch.equal(torch.tensor(data, dtype=torch.float32), w.detach())
 
 
-@pytest.mark.parametrize("n", [64, 120_000], ids=["small", "large"])
+@pytest.mark.parametrize("n", [4096, 120_000], ids=["small", "large"])
 def test_a_client_still_sending_after_the_408_reads_it_and_no_reset(server: str, n: int) -> None:
     """The 408 closes the connection while its client is still sending: the server writes its
     end of the stream after the answer and goes on reading (and dropping) for a moment, so
@@ -118,79 +119,36 @@ def test_a_client_still_sending_after_the_408_reads_it_and_no_reset(server: str,
     and then the end of the stream (RFC 9112 9.6). A server that closed at once answered the
     next byte with a reset: ``EPIPE``/``ECONNRESET`` on the client's next send or read."""
     sid = f"linger-{n}"
+    head, body = _session_and_step(server, sid, n)
+    half = len(body) // 2
+    answer = lingering_refusals.answer_while_sending(server, head + body[:half], body[half:])
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    with httpx.Client(base_url=server, timeout=30) as c:
+        assert c.get(f"/v1/sessions/{sid}").json()["version"] == 0
+
+
+def _session_and_step(server: str, sid: str, n: int) -> tuple[bytes, bytes]:
+    """A session ``sid`` of SGD over ``n`` zeros, and the head and body of a JSON step of it."""
     with httpx.Client(base_url=server, timeout=30) as c:
         made = c.post("/v1/sessions", json={
             "id": sid, "optimizer": "SGD", "options": {"lr": LR},
             "params": {"w": {"dtype": "float32", "shape": [n], "data": [0.0] * n}}})
         assert made.status_code == 201, made.text
     body = step_body(n)
-    host, port = server.removeprefix("http://").split(":")
-    head = (f"POST /v1/sessions/{sid}/step HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    authority = server.removeprefix("http://")
+    head = (f"POST /v1/sessions/{sid}/step HTTP/1.1\r\nHost: {authority}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(head.encode() + body[:len(body) // 2])
-        sent = len(body) // 2
-        sock.setblocking(False)
-        answer, answered_at, eof = b"", None, False
-        started = time.monotonic()
-        # a byte every 0.05 s, on through the answer, until 0.4 s after it
-        while time.monotonic() - started < 20:
-            try:
-                chunk = sock.recv(65536)  # (a reset here fails the test)
-            except BlockingIOError:
-                chunk = None
-            if chunk == b"":
-                eof = True
-            elif chunk:
-                answer += chunk
-                if answered_at is None and _whole(answer):
-                    answered_at = time.monotonic()
-                continue
-            if answered_at is not None and time.monotonic() - answered_at > 0.4:
-                break
-            assert sent < len(body) - 1, "the body ran out before the test ended"
-            sock.send(body[sent:sent + 1])  # (a reset here fails the test too)
-            sent += 1
-            time.sleep(0.05)
-        assert answered_at is not None, answer[:300]
-        assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
-        assert eof, "no end of the stream after the answer"
-        # the client closes its side: the server, still reading, closes too (no reset)
-        sock.setblocking(True)
-        sock.shutdown(socket.SHUT_WR)
-        assert sock.recv(100) == b""
-    with httpx.Client(base_url=server, timeout=30) as c:
-        assert c.get(f"/v1/sessions/{sid}").json()["version"] == 0
-
-
-def _whole(answer: bytes) -> bool:
-    head, sep, rest = answer.partition(b"\r\n\r\n")
-    if not sep:
-        return False
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return len(rest) >= int(value)
-    return False
+    return head.encode(), body
 
 
 def test_a_client_that_never_stops_sending_is_closed_after_the_linger(server: str) -> None:
     """The lingering is bounded: a client that goes on sending after its 408 (and never closes
     its side) has its connection closed for good about ``connection_cap.LINGER_S`` (the
     module's :data:`LINGER_S` here) after the answer: its sends then meet the reset."""
-    n = 4096
-    sid = "linger-forever"
-    with httpx.Client(base_url=server, timeout=30) as c:
-        made = c.post("/v1/sessions", json={
-            "id": sid, "optimizer": "SGD", "options": {"lr": LR},
-            "params": {"w": {"dtype": "float32", "shape": [n], "data": [0.0] * n}}})
-        assert made.status_code == 201, made.text
-    body = step_body(n)
+    head, body = _session_and_step(server, "linger-forever", 4096)
     host, port = server.removeprefix("http://").split(":")
-    head = (f"POST /v1/sessions/{sid}/step HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(head.encode() + body[:len(body) // 2])
+        sock.sendall(head + body[:len(body) // 2])
         sent = len(body) // 2
         sock.setblocking(False)
         answer, answered_at, refused_at = b"", None, None
@@ -205,7 +163,7 @@ def test_a_client_that_never_stops_sending_is_closed_after_the_linger(server: st
                 break
             if chunk:
                 answer += chunk
-                if answered_at is None and _whole(answer):
+                if answered_at is None and lingering_refusals.whole(answer):
                     answered_at = time.monotonic()
                 continue
             assert sent < len(body) - 1, "the body ran out before the server closed"
