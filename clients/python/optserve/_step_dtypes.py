@@ -50,7 +50,11 @@ class StepDtypes:
 
     def stepped(self, groups: Iterable[Mapping[str, Any]]) -> None:
         """A step was applied: each parameter that had a gradient and no state made its
-        count now, in the dtype torch would make it in."""
+        count now, in the dtype torch would make it in (nothing to look at once every
+        parameter has its count: a step of 100,000 parameters walked them all, ~20 ms)."""
+        groups = list(groups)
+        if len(self._dtypes) >= sum(len(group["params"]) for group in groups):
+            return
         for group in groups:
             dtype = fresh_step_dtype(group)
             for p in group["params"]:
