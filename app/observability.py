@@ -80,6 +80,16 @@ class Metrics:
         self.body_bytes, self.body_bytes_limit = bounded(
             "request_body_bytes", "Bytes of request bodies above 256 KiB being read or held "
             "until their answers", "OPTSERVE_MAX_BODIES_MB")
+        self.connections_lingering = Gauge(
+            "optserve_connections_lingering", "Connections kept a moment after an answer that "
+            "closed them while their client was still sending (drained, then closed)",
+            registry=r)
+        self.gc_frozen = Gauge("optserve_gc_frozen_objects", "Objects out of the cyclic "
+                               "garbage collector's walks (gc.freeze: the server's modules, and "
+                               "sessions' tensors under OPTSERVE_GC_FREEZE_SESSIONS)", registry=r)
+        self.gc_sweeps = Gauge("optserve_gc_sweeps", "Full collections run to free what "
+                               "freezing sessions trapped (one per idle minute after a freeze)",
+                               registry=r)
         self.bodies_waiting = Gauge("optserve_request_bodies_waiting",
                                     "Request bodies waiting for room under "
                                     "OPTSERVE_MAX_BODIES_MB before they are read", registry=r)

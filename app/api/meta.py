@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -13,6 +14,7 @@ from app.api.deps import EngineDep, TenantDep
 from app.api.problems import problem
 from app.api.strict_requests import StrictRoute
 from app.engine import optimizers, schedulers
+from app.gc_settle import settler
 
 router = APIRouter(dependencies=[Depends(check_accept)], route_class=StrictRoute)
 
@@ -79,6 +81,9 @@ async def metrics(request: Request, engine: EngineDep) -> Response:
     if connections is not None:
         registry.connections.set(connections.open)
         registry.connections_limit.set(connections.limit)
+        registry.connections_lingering.set(connections.lingering)
+    registry.gc_frozen.set(gc.get_freeze_count())
+    registry.gc_sweeps.set(settler.sweeps)
     bodies = getattr(request.app.state, "body_memory", None)
     if bodies is not None:
         registry.body_bytes.set(bodies.held)
