@@ -140,9 +140,15 @@ def _tag_version(tag: str) -> int | None:
         tag = tag[2:]
     if len(tag) >= 2 and tag[0] == tag[-1] == '"':
         tag = tag[1:-1]
-    version = int_text(tag, 18)
-    # ("05" is no ETag this server gives: entity tags compare character by character)
-    return version if version is not None and str(version) == tag else None
+    return _etag_version(tag)
+
+
+def _etag_version(text: str | None) -> int | None:
+    """The version an entity tag's opaque text names, as this server writes it (``5``), or
+    None: ``05`` is no tag it gives (entity tags compare character by character, RFC 9110
+    8.8.3.2), nor is anything but digits."""
+    version = int_text(text, 18)
+    return version if version is not None and str(version) == text else None
 
 
 #: one member of an ``If-None-Match`` list (RFC 9110 8.8.3: ``[ "W/" ] DQUOTE *etagc DQUOTE``,
@@ -177,10 +183,10 @@ def none_match_versions(request: Request) -> frozenset[int]:
                           "gives them (\"5\", W/\"5\"; \"4\", \"5\"); got "
                           f"{header!r:.60}", code="invalid_precondition",
                           field="If-None-Match")
-        text = member.group(1) if member.group(2) is None else member.group(2)
-        version = int_text(text, 18)
-        if version is not None and str(version) == text:  # ("02" is no ETag given: opaque
-            found.add(version)  # tags compare character by character, RFC 9110 8.8.3.2)
+        version = _etag_version(member.group(1) if member.group(2) is None
+                                else member.group(2))
+        if version is not None:  # ("02", "abc": no ETag given, ignored)
+            found.add(version)
         pos = member.end()
     return frozenset(found)
 
@@ -268,8 +274,8 @@ def _match_list(header: str) -> tuple[list[int], bool]:
         found = _MEMBER.match(header, pos)
         text = None if found is None else (found.group(2) if found.group(3) is None
                                            else found.group(3))
-        version = int_text(text, 18)
-        if found is None or version is None or found.end() == pos or str(version) != text:
+        version = _etag_version(text)
+        if found is None or version is None or found.end() == pos:
             raise Invalid("If-Match must carry versions as the ETag gives them (\"5\", or a "
                           "list: \"4\", \"5\"), or be *; got "
                           f"{header!r:.60}", code="invalid_base_version", field="If-Match")

@@ -118,7 +118,9 @@ class _ClosingTransport:
             drain.let_go()
             transport.close()
             return
-        drain.timer = asyncio.get_running_loop().call_later(connection_cap.LINGER_S, drain.end)
+        # (the protocol's loop: uvicorn's protocols keep theirs, the connection's)
+        loop = getattr(self._protocol, "loop", None) or asyncio.get_running_loop()
+        drain.timer = loop.call_later(connection_cap.LINGER_S, drain.end)
         try:
             transport.write_eof()  # (after what is buffered: the answer, then FIN)
             transport.resume_reading()

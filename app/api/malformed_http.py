@@ -301,14 +301,13 @@ class _HeadClock:
 class _Capped:
     """The bound on open connections (:mod:`app.api.connection_cap`), before the head clock
     and the uvicorn protocol it is mixed into: a connection past it is answered at once with
-    a 503 ``too_many_connections`` problem and closed (kept a moment, what it sends dropped,
-    so a request in flight does not turn the close into a reset that loses the answer)."""
+    a 503 ``too_many_connections`` problem and closed, the close lingering
+    (:mod:`app.api.lingering_close`: what it sends dropped a moment, so a request in flight
+    does not turn the close into a reset that loses the answer)."""
 
     _slots: connection_cap.ConnectionSlots | None = None
-    #: past the bound: what arrives is dropped (None: counted, served)
-    _refused_linger: asyncio.TimerHandle | bool | None = None
-    #: the count a refused connection kept to drain is counted in (``linger``)
-    _lingering_in: connection_cap.ConnectionSlots | None = None
+    #: past the bound: never served (what arrives before the close is dropped)
+    _refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -324,29 +323,20 @@ class _Capped:
         protocol: Any = self
         _stop_head_clock(protocol)
         slots.refused("HTTP")
+        self._refused = True
         headers = [*protocol.server_state.default_headers,
                    (b"retry-after", str(connection_cap.RETRY_AFTER_S).encode())]
-        transport = protocol.transport
-        transport.write(raw_answer(503, connection_cap.refusal_body(slots.limit), headers))
-        if not slots.linger():
-            self._refused_linger = True
-            transport.close()
-            return
-        try:
-            half_close = transport.can_write_eof()
-        except NotImplementedError:
-            half_close = False
-        if half_close:  # (the answer, then FIN: the client reads it whole)
-            transport.write_eof()
-        self._refused_linger = protocol.loop.call_later(connection_cap.LINGER_S, transport.close)
-        self._lingering_in = slots
+        protocol.transport.write(raw_answer(503, connection_cap.refusal_body(slots.limit),
+                                            headers))
+        lingering_close.arm(protocol)
+        protocol.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self._refused_linger is None:
+        if not self._refused:
             super().data_received(data)  # type: ignore[misc]
 
     def eof_received(self) -> bool | None:
-        if self._refused_linger is not None:  # (nothing, and the transport closes)
+        if self._refused:  # (nothing, and the transport closes)
             return None
         if _answer_owed(self):
             return True  # (the transport stays open for the answer)
@@ -357,11 +347,6 @@ class _Capped:
         if self._slots is not None:
             self._slots.give()
             self._slots = None
-        if isinstance(self._refused_linger, asyncio.TimerHandle):
-            self._refused_linger.cancel()
-            self._refused_linger = True
-            if self._lingering_in is not None:
-                self._lingering_in.done_lingering()
         super().connection_lost(exc)  # type: ignore[misc]
 
 
