@@ -27,7 +27,11 @@ What freezing costs, and how it is bounded:
   per idle stretch that follows a freeze (a training loop whose sessions stop growing
   freezes nothing, and so sweeps nothing). Swept after two idle seconds instead, it ran
   between the steps of a client whose 100,000 tensors took seconds to encode (0.31 s of CPU),
-  and the next step waited for it.
+  and the next step waited for it;
+- a host that is never idle for a minute (clients stepping all the time while sessions come
+  and go) sweeps anyway once :data:`SWEEP_AFTER_S` have passed since the first freeze that no
+  sweep followed (:meth:`Settler.overdue`): what a freeze trapped is held ten minutes at most,
+  at the cost of one full collection per ten minutes in which something froze.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ log = logging.getLogger("optserve")
 #: new long-lived tensors (parameters and optimizer state entries) that make a freeze: a
 #: session of fewer leaves them to the collector until others join them
 SETTLE_TENSORS = 10_000
+#: seconds after the first freeze since the last sweep at which the host sweeps even when it
+#: is never idle (what that freeze trapped is then freed)
+SWEEP_AFTER_S = 600.0
 
 
 class Settler:
@@ -58,6 +65,8 @@ class Settler:
         self.freezes = 0
         #: sweeps done (how many full collections this policy ran)
         self.sweeps = 0
+        #: when (``time.monotonic()``) the first freeze since the last sweep happened
+        self.frozen_since: float | None = None
         self._lock = threading.Lock()  # (operations end on the event loop and the worker)
 
     def enable(self, on: bool = True) -> None:
@@ -74,8 +83,16 @@ class Settler:
                 return False
             self.pending = 0
             self.freezes += 1
+            if self.frozen_since is None:
+                self.frozen_since = time.monotonic()
             gc.freeze()
         return True
+
+    def overdue(self, after_s: float = SWEEP_AFTER_S) -> bool:
+        """True when something froze at least ``after_s`` seconds ago and no sweep followed:
+        time to sweep whether or not the host rests."""
+        since = self.frozen_since
+        return bool(self.freezes) and since is not None and time.monotonic() - since >= after_s
 
     def sweep(self) -> bool:
         """If anything was frozen since the last sweep: everything back in the collector's
@@ -87,6 +104,7 @@ class Settler:
             if not self.freezes:
                 return False
             self.freezes = 0
+            self.frozen_since = None
             started = time.perf_counter()
             gc.unfreeze()
             freed = gc.collect()

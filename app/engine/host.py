@@ -134,7 +134,7 @@ from app.errors import (
     PreconditionFailed,
     Unavailable,
 )
-from app.gc_settle import settler
+from app.gc_settle import SWEEP_AFTER_S, settler
 from app.runtime import release_memory
 from app.wire.kept_by_header import forget_all as forget_kept_by_header
 from app.wire.safetensors_body import pack
@@ -734,8 +734,11 @@ class EmbeddedHost:
                 except RuntimeError:
                     return
                 last = self._worker.jobs
-            elif clock.idle >= SWEEP_IDLE_POLLS and settler.freezes:
-                try:  # (a full collection of everything: only once the host rests for long)
+            elif settler.freezes and (clock.idle >= SWEEP_IDLE_POLLS
+                                      or settler.overdue(SWEEP_AFTER_S)):
+                # (a full collection of everything: once the host rests for long, or, on a
+                # host that never rests, once what a freeze trapped has been held long enough)
+                try:
                     await self._worker.run(settler.sweep, "trim")
                 except RuntimeError:
                     return

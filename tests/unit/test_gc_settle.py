@@ -224,3 +224,76 @@ def test_create_step_delete_cycles_with_freezing_leave_no_memory(settler: Settle
         asyncio.run(main())
     finally:
         tracemalloc.stop()
+
+
+def test_a_host_that_never_rests_sweeps_once_a_freeze_is_overdue(
+        settler: Settler, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients step all the time, so the host is never idle for its sweep: a cycle that was
+    garbage-to-be when a create froze everything is still freed, by the sweep that falls due
+    ``SWEEP_AFTER_S`` after that freeze (shortened here; the idle sweep put out of reach),
+    while the steps go on. The session's parameters equal torch's in-process Adam."""
+    monkeypatch.setattr(host_module, "POLL_S", 0.01)
+    monkeypatch.setattr(host_module, "SWEEP_IDLE_POLLS", 10**9)
+    monkeypatch.setattr(host_module, "SWEEP_AFTER_S", 0.5)
+    init = params_of(100, 3)
+    local = {n: t.clone().requires_grad_(True) for n, t in init.items()}
+    opt = torch.optim.Adam(list(local.values()), lr=1e-2)
+
+    class Node:
+        pass
+
+    async def main() -> None:
+        host = EmbeddedHost(HostConfig(device="cpu"))
+        await host.start()
+        try:
+            a, b = Node(), Node()
+            a.other, b.other = b, a  # type: ignore[attr-defined]
+            gone = weakref.ref(a)
+            await host.create("t~s", CreateSpec("Adam", [GroupSpec(
+                {n: t.clone() for n, t in init.items()})], {"lr": 1e-2}))
+            assert settler.freezes == 1 and id(a) not in tracked_ids()
+            del a, b
+            gc.collect()
+            assert gone() is not None  # (trapped by the create's freeze)
+            result = None
+            for k in range(10_000):  # (never idle: a step every few milliseconds)
+                grads = params_of(100, 40 + k % 50)
+                result = await host.step("t~s", grads, want_params=True)
+                for n, t in local.items():
+                    t.grad = grads[n]
+                opt.step()
+                if settler.sweeps and k >= 3:
+                    break
+                await asyncio.sleep(0.002)
+            assert settler.sweeps == 1, "no sweep while the host was busy"
+            assert gone() is None
+            assert result is not None and result.params is not None
+            for n, t in local.items():
+                assert torch.equal(result.params[n], t.detach()), n
+        finally:
+            await host.stop()
+
+    asyncio.run(main())
+
+
+def test_overdue_counts_from_the_first_freeze_a_sweep_did_not_follow(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``overdue`` is False before any freeze and after a sweep, and True once the first
+    unswept freeze is ``after_s`` old (a later freeze does not restart the count)."""
+    now = [100.0]
+    monkeypatch.setattr("app.gc_settle.time.monotonic", lambda: now[0])
+    s = Settler(settle_tensors=1)
+    s.enable()
+    try:
+        assert s.overdue(5.0) is False
+        assert s.grew(1) is True
+        now[0] += 3.0
+        assert s.grew(1) is True and s.overdue(5.0) is False
+        now[0] += 2.0
+        assert s.overdue(5.0) is True
+        assert s.sweep() is True and s.overdue(5.0) is False and s.overdue(0.0) is False
+        assert s.grew(1) is True and s.overdue(5.0) is False
+        now[0] += 5.0
+        assert s.overdue(5.0) is True
+    finally:
+        gc.unfreeze()
