@@ -43,6 +43,8 @@ from app.api.held_head import HeldHead
 
 log = logging.getLogger("optserve.api")
 
+#: a bound this close is reached (a loop may run a timer a hair before it is due)
+_DUE_SLACK_S = 0.001
 
 
 def arm(protocol: Any, cycle: Any = None, upload: bool = False) -> None:
@@ -189,7 +191,7 @@ class _Drain(asyncio.Protocol):
         """The timer: closed where a bound is reached, else due again (bytes came since)."""
         self.timer = None
         due = self._due()
-        if self._loop.time() >= due:
+        if self._loop.time() >= due - _DUE_SLACK_S:
             self.end()
         else:
             self.timer = self._loop.call_at(due, self._check)
