@@ -37,7 +37,8 @@ FLOOR = 8
 #: an unlimited ``RLIMIT_NOFILE`` is taken as this
 UNLIMITED = 1 << 20
 #: connections kept open at once to drain after an answer that closes them (refused ones,
-#: and those of :mod:`app.api.lingering_close`), each for :data:`LINGER_S` at most
+#: and those of :mod:`app.api.lingering_close`), each for :data:`LINGER_S` at most (one
+#: answered 413 while its client uploads: :data:`UPLOAD_LINGER_S`)
 MAX_LINGERING = 32
 LINGER_S = 1.0
 #: the linger of a connection closed after an early 413 while its client uploads the body
