@@ -5,6 +5,9 @@ A configuration that cannot work (a port that is not a number, an API key under 
 ``OPTSERVE_DEVICE=cuda`` where torch sees no CUDA, an unknown durability, ...) ends the process
 before anything starts: one line on stderr naming the variable, exit code 2. Exit code 2 means
 "fix the configuration": a supervisor should not restart the process (see docs/docker.md).
+So does a data directory another server still holds after ``OPTSERVE_DATA_DIR_WAIT_S``
+(:mod:`app.engine.data_dir_lock`): one line naming the directory and its holder, without
+uvicorn's traceback of the lifespan that refused to start (:class:`StartupRefusal`).
 
 SIGTERM drains: uvicorn stops accepting, in-flight requests finish, readiness turns false, the
 lifespan snapshots every session, and the process exits 0 (uvicorn alone would re-raise the
@@ -235,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     settle_gc(sessions=settings.gc_freeze_sessions)
     server = DrainingServer(server_config(app, settings), app)
+    refusal = StartupRefusal(app)
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addFilter(refusal)
     try:
         server.run()
     except SystemExit:  # uvicorn's exit when the lifespan failed to start
@@ -242,8 +248,25 @@ def main(argv: list[str] | None = None) -> int:
         if problem is None:
             raise
         print(f"optserve: cannot start: {problem}", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG
+    finally:
+        uvicorn_log.removeFilter(refusal)
     return 0 if server.started and server.listener_lost is None else 1
+
+
+class StartupRefusal(logging.Filter):
+    """uvicorn's log of a lifespan that refused to start for a reason the app noted
+    (``app.state.startup_problem``: the data directory held by another process): left out,
+    the traceback and "Application startup failed" with it, since :func:`main` prints the
+    reason in one line (and exits 2, as for a configuration that cannot work: this one
+    cannot while the other process runs). Any other startup failure is logged as ever."""
+
+    def __init__(self, app: FastAPI) -> None:
+        super().__init__()
+        self._app = app
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(self._app.state, "startup_problem", None) is None
 
 
 if __name__ == "__main__":

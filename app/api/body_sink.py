@@ -44,7 +44,10 @@ from app.api import lingering_close
 #: the scope extension a protocol offers ``attach`` under
 EXTENSION = "optserve.body_sink"
 #: the scope extension a protocol offers ``close_after`` under: the request's answer closes
-#: the connection (a body the app stopped reading midway, read through ``receive()``)
+#: the connection (a body the app stopped reading midway, read through ``receive()``);
+#: ``close_after(upload=True)``: the request was refused early (a 413) while its client
+#: uploads its body, whose close lingers as long as the upload goes on
+#: (:mod:`app.api.lingering_close`)
 CLOSE_AFTER = "optserve.close_after"
 
 
@@ -148,9 +151,9 @@ class SinkingProtocol:
         def attach(take: Callable[[bytes], None], target: memoryview | None = None
                    ) -> Sink | None:
             return self._attach(cycle, take, target)
-        def close_after() -> None:
+        def close_after(upload: bool = False) -> None:
             cycle.keep_alive = False
-            lingering_close.arm(self, cycle)
+            lingering_close.arm(self, cycle, upload)
         extensions = scope.setdefault("extensions", {})
         extensions[EXTENSION] = attach
         extensions[CLOSE_AFTER] = close_after

@@ -37,9 +37,16 @@ FLOOR = 8
 #: an unlimited ``RLIMIT_NOFILE`` is taken as this
 UNLIMITED = 1 << 20
 #: connections kept open at once to drain after an answer that closes them (refused ones,
-#: and those of :mod:`app.api.lingering_close`), each for :data:`LINGER_S` at most
+#: and those of :mod:`app.api.lingering_close`), each for :data:`LINGER_S` at most (one
+#: answered 413 while its client uploads: :data:`UPLOAD_LINGER_S`)
 MAX_LINGERING = 32
 LINGER_S = 1.0
+#: the linger of a connection closed after an early 413 while its client uploads the body
+#: (:mod:`app.api.lingering_close`), as nginx's lingering close: what arrives is dropped
+#: until the client closes, for :data:`UPLOAD_LINGER_S` in all at most, and for
+#: :data:`UPLOAD_QUIET_S` at most after the last bytes arrived
+UPLOAD_LINGER_S = 30.0
+UPLOAD_QUIET_S = 5.0
 #: the ``Retry-After`` of a refused connection, in seconds
 RETRY_AFTER_S = 1
 #: refusals are logged at most once in this many seconds (with how many there were)

@@ -21,7 +21,12 @@ a :class:`_ClosingTransport` in front of the connection's transport, for the pro
 request's cycle; when the connection is closed after the answer, that writes the end of the
 stream after the answer (FIN), hands the transport to a :class:`_Drain` that drops whatever
 arrives, and closes for good when the client closes its side or after
-:data:`connection_cap.LINGER_S`. Lingering connections are counted with the refused ones
+:data:`connection_cap.LINGER_S`. A connection refused with an early 413 while its client
+uploads the body (``upload``: the client goes on sending what may be a long body, and most
+upload code reads the answer only after its last byte) lingers as nginx's lingering close
+does: until the client closes its side, for :data:`connection_cap.UPLOAD_LINGER_S` in all at
+most, and closed once nothing arrived for :data:`connection_cap.UPLOAD_QUIET_S` (a client
+that stopped sending). Lingering connections are counted with the refused ones
 (``ConnectionSlots.linger``, at most :data:`connection_cap.MAX_LINGERING`); past that, and
 where the transport cannot half-close, the connection is closed at once as before. A close
 while the server shuts down (uvicorn's ``shutdown`` of a lingering connection) is immediate.
@@ -38,14 +43,16 @@ from app.api.held_head import HeldHead
 
 log = logging.getLogger("optserve.api")
 
-#: the most bytes dropped from a lingering connection before it is closed anyway
-MAX_DRAINED = 64 << 20
+#: a bound this close is reached (a loop may run a timer a hair before it is due)
+_DUE_SLACK_S = 0.001
 
 
-def arm(protocol: Any, cycle: Any = None) -> None:
+def arm(protocol: Any, cycle: Any = None, upload: bool = False) -> None:
     """Make the next close of ``protocol``'s connection a lingering one: where ``cycle``'s
     request body has not ended by then, or whatever (``cycle`` None: a refused request head,
-    whose client may be sending a body after it). Idempotent."""
+    whose client may be sending a body after it). ``upload``: the request was refused early
+    (a 413) while its client uploads its body: it lingers as long as the upload goes on
+    (the module's docstring). Idempotent."""
     transport = getattr(protocol, "transport", None)
     if transport is None:
         return
@@ -54,6 +61,7 @@ def arm(protocol: Any, cycle: Any = None) -> None:
     else:
         closing = _ClosingTransport(protocol, transport)
         protocol.transport = closing
+    closing.upload = closing.upload or upload
     if cycle is None:
         closing.always = True
         return
@@ -78,6 +86,8 @@ class _ClosingTransport:
         #: whatever (:func:`arm`)
         self.cycle: Any = None
         self.always = False
+        #: a request refused while its client uploads the body (:func:`arm`)
+        self.upload = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -98,7 +108,8 @@ class _ClosingTransport:
             transport.close()
             return
         self._closing = True
-        if not (self.always or _still_sending(self.cycle)):
+        sending = _still_sending(self.cycle)
+        if not (self.always or sending):
             transport.close()
             return
         slots = connection_cap.slots_of(getattr(getattr(self._protocol, "config", None),
@@ -109,7 +120,13 @@ class _ClosingTransport:
         if not slots.linger():
             transport.close()
             return
-        drain = _Drain(self._protocol, transport, slots)
+        # (the protocol's loop: uvicorn's protocols keep theirs, the connection's)
+        loop = getattr(self._protocol, "loop", None) or asyncio.get_running_loop()
+        if self.upload and sending:
+            drain = _Drain(self._protocol, transport, slots, loop,
+                           connection_cap.UPLOAD_LINGER_S, connection_cap.UPLOAD_QUIET_S)
+        else:
+            drain = _Drain(self._protocol, transport, slots, loop, connection_cap.LINGER_S)
         try:
             transport.set_protocol(drain)
         except Exception as exc:  # (a transport that cannot: closed as before; its loss goes
@@ -118,9 +135,7 @@ class _ClosingTransport:
             drain.let_go()
             transport.close()
             return
-        # (the protocol's loop: uvicorn's protocols keep theirs, the connection's)
-        loop = getattr(self._protocol, "loop", None) or asyncio.get_running_loop()
-        drain.timer = loop.call_later(connection_cap.LINGER_S, drain.end)
+        drain.start()
         try:
             transport.write_eof()  # (after what is buffered: the answer, then FIN)
             transport.resume_reading()
@@ -145,21 +160,45 @@ def _can_half_close(transport: Any) -> bool:
 
 class _Drain(asyncio.Protocol):
     """The transport's protocol while a closed connection lingers: what arrives is dropped;
-    the client's end of the stream, or the timer, closes it; its loss goes on to the HTTP
+    the client's end of the stream, or the timer, closes it: ``total_s`` after :meth:`start`,
+    or (``quiet_s``) once nothing arrived for that long. Its loss goes on to the HTTP
     protocol (``owner``), as it would have without lingering."""
 
-    def __init__(self, owner: Any, transport: Any, slots: connection_cap.ConnectionSlots
+    def __init__(self, owner: Any, transport: Any, slots: connection_cap.ConnectionSlots,
+                 loop: asyncio.AbstractEventLoop, total_s: float, quiet_s: float | None = None
                  ) -> None:
         self.owner = owner
         self.transport = transport
         self.slots: connection_cap.ConnectionSlots | None = slots
         self.timer: asyncio.TimerHandle | None = None
-        self.drained = 0
+        self._loop = loop
+        self._total_s = total_s
+        self._quiet_s = quiet_s
+        self._ends_at = self._last = 0.0
+
+    def start(self) -> None:
+        """Start the clocks (the timer is due at the sooner of the two bounds)."""
+        self._last = now = self._loop.time()
+        self._ends_at = now + self._total_s
+        self.timer = self._loop.call_at(self._due(), self._check)
+
+    def _due(self) -> float:
+        if self._quiet_s is None:
+            return self._ends_at
+        return min(self._ends_at, self._last + self._quiet_s)
+
+    def _check(self) -> None:
+        """The timer: closed where a bound is reached, else due again (bytes came since)."""
+        self.timer = None
+        due = self._due()
+        if self._loop.time() >= due - _DUE_SLACK_S:
+            self.end()
+        else:
+            self.timer = self._loop.call_at(due, self._check)
 
     def data_received(self, data: bytes) -> None:
-        self.drained += len(data)
-        if self.drained > MAX_DRAINED:
-            self.end()
+        if self._quiet_s is not None:
+            self._last = self._loop.time()
 
     def eof_received(self) -> bool | None:
         return None  # (the transport closes)

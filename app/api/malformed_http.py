@@ -612,9 +612,9 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                     if new is not cycle and new is not None:
                         # a body the app stopped reading (a body timeout): its answer closes
                         # the connection, as under httptools (before the app's task runs)
-                        def close_after() -> None:
+                        def close_after(upload: bool = False) -> None:
                             new.keep_alive = False
-                            lingering_close.arm(self, new)
+                            lingering_close.arm(self, new, upload)
                         extensions: dict[str, Any] = new.scope.setdefault("extensions", {})
                         extensions[CLOSE_AFTER] = close_after
                         if _client_closes(new.scope):

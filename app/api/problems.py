@@ -14,7 +14,8 @@ from starlette.responses import Response
 from starlette.routing import Match, Mount
 from starlette.staticfiles import StaticFiles
 
-from app.errors import OptserveError, Overloaded, PreconditionFailed
+from app.api.body_sink import CLOSE_AFTER
+from app.errors import OptserveError, Overloaded, PayloadTooLarge, PreconditionFailed
 from app.observability import request_id_var
 
 log = logging.getLogger("optserve.api")
@@ -33,7 +34,7 @@ def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> Re
     return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM)
 
 
-async def _optserve_error(_: Request, exc: Exception) -> Response:
+async def _optserve_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, OptserveError)
     if exc.status >= 500:
         (log.warning if isinstance(exc, Overloaded) else log.error)("%s: %s", exc.code,
@@ -44,7 +45,23 @@ async def _optserve_error(_: Request, exc: Exception) -> Response:
         response.headers["Retry-After"] = str(max(1, round(retry_after)))
     if isinstance(exc, PreconditionFailed):
         response.headers.update(current_version_headers(exc.extra))
+    if isinstance(exc, PayloadTooLarge):
+        _close_after_refused_upload(request, response)
     return response
+
+
+def _close_after_refused_upload(request: Request, response: Response) -> None:
+    """A 413 refuses a body that may still be arriving (refused at its ``Content-Length``,
+    or as it passed the limit), and large: it closes the connection (``Connection: close``),
+    and under the server's protocols the close lingers as long as the client goes on
+    uploading (:mod:`app.api.lingering_close`), so that a client that reads its answer only
+    after its last byte reads it, not a reset. (Kept alive, the rest of the body was read
+    and dropped until the next head's clock ran out, ``OPTSERVE_HEAD_TIMEOUT_S``, and an
+    upload longer than that met a reset.)"""
+    close_after = request.scope.get("extensions", {}).get(CLOSE_AFTER)
+    if close_after is not None:
+        close_after(upload=True)
+        response.headers["Connection"] = "close"
 
 
 def current_version_headers(extra: dict[str, Any]) -> dict[str, str]:

@@ -128,10 +128,13 @@ def _check_lr_item(got: Any, field: str) -> None:
 
 
 def same_structure(expected: Any, got: Any, field: str,
-                   lr_lists: frozenset[str] = frozenset()) -> None:
-    """``got`` must have the shape of ``expected``: keys, lengths, tensor shapes, scalar kinds.
-    The items of a list under a key in ``lr_lists`` are learning rates: a number or a
-    one-element floating tensor, either where the other is expected."""
+                   lr_lists: frozenset[str] = frozenset(), floats: bool = False) -> None:
+    """``got`` must have the shape of ``expected``: keys, lengths, tensor shapes, scalar kinds,
+    tensor dtypes; with ``floats`` (a parameter's optimizer state, which torch's
+    ``load_state_dict`` casts: :func:`as_torch_loads`) a floating tensor of any floating
+    dtype where a floating one is expected. The items of a list under a key in ``lr_lists``
+    are learning rates: a number or a one-element floating tensor, either where the other
+    is expected."""
     if isinstance(expected, torch.Tensor):
         if not isinstance(got, torch.Tensor):
             raise Invalid(f"expected a tensor of shape {list(expected.shape)}",
@@ -139,7 +142,8 @@ def same_structure(expected: Any, got: Any, field: str,
         if got.shape != expected.shape:
             raise Invalid(f"tensor has shape {list(got.shape)}, expected "
                           f"{list(expected.shape)}", code="state_mismatch", field=field)
-        if got.dtype != expected.dtype:
+        if got.dtype != expected.dtype and not (
+                floats and got.is_floating_point() and expected.is_floating_point()):
             raise Invalid(f"tensor has dtype {str(got.dtype).removeprefix('torch.')}, expected "
                           f"{str(expected.dtype).removeprefix('torch.')} (no silent casts)",
                           code="state_mismatch", field=field)
@@ -163,14 +167,14 @@ def same_structure(expected: Any, got: Any, field: str,
                 for i, item in enumerate(g):
                     _check_lr_item(item, f"{field}.{k}.{i}")
                 continue
-            same_structure(v, g, f"{field}.{k}", lr_lists)
+            same_structure(v, g, f"{field}.{k}", lr_lists, floats)
         return
     if isinstance(expected, (list, tuple)):
         if not isinstance(got, (list, tuple)) or len(got) != len(expected):
             raise Invalid(f"expected a list of {len(expected)} items", code="state_mismatch",
                           field=field)
         for i, (e, g) in enumerate(zip(expected, got, strict=True)):
-            same_structure(e, g, f"{field}.{i}", lr_lists)
+            same_structure(e, g, f"{field}.{i}", lr_lists, floats)
         return
     if isinstance(expected, bool):
         ok = isinstance(got, bool)
@@ -456,6 +460,8 @@ def prepare_import(session: Session, state: object, request: bool = False,
         raise Invalid("state must be an object of per-parameter states", code="state_mismatch",
                       field="state_dict.state")
     position = {pid: i for i, pid in enumerate(order)}
+    params = [p for g in current for p in g["params"]]
+    group_of = [i for i, g in enumerate(current) for _ in g["params"]]
     lbfgs = session.optimizer_name == "LBFGS"
     expected, eager = _expected_state(session, group_opts) if not lbfgs else ([], False)
     new_state: dict[int, Any] = {}
@@ -475,7 +481,7 @@ def prepare_import(session: Session, state: object, request: bool = False,
             if entry:
                 check_lbfgs_state(session, group_opts[0], position[pid], entry, where)
         elif entry:
-            same_structure(expected[position[pid]], entry, where)
+            same_structure(expected[position[pid]], entry, where, floats=True)
         elif eager and not new_state and not first_elsewhere:
             # torch's Adagrad.__setstate__ (its load_state_dict) reads the first loaded
             # entry's step to tell whether steps are tensors: KeyError 'step' when it is empty
@@ -485,6 +491,9 @@ def prepare_import(session: Session, state: object, request: bool = False,
                           "either way its state is made afresh at its next step",
                           code="state_mismatch", field=where)
         entry = own_tensors(entry, where)
+        if not lbfgs:
+            entry = as_torch_loads(entry, params[position[pid]],
+                                   group_opts[group_of[position[pid]]])
         if "step" in entry:
             _check_step(entry["step"], f"{where}.step")
         if session.nonfinite == "reject":
@@ -503,6 +512,31 @@ def prepare_import(session: Session, state: object, request: bool = False,
         sched_state = conform(live, own_tensors(sched_state, "state_dict.scheduler"))
     names = [list(g["param_names"]) for g in current]
     return PreparedImport({"state": new_state, "param_groups": new_groups}, sched_state, names)
+
+
+def as_torch_loads(entry: dict[Any, Any], param: torch.Tensor, group: dict[str, Any]
+                   ) -> dict[Any, Any]:
+    """A parameter's imported state with each tensor in the dtype torch's ``load_state_dict``
+    gives it (``Optimizer._process_value_according_to_param_policy``): ``step`` as it is (in
+    float32 in a ``capturable`` or ``fused`` group), every other tensor in its parameter's
+    dtype. So a NAdam ``mu_product`` (ASGD's ``eta``, ``mu``, ``ax``) saved in float64 (a
+    local optimizer's under ``torch.set_default_dtype(torch.float64)``) goes into a float32
+    session as torch's own optimizer would take it, and the steps after are bitwise torch's;
+    it was a 422 "no silent casts". Cast here, before the checks: a value past the
+    parameter's dtype's range becomes inf, refused where the session rejects non-finite
+    values. (The device is the loader's to change, as before.)"""
+    if not param.is_floating_point():
+        return {k: v for k, v in entry.items()}  # (torch moves such a state, never casts it)
+    out: dict[Any, Any] = {}
+    for key, value in entry.items():
+        if not isinstance(value, torch.Tensor):
+            out[key] = value
+        elif key == "step":
+            out[key] = (value.to(dtype=torch.float32) if group.get("capturable")
+                        or group.get("fused") else value)
+        else:
+            out[key] = value.to(dtype=param.dtype)
+    return out
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:

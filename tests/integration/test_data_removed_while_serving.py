@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.config import EXIT_CONFIG
 from tests import forked_server
 from tests.integration.test_durability import Proc
 from tests.integration.test_two_servers_one_data_dir import REPO, Local, assert_holds, step
@@ -104,7 +105,7 @@ def test_a_removed_data_dir_is_written_again_and_nothing_acknowledged_is_lost(
                "OPTSERVE_DEVICE": "cpu", "OPTSERVE_WARM_UP": "0",
                "OPTSERVE_DATA_DIR_WAIT_S": "0.5"}
         second = forked_server.start(env, REPO, log)
-        assert second.wait(120) == 1, log.read_text(errors="replace")
+        assert second.wait(120) == EXIT_CONFIG, log.read_text(errors="replace")
         assert "is in use by another optserve process" in log.read_text(errors="replace")
         proc.kill9()
         proc.start()

@@ -3,9 +3,10 @@
 Both used to start. Each restored the same sessions and appended its own steps to the same
 logs, so both acknowledged a version 2 of one session with different gradients, and a restart
 kept one of them. Now the store holds ``<data dir>/.lock`` (:mod:`app.engine.data_dir_lock`):
-a second ``python -m app`` waits up to ``OPTSERVE_DATA_DIR_WAIT_S`` and exits 1 naming the
-first; one still waiting when the first is killed (``kill -9``) takes over with every step the
-first acknowledged. Real servers (``python -m app``), values against in-process torch.
+a second ``python -m app`` waits up to ``OPTSERVE_DATA_DIR_WAIT_S`` and exits 2 (as for a
+configuration that cannot work) with one line naming the first, no traceback; one still
+waiting when the first is killed (``kill -9``) takes over with every step the first
+acknowledged. Real servers (``python -m app``), values against in-process torch.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from app.config import EXIT_CONFIG
 from tests import forked_server
 from tests.integration.test_durability import BINARY, Proc, bitwise, free_port, jt, pull
 
@@ -138,11 +140,19 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
 
 def test_a_second_server_refuses_the_data_dir_and_leaves_the_first_whole(setup: Setup) -> None:
     first, local = setup.first, setup.local
-    assert setup.start_second(1).wait(120) == 1, setup.second_log()
+    assert setup.start_second(1).wait(120) == EXIT_CONFIG, setup.second_log()
     assert first.proc is not None
-    assert (f"optserve: cannot start: the data directory {setup.data.resolve()} is in use by "
-            f"another optserve process (pid {first.proc.pid} on ") in setup.second_log()
-    assert "still after 1 s" in setup.second_log()
+    said = setup.second_log()
+    # one line naming the directory and its holder, as a configuration that cannot work is
+    # refused: no traceback, nothing logged as an error before it
+    refusal = [line for line in said.splitlines() if "optserve: cannot start:" in line]
+    assert len(refusal) == 1, said
+    assert refusal[0].startswith(
+        f"optserve: cannot start: the data directory {setup.data.resolve()} is in use by "
+        f"another optserve process (pid {first.proc.pid} on "), said
+    assert "still after 1 s" in refusal[0]
+    assert "Traceback" not in said and "ERROR" not in said, said
+    assert "Application startup failed" not in said, said
     assert not setup.second_ready()
     # the first goes on as if the second had never been started, and keeps what it acked
     assert step(first.url, local, 2) == 2

@@ -258,7 +258,7 @@ def _steps_as_the_session_keeps(state: Any) -> Any:
     A local optimizer made under ``torch.set_default_dtype(torch.float64)`` keeps its steps in
     float64 (``_get_scalar_dtype``) and reads them as Python numbers, so the count is all that
     matters, and it is the same; a step count float32 cannot hold is left as it is (the
-    session refuses it, no silent casts)."""
+    session keeps it in float64, as torch's ``load_state_dict`` keeps a ``step``)."""
     if not isinstance(state, Mapping):
         return state
     out: dict[Any, Any] = {}

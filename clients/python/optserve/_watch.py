@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import shutil
 import sys
+import textwrap
 import time
 from typing import Any, TextIO
 
@@ -82,40 +83,87 @@ def _usable(v: Any, log: bool) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or not log)
 
 
+#: the charts kept first where not all fit (those with data before those without)
+PRIORITY = ["client scalars", "learning rate", "gradient norm", "update / parameter norm",
+            "update norm", "skipped steps, non-finite values", "parameter norm",
+            "steps per second"]
+#: the fewest terminal rows and columns a chart is drawn in: its title, frame and x labels take
+#: 4 rows, and fewer than 10 left a curve one or two rows
+MIN_CHART_ROWS = 10
+MIN_CHART_COLS = 38
+
+
+def fit(width: int, height: int, has_data: list[bool]) -> tuple[list[int], int]:
+    """Which charts (indexes into :data:`CHARTS`, in its order) a ``width`` x ``height``
+    terminal shows, and in how many columns: each chart at least :data:`MIN_CHART_COLS` x
+    :data:`MIN_CHART_ROWS` (three lines kept: the title and a note of those left out); where
+    not all fit, those with data first, in :data:`PRIORITY` order."""
+    cols = 2 if width >= 2 * MIN_CHART_COLS else 1
+    room = max(1, (height - 3) // MIN_CHART_ROWS) * cols
+    if room >= len(CHARTS):
+        return list(range(len(CHARTS))), cols
+    order = sorted(range(len(CHARTS)),
+                   key=lambda i: (not has_data[i], PRIORITY.index(CHARTS[i][0])))
+    return sorted(order[:room]), cols
+
+
+def _curves(h: History, x: list[Any], what: str | tuple[str, ...], log: bool
+            ) -> list[tuple[str | None, list[Any], list[Any]]]:
+    """(label, or None for a curve of bucket minimums, x values, y values) per curve of one
+    chart, only the points it can draw."""
+    out: list[tuple[str | None, list[Any], list[Any]]] = []
+    for label, highs, lows in _series(h, what):
+        # one row per bucket: min and max are the same curve
+        same = all(a == b for a, b in zip(highs, lows, strict=False))
+        for values, named in ((highs, True),) if same else ((highs, True), (lows, False)):
+            pts = [(a, b) for a, b in zip(x, values, strict=False) if _usable(b, log)]
+            if pts:
+                out.append((label if named else None, [a for a, _ in pts], [b for _, b in pts]))
+    return out
+
+
 def render(h: History, title: str, width: int, height: int, color: bool = False) -> str:
-    """One frame: a title line and a grid of plots, ``width`` x ``height`` cells."""
+    """One frame: a title line and a grid of plots, ``width`` x ``height`` cells. A terminal
+    too small for every chart at :data:`MIN_CHART_ROWS` rows shows fewer (:func:`fit`), and
+    a line names those left out."""
     plt = _plotext()
+    x = h.columns.get("n.max", [])
+    curves = [_curves(h, x, what, log) for _, what, log in CHARTS]
+    shown, cols = fit(width, height, [bool(c) for c in curves])
+    left_out = [CHARTS[i][0] for i in range(len(CHARTS)) if i not in shown]
+    note = textwrap.wrap(f"not shown ({height} rows; a taller terminal shows them): "
+                         + "; ".join(left_out), max(width, 20)) if left_out else []
+    rows = math.ceil(len(shown) / cols)
     fig = plt.figure
     fig.clear()
-    fig.plot_size(width, max(16, height - 1))
-    rows = math.ceil(len(CHARTS) / 2)
-    fig.subplots(rows, 2)
-    x = h.columns.get("n.max", [])
-    for i, (name, what, log) in enumerate(CHARTS):
-        p = fig.subplot(i // 2 + 1, i % 2 + 1)
-        drawn = 0
+    head = textwrap.wrap(title, max(width, 20))  # (a long one: on two lines, not cut)
+    fig.plot_size(width, max(rows * MIN_CHART_ROWS, height - len(head) - len(note)))
+    fig.subplots(rows, cols)
+    for k, i in enumerate(shown):
+        name, _, log = CHARTS[i]
+        p = fig.subplot(k // cols + 1, k % cols + 1)
         plotted: set[float] = set()
-        for label, highs, lows in _series(h, what):
-            # one row per bucket: min and max are the same curve
-            same = all(a == b for a, b in zip(highs, lows, strict=False))
-            for values, named in ((highs, True),) if same else ((highs, True), (lows, False)):
-                pts = [(a, b) for a, b in zip(x, values, strict=False) if _usable(b, log)]
-                if not pts:
-                    continue
-                plotted.update(b for _, b in pts)
-                s = p.signal([a for a, _ in pts], [b for _, b in pts])
-                s.lines()
-                if named:
-                    s.label(label)
-                p.draw(s)
-                drawn += 1
-        p.title(name if drawn else f"{name} (no data)")
-        # a log scale needs a range: plotext widens a flat one to value ± 1 and takes the log of
-        # that (a ValueError at or below 1: a first step's update ratio); flat stays linear
-        if log and len(plotted) > 1:
+        for label, xs, ys in curves[i]:
+            plotted.update(ys)
+            s = p.signal(xs, ys)
+            s.lines()
+            if label is not None:
+                s.label(label)
+            p.draw(s)
+        p.title(name if curves[i] else f"{name} (no data)")
+        if len(plotted) == 1:
+            # a flat series (a constant lr): plotext widens its range to value ± 1 and labels
+            # ticks of that (a constant 0.1 read -1.0); one tick, labelled with the value
+            (v,) = plotted
+            half = abs(v) / 2 or 1.0
+            p.ruler("y").lim(v - half, v + half)
+            p.ruler("y").ticks([v], [f"{v:.4g}"])
+        elif log and plotted:
+            # a log scale needs a range: plotext widens a flat one to value ± 1 and takes the
+            # log of that (a ValueError at or below 1: a first step's update ratio)
             p.ruler("y").scale("log")
     out: str = fig.build().string(colorless=not color)
-    return f"{title}\n{out}"
+    return "\n".join([*head, *note, out])
 
 
 def headline(sid: str, h: History, latest: History | None = None) -> str:
