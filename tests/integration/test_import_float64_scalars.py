@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import optserve
+from tests.integration import test_durability as durability
 from tests.integration.test_cli import new_id
 
 pytestmark = pytest.mark.integration
@@ -160,3 +161,38 @@ def test_a_value_the_cast_makes_infinite_is_refused_and_nothing_imported(
             "nonfinite_state", "state_dict.state.1.mu_product"), refused.value
         assert client.export_state(sid, format="torch") == before
         client.delete_session(sid)
+
+
+@pytest.mark.parametrize("name", ["NAdam", "ASGD"])
+def test_an_imported_float64_state_is_restored_after_kill9(tmp_path: Any, name: str) -> None:
+    """The float64 ``step`` counts an import keeps (as torch's ``load_state_dict`` does) and the
+    cast scalars are logged and restored as they were: after one step, a ``kill -9`` and a
+    restart (``durability: step``), the state exports with the same dtypes and bits as torch's,
+    and the next steps stay bitwise torch's."""
+    params, sd = checkpoint(name)
+    local = Local(name, params, sd)
+    server = durability.Proc(tmp_path / "data").start()
+    sid = new_id("f64kill")
+    try:
+        with optserve.Client(server.url, max_retries=0) as client:
+            client.create_session(name, params, options=OPTIONS[name], id=sid)
+            client.import_state(sid, sd, format="safetensors")
+            g = grads(BEFORE)
+            client.step(sid, g)
+            local.step(g)
+        server.kill9()
+        server.start()
+        with optserve.Client(server.url, max_retries=0) as client:
+            got = client.export_state(sid, format="torch")["state"]
+            for i, entry in local.opt.state_dict()["state"].items():
+                assert set(got[i]) == set(entry), i
+                for key, value in entry.items():
+                    assert bitwise(got[i][key], value), (i, key, got[i][key], value)
+            for k in range(BEFORE + 1, BEFORE + AFTER):
+                g = grads(k)
+                r = client.step(sid, g)
+                local.step(g)
+                for n, p in local.params.items():
+                    assert bitwise(r.params[n], p.detach()), (k, n)
+    finally:
+        server.stop()
