@@ -21,9 +21,11 @@ a :class:`_ClosingTransport` in front of the connection's transport, for the pro
 request's cycle; when the connection is closed after the answer, that writes the end of the
 stream after the answer (FIN), hands the transport to a :class:`_Drain` that drops whatever
 arrives, and closes for good when the client closes its side or after
-:data:`connection_cap.LINGER_S`. Lingering connections are counted with the refused ones
-(``ConnectionSlots.linger``, at most :data:`connection_cap.MAX_LINGERING`); past that, and
-where the transport cannot half-close, the connection is closed at once as before. A close
+:data:`connection_cap.LINGER_S` (a close that then still waits for an earlier answer the
+client reads slowly lingers no more: nothing is read from it, and it is not counted).
+Lingering connections are counted with the refused ones (``ConnectionSlots.linger``, at most
+:data:`connection_cap.MAX_LINGERING`); past that, and where the transport cannot half-close,
+the connection is closed at once as before. A close
 while the server shuts down (uvicorn's ``shutdown`` of a lingering connection) is immediate.
 """
 
@@ -165,9 +167,13 @@ class _Drain(asyncio.Protocol):
         return None  # (the transport closes)
 
     def end(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        """The linger is over (its time passed, or too much arrived): closed for good. Nothing
+        more is read from then on, so the connection lingers no more and its count is let go
+        of now, not at its loss: a close waits for what is still unsent to the client (an
+        earlier answer it reads slowly), which took as long as the client liked, and 32 such
+        clients held every lingering place (every other answer then closed at once, lost to
+        a reset)."""
+        self.let_go()
         self.transport.close()
 
     def let_go(self) -> None:
