@@ -11,6 +11,7 @@ import copy
 from collections import defaultdict
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -271,8 +272,9 @@ def _as_numbers(checkpoint: dict, keys: tuple[str, ...], kind: type) -> dict:
     ("RMSprop", ("step",), int, torch.float32),
     ("ASGD", ("step", "eta", "mu"), float, torch.float32),
     ("NAdam", ("step", "mu_product"), float, torch.float32),
+    ("AdamW", ("step",), np.float64, torch.float32),
 ], ids=["Adam-int", "Adam-float64-default", "Adagrad-float64-default", "RMSprop", "ASGD",
-        "NAdam"])
+        "NAdam", "AdamW-numpy"])
 def test_a_checkpoint_with_number_counts_loads_as_torchs_does(
         client: optserve.Client, name: str, keys: tuple[str, ...], kind: type,
         default: torch.dtype) -> None:

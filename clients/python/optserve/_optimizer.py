@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import uuid
 import weakref
 from collections import defaultdict
@@ -289,7 +290,9 @@ def _steps_as_the_session_keeps(state: Any, numbers_of: str | None = None) -> An
 
 
 def _loads_as_a_tensor(value: Any) -> bool:
-    return type(value) in (int, float)
+    """A number torch's ``__setstate__`` takes as a count (``float(value)``): an int, a float,
+    a NumPy scalar; not a bool, nor a tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor))
 
 
 def _as_session_scalar(value: float) -> Any:
