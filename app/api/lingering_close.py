@@ -21,14 +21,16 @@ a :class:`_ClosingTransport` in front of the connection's transport, for the pro
 request's cycle; when the connection is closed after the answer, that writes the end of the
 stream after the answer (FIN), hands the transport to a :class:`_Drain` that drops whatever
 arrives, and closes for good when the client closes its side or after
-:data:`connection_cap.LINGER_S`. A connection refused with an early 413 while its client
-uploads the body (``upload``: the client goes on sending what may be a long body, and most
-upload code reads the answer only after its last byte) lingers as nginx's lingering close
-does: until the client closes its side, for :data:`connection_cap.UPLOAD_LINGER_S` in all at
-most, and closed once nothing arrived for :data:`connection_cap.UPLOAD_QUIET_S` (a client
-that stopped sending). Lingering connections are counted with the refused ones
-(``ConnectionSlots.linger``, at most :data:`connection_cap.MAX_LINGERING`); past that, and
-where the transport cannot half-close, the connection is closed at once as before. A close
+:data:`connection_cap.LINGER_S` (a close that then still waits for an earlier answer the
+client reads slowly lingers no more: nothing is read from it, and it is not counted). A
+connection refused with an early 413 while its client uploads the body (``upload``: the client
+goes on sending what may be a long body, and most upload code reads the answer only after its
+last byte) lingers as nginx's lingering close does: until the client closes its side, for
+:data:`connection_cap.UPLOAD_LINGER_S` in all at most, and closed once nothing arrived for
+:data:`connection_cap.UPLOAD_QUIET_S` (a client that stopped sending). Lingering connections
+are counted with the refused ones (``ConnectionSlots.linger``, at most
+:data:`connection_cap.MAX_LINGERING`); past that, and where the transport cannot half-close,
+the connection is closed at once as before. A close
 while the server shuts down (uvicorn's ``shutdown`` of a lingering connection) is immediate.
 """
 
@@ -204,9 +206,13 @@ class _Drain(asyncio.Protocol):
         return None  # (the transport closes)
 
     def end(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        """The linger is over (its time passed, or too much arrived): closed for good. Nothing
+        more is read from then on, so the connection lingers no more and its count is let go
+        of now, not at its loss: a close waits for what is still unsent to the client (an
+        earlier answer it reads slowly), which took as long as the client liked, and 32 such
+        clients held every lingering place (every other answer then closed at once, lost to
+        a reset)."""
+        self.let_go()
         self.transport.close()
 
     def let_go(self) -> None:

@@ -23,7 +23,8 @@ rest of its head, a body after it), and so does the head clock running out on th
 request answered early (a 413) that is still arriving: the close lingers
 (:mod:`app.api.lingering_close`), so that the answer is not lost to a reset. A head past
 ``OPTSERVE_MAX_HEAD_KB`` (64 KiB) or with more than ``OPTSERVE_MAX_HEADERS`` (200) header
-lines gets a 431 ``headers_too_large`` (httptools has no bound; h11 has its own 16 KiB one).
+lines gets a 431 ``headers_too_large`` (httptools has no bound; h11 has its own 16 KiB one
+for a head it holds unparsed, and none for one that arrives whole).
 The clock stops once a head is read: a body's own bound is
 ``OPTSERVE_BODY_TIMEOUT_S`` (app.api.bodies), and a long poll or an LBFGS step waits as long
 as its request says. The bounds are the served app's settings (``app.state.settings``; the
@@ -565,9 +566,17 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                 h11's own refusals are (uvicorn answers it with ``send_400_response``; the
                 request is read, so the answer can still be sent)."""
 
+                #: OPTSERVE_MAX_HEAD_KB (bytes) and OPTSERVE_MAX_HEADERS (the protocol's)
+                max_head = MAX_HEAD_KB * 1024
+                max_headers = MAX_HEADERS
+
                 def next_event(self) -> Any:
                     event = super().next_event()
                     if isinstance(event, h11.Request):
+                        too_large = self._too_large(event)
+                        if too_large is not None:  # (a 431, as httptools' heads)
+                            raise h11.RemoteProtocolError(
+                                too_large, error_status_hint=431) from HeadTooLarge(too_large)
                         wrong = target_problem(event.target)
                         if wrong is not None:
                             raise h11.RemoteProtocolError(wrong) from MalformedTarget(wrong)
@@ -577,6 +586,21 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                                                 target=origin, http_version=event.http_version)
                     return event
 
+                def _too_large(self, event: Any) -> str | None:
+                    """Why a request head h11 parsed whole is past the server's bounds, or
+                    None: h11 bounds only a head it holds unparsed (16 KiB), so one that
+                    arrived in one read passed whatever its size or lines (a 70 KB header
+                    line, 300 header lines: served)."""
+                    lines = len(event.headers)
+                    if lines > self.max_headers:
+                        return f"more than {self.max_headers} header lines (OPTSERVE_MAX_HEADERS)"
+                    size = len(event.target) + sum(len(name) + len(value) + 4
+                                                   for name, value in event.headers)
+                    if size > self.max_head:
+                        return (f"the request line and headers take more than "
+                                f"{self.max_head // 1024} KiB (OPTSERVE_MAX_HEAD_KB)")
+                    return None
+
             class ProblemH11Protocol(_Capped, _HeadClock, SendClock,  # type: ignore[misc]
                                      H11Protocol):
                 """uvicorn's h11 protocol; a refused request gets problem+json. Its request
@@ -584,8 +608,10 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
 
                 def __init__(self, *args: Any, **kwargs: Any) -> None:
                     super().__init__(*args, **kwargs)
-                    self._head_timeout = head_bounds(self.config)[0]
+                    self._head_timeout, max_head, max_headers = head_bounds(self.config)
                     self.conn.__class__ = TargetCheckedConnection  # (uvicorn made it)
+                    conn: Any = self.conn
+                    conn.max_head, conn.max_headers = max_head, max_headers
 
                 def _head_timed_out(self) -> None:
                     # a request begun: h11 holds the bytes of a head it has not parsed yet

@@ -26,6 +26,12 @@
   routing: 200 with ``Allow`` naming every method the server serves and ``Content-Length:
   0`` (it was a 404 "no route at '/*'"). It needs no key: it says nothing a route's 405 does
   not, and ``/healthz`` needs none either.
+- Framing (RFC 9112 6.1): a request with both ``Content-Length`` and ``Transfer-Encoding``
+  gets a 400 ``malformed_http`` problem naming ``Transfer-Encoding`` and the connection is
+  closed (a server MUST close it after answering such a request: the two framings are how
+  requests are smuggled past a proxy), nothing run. httptools refuses it itself
+  (:mod:`app.api.malformed_http`, the same answer); h11 framed it by its chunks, the app
+  answered it, and a request pipelined after it on the connection was served.
 - ``Expect`` (RFC 9110 10.1.1): an expectation other than ``100-continue`` (which uvicorn
   answers) gets a 417 ``expectation_failed`` problem naming ``Expect``, the connection closed,
   nothing run (it was ignored and the request served, which a client that asked for an
@@ -89,6 +95,14 @@ def origin_form(target: bytes) -> bytes | None:
     return rest if rest.startswith(b"/") else b"/" + rest
 
 
+def framing_problem(scope: Scope) -> bool:
+    """Whether the request's body is framed both by ``Content-Length`` and by
+    ``Transfer-Encoding`` (RFC 9112 6.1: a possible request smuggling; the server MUST close the
+    connection after answering it)."""
+    names = {name for name, _ in scope["headers"]}
+    return b"content-length" in names and b"transfer-encoding" in names
+
+
 def expect_problem(scope: Scope) -> str | None:
     """The ``Expect`` expectation this server cannot meet (anything but ``100-continue``),
     or None."""
@@ -142,6 +156,12 @@ class RequestHeadChecks:
                                f"the asterisk-form target (*) is only for OPTIONS (RFC 9112 "
                                f"3.2.4), not {scope['method']!r:.20}: send a path",
                                field="request-target")
+        elif framing_problem(scope):
+            response = problem(400, "malformed_http", "Malformed HTTP request",
+                               "Transfer-Encoding can't be present with Content-Length: the "
+                               "only transfer coding taken is chunked, never with "
+                               "Content-Length; the request was not read, the connection is "
+                               "closed", field="Transfer-Encoding")
         elif (unmet := expect_problem(scope)) is not None:
             response = problem(417, "expectation_failed", "Expectation failed",
                                f"Expect: {unmet!r:.80} is not an expectation this server "

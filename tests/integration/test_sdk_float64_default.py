@@ -11,6 +11,7 @@ import copy
 from collections import defaultdict
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -251,4 +252,54 @@ def test_adagrad_made_under_a_float64_default_gives_float64_counts(
     steps(local_model, local, range(2))
     steps(remote_model, remote, range(2))
     assert_same_params(local_model, remote_model)
+    assert_same_dtypes(local, remote)
+
+
+def _as_numbers(checkpoint: dict, keys: tuple[str, ...], kind: type) -> dict:
+    """``checkpoint`` with its scalar state ``keys`` as Python numbers of ``kind``, as torch
+    before 1.12 saved them (``"step": 3``)."""
+    for entry in checkpoint["state"].values():
+        for key in keys:
+            if key in entry:
+                entry[key] = kind(entry[key].item())
+    return checkpoint
+
+
+@pytest.mark.parametrize("name,keys,kind,default", [
+    ("Adam", ("step",), int, torch.float32),
+    ("Adam", ("step",), float, torch.float64),
+    ("Adagrad", ("step",), int, torch.float64),
+    ("RMSprop", ("step",), int, torch.float32),
+    ("ASGD", ("step", "eta", "mu"), float, torch.float32),
+    ("NAdam", ("step", "mu_product"), float, torch.float32),
+    ("AdamW", ("step",), np.float64, torch.float32),
+], ids=["Adam-int", "Adam-float64-default", "Adagrad-float64-default", "RMSprop", "ASGD",
+        "NAdam", "AdamW-numpy"])
+def test_a_checkpoint_with_number_counts_loads_as_torchs_does(
+        client: optserve.Client, name: str, keys: tuple[str, ...], kind: type,
+        default: torch.dtype) -> None:
+    """A state dict whose counts (ASGD's ``eta``/``mu``, NAdam's ``mu_product`` too) are
+    Python numbers, as torch before 1.12 saved them, loads into a local optimizer (its
+    ``__setstate__`` makes them tensors in the default dtype) and went to the session as
+    numbers: a 422 "expected a tensor of shape []" for ``state_dict.state.0.step``. It loads,
+    the counts come back in torch's dtype, and training goes on bitwise as torch's."""
+    before = torch.get_default_dtype()
+    local_model, remote_model = mlp(), mlp()
+    remote_model.load_state_dict(local_model.state_dict())
+    local = getattr(torch.optim, name)(local_model.parameters(), lr=1e-2)
+    remote = optserve.RemoteOptimizer(remote_model.parameters(), name, client, lr=1e-2)
+    steps(local_model, local, range(2))
+    steps(remote_model, remote, range(2))
+    checkpoint = _as_numbers(copy.deepcopy(local.state_dict()), keys, kind)
+    torch.set_default_dtype(default)
+    try:
+        local.load_state_dict(copy.deepcopy(checkpoint))
+        remote.load_state_dict(copy.deepcopy(checkpoint))
+        assert_same_dtypes(local, remote)
+    finally:
+        torch.set_default_dtype(before)
+    steps(local_model, local, range(2, 5))
+    steps(remote_model, remote, range(2, 5))
+    assert_same_params(local_model, remote_model)
+    assert_same_state(local, remote)
     assert_same_dtypes(local, remote)

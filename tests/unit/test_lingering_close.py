@@ -186,3 +186,43 @@ def test_past_max_lingering_the_close_is_immediate(loop: asyncio.AbstractEventLo
     settle(loop)
     assert transport.events == ["closed"]
     assert (owner.lost, slots.lingering) == ([None], connection_cap.MAX_LINGERING)
+
+
+class SlowReaderTransport(Transport):
+    """A transport with bytes its client has not taken yet: its close waits for them (reading
+    no more, as asyncio's does), and tells its protocol once they are written."""
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.events.append("closed")
+
+    def flushed(self) -> None:
+        self.loop.call_soon(self.protocol.connection_lost, None)
+
+
+def test_a_linger_over_lets_go_of_its_count_while_its_close_waits_for_a_slow_reader(
+        loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refusal after an answer the client reads slowly: once :data:`LINGER_S` has passed the
+    connection is closed (nothing more is read from it) but is lost only once its client has
+    taken the earlier answer, as long as it likes. It no longer lingers meanwhile: it was
+    counted lingering until then (a real server's connection reading 4 KiB every 5 s of a
+    1,000,000-float answer stayed counted for as long as its client read), and 32 such
+    clients held every lingering place."""
+    monkeypatch.setattr(connection_cap, "LINGER_S", 0.05)
+    slots = ConnectionSlots(10)
+    owner = Owner(slots)
+    owner.transport = transport = SlowReaderTransport(owner, loop)
+
+    async def refuse() -> None:
+        owner.transport.write(b"refusal")
+        lingering_close.arm(owner)
+        owner.transport.close()
+        assert slots.lingering == 1
+        await asyncio.sleep(0.2)
+    loop.run_until_complete(refuse())
+    assert transport.events[-1] == "closed" and owner.lost == []
+    assert slots.lingering == 0
+    transport.flushed()
+    settle(loop)
+    assert (owner.lost, slots.lingering) == ([None], 0)  # (let go of once)

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import uuid
 import weakref
 from collections import defaultdict
@@ -252,23 +253,55 @@ def _refuse_float64_scalar_steps(optimizer: str, options: Mapping[str, Any],
             "float32")
 
 
-def _steps_as_the_session_keeps(state: Any) -> Any:
+#: the scalar state an optimizer's ``__setstate__`` (run by torch's ``load_state_dict``) makes
+#: a tensor of in torch's default dtype where a state dict gives it as a Python number, as
+#: torch before 1.12 saved it (``"step": 3``)
+_NUMBER_STATE_LOADED_AS_TENSORS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "RAdam",
+                     "RMSprop", "Rprop"), ("step",)),
+    "ASGD": ("step", "eta", "mu"), "NAdam": ("step", "mu_product")}
+
+
+def _steps_as_the_session_keeps(state: Any, numbers_of: str | None = None) -> Any:
     """A state dict's ``"state"`` with each float64 ``step`` tensor that float32 holds exactly
     as float32, the session's (whose optimizer was made under torch's default dtype, float32).
     A local optimizer made under ``torch.set_default_dtype(torch.float64)`` keeps its steps in
     float64 (``_get_scalar_dtype``) and reads them as Python numbers, so the count is all that
     matters, and it is the same; a step count float32 cannot hold is left as it is (the
-    session keeps it in float64, as torch's ``load_state_dict`` keeps a ``step``)."""
+    session keeps it in float64, as torch's ``load_state_dict`` keeps a ``step``). With
+    ``numbers_of`` (the optimizer's name, for a ``load_state_dict``), its scalar state given as
+    Python numbers (an old checkpoint's ``"step": 3``) becomes a float32 tensor as that
+    optimizer's ``__setstate__`` makes it (``torch.tensor(float(value), dtype=<default
+    dtype>)``; under a float64 default only where float32 holds the number exactly)."""
     if not isinstance(state, Mapping):
         return state
+    keys = _NUMBER_STATE_LOADED_AS_TENSORS.get(numbers_of or "", ())
     out: dict[Any, Any] = {}
     for index, entry in state.items():
         step = entry.get("step") if isinstance(entry, Mapping) else None
         if isinstance(step, torch.Tensor) and step.dtype == torch.float64 and step.dim() == 0 \
                 and step.float().double().item() == step.item():
             entry = {**entry, "step": step.float()}
+        if isinstance(entry, Mapping) and any(_loads_as_a_tensor(entry.get(k)) for k in keys):
+            entry = {**entry, **{k: _as_session_scalar(entry[k]) for k in keys
+                                 if _loads_as_a_tensor(entry.get(k))}}
         out[index] = entry
     return out
+
+
+def _loads_as_a_tensor(value: Any) -> bool:
+    """A number torch's ``__setstate__`` takes as a count (``float(value)``): an int, a float,
+    a NumPy scalar; not a bool, nor a tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor))
+
+
+def _as_session_scalar(value: float) -> Any:
+    """A Python number of a loaded state dict as the session's float32 tensor (torch's under a
+    float32 default), or as it is where float32 would round what torch keeps in float64."""
+    held = torch.tensor(float(value), dtype=torch.float32)
+    if torch.get_default_dtype() == torch.float64 and held.item() != float(value):
+        return value
+    return held
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
@@ -1195,7 +1228,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
              for group, saved in zip(self.param_groups, saved_groups, strict=True)],
             saved_ids)
         if "state" in state_dict:
-            state_dict["state"] = _steps_as_the_session_keeps(session_state)
+            state_dict["state"] = _steps_as_the_session_keeps(session_state,
+                                                              self._optimizer_name)
         self.push_params(only_edited=True)
         self._state_epoch += 1
         # groups holding one tensor (a tensor lr default's groups, as torch.save keeps them)
