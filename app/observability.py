@@ -87,9 +87,12 @@ class Metrics:
         self.gc_frozen = Gauge("optserve_gc_frozen_objects", "Objects out of the cyclic "
                                "garbage collector's walks (gc.freeze: the server's modules, and "
                                "sessions' tensors under OPTSERVE_GC_FREEZE_SESSIONS)", registry=r)
-        self.gc_sweeps = Gauge("optserve_gc_sweeps", "Full collections run to free what "
-                               "freezing sessions trapped (one per idle minute after a freeze)",
-                               registry=r)
+        # (a count that only grows: a counter, exposed as optserve_gc_sweeps_total; it follows
+        # the process's settler, read at each scrape: sweeps_seen)
+        self.gc_sweeps = Counter("optserve_gc_sweeps", "Full collections run to free what "
+                                 "freezing sessions trapped (after an idle minute, or ten "
+                                 "busy minutes, that followed a freeze)", registry=r)
+        self.gc_sweeps_seen = 0
         self.bodies_waiting = Gauge("optserve_request_bodies_waiting",
                                     "Request bodies waiting for room under "
                                     "OPTSERVE_MAX_BODIES_MB before they are read", registry=r)

@@ -83,7 +83,10 @@ async def metrics(request: Request, engine: EngineDep) -> Response:
         registry.connections_limit.set(connections.limit)
         registry.connections_lingering.set(connections.lingering)
     registry.gc_frozen.set(gc.get_freeze_count())
-    registry.gc_sweeps.set(settler.sweeps)
+    sweeps = settler.sweeps
+    if sweeps > registry.gc_sweeps_seen:
+        registry.gc_sweeps.inc(sweeps - registry.gc_sweeps_seen)
+    registry.gc_sweeps_seen = sweeps
     bodies = getattr(request.app.state, "body_memory", None)
     if bodies is not None:
         registry.body_bytes.set(bodies.held)

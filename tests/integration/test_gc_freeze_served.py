@@ -58,6 +58,6 @@ def test_sessions_are_frozen_by_default_and_not_with_the_setting_off(
         for i, w in enumerate(ws):
             assert torch.equal(torch.tensor(got[f"p{i}"]["data"], dtype=torch.float32),
                                w.detach()), i
-        assert gauge(url, "optserve_gc_sweeps") == 0  # (a sweep waits for an idle minute)
+        assert gauge(url, "optserve_gc_sweeps_total") == 0  # (a sweep waits for an idle minute)
     finally:
         proc.stop()

@@ -297,3 +297,27 @@ def test_overdue_counts_from_the_first_freeze_a_sweep_did_not_follow(
         assert s.overdue(5.0) is True
     finally:
         gc.unfreeze()
+
+
+def test_metrics_count_the_sweeps(app_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``/metrics`` gives the settler's sweeps as the counter ``optserve_gc_sweeps_total``: 0
+    before any, then each sweep once (scraped twice in between: not counted twice)."""
+    from app.api import meta
+    s = Settler(settle_tensors=1)
+    s.enable()
+    monkeypatch.setattr(meta, "settler", s)
+
+    def sweeps() -> float:
+        text = app_client.get("/metrics").text
+        lines = [ln for ln in text.splitlines() if ln.startswith("optserve_gc_sweeps_total ")]
+        assert len(lines) == 1, text
+        return float(lines[0].split()[1])
+
+    try:
+        assert sweeps() == 0
+        for expected in (1, 2):
+            assert s.grew(1) is True and s.sweep() is True
+            assert sweeps() == expected
+            assert sweeps() == expected
+    finally:
+        gc.unfreeze()
