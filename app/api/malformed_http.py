@@ -45,7 +45,6 @@ import http
 import logging
 import sys
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -240,16 +239,6 @@ def _close(protocol: Any, linger: bool = False) -> None:
     if linger:
         lingering_close.arm(protocol)
     protocol.transport.close()
-
-
-def _client_closes(scope: Mapping[str, Any]) -> bool:
-    """Whether the request's client asked for the connection to close after it (as h11 reads
-    it: an HTTP/1.0 request, or a ``Connection`` header with the ``close`` token)."""
-    if scope.get("http_version") == "1.0":
-        return True
-    return any(name == b"connection" and any(token.strip().lower() == b"close"
-                                             for token in value.split(b","))
-               for name, value in scope.get("headers", ()))
 
 
 def _start_head_clock(protocol: Any) -> None:
@@ -479,6 +468,9 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                         return
                     super().on_headers_complete()
                     hold_head(self.cycle, self.loop)  # (the head written with the body)
+                    # an answer before a long body's end closes and lingers
+                    lingering_close.guard_early_answers(self, self.cycle,
+                                                        lambda: self._body_read)
                     if not self.cycle.keep_alive:
                         # its client asked to close (Connection: close, HTTP/1.0): an answer
                         # before its body ends closes the connection while it sends
@@ -565,9 +557,15 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                 h11's own refusals are (uvicorn answers it with ``send_400_response``; the
                 request is read, so the answer can still be sent)."""
 
+                #: the bytes of the body of the request being read so far
+                body_read = 0
+
                 def next_event(self) -> Any:
                     event = super().next_event()
-                    if isinstance(event, h11.Request):
+                    if isinstance(event, h11.Data):
+                        self.body_read += len(event.data)
+                    elif isinstance(event, h11.Request):
+                        self.body_read = 0
                         wrong = target_problem(event.target)
                         if wrong is not None:
                             raise h11.RemoteProtocolError(wrong) from MalformedTarget(wrong)
@@ -617,9 +615,13 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                             lingering_close.arm(self, new, upload)
                         extensions: dict[str, Any] = new.scope.setdefault("extensions", {})
                         extensions[CLOSE_AFTER] = close_after
-                        if _client_closes(new.scope):
+                        if lingering_close.client_closes(new.scope):
                             # h11 closes after the answer, before the body ends or not
                             lingering_close.arm(self, new)
+                        # an answer before a long body's end closes and lingers
+                        conn = self.conn
+                        lingering_close.guard_early_answers(
+                            self, new, lambda: int(getattr(conn, "body_read", 0)))
 
                 def send_400_response(self, msg: str) -> None:
                     if _mid_response(self):
