@@ -45,7 +45,7 @@ connection kept alive. Left as it was: an answer to a request whose client waits
 ``100 Continue`` and has sent none of its body (the client was never asked to send it, RFC
 9110 10.1.1: uvicorn answers without a ``100``, keeps the connection, and reads and drops a
 body only if one comes), and one whose close the server chose already (a body timeout's 408,
-an abandoned sink, a 417, the 413 above).
+an abandoned sink, a 417, the 413 above), which now says ``Connection: close`` under h11 too.
 """
 
 from __future__ import annotations
@@ -89,11 +89,13 @@ def _early_answer(protocol: Any, cycle: Any, message: Any, body_read: Callable[[
     """``message`` (an answer's start), with ``Connection: close`` where it comes before the
     end of its request's large or chunked body, the connection's close then lingering as an
     upload's."""
-    if not _still_sending(cycle):
-        return message
     scope = getattr(cycle, "scope", {})
     if not cycle.keep_alive and not client_closes(scope):
-        return message  # (the server chose how this one closes: a 408, a 413, a 417)
+        # the server chose to close after it, and how (a body timeout's 408, a 413, a 417,
+        # a shutdown): the answer says so (uvicorn's h11 cycle did not)
+        return _saying_close(message)
+    if not _still_sending(cycle):
+        return message
     read = body_read()
     if getattr(cycle, "waiting_for_100_continue", False) and read == 0:
         return message  # (no 100 Continue sent, none of the body: never asked to send it)
@@ -102,10 +104,16 @@ def _early_answer(protocol: Any, cycle: Any, message: Any, body_read: Callable[[
         return message  # (read and dropped, the connection kept alive)
     cycle.keep_alive = False
     arm(protocol, cycle, upload=True)
+    return _saying_close(message)
+
+
+def _saying_close(message: Any) -> Any:
+    """``message`` (an answer's start) with ``Connection: close`` (h11 then closes after it
+    too; uvicorn's httptools cycle adds none more)."""
     headers = list(message.get("headers", ()))
-    if not any(name.lower() == b"connection" and _has_close(value) for name, value in headers):
-        headers.append((b"connection", b"close"))  # (h11 closes after it then too)
-    return {**message, "headers": headers}
+    if any(name.lower() == b"connection" and _has_close(value) for name, value in headers):
+        return message
+    return {**message, "headers": [*headers, (b"connection", b"close")]}
 
 
 def client_closes(scope: Mapping[str, Any]) -> bool:

@@ -1,17 +1,18 @@
-"""Any answer given before its request's body has ended, while that body is still arriving
-(a 401 for a wrong key, a 404 for an unknown route: the app never reads the body), closes the
+"""Any answer given before its request's body has ended, while that body is still arriving (a 401
+for a wrong key, a 404 for an unknown route: the app never reads the body), closes the
 connection (``Connection: close``) and lingers as an early 413 does, where more than
 ``lingering_close.KEEP_ALIVE_REST`` of the announced body is unread or its length is unknown
-(chunked): a client that uploads for longer than the next head's clock plus the short linger
-and reads its answer only after its last byte reads the whole problem and then the end of the
-stream. (Kept alive, the body was read and dropped until the next head's clock ran out, and
-the close then met the client's next bytes with a reset.) A smaller rest is read and dropped,
-the connection kept alive for the next request, as is a whole request's; an answer to a
-request whose client waits for ``100 Continue`` and sent none of its body keeps the
-connection too, and nothing lingers. Over raw sockets against real uvicorn servers on
-127.0.0.1 with API keys on, with each HTTP protocol ``python -m app`` may use; the upload
-server's bounds are shortened (the head clock to 1 s, the upload's linger to :data:`TOTAL_S`
-and :data:`QUIET_S`), with margins for a loaded machine."""
+(chunked): a client that uploads for longer than the next head's clock plus the short linger and
+reads its answer only after its last byte reads the whole problem and then the end of the
+stream. (Kept alive, the body was read and dropped until the next head's clock ran out, and the
+close then met the client's next bytes with a reset.) A smaller rest is read and dropped, the
+connection kept alive for the next request, as is a whole request's; an answer to a request
+whose client waits for ``100 Continue`` and sent none of its body keeps the connection too, and
+nothing lingers. An answer the server closes after on its own (a body timeout's 408) says
+``Connection: close`` under both protocols (h11's did not). Over raw sockets against real
+uvicorn servers on 127.0.0.1 with API keys on, with each HTTP protocol ``python -m app`` may
+use; the upload server's bounds are shortened (the head clock to 1 s, the upload's linger to
+:data:`TOTAL_S` and :data:`QUIET_S`), with margins for a loaded machine."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ QUIET_S = 3.0
 #: body kept alive met, well within TOTAL_S
 UPLOAD_S = 4.5
 BODY = 200_000
+#: the body timeout (the app reads none of the slow uploads' bodies)
+BODY_TIMEOUT_S = 1.0
 PIECES = 100
 #: a body whose rest, as its early answer comes, is within KEEP_ALIVE_REST
 SMALL_BODY = 50_000
@@ -56,7 +59,8 @@ def _protocol(name: str) -> object:
 @pytest.fixture(scope="module", params=["httptools", "h11"])
 def live(request: pytest.FixtureRequest) -> Iterator[tuple[LiveServer, str]]:
     """A server with keys on and short bounds (the slow uploads)."""
-    settings = _test_settings(head_timeout_s=HEAD_TIMEOUT_S, api_keys=f"{KEY}:t1")
+    settings = _test_settings(head_timeout_s=HEAD_TIMEOUT_S, api_keys=f"{KEY}:t1",
+                              body_timeout_s=BODY_TIMEOUT_S)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(connection_cap, "UPLOAD_LINGER_S", TOTAL_S)
         patch.setattr(connection_cap, "UPLOAD_QUIET_S", QUIET_S)
@@ -230,3 +234,22 @@ def test_an_answer_before_100_continue_keeps_the_connection(
         sock.sendall(b"a" * BODY + b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
         assert read_answer(sock).startswith(b"HTTP/1.1 200 ")
     assert lingering(server) == 0
+
+
+def test_a_body_timeout_408_says_the_connection_closes(live: tuple[LiveServer, str]) -> None:
+    """A body that stalls is answered 408 ``body_timeout`` and the connection closed after
+    it: the answer says so (``Connection: close``), under h11 as under httptools, and
+    nothing lingers once the client has closed."""
+    server, url = live
+    wait_no_lingering(server, TOTAL_S + 10)
+    with connect(url) as sock:
+        sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
+                     + KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{")
+        answer = read_to_end(sock)  # (after about BODY_TIMEOUT_S)
+    head_part, _, body = answer.partition(b"\r\n\r\n")
+    assert head_part.startswith(b"HTTP/1.1 408 "), answer[:300]
+    assert b"\r\nconnection: close\r\n" in head_part.lower() + b"\r\n", head_part
+    problem = json.loads(body)
+    assert (problem["code"], problem["field"]) == ("body_timeout", "body"), problem
+    wait_no_lingering(server, 10)

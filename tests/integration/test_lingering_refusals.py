@@ -3,15 +3,15 @@
 parser refuses (400) or finds too large (431), an ``Expect`` the server does not meet (417), an
 early answer (413) to a request whose client asked to close before its body ended (``Connection:
 close``, HTTP/1.0), and a small body answered early (a 404) and still arriving when the next
-head's clock runs out. The client goes on sending after the answer; it must read the whole answer and
-then the end of the stream, with no reset (``ECONNRESET`` on a read, ``EPIPE`` on a send) while
-the server lingers, and the server closes once the client closes its side. A server that closed
-at once answered the client's next bytes with a reset. A close where nothing more can arrive (a
-whole request whose client asked to close, a connection that sent nothing in the head timeout)
-does not linger, nor does the server wait out a linger as it shuts down. Over raw sockets against
-real uvicorn servers on 127.0.0.1, with each HTTP protocol ``python -m app`` may use, on uvloop
-and on asyncio's loop; the servers linger :data:`LINGER_S` (longer than the suite's default, so
-that a loaded machine's client is not outlasted)."""
+head's clock runs out. The client goes on sending after the answer; it must read the whole
+answer and then the end of the stream, with no reset (``ECONNRESET`` on a read, ``EPIPE`` on a
+send) while the server lingers, and the server closes once the client closes its side. A server
+that closed at once answered the client's next bytes with a reset. A close where nothing more
+can arrive (a whole request whose client asked to close, a connection that sent nothing in the
+head timeout) does not linger, nor does the server wait out a linger as it shuts down. Over raw
+sockets against real uvicorn servers on 127.0.0.1, with each HTTP protocol ``python -m app`` may
+use, on uvloop and on asyncio's loop; the servers linger :data:`LINGER_S` (longer than the
+suite's default, so that a loaded machine's client is not outlasted)."""
 
 from __future__ import annotations
 
