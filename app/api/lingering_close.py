@@ -46,6 +46,11 @@ connection kept alive. Left as it was: an answer to a request whose client waits
 9110 10.1.1: uvicorn answers without a ``100``, keeps the connection, and reads and drops a
 body only if one comes), and one whose close the server chose already (a body timeout's 408,
 an abandoned sink, a 417, the 413 above), which now says ``Connection: close`` under h11 too.
+A connection refused as it opened (past ``OPTSERVE_MAX_CONNECTIONS``, its 503 written before
+its request is read) lingers as long as its client sends (a request that may carry a long
+body), for :data:`connection_cap.UPLOAD_LINGER_S` in all at most, and is closed once nothing
+arrived for :data:`connection_cap.LINGER_S` (one that sends nothing is held no longer than
+before).
 """
 
 from __future__ import annotations
@@ -144,9 +149,11 @@ def _declared_length(scope: Mapping[str, Any]) -> int | None:
 def arm(protocol: Any, cycle: Any = None, upload: bool = False) -> None:
     """Make the next close of ``protocol``'s connection a lingering one: where ``cycle``'s
     request body has not ended by then, or whatever (``cycle`` None: a refused request head,
-    whose client may be sending a body after it). ``upload``: the request was refused early
-    (a 413) while its client uploads its body: it lingers as long as the upload goes on
-    (the module's docstring). Idempotent."""
+    whose client may be sending a body after it). ``upload``: the request was answered early
+    (a 413, :func:`guard_early_answers`) while its client uploads its body: it lingers as long
+    as the upload goes on (the module's docstring); with ``cycle`` None (a connection refused
+    as it opened, past ``OPTSERVE_MAX_CONNECTIONS``), as long as its client goes on sending
+    with no pause of :data:`connection_cap.LINGER_S`. Idempotent."""
     transport = getattr(protocol, "transport", None)
     if transport is None:
         return
@@ -219,6 +226,9 @@ class _ClosingTransport:
         if self.upload and sending:
             drain = _Drain(self._protocol, transport, slots, loop,
                            connection_cap.UPLOAD_LINGER_S, connection_cap.UPLOAD_QUIET_S)
+        elif self.upload and self.cycle is None:  # (a connection refused as it opened)
+            drain = _Drain(self._protocol, transport, slots, loop,
+                           connection_cap.UPLOAD_LINGER_S, connection_cap.LINGER_S)
         else:
             drain = _Drain(self._protocol, transport, slots, loop, connection_cap.LINGER_S)
         try:

@@ -20,10 +20,11 @@ closed; a connection that sent no byte of a request in that time is closed witho
 (there is no request to answer, and a 408 written as a client sends one would read as its
 answer). Each answer here closes the connection while its client may still be sending (the
 rest of its head, a body after it), and so does the head clock running out on the body of a
-request answered early (a 413) that is still arriving: the close lingers
-(:mod:`app.api.lingering_close`), so that the answer is not lost to a reset. A head past
-``OPTSERVE_MAX_HEAD_KB`` (64 KiB) or with more than ``OPTSERVE_MAX_HEADERS`` (200) header
-lines gets a 431 ``headers_too_large`` (httptools has no bound; h11 has its own 16 KiB one).
+request answered early that is still arriving (its rest small, the connection kept alive:
+``lingering_close.guard_early_answers``): the close lingers (:mod:`app.api.lingering_close`),
+so that the answer is not lost to a reset. A head past ``OPTSERVE_MAX_HEAD_KB`` (64 KiB) or
+with more than ``OPTSERVE_MAX_HEADERS`` (200) header lines gets a 431 ``headers_too_large``
+(httptools has no bound; h11 has its own 16 KiB one).
 The clock stops once a head is read: a body's own bound is
 ``OPTSERVE_BODY_TIMEOUT_S`` (app.api.bodies), and a long poll or an LBFGS step waits as long
 as its request says. The bounds are the served app's settings (``app.state.settings``; the
@@ -317,7 +318,8 @@ class _Capped:
                    (b"retry-after", str(connection_cap.RETRY_AFTER_S).encode())]
         protocol.transport.write(raw_answer(503, connection_cap.refusal_body(slots.limit),
                                             headers))
-        lingering_close.arm(protocol)
+        # (as long as its client sends: a request with a long body may be on its way)
+        lingering_close.arm(protocol, upload=True)
         protocol.transport.close()
 
     def data_received(self, data: bytes) -> None:

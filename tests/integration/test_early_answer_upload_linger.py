@@ -78,6 +78,15 @@ def kept(request: pytest.FixtureRequest) -> Iterator[tuple[LiveServer, str]]:
         yield server, url
 
 
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def capped(request: pytest.FixtureRequest) -> Iterator[tuple[LiveServer, str]]:
+    """A server that holds one connection at most (``OPTSERVE_MAX_CONNECTIONS``), with the
+    default bounds (a connection held idle is closed after 10 s)."""
+    server = LiveServer(_test_settings(max_connections=1), http=_protocol(request.param))
+    with server.serving() as url:
+        yield server, url
+
+
 def lingering(server: LiveServer) -> int:
     return int(server.app.state.connections.lingering)
 
@@ -253,3 +262,56 @@ def test_a_body_timeout_408_says_the_connection_closes(live: tuple[LiveServer, s
     problem = json.loads(body)
     assert (problem["code"], problem["field"]) == ("body_timeout", "body"), problem
     wait_no_lingering(server, 10)
+
+
+def _held(server: LiveServer, url: str) -> socket.socket:
+    """The one connection ``capped`` allows, open and idle."""
+    held = connect(url)
+    deadline = time.monotonic() + 10
+    while server.app.state.connections.open < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return held
+
+
+def the_503(answer: bytes) -> None:
+    head_part, _, body = answer.partition(b"\r\n\r\n")
+    assert head_part.startswith(b"HTTP/1.1 503 "), answer[:300]
+    assert b"\r\nconnection: close\r\n" in head_part.lower() + b"\r\n", head_part
+    problem = json.loads(body)
+    assert problem["code"] == "too_many_connections", problem
+
+
+def test_a_slow_upload_on_a_refused_connection_reads_its_503(
+        capped: tuple[LiveServer, str]) -> None:
+    """A connection past the bound is answered 503 as it opens; its client sends its request
+    and a body over :data:`UPLOAD_S` without reading, then reads the whole 503 and the end of
+    the stream, no reset (it lingered a second, and the client's next bytes met a reset)."""
+    server, url = capped
+    wait_no_lingering(server, 40)
+    with _held(server, url), connect(url) as sock:
+        sock.sendall(head(401, f"Content-Length: {BODY}"))
+        started = time.monotonic()
+        for piece in pieces(False):
+            sock.sendall(piece)  # (a reset here fails the test)
+            time.sleep(UPLOAD_S / PIECES)
+        assert time.monotonic() - started > 2 * connection_cap.LINGER_S
+        the_503(read_to_end(sock))  # (a reset here fails the test)
+        assert lingering(server) == 1
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(100) == b""
+    wait_no_lingering(server, 10)
+
+
+def test_a_refused_connection_that_sends_nothing_is_let_go_soon(
+        capped: tuple[LiveServer, str]) -> None:
+    """A connection past the bound that sends nothing (nor closes) reads its 503 and the end
+    of the stream, and is closed about ``connection_cap.LINGER_S`` later, well before an
+    upload's quiet bound."""
+    server, url = capped
+    wait_no_lingering(server, 40)
+    with _held(server, url), connect(url) as sock:
+        the_503(read_to_end(sock))
+        answered = time.monotonic()
+        wait_no_lingering(server, 10)
+        assert time.monotonic() - answered < connection_cap.UPLOAD_QUIET_S - 1
