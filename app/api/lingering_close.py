@@ -79,7 +79,10 @@ def guard_early_answers(protocol: Any, cycle: Any, body_read: Callable[[], int])
     """Make each answer ``cycle``'s request gets while its body is still arriving close the
     connection with a lingering close where the rest of that body is large or of unknown
     length (the module's docstring). ``body_read``: the bytes of its body read from the
-    connection so far (called only while that body has not ended)."""
+    connection so far (called only while that body has not ended). A request without a body,
+    or whose body has ended already, is left as it is (nothing can be still arriving)."""
+    if not getattr(cycle, "more_body", False) or not _may_have_body(cycle.scope):
+        return
     send: Callable[[Any], Awaitable[None]] = cycle.send
 
     async def send_guarded(message: Any) -> None:
@@ -132,6 +135,13 @@ def client_closes(scope: Mapping[str, Any]) -> bool:
 
 def _has_close(value: bytes) -> bool:
     return any(token.strip().lower() == b"close" for token in value.split(b","))
+
+
+def _may_have_body(scope: Mapping[str, Any]) -> bool:
+    """Whether the request's head announces a body (a ``Content-Length`` other than 0, or a
+    transfer coding)."""
+    return any((name == b"content-length" and value != b"0") or name == b"transfer-encoding"
+               for name, value in scope.get("headers", ()))
 
 
 def _declared_length(scope: Mapping[str, Any]) -> int | None:

@@ -127,3 +127,13 @@ def test_a_client_that_asked_to_close_lingers_as_an_upload() -> None:
     protocol, start = answered(cycle, 0)
     assert lingers_as_upload(protocol, cycle)
     assert [name for name, _ in start["headers"]].count(b"connection") == 1
+
+
+@pytest.mark.parametrize("headers", [[], length(0)], ids=["none", "zero"])
+def test_a_request_without_a_body_is_not_guarded(headers: list[tuple[bytes, bytes]]) -> None:
+    """Nothing can still be arriving: its answers go straight to the cycle's own send."""
+    cycle = Cycle(headers)
+    send = cycle.send
+    lingering_close.guard_early_answers(SimpleNamespace(transport=cycle.transport), cycle,
+                                        lambda: 0)
+    assert cycle.send == send
