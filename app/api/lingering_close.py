@@ -44,8 +44,9 @@ the answer carries ``Connection: close`` and the close lingers as a refused uplo
 connection kept alive. Left as it was: an answer to a request whose client waits for
 ``100 Continue`` and has sent none of its body (the client was never asked to send it, RFC
 9110 10.1.1: uvicorn answers without a ``100``, keeps the connection, and reads and drops a
-body only if one comes), and one whose close the server chose already (a body timeout's 408,
-an abandoned sink, a 417, the 413 above), which now says ``Connection: close`` under h11 too.
+body only if one comes), and one whose close the server chose already (a body timeout's 408
+and an abandoned sink: the client was too slow, the short linger; a 417 and the 413 above,
+which arm an upload's), which now says ``Connection: close`` under h11 too.
 A connection refused as it opened (past ``OPTSERVE_MAX_CONNECTIONS``, its 503 written before
 its request is read) lingers as long as its client sends (a request that may carry a long
 body), for :data:`connection_cap.UPLOAD_LINGER_S` in all at most, and is closed once nothing

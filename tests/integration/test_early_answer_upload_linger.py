@@ -245,6 +245,28 @@ def test_an_answer_before_100_continue_keeps_the_connection(
     assert lingering(server) == 0
 
 
+def test_a_slow_upload_with_an_unmet_expectation_reads_its_417(
+        live: tuple[LiveServer, str]) -> None:
+    """An ``Expect`` the server does not meet is answered 417 at once and closed (the body is
+    not read): the close lingers as long as the upload goes on, as a 413's (it lingered a
+    second, and the client's next bytes met a reset)."""
+    server, url = live
+    wait_no_lingering(server, TOTAL_S + 10)
+    with connect(url) as sock:
+        sock.sendall(head(404, f"Content-Length: {BODY}", "Expect: something-else\r\n"))
+        started = time.monotonic()
+        for piece in pieces(False):
+            sock.sendall(piece)  # (a reset here fails the test)
+            time.sleep(UPLOAD_S / PIECES)
+        assert time.monotonic() - started > 2 * connection_cap.LINGER_S
+        answer = read_to_end(sock)  # (a reset here fails the test)
+        assert answer.startswith(b"HTTP/1.1 417 "), answer[:300]
+        assert b"\r\nconnection: close\r\n" in answer.lower(), answer[:300]
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(100) == b""
+    wait_no_lingering(server, 10)
+
+
 def test_a_body_timeout_408_says_the_connection_closes(live: tuple[LiveServer, str]) -> None:
     """A body that stalls is answered 408 ``body_timeout`` and the connection closed after
     it: the answer says so (``Connection: close``), under h11 as under httptools, and
