@@ -139,8 +139,12 @@ class SinkingProtocol:
     and hands an attached request's body parts to its :class:`Sink`."""
 
     _sink: tuple[Any, Sink] | None = None
+    #: the bytes of the body of the request being read so far (parsed, or read into a sink's
+    #: buffer)
+    _body_read = 0
 
     def on_headers_complete(self) -> None:
+        self._body_read = 0
         super().on_headers_complete()  # type: ignore[misc]
         protocol: Any = self
         cycle = getattr(protocol, "cycle", None)
@@ -207,6 +211,7 @@ class SinkingProtocol:
         protocol.on_message_complete()  # (the sink's end: on_message_complete below)
 
     def on_body(self, body: bytes) -> None:
+        self._body_read += len(body)
         entry = self._sink
         protocol: Any = self
         if entry is not None and entry[0] is protocol.cycle:
@@ -261,6 +266,7 @@ class DirectBody(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.pos += nbytes
+        self.owner._body_read += nbytes
         if self.sink is not None:
             self.sink.read(nbytes)
         if self.pos >= len(self.target):

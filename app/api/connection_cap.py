@@ -12,9 +12,11 @@ connection past it is answered at once with a 503 ``too_many_connections`` probl
 
 The default leaves a reserve of descriptors for the server's own files: the soft
 ``RLIMIT_NOFILE`` less a quarter of it, and at least 64 (1024 -> 768, 65536 -> 49152), never
-fewer than 8. A refused HTTP connection is kept a moment after its answer (its reading side
-drained and dropped, so that the answer is not lost to a reset as a request still arrives),
-at most :data:`MAX_LINGERING` of them at once (past that they are closed at once): with
+fewer than 8. A refused HTTP connection is kept after its answer while its client sends (its
+reading side drained and dropped, so that the answer is not lost to a reset as a request, and
+a body that may be long, still arrives: :data:`UPLOAD_LINGER_S` at most, closed after
+:data:`LINGER_S` without a byte), at most :data:`MAX_LINGERING` of them at once (past that
+they are closed at once): with
 the idle head timeout (``OPTSERVE_HEAD_TIMEOUT_S``), that bounds the descriptors held for
 connections at ``limit + MAX_LINGERING``.
 """
@@ -38,13 +40,14 @@ FLOOR = 8
 UNLIMITED = 1 << 20
 #: connections kept open at once to drain after an answer that closes them (refused ones,
 #: and those of :mod:`app.api.lingering_close`), each for :data:`LINGER_S` at most (one
-#: answered 413 while its client uploads: :data:`UPLOAD_LINGER_S`)
+#: answered early while its client uploads, or refused while its client sends:
+#: :data:`UPLOAD_LINGER_S`)
 MAX_LINGERING = 32
 LINGER_S = 1.0
-#: the linger of a connection closed after an early 413 while its client uploads the body
-#: (:mod:`app.api.lingering_close`), as nginx's lingering close: what arrives is dropped
-#: until the client closes, for :data:`UPLOAD_LINGER_S` in all at most, and for
-#: :data:`UPLOAD_QUIET_S` at most after the last bytes arrived
+#: the linger of a connection closed after an early answer (a 413, a 401, ...) while its
+#: client uploads the body (:mod:`app.api.lingering_close`), as nginx's lingering close: what
+#: arrives is dropped until the client closes, for :data:`UPLOAD_LINGER_S` in all at most, and
+#: for :data:`UPLOAD_QUIET_S` at most after the last bytes arrived
 UPLOAD_LINGER_S = 30.0
 UPLOAD_QUIET_S = 5.0
 #: the ``Retry-After`` of a refused connection, in seconds

@@ -32,12 +32,35 @@ are counted with the refused ones (``ConnectionSlots.linger``, at most
 :data:`connection_cap.MAX_LINGERING`); past that, and where the transport cannot half-close,
 the connection is closed at once as before. A close
 while the server shuts down (uvicorn's ``shutdown`` of a lingering connection) is immediate.
+
+Any other answer given before its request's body has ended (a 401 for a missing key, a 404
+route, a 415, a 429 or 503 while overloaded, a 500) did not close: the rest of the body was
+read and dropped to keep the connection alive, but only until the next head's clock ran out
+(``OPTSERVE_HEAD_TIMEOUT_S``), then the close lingered a second, so an upload longer than
+that met a reset and its client never read why. :func:`guard_early_answers`, which the HTTP
+protocols call for each request they read, looks at every answer as it begins
+(:func:`_early_answer`): where the body is still arriving and more than
+:data:`KEEP_ALIVE_REST` of its announced length is unread, or its length is unknown (chunked),
+the answer carries ``Connection: close`` and the close lingers as a refused upload's does
+(the same bounds, the same count). A smaller rest is still read and dropped, and the
+connection kept alive. Left as it was: an answer to a request whose client waits for
+``100 Continue`` and has sent none of its body (the client was never asked to send it, RFC
+9110 10.1.1: uvicorn answers without a ``100``, keeps the connection, and reads and drops a
+body only if one comes), and one whose close the server chose already (a body timeout's 408
+and an abandoned sink: the client was too slow, the short linger; a 417 and the 413 above,
+which arm an upload's), which now says ``Connection: close`` under h11 too.
+A connection refused as it opened (past ``OPTSERVE_MAX_CONNECTIONS``, its 503 written before
+its request is read) lingers as long as its client sends (a request that may carry a long
+body), for :data:`connection_cap.UPLOAD_LINGER_S` in all at most, and is closed once nothing
+arrived for :data:`connection_cap.LINGER_S` (one that sends nothing is held no longer than
+before).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from app.api import connection_cap
@@ -47,14 +70,103 @@ log = logging.getLogger("optserve.api")
 
 #: a bound this close is reached (a loop may run a timer a hair before it is due)
 _DUE_SLACK_S = 0.001
+#: the most of a body's announced length, not yet read as an answer to it begins, that is
+#: read and dropped to keep the connection alive (:func:`guard_early_answers`): what uvicorn
+#: reads before it pauses a request's reading, and about what a socket's buffers on the way
+#: hold, so a client has most likely sent it by the time it reads the answer; reading it
+#: costs a moment, and a larger rest may be a long upload that outlasts the next head's clock
+KEEP_ALIVE_REST = 64 * 1024
+
+
+def guard_early_answers(protocol: Any, cycle: Any, body_read: Callable[[], int]) -> None:
+    """Make each answer ``cycle``'s request gets while its body is still arriving close the
+    connection with a lingering close where the rest of that body is large or of unknown
+    length (the module's docstring). ``body_read``: the bytes of its body read from the
+    connection so far (called only while that body has not ended). A request without a body,
+    or whose body has ended already, is left as it is (nothing can be still arriving)."""
+    if not getattr(cycle, "more_body", False) or not _may_have_body(cycle.scope):
+        return
+    send: Callable[[Any], Awaitable[None]] = cycle.send
+
+    async def send_guarded(message: Any) -> None:
+        if message.get("type") == "http.response.start" and not cycle.response_started:
+            message = _early_answer(protocol, cycle, message, body_read)
+        await send(message)
+    cycle.send = send_guarded  # (uvicorn's run_asgi hands the app cycle.send as it starts)
+
+
+def _early_answer(protocol: Any, cycle: Any, message: Any, body_read: Callable[[], int]
+                  ) -> Any:
+    """``message`` (an answer's start), with ``Connection: close`` where it comes before the
+    end of its request's large or chunked body, the connection's close then lingering as an
+    upload's."""
+    scope = getattr(cycle, "scope", {})
+    if not cycle.keep_alive and not client_closes(scope):
+        # the server chose to close after it, and how (a body timeout's 408, a 413, a 417,
+        # a shutdown): the answer says so (uvicorn's h11 cycle did not)
+        return _saying_close(message)
+    if not _still_sending(cycle):
+        return message
+    read = body_read()
+    if getattr(cycle, "waiting_for_100_continue", False) and read == 0:
+        return message  # (no 100 Continue sent, none of the body: never asked to send it)
+    declared = _declared_length(scope)
+    if declared is not None and declared - read <= KEEP_ALIVE_REST:
+        return message  # (read and dropped, the connection kept alive)
+    cycle.keep_alive = False
+    arm(protocol, cycle, upload=True)
+    return _saying_close(message)
+
+
+def _saying_close(message: Any) -> Any:
+    """``message`` (an answer's start) with ``Connection: close`` (h11 then closes after it
+    too; uvicorn's httptools cycle adds none more)."""
+    headers = list(message.get("headers", ()))
+    if any(name.lower() == b"connection" and _has_close(value) for name, value in headers):
+        return message
+    return {**message, "headers": [*headers, (b"connection", b"close")]}
+
+
+def client_closes(scope: Mapping[str, Any]) -> bool:
+    """Whether the request's client asked for the connection to close after it (as h11 reads
+    it: an HTTP/1.0 request, or a ``Connection`` header with the ``close`` token)."""
+    if scope.get("http_version") == "1.0":
+        return True
+    return any(name == b"connection" and _has_close(value)
+               for name, value in scope.get("headers", ()))
+
+
+def _has_close(value: bytes) -> bool:
+    return any(token.strip().lower() == b"close" for token in value.split(b","))
+
+
+def _may_have_body(scope: Mapping[str, Any]) -> bool:
+    """Whether the request's head announces a body (a ``Content-Length`` other than 0, or a
+    transfer coding)."""
+    return any((name == b"content-length" and value != b"0") or name == b"transfer-encoding"
+               for name, value in scope.get("headers", ()))
+
+
+def _declared_length(scope: Mapping[str, Any]) -> int | None:
+    """The request body's ``Content-Length`` (the parsers took it: one, digits), None without
+    one (a chunked body)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 def arm(protocol: Any, cycle: Any = None, upload: bool = False) -> None:
     """Make the next close of ``protocol``'s connection a lingering one: where ``cycle``'s
     request body has not ended by then, or whatever (``cycle`` None: a refused request head,
-    whose client may be sending a body after it). ``upload``: the request was refused early
-    (a 413) while its client uploads its body: it lingers as long as the upload goes on
-    (the module's docstring). Idempotent."""
+    whose client may be sending a body after it). ``upload``: the request was answered early
+    (a 413, :func:`guard_early_answers`) while its client uploads its body: it lingers as long
+    as the upload goes on (the module's docstring); with ``cycle`` None (a connection refused
+    as it opened, past ``OPTSERVE_MAX_CONNECTIONS``), as long as its client goes on sending
+    with no pause of :data:`connection_cap.LINGER_S`. Idempotent."""
     transport = getattr(protocol, "transport", None)
     if transport is None:
         return
@@ -127,6 +239,9 @@ class _ClosingTransport:
         if self.upload and sending:
             drain = _Drain(self._protocol, transport, slots, loop,
                            connection_cap.UPLOAD_LINGER_S, connection_cap.UPLOAD_QUIET_S)
+        elif self.upload and self.cycle is None:  # (a connection refused as it opened)
+            drain = _Drain(self._protocol, transport, slots, loop,
+                           connection_cap.UPLOAD_LINGER_S, connection_cap.LINGER_S)
         else:
             drain = _Drain(self._protocol, transport, slots, loop, connection_cap.LINGER_S)
         try:

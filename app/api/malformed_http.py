@@ -20,11 +20,12 @@ closed; a connection that sent no byte of a request in that time is closed witho
 (there is no request to answer, and a 408 written as a client sends one would read as its
 answer). Each answer here closes the connection while its client may still be sending (the
 rest of its head, a body after it), and so does the head clock running out on the body of a
-request answered early (a 413) that is still arriving: the close lingers
-(:mod:`app.api.lingering_close`), so that the answer is not lost to a reset. A head past
-``OPTSERVE_MAX_HEAD_KB`` (64 KiB) or with more than ``OPTSERVE_MAX_HEADERS`` (200) header
-lines gets a 431 ``headers_too_large`` (httptools has no bound; h11 has its own 16 KiB one
-for a head it holds unparsed, and none for one that arrives whole).
+request answered early that is still arriving (its rest small, the connection kept alive:
+``lingering_close.guard_early_answers``): the close lingers (:mod:`app.api.lingering_close`),
+so that the answer is not lost to a reset. A head past ``OPTSERVE_MAX_HEAD_KB`` (64 KiB) or
+with more than ``OPTSERVE_MAX_HEADERS`` (200) header lines gets a 431 ``headers_too_large``
+(httptools has no bound; h11 has its own 16 KiB one for a head it holds unparsed, and none for
+one that arrives whole).
 The clock stops once a head is read: a body's own bound is
 ``OPTSERVE_BODY_TIMEOUT_S`` (app.api.bodies), and a long poll or an LBFGS step waits as long
 as its request says. The bounds are the served app's settings (``app.state.settings``; the
@@ -46,7 +47,6 @@ import http
 import logging
 import sys
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -243,16 +243,6 @@ def _close(protocol: Any, linger: bool = False) -> None:
     protocol.transport.close()
 
 
-def _client_closes(scope: Mapping[str, Any]) -> bool:
-    """Whether the request's client asked for the connection to close after it (as h11 reads
-    it: an HTTP/1.0 request, or a ``Connection`` header with the ``close`` token)."""
-    if scope.get("http_version") == "1.0":
-        return True
-    return any(name == b"connection" and any(token.strip().lower() == b"close"
-                                             for token in value.split(b","))
-               for name, value in scope.get("headers", ()))
-
-
 def _start_head_clock(protocol: Any) -> None:
     """Give the connection's next request head ``protocol._head_timeout`` s from now."""
     _stop_head_clock(protocol)
@@ -329,7 +319,8 @@ class _Capped:
                    (b"retry-after", str(connection_cap.RETRY_AFTER_S).encode())]
         protocol.transport.write(raw_answer(503, connection_cap.refusal_body(slots.limit),
                                             headers))
-        lingering_close.arm(protocol)
+        # (as long as its client sends: a request with a long body may be on its way)
+        lingering_close.arm(protocol, upload=True)
         protocol.transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -480,6 +471,9 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                         return
                     super().on_headers_complete()
                     hold_head(self.cycle, self.loop)  # (the head written with the body)
+                    # an answer before a long body's end closes and lingers
+                    lingering_close.guard_early_answers(self, self.cycle,
+                                                        lambda: self._body_read)
                     if not self.cycle.keep_alive:
                         # its client asked to close (Connection: close, HTTP/1.0): an answer
                         # before its body ends closes the connection while it sends
@@ -569,10 +563,15 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                 #: OPTSERVE_MAX_HEAD_KB (bytes) and OPTSERVE_MAX_HEADERS (the protocol's)
                 max_head = MAX_HEAD_KB * 1024
                 max_headers = MAX_HEADERS
+                #: the bytes of the body of the request being read so far
+                body_read = 0
 
                 def next_event(self) -> Any:
                     event = super().next_event()
-                    if isinstance(event, h11.Request):
+                    if isinstance(event, h11.Data):
+                        self.body_read += len(event.data)
+                    elif isinstance(event, h11.Request):
+                        self.body_read = 0
                         too_large = self._too_large(event)
                         if too_large is not None:  # (a 431, as httptools' heads)
                             raise h11.RemoteProtocolError(
@@ -643,9 +642,13 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                             lingering_close.arm(self, new, upload)
                         extensions: dict[str, Any] = new.scope.setdefault("extensions", {})
                         extensions[CLOSE_AFTER] = close_after
-                        if _client_closes(new.scope):
+                        if lingering_close.client_closes(new.scope):
                             # h11 closes after the answer, before the body ends or not
                             lingering_close.arm(self, new)
+                        # an answer before a long body's end closes and lingers
+                        conn = self.conn
+                        lingering_close.guard_early_answers(
+                            self, new, lambda: int(getattr(conn, "body_read", 0)))
 
                 def send_400_response(self, msg: str) -> None:
                     if _mid_response(self):

@@ -176,9 +176,10 @@ class RequestHeadChecks:
             await self.app(scope, receive, send)
             return
         response.headers["Connection"] = "close"
-        # (the server's protocols: the close lingers if the request's body has not ended, so
-        # that a client still sending it reads this answer, not a reset)
+        # (the server's protocols: the close lingers as long as the request's body goes on
+        # arriving, as an early 413's, so that a client still sending it reads this answer,
+        # not a reset)
         close_after = scope.get("extensions", {}).get(CLOSE_AFTER)
         if close_after is not None:
-            close_after()
+            close_after(upload=True)
         await response(scope, receive, send)

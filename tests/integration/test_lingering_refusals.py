@@ -2,16 +2,16 @@
 9.6, :mod:`app.api.lingering_close`): a request head not complete in time (408), a head the
 parser refuses (400) or finds too large (431), an ``Expect`` the server does not meet (417), an
 early answer (413) to a request whose client asked to close before its body ended (``Connection:
-close``, HTTP/1.0), and a body answered early (a 404) and still arriving when the next head's
-clock runs out. The client goes on sending after the answer; it must read the whole answer and
-then the end of the stream, with no reset (``ECONNRESET`` on a read, ``EPIPE`` on a send) while
-the server lingers, and the server closes once the client closes its side. A server that closed
-at once answered the client's next bytes with a reset. A close where nothing more can arrive (a
-whole request whose client asked to close, a connection that sent nothing in the head timeout)
-does not linger, nor does the server wait out a linger as it shuts down. Over raw sockets against
-real uvicorn servers on 127.0.0.1, with each HTTP protocol ``python -m app`` may use, on uvloop
-and on asyncio's loop; the servers linger :data:`LINGER_S` (longer than the suite's default, so
-that a loaded machine's client is not outlasted)."""
+close``, HTTP/1.0), and a small body answered early (a 404) and still arriving when the next
+head's clock runs out. The client goes on sending after the answer; it must read the whole
+answer and then the end of the stream, with no reset (``ECONNRESET`` on a read, ``EPIPE`` on a
+send) while the server lingers, and the server closes once the client closes its side. A server
+that closed at once answered the client's next bytes with a reset. A close where nothing more
+can arrive (a whole request whose client asked to close, a connection that sent nothing in the
+head timeout) does not linger, nor does the server wait out a linger as it shuts down. Over raw
+sockets against real uvicorn servers on 127.0.0.1, with each HTTP protocol ``python -m app`` may
+use, on uvloop and on asyncio's loop; the servers linger :data:`LINGER_S` (longer than the
+suite's default, so that a loaded machine's client is not outlasted)."""
 
 from __future__ import annotations
 
@@ -198,14 +198,16 @@ def test_an_early_413_to_a_client_that_asked_to_close_lingers(
 
 def test_a_body_still_arriving_when_the_head_clock_runs_out_lingers(
         live: tuple[LiveServer, str]) -> None:
-    """A 404 at once for a request whose body the app never reads, on a connection kept
-    alive: the server reads on and drops the body, so as to read the next request after it,
-    and gives the next head :data:`HEAD_TIMEOUT_S` from the answer. A body still arriving
-    then is closed (not an idle connection: its client is sending), after a linger. (A 413
-    closes the connection at once: ``test_refused_upload_linger``.)"""
+    """A 404 at once for a request whose body the app never reads, its rest small enough to
+    keep the connection alive (``lingering_close.KEEP_ALIVE_REST``): the server reads on and
+    drops the body, so as to read the next request after it, and gives the next head
+    :data:`HEAD_TIMEOUT_S` from the answer. A body still arriving then is closed (not an idle
+    connection: its client is sending), after a linger. (A larger rest closes the connection
+    at once, as a 413 does: ``test_early_answer_upload_linger``,
+    ``test_refused_upload_linger``.)"""
     server, url = live
     first = (f"POST /v1/no-such-route HTTP/1.1\r\nHost: a\r\n"
-             f"Content-Type: application/json\r\nContent-Length: {100 << 20}\r\n\r\n").encode()
+             f"Content-Type: application/json\r\nContent-Length: {60_000}\r\n\r\n").encode()
     answer = answer_while_sending(url, first, FILLER)
     status, problem = status_and_problem(answer, keep_alive=True)
     assert (status, problem["code"]) == (404, "not_found"), problem
