@@ -301,6 +301,9 @@ def _close(protocol: Any, linger: bool = False) -> None:
     if linger:
         lingering_close.arm(protocol)
     protocol.transport.close()
+    watch_unsent = getattr(protocol, "watch_unsent", None)
+    if watch_unsent is not None:  # (an answer left unsent holds the closing connection)
+        watch_unsent()
 
 
 def _client_closes(scope: Mapping[str, Any]) -> bool:
