@@ -8,7 +8,12 @@ answered: a 400 ``malformed_http`` problem naming the part the parser refused (`
 ``Content-Length``, ``Transfer-Encoding``, ``request-line``, ``request-target`` (an
 absolute-form target with userinfo, :func:`~app.api.request_head_checks.target_problem`),
 ``headers``, ``Host`` or ``body``)
-and its reason, then close the connection, as uvicorn does. A refused request pipelined behind ones
+and its reason, then close the connection, as uvicorn does. Both also refuse what one of them
+took: a request line's HTTP version other than HTTP/1 (a 505 ``http_version_not_supported``,
+HTTP/0.9 a 400; ``HTTP/1.2`` is served as 1.1), and a bare LF line end or an obsolete line
+folding in a head (:mod:`app.api.request_head_checks`), and a client that closes its sending
+side inside a request's body reads a 400 naming ``Content-Length`` (``body`` when chunked)
+before the close (:func:`_answer_cut_body`). A refused request pipelined behind ones
 still being answered is refused after their answers (uvicorn's answer took the first one's
 place). ``python -m app`` serves with :func:`http_protocol`.
 
