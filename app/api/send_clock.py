@@ -18,14 +18,14 @@ slow client that keeps reading keeps its connection, however long its answer tak
 
 The clock runs too while any of an answer is left in the connection's buffer after its end
 (:meth:`SendClock.watch_unsent`: at each response's end, at a refusal's close, and as the
-buffer falls to its low-water mark, 16 bytes under uvloop), until the buffer is empty. The buffer passes its
-high-water mark (64 KiB) only when a write leaves more than that in it: an answer a few KB to
-64 KiB past what the kernel's socket buffers took (a 3 MB one, on loopback, to a client with
-a small ``SO_RCVBUF`` that reads nothing) never started the clock, and neither did the last
-bytes left after the buffer fell back to its low-water mark; the connection, closing after its
-answer (``Connection: close``, or uvicorn's keep-alive timeout, which waits for the buffer to
-be written), then held its descriptor, its connection slot and its buffer for as long as the
-client kept it open.
+buffer falls to its low-water mark, 16 bytes under uvloop), until the buffer is empty. The
+buffer passes its high-water mark (64 KiB) only when a write leaves more than that in it: an
+answer a few KB to 64 KiB past what the kernel's socket buffers took (a 3 MB one, on
+loopback, to a client with a small ``SO_RCVBUF`` that reads nothing) never started the clock,
+and neither did the last bytes left after the buffer fell back to its low-water mark; the
+connection, closing after its answer (``Connection: close``, or uvicorn's keep-alive timeout,
+which waits for the buffer to be written), then held its descriptor, its connection slot and
+its buffer for as long as the client kept it open.
 """
 
 from __future__ import annotations
