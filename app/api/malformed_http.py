@@ -492,8 +492,10 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                     before = (self._in_head, self._heads_begun)
                     # (what has arrived of the head being read, where it may start: to name
                     # the header of a bare LF or a folded line the parser refuses)
-                    self._head_raw = (self._head_raw + data if self._in_head
-                                      else data)[-(self._max_head + 2):]
+                    if not self._in_head:
+                        self._head_raw = data  # (no copy: a body's reads stay as fast)
+                    elif len(self._head_raw) <= self._max_head:  # (past it: a 431)
+                        self._head_raw += data[:self._max_head + 2]
                     self._fed = data
                     try:
                         super().data_received(data)
