@@ -8,7 +8,12 @@ answered: a 400 ``malformed_http`` problem naming the part the parser refused (`
 ``Content-Length``, ``Transfer-Encoding``, ``request-line``, ``request-target`` (an
 absolute-form target with userinfo, :func:`~app.api.request_head_checks.target_problem`),
 ``headers``, ``Host`` or ``body``)
-and its reason, then close the connection, as uvicorn does. A refused request pipelined behind ones
+and its reason, then close the connection, as uvicorn does. Both also refuse what one of them
+took: a request line's HTTP version other than HTTP/1 (a 505 ``http_version_not_supported``,
+HTTP/0.9 a 400; ``HTTP/1.2`` is served as 1.1), and a bare LF line end or an obsolete line
+folding in a head (:mod:`app.api.request_head_checks`), and a client that closes its sending
+side inside a request's body reads a 400 naming ``Content-Length`` (``body`` when chunked)
+before the close (:func:`_answer_cut_body`). A refused request pipelined behind ones
 still being answered is refused after their answers (uvicorn's answer took the first one's
 place). ``python -m app`` serves with :func:`http_protocol`.
 
@@ -45,6 +50,7 @@ import asyncio
 import contextlib
 import http
 import logging
+import re
 import sys
 import uuid
 from typing import Any
@@ -55,7 +61,13 @@ from app.api import connection_cap, lingering_close
 from app.api.body_sink import CLOSE_AFTER, SinkingProtocol
 from app.api.held_head import hold_head
 from app.api.problems import PROBLEM
-from app.api.request_head_checks import connect_detail, origin_form, target_problem
+from app.api.request_head_checks import (
+    connect_detail,
+    head_line_problem,
+    origin_form,
+    target_problem,
+    version_problem,
+)
 from app.api.send_clock import SendClock
 
 log = logging.getLogger("optserve.api")
@@ -76,6 +88,9 @@ _PARTS = (("transfer-encoding", "Transfer-Encoding"), ("content-length", "Conten
           ("chunk", "body"), ("host:", "Host"), ("header", "headers"),
           ("request line", "request-line"), ("method", "request-line"),
           ("url", "request-line"), ("version", "request-line"), ("http/", "request-line"))
+#: llhttp's reasons for a bare LF line end or an obsolete line folding in a request head
+_LINE_END_ERRORS = re.compile(r"(?i)whitespace|expected cr|expected crlf|expected lf|"
+                              r"invalid header field char|unexpected space")
 #: the longest reason shown: h11's quote the refused line
 _REASON_CHARS = 200
 #: the request head's bounds where the served app has no settings (``OPTSERVE_HEAD_TIMEOUT_S``,
@@ -83,6 +98,25 @@ _REASON_CHARS = 200
 HEAD_TIMEOUT_S = 10.0
 MAX_HEAD_KB = 64
 MAX_HEADERS = 200
+
+
+class UnsupportedVersion(Exception):
+    """A request's HTTP version this server does not serve
+    (:func:`~app.api.request_head_checks.version_problem`: 505, or 400 for HTTP/0.9); raised in
+    a parser callback (or as the cause of h11's error), it stops the parser."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class MalformedHead(Exception):
+    """A request head with a bare LF line end or an obsolete line folding, which h11 takes
+    (:func:`~app.api.request_head_checks.head_line_problem`); the cause of h11's error."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(reason)
+        self.field = field
 
 
 class HeadTooLarge(Exception):
@@ -150,7 +184,15 @@ def problem_body(exc: BaseException | None) -> tuple[int, bytes]:
     line and headers past its buffer); every other refusal is a 400."""
     if exc is not None:  # (httptools' wrapper of a callback's error; h11's, of ours)
         exc = next((e for e in (exc.__context__, exc.__cause__)
-                    if isinstance(e, (HeadTooLarge, MalformedTarget))), exc)
+                    if isinstance(e, (HeadTooLarge, MalformedTarget, UnsupportedVersion,
+                                      MalformedHead))), exc)
+    if isinstance(exc, UnsupportedVersion) and exc.status == 505:
+        return 505, _encode(505, "HTTP version not supported",
+                            code="http_version_not_supported", field="request-line",
+                            detail=str(exc))
+    if isinstance(exc, (UnsupportedVersion, MalformedHead)):
+        return 400, _encode(400, "Malformed HTTP request", code="malformed_http",
+                            field=getattr(exc, "field", "request-line"), detail=str(exc))
     if isinstance(exc, MalformedTarget):
         return 400, _encode(400, "Malformed HTTP request", code="malformed_http",
                             field="request-target",
@@ -227,6 +269,29 @@ def _answer_owed(protocol: Any) -> bool:
     return True
 
 
+def _answer_cut_body(protocol: Any) -> bool:
+    """The client closed its side of the connection (``shutdown(SHUT_WR)``) inside a request's
+    body, before its ``Content-Length`` (or last chunk) arrived, its answer not begun: a 400
+    ``malformed_http`` naming ``Content-Length`` (``body`` for a chunked one), then the close.
+    The request's app is told its client is gone, as for a connection lost: nothing of it is
+    applied, and its own answer is dropped. uvicorn closed the transport with no answer: a
+    client that half-closed can still read, and was left to guess."""
+    cycle: Any = getattr(protocol, "cycle", None)
+    if (cycle is None or not getattr(cycle, "more_body", False)
+            or getattr(cycle, "response_started", True) or getattr(cycle, "disconnected", True)
+            or protocol.transport.is_closing()):
+        return False
+    chunked = any(name == b"transfer-encoding" for name, _ in cycle.scope.get("headers", ()))
+    field = "body" if chunked else "Content-Length"
+    ended = "before its last chunk" if chunked else "before its Content-Length"
+    body = _encode(400, "Malformed HTTP request", code="malformed_http", field=field,
+                   detail=f"the request body ended {ended} (the client closed its sending "
+                          "side): nothing was applied, the connection is closed")
+    protocol.transport.write(raw_answer(400, body, protocol.server_state.default_headers))
+    _close(protocol)
+    return True
+
+
 def _close(protocol: Any, linger: bool = False) -> None:
     """Close the connection, and tell the request being read that its client is gone at once,
     as uvicorn does once the loop reports the connection lost: its app, run meanwhile, would
@@ -241,6 +306,9 @@ def _close(protocol: Any, linger: bool = False) -> None:
     if linger:
         lingering_close.arm(protocol)
     protocol.transport.close()
+    watch_unsent = getattr(protocol, "watch_unsent", None)
+    if watch_unsent is not None:  # (an answer left unsent holds the closing connection)
+        watch_unsent()
 
 
 def _start_head_clock(protocol: Any) -> None:
@@ -332,6 +400,8 @@ class _Capped:
             return None
         if _answer_owed(self):
             return True  # (the transport stays open for the answer)
+        if _answer_cut_body(self):
+            return None  # (closed, after its answer)
         super().eof_received()  # type: ignore[misc]
         return None
 
@@ -384,6 +454,7 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                 #: the bytes of the chunks read wholly inside the head (a header line that
                 #: never ends is in none of the above: httptools holds it until its end)
                 _head_chunks = 0
+                _head_raw = b""
 
                 def __init__(self, *args: Any, **kwargs: Any) -> None:
                     super().__init__(*args, **kwargs)
@@ -394,8 +465,28 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                     _answer_head_timeout(self, self._in_head,
                                          self._in_message and not self._in_head)
 
+                @property
+                def parser(self) -> Any:
+                    return self._parser
+
+                @parser.setter
+                def parser(self, parser: Any) -> None:
+                    # every parser of the connection (uvicorn's, and those made after a
+                    # direct body or an Upgrade not taken) takes any one-digit version, which
+                    # on_headers_complete checks: llhttp took 0.9, 1.0, 1.1 and 2.0 (an
+                    # HTTP/2.0 request was served) and refused 1.2 or 3.0 as unparsable
+                    with contextlib.suppress(AttributeError):
+                        parser.set_dangerous_leniencies(lenient_version=True)
+                    self._parser = parser
+
                 def data_received(self, data: bytes) -> None:
                     before = (self._in_head, self._heads_begun)
+                    # (what has arrived of the head being read, where it may start: to name
+                    # the header of a bare LF or a folded line the parser refuses)
+                    if not self._in_head:
+                        self._head_raw = data  # (no copy: a body's reads stay as fast)
+                    elif len(self._head_raw) <= self._max_head:  # (past it: a 431)
+                        self._head_raw += data[:self._max_head + 2]
                     self._fed = data
                     try:
                         super().data_received(data)
@@ -443,6 +534,9 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                 def on_headers_complete(self) -> None:
                     self._in_head = False
                     _stop_head_clock(self)
+                    refused = version_problem(self.parser.get_http_version())
+                    if refused is not None:  # (the parser stops: send_400_response answers)
+                        raise UnsupportedVersion(*refused)
                     wrong = target_problem(self.url)
                     if wrong is not None:  # (the parser stops: send_400_response answers)
                         raise MalformedTarget(wrong)
@@ -511,7 +605,13 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
 
                 def send_400_response(self, msg: str) -> None:
                     try:
-                        status, body = problem_body(sys.exception())
+                        exc = sys.exception()
+                        if isinstance(exc, httptools.HttpParserError) and _LINE_END_ERRORS.search(
+                                str(exc)):
+                            wrong = head_line_problem(self._head_raw)
+                            if wrong is not None:  # (named as under h11)
+                                exc = MalformedHead(*wrong)
+                        status, body = problem_body(exc)
                         answer = raw_answer(status, body, self.server_state.default_headers)
                     except Exception:  # never worse than uvicorn's own answer
                         log.exception("could not build the problem for a refused request")
@@ -554,6 +654,25 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
     else:
         if callable(getattr(H11Protocol, "send_400_response", None)):
 
+            from h11._readers import maybe_read_from_IDLE_client as _read_request_head
+            from h11._receivebuffer import blank_line_regex
+
+            def _checked_request_head(buf: Any) -> Any:
+                """h11's reader of a request head, refusing one with a bare LF line end or an
+                obsolete line folding (:func:`~app.api.request_head_checks.head_line_problem`),
+                which h11 takes (RFC 9112 2.2, 5.2), as httptools does."""
+                data = getattr(buf, "_data", None)
+                if data is None:
+                    data = bytes(buf)
+                if data[:1] not in (b"\r", b"\n"):  # (a blank line first: h11 refuses it)
+                    end = blank_line_regex.search(data)
+                    head = bytes(data[:end.end()] if end is not None else data)
+                    wrong = head_line_problem(head if end is not None
+                                              else head[:head.rfind(b"\n") + 1])
+                    if wrong is not None:
+                        raise h11.RemoteProtocolError(wrong[1]) from MalformedHead(*wrong)
+                return _read_request_head(buf)
+
             class TargetCheckedConnection(h11.Connection):
                 """h11's connection, whose request with a target this server refuses
                 (:func:`~app.api.request_head_checks.target_problem`) is a protocol error, as
@@ -566,12 +685,23 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                 #: the bytes of the body of the request being read so far
                 body_read = 0
 
+                def _get_io_object(self, role: Any, event: Any, io_dict: Any) -> Any:
+                    io = super()._get_io_object(role, event, io_dict)
+                    if io is _read_request_head:  # (the reader of a request's head)
+                        return _checked_request_head
+                    return io
+
                 def next_event(self) -> Any:
                     event = super().next_event()
                     if isinstance(event, h11.Data):
                         self.body_read += len(event.data)
                     elif isinstance(event, h11.Request):
                         self.body_read = 0
+                        refused = version_problem(event.http_version.decode("ascii"))
+                        if refused is not None:
+                            raise h11.RemoteProtocolError(
+                                refused[1], error_status_hint=refused[0]
+                            ) from UnsupportedVersion(*refused)
                         too_large = self._too_large(event)
                         if too_large is not None:  # (a 431, as httptools' heads)
                             raise h11.RemoteProtocolError(
@@ -611,6 +741,8 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                     self.conn.__class__ = TargetCheckedConnection  # (uvicorn made it)
                     conn: Any = self.conn
                     conn.max_head, conn.max_headers = max_head, max_headers
+                    if conn._reader is _read_request_head:  # (made before its class was set)
+                        conn._reader = _checked_request_head
 
                 def _head_timed_out(self) -> None:
                     # a request begun: h11 holds the bytes of a head it has not parsed yet

@@ -32,6 +32,25 @@
   requests are smuggled past a proxy), nothing run. httptools refuses it itself
   (:mod:`app.api.malformed_http`, the same answer); h11 framed it by its chunks, the app
   answered it, and a request pipelined after it on the connection was served.
+- The HTTP version (RFC 9112 2.3, RFC 9110 2.5): HTTP/1.0 and HTTP/1.1 are served; a higher
+  minor version of HTTP/1 (``HTTP/1.2``) is served as HTTP/1.1 (RFC 9110 2.5: a recipient
+  SHOULD process it as the highest minor version it conforms to; the request's scope says
+  ``1.1``, so it needs a ``Host`` as HTTP/1.1 does); another major version (``HTTP/2.0``,
+  ``HTTP/3.0``, ``HTTP/0.5``) is a 505 ``http_version_not_supported`` (RFC 9110 15.6.6;
+  ``field``: ``request-line``), the connection closed, and HTTP/0.9 (a request line without a
+  version, or naming ``HTTP/0.9``: httptools reads both the same) a 400 ``malformed_http``
+  naming ``request-line``: :func:`version_problem`, checked by :mod:`app.api.malformed_http`'s
+  protocols (both served all of them but 1.2 and 3.0, which httptools refused with a 400:
+  an ``HTTP/2.0`` request line was answered 200).
+- Line endings and folding (RFC 9112 2.2, 5.2): a request head with a bare LF line ending
+  or an obsolete line folding (a header line starting with a space or tab) is a 400
+  ``malformed_http`` naming ``headers`` (``request-line`` for the first line's end) and the
+  folded or LF-ended header, the connection closed (:func:`head_line_problem`). RFC 9112 lets a
+  server reject both (obs-fold: reject with 400 or replace with a space; a bare LF: MAY be
+  accepted). Rejected rather than accepted: httptools (llhttp) rejects both, a proxy in front
+  may read such a head differently (a folded line as a header of its own, a bare LF as no line
+  end: request smuggling), and no HTTP/1.1 client sends them. h11 unfolded them and took bare
+  LFs, and served the request.
 - ``Expect`` (RFC 9110 10.1.1): an expectation other than ``100-continue`` (which uvicorn
   answers) gets a 417 ``expectation_failed`` problem naming ``Expect``, the connection closed,
   nothing run (it was ignored and the request served, which a client that asked for an
@@ -121,6 +140,53 @@ def expect_problem(scope: Scope) -> str | None:
 SERVER_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
+#: a line end that is a bare LF (not after a CR), and a line that starts with a space or tab
+#: after another (obs-fold), in a request head
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_FOLD = re.compile(rb"\n[ \t]")
+_HEAD_LINE_HINT = ("each line of the request head ends in CRLF and no header line starts with a "
+                   "space or tab (RFC 9112 2.2, 5.2: obsolete line folding is not taken); the "
+                   "request was not read, the connection is closed")
+
+
+def version_problem(version: str) -> tuple[int, str] | None:
+    """A request's HTTP version (``"1.1"``, as the parser gives it) this server does not
+    serve: (status, reason), or None. A higher minor version of HTTP/1 is served as 1.1."""
+    major, _, minor = version.partition(".")
+    if major == "1" and minor.isdigit():
+        return None
+    if version == "0.9":
+        return 400, ("HTTP/0.9 (a request line with no HTTP version) is not served: the first "
+                     "line is METHOD /path HTTP/1.1; the request was not read, the connection "
+                     "is closed")
+    return 505, (f"HTTP/{version:.8} is not served: this server speaks HTTP/1.1 (and 1.0); "
+                 "send the request as HTTP/1.1; the request was not read, the connection is "
+                 "closed")
+
+
+def head_line_problem(head: bytes) -> tuple[str, str] | None:
+    """The first bare LF line end or obsolete line folding in a request head's bytes (up to its
+    blank line, or what has arrived of it): (field, reason), or None. The reason names the
+    header whose line it is (the one folded, or ended by the bare LF)."""
+    found = [m for m in (_BARE_LF.search(head), _FOLD.search(head)) if m is not None]
+    if not found:
+        return None
+    first = min(found, key=lambda m: m.start())
+    start = head.rfind(b"\n", 0, first.start()) + 1  # (the line it ends, or before the fold)
+    line = head[start:first.start()].rstrip(b"\r")
+    if first.re is _BARE_LF and start == 0:
+        return "request-line", f"the request line ends in a bare LF, not CRLF: {_HEAD_LINE_HINT}"
+    if first.re is _FOLD and start == 0:
+        return "headers", f"the first header line starts with a space or tab: {_HEAD_LINE_HINT}"
+    if first.re is _BARE_LF and not line:
+        return "headers", f"the header section ends in a bare LF, not CRLF: {_HEAD_LINE_HINT}"
+    name = line.partition(b":")[0].decode("latin-1")
+    if first.re is _BARE_LF:
+        return "headers", f"the header {name!r:.80} ends in a bare LF, not CRLF: {_HEAD_LINE_HINT}"
+    return "headers", (f"the header {name!r:.80} is folded onto the next line (obs-fold): "
+                       f"{_HEAD_LINE_HINT}")
+
+
 def target_problem(target: bytes) -> str | None:
     """What is wrong with a request target (the request line's second word), or None: an
     absolute-form target whose authority has userinfo (``http://user@host/path``, RFC 9110
@@ -141,6 +207,9 @@ class RequestHeadChecks:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        version = str(scope.get("http_version", "1.1"))
+        if version.startswith("1.") and version not in ("1.0", "1.1"):
+            scope = {**scope, "http_version": "1.1"}  # (RFC 9110 2.5: HTTP/1.2 as HTTP/1.1)
         wrong = host_problem(scope)
         if wrong is not None:
             response = problem(400, "malformed_http", "Malformed HTTP request",

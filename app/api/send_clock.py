@@ -15,6 +15,17 @@ connection's unsent bytes while its write buffer is past its high-water mark (fr
 nothing in that time and the connection is dropped (``abort``: what is buffered for it
 is let go at once; the app's remaining writes to it are dropped, as for a client gone). A
 slow client that keeps reading keeps its connection, however long its answer takes.
+
+The clock runs too while any of an answer is left in the connection's buffer after its end
+(:meth:`SendClock.watch_unsent`: at each response's end, at a refusal's close, and as the
+buffer falls to its low-water mark, 16 bytes under uvloop), until the buffer is empty. The
+buffer passes its high-water mark (64 KiB) only when a write leaves more than that in it: an
+answer a few KB to 64 KiB past what the kernel's socket buffers took (a 3 MB one, on
+loopback, to a client with a small ``SO_RCVBUF`` that reads nothing) never started the clock,
+and neither did the last bytes left after the buffer fell back to its low-water mark; the
+connection, closing after its answer (``Connection: close``, or uvicorn's keep-alive timeout,
+which waits for the buffer to be written), then held its descriptor, its connection slot and
+its buffer for as long as the client kept it open.
 """
 
 from __future__ import annotations
@@ -57,6 +68,23 @@ class SendClock:
     def resume_writing(self) -> None:
         self._stop_send_clock()
         super().resume_writing()  # type: ignore[misc]
+        self.watch_unsent()  # (bytes left at the low-water mark)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        self.watch_unsent()
+
+    def watch_unsent(self) -> None:
+        """Start the clock where the connection's buffer holds bytes and none runs: they
+        must go out, or the client is dropped (what holds the connection open while it
+        closes after its answer, or while it is kept alive and its next request waits)."""
+        protocol: Any = self
+        transport = getattr(protocol, "transport", None)
+        if (self._send_timer is not None or transport is None
+                or not transport.get_write_buffer_size()):
+            return
+        self._send_left = _unsent(transport)
+        self._send_timer = protocol.loop.call_later(send_timeout(protocol.config), self._look)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_send_clock()
@@ -73,6 +101,8 @@ class SendClock:
         # (a closing transport too: uvicorn closes a kept-alive connection after
         # timeout_keep_alive, which waits for its buffer to be written first)
         transport = protocol.transport
+        if not transport.get_write_buffer_size():  # (all of it with the kernel: nothing held)
+            return
         left = _unsent(transport)
         if left and left >= self._send_left:
             timeout = send_timeout(protocol.config)

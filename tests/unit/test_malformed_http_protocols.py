@@ -57,6 +57,9 @@ class Transport(asyncio.Transport):
     def is_closing(self) -> bool:
         return self.closed
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # (every write taken at once)
+
     # (a lingering close half-closes and hands the connection to a drain, as on a socket)
     def can_write_eof(self) -> bool:
         return True
@@ -425,7 +428,7 @@ def test_a_client_that_half_closes_after_its_request_reads_its_answer(
     """``shutdown(SHUT_WR)`` after a whole request (``nc -N`` does it at the end of its input):
     the transport stays open for the answer, which is written whole, and then closes. uvicorn
     closed it at once: the request ran and its answer was lost. One half-closed inside its
-    body is gone, as before."""
+    body is a 400 naming ``Content-Length`` (it was closed with no answer)."""
     cls = malformed_http.PROBLEM_HTTPTOOLS if protocol == "httptools" else \
         malformed_http.PROBLEM_H11
     app = FastAPI()
@@ -450,10 +453,15 @@ def test_a_client_that_half_closes_after_its_request_reads_its_answer(
     status, headers, body = answer(transport)
     assert (status, json.loads(body), ran) == (200, {"got": 3}, [b"abc"])
     assert transport.closed  # (then closed: nothing more can come)
-    # the end of the input inside a body: the request is gone (not kept open for it)
+    # the end of the input inside a body: a 400 naming Content-Length, the request gone (its
+    # app told its client is gone, its own answer not written), the connection closed
     transport = feed(cls, b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: 9\r\n\r\nabc",
                      loop, app)
     assert not transport.protocol.eof_received()
-    transport.close()  # (what the loop's transport does then)
+    assert transport.closed
     loop.run_until_complete(asyncio.wait(asyncio.all_tasks(loop), timeout=10))
-    assert transport.written == b"" and ran == [b"abc", b"gone"]
+    status, headers, body = answer(transport)
+    assert (status, headers["connection"], ran) == (400, "close", [b"abc", b"gone"])
+    assert (json.loads(body)["code"], json.loads(body)["field"]) == (
+        "malformed_http", "Content-Length")
+    assert transport.written.count(b"HTTP/1.1 ") == 1  # (nothing after it)
