@@ -25,6 +25,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from app.api import malformed_http
 from app.api.malformed_http import http_protocol
 from app.config import Settings, env_name
 from app.main import create_app
@@ -92,6 +93,20 @@ def _test_settings(**overrides: object) -> Settings:
                                  "data_dir": Path(tempfile.mkdtemp(prefix="optserve-test-"))}
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+#: the HTTP/1.1 protocols the server runs (``LiveServer(http=problem_protocol(name))``)
+HTTP_PROTOCOLS = ["httptools", "h11"]
+
+
+def problem_protocol(name: str) -> Any:
+    """The server's protocol class of that name (``"httptools"`` or ``"h11"``, with the
+    server's problem answers); the test fails where it could not be made."""
+    protocol = (malformed_http.PROBLEM_HTTPTOOLS if name == "httptools"
+                else malformed_http.PROBLEM_H11)
+    if protocol is None:
+        pytest.fail(f"the {name} protocol could not be made")
+    return protocol
 
 
 class LiveServer:

@@ -17,19 +17,16 @@ import httpx
 import pytest
 import torch
 
-from app.api.malformed_http import PROBLEM_H11, PROBLEM_HTTPTOOLS
-from tests.conftest import LiveServer, _test_settings
+from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
 
 pytestmark = pytest.mark.integration
 
 LR = 0.1
 
 
-@pytest.fixture(scope="module", params=["httptools", "h11"])
+@pytest.fixture(scope="module", params=HTTP_PROTOCOLS)
 def server(request: pytest.FixtureRequest) -> Iterator[str]:
-    protocol = PROBLEM_HTTPTOOLS if request.param == "httptools" else PROBLEM_H11
-    if protocol is None:
-        pytest.fail(f"the {request.param} protocol could not be made")
+    protocol = problem_protocol(request.param)
     with LiveServer(_test_settings(), http=protocol).serving() as url:
         yield url
 

@@ -20,8 +20,7 @@ import pytest
 import torch
 
 from app.api import connection_cap
-from app.api.malformed_http import PROBLEM_H11, PROBLEM_HTTPTOOLS
-from tests.conftest import LiveServer, _test_settings
+from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
 from tests.integration import test_lingering_refusals as lingering_refusals
 
 pytestmark = pytest.mark.integration
@@ -32,11 +31,9 @@ LR = 0.1
 LINGER_S = 3.0
 
 
-@pytest.fixture(scope="module", params=["httptools", "h11"])
+@pytest.fixture(scope="module", params=HTTP_PROTOCOLS)
 def server(request: pytest.FixtureRequest) -> Iterator[str]:
-    protocol = PROBLEM_HTTPTOOLS if request.param == "httptools" else PROBLEM_H11
-    if protocol is None:
-        pytest.fail(f"the {request.param} protocol could not be made")
+    protocol = problem_protocol(request.param)
     settings = _test_settings(body_timeout_s=TIMEOUT_S, body_min_kib_s=MIN_KIB_S)
     # a linger well past the 0.4 s the client goes on sending after its answer: a loaded
     # machine's client thread may be late by more than the default's 0.6 s to spare

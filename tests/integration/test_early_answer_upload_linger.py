@@ -25,8 +25,7 @@ import httpx
 import pytest
 
 from app.api import connection_cap, lingering_close
-from app.api.malformed_http import PROBLEM_H11, PROBLEM_HTTPTOOLS
-from tests.conftest import LiveServer, _test_settings
+from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
 
 pytestmark = pytest.mark.integration
 
@@ -49,14 +48,7 @@ EARLY = {401: ("/v1/sessions", "wrong-key-0123456789abcdef", "unauthorized"),
          404: ("/v1/no-such-route", KEY, "not_found")}
 
 
-def _protocol(name: str) -> object:
-    protocol = PROBLEM_HTTPTOOLS if name == "httptools" else PROBLEM_H11
-    if protocol is None:
-        pytest.fail(f"the {name} protocol could not be made")
-    return protocol
-
-
-@pytest.fixture(scope="module", params=["httptools", "h11"])
+@pytest.fixture(scope="module", params=HTTP_PROTOCOLS)
 def live(request: pytest.FixtureRequest) -> Iterator[tuple[LiveServer, str]]:
     """A server with keys on and short bounds (the slow uploads)."""
     settings = _test_settings(head_timeout_s=HEAD_TIMEOUT_S, api_keys=f"{KEY}:t1",
@@ -64,25 +56,25 @@ def live(request: pytest.FixtureRequest) -> Iterator[tuple[LiveServer, str]]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(connection_cap, "UPLOAD_LINGER_S", TOTAL_S)
         patch.setattr(connection_cap, "UPLOAD_QUIET_S", QUIET_S)
-        server = LiveServer(settings, http=_protocol(request.param))
+        server = LiveServer(settings, http=problem_protocol(request.param))
         with server.serving() as url:
             yield server, url
 
 
-@pytest.fixture(scope="module", params=["httptools", "h11"])
+@pytest.fixture(scope="module", params=HTTP_PROTOCOLS)
 def kept(request: pytest.FixtureRequest) -> Iterator[tuple[LiveServer, str]]:
     """A server with keys on and the default head clock (10 s: a loaded machine's client
     between two requests is not outlasted)."""
-    server = LiveServer(_test_settings(api_keys=f"{KEY}:t1"), http=_protocol(request.param))
+    server = LiveServer(_test_settings(api_keys=f"{KEY}:t1"), http=problem_protocol(request.param))
     with server.serving() as url:
         yield server, url
 
 
-@pytest.fixture(scope="module", params=["httptools", "h11"])
+@pytest.fixture(scope="module", params=HTTP_PROTOCOLS)
 def capped(request: pytest.FixtureRequest) -> Iterator[tuple[LiveServer, str]]:
     """A server that holds one connection at most (``OPTSERVE_MAX_CONNECTIONS``), with the
     default bounds (a connection held idle is closed after 10 s)."""
-    server = LiveServer(_test_settings(max_connections=1), http=_protocol(request.param))
+    server = LiveServer(_test_settings(max_connections=1), http=problem_protocol(request.param))
     with server.serving() as url:
         yield server, url
 

@@ -30,8 +30,7 @@ import httpx
 import pytest
 import torch
 
-from app.api.malformed_http import PROBLEM_H11, PROBLEM_HTTPTOOLS
-from tests.conftest import LiveServer, _test_settings
+from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
 
 pytestmark = pytest.mark.integration
 
@@ -40,11 +39,9 @@ P0 = torch.tensor([1.0, -2.0, 3.5])
 GRAD = torch.tensor([0.5, 0.25, -1.0])
 
 
-@pytest.fixture(scope="module", params=["httptools", "h11"])
+@pytest.fixture(scope="module", params=HTTP_PROTOCOLS)
 def server(request: pytest.FixtureRequest) -> Iterator[str]:
-    protocol = PROBLEM_HTTPTOOLS if request.param == "httptools" else PROBLEM_H11
-    if protocol is None:
-        pytest.fail(f"the {request.param} protocol could not be made")
+    protocol = problem_protocol(request.param)
     with LiveServer(_test_settings(), http=protocol).serving() as url:
         yield url
 

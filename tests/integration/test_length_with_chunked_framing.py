@@ -17,8 +17,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from app.api.malformed_http import PROBLEM_H11, PROBLEM_HTTPTOOLS
-from tests.conftest import LiveServer, _test_settings
+from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
 from tests.integration.test_host_header_and_connect import (
     GRAD,
     LR,
@@ -32,11 +31,9 @@ pytestmark = pytest.mark.integration
 PIPELINED = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
 
 
-@pytest.fixture(scope="module", params=["httptools", "h11"])
+@pytest.fixture(scope="module", params=HTTP_PROTOCOLS)
 def server(request: pytest.FixtureRequest) -> Iterator[str]:
-    protocol = PROBLEM_HTTPTOOLS if request.param == "httptools" else PROBLEM_H11
-    if protocol is None:
-        pytest.fail(f"the {request.param} protocol could not be made")
+    protocol = problem_protocol(request.param)
     with LiveServer(_test_settings(), http=protocol).serving() as url:
         yield url
 

@@ -25,8 +25,7 @@ from collections.abc import Iterator
 import pytest
 
 from app.api import connection_cap
-from app.api.malformed_http import PROBLEM_H11, PROBLEM_HTTPTOOLS
-from tests.conftest import LiveServer, _test_settings
+from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
 
 pytestmark = pytest.mark.integration
 
@@ -43,9 +42,7 @@ def live(request: pytest.FixtureRequest) -> Iterator[tuple[LiveServer, str]]:
     """A server with each HTTP protocol, on the server's default event loop (uvloop where it
     is installed) and on asyncio's own."""
     name, loop = request.param
-    protocol = PROBLEM_HTTPTOOLS if name == "httptools" else PROBLEM_H11
-    if protocol is None:
-        pytest.fail(f"the {name} protocol could not be made")
+    protocol = problem_protocol(name)
     settings = _test_settings(head_timeout_s=HEAD_TIMEOUT_S)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(connection_cap, "LINGER_S", LINGER_S)
@@ -261,13 +258,12 @@ def test_a_client_gone_while_its_connection_lingers_is_let_go_at_once(
         assert again.recv(100).startswith(b"HTTP/1.1 200")
 
 
-@pytest.mark.parametrize("protocol", ["httptools", "h11"])
+@pytest.mark.parametrize("protocol", HTTP_PROTOCOLS)
 def test_a_server_shutting_down_does_not_wait_for_its_lingering_connections(
         protocol: str) -> None:
     """uvicorn's graceful shutdown closes a lingering connection at once (it waits for every
     connection to close): it does not wait out the linger (30 s here)."""
-    http = PROBLEM_HTTPTOOLS if protocol == "httptools" else PROBLEM_H11
-    assert http is not None
+    http = problem_protocol(protocol)
     linger_s = 30.0
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(connection_cap, "LINGER_S", linger_s)

@@ -21,8 +21,7 @@ from collections.abc import Iterator
 import pytest
 
 from app.api import connection_cap
-from app.api.malformed_http import PROBLEM_H11, PROBLEM_HTTPTOOLS
-from tests.conftest import LiveServer, _test_settings
+from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
 
 pytestmark = pytest.mark.integration
 
@@ -38,11 +37,9 @@ BODY = 200_000
 PIECES = 100
 
 
-@pytest.fixture(scope="module", params=["httptools", "h11"])
+@pytest.fixture(scope="module", params=HTTP_PROTOCOLS)
 def live(request: pytest.FixtureRequest) -> Iterator[tuple[LiveServer, str]]:
-    protocol = PROBLEM_HTTPTOOLS if request.param == "httptools" else PROBLEM_H11
-    if protocol is None:
-        pytest.fail(f"the {request.param} protocol could not be made")
+    protocol = problem_protocol(request.param)
     settings = _test_settings(head_timeout_s=HEAD_TIMEOUT_S, max_body_mb=MAX_BODY_MB)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(connection_cap, "UPLOAD_LINGER_S", TOTAL_S)
@@ -184,12 +181,11 @@ def test_a_sender_that_never_ends_is_closed_after_the_total_bound(
     wait_no_lingering(server, 10)
 
 
-@pytest.mark.parametrize("protocol", ["httptools", "h11"])
+@pytest.mark.parametrize("protocol", HTTP_PROTOCOLS)
 def test_a_server_shutting_down_does_not_wait_for_a_refused_upload(protocol: str) -> None:
     """uvicorn's graceful shutdown closes a connection lingering after its 413 at once: it
     does not wait out the upload's linger (30 s, its client sending on)."""
-    http = PROBLEM_HTTPTOOLS if protocol == "httptools" else PROBLEM_H11
-    assert http is not None
+    http = problem_protocol(protocol)
     server = LiveServer(_test_settings(max_body_mb=MAX_BODY_MB), http=http)
     url = server.start()
     try:

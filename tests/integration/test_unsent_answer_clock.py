@@ -27,8 +27,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from app.api.malformed_http import PROBLEM_H11, PROBLEM_HTTPTOOLS
-from tests.conftest import LiveServer, _test_settings
+from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
 
 pytestmark = pytest.mark.integration
 
@@ -37,11 +36,9 @@ TIMEOUT_S = 1.0
 LEFT = (8 * 1024, 24 * 1024, 40 * 1024)
 
 
-@pytest.fixture(scope="module", params=["httptools", "h11"])
+@pytest.fixture(scope="module", params=HTTP_PROTOCOLS)
 def server(request: pytest.FixtureRequest) -> Iterator[str]:
-    protocol = PROBLEM_HTTPTOOLS if request.param == "httptools" else PROBLEM_H11
-    if protocol is None:
-        pytest.fail(f"the {request.param} protocol could not be made")
+    protocol = problem_protocol(request.param)
     settings = _test_settings(body_timeout_s=TIMEOUT_S, max_body_mb=128.0)
     with LiveServer(settings, http=protocol).serving() as url:
         yield url
