@@ -109,6 +109,14 @@ def problem_protocol(name: str) -> Any:
     return protocol
 
 
+@pytest.fixture(scope="module", params=HTTP_PROTOCOLS)
+def server(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The url of a live server at the test settings on each HTTP protocol, for a module's
+    tests (a module that needs other settings defines its own ``server``)."""
+    with LiveServer(_test_settings(), http=problem_protocol(request.param)).serving() as url:
+        yield url
+
+
 class LiveServer:
     """uvicorn.Server running in a thread, as httpx's own test suite does."""
 

@@ -11,24 +11,14 @@ from __future__ import annotations
 import json
 import socket
 import uuid
-from collections.abc import Iterator
 
 import httpx
 import pytest
 import torch
 
-from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
-
 pytestmark = pytest.mark.integration
 
 LR = 0.1
-
-
-@pytest.fixture(scope="module", params=HTTP_PROTOCOLS)
-def server(request: pytest.FixtureRequest) -> Iterator[str]:
-    protocol = problem_protocol(request.param)
-    with LiveServer(_test_settings(), http=protocol).serving() as url:
-        yield url
 
 
 def half_closed(url: str, raw: bytes) -> tuple[bytes, bool]:

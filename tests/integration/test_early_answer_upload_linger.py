@@ -26,6 +26,7 @@ import pytest
 
 from app.api import connection_cap, lingering_close
 from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
+from tests.integration import test_refused_upload_linger as upload
 
 pytestmark = pytest.mark.integration
 
@@ -37,10 +38,10 @@ QUIET_S = 3.0
 #: how long the slow upload takes: past the 1 s head clock plus the 1 s short linger that a
 #: body kept alive met, well within TOTAL_S
 UPLOAD_S = 4.5
-BODY = 200_000
+BODY = upload.BODY
 #: the body timeout (the app reads none of the slow uploads' bodies)
 BODY_TIMEOUT_S = 1.0
-PIECES = 100
+PIECES = upload.PIECES
 #: a body whose rest, as its early answer comes, is within KEEP_ALIVE_REST
 SMALL_BODY = 50_000
 #: requests answered before their body is read: a wrong key, a route that does not exist
@@ -79,17 +80,6 @@ def capped(request: pytest.FixtureRequest) -> Iterator[tuple[LiveServer, str]]:
         yield server, url
 
 
-def lingering(server: LiveServer) -> int:
-    return int(server.app.state.connections.lingering)
-
-
-def wait_no_lingering(server: LiveServer, within: float) -> None:
-    deadline = time.monotonic() + within
-    while lingering(server):
-        assert time.monotonic() < deadline, lingering(server)
-        time.sleep(0.02)
-
-
 def lingering_gauge(url: str) -> float:
     """``optserve_connections_lingering`` as ``/metrics`` says it."""
     text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"},
@@ -99,33 +89,10 @@ def lingering_gauge(url: str) -> float:
     return float(line.split()[1])
 
 
-def connect(url: str) -> socket.socket:
-    host, port = url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=30)
-
-
 def head(status: int, framing: str, extra: str = "") -> bytes:
     path, key, _ = EARLY[status]
     return (f"POST {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\n"
             f"Content-Type: application/json\r\n{extra}{framing}\r\n\r\n").encode()
-
-
-def pieces(chunked: bool) -> list[bytes]:
-    """:data:`BODY` in :data:`PIECES` pieces (chunks of a chunked body, its end in the
-    last)."""
-    size = BODY // PIECES
-    if not chunked:
-        return [b"a" * size] * PIECES
-    chunk = b"%x\r\n%s\r\n" % (size, b"a" * size)
-    return [chunk] * (PIECES - 1) + [chunk + b"0\r\n\r\n"]
-
-
-def read_to_end(sock: socket.socket) -> bytes:
-    """What the server sent, to the end of its stream (a reset raises)."""
-    answer = b""
-    while chunk := sock.recv(65536):
-        answer += chunk
-    return answer
 
 
 def read_answer(sock: socket.socket) -> bytes:
@@ -166,20 +133,20 @@ def test_a_slow_upload_answered_early_reads_its_answer_after_its_last_byte(
     does), then reads: the whole problem, then the end of the stream, no reset; the server
     closes once the client closes its side, and no connection lingers after."""
     server, url = live
-    wait_no_lingering(server, TOTAL_S + 10)
+    upload.wait_no_lingering(server, TOTAL_S + 10)
     framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {BODY}"
-    with connect(url) as sock:
+    with upload.connect(url) as sock:
         sock.sendall(head(status, framing))
         started = time.monotonic()
-        for piece in pieces(chunked):
+        for piece in upload.pieces(chunked):
             sock.sendall(piece)  # (a reset here fails the test)
             time.sleep(UPLOAD_S / PIECES)
         assert time.monotonic() - started > 2 * HEAD_TIMEOUT_S + connection_cap.LINGER_S
-        problem_of(read_to_end(sock), status, closes=True)  # (a reset here fails the test)
-        assert lingering(server) == 1  # (still counted: the client has not closed)
+        problem_of(upload.read_to_end(sock), status, closes=True)  # (a reset here fails the test)
+        assert upload.lingering(server) == 1  # (still counted: the client has not closed)
         sock.shutdown(socket.SHUT_WR)
         assert sock.recv(100) == b""
-    wait_no_lingering(server, 10)
+    upload.wait_no_lingering(server, 10)
     assert lingering_gauge(url) == 0
 
 
@@ -191,13 +158,13 @@ def test_a_small_rest_answered_early_keeps_the_connection(
     connection, sent right behind the body, is answered as ever; nothing lingers."""
     assert SMALL_BODY <= lingering_close.KEEP_ALIVE_REST
     server, url = kept
-    with connect(url) as sock:
+    with upload.connect(url) as sock:
         sock.sendall(head(status, f"Content-Length: {SMALL_BODY}") + b"a" * 1000)
         problem_of(read_answer(sock), status, closes=False)  # (before the body's end)
-        assert lingering(server) == 0
+        assert upload.lingering(server) == 0
         sock.sendall(b"a" * (SMALL_BODY - 1000) + b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
         assert read_answer(sock).startswith(b"HTTP/1.1 200 ")
-    wait_no_lingering(server, 10)
+    upload.wait_no_lingering(server, 10)
 
 
 @pytest.mark.parametrize("status", sorted(EARLY))
@@ -206,13 +173,13 @@ def test_a_whole_request_answered_keeps_the_connection(
     """A request sent whole (its body ended before its answer) is answered without
     ``Connection: close``, the next request on the connection as ever; nothing lingers."""
     server, url = kept
-    with connect(url) as sock:
+    with upload.connect(url) as sock:
         sock.sendall(head(status, "Content-Length: 2") + b"{}")
         problem_of(read_answer(sock), status, closes=False)
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
         assert read_answer(sock).startswith(b"HTTP/1.1 200 ")
-        assert lingering(server) == 0
-    assert lingering(server) == 0
+        assert upload.lingering(server) == 0
+    assert upload.lingering(server) == 0
 
 
 def test_an_answer_before_100_continue_keeps_the_connection(
@@ -222,19 +189,19 @@ def test_an_answer_before_100_continue_keeps_the_connection(
     send its body or close (RFC 9110 10.1.1), nothing lingering; the body sent anyway is read
     and dropped, and the next request answered as ever."""
     server, url = kept
-    with connect(url) as sock:
+    with upload.connect(url) as sock:
         sock.sendall(head(401, f"Content-Length: {BODY}", "Expect: 100-continue\r\n"))
         answer = read_answer(sock)
         assert not answer.startswith(b"HTTP/1.1 100"), answer[:300]
         problem_of(answer, 401, closes=False)
-        assert lingering(server) == 0
+        assert upload.lingering(server) == 0
         sock.settimeout(0.3)
         with pytest.raises(TimeoutError):  # (open: neither closed nor answered again)
             sock.recv(100)
         sock.settimeout(30)
         sock.sendall(b"a" * BODY + b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
         assert read_answer(sock).startswith(b"HTTP/1.1 200 ")
-    assert lingering(server) == 0
+    assert upload.lingering(server) == 0
 
 
 def test_a_slow_upload_with_an_unmet_expectation_reads_its_417(
@@ -243,20 +210,20 @@ def test_a_slow_upload_with_an_unmet_expectation_reads_its_417(
     not read): the close lingers as long as the upload goes on, as a 413's (it lingered a
     second, and the client's next bytes met a reset)."""
     server, url = live
-    wait_no_lingering(server, TOTAL_S + 10)
-    with connect(url) as sock:
+    upload.wait_no_lingering(server, TOTAL_S + 10)
+    with upload.connect(url) as sock:
         sock.sendall(head(404, f"Content-Length: {BODY}", "Expect: something-else\r\n"))
         started = time.monotonic()
-        for piece in pieces(False):
+        for piece in upload.pieces(False):
             sock.sendall(piece)  # (a reset here fails the test)
             time.sleep(UPLOAD_S / PIECES)
         assert time.monotonic() - started > 2 * connection_cap.LINGER_S
-        answer = read_to_end(sock)  # (a reset here fails the test)
+        answer = upload.read_to_end(sock)  # (a reset here fails the test)
         assert answer.startswith(b"HTTP/1.1 417 "), answer[:300]
         assert b"\r\nconnection: close\r\n" in answer.lower(), answer[:300]
         sock.shutdown(socket.SHUT_WR)
         assert sock.recv(100) == b""
-    wait_no_lingering(server, 10)
+    upload.wait_no_lingering(server, 10)
 
 
 def test_a_body_timeout_408_says_the_connection_closes(live: tuple[LiveServer, str]) -> None:
@@ -264,23 +231,23 @@ def test_a_body_timeout_408_says_the_connection_closes(live: tuple[LiveServer, s
     it: the answer says so (``Connection: close``), under h11 as under httptools, and
     nothing lingers once the client has closed."""
     server, url = live
-    wait_no_lingering(server, TOTAL_S + 10)
-    with connect(url) as sock:
+    upload.wait_no_lingering(server, TOTAL_S + 10)
+    with upload.connect(url) as sock:
         sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
                      + KEY.encode() + b"\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n{")
-        answer = read_to_end(sock)  # (after about BODY_TIMEOUT_S)
+        answer = upload.read_to_end(sock)  # (after about BODY_TIMEOUT_S)
     head_part, _, body = answer.partition(b"\r\n\r\n")
     assert head_part.startswith(b"HTTP/1.1 408 "), answer[:300]
     assert b"\r\nconnection: close\r\n" in head_part.lower() + b"\r\n", head_part
     problem = json.loads(body)
     assert (problem["code"], problem["field"]) == ("body_timeout", "body"), problem
-    wait_no_lingering(server, 10)
+    upload.wait_no_lingering(server, 10)
 
 
 def _held(server: LiveServer, url: str) -> socket.socket:
     """The one connection ``capped`` allows, open and idle."""
-    held = connect(url)
+    held = upload.connect(url)
     deadline = time.monotonic() + 10
     while server.app.state.connections.open < 1:
         assert time.monotonic() < deadline
@@ -302,19 +269,19 @@ def test_a_slow_upload_on_a_refused_connection_reads_its_503(
     and a body over :data:`UPLOAD_S` without reading, then reads the whole 503 and the end of
     the stream, no reset (it lingered a second, and the client's next bytes met a reset)."""
     server, url = capped
-    wait_no_lingering(server, 40)
-    with _held(server, url), connect(url) as sock:
+    upload.wait_no_lingering(server, 40)
+    with _held(server, url), upload.connect(url) as sock:
         sock.sendall(head(401, f"Content-Length: {BODY}"))
         started = time.monotonic()
-        for piece in pieces(False):
+        for piece in upload.pieces(False):
             sock.sendall(piece)  # (a reset here fails the test)
             time.sleep(UPLOAD_S / PIECES)
         assert time.monotonic() - started > 2 * connection_cap.LINGER_S
-        the_503(read_to_end(sock))  # (a reset here fails the test)
-        assert lingering(server) == 1
+        the_503(upload.read_to_end(sock))  # (a reset here fails the test)
+        assert upload.lingering(server) == 1
         sock.shutdown(socket.SHUT_WR)
         assert sock.recv(100) == b""
-    wait_no_lingering(server, 10)
+    upload.wait_no_lingering(server, 10)
 
 
 def test_a_refused_connection_that_sends_nothing_is_let_go_soon(
@@ -323,9 +290,9 @@ def test_a_refused_connection_that_sends_nothing_is_let_go_soon(
     of the stream, and is closed about ``connection_cap.LINGER_S`` later, well before an
     upload's quiet bound."""
     server, url = capped
-    wait_no_lingering(server, 40)
-    with _held(server, url), connect(url) as sock:
-        the_503(read_to_end(sock))
+    upload.wait_no_lingering(server, 40)
+    with _held(server, url), upload.connect(url) as sock:
+        the_503(upload.read_to_end(sock))
         answered = time.monotonic()
-        wait_no_lingering(server, 10)
+        upload.wait_no_lingering(server, 10)
         assert time.monotonic() - answered < connection_cap.UPLOAD_QUIET_S - 1

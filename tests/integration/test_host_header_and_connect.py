@@ -23,27 +23,17 @@ import json
 import re
 import socket
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 import torch
 
-from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
-
 pytestmark = pytest.mark.integration
 
 LR = 0.1
 P0 = torch.tensor([1.0, -2.0, 3.5])
 GRAD = torch.tensor([0.5, 0.25, -1.0])
-
-
-@pytest.fixture(scope="module", params=HTTP_PROTOCOLS)
-def server(request: pytest.FixtureRequest) -> Iterator[str]:
-    protocol = problem_protocol(request.param)
-    with LiveServer(_test_settings(), http=protocol).serving() as url:
-        yield url
 
 
 def exchange(url: str, raw: bytes, timeout: float = 10

@@ -20,23 +20,14 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
 from tests.integration.test_host_header_and_connect import exchange
 
 pytestmark = pytest.mark.integration
 
 PIPELINED = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
-
-
-@pytest.fixture(scope="module", params=HTTP_PROTOCOLS)
-def server(request: pytest.FixtureRequest) -> Iterator[str]:
-    protocol = problem_protocol(request.param)
-    with LiveServer(_test_settings(), http=protocol).serving() as url:
-        yield url
 
 
 def refused(url: str, raw: bytes, status: int, code: str, field: str) -> str:
