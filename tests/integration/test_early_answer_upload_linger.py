@@ -28,7 +28,8 @@ from app.api import connection_cap, lingering_close
 from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
 from tests.integration import test_refused_upload_linger as upload
 
-pytestmark = pytest.mark.integration
+# waits on real clocks most of its time: run beside the Ray suite (scripts/test)
+pytestmark = [pytest.mark.integration, pytest.mark.clock]
 
 KEY = "early-answer-key-0123456789"
 HEAD_TIMEOUT_S = 1.0

@@ -43,9 +43,10 @@ def server(request: pytest.FixtureRequest) -> Iterator[str]:
         yield url
 
 
-def exchange(url: str, raw: bytes) -> tuple[list[tuple[int, dict[str, str], bytes]], bool]:
+def exchange(url: str, raw: bytes, until: int | None = None
+             ) -> tuple[list[tuple[int, dict[str, str], bytes]], bool]:
     """:func:`test_host_header_and_connect.exchange`, waiting 3 s for an answer."""
-    return host_header.exchange(url, raw, timeout=3)
+    return host_header.exchange(url, raw, timeout=3, until=until)
 
 
 @contextmanager
@@ -77,7 +78,7 @@ def torch_sgd_step() -> torch.Tensor:
 
 def test_options_star_names_the_servers_methods_without_a_key(server: str) -> None:
     answers, _ = exchange(server, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n"
-                                  b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                                  b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", until=2)
     (status, headers, body), health = answers
     assert status == 200 and body == b"" and headers["content-length"] == "0", answers
     allowed = [m.strip() for m in headers["allow"].split(",")]
@@ -87,7 +88,8 @@ def test_options_star_names_the_servers_methods_without_a_key(server: str) -> No
     assert set(allowed) == served | {"HEAD", "OPTIONS"}, allowed
     assert health[0] == 200  # (the connection stays open)
     # another OPTIONS still needs the key
-    answers, _ = exchange(server, b"OPTIONS /v1/sessions HTTP/1.1\r\nHost: x\r\n\r\n")
+    answers, _ = exchange(server, b"OPTIONS /v1/sessions HTTP/1.1\r\nHost: x\r\n\r\n",
+                          until=1)
     assert answers[0][0] == 401
 
 
@@ -134,11 +136,12 @@ def test_expect_100_continue_is_still_met(server: str) -> None:
 
 
 def test_an_absolute_form_target_is_served(server: str) -> None:
-    answers, _ = exchange(server, b"GET http://x/healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    answers, _ = exchange(server, b"GET http://x/healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+                          until=1)
     assert answers[0][0] == 200 and json.loads(answers[0][2]) == {"status": "ok"}, answers
     with session(server, "absolute") as c:
         answers, _ = exchange(server, step_raw("http://x:1/v1/sessions/{sid}/step?return=params",
-                                               "absolute"))
+                                               "absolute"), until=1)
         assert answers[0][0] == 200, answers
         got = json.loads(answers[0][2])["params"]["w"]["data"]
         assert torch.equal(torch.tensor(got, dtype=torch.float32), torch_sgd_step())

@@ -27,7 +27,8 @@ import pytest
 from app.api import connection_cap
 from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
 
-pytestmark = pytest.mark.integration
+# waits on real clocks most of its time: run beside the Ray suite (scripts/test)
+pytestmark = [pytest.mark.integration, pytest.mark.clock]
 
 HEAD_TIMEOUT_S = 1.0
 LINGER_S = 5.0

@@ -29,7 +29,8 @@ import pytest
 
 from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
 
-pytestmark = pytest.mark.integration
+# waits on real clocks most of its time: run beside the Ray suite (scripts/test)
+pytestmark = [pytest.mark.integration, pytest.mark.clock]
 
 TIMEOUT_S = 1.0
 #: the bytes each answer leaves unsent past what the kernel takes (all below 64 KiB)
