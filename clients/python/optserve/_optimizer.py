@@ -71,6 +71,7 @@ from ._client import Client
 from ._exceptions import APIStatusError, OptserveError, PreconditionFailedError
 from ._gc import gc_paused
 from ._session_state import SessionState, assigned_state
+from ._state_layout import laid_out_as_torch
 from ._step_dtypes import STATE_MADE_AT_CONSTRUCTION, StepDtypes
 from ._tensors import Tensor
 from ._types import EvaluationRequest, SessionInfo
@@ -1176,7 +1177,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         for group, server in zip(self.param_groups, sd["param_groups"], strict=True):
             for p, index in zip(group["params"], server["params"], strict=True):
                 if index in sd["state"]:
-                    self._step_dtypes.as_torch_keeps(p, sd["state"][index])
+                    self._step_dtypes.as_torch_keeps(
+                        p, laid_out_as_torch(p, sd["state"][index]))
         state_dict: dict[str, Any] = {"state": self._with_client_state(sd), "param_groups": groups}
         if "scheduler" in sd:
             state_dict["scheduler"] = sd["scheduler"]
@@ -1401,7 +1403,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             for p, index in zip(group["params"], server["params"], strict=True):
                 entry = sd["state"].get(index)
                 if entry is not None:
-                    state[p] = self._step_dtypes.as_torch_keeps(p, entry)
+                    state[p] = self._step_dtypes.as_torch_keeps(p, laid_out_as_torch(p, entry))
         return state
 
     # ------------------------------------------------------------------ extras
