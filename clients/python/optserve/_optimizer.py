@@ -273,7 +273,8 @@ def _steps_as_the_session_keeps(state: Any, numbers_of: str | None = None) -> An
     ``numbers_of`` (the optimizer's name, for a ``load_state_dict``), its scalar state given as
     Python numbers (an old checkpoint's ``"step": 3``) becomes a float32 tensor as that
     optimizer's ``__setstate__`` makes it (``torch.tensor(float(value), dtype=<default
-    dtype>)``; under a float64 default only where float32 holds the number exactly)."""
+    dtype>)``; under a float64 default, where float32 does not hold the number exactly, a
+    float64 tensor, as torch's)."""
     if not isinstance(state, Mapping):
         return state
     keys = _NUMBER_STATE_LOADED_AS_TENSORS.get(numbers_of or "", ())
@@ -296,12 +297,15 @@ def _loads_as_a_tensor(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor))
 
 
-def _as_session_scalar(value: float) -> Any:
+def _as_session_scalar(value: float) -> torch.Tensor:
     """A Python number of a loaded state dict as the session's float32 tensor (torch's under a
-    float32 default), or as it is where float32 would round what torch keeps in float64."""
+    float32 default), or as the float64 tensor torch's ``__setstate__`` makes of it under a
+    float64 default where float32 would round it (a ``step`` past 2**24: the session keeps a
+    float64 count as it is, as torch does); it went as the number, which the session refuses
+    (a 422 "expected a tensor of shape []")."""
     held = torch.tensor(float(value), dtype=torch.float32)
     if torch.get_default_dtype() == torch.float64 and held.item() != float(value):
-        return value
+        return torch.tensor(float(value), dtype=torch.float64)
     return held
 
 
