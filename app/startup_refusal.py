@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import weakref
 from typing import Any
 
 #: the logger uvicorn logs a failed lifespan on
@@ -33,11 +34,14 @@ def say(problem: str) -> None:
 class StartupRefusal(logging.Filter):
     """uvicorn's log of a lifespan that refused to start for a reason the app noted
     (``app.state.startup_problem``): left out, the traceback and "Application startup
-    failed" with it, since the reason is said in one line. Any other record passes."""
+    failed" with it, since the reason is said in one line. Any other record passes. (The
+    app is held weakly: the factory's filter stays on uvicorn's logger, and keeps no app
+    alive.)"""
 
     def __init__(self, app: Any) -> None:
         super().__init__()
-        self._app = app
+        self._app = weakref.ref(app)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return getattr(self._app.state, "startup_problem", None) is None
+        app = self._app()
+        return app is None or getattr(app.state, "startup_problem", None) is None
