@@ -7,7 +7,7 @@ before anything starts: one line on stderr naming the variable, exit code 2. Exi
 "fix the configuration": a supervisor should not restart the process (see docs/docker.md).
 So does a data directory another server still holds after ``OPTSERVE_DATA_DIR_WAIT_S``
 (:mod:`app.engine.data_dir_lock`): one line naming the directory and its holder, without
-uvicorn's traceback of the lifespan that refused to start (:class:`StartupRefusal`).
+uvicorn's traceback of the lifespan that refused to start (:mod:`app.startup_refusal`).
 
 SIGTERM drains: uvicorn stops accepting, in-flight requests finish, readiness turns false, the
 lifespan snapshots every session, and the process exits 0 (uvicorn alone would re-raise the
@@ -39,6 +39,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from app import startup_refusal
 from app.api.connection_cap import reserve_warning
 from app.api.malformed_http import http_protocol
 from app.config import (
@@ -238,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     settle_gc(sessions=settings.gc_freeze_sessions)
     server = DrainingServer(server_config(app, settings), app)
-    refusal = StartupRefusal(app)
-    uvicorn_log = logging.getLogger("uvicorn.error")
+    refusal = startup_refusal.StartupRefusal(app)
+    uvicorn_log = logging.getLogger(startup_refusal.UVICORN_LOG)
     uvicorn_log.addFilter(refusal)
     try:
         server.run()
@@ -247,26 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         problem = getattr(app.state, "startup_problem", None)
         if problem is None:
             raise
-        print(f"optserve: cannot start: {problem}", file=sys.stderr)
+        startup_refusal.say(problem)
         return EXIT_CONFIG
     finally:
         uvicorn_log.removeFilter(refusal)
     return 0 if server.started and server.listener_lost is None else 1
-
-
-class StartupRefusal(logging.Filter):
-    """uvicorn's log of a lifespan that refused to start for a reason the app noted
-    (``app.state.startup_problem``: the data directory held by another process): left out,
-    the traceback and "Application startup failed" with it, since :func:`main` prints the
-    reason in one line (and exits 2, as for a configuration that cannot work: this one
-    cannot while the other process runs). Any other startup failure is logged as ever."""
-
-    def __init__(self, app: FastAPI) -> None:
-        super().__init__()
-        self._app = app
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return getattr(self._app.state, "startup_problem", None) is None
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Nothing is built at import time. ``python -m app`` (``scripts/serve``, the Docke
 the settings, refuses a bad one with one line and exit code 2, then serves
 ``create_app(settings)``. Under another ASGI server use the factory:
 ``uvicorn --factory app.main:create_app`` (settings from the environment; a bad one also ends
-the process with one line and exit code 2).
+the process with one line and exit code 2; a data directory another server holds, with one
+line too, and uvicorn's exit code for a failed startup, 3: :mod:`app.startup_refusal`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from app import __version__
+from app import __version__, startup_refusal
 from app.api import (
     docs_pages,
     evaluations,
@@ -106,6 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await engine.start()
         except DataDirInUse as exc:
             app.state.startup_problem = str(exc)  # python -m app prints it last
+            if from_environment:  # uvicorn --factory: said here, its traceback left out
+                startup_refusal.say(str(exc))
             raise
         app.state.engine = engine
         app.state.settings = settings
@@ -142,6 +145,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Location was built from the request's Host (http:// behind a TLS proxy)
         redirect_slashes=False,
     )
+    if from_environment:
+        logging.getLogger(startup_refusal.UVICORN_LOG).addFilter(
+            startup_refusal.StartupRefusal(app))
     app.state.connections = ConnectionSlots(settings.max_connections or default_limit())
     app.state.body_memory = BodyMemory(bound(settings.max_bodies_mb,
                                              int(settings.max_body_mb * 1024 * 1024)))

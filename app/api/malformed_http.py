@@ -63,6 +63,7 @@ from app.api.held_head import hold_head
 from app.api.problems import PROBLEM
 from app.api.request_head_checks import (
     connect_detail,
+    empty_lines,
     head_line_problem,
     origin_form,
     target_problem,
@@ -455,6 +456,10 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                 #: never ends is in none of the above: httptools holds it until its end)
                 _head_chunks = 0
                 _head_raw = b""
+                #: the empty lines read before the next request line, and whether the last
+                #: read ended in a CR of one (:func:`_empty_lines_refused`)
+                _empty_lines = 0
+                _empty_cr = False
 
                 def __init__(self, *args: Any, **kwargs: Any) -> None:
                     super().__init__(*args, **kwargs)
@@ -480,6 +485,8 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                     self._parser = parser
 
                 def data_received(self, data: bytes) -> None:
+                    if not self._in_message and self._empty_lines_refused(data):
+                        return
                     before = (self._in_head, self._heads_begun)
                     # (what has arrived of the head being read, where it may start: to name
                     # the header of a bare LF or a folded line the parser refuses)
@@ -499,8 +506,24 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                             self._refuse(raw_answer(*problem_body(HeadTooLarge(
                                 self._too_large())), self.server_state.default_headers))
 
+                def _empty_lines_refused(self, data: bytes) -> bool:
+                    """Count the empty lines a read between requests starts with (llhttp
+                    skips any CRs and LFs there, without a bound), refusing a bare LF or CR
+                    and more than ``MAX_EMPTY_LINES``, as under h11. (Those that follow a
+                    body in the read that ends it are llhttp's alone to skip.)"""
+                    if data[:1] not in (b"\r", b"\n") and not self._empty_cr:
+                        return False
+                    _, self._empty_lines, self._empty_cr, wrong = empty_lines(
+                        data, self._empty_lines, self._empty_cr)
+                    if wrong is None:
+                        return False
+                    self._refuse(raw_answer(*problem_body(MalformedHead("request-line", wrong)),
+                                            self.server_state.default_headers))
+                    return True
+
                 def on_message_begin(self) -> None:
                     super().on_message_begin()
+                    self._empty_lines, self._empty_cr = 0, False
                     self._in_head = self._in_message = True
                     self._heads_begun += 1
                     self._head_size = self._header_lines = self._head_chunks = 0
@@ -657,14 +680,32 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
             from h11._readers import maybe_read_from_IDLE_client as _read_request_head
             from h11._receivebuffer import blank_line_regex
 
-            def _checked_request_head(buf: Any) -> Any:
+            def _checked_request_head(buf: Any, conn: Any = None) -> Any:
                 """h11's reader of a request head, refusing one with a bare LF line end or an
                 obsolete line folding (:func:`~app.api.request_head_checks.head_line_problem`),
-                which h11 takes (RFC 9112 2.2, 5.2), as httptools does."""
+                which h11 takes (RFC 9112 2.2, 5.2), as httptools does. Empty lines (CRLF)
+                before the request line are taken out first, up to ``MAX_EMPTY_LINES`` for
+                one request (counted on ``conn``), as llhttp skips them: h11 refused the
+                first ("no request line received"), which RFC 9112 2.2 says a server SHOULD
+                ignore."""
                 data = getattr(buf, "_data", None)
                 if data is None:
                     data = bytes(buf)
-                if data[:1] not in (b"\r", b"\n"):  # (a blank line first: h11 refuses it)
+                if data[:1] in (b"\r", b"\n"):
+                    skip, lines, cr, refusal = empty_lines(data, getattr(conn, "empty_lines", 0))
+                    if refusal is not None:
+                        raise h11.RemoteProtocolError(refusal) from MalformedHead(
+                            "request-line", refusal)
+                    if conn is not None:
+                        conn.empty_lines = lines
+                    if skip:
+                        buf.maybe_extract_at_most(skip)
+                        data = getattr(buf, "_data", None)
+                        if data is None:
+                            data = bytes(buf)
+                    if cr:  # (its LF still to come)
+                        return None
+                if data[:1] not in (b"\r", b"\n"):
                     end = blank_line_regex.search(data)
                     head = bytes(data[:end.end()] if end is not None else data)
                     wrong = head_line_problem(head if end is not None
@@ -684,19 +725,24 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                 max_headers = MAX_HEADERS
                 #: the bytes of the body of the request being read so far
                 body_read = 0
+                #: the empty lines taken out before the next request line
+                empty_lines = 0
 
                 def _get_io_object(self, role: Any, event: Any, io_dict: Any) -> Any:
                     io = super()._get_io_object(role, event, io_dict)
                     if io is _read_request_head:  # (the reader of a request's head)
-                        return _checked_request_head
+                        return self.read_request_head
                     return io
+
+                def read_request_head(self, buf: Any) -> Any:
+                    return _checked_request_head(buf, self)
 
                 def next_event(self) -> Any:
                     event = super().next_event()
                     if isinstance(event, h11.Data):
                         self.body_read += len(event.data)
                     elif isinstance(event, h11.Request):
-                        self.body_read = 0
+                        self.body_read = self.empty_lines = 0
                         refused = version_problem(event.http_version.decode("ascii"))
                         if refused is not None:
                             raise h11.RemoteProtocolError(
@@ -742,7 +788,7 @@ def _protocols() -> tuple[type[asyncio.Protocol] | None, type[asyncio.Protocol] 
                     conn: Any = self.conn
                     conn.max_head, conn.max_headers = max_head, max_headers
                     if conn._reader is _read_request_head:  # (made before its class was set)
-                        conn._reader = _checked_request_head
+                        conn._reader = conn.read_request_head
 
                 def _head_timed_out(self) -> None:
                     # a request begun: h11 holds the bytes of a head it has not parsed yet

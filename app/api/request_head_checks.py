@@ -149,6 +149,47 @@ _HEAD_LINE_HINT = ("each line of the request head ends in CRLF and no header lin
                    "request was not read, the connection is closed")
 
 
+#: the empty lines (CRLF) a request line may follow: RFC 9112 2.2 says a server SHOULD ignore
+#: at least one received before it (some clients send a CRLF after a request's body); more
+#: before one request are refused
+MAX_EMPTY_LINES = 8
+_EMPTY_LINES_HINT = (f"a request line may follow at most {MAX_EMPTY_LINES} empty lines, each "
+                     "a CRLF (RFC 9112 2.2); the request was not read, the connection is "
+                     "closed")
+
+
+def empty_lines(data: bytes | bytearray, lines: int = 0, cr: bool = False
+                ) -> tuple[int, int, bool, str | None]:
+    """The empty lines at the start of ``data``, where a request line is expected, after
+    ``lines`` whole ones that came before it for the same request (``cr``: and a CR that ended
+    the bytes before). (the bytes of the whole ones in ``data``, the count of whole ones in
+    all, whether ``data`` ends in a CR whose LF is still to come, why the request is refused
+    or None). A bare LF or a bare CR there is refused, as a bare LF line end in a head is, and
+    more than :data:`MAX_EMPTY_LINES`."""
+    i, end = 0, len(data)
+    while i < end:
+        byte = data[i]
+        if cr:
+            if byte != 0x0A:
+                return i, lines, False, (
+                    f"an empty line before the request line ends in a bare CR, not CRLF: "
+                    f"{_EMPTY_LINES_HINT}")
+            cr, lines, i = False, lines + 1, i + 1
+            if lines > MAX_EMPTY_LINES:
+                return i, lines, False, (
+                    f"more than {MAX_EMPTY_LINES} empty lines before the request line: "
+                    f"{_EMPTY_LINES_HINT}")
+        elif byte == 0x0D:
+            cr, i = True, i + 1
+        elif byte == 0x0A:
+            return i, lines, False, (
+                f"an empty line before the request line is a bare LF, not CRLF: "
+                f"{_EMPTY_LINES_HINT}")
+        else:
+            break
+    return i - 1 if cr else i, lines, cr, None
+
+
 def version_problem(version: str) -> tuple[int, str] | None:
     """A request's HTTP version (``"1.1"``, as the parser gives it) this server does not
     serve: (status, reason), or None. A higher minor version of HTTP/1 is served as 1.1."""

@@ -127,6 +127,31 @@ def _check_lr_item(got: Any, field: str) -> None:
                   f"got {shown(got, 40)}", code="state_mismatch", field=field)
 
 
+def _not_a_tensor(expected: torch.Tensor, got: Any, field: str) -> str:
+    """Why ``got`` cannot stand where the optimizer keeps the tensor ``expected``. A number
+    (an old checkpoint's ``"step": 3``, a count written by hand) is named with the tensor to
+    give instead: the session takes no number for a tensor (torch's ``load_state_dict`` makes
+    a ``step`` tensor of one in torch's default dtype, which is the client's to choose: the
+    Python SDK does so itself, in the dtype torch would). A ``step`` count float32 cannot
+    hold exactly is shown in float64, the dtype the session then keeps it in, as torch's
+    ``load_state_dict`` keeps a float64 count."""
+    want = f"expected a tensor of shape {list(expected.shape)}"
+    if not _is_num(got) or expected.dim() != 0:
+        return f"{want}, got {shown(got, 40)}"
+    dtype = str(expected.dtype).removeprefix("torch.")
+    number = shown(got, 40)
+    why = ""
+    if field.endswith(".step") and expected.is_floating_point() \
+            and math.isfinite(float(got)) \
+            and float(torch.tensor(float(got), dtype=expected.dtype).item()) != got:
+        why = (f" ({dtype} cannot hold {number} exactly; a float64 step count is kept in "
+               "float64, as torch keeps it)")
+        dtype = "float64"
+    return (f"{want}, got the number {number}: the optimizer keeps this value as a 0-d tensor "
+            "(as torch's state_dict() holds it), and a number is not taken for one; give "
+            f'{{"dtype": "{dtype}", "shape": [], "data": [{number}]}} in JSON{why}')
+
+
 def same_structure(expected: Any, got: Any, field: str,
                    lr_lists: frozenset[str] = frozenset(), floats: bool = False) -> None:
     """``got`` must have the shape of ``expected``: keys, lengths, tensor shapes, scalar kinds,
@@ -137,8 +162,7 @@ def same_structure(expected: Any, got: Any, field: str,
     is expected."""
     if isinstance(expected, torch.Tensor):
         if not isinstance(got, torch.Tensor):
-            raise Invalid(f"expected a tensor of shape {list(expected.shape)}",
-                          code="state_mismatch", field=field)
+            raise Invalid(_not_a_tensor(expected, got, field), code="state_mismatch", field=field)
         if got.shape != expected.shape:
             raise Invalid(f"tensor has shape {list(got.shape)}, expected "
                           f"{list(expected.shape)}", code="state_mismatch", field=field)

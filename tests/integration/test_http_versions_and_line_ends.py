@@ -13,16 +13,23 @@ h11 where httptools is missing): the same answer on both.
 - A bare LF line end, an obsolete line folding: 400 ``malformed_http`` naming ``headers``
   (``request-line`` for the first line's end) and the header, closed (RFC 9112 2.2, 5.2);
   h11 took them and served the request.
+- Empty lines (CRLF) before a request line (RFC 9112 2.2: a server SHOULD ignore at least one;
+  some clients send one after a request's body): ignored, up to 8 before one request, as
+  llhttp skips them; h11 refused the first (400 "no request line received"). More than 8, or
+  a bare LF or CR there: 400 ``malformed_http`` naming ``request-line``, closed (httptools
+  took any number of CRs and LFs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
 
 import pytest
 
+from app.api.request_head_checks import MAX_EMPTY_LINES
 from tests.integration.test_host_header_and_connect import exchange
 
 pytestmark = pytest.mark.integration
@@ -123,3 +130,55 @@ def test_a_bare_lf_in_a_head_sent_in_pieces_is_a_400(server: str) -> None:
     assert head.startswith(b"HTTP/1.1 400 "), data
     assert json.loads(body)["detail"].startswith(
         "the header 'X-A' is folded onto the next line (obs-fold)")
+
+
+CLOSING = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+EMPTY_LINES_SERVED = {
+    "one first": b"\r\n" + CLOSING,
+    "as many as taken": b"\r\n" * MAX_EMPTY_LINES + CLOSING,
+    "after a request": PIPELINED + b"\r\n" + CLOSING,
+    "after a body": (b"PUT /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nab"
+                     b"\r\n\r\n" + CLOSING),
+}
+
+
+@pytest.mark.parametrize("case", list(EMPTY_LINES_SERVED))
+def test_empty_lines_before_a_request_line_are_ignored(server: str, case: str) -> None:
+    answers, closed = exchange(server, EMPTY_LINES_SERVED[case])
+    statuses = [status for status, _, _ in answers]
+    assert statuses == {"after a request": [200, 200], "after a body": [405, 200]}.get(
+        case, [200]), answers
+    assert json.loads(answers[-1][2]) == {"status": "ok"}
+    assert closed  # (by the last request's Connection: close, not a refusal)
+    assert answers[-1][1]["connection"] == "close"
+
+
+def test_empty_lines_in_pieces_are_ignored_and_counted_across_reads(server: str) -> None:
+    """A CRLF split over two reads is one empty line; the bound counts the lines of all the
+    reads before one request line."""
+    host, port = server.removeprefix("http://").split(":")
+    for pieces, status in (([b"\r", b"\n\r", b"\n", CLOSING], 200),
+                           ([b"\r\n" * 5, b"\r", b"\n\r\n" * (MAX_EMPTY_LINES - 5), CLOSING],
+                            400)):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            for piece in pieces:
+                sock.sendall(piece)
+                time.sleep(0.05)
+            data = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    data += chunk
+        assert data.startswith(b"HTTP/1.1 %d " % status), data
+
+
+@pytest.mark.parametrize(("raw", "start"), [
+    (b"\r\n" * (MAX_EMPTY_LINES + 1) + CLOSING,
+     f"more than {MAX_EMPTY_LINES} empty lines before the request line"),
+    (b"\n" + CLOSING, "an empty line before the request line is a bare LF, not CRLF"),
+    (b"\r\n\r" + CLOSING, "an empty line before the request line ends in a bare CR, not CRLF"),
+], ids=["too many", "bare LF", "bare CR"])
+def test_too_many_or_malformed_empty_lines_are_a_400(server: str, raw: bytes, start: str
+                                                      ) -> None:
+    detail = refused(server, raw, 400, "malformed_http", "request-line")
+    assert detail.startswith(f"{start}: a request line may follow at most {MAX_EMPTY_LINES} "
+                             "empty lines, each a CRLF (RFC 9112 2.2)"), detail

@@ -85,6 +85,35 @@ def test_a_checkpoint_made_under_a_float64_default_loads_and_goes_on_as_torch(
 
 
 @pytest.mark.usefixtures("float64_default")
+@pytest.mark.parametrize("count", [2**24 + 1, float(2**24 + 1)], ids=["int", "float"])
+def test_a_count_float32_cannot_hold_given_as_a_number_loads_as_torch(
+        client: optserve.Client, count: float) -> None:
+    """A checkpoint whose ``step`` counts are Python numbers (as torch before 1.12 saved
+    them) that float32 cannot hold exactly: torch's ``load_state_dict`` makes each a float64
+    tensor here (``Adam.__setstate__``), and so does the SDK; it sent the number, refused
+    with a 422 "expected a tensor of shape []". Training goes on bitwise as torch's, the
+    counts float64 as torch's."""
+    local_model, remote_model = mlp(), mlp()
+    local = torch.optim.Adam(local_model.parameters(), lr=1e-2)
+    steps(local_model, local, range(2))
+    checkpoint = copy.deepcopy(local.state_dict())
+    for entry in checkpoint["state"].values():
+        entry["step"] = count
+    remote_model.load_state_dict(local_model.state_dict())
+    remote = optserve.RemoteOptimizer(remote_model.parameters(), "Adam", client, lr=1e-2)
+    local.load_state_dict(copy.deepcopy(checkpoint))
+    remote.load_state_dict(checkpoint)
+    assert_same_dtypes(local, remote)
+    steps(local_model, local, range(2, 4))
+    steps(remote_model, remote, range(2, 4))
+    assert_same_params(local_model, remote_model)
+    assert_same_state(local, remote)
+    assert_same_dtypes(local, remote)
+    assert local.state_dict()["state"][0]["step"].item() == 2**24 + 3  # (not rounded)
+    remote.close(delete_session=True)
+
+
+@pytest.mark.usefixtures("float64_default")
 @pytest.mark.parametrize("name", ["ASGD", "NAdam"])
 def test_optimizers_stepping_with_float64_scalar_state_are_refused(client: optserve.Client,
                                                                     name: str) -> None:

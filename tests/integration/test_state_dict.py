@@ -447,3 +447,37 @@ def test_a_state_its_own_steps_made_non_finite_moves_to_a_session_that_takes_it(
     ref.step()
     assert_tensors_equal(tensors_from_json(r.json()["params"]), {"w": ref_p.detach()},
                          "stepped from the moved state")
+
+
+@pytest.mark.parametrize("fmt", ["json", "torch"])
+@pytest.mark.parametrize(("step", "words"), [
+    (3, ('got the number 3:', 'keeps this value as a 0-d tensor',
+         '{"dtype": "float32", "shape": [], "data": [3]}')),
+    (16777217.0, ('got the number 16777217.0:',
+                  '{"dtype": "float64", "shape": [], "data": [16777217.0]}',
+                  "float32 cannot hold 16777217.0 exactly; a float64 step count is kept in "
+                  "float64")),
+], ids=["count", "count-float32-rounds"])
+def test_a_step_count_given_as_a_number_is_refused_naming_the_tensor_to_give(
+        http: httpx.Client, fmt: str, step: float, words: tuple[str, ...]) -> None:
+    """A ``step`` given as a number where the session's Adam keeps a 0-d tensor (an old
+    checkpoint's ``"step": 3``; under ``torch.set_default_dtype(torch.float64)`` a count
+    float32 cannot hold) is a 422 naming the field, the number and the tensor to give (in
+    float64 where float32 would round the count): the detail said only "expected a tensor of
+    shape []". The tensor it names imports, and the session keeps that count."""
+    sid = make_session(http)
+    good = exported(http, sid)
+    before = snapshot(http, sid)
+    bad = copy.deepcopy(good)
+    bad["state"][0]["step"] = step
+    problem = assert_refused(put_state(http, sid, bad, fmt), *words)
+    assert problem["field"] == "state_dict.state.0.step", problem
+    assert problem["code"] == "state_mismatch", problem
+    assert_unchanged(http, sid, before)
+    fixed = copy.deepcopy(good)
+    fixed["state"][0]["step"] = torch.tensor(step, dtype=torch.float64 if step > 2**24
+                                             else torch.float32)
+    r = put_state(http, sid, fixed, fmt)
+    assert r.status_code == 200, r.text
+    assert exported(http, sid)["state"][0]["step"].item() == step
+    http.delete(f"/v1/sessions/{sid}")

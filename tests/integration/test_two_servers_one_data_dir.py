@@ -12,6 +12,8 @@ acknowledged. Real servers (``python -m app``), values against in-process torch.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -161,6 +163,32 @@ def test_a_second_server_refuses_the_data_dir_and_leaves_the_first_whole(setup: 
     first.start()
     assert_holds(first.url, local, 2)
     assert step(first.url, local, 3) == 3
+
+
+def test_uvicorn_factory_refuses_the_data_dir_in_one_line(setup: Setup) -> None:
+    """``uvicorn --factory app.main:create_app`` on the held directory says the same one line
+    as ``python -m app``, without uvicorn's traceback of the lifespan (which it logged, with
+    "Application startup failed"), and exits with uvicorn's code for a failed startup, 3 (the
+    lifespan cannot choose it: uvicorn catches whatever it raises); the first goes on."""
+    first, local = setup.first, setup.local
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")},
+           "OPTSERVE_DATA_DIR": str(setup.data), "OPTSERVE_DEVICE": "cpu",
+           "OPTSERVE_TORCH_THREADS": "1", "OPTSERVE_WARM_UP": "0",
+           "OPTSERVE_DATA_DIR_WAIT_S": "0"}
+    proc = subprocess.run([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
+                           "--host", "127.0.0.1", "--port", "0"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 3, said
+    assert first.proc is not None
+    refusal = proc.stderr.strip().splitlines()[-1]  # (after uvicorn's INFO lines, the last)
+    assert refusal.startswith(
+        f"optserve: cannot start: the data directory {setup.data.resolve()} is in use by "
+        f"another optserve process (pid {first.proc.pid} on "), said
+    assert said.count("optserve: cannot start:") == 1 and "still after 0 s" in refusal
+    assert "Traceback" not in said and "ERROR" not in said, said
+    assert "Application startup failed" not in said, said
+    assert step(first.url, local, 2) == 2
 
 
 def test_a_waiting_server_takes_over_with_every_acknowledged_step(setup: Setup) -> None:

@@ -71,6 +71,7 @@ from ._client import Client
 from ._exceptions import APIStatusError, OptserveError, PreconditionFailedError
 from ._gc import gc_paused
 from ._session_state import SessionState, assigned_state
+from ._state_layout import laid_out_as_torch
 from ._step_dtypes import STATE_MADE_AT_CONSTRUCTION, StepDtypes
 from ._tensors import Tensor
 from ._types import EvaluationRequest, SessionInfo
@@ -272,7 +273,8 @@ def _steps_as_the_session_keeps(state: Any, numbers_of: str | None = None) -> An
     ``numbers_of`` (the optimizer's name, for a ``load_state_dict``), its scalar state given as
     Python numbers (an old checkpoint's ``"step": 3``) becomes a float32 tensor as that
     optimizer's ``__setstate__`` makes it (``torch.tensor(float(value), dtype=<default
-    dtype>)``; under a float64 default only where float32 holds the number exactly)."""
+    dtype>)``; under a float64 default, where float32 does not hold the number exactly, a
+    float64 tensor, as torch's)."""
     if not isinstance(state, Mapping):
         return state
     keys = _NUMBER_STATE_LOADED_AS_TENSORS.get(numbers_of or "", ())
@@ -295,12 +297,15 @@ def _loads_as_a_tensor(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor))
 
 
-def _as_session_scalar(value: float) -> Any:
+def _as_session_scalar(value: float) -> torch.Tensor:
     """A Python number of a loaded state dict as the session's float32 tensor (torch's under a
-    float32 default), or as it is where float32 would round what torch keeps in float64."""
+    float32 default), or as the float64 tensor torch's ``__setstate__`` makes of it under a
+    float64 default where float32 would round it (a ``step`` past 2**24: the session keeps a
+    float64 count as it is, as torch does); it went as the number, which the session refuses
+    (a 422 "expected a tensor of shape []")."""
     held = torch.tensor(float(value), dtype=torch.float32)
     if torch.get_default_dtype() == torch.float64 and held.item() != float(value):
-        return value
+        return torch.tensor(float(value), dtype=torch.float64)
     return held
 
 
@@ -1176,7 +1181,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         for group, server in zip(self.param_groups, sd["param_groups"], strict=True):
             for p, index in zip(group["params"], server["params"], strict=True):
                 if index in sd["state"]:
-                    self._step_dtypes.as_torch_keeps(p, sd["state"][index])
+                    self._step_dtypes.as_torch_keeps(
+                        p, laid_out_as_torch(p, sd["state"][index]))
         state_dict: dict[str, Any] = {"state": self._with_client_state(sd), "param_groups": groups}
         if "scheduler" in sd:
             state_dict["scheduler"] = sd["scheduler"]
@@ -1401,7 +1407,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             for p, index in zip(group["params"], server["params"], strict=True):
                 entry = sd["state"].get(index)
                 if entry is not None:
-                    state[p] = self._step_dtypes.as_torch_keeps(p, entry)
+                    state[p] = self._step_dtypes.as_torch_keeps(p, laid_out_as_torch(p, entry))
         return state
 
     # ------------------------------------------------------------------ extras
