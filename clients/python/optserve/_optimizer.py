@@ -34,6 +34,11 @@ How it maps onto the service:
   by ``load_state_dict()`` (``optserve._session_state``, ``optserve._state_keys``); assigning a
   mapping to it (``opt.state = defaultdict(dict)``) loads that state into the
   session (:meth:`_assign_state`): an empty one resets it, as it does a local optimizer's;
+- the parameters are those given and those :meth:`add_param_group` adds: a group's
+  ``"params"`` list edited by hand is a ``ValueError`` before anything is sent
+  (:meth:`_check_groups`); a loaded state dict's groups lacking options torch added since it
+  was saved get their defaults, as torch's ``load_state_dict`` gives them
+  (:func:`_fill_as_torch_loads`);
 - ``with RemoteOptimizer(...) as opt:`` deletes the session it created at the end of the block
   (``close(delete_session=True)``); without ``with``, ``close()`` keeps it.
 
@@ -408,6 +413,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 for g in items
                 if isinstance(g, dict)
             ]
+        # the keys each group held as given (torch keeps them first, its defaults after)
+        given = ([list(g) if isinstance(g, dict) else [] for g in items]
+                 if items and isinstance(items[0], dict) else [["params"]])
         super().__init__(items, dict(options))
         self._initializing = False
         # a group's option that is the default's very tensor (``lr=t`` given both ways) is the
@@ -436,6 +444,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._answers = ReceiveBuffer()
         self._optimizer_name = optimizer
         self._param_names: list[list[str]] = []
+        #: each group's parameters as the session holds them, by ``id`` (see
+        #: :meth:`_check_groups`)
+        self._param_ids: list[list[int]] = []
         self._by_name: dict[str, torch.Tensor] = {}
         self._seen_version: dict[str, int] = {}
         #: each parameter's values as last in step with the session, to find edits made
@@ -497,6 +508,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         #: the options the session's optimizer has (other keys of a group stay local)
         self._option_names = frozenset(info.defaults)
         self._adopt(info)
+        for group, keys in zip(self.param_groups, given, strict=True):
+            _order_keys(group, [*keys, "param_names", *self.defaults])
         if optimizer in STATE_MADE_AT_CONSTRUCTION:
             self._step_dtypes.made(self.param_groups)
 
@@ -686,12 +699,46 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def _remember(self, names: list[str], params: list[torch.Tensor]) -> None:
         self._param_names.append(names)
+        self._param_ids.append([id(p) for p in params])
         for name, p in zip(names, params, strict=True):
             self._by_name[name] = p
             self._seen_version[name] = p._version
         if self._refs is not None:  # (the values the session is made with, or joined to)
             with gc_paused(len(params)):
                 self._refs.snapshot(zip(names, params, strict=True))
+
+    def _check_groups(self) -> None:
+        """A ``ValueError`` when ``param_groups`` no longer lists the parameters the session
+        holds: a group appended to it by hand, or a group's ``"params"`` list edited in place
+        (a parameter appended, removed or replaced). A local optimizer steps whatever its
+        groups list then; the session's parameters are those it was made with and those
+        :meth:`add_param_group` added, and steps sent by position would go to the wrong
+        parameters (an appended one was a bare ``zip()`` error, a replaced one a silently
+        different training)."""
+        groups, held = self.param_groups, self._param_ids
+        if len(groups) != len(held):
+            raise ValueError(
+                f"param_groups holds {len(groups)} groups, the session {len(held)}: add a "
+                "group with add_param_group(), not by changing param_groups itself")
+        for index, (group, ids) in enumerate(zip(groups, held, strict=True)):
+            params = group.get("params")
+            if isinstance(params, list) and len(params) == len(ids) and all(
+                    a == b for a, b in zip(map(id, params), ids, strict=True)):
+                continue
+            if not isinstance(params, list):
+                what = f"a {type(params).__name__} now"
+            elif len(params) != len(ids):
+                what = f"{len(params)} now, {len(ids)} then"
+            else:
+                at = next(i for i, (a, b) in enumerate(zip(map(id, params), ids, strict=True))
+                          if a != b)
+                what = f"another tensor at index {at}"
+            raise ValueError(
+                f"param_groups[{index}]['params'] no longer lists the parameters the session "
+                f"holds for it ({what}): a "
+                "RemoteOptimizer's parameters are those it was made with and those "
+                "add_param_group() added; add new ones with add_param_group(), and to drop "
+                "or replace some, make a new RemoteOptimizer over the parameters to train")
 
     def _adopt(self, info: SessionInfo) -> None:
         """Take the server's view of every group's options: fill in what the local groups
@@ -862,6 +909,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         ``_refuse_float64_scalar_steps``), as their construction does: the default may have
         changed since."""
         _refuse_float64_scalar_steps(self._optimizer_name, self.defaults, self.param_groups)
+        self._check_groups()
         self._state_epoch += 1
         self._state_view.forget()
         if self._optimizer_name == "LBFGS":
@@ -1092,6 +1140,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self._refuse_duplicates()
             return
         _refuse_float64_scalar_steps(self._optimizer_name, self.defaults, [param_group])
+        self._check_groups()
         # (keys the optimizer has no option for stay in the local group: see _server_options;
         # a wrapper may have added its own to the defaults, timm's Lookahead its lookahead_*)
         explicit = _without_defaults({k: v for k, v in param_group.items()
@@ -1158,19 +1207,20 @@ class RemoteOptimizer(torch.optim.Optimizer):
         (``lookahead_k``, a group's ``"name"``)."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
+        self._check_groups()
         self.push_params(only_edited=True)
         self._sync_param_groups()
         sd, masters = self._export_with_masters()
         groups = []
         for local, server in zip(self.param_groups, sd["param_groups"], strict=True):
-            packed = {k: _in_form_of(v, local.get(k)) for k, v in server.items()
-                      if k not in _NOT_OPTIONS}
-            packed.update(
-                {k: v for k, v in local.items() if k not in _NOT_OPTIONS and k not in packed}
-            )
+            # in the local group's key order, "params" last, as torch's state_dict() packs
+            # them (the session's values of its options, the local keys it has no option for)
+            packed = {k: (list(v) if k == "param_names" else
+                          _in_form_of(server[k], v) if k in server else v)
+                      for k, v in local.items() if k != "params"}
+            packed.update({k: v for k, v in server.items()
+                           if k not in _NOT_OPTIONS and k not in packed})
             packed["params"] = list(server["params"])
-            if "param_names" in local:
-                packed["param_names"] = list(local["param_names"])
             groups.append(packed)
         _link_as(groups, self.param_groups)
         for group, server in zip(self.param_groups, sd["param_groups"], strict=True):
@@ -1209,8 +1259,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        self._check_groups()
         state_dict = _positional_ids(state_dict)
         saved_groups = deepcopy(state_dict["param_groups"])
+        _fill_as_torch_loads(self._optimizer_name, saved_groups)
         if len(self.param_groups) != len(saved_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         for group, saved in zip(self.param_groups, saved_groups, strict=True):
@@ -1393,6 +1445,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """The session's state keyed by this optimizer's parameters (see :attr:`state`)."""
         if not hasattr(self, "_session_id"):
             return {}
+        self._check_groups()
         sd, version = self._client._export_state_at(
             self._session_id, format="safetensors" if self._binary else "json")
         self._learn(version)
@@ -1603,6 +1656,41 @@ def _link_shared(defaults: dict[str, Any], groups: list[dict[str, Any]],
                     defaults[key] = target
                 else:
                     groups[int(where)][key] = target
+
+
+def _order_keys(group: dict[str, Any], order: list[str]) -> None:
+    """``group``'s keys, in place, in the ``order`` given (keys it does not list after them, as
+    they are): torch's groups hold the keys given first, then its ``param_names``, then its
+    defaults in the order its class makes them (``lr``, ``momentum``, ``dampening``, ...),
+    whatever order the options were passed in; ``state_dict()`` packs them in that order."""
+    ranked = {k: group[k] for k in order if k in group}
+    ranked.update(group)
+    group.clear()
+    group.update(ranked)
+
+
+def _fill_as_torch_loads(optimizer: str, groups: Any) -> None:
+    """Fill in the options a state dict's ``groups`` lack as torch's ``load_state_dict`` does:
+    it ends with the class's ``__setstate__``, which sets the options newer torch versions
+    added (Adam's ``maximize``, ``foreach``, ``capturable``, ``differentiable``, ``fused``,
+    ``decoupled_weight_decay``, ...) to their defaults where a checkpoint saved by an older
+    torch has none. Run here by torch's own ``__setstate__`` of ``optimizer``'s class on a
+    bare instance, the groups' param ids standing for the parameters (no state: the step
+    counts it converts are converted where the session takes them,
+    :func:`_steps_as_the_session_keeps`). Nothing changes when there is no such class here,
+    or it fails on the groups (the import then says what is wrong with them); an option its
+    ``__setstate__`` does not fill stays missing, as torch leaves it (the import refuses
+    it)."""
+    local = getattr(torch.optim, optimizer, None)
+    if not (isinstance(local, type) and issubclass(local, torch.optim.Optimizer)) \
+            or not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        return
+    bare = local.__new__(local)
+    bare.defaults = {}
+    try:
+        local.__setstate__(bare, {"state": {}, "param_groups": groups})
+    except Exception:  # noqa: BLE001, S110 - the import answers what is wrong with them
+        pass
 
 
 def _is_index(param_id: Any) -> bool:

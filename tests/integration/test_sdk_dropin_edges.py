@@ -1,0 +1,205 @@
+"""``RemoteOptimizer`` where torch code leans on details of a local ``torch.optim`` optimizer:
+the order of a param group's keys (options passed in any order, keys of one's own, named
+parameters) in ``param_groups`` and ``state_dict()``, which a ``torch.save`` of it keeps;
+a checkpoint written by an older torch, whose groups lack options added since (torch's
+``load_state_dict`` fills them in); and a group's ``"params"`` list edited by hand, which
+torch steps as it then stands and a session cannot (a clear ``ValueError``, nothing sent).
+Each run is compared with the same run on the local ``torch.optim`` optimizer."""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import optserve
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def client(live_server: str) -> Iterator[optserve.Client]:
+    with optserve.Client(live_server, max_retries=0) as c:
+        yield c
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+    for i in steps:
+        g = torch.Generator().manual_seed(100 + i)
+        x, y = torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def assert_same_form(a: Any, b: Any, where: str = "") -> None:
+    """``a`` and ``b`` equal, of the same types and with their keys in the same order all the
+    way down (tensors bitwise)."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), f"{where}: {list(a)} vs {list(b)}"
+        for k in a:
+            assert_same_form(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_form(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def saved(sd: dict[str, Any]) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    torch.save(sd, buffer)
+    buffer.seek(0)
+    return dict(torch.load(buffer, weights_only=True))
+
+
+Groups = Callable[[nn.Sequential], Any]
+GROUPS: dict[str, tuple[str, Groups, dict[str, Any]]] = {
+    # options passed in another order than the class makes its defaults in
+    "kwargs order": ("SGD", lambda m: m.parameters(),
+                     {"weight_decay": 0.01, "lr": 0.1, "momentum": 0.9}),
+    # a key of one's own first in a group, the group's own lr after it
+    "own keys": ("AdamW", lambda m: [{"params": m[0].parameters(), "name": "body"},
+                                     {"name": "head", "params": m[2].parameters(),
+                                      "lr": 0.5}], {"lr": 1e-2}),
+    # named parameters: torch keeps param_names beside the options, "params" last
+    "named": ("Adam", lambda m: [{"params": list(m[0].named_parameters()), "tag": 1},
+                                 {"params": list(m[2].named_parameters())}],
+              {"betas": (0.8, 0.9), "lr": 1e-2}),
+}
+
+
+@pytest.mark.parametrize("case", list(GROUPS))
+def test_group_keys_keep_torchs_order_in_param_groups_and_state_dict(
+        client: optserve.Client, case: str) -> None:
+    """The keys of ``param_groups`` and of ``state_dict()["param_groups"]`` come in the order
+    torch's own optimizer holds them, before and after a checkpoint loaded back, so a
+    checkpoint's ``torch.save`` is torch's (the state dict packed the session's options first
+    and the local keys after them, ``param_names`` after ``params``; the groups held options
+    in the order they were passed)."""
+    optimizer, groups, options = GROUPS[case]
+    local_model, remote_model = mlp(), mlp()
+    local = getattr(torch.optim, optimizer)(groups(local_model), **options)
+    remote = optserve.RemoteOptimizer(groups(remote_model), optimizer, client, **options)
+    for a, b in zip(local.param_groups, remote.param_groups, strict=True):
+        assert list(a) == list(b)
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(2))
+    assert_same_form(saved(local.state_dict()), saved(remote.state_dict()))
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        opt.load_state_dict(saved(opt.state_dict()))
+        train(model, opt, range(2, 3))
+    for a, b in zip(local.param_groups, remote.param_groups, strict=True):
+        assert list(a) == list(b)
+    assert_same_form(saved(local.state_dict()), saved(remote.state_dict()))
+    remote.close(delete_session=True)
+
+
+def older_torch(sd: dict[str, Any], optimizer: type[torch.optim.Optimizer]
+                ) -> dict[str, Any]:
+    """``sd`` as an older torch saved it: without the group options its class's
+    ``__setstate__`` fills in (those added to torch since), found by removing each and
+    seeing whether torch's own ``load_state_dict`` puts it back as it was."""
+    sd = copy.deepcopy(sd)
+    for key in list(sd["param_groups"][0]):
+        trial = copy.deepcopy(sd)
+        for group in trial["param_groups"]:
+            del group[key]
+        probe = optimizer(mlp().parameters())
+        try:
+            probe.load_state_dict(trial)
+        except (KeyError, ValueError):
+            continue
+        if all(key in group and group[key] == kept[key]
+               for group, kept in zip(probe.param_groups, sd["param_groups"], strict=True)):
+            for group in sd["param_groups"]:
+                del group[key]
+    return sd
+
+
+@pytest.mark.parametrize("optimizer, options", [
+    ("Adam", {"lr": 1e-2, "amsgrad": True}), ("SGD", {"lr": 0.1, "momentum": 0.9}),
+    ("RMSprop", {"lr": 1e-2, "centered": True})])
+def test_a_checkpoint_of_an_older_torch_lacking_newer_options_loads(
+        client: optserve.Client, optimizer: str, options: dict[str, Any]) -> None:
+    """A state dict whose groups lack the options torch added since it was written
+    (``maximize``, ``foreach``, ``differentiable``, ``fused``, ...) loads into a
+    ``RemoteOptimizer`` as into torch's own, which fills them in with their defaults; training
+    then goes on bit for bit (it was a 422 ``param group 0 lacks option(s) ...``)."""
+    cls = getattr(torch.optim, optimizer)
+    local_model, remote_model = mlp(), mlp()
+    trained = cls(local_model.parameters(), **options)
+    train(local_model, trained, range(3))
+    checkpoint = older_torch(trained.state_dict(), cls)
+    assert len(checkpoint["param_groups"][0]) < len(trained.state_dict()["param_groups"][0])
+    remote_model.load_state_dict(local_model.state_dict())
+    local = cls(local_model.parameters(), lr=1.0)
+    remote = optserve.RemoteOptimizer(remote_model.parameters(), optimizer, client, lr=1.0)
+    local.load_state_dict(copy.deepcopy(checkpoint))
+    remote.load_state_dict(saved(checkpoint))
+    for a, b in zip(local.param_groups, remote.param_groups, strict=True):
+        assert_same_form({k: v for k, v in a.items() if k != "params"},
+                         {k: v for k, v in b.items() if k != "params"})
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(3, 6))
+    for p, q in zip(local_model.parameters(), remote_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert_same_form(local.state_dict(), remote.state_dict())
+    remote.close(delete_session=True)
+
+
+EDITS: dict[str, Callable[[nn.Sequential, list[Any]], None]] = {
+    "appended": lambda m, params: params.append(m[2].weight),
+    "removed": lambda m, params: params.pop(),
+    "replaced": lambda m, params: params.__setitem__(0, nn.Parameter(params[0].detach() * 2)),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_a_groups_params_list_edited_by_hand_is_refused_saying_what_to_do(
+        client: optserve.Client, edit: str) -> None:
+    """A parameter appended to, removed from or replaced in a group's ``"params"`` list (torch
+    steps the list as it stands; the session holds the parameters it was made with) is a
+    ``ValueError`` naming the group and ``add_param_group`` at the next step, ``state_dict()``
+    or ``load_state_dict()``, with nothing sent: the session's parameters and state stay as
+    they were, equal to torch's run up to the edit, and once the list is put back training
+    goes on as torch's (an append or removal was a bare ``zip()`` error, a replacement a
+    silently different training)."""
+    local_model = nn.Sequential(mlp()[0], nn.Tanh(), mlp()[2])
+    remote_model = nn.Sequential(mlp()[0], nn.Tanh(), mlp()[2])
+    local = torch.optim.Adam(local_model[0].parameters(), lr=1e-2)
+    remote = optserve.RemoteOptimizer(remote_model[0].parameters(), "Adam", client, lr=1e-2)
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(2))
+    version = client.get_session(remote.session_id).version
+    kept = list(remote.param_groups[0]["params"])
+    EDITS[edit](remote_model, remote.param_groups[0]["params"])
+    for call in (remote.step, remote.state_dict,
+                 lambda: remote.load_state_dict(local.state_dict())):
+        with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\] .*add_param_group"):
+            call()
+    assert client.get_session(remote.session_id).version == version
+    remote.param_groups[0]["params"][:] = kept
+    for p, q in zip(local_model.parameters(), remote_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(2, 4))
+    for p, q in zip(local_model.parameters(), remote_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert_same_form(local.state_dict(), remote.state_dict())
+    remote.close(delete_session=True)
