@@ -203,3 +203,28 @@ def test_a_groups_params_list_edited_by_hand_is_refused_saying_what_to_do(
         assert torch.equal(p, q)
     assert_same_form(local.state_dict(), remote.state_dict())
     remote.close(delete_session=True)
+
+
+def test_param_names_a_session_cannot_take_train_as_torchs(client: optserve.Client) -> None:
+    """torch's ``param_names`` are labels: an empty one, one past the session's 512
+    characters (twice), the wire formats' ``"__metadata__"`` train as torch's, their groups
+    and state dict keeping the names given (each was a 422 ``invalid_name`` at
+    construction)."""
+    names = ["", "w" * 600, "w" * 600, "__metadata__", "#", "bias"]
+    torch.manual_seed(0)
+    values = [torch.randn(3) for _ in names]
+    local_params = [nn.Parameter(v.clone()) for v in values]
+    remote_params = [nn.Parameter(v.clone()) for v in values]
+    local = torch.optim.Adam(list(zip(names, local_params, strict=True)), lr=0.1)
+    remote = optserve.RemoteOptimizer(list(zip(names, remote_params, strict=True)), "Adam",
+                                      client, lr=0.1)
+    for params, opt in ((local_params, local), (remote_params, remote)):
+        for i in range(3):
+            opt.zero_grad()
+            sum((p * (k + i + 1)).pow(2).sum() for k, p in enumerate(params)).backward()
+            opt.step()
+    for p, q in zip(local_params, remote_params, strict=True):
+        assert torch.equal(p, q)
+    assert_same_form(saved(local.state_dict()), saved(remote.state_dict()))
+    assert remote.param_groups[0]["param_names"] == names
+    remote.close(delete_session=True)

@@ -674,12 +674,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def _names_for(self, group: dict[str, Any]) -> list[str]:
         """The session's names for a group's parameters: its ``param_names`` (made unique, see
-        :meth:`_unique`), else their positions across groups."""
+        :meth:`_unique`; one a session cannot take, see :func:`_session_name`, stood in for),
+        else their positions across groups."""
         if "param_names" in group:
             taken = set(self._by_name)
             names = []
             for name in group["param_names"]:
-                names.append(self._unique(str(name), taken))
+                names.append(self._unique(_session_name(str(name)), taken))
                 taken.add(names[-1])
             return names
         start = sum(len(n) for n in self._param_names)
@@ -1691,6 +1692,24 @@ def _fill_as_torch_loads(optimizer: str, groups: Any) -> None:
         local.__setstate__(bare, {"state": {}, "param_groups": groups})
     except Exception:  # noqa: BLE001, S110 - the import answers what is wrong with them
         pass
+
+
+#: the longest parameter name a session takes (``app.engine.session.MAX_NAME``), and the one
+#: it keeps for its wire formats (``RESERVED_NAMES``)
+_MAX_NAME = 512
+_RESERVED_NAME = "__metadata__"
+
+
+def _session_name(name: str) -> str:
+    """``name`` as the session's name of a parameter: itself when a session takes it, else (an
+    empty name, one past 512 characters, the wire formats' ``"__metadata__"``: torch's
+    ``param_names`` are labels and may be anything) a stand-in of at most 500 of its first
+    characters and a ``"#"`` (made unique like any other, :meth:`RemoteOptimizer._unique`).
+    The groups keep the names given, as torch's do; the session's serve its history, pulls
+    and parameter-server joins (which name their parameters the same way)."""
+    if 0 < len(name) <= _MAX_NAME and name != _RESERVED_NAME:
+        return name
+    return f"{name[:500]}#"
 
 
 def _is_index(param_id: Any) -> bool:
