@@ -195,6 +195,8 @@ def test_a_groups_params_list_edited_by_hand_is_refused_saying_what_to_do(
             call()
     assert client.get_session(remote.session_id).version == version
     remote.param_groups[0]["params"][:] = kept
+    remote.param_groups[0]["params"] = tuple(kept)  # the same parameters: as torch takes them
+    local.param_groups[0]["params"] = tuple(local.param_groups[0]["params"])
     for p, q in zip(local_model.parameters(), remote_model.parameters(), strict=True):
         assert torch.equal(p, q)
     for model, opt in ((local_model, local), (remote_model, remote)):

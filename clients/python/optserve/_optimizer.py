@@ -723,10 +723,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 "group with add_param_group(), not by changing param_groups itself")
         for index, (group, ids) in enumerate(zip(groups, held, strict=True)):
             params = group.get("params")
-            if isinstance(params, list) and len(params) == len(ids) and all(
+            if isinstance(params, (list, tuple)) and len(params) == len(ids) and all(
                     a == b for a, b in zip(map(id, params), ids, strict=True)):
                 continue
-            if not isinstance(params, list):
+            if not isinstance(params, (list, tuple)):
                 what = f"a {type(params).__name__} now"
             elif len(params) != len(ids):
                 what = f"{len(params)} now, {len(ids)} then"
