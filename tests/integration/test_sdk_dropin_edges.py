@@ -230,3 +230,54 @@ def test_param_names_a_session_cannot_take_train_as_torchs(client: optserve.Clie
     assert_same_form(saved(local.state_dict()), saved(remote.state_dict()))
     assert remote.param_groups[0]["param_names"] == names
     remote.close(delete_session=True)
+
+
+STATE_EDITS: dict[str, Callable[[torch.optim.Optimizer, list[nn.Parameter]], Any]] = {
+    # moments reset in place (dead-neuron re-initialisation, GaLore-style resets)
+    "zeroed in place": lambda opt, ps: opt.state[ps[0]]["exp_avg"].zero_(),
+    "step count reset": lambda opt, ps: opt.state[ps[1]]["step"].fill_(0),
+    "key assigned": lambda opt, ps: opt.state[ps[2]].__setitem__(
+        "exp_avg_sq", torch.ones_like(ps[2])),
+    "entry deleted": lambda opt, ps: opt.state.__delitem__(ps[3]),
+    "entry cleared": lambda opt, ps: opt.state[ps[0]].clear(),
+    "one popped": lambda opt, ps: opt.state.pop(ps[1]),
+    "all cleared": lambda opt, ps: opt.state.clear(),
+}
+
+
+@pytest.mark.parametrize("edit", list(STATE_EDITS))
+def test_edits_of_the_state_take_effect_as_in_torch(client: optserve.Client, edit: str) -> None:
+    """``opt.state`` edited between steps (a moment zeroed in place, a step count reset, a key
+    assigned, an entry deleted, popped or cleared, the whole state cleared) changes the next
+    steps and the state dict as it changes a local optimizer's: the edit is sent before the
+    next ``state_dict()`` or step, as one import of the state as it stands. They stayed local
+    (a copy replaced at the next fetch), the training going on as if nothing was edited."""
+    local_model, remote_model = mlp(), mlp()
+    local = torch.optim.Adam(local_model.parameters(), lr=1e-2, amsgrad=True)
+    remote = optserve.RemoteOptimizer(remote_model.parameters(), "Adam", client, lr=1e-2,
+                                      amsgrad=True)
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(3))
+        STATE_EDITS[edit](opt, list(model.parameters()))
+    assert_same_form(local.state_dict(), remote.state_dict())
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(3, 6))
+    for p, q in zip(local_model.parameters(), remote_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert_same_form(local.state_dict(), remote.state_dict())
+    remote.close(delete_session=True)
+
+
+def test_state_entries_given_back_unchanged_send_nothing(client: optserve.Client) -> None:
+    """Lightning's ``_optimizer_to_device`` puts each entry back as a new dict of the same
+    tensors (``.to(device)`` of a tensor already there is itself): no edit, so nothing is
+    imported; the session's version moves by the steps only."""
+    model = mlp()
+    opt = optserve.RemoteOptimizer(model.parameters(), "Adam", client, lr=1e-2)
+    train(model, opt, range(2))
+    for p, entry in list(opt.state.items()):
+        opt.state[p] = {k: v.to("cpu") for k, v in entry.items()}
+    train(model, opt, range(2, 4))
+    opt.state_dict()
+    assert client.get_session(opt.session_id).version == opt.version == 4
+    opt.close(delete_session=True)

@@ -26,9 +26,11 @@ How it maps onto the service:
   version from any answer (its steps, pulls, pushes, ``state_dict()``, ...) or after a
   ``load_state_dict`` or an ``add_param_group``: never older than the newest version it knows
   of, and no request while that has not moved (another worker's step shows once this one
-  learns of it: its next step or :meth:`pull_params`). Edits to the keys the session keeps
-  (``exp_avg``, ...: those it returned for the parameter) stay local, replaced by the session's
-  at the next fetch; any other key put in an entry (timm ``Lookahead``'s
+  learns of it: its next step or :meth:`pull_params`). Edits of the session's values it
+  fetched (``opt.state[p]["exp_avg"].zero_()``, a key assigned, an entry deleted) are sent
+  before the next step, ``state_dict()`` or ``add_param_group()`` as one import of the state
+  as it stands (:meth:`_write_back_state`; a parameter-server worker's stay local); any other
+  key put in an entry (timm ``Lookahead``'s
   ``lookahead_slow_buff``) is client-side state, kept across steps as a local optimizer keeps it
   (the same objects), carried in ``state_dict()`` beside the session's keys and split out again
   by ``load_state_dict()`` (``optserve._session_state``, ``optserve._state_keys``); assigning a
@@ -642,6 +644,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if not entries:
             self._state_view.known_empty()
 
+    def _write_back_state(self) -> None:
+        """Send the edits made to the session's values in :attr:`state` since they were
+        fetched (``opt.state[p]["exp_avg"].zero_()``, ``opt.state[p]["step"] = t``,
+        ``del opt.state[p]``: see :meth:`SessionState.edited`), as one import of the state as
+        it now stands (:meth:`_assign_state`): a local optimizer steps with its state as
+        edited, and so does the session. Nothing when nothing was edited (no request), or for a
+        parameter-server worker (whose edits stay local: the import would put the state this
+        worker fetched over the other workers' steps since)."""
+        if self._worker is None and self._state_view.edited():
+            self._assign_state(self._state_view.as_it_stands())
+
     def _imported(self, info: SessionInfo) -> None:
         """After an import (which changes no parameter): the local values are those of its
         version too when nothing else came between."""
@@ -911,6 +924,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         changed since."""
         _refuse_float64_scalar_steps(self._optimizer_name, self.defaults, self.param_groups)
         self._check_groups()
+        self._write_back_state()
         self._state_epoch += 1
         self._state_view.forget()
         if self._optimizer_name == "LBFGS":
@@ -1151,6 +1165,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         # the defaults hold sent first (the new group starts from them, there as here; other
         # changes ride with the next step as before)
         self._sync_param_groups(fills_only=True)
+        self._write_back_state()
         self._state_epoch += 1
         super().add_param_group(param_group)
         self._refuse_duplicates()
@@ -1209,6 +1224,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         self._check_groups()
+        self._write_back_state()
         self.push_params(only_edited=True)
         self._sync_param_groups()
         sd, masters = self._export_with_masters()
