@@ -281,3 +281,23 @@ def test_state_entries_given_back_unchanged_send_nothing(client: optserve.Client
     opt.state_dict()
     assert client.get_session(opt.session_id).version == opt.version == 4
     opt.close(delete_session=True)
+
+
+def test_the_optimizer_given_as_torchs_class_or_by_mistake_a_learning_rate(
+        client: optserve.Client) -> None:
+    """``RemoteOptimizer(params, torch.optim.AdamW, ...)`` (code that makes its optimizer from a
+    class) steps as ``AdamW``; a learning rate passed where ``torch.optim.AdamW(params, 1e-3)``
+    takes it is a ``TypeError`` saying to pass ``lr=`` (it was ``attribute name must be string,
+    not 'float'``), before any session is made."""
+    local_model, remote_model = mlp(), mlp()
+    local = torch.optim.AdamW(local_model.parameters(), lr=1e-2)
+    remote = optserve.RemoteOptimizer(remote_model.parameters(), torch.optim.AdamW, client,
+                                      lr=1e-2)
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(2))
+    assert_same_form(local.state_dict(), remote.state_dict())
+    remote.close(delete_session=True)
+    sessions = len(client.list_sessions())
+    with pytest.raises(TypeError, match=r"lr=0\.001"):
+        optserve.RemoteOptimizer(mlp().parameters(), 1e-3, client)  # type: ignore[arg-type]
+    assert len(client.list_sessions()) == sessions

@@ -362,7 +362,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         params: ParamsT,
-        optimizer: str = "Adam",
+        optimizer: str | type[torch.optim.Optimizer] = "Adam",
         client: Client | None = None,
         *,
         session_id: str | None = None,
@@ -377,6 +377,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         detect_data_edits: bool = True,
         **options: Any,
     ) -> None:
+        optimizer = _optimizer_name(optimizer)
         if client is not None and not isinstance(client, Client):
             raise TypeError(
                 f"client must be an optserve.Client (not {type(client).__name__}); "
@@ -1714,6 +1715,29 @@ def _fill_as_torch_loads(optimizer: str, groups: Any) -> None:
 #: it keeps for its wire formats (``RESERVED_NAMES``)
 _MAX_NAME = 512
 _RESERVED_NAME = "__metadata__"
+
+
+def _optimizer_name(optimizer: object) -> str:
+    """The session's optimizer from ``RemoteOptimizer``'s ``optimizer`` argument: its name
+    (``"Adam"``), or torch's class itself (``torch.optim.AdamW``, as code that makes its
+    optimizer from a class passes it). Anything else is a ``TypeError`` saying so: a learning
+    rate passed where ``torch.optim.Adam(params, 1e-3)`` takes it was ``attribute name must be
+    string, not 'float'``."""
+    if isinstance(optimizer, str):
+        return optimizer
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        name: str = optimizer.__name__
+        if getattr(torch.optim, name, None) is optimizer:
+            return name
+        raise TypeError(f"a session runs torch.optim's own optimizer classes (by name, or the "
+                        f"class itself); {optimizer.__module__}.{name} is not one of them, "
+                        "and its code cannot run on the server")
+    hint = (f"; pass the learning rate as lr={optimizer!r}"
+            if isinstance(optimizer, (numbers.Number, torch.Tensor)) else "")
+    raise TypeError(
+        "RemoteOptimizer's second argument is the optimizer: the name of a torch.optim class "
+        f"(\"Adam\", \"SGD\", ...) or the class itself, not {type(optimizer).__name__} "
+        f"{optimizer!r:.60}{hint}")
 
 
 def _session_name(name: str) -> str:
