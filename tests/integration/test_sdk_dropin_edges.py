@@ -301,3 +301,28 @@ def test_the_optimizer_given_as_torchs_class_or_by_mistake_a_learning_rate(
     with pytest.raises(TypeError, match=r"lr=0\.001"):
         optserve.RemoteOptimizer(mlp().parameters(), 1e-3, client)  # type: ignore[arg-type]
     assert len(client.list_sessions()) == sessions
+
+
+def test_a_worker_joined_without_naming_the_optimizer_loads_as_the_sessions_class(
+        client: optserve.Client) -> None:
+    """A parameter-server worker passes no ``optimizer`` (its default says ``"Adam"``): it
+    takes the session's (``SGD``), so a state dict it loads is filled and split as SGD's, its
+    groups holding what torch's SGD holds (filled as Adam's, they took Adam's ``amsgrad``,
+    ``capturable`` and ``decoupled_weight_decay``)."""
+    local_model, creator_model, worker_model = mlp(), mlp(), mlp()
+    local = torch.optim.SGD(local_model.parameters(), lr=0.1, momentum=0.9)
+    creator = optserve.RemoteOptimizer(creator_model.named_parameters(), "SGD", client,
+                                       lr=0.1, momentum=0.9)
+    for model, opt in ((local_model, local), (creator_model, creator)):
+        train(model, opt, range(2))
+    worker = optserve.RemoteOptimizer(worker_model.named_parameters(), client=client,
+                                      session_id=creator.session_id, worker="w1")
+    worker.load_state_dict(saved(local.state_dict()))
+    assert set(worker.param_groups[0]) - {"param_names"} == set(local.param_groups[0])
+    creator.pull_params()
+    for model, opt in ((local_model, local), (creator_model, creator)):
+        train(model, opt, range(2, 3))
+    for p, q in zip(local_model.parameters(), creator_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert_same_form(local.state_dict()["state"], creator.state_dict()["state"])
+    creator.close(delete_session=True)

@@ -678,6 +678,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                  f"{tuple(shape.shape)} in session {session_id!r}")
         self._session_id = info.id
         self._release_when_dropped()
+        # the session's optimizer, whatever the optimizer argument said (a worker passes none:
+        # its default "Adam" named the wrong class for the state keys a loaded state dict is
+        # split by and the options it is filled with)
+        self._optimizer_name = info.optimizer
         self.defaults = dict(info.defaults)
         self._option_names = frozenset(info.defaults)
         for group, server in zip(self.param_groups, info.param_groups, strict=True):
