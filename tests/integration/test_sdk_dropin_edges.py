@@ -326,3 +326,23 @@ def test_a_worker_joined_without_naming_the_optimizer_loads_as_the_sessions_clas
         assert torch.equal(p, q)
     assert_same_form(local.state_dict()["state"], creator.state_dict()["state"])
     creator.close(delete_session=True)
+
+
+@pytest.mark.parametrize("optimizer", ["Adam", "SGD"])
+def test_the_class_is_named_after_the_sessions_optimizer(client: optserve.Client,
+                                                         optimizer: str) -> None:
+    """``type(opt).__name__`` is the session's optimizer's, as torch's is, so what code names
+    after it is torch's: ``repr(opt)``, Lightning's ``LearningRateMonitor`` metrics
+    (``lr-Adam``, they were ``lr-RemoteOptimizer``), a worker's too (the session's class);
+    the optimizer is still a ``RemoteOptimizer``."""
+    local = getattr(torch.optim, optimizer)(mlp().parameters(), lr=0.1)
+    remote = optserve.RemoteOptimizer(mlp().named_parameters(), optimizer, client, lr=0.1)
+    worker = optserve.RemoteOptimizer(mlp().named_parameters(), client=client,
+                                      session_id=remote.session_id, worker="w1")
+    for opt in (remote, worker):
+        assert isinstance(opt, optserve.RemoteOptimizer)
+        assert type(opt).__name__ == optimizer
+        assert repr(opt).replace("    param_names: ['0.weight', '0.bias', '2.weight', "
+                                 "'2.bias']\n", "") == repr(local)
+    assert type(remote) is type(worker)
+    remote.close(delete_session=True)

@@ -491,6 +491,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 if self._owns_client:
                     self._client.close()
                 raise
+            self._named_as(self._optimizer_name)
             return
         try:
             # (the client pauses the collector while it encodes and decodes 1,000 tensors or
@@ -515,6 +516,19 @@ class RemoteOptimizer(torch.optim.Optimizer):
             _order_keys(group, [*keys, "param_names", *self.defaults])
         if optimizer in STATE_MADE_AT_CONSTRUCTION:
             self._step_dtypes.made(self.param_groups)
+        self._named_as(optimizer)
+
+    def _named_as(self, optimizer: str) -> None:
+        """This optimizer's class becomes :func:`_named_class` of ``optimizer``: a subclass
+        of ``RemoteOptimizer`` whose ``__name__`` is the session's optimizer's (``"Adam"``), as
+        ``type(opt).__name__`` is for torch's own. Code names things after it: torch's
+        ``repr(opt)`` (``Adam (`` ...), Lightning's ``LearningRateMonitor`` (its metrics
+        ``lr-Adam``, ``lr-Adam/pg2``: they were ``lr-RemoteOptimizer``), profiler labels.
+        A subclass of ``RemoteOptimizer`` of one's own keeps its class."""
+        if type(self) is RemoteOptimizer:
+            named = _named_class(optimizer)
+            self.__class__ = named
+            self._zero_grad_profile_name = f"Optimizer.zero_grad#{named.__name__}.zero_grad"
 
     def _server_options(self, optimizer: str, explicit: list[dict[str, Any]]
                         ) -> list[dict[str, Any]]:
@@ -1572,6 +1586,26 @@ class RemoteOptimizer(torch.optim.Optimizer):
             "connections. Save or copy its state_dict() instead and load_state_dict() it into "
             "another optimizer (a new RemoteOptimizer, or a local one of the same class); to "
             "copy a model, keep the optimizer out of what you deepcopy")
+
+
+#: the classes :func:`_named_class` made, by optimizer name
+_NAMED_CLASSES: dict[str, type[RemoteOptimizer]] = {}
+
+
+def _named_class(optimizer: str) -> type[RemoteOptimizer]:
+    """``RemoteOptimizer`` under the name of the session's optimizer: a subclass with nothing
+    of its own but its ``__name__`` (``"Adam"``; ``__qualname__`` ``"RemoteOptimizer[Adam]"``,
+    so ``type(opt)`` shows ``<class 'optserve._optimizer.RemoteOptimizer[Adam]'>``), one per
+    name. ``isinstance(opt, RemoteOptimizer)`` holds; ``isinstance(opt, torch.optim.Adam)``
+    does not (the update is the session's, not that class's code here)."""
+    named = _NAMED_CLASSES.get(optimizer)
+    if named is None:
+        named = type(optimizer, (RemoteOptimizer,), {
+            "__module__": RemoteOptimizer.__module__,
+            "__qualname__": f"RemoteOptimizer[{optimizer}]",
+            "__doc__": f"A RemoteOptimizer whose session runs torch.optim.{optimizer}."})
+        _NAMED_CLASSES[optimizer] = named
+    return named
 
 
 def _release_later(client: weakref.ref[Client], session_id: str) -> None:
