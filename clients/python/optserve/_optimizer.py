@@ -755,8 +755,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 "group with add_param_group(), not by changing param_groups itself")
         for index, (group, ids) in enumerate(zip(groups, held, strict=True)):
             params = group.get("params")
-            if isinstance(params, (list, tuple)) and len(params) == len(ids) and all(
-                    a == b for a, b in zip(map(id, params), ids, strict=True)):
+            if isinstance(params, (list, tuple)) and list(map(id, params)) == ids:
                 continue
             if not isinstance(params, (list, tuple)):
                 what = f"a {type(params).__name__} now"
