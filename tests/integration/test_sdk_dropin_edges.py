@@ -346,3 +346,33 @@ def test_the_class_is_named_after_the_sessions_optimizer(client: optserve.Client
                                  "'2.bias']\n", "") == repr(local)
     assert type(remote) is type(worker)
     remote.close(delete_session=True)
+
+
+def test_a_lazy_modules_uninitialized_parameters_are_refused_saying_what_to_do(
+        client: optserve.Client) -> None:
+    """``nn.LazyLinear``'s parameters before its first forward (torch's optimizer takes them,
+    its state made at the first step): a ``ValueError`` saying to run a forward pass first, at
+    construction or ``add_param_group``, before any session or group is made; after a dummy
+    forward the optimizer trains as torch's."""
+    sessions = len(client.list_sessions())
+    with pytest.raises(ValueError, match="forward pass"):
+        optserve.RemoteOptimizer(nn.LazyLinear(4).parameters(), "Adam", client, lr=0.1)
+    remote = optserve.RemoteOptimizer(mlp().parameters(), "Adam", client, lr=0.1)
+    with pytest.raises(ValueError, match="forward pass"):
+        remote.add_param_group({"params": nn.LazyLinear(4).parameters()})
+    assert len(remote.param_groups) == 1
+    assert len(client.list_sessions()) == sessions + 1
+    remote.close(delete_session=True)
+    def lazy() -> nn.Sequential:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.LazyLinear(16), nn.Tanh(), nn.Linear(16, 4))
+        model(torch.zeros(1, 8))  # the dummy batch
+        return model
+    local_model, remote_model = lazy(), lazy()
+    local = torch.optim.Adam(local_model.parameters(), lr=1e-2)
+    remote = optserve.RemoteOptimizer(remote_model.parameters(), "Adam", client, lr=1e-2)
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(2))
+    for p, q in zip(local_model.parameters(), remote_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    remote.close(delete_session=True)

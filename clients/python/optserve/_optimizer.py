@@ -1171,6 +1171,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if getattr(self, "_initializing", True):
             super().add_param_group(param_group)
             self._refuse_duplicates()
+            self._refuse_uninitialized()
             return
         _refuse_float64_scalar_steps(self._optimizer_name, self.defaults, [param_group])
         self._check_groups()
@@ -1187,6 +1188,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._state_epoch += 1
         super().add_param_group(param_group)
         self._refuse_duplicates()
+        self._refuse_uninitialized()
         group = self.param_groups[-1]
         names = self._names_for(group)
         try:
@@ -1199,6 +1201,23 @@ class RemoteOptimizer(torch.optim.Optimizer):
             raise
         self._remember(names, group["params"])
         self._adopt(info)
+
+    def _refuse_uninitialized(self) -> None:
+        """The group torch's ``add_param_group`` just appended, taken back with a
+        ``ValueError`` when it holds a lazy module's parameter not yet initialized
+        (``nn.LazyLinear`` before its first forward). torch's optimizer takes one, its state
+        made at the first step; a session is made from the parameters' values, which such a
+        parameter does not have yet (it was torch's ``Attempted to use an uninitialized
+        parameter in <method 'detach' ...>`` from deep in the encoding)."""
+        group = self.param_groups[-1]
+        for i, p in enumerate(group["params"]):
+            if torch.nn.parameter.is_lazy(p):
+                self.param_groups.pop()
+                raise ValueError(
+                    f"param_groups[{len(self.param_groups)}] holds an uninitialized parameter "
+                    f"(index {i}, a lazy module's): a RemoteOptimizer's session is made from "
+                    "the parameters' values; run a forward pass (a dummy batch) through the "
+                    "model before making the optimizer")
 
     def _refuse_duplicates(self) -> None:
         """The group torch's ``add_param_group`` just appended, taken back with a
