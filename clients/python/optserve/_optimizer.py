@@ -26,14 +26,21 @@ How it maps onto the service:
   version from any answer (its steps, pulls, pushes, ``state_dict()``, ...) or after a
   ``load_state_dict`` or an ``add_param_group``: never older than the newest version it knows
   of, and no request while that has not moved (another worker's step shows once this one
-  learns of it: its next step or :meth:`pull_params`). Edits to the keys the session keeps
-  (``exp_avg``, ...: those it returned for the parameter) stay local, replaced by the session's
-  at the next fetch; any other key put in an entry (timm ``Lookahead``'s
+  learns of it: its next step or :meth:`pull_params`). Edits of the session's values it
+  fetched (``opt.state[p]["exp_avg"].zero_()``, a key assigned, an entry deleted) are sent
+  before the next step, ``state_dict()`` or ``add_param_group()`` as one import of the state
+  as it stands (:meth:`_write_back_state`; a parameter-server worker's stay local); any other
+  key put in an entry (timm ``Lookahead``'s
   ``lookahead_slow_buff``) is client-side state, kept across steps as a local optimizer keeps it
   (the same objects), carried in ``state_dict()`` beside the session's keys and split out again
   by ``load_state_dict()`` (``optserve._session_state``, ``optserve._state_keys``); assigning a
   mapping to it (``opt.state = defaultdict(dict)``) loads that state into the
   session (:meth:`_assign_state`): an empty one resets it, as it does a local optimizer's;
+- the parameters are those given and those :meth:`add_param_group` adds: a group's
+  ``"params"`` list edited by hand is a ``ValueError`` before anything is sent
+  (:meth:`_check_groups`); a loaded state dict's groups lacking options torch added since it
+  was saved get their defaults, as torch's ``load_state_dict`` gives them
+  (:func:`_fill_as_torch_loads`);
 - ``with RemoteOptimizer(...) as opt:`` deletes the session it created at the end of the block
   (``close(delete_session=True)``); without ``with``, ``close()`` keeps it.
 
@@ -360,7 +367,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         params: ParamsT,
-        optimizer: str = "Adam",
+        optimizer: str | type[torch.optim.Optimizer] = "Adam",
         client: Client | None = None,
         *,
         session_id: str | None = None,
@@ -375,6 +382,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         detect_data_edits: bool = True,
         **options: Any,
     ) -> None:
+        optimizer = _optimizer_name(optimizer)
         if client is not None and not isinstance(client, Client):
             raise TypeError(
                 f"client must be an optserve.Client (not {type(client).__name__}); "
@@ -413,6 +421,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 for g in items
                 if isinstance(g, dict)
             ]
+        # the keys each group held as given (torch keeps them first, its defaults after)
+        given = ([list(g) if isinstance(g, dict) else [] for g in items]
+                 if items and isinstance(items[0], dict) else [["params"]])
         super().__init__(items, dict(options))
         self._initializing = False
         # a group's option that is the default's very tensor (``lr=t`` given both ways) is the
@@ -441,6 +452,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._answers = ReceiveBuffer()
         self._optimizer_name = optimizer
         self._param_names: list[list[str]] = []
+        #: each group's parameters as the session holds them, by ``id`` (see
+        #: :meth:`_check_groups`)
+        self._param_ids: list[list[int]] = []
         self._by_name: dict[str, torch.Tensor] = {}
         self._seen_version: dict[str, int] = {}
         #: each parameter's values as last in step with the session, to find edits made
@@ -482,6 +496,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 if self._owns_client:
                     self._client.close()
                 raise
+            self._named_as(self._optimizer_name)
             return
         try:
             # (the client pauses the collector while it encodes and decodes 1,000 tensors or
@@ -502,8 +517,23 @@ class RemoteOptimizer(torch.optim.Optimizer):
         #: the options the session's optimizer has (other keys of a group stay local)
         self._option_names = frozenset(info.defaults)
         self._adopt(info)
+        for group, keys in zip(self.param_groups, given, strict=True):
+            _order_keys(group, [*keys, "param_names", *self.defaults])
         if optimizer in STATE_MADE_AT_CONSTRUCTION:
             self._step_dtypes.made(self.param_groups)
+        self._named_as(optimizer)
+
+    def _named_as(self, optimizer: str) -> None:
+        """This optimizer's class becomes :func:`_named_class` of ``optimizer``: a subclass
+        of ``RemoteOptimizer`` whose ``__name__`` is the session's optimizer's (``"Adam"``), as
+        ``type(opt).__name__`` is for torch's own. Code names things after it: torch's
+        ``repr(opt)`` (``Adam (`` ...), Lightning's ``LearningRateMonitor`` (its metrics
+        ``lr-Adam``, ``lr-Adam/pg2``: they were ``lr-RemoteOptimizer``), profiler labels.
+        A subclass of ``RemoteOptimizer`` of one's own keeps its class."""
+        if type(self) is RemoteOptimizer:
+            named = _named_class(optimizer)
+            self.__class__ = named
+            self._zero_grad_profile_name = f"Optimizer.zero_grad#{named.__name__}.zero_grad"
 
     def _server_options(self, optimizer: str, explicit: list[dict[str, Any]]
                         ) -> list[dict[str, Any]]:
@@ -634,6 +664,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if not entries:
             self._state_view.known_empty()
 
+    def _write_back_state(self) -> None:
+        """Send the edits made to the session's values in :attr:`state` since they were
+        fetched (``opt.state[p]["exp_avg"].zero_()``, ``opt.state[p]["step"] = t``,
+        ``del opt.state[p]``: see :meth:`SessionState.edited`), as one import of the state as
+        it now stands (:meth:`_assign_state`): a local optimizer steps with its state as
+        edited, and so does the session. Nothing when nothing was edited (no request), or for a
+        parameter-server worker (whose edits stay local: the import would put the state this
+        worker fetched over the other workers' steps since)."""
+        if self._worker is None and self._state_view.edited():
+            self._assign_state(self._state_view.as_it_stands())
+
     def _imported(self, info: SessionInfo) -> None:
         """After an import (which changes no parameter): the local values are those of its
         version too when nothing else came between."""
@@ -656,6 +697,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                  f"{tuple(shape.shape)} in session {session_id!r}")
         self._session_id = info.id
         self._release_when_dropped()
+        # the session's optimizer, whatever the optimizer argument said (a worker passes none:
+        # its default "Adam" named the wrong class for the state keys a loaded state dict is
+        # split by and the options it is filled with)
+        self._optimizer_name = info.optimizer
         self.defaults = dict(info.defaults)
         self._option_names = frozenset(info.defaults)
         for group, server in zip(self.param_groups, info.param_groups, strict=True):
@@ -666,12 +711,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def _names_for(self, group: dict[str, Any]) -> list[str]:
         """The session's names for a group's parameters: its ``param_names`` (made unique, see
-        :meth:`_unique`), else their positions across groups."""
+        :meth:`_unique`; one a session cannot take, see :func:`_session_name`, stood in for),
+        else their positions across groups."""
         if "param_names" in group:
             taken = set(self._by_name)
             names = []
             for name in group["param_names"]:
-                names.append(self._unique(str(name), taken))
+                names.append(self._unique(_session_name(str(name)), taken))
                 taken.add(names[-1])
             return names
         start = sum(len(n) for n in self._param_names)
@@ -691,12 +737,45 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def _remember(self, names: list[str], params: list[torch.Tensor]) -> None:
         self._param_names.append(names)
+        self._param_ids.append([id(p) for p in params])
         for name, p in zip(names, params, strict=True):
             self._by_name[name] = p
             self._seen_version[name] = p._version
         if self._refs is not None:  # (the values the session is made with, or joined to)
             with gc_paused(len(params)):
                 self._refs.snapshot(zip(names, params, strict=True))
+
+    def _check_groups(self) -> None:
+        """A ``ValueError`` when ``param_groups`` no longer lists the parameters the session
+        holds: a group appended to it by hand, or a group's ``"params"`` list edited in place
+        (a parameter appended, removed or replaced). A local optimizer steps whatever its
+        groups list then; the session's parameters are those it was made with and those
+        :meth:`add_param_group` added, and steps sent by position would go to the wrong
+        parameters (an appended one was a bare ``zip()`` error, a replaced one a silently
+        different training)."""
+        groups, held = self.param_groups, self._param_ids
+        if len(groups) != len(held):
+            raise ValueError(
+                f"param_groups holds {len(groups)} groups, the session {len(held)}: add a "
+                "group with add_param_group(), not by changing param_groups itself")
+        for index, (group, ids) in enumerate(zip(groups, held, strict=True)):
+            params = group.get("params")
+            if isinstance(params, (list, tuple)) and list(map(id, params)) == ids:
+                continue
+            if not isinstance(params, (list, tuple)):
+                what = f"a {type(params).__name__} now"
+            elif len(params) != len(ids):
+                what = f"{len(params)} now, {len(ids)} then"
+            else:
+                at = next(i for i, (a, b) in enumerate(zip(map(id, params), ids, strict=True))
+                          if a != b)
+                what = f"another tensor at index {at}"
+            raise ValueError(
+                f"param_groups[{index}]['params'] no longer lists the parameters the session "
+                f"holds for it ({what}): a "
+                "RemoteOptimizer's parameters are those it was made with and those "
+                "add_param_group() added; add new ones with add_param_group(), and to drop "
+                "or replace some, make a new RemoteOptimizer over the parameters to train")
 
     def _adopt(self, info: SessionInfo) -> None:
         """Take the server's view of every group's options: fill in what the local groups
@@ -867,6 +946,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         ``_refuse_float64_scalar_steps``), as their construction does: the default may have
         changed since."""
         _refuse_float64_scalar_steps(self._optimizer_name, self.defaults, self.param_groups)
+        self._check_groups()
+        self._write_back_state()
         self._state_epoch += 1
         self._state_view.forget()
         if self._optimizer_name == "LBFGS":
@@ -1095,8 +1176,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if getattr(self, "_initializing", True):
             super().add_param_group(param_group)
             self._refuse_duplicates()
+            self._refuse_uninitialized()
             return
         _refuse_float64_scalar_steps(self._optimizer_name, self.defaults, [param_group])
+        self._check_groups()
         # (keys the optimizer has no option for stay in the local group: see _server_options;
         # a wrapper may have added its own to the defaults, timm's Lookahead its lookahead_*)
         explicit = _without_defaults({k: v for k, v in param_group.items()
@@ -1106,9 +1189,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
         # the defaults hold sent first (the new group starts from them, there as here; other
         # changes ride with the next step as before)
         self._sync_param_groups(fills_only=True)
+        self._write_back_state()
         self._state_epoch += 1
         super().add_param_group(param_group)
         self._refuse_duplicates()
+        self._refuse_uninitialized()
         group = self.param_groups[-1]
         names = self._names_for(group)
         try:
@@ -1121,6 +1206,23 @@ class RemoteOptimizer(torch.optim.Optimizer):
             raise
         self._remember(names, group["params"])
         self._adopt(info)
+
+    def _refuse_uninitialized(self) -> None:
+        """The group torch's ``add_param_group`` just appended, taken back with a
+        ``ValueError`` when it holds a lazy module's parameter not yet initialized
+        (``nn.LazyLinear`` before its first forward). torch's optimizer takes one, its state
+        made at the first step; a session is made from the parameters' values, which such a
+        parameter does not have yet (it was torch's ``Attempted to use an uninitialized
+        parameter in <method 'detach' ...>`` from deep in the encoding)."""
+        group = self.param_groups[-1]
+        for i, p in enumerate(group["params"]):
+            if torch.nn.parameter.is_lazy(p):
+                self.param_groups.pop()
+                raise ValueError(
+                    f"param_groups[{len(self.param_groups)}] holds an uninitialized parameter "
+                    f"(index {i}, a lazy module's): a RemoteOptimizer's session is made from "
+                    "the parameters' values; run a forward pass (a dummy batch) through the "
+                    "model before making the optimizer")
 
     def _refuse_duplicates(self) -> None:
         """The group torch's ``add_param_group`` just appended, taken back with a
@@ -1163,19 +1265,21 @@ class RemoteOptimizer(torch.optim.Optimizer):
         (``lookahead_k``, a group's ``"name"``)."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
+        self._check_groups()
+        self._write_back_state()
         self.push_params(only_edited=True)
         self._sync_param_groups()
         sd, masters = self._export_with_masters()
         groups = []
         for local, server in zip(self.param_groups, sd["param_groups"], strict=True):
-            packed = {k: _in_form_of(v, local.get(k)) for k, v in server.items()
-                      if k not in _NOT_OPTIONS}
-            packed.update(
-                {k: v for k, v in local.items() if k not in _NOT_OPTIONS and k not in packed}
-            )
+            # in the local group's key order, "params" last, as torch's state_dict() packs
+            # them (the session's values of its options, the local keys it has no option for)
+            packed = {k: (list(v) if k == "param_names" else
+                          _in_form_of(server[k], v) if k in server else v)
+                      for k, v in local.items() if k != "params"}
+            packed.update({k: v for k, v in server.items()
+                           if k not in _NOT_OPTIONS and k not in packed})
             packed["params"] = list(server["params"])
-            if "param_names" in local:
-                packed["param_names"] = list(local["param_names"])
             groups.append(packed)
         _link_as(groups, self.param_groups)
         for group, server in zip(self.param_groups, sd["param_groups"], strict=True):
@@ -1215,8 +1319,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        self._check_groups()
         state_dict = _positional_ids(state_dict)
         saved_groups = deepcopy(state_dict["param_groups"])
+        _fill_as_torch_loads(self._optimizer_name, saved_groups)
         if len(self.param_groups) != len(saved_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         for group, saved in zip(self.param_groups, saved_groups, strict=True):
@@ -1399,6 +1505,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """The session's state keyed by this optimizer's parameters (see :attr:`state`)."""
         if not hasattr(self, "_session_id"):
             return {}
+        self._check_groups()
         sd, version = self._client._export_state_at(
             self._session_id, format="safetensors" if self._binary else "json")
         self._learn(version)
@@ -1505,6 +1612,26 @@ class RemoteOptimizer(torch.optim.Optimizer):
             "copy a model, keep the optimizer out of what you deepcopy")
 
 
+#: the classes :func:`_named_class` made, by optimizer name
+_NAMED_CLASSES: dict[str, type[RemoteOptimizer]] = {}
+
+
+def _named_class(optimizer: str) -> type[RemoteOptimizer]:
+    """``RemoteOptimizer`` under the name of the session's optimizer: a subclass with nothing
+    of its own but its ``__name__`` (``"Adam"``; ``__qualname__`` ``"RemoteOptimizer[Adam]"``,
+    so ``type(opt)`` shows ``<class 'optserve._optimizer.RemoteOptimizer[Adam]'>``), one per
+    name. ``isinstance(opt, RemoteOptimizer)`` holds; ``isinstance(opt, torch.optim.Adam)``
+    does not (the update is the session's, not that class's code here)."""
+    named = _NAMED_CLASSES.get(optimizer)
+    if named is None:
+        named = type(optimizer, (RemoteOptimizer,), {
+            "__module__": RemoteOptimizer.__module__,
+            "__qualname__": f"RemoteOptimizer[{optimizer}]",
+            "__doc__": f"A RemoteOptimizer whose session runs torch.optim.{optimizer}."})
+        _NAMED_CLASSES[optimizer] = named
+    return named
+
+
 def _release_later(client: weakref.ref[Client], session_id: str) -> None:
     """A dropped optimizer's finalizer: its session's bindings on ``client`` are let go at
     their channels' next step (a finalizer takes no lock: ``Client._release_local_later``)."""
@@ -1609,6 +1736,82 @@ def _link_shared(defaults: dict[str, Any], groups: list[dict[str, Any]],
                     defaults[key] = target
                 else:
                     groups[int(where)][key] = target
+
+
+def _order_keys(group: dict[str, Any], order: list[str]) -> None:
+    """``group``'s keys, in place, in the ``order`` given (keys it does not list after them, as
+    they are): torch's groups hold the keys given first, then its ``param_names``, then its
+    defaults in the order its class makes them (``lr``, ``momentum``, ``dampening``, ...),
+    whatever order the options were passed in; ``state_dict()`` packs them in that order."""
+    ranked = {k: group[k] for k in order if k in group}
+    ranked.update(group)
+    group.clear()
+    group.update(ranked)
+
+
+def _fill_as_torch_loads(optimizer: str, groups: Any) -> None:
+    """Fill in the options a state dict's ``groups`` lack as torch's ``load_state_dict`` does:
+    it ends with the class's ``__setstate__``, which sets the options newer torch versions
+    added (Adam's ``maximize``, ``foreach``, ``capturable``, ``differentiable``, ``fused``,
+    ``decoupled_weight_decay``, ...) to their defaults where a checkpoint saved by an older
+    torch has none. Run here by torch's own ``__setstate__`` of ``optimizer``'s class on a
+    bare instance, the groups' param ids standing for the parameters (no state: the step
+    counts it converts are converted where the session takes them,
+    :func:`_steps_as_the_session_keeps`). Nothing changes when there is no such class here,
+    or it fails on the groups (the import then says what is wrong with them); an option its
+    ``__setstate__`` does not fill stays missing, as torch leaves it (the import refuses
+    it)."""
+    local = getattr(torch.optim, optimizer, None)
+    if not (isinstance(local, type) and issubclass(local, torch.optim.Optimizer)) \
+            or not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        return
+    bare = local.__new__(local)
+    bare.defaults = {}
+    try:
+        local.__setstate__(bare, {"state": {}, "param_groups": groups})
+    except Exception:  # noqa: BLE001, S110 - the import answers what is wrong with them
+        pass
+
+
+#: the longest parameter name a session takes (``app.engine.session.MAX_NAME``), and the one
+#: it keeps for its wire formats (``RESERVED_NAMES``)
+_MAX_NAME = 512
+_RESERVED_NAME = "__metadata__"
+
+
+def _optimizer_name(optimizer: object) -> str:
+    """The session's optimizer from ``RemoteOptimizer``'s ``optimizer`` argument: its name
+    (``"Adam"``), or torch's class itself (``torch.optim.AdamW``, as code that makes its
+    optimizer from a class passes it). Anything else is a ``TypeError`` saying so: a learning
+    rate passed where ``torch.optim.Adam(params, 1e-3)`` takes it was ``attribute name must be
+    string, not 'float'``."""
+    if isinstance(optimizer, str):
+        return optimizer
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        name: str = optimizer.__name__
+        if getattr(torch.optim, name, None) is optimizer:
+            return name
+        raise TypeError(f"a session runs torch.optim's own optimizer classes (by name, or the "
+                        f"class itself); {optimizer.__module__}.{name} is not one of them, "
+                        "and its code cannot run on the server")
+    hint = (f"; pass the learning rate as lr={optimizer!r}"
+            if isinstance(optimizer, (numbers.Number, torch.Tensor)) else "")
+    raise TypeError(
+        "RemoteOptimizer's second argument is the optimizer: the name of a torch.optim class "
+        f"(\"Adam\", \"SGD\", ...) or the class itself, not {type(optimizer).__name__} "
+        f"{optimizer!r:.60}{hint}")
+
+
+def _session_name(name: str) -> str:
+    """``name`` as the session's name of a parameter: itself when a session takes it, else (an
+    empty name, one past 512 characters, the wire formats' ``"__metadata__"``: torch's
+    ``param_names`` are labels and may be anything) a stand-in of at most 500 of its first
+    characters and a ``"#"`` (made unique like any other, :meth:`RemoteOptimizer._unique`).
+    The groups keep the names given, as torch's do; the session's serve its history, pulls
+    and parameter-server joins (which name their parameters the same way)."""
+    if 0 < len(name) <= _MAX_NAME and name != _RESERVED_NAME:
+        return name
+    return f"{name[:500]}#"
 
 
 def _is_index(param_id: Any) -> bool:

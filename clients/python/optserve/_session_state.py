@@ -12,8 +12,12 @@ Each parameter's entry is one dict for the optimizer's life (as in a local optim
 does not keep (anything not in what the server returned for that parameter at the last fetch:
 timm's ``Lookahead`` puts ``lookahead_slow_buff`` there) are the client's: they stay in the
 entry across fetches, the very objects put there, and :meth:`SessionState.client_entries`
-gives them to ``RemoteOptimizer.state_dict()``. The session's own keys are its copy: an edit of
-one stays local, replaced by the session's value at the next fetch.
+gives them to ``RemoteOptimizer.state_dict()``. The session's own keys are its copy, as
+fetched: an edit of one (in place, ``state[p]["exp_avg"].zero_()``; assigned, ``state[p]["exp_avg"]
+= t``; or the entry deleted or cleared, ``del state[p]``, ``state.clear()``) is found by
+:meth:`SessionState.edited` (the values fetched, their identity and version counters) and sent
+by ``RemoteOptimizer`` before its next step or ``state_dict()``, as one import of the view as
+it then stands, so that it takes effect as it does on a local optimizer's state.
 
 Assigning ``opt.state = mapping`` (training code that resets with
 ``opt.state = defaultdict(dict)``) loads that state into the session: :func:`assigned_state`
@@ -47,6 +51,9 @@ class SessionState(defaultdict[torch.Tensor, Any]):
         self._loaded = False
         #: each entry's keys as the last fetch filled them from the session
         self._session_keys: dict[torch.Tensor, frozenset[Any]] = {}
+        #: the session's values the last fetch put in each entry, a tensor's with its version
+        #: counter (what :meth:`edited` compares with)
+        self._fetched: dict[torch.Tensor, dict[Any, tuple[Any, int | None]]] = {}
 
     def _strip(self) -> None:
         """Take the session's values out of the entries (the client's keys stay); an entry
@@ -57,6 +64,7 @@ class SessionState(defaultdict[torch.Tensor, Any]):
                 for k in keys:
                     entry.pop(k, None)
         self._session_keys = {}
+        self._fetched = {}
         for p in [p for p, entry in dict.items(self) if not entry]:
             dict.__delitem__(self, p)
 
@@ -84,12 +92,33 @@ class SessionState(defaultdict[torch.Tensor, Any]):
                 out[p] = kept
         return out
 
+    def edited(self) -> bool:
+        """Whether the session's values the last fetch put here were changed since: an entry
+        deleted or replaced by one without them, a key deleted or given another object, a
+        tensor changed in place (its version counter moved). Nothing fetched: False."""
+        for p, seen in self._fetched.items():
+            entry = dict.get(self, p)
+            if not isinstance(entry, dict):
+                return True
+            for k, (value, version) in seen.items():
+                if k not in entry:
+                    return True
+                now = entry[k]
+                if now is not value or (version is not None and now._version != version):
+                    return True
+        return False
+
+    def as_it_stands(self) -> dict[torch.Tensor, Any]:
+        """The entries as they are now, nothing fetched (what an edit left)."""
+        return {p: entry for p, entry in dict.items(self)}
+
     def keep_only(self, entries: Mapping[torch.Tensor, Mapping[Any, Any]]) -> None:
         """The client's keys become exactly ``entries`` (a state loaded or assigned: it
         replaces the whole state, as torch's ``load_state_dict`` does); the session's are
         fetched at the next read."""
         dict.clear(self)
         self._session_keys = {}
+        self._fetched = {}
         for p, entry in entries.items():
             if entry:
                 dict.__setitem__(self, p, dict(entry))
@@ -115,6 +144,9 @@ class SessionState(defaultdict[torch.Tensor, Any]):
             entries[p] = entry
             if isinstance(fetched, dict):
                 self._session_keys[p] = frozenset(fetched)
+                self._fetched[p] = {
+                    k: (v, v._version if isinstance(v, torch.Tensor) else None)
+                    for k, v in fetched.items()}
         for p, entry in dict.items(self):  # (only the client's keys: no session state yet)
             if p not in entries:
                 entries[p] = entry
@@ -134,6 +166,26 @@ class SessionState(defaultdict[torch.Tensor, Any]):
     def __delitem__(self, key: torch.Tensor) -> None:
         self._fresh()
         super().__delitem__(key)
+
+    def clear(self) -> None:
+        self._fresh()
+        super().clear()
+
+    def pop(self, key: torch.Tensor, *default: Any) -> Any:
+        self._fresh()
+        return super().pop(key, *default)
+
+    def popitem(self) -> tuple[torch.Tensor, Any]:
+        self._fresh()
+        return super().popitem()
+
+    def setdefault(self, key: torch.Tensor, default: Any = None) -> Any:
+        self._fresh()
+        return super().setdefault(key, default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._fresh()
+        super().update(*args, **kwargs)
 
     def __contains__(self, key: object) -> bool:
         self._fresh()
