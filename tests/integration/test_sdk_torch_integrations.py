@@ -236,7 +236,8 @@ def test_state_is_readable_per_parameter(live_server: str) -> None:
     """``opt.state[p]["exp_avg"]`` (logging, debugging code; Lightning moving the state to a
     device) reads the session's state as it stands after the last step, fetched only when
     read (one request per step at most); after ``load_state_dict`` it is the loaded state.
-    Edits and copies of it stay local."""
+    Copies of it stay local; an edit goes to the session only with the next step,
+    ``state_dict()`` or ``add_param_group()`` (test_sdk_dropin_edges)."""
     log: list[str] = []
     hook = lambda r: log.append(f"{r.method} {r.url.path.rsplit('/', 1)[-1]}")  # noqa: E731
     with httpx.Client(event_hooks={"request": [hook]}) as http, \
@@ -267,7 +268,7 @@ def test_state_is_readable_per_parameter(live_server: str) -> None:
         assert type(kept) is defaultdict and len(kept) == 4
         for a, b in zip(kept.values(), remote.state.values(), strict=True):
             assert torch.equal(a["exp_avg"], b["exp_avg"])
-        remote.state[pairs[0][1]]["exp_avg"] = torch.zeros(1)  # a local edit only
+        remote.state[pairs[0][1]]["exp_avg"] = torch.zeros(1)  # not sent: no step follows
         assert int(client.get_session(remote.session_id).step) == 5
 
         fresh = optserve.RemoteOptimizer(mlp().parameters(), "Adam", client, lr=1e-2)
