@@ -48,7 +48,7 @@ def _hooked(opt: torch.optim.Optimizer) -> bool:
 def step(opt: torch.optim.Optimizer) -> None:
     """``opt.step()`` (no closure), without the profiler range when that is all it adds."""
     inner = None if "step" in vars(opt) else _wrapped(type(opt).step)
-    if inner is None or _hooked(opt) or torch.autograd._profiler_enabled():
+    if inner is None or _hooked(opt) or torch._C._autograd._profiler_enabled():
         opt.step()
         return
     inner(opt)

@@ -23,7 +23,7 @@ def _adam(seed: int = 0) -> tuple[torch.optim.Optimizer, torch.Tensor]:
 def _ranges_entered(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of the ``record_function`` ranges entered from now on."""
     seen: list[str] = []
-    enter = torch.autograd.profiler.record_function.__enter__
+    enter: Any = torch.autograd.profiler.record_function.__enter__
 
     def counting(self: Any) -> Any:
         seen.append(self.name)
