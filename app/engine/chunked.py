@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from app.engine import optimizer_step
 from app.engine.worker import after_job
 from app.runtime import release_memory
 
@@ -148,7 +149,7 @@ class Watch:
                 ) -> None:
         """``opt.step()``, with ``view`` (a chunk of ``param``) the one tensor it steps."""
         before = None if self.failed else self._copy(view)
-        opt.step()
+        optimizer_step.step(opt)
         if before is None:
             return
         try:
@@ -229,7 +230,7 @@ def step(opt: torch.optim.Optimizer, name: str, splits: list[Split] | None = Non
     if splits is None:
         splits = plan(opt, name)
     if not splits:
-        opt.step()
+        optimizer_step.step(opt)
         return
     kept = [sp for sp in splits if not sp.fresh]
     fresh = [sp for sp in splits if sp.fresh]
@@ -244,7 +245,7 @@ def step(opt: torch.optim.Optimizer, name: str, splits: list[Split] | None = Non
             group["params"] = [v for p in params for v in replaced.get(id(p), [p])]
         for sp in kept:
             _hand_out(opt, sp)
-        opt.step()
+        optimizer_step.step(opt)
         if watch is not None:
             for sp in kept:
                 _alone(opt, sp, saved, watch)(sp.views)
@@ -281,7 +282,7 @@ def _alone(opt: torch.optim.Optimizer, sp: Split, saved: list[list[torch.Tensor]
     def alone(views: list[torch.Tensor]) -> None:
         if watch is None:
             only(views)
-            opt.step()
+            optimizer_step.step(opt)
             return
         for view in views:
             only([view])

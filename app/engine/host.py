@@ -1440,8 +1440,10 @@ class EmbeddedHost:
             s.seq += 1
         if sync is not None:
             result.sync = sync
-        s.idem.remember_all([(k.key, k.fingerprint) for k in keys], op.result_json(result),
-                            op.refusals(s))
+        refused = op.refusals(s)
+        if not s.idem.unchanged_by(keys, refused):  # (most steps carry no key: no answer kept)
+            s.idem.remember_all([(k.key, k.fingerprint) for k in keys], op.result_json(result),
+                                refused)
         if isinstance(result, StepResult):
             if (params_into is not None and written is not None
                     and s.fits_answer(params_into, params_dtype)):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -116,6 +117,12 @@ class IdempotencyTable:
 
     def remember(self, key: str, fingerprint: str, result: dict[str, Any]) -> None:
         self.remember_all([(key, fingerprint)], result)
+
+    def unchanged_by(self, keys: Sequence[object], refused: Sequence[object]) -> bool:
+        """Whether :meth:`remember_all` with these keys and refusals would leave the table as it
+        is (no key to keep, and none past the window to forget): then the answer to keep need
+        not be made."""
+        return not keys and not refused and len(self._entries) <= self.window
 
     def remember_all(self, keys: list[tuple[str, str]], result: dict[str, Any],
                      refused: list[tuple[str, str, dict[str, Any]]] | None = None) -> None:

@@ -283,18 +283,29 @@ def option_numbers(value: Any, tensors: bool = False) -> list[float]:
 #: step count (a float32 tensor, or a Python number). Its default, 1e6, is past float16's range:
 #: an ASGD session of float16 parameters was refused every step and every PATCH for it
 NOT_IN_PARAMS_DTYPE = frozenset({"t0"})
+#: what :func:`overflowing` skips in a torch param group itself: its parameters and their
+#: names (not options), and :data:`NOT_IN_PARAMS_DTYPE`
+GROUP_LISTS_AND_NOT_IN_PARAMS_DTYPE = NOT_IN_PARAMS_DTYPE | {"params", "param_names"}
 
 
-def overflowing(options: dict[str, Any], dtype: torch.dtype, tensors: bool = False
-                ) -> tuple[str, float] | None:
+def overflowing(options: dict[str, Any], dtype: torch.dtype, tensors: bool = False,
+                skip: frozenset[str] = NOT_IN_PARAMS_DTYPE) -> tuple[str, float] | None:
     """The first option (its name and number) past the range of a floating ``dtype``, finite
-    (a non-finite one is refused as such where it is given), else None."""
+    (a non-finite one is refused as such where it is given), else None. ``skip``: keys that
+    are not such options (:data:`NOT_IN_PARAMS_DTYPE`, and a param group's own lists:
+    :data:`GROUP_LISTS_AND_NOT_IN_PARAMS_DTYPE`)."""
     if not dtype.is_floating_point:
         return None
     top = float_max(dtype)
     for key, value in options.items():
-        if key in NOT_IN_PARAMS_DTYPE:
+        if key in skip:
             continue
+        if type(value) is float:  # (most options: option_numbers' answer, without its list)
+            if math.isfinite(value) and abs(value) > top:
+                return key, value
+            continue
+        if not isinstance(value, (tuple, list, torch.Tensor)):
+            continue  # (an int, a bool, a string, None: option_numbers finds no number)
         for v in option_numbers(value, tensors):
             if math.isfinite(v) and abs(v) > top:
                 return key, v

@@ -555,8 +555,14 @@ class Session:
         ``tensors``: a tensor ``lr`` by its value too. A group holds such a value only where a
         server before the checks that refuse it took it (a scheduler's step, replayed as it
         ran): the refusal says how to get the session stepping again."""
-        for i, (g, dtype) in enumerate(zip(self.group_options(), self.group_dtypes(),
-                                           strict=True)):
+        for i, (group, dtype) in enumerate(zip(self.optimizer.param_groups,
+                                               self.group_dtypes(), strict=True)):
+            # (every step: the groups themselves looked over first, the refusal's copy and
+            # words made only for a group that has a value out of range)
+            if optimizers.overflowing(group, dtype, tensors,
+                                      optimizers.GROUP_LISTS_AND_NOT_IN_PARAMS_DTYPE) is None:
+                continue
+            g = {k: v for k, v in group.items() if k not in ("params", "param_names")}
             optimizers.check_overflow(
                 g, dtype, f"param_groups.{i}", tensors,
                 f". The group holds it (a server before this check took it, e.g. from a "
