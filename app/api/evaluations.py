@@ -129,6 +129,7 @@ async def post_evaluation(
     settings: SettingsDep,
 ) -> Response:
     binary, b64 = wants_binary(request), tensor_encoding(request)
+    await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
     buf = await read_body(request, int(settings.max_body_mb * 1024 * 1024))
     kind = body_kind(request)
     ev = await offload(lambda: parse_evaluation(buf, kind == "binary", True), len(buf))
