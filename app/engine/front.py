@@ -37,7 +37,6 @@ from app.engine.interface import (
     StateExport,
     StepResult,
     Tensors,
-    no_session,
     session_key,
     split_key,
 )
@@ -348,17 +347,12 @@ class Front:
     async def refuse_unknown(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> None:
         """The 404 a request on a session nothing holds gets, before its body is read (a
         step's 400 MB to a mistyped id was read whole first): what its operation's first
-        look-up would raise, from the same routing (a sharded session refused at start: its
-        404; a session of this process: :meth:`EmbeddedHost.may_hold`). Returns where the
-        session may exist: the operation looks it up again after the body, so a session
-        deleted meanwhile is still a 404 then, and one created after this look-up was not
-        there for the request. A session of a Ray host or a sharded one is looked for only in
-        the directory its routing reads (the Ray router's entries: no host is asked, which
-        would cost a round trip to a remote actor on every request); its host's 404, if any,
-        comes after the body as before."""
-        host, key = await self._host(tenant, session_id)
-        if isinstance(host, InProcessHost) and not host.embedded.may_hold(key):
-            raise no_session(key)
+        look-up would raise (:meth:`Router.refuse_unknown <app.engine.router.Router.
+        refuse_unknown>`: the embedded engine's sessions are all in memory; the Ray engine's
+        directory, no host asked). Returns where the session may exist: the operation looks
+        it up again after the body, so a session deleted meanwhile is still a 404 then, and
+        one created after this look-up was not there for the request (its 404 stands)."""
+        await self.router.refuse_unknown(session_key(tenant, session_id))
 
     # ------------------------------------------------------------------ LBFGS evaluations
     async def uses_evaluations(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> bool:

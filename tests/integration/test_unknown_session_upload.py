@@ -36,6 +36,10 @@ pytestmark = pytest.mark.integration
 #: the upload's linger in all, and without bytes (shortened from 30 s and 5 s)
 TOTAL_S = 6.0
 QUIET_S = 1.0
+#: the next head's clock (shortened from 10 s)
+HEAD_TIMEOUT_S = 1.0
+#: how long a slow rest takes: past the head clock plus the short linger it met
+SLOW_S = 2.6
 #: how long a test waits for an answer the server should give at once
 PROMPT_S = 3.0
 BINARY = "application/octet-stream"
@@ -61,7 +65,7 @@ ROUTES = [
 
 @pytest.fixture(scope="module", params=HTTP_PROTOCOLS)
 def live(request: pytest.FixtureRequest) -> Iterator[tuple[LiveServer, str]]:
-    settings = _test_settings()
+    settings = _test_settings(head_timeout_s=HEAD_TIMEOUT_S)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(connection_cap, "UPLOAD_LINGER_S", TOTAL_S)
         patch.setattr(connection_cap, "UPLOAD_QUIET_S", QUIET_S)
@@ -269,4 +273,50 @@ def test_a_session_created_after_the_head_was_not_there_for_it(
     held = httpx.get(f"{url}/v1/sessions/later/params", timeout=30,
                      headers={"Accept": BINARY})
     assert torch.equal(load(held.content)["w"], params["w"])
+    upload.wait_no_lingering(server, 10)
+
+
+def _slowly(sock: socket.socket, parts: list[bytes]) -> None:
+    """``parts`` sent over :data:`SLOW_S` (a reset fails the test)."""
+    started = time.monotonic()
+    for piece in parts:
+        sock.sendall(piece)
+        time.sleep(SLOW_S / len(parts))
+    assert time.monotonic() - started > HEAD_TIMEOUT_S + connection_cap.LINGER_S + 0.3
+
+
+def test_a_small_rest_sent_slowly_after_its_answer_is_not_reset(
+        live: tuple[LiveServer, str]) -> None:
+    """A 404 whose body's rest is within ``KEEP_ALIVE_REST`` keeps the connection and reads
+    the rest on; sent slower than the next head's clock allows (here 48 KB over 2.6 s), the
+    close that clock makes lingers while the client sends, so the client sends its last byte
+    and reads the end of the stream, no reset (the close lingered a second, and the rest's
+    next bytes met a reset)."""
+    server, url = live
+    upload.wait_no_lingering(server, TOTAL_S + 10)
+    size = early.SMALL_BODY
+    with upload.connect(url) as sock:
+        sock.sendall(head("POST", "/v1/sessions/nope/step", BINARY, framing_of(False, size))
+                     + b"a" * 2000)
+        the_404(prompt_answer(sock), closes=False)
+        _slowly(sock, pieces(b"a" * (size - 2000), False))
+        assert upload.read_to_end(sock) == b""  # (a reset here fails the test)
+        sock.shutdown(socket.SHUT_WR)
+    upload.wait_no_lingering(server, 10)
+
+
+def test_a_body_sent_after_an_answer_before_100_continue_is_not_reset(
+        live: tuple[LiveServer, str]) -> None:
+    """A client that waited for ``100 Continue``, got its 404 instead and sends its 400 KB
+    body anyway, slower than the next head's clock allows, sends it whole and reads the end of
+    the stream, no reset."""
+    server, url = live
+    upload.wait_no_lingering(server, TOTAL_S + 10)
+    with upload.connect(url) as sock:
+        sock.sendall(head("POST", "/v1/sessions/nope/step", BINARY, framing_of(False),
+                          "Expect: 100-continue\r\n"))
+        the_404(prompt_answer(sock), closes=False)
+        _slowly(sock, pieces(b"a" * BODY, False))
+        assert upload.read_to_end(sock) == b""  # (a reset here fails the test)
+        sock.shutdown(socket.SHUT_WR)
     upload.wait_no_lingering(server, 10)
