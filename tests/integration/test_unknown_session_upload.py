@@ -9,9 +9,13 @@ read of the unknown session gets (same status, code, title, detail, field). A se
 exists is stepped as ever (torch's step, for a large body sent slowly); one deleted while its
 step's body arrives is still a 404 after the body (the step looks the session up again, and
 nothing is applied); one created after the head arrived was not there for the request: its 404
-came first, and the body sent after it changes nothing. Over raw sockets against real uvicorn
+came first, and the body sent after it changes nothing. Sessions restored by a restart (plain
+and sharded) are found by the early look-up, and so is a deleted LBFGS session's finished step,
+whose last evaluation posted again is still answered from it. A small rest sent slowly after
+its answer, and a body sent after an answer that came before ``100 Continue``, are not reset by
+the next head's clock: its close lingers as an upload's. Over raw sockets against real uvicorn
 servers on 127.0.0.1, with each HTTP protocol ``python -m app`` may use; the upload's linger is
-shortened to :data:`TOTAL_S` and :data:`QUIET_S`."""
+shortened to :data:`TOTAL_S` and :data:`QUIET_S`, the head clock to :data:`HEAD_TIMEOUT_S`."""
 
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from safetensors.torch import load, save
 from app.api import connection_cap
 from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
 from tests.integration import test_early_answer_upload_linger as early
+from tests.integration import test_lbfgs as lbfgs
 from tests.integration import test_refused_upload_linger as upload
 from tests.torch_reference import json_tensor
 
@@ -190,11 +195,37 @@ def test_an_unknown_session_is_answered_before_100_continue(
     assert upload.lingering(server) == 0
 
 
-def _create(url: str, sid: str, params: dict[str, torch.Tensor]) -> None:
+def _create(url: str, sid: str, params: dict[str, torch.Tensor], shards: int = 1) -> None:
     r = httpx.post(f"{url}/v1/sessions", timeout=30, json={
-        "id": sid, "optimizer": "Adam", "options": {"lr": 0.01},
+        "id": sid, "optimizer": "Adam", "options": {"lr": 0.01}, "shards": shards,
         "params": {n: json_tensor(t) for n, t in params.items()}})
     assert r.status_code == 201, r.text
+
+
+def _slow_step(url: str, sid: str, grads: dict[str, torch.Tensor], chunked: bool
+               ) -> dict[str, torch.Tensor]:
+    """A safetensors step sent in :data:`PIECE` pieces, not answered before its end: the
+    parameters its answer gives."""
+    body = save(grads)
+    with upload.connect(url) as sock:
+        parts = pieces(body, chunked)
+        sock.sendall(head("POST", f"/v1/sessions/{sid}/step", BINARY,
+                          framing_of(chunked, len(body)), f"Accept: {BINARY}\r\n") + parts[0])
+        no_answer_yet(sock)
+        for piece in parts[1:]:
+            sock.sendall(piece)
+        return load(_answer_body(early.read_answer(sock)))
+
+
+def _torch_adam(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+    """torch's Adam (lr 0.01) one step from ``params`` with ``grads``."""
+    local = {n: torch.nn.Parameter(t.clone()) for n, t in params.items()}
+    opt = torch.optim.Adam(list(local.values()), lr=0.01)
+    for n, p in local.items():
+        p.grad = grads[n].clone()
+    opt.step()
+    return {n: p.detach() for n, p in local.items()}
 
 
 def _answer_body(answer: bytes) -> bytes:
@@ -214,20 +245,54 @@ def test_a_slow_upload_to_a_session_steps_as_torch(
     params = {"w": torch.randn(100_000, generator=gen)}
     grads = {"w": torch.randn(100_000, generator=gen)}
     _create(url, sid, params)
-    body = save(grads)
-    with upload.connect(url) as sock:
-        parts = pieces(body, chunked)
-        sock.sendall(head("POST", f"/v1/sessions/{sid}/step", BINARY,
-                          framing_of(chunked, len(body)), f"Accept: {BINARY}\r\n") + parts[0])
-        no_answer_yet(sock)
-        for piece in parts[1:]:
-            sock.sendall(piece)
-        got = load(_answer_body(early.read_answer(sock)))
-    local = torch.nn.Parameter(params["w"].clone())
-    opt = torch.optim.Adam([local], lr=0.01)
-    local.grad = grads["w"].clone()
-    opt.step()
-    assert torch.equal(got["w"], local.detach())
+    got = _slow_step(url, sid, grads, chunked)
+    assert torch.equal(got["w"], _torch_adam(params, grads)["w"])
+
+
+@pytest.mark.parametrize("protocol", HTTP_PROTOCOLS)
+def test_sessions_restored_at_a_restart_are_not_refused_early(protocol: str) -> None:
+    """A plain and a sharded session, stored and restored by a restart of the server on the
+    same data directory, are found by the look-up before the body (no false 404): a slow
+    400 KB step to each is torch's Adam step."""
+    settings = _test_settings()
+    gen = torch.Generator().manual_seed(11)
+    params = {"a": torch.randn(50_000, generator=gen), "b": torch.randn(50_000, generator=gen)}
+    grads = {"a": torch.randn(50_000, generator=gen), "b": torch.randn(50_000, generator=gen)}
+    with LiveServer(settings, http=problem_protocol(protocol)).serving() as url:
+        _create(url, "plain", params)
+        _create(url, "sharded", params, shards=2)
+    with LiveServer(settings, http=problem_protocol(protocol)).serving() as url:
+        want = _torch_adam(params, grads)
+        for sid in ("plain", "sharded"):
+            got = _slow_step(url, sid, grads, chunked=sid == "sharded")
+            for name in params:
+                assert torch.equal(got[name], want[name]), (sid, name)
+
+
+def test_a_deleted_lbfgs_sessions_answered_evaluation_is_still_replayed(
+        live: tuple[LiveServer, str]) -> None:
+    """The last evaluation of an LBFGS step, posted again after the session's delete, is
+    answered from the finished step as before (the look-up before the body finds the step:
+    no early 404), with the step's answer, torch's LBFGS step."""
+    _, url = live
+    options = {"lr": 1, "max_iter": 3, "history_size": 3}
+    local = lbfgs.Local(options)
+    local.step()
+    with httpx.Client(base_url=url, timeout=30) as http:
+        sid = lbfgs.create(http, options)
+        answer = lbfgs._decode(http.post(f"/v1/sessions/{sid}/step"))
+        while answer.get("needs") == "evaluation":
+            loss, grads = lbfgs.evaluate(answer["params"])
+            last = (f"/v1/sessions/{sid}/step/{answer['evaluation']}",
+                    {"loss": loss, "grads": {n: json_tensor(g) for n, g in grads.items()}})
+            first = http.post(last[0], json=last[1])
+            answer = lbfgs._decode(first)
+        for n, p in local.params.items():
+            assert lbfgs.bitwise(answer["params"][n], p.detach()), n
+        assert http.delete(f"/v1/sessions/{sid}").status_code == 204
+        again = http.post(last[0], json=last[1])
+        assert again.status_code == 200, again.text
+        assert again.json() == first.json()
 
 
 def test_a_session_deleted_mid_upload_is_404_after_its_body(
