@@ -89,9 +89,10 @@ def _headers(version: int, step: int, replayed: bool = False, tag: int | None = 
 async def create_session(
     request: Request, engine: EngineDep, tenant: TenantDep, settings: SettingsDep
 ) -> Response:
+    binary = body_kind(request) == "binary"  # (a 415 before the body is read)
     buf = await read_body(request, _max_bytes(settings))
     idem = await idempotency(request, buf)
-    if body_kind(request) == "binary":
+    if binary:
         def decode_binary() -> Any:
             tensors, metadata = read_safetensors(buf)
             return parse.create_spec(parse.metadata_fields(metadata), tensors,
@@ -145,8 +146,8 @@ async def configure_session(
 ) -> Response:
     expected = _expected(request)
     await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
+    require_json(request)  # (415 before the body)
     buf = await read_body(request, _max_bytes(settings))
-    require_json(request)
     options = json_object(buf)
     idem = await idempotency(request, buf)
     return _described(await engine.configure(session_id, options, tenant=tenant, idem=idem,
@@ -379,9 +380,10 @@ async def add_param_group(
 ) -> Response:
     expected = _expected(request)
     await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
+    binary = body_kind(request) == "binary"  # (415 before the body)
     buf = await read_body(request, _max_bytes(settings))
     idem = await idempotency(request, buf)
-    if body_kind(request) == "binary":
+    if binary:
         group = await offload(lambda: parse.group_spec_binary(buf), len(buf))
     else:
         group = await offload(lambda: parse.group_spec(json_object(buf)), len(buf))
@@ -406,8 +408,8 @@ async def update_param_group(
                       code="invalid", field="index")
     expected = _expected(request)
     await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
+    require_json(request)  # (415 before the body)
     buf = await read_body(request, _max_bytes(settings))
-    require_json(request)
     options = parse.group_changes(json_object(buf), index)
     idem = await idempotency(request, buf)
     return _described(await engine.update_param_group(session_id, index, options,

@@ -158,6 +158,43 @@ def test_an_upload_to_an_unknown_session_is_answered_before_its_body(
     upload.wait_no_lingering(server, 10)
 
 
+#: body-carrying requests whose Content-Type is refused (415) from the head alone
+TYPED_ROUTES = [("POST", "/v1/sessions"), ("POST", "/v1/sessions/typed/step"),
+                ("POST", "/v1/sessions/typed/grads"), ("PUT", "/v1/sessions/typed/params"),
+                ("POST", "/v1/sessions/typed/params/rows"), ("PATCH", "/v1/sessions/typed"),
+                ("POST", "/v1/sessions/typed/param_groups"),
+                ("PATCH", "/v1/sessions/typed/param_groups/0"),
+                ("POST", "/v1/sessions/typed/step/s1.1")]
+
+
+@pytest.mark.parametrize(("method", "path"), TYPED_ROUTES,
+                         ids=[f"{m} {p.removeprefix('/v1/sessions')}" for m, p in TYPED_ROUTES])
+def test_a_body_of_a_refused_content_type_is_answered_before_it_is_read(
+        live: tuple[LiveServer, str], method: str, path: str) -> None:
+    """A 400 KB upload to a session that exists (or a create) whose ``Content-Type`` the route
+    does not take (``curl -d``'s form type) reads its 415 after its first piece, ``Connection:
+    close``, the rest dropped without a reset."""
+    server, url = live
+    r = httpx.post(f"{url}/v1/sessions", timeout=30, json={
+        "id": "typed", "optimizer": "SGD", "options": {"lr": 0.1},
+        "params": {"w": json_tensor(torch.zeros(2))}})
+    assert r.status_code in (201, 409), r.text
+    upload.wait_no_lingering(server, TOTAL_S + 10)
+    with upload.connect(url) as sock:
+        sock.sendall(head(method, path, "application/x-www-form-urlencoded",
+                          framing_of(False)) + b"a" * PIECE)
+        answer = prompt_answer(sock)
+        head_part, _, body = answer.partition(b"\r\n\r\n")
+        assert head_part.startswith(b"HTTP/1.1 415 "), answer[:300]
+        assert b"\r\nconnection: close\r\n" in head_part.lower() + b"\r\n", head_part
+        assert json.loads(body)["field"] == "content-type", body
+        for _ in range(10):
+            sock.sendall(b"a" * PIECE)  # (a reset here fails the test)
+        sock.shutdown(socket.SHUT_WR)
+        assert upload.read_to_end(sock) == b""
+    upload.wait_no_lingering(server, 10)
+
+
 def test_a_client_that_stops_after_its_early_404_is_closed_after_the_quiet_bound(
         live: tuple[LiveServer, str]) -> None:
     """A client that reads its early 404 and sends nothing more (nor closes) is closed about
