@@ -13,7 +13,8 @@ came first, and the body sent after it changes nothing. Sessions restored by a r
 and sharded) are found by the early look-up, and so is a deleted LBFGS session's finished step,
 whose last evaluation posted again is still answered from it. A small rest sent slowly after
 its answer, and a body sent after an answer that came before ``100 Continue``, are not reset by
-the next head's clock: its close lingers as an upload's. Over raw sockets against real uvicorn
+the next head's clock: its close lingers as an upload's. A ``Content-Type`` a route does not
+take is refused (415) from the head too, before the body. Over raw sockets against real uvicorn
 servers on 127.0.0.1, with each HTTP protocol ``python -m app`` may use; the upload's linger is
 shortened to :data:`TOTAL_S` and :data:`QUIET_S`, the head clock to :data:`HEAD_TIMEOUT_S`."""
 
