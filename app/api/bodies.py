@@ -507,8 +507,9 @@ async def read_tensors(
     sees a safetensors body's checked header and its ``extra`` fields before its tensors are
     made (and may refuse it then), where its tensors are its entries as they are (none of
     them can pair into a row-sparse tensor: :func:`sparse_pairs`)."""
+    kind = body_kind(request)  # (a 415 before the body is read)
     buf = await _read_body(request, max_bytes, raw=True)
-    if body_kind(request) == "binary":
+    if kind == "binary":
         if len(buf) >= 8:  # (what parsing its header may take, on top: counted now)
             header = min(int.from_bytes(buf[:8], "little"), len(buf))
             if header > OFFLOAD_BYTES // body_memory.HEADER_EXPANSION:

@@ -129,8 +129,9 @@ async def post_evaluation(
     settings: SettingsDep,
 ) -> Response:
     binary, b64 = wants_binary(request), tensor_encoding(request)
+    await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
+    kind = body_kind(request)  # (415 before the body)
     buf = await read_body(request, int(settings.max_body_mb * 1024 * 1024))
-    kind = body_kind(request)
     ev = await offload(lambda: parse_evaluation(buf, kind == "binary", True), len(buf))
     assert ev is not None
     checksum = await offload(lambda: crc32c.crc32c(buf), len(buf))

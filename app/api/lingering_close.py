@@ -46,7 +46,11 @@ the answer carries ``Connection: close`` and the close lingers as a refused uplo
 connection kept alive. Left as it was: an answer to a request whose client waits for
 ``100 Continue`` and has sent none of its body (the client was never asked to send it, RFC
 9110 10.1.1: uvicorn answers without a ``100``, keeps the connection, and reads and drops a
-body only if one comes), and one whose close the server chose already (a body timeout's 408
+body only if one comes). Where the next head's clock runs out while such a rest or body is
+still arriving (a small rest sent slowly, a body sent after an answer before ``100
+Continue``), the close it makes lingers as an upload's too (``malformed_http.
+_answer_head_timeout``; it lingered a second, and the rest's next bytes met a reset). Left
+as it was also: an answer whose close the server chose already (a body timeout's 408
 and an abandoned sink: the client was too slow, the short linger; a 417 and the 413 above,
 which arm an upload's), which now says ``Connection: close`` under h11 too.
 A connection refused as it opened (past ``OPTSERVE_MAX_CONNECTIONS``, its 503 written before

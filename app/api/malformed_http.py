@@ -329,11 +329,16 @@ def _stop_head_clock(protocol: Any) -> None:
 def _answer_head_timeout(protocol: Any, begun: bool, arriving: bool = False) -> None:
     """The head clock ran out: a 408 where a request had begun (``begun``), then close. The
     close lingers after the 408, and where the body of a request answered early is still
-    ``arriving`` (read on and dropped, the connection kept alive): its client is sending, the
-    connection is not idle."""
+    ``arriving`` (read on and dropped, the connection kept alive: a rest of at most
+    ``lingering_close.KEEP_ALIVE_REST`` arriving slowly, or a body sent after an answer that
+    came before ``100 Continue``): its client is sending, the connection is not idle, and the
+    close lingers as an early answer's to an upload does (while the client sends, until it
+    closes), not a moment: the rest still on its way met a reset."""
     protocol._head_timer = None
     if protocol.transport.is_closing():
         return
+    if arriving:
+        lingering_close.arm(protocol, getattr(protocol, "cycle", None), upload=True)
     answered = begun and not _mid_response(protocol)
     if answered:
         log.debug("request head not complete within %g s: 408", protocol._head_timeout)

@@ -148,8 +148,9 @@ async def post_rows(
     conditions.one_query(request, "min_version", "wait_s")
     binary, b64 = wants_binary(request), tensor_encoding(request)
     narrow = params_dtype_query(request)
+    await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
+    kind = body_kind(request)  # (415 before the body)
     buf = await read_body(request, int(settings.max_body_mb * 1024 * 1024))
-    kind = body_kind(request)
     rows = await offload(lambda: rows_from_body(buf, kind == "binary"), len(buf))
     return await pull(request, engine, tenant, session_id, rows, min_version, wait_s, binary,
                       b64, narrow)

@@ -89,9 +89,10 @@ def _headers(version: int, step: int, replayed: bool = False, tag: int | None = 
 async def create_session(
     request: Request, engine: EngineDep, tenant: TenantDep, settings: SettingsDep
 ) -> Response:
+    binary = body_kind(request) == "binary"  # (a 415 before the body is read)
     buf = await read_body(request, _max_bytes(settings))
     idem = await idempotency(request, buf)
-    if body_kind(request) == "binary":
+    if binary:
         def decode_binary() -> Any:
             tensors, metadata = read_safetensors(buf)
             return parse.create_spec(parse.metadata_fields(metadata), tensors,
@@ -144,8 +145,9 @@ async def configure_session(
     settings: SettingsDep,
 ) -> Response:
     expected = _expected(request)
+    await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
+    require_json(request)  # (415 before the body)
     buf = await read_body(request, _max_bytes(settings))
-    require_json(request)
     options = json_object(buf)
     idem = await idempotency(request, buf)
     return _described(await engine.configure(session_id, options, tenant=tenant, idem=idem,
@@ -188,6 +190,7 @@ async def _step(request: Request, engine: Engine, counted: dict[str, Any], sessi
                 b64: bool, returned: ReturnParams, base: int | None) -> Response:
     """The step after its query and base version are read (a refusal of the base version
     names ``If-Match`` when the version came in that header: ``base_named_as_sent``)."""
+    await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
     if await engine.uses_evaluations(session_id, tenant=tenant):  # LBFGS: the closure protocol
         return await evaluations.open_step(request, engine, tenant, max_bytes,
                                            session_id, returned, binary, b64, base)
@@ -288,6 +291,7 @@ async def push_grads(
 ) -> Response:
     conditions.one_query(request, "upcast")
     with outcome(metrics_of(request), metrics_of(request).pushes, session_id):
+        await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
         grads, fields, buf = await read_tensors(request, _max_bytes(settings), "grads",
                                                 PUSH_FIELDS, sparse=True)
         idem = await idempotency(request, buf)
@@ -301,6 +305,7 @@ async def zero_grad(
     session_id: SessionId, request: Request, engine: EngineDep, tenant: TenantDep,
     settings: SettingsDep,
 ) -> Response:
+    await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
     # no body: none, whitespace or {} (a field, as if it cleared some names, is a 422)
     buf = await read_body(request, _max_bytes(settings))
     if buf.strip():
@@ -356,6 +361,7 @@ async def put_params(
 ) -> Response:
     binary, b64 = wants_binary(request), tensor_encoding(request)
     expected = _expected(request)
+    await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
     params, _, buf = await read_tensors(request, _max_bytes(settings), "params")
     idem = await idempotency(request, buf)
     result = await engine.overwrite(session_id, params, tenant=tenant, idem=idem,
@@ -373,9 +379,11 @@ async def add_param_group(
     settings: SettingsDep,
 ) -> Response:
     expected = _expected(request)
+    await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
+    binary = body_kind(request) == "binary"  # (415 before the body)
     buf = await read_body(request, _max_bytes(settings))
     idem = await idempotency(request, buf)
-    if body_kind(request) == "binary":
+    if binary:
         group = await offload(lambda: parse.group_spec_binary(buf), len(buf))
     else:
         group = await offload(lambda: parse.group_spec(json_object(buf)), len(buf))
@@ -399,8 +407,9 @@ async def update_param_group(
         raise Invalid("index is a param group's position as a plain whole number (0, 1, ...)",
                       code="invalid", field="index")
     expected = _expected(request)
+    await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
+    require_json(request)  # (415 before the body)
     buf = await read_body(request, _max_bytes(settings))
-    require_json(request)
     options = parse.group_changes(json_object(buf), index)
     idem = await idempotency(request, buf)
     return _described(await engine.update_param_group(session_id, index, options,
@@ -417,6 +426,7 @@ async def scheduler_step(
     settings: SettingsDep,
 ) -> Response:
     expected = _expected(request)
+    await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
     buf = await read_body(request, _max_bytes(settings))
     if buf.strip():
         require_json(request)
@@ -490,6 +500,7 @@ async def import_state(
     expected = _expected(request)
     kind = body_kind(request)
     fmt = _state_format(request, "safetensors" if kind == "binary" else "json")
+    await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
     # (?format=json: a JSON text, however its Content-Type reads, counted as one)
     buf = await read_body(request, _max_bytes(settings), as_json=fmt == "json")
     idem = await idempotency(request, buf)

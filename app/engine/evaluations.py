@@ -159,6 +159,11 @@ class Evaluations:
     def is_open(self, key: str) -> bool:
         return key in self._open
 
+    def knows(self, key: str) -> bool:
+        """Whether a step of the session ``key`` is open or kept finished (a repeat of its
+        evaluations is answered from it, even after the session's delete)."""
+        return key in self._open or any(step.key == key for step in self._finished.values())
+
     def refuse_if_open(self, key: str) -> None:
         """409 for another mutation while a step is open (rather than waiting as long as the
         client takes to answer)."""

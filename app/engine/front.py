@@ -344,6 +344,16 @@ class Front:
             out = dataclasses.replace(out, metrics=None)
         return out
 
+    async def refuse_unknown(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> None:
+        """The 404 a request on a session nothing holds gets, before its body is read (a
+        step's 400 MB to a mistyped id was read whole first): what its operation's first
+        look-up would raise (:meth:`Router.refuse_unknown <app.engine.router.Router.
+        refuse_unknown>`: the embedded engine's sessions are all in memory; the Ray engine's
+        directory, no host asked). Returns where the session may exist: the operation looks
+        it up again after the body, so a session deleted meanwhile is still a 404 then, and
+        one created after this look-up was not there for the request (its 404 stands)."""
+        await self.router.refuse_unknown(session_key(tenant, session_id))
+
     # ------------------------------------------------------------------ LBFGS evaluations
     async def uses_evaluations(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> bool:
         """Whether ``POST .../step`` on this session opens an evaluation step (LBFGS)."""

@@ -1116,6 +1116,16 @@ class EmbeddedHost:
                 return
         return EntriesRefusal(held=held, refuse=refuse)
 
+    def may_hold(self, key: str) -> bool:
+        """Whether an operation on ``key`` may find its session (False: it would be the 404
+        of :meth:`_get`, :func:`~app.engine.front.Front.refuse_unknown`): one served, one out
+        of service (a 503, or restored at its next use), or one whose finished LBFGS step
+        still answers a repeat of its evaluations. Every stored session is in memory from the
+        start on (:meth:`start` restores them all before the server serves): none is loaded
+        at its first use."""
+        return (key in self._sessions or key in self._damaged
+                or self._evaluations.knows(key))
+
     # ------------------------------------------------------------------ LBFGS evaluations
     def uses_evaluations(self, key: str) -> bool:
         """Whether the session steps through evaluations (LBFGS); False for unknown ones."""

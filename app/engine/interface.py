@@ -374,6 +374,10 @@ class Engine(Protocol):
         answer_metrics: bool = ..., into_seen: bool = ...,
     ) -> StepResult: ...
     async def uses_evaluations(self, session_id: str, *, tenant: str = ...) -> bool: ...
+    async def refuse_unknown(self, session_id: str, *, tenant: str = ...) -> None:
+        """The 404 of a session nothing holds, from where its key routes alone, before its
+        request's body is read; returns where the session may exist (the operation then
+        looks it up again, as it always does)."""
     async def entries_refusal(self, session_id: str, *, tenant: str = ...,
                               idem_key: str | None = ..., worker: str | None = ...
                               ) -> EntriesRefusal | None:

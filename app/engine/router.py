@@ -44,6 +44,7 @@ from app.engine.interface import (
     StateExport,
     StepResult,
     Tensors,
+    no_session,
     split_key,
 )
 from app.engine.ops import Expected, Operation
@@ -289,6 +290,10 @@ class Router(Protocol):
     async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None,
                      admit: Admit | None = None) -> SessionInfo: ...
     async def route(self, key: str) -> SessionHost: ...
+    async def refuse_unknown(self, key: str) -> None:
+        """The 404 an operation on ``key`` would get from its routing and no more (before
+        its request's body is read, :meth:`app.engine.front.Front.refuse_unknown`); returns
+        where the session may exist."""
     async def list_sessions(self, prefix: str) -> list[SessionInfo]: ...
     async def delete(self, key: str, *, idem: IdemKey | None = None,
                      expected: Expected | None = None) -> bool: ...
@@ -692,6 +697,14 @@ class LocalRouter:
                                                for i in range(layout.shards)])
         self._sharded[key] = session
         return session
+
+    async def refuse_unknown(self, key: str) -> None:
+        """The 404 of a session nothing here holds: what :meth:`route` raises (a sharded
+        session refused at start), or, for a key it routes to this process's host, the
+        host's own 404 (:meth:`EmbeddedHost.may_hold`). Only memory is read (the directory's
+        entries are read at start)."""
+        if await self.route(key) is self.local and not self.local.embedded.may_hold(key):
+            raise no_session(key)
 
     async def list_sessions(self, prefix: str) -> list[SessionInfo]:
         infos = await self.local.list_sessions(prefix)
