@@ -57,15 +57,19 @@ class SessionState(defaultdict[torch.Tensor, Any]):
 
     def _strip(self) -> None:
         """Take the session's values out of the entries (the client's keys stay); an entry
-        left empty goes."""
-        for p, keys in self._session_keys.items():
+        they leave empty goes (the next fetch brings it back). An empty entry the session
+        gave nothing to stays: the client made it (``opt.state[p]`` read, as torch's
+        ``defaultdict`` makes one), and torch's ``state`` keeps it until that parameter
+        steps."""
+        fetched = self._session_keys
+        for p, keys in fetched.items():
             entry = dict.get(self, p)
             if isinstance(entry, dict):
                 for k in keys:
                     entry.pop(k, None)
         self._session_keys = {}
         self._fetched = {}
-        for p in [p for p, entry in dict.items(self) if not entry]:
+        for p in [p for p, entry in dict.items(self) if not entry and p in fetched]:
             dict.__delitem__(self, p)
 
     def forget(self) -> None:
@@ -81,14 +85,16 @@ class SessionState(defaultdict[torch.Tensor, Any]):
 
     def client_entries(self) -> dict[torch.Tensor, dict[Any, Any]]:
         """Each parameter's keys that the session's optimizer does not keep (those the last
-        fetch did not fill), the values themselves; parameters with none left out."""
+        fetch did not fill), the values themselves; parameters with none left out, but for
+        an empty entry the session gave nothing to (made by reading ``opt.state[p]``: torch's
+        ``state_dict()`` lists it, ``{0: {}}``)."""
         out = {}
         for p, entry in dict.items(self):
             if not isinstance(entry, dict):
                 continue
-            session = self._session_keys.get(p, frozenset())
-            kept = {k: v for k, v in entry.items() if k not in session}
-            if kept:
+            session = self._session_keys.get(p)
+            kept = {k: v for k, v in entry.items() if session is None or k not in session}
+            if kept or session is None:
                 out[p] = kept
         return out
 

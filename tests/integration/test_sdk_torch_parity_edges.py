@@ -1,0 +1,103 @@
+"""``RemoteOptimizer`` against the local ``torch.optim`` optimizer where a demanding user would
+notice a difference: an entry of ``opt.state`` made by reading it (torch's ``defaultdict``),
+the exception type of a sparse gradient an optimizer refuses, option values given as NumPy
+scalars or bools, and an edit of ``opt.state`` the session cannot import. Each case runs the
+same code on both and compares what torch gives."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import optserve
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def client(live_server: str) -> Iterator[optserve.Client]:
+    with optserve.Client(live_server, max_retries=0) as c:
+        yield c
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def backward(model: nn.Module, i: int) -> None:
+    g = torch.Generator().manual_seed(100 + i)
+    x, y = torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)
+    F.mse_loss(model(x), y).backward()
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+    for i in steps:
+        opt.zero_grad()
+        backward(model, i)
+        opt.step()
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """``a`` and ``b`` equal and of the same types all the way down (tensors bitwise, keys of
+    a dict as a set: see the test of entries made by reading for their order)."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{where}: {list(a)} vs {list(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def pair(client: optserve.Client, optimizer: str, **options: Any
+         ) -> tuple[nn.Sequential, torch.optim.Optimizer, nn.Sequential, Any]:
+    local_model, remote_model = mlp(), mlp()
+    local = getattr(torch.optim, optimizer)(local_model.parameters(), **options)
+    remote = optserve.RemoteOptimizer(remote_model.parameters(), optimizer, client, **options)
+    return local_model, local, remote_model, remote
+
+
+# ------------------------------------------------------------------ entries made by reading
+def test_an_entry_made_by_reading_the_state_is_kept_as_torch_keeps_it(
+        client: optserve.Client) -> None:
+    """Reading ``opt.state[p]`` makes an empty entry (torch's ``state`` is a
+    ``defaultdict(dict)``): ``state_dict()`` lists it (``{0: {}}``) and ``len(opt.state)``
+    counts it, before the first step and after steps that leave that parameter without a
+    gradient (it stays empty), as torch's do; once the parameter steps, its entry is its
+    state."""
+    local_model, local, remote_model, remote = pair(client, "Adam", lr=1e-2)
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        assert opt.state[model[0].weight] == {}
+    assert len(local.state) == len(remote.state) == 1
+    assert_same(local.state_dict(), remote.state_dict())
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        opt.state[model[2].bias]  # noqa: B018 - the read makes the entry
+        opt.zero_grad()
+        backward(model, 0)
+        model[0].weight.grad = None  # the entries read stay empty through the step
+        model[2].bias.grad = None
+        opt.step()
+    assert len(local.state) == len(remote.state)
+    assert_same(local.state_dict(), remote.state_dict())
+    assert remote.state[remote_model[2].bias] == {}
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(1, 3))
+    assert len(local.state) == len(remote.state)
+    assert_same(local.state_dict(), remote.state_dict())
+    for a, b in zip(local_model.parameters(), remote_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    remote.close(delete_session=True)
+
