@@ -101,3 +101,37 @@ def test_an_entry_made_by_reading_the_state_is_kept_as_torch_keeps_it(
         assert torch.equal(a, b)
     remote.close(delete_session=True)
 
+
+
+# ------------------------------------------------------------------ gradients' layouts
+@pytest.mark.parametrize("optimizer, options, sparse", [
+    ("Adam", {}, True), ("AdamW", {}, True), ("RMSprop", {}, True), ("NAdam", {}, True),
+    ("Adagrad", {"weight_decay": 0.1}, True), ("SparseAdam", {}, False)])
+def test_a_gradient_layout_the_optimizer_refuses_raises_torchs_exception_type(
+        client: optserve.Client, optimizer: str, options: dict[str, Any], sparse: bool) -> None:
+    """A sparse gradient (a dense one for SparseAdam) that torch's step refuses with a
+    ``RuntimeError`` is a ``RuntimeError`` here too (``GradientLayoutError``: also the SDK's
+    ``ValidationError``, with the server's problem), nothing stepped. (Torch's Adagrad counts
+    the refused step in its state's ``step`` before refusing it; a session's step is all or
+    nothing, so only the parameters are compared.)"""
+    raised: list[BaseException] = []
+    tables = []
+    for remote in (False, True):
+        torch.manual_seed(0)
+        table = nn.Embedding(10, 3, sparse=sparse)
+        opt: Any = (optserve.RemoteOptimizer(table.parameters(), optimizer, client, **options)
+                    if remote else getattr(torch.optim, optimizer)(table.parameters(), **options))
+        table(torch.tensor([1, 4])).sum().backward()
+        with pytest.raises(Exception) as caught:
+            opt.step()
+        raised.append(caught.value)
+        tables.append((table, opt))
+    local_error, remote_error = raised
+    assert type(local_error) is RuntimeError
+    assert isinstance(remote_error, RuntimeError)
+    assert isinstance(remote_error, optserve.ValidationError)
+    assert isinstance(remote_error, optserve.GradientLayoutError)
+    assert remote_error.code == ("sparse_unsupported" if sparse else "dense_gradient")
+    (local_table, local), (remote_table, remote) = tables
+    assert torch.equal(local_table.weight, remote_table.weight)
+    remote.close(delete_session=True)
