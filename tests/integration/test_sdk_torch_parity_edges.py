@@ -135,3 +135,40 @@ def test_a_gradient_layout_the_optimizer_refuses_raises_torchs_exception_type(
     (local_table, local), (remote_table, remote) = tables
     assert torch.equal(local_table.weight, remote_table.weight)
     remote.close(delete_session=True)
+
+
+# ------------------------------------------------------------------ option values' objects
+OBJECTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "numpy float64 lr, betas": ("Adam", {"lr": np.float64(1e-2),
+                                         "betas": (np.float64(0.8), 0.99)}),
+    "numpy float32 momentum": ("SGD", {"lr": 0.1, "momentum": np.float32(0.5)}),
+    "numpy int": ("SGD", {"lr": np.float64(0.1), "weight_decay": np.int64(0)}),
+    # bools are ints to torch (its checks, 0.0 <= lr, pass; it steps with lr 1)
+    "bool lr, weight_decay": ("Adam", {"lr": True, "weight_decay": False}),
+    "bool momentum": ("SGD", {"lr": 0.1, "momentum": True, "dampening": True}),
+}
+
+
+@pytest.mark.parametrize("case", list(OBJECTS))
+def test_option_values_keep_the_objects_given_as_torch_keeps_them(
+        client: optserve.Client, case: str) -> None:
+    """Options given as NumPy scalars stay those objects in ``param_groups`` (and in
+    ``state_dict()``'s groups), as torch's groups hold what was given, also after steps,
+    a value set by hand and a checkpoint loaded back; the session steps with their values."""
+    optimizer, options = OBJECTS[case]
+    local_model, local, remote_model, remote = pair(client, optimizer, **options)
+    assert_same(local.param_groups, remote.param_groups)
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(2))
+    assert_same(local.param_groups, remote.param_groups)
+    assert_same(local.state_dict(), remote.state_dict())
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        opt.param_groups[0]["lr"] = np.float64(0.05)
+        train(model, opt, range(2, 3))
+        opt.load_state_dict(opt.state_dict())
+        train(model, opt, range(3, 4))
+    assert_same(local.param_groups, remote.param_groups)
+    assert_same(local.state_dict(), remote.state_dict())
+    for a, b in zip(local_model.parameters(), remote_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    remote.close(delete_session=True)
