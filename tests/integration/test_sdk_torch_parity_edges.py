@@ -168,6 +168,10 @@ def test_option_values_keep_the_objects_given_as_torch_keeps_them(
         opt.load_state_dict(opt.state_dict())
         train(model, opt, range(3, 4))
     assert_same(local.param_groups, remote.param_groups)
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        opt.param_groups[0]["lr"] = True  # (sent with the step: a group's PATCH)
+        train(model, opt, range(4, 5))
+    assert_same(local.param_groups, remote.param_groups)
     assert_same(local.state_dict(), remote.state_dict())
     for a, b in zip(local_model.parameters(), remote_model.parameters(), strict=True):
         assert torch.equal(a, b)
