@@ -176,3 +176,35 @@ def test_option_values_keep_the_objects_given_as_torch_keeps_them(
     for a, b in zip(local_model.parameters(), remote_model.parameters(), strict=True):
         assert torch.equal(a, b)
     remote.close(delete_session=True)
+
+
+# ------------------------------------------------------------------ a refused state edit
+def test_a_state_edit_the_session_refuses_stays_pending_as_in_torch(
+        client: optserve.Client) -> None:
+    """An edit of ``opt.state`` the session cannot take (a momentum buffer of another shape)
+    fails every step until it is fixed, as torch's optimizer does (its state stays as edited):
+    the refused import leaves the edit in ``opt.state``, to be sent again at the next step,
+    not dropped after the first refusal. Once fixed, training goes on as torch's."""
+    local_model, local, remote_model, remote = pair(client, "SGD", lr=0.1, momentum=0.9)
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(2))
+    kept: list[torch.Tensor] = []
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        weight = model[0].weight
+        kept.append(opt.state[weight]["momentum_buffer"].clone())
+        opt.state[weight]["momentum_buffer"] = torch.zeros(3)
+        for _ in range(2):
+            opt.zero_grad()
+            backward(model, 2)
+            with pytest.raises((RuntimeError, ValueError)):
+                opt.step()
+        assert list(opt.state[weight]["momentum_buffer"].shape) == [3]
+    with pytest.raises(optserve.ValidationError):
+        remote.state_dict()
+    for model, opt, buffer in ((local_model, local, kept[0]), (remote_model, remote, kept[1])):
+        opt.state[model[0].weight]["momentum_buffer"] = buffer
+        train(model, opt, range(2, 4))
+    assert_same(local.state_dict(), remote.state_dict())
+    for a, b in zip(local_model.parameters(), remote_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    remote.close(delete_session=True)

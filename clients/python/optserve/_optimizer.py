@@ -671,9 +671,20 @@ class RemoteOptimizer(torch.optim.Optimizer):
         it now stands (:meth:`_assign_state`): a local optimizer steps with its state as
         edited, and so does the session. Nothing when nothing was edited (no request), or for a
         parameter-server worker (whose edits stay local: the import would put the state this
-        worker fetched over the other workers' steps since)."""
+        worker fetched over the other workers' steps since).
+
+        An import refused (a tensor of another shape: a 422, the session's state unchanged)
+        or unanswered raises, and the edits stay in :attr:`state`, to be sent again by the
+        next step or ``state_dict()``, which fail the same way until the edit is fixed or
+        cleared (``opt.state[p][k] = ...``, ``del opt.state[p]``, ``opt.state.clear()``,
+        ``load_state_dict()``): a local optimizer keeps failing on its edited state too."""
         if self._worker is None and self._state_view.edited():
-            self._assign_state(self._state_view.as_it_stands())
+            held = self._state_view.held()
+            try:
+                self._assign_state(self._state_view.as_it_stands())
+            except Exception:
+                self._state_view.keep_pending(held)
+                raise
 
     def _imported(self, info: SessionInfo) -> None:
         """After an import (which changes no parameter): the local values are those of its

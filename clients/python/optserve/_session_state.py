@@ -29,11 +29,21 @@ from __future__ import annotations
 from _collections_abc import dict_items, dict_keys, dict_values
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["SessionState", "assigned_state"]
+__all__ = ["Held", "SessionState", "assigned_state"]
+
+
+@dataclass(frozen=True)
+class Held:
+    """:meth:`SessionState.held`: the view's entries and what its last fetch put there."""
+
+    entries: list[tuple[torch.Tensor, Any, dict[Any, Any] | None]]
+    session_keys: dict[torch.Tensor, frozenset[Any]]
+    fetched: dict[torch.Tensor, dict[Any, tuple[Any, int | None]]]
 
 
 class SessionState(defaultdict[torch.Tensor, Any]):
@@ -113,6 +123,28 @@ class SessionState(defaultdict[torch.Tensor, Any]):
                 if now is not value or (version is not None and now._version != version):
                     return True
         return False
+
+    def held(self) -> Held:
+        """What :meth:`keep_pending` puts back: the entries (each dict with its contents: a
+        fetch or a forget changes them in place) and what the last fetch put there."""
+        return Held([(p, entry, dict(entry) if isinstance(entry, dict) else None)
+                     for p, entry in dict.items(self)],
+                    dict(self._session_keys), dict(self._fetched))
+
+    def keep_pending(self, held: Held) -> None:
+        """The view as :meth:`held` took it, edits and all, current at the key as it now
+        stands: an import of its edits was refused (the session's state unchanged), and they
+        stay to be sent again at the next step (which fails the same way until they are fixed
+        or cleared, as a local optimizer keeps failing on its edited state)."""
+        dict.clear(self)
+        for p, entry, contents in held.entries:
+            if isinstance(entry, dict) and contents is not None:
+                entry.clear()
+                entry.update(contents)
+            dict.__setitem__(self, p, entry)
+        self._session_keys = dict(held.session_keys)
+        self._fetched = dict(held.fetched)
+        self._loaded, self._loaded_at = True, self._key()
 
     def as_it_stands(self) -> dict[torch.Tensor, Any]:
         """The entries as they are now, nothing fetched (what an edit left)."""
