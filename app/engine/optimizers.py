@@ -90,7 +90,10 @@ def catalogue() -> dict[str, Any]:
 
 
 def _is_number(x: object) -> bool:
-    return type(x) in (int, float)
+    """A JSON number, or a bool: torch takes a bool where it takes a number (an int subclass:
+    its checks, ``0.0 <= lr``, pass, and it steps with its value), so a session does too, and
+    holds the bool as given (its groups, state dict and answers give back ``true``)."""
+    return type(x) in (bool, int, float)
 
 
 def _option_value(name: str, value: Any, default: Any, field: str) -> Any:

@@ -24,6 +24,7 @@ from ._exceptions import (
     AuthenticationError,
     BadRequestError,
     ConflictError,
+    GradientLayoutError,
     InternalServerError,
     NotFoundError,
     OptserveError,
@@ -97,6 +98,7 @@ __all__ = [
     "PayloadTooLargeError",
     "ValidationError",
     "UnknownOptionError",
+    "GradientLayoutError",
     "RateLimitError",
     "InternalServerError",
 ]

@@ -16,8 +16,11 @@ Our exception hierarchy::
         ├── PayloadTooLargeError       413  body over the server's limit
         ├── ValidationError            422  bad option, shape/dtype mismatch, unknown name, ...
         │   │                               (also a ValueError, as torch raises for these)
-        │   └── UnknownOptionError         422  ``unknown_option``: no such option (also a
-        │                                   TypeError, as torch's constructor raises for it)
+        │   ├── UnknownOptionError         422  ``unknown_option``: no such option (also a
+        │   │                               TypeError, as torch's constructor raises for it)
+        │   └── GradientLayoutError        422  ``sparse_unsupported``/``dense_gradient``: a
+        │                                   sparse (dense) gradient the optimizer refuses
+        │                                   (also a RuntimeError, as torch's step raises)
         ├── RateLimitError             429
         └── InternalServerError        5xx
 
@@ -48,6 +51,7 @@ __all__ = [
     "PayloadTooLargeError",
     "ValidationError",
     "UnknownOptionError",
+    "GradientLayoutError",
     "RateLimitError",
     "InternalServerError",
 ]
@@ -236,6 +240,22 @@ class UnknownOptionError(ValidationError, TypeError):
     :class:`ValidationError` is."""
 
 
+class GradientLayoutError(ValidationError, RuntimeError):
+    """422 ``sparse_unsupported`` or ``dense_gradient``: the session's optimizer (or a group's
+    options) does not step gradients of that layout: a sparse gradient
+    (``nn.Embedding(sparse=True)``) for Adam, AdamW, RMSprop, ..., or Adagrad with a
+    ``weight_decay``; a dense one for SparseAdam. Nothing was stepped.
+
+    Also a ``RuntimeError``, as torch's own step raises for it (``"Adam does not support
+    sparse gradients, please consider SparseAdam instead"``), so code written for
+    ``torch.optim`` that catches ``RuntimeError`` catches it from ``RemoteOptimizer`` too;
+    and a ``ValueError`` as every :class:`ValidationError` is, with the server's problem in
+    :attr:`problem` (its ``field`` names the group or option)."""
+
+    #: the problem codes raised as this class
+    CODES = frozenset({"sparse_unsupported", "dense_gradient"})
+
+
 class RateLimitError(APIStatusError):
     """429: too many requests."""
 
@@ -288,4 +308,6 @@ def make_status_error(response: httpx.Response) -> APIStatusError:
     cls = status_error_class(response.status_code)
     if cls is ValidationError and problem.get("code") == "unknown_option":
         cls = UnknownOptionError
+    elif cls is ValidationError and problem.get("code") in GradientLayoutError.CODES:
+        cls = GradientLayoutError
     return cls(message, response=response, problem=problem)

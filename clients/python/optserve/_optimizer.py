@@ -671,9 +671,20 @@ class RemoteOptimizer(torch.optim.Optimizer):
         it now stands (:meth:`_assign_state`): a local optimizer steps with its state as
         edited, and so does the session. Nothing when nothing was edited (no request), or for a
         parameter-server worker (whose edits stay local: the import would put the state this
-        worker fetched over the other workers' steps since)."""
+        worker fetched over the other workers' steps since).
+
+        An import refused (a tensor of another shape: a 422, the session's state unchanged)
+        or unanswered raises, and the edits stay in :attr:`state`, to be sent again by the
+        next step or ``state_dict()``, which fail the same way until the edit is fixed or
+        cleared (``opt.state[p][k] = ...``, ``del opt.state[p]``, ``opt.state.clear()``,
+        ``load_state_dict()``): a local optimizer keeps failing on its edited state too."""
         if self._worker is None and self._state_view.edited():
-            self._assign_state(self._state_view.as_it_stands())
+            held = self._state_view.held()
+            try:
+                self._assign_state(self._state_view.as_it_stands())
+            except Exception:
+                self._state_view.keep_pending(held)
+                raise
 
     def _imported(self, info: SessionInfo) -> None:
         """After an import (which changes no parameter): the local values are those of its
@@ -898,9 +909,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
             refs.snapshot(copies)
 
     def _take_lrs(self, lrs: list[float]) -> None:
-        """Learning rates the server set (its own scheduler) become the local ones."""
+        """Learning rates the server set (its own scheduler) become the local ones. (An
+        answer's lrs are floats: a bool lr the session holds as given is the same number.)"""
         for group, synced, lr in zip(self.param_groups, self._synced, lrs, strict=False):
-            if "lr" in synced and not _same(synced["lr"], lr):
+            held = synced.get("lr")
+            if "lr" in synced and not _same(float(held) if type(held) is bool else held, lr):
                 if isinstance(group.get("lr"), torch.Tensor):
                     group["lr"].fill_(lr)
                 else:
@@ -1275,7 +1288,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             # in the local group's key order, "params" last, as torch's state_dict() packs
             # them (the session's values of its options, the local keys it has no option for)
             packed = {k: (list(v) if k == "param_names" else
-                          _in_form_of(server[k], v) if k in server else v)
+                          _as_given(server[k], v) if k in server else v)
                       for k, v in local.items() if k != "params"}
             packed.update({k: v for k, v in server.items()
                            if k not in _NOT_OPTIONS and k not in packed})
@@ -1701,6 +1714,17 @@ def _in_form_of(value: Any, local: Any) -> Any:
     if type(local) is list and type(value) is tuple and len(value) == len(local):
         return list(value)
     return value
+
+
+def _as_given(value: Any, local: Any) -> Any:
+    """A server's option ``value`` for a state dict: the local group's object itself where it
+    holds that value (torch's groups hold the object given, and its state dict packs them: a
+    NumPy ``float64`` lr, ``betas=(np.float64(0.9), 0.999)``, a bool), else the server's (as
+    :func:`_in_form_of`). A tensor option is the server's (a copy, of the session's value)."""
+    if (not isinstance(local, torch.Tensor) and not isinstance(value, torch.Tensor)
+            and _same(_norm(local), _norm(value))):
+        return local
+    return _in_form_of(value, local)
 
 
 def _without_defaults(options: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:

@@ -29,11 +29,21 @@ from __future__ import annotations
 from _collections_abc import dict_items, dict_keys, dict_values
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["SessionState", "assigned_state"]
+__all__ = ["Held", "SessionState", "assigned_state"]
+
+
+@dataclass(frozen=True)
+class Held:
+    """:meth:`SessionState.held`: the view's entries and what its last fetch put there."""
+
+    entries: list[tuple[torch.Tensor, Any, dict[Any, Any] | None]]
+    session_keys: dict[torch.Tensor, frozenset[Any]]
+    fetched: dict[torch.Tensor, dict[Any, tuple[Any, int | None]]]
 
 
 class SessionState(defaultdict[torch.Tensor, Any]):
@@ -57,15 +67,19 @@ class SessionState(defaultdict[torch.Tensor, Any]):
 
     def _strip(self) -> None:
         """Take the session's values out of the entries (the client's keys stay); an entry
-        left empty goes."""
-        for p, keys in self._session_keys.items():
+        they leave empty goes (the next fetch brings it back). An empty entry the session
+        gave nothing to stays: the client made it (``opt.state[p]`` read, as torch's
+        ``defaultdict`` makes one), and torch's ``state`` keeps it until that parameter
+        steps."""
+        fetched = self._session_keys
+        for p, keys in fetched.items():
             entry = dict.get(self, p)
             if isinstance(entry, dict):
                 for k in keys:
                     entry.pop(k, None)
         self._session_keys = {}
         self._fetched = {}
-        for p in [p for p, entry in dict.items(self) if not entry]:
+        for p in [p for p, entry in dict.items(self) if not entry and p in fetched]:
             dict.__delitem__(self, p)
 
     def forget(self) -> None:
@@ -81,14 +95,16 @@ class SessionState(defaultdict[torch.Tensor, Any]):
 
     def client_entries(self) -> dict[torch.Tensor, dict[Any, Any]]:
         """Each parameter's keys that the session's optimizer does not keep (those the last
-        fetch did not fill), the values themselves; parameters with none left out."""
+        fetch did not fill), the values themselves; parameters with none left out, but for
+        an empty entry the session gave nothing to (made by reading ``opt.state[p]``: torch's
+        ``state_dict()`` lists it, ``{0: {}}``)."""
         out = {}
         for p, entry in dict.items(self):
             if not isinstance(entry, dict):
                 continue
-            session = self._session_keys.get(p, frozenset())
-            kept = {k: v for k, v in entry.items() if k not in session}
-            if kept:
+            session = self._session_keys.get(p)
+            kept = {k: v for k, v in entry.items() if session is None or k not in session}
+            if kept or session is None:
                 out[p] = kept
         return out
 
@@ -107,6 +123,28 @@ class SessionState(defaultdict[torch.Tensor, Any]):
                 if now is not value or (version is not None and now._version != version):
                     return True
         return False
+
+    def held(self) -> Held:
+        """What :meth:`keep_pending` puts back: the entries (each dict with its contents: a
+        fetch or a forget changes them in place) and what the last fetch put there."""
+        return Held([(p, entry, dict(entry) if isinstance(entry, dict) else None)
+                     for p, entry in dict.items(self)],
+                    dict(self._session_keys), dict(self._fetched))
+
+    def keep_pending(self, held: Held) -> None:
+        """The view as :meth:`held` took it, edits and all, current at the key as it now
+        stands: an import of its edits was refused (the session's state unchanged), and they
+        stay to be sent again at the next step (which fails the same way until they are fixed
+        or cleared, as a local optimizer keeps failing on its edited state)."""
+        dict.clear(self)
+        for p, entry, contents in held.entries:
+            if isinstance(entry, dict) and contents is not None:
+                entry.clear()
+                entry.update(contents)
+            dict.__setitem__(self, p, entry)
+        self._session_keys = dict(held.session_keys)
+        self._fetched = dict(held.fetched)
+        self._loaded, self._loaded_at = True, self._key()
 
     def as_it_stands(self) -> dict[torch.Tensor, Any]:
         """The entries as they are now, nothing fetched (what an edit left)."""
