@@ -192,6 +192,10 @@ class Layout:
     big_before: list[torch.Tensor] | None = None
     #: ``chunked.settings()`` when ``big`` was worked out
     chunking: tuple[int, int] = (0, 0)
+    #: per run of ``before`` (a layout that copies, without ``big``, whose every run is one
+    #: norm piece): its group. :func:`_norms_into` then takes the norms in one pass of a few
+    #: torch calls (:func:`_one_piece_norms`); None otherwise
+    one_piece: list[int] | None = None
 
     def fits(self, s: Session, names: list[list[str]]) -> bool:
         if names != self.names or self.chunking != chunked.settings():
@@ -283,6 +287,11 @@ def _runs(out: Layout, params: list[torch.Tensor], spans: dict[int, tuple[int, i
         out.groups[gi].append(len(out.after))
         out.after.append(src.view(dtype))
         out.before.append(dst.view(dtype))
+    if not out.big and all(b.numel() <= min(chunked.piece(), FUSED) for b in out.before):
+        out.one_piece = [0] * len(out.before)
+        for gi, members in enumerate(out.groups):
+            for i in members:
+                out.one_piece[i] = gi
     return out
 
 
@@ -441,6 +450,11 @@ def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]],
     refill = (refill and layout is not None and layout is s.metrics_layout
               and layout.copies is not None)
     try:
+        if (layout is not None and layout.one_piece is not None
+                and probe.before is layout.before and probe.watch is None
+                and not probe.copied and not probe.unchanged):
+            _one_piece_norms(s, probe, layout.one_piece, groups, refill)
+            return True
         with torch.no_grad():
             large = {i for i, b in enumerate(probe.before) if b.numel() > FUSED}
             small = [i for i in range(len(probe.before)) if i not in large]
@@ -519,6 +533,39 @@ def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]],
     except Exception as exc:  # noqa: BLE001 - metrics never fail a step
         _warn(s, exc)
         return False
+
+
+def _one_piece_norms(s: Session, probe: Probe, owner: list[int],
+                     groups: list[dict[str, float]], refill: bool) -> None:
+    """:func:`_norms_into` for a probe of its layout's runs only, each one norm piece (a small
+    session): the same torch calls on the same tensors (a run's one piece is the run itself),
+    without the per-tensor work of cutting pieces. ``owner``: each run's group. A group's norm
+    is the ``fsum`` of its parts' squares, whatever their order: the same values."""
+    before, after = probe.before, probe.after
+    with torch.no_grad():
+        torch._foreach_sub_(before, after)
+        every = [*probe.grad_parts, *torch._foreach_norm([*before, *after])]
+        if len({t.dtype for t in every}) > 1:
+            every = [t.to(_F64) for t in every]
+        values = torch.stack(every).cpu().tolist()
+        if refill:  # (the norms above are taken: on a GPU, in stream order)
+            torch._foreach_copy_(before, after)
+    if refill:
+        assert probe.layout is not None
+        probe.layout.taken_at = s.version
+    k, n = len(probe.grad_parts), len(before)
+    squares: list[list[float]] = [[] for _ in groups]
+    for v, gi in zip(values, probe.grad_owner, strict=False):
+        squares[gi].append(v * v)
+    updates: list[list[float]] = [[] for _ in groups]
+    params: list[list[float]] = [[] for _ in groups]
+    for i, gi in enumerate(owner):
+        u, p = values[k + i], values[k + n + i]
+        updates[gi].append(u * u)
+        params[gi].append(p * p)
+    for gi, out in enumerate(groups):
+        _put(out, math.sqrt(math.fsum(squares[gi])), math.sqrt(math.fsum(updates[gi])),
+             math.sqrt(math.fsum(params[gi])))
 
 
 def _in_chunks(before: torch.Tensor, after: torch.Tensor, refill: bool
