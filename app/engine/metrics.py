@@ -545,9 +545,14 @@ def _one_piece_norms(s: Session, probe: Probe, owner: list[int],
     with torch.no_grad():
         torch._foreach_sub_(before, after)
         every = [*probe.grad_parts, *torch._foreach_norm([*before, *after])]
-        if len({t.dtype for t in every}) > 1:
-            every = [t.to(_F64) for t in every]
-        values = torch.stack(every).cpu().tolist()
+        if not every or every[0].device.type == "cpu":
+            # (each norm's value as a Python float, exactly, whatever its float dtype: what
+            # the stack's copy gives, without it)
+            values = [t.item() for t in every]
+        else:  # (one device-to-host copy)
+            if len({t.dtype for t in every}) > 1:
+                every = [t.to(_F64) for t in every]
+            values = torch.stack(every).cpu().tolist()
         if refill:  # (the norms above are taken: on a GPU, in stream order)
             torch._foreach_copy_(before, after)
     if refill:
