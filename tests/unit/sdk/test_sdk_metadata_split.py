@@ -21,7 +21,7 @@ _TOKENS = [b'"', b"\\", b"a", b"{", b"}", b":", b",", b" ", b"\n", b"\\\\", b'\\
            "\u00e9".encode(), b"\x01", b'"x":"y"', b"\\u0041"]
 
 
-def _both(head: bytes) -> tuple[object, object]:
+def _both(head: bytes) -> tuple[tuple[bytes | None, bytes], tuple[bytes | None, bytes]]:
     new = _safetensors._split(head)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(_safetensors, "_FLAT", _OLD_FLAT)
