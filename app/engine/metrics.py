@@ -17,7 +17,8 @@ parameter norms from the start of what is normed (a group's span of the flat blo
 adjacent tensors, a tensor). torch's float32 norm sums in float32 (off by ~4e-4 for 1e7
 values), the pieces keep it to ~1e-7, and they make the values independent of how the step
 chunks a parameter. The norms of all groups come back to the host in one device-to-host
-copy, and each group's norm is ``sqrt(sum of its parts' squared norms)`` in Python floats
+copy (a small CPU session's few norms are read one by one, :func:`_one_piece_norms`: the same
+exact values), and each group's norm is ``sqrt(sum of its parts' squared norms)`` in Python floats
 (as ``clip_grad_norm_`` combines them).
 
 The update norm needs the parameters as they were before the step: a copy of the session's flat
