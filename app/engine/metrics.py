@@ -626,13 +626,20 @@ def copy_ahead(layout: Layout) -> None:
 
 
 def _copy(layout: Layout) -> None:
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            _copy_now(layout)
+    else:  # (before_step's own no_grad: not entered twice)
+        _copy_now(layout)
+
+
+def _copy_now(layout: Layout) -> None:
     assert layout.copies is not None
-    with torch.no_grad():
-        for dst, src in layout.copies:
-            dst.copy_(src)
-        if layout.big_before is not None:
-            for copy, (_, p, _) in zip(layout.big_before, layout.big, strict=True):
-                copy.copy_(p)
+    for dst, src in layout.copies:
+        dst.copy_(src)
+    if layout.big_before is not None:
+        for copy, (_, p, _) in zip(layout.big_before, layout.big, strict=True):
+            copy.copy_(p)
 
 
 def count_nonfinite(tensors: list[torch.Tensor]) -> int:
