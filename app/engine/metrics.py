@@ -17,7 +17,8 @@ parameter norms from the start of what is normed (a group's span of the flat blo
 adjacent tensors, a tensor). torch's float32 norm sums in float32 (off by ~4e-4 for 1e7
 values), the pieces keep it to ~1e-7, and they make the values independent of how the step
 chunks a parameter. The norms of all groups come back to the host in one device-to-host
-copy, and each group's norm is ``sqrt(sum of its parts' squared norms)`` in Python floats
+copy (a small CPU session's few norms are read one by one, :func:`_one_piece_norms`: the same
+exact values), and each group's norm is ``sqrt(sum of its parts' squared norms)`` in Python floats
 (as ``clip_grad_norm_`` combines them).
 
 The update norm needs the parameters as they were before the step: a copy of the session's flat
@@ -192,6 +193,10 @@ class Layout:
     big_before: list[torch.Tensor] | None = None
     #: ``chunked.settings()`` when ``big`` was worked out
     chunking: tuple[int, int] = (0, 0)
+    #: per run of ``before`` (a layout that copies, without ``big``, whose every run is one
+    #: norm piece): its group. :func:`_norms_into` then takes the norms in one pass of a few
+    #: torch calls (:func:`_one_piece_norms`); None otherwise
+    one_piece: list[int] | None = None
 
     def fits(self, s: Session, names: list[list[str]]) -> bool:
         if names != self.names or self.chunking != chunked.settings():
@@ -283,6 +288,11 @@ def _runs(out: Layout, params: list[torch.Tensor], spans: dict[int, tuple[int, i
         out.groups[gi].append(len(out.after))
         out.after.append(src.view(dtype))
         out.before.append(dst.view(dtype))
+    if not out.big and all(b.numel() <= min(chunked.piece(), FUSED) for b in out.before):
+        out.one_piece = [0] * len(out.before)
+        for gi, members in enumerate(out.groups):
+            for i in members:
+                out.one_piece[i] = gi
     return out
 
 
@@ -441,6 +451,11 @@ def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]],
     refill = (refill and layout is not None and layout is s.metrics_layout
               and layout.copies is not None)
     try:
+        if (layout is not None and layout.one_piece is not None
+                and probe.before is layout.before and probe.watch is None
+                and not probe.copied and not probe.unchanged):
+            _one_piece_norms(s, probe, layout.one_piece, groups, refill)
+            return True
         with torch.no_grad():
             large = {i for i, b in enumerate(probe.before) if b.numel() > FUSED}
             small = [i for i in range(len(probe.before)) if i not in large]
@@ -521,6 +536,44 @@ def _norms_into(s: Session, probe: Probe, groups: list[dict[str, float]],
         return False
 
 
+def _one_piece_norms(s: Session, probe: Probe, owner: list[int],
+                     groups: list[dict[str, float]], refill: bool) -> None:
+    """:func:`_norms_into` for a probe of its layout's runs only, each one norm piece (a small
+    session): the same torch calls on the same tensors (a run's one piece is the run itself),
+    without the per-tensor work of cutting pieces. ``owner``: each run's group. A group's norm
+    is the ``fsum`` of its parts' squares, whatever their order: the same values."""
+    before, after = probe.before, probe.after
+    with torch.no_grad():
+        torch._foreach_sub_(before, after)
+        every = [*probe.grad_parts, *torch._foreach_norm([*before, *after])]
+        if not every or every[0].device.type == "cpu":
+            # (each norm's value as a Python float, exactly, whatever its float dtype: what
+            # the stack's copy gives, without it)
+            values = [t.item() for t in every]
+        else:  # (one device-to-host copy)
+            if len({t.dtype for t in every}) > 1:
+                every = [t.to(_F64) for t in every]
+            values = torch.stack(every).cpu().tolist()
+        if refill:  # (the norms above are taken: on a GPU, in stream order)
+            torch._foreach_copy_(before, after)
+    if refill:
+        assert probe.layout is not None
+        probe.layout.taken_at = s.version
+    k, n = len(probe.grad_parts), len(before)
+    squares: list[list[float]] = [[] for _ in groups]
+    for v, gi in zip(values, probe.grad_owner, strict=False):
+        squares[gi].append(v * v)
+    updates: list[list[float]] = [[] for _ in groups]
+    params: list[list[float]] = [[] for _ in groups]
+    for i, gi in enumerate(owner):
+        u, p = values[k + i], values[k + n + i]
+        updates[gi].append(u * u)
+        params[gi].append(p * p)
+    for gi, out in enumerate(groups):
+        _put(out, math.sqrt(math.fsum(squares[gi])), math.sqrt(math.fsum(updates[gi])),
+             math.sqrt(math.fsum(params[gi])))
+
+
 def _in_chunks(before: torch.Tensor, after: torch.Tensor, refill: bool
                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """``before -= after`` and the norms of the pieces (``chunked.pieces``) of the update and
@@ -573,13 +626,20 @@ def copy_ahead(layout: Layout) -> None:
 
 
 def _copy(layout: Layout) -> None:
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            _copy_now(layout)
+    else:  # (before_step's own no_grad: not entered twice)
+        _copy_now(layout)
+
+
+def _copy_now(layout: Layout) -> None:
     assert layout.copies is not None
-    with torch.no_grad():
-        for dst, src in layout.copies:
-            dst.copy_(src)
-        if layout.big_before is not None:
-            for copy, (_, p, _) in zip(layout.big_before, layout.big, strict=True):
-                copy.copy_(p)
+    for dst, src in layout.copies:
+        dst.copy_(src)
+    if layout.big_before is not None:
+        for copy, (_, p, _) in zip(layout.big_before, layout.big, strict=True):
+            copy.copy_(p)
 
 
 def count_nonfinite(tensors: list[torch.Tensor]) -> int:

@@ -291,6 +291,11 @@ NOT_IN_PARAMS_DTYPE = frozenset({"t0"})
 GROUP_LISTS_AND_NOT_IN_PARAMS_DTYPE = NOT_IN_PARAMS_DTYPE | {"params", "param_names"}
 
 
+#: option types :func:`overflowing` passes over at once (no number of theirs is converted; a
+#: tensor check per flag, ``isinstance(v, torch.Tensor)``, cost half the groups' check)
+_NO_NUMBERS = frozenset({bool, int, str, type(None)})
+
+
 def overflowing(options: dict[str, Any], dtype: torch.dtype, tensors: bool = False,
                 skip: frozenset[str] = NOT_IN_PARAMS_DTYPE) -> tuple[str, float] | None:
     """The first option (its name and number) past the range of a floating ``dtype``, finite
@@ -307,7 +312,7 @@ def overflowing(options: dict[str, Any], dtype: torch.dtype, tensors: bool = Fal
             if math.isfinite(value) and abs(value) > top:
                 return key, value
             continue
-        if not isinstance(value, (tuple, list, torch.Tensor)):
+        if type(value) in _NO_NUMBERS or not isinstance(value, (tuple, list, torch.Tensor)):
             continue  # (an int, a bool, a string, None: option_numbers finds no number)
         for v in option_numbers(value, tensors):
             if math.isfinite(v) and abs(v) > top:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from app.engine import (
+    chunked,
     norm_pieces,
     optimizers,
     option_values,
@@ -96,6 +97,9 @@ class TakenNorms:
 def _piece_norms(flat: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The norms of a (non-empty) run's pieces, and a 0-dim total that is finite only when
     they all are (or a finite overflow: only a suspect)."""
+    if 0 < flat.numel() <= chunked.piece() and flat.dim() == 1 and flat.is_contiguous():
+        parts = list(torch._foreach_norm([flat]))  # (its one piece: the run itself)
+        return parts, parts[0]
     parts = norm_pieces.norms([flat])
     return parts, parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 

@@ -224,8 +224,11 @@ class Header:
 #: depend on): 1,000 tensors' entries took 2.1 ms to parse and check
 _PARSED: Recent[tuple[bytes, int, int, bool], Header] = Recent(8, 32 << 20)
 _META = b'{"__metadata__":'
-#: a flat JSON object of strings (``__metadata__`` as writers write it)
-_STRING = rb'"(?:[^"\\]|\\.)*"'
+#: a flat JSON object of strings (``__metadata__`` as writers write it). A string is a run
+#: of plain bytes between escapes (``"[^"\\]*(?:\\.[^"\\]*)*"``, the same strings as
+#: ``"(?:[^"\\]|\\.)*"``): the matcher takes the runs whole, not one alternation per byte
+#: (a step answer's metadata, 300 bytes of escaped JSON: 8.6 us to match, 2.4 us so)
+_STRING = rb'"[^"\\]*(?:\\.[^"\\]*)*"'
 _FLAT = re.compile(rb"\{\s*(?:%s\s*:\s*%s\s*(?:,\s*%s\s*:\s*%s\s*)*)?\}"
                    % (_STRING, _STRING, _STRING, _STRING), re.DOTALL)
 
