@@ -55,12 +55,8 @@ def live(request: pytest.FixtureRequest) -> Iterator[tuple[LiveServer, str]]:
     """A server with keys on and short bounds (the slow uploads)."""
     settings = _test_settings(head_timeout_s=HEAD_TIMEOUT_S, api_keys=f"{KEY}:t1",
                               body_timeout_s=BODY_TIMEOUT_S)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(connection_cap, "UPLOAD_LINGER_S", TOTAL_S)
-        patch.setattr(connection_cap, "UPLOAD_QUIET_S", QUIET_S)
-        server = LiveServer(settings, http=problem_protocol(request.param))
-        with server.serving() as url:
-            yield server, url
+    with upload.lingering_server(settings, request.param, TOTAL_S, QUIET_S) as served:
+        yield served
 
 
 @pytest.fixture(scope="module", params=HTTP_PROTOCOLS)

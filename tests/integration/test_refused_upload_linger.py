@@ -17,10 +17,12 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
 from app.api import connection_cap
+from app.config import Settings
 from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
 
 # waits on real clocks most of its time: run beside the Ray suite (scripts/test)
@@ -38,16 +40,24 @@ BODY = 200_000
 PIECES = 100
 
 
-@pytest.fixture(scope="module", params=HTTP_PROTOCOLS)
-def live(request: pytest.FixtureRequest) -> Iterator[tuple[LiveServer, str]]:
-    protocol = problem_protocol(request.param)
-    settings = _test_settings(head_timeout_s=HEAD_TIMEOUT_S, max_body_mb=MAX_BODY_MB)
+@contextmanager
+def lingering_server(settings: Settings, protocol: str, total_s: float, quiet_s: float
+                     ) -> Iterator[tuple[LiveServer, str]]:
+    """A server of ``protocol`` (a name of ``HTTP_PROTOCOLS``) whose uploads' lingers are
+    shortened to ``total_s`` in all and ``quiet_s`` without bytes; it and its URL."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(connection_cap, "UPLOAD_LINGER_S", TOTAL_S)
-        patch.setattr(connection_cap, "UPLOAD_QUIET_S", QUIET_S)
-        server = LiveServer(settings, http=protocol)
+        patch.setattr(connection_cap, "UPLOAD_LINGER_S", total_s)
+        patch.setattr(connection_cap, "UPLOAD_QUIET_S", quiet_s)
+        server = LiveServer(settings, http=problem_protocol(protocol))
         with server.serving() as url:
             yield server, url
+
+
+@pytest.fixture(scope="module", params=HTTP_PROTOCOLS)
+def live(request: pytest.FixtureRequest) -> Iterator[tuple[LiveServer, str]]:
+    settings = _test_settings(head_timeout_s=HEAD_TIMEOUT_S, max_body_mb=MAX_BODY_MB)
+    with lingering_server(settings, request.param, TOTAL_S, QUIET_S) as served:
+        yield served
 
 
 def lingering(server: LiveServer) -> int:

@@ -34,29 +34,36 @@ def mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
 
 
+def backward(model: nn.Module, i: int) -> None:
+    g = torch.Generator().manual_seed(100 + i)
+    x, y = torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)
+    F.mse_loss(model(x), y).backward()
+
+
 def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
     for i in steps:
-        g = torch.Generator().manual_seed(100 + i)
-        x, y = torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)
         opt.zero_grad()
-        F.mse_loss(model(x), y).backward()
+        backward(model, i)
         opt.step()
 
 
-def assert_same_form(a: Any, b: Any, where: str = "") -> None:
+def assert_same_form(a: Any, b: Any, where: str = "", ordered: bool = True) -> None:
     """``a`` and ``b`` equal, of the same types and with their keys in the same order all the
-    way down (tensors bitwise)."""
+    way down (tensors bitwise); ``ordered=False``: a dict's keys as a set."""
     assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
     if isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype and torch.equal(a, b), where
     elif isinstance(a, dict):
-        assert list(a) == list(b), f"{where}: {list(a)} vs {list(b)}"
+        if ordered:
+            assert list(a) == list(b), f"{where}: {list(a)} vs {list(b)}"
+        else:
+            assert set(a) == set(b), f"{where}: {list(a)} vs {list(b)}"
         for k in a:
-            assert_same_form(a[k], b[k], f"{where}.{k}")
+            assert_same_form(a[k], b[k], f"{where}.{k}", ordered)
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same_form(x, y, f"{where}[{i}]")
+            assert_same_form(x, y, f"{where}[{i}]", ordered)
     else:
         assert a == b, f"{where}: {a!r} vs {b!r}"
 

@@ -6,60 +6,28 @@ same code on both and compares what torch gives."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import optserve
+from tests.integration import test_sdk_dropin_edges as dropin
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def client(live_server: str) -> Iterator[optserve.Client]:
-    with optserve.Client(live_server, max_retries=0) as c:
-        yield c
+# test_sdk_dropin_edges's client fixture, model and training data
+client = dropin.client
+mlp, backward, train = dropin.mlp, dropin.backward, dropin.train
 
 
-def mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
-
-
-def backward(model: nn.Module, i: int) -> None:
-    g = torch.Generator().manual_seed(100 + i)
-    x, y = torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)
-    F.mse_loss(model(x), y).backward()
-
-
-def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
-    for i in steps:
-        opt.zero_grad()
-        backward(model, i)
-        opt.step()
-
-
-def assert_same(a: Any, b: Any, where: str = "") -> None:
-    """``a`` and ``b`` equal and of the same types all the way down (tensors bitwise, keys of
-    a dict as a set: see the test of entries made by reading for their order)."""
-    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"{where}: {list(a)} vs {list(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} vs {b!r}"
+def assert_same(a: Any, b: Any) -> None:
+    """``a`` and ``b`` equal and of the same types all the way down (tensors bitwise), a
+    dict's keys as a set: see the test of entries made by reading for their order."""
+    dropin.assert_same_form(a, b, ordered=False)
 
 
 def pair(client: optserve.Client, optimizer: str, **options: Any

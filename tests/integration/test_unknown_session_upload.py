@@ -73,12 +73,8 @@ ROUTES = [
 @pytest.fixture(scope="module", params=HTTP_PROTOCOLS)
 def live(request: pytest.FixtureRequest) -> Iterator[tuple[LiveServer, str]]:
     settings = _test_settings(head_timeout_s=HEAD_TIMEOUT_S)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(connection_cap, "UPLOAD_LINGER_S", TOTAL_S)
-        patch.setattr(connection_cap, "UPLOAD_QUIET_S", QUIET_S)
-        server = LiveServer(settings, http=problem_protocol(request.param))
-        with server.serving() as url:
-            yield server, url
+    with upload.lingering_server(settings, request.param, TOTAL_S, QUIET_S) as served:
+        yield served
 
 
 def head(method: str, path: str, ctype: str, framing: str, extra: str = "") -> bytes:
