@@ -275,6 +275,37 @@ def test_edits_of_the_state_take_effect_as_in_torch(client: optserve.Client, edi
     remote.close(delete_session=True)
 
 
+def reinit_row(opt: torch.optim.Optimizer, ps: list[nn.Parameter], only_edited: bool) -> None:
+    """A dead unit re-initialised: its weight row and its moments zeroed, the weights pushed
+    (a remote optimizer's ``push_params``), then the next layer's moments of it zeroed."""
+    with torch.no_grad():
+        ps[0][3].zero_()
+    opt.state[ps[0]]["exp_avg"][3].zero_()
+    if isinstance(opt, optserve.RemoteOptimizer):
+        opt.push_params(only_edited=only_edited)
+    opt.state[ps[2]]["exp_avg"][:, 3].zero_()
+
+
+@pytest.mark.parametrize("only_edited", [False, True])
+def test_a_state_edit_before_push_params_is_kept_as_in_torch(client: optserve.Client,
+                                                             only_edited: bool) -> None:
+    """An ``opt.state`` edit, then ``push_params()``, then ``opt.state`` read again (another
+    edit): the first edit takes effect at the next step as in torch. The push's newer session
+    version made the read fetch the state again, which dropped the edit not yet sent (the
+    training went on as if the moments were never zeroed)."""
+    local_model, remote_model = mlp(), mlp()
+    local = torch.optim.Adam(local_model.parameters(), lr=1e-2)
+    remote = optserve.RemoteOptimizer(remote_model.parameters(), "Adam", client, lr=1e-2)
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(3))
+        reinit_row(opt, list(model.parameters()), only_edited)
+        train(model, opt, range(3, 5))
+    for p, q in zip(local_model.parameters(), remote_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert_same_form(local.state_dict(), remote.state_dict())
+    remote.close(delete_session=True)
+
+
 def test_state_entries_given_back_unchanged_send_nothing(client: optserve.Client) -> None:
     """Lightning's ``_optimizer_to_device`` puts each entry back as a new dict of the same
     tensors (``.to(device)`` of a tensor already there is itself): no edit, so nothing is

@@ -1534,13 +1534,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def push_params(self, *, only_edited: bool = False) -> None:
         """Send the local parameter values to the session (``PUT .../params``); with
         ``only_edited``, only those edited since the last step (in place, or through
-        ``p.data`` with ``detect_data_edits``: see :meth:`_locally_edited`)."""
+        ``p.data`` with ``detect_data_edits``: see :meth:`_locally_edited`). Edits of
+        :attr:`state` not sent yet go first, as a step sends them (:meth:`_write_back_state`)."""
         # (the comparisons make views of every parameter: the collector paused, see
         # optserve._gc)
         with gc_paused(len(self._by_name) if only_edited else 0):
             params = self._locally_edited() if only_edited else dict(self._by_name)
         if not params:
             return
+        # (an edit of opt.state first: the push's newer version would have the next read of
+        # opt.state fetch the state again, dropping the edit before the step that sends it)
+        self._write_back_state()
         self._at(self._client.put_params(self._session_id, params,
                                          binary=self._binary).version)
         for name, p in params.items():
