@@ -23,8 +23,7 @@ from app.api import connection_cap
 from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
 from tests.integration import test_lingering_refusals as lingering_refusals
 
-# waits on real clocks most of its time: run beside the Ray suite (scripts/test)
-pytestmark = [pytest.mark.integration, pytest.mark.clock]
+pytestmark = pytest.mark.integration
 
 TIMEOUT_S = 1.0
 MIN_KIB_S = 1024.0  # a 1 MiB body: 1 s more

@@ -23,8 +23,7 @@ from tests.conftest import LiveServer, _test_settings
 from tests.integration.test_malformed_http import Answers, connect
 from tests.torch_reference import Reference, assert_tensors_equal, json_tensor
 
-# waits on real clocks most of its time: run beside the Ray suite (scripts/test)
-pytestmark = [pytest.mark.integration, pytest.mark.clock]
+pytestmark = pytest.mark.integration
 
 N = 2_000_000  # an 8 MB answer: more than the kernel's buffers for a connection hold
 TIMEOUT_S = 0.5
