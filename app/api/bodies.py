@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -650,9 +651,24 @@ def tensor_encoding(request: Request) -> bool:
     return value == "b64"
 
 
+def _reads_as_json(text: str) -> bool:
+    """Whether a client would read ``text`` as JSON: Python's ``json`` (the SDK's reader, the
+    most lenient: ``NaN``, ``Infinity``, a number past float's range) or JavaScript's
+    ``JSON.parse``, which takes no more."""
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 def _text_metadata(scalars: dict[str, Any]) -> dict[str, str]:
-    """Scalars as safetensors ``__metadata__`` (strings as they are, anything else as JSON)."""
-    return {k: v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in scalars.items()}
+    """Scalars as safetensors ``__metadata__``: anything but a string as JSON; a string as it
+    is (a bare word), unless it would read as JSON (``"123"``, ``"true"``, ``"1.5"``: a
+    client reads a value that parses as JSON, so such a string would come back a number),
+    then as a JSON string."""
+    return {k: (v if not _reads_as_json(v) else orjson.dumps(v).decode())
+            if isinstance(v, str) else orjson.dumps(v).decode() for k, v in scalars.items()}
 
 
 async def tensors_response(

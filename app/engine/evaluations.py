@@ -56,6 +56,17 @@ if TYPE_CHECKING:
     from app.engine.host import EmbeddedHost
 
 
+def new_step_id() -> str:
+    """A fresh open step's id: 16 hex digits, the first a letter. A safetensors answer carries
+    its ``step_id`` and ``evaluation`` (``<step id>.<n>``) as ``__metadata__`` text, which
+    clients read as JSON when it parses (the protocol's convention: JSON texts, bare words as
+    they are); an id of decimal digits alone (one in ~1,800 of ``token_hex(8)``) read as a
+    number, and ``...853.1`` as the float ``...853.0``, so the client posted an evaluation the
+    step did not wait for. An id that starts with a letter never reads as JSON."""
+    token = secrets.token_hex(8)
+    return "abcdef"[int(token[0], 16) % 6] + token[1:]
+
+
 def commit_key(eval_id: str) -> str:
     """The key a committed step's answer is kept under besides its open's Idempotency-Key:
     the id of the evaluation that answered last (a client's key has no spaces)."""
@@ -192,7 +203,7 @@ class Evaluations:
                                   code="idempotency_key_reused", field="Idempotency-Key")
                 return await self._latest(current)  # a retry: the step's latest question
             self.refuse_if_open(key)
-        step = OpenStep(key, secrets.token_hex(8), idem, timeout_s, want_params, first,
+        step = OpenStep(key, new_step_id(), idem, timeout_s, want_params, first,
                         base_version)
         step.answers["open"] = asyncio.get_running_loop().create_future()
         self._open[key] = step
