@@ -190,8 +190,8 @@ async def _step(request: Request, engine: Engine, counted: dict[str, Any], sessi
                 b64: bool, returned: ReturnParams, base: int | None) -> Response:
     """The step after its query and base version are read (a refusal of the base version
     names ``If-Match`` when the version came in that header: ``base_named_as_sent``)."""
-    await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
-    if await engine.uses_evaluations(session_id, tenant=tenant):  # LBFGS: the closure protocol
+    # (LBFGS: the closure protocol; a session nothing holds: its 404 here, before the body)
+    if await engine.uses_evaluations(session_id, tenant=tenant):
         return await evaluations.open_step(request, engine, tenant, max_bytes,
                                            session_id, returned, binary, b64, base)
     if query.timeout_given:

@@ -356,7 +356,9 @@ class Front:
 
     # ------------------------------------------------------------------ LBFGS evaluations
     async def uses_evaluations(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> bool:
-        """Whether ``POST .../step`` on this session opens an evaluation step (LBFGS)."""
+        """Whether ``POST .../step`` on this session opens an evaluation step (LBFGS); the
+        404 of a session nothing holds, as :meth:`refuse_unknown` (the step's one look-up
+        before its body is read: :meth:`EmbeddedHost.uses_evaluations`, the routing's own)."""
         host, key = await self._host(tenant, session_id)
         return isinstance(host, InProcessHost) and host.embedded.uses_evaluations(key)
 

@@ -1128,8 +1128,11 @@ class EmbeddedHost:
 
     # ------------------------------------------------------------------ LBFGS evaluations
     def uses_evaluations(self, key: str) -> bool:
-        """Whether the session steps through evaluations (LBFGS); False for unknown ones."""
+        """Whether the session steps through evaluations (LBFGS); the 404 of one this host
+        cannot hold (:meth:`may_hold`), before the step's body is read."""
         session = self._sessions.get(key)
+        if session is None and not self.may_hold(key):
+            raise no_session(key)
         return session is not None and session.optimizer_name == "LBFGS"
 
     async def open_evaluation_step(

@@ -373,7 +373,9 @@ class Engine(Protocol):
         params_dtype: torch.dtype | None = ..., scalars: dict[str, Any] | None = ...,
         answer_metrics: bool = ..., into_seen: bool = ...,
     ) -> StepResult: ...
-    async def uses_evaluations(self, session_id: str, *, tenant: str = ...) -> bool: ...
+    async def uses_evaluations(self, session_id: str, *, tenant: str = ...) -> bool:
+        """Whether a step on the session opens an evaluation step (LBFGS); the 404 of
+        :meth:`refuse_unknown` for a session nothing holds."""
     async def refuse_unknown(self, session_id: str, *, tenant: str = ...) -> None:
         """The 404 of a session nothing holds, from where its key routes alone, before its
         request's body is read; returns where the session may exist (the operation then

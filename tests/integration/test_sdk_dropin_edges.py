@@ -68,6 +68,15 @@ def assert_same_form(a: Any, b: Any, where: str = "", ordered: bool = True) -> N
         assert a == b, f"{where}: {a!r} vs {b!r}"
 
 
+def assert_trained_alike(local_model: nn.Module, local: torch.optim.Optimizer,
+                         remote_model: nn.Module, remote: Any) -> None:
+    """The two models' parameters bitwise equal, and the optimizers' state dicts of one form
+    (:func:`assert_same_form`)."""
+    for p, q in zip(local_model.parameters(), remote_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert_same_form(local.state_dict(), remote.state_dict())
+
+
 def saved(sd: dict[str, Any]) -> dict[str, Any]:
     buffer = io.BytesIO()
     torch.save(sd, buffer)
@@ -164,9 +173,7 @@ def test_a_checkpoint_of_an_older_torch_lacking_newer_options_loads(
                          {k: v for k, v in b.items() if k != "params"})
     for model, opt in ((local_model, local), (remote_model, remote)):
         train(model, opt, range(3, 6))
-    for p, q in zip(local_model.parameters(), remote_model.parameters(), strict=True):
-        assert torch.equal(p, q)
-    assert_same_form(local.state_dict(), remote.state_dict())
+    assert_trained_alike(local_model, local, remote_model, remote)
     remote.close(delete_session=True)
 
 
@@ -208,9 +215,7 @@ def test_a_groups_params_list_edited_by_hand_is_refused_saying_what_to_do(
         assert torch.equal(p, q)
     for model, opt in ((local_model, local), (remote_model, remote)):
         train(model, opt, range(2, 4))
-    for p, q in zip(local_model.parameters(), remote_model.parameters(), strict=True):
-        assert torch.equal(p, q)
-    assert_same_form(local.state_dict(), remote.state_dict())
+    assert_trained_alike(local_model, local, remote_model, remote)
     remote.close(delete_session=True)
 
 
@@ -269,9 +274,7 @@ def test_edits_of_the_state_take_effect_as_in_torch(client: optserve.Client, edi
     assert_same_form(local.state_dict(), remote.state_dict())
     for model, opt in ((local_model, local), (remote_model, remote)):
         train(model, opt, range(3, 6))
-    for p, q in zip(local_model.parameters(), remote_model.parameters(), strict=True):
-        assert torch.equal(p, q)
-    assert_same_form(local.state_dict(), remote.state_dict())
+    assert_trained_alike(local_model, local, remote_model, remote)
     remote.close(delete_session=True)
 
 
@@ -300,9 +303,7 @@ def test_a_state_edit_before_push_params_is_kept_as_in_torch(client: optserve.Cl
         train(model, opt, range(3))
         reinit_row(opt, list(model.parameters()), only_edited)
         train(model, opt, range(3, 5))
-    for p, q in zip(local_model.parameters(), remote_model.parameters(), strict=True):
-        assert torch.equal(p, q)
-    assert_same_form(local.state_dict(), remote.state_dict())
+    assert_trained_alike(local_model, local, remote_model, remote)
     remote.close(delete_session=True)
 
 
