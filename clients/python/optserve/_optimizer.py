@@ -1559,7 +1559,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         wire (``?params_dtype=``) as a step's answer is, so the model holds the session's
         values narrowed after a pull or a join as after a step (in float16, a parameter that
         came back infinite is pulled again at its own width, as a step's answer is: a value
-        past 65504 narrows to an infinity the session does not hold)."""
+        past 65504 narrows to an infinity the session does not hold). An edit of
+        :attr:`state` not sent yet stays as edited when the pull shows a newer session
+        version (another client's steps): it is sent by the next step, as a local optimizer
+        steps with its state as its code left it, whatever happened to its parameters."""
         wire = self._wire_dtype
         result = self._client.get_params(
             self._session_id, binary=self._binary,
