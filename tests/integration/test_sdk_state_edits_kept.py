@@ -1,7 +1,9 @@
 """Edits of a ``RemoteOptimizer``'s state that a local ``torch.optim`` optimizer keeps, kept by
 the session too: an edit of ``opt.state`` not sent yet when ``pull_params()`` learns of another
 client's newer session version (reading ``opt.state`` then fetched the state at that version,
-dropping the edit unsaid). Each run is compared with the same run on the local
+dropping the edit unsaid), and a tensor of ``opt.state_dict()`` edited in place (torch's
+``state_dict()`` holds its state's tensors themselves, so the edit is one of its state; the
+session's was left as it was). Each run is compared with the same run on the local
 ``torch.optim`` optimizer."""
 
 from __future__ import annotations
@@ -75,6 +77,31 @@ def test_a_state_edit_outlives_a_pull_of_another_clients_version(
             p.copy_(q)
     for p, q in zip(local_model.parameters(), remote_model.parameters(), strict=True):
         assert torch.equal(p, q)
+    assert_state_equal(local, remote, local_model, remote_model)
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(2, 4))
+    assert_trained_alike(local_model, local, remote_model, remote)
+    remote.close(delete_session=True)
+
+
+@pytest.mark.parametrize(("optimizer", "options", "key"), [
+    ("SGD", {"lr": 0.1, "momentum": 0.9}, "momentum_buffer"),
+    ("Adam", {"lr": 0.01}, "exp_avg_sq"),
+])
+def test_a_state_dict_tensor_edited_in_place_is_an_edit_of_the_state(
+        client: optserve.Client, optimizer: str, options: dict[str, float], key: str) -> None:
+    """``opt.state_dict()["state"][0][key]`` scaled in place: a local optimizer's state holds
+    the edit (its state dict holds the state's tensors), so ``opt.state`` shows it and the
+    next steps use it; the session's does and steps as torch's."""
+    local_model = mlp()
+    remote_model = copy.deepcopy(local_model)
+    local = getattr(torch.optim, optimizer)(local_model.parameters(), **options)
+    remote = optserve.RemoteOptimizer(remote_model.parameters(), optimizer, client, **options)
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(2))
+        sd = opt.state_dict()
+        sd["state"][0][key].mul_(0.25)
+        assert torch.equal(opt.state[model[0].weight][key], sd["state"][0][key])
     assert_state_equal(local, remote, local_model, remote_model)
     for model, opt in ((local_model, local), (remote_model, remote)):
         train(model, opt, range(2, 4))
