@@ -129,7 +129,8 @@ async def post_evaluation(
     settings: SettingsDep,
 ) -> Response:
     binary, b64 = wants_binary(request), tensor_encoding(request)
-    await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
+    # (404 before the body; and the 422 of a session that has no evaluations: sharded, Ray)
+    await engine.refuse_unknown(session_id, tenant=tenant, evaluation=True)
     kind = body_kind(request)  # (415 before the body)
     buf = await read_body(request, int(settings.max_body_mb * 1024 * 1024))
     ev = await offload(lambda: parse_evaluation(buf, kind == "binary", True), len(buf))

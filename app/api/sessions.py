@@ -147,6 +147,7 @@ async def configure_session(
     expected = _expected(request)
     await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
     require_json(request)  # (415 before the body)
+    await _refuse_stale(engine, request, session_id, tenant, expected)  # (412 before it too)
     buf = await read_body(request, _max_bytes(settings))
     options = json_object(buf)
     idem = await idempotency(request, buf)
@@ -362,6 +363,7 @@ async def put_params(
     binary, b64 = wants_binary(request), tensor_encoding(request)
     expected = _expected(request)
     await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
+    await _refuse_stale(engine, request, session_id, tenant, expected)  # (412 before it too)
     params, _, buf = await read_tensors(request, _max_bytes(settings), "params")
     idem = await idempotency(request, buf)
     result = await engine.overwrite(session_id, params, tenant=tenant, idem=idem,
@@ -381,6 +383,7 @@ async def add_param_group(
     expected = _expected(request)
     await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
     binary = body_kind(request) == "binary"  # (415 before the body)
+    await _refuse_stale(engine, request, session_id, tenant, expected)  # (412 before it too)
     buf = await read_body(request, _max_bytes(settings))
     idem = await idempotency(request, buf)
     if binary:
@@ -409,6 +412,7 @@ async def update_param_group(
     expected = _expected(request)
     await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
     require_json(request)  # (415 before the body)
+    await _refuse_stale(engine, request, session_id, tenant, expected)  # (412 before it too)
     buf = await read_body(request, _max_bytes(settings))
     options = parse.group_changes(json_object(buf), index)
     idem = await idempotency(request, buf)
@@ -427,6 +431,7 @@ async def scheduler_step(
 ) -> Response:
     expected = _expected(request)
     await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
+    await _refuse_stale(engine, request, session_id, tenant, expected)  # (412 before it too)
     buf = await read_body(request, _max_bytes(settings))
     if buf.strip():
         require_json(request)
@@ -501,6 +506,7 @@ async def import_state(
     kind = body_kind(request)
     fmt = _state_format(request, "safetensors" if kind == "binary" else "json")
     await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
+    await _refuse_stale(engine, request, session_id, tenant, expected)  # (412 before it too)
     # (?format=json: a JSON text, however its Content-Type reads, counted as one)
     buf = await read_body(request, _max_bytes(settings), as_json=fmt == "json")
     idem = await idempotency(request, buf)
@@ -518,6 +524,27 @@ async def import_state(
     info = await engine.import_state(session_id, state, tenant=tenant, idem=idem,
                                      expected=expected)
     return _described(info)
+
+
+async def _refuse_stale(engine: Engine, request: Request, session_id: str, tenant: str,
+                        expected: Expected | None) -> None:
+    """A change's 412 from its request's head when its precondition can no longer hold
+    (:meth:`Front.refuse_stale <app.engine.front.Front.refuse_stale>`: the session is past
+    the versions it names), with the problem the operation's own check gives; it checks
+    again after the body. (An ``Idempotency-Key`` given twice or malformed: its 400 or 422,
+    after the body, as before.)"""
+    if expected is None:
+        return
+    keys = request.headers.getlist(IDEMPOTENCY_HEADER)
+    if len(keys) > 1:
+        return
+    if keys:
+        try:
+            check_key(keys[0])
+        except Invalid:  # (its 422 comes after the body, as before)
+            return
+    await engine.refuse_stale(session_id, expected, tenant=tenant,
+                              idem_key=keys[0] if keys else None)
 
 
 def _expected(request: Request) -> Expected | None:

@@ -344,15 +344,35 @@ class Front:
             out = dataclasses.replace(out, metrics=None)
         return out
 
-    async def refuse_unknown(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> None:
+    async def refuse_unknown(self, session_id: str, *, tenant: str = DEFAULT_TENANT,
+                             evaluation: bool = False) -> None:
         """The 404 a request on a session nothing holds gets, before its body is read (a
         step's 400 MB to a mistyped id was read whole first): what its operation's first
         look-up would raise (:meth:`Router.refuse_unknown <app.engine.router.Router.
         refuse_unknown>`: the embedded engine's sessions are all in memory; the Ray engine's
         directory, no host asked). Returns where the session may exist: the operation looks
         it up again after the body, so a session deleted meanwhile is still a 404 then, and
-        one created after this look-up was not there for the request (its 404 stands)."""
-        await self.router.refuse_unknown(session_key(tenant, session_id))
+        one created after this look-up was not there for the request (its 404 stands).
+        ``evaluation``: the request answers an LBFGS evaluation, which only a plain session of
+        the embedded engine has: a sharded session or one on a Ray host gets its 422
+        ``not_supported_here`` here too, as the evaluation's own look-up gives it."""
+        embedded = await self.router.refuse_unknown(session_key(tenant, session_id))
+        if evaluation and embedded is None:
+            raise _only_embedded("evaluation")
+
+    async def refuse_stale(self, session_id: str, expected: Expected | None, *,
+                           tenant: str = DEFAULT_TENANT, idem_key: str | None = None
+                           ) -> None:
+        """The 412 of a change's precondition that can no longer hold, before its request's
+        body is read (:meth:`EmbeddedHost.refuse_stale`: the session already past every
+        version ``If-Match`` names, or past ``?base_revision=``), as the operation's own check
+        would give it; a 404 as :meth:`refuse_unknown`. A sharded session, or one on a Ray
+        host, is checked after the body as before (its version is not in this process's
+        memory: asking its hosts costs round trips on every conditional request)."""
+        key = session_key(tenant, session_id)
+        embedded = await self.router.refuse_unknown(key)
+        if embedded is not None and expected is not None:
+            embedded.refuse_stale(key, expected, idem_key)
 
     # ------------------------------------------------------------------ LBFGS evaluations
     async def uses_evaluations(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> bool:

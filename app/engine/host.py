@@ -1126,6 +1126,32 @@ class EmbeddedHost:
         return (key in self._sessions or key in self._damaged
                 or self._evaluations.knows(key))
 
+    def refuse_stale(self, key: str, expected: Expected, idem_key: str | None) -> None:
+        """The 412 of a change's precondition that can no longer hold, from its request's
+        head, before its body is read (it was read whole first): the one the operation's own
+        check gives now (:meth:`Expected.check`, the same problem), where the session is
+        past every version ``If-Match`` names (or it names weak tags only, which match none)
+        or past the ``?base_revision=`` sent. Versions and revisions of a plain session only
+        move forward, so such a precondition is false for good; a version not reached yet
+        may still be, and is checked after the body as before. Nothing is refused where the
+        operation's answer could be another: no such session here, one out of service, an
+        open LBFGS step (its 409 comes first), an operation under way or not yet durable
+        (what it moved may still be undone by a failed write, and a retry of it under its
+        idempotency key is answered from its record, which is written with it), or an
+        idempotency key the session holds (a retry is answered from its record whatever the
+        version now). The operation checks again after the body."""
+        session = self._sessions.get(key)
+        held = self._locks.get(key)
+        if (session is None or key in self._damaged or self._evaluations.is_open(key)
+                or (held is not None and (held.users or held.lock.locked()))
+                or key in self._unsettled
+                or (idem_key is not None and session.idem.holds(idem_key))):
+            return
+        versions = expected.versions
+        if ((versions is not None and all(v < session.version for v in versions))
+                or (expected.revision is not None and expected.revision < session.revision)):
+            expected.check(session)
+
     # ------------------------------------------------------------------ LBFGS evaluations
     def uses_evaluations(self, key: str) -> bool:
         """Whether the session steps through evaluations (LBFGS); the 404 of one this host

@@ -376,10 +376,16 @@ class Engine(Protocol):
     async def uses_evaluations(self, session_id: str, *, tenant: str = ...) -> bool:
         """Whether a step on the session opens an evaluation step (LBFGS); the 404 of
         :meth:`refuse_unknown` for a session nothing holds."""
-    async def refuse_unknown(self, session_id: str, *, tenant: str = ...) -> None:
+    async def refuse_unknown(self, session_id: str, *, tenant: str = ...,
+                             evaluation: bool = ...) -> None:
         """The 404 of a session nothing holds, from where its key routes alone, before its
         request's body is read; returns where the session may exist (the operation then
-        looks it up again, as it always does)."""
+        looks it up again, as it always does). ``evaluation``: also the 422
+        ``not_supported_here`` of an LBFGS evaluation on a session that cannot have one."""
+    async def refuse_stale(self, session_id: str, expected: Expected | None, *,
+                           tenant: str = ..., idem_key: str | None = ...) -> None:
+        """The 412 of a change's precondition that can no longer hold, before its request's
+        body is read, as the operation's own check gives it (the operation checks again)."""
     async def entries_refusal(self, session_id: str, *, tenant: str = ...,
                               idem_key: str | None = ..., worker: str | None = ...
                               ) -> EntriesRefusal | None:

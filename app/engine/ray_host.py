@@ -1919,13 +1919,15 @@ class RayRouter:
                       "while the server ran: written again", key)
         return self._entry(key, fresh=True)  # (the one claimed, or one claimed meanwhile)
 
-    async def refuse_unknown(self, key: str) -> None:
+    async def refuse_unknown(self, key: str) -> EmbeddedHost | None:
         """The 404 of a session the directory holds no entry for, as :meth:`route` raises it
         (this front's copy of the entry, else the directory's file). No host is asked: that
         costs a round trip to an actor (or a lookup of one in Ray's GCS, or its start, for a
         host this front has not reached yet) on every request; a host's own 404 (a session
-        its directory entry outlived) comes after the body, as before."""
+        its directory entry outlived) comes after the body, as before. None: no session here
+        is in this process."""
         self._entry(key)
+        return None
 
     async def route(self, key: str) -> SessionHost:
         entry = self._entry(key)

@@ -290,10 +290,11 @@ class Router(Protocol):
     async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None,
                      admit: Admit | None = None) -> SessionInfo: ...
     async def route(self, key: str) -> SessionHost: ...
-    async def refuse_unknown(self, key: str) -> None:
+    async def refuse_unknown(self, key: str) -> EmbeddedHost | None:
         """The 404 an operation on ``key`` would get from its routing and no more (before
         its request's body is read, :meth:`app.engine.front.Front.refuse_unknown`); returns
-        where the session may exist."""
+        where the session may exist: the in-process host of a plain session of this process,
+        or None (a sharded session, or one on a Ray host)."""
     async def list_sessions(self, prefix: str) -> list[SessionInfo]: ...
     async def delete(self, key: str, *, idem: IdemKey | None = None,
                      expected: Expected | None = None) -> bool: ...
@@ -698,13 +699,17 @@ class LocalRouter:
         self._sharded[key] = session
         return session
 
-    async def refuse_unknown(self, key: str) -> None:
+    async def refuse_unknown(self, key: str) -> EmbeddedHost | None:
         """The 404 of a session nothing here holds: what :meth:`route` raises (a sharded
         session refused at start), or, for a key it routes to this process's host, the
-        host's own 404 (:meth:`EmbeddedHost.may_hold`). Only memory is read (the directory's
-        entries are read at start)."""
-        if await self.route(key) is self.local and not self.local.embedded.may_hold(key):
+        host's own 404 (:meth:`EmbeddedHost.may_hold`); that host, for a plain session (None
+        for a sharded one). Only memory is read (the directory's entries are read at
+        start)."""
+        if await self.route(key) is not self.local:
+            return None
+        if not self.local.embedded.may_hold(key):
             raise no_session(key)
+        return self.local.embedded
 
     async def list_sessions(self, prefix: str) -> list[SessionInfo]:
         infos = await self.local.list_sessions(prefix)

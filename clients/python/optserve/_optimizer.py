@@ -1275,7 +1275,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
         optimizer does not keep (timm's ``Lookahead``: ``lookahead_slow_buff``) are in each
         parameter's entry beside the session's, the tensors themselves, as torch's
         ``state_dict()`` holds them; so are keys of ``param_groups`` that are no option of it
-        (``lookahead_k``, a group's ``"name"``)."""
+        (``lookahead_k``, a group's ``"name"``).
+
+        The session's tensors in it are those :attr:`state` then holds, as torch's
+        ``state_dict()`` holds its state's own tensors: one edited in place
+        (``sd["state"][0]["exp_avg"].mul_(0.5)``) is an edit of :attr:`state`, sent before the
+        next step. (Unlike torch's, each entry is a dict of its own: a key assigned or
+        deleted in it is not an edit of the state; and a step replaces the state's tensors,
+        so an edit of the returned ones after a step changes nothing.)"""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         self._check_groups()
@@ -1295,11 +1302,15 @@ class RemoteOptimizer(torch.optim.Optimizer):
             packed["params"] = list(server["params"])
             groups.append(packed)
         _link_as(groups, self.param_groups)
+        exported: dict[torch.Tensor, Any] = {}
         for group, server in zip(self.param_groups, sd["param_groups"], strict=True):
             for p, index in zip(group["params"], server["params"], strict=True):
                 if index in sd["state"]:
-                    self._step_dtypes.as_torch_keeps(
+                    exported[p] = self._step_dtypes.as_torch_keeps(
                         p, laid_out_as_torch(p, sd["state"][index]))
+        # (its tensors become opt.state's: one edited in place is an edit of the state, sent
+        # before the next step, as torch's state_dict() holds its state's tensors themselves)
+        self._state_view.take(exported)
         state_dict: dict[str, Any] = {"state": self._with_client_state(sd), "param_groups": groups}
         if "scheduler" in sd:
             state_dict["scheduler"] = sd["scheduler"]
@@ -1559,7 +1570,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         wire (``?params_dtype=``) as a step's answer is, so the model holds the session's
         values narrowed after a pull or a join as after a step (in float16, a parameter that
         came back infinite is pulled again at its own width, as a step's answer is: a value
-        past 65504 narrows to an infinity the session does not hold)."""
+        past 65504 narrows to an infinity the session does not hold). An edit of
+        :attr:`state` not sent yet stays as edited when the pull shows a newer session
+        version (another client's steps): it is sent by the next step, as a local optimizer
+        steps with its state as its code left it, whatever happened to its parameters."""
         wire = self._wire_dtype
         result = self._client.get_params(
             self._session_id, binary=self._binary,

@@ -5,7 +5,8 @@ The view is torch's ``{param: {"step": ..., "exp_avg": ..., ...}}`` as the sessi
 fetched (one ``GET .../state_dict``) when first read after the key it was fetched at changed:
 the newest session version the optimizer has learned from any answer, and an epoch bumped by
 whatever may change the state besides (a step under way, an import, ``add_param_group``).
-Reads while neither moved make no request.
+Reads while neither moved make no request, nor do reads while an edit is not sent yet (below):
+the view stays as edited until it is sent.
 
 Each parameter's entry is one dict for the optimizer's life (as in a local optimizer's
 ``state``), filled anew at each fetch with the session's keys. Keys the session's optimizer
@@ -165,7 +166,22 @@ class SessionState(defaultdict[torch.Tensor, Any]):
     def _fresh(self) -> None:
         if self._loaded and self._key() == self._loaded_at:
             return
-        values = self._load()
+        if self._loaded and self.edited():
+            # an edit not sent yet (the next step, push_params() or state_dict() sends it):
+            # the view stays as edited, as a local optimizer's state stays as its code left
+            # it whatever another client did to the parameters meanwhile (a fetch at the newer
+            # version a pull_params() learned of dropped it unsaid)
+            self._loaded_at = self._key()
+            return
+        self.take(self._load())
+
+    def take(self, values: Mapping[torch.Tensor, Any]) -> None:
+        """The session's state as just read (``values``: each parameter's entry, whose dicts
+        are not kept, their values are), put in the view as a fetch puts it, current at the
+        key as it now stands: ``RemoteOptimizer.state_dict()`` puts the state it exported, so
+        that an edit of its tensors in place is one of this view (:meth:`edited`), sent before
+        the next step as an edit of ``opt.state`` is (torch's ``state_dict()`` holds its
+        state's tensors themselves)."""
         self._strip()
         entries: dict[torch.Tensor, Any] = {}
         for p, fetched in values.items():
@@ -178,7 +194,7 @@ class SessionState(defaultdict[torch.Tensor, Any]):
                 entry.update(fetched)
                 entry.update(kept)
             else:
-                entry = fetched
+                entry = dict(fetched) if isinstance(fetched, dict) else fetched
             entries[p] = entry
             if isinstance(fetched, dict):
                 self._session_keys[p] = frozenset(fetched)
