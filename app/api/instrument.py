@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import Request
 
+from app.after_answer import later
 from app.errors import OptserveError
 
 
@@ -40,7 +41,7 @@ class _Outcome:
         metrics = self._metrics
         known = result["outcome"] != "session_not_found"
         label = self._session_id if known and metrics.per_session else ""
-        metrics.count(self._counter, label, result["outcome"])
+        later(metrics.count, self._counter, label, result["outcome"])  # (after the answer)
 
 
 def outcome(metrics: Any, counter: Any, session_id: str) -> _Outcome:
@@ -65,7 +66,7 @@ class _Phase:
                  tb: TracebackType | None) -> None:
         elapsed = time.perf_counter() - self._started
         metrics = metrics_of(self._request)
-        metrics.series(metrics.step_phase, self._name).observe(elapsed)
+        later(metrics.series(metrics.step_phase, self._name).observe, elapsed)
 
 
 def phase(request: Request, name: str) -> _Phase:

@@ -34,12 +34,14 @@ the answer goes out, not on the next step's critical path; it is tagged
 with the session's version, and :func:`before_step` copies again unless that is still the
 session's version (every operation that changes parameter values bumps it; a session restored
 after a failure is a new object with a new layout). Steps that run inline on the event loop's
-thread (small sessions) copy in :func:`before_step`. The copy, the subtraction and the norms
-are the whole cost (``benchmarks/metrics_cost.py``); sessions created with ``"metrics": false``
-skip them (their rows keep lr, scalars and the rest). A step whose answer need not carry them
-(``?metrics=history``; ``RemoteOptimizer`` asks so through shared memory) records its row with
-NaN norms and takes the subtraction and the norms after the answer too (:func:`after_answer`),
-filling them into the row before any later operation on the session.
+thread (small sessions) take it on the loop's next turn (``app.after_answer.later``): after
+their answer is written, before the loop reads another request. The copy, the subtraction
+and the norms are the whole cost (``benchmarks/metrics_cost.py``); sessions created with
+``"metrics": false`` skip them (their rows keep lr, scalars and the rest). A step whose
+answer need not carry them (``?metrics=history``; ``RemoteOptimizer`` asks so through shared
+memory) records its row with NaN norms and takes the subtraction and the norms after the
+answer too (:func:`after_answer`), filling them into the row before any later operation on
+the session.
 
 Nothing here may fail a step: :func:`before_step` runs before ``optimizer.step()`` and
 :func:`after_step` after it succeeded; each catches its own errors and the step then simply
@@ -57,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from app.after_answer import later
 from app.engine import chunked, norm_pieces
 from app.engine.history import SCALARS_PREFIX
 from app.engine.interface import json_float
@@ -387,8 +390,9 @@ def after_step(s: Session, probe: Probe | None, lrs: list[float], nonfinite: int
     groups: list[dict[str, float]] = [{"lr": lr} for lr in lrs]
     if probe is not None and _norms_into(s, probe, groups):
         layout = probe.layout
-        if layout is not None:
-            after_job(lambda: take_ahead(s, layout))
+        # (an inline step, on the event loop's thread: once its answer is written)
+        if layout is not None and not after_job(lambda: take_ahead(s, layout)):
+            later(take_ahead, s, layout)
     return groups
 
 

@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from app.after_answer import later
+
 log = logging.getLogger("optserve.worker")
 T = TypeVar("T")
 _Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]", str, float]
@@ -121,7 +123,8 @@ class DeviceWorker:
                     try:
                         return fn()
                     finally:
-                        self._observe(op, 0.0, time.perf_counter() - started)
+                        # (counted after the answer: the loop's next turn)
+                        later(self._observe, op, 0.0, time.perf_counter() - started)
             finally:
                 self._running.release()
         loop = asyncio.get_running_loop()

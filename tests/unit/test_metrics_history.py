@@ -292,7 +292,8 @@ def test_metrics_stay_right_when_the_parameters_change_between_steps(
     ``worker``: every step runs on the device worker's thread (as a large session's steps do),
     where the copy for the next step's update norm is taken after each step's answer has been
     handed over (``metrics.take_ahead``); ``inline``: on the event loop's thread (a small
-    session's), where each step copies for itself."""
+    session's), where it is taken on the loop's next turn, after the step's answer
+    (``app.after_answer.later``)."""
     ahead: list[tuple[int, str]] = []
     take_ahead = metrics.take_ahead
 
@@ -343,14 +344,12 @@ def test_metrics_stay_right_when_the_parameters_change_between_steps(
     groups.append(["c"])
     step_both(6)
     step_both(7)
-    if where == "inline":
-        assert ahead == []
-    else:
-        # taken after each step with metrics while the parameters tile one block (versions:
-        # steps 0-2 made 1, 2 and 4 after the overwrite's 3; the step without metrics 5 and
-        # took none; steps 4 and 5 made 6 and 7); the added group's tensor lies outside the
-        # block, so steps 6 and 7 clone instead
-        assert ahead == [(v, "optserve-cpu") for v in (1, 2, 4, 6, 7)], ahead
+    # taken after each step with metrics while the parameters tile one block (versions:
+    # steps 0-2 made 1, 2 and 4 after the overwrite's 3; the step without metrics 5 and
+    # took none; steps 4 and 5 made 6 and 7); the added group's tensor lies outside the
+    # block, so steps 6 and 7 clone instead
+    thread = "MainThread" if where == "inline" else "optserve-cpu"
+    assert ahead == [(v, thread) for v in (1, 2, 4, 6, 7)], ahead
 
 
 @pytest.mark.parametrize("groups", [[["a", "b", "c"]], [["a", "c"], ["b"]]],
