@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from app.errors import Invalid, shown
+from app.wire.integers import OPTION_INTS
 from app.wire.json_tensor import decode_json_tensor, is_json_tensor
 from app.wire.tree import is_float_tag, untag_float
 
@@ -50,6 +51,8 @@ _MESSAGE_HINTS = (
     ("ending multiplicative factor", "end_factor"), ("min_lrs", "min_lr"),
     ("learning rate", "lr"), ("beta", "betas"), ("epsilon", "eps"), ("eps", "eps"),
     ("weight_decay", "weight_decay"), ("weight decay", "weight_decay"),
+    # (a weight_decay of true: torch adds the parameter with it as alpha)
+    ("boolean alpha", "weight_decay"),
     ("momentum", "momentum"), ("nesterov", "nesterov"), ("dampening", "dampening"),
     ("eta values", "etas"),
     # (LBFGS's line search with max_eval < 1: "cannot access local variable 'bracket_f'")
@@ -340,6 +343,33 @@ def check_overflow(options: dict[str, Any], dtype: torch.dtype, where: str,
         key, v = found
         raise Invalid(f"{key} is {v!r}, {overflow_words(dtype)}; a step would overflow"
                       f"{then}", code="option_overflow", field=f"{where}.{key}")
+
+
+#: options torch's constructor works out of another one when they are not given: LBFGS's
+#: ``max_eval`` is ``max_iter * 5 // 4``
+DERIVED_OPTIONS = {"max_eval": "max_iter"}
+
+
+def refuse_unwritable_ints(opt: torch.optim.Optimizer, given: dict[str, Any],
+                           fields: dict[str, str], fallback: str = "options") -> None:
+    """422 ``invalid_option`` for an integer option of a built optimizer (its defaults and
+    groups) past :data:`OPTION_INTS`, which no description, export or log record could hold,
+    naming the option it came from: the one the client gave, or the one torch worked it out of
+    (:data:`DERIVED_OPTIONS`; ``given``: the options given to the constructor). An LBFGS
+    ``max_iter`` of -2**63 makes a ``max_eval`` of -1.25 * 2**63: taken, the create was
+    answered with a 500 after it was applied, and every list of the tenant's sessions after it
+    was a 500 too."""
+    low, high = OPTION_INTS
+    for group in (opt.defaults, *opt.param_groups):
+        for key, value in group.items():
+            if type(value) is not int or low <= value <= high:
+                continue
+            source = key if key in given else DERIVED_OPTIONS.get(key, key)
+            how = (f" (torch's {type(opt).__name__} makes it of {source})"
+                   if source != key else "")
+            raise Invalid(f"{key} would be {value}{how}, past the integers a JSON answer "
+                          f"holds ({low} to {high})", code="invalid_option",
+                          field=fields.get(source, fallback))
 
 
 def probe(

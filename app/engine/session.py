@@ -321,6 +321,8 @@ class Session:
         except optimizers.TORCH_ERRORS as exc:
             raise Invalid(str(exc), code="invalid_option",
                           field=optimizers.blame(str(exc), fields, "options")) from None
+        if request:
+            optimizers.refuse_unwritable_ints(optimizer, defaults, fields)
         session = cls_(session_id, optimizer_name, cls, optimizer, params, defaults, device,
                        nonfinite)
         if sched_spec is not None:

@@ -19,7 +19,7 @@ import torch
 from app.engine import optimizers, option_values
 from app.errors import Invalid, shown
 from app.wire.dtypes import DTYPE_NAMES, TORCH_DTYPES
-from app.wire.integers import INT64, int_text
+from app.wire.integers import INT64, OPTION_INTS, int_text
 from app.wire.tree import int_outside, nodes_once, tree_to_json
 
 if TYPE_CHECKING:
@@ -326,11 +326,6 @@ def _check_finite(obj: Any, field: str) -> None:
     elif isinstance(obj, (list, tuple)):  # LBFGS keeps lists of tensors
         for i, v in enumerate(obj):
             _check_finite(v, f"{field}.{i}")
-
-
-#: the integers a group option may hold: what a JSON text carries, and a create takes (an
-#: option is never counted up: its session's export imports back)
-OPTION_INTS = (INT64[0], 2**64 - 1)
 
 
 def refuse_unwritable(state: object, where: str = "state_dict") -> None:
