@@ -231,6 +231,9 @@ TORCH_ERRORS = (ValueError, TypeError, RuntimeError, KeyError, IndexError, Asser
 
 
 _FLOAT_MAX: dict[torch.dtype, float] = {}
+#: what torch says when a Python number it converts to a tensor's dtype is past its range
+#: ("value cannot be converted to type c10::Half without overflow")
+OVERFLOW_WORDS = "without overflow"
 
 
 #: options that need per-parameter state torch makes only when the option is on at a
@@ -372,6 +375,43 @@ def refuse_unwritable_ints(opt: torch.optim.Optimizer, given: dict[str, Any],
                           field=fields.get(source, fallback))
 
 
+def muon_lr_overflow(group: dict[str, Any], dtype: torch.dtype) -> str | None:
+    """Why torch's Muon cannot step this group (a torch param group, or options with
+    ``params`` and ``param_names``) of parameters of ``dtype``, else None: Muon scales the
+    group's ``lr`` by each parameter's shape (``sqrt(max(1, rows / cols))``, or ``0.2 *
+    sqrt(max(rows, cols))`` with ``adjust_lr_fn="match_rms_adamw"``) and converts it to the
+    dtype its update takes with the parameter's (the update is bfloat16: float16 parameters
+    take it as float32) after it has changed the parameter and its momentum: past that range,
+    torch raises half-way through the step. A throwaway step over a tiny parameter never
+    scales it (its shape is square)."""
+    adjust = getattr(getattr(torch.optim, "_muon", None), "_adjust_lr", None)
+    lr = group.get("lr")
+    if adjust is None or not dtype.is_floating_point:
+        return None
+    value = (float(lr.item()) if isinstance(lr, torch.Tensor) and lr.numel() == 1
+             else lr if type(lr) in (int, float) else None)
+    if value is None or not math.isfinite(value):
+        return None  # (refused as such where it is given)
+    bound = torch.promote_types(dtype, torch.bfloat16)
+    top = float_max(bound)
+    names = group.get("param_names") or []
+    for i, p in enumerate(group.get("params", [])):
+        if p.dim() < 2 or not p.numel():
+            continue  # (torch refuses a parameter that is not a matrix; one with no elements
+            # is :func:`empty_step_refusal`'s: its scaling divides by a count of 0)
+        try:
+            adjusted = adjust(value, group.get("adjust_lr_fn"), p.shape)
+        except (ArithmeticError, TypeError, ValueError):
+            continue  # (torch's own step refuses it, where the probe or a step checks it)
+        if math.isfinite(adjusted) and abs(adjusted) > top:
+            name = names[i] if i < len(names) else f"parameter {i}"
+            return (f"lr {value!r} is {adjusted!r} once Muon scales it for the shape "
+                    f"{list(p.shape)} of {name!r:.60}, beyond the range of the dtype torch "
+                    f"converts it to ({str(bound).removeprefix('torch.')}, at most {top!r} in "
+                    "magnitude); a step would overflow")
+    return None
+
+
 def probe(
     cls: type[torch.optim.Optimizer],
     defaults: dict[str, Any],
@@ -400,10 +440,11 @@ def probe(
         tensors.append(t)
         tiny_groups.append({"params": [t], **fresh(opts)})
     ctor_keys = default_options(cls).keys()
+    in_play = {k: v for g in (defaults, *groups) for k, v in g.items()}
     try:
         opt = cls(tiny_groups, **fresh(defaults))
     except TORCH_ERRORS as exc:
-        raise _refused(exc, fields, fallback) from None
+        raise _refused(exc, fields, fallback, values=in_play) from None
     for i in range(len(groups)) if check is None else check:
         own = {k: v for k, v in groups[i].items() if k in ctor_keys}
         if not own:
@@ -412,12 +453,13 @@ def probe(
             cls([torch.full((2, 2), 0.5, dtype=dtypes[i], device=device)],
                 **fresh({**defaults, **own}))
         except TORCH_ERRORS as exc:
-            given, in_play = (group_fields or {}).get(i, ({}, fields))
-            raise _refused(exc, in_play, fallback, given) from None
+            given, named = (group_fields or {}).get(i, ({}, fields))
+            raise _refused(exc, named, fallback, given, {**defaults, **own}) from None
     try:
         for t in tensors:
             t.grad = probe_grad(cls, t, 0.25)
-        probe_step(opt)
+        for _ in range(probe_steps(opt)):
+            probe_step(opt)
     except NameError as exc:  # (see TORCH_ERRORS)
         why = (": its line search has no evaluation left (max_eval must be at least 1)"
                if cls is torch.optim.LBFGS else "")
@@ -428,7 +470,7 @@ def probe(
         # (the options the client gave, of every group checked, come first here too: foreach
         # sent to a differentiable group is named, not the differentiable it held)
         given = {k: v for sent, _ in (group_fields or {}).values() for k, v in sent.items()}
-        raise _refused(exc, fields, fallback, given or None) from None
+        raise _refused(exc, fields, fallback, given or None, in_play) from None
 
 
 def empty_step_refusal(cls: type[torch.optim.Optimizer], defaults: dict[str, Any],
@@ -449,11 +491,25 @@ def empty_step_refusal(cls: type[torch.optim.Optimizer], defaults: dict[str, Any
 
 
 def _refused(exc: Exception, fields: dict[str, str], fallback: str,
-             given: dict[str, str] | None = None) -> Invalid:
-    """torch's refusal of options as a 422 naming the option it is about."""
+             given: dict[str, str] | None = None,
+             values: dict[str, Any] | None = None) -> Invalid:
+    """torch's refusal of options as a 422 naming the option it is about. torch's "value
+    cannot be converted to type c10::Half without overflow" names none: it is about the
+    option of the largest magnitude among ``values`` (the options in play), the one given
+    first (SGD's ``1 - dampening`` of a ``dampening`` of -65504, a ``weight_decay`` of
+    100000 beside an ``lr``: they named only ``options``)."""
     message = str(exc) or type(exc).__name__
-    return Invalid(message, code="invalid_option",
-                   field=blame(message, fields, fallback, given))
+    field = blame(message, fields, fallback, given)
+    if field == fallback and values and OVERFLOW_WORDS in message:
+        field = _largest(values, given or fields) or fallback
+    return Invalid(message, code="invalid_option", field=field)
+
+
+def _largest(values: dict[str, Any], fields: dict[str, str]) -> str | None:
+    """Where the option of ``fields`` with the largest finite magnitude in ``values`` is."""
+    sizes = {k: abs(float(v)) for k, v in values.items()
+             if k in fields and type(v) in (int, float) and math.isfinite(v)}
+    return fields[max(sizes, key=sizes.__getitem__)] if sizes else None
 
 
 def probe_grad(cls: type[torch.optim.Optimizer], t: torch.Tensor, fill: float) -> torch.Tensor:
@@ -466,6 +522,19 @@ def probe_grad(cls: type[torch.optim.Optimizer], t: torch.Tensor, fill: float) -
         return dense.to_sparse()
     rows = torch.arange(t.shape[0], device=t.device).reshape(1, -1)
     return torch.sparse_coo_tensor(rows, dense, t.shape, check_invariants=False)
+
+
+def probe_steps(opt: torch.optim.Optimizer) -> int:
+    """The throwaway steps :func:`probe` takes: two where torch's first step of a parameter
+    takes another path than its later ones and converts an option to the parameters' dtype
+    only on those (SGD with momentum: its first step clones the gradient into the momentum
+    buffer, the next ones add it with ``alpha=1 - dampening``: a float16 session's
+    ``dampening`` of -65504 was taken, and its second step failed half-way, a 500, and with
+    durability ``memory`` the session was lost), else one (a second costs each create, PATCH
+    and step carrying options as much again: 0.35 ms for Adam)."""
+    if isinstance(opt, torch.optim.SGD) and any(g.get("momentum") for g in opt.param_groups):
+        return 2
+    return 1
 
 
 #: the iterations (and closure calls) a throwaway LBFGS step may take: what torch refuses shows
