@@ -444,7 +444,7 @@ def probe(
     try:
         opt = cls(tiny_groups, **fresh(defaults))
     except TORCH_ERRORS as exc:
-        raise _refused(exc, fields, fallback, values=in_play) from None
+        raise refusal(exc, fields, fallback, values=in_play) from None
     for i in range(len(groups)) if check is None else check:
         own = {k: v for k, v in groups[i].items() if k in ctor_keys}
         if not own:
@@ -454,7 +454,7 @@ def probe(
                 **fresh({**defaults, **own}))
         except TORCH_ERRORS as exc:
             given, named = (group_fields or {}).get(i, ({}, fields))
-            raise _refused(exc, named, fallback, given, {**defaults, **own}) from None
+            raise refusal(exc, named, fallback, given, {**defaults, **own}) from None
     try:
         for t in tensors:
             t.grad = probe_grad(cls, t, 0.25)
@@ -463,14 +463,14 @@ def probe(
     except NameError as exc:  # (see TORCH_ERRORS)
         why = (": its line search has no evaluation left (max_eval must be at least 1)"
                if cls is torch.optim.LBFGS else "")
-        raise _refused(ValueError(f"torch's {cls.__name__}.step fails with these options "
+        raise refusal(ValueError(f"torch's {cls.__name__}.step fails with these options "
                                   f"({type(exc).__name__}: {exc}){why}"),
                        fields, fallback) from None
     except TORCH_ERRORS as exc:
         # (the options the client gave, of every group checked, come first here too: foreach
         # sent to a differentiable group is named, not the differentiable it held)
         given = {k: v for sent, _ in (group_fields or {}).values() for k, v in sent.items()}
-        raise _refused(exc, fields, fallback, given or None, in_play) from None
+        raise refusal(exc, fields, fallback, given or None, in_play) from None
 
 
 def empty_step_refusal(cls: type[torch.optim.Optimizer], defaults: dict[str, Any],
@@ -490,7 +490,7 @@ def empty_step_refusal(cls: type[torch.optim.Optimizer], defaults: dict[str, Any
     return None
 
 
-def _refused(exc: Exception, fields: dict[str, str], fallback: str,
+def refusal(exc: Exception, fields: dict[str, str], fallback: str,
              given: dict[str, str] | None = None,
              values: dict[str, Any] | None = None) -> Invalid:
     """torch's refusal of options as a 422 naming the option it is about. torch's "value

@@ -482,7 +482,15 @@ def prepare_import(session: Session, state: object, request: bool = False,
     params = [p for g in current for p in g["params"]]
     group_of = [i for i, g in enumerate(current) for _ in g["params"]]
     lbfgs = session.optimizer_name == "LBFGS"
-    expected, eager = _expected_state(session, group_opts) if not lbfgs else ([], False)
+    try:
+        expected, eager = _expected_state(session, group_opts) if not lbfgs else ([], False)
+    except optimizers.TORCH_ERRORS as exc:
+        # (its throwaway step is over the parameters' own shapes, which the probe's tiny ones
+        # are not: Muon scales the lr by them, and an lr of 3e38 for a (4, 3) parameter
+        # overflows float32 there; it was a 500)
+        given = {k: v for sent, _ in group_fields.values() for k, v in sent.items()}
+        raise optimizers.refusal(exc, fields, "state_dict.param_groups", given or None,
+                                 {k: v for g in group_opts for k, v in g.items()}) from None
     new_state: dict[int, Any] = {}
     for key, entry in raw_state.items():
         where = f"state_dict.state.{key}"

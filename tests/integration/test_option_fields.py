@@ -200,3 +200,41 @@ def test_a_muon_lr_past_its_scaled_range_refuses_the_step_and_keeps_the_session(
         opt.step()
     got = app_client.get(f"/v1/sessions/{sid}/params").json()["params"]["w"]["data"]
     assert torch.equal(torch.tensor(got, dtype=torch.float32).reshape(4, 3), w.detach())
+
+
+@pytest.mark.parametrize("how", ["import", "add_group"])
+def test_a_muon_lr_past_its_scaled_range_is_refused_by_an_import_and_a_new_group(
+        app_client: TestClient, how: str) -> None:
+    """A state import whose group ``lr`` Muon's scaling for the session's (4, 3) parameter
+    takes past float32 was a 500 (the import's throwaway step over the parameters' own shapes
+    raised); a group added with one, over a (40, 3) parameter, was taken and every step after
+    it refused. Both are 422s naming that ``lr``, the session as it was; torch's Muon is checked
+    here to refuse the scaled lr at its step."""
+    import torch
+
+    for shape in ([4, 3], [40, 3]):
+        p = torch.nn.Parameter(torch.ones(shape))
+        opt = torch.optim.Muon([p], lr=3e38)
+        p.grad = torch.full_like(p, 0.5)
+        with pytest.raises(RuntimeError, match="without overflow"):
+            opt.step()
+    r = app_client.post("/v1/sessions", json={
+        "optimizer": "Muon", "options": {"lr": 0.02}, "durability": "memory",
+        "params": {"w": {"dtype": "float32", "shape": [4, 3], "data": [1.0] * 12}}})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    body = {"grads": {"w": {"dtype": "float32", "shape": [4, 3], "data": [0.5] * 12}}}
+    assert app_client.post(f"/v1/sessions/{sid}/step", json=body).status_code == 200
+    before = app_client.get(f"/v1/sessions/{sid}/state_dict").json()
+    if how == "import":
+        state = app_client.get(f"/v1/sessions/{sid}/state_dict").json()
+        state["param_groups"][0]["lr"] = 3e38
+        r = app_client.put(f"/v1/sessions/{sid}/state_dict", json=state)
+        assert refused_field(r) == "state_dict.param_groups.0.lr"
+    else:
+        r = app_client.post(f"/v1/sessions/{sid}/param_groups", json={
+            "params": {"v": {"dtype": "float32", "shape": [40, 3], "data": [1.0] * 120}},
+            "lr": 3e38})
+        assert refused_field(r) == "param_groups.1.lr"
+    assert app_client.get(f"/v1/sessions/{sid}/state_dict").json() == before
+    assert app_client.post(f"/v1/sessions/{sid}/step", json=body).status_code == 200
