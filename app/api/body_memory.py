@@ -29,7 +29,8 @@ safetensors body 32 times its
 header's size on top
 (:data:`HEADER_EXPANSION`, counted once the body is read, without waiting), and for a
 ``torch.save`` import what its zip entries expand to on top (their declared sizes: torch's
-reader inflates deflated entries, a file of zeros a thousand times; counted the same way,
+reader inflates deflated entries, a file of zeros a thousand times; and its pickle 32 times
+its size, what unpickling its small objects may take; counted the same way,
 ``app.api.requests.torch_file``). A body that could
 never fit is a 413 ``payload_too_large`` at once, not a wait (``benchmarks.hostile_memory``
 measures a step whose 89 MB header names 1.5 million tensors).

@@ -33,6 +33,22 @@ _CREATE_KEYS = {"optimizer", "options", "params", "param_groups", "scheduler", "
 _PS_KEYS = ("sync", "max_staleness", "staleness_lr")  # checked by the engine (app.engine.ps)
 _DURABILITY = ("step", "interval", "memory")
 TORCH_FILE_SLACK = 16 * 1024 * 1024
+#: what a ``torch.save`` import's pickle (its ``data.pkl``: the state's tree, its tensors by
+#: reference) may hold beyond its parameters' and groups' shares (a scheduler's state, ...)
+PICKLE_SLACK = 1 << 20
+#: a parameter's share of the pickle: its state entry (a few tensors' references and their
+#: keys) and its id in its group, plus its name at 4 bytes a character (torch's own export of
+#: Adam over 1,000 parameters with 100-character names: 332 bytes a parameter)
+PICKLE_PER_PARAM = 1024
+#: a param group's share: its options, and each scheduler's lists of it (``base_lrs``, ...)
+PICKLE_PER_GROUP = 16 * 1024
+#: an LBFGS history entry's share (``old_dirs``, ``old_stps``, ``ro``, ``al``: 65 bytes each
+#: in torch's own export of a history of 100)
+PICKLE_PER_HISTORY_ENTRY = 256
+#: what unpickling may make of each byte of a pickle, counted as the body's: a list of empty
+#: dicts (2 bytes of pickle each) peaked at 24.7 times its pickle, of empty lists at 23.4, of
+#: 1-tuples at 15.7 (``tracemalloc`` around ``torch.load(weights_only=True)``)
+PICKLE_EXPANSION = 32
 _NONFINITE = ("reject", "skip", "allow")
 
 
@@ -313,43 +329,67 @@ def _lbfgs_bytes(info: SessionInfo, sizes: dict[str, int]) -> int:
     return (2 * history + 2) * elements * width
 
 
-def torch_file(buf: bytearray, limit: int) -> tuple[bytes, int]:
+def torch_pickle_limit(info: SessionInfo) -> int:
+    """How many bytes a session's ``torch.save`` state's pickle may have: what its parameters
+    (and their names), its groups and an LBFGS history take, with room to spare
+    (:data:`PICKLE_PER_PARAM`, ...). Unpickled, a pickle's small objects take up to 25 times
+    its size, and torch's reader takes seconds a megabyte: under :data:`TORCH_FILE_SLACK`
+    alone, a pickle of 16 MB of empty dicts took the smallest session 400 MB and a minute."""
+    names = sum(PICKLE_PER_PARAM + 4 * len(name) for name in info.params)
+    history = 0
+    if info.optimizer == "LBFGS" and info.param_groups:
+        given = info.param_groups[0].get("history_size", 100)
+        history = (4 * given + 8) * PICKLE_PER_HISTORY_ENTRY if type(given) is int else 0
+    return PICKLE_SLACK + names + PICKLE_PER_GROUP * len(info.param_groups) + max(history, 0)
+
+
+def torch_file(buf: bytearray, limit: int, pickle_limit: int) -> tuple[bytes, int]:
     """A ``torch.save`` body as the bytes torch's reader takes (:func:`state_from_torch`), and
     what it expands to when read (its zip entries' declared sizes, summed: a deflated entry of
-    zeros is about a thousandth of its size, and torch's reader inflates it); 422
-    ``torch_file_too_large`` past ``limit``, 422 ``invalid_torch_file`` for a file that is not
-    a zip. The caller counts the expansion against the memory request bodies may hold
-    (``OPTSERVE_MAX_BODIES_MB``)."""
+    zeros is about a thousandth of its size, and torch's reader inflates it; and its pickle,
+    :data:`PICKLE_EXPANSION` times its size, on top); 422 ``torch_file_too_large`` past
+    ``limit``, or for a pickle past ``pickle_limit``, 422 ``invalid_torch_file`` for a file
+    that is not a zip. The caller counts the expansion against the memory request bodies may
+    hold (``OPTSERVE_MAX_BODIES_MB``)."""
     data = bytes(buf)
-    return data, _check_zip(data, limit)
+    return data, _check_zip(data, limit, pickle_limit)
 
 
-def _check_zip(data: bytes, limit: int) -> int:
+def _check_zip(data: bytes, limit: int, pickle_limit: int | None) -> int:
     """Bound what a ``torch.save`` file expands to before torch reads it: every entry's
     declared size (torch's reader allocates that much and refuses a stream that inflates
-    past it), summed, against ``limit``; the sum."""
+    past it), summed, against ``limit``, and its pickles' (``*.pkl``) against
+    ``pickle_limit`` (None: not bounded apart); the sum, with the pickles' counted
+    :data:`PICKLE_EXPANSION` times more."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             entries = zf.infolist()
     except Exception:  # (as torch.load's below: "zip file version 10.6" is NotImplementedError)
         raise Invalid("not a torch.save file: only the zip format (torch.save's default since "
                       "torch 1.6) is accepted", code="invalid_torch_file", field="body") from None
-    total = 0
+    total = pickled = 0
     for entry in entries:
         total += max(entry.file_size, 0)
         if total > limit:
             raise Invalid(f"the torch.save file expands to more than {limit} bytes, more than "
                           "this session's state can hold", code="torch_file_too_large",
                           field="body", limit=limit)
-    return total
+        if entry.filename.endswith(".pkl"):
+            pickled += max(entry.file_size, 0)
+            if pickle_limit is not None and pickled > pickle_limit:
+                raise Invalid(f"the torch.save file's pickle (the state's tree) has more than "
+                              f"{pickle_limit} bytes, more than this session's state needs",
+                              code="torch_file_too_large", field="body", limit=pickle_limit)
+    return total + PICKLE_EXPANSION * pickled
 
 
-def state_from_torch(buf: bytes | bytearray, limit: int) -> Any:
+def state_from_torch(buf: bytes | bytearray, limit: int, pickle_limit: int | None = None
+                     ) -> Any:
     """A ``torch.save`` file (the bytes :func:`torch_file` made, or a body), loaded only with
     ``weights_only=True`` (never plain unpickling), and only after its zip entries are bounded
-    by ``limit`` bytes."""
+    by ``limit`` bytes (its pickle by ``pickle_limit``)."""
     data = buf if isinstance(buf, bytes) else bytes(buf)
-    _check_zip(data, limit)
+    _check_zip(data, limit, pickle_limit)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure to read a client's file is the client's 422

@@ -511,12 +511,13 @@ async def import_state(
     buf = await read_body(request, _max_bytes(settings), as_json=fmt == "json")
     idem = await idempotency(request, buf)
     if fmt == "torch":
-        limit = parse.torch_file_limit(await engine.describe_layout(session_id, tenant=tenant))
+        layout = await engine.describe_layout(session_id, tenant=tenant)
+        limit, pickled = parse.torch_file_limit(layout), parse.torch_pickle_limit(layout)
         # (what torch's reader inflates it to counts as the body's: a 98 KB file of deflated
         # zeros expands to 100 MB, and an LBFGS session's limit grows with its history_size)
-        data, expands = await offload(lambda: parse.torch_file(buf, limit), len(buf))
+        data, expands = await offload(lambda: parse.torch_file(buf, limit, pickled), len(buf))
         body_memory.hold_now(request.scope, expands)
-        state = await offload(lambda: parse.state_from_torch(data, limit), len(buf))
+        state = await offload(lambda: parse.state_from_torch(data, limit, pickled), len(buf))
     elif fmt == "safetensors":
         state = await offload(lambda: parse.state_from_safetensors(buf), len(buf))
     else:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from app.errors import Invalid, shown
+from app.wire.integers import OPTION_INTS
 from app.wire.json_tensor import decode_json_tensor, is_json_tensor
 from app.wire.tree import is_float_tag, untag_float
 
@@ -50,6 +51,8 @@ _MESSAGE_HINTS = (
     ("ending multiplicative factor", "end_factor"), ("min_lrs", "min_lr"),
     ("learning rate", "lr"), ("beta", "betas"), ("epsilon", "eps"), ("eps", "eps"),
     ("weight_decay", "weight_decay"), ("weight decay", "weight_decay"),
+    # (a weight_decay of true: torch adds the parameter with it as alpha)
+    ("boolean alpha", "weight_decay"),
     ("momentum", "momentum"), ("nesterov", "nesterov"), ("dampening", "dampening"),
     ("eta values", "etas"),
     # (LBFGS's line search with max_eval < 1: "cannot access local variable 'bracket_f'")
@@ -228,6 +231,9 @@ TORCH_ERRORS = (ValueError, TypeError, RuntimeError, KeyError, IndexError, Asser
 
 
 _FLOAT_MAX: dict[torch.dtype, float] = {}
+#: what torch says when a Python number it converts to a tensor's dtype is past its range
+#: ("value cannot be converted to type c10::Half without overflow")
+OVERFLOW_WORDS = "without overflow"
 
 
 #: options that need per-parameter state torch makes only when the option is on at a
@@ -342,6 +348,70 @@ def check_overflow(options: dict[str, Any], dtype: torch.dtype, where: str,
                       f"{then}", code="option_overflow", field=f"{where}.{key}")
 
 
+#: options torch's constructor works out of another one when they are not given: LBFGS's
+#: ``max_eval`` is ``max_iter * 5 // 4``
+DERIVED_OPTIONS = {"max_eval": "max_iter"}
+
+
+def refuse_unwritable_ints(opt: torch.optim.Optimizer, given: dict[str, Any],
+                           fields: dict[str, str], fallback: str = "options") -> None:
+    """422 ``invalid_option`` for an integer option of a built optimizer (its defaults and
+    groups) past :data:`OPTION_INTS`, which no description, export or log record could hold,
+    naming the option it came from: the one the client gave, or the one torch worked it out of
+    (:data:`DERIVED_OPTIONS`; ``given``: the options given to the constructor). An LBFGS
+    ``max_iter`` of -2**63 makes a ``max_eval`` of -1.25 * 2**63: taken, the create was
+    answered with a 500 after it was applied, and every list of the tenant's sessions after it
+    was a 500 too."""
+    low, high = OPTION_INTS
+    for group in (opt.defaults, *opt.param_groups):
+        for key, value in group.items():
+            if type(value) is not int or low <= value <= high:
+                continue
+            source = key if key in given else DERIVED_OPTIONS.get(key, key)
+            how = (f" (torch's {type(opt).__name__} makes it of {source})"
+                   if source != key else "")
+            raise Invalid(f"{key} would be {value}{how}, past the integers a JSON answer "
+                          f"holds ({low} to {high})", code="invalid_option",
+                          field=fields.get(source, fallback))
+
+
+def muon_lr_overflow(group: dict[str, Any], dtype: torch.dtype) -> str | None:
+    """Why torch's Muon cannot step this group (a torch param group, or options with
+    ``params`` and ``param_names``) of parameters of ``dtype``, else None: Muon scales the
+    group's ``lr`` by each parameter's shape (``sqrt(max(1, rows / cols))``, or ``0.2 *
+    sqrt(max(rows, cols))`` with ``adjust_lr_fn="match_rms_adamw"``) and converts it to the
+    dtype its update takes with the parameter's (the update is bfloat16: float16 parameters
+    take it as float32) after it has changed the parameter and its momentum: past that range,
+    torch raises half-way through the step. A throwaway step over a tiny parameter never
+    scales it (its shape is square)."""
+    adjust = getattr(getattr(torch.optim, "_muon", None), "_adjust_lr", None)
+    lr = group.get("lr")
+    if adjust is None or not dtype.is_floating_point:
+        return None
+    value = (float(lr.item()) if isinstance(lr, torch.Tensor) and lr.numel() == 1
+             else lr if type(lr) in (int, float) else None)
+    if value is None or not math.isfinite(value):
+        return None  # (refused as such where it is given)
+    bound = torch.promote_types(dtype, torch.bfloat16)
+    top = float_max(bound)
+    names = group.get("param_names") or []
+    for i, p in enumerate(group.get("params", [])):
+        if p.dim() < 2 or not p.numel():
+            continue  # (torch refuses a parameter that is not a matrix; one with no elements
+            # is :func:`empty_step_refusal`'s: its scaling divides by a count of 0)
+        try:
+            adjusted = adjust(value, group.get("adjust_lr_fn"), p.shape)
+        except (ArithmeticError, TypeError, ValueError):
+            continue  # (torch's own step refuses it, where the probe or a step checks it)
+        if math.isfinite(adjusted) and abs(adjusted) > top:
+            name = names[i] if i < len(names) else f"parameter {i}"
+            return (f"lr {value!r} is {adjusted!r} once Muon scales it for the shape "
+                    f"{list(p.shape)} of {name!r:.60}, beyond the range of the dtype torch "
+                    f"converts it to ({str(bound).removeprefix('torch.')}, at most {top!r} in "
+                    "magnitude); a step would overflow")
+    return None
+
+
 def probe(
     cls: type[torch.optim.Optimizer],
     defaults: dict[str, Any],
@@ -370,10 +440,11 @@ def probe(
         tensors.append(t)
         tiny_groups.append({"params": [t], **fresh(opts)})
     ctor_keys = default_options(cls).keys()
+    in_play = {k: v for g in (defaults, *groups) for k, v in g.items()}
     try:
         opt = cls(tiny_groups, **fresh(defaults))
     except TORCH_ERRORS as exc:
-        raise _refused(exc, fields, fallback) from None
+        raise refusal(exc, fields, fallback, values=in_play) from None
     for i in range(len(groups)) if check is None else check:
         own = {k: v for k, v in groups[i].items() if k in ctor_keys}
         if not own:
@@ -382,23 +453,24 @@ def probe(
             cls([torch.full((2, 2), 0.5, dtype=dtypes[i], device=device)],
                 **fresh({**defaults, **own}))
         except TORCH_ERRORS as exc:
-            given, in_play = (group_fields or {}).get(i, ({}, fields))
-            raise _refused(exc, in_play, fallback, given) from None
+            given, named = (group_fields or {}).get(i, ({}, fields))
+            raise refusal(exc, named, fallback, given, {**defaults, **own}) from None
     try:
         for t in tensors:
             t.grad = probe_grad(cls, t, 0.25)
-        probe_step(opt)
+        for _ in range(probe_steps(opt)):
+            probe_step(opt)
     except NameError as exc:  # (see TORCH_ERRORS)
         why = (": its line search has no evaluation left (max_eval must be at least 1)"
                if cls is torch.optim.LBFGS else "")
-        raise _refused(ValueError(f"torch's {cls.__name__}.step fails with these options "
+        raise refusal(ValueError(f"torch's {cls.__name__}.step fails with these options "
                                   f"({type(exc).__name__}: {exc}){why}"),
                        fields, fallback) from None
     except TORCH_ERRORS as exc:
         # (the options the client gave, of every group checked, come first here too: foreach
         # sent to a differentiable group is named, not the differentiable it held)
         given = {k: v for sent, _ in (group_fields or {}).values() for k, v in sent.items()}
-        raise _refused(exc, fields, fallback, given or None) from None
+        raise refusal(exc, fields, fallback, given or None, in_play) from None
 
 
 def empty_step_refusal(cls: type[torch.optim.Optimizer], defaults: dict[str, Any],
@@ -418,12 +490,26 @@ def empty_step_refusal(cls: type[torch.optim.Optimizer], defaults: dict[str, Any
     return None
 
 
-def _refused(exc: Exception, fields: dict[str, str], fallback: str,
-             given: dict[str, str] | None = None) -> Invalid:
-    """torch's refusal of options as a 422 naming the option it is about."""
+def refusal(exc: Exception, fields: dict[str, str], fallback: str,
+             given: dict[str, str] | None = None,
+             values: dict[str, Any] | None = None) -> Invalid:
+    """torch's refusal of options as a 422 naming the option it is about. torch's "value
+    cannot be converted to type c10::Half without overflow" names none: it is about the
+    option of the largest magnitude among ``values`` (the options in play), the one given
+    first (SGD's ``1 - dampening`` of a ``dampening`` of -65504, a ``weight_decay`` of
+    100000 beside an ``lr``: they named only ``options``)."""
     message = str(exc) or type(exc).__name__
-    return Invalid(message, code="invalid_option",
-                   field=blame(message, fields, fallback, given))
+    field = blame(message, fields, fallback, given)
+    if field == fallback and values and OVERFLOW_WORDS in message:
+        field = _largest(values, given or fields) or fallback
+    return Invalid(message, code="invalid_option", field=field)
+
+
+def _largest(values: dict[str, Any], fields: dict[str, str]) -> str | None:
+    """Where the option of ``fields`` with the largest finite magnitude in ``values`` is."""
+    sizes = {k: abs(float(v)) for k, v in values.items()
+             if k in fields and type(v) in (int, float) and math.isfinite(v)}
+    return fields[max(sizes, key=sizes.__getitem__)] if sizes else None
 
 
 def probe_grad(cls: type[torch.optim.Optimizer], t: torch.Tensor, fill: float) -> torch.Tensor:
@@ -436,6 +522,19 @@ def probe_grad(cls: type[torch.optim.Optimizer], t: torch.Tensor, fill: float) -
         return dense.to_sparse()
     rows = torch.arange(t.shape[0], device=t.device).reshape(1, -1)
     return torch.sparse_coo_tensor(rows, dense, t.shape, check_invariants=False)
+
+
+def probe_steps(opt: torch.optim.Optimizer) -> int:
+    """The throwaway steps :func:`probe` takes: two where torch's first step of a parameter
+    takes another path than its later ones and converts an option to the parameters' dtype
+    only on those (SGD with momentum: its first step clones the gradient into the momentum
+    buffer, the next ones add it with ``alpha=1 - dampening``: a float16 session's
+    ``dampening`` of -65504 was taken, and its second step failed half-way, a 500, and with
+    durability ``memory`` the session was lost), else one (a second costs each create, PATCH
+    and step carrying options as much again: 0.35 ms for Adam)."""
+    if isinstance(opt, torch.optim.SGD) and any(g.get("momentum") for g in opt.param_groups):
+        return 2
+    return 1
 
 
 #: the iterations (and closure calls) a throwaway LBFGS step may take: what torch refuses shows

@@ -321,6 +321,14 @@ class Session:
         except optimizers.TORCH_ERRORS as exc:
             raise Invalid(str(exc), code="invalid_option",
                           field=optimizers.blame(str(exc), fields, "options")) from None
+        if request:
+            optimizers.refuse_unwritable_ints(optimizer, defaults, fields)
+            if cls is torch.optim.Muon:
+                for g, dtype in zip(optimizer.param_groups, dtypes, strict=True):
+                    why = optimizers.muon_lr_overflow(g, dtype)
+                    if why is not None:
+                        raise Invalid(why, code="option_overflow",
+                                      field=fields.get("lr", "options.lr"))
         session = cls_(session_id, optimizer_name, cls, optimizer, params, defaults, device,
                        nonfinite)
         if sched_spec is not None:
@@ -561,6 +569,13 @@ class Session:
         ran): the refusal says how to get the session stepping again."""
         for i, (group, dtype) in enumerate(zip(self.optimizer.param_groups,
                                                self.group_dtypes(), strict=True)):
+            if self.cls is torch.optim.Muon:
+                why = optimizers.muon_lr_overflow(group, dtype)
+                if why is not None:
+                    raise Invalid(f"{why}. Every step is refused until it is changed: PATCH "
+                                  f".../param_groups/{i} with a smaller lr (or send it with "
+                                  f"the step, \"param_groups\": {{\"{i}\": {{...}}}})",
+                                  code="option_overflow", field=f"param_groups.{i}.lr")
             # (every step: the groups themselves looked over first, the refusal's copy and
             # words made only for a group that has a value out of range)
             if optimizers.overflowing(group, dtype, tensors,

@@ -19,7 +19,7 @@ import torch
 from app.engine import optimizers, option_values
 from app.errors import Invalid, shown
 from app.wire.dtypes import DTYPE_NAMES, TORCH_DTYPES
-from app.wire.integers import INT64, int_text
+from app.wire.integers import INT64, OPTION_INTS, int_text
 from app.wire.tree import int_outside, nodes_once, tree_to_json
 
 if TYPE_CHECKING:
@@ -328,11 +328,6 @@ def _check_finite(obj: Any, field: str) -> None:
             _check_finite(v, f"{field}.{i}")
 
 
-#: the integers a group option may hold: what a JSON text carries, and a create takes (an
-#: option is never counted up: its session's export imports back)
-OPTION_INTS = (INT64[0], 2**64 - 1)
-
-
 def refuse_unwritable(state: object, where: str = "state_dict") -> None:
     """422 naming the first value of an imported state that no log record, description or
     export could hold: ``invalid_state`` for an integer (a value or a key) past int64 (a group
@@ -487,7 +482,15 @@ def prepare_import(session: Session, state: object, request: bool = False,
     params = [p for g in current for p in g["params"]]
     group_of = [i for i, g in enumerate(current) for _ in g["params"]]
     lbfgs = session.optimizer_name == "LBFGS"
-    expected, eager = _expected_state(session, group_opts) if not lbfgs else ([], False)
+    try:
+        expected, eager = _expected_state(session, group_opts) if not lbfgs else ([], False)
+    except optimizers.TORCH_ERRORS as exc:
+        # (its throwaway step is over the parameters' own shapes, which the probe's tiny ones
+        # are not: Muon scales the lr by them, and an lr of 3e38 for a (4, 3) parameter
+        # overflows float32 there; it was a 500)
+        given = {k: v for sent, _ in group_fields.values() for k, v in sent.items()}
+        raise optimizers.refusal(exc, fields, "state_dict.param_groups", given or None,
+                                 {k: v for g in group_opts for k, v in g.items()}) from None
     new_state: dict[int, Any] = {}
     for key, entry in raw_state.items():
         where = f"state_dict.state.{key}"

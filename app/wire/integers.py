@@ -9,6 +9,9 @@ from __future__ import annotations
 #: the integers a service file or answer can hold (a log record's JSON, a description): what a
 #: JSON text writes of a C ``int64``
 INT64 = (-(2**63), 2**63 - 1)
+#: the integers a group option may hold: what a JSON text carries (an unsigned 64-bit one too),
+#: and a create takes (an option is never counted up: its session's export imports back)
+OPTION_INTS = (INT64[0], 2**64 - 1)
 
 
 def int_text(text: object, max_digits: int, *, signed: bool = False) -> int | None:

@@ -1029,6 +1029,19 @@ CREATE_CASES: list[tuple[str, Any, int, str, str | None, str | None]] = [
     ("plateau-min-lr-past-int64", _create_body(
         scheduler={"name": "ReduceLROnPlateau", "options": {"min_lr": 2**63, "patience": 2}}),
      422, "invalid_option", "scheduler.options.min_lr", "int64"),
+    # torch's LBFGS makes max_eval max_iter * 5 // 4: from a max_iter of -2**63 (or 2**64 - 1)
+    # past what a JSON answer holds, the create was applied, then answered with a 500, and
+    # every list of the sessions after it was a 500 too
+    ("lbfgs-max-iter-int64-min", _create_body(optimizer="LBFGS", options={"max_iter": -2**63}),
+     422, "invalid_option", "options.max_iter", "max_eval"),
+    ("lbfgs-max-iter-uint64-max", _create_body(optimizer="LBFGS",
+                                               options={"max_iter": 2**64 - 1}),
+     422, "invalid_option", "options.max_iter", "max_eval"),
+    # torch's step with a weight_decay of true raises "Boolean alpha only supported for
+    # Boolean results.", which named only "options" beside another option
+    ("weight-decay-true", _create_body(optimizer="SGD", options={"lr": 0.1,
+                                                                 "weight_decay": True}),
+     422, "invalid_option", "options.weight_decay", "Boolean alpha"),
     ("bad-id-space", _create_body(id="bad id!"), 422, "invalid_id", "id", None),
     ("bad-id-slash", _create_body(id="../etc/passwd"), 422, "invalid_id", "id", None),
     ("bad-id-empty", _create_body(id=""), 422, "invalid_id", "id", None),

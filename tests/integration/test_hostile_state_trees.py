@@ -11,7 +11,11 @@ and costs the server memory and time in proportion to the body.
 - A ``torch.save`` file nested a million levels deep (a pickle of 2 MB: a mark and a tuple
   opcode a level) took a minute of CPU to refuse, its paths as long as it was deep; a state
   nested past 64 levels is now refused as a JSON one is, 422 ``invalid_state`` "state is
-  nested too deeply".
+  nested too deeply" (half a million levels here: a million is past the pickle the session's
+  state needs, below).
+- A ``torch.save`` file whose pickle holds a million empty dicts (6 MB) took 150 MB of heap
+  and seconds of CPU to unpickle: a pickle past what the session's state needs (its
+  parameters, their names, its groups) is a 422 ``torch_file_too_large`` before torch reads it.
 - A nested tensor (``torch.nested``) in a ``torch.save`` import was a 500 (torch gives no
   sizes for it); it is a 422 ``state_mismatch`` naming it, as a sparse or meta tensor is.
 """
@@ -32,6 +36,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
+from app.api.requests import PICKLE_SLACK
 from tests.torch_reference import Reference, assert_tensors_equal, json_tensor, tensor_from_json
 
 pytestmark = pytest.mark.integration
@@ -160,12 +165,15 @@ def test_nested_tensor_in_a_torch_import_is_a_422(http: httpx.Client) -> None:
     steps_as_torch(http, sid, ref)
 
 
-def test_a_torch_state_nested_a_million_levels_is_refused_at_64(http: httpx.Client) -> None:
+def test_a_torch_state_nested_half_a_million_levels_is_refused_at_64(
+        http: httpx.Client) -> None:
     sid, ref = stepped_session(http)
     state = torch_export(http, sid)
     mark = "@@deep@@"
     state["state"][0]["exp_avg"] = mark
-    levels = 1_000_000  # MARK, then TUPLE: a tuple in a tuple ... a million deep, in 2 MB
+    # MARK, then TUPLE: a tuple in a tuple ... half a million deep, in 1 MB (a million, 2 MB,
+    # is past the pickle this session's state needs: torch_file_too_large before torch reads it)
+    levels = 500_000
     text = mark.encode()
     body = with_pickle(torch_file(state), b"X" + len(text).to_bytes(4, "little") + text,
                        b"(" * levels + b"t" * levels)
@@ -242,6 +250,53 @@ def test_a_long_key_over_a_long_list_costs_its_size(http: httpx.Client) -> None:
     assert grown < HEAP_LIMIT, f"a create's options: the heap grew by {grown >> 20} MB"
     steps_as_torch(http, sid, ref)
 
+
+
+def test_a_torch_pickle_of_many_small_objects_is_bounded_by_the_session(
+        http: httpx.Client) -> None:
+    """A ``torch.save`` file whose pickle holds a million empty dicts (6 MB of pickle, 2
+    bytes a dict) was unpickled before anything looked at it: 150 MB of heap and 10 to 20 s
+    of CPU for the smallest session, up to 25 times any pickle under the 16 MB of slack every
+    session's file has. The pickle is now bounded by what the session's state needs (its
+    parameters, their names, its groups): 422 ``torch_file_too_large`` before torch reads it,
+    the session as it was. A session's own export at that bound's edge (many parameters with
+    names of 512 characters) imports back, and steps as torch then."""
+    sid, ref = stepped_session(http)
+    state = torch_export(http, sid)
+    state["param_groups"][0]["zz"] = [{} for _ in range(1_000_000)]
+    body = torch_file(state)
+    grown = heap_growth(lambda: refused(
+        http, sid, lambda: http.put(f"/v1/sessions/{sid}/state_dict?format=torch",
+                                    content=body, headers=OCTET),
+        "torch_file_too_large", "body"))
+    assert grown < HEAP_LIMIT, f"the heap grew by {grown >> 20} MB"
+    steps_as_torch(http, sid, ref)
+
+    names = [f"{i:04d}" + "n" * 508 for i in range(2000)]  # (each the longest name taken)
+    values = {n: torch.randn(2, generator=torch.Generator().manual_seed(i))
+              for i, n in enumerate(names)}
+    r = http.post("/v1/sessions", json={"optimizer": "Adam", "options": {"amsgrad": True},
+                                        "params": {n: json_tensor(v) for n, v in values.items()},
+                                        "durability": "memory"})
+    assert r.status_code == 201, r.text[:300]
+    wide = r.json()["id"]
+    mine = Reference(torch.optim.Adam, [(values, {})], {"amsgrad": True})
+    grads = {n: torch.full((2,), 0.5) for n in names}
+    assert http.post(f"/v1/sessions/{wide}/step", json={"grads": {
+        n: json_tensor(g) for n, g in grads.items()}}).status_code == 200
+    mine.step(grads)
+    exported = http.get(f"/v1/sessions/{wide}/state_dict?format=torch").content
+    with zipfile.ZipFile(io.BytesIO(exported)) as zf:  # (past what the slack alone takes)
+        assert sum(e.file_size for e in zf.infolist() if e.filename.endswith(".pkl")) \
+            > PICKLE_SLACK
+    r = http.put(f"/v1/sessions/{wide}/state_dict?format=torch", content=exported, headers=OCTET)
+    assert r.status_code == 200, r.text[:300]
+    r = http.post(f"/v1/sessions/{wide}/step", json={"grads": {
+        n: json_tensor(g) for n, g in grads.items()}})
+    assert r.status_code == 200, r.text[:300]
+    mine.step(grads)
+    assert_tensors_equal({n: tensor_from_json(t) for n, t in r.json()["params"].items()},
+                         mine.params)
 
 
 def test_an_unknown_top_level_key_is_refused_before_its_tree_is_walked(

@@ -122,3 +122,119 @@ def test_muons_refusals_name_the_option_not_one_its_words_contain(
     opt.step()
     got = app_client.get(f"/v1/sessions/{sid}/params").json()["params"]["w"]["data"]
     assert torch.equal(torch.tensor(got, dtype=torch.float32).reshape(2, 2), w.detach())
+
+
+#: options torch's constructor takes and its step refuses only where a throwaway step over a
+#: tiny parameter never goes: SGD converts ``1 - dampening`` to the parameters' dtype at a
+#: parameter's second step (its first clones the gradient into the momentum buffer), Muon
+#: scales ``lr`` by the parameter's shape (``sqrt(rows / cols)``); and where torch's words
+#: name no option ("value cannot be converted to type c10::Half without overflow")
+LATER_REFUSALS = [
+    ("SGD", {"lr": 0.1, "momentum": 0.9, "dampening": -65504.0}, "float16", [3],
+     "options.dampening"),
+    ("SGD", {"lr": 0.1, "momentum": 0.9, "dampening": 100000}, "float16", [3],
+     "options.dampening"),
+    ("SGD", {"lr": 0.1, "weight_decay": 100000}, "float16", [3], "options.weight_decay"),
+    ("Muon", {"lr": 3e38}, "float32", [4, 3], "options.lr"),
+    ("Muon", {"lr": 3e38}, "bfloat16", [4, 3], "options.lr"),
+]
+
+
+@pytest.mark.parametrize(("optimizer", "options", "dtype", "shape", "field"), LATER_REFUSALS,
+                         ids=[f"{o}-{d}-{'-'.join(opts)}" for o, opts, d, _, _ in LATER_REFUSALS])
+def test_options_torch_refuses_at_a_later_step_are_refused_at_create(
+        app_client: TestClient, optimizer: str, options: dict[str, Any], dtype: str,
+        shape: list[int], field: str) -> None:
+    """They were taken, and a later step failed half-way: a 500 ``apply_failed`` at every
+    step, and with durability ``memory`` the session was out of service for good (503
+    ``session_damaged``). torch is checked here to refuse them at its own step."""
+    import torch
+
+    p = torch.nn.Parameter(torch.ones(shape, dtype=getattr(torch, dtype)))
+    opt = getattr(torch.optim, optimizer)([p], **options)
+    with pytest.raises(RuntimeError, match="without overflow"):
+        for _ in range(3):
+            p.grad = torch.full_like(p, 0.5)
+            opt.step()
+    r = app_client.post("/v1/sessions", json={
+        "optimizer": optimizer, "options": options, "durability": "memory",
+        "params": {"w": {"dtype": dtype, "shape": shape, "data": [1.0] * p.numel()}}})
+    assert refused_field(r) == field
+    assert "overflow" in r.json()["detail"]
+
+
+def test_a_muon_lr_past_its_scaled_range_refuses_the_step_and_keeps_the_session(
+        app_client: TestClient) -> None:
+    """An ``lr`` PATCHed to where Muon's scaling for a (4, 3) parameter takes it past float32
+    (torch's constructor takes it; its step raises half-way, after it changed the parameter
+    and its momentum): the step is a 422 ``option_overflow`` naming the group's ``lr`` and the
+    session is as it was (it was a 503 ``session_damaged`` for good under durability
+    ``memory``); with the lr back in range it steps on as torch's Muon does."""
+    import torch
+
+    w0 = torch.arange(12, dtype=torch.float32).reshape(4, 3) / 10
+    grad = torch.linspace(-1, 1, 12).reshape(4, 3)
+    r = app_client.post("/v1/sessions", json={
+        "optimizer": "Muon", "options": {"lr": 0.02}, "durability": "memory",
+        "params": {"w": {"dtype": "float32", "shape": [4, 3], "data": w0.flatten().tolist()}}})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    body = {"grads": {"w": {"dtype": "float32", "shape": [4, 3],
+                            "data": grad.flatten().tolist()}}}
+    assert app_client.post(f"/v1/sessions/{sid}/step", json=body).status_code == 200
+    assert app_client.patch(f"/v1/sessions/{sid}/param_groups/0",
+                            json={"lr": 3e38}).status_code == 200
+    before = app_client.get(f"/v1/sessions/{sid}/state_dict").json()
+    r = app_client.post(f"/v1/sessions/{sid}/step", json=body)
+    assert refused_field(r) == "param_groups.0.lr"
+    assert r.json()["code"] == "option_overflow"
+    assert app_client.get(f"/v1/sessions/{sid}/state_dict").json() == before
+    assert app_client.patch(f"/v1/sessions/{sid}/param_groups/0",
+                            json={"lr": 0.02}).status_code == 200
+    r = app_client.post(f"/v1/sessions/{sid}/step", json=body)
+    assert r.status_code == 200, r.text
+    w = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.Muon([w], lr=0.02)
+    for _ in range(2):
+        w.grad = grad.clone()
+        opt.step()
+    got = app_client.get(f"/v1/sessions/{sid}/params").json()["params"]["w"]["data"]
+    assert torch.equal(torch.tensor(got, dtype=torch.float32).reshape(4, 3), w.detach())
+
+
+@pytest.mark.parametrize("how", ["import", "add_group"])
+def test_a_muon_lr_past_its_scaled_range_is_refused_by_an_import_and_a_new_group(
+        app_client: TestClient, how: str) -> None:
+    """A state import whose group ``lr`` Muon's scaling for the session's (4, 3) parameter
+    takes past float32 was a 500 (the import's throwaway step over the parameters' own shapes
+    raised); a group added with one, over a (40, 3) parameter, was taken and every step after
+    it refused. Both are 422s naming that ``lr``, the session as it was; torch's Muon is checked
+    here to refuse the scaled lr at its step."""
+    import torch
+
+    for shape in ([4, 3], [40, 3]):
+        p = torch.nn.Parameter(torch.ones(shape))
+        opt = torch.optim.Muon([p], lr=3e38)
+        p.grad = torch.full_like(p, 0.5)
+        with pytest.raises(RuntimeError, match="without overflow"):
+            opt.step()
+    r = app_client.post("/v1/sessions", json={
+        "optimizer": "Muon", "options": {"lr": 0.02}, "durability": "memory",
+        "params": {"w": {"dtype": "float32", "shape": [4, 3], "data": [1.0] * 12}}})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    body = {"grads": {"w": {"dtype": "float32", "shape": [4, 3], "data": [0.5] * 12}}}
+    assert app_client.post(f"/v1/sessions/{sid}/step", json=body).status_code == 200
+    before = app_client.get(f"/v1/sessions/{sid}/state_dict").json()
+    if how == "import":
+        state = app_client.get(f"/v1/sessions/{sid}/state_dict").json()
+        state["param_groups"][0]["lr"] = 3e38
+        r = app_client.put(f"/v1/sessions/{sid}/state_dict", json=state)
+        assert refused_field(r) == "state_dict.param_groups.0.lr"
+    else:
+        r = app_client.post(f"/v1/sessions/{sid}/param_groups", json={
+            "params": {"v": {"dtype": "float32", "shape": [40, 3], "data": [1.0] * 120}},
+            "lr": 3e38})
+        assert refused_field(r) == "param_groups.1.lr"
+    assert app_client.get(f"/v1/sessions/{sid}/state_dict").json() == before
+    assert app_client.post(f"/v1/sessions/{sid}/step", json=body).status_code == 200

@@ -147,6 +147,12 @@ class AddParamGroup(Operation):
         optimizers.check_overflow({**s.defaults, **opts}, dtype, where, self.tensor_range)
         optimizers.probe(s.cls, s.defaults, [*s.group_options(), opts],
                          [*s.group_dtypes(), dtype], s.device, fields, where, check=[index])
+        if s.cls is torch.optim.Muon:  # (its lr scaled by the parameters' own shapes)
+            why = optimizers.muon_lr_overflow(
+                {**s.optimizer.defaults, **opts, "params": list(self.params.values()),
+                 "param_names": list(self.params)}, dtype)
+            if why is not None:
+                raise Invalid(why, code="option_overflow", field=f"{where}.lr")
         if s.scheduler is not None:
             if self.request and not takes_added_groups(s.scheduler):
                 raise Invalid(f"the session's scheduler ({type(s.scheduler).__name__}) keeps "
