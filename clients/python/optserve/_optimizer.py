@@ -29,7 +29,10 @@ How it maps onto the service:
   learns of it: its next step or :meth:`pull_params`). Edits of the session's values it
   fetched (``opt.state[p]["exp_avg"].zero_()``, a key assigned, an entry deleted) are sent
   before the next step, ``state_dict()`` or ``add_param_group()`` as one import of the state
-  as it stands (:meth:`_write_back_state`; a parameter-server worker's stay local); any other
+  as it stands (:meth:`_write_back_state`; a parameter-server worker's stay local),
+  conditional on the session version they were fetched at: another client's step since makes
+  it a :class:`optserve.PreconditionFailedError`, the edit dropped, never a silent overwrite
+  of that step's state; any other
   key put in an entry (timm ``Lookahead``'s
   ``lookahead_slow_buff``) is client-side state, kept across steps as a local optimizer keeps it
   (the same objects), carried in ``state_dict()`` beside the session's keys and split out again
@@ -603,7 +606,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if value is not self._state_view:
             self._assign_state(value)
 
-    def _assign_state(self, value: object) -> None:
+    def _assign_state(self, value: object, *, base_version: int | None = None) -> None:
         """``opt.state = mapping``: the session's state becomes ``mapping`` (this optimizer's
         parameters to their state dicts, as torch's ``state`` holds them), one import of it
         with the session's current group options (``GET`` the session, ``PUT .../state_dict``
@@ -624,7 +627,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
         read. The ``GET`` and the import are then made again, up to
         :data:`STATE_ASSIGN_ATTEMPTS` times in all; past that the last
         :class:`~optserve.PreconditionFailedError` is raised, the session's state as the
-        other clients left it."""
+        other clients left it.
+
+        ``base_version``: the import is conditional on that version instead of the one the
+        ``GET`` saw (:meth:`_write_back_state`: the version :attr:`state` was read at); made
+        again only while the session is still at it (an option changed meanwhile), a version
+        past it raising that ``PreconditionFailedError`` at once."""
         params = [p for group in self.param_groups for p in group["params"]]
         ids: list[list[Any]] = []
         for group in self.param_groups:
@@ -650,9 +658,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     self._session_id,
                     {"state": _steps_as_the_session_keeps(entries), "param_groups": groups},
                     format="safetensors" if self._binary else "json",
-                    base_version=info.version, base_revision=info.revision)
+                    base_version=info.version if base_version is None else base_version,
+                    base_revision=info.revision)
             except PreconditionFailedError:
-                if attempt == STATE_ASSIGN_ATTEMPTS:
+                if attempt == STATE_ASSIGN_ATTEMPTS or (base_version is not None
+                                                        and info.version != base_version):
                     raise
                 continue
             break
@@ -673,15 +683,37 @@ class RemoteOptimizer(torch.optim.Optimizer):
         parameter-server worker (whose edits stay local: the import would put the state this
         worker fetched over the other workers' steps since).
 
-        An import refused (a tensor of another shape: a 422, the session's state unchanged)
-        or unanswered raises, and the edits stay in :attr:`state`, to be sent again by the
-        next step or ``state_dict()``, which fail the same way until the edit is fixed or
-        cleared (``opt.state[p][k] = ...``, ``del opt.state[p]``, ``opt.state.clear()``,
+        The import is conditional on the session version :attr:`state` was read at
+        (``If-Match``): when another client changed the session's state since (a step, an
+        import, a parameter overwrite), the edit was made on a state the session no longer
+        holds, and importing it would silently undo the other client's change (a lost
+        update). Then nothing is imported and :class:`~optserve.PreconditionFailedError` is
+        raised saying so, with the edit dropped: :attr:`state` reads the session's current
+        state, to be edited again if the edit still holds (kept, it would fail every later
+        step the same way, with no way to send it). Nothing else of the call that was to send
+        it (the step, ...) is done.
+
+        An import refused otherwise (a tensor of another shape: a 422, the session's state
+        unchanged) or unanswered raises, and the edits stay in :attr:`state`, to be sent again
+        by the next step or ``state_dict()``, which fail the same way until the edit is fixed
+        or cleared (``opt.state[p][k] = ...``, ``del opt.state[p]``, ``opt.state.clear()``,
         ``load_state_dict()``): a local optimizer keeps failing on its edited state too."""
         if self._worker is None and self._state_view.edited():
             held = self._state_view.held()
+            read_at = held.version
             try:
-                self._assign_state(self._state_view.as_it_stands())
+                self._assign_state(self._state_view.as_it_stands(), base_version=read_at)
+            except PreconditionFailedError as exc:
+                if read_at is None or self._known_version == read_at:
+                    self._state_view.keep_pending(held)
+                    raise
+                raise PreconditionFailedError(
+                    f"{exc.status_code} opt.state was edited after it was read at session "
+                    f"version {read_at}, but another client changed the session since (it is "
+                    f"at version {self._known_version} now): the edit was not applied, to not "
+                    "overwrite that client's change, and is dropped (the call that was to "
+                    "send it stopped there); read opt.state again for the session's current "
+                    "state and edit that", response=exc.response, problem=exc.problem) from exc
             except Exception:
                 self._state_view.keep_pending(held)
                 raise
@@ -1289,7 +1321,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._write_back_state()
         self.push_params(only_edited=True)
         self._sync_param_groups()
-        sd, masters = self._export_with_masters()
+        sd, masters, version = self._export_with_masters()
         groups = []
         for local, server in zip(self.param_groups, sd["param_groups"], strict=True):
             # in the local group's key order, "params" last, as torch's state_dict() packs
@@ -1310,7 +1342,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                         p, laid_out_as_torch(p, sd["state"][index]))
         # (its tensors become opt.state's: one edited in place is an edit of the state, sent
         # before the next step, as torch's state_dict() holds its state's tensors themselves)
-        self._state_view.take(exported)
+        self._state_view.take(exported, version)
         state_dict: dict[str, Any] = {"state": self._with_client_state(sd), "param_groups": groups}
         if "scheduler" in sd:
             state_dict["scheduler"] = sd["scheduler"]
@@ -1410,17 +1442,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
         return [name for name, p in self._by_name.items()
                 if p.is_floating_point() and p.element_size() > wire.itemsize]
 
-    def _export_with_masters(self) -> tuple[dict[str, Any], dict[int, torch.Tensor]]:
-        """The session's state dict and, with ``wire_dtype``, the values of the parameters
-        that travel narrowed at that same session version, by torch's param id (exported
-        again when another worker's step came between the two reads)."""
+    def _export_with_masters(self) -> tuple[dict[str, Any], dict[int, torch.Tensor], int | None]:
+        """The session's state dict, with ``wire_dtype`` the values of the parameters that
+        travel narrowed at that same session version, by torch's param id (exported again
+        when another worker's step came between the two reads), and that version."""
         fmt: StateFormat = "safetensors" if self._binary else "json"
         narrowed = self._narrowed_names()
         for attempt in range(1, MASTER_READ_ATTEMPTS + 1):
             sd, version = self._client._export_state_at(self._session_id, format=fmt)
             self._learn(version)  # (opt.state read next is not older than this)
             if not narrowed:
-                return sd, {}
+                return sd, {}, version
             try:
                 pulled = self._client.get_params(self._session_id, narrowed,
                                                  binary=self._binary, at_version=version)
@@ -1432,7 +1464,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                    for names, server in zip(self._param_names, sd["param_groups"], strict=True)
                    for name, index in zip(names, server["params"], strict=True)}
             return sd, {ids[name]: torch.as_tensor(pulled.params[name]).clone()
-                        for name in narrowed}
+                        for name in narrowed}, version
         raise AssertionError("unreachable")  # (the loop returns or raises)
 
     def _masters_to_load(self, masters: Any, saved_groups: list[dict[str, Any]]
@@ -1525,10 +1557,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 state[index] = dict(entry)
         return state
 
-    def _session_state(self) -> dict[torch.Tensor, Any]:
-        """The session's state keyed by this optimizer's parameters (see :attr:`state`)."""
+    def _session_state(self) -> tuple[dict[torch.Tensor, Any], int | None]:
+        """The session's state keyed by this optimizer's parameters (see :attr:`state`), and
+        the session version it is of."""
         if not hasattr(self, "_session_id"):
-            return {}
+            return {}, None
         self._check_groups()
         sd, version = self._client._export_state_at(
             self._session_id, format="safetensors" if self._binary else "json")
@@ -1539,7 +1572,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 entry = sd["state"].get(index)
                 if entry is not None:
                     state[p] = self._step_dtypes.as_torch_keeps(p, laid_out_as_torch(p, entry))
-        return state
+        return state, version
 
     # ------------------------------------------------------------------ extras
     def push_params(self, *, only_edited: bool = False) -> None:
@@ -1572,8 +1605,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         came back infinite is pulled again at its own width, as a step's answer is: a value
         past 65504 narrows to an infinity the session does not hold). An edit of
         :attr:`state` not sent yet stays as edited when the pull shows a newer session
-        version (another client's steps): it is sent by the next step, as a local optimizer
-        steps with its state as its code left it, whatever happened to its parameters."""
+        version (another client's steps), not replaced unsaid by a fetch of that version's
+        state: the next step then refuses it (:class:`~optserve.PreconditionFailedError`, see
+        :meth:`_write_back_state`) rather than import it over the other client's steps."""
         wire = self._wire_dtype
         result = self._client.get_params(
             self._session_id, binary=self._binary,

@@ -18,7 +18,9 @@ fetched: an edit of one (in place, ``state[p]["exp_avg"].zero_()``; assigned, ``
 = t``; or the entry deleted or cleared, ``del state[p]``, ``state.clear()``) is found by
 :meth:`SessionState.edited` (the values fetched, their identity and version counters) and sent
 by ``RemoteOptimizer`` before its next step or ``state_dict()``, as one import of the view as
-it then stands, so that it takes effect as it does on a local optimizer's state.
+it then stands, so that it takes effect as it does on a local optimizer's state. That import
+is conditional on the session version the view was read at (:attr:`SessionState.fetched_version`):
+another client's change since is never overwritten by it.
 
 Assigning ``opt.state = mapping`` (training code that resets with
 ``opt.state = defaultdict(dict)``) loads that state into the session: :func:`assigned_state`
@@ -45,6 +47,7 @@ class Held:
     entries: list[tuple[torch.Tensor, Any, dict[Any, Any] | None]]
     session_keys: dict[torch.Tensor, frozenset[Any]]
     fetched: dict[torch.Tensor, dict[Any, tuple[Any, int | None]]]
+    version: int | None
 
 
 class SessionState(defaultdict[torch.Tensor, Any]):
@@ -53,7 +56,7 @@ class SessionState(defaultdict[torch.Tensor, Any]):
     keys go to this copy only; other keys of an entry are kept (see the module's docs). A
     ``defaultdict(dict)`` as torch's own ``state`` is."""
 
-    def __init__(self, load: Callable[[], dict[torch.Tensor, Any]],
+    def __init__(self, load: Callable[[], tuple[dict[torch.Tensor, Any], int | None]],
                  key: Callable[[], object]) -> None:
         super().__init__(dict)
         self._load = load
@@ -65,6 +68,15 @@ class SessionState(defaultdict[torch.Tensor, Any]):
         #: the session's values the last fetch put in each entry, a tensor's with its version
         #: counter (what :meth:`edited` compares with)
         self._fetched: dict[torch.Tensor, dict[Any, tuple[Any, int | None]]] = {}
+        #: the session version the last fetch read (None: nothing fetched, or not said)
+        self._version: int | None = None
+
+    @property
+    def fetched_version(self) -> int | None:
+        """The session version the session's values held here were read at (``None``: none
+        held, or the server did not say): an import of an edit of them is conditional on it,
+        so that it never overwrites what another client changed since."""
+        return self._version
 
     def _strip(self) -> None:
         """Take the session's values out of the entries (the client's keys stay); an entry
@@ -80,6 +92,7 @@ class SessionState(defaultdict[torch.Tensor, Any]):
                     entry.pop(k, None)
         self._session_keys = {}
         self._fetched = {}
+        self._version = None
         for p in [p for p, entry in dict.items(self) if not entry and p in fetched]:
             dict.__delitem__(self, p)
 
@@ -130,7 +143,7 @@ class SessionState(defaultdict[torch.Tensor, Any]):
         fetch or a forget changes them in place) and what the last fetch put there."""
         return Held([(p, entry, dict(entry) if isinstance(entry, dict) else None)
                      for p, entry in dict.items(self)],
-                    dict(self._session_keys), dict(self._fetched))
+                    dict(self._session_keys), dict(self._fetched), self._version)
 
     def keep_pending(self, held: Held) -> None:
         """The view as :meth:`held` took it, edits and all, current at the key as it now
@@ -145,6 +158,7 @@ class SessionState(defaultdict[torch.Tensor, Any]):
             dict.__setitem__(self, p, entry)
         self._session_keys = dict(held.session_keys)
         self._fetched = dict(held.fetched)
+        self._version = held.version
         self._loaded, self._loaded_at = True, self._key()
 
     def as_it_stands(self) -> dict[torch.Tensor, Any]:
@@ -158,6 +172,7 @@ class SessionState(defaultdict[torch.Tensor, Any]):
         dict.clear(self)
         self._session_keys = {}
         self._fetched = {}
+        self._version = None
         for p, entry in entries.items():
             if entry:
                 dict.__setitem__(self, p, dict(entry))
@@ -167,21 +182,22 @@ class SessionState(defaultdict[torch.Tensor, Any]):
         if self._loaded and self._key() == self._loaded_at:
             return
         if self._loaded and self.edited():
-            # an edit not sent yet (the next step, push_params() or state_dict() sends it):
-            # the view stays as edited, as a local optimizer's state stays as its code left
-            # it whatever another client did to the parameters meanwhile (a fetch at the newer
-            # version a pull_params() learned of dropped it unsaid)
+            # an edit not sent yet (the next step, push_params() or state_dict() sends it, on
+            # the condition that the session is still at fetched_version): the view stays as
+            # edited (a fetch at the newer version a pull_params() learned of dropped it
+            # unsaid; the send now says that another client changed the session meanwhile)
             self._loaded_at = self._key()
             return
-        self.take(self._load())
+        self.take(*self._load())
 
-    def take(self, values: Mapping[torch.Tensor, Any]) -> None:
+    def take(self, values: Mapping[torch.Tensor, Any], version: int | None = None) -> None:
         """The session's state as just read (``values``: each parameter's entry, whose dicts
-        are not kept, their values are), put in the view as a fetch puts it, current at the
-        key as it now stands: ``RemoteOptimizer.state_dict()`` puts the state it exported, so
-        that an edit of its tensors in place is one of this view (:meth:`edited`), sent before
-        the next step as an edit of ``opt.state`` is (torch's ``state_dict()`` holds its
-        state's tensors themselves)."""
+        are not kept, their values are; ``version``: the session version it was read at), put
+        in the view as a fetch puts it, current at the key as it now stands:
+        ``RemoteOptimizer.state_dict()`` puts the state it exported, so that an edit of its
+        tensors in place is one of this view (:meth:`edited`), sent before the next step as an
+        edit of ``opt.state`` is (torch's ``state_dict()`` holds its state's tensors
+        themselves)."""
         self._strip()
         entries: dict[torch.Tensor, Any] = {}
         for p, fetched in values.items():
@@ -201,6 +217,7 @@ class SessionState(defaultdict[torch.Tensor, Any]):
                 self._fetched[p] = {
                     k: (v, v._version if isinstance(v, torch.Tensor) else None)
                     for k, v in fetched.items()}
+        self._version = version
         for p, entry in dict.items(self):  # (only the client's keys: no session state yet)
             if p not in entries:
                 entries[p] = entry
