@@ -47,6 +47,13 @@ def _list(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+def _setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.startswith("OPTSERVE_"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected OPTSERVE_NAME=VALUE")
+    return key, value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--sizes", default="1e3,1e4,1e5,1e6,1e7", help="N, comma-separated")
@@ -77,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rpc-channels", default=None,
                     help="TensorPipe channels for torch-rpc (default: TensorPipe's; basic = "
                     "tensors over the transport too)")
+    ap.add_argument("--server-env", action="append", type=_setting, default=[], metavar="K=V",
+                    help="an OPTSERVE_* setting for every optserve server (repeatable; e.g. "
+                    "OPTSERVE_WARM_UP=0 where nothing is timed); printed with its command")
     ap.add_argument("--parallel-start", action="store_true",
                     help="start every system at once (quicker for a few light systems; Ray's "
                     "start timed out that way on a busy 2-core machine)")
@@ -112,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         spin_s=args.spin, case_spin_s=args.case_spin,
         config=RunConfig(str(root), int(args.json_max_n), args.peer_heap_reuse,
                          tuple(_list(args.rpc_transports)) or None,
-                         tuple(_list(args.rpc_channels or "")) or None),
+                         tuple(_list(args.rpc_channels or "")) or None,
+                         tuple(args.server_env)),
         seed=args.seed, py_spy_dir=args.py_spy, py_spy_native=args.py_spy_native,
         py_spy_workers=args.py_spy_workers, parallel_start=args.parallel_start,
     )

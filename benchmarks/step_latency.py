@@ -76,6 +76,9 @@ def main() -> None:
                     "benchmarks/durability.py measures the levels)")
     ap.add_argument("--json-max-n", type=float, default=1e7,
                     help="largest N for the (slow) JSON column")
+    ap.add_argument("--spin", type=float, default=3.0,
+                    help="CPU spin (s) before the first case (as benchmarks.peers)")
+    ap.add_argument("--case-spin", type=float, default=0.5, help="CPU spin (s) before each case")
     args = ap.parse_args()
     rounds = args.rounds or (2 if args.quick else 5)
     sizes = ([int(float(x)) for x in args.sizes.split(",")] if args.sizes else
@@ -88,7 +91,7 @@ def main() -> None:
     env = {"OPTSERVE_DURABILITY": args.durability, "OPTSERVE_TORCH_THREADS": threads}
     with server(env) as url, httpx.Client(base_url=url, timeout=600) as raw, \
             optserve.Client(url, timeout=600) as client:
-        spin(3.0)
+        spin(args.spin)
         for n in sizes:
             g = torch.randn(n)
             body = st_save({"w": g})
@@ -109,7 +112,7 @@ def main() -> None:
                     runners["orjson"] = orjson_roundtrip(n)
                     reps["json"] = reps["orjson"] = (
                         max(1, reps_for(n) // 4) if n >= 1_000_000 else reps_for(n))
-                spin(0.5)
+                spin(args.case_spin)
                 samples = interleaved(runners, rounds, reps, warmup=WARMUP_STEPS)
                 med = {name: median_ms(ts) for name, ts in samples.items()}
                 js, jref = med.get("json", float("nan")), med.get("orjson", float("nan"))

@@ -42,6 +42,9 @@ class RunConfig:
     #: every other system in an interleaved run; torch-rpc-shm measures it on request.
     rpc_transports: tuple[str, ...] | None = ("uv",)
     rpc_channels: tuple[str, ...] | None = None
+    #: more ``OPTSERVE_*`` settings for every optserve server (``--server-env``; none: the
+    #: server's defaults, as a user's ``scripts/serve`` with only the run's settings)
+    server_env: tuple[tuple[str, str], ...] = ()
 
 
 class System(ABC):

@@ -120,7 +120,8 @@ class Optserve(HttpSystem, GradSystem):
         data_dir = Path(self.config.data_dir) / f"{self.name}-{self.durability}"
         self.env = {"OPTSERVE_PORT": str(port), "OPTSERVE_TORCH_THREADS": "1",
                     "OPTSERVE_DATA_DIR": str(data_dir),
-                    "OPTSERVE_DURABILITY": str(self.durability)}
+                    "OPTSERVE_DURABILITY": str(self.durability),
+                    **dict(self.config.server_env)}
         # the server's own defaults for everything else: the printed command is the whole
         # configuration
         return server(self.env, command=[sys.executable, "-m", "app"], port=port,

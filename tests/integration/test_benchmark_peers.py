@@ -2,8 +2,10 @@
 httpx client and as a ``safetensors.torch`` one, the same-host path through ``RemoteOptimizer``
 (with its defaults, and without the session's metrics or the SDK's edit check),
 ``RemoteOptimizer`` over HTTP with bfloat16 gradients, torch RPC; 2 rounds): every system's
-result must equal in-process torch bitwise. No timing asserts. About 40 s of CPU (ten processes
-import torch): 60-80 s at load 5 on a 2-core machine, up to 3 min at load 10."""
+result must equal in-process torch bitwise. No timing asserts, so the optserve servers start
+without their warm-up (``--server-env OPTSERVE_WARM_UP=0``: a second of CPU a server). About
+35 s of CPU (ten processes import torch): 60-80 s at load 5 on a 2-core machine, up to 3 min
+at load 10."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ def run_peers(out: Path, data: Path) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "benchmarks.peers", "--sizes", "1e3", "--systems",
          ",".join(SYSTEMS), "--durability", "memory", "--rounds", "2", "--reps", "5",
          "--warmup", "2", "--spin", "0", "--case-spin", "0", "--json", str(out),
+         "--server-env", "OPTSERVE_WARM_UP=0",
          "--data-dir", str(data)],
         cwd=REPO, capture_output=True, text=True, timeout=280)
 
@@ -66,6 +69,8 @@ def test_peers_smoke_bitwise(tmp_path: Path) -> None:
     # the same-host systems stepped as asked: with the SDK's edit check, and without it
     assert record["facts"]["optserve-shm[memory]"]["detect_data_edits"] is True
     assert record["facts"]["optserve-shm-bare[memory]"]["detect_data_edits"] is False
+    for system in want - {"in-process", "echo", "torch-rpc"}:  # (printed with each server)
+        assert "OPTSERVE_WARM_UP=0" in record["facts"][system]["command"], system
     for (system, optimizer), cell in cells.items():
         assert cell["check"] == "ok", (system, optimizer, cell["check"])
         assert len(cell["samples_ms"]) == 2 * 5
@@ -100,6 +105,7 @@ def test_the_bfloat16_cells_step_bitwise(tmp_path: Path) -> None:
         [sys.executable, "-m", "benchmarks.peers", "--sizes", "1e3", "--systems",
          ",".join(systems), "--durability", "memory", "--rounds", "2", "--reps", "3",
          "--warmup", "1", "--spin", "0", "--case-spin", "0", "--json", str(out),
+         "--server-env", "OPTSERVE_WARM_UP=0",
          "--data-dir", str(tmp_path / "data")],
         cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

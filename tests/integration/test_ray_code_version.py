@@ -35,6 +35,18 @@ def data(ray_cluster: Any, tmp_path: Path) -> Iterator[Path]:
         kill_hosts(data)
 
 
+@pytest.fixture(scope="module")
+def shared_data(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One data directory for the cases that kill no host (a session id of their own each):
+    a later one finds the host actors an earlier one started (a Ray worker process importing
+    torch and the app) instead of starting its own."""
+    data = tmp_path_factory.mktemp("versions") / "data"
+    try:
+        yield data
+    finally:
+        kill_hosts(data)
+
+
 def step(url: str, sid: str, seed: int) -> httpx.Response:
     return httpx.post(f"{url}/v1/sessions/{sid}/step", timeout=300,
                       json={"grads": {n: json_tensor(t) for n, t in tensors(seed).items()}})
@@ -71,12 +83,13 @@ def unchanged_then_stepped(url: str, sid: str, p0: Any, stepped: int, grads_seed
                  adam_after(p0, tensors(stepped), tensors(grads_seed)), "stepped after")
 
 def test_a_front_of_another_commit_gets_503_and_the_session_is_unchanged(
-        ray_cluster: Any, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        ray_cluster: Any, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A session made and stepped through a front; a front whose code version is not its
     host's gets 503 ``host_version_mismatch`` (problem+json, ``Retry-After``, the host named)
     for a read and a step, again on a second try; the front of the host's commit (checked
     once, before its first call) reads the session as it was and steps it as torch's Adam."""
-    settings = partial(ray_settings, ray_cluster, data_dir=data, ray_resources='{"num_cpus": 0}')
+    settings = partial(ray_settings, ray_cluster, data_dir=shared_data,
+                       ray_resources='{"num_cpus": 0}')
     same = LiveServer(settings())
     url = same.start()
     other = None
@@ -154,13 +167,14 @@ def test_a_host_actor_from_before_the_check_is_refused_until_replaced(
 
 
 def test_a_sharded_sessions_history_through_a_front_of_another_commit_is_503(
-        ray_cluster: Any, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        ray_cluster: Any, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A sharded session's ``GET .../history`` (which the front refuses itself, 422
     ``not_supported_here``) and a step with scalars through a front of another commit are 503
     ``host_version_mismatch``, as every other call there is (they were the 422); through the
     host's commit's front they are the 422 still, and the session, untouched, steps as
     torch's Adam."""
-    settings = partial(ray_settings, ray_cluster, data_dir=data, ray_resources='{"num_cpus": 0}')
+    settings = partial(ray_settings, ray_cluster, data_dir=shared_data,
+                       ray_resources='{"num_cpus": 0}')
     same = LiveServer(settings())
     url = same.start()
     other = None

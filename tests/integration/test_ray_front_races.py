@@ -94,21 +94,33 @@ class InProcessFront:
     url: str
 
 
+@pytest.fixture(scope="module")
+def deployment(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The module's data directory: its host actors outlive each test's fronts (every test's
+    session has an id of its own), and are killed after the last test. A deployment per test
+    started new host actors for every test (a Ray worker process importing torch and the app:
+    seconds of CPU each)."""
+    data = tmp_path_factory.mktemp("races") / "data"
+    try:
+        yield data
+    finally:
+        kill_hosts(data)
+
+
 @pytest.fixture
-def fronts(ray_cluster: Any, tmp_path: Path) -> Iterator[list[InProcessFront]]:
-    """Two fronts in this process on one data directory (hosts asking for no CPU)."""
-    data = tmp_path / "data"
+def fronts(ray_cluster: Any, deployment: Path) -> Iterator[list[InProcessFront]]:
+    """Two fresh fronts in this process on the module's data directory (hosts asking for no
+    CPU)."""
     started: list[InProcessFront] = []
     try:
         for _ in range(2):
-            live = LiveServer(ray_settings(ray_cluster, data_dir=data,
+            live = LiveServer(ray_settings(ray_cluster, data_dir=deployment,
                                            ray_resources='{"num_cpus": 0}'))
             started.append(InProcessFront(live, live.start()))
         yield started
     finally:
         for f in started:
             f.live.stop()
-        kill_hosts(data)
 
 
 @pytest.mark.parametrize("shards", [1, 2])

@@ -497,13 +497,25 @@ def test_a_front_of_another_commit_is_refused_rows_history_and_narrow_steps(
         same_front.stop()
 
 
+@pytest.fixture(scope="module")
+def tenants_data(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One data directory for both cases below (a session of its own each, no host killed):
+    the second finds the first's host actors up instead of starting its own (a Ray worker
+    process importing torch and the app)."""
+    data = tmp_path_factory.mktemp("tenants") / "data"
+    try:
+        yield data
+    finally:
+        kill_hosts(data)
+
+
 @pytest.mark.parametrize("shards", [1, 2])
 def test_row_pulls_history_and_touched_steps_of_another_tenant_are_404_across_fronts(
-        ray_cluster: Any, data: Path, shards: int) -> None:
+        ray_cluster: Any, tenants_data: Path, shards: int) -> None:
     """Another tenant's key on another front: 404 for the session's row pulls, narrowed pull,
     history and a touched upcast step; the owner's rows unchanged."""
     keys = "key-of-alice-0123456:alice,key-of-bob-012345678:bob"
-    fronts = [LiveServer(ray_settings(ray_cluster, data_dir=data, api_keys=keys,
+    fronts = [LiveServer(ray_settings(ray_cluster, data_dir=tenants_data, api_keys=keys,
                                       ray_resources='{"num_cpus": 0}')) for _ in range(2)]
     urls = [f.start() for f in fronts]
     sid = f"ten-{uuid.uuid4().hex[:8]}"

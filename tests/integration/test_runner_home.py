@@ -16,6 +16,12 @@ import pytest
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
+#: the plugins scripts/test loads for its runs, named (its PYTEST_ADDOPTS less xdist): a child
+#: pytest that found them through their packages' entry points would rewrite the asserts of
+#: every module of schemathesis, hypothesis and anyio as it imports them (2-3 s of CPU each
+#: child, where PYTHONDONTWRITEBYTECODE is set)
+SUITE_PLUGINS = ("--disable-plugin-autoload -p timeout -p anyio.pytest_plugin -p hypothesispytest "
+                 "-p schemathesis.pytest.plugin")
 
 
 def test_a_ray_engine_test_runs_where_home_cannot_be_written(tmp_path: Path) -> None:
@@ -28,7 +34,8 @@ def test_a_ray_engine_test_runs_where_home_cannot_be_written(tmp_path: Path) -> 
 
 def runs_a_ray_engine_test(env: dict[str, str]) -> None:
     """One of the suite's tests that start a Ray cluster of their own (``ray.init()``), run in
-    a pytest of its own under ``env``: it passes."""
+    a pytest of its own under ``env`` (with the suite's plugins): it passes."""
+    env = {**env, "PYTEST_ADDOPTS": SUITE_PLUGINS}
     p = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          "tests/unit/test_data_dir_engine.py::"

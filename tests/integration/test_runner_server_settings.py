@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration import test_runner_home as runner_home
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,7 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_server_settings_where_the_suite_runs_are_not_its_servers(tmp_path: Path) -> None:
     env = {**os.environ, "OPTSERVE_API_KEYS": "k" * 24, "OPTSERVE_DURABILITY": "step",
            "OPTSERVE_MAX_BODY_MB": "0.001"}
-    env.pop("PYTEST_ADDOPTS", None)  # (a run's -n or -x is not this run's)
+    # a run's -n or -x is not this run's; its plugins are the suite's
+    env["PYTEST_ADDOPTS"] = runner_home.SUITE_PLUGINS
     p = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider",  # (not -q: the header)
          "tests/integration/test_http_basics.py::test_seed_example_sgd_on_4x_squared",
