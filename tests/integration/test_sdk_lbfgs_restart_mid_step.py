@@ -1,15 +1,20 @@
-"""``RemoteOptimizer`` LBFGS through a server restart in the middle of a step's evaluations.
+"""``RemoteOptimizer`` LBFGS (and the JS client's ``lbfgsStep``) through a server restart in the
+middle of a step's evaluations.
 
 The restarted server holds no open step (nothing of it was applied: docs/protocol.md, "Other
 evaluations of a step the restart interrupted are 404 ... open a new step"). The SDK's next
 evaluation got that 404 ``evaluation_not_found`` and ``opt.step(closure)`` raised it: a training
-loop that survives any other restart (the SDK retries every call across one) stopped here. Now
-the SDK opens the step again from the session's values, and the model and the session equal
-torch's ``LBFGS`` step for step, bitwise. Real ``python -m app``, ``kill -9``, durability
+loop that survives any other restart (the SDK retries every call across one) stopped here, and
+the JS client's ``lbfgsStep`` threw it too. Now both open the step again from the session's
+values: the model and the session equal torch's ``LBFGS`` step for step, bitwise (JS: equal to
+the same steps run without a restart). Real ``python -m app``, ``kill -9``, durability
 ``step``."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +26,7 @@ from tests.integration.test_durability import Proc
 from tests.torch_reference import assert_tensors_equal
 
 pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -72,3 +78,67 @@ def test_an_lbfgs_step_whose_server_restarts_between_evaluations_is_opened_again
                                   enumerate(want)}, want, f"the session after step {k + 1}")
         assert client.get_session(opt.session_id).step == 3
         opt.close(delete_session=True)
+
+
+#: three LBFGS steps of f(w) = sum((w - t)^2) through ``lbfgsStep``; with ``kill`` the server's
+#: pid gets SIGKILL at the second evaluation of the second step, and the evaluation waits for the
+#: restarted server (the test restarts it) before it answers. Prints the parameters at the end.
+JS_STEPS = """
+import { OptserveClient, Tensor } from "%(client)s";
+const [url, pid, kill] = [process.argv[2], Number(process.argv[3]), process.argv[4] === "1"];
+const c = new OptserveClient({ baseUrl: url, timeoutMs: 120000 });
+const t = [1, 2, 3, 4, 5];
+const f32 = (xs) => Tensor.from(xs, { dtype: "float32", shape: [xs.length] });
+const s = await c.createSession({ optimizer: "LBFGS",
+  options: { lr: 0.5, max_iter: 4, history_size: 3 }, params: { w: f32([0.5, -1, 2, 0.25, 3]) } });
+let calls = 0, stepNo = 0;
+const evaluate = async (params) => {
+  calls += 1;
+  if (kill && stepNo === 1 && calls === 2) {
+    process.kill(pid, "SIGKILL");
+    for (;;) {
+      try { if ((await fetch(url + "/healthz")).ok) break; } catch {}
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  const d = params.w.toArray().map((v, i) => v - t[i]);
+  return { loss: d.reduce((a, v) => a + v * v, 0), grads: { w: f32(d.map((v) => 2 * v)) } };
+};
+for (stepNo = 0; stepNo < 3; stepNo++) {
+  calls = 0;
+  const end = await c.lbfgsStep(s.id, evaluate);
+  if (kill && stepNo === 1 && calls <= 2) throw new Error("the restart did not cut the step");
+}
+const info = await c.getSession(s.id);
+const got = await c.getParams(s.id);
+console.log(JSON.stringify({ step: info.step, w: got.params.w.toArray() }));
+"""
+
+
+def test_the_js_clients_lbfgs_step_whose_server_restarts_between_evaluations(
+        server: Proc, tmp_path: Path) -> None:
+    script = tmp_path / "steps.mjs"
+    script.write_text(JS_STEPS % {"client": REPO / "clients" / "js" / "optserve.js"})
+
+    def run(kill: bool) -> dict[str, object]:
+        assert server.proc is not None
+        done = subprocess.run(["node", str(script), server.url, str(server.proc.pid),
+                               "1" if kill else "0"], capture_output=True, text=True,
+                              timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+        return out
+
+    plain = run(kill=False)
+    assert server.proc is not None
+    killed = server.proc
+
+    def restart() -> None:
+        killed.wait()
+        server.start()
+    restarter = threading.Thread(target=restart)
+    restarter.start()
+    cut = run(kill=True)
+    restarter.join(timeout=240)
+    assert server.proc is not killed  # the server did restart in the middle
+    assert cut == plain and plain["step"] == 3
