@@ -720,6 +720,11 @@ function versionFromHeaders(res) {
  *   await c.createSession({ optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) } });
  *   const { params } = await c.step(id, { x: Tensor.from([16]) });
  */
+/** Problem codes of an evaluation whose LBFGS step the server no longer holds. */
+const STEP_GONE = new Set(["evaluation_not_found", "step_not_found"]);
+/** How many times lbfgsStep opens a step again that the server no longer holds. */
+const LBFGS_REOPENS = 3;
+
 export class OptserveClient {
   constructor(callOptions = {}) {
     const {
@@ -1154,15 +1159,24 @@ export class OptserveClient {
    * those params ({name: Tensor}). `first` ({loss, grads} at the current parameters, which a
    * client usually has already) saves one round trip. Returns the step's end: {version, step,
    * lr, loss (the first evaluation's, as torch's step returns it), evaluations, params}.
+   * A step the server no longer holds (it restarted between two evaluations, or the step
+   * timed out: 404, nothing of it applied) is opened again from the session's values, at most
+   * LBFGS_REOPENS times.
    */
   async lbfgsStep(id, evaluate, callOptions = {}) {
     let { binary, first, timeoutS, returnParams = true } = optionsOf(callOptions, ["binary", "first", "timeoutS", "returnParams"], "lbfgsStep");
-    let answer = await this.openEvaluationStep(id, first, { binary, timeoutS, returnParams });
-    while (answer.needs === "evaluation") {
-      const ev = await evaluate(answer.params);
-      answer = await this.evaluate(id, answer.evaluation, ev, { binary });
+    for (let reopened = 0; ; reopened++) {
+      let answer = await this.openEvaluationStep(id, first, { binary, timeoutS, returnParams });
+      try {
+        while (answer.needs === "evaluation") {
+          const ev = await evaluate(answer.params);
+          answer = await this.evaluate(id, answer.evaluation, ev, { binary });
+        }
+        return answer;
+      } catch (e) {
+        if (!(e instanceof NotFoundError) || !STEP_GONE.has(e.code) || reopened >= LBFGS_REOPENS) throw e;
+      }
     }
-    return answer;
   }
 
   /**

@@ -113,6 +113,12 @@ MASTER_PARAMS = "master_params"
 #: version before it gives up (each failure: another worker stepped the session in between)
 MASTER_READ_ATTEMPTS = 3
 
+#: the problem codes of an evaluation whose LBFGS step the server no longer holds (it restarted
+#: while the step was open, or the step waited past its evaluation timeout): nothing of the step
+#: was applied, and :meth:`RemoteOptimizer.step` opens it again, at most this many times
+_STEP_GONE = frozenset({"evaluation_not_found", "step_not_found"})
+_LBFGS_REOPENS = 3
+
 
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
@@ -1181,33 +1187,49 @@ class RemoteOptimizer(torch.optim.Optimizer):
         # in a step (the client pauses it to encode and decode): not while the closure runs,
         # nor while an answer is awaited (see optserve._gc)
         tensors = len(self._by_name)
-        with torch.enable_grad():
-            orig_loss = closure()
-        with gc_paused(tensors):
-            grads = self._grads()
-        answer = self._client.open_evaluation_step(self._session_id, _loss_value(orig_loss),
-                                                   grads, binary=self._binary)
-        # the values the session holds, put back when the step fails after the parameters
-        # took a point the line search tried (a 507 at its commit applies nothing: the next
-        # step's first evaluation must be at the session's values, not at that point)
-        held: dict[str, torch.Tensor] | None = None
-        try:
-            while isinstance(answer, EvaluationRequest):
-                with gc_paused(tensors):
-                    if held is None:
-                        held = {n: p.detach().clone() for n, p in self._by_name.items()}
-                    self._copy_in(answer.params)  # the point the line search tries
-                with torch.enable_grad():
-                    loss = closure()
-                with gc_paused(tensors):
-                    grads = self._grads()
-                answer = self._client.evaluate(self._session_id, answer.evaluation,
-                                               _loss_value(loss), grads, binary=self._binary)
-        except BaseException:
-            if held is not None:
-                with gc_paused(tensors):
-                    self._copy_in(held)
-            raise
+        orig_loss: Any = None
+        for reopened in range(_LBFGS_REOPENS + 1):
+            with torch.enable_grad():
+                loss = closure()
+            orig_loss = loss if orig_loss is None else orig_loss
+            with gc_paused(tensors):
+                grads = self._grads()
+            answer = self._client.open_evaluation_step(self._session_id, _loss_value(loss),
+                                                       grads, binary=self._binary)
+            # the values the session holds, put back when the step fails after the parameters
+            # took a point the line search tried (a 507 at its commit applies nothing: the next
+            # step's first evaluation must be at the session's values, not at that point)
+            held: dict[str, torch.Tensor] | None = None
+            try:
+                while isinstance(answer, EvaluationRequest):
+                    with gc_paused(tensors):
+                        if held is None:
+                            held = {n: p.detach().clone() for n, p in self._by_name.items()}
+                        self._copy_in(answer.params)  # the point the line search tries
+                    with torch.enable_grad():
+                        loss = closure()
+                    with gc_paused(tensors):
+                        grads = self._grads()
+                    answer = self._client.evaluate(self._session_id, answer.evaluation,
+                                                   _loss_value(loss), grads,
+                                                   binary=self._binary)
+            except APIStatusError as exc:
+                if held is not None:
+                    with gc_paused(tensors):
+                        self._copy_in(held)
+                # the step is gone (the server restarted, or the step timed out): nothing of it
+                # was applied, so it is opened again from the session's values, as torch's
+                # step would run from them
+                if exc.code in _STEP_GONE and reopened < _LBFGS_REOPENS:
+                    continue
+                raise
+            except BaseException:
+                if held is not None:
+                    with gc_paused(tensors):
+                        self._copy_in(held)
+                raise
+            break
+        assert not isinstance(answer, EvaluationRequest)  # (the loop ends only at the end)
         if answer.params is not None:
             with gc_paused(tensors):
                 self._copy_in(answer.params)
