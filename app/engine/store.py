@@ -73,6 +73,7 @@ from typing import Literal
 import crc32c
 
 from app.engine.data_dir_lock import DataDirLock
+from app.engine.delete_reserve import DeleteReserve
 from app.engine.free_space import FreeSpace
 from app.errors import OptserveError, StorageFull, Unavailable
 
@@ -390,6 +391,8 @@ class Store:
         self.files = files or Files()
         #: :meth:`health` reports a data directory with less free space than its bound
         self._free_space = FreeSpace(root, min_free_bytes, self.files.free_bytes)
+        #: released for a delete's tombstone on a full disk (:mod:`app.engine.delete_reserve`)
+        self.reserve = DeleteReserve(root)
         #: logs kept open at once (0: :func:`default_open_logs`)
         self.max_open = max_open or default_open_logs()
         if max_open:
@@ -437,6 +440,7 @@ class Store:
                 stray.unlink(missing_ok=True)
         for tmp in self.sessions_dir.glob("*/*.tmp"):  # a snapshot a crash cut short
             tmp.unlink(missing_ok=True)
+        self.reserve.make()  # (best effort: a full disk makes it later)
         try:
             self.probe()
         except OSError as exc:  # a full disk (a crash while it filled): serve what is stored
@@ -481,6 +485,7 @@ class Store:
             broken = [lg.path for lg in self._logs.values() if lg.repair]
             suspect = [lg.suspect for lg in self._logs.values() if lg.suspect is not None]
             error, need = self._error, self._need
+        self._remake_reserve()
         if error is None and not broken and not suspect:
             return self._free_space.short()
         try:
@@ -519,6 +524,18 @@ class Store:
         return (f"the data directory {self.root} is gone (removed while the server ran?): "
                 "the server cannot write its sessions' logs there until its maintenance "
                 "makes it again")
+
+    def _remake_reserve(self) -> None:
+        """Make the delete reserve again once a delete released it and the disk has room for
+        it twice over (no write is tried on a disk still full)."""
+        if self.reserve.held:
+            return
+        try:
+            free = self.files.free_bytes(self.root)
+        except OSError:
+            return
+        if free >= 2 * self.reserve.size:
+            self.reserve.make()
 
     @property
     def min_free_bytes(self) -> int:
@@ -651,8 +668,8 @@ class Store:
             trash = self.sessions_dir / f".deleted-{session_id}-{os.getpid()}-{time.time_ns()}"
             try:
                 if stones:
-                    write_atomic(d / TOMBSTONE, [b"\n".join(json.dumps(t).encode()
-                                                            for t in stones)], self.files)
+                    self._write_tombstone(d, b"\n".join(json.dumps(t).encode()
+                                                         for t in stones))
                 else:
                     (d / TOMBSTONE).unlink(missing_ok=True)
                 self.files.replace(d, trash)
@@ -661,6 +678,18 @@ class Store:
                 self._failed(f"deleting {session_id}", exc)
                 raise storage_failure(exc, "deleting the session's files") from None
             self._bury(trash)
+            self._remake_reserve()
+
+    def _write_tombstone(self, d: Path, data: bytes) -> None:
+        """Write a delete's tombstone into the session's directory ``d``; on a full disk the
+        delete reserve is released and the write tried once more (a delete frees space, it must
+        not need any: :mod:`app.engine.delete_reserve`)."""
+        try:
+            write_atomic(d / TOMBSTONE, [data], self.files)
+        except OSError as exc:
+            if exc.errno not in _FULL or not self.reserve.release():
+                raise
+            write_atomic(d / TOMBSTONE, [data], self.files)
 
     def _bury(self, trash: Path) -> None:
         """Append a deleted session's tombstone (if any) to the tombstone log, then remove

@@ -31,6 +31,7 @@ import safetensors.torch
 import torch
 
 from app.engine import persist
+from app.engine.delete_reserve import RESERVE, RESERVE_BYTES
 from app.engine.free_space import FREE_SPACE_TTL_S
 from app.engine.store import read_log, read_snapshot
 from app.wire.safetensors_body import read_safetensors
@@ -632,6 +633,69 @@ def test_an_sdk_lbfgs_step_refused_by_a_full_disk_leaves_the_model_as_it_was(
 
 
 # --------------------------------------------------------------------------- readiness ahead
+
+def reserve_held(disk: Path) -> bool:
+    """Whether the data directory on ``disk`` holds its whole delete reserve."""
+    path = disk / RESERVE
+    return path.exists() and path.stat().st_size == RESERVE_BYTES
+
+
+def test_a_keyed_session_is_deleted_on_a_full_disk(tmpfs: Mount) -> None:
+    """A session made by a keyed create (the Python SDK always sends a key) on a disk that
+    then fills to the last block: its DELETE is a 204 (its tombstone, the create's key, is
+    written into the delete reserve's room) and frees its files; a retried create is the 409
+    ``session_deleted`` it is on a disk with room, and so it stays after a ``kill -9`` and a
+    restart on the still nearly full disk. Another session is left as torch.optim has it. Once
+    space returns, a readiness check makes the reserve again."""
+    disk = tmpfs(8)
+    key = {"Idempotency-Key": "made-on-a-disk-that-filled"}
+    body = {"id": "keyed", "optimizer": "SGD", "options": {"lr": 0.1},
+            "params": {"w": {"dtype": "float32", "shape": [2], "data": [1.0, 2.0]}}}
+    other = Big("other", 1000)
+    proc = Proc(disk, env={"OPTSERVE_READY_MIN_FREE_BYTES": "0"},
+                started=lambda r: r.status_code in (200, 503))
+
+    def retried(c: httpx.Client) -> None:
+        r = c.post("/v1/sessions", json=body, headers=key)
+        assert r.status_code == 409, r.text
+        assert r.headers["content-type"].startswith(PROBLEM)
+        problem = r.json()
+        assert (problem["code"], problem["session_id"], problem["idempotency_key"]) == (
+            "session_deleted", "keyed", key["Idempotency-Key"]), problem
+        assert c.get("/v1/sessions/keyed").status_code == 404
+
+    try:
+        proc.start()
+        assert reserve_held(disk)
+        with httpx.Client(base_url=proc.url, timeout=60) as c:
+            assert c.post("/v1/sessions", json=body, headers=key).status_code == 201
+            assert other.create(c).status_code == 201
+            assert other.post_step(c, 0).status_code == 200
+            other.acknowledged(0)
+            filler = fill(disk)
+            assert_storage_full(other.post_step(c, 1))  # the disk is full
+            r = c.delete("/v1/sessions/keyed")
+            assert r.status_code == 204, r.text
+            assert not session_dir(disk, "keyed").exists()
+            assert sorted(p.name for p in (disk / "sessions").iterdir()) == [
+                session_dir(disk, other.sid).name]  # no .deleted-* left: its files are freed
+            assert not reserve_held(disk)  # released, not made again on a disk this full
+            retried(c)
+            other.assert_same(c, state=True)
+        proc.kill9()
+        proc.start()
+        with httpx.Client(base_url=proc.url, timeout=60) as c:
+            retried(c)
+            other.assert_same(c, state=True)
+            filler.unlink()
+            assert_ready(c)
+            assert reserve_held(disk)  # space returned: made again
+            assert other.post_step(c, 1).status_code == 200
+            other.acknowledged(1)
+            other.assert_same(c, state=True)
+    finally:
+        proc.stop()
+
 
 def test_a_bound_past_the_disks_size_is_a_warning_at_the_start(tmp_path: Path) -> None:
     """``OPTSERVE_READY_MIN_FREE_BYTES`` more than the data directory's file system holds in

@@ -25,8 +25,10 @@ import pytest
 import torch
 
 from app.engine import CreateSpec, Front, GroupSpec, embedded_engine, persist
-from app.engine.store import Buffer, Files, read_log, read_snapshot
-from app.errors import OptserveError, StorageFull, Unavailable
+from app.engine.delete_reserve import RESERVE, RESERVE_BYTES
+from app.engine.interface import IdemKey
+from app.engine.store import TOMBSTONE, Buffer, Files, read_log, read_snapshot
+from app.errors import Conflict, OptserveError, StorageFull, Unavailable
 from app.wire.safetensors_body import read_safetensors, write_safetensors
 from tests.unit.test_engine import assert_tree_bitwise
 
@@ -890,6 +892,67 @@ def test_readiness_waits_for_room_for_the_write_that_failed(tmp_path: Path) -> N
         await pair.assert_same()
         await pair.stop()
         await pair.assert_restart_same(tmp_path)
+    run(go())
+
+
+@pytest.mark.parametrize("refusals", [1, 2])
+def test_a_keyed_delete_on_a_full_disk_takes_the_reserve_or_deletes_nothing(
+        tmp_path: Path, refusals: int) -> None:
+    """The delete of a keyed create's session whose tombstone finds no space (ENOSPC as it is
+    put in place): the delete reserve is released and the tombstone written again. When that
+    fits (``refusals`` 1) the session is deleted and a retried create is the 409
+    ``session_deleted``, also after a restart; when it does not (2) the delete is a 507 that
+    deleted nothing (no tombstone left; the session whole, the twin's, steps on, also after a
+    restart). The reserve is not made again while the disk is full, and is once it has room."""
+    files = FaultyFiles()
+    key = IdemKey("made-then-full", "create made-then-full")
+    reserve = tmp_path / RESERVE
+
+    def session_deleted(exc: BaseException) -> None:
+        assert isinstance(exc, Conflict) and exc.code == "session_deleted", exc
+        assert exc.extra == {"idempotency_key": key.key, "session_id": SID}, exc.extra
+
+    async def go() -> None:
+        pair = Pair(engine(tmp_path, files, "step"))
+        await pair.eng.start()
+        await pair.twin.start()
+        await pair.eng.create(spec(), idem=key)
+        await pair.twin.create(spec())
+        await pair.step()
+        assert reserve.stat().st_size == RESERVE_BYTES
+        files.free = 100  # (the disk is full: the reserve is not made again)
+        fault = files.arm("replace", errno.ENOSPC, dst=TOMBSTONE, times=refusals)
+        if refusals == 1:
+            assert not await pair.eng.delete(SID)
+            assert await pair.eng.list_sessions() == []
+            with pytest.raises(Conflict) as info:
+                await pair.eng.create(spec(), idem=key)
+            session_deleted(info.value)
+        else:
+            with pytest.raises(OptserveError) as refused:
+                await pair.eng.delete(SID)
+            assert_refusal(refused.value, errno.ENOSPC)
+            assert not list((tmp_path / "sessions" / KEY).glob(f"{TOMBSTONE}*"))
+            await pair.assert_same()
+            await pair.step()
+        assert fault.hits == refusals and not reserve.exists()
+        files.free = None  # space is back: the next readiness check makes the reserve
+        assert (await pair.eng.status()).ready
+        assert reserve.stat().st_size == RESERVE_BYTES
+        await pair.stop()
+        again = engine(tmp_path)
+        await again.start()
+        try:
+            if refusals == 1:
+                assert await again.list_sessions() == []
+                with pytest.raises(Conflict) as info:
+                    await again.create(spec(), idem=key)
+                session_deleted(info.value)
+            else:
+                await pair.assert_same(again)
+        finally:
+            await again.stop(snapshot=False)
+        await pair.twin.stop()
     run(go())
 
 
