@@ -47,10 +47,16 @@ from app.engine.metrics import check_scalars
 from app.engine.ops import Expected
 from app.errors import Invalid
 from app.wire.content_digest import cheap
-from app.wire.integers import int_text
+from app.wire.integers import OPTION_INTS, int_text, ints_as_text
 from app.wire.safetensors_body import header_end, read_safetensors, write_safetensors
 from app.wire.safetensors_header import HeaderLayout
-from app.wire.tree import is_float_tag, tree_to_json, tree_to_safetensors, untag_float
+from app.wire.tree import (
+    int_outside,
+    is_float_tag,
+    tree_to_json,
+    tree_to_safetensors,
+    untag_float,
+)
 
 REPLAYED_HEADER = "Idempotent-Replayed"
 #: the session's change counter, on answers that describe the session or export its state
@@ -477,6 +483,8 @@ async def export_state(
     headers = version_headers(out.version, out.step)
     headers[REVISION_HEADER] = str(out.revision)
     sd = out.state_dict
+    if int_outside(sd.get("param_groups"), *OPTION_INTS):  # (as a description writes it)
+        sd = {**sd, "param_groups": ints_as_text(sd["param_groups"], *OPTION_INTS)}
 
     def encode() -> bytes:
         if fmt == "torch":

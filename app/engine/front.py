@@ -492,7 +492,7 @@ class Front:
                                max_groups=self.limits.max_param_groups, tensor_range=True,
                                max_elements=self.limits.max_session_elements or None,
                                max_params=self.limits.max_session_params or None,
-                               expected=expected),
+                               scaled_lr=True, expected=expected),
             idem=idem)
         return out
 
@@ -501,7 +501,7 @@ class Front:
                                  expected: Expected | None = None) -> SessionInfo:
         op = UpdateParamGroup(index, options, request=True, tensor_range=True,
                               max_elements=self.limits.max_session_elements or None,
-                              noop_kept=True, expected=expected)
+                              noop_kept=True, scaled_lr=True, expected=expected)
         out: SessionInfo = await self._execute(tenant, session_id, op, idem)
         return out
 

@@ -1069,7 +1069,7 @@ class EmbeddedHost:
                       scalars=scalars or None, answer_metrics=answer_metrics,
                       touched=want_params == "touched", request=True,
                       refuse_replaced=True, scheduler_range=True, tensor_range=True,
-                      counter_range=True, scalar_names=True),
+                      counter_range=True, scalar_names=True, scaled_lr=True),
             idem=idem,
             want_params=want_params, params_into=params_into, params_dtype=params_dtype,
             into_seen=into_seen)

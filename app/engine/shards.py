@@ -820,7 +820,8 @@ class ShardedSession:
                                                        request=True, refuse_replaced=True,
                                                        scheduler_range=True,
                                                        tensor_range=True,
-                                                       counter_range=True),
+                                                       counter_range=True,
+                                                       scaled_lr=True),
                                              idem=idem, want_params=want_params)
         return out
 

@@ -19,7 +19,7 @@ import torch
 from app.engine import optimizers, option_values
 from app.errors import Invalid, shown
 from app.wire.dtypes import DTYPE_NAMES, TORCH_DTYPES
-from app.wire.integers import INT64, OPTION_INTS, int_text
+from app.wire.integers import INT64, OPTION_INTS, int_text, ints_as_text
 from app.wire.tree import int_outside, nodes_once, tree_to_json
 
 if TYPE_CHECKING:
@@ -52,7 +52,15 @@ def detach_tree(obj: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
 
 
 def jsonable_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A group's (or the defaults') options as a description writes them. An integer past
+    :data:`OPTION_INTS`, which no JSON answer holds, is written as its decimal text: servers
+    before the create's check (``optimizers.refuse_unwritable_ints``) took an LBFGS
+    ``max_iter`` whose ``max_eval`` (``max_iter * 5 // 4``) is one, and their data directories
+    restore it as it ran; its description, and every list of its tenant's sessions, was a
+    500."""
     out: dict[str, Any] = tree_to_json(detach_tree(options))
+    if int_outside(out, *OPTION_INTS):
+        out = ints_as_text(out, *OPTION_INTS)
     return out
 
 

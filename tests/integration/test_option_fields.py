@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from app.wire.json_tensor import decode_json_tensor
+
 pytestmark = pytest.mark.integration
 
 
@@ -163,43 +165,124 @@ def test_options_torch_refuses_at_a_later_step_are_refused_at_create(
     assert "overflow" in r.json()["detail"]
 
 
-def test_a_muon_lr_past_its_scaled_range_refuses_the_step_and_keeps_the_session(
-        app_client: TestClient) -> None:
-    """An ``lr`` PATCHed to where Muon's scaling for a (4, 3) parameter takes it past float32
-    (torch's constructor takes it; its step raises half-way, after it changed the parameter
-    and its momentum): the step is a 422 ``option_overflow`` naming the group's ``lr`` and the
-    session is as it was (it was a 503 ``session_damaged`` for good under durability
-    ``memory``); with the lr back in range it steps on as torch's Muon does."""
+@pytest.mark.parametrize(("how", "change"), [
+    ("patch", {"lr": 3e38}), ("step", {"lr": 3e38}),
+    # (taken: 2.9e38 is 3.35e38 scaled for (4, 3), in float32's range; match_rms_adamw
+    # scales by 0.2 * sqrt(max(rows, cols)), 0.4 here)
+    ("patch", {"lr": 2.9e38}), ("step", {"lr": 2.9e38}),
+    ("patch", {"lr": 3e38, "adjust_lr_fn": "match_rms_adamw"}),
+])
+def test_a_muon_lr_past_its_scaled_range_is_refused_by_a_patch_and_a_steps_options(
+        app_client: TestClient, how: str, change: dict[str, Any]) -> None:
+    """An ``lr`` PATCHed (or sent with a step) to where Muon's scaling for the session's
+    (4, 3) parameter takes it past float32 was taken (torch's constructor takes it, and the
+    throwaway step's tiny square parameter never scales it): then every step was a 422 until
+    it was changed back. It is a 422 ``option_overflow`` naming the option sent, in the
+    create's words, and the session is as it was; an lr the scaling keeps in range is taken
+    and the session steps on as torch's Muon does. torch is checked here to refuse each
+    refused change at its own step, and to take each taken one."""
     import torch
 
     w0 = torch.arange(12, dtype=torch.float32).reshape(4, 3) / 10
     grad = torch.linspace(-1, 1, 12).reshape(4, 3)
+    ref = torch.nn.Parameter(torch.ones(4, 3))
+    probe = torch.optim.Muon([ref], **{"lr": 0.02, **change})
+    ref.grad = grad.clone()
+    try:
+        probe.step()
+        overflows = False
+    except RuntimeError as exc:
+        assert "without overflow" in str(exc)
+        overflows = True
     r = app_client.post("/v1/sessions", json={
         "optimizer": "Muon", "options": {"lr": 0.02}, "durability": "memory",
         "params": {"w": {"dtype": "float32", "shape": [4, 3], "data": w0.flatten().tolist()}}})
     assert r.status_code == 201, r.text
     sid = r.json()["id"]
-    body = {"grads": {"w": {"dtype": "float32", "shape": [4, 3],
-                            "data": grad.flatten().tolist()}}}
+    body: dict[str, Any] = {"grads": {"w": {"dtype": "float32", "shape": [4, 3],
+                                            "data": grad.flatten().tolist()}}}
     assert app_client.post(f"/v1/sessions/{sid}/step", json=body).status_code == 200
-    assert app_client.patch(f"/v1/sessions/{sid}/param_groups/0",
-                            json={"lr": 3e38}).status_code == 200
     before = app_client.get(f"/v1/sessions/{sid}/state_dict").json()
-    r = app_client.post(f"/v1/sessions/{sid}/step", json=body)
-    assert refused_field(r) == "param_groups.0.lr"
-    assert r.json()["code"] == "option_overflow"
-    assert app_client.get(f"/v1/sessions/{sid}/state_dict").json() == before
-    assert app_client.patch(f"/v1/sessions/{sid}/param_groups/0",
-                            json={"lr": 0.02}).status_code == 200
-    r = app_client.post(f"/v1/sessions/{sid}/step", json=body)
-    assert r.status_code == 200, r.text
+    if how == "patch":
+        r = app_client.patch(f"/v1/sessions/{sid}/param_groups/0", json=change)
+    else:
+        r = app_client.post(f"/v1/sessions/{sid}/step",
+                            json={**body, "param_groups": {"0": change}})
     w = torch.nn.Parameter(w0.clone())
     opt = torch.optim.Muon([w], lr=0.02)
-    for _ in range(2):
-        w.grad = grad.clone()
+    w.grad = grad.clone()
+    opt.step()
+    if not overflows:
+        assert r.status_code == 200, r.text
+        opt.param_groups[0].update(change)
+        if how == "step":
+            w.grad = grad.clone()
+            opt.step()
+    else:
+        assert refused_field(r) == "param_groups.0.lr"
+        assert r.json()["code"] == "option_overflow"
+        assert "once Muon scales it for the shape [4, 3]" in r.json()["detail"]
+        assert "Every step is refused" not in r.json()["detail"]
+        assert app_client.get(f"/v1/sessions/{sid}/state_dict").json() == before
+    r = app_client.post(f"/v1/sessions/{sid}/step", json=body)
+    assert r.status_code == 200, r.text
+    w.grad = grad.clone()
+    opt.step()
+    got = app_client.get(f"/v1/sessions/{sid}/params").json()["params"]["w"]
+    # (an lr of 2.9e38 makes torch's parameters infinite: compared as they are, NaN too)
+    torch.testing.assert_close(decode_json_tensor(got, "w"), w.detach(), rtol=0, atol=0,
+                               equal_nan=True)
+
+
+def test_a_muon_adjust_lr_fn_that_scales_the_lr_past_the_range_is_the_option_named(
+        app_client: TestClient) -> None:
+    """``adjust_lr_fn: match_rms_adamw`` scales the lr by ``0.2 * sqrt(max(rows, cols))``, 2
+    for a (3, 100) parameter, which the default scaling (``sqrt(max(1, rows / cols))``) leaves
+    at 1: a PATCH of it alone onto an lr of 2e38 takes the lr past float32, and is the option
+    named (checked against torch's own step)."""
+    import torch
+
+    p = torch.nn.Parameter(torch.ones(3, 100))
+    opt = torch.optim.Muon([p], lr=2e38)
+    p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    opt.param_groups[0]["adjust_lr_fn"] = "match_rms_adamw"
+    with pytest.raises(RuntimeError, match="without overflow"):
         opt.step()
-    got = app_client.get(f"/v1/sessions/{sid}/params").json()["params"]["w"]["data"]
-    assert torch.equal(torch.tensor(got, dtype=torch.float32).reshape(4, 3), w.detach())
+    r = app_client.post("/v1/sessions", json={
+        "optimizer": "Muon", "options": {"lr": 2e38},
+        "params": {"w": {"dtype": "float32", "shape": [3, 100], "data": [1.0] * 300}}})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    r = app_client.patch(f"/v1/sessions/{sid}/param_groups/0",
+                         json={"adjust_lr_fn": "match_rms_adamw"})
+    assert refused_field(r) == "param_groups.0.adjust_lr_fn"
+    assert r.json()["code"] == "option_overflow"
+    group = app_client.get(f"/v1/sessions/{sid}").json()["param_groups"][0]
+    assert group["adjust_lr_fn"] is None and group["lr"] == 2e38
+
+
+def test_an_sgd_dampening_past_float16_is_refused_by_a_patch(app_client: TestClient) -> None:
+    """The create's two throwaway steps (SGD with momentum converts ``1 - dampening`` to the
+    parameters' dtype only from a parameter's second step) check a PATCH too: a float16
+    session's ``dampening`` of -65504 is a 422 naming it, the session as it was, as torch
+    refuses it at its second step."""
+    import torch
+
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, dampening=-65504.0)
+    with pytest.raises(RuntimeError, match="without overflow"):
+        for _ in range(2):
+            p.grad = torch.full_like(p, 0.5)
+            opt.step()
+    r = app_client.post("/v1/sessions", json={
+        "optimizer": "SGD", "options": {"lr": 0.1, "momentum": 0.9}, "durability": "memory",
+        "params": {"w": {"dtype": "float16", "shape": [3], "data": [1.0] * 3}}})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    r = app_client.patch(f"/v1/sessions/{sid}/param_groups/0", json={"dampening": -65504.0})
+    assert refused_field(r) == "param_groups.0.dampening"
+    assert app_client.get(f"/v1/sessions/{sid}").json()["param_groups"][0]["dampening"] == 0
 
 
 @pytest.mark.parametrize("how", ["import", "add_group"])

@@ -153,6 +153,10 @@ class Step(Operation):
     #: :data:`metrics.MAX_SCALAR_NAMES` is refused (422 ``invalid_scalars``). Logged; records
     #: logged before this check lack it and replay as they ran
     scalar_names: bool = False
+    #: set by requests: its option changes are refused a Muon ``lr`` its step would scale
+    #: past the dtype's range (as a PATCH's, :func:`check_group_changes`). Logged; records
+    #: logged before this check lack it and replay as they ran (a skipped step took one)
+    scaled_lr: bool = False
 
     def check(self, s: Session) -> StepPlan:
         # a body whose header the session has checked: no per-tensor checks, the gradients
@@ -167,7 +171,8 @@ class Step(Operation):
         # (entries that change nothing go, once they are checked to name a group)
         self.options = changed_groups(len(s.optimizer.param_groups), self.options)
         changes = (check_group_changes(s, self.options, request=self.request,
-                                       tensors=self.tensor_range) if self.options else {})
+                                       tensors=self.tensor_range, scaled_lr=self.scaled_lr)
+                   if self.options else {})
         staleness, lr_div = None, self.lr_div
         if self.base_version is not None:
             staleness = staleness_of(s, self.base_version, replaced=self.refuse_replaced)
@@ -338,6 +343,8 @@ class Step(Operation):
             out["counter_range"] = True
         if self.scalar_names:
             out["scalar_names"] = True
+        if self.scaled_lr:
+            out["scaled_lr"] = True
         return out
 
     @classmethod
@@ -359,7 +366,8 @@ class Step(Operation):
                    scheduler_range=tree.get("scheduler_range") is True,
                    tensor_range=tree.get("tensor_range") is True,
                    counter_range=tree.get("counter_range") is True,
-                   scalar_names=tree.get("scalar_names") is True)
+                   scalar_names=tree.get("scalar_names") is True,
+                   scaled_lr=tree.get("scaled_lr") is True)
 
 
 @register

@@ -118,6 +118,10 @@ class AddParamGroup(Operation):
     #: the most parameters the session may hold after it (a request's bound,
     #: ``OPTSERVE_MAX_SESSION_PARAMS``), checked here for the same reason
     max_params: int | None = None
+    #: set by requests: a Muon ``lr`` its step would scale past the dtype's range for the
+    #: group's parameter shapes is refused (422 ``option_overflow``). Logged; records logged
+    #: before this check lack it and replay as they ran (servers before it took one)
+    scaled_lr: bool = False
 
     def check(self, s: Session) -> GroupPlan:
         index = len(s.optimizer.param_groups)
@@ -147,7 +151,7 @@ class AddParamGroup(Operation):
         optimizers.check_overflow({**s.defaults, **opts}, dtype, where, self.tensor_range)
         optimizers.probe(s.cls, s.defaults, [*s.group_options(), opts],
                          [*s.group_dtypes(), dtype], s.device, fields, where, check=[index])
-        if s.cls is torch.optim.Muon:  # (its lr scaled by the parameters' own shapes)
+        if self.scaled_lr and s.cls is torch.optim.Muon:  # (by the parameters' own shapes)
             why = optimizers.muon_lr_overflow(
                 {**s.optimizer.defaults, **opts, "params": list(self.params.values()),
                  "param_names": list(self.params)}, dtype)
@@ -188,6 +192,8 @@ class AddParamGroup(Operation):
             tree["max_elements"] = self.max_elements
         if self.max_params is not None:
             tree["max_params"] = self.max_params
+        if self.scaled_lr:
+            tree["scaled_lr"] = True
         return tree
 
     @classmethod
@@ -198,7 +204,8 @@ class AddParamGroup(Operation):
                    tree.get("request") is True, bound if type(bound) is int else None,
                    tree.get("tensor_range") is True,
                    elements if type(elements) is int else None,
-                   params if type(params) is int else None)
+                   params if type(params) is int else None,
+                   scaled_lr=tree.get("scaled_lr") is True)
 
     def group(self) -> GroupSpec:
         return GroupSpec(self.params, self.options)
@@ -326,10 +333,15 @@ class UpdateParamGroup(Operation):
     #: is no revision (:meth:`changes`). Logged; records logged before it lack it and replay
     #: as they ran (each a revision)
     noop_kept: bool = False
+    #: set by requests: a Muon ``lr`` its step would scale past the dtype's range for the
+    #: group's parameter shapes is refused (:func:`check_group_changes`). Logged; records
+    #: logged before this check lack it and replay as they ran (servers before it took one)
+    scaled_lr: bool = False
 
     def check(self, s: Session) -> dict[str, Any]:
         plan = check_group_changes(s, {self.index: self.options}, index_field="index",
-                                   request=self.request, tensors=self.tensor_range)[self.index]
+                                   request=self.request, tensors=self.tensor_range,
+                                   scaled_lr=self.scaled_lr)[self.index]
         if "history_size" in self.options:
             where = f"param_groups.{self.index}.history_size"
             if self.request:
@@ -357,6 +369,8 @@ class UpdateParamGroup(Operation):
             tree["max_elements"] = self.max_elements
         if self.noop_kept:
             tree["noop_kept"] = True
+        if self.scaled_lr:
+            tree["scaled_lr"] = True
         return tree
 
     @classmethod
@@ -364,7 +378,7 @@ class UpdateParamGroup(Operation):
         bound = tree.get("max_elements")
         return cls(int(tree["index"]), dict(tree["options"]), tree.get("request") is True,
                    tree.get("tensor_range") is True, bound if type(bound) is int else None,
-                   tree.get("noop_kept") is True)
+                   tree.get("noop_kept") is True, scaled_lr=tree.get("scaled_lr") is True)
 
 
 def check_history_fits(s: Session, history_size: Any, field: str) -> None:
@@ -417,8 +431,8 @@ def changed_groups(count: int, options: dict[int, dict[str, Any]] | None
 def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
                         prefix: str = "param_groups",
                         index_field: str | None = None,
-                        request: bool = False, tensors: bool = False
-                        ) -> dict[int, dict[str, Any]]:
+                        request: bool = False, tensors: bool = False,
+                        scaled_lr: bool = False) -> dict[int, dict[str, Any]]:
     """Option changes for some groups (by index), validated with torch's own constructor
     checks on each whole resulting group, whatever it held before, and against the dtype of
     its parameters; the constructor values to set, by index, for
@@ -427,7 +441,11 @@ def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
     record) is also refused a non-finite option and a scheduler-kept key out of range
     (``initial_lr: -5``), which torch's checks let through; ``tensors``: a tensor ``lr`` past
     the dtype's range too (422 ``option_overflow``), which some of torch's step functions take
-    and make the parameters infinite with.
+    and make the parameters infinite with; ``scaled_lr``: a Muon ``lr`` its step would scale
+    past the range of the dtype it converts it to, for the group's own parameter shapes
+    (:func:`optimizers.muon_lr_overflow`, the create's check; 422 ``option_overflow``), which
+    torch's constructor and a throwaway step over tiny square parameters take: a PATCH took
+    it, then every step was refused until it was changed back.
 
     An option an entry's ``$fill`` lists (:data:`shared_options.FILL`) is filled into the
     tensor the group holds: every group holding that tensor (torch's defaults and the groups
@@ -491,4 +509,24 @@ def check_group_changes(s: Session, changes: dict[int, dict[str, Any]],
             optimizers.check_state_for_options(
                 s.cls, proposed[index], [s.optimizer.state.get(p, {})
                                          for p in groups[index]["params"]], f"{prefix}.{index}")
+        if scaled_lr and s.cls is torch.optim.Muon:
+            _refuse_scaled_lr(s, proposed, checked, group_fields, prefix)
     return out
+
+
+def _refuse_scaled_lr(s: Session, proposed: list[dict[str, Any]], checked: list[int],
+                      group_fields: dict[int, tuple[dict[str, str], dict[str, str]]],
+                      prefix: str) -> None:
+    """422 ``option_overflow`` for a Muon group whose changed options (``proposed``) its step
+    would scale the ``lr`` of past the dtype's range over the group's own parameters, naming
+    the ``lr`` sent, else the ``adjust_lr_fn`` sent (``match_rms_adamw`` scales by the larger
+    side), else the group's ``lr``."""
+    groups, dtypes = s.optimizer.param_groups, s.group_dtypes()
+    for j in checked:
+        why = optimizers.muon_lr_overflow(
+            {**proposed[j], "params": groups[j]["params"],
+             "param_names": groups[j].get("param_names")}, dtypes[j])
+        if why is not None:
+            sent = group_fields.get(j, ({}, {}))[0]
+            raise Invalid(why, code="option_overflow",
+                          field=sent.get("lr") or sent.get("adjust_lr_fn") or f"{prefix}.{j}.lr")
