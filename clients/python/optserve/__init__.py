@@ -7,6 +7,8 @@
 - :class:`RemoteEmbedding`: an embedding table kept in a session, its rows pulled on demand and
   stepped with row-sparse gradients (needs torch).
 - Errors: :class:`OptserveError` and its subclasses (see :mod:`optserve._exceptions`).
+- :class:`PrecisionWarning`: an option given as a NumPy float32/float16 scalar, with which a
+  local torch optimizer would compute in that precision (see :mod:`optserve._precision`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ._exceptions import (
     ValidationError,
 )
 from ._local import LocalUnavailable
+from ._precision import PrecisionWarning
 from ._sparse import RowSparse
 from ._tensors import Tensor, TensorLike
 from ._types import (
@@ -85,6 +88,7 @@ __all__ = [
     "SchedulerInfo",
     "OptserveError",
     "LocalUnavailable",
+    "PrecisionWarning",
     "APIConnectionError",
     "APITimeoutError",
     "APIResponseValidationError",

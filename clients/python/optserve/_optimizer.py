@@ -80,6 +80,7 @@ from ._base_client import ReceiveBuffer
 from ._client import Client
 from ._exceptions import APIStatusError, OptserveError, PreconditionFailedError
 from ._gc import gc_paused
+from ._precision import NarrowFloatOptions
 from ._session_state import SessionState, assigned_state
 from ._state_layout import laid_out_as_torch
 from ._step_dtypes import STATE_MADE_AT_CONSTRUCTION, StepDtypes
@@ -490,6 +491,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                         lambda: (self._known_version, self._state_epoch))
         #: the dtype torch's optimizer would keep each parameter's step count in
         self._step_dtypes = StepDtypes()
+        #: warns once per option given as a NumPy float32/float16 scalar (optserve._precision)
+        self._narrow_floats = NarrowFloatOptions()
         self.__dict__.pop("_torch_state", None)  # (what torch's __init__ assigned: unused)
 
         groups = []
@@ -507,6 +510,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 raise
             self._named_as(self._optimizer_name)
             return
+        for opts in (options, *explicit):
+            self._narrow_floats.check(optimizer, opts)
         try:
             # (the client pauses the collector while it encodes and decodes 1,000 tensors or
             # more: see optserve._gc)
@@ -864,6 +869,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             for k, v in synced.items()
             if k in group and not _same(_norm(group[k]), v)
         }
+        self._narrow_floats.check(self._optimizer_name, changed)
         fills = [k for k, v in changed.items() if held.get(k) is v]
         if fills:
             changed[_FILL] = fills
@@ -1252,6 +1258,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         explicit = _without_defaults({k: v for k, v in param_group.items()
                                       if k not in _NOT_OPTIONS and k in self._option_names},
                                      self.defaults)
+        self._narrow_floats.check(self._optimizer_name, explicit)
         # the server's defaults as torch's are now: a local scheduler's fills of a tensor lr
         # the defaults hold sent first (the new group starts from them, there as here; other
         # changes ride with the next step as before)
@@ -1403,6 +1410,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         _fill_as_torch_loads(self._optimizer_name, saved_groups)
         if len(self.param_groups) != len(saved_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
+        for saved, synced in zip(saved_groups, self._synced, strict=True):
+            self._narrow_floats.check(self._optimizer_name,
+                                      {k: v for k, v in saved.items() if k in synced})
         for group, saved in zip(self.param_groups, saved_groups, strict=True):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(
