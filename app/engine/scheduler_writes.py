@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import torch
 
-from app.engine.optimizers import float_max, option_numbers, overflow_words
+from app.engine.optimizers import float_max, muon_lr_overflow, option_numbers, overflow_words
 from app.engine.option_values import float_words, nonfinite_values
 from app.errors import Conflict, Invalid
 from app.wire.tree import tree_to_json
@@ -82,15 +82,20 @@ def out_of_range(key: str, value: Any, dtype: torch.dtype, tensors: bool = False
 
 
 def first_written(before: Sequence[dict[str, Any]], groups: Sequence[dict[str, Any]],
-                  dtypes: Sequence[torch.dtype], tensors: bool = False
+                  dtypes: Sequence[torch.dtype], tensors: bool = False, muon: bool = False
                   ) -> tuple[int, str, Any, str] | None:
     """The first value a scheduler's step (just taken on ``groups``; ``before``: their options
-    as they were) wrote that :func:`out_of_range` refuses: its group, key, value and why."""
+    as they were) wrote that :func:`out_of_range` refuses: its group, key, value and why.
+    ``muon``: the groups are torch's Muon's, whose ``lr`` is also refused past the range Muon's
+    shape scaling leaves it (:func:`app.engine.optimizers.muon_lr_overflow`: taken, every next step
+    would be refused, and the scheduler would write it again over a PATCH)."""
     for i, (old, group, dtype) in enumerate(zip(before, groups, dtypes, strict=True)):
         for key, value in group.items():
             if key in _NOT_OPTIONS or (key in old and _same(old[key], value)):
                 continue
             why = out_of_range(key, value, dtype, tensors)
+            if why is None and muon and key == "lr":
+                why = muon_lr_overflow(group, dtype)
             if why is not None:
                 return i, key, value, why
     return None
@@ -112,13 +117,13 @@ def words(value: Any) -> str:
 
 def check_written(session_id: str, scheduler: str, before: Sequence[dict[str, Any]],
                   groups: Sequence[dict[str, Any]], dtypes: Sequence[torch.dtype],
-                  by_hand: bool = False, tensors: bool = False) -> None:
+                  by_hand: bool = False, tensors: bool = False, muon: bool = False) -> None:
     """409 ``scheduler_out_of_range`` when ``scheduler``'s step (just taken on the groups, to be
     put back by the caller) wrote a value :func:`out_of_range` refuses into some group: the
     first, naming it. ``before``: the groups' options as they were before that step;
     ``by_hand``: a scheduler step by hand (``POST .../scheduler/step``), not an optimizer
     step's; ``session_id``: the session's id as its path names it."""
-    found = first_written(before, groups, dtypes, tensors)
+    found = first_written(before, groups, dtypes, tensors, muon)
     if found is None:
         return
     i, key, value, why = found
@@ -140,7 +145,7 @@ def written_check(s: Session, by_hand: bool = False, tensors: bool = False
 
     def check(before: list[dict[str, Any]]) -> None:
         check_written(s.shown_id, name, before, s.optimizer.param_groups, s.group_dtypes(),
-                      by_hand, tensors)
+                      by_hand, tensors, s.cls is torch.optim.Muon)
     return check
 
 
@@ -153,7 +158,8 @@ def import_check(s: Session) -> Callable[[list[dict[str, Any]]], None]:
     name = type(s.scheduler).__name__
 
     def check(before: list[dict[str, Any]]) -> None:
-        found = first_written(before, s.optimizer.param_groups, s.group_dtypes(), True)
+        found = first_written(before, s.optimizer.param_groups, s.group_dtypes(), True,
+                              s.cls is torch.optim.Muon)
         if found is None:
             return
         i, key, value, why = found

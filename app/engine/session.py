@@ -561,6 +561,17 @@ class Session:
             self.reject_nonfinite(bad, "grads")
         return grads
 
+    def _scheduler_wrote_it(self) -> str:
+        """What a refusal of a group's lr adds where the session has a scheduler (which may
+        have written it, a server before the check of its writes took it, and writes the lr
+        of each step after a PATCH from the one before)."""
+        if self.scheduler is None:
+            return ""
+        return (f"; the session's {type(self.scheduler).__name__} may have written it and goes "
+                "on from the lr a PATCH gives: if it takes the lr past that range again, "
+                f"replace or remove it (PATCH /v1/sessions/{self.shown_id} with "
+                "{\"scheduler\": ...} or {\"scheduler\": null})")
+
     def check_group_scalars(self, tensors: bool = False) -> None:
         """Every numeric group option must fit the dtype of the group's parameters (torch
         raises "value cannot be converted ... without overflow" mid-step otherwise);
@@ -574,7 +585,8 @@ class Session:
                 if why is not None:
                     raise Invalid(f"{why}. Every step is refused until it is changed: PATCH "
                                   f".../param_groups/{i} with a smaller lr (or send it with "
-                                  f"the step, \"param_groups\": {{\"{i}\": {{...}}}})",
+                                  f"the step, \"param_groups\": {{\"{i}\": {{...}}}})"
+                                  + self._scheduler_wrote_it(),
                                   code="option_overflow", field=f"param_groups.{i}.lr")
             # (every step: the groups themselves looked over first, the refusal's copy and
             # words made only for a group that has a value out of range)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from app.errors import Invalid
+from app.wire.integers import OPTION_INTS, int_text
 from app.wire.json_tensor import decode_json_tensor, encode_json_tensor, is_json_tensor
 from app.wire.tree_path import TreePath
 
@@ -25,7 +26,12 @@ SPARSE_TAG = "$sparse"
 #: ``$float``, ``$tensor``, ``$sparse``, this one, or a JSON tensor's: parameter names are
 #: keys there, and a parameter may be named ``$float`` or ``dtype``), wrapped in this one
 DICT_TAG = "$dict"
-_TAGS = frozenset({"$float", "$tensor", SPARSE_TAG, DICT_TAG})
+#: an integer no JSON number holds (past what orjson writes: an LBFGS ``max_eval`` an older
+#: server took past 64 bits) as its decimal text, in the service's own files only (snapshots,
+#: log records); read back as that int only where its text is one (a dict of this key
+#: alone that is not one reads back as it is, as servers before this tag wrote it)
+BIG_INT_TAG = "$int"
+_TAGS = frozenset({"$float", "$tensor", SPARSE_TAG, DICT_TAG, BIG_INT_TAG})
 #: the deepest a state dict from a client nests (levels below its root): deeper is a 422
 #: ``invalid_state`` "state is nested too deeply", JSON or ``torch.save``
 MAX_STATE_DEPTH = 64
@@ -133,6 +139,8 @@ def to_jsonable(obj: Any, on_tensor: Callable[[torch.Tensor, str], Any], path: s
                 for i, v in enumerate(obj)]
     if isinstance(obj, float) and not math.isfinite(obj):
         return _float_tag(obj)
+    if escape and type(obj) is int and not OPTION_INTS[0] <= obj <= OPTION_INTS[1]:
+        return {BIG_INT_TAG: str(obj)}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"cannot put {type(obj).__name__} on the wire at {path}")
@@ -179,6 +187,10 @@ def _from_json(obj: Any, at: TreePath, tensors: dict[str, torch.Tensor] | None, 
         if sparse and obj.keys() == {DICT_TAG} and isinstance(obj[DICT_TAG], dict):
             return {k: _from_json(v, at.child(k), tensors, depth + 1, sparse)
                     for k, v in obj[DICT_TAG].items()}
+        if sparse and obj.keys() == {BIG_INT_TAG}:
+            big = _big_int(obj[BIG_INT_TAG])
+            if big is not None:
+                return big
         if sparse and obj.keys() == {SPARSE_TAG}:
             parts = _from_json(obj[SPARSE_TAG], at, tensors, depth + 1, False)
             return torch.sparse_coo_tensor(parts["indices"], parts["values"],
@@ -208,6 +220,17 @@ def _from_json(obj: Any, at: TreePath, tensors: dict[str, torch.Tensor] | None, 
                 _from_json(v, at.child(i), tensors, depth + 1, sparse)
                 for i, v in enumerate(obj)]
     return obj
+
+
+def _big_int(text: object) -> int | None:
+    """The int a :data:`BIG_INT_TAG`'s text stands for: decimal digits (after one ``-``)
+    of an int outside :data:`OPTION_INTS`, the only ones written so; else None."""
+    value = int_text(text, _BIG_INT_DIGITS, signed=True)
+    return None if value is None or OPTION_INTS[0] <= value <= OPTION_INTS[1] else value
+
+
+#: the most digits a :data:`BIG_INT_TAG` is read with (Python's own limit on int from text)
+_BIG_INT_DIGITS = 4300
 
 
 #: the values a JSON text's list holds that :func:`_from_json` gives back as they are

@@ -6,6 +6,7 @@ text. It made every list of the tenant's sessions a 500, its description and exp
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,16 @@ import httpx
 import pytest
 import torch
 
-from app.engine import optimizers
+from app.engine import optimizers, persist
+from app.engine.store import read_snapshot
 from tests.conftest import LiveServer, _test_settings
+from tests.integration.test_lbfgs import (
+    assert_same_state,
+    bitwise,
+    params_of,
+    remote_step,
+    state_of,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -71,3 +80,47 @@ def test_a_session_with_an_option_past_64_bits_is_listed_described_and_exported(
         assert r.status_code == 200, r.text
         assert r.json()["param_groups"][0]["max_eval"] == 25
         assert c.get("/v1/sessions/good").status_code == 200
+
+
+def _values_of(tree: Any, key: str) -> Iterator[Any]:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k == key:
+                yield v
+            yield from _values_of(v, key)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _values_of(v, key)
+
+
+def _quadratic(p: dict[str, torch.Tensor]) -> torch.Tensor:
+    return ((p["w"] - torch.tensor([3.0, -1.0])) ** 2).sum()
+
+
+def test_a_session_with_an_option_past_64_bits_is_snapshotted_and_restored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its snapshot (at the stop) holds that integer (a ``$int`` tag in the snapshot's JSON):
+    every snapshot of it failed, so its log was never emptied. A restart restores it from the
+    snapshot with torch's own int, and its next step is in-process torch's."""
+    data = _old_server_data(tmp_path / "data", monkeypatch)
+    [snapshot] = [p for p in data.rglob("snapshot.bin") if "bad" in str(p.parent)]
+    assert (snapshot.parent / "wal.bin").stat().st_size == 0  # (compacted: the snapshot holds it)
+    start = {"w": torch.tensor([1.0, 2.0])}
+    local = torch.optim.LBFGS([torch.nn.Parameter(start["w"].clone())], max_iter=MAX_ITER)
+    params = {"w": local.param_groups[0]["params"][0]}
+
+    def closure() -> torch.Tensor:
+        local.zero_grad()
+        loss = _quadratic(params)
+        loss.backward()
+        return loss
+    local.step(closure)
+    # what the snapshot restores: torch's own int (answers write it as its text)
+    held = persist.decode_tree(read_snapshot(snapshot), persist.SNAPSHOT_KEY)
+    found = list(_values_of(held, "max_eval"))
+    assert found and all(type(v) is int and v == local.defaults["max_eval"] for v in found)
+    with LiveServer(_test_settings(data_dir=data)).serving() as url, _client(url) as c:
+        answer, _ = remote_step(c, "bad", f=_quadratic)
+        assert answer.get("needs") is None, answer
+        assert_same_state(state_of(c, "bad")["state"], local.state_dict()["state"])
+        assert bitwise(params_of(c, "bad")["w"], params["w"].detach())

@@ -235,3 +235,18 @@ def test_a_walk_over_a_long_key_holds_no_path_per_item() -> None:
     finally:
         tracemalloc.stop()
     assert grown < 16 << 20, f"{grown >> 20} MB"
+
+
+def test_ints_past_64_bits_round_trip_the_service_files_and_nothing_else_reads_as_one() -> None:
+    """An int no JSON number holds is a ``$int`` tag in the service's own files (a snapshot of a
+    session an older server took with an LBFGS ``max_eval`` past 64 bits failed on it); a
+    dict of that key alone from the tree is escaped, and one an older server wrote unescaped
+    (its text no such int) reads back as the dict it was."""
+    tree = {"big": [2**70, -(2**70), 2**64 - 1, -(2**63), True],
+            "$int": {"$int": str(2**70)}, "odd": {"$int": "12"}}
+    skeleton, tensors = tree_to_safetensors(tree, escape=True)
+    assert skeleton["big"][:2] == [{"$int": str(2**70)}, {"$int": str(-(2**70))}]
+    assert tree_from_json(orjson.loads(orjson.dumps(skeleton)), "", tensors, sparse=True) == tree
+    old = {"odd": {"$int": "12"}, "word": {"$int": "x"}, "small": {"$int": str(2**64 - 1)}}
+    assert tree_from_json(old, "", {}, sparse=True) == old
+    assert tree_from_json({"b": {"$int": str(2**70)}}) == {"b": {"$int": str(2**70)}}
