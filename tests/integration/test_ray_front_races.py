@@ -238,20 +238,27 @@ def wait_until(check: Callable[[], bool], what: str) -> None:
 def test_one_keyed_delete_sent_through_two_fronts_at_once_answers_both_204(
         fronts: list[InProcessFront], monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
     """The same keyed delete sent through front A and, while A's is on its way to the session
-    (held 2 s here), through front B: B's deletes the session and removes its entry; A's then
-    reached a sharded session's coordinator, which found no entry and answered 404
-    ``session_not_found``, for a delete that was done under its key (a plain session's host
+    (held here until B's is answered), through front B: B's deletes the session and removes its
+    entry; A's then reached a sharded session's coordinator, which found no entry and answered
+    404 ``session_not_found``, for a delete that was done under its key (a plain session's host
     answers from its tombstone: 204). Now a keyed delete that meets a 404 asks the directory
     whether another try of its key deleted the session meanwhile: both answer 204 (one
-    replayed), the session is gone from both fronts, and a session made again with the id
-    steps as torch does."""
+    replayed), the session is gone from both fronts, and a session made again with the id steps
+    as torch does."""
     held = {"once": True}
+    # A's delete held from when it reaches the session's host until B's is answered (was: 2 s
+    # from there, B sent 0.5 s after A: a loaded machine lost that race once, A's delete not
+    # at its host yet, so B's was the one held and A's made the delete)
+    at_its_host, b_answered = threading.Event(), threading.Event()
     deletes = {RayHost: RayHost.delete, RemoteSharded: RemoteSharded.delete}
 
     def holding(cls: type) -> Callable[..., Any]:
         async def delete(self: Any, key: str, **kwargs: Any) -> Any:
             if held.pop("once", False):
-                await asyncio.sleep(2.0)
+                at_its_host.set()
+                deadline = time.monotonic() + 120
+                while not b_answered.is_set() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
             return await deletes[cls](self, key, **kwargs)
         return delete
     for cls in deletes:
@@ -264,9 +271,10 @@ def test_one_keyed_delete_sent_through_two_fronts_at_once_answers_both_204(
     key = {"Idempotency-Key": f"deleted-twice-{shards}-{time.time_ns()}"}
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(httpx.delete, f"{a}/v1/sessions/{sid}", headers=key, timeout=300)
-        time.sleep(0.5)
-        second = pool.submit(httpx.delete, f"{b}/v1/sessions/{sid}", headers=key, timeout=300)
-        answers = [first.result(300), second.result(300)]
+        assert at_its_host.wait(300)
+        second = httpx.delete(f"{b}/v1/sessions/{sid}", headers=key, timeout=300)
+        b_answered.set()
+        answers = [first.result(300), second]
     assert [r.status_code for r in answers] == [204, 204], [r.text for r in answers]
     assert answers[0].headers.get("Idempotent-Replayed") == "true"
     for url in (a, b):
