@@ -8,8 +8,9 @@ create's 201, sessions restored by a restart of the server on the same data dire
 sessions made through a second front on that directory (whose entries this front reads from
 the directory's files), and a session deleted and made again under its id step as torch's
 Adam does, bitwise. Another tenant's session is refused early as a missing one is, and is
-left as it was. tests/integration/test_unknown_session_upload.py runs the same on the
-embedded engine."""
+left as it was. An LBFGS evaluation's upload to a session on a Ray host reads its 422
+``not_supported_here`` from the head too. tests/integration/test_unknown_session_upload.py
+(and test_stale_precondition_upload.py) run the same on the embedded engine."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from app.config import Settings
 from tests.conftest import LiveServer, kill_hosts, ray_settings
 from tests.integration import test_early_answer_upload_linger as early
 from tests.integration import test_refused_upload_linger as upload
+from tests.integration import test_stale_precondition_upload as stale
 from tests.integration import test_unknown_session_upload as unknown
 from tests.torch_reference import json_tensor
 
@@ -211,3 +213,25 @@ def test_sessions_made_through_another_front_are_not_refused_early(front: Front)
         for sid, params in made.items():
             steps_as_torch(front.url, sid, params, 80 + int(sid[-1]),
                            chunked=sid == "other-1")
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_an_evaluation_to_a_ray_session_is_refused_before_its_body(front: Front,
+                                                                  shards: int) -> None:
+    """``POST .../step/{eval_id}`` to a session on a Ray host (LBFGS evaluations are the
+    embedded engine's alone): its 422 ``not_supported_here`` read after the upload's first
+    piece (``Connection: close``, the rest dropped without a reset), the problem the
+    evaluation's own look-up gives (``DELETE .../step/{id}``, which has no body); the session
+    then steps as torch's Adam does."""
+    sid, params = f"ray-eval-{shards}", tensors(40 + shards)
+    create(front.url, sid, params, shards)
+    path = f"/v1/sessions/{sid}/step/s1.1"
+    answer, sock = stale._early(front.url, "POST", path, "application/json", auth(A))
+    problem = stale._problem(answer, 422, closes=True)
+    stale._finish(front.live, sock)
+    want = httpx.delete(f"{front.url}{path}", headers=A, timeout=300)
+    assert want.status_code == 422, want.text
+    fields = ("type", "status", "title", "detail", "code", "field")
+    assert {k: problem.get(k) for k in fields} == {k: want.json().get(k) for k in fields}
+    assert problem["code"] == "not_supported_here"
+    steps_as_torch(front.url, sid, params, 50 + shards, False)
