@@ -375,6 +375,12 @@ def refuse_unwritable_ints(opt: torch.optim.Optimizer, given: dict[str, Any],
                           field=fields.get(source, fallback))
 
 
+#: more than Muon's shape scaling makes of an lr for any tensor this side of 2**63 elements:
+#: ``sqrt(rows / cols)`` and ``0.2 * sqrt(max(rows, cols))`` are both under ``sqrt(2**63)``
+#: (with room for rounding); an lr that times this is in range needs no look at the shapes
+_MUON_SCALE_BOUND = 2.0 ** 32
+
+
 def muon_lr_overflow(group: dict[str, Any], dtype: torch.dtype) -> str | None:
     """Why torch's Muon cannot step this group (a torch param group, or options with
     ``params`` and ``param_names``) of parameters of ``dtype``, else None: Muon scales the
@@ -394,6 +400,8 @@ def muon_lr_overflow(group: dict[str, Any], dtype: torch.dtype) -> str | None:
         return None  # (refused as such where it is given)
     bound = torch.promote_types(dtype, torch.bfloat16)
     top = float_max(bound)
+    if abs(value) * _MUON_SCALE_BOUND <= top:
+        return None  # (no shape scales it that far: no walk of the parameters, every step)
     names = group.get("param_names") or []
     for i, p in enumerate(group.get("params", [])):
         if p.dim() < 2 or not p.numel():
