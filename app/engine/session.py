@@ -392,13 +392,14 @@ class Session:
         return total
 
     # ----------------------------------------------------------------- shared checks
-    def check_tensors(self, tensors: Tensors, field: str, upcast: bool = False, *,
+    def check_tensors(self, tensors: Tensors, field: str, upcast: bool | None = None, *,
                       sparse_ok: bool = False) -> None:
         """Names, dtypes and shapes of tensors sent for this session's parameters (row-sparse
         gradients where ``sparse_ok``: see :mod:`app.engine.sparse`). With ``upcast``, a
         float16/bfloat16 tensor (dense, or a sparse one's values) is also accepted for a wider
         floating parameter (the caller asked for the widening: never a silent cast, never a
-        narrowing)."""
+        narrowing); ``None``: the request could not have asked for it (its refusal does not
+        suggest ``?upcast=true``)."""
         if self.known_body(tensors):
             return
         for name, t in tensors.items():
@@ -408,13 +409,13 @@ class Session:
                     raise Invalid(f"{name!r:.80} must be a dense tensor here (only gradients "
                                   "may be sparse)", code="invalid_tensor",
                                   field=f"{field}.{name}")
-                sparse.check_sparse(name, p, t, field, upcast and widens(t.dtype, p.dtype))
+                sparse.check_sparse(name, p, t, field, bool(upcast) and widens(t.dtype, p.dtype))
                 continue
             _check_dense(name, p, t.dtype, t.shape, field, upcast)
         self._learn_body(tensors)
 
     def refuse_entries(self, entries: Iterable[tuple[str, torch.dtype, Sequence[int]]],
-                       field: str, upcast: bool = False) -> None:
+                       field: str, upcast: bool | None = None) -> None:
         """The refusal :meth:`check_tensors` gives dense tensors of these names, dtypes and
         shapes, in this order (the first problem found), from a body's header alone: for a
         body naming more tensors than the session holds, which is refused before its tensors
@@ -927,13 +928,19 @@ _NARROW = (torch.float16, torch.bfloat16)
 
 
 def _check_dense(name: str, p: torch.Tensor, dtype: torch.dtype, shape: Sequence[int],
-                 field: str, upcast: bool) -> None:
+                 field: str, upcast: bool | None) -> None:
     """A dense tensor of ``dtype`` and ``shape`` sent for parameter ``p`` (``name``): 422
     ``dtype_mismatch`` (no silent casts; with ``upcast``, a float16/bfloat16 one for a wider
-    floating parameter is taken) or ``shape_mismatch`` naming ``field.name``."""
+    floating parameter is taken) or ``shape_mismatch`` naming ``field.name``. The ``?upcast``
+    hint goes only where the request could have asked for it (``upcast`` not ``None``: a
+    step's or push's gradients; an LBFGS evaluation and ``PUT .../params`` take no
+    ``?upcast``)."""
     if dtype != p.dtype and not (upcast and widens(dtype, p.dtype)):
         hint = (" (send ?upcast=true to widen float16/bfloat16 gradients)"
-                if widens(dtype, p.dtype) else " (no silent casts)")
+                if widens(dtype, p.dtype) and upcast is not None else
+                " (no silent casts: a parameter keeps the dtype its session holds it in; a "
+                "model converted with .to(dtype) after its optimizer was made needs a new "
+                "session)" if field == "params" else " (no silent casts)")
         raise Invalid(f"{name!r:.80} is {DTYPE_NAMES[p.dtype]} but the tensor sent is "
                       f"{DTYPE_NAMES.get(dtype, str(dtype))}{hint}",
                       code="dtype_mismatch", field=f"{field}.{name}")

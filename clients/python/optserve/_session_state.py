@@ -18,7 +18,11 @@ fetched: an edit of one (in place, ``state[p]["exp_avg"].zero_()``; assigned, ``
 = t``; or the entry deleted or cleared, ``del state[p]``, ``state.clear()``) is found by
 :meth:`SessionState.edited` (the values fetched, their identity and version counters) and sent
 by ``RemoteOptimizer`` before its next step or ``state_dict()``, as one import of the view as
-it then stands, so that it takes effect as it does on a local optimizer's state. That import
+it then stands, so that it takes effect as it does on a local optimizer's state. So is a key
+that torch's optimizers keep put in an entry the session did not give it (the state of a
+parameter the session holds none for, given by hand or by ``ZeroRedundancyOptimizer``'s
+``load_state_dict``: :meth:`SessionState.added`): it is the session's to take, not a
+wrapper's. That import
 is conditional on the session version the view was read at (:attr:`SessionState.fetched_version`):
 another client's change since is never overwritten by it.
 
@@ -36,6 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ._state_keys import torch_keys
 
 __all__ = ["Held", "SessionState", "assigned_state"]
 
@@ -125,7 +131,8 @@ class SessionState(defaultdict[torch.Tensor, Any]):
     def edited(self) -> bool:
         """Whether the session's values the last fetch put here were changed since: an entry
         deleted or replaced by one without them, a key deleted or given another object, a
-        tensor changed in place (its version counter moved). Nothing fetched: False."""
+        tensor changed in place (its version counter moved); or whether an entry was given
+        a key of an optimizer's state that the session did not give it (:meth:`added`)."""
         for p, seen in self._fetched.items():
             entry = dict.get(self, p)
             if not isinstance(entry, dict):
@@ -136,7 +143,23 @@ class SessionState(defaultdict[torch.Tensor, Any]):
                 now = entry[k]
                 if now is not value or (version is not None and now._version != version):
                     return True
-        return False
+        return self.added()
+
+    def added(self) -> bool:
+        """Whether an entry holds a key that torch's optimizers keep (``step``, ``exp_avg``,
+        ...: :func:`~optserve._state_keys.torch_keys`) which the session did not give it: the
+        state of a parameter the session holds none for, put there by the code around the
+        optimizer (``opt.state[p] = {"step": ..., "exp_avg": ...}``: torch's
+        ``ZeroRedundancyOptimizer.load_state_dict`` loads its local optimizer so), which a
+        local optimizer steps from. Such keys are the session's to take, as
+        ``load_state_dict()`` gives them to it; other keys are the client's (a wrapper's,
+        kept here). Entries of only the session's keys (every step's case) ask nothing."""
+        extra = [k for p, entry in dict.items(self) if isinstance(entry, dict)
+                 for k in entry if k not in self._session_keys.get(p, ())]
+        if not extra:
+            return False
+        optimizer_keys = torch_keys()
+        return any(str(k) in optimizer_keys for k in extra)
 
     def held(self) -> Held:
         """What :meth:`keep_pending` puts back: the entries (each dict with its contents: a
