@@ -333,6 +333,37 @@ SCHEMAS: dict[str, Any] = {
                       "properties": {"metric": {"type": ["number", "null"],
                                                 "description": "ReduceLROnPlateau's metric"}},
                       "additionalProperties": False, "example": {"metric": 0.5}},
+    "StepAnswer": {
+        "description": "A step's end (StepResult), or, on an LBFGS session, a question "
+                       "asking for the loss and gradients at params (EvaluationQuestion: "
+                       "`needs` is `evaluation`; it carries no `lr`).",
+        "oneOf": [_ref("StepResult"), _ref("EvaluationQuestion")],
+    },
+    "EvaluationQuestion": {
+        "type": "object",
+        "required": ["needs", "step_id", "evaluation", "evaluations", "version", "step",
+                     "timeout_s", "params"],
+        "description": "LBFGS: the open step waits for the loss and gradients at params, "
+                       "posted to POST .../step/{evaluation} (docs/protocol.md, \"LBFGS: the "
+                       "closure as a round trip\")",
+        "properties": {"needs": {"type": "string", "enum": ["evaluation"]},
+                       "step_id": {"type": "string", "description": "the open step (DELETE "
+                                   ".../step/{step_id} abandons it)"},
+                       "evaluation": {"type": "string", "description": "the evaluation "
+                                      "asked for"},
+                       "evaluations": {"type": "integer", "description": "evaluations "
+                                       "taken so far"},
+                       "version": {"type": "integer"}, "step": {"type": "integer"},
+                       "timeout_s": {"type": "number", "description": "how long the step "
+                                     "waits for this evaluation"},
+                       "replayed": {"type": "boolean"},
+                       "params": _ref("Tensors")},
+        "additionalProperties": True,
+        "example": {"needs": "evaluation", "step_id": "aa2a9536ae9d1cdb",
+                    "evaluation": "aa2a9536ae9d1cdb.1", "evaluations": 0, "version": 0,
+                    "step": 0, "timeout_s": 60.0,
+                    "params": {"x": {"dtype": "float64", "shape": [1], "data": [1.5]}}},
+    },
     "StepResult": {
         "type": "object", "required": ["version", "step", "lr"],
         "properties": {"version": {"type": "integer"}, "step": {"type": "integer"},
@@ -344,12 +375,13 @@ SCHEMAS: dict[str, Any] = {
                        "staleness": {"type": "integer"},
                        "loss": {"type": "number", "description": "LBFGS: the first "
                                 "evaluation's loss"},
-                       "evaluations": {"type": "integer", "description": "LBFGS: evaluations "
-                                       "taken (so far, in a question)"},
-                       "needs": {"type": "string", "enum": ["evaluation"], "description":
-                                 "LBFGS: the step waits for the loss and gradients at params"},
-                       "step_id": {"type": "string"}, "evaluation": {"type": "string"},
-                       "timeout_s": {"type": "number"},
+                       "evaluations": {"type": "integer", "description": "LBFGS: the "
+                                       "closure calls the step took"},
+                       "replayed": {"type": "boolean", "description": "answered from its "
+                                    "Idempotency-Key (or a committed evaluation's repeat)"},
+                       "params_version": {"type": "integer", "description": "a replay's: "
+                                          "the version of the params it carries, when the "
+                                          "session moved on since"},
                        "metrics": _ref("StepMetrics"),
                        "params": _ref("MaybeSparseTensors")},
         "additionalProperties": True,
@@ -703,7 +735,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("delete", S): Op("deleteSession", ok=None, **CONDITIONAL),
     ("patch", S): Op("configureSession", "PsOptions", ok="Session", versioned=True,
                      **CONDITIONAL),
-    ("post", f"{S}/step"): Op("step", "StepBody", body_binary=True, ok="StepResult",
+    ("post", f"{S}/step"): Op("step", "StepBody", body_binary=True, ok="StepAnswer",
                               ok_binary=True, versioned=True,
                               query=STEP_QUERY,
                               headers=("X-Optserve-Worker", "If-Match")),
@@ -720,7 +752,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                      headers=("If-None-Match", *READ_CONDITIONAL["headers"]),
                                      problems=READ_CONDITIONAL["problems"]),
     ("post", f"{S}/step/{{eval_id}}"): Op("evaluate", "Evaluation", body_binary=True,
-                                         ok="StepResult", ok_binary=True, versioned=True,
+                                         ok="StepAnswer", ok_binary=True, versioned=True,
                                          query=("encoding",)),
     ("delete", f"{S}/step/{{step_id}}"): Op("abandonStep", ok="Object"),
     ("put", f"{S}/params"): Op("putParams", "ParamsBody", body_binary=True, ok="Params",

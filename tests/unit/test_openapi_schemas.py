@@ -12,6 +12,7 @@ from typing import Any
 
 import jsonschema_rs
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -234,3 +235,63 @@ def test_a_nested_scheduler_name_must_be_a_string(app_client: TestClient) -> Non
                                                 "milestones": []}}})
     assert r.status_code == 422, r.text
     assert r.json()["field"] == "scheduler.options.schedulers.0.name"
+
+
+def response_validator(method: str, path: str) -> Any:
+    schema = DOC["paths"][path][method]["responses"]["200"]["content"]["application/json"][
+        "schema"]
+    return jsonschema_rs.validator_for({**schema, "components": DOC["components"]})
+
+
+def test_lbfgs_questions_and_ends_match_the_documented_step_answers(
+        app_client: TestClient) -> None:
+    """An LBFGS step's question (`needs: evaluation`, no `lr`) and its end, as POST .../step
+    and POST .../step/{eval_id} answer them, each validate against the 200 schema those routes
+    document (the document required `lr` of every step answer, which no question carries), and
+    the end is torch's own LBFGS.step."""
+    x0 = [1.5, -2.0, 0.5]
+    target = torch.tensor([0.3, 0.1, -0.7], dtype=torch.float64)
+    weight = torch.tensor([1.0, 3.0, 10.0], dtype=torch.float64)
+    r = app_client.post("/v1/sessions", json={
+        "id": "lbfgs-schema", "optimizer": "LBFGS",
+        "options": {"lr": 1, "max_iter": 4, "line_search_fn": "strong_wolfe"},
+        "params": {"x": {"dtype": "float64", "shape": [3], "data": x0}}})
+    assert r.status_code == 201, r.text
+
+    def loss_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (weight * (x - target) ** 2).sum(), 2 * weight * (x - target)
+
+    opening = response_validator("post", "/v1/sessions/{session_id}/step")
+    evaluating = response_validator("post", "/v1/sessions/{session_id}/step/{eval_id}")
+    r = app_client.post("/v1/sessions/lbfgs-schema/step", json={})
+    assert r.status_code == 200, r.text
+    questions = 0
+    answer = r.json()
+    errors = [e.message for e in opening.iter_errors(answer)]
+    assert not errors, (answer, errors)
+    while answer.get("needs") == "evaluation":
+        questions += 1
+        assert "lr" not in answer
+        x = torch.tensor(answer["params"]["x"]["data"], dtype=torch.float64)
+        loss, grad = loss_and_grad(x)
+        r = app_client.post(f"/v1/sessions/lbfgs-schema/step/{answer['evaluation']}", json={
+            "loss": loss.item(), "grads": {"x": {"dtype": "float64", "shape": [3],
+                                                 "data": grad.tolist()}}})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        errors = [e.message for e in evaluating.iter_errors(answer)]
+        assert not errors, (answer, errors)
+    assert questions >= 2
+
+    x = torch.tensor(x0, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([x], lr=1, max_iter=4, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        loss, grad = loss_and_grad(x.detach())
+        x.grad = grad
+        return loss
+
+    loss = opt.step(closure)
+    assert answer["params"]["x"]["data"] == x.detach().tolist()
+    assert answer["loss"] == loss.item() and answer["lr"] == [1]
+    assert answer["evaluations"] == opt.state[x]["func_evals"]
