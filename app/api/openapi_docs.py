@@ -861,6 +861,9 @@ def _document(op: Op, method: str, path: str, doc_op: dict[str, Any]) -> None:
         responses.setdefault(status, _problem(text))
         if status == "503":
             responses[status]["headers"] = _headers(("X-Request-Id", "Retry-After"))
+        if status == "412":  # the session's current version, as a 200's (its text says so)
+            responses[status]["headers"] = _headers(("X-Request-Id", *_VERSION_HEADERS,
+                                                     "X-Optserve-Revision"))
     if op.id in ("getParams", "pullRows"):
         responses["304"] = {"description": "Not modified (If-None-Match names the current "
                                            "version, or is *)",

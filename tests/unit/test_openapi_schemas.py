@@ -295,3 +295,35 @@ def test_lbfgs_questions_and_ends_match_the_documented_step_answers(
     assert answer["params"]["x"]["data"] == x.detach().tolist()
     assert answer["loss"] == loss.item() and answer["lr"] == [1]
     assert answer["evaluations"] == opt.state[x]["func_evals"]
+
+
+def test_a_412_declares_the_version_headers_it_carries(app_client: TestClient) -> None:
+    """A 412 precondition_failed carries the session's current ETag, X-Optserve-Version,
+    X-Optserve-Step (and X-Optserve-Revision where known), as docs/protocol.md says and the
+    412's own description in the document says: the document's 412 responses declared only
+    X-Request-Id. Each refusal below is answered with those headers, at the session's values,
+    and each header it carries is one its operation's 412 declares."""
+    sid = new_session(app_client)
+    r = app_client.post(f"/v1/sessions/{sid}/step", json={"grads": {"w": T}})
+    assert r.status_code == 200, r.text
+    stale = {"If-Match": '"0"'}
+    refusals = [
+        ("put", "/v1/sessions/{session_id}/params", {"json": {"params": {"w": T}}}),
+        ("patch", "/v1/sessions/{session_id}/param_groups/{index}", {"json": {"lr": 0.5}}),
+        ("patch", "/v1/sessions/{session_id}", {"json": {"metrics": False}}),
+        ("post", "/v1/sessions/{session_id}/param_groups", {"json": {"params": {"v": T1}}}),
+        ("get", "/v1/sessions/{session_id}/state_dict", {}),
+        ("get", "/v1/sessions/{session_id}/params", {}),
+        ("get", "/v1/sessions/{session_id}", {}),
+        ("delete", "/v1/sessions/{session_id}", {}),
+    ]
+    known = {"etag", "x-optserve-version", "x-optserve-step", "x-optserve-revision"}
+    for method, path, kw in refusals:
+        target = path.replace("{session_id}", sid).replace("{index}", "0")
+        r = app_client.request(method.upper(), target, headers=stale, **kw)
+        assert r.status_code == 412, (method, path, r.text)
+        assert (r.headers["etag"], r.headers["x-optserve-version"],
+                r.headers["x-optserve-step"]) == ('"1"', "1", "1"), (method, path)
+        declared = {h.lower() for h in DOC["paths"][path][method]["responses"]["412"]["headers"]}
+        carried = known & set(r.headers)
+        assert carried <= declared, (method, path, carried - declared)
