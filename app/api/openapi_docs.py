@@ -294,6 +294,13 @@ SCHEMAS: dict[str, Any] = {
                              "one name: their mean). In a safetensors body, scalars are the "
                              "JSON text of __metadata__.scalars.",
               "example": {"grads": {"x": {"dtype": "float32", "shape": [1], "data": [16.0]}}}},
+    "StepRequest": {
+        "description": "A step's gradients (StepBody); on an LBFGS session, which opens a step "
+                       "that asks for evaluations, nothing (`{}`) or its first evaluation, the "
+                       "loss and gradients at the current parameters (Evaluation: one round "
+                       "trip fewer)",
+        "anyOf": [_ref("StepBody"), _ref("Evaluation")],
+    },
     "StepBody": {"type": "object",
                  "properties": {
                      "grads": _ref("MaybeSparseTensors"),
@@ -735,7 +742,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("delete", S): Op("deleteSession", ok=None, **CONDITIONAL),
     ("patch", S): Op("configureSession", "PsOptions", ok="Session", versioned=True,
                      **CONDITIONAL),
-    ("post", f"{S}/step"): Op("step", "StepBody", body_binary=True, ok="StepAnswer",
+    ("post", f"{S}/step"): Op("step", "StepRequest", body_binary=True, ok="StepAnswer",
                               ok_binary=True, versioned=True,
                               query=STEP_QUERY,
                               headers=("X-Optserve-Worker", "If-Match")),
