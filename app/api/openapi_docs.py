@@ -337,8 +337,15 @@ SCHEMAS: dict[str, Any] = {
                 "properties": {"version": {"type": "integer"}, "step": {"type": "integer"}},
                 "additionalProperties": True},
     "SchedulerStep": {"type": "object",
-                      "properties": {"metric": {"type": ["number", "null"],
-                                                "description": "ReduceLROnPlateau's metric"}},
+                      "properties": {"metric": {
+                          "description": "ReduceLROnPlateau's metric; NaN and +-inf (which "
+                                         "JSON has no literal for) as {\"$float\": \"nan\"}, "
+                                         "\"inf\" or \"-inf\", taken as torch takes them",
+                          "anyOf": [{"type": ["number", "null"]},
+                                    {"type": "object", "required": ["$float"],
+                                     "properties": {"$float": {
+                                         "type": "string", "enum": ["nan", "inf", "-inf"]}},
+                                     "additionalProperties": False}]}},
                       "additionalProperties": False, "example": {"metric": 0.5}},
     "StepAnswer": {
         "description": "A step's end (StepResult), or, on an LBFGS session, a question "

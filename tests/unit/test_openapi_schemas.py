@@ -166,6 +166,15 @@ CASES: list[tuple[str, str, str, Any, bool, dict[str, Any]]] = [
      {"scheduler": {"name": "StepLR", "options": {"step_size": 2}, "step_on": "manual"}}),
     ("scheduler step: metric", "post", "/v1/sessions/{id}/scheduler/step", {"metric": 0.5},
      True, {"scheduler": {"name": "ReduceLROnPlateau", "step_on": "manual"}}),
+    # NaN and infinities as tags (README, docs/protocol.md), which the document refused
+    *[(f"scheduler step: metric {tag}", "post", "/v1/sessions/{id}/scheduler/step",
+       {"metric": {"$float": tag}}, True,
+       {"scheduler": {"name": "ReduceLROnPlateau", "step_on": "manual"}})
+      for tag in ("nan", "inf", "-inf")],
+    *[(f"scheduler step: metric tag {tag!r}", "post", "/v1/sessions/{id}/scheduler/step",
+       {"metric": tag}, False,
+       {"scheduler": {"name": "ReduceLROnPlateau", "step_on": "manual"}})
+      for tag in ({"$float": "NaN"}, {"$float": 1}, {"$float": "nan", "x": 1}, {})],
     ("scheduler step: metric not a number", "post", "/v1/sessions/{id}/scheduler/step",
      {"metric": "low"}, False,
      {"scheduler": {"name": "ReduceLROnPlateau", "step_on": "manual"}}),
