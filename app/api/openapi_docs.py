@@ -114,8 +114,12 @@ SCHEMAS: dict[str, Any] = {
                                                               _ref("SparseTensor")]},
                            "description": "Tensors by parameter name, dense or row-sparse."},
     "Rows": {"type": "object", "required": ["rows"],
-             "properties": {"rows": {"type": "object", "additionalProperties": {
-                 "type": "array", "items": {"type": "integer", "minimum": 0}}}},
+             "properties": {"rows": {
+                 "type": "object", "description": "rows to pull by parameter name: a list of "
+                 "row indices, or an int64 JSON tensor of shape [n]",
+                 "additionalProperties": {"anyOf": [
+                     {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                     _ref("Tensor")]}}},
              "additionalProperties": False,
              "example": {"rows": {"emb": [1, 5, 9]}}},
     "Evaluation": {

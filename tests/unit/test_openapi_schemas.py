@@ -181,6 +181,18 @@ CASES: list[tuple[str, str, str, Any, bool, dict[str, Any]]] = [
     ("scheduler step: extra property", "post", "/v1/sessions/{id}/scheduler/step",
      {"metric": 0.5, "epoch": 3}, False,
      {"scheduler": {"name": "ReduceLROnPlateau", "step_on": "manual"}}),
+    # row pulls: lists, or int64 JSON tensors (docs/protocol.md), which the document refused
+    ("rows: a list", "post", "/v1/sessions/{id}/params/rows", {"rows": {"w": [1, 0, 1]}},
+     True, {}),
+    ("rows: an int64 tensor", "post", "/v1/sessions/{id}/params/rows",
+     {"rows": {"w": {"dtype": "int64", "shape": [2], "data": [1, 0]}}}, True, {}),
+    ("rows: a b64 int64 tensor", "post", "/v1/sessions/{id}/params/rows",
+     {"rows": {"w": {"dtype": "int64", "shape": [1], "b64": "AQAAAAAAAAA="}}}, True, {}),
+    ("rows: a tensor with data and b64", "post", "/v1/sessions/{id}/params/rows",
+     {"rows": {"w": {"dtype": "int64", "shape": [1], "data": [1], "b64": "AQAAAAAAAAA="}}},
+     False, {}),
+    ("rows: not a list", "post", "/v1/sessions/{id}/params/rows", {"rows": {"w": 1}}, False,
+     {}),
     # parameter-server options
     ("configure", "patch", "/v1/sessions/{id}", {"max_staleness": 4, "staleness_lr": "inverse"},
      True, {}),
