@@ -653,6 +653,8 @@ COMMON_PROBLEMS: dict[str, str] = {
     "415": "Content-Type neither JSON nor octet-stream",
     "422": "Invalid input (shape, dtype, option, state...)",
     "429": "A per-tenant limit is reached",
+    "417": "expectation_failed: an Expect other than 100-continue; nothing was done, the "
+           "connection is closed",
 }
 PROBLEMS: dict[str, str] = {
     "406": "Accept names no media type this operation answers with",

@@ -357,3 +357,17 @@ def test_a_412_declares_the_version_headers_it_carries(app_client: TestClient) -
         declared = {h.lower() for h in DOC["paths"][path][method]["responses"]["412"]["headers"]}
         carried = known & set(r.headers)
         assert carried <= declared, (method, path, carried - declared)
+
+
+def test_every_operation_lists_the_417_it_answers(app_client: TestClient) -> None:
+    """An `Expect` other than 100-continue is a 417 expectation_failed on every route, before
+    anything runs (docs/protocol.md lists it); each operation's document lists that 417 (none
+    did)."""
+    for path, methods in DOC["paths"].items():
+        for method, op in methods.items():
+            target = path.replace("{session_id}", "nope").replace("{index}", "0").replace(
+                "{eval_id}", "e.1").replace("{step_id}", "e")
+            r = app_client.request(method.upper(), target, headers={"expect": "tea"})
+            assert r.status_code == 417, (method, path, r.status_code, r.text)
+            assert (r.json()["code"], r.json()["field"]) == ("expectation_failed", "Expect")
+            assert "417" in op["responses"], (method, path)
