@@ -114,8 +114,12 @@ SCHEMAS: dict[str, Any] = {
                                                               _ref("SparseTensor")]},
                            "description": "Tensors by parameter name, dense or row-sparse."},
     "Rows": {"type": "object", "required": ["rows"],
-             "properties": {"rows": {"type": "object", "additionalProperties": {
-                 "type": "array", "items": {"type": "integer", "minimum": 0}}}},
+             "properties": {"rows": {
+                 "type": "object", "description": "rows to pull by parameter name: a list of "
+                 "row indices, or an int64 JSON tensor of shape [n]",
+                 "additionalProperties": {"anyOf": [
+                     {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                     _ref("Tensor")]}}},
              "additionalProperties": False,
              "example": {"rows": {"emb": [1, 5, 9]}}},
     "Evaluation": {
@@ -294,6 +298,13 @@ SCHEMAS: dict[str, Any] = {
                              "one name: their mean). In a safetensors body, scalars are the "
                              "JSON text of __metadata__.scalars.",
               "example": {"grads": {"x": {"dtype": "float32", "shape": [1], "data": [16.0]}}}},
+    "StepRequest": {
+        "description": "A step's gradients (StepBody); on an LBFGS session, which opens a step "
+                       "that asks for evaluations, nothing (`{}`) or its first evaluation, the "
+                       "loss and gradients at the current parameters (Evaluation: one round "
+                       "trip fewer)",
+        "anyOf": [_ref("StepBody"), _ref("Evaluation")],
+    },
     "StepBody": {"type": "object",
                  "properties": {
                      "grads": _ref("MaybeSparseTensors"),
@@ -330,9 +341,47 @@ SCHEMAS: dict[str, Any] = {
                 "properties": {"version": {"type": "integer"}, "step": {"type": "integer"}},
                 "additionalProperties": True},
     "SchedulerStep": {"type": "object",
-                      "properties": {"metric": {"type": ["number", "null"],
-                                                "description": "ReduceLROnPlateau's metric"}},
+                      "properties": {"metric": {
+                          "description": "ReduceLROnPlateau's metric; NaN and +-inf (which "
+                                         "JSON has no literal for) as {\"$float\": \"nan\"}, "
+                                         "\"inf\" or \"-inf\", taken as torch takes them",
+                          "anyOf": [{"type": ["number", "null"]},
+                                    {"type": "object", "required": ["$float"],
+                                     "properties": {"$float": {
+                                         "type": "string", "enum": ["nan", "inf", "-inf"]}},
+                                     "additionalProperties": False}]}},
                       "additionalProperties": False, "example": {"metric": 0.5}},
+    "StepAnswer": {
+        "description": "A step's end (StepResult), or, on an LBFGS session, a question "
+                       "asking for the loss and gradients at params (EvaluationQuestion: "
+                       "`needs` is `evaluation`; it carries no `lr`).",
+        "oneOf": [_ref("StepResult"), _ref("EvaluationQuestion")],
+    },
+    "EvaluationQuestion": {
+        "type": "object",
+        "required": ["needs", "step_id", "evaluation", "evaluations", "version", "step",
+                     "timeout_s", "params"],
+        "description": "LBFGS: the open step waits for the loss and gradients at params, "
+                       "posted to POST .../step/{evaluation} (docs/protocol.md, \"LBFGS: the "
+                       "closure as a round trip\")",
+        "properties": {"needs": {"type": "string", "enum": ["evaluation"]},
+                       "step_id": {"type": "string", "description": "the open step (DELETE "
+                                   ".../step/{step_id} abandons it)"},
+                       "evaluation": {"type": "string", "description": "the evaluation "
+                                      "asked for"},
+                       "evaluations": {"type": "integer", "description": "evaluations "
+                                       "taken so far"},
+                       "version": {"type": "integer"}, "step": {"type": "integer"},
+                       "timeout_s": {"type": "number", "description": "how long the step "
+                                     "waits for this evaluation"},
+                       "replayed": {"type": "boolean"},
+                       "params": _ref("Tensors")},
+        "additionalProperties": True,
+        "example": {"needs": "evaluation", "step_id": "aa2a9536ae9d1cdb",
+                    "evaluation": "aa2a9536ae9d1cdb.1", "evaluations": 0, "version": 0,
+                    "step": 0, "timeout_s": 60.0,
+                    "params": {"x": {"dtype": "float64", "shape": [1], "data": [1.5]}}},
+    },
     "StepResult": {
         "type": "object", "required": ["version", "step", "lr"],
         "properties": {"version": {"type": "integer"}, "step": {"type": "integer"},
@@ -344,12 +393,13 @@ SCHEMAS: dict[str, Any] = {
                        "staleness": {"type": "integer"},
                        "loss": {"type": "number", "description": "LBFGS: the first "
                                 "evaluation's loss"},
-                       "evaluations": {"type": "integer", "description": "LBFGS: evaluations "
-                                       "taken (so far, in a question)"},
-                       "needs": {"type": "string", "enum": ["evaluation"], "description":
-                                 "LBFGS: the step waits for the loss and gradients at params"},
-                       "step_id": {"type": "string"}, "evaluation": {"type": "string"},
-                       "timeout_s": {"type": "number"},
+                       "evaluations": {"type": "integer", "description": "LBFGS: the "
+                                       "closure calls the step took"},
+                       "replayed": {"type": "boolean", "description": "answered from its "
+                                    "Idempotency-Key (or a committed evaluation's repeat)"},
+                       "params_version": {"type": "integer", "description": "a replay's: "
+                                          "the version of the params it carries, when the "
+                                          "session moved on since"},
                        "metrics": _ref("StepMetrics"),
                        "params": _ref("MaybeSparseTensors")},
         "additionalProperties": True,
@@ -603,6 +653,8 @@ COMMON_PROBLEMS: dict[str, str] = {
     "415": "Content-Type neither JSON nor octet-stream",
     "422": "Invalid input (shape, dtype, option, state...)",
     "429": "A per-tenant limit is reached",
+    "417": "expectation_failed: an Expect other than 100-continue; nothing was done, the "
+           "connection is closed",
 }
 PROBLEMS: dict[str, str] = {
     "406": "Accept names no media type this operation answers with",
@@ -703,7 +755,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("delete", S): Op("deleteSession", ok=None, **CONDITIONAL),
     ("patch", S): Op("configureSession", "PsOptions", ok="Session", versioned=True,
                      **CONDITIONAL),
-    ("post", f"{S}/step"): Op("step", "StepBody", body_binary=True, ok="StepResult",
+    ("post", f"{S}/step"): Op("step", "StepRequest", body_binary=True, ok="StepAnswer",
                               ok_binary=True, versioned=True,
                               query=STEP_QUERY,
                               headers=("X-Optserve-Worker", "If-Match")),
@@ -720,7 +772,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                      headers=("If-None-Match", *READ_CONDITIONAL["headers"]),
                                      problems=READ_CONDITIONAL["problems"]),
     ("post", f"{S}/step/{{eval_id}}"): Op("evaluate", "Evaluation", body_binary=True,
-                                         ok="StepResult", ok_binary=True, versioned=True,
+                                         ok="StepAnswer", ok_binary=True, versioned=True,
                                          query=("encoding",)),
     ("delete", f"{S}/step/{{step_id}}"): Op("abandonStep", ok="Object"),
     ("put", f"{S}/params"): Op("putParams", "ParamsBody", body_binary=True, ok="Params",
@@ -829,6 +881,9 @@ def _document(op: Op, method: str, path: str, doc_op: dict[str, Any]) -> None:
         responses.setdefault(status, _problem(text))
         if status == "503":
             responses[status]["headers"] = _headers(("X-Request-Id", "Retry-After"))
+        if status == "412":  # the session's current version, as a 200's (its text says so)
+            responses[status]["headers"] = _headers(("X-Request-Id", *_VERSION_HEADERS,
+                                                     "X-Optserve-Revision"))
     if op.id in ("getParams", "pullRows"):
         responses["304"] = {"description": "Not modified (If-None-Match names the current "
                                            "version, or is *)",

@@ -47,7 +47,7 @@ from app.engine.interface import (
     ReturnParams,
     StepResult,
 )
-from app.engine.ops.lbfgs import Copy, LbfgsPlan, LbfgsStep, make_copy, run
+from app.engine.ops.lbfgs import Copy, LbfgsPlan, LbfgsStep, check_lbfgs, make_copy, run
 from app.engine.session import Session
 from app.errors import Conflict, Invalid, NotFound, OptserveError
 from app.wire.safetensors_body import pack
@@ -216,6 +216,8 @@ class Evaluations:
         try:
             step = self._locate(key, eval_id)
         except NotFound:
+            # (a session of another optimizer has no evaluations: 422, not a 404 for the id)
+            check_lbfgs(self._host._get(key))
             committed = await self._committed(key, eval_id, fingerprint)
             if committed is None:
                 raise

@@ -1298,8 +1298,8 @@ export class OptserveClient {
 
   /**
    * POST /v1/sessions/{id}/scheduler/step ({metric} for ReduceLROnPlateau). A non-finite metric
-   * goes as {"$float": "nan"} (JSON.stringify would write null: no metric); the server refuses
-   * it (422 invalid_metric).
+   * goes as {"$float": "nan"} ("inf", "-inf"; JSON.stringify would write null: no metric), which
+   * ReduceLROnPlateau takes as torch does (a NaN is never an improvement).
    * Conditional with baseVersion / baseRevision, as importState.
    */
   schedulerStep(id, callOptions = {}) {

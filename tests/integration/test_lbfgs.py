@@ -524,7 +524,14 @@ def test_protocol_refusals_and_retries(http: httpx.Client) -> None:
     http.post("/v1/sessions", json={"id": other, "optimizer": "SGD", "options": {"lr": 0.1},
                                     "params": {"x": json_tensor(torch.ones(2))}})
     r = http.post(f"/v1/sessions/{other}/step/{eid}", json={"loss": 1.0})
-    assert r.status_code == 404
+    # (a session of another optimizer takes none: 422 not_an_evaluation_session, as
+    # docs/protocol.md lists it; this was a 404 evaluation_not_found, as for an unknown id)
+    assert r.status_code == 422, r.text
+    assert (r.json()["code"], r.json()["field"]) == ("not_an_evaluation_session", "optimizer")
+    assert http.get(f"/v1/sessions/{other}").json()["version"] == 0
+    other_lbfgs = create(http, options)
+    r = http.post(f"/v1/sessions/{other_lbfgs}/step/{eid}", json={"loss": 1.0})
+    assert r.status_code == 404 and r.json()["code"] == "evaluation_not_found", r.text
     for bad in ("0", "1_0", "\u0663", " 5", "inf", "nan", "1e9", "-1", "0x10"):
         r = http.post(f"/v1/sessions/{sid}/step", params={"timeout_s": bad}, json={})
         assert r.status_code == 422 and r.json()["field"] == "timeout_s", (bad, r.text)

@@ -12,6 +12,7 @@ from typing import Any
 
 import jsonschema_rs
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -132,6 +133,15 @@ CASES: list[tuple[str, str, str, Any, bool, dict[str, Any]]] = [
      {"grads": {"w": {**T, "b64": B64["b64"]}}}, False, {}),
     ("step: grads not an object", "post", "/v1/sessions/{id}/step", {"grads": [T]}, False,
      {}),
+    # an LBFGS session's step opens with nothing or its first evaluation (docs/protocol.md),
+    # which the document refused ("loss" was no property of a step's body)
+    ("step: LBFGS opened with its first evaluation", "post", "/v1/sessions/{id}/step",
+     {"loss": 0.5, "grads": {"w": T, "b": T1}}, True,
+     {"optimizer": "LBFGS", "options": {"lr": 1}}),
+    ("step: LBFGS opened with nothing", "post", "/v1/sessions/{id}/step", {}, True,
+     {"optimizer": "LBFGS", "options": {"lr": 1}}),
+    ("step: LBFGS opened with a loss that is no number", "post", "/v1/sessions/{id}/step",
+     {"loss": "one", "grads": {"w": T}}, False, {"optimizer": "LBFGS", "options": {"lr": 1}}),
     ("grads: grads", "post", "/v1/sessions/{id}/grads", {"grads": {"b": T1}}, True, {}),
     ("grads: extra property", "post", "/v1/sessions/{id}/grads",
      {"grads": {"b": T1}, "scale": 2}, False, {}),
@@ -156,12 +166,33 @@ CASES: list[tuple[str, str, str, Any, bool, dict[str, Any]]] = [
      {"scheduler": {"name": "StepLR", "options": {"step_size": 2}, "step_on": "manual"}}),
     ("scheduler step: metric", "post", "/v1/sessions/{id}/scheduler/step", {"metric": 0.5},
      True, {"scheduler": {"name": "ReduceLROnPlateau", "step_on": "manual"}}),
+    # NaN and infinities as tags (README, docs/protocol.md), which the document refused
+    *[(f"scheduler step: metric {tag}", "post", "/v1/sessions/{id}/scheduler/step",
+       {"metric": {"$float": tag}}, True,
+       {"scheduler": {"name": "ReduceLROnPlateau", "step_on": "manual"}})
+      for tag in ("nan", "inf", "-inf")],
+    *[(f"scheduler step: metric tag {tag!r}", "post", "/v1/sessions/{id}/scheduler/step",
+       {"metric": tag}, False,
+       {"scheduler": {"name": "ReduceLROnPlateau", "step_on": "manual"}})
+      for tag in ({"$float": "NaN"}, {"$float": 1}, {"$float": "nan", "x": 1}, {})],
     ("scheduler step: metric not a number", "post", "/v1/sessions/{id}/scheduler/step",
      {"metric": "low"}, False,
      {"scheduler": {"name": "ReduceLROnPlateau", "step_on": "manual"}}),
     ("scheduler step: extra property", "post", "/v1/sessions/{id}/scheduler/step",
      {"metric": 0.5, "epoch": 3}, False,
      {"scheduler": {"name": "ReduceLROnPlateau", "step_on": "manual"}}),
+    # row pulls: lists, or int64 JSON tensors (docs/protocol.md), which the document refused
+    ("rows: a list", "post", "/v1/sessions/{id}/params/rows", {"rows": {"w": [1, 0, 1]}},
+     True, {}),
+    ("rows: an int64 tensor", "post", "/v1/sessions/{id}/params/rows",
+     {"rows": {"w": {"dtype": "int64", "shape": [2], "data": [1, 0]}}}, True, {}),
+    ("rows: a b64 int64 tensor", "post", "/v1/sessions/{id}/params/rows",
+     {"rows": {"w": {"dtype": "int64", "shape": [1], "b64": "AQAAAAAAAAA="}}}, True, {}),
+    ("rows: a tensor with data and b64", "post", "/v1/sessions/{id}/params/rows",
+     {"rows": {"w": {"dtype": "int64", "shape": [1], "data": [1], "b64": "AQAAAAAAAAA="}}},
+     False, {}),
+    ("rows: not a list", "post", "/v1/sessions/{id}/params/rows", {"rows": {"w": 1}}, False,
+     {}),
     # parameter-server options
     ("configure", "patch", "/v1/sessions/{id}", {"max_staleness": 4, "staleness_lr": "inverse"},
      True, {}),
@@ -234,3 +265,109 @@ def test_a_nested_scheduler_name_must_be_a_string(app_client: TestClient) -> Non
                                                 "milestones": []}}})
     assert r.status_code == 422, r.text
     assert r.json()["field"] == "scheduler.options.schedulers.0.name"
+
+
+def response_validator(method: str, path: str) -> Any:
+    schema = DOC["paths"][path][method]["responses"]["200"]["content"]["application/json"][
+        "schema"]
+    return jsonschema_rs.validator_for({**schema, "components": DOC["components"]})
+
+
+def test_lbfgs_questions_and_ends_match_the_documented_step_answers(
+        app_client: TestClient) -> None:
+    """An LBFGS step's question (`needs: evaluation`, no `lr`) and its end, as POST .../step
+    and POST .../step/{eval_id} answer them, each validate against the 200 schema those routes
+    document (the document required `lr` of every step answer, which no question carries), and
+    the end is torch's own LBFGS.step."""
+    x0 = [1.5, -2.0, 0.5]
+    target = torch.tensor([0.3, 0.1, -0.7], dtype=torch.float64)
+    weight = torch.tensor([1.0, 3.0, 10.0], dtype=torch.float64)
+    r = app_client.post("/v1/sessions", json={
+        "id": "lbfgs-schema", "optimizer": "LBFGS",
+        "options": {"lr": 1, "max_iter": 4, "line_search_fn": "strong_wolfe"},
+        "params": {"x": {"dtype": "float64", "shape": [3], "data": x0}}})
+    assert r.status_code == 201, r.text
+
+    def loss_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (weight * (x - target) ** 2).sum(), 2 * weight * (x - target)
+
+    opening = response_validator("post", "/v1/sessions/{session_id}/step")
+    evaluating = response_validator("post", "/v1/sessions/{session_id}/step/{eval_id}")
+    r = app_client.post("/v1/sessions/lbfgs-schema/step", json={})
+    assert r.status_code == 200, r.text
+    questions = 0
+    answer = r.json()
+    errors = [e.message for e in opening.iter_errors(answer)]
+    assert not errors, (answer, errors)
+    while answer.get("needs") == "evaluation":
+        questions += 1
+        assert "lr" not in answer
+        x = torch.tensor(answer["params"]["x"]["data"], dtype=torch.float64)
+        loss, grad = loss_and_grad(x)
+        r = app_client.post(f"/v1/sessions/lbfgs-schema/step/{answer['evaluation']}", json={
+            "loss": loss.item(), "grads": {"x": {"dtype": "float64", "shape": [3],
+                                                 "data": grad.tolist()}}})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        errors = [e.message for e in evaluating.iter_errors(answer)]
+        assert not errors, (answer, errors)
+    assert questions >= 2
+
+    x = torch.tensor(x0, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([x], lr=1, max_iter=4, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        loss, grad = loss_and_grad(x.detach())
+        x.grad = grad
+        return loss
+
+    loss = opt.step(closure)
+    assert answer["params"]["x"]["data"] == x.detach().tolist()
+    assert answer["loss"] == loss.item() and answer["lr"] == [1]
+    assert answer["evaluations"] == opt.state[x]["func_evals"]
+
+
+def test_a_412_declares_the_version_headers_it_carries(app_client: TestClient) -> None:
+    """A 412 precondition_failed carries the session's current ETag, X-Optserve-Version,
+    X-Optserve-Step (and X-Optserve-Revision where known), as docs/protocol.md says and the
+    412's own description in the document says: the document's 412 responses declared only
+    X-Request-Id. Each refusal below is answered with those headers, at the session's values,
+    and each header it carries is one its operation's 412 declares."""
+    sid = new_session(app_client)
+    r = app_client.post(f"/v1/sessions/{sid}/step", json={"grads": {"w": T}})
+    assert r.status_code == 200, r.text
+    stale = {"If-Match": '"0"'}
+    refusals = [
+        ("put", "/v1/sessions/{session_id}/params", {"json": {"params": {"w": T}}}),
+        ("patch", "/v1/sessions/{session_id}/param_groups/{index}", {"json": {"lr": 0.5}}),
+        ("patch", "/v1/sessions/{session_id}", {"json": {"metrics": False}}),
+        ("post", "/v1/sessions/{session_id}/param_groups", {"json": {"params": {"v": T1}}}),
+        ("get", "/v1/sessions/{session_id}/state_dict", {}),
+        ("get", "/v1/sessions/{session_id}/params", {}),
+        ("get", "/v1/sessions/{session_id}", {}),
+        ("delete", "/v1/sessions/{session_id}", {}),
+    ]
+    known = {"etag", "x-optserve-version", "x-optserve-step", "x-optserve-revision"}
+    for method, path, kw in refusals:
+        target = path.replace("{session_id}", sid).replace("{index}", "0")
+        r = app_client.request(method.upper(), target, headers=stale, **kw)
+        assert r.status_code == 412, (method, path, r.text)
+        assert (r.headers["etag"], r.headers["x-optserve-version"],
+                r.headers["x-optserve-step"]) == ('"1"', "1", "1"), (method, path)
+        declared = {h.lower() for h in DOC["paths"][path][method]["responses"]["412"]["headers"]}
+        carried = known & set(r.headers)
+        assert carried <= declared, (method, path, carried - declared)
+
+
+def test_every_operation_lists_the_417_it_answers(app_client: TestClient) -> None:
+    """An `Expect` other than 100-continue is a 417 expectation_failed on every route, before
+    anything runs (docs/protocol.md lists it); each operation's document lists that 417 (none
+    did)."""
+    for path, methods in DOC["paths"].items():
+        for method, op in methods.items():
+            target = path.replace("{session_id}", "nope").replace("{index}", "0").replace(
+                "{eval_id}", "e.1").replace("{step_id}", "e")
+            r = app_client.request(method.upper(), target, headers={"expect": "tea"})
+            assert r.status_code == 417, (method, path, r.status_code, r.text)
+            assert (r.json()["code"], r.json()["field"]) == ("expectation_failed", "Expect")
+            assert "417" in op["responses"], (method, path)
