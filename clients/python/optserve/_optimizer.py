@@ -82,6 +82,7 @@ from ._exceptions import APIStatusError, OptserveError, PreconditionFailedError
 from ._gc import gc_paused
 from ._precision import NarrowFloatOptions
 from ._session_state import SessionState, assigned_state
+from ._stale import stale_import
 from ._state_layout import laid_out_as_torch
 from ._step_dtypes import STATE_MADE_AT_CONSTRUCTION, StepDtypes
 from ._tensors import Tensor
@@ -643,7 +644,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         ``base_version``: the import is conditional on that version instead of the one the
         ``GET`` saw (:meth:`_write_back_state`: the version :attr:`state` was read at); made
         again only while the session is still at it (an option changed meanwhile), a version
-        past it raising that ``PreconditionFailedError`` at once."""
+        past it raising that ``PreconditionFailedError`` at once. A ``GET`` that already shows
+        the session at another version raises it without sending the import (its ``If-Match``
+        could not hold: :func:`stale_import` gives the 412 the server would)."""
         params = [p for group in self.param_groups for p in group["params"]]
         ids: list[list[Any]] = []
         for group in self.param_groups:
@@ -664,6 +667,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 start += count
             self._state_epoch += 1
             self._state_view.forget()
+            if base_version is not None and info.version != base_version:
+                # (the GET already shows the session at another version than the edit was
+                # read at: the import's If-Match cannot hold, so it is refused here as the
+                # server would refuse it, the view forgotten as then, without uploading the
+                # whole state only for that 412)
+                raise stale_import(self._client, self._session_id, info, base_version)
             try:
                 imported = self._client.import_state(
                     self._session_id,
