@@ -152,3 +152,121 @@ def test_a_stale_edit_is_refused_without_uploading_the_state(
         train(model, opt, range(3, 5))
     assert_trained_alike(local_model, local, remote_model, remote)
     remote.close(delete_session=True)
+
+
+def first_layer_pair(optimizer: str, client: optserve.Client
+                     ) -> tuple[torch.nn.Sequential, torch.optim.Optimizer,
+                                torch.optim.lr_scheduler.StepLR, torch.nn.Sequential,
+                                optserve.RemoteOptimizer, torch.optim.lr_scheduler.StepLR]:
+    """A local and a remote optimizer of the first layer only, with a tensor lr (shared by the
+    defaults and the group, as torch keeps it) and a local StepLR each (not stepped yet),
+    trained alike for two steps."""
+    local_model = mlp()
+    remote_model = copy.deepcopy(local_model)
+    options = {"lr": torch.tensor(0.01), **({"momentum": 0.9} if optimizer == "SGD" else {})}
+    local = getattr(torch.optim, optimizer)(local_model[0].parameters(), **options)
+    remote = optserve.RemoteOptimizer(remote_model[0].parameters(), optimizer, client,
+                                      **copy.deepcopy(options))
+    local_sched = torch.optim.lr_scheduler.StepLR(local, step_size=1, gamma=0.5)
+    remote_sched = torch.optim.lr_scheduler.StepLR(remote, step_size=1, gamma=0.5)
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(2))
+    return local_model, local, local_sched, remote_model, remote, remote_sched
+
+
+def train_scheduled(model: torch.nn.Sequential, opt: torch.optim.Optimizer,
+                    sched: torch.optim.lr_scheduler.StepLR, steps: range) -> None:
+    for i in steps:
+        opt.zero_grad()
+        backward(model, i)
+        opt.step()
+        sched.step()
+
+
+@pytest.mark.parametrize(("optimizer", "key"), [("SGD", "momentum_buffer"), ("Adam", "exp_avg")])
+def test_add_param_group_refused_by_a_stale_edit_applies_nothing(
+        recorded: Recorded, other_client: optserve.Client, optimizer: str, key: str) -> None:
+    """A reads the state, B steps, A edits the state, A's scheduler fills the tensor lr in
+    place (the defaults' too) and A adds a group: ``PreconditionFailedError``, and nothing of
+    the addition happened, on the server (its revision, its group's lr: not the fill, which
+    is A's to send with its next step) or here (one group, the lr as the scheduler left it).
+    Pulled, added again, then trained: bitwise torch's, which added the group once."""
+    local_model, local, local_sched, remote_model, remote, remote_sched = first_layer_pair(
+        optimizer, recorded.client)
+    session_id = remote.session_id
+    tensor = remote.state[remote_model[0].weight][key]
+    # B's step, taken by the local optimizer too
+    local.zero_grad()
+    backward(local_model, 7)
+    names = other_client.get_session(session_id).param_groups[0].params
+    other_client.step(session_id, {name: p.grad.clone() for name, p in zip(
+        names, local_model[0].parameters(), strict=True)}, return_params=False)
+    local.step()
+    with torch.no_grad():
+        tensor.mul_(0.5)
+    for sched in (local_sched, remote_sched):
+        sched.step()  # (fills the tensor lr in place: the group's and the defaults')
+    before = other_client.get_session(session_id)
+    recorded.sent.clear()
+    with pytest.raises(optserve.PreconditionFailedError, match="the edit was not applied"):
+        remote.add_param_group({"params": list(remote_model[2].parameters())})
+    assert [r for r in recorded.sent if not r.startswith("GET ")] == []
+    after = other_client.get_session(session_id)
+    assert (after.version, after.revision) == (before.version, before.revision)
+    assert len(after.param_groups) == 1
+    assert float(after.param_groups[0].options["lr"]) == float(before.param_groups[0]
+                                                                .options["lr"])
+    assert float(after.param_groups[0].options["lr"]) != float(local.param_groups[0]["lr"])
+    assert len(remote.param_groups) == 1
+    assert torch.equal(remote.param_groups[0]["lr"], local.param_groups[0]["lr"])
+    assert_session_is_torchs_layer(other_client, session_id, local_model, local)
+    # B's step into A's model; added again (the edit dropped: nothing pending), as torch
+    # adds it once
+    remote.pull_params()
+    local.add_param_group({"params": list(local_model[2].parameters())})
+    remote.add_param_group({"params": list(remote_model[2].parameters())})
+    for model, opt, sched in ((local_model, local, local_sched),
+                              (remote_model, remote, remote_sched)):
+        train_scheduled(model, opt, sched, range(3, 6))
+    assert_trained_alike(local_model, local, remote_model, remote)
+    remote.close(delete_session=True)
+
+
+@pytest.mark.parametrize(("optimizer", "key"), [("SGD", "momentum_buffer"), ("Adam", "exp_avg")])
+def test_add_param_group_after_an_edit_and_a_fill_is_torchs(
+        recorded: Recorded, optimizer: str, key: str) -> None:
+    """No other client: A edits the state, its scheduler fills the tensor lr in place and A
+    adds a group (the edit sent first, then the fill, then the group, which starts from the
+    filled default): trained on, bitwise torch's doing the same."""
+    local_model, local, local_sched, remote_model, remote, remote_sched = first_layer_pair(
+        optimizer, recorded.client)
+    with torch.no_grad():
+        for model, opt in ((local_model, local), (remote_model, remote)):
+            opt.state[model[0].weight][key].mul_(0.5)
+    for model, opt, sched in ((local_model, local, local_sched),
+                              (remote_model, remote, remote_sched)):
+        sched.step()
+        opt.add_param_group({"params": list(model[2].parameters())})
+    assert recorded.imports() != []  # (the edit was sent)
+    for model, opt, sched in ((local_model, local, local_sched),
+                              (remote_model, remote, remote_sched)):
+        train_scheduled(model, opt, sched, range(3, 6))
+    assert_trained_alike(local_model, local, remote_model, remote)
+    remote.close(delete_session=True)
+
+
+def assert_session_is_torchs_layer(other: optserve.Client, session_id: str,
+                                   local_model: torch.nn.Sequential,
+                                   local: torch.optim.Optimizer) -> None:
+    """The session (of the first layer) bitwise the local optimizer's state and layer."""
+    session = other.export_state(session_id)
+    local_sd = local.state_dict()
+    assert set(session["state"]) == set(local_sd["state"])
+    for index, entry in local_sd["state"].items():
+        for k, value in entry.items():
+            assert torch.equal(torch.as_tensor(session["state"][index][k]),
+                               torch.as_tensor(value)), (index, k)
+    names = other.get_session(session_id).param_groups[0].params
+    params = other.get_params(session_id).params
+    for name, p in zip(names, local_model[0].parameters(), strict=True):
+        assert torch.equal(torch.as_tensor(params[name]), p.detach()), name

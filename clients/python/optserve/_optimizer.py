@@ -1254,7 +1254,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
         return orig_loss
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """torch's ``add_param_group``, on the server too."""
+        """torch's ``add_param_group``, on the server too.
+
+        An edit of :attr:`state` not sent yet goes first (:meth:`_write_back_state`): when it
+        is refused because another client changed the session since the state was read
+        (:class:`~optserve.PreconditionFailedError`), nothing of the addition is done, on the
+        server or here (no group, no option sent: a local scheduler's fill of a tensor lr the
+        defaults hold is sent only after it, then the group). Once the edit is in, a refusal of
+        the fill or of the group itself leaves the edit applied, as a step after it would."""
         if getattr(self, "_initializing", True):
             super().add_param_group(param_group)
             self._refuse_duplicates()
@@ -1268,11 +1275,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                       if k not in _NOT_OPTIONS and k in self._option_names},
                                      self.defaults)
         self._narrow_floats.check(self._optimizer_name, explicit)
+        # an edit of opt.state first: refused (another client changed the session since it
+        # was read), nothing of the addition is done, here or there (not the fills below)
+        self._write_back_state()
         # the server's defaults as torch's are now: a local scheduler's fills of a tensor lr
-        # the defaults hold sent first (the new group starts from them, there as here; other
+        # the defaults hold sent next (the new group starts from them, there as here; other
         # changes ride with the next step as before)
         self._sync_param_groups(fills_only=True)
-        self._write_back_state()
         self._state_epoch += 1
         super().add_param_group(param_group)
         self._refuse_duplicates()
