@@ -270,3 +270,36 @@ def assert_session_is_torchs_layer(other: optserve.Client, session_id: str,
     params = other.get_params(session_id).params
     for name, p in zip(names, local_model[0].parameters(), strict=True):
         assert torch.equal(torch.as_tensor(params[name]), p.detach()), name
+
+
+@pytest.mark.parametrize("other_stepped", [False, True], ids=["alone", "other stepped"])
+@pytest.mark.parametrize(("optimizer", "options", "key"), OPTIMIZERS)
+def test_load_state_dict_replaces_an_unsent_edit_as_torchs(
+        recorded: Recorded, other_client: optserve.Client, optimizer: str,
+        options: dict[str, float], key: str, other_stepped: bool) -> None:
+    """A resumes from a checkpoint (``model.load_state_dict``, then ``opt.load_state_dict``)
+    with an edit of ``opt.state`` not sent yet, read before B stepped (or with no other
+    client): torch's load replaces the state whole, edit and all, so the load is one import
+    (the edit is not sent first, nor refused as stale: a load is no edit of what was read),
+    and training goes on bitwise as torch's resumed from the same checkpoint."""
+    local_model, local, remote_model, remote = started(optimizer, options, recorded.client)
+    model_ckpt = copy.deepcopy(local_model.state_dict())
+    opt_ckpt = copy.deepcopy(local.state_dict())
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(2, 3))
+    tensor = remote.state[remote_model[0].weight][key]
+    if other_stepped:
+        other_step(local_model, local, other_client, remote.session_id)
+    with torch.no_grad():
+        tensor.mul_(0.5)
+        local.state[local_model[0].weight][key].mul_(0.5)
+    recorded.sent.clear()
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        model.load_state_dict(copy.deepcopy(model_ckpt))
+        opt.load_state_dict(copy.deepcopy(opt_ckpt))
+    assert len(recorded.imports()) == 1
+    assert_session_is_torchs(other_client, remote.session_id, local_model, local)
+    for model, opt in ((local_model, local), (remote_model, remote)):
+        train(model, opt, range(3, 6))
+    assert_trained_alike(local_model, local, remote_model, remote)
+    remote.close(delete_session=True)

@@ -1416,7 +1416,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
         in ``self.state[p]`` beside the session's keys and in :meth:`state_dict`; the state
         dict's group keys that are no option of the session's optimizer stay in the local
         groups. It replaces the client-side state as a whole (what the state dict does not
-        hold is dropped), once the session took its part."""
+        hold is dropped), once the session took its part.
+
+        As torch's, it replaces the whole state: an edit of :attr:`state` not sent yet is
+        replaced with it, never sent (nor refused as made on a state another client changed
+        since it was read), and the import is not conditional on any version read before: it
+        overwrites whatever other clients did to the session's state meanwhile, as loading a
+        checkpoint means to. Parameters edited locally (``model.load_state_dict`` of the same
+        checkpoint first) are sent after the import (:meth:`push_params`)."""
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -1448,7 +1455,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if "state" in state_dict:
             state_dict["state"] = _steps_as_the_session_keeps(session_state,
                                                               self._optimizer_name)
-        self.push_params(only_edited=True)
+        # (no write-back of an edit of opt.state not sent yet, nor is the import conditional
+        # on the version opt.state was read at: torch's load replaces the state whole, the
+        # edit with it; parameters edited locally, a checkpoint's model loaded first, are sent
+        # after it, so that nothing moves the session before it)
         self._state_epoch += 1
         # groups holding one tensor (a tensor lr default's groups, as torch.save keeps them)
         # stay one tensor in the session only as a torch.save file says it (docs/protocol.md)
@@ -1475,6 +1485,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                  if isinstance(index, (int, str)) and str(index).isdigit()
                  and int(index) in by_id}, self.param_groups)
         self._imported(info)
+        self.push_params(only_edited=True)
         if masters:
             # the session's parameters at their own width; the local ones keep the narrowed
             # values the model was loaded with, as after a step (nothing to send at the next)
