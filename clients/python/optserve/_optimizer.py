@@ -80,6 +80,7 @@ from ._base_client import ReceiveBuffer
 from ._client import Client
 from ._exceptions import APIStatusError, OptserveError, PreconditionFailedError
 from ._gc import gc_paused
+from ._last_export import LastExport
 from ._precision import NarrowFloatOptions
 from ._session_state import SessionState, assigned_state
 from ._stale import stale_import
@@ -490,6 +491,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._state_epoch = 0
         self._state_view = SessionState(self._session_state,
                                         lambda: (self._known_version, self._state_epoch))
+        #: the last state dict read, a read of it again conditional on its revision
+        self._last_export = LastExport()
         #: the dtype torch's optimizer would keep each parameter's step count in
         self._step_dtypes = StepDtypes()
         #: warns once per option given as a NumPy float32/float16 scalar (optserve._precision)
@@ -666,6 +669,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 groups.append({**server.options, "params": list(range(start, start + count))})
                 start += count
             self._state_epoch += 1
+            self._last_export.drop()
             self._state_view.forget()
             if base_version is not None and info.version != base_version:
                 # (the GET already shows the session at another version than the edit was
@@ -1015,6 +1019,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._check_groups()
         self._write_back_state()
         self._state_epoch += 1
+        self._last_export.drop()
         self._state_view.forget()
         if self._optimizer_name == "LBFGS":
             first: float | None = self._lbfgs_step(closure)
@@ -1283,6 +1288,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         # changes ride with the next step as before)
         self._sync_param_groups(fills_only=True)
         self._state_epoch += 1
+        self._last_export.drop()
         super().add_param_group(param_group)
         self._refuse_duplicates()
         self._refuse_uninitialized()
@@ -1335,7 +1341,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     "error'), a session steps each entry once; list each parameter once")
 
     def state_dict(self) -> dict[str, Any]:
-        """The session's state in torch's format (fetched from the server)::
+        """The session's state in torch's format (fetched from the server, or not again while
+        the session did not change since the last state read: see :meth:`_export_state`)::
 
             {"state": {0: {"step": tensor(...), "exp_avg": tensor(...), ...}, ...},
              "param_groups": [{"lr": ..., ..., "params": [0, 1, ...]}, ...]}
@@ -1460,6 +1467,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         # edit with it; parameters edited locally, a checkpoint's model loaded first, are sent
         # after it, so that nothing moves the session before it)
         self._state_epoch += 1
+        self._last_export.drop()
         # groups holding one tensor (a tensor lr default's groups, as torch.save keeps them)
         # stay one tensor in the session only as a torch.save file says it (docs/protocol.md)
         info = self._client.import_state(
@@ -1494,6 +1502,18 @@ class RemoteOptimizer(torch.optim.Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    def _export_state(self, fmt: StateFormat) -> tuple[dict[str, Any], int | None]:
+        """The session's state dict and the version it is of: read on the condition that the
+        session changed since the last one read (``If-None-Match`` its revision, see
+        ``optserve._last_export``), else (a 304) that one again, its tensors the same."""
+        kept = self._last_export
+        since = kept.revision(fmt)
+        sd, version, revision = self._client._export_state_since(self._session_id, fmt, since)
+        if sd is None:
+            return kept.copy(), version
+        kept.keep(fmt, revision, sd)
+        return sd, version
+
     def _narrowed_names(self) -> list[str]:
         """The parameters whose values travel narrowed (``wire_dtype``: floating ones wider
         than it), by name."""
@@ -1510,7 +1530,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         fmt: StateFormat = "safetensors" if self._binary else "json"
         narrowed = self._narrowed_names()
         for attempt in range(1, MASTER_READ_ATTEMPTS + 1):
-            sd, version = self._client._export_state_at(self._session_id, format=fmt)
+            sd, version = self._export_state(fmt)
             self._learn(version)  # (opt.state read next is not older than this)
             if not narrowed:
                 return sd, {}, version
@@ -1624,8 +1644,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if not hasattr(self, "_session_id"):
             return {}, None
         self._check_groups()
-        sd, version = self._client._export_state_at(
-            self._session_id, format="safetensors" if self._binary else "json")
+        sd, version = self._export_state("safetensors" if self._binary else "json")
         self._learn(version)
         state: dict[torch.Tensor, Any] = {}
         for group, server in zip(self.param_groups, sd["param_groups"], strict=True):
