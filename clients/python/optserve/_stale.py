@@ -10,7 +10,7 @@ import httpx
 
 from ._api import _sid
 from ._client import Client
-from ._constants import STEP_HEADER, VERSION_HEADER
+from ._constants import REVISION_HEADER, STEP_HEADER, VERSION_HEADER
 from ._exceptions import PreconditionFailedError, make_status_error
 from ._types import SessionInfo
 
@@ -37,7 +37,7 @@ def stale_import(client: Client, session_id: str, info: SessionInfo,
                STEP_HEADER: str(info.step), "Content-Type": "application/problem+json"}
     if info.revision is not None:
         problem["current_revision"] = info.revision
-        headers["X-Optserve-Revision"] = str(info.revision)
+        headers[REVISION_HEADER] = str(info.revision)
     request = httpx.Request("PUT", client.base_url + _sid(session_id) + "/state_dict",
                             headers={"If-Match": f'"{base_version}"'})
     error = make_status_error(httpx.Response(412, headers=headers, json=problem,
