@@ -16,7 +16,7 @@ import torch
 from fastapi import Request
 
 from app.engine.idempotency import check_key
-from app.engine.interface import EVERY_VERSION, IdemKey
+from app.engine.interface import EVERY_VERSION, EveryVersion, IdemKey
 from app.engine.ops import Expected
 from app.errors import BadHeader, Invalid, OptserveError
 from app.wire.content_digest import tensors_digest
@@ -159,9 +159,31 @@ _NONE_MATCH_MEMBER = re.compile(
 
 
 def none_match_versions(request: Request) -> frozenset[int]:
-    """The versions named by ``If-None-Match`` (weak comparison: ``W/"5"`` names 5; entity
-    tags that are not versions, ``"abc"`` or ``"02"``, are ignored; so are empty list
-    elements and an empty header); ``*``: :data:`EVERY_VERSION` (RFC 9110 13.1.2: false
+    """The versions named by ``If-None-Match``: see :func:`none_match_tags`."""
+    tags = none_match_tags(request)
+    if isinstance(tags, EveryVersion):
+        return tags
+    return frozenset(v for v in (_etag_version(t) for t in tags) if v is not None)
+
+
+def none_match_revisions(request: Request) -> frozenset[int]:
+    """The session revisions named by ``If-None-Match`` as revision tags, ``"r<revision>"``
+    (``W/"r12"`` too: compared weakly), written as the ``X-Optserve-Revision`` header gives it
+    (``"r012"`` names none); ``*`` names none here (:func:`none_match_any` says it). A read of
+    the state dict evaluates them: its ``ETag`` names the parameters' version, which an option
+    change or a scheduler step does not move, the revision every change to the session."""
+    tags = none_match_tags(request)
+    if isinstance(tags, EveryVersion):
+        return frozenset()
+    return frozenset(v for v in (_etag_version(t[1:]) for t in tags if t[:1] == "r")
+                     if v is not None)
+
+
+def none_match_tags(request: Request) -> frozenset[str] | EveryVersion:
+    """The entity tags' opaque texts named by ``If-None-Match`` (weak comparison: ``W/"5"``
+    names ``5``; a bare version, ``5``, its text; :func:`none_match_versions` takes the
+    versions among them, ``"abc"`` or ``"02"`` ignored; empty list elements and an empty
+    header name none); ``*``: :data:`EVERY_VERSION` (RFC 9110 13.1.2: false
     whenever the session exists, a 304 on a read). A header outside RFC 9110's grammar
     (``*`` in a list, ``w/"5"``: the weak indicator is ``W/``, an unclosed quote, a bare
     word) is a 422 ``invalid_precondition`` naming ``If-None-Match``, as a malformed
@@ -169,7 +191,7 @@ def none_match_versions(request: Request) -> frozenset[int]:
     header = ", ".join(request.headers.getlist("if-none-match"))  # (a list: lines combine)
     if header.strip(_OWS) == "*":
         return EVERY_VERSION
-    found: set[int] = set()
+    found: set[str] = set()
     pos, end = 0, len(header)
     while pos < end:
         if (empty := _EMPTY_MEMBER.match(header, pos)) is not None:
@@ -183,10 +205,7 @@ def none_match_versions(request: Request) -> frozenset[int]:
                           "gives them (\"5\", W/\"5\"; \"4\", \"5\"); got "
                           f"{header!r:.60}", code="invalid_precondition",
                           field="If-None-Match")
-        version = _etag_version(member.group(1) if member.group(2) is None
-                                else member.group(2))
-        if version is not None:  # ("02", "abc": no ETag given, ignored)
-            found.add(version)
+        found.add(member.group(1) if member.group(2) is None else member.group(2))
         pos = member.end()
     return frozenset(found)
 

@@ -562,6 +562,15 @@ HEADERS: dict[str, dict[str, Any]] = {
                        "changes do not move); outside RFC 9110's grammar: 422 "
                        "invalid_precondition",
         "schema": {"type": "string", "example": "*"}},
+    "If-None-Match (state)": {
+        "name": "If-None-Match", "in": "header", "required": False,
+        "description": "*: 304 whenever the session exists; a revision tag, \"r<revision>\" "
+                       "(the X-Optserve-Revision a state dict was read with; W/\"r12\" too): "
+                       "304 when the session is still at one of those revisions (every "
+                       "change moves it); a version tag is not evaluated (this answer's ETag "
+                       "is the parameters' version, which option changes do not move); "
+                       "outside RFC 9110's grammar: 422 invalid_precondition",
+        "schema": {"type": "string", "example": '"r12"'}},
 }
 # Query parameters the routes read themselves.
 #: every query parameter a step takes (``encoding``: ``bodies.tensor_encoding``; ``timeout_s``:
@@ -788,7 +797,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                         ok="Version", versioned=True, **CONDITIONAL),
     ("get", f"{S}/state_dict"): Op("exportState", ok="StateDict", ok_binary=True,
                                    versioned=True, query=("format", "encoding"),
-                                   headers=("If-None-Match (star)",
+                                   headers=("If-None-Match (state)",
                                             *READ_CONDITIONAL["headers"]),
                                    problems=READ_CONDITIONAL["problems"]),
     ("put", f"{S}/state_dict"): Op("importState", "StateDict", body_binary=True, ok="Session",
@@ -890,7 +899,9 @@ def _document(op: Op, method: str, path: str, doc_op: dict[str, Any]) -> None:
                             "headers": _headers(("X-Request-Id",) + _VERSION_HEADERS)}
     if op.id in ("getSession", "exportState"):
         responses["304"] = {"description": "Not modified (If-None-Match: *; the session "
-                                           "exists)",
+                                           "exists)" if op.id == "getSession" else
+                                           "Not modified (If-None-Match: *, or a revision "
+                                           "tag \"r<revision>\" naming the session's)",
                             "headers": _headers(("X-Request-Id", *_VERSION_HEADERS,
                                                  "X-Optserve-Revision"))}
     if path != "/healthz":

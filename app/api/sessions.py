@@ -134,7 +134,8 @@ async def get_session(session_id: SessionId, request: Request, engine: EngineDep
 
 def _not_modified(info: SessionInfo) -> Response:
     """304 for ``If-None-Match: *`` on a read of the session's description or state (RFC
-    9110 13.1.2: false whenever the session exists), with the version headers a 200 has. A
+    9110 13.1.2: false whenever the session exists), or for a revision tag naming the
+    session's revision on a read of its state, with the version headers a 200 has. A
     version tag is not evaluated there: their ETag is the parameters' version, which an
     option change (in both answers) does not move."""
     headers = _headers(info.version, info.step)
@@ -474,10 +475,15 @@ async def export_state(
     negotiate(request, (JSON if fmt == "json" else BINARY,))
     b64 = tensor_encoding(request)
     expected = conditions.strict_match(request)
-    if conditions.none_match_any(request):  # (304 whatever the state: not exported)
+    revisions = conditions.none_match_revisions(request)
+    if conditions.none_match_any(request) or revisions:
+        # (304 whatever the state for *; for a revision tag, the "r<revision>" a state was
+        # read at, when the session is still at it: every change moves the revision, so
+        # its state dict is as read then; told from its description, nothing exported)
         info = await engine.describe(session_id, tenant=tenant)
         conditions.check_read(expected, info.version, info.step, info.revision)
-        return _not_modified(info)
+        if not revisions or info.revision in revisions:
+            return _not_modified(info)
     out = await engine.export_state(session_id, tenant=tenant)
     conditions.check_read(expected, out.version, out.step, out.revision)
     headers = version_headers(out.version, out.step)

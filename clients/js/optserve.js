@@ -1261,13 +1261,30 @@ export class OptserveClient {
     const { buf } = await this.request("GET", `${this._sid(id)}/state_dict`, {
       query, accept: format === "json" ? JSON_TYPE : BINARY, headers: readAt(atVersion),
     });
-    if (raw || format === "torch") return buf;
-    if (format === "safetensors") {
-      const { tensors, metadata } = readSafetensors(buf);
-      if (!("optserve_state" in metadata)) throw new TypeError("safetensors state lacks __metadata__.optserve_state");
-      return treeFromJson(JSON.parse(metadata.optserve_state), tensors);
-    }
-    return treeFromJson(JSON.parse(textDecoder.decode(buf)));
+    return raw ? buf : stateFromBody(buf, format);
+  }
+
+  /**
+   * GET /v1/sessions/{id}/state_dict unless the session is still at `revision`, the `revision` a
+   * result of this call carries (sent as the revision tag If-None-Match: "r<revision>"; every
+   * change to the session moves its revision, an option PATCH too, which leaves the version
+   * alone). Returns {state, version, step, revision} (state as exportState returns it), or
+   * {notModified: true, version, step, revision} while nothing changed the session since:
+   * nothing downloaded, keep the state read before. Without `revision`, the whole state. A server
+   * that does not evaluate the tag answers the whole state every time.
+   */
+  async exportStateIfChanged(id, callOptions = {}) {
+    let { format = "json", encoding, revision } = optionsOf(callOptions, ["format", "encoding", "revision"], "exportStateIfChanged");
+    const query = { format };
+    if (format === "json" && encoding && encoding !== "data") query.encoding = encoding;
+    const headers = revision === undefined ? {} : { "If-None-Match": `"r${wholeNumber(revision, "revision")}"` };
+    const { res, buf } = await this.request("GET", `${this._sid(id)}/state_dict`, {
+      query, accept: format === "json" ? JSON_TYPE : BINARY, headers,
+    });
+    const answered = res.headers.get("x-optserve-revision");
+    const info = { ...versionFromHeaders(res), revision: answered === null ? undefined : Number(answered) };
+    if (res.status === 304) return { ...info, notModified: true };
+    return { ...info, state: stateFromBody(buf, format) };
   }
 
   /**
@@ -1329,6 +1346,18 @@ function noneMatch(value) {
   if (typeof value === "string" && /^(W\/)?"\d+"$/.test(value)) return value;
   if (typeof value === "string") throw new TypeError(`ifNoneMatch must be a version or an etag such as '"5"', got ${JSON.stringify(value)}`);
   return `"${wholeNumber(value, "ifNoneMatch")}"`;
+}
+
+// An exported state's body as exportState returns it: torch's tree with Tensors ("json",
+// "safetensors"), or the torch.save file's bytes ("torch").
+function stateFromBody(buf, format) {
+  if (format === "torch") return buf;
+  if (format === "safetensors") {
+    const { tensors, metadata } = readSafetensors(buf);
+    if (!("optserve_state" in metadata)) throw new TypeError("safetensors state lacks __metadata__.optserve_state");
+    return treeFromJson(JSON.parse(metadata.optserve_state), tensors);
+  }
+  return treeFromJson(JSON.parse(textDecoder.decode(buf)));
 }
 
 function readAt(atVersion) {

@@ -21,6 +21,7 @@ from ._constants import (
     JSON,
     MAX_WAIT_S,
     OCTET_STREAM,
+    REVISION_HEADER,
     STEP_HEADER,
     TORCH_HINT,
     VERSION_HEADER,
@@ -903,6 +904,30 @@ def export_state_at(session_id: str, *, format: StateFormat
 
     return APICall(call.method, call.path, parse, params=call.params, accept=call.accept,
                    headers=call.headers)
+
+
+def export_state_since(session_id: str, *, format: StateFormat, revision: int | None
+                       ) -> APICall[tuple[dict[str, Any] | None, int | None, int | None]]:
+    """:func:`export_state_at`, conditional on ``revision`` (the ``X-Optserve-Revision`` of a
+    state read before; ``None``: unconditional): sent as the revision tag ``If-None-Match:
+    "r<revision>"``, answered 304 (``None`` here, no body) while the session is still at it
+    (every change moves the revision: its state dict is as read then); a server that does not
+    evaluate the tag answers the whole state. With the version and revision answered."""
+    call = export_state(session_id, format=format)
+    headers = {} if revision is None else {"If-None-Match": f'"r{int(revision)}"'}
+
+    def parse(response: httpx.Response
+              ) -> tuple[dict[str, Any] | None, int | None, int | None]:
+        version = _header_int(response, VERSION_HEADER)
+        answered = _header_int(response, REVISION_HEADER)
+        if response.status_code == 304:
+            if revision is None:
+                raise ValueError("304 Not Modified to an unconditional read")
+            return None, version, answered
+        return call.parse(response), version, answered
+
+    return APICall(call.method, call.path, parse, params=call.params, accept=call.accept,
+                   headers=headers)
 
 
 def _load_torch(content: bytes) -> dict[str, Any]:

@@ -698,6 +698,12 @@ class Client(SyncAPIClient):
         """:meth:`export_state` and the session version the state is of."""
         return self._request(_api.export_state_at(id, format=format))
 
+    def _export_state_since(self, id: str, format: StateFormat, revision: int | None
+                            ) -> tuple[dict[str, Any] | None, int | None, int | None]:
+        """:meth:`export_state` unless the session is still at ``revision`` (``None``: a 304,
+        nothing downloaded), with the version and revision answered."""
+        return self._request(_api.export_state_since(id, format=format, revision=revision))
+
     def import_state(
         self,
         id: str,

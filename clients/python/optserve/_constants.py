@@ -30,6 +30,7 @@ OCTET_STREAM = "application/octet-stream"
 REQUEST_ID_HEADER = "X-Request-Id"
 VERSION_HEADER = "X-Optserve-Version"
 STEP_HEADER = "X-Optserve-Step"
+REVISION_HEADER = "X-Optserve-Revision"
 WORKER_HEADER = "X-Optserve-Worker"
 MAX_WAIT_S = 60.0  # the server caps long polls (GET .../params?wait_s=) at this
 

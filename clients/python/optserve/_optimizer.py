@@ -80,8 +80,10 @@ from ._base_client import ReceiveBuffer
 from ._client import Client
 from ._exceptions import APIStatusError, OptserveError, PreconditionFailedError
 from ._gc import gc_paused
+from ._last_export import LastExport
 from ._precision import NarrowFloatOptions
 from ._session_state import SessionState, assigned_state
+from ._stale import stale_import
 from ._state_layout import laid_out_as_torch
 from ._step_dtypes import STATE_MADE_AT_CONSTRUCTION, StepDtypes
 from ._tensors import Tensor
@@ -489,6 +491,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._state_epoch = 0
         self._state_view = SessionState(self._session_state,
                                         lambda: (self._known_version, self._state_epoch))
+        #: the last state dict read, a read of it again conditional on its revision
+        self._last_export = LastExport()
         #: the dtype torch's optimizer would keep each parameter's step count in
         self._step_dtypes = StepDtypes()
         #: warns once per option given as a NumPy float32/float16 scalar (optserve._precision)
@@ -643,7 +647,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         ``base_version``: the import is conditional on that version instead of the one the
         ``GET`` saw (:meth:`_write_back_state`: the version :attr:`state` was read at); made
         again only while the session is still at it (an option changed meanwhile), a version
-        past it raising that ``PreconditionFailedError`` at once."""
+        past it raising that ``PreconditionFailedError`` at once. A ``GET`` that already shows
+        the session at another version raises it without sending the import (its ``If-Match``
+        could not hold: :func:`stale_import` gives the 412 the server would)."""
         params = [p for group in self.param_groups for p in group["params"]]
         ids: list[list[Any]] = []
         for group in self.param_groups:
@@ -663,7 +669,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 groups.append({**server.options, "params": list(range(start, start + count))})
                 start += count
             self._state_epoch += 1
+            self._last_export.drop()
             self._state_view.forget()
+            if base_version is not None and info.version != base_version:
+                # (the GET already shows the session at another version than the edit was
+                # read at: the import's If-Match cannot hold, so it is refused here as the
+                # server would refuse it, the view forgotten as then, without uploading the
+                # whole state only for that 412)
+                raise stale_import(self._client, self._session_id, info, base_version)
             try:
                 imported = self._client.import_state(
                     self._session_id,
@@ -1006,6 +1019,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._check_groups()
         self._write_back_state()
         self._state_epoch += 1
+        self._last_export.drop()
         self._state_view.forget()
         if self._optimizer_name == "LBFGS":
             first: float | None = self._lbfgs_step(closure)
@@ -1245,7 +1259,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
         return orig_loss
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """torch's ``add_param_group``, on the server too."""
+        """torch's ``add_param_group``, on the server too.
+
+        An edit of :attr:`state` not sent yet goes first (:meth:`_write_back_state`): when it
+        is refused because another client changed the session since the state was read
+        (:class:`~optserve.PreconditionFailedError`), nothing of the addition is done, on the
+        server or here (no group, no option sent: a local scheduler's fill of a tensor lr the
+        defaults hold is sent only after it, then the group). Once the edit is in, a refusal of
+        the fill or of the group itself leaves the edit applied, as a step after it would."""
         if getattr(self, "_initializing", True):
             super().add_param_group(param_group)
             self._refuse_duplicates()
@@ -1259,12 +1280,15 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                       if k not in _NOT_OPTIONS and k in self._option_names},
                                      self.defaults)
         self._narrow_floats.check(self._optimizer_name, explicit)
+        # an edit of opt.state first: refused (another client changed the session since it
+        # was read), nothing of the addition is done, here or there (not the fills below)
+        self._write_back_state()
         # the server's defaults as torch's are now: a local scheduler's fills of a tensor lr
-        # the defaults hold sent first (the new group starts from them, there as here; other
+        # the defaults hold sent next (the new group starts from them, there as here; other
         # changes ride with the next step as before)
         self._sync_param_groups(fills_only=True)
-        self._write_back_state()
         self._state_epoch += 1
+        self._last_export.drop()
         super().add_param_group(param_group)
         self._refuse_duplicates()
         self._refuse_uninitialized()
@@ -1317,7 +1341,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     "error'), a session steps each entry once; list each parameter once")
 
     def state_dict(self) -> dict[str, Any]:
-        """The session's state in torch's format (fetched from the server)::
+        """The session's state in torch's format (fetched from the server, or not again while
+        the session did not change since the last state read: see :meth:`_export_state`)::
 
             {"state": {0: {"step": tensor(...), "exp_avg": tensor(...), ...}, ...},
              "param_groups": [{"lr": ..., ..., "params": [0, 1, ...]}, ...]}
@@ -1398,7 +1423,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
         in ``self.state[p]`` beside the session's keys and in :meth:`state_dict`; the state
         dict's group keys that are no option of the session's optimizer stay in the local
         groups. It replaces the client-side state as a whole (what the state dict does not
-        hold is dropped), once the session took its part."""
+        hold is dropped), once the session took its part.
+
+        As torch's, it replaces the whole state: an edit of :attr:`state` not sent yet is
+        replaced with it, never sent (nor refused as made on a state another client changed
+        since it was read), and the import is not conditional on any version read before: it
+        overwrites whatever other clients did to the session's state meanwhile, as loading a
+        checkpoint means to. Parameters edited locally (``model.load_state_dict`` of the same
+        checkpoint first) are sent after the import (:meth:`push_params`)."""
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -1430,8 +1462,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if "state" in state_dict:
             state_dict["state"] = _steps_as_the_session_keeps(session_state,
                                                               self._optimizer_name)
-        self.push_params(only_edited=True)
+        # (no write-back of an edit of opt.state not sent yet, nor is the import conditional
+        # on the version opt.state was read at: torch's load replaces the state whole, the
+        # edit with it; parameters edited locally, a checkpoint's model loaded first, are sent
+        # after it, so that nothing moves the session before it)
         self._state_epoch += 1
+        self._last_export.drop()
         # groups holding one tensor (a tensor lr default's groups, as torch.save keeps them)
         # stay one tensor in the session only as a torch.save file says it (docs/protocol.md)
         info = self._client.import_state(
@@ -1457,6 +1493,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                  if isinstance(index, (int, str)) and str(index).isdigit()
                  and int(index) in by_id}, self.param_groups)
         self._imported(info)
+        self.push_params(only_edited=True)
         if masters:
             # the session's parameters at their own width; the local ones keep the narrowed
             # values the model was loaded with, as after a step (nothing to send at the next)
@@ -1464,6 +1501,18 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                              binary=self._binary).version)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _export_state(self, fmt: StateFormat) -> tuple[dict[str, Any], int | None]:
+        """The session's state dict and the version it is of: read on the condition that the
+        session changed since the last one read (``If-None-Match`` its revision, see
+        ``optserve._last_export``), else (a 304) that one again, its tensors the same."""
+        kept = self._last_export
+        since = kept.revision(fmt)
+        sd, version, revision = self._client._export_state_since(self._session_id, fmt, since)
+        if sd is None:
+            return kept.copy(), version
+        kept.keep(fmt, revision, sd)
+        return sd, version
 
     def _narrowed_names(self) -> list[str]:
         """The parameters whose values travel narrowed (``wire_dtype``: floating ones wider
@@ -1481,7 +1530,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         fmt: StateFormat = "safetensors" if self._binary else "json"
         narrowed = self._narrowed_names()
         for attempt in range(1, MASTER_READ_ATTEMPTS + 1):
-            sd, version = self._client._export_state_at(self._session_id, format=fmt)
+            sd, version = self._export_state(fmt)
             self._learn(version)  # (opt.state read next is not older than this)
             if not narrowed:
                 return sd, {}, version
@@ -1595,8 +1644,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if not hasattr(self, "_session_id"):
             return {}, None
         self._check_groups()
-        sd, version = self._client._export_state_at(
-            self._session_id, format="safetensors" if self._binary else "json")
+        sd, version = self._export_state("safetensors" if self._binary else "json")
         self._learn(version)
         state: dict[torch.Tensor, Any] = {}
         for group, server in zip(self.param_groups, sd["param_groups"], strict=True):
