@@ -20,6 +20,7 @@ from app.api.bodies import (
     BINARY,
     JSON,
     OFFLOAD_BYTES,
+    Entries,
     answer_in_place,
     body_kind,
     check_accept,
@@ -49,7 +50,6 @@ from app.errors import Invalid
 from app.wire.content_digest import cheap
 from app.wire.integers import OPTION_INTS, int_text, ints_as_text
 from app.wire.safetensors_body import header_end, read_safetensors, write_safetensors
-from app.wire.safetensors_header import HeaderLayout
 from app.wire.tree import (
     int_outside,
     is_float_tag,
@@ -243,21 +243,22 @@ async def _step(request: Request, engine: Engine, counted: dict[str, Any], sessi
 
 
 def _refuse_entries(request: Request, refusal: EntriesRefusal, upcast: bool,
-                    layout: HeaderLayout, fields: dict[str, Any]) -> None:
-    """A step's body naming more tensors than its session holds, refused from its header
-    before its tensors are made (a body of 100,000 entries for a session of ten was decoded
-    whole first), with the step's own answer (422 ``unknown_parameter`` naming the first name
-    that is not a parameter's, or an earlier entry's mismatch); what the step refuses before
+                    entries: Entries, fields: dict[str, Any]) -> None:
+    """A step's body naming more tensors than its session holds, refused from its entries (a
+    safetensors header; a JSON body's tensors' dtypes and shapes) before its tensors are made
+    (a body of 100,000 entries for a session of ten was decoded whole first), with the
+    step's own answer (422 ``unknown_parameter`` naming the first name that is not a
+    parameter's, or an earlier entry's mismatch); what the step refuses before
     its gradients (its ``param_groups``' form, its ``Idempotency-Key``) is refused first, as
     it was, and so is a malformed ``scalars``, which the engine checks before the gradients."""
-    if len(layout.entries) <= refusal.held():
+    if len(entries) <= refusal.held():
         return
     parse.step_options(fields.get("param_groups"))
     key = one_header(request, IDEMPOTENCY_HEADER, "Idempotency-Key")
     if key is not None:
         check_key(key)
     check_scalars(fields.get("scalars"))  # (as Front.step does, before the session's checks)
-    refusal.refuse(layout.entries, upcast)
+    refusal.refuse(entries, upcast)
 
 
 async def _step_idempotency(request: Request, buf: bytearray | memoryview, session_id: str,
