@@ -390,7 +390,8 @@ async def add_param_group(
     expected = _expected(request)
     await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
     binary = body_kind(request) == "binary"  # (415 before the body)
-    await _refuse_stale(engine, request, session_id, tenant, expected)  # (412 before it too)
+    await _refuse_stale(engine, request, session_id, tenant, expected,  # (412 before it too)
+                        sharded=False)  # (a sharded session's 422 not_supported first)
     buf = await read_body(request, _max_bytes(settings))
     idem = await idempotency(request, buf)
     if binary:
@@ -537,7 +538,7 @@ async def import_state(
 
 
 async def _refuse_stale(engine: Engine, request: Request, session_id: str, tenant: str,
-                        expected: Expected | None) -> None:
+                        expected: Expected | None, *, sharded: bool = True) -> None:
     """A change's 412 from its request's head when its precondition can no longer hold
     (:meth:`Front.refuse_stale <app.engine.front.Front.refuse_stale>`: the session is past
     the versions it names), with the problem the operation's own check gives; it checks
@@ -554,7 +555,7 @@ async def _refuse_stale(engine: Engine, request: Request, session_id: str, tenan
         except Invalid:  # (its 422 comes after the body, as before)
             return
     await engine.refuse_stale(session_id, expected, tenant=tenant,
-                              idem_key=keys[0] if keys else None)
+                              idem_key=keys[0] if keys else None, sharded=sharded)
 
 
 def _expected(request: Request) -> Expected | None:

@@ -383,9 +383,12 @@ class Engine(Protocol):
         looks it up again, as it always does). ``evaluation``: also the 422
         ``not_supported_here`` of an LBFGS evaluation on a session that cannot have one."""
     async def refuse_stale(self, session_id: str, expected: Expected | None, *,
-                           tenant: str = ..., idem_key: str | None = ...) -> None:
+                           tenant: str = ..., idem_key: str | None = ...,
+                           sharded: bool = ...) -> None:
         """The 412 of a change's precondition that can no longer hold, before its request's
-        body is read, as the operation's own check gives it (the operation checks again)."""
+        body is read, as the operation's own check gives it (the operation checks again);
+        ``sharded``: of a sharded session too (not for an operation a sharded session
+        refuses whatever its body, add_param_group)."""
     async def entries_refusal(self, session_id: str, *, tenant: str = ...,
                               idem_key: str | None = ..., worker: str | None = ...
                               ) -> EntriesRefusal | None:
