@@ -1,8 +1,8 @@
 """A step's JSON body (over OFFLOAD_BYTES) naming more tensors than its session holds is refused
 from its tensors' names, dtypes and shapes before their values are decoded, as a safetensors
 body is from its header (``test_excess_step_entries``): a 7.6 MB step naming 100,000 unknown
-tensors made every one of them first (1.7 s of CPU here, the refusal 0.65 s after the fix:
-what is left is the JSON parse). The answer is the one the step gave once every tensor was
+tensors made every one of them first (1.16 s of server CPU, 0.25-0.30 s after the fix: what
+is left is the JSON parse; ``benchmarks/unknown_names.py``). The answer is the one the step gave once every tensor was
 decoded (``sessions._refuse_entries`` switched off), with the entries up to and including the
 refused one decoded first, so that a malformed one among them is still the answer; only a
 malformed tensor after the refused one is no longer looked at. Nothing changes: the
