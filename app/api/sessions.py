@@ -251,7 +251,7 @@ def _refuse_entries(request: Request, refusal: EntriesRefusal, upcast: bool,
     parameter's, or an earlier entry's mismatch); what the step refuses before
     its gradients (its ``param_groups``' form, its ``Idempotency-Key``) is refused first, as
     it was, and so is a malformed ``scalars``, which the engine checks before the gradients."""
-    if len(entries) <= refusal.held():
+    if len(entries) <= refusal.held() or (not refusal.scalars and fields.get("scalars")):
         return
     parse.step_options(fields.get("param_groups"))
     key = one_header(request, IDEMPOTENCY_HEADER, "Idempotency-Key")

@@ -397,11 +397,16 @@ class Front:
     async def entries_refusal(self, session_id: str, *, tenant: str = DEFAULT_TENANT,
                               idem_key: str | None = None, worker: str | None = None
                               ) -> EntriesRefusal | None:
-        """:meth:`EmbeddedHost.entries_refusal` for a session of this process (None for a
-        sharded one or one on a Ray host: their checks run where their parameters are)."""
+        """:meth:`EmbeddedHost.entries_refusal` for a session of this process, and
+        :meth:`ShardedSession.entries_refusal <app.engine.shards.ShardedSession.
+        entries_refusal>` for a sharded one (its names are its layout's); None for one on a
+        Ray host (its checks run where its parameters are)."""
+        from app.engine.shards import ShardedSession
         host, key = await self._host(tenant, session_id)
         if isinstance(host, InProcessHost):
             return host.embedded.entries_refusal(key, idem_key, worker)
+        if isinstance(host, ShardedSession):
+            return host.entries_refusal(worker)
         return None
 
     async def open_evaluation_step(

@@ -40,6 +40,9 @@ class EntriesRefusal:
     #: the refusal of such a body's entries, and whether it asked for ``upcast``: the
     #: answer the step would give once its tensors were made; returns where it finds none
     refuse: Callable[[HeaderEntries, bool], None]
+    #: whether a body with ``scalars`` is refused from its entries too (False: a sharded
+    #: session, which refuses any ``scalars`` before it looks at the gradients' names)
+    scalars: bool = True
 
 
 def session_key(tenant: str, session_id: str) -> str:

@@ -50,7 +50,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -61,6 +61,7 @@ from app.engine.history import HistoryQuery, HistoryResult
 from app.engine.interface import (
     CreateSpec,
     EngineStatus,
+    EntriesRefusal,
     GradsResult,
     GroupSpec,
     IdemKey,
@@ -1058,7 +1059,26 @@ class ShardedSession:
                           "other operations wait until then", code="shards_out_of_step",
                           retry_after=1.0)
 
-    def _check_names(self, tensors: Tensors, field: str) -> None:
+    def entries_refusal(self, worker: str | None) -> EntriesRefusal | None:
+        """For a step's body naming more tensors than the session holds: what refuses it
+        from its entries alone (:meth:`Front.entries_refusal <app.engine.front.Front.
+        entries_refusal>`) with the answer :meth:`step` gives once its tensors are made: its
+        first name that is not a parameter's (:meth:`_check_names`, which :meth:`execute`
+        runs before anything else looks at the gradients). None where that answer could be
+        another: a worker id :func:`ps.check_worker` refuses; and a body with ``scalars`` is
+        decoded whole (they are refused first: ``EntriesRefusal.scalars``)."""
+        if worker is not None:
+            try:
+                ps.check_worker(worker)
+            except Invalid:
+                return None
+        held = len(self.layout.owner)
+        return EntriesRefusal(held=lambda: held,
+                              refuse=lambda entries, upcast: self._check_names(entries,
+                                                                               "grads"),
+                              scalars=False)
+
+    def _check_names(self, tensors: Iterable[str], field: str) -> None:
         for name in tensors:
             if name not in self.layout.owner:
                 shown = ", ".join(repr(n) for n in self.layout.names()[:20])

@@ -2,25 +2,39 @@
 from its tensors' names, dtypes and shapes before their values are decoded, as a safetensors
 body is from its header (``test_excess_step_entries``): a 7.6 MB step naming 100,000 unknown
 tensors made every one of them first (1.16 s of server CPU, 0.25-0.30 s after the fix: what
-is left is the JSON parse; ``benchmarks/unknown_names.py``). The answer is the one the step gave once every tensor was
-decoded (``sessions._refuse_entries`` switched off), with the entries up to and including the
-refused one decoded first, so that a malformed one among them is still the answer; only a
-malformed tensor after the refused one is no longer looked at. Nothing changes: the
-parameters, the optimizer's state and the step count are as they were, and the next step is
-torch's."""
+is left is the JSON parse; ``benchmarks/unknown_names.py``). The answer is the one the step
+gave once every tensor was decoded (``sessions._refuse_entries`` switched off), with the
+entries up to and including the refused one decoded first, so that a malformed one among them
+is still the answer; only a malformed tensor after the refused one is no longer looked at.
+Nothing changes: the parameters, the optimizer's state and the step count are as they were,
+and the next step is torch's. A sharded session's step bodies (JSON and safetensors) are
+refused the same way, at their first name the session's layout lacks (it checked their names
+once every tensor was made), but for a body with ``scalars`` (refused first, after the
+body)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import save
 
 from app.api import bodies, sessions
 from app.api.bodies import OFFLOAD_BYTES
-from tests.integration.test_excess_step_entries import GRADS, _excess, _held, _session, _step_both
+from tests.integration.test_excess_step_entries import (  # noqa: F401 - the fixture
+    BIN_CT,
+    GRADS,
+    PARAMS,
+    _excess,
+    _held,
+    _session,
+    _step_both,
+    made,
+)
 from tests.torch_reference import json_tensor
 
 pytestmark = pytest.mark.integration
@@ -70,7 +84,7 @@ def _whole_way(client: TestClient, monkeypatch: pytest.MonkeyPatch, decoded: lis
 BAD_DATA = {"dtype": "float32", "shape": [3], "data": [1.0, 2.0]}  # 2 values for 3
 
 
-@pytest.mark.parametrize("grads,code,field,made", [
+@pytest.mark.parametrize("grads,code,field,count", [
     # the session's names first, then 27 it lacks: the first of those is named, and only
     # the tensors up to it are decoded
     (_excess(dict(GRADS)), "unknown_parameter", "grads.extra000", 4),
@@ -85,14 +99,14 @@ BAD_DATA = {"dtype": "float32", "shape": [3], "data": [1.0, 2.0]}  # 2 values fo
 ])
 def test_excess_json_entries_refused_before_their_values(
         app_client: TestClient, decoded: list[str], monkeypatch: pytest.MonkeyPatch,
-        grads: dict[str, Any], code: str, field: str, made: int) -> None:
+        grads: dict[str, Any], code: str, field: str, count: int) -> None:
     local, opt = _session(app_client, "s")
     held = _held(app_client, "s")
     body = _body(grads)
     decoded.clear()
     got = _post(app_client, "s", body)
     assert (got["code"], got["field"]) == (code, field), got
-    assert len(decoded) == made, decoded  # (was: every tensor of the body)
+    assert len(decoded) == count, decoded  # (was: every tensor of the body)
     before = _whole_way(app_client, monkeypatch, decoded, "s", body)
     for key in ("status", "code", "field", "detail"):
         assert got[key] == before[key], (key, got, before)
@@ -136,3 +150,64 @@ def test_sparse_or_malformed_entries_go_the_whole_way(
         assert (got["code"], got["field"]) == (code, field), got
         assert len(decoded) >= 30, len(decoded)
     assert _held(app_client, "w") == held
+
+
+def _sharded(client: TestClient, sid: str) -> tuple[dict[str, torch.Tensor],
+                                                    torch.optim.Adam]:
+    """A sharded session (two shards) of PARAMS stepped once with GRADS, and torch's run."""
+    r = client.post("/v1/sessions", json={
+        "id": sid, "optimizer": "Adam", "options": {"lr": 0.1}, "shards": 2,
+        "params": {n: json_tensor(t) for n, t in PARAMS.items()}})
+    assert r.status_code == 201, r.text
+    local = {n: torch.nn.Parameter(t.clone()) for n, t in PARAMS.items()}
+    opt = torch.optim.Adam(list(local.values()), lr=0.1)
+    _step_both(client, sid, local, opt, GRADS)
+    return local, opt
+
+
+@pytest.mark.parametrize("fmt", ["json", "safetensors"])
+def test_a_sharded_sessions_excess_entries_are_refused_before_their_values(
+        app_client: TestClient, decoded: list[str],
+        made: list[int],  # noqa: F811 - the fixture
+        monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    """A sharded session checks a step's names against its layout before its shards see
+    the gradients: a body naming more tensors than it holds is refused at its first unknown
+    name (after a dtype mismatch of a known one: the layout's check is of names only) before
+    the values after it are made, with the same answer as before; one with ``scalars`` is
+    decoded whole and refused for them, as before. Nothing changes; it steps as torch's."""
+    local, opt = _sharded(app_client, "sh")
+    held = _held(app_client, "sh")
+    grads = _excess({"a": GRADS["a"].double(), "b": GRADS["b"]})
+
+    def post(scalars: dict[str, float] | None = None) -> dict[str, Any]:
+        decoded.clear()
+        made.clear()
+        if fmt == "json":
+            body = _body(grads)
+            if scalars is not None:
+                body["scalars"] = scalars
+            return _post(app_client, "sh", body)
+        meta = None if scalars is None else {"scalars": json.dumps(scalars)}
+        r = app_client.post("/v1/sessions/sh/step", content=save(grads, metadata=meta),
+                            headers=BIN_CT)
+        assert r.status_code == 422, r.text
+        out: dict[str, Any] = r.json()
+        return out
+    got = post()
+    assert (got["code"], got["field"]) == ("unknown_parameter", "grads.extra000"), got
+    assert got["detail"] == "unknown parameter 'extra000'; this session has 'a', 'b', 'c'"
+    if fmt == "json":
+        assert decoded == ["grads.a", "grads.b", "grads.extra000"]  # (was: every tensor)
+    else:
+        assert made == []  # (was: every tensor made)
+    with monkeypatch.context() as patched:  # the same body decoded whole, as before
+        patched.setattr(sessions, "_refuse_entries", lambda *args: None)
+        before = post()
+    assert len(decoded) == len(grads) if fmt == "json" else made == [len(grads)]
+    for key in ("status", "code", "field", "detail"):
+        assert got[key] == before[key], (key, got, before)
+    scalars = post({"loss": 0.5})
+    assert (scalars["code"], scalars["field"]) == ("not_supported_here", "scalars"), scalars
+    assert len(decoded) == len(grads) if fmt == "json" else made == [len(grads)]
+    assert _held(app_client, "sh") == held
+    _step_both(app_client, "sh", local, opt, {n: -2 * g for n, g in GRADS.items()})
