@@ -6,7 +6,7 @@ import asyncio
 import functools
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import anyio.to_thread
@@ -33,6 +33,7 @@ from app.errors import (
 )
 from app.observability import SUNK_BYTES
 from app.wire import sparse as wire_sparse
+from app.wire.dtypes import TORCH_DTYPES
 from app.wire.json_tensor import decode_json_tensor
 from app.wire.safetensors_body import (
     BodyTensors,
@@ -497,7 +498,7 @@ def only_keys(obj: dict[str, Any], allowed: set[str], where: str = "") -> None:
 async def read_tensors(
     request: Request, max_bytes: int, key: str, extra: frozenset[str] = frozenset(),
     sparse: bool = False,
-    before_tensors: Callable[[HeaderLayout, dict[str, Any]], None] | None = None,
+    before_tensors: Callable[[Entries, dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bytearray | memoryview]:
     """A body of named tensors: ``{key: {name: tensor}, ...extra}`` as JSON, or a safetensors
     file (``extra`` fields as JSON texts in its ``__metadata__``); the ``extra`` fields given;
@@ -505,9 +506,15 @@ async def read_tensors(
     row-sparse (:mod:`app.wire.sparse`). Any other field is a 422 ``unknown_field``, in
     ``__metadata__`` as in JSON (a misspelt ``param_group`` would otherwise step without the
     change), but for :data:`FOREIGN_METADATA` that other writers add. ``before_tensors``
-    sees a safetensors body's checked header and its ``extra`` fields before its tensors are
-    made (and may refuse it then), where its tensors are its entries as they are (none of
-    them can pair into a row-sparse tensor: :func:`sparse_pairs`)."""
+    sees a body's tensor entries (dtype, shape, numel by name, in order) and its ``extra``
+    fields before its tensors are made (and may refuse it then): a safetensors body's checked
+    header, where its tensors are its entries as they are (none of them can pair into a
+    row-sparse tensor: :func:`sparse_pairs`); a JSON body's tensors read from their ``dtype``
+    and ``shape`` alone (:func:`json_entries`), where each is a dense tensor of a known dtype
+    and a well-formed shape. A JSON body refused then is refused as its full decode would
+    have been up to the entry refused (that entry and those before it are decoded first, so
+    that a malformed one among them is named as before); the values after it are never
+    decoded (a 7.6 MB step naming 100,000 unknown tensors made every one of them first)."""
     kind = body_kind(request)  # (a 415 before the body is read)
     buf = await _read_body(request, max_bytes, raw=True)
     if kind == "binary":
@@ -532,7 +539,7 @@ async def read_tensors(
             known_fields(metadata)
             if before_tensors is not None and not (sparse and sparse_pairs(layout)):
                 early.append(metadata_fields(metadata))
-                before_tensors(layout, early[0])
+                before_tensors(layout.entries, early[0])
 
         def decode_binary() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             tensors, metadata = read_safetensors(
@@ -548,10 +555,56 @@ async def read_tensors(
     def decode_json() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         obj = json_object(buf)
         only_keys(obj, {key, *extra})
-        return (tensor_map(obj.get(key, {}), key, sparse),
-                {k: obj[k] for k in extra if k in obj})
+        named, fields = obj.get(key, {}), {k: obj[k] for k in extra if k in obj}
+        if before_tensors is not None and isinstance(named, dict):
+            entries = json_entries(named)
+            if entries is not None:
+                try:
+                    before_tensors(entries, fields)
+                except Invalid as exc:
+                    _decode_up_to(named, key, sparse, exc.field)
+                    raise
+        return tensor_map(named, key, sparse), fields
     tensors, fields = await offload(decode_json, len(buf))
     return tensors, fields, buf
+
+
+#: a body's tensor entries: (dtype, shape, numel) by name, in the body's order
+Entries = Mapping[str, tuple[torch.dtype, tuple[int, ...], int]]
+
+
+def json_entries(named: dict[str, Any]) -> Entries | None:
+    """The entries of a JSON map of tensors read from each one's ``dtype`` and ``shape``
+    alone (its values not decoded; numel 0: not read), in order; None when any entry is not a
+    dense JSON tensor with a known dtype and a shape of non-negative integers (its full decode
+    names the problem)."""
+    entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+    for name, t in named.items():
+        if not isinstance(t, dict) or wire_sparse.is_sparse_json(t):
+            return None
+        dtype, shape = t.get("dtype"), t.get("shape")
+        if not isinstance(dtype, str) or dtype not in TORCH_DTYPES or \
+                not isinstance(shape, list) or \
+                not all(type(d) is int and d >= 0 for d in shape):
+            return None
+        entries[name] = (TORCH_DTYPES[dtype], tuple(shape), 0)
+    return entries
+
+
+def _decode_up_to(named: dict[str, Any], key: str, sparse: bool, refused: str | None) -> None:
+    """Decode the JSON tensors of ``named`` up to and including the one a refusal from the
+    entries names (``refused``: ``<key>.<name>``), for the first decode error among them; none
+    for a refusal of something else."""
+    name = refused[len(key) + 1:] if refused is not None and refused.startswith(f"{key}.") \
+        else None
+    if name is None or name not in named:
+        return
+    upto: dict[str, Any] = {}
+    for n, t in named.items():
+        upto[n] = t
+        if n == name:
+            break
+    tensor_map(upto, key, sparse)
 
 
 def sparse_pairs(layout: HeaderLayout) -> bool:

@@ -20,6 +20,7 @@ from app.api.bodies import (
     BINARY,
     JSON,
     OFFLOAD_BYTES,
+    Entries,
     answer_in_place,
     body_kind,
     check_accept,
@@ -49,7 +50,6 @@ from app.errors import Invalid
 from app.wire.content_digest import cheap
 from app.wire.integers import OPTION_INTS, int_text, ints_as_text
 from app.wire.safetensors_body import header_end, read_safetensors, write_safetensors
-from app.wire.safetensors_header import HeaderLayout
 from app.wire.tree import (
     int_outside,
     is_float_tag,
@@ -244,21 +244,22 @@ async def _step(request: Request, engine: Engine, counted: dict[str, Any], sessi
 
 
 def _refuse_entries(request: Request, refusal: EntriesRefusal, upcast: bool,
-                    layout: HeaderLayout, fields: dict[str, Any]) -> None:
-    """A step's body naming more tensors than its session holds, refused from its header
-    before its tensors are made (a body of 100,000 entries for a session of ten was decoded
-    whole first), with the step's own answer (422 ``unknown_parameter`` naming the first name
-    that is not a parameter's, or an earlier entry's mismatch); what the step refuses before
+                    entries: Entries, fields: dict[str, Any]) -> None:
+    """A step's body naming more tensors than its session holds, refused from its entries (a
+    safetensors header; a JSON body's tensors' dtypes and shapes) before its tensors are made
+    (a body of 100,000 entries for a session of ten was decoded whole first), with the
+    step's own answer (422 ``unknown_parameter`` naming the first name that is not a
+    parameter's, or an earlier entry's mismatch); what the step refuses before
     its gradients (its ``param_groups``' form, its ``Idempotency-Key``) is refused first, as
     it was, and so is a malformed ``scalars``, which the engine checks before the gradients."""
-    if len(layout.entries) <= refusal.held():
+    if len(entries) <= refusal.held() or (not refusal.scalars and fields.get("scalars")):
         return
     parse.step_options(fields.get("param_groups"))
     key = one_header(request, IDEMPOTENCY_HEADER, "Idempotency-Key")
     if key is not None:
         check_key(key)
     check_scalars(fields.get("scalars"))  # (as Front.step does, before the session's checks)
-    refusal.refuse(layout.entries, upcast)
+    refusal.refuse(entries, upcast)
 
 
 async def _step_idempotency(request: Request, buf: bytearray | memoryview, session_id: str,
@@ -390,7 +391,8 @@ async def add_param_group(
     expected = _expected(request)
     await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
     binary = body_kind(request) == "binary"  # (415 before the body)
-    await _refuse_stale(engine, request, session_id, tenant, expected)  # (412 before it too)
+    await _refuse_stale(engine, request, session_id, tenant, expected,  # (412 before it too)
+                        sharded=False)  # (a sharded session's 422 not_supported first)
     buf = await read_body(request, _max_bytes(settings))
     idem = await idempotency(request, buf)
     if binary:
@@ -542,7 +544,7 @@ async def import_state(
 
 
 async def _refuse_stale(engine: Engine, request: Request, session_id: str, tenant: str,
-                        expected: Expected | None) -> None:
+                        expected: Expected | None, *, sharded: bool = True) -> None:
     """A change's 412 from its request's head when its precondition can no longer hold
     (:meth:`Front.refuse_stale <app.engine.front.Front.refuse_stale>`: the session is past
     the versions it names), with the problem the operation's own check gives; it checks
@@ -559,7 +561,7 @@ async def _refuse_stale(engine: Engine, request: Request, session_id: str, tenan
         except Invalid:  # (its 422 comes after the body, as before)
             return
     await engine.refuse_stale(session_id, expected, tenant=tenant,
-                              idem_key=keys[0] if keys else None)
+                              idem_key=keys[0] if keys else None, sharded=sharded)
 
 
 def _expected(request: Request) -> Expected | None:

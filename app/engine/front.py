@@ -361,18 +361,30 @@ class Front:
             raise _only_embedded("evaluation")
 
     async def refuse_stale(self, session_id: str, expected: Expected | None, *,
-                           tenant: str = DEFAULT_TENANT, idem_key: str | None = None
-                           ) -> None:
+                           tenant: str = DEFAULT_TENANT, idem_key: str | None = None,
+                           sharded: bool = True) -> None:
         """The 412 of a change's precondition that can no longer hold, before its request's
         body is read (:meth:`EmbeddedHost.refuse_stale`: the session already past every
         version ``If-Match`` names, or past ``?base_revision=``), as the operation's own check
-        would give it; a 404 as :meth:`refuse_unknown`. A sharded session, or one on a Ray
-        host, is checked after the body as before (its version is not in this process's
-        memory: asking its hosts costs round trips on every conditional request)."""
+        would give it; a 404 as :meth:`refuse_unknown`. A session on a Ray host (a sharded one
+        too) is checked after the body as before (its version is not in this process's
+        memory: asking its hosts costs round trips on every conditional request), but for a
+        sharded session of the embedded engine, whose shards are all in this process
+        (:meth:`ShardedSession.refuse_stale <app.engine.shards.ShardedSession.refuse_stale>`),
+        unless ``sharded`` is False (add_param_group, which a sharded session refuses whatever
+        its body: its 422 ``not_supported`` comes first, after the body, as before).
+        """
         key = session_key(tenant, session_id)
         embedded = await self.router.refuse_unknown(key)
-        if embedded is not None and expected is not None:
+        if expected is None:
+            return
+        if embedded is not None:
             embedded.refuse_stale(key, expected, idem_key)
+        elif sharded and isinstance(self.router, LocalRouter):
+            from app.engine.shards import ShardedSession
+            session = await self.router.route(key)
+            if isinstance(session, ShardedSession):
+                session.refuse_stale(expected, idem_key)
 
     # ------------------------------------------------------------------ LBFGS evaluations
     async def uses_evaluations(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> bool:
@@ -385,11 +397,16 @@ class Front:
     async def entries_refusal(self, session_id: str, *, tenant: str = DEFAULT_TENANT,
                               idem_key: str | None = None, worker: str | None = None
                               ) -> EntriesRefusal | None:
-        """:meth:`EmbeddedHost.entries_refusal` for a session of this process (None for a
-        sharded one or one on a Ray host: their checks run where their parameters are)."""
+        """:meth:`EmbeddedHost.entries_refusal` for a session of this process, and
+        :meth:`ShardedSession.entries_refusal <app.engine.shards.ShardedSession.
+        entries_refusal>` for a sharded one (its names are its layout's); None for one on a
+        Ray host (its checks run where its parameters are)."""
+        from app.engine.shards import ShardedSession
         host, key = await self._host(tenant, session_id)
         if isinstance(host, InProcessHost):
             return host.embedded.entries_refusal(key, idem_key, worker)
+        if isinstance(host, ShardedSession):
+            return host.entries_refusal(worker)
         return None
 
     async def open_evaluation_step(

@@ -1126,6 +1126,22 @@ class EmbeddedHost:
         return (key in self._sessions or key in self._damaged
                 or self._evaluations.knows(key))
 
+    def settled_session(self, key: str, idem_key: str | None) -> Session | None:
+        """The session ``key`` when its version and revision are settled for a check from a
+        request's head (:meth:`refuse_stale`; a sharded session's shards:
+        :meth:`ShardedSession.refuse_stale <app.engine.shards.ShardedSession.refuse_stale>`):
+        None where the operation's answer could be another (no such session here, one out of
+        service, an open LBFGS step, an operation under way or not yet durable, an
+        idempotency key the session holds)."""
+        session = self._sessions.get(key)
+        held = self._locks.get(key)
+        if (session is None or key in self._damaged or self._evaluations.is_open(key)
+                or (held is not None and (held.users or held.lock.locked()))
+                or key in self._unsettled
+                or (idem_key is not None and session.idem.holds(idem_key))):
+            return None
+        return session
+
     def refuse_stale(self, key: str, expected: Expected, idem_key: str | None) -> None:
         """The 412 of a change's precondition that can no longer hold, from its request's
         head, before its body is read (it was read whole first): the one the operation's own
@@ -1140,12 +1156,8 @@ class EmbeddedHost:
         idempotency key is answered from its record, which is written with it), or an
         idempotency key the session holds (a retry is answered from its record whatever the
         version now). The operation checks again after the body."""
-        session = self._sessions.get(key)
-        held = self._locks.get(key)
-        if (session is None or key in self._damaged or self._evaluations.is_open(key)
-                or (held is not None and (held.users or held.lock.locked()))
-                or key in self._unsettled
-                or (idem_key is not None and session.idem.holds(idem_key))):
+        session = self.settled_session(key, idem_key)
+        if session is None:
             return
         versions = expected.versions
         if ((versions is not None and all(v < session.version for v in versions))

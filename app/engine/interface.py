@@ -40,6 +40,9 @@ class EntriesRefusal:
     #: the refusal of such a body's entries, and whether it asked for ``upcast``: the
     #: answer the step would give once its tensors were made; returns where it finds none
     refuse: Callable[[HeaderEntries, bool], None]
+    #: whether a body with ``scalars`` is refused from its entries too (False: a sharded
+    #: session, which refuses any ``scalars`` before it looks at the gradients' names)
+    scalars: bool = True
 
 
 def session_key(tenant: str, session_id: str) -> str:
@@ -383,9 +386,12 @@ class Engine(Protocol):
         looks it up again, as it always does). ``evaluation``: also the 422
         ``not_supported_here`` of an LBFGS evaluation on a session that cannot have one."""
     async def refuse_stale(self, session_id: str, expected: Expected | None, *,
-                           tenant: str = ..., idem_key: str | None = ...) -> None:
+                           tenant: str = ..., idem_key: str | None = ...,
+                           sharded: bool = ...) -> None:
         """The 412 of a change's precondition that can no longer hold, before its request's
-        body is read, as the operation's own check gives it (the operation checks again)."""
+        body is read, as the operation's own check gives it (the operation checks again);
+        ``sharded``: of a sharded session too (not for an operation a sharded session
+        refuses whatever its body, add_param_group)."""
     async def entries_refusal(self, session_id: str, *, tenant: str = ...,
                               idem_key: str | None = ..., worker: str | None = ...
                               ) -> EntriesRefusal | None:

@@ -496,6 +496,52 @@ def refuse_counted_past_int64(before: Any, after: Any, where: str, what: str = "
                           "scheduler", code="counter_overflow", field=str(at), limit=INT64[1])
 
 
+#: how many steps ahead a CosineAnnealingWarmRestarts' restarts are checked for a period past
+#: int64 (:func:`restart_past_int64`): no session steps this often (285 years at a step a
+#: microsecond), and it leaves alone the common ``T_mult`` 2 with a ``T_0`` of a power of two,
+#: whose period passes int64 only a few steps before the step count itself does
+RESTART_HORIZON = 2**53
+
+
+def restart_past_int64(state: Any, where: str) -> Invalid | None:
+    """The 422 of a scheduler state (``state_dict()``'s, or one being imported; ``where``:
+    the field it is at) holding a CosineAnnealingWarmRestarts, at any depth, that would restart
+    within :data:`RESTART_HORIZON` steps with a period ``T_i`` (the last one times ``T_mult``)
+    past int64: every step from that restart on would be refused (422 ``counter_overflow``:
+    no state export or import holds it), though torch in-process carries on with a Python
+    int. Named: ``<where>.T_mult`` (a nested one's at ``<where>._schedulers.<i>``). None when
+    there is none."""
+    if not isinstance(state, dict):
+        return None
+    for i, child in enumerate(state.get("_schedulers") or []):
+        found = restart_past_int64(child, f"{where}._schedulers.{i}")
+        if found is not None:
+            return found
+    counts = [state.get(k) for k in ("T_i", "T_cur", "T_mult", "last_epoch", "T_0")]
+    if not all(type(c) is int for c in counts):
+        return None
+    t_i, t_cur, t_mult, epoch, t_0 = (int(c) for c in counts)  # type: ignore[arg-type]
+    if t_mult <= 1 or t_i < 1:
+        return None
+    # (the step of the next restart, by its own count: a SequentialLR's later child, at -1
+    # until its milestone starts it at 0, counts from there)
+    epoch = max(epoch, 0)
+    at = epoch + max(1, t_i - t_cur)
+    while at - epoch <= RESTART_HORIZON:
+        t_i *= t_mult
+        if t_i > INT64[1]:
+            return Invalid(
+                f"CosineAnnealingWarmRestarts (T_0 {t_0}, T_mult {t_mult}) would restart at "
+                f"its step {at} (its last_epoch) with a period T_i of {t_i}, past int64 "
+                "(2**63 - 1), which no session state holds: every step from there on would be "
+                "refused (422 counter_overflow). torch in-process goes on with a Python int; "
+                f"give a T_mult or T_0 whose periods stay within int64 for {RESTART_HORIZON} "
+                "steps",
+                code="invalid_option", field=f"{where}.T_mult", limit=INT64[1])
+        at += t_i
+    return None
+
+
 def exhausted(sched: Scheduler) -> lr_scheduler.OneCycleLR | None:
     """The OneCycleLR that the next step would take past its total_steps (torch raises), if
     any."""

@@ -1007,6 +1007,12 @@ def _check_scheduler_built(cls: type[torch.optim.Optimizer], opt: torch.optim.Op
                      if k in fields]
             raise Invalid(f"{key} would be {value}, past int64", code="invalid_option",
                           field=found[0] if found else "scheduler.options")
+    restart = schedulers.restart_past_int64(sched.state_dict(), "scheduler")
+    if restart is not None:  # (named as the option: its place in the spec)
+        restart.field = re.sub(r"\._schedulers\.(\d+)", r".options.schedulers.\1",
+                               (restart.field or "scheduler.T_mult")
+                               ).replace(".T_mult", ".options.T_mult")
+        raise restart
     for g, dtype in zip(opt.param_groups, dtypes, strict=True):
         keys = {k: v for k, v in g.items() if k not in ("params", "param_names")}
         try:

@@ -50,7 +50,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -61,6 +61,7 @@ from app.engine.history import HistoryQuery, HistoryResult
 from app.engine.interface import (
     CreateSpec,
     EngineStatus,
+    EntriesRefusal,
     GradsResult,
     GroupSpec,
     IdemKey,
@@ -547,6 +548,40 @@ class ShardedSession:
         self._wake()
         return bool(results) and all(r is True for r in results)
 
+    def refuse_stale(self, expected: Expected, idem_key: str | None) -> None:
+        """The 412 of a change's precondition that can no longer hold, from its request's
+        head (it was read whole first), where every shard is in this process's host (the
+        embedded engine: :meth:`Front.refuse_stale <app.engine.front.Front.refuse_stale>`):
+        the problem the operation would give, its lowest shard's refusal
+        (:func:`first_refusal`), which is the same check on shard 0 as a plain session's
+        (:meth:`EmbeddedHost.refuse_stale <app.engine.host.EmbeddedHost.refuse_stale>`).
+        Only while the session is settled: in service, put in step, nothing pending or under
+        way (its lock free), every shard settled (:meth:`EmbeddedHost.settled_session
+        <app.engine.host.EmbeddedHost.settled_session>`: no operation under way or not yet
+        durable, the idempotency key not held) and all at one version and revision (a
+        crash's cut operation, undone by :meth:`settle`, may move a shard back), the one
+        this coordinator last answered. Anything else is checked after the body as before."""
+        from app.engine.router import InProcessHost
+        if (self._damaged is not None or self._settle_due or self._pending is not None
+                or self._lock.locked()):
+            return
+        hosts = {id(host.embedded) if isinstance(host, InProcessHost) else None
+                 for host, _ in self.shards}
+        first = self.shards[0][0]
+        if hosts != {id(getattr(first, "embedded", None))} or not isinstance(first,
+                                                                             InProcessHost):
+            return
+        embedded = first.embedded
+        at = set()
+        for _, skey in self.shards:
+            shard = embedded.settled_session(skey, idem_key)
+            if shard is None:
+                return
+            at.add((shard.version, shard.revision))
+        if len(at) != 1 or (self._version is not None and next(iter(at))[0] != self._version):
+            return
+        embedded.refuse_stale(self.shards[0][1], expected, idem_key)
+
     async def settle(self) -> None:
         """Put the shards in step, as a coordinator made anew does before it serves them (a
         Ray host's, :meth:`HostActor._coordinator <app.engine.ray_host.HostActor.
@@ -1024,7 +1059,26 @@ class ShardedSession:
                           "other operations wait until then", code="shards_out_of_step",
                           retry_after=1.0)
 
-    def _check_names(self, tensors: Tensors, field: str) -> None:
+    def entries_refusal(self, worker: str | None) -> EntriesRefusal | None:
+        """For a step's body naming more tensors than the session holds: what refuses it
+        from its entries alone (:meth:`Front.entries_refusal <app.engine.front.Front.
+        entries_refusal>`) with the answer :meth:`step` gives once its tensors are made: its
+        first name that is not a parameter's (:meth:`_check_names`, which :meth:`execute`
+        runs before anything else looks at the gradients). None where that answer could be
+        another: a worker id :func:`ps.check_worker` refuses; and a body with ``scalars`` is
+        decoded whole (they are refused first: ``EntriesRefusal.scalars``)."""
+        if worker is not None:
+            try:
+                ps.check_worker(worker)
+            except Invalid:
+                return None
+        held = len(self.layout.owner)
+        return EntriesRefusal(held=lambda: held,
+                              refuse=lambda entries, upcast: self._check_names(entries,
+                                                                               "grads"),
+                              scalars=False)
+
+    def _check_names(self, tensors: Iterable[str], field: str) -> None:
         for name in tensors:
             if name not in self.layout.owner:
                 shown = ", ".join(repr(n) for n in self.layout.names()[:20])

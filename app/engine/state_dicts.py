@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from app.engine import optimizers, option_values
+from app.engine import optimizers, option_values, schedulers
 from app.errors import Invalid, shown
 from app.wire.dtypes import DTYPE_NAMES, TORCH_DTYPES
 from app.wire.integers import INT64, OPTION_INTS, int_text, ints_as_text
@@ -544,6 +544,9 @@ def prepare_import(session: Session, state: object, request: bool = False,
         if request:
             option_values.refuse_nonfinite_scheduler_state(sched_state, "state_dict.scheduler",
                                                            live)
+            restart = schedulers.restart_past_int64(sched_state, "state_dict.scheduler")
+            if restart is not None:
+                raise restart
         sched_state = conform(live, own_tensors(sched_state, "state_dict.scheduler"))
     names = [list(g["param_names"]) for g in current]
     return PreparedImport({"state": new_state, "param_groups": new_groups}, sched_state, names)

@@ -376,6 +376,10 @@ class _Log:
     unsynced: bool = False  # a ``step`` record written without its fsync, which is to come
 
 
+class _NoRoom(Exception):
+    """A delete's tombstone found the disk full (tried again in turn with the reserve)."""
+
+
 class Store:
     """Snapshots and logs for every session, with a background fsync thread (``interval``)."""
 
@@ -410,6 +414,12 @@ class Store:
         #: and about how many lines the log holds: past twice the lines kept an append cuts it
         self._stones_keep: int | None = None
         self._stones_lines = 0
+        #: held by a delete that found the disk full, from its tombstone to the reserve's
+        #: top-up (:meth:`delete`)
+        self._full_deletes = threading.Lock()
+        #: ``.deleted-*`` folders whose tombstone could not be logged yet (:meth:`_bury`)
+        self._unburied: set[Path] = set()
+        self._burying = threading.Lock()
         self._stop = False
         self._flusher = threading.Thread(target=self._flush_loop, name="optserve-fsync",
                                          daemon=True)
@@ -485,6 +495,7 @@ class Store:
             broken = [lg.path for lg in self._logs.values() if lg.repair]
             suspect = [lg.suspect for lg in self._logs.values() if lg.suspect is not None]
             error, need = self._error, self._need
+        self._bury_again()
         self._remake_reserve()
         if error is None and not broken and not suspect:
             return self._free_space.short()
@@ -526,8 +537,8 @@ class Store:
                 "makes it again")
 
     def _remake_reserve(self) -> None:
-        """Make the delete reserve again once a delete released it and the disk has room for
-        it twice over (no write is tried on a disk still full)."""
+        """Top the delete reserve up to its whole size once a delete used it and the disk has
+        room for it twice over (no write is tried on a disk still full)."""
         if self.reserve.held:
             return
         try:
@@ -660,49 +671,107 @@ class Store:
         A ``tombstone`` (the delete's idempotency key; or several: also the key of the create
         that made the session) is written into the directory before that rename, so it is
         durable exactly when the delete is; it then moves to the tombstone log
-        (:meth:`tombstones`, one line each), where a retry after a restart finds it."""
+        (:meth:`tombstones`, one line each), where a retry after a restart finds it.
+
+        On a full disk the tombstone is written into the delete reserve's blocks
+        (:mod:`app.engine.delete_reserve`), and the reserve is topped up again from the space
+        the delete freed before this returns; such deletes take turns (one at a time from the
+        tombstone to the top-up), so each finds the reserve its predecessor left."""
         stones = [tombstone] if isinstance(tombstone, dict) else list(tombstone or [])
         self.forget(session_id)
         d = self._dir(session_id)
-        if d.exists():
-            trash = self.sessions_dir / f".deleted-{session_id}-{os.getpid()}-{time.time_ns()}"
-            try:
-                if stones:
-                    self._write_tombstone(d, b"\n".join(json.dumps(t).encode()
-                                                         for t in stones))
-                else:
-                    (d / TOMBSTONE).unlink(missing_ok=True)
-                self.files.replace(d, trash)
-                self.files.fsync_dir(self.sessions_dir)
-            except OSError as exc:
-                self._failed(f"deleting {session_id}", exc)
-                raise storage_failure(exc, "deleting the session's files") from None
-            self._bury(trash)
+        if not d.exists():
+            return
+        data = b"\n".join(json.dumps(t).encode() for t in stones) if stones else None
+        try:
+            self._delete_dir(session_id, d, data, full=False)
+        except _NoRoom:
+            with self._full_deletes:
+                self._delete_dir(session_id, d, data, full=True)
+
+    def _delete_dir(self, session_id: str, d: Path, data: bytes | None, *, full: bool) -> None:
+        """:meth:`delete`'s tombstone, commit and cleanup; ``full``: the tombstone found the
+        disk full before (the caller holds ``_full_deletes``): written into the reserve's
+        blocks if it finds it full again. Raises _NoRoom when the disk is full and not
+        ``full``."""
+        trash = self.sessions_dir / f".deleted-{session_id}-{os.getpid()}-{time.time_ns()}"
+        try:
+            if data is not None:
+                self._write_tombstone(d, data, full=full)
+            else:
+                (d / TOMBSTONE).unlink(missing_ok=True)
+            self.files.replace(d, trash)
+            self.files.fsync_dir(self.sessions_dir)
+        except _NoRoom:
+            raise
+        except OSError as exc:
+            self._failed(f"deleting {session_id}", exc)
+            raise storage_failure(exc, "deleting the session's files") from None
+        self._bury(trash)
+        self._bury_again()
+        if full:  # (from the space this delete freed: the next delete's tombstone needs it)
+            self.reserve.make(take_what_fits=True)
+        else:
             self._remake_reserve()
 
-    def _write_tombstone(self, d: Path, data: bytes) -> None:
-        """Write a delete's tombstone into the session's directory ``d``; on a full disk the
-        delete reserve is released and the write tried once more (a delete frees space, it must
-        not need any: :mod:`app.engine.delete_reserve`)."""
+    def _write_tombstone(self, d: Path, data: bytes, *, full: bool) -> None:
+        """Write a delete's tombstone into the session's directory ``d``. On a full disk:
+        _NoRoom unless ``full``, else the tombstone goes into the delete reserve's blocks (a
+        delete frees space, it must not need any: :mod:`app.engine.delete_reserve`)."""
         try:
             write_atomic(d / TOMBSTONE, [data], self.files)
         except OSError as exc:
-            if exc.errno not in _FULL or not self.reserve.release():
+            if exc.errno not in _FULL:
                 raise
-            write_atomic(d / TOMBSTONE, [data], self.files)
+            if not full:
+                raise _NoRoom from None
+            if not self.reserve.become(d / TOMBSTONE, data, self.files):
+                raise
 
-    def _bury(self, trash: Path) -> None:
+    def _bury(self, trash: Path) -> bool:
         """Append a deleted session's tombstone (if any) to the tombstone log, then remove
-        its files; when the append fails they stay for the next :meth:`open` to retry."""
+        its files; whether it was done. When the append fails, the session's files are
+        removed all the same (the delete is done: their space is free at once) but the
+        tombstone stays in ``trash``, tried again by the next delete, readiness check or
+        start."""
         stone = trash / TOMBSTONE
         if stone.exists():
             try:
                 with self._stones:
                     self._append_stones(stone.read_bytes().strip() + b"\n")
             except OSError as exc:
-                log.error("could not log the tombstone of %s: %s", trash.name, exc)
-                return
+                log.error("could not log the tombstone of %s (its files are removed, the "
+                          "tombstone kept there and logged later): %s", trash.name, exc)
+                with contextlib.suppress(OSError):
+                    for f in trash.iterdir():
+                        if f.is_dir():
+                            shutil.rmtree(f)
+                        elif f.name != TOMBSTONE:
+                            f.unlink()
+                with self._lock:
+                    self._unburied.add(trash)
+                return False
         shutil.rmtree(trash, ignore_errors=True)
+        with self._lock:
+            self._unburied.discard(trash)
+        return True
+
+    def _bury_again(self) -> None:
+        """Log the tombstones a failed append left in ``.deleted-*`` (:meth:`_bury`); one
+        caller at a time (another finds it under way and goes on)."""
+        if not self._unburied or not self._burying.acquire(blocking=False):
+            return
+        try:
+            with self._lock:
+                left = sorted(self._unburied)
+            for trash in left:
+                if not trash.exists():
+                    with self._lock:
+                        self._unburied.discard(trash)
+                elif not self._bury(trash):
+                    return
+        finally:
+            self._burying.release()
 
     def tombstones(self, keep: int) -> list[dict[str, str]]:
         """The last ``keep`` tombstones of deletes (oldest first); the log is cut to them when
@@ -1112,7 +1181,7 @@ class Store:
                 lines = b"\n" + lines  # after a line a crash tore
             f.write(lines)
             f.flush()
-            os.fsync(f.fileno())
+            self.files.fsync(f.fileno())
         if new:
             self.files.fsync_dir(self.root)
         self._stones_lines += lines.count(b"\n")

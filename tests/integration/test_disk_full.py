@@ -645,8 +645,9 @@ def test_a_keyed_session_is_deleted_on_a_full_disk(tmpfs: Mount) -> None:
     then fills to the last block: its DELETE is a 204 (its tombstone, the create's key, is
     written into the delete reserve's room) and frees its files; a retried create is the 409
     ``session_deleted`` it is on a disk with room, and so it stays after a ``kill -9`` and a
-    restart on the still nearly full disk. Another session is left as torch.optim has it. Once
-    space returns, a readiness check makes the reserve again."""
+    restart on the still nearly full disk. Another session is left as torch.optim has it. The
+    reserve is whole again after the delete (topped up from the space it freed), and so it is
+    once space returns."""
     disk = tmpfs(8)
     key = {"Idempotency-Key": "made-on-a-disk-that-filled"}
     body = {"id": "keyed", "optimizer": "SGD", "options": {"lr": 0.1},
@@ -679,7 +680,9 @@ def test_a_keyed_session_is_deleted_on_a_full_disk(tmpfs: Mount) -> None:
             assert not session_dir(disk, "keyed").exists()
             assert sorted(p.name for p in (disk / "sessions").iterdir()) == [
                 session_dir(disk, other.sid).name]  # no .deleted-* left: its files are freed
-            assert not reserve_held(disk)  # released, not made again on a disk this full
+            # (its tombstone written into the reserve's blocks, the reserve topped up again
+            # from the space the delete freed: the session's files, the reserve's cut tail)
+            assert reserve_held(disk)
             retried(c)
             other.assert_same(c, state=True)
         proc.kill9()
@@ -690,6 +693,72 @@ def test_a_keyed_session_is_deleted_on_a_full_disk(tmpfs: Mount) -> None:
             filler.unlink()
             assert_ready(c)
             assert reserve_held(disk)  # space returned: made again
+            assert other.post_step(c, 1).status_code == 200
+            other.acknowledged(1)
+            other.assert_same(c, state=True)
+    finally:
+        proc.stop()
+
+
+def test_several_keyed_deletes_each_on_a_disk_full_to_the_last_block(tmpfs: Mount) -> None:
+    """A user deleting sessions one after the other to free a disk that something else fills
+    to the last block again after each delete: every DELETE is a 204, two plain sessions' and
+    a sharded session's (two shards, each shard's tombstone written on the full disk), each
+    keyed create's retry the 409 ``session_deleted``, also after a ``kill -9`` and a restart
+    on the still full disk. Only the first delete found the reserve the start made: each
+    later one finds the reserve its predecessor topped up from the space it freed before it
+    answered (was: the reserve was made again only with room for it twice over, so the second
+    delete was a 507; a sharded session's delete, its shards' tombstones written at once, was
+    a 507 that had deleted its first shard). Another session is left as torch.optim has it."""
+    disk = tmpfs(8)
+    other = Big("other", 1000)
+    bodies = {sid: {"id": sid, "optimizer": "SGD", "options": {"lr": 0.1}, **extra,
+                    "params": {"w": {"dtype": "float32", "shape": [2], "data": [1.0, 2.0]},
+                               "v": {"dtype": "float32", "shape": [1], "data": [3.0]}}}
+              for sid, extra in (("first", {}), ("second", {}), ("sharded", {"shards": 2}))}
+    proc = Proc(disk, env={"OPTSERVE_READY_MIN_FREE_BYTES": "0"},
+                started=lambda r: r.status_code in (200, 503))
+
+    def key(sid: str) -> dict[str, str]:
+        return {"Idempotency-Key": f"made-{sid}-on-a-disk-that-filled"}
+
+    def retried(c: httpx.Client, sid: str) -> None:
+        r = c.post("/v1/sessions", json=bodies[sid], headers=key(sid))
+        assert r.status_code == 409, r.text
+        problem = r.json()
+        assert (problem["code"], problem["session_id"], problem["idempotency_key"]) == (
+            "session_deleted", sid, key(sid)["Idempotency-Key"]), problem
+        assert c.get(f"/v1/sessions/{sid}").status_code == 404
+
+    try:
+        proc.start()
+        with httpx.Client(base_url=proc.url, timeout=60) as c:
+            for sid, body in bodies.items():
+                r = c.post("/v1/sessions", json=body, headers=key(sid))
+                assert r.status_code == 201, r.text
+            assert other.create(c).status_code == 201
+            assert other.post_step(c, 0).status_code == 200
+            other.acknowledged(0)
+            for sid in bodies:
+                filler = fill(disk)  # (again: to the last block)
+                assert_storage_full(other.post_step(c, 1))
+                r = c.delete(f"/v1/sessions/{sid}", headers={"Idempotency-Key": f"del-{sid}"})
+                assert r.status_code == 204, (sid, r.text)
+                retried(c, sid)
+                assert not list((disk / "sessions").glob(".deleted-*")), sid
+            assert sorted(p.name for p in (disk / "sessions").iterdir()) == [
+                session_dir(disk, other.sid).name]  # every shard's files are gone too
+            assert c.get("/v1/sessions").json()["sessions"][0]["id"] == other.sid
+            other.assert_same(c, state=True)
+        proc.kill9()
+        proc.start()
+        with httpx.Client(base_url=proc.url, timeout=60) as c:
+            for sid in bodies:
+                retried(c, sid)
+            other.assert_same(c, state=True)
+            filler.unlink()
+            assert_ready(c)
+            assert reserve_held(disk)
             assert other.post_step(c, 1).status_code == 200
             other.acknowledged(1)
             other.assert_same(c, state=True)

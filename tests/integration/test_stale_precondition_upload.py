@@ -73,11 +73,13 @@ def _torch_once() -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in local.items()}
 
 
-def _stepped_session(url: str, sid: str) -> None:
-    """A session at version 1: made, then stepped once (as torch, checked)."""
+def _stepped_session(url: str, sid: str, shards: int | None = None) -> None:
+    """A session at version 1 (of ``shards`` shards): made, then stepped once (as torch,
+    checked)."""
     httpx.delete(f"{url}/v1/sessions/{sid}", timeout=30)
+    sharded = {} if shards is None else {"shards": shards}
     r = httpx.post(f"{url}/v1/sessions", timeout=30, json={
-        "id": sid, "optimizer": "SGD", "options": {"lr": LR, "momentum": MOMENTUM},
+        "id": sid, "optimizer": "SGD", "options": {"lr": LR, "momentum": MOMENTUM}, **sharded,
         "params": {n: json_tensor(t) for n, t in _params().items()}})
     assert r.status_code == 201, r.text
     r = httpx.post(f"{url}/v1/sessions/{sid}/step", timeout=30, content=save(_grads()),
@@ -165,6 +167,56 @@ def test_a_version_the_session_is_past_is_refused_before_the_body(
         "current_revision": int(info.headers["x-optserve-revision"])}
     assert problem["detail"] == ("the session is at version 1, not 0: it changed since it "
                                  "was read (nothing was done); read it again")
+    _assert_torch_once(url, sid)
+
+
+SHARDED_ROUTES = [r for r in ROUTES if r[:2] != ("POST", "/param_groups")]
+
+
+@pytest.mark.parametrize(("method", "path", "ctype"), SHARDED_ROUTES,
+                         ids=[f"{m} {p or '/'}" for m, p, _ in SHARDED_ROUTES])
+def test_a_sharded_session_past_the_version_is_refused_before_the_body(
+        live: tuple[LiveServer, str], method: str, path: str, ctype: str) -> None:
+    """As a plain session's: ``If-Match: "0"`` on a sharded session (two shards, all in this
+    process) at version 1 is the operation's own 412 after the first piece of a 400 KB body
+    (it was read whole first), the rest dropped; the session is unchanged, torch's one step.
+    So is a ``?base_revision=`` it is past."""
+    server, url = live
+    sid = "sharded-past" + path.replace("/", "-")
+    _stepped_session(url, sid, shards=2)
+    upload.wait_no_lingering(server, unknown.TOTAL_S + 10)
+    answer, sock = _early(url, method, f"/v1/sessions/{sid}{path}", ctype, 'If-Match: "0"\r\n')
+    problem = _the_412(answer)
+    _finish(server, sock)
+    info = httpx.get(f"{url}/v1/sessions/{sid}", timeout=30)
+    revision = int(info.headers["x-optserve-revision"])
+    assert {k: problem.get(k) for k in ("field", "current_version", "base_version",
+                                         "current_step", "current_revision")} == {
+        "field": "If-Match", "current_version": 1, "base_version": 0, "current_step": 1,
+        "current_revision": revision}
+    assert problem["detail"] == ("the session is at version 1, not 0: it changed since it "
+                                 "was read (nothing was done); read it again")
+    answer, sock = _early(url, method, f"/v1/sessions/{sid}{path}?base_revision="
+                          f"{revision - 1}", ctype, "")
+    problem = _the_412(answer)
+    assert (problem["field"], problem["base_revision"]) == ("base_revision", revision - 1)
+    _finish(server, sock)
+    _assert_torch_once(url, sid)
+
+
+def test_add_param_group_to_a_sharded_session_keeps_its_422(
+        live: tuple[LiveServer, str]) -> None:
+    """A sharded session refuses add_param_group whatever its body (422 ``not_supported``,
+    after the body): a stale ``If-Match`` does not turn that into a 412 from the head."""
+    _, url = live
+    sid = "sharded-group"
+    _stepped_session(url, sid, shards=2)
+    body = json.dumps({"params": {"extra": json_tensor(torch.ones(2))}}).encode() + (
+        b" " * 200_000)
+    answer = _slow(url, "POST", f"/v1/sessions/{sid}/param_groups", body, "application/json",
+                   'If-Match: "0"\r\n')
+    problem = _problem(answer, 422, closes=False)
+    assert (problem["code"], problem["field"]) == ("not_supported", "param_groups"), problem
     _assert_torch_once(url, sid)
 
 
