@@ -17,6 +17,7 @@ import torch
 
 import optserve
 from tests.integration.test_sdk_dropin_edges import assert_trained_alike, backward, mlp, train
+from tests.integration.test_sdk_state_edit_conflicts import started
 from tests.integration.test_sdk_state_edits_kept import assert_state_equal
 
 pytestmark = pytest.mark.integration
@@ -57,19 +58,6 @@ def other_client(live_server: str) -> Iterator[optserve.Client]:
     """Client B: another client of the same server (its own connections)."""
     with optserve.Client(live_server, max_retries=0) as c:
         yield c
-
-
-def started(optimizer: str, options: dict[str, float], client: optserve.Client
-            ) -> tuple[torch.nn.Sequential, torch.optim.Optimizer,
-                       torch.nn.Sequential, optserve.RemoteOptimizer]:
-    """A local model and optimizer and client A's remote pair, trained alike for two steps."""
-    local_model = mlp()
-    remote_model = copy.deepcopy(local_model)
-    local = getattr(torch.optim, optimizer)(local_model.parameters(), **options)
-    remote = optserve.RemoteOptimizer(remote_model.parameters(), optimizer, client, **options)
-    for model, opt in ((local_model, local), (remote_model, remote)):
-        train(model, opt, range(2))
-    return local_model, local, remote_model, remote
 
 
 def other_step(local_model: torch.nn.Sequential, local: torch.optim.Optimizer,
