@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import optserve
+from tests.conftest import ENGINES
 from tests.integration.test_sdk_dropin_edges import assert_same_form, backward, mlp, train
 from tests.integration.test_sdk_state_edits_kept import assert_state_equal
 
@@ -55,22 +56,31 @@ def other_client(live_server: str) -> Iterator[optserve.Client]:
         yield c
 
 
-def test_a_revision_tag_is_a_304_until_the_session_changes(live_server: str) -> None:
-    """Raw HTTP: the state read at revision r, then asked again with ``"r<r>"`` (and
-    ``W/"r<r>"``): 304, no body, the version and revision headers; ``"r0<r>"`` or a version tag
-    alone: the whole state. An lr ``PATCH`` (version unchanged, revision moved): the whole state,
-    the new lr in it; a step: the whole state, torch's after the same step."""
+@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_revision_tag_is_a_304_until_the_session_changes(engine_url: str, shards: int) -> None:
+    """Raw HTTP, on both engines, a plain and a 2-shard session: the state read at revision r,
+    then asked again with ``"r<r>"`` (and ``W/"r<r>"``): 304, no body, the version and
+    revision headers; ``"r0<r>"`` or a version tag alone: the whole state. An lr ``PATCH``
+    (version unchanged, revision moved): the whole state, the new lr in it; a step: the whole
+    state, torch's after the same step."""
     torch.manual_seed(0)
-    w = torch.randn(3, 4)
-    local_w = w.clone().requires_grad_()
-    local = torch.optim.Adam([local_w], lr=0.01)
-    with optserve.Client(live_server, max_retries=0) as c:
-        info = c.create_session("Adam", {"w": w}, options={"lr": 0.01})
-        grad = torch.randn(3, 4)
-        c.step(info.id, {"w": grad}, return_params=False)
-        local_w.grad = grad.clone()
+    params = {"w": torch.randn(3, 4), "b": torch.randn(4)}
+    local_ps = {k: v.clone().requires_grad_() for k, v in params.items()}
+    local_w = local_ps["w"]
+    local = torch.optim.Adam(local_ps.values(), lr=0.01)
+
+    def step_both(c: optserve.Client, session_id: str) -> None:
+        grads = {k: torch.randn_like(v) for k, v in params.items()}
+        c.step(session_id, grads, return_params=False)
+        for k, p in local_ps.items():
+            p.grad = grads[k].clone()
         local.step()
-        with httpx.Client(base_url=live_server) as http:
+
+    with optserve.Client(engine_url, max_retries=0) as c:
+        info = c.create_session("Adam", params, options={"lr": 0.01}, shards=shards)
+        step_both(c, info.id)
+        with httpx.Client(base_url=engine_url) as http:
             path = f"/v1/sessions/{info.id}/state_dict?format=json"
             first = http.get(path)
             assert first.status_code == 200
@@ -99,16 +109,14 @@ def test_a_revision_tag_is_a_304_until_the_session_changes(live_server: str) -> 
             assert changed.headers["X-Optserve-Version"] == version
             assert changed.json()["param_groups"][0]["lr"] == local.param_groups[0]["lr"]
             # a step: the whole state, torch's
-            grad = torch.randn(3, 4)
-            c.step(info.id, {"w": grad}, return_params=False)
-            local_w.grad = grad.clone()
-            local.step()
+            step_both(c, info.id)
             stepped = http.get(path, headers={
                 "If-None-Match": f'"r{changed.headers["X-Optserve-Revision"]}"'})
             assert stepped.status_code == 200
         sd = optserve._tensors.decode_state_json(stepped.json())
-        for k, v in local.state[local_w].items():
-            assert torch.equal(torch.as_tensor(sd["state"][0][k]), v), k
+        for i, p in enumerate(local_ps.values()):
+            for k, v in local.state[p].items():
+                assert torch.equal(torch.as_tensor(sd["state"][i][k]), v), (i, k)
         c.delete_session(info.id)
 
 
