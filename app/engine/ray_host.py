@@ -2115,7 +2115,12 @@ class _Placed:
                     raise refusal from None
                 raise
             self.router._entries[self.key] = fresh
-            return await call(await self.router.route(self.key))
+            # (kept: a request that calls its host twice, a describe and then the operation,
+            # makes its second call where the first went, not to the creation deleted)
+            routed = await self.router.route(self.key)
+            assert isinstance(routed, _Placed)
+            self.host = routed.host
+            return await call(self.host)
 
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
                       want_params: ReturnParams = False) -> Any:
