@@ -13,7 +13,8 @@ format as the embedded engine's). It asks Ray for a resource shape (``num_cpus``
 ``OPTSERVE_RAY_PLACEMENT``) chooses among them:
 
 - ``spread``: a new host while the cluster has room for one of this shape (Ray's ``SPREAD``
-  strategy puts it on the least loaded node), else the host of this shape with the fewest
+  strategy puts it on the least loaded node) beside every host of the data directory (one
+  restarting, or killed for good, keeps its room), else the host of this shape with the fewest
   sessions;
 - ``pack``: the host of this shape with the most sessions that still has room
   (``OPTSERVE_RAY_SESSIONS_PER_HOST``, 0 = no limit), else a new host (Ray's default strategy,
@@ -1529,11 +1530,27 @@ class RayRouter:
         return names
 
     def _cluster_has_room(self, resources: dict[str, Any]) -> bool:
+        """Whether Ray has this shape free now and the cluster holds it beside every host of
+        this deployment: a host restarting (its process died) or killed for good (started
+        again from its host.json by the next request for its sessions) frees its resources
+        until it is placed again, and a new host that took them left it unplaced for good,
+        its sessions a 503 ``host_restarting`` (seen by a kill -9 chaos probe: 9 hosts of one
+        CPU on a cluster of 8)."""
         available: Any = ray.available_resources  # typed or not, by Ray version
+        total: Any = ray.cluster_resources
         free: dict[str, float] = available()
-        need = {"CPU": resources.get("num_cpus", 0), "GPU": resources.get("num_gpus", 0),
-                "memory": resources.get("memory", 0), **(resources.get("resources") or {})}
-        return all(free.get(k, 0.0) + 1e-9 >= v for k, v in need.items() if v)
+        held: dict[str, float] = {}
+        for name in self._host_names():
+            try:
+                saved = self._host_json(name)
+            except (FileNotFoundError, orjson.JSONDecodeError):
+                continue
+            for k, v in _ray_need(saved["resources"]).items():
+                held[k] = held.get(k, 0.0) + v
+        capacity: dict[str, float] = total()
+        return all(free.get(k, 0.0) + 1e-9 >= v
+                   and capacity.get(k, 0.0) - held.get(k, 0.0) + 1e-9 >= v
+                   for k, v in _ray_need(resources).items() if v)
 
     async def _place(self, resources: dict[str, Any], placement: str, count: int = 1
                      ) -> list[RayHost]:
@@ -2115,7 +2132,12 @@ class _Placed:
                     raise refusal from None
                 raise
             self.router._entries[self.key] = fresh
-            return await call(await self.router.route(self.key))
+            # (kept: a request that calls its host twice, a describe and then the operation,
+            # makes its second call where the first went, not to the creation deleted)
+            routed = await self.router.route(self.key)
+            assert isinstance(routed, _Placed)
+            self.host = routed.host
+            return await call(self.host)
 
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
                       want_params: ReturnParams = False) -> Any:
@@ -2178,6 +2200,13 @@ class _Placed:
     async def delete(self, key: str, *, idem: IdemKey | None = None,
                      expected: Expected | None = None) -> bool:
         return await self.host.delete(key, idem=idem, expected=expected)
+
+
+def _ray_need(resources: dict[str, Any]) -> dict[str, float]:
+    """A host shape (``num_cpus``, ``num_gpus``, ``memory``, custom ``resources``) in Ray's
+    resource names."""
+    return {"CPU": resources.get("num_cpus", 0), "GPU": resources.get("num_gpus", 0),
+            "memory": resources.get("memory", 0), **(resources.get("resources") or {})}
 
 
 # ============================================================================ the engine

@@ -29,6 +29,8 @@ import safetensors.torch
 import torch
 
 import optserve
+from app.engine.ray_host import RayHost
+from app.errors import Unavailable
 from tests.conftest import LiveServer, kill_hosts, ray_settings
 from tests.integration.test_durability import PortTaken, free_port
 
@@ -232,6 +234,57 @@ def test_removed_node_session_resumes_on_the_other(ray_cluster: Any, tmp_path: P
     finally:
         server.stop()
         kill_hosts(tmp_path / "data")
+
+
+def test_spread_leaves_room_for_a_host_killed_for_good(
+        ray_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node with room for two hosts of a shape (a custom resource ``slot: 2``) holds two,
+    spread; one is killed for good (started again from its host.json by the next request for
+    its session) and does not answer the placement's ping (as a host whose restart Ray has not
+    placed yet). A create meanwhile went to a new host, the room looking free: the killed
+    host could never be placed again, its session a 503 ``host_restarting`` for good (seen by
+    h71's kill -9 chaos probe: 9 hosts of one CPU on a cluster of 8). Now the room of every
+    host of the data directory is kept: the create goes to the live host, and the killed host
+    comes back with its session, equal to torch."""
+    node = ray_cluster.add_node(num_cpus=0, resources={"slot": 2})
+    ray_cluster.wait_for_nodes()
+    settings = ray_settings(ray_cluster, data_dir=tmp_path / "data", ray_placement="spread",
+                            ray_resources='{"num_cpus": 0, "resources": {"slot": 1}}')
+    server = LiveServer(settings)
+    url = server.start()
+    try:
+        with optserve.Client(url, max_retries=30, timeout=300) as c, \
+                httpx.Client(base_url=url, timeout=300) as h:
+            for i in range(2):
+                create(c, f"slot{i}", seed=i)
+            hosts = {host_of(h, f"slot{i}")["name"] for i in range(2)}
+            assert len(hosts) == 2, "spread: a host each"
+            acked = Acked()
+            stepper(url, "slot0", 0, 2, acked)
+            gone = host_of(h, "slot0")["name"]
+            ray.kill(ray.get_actor(gone, namespace="optserve"), no_restart=True)
+            deadline = time.monotonic() + 60
+            while ray.available_resources().get("slot", 0) < 1:  # (its room freed)
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            call = RayHost.call
+
+            async def unplaced(self: RayHost, method: str, *args: Any, **kw: Any) -> Any:
+                if self.name == gone and method == "ping":
+                    raise Unavailable(f"{gone} is restarting", code="host_restarting")
+                return await call(self, method, *args, **kw)
+            with monkeypatch.context() as m:
+                m.setattr(RayHost, "call", unplaced)
+                create(c, "slot2", seed=2)
+            assert h.get("/v1/sessions/slot2").json()["placement"]["host"] in hosts - {gone}
+            stepper(url, "slot0", 1, 2, acked)  # (its host started again, placed)
+            assert not acked.errors, acked.errors
+            check_session(h, "slot0", acked, replay(acked, 0))
+            assert len(list((tmp_path / "data" / "hosts").glob("*/host.json"))) == 2
+    finally:
+        server.stop()
+        kill_hosts(tmp_path / "data")
+        ray_cluster.remove_node(node)
 
 
 # ----------------------------------------------------------------------------- two fronts

@@ -418,3 +418,45 @@ def test_a_keyed_sharded_create_sent_through_two_fronts_at_once_is_replayed_once
         r = httpx.post(f"{url}/v1/sessions", json=body, headers=key, timeout=300)
         assert r.status_code == 201 and r.headers.get("Idempotent-Replayed") == "true", r.text
     stepped_as_torch(b, a, sid, p0, 11, "stepped")
+
+
+@pytest.mark.parametrize("what", ["add_group", "configure"])
+def test_a_front_with_a_stale_entry_makes_both_calls_of_a_request_to_the_new_host(
+        fronts: list[InProcessFront], what: str) -> None:
+    """Front B read a sharded session's entry; front A deleted it and made a plain session of
+    the same id. B's next request that calls the host twice (an add_param_group: a describe
+    for the session's limits, then the operation; a configure: the operation, then a
+    describe) found the entry stale on its first call and went to the new host, but sent its
+    second call to the deleted creation's hosts: a 404 for a session that is there (seen by
+    h71's kill -9 chaos probe, a PATCH of PS options applied and answered 404). Now both go to
+    the new host: the group is added, the options set, and the session steps as torch."""
+    a, b = (f.url for f in fronts)
+    sid, p0, extra = f"stale-{what}", tensors(20), {"x": torch.ones(3)}
+    r = httpx.post(f"{a}/v1/sessions", json=adam_create(sid, tensors(21), 2), timeout=300)
+    assert r.status_code == 201, r.text
+    assert httpx.get(f"{b}/v1/sessions/{sid}", timeout=120).status_code == 200  # B's entry
+    assert httpx.delete(f"{a}/v1/sessions/{sid}", timeout=300).status_code == 204
+    r = httpx.post(f"{a}/v1/sessions", json=adam_create(sid, p0), timeout=300)
+    assert r.status_code == 201, r.text
+    if what == "add_group":
+        r = httpx.post(f"{b}/v1/sessions/{sid}/param_groups", timeout=300, json={
+            "params": {n: json_tensor(t) for n, t in extra.items()}, "lr": LR / 2})
+        assert r.status_code == 201, r.text
+        local = {n: t.clone() for n, t in {**p0, **extra}.items()}
+        opt = torch.optim.Adam([{"params": [local[n] for n in p0]},
+                                {"params": [local["x"]], "lr": LR / 2}], lr=LR)
+        g = {**tensors(22), "x": torch.full((3,), 0.5)}
+        for n, t in local.items():
+            t.grad = g[n]
+        opt.step()
+        r = httpx.post(f"{b}/v1/sessions/{sid}/step", timeout=300,
+                       json={"grads": {n: json_tensor(t) for n, t in g.items()}})
+        assert r.status_code == 200, r.text
+        assert_equal({n: tensor_from_json(t) for n, t in r.json()["params"].items()},
+                     local, "stepped with the added group")
+    else:
+        r = httpx.patch(f"{b}/v1/sessions/{sid}", json={"max_staleness": 3}, timeout=300)
+        assert r.status_code == 200, r.text
+        assert r.json()["max_staleness"] == 3
+        assert httpx.get(f"{a}/v1/sessions/{sid}", timeout=120).json()["max_staleness"] == 3
+        stepped_as_torch(b, a, sid, p0, 23, "stepped")
