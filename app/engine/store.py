@@ -13,7 +13,9 @@ The log is written ahead: a record reaches the file (and, for durability ``step`
 before its operation touches the session, so a failed write or fsync leaves nothing applied.
 A failed append truncates the file back to its last good length; when even that fails, the
 log is marked for repair, the failed record's header is zeroed (so a crash before the repair
-leaves a torn tail, never a refused operation), every later append to it first retries the
+leaves a torn tail, never a refused operation; where that write fails too, the record may stay
+whole, and a restart replays it: a retry under its idempotency key is then answered from it,
+not applied again), every later append to it first retries the
 truncate, and :meth:`Store.health` names the problem until it succeeds. A replay of an open
 log (a live session's rebuild) reads only its good length, so such a record is never in it,
 whether its header could be zeroed or not. The interval flusher
