@@ -1746,6 +1746,8 @@ class EmbeddedHost:
                                        ) from None
                 log.warning("%s: dropping the last log record (%s), refused at replay: %s",
                             key, record.op.kind, exc.detail)
+                if not but_last:  # (cut from the file too: the next record takes its place)
+                    self._cut_refused_tail(key)
                 break
             result = apply_counted(op, session, plan)
             session.seq = record.seq
@@ -1763,6 +1765,17 @@ class EmbeddedHost:
             raise StoreCorrupt(f"{key}: no snapshot and no create record")
         session.snapshot_time = time.monotonic()
         return session, replayed, torn
+
+    def _cut_refused_tail(self, key: str) -> None:
+        """Cut from the session's log its last record, which replay refused
+        (:meth:`~app.engine.store.Store.cut_last_record`); when that fails, the log stays
+        marked for repair and is cut before its next write."""
+        assert self._store is not None
+        try:
+            self._store.cut_last_record(key)
+        except OSError as exc:
+            log.error("%s: cutting the log record refused at replay failed: %s (cut before the "
+                      "session's next write)", key, exc)
 
     def _snapshot_due(self, key: str, s: Session) -> bool:
         if self._store is None or s.durability == "memory" or s.seq == s.seq_at_snapshot:

@@ -13,7 +13,9 @@ The log is written ahead: a record reaches the file (and, for durability ``step`
 before its operation touches the session, so a failed write or fsync leaves nothing applied.
 A failed append truncates the file back to its last good length; when even that fails, the
 log is marked for repair, the failed record's header is zeroed (so a crash before the repair
-leaves a torn tail, never a refused operation), every later append to it first retries the
+leaves a torn tail, never a refused operation; where that write fails too, the record may stay
+whole, and a restart replays it: a retry under its idempotency key is then answered from it,
+not applied again), every later append to it first retries the
 truncate, and :meth:`Store.health` names the problem until it succeeds. A replay of an open
 log (a live session's rebuild) reads only its good length, so such a record is never in it,
 whether its header could be zeroed or not. The interval flusher
@@ -1111,11 +1113,13 @@ class Store:
                 self._spoil(lg)
                 raise
 
-    def last_record_start(self, session_id: str) -> int:
-        """Where the last whole record of the session's log starts (0 for an empty log)."""
+    def last_record_start(self, session_id: str, limit: int | None = None) -> int:
+        """Where the last whole record of the session's log (of its first ``limit`` bytes when
+        given) starts (0 for an empty log)."""
         path = self._dir(session_id) / "wal.bin"
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = f.read() if limit is None else f.read(limit)
         except FileNotFoundError:
             return 0
         view = memoryview(data)
@@ -1126,6 +1130,22 @@ class Store:
                 break
             start, pos = pos, span[1]
         return start
+
+    def cut_last_record(self, session_id: str) -> None:
+        """Cut the last whole record off the session's log (of its good length, where the log
+        is open): one that replay refused, an operation refused after it was logged whose cut
+        and header zeroing both failed before a crash. Left in the file, the session's next
+        record would follow it under the same sequence number, and the next restart would
+        refuse the session (a record refused at replay with records following is a corrupt
+        log). Raises OSError when the file cannot be cut: the log is then marked for repair
+        (cut before its next write), as :meth:`truncate` leaves it."""
+        with self._lock:
+            lg = self._logs.get(session_id)
+        limit = None
+        if lg is not None:
+            with lg.lock:
+                limit = lg.good if lg.good >= 0 else None
+        self.truncate(session_id, self.last_record_start(session_id, limit))
 
     def cut_pending(self, session_id: str) -> None:
         """Cut the records a failed truncate left past the session's log's last good length
