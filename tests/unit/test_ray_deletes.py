@@ -68,6 +68,7 @@ class Cluster:
         self.actors: dict[str, Handle] = {}
         monkeypatch.setattr(ray, "get_actor", self.get_actor)
         monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 64.0})
+        monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0})
         monkeypatch.setattr(ray, "get_runtime_context",
                             lambda: SimpleNamespace(get_node_id=lambda: "node"))
 

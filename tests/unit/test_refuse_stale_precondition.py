@@ -69,11 +69,12 @@ def test_a_precondition_the_session_is_past_is_refused_as_its_operation_refuses_
             host = front.router.local.embedded  # type: ignore[attr-defined]
             async with host._lock(session_key("default", "s")):
                 await front.refuse_stale("s", _at(0))
-            # a sharded session: checked after the body
+            # a settled sharded session: refused from the head too, as its operation refuses
             sharded = spec(2, id="t")
             await front.create(sharded)
             await front.step("t", GRADS, return_params=False)
-            await front.refuse_stale("t", _at(0))
+            await _refused_as_operation(front, "t", _at(0))
+            await front.refuse_stale("t", _at(1))
             # nothing was changed: the session holds torch's one step
             ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
             ref.step(GRADS)
