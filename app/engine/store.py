@@ -930,7 +930,8 @@ class Store:
             write_atomic(d / "snapshot.bin", framed, self.files)
         except OSError as exc:
             self._failed(f"snapshot of {session_id}", exc, sum(len(p) for p in framed))
-            raise storage_failure(exc, "writing a snapshot") from None
+            raise storage_failure(exc, "writing a snapshot",
+                                  outcome="no snapshot was written") from None
         self._succeeded()
         lg = self._entry(session_id)
         with lg.lock:

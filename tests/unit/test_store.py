@@ -309,8 +309,10 @@ def test_snapshot_replace_is_atomic(tmp_path: Path) -> None:
         # a failure before the rename: the old snapshot and its log are intact
         st.append("s", b"rec", "step")
         st.files = CrashOnReplace()
-        with pytest.raises(OptserveError):
+        with pytest.raises(OptserveError) as failed:
             st.write_snapshot("s", b"second")
+        # (its words say what did not happen: the snapshot, not an operation)
+        assert failed.value.detail.startswith("no snapshot was written: writing a snapshot: ")
         st.files = Files()
         assert st.read("s") == (b"first", [b"rec"], False)
         assert not (d / "snapshot.bin.tmp").exists()
