@@ -148,7 +148,17 @@ class StoreCorrupt(Exception):
     """A snapshot or log that cannot be trusted; the session is refused, not guessed at."""
 
 
-def storage_failure(exc: OSError, what: str, *, outcome: str = "nothing was applied"
+#: a refused operation's words (:func:`storage_failure`'s ``outcome``)
+NOT_APPLIED = "nothing was applied"
+#: the words when its log record could be neither cut off nor spoiled (three storage failures
+#: in a row): the session is as it was, but a restart before the log's repair replays it
+IN_DOUBT = ("nothing was applied, but its log record could not be removed (the disk refused "
+            "that too): if the server stops before it repairs the log, its restart applies "
+            "the operation; retry under the same Idempotency-Key (answered once, never "
+            "applied twice), or read the session before sending it again")
+
+
+def storage_failure(exc: OSError, what: str, *, outcome: str = NOT_APPLIED
                     ) -> OptserveError:
     """The client's answer for a store error: 507 ``storage_full`` when the disk is full, 503
     ``out_of_file_descriptors`` when the process or the system has no file descriptor left
@@ -1036,10 +1046,11 @@ class Store:
                 if durability == "step" and fsync:
                     self.files.fsync(fd)
             except OSError as exc:
-                self._undo(lg)
+                outcome = self._undo(lg)
                 self._failed(f"log of {session_id}", exc,
                              len(head) + sum(len(p) for p in parts))
-                raise storage_failure(exc, "writing the operation's log record") from None
+                raise storage_failure(exc, "writing the operation's log record",
+                                      outcome=outcome) from None
             lg.good += n
             if durability == "interval":
                 lg.dirty = True
@@ -1064,39 +1075,50 @@ class Store:
                 lg.unsynced = False
                 size = lg.good - before
                 lg.good = before
-                self._undo(lg)
+                outcome = self._undo(lg)
                 self._failed(f"log of {session_id}", exc, size)
-                raise storage_failure(exc, "writing the operation's log record") from None
+                raise storage_failure(exc, "writing the operation's log record",
+                                      outcome=outcome) from None
             lg.unsynced = False
             self._succeeded()
 
-    def _undo(self, lg: _Log) -> None:
+    def _undo(self, lg: _Log) -> str:
         """Cut a failed record off the log. When that fails, the log is marked for repair and
         the record's header is zeroed (best effort): the record may be whole (its fsync
         failed), and a crash before the repair must leave a torn tail that restart drops,
-        never an operation that was refused."""
+        never an operation that was refused. Returns the refusal's outcome words:
+        :data:`NOT_APPLIED`, or :data:`IN_DOUBT` when neither the cut nor the zeroing took
+        (a restart before the repair would apply the record)."""
         try:
             self._cut_to_good(lg)
         except OSError as exc:
             log.error("truncating %s back to %d bytes failed: %s (retried before its next "
                       "write)", lg.path, lg.good, exc)
             lg.repair = True
-            self._spoil(lg)
+            return NOT_APPLIED if self._spoil(lg) else IN_DOUBT
+        return NOT_APPLIED
 
-    def _spoil(self, lg: _Log) -> None:
+    def _spoil(self, lg: _Log) -> bool:
         """Zero the header of the record at ``lg.good`` (one that could not be cut off): a
         crash before the repair then leaves a torn tail, which restart drops. A log the bound
         closed, which could not be reopened, is cut by its path instead (no descriptor needed;
-        on disk once the repair's fsync runs)."""
+        on disk once the repair's fsync runs). False when neither could be written (the
+        zeroed header, once written, is what a restart after kill -9 reads, fsynced or not)."""
         try:
             if lg.fd < 0:
                 self.files.truncate(lg.path, lg.good)
-                return
+                return True
             self.files.pwritev(lg.fd, [bytes(_REC_HEAD.size)], lg.good)
-            self.files.fsync(lg.fd)
         except OSError as exc:
             log.error("zeroing the header of the record at byte %d of %s: %s", lg.good,
                       lg.path, exc)
+            return False
+        try:
+            self.files.fsync(lg.fd)
+        except OSError as exc:
+            log.error("fsync of the zeroed header at byte %d of %s: %s", lg.good, lg.path,
+                      exc)
+        return True
 
     def truncate(self, session_id: str, length: int) -> None:
         """Drop the records past ``length`` (an operation that was logged but could not be

@@ -27,7 +27,7 @@ import torch
 from app.engine import CreateSpec, Front, GroupSpec, embedded_engine, persist
 from app.engine.delete_reserve import RESERVE, RESERVE_BYTES
 from app.engine.interface import IdemKey
-from app.engine.store import TOMBSTONE, Buffer, Files, read_log, read_snapshot
+from app.engine.store import IN_DOUBT, TOMBSTONE, Buffer, Files, read_log, read_snapshot
 from app.errors import Conflict, OptserveError, StorageFull, Unavailable
 from app.wire.safetensors_body import read_safetensors, write_safetensors
 from tests.unit.test_engine import assert_tree_bitwise
@@ -47,6 +47,7 @@ class Fault:
     target: Target = "wal"  # "wal": session logs; "other": snapshot temp files, probes
     times: int = 1  # calls that fail before the fault is spent (-1: until disarmed)
     partial: bool = False  # pwritev: write half of the bytes, then fail
+    skip: int = 0  # matching calls let through before the fault arms
     dst: str | None = None  # replace: only renames onto a file of this name
     hits: int = 0
 
@@ -81,6 +82,9 @@ class FaultyFiles(Files):
                 if fd is not None and (fd in self.wal_fds) != (f.target == "wal"):
                     continue
                 if f.dst is not None and (dst is None or dst.name != f.dst):
+                    continue
+                if f.skip > 0:
+                    f.skip -= 1
                     continue
                 f.hits += 1
                 if f.times > 0:
@@ -822,6 +826,35 @@ def test_failed_truncate_after_a_failed_write(tmp_path: Path, failure: str, then
         await pair.stop()  # a crash: nothing cut on the way out
         if then == "crash-before-repair":
             assert wal.stat().st_size > before[1]
+        await pair.assert_restart_same(tmp_path)
+    run(go())
+
+
+def test_a_record_neither_cut_nor_spoiled_is_refused_in_doubt(tmp_path: Path) -> None:
+    """The fsync of a whole record fails, then the truncate that should cut it, then the
+    write zeroing its header: the session is as it was, but a restart before the repair would
+    replay the record, so the refusal does not say "nothing was applied" alone: it says the
+    operation may come back and to retry under its key. The next append repairs the log and
+    a restart then equals torch's twin. (Cut or spoiled: the plain words, the test above.)"""
+    files = FaultyFiles()
+
+    async def go() -> None:
+        pair = Pair(engine(tmp_path, files, "step"))
+        await pair.start()
+        await pair.step()
+        files.arm("fsync", errno.EIO)
+        cut = files.arm("ftruncate", errno.EIO)
+        spoil = files.arm("pwritev", errno.EIO, skip=1)  # (the record's own write goes)
+        refused = await pair.refused_step()
+        assert (cut.hits, spoil.hits) == (1, 1)
+        assert isinstance(refused, Unavailable) and refused.code == "storage_error"
+        assert refused.detail.startswith(IN_DOUBT + ": writing the operation's log "
+                                         "record: "), refused.detail
+        assert "Idempotency-Key" in refused.detail
+        await pair.assert_same()
+        await pair.step()  # (repairs the log first)
+        await pair.assert_same()
+        await pair.stop()
         await pair.assert_restart_same(tmp_path)
     run(go())
 
