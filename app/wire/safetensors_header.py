@@ -207,6 +207,9 @@ def _check_entries(key: bytes, parsed: dict[str, Any], data_len: int, field: str
         dtype = TORCH_DTYPES[SAFETENSORS_NAMES[st_dtype]]
         itemsize = dtype.itemsize
         numel = math.prod(shape)
+        if begin > end:
+            raise BadRequest(f"data_offsets [{begin}, {end}] end before they begin",
+                             code="invalid_safetensors", field=f"{where}.data_offsets")
         if not 0 <= begin <= end <= data_len:
             raise BadRequest(f"data_offsets [{begin}, {end}] fall outside the {data_len} data "
                              "bytes (truncated file?)", code="invalid_safetensors",

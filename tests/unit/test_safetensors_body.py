@@ -324,3 +324,13 @@ def test_a_kept_header_gives_the_same_tensors_and_is_checked_against_each_body()
         read_safetensors(raw1[:-4])
     with pytest.raises(BadRequest):
         read_safetensors(raw1 + b"\0\0\0\0")
+
+
+def test_offsets_words_say_what_is_wrong() -> None:
+    """Reversed offsets are named so, offsets past the data as outside it (a truncated file)."""
+    with pytest.raises(BadRequest) as reversed_:
+        read_safetensors(st_file({"x": {**F32_2, "data_offsets": [8, 0]}}, DATA_8))
+    assert str(reversed_.value.detail) == "data_offsets [8, 0] end before they begin"
+    with pytest.raises(BadRequest) as outside:
+        read_safetensors(st_file({"x": F32_2}, DATA_8[:5]))
+    assert "fall outside the 5 data bytes" in outside.value.detail
