@@ -1517,36 +1517,28 @@ class RayRouter:
                  str(info["node"])[:12])
         return host
 
-    def _hosts_of(self, resources: dict[str, Any]) -> list[str]:
-        want = shape_key(resources)
-        names = []
+    def _saved_hosts(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every host of this deployment with its host.json (those that cannot be read left
+        out), each read once."""
+        found = []
         for name in self._host_names():
             try:
-                saved = self._host_json(name)
+                found.append((name, self._host_json(name)))
             except (FileNotFoundError, orjson.JSONDecodeError):
                 continue
-            if shape_key(saved["resources"]) == want:
-                names.append(name)
-        return names
+        return found
 
-    def _cluster_has_room(self, resources: dict[str, Any]) -> bool:
+    @staticmethod
+    def _cluster_has_room(resources: dict[str, Any], held: dict[str, float]) -> bool:
         """Whether Ray has this shape free now and the cluster holds it beside every host of
-        this deployment: a host restarting (its process died) or killed for good (started
-        again from its host.json by the next request for its sessions) frees its resources
-        until it is placed again, and a new host that took them left it unplaced for good,
-        its sessions a 503 ``host_restarting`` (seen by a kill -9 chaos probe: 9 hosts of one
-        CPU on a cluster of 8)."""
+        this deployment (``held``: their shapes, summed): a host restarting (its process died)
+        or killed for good (started again from its host.json by the next request for its
+        sessions) frees its resources until it is placed again, and a new host that took them
+        left it unplaced for good, its sessions a 503 ``host_restarting`` (seen by a kill -9
+        chaos probe: 9 hosts of one CPU on a cluster of 8)."""
         available: Any = ray.available_resources  # typed or not, by Ray version
         total: Any = ray.cluster_resources
         free: dict[str, float] = available()
-        held: dict[str, float] = {}
-        for name in self._host_names():
-            try:
-                saved = self._host_json(name)
-            except (FileNotFoundError, orjson.JSONDecodeError):
-                continue
-            for k, v in _ray_need(saved["resources"]).items():
-                held[k] = held.get(k, 0.0) + v
         capacity: dict[str, float] = total()
         return all(free.get(k, 0.0) + 1e-9 >= v
                    and capacity.get(k, 0.0) - held.get(k, 0.0) + 1e-9 >= v
@@ -1556,7 +1548,12 @@ class RayRouter:
                      ) -> list[RayHost]:
         """``count`` distinct hosts of this shape for new sessions (see the module doc)."""
         async with self._place_locks.setdefault(shape_key(resources), asyncio.Lock()):
-            names = self._hosts_of(resources)
+            saved = self._saved_hosts()  # (read once for the whole placement)
+            names = [n for n, h in saved
+                     if shape_key(h["resources"]) == shape_key(resources)]
+            held: dict[str, float] = {}
+            for _, h in saved:
+                _add_need(held, h["resources"])
             loads = await asyncio.gather(*(asyncio.wait_for(self._host(n).call("ping",
                                                                                read=True),
                                                             PLACE_PING_TIMEOUT_S)
@@ -1571,10 +1568,13 @@ class RayRouter:
                 pick: str | None = None
                 if placement == "pack":
                     pick = min(room, key=lambda n: (-sessions[n], n)) if room else None
-                elif not self._cluster_has_room(resources):
+                elif not self._cluster_has_room(resources, held):
                     pick = min(room, key=lambda n: (sessions[n], n)) if room else None
-                host = self._host(pick) if pick is not None else \
-                    await self._new_host(resources, placement)
+                if pick is not None:
+                    host = self._host(pick)
+                else:
+                    host = await self._new_host(resources, placement)
+                    _add_need(held, resources)  # (its host.json, written by now)
                 sessions[host.name] = sessions.get(host.name, 0) + 1
                 chosen.append(host)
             return chosen
@@ -2207,6 +2207,12 @@ def _ray_need(resources: dict[str, Any]) -> dict[str, float]:
     resource names."""
     return {"CPU": resources.get("num_cpus", 0), "GPU": resources.get("num_gpus", 0),
             "memory": resources.get("memory", 0), **(resources.get("resources") or {})}
+
+
+def _add_need(held: dict[str, float], resources: dict[str, Any]) -> None:
+    """Add a host shape's needs to ``held`` (Ray's resource names: :func:`_ray_need`)."""
+    for k, v in _ray_need(resources).items():
+        held[k] = held.get(k, 0.0) + v
 
 
 # ============================================================================ the engine
