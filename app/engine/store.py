@@ -714,9 +714,7 @@ class Store:
                 (d / TOMBSTONE).unlink(missing_ok=True)
             self.files.replace(d, trash)
             self.files.fsync_dir(self.sessions_dir)
-        except _NoRoom:
-            raise
-        except OSError as exc:
+        except OSError as exc:  # (not _NoRoom: the caller's to catch)
             self._failed(f"deleting {session_id}", exc)
             raise storage_failure(exc, "deleting the session's files") from None
         self._bury(trash)
