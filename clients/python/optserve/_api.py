@@ -908,13 +908,16 @@ def export_state_at(session_id: str, *, format: StateFormat
 
 
 def export_state_if_changed(session_id: str, *, format: StateFormat,
-                            last: StateExport | None) -> APICall[StateExport]:
+                            last: StateExport | None, hold: bool = True
+                            ) -> APICall[StateExport]:
     """:func:`export_state`, with the session version and revision the state is of, and
     conditional on ``last`` (a state of this session read before in this ``format``, none of
     its tensors changed in place since: see :class:`~optserve._last_export.StateExport`): sent
     as the revision tag ``If-None-Match: "r<revision>"``, answered 304 (no body: ``last``'s
     state again) while the session is still at it (every change moves the revision: its state
-    dict is as read then); a server that does not evaluate the tag answers the whole state."""
+    dict is as read then); a server that does not evaluate the tag answers the whole state.
+    ``hold``: what is read is kept for a read after it (``RemoteOptimizer`` keeps it itself,
+    once it laid it out)."""
     call = export_state(session_id, format=format)
     revision = None if last is None else last.since(session_id, format)
     headers = {} if revision is None else {"If-None-Match": f'"r{int(revision)}"'}
@@ -926,8 +929,8 @@ def export_state_if_changed(session_id: str, *, format: StateFormat,
             if last is None or revision is None:
                 raise ValueError("304 Not Modified to an unconditional read")
             return last.again(version, answered)
-        return StateExport(session_id, format, call.parse(response), version,
-                           answered).kept_as_given()
+        read = StateExport(session_id, format, call.parse(response), version, answered)
+        return read.kept_as_given() if hold else read
 
     return APICall(call.method, call.path, parse, params=call.params, accept=call.accept,
                    headers=headers)

@@ -711,6 +711,13 @@ class Client(SyncAPIClient):
         The answer carries the session version and revision the state is of."""
         return self._request(_api.export_state_if_changed(id, format=format, last=last))
 
+    def _export_state_if_changed(self, id: str, format: StateFormat,
+                                 last: StateExport | None) -> StateExport:
+        """:meth:`export_state_if_changed` with nothing of a whole read kept in the answer
+        (``RemoteOptimizer`` keeps what it hands out: :meth:`StateExport.kept_as_given`)."""
+        return self._request(_api.export_state_if_changed(id, format=format, last=last,
+                                                          hold=False))
+
     def import_state(
         self,
         id: str,

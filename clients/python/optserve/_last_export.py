@@ -121,6 +121,8 @@ class StateExport:
                            revision, True, self._held)
 
     def kept_as_given(self) -> StateExport:
-        """This export with its :attr:`state_dict` as it now stands kept for the next read."""
+        """This export with its :attr:`state_dict` as it now stands kept for the next read
+        (``RemoteOptimizer`` lays the state's tensors out as torch's before handing them out,
+        and keeps those, not the ones that came off the wire)."""
         return dataclasses.replace(self, _held=Held.of(self.session_id, self.format,
                                                        self.revision, self.state_dict))
