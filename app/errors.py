@@ -23,6 +23,8 @@ from __future__ import annotations
 import reprlib
 from typing import Any
 
+from optserve import _precondition
+
 #: how :func:`shown` writes a list or an object: a few items, a few levels deep
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel = 4
@@ -103,8 +105,8 @@ class PreconditionFailed(OptserveError):
     version or revision the session is no longer at: nothing was applied."""
 
     status = 412
-    code = "precondition_failed"
-    title = "Precondition failed"
+    code = _precondition.CODE  # (the SDK makes this 412 too: optserve._stale)
+    title = _precondition.TITLE
 
 
 class PayloadTooLarge(OptserveError):

@@ -10,6 +10,8 @@ into them), and a channels_last state dict loads and goes on as torch."""
 from __future__ import annotations
 
 import copy
+import gc
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -115,6 +117,62 @@ def test_a_channels_last_state_dict_loads_and_goes_on_as_torch(
                                   lr=1e-2) as remote:
         remote.load_state_dict(saved)
         assert_same_layout(local_model, local, remote_model, remote)
+        train(local_model, local, range(2, 4))
+        train(remote_model, remote, range(2, 4))
+        assert_same_layout(local_model, local, remote_model, remote)
+
+
+def reachable_tensors(root: object) -> list[torch.Tensor]:
+    """Every tensor ``root`` holds: reachable through the objects it refers to (containers,
+    instances and their attributes; not through modules, classes or functions, whose globals
+    are no one's state, nor into the tensors found)."""
+    skip = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType,
+            types.CodeType)
+    seen, found, todo = {id(root)}, [], [root]
+    while todo:
+        for ref in gc.get_referents(todo.pop()):
+            if id(ref) in seen or isinstance(ref, skip):
+                continue
+            seen.add(id(ref))
+            if isinstance(ref, torch.Tensor):
+                found.append(ref)
+            else:
+                todo.append(ref)
+    return found
+
+
+@pytest.mark.parametrize(("name", "options"), [OPTIMIZERS[0], OPTIMIZERS[-1]],
+                         ids=[OPTIMIZERS[0][0], OPTIMIZERS[-1][0]])
+def test_the_state_read_is_held_once(client: optserve.Client, name: str,
+                                     options: dict[str, Any]) -> None:
+    """``state_dict()`` twice (the second served from the first read: a 304) and ``opt.state``:
+    torch's values and strides, the second's tensors the first's, and nothing the optimizer
+    holds is a second copy of a state tensor. (The last state read was kept as it came off
+    the wire, contiguous, beside the copies laid out as torch's that ``opt.state`` and
+    ``state_dict()`` hand out: the channels_last and transposed weights' state twice until
+    the next step, and a 304 laid out yet another copy.)"""
+    local_model = Net()
+    remote_model = copy.deepcopy(local_model)
+    local = getattr(torch.optim, name)(local_model.parameters(), **options)
+    with optserve.RemoteOptimizer(remote_model.parameters(), client=client, optimizer=name,
+                                  **options) as remote:
+        train(local_model, local, range(2))
+        train(remote_model, remote, range(2))
+        first = remote.state_dict()
+        second = remote.state_dict()
+        assert_same_layout(local_model, local, remote_model, remote)
+        state = [v for entry in remote.state.values() for v in entry.values()
+                 if isinstance(v, torch.Tensor) and v.dim() > 0]
+        laid_out = [v for v in state if not v.is_contiguous()]
+        assert laid_out  # (the conv's and the transposed weight's)
+        for i, _ in enumerate(remote_model.parameters()):
+            for key, value in first["state"][i].items():
+                assert second["state"][i][key] is value, (i, key)
+        held = {id(v) for v in state}
+        copies = [(tuple(t.shape), t.stride()) for t in reachable_tensors(remote)
+                  if id(t) not in held and any(t.shape == v.shape and torch.equal(t, v)
+                                               for v in state)]
+        assert copies == []
         train(local_model, local, range(2, 4))
         train(remote_model, remote, range(2, 4))
         assert_same_layout(local_model, local, remote_model, remote)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from app.engine import state_order
 from app.errors import PreconditionFailed
+from optserve._precondition import NOTHING_DONE, version_left
 
 if TYPE_CHECKING:
     from app.engine.interface import SessionInfo
@@ -76,7 +77,7 @@ class Expected:
         self.check_at(s.version, s.revision, step=step)
 
     def check_at(self, version: int, revision: int | None,
-                 outcome: str = "nothing was done", *, step: int | None = None) -> None:
+                 outcome: str = NOTHING_DONE, *, step: int | None = None) -> None:
         """:meth:`check` against a version and revision read elsewhere (a read's answer,
         which says what ``outcome`` was: ``nothing is answered``; its revision may be
         unknown: None). A refusal names the current version, revision and ``step`` (the
@@ -102,9 +103,8 @@ class Expected:
             if self.others:  # (bounded: a list as long as the head allows names 10,000s)
                 extra["base_versions"] = list(shown)
                 extra["base_versions_count"] = len(versions)
-            raise PreconditionFailed(
-                f"the session is at version {version}, {named}: it changed since "
-                f"it was read ({outcome}); read it again", field=self.version_field,
+            raise PreconditionFailed(  # (the SDK's own 412 says the same: optserve._stale)
+                version_left(version, named, outcome), field=self.version_field,
                 current_version=version, base_version=versions[0], **extra)
         if self.revision is not None and self.revision != revision:
             raise PreconditionFailed(

@@ -37,6 +37,7 @@ from ._exceptions import (
     UnknownOptionError,
     ValidationError,
 )
+from ._last_export import StateExport
 from ._local import LocalUnavailable
 from ._precision import PrecisionWarning
 from ._sparse import RowSparse
@@ -84,6 +85,7 @@ __all__ = [
     "ParamsResult",
     "VersionInfo",
     "SchedulerStepResult",
+    "StateExport",
     "OptimizerInfo",
     "SchedulerInfo",
     "OptserveError",

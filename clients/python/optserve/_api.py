@@ -29,6 +29,8 @@ from ._constants import (
 )
 from ._gc import gc_paused
 from ._json import json_dumps, json_loads
+from ._last_export import StateExport
+from ._last_export import StateFormat as StateFormat
 from ._safetensors import Body, WireTensor
 from ._sparse import SparseWire
 from ._tensors import Tensor, TensorLike
@@ -46,7 +48,6 @@ from ._types import (
 from ._types import _untag as untag
 
 R = TypeVar("R")
-StateFormat = Literal["safetensors", "json", "torch"]
 NonFinitePolicy = Literal["reject", "skip", "allow"]
 Durability = Literal["step", "interval", "memory"]
 #: A param group for :meth:`Client.create_session`: ``{"params": {name: tensor} | [tensor, ...],
@@ -906,25 +907,30 @@ def export_state_at(session_id: str, *, format: StateFormat
                    headers=call.headers)
 
 
-def export_state_since(session_id: str, *, format: StateFormat, revision: int | None
-                       ) -> APICall[tuple[dict[str, Any] | None, int | None, int | None]]:
-    """:func:`export_state_at`, conditional on ``revision`` (the ``X-Optserve-Revision`` of a
-    state read before; ``None``: unconditional): sent as the revision tag ``If-None-Match:
-    "r<revision>"``, answered 304 (``None`` here, no body) while the session is still at it
-    (every change moves the revision: its state dict is as read then); a server that does not
-    evaluate the tag answers the whole state. With the version and revision answered."""
+def export_state_if_changed(session_id: str, *, format: StateFormat,
+                            last: StateExport | None, hold: bool = True
+                            ) -> APICall[StateExport]:
+    """:func:`export_state`, with the session version and revision the state is of, and
+    conditional on ``last`` (a state of this session read before in this ``format``, none of
+    its tensors changed in place since: see :class:`~optserve._last_export.StateExport`): sent
+    as the revision tag ``If-None-Match: "r<revision>"``, answered 304 (no body: ``last``'s
+    state again) while the session is still at it (every change moves the revision: its state
+    dict is as read then); a server that does not evaluate the tag answers the whole state.
+    ``hold``: what is read is kept for a read after it (``RemoteOptimizer`` keeps it itself,
+    once it laid it out)."""
     call = export_state(session_id, format=format)
+    revision = None if last is None else last.since(session_id, format)
     headers = {} if revision is None else {"If-None-Match": f'"r{int(revision)}"'}
 
-    def parse(response: httpx.Response
-              ) -> tuple[dict[str, Any] | None, int | None, int | None]:
+    def parse(response: httpx.Response) -> StateExport:
         version = _header_int(response, VERSION_HEADER)
         answered = _header_int(response, REVISION_HEADER)
         if response.status_code == 304:
-            if revision is None:
+            if last is None or revision is None:
                 raise ValueError("304 Not Modified to an unconditional read")
-            return None, version, answered
-        return call.parse(response), version, answered
+            return last.again(version, answered)
+        read = StateExport(session_id, format, call.parse(response), version, answered)
+        return read.kept_as_given() if hold else read
 
     return APICall(call.method, call.path, parse, params=call.params, accept=call.accept,
                    headers=headers)

@@ -23,6 +23,7 @@ from ._base_client import AsyncAPIClient, SyncAPIClient
 from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_MAX_RETRY_AFTER, DEFAULT_TIMEOUT
 from ._exceptions import APIConnectionError, APIStatusError
 from ._gc import gc_paused
+from ._last_export import StateExport
 from ._local import LocalChannel, LocalUnavailable
 from ._tensors import TensorLike
 from ._types import (
@@ -698,11 +699,24 @@ class Client(SyncAPIClient):
         """:meth:`export_state` and the session version the state is of."""
         return self._request(_api.export_state_at(id, format=format))
 
-    def _export_state_since(self, id: str, format: StateFormat, revision: int | None
-                            ) -> tuple[dict[str, Any] | None, int | None, int | None]:
-        """:meth:`export_state` unless the session is still at ``revision`` (``None``: a 304,
-        nothing downloaded), with the version and revision answered."""
-        return self._request(_api.export_state_since(id, format=format, revision=revision))
+    def export_state_if_changed(self, id: str, last: StateExport | None = None, *,
+                                format: StateFormat = "safetensors") -> StateExport:
+        """``GET .../state_dict`` as :meth:`export_state`, read again only if the session
+        changed since ``last`` (a :class:`~optserve.StateExport` this method answered for
+        the same session and ``format``): sent with ``If-None-Match: "r<revision>"``, the
+        revision ``last`` was read at, a 304 while nothing changed the session (no step,
+        import, option change, ...), and then nothing is downloaded: the answer holds
+        ``last``'s state dict again (its very tensors, ``not_modified=True``). Without
+        ``last``, or when a tensor of it was changed in place since, the state is read whole.
+        The answer carries the session version and revision the state is of."""
+        return self._request(_api.export_state_if_changed(id, format=format, last=last))
+
+    def _export_state_if_changed(self, id: str, format: StateFormat,
+                                 last: StateExport | None) -> StateExport:
+        """:meth:`export_state_if_changed` with nothing of a whole read kept in the answer
+        (``RemoteOptimizer`` keeps what it hands out: :meth:`StateExport.kept_as_given`)."""
+        return self._request(_api.export_state_if_changed(id, format=format, last=last,
+                                                          hold=False))
 
     def import_state(
         self,
@@ -959,6 +973,12 @@ class AsyncClient(AsyncAPIClient):
                            at_version: int | None = None) -> dict[str, Any]:
         """``GET .../state_dict``: see :meth:`Client.export_state`."""
         return await self._request(_api.export_state(id, format=format, at_version=at_version))
+
+    async def export_state_if_changed(self, id: str, last: StateExport | None = None, *,
+                                      format: StateFormat = "safetensors") -> StateExport:
+        """``GET .../state_dict``, read again only if the session changed since ``last``:
+        see :meth:`Client.export_state_if_changed`."""
+        return await self._request(_api.export_state_if_changed(id, format=format, last=last))
 
     async def import_state(
         self,

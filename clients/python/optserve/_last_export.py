@@ -1,95 +1,128 @@
-"""``RemoteOptimizer``'s last state dict read from the session, so that reading it again while
-the session did not change downloads nothing: the read is conditional on the session revision
-it was read at (``If-None-Match: "r<revision>"``; every change to the session moves its
-revision), and a 304 answer is served from here.
+"""A state dict read from a session kept so that reading it again while the session did not
+change downloads nothing: the read is conditional on the session revision it was read at
+(``If-None-Match: "r<revision>"``; every change to the session moves its revision), and a 304
+answer is served from what was kept. :class:`StateExport` is what
+``Client.export_state_if_changed`` and ``AsyncClient.export_state_if_changed`` answer and take
+back (one request-and-answer, ``optserve._api.export_state_if_changed``, for both);
+``RemoteOptimizer`` keeps its last one the same way.
 
-What is kept is the answer's tree (dicts and lists of its own, copied at each use, since the
-callers change the dicts they get) around the answer's tensors themselves, so that the tensors
-``state_dict()`` and ``opt.state`` hand out are those of the answer as before. A tensor of it
-changed in place since (its version counter moved: an edit of ``opt.state`` or of a returned
-state dict's tensor that no write-back sent, say after a refused step forgot the view) makes
-it unusable: the next read is unconditional. Like ``opt.state``, an edit through ``.data``
-moves no counter and is not seen. It is dropped whenever the optimizer changes the session's
-state (a step, an import, a group added): the session's revision moved, and it would only hold
-memory."""
+What is kept (:class:`Held`) is the answer's tree (dicts and lists of its own, copied at each
+use, since the callers change the dicts they get) around the answer's tensors themselves, so
+that the tensors a 304 hands out are those handed out before. A torch tensor of it changed in
+place since (its version counter moved: an edit of ``opt.state`` or of a returned state dict's
+tensor) makes it unusable: the next read is unconditional. An edit through ``.data`` moves no
+counter and is not seen, nor is an edit of a NumPy array (the SDK without torch), which has
+none. ``RemoteOptimizer`` drops it whenever it changes the session's state (a step, an import,
+a group added): the session's revision moved, and it would only hold memory."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-import torch
+from ._tensors import _torch_loaded
 
-__all__ = ["LastExport", "tree_copy"]
+__all__ = ["Held", "StateExport", "tree_copy"]
+
+StateFormat = Literal["safetensors", "json", "torch"]
 
 
-def tree_copy(obj: Any) -> Any:
-    """``obj`` with its dicts, lists and tuples copied, everything else (tensors) kept."""
+def tree_copy(obj: Any, versions: list[tuple[Any, int]] | None = None,
+              tensor_type: Any = None) -> Any:
+    """``obj`` with its dicts, lists and tuples copied, everything else (tensors) kept; with
+    ``versions``, each ``tensor_type`` met on the way is appended to it with its version
+    counter (the same walk)."""
     if isinstance(obj, dict):
-        return {k: tree_copy(v) for k, v in obj.items()}
+        return {k: tree_copy(v, versions, tensor_type) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [tree_copy(v) for v in obj]
+        return [tree_copy(v, versions, tensor_type) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(tree_copy(v) for v in obj)
+        return tuple(tree_copy(v, versions, tensor_type) for v in obj)
+    if versions is not None and tensor_type is not None and isinstance(obj, tensor_type):
+        versions.append((obj, obj._version))
     return obj
 
 
-def _tensors(obj: Any, out: list[torch.Tensor]) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _tensors(v, out)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _tensors(v, out)
-    return out
+@dataclass(frozen=True, eq=False)
+class Held:
+    """A state dict as read (its tree copied, its tensors themselves with their version
+    counters then), the session, format and revision it was read at."""
 
-
-@dataclass
-class _Held:
+    session_id: str
     format: str
     revision: int
     tree: Any
-    tensors: list[tuple[torch.Tensor, int]]
+    tensors: tuple[tuple[Any, int], ...]
 
-
-class LastExport:
-    """The last state dict read, its format and the session revision it was read at."""
-
-    def __init__(self) -> None:
-        self._held: _Held | None = None
-
-    def revision(self, fmt: str) -> int | None:
-        """The revision to read on the condition of (``None``: read unconditionally): the
-        one the kept state was read at, if it was read in ``fmt`` and none of its tensors
-        changed since."""
-        held = self._held
-        if held is None or held.format != fmt:
-            return None
-        if any(t._version != version for t, version in held.tensors):
-            self._held = None
-            return None
-        return held.revision
-
-    def keep(self, fmt: str, revision: int | None, state_dict: dict[str, Any]) -> None:
-        """``state_dict`` was just read at ``revision`` (``None``: the server did not say:
-        nothing kept). Its tree is copied; its tensors are kept as they are."""
+    @classmethod
+    def of(cls, session_id: str, fmt: str, revision: int | None,
+           state_dict: dict[str, Any]) -> Held | None:
+        """``state_dict`` read at ``revision`` (``None``: the server did not say: nothing
+        kept), its tree copied and its torch tensors' counters taken in one walk."""
         if revision is None:
-            self._held = None
-            return
-        tree = tree_copy(state_dict)
-        self._held = _Held(fmt, revision, tree, [(t, t._version) for t in _tensors(tree, [])])
+            return None
+        torch = _torch_loaded()
+        versions: list[tuple[Any, int]] = []
+        tree = tree_copy(state_dict, versions, None if torch is None else torch.Tensor)
+        return cls(session_id, fmt, revision, tree, tuple(versions))
+
+    def since(self, session_id: str, fmt: str) -> int | None:
+        """The revision to read ``session_id``'s state in ``fmt`` on the condition of
+        (``None``: read it unconditionally): this one's, if it is of that session and format
+        and none of its tensors changed since."""
+        if session_id != self.session_id or fmt != self.format:
+            return None
+        if any(t._version != version for t, version in self.tensors):
+            return None
+        return self.revision
 
     def copy(self) -> dict[str, Any]:
-        """The kept state dict (a 304 answered its read): a tree of its own, the same
+        """The state dict (a 304 answered its read again): a tree of its own, the same
         tensors."""
-        held = self._held
-        if held is None:
-            raise RuntimeError("no state dict kept")
-        out: dict[str, Any] = tree_copy(held.tree)
+        out: dict[str, Any] = tree_copy(self.tree)
         return out
 
-    def drop(self) -> None:
-        """The session's state changed (or may have): nothing kept."""
-        self._held = None
+
+@dataclass(frozen=True)
+class StateExport:
+    """A session's state dict as ``export_state_if_changed`` read it, with what its next
+    read needs: pass it back (``client.export_state_if_changed(id, last)``) and, while the
+    session did not change (no step, import, option change, ...), the server answers 304 and
+    nothing is downloaded: the answer then holds the same values, the very tensors of
+    ``last`` (in a ``state_dict`` tree of its own), ``not_modified=True``. A tensor of it
+    changed in place (torch's version counter moved) makes the next read whole."""
+
+    session_id: str
+    #: how it travelled: ``"safetensors"``, ``"json"`` or ``"torch"``
+    format: StateFormat
+    #: torch's ``{"state": {int: {...}}, "param_groups": [...]}`` (``"scheduler"`` too when
+    #: the session has one), as :meth:`~optserve.Client.export_state` returns it
+    state_dict: dict[str, Any]
+    #: the session version it is of
+    version: int | None
+    #: the session revision it is of (every change to the session moves it)
+    revision: int | None
+    #: ``True``: the server answered 304, the state dict is the one passed back as ``last``
+    not_modified: bool = False
+    _held: Held | None = field(default=None, repr=False, compare=False)
+
+    def since(self, session_id: str, fmt: str) -> int | None:
+        """The revision a read of ``session_id``'s state in ``fmt`` after this one is
+        conditional on (``None``: none, read it whole)."""
+        return None if self._held is None else self._held.since(session_id, fmt)
+
+    def again(self, version: int | None, revision: int | None) -> StateExport:
+        """This state read again, answered 304 at ``version`` and ``revision``: a tree of its
+        own around the same tensors."""
+        if self._held is None:
+            raise ValueError("a 304 to an unconditional state read")
+        return StateExport(self.session_id, self.format, self._held.copy(), version,
+                           revision, True, self._held)
+
+    def kept_as_given(self) -> StateExport:
+        """This export with its :attr:`state_dict` as it now stands kept for the next read
+        (``RemoteOptimizer`` lays the state's tensors out as torch's before handing them out,
+        and keeps those, not the ones that came off the wire)."""
+        return dataclasses.replace(self, _held=Held.of(self.session_id, self.format,
+                                                       self.revision, self.state_dict))

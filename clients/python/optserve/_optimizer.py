@@ -80,7 +80,7 @@ from ._base_client import ReceiveBuffer
 from ._client import Client
 from ._exceptions import APIStatusError, OptserveError, PreconditionFailedError
 from ._gc import gc_paused
-from ._last_export import LastExport
+from ._last_export import StateExport
 from ._precision import NarrowFloatOptions
 from ._session_state import SessionState, assigned_state
 from ._stale import stale_import
@@ -491,8 +491,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._state_epoch = 0
         self._state_view = SessionState(self._session_state,
                                         lambda: (self._known_version, self._state_epoch))
-        #: the last state dict read, a read of it again conditional on its revision
-        self._last_export = LastExport()
+        #: the last state dict read (laid out as torch's, as handed out), a read of it again
+        #: conditional on its revision (None: none kept)
+        self._last_export: StateExport | None = None
         #: the dtype torch's optimizer would keep each parameter's step count in
         self._step_dtypes = StepDtypes()
         #: warns once per option given as a NumPy float32/float16 scalar (optserve._precision)
@@ -669,7 +670,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 groups.append({**server.options, "params": list(range(start, start + count))})
                 start += count
             self._state_epoch += 1
-            self._last_export.drop()
+            self._last_export = None
             self._state_view.forget()
             if base_version is not None and info.version != base_version:
                 # (the GET already shows the session at another version than the edit was
@@ -1019,7 +1020,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._check_groups()
         self._write_back_state()
         self._state_epoch += 1
-        self._last_export.drop()
+        self._last_export = None
         self._state_view.forget()
         if self._optimizer_name == "LBFGS":
             first: float | None = self._lbfgs_step(closure)
@@ -1288,7 +1289,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         # changes ride with the next step as before)
         self._sync_param_groups(fills_only=True)
         self._state_epoch += 1
-        self._last_export.drop()
+        self._last_export = None
         super().add_param_group(param_group)
         self._refuse_duplicates()
         self._refuse_uninitialized()
@@ -1392,8 +1393,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         for group, server in zip(self.param_groups, sd["param_groups"], strict=True):
             for p, index in zip(group["params"], server["params"], strict=True):
                 if index in sd["state"]:
-                    exported[p] = self._step_dtypes.as_torch_keeps(
-                        p, laid_out_as_torch(p, sd["state"][index]))
+                    exported[p] = sd["state"][index]
         # (its tensors become opt.state's: one edited in place is an edit of the state, sent
         # before the next step, as torch's state_dict() holds its state's tensors themselves)
         self._state_view.take(exported, version)
@@ -1467,7 +1467,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         # edit with it; parameters edited locally, a checkpoint's model loaded first, are sent
         # after it, so that nothing moves the session before it)
         self._state_epoch += 1
-        self._last_export.drop()
+        self._last_export = None
         # groups holding one tensor (a tensor lr default's groups, as torch.save keeps them)
         # stay one tensor in the session only as a torch.save file says it (docs/protocol.md)
         info = self._client.import_state(
@@ -1503,16 +1503,31 @@ class RemoteOptimizer(torch.optim.Optimizer):
             post_hook(self)
 
     def _export_state(self, fmt: StateFormat) -> tuple[dict[str, Any], int | None]:
-        """The session's state dict and the version it is of: read on the condition that the
-        session changed since the last one read (``If-None-Match`` its revision, see
-        ``optserve._last_export``), else (a 304) that one again, its tensors the same."""
-        kept = self._last_export
-        since = kept.revision(fmt)
-        sd, version, revision = self._client._export_state_since(self._session_id, fmt, since)
-        if sd is None:
-            return kept.copy(), version
-        kept.keep(fmt, revision, sd)
-        return sd, version
+        """The session's state dict and the version it is of, its tensors as torch's would be
+        (:meth:`_as_torch_keeps`): read on the condition that the session changed since the
+        last one read (``If-None-Match`` its revision, see ``optserve._last_export``), else
+        (a 304) that one again, its tensors the same. What is kept for that is what is
+        handed out: the tensors as laid out, not the ones that came off the wire (kept, those
+        were a second copy of every state tensor laid out anew, a channels_last parameter's,
+        held until the next step)."""
+        got = self._client._export_state_if_changed(self._session_id, fmt, self._last_export)
+        if not got.not_modified:
+            self._as_torch_keeps(got.state_dict)
+            got = got.kept_as_given()
+        self._last_export = got
+        return got.state_dict, got.version
+
+    def _as_torch_keeps(self, sd: dict[str, Any]) -> None:
+        """The session's exported ``sd`` with each parameter's state laid out
+        (``optserve._state_layout``) and its step count typed (``optserve._step_dtypes``) as
+        torch's optimizer would keep it (changed in place)."""
+        state = sd["state"]
+        for group, server in zip(self.param_groups, sd["param_groups"], strict=True):
+            for p, index in zip(group["params"], server["params"], strict=True):
+                entry = state.get(index)
+                if entry is not None:
+                    state[index] = self._step_dtypes.as_torch_keeps(
+                        p, laid_out_as_torch(p, entry))
 
     def _narrowed_names(self) -> list[str]:
         """The parameters whose values travel narrowed (``wire_dtype``: floating ones wider
@@ -1651,7 +1666,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             for p, index in zip(group["params"], server["params"], strict=True):
                 entry = sd["state"].get(index)
                 if entry is not None:
-                    state[p] = self._step_dtypes.as_torch_keeps(p, laid_out_as_torch(p, entry))
+                    state[p] = entry
         return state, version
 
     # ------------------------------------------------------------------ extras

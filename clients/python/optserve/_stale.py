@@ -2,12 +2,14 @@
 shows that its ``If-Match`` cannot hold (``RemoteOptimizer``'s write-back of an ``opt.state``
 edit read at a version the session has left): the same :class:`PreconditionFailedError`, with
 the problem the server answers (``precondition_failed``, naming ``If-Match``, the current
-version, step and revision), without uploading the whole state only to be refused."""
+version, step and revision; its words are the server's own, ``optserve._precondition``),
+without uploading the whole state only to be refused."""
 
 from __future__ import annotations
 
 import httpx
 
+from . import _precondition
 from ._api import _sid
 from ._client import Client
 from ._constants import REVISION_HEADER, STEP_HEADER, VERSION_HEADER
@@ -22,12 +24,11 @@ def stale_import(client: Client, session_id: str, info: SessionInfo,
     """The server's 412 to ``PUT .../state_dict`` with ``If-Match: "<base_version>"`` on the
     session ``info`` describes (at another version)."""
     problem: dict[str, object] = {
-        "type": "urn:optserve:problem:precondition_failed",
-        "title": "Precondition failed",
+        "type": f"urn:optserve:problem:{_precondition.CODE}",
+        "title": _precondition.TITLE,
         "status": 412,
-        "detail": f"the session is at version {info.version}, not {base_version}: it changed "
-                  "since it was read (nothing was done); read it again",
-        "code": "precondition_failed",
+        "detail": _precondition.version_left(info.version, f"not {base_version}"),
+        "code": _precondition.CODE,
         "field": "If-Match",
         "current_version": info.version,
         "base_version": base_version,
