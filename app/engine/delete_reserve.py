@@ -14,8 +14,12 @@ no free block, so no other write (a step of another session) can take the room b
 release and the tombstone. The store then tops the reserve up again from what the delete freed
 (the session's files, the reserve's cut tail) before it answers, as much as fits
 (:meth:`DeleteReserve.make`, ``take_what_fits``): a user deleting several sessions on a disk full
-to the last block gets each delete done, and a later readiness check tops it up to its whole
-size once the disk has room for it twice over. The reserve is a plain file: a ``kill -9`` at any
+to the last block gets each delete done. A reserve left short (or not made: a start on a full
+disk) is topped up to its whole size by the store's background look, each second while it is
+short (:meth:`app.engine.store.Store.top_up_reserve`, also at a delete or readiness check), once
+the disk has room for what it lacks with a whole reserve's size to spare and no acknowledged
+operation waits for room (a tombstone not yet logged, a log awaiting its healing snapshot);
+a step pays nothing for it. The reserve is a plain file: a ``kill -9`` at any
 point leaves the delete's own order (tombstone, then the rename) as it was, and the next start
 tops the reserve up again (a reserve a crash left part way written is whatever its bytes are:
 only its size counts).
@@ -50,6 +54,10 @@ class DeleteReserve:
         self.path = root / RESERVE
         self.size = size
         self._lock = threading.Lock()
+        #: whether the last :meth:`make` found or left the reserve whole and no
+        #: :meth:`become` used it since (no ``stat``: the store's background look reads it
+        #: every interval, :meth:`app.engine.store.Store.top_up_reserve`)
+        self.whole = False
 
     @property
     def held(self) -> bool:
@@ -69,40 +77,45 @@ class DeleteReserve:
         (or any other failure) leaves it as it was, or, with ``take_what_fits``, with what
         fitted (after a delete: part of a reserve is room for the next delete's tombstone)."""
         with self._lock:
-            have = self.bytes_held()
-            if have >= self.size:
-                return True
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
-            except OSError as exc:
-                self._warn("could not make", exc)
-                return False
-            try:
-                have = done = os.lseek(fd, 0, os.SEEK_END)
-                try:
-                    view = memoryview(bytes(self.size - have))
-                    while view:
-                        n = os.write(fd, view)
-                        if n <= 0:
-                            raise OSError(errno.EIO, "write returned no progress")
-                        done += n
-                        view = view[n:]
-                    os.fsync(fd)
-                except OSError as exc:
-                    if exc.errno not in _FULL or not take_what_fits:
-                        os.ftruncate(fd, have)  # (as it was)
-                        self._warn("could not make", exc)
-                        return False
-                    os.fsync(fd)  # (what fitted)
-                    log.warning("the disk is full: the delete reserve %s holds %d of its %d "
-                                "bytes", self.path, done, self.size)
-                    return False
-            except OSError as exc:
-                self._warn("could not make", exc)
-                return False
-            finally:
-                os.close(fd)
+            self.whole = self._make(take_what_fits)
+            return self.whole
+
+    def _make(self, take_what_fits: bool) -> bool:
+        """:meth:`make`, under its lock."""
+        have = self.bytes_held()
+        if have >= self.size:
             return True
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        except OSError as exc:
+            self._warn("could not make", exc)
+            return False
+        try:
+            have = done = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(bytes(self.size - have))
+                while view:
+                    n = os.write(fd, view)
+                    if n <= 0:
+                        raise OSError(errno.EIO, "write returned no progress")
+                    done += n
+                    view = view[n:]
+                os.fsync(fd)
+            except OSError as exc:
+                if exc.errno not in _FULL or not take_what_fits:
+                    os.ftruncate(fd, have)  # (as it was)
+                    self._warn("could not make", exc)
+                    return False
+                os.fsync(fd)  # (what fitted)
+                log.warning("the disk is full: the delete reserve %s holds %d of its %d "
+                            "bytes", self.path, done, self.size)
+                return False
+        except OSError as exc:
+            self._warn("could not make", exc)
+            return False
+        finally:
+            os.close(fd)
+        return True
 
     def become(self, dst: Path, data: bytes, files: Files) -> bool:
         """Turn the reserve into the file ``dst`` holding ``data``, written over the reserve's
@@ -113,6 +126,7 @@ class DeleteReserve:
         with self._lock:
             if not data or self.bytes_held() < len(data):
                 return False
+            self.whole = False  # (from here on, whatever fails: a make tops it up)
             fd = os.open(self.path, os.O_WRONLY)
             try:
                 if os.pwrite(fd, data, 0) != len(data):

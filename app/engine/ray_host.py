@@ -20,7 +20,12 @@ format as the embedded engine's). It asks Ray for a resource shape (``num_cpus``
   (``OPTSERVE_RAY_SESSIONS_PER_HOST``, 0 = no limit), else a new host (Ray's default strategy,
   which fills a node before the next).
 
-A sharded session's shards go to distinct hosts (new ones as needed).
+A sharded session's shards go to distinct hosts (new ones as needed). Where a new host is
+needed and the cluster has no room for it beside every host, the room Ray has free may be that
+of a host that holds sessions and is not placed (of any shape): those hosts are asked first,
+and while the room is still theirs the create is a 503 ``no_capacity`` that starts nothing
+(:meth:`RayRouter._room_not_theirs`); where Ray has no room at all, the new host is started and
+waits for room, as before (an autoscaler's cue).
 
 **Finding sessions.** The directory (:mod:`app.engine.directory`, files under
 ``<data dir>/directory``) maps each session key to its host's name; a front finds the actor by
@@ -1090,6 +1095,9 @@ ABANDONED_ASK_S = 5.0
 #: sessions it holds: one that does not answer (an actor Ray cannot place or restart) is
 #: passed over, not waited for under the placement lock, which every create of its shape takes
 PLACE_PING_TIMEOUT_S = 5.0
+#: the ``Retry-After`` of a create refused because the room it would take is that of hosts
+#: not placed now (:meth:`RayRouter._room_not_theirs`)
+DOWN_HOSTS_RETRY_S = 10.0
 #: how long a keyed create that finds the id's entry claimed by another front's try of it
 #: waits for that try's index (written right after the claim: :meth:`RayRouter._indexed_soon`)
 INDEX_WAIT_S = 10.0
@@ -1544,6 +1552,62 @@ class RayRouter:
                    and capacity.get(k, 0.0) - held.get(k, 0.0) + 1e-9 >= v
                    for k, v in _ray_need(resources).items() if v)
 
+    def _holds_sessions(self, name: str) -> bool:
+        """Whether the host's store holds any session (a folder under its ``sessions/``)."""
+        try:
+            with os.scandir(self.hosts_dir / name / "sessions") as found:
+                return any(e.is_dir() and not e.name.startswith(".") for e in found)
+        except OSError:
+            return False
+
+    async def _down_hosts(self, saved: list[tuple[str, dict[str, Any]]], asked: set[str],
+                          answered: set[str]) -> dict[str, dict[str, Any]]:
+        """The hosts of this deployment that hold sessions and are not placed now (their
+        shapes by name), once each such host of another shape than the placement's was asked
+        to answer (those of its shape were asked already: ``asked``, of which ``answered``
+        did): the ask starts again a host killed for good (as its next front's call would) and
+        waits up to :data:`PLACE_PING_TIMEOUT_S` for one Ray is restarting. A host holding no
+        session is passed over: its room is anyone's (an operator may ``ray.kill`` it for the
+        room)."""
+        busy = {n: h["resources"] for n, h in saved if self._holds_sessions(n)}
+        others = [n for n in busy if n not in asked]
+
+        async def ask(name: str) -> Any:  # (a handle that cannot be had: an answer's error)
+            return await asyncio.wait_for(self._host(name).call("ping", read=True),
+                                          PLACE_PING_TIMEOUT_S)
+        loads = await asyncio.gather(*(ask(n) for n in others), return_exceptions=True)
+        up = answered | {n for n, out in zip(others, loads, strict=True)
+                         if isinstance(out, dict)}
+        return {n: shape for n, shape in busy.items() if n not in up}
+
+    @staticmethod
+    def _room_not_theirs(resources: dict[str, Any], down: dict[str, dict[str, Any]]) -> None:
+        """Raise 503 ``no_capacity`` when Ray has this shape free now only with the room of
+        hosts that hold sessions and are not placed (``down``: restarting, or started again
+        and waiting for room; those whose shape the free room could hold): a new host would
+        take it, leaving them unplaced for good, their sessions a 503. Where Ray has no room
+        for it at all, the new host is started and waits for room (an autoscaler adds a node
+        for it, as for the hosts that are down)."""
+        if not down:
+            return
+        available: Any = ray.available_resources  # typed or not, by Ray version
+        free: dict[str, float] = available()
+        need = {k: v for k, v in _ray_need(resources).items() if v}
+        if not all(free.get(k, 0.0) + 1e-9 >= v for k, v in need.items()):
+            return  # (no room now: the new host waits for room, as those hosts do)
+        theirs: dict[str, float] = {}
+        for shape in down.values():  # (one that would not fit there waits for new room too)
+            if all(free.get(k, 0.0) + 1e-9 >= v for k, v in _ray_need(shape).items() if v):
+                _add_need(theirs, shape)
+        if all(free.get(k, 0.0) - theirs.get(k, 0.0) + 1e-9 >= v for k, v in need.items()):
+            return  # (room for it beside them)
+        names = ", ".join(sorted(down)[:3]) + (", ..." if len(down) > 3 else "")
+        raise Unavailable(f"the Ray cluster's free room for a session host asking {resources} "
+                          f"is that of {len(down)} host(s) of this deployment not placed now "
+                          f"({names}: restarting), whose sessions need it back; try again once "
+                          "they are placed, or add room", code="no_capacity",
+                          retry_after=DOWN_HOSTS_RETRY_S)
+
     async def _place(self, resources: dict[str, Any], placement: str, count: int = 1
                      ) -> list[RayHost]:
         """``count`` distinct hosts of this shape for new sessions (see the module doc)."""
@@ -1562,6 +1626,7 @@ class RayRouter:
                         if isinstance(out, dict)}
             cap = self.options.sessions_per_host
             chosen: list[RayHost] = []
+            down: dict[str, dict[str, Any]] | None = None  # (:meth:`_down_hosts`)
             for _ in range(count):
                 room = [n for n, k in sessions.items() if (not cap or k < cap)
                         and n not in {h.name for h in chosen}]
@@ -1573,6 +1638,10 @@ class RayRouter:
                 if pick is not None:
                     host = self._host(pick)
                 else:
+                    if not self._cluster_has_room(resources, held):
+                        if down is None:  # (once a placement: the hosts of other shapes too)
+                            down = await self._down_hosts(saved, set(names), set(sessions))
+                        self._room_not_theirs(resources, down)
                     host = await self._new_host(resources, placement)
                     _add_need(held, resources)  # (its host.json, written by now)
                 sessions[host.name] = sessions.get(host.name, 0) + 1

@@ -75,7 +75,7 @@ from typing import Literal
 import crc32c
 
 from app.engine.data_dir_lock import DataDirLock
-from app.engine.delete_reserve import DeleteReserve
+from app.engine.delete_reserve import RESERVE, DeleteReserve
 from app.engine.free_space import FreeSpace
 from app.errors import OptserveError, StorageFull, Unavailable
 
@@ -110,6 +110,16 @@ _UNLIMITED_FILES = 1 << 20
 _SKIPPABLE = 16
 TOMBSTONE = "tombstone"  # in a session directory being deleted: the delete's idempotency key
 TOMBSTONES = "tombstones.jsonl"  # under the data directory: the keys of past deletes
+#: temporary files only a store writes in its data directory (under its lock), which a crash
+#: (or an older server) may leave: removed at the start, before the store writes anything. The
+#: delete reserve as commits before ddfc298 made it (written as ``.delete-reserve.tmp``, then
+#: renamed), the write probe's (:meth:`Store.probe`), and a cut of the tombstone log's
+#: (:func:`write_atomic`). Never another process's (``python -m app``'s ``.write-probe-*``
+#: check runs before the lock is taken)
+#: how often the flusher looks whether a short delete reserve can be topped up (a ``stat``
+#: and a ``statvfs``; none while it is whole)
+RESERVE_LOOK_S = 1.0
+STALE_TEMPS = (f"{RESERVE}.tmp", ".write-probe.tmp", ".write-probe", f"{TOMBSTONES}.tmp")
 
 
 def _soft_files() -> int | None:
@@ -437,6 +447,8 @@ class Store:
                                          daemon=True)
         self._error: str | None = None  # the last storage failure, until a write succeeds
         self._need = 0  # bytes the last write that found no space needed (0: not ENOSPC)
+        #: when the flusher next looks whether a short delete reserve can be topped up
+        self._reserve_look = 0.0
 
     # ------------------------------------------------------------- lifecycle and health
     def open(self) -> None:
@@ -462,6 +474,8 @@ class Store:
                 stray.unlink(missing_ok=True)
         for tmp in self.sessions_dir.glob("*/*.tmp"):  # a snapshot a crash cut short
             tmp.unlink(missing_ok=True)
+        for name in STALE_TEMPS:  # (this store writes none of them yet: its flusher waits)
+            self._remove_stale(self.root / name)
         self.reserve.make()  # (best effort: a full disk makes it later)
         try:
             self.probe()
@@ -470,6 +484,19 @@ class Store:
                 raise
             self._failed("probing the data directory at start", exc)
         self._flusher.start()
+
+    @staticmethod
+    def _remove_stale(path: Path) -> None:
+        """Remove a temporary file a crash or an older server left (a plain file only)."""
+        try:
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                path.unlink()
+                log.info("removed %s, left by a crash or an older server", path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # (harmless where it stays: the start goes on)
+            log.warning("could not remove %s, left by a crash or an older server: %s", path,
+                        os.strerror(exc.errno) if exc.errno else exc)
 
     def close(self) -> None:
         with self._lock:
@@ -549,16 +576,35 @@ class Store:
                 "makes it again")
 
     def _remake_reserve(self) -> None:
-        """Top the delete reserve up to its whole size once a delete used it and the disk has
-        room for it twice over (no write is tried on a disk still full)."""
-        if self.reserve.held:
+        """Top the delete reserve up to its whole size where it is short and the disk has room
+        for what it lacks with a whole reserve's size to spare (no write is tried on a disk
+        still full), unless an acknowledged operation waits for room: a delete's tombstone
+        not yet logged, a log awaiting its healing snapshot (:meth:`suspects`). A whole
+        reserve is only marked so (:attr:`DeleteReserve.whole`: no write)."""
+        missing = self.reserve.size - self.reserve.bytes_held()
+        if missing <= 0:
+            self.reserve.make()
+            return
+        with self._lock:
+            waiting = bool(self._unburied) or any(
+                lg.suspect is not None for lg in self._logs.values())
+        if waiting:
             return
         try:
             free = self.files.free_bytes(self.root)
         except OSError:
             return
-        if free >= 2 * self.reserve.size:
+        if free >= missing + self.reserve.size:
             self.reserve.make()
+
+    def top_up_reserve(self) -> None:
+        """The background look (the flusher's, each :data:`RESERVE_LOOK_S` while the reserve
+        is short): log the tombstones that wait for room first, then top the reserve up where
+        there is room (:meth:`_remake_reserve`). A reserve left short by a full disk is so
+        whole again within about a second of the room's return, with no readiness check or
+        delete to ask for it, and no work added to a step."""
+        self._bury_again()
+        self._remake_reserve()
 
     @property
     def min_free_bytes(self) -> int:
@@ -1270,9 +1316,10 @@ class Store:
             return lg.good
 
     def _flush_loop(self) -> None:
-        """Every ``interval_s``: fsync the logs written since their last fsync. Never dies: a
-        failure marks the log suspect (the engine heals it with a snapshot) and is reported by
-        :meth:`health`."""
+        """Every ``interval_s``: fsync the logs written since their last fsync; and while the
+        delete reserve is short, each :data:`RESERVE_LOOK_S`, :meth:`top_up_reserve`. Never
+        dies: a failure marks the log suspect (the engine heals it with a snapshot) and is
+        reported by :meth:`health`."""
         while True:
             with self._lock:
                 if not self._stop:
@@ -1295,3 +1342,9 @@ class Store:
                     self._failed(f"background fsync of {lg.path.parent.name}", exc)
                 except Exception:  # never let the flusher die
                     log.exception("fsync loop")
+            if not self.reserve.whole and time.monotonic() >= self._reserve_look:
+                self._reserve_look = time.monotonic() + RESERVE_LOOK_S
+                try:
+                    self.top_up_reserve()
+                except Exception:  # never let the flusher die
+                    log.exception("topping the delete reserve up")

@@ -287,6 +287,71 @@ def test_spread_leaves_room_for_a_host_killed_for_good(
         ray_cluster.remove_node(node)
 
 
+def test_a_create_of_a_new_shape_leaves_the_room_of_a_host_that_is_down(
+        ray_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node with room for two hosts (custom ``slot: 2``) holds two of shape ``slot: 1``, one
+    session each; one host is killed for good and, as a host whose restart Ray has not placed
+    yet, does not answer. A create of another shape on the same room (``slot: 1, tag: 1``), no
+    host of which exists: a 503 ``no_capacity`` naming the down host, nothing started (was: a
+    new host took the room, the down host could never be placed again, its session a 503 for
+    good). The down host then comes back with its session, equal to torch, and the same create
+    starts its new host, which waits for room (an autoscaler's cue; here none comes: a 503
+    ``no_capacity`` once ``OPTSERVE_RAY_HOST_START_TIMEOUT_S`` passed)."""
+    node = ray_cluster.add_node(num_cpus=0, resources={"slot": 2, "tag": 1})
+    ray_cluster.wait_for_nodes()
+    settings = ray_settings(ray_cluster, data_dir=tmp_path / "data", ray_placement="spread",
+                            ray_resources='{"num_cpus": 0, "resources": {"slot": 1}}',
+                            ray_host_start_timeout_s=5.0)
+    server = LiveServer(settings)
+    url = server.start()
+    other_shape = {"resources": {"num_cpus": 0, "resources": {"slot": 1, "tag": 1}}}
+    try:
+        with optserve.Client(url, max_retries=30, timeout=300) as c, \
+                httpx.Client(base_url=url, timeout=300) as h:
+            for i in range(2):
+                create(c, f"slot{i}", seed=i)
+            hosts = {host_of(h, f"slot{i}")["name"] for i in range(2)}
+            assert len(hosts) == 2, "spread: a host each"
+            acked = Acked()
+            stepper(url, "slot0", 0, 2, acked)
+            gone = host_of(h, "slot0")["name"]
+            ray.kill(ray.get_actor(gone, namespace="optserve"), no_restart=True)
+            deadline = time.monotonic() + 60
+            while ray.available_resources().get("slot", 0) < 1:  # (its room freed)
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            call = RayHost.call
+
+            async def unplaced(self: RayHost, method: str, *args: Any, **kw: Any) -> Any:
+                if self.name == gone and method == "ping":
+                    raise Unavailable(f"{gone} is restarting", code="host_restarting")
+                return await call(self, method, *args, **kw)
+            with monkeypatch.context() as m:
+                m.setattr(RayHost, "call", unplaced)
+                r = h.post("/v1/sessions", json={
+                    "id": "other", "optimizer": "SGD", "options": {"lr": 0.1},
+                    "params": {"w": {"dtype": "float32", "shape": [1], "data": [1.0]}},
+                    **other_shape})
+            assert r.status_code == 503, r.text
+            assert r.json()["code"] == "no_capacity" and gone in r.json()["detail"], r.json()
+            assert r.headers["retry-after"] == "10"
+            assert len(list((tmp_path / "data" / "hosts").glob("*/host.json"))) == 2
+            stepper(url, "slot0", 1, 2, acked)  # (its host started again, placed)
+            assert not acked.errors, acked.errors
+            check_session(h, "slot0", acked, replay(acked, 0))
+            r = h.post("/v1/sessions", json={
+                "id": "other", "optimizer": "SGD", "options": {"lr": 0.1},
+                "params": {"w": {"dtype": "float32", "shape": [1], "data": [1.0]}},
+                **other_shape})
+            assert r.status_code == 503 and r.json()["code"] == "no_capacity", r.text
+            assert "none started in 5 s" in r.json()["detail"], r.json()
+            check_session(h, "slot0", acked, replay(acked, 0))
+    finally:
+        server.stop()
+        kill_hosts(tmp_path / "data")
+        ray_cluster.remove_node(node)
+
+
 # ----------------------------------------------------------------------------- two fronts
 @dataclass
 class Front:
