@@ -539,7 +539,10 @@ async def read_tensors(
             known_fields(metadata)
             if before_tensors is not None and not (sparse and sparse_pairs(layout)):
                 early.append(metadata_fields(metadata))
-                before_tensors(layout.entries, early[0])
+                try:
+                    before_tensors(layout.entries, early[0])
+                except RefusedAfter as exc:  # (every entry of a header is checked already)
+                    raise exc.problem from None
 
         def decode_binary() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             tensors, metadata = read_safetensors(
@@ -561,12 +564,26 @@ async def read_tensors(
             if entries is not None:
                 try:
                     before_tensors(entries, fields)
+                except RefusedAfter as exc:
+                    _decode_up_to(named, key, sparse, exc.entry)
+                    raise exc.problem from None
                 except Invalid as exc:
                     _decode_up_to(named, key, sparse, exc.field)
                     raise
         return tensor_map(named, key, sparse), fields
     tensors, fields = await offload(decode_json, len(buf))
     return tensors, fields, buf
+
+
+class RefusedAfter(Exception):
+    """What a ``before_tensors`` of :func:`read_tensors` raises for a body's ``problem`` that
+    its full decode gives only after decoding its tensors up to and including ``entry`` (a
+    field, ``<key>.<name>``; None: none of them): a malformed one among those is the answer
+    instead, as it was when every tensor was decoded first."""
+
+    def __init__(self, problem: OptserveError, entry: str | None) -> None:
+        super().__init__(problem)
+        self.problem, self.entry = problem, entry
 
 
 #: a body's tensor entries: (dtype, shape, numel) by name, in the body's order

@@ -21,6 +21,7 @@ from app.api.bodies import (
     JSON,
     OFFLOAD_BYTES,
     Entries,
+    RefusedAfter,
     answer_in_place,
     body_kind,
     check_accept,
@@ -46,7 +47,7 @@ from app.engine.idempotency import check_key
 from app.engine.interface import Engine, EntriesRefusal, IdemKey, ReturnParams, SessionInfo
 from app.engine.metrics import check_scalars
 from app.engine.ops import Expected
-from app.errors import Invalid
+from app.errors import Invalid, OptserveError
 from app.wire.content_digest import cheap
 from app.wire.integers import OPTION_INTS, int_text, ints_as_text
 from app.wire.safetensors_body import header_end, read_safetensors, write_safetensors
@@ -251,15 +252,27 @@ def _refuse_entries(request: Request, refusal: EntriesRefusal, upcast: bool,
     step's own answer (422 ``unknown_parameter`` naming the first name that is not a
     parameter's, or an earlier entry's mismatch); what the step refuses before
     its gradients (its ``param_groups``' form, its ``Idempotency-Key``) is refused first, as
-    it was, and so is a malformed ``scalars``, which the engine checks before the gradients."""
+    it was, and so is a malformed ``scalars``, which the engine checks before the gradients.
+    Those come after the body's tensors up to the refused entry are decoded (``RefusedAfter``):
+    a malformed one among them was the answer when every tensor was decoded first (it was
+    refused for a malformed ``Idempotency-Key``, ``param_groups`` or ``scalars`` instead)."""
     if len(entries) <= refusal.held() or (not refusal.scalars and fields.get("scalars")):
         return
-    parse.step_options(fields.get("param_groups"))
-    key = one_header(request, IDEMPOTENCY_HEADER, "Idempotency-Key")
-    if key is not None:
-        check_key(key)
-    check_scalars(fields.get("scalars"))  # (as Front.step does, before the session's checks)
-    refusal.refuse(entries, upcast)
+    try:
+        refusal.refuse(entries, upcast)
+    except OptserveError as exc:
+        refused = exc
+    else:  # (none found: the step's own checks answer, once every tensor is decoded)
+        return
+    try:
+        parse.step_options(fields.get("param_groups"))
+        key = one_header(request, IDEMPOTENCY_HEADER, "Idempotency-Key")
+        if key is not None:
+            check_key(key)
+        check_scalars(fields.get("scalars"))  # (as Front.step does, before the session's)
+    except OptserveError as exc:
+        raise RefusedAfter(exc, refused.field) from None
+    raise refused
 
 
 async def _step_idempotency(request: Request, buf: bytearray | memoryview, session_id: str,

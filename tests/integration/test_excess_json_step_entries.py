@@ -133,6 +133,43 @@ def test_a_malformed_tensor_after_the_refused_one_is_not_looked_at(
     _step_both(app_client, "late", local, opt, GRADS)
 
 
+@pytest.mark.parametrize("fields,headers", [
+    ({"param_groups": {"01": {}}}, {}),  # (not a group index)
+    ({"scalars": 5}, {}),  # (not an object)
+    ({}, {"Idempotency-Key": "a b"}),  # (a space)
+])
+def test_a_malformed_tensor_before_the_refused_one_comes_before_the_steps_other_refusals(
+        app_client: TestClient, decoded: list[str], monkeypatch: pytest.MonkeyPatch,
+        fields: dict[str, Any], headers: dict[str, str]) -> None:
+    """A body with a malformed tensor before its first unknown name and another refusal of
+    the step (its ``param_groups``' form, its ``scalars``, its ``Idempotency-Key``): decoded
+    whole, the malformed tensor was the answer (the tensors are decoded before the rest is
+    checked); refused from its entries it was the other refusal, the malformed tensor never
+    decoded. It is the malformed tensor again, only the tensors up to the refused name
+    decoded, and nothing changes."""
+    local, opt = _session(app_client, "o")
+    held = _held(app_client, "o")
+    body = {**_body({"a": BAD_DATA, **_excess({})}), **fields}
+
+    def post() -> dict[str, Any]:
+        r = app_client.post("/v1/sessions/o/step", json=body, headers=headers)
+        assert r.status_code == 422, r.text
+        assert r.headers["content-type"].startswith("application/problem+json")
+        out: dict[str, Any] = r.json()
+        return out
+    decoded.clear()
+    got = post()
+    assert (got["code"], got["field"]) == ("invalid_tensor", "grads.a.data"), got
+    assert decoded == ["grads.a"]
+    with monkeypatch.context() as patched:  # the same body decoded whole, as before
+        patched.setattr(sessions, "_refuse_entries", lambda *args: None)
+        before = post()
+    for key in ("status", "code", "field", "detail"):
+        assert got[key] == before[key], (key, got, before)
+    assert _held(app_client, "o") == held
+    _step_both(app_client, "o", local, opt, {n: -2 * g for n, g in GRADS.items()})
+
+
 def test_sparse_or_malformed_entries_go_the_whole_way(
         app_client: TestClient, decoded: list[str]) -> None:
     """A body with a row-sparse gradient, or an entry whose dtype or shape cannot be read,
