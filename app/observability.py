@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -173,6 +173,16 @@ def configure_logging(level: str, fmt: str) -> None:
         lg.propagate = True
 
 
+def new_request_id() -> str:
+    """A request id: ``uuid.uuid4().hex`` (a random version-4 UUID as 32 hex digits), its
+    bits set as ``uuid.UUID(bytes=..., version=4)`` sets them, without making the UUID
+    object (a third of the cost, on every request that brings no id of its own)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    return raw.hex()
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -187,7 +197,7 @@ class RequestContextMiddleware:
             if name == b"x-request-id":
                 incoming = value.decode("latin-1")
                 break
-        rid = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        rid = incoming if incoming and _REQUEST_ID_RE.match(incoming) else new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
         token = request_id_var.set(rid)
         started = time.perf_counter()

@@ -679,7 +679,7 @@ class PartsResponse(Response):
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(b"", media_type=media_type, headers=headers)
         self.parts = parts
-        self.headers["content-length"] = str(sum(len(p) for p in parts))
+        self.headers["content-length"] = str(sum(map(len, parts)))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
@@ -688,7 +688,7 @@ class PartsResponse(Response):
             await send({"type": "http.response.body", "body": b""})
             return
         parts = self.parts
-        if len(parts) > 1 and sum(len(p) for p in parts) < SMALL_PART:
+        if len(parts) > 1 and sum(map(len, parts)) < SMALL_PART:
             # one write (one TCP segment, one wake-up of the reader) for a small answer
             parts = [b"".join(parts)]
         for i, part in enumerate(parts):

@@ -35,10 +35,9 @@ optimizers through this, on the machine that runs the tests.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import weakref
-from collections.abc import Iterator
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -98,19 +97,33 @@ def configure(smallest: int) -> None:
     _smallest = smallest
 
 
-@contextlib.contextmanager
+class _Switched:
+    """:func:`switched`'s context (a class: a generator's context manager cost twice as much,
+    on every step)."""
+
+    __slots__ = ("_opt", "_name", "_splits", "_groups")
+
+    def __init__(self, opt: torch.optim.Optimizer, name: str,
+                 splits: list[chunked.Split] | None) -> None:
+        self._opt, self._name, self._splits = opt, name, splits
+        self._groups: list[dict[str, Any]] = []
+
+    def __enter__(self) -> None:
+        self._groups = _switchable(self._opt, self._name, self._splits or [])
+        for group in self._groups:
+            group["foreach"] = True
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for group in self._groups:
+            group["foreach"] = None
+
+
 def switched(opt: torch.optim.Optimizer, name: str,
-             splits: list[chunked.Split] | None = None) -> Iterator[None]:
+             splits: list[chunked.Split] | None = None) -> _Switched:
     """``foreach=True`` in each group that steps bitwise alike with it (the module's
     docstring), for the ``optimizer.step()`` made inside; every group's own value after."""
-    groups = _switchable(opt, name, splits or [])
-    for group in groups:
-        group["foreach"] = True
-    try:
-        yield
-    finally:
-        for group in groups:
-            group["foreach"] = None
+    return _Switched(opt, name, splits)
 
 
 def _switchable(opt: torch.optim.Optimizer, name: str, splits: list[chunked.Split]

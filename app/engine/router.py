@@ -683,13 +683,15 @@ class LocalRouter:
         return info
 
     async def route(self, key: str) -> SessionHost:
-        from app.engine.shards import ShardedSession, ShardLayout, shard_index, shard_key
         session = self._sharded.get(key)
         if session is not None:
             return session
         entry = self._entries.get(key)
         if entry is None:  # (a plain session's every step comes here)
             return self.local
+        # (imported past that return: a step of a plain session routes twice, and the import
+        # statement cost more than the rest of the look-up)
+        from app.engine.shards import ShardedSession, ShardLayout, shard_index, shard_key
         refused = await self._refused_shard(key, entry)
         if refused is not None:  # (as an unsharded session refused at start: not found)
             raise refused_at_start(key, shard_index(refused))
