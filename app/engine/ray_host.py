@@ -1635,6 +1635,15 @@ class RayRouter:
                     pick = min(room, key=lambda n: (-sessions[n], n)) if room else None
                 elif not self._cluster_has_room(resources, held):
                     pick = min(room, key=lambda n: (sessions[n], n)) if room else None
+                # hosts of this shape that did not answer the ping in time (started again
+                # after a restart of the cluster, or killed for good) take their room once
+                # placed: with no room, a new host would wait for it and the create end in a
+                # 503 no_capacity; one of them takes the session instead, the create waiting
+                # for its start (their sessions are not counted)
+                waiting = [n for n in names
+                           if n not in sessions and n not in {h.name for h in chosen}]
+                if pick is None and waiting and not self._cluster_has_room(resources, held):
+                    pick = min(waiting)
                 if pick is not None:
                     host = self._host(pick)
                 else:

@@ -1,5 +1,7 @@
 # Shared by the curl examples (sourced, not run). Needs bash, curl and python3 (no jq).
 # OPTSERVE_BASE_URL: the server (default http://127.0.0.1:8000).
+# OPTSERVE_API_KEY: sent as `Authorization: Bearer <key>` with every request, for a server with
+# API keys (the Docker Compose set-up: scripts/make-keys prints the key); unset, none is sent.
 # OPTSERVE_REFERENCE: the expected values (clients/js/test/make_reference.py's output, written by
 # the server's torch on this machine); unset, `reference` computes them with OPTSERVE_PYTHON
 # (default: the repository's .venv/bin/python).
@@ -14,11 +16,15 @@ REF="" # the reference file, once `reference` has run
 BODY="$WORK/body"       # the last response body
 HEADERS="$WORK/headers" # the last response headers
 SESSIONS=()
+AUTH=() # curl's arguments for the API key, if any
+if [[ -n "${OPTSERVE_API_KEY:-}" ]]; then
+  AUTH=(-H "Authorization: Bearer $OPTSERVE_API_KEY")
+fi
 
 cleanup() {
   if [[ "${OPTSERVE_KEEP:-0}" != 1 ]]; then
     for id in "${SESSIONS[@]}"; do
-      curl -s -o /dev/null -X DELETE "$BASE/v1/sessions/$id" || true
+      curl -s -o /dev/null "${AUTH[@]}" -X DELETE "$BASE/v1/sessions/$id" || true
     done
   fi
   [[ -n "${OPTSERVE_DEBUG_KEEP_WORK:-}" ]] && echo "work dir kept: $WORK" >&2 || rm -rf "$WORK"
@@ -36,7 +42,7 @@ call() {
   local want=$1 method=$2 path=$3
   shift 3
   local got
-  got=$(curl -sS -o "$BODY" -D "$HEADERS" -w '%{http_code}' -X "$method" "$BASE$path" "$@") \
+  got=$(curl -sS -o "$BODY" -D "$HEADERS" -w '%{http_code}' "${AUTH[@]}" -X "$method" "$BASE$path" "$@") \
     || fail "$method $path: curl could not reach $BASE"
   if [[ "$got" != "$want" ]]; then
     echo "--- response body:" >&2
