@@ -1090,8 +1090,9 @@ class EmbeddedHost:
         is checked first), an idempotency key the session holds (its replay or its 422 comes
         first), a worker id :func:`ps.check_worker` refuses. None from the refusal (the body
         decoded whole, the operation answering) where what the operation checks before the
-        tensors would refuse it: an open LBFGS step (409), an overwrite's precondition that no
-        longer holds (412), a push's scalars bringing the session past its scalar names."""
+        tensors would refuse it: an open LBFGS step (409), a session out of service (503), an
+        overwrite's precondition that no longer holds (412), a push's scalars bringing the
+        session past its scalar names."""
         session = self._sessions.get(key)
         rounds = op == "step"  # (a push or an overwrite is checked as without rounds)
         if (session is None or (rounds and self._rounds.config(key) is not None)
@@ -1112,7 +1113,7 @@ class EmbeddedHost:
             return (self._sessions.get(key) is session
                     and not (rounds and self._rounds.config(key) is not None)
                     and not (idem_key is not None and session.idem.holds(idem_key))
-                    and not self._evaluations.is_open(key))
+                    and not self._evaluations.is_open(key) and key not in self._damaged)
 
         def held() -> int:
             return len(session.params) if unchanged() else sys.maxsize  # (else: no refusal)
