@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import math
 import re
 import zipfile
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 
 import orjson
 import torch
@@ -21,6 +20,7 @@ from app.engine.placement import check_placement, check_resources
 from app.engine.shards import check_shards
 from app.engine.state_dicts import refuse_unknown_keys
 from app.errors import BadRequest, Invalid
+from app.wire.buffer_file import BufferFile
 from app.wire.integers import int_text
 from app.wire.json_tensor import refuse_loose_b64
 from app.wire.safetensors_body import read_safetensors
@@ -352,19 +352,18 @@ def torch_pickle_limit(info: SessionInfo) -> int:
     return PICKLE_SLACK + names + PICKLE_PER_GROUP * len(info.param_groups) + max(history, 0)
 
 
-def torch_file(buf: bytearray, limit: int, pickle_limit: int) -> tuple[bytes, int]:
-    """A ``torch.save`` body as the bytes torch's reader takes (:func:`state_from_torch`), and
-    what it expands to when read (its zip entries' declared sizes, summed: a deflated entry of
-    zeros is about a thousandth of its size, and torch's reader inflates it; and its pickle,
-    :data:`PICKLE_EXPANSION` times its size, on top); 422 ``torch_file_too_large`` past
-    ``limit``, or for a pickle past ``pickle_limit``, 422 ``invalid_torch_file`` for a file
-    that is not a zip. The caller counts the expansion against the memory request bodies may
-    hold (``OPTSERVE_MAX_BODIES_MB``)."""
-    data = bytes(buf)
-    return data, _check_zip(data, limit, pickle_limit)
+def torch_file(buf: bytearray, limit: int, pickle_limit: int) -> tuple[bytearray, int]:
+    """A ``torch.save`` body as torch's reader takes it (:func:`state_from_torch`: the body
+    itself, not a copy), and what it expands to when read (its zip entries' declared sizes,
+    summed: a deflated entry of zeros is about a thousandth of its size, and torch's reader
+    inflates it; and its pickle, :data:`PICKLE_EXPANSION` times its size, on top); 422
+    ``torch_file_too_large`` past ``limit``, or for a pickle past ``pickle_limit``, 422
+    ``invalid_torch_file`` for a file that is not a zip. The caller counts the expansion
+    against the memory request bodies may hold (``OPTSERVE_MAX_BODIES_MB``)."""
+    return buf, _check_zip(buf, limit, pickle_limit)
 
 
-def _check_zip(data: bytes, limit: int, pickle_limit: int | None) -> int:
+def _check_zip(data: bytes | bytearray, limit: int, pickle_limit: int | None) -> int:
     """Bound what a ``torch.save`` file expands to before torch reads it: every entry's
     declared size (torch's reader allocates that much and refuses a stream that inflates
     past it), summed, against ``limit``, and its pickles' (``*.pkl``) against
@@ -379,7 +378,7 @@ def _check_zip(data: bytes, limit: int, pickle_limit: int | None) -> int:
                       "this session's state can reference", code="torch_file_too_large",
                       field="body", limit=entries_most)
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        with BufferFile(data) as f, zipfile.ZipFile(f) as zf:
             entries = zf.infolist()
     except Exception:  # (as torch.load's below: "zip file version 10.6" is NotImplementedError)
         raise Invalid("not a torch.save file: only the zip format (torch.save's default since "
@@ -410,13 +409,13 @@ def _max_zip_entries(limit: int, pickle_limit: int | None) -> int:
 
 def state_from_torch(buf: bytes | bytearray, limit: int, pickle_limit: int | None = None
                      ) -> Any:
-    """A ``torch.save`` file (the bytes :func:`torch_file` made, or a body), loaded only with
+    """A ``torch.save`` file (a body, as :func:`torch_file` checked it), loaded only with
     ``weights_only=True`` (never plain unpickling), and only after its zip entries are bounded
     by ``limit`` bytes (its pickle by ``pickle_limit``)."""
-    data = buf if isinstance(buf, bytes) else bytes(buf)
-    _check_zip(data, limit, pickle_limit)
+    _check_zip(buf, limit, pickle_limit)
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with BufferFile(buf) as f:  # (the body as it is: io.BytesIO copies a bytearray)
+            state = torch.load(cast(IO[bytes], f), map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure to read a client's file is the client's 422
         raise Invalid(f"not a torch.save file loadable with weights_only=True: "
                       f"{_torch_reason(exc)}", code="invalid_torch_file", field="body") from None

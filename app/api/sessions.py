@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import orjson
@@ -44,7 +45,14 @@ from app.api.instrument import metrics_of, outcome, phase
 from app.api.requests import StepQuery, params_dtype_query
 from app.api.strict_requests import StrictRoute
 from app.engine.idempotency import check_key
-from app.engine.interface import Engine, EntriesRefusal, IdemKey, ReturnParams, SessionInfo
+from app.engine.interface import (
+    Engine,
+    EntriesOp,
+    EntriesRefusal,
+    IdemKey,
+    ReturnParams,
+    SessionInfo,
+)
 from app.engine.metrics import check_scalars
 from app.engine.ops import Expected
 from app.errors import Invalid, OptserveError
@@ -208,18 +216,11 @@ async def _step(request: Request, engine: Engine, counted: dict[str, Any], sessi
                       "session's optimizer takes none", code="invalid_query",
                       field="timeout_s")
     worker = conditions.worker_id(request)
-    # a body that may name more tensors than the session holds is refused from its header
-    # (a small one is decoded inline, in well under a millisecond, and refused as it was)
-    declared = request.headers.get("content-length")
-    refusal = (await engine.entries_refusal(session_id, tenant=tenant, worker=worker,
-                                            idem_key=request.headers.get(IDEMPOTENCY_HEADER))
-               if declared is None or not declared.isdigit() or int(declared) > OFFLOAD_BYTES
-               else None)
+    early = await _excess_entries(request, engine, session_id, tenant, "step", query.upcast,
+                                  worker=worker)
     with phase(request, "decode"):
         grads, fields, buf = await read_tensors(
-            request, max_bytes, "grads", STEP_FIELDS, sparse=True,
-            before_tensors=None if refusal is None else functools.partial(
-                _refuse_entries, request, refusal, query.upcast))
+            request, max_bytes, "grads", STEP_FIELDS, sparse=True, before_tensors=early)
         options = parse.step_options(fields.get("param_groups"))
         idem = await _step_idempotency(request, buf, session_id, grads, fields, query,
                                        base, worker)
@@ -244,25 +245,46 @@ async def _step(request: Request, engine: Engine, counted: dict[str, Any], sessi
             _headers(result.version, result.step, result.replayed, result.tag_version))
 
 
+async def _excess_entries(request: Request, engine: Engine, session_id: str, tenant: str,
+                          op: EntriesOp, upcast: bool = False, *, worker: str | None = None,
+                          expected: Expected | None = None
+                          ) -> Callable[[Entries, dict[str, Any]], None] | None:
+    """The ``before_tensors`` of :func:`read_tensors` for a step's, a push's or an
+    overwrite's (``op``) body that may name more tensors than its session holds
+    (:func:`_refuse_entries`, from its header), or None: a body of at most OFFLOAD_BYTES
+    (decoded inline, in well under a millisecond, and refused as it was), a session that
+    has no such check (:meth:`Engine.entries_refusal`)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) <= OFFLOAD_BYTES:
+        return None
+    refusal = await engine.entries_refusal(session_id, tenant=tenant, worker=worker,
+                                           idem_key=request.headers.get(IDEMPOTENCY_HEADER),
+                                           op=op, expected=expected)
+    return (None if refusal is None
+            else functools.partial(_refuse_entries, request, refusal, upcast))
+
+
 def _refuse_entries(request: Request, refusal: EntriesRefusal, upcast: bool,
                     entries: Entries, fields: dict[str, Any]) -> None:
-    """A step's body naming more tensors than its session holds, refused from its entries (a
-    safetensors header; a JSON body's tensors' dtypes and shapes) before its tensors are made
-    (a body of 100,000 entries for a session of ten was decoded whole first), with the
-    step's own answer (422 ``unknown_parameter`` naming the first name that is not a
-    parameter's, or an earlier entry's mismatch); what the step refuses before
-    its gradients (its ``param_groups``' form, its ``Idempotency-Key``) is refused first, as
-    it was, and so is a malformed ``scalars``, which the engine checks before the gradients.
-    Those come after the body's tensors up to the refused entry are decoded (``RefusedAfter``):
-    a malformed one among them was the answer when every tensor was decoded first (it was
-    refused for a malformed ``Idempotency-Key``, ``param_groups`` or ``scalars`` instead)."""
+    """A step's, a push's (``/grads``) or an overwrite's (``PUT .../params``) body naming
+    more tensors than its session holds, refused from its entries (a safetensors header; a
+    JSON body's tensors' dtypes and shapes) before its tensors are made (a body of 100,000
+    entries for a session of ten was decoded whole first), with the operation's own answer
+    (422 ``unknown_parameter`` naming the first name that is not a parameter's, or an
+    earlier entry's mismatch); what the route refuses before the tensors are checked (a
+    step's ``param_groups``' form, the ``Idempotency-Key``) is refused first, as it was, and
+    so is a malformed ``scalars`` (a step's, a push's), which the engine checks before the
+    tensors. Those come after the body's tensors up to the refused entry are decoded
+    (``RefusedAfter``): a malformed one among them was the answer when every tensor was
+    decoded first (it was refused for a malformed ``Idempotency-Key``, ``param_groups`` or
+    ``scalars`` instead)."""
     if len(entries) <= refusal.held() or (not refusal.scalars and fields.get("scalars")):
         return
     try:
-        refusal.refuse(entries, upcast)
+        refusal.refuse(entries, upcast, fields.get("scalars"))
     except OptserveError as exc:
         refused = exc
-    else:  # (none found: the step's own checks answer, once every tensor is decoded)
+    else:  # (none found: the operation's own checks answer, once every tensor is decoded)
         return
     try:
         parse.step_options(fields.get("param_groups"))
@@ -314,8 +336,9 @@ async def push_grads(
     conditions.one_query(request, "upcast")
     with outcome(metrics_of(request), metrics_of(request).pushes, session_id):
         await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
+        early = await _excess_entries(request, engine, session_id, tenant, "push", upcast)
         grads, fields, buf = await read_tensors(request, _max_bytes(settings), "grads",
-                                                PUSH_FIELDS, sparse=True)
+                                                PUSH_FIELDS, sparse=True, before_tensors=early)
         idem = await idempotency(request, buf)
         out = await engine.push(session_id, grads, tenant=tenant, idem=idem, upcast=upcast,
                                 scalars=fields.get("scalars"))
@@ -385,7 +408,10 @@ async def put_params(
     expected = _expected(request)
     await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
     await _refuse_stale(engine, request, session_id, tenant, expected)  # (412 before it too)
-    params, _, buf = await read_tensors(request, _max_bytes(settings), "params")
+    early = await _excess_entries(request, engine, session_id, tenant, "overwrite",
+                                  expected=expected)
+    params, _, buf = await read_tensors(request, _max_bytes(settings), "params",
+                                        before_tensors=early)
     idem = await idempotency(request, buf)
     result = await engine.overwrite(session_id, params, tenant=tenant, idem=idem,
                                     expected=expected)

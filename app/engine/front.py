@@ -24,6 +24,7 @@ from app.engine.host import EmbeddedHost
 from app.engine.interface import (
     CreateSpec,
     EngineStatus,
+    EntriesOp,
     EntriesRefusal,
     Evaluation,
     EvaluationRequest,
@@ -395,7 +396,8 @@ class Front:
         return isinstance(host, InProcessHost) and host.embedded.uses_evaluations(key)
 
     async def entries_refusal(self, session_id: str, *, tenant: str = DEFAULT_TENANT,
-                              idem_key: str | None = None, worker: str | None = None
+                              idem_key: str | None = None, worker: str | None = None,
+                              op: EntriesOp = "step", expected: Expected | None = None
                               ) -> EntriesRefusal | None:
         """:meth:`EmbeddedHost.entries_refusal` for a session of this process, and
         :meth:`ShardedSession.entries_refusal <app.engine.shards.ShardedSession.
@@ -404,9 +406,9 @@ class Front:
         from app.engine.shards import ShardedSession
         host, key = await self._host(tenant, session_id)
         if isinstance(host, InProcessHost):
-            return host.embedded.entries_refusal(key, idem_key, worker)
+            return host.embedded.entries_refusal(key, idem_key, worker, op, expected)
         if isinstance(host, ShardedSession):
-            return host.entries_refusal(worker)
+            return host.entries_refusal(worker, op)
         return None
 
     async def open_evaluation_step(

@@ -81,6 +81,7 @@ from app.engine.interface import (
     CreateSpec,
     Durability,
     EngineStatus,
+    EntriesOp,
     EntriesRefusal,
     Evaluation,
     EvaluationRequest,
@@ -1075,19 +1076,26 @@ class EmbeddedHost:
             into_seen=into_seen)
         return out
 
-    def entries_refusal(self, key: str, idem_key: str | None, worker: str | None
+    def entries_refusal(self, key: str, idem_key: str | None, worker: str | None,
+                        op: EntriesOp = "step", expected: Expected | None = None
                         ) -> EntriesRefusal | None:
-        """For a step's body whose header names more tensors than the session holds: what
-        refuses it from the header's entries alone (safe on any thread: it reads only the
-        parameters' names, dtypes and shapes), with the answer :meth:`step` would give once
-        its tensors were made (the session's
+        """For a step's, a push's or an overwrite's (``op``) body whose header names more
+        tensors than the session holds: what refuses it from the header's entries alone (safe
+        on any thread: it reads only the parameters' names, dtypes and shapes, and for a push
+        with scalars its scalar names, for an overwrite with ``expected`` its version), with
+        the answer the operation would give once its tensors were made (the session's
         :meth:`~app.engine.session.Session.check_tensors`: 422 ``unknown_parameter``, or an
         earlier entry's ``dtype_mismatch``/``shape_mismatch``). None where that answer could
-        be another: no such session, a session with sync rounds (a push's staleness is
-        checked first), an idempotency key the session holds (its replay or its 422 comes
-        first), a worker id :func:`ps.check_worker` refuses."""
+        be another: no such session, a step of a session with sync rounds (a push's staleness
+        is checked first), an idempotency key the session holds (its replay or its 422 comes
+        first), a worker id :func:`ps.check_worker` refuses. None from the refusal (the body
+        decoded whole, the operation answering) where what the operation checks before the
+        tensors would refuse it: an open LBFGS step (409), a session out of service (503), an
+        overwrite's precondition that no longer holds (412), a push's scalars bringing the
+        session past its scalar names."""
         session = self._sessions.get(key)
-        if (session is None or self._rounds.config(key) is not None
+        rounds = op == "step"  # (a push or an overwrite is checked as without rounds)
+        if (session is None or (rounds and self._rounds.config(key) is not None)
                 or (idem_key is not None and session.idem.holds(idem_key))):
             return None
         if worker is not None:
@@ -1095,24 +1103,47 @@ class EmbeddedHost:
                 ps.check_worker(worker)
             except Invalid:
                 return None
+        field = "params" if op == "overwrite" else "grads"
 
         def unchanged() -> bool:
             """Whether the session is still the one asked about, as it was (its body is read
             after this: meanwhile it may have been deleted, made again with other parameters,
-            given sync rounds, or the key used), so the step's answer is still this one."""
-            return (self._sessions.get(key) is session and self._rounds.config(key) is None
-                    and not (idem_key is not None and session.idem.holds(idem_key)))
+            given sync rounds, or the key used), so the operation's answer is still this
+            one."""
+            return (self._sessions.get(key) is session
+                    and not (rounds and self._rounds.config(key) is not None)
+                    and not (idem_key is not None and session.idem.holds(idem_key))
+                    and not self._evaluations.is_open(key) and key not in self._damaged)
 
         def held() -> int:
             return len(session.params) if unchanged() else sys.maxsize  # (else: no refusal)
 
-        def refuse(entries: HeaderEntries, upcast: bool) -> None:
-            if not unchanged():
+        def checked_first(scalars: object) -> bool:
+            """Whether what the operation checks before its tensors lets them be checked:
+            an overwrite's precondition (:meth:`Operation.checked
+            <app.engine.ops.base.Operation.checked>`), a push's scalar names (:meth:`Push.check
+            <app.engine.ops.gradients.Push.check>`)."""
+            try:
+                if expected is not None:
+                    expected.check(session)
+                if op == "push" and scalars is not None:
+                    try:
+                        named = metrics.check_scalars(scalars)
+                    except Invalid:  # (their form's refusal: the route's, after the entries)
+                        named = {}
+                    metrics.check_scalar_names(session, named)
+            except (OptserveError, RuntimeError):
+                return False
+            return True
+
+        def refuse(entries: HeaderEntries, upcast: bool, scalars: object) -> None:
+            if not unchanged() or not checked_first(scalars):
                 return
             try:
                 session.refuse_entries(((name, dtype, shape) for name, (dtype, shape, _)
-                                        in entries.items()), "grads", upcast)
-            except RuntimeError:  # (its parameters changed meanwhile: the step will say)
+                                        in entries.items()), field,
+                                       None if op == "overwrite" else upcast)
+            except RuntimeError:  # (its parameters changed meanwhile: the operation will say)
                 return
         return EntriesRefusal(held=held, refuse=refuse)
 

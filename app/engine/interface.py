@@ -30,16 +30,23 @@ ReturnParams = bool | Literal["touched"]
 HeaderEntries = Mapping[str, tuple[torch.dtype, tuple[int, ...], int]]
 
 
+#: the operations whose body of named tensors may be refused from its entries: a step
+#: (``POST .../step``), a push (``POST .../grads``), an overwrite (``PUT .../params``)
+EntriesOp = Literal["step", "push", "overwrite"]
+
+
 @dataclass(frozen=True)
 class EntriesRefusal:
-    """How a session refuses a step's body from its header's tensor entries, before its
-    tensors are made (:meth:`Engine.entries_refusal`)."""
+    """How a session refuses a step's, a push's or an overwrite's body from its header's
+    tensor entries, before its tensors are made (:meth:`Engine.entries_refusal`)."""
 
     #: how many parameters the session holds now (a body naming more is refused)
     held: Callable[[], int]
-    #: the refusal of such a body's entries, and whether it asked for ``upcast``: the
-    #: answer the step would give once its tensors were made; returns where it finds none
-    refuse: Callable[[HeaderEntries, bool], None]
+    #: the refusal of such a body's entries, whether it asked for ``upcast``, and its
+    #: ``scalars`` as sent (unchecked; None: none): the answer the operation would give once
+    #: its tensors were made; returns where it finds none, or where that answer could be
+    #: another (then the body is decoded whole and the operation answers)
+    refuse: Callable[[HeaderEntries, bool, object], None]
     #: whether a body with ``scalars`` is refused from its entries too (False: a sharded
     #: session, which refuses any ``scalars`` before it looks at the gradients' names)
     scalars: bool = True
@@ -393,10 +400,12 @@ class Engine(Protocol):
         ``sharded``: of a sharded session too (not for an operation a sharded session
         refuses whatever its body, add_param_group)."""
     async def entries_refusal(self, session_id: str, *, tenant: str = ...,
-                              idem_key: str | None = ..., worker: str | None = ...
+                              idem_key: str | None = ..., worker: str | None = ...,
+                              op: EntriesOp = ..., expected: Expected | None = ...
                               ) -> EntriesRefusal | None:
-        """What refuses a step's body naming more tensors than the session holds from its
-        header alone, with the answer the step would give (None: no such check here)."""
+        """What refuses a body of ``op`` (a step by default) naming more tensors than the
+        session holds from its header alone, with the answer the operation would give
+        (``expected``: an overwrite's precondition; None: no such check here)."""
     async def open_evaluation_step(
         self, session_id: str, first: Evaluation | None, *, return_params: ReturnParams,
         tenant: str = ...,

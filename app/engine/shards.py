@@ -61,6 +61,7 @@ from app.engine.history import HistoryQuery, HistoryResult
 from app.engine.interface import (
     CreateSpec,
     EngineStatus,
+    EntriesOp,
     EntriesRefusal,
     GradsResult,
     GroupSpec,
@@ -1059,23 +1060,27 @@ class ShardedSession:
                           "other operations wait until then", code="shards_out_of_step",
                           retry_after=1.0)
 
-    def entries_refusal(self, worker: str | None) -> EntriesRefusal | None:
-        """For a step's body naming more tensors than the session holds: what refuses it
-        from its entries alone (:meth:`Front.entries_refusal <app.engine.front.Front.
-        entries_refusal>`) with the answer :meth:`step` gives once its tensors are made: its
-        first name that is not a parameter's (:meth:`_check_names`, which :meth:`execute`
-        runs before anything else looks at the gradients). None where that answer could be
-        another: a worker id :func:`ps.check_worker` refuses; and a body with ``scalars`` is
-        decoded whole (they are refused first: ``EntriesRefusal.scalars``)."""
+    def entries_refusal(self, worker: str | None, op: EntriesOp = "step"
+                        ) -> EntriesRefusal | None:
+        """For a step's, a push's or an overwrite's (``op``) body naming more tensors than
+        the session holds: what refuses it from its entries alone (:meth:`Front.
+        entries_refusal <app.engine.front.Front.entries_refusal>`) with the answer
+        :meth:`step` or :meth:`execute` gives once its tensors are made: its first name that
+        is not a parameter's (:meth:`_check_names`, which :meth:`execute` runs before
+        anything else looks at the tensors, an overwrite's precondition included). None
+        where that answer could be another: a worker id :func:`ps.check_worker` refuses; and
+        a body with ``scalars`` is decoded whole (they are refused first:
+        ``EntriesRefusal.scalars``)."""
         if worker is not None:
             try:
                 ps.check_worker(worker)
             except Invalid:
                 return None
         held = len(self.layout.owner)
+        field = "params" if op == "overwrite" else "grads"
         return EntriesRefusal(held=lambda: held,
-                              refuse=lambda entries, upcast: self._check_names(entries,
-                                                                               "grads"),
+                              refuse=lambda entries, upcast, scalars: self._check_names(
+                                  entries, field),
                               scalars=False)
 
     def _check_names(self, tensors: Iterable[str], field: str) -> None:
