@@ -58,7 +58,8 @@ CORS_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 CORS_REQUEST_HEADERS = ["Authorization", "Content-Type", "Accept", "Idempotency-Key", "If-Match",
                         "If-None-Match", "X-Optserve-Worker", "X-Request-Id"]
 CORS_EXPOSED_HEADERS = ["ETag", "X-Optserve-Version", "X-Optserve-Step", "X-Optserve-Revision",
-                        "X-Request-Id", "Location", "Retry-After", "Idempotent-Replayed"]
+                        "X-Optserve-State-Tag", "X-Request-Id", "Location", "Retry-After",
+                        "Idempotent-Replayed"]
 
 
 def exit_on_config_error(exc: ConfigError) -> None:

@@ -179,17 +179,35 @@ def none_match_versions(request: Request) -> frozenset[int]:
     return frozenset(v for v in (_etag_version(t) for t in tags) if v is not None)
 
 
-def none_match_revisions(request: Request) -> frozenset[int]:
-    """The session revisions named by ``If-None-Match`` as revision tags, ``"r<revision>"``
-    (``W/"r12"`` too: compared weakly), written as the ``X-Optserve-Revision`` header gives it
-    (``"r012"`` names none); ``*`` names none here (:func:`none_match_any` says it). A read of
-    the state dict evaluates them: its ``ETag`` names the parameters' version, which an option
-    change or a scheduler step does not move, the revision every change to the session."""
+def state_tag(revision: int, token: str) -> str:
+    """A state dict's tag as ``X-Optserve-State-Tag`` gives it, quoted, to be echoed in
+    ``If-None-Match``: ``"r<revision>.<token>"``, the session's revision and its creation token
+    (:mod:`app.engine.creation_tokens`), so that a tag read from a session deleted and made again
+    under the same id, or before a restart, names no session there is now."""
+    return f'"r{revision}.{token}"'
+
+
+#: a state tag's opaque text: ``r<revision>.<token>`` (:func:`state_tag`)
+_STATE_TAG = re.compile(r"r([0-9]+)\.([0-9a-f]+)")
+
+
+def none_match_state_tags(request: Request) -> frozenset[tuple[int, str]]:
+    """The session revisions and creation tokens named by ``If-None-Match`` as state tags,
+    ``"r<revision>.<token>"`` (``W/"r12.<token>"`` too: compared weakly), written as the
+    ``X-Optserve-State-Tag`` header gives them (``"r012.<token>"`` names none, nor does a bare
+    ``"r12"``, the revision alone: it could name another session made under the same id);
+    ``*`` names none here (:func:`none_match_any` says it). A read of the state dict evaluates
+    them: its ``ETag`` names the parameters' version, which an option change or a scheduler
+    step does not move, the revision every change to the session."""
     tags = none_match_tags(request)
     if isinstance(tags, EveryVersion):
         return frozenset()
-    return frozenset(v for v in (_etag_version(t[1:]) for t in tags if t[:1] == "r")
-                     if v is not None)
+    found: set[tuple[int, str]] = set()
+    for tag in tags:
+        match = _STATE_TAG.fullmatch(tag)
+        if match is not None and (revision := _etag_version(match.group(1))) is not None:
+            found.add((revision, match.group(2)))
+    return frozenset(found)
 
 
 def none_match_tags(request: Request) -> frozenset[str] | EveryVersion:

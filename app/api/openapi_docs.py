@@ -504,6 +504,12 @@ RESPONSE_HEADERS: dict[str, Any] = {
                                            "applied to it, option changes included): send it "
                                            "back as a state import's ?base_revision=",
                             "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+    "X-Optserve-State-Tag": {"description": "the state dict's tag, quoted (\"r<revision>."
+                                            "<token>\": the session's revision and a token "
+                                            "minted with each creation or restore of it): send "
+                                            "it back as is in If-None-Match",
+                             "schema": {"type": "string",
+                                        "pattern": "^\"r[0-9]+\\.[0-9a-f]+\"$"}},
     "Location": {"description": "the new session's URL path",
                  "schema": {"type": "string", "example": "/v1/sessions/seed"}},
     "GroupLocation": {"description": "the new param group's URL path (PATCH it there to change "
@@ -564,13 +570,15 @@ HEADERS: dict[str, dict[str, Any]] = {
         "schema": {"type": "string", "example": "*"}},
     "If-None-Match (state)": {
         "name": "If-None-Match", "in": "header", "required": False,
-        "description": "*: 304 whenever the session exists; a revision tag, \"r<revision>\" "
-                       "(the X-Optserve-Revision a state dict was read with; W/\"r12\" too): "
-                       "304 when the session is still at one of those revisions (every "
-                       "change moves it); a version tag is not evaluated (this answer's ETag "
+        "description": "*: 304 whenever the session exists; a state tag, \"r<revision>.<token>\" "
+                       "(the X-Optserve-State-Tag a state dict was read with; W/ too): 304 "
+                       "when the session is still the one read then (not one deleted and made "
+                       "again under its id; not restored since: a restart mints new tokens) "
+                       "at that revision (every change moves it); a revision alone, "
+                       "\"r<revision>\", or a version tag is not evaluated (this answer's ETag "
                        "is the parameters' version, which option changes do not move); "
                        "outside RFC 9110's grammar: 422 invalid_precondition",
-        "schema": {"type": "string", "example": '"r12"'}},
+        "schema": {"type": "string", "example": '"r12.5f0c3a9e81d24b67"'}},
 }
 # Query parameters the routes read themselves.
 #: every query parameter a step takes (``encoding``: ``bodies.tensor_encoding``; ``timeout_s``:
@@ -845,6 +853,8 @@ def _success(op: Op, method: str) -> dict[str, Any]:
     names = ("X-Request-Id",) + (_VERSION_HEADERS if op.versioned else ())
     if op.ok == "Session" or op.id == "exportState":
         names += ("X-Optserve-Revision",)
+    if op.id == "exportState":
+        names += ("X-Optserve-State-Tag",)
     if method in MUTATING:
         names += ("Idempotent-Replayed",)
     if op.id == "createSession":
@@ -900,10 +910,11 @@ def _document(op: Op, method: str, path: str, doc_op: dict[str, Any]) -> None:
     if op.id in ("getSession", "exportState"):
         responses["304"] = {"description": "Not modified (If-None-Match: *; the session "
                                            "exists)" if op.id == "getSession" else
-                                           "Not modified (If-None-Match: *, or a revision "
-                                           "tag \"r<revision>\" naming the session's)",
+                                           "Not modified (If-None-Match: *, or a state tag "
+                                           "\"r<revision>.<token>\" naming the session's)",
                             "headers": _headers(("X-Request-Id", *_VERSION_HEADERS,
-                                                 "X-Optserve-Revision"))}
+                                                 "X-Optserve-Revision") + (
+                                ("X-Optserve-State-Tag",) if op.id == "exportState" else ()))}
     if path != "/healthz":
         doc_op["security"] = [{"bearer": []}, {}]
     if not params:

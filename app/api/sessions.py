@@ -70,6 +70,9 @@ from app.wire.tree import (
 REPLAYED_HEADER = "Idempotent-Replayed"
 #: the session's change counter, on answers that describe the session or export its state
 REVISION_HEADER = "X-Optserve-Revision"
+#: a state dict's tag (``"r<revision>.<token>"``, quoted as ``If-None-Match`` echoes it), on
+#: every answer of ``GET .../state_dict`` (:func:`app.api.conditions.state_tag`)
+STATE_TAG_HEADER = "X-Optserve-State-Tag"
 #: what a step body may carry besides its gradients
 STEP_FIELDS = frozenset({"param_groups", "scalars"})
 #: what a push (/grads) body may carry besides its gradients
@@ -141,14 +144,17 @@ async def get_session(session_id: SessionId, request: Request, engine: EngineDep
     return _described(info)
 
 
-def _not_modified(info: SessionInfo) -> Response:
+def _not_modified(info: SessionInfo, *, state: bool = False) -> Response:
     """304 for ``If-None-Match: *`` on a read of the session's description or state (RFC
-    9110 13.1.2: false whenever the session exists), or for a revision tag naming the
-    session's revision on a read of its state, with the version headers a 200 has. A
-    version tag is not evaluated there: their ETag is the parameters' version, which an
-    option change (in both answers) does not move."""
+    9110 13.1.2: false whenever the session exists), or for a state tag naming the
+    session's revision and creation token on a read of its state (``state``: with its
+    ``X-Optserve-State-Tag``), with the version headers a 200 has. A version tag is not
+    evaluated there: their ETag is the parameters' version, which an option change (in both
+    answers) does not move."""
     headers = _headers(info.version, info.step)
     headers[REVISION_HEADER] = str(info.revision)
+    if state:
+        headers[STATE_TAG_HEADER] = conditions.state_tag(info.revision, info.token)
     return Response(status_code=304, headers=headers)
 
 
@@ -516,19 +522,23 @@ async def export_state(
     negotiate(request, (JSON if fmt == "json" else BINARY,))
     b64 = tensor_encoding(request)
     expected = conditions.strict_match(request)
-    revisions = conditions.none_match_revisions(request)
-    if conditions.none_match_any(request) or revisions:
-        # (304 whatever the state for *; for a revision tag, the "r<revision>" a state was
-        # read at, when the session is still at it: every change moves the revision, so
-        # its state dict is as read then; told from its description, nothing exported)
+    held = conditions.none_match_state_tags(request)
+    if conditions.none_match_any(request) or held:
+        # (304 whatever the state for *; for a state tag, the "r<revision>.<token>" a state
+        # was read at, when the session is still that session object at that revision: every
+        # change moves the revision, so its state dict is as read then, and the token is
+        # minted with each creation and restore, so a session deleted and made again under
+        # the same id, whose revisions count from 0 again, matches no tag of the old one;
+        # told from its description, nothing exported)
         info = await engine.describe(session_id, tenant=tenant)
         conditions.check_read(expected, info.version, info.step, info.revision)
-        if not revisions or info.revision in revisions:
-            return _not_modified(info)
+        if not held or (info.revision, info.token) in held:
+            return _not_modified(info, state=True)
     out = await engine.export_state(session_id, tenant=tenant)
     conditions.check_read(expected, out.version, out.step, out.revision)
     headers = version_headers(out.version, out.step)
     headers[REVISION_HEADER] = str(out.revision)
+    headers[STATE_TAG_HEADER] = conditions.state_tag(out.revision, out.token)
     sd = out.state_dict
     if int_outside(sd.get("param_groups"), *OPTION_INTS):  # (as a description writes it)
         sd = {**sd, "param_groups": ints_as_text(sd["param_groups"], *OPTION_INTS)}

@@ -696,7 +696,7 @@ class EmbeddedHost:
             s = self._get(key)
             sd = export_state_dict(s)
             order = None if s.state_order is None else dict(s.state_order)
-            return StateExport(sd, s.version, s.step_count, s.revision, order)
+            return StateExport(sd, s.version, s.step_count, s.revision, order, s.token)
         await self._healed(key)
         await self._settled(key)
         return await self._worker.run(read)

@@ -163,6 +163,10 @@ class SessionInfo:
     #: an added param group's answer (``POST .../param_groups``, its replays too): the new
     #: group's index, for the answer's ``Location``; not in the description
     added_group: int | None = None
+    #: the session object's creation token (:mod:`app.engine.creation_tokens`): with the
+    #: revision, the state tag ``"r<revision>.<token>"``; not in the description, and not
+    #: compared (a restore mints another for the same session)
+    token: str = field(default="", compare=False)
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -343,6 +347,8 @@ class StateExport:
     #: a shard's stamps on its states (:mod:`app.engine.state_order`): how its sharded
     #: session orders every shard's states as torch would; None for any other session
     state_order: dict[str, tuple[int, int]] | None = None
+    #: the creation token of the session it is of (:attr:`SessionInfo.token`)
+    token: str = ""
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 
 from app.engine import (
     chunked,
+    creation_tokens,
     norm_pieces,
     optimizers,
     option_values,
@@ -205,6 +206,9 @@ class Session:
         #: shards are put in step at start (:meth:`EmbeddedHost.align_old_revisions
         #: <app.engine.host.EmbeddedHost.align_old_revisions>`)
         self.revision_unknown = False
+        #: minted with this object (a create or a restore; never stored): the state tag's
+        #: second half (:mod:`app.engine.creation_tokens`)
+        self.token = creation_tokens.minted()
         self.durability: Durability = "memory"
         self.ps = ps.PsConfig()  # parameter-server options (sync rounds, bounded staleness)
         #: the version the latest overwrite or state import left the session at, and which of
@@ -370,7 +374,7 @@ class Session:
             id=self.id, optimizer=self.optimizer_name, device=str(self.device),
             version=self.version, step=self.step_count, lr=self.lrs(),
             revision=self.revision, nonfinite=self.nonfinite, durability=self.durability,
-            defaults=state_dicts.jsonable_options(self.optimizer.defaults),
+            token=self.token, defaults=state_dicts.jsonable_options(self.optimizer.defaults),
             param_groups=groups,
             params={n: {"dtype": DTYPE_NAMES[p.dtype], "shape": list(p.shape)}
                     for n, p in self.params.items()},

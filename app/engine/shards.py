@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from app.engine import metrics, ps, sparse, state_dicts, state_order
+from app.engine import creation_tokens, metrics, ps, sparse, state_dicts, state_order
 from app.engine.history import HistoryQuery, HistoryResult
 from app.engine.interface import (
     CreateSpec,
@@ -220,6 +220,7 @@ def merge_info(key: str, infos: list[SessionInfo], layout: ShardLayout,
         base, id=split_key(key)[1], device=devices[0] if len(devices) == 1 else ",".join(devices),
         param_groups=groups, params=params, accumulated=accumulated,
         replayed=all(info.replayed for info in infos),
+        token=creation_tokens.joined([info.token for info in infos]),
         placement={**(base.placement or {}), "shards": shards})
 
 
@@ -829,7 +830,8 @@ class ShardedSession:
         self._check_lockstep(outs)
         return StateExport(merge_state([o.state_dict for o in outs], self.layout,
                                        [o.state_order for o in outs]),
-                           outs[0].version, outs[0].step, outs[0].revision)
+                           outs[0].version, outs[0].step, outs[0].revision,
+                           token=creation_tokens.joined([o.token for o in outs]))
 
     async def history(self, key: str, query: HistoryQuery) -> HistoryResult:
         raise history_refused()

@@ -1265,24 +1265,32 @@ export class OptserveClient {
   }
 
   /**
-   * GET /v1/sessions/{id}/state_dict unless the session is still at `revision`, the `revision` a
-   * result of this call carries (sent as the revision tag If-None-Match: "r<revision>"; every
-   * change to the session moves its revision, an option PATCH too, which leaves the version
-   * alone). Returns {state, version, step, revision} (state as exportState returns it), or
-   * {notModified: true, version, step, revision} while nothing changed the session since:
-   * nothing downloaded, keep the state read before. Without `revision`, the whole state. A server
-   * that does not evaluate the tag answers the whole state every time.
+   * GET /v1/sessions/{id}/state_dict unless the session is still the one a result of this call
+   * read, at the same revision: `tag`, the `tag` that result carries (the answer's
+   * X-Optserve-State-Tag, "r<revision>.<token>", sent back as is in If-None-Match; every change
+   * to the session moves its revision, an option PATCH too, which leaves the version alone, and
+   * the token is minted anew whenever the server makes the session: a session deleted and made
+   * again under the same id, or a restarted server, is read whole). Returns {state, version,
+   * step, revision, tag} (state as exportState returns it), or {notModified: true, version,
+   * step, revision, tag} while nothing changed the session since: nothing downloaded, keep the
+   * state read before. Without `tag`, the whole state. A server that does not evaluate the tag
+   * answers the whole state every time (one that gives none: `tag` undefined).
    */
   async exportStateIfChanged(id, callOptions = {}) {
-    let { format = "json", encoding, revision } = optionsOf(callOptions, ["format", "encoding", "revision"], "exportStateIfChanged");
+    let { format = "json", encoding, tag } = optionsOf(callOptions, ["format", "encoding", "tag"], "exportStateIfChanged");
     const query = { format };
     if (format === "json" && encoding && encoding !== "data") query.encoding = encoding;
-    const headers = revision === undefined ? {} : { "If-None-Match": `"r${wholeNumber(revision, "revision")}"` };
+    const headers = tag === undefined ? {} : { "If-None-Match": stateTag(tag) };
     const { res, buf } = await this.request("GET", `${this._sid(id)}/state_dict`, {
       query, accept: format === "json" ? JSON_TYPE : BINARY, headers,
     });
     const answered = res.headers.get("x-optserve-revision");
-    const info = { ...versionFromHeaders(res), revision: answered === null ? undefined : Number(answered) };
+    const answeredTag = res.headers.get("x-optserve-state-tag");
+    const info = {
+      ...versionFromHeaders(res),
+      revision: answered === null ? undefined : Number(answered),
+      tag: answeredTag === null ? undefined : answeredTag,
+    };
     if (res.status === 304) return { ...info, notModified: true };
     return { ...info, state: stateFromBody(buf, format) };
   }
@@ -1339,6 +1347,15 @@ function preconditions(baseVersion, baseRevision) {
 
 // A conditional read's header: atVersion as If-Match (the server answers 412 when the answer
 // would be of another version).
+// exportStateIfChanged's tag: the X-Optserve-State-Tag a result carries, a quoted entity tag as
+// the server writes it ("r<revision>.<token>"), sent back as is.
+function stateTag(tag) {
+  if (typeof tag !== "string" || !/^(W\/)?"r[0-9]+\.[0-9a-f]+"$/.test(tag)) {
+    throw new TypeError(`tag must be the tag a result of exportStateIfChanged carries ("r<revision>.<token>"), got ${JSON.stringify(tag)}`);
+  }
+  return tag;
+}
+
 // A conditional read's If-None-Match: a version (5), or the etag a result carries ('"5"',
 // 'W/"5"') as it is: quoting an etag again would make a tag the server ignores (a whole answer
 // every time, never a 304). Anything else is a TypeError before anything is sent.

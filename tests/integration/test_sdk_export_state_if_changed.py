@@ -1,6 +1,7 @@
 """``Client.export_state_if_changed`` and ``AsyncClient.export_state_if_changed`` against a
 real uvicorn server: a state read again with the :class:`optserve.StateExport` read before is
-sent with ``If-None-Match: "r<revision>"`` and, while nothing changed the session, answered 304
+sent with its state tag (``If-None-Match: "r<revision>.<token>"``, the ``X-Optserve-State-Tag`` it
+was read with) and, while nothing changed the session, answered 304
 and served from that export (the same tensors, a tree of its own); an lr change, a step, a
 tensor of it changed in place, another session's or format's export: read whole. Every state
 is compared with an in-process ``torch.optim`` run's, and the answers' statuses are recorded
@@ -66,10 +67,12 @@ async def scenario(twin: Twin, export: Export, statuses: list[int], fmt: Format)
     twin.step()
     first = await export(twin.sid, None, fmt)
     assert not first.not_modified and first.version == 2 and first.revision is not None
+    assert first.tag is not None and first.tag.startswith(f'"r{first.revision}.')
     twin.assert_torchs(first)
     second = await export(twin.sid, first, fmt)
     assert statuses == [200, 304]
-    assert second.not_modified and (second.version, second.revision) == (2, first.revision)
+    assert second.not_modified and (second.version, second.revision, second.tag) == (
+        2, first.revision, first.tag)
     twin.assert_torchs(second)
     assert second.state_dict is not first.state_dict
     assert second.state_dict["state"][0] is not first.state_dict["state"][0]
@@ -85,7 +88,8 @@ async def scenario(twin: Twin, export: Export, statuses: list[int], fmt: Format)
     other.step()
     other.step()
     other_first = await export(other.sid, None, fmt)
-    assert other_first.revision == first.revision  # (a tag of it would be a 304 there)
+    assert other_first.revision == first.revision  # (a revision tag alone: a 304 there)
+    assert other_first.tag != first.tag
     statuses.clear()
     other.assert_torchs(await export(other.sid, first, fmt))
     twin.assert_torchs(await export(twin.sid, other_first, fmt))

@@ -1,9 +1,9 @@
 """A state dict read again while the session did not change is not downloaded again: ``GET
-.../state_dict`` with ``If-None-Match: "r<revision>"`` (the ``X-Optserve-Revision`` it was read
-with) is a 304 while the session is still at that revision, and the whole state once anything
-changed it (a step, an option ``PATCH``, which does not move the version its ``ETag`` names).
-``RemoteOptimizer.state_dict()`` and ``opt.state`` read so, the tensors handed out still those
-of ``opt.state``. Every state compared with an in-process ``torch.optim`` run's."""
+.../state_dict`` with ``If-None-Match: "r<revision>.<token>"`` (the ``X-Optserve-State-Tag`` it
+was read with) is a 304 while the session is still at that revision, and the whole state once
+anything changed it (a step, an option ``PATCH``, which does not move the version its ``ETag``
+names). ``RemoteOptimizer.state_dict()`` and ``opt.state`` read so, the tensors handed out still
+those of ``opt.state``. Every state compared with an in-process ``torch.optim`` run's."""
 
 from __future__ import annotations
 
@@ -59,9 +59,11 @@ def other_client(live_server: str) -> Iterator[optserve.Client]:
 @pytest.mark.parametrize("engine_url", ENGINES, indirect=True)
 @pytest.mark.parametrize("shards", [1, 2])
 def test_a_revision_tag_is_a_304_until_the_session_changes(engine_url: str, shards: int) -> None:
-    """Raw HTTP, on both engines, a plain and a 2-shard session: the state read at revision r,
-    then asked again with ``"r<r>"`` (and ``W/"r<r>"``): 304, no body, the version and
-    revision headers; ``"r0<r>"`` or a version tag alone: the whole state. An lr ``PATCH``
+    """Raw HTTP, on both engines, a plain and a 2-shard session: the state read at revision r
+    with state tag ``"r<r>.<token>"`` (``X-Optserve-State-Tag``), then asked again with it (and
+    ``W/`` it): 304, no body, the version, revision and state tag headers; ``"r0<r>.<token>"``,
+    the revision alone (``"r<r>"``: last release's form, which a session made again under the
+    same id matched), another token or a version tag alone: the whole state. An lr ``PATCH``
     (version unchanged, revision moved): the whole state, the new lr in it; a step: the whole
     state, torch's after the same step."""
     torch.manual_seed(0)
@@ -86,17 +88,24 @@ def test_a_revision_tag_is_a_304_until_the_session_changes(engine_url: str, shar
             assert first.status_code == 200
             revision = int(first.headers["X-Optserve-Revision"])
             version = first.headers["X-Optserve-Version"]
+            state_tag = first.headers["X-Optserve-State-Tag"]
+            token = state_tag.strip('"').partition(".")[2]
+            assert state_tag == f'"r{revision}.{token}"' and len(token) >= 12, state_tag
             sd = c.export_state(info.id)
             assert torch.equal(torch.as_tensor(sd["state"][0]["exp_avg"]),
                                local.state[local_w]["exp_avg"])
-            for tag in (f'"r{revision}"', f'W/"r{revision}"', f'"r{revision + 5}", "r{revision}"'):
+            for tag in (state_tag, f"W/{state_tag}", f'"r{revision + 5}.{token}", {state_tag}'):
                 again = http.get(path, headers={"If-None-Match": tag})
                 assert again.status_code == 304, tag
                 assert again.content == b""
                 assert again.headers["X-Optserve-Revision"] == str(revision)
+                assert again.headers["X-Optserve-State-Tag"] == state_tag
                 assert again.headers["X-Optserve-Version"] == version
                 assert again.headers["ETag"] == f'"{version}"'
-            for tag in (f'"r0{revision}"', f'"{version}"', f'"r{revision + 1}"'):
+            other_token = format(int(token, 16) ^ 1, f"0{len(token)}x")
+            for tag in (f'"r0{revision}.{token}"', f'"r{revision}"', f'W/"r{revision}"',
+                        f'"r{revision}.{other_token}"', f'"{version}"',
+                        f'"r{revision + 1}.{token}"'):
                 whole = http.get(path, headers={"If-None-Match": tag})
                 assert whole.status_code == 200, tag
                 assert whole.json() == first.json()
@@ -104,14 +113,16 @@ def test_a_revision_tag_is_a_304_until_the_session_changes(engine_url: str, shar
             c.update_param_group(info.id, 0, lr=0.5)
             for group in local.param_groups:
                 group["lr"] = 0.5
-            changed = http.get(path, headers={"If-None-Match": f'"r{revision}"'})
+            changed = http.get(path, headers={"If-None-Match": state_tag})
             assert changed.status_code == 200
             assert changed.headers["X-Optserve-Version"] == version
+            assert changed.headers["X-Optserve-State-Tag"] == (
+                f'"r{changed.headers["X-Optserve-Revision"]}.{token}"')
             assert changed.json()["param_groups"][0]["lr"] == local.param_groups[0]["lr"]
             # a step: the whole state, torch's
             step_both(c, info.id)
             stepped = http.get(path, headers={
-                "If-None-Match": f'"r{changed.headers["X-Optserve-Revision"]}"'})
+                "If-None-Match": changed.headers["X-Optserve-State-Tag"]})
             assert stepped.status_code == 200
         sd = optserve._tensors.decode_state_json(stepped.json())
         for i, p in enumerate(local_ps.values()):

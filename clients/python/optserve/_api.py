@@ -22,6 +22,7 @@ from ._constants import (
     MAX_WAIT_S,
     OCTET_STREAM,
     REVISION_HEADER,
+    STATE_TAG_HEADER,
     STEP_HEADER,
     TORCH_HINT,
     VERSION_HEADER,
@@ -913,23 +914,27 @@ def export_state_if_changed(session_id: str, *, format: StateFormat,
     """:func:`export_state`, with the session version and revision the state is of, and
     conditional on ``last`` (a state of this session read before in this ``format``, none of
     its tensors changed in place since: see :class:`~optserve._last_export.StateExport`): sent
-    as the revision tag ``If-None-Match: "r<revision>"``, answered 304 (no body: ``last``'s
-    state again) while the session is still at it (every change moves the revision: its state
-    dict is as read then); a server that does not evaluate the tag answers the whole state.
-    ``hold``: what is read is kept for a read after it (``RemoteOptimizer`` keeps it itself,
-    once it laid it out)."""
+    with the state tag its answer gave, ``If-None-Match: "r<revision>.<token>"`` (the
+    ``X-Optserve-State-Tag`` header, sent back as is), answered 304 (no body: ``last``'s state
+    again) while the session is still the one read then (not one deleted and made again under
+    its id, not restored by a restart since) at that revision (every change moves the
+    revision: its state dict is as read then); a server that does not evaluate the tag, or
+    gives none, answers the whole state. ``hold``: what is read is kept for a read after it
+    (``RemoteOptimizer`` keeps it itself, once it laid it out)."""
     call = export_state(session_id, format=format)
-    revision = None if last is None else last.since(session_id, format)
-    headers = {} if revision is None else {"If-None-Match": f'"r{int(revision)}"'}
+    tag = None if last is None else last.since(session_id, format)
+    headers = {} if tag is None else {"If-None-Match": tag}
 
     def parse(response: httpx.Response) -> StateExport:
         version = _header_int(response, VERSION_HEADER)
         answered = _header_int(response, REVISION_HEADER)
+        answered_tag = response.headers.get(STATE_TAG_HEADER)
         if response.status_code == 304:
-            if last is None or revision is None:
+            if last is None or tag is None:
                 raise ValueError("304 Not Modified to an unconditional read")
-            return last.again(version, answered)
-        read = StateExport(session_id, format, call.parse(response), version, answered)
+            return last.again(version, answered, answered_tag)
+        read = StateExport(session_id, format, call.parse(response), version, answered,
+                           tag=answered_tag)
         return read.kept_as_given() if hold else read
 
     return APICall(call.method, call.path, parse, params=call.params, accept=call.accept,

@@ -703,9 +703,11 @@ class Client(SyncAPIClient):
                                 format: StateFormat = "safetensors") -> StateExport:
         """``GET .../state_dict`` as :meth:`export_state`, read again only if the session
         changed since ``last`` (a :class:`~optserve.StateExport` this method answered for
-        the same session and ``format``): sent with ``If-None-Match: "r<revision>"``, the
-        revision ``last`` was read at, a 304 while nothing changed the session (no step,
-        import, option change, ...), and then nothing is downloaded: the answer holds
+        the same session and ``format``): sent with ``If-None-Match:`` the state tag ``last``
+        was read with (``"r<revision>.<token>"``, its ``tag``), a 304 while nothing changed
+        the session (no step, import, option change, ...; a session deleted and made again
+        under the same id, or a server restarted since, is read whole), and then nothing is
+        downloaded: the answer holds
         ``last``'s state dict again (its very tensors, ``not_modified=True``). Without
         ``last``, or when a tensor of it was changed in place since, the state is read whole.
         The answer carries the session version and revision the state is of."""

@@ -31,6 +31,8 @@ REQUEST_ID_HEADER = "X-Request-Id"
 VERSION_HEADER = "X-Optserve-Version"
 STEP_HEADER = "X-Optserve-Step"
 REVISION_HEADER = "X-Optserve-Revision"
+#: a state dict's tag (``"r<revision>.<token>"``, quoted): sent back as is in ``If-None-Match``
+STATE_TAG_HEADER = "X-Optserve-State-Tag"
 WORKER_HEADER = "X-Optserve-Worker"
 MAX_WAIT_S = 60.0  # the server caps long polls (GET .../params?wait_s=) at this
 

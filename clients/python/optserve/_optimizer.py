@@ -1505,7 +1505,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def _export_state(self, fmt: StateFormat) -> tuple[dict[str, Any], int | None]:
         """The session's state dict and the version it is of, its tensors as torch's would be
         (:meth:`_as_torch_keeps`): read on the condition that the session changed since the
-        last one read (``If-None-Match`` its revision, see ``optserve._last_export``), else
+        last one read (``If-None-Match`` its state tag, see ``optserve._last_export``), else
         (a 304) that one again, its tensors the same. What is kept for that is what is
         handed out: the tensors as laid out, not the ones that came off the wire (kept, those
         were a second copy of every state tensor laid out anew, a channels_last parameter's,
