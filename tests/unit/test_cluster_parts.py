@@ -228,6 +228,10 @@ def test_a_host_slow_to_start_delays_only_the_creates_of_its_shape(
     monkeypatch.setattr(router, "_host", lambda name: Host(name))
     monkeypatch.setattr(router, "_host_names", lambda: ["h-cpu"])
     monkeypatch.setattr(router, "_new_host", new_host)
+    # a cluster of CPUs only (the placement asks Ray whether it has the shape's room free)
+    import ray
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 1.0})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
 
     async def run() -> tuple[list[str], bool, bool]:
         stuck = asyncio.create_task(router._place(gpu, "pack"))
