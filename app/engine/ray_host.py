@@ -1515,6 +1515,10 @@ class RayRouter:
             ray.kill(handle, no_restart=True)
             (root / HOST_JSON).unlink(missing_ok=True)
             self._saved.pop(name, None)
+            # (and its folder, made above, when empty: an actor that never started wrote
+            # nothing there; one that did, its files are kept, the folder with them)
+            with contextlib.suppress(OSError):
+                root.rmdir()
             raise Unavailable(f"the Ray cluster has no room for a session host asking "
                               f"{resources} (none started in "
                               f"{self.options.host_start_timeout_s:g} s)",
