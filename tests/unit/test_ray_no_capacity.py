@@ -101,3 +101,50 @@ def test_a_sharded_create_without_room_leaves_nothing_and_its_retry_is_answered_
         await cluster.kill()
 
     asyncio.run(run())
+
+
+def test_a_create_cancelled_while_its_new_host_waits_for_room_leaves_no_host(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A create cancelled while its new host waits for room (the server's shutdown cancels
+    the requests still running after its grace period) gives that host up as its timeout
+    does: killed, its ``host.json`` and folder removed. It was left waiting for room, with no
+    session: a later create with no room picked it (a host of its shape that does not answer,
+    as one starting again after a restart of the cluster) and waited for its start without
+    bound, where it is a 503 ``no_capacity`` once its own new host is given up."""
+    cluster = _Full(tmp_path, monkeypatch)
+    monkeypatch.setattr(ray_host, "PLACE_PING_TIMEOUT_S", 0.2)
+    hosts = tmp_path / "hosts"
+
+    async def run() -> None:
+        front = cluster.front()
+        router = front.router
+        router.options = dataclasses.replace(  # type: ignore[attr-defined]
+            router.options, host_start_timeout_s=0.5)  # type: ignore[attr-defined]
+        await front.create(spec(id="p1"))
+        (p1_host,) = [p.name for p in hosts.iterdir()]
+        cluster.room = 0
+        monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.0})
+        cancelled = asyncio.create_task(front.create(spec(id="p2")))
+        while not cluster.unplaced:
+            await asyncio.sleep(0.01)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert cluster.killed == list(cluster.unplaced)
+        assert [p.name for p in hosts.iterdir()] == [p1_host]
+        with pytest.raises(Unavailable) as err:
+            await asyncio.wait_for(front.create(spec(id="p2")), 5.0)
+        assert err.value.code == "no_capacity", err.value
+        assert entries(front) == ["default~p1"] and [p.name for p in hosts.iterdir()] == [p1_host]
+        cluster.room = None  # room again: made, as a new session
+        monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 64.0})
+        made = await front.create(spec(id="p2"))
+        assert made.id == "p2" and not made.replayed
+        await front.step("p2", GRADS, return_params=False)
+        ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+        ref.step(GRADS)
+        assert_tensors_equal(dict((await front.pull("p2", None)).params), ref.params,
+                             "after the step")
+        await cluster.kill()
+
+    asyncio.run(run())
