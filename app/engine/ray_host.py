@@ -1512,18 +1512,33 @@ class RayRouter:
         try:
             info = await asyncio.wait_for(host.call("ping"), self.options.host_start_timeout_s)
         except TimeoutError:
-            ray.kill(handle, no_restart=True)
-            (root / HOST_JSON).unlink(missing_ok=True)
-            self._saved.pop(name, None)
+            self._give_up(handle, name)
             raise Unavailable(f"the Ray cluster has no room for a session host asking "
                               f"{resources} (none started in "
                               f"{self.options.host_start_timeout_s:g} s)",
                               code="no_capacity", retry_after=30.0) from None
+        except asyncio.CancelledError:
+            # (the create cancelled while it waits, e.g. by the server's shutdown after its
+            # grace period: the host went on waiting for room, without a session, a later
+            # placement's pick among hosts that do not answer, whose create then waited for it)
+            self._give_up(handle, name)
+            raise
         host.device = str(info["device"])
         self._hosts[name] = host
         log.info("started host %s (%s) on node %s", name, shape_key(resources),
                  str(info["node"])[:12])
         return host
+
+    def _give_up(self, handle: Any, name: str) -> None:
+        """Kill a new host not started yet (no session is on it) and remove its ``host.json``
+        and its folder, made by :meth:`_new_host`, when empty: an actor that never started
+        wrote nothing there (one that did keeps its files, and the folder with them)."""
+        ray.kill(handle, no_restart=True)
+        root = self.hosts_dir / name
+        (root / HOST_JSON).unlink(missing_ok=True)
+        self._saved.pop(name, None)
+        with contextlib.suppress(OSError):
+            root.rmdir()
 
     def _saved_hosts(self) -> list[tuple[str, dict[str, Any]]]:
         """Every host of this deployment with its host.json (those that cannot be read left

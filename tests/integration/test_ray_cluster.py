@@ -345,6 +345,9 @@ def test_a_create_of_a_new_shape_leaves_the_room_of_a_host_that_is_down(
                 **other_shape})
             assert r.status_code == 503 and r.json()["code"] == "no_capacity", r.text
             assert "none started in 5 s" in r.json()["detail"], r.json()
+            # (the host given up went with its folder: every one left is a host's)
+            folders = list((tmp_path / "data" / "hosts").iterdir())
+            assert len(folders) == 2 and all((f / "host.json").exists() for f in folders)
             check_session(h, "slot0", acked, replay(acked, 0))
     finally:
         server.stop()

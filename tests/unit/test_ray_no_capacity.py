@@ -1,0 +1,150 @@
+"""A sharded create on a Ray cluster without room for all its shards' hosts: the host that
+Ray cannot place is given up after ``host_start_timeout_s`` and the create is a 503
+``no_capacity`` that leaves no session, no directory entry and no folder of that host (an
+empty ``hosts/<name>/`` was left); its retry under the same Idempotency-Key is answered the
+same while there is no room, and makes the session once there is, as one create."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from app.errors import NotFound, Unavailable
+from tests.torch_reference import Reference, assert_tensors_equal
+from tests.unit.test_deleted_creates import create_key, spec
+
+ray_host = pytest.importorskip("app.engine.ray_host")
+ray = pytest.importorskip("ray")
+
+from tests.unit.test_ray_deletes import GRADS, Cluster, entries  # noqa: E402
+
+
+class _Unplaced:
+    """The handle of an actor Ray has no room to place: its calls never answer."""
+
+    def __getattr__(self, method: str) -> Any:
+        async def never(*args: Any) -> Any:
+            await asyncio.Event().wait()
+        return type("M", (), {"remote": staticmethod(never)})()
+
+
+class _Full(Cluster):
+    """The fake cluster, with room for ``room`` more host actors (``None``: any number)."""
+
+    def __init__(self, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__(data_dir, monkeypatch)
+        self.room: int | None = None
+        self.killed: list[str] = []
+        monkeypatch.setattr(ray, "kill", lambda handle, no_restart=True: self.killed.append(
+            next(n for n, h in self.unplaced.items() if h is handle)))
+        self.unplaced: dict[str, _Unplaced] = {}
+
+    def options(self, **opts: Any) -> Any:
+        placed = super().options(**opts)
+
+        def remote(name: str, config: dict[str, Any]) -> Any:
+            if name in self.actors or self.room is None:
+                return placed.remote(name, config)
+            if self.room == 0:
+                return self.unplaced.setdefault(name, _Unplaced())
+            self.room -= 1
+            return placed.remote(name, config)
+        return type("A", (), {"remote": staticmethod(remote)})()
+
+
+def test_a_sharded_create_without_room_leaves_nothing_and_its_retry_is_answered_alike(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster = _Full(tmp_path, monkeypatch)
+    key = create_key("k-s2")
+    hosts = tmp_path / "hosts"
+
+    def folders() -> list[str]:
+        return sorted(p.name for p in hosts.iterdir())
+
+    async def run() -> None:
+        front = cluster.front()
+        router = front.router
+        router.options = dataclasses.replace(  # type: ignore[attr-defined]
+            router.options, host_start_timeout_s=0.3)  # type: ignore[attr-defined]
+        await front.create(spec(id="p1"))  # (one session per host: p1's host is full)
+        cluster.room = 1  # room for shard 0's new host, none for shard 1's
+        for attempt in range(2):
+            with pytest.raises(Unavailable) as err:
+                await front.create(spec(2, id="s2"), idem=key)
+            assert err.value.code == "no_capacity", err.value
+            assert entries(front) == ["default~p1"]
+            with pytest.raises(NotFound):
+                await front.pull("s2", None)
+            # every folder under hosts/ is a host's (its host.json): the one Ray could not
+            # place went with its host.json (its folder was left, empty)
+            assert all((hosts / n / "host.json").exists() for n in folders()), folders()
+            assert len(cluster.killed) == attempt + 1
+            assert not set(cluster.killed) & set(folders())
+        # (the first try's shard-0 host, started and empty, is taken by the retry)
+        assert len(folders()) == 2
+        cluster.room = None  # room again: the retry makes it, once
+        made = await front.create(spec(2, id="s2"), idem=key)
+        assert made.id == "s2" and not made.replayed
+        again = await front.create(spec(2, id="s2"), idem=key)
+        assert again.replayed and again.id == "s2"
+        await front.step("s2", GRADS, return_params=False)
+        ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+        ref.step(GRADS)
+        assert_tensors_equal(dict((await front.pull("s2", None)).params), ref.params,
+                             "after the step")
+        assert sorted(entries(front)) == ["default~p1", "default~s2"]
+        await cluster.kill()
+
+    asyncio.run(run())
+
+
+def test_a_create_cancelled_while_its_new_host_waits_for_room_leaves_no_host(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A create cancelled while its new host waits for room (the server's shutdown cancels
+    the requests still running after its grace period) gives that host up as its timeout
+    does: killed, its ``host.json`` and folder removed. It was left waiting for room, with no
+    session: a later create with no room picked it (a host of its shape that does not answer,
+    as one starting again after a restart of the cluster) and waited for its start without
+    bound, where it is a 503 ``no_capacity`` once its own new host is given up."""
+    cluster = _Full(tmp_path, monkeypatch)
+    monkeypatch.setattr(ray_host, "PLACE_PING_TIMEOUT_S", 0.2)
+    hosts = tmp_path / "hosts"
+
+    async def run() -> None:
+        front = cluster.front()
+        router = front.router
+        router.options = dataclasses.replace(  # type: ignore[attr-defined]
+            router.options, host_start_timeout_s=0.5)  # type: ignore[attr-defined]
+        await front.create(spec(id="p1"))
+        (p1_host,) = [p.name for p in hosts.iterdir()]
+        cluster.room = 0
+        monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.0})
+        cancelled = asyncio.create_task(front.create(spec(id="p2")))
+        while not cluster.unplaced:
+            await asyncio.sleep(0.01)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert cluster.killed == list(cluster.unplaced)
+        assert [p.name for p in hosts.iterdir()] == [p1_host]
+        with pytest.raises(Unavailable) as err:
+            await asyncio.wait_for(front.create(spec(id="p2")), 5.0)
+        assert err.value.code == "no_capacity", err.value
+        assert entries(front) == ["default~p1"] and [p.name for p in hosts.iterdir()] == [p1_host]
+        cluster.room = None  # room again: made, as a new session
+        monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 64.0})
+        made = await front.create(spec(id="p2"))
+        assert made.id == "p2" and not made.replayed
+        await front.step("p2", GRADS, return_params=False)
+        ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+        ref.step(GRADS)
+        assert_tensors_equal(dict((await front.pull("p2", None)).params), ref.params,
+                             "after the step")
+        await cluster.kill()
+
+    asyncio.run(run())
