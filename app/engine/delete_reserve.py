@@ -58,6 +58,10 @@ class DeleteReserve:
         #: :meth:`become` used it since (no ``stat``: the store's background look reads it
         #: every interval, :meth:`app.engine.store.Store.top_up_reserve`)
         self.whole = False
+        #: the warning :meth:`_warn` logged last while the reserve could not be made (the
+        #: store's background look retries each second: a failing disk logged the same line
+        #: each time); cleared once the reserve is whole
+        self._warned: str | None = None
 
     @property
     def held(self) -> bool:
@@ -78,6 +82,8 @@ class DeleteReserve:
         fitted (after a delete: part of a reserve is room for the next delete's tombstone)."""
         with self._lock:
             self.whole = self._make(take_what_fits)
+            if self.whole:
+                self._warned = None
             return self.whole
 
     def _make(self, take_what_fits: bool) -> bool:
@@ -142,5 +148,10 @@ class DeleteReserve:
             return True
 
     def _warn(self, what: str, exc: OSError) -> None:
-        log.warning("%s the delete reserve %s (%d bytes): %s", what, self.path, self.size,
-                    os.strerror(exc.errno) if exc.errno else exc)
+        """Log a failure to make or use the reserve, once while the same failure repeats (until
+        the reserve is whole again)."""
+        line = (f"{what} the delete reserve {self.path} ({self.size} bytes): "
+                f"{os.strerror(exc.errno) if exc.errno else exc}")
+        if line != self._warned:
+            self._warned = line
+            log.warning("%s", line)
