@@ -297,3 +297,33 @@ def test_an_overwrite_whose_precondition_fails_meanwhile_is_a_412(
         assert json.loads(content)["code"] == "precondition_failed", content
         assert _snapshot(client, "pre") == held
         _next_is_torch(client, "pre", "params", local, opt)
+
+
+@pytest.mark.parametrize("route", ["grads", "params"])
+@pytest.mark.parametrize("fmt", ["json", "safetensors"])
+def test_a_push_or_overwrite_during_an_open_lbfgs_step_goes_the_whole_way(
+        app_client: TestClient, decoded: list[str],  # noqa: F811 - the fixture
+        made: list[int], monkeypatch: pytest.MonkeyPatch,  # noqa: F811 - the fixture
+        route: str, fmt: str) -> None:
+    """While an LBFGS step waits for an evaluation, a push or an overwrite is a 409
+    ``step_in_progress``, answered once its body is decoded: the early refusal declines (its
+    422 for the first unknown name would not be the operation's answer), and the session,
+    its open step abandoned, is as it was."""
+    r = app_client.post("/v1/sessions", json={
+        "id": "l", "optimizer": "LBFGS", "options": {"lr": 1, "max_iter": 5},
+        "params": {n: json_tensor(t) for n, t in PARAMS.items()}})
+    assert r.status_code == 201, r.text
+    held = _snapshot(app_client, "l")
+    opened = app_client.post("/v1/sessions/l/step")
+    assert opened.status_code == 200 and "evaluation" in opened.json(), opened.text
+    tensors = _excess(dict(GRADS))
+    decoded.clear()
+    made.clear()
+    got = _problem(_send(app_client, "l", route, fmt, tensors))
+    assert (got["status"], got["code"]) == (409, "step_in_progress"), got
+    # (every tensor decoded, as the operation decodes them before it finds the step open)
+    assert len(decoded) == len(tensors) if fmt == "json" else made == [len(tensors)]
+    _same(got, _whole_way(monkeypatch, lambda: _send(app_client, "l", route, fmt, tensors)))
+    r = app_client.delete(f"/v1/sessions/l/step/{opened.json()['step_id']}")
+    assert r.status_code in (200, 204), r.text
+    assert _snapshot(app_client, "l")[:2] == held[:2]  # (parameters and state, bit for bit)
