@@ -1561,11 +1561,8 @@ class RayRouter:
         chaos probe: 9 hosts of one CPU on a cluster of 8)."""
         available: Any = ray.available_resources  # typed or not, by Ray version
         total: Any = ray.cluster_resources
-        free: dict[str, float] = available()
-        capacity: dict[str, float] = total()
-        return all(free.get(k, 0.0) + 1e-9 >= v
-                   and capacity.get(k, 0.0) - held.get(k, 0.0) + 1e-9 >= v
-                   for k, v in _ray_need(resources).items() if v)
+        return (_fits(resources, available())
+                and _fits(resources, total(), less=held))
 
     def _holds_sessions(self, name: str) -> bool:
         """Whether the host's store holds any session (a folder under its ``sessions/``)."""
@@ -1607,14 +1604,13 @@ class RayRouter:
             return
         available: Any = ray.available_resources  # typed or not, by Ray version
         free: dict[str, float] = available()
-        need = {k: v for k, v in _ray_need(resources).items() if v}
-        if not all(free.get(k, 0.0) + 1e-9 >= v for k, v in need.items()):
+        if not _fits(resources, free):
             return  # (no room now: the new host waits for room, as those hosts do)
         theirs: dict[str, float] = {}
         for shape in down.values():  # (one that would not fit there waits for new room too)
-            if all(free.get(k, 0.0) + 1e-9 >= v for k, v in _ray_need(shape).items() if v):
+            if _fits(shape, free):
                 _add_need(theirs, shape)
-        if all(free.get(k, 0.0) - theirs.get(k, 0.0) + 1e-9 >= v for k, v in need.items()):
+        if _fits(resources, free, less=theirs):
             return  # (room for it beside them)
         names = ", ".join(sorted(down)[:3]) + (", ..." if len(down) > 3 else "")
         raise Unavailable(f"the Ray cluster's free room for a session host asking {resources} "
@@ -1645,10 +1641,18 @@ class RayRouter:
             for _ in range(count):
                 room = [n for n, k in sessions.items() if (not cap or k < cap)
                         and n not in {h.name for h in chosen}]
+                # (asked of Ray at most once a host placed: two calls to its state API)
+                has_room: bool | None = None
+
+                def cluster_has_room() -> bool:
+                    nonlocal has_room
+                    if has_room is None:
+                        has_room = self._cluster_has_room(resources, held)
+                    return has_room
                 pick: str | None = None
                 if placement == "pack":
                     pick = min(room, key=lambda n: (-sessions[n], n)) if room else None
-                elif not self._cluster_has_room(resources, held):
+                elif not cluster_has_room():
                     pick = min(room, key=lambda n: (sessions[n], n)) if room else None
                 # hosts of this shape that did not answer the ping in time (started again
                 # after a restart of the cluster, or killed for good) take their room once
@@ -1657,12 +1661,12 @@ class RayRouter:
                 # for its start (their sessions are not counted)
                 waiting = [n for n in names
                            if n not in sessions and n not in {h.name for h in chosen}]
-                if pick is None and waiting and not self._cluster_has_room(resources, held):
+                if pick is None and waiting and not cluster_has_room():
                     pick = min(waiting)
                 if pick is not None:
                     host = self._host(pick)
                 else:
-                    if not self._cluster_has_room(resources, held):
+                    if not cluster_has_room():
                         if down is None:  # (once a placement: the hosts of other shapes too)
                             down = await self._down_hosts(saved, set(names), set(sessions))
                         self._room_not_theirs(resources, down)
@@ -2300,6 +2304,14 @@ def _ray_need(resources: dict[str, Any]) -> dict[str, float]:
     resource names."""
     return {"CPU": resources.get("num_cpus", 0), "GPU": resources.get("num_gpus", 0),
             "memory": resources.get("memory", 0), **(resources.get("resources") or {})}
+
+
+def _fits(resources: dict[str, Any], room: dict[str, float],
+          less: dict[str, float] | None = None) -> bool:
+    """Whether a host shape fits in ``room`` (Ray's resource names), less ``less``."""
+    less = less or {}
+    return all(room.get(k, 0.0) - less.get(k, 0.0) + 1e-9 >= v
+               for k, v in _ray_need(resources).items() if v)
 
 
 def _add_need(held: dict[str, float], resources: dict[str, Any]) -> None:

@@ -116,10 +116,10 @@ TOMBSTONES = "tombstones.jsonl"  # under the data directory: the keys of past de
 #: renamed), the write probe's (:meth:`Store.probe`), and a cut of the tombstone log's
 #: (:func:`write_atomic`). Never another process's (``python -m app``'s ``.write-probe-*``
 #: check runs before the lock is taken)
+STALE_TEMPS = (f"{RESERVE}.tmp", ".write-probe.tmp", ".write-probe", f"{TOMBSTONES}.tmp")
 #: how often the flusher looks whether a short delete reserve can be topped up (a ``stat``
 #: and a ``statvfs``; none while it is whole)
 RESERVE_LOOK_S = 1.0
-STALE_TEMPS = (f"{RESERVE}.tmp", ".write-probe.tmp", ".write-probe", f"{TOMBSTONES}.tmp")
 
 
 def _soft_files() -> int | None:
