@@ -39,8 +39,10 @@ def spec(sid: str, resources: dict[str, Any]) -> CreateSpec:
                       {"lr": 0.1}, id=sid, resources=resources)
 
 
-def test_a_create_of_a_new_shape_leaves_a_down_hosts_room(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _two_cpu_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                     ) -> tuple[Any, dict[str, float], set[str]]:
+    """A fake cluster of two CPUs: Ray's free room (``free``, to be changed by the test) and
+    the hosts not placed now (``down``: every call to them a 503 ``host_restarting``)."""
     cluster = Cluster(tmp_path, monkeypatch)
     total = {"CPU": 2.0, "memory": 1e12}
     free = dict(total)
@@ -54,6 +56,12 @@ def test_a_create_of_a_new_shape_leaves_a_down_hosts_room(
             raise Unavailable(f"{self.name} is restarting", code="host_restarting")
         return await call(self, method, *args, **kw)
     monkeypatch.setattr(ray_host.RayHost, "call", unplaced)
+    return cluster, free, down
+
+
+def test_a_create_of_a_new_shape_leaves_a_down_hosts_room(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster, free, down = _two_cpu_cluster(tmp_path, monkeypatch)
     ref = Reference(torch.optim.SGD, [(spec("b", ONE_CPU).groups[0].params, {})], {"lr": 0.1})
 
     async def go() -> None:
@@ -92,19 +100,7 @@ def test_the_room_of_a_down_host_without_sessions_is_anyones(
     """A host whose sessions were all deleted, then stopped (``ray.kill`` to give its room
     back, as docs/cluster.md says) and not answering: a create of another shape takes its
     room (a new host), as before."""
-    cluster = Cluster(tmp_path, monkeypatch)
-    total = {"CPU": 2.0, "memory": 1e12}
-    free = dict(total)
-    monkeypatch.setattr(ray, "available_resources", lambda: dict(free))
-    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(total))
-    down: set[str] = set()
-    call = ray_host.RayHost.call
-
-    async def unplaced(self: Any, method: str, *args: Any, **kw: Any) -> Any:
-        if self.name in down:
-            raise Unavailable(f"{self.name} is restarting", code="host_restarting")
-        return await call(self, method, *args, **kw)
-    monkeypatch.setattr(ray_host.RayHost, "call", unplaced)
+    cluster, free, down = _two_cpu_cluster(tmp_path, monkeypatch)
 
     async def go() -> None:
         front = cluster.front()
