@@ -77,6 +77,7 @@ from app.engine.evaluations import Evaluations
 from app.engine.history import HistoryQuery, HistoryResult, expand_fields
 from app.engine.host_restore import SessionRestorer
 from app.engine.host_state import Damage, HostState
+from app.engine.host_upkeep import StoreUpkeep
 from app.engine.idle import POLL_S, IdleClock, short_of_memory
 from app.engine.interface import (
     CreateSpec,
@@ -383,13 +384,11 @@ class EmbeddedHost:
         #: sessions with a step applied whose log record's fsync is still running
         self._unsettled: dict[str, asyncio.Future[None]] = {}
         #: called with a session's key once its files, removed from the data directory while
-        #: the server ran, are written again (:meth:`_write_again`): a router writes again
+        #: the server ran, are written again (:meth:`StoreUpkeep.write_again
+        #: <app.engine.host_upkeep.StoreUpkeep.write_again>`): a router writes again
         #: what it keeps there for the session (a sharded session's directory entry). An
         #: OSError fails the operation that found the removal (503)
         self.written_again: list[Callable[[str], None]] = []
-        #: sessions whose ``written_again`` hooks failed (a full disk just then): retried by
-        #: the maintenance, the stop, and before the session's next operation
-        self._hooks_owed: set[str] = set()
         #: called once the maintenance took the data directory's lock again (the directory
         #: had been removed while the server ran), after the tombstone log: a Ray host writes
         #: again the marks of its sessions' deletes (logged: an OSError fails nothing)
@@ -401,6 +400,11 @@ class EmbeddedHost:
             self._shared, refused=self._refused, refused_creates=self._refused_creates,
             interrupted=self.interrupted, build=self._build, lock=self._lock,
             settle=self._settle)
+        self._upkeep = StoreUpkeep(
+            self._shared, tombstones=self._tombstones, deleted_creates=self._deleted_creates,
+            written_again=self.written_again, directory_again=self.directory_again,
+            in_io=self._in_io, in_io_whole=self._in_io_whole, lock=self._lock,
+            evaluations=self._evaluations)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -431,7 +435,7 @@ class EmbeddedHost:
             await self._worker.run(self._restorer.restore_all)
             for key in list(self._sessions):  # (a restart's sessions: out of the collector's
                 self._settle(key)  # walks from the start)
-            self._snapshotter = asyncio.create_task(self._maintain())
+            self._snapshotter = asyncio.create_task(self._upkeep.maintain())
         for key, session in self._sessions.items():
             self._rounds.set(key, session.ps.sync)
         self._trimmer = asyncio.create_task(self._trim_when_idle())
@@ -468,23 +472,11 @@ class EmbeddedHost:
         await self._evaluations.abandon_all()
         await self._rounds.stop()
         if self._store is not None and self._worker.alive() and snapshot:
-            await self._snapshot_all(self._store)
+            await self._upkeep.snapshot_all(self._store)
         if self._store is not None:
             self._store.close()
         self._worker.stop()
         self._io.shutdown(wait=True)
-
-    async def _snapshot_all(self, store: Store) -> None:
-        """At a stop: snapshot every session that logged operations since its last snapshot,
-        and, as the maintenance does (:meth:`_write_back`), write again from memory what was
-        removed from the data directory while the server ran and the maintenance had not
-        found yet (the sessions whose files are gone, snapshotted lately or not; the
-        directory's lock and the tombstone log). Before, a stop right after an ``rm -rf``
-        lost every session with nothing new to snapshot, and the keys of past deletes."""
-        try:
-            await self._write_back(store, lambda key, s: s.seq > s.seq_at_snapshot)
-        except Exception:  # (a bug: never a stop's failure)
-            log.exception("store maintenance at the stop")
 
     async def status(self, *, memory: bool = False) -> EngineStatus:
         reason = None
@@ -1249,9 +1241,9 @@ class EmbeddedHost:
         store = self._store if s.durability != "memory" else None
         record_keys = [(k.key, k.fingerprint) for k in keys]
         if store is not None and store.log_removed(key):
-            await self._write_again(key, s, store)
-        if key in self._hooks_owed:  # (what a restart needs to find it, written first)
-            failed = self._hooks_again(key)
+            await self._upkeep.write_again(key, s, store)
+        if key in self._upkeep.hooks_owed:  # (what a restart needs to find it, written first)
+            failed = self._upkeep.hooks_again(key)
             if failed is not None:
                 raise Unavailable(f"the files of session {split_key(key)[1]!r:.140} were "
                                   "removed from the data directory while the server ran, and "
@@ -1314,8 +1306,8 @@ class EmbeddedHost:
             result = await self._worker.run(all_at_once, op.kind,
                                             inline=store is None and _small(s, op))
         session = self._sessions.get(key)
-        if session is not None and self._snapshot_due(key, session):
-            await self._snapshot(key, session)
+        if session is not None and self._upkeep.snapshot_due(key, session):
+            await self._upkeep.snapshot(key, session)
         self._settle(key, whole=isinstance(op, ImportState))
         return result
 
@@ -1519,7 +1511,7 @@ class EmbeddedHost:
             log.info("%s: restored from a snapshot older than revisions, at revision %d: "
                      "put at its sharded session's revision %d", key, s.revision, revision)
             s.revision = revision
-            await self._snapshot(key, s)
+            await self._upkeep.snapshot(key, s)
             return True
 
     def cut_tip(self, key: str) -> Tip:
@@ -1580,178 +1572,6 @@ class EmbeddedHost:
             await self._settled(key)
             return await self._worker.run(lambda: self.undo_last(key, idem_key, want),
                                           "restore")
-
-    def _snapshot_due(self, key: str, s: Session) -> bool:
-        if self._store is None or s.durability == "memory" or s.seq == s.seq_at_snapshot:
-            return False
-        if s.seq - s.seq_at_snapshot >= self.config.snapshot_every_steps:
-            return True
-        try:
-            logged = self._store.log_length(key)
-        except OptserveError:  # the next append says so; a snapshot would not help now
-            return False
-        return logged >= self.config.snapshot_every_mb * 2**20
-
-    async def _snapshot(self, key: str, s: Session, *, removed: bool = False) -> None:
-        """Write the session's snapshot (the caller holds its lock: no operation changes it
-        meanwhile, so the encoding may reference its tensors). Its tree is taken on the device
-        worker, as every read of a session is: after what earlier jobs deferred there
-        (``worker.after_job``: the norms of a ``?metrics=history`` step are filled into its
-        history row outside the lock). A snapshot that fails, for whatever reason, is logged
-        and changes nothing (its log still holds every operation): the operation that made it
-        due is answered, and a stop goes on to the other sessions.
-
-        A snapshot that finds the session's files removed from the data directory (after the
-        maintenance looked for removed ones: ``removed`` when the caller,
-        :meth:`_write_again`, knows) writes them again, and then, as :meth:`_write_again`
-        does, what else the directory held for it (``written_again``: a sharded session's
-        directory entry, without which a restart answers 404 for it, its shards on disk)."""
-        store = self._store
-        if store is None or s.durability == "memory" or key in self._damaged:
-            return  # (a damaged session's tensors may hold what must not count)
-        seq = s.seq
-
-        def write() -> bool:
-            parts = persist.encode_tree_parts(tree, persist.SNAPSHOT_KEY)
-            return store.write_snapshot(key, parts)
-        try:
-            tree = (await self._worker.run(s.snapshot_tree, "snapshot") if self._worker.alive()
-                    else s.snapshot_tree())  # (a dead worker runs nothing more)
-            made_again = await self._in_io_whole(write)
-        except OptserveError as exc:
-            log.error("snapshot of %s failed: %s (its log still holds every operation)", key,
-                      exc.detail)
-            return
-        except Exception:  # (a bug: never an operation's or a stop's failure)
-            log.exception("snapshot of %s failed (its log still holds every operation)", key)
-            return
-        s.seq_at_snapshot = seq
-        s.snapshot_time = time.monotonic()
-        if made_again and not removed:
-            log.error("the files of session %s were removed from the data directory while the "
-                      "server ran: its snapshot wrote them again from memory", key)
-            self._hooks_again(key)
-        await self._in_io(release_memory)
-
-    def _hooks_again(self, key: str) -> str | None:
-        """Run the ``written_again`` hooks for the session ``key`` (its files were written
-        again): None when they all ran, else what failed, the session then owed them
-        (:attr:`_hooks_owed`: retried by the maintenance, the stop, and before its next
-        operation; without them a restart would not find a sharded session's shards)."""
-        try:
-            for hook in self.written_again:
-                hook(key)
-        except OSError as exc:
-            self._hooks_owed.add(key)
-            log.error("writing again what the data directory held for session %s (removed "
-                      "while the server ran) failed: %s (tried again later)", key, exc)
-            return str(exc)
-        self._hooks_owed.discard(key)
-        return None
-
-    def _owed_hooks_again(self) -> None:
-        """Retry the ``written_again`` hooks the sessions are owed (:meth:`_hooks_again`)."""
-        for key in sorted(self._hooks_owed):
-            if key in self._sessions:
-                self._hooks_again(key)
-            else:  # (deleted since: nothing to write for it)
-                self._hooks_owed.discard(key)
-
-    async def _write_again(self, key: str, s: Session, store: Store) -> None:
-        """The session's files were removed from the data directory while the server ran:
-        write them again from memory (a snapshot, then a new log; the caller holds its lock).
-        Where that fails, the operation that found it is refused (503): its record would go to
-        a file no restart reads."""
-        log.error("the files of session %s were removed from the data directory while the "
-                  "server ran: writing them again from memory", key)
-        await self._snapshot(key, s, removed=True)  # (logs its own failure)
-        failed: str | None = "its snapshot was not written"
-        if not store.log_removed(key) and await self._in_io(lambda: store.exists(key)):
-            failed = self._hooks_again(key)
-            if failed is None:
-                return
-        raise Unavailable(f"the files of session {split_key(key)[1]!r:.140} were removed from "
-                          "the data directory while the server ran, and writing them again "
-                          f"failed ({failed}): nothing was applied", code="storage_error",
-                          retry_after=2)
-
-    async def _stones_again(self, store: Store) -> None:
-        """The data directory was removed while the server ran (its lock taken again): the
-        keys of past deletes (and of deleted sessions' creates) this host keeps in memory go
-        back into the tombstone log, so that a keyed retry after a restart is still answered."""
-        stones = [delete_stone(owner, key, fingerprint, sid)
-                  for (owner, key), (fingerprint, sid) in self._tombstones.items()]
-        stones += self._deleted_creates.stones()
-        try:
-            written = await self._in_io(lambda: store.tombstones_again(stones))
-        except OSError as exc:
-            log.error("the tombstone log was removed from the data directory while the server "
-                      "ran, and writing it again failed: %s", exc)
-            return
-        if written:
-            log.error("the tombstone log was removed from the data directory while the server "
-                      "ran: %d line(s) written again", written)
-        for hook in self.directory_again:
-            try:
-                hook()
-            except OSError as exc:
-                log.error("writing again what the data directory held (removed while the "
-                          "server ran) failed: %s", exc)
-
-    async def _write_back(self, store: Store, due: Callable[[str, Session], bool]) -> None:
-        """One pass of the maintenance (:meth:`_maintain`, and a stop's): each session whose
-        files were removed from the data directory while the server ran (``Store.removed``)
-        written again from memory, each other one that ``due`` names snapshotted (none with an
-        LBFGS evaluation open: busy for a while); the hooks sessions are owed
-        (:meth:`_hooks_again`); then the directory's lock and tombstone log taken again where
-        they were removed too."""
-        kept = [k for k, s in self._sessions.items() if s.durability != "memory"]
-        try:
-            removed = set(await self._in_io(functools.partial(store.removed, kept)))
-        except Exception:  # (a bug: the due snapshots are still taken)
-            log.exception("looking for sessions removed from the data directory")
-            removed = set()
-        for key in list(self._sessions):
-            s = self._sessions.get(key)
-            if s is None or self._evaluations.is_open(key) or \
-                    not (key in removed or due(key, s)):
-                continue
-            async with self._lock(key):
-                if self._sessions.get(key) is not s:
-                    continue
-                if key in removed:
-                    with contextlib.suppress(OptserveError):  # (logged)
-                        await self._write_again(key, s, store)
-                else:
-                    await self._snapshot(key, s)
-        self._owed_hooks_again()  # (this pass's failures too: a stop has no next pass)
-        if await self._in_io_whole(store.repair):
-            await self._stones_again(store)
-
-    async def _maintain(self) -> None:
-        """Snapshot sessions that have logged operations for a while, heal logs a failed
-        background fsync left in doubt, write again from memory the sessions whose files were
-        removed from the data directory while the server ran (``Store.removed``), and retry
-        cutting logs a failed write left long."""
-        assert self._store is not None
-        store = self._store
-        period = max(0.5, min(self.config.snapshot_every_s, 60.0) / 4)
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await self._write_back(store, functools.partial(
-                    _due, set(store.suspects()), time.monotonic() - self.config.snapshot_every_s))
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let maintenance die
-                log.exception("store maintenance")
-
-
-def _due(suspects: set[str], before: float, key: str, s: Session) -> bool:
-    """Whether the maintenance snapshots the session: its log is in doubt (``suspects``), or
-    it logged operations and its last snapshot is older than ``before``."""
-    return key in suspects or (s.seq > s.seq_at_snapshot and s.snapshot_time <= before)
-
 
 class _SessionLock:
     """Holds the lock ``locks`` has for ``key`` when it is taken. A delete drops its session's
