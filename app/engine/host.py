@@ -32,6 +32,12 @@ hold what must not count).
 On start every stored session is rebuilt: its snapshot (if any), then a replay of its log
 through the same ``check`` and ``apply`` (the first record of a log without a snapshot is the
 session's create).
+
+The host holds its parts, each in a module of its own, with what they share
+(:class:`~app.engine.host_state.HostState`): the restore and recovery of sessions from the
+store (:class:`~app.engine.host_restore.SessionRestorer`), the snapshots and the maintenance
+(:class:`~app.engine.host_upkeep.StoreUpkeep`), and what a sharded session's coordinator asks
+of its shards' host (:class:`~app.engine.host_shard_hooks.ShardHooks`).
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ from app.engine.deleted_creates import (
 from app.engine.evaluations import Evaluations
 from app.engine.history import HistoryQuery, HistoryResult, expand_fields
 from app.engine.host_restore import SessionRestorer
+from app.engine.host_shard_hooks import ShardHooks
 from app.engine.host_state import Damage, HostState
 from app.engine.host_upkeep import StoreUpkeep
 from app.engine.idle import POLL_S, IdleClock, short_of_memory
@@ -111,7 +118,6 @@ from app.engine.ops import (
     ImportState,
     Operation,
     Overwrite,
-    Push,
     Step,
     apply_counted,
 )
@@ -122,7 +128,6 @@ from app.engine.session import Session
 from app.engine.shards import (
     RevisionTip,
     Tip,
-    old_revisions_aligned,
     parent_of,
     shard_index,
     shown_id,
@@ -405,6 +410,9 @@ class EmbeddedHost:
             written_again=self.written_again, directory_again=self.directory_again,
             in_io=self._in_io, in_io_whole=self._in_io_whole, lock=self._lock,
             evaluations=self._evaluations)
+        self._shard_hooks = ShardHooks(
+            self._shared, restorer=self._restorer, upkeep=self._upkeep, get=self._get,
+            lock=self._lock, settled=self._settled)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -1468,110 +1476,43 @@ class EmbeddedHost:
         except OSError as exc:  # the store retries before its next write; replay skips it
             log.error("could not cut a refused operation's record from %s: %s", key, exc)
 
-    # ------------------------------------------------------------------ persistence
+    # ------------------------------------------------------------------ sharded sessions
+    # (what a sharded session's coordinator asks of the host of its shards: ShardHooks)
     def align_old_revisions(self, keys: list[str]) -> int | None:
-        """Put a sharded session's shards (``keys``, all held here: the embedded engine's
-        start) at one revision where some were restored from snapshots written before
-        revisions were counted (``Session.revision_unknown``), by the rule of
-        :func:`~app.engine.shards.old_revisions_aligned`; the revision aligned, if any. (A Ray
-        coordinator asks its shards' hosts: :meth:`ShardedSession.align_old_revisions
-        <app.engine.shards.ShardedSession.align_old_revisions>`.)"""
-        sessions = [self._sessions.get(k) for k in keys]
-        held = [s for s in sessions if s is not None]
-        if len(held) != len(keys):
-            return None
-        top = old_revisions_aligned([(s.version, s.revision, s.revision_unknown)
-                                     for s in held])
-        if top is not None:
-            for s in held:
-                s.revision = top
-        return top
+        """:meth:`ShardHooks.align_old_revisions
+        <app.engine.host_shard_hooks.ShardHooks.align_old_revisions>`."""
+        return self._shard_hooks.align_old_revisions(keys)
 
     async def revision_tip(self, key: str) -> RevisionTip:
-        """The session's version and revision, and whether it was restored from a snapshot
-        written before revisions were counted (its revision unknown: it counts only what was
-        logged after that snapshot); read with its operations settled, under its lock."""
-        async with self._lock(key):
-            await self._settled(key)
-            s = self._get(key)
-            return s.version, s.revision, s.revision_unknown
+        """:meth:`ShardHooks.revision_tip <app.engine.host_shard_hooks.ShardHooks.revision_tip>`."""
+        return await self._shard_hooks.revision_tip(key)
 
     async def put_at_revision(self, key: str, revision: int) -> bool:
-        """Put the session (a shard) at ``revision``, the one its sharded session's shards are
-        aligned at (:func:`~app.engine.shards.old_revisions_aligned`), and snapshot it, so that
-        it holds that revision when its host is restored again by itself (a Ray host restarted
-        while the coordinator, on another host, stays; its old snapshot would give it the
-        revision it counted before). A snapshot that fails leaves it put in memory only (its
-        coordinator made anew aligns it again). Whether it moved."""
-        async with self._lock(key):
-            await self._settled(key)
-            s = self._get(key)
-            if s.revision == revision:
-                return False
-            log.info("%s: restored from a snapshot older than revisions, at revision %d: "
-                     "put at its sharded session's revision %d", key, s.revision, revision)
-            s.revision = revision
-            await self._upkeep.snapshot(key, s)
-            return True
+        """:meth:`ShardHooks.put_at_revision
+        <app.engine.host_shard_hooks.ShardHooks.put_at_revision>`."""
+        return await self._shard_hooks.put_at_revision(key, revision)
 
     def cut_tip(self, key: str) -> Tip:
-        """The session's version and revision, and the key of its latest operation (the newest
-        of its idempotency table: a sharded session's operations all carry one): what
-        :func:`~app.engine.shards.cut_candidates` compares, read without its log."""
-        s = self._get(key)
-        return s.version, s.revision, s.idem.newest()
-
-    def _undoable_key(self, key: str) -> str | None:
-        """The key its log's last record was sent with where that record is the session's
-        last operation (not its create, nor one a snapshot took since) and one that went to
-        every shard of its session (a push logged before pushes did, to some shards only,
-        never is: ``Push.every_shard``), else None: the operation :meth:`undo_last` may cut."""
-        assert self._store is not None
-        s = self._get(key)
-        records = self._store.read(key)[1]
-        if records:
-            last = persist.decode_record(records[-1])
-            if last.seq == s.seq and last.keys and not isinstance(last.op, CreateSession) \
-                    and (not isinstance(last.op, Push) or last.op.every_shard):
-                return last.keys[0][0]
-        return None
+        """:meth:`ShardHooks.cut_tip <app.engine.host_shard_hooks.ShardHooks.cut_tip>`."""
+        return self._shard_hooks.cut_tip(key)
 
     def holds_key(self, key: str, idem_key: str) -> bool:
-        """Whether the session's idempotency table holds ``idem_key``."""
-        return self._get(key).idem.holds(idem_key)
+        """:meth:`ShardHooks.holds_key <app.engine.host_shard_hooks.ShardHooks.holds_key>`."""
+        return self._shard_hooks.holds_key(key, idem_key)
 
     def undo_last(self, key: str, idem_key: str, want: tuple[int, int]) -> bool:
-        """Cut the session's last logged operation, sent with ``idem_key``, off its log and
-        restore it without it, where that gives the version and revision ``want`` (the other
-        shards' of its session, which never took it: :meth:`ShardedSession.undo_cut
-        <app.engine.shards.ShardedSession.undo_cut>`); else nothing changes.
-        Whether it was undone."""
-        assert self._store is not None
-        if self._undoable_key(key) != idem_key:
-            return False
-        before = self._restorer.restore(key, but_last=True)[0]
-        if (before.version, before.revision) != want:
-            return False
-        self._store.truncate(key, self._store.last_record_start(key))
-        self._sessions[key] = before
-        log.warning("%s: its last logged operation reached some shards of its session only (a "
-                    "crash cut it): undone", key)
-        return True
+        """:meth:`ShardHooks.undo_last <app.engine.host_shard_hooks.ShardHooks.undo_last>`."""
+        return self._shard_hooks.undo_last(key, idem_key, want)
 
     async def cut_tip_live(self, key: str) -> Tip:
-        """:meth:`cut_tip` of a session served (its operations settled, under its lock)."""
-        async with self._lock(key):
-            await self._settled(key)
-            return await self._worker.run(lambda: self.cut_tip(key), "restore")
+        """:meth:`ShardHooks.cut_tip_live <app.engine.host_shard_hooks.ShardHooks.cut_tip_live>`."""
+        return await self._shard_hooks.cut_tip_live(key)
 
     async def undo_last_live(self, key: str, idem_key: str, want: tuple[int, int]) -> bool:
-        """:meth:`undo_last` on a session served (under its lock, on the worker: a Ray
-        coordinator made anew, :meth:`ShardedSession.undo_cut
-        <app.engine.shards.ShardedSession.undo_cut>`)."""
-        async with self._lock(key):
-            await self._settled(key)
-            return await self._worker.run(lambda: self.undo_last(key, idem_key, want),
-                                          "restore")
+        """:meth:`ShardHooks.undo_last_live
+        <app.engine.host_shard_hooks.ShardHooks.undo_last_live>`."""
+        return await self._shard_hooks.undo_last_live(key, idem_key, want)
+
 
 class _SessionLock:
     """Holds the lock ``locks`` has for ``key`` when it is taken. A delete drops its session's
