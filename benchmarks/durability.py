@@ -98,7 +98,7 @@ async def _snapshot_ms(n: int, data_dir: Path) -> float:
             session = host._sessions[key]
             session.seq_at_snapshot = -1  # due
             t0 = time.perf_counter()
-            await host._snapshot(key, session)
+            await host._upkeep.snapshot(key, session)
             times.append(time.perf_counter() - t0)
         return statistics.median(times) * 1e3
     finally:

@@ -32,6 +32,12 @@ hold what must not count).
 On start every stored session is rebuilt: its snapshot (if any), then a replay of its log
 through the same ``check`` and ``apply`` (the first record of a log without a snapshot is the
 session's create).
+
+The host holds its parts, each in a module of its own, with what they share
+(:class:`~app.engine.host_state.HostState`): the restore and recovery of sessions from the
+store (:class:`~app.engine.host_restore.SessionRestorer`), the snapshots and the maintenance
+(:class:`~app.engine.host_upkeep.StoreUpkeep`), and what a sharded session's coordinator asks
+of its shards' host (:class:`~app.engine.host_shard_hooks.ShardHooks`).
 """
 
 from __future__ import annotations
@@ -41,7 +47,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import math
 import re
 import sys
 import threading
@@ -76,6 +81,10 @@ from app.engine.deleted_creates import (
 )
 from app.engine.evaluations import Evaluations
 from app.engine.history import HistoryQuery, HistoryResult, expand_fields
+from app.engine.host_restore import SessionRestorer
+from app.engine.host_shard_hooks import ShardHooks
+from app.engine.host_state import Damage, HostState
+from app.engine.host_upkeep import StoreUpkeep
 from app.engine.idle import POLL_S, IdleClock, short_of_memory
 from app.engine.interface import (
     CreateSpec,
@@ -109,7 +118,6 @@ from app.engine.ops import (
     ImportState,
     Operation,
     Overwrite,
-    Push,
     Step,
     apply_counted,
 )
@@ -120,12 +128,11 @@ from app.engine.session import Session
 from app.engine.shards import (
     RevisionTip,
     Tip,
-    old_revisions_aligned,
     parent_of,
     shard_index,
     shown_id,
 )
-from app.engine.store import Files, Store, StoreCorrupt
+from app.engine.store import Files, Store
 from app.engine.worker import DeviceWorker, Observer
 from app.errors import (
     Conflict,
@@ -322,38 +329,6 @@ class HostConfig:
     damaged_retry_s: float = 5.0
 
 
-@dataclass
-class _Damage:
-    """Why a session is out of service, and when it may next be restored from its store
-    (monotonic seconds; None: it keeps nothing on disk to restore it from)."""
-
-    reason: str
-    retry_at: float | None
-
-    def error(self, session_id: str) -> Unavailable:
-        """The 503 ``session_damaged`` that every operation on it gets meanwhile."""
-        shown = f"session {session_id!r:.140} is out of service: {self.reason}"
-        if self.retry_at is None:
-            return Unavailable(f"{shown}; it cannot be restored: delete it",
-                               code="session_damaged", retry_after=None)
-        wait = float(math.ceil(max(self.retry_at - time.monotonic(), 0.0)))
-        return Unavailable(f"{shown}; it is restored from its store at its first use after "
-                           f"{wait:.0f} s, once the store works again (or delete it)",
-                           code="session_damaged", retry_after=wait)
-
-
-def _misnamed(key: str, stored_id: str) -> str | None:
-    """Why the session folder ``key`` must not be served as it is: it holds another session
-    than its name says (a folder copied or renamed by hand: served, it would list the same
-    id twice, or answer under one id with another's), or None."""
-    named = split_key(key)[1]
-    if named == stored_id:
-        return None
-    return (f"its folder {key!r} holds session {stored_id!r} (copied or renamed by hand?): "
-            "a session is served from the folder <tenant>~<its id>; name it so again, or "
-            "move it out of the sessions folder")
-
-
 _OLD_SHARD_ID = re.compile(r"shard[0-9]+of[0-9]+")
 
 
@@ -389,7 +364,7 @@ class EmbeddedHost:
         #: the sessions this start discarded as creates a crash interrupted (never
         #: acknowledged): a sharded session's router undoes the rest of such a create
         self.interrupted: set[str] = set()
-        self._damaged: dict[str, _Damage] = {}
+        self._damaged: dict[str, Damage] = {}
         self._locks: dict[str, _KeyLock] = {}
         self._key_locks: dict[tuple[str, str], _KeyLock] = {}
         self._changed: dict[str, asyncio.Event] = {}
@@ -414,17 +389,30 @@ class EmbeddedHost:
         #: sessions with a step applied whose log record's fsync is still running
         self._unsettled: dict[str, asyncio.Future[None]] = {}
         #: called with a session's key once its files, removed from the data directory while
-        #: the server ran, are written again (:meth:`_write_again`): a router writes again
+        #: the server ran, are written again (:meth:`StoreUpkeep.write_again
+        #: <app.engine.host_upkeep.StoreUpkeep.write_again>`): a router writes again
         #: what it keeps there for the session (a sharded session's directory entry). An
         #: OSError fails the operation that found the removal (503)
         self.written_again: list[Callable[[str], None]] = []
-        #: sessions whose ``written_again`` hooks failed (a full disk just then): retried by
-        #: the maintenance, the stop, and before the session's next operation
-        self._hooks_owed: set[str] = set()
         #: called once the maintenance took the data directory's lock again (the directory
         #: had been removed while the server ran), after the tombstone log: a Ray host writes
         #: again the marks of its sessions' deletes (logged: an OSError fails nothing)
         self.directory_again: list[Callable[[], None]] = []
+        #: what the host's parts share with it (the same objects)
+        self._shared = HostState(config, self._device, self._worker, self._store,
+                                 self._sessions, self._damaged)
+        self._restorer = SessionRestorer(
+            self._shared, refused=self._refused, refused_creates=self._refused_creates,
+            interrupted=self.interrupted, build=self._build, lock=self._lock,
+            settle=self._settle)
+        self._upkeep = StoreUpkeep(
+            self._shared, tombstones=self._tombstones, deleted_creates=self._deleted_creates,
+            written_again=self.written_again, directory_again=self.directory_again,
+            in_io=self._in_io, in_io_whole=self._in_io_whole, lock=self._lock,
+            evaluations=self._evaluations)
+        self._shard_hooks = ShardHooks(
+            self._shared, restorer=self._restorer, upkeep=self._upkeep, get=self._get,
+            lock=self._lock, settled=self._settled)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -452,10 +440,10 @@ class EmbeddedHost:
                     self.old_sharded_deletes.add(parent)
                 while len(self._tombstones) > _TOMBSTONES:
                     self._tombstones.popitem(last=False)
-            await self._worker.run(self._restore_all)
+            await self._worker.run(self._restorer.restore_all)
             for key in list(self._sessions):  # (a restart's sessions: out of the collector's
                 self._settle(key)  # walks from the start)
-            self._snapshotter = asyncio.create_task(self._maintain())
+            self._snapshotter = asyncio.create_task(self._upkeep.maintain())
         for key, session in self._sessions.items():
             self._rounds.set(key, session.ps.sync)
         self._trimmer = asyncio.create_task(self._trim_when_idle())
@@ -492,23 +480,11 @@ class EmbeddedHost:
         await self._evaluations.abandon_all()
         await self._rounds.stop()
         if self._store is not None and self._worker.alive() and snapshot:
-            await self._snapshot_all(self._store)
+            await self._upkeep.snapshot_all(self._store)
         if self._store is not None:
             self._store.close()
         self._worker.stop()
         self._io.shutdown(wait=True)
-
-    async def _snapshot_all(self, store: Store) -> None:
-        """At a stop: snapshot every session that logged operations since its last snapshot,
-        and, as the maintenance does (:meth:`_write_back`), write again from memory what was
-        removed from the data directory while the server ran and the maintenance had not
-        found yet (the sessions whose files are gone, snapshotted lately or not; the
-        directory's lock and the tombstone log). Before, a stop right after an ``rm -rf``
-        lost every session with nothing new to snapshot, and the keys of past deletes."""
-        try:
-            await self._write_back(store, lambda key, s: s.seq > s.seq_at_snapshot)
-        except Exception:  # (a bug: never a stop's failure)
-            log.exception("store maintenance at the stop")
 
     async def status(self, *, memory: bool = False) -> EngineStatus:
         reason = None
@@ -558,39 +534,10 @@ class EmbeddedHost:
         return session
 
     async def _healed(self, key: str, *, locked: bool = False) -> None:
-        """Restore a session that a second storage fault in a row took out of service
-        (:meth:`_rebuild`), when its next try is due: through the replay a restart runs, after
-        the cut of its log that failed (``Store.cut_pending``), so that no record of an
-        operation that did not count is replayed. Restored, it is served again as a restart
-        would have restored it (its idempotency table included); otherwise it stays out of
-        service with the new reason until the next try. ``locked``: the caller holds the
-        session's lock."""
-        damage = self._damaged.get(key)
-        if damage is None or damage.retry_at is None or time.monotonic() < damage.retry_at:
-            return
-        if not locked:
-            async with self._lock(key):
-                await self._healed(key, locked=True)
-            return
-        store = self._store
-        assert store is not None  # (only a session restored from a store retries)
-
-        def restore() -> Session:
-            store.cut_pending(key)
-            return self._restore(key, live=True)[0]
-        try:
-            session = await self._worker.run(restore, "restore")
-        except Exception as exc:  # noqa: BLE001 - whatever failed, it stays out of service
-            log.error("restoring %s, out of service (%s), failed again: %s", key,
-                      damage.reason, exc)
-            damage.reason = f"its restore from its store failed: {exc}"
-            damage.retry_at = time.monotonic() + self.config.damaged_retry_s
-            return
-        self._sessions[key] = session
-        self._settle(key)
-        del self._damaged[key]
-        log.info("restored session %s, out of service since %s, at version %d", key,
-                 damage.reason, session.version)
+        """Restore the session if it is out of service and its next try is due
+        (:meth:`SessionRestorer.healed <app.engine.host_restore.SessionRestorer.healed>`);
+        ``locked``: the caller holds the session's lock."""
+        await self._restorer.healed(key, locked=locked)
 
     def _version_changed(self, key: str) -> None:
         """Wake the long polls on this session (they check the version again)."""
@@ -1302,9 +1249,9 @@ class EmbeddedHost:
         store = self._store if s.durability != "memory" else None
         record_keys = [(k.key, k.fingerprint) for k in keys]
         if store is not None and store.log_removed(key):
-            await self._write_again(key, s, store)
-        if key in self._hooks_owed:  # (what a restart needs to find it, written first)
-            failed = self._hooks_again(key)
+            await self._upkeep.write_again(key, s, store)
+        if key in self._upkeep.hooks_owed:  # (what a restart needs to find it, written first)
+            failed = self._upkeep.hooks_again(key)
             if failed is not None:
                 raise Unavailable(f"the files of session {split_key(key)[1]!r:.140} were "
                                   "removed from the data directory while the server ran, and "
@@ -1367,8 +1314,8 @@ class EmbeddedHost:
             result = await self._worker.run(all_at_once, op.kind,
                                             inline=store is None and _small(s, op))
         session = self._sessions.get(key)
-        if session is not None and self._snapshot_due(key, session):
-            await self._snapshot(key, session)
+        if session is not None and self._upkeep.snapshot_due(key, session):
+            await self._upkeep.snapshot(key, session)
         self._settle(key, whole=isinstance(op, ImportState))
         return result
 
@@ -1458,30 +1405,13 @@ class EmbeddedHost:
                 await asyncio.shield(writing)
             except Exception:  # the record did not reach the disk whole: not applied either
                 await self._worker.run(
-                    lambda: self._rebuild(key, f"a {op.kind}'s log record was not written"),
-                    "restore")
+                    lambda: self._restorer.rebuild(
+                        key, f"a {op.kind}'s log record was not written"), "restore")
                 raise
             return result
         finally:
             del self._unsettled[key]
             settled.set_result(None)
-
-    def _rebuild(self, key: str, why: str, cut: int | None = None) -> Exception | None:
-        """The session as its store holds it, after an operation that changed it but must not
-        count (its record first cut back to ``cut`` when given); taken out of service when
-        that fails (the failure is returned), until :meth:`_healed` restores it."""
-        try:
-            assert self._store is not None
-            if cut is not None:
-                self._store.truncate(key, cut)
-            self._sessions[key] = self._restore(key, live=True)[0]
-        except Exception as exc:  # noqa: BLE001 - any failure here takes it out of service
-            log.error("restoring %s after %s: %s (it is out of service; tried again at its "
-                      "first use after %s s)", key, why, exc, self.config.damaged_retry_s)
-            self._damaged[key] = _Damage(f"{why} and its restore failed: {exc}",
-                                         time.monotonic() + self.config.damaged_retry_s)
-            return exc
-        return None
 
     async def _settled(self, key: str | None = None) -> None:
         """Wait until no operation on this session (None: on any) is applied but not yet
@@ -1511,7 +1441,7 @@ class EmbeddedHost:
         except ApplyFailed as exc:
             if written is not None:
                 written()
-            self._recover(key, op, before, exc)
+            self._restorer.recover(key, op, before, exc)
         except BaseException:
             if before is not None:  # refused cleanly (the session is unchanged): unlog it
                 if written is not None:
@@ -1546,443 +1476,42 @@ class EmbeddedHost:
         except OSError as exc:  # the store retries before its next write; replay skips it
             log.error("could not cut a refused operation's record from %s: %s", key, exc)
 
-    def _recover(self, key: str, op: Operation, before: int | None, exc: ApplyFailed
-                 ) -> None:
-        """An apply failed half-way: rebuild the session from its store without the
-        operation, or take it out of service. Always raises."""
-        cause = exc.__cause__
-        log.error("%s on %s failed after it changed the session: %s", op.kind, key, exc)
-        if before is None:
-            self._damaged[key] = _Damage(f"a {op.kind} failed half-way ({exc}) and this session "
-                                         "keeps nothing on disk to restore it from", None)
-            raise Unavailable(f"the {op.kind} failed and the session could not be restored: "
-                              f"{exc}; it keeps nothing on disk to restore it from: delete it",
-                              code="session_damaged", retry_after=None) from None
-        again = self._rebuild(key, f"a {op.kind} failed half-way", cut=before)
-        if again is not None:
-            raise Unavailable(f"the {op.kind} failed and the session could not be restored: "
-                              f"{again}; it is restored from its store at its first use after "
-                              f"{self.config.damaged_retry_s:.1f} s, once the store works "
-                              "again", code="session_damaged",
-                              retry_after=self.config.damaged_retry_s) from None
-        if isinstance(cause, (ValueError, TypeError)):
-            raise Invalid(f"torch refused this {op.kind}: {cause}; the session is as it was",
-                          code=f"{op.kind}_failed", field="param_groups") from None
-        raise OptserveError(f"the {op.kind} failed on the server ({exc}); the session was "
-                            "restored to its state before it", code="apply_failed") from None
-
-    # ------------------------------------------------------------------ persistence
-    def _restore_all(self) -> None:
-        assert self._store is not None
-        for key in self._store.session_ids():
-            started = time.perf_counter()
-            if self._store.incomplete(key):  # a create cut short: never acknowledged
-                log.warning("discarding %s: a create that a crash interrupted", key)
-                self._store.discard(key)
-                self.interrupted.add(key)
-                continue
-            try:
-                session, replayed, torn = self._restore(key)
-            except CreateInterrupted:  # its own record torn: never acknowledged either
-                log.warning("discarding %s: a create that a crash interrupted (its record "
-                            "torn)", key)
-                self._store.discard(key)
-                self.interrupted.add(key)
-                continue
-            except Exception as exc:  # noqa: BLE001 - refuse this one, serve the rest
-                # relative to the sessions directory: /readyz shows it to the tenant
-                self._refuse_stored(key, f"{type(exc).__name__}: {exc}".replace(
-                    f"{self._store.sessions_dir}/", ""))
-                self._keep_refused_create(key)
-                continue
-            misnamed = _misnamed(key, session.id)
-            if misnamed is not None:  # (its create key is its original's, not this folder's)
-                self._refuse_stored(key, misnamed)
-                continue
-            self._sessions[key] = session
-            log.info("restored session %s at version %d (%d logged operations replayed%s) in "
-                     "%.2f s", key, session.version, replayed,
-                     ", torn last record dropped" if torn else "",
-                     time.perf_counter() - started)
-
+    # ------------------------------------------------------------------ sharded sessions
+    # (what a sharded session's coordinator asks of the host of its shards: ShardHooks)
     def align_old_revisions(self, keys: list[str]) -> int | None:
-        """Put a sharded session's shards (``keys``, all held here: the embedded engine's
-        start) at one revision where some were restored from snapshots written before
-        revisions were counted (``Session.revision_unknown``), by the rule of
-        :func:`~app.engine.shards.old_revisions_aligned`; the revision aligned, if any. (A Ray
-        coordinator asks its shards' hosts: :meth:`ShardedSession.align_old_revisions
-        <app.engine.shards.ShardedSession.align_old_revisions>`.)"""
-        sessions = [self._sessions.get(k) for k in keys]
-        held = [s for s in sessions if s is not None]
-        if len(held) != len(keys):
-            return None
-        top = old_revisions_aligned([(s.version, s.revision, s.revision_unknown)
-                                     for s in held])
-        if top is not None:
-            for s in held:
-                s.revision = top
-        return top
+        """:meth:`ShardHooks.align_old_revisions
+        <app.engine.host_shard_hooks.ShardHooks.align_old_revisions>`."""
+        return self._shard_hooks.align_old_revisions(keys)
 
     async def revision_tip(self, key: str) -> RevisionTip:
-        """The session's version and revision, and whether it was restored from a snapshot
-        written before revisions were counted (its revision unknown: it counts only what was
-        logged after that snapshot); read with its operations settled, under its lock."""
-        async with self._lock(key):
-            await self._settled(key)
-            s = self._get(key)
-            return s.version, s.revision, s.revision_unknown
+        """:meth:`ShardHooks.revision_tip <app.engine.host_shard_hooks.ShardHooks.revision_tip>`."""
+        return await self._shard_hooks.revision_tip(key)
 
     async def put_at_revision(self, key: str, revision: int) -> bool:
-        """Put the session (a shard) at ``revision``, the one its sharded session's shards are
-        aligned at (:func:`~app.engine.shards.old_revisions_aligned`), and snapshot it, so that
-        it holds that revision when its host is restored again by itself (a Ray host restarted
-        while the coordinator, on another host, stays; its old snapshot would give it the
-        revision it counted before). A snapshot that fails leaves it put in memory only (its
-        coordinator made anew aligns it again). Whether it moved."""
-        async with self._lock(key):
-            await self._settled(key)
-            s = self._get(key)
-            if s.revision == revision:
-                return False
-            log.info("%s: restored from a snapshot older than revisions, at revision %d: "
-                     "put at its sharded session's revision %d", key, s.revision, revision)
-            s.revision = revision
-            await self._snapshot(key, s)
-            return True
+        """:meth:`ShardHooks.put_at_revision
+        <app.engine.host_shard_hooks.ShardHooks.put_at_revision>`."""
+        return await self._shard_hooks.put_at_revision(key, revision)
 
     def cut_tip(self, key: str) -> Tip:
-        """The session's version and revision, and the key of its latest operation (the newest
-        of its idempotency table: a sharded session's operations all carry one): what
-        :func:`~app.engine.shards.cut_candidates` compares, read without its log."""
-        s = self._get(key)
-        return s.version, s.revision, s.idem.newest()
-
-    def _undoable_key(self, key: str) -> str | None:
-        """The key its log's last record was sent with where that record is the session's
-        last operation (not its create, nor one a snapshot took since) and one that went to
-        every shard of its session (a push logged before pushes did, to some shards only,
-        never is: ``Push.every_shard``), else None: the operation :meth:`undo_last` may cut."""
-        assert self._store is not None
-        s = self._get(key)
-        records = self._store.read(key)[1]
-        if records:
-            last = persist.decode_record(records[-1])
-            if last.seq == s.seq and last.keys and not isinstance(last.op, CreateSession) \
-                    and (not isinstance(last.op, Push) or last.op.every_shard):
-                return last.keys[0][0]
-        return None
+        """:meth:`ShardHooks.cut_tip <app.engine.host_shard_hooks.ShardHooks.cut_tip>`."""
+        return self._shard_hooks.cut_tip(key)
 
     def holds_key(self, key: str, idem_key: str) -> bool:
-        """Whether the session's idempotency table holds ``idem_key``."""
-        return self._get(key).idem.holds(idem_key)
+        """:meth:`ShardHooks.holds_key <app.engine.host_shard_hooks.ShardHooks.holds_key>`."""
+        return self._shard_hooks.holds_key(key, idem_key)
 
     def undo_last(self, key: str, idem_key: str, want: tuple[int, int]) -> bool:
-        """Cut the session's last logged operation, sent with ``idem_key``, off its log and
-        restore it without it, where that gives the version and revision ``want`` (the other
-        shards' of its session, which never took it: :meth:`ShardedSession.undo_cut
-        <app.engine.shards.ShardedSession.undo_cut>`); else nothing changes.
-        Whether it was undone."""
-        assert self._store is not None
-        if self._undoable_key(key) != idem_key:
-            return False
-        before = self._restore(key, but_last=True)[0]
-        if (before.version, before.revision) != want:
-            return False
-        self._store.truncate(key, self._store.last_record_start(key))
-        self._sessions[key] = before
-        log.warning("%s: its last logged operation reached some shards of its session only (a "
-                    "crash cut it): undone", key)
-        return True
+        """:meth:`ShardHooks.undo_last <app.engine.host_shard_hooks.ShardHooks.undo_last>`."""
+        return self._shard_hooks.undo_last(key, idem_key, want)
 
     async def cut_tip_live(self, key: str) -> Tip:
-        """:meth:`cut_tip` of a session served (its operations settled, under its lock)."""
-        async with self._lock(key):
-            await self._settled(key)
-            return await self._worker.run(lambda: self.cut_tip(key), "restore")
+        """:meth:`ShardHooks.cut_tip_live <app.engine.host_shard_hooks.ShardHooks.cut_tip_live>`."""
+        return await self._shard_hooks.cut_tip_live(key)
 
     async def undo_last_live(self, key: str, idem_key: str, want: tuple[int, int]) -> bool:
-        """:meth:`undo_last` on a session served (under its lock, on the worker: a Ray
-        coordinator made anew, :meth:`ShardedSession.undo_cut
-        <app.engine.shards.ShardedSession.undo_cut>`)."""
-        async with self._lock(key):
-            await self._settled(key)
-            return await self._worker.run(lambda: self.undo_last(key, idem_key, want),
-                                          "restore")
-
-    def _refuse_stored(self, key: str, reason: str) -> None:
-        """Leave the stored session ``key`` out of service, its files as they are (``/readyz``
-        lists it with ``reason``)."""
-        self._refused[key] = reason
-        log.error("refusing stored session %s: %s", key, reason)
-
-    def _keep_refused_create(self, key: str) -> None:
-        """Keep the create key of a session refused at start, as its snapshot's or its
-        create record's header still tells it, so that the create's retry is not run again
-        (:func:`~app.engine.deleted_creates.session_refused`)."""
-        from app.engine.shards import parent_of
-        assert self._store is not None
-        if parent_of(key) is not None:  # (a shard's: its sharded session's is in the directory)
-            return
-        made = persist.created_by(*self._store.salvage(key))
-        if made is None:
-            log.warning("%s: its files name no create key (made without one, or not "
-                        "readable): a create retried with one would make a new session", key)
-            return
-        tenant, session_id = split_key(key)
-        self._refused_creates[(tenant, made[0])] = (made[1], session_id)
-
-    def _restore(self, key: str, *, live: bool = False, but_last: bool = False
-                 ) -> tuple[Session, int, bool]:
-        """The session as its snapshot and log make it: the snapshot, then each record through
-        the operation's own ``check`` and ``apply`` (``live``: a running session's rebuild,
-        which leaves a torn tail in the file to its log's repair; ``but_last``: without the
-        log's last record)."""
-        assert self._store is not None
-        payload, records, torn = self._store.read(key, cut_torn=not live)
-        if but_last:
-            records = records[:-1]
-        session = (Session.restore(persist.decode_tree(payload, persist.SNAPSHOT_KEY),
-                                   self._device) if payload is not None else None)
-        if session is not None:  # the replayed records' keys kept as many as live ones are
-            session.shown_id = shown_id(key)
-            if session.state_order is None and shard_index(key) is not None:
-                session.state_order = {}  # (a snapshot from before the stamps: as they are)
-                state_order.note_new(session)
-            session.idem.window = self.config.idempotency_window  # (_build sets a create's)
-        replayed = 0
-        for i, raw in enumerate(records):
-            record = persist.decode_record(raw)
-            if session is not None and record.seq <= session.seq:
-                continue  # already in the snapshot (a crash between snapshot and truncate)
-            if session is None:
-                if not isinstance(record.op, CreateSession) or record.seq != 1:
-                    raise StoreCorrupt(f"{key}: the log starts with {record.op.kind} record "
-                                       f"{record.seq}, not the session's create")
-                session = self._build(record.op, record.keys, key)
-                session.seq = 1
-                replayed += 1
-                continue
-            if record.seq != session.seq + 1:
-                raise StoreCorrupt(f"log record {record.seq} follows {session.seq}: a record "
-                                   "is missing")
-            op = record.op.replayed()
-            try:
-                plan = op.check(session)
-            except OptserveError as exc:
-                # An acknowledged operation replays exactly as it ran; one that is refused was
-                # never acknowledged: a record whose apply was refused and whose cut failed.
-                if i != len(records) - 1:
-                    raise StoreCorrupt(f"log record {record.seq} ({record.op.kind}) is refused "
-                                       f"at replay ({exc.detail}) and records follow it"
-                                       ) from None
-                log.warning("%s: dropping the last log record (%s), refused at replay: %s",
-                            key, record.op.kind, exc.detail)
-                if not but_last:  # (cut from the file too: the next record takes its place)
-                    self._cut_refused_tail(key)
-                break
-            result = apply_counted(op, session, plan)
-            session.seq = record.seq
-            if session.version != record.version:
-                raise StoreCorrupt(f"replay of record {record.seq} ({record.op.kind}) reached "
-                                   f"version {session.version}, the log says {record.version}")
-            if record.sync is not None and isinstance(result, StepResult):
-                result.sync = record.sync
-            session.idem.remember_all(list(record.keys), record.op.result_json(result),
-                                      record.op.refusals(session))
-            replayed += 1
-        if session is None:
-            if payload is None and not records and torn:
-                raise CreateInterrupted(f"{key}: the create's record is torn")
-            raise StoreCorrupt(f"{key}: no snapshot and no create record")
-        session.snapshot_time = time.monotonic()
-        return session, replayed, torn
-
-    def _cut_refused_tail(self, key: str) -> None:
-        """Cut from the session's log its last record, which replay refused
-        (:meth:`~app.engine.store.Store.cut_last_record`); when that fails, the log stays
-        marked for repair and is cut before its next write."""
-        assert self._store is not None
-        try:
-            self._store.cut_last_record(key)
-        except OSError as exc:
-            log.error("%s: cutting the log record refused at replay failed: %s (cut before the "
-                      "session's next write)", key, exc)
-
-    def _snapshot_due(self, key: str, s: Session) -> bool:
-        if self._store is None or s.durability == "memory" or s.seq == s.seq_at_snapshot:
-            return False
-        if s.seq - s.seq_at_snapshot >= self.config.snapshot_every_steps:
-            return True
-        try:
-            logged = self._store.log_length(key)
-        except OptserveError:  # the next append says so; a snapshot would not help now
-            return False
-        return logged >= self.config.snapshot_every_mb * 2**20
-
-    async def _snapshot(self, key: str, s: Session, *, removed: bool = False) -> None:
-        """Write the session's snapshot (the caller holds its lock: no operation changes it
-        meanwhile, so the encoding may reference its tensors). Its tree is taken on the device
-        worker, as every read of a session is: after what earlier jobs deferred there
-        (``worker.after_job``: the norms of a ``?metrics=history`` step are filled into its
-        history row outside the lock). A snapshot that fails, for whatever reason, is logged
-        and changes nothing (its log still holds every operation): the operation that made it
-        due is answered, and a stop goes on to the other sessions.
-
-        A snapshot that finds the session's files removed from the data directory (after the
-        maintenance looked for removed ones: ``removed`` when the caller,
-        :meth:`_write_again`, knows) writes them again, and then, as :meth:`_write_again`
-        does, what else the directory held for it (``written_again``: a sharded session's
-        directory entry, without which a restart answers 404 for it, its shards on disk)."""
-        store = self._store
-        if store is None or s.durability == "memory" or key in self._damaged:
-            return  # (a damaged session's tensors may hold what must not count)
-        seq = s.seq
-
-        def write() -> bool:
-            parts = persist.encode_tree_parts(tree, persist.SNAPSHOT_KEY)
-            return store.write_snapshot(key, parts)
-        try:
-            tree = (await self._worker.run(s.snapshot_tree, "snapshot") if self._worker.alive()
-                    else s.snapshot_tree())  # (a dead worker runs nothing more)
-            made_again = await self._in_io_whole(write)
-        except OptserveError as exc:
-            log.error("snapshot of %s failed: %s (its log still holds every operation)", key,
-                      exc.detail)
-            return
-        except Exception:  # (a bug: never an operation's or a stop's failure)
-            log.exception("snapshot of %s failed (its log still holds every operation)", key)
-            return
-        s.seq_at_snapshot = seq
-        s.snapshot_time = time.monotonic()
-        if made_again and not removed:
-            log.error("the files of session %s were removed from the data directory while the "
-                      "server ran: its snapshot wrote them again from memory", key)
-            self._hooks_again(key)
-        await self._in_io(release_memory)
-
-    def _hooks_again(self, key: str) -> str | None:
-        """Run the ``written_again`` hooks for the session ``key`` (its files were written
-        again): None when they all ran, else what failed, the session then owed them
-        (:attr:`_hooks_owed`: retried by the maintenance, the stop, and before its next
-        operation; without them a restart would not find a sharded session's shards)."""
-        try:
-            for hook in self.written_again:
-                hook(key)
-        except OSError as exc:
-            self._hooks_owed.add(key)
-            log.error("writing again what the data directory held for session %s (removed "
-                      "while the server ran) failed: %s (tried again later)", key, exc)
-            return str(exc)
-        self._hooks_owed.discard(key)
-        return None
-
-    def _owed_hooks_again(self) -> None:
-        """Retry the ``written_again`` hooks the sessions are owed (:meth:`_hooks_again`)."""
-        for key in sorted(self._hooks_owed):
-            if key in self._sessions:
-                self._hooks_again(key)
-            else:  # (deleted since: nothing to write for it)
-                self._hooks_owed.discard(key)
-
-    async def _write_again(self, key: str, s: Session, store: Store) -> None:
-        """The session's files were removed from the data directory while the server ran:
-        write them again from memory (a snapshot, then a new log; the caller holds its lock).
-        Where that fails, the operation that found it is refused (503): its record would go to
-        a file no restart reads."""
-        log.error("the files of session %s were removed from the data directory while the "
-                  "server ran: writing them again from memory", key)
-        await self._snapshot(key, s, removed=True)  # (logs its own failure)
-        failed: str | None = "its snapshot was not written"
-        if not store.log_removed(key) and await self._in_io(lambda: store.exists(key)):
-            failed = self._hooks_again(key)
-            if failed is None:
-                return
-        raise Unavailable(f"the files of session {split_key(key)[1]!r:.140} were removed from "
-                          "the data directory while the server ran, and writing them again "
-                          f"failed ({failed}): nothing was applied", code="storage_error",
-                          retry_after=2)
-
-    async def _stones_again(self, store: Store) -> None:
-        """The data directory was removed while the server ran (its lock taken again): the
-        keys of past deletes (and of deleted sessions' creates) this host keeps in memory go
-        back into the tombstone log, so that a keyed retry after a restart is still answered."""
-        stones = [delete_stone(owner, key, fingerprint, sid)
-                  for (owner, key), (fingerprint, sid) in self._tombstones.items()]
-        stones += self._deleted_creates.stones()
-        try:
-            written = await self._in_io(lambda: store.tombstones_again(stones))
-        except OSError as exc:
-            log.error("the tombstone log was removed from the data directory while the server "
-                      "ran, and writing it again failed: %s", exc)
-            return
-        if written:
-            log.error("the tombstone log was removed from the data directory while the server "
-                      "ran: %d line(s) written again", written)
-        for hook in self.directory_again:
-            try:
-                hook()
-            except OSError as exc:
-                log.error("writing again what the data directory held (removed while the "
-                          "server ran) failed: %s", exc)
-
-    async def _write_back(self, store: Store, due: Callable[[str, Session], bool]) -> None:
-        """One pass of the maintenance (:meth:`_maintain`, and a stop's): each session whose
-        files were removed from the data directory while the server ran (``Store.removed``)
-        written again from memory, each other one that ``due`` names snapshotted (none with an
-        LBFGS evaluation open: busy for a while); the hooks sessions are owed
-        (:meth:`_hooks_again`); then the directory's lock and tombstone log taken again where
-        they were removed too."""
-        kept = [k for k, s in self._sessions.items() if s.durability != "memory"]
-        try:
-            removed = set(await self._in_io(functools.partial(store.removed, kept)))
-        except Exception:  # (a bug: the due snapshots are still taken)
-            log.exception("looking for sessions removed from the data directory")
-            removed = set()
-        for key in list(self._sessions):
-            s = self._sessions.get(key)
-            if s is None or self._evaluations.is_open(key) or \
-                    not (key in removed or due(key, s)):
-                continue
-            async with self._lock(key):
-                if self._sessions.get(key) is not s:
-                    continue
-                if key in removed:
-                    with contextlib.suppress(OptserveError):  # (logged)
-                        await self._write_again(key, s, store)
-                else:
-                    await self._snapshot(key, s)
-        self._owed_hooks_again()  # (this pass's failures too: a stop has no next pass)
-        if await self._in_io_whole(store.repair):
-            await self._stones_again(store)
-
-    async def _maintain(self) -> None:
-        """Snapshot sessions that have logged operations for a while, heal logs a failed
-        background fsync left in doubt, write again from memory the sessions whose files were
-        removed from the data directory while the server ran (``Store.removed``), and retry
-        cutting logs a failed write left long."""
-        assert self._store is not None
-        store = self._store
-        period = max(0.5, min(self.config.snapshot_every_s, 60.0) / 4)
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await self._write_back(store, functools.partial(
-                    _due, set(store.suspects()), time.monotonic() - self.config.snapshot_every_s))
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let maintenance die
-                log.exception("store maintenance")
-
-
-def _due(suspects: set[str], before: float, key: str, s: Session) -> bool:
-    """Whether the maintenance snapshots the session: its log is in doubt (``suspects``), or
-    it logged operations and its last snapshot is older than ``before``."""
-    return key in suspects or (s.seq > s.seq_at_snapshot and s.snapshot_time <= before)
-
-
-class CreateInterrupted(Exception):
-    """A session's log holds nothing but a torn first record: a crash cut its create short
-    (never acknowledged), as a directory with an empty log is."""
+        """:meth:`ShardHooks.undo_last_live
+        <app.engine.host_shard_hooks.ShardHooks.undo_last_live>`."""
+        return await self._shard_hooks.undo_last_live(key, idem_key, want)
 
 
 class _SessionLock:

@@ -2,7 +2,7 @@
 was removed while the server ran (an ``rm -rf`` of it, a volume mounted over it).
 
 The embedded host writes a removed session's files again from memory (its snapshot and a new
-log: :meth:`EmbeddedHost._write_again <app.engine.host.EmbeddedHost._write_again>`), and the
+log: :meth:`StoreUpkeep.write_again <app.engine.host_upkeep.StoreUpkeep.write_again>`), and the
 embedded router its sharded sessions' entries. On the Ray engine the session's files are not
 all: a restart finds a session through its directory entry (which host holds it), starts that
 host from its ``host.json``, and answers a keyed create's retry through the create's index

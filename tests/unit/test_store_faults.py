@@ -518,14 +518,14 @@ def test_a_large_steps_record_is_written_while_the_step_is_applied(
     fails (EIO, a full disk) after the step was applied leaves the session as it was (rebuilt
     from its store); while the store keeps failing, the next attempts apply nothing; a restart
     equals the twin."""
-    from app.engine import host as host_module
+    from app.engine import host_restore
     from app.engine.ops import gradients
 
     files = GatedFiles()
     applied = threading.Event()
     real_apply = gradients.Step.apply
     rebuilds: list[str] = []
-    real_rebuild = host_module.EmbeddedHost._rebuild
+    real_rebuild = host_restore.SessionRestorer.rebuild
 
     def apply(self: gradients.Step, s: Any, plan: Any) -> Any:
         out = real_apply(self, s, plan)
@@ -536,7 +536,7 @@ def test_a_large_steps_record_is_written_while_the_step_is_applied(
         rebuilds.append(key)
         return real_rebuild(self, key, *args, **kw)
     monkeypatch.setattr(gradients.Step, "apply", apply)
-    monkeypatch.setattr(host_module.EmbeddedHost, "_rebuild", rebuild)
+    monkeypatch.setattr(host_restore.SessionRestorer, "rebuild", rebuild)
 
     async def go() -> None:
         pair = Pair(engine(tmp_path, files, "step"), big_spec, big_grad)
