@@ -21,19 +21,14 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from app.engine.idempotency import key_reused
 from app.engine.interface import IdemKey, split_key
-from app.errors import Conflict, Invalid, NotFound
+from app.errors import Conflict, NotFound
 
 #: deleted sessions' create keys kept per host (and per directory)
 KEEP = 10_000
 #: the ``kind`` of a create's line in the tombstone log (a delete's lines have none)
 KIND = "create"
-
-
-def reused() -> Invalid:
-    return Invalid("this Idempotency-Key was already used for a different request; use a "
-                   "fresh key for every new operation", code="idempotency_key_reused",
-                   field="Idempotency-Key")
 
 
 def session_deleted(idem_key: str, session_id: str) -> Conflict:
@@ -112,7 +107,7 @@ class DeletedCreates:
         if kept is None:
             return
         if kept[0] != idem.fingerprint:
-            raise reused()
+            raise key_reused()
         raise session_deleted(idem.key, kept[1])
 
 
@@ -122,7 +117,7 @@ def check_indexed(made: dict[str, Any] | None, idem: IdemKey, session_id: str) -
     if made is None:
         return
     if made["fingerprint"] != idem.fingerprint:
-        raise reused()
+        raise key_reused()
     if made.get("deleted"):
         raise session_deleted(idem.key, session_id)
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from app.engine.idempotency import key_reused
 from app.engine.interface import (
     Evaluation,
     EvaluationRequest,
@@ -198,9 +199,7 @@ class Evaluations:
         if current is not None:
             if idem is not None and current.idem is not None and current.idem.key == idem.key:
                 if current.idem.fingerprint != idem.fingerprint:
-                    raise Invalid("this Idempotency-Key was already used for a different "
-                                  "request; use a fresh key for every new operation",
-                                  code="idempotency_key_reused", field="Idempotency-Key")
+                    raise key_reused()
                 return await self._latest(current)  # a retry: the step's latest question
             self.refuse_if_open(key)
         step = OpenStep(key, new_step_id(), idem, timeout_s, want_params, first,

@@ -21,6 +21,7 @@ import torch
 from app.engine import ps, sparse, state_aliases, state_dicts
 from app.engine.history import HistoryQuery, HistoryResult, downsample
 from app.engine.host import EmbeddedHost
+from app.engine.idempotency import key_reused
 from app.engine.interface import (
     CreateSpec,
     EngineStatus,
@@ -296,9 +297,7 @@ class Front:
             if gone is None:
                 raise
             if idem is not None and gone != idem.fingerprint:
-                raise Invalid("this Idempotency-Key was already used for a different request; "
-                              "use a fresh key for every new operation",
-                              code="idempotency_key_reused", field="Idempotency-Key") from None
+                raise key_reused() from None
             return True
         if idem is not None:
             self._tombstones[(tenant, idem.key)] = idem.fingerprint

@@ -75,7 +75,6 @@ from app.engine.deleted_creates import (
     DeletedCreates,
     delete_stone,
     is_create,
-    reused,
     session_refused,
     stone,
 )
@@ -85,6 +84,7 @@ from app.engine.host_restore import SessionRestorer
 from app.engine.host_shard_hooks import ShardHooks
 from app.engine.host_state import Damage, HostState
 from app.engine.host_upkeep import StoreUpkeep
+from app.engine.idempotency import key_reused
 from app.engine.idle import POLL_S, IdleClock, short_of_memory
 from app.engine.interface import (
     CreateSpec,
@@ -705,14 +705,12 @@ class EmbeddedHost:
             if s.created_by is not None and s.created_by[0] == idem.key \
                     and split_key(key)[0] == tenant:
                 if s.created_by[1] != idem.fingerprint:
-                    raise Invalid("this Idempotency-Key was already used for a different "
-                                  "request; use a fresh key for every new operation",
-                                  code="idempotency_key_reused", field="Idempotency-Key")
+                    raise key_reused()
                 return key
         refused = self._refused_creates.get((tenant, idem.key))
         if refused is not None:
             if refused[0] != idem.fingerprint:
-                raise reused()
+                raise key_reused()
             raise session_refused(idem.key, refused[1])
         self._deleted_creates.check(tenant, idem)
         return None
@@ -728,9 +726,7 @@ class EmbeddedHost:
         if s is None or s.created_by is None or s.created_by[0] != idem.key:
             return None
         if s.created_by[1] != idem.fingerprint:
-            raise Invalid("this Idempotency-Key was already used for a different request; use "
-                          "a fresh key for every new operation", code="idempotency_key_reused",
-                          field="Idempotency-Key")
+            raise key_reused()
         return key
 
     @contextlib.asynccontextmanager
@@ -825,9 +821,7 @@ class EmbeddedHost:
         if gone is None:
             return False
         if gone[0] != idem.fingerprint:
-            raise Invalid("this Idempotency-Key was already used for a different request; use "
-                          "a fresh key for every new operation", code="idempotency_key_reused",
-                          field="Idempotency-Key")
+            raise key_reused()
         return True
 
     def _delete_expected(self, key: str, expected: Expected | None) -> None:

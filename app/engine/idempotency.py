@@ -28,6 +28,13 @@ import torch
 from app.errors import Conflict, Invalid, OptserveError
 from app.wire.tree import tree_to_json
 
+
+def key_reused() -> Invalid:
+    """The 422 ``idempotency_key_reused``: a key sent again with another request."""
+    return Invalid("this Idempotency-Key was already used for a different request; use a "
+                   "fresh key for every new operation", code="idempotency_key_reused",
+                   field="Idempotency-Key")
+
 KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
 DEFAULT_WINDOW = 1000
 REFUSED = "$refused"
@@ -99,9 +106,7 @@ class IdempotencyTable:
         if entry is None:
             return None
         if entry[0] != fingerprint and entry[0] not in legacy:
-            raise Invalid("this Idempotency-Key was already used for a different request; use "
-                          "a fresh key for every new operation",
-                          code="idempotency_key_reused", field="Idempotency-Key")
+            raise key_reused()
         kept = entry[1].get(REFUSED)
         if kept is not None:
             raise _refused(kept)

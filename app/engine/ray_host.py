@@ -100,7 +100,6 @@ from app.engine.chunked import DEFAULT_CHUNK
 from app.engine.deleted_creates import (
     indexed_session,
     refused_at_start,
-    reused,
     session_refused,
 )
 from app.engine.directory import CreateMark, Directory, entry_at
@@ -108,6 +107,7 @@ from app.engine.free_space import FreeSpace
 from app.engine.front import Front, Limits
 from app.engine.history import HistoryQuery, HistoryResult
 from app.engine.host import EmbeddedHost, HostConfig
+from app.engine.idempotency import key_reused
 from app.engine.interface import (
     CreateSpec,
     EngineStatus,
@@ -1808,7 +1808,7 @@ class RayRouter:
         if made is None or made.get("deleted"):
             return None  # (a deleted one's retry: find_create answered it)
         if made["fingerprint"] != idem.fingerprint:
-            raise reused()
+            raise key_reused()
         key = str(made["key"])
         entry = self.directory.get(key)
         if entry is None:
@@ -2137,7 +2137,7 @@ class RayRouter:
                 done = None  # (not done, or its session is still there: deleted now)
             if done is not None:
                 if done["fingerprint"] != idem.fingerprint:
-                    raise reused()
+                    raise key_reused()
                 entry = self.directory.get(key)
                 # (an entry a crash left, between the delete and its removal: its hosts no
                 # longer hold the session; else it is a session made since, left alone, also

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.engine import ps
+from app.engine.idempotency import key_reused
 from app.engine.interface import IdemKey, StepResult, Tensors
 from app.errors import Conflict, Invalid, OptserveError
 
@@ -375,9 +376,7 @@ class SyncRounds:
             pending = self._in_flight.get((key, idem.key)) if idem is not None else None
         if pending is not None:
             if pending[0] != idem:
-                raise Invalid("this Idempotency-Key was already used for a different request; "
-                              "use a fresh key for every new operation",
-                              code="idempotency_key_reused", field="Idempotency-Key")
+                raise key_reused()
             # a retry of a push still being checked, waiting in its round or being stepped:
             # the same answer (or error) as the push itself
             return _for(await asyncio.shield(pending[1]), want_params)
