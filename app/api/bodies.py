@@ -6,7 +6,7 @@ import asyncio
 import functools
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import anyio.to_thread
@@ -499,6 +499,7 @@ async def read_tensors(
     request: Request, max_bytes: int, key: str, extra: frozenset[str] = frozenset(),
     sparse: bool = False,
     before_tensors: Callable[[Entries, dict[str, Any]], None] | None = None,
+    before_ready: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bytearray | memoryview]:
     """A body of named tensors: ``{key: {name: tensor}, ...extra}`` as JSON, or a safetensors
     file (``extra`` fields as JSON texts in its ``__metadata__``); the ``extra`` fields given;
@@ -514,9 +515,13 @@ async def read_tensors(
     and a well-formed shape. A JSON body refused then is refused as its full decode would
     have been up to the entry refused (that entry and those before it are decoded first, so
     that a malformed one among them is named as before); the values after it are never
-    decoded (a 7.6 MB step naming 100,000 unknown tensors made every one of them first)."""
+    decoded (a 7.6 MB step naming 100,000 unknown tensors made every one of them first).
+    ``before_ready``, with ``before_tensors``: awaited once the body is read, before it is
+    decoded (what ``before_tensors`` needs, asked for while the body arrives)."""
     kind = body_kind(request)  # (a 415 before the body is read)
     buf = await _read_body(request, max_bytes, raw=True)
+    if before_tensors is not None and before_ready is not None:
+        await before_ready()
     if kind == "binary":
         if len(buf) >= 8:  # (what parsing its header may take, on top: counted now)
             header = min(int.from_bytes(buf[:8], "little"), len(buf))

@@ -8,7 +8,7 @@ results back; the front drives session hosts (in-process, or Ray actors) with op
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -50,6 +50,10 @@ class EntriesRefusal:
     #: whether a body with ``scalars`` is refused from its entries too (False: a sharded
     #: session, which refuses any ``scalars`` before it looks at the gradients' names)
     scalars: bool = True
+    #: awaited once the body is read, before its entries are looked at (None: nothing to
+    #: wait for): a Ray host's answer (:class:`app.engine.held_entries.HeldEntries`), asked
+    #: for while the body arrives; ``held`` and ``refuse`` refuse nothing before it
+    ready: Callable[[], Awaitable[None]] | None = None
 
 
 def session_key(tenant: str, session_id: str) -> str:

@@ -79,6 +79,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -106,12 +107,16 @@ from app.engine.deleted_creates import (
 from app.engine.directory import CreateMark, Directory, entry_at
 from app.engine.free_space import FreeSpace
 from app.engine.front import Front, Limits
+from app.engine.held_entries import HeldEntries
 from app.engine.history import HistoryQuery, HistoryResult
 from app.engine.host import EmbeddedHost, HostConfig
 from app.engine.interface import (
     CreateSpec,
     EngineStatus,
+    EntriesOp,
+    EntriesRefusal,
     GroupSpec,
+    HeaderEntries,
     IdemKey,
     ParamsResult,
     ReturnParams,
@@ -133,6 +138,7 @@ from app.engine.shards import (
     Tip,
     check_shardable,
     history_refused,
+    layout_refusal,
     plan_layout,
     scalars_refused,
     shard_key,
@@ -518,6 +524,13 @@ class HostActor:
 
     async def describe(self, key: str) -> SessionInfo:
         return await (await self._ready()).describe(key)
+
+    async def held_entries(self, key: str, idem_key: str | None, worker: str | None,
+                           op: EntriesOp, expected: Expected | None) -> HeldEntries | None:
+        """:meth:`EmbeddedHost.held_entries <app.engine.host.EmbeddedHost.held_entries>`: a
+        front refuses a body naming more tensors than the session holds from its entries."""
+        host = await self._ready()
+        return host.embedded.held_entries(key, idem_key, worker, op, expected)
 
     async def list_sessions(self, prefix: str) -> list[SessionInfo]:
         return await (await self._ready()).list_sessions(prefix)
@@ -929,6 +942,12 @@ class RayHost:
         out: SessionInfo = await self.call("describe", key, read=True)
         return out
 
+    async def held_entries(self, key: str, idem_key: str | None, worker: str | None,
+                           op: EntriesOp, expected: Expected | None) -> HeldEntries | None:
+        out: HeldEntries | None = await self.call("held_entries", key, idem_key, worker, op,
+                                                  expected)
+        return out
+
     async def list_sessions(self, prefix: str) -> list[SessionInfo]:
         out: list[SessionInfo] = await self.call("list_sessions", prefix, read=True)
         return out
@@ -1098,6 +1117,12 @@ PLACE_PING_TIMEOUT_S = 5.0
 #: the ``Retry-After`` of a create refused because the room it would take is that of hosts
 #: not placed now (:meth:`RayRouter._room_not_theirs`)
 DOWN_HOSTS_RETRY_S = 10.0
+#: how long a front waits for a session's host to say its parameters for the early refusal
+#: of a body (:meth:`_Placed.early_refusal`), from when the body started to arrive: then the
+#: body is decoded whole and its operation answers, as without
+ENTRIES_ASK_S = 2.0
+#: those asks in flight (a task is held until it is done)
+_ASKS: set[asyncio.Future[EntriesRefusal | None]] = set()
 #: how long a keyed create that finds the id's entry claimed by another front's try of it
 #: waits for that try's index (written right after the claim: :meth:`RayRouter._indexed_soon`)
 INDEX_WAIT_S = 10.0
@@ -2261,6 +2286,60 @@ class _Placed:
     async def describe(self, key: str) -> SessionInfo:
         info: SessionInfo = await self._again(lambda h: h.describe(key))
         return self.router._placed(info, self.router._entry(key))
+
+    async def early_refusal(self, key: str, idem_key: str | None, worker: str | None,
+                            op: EntriesOp, expected: Expected | None) -> EntriesRefusal | None:
+        """The refusal of a body of ``op`` naming more tensors than the session holds, from
+        its entries (:meth:`Front.entries_refusal <app.engine.front.Front.entries_refusal>`),
+        as the session's host would give it once every tensor is made. A plain session's
+        host is asked its parameters' names, dtypes and shapes (:meth:`HostActor.
+        held_entries`); a sharded session's are its directory entry's layout
+        (:func:`~app.engine.shards.layout_refusal`, as the embedded engine's), once its
+        coordinator's host is known to run this commit (else its 503 is the answer) and the
+        entry is still the directory's (else the session was deleted, perhaps made again,
+        through another front: its operation finds out). Either is asked for now, while the
+        body arrives, and awaited once it is read (``EntriesRefusal.ready``), so an operation
+        waits no round trip more. Nothing is refused where the host declines (the embedded
+        engine's cases), or it does not answer within :data:`ENTRIES_ASK_S` (a restart:
+        the operation then answers)."""
+        host = self.host
+        directory = self.router.directory
+
+        async def ask() -> EntriesRefusal | None:
+            try:
+                if isinstance(host, RayHost):
+                    held = await asyncio.wait_for(host.held_entries(
+                        key, idem_key, worker, op, expected), ENTRIES_ASK_S)
+                    return held.refusal() if held is not None else None
+                if isinstance(host, RemoteSharded):
+                    await asyncio.wait_for(host.host.same_commit(), ENTRIES_ASK_S)
+                    if directory.get(key) != host.entry:
+                        return None
+                    return layout_refusal(ShardLayout.from_json(host.entry["layout"]),
+                                          worker, op)
+            except (OptserveError, TimeoutError, RayTaskError, RayActorError):
+                pass
+            return None
+        asked = asyncio.ensure_future(ask())
+        _ASKS.add(asked)
+        asked.add_done_callback(_ASKS.discard)
+        answer: list[EntriesRefusal] = []
+
+        async def ready() -> None:
+            refusal = await asked
+            if refusal is not None and not answer:
+                answer.append(refusal)
+
+        def held() -> int:  # (no answer: no refusal)
+            return answer[0].held() if answer else sys.maxsize
+
+        def refuse(entries: HeaderEntries, upcast: bool, scalars: object) -> None:
+            if answer:
+                answer[0].refuse(entries, upcast, scalars)
+        # (a sharded session refuses any scalars first; a plain one's host checks a push's
+        # scalar names first)
+        scalars = op != "push" and isinstance(host, RayHost)
+        return EntriesRefusal(held=held, refuse=refuse, scalars=scalars, ready=ready)
 
     async def pull(
         self, key: str, names: list[str] | None, *, min_version: int | None = None,
