@@ -1114,6 +1114,9 @@ ABANDONED_ASK_S = 5.0
 #: sessions it holds: one that does not answer (an actor Ray cannot place or restart) is
 #: passed over, not waited for under the placement lock, which every create of its shape takes
 PLACE_PING_TIMEOUT_S = 5.0
+#: the ``Retry-After`` of a create refused because no host of its shape started in
+#: ``host_start_timeout_s`` (:meth:`RayRouter._new_host`, :meth:`RayRouter._placed_again`)
+NO_CAPACITY_RETRY_S = 30.0
 #: the ``Retry-After`` of a create refused because the room it would take is that of hosts
 #: not placed now (:meth:`RayRouter._room_not_theirs`)
 DOWN_HOSTS_RETRY_S = 10.0
@@ -1541,7 +1544,7 @@ class RayRouter:
             raise Unavailable(f"the Ray cluster has no room for a session host asking "
                               f"{resources} (none started in "
                               f"{self.options.host_start_timeout_s:g} s)",
-                              code="no_capacity", retry_after=30.0) from None
+                              code="no_capacity", retry_after=NO_CAPACITY_RETRY_S) from None
         except asyncio.CancelledError:
             # (the create cancelled while it waits, e.g. by the server's shutdown after its
             # grace period: the host went on waiting for room, without a session, a later
@@ -1553,6 +1556,24 @@ class RayRouter:
         log.info("started host %s (%s) on node %s", name, shape_key(resources),
                  str(info["node"])[:12])
         return host
+
+    async def _placed_again(self, name: str, resources: dict[str, Any]) -> None:
+        """Wait for a host of this shape that did not answer (not placed: started again after
+        a restart of the cluster, or killed for good), picked for a session where the cluster
+        has no room for a new host, to answer: up to ``host_start_timeout_s``, as for a new
+        host's start, then 503 ``no_capacity`` with nothing made (no entry is claimed before
+        placement; the host is left as it is: it holds sessions, or will take them once
+        placed). The create's call to it waited without bound (:meth:`RayHost.call`: a call
+        to an actor Ray has not placed answers once it is), and with it every create of the
+        shape, behind the placement lock."""
+        timeout = self.options.host_start_timeout_s
+        try:
+            await asyncio.wait_for(self._host(name).call("ping", read=True), timeout)
+        except TimeoutError:
+            raise Unavailable(f"the Ray cluster has no room for a session host asking "
+                              f"{resources}: host {name} of that shape, which would take the "
+                              f"session, did not start in {timeout:g} s",
+                              code="no_capacity", retry_after=NO_CAPACITY_RETRY_S) from None
 
     def _give_up(self, handle: Any, name: str) -> None:
         """Kill a new host not started yet (no session is on it) and remove its ``host.json``
@@ -1683,11 +1704,12 @@ class RayRouter:
                 # after a restart of the cluster, or killed for good) take their room once
                 # placed: with no room, a new host would wait for it and the create end in a
                 # 503 no_capacity; one of them takes the session instead, the create waiting
-                # for its start (their sessions are not counted)
+                # for its start, up to host_start_timeout_s (their sessions are not counted)
                 waiting = [n for n in names
                            if n not in sessions and n not in {h.name for h in chosen}]
                 if pick is None and waiting and not cluster_has_room():
                     pick = min(waiting)
+                    await self._placed_again(pick, resources)
                 if pick is not None:
                     host = self._host(pick)
                 else:

@@ -148,3 +148,71 @@ def test_a_create_cancelled_while_its_new_host_waits_for_room_leaves_no_host(
         await cluster.kill()
 
     asyncio.run(run())
+
+
+class _Waiting:
+    """The handle of a host actor Ray has not placed again (after a restart of the cluster,
+    with no room for it): its calls answer once it is placed (``placed`` set)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.placed = asyncio.Event()
+
+    def __getattr__(self, method: str) -> Any:
+        async def later(*args: Any) -> Any:
+            await self.placed.wait()
+            return await getattr(self.handle, method).remote(*args)
+        return type("M", (), {"remote": staticmethod(later)})()
+
+
+def test_a_create_waits_for_a_host_of_its_shape_that_does_not_answer_a_bounded_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the cluster has no room for a new host, a create takes a host of its shape that
+    does not answer (not placed again after a restart of the cluster), its start waited for:
+    up to ``host_start_timeout_s``, as a new host's, then 503 ``no_capacity`` with
+    ``Retry-After`` and nothing made (no entry; that host left as it is: it holds a session).
+    The create waited for it without bound, and every create of its shape behind it. Once the
+    host is placed again, a create is made and both sessions step as torch.optim does."""
+    cluster = _Full(tmp_path, monkeypatch)
+    monkeypatch.setattr(ray_host, "PLACE_PING_TIMEOUT_S", 0.2)
+    hosts = tmp_path / "hosts"
+    ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+
+    async def run() -> None:
+        await cluster.front().create(spec(id="p1"))
+        (h1,) = [p.name for p in hosts.iterdir()]
+        await cluster.front().step("p1", GRADS, return_params=False)
+        ref.step(GRADS)
+        await cluster.kill()  # (a restart of the cluster: no room to place h1 again yet)
+        monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.0})
+        front = cluster.front()
+        router = front.router
+        router.options = dataclasses.replace(  # type: ignore[attr-defined]
+            router.options, host_start_timeout_s=0.3)  # type: ignore[attr-defined]
+        # (its actor, as the front starts it again from its host.json, not placed)
+        waiting = _Waiting(router._handle(h1))  # type: ignore[attr-defined]
+        cluster.actors[h1] = waiting  # type: ignore[assignment]
+        with pytest.raises(Unavailable) as err:
+            await asyncio.wait_for(front.create(spec(id="p2")), 5.0)  # (was: no answer)
+        assert err.value.code == "no_capacity" and h1 in err.value.detail, err.value
+        assert err.value.retry_after == ray_host.NO_CAPACITY_RETRY_S
+        assert entries(front) == ["default~p1"]
+        assert [p.name for p in hosts.iterdir()] == [h1] and cluster.killed == []
+        with pytest.raises(NotFound):
+            await front.pull("p2", None)
+        waiting.placed.set()  # (placed again, and room for another host)
+        cluster.actors[h1] = waiting.handle
+        monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 64.0})
+        made = await front.create(spec(id="p2"))
+        assert made.id == "p2" and not made.replayed
+        await front.step("p2", GRADS, return_params=False)
+        ref2 = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+        ref2.step(GRADS)
+        await front.step("p1", GRADS, return_params=False)
+        ref.step(GRADS)
+        assert_tensors_equal(dict((await front.pull("p1", None)).params), ref.params, "p1")
+        assert_tensors_equal(dict((await front.pull("p2", None)).params), ref2.params, "p2")
+        await cluster.kill()
+
+    asyncio.run(run())
+
