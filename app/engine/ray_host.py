@@ -371,6 +371,8 @@ class HostActor:
         #: the creations (entries' ``made``) a front dropped: never made here (the last
         #: :data:`_DROPPED_KEPT`, in memory: a create in flight does not outlive its actor)
         self._dropped: OrderedDict[str, None] = OrderedDict()
+        #: set by :meth:`retire`: this host makes no session any more (a front kills it)
+        self._retired = False
 
     async def _ready(self) -> InProcessHost:
         if self._host is not None:
@@ -462,6 +464,8 @@ class HostActor:
         which then finds it held (the entry stays), or checks after it, and finds its
         creation dropped (or its entry gone)."""
         host = await self._ready()
+        if self._retired:
+            raise create_dropped(key)
         # (a session made on this host after the data directory was removed while the server
         # ran must find the host again at a restart: its host.json first)
         self._kept.host_json_again()
@@ -471,7 +475,8 @@ class HostActor:
         else:
             async with self._making_lock(key):
                 entry = entry_at(self._directory, parent_key(key))
-                if made in self._dropped or entry is None or entry.get("made") != made:
+                if (self._retired or made in self._dropped or entry is None
+                        or entry.get("made") != made):
                     raise create_dropped(key)
                 info = await host.create(key, spec_from_wire(spec), idem=idem)
         self._kept.keep(parent_key(key), entry)
@@ -490,6 +495,23 @@ class HostActor:
                 while len(self._dropped) > _DROPPED_KEPT:
                     self._dropped.popitem(last=False)
             return False
+
+    async def retire(self) -> bool:
+        """A front gives this host up (one it started for a create that failed: :meth:`RayRouter.
+        _retire`): True when it holds no session, refused none at start and makes none, and
+        then it makes none from now on (a create is 503 ``create_dropped``, nothing made: one
+        through another front that picked it meanwhile) and its store stops, so the front may
+        kill it and remove its folder; False, and nothing changes, where it holds or makes one
+        (the front leaves it up). The check and the mark run with nothing awaited between them,
+        and a create checks the mark under its key's lock (:meth:`create`): a create either
+        holds that lock before the check (and is seen) or finds the mark."""
+        host = await self._ready()
+        embedded = host.embedded
+        if self._making or embedded.keys() or embedded.refused():
+            return False
+        self._retired = True
+        await host.stop(snapshot=False)
+        return True
 
     async def unforget(self, key: str, made: str) -> None:
         """Another host of the creation ``made`` holds some of it: its entry stays, so this
@@ -919,6 +941,9 @@ class RayHost:
     async def unforget(self, key: str, made: str) -> None:
         await self.call("unforget", key, made)
 
+    async def retire(self) -> bool:
+        return bool(await self.call("retire"))
+
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
                       want_params: ReturnParams = False) -> Any:
         return result_from_wire(await self.call("execute", key, op_to_wire(op), idem,
@@ -1124,8 +1149,9 @@ DOWN_HOSTS_RETRY_S = 10.0
 #: of a body (:meth:`_Placed.early_refusal`), from when the body started to arrive: then the
 #: body is decoded whole and its operation answers, as without
 ENTRIES_ASK_S = 2.0
-#: those asks in flight (a task is held until it is done)
-_ASKS: set[asyncio.Future[EntriesRefusal | None]] = set()
+#: those asks in flight, and hosts being given up in the background (:meth:`RayRouter._place`
+#: cancelled): a task is held until it is done
+_BACKGROUND: set[asyncio.Future[Any]] = set()
 #: how long a keyed create that finds the id's entry claimed by another front's try of it
 #: waits for that try's index (written right after the claim: :meth:`RayRouter._indexed_soon`)
 INDEX_WAIT_S = 10.0
@@ -1575,16 +1601,41 @@ class RayRouter:
                               f"session, did not start in {timeout:g} s",
                               code="no_capacity", retry_after=NO_CAPACITY_RETRY_S) from None
 
-    def _give_up(self, handle: Any, name: str) -> None:
+    def _give_up(self, handle: Any, name: str, *, started: bool = False) -> None:
         """Kill a new host not started yet (no session is on it) and remove its ``host.json``
         and its folder, made by :meth:`_new_host`, when empty: an actor that never started
-        wrote nothing there (one that did keeps its files, and the folder with them)."""
+        wrote nothing there (one that did keeps its files, and the folder with them).
+        ``started``: a host that started and was retired (:meth:`_retire`: it holds no
+        session and makes none; its store stopped): its folder goes with its store's files."""
         ray.kill(handle, no_restart=True)
         root = self.hosts_dir / name
         (root / HOST_JSON).unlink(missing_ok=True)
         self._saved.pop(name, None)
+        self._hosts.pop(name, None)
+        if started:
+            shutil.rmtree(root, ignore_errors=True)
         with contextlib.suppress(OSError):
             root.rmdir()
+
+    async def _retire(self, hosts: list[RayHost]) -> None:
+        """Give up the hosts a placement started for a create that failed (503 ``no_capacity``
+        for another of its shards' hosts, any other failure, or the create cancelled): they
+        were left up, empty, each holding its room (:meth:`HostActor.retire`: only while it
+        holds no session and makes none, which another front may have placed on it meanwhile:
+        then it stays, with a warning)."""
+        for host in hosts:
+            try:
+                retired = await asyncio.wait_for(host.retire(), PLACE_PING_TIMEOUT_S)
+            except (OptserveError, TimeoutError) as exc:
+                log.warning("host %s, started for a create that failed, could not be given "
+                            "up: %s", host.name, exc)
+                continue
+            if not retired:
+                log.warning("host %s, started for a create that failed, holds a session made "
+                            "through another front meanwhile: kept", host.name)
+                continue
+            self._give_up(host.handle, host.name, started=True)
+            log.info("gave up host %s, started for a create that failed", host.name)
 
     def _saved_hosts(self) -> list[tuple[str, dict[str, Any]]]:
         """Every host of this deployment with its host.json (those that cannot be read left
@@ -1681,47 +1732,68 @@ class RayRouter:
                                            for n in names), return_exceptions=True)
             sessions = {n: int(out["sessions"]) for n, out in zip(names, loads, strict=True)
                         if isinstance(out, dict)}
-            cap = self.options.sessions_per_host
             chosen: list[RayHost] = []
-            down: dict[str, dict[str, Any]] | None = None  # (:meth:`_down_hosts`)
-            for _ in range(count):
-                room = [n for n, k in sessions.items() if (not cap or k < cap)
-                        and n not in {h.name for h in chosen}]
-                # (asked of Ray at most once a host placed: two calls to its state API)
-                has_room: bool | None = None
-
-                def cluster_has_room() -> bool:
-                    nonlocal has_room
-                    if has_room is None:
-                        has_room = self._cluster_has_room(resources, held)
-                    return has_room
-                pick: str | None = None
-                if placement == "pack":
-                    pick = min(room, key=lambda n: (-sessions[n], n)) if room else None
-                elif not cluster_has_room():
-                    pick = min(room, key=lambda n: (sessions[n], n)) if room else None
-                # hosts of this shape that did not answer the ping in time (started again
-                # after a restart of the cluster, or killed for good) take their room once
-                # placed: with no room, a new host would wait for it and the create end in a
-                # 503 no_capacity; one of them takes the session instead, the create waiting
-                # for its start, up to host_start_timeout_s (their sessions are not counted)
-                waiting = [n for n in names
-                           if n not in sessions and n not in {h.name for h in chosen}]
-                if pick is None and waiting and not cluster_has_room():
-                    pick = min(waiting)
-                    await self._placed_again(pick, resources)
-                if pick is not None:
-                    host = self._host(pick)
-                else:
-                    if not cluster_has_room():
-                        if down is None:  # (once a placement: the hosts of other shapes too)
-                            down = await self._down_hosts(saved, set(names), set(sessions))
-                        self._room_not_theirs(resources, down)
-                    host = await self._new_host(resources, placement)
-                    _add_need(held, resources)  # (its host.json, written by now)
-                sessions[host.name] = sessions.get(host.name, 0) + 1
-                chosen.append(host)
+            started: list[RayHost] = []  # (new hosts, given up if the placement fails)
+            try:
+                await self._choose(resources, placement, count, names, sessions, held, saved,
+                                   chosen, started)
+            except asyncio.CancelledError:
+                if started:  # (in the background: the create is cut short now)
+                    retiring = asyncio.ensure_future(self._retire(started))
+                    _BACKGROUND.add(retiring)
+                    retiring.add_done_callback(_BACKGROUND.discard)
+                raise
+            except Exception:
+                await self._retire(started)
+                raise
             return chosen
+
+    async def _choose(self, resources: dict[str, Any], placement: str, count: int,
+                      names: list[str], sessions: dict[str, int], held: dict[str, float],
+                      saved: list[tuple[str, dict[str, Any]]], chosen: list[RayHost],
+                      started: list[RayHost]) -> None:
+        """:meth:`_place`'s choice of ``count`` hosts, into ``chosen`` (the new hosts it
+        started also into ``started``)."""
+        cap = self.options.sessions_per_host
+        down: dict[str, dict[str, Any]] | None = None  # (:meth:`_down_hosts`)
+        for _ in range(count):
+            room = [n for n, k in sessions.items() if (not cap or k < cap)
+                    and n not in {h.name for h in chosen}]
+            # (asked of Ray at most once a host placed: two calls to its state API)
+            has_room: bool | None = None
+
+            def cluster_has_room() -> bool:
+                nonlocal has_room
+                if has_room is None:
+                    has_room = self._cluster_has_room(resources, held)
+                return has_room
+            pick: str | None = None
+            if placement == "pack":
+                pick = min(room, key=lambda n: (-sessions[n], n)) if room else None
+            elif not cluster_has_room():
+                pick = min(room, key=lambda n: (sessions[n], n)) if room else None
+            # hosts of this shape that did not answer the ping in time (started again
+            # after a restart of the cluster, or killed for good) take their room once
+            # placed: with no room, a new host would wait for it and the create end in a
+            # 503 no_capacity; one of them takes the session instead, the create waiting
+            # for its start, up to host_start_timeout_s (their sessions are not counted)
+            waiting = [n for n in names
+                       if n not in sessions and n not in {h.name for h in chosen}]
+            if pick is None and waiting and not cluster_has_room():
+                pick = min(waiting)
+                await self._placed_again(pick, resources)
+            if pick is not None:
+                host = self._host(pick)
+            else:
+                if not cluster_has_room():
+                    if down is None:  # (once a placement: the hosts of other shapes too)
+                        down = await self._down_hosts(saved, set(names), set(sessions))
+                    self._room_not_theirs(resources, down)
+                host = await self._new_host(resources, placement)
+                started.append(host)
+                _add_need(held, resources)  # (its host.json, written by now)
+            sessions[host.name] = sessions.get(host.name, 0) + 1
+            chosen.append(host)
 
     # ------------------------------------------------------------------ sessions
     async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None,
@@ -2343,8 +2415,8 @@ class _Placed:
                 pass
             return None
         asked = asyncio.ensure_future(ask())
-        _ASKS.add(asked)
-        asked.add_done_callback(_ASKS.discard)
+        _BACKGROUND.add(asked)
+        asked.add_done_callback(_BACKGROUND.discard)
         answer: list[EntriesRefusal] = []
 
         async def ready() -> None:
