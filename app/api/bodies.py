@@ -516,12 +516,11 @@ async def read_tensors(
     have been up to the entry refused (that entry and those before it are decoded first, so
     that a malformed one among them is named as before); the values after it are never
     decoded (a 7.6 MB step naming 100,000 unknown tensors made every one of them first).
-    ``before_ready``, with ``before_tensors``: awaited once the body is read, before it is
-    decoded (what ``before_tensors`` needs, asked for while the body arrives)."""
+    ``before_ready``: awaited where ``before_tensors`` raises :class:`AskFirst` (it needs
+    what ``before_ready`` asks for: a Ray host's answer), then the entries are looked at
+    again (a JSON body is not parsed again)."""
     kind = body_kind(request)  # (a 415 before the body is read)
     buf = await _read_body(request, max_bytes, raw=True)
-    if before_tensors is not None and before_ready is not None:
-        await before_ready()
     if kind == "binary":
         if len(buf) >= 8:  # (what parsing its header may take, on top: counted now)
             header = min(int.from_bytes(buf[:8], "little"), len(buf))
@@ -557,11 +556,22 @@ async def read_tensors(
             if sparse:
                 tensors = wire_sparse.pair_safetensors(tensors, key)
             return tensors, early[0] if early else metadata_fields(metadata)
-        tensors, fields = await offload(decode_binary, header_end(buf))
+        try:
+            tensors, fields = await offload(decode_binary, header_end(buf))
+        except AskFirst:
+            if before_ready is None:
+                raise
+            await before_ready()
+            early.clear()
+            tensors, fields = await offload(decode_binary, header_end(buf))
         return tensors, fields, buf
 
+    parsed: list[dict[str, Any]] = []  # (kept for a second look: AskFirst)
+
     def decode_json() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        obj = json_object(buf)
+        if not parsed:
+            parsed.append(json_object(buf))
+        obj = parsed[0]
         only_keys(obj, {key, *extra})
         named, fields = obj.get(key, {}), {k: obj[k] for k in extra if k in obj}
         if before_tensors is not None and isinstance(named, dict):
@@ -576,8 +586,19 @@ async def read_tensors(
                     _decode_up_to(named, key, sparse, exc.field)
                     raise
         return tensor_map(named, key, sparse), fields
-    tensors, fields = await offload(decode_json, len(buf))
+    try:
+        tensors, fields = await offload(decode_json, len(buf))
+    except AskFirst:
+        if before_ready is None:
+            raise
+        await before_ready()
+        tensors, fields = await offload(decode_json, len(buf))
     return tensors, fields, buf
+
+
+class AskFirst(Exception):
+    """What a ``before_tensors`` of :func:`read_tensors` raises where it cannot say yet: the
+    ``before_ready`` it came with is awaited, and it is asked again."""
 
 
 class RefusedAfter(Exception):

@@ -21,6 +21,7 @@ from app.api.bodies import (
     BINARY,
     JSON,
     OFFLOAD_BYTES,
+    AskFirst,
     Entries,
     RefusedAfter,
     answer_in_place,
@@ -49,6 +50,7 @@ from app.engine.interface import (
     Engine,
     EntriesOp,
     EntriesRefusal,
+    EntriesUnknown,
     IdemKey,
     ReturnParams,
     SessionInfo,
@@ -262,7 +264,8 @@ async def _excess_entries(request: Request, engine: Engine, session_id: str, ten
     (:func:`_refuse_entries`, from its header), or None: a body of at most OFFLOAD_BYTES
     (decoded inline, in well under a millisecond, and refused as it was), a session that
     has no such check (:meth:`Engine.entries_refusal`); with what :func:`read_tensors` awaits
-    once the body is read, before that (``before_ready``: a Ray host's answer)."""
+    where the refusal must ask first (``before_ready``: a Ray host's answer, for a body naming
+    more tensors than the session held when this front last asked)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) <= OFFLOAD_BYTES:
         return None, None
@@ -294,6 +297,8 @@ def _refuse_entries(request: Request, refusal: EntriesRefusal, upcast: bool,
         refusal.refuse(entries, upcast, fields.get("scalars"))
     except OptserveError as exc:
         refused = exc
+    except EntriesUnknown:  # (its host asked first: refusal.ready, then a second look)
+        raise AskFirst from None
     else:  # (none found: the operation's own checks answer, once every tensor is decoded)
         return
     try:

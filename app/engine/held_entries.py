@@ -26,19 +26,24 @@ class ParamShape(NamedTuple):
 @dataclass(frozen=True)
 class HeldEntries:
     """The parameters of a session as its host held them when asked, for a body of ``op``
-    (:meth:`EmbeddedHost.held_entries <app.engine.host.EmbeddedHost.held_entries>`: asked only
-    where the host's own refusal would refuse such a body then)."""
+    (:meth:`EmbeddedHost.held_entries <app.engine.host.EmbeddedHost.held_entries>`): how many
+    (``count``), and their dtypes and shapes by name where the host's own refusal would
+    refuse such a body then (``params``; None: it declines, the body is decoded whole)."""
 
-    params: dict[str, ParamShape]
+    count: int
+    params: dict[str, ParamShape] | None
     op: EntriesOp
 
-    def refusal(self) -> EntriesRefusal:
+    def refusal(self) -> EntriesRefusal | None:
         """The refusal of a body naming more tensors than these: the session's own check
         (:meth:`Session.refuse_entries <app.engine.session.Session.refuse_entries>`) over the
         parameters as they were when the host was asked, which is a moment of the request's
-        own (a refusal changes nothing). A push with ``scalars`` is decoded whole (the host
-        checks their names against the session's, before the gradients)."""
+        own (a refusal changes nothing); None where the host declines. A push with ``scalars``
+        is decoded whole (the host checks their names against the session's, before the
+        gradients)."""
         op, params = self.op, self.params
+        if params is None:
+            return None
         field = "params" if op == "overwrite" else "grads"
         held = len(params)
 

@@ -1133,20 +1133,23 @@ class EmbeddedHost:
     def held_entries(self, key: str, idem_key: str | None, worker: str | None,
                      op: EntriesOp = "step", expected: Expected | None = None
                      ) -> HeldEntries | None:
-        """The session's parameters (names, dtypes, shapes) for a refusal of a body of ``op``
-        made in another process (a Ray front, while the body arrives there:
-        :class:`~app.engine.held_entries.HeldEntries`), where :meth:`entries_refusal` would
-        refuse such a body now: None where it declines now (its cases, and those it checks
-        again at the refusal: an open LBFGS step, a session out of service, an overwrite's
-        precondition that no longer holds)."""
-        refusal = self.entries_refusal(key, idem_key, worker, op, expected)
+        """How many parameters the session holds and, where :meth:`entries_refusal` would
+        refuse a body of ``op`` now, their names, dtypes and shapes, for that refusal made in
+        another process (a Ray front: :class:`~app.engine.held_entries.HeldEntries`); none of
+        those where it declines now (its cases, and those it checks again at the refusal: an
+        open LBFGS step, a session out of service, an overwrite's precondition that no longer
+        holds). None: no such session here."""
         session = self._sessions.get(key)
-        if (refusal is None or session is None or refusal.held() == sys.maxsize
-                or not _checked_first(session, op, expected, None)):
+        if session is None:
             return None
+        refusal = self.entries_refusal(key, idem_key, worker, op, expected)
         try:
-            return HeldEntries({name: ParamShape(p.dtype, tuple(p.shape))
-                                for name, p in session.params.items()}, op)
+            count = len(session.params)
+            if (refusal is None or refusal.held() == sys.maxsize
+                    or not _checked_first(session, op, expected, None)):
+                return HeldEntries(count, None, op)
+            return HeldEntries(count, {name: ParamShape(p.dtype, tuple(p.shape))
+                                       for name, p in session.params.items()}, op)
         except RuntimeError:  # (its parameters changed meanwhile: the operation will say)
             return None
 

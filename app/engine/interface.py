@@ -50,10 +50,17 @@ class EntriesRefusal:
     #: whether a body with ``scalars`` is refused from its entries too (False: a sharded
     #: session, which refuses any ``scalars`` before it looks at the gradients' names)
     scalars: bool = True
-    #: awaited once the body is read, before its entries are looked at (None: nothing to
-    #: wait for): a Ray host's answer (:class:`app.engine.held_entries.HeldEntries`), asked
-    #: for while the body arrives; ``held`` and ``refuse`` refuse nothing before it
+    #: what ``refuse`` needs where it raises :class:`EntriesUnknown` (None: it never does):
+    #: awaited, then the body's entries are looked at again (a Ray host's answer,
+    #: :class:`app.engine.held_entries.HeldEntries`, asked only for a body naming more
+    #: tensors than ``held`` says: ``held`` may be a count known before, never above the
+    #: session's)
     ready: Callable[[], Awaitable[None]] | None = None
+
+
+class EntriesUnknown(Exception):
+    """Raised by ``EntriesRefusal.refuse`` that cannot say before ``EntriesRefusal.ready`` was
+    awaited (the refusal's host is asked only then)."""
 
 
 def session_key(tenant: str, session_id: str) -> str:

@@ -115,6 +115,7 @@ from app.engine.interface import (
     EngineStatus,
     EntriesOp,
     EntriesRefusal,
+    EntriesUnknown,
     GroupSpec,
     HeaderEntries,
     IdemKey,
@@ -1146,11 +1147,11 @@ NO_CAPACITY_RETRY_S = 30.0
 #: not placed now (:meth:`RayRouter._room_not_theirs`)
 DOWN_HOSTS_RETRY_S = 10.0
 #: how long a front waits for a session's host to say its parameters for the early refusal
-#: of a body (:meth:`_Placed.early_refusal`), from when the body started to arrive: then the
-#: body is decoded whole and its operation answers, as without
+#: of a body (:meth:`_Placed.early_refusal`): then the body is decoded whole and its operation
+#: answers, as without
 ENTRIES_ASK_S = 2.0
-#: those asks in flight, and hosts being given up in the background (:meth:`RayRouter._place`
-#: cancelled): a task is held until it is done
+#: hosts being given up in the background (:meth:`RayRouter._place` cancelled): each task is
+#: held until it is done
 _BACKGROUND: set[asyncio.Future[Any]] = set()
 #: how long a keyed create that finds the id's entry claimed by another front's try of it
 #: waits for that try's index (written right after the claim: :meth:`RayRouter._indexed_soon`)
@@ -1233,6 +1234,11 @@ class RayRouter:
         #: the call that waits for its answer
         self._pushes: dict[_Push, asyncio.Future[StepResult]] = {}
         self._withdrawals: set[asyncio.Task[None]] = set()
+        #: per plain session, how many parameters its host said it held (with the creation,
+        #: its entry's ``made``, it is of): a body naming no more is not refused from its
+        #: entries, nothing asked (:meth:`_Placed.early_refusal`; a creation's parameters are
+        #: only ever added to)
+        self._held_counts: dict[str, tuple[str | None, int]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -2246,6 +2252,7 @@ class RayRouter:
     async def delete(self, key: str, *, idem: IdemKey | None = None,
                      expected: Expected | None = None) -> bool:
         tenant = split_key(key)[0]
+        self._held_counts.pop(key, None)  # (what it counted: of a creation gone or going)
         if idem is not None:
             # a keyed delete done already: answered, through any front (its hosts keep the
             # key too, but the entry naming them may be gone, or name a session made since)
@@ -2385,55 +2392,73 @@ class _Placed:
                             op: EntriesOp, expected: Expected | None) -> EntriesRefusal | None:
         """The refusal of a body of ``op`` naming more tensors than the session holds, from
         its entries (:meth:`Front.entries_refusal <app.engine.front.Front.entries_refusal>`),
-        as the session's host would give it once every tensor is made. A plain session's
-        host is asked its parameters' names, dtypes and shapes (:meth:`HostActor.
-        held_entries`); a sharded session's are its directory entry's layout
-        (:func:`~app.engine.shards.layout_refusal`, as the embedded engine's), once its
-        coordinator's host is known to run this commit (else its 503 is the answer) and the
-        entry is still the directory's (else the session was deleted, perhaps made again,
-        through another front: its operation finds out). Either is asked for now, while the
-        body arrives, and awaited once it is read (``EntriesRefusal.ready``), so an operation
-        waits no round trip more. Nothing is refused where the host declines (the embedded
-        engine's cases), or it does not answer within :data:`ENTRIES_ASK_S` (a restart:
-        the operation then answers)."""
-        host = self.host
-        directory = self.router.directory
-
-        async def ask() -> EntriesRefusal | None:
-            try:
-                if isinstance(host, RayHost):
-                    held = await asyncio.wait_for(host.held_entries(
-                        key, idem_key, worker, op, expected), ENTRIES_ASK_S)
-                    return held.refusal() if held is not None else None
-                if isinstance(host, RemoteSharded):
-                    await asyncio.wait_for(host.host.same_commit(), ENTRIES_ASK_S)
-                    if directory.get(key) != host.entry:
-                        return None
-                    return layout_refusal(ShardLayout.from_json(host.entry["layout"]),
-                                          worker, op)
-            except (OptserveError, TimeoutError, RayTaskError, RayActorError):
-                pass
+        as the session's host would give it once every tensor is made. Nothing is asked for a
+        body naming no more tensors than the session held when this front last asked (a
+        creation's parameters are only ever added to: :attr:`RayRouter._held_counts`), nor
+        for a sharded session's (its layout, in its directory entry, is fixed), so a step
+        costs nothing more. Otherwise (``EntriesRefusal.ready``, awaited once the body is
+        read, then its entries looked at again): a plain session's host is asked its
+        parameters' count, names, dtypes and shapes (:meth:`HostActor.held_entries`); a
+        sharded session's refusal is its layout's (:func:`~app.engine.shards.layout_refusal`,
+        as the embedded engine's) once its coordinator's host is known to run this commit
+        (else its 503 is the answer) and the entry is still the directory's (else the session
+        was deleted, perhaps made again, through another front: its operation finds out).
+        Nothing is refused where the host declines (the embedded engine's cases), fails, or
+        does not answer within :data:`ENTRIES_ASK_S` (then the operation answers)."""
+        host, router = self.host, self.router
+        if isinstance(host, RemoteSharded):
+            known = len(ShardLayout.from_json(host.entry["layout"]).owner)
+        elif isinstance(host, RayHost):
+            made = (router._entries.get(key) or {}).get("made")
+            counted = router._held_counts.get(key)
+            known = counted[1] if counted is not None and counted[0] == made else 0
+        else:
             return None
-        asked = asyncio.ensure_future(ask())
-        _BACKGROUND.add(asked)
-        asked.add_done_callback(_BACKGROUND.discard)
-        answer: list[EntriesRefusal] = []
+        answer: list[EntriesRefusal | None] = []
 
         async def ready() -> None:
-            refusal = await asked
-            if refusal is not None and not answer:
-                answer.append(refusal)
+            if not answer:
+                answer.append(await self._entries_answer(key, idem_key, worker, op, expected))
 
-        def held() -> int:  # (no answer: no refusal)
-            return answer[0].held() if answer else sys.maxsize
+        def held() -> int:  # (the host's answer; before it, what this front knew)
+            if not answer:
+                return known
+            refusal = answer[0]
+            return refusal.held() if refusal is not None else sys.maxsize
 
         def refuse(entries: HeaderEntries, upcast: bool, scalars: object) -> None:
-            if answer:
-                answer[0].refuse(entries, upcast, scalars)
+            if not answer:
+                raise EntriesUnknown
+            refusal = answer[0]
+            if refusal is not None:
+                refusal.refuse(entries, upcast, scalars)
         # (a sharded session refuses any scalars first; a plain one's host checks a push's
         # scalar names first)
         scalars = op != "push" and isinstance(host, RayHost)
         return EntriesRefusal(held=held, refuse=refuse, scalars=scalars, ready=ready)
+
+    async def _entries_answer(self, key: str, idem_key: str | None, worker: str | None,
+                              op: EntriesOp, expected: Expected | None
+                              ) -> EntriesRefusal | None:
+        """:meth:`early_refusal`'s look where it must ask (None: no refusal)."""
+        host, router = self.host, self.router
+        try:
+            if isinstance(host, RayHost):
+                made = (router._entries.get(key) or {}).get("made")
+                held = await asyncio.wait_for(host.held_entries(key, idem_key, worker, op,
+                                                                expected), ENTRIES_ASK_S)
+                if held is None:
+                    return None
+                router._held_counts[key] = (made, held.count)
+                return held.refusal()
+            if isinstance(host, RemoteSharded):
+                await asyncio.wait_for(host.host.same_commit(), ENTRIES_ASK_S)
+                if router.directory.get(key) != host.entry:
+                    return None
+                return layout_refusal(ShardLayout.from_json(host.entry["layout"]), worker, op)
+        except (OptserveError, TimeoutError, RayTaskError, RayActorError):
+            pass
+        return None
 
     async def pull(
         self, key: str, names: list[str] | None, *, min_version: int | None = None,

@@ -42,7 +42,7 @@ from tests.integration.test_excess_step_entries import (  # noqa: F401 - the fix
     _step_both,
     made,
 )
-from tests.torch_reference import json_tensor
+from tests.torch_reference import json_tensor, tensors_from_json
 
 ray_host = pytest.importorskip("app.engine.ray_host")
 ray = pytest.importorskip("ray")
@@ -216,3 +216,60 @@ def test_a_sharded_sessions_excess_entries_are_refused_on_the_ray_engine(
     assert len(decoded) == len(tensors) if fmt == "json" else made == [len(tensors)]
     assert _snapshot(ray_client, "sh") == held
     _next(ray_client, "sh", route, local, opt)
+
+
+def test_a_ray_front_asks_the_host_only_for_a_body_naming_more_tensors_than_it_knew(
+        ray_client: TestClient, made: list[int],  # noqa: F811 - the fixture
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step costs no round trip more: the front asks a session's host for the early refusal
+    only for a body naming more tensors than the host said the session held when last asked
+    (a first large body; a session given another param group; a body naming one it lacks).
+    A body naming a parameter added since that count (a group added) is stepped as torch's."""
+    asks: list[str] = []
+    ask = ray_host.RayHost.held_entries
+
+    async def counted(self: Any, key: str, *args: Any) -> Any:
+        asks.append(key)
+        return await ask(self, key, *args)
+    monkeypatch.setattr(ray_host.RayHost, "held_entries", counted)
+    params = {"a": torch.tensor([1.0, -2.0, 0.5]), "w": torch.linspace(-1.0, 1.0, 100_000)}
+    r = ray_client.post("/v1/sessions", json={
+        "id": "big", "optimizer": "Adam", "options": {"lr": 0.1},
+        "params": {n: json_tensor(t) for n, t in params.items()}})
+    assert r.status_code == 201, r.text
+    local = {n: torch.nn.Parameter(t.clone()) for n, t in params.items()}
+    opt = torch.optim.Adam(list(local.values()), lr=0.1)
+
+    def step(grads: dict[str, torch.Tensor], fmt: str = "safetensors") -> None:
+        r = _send(ray_client, "big", "step", fmt, grads)
+        assert r.status_code == 200, r.text
+        for n, p in local.items():
+            p.grad = grads[n].clone() if n in grads else None
+        opt.step()
+        got = tensors_from_json(r.json()["params"])
+        for n, p in local.items():
+            assert torch.equal(got[n], p.detach()), n
+
+    grads = {"a": torch.tensor([0.5, 0.25, -1.0]), "w": torch.linspace(0.5, -0.5, 100_000)}
+    step(grads)
+    assert asks == ["default~big"]  # (the first large body: the count was not known)
+    step({n: -g for n, g in grads.items()})
+    step(grads, "json")
+    assert len(asks) == 1  # (no more than the count: nothing asked)
+    r = ray_client.post("/v1/sessions/big/param_groups",
+                        json={"params": {"d": json_tensor(torch.tensor([3.0, -3.0]))}})
+    assert r.status_code == 201, r.text
+    local["d"] = torch.nn.Parameter(torch.tensor([3.0, -3.0]))
+    opt.add_param_group({"params": [local["d"]]})
+    with_d = {**grads, "d": torch.tensor([1.0, 0.5])}
+    step(with_d)  # (more than the count it knew: asked, and the host holds them all)
+    assert len(asks) == 2
+    step(with_d, "json")
+    assert len(asks) == 2
+    made.clear()
+    got = _problem(_send(ray_client, "big", "step", "safetensors",
+                         {**with_d, "extra": torch.ones(2)}))
+    assert (got["code"], got["field"]) == ("unknown_parameter", "grads.extra"), got
+    assert made == [] and len(asks) == 3
+    step(with_d)
+    assert len(asks) == 3
