@@ -402,8 +402,9 @@ class Front:
         """:meth:`EmbeddedHost.entries_refusal` for a session of this process, and
         :meth:`ShardedSession.entries_refusal <app.engine.shards.ShardedSession.
         entries_refusal>` for a sharded one (its names are its layout's); for one on a Ray host,
-        its host's :meth:`EmbeddedHost.held_entries <app.engine.host.EmbeddedHost.held_entries>`
-        asked for while the body arrives (``early_refusal`` of the Ray engine's routing)."""
+        the Ray routing's ``early_refusal`` (its host's :meth:`EmbeddedHost.held_entries
+        <app.engine.host.EmbeddedHost.held_entries>`, asked only for a body naming more tensors
+        than it last said the session held; a sharded one's layout)."""
         from app.engine.shards import ShardedSession
         host, key = await self._host(tenant, session_id)
         if isinstance(host, InProcessHost):

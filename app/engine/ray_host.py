@@ -25,7 +25,11 @@ needed and the cluster has no room for it beside every host, the room Ray has fr
 of a host that holds sessions and is not placed (of any shape): those hosts are asked first,
 and while the room is still theirs the create is a 503 ``no_capacity`` that starts nothing
 (:meth:`RayRouter._room_not_theirs`); where Ray has no room at all, the new host is started and
-waits for room, as before (an autoscaler's cue).
+waits for room, as before (an autoscaler's cue). A new host, or a host of the shape that does
+not answer picked for want of room (:meth:`RayRouter._placed_again`), is waited for up to
+``host_start_timeout_s``, then the create is a 503 ``no_capacity``; the hosts a failed
+placement started for a sharded session's other shards are given up with it
+(:meth:`RayRouter._retire`).
 
 **Finding sessions.** The directory (:mod:`app.engine.directory`, files under
 ``<data dir>/directory``) maps each session key to its host's name; a front finds the actor by

@@ -2,8 +2,10 @@
 session holds is refused on the Ray engine from its entries, before the tensors after the
 refused name are made, as on the embedded engine (``test_excess_step_entries``,
 ``test_excess_json_step_entries``, ``test_excess_push_overwrite_entries``): the session's host
-says its parameters while the body arrives (``EmbeddedHost.held_entries``) and the front runs
-the session's own check over them. On the Ray engine every such body was decoded whole first.
+says its parameters (``EmbeddedHost.held_entries``, asked only for a body naming more tensors
+than it last said the session held) and the front runs the session's own check over them; a
+sharded session's body is refused from its layout. On the Ray engine every such body was
+decoded whole first.
 The answer is the one the operation gives once every tensor is decoded (the early refusal
 switched off), and nothing changes: the parameters and the optimizer's state are as they were,
 and the next operation is torch's. Where the host declines (a retry under a key the session
