@@ -6,7 +6,7 @@ import asyncio
 import functools
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import anyio.to_thread
@@ -499,6 +499,7 @@ async def read_tensors(
     request: Request, max_bytes: int, key: str, extra: frozenset[str] = frozenset(),
     sparse: bool = False,
     before_tensors: Callable[[Entries, dict[str, Any]], None] | None = None,
+    before_ready: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bytearray | memoryview]:
     """A body of named tensors: ``{key: {name: tensor}, ...extra}`` as JSON, or a safetensors
     file (``extra`` fields as JSON texts in its ``__metadata__``); the ``extra`` fields given;
@@ -514,7 +515,10 @@ async def read_tensors(
     and a well-formed shape. A JSON body refused then is refused as its full decode would
     have been up to the entry refused (that entry and those before it are decoded first, so
     that a malformed one among them is named as before); the values after it are never
-    decoded (a 7.6 MB step naming 100,000 unknown tensors made every one of them first)."""
+    decoded (a 7.6 MB step naming 100,000 unknown tensors made every one of them first).
+    ``before_ready``: awaited where ``before_tensors`` raises :class:`AskFirst` (it needs
+    what ``before_ready`` asks for: a Ray host's answer), then the entries are looked at
+    again (a JSON body is not parsed again)."""
     kind = body_kind(request)  # (a 415 before the body is read)
     buf = await _read_body(request, max_bytes, raw=True)
     if kind == "binary":
@@ -552,11 +556,22 @@ async def read_tensors(
             if sparse:
                 tensors = wire_sparse.pair_safetensors(tensors, key)
             return tensors, early[0] if early else metadata_fields(metadata)
-        tensors, fields = await offload(decode_binary, header_end(buf))
+        try:
+            tensors, fields = await offload(decode_binary, header_end(buf))
+        except AskFirst:
+            if before_ready is None:
+                raise
+            await before_ready()
+            early.clear()
+            tensors, fields = await offload(decode_binary, header_end(buf))
         return tensors, fields, buf
 
+    parsed: list[dict[str, Any]] = []  # (kept for a second look: AskFirst)
+
     def decode_json() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        obj = json_object(buf)
+        if not parsed:
+            parsed.append(json_object(buf))
+        obj = parsed[0]
         only_keys(obj, {key, *extra})
         named, fields = obj.get(key, {}), {k: obj[k] for k in extra if k in obj}
         if before_tensors is not None and isinstance(named, dict):
@@ -571,8 +586,19 @@ async def read_tensors(
                     _decode_up_to(named, key, sparse, exc.field)
                     raise
         return tensor_map(named, key, sparse), fields
-    tensors, fields = await offload(decode_json, len(buf))
+    try:
+        tensors, fields = await offload(decode_json, len(buf))
+    except AskFirst:
+        if before_ready is None:
+            raise
+        await before_ready()
+        tensors, fields = await offload(decode_json, len(buf))
     return tensors, fields, buf
+
+
+class AskFirst(Exception):
+    """What a ``before_tensors`` of :func:`read_tensors` raises where it cannot say yet: the
+    ``before_ready`` it came with is awaited, and it is asked again."""
 
 
 class RefusedAfter(Exception):

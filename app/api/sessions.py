@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import orjson
@@ -21,6 +21,7 @@ from app.api.bodies import (
     BINARY,
     JSON,
     OFFLOAD_BYTES,
+    AskFirst,
     Entries,
     RefusedAfter,
     answer_in_place,
@@ -49,6 +50,7 @@ from app.engine.interface import (
     Engine,
     EntriesOp,
     EntriesRefusal,
+    EntriesUnknown,
     IdemKey,
     ReturnParams,
     SessionInfo,
@@ -222,11 +224,12 @@ async def _step(request: Request, engine: Engine, counted: dict[str, Any], sessi
                       "session's optimizer takes none", code="invalid_query",
                       field="timeout_s")
     worker = conditions.worker_id(request)
-    early = await _excess_entries(request, engine, session_id, tenant, "step", query.upcast,
-                                  worker=worker)
+    early, ready = await _excess_entries(request, engine, session_id, tenant, "step",
+                                         query.upcast, worker=worker)
     with phase(request, "decode"):
         grads, fields, buf = await read_tensors(
-            request, max_bytes, "grads", STEP_FIELDS, sparse=True, before_tensors=early)
+            request, max_bytes, "grads", STEP_FIELDS, sparse=True, before_tensors=early,
+            before_ready=ready)
         options = parse.step_options(fields.get("param_groups"))
         idem = await _step_idempotency(request, buf, session_id, grads, fields, query,
                                        base, worker)
@@ -254,20 +257,24 @@ async def _step(request: Request, engine: Engine, counted: dict[str, Any], sessi
 async def _excess_entries(request: Request, engine: Engine, session_id: str, tenant: str,
                           op: EntriesOp, upcast: bool = False, *, worker: str | None = None,
                           expected: Expected | None = None
-                          ) -> Callable[[Entries, dict[str, Any]], None] | None:
+                          ) -> tuple[Callable[[Entries, dict[str, Any]], None] | None,
+                                     Callable[[], Awaitable[None]] | None]:
     """The ``before_tensors`` of :func:`read_tensors` for a step's, a push's or an
     overwrite's (``op``) body that may name more tensors than its session holds
     (:func:`_refuse_entries`, from its header), or None: a body of at most OFFLOAD_BYTES
     (decoded inline, in well under a millisecond, and refused as it was), a session that
-    has no such check (:meth:`Engine.entries_refusal`)."""
+    has no such check (:meth:`Engine.entries_refusal`); with what :func:`read_tensors` awaits
+    where the refusal must ask first (``before_ready``: a Ray host's answer, for a body naming
+    more tensors than the session held when this front last asked)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) <= OFFLOAD_BYTES:
-        return None
+        return None, None
     refusal = await engine.entries_refusal(session_id, tenant=tenant, worker=worker,
                                            idem_key=request.headers.get(IDEMPOTENCY_HEADER),
                                            op=op, expected=expected)
-    return (None if refusal is None
-            else functools.partial(_refuse_entries, request, refusal, upcast))
+    if refusal is None:
+        return None, None
+    return functools.partial(_refuse_entries, request, refusal, upcast), refusal.ready
 
 
 def _refuse_entries(request: Request, refusal: EntriesRefusal, upcast: bool,
@@ -290,6 +297,8 @@ def _refuse_entries(request: Request, refusal: EntriesRefusal, upcast: bool,
         refusal.refuse(entries, upcast, fields.get("scalars"))
     except OptserveError as exc:
         refused = exc
+    except EntriesUnknown:  # (its host asked first: refusal.ready, then a second look)
+        raise AskFirst from None
     else:  # (none found: the operation's own checks answer, once every tensor is decoded)
         return
     try:
@@ -342,9 +351,11 @@ async def push_grads(
     conditions.one_query(request, "upcast")
     with outcome(metrics_of(request), metrics_of(request).pushes, session_id):
         await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
-        early = await _excess_entries(request, engine, session_id, tenant, "push", upcast)
+        early, ready = await _excess_entries(request, engine, session_id, tenant, "push",
+                                             upcast)
         grads, fields, buf = await read_tensors(request, _max_bytes(settings), "grads",
-                                                PUSH_FIELDS, sparse=True, before_tensors=early)
+                                                PUSH_FIELDS, sparse=True, before_tensors=early,
+                                                before_ready=ready)
         idem = await idempotency(request, buf)
         out = await engine.push(session_id, grads, tenant=tenant, idem=idem, upcast=upcast,
                                 scalars=fields.get("scalars"))
@@ -414,10 +425,10 @@ async def put_params(
     expected = _expected(request)
     await engine.refuse_unknown(session_id, tenant=tenant)  # (404 before the body)
     await _refuse_stale(engine, request, session_id, tenant, expected)  # (412 before it too)
-    early = await _excess_entries(request, engine, session_id, tenant, "overwrite",
-                                  expected=expected)
+    early, ready = await _excess_entries(request, engine, session_id, tenant, "overwrite",
+                                         expected=expected)
     params, _, buf = await read_tensors(request, _max_bytes(settings), "params",
-                                        before_tensors=early)
+                                        before_tensors=early, before_ready=ready)
     idem = await idempotency(request, buf)
     result = await engine.overwrite(session_id, params, tenant=tenant, idem=idem,
                                     expected=expected)

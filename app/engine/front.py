@@ -400,14 +400,20 @@ class Front:
                               ) -> EntriesRefusal | None:
         """:meth:`EmbeddedHost.entries_refusal` for a session of this process, and
         :meth:`ShardedSession.entries_refusal <app.engine.shards.ShardedSession.
-        entries_refusal>` for a sharded one (its names are its layout's); None for one on a
-        Ray host (its checks run where its parameters are)."""
+        entries_refusal>` for a sharded one (its names are its layout's); for one on a Ray host,
+        the Ray routing's ``early_refusal`` (its host's :meth:`EmbeddedHost.held_entries
+        <app.engine.host.EmbeddedHost.held_entries>`, asked only for a body naming more tensors
+        than it last said the session held; a sharded one's layout)."""
         from app.engine.shards import ShardedSession
         host, key = await self._host(tenant, session_id)
         if isinstance(host, InProcessHost):
             return host.embedded.entries_refusal(key, idem_key, worker, op, expected)
         if isinstance(host, ShardedSession):
             return host.entries_refusal(worker, op)
+        early = getattr(host, "early_refusal", None)
+        if early is not None:
+            refusal: EntriesRefusal | None = await early(key, idem_key, worker, op, expected)
+            return refusal
         return None
 
     async def open_evaluation_step(

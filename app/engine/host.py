@@ -79,6 +79,7 @@ from app.engine.deleted_creates import (
     stone,
 )
 from app.engine.evaluations import Evaluations
+from app.engine.held_entries import HeldEntries, ParamShape
 from app.engine.history import HistoryQuery, HistoryResult, expand_fields
 from app.engine.host_restore import SessionRestorer
 from app.engine.host_shard_hooks import ShardHooks
@@ -1059,26 +1060,8 @@ class EmbeddedHost:
         def held() -> int:
             return len(session.params) if unchanged() else sys.maxsize  # (else: no refusal)
 
-        def checked_first(scalars: object) -> bool:
-            """Whether what the operation checks before its tensors lets them be checked:
-            an overwrite's precondition (:meth:`Operation.checked
-            <app.engine.ops.base.Operation.checked>`), a push's scalar names (:meth:`Push.check
-            <app.engine.ops.gradients.Push.check>`)."""
-            try:
-                if expected is not None:
-                    expected.check(session)
-                if op == "push" and scalars is not None:
-                    try:
-                        named = metrics.check_scalars(scalars)
-                    except Invalid:  # (their form's refusal: the route's, after the entries)
-                        named = {}
-                    metrics.check_scalar_names(session, named)
-            except (OptserveError, RuntimeError):
-                return False
-            return True
-
         def refuse(entries: HeaderEntries, upcast: bool, scalars: object) -> None:
-            if not unchanged() or not checked_first(scalars):
+            if not unchanged() or not _checked_first(session, op, expected, scalars):
                 return
             try:
                 session.refuse_entries(((name, dtype, shape) for name, (dtype, shape, _)
@@ -1087,6 +1070,29 @@ class EmbeddedHost:
             except RuntimeError:  # (its parameters changed meanwhile: the operation will say)
                 return
         return EntriesRefusal(held=held, refuse=refuse)
+
+    def held_entries(self, key: str, idem_key: str | None, worker: str | None,
+                     op: EntriesOp = "step", expected: Expected | None = None
+                     ) -> HeldEntries | None:
+        """How many parameters the session holds and, where :meth:`entries_refusal` would
+        refuse a body of ``op`` now, their names, dtypes and shapes, for that refusal made in
+        another process (a Ray front: :class:`~app.engine.held_entries.HeldEntries`); none of
+        those where it declines now (its cases, and those it checks again at the refusal: an
+        open LBFGS step, a session out of service, an overwrite's precondition that no longer
+        holds). None: no such session here."""
+        session = self._sessions.get(key)
+        if session is None:
+            return None
+        refusal = self.entries_refusal(key, idem_key, worker, op, expected)
+        try:
+            count = len(session.params)
+            if (refusal is None or refusal.held() == sys.maxsize
+                    or not _checked_first(session, op, expected, None)):
+                return HeldEntries(count, None, op)
+            return HeldEntries(count, {name: ParamShape(p.dtype, tuple(p.shape))
+                                       for name, p in session.params.items()}, op)
+        except RuntimeError:  # (its parameters changed meanwhile: the operation will say)
+            return None
 
     def may_hold(self, key: str) -> bool:
         """Whether an operation on ``key`` may find its session (False: it would be the 404
@@ -1650,3 +1656,23 @@ def _at_rest() -> None:
     forget_big_header()
     forget_kept_by_header()
     release_memory()
+
+
+def _checked_first(session: Session, op: EntriesOp, expected: Expected | None,
+                   scalars: object) -> bool:
+    """Whether what ``op`` checks before its tensors lets them be checked
+    (:meth:`EmbeddedHost.entries_refusal`): an overwrite's precondition (:meth:`Operation.checked
+    <app.engine.ops.base.Operation.checked>`), a push's scalar names (:meth:`Push.check
+    <app.engine.ops.gradients.Push.check>`)."""
+    try:
+        if expected is not None:
+            expected.check(session)
+        if op == "push" and scalars is not None:
+            try:
+                named = metrics.check_scalars(scalars)
+            except Invalid:  # (their form's refusal: the route's, after the entries)
+                named = {}
+            metrics.check_scalar_names(session, named)
+    except (OptserveError, RuntimeError):
+        return False
+    return True

@@ -8,7 +8,7 @@ results back; the front drives session hosts (in-process, or Ray actors) with op
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -50,6 +50,17 @@ class EntriesRefusal:
     #: whether a body with ``scalars`` is refused from its entries too (False: a sharded
     #: session, which refuses any ``scalars`` before it looks at the gradients' names)
     scalars: bool = True
+    #: what ``refuse`` needs where it raises :class:`EntriesUnknown` (None: it never does):
+    #: awaited, then the body's entries are looked at again (a Ray host's answer,
+    #: :class:`app.engine.held_entries.HeldEntries`, asked only for a body naming more
+    #: tensors than ``held`` says: ``held`` may be a count known before, never above the
+    #: session's)
+    ready: Callable[[], Awaitable[None]] | None = None
+
+
+class EntriesUnknown(Exception):
+    """Raised by ``EntriesRefusal.refuse`` that cannot say before ``EntriesRefusal.ready`` was
+    awaited (the refusal's host is asked only then)."""
 
 
 def session_key(tenant: str, session_id: str) -> str:

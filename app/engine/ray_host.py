@@ -25,7 +25,11 @@ needed and the cluster has no room for it beside every host, the room Ray has fr
 of a host that holds sessions and is not placed (of any shape): those hosts are asked first,
 and while the room is still theirs the create is a 503 ``no_capacity`` that starts nothing
 (:meth:`RayRouter._room_not_theirs`); where Ray has no room at all, the new host is started and
-waits for room, as before (an autoscaler's cue).
+waits for room, as before (an autoscaler's cue). A new host, or a host of the shape that does
+not answer picked for want of room (:meth:`RayRouter._placed_again`), is waited for up to
+``host_start_timeout_s``, then the create is a 503 ``no_capacity``; the hosts a failed
+placement started for a sharded session's other shards are given up with it
+(:meth:`RayRouter._retire`).
 
 **Finding sessions.** The directory (:mod:`app.engine.directory`, files under
 ``<data dir>/directory``) maps each session key to its host's name; a front finds the actor by
@@ -79,6 +83,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -105,13 +110,18 @@ from app.engine.deleted_creates import (
 from app.engine.directory import CreateMark, Directory, entry_at
 from app.engine.free_space import FreeSpace
 from app.engine.front import Front, Limits
+from app.engine.held_entries import HeldEntries
 from app.engine.history import HistoryQuery, HistoryResult
 from app.engine.host import EmbeddedHost, HostConfig
 from app.engine.idempotency import key_reused
 from app.engine.interface import (
     CreateSpec,
     EngineStatus,
+    EntriesOp,
+    EntriesRefusal,
+    EntriesUnknown,
     GroupSpec,
+    HeaderEntries,
     IdemKey,
     ParamsResult,
     ReturnParams,
@@ -133,6 +143,7 @@ from app.engine.shards import (
     Tip,
     check_shardable,
     history_refused,
+    layout_refusal,
     plan_layout,
     scalars_refused,
     shard_key,
@@ -365,6 +376,8 @@ class HostActor:
         #: the creations (entries' ``made``) a front dropped: never made here (the last
         #: :data:`_DROPPED_KEPT`, in memory: a create in flight does not outlive its actor)
         self._dropped: OrderedDict[str, None] = OrderedDict()
+        #: set by :meth:`retire`: this host makes no session any more (a front kills it)
+        self._retired = False
 
     async def _ready(self) -> InProcessHost:
         if self._host is not None:
@@ -456,6 +469,8 @@ class HostActor:
         which then finds it held (the entry stays), or checks after it, and finds its
         creation dropped (or its entry gone)."""
         host = await self._ready()
+        if self._retired:
+            raise create_dropped(key)
         # (a session made on this host after the data directory was removed while the server
         # ran must find the host again at a restart: its host.json first)
         self._kept.host_json_again()
@@ -465,7 +480,8 @@ class HostActor:
         else:
             async with self._making_lock(key):
                 entry = entry_at(self._directory, parent_key(key))
-                if made in self._dropped or entry is None or entry.get("made") != made:
+                if (self._retired or made in self._dropped or entry is None
+                        or entry.get("made") != made):
                     raise create_dropped(key)
                 info = await host.create(key, spec_from_wire(spec), idem=idem)
         self._kept.keep(parent_key(key), entry)
@@ -484,6 +500,23 @@ class HostActor:
                 while len(self._dropped) > _DROPPED_KEPT:
                     self._dropped.popitem(last=False)
             return False
+
+    async def retire(self) -> bool:
+        """A front gives this host up (one it started for a create that failed: :meth:`RayRouter.
+        _retire`): True when it holds no session, refused none at start and makes none, and
+        then it makes none from now on (a create is 503 ``create_dropped``, nothing made: one
+        through another front that picked it meanwhile) and its store stops, so the front may
+        kill it and remove its folder; False, and nothing changes, where it holds or makes one
+        (the front leaves it up). The check and the mark run with nothing awaited between them,
+        and a create checks the mark under its key's lock (:meth:`create`): a create either
+        holds that lock before the check (and is seen) or finds the mark."""
+        host = await self._ready()
+        embedded = host.embedded
+        if self._making or embedded.keys() or embedded.refused():
+            return False
+        self._retired = True
+        await host.stop(snapshot=False)
+        return True
 
     async def unforget(self, key: str, made: str) -> None:
         """Another host of the creation ``made`` holds some of it: its entry stays, so this
@@ -518,6 +551,13 @@ class HostActor:
 
     async def describe(self, key: str) -> SessionInfo:
         return await (await self._ready()).describe(key)
+
+    async def held_entries(self, key: str, idem_key: str | None, worker: str | None,
+                           op: EntriesOp, expected: Expected | None) -> HeldEntries | None:
+        """:meth:`EmbeddedHost.held_entries <app.engine.host.EmbeddedHost.held_entries>`: a
+        front refuses a body naming more tensors than the session holds from its entries."""
+        host = await self._ready()
+        return host.embedded.held_entries(key, idem_key, worker, op, expected)
 
     async def list_sessions(self, prefix: str) -> list[SessionInfo]:
         return await (await self._ready()).list_sessions(prefix)
@@ -906,6 +946,9 @@ class RayHost:
     async def unforget(self, key: str, made: str) -> None:
         await self.call("unforget", key, made)
 
+    async def retire(self) -> bool:
+        return bool(await self.call("retire"))
+
     async def execute(self, key: str, op: Operation, *, idem: IdemKey | None = None,
                       want_params: ReturnParams = False) -> Any:
         return result_from_wire(await self.call("execute", key, op_to_wire(op), idem,
@@ -927,6 +970,12 @@ class RayHost:
 
     async def describe(self, key: str) -> SessionInfo:
         out: SessionInfo = await self.call("describe", key, read=True)
+        return out
+
+    async def held_entries(self, key: str, idem_key: str | None, worker: str | None,
+                           op: EntriesOp, expected: Expected | None) -> HeldEntries | None:
+        out: HeldEntries | None = await self.call("held_entries", key, idem_key, worker, op,
+                                                  expected)
         return out
 
     async def list_sessions(self, prefix: str) -> list[SessionInfo]:
@@ -1095,9 +1144,19 @@ ABANDONED_ASK_S = 5.0
 #: sessions it holds: one that does not answer (an actor Ray cannot place or restart) is
 #: passed over, not waited for under the placement lock, which every create of its shape takes
 PLACE_PING_TIMEOUT_S = 5.0
+#: the ``Retry-After`` of a create refused because no host of its shape started in
+#: ``host_start_timeout_s`` (:meth:`RayRouter._new_host`, :meth:`RayRouter._placed_again`)
+NO_CAPACITY_RETRY_S = 30.0
 #: the ``Retry-After`` of a create refused because the room it would take is that of hosts
 #: not placed now (:meth:`RayRouter._room_not_theirs`)
 DOWN_HOSTS_RETRY_S = 10.0
+#: how long a front waits for a session's host to say its parameters for the early refusal
+#: of a body (:meth:`_Placed.early_refusal`): then the body is decoded whole and its operation
+#: answers, as without
+ENTRIES_ASK_S = 2.0
+#: hosts being given up in the background (:meth:`RayRouter._place` cancelled): each task is
+#: held until it is done
+_BACKGROUND: set[asyncio.Future[Any]] = set()
 #: how long a keyed create that finds the id's entry claimed by another front's try of it
 #: waits for that try's index (written right after the claim: :meth:`RayRouter._indexed_soon`)
 INDEX_WAIT_S = 10.0
@@ -1179,6 +1238,11 @@ class RayRouter:
         #: the call that waits for its answer
         self._pushes: dict[_Push, asyncio.Future[StepResult]] = {}
         self._withdrawals: set[asyncio.Task[None]] = set()
+        #: per plain session, how many parameters its host said it held (with the creation,
+        #: its entry's ``made``, it is of): a body naming no more is not refused from its
+        #: entries, nothing asked (:meth:`_Placed.early_refusal`; a creation's parameters are
+        #: only ever added to)
+        self._held_counts: dict[str, tuple[str | None, int]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -1516,7 +1580,7 @@ class RayRouter:
             raise Unavailable(f"the Ray cluster has no room for a session host asking "
                               f"{resources} (none started in "
                               f"{self.options.host_start_timeout_s:g} s)",
-                              code="no_capacity", retry_after=30.0) from None
+                              code="no_capacity", retry_after=NO_CAPACITY_RETRY_S) from None
         except asyncio.CancelledError:
             # (the create cancelled while it waits, e.g. by the server's shutdown after its
             # grace period: the host went on waiting for room, without a session, a later
@@ -1529,16 +1593,59 @@ class RayRouter:
                  str(info["node"])[:12])
         return host
 
-    def _give_up(self, handle: Any, name: str) -> None:
+    async def _placed_again(self, name: str, resources: dict[str, Any]) -> None:
+        """Wait for a host of this shape that did not answer (not placed: started again after
+        a restart of the cluster, or killed for good), picked for a session where the cluster
+        has no room for a new host, to answer: up to ``host_start_timeout_s``, as for a new
+        host's start, then 503 ``no_capacity`` with nothing made (no entry is claimed before
+        placement; the host is left as it is: it holds sessions, or will take them once
+        placed). The create's call to it waited without bound (:meth:`RayHost.call`: a call
+        to an actor Ray has not placed answers once it is), and with it every create of the
+        shape, behind the placement lock."""
+        timeout = self.options.host_start_timeout_s
+        try:
+            await asyncio.wait_for(self._host(name).call("ping", read=True), timeout)
+        except TimeoutError:
+            raise Unavailable(f"the Ray cluster has no room for a session host asking "
+                              f"{resources}: host {name} of that shape, which would take the "
+                              f"session, did not start in {timeout:g} s",
+                              code="no_capacity", retry_after=NO_CAPACITY_RETRY_S) from None
+
+    def _give_up(self, handle: Any, name: str, *, started: bool = False) -> None:
         """Kill a new host not started yet (no session is on it) and remove its ``host.json``
         and its folder, made by :meth:`_new_host`, when empty: an actor that never started
-        wrote nothing there (one that did keeps its files, and the folder with them)."""
+        wrote nothing there (one that did keeps its files, and the folder with them).
+        ``started``: a host that started and was retired (:meth:`_retire`: it holds no
+        session and makes none; its store stopped): its folder goes with its store's files."""
         ray.kill(handle, no_restart=True)
         root = self.hosts_dir / name
         (root / HOST_JSON).unlink(missing_ok=True)
         self._saved.pop(name, None)
+        self._hosts.pop(name, None)
+        if started:
+            shutil.rmtree(root, ignore_errors=True)
         with contextlib.suppress(OSError):
             root.rmdir()
+
+    async def _retire(self, hosts: list[RayHost]) -> None:
+        """Give up the hosts a placement started for a create that failed (503 ``no_capacity``
+        for another of its shards' hosts, any other failure, or the create cancelled): they
+        were left up, empty, each holding its room (:meth:`HostActor.retire`: only while it
+        holds no session and makes none, which another front may have placed on it meanwhile:
+        then it stays, with a warning)."""
+        for host in hosts:
+            try:
+                retired = await asyncio.wait_for(host.retire(), PLACE_PING_TIMEOUT_S)
+            except (OptserveError, TimeoutError) as exc:
+                log.warning("host %s, started for a create that failed, could not be given "
+                            "up: %s", host.name, exc)
+                continue
+            if not retired:
+                log.warning("host %s, started for a create that failed, holds a session made "
+                            "through another front meanwhile: kept", host.name)
+                continue
+            self._give_up(host.handle, host.name, started=True)
+            log.info("gave up host %s, started for a create that failed", host.name)
 
     def _saved_hosts(self) -> list[tuple[str, dict[str, Any]]]:
         """Every host of this deployment with its host.json (those that cannot be read left
@@ -1635,46 +1742,68 @@ class RayRouter:
                                            for n in names), return_exceptions=True)
             sessions = {n: int(out["sessions"]) for n, out in zip(names, loads, strict=True)
                         if isinstance(out, dict)}
-            cap = self.options.sessions_per_host
             chosen: list[RayHost] = []
-            down: dict[str, dict[str, Any]] | None = None  # (:meth:`_down_hosts`)
-            for _ in range(count):
-                room = [n for n, k in sessions.items() if (not cap or k < cap)
-                        and n not in {h.name for h in chosen}]
-                # (asked of Ray at most once a host placed: two calls to its state API)
-                has_room: bool | None = None
-
-                def cluster_has_room() -> bool:
-                    nonlocal has_room
-                    if has_room is None:
-                        has_room = self._cluster_has_room(resources, held)
-                    return has_room
-                pick: str | None = None
-                if placement == "pack":
-                    pick = min(room, key=lambda n: (-sessions[n], n)) if room else None
-                elif not cluster_has_room():
-                    pick = min(room, key=lambda n: (sessions[n], n)) if room else None
-                # hosts of this shape that did not answer the ping in time (started again
-                # after a restart of the cluster, or killed for good) take their room once
-                # placed: with no room, a new host would wait for it and the create end in a
-                # 503 no_capacity; one of them takes the session instead, the create waiting
-                # for its start (their sessions are not counted)
-                waiting = [n for n in names
-                           if n not in sessions and n not in {h.name for h in chosen}]
-                if pick is None and waiting and not cluster_has_room():
-                    pick = min(waiting)
-                if pick is not None:
-                    host = self._host(pick)
-                else:
-                    if not cluster_has_room():
-                        if down is None:  # (once a placement: the hosts of other shapes too)
-                            down = await self._down_hosts(saved, set(names), set(sessions))
-                        self._room_not_theirs(resources, down)
-                    host = await self._new_host(resources, placement)
-                    _add_need(held, resources)  # (its host.json, written by now)
-                sessions[host.name] = sessions.get(host.name, 0) + 1
-                chosen.append(host)
+            started: list[RayHost] = []  # (new hosts, given up if the placement fails)
+            try:
+                await self._choose(resources, placement, count, names, sessions, held, saved,
+                                   chosen, started)
+            except asyncio.CancelledError:
+                if started:  # (in the background: the create is cut short now)
+                    retiring = asyncio.ensure_future(self._retire(started))
+                    _BACKGROUND.add(retiring)
+                    retiring.add_done_callback(_BACKGROUND.discard)
+                raise
+            except Exception:
+                await self._retire(started)
+                raise
             return chosen
+
+    async def _choose(self, resources: dict[str, Any], placement: str, count: int,
+                      names: list[str], sessions: dict[str, int], held: dict[str, float],
+                      saved: list[tuple[str, dict[str, Any]]], chosen: list[RayHost],
+                      started: list[RayHost]) -> None:
+        """:meth:`_place`'s choice of ``count`` hosts, into ``chosen`` (the new hosts it
+        started also into ``started``)."""
+        cap = self.options.sessions_per_host
+        down: dict[str, dict[str, Any]] | None = None  # (:meth:`_down_hosts`)
+        for _ in range(count):
+            room = [n for n, k in sessions.items() if (not cap or k < cap)
+                    and n not in {h.name for h in chosen}]
+            # (asked of Ray at most once a host placed: two calls to its state API)
+            has_room: bool | None = None
+
+            def cluster_has_room() -> bool:
+                nonlocal has_room
+                if has_room is None:
+                    has_room = self._cluster_has_room(resources, held)
+                return has_room
+            pick: str | None = None
+            if placement == "pack":
+                pick = min(room, key=lambda n: (-sessions[n], n)) if room else None
+            elif not cluster_has_room():
+                pick = min(room, key=lambda n: (sessions[n], n)) if room else None
+            # hosts of this shape that did not answer the ping in time (started again
+            # after a restart of the cluster, or killed for good) take their room once
+            # placed: with no room, a new host would wait for it and the create end in a
+            # 503 no_capacity; one of them takes the session instead, the create waiting
+            # for its start, up to host_start_timeout_s (their sessions are not counted)
+            waiting = [n for n in names
+                       if n not in sessions and n not in {h.name for h in chosen}]
+            if pick is None and waiting and not cluster_has_room():
+                pick = min(waiting)
+                await self._placed_again(pick, resources)
+            if pick is not None:
+                host = self._host(pick)
+            else:
+                if not cluster_has_room():
+                    if down is None:  # (once a placement: the hosts of other shapes too)
+                        down = await self._down_hosts(saved, set(names), set(sessions))
+                    self._room_not_theirs(resources, down)
+                host = await self._new_host(resources, placement)
+                started.append(host)
+                _add_need(held, resources)  # (its host.json, written by now)
+            sessions[host.name] = sessions.get(host.name, 0) + 1
+            chosen.append(host)
 
     # ------------------------------------------------------------------ sessions
     async def create(self, key: str, spec: CreateSpec, *, idem: IdemKey | None = None,
@@ -2127,6 +2256,7 @@ class RayRouter:
     async def delete(self, key: str, *, idem: IdemKey | None = None,
                      expected: Expected | None = None) -> bool:
         tenant = split_key(key)[0]
+        self._held_counts.pop(key, None)  # (what it counted: of a creation gone or going)
         if idem is not None:
             # a keyed delete done already: answered, through any front (its hosts keep the
             # key too, but the entry naming them may be gone, or name a session made since)
@@ -2261,6 +2391,78 @@ class _Placed:
     async def describe(self, key: str) -> SessionInfo:
         info: SessionInfo = await self._again(lambda h: h.describe(key))
         return self.router._placed(info, self.router._entry(key))
+
+    async def early_refusal(self, key: str, idem_key: str | None, worker: str | None,
+                            op: EntriesOp, expected: Expected | None) -> EntriesRefusal | None:
+        """The refusal of a body of ``op`` naming more tensors than the session holds, from
+        its entries (:meth:`Front.entries_refusal <app.engine.front.Front.entries_refusal>`),
+        as the session's host would give it once every tensor is made. Nothing is asked for a
+        body naming no more tensors than the session held when this front last asked (a
+        creation's parameters are only ever added to: :attr:`RayRouter._held_counts`), nor
+        for a sharded session's (its layout, in its directory entry, is fixed), so a step
+        costs nothing more. Otherwise (``EntriesRefusal.ready``, awaited once the body is
+        read, then its entries looked at again): a plain session's host is asked its
+        parameters' count, names, dtypes and shapes (:meth:`HostActor.held_entries`); a
+        sharded session's refusal is its layout's (:func:`~app.engine.shards.layout_refusal`,
+        as the embedded engine's) once its coordinator's host is known to run this commit
+        (else its 503 is the answer) and the entry is still the directory's (else the session
+        was deleted, perhaps made again, through another front: its operation finds out).
+        Nothing is refused where the host declines (the embedded engine's cases), fails, or
+        does not answer within :data:`ENTRIES_ASK_S` (then the operation answers)."""
+        host, router = self.host, self.router
+        if isinstance(host, RemoteSharded):
+            known = len(ShardLayout.from_json(host.entry["layout"]).owner)
+        elif isinstance(host, RayHost):
+            made = (router._entries.get(key) or {}).get("made")
+            counted = router._held_counts.get(key)
+            known = counted[1] if counted is not None and counted[0] == made else 0
+        else:
+            return None
+        answer: list[EntriesRefusal | None] = []
+
+        async def ready() -> None:
+            if not answer:
+                answer.append(await self._entries_answer(key, idem_key, worker, op, expected))
+
+        def held() -> int:  # (the host's answer; before it, what this front knew)
+            if not answer:
+                return known
+            refusal = answer[0]
+            return refusal.held() if refusal is not None else sys.maxsize
+
+        def refuse(entries: HeaderEntries, upcast: bool, scalars: object) -> None:
+            if not answer:
+                raise EntriesUnknown
+            refusal = answer[0]
+            if refusal is not None:
+                refusal.refuse(entries, upcast, scalars)
+        # (a sharded session refuses any scalars first; a plain one's host checks a push's
+        # scalar names first)
+        scalars = op != "push" and isinstance(host, RayHost)
+        return EntriesRefusal(held=held, refuse=refuse, scalars=scalars, ready=ready)
+
+    async def _entries_answer(self, key: str, idem_key: str | None, worker: str | None,
+                              op: EntriesOp, expected: Expected | None
+                              ) -> EntriesRefusal | None:
+        """:meth:`early_refusal`'s look where it must ask (None: no refusal)."""
+        host, router = self.host, self.router
+        try:
+            if isinstance(host, RayHost):
+                made = (router._entries.get(key) or {}).get("made")
+                held = await asyncio.wait_for(host.held_entries(key, idem_key, worker, op,
+                                                                expected), ENTRIES_ASK_S)
+                if held is None:
+                    return None
+                router._held_counts[key] = (made, held.count)
+                return held.refusal()
+            if isinstance(host, RemoteSharded):
+                await asyncio.wait_for(host.host.same_commit(), ENTRIES_ASK_S)
+                if router.directory.get(key) != host.entry:
+                    return None
+                return layout_refusal(ShardLayout.from_json(host.entry["layout"]), worker, op)
+        except (OptserveError, TimeoutError, RayTaskError, RayActorError):
+            pass
+        return None
 
     async def pull(
         self, key: str, names: list[str] | None, *, min_version: int | None = None,

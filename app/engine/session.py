@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -424,18 +424,12 @@ class Session:
         shapes, in this order (the first problem found), from a body's header alone: for a
         body naming more tensors than the session holds, which is refused before its tensors
         are made (one of its names is not a parameter's). Returns when none is found."""
-        for name, dtype, shape in entries:
-            _check_dense(name, self._named(name, field), dtype, shape, field, upcast)
+        refuse_entries(self.params, entries, field, upcast)
 
     def _named(self, name: str, field: str) -> torch.Tensor:
         """The parameter ``name``; 422 ``unknown_parameter`` naming ``field.name`` when the
         session has none."""
-        p = self.params.get(name)
-        if p is None:
-            raise Invalid(f"unknown parameter {name!r:.80}; this session has "
-                          f"{', '.join(repr(n) for n in list(self.params)[:20])}",
-                          code="unknown_parameter", field=f"{field}.{name}")
-        return p
+        return _named(self.params, name, field)
 
     def known_body(self, tensors: Tensors) -> bool:
         """Whether ``tensors`` are a body's (:class:`BodyTensors`) whose header equals one this
@@ -931,7 +925,38 @@ class BlockPlan:
 _NARROW = (torch.float16, torch.bfloat16)
 
 
-def _check_dense(name: str, p: torch.Tensor, dtype: torch.dtype, shape: Sequence[int],
+class Shaped(Protocol):
+    """What the checks of a tensor sent for a parameter read of it: a parameter tensor, or
+    its dtype and shape as a host sent them (:class:`app.engine.held_entries.HeldEntries`)."""
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+
+P = TypeVar("P", bound=Shaped)
+
+
+def refuse_entries(params: Mapping[str, P], entries: Iterable[tuple[str, torch.dtype,
+                                                                     Sequence[int]]],
+                   field: str, upcast: bool | None = None) -> None:
+    """:meth:`Session.refuse_entries` over ``params`` (a session's parameters, or their
+    dtypes and shapes by name, in the session's order)."""
+    for name, dtype, shape in entries:
+        _check_dense(name, _named(params, name, field), dtype, shape, field, upcast)
+
+
+def _named(params: Mapping[str, P], name: str, field: str) -> P:
+    p = params.get(name)
+    if p is None:
+        raise Invalid(f"unknown parameter {name!r:.80}; this session has "
+                      f"{', '.join(repr(n) for n in list(params)[:20])}",
+                      code="unknown_parameter", field=f"{field}.{name}")
+    return p
+
+
+def _check_dense(name: str, p: Shaped, dtype: torch.dtype, shape: Sequence[int],
                  field: str, upcast: bool | None) -> None:
     """A dense tensor of ``dtype`` and ``shape`` sent for parameter ``p`` (``name``): 422
     ``dtype_mismatch`` (no silent casts; with ``upcast``, a float16/bfloat16 one for a wider

@@ -1073,24 +1073,10 @@ class ShardedSession:
         where that answer could be another: a worker id :func:`ps.check_worker` refuses; and
         a body with ``scalars`` is decoded whole (they are refused first:
         ``EntriesRefusal.scalars``)."""
-        if worker is not None:
-            try:
-                ps.check_worker(worker)
-            except Invalid:
-                return None
-        held = len(self.layout.owner)
-        field = "params" if op == "overwrite" else "grads"
-        return EntriesRefusal(held=lambda: held,
-                              refuse=lambda entries, upcast, scalars: self._check_names(
-                                  entries, field),
-                              scalars=False)
+        return layout_refusal(self.layout, worker, op)
 
     def _check_names(self, tensors: Iterable[str], field: str) -> None:
-        for name in tensors:
-            if name not in self.layout.owner:
-                shown = ", ".join(repr(n) for n in self.layout.names()[:20])
-                raise Invalid(f"unknown parameter {name!r:.80}; this session has {shown}",
-                              code="unknown_parameter", field=f"{field}.{name}")
+        check_layout_names(self.layout, tensors, field)
 
     def _wake(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -1139,3 +1125,31 @@ class ShardedSession:
             info.replayed = replayed
             return info
         return first
+
+
+def layout_refusal(layout: ShardLayout, worker: str | None, op: EntriesOp = "step"
+                   ) -> EntriesRefusal | None:
+    """:meth:`ShardedSession.entries_refusal` over a sharded session's ``layout`` (also a Ray
+    front's, from the session's directory entry: :meth:`app.engine.ray_host._Placed.
+    early_refusal`)."""
+    if worker is not None:
+        try:
+            ps.check_worker(worker)
+        except Invalid:
+            return None
+    held = len(layout.owner)
+    field = "params" if op == "overwrite" else "grads"
+    return EntriesRefusal(held=lambda: held,
+                          refuse=lambda entries, upcast, scalars: check_layout_names(
+                              layout, entries, field),
+                          scalars=False)
+
+
+def check_layout_names(layout: ShardLayout, tensors: Iterable[str], field: str) -> None:
+    """422 ``unknown_parameter`` for the first of ``tensors`` the session's ``layout`` does not
+    hold."""
+    for name in tensors:
+        if name not in layout.owner:
+            shown = ", ".join(repr(n) for n in layout.names()[:20])
+            raise Invalid(f"unknown parameter {name!r:.80}; this session has {shown}",
+                          code="unknown_parameter", field=f"{field}.{name}")

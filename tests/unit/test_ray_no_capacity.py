@@ -1,8 +1,10 @@
 """A sharded create on a Ray cluster without room for all its shards' hosts: the host that
 Ray cannot place is given up after ``host_start_timeout_s`` and the create is a 503
 ``no_capacity`` that leaves no session, no directory entry and no folder of that host (an
-empty ``hosts/<name>/`` was left); its retry under the same Idempotency-Key is answered the
-same while there is no room, and makes the session once there is, as one create."""
+empty ``hosts/<name>/`` was left), nor the hosts started for its other shards (they stayed
+up, empty); its retry under the same Idempotency-Key is answered the same while there is no
+room, and makes the session once there is, as one create. A create that takes a host of its
+shape that does not answer waits for it a bounded time."""
 
 from __future__ import annotations
 
@@ -34,15 +36,28 @@ class _Unplaced:
 
 
 class _Full(Cluster):
-    """The fake cluster, with room for ``room`` more host actors (``None``: any number)."""
+    """The fake cluster, with room for ``room`` more host actors (``None``: any number). A
+    placed host actor killed gives its room back."""
 
     def __init__(self, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         super().__init__(data_dir, monkeypatch)
         self.room: int | None = None
+        #: the host actors killed: those never placed, and those placed (``killed_placed``)
         self.killed: list[str] = []
-        monkeypatch.setattr(ray, "kill", lambda handle, no_restart=True: self.killed.append(
-            next(n for n, h in self.unplaced.items() if h is handle)))
+        self.killed_placed: list[str] = []
+        monkeypatch.setattr(ray, "kill", self.kill_actor)
         self.unplaced: dict[str, _Unplaced] = {}
+
+    def kill_actor(self, handle: Any, no_restart: bool = True) -> None:
+        for name, h in self.unplaced.items():
+            if h is handle:
+                self.killed.append(name)
+                return
+        name = next(n for n, h in self.actors.items() if h is handle)
+        del self.actors[name]
+        self.killed_placed.append(name)
+        if self.room is not None:
+            self.room += 1
 
     def options(self, **opts: Any) -> Any:
         placed = super().options(**opts)
@@ -59,6 +74,9 @@ class _Full(Cluster):
 
 def test_a_sharded_create_without_room_leaves_nothing_and_its_retry_is_answered_alike(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host started for the other shard (placed, started, empty) is given up too: killed
+    (its room back), its ``host.json`` and folder removed (it stayed up, empty, holding its
+    room, until a retry took it)."""
     cluster = _Full(tmp_path, monkeypatch)
     key = create_key("k-s2")
     hosts = tmp_path / "hosts"
@@ -72,6 +90,7 @@ def test_a_sharded_create_without_room_leaves_nothing_and_its_retry_is_answered_
         router.options = dataclasses.replace(  # type: ignore[attr-defined]
             router.options, host_start_timeout_s=0.3)  # type: ignore[attr-defined]
         await front.create(spec(id="p1"))  # (one session per host: p1's host is full)
+        (p1_host,) = folders()
         cluster.room = 1  # room for shard 0's new host, none for shard 1's
         for attempt in range(2):
             with pytest.raises(Unavailable) as err:
@@ -80,13 +99,13 @@ def test_a_sharded_create_without_room_leaves_nothing_and_its_retry_is_answered_
             assert entries(front) == ["default~p1"]
             with pytest.raises(NotFound):
                 await front.pull("s2", None)
-            # every folder under hosts/ is a host's (its host.json): the one Ray could not
-            # place went with its host.json (its folder was left, empty)
-            assert all((hosts / n / "host.json").exists() for n in folders()), folders()
-            assert len(cluster.killed) == attempt + 1
-            assert not set(cluster.killed) & set(folders())
-        # (the first try's shard-0 host, started and empty, is taken by the retry)
-        assert len(folders()) == 2
+            # only p1's host is left: the one Ray could not place went with its host.json
+            # (its folder was left, empty), and so did shard 0's, started and empty (it was
+            # left up, its folder and host.json kept)
+            assert folders() == [p1_host]
+            assert len(cluster.killed) == len(cluster.killed_placed) == attempt + 1
+            assert cluster.room == 1  # (shard 0's room back)
+        assert set(cluster.actors) == {p1_host}
         cluster.room = None  # room again: the retry makes it, once
         made = await front.create(spec(2, id="s2"), idem=key)
         assert made.id == "s2" and not made.replayed
@@ -98,6 +117,7 @@ def test_a_sharded_create_without_room_leaves_nothing_and_its_retry_is_answered_
         assert_tensors_equal(dict((await front.pull("s2", None)).params), ref.params,
                              "after the step")
         assert sorted(entries(front)) == ["default~p1", "default~s2"]
+        assert len(folders()) == 3
         await cluster.kill()
 
     asyncio.run(run())
@@ -145,6 +165,112 @@ def test_a_create_cancelled_while_its_new_host_waits_for_room_leaves_no_host(
         ref.step(GRADS)
         assert_tensors_equal(dict((await front.pull("p2", None)).params), ref.params,
                              "after the step")
+        await cluster.kill()
+
+    asyncio.run(run())
+
+
+class _Waiting:
+    """The handle of a host actor Ray has not placed again (after a restart of the cluster,
+    with no room for it): its calls answer once it is placed (``placed`` set)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.placed = asyncio.Event()
+
+    def __getattr__(self, method: str) -> Any:
+        async def later(*args: Any) -> Any:
+            await self.placed.wait()
+            return await getattr(self.handle, method).remote(*args)
+        return type("M", (), {"remote": staticmethod(later)})()
+
+
+def test_a_create_waits_for_a_host_of_its_shape_that_does_not_answer_a_bounded_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the cluster has no room for a new host, a create takes a host of its shape that
+    does not answer (not placed again after a restart of the cluster), its start waited for:
+    up to ``host_start_timeout_s``, as a new host's, then 503 ``no_capacity`` with
+    ``Retry-After`` and nothing made (no entry; that host left as it is: it holds a session).
+    The create waited for it without bound, and every create of its shape behind it. Once the
+    host is placed again, a create is made and both sessions step as torch.optim does."""
+    cluster = _Full(tmp_path, monkeypatch)
+    monkeypatch.setattr(ray_host, "PLACE_PING_TIMEOUT_S", 0.2)
+    hosts = tmp_path / "hosts"
+    ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+
+    async def run() -> None:
+        await cluster.front().create(spec(id="p1"))
+        (h1,) = [p.name for p in hosts.iterdir()]
+        await cluster.front().step("p1", GRADS, return_params=False)
+        ref.step(GRADS)
+        await cluster.kill()  # (a restart of the cluster: no room to place h1 again yet)
+        monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.0})
+        front = cluster.front()
+        router = front.router
+        router.options = dataclasses.replace(  # type: ignore[attr-defined]
+            router.options, host_start_timeout_s=0.3)  # type: ignore[attr-defined]
+        # (its actor, as the front starts it again from its host.json, not placed)
+        waiting = _Waiting(router._handle(h1))  # type: ignore[attr-defined]
+        cluster.actors[h1] = waiting  # type: ignore[assignment]
+        with pytest.raises(Unavailable) as err:
+            await asyncio.wait_for(front.create(spec(id="p2")), 5.0)  # (was: no answer)
+        assert err.value.code == "no_capacity" and h1 in err.value.detail, err.value
+        assert err.value.retry_after == ray_host.NO_CAPACITY_RETRY_S
+        assert entries(front) == ["default~p1"]
+        assert [p.name for p in hosts.iterdir()] == [h1] and cluster.killed == []
+        with pytest.raises(NotFound):
+            await front.pull("p2", None)
+        waiting.placed.set()  # (placed again, and room for another host)
+        cluster.actors[h1] = waiting.handle
+        monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 64.0})
+        made = await front.create(spec(id="p2"))
+        assert made.id == "p2" and not made.replayed
+        await front.step("p2", GRADS, return_params=False)
+        ref2 = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+        ref2.step(GRADS)
+        await front.step("p1", GRADS, return_params=False)
+        ref.step(GRADS)
+        assert_tensors_equal(dict((await front.pull("p1", None)).params), ref.params, "p1")
+        assert_tensors_equal(dict((await front.pull("p2", None)).params), ref2.params, "p2")
+        await cluster.kill()
+
+    asyncio.run(run())
+
+
+
+def test_a_host_is_given_up_only_while_it_holds_and_makes_no_session(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A started host a placement gives up (``RayRouter._retire``) may have been picked through
+    another front meanwhile: one that holds a session is kept (not killed, its files and
+    session whole); one that holds none is killed, its folder removed, and a create that
+    reaches it after the check (another front's) is 503 ``create_dropped`` with nothing
+    made."""
+    cluster = _Full(tmp_path, monkeypatch)
+    hosts = tmp_path / "hosts"
+
+    async def run() -> None:
+        front = cluster.front()
+        router: Any = front.router
+        await front.create(spec(id="p1"))
+        (h1,) = [p.name for p in hosts.iterdir()]
+        empty = await router._new_host({"num_cpus": 1}, "pack")
+        actor = cluster.actors[empty.name].actor  # (its handle goes with the kill)
+        await router._retire([router._host(h1), empty])
+        assert cluster.killed_placed == [empty.name]
+        assert [p.name for p in hosts.iterdir()] == [h1]
+        # a create through another front that placed its session there before the kill
+        late = {"resources": {"num_cpus": 1}, "placement": "pack", "host": empty.name,
+                "created_by": None, "made": "made-elsewhere"}
+        assert router.directory.claim("default~late", late)
+        with pytest.raises(Unavailable) as err:  # (a create that reached it after the check)
+            await actor.create("default~late", ray_host.spec_to_wire(spec(id="late")), None,
+                               "made-elsewhere")
+        assert err.value.code == "create_dropped", err.value
+        assert actor._host.embedded.keys() == []
+        await front.step("p1", GRADS, return_params=False)
+        ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+        ref.step(GRADS)
+        assert_tensors_equal(dict((await front.pull("p1", None)).params), ref.params, "p1")
         await cluster.kill()
 
     asyncio.run(run())
