@@ -185,3 +185,37 @@ def _params(client: TestClient, sid: str) -> dict[str, torch.Tensor]:
     r = client.get(f"/v1/sessions/{sid}/params")
     assert r.status_code == 200, r.text
     return tensors_from_json(r.json()["params"])
+
+
+@pytest.mark.parametrize("route", ["step", "grads", "params"])
+def test_a_sharded_session_with_a_damaged_shard_refuses_names_as_a_whole_decode_does(
+        app_client: TestClient, decoded: list[str],  # noqa: F811 - the fixture
+        monkeypatch: pytest.MonkeyPatch, half_way: None, route: str) -> None:
+    """A sharded session checks a body's names against its layout before any shard looks at
+    it, out of service or not: with the shard holding ``a`` out of service (its step failed
+    half-way, and it keeps nothing on disk), an excess body is refused at its first unknown
+    name from its entries (``ShardedSession.entries_refusal``), the 422 a whole decode gives,
+    and the shards' tensors are not touched."""
+    r = app_client.post("/v1/sessions", json={
+        "id": "sd", "optimizer": "Adam", "options": {"lr": 0.1}, "shards": 2,
+        "durability": "memory", "params": {n: json_tensor(t) for n, t in PARAMS.items()}})
+    assert r.status_code == 201, r.text
+    r = app_client.post("/v1/sessions/sd/step", content=save({**GRADS, "a": POISON}),
+                        headers=BIN_CT)
+    assert r.status_code == 503, r.text
+    host = _host(app_client)
+    shards = [k for k in host._sessions if k.startswith("default#sd~shard")]
+    assert len(shards) == 2 and any(k in host._damaged for k in shards), shards
+    held = {k: {n: t.clone() for n, t in host._sessions[k].params.items()} for k in shards}
+    tensors = _excess(dict(GRADS))
+    decoded.clear()
+    got = _problem(_send_any(app_client, "sd", route, "json", tensors))
+    assert (got["code"], got["field"]) == ("unknown_parameter", _key(route, "extra000")), got
+    assert len(decoded) == 4, decoded  # (a, b, c, then the refused name)
+    decoded.clear()
+    _same(got, _whole_way(monkeypatch, lambda: _send_any(app_client, "sd", route, "json",
+                                                         tensors)))
+    assert len(decoded) == len(tensors)
+    for k, params in held.items():
+        for n, t in params.items():
+            assert torch.equal(host._sessions[k].params[n], t), (k, n)
