@@ -18,7 +18,7 @@ from fastapi import Request
 from app.engine.idempotency import check_key
 from app.engine.interface import EVERY_VERSION, EveryVersion, IdemKey
 from app.engine.ops import Expected
-from app.errors import BadHeader, Invalid, OptserveError
+from app.errors import BadHeader, Invalid, OptserveError, PreconditionFailed
 from app.wire.content_digest import tensors_digest
 from app.wire.integers import int_text
 
@@ -339,12 +339,20 @@ def _match_list(header: str) -> tuple[list[int], bool]:
 
 
 def check_read(expected: Expected | None, version: int, step: int,
-               revision: int | None = None) -> None:
+               revision: int | None = None, *, tag: str | None = None) -> None:
     """412 ``precondition_failed`` naming ``If-Match`` when a read's answer is not of the
     version it named (checked on the answer itself: what was read, at one version; its
-    ``step`` and ``revision`` go in the refusal's headers, as a 200's)."""
-    if expected is not None:
+    ``step`` and ``revision`` go in the refusal's headers, as a 200's; a state dict read's
+    ``tag``, :func:`state_tag`, too: ``current_state_tag`` and ``X-Optserve-State-Tag``, so a
+    client learns the tag a 200 or a 304 would give without another read)."""
+    if expected is None:
+        return
+    try:
         expected.check_at(version, revision, "nothing is answered", step=step)
+    except PreconditionFailed as exc:
+        if tag is not None:
+            exc.extra["current_state_tag"] = tag
+        raise
 
 
 def worker_id(request: Request) -> str | None:

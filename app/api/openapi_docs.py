@@ -681,7 +681,9 @@ PROBLEMS: dict[str, str] = {
            "?base_version=) or revision (?base_revision=) named; nothing was applied (a "
            "read: nothing is answered). Its ETag, X-Optserve-Version and X-Optserve-Step (and "
            "X-Optserve-Revision where known) give the session's current version, as a 200 "
-           "would (absent only for a session at no version: one out of service); an "
+           "would (absent only for a session at no version: one out of service); on a read "
+           "of the state dict, X-Optserve-State-Tag (and current_state_tag) its state tag, "
+           "as a 200 or 304 would give it; an "
            "If-Match list's first 16 versions are in base_versions, their number in "
            "base_versions_count",
     "503": "Not ready (device worker down, data directory not writable, or draining)",
@@ -902,7 +904,8 @@ def _document(op: Op, method: str, path: str, doc_op: dict[str, Any]) -> None:
             responses[status]["headers"] = _headers(("X-Request-Id", "Retry-After"))
         if status == "412":  # the session's current version, as a 200's (its text says so)
             responses[status]["headers"] = _headers(("X-Request-Id", *_VERSION_HEADERS,
-                                                     "X-Optserve-Revision"))
+                                                     "X-Optserve-Revision") + (
+                ("X-Optserve-State-Tag",) if op.id == "exportState" else ()))
     if op.id in ("getParams", "pullRows"):
         responses["304"] = {"description": "Not modified (If-None-Match names the current "
                                            "version, or is *)",

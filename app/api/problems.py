@@ -67,8 +67,9 @@ def _close_after_refused_upload(request: Request, response: Response) -> None:
 def current_version_headers(extra: dict[str, Any]) -> dict[str, str]:
     """A 412 ``precondition_failed``'s headers: the session's current version as a 200 gives
     it (``ETag``, ``X-Optserve-Version``, ``X-Optserve-Step``; ``X-Optserve-Revision`` where
-    the refusal knows it), so a client refreshes its precondition without another read; none
-    where the session is at no version (one out of service)."""
+    the refusal knows it; ``X-Optserve-State-Tag`` on a read of the state dict), so a client
+    refreshes its precondition without another read; none where the session is at no version
+    (one out of service)."""
     version, revision = extra.get("current_version"), extra.get("current_revision")
     if type(version) is not int:
         return {}
@@ -78,6 +79,9 @@ def current_version_headers(extra: dict[str, Any]) -> dict[str, str]:
         headers["X-Optserve-Step"] = str(step)
     if type(revision) is int:
         headers["X-Optserve-Revision"] = str(revision)
+    tag = extra.get("current_state_tag")
+    if type(tag) is str:
+        headers["X-Optserve-State-Tag"] = tag
     return headers
 
 

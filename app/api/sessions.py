@@ -542,14 +542,16 @@ async def export_state(
         # the same id, whose revisions count from 0 again, matches no tag of the old one;
         # told from its description, nothing exported)
         info = await engine.describe(session_id, tenant=tenant)
-        conditions.check_read(expected, info.version, info.step, info.revision)
+        conditions.check_read(expected, info.version, info.step, info.revision,
+                              tag=conditions.state_tag(info.revision, info.token))
         if not held or (info.revision, info.token) in held:
             return _not_modified(info, state=True)
     out = await engine.export_state(session_id, tenant=tenant)
-    conditions.check_read(expected, out.version, out.step, out.revision)
+    tag = conditions.state_tag(out.revision, out.token)
+    conditions.check_read(expected, out.version, out.step, out.revision, tag=tag)
     headers = version_headers(out.version, out.step)
     headers[REVISION_HEADER] = str(out.revision)
-    headers[STATE_TAG_HEADER] = conditions.state_tag(out.revision, out.token)
+    headers[STATE_TAG_HEADER] = tag
     sd = out.state_dict
     if int_outside(sd.get("param_groups"), *OPTION_INTS):  # (as a description writes it)
         sd = {**sd, "param_groups": ints_as_text(sd["param_groups"], *OPTION_INTS)}

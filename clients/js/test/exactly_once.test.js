@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
 import { ConflictError, ConnectionError, OptserveClient, Tensor, UnavailableError, ValidationError } from "../optserve.js";
-import { BASE_URL, NO_SERVER, uid } from "./helpers.js";
+import { API_KEY, BASE_URL, NO_SERVER, uid } from "./helpers.js";
 
 /** A fetch that performs the request for real, then loses the first `drops` answers of `path`. */
 function droppingFetch(pathPart, drops = 1) {
@@ -27,7 +27,7 @@ function droppingFetch(pathPart, drops = 1) {
 describe("exactly once", { skip: NO_SERVER }, () => {
   test("a step whose answer was lost is retried with its key and applied once", async () => {
     const { fetchImpl, sent } = droppingFetch("/step");
-    const c = new OptserveClient({ baseUrl: BASE_URL, fetch: fetchImpl, retryDelayMs: 1 });
+    const c = new OptserveClient({ baseUrl: BASE_URL, apiKey: API_KEY, fetch: fetchImpl, retryDelayMs: 1 });
     const id = uid("once");
     await c.createSession({ id, optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) } });
     const out = await c.step(id, { x: Tensor.from([16]) });
@@ -63,7 +63,7 @@ describe("exactly once", { skip: NO_SERVER }, () => {
       }
       return res;
     };
-    const c = new OptserveClient({ baseUrl: BASE_URL, fetch: fetchImpl, retryDelayMs: 1, maxRetries: 1 });
+    const c = new OptserveClient({ baseUrl: BASE_URL, apiKey: API_KEY, fetch: fetchImpl, retryDelayMs: 1, maxRetries: 1 });
     const id = uid("once-later");
     await c.createSession({ id, optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) } });
     const grads = { x: Tensor.from([16]) };
@@ -89,7 +89,7 @@ describe("exactly once", { skip: NO_SERVER }, () => {
 
   test("a key reused for another request is a 422, GETs carry no key", async () => {
     const { fetchImpl, sent } = droppingFetch("/never", 0);
-    const c = new OptserveClient({ baseUrl: BASE_URL, fetch: fetchImpl });
+    const c = new OptserveClient({ baseUrl: BASE_URL, apiKey: API_KEY, fetch: fetchImpl });
     const id = uid("reuse");
     await c.createSession({ id, optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) } });
     const headers = { "Idempotency-Key": "k-reused-1" };
@@ -113,7 +113,7 @@ describe("options ride with the step", { skip: NO_SERVER }, () => {
   for (const binary of [false, true]) {
     test(`lr changed inside the step request (${binary ? "safetensors" : "JSON"})`, async () => {
       // x0 = 2, gradient 16; with lr 0.5 set in the same request: x1 = 2 - 0.5 * 16 = -6
-      const c = new OptserveClient({ baseUrl: BASE_URL });
+      const c = new OptserveClient({ baseUrl: BASE_URL, apiKey: API_KEY });
       const id = uid("opts");
       await c.createSession({ id, optimizer: "SGD", options: { lr: 1 }, params: { x: Tensor.from([2]) } });
       const out = await c.step(id, { x: Tensor.from([16]) }, { binary, paramGroups: { 0: { lr: 0.5 } } });

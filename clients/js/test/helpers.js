@@ -10,6 +10,15 @@ import { OptserveClient, Tensor } from "../optserve.js";
 export const BASE_URL = process.env.OPTSERVE_BASE_URL;
 /** Pass as the `skip` option of a describe(): these tests need a live server. */
 export const NO_SERVER = BASE_URL ? false : "OPTSERVE_BASE_URL is not set (scripts/test-clients starts a server)";
+/**
+ * The API key of the server under test (OPTSERVE_API_KEY; scripts/test-clients starts its server
+ * with one), sent by client() and by every client a test makes for BASE_URL; unset, none is sent
+ * (a server without keys).
+ */
+export const API_KEY = process.env.OPTSERVE_API_KEY || undefined;
+/** Pass as the `skip` option of a describe(): these tests need a live server that takes API keys. */
+export const NO_KEYED_SERVER = NO_SERVER ||
+  (API_KEY ? false : "OPTSERVE_API_KEY is not set (scripts/test-clients starts its server with a key and sets it)");
 
 let refCache;
 /**
@@ -40,8 +49,9 @@ export function reference() {
   return refCache;
 }
 
+/** A client of the server under test, with its API key (if any); `opts` override both. */
 export function client(opts = {}) {
-  return new OptserveClient({ baseUrl: BASE_URL, timeoutMs: 20000, ...opts });
+  return new OptserveClient({ baseUrl: BASE_URL, apiKey: API_KEY, timeoutMs: 20000, ...opts });
 }
 
 /** A fresh session id, unique across parallel test files. */

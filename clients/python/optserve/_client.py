@@ -709,7 +709,9 @@ class Client(SyncAPIClient):
         under the same id, or a server restarted since, is read whole), and then nothing is
         downloaded: the answer holds
         ``last``'s state dict again (its very tensors, ``not_modified=True``). Without
-        ``last``, or when a tensor of it was changed in place since, the state is read whole.
+        ``last``, or when a tensor of it was changed in place since, the state is read whole
+        (an edit through ``.data`` moves no version counter and is not seen: the 304 hands
+        the edited tensor out again; copy a tensor before editing it so).
         The answer carries the session version and revision the state is of."""
         return self._request(_api.export_state_if_changed(id, format=format, last=last))
 

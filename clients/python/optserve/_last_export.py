@@ -14,8 +14,12 @@ use, since the callers change the dicts they get) around the answer's tensors th
 that the tensors a 304 hands out are those handed out before. A torch tensor of it changed in
 place since (its version counter moved: an edit of ``opt.state`` or of a returned state dict's
 tensor) makes it unusable: the next read is unconditional. An edit through ``.data`` moves no
-counter and is not seen, nor is an edit of a NumPy array (the SDK without torch), which has
-none. ``RemoteOptimizer`` drops it whenever it changes the session's state (a step, an import,
+counter and is not seen here, nor is an edit of a NumPy array (the SDK without torch), which has
+none: a 304 hands such an edited tensor out again as the session's (copy a tensor before
+editing it that way). ``RemoteOptimizer(..., detect_state_data_edits=True)`` finds those edits
+of its state itself (``optserve._session_state``: a copy of what it read, compared before the
+next step or ``state_dict()``) and sends them, which moves the session's revision.
+``RemoteOptimizer`` drops it whenever it changes the session's state (a step, an import,
 a group added): the session's revision moved, and it would only hold memory."""
 
 from __future__ import annotations

@@ -373,6 +373,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
             with the values last written into it or sent (kept without a copy where the
             answer's memory can hold them: ``optserve._edits``). ``False``: only edits that
             bump the version counter are sent (call :meth:`push_params` after others).
+        detect_state_data_edits: also find edits of the session's state through ``.data``
+            (``opt.state[p]["exp_avg"].data.zero_()``, ``sd["state"][0]["exp_avg"].data =
+            t`` on a tensor :meth:`state_dict` handed out), which the version counter does
+            not show: each state tensor read into :attr:`state` or handed out is copied when
+            read (the copies kept until the next step: the state's size again) and compared
+            bit for bit with it before the next step or ``state_dict()``, and an edit is sent
+            as an edit in place is. Off by default (the copy and the comparison cost what
+            reading the state costs): without it such an edit is neither sent nor seen, so
+            the next ``state_dict()`` (answered 304) hands the edited tensors out again as
+            the session's while the session steps from its own; edit in place instead
+            (``t.mul_(0.5)``, ``t.zero_()``, ``t.copy_(v)``: sent).
         **options: the optimizer's options (``lr=1e-3``, ``betas=(0.9, 0.99)``, ...).
     """
 
@@ -392,6 +403,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         nonfinite: NonFinitePolicy | None = None,
         zero_copy: bool = True,
         detect_data_edits: bool = True,
+        detect_state_data_edits: bool = False,
         **options: Any,
     ) -> None:
         optimizer = _optimizer_name(optimizer)
@@ -490,7 +502,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         #: bumped by whatever may change the session's state besides a new version
         self._state_epoch = 0
         self._state_view = SessionState(self._session_state,
-                                        lambda: (self._known_version, self._state_epoch))
+                                        lambda: (self._known_version, self._state_epoch),
+                                        compare_values=detect_state_data_edits)
         #: the last state dict read (laid out as torch's, as handed out), a read of it again
         #: conditional on its revision (None: none kept)
         self._last_export: StateExport | None = None
@@ -1510,7 +1523,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
         handed out: the tensors as laid out, not the ones that came off the wire (kept, those
         were a second copy of every state tensor laid out anew, a channels_last parameter's,
         held until the next step)."""
-        got = self._client._export_state_if_changed(self._session_id, fmt, self._last_export)
+        last = self._last_export
+        if last is not None and self._worker is not None and self._state_view.edited():
+            # (a worker's edit of the state stays local, never sent: the tensors edited, also
+            # through .data, which moves no version counter, are no longer the session's, and
+            # a 304 would hand them out again as its state)
+            last = None
+        got = self._client._export_state_if_changed(self._session_id, fmt, last)
         if not got.not_modified:
             self._as_torch_keeps(got.state_dict)
             got = got.kept_as_given()

@@ -17,7 +17,9 @@ gives them to ``RemoteOptimizer.state_dict()``. The session's own keys are its c
 fetched: an edit of one (in place, ``state[p]["exp_avg"].zero_()``; assigned, ``state[p]["exp_avg"]
 = t``; or the entry deleted or cleared, ``del state[p]``, ``state.clear()``) is found by
 :meth:`SessionState.edited` (the values fetched, their identity and version counters) and sent
-by ``RemoteOptimizer`` before its next step or ``state_dict()``, as one import of the view as
+by ``RemoteOptimizer`` before its next step or ``state_dict()`` (an edit through ``.data``, which
+moves no version counter, only with ``compare_values``: ``detect_state_data_edits=True``, which
+keeps a copy of each tensor fetched until the next step), as one import of the view as
 it then stands, so that it takes effect as it does on a local optimizer's state. So is a key
 that torch's optimizers keep put in an entry the session did not give it (the state of a
 parameter the session holds none for, given by hand or by ``ZeroRedundancyOptimizer``'s
@@ -41,6 +43,7 @@ from typing import Any
 
 import torch
 
+from ._edits import bitwise_equal
 from ._state_keys import torch_keys
 
 __all__ = ["Held", "SessionState", "assigned_state"]
@@ -54,6 +57,7 @@ class Held:
     session_keys: dict[torch.Tensor, frozenset[Any]]
     fetched: dict[torch.Tensor, dict[Any, tuple[Any, int | None]]]
     version: int | None
+    copies: dict[torch.Tensor, dict[Any, torch.Tensor]]
 
 
 class SessionState(defaultdict[torch.Tensor, Any]):
@@ -63,8 +67,14 @@ class SessionState(defaultdict[torch.Tensor, Any]):
     ``defaultdict(dict)`` as torch's own ``state`` is."""
 
     def __init__(self, load: Callable[[], tuple[dict[torch.Tensor, Any], int | None]],
-                 key: Callable[[], object]) -> None:
+                 key: Callable[[], object], *, compare_values: bool = False) -> None:
+        """``compare_values``: keep a copy of each tensor a fetch puts here, so that
+        :meth:`edited` also finds an edit through ``.data`` (which moves no version counter);
+        the copies are dropped with the values (the next step)."""
         super().__init__(dict)
+        self._compare = compare_values
+        #: with ``compare_values``, a copy of each tensor the last fetch put here, as fetched
+        self._copies: dict[torch.Tensor, dict[Any, torch.Tensor]] = {}
         self._load = load
         self._key = key
         self._loaded_at: object = None
@@ -98,6 +108,7 @@ class SessionState(defaultdict[torch.Tensor, Any]):
                     entry.pop(k, None)
         self._session_keys = {}
         self._fetched = {}
+        self._copies = {}
         self._version = None
         for p in [p for p, entry in dict.items(self) if not entry and p in fetched]:
             dict.__delitem__(self, p)
@@ -131,8 +142,11 @@ class SessionState(defaultdict[torch.Tensor, Any]):
     def edited(self) -> bool:
         """Whether the session's values the last fetch put here were changed since: an entry
         deleted or replaced by one without them, a key deleted or given another object, a
-        tensor changed in place (its version counter moved); or whether an entry was given
-        a key of an optimizer's state that the session did not give it (:meth:`added`)."""
+        tensor changed in place (its version counter moved), or, with ``compare_values``, its
+        values changed otherwise (through ``.data``: ``state[p]["exp_avg"].data.zero_()``, a
+        returned state dict's tensor too; compared bit for bit with the copy the fetch
+        took); or whether an entry was given a key of an optimizer's state that the session
+        did not give it (:meth:`added`)."""
         for p, seen in self._fetched.items():
             entry = dict.get(self, p)
             if not isinstance(entry, dict):
@@ -143,7 +157,12 @@ class SessionState(defaultdict[torch.Tensor, Any]):
                 now = entry[k]
                 if now is not value or (version is not None and now._version != version):
                     return True
-        return self.added()
+        if self.added():
+            return True
+        return any(not bitwise_equal(entry[k], copy)
+                   for p, copies in self._copies.items()
+                   if isinstance(entry := dict.get(self, p), dict)
+                   for k, copy in copies.items())
 
     def added(self) -> bool:
         """Whether an entry holds a key that torch's optimizers keep (``step``, ``exp_avg``,
@@ -166,7 +185,8 @@ class SessionState(defaultdict[torch.Tensor, Any]):
         fetch or a forget changes them in place) and what the last fetch put there."""
         return Held([(p, entry, dict(entry) if isinstance(entry, dict) else None)
                      for p, entry in dict.items(self)],
-                    dict(self._session_keys), dict(self._fetched), self._version)
+                    dict(self._session_keys), dict(self._fetched), self._version,
+                    dict(self._copies))
 
     def keep_pending(self, held: Held) -> None:
         """The view as :meth:`held` took it, edits and all, current at the key as it now
@@ -181,6 +201,7 @@ class SessionState(defaultdict[torch.Tensor, Any]):
             dict.__setitem__(self, p, entry)
         self._session_keys = dict(held.session_keys)
         self._fetched = dict(held.fetched)
+        self._copies = dict(held.copies)
         self._version = held.version
         self._loaded, self._loaded_at = True, self._key()
 
@@ -195,6 +216,7 @@ class SessionState(defaultdict[torch.Tensor, Any]):
         dict.clear(self)
         self._session_keys = {}
         self._fetched = {}
+        self._copies = {}
         self._version = None
         for p, entry in entries.items():
             if entry:
@@ -240,6 +262,10 @@ class SessionState(defaultdict[torch.Tensor, Any]):
                 self._fetched[p] = {
                     k: (v, v._version if isinstance(v, torch.Tensor) else None)
                     for k, v in fetched.items()}
+                if self._compare:  # (strided tensors: bitwise_equal compares those)
+                    self._copies[p] = {k: v.detach().clone() for k, v in fetched.items()
+                                       if isinstance(v, torch.Tensor)
+                                       and v.layout == torch.strided}
         self._version = version
         for p, entry in dict.items(self):  # (only the client's keys: no session state yet)
             if p not in entries:
