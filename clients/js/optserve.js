@@ -805,7 +805,10 @@ export class OptserveClient {
         // a session out of service that nothing restores (session_damaged without Retry-After:
         // it keeps nothing on disk; delete it): a retry cannot help
         const gone = err.code === "session_damaged" && err.retryAfter === undefined;
-        const retryable = (err instanceof ConnectionError || err instanceof UnavailableError) && !tooLong && !gone;
+        // a port fetch refuses to use (9, 6000, ...; "bad port"): refused before any connection,
+        // the same at every retry
+        const badPort = err instanceof ConnectionError && networkReason(err.cause).reason === "bad port";
+        const retryable = (err instanceof ConnectionError || err instanceof UnavailableError) && !tooLong && !gone && !badPort;
         if (!retryable || !this._mayRetry(attempt, firstFailure)) {
           if (key !== undefined && err instanceof OptserveError) err.idempotencyKey = key;
           throw err;

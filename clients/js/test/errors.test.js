@@ -126,8 +126,11 @@ describe("no server", () => {
     assert.equal(health.message, `cannot reach optserve at ${baseUrl}/healthz: connect ECONNREFUSED (is the server running?)`);
   });
 
-  test("a port fetch refuses (9, discard) says so", async () => {
-    const err = await new OptserveClient({ baseUrl: "http://127.0.0.1:9" }).health().catch((e) => e);
+  test("a port fetch refuses (9, discard) says so, at once: not retried", async () => {
+    let calls = 0;
+    const counted = (...args) => { calls += 1; return fetch(...args); };
+    const err = await new OptserveClient({ baseUrl: "http://127.0.0.1:9", fetch: counted }).health().catch((e) => e);
+    assert.equal(calls, 1, "a refused port is the same at every retry: one call, not a minute of retries");
     assert.ok(err instanceof ConnectionError, String(err));
     assert.equal(err.code, "connection_error");
     assert.equal(err.message, "cannot reach optserve at http://127.0.0.1:9/healthz: bad port (fetch refuses this port; run the server on another)");
