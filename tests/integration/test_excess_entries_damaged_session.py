@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save
 
 from app.engine.host import EmbeddedHost
+from app.engine.host_restore import SessionRestorer
 from tests.integration.test_excess_json_step_entries import decoded  # noqa: F401 - the fixture
 from tests.integration.test_excess_push_overwrite_entries import (
     _next_is_torch,
@@ -100,7 +101,7 @@ def _damage(client: TestClient, sid: str, durability: str
     def failing(*args: Any, **kwargs: Any) -> Any:
         raise OSError(5, "simulated: the log cannot be read")
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(EmbeddedHost, "_restore", failing)
+        m.setattr(SessionRestorer, "restore", failing)
         r = client.post(f"/v1/sessions/{sid}/step", content=save({**GRADS, "a": POISON}),
                         headers=BIN_CT)
     assert r.status_code == 503, r.text
