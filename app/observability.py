@@ -242,13 +242,78 @@ class RequestContextMiddleware:
 
 def _access(method: str, path: str, status: int, elapsed: float, sizes: dict[str, int]) -> None:
     """One access-log line. The record is made without ``Logger.info``'s search of the stack
-    for its caller (it would name this function on every request)."""
-    record = access_log.makeRecord(
+    for its caller (it would name this function on every request); where the line would only
+    reach the server's own JSON handler (:func:`json_handler`: ``configure_logging``'s, the
+    logging untouched since), no record is made: the line the handler would write is written
+    under its lock (:func:`_access_line`)."""
+    fields = {"method": method, "path": path, "status": status,
+              "ms": round(elapsed * 1e3, 3), "bytes_in": sizes["in"],
+              "bytes_out": sizes["out"]}
+    handler = json_handler(access_log)
+    if handler is not None:
+        _access_line(handler, method, path, status, fields)
+        return
+    access_log.handle(_access_record(method, path, status, fields))
+
+
+def _access_record(method: str, path: str, status: int,
+                   fields: dict[str, Any]) -> logging.LogRecord:
+    return access_log.makeRecord(
         access_log.name, logging.INFO, __file__, 0, "%s %s %d", (method, path, status), None,
-        extra={"fields": {"method": method, "path": path, "status": status,
-                          "ms": round(elapsed * 1e3, 3), "bytes_in": sizes["in"],
-                          "bytes_out": sizes["out"]}})
-    access_log.handle(record)
+        extra={"fields": fields})
+
+
+def json_handler(logger: logging.Logger) -> logging.StreamHandler[Any] | None:
+    """The one handler an INFO record of ``logger`` reaches, when it is a plain
+    ``StreamHandler`` with a :class:`JsonFormatter` that filters nothing (what
+    :func:`configure_logging` sets up), no filter of ``logger`` sees the record and records are
+    made by logging's own factory; else None (then the record goes through ``logging``: a
+    second handler, pytest's ``caplog`` among them, a filter, another format)."""
+    if logger.disabled or logger.filters or logging.getLogRecordFactory() is not logging.LogRecord:
+        return None
+    found: logging.Handler | None = None
+    node: logging.Logger | None = logger
+    while node is not None:
+        for handler in node.handlers:
+            if found is not None:
+                return None
+            found = handler
+        if not node.propagate:
+            break
+        node = node.parent
+    if (type(found) is not logging.StreamHandler or type(found.formatter) is not JsonFormatter
+            or found.filters or found.level > logging.INFO):
+        return None
+    return found
+
+
+def _access_line(handler: logging.StreamHandler[Any], method: str, path: str, status: int,
+                 fields: dict[str, Any]) -> None:
+    """What ``handler`` writes for the access record of these ``fields`` (``JsonFormatter``'s
+    object: the record's time, level, logger, message, request id, then the fields; then
+    ``StreamHandler.emit``: the line, its terminator, a flush; an error in between is the
+    handler's ``handleError``), without the record."""
+    out: dict[str, Any] = {"ts": round(time.time(), 6), "level": "info",
+                           "logger": access_log.name,
+                           "msg": "%s %s %d" % (method, path, status)}  # noqa: UP031 (as the record's)
+    rid = request_id_var.get()
+    if rid:
+        out["request_id"] = rid
+    out.update(fields)
+    handler.acquire()
+    try:
+        try:
+            line = orjson.dumps(out, default=str).decode() + handler.terminator
+            stream = handler.stream
+            stream.write(line)
+            if stream and hasattr(stream, "flush"):
+                stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            handler.handleError(_access_record(method, path, status, fields))
+    finally:
+        handler.release()
 
 
 WorkerObserver = Callable[[str, float, float], None]
