@@ -15,7 +15,9 @@ import contextvars
 import logging
 import os
 import re
+import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +43,17 @@ class Metrics:
         self.per_session = per_session
         self.registry = CollectorRegistry()
         r = self.registry
+        # The request path's series (requests, bytes, outcomes, step phases, worker times) are
+        # counted here, under one lock, and set into their prometheus_client series whenever
+        # the registry is read (_Fold, its first collector): prometheus_client's inc() and
+        # observe() were a few calls, checks and a lock per value, ten a step. The values are
+        # the same sums, added in the same order.
+        self._lock = threading.Lock()
+        #: (metric, *labels) -> [series, total]
+        self._counted: dict[tuple[Any, ...], list[Any]] = {}
+        #: (metric, *labels) -> [series, sum, counts per bucket, the buckets' upper bounds]
+        self._observed: dict[tuple[Any, ...], list[Any]] = {}
+        r.register(_Fold(self))
         self.steps = Counter("optserve_steps", "Optimizer step requests by session and outcome",
                              ["session", "outcome"], registry=r)
         self.pushes = Counter("optserve_pushes", "Gradient pushes (/grads) by session and outcome",
@@ -111,28 +124,96 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    def _counter(self, key: tuple[Any, ...]) -> list[Any]:
+        """``key``'s counted total (under ``_lock``), from its series' value when new."""
+        tally = self._counted.get(key)
+        if tally is None:
+            series = self.series(*key) if len(key) > 1 else key[0]
+            tally = self._counted[key] = [series, series._value.get()]
+        return tally
+
+    def _histogram(self, key: tuple[Any, ...]) -> list[Any]:
+        """``key``'s observed sum and bucket counts (under ``_lock``)."""
+        tally = self._observed.get(key)
+        if tally is None:
+            series = self.series(*key)
+            tally = self._observed[key] = [series, series._sum.get(),
+                                           [b.get() for b in series._buckets],
+                                           tuple(series._upper_bounds)]
+        return tally
+
+    @staticmethod
+    def _observe(tally: list[Any], amount: float) -> None:
+        """``Histogram.observe``: the sum, and the first bucket whose bound is at least
+        ``amount`` (none for NaN)."""
+        tally[1] += amount
+        if amount == amount:
+            tally[2][bisect_left(tally[3], amount)] += 1
+
+    def request(self, method: str, status: str, bytes_in: int, bytes_out: int) -> None:
+        """One HTTP request answered ``status``, its body bytes in and out."""
+        with self._lock:
+            self._counter((self.requests, method, status))[1] += 1
+            self._counter((self.bytes_in,))[1] += bytes_in
+            self._counter((self.bytes_out,))[1] += bytes_out
+
     def count(self, counter: Counter, session: str, outcome: str) -> None:
         """One request of ``session`` (``""``: not named) under ``outcome``."""
-        self.series(counter, session, outcome).inc()
+        with self._lock:
+            self._counter((counter, session, outcome))[1] += 1
         if session:
             self._series.setdefault(session, set()).add((counter, outcome))
 
     def forget_session(self, session: str) -> None:
         """Remove every series that names a deleted session."""
         for counter, outcome in self._series.pop(session, ()):
-            self._children.pop((counter, session, outcome), None)
+            with self._lock:
+                self._counted.pop((counter, session, outcome), None)
+                self._children.pop((counter, session, outcome), None)
             try:
                 counter.remove(session, outcome)
             except KeyError:
                 pass
 
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        """A step's ``phase`` took ``seconds``."""
+        with self._lock:
+            self._observe(self._histogram((self.step_phase, phase)), seconds)
+
     def observe_worker(self, op: str, queue_s: float, run_s: float) -> None:
         """The device worker's callback (runs on the worker thread)."""
-        self.series(self.worker, op, "queue").observe(queue_s)
-        self.series(self.worker, op, "run").observe(run_s)
-        if op == "step":
-            self.series(self.step_phase, "queue").observe(queue_s)
-            self.series(self.step_phase, "device").observe(run_s)
+        observe, histogram = self._observe, self._histogram
+        with self._lock:
+            observe(histogram((self.worker, op, "queue")), queue_s)
+            observe(histogram((self.worker, op, "run")), run_s)
+            if op == "step":
+                observe(histogram((self.step_phase, "queue")), queue_s)
+                observe(histogram((self.step_phase, "device")), run_s)
+
+    def fold(self) -> None:
+        """Set the counted values into their prometheus_client series."""
+        with self._lock:
+            for series, total in self._counted.values():
+                series._value.set(total)
+            for series, total, counts, _ in self._observed.values():
+                series._sum.set(total)
+                for bucket, n in zip(series._buckets, counts, strict=True):
+                    bucket.set(n)
+
+
+class _Fold:
+    """The registry's first collector: it yields nothing, and sets the values
+    :class:`Metrics` counted into their series before the registry reads them."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        self.metrics.fold()
+        return []
 
 
 class JsonFormatter(logging.Formatter):
@@ -232,9 +313,7 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             # (a body read through the protocol's sink passed no receive(): app.api.body_sink)
             sizes["in"] += scope.get("state", {}).get(SUNK_BYTES, 0)
-            self.metrics.bytes_in.inc(sizes["in"])
-            self.metrics.bytes_out.inc(sizes["out"])
-            self.metrics.series(self.metrics.requests, scope["method"], str(status["code"])).inc()
+            self.metrics.request(scope["method"], str(status["code"]), sizes["in"], sizes["out"])
             if access_log.isEnabledFor(logging.INFO):
                 _access(scope["method"], scope["path"], status["code"], elapsed, sizes)
             request_id_var.reset(token)
@@ -242,13 +321,78 @@ class RequestContextMiddleware:
 
 def _access(method: str, path: str, status: int, elapsed: float, sizes: dict[str, int]) -> None:
     """One access-log line. The record is made without ``Logger.info``'s search of the stack
-    for its caller (it would name this function on every request)."""
-    record = access_log.makeRecord(
+    for its caller (it would name this function on every request); where the line would only
+    reach the server's own JSON handler (:func:`json_handler`: ``configure_logging``'s, the
+    logging untouched since), no record is made: the line the handler would write is written
+    under its lock (:func:`_access_line`)."""
+    fields = {"method": method, "path": path, "status": status,
+              "ms": round(elapsed * 1e3, 3), "bytes_in": sizes["in"],
+              "bytes_out": sizes["out"]}
+    handler = json_handler(access_log)
+    if handler is not None:
+        _access_line(handler, method, path, status, fields)
+        return
+    access_log.handle(_access_record(method, path, status, fields))
+
+
+def _access_record(method: str, path: str, status: int,
+                   fields: dict[str, Any]) -> logging.LogRecord:
+    return access_log.makeRecord(
         access_log.name, logging.INFO, __file__, 0, "%s %s %d", (method, path, status), None,
-        extra={"fields": {"method": method, "path": path, "status": status,
-                          "ms": round(elapsed * 1e3, 3), "bytes_in": sizes["in"],
-                          "bytes_out": sizes["out"]}})
-    access_log.handle(record)
+        extra={"fields": fields})
+
+
+def json_handler(logger: logging.Logger) -> logging.StreamHandler[Any] | None:
+    """The one handler an INFO record of ``logger`` reaches, when it is a plain
+    ``StreamHandler`` with a :class:`JsonFormatter` that filters nothing (what
+    :func:`configure_logging` sets up), no filter of ``logger`` sees the record and records are
+    made by logging's own factory; else None (then the record goes through ``logging``: a
+    second handler, pytest's ``caplog`` among them, a filter, another format)."""
+    if logger.disabled or logger.filters or logging.getLogRecordFactory() is not logging.LogRecord:
+        return None
+    found: logging.Handler | None = None
+    node: logging.Logger | None = logger
+    while node is not None:
+        for handler in node.handlers:
+            if found is not None:
+                return None
+            found = handler
+        if not node.propagate:
+            break
+        node = node.parent
+    if (type(found) is not logging.StreamHandler or type(found.formatter) is not JsonFormatter
+            or found.filters or found.level > logging.INFO):
+        return None
+    return found
+
+
+def _access_line(handler: logging.StreamHandler[Any], method: str, path: str, status: int,
+                 fields: dict[str, Any]) -> None:
+    """What ``handler`` writes for the access record of these ``fields`` (``JsonFormatter``'s
+    object: the record's time, level, logger, message, request id, then the fields; then
+    ``StreamHandler.emit``: the line, its terminator, a flush; an error in between is the
+    handler's ``handleError``), without the record."""
+    out: dict[str, Any] = {"ts": round(time.time(), 6), "level": "info",
+                           "logger": access_log.name,
+                           "msg": "%s %s %d" % (method, path, status)}  # noqa: UP031 (as the record's)
+    rid = request_id_var.get()
+    if rid:
+        out["request_id"] = rid
+    out.update(fields)
+    handler.acquire()
+    try:
+        try:
+            line = orjson.dumps(out, default=str).decode() + handler.terminator
+            stream = handler.stream
+            stream.write(line)
+            if stream and hasattr(stream, "flush"):
+                stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            handler.handleError(_access_record(method, path, status, fields))
+    finally:
+        handler.release()
 
 
 WorkerObserver = Callable[[str, float, float], None]

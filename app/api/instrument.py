@@ -66,7 +66,7 @@ class _Phase:
                  tb: TracebackType | None) -> None:
         elapsed = time.perf_counter() - self._started
         metrics = metrics_of(self._request)
-        later(metrics.series(metrics.step_phase, self._name).observe, elapsed)
+        later(metrics.observe_phase, self._name, elapsed)
 
 
 def phase(request: Request, name: str) -> _Phase:

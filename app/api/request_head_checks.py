@@ -96,7 +96,39 @@ def host_problem(scope: Scope) -> str | None:
     # httptools leaves the trailing one in, so "Host: example.com " was a 400)
     if _HOST.fullmatch(hosts[0].strip(b" \t")) is None:
         return f"the Host header {hosts[0].decode('latin-1')!r:.120} is not host[:port]"
+    if len(_GOOD_HOSTS) >= GOOD_HOSTS_KEPT:
+        _GOOD_HOSTS.clear()
+    _GOOD_HOSTS.add(bytes(hosts[0]))
     return None
+
+
+#: ``Host`` values :func:`host_problem` found well-formed (a client names the same one on every
+#: request), at most this many (then forgotten, all at once)
+GOOD_HOSTS_KEPT = 256
+_GOOD_HOSTS: set[bytes] = set()
+
+
+def plain_head(scope: Scope) -> bool:
+    """Whether a request's headers need none of :func:`host_problem`'s,
+    :func:`framing_problem`'s and :func:`expect_problem`'s checks (each answers None, False,
+    None for them): one ``Host`` line, whose value :func:`host_problem` found well-formed
+    before; no ``Expect``; not both ``Content-Length`` and ``Transfer-Encoding``. One walk of
+    the headers (the checks took three, and a regular expression). False says nothing: the
+    checks then run."""
+    host = None
+    length = coding = False
+    for name, value in scope["headers"]:
+        if name == b"host":
+            if host is not None:
+                return False
+            host = value
+        elif name == b"content-length":
+            length = True
+        elif name == b"transfer-encoding":
+            coding = True
+        elif name == b"expect":
+            return False
+    return type(host) is bytes and not (length and coding) and host in _GOOD_HOSTS
 
 
 #: an absolute-form request target's scheme and authority (RFC 3986 3: scheme "://"
@@ -251,6 +283,10 @@ class RequestHeadChecks:
         version = str(scope.get("http_version", "1.1"))
         if version.startswith("1.") and version not in ("1.0", "1.1"):
             scope = {**scope, "http_version": "1.1"}  # (RFC 9110 2.5: HTTP/1.2 as HTTP/1.1)
+        if (plain_head(scope) and scope.get("raw_path") != b"*"
+                and scope["method"] != "CONNECT"):  # (none of the refusals below applies)
+            await self.app(scope, receive, send)
+            return
         wrong = host_problem(scope)
         if wrong is not None:
             response = problem(400, "malformed_http", "Malformed HTTP request",
