@@ -39,6 +39,11 @@ def server_logging() -> Iterator[io.StringIO]:
     own capturing handlers on the root logger for each phase of a test.)"""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    # (logging's own record factory, as in a server without Ray: importing ray, which another
+    # test module in this process may have done, installs its own, and the line then takes
+    # the record path: test_another_record_factory_takes_the_record_path)
+    factory = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(logging.LogRecord)
     configure_logging("info", "json")
     stream = io.StringIO()
     root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
@@ -48,6 +53,7 @@ def server_logging() -> Iterator[io.StringIO]:
     finally:
         request_id_var.reset(token)
         root.handlers, root.level = handlers, level
+        logging.setLogRecordFactory(factory)
 
 
 def _formatted(method: str, path: str, status: int, elapsed: float) -> str:
@@ -167,3 +173,26 @@ def _above_info(server_logging: io.StringIO) -> None:
     assert json_handler(access_log) is None
     _access("GET", "/healthz", 200, 0.001, SIZES)
     assert server_logging.getvalue() == ""
+
+
+def test_another_record_factory_takes_the_record_path() -> None:
+    with server_logging() as stream:
+        _other_factory(stream)
+
+
+def _other_factory(server_logging: io.StringIO) -> None:
+    """A record factory of another library's (importing ray installs one): the record is made
+    by it, and the line is the JSON handler's line of that record."""
+    made: list[logging.LogRecord] = []
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = logging.LogRecord(*args, **kwargs)
+        made.append(record)
+        return record
+    logging.setLogRecordFactory(factory)
+    assert json_handler(access_log) is None
+    before = time.time()
+    _access("POST", "/v1/sessions/s/step", 200, 0.001, SIZES)
+    assert [r.getMessage() for r in made] == ["POST /v1/sessions/s/step 200"]
+    _same_but_time(server_logging.getvalue(),
+                   _formatted("POST", "/v1/sessions/s/step", 200, 0.001), before, time.time())
