@@ -274,3 +274,60 @@ def test_a_host_is_given_up_only_while_it_holds_and_makes_no_session(
         await cluster.kill()
 
     asyncio.run(run())
+
+
+class _Dead:
+    """A killed host actor, as its old handles find it: each call raises ActorDiedError."""
+
+    def __getattr__(self, method: str) -> Any:
+        async def died(*args: Any) -> Any:
+            raise ray.exceptions.ActorDiedError()
+        return died
+
+
+class _Dying(_Full):
+    """The fake cluster whose killed host actors are dead to the handles taken before."""
+
+    def kill_actor(self, handle: Any, no_restart: bool = True) -> None:
+        super().kill_actor(handle, no_restart)
+        handle.actor = _Dead()
+
+
+def test_a_host_given_up_by_one_front_is_not_started_again_by_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Front A gives up a host it started (``_retire``: killed, its host.json and folder
+    removed). Front B had read that host.json (any placement reads them all) and pinged the
+    host: its next placements of that shape do not start it again from its copy of the file
+    (one did: the host came up again, empty, its folder made again, holding its room, and a
+    create could be placed there). B's sessions go to hosts with their host.json, and step as
+    torch.optim does."""
+    cluster = _Dying(tmp_path, monkeypatch)
+    hosts = tmp_path / "hosts"
+
+    async def run() -> None:
+        a, b = cluster.front(), cluster.front()
+        ra: Any = a.router
+        rb: Any = b.router
+        await a.create(spec(id="p1"))
+        shape = ra.options.resources
+        empty = await ra._new_host(shape, "pack")
+        # (B reads every host.json, placing a session of another shape, and pings the host)
+        await b.create(dataclasses.replace(spec(id="q"), resources={"num_cpus": 2}))
+        await rb._host(empty.name).call("ping", read=True)
+        await ra._retire([empty])
+        assert cluster.killed_placed == [empty.name]
+        assert empty.name not in {p.name for p in hosts.iterdir()}
+        for sid, placement in (("r", "spread"), ("s", "pack")):
+            await b.create(dataclasses.replace(spec(id=sid), placement=placement))
+            assert empty.name not in cluster.actors, sid  # (was: started again)
+            assert empty.name not in {p.name for p in hosts.iterdir()}, sid
+        assert all((p / "host.json").exists() for p in hosts.iterdir())
+        assert len(list(hosts.iterdir())) == 4  # (p1's, q's, r's, s's)
+        ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+        ref.step(GRADS)
+        for sid in ("r", "s"):
+            await b.step(sid, GRADS, return_params=False)
+            assert_tensors_equal(dict((await b.pull(sid, None)).params), ref.params, sid)
+        await cluster.kill()
+
+    asyncio.run(run())
