@@ -1806,9 +1806,14 @@ class RayRouter:
             # for its start, up to host_start_timeout_s (their sessions are not counted)
             waiting = [n for n in names
                        if n not in sessions and n not in {h.name for h in chosen}]
-            if pick is None and waiting and not cluster_has_room():
+            while pick is None and waiting and not cluster_has_room():
+                try:
+                    await self._placed_again(min(waiting), resources)
+                except NotFound:  # (given up meanwhile, by another front too: passed over)
+                    names.remove(min(waiting))
+                    waiting.remove(min(waiting))
+                    continue
                 pick = min(waiting)
-                await self._placed_again(pick, resources)
             if pick is not None:
                 host = self._host(pick)
             else:

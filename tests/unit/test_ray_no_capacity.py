@@ -331,3 +331,85 @@ def test_a_host_given_up_by_one_front_is_not_started_again_by_another(
         await cluster.kill()
 
     asyncio.run(run())
+
+
+class _UnplacedDying:
+    """The handle of an actor Ray has no room to place: its calls answer when it is killed,
+    with ActorDiedError (as Ray fails the calls pending on an actor killed for good)."""
+
+    def __init__(self) -> None:
+        self.killed = asyncio.Event()
+
+    def __getattr__(self, method: str) -> Any:
+        async def until_killed(*args: Any) -> Any:
+            await self.killed.wait()
+            raise ray.exceptions.ActorDiedError()
+        return type("M", (), {"remote": staticmethod(until_killed)})()
+
+
+def test_a_create_waiting_for_a_host_given_up_meanwhile_is_placed_elsewhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Front B's create, with no room for a new host, waits for a host of its shape that does
+    not answer (``_placed_again``): one front A started for its own create and gives up once
+    its start timed out (killed, its host.json removed). B's create is placed on another host
+    (room came back meanwhile), not answered 404 ``session_not_found`` for that host (nor is
+    the host started again from B's copy of its host.json)."""
+    cluster = _Dying(tmp_path, monkeypatch)
+    monkeypatch.setattr(ray_host, "PLACE_PING_TIMEOUT_S", 0.2)
+    hosts = tmp_path / "hosts"
+    unplaced = _UnplacedDying()
+    real_kill = cluster.kill_actor
+
+    def kill(handle: Any, no_restart: bool = True) -> None:
+        if handle is unplaced:
+            unplaced.killed.set()
+            cluster.killed.append("unplaced")
+            return
+        real_kill(handle, no_restart)
+    monkeypatch.setattr(ray, "kill", kill)
+
+    async def run() -> None:
+        a, b = cluster.front(), cluster.front()
+        ra: Any = a.router
+        rb: Any = b.router
+        await a.create(spec(id="p1"))  # (one session per host: p1's host is full)
+        (h1,) = [p.name for p in hosts.iterdir()]
+        ra.options = dataclasses.replace(ra.options, host_start_timeout_s=1.0)
+        rb.options = dataclasses.replace(rb.options, host_start_timeout_s=30.0)
+        monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.0})
+        cluster.room = 0
+        cluster.unplaced["__next__"] = unplaced  # (A's new host: never placed)
+        real_options = cluster.options
+
+        def options(**opts: Any) -> Any:
+            if opts["name"] != h1 and "__next__" in cluster.unplaced:
+                cluster.unplaced[opts["name"]] = cluster.unplaced.pop("__next__")
+            return real_options(**opts)
+        cluster.options = options  # type: ignore[method-assign]
+        a_create = asyncio.ensure_future(a.create(spec(id="p2")))
+        while len(list(hosts.iterdir())) < 2:  # (A's new host's host.json is written)
+            await asyncio.sleep(0.01)
+        waited = asyncio.Event()
+        placed_again = rb._placed_again
+
+        async def noted(name: str, resources: Any) -> None:
+            waited.set()
+            await placed_again(name, resources)
+        rb._placed_again = noted
+        b_create = asyncio.ensure_future(b.create(spec(id="p3")))
+        await waited.wait()  # (B waits for A's new host)
+        with pytest.raises(Unavailable) as err:
+            await a_create
+        assert err.value.code == "no_capacity", err.value
+        assert cluster.killed == ["unplaced"]
+        cluster.room = 1  # (room for one more host now)
+        made = await asyncio.wait_for(b_create, 10.0)  # (was: 404 for A's given-up host)
+        assert made.id == "p3"
+        assert len(list(hosts.iterdir())) == 2  # (p1's and p3's: A's went)
+        await b.step("p3", GRADS, return_params=False)
+        ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+        ref.step(GRADS)
+        assert_tensors_equal(dict((await a.pull("p3", None)).params), ref.params, "p3")
+        await cluster.kill()
+
+    asyncio.run(run())
