@@ -1943,6 +1943,10 @@ class RayRouter:
             if await self._undo_create(key, entry, idem, exc):
                 mark.done()  # (nothing of it left; else the mark stays, released: a later
                 # look at it drops the entry once no host holds any of it, drop_abandoned)
+                if isinstance(exc, NotFound):
+                    # (a host given up meanwhile, killed, its host.json gone: another front's
+                    # failed placement started it, :meth:`_retire`; nothing was made)
+                    raise create_dropped(key) from None
             raise
         mark.done()
         self._entries[key] = entry
@@ -2048,7 +2052,8 @@ class RayRouter:
                                                           made=set(range(layout.shards)),
                                                           alone=self._alone(key, str(made)))
             except Exception as exc:
-                if isinstance(exc, Unavailable) and exc.code == "create_dropped":
+                if (isinstance(exc, Unavailable) and exc.code == "create_dropped"
+                        or isinstance(exc, NotFound)):  # (NotFound: a host given up, _make)
                     await self._drop_unheld(key, entry)
                     if mark is not None:
                         mark.done()

@@ -413,3 +413,64 @@ def test_a_create_waiting_for_a_host_given_up_meanwhile_is_placed_elsewhere(
         await cluster.kill()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("keyed", [True, False], ids=["keyed", "unkeyed"])
+@pytest.mark.parametrize("reached", ["before-the-kill", "after-the-kill"])
+def test_a_create_that_lands_on_a_host_another_front_gave_up_is_create_dropped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keyed: bool, reached: str) -> None:
+    """Front B places a create on an empty host that front A then gives up (``_retire``:
+    marked, killed, its host.json and folder removed). Whether B's create reaches the host
+    before the kill (the mark: 503 ``create_dropped``) or after it (the actor dead: it was 404
+    ``session_not_found`` naming the host), the answer is 503 ``create_dropped``, no entry is
+    left but a keyed one's (which its retry finishes), and the retry makes the session on
+    another host, stepping as torch.optim does."""
+    cluster = _Dying(tmp_path, monkeypatch)
+    hosts = tmp_path / "hosts"
+
+    async def run() -> None:
+        a, b = cluster.front(), cluster.front()
+        ra: Any = a.router
+        rb: Any = b.router
+        await a.create(spec(id="p1"))
+        empty = await ra._new_host(ra.options.resources, "pack")
+        dead: list[Any] = []
+        real_place, real_kill = rb._place, cluster.kill_actor
+
+        def kill(handle: Any, no_restart: bool = True) -> None:
+            if reached == "after-the-kill":
+                real_kill(handle, no_restart)
+            else:  # (dead only after B's create reached it)
+                _Full.kill_actor(cluster, handle, no_restart)
+                dead.append(handle)
+        monkeypatch.setattr(ray, "kill", kill)
+
+        async def place(*args: Any) -> Any:
+            chosen = await real_place(*args)
+            assert [h.name for h in chosen] == [empty.name]
+            await ra._retire([empty])  # (A gives it up before B's create reaches it)
+            return chosen
+        rb._place = place
+        idem = create_key("late") if keyed else None
+        with pytest.raises(Unavailable) as err:
+            await b.create(spec(id="late"), idem=idem)
+        assert err.value.code == "create_dropped", err.value
+        assert sorted(entries(b)) == (["default~late", "default~p1"]
+                                      if keyed and reached == "before-the-kill"
+                                      else ["default~p1"])
+        assert empty.name not in {p.name for p in hosts.iterdir()}
+        for handle in dead:
+            handle.actor = _Dead()
+        rb._place = real_place
+        made = await b.create(spec(id="late"), idem=idem)
+        assert made.id == "late" and not made.replayed
+        assert sorted(entries(b)) == ["default~late", "default~p1"]
+        assert empty.name not in {p.name for p in hosts.iterdir()}
+        assert empty.name not in cluster.actors
+        await b.step("late", GRADS, return_params=False)
+        ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+        ref.step(GRADS)
+        assert_tensors_equal(dict((await a.pull("late", None)).params), ref.params, "late")
+        await cluster.kill()
+
+    asyncio.run(run())
