@@ -819,9 +819,13 @@ class RayHost:
         return host
 
     def _dead(self, exc: BaseException) -> None:
+        """Take the actor again by its name when this handle's is dead for good (NotFound:
+        the host is gone, its host.json too: given up, :meth:`RayRouter._handle`)."""
         if isinstance(exc, ActorDiedError) and self.revive is not None:
             try:
                 self.handle = self.revive()
+            except NotFound:
+                raise
             except (OptserveError, ValueError):  # not there (yet): keep trying the old one
                 pass
 
@@ -1511,13 +1515,14 @@ class RayRouter:
             folders = []
         return sorted({p.name for p in folders if (p / HOST_JSON).exists()} | set(self._saved))
 
-    def _host_json(self, name: str) -> dict[str, Any]:
+    def _host_json(self, name: str, *, copy: bool = True) -> dict[str, Any]:
         """The host's host.json (FileNotFoundError when neither the file nor this front's copy
-        of it is there; a damaged one raises orjson.JSONDecodeError)."""
+        of it is there, or the file with ``copy=False``; a damaged one raises
+        orjson.JSONDecodeError)."""
         try:
             saved: dict[str, Any] = orjson.loads((self.hosts_dir / name / HOST_JSON).read_bytes())
         except FileNotFoundError:
-            if name in self._saved:
+            if copy and name in self._saved:
                 return self._saved[name]
             raise
         self._saved[name] = saved
@@ -1532,14 +1537,21 @@ class RayRouter:
         return host
 
     def _handle(self, name: str) -> Any:
-        """The host actor, started again from its host.json when Ray has none by this name."""
+        """The host actor, started again from its host.json when Ray has none by this name:
+        the file on disk, never this front's copy of it (:meth:`_host_json`). A host whose
+        actor and file are both gone was given up (by any front: :meth:`_give_up`), and is
+        forgotten here too: started again from the copy, it came up empty, its folder made
+        again, holding its room for good (a host retired by another front, or one that front
+        gave up for want of room, which then waited to be placed again)."""
         try:
             return ray.get_actor(name, namespace=self.options.namespace)
         except ValueError:
             pass
         try:
-            saved = self._host_json(name)
+            saved = self._host_json(name, copy=False)
         except FileNotFoundError:
+            self._saved.pop(name, None)
+            self._hosts.pop(name, None)
             raise NotFound(f"host {name} is gone", code="session_not_found") from None
         except orjson.JSONDecodeError as exc:  # (cut short by an older version's write)
             log.error("%s of host %s cannot be read: %s", HOST_JSON, name, exc)
@@ -1733,13 +1745,18 @@ class RayRouter:
             saved = self._saved_hosts()  # (read once for the whole placement)
             names = [n for n, h in saved
                      if shape_key(h["resources"]) == shape_key(resources)]
+
+            async def ping(name: str) -> Any:  # (NotFound: given up, by another front too)
+                return await asyncio.wait_for(self._host(name).call("ping", read=True),
+                                              PLACE_PING_TIMEOUT_S)
+            loads = await asyncio.gather(*(ping(n) for n in names), return_exceptions=True)
+            gone = {n for n, out in zip(names, loads, strict=True) if isinstance(out, NotFound)}
+            saved = [(n, h) for n, h in saved if n not in gone]
+            names = [n for n in names if n not in gone]
+            loads = [out for out in loads if not isinstance(out, NotFound)]
             held: dict[str, float] = {}
             for _, h in saved:
                 _add_need(held, h["resources"])
-            loads = await asyncio.gather(*(asyncio.wait_for(self._host(n).call("ping",
-                                                                               read=True),
-                                                            PLACE_PING_TIMEOUT_S)
-                                           for n in names), return_exceptions=True)
             sessions = {n: int(out["sessions"]) for n, out in zip(names, loads, strict=True)
                         if isinstance(out, dict)}
             chosen: list[RayHost] = []
@@ -1789,9 +1806,14 @@ class RayRouter:
             # for its start, up to host_start_timeout_s (their sessions are not counted)
             waiting = [n for n in names
                        if n not in sessions and n not in {h.name for h in chosen}]
-            if pick is None and waiting and not cluster_has_room():
+            while pick is None and waiting and not cluster_has_room():
+                try:
+                    await self._placed_again(min(waiting), resources)
+                except NotFound:  # (given up meanwhile, by another front too: passed over)
+                    names.remove(min(waiting))
+                    waiting.remove(min(waiting))
+                    continue
                 pick = min(waiting)
-                await self._placed_again(pick, resources)
             if pick is not None:
                 host = self._host(pick)
             else:
@@ -1921,6 +1943,10 @@ class RayRouter:
             if await self._undo_create(key, entry, idem, exc):
                 mark.done()  # (nothing of it left; else the mark stays, released: a later
                 # look at it drops the entry once no host holds any of it, drop_abandoned)
+                if isinstance(exc, NotFound):
+                    # (a host given up meanwhile, killed, its host.json gone: another front's
+                    # failed placement started it, :meth:`_retire`; nothing was made)
+                    raise create_dropped(key) from None
             raise
         mark.done()
         self._entries[key] = entry
@@ -2026,7 +2052,8 @@ class RayRouter:
                                                           made=set(range(layout.shards)),
                                                           alone=self._alone(key, str(made)))
             except Exception as exc:
-                if isinstance(exc, Unavailable) and exc.code == "create_dropped":
+                if (isinstance(exc, Unavailable) and exc.code == "create_dropped"
+                        or isinstance(exc, NotFound)):  # (NotFound: a host given up, _make)
                     await self._drop_unheld(key, entry)
                     if mark is not None:
                         mark.done()

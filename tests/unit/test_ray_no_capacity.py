@@ -274,3 +274,203 @@ def test_a_host_is_given_up_only_while_it_holds_and_makes_no_session(
         await cluster.kill()
 
     asyncio.run(run())
+
+
+class _Dead:
+    """A killed host actor, as its old handles find it: each call raises ActorDiedError."""
+
+    def __getattr__(self, method: str) -> Any:
+        async def died(*args: Any) -> Any:
+            raise ray.exceptions.ActorDiedError()
+        return died
+
+
+class _Dying(_Full):
+    """The fake cluster whose killed host actors are dead to the handles taken before."""
+
+    def kill_actor(self, handle: Any, no_restart: bool = True) -> None:
+        super().kill_actor(handle, no_restart)
+        handle.actor = _Dead()
+
+
+def test_a_host_given_up_by_one_front_is_not_started_again_by_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Front A gives up a host it started (``_retire``: killed, its host.json and folder
+    removed). Front B had read that host.json (any placement reads them all) and pinged the
+    host: its next placements of that shape do not start it again from its copy of the file
+    (one did: the host came up again, empty, its folder made again, holding its room, and a
+    create could be placed there). B's sessions go to hosts with their host.json, and step as
+    torch.optim does."""
+    cluster = _Dying(tmp_path, monkeypatch)
+    hosts = tmp_path / "hosts"
+
+    async def run() -> None:
+        a, b = cluster.front(), cluster.front()
+        ra: Any = a.router
+        rb: Any = b.router
+        await a.create(spec(id="p1"))
+        shape = ra.options.resources
+        empty = await ra._new_host(shape, "pack")
+        # (B reads every host.json, placing a session of another shape, and pings the host)
+        await b.create(dataclasses.replace(spec(id="q"), resources={"num_cpus": 2}))
+        await rb._host(empty.name).call("ping", read=True)
+        await ra._retire([empty])
+        assert cluster.killed_placed == [empty.name]
+        assert empty.name not in {p.name for p in hosts.iterdir()}
+        for sid, placement in (("r", "spread"), ("s", "pack")):
+            await b.create(dataclasses.replace(spec(id=sid), placement=placement))
+            assert empty.name not in cluster.actors, sid  # (was: started again)
+            assert empty.name not in {p.name for p in hosts.iterdir()}, sid
+        assert all((p / "host.json").exists() for p in hosts.iterdir())
+        assert len(list(hosts.iterdir())) == 4  # (p1's, q's, r's, s's)
+        ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+        ref.step(GRADS)
+        for sid in ("r", "s"):
+            await b.step(sid, GRADS, return_params=False)
+            assert_tensors_equal(dict((await b.pull(sid, None)).params), ref.params, sid)
+        await cluster.kill()
+
+    asyncio.run(run())
+
+
+class _UnplacedDying:
+    """The handle of an actor Ray has no room to place: its calls answer when it is killed,
+    with ActorDiedError (as Ray fails the calls pending on an actor killed for good)."""
+
+    def __init__(self) -> None:
+        self.killed = asyncio.Event()
+
+    def __getattr__(self, method: str) -> Any:
+        async def until_killed(*args: Any) -> Any:
+            await self.killed.wait()
+            raise ray.exceptions.ActorDiedError()
+        return type("M", (), {"remote": staticmethod(until_killed)})()
+
+
+def test_a_create_waiting_for_a_host_given_up_meanwhile_is_placed_elsewhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Front B's create, with no room for a new host, waits for a host of its shape that does
+    not answer (``_placed_again``): one front A started for its own create and gives up once
+    its start timed out (killed, its host.json removed). B's create is placed on another host
+    (room came back meanwhile), not answered 404 ``session_not_found`` for that host (nor is
+    the host started again from B's copy of its host.json)."""
+    cluster = _Dying(tmp_path, monkeypatch)
+    monkeypatch.setattr(ray_host, "PLACE_PING_TIMEOUT_S", 0.2)
+    hosts = tmp_path / "hosts"
+    unplaced = _UnplacedDying()
+    real_kill = cluster.kill_actor
+
+    def kill(handle: Any, no_restart: bool = True) -> None:
+        if handle is unplaced:
+            unplaced.killed.set()
+            cluster.killed.append("unplaced")
+            return
+        real_kill(handle, no_restart)
+    monkeypatch.setattr(ray, "kill", kill)
+
+    async def run() -> None:
+        a, b = cluster.front(), cluster.front()
+        ra: Any = a.router
+        rb: Any = b.router
+        await a.create(spec(id="p1"))  # (one session per host: p1's host is full)
+        (h1,) = [p.name for p in hosts.iterdir()]
+        ra.options = dataclasses.replace(ra.options, host_start_timeout_s=1.0)
+        rb.options = dataclasses.replace(rb.options, host_start_timeout_s=30.0)
+        monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.0})
+        cluster.room = 0
+        cluster.unplaced["__next__"] = unplaced  # (A's new host: never placed)
+        real_options = cluster.options
+
+        def options(**opts: Any) -> Any:
+            if opts["name"] != h1 and "__next__" in cluster.unplaced:
+                cluster.unplaced[opts["name"]] = cluster.unplaced.pop("__next__")
+            return real_options(**opts)
+        cluster.options = options  # type: ignore[method-assign]
+        a_create = asyncio.ensure_future(a.create(spec(id="p2")))
+        while len(list(hosts.iterdir())) < 2:  # (A's new host's host.json is written)
+            await asyncio.sleep(0.01)
+        waited = asyncio.Event()
+        placed_again = rb._placed_again
+
+        async def noted(name: str, resources: Any) -> None:
+            waited.set()
+            await placed_again(name, resources)
+        rb._placed_again = noted
+        b_create = asyncio.ensure_future(b.create(spec(id="p3")))
+        await waited.wait()  # (B waits for A's new host)
+        with pytest.raises(Unavailable) as err:
+            await a_create
+        assert err.value.code == "no_capacity", err.value
+        assert cluster.killed == ["unplaced"]
+        cluster.room = 1  # (room for one more host now)
+        made = await asyncio.wait_for(b_create, 10.0)  # (was: 404 for A's given-up host)
+        assert made.id == "p3"
+        assert len(list(hosts.iterdir())) == 2  # (p1's and p3's: A's went)
+        await b.step("p3", GRADS, return_params=False)
+        ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+        ref.step(GRADS)
+        assert_tensors_equal(dict((await a.pull("p3", None)).params), ref.params, "p3")
+        await cluster.kill()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("keyed", [True, False], ids=["keyed", "unkeyed"])
+@pytest.mark.parametrize("reached", ["before-the-kill", "after-the-kill"])
+def test_a_create_that_lands_on_a_host_another_front_gave_up_is_create_dropped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keyed: bool, reached: str) -> None:
+    """Front B places a create on an empty host that front A then gives up (``_retire``:
+    marked, killed, its host.json and folder removed). Whether B's create reaches the host
+    before the kill (the mark: 503 ``create_dropped``) or after it (the actor dead: it was 404
+    ``session_not_found`` naming the host), the answer is 503 ``create_dropped``, no entry is
+    left but a keyed one's (which its retry finishes), and the retry makes the session on
+    another host, stepping as torch.optim does."""
+    cluster = _Dying(tmp_path, monkeypatch)
+    hosts = tmp_path / "hosts"
+
+    async def run() -> None:
+        a, b = cluster.front(), cluster.front()
+        ra: Any = a.router
+        rb: Any = b.router
+        await a.create(spec(id="p1"))
+        empty = await ra._new_host(ra.options.resources, "pack")
+        dead: list[Any] = []
+        real_place, real_kill = rb._place, cluster.kill_actor
+
+        def kill(handle: Any, no_restart: bool = True) -> None:
+            if reached == "after-the-kill":
+                real_kill(handle, no_restart)
+            else:  # (dead only after B's create reached it)
+                _Full.kill_actor(cluster, handle, no_restart)
+                dead.append(handle)
+        monkeypatch.setattr(ray, "kill", kill)
+
+        async def place(*args: Any) -> Any:
+            chosen = await real_place(*args)
+            assert [h.name for h in chosen] == [empty.name]
+            await ra._retire([empty])  # (A gives it up before B's create reaches it)
+            return chosen
+        rb._place = place
+        idem = create_key("late") if keyed else None
+        with pytest.raises(Unavailable) as err:
+            await b.create(spec(id="late"), idem=idem)
+        assert err.value.code == "create_dropped", err.value
+        assert sorted(entries(b)) == (["default~late", "default~p1"]
+                                      if keyed and reached == "before-the-kill"
+                                      else ["default~p1"])
+        assert empty.name not in {p.name for p in hosts.iterdir()}
+        for handle in dead:
+            handle.actor = _Dead()
+        rb._place = real_place
+        made = await b.create(spec(id="late"), idem=idem)
+        assert made.id == "late" and not made.replayed
+        assert sorted(entries(b)) == ["default~late", "default~p1"]
+        assert empty.name not in {p.name for p in hosts.iterdir()}
+        assert empty.name not in cluster.actors
+        await b.step("late", GRADS, return_params=False)
+        ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+        ref.step(GRADS)
+        assert_tensors_equal(dict((await a.pull("late", None)).params), ref.params, "late")
+        await cluster.kill()
+
+    asyncio.run(run())
