@@ -44,10 +44,15 @@ def params_of(n: int, seed: int) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def settler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Settler]:
     """A settler of the host's, on, freezing once 100 tensors gathered; what it froze is
-    unfrozen after the test (a test process freezes nothing of its own)."""
+    unfrozen after the test (a test process freezes nothing of its own). No host sweeps it but
+    where a test asks for it: a host another module of this process left running (a server
+    of the whole session's) looks the settler up when its idle minute is up, and swept this
+    one in the middle of a test that counts no sweep (seen under ``-n 2``)."""
     assert gc.get_freeze_count() == 0
     s = Settler(settle_tensors=100)
     s.enable()
+    monkeypatch.setattr(host_module, "SWEEP_IDLE_POLLS", 10**9)
+    monkeypatch.setattr(host_module, "SWEEP_AFTER_S", float("inf"))
     monkeypatch.setattr(host_module, "settler", s)
     try:
         yield s
