@@ -330,6 +330,11 @@ class HostConfig:
     #: from its store at its next use once this long has passed since the last try (503
     #: ``session_damaged`` answers ``Retry-After`` with the time left)
     damaged_retry_s: float = 5.0
+    #: a session made again under a deleted one's id continues its versions
+    #: (:mod:`app.engine.last_versions`). Off for the Ray engine's hosts: a sharded session's
+    #: shards are made on several hosts, each of which would know another last version (its
+    #: shards would start out of step), and a session made again may land on another host
+    continue_versions: bool = True
 
 
 _OLD_SHARD_ID = re.compile(r"shard[0-9]+of[0-9]+")
@@ -780,7 +785,8 @@ class EmbeddedHost:
             if self._store is None:
                 durability = "memory"
             keys = [(idem.key, idem.fingerprint)] if idem is not None else []
-            first_version = self._last_versions.first_version(key)
+            first_version = (self._last_versions.first_version(key)
+                             if self.config.continue_versions else 0)
 
             def build() -> tuple[CreateSession, Session]:  # (its checks off the event loop:
                 # every parameter's values, 2.8 s of a create of 300,000, held it)
@@ -876,7 +882,7 @@ class EmbeddedHost:
             created = self._created_by(key)
             held = self._sessions.get(key)
             # (None: refused at start or out of service, at a version not known here)
-            last = held.version if held is not None else None
+            last = held.version if held is not None and self.config.continue_versions else None
             if self._store is not None:
                 store = self._store
                 stones = [] if idem is None else [delete_stone(owner, idem.key, idem.fingerprint,
