@@ -18,7 +18,14 @@ delete is). A shard's delete is remembered under its sharded session's key (ever
 the same version), so a sharded session made again, with any number of shards, or as a plain
 one, continues too. An id whose record was evicted (more than :data:`KEEP` deletes since),
 a session of durability ``memory`` across a restart, and a session refused at start or out of
-service when it was deleted (its version unknown) start at 0 again.
+service when it was deleted (its version unknown) start at 0 again. A create undone part-way
+(a sharded create one shard refused; one a crash cut, undone at start) deletes what it made, at
+version 0: the create's retry starts at 1.
+
+The Ray engine's hosts run with it off (``HostConfig.continue_versions``): a sharded session's
+shards are made on several hosts, each of which would remember another last version (its shards
+would start at different versions, out of step), and a session made again may land on another
+host. Their sessions count from 0 at every create, as before.
 """
 
 from __future__ import annotations
