@@ -534,7 +534,8 @@ HEADERS: dict[str, dict[str, Any]] = {
         "name": "If-Match", "in": "header", "required": False,
         "description": "the version the gradients were computed from (as ?base_version=): "
                        "409 stale_gradient past max_staleness, or when older than the "
-                       "session's latest overwrite or state import",
+                       "session's latest overwrite or state import, or its create (a "
+                       "version of a deleted session of the same id)",
         "schema": _VERSION_TAG},
     "If-Match (change)": {
         "name": "If-Match", "in": "header", "required": False,
@@ -605,7 +606,8 @@ QUERY: dict[str, dict[str, Any]] = {
         "name": "base_version", "in": "query", "required": False,
         "description": "the version the gradients were computed from (or If-Match): 409 "
                        "stale_gradient past max_staleness, or when older than the session's "
-                       "latest overwrite or state import",
+                       "latest overwrite or state import, or its create (a version of a "
+                       "deleted session of the same id)",
         "schema": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}},
     "base_version (change)": {
         "name": "base_version", "in": "query", "required": False,

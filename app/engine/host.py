@@ -110,6 +110,8 @@ from app.engine.interface import (
     session_key,
     split_key,
 )
+from app.engine.last_versions import LastVersions, is_version
+from app.engine.last_versions import stone as version_stone
 from app.engine.ops import (
     AddParamGroup,
     ApplyFailed,
@@ -328,6 +330,11 @@ class HostConfig:
     #: from its store at its next use once this long has passed since the last try (503
     #: ``session_damaged`` answers ``Retry-After`` with the time left)
     damaged_retry_s: float = 5.0
+    #: a session made again under a deleted one's id continues its versions
+    #: (:mod:`app.engine.last_versions`). Off for the Ray engine's hosts: a sharded session's
+    #: shards are made on several hosts, each of which would know another last version (its
+    #: shards would start out of step), and a session made again may land on another host
+    continue_versions: bool = True
 
 
 _OLD_SHARD_ID = re.compile(r"shard[0-9]+of[0-9]+")
@@ -377,6 +384,9 @@ class EmbeddedHost:
         self._tombstones: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()
         #: the create keys of deleted sessions (a retried create is refused, not run again)
         self._deleted_creates = DeletedCreates(_TOMBSTONES)
+        #: the versions deleted sessions were at: one made again under the same id continues
+        #: past it (:mod:`app.engine.last_versions`)
+        self._last_versions = LastVersions(_TOMBSTONES)
         #: sharded sessions (their keys) whose keyed delete a commit from before 118a618
         #: logged (:func:`old_sharded_delete`): it deleted their first shard only, and the
         #: router deletes the others at start
@@ -408,6 +418,7 @@ class EmbeddedHost:
             settle=self._settle)
         self._upkeep = StoreUpkeep(
             self._shared, tombstones=self._tombstones, deleted_creates=self._deleted_creates,
+            last_versions=self._last_versions,
             written_again=self.written_again, directory_again=self.directory_again,
             in_io=self._in_io, in_io_whole=self._in_io_whole, lock=self._lock,
             evaluations=self._evaluations)
@@ -425,8 +436,13 @@ class EmbeddedHost:
         if self._store is not None:
             store = self._store
             store.open()
-            # (a delete writes up to two lines: its own key's, its session's create key's)
-            for t in await self._in_io(lambda: store.tombstones(2 * _TOMBSTONES)):
+            # (a delete writes up to two keyed lines: its own key's, its session's create
+            # key's; and one of its session's last version, kept apart)
+            for t in await self._in_io(lambda: store.tombstones(2 * _TOMBSTONES,
+                                                                _TOMBSTONES)):
+                if is_version(t):
+                    self._last_versions.restore(t)
+                    continue
                 if is_create(t):
                     self._deleted_creates.note(t["tenant"], t["key"], t["fingerprint"],
                                                t["id"])
@@ -769,13 +785,15 @@ class EmbeddedHost:
             if self._store is None:
                 durability = "memory"
             keys = [(idem.key, idem.fingerprint)] if idem is not None else []
+            first_version = (self._last_versions.first_version(key)
+                             if self.config.continue_versions else 0)
 
             def build() -> tuple[CreateSession, Session]:  # (its checks off the event loop:
                 # every parameter's values, 2.8 s of a create of 300,000, held it)
                 op = CreateSession.from_spec(spec, session_id,
                                              spec.nonfinite or self.config.default_nonfinite,
                                              durability, self.config.metrics,
-                                             self.config.history_steps)
+                                             self.config.history_steps, first_version)
                 return op, self._build(op, keys, key)
             op, session = await self._worker.run(build, "create")
             if self._store is not None and durability != "memory":
@@ -783,8 +801,8 @@ class EmbeddedHost:
 
                 def write() -> None:  # (encoded off the event loop: a create of 300,000
                     # parameters held it 3.7 s, every other request waiting)
-                    store.create(key, persist.encode_record_parts(persist.Record(op, 1, 0, keys)),
-                                 durability)
+                    store.create(key, persist.encode_record_parts(
+                        persist.Record(op, 1, op.first_version, keys)), durability)
                 await self._in_io(write)
                 session.seq = 1
             self._sessions[key] = session
@@ -862,16 +880,24 @@ class EmbeddedHost:
         async with self._lock(key):
             self._delete_expected(key, expected)
             created = self._created_by(key)
+            held = self._sessions.get(key)
+            # (None: refused at start or out of service, at a version not known here)
+            last = held.version if held is not None and self.config.continue_versions else None
             if self._store is not None:
                 store = self._store
                 stones = [] if idem is None else [delete_stone(owner, idem.key, idem.fingerprint,
                                                                sid) for owner, sid in scopes]
                 if created is not None:
                     stones.append(stone(tenant, created[0], created[1], session_id))
+                if last is not None:
+                    stones.append(version_stone(key, last))
                 await self._in_io(lambda: store.delete(key, stones))
             dropped = [self._sessions.pop(key, None)]
+            del held
             if created is not None:
                 self._deleted_creates.note(tenant, created[0], created[1], session_id)
+            if last is not None:
+                self._last_versions.note(key, last)
             self._damaged.pop(key, None)
             self._locks.pop(key, None)
             if idem is not None:

@@ -20,6 +20,7 @@ from app.engine import persist
 from app.engine.deleted_creates import DeletedCreates, delete_stone
 from app.engine.host_state import HostState
 from app.engine.interface import split_key
+from app.engine.last_versions import LastVersions
 from app.engine.session import Session
 from app.engine.store import Store
 from app.errors import OptserveError, Unavailable
@@ -56,6 +57,7 @@ class StoreUpkeep:
     def __init__(self, state: HostState, *,
                  tombstones: OrderedDict[tuple[str, str], tuple[str, str]],
                  deleted_creates: DeletedCreates,
+                 last_versions: LastVersions,
                  written_again: list[Callable[[str], None]],
                  directory_again: list[Callable[[], None]],
                  in_io: InIo, in_io_whole: InIo,
@@ -68,6 +70,7 @@ class StoreUpkeep:
         self._damaged = state.damaged
         self._tombstones = tombstones
         self._deleted_creates = deleted_creates
+        self._last_versions = last_versions
         self.written_again = written_again
         self.directory_again = directory_again
         self._in_io = in_io
@@ -191,6 +194,7 @@ class StoreUpkeep:
         stones = [delete_stone(owner, key, fingerprint, sid)
                   for (owner, key), (fingerprint, sid) in self._tombstones.items()]
         stones += self._deleted_creates.stones()
+        stones += self._last_versions.stones()
         try:
             written = await self._in_io(lambda: store.tombstones_again(stones))
         except OSError as exc:

@@ -400,7 +400,10 @@ class HostActor:
             fsync_interval_s=c["fsync_interval_s"],
             idempotency_window=c["idempotency_window"], warm_up=c["warm_up"],
             data_dir_wait_s=c.get("data_dir_wait_s", 30.0),
-            ready_min_free_bytes=c.get("ready_min_free_bytes", 0)))
+            ready_min_free_bytes=c.get("ready_min_free_bytes", 0),
+            # (its sessions count from 0 at every create, as before: app.engine.last_versions
+            # keeps one host's deletes, and a sharded session's shards are on several)
+            continue_versions=False))
         started = time.perf_counter()
         wrapped = InProcessHost(host, self.name)
         await wrapped.start()

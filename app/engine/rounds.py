@@ -40,7 +40,9 @@ from app.errors import Conflict, Invalid, OptserveError
 
 #: what discarded a round, by the discarding operation's kind
 DISCARDED_BY = {"overwrite": "the parameters were overwritten (PUT .../params)",
-                "import": "the optimizer state was loaded (PUT .../state_dict)"}
+                "import": "the optimizer state was loaded (PUT .../state_dict)",
+                "create": "the session was deleted and made again under its id (POST "
+                          "/v1/sessions), its versions continuing the deleted one's"}
 
 
 def discarded_push(by: str, worker: str, base_version: int, version: int) -> Conflict:

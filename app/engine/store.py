@@ -6,6 +6,8 @@ Layout under the data directory::
     sessions/<key>/wal.bin        records: OPR2 | u64 length | u32 crc32c(payload)
                                           | u32 crc32c(the 16 header bytes before) | payload
     tombstones.jsonl              one JSON line per delete that came with an idempotency key
+                                  (and per deleted session's create key, and its last version:
+                                  app.engine.last_versions)
 
 (The first format, ``OPTSNAP1``/``OPTR`` with zlib's crc32 and a u32 length, is still read.)
 
@@ -120,6 +122,31 @@ STALE_TEMPS = (f"{RESERVE}.tmp", ".write-probe.tmp", ".write-probe", f"{TOMBSTON
 #: how often the flusher looks whether a short delete reserve can be topped up (a ``stat``
 #: and a ``statvfs``; none while it is whole)
 RESERVE_LOOK_S = 1.0
+
+
+def _is_version_stone(line: bytes) -> bool:
+    """Whether a tombstone-log line is a deleted session's last version
+    (:func:`app.engine.last_versions.stone`)."""
+    if b'"version"' not in line:
+        return False
+    try:
+        stone = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(stone, dict) and stone.get("kind") == "version"
+
+
+def _last_stones(lines: list[bytes], keep: int, keep_versions: int) -> list[bytes]:
+    """The last ``keep`` lines of the tombstone log that are not versions' and the last
+    ``keep_versions`` that are, in their order."""
+    versions = [_is_version_stone(line) for line in lines]
+    left = {True: keep_versions, False: keep}
+    kept = [False] * len(lines)
+    for i in range(len(lines) - 1, -1, -1):
+        if left[versions[i]] > 0:
+            left[versions[i]] -= 1
+            kept[i] = True
+    return [line for line, k in zip(lines, kept, strict=True) if k]
 
 
 def _soft_files() -> int | None:
@@ -434,7 +461,7 @@ class Store:
         self._stones = threading.Lock()
         #: the tombstone lines kept (set by :meth:`tombstones` at the start; None: no cut)
         #: and about how many lines the log holds: past twice the lines kept an append cuts it
-        self._stones_keep: int | None = None
+        self._stones_keep: tuple[int, int] | None = None
         self._stones_lines = 0
         #: held by a delete that found the disk full, from its tombstone to the reserve's
         #: top-up (:meth:`delete`)
@@ -829,21 +856,23 @@ class Store:
         finally:
             self._burying.release()
 
-    def tombstones(self, keep: int) -> list[dict[str, str]]:
-        """The last ``keep`` tombstones of deletes (oldest first); the log is cut to them when
-        it holds more than twice as many. A line a crash tore is skipped."""
+    def tombstones(self, keep: int, keep_versions: int = 0) -> list[dict[str, str]]:
+        """The last ``keep`` tombstones of deletes and the last ``keep_versions`` lines of
+        deleted sessions' versions (:mod:`app.engine.last_versions`; counted apart, so that
+        deletes without a key do not push keyed ones out), oldest first; the log is cut to
+        them when it holds more than twice as many. A line a crash tore is skipped."""
         path = self.root / TOMBSTONES
         with self._stones:
-            self._stones_keep = keep
+            self._stones_keep = (keep, keep_versions)
             try:
                 lines = path.read_bytes().splitlines()
             except FileNotFoundError:
                 return []
             self._stones_lines = len(lines)
-            if len(lines) > 2 * keep:
-                lines = self._cut_stones(lines, keep)
+            if len(lines) > 2 * (keep + keep_versions):
+                lines = self._cut_stones(lines, (keep, keep_versions))
         out = []
-        for line in lines[-keep:]:
+        for line in _last_stones(lines, keep, keep_versions):
             try:
                 stone = json.loads(line)
             except ValueError:
@@ -1273,13 +1302,14 @@ class Store:
             self.files.fsync_dir(self.root)
         self._stones_lines += lines.count(b"\n")
         keep = self._stones_keep
-        if keep is not None and self._stones_lines > 2 * keep:  # while the server runs too
+        if keep is not None and self._stones_lines > 2 * sum(keep):  # while the server runs too
             self._cut_stones(path.read_bytes().splitlines(), keep)
 
-    def _cut_stones(self, lines: list[bytes], keep: int) -> list[bytes]:
-        """Cut the tombstone log to its last ``keep`` lines (the caller holds ``_stones``);
-        those lines. When it cannot be written (a full disk) it stays whole, cut later."""
-        lines = lines[-keep:]
+    def _cut_stones(self, lines: list[bytes], keep: tuple[int, int]) -> list[bytes]:
+        """Cut the tombstone log to its last ``keep`` lines (:func:`_last_stones`; the caller
+        holds ``_stones``); those lines. When it cannot be written (a full disk) it stays
+        whole, cut later."""
+        lines = _last_stones(lines, *keep)
         try:
             write_atomic(self.root / TOMBSTONES, [b"".join(ln + b"\n" for ln in lines)],
                          self.files)

@@ -240,6 +240,9 @@ class Case:
         r = c.post("/v1/sessions", json=body)
         assert r.status_code == 201, r.text
         self.sessions[self.sid] = Mirror(optimizer, groups, options, scheduler)
+        # (0, or past the last version of a session deleted under the id: app.engine.
+        # last_versions)
+        self.m.version = r.json()["version"]
 
     def step(self, c: httpx.Client) -> None:
         step_and_compare(c, self.sid, self.m, self.grads(self.m))
@@ -561,6 +564,8 @@ class Delete(Case):
 
     def prepare(self, c: httpx.Client, phase: int) -> None:
         self.create(c, "Adam", ADAM, {"name": "StepLR", "options": {"step_size": 1}})
+        # made again after the kill -9 that followed its delete at version 1: past it
+        assert self.m.version == (0 if phase == 0 else 2), self.m.version
         self.step(c)
 
     def final(self, c: httpx.Client, phase: int) -> Sent:

@@ -124,6 +124,10 @@ def test_a_removed_data_dir_is_written_again_and_nothing_acknowledged_is_lost(
                        headers={"Idempotency-Key": "c-1"}, timeout=60)
         assert r.status_code == 409, r.text
         assert r.json()["code"] == "session_deleted"
+        # and the deleted session's last version (0), written again with them: made again
+        # under its id, the session continues past it (app.engine.last_versions)
+        r = httpx.post(f"{proc.url}/v1/sessions", json=gone, timeout=60)
+        assert (r.status_code, r.json()["version"]) == (201, 1), r.text
     finally:
         if second is not None and second.poll() is None:
             second.kill()

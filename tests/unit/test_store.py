@@ -808,13 +808,16 @@ def test_operations_queued_behind_a_delete_never_share_the_new_session(tmp_path:
             delete = asyncio.create_task(eng.delete("s"))
             queued = [asyncio.create_task(stepper(k)) for k in range(3000)]
             await delete
-            await eng.create(spec("s"))
+            # (made again: past the deleted session's last version, app.engine.last_versions)
+            old = [r for r in results if isinstance(r, int)]  # (all the deleted session's)
+            made_at = (await eng.create(spec("s"))).version
+            assert made_at == max(old, default=0) + 1
             fresh = [asyncio.create_task(stepper(k)) for k in range(30)]
             await asyncio.gather(*first, *queued, *fresh)
             assert not [r for r in results if isinstance(r, Exception)]
             late = [r for r in results[20:] if isinstance(r, int)]
             version = (await eng.pull("s", [])).version
-            assert sorted(late) == list(range(1, version + 1))
+            assert sorted(late) == list(range(made_at + 1, version + 1))
         finally:
             await eng.stop(snapshot=False)
 

@@ -46,6 +46,10 @@ class CreateSession(Operation):
     history: int = DEFAULT_HISTORY
     #: a shard of a sharded session: groups may hold none of its parameters
     empty_groups: bool = False
+    #: the version the session starts at: past the last one of a session deleted under the
+    #: same id (:mod:`app.engine.last_versions`), so no version is answered for two sessions'
+    #: values; 0 in logs written before it was kept
+    first_version: int = 0
     #: made by a request (:meth:`from_spec`), not read from the log: also refused what
     #: servers before its checks took (``Session.build``'s ``request``); never logged
     request: bool = field(default=False, compare=False)
@@ -53,7 +57,7 @@ class CreateSession(Operation):
     @classmethod
     def from_spec(cls, spec: CreateSpec, session_id: str, nonfinite: NonFinitePolicy,
                   durability: Durability, metrics: bool = True,
-                  history: int = DEFAULT_HISTORY) -> CreateSession:
+                  history: int = DEFAULT_HISTORY, first_version: int = 0) -> CreateSession:
         # (a request, not a record: checks records logged before them never met)
         ps.check_requested(spec.ps_options)
         ps.check_takes(spec.optimizer, ps.parse(spec.ps_options))
@@ -71,7 +75,7 @@ class CreateSession(Operation):
                    spec.scheduler, nonfinite, durability, spec.ps_options,
                    check_metrics(spec.metrics) if spec.metrics is not None else metrics,
                    check_capacity(spec.history) if spec.history is not None else history,
-                   spec.empty_groups, request=True)
+                   spec.empty_groups, first_version, request=True)
 
     def build(self, device: torch.device) -> Session:
         """Validate everything and build the session (nothing exists until it is returned)."""
@@ -83,6 +87,11 @@ class CreateSession(Operation):
         session.durability = self.durability
         session.metrics_on = self.metrics
         session.history = History(self.history)
+        if self.first_version:
+            session.version = self.first_version
+            # (gradients computed at an earlier version were computed on another session's
+            # values: refused as those computed before an overwrite are)
+            session.replaced = (self.first_version, "create")
         return session
 
     def apply(self, s: Session, plan: Any) -> SessionInfo:  # pragma: no cover - see build
@@ -98,6 +107,8 @@ class CreateSession(Operation):
                                "history": self.history}
         if self.empty_groups:
             out["empty_groups"] = True
+        if self.first_version:
+            out["first_version"] = self.first_version
         return out
 
     @classmethod
@@ -106,7 +117,7 @@ class CreateSession(Operation):
         return cls(str(tree["id"]), str(tree["optimizer"]), groups, dict(tree["options"]),
                    tree["scheduler"], tree["nonfinite"], tree["durability"], dict(tree["ps"]),
                    bool(tree.get("metrics", True)), int(tree.get("history", DEFAULT_HISTORY)),
-                   bool(tree.get("empty_groups", False)))
+                   bool(tree.get("empty_groups", False)), int(tree.get("first_version", 0)))
 
 
 @dataclass

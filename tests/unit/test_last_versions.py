@@ -1,0 +1,110 @@
+"""The bounds of ``app.engine.last_versions``: the embedded host keeps the last versions of its
+last ``KEEP`` deleted sessions (an id deleted longer ago starts at 0 again, as documented), in
+its tombstone log counted apart from keyed deletes' lines, so that many deletes without a key do
+not push a keyed delete's line out of the log (its retry after a restart is still answered).
+Values are compared with an in-process ``torch.optim.SGD``."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.engine import CreateSpec, Front, GroupSpec, embedded_engine
+from app.engine.interface import IdemKey
+
+PARAMS = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3) / 7}
+GRAD = {"w": torch.full((2, 3), 0.25)}
+
+
+def spec(sid: str) -> CreateSpec:
+    return CreateSpec("SGD", [GroupSpec({n: t.clone() for n, t in PARAMS.items()}, {})],
+                      {"lr": 0.1}, id=sid, durability="step")
+
+
+def make(tmp_path: Path) -> Front:
+    return embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False)
+
+
+async def made_stepped_deleted(eng: Front, sid: str, *, idem: IdemKey | None = None) -> None:
+    await eng.create(spec(sid))
+    await eng.step(sid, GRAD, return_params=False)
+    assert not await eng.delete(sid, idem=idem)
+
+
+async def made_and_stepped(eng: Front, sid: str, first: int) -> None:
+    """Made at ``first``; one step: torch's values at ``first + 1``."""
+    assert (await eng.create(spec(sid))).version == first
+    out = await eng.step(sid, GRAD, return_params=True)
+    p = PARAMS["w"].clone().requires_grad_()
+    opt = torch.optim.SGD([p], lr=0.1)
+    p.grad = GRAD["w"].clone()
+    opt.step()
+    assert out.version == first + 1 and torch.equal(out.params["w"], p.detach())
+
+
+def test_the_last_versions_kept_are_bounded_and_kept_apart_from_keyed_deletes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.engine import host as host_module
+    monkeypatch.setattr(host_module, "_TOMBSTONES", 3)
+    key = IdemKey("del-keyed", "DELETE keyed")
+    log = tmp_path / "tombstones.jsonl"
+
+    async def live() -> None:
+        eng = make(tmp_path)
+        await eng.start()
+        try:
+            await made_stepped_deleted(eng, "keyed", idem=key)
+            for i in range(20):  # (unkeyed: a version line each, nothing else)
+                await made_stepped_deleted(eng, f"s{i}")
+                # (3 keyed keys' lines and 3 versions kept, cut past twice as many)
+                assert len(log.read_bytes().splitlines()) <= 2 * (2 * 3 + 3), i
+            assert await eng.delete("keyed", idem=key)  # (answered)
+        finally:
+            await eng.stop()
+
+    async def restarted() -> None:
+        eng = make(tmp_path)
+        await eng.start()
+        try:
+            # the keyed delete's line outlived 20 unkeyed deletes' lines
+            assert await eng.delete("keyed", idem=key)
+            # the last 3 ids continue (deleted at 1); older ones were evicted: from 0
+            for i in (17, 18, 19):
+                await made_and_stepped(eng, f"s{i}", 2)
+            for i in (0, 16):
+                await made_and_stepped(eng, f"s{i}", 0)
+        finally:
+            await eng.stop()
+
+    asyncio.run(live())
+    asyncio.run(restarted())
+
+
+def test_a_restored_create_record_keeps_its_first_version(tmp_path: Path) -> None:
+    """Made again at 2 and stepped, then stopped without a snapshot: the restart replays the
+    create's record (its ``first_version``) and the step: at 3, torch's values; and once
+    more deleted and made again: at 4."""
+    async def first() -> None:
+        eng = make(tmp_path)
+        await eng.start()
+        try:
+            await made_stepped_deleted(eng, "r")
+            await made_and_stepped(eng, "r", 2)
+        finally:
+            await eng.stop(snapshot=False)
+
+    async def second() -> None:
+        eng = make(tmp_path)
+        await eng.start()
+        try:
+            got = await eng.pull("r", None)
+            assert got.version == 3
+            assert not await eng.delete("r")
+            await made_and_stepped(eng, "r", 4)
+        finally:
+            await eng.stop()
+    asyncio.run(first())
+    asyncio.run(second())
