@@ -4,7 +4,7 @@ deleted session's last version + 1 (``app.engine.last_versions``), so that no ve
 
 Before, every session counted from 0: a session deleted at version 1 and made again with other
 values, stepped once, was at version 1 again, and a client holding the OLD session's values
-(found with ``/work/p45/h89/etag_recreate.sh``) got ``If-None-Match: "1"`` answered 304 (it
+got ``If-None-Match: "1"`` answered 304 (it
 kept the old values), its ``PUT .../params`` with ``If-Match: "1"`` taken (the lost-update guard
 passed), its push with ``If-Match``/``?base_version=`` taken at staleness 0, and its long poll
 for ``min_version`` held while the new values were there. Each case is checked here over real
