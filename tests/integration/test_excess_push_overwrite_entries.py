@@ -47,13 +47,16 @@ from tests.torch_reference import json_tensor, tensors_from_json
 pytestmark = pytest.mark.integration
 #: route -> (method, the body's key)
 ROUTES = {"grads": ("POST", "grads"), "params": ("PUT", "params")}
+#: every route whose body's entries are refused early (the step's too: ``test_ray_excess_entries``
+#: sends all three through :func:`_send`)
+ALL_ROUTES = {"step": ("POST", "grads"), **ROUTES}
 NEW = {n: t * 0.5 - 1.0 for n, t in PARAMS.items()}  # (an overwrite's values)
 
 
 def _send(client: TestClient | httpx.Client, sid: str, route: str, fmt: str,
           tensors: dict[str, Any], headers: dict[str, str] | None = None,
           **fields: Any) -> httpx.Response:
-    method, key = ROUTES[route]
+    method, key = ALL_ROUTES[route]
     if fmt == "json":
         body = {key: {n: json_tensor(t) if isinstance(t, torch.Tensor) else t
                       for n, t in tensors.items()}, **fields}
@@ -138,24 +141,36 @@ def test_excess_entries_refused_before_their_values(
         route: str, fmt: str, first: dict[str, torch.Tensor], code: str, name: str,
         count: int) -> None:
     local, opt = _session(app_client, "s")
-    held = _snapshot(app_client, "s")
-    tensors = _excess(first)
-    decoded.clear()
-    made.clear()
-    got = _problem(_send(app_client, "s", route, fmt, tensors))
-    key = ROUTES[route][1]
+    refused_before_their_values(app_client, route, fmt, _excess(first), (code, name, count),
+                                decoded, made, monkeypatch)
+    _next_is_torch(app_client, "s", route, local, opt)
+
+
+def refused_before_their_values(client: TestClient, route: str, fmt: str,
+                                tensors: dict[str, torch.Tensor], want: tuple[str, str, int],
+                                decoded_names: list[str], made_counts: list[int],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Session ``s``'s body of ``tensors`` on ``route`` is refused with ``want`` (the code, the
+    tensor named, how many tensors a JSON body had decoded by then; a safetensors body: none
+    made), the answer a whole decode gives, and the session is as it was (shared with
+    ``test_ray_excess_entries``)."""
+    code, name, count = want
+    held = _snapshot(client, "s")
+    decoded_names.clear()
+    made_counts.clear()
+    got = _problem(_send(client, "s", route, fmt, tensors))
+    key = ALL_ROUTES[route][1]
     assert (got["code"], got["field"]) == (code, f"{key}.{name}"), got
     if fmt == "json":  # (was: every tensor of the body)
-        assert decoded == [f"{key}.{n}" for n in list(tensors)[:count]], decoded
+        assert decoded_names == [f"{key}.{n}" for n in list(tensors)[:count]], decoded_names
     else:
-        assert made == []  # (was: every tensor made)
-    decoded.clear()
-    made.clear()
-    before = _whole_way(monkeypatch, lambda: _send(app_client, "s", route, fmt, tensors))
-    assert len(decoded) == len(tensors) if fmt == "json" else made == [len(tensors)]
+        assert made_counts == []  # (was: every tensor made)
+    decoded_names.clear()
+    made_counts.clear()
+    before = _whole_way(monkeypatch, lambda: _send(client, "s", route, fmt, tensors))
+    assert len(decoded_names) == len(tensors) if fmt == "json" else made_counts == [len(tensors)]
     _same(got, before)
-    assert _snapshot(app_client, "s") == held
-    _next_is_torch(app_client, "s", route, local, opt)
+    assert _snapshot(client, "s") == held
 
 
 @pytest.mark.parametrize("route,fields,headers", [

@@ -15,25 +15,26 @@ actors running their real code here)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from safetensors.torch import save
 
-from app.api import sessions
 from app.config import Settings
 from app.errors import Unavailable
 from app.main import create_app
 from tests.integration.test_excess_json_step_entries import decoded  # noqa: F401 - fixture
 from tests.integration.test_excess_push_overwrite_entries import (
     _next_is_torch,
+    _problem,
+    _same,
+    _send,
     _snapshot,
+    _whole_way,
+    refused_before_their_values,
 )
 from tests.integration.test_excess_step_entries import (  # noqa: F401 - the fixture
     BIN_CT,
@@ -69,39 +70,6 @@ def ray_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Test
         client.portal.call(cluster.kill)
 
 
-def _send(client: TestClient, sid: str, route: str, fmt: str, tensors: dict[str, Any],
-          headers: dict[str, str] | None = None, **fields: Any) -> httpx.Response:
-    method, path, key = ROUTES[route]
-    if fmt == "json":
-        body = {key: {n: json_tensor(t) if isinstance(t, torch.Tensor) else t
-                      for n, t in tensors.items()}, **fields}
-        return client.request(method, f"/v1/sessions/{sid}/{path}", json=body,
-                              headers=headers)
-    meta = {k: json.dumps(v) for k, v in fields.items()} or None
-    return client.request(method, f"/v1/sessions/{sid}/{path}",
-                          content=save(tensors, metadata=meta),
-                          headers={**BIN_CT, **(headers or {})})
-
-
-def _problem(r: httpx.Response) -> dict[str, Any]:
-    assert 400 <= r.status_code < 500, r.text
-    assert r.headers["content-type"].startswith("application/problem+json")
-    out: dict[str, Any] = r.json()
-    return out
-
-
-def _whole_way(monkeypatch: pytest.MonkeyPatch, send: Any) -> dict[str, Any]:
-    """The answer of the same request with its body decoded whole first, as before."""
-    with monkeypatch.context() as patched:
-        patched.setattr(sessions, "_refuse_entries", lambda *args: None)
-        return _problem(send())
-
-
-def _same(got: dict[str, Any], before: dict[str, Any]) -> None:
-    for k in ("status", "code", "field", "detail"):
-        assert got[k] == before[k], (k, got, before)
-
-
 def _next(client: TestClient, sid: str, route: str, local: dict[str, torch.nn.Parameter],
           opt: torch.optim.Optimizer) -> None:
     if route == "step":
@@ -126,23 +94,8 @@ def test_excess_entries_are_refused_on_the_ray_engine_before_their_values(
         route: str, fmt: str, first: dict[str, torch.Tensor], code: str, name: str,
         count: int) -> None:
     local, opt = _session(ray_client, "s")
-    held = _snapshot(ray_client, "s")
-    tensors = _excess(first)
-    decoded.clear()
-    made.clear()
-    got = _problem(_send(ray_client, "s", route, fmt, tensors))
-    key = ROUTES[route][2]
-    assert (got["code"], got["field"]) == (code, f"{key}.{name}"), got
-    if fmt == "json":  # (was: every tensor of the body)
-        assert decoded == [f"{key}.{n}" for n in list(tensors)[:count]], decoded
-    else:
-        assert made == []  # (was: every tensor made)
-    decoded.clear()
-    made.clear()
-    before = _whole_way(monkeypatch, lambda: _send(ray_client, "s", route, fmt, tensors))
-    assert len(decoded) == len(tensors) if fmt == "json" else made == [len(tensors)]
-    _same(got, before)
-    assert _snapshot(ray_client, "s") == held
+    refused_before_their_values(ray_client, route, fmt, _excess(first), (code, name, count),
+                                decoded, made, monkeypatch)
     _next(ray_client, "s", route, local, opt)
 
 
