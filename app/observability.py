@@ -216,20 +216,26 @@ class _Fold:
         return []
 
 
+def _json_line(created: float, level: str, logger: str, msg: str,
+               fields: dict[str, Any] | None) -> dict[str, Any]:
+    """A JSON log line's object: its time, level, logger, message, the request's id (when one
+    is set) and the record's fields (:class:`JsonFormatter`'s, and the access line written
+    without a record, :func:`_access_line`)."""
+    out: dict[str, Any] = {"ts": round(created, 6), "level": level, "logger": logger,
+                           "msg": msg}
+    rid = request_id_var.get()
+    if rid:
+        out["request_id"] = rid
+    if fields:
+        out.update(fields)
+    return out
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": round(record.created, 6),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        rid = request_id_var.get()
-        if rid:
-            out["request_id"] = rid
         extra = getattr(record, "fields", None)
-        if isinstance(extra, dict):
-            out.update(extra)
+        out = _json_line(record.created, record.levelname.lower(), record.name,
+                         record.getMessage(), extra if isinstance(extra, dict) else None)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(out, default=str).decode()
@@ -372,13 +378,8 @@ def _access_line(handler: logging.StreamHandler[Any], method: str, path: str, st
     object: the record's time, level, logger, message, request id, then the fields; then
     ``StreamHandler.emit``: the line, its terminator, a flush; an error in between is the
     handler's ``handleError``), without the record."""
-    out: dict[str, Any] = {"ts": round(time.time(), 6), "level": "info",
-                           "logger": access_log.name,
-                           "msg": "%s %s %d" % (method, path, status)}  # noqa: UP031 (as the record's)
-    rid = request_id_var.get()
-    if rid:
-        out["request_id"] = rid
-    out.update(fields)
+    out = _json_line(time.time(), "info", access_log.name,
+                     "%s %s %d" % (method, path, status), fields)  # noqa: UP031 (the record's)
     handler.acquire()
     try:
         try:

@@ -79,6 +79,7 @@ import crc32c
 from app.engine.data_dir_lock import DataDirLock
 from app.engine.delete_reserve import RESERVE, DeleteReserve
 from app.engine.free_space import FreeSpace
+from app.engine.last_versions import is_version
 from app.errors import OptserveError, StorageFull, Unavailable
 
 log = logging.getLogger("optserve.store")
@@ -133,7 +134,7 @@ def _is_version_stone(line: bytes) -> bool:
         stone = json.loads(line)
     except ValueError:
         return False
-    return isinstance(stone, dict) and stone.get("kind") == "version"
+    return isinstance(stone, dict) and is_version(stone)
 
 
 def _last_stones(lines: list[bytes], keep: int, keep_versions: int) -> list[bytes]:
