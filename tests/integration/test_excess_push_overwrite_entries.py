@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,8 +27,8 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save
 
 from app.api import sessions
-from app.engine.front import Front
 from app.engine.metrics import MAX_SCALAR_NAMES, MAX_SCALARS
+from tests.integration.test_excess_entries_stale_session import asked  # noqa: F401 - fixture
 from tests.integration.test_excess_json_step_entries import (  # noqa: F401 - the fixture
     BAD_DATA,
     decoded,
@@ -238,18 +237,25 @@ def test_a_push_whose_scalars_the_session_refuses_goes_the_whole_way(
     _next_is_torch(app_client, "n", "grads", local, opt)
 
 
+def sharded_session(client: TestClient) -> tuple[dict[str, torch.nn.Parameter],
+                                                torch.optim.Adam]:
+    """Session ``sh`` of PARAMS in 2 shards (Adam), and torch's twin of it (shared with
+    ``test_ray_excess_entries``)."""
+    r = client.post("/v1/sessions", json={
+        "id": "sh", "optimizer": "Adam", "options": {"lr": 0.1}, "shards": 2,
+        "params": {n: json_tensor(t) for n, t in PARAMS.items()}})
+    assert r.status_code == 201, r.text
+    local = {n: torch.nn.Parameter(t.clone()) for n, t in PARAMS.items()}
+    return local, torch.optim.Adam(list(local.values()), lr=0.1)
+
+
 @pytest.mark.parametrize("route", ["grads", "params"])
 def test_a_sharded_sessions_excess_entries_are_refused_before_their_values(
         app_client: TestClient, decoded: list[str],  # noqa: F811 - the fixture
         monkeypatch: pytest.MonkeyPatch, route: str) -> None:
     """A sharded session checks a push's or an overwrite's names against its layout first:
     refused at its first unknown name before the values after it are decoded."""
-    r = app_client.post("/v1/sessions", json={
-        "id": "sh", "optimizer": "Adam", "options": {"lr": 0.1}, "shards": 2,
-        "params": {n: json_tensor(t) for n, t in PARAMS.items()}})
-    assert r.status_code == 201, r.text
-    local = {n: torch.nn.Parameter(t.clone()) for n, t in PARAMS.items()}
-    opt = torch.optim.Adam(list(local.values()), lr=0.1)
+    local, opt = sharded_session(app_client)
     held = _snapshot(app_client, "sh")
     tensors = _excess({"a": GRADS["a"].double(), "b": GRADS["b"]})
     key = ROUTES[route][1]
@@ -264,23 +270,8 @@ def test_a_sharded_sessions_excess_entries_are_refused_before_their_values(
     _next_is_torch(app_client, "sh", route, local, opt)
 
 
-@pytest.fixture
-def asked(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
-    """Set once the server has asked for the refusal from the entries (before it reads the
-    body): the live server runs in this process."""
-    event = threading.Event()
-    ask = Front.entries_refusal
-
-    async def asking(self: Front, *args: Any, **kwargs: Any) -> Any:
-        out = await ask(self, *args, **kwargs)
-        event.set()
-        return out
-    monkeypatch.setattr(Front, "entries_refusal", asking)
-    yield event
-
-
 def test_an_overwrite_whose_precondition_fails_meanwhile_is_a_412(
-        live_server: str, asked: threading.Event) -> None:
+        live_server: str, asked: threading.Event) -> None:  # noqa: F811 - the fixture
     """An overwrite with ``If-Match`` checks it before the tensors: a session stepped while
     the body arrives (past the version named, after the check from the request's head) gets
     the 412 the overwrite gives, not the first unknown name, and nothing changes."""

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +236,38 @@ def test_removed_node_session_resumes_on_the_other(ray_cluster: Any, tmp_path: P
         kill_hosts(tmp_path / "data")
 
 
+def _two_hosts_one_killed(c: optserve.Client, h: httpx.Client, url: str
+                          ) -> tuple[set[str], Acked, str]:
+    """Sessions ``slot0`` and ``slot1`` made on a host each (spread), ``slot0`` stepped
+    twice, then its host killed for good and its room seen free: the two hosts' names, the
+    steps acknowledged, the killed host's name."""
+    for i in range(2):
+        create(c, f"slot{i}", seed=i)
+    hosts = {host_of(h, f"slot{i}")["name"] for i in range(2)}
+    assert len(hosts) == 2, "spread: a host each"
+    acked = Acked()
+    stepper(url, "slot0", 0, 2, acked)
+    gone = host_of(h, "slot0")["name"]
+    ray.kill(ray.get_actor(gone, namespace="optserve"), no_restart=True)
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("slot", 0) < 1:  # (its room freed)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return hosts, acked, gone
+
+
+def _unplaced(gone: str) -> Callable[..., Awaitable[Any]]:
+    """``RayHost.call`` with host ``gone`` not answering its ping (as a host whose restart Ray
+    has not placed yet)."""
+    call = RayHost.call
+
+    async def unplaced(self: RayHost, method: str, *args: Any, **kw: Any) -> Any:
+        if self.name == gone and method == "ping":
+            raise Unavailable(f"{gone} is restarting", code="host_restarting")
+        return await call(self, method, *args, **kw)
+    return unplaced
+
+
 def test_spread_leaves_room_for_a_host_killed_for_good(
         ray_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A node with room for two hosts of a shape (a custom resource ``slot: 2``) holds two,
@@ -255,26 +287,9 @@ def test_spread_leaves_room_for_a_host_killed_for_good(
     try:
         with optserve.Client(url, max_retries=30, timeout=300) as c, \
                 httpx.Client(base_url=url, timeout=300) as h:
-            for i in range(2):
-                create(c, f"slot{i}", seed=i)
-            hosts = {host_of(h, f"slot{i}")["name"] for i in range(2)}
-            assert len(hosts) == 2, "spread: a host each"
-            acked = Acked()
-            stepper(url, "slot0", 0, 2, acked)
-            gone = host_of(h, "slot0")["name"]
-            ray.kill(ray.get_actor(gone, namespace="optserve"), no_restart=True)
-            deadline = time.monotonic() + 60
-            while ray.available_resources().get("slot", 0) < 1:  # (its room freed)
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            call = RayHost.call
-
-            async def unplaced(self: RayHost, method: str, *args: Any, **kw: Any) -> Any:
-                if self.name == gone and method == "ping":
-                    raise Unavailable(f"{gone} is restarting", code="host_restarting")
-                return await call(self, method, *args, **kw)
+            hosts, acked, gone = _two_hosts_one_killed(c, h, url)
             with monkeypatch.context() as m:
-                m.setattr(RayHost, "call", unplaced)
+                m.setattr(RayHost, "call", _unplaced(gone))
                 create(c, "slot2", seed=2)
             assert h.get("/v1/sessions/slot2").json()["placement"]["host"] in hosts - {gone}
             stepper(url, "slot0", 1, 2, acked)  # (its host started again, placed)
@@ -308,26 +323,9 @@ def test_a_create_of_a_new_shape_leaves_the_room_of_a_host_that_is_down(
     try:
         with optserve.Client(url, max_retries=30, timeout=300) as c, \
                 httpx.Client(base_url=url, timeout=300) as h:
-            for i in range(2):
-                create(c, f"slot{i}", seed=i)
-            hosts = {host_of(h, f"slot{i}")["name"] for i in range(2)}
-            assert len(hosts) == 2, "spread: a host each"
-            acked = Acked()
-            stepper(url, "slot0", 0, 2, acked)
-            gone = host_of(h, "slot0")["name"]
-            ray.kill(ray.get_actor(gone, namespace="optserve"), no_restart=True)
-            deadline = time.monotonic() + 60
-            while ray.available_resources().get("slot", 0) < 1:  # (its room freed)
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            call = RayHost.call
-
-            async def unplaced(self: RayHost, method: str, *args: Any, **kw: Any) -> Any:
-                if self.name == gone and method == "ping":
-                    raise Unavailable(f"{gone} is restarting", code="host_restarting")
-                return await call(self, method, *args, **kw)
+            hosts, acked, gone = _two_hosts_one_killed(c, h, url)
             with monkeypatch.context() as m:
-                m.setattr(RayHost, "call", unplaced)
+                m.setattr(RayHost, "call", _unplaced(gone))
                 r = h.post("/v1/sessions", json={
                     "id": "other", "optimizer": "SGD", "options": {"lr": 0.1},
                     "params": {"w": {"dtype": "float32", "shape": [1], "data": [1.0]}},

@@ -35,6 +35,7 @@ from tests.integration.test_excess_push_overwrite_entries import (
     _snapshot,
     _whole_way,
     refused_before_their_values,
+    sharded_session,
 )
 from tests.integration.test_excess_step_entries import (  # noqa: F401 - the fixture
     BIN_CT,
@@ -148,12 +149,7 @@ def test_a_sharded_sessions_excess_entries_are_refused_on_the_ray_engine(
     in its first shard's host): the front refuses it at its first unknown name from its
     directory entry's layout, as the embedded engine's sharded session does, before the
     values after it are decoded."""
-    r = ray_client.post("/v1/sessions", json={
-        "id": "sh", "optimizer": "Adam", "options": {"lr": 0.1}, "shards": 2,
-        "params": {n: json_tensor(t) for n, t in PARAMS.items()}})
-    assert r.status_code == 201, r.text
-    local = {n: torch.nn.Parameter(t.clone()) for n, t in PARAMS.items()}
-    opt = torch.optim.Adam(list(local.values()), lr=0.1)
+    local, opt = sharded_session(ray_client)
     held = _snapshot(ray_client, "sh")
     tensors = _excess({"a": GRADS["a"].double(), "b": GRADS["b"]})
     key = ROUTES[route][2]
