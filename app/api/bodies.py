@@ -556,14 +556,8 @@ async def read_tensors(
             if sparse:
                 tensors = wire_sparse.pair_safetensors(tensors, key)
             return tensors, early[0] if early else metadata_fields(metadata)
-        try:
-            tensors, fields = await offload(decode_binary, header_end(buf))
-        except AskFirst:
-            if before_ready is None:
-                raise
-            await before_ready()
-            early.clear()
-            tensors, fields = await offload(decode_binary, header_end(buf))
+        tensors, fields = await _decoded(decode_binary, header_end(buf), before_ready,
+                                         early.clear)
         return tensors, fields, buf
 
     parsed: list[dict[str, Any]] = []  # (kept for a second look: AskFirst)
@@ -586,14 +580,25 @@ async def read_tensors(
                     _decode_up_to(named, key, sparse, exc.field)
                     raise
         return tensor_map(named, key, sparse), fields
+    tensors, fields = await _decoded(decode_json, len(buf), before_ready)
+    return tensors, fields, buf
+
+
+async def _decoded(decode: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]],
+                   cost: int, before_ready: Callable[[], Awaitable[None]] | None,
+                   again: Callable[[], None] = lambda: None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``decode()`` (off the event loop by its ``cost``, :func:`offload`); where its
+    ``before_tensors`` could not say yet (:class:`AskFirst`), once more after
+    ``before_ready`` (and ``again``: what the first try kept that the second must not)."""
     try:
-        tensors, fields = await offload(decode_json, len(buf))
+        return await offload(decode, cost)
     except AskFirst:
         if before_ready is None:
             raise
         await before_ready()
-        tensors, fields = await offload(decode_json, len(buf))
-    return tensors, fields, buf
+        again()
+        return await offload(decode, cost)
 
 
 class AskFirst(Exception):
