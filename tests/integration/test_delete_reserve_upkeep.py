@@ -24,6 +24,7 @@ import pytest
 from app.engine.delete_reserve import RESERVE, RESERVE_BYTES
 from app.engine.store import STALE_TEMPS
 from tests.integration.test_disk_full import (  # noqa: F401 - the fixture
+    KEYED_BODY,
     Big,
     MiB,
     Mount,
@@ -31,6 +32,7 @@ from tests.integration.test_disk_full import (  # noqa: F401 - the fixture
     fill,
     free_bytes,
     reserve_held,
+    retried_create_is_deleted,
     tmpfs,
 )
 from tests.integration.test_durability import (
@@ -105,17 +107,13 @@ def test_a_short_reserve_is_topped_up_once_there_is_room(
     it, also after a ``kill -9`` and a restart."""
     disk = tmpfs(8)
     key = {"Idempotency-Key": "made-before-the-disk-filled"}
-    body = {"id": "keyed", "optimizer": "SGD", "options": {"lr": 0.1},
-            "params": {"w": {"dtype": "float32", "shape": [2], "data": [1.0, 2.0]}}}
+    body = KEYED_BODY
     other = Big("other", 1000)
     proc = Proc(disk, env={"OPTSERVE_READY_MIN_FREE_BYTES": "0"},
                 started=lambda r: r.status_code in (200, 503))
 
     def retried(c: httpx.Client) -> None:
-        r = c.post("/v1/sessions", json=body, headers=key)
-        assert r.status_code == 409, r.text
-        assert r.json()["code"] == "session_deleted", r.json()
-        assert c.get("/v1/sessions/keyed").status_code == 404
+        retried_create_is_deleted(c, key)
 
     try:
         proc.start()

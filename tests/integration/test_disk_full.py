@@ -640,6 +640,23 @@ def reserve_held(disk: Path) -> bool:
     return path.exists() and path.stat().st_size == RESERVE_BYTES
 
 
+#: a keyed create's body: its session is deleted on a full disk, its create then retried
+KEYED_BODY = {"id": "keyed", "optimizer": "SGD", "options": {"lr": 0.1},
+              "params": {"w": {"dtype": "float32", "shape": [2], "data": [1.0, 2.0]}}}
+
+
+def retried_create_is_deleted(c: httpx.Client, key: dict[str, str]) -> None:
+    """KEYED_BODY's create retried with ``key`` after its session was deleted: the 409
+    ``session_deleted`` problem naming the session and the key, and no session."""
+    r = c.post("/v1/sessions", json=KEYED_BODY, headers=key)
+    assert r.status_code == 409, r.text
+    assert r.headers["content-type"].startswith(PROBLEM)
+    problem = r.json()
+    assert (problem["code"], problem["session_id"], problem["idempotency_key"]) == (
+        "session_deleted", "keyed", key["Idempotency-Key"]), problem
+    assert c.get("/v1/sessions/keyed").status_code == 404
+
+
 def test_a_keyed_session_is_deleted_on_a_full_disk(tmpfs: Mount) -> None:
     """A session made by a keyed create (the Python SDK always sends a key) on a disk that
     then fills to the last block: its DELETE is a 204 (its tombstone, the create's key, is
@@ -650,20 +667,13 @@ def test_a_keyed_session_is_deleted_on_a_full_disk(tmpfs: Mount) -> None:
     once space returns."""
     disk = tmpfs(8)
     key = {"Idempotency-Key": "made-on-a-disk-that-filled"}
-    body = {"id": "keyed", "optimizer": "SGD", "options": {"lr": 0.1},
-            "params": {"w": {"dtype": "float32", "shape": [2], "data": [1.0, 2.0]}}}
+    body = KEYED_BODY
     other = Big("other", 1000)
     proc = Proc(disk, env={"OPTSERVE_READY_MIN_FREE_BYTES": "0"},
                 started=lambda r: r.status_code in (200, 503))
 
     def retried(c: httpx.Client) -> None:
-        r = c.post("/v1/sessions", json=body, headers=key)
-        assert r.status_code == 409, r.text
-        assert r.headers["content-type"].startswith(PROBLEM)
-        problem = r.json()
-        assert (problem["code"], problem["session_id"], problem["idempotency_key"]) == (
-            "session_deleted", "keyed", key["Idempotency-Key"]), problem
-        assert c.get("/v1/sessions/keyed").status_code == 404
+        retried_create_is_deleted(c, key)
 
     try:
         proc.start()
