@@ -59,6 +59,17 @@ def _two_cpu_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     return cluster, free, down
 
 
+async def _a_host_each(front: Any, free: dict[str, float]) -> list[str]:
+    """Sessions ``a`` and ``b`` of one CPU made through ``front``, each on a host of its own
+    (Ray's free CPU counted down): their hosts' names."""
+    hosts = []
+    for sid in ("a", "b"):
+        await front.create(spec(sid, ONE_CPU))
+        hosts.append(entries_of(front, sid)["host"])
+        free["CPU"] -= 1
+    return hosts
+
+
 def test_a_create_of_a_new_shape_leaves_a_down_hosts_room(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cluster, free, down = _two_cpu_cluster(tmp_path, monkeypatch)
@@ -66,11 +77,7 @@ def test_a_create_of_a_new_shape_leaves_a_down_hosts_room(
 
     async def go() -> None:
         front = cluster.front()
-        hosts = []
-        for sid in ("a", "b"):
-            await front.create(spec(sid, ONE_CPU))
-            hosts.append(entries_of(front, sid)["host"])
-            free["CPU"] -= 1
+        hosts = await _a_host_each(front, free)
         assert len(set(hosts)) == 2  # (one session per host)
         await front.step("b", GRADS, return_params=False)
         ref.step(GRADS)
@@ -104,11 +111,7 @@ def test_the_room_of_a_down_host_without_sessions_is_anyones(
 
     async def go() -> None:
         front = cluster.front()
-        hosts = []
-        for sid in ("a", "b"):
-            await front.create(spec(sid, ONE_CPU))
-            hosts.append(entries_of(front, sid)["host"])
-            free["CPU"] -= 1
+        hosts = await _a_host_each(front, free)
         await front.delete("b")
         down.add(hosts[1])
         free["CPU"] += 1
