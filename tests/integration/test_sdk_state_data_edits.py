@@ -13,7 +13,7 @@ another client) too. Unedited, a second ``state_dict()`` is still a 304 and noth
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -21,19 +21,12 @@ import torch
 import optserve
 from tests.integration.test_sdk_dropin_edges import assert_trained_alike, mlp, train
 from tests.integration.test_sdk_state_edits_kept import assert_state_equal
-from tests.integration.test_state_dict_not_modified import Recorded
+from tests.integration.test_state_dict_not_modified import (  # noqa: F401 - fixture
+    Recorded,
+    recorded,
+)
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def recorded(live_server: str) -> Iterator[Recorded]:
-    r = Recorded(live_server)
-    try:
-        yield r
-    finally:
-        r.client.close()
-        r.http.close()
 
 
 def _scaled(opt: torch.optim.Optimizer, model: torch.nn.Module, key: str) -> None:
@@ -62,7 +55,8 @@ EDITS: dict[str, Callable[[torch.optim.Optimizer, torch.nn.Module, str], None]] 
     ("Adam", {"lr": 0.01}, "exp_avg_sq"),
 ])
 def test_a_state_tensor_edited_through_data_is_an_edit_of_the_state(
-        recorded: Recorded, optimizer: str, options: dict[str, float], key: str,
+        recorded: Recorded,  # noqa: F811 - the fixture
+        optimizer: str, options: dict[str, float], key: str,
         edit: str) -> None:
     """Two steps, the state read (``state_dict()``), the edit through ``.data``, the state
     read again: it shows the edit, sent to the session first (an import, then a whole read:
@@ -96,7 +90,8 @@ def test_a_state_tensor_edited_through_data_is_an_edit_of_the_state(
     remote.close(delete_session=True)
 
 
-def test_an_unedited_state_is_not_sent_nor_read_again(recorded: Recorded) -> None:
+def test_an_unedited_state_is_not_sent_nor_read_again(
+        recorded: Recorded) -> None:  # noqa: F811 - the fixture
     """Read twice with nothing between (the values compared, equal): the second read is a
     304, nothing imported; the state is torch's."""
     local_model = mlp()
@@ -116,7 +111,8 @@ def test_an_unedited_state_is_not_sent_nor_read_again(recorded: Recorded) -> Non
     remote.close(delete_session=True)
 
 
-def test_a_workers_edit_through_data_stays_local_and_is_read_over(recorded: Recorded) -> None:
+def test_a_workers_edit_through_data_stays_local_and_is_read_over(
+        recorded: Recorded) -> None:  # noqa: F811 - the fixture
     """A parameter-server worker's edits of the state are never sent (they would put its state
     over the other workers' steps): edited through ``.data``, the next ``state_dict()`` is read
     whole (no 304 handing the edited tensors out as the session's), as after an edit in
