@@ -285,6 +285,30 @@ def engine_url(request: pytest.FixtureRequest) -> str:
     return url
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give each schemathesis test item (one per API operation) a node id of its own, as
+    pytest before 9 gave it: ``...::test_x[GET /healthz]``. pytest 9 builds a test
+    function's node id from its ``originalname`` and its parametrization only, and
+    schemathesis (4.32) passes the test function's own name there and none, so every
+    operation's item had the one node id ``...::test_x``. Run in one process, each still ran;
+    under pytest-xdist, whose scheduler keys its work by node id, the items of a test
+    collapsed into one: the fuzzing ran its first operation only, and the report tests after
+    it (``test_fuzz_openapi``) counted one operation and failed. The id is set as pytest's
+    own ``Node`` makes one from a name (its parent's id, a child named so); a pytest that no
+    longer takes it is a usage error, not a silent collapse."""
+    for item in items:
+        if type(item).__name__ != "SchemathesisFunction" or item.parent is None:
+            continue
+        want = f"{item.parent.nodeid}::{item.name}"
+        if item.nodeid == want:
+            continue
+        item._id = item.parent.id.child(item.name)
+        if item.nodeid != want:
+            raise pytest.UsageError(f"could not give the schemathesis item {item.name!r} a "
+                                    f"node id of its own (it has {item.nodeid!r})")
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if "ray" in report.keywords:
         _RAY_TIME["seconds"] += report.duration

@@ -34,7 +34,7 @@ from app.errors import (
 from app.observability import SUNK_BYTES
 from app.wire import sparse as wire_sparse
 from app.wire.dtypes import TORCH_DTYPES
-from app.wire.json_tensor import decode_json_tensor
+from app.wire.json_tensor import all_decode, decode_json_tensor
 from app.wire.safetensors_body import (
     BodyTensors,
     PackedTensors,
@@ -513,9 +513,10 @@ async def read_tensors(
     row-sparse tensor: :func:`sparse_pairs`); a JSON body's tensors read from their ``dtype``
     and ``shape`` alone (:func:`json_entries`), where each is a dense tensor of a known dtype
     and a well-formed shape. A JSON body refused then is refused as its full decode would
-    have been up to the entry refused (that entry and those before it are decoded first, so
-    that a malformed one among them is named as before); the values after it are never
-    decoded (a 7.6 MB step naming 100,000 unknown tensors made every one of them first).
+    have been (that entry and those before it are decoded first, so that a malformed one
+    among them is named as before; those after it are checked without being made,
+    :func:`_decode_after`, and decoded only where one may be malformed, for its problem): a
+    7.6 MB step naming 100,000 unknown tensors made every one of them first.
     ``before_ready``: awaited where ``before_tensors`` raises :class:`AskFirst` (it needs
     what ``before_ready`` asks for: a Ray host's answer), then the entries are looked at
     again (a JSON body is not parsed again)."""
@@ -575,9 +576,11 @@ async def read_tensors(
                     before_tensors(entries, fields)
                 except RefusedAfter as exc:
                     _decode_up_to(named, key, sparse, exc.entry)
+                    _decode_after(named, key, sparse, exc.entry)
                     raise exc.problem from None
                 except Invalid as exc:
                     _decode_up_to(named, key, sparse, exc.field)
+                    _decode_after(named, key, sparse, exc.field)
                     raise
         return tensor_map(named, key, sparse), fields
     tensors, fields = await _decoded(decode_json, len(buf), before_ready)
@@ -653,6 +656,25 @@ def _decode_up_to(named: dict[str, Any], key: str, sparse: bool, refused: str | 
         if n == name:
             break
     tensor_map(upto, key, sparse)
+
+
+def _decode_after(named: dict[str, Any], key: str, sparse: bool, refused: str | None) -> None:
+    """The first decode error among the JSON tensors of ``named`` after the one a refusal
+    from the entries names (``refused``: ``<key>.<name>``, its name's own refusal: unknown,
+    or its dtype or shape the session's own), as a full decode answers: every tensor is
+    decoded before the operation looks at a name, so a malformed tensor anywhere in the body
+    is the answer. Found without making them where they all decode
+    (:func:`~app.wire.json_tensor.all_decode`: a 7.6 MB step naming 100,000 unknown tensors
+    is not made whole for it); decoded in order for the first one's problem only where one
+    may not."""
+    name = refused[len(key) + 1:] if refused is not None and refused.startswith(f"{key}.") \
+        else None
+    if name is None or name not in named:
+        return
+    names = list(named)
+    after = {n: named[n] for n in names[names.index(name) + 1:]}
+    if after and not all_decode(after, key):
+        tensor_map(after, key, sparse)
 
 
 def sparse_pairs(layout: HeaderLayout) -> bool:

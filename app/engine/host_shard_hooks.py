@@ -108,7 +108,7 @@ class ShardHooks:
         never is: ``Push.every_shard``), else None: the operation :meth:`undo_last` may cut."""
         assert self._store is not None
         s = self._get(key)
-        records = self._store.read(key)[1]
+        records = self._store.read(key, cut_torn=False)[1]  # (a live log: its good length)
         if records:
             last = persist.decode_record(records[-1])
             if last.seq == s.seq and last.keys and not isinstance(last.op, CreateSession) \
@@ -125,14 +125,28 @@ class ShardHooks:
         restore it without it, where that gives the version and revision ``want`` (the other
         shards' of its session, which never took it: :meth:`ShardedSession.undo_cut
         <app.engine.shards.ShardedSession.undo_cut>`); else nothing changes.
-        Whether it was undone."""
+        Whether it was undone.
+
+        The log is read as a live session's is (``live``: its good length only, a torn tail
+        left to the log's repair), also at the embedded engine's start (its restore cut any
+        torn tail already): a record a failed cut left past the good length (its header
+        zeroing failed too: it is whole) is no part of the log, and the record cut is the
+        operation's (:meth:`Store.cut_last_record <app.engine.store.Store.cut_last_record>`).
+        Before, the cut took the last whole record of the file: the one past the good
+        length, leaving the operation's in the log, so a restart replayed the operation
+        undone (and skipped the next one, logged under the same sequence number).
+
+        Long polls are not woken: the undo moves the session back (to the version the other
+        shards hold, or only its revision back), and a poll waits for a version above the
+        one it holds (``min_version``, or ``If-None-Match``'s highest + 1), which a move back
+        never meets; the session's next change wakes them."""
         assert self._store is not None
         if self._undoable_key(key) != idem_key:
             return False
-        before = self._restorer.restore(key, but_last=True)[0]
+        before = self._restorer.restore(key, live=True, but_last=True)[0]
         if (before.version, before.revision) != want:
             return False
-        self._store.truncate(key, self._store.last_record_start(key))
+        self._store.cut_last_record(key)
         self._sessions[key] = before
         log.warning("%s: its last logged operation reached some shards of its session only (a "
                     "crash cut it): undone", key)

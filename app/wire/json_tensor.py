@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -108,6 +108,21 @@ def decode_json_tensor(obj: object, field: str | TreePath, *,
     must be the one base64 text of its bytes (:func:`_canonical_b64`); what the service's own
     files hold (snapshots, logged records: options as requests gave them) is decoded with
     False, as servers before this check took it."""
+    dtype, shape, numel = _tensor_form(obj, field)
+    assert isinstance(obj, dict)  # (checked by _tensor_form)
+    torch_dtype = TORCH_DTYPES[dtype]
+    if "b64" in obj:
+        raw = _b64_checked(obj["b64"], dtype, shape, numel, field, canonical)
+        if numel == 0:
+            return torch.empty(shape, dtype=torch_dtype)
+        return torch.frombuffer(raw, dtype=torch_dtype).reshape(shape)
+    arr = _from_list(_data_list(obj["data"], field), dtype, numel, field)
+    return _in_range(torch.from_numpy(arr), dtype, field).reshape(shape)
+
+
+def _tensor_form(obj: object, field: str | TreePath) -> tuple[str, tuple[int, ...], int]:
+    """A JSON tensor's form checked (an object of known keys, a known dtype, a shape, exactly
+    one of data or b64): its dtype's name, shape and number of elements."""
     if not isinstance(obj, dict):
         raise Invalid("a tensor must be an object {\"dtype\", \"shape\", \"data\" | \"b64\"}",
                       code="invalid_tensor", field=str(field))
@@ -122,42 +137,75 @@ def decode_json_tensor(obj: object, field: str | TreePath, *,
     if "shape" not in obj:
         raise Invalid("missing shape", code="invalid_tensor", field=f"{field}.shape")
     shape = parse_shape(obj["shape"], field)
-    numel = math.prod(shape)
-    has_data, has_b64 = "data" in obj, "b64" in obj
-    if has_data == has_b64:
+    if ("data" in obj) == ("b64" in obj):
         raise Invalid("give exactly one of data or b64", code="invalid_tensor",
                       field=str(field))
-    torch_dtype = TORCH_DTYPES[dtype]
-    if has_b64:
-        text = obj["b64"]
-        if not isinstance(text, str):
-            raise Invalid("b64 must be a base64 string", code="invalid_tensor",
-                          field=f"{field}.b64")
-        itemsize = torch.empty((), dtype=torch_dtype).element_size()
-        raw = _b64_bytes(text, numel * itemsize, field)
-        if len(raw) != numel * itemsize:
-            raise Invalid(f"b64 holds {len(raw)} bytes but shape {list(shape)} of {dtype} needs "
-                          f"{numel * itemsize}", code="invalid_tensor", field=f"{field}.b64")
-        if canonical and not _canonical_b64(text, raw):
-            raise Invalid(_NOT_CANONICAL, code="invalid_tensor", field=f"{field}.b64")
-        if numel == 0:
-            return torch.empty(shape, dtype=torch_dtype)
-        return torch.frombuffer(raw, dtype=torch_dtype).reshape(shape)
-    data = obj["data"]
+    return dtype, shape, math.prod(shape)
+
+
+def _b64_checked(text: object, dtype: str, shape: tuple[int, ...], numel: int,
+                 field: str | TreePath, canonical: bool) -> bytearray:
+    """A ``b64`` tensor's bytes, checked: a base64 string, of the bytes its shape of its dtype
+    takes, canonical where asked."""
+    if not isinstance(text, str):
+        raise Invalid("b64 must be a base64 string", code="invalid_tensor",
+                      field=f"{field}.b64")
+    itemsize = torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+    raw = _b64_bytes(text, numel * itemsize, field)
+    if len(raw) != numel * itemsize:
+        raise Invalid(f"b64 holds {len(raw)} bytes but shape {list(shape)} of {dtype} needs "
+                      f"{numel * itemsize}", code="invalid_tensor", field=f"{field}.b64")
+    if canonical and not _canonical_b64(text, raw):
+        raise Invalid(_NOT_CANONICAL, code="invalid_tensor", field=f"{field}.b64")
+    return raw
+
+
+def _data_list(data: object, field: str | TreePath) -> list[Any]:
     if not isinstance(data, list):
         raise Invalid("data must be a flat list of numbers", code="invalid_tensor",
                       field=f"{field}.data")
-    arr = _from_list(data, dtype, numel, field)
-    tensor = torch.from_numpy(arr)
-    if torch_dtype in (torch.float16, torch.bfloat16):
-        # made as float32 (as torch makes a half of a Python float: double -> float -> half);
-        # values finite in float32 may still round past the half type's range
-        converted = tensor.to(torch_dtype)
-        if bool((torch.isinf(converted) & torch.isfinite(tensor)).any()):
-            raise Invalid(f"data holds values out of range for {dtype}",
-                          code="invalid_tensor", field=f"{field}.data")
-        tensor = converted
-    return tensor.reshape(shape)
+    return data
+
+
+def _in_range(tensor: torch.Tensor, dtype: str, field: str | TreePath) -> torch.Tensor:
+    """A ``data`` tensor (made as float32 for the half types, as torch makes a half of a
+    Python float: double -> float -> half) in its dtype: values finite in float32 may still
+    round past the half type's range."""
+    torch_dtype = TORCH_DTYPES[dtype]
+    if torch_dtype not in (torch.float16, torch.bfloat16):
+        return tensor
+    converted = tensor.to(torch_dtype)
+    if bool((torch.isinf(converted) & torch.isfinite(tensor)).any()):
+        raise Invalid(f"data holds values out of range for {dtype}",
+                      code="invalid_tensor", field=f"{field}.data")
+    return converted
+
+
+def all_decode(named: Mapping[str, object], field: str) -> bool:
+    """Whether :func:`decode_json_tensor` decodes every JSON tensor of ``named`` (each as
+    ``<field>.<name>``, canonical), found without making them: each one's form and ``b64``
+    checked as it checks them, and the ``data`` values of each dtype all at once by the same
+    checks (each one looks at each value alone, so the values of several tensors pass them
+    together exactly when each tensor's pass them). True only where every one decodes; False
+    where one may not (decode them, in order, for the first one's problem)."""
+    values: dict[str, list[Any]] = {}
+    try:  # (a problem's words are not kept: ``field`` alone names where it is)
+        for obj in named.values():
+            dtype, shape, numel = _tensor_form(obj, field)
+            assert isinstance(obj, dict)  # (checked by _tensor_form)
+            if "b64" in obj:
+                _b64_checked(obj["b64"], dtype, shape, numel, field, True)
+                continue
+            data = _data_list(obj["data"], field)
+            if len(data) != numel:
+                return False
+            values.setdefault(dtype, []).extend(data)
+        for dtype, data in values.items():
+            arr = _from_list(data, dtype, len(data), field)
+            _in_range(torch.from_numpy(arr), dtype, field)
+    except Invalid:
+        return False
+    return True
 
 
 #: base64 characters decoded at a time (a multiple of 4): a large tensor's bytes are decoded

@@ -5,7 +5,8 @@ tensors made every one of them first (1.16 s of server CPU, 0.25-0.30 s after th
 is left is the JSON parse; ``benchmarks/unknown_names.py``). The answer is the one the step
 gave once every tensor was decoded (``sessions._refuse_entries`` switched off), with the
 entries up to and including the refused one decoded first, so that a malformed one among them
-is still the answer; only a malformed tensor after the refused one is no longer looked at.
+is still the answer, and those after it checked without being made (decoded only where one may
+be malformed): a malformed tensor after the refused one is the answer too, as decoded whole.
 Nothing changes: the parameters, the optimizer's state and the step count are as they were,
 and the next step is torch's. A sharded session's step bodies (JSON and safetensors) are
 refused the same way, at their first name the session's layout lacks (it checked their names
@@ -114,23 +115,62 @@ def test_excess_json_entries_refused_before_their_values(
     _step_both(app_client, "s", local, opt, {n: -2 * g for n, g in GRADS.items()})
 
 
-def test_a_malformed_tensor_after_the_refused_one_is_not_looked_at(
-        app_client: TestClient, decoded: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The one answer that changed: the whole decode named the malformed tensor, wherever it
-    was; now the first name the session refuses is the answer, and nothing past it is
-    decoded."""
+@pytest.mark.parametrize("fields,headers", [({}, {}), ({"param_groups": {"01": {}}}, {})])
+@pytest.mark.parametrize("late", [
+    BAD_DATA,  # (its values: 2 for 3)
+    {"dtype": "float32", "shape": [2], "data": [1.0, "x"]},  # (a value that is no number)
+    {"dtype": "float16", "shape": [1], "data": [1e6]},  # (past float16's range)
+    {"dtype": "float32", "shape": [1], "b64": "AAAA"},  # (3 bytes for 4)
+    {"dtype": "float32", "shape": [1], "data": [1.0], "b64": "AAAAAA=="},  # (both)
+])
+def test_a_malformed_tensor_after_the_refused_one_is_the_answer(
+        app_client: TestClient, decoded: list[str], monkeypatch: pytest.MonkeyPatch,
+        late: dict[str, Any], fields: dict[str, Any], headers: dict[str, str]) -> None:
+    """A body naming unknown tensors first and then a malformed one (its values, its range,
+    its b64, its form), alone or with a step's other refusal (its ``param_groups``' form):
+    decoded whole, the malformed tensor is the answer (every tensor is decoded before a name
+    is looked at), and so it is refused from its entries too. It was the first unknown
+    name, the tensors after it never looked at, so the same body's answer hung on its size
+    (a body of 256 KiB or less is decoded whole). Nothing changes, and the next step is
+    torch's."""
     local, opt = _session(app_client, "late")
     held = _held(app_client, "late")
-    body = _body({**_excess(dict(GRADS)), "zlast": BAD_DATA})
+    body = {**_body({**_excess(dict(GRADS)), "zlast": late}), **fields}
+
+    def post() -> dict[str, Any]:
+        r = app_client.post("/v1/sessions/late/step", json=body, headers=headers)
+        assert r.status_code == 422, r.text
+        assert r.headers["content-type"].startswith("application/problem+json")
+        out: dict[str, Any] = r.json()
+        return out
     decoded.clear()
-    got = _post(app_client, "late", body)
-    assert (got["code"], got["field"]) == ("unknown_parameter", "grads.extra000")
-    assert got["detail"] == "unknown parameter 'extra000'; this session has 'a', 'b', 'c'"
-    assert len(decoded) == 4
-    before = _whole_way(app_client, monkeypatch, decoded, "late", body)
-    assert (before["code"], before["field"]) == ("invalid_tensor", "grads.zlast.data")
+    got = post()
+    with monkeypatch.context() as patched:  # the same body decoded whole
+        patched.setattr(sessions, "_refuse_entries", lambda *args: None)
+        before = post()
+    assert before["code"] == "invalid_tensor" and before["field"].startswith("grads.zlast")
+    for key in ("status", "code", "field", "detail"):
+        assert got[key] == before[key], (key, got, before)
     assert _held(app_client, "late") == held
     _step_both(app_client, "late", local, opt, GRADS)
+
+
+def test_well_formed_tensors_after_the_refused_one_are_not_made(
+        app_client: TestClient, decoded: list[str]) -> None:
+    """Tensors after the refused name that all decode (``data`` of several dtypes, ``b64``,
+    the non-finite names) are checked without being made: only those up to the refused one
+    are, and the answer is its name's."""
+    _session(app_client, "fine")
+    tail = {"f16": {"dtype": "float16", "shape": [2], "data": [1.5, -2.0]},
+            "nan": {"dtype": "float32", "shape": [2], "data": ["NaN", -1.0]},
+            "i64": {"dtype": "int64", "shape": [1, 2], "data": [3, -4]},
+            "ok": {"dtype": "bool", "shape": [1], "data": [True]},
+            "b64": json_tensor(torch.arange(3, dtype=torch.float64), b64=True)}
+    body = _body({**_excess(dict(GRADS)), **tail})
+    decoded.clear()
+    got = _post(app_client, "fine", body)
+    assert (got["code"], got["field"]) == ("unknown_parameter", "grads.extra000")
+    assert len(decoded) == 4, decoded
 
 
 @pytest.mark.parametrize("fields,headers", [

@@ -36,9 +36,11 @@ from app.config import Settings
 from app.main import create_app
 from tests.conftest import LiveServer, _test_settings
 
-# schemathesis' parametrized cases and the report tests after them share module counters, and
-# schemathesis runs one case only under pytest-xdist: scripts/test runs this file in its
-# single-process run
+# schemathesis' parametrized cases and the report tests after them share module counters (one
+# process runs the whole file: pytest-xdist's --dist loadfile keeps it so); each operation's
+# case has a node id of its own (tests/conftest.py's pytest_collection_modifyitems: under
+# pytest 9 they shared one, and pytest-xdist ran the first only). scripts/test runs this file
+# in its single-process run (`serial`), beside the Ray suite
 pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 MAX_EXAMPLES = 8  # per operation: ~25 operations, about a minute on one core

@@ -59,3 +59,41 @@ def test_async_reads_at_a_version(client: optserve.Client, live_server: str  # n
             with pytest.raises(optserve.PreconditionFailedError):
                 await ac.export_state(twin.sid, at_version=0)
     asyncio.run(run())
+
+
+def test_a_refused_state_read_says_where_the_session_is(client: optserve.Client  # noqa: F811
+                                                         ) -> None:
+    """``export_state(at_version=)`` refused (a step came between) raises a
+    ``PreconditionFailedError`` that carries the session's state tag now, in the form
+    ``StateExport.tag`` holds (the 412's ``X-Optserve-State-Tag``), with its version, step and
+    revision: an export read before and equal to that tag is the state now (a conditional read
+    of it is a 304, the very tensors), one read before the step is not; sync and async."""
+    twin = Twin(client)
+    twin.step()
+    before = client.export_state_if_changed(twin.sid)
+    twin.step()
+    now = client.export_state_if_changed(twin.sid)
+    info = client.get_session(twin.sid)
+    assert now.tag is not None and now.tag != before.tag
+    for fmt in ("safetensors", "json"):
+        with pytest.raises(optserve.PreconditionFailedError) as err:
+            client.export_state(twin.sid, fmt, at_version=1)
+        exc = err.value
+        assert (exc.current_version, exc.current_step, exc.current_revision) == (
+            2, info.step, info.revision)
+        assert exc.current_state_tag == now.tag != before.tag
+    again = client.export_state_if_changed(twin.sid, now)
+    assert again.not_modified and again.tag == exc.current_state_tag
+    same_state(twin, again.state_dict)
+
+    async def run() -> None:
+        async with optserve.AsyncClient(client.base_url, max_retries=0) as ac:
+            with pytest.raises(optserve.PreconditionFailedError) as aerr:
+                await ac.export_state(twin.sid, at_version=1)
+            assert aerr.value.current_state_tag == now.tag
+            assert aerr.value.current_version == 2
+    asyncio.run(run())
+    # a change's refusal (no state read) names no state tag, the rest as the server gives it
+    with pytest.raises(optserve.PreconditionFailedError) as changed:
+        client.update_param_group(twin.sid, 0, lr=0.5, base_version=1)
+    assert (changed.value.current_version, changed.value.current_state_tag) == (2, None)

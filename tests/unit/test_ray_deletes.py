@@ -66,7 +66,11 @@ class Cluster:
     def __init__(self, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.data_dir = data_dir
         self.actors: dict[str, Handle] = {}
+        #: the host actors ``ray.kill`` ended (a front gives up a host it started: a
+        #: placement that failed after the host's start), in order
+        self.killed: list[str] = []
         monkeypatch.setattr(ray, "get_actor", self.get_actor)
+        monkeypatch.setattr(ray, "kill", self.kill_actor)
         monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 64.0})
         monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0})
         monkeypatch.setattr(ray, "get_runtime_context",
@@ -77,6 +81,17 @@ class Cluster:
             return self.actors[name]
         except KeyError:
             raise ValueError(f"no actor {name}") from None
+
+    def kill_actor(self, handle: Any, no_restart: bool = True) -> None:
+        """``ray.kill``: the actor ends (its handle is gone from the cluster; a front's next
+        ``get_actor`` of its name finds none); never the real one, which would refuse these
+        handles (Ray is not started here) or, in a process where it is, kill by a handle it
+        does not know."""
+        name = next((n for n, h in self.actors.items() if h is handle), None)
+        if name is None:
+            raise ValueError(f"ray.kill of a handle of no actor here: {handle!r}")
+        del self.actors[name]
+        self.killed.append(name)
 
     def options(self, **opts: Any) -> Any:  # (the actor class a router spawns hosts with)
         def remote(name: str, config: dict[str, Any]) -> Handle:
@@ -938,6 +953,47 @@ def test_a_keyed_ray_delete_cut_between_the_shards_spares_the_id_made_again(
                 assert info.version == torch_.steps and info.lr == [0.5]  # (left alone)
                 await torch_.step(front, "half")
             assert held_keys(cluster) == session_files("half", 2)
+        finally:
+            await cluster.kill()
+    asyncio.run(run())
+
+
+def test_a_sharded_ray_create_whose_second_host_cannot_be_made_kills_the_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2-shard create (one session per host: two new hosts) whose second host's
+    ``host.json`` cannot be written (a 503 ``storage_error``, nothing made): the host started
+    for shard 0 is given up, killed through ``ray.kill`` (that one and nothing else) and its
+    folder removed; no entry, no session. The retry makes the session on two new hosts, and
+    it steps as torch."""
+    cluster = Cluster(tmp_path, monkeypatch)
+    real = ray_host.write_atomic
+    written: list[str] = []
+
+    def second_fails(path: Path, parts: Any) -> None:
+        if path.name == ray_host.HOST_JSON:
+            written.append(path.parent.name)
+            if len(written) == 2:
+                raise OSError(5, "Input/output error")
+        real(path, parts)
+
+    async def run() -> None:
+        try:
+            front = cluster.front()
+            with monkeypatch.context() as m:
+                m.setattr(ray_host, "write_atomic", second_fails)
+                with pytest.raises(ray_host.Unavailable) as err:
+                    await front.create(spec(2))
+            assert err.value.code == "storage_error", err.value
+            first = written[0]
+            assert cluster.killed == [first] and list(cluster.actors) == []
+            assert not (tmp_path / "hosts").exists() or \
+                list((tmp_path / "hosts").iterdir()) == []
+            assert entries(front) == [] and await front.list_sessions() == []
+            made = await front.create(spec(2))
+            assert cluster.killed == [first] and len(cluster.actors) == 2
+            assert entries(front) == [f"default~{made.id}"]
+            torch_ = AsTorch(spec(2))
+            await torch_.step(front, made.id)
         finally:
             await cluster.kill()
     asyncio.run(run())

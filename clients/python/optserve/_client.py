@@ -690,7 +690,13 @@ class Client(SyncAPIClient):
 
         ``at_version``: answered only at that version (sent as ``If-Match``), else
         :class:`~optserve.PreconditionFailedError` (412): read the state dict at the version
-        of the parameters read before it.
+        of the parameters read before it. The error says where the session is now:
+        ``current_version`` (read the parameters and the state again at it),
+        ``current_revision`` and ``current_state_tag``, the state tag a read now would carry
+        (as the server's 412 gives it, ``X-Optserve-State-Tag``), in the form
+        :attr:`StateExport.tag <optserve.StateExport.tag>` holds: a
+        :class:`~optserve.StateExport` of :meth:`export_state_if_changed` whose ``tag``
+        equals it is the session's state now, with no read.
         """
         return self._request(_api.export_state(id, format=format, at_version=at_version))
 

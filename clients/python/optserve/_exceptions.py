@@ -12,7 +12,7 @@ Our exception hierarchy::
         ├── PermissionDeniedError      403
         ├── NotFoundError              404  unknown session (or route)
         ├── ConflictError              409  session id taken, scheduler exhausted
-        ├── PreconditionFailedError    412  a conditional import's session changed meanwhile
+        ├── PreconditionFailedError    412  a conditional change's or read's session changed
         ├── PayloadTooLargeError       413  body over the server's limit
         ├── ValidationError            422  bad option, shape/dtype mismatch, unknown name, ...
         │   │                               (also a ValueError, as torch raises for these)
@@ -34,7 +34,13 @@ from typing import Any
 
 import httpx
 
-from ._constants import REQUEST_ID_HEADER
+from ._constants import (
+    REQUEST_ID_HEADER,
+    REVISION_HEADER,
+    STATE_TAG_HEADER,
+    STEP_HEADER,
+    VERSION_HEADER,
+)
 
 __all__ = [
     "OptserveError",
@@ -215,8 +221,51 @@ class ConflictError(APIStatusError):
 
 class PreconditionFailedError(APIStatusError):
     """412: a conditional change (``base_version=``, ``base_revision=`` on ``import_state``,
-    ``put_params``, ``update_param_group``, ...) named a session version or revision the
-    session is no longer at; nothing was applied."""
+    ``put_params``, ``update_param_group``, ...) or read (``at_version=`` on ``get_session``,
+    ``get_params``, ``export_state``) named a session version or revision the session is no
+    longer at; nothing was applied, nothing read.
+
+    Where the session is now, as the server's 412 tells it (its problem's fields, else its
+    headers; ``None`` where the answer gives none):
+
+    Attributes:
+        current_version: the session's version (``current_version``, the ``ETag``).
+        current_step: its step count (``current_step``, ``X-Optserve-Step``).
+        current_revision: its revision (``current_revision``, ``X-Optserve-Revision``).
+        current_state_tag: a state dict read's refusal only (``export_state(at_version=)``):
+            the state tag a read of the state dict now would carry (``current_state_tag``,
+            ``X-Optserve-State-Tag``), quoted as :attr:`StateExport.tag
+            <optserve.StateExport.tag>` holds it: equal to the ``tag`` of a
+            :class:`~optserve.StateExport` you hold, that export *is* the session's state
+            now (nothing changed since it was read: no need to read it again); else pass the
+            export to ``export_state_if_changed``, or read again at ``current_version``.
+    """
+
+    current_version: int | None
+    current_step: int | None
+    current_revision: int | None
+    current_state_tag: str | None
+
+    def __init__(
+        self, message: str, *, response: httpx.Response, problem: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message, response=response, problem=problem)
+        self.current_version = self._int("current_version", VERSION_HEADER)
+        self.current_step = self._int("current_step", STEP_HEADER)
+        self.current_revision = self._int("current_revision", REVISION_HEADER)
+        tag = self.problem.get("current_state_tag")
+        if not isinstance(tag, str) or not tag:
+            tag = self.response.headers.get(STATE_TAG_HEADER) or None
+        self.current_state_tag = tag
+
+    def _int(self, name: str, header: str) -> int | None:
+        """The problem's ``name``, else the answer's ``header``, as an int (None: neither
+        gives a non-negative integer)."""
+        value = self.problem.get(name)
+        if type(value) is int and value >= 0:
+            return value
+        text = self.response.headers.get(header, "")
+        return int(text) if text.isascii() and text.isdigit() else None
 
 
 class PayloadTooLargeError(APIStatusError):
