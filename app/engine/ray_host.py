@@ -133,6 +133,7 @@ from app.engine.interface import (
     split_key,
 )
 from app.engine.kept_entries import HOST_JSON, KeptEntries
+from app.engine.last_versions import first_after
 from app.engine.ops import CreateSession, Expected, Operation, decode, wire_tree
 from app.engine.placement import check_resources, shape_key
 from app.engine.router import Admit, Checked, Host, InProcessHost, SessionHost, parent_key
@@ -401,8 +402,10 @@ class HostActor:
             idempotency_window=c["idempotency_window"], warm_up=c["warm_up"],
             data_dir_wait_s=c.get("data_dir_wait_s", 30.0),
             ready_min_free_bytes=c.get("ready_min_free_bytes", 0),
-            # (its sessions count from 0 at every create, as before: app.engine.last_versions
-            # keeps one host's deletes, and a sharded session's shards are on several)
+            # (its own last versions are not used: a sharded session's shards are on several
+            # hosts, and a session made again may land on another host. Its deletes write
+            # theirs into the directory, and a front passes each create its first version,
+            # CreateSpec.first_version: app.engine.last_versions)
             continue_versions=False))
         started = time.perf_counter()
         wrapped = InProcessHost(host, self.name)
@@ -411,6 +414,7 @@ class HostActor:
             self._kept.keep(key)
         host.written_again.append(self._kept.write_again)
         host.directory_again.append(self._kept.directory_again)
+        host.deleting.append(self._kept.deleting)
         log.info("host %s ready on %s with %d sessions in %.2f s", self.name, host.device,
                  len(host.keys()), time.perf_counter() - started)
         self._host = wrapped
@@ -1873,7 +1877,8 @@ class RayRouter:
             # made it: no other front drops the entry meanwhile, _stale)
             entry: dict[str, Any] = {"resources": resources, "placement": placement,
                                      "created_by": idem.key if idem is not None else None,
-                                     "made": uuid.uuid4().hex}
+                                     "made": uuid.uuid4().hex,
+                                     "first_version": self._first_version(key)}
             if layout is not None:
                 entry.update(shards=[h.name for h in hosts], layout=layout.to_json())
             else:
@@ -1923,6 +1928,12 @@ class RayRouter:
                 return None  # (another front's try of this create, made under its key?)
             raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
                            code="session_exists", field="id")
+        if self._first_version(key) != entry["first_version"]:
+            # (a delete of the id's session ended between the version's read and the claim:
+            # looked at again, no host asked)
+            self.directory.remove_made(key, entry["made"])
+            mark.done()
+            return None
         # on disk before any host is asked, the decision between fronts running this create
         # at once (the first indexed makes it, the others finish that one), and a front
         # that dies once the hosts made the session leaves its key: the retry is answered
@@ -1933,6 +1944,7 @@ class RayRouter:
             mark.done()
             return None
         hosts = [h.making(entry["made"]) for h in hosts]  # (HostActor.create checks it)
+        spec = self._starting(spec, entry)
         try:
             if layout is not None:
                 shards: list[tuple[Host, str]] = [(h, shard_key(key, i, layout.shards))
@@ -1954,6 +1966,27 @@ class RayRouter:
         mark.done()
         self._entries[key] = entry
         return self._placed(info, entry)
+
+    def _first_version(self, key: str) -> int:
+        """The version a session made under ``key`` starts at (every shard of it): after the
+        last version the directory keeps of a deleted session of the id
+        (:meth:`Directory.note_version <app.engine.directory.Directory.note_version>`,
+        :mod:`app.engine.last_versions`). Read into the creation's entry before its claim, and
+        again once it is claimed (:meth:`_make`): a delete of the id's session wrote that version
+        before its hosts deleted it, and they before its entry went (or a front dropped it,
+        unheld), so the second read sees every delete before the claim; one that differs (a
+        delete ended between the two) drops the claim and the create looks again. Kept in the
+        entry, every try of the create (a retry finishing it through another front, after a
+        restart) makes its shards at the same version, also where a part of it was undone
+        meanwhile (which writes its own version into the directory)."""
+        return first_after(self.directory.last_version(key))
+
+    @staticmethod
+    def _starting(spec: CreateSpec, entry: dict[str, Any]) -> CreateSpec:
+        """The create of the creation ``entry`` at its first version (an entry of an older
+        version, without one: the host's own, from 0)."""
+        first = entry.get("first_version")
+        return dataclasses.replace(spec, first_version=int(first) if first is not None else None)
 
     def _indexed_create(self, tenant: str, idem: IdemKey
                         ) -> tuple[str, dict[str, Any]] | str | None:
@@ -2038,6 +2071,7 @@ class RayRouter:
         of it (:meth:`_drop_unheld`, also when that front died before it removed it), and the
         create looks again (:meth:`create`: made anew, or finished on the entry kept)."""
         made = entry.get("made")
+        spec = self._starting(spec, entry)  # (the first try's)
         # (in flight again, on this front: no other front drops the entry meanwhile)
         mark = self.directory.mark_creating(str(made), key) if made else None
         try:
