@@ -1252,7 +1252,8 @@ class RayRouter:
         #: per plain session, how many parameters its host said it held (with the creation,
         #: its entry's ``made``, it is of): a body naming no more is not refused from its
         #: entries, nothing asked (:meth:`_Placed.early_refusal`; a creation's parameters are
-        #: only ever added to)
+        #: only ever added to). Forgotten when the host refuses a name (:meth:`_Placed._again`):
+        #: the id may have been made again through another front, on the same host
         self._held_counts: dict[str, tuple[str | None, int]] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -2411,6 +2412,19 @@ class _Placed:
         self.host = host
 
     async def _again(self, call: Callable[[SessionHost], Any]) -> Any:
+        try:
+            return await self._found(call)
+        except Invalid as exc:
+            if exc.code == "unknown_parameter":
+                # (the count this front keeps for the early refusal may be of a session made
+                # again since, with fewer parameters, through another front, on the same host:
+                # the entry this front holds is then still the old one's, which only the
+                # directory tells. Forgotten, the next body asks the host: a body it refuses
+                # is decoded whole once, not every time, the refusal being the same)
+                self.router._held_counts.pop(self.key, None)
+            raise
+
+    async def _found(self, call: Callable[[SessionHost], Any]) -> Any:
         try:
             return await call(self.host)
         except NotFound:
