@@ -343,6 +343,12 @@ def _hosts_of(key: str, entry: dict[str, Any]) -> list[tuple[str, str]]:
 _DROPPED_KEPT = 4096
 
 
+def _dropped_as(key: str, made: str | None) -> str:
+    """What :attr:`HostActor._dropped` keeps of a creation dropped on a host: its ``made``;
+    the host key of an entry of an older version, which has none (no ``~`` in a ``made``)."""
+    return made if made is not None else key
+
+
 def create_dropped(key: str) -> Unavailable:
     """503 ``create_dropped``: a host asked to make a session whose create a front dropped
     (its front died while the host was asked; another front dropped its directory entry);
@@ -374,8 +380,9 @@ class HostActor:
         #: per host key: held by a create from its check of the directory until the session
         #: is made (or refused), and by a front's :meth:`forget` (see :meth:`create`)
         self._making: dict[str, tuple[asyncio.Lock, list[int]]] = {}
-        #: the creations (entries' ``made``) a front dropped: never made here (the last
-        #: :data:`_DROPPED_KEPT`, in memory: a create in flight does not outlive its actor)
+        #: the creations (entries' ``made``; an older entry's: its key, :func:`_dropped_as`) a
+        #: front dropped: never made here (the last :data:`_DROPPED_KEPT`, in memory: a create
+        #: in flight does not outlive its actor)
         self._dropped: OrderedDict[str, None] = OrderedDict()
         #: set by :meth:`retire`: this host makes no session any more (a front kills it)
         self._retired = False
@@ -474,23 +481,23 @@ class HostActor:
         and a front drops an entry only once every host of it answered :meth:`forget`, which
         takes that lock, with nothing held; so a create either is done before the forget,
         which then finds it held (the entry stays), or checks after it, and finds its
-        creation dropped (or its entry gone)."""
+        creation dropped (or its entry gone). A create of an entry of an older version, which
+        has no ``made`` (``made`` None: a keyed create's retry finishing it), runs so too, its
+        creation named by its key: before, it took no lock, so a :meth:`retire` while it ran
+        found the host empty and stopped it under it, and a :meth:`forget` found nothing held,
+        and its front dropped the entry of a session then made (one without its entry)."""
         host = await self._ready()
         if self._retired:
             raise create_dropped(key)
         # (a session made on this host after the data directory was removed while the server
         # ran must find the host again at a restart: its host.json first)
         self._kept.host_json_again()
-        entry = None
-        if made is None:  # (an entry of an older version, without one)
+        async with self._making_lock(key):
+            entry = entry_at(self._directory, parent_key(key))
+            if (self._retired or _dropped_as(key, made) in self._dropped or entry is None
+                    or entry.get("made") != made):
+                raise create_dropped(key)
             info = await host.create(key, spec_from_wire(spec), idem=idem)
-        else:
-            async with self._making_lock(key):
-                entry = entry_at(self._directory, parent_key(key))
-                if (self._retired or made in self._dropped or entry is None
-                        or entry.get("made") != made):
-                    raise create_dropped(key)
-                info = await host.create(key, spec_from_wire(spec), idem=idem)
         self._kept.keep(parent_key(key), entry)
         return info
 
@@ -502,10 +509,9 @@ class HostActor:
         async with self._making_lock(key):
             if key in await host.keys(key) or key in await host.refused():
                 return True
-            if made is not None:
-                self._dropped[made] = None
-                while len(self._dropped) > _DROPPED_KEPT:
-                    self._dropped.popitem(last=False)
+            self._dropped[_dropped_as(key, made)] = None
+            while len(self._dropped) > _DROPPED_KEPT:
+                self._dropped.popitem(last=False)
             return False
 
     async def retire(self) -> bool:
@@ -525,11 +531,11 @@ class HostActor:
         await host.stop(snapshot=False)
         return True
 
-    async def unforget(self, key: str, made: str) -> None:
+    async def unforget(self, key: str, made: str | None) -> None:
         """Another host of the creation ``made`` holds some of it: its entry stays, so this
         host may make its part again (a keyed create's retry finishing it)."""
         async with self._making_lock(key):
-            self._dropped.pop(made, None)
+            self._dropped.pop(_dropped_as(key, made), None)
 
     async def execute(self, key: str, op: tuple[str, Any], idem: IdemKey | None,
                       want_params: ReturnParams) -> Any:
@@ -954,7 +960,7 @@ class RayHost:
     async def forget(self, key: str, made: str | None) -> bool:
         return bool(await self.call("forget", key, made))
 
-    async def unforget(self, key: str, made: str) -> None:
+    async def unforget(self, key: str, made: str | None) -> None:
         await self.call("unforget", key, made)
 
     async def retire(self) -> bool:
@@ -1504,10 +1510,8 @@ class RayRouter:
                 return False
         held = await asyncio.gather(*(forget(name, k) for name, k in where))
         if any(held):
-            if made is not None:
-                await asyncio.gather(*(self._host(name).unforget(k, made)
-                                       for (name, k), h in zip(where, held, strict=True)
-                                       if not h))
+            await asyncio.gather(*(self._host(name).unforget(k, made)
+                                   for (name, k), h in zip(where, held, strict=True) if not h))
             return False
         self._entries.pop(key, None)
         return self.directory.remove_made(key, made)
