@@ -11,6 +11,7 @@ again was at v0, and a step brought it to v1 again with other values."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,35 @@ def test_a_delete_whose_version_cannot_be_written_deletes_nothing(
         assert (await cluster.front().create(sgd(1))).version == 2
         await cluster.kill()
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("on_disk", [True, False])
+def test_the_directory_keeps_the_highest_last_version_of_the_last_ids(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_disk: bool) -> None:
+    """``Directory.note_version``: a shard's version is kept under its sharded session's key;
+    a lower version does not lower the one kept (the shards of a session, all at one version,
+    write theirs at once); the oldest past KEEP go (by the time they were written); a damaged
+    file is taken for none (the id starts at 0), with a warning."""
+    from app.engine import directory as directory_module
+    from app.engine import last_versions
+    monkeypatch.setattr(directory_module, "KEEP", 2)
+    monkeypatch.setattr(directory_module, "_PRUNE_EVERY", 1000)  # (pruned below)
+    monkeypatch.setattr(last_versions, "KEEP", 2)
+    d = Directory(tmp_path / "directory" if on_disk else None)
+    if not on_disk:
+        d._versions = last_versions.LastVersions(2)
+    d.note_version("t#s~shard1of2", 4)
+    d.note_version("t~s", 3)
+    assert d.last_version("t~s") == 4 == d.last_version("t#s~shard0of3")
+    d.note_version("t~s", 6)
+    assert d.last_version("t~s") == 6
+    d.note_version("t~a", 1)
+    d.note_version("t~b", 2)  # (a third id: the oldest, t~s, goes)
+    if on_disk:  # (pruned by the times they were written: set apart here, then pruned)
+        for age, key in enumerate(("t~b", "t~a", "t~s")):
+            os.utime(tmp_path / "directory" / ".versions" / key, (1e9 - age, 1e9 - age))
+        d.prune_deleted()
+    assert [d.last_version(k) for k in ("t~s", "t~a", "t~b")] == [None, 1, 2]
+    if on_disk:
+        (tmp_path / "directory" / ".versions" / "t~a").write_bytes(b"{")
+        assert d.last_version("t~a") is None
