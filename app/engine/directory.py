@@ -28,6 +28,10 @@ any number of fronts see the same directory with no service of its own:
 - ``.deletes/`` keeps the Ray engine's keyed deletes (per tenant, the last
   :data:`~app.engine.deleted_creates.KEEP`), so a retried delete is answered by any front,
   also once the session's entry, which named its host, is gone;
+- ``.versions/`` keeps the Ray engine's deleted sessions' last versions (per session key, the
+  last :data:`~app.engine.deleted_creates.KEEP`), written by their hosts before each delete's
+  commit point, so that a session made again under the id, through any front and on any host,
+  continues their numbering (:mod:`app.engine.last_versions`, :meth:`Directory.note_version`);
 - ``.creating/`` holds a mark of each create in flight (:meth:`Directory.mark_creating`): a
   file named after its entry's ``made`` that the creating front holds locked (``flock``) from
   before it claims the entry until its hosts made the session. The kernel drops the lock when
@@ -61,13 +65,16 @@ import orjson
 
 from app.engine.deleted_creates import KEEP
 from app.engine.interface import split_key
+from app.engine.last_versions import LastVersions, owner_key
 from app.engine.store import Files
 
 #: how many marks (of deleted creates, of keyed deletes) are written between two prunes of the
 #: oldest
 _PRUNE_EVERY = 100
+#: deleted sessions' last versions (the Ray engine's: :meth:`Directory.note_version`)
+_VERSIONS = ".versions"
 #: the folders of marks, each pruned to its last KEEP
-_MARKS = (".deleted-creates", ".deletes")
+_MARKS = (".deleted-creates", ".deletes", _VERSIONS)
 #: the marks of creates in flight
 _CREATING = ".creating"
 #: what a create's mark holds: a session key, ``<tenant>~<id>`` (the name of its entry)
@@ -166,6 +173,8 @@ class Directory:
         self._deleted: dict[str, dict[str, Any]] = {}
         #: keyed deletes by name, oldest first (without a root)
         self._deletes: dict[str, dict[str, Any]] = {}
+        #: deleted sessions' last versions (without a root)
+        self._versions = LastVersions()
         self._marked = 0  # marks written since the last prune (with a root)
         #: the ``made`` of creates in flight (without a root)
         self._in_flight: set[str] = set()
@@ -764,3 +773,45 @@ class Directory:
         except FileNotFoundError:
             return None
         return found
+
+    # ------------------------------------------------------------------ last versions
+    def note_version(self, key: str, version: int) -> None:
+        """The session ``key`` (a shard's: its sharded session's) is being deleted at
+        ``version``: a session made again under its id starts after it
+        (:mod:`app.engine.last_versions`), whichever front makes it, on whichever host. Kept
+        among the last :data:`KEEP` (as the marks of deletes); a lower version than the one
+        kept does not lower it (the read and the write hold the mark's lock: the shards of a
+        sharded session, all at one version, are deleted by their hosts at once). On disk (its
+        folder fsynced) when this returns: its host calls it before its delete's commit point,
+        so a delete is durable only with it (one refused after it leaves a mark at or below the
+        session's version, which changes nothing)."""
+        owner = owner_key(key)
+        if self.root is None:
+            self._versions.note(owner, version)
+            return
+        path = self.root / _VERSIONS / owner
+        with self._key_lock(f"{_VERSIONS}.{owner}"):
+            kept = self._version_at(path)
+            if kept is not None and kept >= version:
+                return
+            self._place({"version": version}, path)
+        self._count_mark()
+
+    def last_version(self, key: str) -> int | None:
+        """The last version of the deleted session ``key`` (a shard's: its sharded
+        session's) kept by :meth:`note_version`, or None."""
+        owner = owner_key(key)
+        if self.root is None:
+            return self._versions.last(owner)
+        return self._version_at(self.root / _VERSIONS / owner)
+
+    @staticmethod
+    def _version_at(path: Path) -> int | None:
+        try:
+            version = orjson.loads(path.read_bytes())["version"]
+        except FileNotFoundError:
+            return None
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            log.warning("the last version at %s cannot be read (%s): taken for none", path, exc)
+            return None
+        return version if isinstance(version, int) and version >= 0 else None

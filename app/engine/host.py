@@ -135,7 +135,7 @@ from app.engine.shards import (
     shard_index,
     shown_id,
 )
-from app.engine.store import Files, Store
+from app.engine.store import Files, Store, storage_failure
 from app.engine.worker import DeviceWorker, Observer
 from app.errors import (
     Conflict,
@@ -333,7 +333,8 @@ class HostConfig:
     #: a session made again under a deleted one's id continues its versions
     #: (:mod:`app.engine.last_versions`). Off for the Ray engine's hosts: a sharded session's
     #: shards are made on several hosts, each of which would know another last version (its
-    #: shards would start out of step), and a session made again may land on another host
+    #: shards would start out of step), and a session made again may land on another host; the
+    #: directory keeps them there, and a front passes each create ``CreateSpec.first_version``
     continue_versions: bool = True
 
 
@@ -409,6 +410,10 @@ class EmbeddedHost:
         #: had been removed while the server ran), after the tombstone log: a Ray host writes
         #: again the marks of its sessions' deletes (logged: an OSError fails nothing)
         self.directory_again: list[Callable[[], None]] = []
+        #: called with a session's key (a shard's) and its version as it is deleted, before
+        #: the delete's commit point (an OSError refuses the delete, nothing done): a Ray host
+        #: writes the version into the directory (:mod:`app.engine.last_versions`)
+        self.deleting: list[Callable[[str, int], None]] = []
         #: what the host's parts share with it (the same objects)
         self._shared = HostState(config, self._device, self._worker, self._store,
                                  self._sessions, self._damaged)
@@ -785,8 +790,11 @@ class EmbeddedHost:
             if self._store is None:
                 durability = "memory"
             keys = [(idem.key, idem.fingerprint)] if idem is not None else []
-            first_version = (self._last_versions.first_version(key)
-                             if self.config.continue_versions else 0)
+            if spec.first_version is not None:  # (its router's: the Ray engine's)
+                first_version = spec.first_version
+            else:
+                first_version = (self._last_versions.first_version(key)
+                                 if self.config.continue_versions else 0)
 
             def build() -> tuple[CreateSession, Session]:  # (its checks off the event loop:
                 # every parameter's values, 2.8 s of a create of 300,000, held it)
@@ -882,7 +890,10 @@ class EmbeddedHost:
             created = self._created_by(key)
             held = self._sessions.get(key)
             # (None: refused at start or out of service, at a version not known here)
-            last = held.version if held is not None and self.config.continue_versions else None
+            at = held.version if held is not None else None
+            last = at if self.config.continue_versions else None
+            if at is not None and self.deleting:
+                await self._in_io(lambda: self._noted_deleting(key, at))
             if self._store is not None:
                 store = self._store
                 stones = [] if idem is None else [delete_stone(owner, idem.key, idem.fingerprint,
@@ -910,6 +921,15 @@ class EmbeddedHost:
         self._version_changed(key)
         await self._let_go(dropped)
         return False
+
+    def _noted_deleting(self, key: str, version: int) -> None:
+        """The :attr:`deleting` hooks of a delete of ``key`` at ``version`` (503
+        ``storage_error`` where one cannot write: the delete is refused, nothing done)."""
+        try:
+            for hook in self.deleting:
+                hook(key, version)
+        except OSError as exc:
+            raise storage_failure(exc, "writing the deleted session's last version") from exc
 
     async def _let_go(self, dropped: list[Session | None]) -> None:
         """Free a deleted session (``dropped`` holds it: emptied here) on the device worker's

@@ -123,6 +123,10 @@ class CreateSpec:
     placement: str | None = None
     #: a shard of a sharded session: groups may hold none of its parameters
     empty_groups: bool = False
+    #: the version the session starts at, as its router decided it (the Ray engine's, from
+    #: the directory's last version of the id: :mod:`app.engine.last_versions`; every shard of
+    #: a sharded session gets the same); None: the host's own (the embedded engine's)
+    first_version: int | None = None
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ import orjson
 from app.engine.deleted_creates import KEEP
 from app.engine.directory import Directory, created_at, entry_at
 from app.engine.interface import IdemKey, split_key
+from app.engine.last_versions import LastVersions
 from app.engine.router import parent_key
 from app.engine.store import write_atomic
 
@@ -69,6 +70,9 @@ class KeptEntries:
         self._deleted: OrderedDict[str, tuple[tuple[str, str] | None,
                                               tuple[str, str] | None]] = OrderedDict()
         self._writer: Directory | None = None  # (made at the first write: it makes folders)
+        #: the last versions of the sessions deleted here since this actor started, written
+        #: again by :meth:`directory_again`
+        self._versions = LastVersions()
 
     def keep(self, key: str, entry: dict[str, Any] | None = None) -> None:
         """Keep the entry of the session ``key`` (not a shard's key) as the directory holds
@@ -121,14 +125,25 @@ class KeptEntries:
         while len(self._deleted) > KEEP:
             self._deleted.popitem(last=False)
 
+    def deleting(self, host_key: str, version: int) -> None:
+        """The host's ``deleting`` hook: the session (a shard) ``host_key`` is being deleted
+        at ``version``, which the directory keeps from now on, before the delete's commit point
+        (:meth:`Directory.note_version <app.engine.directory.Directory.note_version>`): a
+        session made again under its id, through any front, on any host, starts after it. An
+        OSError goes to the caller (the delete is refused, nothing done)."""
+        self._directory().note_version(host_key, version)
+        self._versions.note(host_key, version)
+
     def directory_again(self) -> None:
         """The data directory was removed while the server ran: the host's ``host.json`` and
         the marks of the deletes kept here, where the directory holds none under their keys
         (an OSError goes to the caller)."""
         self.host_json_again()
+        writer = self._directory()
+        for line in self._versions.stones():  # (a lower one than the directory's: unchanged)
+            writer.note_version(line["session"], int(line["version"]))
         if not self._deleted:
             return
-        writer = self._directory()
         written = sum(writer.marks_again(key, create, delete)
                       for key, (create, delete) in list(self._deleted.items()))
         if written:

@@ -22,10 +22,15 @@ service when it was deleted (its version unknown) start at 0 again. A create und
 (a sharded create one shard refused; one a crash cut, undone at start) deletes what it made, at
 version 0: the create's retry starts at 1.
 
-The Ray engine's hosts run with it off (``HostConfig.continue_versions``): a sharded session's
-shards are made on several hosts, each of which would remember another last version (its shards
-would start at different versions, out of step), and a session made again may land on another
-host. Their sessions count from 0 at every create, as before.
+The Ray engine's hosts run with their own record off (``HostConfig.continue_versions``): a
+sharded session's shards are made on several hosts, each of which would remember another last
+version (its shards would start at different versions, out of step), and a session made again
+may land on another host. Its directory keeps the last versions instead, for every front
+(:meth:`Directory.note_version <app.engine.directory.Directory.note_version>`, written by each
+host's ``deleting`` hook before its delete's commit point, :class:`LastVersions` in memory where
+the directory has no root), and a front passes the create's first version to every shard's host
+(``CreateSpec.first_version``, kept in the session's entry: :meth:`RayRouter._first_version
+<app.engine.ray_host.RayRouter._first_version>`).
 """
 
 from __future__ import annotations
@@ -89,9 +94,13 @@ class LastVersions:
         if version >= 0:
             self.note(key, version)
 
+    def last(self, key: str) -> int | None:
+        """The last version kept for ``key`` (a shard's: its sharded session's), or None."""
+        return self._kept.get(owner_key(key))
+
     def first_version(self, key: str) -> int:
         """The version a session made under ``key`` starts at."""
-        return first_after(self._kept.get(owner_key(key)))
+        return first_after(self.last(key))
 
     def stones(self) -> list[dict[str, str]]:
         """Their tombstone-log lines, oldest first."""

@@ -133,6 +133,7 @@ from app.engine.interface import (
     split_key,
 )
 from app.engine.kept_entries import HOST_JSON, KeptEntries
+from app.engine.last_versions import first_after
 from app.engine.ops import CreateSession, Expected, Operation, decode, wire_tree
 from app.engine.placement import check_resources, shape_key
 from app.engine.router import Admit, Checked, Host, InProcessHost, SessionHost, parent_key
@@ -342,6 +343,12 @@ def _hosts_of(key: str, entry: dict[str, Any]) -> list[tuple[str, str]]:
 _DROPPED_KEPT = 4096
 
 
+def _dropped_as(key: str, made: str | None) -> str:
+    """What :attr:`HostActor._dropped` keeps of a creation dropped on a host: its ``made``;
+    the host key of an entry of an older version, which has none (no ``~`` in a ``made``)."""
+    return made if made is not None else key
+
+
 def create_dropped(key: str) -> Unavailable:
     """503 ``create_dropped``: a host asked to make a session whose create a front dropped
     (its front died while the host was asked; another front dropped its directory entry);
@@ -373,8 +380,9 @@ class HostActor:
         #: per host key: held by a create from its check of the directory until the session
         #: is made (or refused), and by a front's :meth:`forget` (see :meth:`create`)
         self._making: dict[str, tuple[asyncio.Lock, list[int]]] = {}
-        #: the creations (entries' ``made``) a front dropped: never made here (the last
-        #: :data:`_DROPPED_KEPT`, in memory: a create in flight does not outlive its actor)
+        #: the creations (entries' ``made``; an older entry's: its key, :func:`_dropped_as`) a
+        #: front dropped: never made here (the last :data:`_DROPPED_KEPT`, in memory: a create
+        #: in flight does not outlive its actor)
         self._dropped: OrderedDict[str, None] = OrderedDict()
         #: set by :meth:`retire`: this host makes no session any more (a front kills it)
         self._retired = False
@@ -401,8 +409,10 @@ class HostActor:
             idempotency_window=c["idempotency_window"], warm_up=c["warm_up"],
             data_dir_wait_s=c.get("data_dir_wait_s", 30.0),
             ready_min_free_bytes=c.get("ready_min_free_bytes", 0),
-            # (its sessions count from 0 at every create, as before: app.engine.last_versions
-            # keeps one host's deletes, and a sharded session's shards are on several)
+            # (its own last versions are not used: a sharded session's shards are on several
+            # hosts, and a session made again may land on another host. Its deletes write
+            # theirs into the directory, and a front passes each create its first version,
+            # CreateSpec.first_version: app.engine.last_versions)
             continue_versions=False))
         started = time.perf_counter()
         wrapped = InProcessHost(host, self.name)
@@ -411,6 +421,7 @@ class HostActor:
             self._kept.keep(key)
         host.written_again.append(self._kept.write_again)
         host.directory_again.append(self._kept.directory_again)
+        host.deleting.append(self._kept.deleting)
         log.info("host %s ready on %s with %d sessions in %.2f s", self.name, host.device,
                  len(host.keys()), time.perf_counter() - started)
         self._host = wrapped
@@ -470,23 +481,23 @@ class HostActor:
         and a front drops an entry only once every host of it answered :meth:`forget`, which
         takes that lock, with nothing held; so a create either is done before the forget,
         which then finds it held (the entry stays), or checks after it, and finds its
-        creation dropped (or its entry gone)."""
+        creation dropped (or its entry gone). A create of an entry of an older version, which
+        has no ``made`` (``made`` None: a keyed create's retry finishing it), runs so too, its
+        creation named by its key: before, it took no lock, so a :meth:`retire` while it ran
+        found the host empty and stopped it under it, and a :meth:`forget` found nothing held,
+        and its front dropped the entry of a session then made (one without its entry)."""
         host = await self._ready()
         if self._retired:
             raise create_dropped(key)
         # (a session made on this host after the data directory was removed while the server
         # ran must find the host again at a restart: its host.json first)
         self._kept.host_json_again()
-        entry = None
-        if made is None:  # (an entry of an older version, without one)
+        async with self._making_lock(key):
+            entry = entry_at(self._directory, parent_key(key))
+            if (self._retired or _dropped_as(key, made) in self._dropped or entry is None
+                    or entry.get("made") != made):
+                raise create_dropped(key)
             info = await host.create(key, spec_from_wire(spec), idem=idem)
-        else:
-            async with self._making_lock(key):
-                entry = entry_at(self._directory, parent_key(key))
-                if (self._retired or made in self._dropped or entry is None
-                        or entry.get("made") != made):
-                    raise create_dropped(key)
-                info = await host.create(key, spec_from_wire(spec), idem=idem)
         self._kept.keep(parent_key(key), entry)
         return info
 
@@ -498,10 +509,9 @@ class HostActor:
         async with self._making_lock(key):
             if key in await host.keys(key) or key in await host.refused():
                 return True
-            if made is not None:
-                self._dropped[made] = None
-                while len(self._dropped) > _DROPPED_KEPT:
-                    self._dropped.popitem(last=False)
+            self._dropped[_dropped_as(key, made)] = None
+            while len(self._dropped) > _DROPPED_KEPT:
+                self._dropped.popitem(last=False)
             return False
 
     async def retire(self) -> bool:
@@ -521,11 +531,11 @@ class HostActor:
         await host.stop(snapshot=False)
         return True
 
-    async def unforget(self, key: str, made: str) -> None:
+    async def unforget(self, key: str, made: str | None) -> None:
         """Another host of the creation ``made`` holds some of it: its entry stays, so this
         host may make its part again (a keyed create's retry finishing it)."""
         async with self._making_lock(key):
-            self._dropped.pop(made, None)
+            self._dropped.pop(_dropped_as(key, made), None)
 
     async def execute(self, key: str, op: tuple[str, Any], idem: IdemKey | None,
                       want_params: ReturnParams) -> Any:
@@ -950,7 +960,7 @@ class RayHost:
     async def forget(self, key: str, made: str | None) -> bool:
         return bool(await self.call("forget", key, made))
 
-    async def unforget(self, key: str, made: str) -> None:
+    async def unforget(self, key: str, made: str | None) -> None:
         await self.call("unforget", key, made)
 
     async def retire(self) -> bool:
@@ -1248,7 +1258,8 @@ class RayRouter:
         #: per plain session, how many parameters its host said it held (with the creation,
         #: its entry's ``made``, it is of): a body naming no more is not refused from its
         #: entries, nothing asked (:meth:`_Placed.early_refusal`; a creation's parameters are
-        #: only ever added to)
+        #: only ever added to). Forgotten when the host refuses a name (:meth:`_Placed._again`):
+        #: the id may have been made again through another front, on the same host
         self._held_counts: dict[str, tuple[str | None, int]] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -1499,10 +1510,8 @@ class RayRouter:
                 return False
         held = await asyncio.gather(*(forget(name, k) for name, k in where))
         if any(held):
-            if made is not None:
-                await asyncio.gather(*(self._host(name).unforget(k, made)
-                                       for (name, k), h in zip(where, held, strict=True)
-                                       if not h))
+            await asyncio.gather(*(self._host(name).unforget(k, made)
+                                   for (name, k), h in zip(where, held, strict=True) if not h))
             return False
         self._entries.pop(key, None)
         return self.directory.remove_made(key, made)
@@ -1873,7 +1882,8 @@ class RayRouter:
             # made it: no other front drops the entry meanwhile, _stale)
             entry: dict[str, Any] = {"resources": resources, "placement": placement,
                                      "created_by": idem.key if idem is not None else None,
-                                     "made": uuid.uuid4().hex}
+                                     "made": uuid.uuid4().hex,
+                                     "first_version": self._first_version(key)}
             if layout is not None:
                 entry.update(shards=[h.name for h in hosts], layout=layout.to_json())
             else:
@@ -1923,6 +1933,12 @@ class RayRouter:
                 return None  # (another front's try of this create, made under its key?)
             raise Conflict(f"a session with id {split_key(key)[1]!r} already exists",
                            code="session_exists", field="id")
+        if self._first_version(key) != entry["first_version"]:
+            # (a delete of the id's session ended between the version's read and the claim:
+            # looked at again, no host asked)
+            self.directory.remove_made(key, entry["made"])
+            mark.done()
+            return None
         # on disk before any host is asked, the decision between fronts running this create
         # at once (the first indexed makes it, the others finish that one), and a front
         # that dies once the hosts made the session leaves its key: the retry is answered
@@ -1933,6 +1949,7 @@ class RayRouter:
             mark.done()
             return None
         hosts = [h.making(entry["made"]) for h in hosts]  # (HostActor.create checks it)
+        spec = self._starting(spec, entry)
         try:
             if layout is not None:
                 shards: list[tuple[Host, str]] = [(h, shard_key(key, i, layout.shards))
@@ -1954,6 +1971,27 @@ class RayRouter:
         mark.done()
         self._entries[key] = entry
         return self._placed(info, entry)
+
+    def _first_version(self, key: str) -> int:
+        """The version a session made under ``key`` starts at (every shard of it): after the
+        last version the directory keeps of a deleted session of the id
+        (:meth:`Directory.note_version <app.engine.directory.Directory.note_version>`,
+        :mod:`app.engine.last_versions`). Read into the creation's entry before its claim, and
+        again once it is claimed (:meth:`_make`): a delete of the id's session wrote that version
+        before its hosts deleted it, and they before its entry went (or a front dropped it,
+        unheld), so the second read sees every delete before the claim; one that differs (a
+        delete ended between the two) drops the claim and the create looks again. Kept in the
+        entry, every try of the create (a retry finishing it through another front, after a
+        restart) makes its shards at the same version, also where a part of it was undone
+        meanwhile (which writes its own version into the directory)."""
+        return first_after(self.directory.last_version(key))
+
+    @staticmethod
+    def _starting(spec: CreateSpec, entry: dict[str, Any]) -> CreateSpec:
+        """The create of the creation ``entry`` at its first version (an entry of an older
+        version, without one: the host's own, from 0)."""
+        first = entry.get("first_version")
+        return dataclasses.replace(spec, first_version=int(first) if first is not None else None)
 
     def _indexed_create(self, tenant: str, idem: IdemKey
                         ) -> tuple[str, dict[str, Any]] | str | None:
@@ -2038,6 +2076,7 @@ class RayRouter:
         of it (:meth:`_drop_unheld`, also when that front died before it removed it), and the
         create looks again (:meth:`create`: made anew, or finished on the entry kept)."""
         made = entry.get("made")
+        spec = self._starting(spec, entry)  # (the first try's)
         # (in flight again, on this front: no other front drops the entry meanwhile)
         mark = self.directory.mark_creating(str(made), key) if made else None
         try:
@@ -2377,6 +2416,19 @@ class _Placed:
         self.host = host
 
     async def _again(self, call: Callable[[SessionHost], Any]) -> Any:
+        try:
+            return await self._found(call)
+        except Invalid as exc:
+            if exc.code == "unknown_parameter":
+                # (the count this front keeps for the early refusal may be of a session made
+                # again since, with fewer parameters, through another front, on the same host:
+                # the entry this front holds is then still the old one's, which only the
+                # directory tells. Forgotten, the next body asks the host: a body it refuses
+                # is decoded whole once, not every time, the refusal being the same)
+                self.router._held_counts.pop(self.key, None)
+            raise
+
+    async def _found(self, call: Callable[[SessionHost], Any]) -> Any:
         try:
             return await call(self.host)
         except NotFound:

@@ -460,3 +460,55 @@ def test_a_front_with_a_stale_entry_makes_both_calls_of_a_request_to_the_new_hos
         assert r.json()["max_staleness"] == 3
         assert httpx.get(f"{a}/v1/sessions/{sid}", timeout=120).json()["max_staleness"] == 3
         stepped_as_torch(b, a, sid, p0, 23, "stepped")
+
+
+@pytest.mark.parametrize(("before", "after", "kill"),
+                         [(1, 1, False), (2, 2, False), (1, 2, False), (2, 1, True)],
+                         ids=["plain", "sharded", "plain-then-sharded", "sharded-then-plain"])
+def test_a_session_made_again_through_another_front_continues_its_versions(
+        fronts: list[InProcessFront], deployment: Path, before: int, after: int,
+        kill: bool) -> None:
+    """Front A makes a session (``before`` shards), steps it to v1 and reads it (ETag "1");
+    front B deletes it (``kill``: then the hosts are killed, for good: a front starts them
+    again from their files; a restart of them all costs seconds, so once); B makes the id
+    again (``after`` shards, other values): at v2, on any hosts, each shard at it; a step v3.
+    Through front A, which read the old session: its ``If-None-Match: "1"`` gets the new
+    values whole (not a 304), a long poll for ``min_version=2`` answers at once, its
+    ``If-Match: "1"`` PUT is a 412 and its stale pushes 409 ``stale_gradient``, nothing
+    changed. Before, the Ray engine's hosts counted from 0 at every create: the new
+    session answered v0, then v1 again with other values, and each of those was taken."""
+    from tests.integration.test_version_recreated import JSON, Twin, create, jt, step, values
+    a, b = (httpx.Client(base_url=f.url, timeout=300) for f in fronts)
+    sid = f"again-{before}-{after}"
+    with a, b:
+        old = Twin(values(1))
+        create(a, sid, values(1), before)
+        assert step(a, sid, old, 11) == 1
+        r = a.get(f"/v1/sessions/{sid}/params")
+        assert (r.status_code, r.headers["ETag"]) == (200, '"1"')
+        assert b.delete(f"/v1/sessions/{sid}").status_code == 204
+        if kill:
+            kill_hosts(deployment)
+        twin = Twin(values(2, 3.0))
+        assert create(b, sid, values(2, 3.0), after)["version"] == 2
+        assert step(b, sid, twin, 12) == 3
+
+        r = a.get(f"/v1/sessions/{sid}/params", headers={"If-None-Match": '"1"'})
+        assert (r.status_code, r.headers["ETag"]) == (200, '"3"'), r.text
+        twin.assert_params(r.json())
+        t0 = time.monotonic()
+        r = a.get(f"/v1/sessions/{sid}/params", params={"min_version": 2, "wait_s": 30})
+        assert (r.status_code, r.json()["version"]) == (200, 3), r.text
+        assert time.monotonic() - t0 < 20  # (not held until the wait's end)
+        r = a.put(f"/v1/sessions/{sid}/params", headers={"If-Match": '"1"', **JSON},
+                  json={"params": {"w": jt(torch.full((3, 4), 7.0))}})
+        assert (r.status_code, r.json()["current_version"]) == (412, 3), r.text
+        grads = {n: jt(g) for n, g in values(13, 0.5).items()}
+        for how in ({"headers": {"If-Match": '"1"'}}, {"params": {"base_version": 1}}):
+            r = a.post(f"/v1/sessions/{sid}/step", json={"grads": grads}, **how)
+            assert r.status_code == 409, (how, r.text)
+            assert (r.json()["code"], r.json()["discarded_by"]) == ("stale_gradient", "create")
+        r = b.get(f"/v1/sessions/{sid}/params")
+        assert r.json()["version"] == 3
+        twin.assert_params(r.json())
+        assert a.delete(f"/v1/sessions/{sid}").status_code == 204

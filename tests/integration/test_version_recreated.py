@@ -8,9 +8,9 @@ got ``If-None-Match: "1"`` answered 304 (it
 kept the old values), its ``PUT .../params`` with ``If-Match: "1"`` taken (the lost-update guard
 passed), its push with ``If-Match``/``?base_version=`` taken at staleness 0, and its long poll
 for ``min_version`` held while the new values were there. Each case is checked here over real
-HTTP, plain and sharded, live and across ``kill -9`` restarts (between the delete and the
-create, and after the create), with the values compared with an in-process ``torch.optim.SGD``
-run."""
+HTTP, plain and sharded, on both engines (the Ray engine's: its sessions on a real local
+cluster), live and across ``kill -9`` restarts (between the delete and the create, and after
+the create), with the values compared with an in-process ``torch.optim.SGD`` run."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import httpx
 import pytest
 import torch
 
+from tests.conftest import ENGINES
 from tests.integration.test_durability import Proc
 
 pytestmark = pytest.mark.integration
@@ -148,19 +149,23 @@ def made_again_cases(http: httpx.Client, sid: str, shards: int) -> None:
     assert http.delete(f"/v1/sessions/{sid}").status_code == 204
 
 
+@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)
 @pytest.mark.parametrize("shards", [1, 2])
 def test_a_session_made_again_under_its_id_continues_its_versions(
-        live_server: str, shards: int) -> None:
-    with httpx.Client(base_url=live_server, timeout=60) as http:
+        engine_url: str, shards: int) -> None:
+    with httpx.Client(base_url=engine_url, timeout=120) as http:
         made_again_cases(http, f"again-v-{shards}-{uuid.uuid4().hex[:8]}", shards)
 
 
+@pytest.mark.parametrize("engine_url", ENGINES, indirect=True)
 def test_a_sharded_session_made_again_plain_and_with_other_shards_continues(
-        live_server: str) -> None:
+        engine_url: str) -> None:
     """Deleted as 2 shards at v1: made again plain at v2; deleted at v2: made again as 3 shards
-    at v3, each shard at it (a step answers v4, torch's values)."""
+    at v3, each shard at it (a step answers v4, torch's values). On the Ray engine the shards
+    are on several hosts, and the id made again lands on others: the directory keeps the last
+    version."""
     sid = f"again-s-{uuid.uuid4().hex[:8]}"
-    with httpx.Client(base_url=live_server, timeout=60) as http:
+    with httpx.Client(base_url=engine_url, timeout=120) as http:
         create(http, sid, values(1), 2)
         step(http, sid, Twin(values(1)), 21)
         assert http.delete(f"/v1/sessions/{sid}").status_code == 204

@@ -564,3 +564,57 @@ def test_a_retried_ray_delete_leaves_the_entry_of_a_create_of_its_id_in_flight(
         finally:
             await cluster.kill()
     asyncio.run(run())
+
+
+def test_a_create_of_an_older_entry_is_seen_by_a_forget_and_a_retire(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry of a keyed create an older version claimed (no ``made``), whose front died
+    before its host was asked, is finished by the create's retry: its host makes the session
+    (held up here inside the host's create). Meanwhile another front drops the entry as
+    unheld (``_drop_unheld``: its host forgets the creation), and a front gives the host up
+    (``retire``). Before, such a create took no lock on its host: the forget found nothing
+    held and the entry went while the session was being made (a session without its entry:
+    never listed, its id free for another create), and the retire found the host empty and
+    stopped it under the create. Now both wait for it or see it: the host is not retired, the
+    entry stays, and the retry is answered with the session, which steps as torch."""
+    from app.engine.host import EmbeddedHost
+    cluster = Cluster(tmp_path, monkeypatch)
+    ckey = create_key("k-older")
+    entered, go = asyncio.Event(), asyncio.Event()
+    real = EmbeddedHost.create
+
+    async def held_up(host: Any, key: str, s: Any, *, idem: IdemKey | None = None) -> Any:
+        entered.set()
+        await go.wait()
+        return await real(host, key, s, idem=idem)
+
+    async def run() -> None:
+        try:
+            first = cluster.front()
+            await dies(first, spec(), monkeypatch, idem=ckey)
+            [key] = entries(first)
+            directory: Directory = first.router.directory  # type: ignore[attr-defined]
+            older = directory.get(key)
+            assert older is not None
+            for field in ("made", "first_version"):  # (as an older version wrote it)
+                older.pop(field, None)
+            directory.put(key, older)
+            monkeypatch.setattr(EmbeddedHost, "create", held_up)
+            retry = asyncio.ensure_future(cluster.front().create(spec(), idem=ckey))
+            await entered.wait()
+            router: Any = cluster.front().router
+            dropping = asyncio.ensure_future(router._drop_unheld(key, older))
+            # (a forget that does not wait for the create drops the entry meanwhile)
+            await asyncio.wait({dropping}, timeout=2.0)
+            assert not await cluster.actors[older["host"]].actor.retire()
+            go.set()
+            info = await retry
+            assert not await dropping  # (held: the entry stays)
+            assert f"default~{info.id}" == key and entries(first) == [key]
+            assert directory.get(key) == older
+            assert in_memory(cluster) == {older["host"]: [key]}
+            await AsTorch(spec()).step(cluster.front(), info.id)
+        finally:
+            go.set()
+            await cluster.kill()
+    asyncio.run(run())

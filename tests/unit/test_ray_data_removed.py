@@ -109,9 +109,9 @@ def test_the_entries_and_the_marks_of_deletes_are_written_again_by_the_maintenan
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With no operation after the removal, each host's maintenance writes its sessions again
     (and their entries) within its period, and the marks of a session deleted before the
-    removal (its keyed create's and its keyed delete's): after a restart the sessions are
-    found, the deleted one's create retried is refused (not made again) and its delete retried
-    is answered."""
+    removal (its keyed create's and its keyed delete's) and its last version: after a restart
+    the sessions are found, the deleted one's create retried is refused (not made again), its
+    delete retried is answered, and its id made again continues its versions."""
     data = tmp_path / "data"
     cluster = Cluster(data, monkeypatch)
     # (the maintenance's period: a quarter of the snapshot interval, at least 0.5 s)
@@ -129,13 +129,17 @@ def test_the_entries_and_the_marks_of_deletes_are_written_again_by_the_maintenan
             await front.step(sid, GRADS[0], return_params=False)
         assert await front.delete("gone", idem=dkey) is False
         assert marks() == [".deleted-creates/1", ".deletes/1"]
+        last = data / "directory" / ".versions" / "default~gone"
+        assert last.exists()
         shutil.rmtree(data)
         for _ in range(100):
             await asyncio.sleep(0.1)
-            if len(entries(front)) == 2 and len(marks()) == 2 and "/0" not in str(marks()):
+            if len(entries(front)) == 2 and len(marks()) == 2 and "/0" not in str(marks()) \
+                    and last.exists():
                 break
         assert sorted(entries(front)) == ["default~plain", "default~sharded"]
         assert marks() == [".deleted-creates/1", ".deletes/1"]
+        assert last.exists()  # (the deleted session's last version, 1)
 
     async def after(front: Front) -> None:
         for sid in ("plain", "sharded"):
@@ -146,6 +150,7 @@ def test_the_entries_and_the_marks_of_deletes_are_written_again_by_the_maintenan
                 await front.create(spec(shards, id="gone"), idem=create_key("k-gone"))
             refused(err.value, "k-gone", "gone")
         assert sorted(i.id for i in await front.list_sessions()) == ["plain", "sharded"]
+        assert (await front.create(spec(1, id="gone"))).version == 2  # (deleted at 1)
     in_turn(cluster, before, after)
 
 

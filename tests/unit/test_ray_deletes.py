@@ -277,7 +277,8 @@ def test_a_keyed_ray_delete_retried_through_another_front_is_answered(
             fourth = cluster.front()
             assert await fourth.delete("gone", idem=dkey)
             info = await fourth.describe("gone")
-            assert info.version == 0 and info.lr == [0.5]  # (left alone)
+            # (left alone; made again after the version the old one was deleted at)
+            assert info.version == 2 and info.lr == [0.5]
             assert sorted(i.id for i in await fourth.list_sessions()) == \
                 sorted([f"filler{i}" for i in range(shards)] + ["gone"])
         finally:
@@ -403,12 +404,12 @@ def test_a_sharded_ray_session_made_again_gets_a_coordinator_of_its_own(
                                                 "d": torch.arange(5.0)})],
                              {"lr": 0.5, "momentum": 0.9}, shards=2)
             new.id = "again"
-            assert (await second.create(new)).version == 0
+            assert (await second.create(new)).version == 2  # (the old one's: 1)
             assert entries_of(second, "again")["shards"] == hosts  # (the same hosts)
             torch_ = AsTorch(new)
             for front in (second, first, second):
                 await torch_.step(front, "again")
-            assert (await first.describe("again")).version == 3
+            assert (await first.describe("again")).version == 5
         finally:
             await cluster.kill()
     asyncio.run(run())
@@ -829,7 +830,8 @@ def test_a_keyed_ray_delete_cut_before_the_directory_heard_spares_the_id_made_ag
             for front in (second, cluster.front()):
                 assert await front.delete("again", idem=dkey)
                 info = await front.describe("again")
-                assert info.version == torch_.steps and info.lr == [0.5]  # (left alone)
+                # (left alone; made again at v2, after the old one's last version)
+                assert info.version == 2 + torch_.steps and info.lr == [0.5]
                 assert sorted(i.id for i in await front.list_sessions()) == \
                     sorted([*fillers, "again"])
                 await torch_.step(front, "again")
@@ -893,7 +895,8 @@ def test_an_unkeyed_sharded_ray_create_cut_part_way_is_undone(
                 with pytest.raises(NotFound):
                     await second.describe("half")
             remade = await second.create(spec(2, lr=0.5, id="half"))
-            assert remade.id == "half" and remade.version == 0
+            # (after the version its undone part was deleted at: 0, as the embedded engine's)
+            assert remade.id == "half" and remade.version == 1
             assert entries(second) == ["default~half"]
             assert held_keys(cluster) == session_files("half", 2)
             torch_ = AsTorch(spec(2, lr=0.5))
@@ -950,7 +953,8 @@ def test_a_keyed_ray_delete_cut_between_the_shards_spares_the_id_made_again(
             for front in (second, cluster.front()):
                 assert await front.delete("half", idem=dkey)
                 info = await front.describe("half")
-                assert info.version == torch_.steps and info.lr == [0.5]  # (left alone)
+                # (left alone; made again at v2, after the old one's last version)
+                assert info.version == 2 + torch_.steps and info.lr == [0.5]
                 await torch_.step(front, "half")
             assert held_keys(cluster) == session_files("half", 2)
         finally:

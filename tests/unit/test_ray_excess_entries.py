@@ -224,3 +224,51 @@ def test_a_ray_front_asks_the_host_only_for_a_body_naming_more_tensors_than_it_k
     assert made == [] and len(asks) == 3
     step(with_d)
     assert len(asks) == 3
+
+
+def test_a_front_whose_session_was_made_again_through_another_front_refuses_early_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        made: list[int]) -> None:  # noqa: F811 - the fixture
+    """Front A learns that session "re" holds 3 parameters (its host said so for a first large
+    body); front B deletes it and makes it again with 1 parameter, on the same host (pack).
+    A still holds the old creation's entry (nothing tells it: the host holds the id), so its
+    next body naming the 3 old names is not asked about (no more than the count it knew): it is
+    decoded whole and refused by the host, as before. Before, A kept that count, and every such
+    body after it was decoded whole too; now the host's refusal of an unknown name makes A
+    forget it, and the next such body is refused from its entries, no tensor made. Then A
+    steps the new session as torch."""
+    cluster = Cluster(tmp_path / "data", monkeypatch)
+    monkeypatch.setattr(ray_host, "_actor_class", lambda: cluster)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    settings = Settings(engine="ray", data_dir=tmp_path / "data", device="cpu", warm_up=False,
+                        ray_placement="pack")
+    old = {"a": torch.tensor([1.0, -2.0, 0.5]), "w": torch.linspace(-1.0, 1.0, 100_000),
+           "v": torch.linspace(2.0, 1.0, 100_000)}
+    new = {"a": torch.tensor([0.5, 0.25, 4.0])}
+    grads = {n: torch.full_like(t, 0.5) for n, t in old.items()}
+    with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
+        def create(client: TestClient, params: dict[str, torch.Tensor]) -> None:
+            r = client.post("/v1/sessions", json={
+                "id": "re", "optimizer": "SGD", "options": {"lr": 0.1},
+                "params": {n: json_tensor(t) for n, t in params.items()}})
+            assert r.status_code == 201, r.text
+        create(a, old)
+        assert _send(a, "re", "step", "safetensors", grads).status_code == 200
+        assert b.delete("/v1/sessions/re").status_code == 204
+        create(b, new)
+        assert a.get("/v1/sessions/re").json()["placement"]["host"] == \
+            b.get("/v1/sessions/re").json()["placement"]["host"]  # (the same host)
+        for whole in (True, False):
+            made.clear()
+            got = _problem(_send(a, "re", "step", "safetensors", grads))
+            # (the body's first name the session lacks: safetensors sorts them)
+            assert (got["code"], got["field"]) == ("unknown_parameter", "grads.v"), got
+            assert made == ([len(grads)] if whole else []), (whole, made)
+        local = {n: torch.nn.Parameter(t.clone()) for n, t in new.items()}
+        opt = torch.optim.SGD(list(local.values()), lr=0.1)
+        r = _send(a, "re", "step", "safetensors", {"a": grads["a"]})
+        assert r.status_code == 200, r.text
+        local["a"].grad = grads["a"].clone()
+        opt.step()
+        assert torch.equal(tensors_from_json(r.json()["params"])["a"], local["a"].detach())
+        a.portal.call(cluster.kill)
