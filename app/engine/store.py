@@ -137,6 +137,15 @@ def _is_version_stone(line: bytes) -> bool:
     return isinstance(stone, dict) and is_version(stone)
 
 
+def _deleted_at(trash: Path) -> int:
+    """When the delete whose ``.deleted-<id>-<pid>-<ns>`` folder this is was committed (its
+    name's last part; 0 when it has none)."""
+    try:
+        return int(trash.name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
 def _last_stones(lines: list[bytes], keep: int, keep_versions: int) -> list[bytes]:
     """The last ``keep`` lines of the tombstone log that are not versions' and the last
     ``keep_versions`` that are, in their order."""
@@ -847,7 +856,7 @@ class Store:
             return
         try:
             with self._lock:
-                left = sorted(self._unburied)
+                left = sorted(self._unburied, key=_deleted_at)  # (logged in their order)
             for trash in left:
                 if not trash.exists():
                     with self._lock:
@@ -868,10 +877,12 @@ class Store:
             try:
                 lines = path.read_bytes().splitlines()
             except FileNotFoundError:
-                return []
+                lines = []
             self._stones_lines = len(lines)
             if len(lines) > 2 * (keep + keep_versions):
                 lines = self._cut_stones(lines, (keep, keep_versions))
+            # (read under the lock a bury's append takes: a line is in the log or in its folder)
+            lines = lines + self._unlogged_stones()
         out = []
         for line in _last_stones(lines, keep, keep_versions):
             try:
@@ -881,6 +892,24 @@ class Store:
             if isinstance(stone, dict):
                 out.append({str(k): str(v) for k, v in stone.items()})
         return out
+
+    def _unlogged_stones(self) -> list[bytes]:
+        """The tombstone lines of committed deletes that are not in the tombstone log yet: an
+        append :meth:`_bury` could not make (a full disk, at a delete or at the start that found
+        a crash's ``.deleted-*`` folder) left them in their folder, logged later; oldest first.
+        Without them a restart on a full disk forgot those deletes (a retry of a keyed delete
+        then deleted the session made again under the id, which also started at version 0
+        again). The caller holds ``_stones``."""
+        with self._lock:
+            left = sorted(self._unburied, key=_deleted_at)
+        lines: list[bytes] = []
+        for trash in left:
+            try:
+                data = (trash / TOMBSTONE).read_bytes()
+            except OSError:  # (buried meanwhile: its lines were read from the log)
+                continue
+            lines += [line for line in data.splitlines() if line.strip()]
+        return lines
 
     def forget(self, session_id: str) -> None:
         """Close the session's log (its records stay on disk)."""
