@@ -125,16 +125,22 @@ STALE_TEMPS = (f"{RESERVE}.tmp", ".write-probe.tmp", ".write-probe", f"{TOMBSTON
 RESERVE_LOOK_S = 1.0
 
 
-def _is_version_stone(line: bytes) -> bool:
-    """Whether a tombstone-log line is a deleted session's last version
-    (:func:`app.engine.last_versions.stone`)."""
+def _version_stone(line: bytes) -> tuple[str, int] | bool:
+    """A tombstone-log line's deleted session and last version when it is such a line
+    (:func:`app.engine.last_versions.stone`); True for one whose version cannot be read (it
+    restores nothing); False for any other line."""
     if b'"version"' not in line:
         return False
     try:
         stone = json.loads(line)
     except ValueError:
         return False
-    return isinstance(stone, dict) and is_version(stone)
+    if not isinstance(stone, dict) or not is_version(stone):
+        return False
+    try:
+        return str(stone["session"]), int(stone["version"])
+    except (KeyError, ValueError, TypeError):
+        return True
 
 
 def _deleted_at(trash: Path) -> int:
@@ -147,15 +153,34 @@ def _deleted_at(trash: Path) -> int:
 
 
 def _last_stones(lines: list[bytes], keep: int, keep_versions: int) -> list[bytes]:
-    """The last ``keep`` lines of the tombstone log that are not versions' and the last
-    ``keep_versions`` that are, in their order."""
-    versions = [_is_version_stone(line) for line in lines]
-    left = {True: keep_versions, False: keep}
+    """The last ``keep`` lines of the tombstone log that are not versions', and the version
+    lines of the last ``keep_versions`` sessions deleted (ids, as
+    :class:`~app.engine.last_versions.LastVersions` keeps them: a session deleted again and
+    again takes one place, not one a delete), in their order. Of each such session its newest
+    line is kept (its place among them) and, where an older one holds a higher version, that
+    one too (the highest is what a restore keeps)."""
     kept = [False] * len(lines)
+    left = keep
+    newest: dict[str, int] = {}  # session -> the index of its newest version line
+    highest: dict[str, tuple[int, int]] = {}  # session -> (version, index) of its highest
     for i in range(len(lines) - 1, -1, -1):
-        if left[versions[i]] > 0:
-            left[versions[i]] -= 1
-            kept[i] = True
+        stone = _version_stone(lines[i])
+        if stone is False:
+            if left > 0:
+                left -= 1
+                kept[i] = True
+            continue
+        if stone is True:  # (restores nothing)
+            continue
+        session, version = stone
+        if session not in newest:
+            if len(newest) >= keep_versions:
+                continue
+            newest[session] = i
+        if session not in highest or version > highest[session][0]:
+            highest[session] = (version, i)
+    for session, i in newest.items():
+        kept[i] = kept[highest[session][1]] = True
     return [line for line, k in zip(lines, kept, strict=True) if k]
 
 
