@@ -125,28 +125,62 @@ STALE_TEMPS = (f"{RESERVE}.tmp", ".write-probe.tmp", ".write-probe", f"{TOMBSTON
 RESERVE_LOOK_S = 1.0
 
 
-def _is_version_stone(line: bytes) -> bool:
-    """Whether a tombstone-log line is a deleted session's last version
-    (:func:`app.engine.last_versions.stone`)."""
+def _version_stone(line: bytes) -> tuple[str, int] | bool:
+    """A tombstone-log line's deleted session and last version when it is such a line
+    (:func:`app.engine.last_versions.stone`); True for one whose version cannot be read (it
+    restores nothing); False for any other line."""
     if b'"version"' not in line:
         return False
     try:
         stone = json.loads(line)
     except ValueError:
         return False
-    return isinstance(stone, dict) and is_version(stone)
+    if not isinstance(stone, dict) or not is_version(stone):
+        return False
+    try:
+        return str(stone["session"]), int(stone["version"])
+    except (KeyError, ValueError, TypeError):
+        return True
+
+
+def _deleted_at(trash: Path) -> int:
+    """When the delete whose ``.deleted-<id>-<pid>-<ns>`` folder this is was committed (its
+    name's last part; 0 when it has none)."""
+    try:
+        return int(trash.name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return 0
 
 
 def _last_stones(lines: list[bytes], keep: int, keep_versions: int) -> list[bytes]:
-    """The last ``keep`` lines of the tombstone log that are not versions' and the last
-    ``keep_versions`` that are, in their order."""
-    versions = [_is_version_stone(line) for line in lines]
-    left = {True: keep_versions, False: keep}
+    """The last ``keep`` lines of the tombstone log that are not versions', and the version
+    lines of the last ``keep_versions`` sessions deleted (ids, as
+    :class:`~app.engine.last_versions.LastVersions` keeps them: a session deleted again and
+    again takes one place, not one a delete), in their order. Of each such session its newest
+    line is kept (its place among them) and, where an older one holds a higher version, that
+    one too (the highest is what a restore keeps)."""
     kept = [False] * len(lines)
+    left = keep
+    newest: dict[str, int] = {}  # session -> the index of its newest version line
+    highest: dict[str, tuple[int, int]] = {}  # session -> (version, index) of its highest
     for i in range(len(lines) - 1, -1, -1):
-        if left[versions[i]] > 0:
-            left[versions[i]] -= 1
-            kept[i] = True
+        stone = _version_stone(lines[i])
+        if stone is False:
+            if left > 0:
+                left -= 1
+                kept[i] = True
+            continue
+        if stone is True:  # (restores nothing)
+            continue
+        session, version = stone
+        if session not in newest:
+            if len(newest) >= keep_versions:
+                continue
+            newest[session] = i
+        if session not in highest or version > highest[session][0]:
+            highest[session] = (version, i)
+    for session, i in newest.items():
+        kept[i] = kept[highest[session][1]] = True
     return [line for line, k in zip(lines, kept, strict=True) if k]
 
 
@@ -847,7 +881,7 @@ class Store:
             return
         try:
             with self._lock:
-                left = sorted(self._unburied)
+                left = sorted(self._unburied, key=_deleted_at)  # (logged in their order)
             for trash in left:
                 if not trash.exists():
                     with self._lock:
@@ -868,10 +902,12 @@ class Store:
             try:
                 lines = path.read_bytes().splitlines()
             except FileNotFoundError:
-                return []
+                lines = []
             self._stones_lines = len(lines)
             if len(lines) > 2 * (keep + keep_versions):
                 lines = self._cut_stones(lines, (keep, keep_versions))
+            # (read under the lock a bury's append takes: a line is in the log or in its folder)
+            lines = lines + self._unlogged_stones()
         out = []
         for line in _last_stones(lines, keep, keep_versions):
             try:
@@ -881,6 +917,24 @@ class Store:
             if isinstance(stone, dict):
                 out.append({str(k): str(v) for k, v in stone.items()})
         return out
+
+    def _unlogged_stones(self) -> list[bytes]:
+        """The tombstone lines of committed deletes that are not in the tombstone log yet: an
+        append :meth:`_bury` could not make (a full disk, at a delete or at the start that found
+        a crash's ``.deleted-*`` folder) left them in their folder, logged later; oldest first.
+        Without them a restart on a full disk forgot those deletes (a retry of a keyed delete
+        then deleted the session made again under the id, which also started at version 0
+        again). The caller holds ``_stones``."""
+        with self._lock:
+            left = sorted(self._unburied, key=_deleted_at)
+        lines: list[bytes] = []
+        for trash in left:
+            try:
+                data = (trash / TOMBSTONE).read_bytes()
+            except OSError:  # (buried meanwhile: its lines were read from the log)
+                continue
+            lines += [line for line in data.splitlines() if line.strip()]
+        return lines
 
     def forget(self, session_id: str) -> None:
         """Close the session's log (its records stay on disk)."""

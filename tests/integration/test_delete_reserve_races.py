@@ -24,13 +24,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import torch
 
 from app.engine.delete_reserve import RESERVE, RESERVE_BYTES
 from app.engine.interface import IdemKey
-from app.engine.store import TOMBSTONE, TOMBSTONES, Buffer, Files
+from app.engine.store import TOMBSTONE, TOMBSTONES, Buffer, Files, Store
 from app.errors import Conflict
 from tests.integration.test_disk_full import Mount, fill, tmpfs  # noqa: F401 - the fixture
-from tests.unit.test_store_faults import KEY, SID, engine, spec
+from tests.unit.test_store_faults import KEY, SID, engine, grad, spec
 
 pytestmark = pytest.mark.integration
 
@@ -192,3 +193,75 @@ def test_a_tombstone_the_log_refuses_waits_alone(tmp_path: Path) -> None:
         finally:
             await again.stop(snapshot=False)
     asyncio.run(go())
+
+
+
+def test_a_start_on_a_full_disk_knows_a_delete_whose_tombstone_waits(
+        tmpfs: Mount, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811 - the fixture
+    """A keyed delete of a session stepped to v3, cut after its commit point (the rename)
+    before its tombstone lines (its key, its create's key, its last version) reached the log;
+    the server starts again on a disk another writer keeps full, so the start cannot log them
+    (they wait in their ``.deleted-*`` folder). The start reads them from the folder: the
+    delete's retry is answered as done, the create's retry refused, the id made again starts at
+    v4, and the delete retried after that deletes nothing; once there is room they are logged.
+    Before, the start read the log alone: the retry was a 404, the create's retry was taken, the
+    session made again was at v0 (its versions 1-3 naming other values than the deleted one's
+    did), and the delete retried after it deleted the new session."""
+    disk = tmpfs(4)
+
+    async def crashed_after_the_commit() -> None:
+        eng = engine(disk, None, "step")
+        await eng.start()
+        try:
+            await eng.create(spec(), idem=CREATED)
+            for k in range(3):
+                await eng.step(SID, grad(k), return_params=False)
+            assert (await eng.pull(SID, None)).version == 3
+            with monkeypatch.context() as m:  # (the crash: nothing after the rename ran)
+                m.setattr(Store, "_bury", lambda self, trash: False)
+                assert not await eng.delete(SID, idem=DELETED)
+        finally:
+            await eng.stop(snapshot=False)
+
+    async def started_on_a_full_disk() -> None:
+        files = FillingFiles(disk)
+        files.at = "tombstone"  # (takes the room the start's failed append freed: the probe)
+        eng = engine(disk, files, "step")
+        await eng.start()
+        try:
+            assert len(list((disk / "sessions").glob(".deleted-*"))) == 1
+            log = disk / TOMBSTONES  # (none of the lines reached it)
+            assert (not log.exists() or log.stat().st_size == 0) and files.fills >= 1
+            assert await eng.delete(SID, idem=DELETED)
+            with pytest.raises(Conflict) as info:
+                await eng.create(spec(), idem=CREATED)
+            assert_deleted_with_keys(info.value)
+            made = await eng.create(spec(durability="memory"))  # (nothing to write)
+            assert (made.version, made.step) == (4, 0)
+            assert await eng.delete(SID, idem=DELETED)  # (answered: nothing deleted)
+            pulled = await eng.pull(SID, None)
+            assert pulled.version == 4
+            first = spec().groups[0].params
+            assert set(pulled.params) == set(first)
+            for name, value in first.items():
+                assert torch.equal(pulled.params[name], value), name
+            files.at = None
+            (disk / "filler.bin").unlink()
+            assert (await eng.status()).ready  # (logs the waiting lines)
+            assert not list((disk / "sessions").glob(".deleted-*"))
+        finally:
+            await eng.stop(snapshot=False)
+
+    async def started_again() -> None:
+        eng = engine(disk)
+        await eng.start()
+        try:
+            assert await eng.delete(SID, idem=DELETED)
+            assert (await eng.create(spec())).version == 4
+        finally:
+            await eng.stop(snapshot=False)
+
+    asyncio.run(crashed_after_the_commit())
+    fill(disk)
+    asyncio.run(started_on_a_full_disk())
+    asyncio.run(started_again())

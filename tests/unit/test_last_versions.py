@@ -83,6 +83,42 @@ def test_the_last_versions_kept_are_bounded_and_kept_apart_from_keyed_deletes(
     asyncio.run(restarted())
 
 
+def test_an_id_deleted_again_and_again_takes_one_place_across_a_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host keeps the last versions of its last ``KEEP`` deleted ids (3 here): ``a``
+    deleted at 1, then ``b`` made, stepped and deleted 5 times (at 1, 3, ..., 9) leave 2 ids
+    kept, in memory and after a restart alike: ``a`` made again starts at 2, ``b`` at 10. The
+    start read the log's last 3 version lines, all of them ``b``'s: ``a`` started at 0 after a
+    restart (its versions 0 and 1 naming other values than the deleted session's), where the
+    server that deleted it would have started it at 2."""
+    from app.engine import host as host_module
+    monkeypatch.setattr(host_module, "_TOMBSTONES", 3)
+
+    async def live() -> None:
+        eng = make(tmp_path)
+        await eng.start()
+        try:
+            await made_stepped_deleted(eng, "a")
+            for k in range(5):
+                assert (await eng.create(spec("b"))).version == 2 * k
+                await eng.step("b", GRAD, return_params=False)
+                assert not await eng.delete("b")
+        finally:
+            await eng.stop()
+
+    async def restarted() -> None:
+        eng = make(tmp_path)
+        await eng.start()
+        try:
+            await made_and_stepped(eng, "a", 2)
+            await made_and_stepped(eng, "b", 10)
+        finally:
+            await eng.stop()
+
+    asyncio.run(live())
+    asyncio.run(restarted())
+
+
 def test_a_restored_create_record_keeps_its_first_version(tmp_path: Path) -> None:
     """Made again at 2 and stepped, then stopped without a snapshot: the restart replays the
     create's record (its ``first_version``) and the step: at 3, torch's values; and once
