@@ -51,7 +51,7 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -223,7 +223,7 @@ def plan(opt: torch.optim.Optimizer, name: str) -> list[Split]:
 
 
 def step(opt: torch.optim.Optimizer, name: str, splits: list[Split] | None = None,
-         watch: Watch | None = None) -> None:
+         watch: Watch | None = None, answer: ChunkAnswer | None = None) -> None:
     """``opt.step()``, its large parameters stepped chunk by chunk where that gives the same
     values (see the module's docstring). ``splits``: :func:`plan`'s, made just before (the
     gradients unchanged since); ``watch``: take its norms of the chunked parameters."""
@@ -238,17 +238,20 @@ def step(opt: torch.optim.Optimizer, name: str, splits: list[Split] | None = Non
     had = {id(p) for p in opt.state}
     made = False
     try:
-        # a watch's chunks and fresh parameters step on their own below
-        replaced = {id(sp.param): [] if watch is not None else sp.views for sp in kept}
+        # a watch's or an answer's chunks and fresh parameters step on their own below
+        alone = watch is not None or answer is not None
+        replaced = {id(sp.param): [] if alone else sp.views for sp in kept}
         replaced.update({id(sp.param): [] for sp in fresh})
         for group, params in zip(opt.param_groups, saved, strict=True):
             group["params"] = [v for p in params for v in replaced.get(id(p), [p])]
         for sp in kept:
             _hand_out(opt, sp)
         optimizer_step.step(opt)
-        if watch is not None:
+        if answer is not None:
+            answer.whole_stepped()
+        if alone:
             for sp in kept:
-                _alone(opt, sp, saved, watch)(sp.views)
+                _alone(opt, sp, saved, watch, answer)(sp.views)
         for sp in kept:
             _take_back(opt, sp)
         for sp in fresh:
@@ -267,8 +270,19 @@ def step(opt: torch.optim.Optimizer, name: str, splits: list[Split] | None = Non
         after_job(release_memory)
 
 
+class ChunkAnswer(Protocol):
+    """What a step streaming its answer is told (on the worker thread): the parameters not
+    stepped in chunks are done (:meth:`whole_stepped`), then each chunk is
+    (:meth:`chunk_stepped`, while its values are in the cache)."""
+
+    def whole_stepped(self) -> None: ...
+    def chunk_stepped(self, param: torch.Tensor, a: int, b: int, view: torch.Tensor
+                      ) -> None: ...
+
+
 def _alone(opt: torch.optim.Optimizer, sp: Split, saved: list[list[torch.Tensor]],
-           watch: Watch | None) -> Callable[[list[torch.Tensor]], None]:
+           watch: Watch | None, answer: ChunkAnswer | None = None
+           ) -> Callable[[list[torch.Tensor]], None]:
     """A function that steps the given views of ``sp``'s parameter alone: only they in its
     group, every other group empty; all in one ``opt.step()``, or with a ``watch`` one call
     each (:meth:`Watch.stepped`)."""
@@ -280,15 +294,26 @@ def _alone(opt: torch.optim.Optimizer, sp: Split, saved: list[list[torch.Tensor]
             group["params"] = views if i == index else []
 
     def alone(views: list[torch.Tensor]) -> None:
-        if watch is None:
+        if watch is None and answer is None:
             only(views)
             optimizer_step.step(opt)
             return
         for view in views:
             only([view])
-            watch.stepped(opt, sp.param, view)
+            if watch is not None:
+                watch.stepped(opt, sp.param, view)
+            else:
+                optimizer_step.step(opt)
+            if answer is not None:
+                k = _index(sp.views, view)
+                a, b = sp.bounds[k]
+                answer.chunk_stepped(sp.param, a, b, view)
 
     return alone
+
+
+def _index(views: list[torch.Tensor], view: torch.Tensor) -> int:
+    return next(k for k, v in enumerate(views) if v is view)
 
 
 #: per optimizer: its number of parameters, and the elements of its largest (a parameter's
