@@ -39,6 +39,11 @@ When the step's metrics want the update norm (``metrics.before_step``), each chu
 an ``optimizer.step()`` call of its own between a copy of its values and the subtraction
 (:class:`Watch`): the session then keeps no whole copy of a large parameter for that norm.
 
+When the step's answer streams (:mod:`app.engine.answer_stream`: a binary answer without the
+step's norms), each chunk steps in an ``optimizer.step()`` call of its own too, and its new
+values are copied into the answer while the chunk is in the cache, which the caller sends on
+while the next chunk steps (:class:`ChunkAnswer`).
+
 Not chunked (the whole step as before): other optimizers (Adafactor and Muon treat a
 matrix as one; LBFGS and SparseAdam step elsewhere), ``foreach``/``fused`` groups (their
 kernels take every tensor at once already), float16, bfloat16 and complex parameters,
@@ -226,7 +231,10 @@ def step(opt: torch.optim.Optimizer, name: str, splits: list[Split] | None = Non
          watch: Watch | None = None, answer: ChunkAnswer | None = None) -> None:
     """``opt.step()``, its large parameters stepped chunk by chunk where that gives the same
     values (see the module's docstring). ``splits``: :func:`plan`'s, made just before (the
-    gradients unchanged since); ``watch``: take its norms of the chunked parameters."""
+    gradients unchanged since); ``watch``: take its norms of the chunked parameters;
+    ``answer``: told as the parameters not chunked, then each chunk, are stepped (every chunk
+    in a call of its own; the caller asks only where no parameter is ``fresh``, whose chunks
+    it is not told of)."""
     if splits is None:
         splits = plan(opt, name)
     if not splits:
@@ -293,6 +301,9 @@ def _alone(opt: torch.optim.Optimizer, sp: Split, saved: list[list[torch.Tensor]
         for i, group in enumerate(groups):
             group["params"] = views if i == index else []
 
+    bounds = ({id(v): ab for v, ab in zip(sp.views, sp.bounds, strict=True)}
+              if answer is not None else {})
+
     def alone(views: list[torch.Tensor]) -> None:
         if watch is None and answer is None:
             only(views)
@@ -305,15 +316,10 @@ def _alone(opt: torch.optim.Optimizer, sp: Split, saved: list[list[torch.Tensor]
             else:
                 optimizer_step.step(opt)
             if answer is not None:
-                k = _index(sp.views, view)
-                a, b = sp.bounds[k]
+                a, b = bounds[id(view)]
                 answer.chunk_stepped(sp.param, a, b, view)
 
     return alone
-
-
-def _index(views: list[torch.Tensor], view: torch.Tensor) -> int:
-    return next(k for k, v in enumerate(views) if v is view)
 
 
 #: per optimizer: its number of parameters, and the elements of its largest (a parameter's

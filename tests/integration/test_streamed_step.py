@@ -14,6 +14,7 @@ step's values narrowed."""
 from __future__ import annotations
 
 import base64
+import json
 import struct
 import threading
 import uuid
@@ -114,7 +115,6 @@ def answer(r: httpx.Response) -> dict[str, torch.Tensor]:
 
 def metadata(r: httpx.Response) -> dict[str, str]:
     size = struct.unpack("<Q", r.content[:8])[0]
-    import json
     meta: dict[str, str] = json.loads(r.content[8:8 + size])["__metadata__"]
     return meta
 
