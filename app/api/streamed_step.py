@@ -8,13 +8,14 @@ metrics off, no scheduler stepping with it) and is written over the request's sp
 (a safetensors body, ``Accept: application/octet-stream``, ``return=all``); the engine decides
 the rest (:meth:`app.engine.ops.gradients.Step._streamed`) and answers as ever where it does
 not begin the stream. A step that fails after the head went out never completes its answer:
-the connection is closed short of its ``Content-Length`` (every HTTP client reads that as no
-answer), and the session is restored as for any failed step.
+the response ends short of its ``Content-Length``, so the server closes the connection (every
+HTTP client reads that as no answer), and the session is restored as for any failed step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from typing import Any
 
@@ -30,9 +31,7 @@ from app.wire.tensor_maps import PackedTensors
 BINARY = "application/octet-stream"
 
 
-class AnswerCut(Exception):
-    """A streamed answer's step failed after its head was sent: the connection is closed
-    before the answer is whole."""
+log = logging.getLogger("optserve.api")
 
 
 class StreamedStep:
@@ -113,10 +112,13 @@ class StreamedResponse(Response):
         sent = 0
         while True:
             done = task.done()
-            if done and task.exception() is not None:
-                raise AnswerCut("the step failed after its answer began") from task.exception()
-            if done and streamed.ready < size:  # (a step that ended without writing it all)
-                raise AnswerCut("the step ended before its answer was written")
+            failed = done and (task.exception() is not None or streamed.ready < size)
+            if failed:
+                # returned short of the Content-Length: the server closes the connection
+                # (uvicorn: "ASGI callable returned without completing response")
+                log.warning("a step's streamed answer was cut after %d of its %d bytes: %s",
+                            sent, size, task.exception() or "its step ended without them")
+                return
             upto = min(streamed.ready, size if done else size - 1)
             if upto > sent:
                 part = self.buffer[sent:upto]

@@ -26,6 +26,7 @@ import pytest
 import safetensors.torch
 import torch
 
+import optserve
 from app.engine import answer_stream, chunked, optimizer_step
 from tests.conftest import HTTP_PROTOCOLS, LiveServer, _test_settings, problem_protocol
 
@@ -274,3 +275,25 @@ def test_a_narrowed_answer_streams_narrowed(http: httpx.Client,
         want = {n: t.to(torch.bfloat16) for n, t in local.step(g).items()}
         assert_bitwise(answer(post_step(http, sid, g, query)), want)
     assert len(begun) == 2
+
+
+def test_the_sdk_retries_a_cut_answer(url: str, begun: list[dict[str, Any]],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Python SDK's step over HTTP meeting an answer cut after it began: no step is taken
+    as done; it retries under the same Idempotency-Key and gets the step torch takes, once."""
+    with httpx.Client(base_url=url, timeout=30) as http:
+        sid, local = create(http, "interval"), Local()
+        assert_bitwise(answer(post_step(http, sid, grads(0))), local.step(grads(0)))
+    failed: list[int] = []
+
+    def fail_once() -> None:
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("injected once")
+    on_call(monkeypatch, 8, fail_once)
+    with optserve.Client(url, transport="http") as client:
+        out = client.step(sid, grads(1), metrics="history")
+    assert failed and len(begun) == 2  # (cut once, then answered)
+    assert (out.version, out.step) == (2, 2)
+    assert out.params is not None
+    assert_bitwise({n: torch.as_tensor(t) for n, t in out.params.items()}, local.step(grads(1)))
