@@ -3,9 +3,9 @@ the worker steps it (:mod:`app.engine.answer_stream`), the last byte only once t
 done (applied, logged where its durability logs before the answer, remembered under its
 idempotency key).
 
-Taken where the answer carries nothing the step has yet to compute (``?metrics=history`` or
-metrics off, no scheduler stepping with it) and is written over the request's spent gradients
-(a safetensors body, ``Accept: application/octet-stream``, ``return=all``); the engine decides
+Offered where the answer carries nothing the step has yet to compute (``?metrics=history``)
+and is written over the request's spent gradients (a safetensors body, ``Accept:
+application/octet-stream``, every parameter returned); the engine decides
 the rest (:meth:`app.engine.ops.gradients.Step._streamed`) and answers as ever where it does
 not begin the stream. A step that fails after the head went out never completes its answer:
 the response ends short of its ``Content-Length``, so the server closes the connection (every
@@ -29,8 +29,6 @@ from app.wire.safetensors_body import packed_header_parts
 from app.wire.tensor_maps import PackedTensors
 
 BINARY = "application/octet-stream"
-
-
 log = logging.getLogger("optserve.api")
 
 

@@ -6,7 +6,8 @@ step answer written over the spent gradients, ``params_into``) hands the step an
 :class:`AnswerStream`: the step tells it, on the worker thread, the answer's scalars once they
 are known (:meth:`AnswerStream.begin`, before the first chunk steps), then copies each
 chunk's values into the answer's view of that chunk while it is still in the cache and says
-which bytes of the answer's buffer are final (:meth:`AnswerStream.copied`). The caller's
+which bytes of the answer's buffer are final (:meth:`AnswerStream.copy_chunk`, through
+:class:`ChunksInto`, which :func:`app.engine.chunked.step` calls). The caller's
 ``on_begin``/``on_ready`` run on the worker thread and must only hand over (e.g.
 ``loop.call_soon_threadsafe``).
 
@@ -45,14 +46,9 @@ class AnswerStream:
         buffer = tensors.buffer
         assert buffer is not None
         self._start = int(np.frombuffer(buffer, dtype=np.uint8).ctypes.data)
-        self._size = len(buffer)
         #: byte ranges written but not yet part of the ready prefix
         self._pending: dict[int, int] = {}
         self._ready = 0
-
-    @property
-    def size(self) -> int:
-        return self._size
 
     def begin(self, scalars: dict[str, Any]) -> None:
         """The answer's scalars are known: its head can go out."""
