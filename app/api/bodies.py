@@ -785,7 +785,7 @@ def _reads_as_json(text: str) -> bool:
     return True
 
 
-def _text_metadata(scalars: dict[str, Any]) -> dict[str, str]:
+def text_metadata(scalars: dict[str, Any]) -> dict[str, str]:
     """Scalars as safetensors ``__metadata__``: anything but a string as JSON; a string as it
     is (a bare word), unless it would read as JSON (``"123"``, ``"true"``, ``"1.5"``: a
     client reads a value that parses as JSON, so such a string would come back a number),
@@ -805,7 +805,7 @@ async def tensors_response(
 
     Callers decide ``binary``/``b64`` before doing any work, so a 406 changes nothing."""
     if binary and isinstance(tensors, PackedTensors):  # dense: a header, then its buffer as is
-        return PartsResponse([*packed_header_parts(tensors, _text_metadata(scalars)),
+        return PartsResponse([*packed_header_parts(tensors, text_metadata(scalars)),
                               tensors.buffer], media_type=BINARY, headers=headers)
     if wire_sparse.has_sparse(tensors):  # some rows of some parameters
         assert tensors is not None
@@ -816,7 +816,7 @@ async def tensors_response(
     size = sum(t.numel() * t.element_size() for t in (tensors or {}).values()
                if t.layout == torch.strided)
     if binary:
-        meta = _text_metadata(scalars)
+        meta = text_metadata(scalars)
         content = await offload(lambda: write_safetensors(tensors or {}, meta), size)
         return Response(content, media_type=BINARY, headers=headers)
 

@@ -37,6 +37,7 @@ from app.api.bodies import (
     require_json,
     tensor_encoding,
     tensors_response,
+    text_metadata,
     version_headers,
     wants_binary,
 )
@@ -44,6 +45,7 @@ from app.api.conditions import IDEMPOTENCY_HEADER, idempotency, one_header
 from app.api.deps import EngineDep, MinVersion, SettingsDep, TenantDep, WaitSeconds
 from app.api.instrument import metrics_of, outcome, phase
 from app.api.requests import StepQuery, params_dtype_query
+from app.api.streamed_step import StreamedResponse, StreamedStep, begun
 from app.api.strict_requests import StrictRoute
 from app.engine.idempotency import check_key
 from app.engine.interface import (
@@ -240,12 +242,24 @@ async def _step(request: Request, engine: Engine, counted: dict[str, Any], sessi
         in_place = (await offload(lambda: answer_in_place(grads, buf), header_end(buf))
                     if binary and returned is True and body_kind(request) == "binary"
                     and (query.params_dtype is not None or not query.upcast) else None)
-    result = await engine.step(session_id, grads, return_params=returned,
-                               worker=worker, base_version=base, tenant=tenant, idem=idem,
-                               options=options, upcast=query.upcast,
-                               params_dtype=query.params_dtype, params_into=in_place,
-                               scalars=fields.get("scalars"),
-                               answer_metrics=query.answer_metrics)
+    streamed = (StreamedStep(in_place, query.params_dtype)
+                if in_place is not None and not query.answer_metrics else None)
+    stepping = engine.step(session_id, grads, return_params=returned,
+                           worker=worker, base_version=base, tenant=tenant, idem=idem,
+                           options=options, upcast=query.upcast,
+                           params_dtype=query.params_dtype, params_into=in_place,
+                           scalars=fields.get("scalars"),
+                           answer_metrics=query.answer_metrics,
+                           answer=streamed.stream() if streamed is not None else None)
+    if streamed is None:
+        result = await stepping
+    else:
+        task, began = await begun(streamed, stepping)
+        if began:
+            scalars = streamed.scalars
+            return StreamedResponse(streamed, task, text_metadata(scalars),
+                                    _headers(scalars["version"], scalars["step"]))
+        result = task.result()
     if result.skipped:
         counted["outcome"] = "skipped"
     with phase(request, "encode"):

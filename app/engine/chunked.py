@@ -39,6 +39,11 @@ When the step's metrics want the update norm (``metrics.before_step``), each chu
 an ``optimizer.step()`` call of its own between a copy of its values and the subtraction
 (:class:`Watch`): the session then keeps no whole copy of a large parameter for that norm.
 
+When the step's answer streams (:mod:`app.engine.answer_stream`: a binary answer without the
+step's norms), each chunk steps in an ``optimizer.step()`` call of its own too, and its new
+values are copied into the answer while the chunk is in the cache, which the caller sends on
+while the next chunk steps (:class:`ChunkAnswer`).
+
 Not chunked (the whole step as before): other optimizers (Adafactor and Muon treat a
 matrix as one; LBFGS and SparseAdam step elsewhere), ``foreach``/``fused`` groups (their
 kernels take every tensor at once already), float16, bfloat16 and complex parameters,
@@ -51,7 +56,7 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -223,10 +228,13 @@ def plan(opt: torch.optim.Optimizer, name: str) -> list[Split]:
 
 
 def step(opt: torch.optim.Optimizer, name: str, splits: list[Split] | None = None,
-         watch: Watch | None = None) -> None:
+         watch: Watch | None = None, answer: ChunkAnswer | None = None) -> None:
     """``opt.step()``, its large parameters stepped chunk by chunk where that gives the same
     values (see the module's docstring). ``splits``: :func:`plan`'s, made just before (the
-    gradients unchanged since); ``watch``: take its norms of the chunked parameters."""
+    gradients unchanged since); ``watch``: take its norms of the chunked parameters;
+    ``answer``: told as the parameters not chunked, then each chunk, are stepped (every chunk
+    in a call of its own; the caller asks only where no parameter is ``fresh``, whose chunks
+    it is not told of)."""
     if splits is None:
         splits = plan(opt, name)
     if not splits:
@@ -238,17 +246,20 @@ def step(opt: torch.optim.Optimizer, name: str, splits: list[Split] | None = Non
     had = {id(p) for p in opt.state}
     made = False
     try:
-        # a watch's chunks and fresh parameters step on their own below
-        replaced = {id(sp.param): [] if watch is not None else sp.views for sp in kept}
+        # a watch's or an answer's chunks and fresh parameters step on their own below
+        alone = watch is not None or answer is not None
+        replaced = {id(sp.param): [] if alone else sp.views for sp in kept}
         replaced.update({id(sp.param): [] for sp in fresh})
         for group, params in zip(opt.param_groups, saved, strict=True):
             group["params"] = [v for p in params for v in replaced.get(id(p), [p])]
         for sp in kept:
             _hand_out(opt, sp)
         optimizer_step.step(opt)
-        if watch is not None:
+        if answer is not None:
+            answer.whole_stepped()
+        if alone:
             for sp in kept:
-                _alone(opt, sp, saved, watch)(sp.views)
+                _alone(opt, sp, saved, watch, answer)(sp.views)
         for sp in kept:
             _take_back(opt, sp)
         for sp in fresh:
@@ -267,8 +278,19 @@ def step(opt: torch.optim.Optimizer, name: str, splits: list[Split] | None = Non
         after_job(release_memory)
 
 
+class ChunkAnswer(Protocol):
+    """What a step streaming its answer is told (on the worker thread): the parameters not
+    stepped in chunks are done (:meth:`whole_stepped`), then each chunk is
+    (:meth:`chunk_stepped`, while its values are in the cache)."""
+
+    def whole_stepped(self) -> None: ...
+    def chunk_stepped(self, param: torch.Tensor, a: int, b: int, view: torch.Tensor
+                      ) -> None: ...
+
+
 def _alone(opt: torch.optim.Optimizer, sp: Split, saved: list[list[torch.Tensor]],
-           watch: Watch | None) -> Callable[[list[torch.Tensor]], None]:
+           watch: Watch | None, answer: ChunkAnswer | None = None
+           ) -> Callable[[list[torch.Tensor]], None]:
     """A function that steps the given views of ``sp``'s parameter alone: only they in its
     group, every other group empty; all in one ``opt.step()``, or with a ``watch`` one call
     each (:meth:`Watch.stepped`)."""
@@ -279,14 +301,23 @@ def _alone(opt: torch.optim.Optimizer, sp: Split, saved: list[list[torch.Tensor]
         for i, group in enumerate(groups):
             group["params"] = views if i == index else []
 
+    bounds = ({id(v): ab for v, ab in zip(sp.views, sp.bounds, strict=True)}
+              if answer is not None else {})
+
     def alone(views: list[torch.Tensor]) -> None:
-        if watch is None:
+        if watch is None and answer is None:
             only(views)
             optimizer_step.step(opt)
             return
         for view in views:
             only([view])
-            watch.stepped(opt, sp.param, view)
+            if watch is not None:
+                watch.stepped(opt, sp.param, view)
+            else:
+                optimizer_step.step(opt)
+            if answer is not None:
+                a, b = bounds[id(view)]
+                answer.chunk_stepped(sp.param, a, b, view)
 
     return alone
 

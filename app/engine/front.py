@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from app.engine import ps, sparse, state_aliases, state_dicts
+from app.engine.answer_stream import AnswerStream
 from app.engine.history import HistoryQuery, HistoryResult, downsample
 from app.engine.host import EmbeddedHost
 from app.engine.idempotency import key_reused
@@ -313,9 +314,11 @@ class Front:
         options: dict[int, dict[str, Any]] | None = None, params_into: Tensors | None = None,
         upcast: bool = False, params_dtype: torch.dtype | None = None,
         scalars: dict[str, Any] | None = None, answer_metrics: bool = True,
-        into_seen: bool = False,
+        into_seen: bool = False, answer: AnswerStream | None = None,
     ) -> StepResult:
-        """``answer_metrics=False`` (``?metrics=history``): the answer carries no ``metrics``
+        """``answer``: the step may write its answer into ``params_into`` chunk by chunk and say
+        so as it goes (an embedded session only; :mod:`app.engine.answer_stream`).
+        ``answer_metrics=False`` (``?metrics=history``): the answer carries no ``metrics``
         (the step's row in the history has them; an embedded session takes its norms after
         answering). ``into_seen``: the client sees ``params_into`` as it is written, so only
         durable values go there (``EmbeddedHost.execute``)."""
@@ -327,7 +330,7 @@ class Front:
                                            idem=idem, options=options, params_into=params_into,
                                            upcast=upcast, params_dtype=params_dtype,
                                            scalars=checked, answer_metrics=answer_metrics,
-                                           into_seen=into_seen)
+                                           into_seen=into_seen, answer=answer)
         else:
             wanted: ReturnParams = ("touched" if return_params == "touched"
                                     else bool(return_params) or params_into is not None)

@@ -70,6 +70,7 @@ from app.engine import (
     state_dicts,
     state_order,
 )
+from app.engine.answer_stream import AnswerStream
 from app.engine.chunked import DEFAULT_CHUNK
 from app.engine.deleted_creates import (
     DeletedCreates,
@@ -1014,7 +1015,7 @@ class EmbeddedHost:
         options: dict[int, dict[str, Any]] | None = None, params_into: Tensors | None = None,
         upcast: bool = False, params_dtype: torch.dtype | None = None,
         scalars: dict[str, float] | None = None, answer_metrics: bool = True,
-        into_seen: bool = False, front: str | None = None,
+        into_seen: bool = False, front: str | None = None, answer: AnswerStream | None = None,
     ) -> StepResult:
         """One step now (async mode), or this worker's push into the open sync round (whose
         parameters come back packed, ``want_params``, whatever ``params_into`` says;
@@ -1058,7 +1059,8 @@ class EmbeddedHost:
                       scalars=scalars or None, answer_metrics=answer_metrics,
                       touched=want_params == "touched", request=True,
                       refuse_replaced=True, scheduler_range=True, tensor_range=True,
-                      counter_range=True, scalar_names=True, scaled_lr=True),
+                      counter_range=True, scalar_names=True, scaled_lr=True,
+                      answer=answer),
             idem=idem,
             want_params=want_params, params_into=params_into, params_dtype=params_dtype,
             into_seen=into_seen)
@@ -1502,7 +1504,10 @@ class EmbeddedHost:
         if not s.idem.unchanged_by(keys, refused):  # (most steps carry no key: no answer kept)
             s.idem.remember_all([(k.key, k.fingerprint) for k in keys], op.result_json(result),
                                 refused)
-        if isinstance(result, StepResult):
+        if isinstance(result, StepResult) and isinstance(op, Step) and op.answer is not None \
+                and op.answer.began:
+            result.params = op.answer.tensors  # (written chunk by chunk by the step)
+        elif isinstance(result, StepResult):
             if (params_into is not None and written is not None
                     and s.fits_answer(params_into, params_dtype)):
                 written()  # the views may be the request body the record is being written

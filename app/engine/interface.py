@@ -17,6 +17,7 @@ import torch
 from app.errors import NotFound
 
 if TYPE_CHECKING:
+    from app.engine.answer_stream import AnswerStream
     from app.engine.history import HistoryQuery, HistoryResult
     from app.engine.ops.base import Expected
 
@@ -402,7 +403,7 @@ class Engine(Protocol):
         idem: IdemKey | None = ..., options: dict[int, dict[str, Any]] | None = ...,
         params_into: Tensors | None = ..., upcast: bool = ...,
         params_dtype: torch.dtype | None = ..., scalars: dict[str, Any] | None = ...,
-        answer_metrics: bool = ..., into_seen: bool = ...,
+        answer_metrics: bool = ..., into_seen: bool = ..., answer: AnswerStream | None = ...,
     ) -> StepResult: ...
     async def uses_evaluations(self, session_id: str, *, tenant: str = ...) -> bool:
         """Whether a step on the session opens an evaluation step (LBFGS); the 404 of

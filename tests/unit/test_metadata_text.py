@@ -23,7 +23,7 @@ from app.wire.safetensors_body import write_safetensors
 
 def answer(scalars: dict[str, object]) -> httpx.Response:
     """A binary answer of one tensor with ``scalars`` in its metadata, as the server writes it."""
-    content = write_safetensors({"w": torch.zeros(2)}, bodies._text_metadata(scalars))
+    content = write_safetensors({"w": torch.zeros(2)}, bodies.text_metadata(scalars))
     return httpx.Response(200, content=content,
                           headers={"content-type": "application/octet-stream"})
 
@@ -44,7 +44,7 @@ def test_strings_that_read_as_json_come_back_as_strings() -> None:
         "digits": "123", "float": "3724374092893853.1", "true": "true", "null": "null",
         "quoted": '"x"', "list": "[1]", "word": "evaluation", "number": 1.5, "count": 7,
         "flag": False, "rows": [2, 3]}
-    meta = bodies._text_metadata(scalars)
+    meta = bodies.text_metadata(scalars)
     assert meta["word"] == "evaluation" and meta["count"] == "7"  # bare words and JSON as ever
     read = {}
     for k, v in meta.items():  # the clients' reading

@@ -18,6 +18,7 @@ from app.engine import (
     shared_options,
     sparse,
 )
+from app.engine.answer_stream import AnswerStream, ChunksInto
 from app.engine.interface import GradsResult, StepResult, Tensors
 from app.engine.ops.base import ApplyFailed, Operation, register
 from app.engine.ops.params import changed_groups, check_group_changes
@@ -120,6 +121,9 @@ class Step(Operation):
     #: ``?return=touched``: the answer holds what the step touched, and so must a retry's
     #: (logged: replay rebuilds the idempotency table's entry, :meth:`result_json`)
     touched: bool = False
+    #: the answer's buffer, to be written and handed out as the step's chunks are stepped
+    #: (not logged; taken only where :meth:`_streamed` allows, else answered as ever)
+    answer: AnswerStream | None = field(default=None, repr=False, compare=False)
     #: a touched step onto accumulated gradients: what the step touched of each accumulated
     #: parameter (:func:`sparse.touched_rows`), which a retry's gradients cannot tell
     accumulated: dict[str, str | None] | None = field(default=None, init=False, repr=False,
@@ -250,12 +254,13 @@ class Step(Operation):
             splits = chunked.plan(s.optimizer, s.optimizer_name)
             probe = metrics.before_step(s, plan.total, plan.grad_norms, splits,
                                         self.answer_metrics)
+            into = self._streamed(s, plan, splits, probe)
             if plan.lr_div is not None:
                 for group in groups:
                     group["lr"] = group["lr"] / plan.lr_div
             with foreach_steps.switched(s.optimizer, s.optimizer_name, splits):
                 chunked.step(s.optimizer, s.optimizer_name, splits,
-                             probe.watch if probe is not None else None)
+                             probe.watch if probe is not None else None, into)
         except BaseException as exc:
             raise ApplyFailed(f"optimizer.step() raised {type(exc).__name__}: {exc}") from exc
         finally:
@@ -273,6 +278,10 @@ class Step(Operation):
         s.accum.clear()
         s.version += 1
         s.step_count += 1
+        if into is not None and self.answer is not None:
+            mismatch = self.answer.mismatch(s.version, s.step_count, s.lrs())
+            if mismatch is not None:  # (never expected: the answer stays incomplete)
+                raise ApplyFailed(mismatch)
         if self.answer_metrics or probe is None:
             found = self._record(s, plan, metrics.after_step(s, probe, used_lrs, bad), bad)
         else:
@@ -280,6 +289,23 @@ class Step(Operation):
             metrics.after_answer(s, probe, used_lrs, found.n if found is not None else None)
         return StepResult(s.version, s.step_count, s.lrs(), nonfinite=plan.nonfinite,
                           staleness=plan.staleness, metrics=self._answered(found))
+
+    def _streamed(self, s: Session, plan: StepPlan, splits: list[chunked.Split],
+                  probe: metrics.Probe | None) -> ChunksInto | None:
+        """Begin this step's answer now and fill it chunk by chunk (:attr:`answer`), where
+        that is simple and its scalars are known before the step: every large parameter
+        stepped in chunks with state already made, no scheduler stepping with it (its lr
+        would be the answer's), no norms for the answer, durability other than ``step`` (whose
+        record must be durable first), the answer's views fitting every parameter."""
+        stream = self.answer
+        if (stream is None or not splits or any(sp.fresh for sp in splits)
+                or (probe is not None and probe.watch is not None)
+                or s.steps_scheduler() or s.durability == "step"
+                or not s.fits_answer(stream.tensors, stream.dtype)):
+            return None
+        stream.begin(StepResult(s.version + 1, s.step_count + 1, s.lrs(),
+                                nonfinite=plan.nonfinite, staleness=plan.staleness).scalars())
+        return ChunksInto(stream, s.params, [sp.param for sp in splits])
 
     def _answered(self, found: metrics.StepMetrics | None) -> dict[str, Any] | None:
         """The answer's ``metrics``: none for ``?metrics=history`` (its row's norms are still

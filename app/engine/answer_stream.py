@@ -1,0 +1,116 @@
+"""A step's answer written as its chunks are stepped, for a caller that sends it meanwhile.
+
+A large parameter stepped in chunks (:mod:`app.engine.chunked`) has each chunk's new values
+ready while the next chunk steps. A caller that answers with the parameters' bytes (a binary
+step answer written over the spent gradients, ``params_into``) hands the step an
+:class:`AnswerStream`: the step tells it, on the worker thread, the answer's scalars once they
+are known (:meth:`AnswerStream.begin`, before the first chunk steps), then copies each
+chunk's values into the answer's view of that chunk while it is still in the cache and says
+which bytes of the answer's buffer are final (:meth:`AnswerStream.copy_chunk`, through
+:class:`ChunksInto`, which :func:`app.engine.chunked.step` calls). The caller's
+``on_begin``/``on_ready`` run on the worker thread and must only hand over (e.g.
+``loop.call_soon_threadsafe``).
+
+The stream only says which bytes are written: whether the step is done (applied, logged,
+remembered) is the operation's result, which the caller waits for before it lets the last
+byte go (all or nothing: a step that fails after the first bytes went out leaves the session
+as it was, and its answer is never complete).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.engine.interface import json_floats
+from app.wire.tensor_maps import PackedTensors
+
+
+class AnswerStream:
+    """An answer buffer (``tensors``: one view per parameter, in the parameters' dtypes or
+    narrowed to ``dtype``, tiling ``tensors.buffer``) filled as the step goes."""
+
+    def __init__(self, tensors: PackedTensors, dtype: torch.dtype | None,
+                 on_begin: Callable[[dict[str, Any]], None],
+                 on_ready: Callable[[int], None]) -> None:
+        self.tensors = tensors
+        self.dtype = dtype
+        self._on_begin = on_begin
+        self._on_ready = on_ready
+        self.began = False
+        #: the scalars the answer was begun with (checked against the step's own result)
+        self.scalars: dict[str, Any] | None = None
+        buffer = tensors.buffer
+        assert buffer is not None
+        self._start = int(np.frombuffer(buffer, dtype=np.uint8).ctypes.data)
+        #: byte ranges written but not yet part of the ready prefix
+        self._pending: dict[int, int] = {}
+        self._ready = 0
+
+    def begin(self, scalars: dict[str, Any]) -> None:
+        """The answer's scalars are known: its head can go out."""
+        self.began = True
+        self.scalars = scalars
+        self._on_begin(scalars)
+
+    def mismatch(self, version: int, step: int, lr: list[float]) -> str | None:
+        """What differs between the scalars the step ended at and those its answer began with
+        (its head is out: such an answer must not be completed), or None."""
+        began = self.scalars or {}
+        if (began.get("version"), began.get("step")) == (version, step) \
+                and began.get("lr") == json_floats(lr):
+            return None
+        return (f"the step's answer began with version {began.get('version')}, step "
+                f"{began.get('step')}, lr {began.get('lr')}; it ended at {version}, {step}, "
+                f"{json_floats(lr)}")
+
+    def copy_whole(self, names: list[str], params: dict[str, torch.Tensor]) -> None:
+        """Copy whole parameters (those not stepped in chunks) into the answer."""
+        if not names:
+            return
+        with torch.no_grad():
+            dest = [self.tensors[n] for n in names]
+            torch._foreach_copy_(dest, [params[n] for n in names])
+        for t in dest:
+            self._mark(t.data_ptr() - self._start, t.nbytes)
+
+    def copy_chunk(self, name: str, a: int, b: int, values: torch.Tensor) -> None:
+        """Copy elements ``a:b`` of parameter ``name`` (``values``, just stepped) into the
+        answer (narrowed where the answer is)."""
+        with torch.no_grad():
+            dest = self.tensors[name].view(-1)[a:b]
+            dest.copy_(values)
+        self._mark(dest.data_ptr() - self._start, dest.nbytes)
+
+    def _mark(self, offset: int, nbytes: int) -> None:
+        if nbytes == 0:
+            return
+        self._pending[offset] = offset + nbytes
+        ready = self._ready
+        while ready in self._pending:
+            ready = self._pending.pop(ready)
+        if ready != self._ready:
+            self._ready = ready
+            self._on_ready(ready)
+
+
+class ChunksInto:
+    """The chunked step's :class:`~app.engine.chunked.ChunkAnswer` for one step: parameters
+    not stepped in chunks copied whole once they are stepped, each chunk as it is."""
+
+    def __init__(self, stream: AnswerStream, params: dict[str, torch.Tensor],
+                 chunked: list[torch.Tensor]) -> None:
+        self._stream = stream
+        self._params = params
+        ids = {id(p) for p in chunked}
+        self._names = {id(p): n for n, p in params.items() if id(p) in ids}
+        self._whole = [n for n, p in params.items() if id(p) not in ids]
+
+    def whole_stepped(self) -> None:
+        self._stream.copy_whole(self._whole, self._params)
+
+    def chunk_stepped(self, param: torch.Tensor, a: int, b: int, view: torch.Tensor) -> None:
+        self._stream.copy_chunk(self._names[id(param)], a, b, view)
