@@ -197,6 +197,53 @@ def test_the_answer_starts_before_the_step_ends(http: httpx.Client,
 
 
 @pytest.mark.parametrize("durability", ["memory", "interval"])
+def test_a_client_gone_mid_stream_leaves_the_step_whole(http: httpx.Client,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        durability: str) -> None:
+    """The client closes the connection after the head and the first chunks, while a later
+    chunk has yet to step: the step is applied whole, once (parameters and optimizer state
+    torch's), and the same request sent again under its Idempotency-Key is the replay."""
+    sid, local = create(http, durability), Local()
+    assert_bitwise(answer(post_step(http, sid, grads(0))), local.step(grads(0)))
+    want = local.step(grads(1))
+    go, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        go.wait(30)
+    on_call(monkeypatch, 5, hold)
+    key = uuid.uuid4().hex
+    try:
+        with http.stream("POST", step_path(sid), content=safetensors.torch.save(grads(1)),
+                         headers={"Content-Type": BINARY, "Accept": BINARY,
+                                  "Idempotency-Key": key}) as r:
+            assert r.status_code == 200
+            got = 0
+            for piece in r.iter_raw():
+                got += len(piece)
+                if got > 4 * 3 * CHUNK:
+                    break
+            assert holding.wait(10)
+        # (closed with most of the answer unread: the connection is dropped)
+    finally:
+        go.set()
+    monkeypatch.undo()
+    info = http.get(f"/v1/sessions/{sid}").json()  # (after the step: it holds the session)
+    assert (info["version"], info["step"]) == (2, 2)
+    assert_bitwise(safetensors.torch.load(http.get(
+        f"/v1/sessions/{sid}/params", headers={"Accept": BINARY}).content), want)
+    state = safetensors.torch.load(http.get(f"/v1/sessions/{sid}/state_dict",
+                                            headers={"Accept": BINARY}).content)
+    for i, entries in local.opt.state_dict()["state"].items():
+        for name, t in entries.items():
+            assert torch.equal(state[f"state.{i}.{name}"].reshape(t.shape), t), (i, name)
+    again = post_step(http, sid, grads(1), key=key)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert_bitwise(answer(again), want)
+    assert_bitwise(answer(post_step(http, sid, grads(2))), local.step(grads(2)))
+
+
+@pytest.mark.parametrize("durability", ["memory", "interval"])
 def test_streamed_answers_equal_torch(http: httpx.Client, begun: list[dict[str, Any]],
                                       durability: str) -> None:
     """Four steps: the first makes the state (whole, as ever), the next three stream; each
