@@ -311,7 +311,9 @@ class RequestContextMiddleware:
                 if not head:
                     sizes["out"] += len(message.get("body", b""))
                 if not message.get("more_body", False):
-                    status["ended"] = 1
+                    await send(message)
+                    status["ended"] = 1  # (once it went: a send that raised leaves it cut)
+                    return
             await send(message)
 
         try:
