@@ -289,7 +289,9 @@ class RequestContextMiddleware:
         token = request_id_var.set(rid)
         started = time.perf_counter()
         sizes = {"in": 0, "out": 0}
-        status = {"code": 500}
+        # (ended: 0 once the head went out, 1 once the last body message did: an answer
+        # whose head went out and whose last body message never did was cut short)
+        status = {"code": 500, "ended": -1}
 
         async def counting_receive() -> Message:
             message = await receive()
@@ -301,12 +303,17 @@ class RequestContextMiddleware:
 
         async def tagging_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["ended"] = message["status"], 0
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", rid.encode()))
                 message = {**message, "headers": headers}
-            elif message["type"] == "http.response.body" and not head:
-                sizes["out"] += len(message.get("body", b""))
+            elif message["type"] == "http.response.body":
+                if not head:
+                    sizes["out"] += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    await send(message)
+                    status["ended"] = 1  # (once it went: a send that raised leaves it cut)
+                    return
             await send(message)
 
         try:
@@ -321,19 +328,25 @@ class RequestContextMiddleware:
             sizes["in"] += scope.get("state", {}).get(SUNK_BYTES, 0)
             self.metrics.request(scope["method"], str(status["code"]), sizes["in"], sizes["out"])
             if access_log.isEnabledFor(logging.INFO):
-                _access(scope["method"], scope["path"], status["code"], elapsed, sizes)
+                _access(scope["method"], scope["path"], status["code"], elapsed, sizes,
+                        cut=status["ended"] == 0)
             request_id_var.reset(token)
 
 
-def _access(method: str, path: str, status: int, elapsed: float, sizes: dict[str, int]) -> None:
+def _access(method: str, path: str, status: int, elapsed: float, sizes: dict[str, int],
+            cut: bool = False) -> None:
     """One access-log line. The record is made without ``Logger.info``'s search of the stack
     for its caller (it would name this function on every request); where the line would only
     reach the server's own JSON handler (:func:`json_handler`: ``configure_logging``'s, the
     logging untouched since), no record is made: the line the handler would write is written
-    under its lock (:func:`_access_line`)."""
-    fields = {"method": method, "path": path, "status": status,
-              "ms": round(elapsed * 1e3, 3), "bytes_in": sizes["in"],
-              "bytes_out": sizes["out"]}
+    under its lock (:func:`_access_line`). ``cut``: the answer's head went out and its end
+    never did (a streamed step's answer cut short by the step's failure: the server closed
+    the connection), which the line says (``"cut": true``; ``bytes_out`` what was sent)."""
+    fields: dict[str, Any] = {"method": method, "path": path, "status": status,
+                              "ms": round(elapsed * 1e3, 3), "bytes_in": sizes["in"],
+                              "bytes_out": sizes["out"]}
+    if cut:
+        fields["cut"] = True
     handler = json_handler(access_log)
     if handler is not None:
         _access_line(handler, method, path, status, fields)
@@ -344,8 +357,16 @@ def _access(method: str, path: str, status: int, elapsed: float, sizes: dict[str
 def _access_record(method: str, path: str, status: int,
                    fields: dict[str, Any]) -> logging.LogRecord:
     return access_log.makeRecord(
-        access_log.name, logging.INFO, __file__, 0, "%s %s %d", (method, path, status), None,
-        extra={"fields": fields})
+        access_log.name, logging.INFO, __file__, 0, _access_format(fields),
+        (method, path, status), None, extra={"fields": fields})
+
+
+def _access_format(fields: dict[str, Any]) -> str:
+    """The access line's message: ``POST /v1/sessions/s/step 200``, and what the text format
+    shows of a cut answer (``... 200 cut short after 1835028 bytes``)."""
+    if fields.get("cut"):
+        return "%s %s %d cut short after " + str(fields["bytes_out"]) + " bytes"
+    return "%s %s %d"
 
 
 def json_handler(logger: logging.Logger) -> logging.StreamHandler[Any] | None:
@@ -379,7 +400,8 @@ def _access_line(handler: logging.StreamHandler[Any], method: str, path: str, st
     ``StreamHandler.emit``: the line, its terminator, a flush; an error in between is the
     handler's ``handleError``), without the record."""
     out = _json_line(time.time(), "info", access_log.name,
-                     "%s %s %d" % (method, path, status), fields)  # noqa: UP031 (the record's)
+                     _access_format(fields) % (method, path, status),  # noqa: UP031 (the record's)
+                     fields)
     handler.acquire()
     try:
         try:

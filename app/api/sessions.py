@@ -43,7 +43,7 @@ from app.api.bodies import (
 )
 from app.api.conditions import IDEMPOTENCY_HEADER, idempotency, one_header
 from app.api.deps import EngineDep, MinVersion, SettingsDep, TenantDep, WaitSeconds
-from app.api.instrument import metrics_of, outcome, phase
+from app.api.instrument import SENT_LATER, counter_for, metrics_of, outcome, phase
 from app.api.requests import StepQuery, params_dtype_query
 from app.api.streamed_step import StreamedResponse, StreamedStep, begun
 from app.api.strict_requests import StrictRoute
@@ -257,8 +257,12 @@ async def _step(request: Request, engine: Engine, counted: dict[str, Any], sessi
         task, began = await begun(streamed, stepping)
         if began:
             scalars = streamed.scalars
+            # (counted once sent: ok, or cut short by the step's failure, under its code)
+            counted["outcome"] = SENT_LATER
+            metrics = metrics_of(request)
             return StreamedResponse(streamed, task, text_metadata(scalars),
-                                    _headers(scalars["version"], scalars["step"]))
+                                    _headers(scalars["version"], scalars["step"]),
+                                    counter_for(metrics, metrics.steps, session_id))
         result = task.result()
     if result.skipped:
         counted["outcome"] = "skipped"

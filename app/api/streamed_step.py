@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from app.api.instrument import outcome_of
 from app.engine.answer_stream import AnswerStream
 from app.engine.interface import StepResult
 from app.wire.safetensors_body import packed_header_parts
@@ -92,10 +93,13 @@ class StreamedResponse(Response):
     byte once the step's future holds its result."""
 
     def __init__(self, streamed: StreamedStep, task: asyncio.Future[StepResult],
-                 metadata: dict[str, str], headers: dict[str, str]) -> None:
+                 metadata: dict[str, str], headers: dict[str, str],
+                 count: Callable[[str], None]) -> None:
         super().__init__(b"", media_type=BINARY, headers=headers)
         self.streamed = streamed
         self.task = task
+        #: counts the request once its outcome is known: ``ok``, or the failed step's code
+        self.count = count
         self.head = b"".join(packed_header_parts(streamed.packed, metadata))
         buffer = streamed.packed.buffer
         assert buffer is not None
@@ -103,6 +107,14 @@ class StreamedResponse(Response):
         self.headers["content-length"] = str(len(self.head) + len(buffer))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        result = "error"  # (what a send that raised leaves)
+        try:
+            result = await self._send(send)
+        finally:
+            self.count(result)
+
+    async def _send(self, send: Send) -> str:
+        """Send the answer; the outcome it is counted under."""
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
         await send({"type": "http.response.body", "body": self.head, "more_body": True})
@@ -113,10 +125,12 @@ class StreamedResponse(Response):
             failed = done and (task.exception() is not None or streamed.ready < size)
             if failed:
                 # returned short of the Content-Length: the server closes the connection
-                # (uvicorn: "ASGI callable returned without completing response")
+                # (uvicorn: "ASGI callable returned without completing response"; the access
+                # line says it was cut, app.observability)
+                exc = task.exception()
                 log.warning("a step's streamed answer was cut after %d of its %d bytes: %s",
-                            sent, size, task.exception() or "its step ended without them")
-                return
+                            sent, size, exc or "its step ended without them")
+                return outcome_of(exc) if exc is not None else "error"
             upto = min(streamed.ready, size if done else size - 1)
             if upto > sent:
                 part = self.buffer[sent:upto]
@@ -124,6 +138,6 @@ class StreamedResponse(Response):
                 await send({"type": "http.response.body", "body": part,
                             "more_body": sent < size})
                 if sent == size:
-                    return
+                    return "ok"
                 continue
             await streamed.wait()

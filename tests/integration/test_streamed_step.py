@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import struct
 import threading
 import uuid
@@ -25,6 +26,7 @@ import httpx
 import pytest
 import safetensors.torch
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 import optserve
 from app.engine import answer_stream, chunked, optimizer_step
@@ -195,6 +197,53 @@ def test_the_answer_starts_before_the_step_ends(http: httpx.Client,
 
 
 @pytest.mark.parametrize("durability", ["memory", "interval"])
+def test_a_client_gone_mid_stream_leaves_the_step_whole(http: httpx.Client,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        durability: str) -> None:
+    """The client closes the connection after the head and the first chunks, while a later
+    chunk has yet to step: the step is applied whole, once (parameters and optimizer state
+    torch's), and the same request sent again under its Idempotency-Key is the replay."""
+    sid, local = create(http, durability), Local()
+    assert_bitwise(answer(post_step(http, sid, grads(0))), local.step(grads(0)))
+    want = local.step(grads(1))
+    go, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        go.wait(30)
+    on_call(monkeypatch, 5, hold)
+    key = uuid.uuid4().hex
+    try:
+        with http.stream("POST", step_path(sid), content=safetensors.torch.save(grads(1)),
+                         headers={"Content-Type": BINARY, "Accept": BINARY,
+                                  "Idempotency-Key": key}) as r:
+            assert r.status_code == 200
+            got = 0
+            for piece in r.iter_raw():
+                got += len(piece)
+                if got > 4 * 3 * CHUNK:
+                    break
+            assert holding.wait(10)
+        # (closed with most of the answer unread: the connection is dropped)
+    finally:
+        go.set()
+    monkeypatch.undo()
+    info = http.get(f"/v1/sessions/{sid}").json()  # (after the step: it holds the session)
+    assert (info["version"], info["step"]) == (2, 2)
+    assert_bitwise(safetensors.torch.load(http.get(
+        f"/v1/sessions/{sid}/params", headers={"Accept": BINARY}).content), want)
+    state = safetensors.torch.load(http.get(f"/v1/sessions/{sid}/state_dict",
+                                            headers={"Accept": BINARY}).content)
+    for i, entries in local.opt.state_dict()["state"].items():
+        for name, t in entries.items():
+            assert torch.equal(state[f"state.{i}.{name}"].reshape(t.shape), t), (i, name)
+    again = post_step(http, sid, grads(1), key=key)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert_bitwise(answer(again), want)
+    assert_bitwise(answer(post_step(http, sid, grads(2))), local.step(grads(2)))
+
+
+@pytest.mark.parametrize("durability", ["memory", "interval"])
 def test_streamed_answers_equal_torch(http: httpx.Client, begun: list[dict[str, Any]],
                                       durability: str) -> None:
     """Four steps: the first makes the state (whole, as ever), the next three stream; each
@@ -239,6 +288,56 @@ def test_a_failure_in_a_later_chunk_cuts_the_answer(http: httpx.Client,
     assert "Idempotent-Replayed" not in r.headers
     assert_bitwise(answer(r), local.step(grads(1)))
     assert_bitwise(answer(post_step(http, sid, grads(2))), local.step(grads(2)))
+
+
+def step_counts(http: httpx.Client, sid: str) -> dict[str, float]:
+    """``optserve_steps_total`` of session ``sid`` per outcome, from ``GET /metrics``."""
+    r = http.get("/metrics")
+    assert r.status_code == 200
+    return {sample.labels["outcome"]: sample.value
+            for family in text_string_to_metric_families(r.text)
+            if family.name == "optserve_steps" for sample in family.samples
+            if sample.name == "optserve_steps_total" and sample.labels.get("session") == sid}
+
+
+def test_a_cut_answer_is_counted_and_logged_as_cut(http: httpx.Client,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The answer cut short by a failure in a later chunk: ``/metrics`` counts the step under
+    the failure's code (``apply_failed``, as the same failure answered whole is), not ``ok``;
+    its access line says it was cut and how many bytes went out (fewer than its
+    Content-Length); a whole streamed answer is counted ``ok`` and logged without ``cut``."""
+    sid, local = create(http, "interval"), Local()
+    assert_bitwise(answer(post_step(http, sid, grads(0))), local.step(grads(0)))
+    assert_bitwise(answer(post_step(http, sid, grads(1))), local.step(grads(1)))  # (streamed)
+    assert step_counts(http, sid) == {"ok": 2}
+
+    def fail() -> None:
+        raise RuntimeError("injected in a later chunk")
+    on_call(monkeypatch, 8, fail)
+    caplog.set_level(logging.INFO, logger="optserve.access")
+    with http.stream("POST", step_path(sid), content=safetensors.torch.save(grads(2)),
+                     headers={"Content-Type": BINARY, "Accept": BINARY}) as r:
+        length = int(r.headers["Content-Length"])
+        got = 0
+        with pytest.raises(httpx.RemoteProtocolError):
+            for piece in r.iter_raw():
+                got += len(piece)
+    monkeypatch.undo()
+    assert 0 < got < length
+    assert step_counts(http, sid) == {"ok": 2, "apply_failed": 1}
+    lines = [rec for rec in caplog.records if rec.name == "optserve.access"
+             and rec.fields["path"] == f"/v1/sessions/{sid}/step"]  # type: ignore[attr-defined]
+    cut = lines[-1]
+    assert cut.fields["status"] == 200 and cut.fields["cut"] is True  # type: ignore[attr-defined]
+    assert cut.fields["bytes_out"] == got  # type: ignore[attr-defined]
+    assert cut.getMessage() == f"POST /v1/sessions/{sid}/step 200 cut short after {got} bytes"
+    assert_bitwise(answer(post_step(http, sid, grads(2))), local.step(grads(2)))
+    assert step_counts(http, sid) == {"ok": 3, "apply_failed": 1}
+    whole = [rec for rec in caplog.records if rec.name == "optserve.access"
+             and rec.fields["path"] == f"/v1/sessions/{sid}/step"][-1]  # type: ignore[attr-defined]
+    assert "cut" not in whole.fields  # type: ignore[attr-defined]
+    assert whole.fields["bytes_out"] == length  # type: ignore[attr-defined]
 
 
 def test_a_retried_key_gets_its_first_answer(http: httpx.Client,

@@ -56,10 +56,13 @@ def server_logging() -> Iterator[io.StringIO]:
         logging.setLogRecordFactory(factory)
 
 
-def _formatted(method: str, path: str, status: int, elapsed: float) -> str:
+def _formatted(method: str, path: str, status: int, elapsed: float, cut: bool = False) -> str:
     """What the handler wrote for the record ``logging`` made (the way before)."""
-    fields = {"method": method, "path": path, "status": status, "ms": round(elapsed * 1e3, 3),
-              "bytes_in": SIZES["in"], "bytes_out": SIZES["out"]}
+    fields: dict[str, Any] = {"method": method, "path": path, "status": status,
+                              "ms": round(elapsed * 1e3, 3), "bytes_in": SIZES["in"],
+                              "bytes_out": SIZES["out"]}
+    if cut:
+        fields["cut"] = True
     return JsonFormatter().format(_access_record(method, path, status, fields)) + "\n"
 
 
@@ -96,6 +99,22 @@ def _lines_equal(stream: io.StringIO) -> None:
         stream.truncate()
         assert len(lines) == 1
         _same_but_time(lines[0], _formatted(method, path, status, elapsed), before, after)
+
+
+def test_a_cut_answer_s_line_says_so() -> None:
+    """An answer whose head went out and whose end never did (a streamed step cut short): the
+    line without a record is still the handler's line, with ``"cut": true`` and a message that
+    says how many bytes went out; an answer sent whole has neither."""
+    with server_logging() as stream:
+        before = time.time()
+        _access("POST", "/v1/sessions/s/step", 200, 0.25, SIZES, cut=True)
+        line = stream.getvalue()
+        _same_but_time(line, _formatted("POST", "/v1/sessions/s/step", 200, 0.25, cut=True),
+                       before, time.time())
+    got = orjson.loads(line)
+    assert got["cut"] is True and got["bytes_out"] == SIZES["out"]
+    assert got["msg"] == f"POST /v1/sessions/s/step 200 cut short after {SIZES['out']} bytes"
+    assert "cut" not in orjson.loads(_formatted("POST", "/v1/sessions/s/step", 200, 0.25))
 
 
 def test_the_request_id_is_left_out_as_the_formatter_leaves_it() -> None:
