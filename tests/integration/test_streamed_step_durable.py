@@ -124,7 +124,8 @@ def test_the_client_holds_the_chunks_while_the_fsync_runs(http: httpx.Client,
                 got += next(stream)
                 if head is None and len(got) >= 8:
                     head = 8 + struct.unpack("<Q", bytes(got[:8]))[0]
-            assert served.files.held.is_set() and served.files.gate is None  # (held: not opened)
+            # (the fsync is held: the test has not opened its gate)
+            assert served.files.held.wait(10) and served.files.gate is None
             early = torch.frombuffer(bytes(got[head:head + size - 4]), dtype=torch.float32)
             assert torch.equal(early[:5], want["b"])
             assert torch.equal(early[5:], want["w"][:-1])
@@ -163,7 +164,7 @@ def test_nothing_is_copied_before_the_write_and_the_log_keeps_the_gradients(
     poster.start()
     try:
         assert at_end.wait(15)  # (every chunk stepped, the write still held)
-        assert served.files.gate is None and served.files.held.is_set()
+        assert served.files.held.wait(10) and served.files.gate is None
     finally:
         served.files.open_gate()
         poster.join(30)
