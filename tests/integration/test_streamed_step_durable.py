@@ -6,7 +6,8 @@ answer before the record's write has returned, and its last byte not before the 
 The session and gradients are ``test_streamed_step``'s (one large parameter stepped in
 chunks, one small one stepped whole); the store's file calls are the fault tests' gated ones
 (``GatedFiles``: a log's next write or fsync held until the test opens it, with an error or
-without). Checked over real HTTP: answers bitwise torch's; the client holding the head and
+without). Checked over real HTTP: answers bitwise torch's (a small record, written before the
+step, streaming too); the client holding the head and
 every chunk but the last byte while the fsync is held; no value in the answer while the write
 is held, and the log record then holding the gradients (a server started on the data
 directory as a ``kill -9`` right after the complete answer leaves it restores the session
@@ -38,11 +39,13 @@ from tests.integration.test_streamed_step import (  # noqa: F401 - the fixture
     Local,
     answer,
     assert_bitwise,
+    b64,
     begun,
     create,
     grads,
     metadata,
     post_step,
+    seeded,
     step_path,
 )
 from tests.unit.test_store_faults import GatedFiles
@@ -103,6 +106,27 @@ def test_streamed_answers_under_step_equal_torch(
         meta = metadata(r)
         assert (meta["version"], meta["step"], meta["lr"]) == (str(k + 1), str(k + 1), "[0.01]")
     assert [s["version"] for s in begun] == [2, 3, 4]
+
+
+def test_a_small_record_written_first_streams(
+        http: httpx.Client, begun: list[dict[str, Any]]) -> None:  # noqa: F811 - the fixture
+    """A session of 400 KB (4 chunks of "w"): its record, under a MB, is written before the step
+    and only its fsync runs beside it, and the step may run on the event loop's thread: its
+    answers still stream, torch's bit for bit."""
+    n = 3 * CHUNK + 7
+    sid = f"s-{uuid.uuid4().hex[:10]}"
+    r = http.post("/v1/sessions", json={
+        "id": sid, "optimizer": "Adam", "options": {"lr": 0.01}, "durability": "step",
+        "params": {"w": b64(seeded(n, 0))}})
+    assert r.status_code == 201, r.text
+    w = seeded(n, 0)
+    opt = torch.optim.Adam([w], lr=0.01)
+    for k in range(3):
+        g = seeded(n, 300 + k)
+        w.grad = g.clone()
+        opt.step()
+        assert_bitwise(answer(post_step(http, sid, {"w": g})), {"w": w.detach()})
+    assert [s["version"] for s in begun] == [2, 3]
 
 
 def test_the_client_holds_the_chunks_while_the_fsync_runs(http: httpx.Client,
