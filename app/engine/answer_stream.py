@@ -11,6 +11,13 @@ which bytes of the answer's buffer are final (:meth:`AnswerStream.copy_chunk`, t
 ``on_begin``/``on_ready`` run on the worker thread and must only hand over (e.g.
 ``loop.call_soon_threadsafe``).
 
+A step whose log record is written from the very request body its answer is written over
+(durability ``step``: written beside the step, :meth:`EmbeddedHost._apply_while_syncing
+<app.engine.host.EmbeddedHost._apply_while_syncing>`) is held (:meth:`AnswerStream.hold`):
+its head may go out at once and its chunks step on, but no value is copied into the answer
+before the record's write has returned; the copies asked meanwhile are made at the next copy
+after that, the rest at the step's end (:meth:`AnswerStream.release`, which waits for it).
+
 The stream only says which bytes are written: whether the step is done (applied, logged,
 remembered) is the operation's result, which the caller waits for before it lets the last
 byte go (all or nothing: a step that fails after the first bytes went out leaves the session
@@ -19,6 +26,7 @@ as it was, and its answer is never complete).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +57,29 @@ class AnswerStream:
         #: byte ranges written but not yet part of the ready prefix
         self._pending: dict[int, int] = {}
         self._ready = 0
+        #: set: copies may be made (:meth:`hold`); None: at once
+        self._until: threading.Event | None = None
+        #: copies asked while held: (the answer's view, the stepped values)
+        self._waiting: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hold(self, until: threading.Event) -> None:
+        """Copy nothing into the answer before ``until`` is set (its buffer is what the
+        step's log record is being written from): copies asked before are kept (the stepped
+        values are the parameters' own, unchanged until the next step) and made at the next
+        copy after it, or at :meth:`release`."""
+        self._until = until
+
+    @property
+    def held(self) -> bool:
+        """Whether the caller arranged for the copies to wait (:meth:`hold`)."""
+        return self._until is not None
+
+    def release(self) -> None:
+        """The step is done: wait until the answer may be written (:meth:`hold`), then make
+        the copies still waiting."""
+        if self._until is not None:
+            self._until.wait()
+        self._copy([])
 
     def begin(self, scalars: dict[str, Any]) -> None:
         """The answer's scalars are known: its head can go out."""
@@ -71,19 +102,28 @@ class AnswerStream:
         """Copy whole parameters (those not stepped in chunks) into the answer."""
         if not names:
             return
-        with torch.no_grad():
-            dest = [self.tensors[n] for n in names]
-            torch._foreach_copy_(dest, [params[n] for n in names])
-        for t in dest:
-            self._mark(t.data_ptr() - self._start, t.nbytes)
+        self._copy([(self.tensors[n], params[n]) for n in names])
 
     def copy_chunk(self, name: str, a: int, b: int, values: torch.Tensor) -> None:
         """Copy elements ``a:b`` of parameter ``name`` (``values``, just stepped) into the
         answer (narrowed where the answer is)."""
+        self._copy([(self.tensors[name].view(-1)[a:b], values)])
+
+    def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy each pair's values into its view of the answer, after those waiting, or keep
+        them all waiting while the answer is held."""
+        if self._until is not None and not self._until.is_set():
+            self._waiting.extend(pairs)
+            return
+        if self._waiting:
+            pairs, self._waiting = [*self._waiting, *pairs], []
+        if not pairs:
+            return
+        dest = [d for d, _ in pairs]
         with torch.no_grad():
-            dest = self.tensors[name].view(-1)[a:b]
-            dest.copy_(values)
-        self._mark(dest.data_ptr() - self._start, dest.nbytes)
+            torch._foreach_copy_(dest, [v for _, v in pairs])
+        for t in dest:
+            self._mark(t.data_ptr() - self._start, t.nbytes)
 
     def _mark(self, offset: int, nbytes: int) -> None:
         if nbytes == 0:
@@ -114,3 +154,8 @@ class ChunksInto:
 
     def chunk_stepped(self, param: torch.Tensor, a: int, b: int, view: torch.Tensor) -> None:
         self._stream.copy_chunk(self._names[id(param)], a, b, view)
+
+    def finish(self) -> None:
+        """Every chunk has stepped: the copies still held back are made
+        (:meth:`AnswerStream.release`)."""
+        self._stream.release()

@@ -14,7 +14,8 @@ Every operation on a session runs under that session's lock, in four stages:
    same replay a restart runs (a session that keeps nothing on disk is then taken out of
    service for good: 503 ``session_damaged`` without ``Retry-After``; delete it). A gradient
    step with durability ``step`` is applied while its record is written and fsynced: no
-   reader sees it and nothing is answered until the fsync returns, and a failed write or
+   reader sees it and no answer completes until the fsync returns (a streamed answer's values
+   go out once the write has returned, its last byte after the fsync), and a failed write or
    fsync cuts the record and rebuilds the session from its store
    (:meth:`EmbeddedHost._apply_while_syncing`);
 4. the idempotency keys are remembered with the answer, and the answer is returned.
@@ -1332,6 +1333,11 @@ class EmbeddedHost:
             plan, parts, before = await self._worker.run(check_and_encode, f"{op.kind}_check",
                                                          inline=inline)
             written = threading.Event()  # the record's write has returned (or failed)
+            if op.answer is not None and not into_seen:
+                # a streamed answer is written over the body the record is written from:
+                # its values go in once the write has returned (its last byte, as every
+                # answer, once the fsync has)
+                op.answer.hold(written)
             # (into_seen: the answer's values go into params_into once they are durable)
             later = params_into if into_seen else None
             result = await self._apply_while_syncing(
@@ -1399,7 +1405,14 @@ class EmbeddedHost:
         is every record while the store is failing (a full disk): nothing is applied unless
         that write succeeds, and a client retrying against a full disk costs no rebuilds.
         ``inline``: the apply may run on the event loop's thread (``DeviceWorker.run``) when it
-        does not wait for the write (a small record, written first)."""
+        does not wait for the write (a small record, written first).
+
+        A streamed answer (``op.answer``, written over the request body the record is written
+        from) is held until ``written`` (:meth:`AnswerStream.hold
+        <app.engine.answer_stream.AnswerStream.hold>`): its head may go out as the step
+        begins and its chunks step on, but no value is copied into the body before the write
+        has returned; its last byte waits for this method's result (the fsync). When the write
+        or the fsync fails, the answer is never completed."""
         def write_and_sync() -> None:
             try:
                 store.append(key, parts, "step", fsync=False)

@@ -261,6 +261,8 @@ class Step(Operation):
             with foreach_steps.switched(s.optimizer, s.optimizer_name, splits):
                 chunked.step(s.optimizer, s.optimizer_name, splits,
                              probe.watch if probe is not None else None, into)
+            if into is not None:
+                into.finish()  # (the copies a held answer kept waiting)
         except BaseException as exc:
             raise ApplyFailed(f"optimizer.step() raised {type(exc).__name__}: {exc}") from exc
         finally:
@@ -295,12 +297,14 @@ class Step(Operation):
         """Begin this step's answer now and fill it chunk by chunk (:attr:`answer`), where
         that is simple and its scalars are known before the step: every large parameter
         stepped in chunks with state already made, no scheduler stepping with it (its lr
-        would be the answer's), no norms for the answer, durability other than ``step`` (whose
-        record must be durable first), the answer's views fitting every parameter."""
+        would be the answer's), no norms for the answer, the answer's views fitting every
+        parameter. Durability ``step`` only where the host holds the answer's copies until
+        the record written from the same body has been written (:meth:`AnswerStream.hold`);
+        its last byte waits for the fsync, as the step's result does."""
         stream = self.answer
         if (stream is None or not splits or any(sp.fresh for sp in splits)
                 or (probe is not None and probe.watch is not None)
-                or s.steps_scheduler() or s.durability == "step"
+                or s.steps_scheduler() or (s.durability == "step" and not stream.held)
                 or not s.fits_answer(stream.tensors, stream.dtype)):
             return None
         stream.begin(StepResult(s.version + 1, s.step_count + 1, s.lrs(),
