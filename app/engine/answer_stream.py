@@ -4,7 +4,8 @@ A large parameter stepped in chunks (:mod:`app.engine.chunked`) has each chunk's
 ready while the next chunk steps. A caller that answers with the parameters' bytes (a binary
 step answer written over the spent gradients, ``params_into``) hands the step an
 :class:`AnswerStream`: the step tells it, on the worker thread, the answer's scalars once they
-are known (:meth:`AnswerStream.begin`, before the first chunk steps), then copies each
+are known (:meth:`AnswerStream.begin`, before the first chunk steps; the head goes out
+once the first chunk has stepped, past torch's own checks of the step), then copies each
 chunk's values into the answer's view of that chunk while it is still in the cache and says
 which bytes of the answer's buffer are final (:meth:`AnswerStream.copy_chunk`, through
 :class:`ChunksInto`, which :func:`app.engine.chunked.step` calls). The caller's
@@ -14,8 +15,8 @@ which bytes of the answer's buffer are final (:meth:`AnswerStream.copy_chunk`, t
 A step whose log record is written from the very request body its answer is written over
 (durability ``step``: written beside the step, :meth:`EmbeddedHost._apply_while_syncing
 <app.engine.host.EmbeddedHost._apply_while_syncing>`) is held (:meth:`AnswerStream.hold`):
-its head may go out at once and its chunks step on, but no value is copied into the answer
-before the record's write has returned; the copies asked meanwhile are made at the next copy
+its head may go out once the first chunk has stepped and its chunks step on, but no value is
+copied into the answer before the record's write has returned; the copies asked meanwhile are made at the next copy
 after that, the rest at the step's end (:meth:`AnswerStream.release`, which waits for it).
 
 The stream only says which bytes are written: whether the step is done (applied, logged,
@@ -61,6 +62,8 @@ class AnswerStream:
         self._until: threading.Event | None = None
         #: copies asked while held: (the answer's view, the stepped values)
         self._waiting: list[tuple[torch.Tensor, torch.Tensor]] = []
+        #: the head may go out (the first chunk has stepped): ``on_begin`` called
+        self._announced = False
 
     def hold(self, until: threading.Event) -> None:
         """Copy nothing into the answer before ``until`` is set (its buffer is what the
@@ -79,13 +82,21 @@ class AnswerStream:
         the copies still waiting."""
         if self._until is not None:
             self._until.wait()
+        self._announce()
         self._copy([])
 
     def begin(self, scalars: dict[str, Any]) -> None:
-        """The answer's scalars are known: its head can go out."""
+        """The answer's scalars are known: its head goes out once the first chunk has stepped
+        (:meth:`copy_chunk`), not before: torch checks a step's parameters and options in its
+        first ``optimizer.step()`` call, and a step it refuses there must get its 4xx, not a
+        cut 200 that a client would retry as a lost answer."""
         self.began = True
         self.scalars = scalars
-        self._on_begin(scalars)
+
+    def _announce(self) -> None:
+        if not self._announced and self.scalars is not None:
+            self._announced = True
+            self._on_begin(self.scalars)
 
     def mismatch(self, version: int, step: int, lr: list[float]) -> str | None:
         """What differs between the scalars the step ended at and those its answer began with
@@ -107,6 +118,7 @@ class AnswerStream:
     def copy_chunk(self, name: str, a: int, b: int, values: torch.Tensor) -> None:
         """Copy elements ``a:b`` of parameter ``name`` (``values``, just stepped) into the
         answer (narrowed where the answer is)."""
+        self._announce()
         self._copy([(self.tensors[name].view(-1)[a:b], values)])
 
     def _copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

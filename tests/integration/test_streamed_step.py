@@ -290,6 +290,34 @@ def test_a_failure_in_a_later_chunk_cuts_the_answer(http: httpx.Client,
     assert_bitwise(answer(post_step(http, sid, grads(2))), local.step(grads(2)))
 
 
+def test_torch_refusing_the_first_chunk_is_answered_whole(http: httpx.Client,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """torch refusing the step (a ``ValueError``) in the call that steps the first chunk,
+    where it checks a step's parameters and options: no head went out yet, so the client gets
+    the 422 ``step_failed`` a step answered whole gets, not a cut 200 it would retry as a lost
+    answer; the session is as it was, and the same step sent again is torch's."""
+    sid, local = create(http, "interval"), Local()
+    assert_bitwise(answer(post_step(http, sid, grads(0))), local.step(grads(0)))
+    before = http.get(f"/v1/sessions/{sid}/state_dict", headers={"Accept": BINARY})
+    assert before.status_code == 200
+
+    def refuse() -> None:
+        raise ValueError("injected: torch refuses this step")
+    on_call(monkeypatch, 2, refuse)  # (the first call steps "b", the second the 1st chunk)
+    r = post_step(http, sid, grads(1), key=uuid.uuid4().hex)
+    monkeypatch.undo()
+    assert r.status_code == 422, r.text
+    assert r.headers["Content-Type"].startswith("application/problem+json")
+    assert (r.json()["code"], r.json()["field"]) == ("step_failed", "param_groups")
+    assert "injected: torch refuses this step" in r.json()["detail"]
+    info = http.get(f"/v1/sessions/{sid}").json()
+    assert (info["version"], info["step"]) == (1, 1)
+    after = http.get(f"/v1/sessions/{sid}/state_dict", headers={"Accept": BINARY})
+    assert after.content == before.content
+    assert_bitwise(answer(post_step(http, sid, grads(1))), local.step(grads(1)))
+
+
 def step_counts(http: httpx.Client, sid: str) -> dict[str, float]:
     """``optserve_steps_total`` of session ``sid`` per outcome, from ``GET /metrics``."""
     r = http.get("/metrics")
