@@ -16,8 +16,9 @@ A step whose log record is written from the very request body its answer is writ
 (durability ``step``: written beside the step, :meth:`EmbeddedHost._apply_while_syncing
 <app.engine.host.EmbeddedHost._apply_while_syncing>`) is held (:meth:`AnswerStream.hold`):
 its head may go out once the first chunk has stepped and its chunks step on, but no value is
-copied into the answer before the record's write has returned; the copies asked meanwhile are made at the next copy
-after that, the rest at the step's end (:meth:`AnswerStream.release`, which waits for it).
+copied into the answer before the record's write has returned; the copies asked meanwhile
+are made at the next copy after that, the rest at the step's end
+(:meth:`AnswerStream.release`, which waits for it).
 
 The stream only says which bytes are written: whether the step is done (applied, logged,
 remembered) is the operation's result, which the caller waits for before it lets the last
