@@ -38,6 +38,7 @@ from tests.integration.test_streamed_step import (  # noqa: F401 - the fixture
     CHUNK,
     Local,
     answer,
+    as_before_then_retried,
     assert_bitwise,
     b64,
     begun,
@@ -241,14 +242,5 @@ def test_a_failed_fsync_cuts_the_answer(
     finally:
         served.files.open_gate()
     assert len(begun) == 1
-    info = http.get(f"/v1/sessions/{sid}").json()
-    assert (info["version"], info["step"]) == (1, 1)
-    assert http.get(f"/v1/sessions/{sid}/params",
-                    headers={"Accept": BINARY}).content == params.content
-    after = http.get(f"/v1/sessions/{sid}/state_dict", headers={"Accept": BINARY})
-    assert after.content == before.content
-    r = post_step(http, sid, grads(1), key=key)
-    assert "Idempotent-Replayed" not in r.headers
-    assert_bitwise(answer(r), local.step(grads(1)))
-    assert_bitwise(answer(post_step(http, sid, grads(2))), local.step(grads(2)))
+    as_before_then_retried(http, sid, key, params, before, local)
     assert [s["version"] for s in begun] == [2, 2, 3]
