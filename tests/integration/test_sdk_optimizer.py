@@ -930,13 +930,12 @@ def test_narrow_wire_is_refused_for_lbfgs_not_left_unused(live_server: str, wire
 
 
 @pytest.mark.parametrize("transport", ["http", "auto"], ids=["http", "shared memory"])
-def test_remote_optimizer_leaves_the_norms_to_the_history_through_shared_memory(
+def test_remote_optimizer_leaves_the_norms_to_the_history(
         live_server: str, transport: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``RemoteOptimizer.step`` asks for ``metrics=history`` through shared memory (it returns
-    no norms) and for the default over HTTP; either way the session's history gets every
-    step's norms, torch's (a 1.3 MB model: its steps run on the device worker, which takes
-    them after answering through shared memory); the parameters equal a local run bit for
-    bit."""
+    """``RemoteOptimizer.step`` asks for ``metrics=history`` over either transport (it returns
+    no norms; over HTTP a large session's answer then streams); the session's history gets
+    every step's norms, torch's (a 1.3 MB model: its steps run on the device worker, which
+    takes them after answering); the parameters equal a local run bit for bit."""
     asked: list[str] = []
     real_api_step, real_local_step = optserve._api.step, optserve._local.LocalChannel.step
 
@@ -972,7 +971,7 @@ def test_remote_optimizer_leaves_the_norms_to_the_history_through_shared_memory(
                     "param_norm.0": sum(float(p.double().pow(2).sum()) for p in params) ** 0.5}
             for key, value in want.items():  # (float32 norms of 330,000 values: 1e-3)
                 assert row[key][0] is not None and abs(row[key][0] - value) <= 1e-3 * value, key
-        assert asked == ["history" if transport == "auto" else "answer"] * 3
+        assert asked == ["history"] * 3
         assert_same_params(remote_model, local_model)
         remote.close(delete_session=True)
 

@@ -432,3 +432,23 @@ def test_the_sdk_retries_a_cut_answer(url: str, begun: list[dict[str, Any]],
     assert (out.version, out.step) == (2, 2)
     assert out.params is not None
     assert_bitwise({n: torch.as_tensor(t) for n, t in out.params.items()}, local.step(grads(1)))
+
+
+def test_remote_optimizer_over_http_gets_streamed_answers(url: str,
+                                                          begun: list[dict[str, Any]]) -> None:
+    """``RemoteOptimizer`` over HTTP asks for its norms in the history (it returns none), so
+    a large session's answers stream (every step after the first, whose state is made then);
+    its parameters are a local torch run's, bit for bit."""
+    w, b = (torch.nn.Parameter(t) for t in initial().values())
+    local = Local()
+    with optserve.Client(url, transport="http") as client:
+        opt = optserve.RemoteOptimizer([("w", w), ("b", b)], "Adam", client, **OPTIONS)
+        try:
+            for k in range(3):
+                g = grads(k)
+                w.grad, b.grad = g["w"].clone(), g["b"].clone()
+                opt.step()
+                assert_bitwise({"w": w.detach(), "b": b.detach()}, local.step(g))
+        finally:
+            opt.close(delete_session=True)
+    assert [s["version"] for s in begun] == [2, 3]

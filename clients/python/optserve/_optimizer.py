@@ -185,7 +185,6 @@ class _UnansweredStep:
     changes: Any  # the option changes sent with it, normalized
     scalars: dict[str, float]
     version: int  # the session version the local parameters (and its base_version) were at
-    history: bool  # it asked for its norms in the history only (the same-host path's way)
 
     def matches(self, grads: Mapping[str, torch.Tensor], changes: Any,
                 scalars: dict[str, float], version: int) -> bool:
@@ -1018,11 +1017,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
         line search tries; each time the parameters are set to that point and ``closure`` is
         called here (see :meth:`_lbfgs_step`).
 
-        Through shared memory the step's norms do not travel in its answer
-        (``metrics="history"``): the server takes them after answering, off the step's path,
-        into the session's history (:meth:`Client.history`, ``optserve watch``, the web page).
-        Over HTTP they do (on one host, taking them while the answer's bytes go out made no
-        consistent difference).
+        The step's norms do not travel in its answer, over either transport
+        (``metrics="history"``; this method returns none of them): the server takes them after
+        answering, off the step's path, into the session's history (:meth:`Client.history`,
+        ``optserve watch``, the web page). Over HTTP a large session's answer then streams
+        while the server steps (docs/protocol.md, "?metrics=history").
 
         Under ``torch.set_default_dtype(torch.float64)`` a step of ASGD or NAdam, or of Adam
         or AdamW with ``differentiable=True``, raises ``ValueError`` before anything is done
@@ -1099,8 +1098,6 @@ class RemoteOptimizer(torch.optim.Optimizer):
         base = self._version if self._worker is not None else None
         result = None
         key = uuid.uuid4().hex  # the step's, over either transport
-        sent: list[bool] = []
-        socket_ok = True  # the same-host path may carry it
         unanswered, self._unanswered = self._unanswered, None
         sent_changes = _norm(changes)
         if retry and unanswered is not None and unanswered.matches(
@@ -1108,26 +1105,22 @@ class RemoteOptimizer(torch.optim.Optimizer):
             # the user's retry of a step that got no answer: its key and its very request
             # (the fingerprint the server keeps covers the scalars and the metrics asked)
             key, scalars = unanswered.key, unanswered.scalars
-            if unanswered.history:
-                sent.append(True)  # its norms in the history, over either transport
-            else:
-                socket_ok = False  # it asked over HTTP for its norms in the answer
         local = False
         taken = self._answers.taken  # (a failed step that wrote into it: see _failed)
         try:
-            if self._client.transport != "http" and wire is None and not sparse and socket_ok:
+            if self._client.transport != "http" and wire is None and not sparse:
                 # same host: gradients and new values through shared memory; the parameters
                 # live in their slots (zero_copy), or the values are copied from there into
                 # them
                 result = self._client._step_local(
                     self._session_id, grads, return_params=True, worker=self._worker,
                     base_version=base, param_groups=changes or None, views=True,
-                    scalars=scalars or None, metrics="history", key=key, sent=sent)
+                    scalars=scalars or None, metrics="history", key=key)
                 local = result is not None
             if result is None:
-                # a step the socket may have carried goes over HTTP asking what it asked there
-                # (its norms in the history only): the same request, so its key's first
-                # answer. Straight to HTTP: the same-host path was tried above if this step
+                # a step the socket may have carried goes over HTTP as the same request (its
+                # norms in the history only, as every step asks), so its key's first answer.
+                # Straight to HTTP: the same-host path was tried above if this step
                 # could take it (Client.step would try it a second time, to fail the same way)
                 result = self._client._step_http(
                     self._session_id, grads, return_params="touched" if sparse else True,
@@ -1135,15 +1128,15 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     param_groups=changes or None, upcast=wire is not None,
                     params_dtype=str(wire).removeprefix("torch.") if wire is not None else None,
                     scalars=scalars or None, into=self._answers,
-                    metrics="history" if sent else "answer", key=key)
+                    metrics="history", key=key)
         except APIStatusError as exc:
             if exc.status_code == 503:  # (host_restarting: maybe applied; the key is safe)
-                self._remember_unanswered(key, sent_grads, sent_changes, scalars, bool(sent))
+                self._remember_unanswered(key, sent_grads, sent_changes, scalars)
             self._failed(exc, taken)
             raise  # answered: refused, nothing applied (a retry is a step of its own)
         except BaseException as exc:
             # no answer (a timeout, a broken connection, an interrupt): maybe applied
-            self._remember_unanswered(key, sent_grads, sent_changes, scalars, bool(sent))
+            self._remember_unanswered(key, sent_grads, sent_changes, scalars)
             self._failed(exc, taken)
             raise
         self._sent(changes)
@@ -1176,10 +1169,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         refs.snapshot(self._by_name.items())
 
     def _remember_unanswered(self, key: str, grads: Mapping[str, torch.Tensor], changes: Any,
-                             scalars: dict[str, float], history: bool) -> None:
+                             scalars: dict[str, float]) -> None:
         self._unanswered = _UnansweredStep(
             key, {n: (weakref.ref(g), g._version) for n, g in grads.items()}, changes,
-            dict(scalars), self._version, history)
+            dict(scalars), self._version)
 
     def _widened_where_infinite(self, params: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         """The parameters answered narrowed to float16, those holding an infinity pulled again
