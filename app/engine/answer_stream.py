@@ -63,14 +63,18 @@ class AnswerStream:
         self._until: threading.Event | None = None
         #: copies asked while held: (the answer's view, the stepped values)
         self._waiting: list[tuple[torch.Tensor, torch.Tensor]] = []
-        #: the head may go out (the first chunk has stepped): ``on_begin`` called
+        #: a chunk has stepped (torch's first call for the chunked parameters returned)
+        self._chunk_stepped = False
+        #: ``on_begin`` called: the head may go out
         self._announced = False
 
     def hold(self, until: threading.Event) -> None:
         """Copy nothing into the answer before ``until`` is set (its buffer is what the
         step's log record is being written from): copies asked before are kept (the stepped
         values are the parameters' own, unchanged until the next step) and made at the next
-        copy after it, or at :meth:`release`."""
+        copy after it, or at :meth:`release`. Nor let the head go out before it is set with
+        its ``ok`` true (``host.RecordWritten``): a step whose write failed (a full disk) is
+        answered whole, as its refusal, not as an answer cut short."""
         self._until = until
 
     @property
@@ -83,6 +87,9 @@ class AnswerStream:
         the copies still waiting."""
         if self._until is not None:
             self._until.wait()
+        if not self._written():
+            return  # (the write failed: the step fails, answered whole)
+        self._chunk_stepped = True
         self._announce()
         self._copy([])
 
@@ -95,9 +102,18 @@ class AnswerStream:
         self.scalars = scalars
 
     def _announce(self) -> None:
-        if not self._announced and self.scalars is not None:
-            self._announced = True
-            self._on_begin(self.scalars)
+        """The head may go out once a chunk has stepped and the held-for write, if any, has
+        returned well."""
+        if (self._announced or self.scalars is None or not self._chunk_stepped
+                or not self._written()):
+            return
+        self._announced = True
+        self._on_begin(self.scalars)
+
+    def _written(self) -> bool:
+        """No hold, or the held-for write has returned well (:meth:`hold`)."""
+        until = self._until
+        return until is None or (until.is_set() and bool(getattr(until, "ok", True)))
 
     def mismatch(self, version: int, step: int, lr: list[float]) -> str | None:
         """What differs between the scalars the step ended at and those its answer began with
@@ -119,6 +135,7 @@ class AnswerStream:
     def copy_chunk(self, name: str, a: int, b: int, values: torch.Tensor) -> None:
         """Copy elements ``a:b`` of parameter ``name`` (``values``, just stepped) into the
         answer (narrowed where the answer is)."""
+        self._chunk_stepped = True
         self._announce()
         self._copy([(self.tensors[name].view(-1)[a:b], values)])
 
@@ -128,6 +145,9 @@ class AnswerStream:
         if self._until is not None and not self._until.is_set():
             self._waiting.extend(pairs)
             return
+        if not self._written():
+            return  # (the write failed: nothing goes out, the step fails)
+        self._announce()  # (held: the head waited for the write)
         if self._waiting:
             pairs, self._waiting = [*self._waiting, *pairs], []
         if not pairs:

@@ -244,6 +244,14 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
         task.exception()  # an abandoned operation's failure is its own (already logged)
 
 
+class RecordWritten(threading.Event):
+    """Set once a step's log record's write (durability ``step``) has returned; ``ok`` then
+    says whether it succeeded (a streamed answer's head waits for it: a failed write, a full
+    disk, is then answered whole, as a 507, not as an answer cut short)."""
+
+    ok = False
+
+
 #: a step's log record at least this large is written beside the step, not before it
 OVERLAP_WRITE_BYTES = 1 << 20
 #: a record written beside its step, of gradients decoded from one body that average less
@@ -1332,7 +1340,7 @@ class EmbeddedHost:
             inline = _small(s, op) and not store.failing
             plan, parts, before = await self._worker.run(check_and_encode, f"{op.kind}_check",
                                                          inline=inline)
-            written = threading.Event()  # the record's write has returned (or failed)
+            written = RecordWritten()  # the record's write has returned (or failed)
             if op.answer is not None and not into_seen:
                 # a streamed answer is written over the body the record is written from:
                 # its values go in once the write has returned (its last byte, as every
@@ -1387,7 +1395,7 @@ class EmbeddedHost:
         settler.grew(grown)
 
     async def _apply_while_syncing(self, key: str, store: Store, op: Step, plan: StepPlan,
-                                   parts: list[Any], before: int, written: threading.Event,
+                                   parts: list[Any], before: int, written: RecordWritten,
                                    apply: Callable[[], T], inline: bool = False) -> T:
         """Durability ``step`` for a step: the record is written and fsynced on an I/O thread
         while the step is applied on the worker, so the step costs about the larger of the two,
@@ -1416,6 +1424,7 @@ class EmbeddedHost:
         def write_and_sync() -> None:
             try:
                 store.append(key, parts, "step", fsync=False)
+                written.ok = True
             finally:
                 written.set()
             store.sync(key, before)
@@ -1438,6 +1447,7 @@ class EmbeddedHost:
         if not beside:
             try:
                 await self._in_io(lambda: store.append(key, parts, "step", fsync=False))
+                written.ok = True
             finally:
                 written.set()
             write: Callable[[], None] = lambda: store.sync(key, before)  # noqa: E731

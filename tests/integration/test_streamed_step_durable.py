@@ -214,6 +214,37 @@ def test_nothing_is_copied_before_the_write_and_the_log_keeps_the_gradients(
         shutil.rmtree(crashed.parent, ignore_errors=True)
 
 
+def test_a_failed_write_is_answered_whole(
+        http: httpx.Client, served: Served,
+        begun: list[dict[str, Any]]) -> None:  # noqa: F811 - the fixture
+    """The record's write failing (a full disk: ``ENOSPC``) while the chunks step: the head
+    waited for the write, so the client gets the whole 507 ``storage_full`` a step answered
+    whole gets, not an answer cut short; the session is as it was, and the same request sent
+    again with its Idempotency-Key is applied once, as torch steps it."""
+    sid, local = started(http)
+    before = http.get(f"/v1/sessions/{sid}/state_dict", headers={"Accept": BINARY})
+    params = http.get(f"/v1/sessions/{sid}/params", headers={"Accept": BINARY})
+    assert before.status_code == params.status_code == 200
+    key = uuid.uuid4().hex
+    served.files.close_gate("pwritev")
+    answered: list[httpx.Response] = []
+    sending = threading.Thread(target=lambda: answered.append(
+        post_step(http, sid, grads(1), key=key)))
+    sending.start()
+    try:
+        assert served.files.held.wait(10)
+        served.files.open_gate(errno.ENOSPC)
+        sending.join(30)
+    finally:
+        served.files.open_gate()
+    (r,) = answered
+    assert r.status_code == 507, r.text
+    assert r.headers["Content-Type"].startswith("application/problem+json")
+    assert r.json()["code"] == "storage_full"
+    as_before_then_retried(http, sid, key, params, before, local)
+    assert [s["version"] for s in begun] == [2, 2, 3]
+
+
 def test_a_failed_fsync_cuts_the_answer(
         http: httpx.Client, served: Served,
         begun: list[dict[str, Any]]) -> None:  # noqa: F811 - the fixture
