@@ -72,6 +72,21 @@ class _Full(Cluster):
         return type("A", (), {"remote": staticmethod(remote)})()
 
 
+
+async def two_fronts(cluster: Any) -> tuple[Any, Any, Any, Any]:
+    """Two fronts A and B of ``cluster`` and their routers, A having made session "p1"."""
+    a, b = cluster.front(), cluster.front()
+    await a.create(spec(id="p1"))
+    return a, b, a.router, b.router
+
+
+def after_one_step() -> dict[str, torch.Tensor]:
+    """``spec()``'s parameters after one ``torch.optim.SGD`` step (lr 0.1) of ``GRADS``: what
+    every session these tests make and step once holds."""
+    ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
+    ref.step(GRADS)
+    return ref.params
+
 def test_a_sharded_create_without_room_leaves_nothing_and_its_retry_is_answered_alike(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The host started for the other shard (placed, started, empty) is given up too: killed
@@ -112,9 +127,7 @@ def test_a_sharded_create_without_room_leaves_nothing_and_its_retry_is_answered_
         again = await front.create(spec(2, id="s2"), idem=key)
         assert again.replayed and again.id == "s2"
         await front.step("s2", GRADS, return_params=False)
-        ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
-        ref.step(GRADS)
-        assert_tensors_equal(dict((await front.pull("s2", None)).params), ref.params,
+        assert_tensors_equal(dict((await front.pull("s2", None)).params), after_one_step(),
                              "after the step")
         assert sorted(entries(front)) == ["default~p1", "default~s2"]
         assert len(folders()) == 3
@@ -161,9 +174,7 @@ def test_a_create_cancelled_while_its_new_host_waits_for_room_leaves_no_host(
         made = await front.create(spec(id="p2"))
         assert made.id == "p2" and not made.replayed
         await front.step("p2", GRADS, return_params=False)
-        ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
-        ref.step(GRADS)
-        assert_tensors_equal(dict((await front.pull("p2", None)).params), ref.params,
+        assert_tensors_equal(dict((await front.pull("p2", None)).params), after_one_step(),
                              "after the step")
         await cluster.kill()
 
@@ -268,9 +279,8 @@ def test_a_host_is_given_up_only_while_it_holds_and_makes_no_session(
         assert err.value.code == "create_dropped", err.value
         assert actor._host.embedded.keys() == []
         await front.step("p1", GRADS, return_params=False)
-        ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
-        ref.step(GRADS)
-        assert_tensors_equal(dict((await front.pull("p1", None)).params), ref.params, "p1")
+        assert_tensors_equal(dict((await front.pull("p1", None)).params), after_one_step(),
+                             "p1")
         await cluster.kill()
 
     asyncio.run(run())
@@ -305,10 +315,7 @@ def test_a_host_given_up_by_one_front_is_not_started_again_by_another(
     hosts = tmp_path / "hosts"
 
     async def run() -> None:
-        a, b = cluster.front(), cluster.front()
-        ra: Any = a.router
-        rb: Any = b.router
-        await a.create(spec(id="p1"))
+        a, b, ra, rb = await two_fronts(cluster)
         shape = ra.options.resources
         empty = await ra._new_host(shape, "pack")
         # (B reads every host.json, placing a session of another shape, and pings the host)
@@ -323,11 +330,9 @@ def test_a_host_given_up_by_one_front_is_not_started_again_by_another(
             assert empty.name not in {p.name for p in hosts.iterdir()}, sid
         assert all((p / "host.json").exists() for p in hosts.iterdir())
         assert len(list(hosts.iterdir())) == 4  # (p1's, q's, r's, s's)
-        ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
-        ref.step(GRADS)
         for sid in ("r", "s"):
             await b.step(sid, GRADS, return_params=False)
-            assert_tensors_equal(dict((await b.pull(sid, None)).params), ref.params, sid)
+            assert_tensors_equal(dict((await b.pull(sid, None)).params), after_one_step(), sid)
         await cluster.kill()
 
     asyncio.run(run())
@@ -369,10 +374,7 @@ def test_a_create_waiting_for_a_host_given_up_meanwhile_is_placed_elsewhere(
     monkeypatch.setattr(ray, "kill", kill)
 
     async def run() -> None:
-        a, b = cluster.front(), cluster.front()
-        ra: Any = a.router
-        rb: Any = b.router
-        await a.create(spec(id="p1"))  # (one session per host: p1's host is full)
+        a, b, ra, rb = await two_fronts(cluster)  # (one session per host: p1's host is full)
         (h1,) = [p.name for p in hosts.iterdir()]
         ra.options = dataclasses.replace(ra.options, host_start_timeout_s=1.0)
         rb.options = dataclasses.replace(rb.options, host_start_timeout_s=30.0)
@@ -407,9 +409,8 @@ def test_a_create_waiting_for_a_host_given_up_meanwhile_is_placed_elsewhere(
         assert made.id == "p3"
         assert len(list(hosts.iterdir())) == 2  # (p1's and p3's: A's went)
         await b.step("p3", GRADS, return_params=False)
-        ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
-        ref.step(GRADS)
-        assert_tensors_equal(dict((await a.pull("p3", None)).params), ref.params, "p3")
+        assert_tensors_equal(dict((await a.pull("p3", None)).params), after_one_step(),
+                             "p3")
         await cluster.kill()
 
     asyncio.run(run())
@@ -429,10 +430,7 @@ def test_a_create_that_lands_on_a_host_another_front_gave_up_is_create_dropped(
     hosts = tmp_path / "hosts"
 
     async def run() -> None:
-        a, b = cluster.front(), cluster.front()
-        ra: Any = a.router
-        rb: Any = b.router
-        await a.create(spec(id="p1"))
+        a, b, ra, rb = await two_fronts(cluster)
         empty = await ra._new_host(ra.options.resources, "pack")
         dead: list[Any] = []
         real_place, real_kill = rb._place, cluster.kill_actor
@@ -468,9 +466,8 @@ def test_a_create_that_lands_on_a_host_another_front_gave_up_is_create_dropped(
         assert empty.name not in {p.name for p in hosts.iterdir()}
         assert empty.name not in cluster.actors
         await b.step("late", GRADS, return_params=False)
-        ref = Reference(torch.optim.SGD, [(spec().groups[0].params, {})], {"lr": 0.1})
-        ref.step(GRADS)
-        assert_tensors_equal(dict((await a.pull("late", None)).params), ref.params, "late")
+        assert_tensors_equal(dict((await a.pull("late", None)).params), after_one_step(),
+                             "late")
         await cluster.kill()
 
     asyncio.run(run())
