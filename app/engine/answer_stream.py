@@ -39,6 +39,16 @@ from app.engine.interface import json_floats
 from app.wire.tensor_maps import PackedTensors
 
 
+class RecordWritten(threading.Event):
+    """Set once a step's log record's write (durability ``step``, written beside the step
+    from the body the answer is written over) has returned; ``ok`` then says whether it
+    succeeded. A streamed answer held for it (:meth:`AnswerStream.hold`) copies nothing and
+    lets no head out before it is set with ``ok``: a failed write, a full disk, is answered
+    whole, as its 507, not as an answer cut short."""
+
+    ok = False
+
+
 class AnswerStream:
     """An answer buffer (``tensors``: one view per parameter, in the parameters' dtypes or
     narrowed to ``dtype``, tiling ``tensors.buffer``) filled as the step goes."""
@@ -60,7 +70,7 @@ class AnswerStream:
         self._pending: dict[int, int] = {}
         self._ready = 0
         #: set: copies may be made (:meth:`hold`); None: at once
-        self._until: threading.Event | None = None
+        self._until: RecordWritten | None = None
         #: copies asked while held: (the answer's view, the stepped values)
         self._waiting: list[tuple[torch.Tensor, torch.Tensor]] = []
         #: a chunk has stepped (torch's first call for the chunked parameters returned)
@@ -68,12 +78,12 @@ class AnswerStream:
         #: ``on_begin`` called: the head may go out
         self._announced = False
 
-    def hold(self, until: threading.Event) -> None:
+    def hold(self, until: RecordWritten) -> None:
         """Copy nothing into the answer before ``until`` is set (its buffer is what the
         step's log record is being written from): copies asked before are kept (the stepped
         values are the parameters' own, unchanged until the next step) and made at the next
         copy after it, or at :meth:`release`. Nor let the head go out before it is set with
-        its ``ok`` true (``host.RecordWritten``): a step whose write failed (a full disk) is
+        its ``ok`` true: a step whose write failed (a full disk) is
         answered whole, as its refusal, not as an answer cut short."""
         self._until = until
 
@@ -113,7 +123,7 @@ class AnswerStream:
     def _written(self) -> bool:
         """No hold, or the held-for write has returned well (:meth:`hold`)."""
         until = self._until
-        return until is None or (until.is_set() and bool(getattr(until, "ok", True)))
+        return until is None or (until.is_set() and until.ok)
 
     def mismatch(self, version: int, step: int, lr: list[float]) -> str | None:
         """What differs between the scalars the step ended at and those its answer began with

@@ -50,7 +50,6 @@ import functools
 import logging
 import re
 import sys
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping
@@ -71,7 +70,7 @@ from app.engine import (
     state_dicts,
     state_order,
 )
-from app.engine.answer_stream import AnswerStream
+from app.engine.answer_stream import AnswerStream, RecordWritten
 from app.engine.chunked import DEFAULT_CHUNK
 from app.engine.deleted_creates import (
     DeletedCreates,
@@ -242,14 +241,6 @@ async def _finished_first(fut: asyncio.Future[T]) -> T:
 def _retrieved(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()  # an abandoned operation's failure is its own (already logged)
-
-
-class RecordWritten(threading.Event):
-    """Set once a step's log record's write (durability ``step``) has returned; ``ok`` then
-    says whether it succeeded (a streamed answer's head waits for it: a failed write, a full
-    disk, is then answered whole, as a 507, not as an answer cut short)."""
-
-    ok = False
 
 
 #: a step's log record at least this large is written beside the step, not before it
