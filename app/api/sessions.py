@@ -47,6 +47,7 @@ from app.api.instrument import SENT_LATER, counter_for, metrics_of, outcome, pha
 from app.api.requests import StepQuery, params_dtype_query
 from app.api.streamed_step import StreamedResponse, StreamedStep, begun
 from app.api.strict_requests import StrictRoute
+from app.engine import chunked
 from app.engine.idempotency import check_key
 from app.engine.interface import (
     Engine,
@@ -243,7 +244,8 @@ async def _step(request: Request, engine: Engine, counted: dict[str, Any], sessi
                     if binary and returned is True and body_kind(request) == "binary"
                     and (query.params_dtype is not None or not query.upcast) else None)
     streamed = (StreamedStep(in_place, query.params_dtype)
-                if in_place is not None and not query.answer_metrics else None)
+                if in_place is not None and not query.answer_metrics
+                and chunked.may_stream(in_place.buffer.nbytes) else None)
     stepping = engine.step(session_id, grads, return_params=returned,
                            worker=worker, base_version=base, tenant=tenant, idem=idem,
                            options=options, upcast=query.upcast,

@@ -214,6 +214,14 @@ def _fused(opt: torch.optim.Optimizer) -> bool:
     return any(group.get("foreach") or group.get("fused") for group in opt.param_groups)
 
 
+def may_stream(nbytes: int) -> bool:
+    """Whether an answer buffer of ``nbytes`` may hold a parameter stepped in chunks (the
+    smallest chunked one's elements, at 2 bytes each in the narrowest answer): only such a
+    step's answer is offered to stream (``app.api.streamed_step``), so a small step makes
+    none of the stream's objects."""
+    return _size > 0 and nbytes >= 2 * _smallest
+
+
 def settings() -> tuple[int, int]:
     """The chunk and the smallest chunked parameter, in elements (what :func:`may_chunk`
     depends on besides the parameter)."""
