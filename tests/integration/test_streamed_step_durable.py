@@ -96,6 +96,17 @@ def started(http: httpx.Client) -> tuple[str, Local]:
     return sid, local
 
 
+def started_and_read(http: httpx.Client
+                     ) -> tuple[str, Local, httpx.Response, httpx.Response]:
+    """:func:`started`, then its state dict and parameters read (binary): what a step that
+    fails must leave the session as."""
+    sid, local = started(http)
+    before = http.get(f"/v1/sessions/{sid}/state_dict", headers={"Accept": BINARY})
+    params = http.get(f"/v1/sessions/{sid}/params", headers={"Accept": BINARY})
+    assert before.status_code == params.status_code == 200
+    return sid, local, before, params
+
+
 def test_streamed_answers_under_step_equal_torch(
         http: httpx.Client, begun: list[dict[str, Any]]) -> None:  # noqa: F811 - the fixture
     """Four steps: the first makes the state (whole), the next three stream; each answer
@@ -221,10 +232,7 @@ def test_a_failed_write_is_answered_whole(
     waited for the write, so the client gets the whole 507 ``storage_full`` a step answered
     whole gets, not an answer cut short; the session is as it was, and the same request sent
     again with its Idempotency-Key is applied once, as torch steps it."""
-    sid, local = started(http)
-    before = http.get(f"/v1/sessions/{sid}/state_dict", headers={"Accept": BINARY})
-    params = http.get(f"/v1/sessions/{sid}/params", headers={"Accept": BINARY})
-    assert before.status_code == params.status_code == 200
+    sid, local, before, params = started_and_read(http)
     key = uuid.uuid4().hex
     served.files.close_gate("pwritev")
     answered: list[httpx.Response] = []
@@ -252,10 +260,7 @@ def test_a_failed_fsync_cuts_the_answer(
     complete answer, the session is as it was (version, parameters, optimizer state), the
     same request sent again with its Idempotency-Key is applied once, as torch steps it
     (streamed: the store failing, the record written first), and so is the next step."""
-    sid, local = started(http)
-    before = http.get(f"/v1/sessions/{sid}/state_dict", headers={"Accept": BINARY})
-    params = http.get(f"/v1/sessions/{sid}/params", headers={"Accept": BINARY})
-    assert before.status_code == params.status_code == 200
+    sid, local, before, params = started_and_read(http)
     key = uuid.uuid4().hex
     served.files.close_gate("fsync")
     try:

@@ -7,6 +7,8 @@ Values are compared with an in-process ``torch.optim.SGD``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,17 @@ def spec(sid: str) -> CreateSpec:
 
 def make(tmp_path: Path) -> Front:
     return embedded_engine("cpu", data_dir=tmp_path, durability="step", warm_up=False)
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, *, snapshot: bool = True) -> AsyncIterator[Front]:
+    """An engine on ``tmp_path``, started; stopped at the end (with a snapshot or not)."""
+    eng = make(tmp_path)
+    await eng.start()
+    try:
+        yield eng
+    finally:
+        await eng.stop(snapshot=snapshot)
 
 
 async def made_stepped_deleted(eng: Front, sid: str, *, idem: IdemKey | None = None) -> None:
@@ -53,22 +66,16 @@ def test_the_last_versions_kept_are_bounded_and_kept_apart_from_keyed_deletes(
     log = tmp_path / "tombstones.jsonl"
 
     async def live() -> None:
-        eng = make(tmp_path)
-        await eng.start()
-        try:
+        async with running(tmp_path) as eng:
             await made_stepped_deleted(eng, "keyed", idem=key)
             for i in range(20):  # (unkeyed: a version line each, nothing else)
                 await made_stepped_deleted(eng, f"s{i}")
                 # (3 keyed keys' lines and 3 versions kept, cut past twice as many)
                 assert len(log.read_bytes().splitlines()) <= 2 * (2 * 3 + 3), i
             assert await eng.delete("keyed", idem=key)  # (answered)
-        finally:
-            await eng.stop()
 
     async def restarted() -> None:
-        eng = make(tmp_path)
-        await eng.start()
-        try:
+        async with running(tmp_path) as eng:
             # the keyed delete's line outlived 20 unkeyed deletes' lines
             assert await eng.delete("keyed", idem=key)
             # the last 3 ids continue (deleted at 1); older ones were evicted: from 0
@@ -76,8 +83,6 @@ def test_the_last_versions_kept_are_bounded_and_kept_apart_from_keyed_deletes(
                 await made_and_stepped(eng, f"s{i}", 2)
             for i in (0, 16):
                 await made_and_stepped(eng, f"s{i}", 0)
-        finally:
-            await eng.stop()
 
     asyncio.run(live())
     asyncio.run(restarted())
@@ -95,25 +100,17 @@ def test_an_id_deleted_again_and_again_takes_one_place_across_a_restart(
     monkeypatch.setattr(host_module, "_TOMBSTONES", 3)
 
     async def live() -> None:
-        eng = make(tmp_path)
-        await eng.start()
-        try:
+        async with running(tmp_path) as eng:
             await made_stepped_deleted(eng, "a")
             for k in range(5):
                 assert (await eng.create(spec("b"))).version == 2 * k
                 await eng.step("b", GRAD, return_params=False)
                 assert not await eng.delete("b")
-        finally:
-            await eng.stop()
 
     async def restarted() -> None:
-        eng = make(tmp_path)
-        await eng.start()
-        try:
+        async with running(tmp_path) as eng:
             await made_and_stepped(eng, "a", 2)
             await made_and_stepped(eng, "b", 10)
-        finally:
-            await eng.stop()
 
     asyncio.run(live())
     asyncio.run(restarted())
@@ -124,23 +121,15 @@ def test_a_restored_create_record_keeps_its_first_version(tmp_path: Path) -> Non
     create's record (its ``first_version``) and the step: at 3, torch's values; and once
     more deleted and made again: at 4."""
     async def first() -> None:
-        eng = make(tmp_path)
-        await eng.start()
-        try:
+        async with running(tmp_path, snapshot=False) as eng:
             await made_stepped_deleted(eng, "r")
             await made_and_stepped(eng, "r", 2)
-        finally:
-            await eng.stop(snapshot=False)
 
     async def second() -> None:
-        eng = make(tmp_path)
-        await eng.start()
-        try:
+        async with running(tmp_path) as eng:
             got = await eng.pull("r", None)
             assert got.version == 3
             assert not await eng.delete("r")
             await made_and_stepped(eng, "r", 4)
-        finally:
-            await eng.stop()
     asyncio.run(first())
     asyncio.run(second())
