@@ -310,10 +310,10 @@ class RequestContextMiddleware:
             elif message["type"] == "http.response.body":
                 if not head:
                     sizes["out"] += len(message.get("body", b""))
+                await send(message)
                 if not message.get("more_body", False):
-                    await send(message)
                     status["ended"] = 1  # (once it went: a send that raised leaves it cut)
-                    return
+                return
             await send(message)
 
         try:
